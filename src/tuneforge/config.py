@@ -1,0 +1,241 @@
+"""The run config: one strict pydantic model, loaded from YAML plus dotted CLI overrides.
+
+Strict means: an unknown key is an error that suggests the nearest known key, and every value is
+checked before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+
+
+class DataConfig(Strict):
+    train: Union[str, list[str]]
+    validation: Union[str, float, None] = 0.1
+    format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference"] = "auto"
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    max_length: int = Field(1024, ge=8)
+    truncation: Literal["truncate", "drop"] = "truncate"
+    packing: bool = True
+    dedup: Literal["none", "exact", "near"] = "exact"
+    near_dedup_threshold: float = Field(0.85, gt=0, le=1)
+    on_error: Literal["strict", "skip"] = "strict"
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction(cls, v):
+        if isinstance(v, float) and not 0 <= v < 1:
+            raise ValueError("a validation fraction must be in [0, 1); or give a file path")
+        return v
+
+    @property
+    def train_files(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+
+class TrainConfig(Strict):
+    epochs: Union[Literal["auto"], int] = "auto"
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1, description="rows (sequences or packed rows) per optimizer step, all ranks together")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each rank")
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.03, ge=0, description="a fraction of all steps if < 1, else a number of steps")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    freeze_embeddings: bool = False
+    seed: int = 42
+    eval_every: int = Field(50, ge=0, description="0 evaluates only at the end")
+    save_every: int = Field(50, ge=0, description="0 saves only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 100:
+            raise ValueError("epochs must be 'auto' or between 1 and 100")
+        return v
+
+
+class EvalConfig(Strict):
+    task: str | None = None
+    forgetting: bool = False
+
+
+class Config(Strict):
+    base_model: str = DEFAULT_MODEL
+    method: Literal["full", "lora", "dora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: str = "runs/run"
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.train.batch_size % self.train.grad_accum:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of train.grad_accum "
+                f"({self.train.grad_accum}): each optimizer step is batch_size rows split into grad_accum micro-batches"
+            )
+        return self
+
+    def results_hash(self) -> str:
+        """Hash of everything that changes training results (not logging or checkpoint cadence)."""
+        d = self.model_dump()
+        for k in ("eval_every", "save_every", "keep_checkpoints", "log_every"):
+            d["train"].pop(k)
+        d.pop("output_dir")
+        d.pop("eval")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    known = _known_keys(Config)
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        close = [k for k in known if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.75)]
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal[")))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key.{_suggest(loc)}")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required, but not set.")
+        else:
+            got = e.get("input")
+            shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            lines.append(f"  {loc or '(top level)'}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4); values parse as YAML scalars."""
+    parsed = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}': expected KEY=VALUE, for example train.learning_rate=1e-4")
+        key, raw = o.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def load_config(source: str | Path | dict | Config, overrides: list[str] = ()) -> Config:
+    """Load a config from a YAML path, a dict or a Config, apply dotted overrides, validate.
+
+    Relative data paths in a YAML file are resolved against the file's folder, so a config runs
+    the same from any working directory.
+    """
+    if isinstance(source, Config):
+        source = source.model_dump()
+    base_dir = None
+    if isinstance(source, dict):
+        raw, name = json.loads(json.dumps(source)), "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file. Write one (see `tuneforge validate --help`) or check the path.")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys (base_model, method, data, ...).")
+        name, base_dir = str(path), path.parent
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    if base_dir is not None:
+        _resolve_relative_paths(raw, base_dir)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, name)) from None
+
+
+def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
+    def fix(p):
+        if isinstance(p, str) and not Path(p).is_absolute() and (base_dir / p).exists():
+            return str((base_dir / p).resolve())
+        return p
+
+    data = raw.get("data")
+    if isinstance(data, dict):
+        if isinstance(data.get("train"), list):
+            data["train"] = [fix(p) for p in data["train"]]
+        elif "train" in data:
+            data["train"] = fix(data["train"])
+        if isinstance(data.get("validation"), str):
+            data["validation"] = fix(data["validation"])
+    if isinstance(raw.get("base_model"), str):
+        raw["base_model"] = fix(raw["base_model"])
+
+
+def auto_epochs(n_examples: int) -> int:
+    """OpenAI's heuristic: aim for 3 epochs, keep examples x epochs within 100..25,000, epochs in 1..25."""
+    epochs = 3
+    if n_examples * epochs < 100:
+        epochs = -(-100 // max(n_examples, 1))
+    elif n_examples * epochs > 25_000:
+        epochs = 25_000 // n_examples
+    return max(1, min(25, epochs))

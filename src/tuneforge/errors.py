@@ -1,0 +1,44 @@
+"""User-facing errors.
+
+Every error a user can cause is a `TuneforgeError`: the CLI prints its message on one line block
+(no traceback) and exits with its code. Exit codes follow the design: 2 bad input or config,
+1 a run that failed.
+"""
+
+from __future__ import annotations
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+
+
+class TuneforgeError(Exception):
+    """A problem the user can fix; `message` says what is wrong and what to do."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, *, code: str = "error"):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class ConfigError(TuneforgeError):
+    """The YAML config or a CLI override is wrong."""
+
+
+class ModelSourceError(TuneforgeError):
+    """A model could not be resolved, fetched or converted."""
+
+
+class DataError(TuneforgeError):
+    """Training or evaluation data has problems; `problems` lists them all."""
+
+    def __init__(self, message: str, *, code: str = "data_error", problems: list | None = None):
+        super().__init__(message, code=code)
+        self.problems = problems or []
+
+
+class RunFailed(TuneforgeError):
+    """Training started but could not go on (NaN loss, a crashed worker, ...)."""
+
+    exit_code = EXIT_RUN_FAILED

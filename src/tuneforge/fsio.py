@@ -1,0 +1,80 @@
+"""Atomic writes: a file or folder either appears complete or not at all.
+
+Everything tuneforge writes that a user would miss if half-written (checkpoints, converted models,
+reports, data caches) goes through here: write into a temporary sibling, fsync, then `os.replace`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it is renamed to `final`.
+
+    On any exception the temporary folder is removed, so an interrupted write never leaves a
+    folder that looks complete. With `replace`, an existing `final` is swapped out.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not replace:
+                raise FileExistsError(f"{final} already exists")
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
+    """Open a temporary file beside `final` for writing; rename it over `final` on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=indent, default=str)
+        f.write("\n")
+
+
+def tuneforge_home() -> Path:
+    """Cache root: `$TUNEFORGE_HOME`, default `~/.cache/tuneforge`."""
+    return Path(os.environ.get("TUNEFORGE_HOME") or Path.home() / ".cache" / "tuneforge")
