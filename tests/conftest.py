@@ -28,3 +28,24 @@ def smollm2_dir() -> Path:
     from tuneforge.models import pull
 
     return pull("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def triage_data(tmp_path_factory) -> dict:
+    """A small demo-task split (OpenAI chat JSONL): varied lengths, real structure."""
+    from tuneforge.tasks.support_triage import generate
+
+    return generate(tmp_path_factory.mktemp("triage"), n_train=96, n_valid=16, n_test=16, seed=1)
+
+
+def tiny_run_config(model_dir, data: dict, out, **train) -> dict:
+    """A config for a seconds-long run on the tiny model."""
+    return {
+        "base_model": str(model_dir),
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train": str(data["train"]), "validation": str(data["validation"]), "max_length": 512},
+        "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 0, "save_every": 0,
+                  "precision": "fp32", **train},
+        "output_dir": str(out),
+    }

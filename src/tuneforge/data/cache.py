@@ -1,0 +1,104 @@
+"""The cache of prepared (tokenized) data sets, under `tuneforge_home()/data-cache/<key>/`.
+
+The key hashes everything the prepared data depends on: the data files' contents, the tokenizer
+(vocabulary, merges, added tokens, chat template) and the data config. Entries are Parquet files
+written atomically (a folder renamed into place), so a crash never leaves a half entry that a
+later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..config import DataConfig
+from ..fsio import atomic_dir, tuneforge_home, write_json
+from .schema import Example, PreparedData
+
+CACHE_FORMAT = 1
+"""Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
+
+_SPLITS = ("train", "valid")
+
+
+def cache_dir() -> Path:
+    return tuneforge_home() / "data-cache"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything about a tokenizer that changes its tokens or its chat rendering."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [vocab, json.dumps(tokenizer.chat_template, sort_keys=True),
+             *(str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token"))]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def cache_key(cfg: DataConfig, tokenizer) -> str | None:
+    """The key for this config and tokenizer; None when a data file is missing (nothing to cache)."""
+    files = cfg.train_files + ([cfg.validation] if isinstance(cfg.validation, str) else [])
+    h = hashlib.sha256()
+    settings = cfg.model_dump(exclude={"train", "validation", "packing"})  # packing happens after the cache
+    settings["validation"] = cfg.validation if not isinstance(cfg.validation, str) else "file"
+    h.update(json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True).encode())
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        except OSError:
+            return None
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    return h.hexdigest()[:32]
+
+
+def load(key: str) -> PreparedData | None:
+    folder = cache_dir() / key
+    if not (folder / "report.json").is_file():
+        return None
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    lists = {name: _read_examples(folder / f"{name}.parquet") for name in _SPLITS}
+    pairs = {name: _read_pairs(folder / f"{name}_pairs.parquet") for name in _SPLITS}
+    return PreparedData(lists["train"], lists["valid"], report, train_pairs=pairs["train"], valid_pairs=pairs["valid"])
+
+
+def save(key: str, data: PreparedData) -> Path:
+    folder = cache_dir() / key
+    with atomic_dir(folder, replace=True) as tmp:
+        for name in _SPLITS:
+            _write_examples(tmp / f"{name}.parquet", getattr(data, name))
+            pairs = getattr(data, f"{name}_pairs")
+            _write_examples(tmp / f"{name}_pairs.parquet", [c for c, _ in pairs], [r for _, r in pairs])
+        write_json(tmp / "report.json", data.report)
+    return folder
+
+
+def _write_examples(path: Path, examples: list[Example], second: list[Example] | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokens = pa.list_(pa.int32())
+    columns = {"input_ids": pa.array([e.input_ids for e in examples], tokens),
+               "labels": pa.array([e.labels for e in examples], tokens)}
+    if second is not None:  # the rejected half of preference pairs
+        columns["rejected_input_ids"] = pa.array([e.input_ids for e in second], tokens)
+        columns["rejected_labels"] = pa.array([e.labels for e in second], tokens)
+    pq.write_table(pa.table(columns), path)
+
+
+def _read_columns(path: Path) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+def _read_examples(path: Path) -> list[Example]:
+    columns = _read_columns(path)
+    return [Example(ids, labels) for ids, labels in zip(columns["input_ids"], columns["labels"])]
+
+
+def _read_pairs(path: Path) -> list[tuple[Example, Example]]:
+    c = _read_columns(path)
+    return [(Example(a, b), Example(x, y)) for a, b, x, y in
+            zip(c["input_ids"], c["labels"], c["rejected_input_ids"], c["rejected_labels"])]

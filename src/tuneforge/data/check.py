@@ -1,0 +1,138 @@
+"""`tuneforge data check FILE...`: check data files and show what training would see.
+
+Prints a summary (rows, formats, errors by code, token lengths, share of trained tokens,
+duplicates, truncation, rows shared between files), or the same report as JSON with `--json`.
+`--show N` prints N rendered examples with trained tokens in bold green and masked ones dimmed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..config import DEFAULT_MODEL, DataConfig
+from ..errors import EXIT_BAD_INPUT, TuneforgeError
+from .formats import read_conversations
+from .prepare import check_data
+from .render import render_conversation, render_preference
+from .schema import IGNORE_INDEX, Example, Preference, Problem
+
+TRAINED_STYLE = "bold green"
+MASKED_STYLE = "dim"
+_LISTED_ERRORS = 20
+
+
+def check_command(files: list[str], model: str | None = None, show: int = 0, json_out: bool = False,
+                  format: str = "auto", max_length: int = 1024, train_on: str = "assistant") -> int:
+    """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        cfg = DataConfig(train=list(files), validation=None, format=format, max_length=max_length,
+                         train_on=train_on, dedup="exact", on_error="skip")
+        tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
+    except TuneforgeError as e:
+        console.print(f"[red]error:[/red] {e.message}")
+        return e.exit_code
+    except ValueError as e:  # the config rejected an option (pydantic's ValidationError is a ValueError)
+        console.print(f"[red]error:[/red] {e}")
+        return EXIT_BAD_INPUT
+    data, errors = check_data(cfg, tokenizer)
+    report = data.report
+    shared = [d for d in report["duplicates"] if d["file"] != d["of_file"]]
+    report["counts"]["shared_between_files"] = len(shared)
+    if json_out:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_summary(console, report, model or DEFAULT_MODEL)
+        if show:
+            show_examples(console, files, tokenizer, show, format=format, train_on=train_on)
+    return EXIT_BAD_INPUT if errors else 0
+
+
+def _load_tokenizer(spec: str):
+    from ..models import load_tokenizer  # here, not at the top: the models stage pulls in heavy imports
+
+    return load_tokenizer(spec)
+
+
+def print_summary(console: Console, report: dict, model: str) -> None:
+    counts, tokens = report["counts"], report["tokens"]
+    files = ", ".join(f"{Path(f['path']).name} ({f['format'] or 'unknown format'})" for f in report["files"])
+    console.print(f"[bold]Data check[/bold]: {files}; tokenizer and template of [bold]{model}[/bold]")
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    length = tokens["length"]
+    rows = [
+        ("rows", f"{counts['read']} read, {counts['valid']} valid, {counts['rejected']} rejected"
+                 + (f", {counts['blank_lines']} blank lines skipped" if counts["blank_lines"] else "")),
+        ("examples", f"{counts['train']}" + (f" (+{counts['validation']} validation)" if counts["validation"] else "")),
+        ("tokens per row", f"p50 {length['p50']}, p90 {length['p90']}, p99 {length['p99']}, max {length['max']}"),
+        ("trained tokens", f"{tokens['trained']} of {tokens['total']} ({tokens['trained_share']:.1%})"),
+        ("over max_length", f"{tokens['over_max_length']} rows over {tokens['max_length']} "
+                            f"({counts['truncated']} truncated, {counts['dropped_too_long']} dropped)"),
+        ("duplicates", f"{counts['duplicates_exact']} exact removed"),
+        ("validation leak", f"{counts['shared_between_files']} rows appear in more than one file"
+                            + (" (a leak if one of them is for validation)" if counts["shared_between_files"] else "")),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning[/yellow] [{warning['code']}] {warning['message']}")
+    if not report["errors_total"]:
+        console.print("[green]no errors[/green]: the data is ready to train on.")
+        return
+    by_code = Table("code", "rows", "first", "what to do", title=f"{report['errors_total']} errors", title_justify="left")
+    first_by_code: dict[str, dict] = {}
+    for error in report["errors"]:
+        first_by_code.setdefault(error["code"], error)
+    for code, n in counts["rejected_by_code"].items():
+        first = first_by_code.get(code)
+        by_code.add_row(code, str(n), Problem(**first).where() if first else "", first["message"] if first else "")
+    console.print(by_code)
+    for error in report["errors"][:_LISTED_ERRORS]:
+        console.print(f"[red]error[/red] {Problem(**error)}")
+    if report["errors_total"] > _LISTED_ERRORS:
+        console.print(f"... and {report['errors_total'] - _LISTED_ERRORS} more (use --json for all of them)")
+
+
+def show_examples(console: Console, files: list[str], tokenizer, count: int, *, format: str = "auto",
+                  train_on: str = "assistant") -> None:
+    """Print the first `count` good rows as the model will see them, trained tokens highlighted."""
+    console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
+    for path, line, example in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
+        console.rule(f"{path}:{line}")
+        console.print(highlight(example, tokenizer))
+
+
+def _rendered_rows(files, tokenizer, format: str, train_on: str):
+    for path in files:
+        for line, record in read_conversations(path, format):
+            if isinstance(record, Problem):
+                continue
+            try:
+                if isinstance(record, Preference):
+                    example = render_preference(record, tokenizer)[0]
+                else:
+                    example = render_conversation(record, tokenizer, train_on)
+            except TuneforgeError:
+                continue
+            yield path, line, example
+
+
+def highlight(example: Example, tokenizer) -> Text:
+    """The example's text, each token styled by whether it is trained (a target of the loss)."""
+    is_target = [False] + [label != IGNORE_INDEX for label in example.labels[:-1]]
+    text = Text()
+    # Decoding runs of tokens rather than single ones keeps multi-byte characters whole.
+    for trained, run in itertools.groupby(zip(example.input_ids, is_target), key=lambda pair: pair[1]):
+        text.append(tokenizer.decode([token for token, _ in run]), style=TRAINED_STYLE if trained else MASKED_STYLE)
+    return text

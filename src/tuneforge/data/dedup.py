@@ -1,0 +1,100 @@
+"""Telling rows apart: content keys, exact and near-duplicate detection.
+
+Every record gets a content key: its text normalised (Unicode NFKC, case-folded, whitespace
+collapsed) with roles marked, hashed. The key decides exact duplicates, which side of a
+train/validation split a row falls on, and validation leaks. Near duplicates are found with
+MinHash LSH (`datasketch`) over word 3-grams of what the conversation says (its non-system
+messages: a system prompt shared by every row would make all rows look alike).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+
+import numpy as np
+
+from .schema import Conversation, Document, Message, Preference, Record
+
+NUM_PERM = 128
+_SHINGLE_WORDS = 3
+
+
+def normalise_text(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _message_text(m: Message) -> str:
+    calls = json.dumps(m.tool_calls, sort_keys=True) if m.tool_calls else ""
+    return f"<{m.role}>{normalise_text(m.content)}{calls}"
+
+
+def content_text(record: Record) -> str:
+    """The normalised text that two rows share exactly when they are duplicates."""
+    if isinstance(record, Document):
+        return normalise_text(record.text)
+    if isinstance(record, Preference):
+        return "".join(map(_message_text, record.prompt)) + "<chosen>" + _message_text(record.chosen) + \
+            "<rejected>" + _message_text(record.rejected)
+    return "".join(map(_message_text, record.messages))
+
+
+def content_hash(record: Record) -> int:
+    digest = hashlib.blake2b(content_text(record).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _said_text(record: Record) -> str:
+    """What a row says, for near-duplicate detection (system prompts left out)."""
+    if isinstance(record, Document):
+        return normalise_text(record.text)
+    messages = record.prompt + [record.chosen] if isinstance(record, Preference) else record.messages
+    return " ".join(normalise_text(m.content) for m in messages if m.role != "system")
+
+
+class DuplicateIndex:
+    """The rows seen so far; says whether a new row repeats one of them, exactly or nearly.
+
+    With `near_threshold` None only exact repeats (same content hash) are found. Otherwise a row
+    whose estimated Jaccard similarity to an earlier row reaches the threshold is a near repeat.
+    """
+
+    def __init__(self, near_threshold: float | None = None):
+        self._exact: dict[int, int] = {}
+        self.near_threshold = near_threshold
+        if near_threshold is not None:
+            from datasketch import MinHash, MinHashLSH
+
+            self._minhash = MinHash
+            self._template = MinHash(num_perm=NUM_PERM, seed=1)  # its permutations are reused: they are costly
+            self._lsh = MinHashLSH(threshold=near_threshold, num_perm=NUM_PERM)
+            self._signatures: dict[int, np.ndarray] = {}
+
+    def signature(self, record: Record):
+        """The MinHash of a row, for `find` and `add`; None when only exact repeats are looked for."""
+        if self.near_threshold is None:
+            return None
+        words = _said_text(record).split()
+        shingles = {" ".join(words[i : i + _SHINGLE_WORDS]) for i in range(max(1, len(words) - _SHINGLE_WORDS + 1))}
+        minhash = self._minhash(num_perm=NUM_PERM, seed=1, permutations=self._template.permutations,
+                                scheme=self._template.scheme)
+        minhash.update_batch([s.encode("utf-8", "surrogatepass") for s in shingles])
+        return minhash
+
+    def find(self, key: int, signature=None) -> tuple[str, int] | None:
+        """("exact" | "near", id of the earlier row) if the row repeats one, else None."""
+        if key in self._exact:
+            return "exact", self._exact[key]
+        if signature is None:
+            return None
+        values = signature.hashvalues
+        similar = [row for row in self._lsh.query(signature)
+                   if np.mean(self._signatures[row] == values) >= self.near_threshold]
+        return ("near", min(similar)) if similar else None
+
+    def add(self, row_id: int, key: int, signature=None) -> None:
+        self._exact.setdefault(key, row_id)
+        if signature is not None:
+            self._lsh.insert(row_id, signature, check_duplication=False)
+            self._signatures[row_id] = signature.hashvalues

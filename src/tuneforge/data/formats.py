@@ -1,0 +1,441 @@
+"""The input formats we accept, how each is recognised, checked, and normalised to our records.
+
+Every format becomes a `Conversation`, a `Document` or a `Preference` (see `schema.py`). Each row
+is checked completely: a bad row yields every `Problem` it has, each with a code (OpenAI's
+data-preparation codes where one fits), the file, the line, the field and what to do.
+
+Formats (the names `data.format` takes):
+  chat               {"messages": [{"role", "content", "weight"?, "name"?, "tool_calls"?, ...}], "tools"?}
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|"tool", "value"}], "system"?}
+  prompt_completion  {"prompt", "completion"}: strings, or lists of chat messages
+  text               {"text"}: trained on in full
+  preference         OpenAI DPO {"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}
+                     or {"prompt"?, "chosen", "rejected"}: strings, or lists of chat messages
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .readers import open_rows
+from .schema import ROLES, Conversation, Document, Message, Preference, Problem, Record
+
+FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference")
+
+_MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id")
+_SHAREGPT_KEYS = ("from", "value", "weight")
+_SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "chatgpt": "assistant", "tool": "tool", "observation": "tool", "function_response": "tool",
+}
+_SHAPES = (
+    'chat {"messages": [{"role": ..., "content": ...}]}; alpaca {"instruction", "output"}; '
+    'sharegpt {"conversations": [{"from", "value"}]}; {"prompt", "completion"}; {"text"}; '
+    'preference {"prompt", "chosen", "rejected"} or OpenAI DPO {"input", "preferred_output", "non_preferred_output"}'
+)
+# Columns a CSV or Parquet file must have, per format (preference: either set).
+_REQUIRED_COLUMNS = {
+    "chat": [("messages",)],
+    "alpaca": [("instruction", "output")],
+    "sharegpt": [("conversations",)],
+    "prompt_completion": [("prompt", "completion")],
+    "text": [("text",)],
+    "preference": [("chosen", "rejected"), ("input", "preferred_output", "non_preferred_output")],
+}
+# Fields that hold JSON structures; in a CSV cell they are JSON text.
+_STRUCTURED_FIELDS = ("messages", "tools", "conversations", "preferred_output", "non_preferred_output")
+
+
+def detect_format(keys: Iterable[str]) -> str | None:
+    """The format a row (or a table header) is in, judged by its keys; None if it fits none."""
+    keys = set(keys)
+    if "messages" in keys:
+        return "chat"
+    if keys & {"preferred_output", "non_preferred_output", "chosen", "rejected"}:
+        return "preference"
+    if "conversations" in keys:
+        return "sharegpt"
+    if keys & {"instruction", "output"}:
+        return "alpaca"
+    if keys & {"prompt", "completion"}:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple[int | None, Record | Problem]]:
+    """Stream one file's rows as normalised records, or as the problems that keep them out.
+
+    Yields `(line, record)` for each good row and `(line, problem)` for each problem; a bad row may
+    yield several problems on the same line, and a good row may follow its warnings. The format is
+    detected per file from the first row (or the header) unless `format` names one; a row in another
+    format than the file's first row is a `mixed_formats` error. `line` is None for problems with
+    the whole file.
+    """
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+    rows = open_rows(path)
+    fixed = None if format == "auto" else format
+    if rows.columns is not None:
+        fixed = fixed or detect_format(rows.columns)
+        header_problem = _check_columns(rows.path, rows.columns, fixed)
+        if header_problem:
+            yield 1, header_problem
+            return
+    first: tuple[str, int] | None = None
+    for line, row in rows:
+        if isinstance(row, Problem):
+            yield line, row
+            continue
+        check = _RowCheck(rows.path, line)
+        if not isinstance(row, dict):
+            check.error("data_type", None, f"each row must be a JSON object, got {_json_type(row)}. Accepted shapes: {_SHAPES}.")
+            yield from ((line, p) for p in check.problems)
+            continue
+        row_format = fixed or detect_format(row)
+        if row_format is None:
+            check.error("unknown_format", None, f"no known format has the keys {sorted(row)}{_closest_key(row)}. "
+                        f"Accepted shapes: {_SHAPES}.")
+        elif first is None:
+            first = (row_format, line)
+        elif row_format != first[0]:
+            check.error("mixed_formats", None,
+                        f"this row is {row_format} data but the file's first row (line {first[1]}) is {first[0]}. "
+                        "Keep one format per file, or set data.format to read every row as one format.")
+        if check.problems:
+            yield from ((line, p) for p in check.problems)
+            continue
+        if rows.kind == "csv":
+            row = check.decode_json_cells(row)
+        record = _NORMALISERS[row_format](row, check) if not check.problems else None
+        yield from ((line, p) for p in check.problems)
+        if record is not None and not any(p.is_error for p in check.problems):
+            yield line, record
+
+
+def normalise_messages(messages: Any, *, file: str = "", line: int | None = None) -> tuple[list[Message] | None, list[Problem]]:
+    """Check a list of OpenAI-style message dicts (as used outside files, e.g. by evaluation)."""
+    check = _RowCheck(file, line)
+    return check.messages(messages, "messages"), check.problems
+
+
+def _check_columns(path: str, columns: list[str], fmt: str | None) -> Problem | None:
+    if fmt is None:
+        return Problem("unknown_format", f"no known format has the columns {columns}. Accepted shapes: {_SHAPES}.",
+                       file=path, line=1)
+    options = _REQUIRED_COLUMNS[fmt]
+    if any(all(c in columns for c in needed) for needed in options):
+        return None
+    needed = min(options, key=lambda cols: sum(c not in columns for c in cols))
+    missing = [c for c in needed if c not in columns]
+    return Problem(
+        "missing_column",
+        f"the header has columns {columns} but {fmt} data needs {list(needed)}. "
+        f"Add the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} (or rename one that holds it).",
+        file=path, line=1, field=missing[0],
+    )
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _closest_key(keys: Iterable[str], known: Iterable[str] | None = None) -> str:
+    known = list(known or ("messages", "conversations", "instruction", "output", "prompt", "completion", "text",
+                           "chosen", "rejected", "preferred_output"))
+    for key in keys:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.7)
+        if close:
+            return f" (did you mean '{close[0]}' for '{key}'?)"
+    return ""
+
+
+class _RowCheck:
+    """Checks the fields of one row, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, file: str, line: int | None):
+        self.file, self.line = file, line
+        self.problems: list[Problem] = []
+
+    def error(self, code: str, field: str | None, message: str) -> None:
+        self.problems.append(Problem(code, message, file=self.file, line=self.line, field=field))
+
+    def warn(self, code: str, field: str | None, message: str) -> None:
+        self.problems.append(Problem(code, message, file=self.file, line=self.line, field=field, severity="warning"))
+
+    def _errors(self) -> int:
+        return sum(p.is_error for p in self.problems)
+
+    def decode_json_cells(self, row: dict) -> dict:
+        """CSV cells are text: parse the ones that hold JSON structures (message lists and such)."""
+        row = dict(row)
+        for key in _STRUCTURED_FIELDS:
+            cell = row.get(key)
+            if isinstance(cell, str) and cell.strip():
+                try:
+                    row[key] = json.loads(cell)
+                except json.JSONDecodeError as e:
+                    self.error("invalid_json", key, f"the cell must hold JSON ({e.msg} at character {e.pos + 1}). "
+                               'Quote the cell and double its inner quotes ("").')
+        return row
+
+    def text(self, row: dict, key: str, *, required: bool = True) -> str | None:
+        """A string field. Optional fields may be absent, null or empty."""
+        value = row.get(key)
+        if value is None or (value == "" and not required):
+            if required:
+                self.error("missing_field", key, f"'{key}' is missing: add it (a non-empty string).")
+            return None
+        if not isinstance(value, str):
+            self.error("data_type", key, f"'{key}' must be a string, got {_json_type(value)}.")
+            return None
+        if required and not value.strip():
+            self.error("missing_content", key, f"'{key}' is empty: give it text, or remove the row.")
+            return None
+        return value
+
+    def tools(self, row: dict) -> list[dict] | None:
+        value = row.get("tools")
+        if value is not None and not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
+            self.error("data_type", "tools", f"'tools' must be a list of tool definitions (objects), got {_json_type(value)}.")
+            return None
+        return value
+
+    def messages(self, value: Any, field: str, *, sharegpt: bool = False) -> list[Message] | None:
+        """A list of chat messages (OpenAI keys, or ShareGPT's from/value); None if any is bad."""
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        allowed = _SHAREGPT_KEYS if sharegpt else _MESSAGE_KEYS
+        one = '{"from": "human", "value": ...}' if sharegpt else '{"role": "user", "content": ...}'
+        example = f"[{one}, ...]"
+        if value is None or value == []:
+            what = "is missing" if value is None else "is empty"
+            self.error("missing_messages_list", field, f"'{field}' {what}: give it a list of messages like {example}.")
+            return None
+        if not isinstance(value, list):
+            self.error("missing_messages_list", field,
+                       f"'{field}' must be a list of messages like {example}, got {_json_type(value)}.")
+            return None
+        errors_before = self._errors()
+        out = []
+        for i, raw in enumerate(value):
+            at = f"{field}[{i}]"
+            if not isinstance(raw, dict):
+                self.error("data_type", at, f"each message must be an object like {one}, got {_json_type(raw)}.")
+                continue
+            for key in raw:
+                if key not in allowed:
+                    self.error("message_unrecognized_key", f"{at}.{key}",
+                               f"unknown message key '{key}'{_closest_key([key], allowed)}. A message may have "
+                               f"{', '.join(allowed)}; remove or rename this key.")
+            role = self._role(raw, at, role_key, sharegpt)
+            tool_calls = self._tool_calls(raw, at, role)
+            content = self._content(raw, at, content_key, role, tool_calls)
+            weight = self._weight(raw, at, role)
+            name, tool_call_id = (self._optional_string(raw, at, key) for key in ("name", "tool_call_id"))
+            if role is not None and content is not None:
+                out.append(Message(role, content, weight=weight, name=name, tool_calls=tool_calls,
+                                   tool_call_id=tool_call_id))
+        return out if self._errors() == errors_before else None
+
+    def _role(self, raw: dict, at: str, role_key: str, sharegpt: bool) -> str | None:
+        if role_key not in raw:
+            self.error("message_missing_key", f"{at}.{role_key}", f"the message has no '{role_key}': add one of "
+                       f"{', '.join(_SHAREGPT_ROLES if sharegpt else ROLES)}.")
+            return None
+        role = raw[role_key]
+        mapped = _SHAREGPT_ROLES.get(role) if sharegpt else role
+        if mapped not in ROLES:
+            hint = f" (ShareGPT's '{role}' is '{_SHAREGPT_ROLES[role]}' here)" if role in _SHAREGPT_ROLES else ""
+            self.error("unrecognized_role", f"{at}.{role_key}",
+                       f"role {role!r} is not one of {', '.join(_SHAREGPT_ROLES if sharegpt else ROLES)}{hint}.")
+            return None
+        return mapped
+
+    def _content(self, raw: dict, at: str, key: str, role: str | None, tool_calls: list | None) -> str | None:
+        value = raw.get(key)
+        if isinstance(value, list):  # OpenAI content parts: only text parts can be trained on here
+            texts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
+            if len(texts) != len(value) or not all(isinstance(t, str) for t in texts):
+                self.error("unsupported_content", f"{at}.{key}",
+                           'only text content parts ({"type": "text", "text": ...}) are supported; remove the others.')
+                return None
+            value = "".join(texts)
+        if value is None and role == "assistant" and tool_calls:
+            return ""
+        if value is None:
+            self.error("missing_content", f"{at}.{key}", f"the message has no '{key}': give it text.")
+            return None
+        if not isinstance(value, str):
+            self.error("data_type", f"{at}.{key}", f"'{key}' must be a string, got {_json_type(value)}: "
+                       f"write it as text (quote it).")
+            return None
+        if not value.strip() and not tool_calls:
+            self.error("missing_content", f"{at}.{key}", f"'{key}' is empty: give the message text, or remove it.")
+            return None
+        return value
+
+    def _weight(self, raw: dict, at: str, role: str | None) -> int | None:
+        weight = raw.get("weight")
+        if weight is None:
+            return None
+        if isinstance(weight, bool) or weight not in (0, 1):
+            self.error("invalid_weight", f"{at}.weight", f"weight must be 0 or 1, got {weight!r}.")
+            return None
+        if role != "assistant":
+            self.error("invalid_weight", f"{at}.weight", "only assistant messages take a weight; remove it here.")
+            return None
+        return int(weight)
+
+    def _tool_calls(self, raw: dict, at: str, role: str | None) -> list[dict] | None:
+        calls = raw.get("tool_calls")
+        if calls is None:
+            return None
+        well_formed = isinstance(calls, list) and all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            for c in calls
+        )
+        if not well_formed:
+            self.error("data_type", f"{at}.tool_calls",
+                       'tool_calls must be a list like [{"id": ..., "type": "function", "function": {"name": ..., '
+                       '"arguments": ...}}].')
+            return None
+        if role != "assistant":
+            self.error("data_type", f"{at}.tool_calls", "only assistant messages make tool calls; remove them here.")
+            return None
+        return calls
+
+    def _optional_string(self, raw: dict, at: str, key: str) -> str | None:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            self.error("data_type", f"{at}.{key}", f"'{key}' must be a string, got {_json_type(value)}.")
+            return None
+        return value
+
+    def require_assistant(self, messages: list[Message] | None, field: str) -> None:
+        if messages is not None and not any(m.role == "assistant" for m in messages):
+            self.error("example_missing_assistant_message", field,
+                       "no assistant message: add the reply the model should learn to give.")
+
+
+# --- one normaliser per format -------------------------------------------------------------------
+
+
+def _chat(row: dict, check: _RowCheck) -> Conversation | None:
+    messages = check.messages(row.get("messages"), "messages")
+    check.require_assistant(messages, "messages")
+    tools = check.tools(row)
+    return Conversation(messages, tools=tools) if messages else None
+
+
+def _alpaca(row: dict, check: _RowCheck) -> Conversation | None:
+    instruction, output = check.text(row, "instruction"), check.text(row, "output")
+    extra, system = check.text(row, "input", required=False), check.text(row, "system", required=False)
+    if instruction is None or output is None:
+        return None
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    messages = [Message("system", system)] if system else []
+    return Conversation(messages + [Message("user", prompt), Message("assistant", output)])
+
+
+def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
+    messages = check.messages(row.get("conversations"), "conversations", sharegpt=True)
+    check.require_assistant(messages, "conversations")
+    system = check.text(row, "system", required=False)
+    if messages and system and messages[0].role != "system":
+        messages.insert(0, Message("system", system))
+    return Conversation(messages) if messages else None
+
+
+def _turns(check: _RowCheck, row: dict, key: str, role: str) -> list[Message] | None:
+    """A field that is either plain text (one message of `role`) or a list of chat messages."""
+    value = row.get(key)
+    if isinstance(value, list):
+        return check.messages(value, key)
+    text = check.text(row, key)
+    return [Message(role, text)] if text is not None else None
+
+
+def _prompt_completion(row: dict, check: _RowCheck) -> Conversation | None:
+    prompt, completion = _turns(check, row, "prompt", "user"), _turns(check, row, "completion", "assistant")
+    check.require_assistant(completion, "completion")
+    if not prompt or not completion or any(p.is_error for p in check.problems):
+        return None
+    return Conversation(prompt + completion)
+
+
+def _text(row: dict, check: _RowCheck) -> Document | None:
+    text = check.text(row, "text")
+    return Document(text) if text is not None else None
+
+
+def _preference(row: dict, check: _RowCheck) -> Preference | None:
+    if "input" in row or "preferred_output" in row or "non_preferred_output" in row:
+        prompt, chosen, rejected, tools = _openai_preference(row, check)
+    else:
+        prompt, chosen, rejected = _trl_preference(row, check)
+        tools = check.tools(row)
+    if prompt is None or chosen is None or rejected is None:
+        return None
+    if chosen.to_template() == rejected.to_template():
+        check.warn("identical_preference", None, "the chosen and rejected replies are the same, so the pair "
+                   "teaches nothing; fix or remove it.")
+    return Preference(prompt, chosen, rejected, tools=tools)
+
+
+def _openai_preference(row: dict, check: _RowCheck):
+    source = row.get("input")
+    if not isinstance(source, dict):
+        check.error("data_type", "input", f"'input' must be an object like {{\"messages\": [...]}}, got "
+                    f"{_json_type(source) if source is not None else 'nothing'}.")
+        prompt, tools = None, None
+    else:
+        prompt, tools = check.messages(source.get("messages"), "input.messages"), check.tools(source)
+    chosen, rejected = (_single_reply(check, row.get(k), k) for k in ("preferred_output", "non_preferred_output"))
+    return prompt, chosen, rejected, tools
+
+
+def _trl_preference(row: dict, check: _RowCheck):
+    chosen_turns, rejected_turns = _turns(check, row, "chosen", "assistant"), _turns(check, row, "rejected", "assistant")
+    if "prompt" in row:
+        prompt = _turns(check, row, "prompt", "user")
+        chosen = _single_reply(check, chosen_turns, "chosen", normalised=True)
+        rejected = _single_reply(check, rejected_turns, "rejected", normalised=True)
+        return prompt, chosen, rejected
+    # No prompt: chosen and rejected are whole conversations that differ only in their last reply.
+    if chosen_turns is None or rejected_turns is None:
+        return None, None, None
+    shared = [m.to_template() for m in chosen_turns[:-1]] == [m.to_template() for m in rejected_turns[:-1]]
+    if not shared or len(chosen_turns) < 2:
+        check.error("invalid_preference", "chosen", "without a 'prompt', chosen and rejected must be conversations "
+                    "that share every message but the last; add a 'prompt' field or fix the messages.")
+        return None, None, None
+    chosen = _single_reply(check, chosen_turns[-1:], "chosen", normalised=True)
+    rejected = _single_reply(check, rejected_turns[-1:], "rejected", normalised=True)
+    return chosen_turns[:-1], chosen, rejected
+
+
+def _single_reply(check: _RowCheck, value: Any, field: str, *, normalised: bool = False) -> Message | None:
+    messages = value if normalised else check.messages(value, field)
+    if messages is None:
+        return None
+    if len(messages) != 1 or messages[0].role != "assistant":
+        check.error("invalid_preference", field, f"'{field}' must be exactly one assistant message "
+                    f"(got {len(messages)} message(s), roles {[m.role for m in messages]}).")
+        return None
+    return messages[0]
+
+
+_NORMALISERS = {
+    "chat": _chat,
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "prompt_completion": _prompt_completion,
+    "text": _text,
+    "preference": _preference,
+}

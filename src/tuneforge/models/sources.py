@@ -1,0 +1,307 @@
+"""What a `base_model` string means: a `ModelSource` naming the base folder and an optional adapter.
+
+Resolution order, first match wins:
+1. a registry name (pulled and converted on first use);
+2. a local Hugging Face folder (has config.json);
+3. a local `.gguf` file (converted once into the cache, keyed by its sha256);
+4. a PEFT adapter folder (adapter_config.json), a finished tuneforge run (final/), or a checkpoint
+   folder holding one model or adapter;
+5. a hub id `org/name` (the local Hugging Face cache first; the hub only when it is reachable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from ..errors import ModelSourceError
+from .convert import cached_registry_folder, convert_local_gguf, pull, unknown_registry_name
+from .registry import REGISTRY
+
+SourceKind = Literal["registry", "hf_folder", "gguf", "adapter", "hub"]
+
+# A hub repo id: exactly one slash; a spec with more, or starting with . / ~, is a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What a causal LM needs from a hub repo; skips duplicate weight formats (.bin, .onnx, .gguf).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_HUB_PROBE_SECONDS = 3.0
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str  # what the user wrote
+    kind: SourceKind
+    path: Path  # a Hugging Face folder holding the base model
+    adapter: Path | None  # a PEFT adapter folder to apply on top, if any
+    name: str  # a short human name: registry name, folder or run name, hub id
+
+
+def resolve(spec: str, *, pull_missing: bool = True) -> ModelSource:
+    """Turn a `base_model` string into a `ModelSource`, pulling or converting it when needed.
+
+    With `pull_missing=False` nothing is downloaded or converted: a model not yet in the cache is a
+    `ModelSourceError` that says how to fetch it.
+    """
+    text = str(spec).strip()
+    if not text:
+        raise ModelSourceError(
+            f"base_model is empty. Give a registry model ({', '.join(REGISTRY)}), a local folder, "
+            "a .gguf file or a hub id (org/name).",
+            code="missing_model",
+        )
+    if text.lower() in REGISTRY:
+        name = text.lower()
+        return ModelSource(text, "registry", _registry_folder(name, pull_missing), None, name)
+    local = Path(text).expanduser()
+    if local.exists():
+        return _resolve_local(text, local, pull_missing=pull_missing)
+    if _looks_like_path(text):
+        raise ModelSourceError(
+            f"{text} does not exist (looked for {local.absolute()}). Check the path, or use a "
+            f"registry model ({', '.join(REGISTRY)}) or a hub id (org/name).",
+            code="model_not_found",
+        )
+    if _HUB_ID.fullmatch(text):
+        return _resolve_hub(text, pull_missing=pull_missing)
+    raise unknown_registry_name(text)
+
+
+def _registry_folder(name: str, pull_missing: bool) -> Path:
+    cached = cached_registry_folder(REGISTRY[name])
+    if cached:
+        return cached
+    if not pull_missing:
+        raise ModelSourceError(
+            f"{name} has not been pulled yet: run `tuneforge models pull {name}` (needs pip's index once).",
+            code="model_not_pulled",
+        )
+    return pull(name)
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        text.startswith((".", "/", "~", "\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or text.lower().endswith(".gguf")
+        or bool(re.match(r"[A-Za-z]:[\\/]", text))  # a Windows drive
+    )
+
+
+# ---- local files and folders ---------------------------------------------------------------------
+
+
+def _resolve_local(spec: str, path: Path, *, pull_missing: bool, name: str | None = None) -> ModelSource:
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            folder = convert_local_gguf(path, convert_missing=pull_missing)
+            return ModelSource(spec, "gguf", folder, None, name or path.stem)
+        raise ModelSourceError(
+            f"{path} is a file but not a .gguf model. Give a .gguf file, or a folder holding config.json "
+            "(a Hugging Face model) or adapter_config.json (a PEFT adapter).",
+            code="model_not_found",
+        )
+    if (path / "config.json").is_file():
+        return ModelSource(spec, "hf_folder", path, None, name or path.name)
+    if (path / "adapter_config.json").is_file():
+        return _resolve_adapter(spec, path, pull_missing=pull_missing, name=name or path.name)
+    # A run or checkpoint folder: the model is one level down. Named after the outer folder,
+    # which is what the user knows it by (`runs/my-run`, not `final`).
+    return _resolve_local(spec, _model_inside(path), pull_missing=pull_missing, name=name or path.name)
+
+
+def _model_inside(folder: Path) -> Path:
+    """The model or adapter a run or checkpoint folder holds: `final/`, else its only model subfolder."""
+    if (folder / "final").is_dir():
+        return folder / "final"
+    candidates = sorted(
+        child
+        for child in folder.iterdir()
+        if child.is_dir() and ((child / "config.json").is_file() or (child / "adapter_config.json").is_file())
+    )
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        raise ModelSourceError(
+            f"{folder} holds several models ({', '.join(c.name for c in candidates)}): point base_model at one.",
+            code="ambiguous_model",
+        )
+    checkpoints = sorted((c for c in (folder / "checkpoints").glob("*") if c.is_dir()), key=_natural_key)
+    hint = (
+        f" The run has no final/ yet but has checkpoints: point at one, e.g. {checkpoints[-1]}." if checkpoints else ""
+    )
+    raise ModelSourceError(
+        f"{folder} is not a model: it holds no config.json (Hugging Face model), adapter_config.json "
+        f"(PEFT adapter) or final/ (finished tuneforge run).{hint}",
+        code="model_not_found",
+    )
+
+
+def _natural_key(path: Path) -> list:
+    # step-100 after step-50
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _resolve_adapter(spec: str, adapter_dir: Path, *, pull_missing: bool, name: str) -> ModelSource:
+    try:
+        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"{adapter_dir / 'adapter_config.json'} cannot be read: {err}.") from err
+    base = _adapter_base(adapter_dir, adapter_config.get("base_model_name_or_path"), pull_missing=pull_missing)
+    if base.adapter is not None:
+        raise ModelSourceError(
+            f"The adapter at {adapter_dir} sits on another adapter ({base.adapter}); stacked adapters are "
+            "not supported. Merge the first one into its base (`tuneforge export`) and use that folder.",
+            code="stacked_adapter",
+        )
+    return ModelSource(spec, "adapter", base.path, adapter_dir, name)
+
+
+def _adapter_base(adapter_dir: Path, recorded: str | None, *, pull_missing: bool) -> ModelSource:
+    """Find an adapter's base: as recorded in adapter_config.json, else as the run's config names it.
+
+    The recorded base is often an absolute path on the machine that trained it, so the base_model
+    of the run's config.yaml (a registry name or hub id, usually) is the portable fallback.
+    """
+    candidates = []
+    if recorded:
+        beside = adapter_dir / recorded
+        candidates.append(str(beside) if not Path(recorded).is_absolute() and beside.exists() else recorded)
+    run_base = _run_config_base_model(adapter_dir)
+    if run_base and run_base not in candidates:
+        candidates.append(run_base)
+    if not candidates:
+        raise ModelSourceError(
+            f"The adapter at {adapter_dir} does not say which base model it was trained on: set "
+            "base_model_name_or_path in its adapter_config.json.",
+            code="adapter_base_missing",
+        )
+    problems = []
+    for candidate in candidates:
+        try:
+            return resolve(candidate, pull_missing=pull_missing)
+        except ModelSourceError as err:
+            problems.append(f"'{candidate}': {err.message}")
+    raise ModelSourceError(
+        f"The base model of the adapter at {adapter_dir} cannot be found. Tried "
+        + "; ".join(problems)
+        + " Make the base available, or edit base_model_name_or_path in its adapter_config.json.",
+        code="adapter_base_missing",
+    )
+
+
+def _run_config_base_model(adapter_dir: Path) -> str | None:
+    """`base_model` from the config.yaml of the run this adapter belongs to (final/ or a checkpoint)."""
+    import yaml
+
+    for folder in list(adapter_dir.parents)[:3]:
+        config_file = folder / "config.yaml"
+        if config_file.is_file():
+            try:
+                base_model = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("base_model")
+            except (OSError, yaml.YAMLError, AttributeError):
+                return None
+            return str(base_model) if base_model else None
+    return None
+
+
+# ---- the Hugging Face hub ------------------------------------------------------------------------
+
+
+def _resolve_hub(repo_id: str, *, pull_missing: bool) -> ModelSource:
+    folder = _hub_snapshot(repo_id, local_only=True)
+    if folder is None:
+        if _hub_offline():
+            raise _hub_unavailable(repo_id, "HF_HUB_OFFLINE is set")
+        if not pull_missing:
+            raise ModelSourceError(
+                f"{repo_id} is not in the local Hugging Face cache and downloads are off here. "
+                f"Run `tuneforge models info {repo_id}` once to download it.",
+                code="model_not_pulled",
+            )
+        unreachable = _hub_unreachable_reason()
+        if unreachable:
+            raise _hub_unavailable(repo_id, unreachable)
+        folder = _hub_snapshot(repo_id, local_only=False)
+    if folder is None or not (folder / "config.json").is_file():
+        raise ModelSourceError(
+            f"The hub repo {repo_id} has no config.json, so it is not a transformers model. If it holds "
+            "a .gguf file, download that file and give its path as base_model.",
+            code="model_not_found",
+        )
+    return ModelSource(repo_id, "hub", folder, None, repo_id)
+
+
+def _hub_snapshot(repo_id: str, *, local_only: bool) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=local_only))
+    except LocalEntryNotFoundError as err:
+        if local_only:
+            return None
+        raise _hub_unavailable(repo_id, f"the download failed: {err}") from err
+    except (RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise ModelSourceError(
+            f"Could not get {repo_id} from the Hugging Face hub: {err}. Check the id (org/name), and "
+            "for gated models your token (`hf auth login`).",
+            code="download_failed",
+        ) from err
+    # A snapshot that another tool cached partly (a tokenizer only, say) does not count as local.
+    return folder if (folder / "config.json").is_file() or not local_only else None
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(var, "").strip().lower() in _TRUTHY for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_unreachable_reason() -> str | None:
+    """Why the hub cannot be reached, or None when a TCP connection opens within a few seconds.
+
+    The probe runs in a daemon thread so that a hanging DNS lookup, which socket timeouts do not
+    cover, cannot stall resolution either.
+    """
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or host, proxy_url.port or 80
+    outcome: dict[str, object] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=_HUB_PROBE_SECONDS).close()
+            outcome["ok"] = True
+        except OSError as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(_HUB_PROBE_SECONDS)
+    if outcome.get("ok"):
+        return None
+    if "error" in outcome:
+        return f"cannot connect to {host}:{port}: {outcome['error']}"
+    return f"{host}:{port} did not answer within {_HUB_PROBE_SECONDS:.0f} s"
+
+
+def _hub_unavailable(repo_id: str, reason: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"'{repo_id}' is not a local path, so it was taken as a Hugging Face hub id, but the hub cannot "
+        f"be used ({reason}) and the model is not in the local Hugging Face cache. Use an offline "
+        f"source instead: a registry model ({', '.join(REGISTRY)}; see `tuneforge models list`), a "
+        "local Hugging Face folder (with config.json), or a local .gguf file.",
+        code="hub_unavailable",
+    )

@@ -1,0 +1,65 @@
+"""General sets for measuring forgetting: data that no training set of ours touches.
+
+- `general_questions()`: short questions with accepted short answers, scored with the `contains`
+  metric; the evaluation keeps those the base model answers right, so a drop means forgetting.
+- `general_text()`: plain English paragraphs, for cross-entropy of base vs tuned model.
+- `general_prompts()`: short chat prompts, for the KL divergence of next-token distributions.
+- `general_conversations()`: everyday chit-chat conversations, chat-formatted, from an MIT data set.
+
+The files are package data beside this module; `SOURCES` says where each comes from.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+SOURCES = {
+    "questions": {
+        "file": "questions.jsonl",
+        "description": "Easy general-knowledge questions (capitals, arithmetic, colours, animals, opposites, "
+        "plurals, days and months, simple science), each with its accepted short answers.",
+        "licence": "Apache-2.0, written for tuneforge",
+    },
+    "text": {
+        "file": "text.jsonl",
+        "description": "Short paragraphs of plain English prose on everyday topics.",
+        "licence": "Apache-2.0, written for tuneforge",
+    },
+    "prompts": {
+        "file": "prompts.jsonl",
+        "description": "Short, varied chat prompts (how-to, explanations, small creative tasks).",
+        "licence": "Apache-2.0, written for tuneforge",
+    },
+    "chitchat": {
+        "file": "chitchat.jsonl",
+        "description": "100 conversations from chitchat-dataset 0.9.0 (PyPI wheel, dataset.json; BYU PCC lab): "
+        "those with two speakers who strictly alternate and at least 6 turns, the 100 with the highest "
+        "sum of ratings (ties by conversation id), each cut to its first 8 turns, a turn's messages "
+        "joined with a space, the first speaker as 'user'.",
+        "licence": "MIT, Copyright (c) 2019 Perception, Control and Cognition Lab; full text in chitchat-LICENSE.txt",
+    },
+}
+
+
+def _read_jsonl(source: str) -> list[dict]:
+    text = resources.files(__name__).joinpath(SOURCES[source]["file"]).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def general_questions() -> list[dict]:
+    """[{"question": str, "answers": [accepted short answers]}]."""
+    return _read_jsonl("questions")
+
+
+def general_text() -> list[str]:
+    return [row["text"] for row in _read_jsonl("text")]
+
+
+def general_prompts() -> list[str]:
+    return [row["prompt"] for row in _read_jsonl("prompts")]
+
+
+def general_conversations() -> list[list[dict]]:
+    """Conversations as chat messages ([{"role": "user" | "assistant", "content": str}, ...])."""
+    return [row["messages"] for row in _read_jsonl("chitchat")]

@@ -1,0 +1,125 @@
+"""Metrics over generated text.
+
+Every metric is `score(predictions, references) -> dict`: two lists of the same length, one
+reference per prediction; the dict holds `n` and shares in [0, 1]. `METRICS` maps the names that
+`eval.task` accepts to these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Callable, Sequence
+
+_JSON = json.JSONDecoder()
+
+
+def _check_lengths(predictions: Sequence, references: Sequence) -> int:
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"{len(predictions)} predictions but {len(references)} references; give one reference per prediction"
+        )
+    if not predictions:
+        raise ValueError("nothing to score: predictions and references are empty")
+    return len(predictions)
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, every run of characters other than letters and digits made one space."""
+    return re.sub(r"[\W_]+", " ", text.lower()).strip()
+
+
+def parse_json_object(text: str) -> dict | None:
+    """The JSON object that the whole text is (surrounding whitespace allowed), else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def find_json_object(text: str) -> dict | None:
+    """The first JSON object found anywhere in the text (say, inside a chatty answer), else None."""
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = _JSON.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def exact(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Share of predictions equal to their reference once both are stripped of outer whitespace."""
+    n = _check_lengths(predictions, references)
+    return {"n": n, "exact": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n}
+
+
+def contains(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
+    """Share of predictions that contain their reference, case-insensitively.
+
+    A reference may be a list of accepted answers (any one counts). Both sides are normalised
+    (`normalize_text`) and matched on word boundaries, so "8" is found in "It has 8 legs." but
+    not in "18", and "red" not in "hundred".
+    """
+    n = _check_lengths(predictions, references)
+
+    def found(prediction: str, reference: str | Sequence[str]) -> bool:
+        accepted = [reference] if isinstance(reference, str) else reference
+        haystack = f" {normalize_text(prediction)} "
+        return any(f" {normalize_text(a)} " in haystack for a in accepted if normalize_text(a))
+
+    return {"n": n, "contains": sum(found(p, r) for p, r in zip(predictions, references)) / n}
+
+
+def json_fields(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Answers that must be a JSON object, compared with a reference JSON object field by field.
+
+    Returns `valid_json` (the whole answer is a JSON object), `contains_json` (a JSON object
+    appears somewhere in it), `exact` (valid and every reference field matches; extra keys are
+    not counted against it) and `fields`: per reference key, the share of answers that are valid
+    JSON and hold the reference's value under that key.
+    """
+    n = _check_lengths(predictions, references)
+    parsed_references = []
+    for i, reference in enumerate(references):
+        parsed = parse_json_object(reference)
+        if parsed is None:
+            raise ValueError(f"reference {i} is not a JSON object: {reference!r}")
+        parsed_references.append(parsed)
+    answers = [parse_json_object(p) for p in predictions]
+
+    field_hits: dict[str, int] = {}
+    field_counts: dict[str, int] = {}
+    all_match = 0
+    for answer, reference in zip(answers, parsed_references):
+        matches = {
+            key: answer is not None and key in answer and answer[key] == value for key, value in reference.items()
+        }
+        for key, matched in matches.items():
+            field_counts[key] = field_counts.get(key, 0) + 1
+            field_hits[key] = field_hits.get(key, 0) + matched
+        all_match += answer is not None and all(matches.values())
+    return {
+        "n": n,
+        "valid_json": sum(a is not None for a in answers) / n,
+        "contains_json": sum(find_json_object(p) is not None for p in predictions) / n,
+        "exact": all_match / n,
+        "fields": {key: field_hits[key] / field_counts[key] for key in field_counts},
+    }
+
+
+def _support_triage(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    # Imported on use: support_triage builds on this module, so a top-level import would be circular.
+    from tuneforge.tasks.support_triage import score
+
+    return score(predictions, references)
+
+
+METRICS: dict[str, Callable[[Sequence, Sequence], dict]] = {
+    "exact": exact,
+    "contains": contains,
+    "json_fields": json_fields,
+    "support_triage": _support_triage,
+}

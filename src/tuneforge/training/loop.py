@@ -1,0 +1,383 @@
+"""The training recipe: one loop for every method, readable top to bottom.
+
+    config -> tokenizer + data -> model + method -> optimizer + schedule -> [resume] ->
+    for each step: micro-batches -> forward/backward (loss / trained tokens of the whole step)
+                   -> clip -> optimizer step -> log -> eval -> checkpoint
+    -> final model + full validation + summary
+
+The loss of an optimizer step is the mean over its trained tokens across all micro-batches and
+ranks. Each micro-batch therefore backpropagates (its summed loss) / (the step's trained tokens),
+times the world size because DDP averages gradients over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import data as tfdata
+from ..config import Config, auto_epochs, load_config
+from ..errors import RunFailed, TuneforgeError
+from ..fsio import atomic_file, write_json
+from ..methods import SFTObjective, prepare_model, trainable_parameters
+from ..models import load_model, load_tokenizer, resolve
+from . import batches, checkpoint, distributed
+from .progress import TrainProgress
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    status: str  # "completed" | "interrupted"
+    metrics: dict = field(default_factory=dict)
+
+
+# --- building blocks -----------------------------------------------------------------------------
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # Without AVX512-BF16/AMX, CPU bf16 matmuls are emulated and slower than fp32.
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise TuneforgeError(
+            f"train.precision=bf16, but this {device.type} has no native bf16 (it would be emulated and slow). "
+            "Use precision: auto or fp32."
+        )
+    return precision
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused is fastest where it exists (CUDA, recent CPU builds); foreach otherwise.
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, foreach=True)
+
+
+@dataclass
+class Plan:
+    """How many steps the run takes, derived from the data and the config."""
+
+    rows: int
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    micro_batch_rows: int
+
+
+def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Plan:
+    t = cfg.train
+    n_micro = t.grad_accum * world_size
+    if t.batch_size % n_micro:
+        raise TuneforgeError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of grad_accum x processes ({t.grad_accum} x {world_size})."
+        )
+    per_epoch = batches.steps_per_epoch(n_rows, t.batch_size, n_micro)
+    if per_epoch == 0:
+        raise TuneforgeError(
+            f"{n_rows} training rows are fewer than one step needs (train.batch_size={t.batch_size}); "
+            "add data or lower train.batch_size."
+        )
+    epochs = auto_epochs(n_examples) if t.epochs == "auto" else t.epochs
+    total = t.max_steps or epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
+    warmup = int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
+    return Plan(n_rows, epochs, per_epoch, total, warmup, t.batch_size // n_micro)
+
+
+def to_rows(examples, cfg: Config):
+    return tfdata.pack(examples, cfg.data.max_length) if cfg.data.packing else examples
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per logged step; a resumed run drops lines past its checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            with atomic_file(path) as f:
+                f.write("".join(ln + "\n" for ln in kept))
+        self.tb = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+
+@torch.no_grad()
+def evaluate(objective, rows, pad_id: int, micro_rows: int, world: distributed.World, autocast) -> dict:
+    """Token-weighted loss and accuracy over `rows` (summed across ranks). Packing does not change
+    it: the same tokens are predicted from the same context either way."""
+    objective.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    device = world.device
+    for start in range(world.rank * micro_rows, len(rows), micro_rows * world.size):
+        batch = {k: v.to(device) for k, v in tfdata.collate(rows[start:start + micro_rows], pad_id).items()}
+        with autocast():
+            loss_sum, correct, n = objective(**batch)
+        totals += torch.tensor([loss_sum.item(), correct.item(), n.item()], dtype=torch.float64)
+    distributed.all_sum(totals)
+    objective.train()
+    loss, correct, n = totals.tolist()
+    return {"loss": loss / max(n, 1), "mean_token_accuracy": correct / max(n, 1), "tokens": int(n)}
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+
+def train(config, overrides: list[str] = (), *, resume: str | None = None, force: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Fine-tune as the config says. `resume` is "latest" or a checkpoint folder."""
+    cfg = load_config(config, overrides)
+    world = distributed.setup()
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    device = world.device
+    precision = resolve_precision(cfg.train.precision, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    seed_everything(cfg.train.seed)
+    log = print if world.is_main else (lambda *a, **k: None)
+
+    # Resume point first: a refused resume must fail before any heavy work.
+    resume_from = None
+    if resume:
+        resume_from = checkpoint.latest(ckpt_root) if resume == "latest" else Path(resume)
+        if resume_from is None or not (resume_from / checkpoint.STATE).is_file():
+            raise TuneforgeError(f"no checkpoint to resume from at {resume_from or ckpt_root}; start without --resume.")
+        saved_hash = json.loads((resume_from / checkpoint.STATE).read_text())["config_hash"]
+        if saved_hash != cfg.results_hash() and not force:
+            raise TuneforgeError(
+                f"{resume_from} was written with a different config (one that changes results). "
+                "Resume with the original config, or pass --force to continue anyway."
+            )
+
+    # Data: rank 0 prepares (and caches); the other ranks then read the same cache.
+    source = resolve(cfg.base_model)
+    tokenizer = load_tokenizer(source)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        prepared = tfdata.prepare(cfg.data, tokenizer, report_path=out / "data_report.json", log=log)
+    distributed.barrier()
+    if not world.is_main:
+        prepared = tfdata.prepare(cfg.data, tokenizer, log=log)
+    train_rows, valid_rows = to_rows(prepared.train, cfg), to_rows(prepared.valid, cfg)
+    plan = make_plan(cfg, len(prepared.train), len(train_rows), world.size)
+    lengths = np.array([len(r.input_ids) for r in train_rows])
+
+    # Model and method.
+    model = prepare_model(load_model(source, dtype=torch.float32), cfg).to(device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = list(trainable_parameters(model).values())
+    optimizer = make_optimizer(params, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
+
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0}
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, optimizer, scheduler)
+        log(f"resumed from {resume_from} at step {state['step']}")
+    metrics_log = MetricsLog(out / "metrics.jsonl", state["step"] if resume_from else None, world.is_main)
+
+    objective = SFTObjective(model)
+    if world.size > 1:
+        objective = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    objective.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def save_checkpoint(step: int) -> Path | None:
+        path = None
+        if world.is_main:
+            state_now = {**state, "step": step, "config_hash": cfg.results_hash()}
+            path = checkpoint.save(ckpt_root, step, model, tokenizer, optimizer, scheduler, state_now, cfg.train.keep_checkpoints)
+        distributed.barrier()
+        return path
+
+    last_metrics: dict = {}
+    started = time.perf_counter() - state["elapsed"]
+    bar = TrainProgress(plan.total_steps, state["step"], enabled=progress and world.is_main)
+    status = "completed"
+    with StopRequest() as stop, bar:
+        for step in range(state["step"], plan.total_steps):
+            epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+            order = batches.epoch_order(len(train_rows), cfg.train.seed, epoch)
+            micro = batches.step_micro_batches(order, step_in_epoch, cfg.train.batch_size, cfg.train.grad_accum,
+                                               world.size, world.rank, lengths)
+            real_tokens = sum(len(train_rows[i].input_ids) for idx in micro for i in idx)
+            micro = [tfdata.collate([train_rows[i] for i in idx], pad_id) for idx in micro]
+
+            # The step's trained tokens, over all micro-batches and ranks: the loss denominator.
+            step_tokens = distributed.all_sum(torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in micro))]))
+            t0 = time.perf_counter()
+            totals = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, real (non-padding) tokens
+            totals[2] = real_tokens
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = contextlib.nullcontext() if world.size == 1 or i == len(micro) - 1 else objective.no_sync()
+                with sync:
+                    with autocast():
+                        loss_sum, correct, _ = objective(**batch)
+                    (loss_sum * (world.size / step_tokens.to(device))).backward()
+                totals[0] += loss_sum.item()
+                totals[1] += correct.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+            distributed.all_sum(totals)
+            train_loss = totals[0].item() / step_tokens.item()
+            if not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)):
+                last = checkpoint.latest(ckpt_root)
+                raise RunFailed(
+                    f"step {step + 1}: {'loss' if not math.isfinite(train_loss) else 'gradient norm'} is not finite. "
+                    "Likely causes: a learning rate too high for this model, or bf16 overflow (try precision: fp32). "
+                    f"Last good checkpoint: {last or 'none yet'} (resume with --resume after changing the config and --force)."
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_time = time.perf_counter() - t0
+            state["step"], state["tokens"] = step + 1, state["tokens"] + int(totals[2])
+            state["elapsed"] = time.perf_counter() - started
+            record = {
+                "step": step + 1,
+                "epoch": round((step + 1) / plan.steps_per_epoch, 4),
+                "train_loss": train_loss,
+                "train_mean_token_accuracy": totals[1].item() / step_tokens.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens": state["tokens"],
+                "tokens_per_s": totals[2].item() / step_time,
+                "elapsed": round(state["elapsed"], 3),
+            }
+            is_last = step + 1 == plan.total_steps
+            if valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
+                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast)
+                record.update(valid_loss=v["loss"], valid_mean_token_accuracy=v["mean_token_accuracy"])
+            if (step + 1) % cfg.train.log_every == 0 or is_last or "valid_loss" in record:
+                metrics_log.write(record)
+            last_metrics = record
+            bar.update(record)
+
+            if stop.signal:
+                status = "interrupted"
+                path = save_checkpoint(step + 1)
+                log(f"\n{stop.signal}: saved {path}; continue with `tuneforge train CONFIG --resume`.")
+                break
+            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and not is_last:
+                save_checkpoint(step + 1)
+
+    final_dir = None
+    if status == "completed":
+        save_checkpoint(plan.total_steps)
+        if valid_rows:
+            v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast)
+            last_metrics.update(full_valid_loss=v["loss"], full_valid_mean_token_accuracy=v["mean_token_accuracy"])
+            metrics_log.write({"step": plan.total_steps, "full_valid_loss": v["loss"],
+                               "full_valid_mean_token_accuracy": v["mean_token_accuracy"]})
+        if world.is_main:
+            final_dir = save_final(model, tokenizer, source, out / "final")
+            write_json(out / "summary.json", {"status": status, "steps": plan.total_steps, "precision": precision,
+                                              "epochs": plan.epochs, "metrics": last_metrics})
+        distributed.barrier()
+    if world.is_main:
+        bar.summary(last_metrics, out)
+    distributed.teardown()
+    return TrainResult(out, final_dir, state["step"], status, last_metrics)
+
+
+def save_final(model, tokenizer, source, final: Path) -> Path:
+    """The trained model as plain transformers/PEFT load it: adapter or full model, tokenizer,
+    chat template, and a generation config that stops at the end-of-turn token."""
+    from ..fsio import atomic_dir
+
+    with atomic_dir(final, replace=True) as tmp:
+        if hasattr(model, "peft_config"):
+            # Point the adapter at the local base folder so PeftModel.from_pretrained works offline.
+            for pc in model.peft_config.values():
+                pc.base_model_name_or_path = str(source.path)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None) or getattr(getattr(model, "base_model", None), "generation_config", None)
+        if gen is not None:
+            gen.eos_token_id = tokenizer.eos_token_id
+            gen.pad_token_id = tokenizer.pad_token_id
+            gen.save_pretrained(tmp)
+    return final

@@ -1,0 +1,72 @@
+"""The strict config: misspelt keys, overrides, relative paths, epochs: auto."""
+
+import pytest
+import yaml
+
+from tuneforge.config import Config, auto_epochs, load_config
+from tuneforge.errors import ConfigError
+
+
+def write(tmp_path, cfg: dict):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path):
+    path = write(tmp_path, {"data": {"train": "x.jsonl"}, "train": {"learnin_rate": 1e-4}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "train.learnin_rate: unknown key" in e.value.message
+    assert "Did you mean 'train.learning_rate'" in e.value.message
+    assert str(path) in e.value.message
+
+
+def test_top_level_typo_suggests_the_nearest(tmp_path):
+    with pytest.raises(ConfigError, match="Did you mean 'base_model'"):
+        load_config(write(tmp_path, {"base_modle": "x", "data": {"train": "x.jsonl"}}))
+
+
+def test_bad_values_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(write(tmp_path, {"data": {"train": "x"}, "train": {"batch_size": 0}}))
+    with pytest.raises(ConfigError, match=r"method"):
+        load_config(write(tmp_path, {"data": {"train": "x"}, "method": "qlora"}))
+    with pytest.raises(ConfigError, match="multiple of train.grad_accum"):
+        load_config(write(tmp_path, {"data": {"train": "x"}, "train": {"batch_size": 6, "grad_accum": 4}}))
+    with pytest.raises(ConfigError, match=r"data\.train: required"):
+        load_config(write(tmp_path, {"data": {}}))
+
+
+def test_not_yaml_names_the_line(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml line \d+: not valid YAML"):
+        load_config(path)
+
+
+def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
+    cfg = load_config(write(tmp_path, {"data": {"train": "x"}}),
+                      ["train.learning_rate=1e-4", "data.packing=false", "lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.data.packing is False
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.lr=1"])
+
+
+def test_relative_data_paths_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    cfg = load_config(write(tmp_path, {"data": {"train": "d.jsonl"}}))
+    assert cfg.data.train == str((tmp_path / "d.jsonl").resolve())
+
+
+def test_results_hash_ignores_logging_cadence_only():
+    a = Config.model_validate({"data": {"train": "x"}})
+    b = Config.model_validate({"data": {"train": "x"}, "train": {"eval_every": 7, "save_every": 3}})
+    c = Config.model_validate({"data": {"train": "x"}, "train": {"learning_rate": 1e-3}})
+    assert a.results_hash() == b.results_hash() != c.results_hash()
+
+
+@pytest.mark.parametrize("n, epochs", [(10, 10), (20, 5), (100, 3), (5000, 3), (10000, 2), (30000, 1), (1, 25)])
+def test_auto_epochs_follows_the_openai_heuristic(n, epochs):
+    assert auto_epochs(n) == epochs

@@ -1,0 +1,237 @@
+"""Reading and normalising every input format; every bad input gives a coded problem at its line."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from data.rows import BAD_INPUTS, GOOD_ROW, chat, write_bad_input, write_jsonl
+
+from tuneforge.data import Conversation, Document, Preference, Problem, read_conversations
+from tuneforge.data.formats import detect_format
+
+
+def read(path, format="auto"):
+    return list(read_conversations(path, format))
+
+
+def records(items):
+    return [r for _, r in items if not isinstance(r, Problem)]
+
+
+def errors(items):
+    return [r for _, r in items if isinstance(r, Problem) and r.is_error]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_each_bad_input_gives_its_code_at_its_line(tmp_path, name):
+    path, code, line = write_bad_input(tmp_path, name)
+    problems = errors(read(path))
+    assert [(p.code, p.line) for p in problems if p.code == code] == [(code, line)], problems
+    assert all(p.file == str(path) and p.message for p in problems)
+
+
+def test_good_rows_around_a_bad_one_are_still_read(tmp_path):
+    path, _, _ = write_bad_input(tmp_path, "huge_line")
+    items = read(path)
+    assert [line for line, r in items if isinstance(r, Conversation)] == [1, 3]
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_ROW).encode() + b"\n")
+    items = read(path)
+    assert not errors(items) and len(records(items)) == 1
+
+
+def test_blank_lines_are_skipped_with_a_warning(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text(f"{json.dumps(GOOD_ROW)}\n\n   \n{json.dumps(GOOD_ROW)}\n")
+    items = read(path)
+    assert not errors(items)
+    assert [(line, r.code) for line, r in items if isinstance(r, Problem)] == [(2, "blank_line"), (3, "blank_line")]
+    assert [line for line, r in items if isinstance(r, Conversation)] == [1, 4]
+
+
+def test_a_row_reports_all_its_problems_with_fields(tmp_path):
+    row = {"messages": [{"role": "user", "content": 42, "extra": 1}, {"role": "bot", "content": "x"},
+                        {"content": "y"}, {"role": "assistant", "content": "ok", "weight": 2}]}
+    items = read(write_jsonl(tmp_path / "d.jsonl", [row]))
+    found = {(p.code, p.field) for p in errors(items)}
+    assert found == {
+        ("data_type", "messages[0].content"),
+        ("message_unrecognized_key", "messages[0].extra"),
+        ("unrecognized_role", "messages[1].role"),
+        ("message_missing_key", "messages[2].role"),
+        ("invalid_weight", "messages[3].weight"),
+    }
+    assert not records(items)
+
+
+def test_empty_content_and_a_non_object_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('[1, 2]\n{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]}\n')
+    assert [(p.code, p.line) for p in errors(read(path))] == [("data_type", 1), ("missing_content", 2)]
+
+
+def test_chat_keeps_weights_names_and_tool_calls(tmp_path):
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    row = {"messages": [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}], "name": "bob"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "It is 42.", "weight": 0},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "You're welcome."},
+    ], "tools": [{"type": "function", "function": {"name": "lookup"}}]}
+    (conversation,) = records(read(write_jsonl(tmp_path / "d.jsonl", [row])))
+    m = conversation.messages
+    assert [x.role for x in m] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert m[1].content == "hi there" and m[1].name == "bob"
+    assert m[2].content == "" and m[2].tool_calls == [call]
+    assert m[3].tool_call_id == "c1" and m[4].weight == 0
+    assert conversation.tools == row["tools"]
+
+
+def test_alpaca_sharegpt_prompt_completion_and_text(tmp_path):
+    alpaca = records(read(write_jsonl(tmp_path / "a.jsonl", [
+        {"instruction": "Add", "input": "2 and 2", "output": "4", "system": "Be exact."},
+        {"instruction": "Greet", "input": "", "output": "Hello"},
+    ])))
+    assert [(m.role, m.content) for m in alpaca[0].messages] == [
+        ("system", "Be exact."), ("user", "Add\n\n2 and 2"), ("assistant", "4")]
+    assert [(m.role, m.content) for m in alpaca[1].messages] == [("user", "Greet"), ("assistant", "Hello")]
+
+    (sharegpt,) = records(read(write_jsonl(tmp_path / "s.jsonl", [
+        {"system": "sys", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hey"}]}])))
+    assert [(m.role, m.content) for m in sharegpt.messages] == [("system", "sys"), ("user", "hi"), ("assistant", "hey")]
+
+    (pc,) = records(read(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2=", "completion": "4"}])))
+    assert [(m.role, m.content) for m in pc.messages] == [("user", "2+2="), ("assistant", "4")]
+
+    (doc,) = records(read(write_jsonl(tmp_path / "t.jsonl", [{"text": "Once upon a time."}])))
+    assert doc == Document("Once upon a time.")
+
+
+def test_sharegpt_unknown_speaker_is_an_unrecognized_role(tmp_path):
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "hey"}]}
+    (problem,) = errors(read(write_jsonl(tmp_path / "s.jsonl", [row])))
+    assert (problem.code, problem.field) == ("unrecognized_role", "conversations[1].from")
+
+
+def test_preference_formats(tmp_path):
+    rows = [
+        {"input": {"messages": [{"role": "user", "content": "Hi"}]},
+         "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+         "non_preferred_output": [{"role": "assistant", "content": "Go away."}]},
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]},
+    ]
+    prefs = records(read(write_jsonl(tmp_path / "p.jsonl", rows)))
+    assert len(prefs) == 3 and all(isinstance(p, Preference) for p in prefs)
+    for p in prefs:
+        assert [(m.role, m.content) for m in p.prompt] == [("user", "Hi")]
+        assert (p.chosen.content, p.rejected.content) == ("Hello!", "Go away.")
+
+
+def test_preference_problems(tmp_path):
+    rows = [
+        {"input": {"messages": [{"role": "user", "content": "Hi"}]},
+         "preferred_output": [{"role": "user", "content": "Hello!"}],
+         "non_preferred_output": [{"role": "assistant", "content": "Go away."}]},
+        {"prompt": "Hi", "chosen": "Same", "rejected": "Same"},
+        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "user", "content": "Other"}, {"role": "assistant", "content": "b"}]},
+    ]
+    items = read(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [(p.line, p.code) for p in errors(items)] == [(1, "invalid_preference"), (3, "invalid_preference")]
+    warnings = [(line, p.code) for line, p in items if isinstance(p, Problem) and not p.is_error]
+    assert warnings == [(2, "identical_preference")]
+
+
+def test_format_override_reads_rows_as_that_format(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Say hi", "output": "hi"}])
+    (problem,) = errors(read(path, format="chat"))
+    assert problem.code == "missing_messages_list"
+    assert len(records(read(path, format="alpaca"))) == 1
+
+
+def test_detect_format():
+    assert detect_format(GOOD_ROW) == "chat"
+    assert detect_format({"instruction": 1}) == "alpaca"
+    assert detect_format({"conversations": []}) == "sharegpt"
+    assert detect_format({"prompt": 1, "completion": 2}) == "prompt_completion"
+    assert detect_format({"text": 1}) == "text"
+    assert detect_format({"prompt": 1, "chosen": 2, "rejected": 3}) == "preference"
+    assert detect_format({"foo": 1}) is None
+
+
+def test_unknown_keys_suggest_the_nearest_format_key(tmp_path):
+    (problem,) = errors(read(write_jsonl(tmp_path / "d.jsonl", [{"mesages": []}])))
+    assert problem.code == "unknown_format" and "did you mean 'messages'" in problem.message
+
+
+def test_json_array_is_streamed_with_element_lines(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(chat(f"q{i}", f"a{i}"), indent=1) for i in range(3)) + "\n]\n")
+    items = read(path)
+    assert not errors(items)
+    starts = [n + 1 for n, text in enumerate(path.read_text().splitlines()) if text.startswith("{")]
+    assert [line for line, _ in items] == starts
+
+
+def test_json_array_broken_element_reports_its_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(f'[\n{json.dumps(GOOD_ROW)},\n{{"messages": [}},\n{json.dumps(GOOD_ROW)}\n]')
+    items = read(path)
+    assert [line for line, r in items if isinstance(r, Conversation)] == [2]
+    (problem,) = errors(items)
+    assert (problem.code, problem.line) == ("invalid_json", 3)
+
+
+def test_json_array_larger_than_the_read_buffer(tmp_path):
+    path = tmp_path / "d.json"
+    rows = [chat(f"question {i} " + "x" * 3000, f"answer {i}") for i in range(800)]  # about 2.5 MB
+    path.write_text(json.dumps(rows))
+    items = read(path)
+    assert not errors(items) and len(records(items)) == 800
+    assert records(items)[-1].messages[1].content == "answer 799"
+
+
+def test_empty_json_array(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("[ ]")
+    assert [p.code for p in errors(read(path))] == ["empty_file"]
+
+
+def test_csv_rows_with_json_cells_and_field_count(tmp_path):
+    path = tmp_path / "d.csv"
+    messages = json.dumps(GOOD_ROW["messages"]).replace('"', '""')
+    path.write_text(f'messages\n"{messages}"\n\n"[not json"\n', encoding="utf-8")
+    items = read(path)
+    assert [line for line, r in items if isinstance(r, Conversation)] == [2]
+    assert [(p.code, p.line) for p in errors(items)] == [("invalid_json", 4)]
+
+    path.write_text("prompt,completion\nhi,hello\nonly one\n")
+    items = read(path)
+    assert len(records(items)) == 1
+    assert [(p.code, p.line) for p in errors(items)] == [("csv_field_count", 3)]
+
+
+def test_parquet_rows(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"instruction": ["Add", "Greet"], "output": ["4", None]}), path)
+    items = read(path)
+    assert len(records(items)) == 1
+    assert [(p.code, p.line, p.field) for p in errors(items)] == [("missing_field", 2, "output")]
+
+
+def test_missing_and_unknown_files(tmp_path):
+    assert [p.code for p in errors(read(tmp_path / "nope.jsonl"))] == ["file_not_found"]
+    odd = tmp_path / "notes.txt"
+    odd.write_text("hello")
+    assert [p.code for p in errors(read(odd))] == ["unknown_file_type"]

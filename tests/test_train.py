@@ -1,0 +1,169 @@
+"""The training loop on a tiny model: outputs, loss normalisation, resume, signals, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_run_config
+
+from tuneforge.errors import RunFailed, TuneforgeError
+from tuneforge.training import train
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["train_loss"] for m in metrics(run) if "train_loss" in m}
+
+
+def test_lora_run_writes_a_complete_run_folder(tiny_model_dir, triage_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", eval_every=4, save_every=4)
+    result = train(cfg, progress=False)
+    run = tmp_path / "run"
+    last = result.steps
+    assert result.status == "completed" and last >= 4
+    for name in ("config.yaml", "data_report.json", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    rows = metrics(run)
+    first = rows[0]
+    for key in ("step", "epoch", "train_loss", "train_mean_token_accuracy", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"):
+        assert key in first, key
+    assert any("valid_loss" in r for r in rows)
+    assert "full_valid_loss" in result.metrics
+    assert rows[-1]["step"] == last and result.metrics["train_loss"] < rows[0]["train_loss"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["scheduler"] == "cosine"  # defaults are written out
+    kept = {p.name for p in (run / "checkpoints").iterdir()}
+    assert kept == {f"step-{last}", f"step-{(last - 1) // 4 * 4}"}  # every 4 steps and the end, the last 2 kept
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(base, run / "final")
+    assert any("lora_A" in n for n, _ in tuned.named_parameters())
+    gen = GenerationConfig.from_pretrained(run / "final")
+    assert gen.eos_token_id == tuned.config.eos_token_id
+
+
+def test_full_run_saves_a_plain_transformers_model(tiny_model_dir, triage_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=3)
+    cfg["method"] = "full"
+    train(cfg, progress=False)
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    diff = (tuned.model.layers[0].mlp.up_proj.weight - base.model.layers[0].mlp.up_proj.weight).abs().max()
+    assert diff > 0
+
+
+def test_gradient_accumulation_gives_the_same_losses(tiny_model_dir, triage_data, tmp_path):
+    """Loss is normalised by the trained tokens of the whole step, so splitting a step into
+    micro-batches of different lengths changes nothing (a mean of micro-batch means would)."""
+    common = dict(max_steps=4, learning_rate=1e-2)
+    a = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "a", grad_accum=1, **common)
+    b = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "b", grad_accum=4, **common)
+    for cfg in (a, b):
+        cfg["lora"]["dropout"] = 0.0
+        cfg["data"]["packing"] = False
+        train(cfg, progress=False)
+    la, lb = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    assert la.keys() == lb.keys()
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5, abs=1e-6)
+
+
+def test_non_finite_loss_stops_with_the_step_and_cause(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", learning_rate=1e8, max_grad_norm=None)
+    cfg["method"] = "full"
+    with pytest.raises(RunFailed, match=r"step \d+: .* not finite.*learning rate"):
+        train(cfg, progress=False)
+
+
+def _write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "tuneforge", *args], env=ENV, capture_output=True, text=True, **kw)
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_losses_bitwise(tiny_model_dir, triage_data, tmp_path):
+    base = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "x", epochs=3, batch_size=4, save_every=5)
+    base["train"]["keep_checkpoints"] = 3
+    ref_cfg = _write_config({**base, "output_dir": str(tmp_path / "ref")}, tmp_path / "ref.yaml")
+    assert _cli("train", str(ref_cfg)).returncode == 0
+    reference = step_losses(tmp_path / "ref")
+    assert len(reference) >= 30
+
+    cut_cfg = _write_config({**base, "output_dir": str(tmp_path / "cut")}, tmp_path / "cut.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cut_cfg)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "cut" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / "step-15").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "step-15").exists(), "the run never reached step 15"
+
+    resumed = _cli("train", str(cut_cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    losses = step_losses(tmp_path / "cut")
+    assert losses == reference  # bitwise: exact float equality at every step
+
+
+def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    train(cfg, progress=False)
+    changed = json.loads(json.dumps(cfg))
+    changed["train"]["learning_rate"] = 5e-4
+    with pytest.raises(TuneforgeError, match="different config"):
+        train(changed, resume="latest", progress=False)
+    train(changed, resume="latest", force=True, progress=False)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", epochs=20, batch_size=4)
+    path = _write_config(cfg, tmp_path / "cfg.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, errs = proc.communicate(timeout=60)
+    assert proc.returncode == 130, errs
+    saved = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and "--resume" in out + errs
+    last_logged = metrics(tmp_path / "run")[-1]["step"]
+    assert saved[0].name == f"step-{last_logged}"
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_dir, triage_data, tmp_path):
+    common = dict(max_steps=4, learning_rate=1e-2, batch_size=8)
+    one = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "one", grad_accum=2, **common)
+    two = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "two", grad_accum=1, **common)
+    for cfg in (one, two):
+        cfg["lora"]["dropout"] = 0.0
+    train(one, progress=False)
+    res = _cli("train", str(_write_config(two, tmp_path / "two.yaml")), "--nproc", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    l1, l2 = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert l1.keys() == l2.keys() == {1, 2, 3, 4}
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], abs=1e-4)
