@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import data as tfdata
+from ..data.check import highlight
 from ..config import load_config
 from ..errors import TuneforgeError
 from ..methods import prepare_model
@@ -44,9 +45,10 @@ def parameter_counts(source, cfg) -> tuple[int, int, object]:
 
     config = AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):
-        model = prepare_model(AutoModelForCausalLM.from_config(config), cfg)
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), config
+        model = AutoModelForCausalLM.from_config(config)
+        total = sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
+        trainable = sum(p.numel() for p in prepare_model(model, cfg).parameters() if p.requires_grad)
+    return total, trainable, config
 
 
 def estimate(n: int, trainable: int, config, cfg, plan, tokens_per_epoch: int, max_row_tokens: int, precision: str) -> dict:
@@ -78,7 +80,7 @@ def validate(config, overrides: list[str] = ()) -> int:
     est = estimate(n_params, n_trainable, hf_config, cfg, plan, tokens_per_epoch, max(len(r.input_ids) for r in rows), precision)
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
-    console.print(tfdata.highlight_example(prepared.train[0], tokenizer))
+    console.print(highlight(prepared.train[0], tokenizer))
     report = prepared.report
     table = Table(title=f"plan for {cfg.output_dir}", show_header=False)
     table.add_column(style="bold")
@@ -90,7 +92,7 @@ def validate(config, overrides: list[str] = ()) -> int:
         ("examples", f"{len(prepared.train):,} train, {len(prepared.valid):,} validation"),
         ("rows", f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length})"),
         ("tokens per epoch", f"{tokens_per_epoch:,} ({trained:,} trained)"),
-        ("epochs", f"{plan.epochs}" + (" (auto)" if cfg.train.epochs == "auto" else "")),
+        ("epochs", f"{plan.epochs}" + (" (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else "")),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
         ("batch", f"{cfg.train.batch_size} rows per step = {cfg.train.grad_accum} x {plan.micro_batch_rows}"),
         ("precision", precision),
