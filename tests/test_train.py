@@ -167,3 +167,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
     assert l1.keys() == l2.keys() == {1, 2, 3, 4}
     for step in l1:
         assert l2[step] == pytest.approx(l1[step], abs=1e-4)
+
+
+def test_kl_to_base_keeps_the_tuned_model_closer_to_the_base(tiny_model_dir, triage_data, tmp_path):
+    kls = {}
+    for weight in (1e-9, 50.0):
+        cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / f"kl{weight}", max_steps=6, learning_rate=2e-2,
+                              kl_to_base=weight)
+        train(cfg, progress=False)
+        rows = metrics(tmp_path / f"kl{weight}")
+        assert rows[0]["kl_to_base"] == pytest.approx(0, abs=1e-6)  # LoRA starts as the base (B = 0)
+        kls[weight] = rows[-2]["kl_to_base"]
+    assert 0 < kls[50.0] < kls[1e-9] / 2
+
+
+def test_kl_to_base_with_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=3, learning_rate=1e-3, kl_to_base=1.0)
+    cfg["method"] = "full"
+    train(cfg, progress=False)
+    kl = [r["kl_to_base"] for r in metrics(tmp_path / "run") if "kl_to_base" in r]
+    assert kl[0] == pytest.approx(0, abs=1e-6) and kl[-1] > 0

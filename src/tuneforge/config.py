@@ -70,6 +70,7 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     freeze_embeddings: bool = False
+    kl_to_base: float = Field(0.0, ge=0, description="weight of a KL(base || tuned) penalty on trained tokens, against forgetting")
     seed: int = 42
     eval_every: int = Field(50, ge=0, description="0 evaluates only at the end")
     save_every: int = Field(50, ge=0, description="0 saves only at the end")

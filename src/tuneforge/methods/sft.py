@@ -7,6 +7,10 @@ examples more than long ones and is wrong under gradient accumulation.
 The output layer runs only on positions that carry a label. On chat data most positions are
 prompt tokens, so this skips most of the largest matmul and never materialises full-vocabulary
 logits for the whole batch.
+
+With `kl_to_base` > 0 the objective adds a penalty KL(base || tuned) on the trained positions, a
+mitigation for forgetting. For adapters the base is the same model with its adapters disabled, so
+no second copy sits in memory; for full fine-tuning the loop passes a frozen copy.
 """
 
 from __future__ import annotations
@@ -31,26 +35,46 @@ def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def trained_logits(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
+    """Logits at the positions that carry a label, in order: [n_trained, vocab]."""
+    hidden = lm.get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    return output_logits(lm, hidden[labels != IGNORE])
+
+
 class SFTObjective(nn.Module):
-    """Wraps the model so that one forward returns (loss_sum, correct, n_trained) for a batch.
+    """Wraps the model so that one forward returns sums for a batch: `loss` (what to backpropagate),
+    `ce`, `correct`, `tokens` and, with a KL penalty, `kl`.
 
     `labels` are already shifted by the data pipeline: labels[i] is the target for position i.
-    Wrapping (rather than calling parts of the model from the loop) keeps DDP's gradient hooks
-    on the path it expects: DDP wraps this module.
+    Wrapping (rather than calling parts of the model from the loop) keeps DDP's gradient hooks on
+    the path it expects: DDP wraps this module.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, kl_to_base: float = 0.0, reference: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.kl_to_base = kl_to_base
+        # A frozen reference is kept outside the module tree so DDP and the optimizer never see it.
+        self._reference = [reference] if reference is not None else []
+
+    def base_logits(self, **batch) -> torch.Tensor:
+        with torch.no_grad():
+            if self._reference:
+                return trained_logits(causal_lm(self._reference[0]), **batch)
+            with self.model.disable_adapter():
+                return trained_logits(causal_lm(self.model), **batch)
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
-        lm = causal_lm(self.model)
-        hidden = lm.get_decoder()(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        trained = labels != IGNORE
-        targets = labels[trained]
-        logits = output_logits(lm, hidden[trained])
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-        correct = (logits.detach().argmax(-1) == targets).sum()
-        return loss_sum, correct, trained.sum()
+        batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
+        logits = trained_logits(causal_lm(self.model), **batch)
+        targets = labels[labels != IGNORE]
+        ce = F.cross_entropy(logits, targets, reduction="sum")
+        out = {"ce": ce, "correct": (logits.detach().argmax(-1) == targets).sum(), "tokens": targets.numel(), "loss": ce}
+        if self.kl_to_base:
+            base_logp = F.log_softmax(self.base_logits(**batch), -1)
+            kl = F.kl_div(F.log_softmax(logits, -1), base_logp, log_target=True, reduction="sum")
+            out["kl"] = kl.detach()
+            out["loss"] = ce + self.kl_to_base * kl
+        return out

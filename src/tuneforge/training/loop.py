@@ -171,8 +171,8 @@ def evaluate(objective, rows, pad_id: int, micro_rows: int, world: distributed.W
     for start in range(world.rank * micro_rows, len(rows), micro_rows * world.size):
         batch = {k: v.to(device) for k, v in tfdata.collate(rows[start:start + micro_rows], pad_id).items()}
         with autocast():
-            loss_sum, correct, n = objective(**batch)
-        totals += torch.tensor([loss_sum.item(), correct.item(), n.item()], dtype=torch.float64)
+            sums = objective(**batch)
+        totals += torch.tensor([sums["ce"].item(), sums["correct"].item(), sums["tokens"]], dtype=torch.float64)
     distributed.all_sum(totals)
     objective.train()
     loss, correct, n = totals.tolist()
@@ -258,7 +258,11 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         log(f"resumed from {resume_from} at step {state['step']}")
     metrics_log = MetricsLog(out / "metrics.jsonl", state["step"] if resume_from else None, world.is_main)
 
-    objective = SFTObjective(model)
+    reference = None
+    if cfg.train.kl_to_base and cfg.method == "full":
+        # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
+        reference = load_model(source, dtype=torch.float32).to(device).eval().requires_grad_(False)
+    objective = SFTObjective(model, kl_to_base=cfg.train.kl_to_base, reference=reference)
     if world.size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     objective.train()
@@ -288,17 +292,18 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             # The step's trained tokens, over all micro-batches and ranks: the loss denominator.
             step_tokens = distributed.all_sum(torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in micro))]))
             t0 = time.perf_counter()
-            totals = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, real (non-padding) tokens
-            totals[2] = real_tokens
+            totals = torch.zeros(4, dtype=torch.float64)  # ce, correct, kl sums; real (non-padding) tokens
+            totals[3] = real_tokens
             for i, batch in enumerate(micro):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = contextlib.nullcontext() if world.size == 1 or i == len(micro) - 1 else objective.no_sync()
                 with sync:
                     with autocast():
-                        loss_sum, correct, _ = objective(**batch)
-                    (loss_sum * (world.size / step_tokens.to(device))).backward()
-                totals[0] += loss_sum.item()
-                totals[1] += correct.item()
+                        sums = objective(**batch)
+                    (sums["loss"] * (world.size / step_tokens.to(device))).backward()
+                totals[0] += sums["ce"].item()
+                totals[1] += sums["correct"].item()
+                totals[2] += sums["kl"].item() if "kl" in sums else 0.0
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
             distributed.all_sum(totals)
             train_loss = totals[0].item() / step_tokens.item()
@@ -314,7 +319,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             optimizer.zero_grad(set_to_none=True)
 
             step_time = time.perf_counter() - t0
-            state["step"], state["tokens"] = step + 1, state["tokens"] + int(totals[2])
+            state["step"], state["tokens"] = step + 1, state["tokens"] + int(totals[3])
             state["elapsed"] = time.perf_counter() - started
             record = {
                 "step": step + 1,
@@ -324,9 +329,11 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "tokens": state["tokens"],
-                "tokens_per_s": totals[2].item() / step_time,
+                "tokens_per_s": totals[3].item() / step_time,
                 "elapsed": round(state["elapsed"], 3),
             }
+            if cfg.train.kl_to_base:
+                record["kl_to_base"] = totals[2].item() / step_tokens.item()
             is_last = step + 1 == plan.total_steps
             if valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
                 v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast)
