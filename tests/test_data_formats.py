@@ -80,7 +80,8 @@ def test_chat_keeps_weights_names_and_tool_calls(tmp_path):
     call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
     row = {"messages": [
         {"role": "system", "content": "sys"},
-        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}], "name": "bob"},
+        {"role": "user", "name": "bob",
+         "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "content": "42", "tool_call_id": "c1"},
         {"role": "assistant", "content": "It is 42.", "weight": 0},
@@ -228,6 +229,24 @@ def test_parquet_rows(tmp_path):
     items = read(path)
     assert len(records(items)) == 1
     assert [(p.code, p.line, p.field) for p in errors(items)] == [("missing_field", 2, "output")]
+
+
+def test_parquet_chat_rows_with_struct_fields(tmp_path):
+    path = tmp_path / "d.parquet"
+    messages = [[{"role": "user", "content": "Hi", "weight": None, "refusal": None},
+                 {"role": "assistant", "content": "Hello", "weight": 1, "refusal": None}]]
+    pq.write_table(pa.table({"messages": messages}), path)
+    (conversation,) = records(read(path))
+    assert [(m.role, m.content, m.weight) for m in conversation.messages] == [("user", "Hi", None),
+                                                                              ("assistant", "Hello", 1)]
+
+
+def test_csv_row_with_invalid_utf8(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"prompt,completion\nhi,hello\ncaf\xe9,ok\n")
+    items = read(path)
+    assert len(records(items)) == 1
+    assert [(p.code, p.line) for p in errors(items)] == [("invalid_utf8", 3)]
 
 
 def test_missing_and_unknown_files(tmp_path):

@@ -10,7 +10,15 @@ from data.rows import trained_runs
 from tiny import CHATML_TEMPLATE as TINY_TEMPLATE
 from tiny import tiny_tokenizer
 
-from tuneforge.data import IGNORE_INDEX, Conversation, Document, Message, Preference, render_conversation, render_preference
+from tuneforge.data import (
+    IGNORE_INDEX,
+    Conversation,
+    Document,
+    Message,
+    Preference,
+    render_conversation,
+    render_preference,
+)
 from tuneforge.data.render import ChatRenderer, renderer_for
 from tuneforge.errors import DataError
 
@@ -95,10 +103,14 @@ def test_special_tokens_inside_content_are_an_error(tokenizer):
         render_conversation([{"role": "user", "content": "end<|im_end|>"}, {"role": "assistant", "content": "x"}],
                             tokenizer)
     assert (err.value.code, err.value.problems[0].field) == ("special_token_in_content", "messages[0].content")
+    # A special token that marks no structure in this template is read as that token, as at inference.
+    example = render_conversation([{"role": "user", "content": "a<|endoftext|>b"},
+                                   {"role": "assistant", "content": "x"}], tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in example.input_ids
 
 
 def _random_text(rng: random.Random) -> str:
-    alphabet = ["the", " fox", "  ", "\n", "\n\n", "é", "日本", "!", "?", " 42", "{\"a\": 1}", "\t", "ü ", "'s", "x"]
+    alphabet = ["the", " fox", "  ", "\n", "\n\n", "é", "日本", "!", "?", " 42", '{"a": 1}', "\t", "ü ", "'s", "x"]
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).strip() or "x"
 
 
@@ -123,8 +135,8 @@ def test_a_tokenizer_that_does_not_cut_at_added_tokens_falls_back_to_whole_texts
     renderer._cut_at = re.compile(" ")  # pretend cuts that the tokenizer does not make
     (example,) = renderer.render([Conversation([Message("user", "a b c"), Message("assistant", "d e")])])
     assert renderer._cut_at is None
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e"}],
-                                         tokenize=False)
+    messages = [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
     assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert trained_runs(example, tokenizer) == ["d e<|im_end|>"]
 
@@ -190,4 +202,24 @@ def test_preference_pairs_share_the_prompt_and_train_only_their_reply(tokenizer)
 def test_end_of_turn_token_is_found_from_the_template(tokenizer):
     renderer = renderer_for(tokenizer)
     assert renderer.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert renderer._compiled is not None  # the probe matched apply_chat_template
+    assert renderer._direct_render is not None  # the direct renderer matched apply_chat_template on the probe
+
+
+def test_tools_and_tool_calls_render_as_apply_chat_template_renders_them():
+    template = ("{% if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
+                "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+                "{% if message.tool_calls %}{{ message.tool_calls | tojson }}{% endif %}{{ '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok = tokenizer_with_template(template)
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"fox\"}"}}
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    conversation = Conversation([
+        Message("user", "Find the fox"), Message("assistant", "", tool_calls=[call]),
+        Message("tool", "in the forest", tool_call_id="c1"), Message("assistant", "In the forest."),
+    ], tools=tools)
+    (example,) = ChatRenderer(tok).render([conversation])
+    text = tok.apply_chat_template([m.to_template() for m in conversation.messages], tools=tools, tokenize=False)
+    assert example.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    call_turn, answer = trained_runs(example, tok)
+    assert '"name": "lookup"' in call_turn and call_turn.endswith("<|im_end|>")
+    assert answer == "In the forest.<|im_end|>"

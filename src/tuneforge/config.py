@@ -44,6 +44,7 @@ class DataConfig(Strict):
     dedup: Literal["none", "exact", "near"] = "exact"
     near_dedup_threshold: float = Field(0.85, gt=0, le=1)
     on_error: Literal["strict", "skip"] = "strict"
+    general_mix: float = Field(0.0, ge=0, le=0.5, description="share of the training set that is general replay data, against forgetting")
 
     @field_validator("validation")
     @classmethod

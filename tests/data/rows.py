@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from tuneforge.data import IGNORE_INDEX, Example
 
 GOOD_ROW = {"messages": [{"role": "user", "content": "What is two plus two?"},
@@ -45,7 +43,8 @@ def trained_runs(example: Example, tokenizer) -> list[str]:
 _GOOD = json.dumps(GOOD_ROW).encode()
 BAD_INPUTS = {
     "invalid_json": ("bad.jsonl", _GOOD + b'\n{"messages": [{"role": "user"\n', "invalid_json", 2),
-    "invalid_utf8": ("bad.jsonl", _GOOD + b"\n" + _GOOD.replace(b"two plus", b"tw\xff plus") + b"\n", "invalid_utf8", 2),
+    "invalid_utf8": ("bad.jsonl", _GOOD + b"\n" + _GOOD.replace(b"two plus", b"tw\xff plus") + b"\n",
+                     "invalid_utf8", 2),
     "empty_file": ("empty.jsonl", b"", "empty_file", None),
     "content_number": ("bad.jsonl", _GOOD + b'\n{"messages": [{"role": "user", "content": 42}, '
                        b'{"role": "assistant", "content": "hi"}]}\n', "data_type", 2),
@@ -66,11 +65,3 @@ def write_bad_input(folder: Path, name: str) -> tuple[Path, str, int | None]:
     path = folder / filename
     path.write_bytes(content)
     return path, code, line
-
-
-@pytest.fixture
-def isolated_home(tmp_path, monkeypatch) -> Path:
-    """A private TUNEFORGE_HOME, so tests never touch (or reuse) the user's data cache."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("TUNEFORGE_HOME", str(home))
-    return home

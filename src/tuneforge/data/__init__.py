@@ -1,14 +1,16 @@
 """Training data: read -> validate -> render chat + loss mask -> dedup -> split -> fit -> cache; then pack.
 
-    from tuneforge.data import prepare, pack, collate
+    from tuneforge.data import IGNORE_INDEX, collate, pack, prepare
     data = prepare(cfg.data, tokenizer, report_path=run_dir / "data_report.json")
     batch = collate(pack(data.train, cfg.data.max_length)[:8], tokenizer.pad_token_id)
-    loss = cross_entropy(model(**batch, use_cache=False).logits.flatten(0, 1), batch["labels"].flatten())
+    labels = batch.pop("labels")  # already shifted: no shift here, and not passed to the model
+    logits = model(**batch, use_cache=False).logits  # use_cache=False: see pack.py
+    loss = cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
-Modules, one job each: `readers` (files -> rows), `formats` (rows -> records, every row checked),
-`render` (records -> token ids + loss masks via the chat template), `dedup` (content keys, exact and
-near duplicates), `prepare` (the whole pass and its report), `cache` (prepared data on disk),
-`pack` (packing and batching), `check` (the `tuneforge data check` command).
+Modules, one job each: `schema` (the types), `readers` (files -> rows), `formats` (rows -> records,
+every row checked), `render` (records -> token ids + loss masks via the chat template), `dedup`
+(content keys, exact and near duplicates), `prepare` (the whole pass and its report), `cache`
+(prepared data on disk), `pack` (packing and batching), `check` (the `tuneforge data check` command).
 """
 
 from .formats import FORMATS, read_conversations

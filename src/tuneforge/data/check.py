@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -31,15 +32,16 @@ def check_command(files: list[str], model: str | None = None, show: int = 0, jso
                   format: str = "auto", max_length: int = 1024, train_on: str = "assistant") -> int:
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
     console = Console(highlight=False, soft_wrap=True)
+    errors_console = Console(highlight=False, soft_wrap=True, stderr=True)
     try:
         cfg = DataConfig(train=list(files), validation=None, format=format, max_length=max_length,
                          train_on=train_on, dedup="exact", on_error="skip")
         tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
     except TuneforgeError as e:
-        console.print(f"[red]error:[/red] {e.message}")
+        errors_console.print(f"[red]error:[/red] {escape(e.message)}")
         return e.exit_code
     except ValueError as e:  # the config rejected an option (pydantic's ValidationError is a ValueError)
-        console.print(f"[red]error:[/red] {e}")
+        errors_console.print(f"[red]error:[/red] {escape(str(e))}")
         return EXIT_BAD_INPUT
     data, errors = check_data(cfg, tokenizer)
     report = data.report
@@ -63,7 +65,7 @@ def _load_tokenizer(spec: str):
 def print_summary(console: Console, report: dict, model: str) -> None:
     counts, tokens = report["counts"], report["tokens"]
     files = ", ".join(f"{Path(f['path']).name} ({f['format'] or 'unknown format'})" for f in report["files"])
-    console.print(f"[bold]Data check[/bold]: {files}; tokenizer and template of [bold]{model}[/bold]")
+    console.print(f"[bold]Data check[/bold]: {escape(files)}; tokenizer and template of [bold]{escape(model)}[/bold]")
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -82,24 +84,25 @@ def print_summary(console: Console, report: dict, model: str) -> None:
                             + (" (a leak if one of them is for validation)" if counts["shared_between_files"] else "")),
     ]
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, escape(value))
     console.print(table)
 
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning[/yellow] [{warning['code']}] {warning['message']}")
+        text = f"[{warning['code']}] {warning['message']}"
+        console.print(f"[yellow]warning[/yellow] {escape(text)}")
     if not report["errors_total"]:
         console.print("[green]no errors[/green]: the data is ready to train on.")
         return
-    by_code = Table("code", "rows", "first", "what to do", title=f"{report['errors_total']} errors", title_justify="left")
+    by_code = Table("code", "count", "first at", title=f"{report['errors_total']} errors", title_justify="left")
     first_by_code: dict[str, dict] = {}
     for error in report["errors"]:
         first_by_code.setdefault(error["code"], error)
     for code, n in counts["rejected_by_code"].items():
         first = first_by_code.get(code)
-        by_code.add_row(code, str(n), Problem(**first).where() if first else "", first["message"] if first else "")
+        by_code.add_row(code, str(n), escape(Problem(**first).where()) if first else "")
     console.print(by_code)
     for error in report["errors"][:_LISTED_ERRORS]:
-        console.print(f"[red]error[/red] {Problem(**error)}")
+        console.print(f"[red]error[/red] {escape(str(Problem(**error)))}")
     if report["errors_total"] > _LISTED_ERRORS:
         console.print(f"... and {report['errors_total'] - _LISTED_ERRORS} more (use --json for all of them)")
 
@@ -109,7 +112,7 @@ def show_examples(console: Console, files: list[str], tokenizer, count: int, *, 
     """Print the first `count` good rows as the model will see them, trained tokens highlighted."""
     console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
     for path, line, example in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
-        console.rule(f"{path}:{line}")
+        console.print(Text(f"--- {path}:{line}", style="bold"))
         console.print(highlight(example, tokenizer))
 
 

@@ -3,7 +3,7 @@
 Every record gets a content key: its text normalised (Unicode NFKC, case-folded, whitespace
 collapsed) with roles marked, hashed. The key decides exact duplicates, which side of a
 train/validation split a row falls on, and validation leaks. Near duplicates are found with
-MinHash LSH (`datasketch`) over word 3-grams of what the conversation says (its non-system
+MinHash LSH (`datasketch`) over word pairs of what the conversation says (its non-system
 messages: a system prompt shared by every row would make all rows look alike).
 """
 
@@ -15,10 +15,11 @@ import unicodedata
 
 import numpy as np
 
-from .schema import Conversation, Document, Message, Preference, Record
+from .schema import Document, Message, Preference, Record
 
 NUM_PERM = 128
-_SHINGLE_WORDS = 3
+_CANDIDATE_MARGIN = 0.15
+_SHINGLE_WORDS = 2  # word pairs: one changed word in a 25-word ticket still scores about 0.86
 
 
 def normalise_text(text: str) -> str:
@@ -68,7 +69,9 @@ class DuplicateIndex:
 
             self._minhash = MinHash
             self._template = MinHash(num_perm=NUM_PERM, seed=1)  # its permutations are reused: they are costly
-            self._lsh = MinHashLSH(threshold=near_threshold, num_perm=NUM_PERM)
+            # LSH finds candidates with a probability that rises steeply around its threshold; a lower
+            # one catches rows just above ours, and the signatures then decide.
+            self._lsh = MinHashLSH(threshold=max(0.1, near_threshold - _CANDIDATE_MARGIN), num_perm=NUM_PERM)
             self._signatures: dict[int, np.ndarray] = {}
 
     def signature(self, record: Record):

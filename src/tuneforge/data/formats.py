@@ -68,6 +68,16 @@ def detect_format(keys: Iterable[str]) -> str | None:
     return None
 
 
+def file_format(path: str | Path, format: str = "auto") -> str | None:
+    """The format of a file: the one given, else that of its header or first row (None if unknown)."""
+    if format != "auto":
+        return format
+    rows = open_rows(path)
+    if rows.columns is not None:
+        return detect_format(rows.columns)
+    return next((detect_format(row) for _, row in rows if isinstance(row, dict)), None)
+
+
 def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple[int | None, Record | Problem]]:
     """Stream one file's rows as normalised records, or as the problems that keep them out.
 
@@ -94,7 +104,8 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
             continue
         check = _RowCheck(rows.path, line)
         if not isinstance(row, dict):
-            check.error("data_type", None, f"each row must be a JSON object, got {_json_type(row)}. Accepted shapes: {_SHAPES}.")
+            check.error("data_type", None,
+                        f"each row must be a JSON object, got {_json_type(row)}. Accepted shapes: {_SHAPES}.")
             yield from ((line, p) for p in check.problems)
             continue
         row_format = fixed or detect_format(row)
@@ -114,11 +125,12 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
             row = check.decode_json_cells(row)
         record = _NORMALISERS[row_format](row, check) if not check.problems else None
         yield from ((line, p) for p in check.problems)
-        if record is not None and not any(p.is_error for p in check.problems):
+        if record is not None and not check.errors:
             yield line, record
 
 
-def normalise_messages(messages: Any, *, file: str = "", line: int | None = None) -> tuple[list[Message] | None, list[Problem]]:
+def normalise_messages(messages: Any, *, file: str = "",
+                       line: int | None = None) -> tuple[list[Message] | None, list[Problem]]:
     """Check a list of OpenAI-style message dicts (as used outside files, e.g. by evaluation)."""
     check = _RowCheck(file, line)
     return check.messages(messages, "messages"), check.problems
@@ -162,15 +174,14 @@ class _RowCheck:
     def __init__(self, file: str, line: int | None):
         self.file, self.line = file, line
         self.problems: list[Problem] = []
+        self.errors = 0
 
     def error(self, code: str, field: str | None, message: str) -> None:
         self.problems.append(Problem(code, message, file=self.file, line=self.line, field=field))
+        self.errors += 1
 
     def warn(self, code: str, field: str | None, message: str) -> None:
         self.problems.append(Problem(code, message, file=self.file, line=self.line, field=field, severity="warning"))
-
-    def _errors(self) -> int:
-        return sum(p.is_error for p in self.problems)
 
     def decode_json_cells(self, row: dict) -> dict:
         """CSV cells are text: parse the ones that hold JSON structures (message lists and such)."""
@@ -203,7 +214,8 @@ class _RowCheck:
     def tools(self, row: dict) -> list[dict] | None:
         value = row.get("tools")
         if value is not None and not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
-            self.error("data_type", "tools", f"'tools' must be a list of tool definitions (objects), got {_json_type(value)}.")
+            self.error("data_type", "tools",
+                       f"'tools' must be a list of tool definitions (objects), got {_json_type(value)}.")
             return None
         return value
 
@@ -221,15 +233,15 @@ class _RowCheck:
             self.error("missing_messages_list", field,
                        f"'{field}' must be a list of messages like {example}, got {_json_type(value)}.")
             return None
-        errors_before = self._errors()
+        errors_before = self.errors
         out = []
         for i, raw in enumerate(value):
             at = f"{field}[{i}]"
             if not isinstance(raw, dict):
                 self.error("data_type", at, f"each message must be an object like {one}, got {_json_type(raw)}.")
                 continue
-            for key in raw:
-                if key not in allowed:
+            for key, key_value in raw.items():
+                if key not in allowed and key_value is not None:  # Parquet gives every row every struct field
                     self.error("message_unrecognized_key", f"{at}.{key}",
                                f"unknown message key '{key}'{_closest_key([key], allowed)}. A message may have "
                                f"{', '.join(allowed)}; remove or rename this key.")
@@ -237,11 +249,12 @@ class _RowCheck:
             tool_calls = self._tool_calls(raw, at, role)
             content = self._content(raw, at, content_key, role, tool_calls)
             weight = self._weight(raw, at, role)
-            name, tool_call_id = (self._optional_string(raw, at, key) for key in ("name", "tool_call_id"))
+            name = self._optional_string(raw, at, "name") if "name" in raw else None
+            tool_call_id = self._optional_string(raw, at, "tool_call_id") if "tool_call_id" in raw else None
             if role is not None and content is not None:
                 out.append(Message(role, content, weight=weight, name=name, tool_calls=tool_calls,
                                    tool_call_id=tool_call_id))
-        return out if self._errors() == errors_before else None
+        return out if self.errors == errors_before else None
 
     def _role(self, raw: dict, at: str, role_key: str, sharegpt: bool) -> str | None:
         if role_key not in raw:
@@ -364,7 +377,7 @@ def _turns(check: _RowCheck, row: dict, key: str, role: str) -> list[Message] | 
 def _prompt_completion(row: dict, check: _RowCheck) -> Conversation | None:
     prompt, completion = _turns(check, row, "prompt", "user"), _turns(check, row, "completion", "assistant")
     check.require_assistant(completion, "completion")
-    if not prompt or not completion or any(p.is_error for p in check.problems):
+    if not prompt or not completion or check.errors:
         return None
     return Conversation(prompt + completion)
 
@@ -396,17 +409,17 @@ def _openai_preference(row: dict, check: _RowCheck):
         prompt, tools = None, None
     else:
         prompt, tools = check.messages(source.get("messages"), "input.messages"), check.tools(source)
-    chosen, rejected = (_single_reply(check, row.get(k), k) for k in ("preferred_output", "non_preferred_output"))
+    chosen, rejected = (_single_reply(check, check.messages(row.get(k), k), k)
+                        for k in ("preferred_output", "non_preferred_output"))
     return prompt, chosen, rejected, tools
 
 
 def _trl_preference(row: dict, check: _RowCheck):
-    chosen_turns, rejected_turns = _turns(check, row, "chosen", "assistant"), _turns(check, row, "rejected", "assistant")
+    chosen_turns = _turns(check, row, "chosen", "assistant")
+    rejected_turns = _turns(check, row, "rejected", "assistant")
     if "prompt" in row:
         prompt = _turns(check, row, "prompt", "user")
-        chosen = _single_reply(check, chosen_turns, "chosen", normalised=True)
-        rejected = _single_reply(check, rejected_turns, "rejected", normalised=True)
-        return prompt, chosen, rejected
+        return prompt, _single_reply(check, chosen_turns, "chosen"), _single_reply(check, rejected_turns, "rejected")
     # No prompt: chosen and rejected are whole conversations that differ only in their last reply.
     if chosen_turns is None or rejected_turns is None:
         return None, None, None
@@ -415,13 +428,11 @@ def _trl_preference(row: dict, check: _RowCheck):
         check.error("invalid_preference", "chosen", "without a 'prompt', chosen and rejected must be conversations "
                     "that share every message but the last; add a 'prompt' field or fix the messages.")
         return None, None, None
-    chosen = _single_reply(check, chosen_turns[-1:], "chosen", normalised=True)
-    rejected = _single_reply(check, rejected_turns[-1:], "rejected", normalised=True)
-    return chosen_turns[:-1], chosen, rejected
+    chosen = _single_reply(check, chosen_turns[-1:], "chosen")
+    return chosen_turns[:-1], chosen, _single_reply(check, rejected_turns[-1:], "rejected")
 
 
-def _single_reply(check: _RowCheck, value: Any, field: str, *, normalised: bool = False) -> Message | None:
-    messages = value if normalised else check.messages(value, field)
+def _single_reply(check: _RowCheck, messages: list[Message] | None, field: str) -> Message | None:
     if messages is None:
         return None
     if len(messages) != 1 or messages[0].role != "assistant":

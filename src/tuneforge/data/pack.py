@@ -79,7 +79,8 @@ def _join(examples: list[Example]) -> PackedRow:
     return PackedRow(input_ids, labels, position_ids)
 
 
-def collate(rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Example | PackedRow], pad_id: int, *,
+            pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids.
 
     `attention_mask` is returned only for a batch of unpacked rows with padding; a batch holding

@@ -11,7 +11,7 @@ has passed.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -21,9 +21,8 @@ from ..errors import DataError
 from ..fsio import write_json
 from . import cache
 from .dedup import DuplicateIndex, content_hash
-from .formats import detect_format, read_conversations
-from .readers import open_rows
-from .render import FATAL_CODES, renderer_for
+from .formats import file_format, read_conversations
+from .render import FATAL_CODES, render_conversation, renderer_for
 from .schema import IGNORE_INDEX, Conversation, Example, Preference, PreparedData, Problem, Record
 
 REPORT_VERSION = 1
@@ -75,11 +74,38 @@ def prepare(cfg: DataConfig, tokenizer, *, report_path: Path | None = None, use_
     if errors and (cfg.on_error == "strict" or any(p.code in DATA_SET_CODES for p in errors)):
         _write_report(report_path, data.report)
         raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
+    _mix_general(data, cfg, tokenizer)
+    counts = data.report["counts"]
+    log(f"data: {counts['train']} training and {counts['validation']} validation examples from {counts['read']} rows")
+    for warning in data.report["warnings"]:
+        log(f"data: warning: {warning['message']}")
     if key:
-        data.report["cache"] = {"key": key, "reused": False, "path": str(cache.save(key, data))}
-        log(f"data: tokenized data set cached in {cache.cache_dir() / key}")
+        try:
+            data.report["cache"] = {"key": key, "reused": False, "path": str(cache.save(key, data))}
+            log(f"data: tokenized data set cached in {cache.cache_dir() / key}")
+        except OSError as e:  # a cache that cannot be written costs the next run time, not this run
+            log(f"data: warning: could not cache the tokenized data set in {cache.cache_dir()}: {e}")
     _write_report(report_path, data.report)
     return data
+
+
+def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer) -> None:
+    """Mix general replay conversations into training so that `general_mix` of it is general data.
+
+    Replay of general data is a cheap guard against forgetting; the conversations are the bundled
+    chit-chat set (MIT), which no evaluation set uses.
+    """
+    if not cfg.general_mix or not data.train:
+        return
+    from ..tasks.general import general_conversations
+
+    wanted = round(cfg.general_mix / (1 - cfg.general_mix) * len(data.train))
+    pool = [e for e in (render_conversation(c, tokenizer, cfg.train_on) for c in general_conversations())
+            if len(e.input_ids) <= cfg.max_length]
+    mixed = [pool[i % len(pool)] for i in range(wanted)] if pool else []
+    data.train.extend(mixed)  # the loop shuffles every epoch
+    data.report["counts"]["general_mix"] = len(mixed)
+    data.report["counts"]["train"] = len(data.train)
 
 
 def check_data(cfg: DataConfig, tokenizer) -> tuple[PreparedData, list[Problem]]:
@@ -104,7 +130,6 @@ class _Preparation:
         self.counts: Counter = Counter()
         self.kind: tuple[str, str, int] | None = None  # ("sft" | "preference", file, line) of the first row
         self.files: list[dict] = []
-        self.sources: list[tuple[str, int]] = []  # row id -> (file, line), to say what a duplicate repeats
         self.duplicates: list[dict] = []
         self.leaks: list[dict] = []
         self.lengths: list[int] = []  # tokens per example before fitting to max_length
@@ -128,51 +153,47 @@ class _Preparation:
     def _read_file(self, path: str, role: str, *, index: DuplicateIndex | None, drop_repeats: bool,
                    leaks_from: DuplicateIndex | None = None) -> list[_Row]:
         """Stream one file through checks, dedup and rendering; rows are added to `index` as they pass."""
-        self.files.append({"path": str(path), "role": role, "format": self._file_format(path)})
+        self.files.append({"path": str(path), "role": role, "format": file_format(path, self.cfg.format)})
         rows: list[_Row] = []
         pending: list[tuple[int, Record, int]] = []
-        in_flight = None  # the previous chunk, tokenizing in the background while this one is read
-        for line, item in read_conversations(path, self.cfg.format):
-            if isinstance(item, Problem):
-                self.problems.append(item)
-                continue
-            self.counts["records"] += 1
-            if not self._same_kind(item, path, line):
-                self.counts["rejected_records"] += 1
-                continue
-            key = content_hash(item)
-            signer = index or leaks_from
-            signature = signer.signature(item) if signer else None
-            row_id = len(self.sources)
-            self.sources.append((str(path), line))
-            if leaks_from and (hit := leaks_from.find(key, signature)):
-                self.counts["validation_leak"] += 1
-                self.leaks.append(self._repeat(path, line, hit, "validation"))
-                continue
-            if index:
-                if drop_repeats and (hit := index.find(key, signature)):
-                    self.counts[f"duplicates_{hit[0]}"] += 1
-                    self.duplicates.append(self._repeat(path, line, hit, hit[0]))
+        in_flight: deque = deque()  # chunks tokenizing in the background while the next one is read
+        try:
+            for line, item in read_conversations(path, self.cfg.format):
+                if isinstance(item, Problem):
+                    self.problems.append(item)
                     continue
-                index.add(row_id, key, signature)
-            pending.append((line, item, key))
-            if len(pending) >= _CHUNK_ROWS:
-                chunk = self._start(path, pending)
-                if in_flight:
-                    rows += self._finish(*in_flight)
-                in_flight, pending = chunk, []
-        for chunk in (in_flight, self._start(path, pending) if pending else None):
-            if chunk:
-                rows += self._finish(*chunk)
+                self.counts["records"] += 1
+                if not self._same_kind(item, path, line):
+                    self.counts["rejected_records"] += 1
+                    continue
+                key = content_hash(item)
+                signer = index or leaks_from
+                signature = signer.signature(item) if signer else None
+                row_id = (len(self.files) - 1) << 32 | line  # says where a row is, for what repeats it
+                if leaks_from and (hit := leaks_from.find(key, signature)):
+                    self.counts["validation_leak"] += 1
+                    self.leaks.append(self._repeat(path, line, hit, "validation"))
+                    continue
+                if index:
+                    if drop_repeats and (hit := index.find(key, signature)):
+                        self.counts[f"duplicates_{hit[0]}"] += 1
+                        self.duplicates.append(self._repeat(path, line, hit, hit[0]))
+                        continue
+                    index.add(row_id, key, signature)
+                pending.append((line, item, key))
+                if len(pending) >= _CHUNK_ROWS:
+                    in_flight.append(self._start(path, pending))
+                    pending = []
+                    if len(in_flight) > 1:
+                        rows += self._finish(*in_flight.popleft())
+            if pending:
+                in_flight.append(self._start(path, pending))
+            while in_flight:
+                rows += self._finish(*in_flight.popleft())
+        finally:
+            for _, _, job in in_flight:  # stopped early: never leave a tokenization running behind
+                job.finish()
         return rows
-
-    def _file_format(self, path: str) -> str | None:
-        if self.cfg.format != "auto":
-            return self.cfg.format
-        rows = open_rows(path)
-        if rows.columns is not None:
-            return detect_format(rows.columns)
-        return next((detect_format(row) for _, row in rows if isinstance(row, dict)), None)
 
     def _same_kind(self, record: Record, path: str, line: int) -> bool:
         kind = "preference" if isinstance(record, Preference) else "sft"
@@ -187,7 +208,7 @@ class _Preparation:
         return True
 
     def _repeat(self, path: str, line: int, hit: tuple[str, int], kind: str) -> dict:
-        of_file, of_line = self.sources[hit[1]]
+        of_file, of_line = self.files[hit[1] >> 32]["path"], hit[1] & 0xFFFFFFFF
         return {"file": str(path), "line": line, "kind": kind, "of_file": of_file, "of_line": of_line}
 
     def _start(self, path: str, pending: list[tuple[int, Record, int]]):
@@ -340,7 +361,9 @@ class _Preparation:
             if not p.is_error:
                 by_code.setdefault(p.code, []).append(p)
         for code, problems in by_code.items():
-            warn(code, len(problems), f"{len(problems)} x {problems[0].message}", [p.where() for p in problems])
+            places = ", ".join(p.where() for p in problems[:3]) + (", ..." if len(problems) > 3 else "")
+            warn(code, len(problems), f"{problems[0].message} ({len(problems)} rows: {places})",
+                 [p.where() for p in problems])
         warn("chat_template_missing", int(self.renderer.uses_fallback_template),
              "the tokenizer has no chat template, so ChatML is used; the model will need the same template at "
              "inference (tuneforge saves it with the model).")
@@ -351,8 +374,8 @@ class _Preparation:
         dups = counts["duplicates_exact"] + counts["duplicates_near"]
         warn("duplicates_removed", dups, f"{counts['duplicates_exact']} exact and {counts['duplicates_near']} near "
              "duplicate rows were removed (listed in the report).")
-        warn("validation_leak", counts["validation_leak"], f"{counts['validation_leak']} training rows that are also in "
-             "the validation file were removed from training, so validation measures unseen data.")
+        warn("validation_leak", counts["validation_leak"], f"{counts['validation_leak']} training rows that are also "
+             "in the validation file were removed from training, so validation measures unseen data.")
         warn("truncated", counts["truncated"], f"{counts['truncated']} rows were longer than max_length "
              f"{self.cfg.max_length} and were cut (their ends are not trained). Raise data.max_length or set "
              "data.truncation: drop.")

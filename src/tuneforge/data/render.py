@@ -28,26 +28,21 @@ tokenizer releases the GIL), so `prepare` can render one batch while the previou
 from __future__ import annotations
 
 import bisect
+import os
 import re
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import accumulate, chain
 from typing import Callable, Sequence
 
 from jinja2.exceptions import TemplateError
 
 from ..errors import DataError
+from ..models.loading import CHATML_TEMPLATE
 from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-"""Used for a tokenizer without a chat template (with its EOS token where it has no `<|im_end|>`)."""
 
 FATAL_CODES = frozenset({"template_not_prefix"})
 """Problems that say the template, not a row, is at fault: data preparation stops at once."""
@@ -62,7 +57,15 @@ _PROBE = [
 _SHORT_PIECE_CHARS = 64  # piece beginnings up to this long are cached ("assistant\n", "\n")
 _TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError)  # what a template can raise on odd input
 
-_tokenize_thread: ThreadPoolExecutor | None = None
+_tokenizing: tuple[int, ThreadPoolExecutor] | None = None  # (process id, its tokenizing thread)
+
+
+def _tokenize_thread() -> ThreadPoolExecutor:
+    """The background thread that tokenizes, one per process (a forked child must start its own)."""
+    global _tokenizing
+    if _tokenizing is None or _tokenizing[0] != os.getpid():
+        _tokenizing = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-tokenize"))
+    return _tokenizing[1]
 
 
 @dataclass
@@ -120,20 +123,22 @@ class ChatRenderer:
         # Tokens the tokenizer cuts text at, matched as plain text (no whitespace stripping around them).
         self._cut_ids = {t.content: i for i, t in added.items()
                          if not (t.normalized or t.lstrip or t.rstrip or t.single_word)}
-        by_length = sorted(self._cut_ids, key=len, reverse=True)  # leftmost-longest, as the tokenizer matches
-        self._cut_at = re.compile("|".join(map(re.escape, by_length))) if by_length and self._backend else None
-        special = sorted((t.content for t in added.values() if t.special), key=len, reverse=True)
-        self._special_text = re.compile("|".join(map(re.escape, special))) if special else None
+        self._cut_at = _any_of(self._cut_ids, keep=True) if self._backend else None
+        # Special tokens that mark structure (those the template writes, BOS, EOS) must not appear in
+        # content, where the tokenizer would read them as structure too.
+        structural = {t.content for t in added.values() if t.special and t.content in template}
+        structural |= {t for t in (tokenizer.bos_token, tokenizer.eos_token) if t}
+        self._special_text = _any_of(structural)
         self._short_pieces: dict[str, list[int]] = {}
-        self._template_variables = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ...
-        self._compiled = self._compile_template()
+        self._direct_render = self._direct_renderer()
         self.eos_id = tokenizer.eos_token_id
         self.end_of_turn_id = self._probe()
         self.end_ids = frozenset(i for i in (self.end_of_turn_id, self.eos_id) if i is not None)
 
     # --- public -----------------------------------------------------------------------------------
 
-    def render(self, records: Sequence[Conversation | Document], train_on: str = "assistant") -> list[Example | list[Problem]]:
+    def render(self, records: Sequence[Conversation | Document],
+               train_on: str = "assistant") -> list[Example | list[Problem]]:
         """Render and tokenize records in one batch; each becomes an Example or the problems it has."""
         return self.start(records, train_on).finish()
 
@@ -175,7 +180,7 @@ class ChatRenderer:
     def start_preferences(self, preferences: Sequence[Preference]) -> RenderJob:
         conversations = []
         for p in preferences:
-            conversations += [Conversation(p.prompt + [p.chosen], p.tools), Conversation(p.prompt + [p.rejected], p.tools)]
+            conversations += [Conversation(p.prompt + [reply], p.tools) for reply in (p.chosen, p.rejected)]
         job = self.start(conversations, train_on="last_assistant")
 
         def finish() -> list[tuple[Example, Example] | list[Problem]]:
@@ -192,70 +197,69 @@ class ChatRenderer:
 
     # --- text ------------------------------------------------------------------------------------
 
-    def _compile_template(self):
-        """transformers' compiled template, to render with directly; None to go through apply_chat_template.
+    def _direct_renderer(self) -> Callable[[list[dict], list[dict] | None, bool], str] | None:
+        """A direct renderer with the template transformers compiles; None to use apply_chat_template.
 
-        apply_chat_template's per-call work costs more than the rendering itself on short rows, so
-        we call the template transformers compiles, with the same variables, once a probe shows it
-        renders exactly what apply_chat_template renders.
+        apply_chat_template's per-call work, and jinja's copying of the template's globals into a
+        fresh context on every render, cost more than rendering a short chat. We render with the same
+        compiled template and the same variables in one flat, reused mapping, once a probe shows the
+        result equals apply_chat_template's.
         """
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
 
             compiled = _compile_jinja_template(self.template)
+            variables = {**compiled.globals, **self.tokenizer.special_tokens_map}  # bos_token, eos_token, ...
+
+            def render(messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
+                context = compiled.new_context({**variables, "messages": messages, "tools": tools, "documents": None,
+                                                "add_generation_prompt": generation_prompt}, shared=True)
+                return compiled.environment.concat(compiled.root_render_func(context))
+
             for generation_prompt in (False, True):
-                direct = compiled.render(messages=_PROBE, tools=None, documents=None,
-                                         add_generation_prompt=generation_prompt, **self._template_variables)
                 official = self.tokenizer.apply_chat_template(_PROBE, chat_template=self.template, tokenize=False,
                                                               add_generation_prompt=generation_prompt)
-                if direct != official:
+                if render(_PROBE, None, generation_prompt) != official:
                     return None
         except (ImportError, *_TEMPLATE_FAILURES):
             return None
-        return compiled
+        return render
 
     def _apply_template(self, conversations: list[list[dict]], tools, generation_prompt: bool) -> list[str]:
-        if self._compiled is not None:
-            return [self._compiled.render(messages=messages, tools=tools, documents=None,
-                                          add_generation_prompt=generation_prompt, **self._template_variables)
-                    for messages in conversations]
+        if self._direct_render is not None:
+            return [self._direct_render(messages, tools, generation_prompt) for messages in conversations]
         return self.tokenizer.apply_chat_template(conversations, tools=tools, chat_template=self.template,
                                                   tokenize=False, add_generation_prompt=generation_prompt)
 
     def _plan(self, conversations: list[Conversation], train_on: str) -> list[_Plan | list[Problem]]:
         """Find every conversation's text and reply spans, rendering the whole batch at once."""
         requests: list[_Request] = []
-        wanted: list[tuple[int, list[int]] | list[Problem]] = []  # (first request, span messages) each
+        wanted: list[tuple[int, int, list[int]] | list[Problem]] = []  # per conversation: its requests, spans
         for conversation in conversations:
-            problems = self._reply_problems(conversation, train_on)
+            span_at = _span_messages(conversation.messages, train_on)
+            problems = self._reply_problems(conversation, span_at, train_on)
             if problems:
                 wanted.append(problems)
                 continue
-            messages = [m.to_template() for m in conversation.messages]
-            span_at = _span_messages(conversation.messages, train_on)
-            wanted.append((len(requests), span_at))
-            requests.append(_Request(messages, conversation.tools, False))
+            messages, tools = [m.to_template() for m in conversation.messages], conversation.tools
+            first = len(requests)
+            requests.append(_Request(messages, tools, False))
             for i in span_at:
-                requests.append(_Request(messages[:i], conversation.tools, True))
+                requests.append(_Request(messages[:i], tools, True))
                 if i < len(messages) - 1:
-                    requests.append(_Request(messages[: i + 1], conversation.tools, False))
+                    requests.append(_Request(messages[: i + 1], tools, False))
+            wanted.append((first, len(requests), span_at))
         texts = self._render_texts(requests)
-        plans: list[_Plan | list[Problem]] = []
-        for conversation, want in zip(conversations, wanted):
-            if isinstance(want, list):
-                plans.append(want)
-                continue
-            first, span_at = want
-            last = len(conversation.messages) - 1
-            rendered = texts[first : first + 1 + sum(1 + (i < last) for i in span_at)]
-            plans.append(_spans(rendered, span_at, last, train_on == "all"))
-        return plans
+        return [
+            want if isinstance(want, list)
+            else _spans(texts[want[0] : want[1]], want[2], len(conversation.messages) - 1, train_on == "all")
+            for conversation, want in zip(conversations, wanted)
+        ]
 
-    def _reply_problems(self, conversation: Conversation, train_on: str) -> list[Problem]:
+    def _reply_problems(self, conversation: Conversation, span_at: list[int], train_on: str) -> list[Problem]:
         contents = [m.content for m in conversation.messages]
         if self._special_text is not None and self._special_text.search("\n".join(contents)):
             return self._special_tokens_in((f"messages[{i}].content", c) for i, c in enumerate(contents))
-        span_at = _span_messages(conversation.messages, train_on)
         if train_on != "all" and not span_at:
             return [_no_trained_tokens(conversation.messages, train_on)]
         if span_at and span_at[0] == 0:
@@ -296,19 +300,11 @@ class ChatRenderer:
 
     # --- tokens ----------------------------------------------------------------------------------
 
-    def _pieces(self, text: str) -> list[tuple[int, str]]:
-        """(start, piece) for the runs of plain text and the cut tokens of `text`, in order."""
+    def _pieces(self, text: str) -> list[str]:
+        """The runs of plain text and the cut tokens of `text`, in order."""
         if self._cut_at is None:
-            return [(0, text)] if text else []
-        pieces, at = [], 0
-        for match in self._cut_at.finditer(text):
-            if match.start() > at:
-                pieces.append((at, text[at : match.start()]))
-            pieces.append((match.start(), match.group()))
-            at = match.end()
-        if at < len(text):
-            pieces.append((at, text[at:]))
-        return pieces
+            return [text] if text else []
+        return [piece for piece in self._cut_at.split(text) if piece]
 
     def _tokenize_later(self, texts: list[str]) -> Callable[[], list[_Tokens] | None]:
         """Start tokenizing texts by pieces; the returned function waits for the result.
@@ -317,7 +313,7 @@ class ChatRenderer:
         renderer has then stopped cutting texts into pieces, and the batch must be rendered again.
         """
         split = [self._pieces(t) for t in texts]
-        distinct = list({piece for pieces in split for _, piece in pieces if piece not in self._cut_ids})
+        distinct = list({piece for pieces in split for piece in pieces if piece not in self._cut_ids})
         check = texts[:1] if self._cut_at is not None else []
         ids_later = self._encode_later(distinct + check)
 
@@ -341,10 +337,7 @@ class ChatRenderer:
         if not texts or self._backend is None:
             ids = self._encode_whole(texts, add_special_tokens=add_special_tokens)
             return lambda: ids
-        global _tokenize_thread
-        if _tokenize_thread is None:
-            _tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-tokenize")
-        return _tokenize_thread.submit(self._encode_whole, texts, add_special_tokens=add_special_tokens).result
+        return _tokenize_thread().submit(self._encode_whole, texts, add_special_tokens=add_special_tokens).result
 
     def _encode_whole(self, texts: list[str], *, add_special_tokens: bool = False) -> list[list[int]]:
         if not texts:
@@ -386,6 +379,7 @@ class ChatRenderer:
             # A reply is trained up to and including the token that ends its turn; what the template
             # writes after that (a newline) is not the model's to predict.
             stop = next((t + 1 for t in range(start, end) if ids[t] in self.end_ids), end)
+            start = max(start, 1)  # the first token is nobody's target
             if plan.train_outside_spans:
                 labels[start - 1 : stop - 1] = [IGNORE_INDEX] * (stop - start)
                 trained -= stop - start
@@ -420,13 +414,19 @@ class ChatRenderer:
         return next((t for t in self._encode_whole([turn])[0] if t in cut_ids), self.eos_id)
 
 
-def _assemble(pieces: list[tuple[int, str]], piece_ids: dict[str, list[int]]) -> _Tokens:
-    ids, chars, starts = [], [], []
-    for start, piece in pieces:
-        chars.append(start)
-        starts.append(len(ids))
-        ids += piece_ids[piece]
-    return _Tokens(ids, chars, starts)
+def _any_of(strings, *, keep: bool = False) -> re.Pattern | None:
+    """A pattern for any of `strings`, longest first (as tokenizers match added tokens); with `keep`,
+    one group, so that re.split keeps the matches among the pieces."""
+    if not strings:
+        return None
+    pattern = "|".join(map(re.escape, sorted(strings, key=len, reverse=True)))
+    return re.compile(f"({pattern})" if keep else pattern)
+
+
+def _assemble(pieces: list[str], piece_ids: dict[str, list[int]]) -> _Tokens:
+    parts = [piece_ids[piece] for piece in pieces]
+    ids = list(chain.from_iterable(parts))
+    return _Tokens(ids, [0, *accumulate(map(len, pieces))][:-1], [0, *accumulate(map(len, parts))][:-1])
 
 
 def _span_messages(messages: list[Message], train_on: str) -> list[int]:
@@ -438,7 +438,8 @@ def _span_messages(messages: list[Message], train_on: str) -> list[int]:
     return [i for i in candidates if messages[i].weight != 0]
 
 
-def _spans(rendered: list[str | Exception], span_at: list[int], last: int, train_outside_spans: bool) -> _Plan | list[Problem]:
+def _spans(rendered: list[str | Exception], span_at: list[int], last: int,
+           train_outside_spans: bool) -> _Plan | list[Problem]:
     """Check the prefix renderings of one conversation and turn them into reply spans."""
     error = next((r for r in rendered if isinstance(r, Exception)), None)
     if error is not None:
@@ -501,7 +502,8 @@ def _raise_problems(problems: list[Problem]) -> None:
     raise DataError("\n".join(str(p) for p in problems), code=problems[0].code, problems=problems)
 
 
-def render_conversation(conversation: Conversation | Document | list[dict], tokenizer, train_on: str = "assistant") -> Example:
+def render_conversation(conversation: Conversation | Document | list[dict], tokenizer,
+                        train_on: str = "assistant") -> Example:
     """Render one conversation (or a list of OpenAI-style message dicts, or a Document) as an Example.
 
     Raises DataError if the conversation is malformed or nothing in it is trained.

@@ -114,7 +114,7 @@ class Example:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 @dataclass

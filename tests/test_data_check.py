@@ -1,0 +1,101 @@
+"""`check_command` (`tuneforge data check`): exit codes, coded errors with lines, --show, --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+from data.rows import BAD_INPUTS, chat, write_bad_input, write_jsonl
+
+from tuneforge.config import DEFAULT_MODEL
+from tuneforge.data import render_conversation
+from tuneforge.data.check import TRAINED_STYLE, check_command, highlight
+from tuneforge.errors import ModelSourceError
+
+REPLIES = ["The answer is four.", '{"category": "outage", "priority": "urgent", "product": "database"}']
+
+
+@pytest.fixture
+def models(monkeypatch, tokenizer):
+    """Stands in for tuneforge.models (its own engineer's job): every model has the tiny tokenizer."""
+    asked: list[str] = []
+
+    def load_tokenizer(spec: str):
+        asked.append(spec)
+        if spec == "missing-model":
+            raise ModelSourceError("no model called missing-model; see `tuneforge models list`")
+        return tokenizer
+
+    monkeypatch.setitem(sys.modules, "tuneforge.models", types.SimpleNamespace(load_tokenizer=load_tokenizer))
+    return asked
+
+
+@pytest.fixture
+def good_file(tmp_path):
+    return write_jsonl(tmp_path / "good.jsonl", [
+        chat("What is two plus two?", REPLIES[0], system="Answer briefly."),
+        chat("My database is down and production is affected, please help!", REPLIES[1]),
+        chat("Hello, how are you?", "I am fine, thank you."),
+    ])
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_each_bad_input_exits_2_naming_code_and_line(tmp_path, capsys, models, name):
+    path, code, line = write_bad_input(tmp_path, name)
+    assert check_command([str(path)]) == 2
+    out = capsys.readouterr().out
+    assert code in out
+    assert (f"{path}:{line}" if line else str(path)) in out
+    assert "Traceback" not in out
+
+
+def test_a_good_file_passes_and_uses_the_default_model(good_file, capsys, models):
+    assert check_command([str(good_file)]) == 0
+    out = capsys.readouterr().out
+    assert "no errors" in out and "3 read, 3 valid, 0 rejected" in out
+    assert models == [DEFAULT_MODEL]
+
+
+def test_show_highlights_exactly_the_replies_and_their_end_of_turn(good_file, capsys, models, tokenizer):
+    assert check_command([str(good_file)], model="some-model", show=2) == 0
+    out = capsys.readouterr().out
+    assert models == ["some-model"]
+    assert out.count(f"{good_file}:") == 2 and "What is two plus two?" in out and "production is affected" in out
+
+    for reply, row in zip(REPLIES, json.loads("[" + ",".join(good_file.read_text().splitlines()) + "]")):
+        text = highlight(render_conversation(row["messages"], tokenizer), tokenizer)
+        trained = [text.plain[span.start:span.end] for span in text.spans if span.style == TRAINED_STYLE]
+        assert trained == [reply + "<|im_end|>"]
+
+
+def test_json_prints_only_the_report(good_file, tmp_path, capsys, models):
+    other = write_jsonl(tmp_path / "other.jsonl", [chat("Hello, how are you?", "I am fine, thank you.")])
+    assert check_command([str(good_file), str(other)], json_out=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["read"] == 4 and report["counts"]["shared_between_files"] == 1
+    assert {"p50", "p90", "p99", "max"} <= set(report["tokens"]["length"])
+    assert [f["format"] for f in report["files"]] == ["chat", "chat"]
+
+
+def test_errors_as_json(tmp_path, capsys, models):
+    path, code, line = write_bad_input(tmp_path, "unknown_role")
+    assert check_command([str(path)], json_out=True) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert [(e["code"], e["line"]) for e in report["errors"]] == [(code, line)]
+
+
+def test_a_model_that_cannot_be_loaded_exits_2(good_file, capsys, models):
+    assert check_command([str(good_file)], model="missing-model", json_out=True) == 2
+    out, err = capsys.readouterr()
+    assert "no model called missing-model" in err and not out
+
+
+def test_options_reach_the_checks(tmp_path, capsys, models):
+    path = write_jsonl(tmp_path / "long.jsonl", [chat("Hi", "Hello."), chat("Hi", "A long answer. " * 40)])
+    assert check_command([str(path)], max_length=32, json_out=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["truncated"] == 1
+    assert check_command([str(path)], format="alpaca") == 2
+    assert "missing_field" in capsys.readouterr().out

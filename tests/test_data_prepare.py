@@ -1,0 +1,225 @@
+"""`prepare`: validation policy, report, dedup, split, leak check, length handling, cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from data.rows import GOOD_ROW, chat, trained_runs, write_bad_input, write_jsonl
+
+from tuneforge.config import DataConfig
+from tuneforge.data import IGNORE_INDEX, prepare
+from tuneforge.errors import DataError
+
+TICKETS = [f"My database number {i} is down and production is affected, please help!" for i in range(40)]
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch) -> Path:
+    """A private TUNEFORGE_HOME, so the test never touches (or reuses) the user's data cache."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUNEFORGE_HOME", str(home))
+    return home
+
+
+def rows(n: int = 20, system: str | None = "You are a helpful assistant.") -> list[dict]:
+    return [chat(f"Question {i}: how do I reset my password for the web console?", f"Answer {i}: use the console.",
+                 system=system) for i in range(n)]
+
+
+def run(tmp_path, tokenizer, data, **cfg):
+    path = write_jsonl(tmp_path / "train.jsonl", data)
+    cfg.setdefault("validation", None)
+    return prepare(DataConfig(train=str(path), **cfg), tokenizer, use_cache=False, log=lambda _: None)
+
+
+def test_strict_stops_with_every_error_and_writes_the_report(tmp_path, tokenizer):
+    path, _, _ = write_bad_input(tmp_path, "unknown_role")
+    with open(path, "a") as f:
+        f.write("{broken\n")
+    report_path = tmp_path / "run" / "data_report.json"
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(train=str(path)), tokenizer, report_path=report_path, use_cache=False)
+    assert [(p.code, p.line) for p in err.value.problems] == [("unrecognized_role", 3), ("invalid_json", 4)]
+    assert f"{path}:3" in str(err.value) and "data.on_error: skip" in str(err.value)
+    report = json.loads(report_path.read_text())
+    assert report["errors_total"] == 2
+    assert report["errors"][0] == {"file": str(path), "line": 3, "field": "messages[0].role",
+                                   "code": "unrecognized_role", "severity": "error",
+                                   "message": err.value.problems[0].message}
+
+
+def test_skip_leaves_bad_rows_out_and_counts_them(tmp_path, tokenizer):
+    path, _, _ = write_bad_input(tmp_path, "unknown_role")
+    data = prepare(DataConfig(train=str(path), on_error="skip", validation=None), tokenizer, use_cache=False)
+    counts = data.report["counts"]
+    assert (counts["read"], counts["valid"], counts["rejected"]) == (3, 2, 1)
+    assert counts["rejected_by_code"] == {"unrecognized_role": 1}
+    assert counts["duplicates_exact"] == 1 and len(data.train) == 1  # lines 1 and 2 are the same row
+    assert {w["code"] for w in data.report["warnings"]} >= {"rows_skipped", "duplicates_removed", "few_examples"}
+
+
+def test_report_token_statistics(tmp_path, tokenizer):
+    data = run(tmp_path, tokenizer, rows(20))
+    tokens = data.report["tokens"]
+    lengths = sorted(len(e) for e in data.train)
+    assert tokens["total"] == sum(lengths) and tokens["length"]["max"] == lengths[-1]
+    assert tokens["length"]["p50"] == lengths[9]
+    assert tokens["trained"] == sum(e.trained_tokens for e in data.train)
+    assert 0 < tokens["trained_share"] < 1
+    assert data.report["template"]["end_of_turn_token"] == "<|im_end|>"
+
+
+def test_exact_duplicates_ignore_case_and_spacing(tmp_path, tokenizer):
+    data = rows(12)
+    data.append(chat("QUESTION 3:   how do I reset my password for the web console?", "answer 3: use the console.",
+                     system="You are a helpful assistant."))
+    prepared = run(tmp_path, tokenizer, data)
+    assert prepared.report["counts"]["duplicates_exact"] == 1 and len(prepared.train) == 12
+    (dup,) = prepared.report["duplicates"]
+    assert (dup["line"], dup["of_line"], dup["kind"]) == (13, 4, "exact")
+
+
+def test_near_duplicates_are_removed_with_dedup_near(tmp_path, tokenizer):
+    long_ticket = "our production database cluster in the west region stopped accepting connections after the " \
+                  "maintenance window last night and every query now times out after thirty seconds, which means " \
+                  "our customers cannot check out and we are losing orders every minute"
+    data = [chat(t, "outage") for t in TICKETS[:10]] + [chat(long_ticket, "outage"),
+                                                        chat(long_ticket.replace("thirty", "forty"), "outage")]
+    near = run(tmp_path, tokenizer, data, dedup="near")
+    assert near.report["counts"]["duplicates_near"] == 1 and len(near.train) == 11
+    assert near.report["duplicates"][0]["kind"] == "near"
+    exact = run(tmp_path, tokenizer, data, dedup="exact")
+    assert exact.report["counts"]["duplicates_near"] == 0 and len(exact.train) == 12
+
+
+def test_validation_split_is_by_content_not_file_order(tmp_path, tokenizer):
+    data = rows(40)
+    forward = run(tmp_path, tokenizer, data, validation=0.25)
+    backward = run(tmp_path, tokenizer, data[::-1], validation=0.25)
+    assert len(forward.valid) == 10 and len(forward.train) == 30
+    def as_set(examples):
+        return {tuple(e.input_ids) for e in examples}
+
+    assert as_set(forward.valid) == as_set(backward.valid)
+    assert not as_set(forward.valid) & as_set(forward.train)
+
+
+def test_rows_also_in_the_validation_file_leave_training(tmp_path, tokenizer):
+    data = rows(12)
+    train = write_jsonl(tmp_path / "train.jsonl", data)
+    valid = write_jsonl(tmp_path / "valid.jsonl", [data[3], chat("A new question?", "A new answer.")])
+    prepared = prepare(DataConfig(train=str(train), validation=str(valid)), tokenizer, use_cache=False)
+    assert prepared.report["counts"]["validation_leak"] == 1
+    assert len(prepared.train) == 11 and len(prepared.valid) == 2
+    assert prepared.report["leaks"][0]["line"] == 4 and prepared.report["leaks"][0]["of_file"] == str(valid)
+    assert "validation_leak" in {w["code"] for w in prepared.report["warnings"]}
+
+
+def test_long_rows_are_truncated_and_counted(tmp_path, tokenizer):
+    data = rows(11) + [chat("Short question?", "A long answer. " * 60)]
+    prepared = run(tmp_path, tokenizer, data, max_length=64)
+    assert prepared.report["counts"]["truncated"] == 1
+    assert max(len(e) for e in prepared.train) == 64
+    cut = next(e for e in prepared.train if len(e) == 64)
+    assert cut.labels[-1] == IGNORE_INDEX and cut.trained_tokens > 0
+    assert "truncated" in {w["code"] for w in prepared.report["warnings"]}
+
+    dropped = run(tmp_path, tokenizer, data, max_length=64, truncation="drop")
+    assert dropped.report["counts"]["dropped_too_long"] == 1 and len(dropped.train) == 11
+
+
+def test_a_reply_cut_off_entirely_is_too_long(tmp_path, tokenizer):
+    data = rows(11) + [chat("A very long question. " * 60, "Short answer.")]
+    with pytest.raises(DataError) as err:
+        run(tmp_path, tokenizer, data, max_length=64)
+    assert [(p.code, p.line) for p in err.value.problems] == [("too_long", 12)]
+
+
+def test_eos_never_trained_is_an_error_even_when_skipping(tmp_path, tokenizer):
+    data = [chat(f"Hi {i}", "This reply is much too long to fit. " * 10) for i in range(12)]
+    with pytest.raises(DataError) as err:
+        run(tmp_path, tokenizer, data, max_length=40, on_error="skip")
+    assert err.value.code == "eos_never_trained"
+
+
+def test_no_valid_rows_is_an_error_even_when_skipping(tmp_path, tokenizer):
+    path, _, _ = write_bad_input(tmp_path, "empty_file")
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(train=str(path), on_error="skip"), tokenizer, use_cache=False)
+    assert [p.code for p in err.value.problems] == ["empty_file", "no_valid_rows"]
+
+
+def test_warnings_for_missing_system_prompts_and_few_examples(tmp_path, tokenizer):
+    prepared = run(tmp_path, tokenizer, rows(5, system=None))
+    warnings = {w["code"]: w for w in prepared.report["warnings"]}
+    assert warnings["no_system_message"]["count"] == 5
+    assert warnings["few_examples"]["count"] == 5
+
+
+def test_sft_and_preference_rows_cannot_be_mixed(tmp_path, tokenizer):
+    chat_file = write_jsonl(tmp_path / "chat.jsonl", rows(12))
+    pref_file = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}])
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(train=[str(chat_file), str(pref_file)], validation=None), tokenizer, use_cache=False)
+    assert [(p.code, p.file) for p in err.value.problems] == [("mixed_formats", str(pref_file))]
+
+
+def test_preference_data_fills_pairs(tmp_path, tokenizer):
+    data = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}."}
+            for i in range(12)]
+    prepared = run(tmp_path, tokenizer, data, validation=0.25)
+    assert prepared.report["kind"] == "preference"
+    assert not prepared.train and len(prepared.train_pairs) == 9 and len(prepared.valid_pairs) == 3
+    chosen, rejected = prepared.train_pairs[0]
+    assert trained_runs(chosen, tokenizer)[0].startswith("Good answer")
+    assert trained_runs(rejected, tokenizer)[0].startswith("Bad answer")
+
+
+def test_text_rows_for_continued_pretraining(tmp_path, tokenizer):
+    prepared = run(tmp_path, tokenizer, [{"text": f"The quick brown fox number {i}."} for i in range(12)])
+    assert len(prepared.train) == 12
+    assert all(e.trained_tokens == len(e) - 1 for e in prepared.train)
+
+
+def test_the_cache_is_reused_and_says_so(tmp_path, tokenizer, isolated_home):
+    path = write_jsonl(tmp_path / "train.jsonl", rows(12))
+    cfg = DataConfig(train=str(path), validation=0.25)
+    said = []
+    first = prepare(cfg, tokenizer, log=said.append)
+    assert first.report["cache"]["reused"] is False
+    second = prepare(cfg, tokenizer, log=said.append, report_path=tmp_path / "report.json")
+    assert second.report["cache"]["reused"] is True and "reusing" in said[-1]
+    assert [e.input_ids for e in second.train] == [e.input_ids for e in first.train]
+    assert [e.labels for e in second.valid] == [e.labels for e in first.valid]
+    assert json.loads((tmp_path / "report.json").read_text())["cache"]["reused"] is True
+    assert (isolated_home / "data-cache" / first.report["cache"]["key"] / "train.parquet").is_file()
+
+    other = prepare(cfg.model_copy(update={"max_length": 512}), tokenizer, log=said.append)
+    assert other.report["cache"]["key"] != first.report["cache"]["key"]
+    path.write_text(path.read_text() + json.dumps(GOOD_ROW) + "\n")
+    changed = prepare(cfg, tokenizer, log=said.append)
+    assert changed.report["cache"]["reused"] is False
+
+
+def test_a_cache_that_cannot_be_written_is_only_a_warning(tmp_path, tokenizer, monkeypatch):
+    blocked = tmp_path / "home-is-a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("TUNEFORGE_HOME", str(blocked))
+    said = []
+    prepared = prepare(DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", rows(12)))), tokenizer, log=said.append)
+    assert len(prepared.train) + len(prepared.valid) == 12
+    assert "could not cache" in said[-1]
+
+
+def test_general_mix_adds_replay_conversations_in_the_asked_share(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", rows(40))
+    plain = prepare(DataConfig(train=str(path), validation=None), tokenizer, use_cache=False, log=lambda _: None)
+    mixed = prepare(DataConfig(train=str(path), validation=None, general_mix=0.2, max_length=4096), tokenizer,
+                    use_cache=False, log=lambda _: None)
+    assert mixed.report["counts"]["general_mix"] == 10  # 10 / (40 + 10) = 20%
+    assert len(mixed.train) == len(plain.train) + 10
+    added = [tokenizer.decode(e.input_ids) for e in mixed.train[len(plain.train):]]
+    assert all("<|im_start|>assistant" in text for text in added)
+    assert not set(added) & {tokenizer.decode(e.input_ids) for e in plain.train}
