@@ -109,6 +109,33 @@ def data_check(
                                    format=format, max_length=max_length, train_on=train_on))
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Registry name, model folder, run folder or checkpoint."),
+    data: Path = typer.Argument(..., help="Chat JSONL whose last assistant message is the reference answer."),
+    compare: Optional[str] = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
+    metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N examples."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
+):
+    """Loss, perplexity and generation metrics of MODEL on DATA."""
+    from .eval.command import eval_command
+
+    raise typer.Exit(eval_command(model, str(data), compare=compare, metric=metric, json_out=json_out, limit=limit))
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), help="Run folder."),
+    n_train: Optional[int] = typer.Option(None, help="Training tickets (default: the tuned setting)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the tuned setting)."),
+):
+    """The demo task end to end: pull, generate data, eval base, LoRA fine-tune, eval, forgetting, report."""
+    from .quickstart import quickstart as run_quickstart
+
+    raise typer.Exit(run_quickstart(out, n_train=n_train, max_steps=max_steps))
+
+
 def _normalise_argv(argv: list[str]) -> list[str]:
     """`--resume` alone means the latest checkpoint."""
     out = []

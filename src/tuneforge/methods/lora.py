@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
@@ -23,10 +21,7 @@ def peft_config(cfg) -> PeftLoraConfig:
 
 
 def prepare_model(model, cfg):
-    with warnings.catch_warnings():
-        # PEFT still asks transformers for a deprecated attribute; the warning is not the user's concern.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(model, peft_config(cfg))
+    model = get_peft_model(model, peft_config(cfg))
     if cfg.train.freeze_embeddings:
         for name, p in model.named_parameters():
             if "embed_tokens" in name:
