@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -36,6 +36,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int  # every token generated, the end-of-turn token that stopped it included
     finish_reason: str  # "stop" (end of turn or a stop string) | "length" (max_new_tokens reached)
+    token_ids: tuple[int, ...] = ()  # the generated tokens, as counted in completion_tokens
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+
+    def generator(self, device) -> torch.Generator | None:
+        """A seeded random stream for sampling; None for greedy decoding or no seed (torch's global one)."""
+        if self.temperature == 0 or self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> str:
@@ -90,23 +97,26 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
 
 def generate(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: int = 16, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             stop: Sequence[str] = ()) -> list[Completion]:
+             stop: Sequence[str] = (), on_progress: Callable[[int], None] | None = None) -> list[Completion]:
     """One completion per prompt, in the order given.
 
     Prompts are batched by length (less padding); with greedy decoding a prompt's completion does
-    not depend on the batch it lands in.
+    not depend on the batch it lands in. `on_progress(n)` is called as each batch of n finishes.
     """
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
     ids = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    generator = sampling.generator(model.device)  # one random stream for all batches
     results: list[Completion | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        decoding = _Decoding(model, tokenizer, [ids[i] for i in chunk], sampling)
+        decoding = _Decoding(model, tokenizer, [ids[i] for i in chunk], sampling, generator)
         for _ in decoding:
             pass
         for i, completion in zip(chunk, decoding.completions()):
             results[i] = completion
+        if on_progress is not None:
+            on_progress(len(chunk))
     return results
 
 
@@ -131,7 +141,8 @@ class Stream:
 def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> Stream:
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
-    return Stream(_Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling))
+    return Stream(_Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling,
+                            sampling.generator(model.device)))
 
 
 class _Row:
@@ -168,13 +179,15 @@ class _Row:
         return piece
 
     def completion(self) -> Completion:
-        return Completion(self.text, self.prompt_tokens, len(self.tokens), self.finish_reason or "length")
+        return Completion(self.text, self.prompt_tokens, len(self.tokens), self.finish_reason or "length",
+                          tuple(self.tokens))
 
 
 class _Decoding:
     """Decodes a batch of prompts; iterating runs one step at a time and yields, per row, the new text."""
 
-    def __init__(self, model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling):
+    def __init__(self, model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling,
+                 generator: torch.Generator | None):
         if any(not ids for ids in prompt_ids):
             raise ValueError("a prompt rendered to no tokens; give it some text")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
@@ -183,9 +196,7 @@ class _Decoding:
         self.stop_ids = stop_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.stop_ids))
-        self.generator = None
-        if sampling.temperature > 0 and sampling.seed is not None:
-            self.generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+        self.generator = generator
 
     def completions(self) -> list[Completion]:
         return [row.completion() for row in self.rows]

@@ -1,0 +1,215 @@
+"""Evaluating a model on chat data: loss on the reference answers, then its own answers, scored.
+
+    from tuneforge.eval import evaluate, compare
+    result = evaluate("runs/quickstart", "data/test.jsonl", limit=100)
+    result["loss"], result["perplexity"], result["scores"]["exact"], result["samples"][0]
+
+Each row of the data is a conversation whose last message is the assistant's reference answer.
+The loss is the model's cross-entropy on the assistant tokens (the same tokens training trains on,
+so it is comparable with a run's `valid_loss`); the model then answers each conversation without
+its last message, greedily, and a metric from `tuneforge.tasks.metrics.METRICS` scores the answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..data import Conversation, Example, Problem, collate, read_conversations, render_conversation
+from ..errors import DataError, TuneforgeError
+from ..generate import generate
+from ..methods import SFTObjective
+from ..models import load_model, load_tokenizer, resolve
+from ..tasks import support_triage
+from ..tasks.metrics import METRICS, parse_json_object
+
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_BATCH_SIZE = 16
+
+# The score that says whether one answer is right, per metric (the per-sample `correct`).
+HEADLINE = {"exact": "exact", "contains": "contains", "json_fields": "exact", "support_triage": "exact"}
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    file: str
+    line: int
+    conversation: Conversation
+    prompt: list[dict]  # the messages before the reference answer, as a chat template takes them
+    reference: str  # the last assistant message
+
+    @property
+    def input(self) -> str:
+        """What a person reads as the question: the last user message."""
+        return next((m["content"] for m in reversed(self.prompt) if m["role"] == "user"), "")
+
+
+def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalExample]:
+    """The first `limit` (all, if None) conversations of a data file, each ending in its reference answer."""
+    examples: list[EvalExample] = []
+    problems: list[Problem] = []
+    for line, item in read_conversations(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        if isinstance(item, Problem):
+            if item.is_error:
+                problems.append(item)
+            continue
+        messages = item.messages if isinstance(item, Conversation) else None
+        if not messages or messages[-1].role != "assistant" or len(messages) < 2:
+            problems.append(Problem(
+                "example_missing_assistant_message",
+                "an evaluation row must be a conversation that ends with the assistant's reference answer, "
+                "after at least one message for it to answer.",
+                file=str(path), line=line, field="messages",
+            ))
+            continue
+        prompt = [m.to_template() for m in messages[:-1]]
+        examples.append(EvalExample(str(path), line, item, prompt, messages[-1].content))
+    if problems:
+        shown = "\n".join(str(p) for p in problems[:10])
+        more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{path}: {len(problems)} rows cannot be evaluated:\n{shown}{more}", code=problems[0].code,
+                        problems=problems)
+    if not examples:
+        raise DataError(f"{path} holds no conversations to evaluate.", code="empty_file")
+    return examples
+
+
+def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
+    """`auto`: the triage task's own scorer when its system prompt is there, `json_fields` when every
+    reference is a JSON object, otherwise `exact`."""
+    if metric != "auto":
+        if metric not in METRICS:
+            raise TuneforgeError(f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.",
+                                 code="unknown_metric")
+        return metric
+    if any(m["role"] == "system" and m["content"] == support_triage.SYSTEM_PROMPT for m in examples[0].prompt):
+        return "support_triage"
+    if all(parse_json_object(e.reference) is not None for e in examples):
+        return "json_fields"
+    return "exact"
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A transient rich progress bar on stderr; yields `advance(n)`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@torch.inference_mode()
+def token_loss(model, examples: Sequence[Example], pad_id: int, *, batch_size: int = DEFAULT_BATCH_SIZE,
+               advance: Callable[[int], None] = lambda n: None) -> dict:
+    """Mean cross-entropy and next-token accuracy over the trained tokens of `examples`, weighted by
+    token (as training's loss is), with the objective training uses."""
+    objective = SFTObjective(model)
+    was_training = model.training
+    model.eval()
+    loss_sum = correct = tokens = 0.0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # similar lengths: less padding
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[start:start + batch_size]]
+            batch = {k: v.to(model.device) for k, v in collate(chunk, pad_id).items()}
+            sums = objective(**batch)
+            loss_sum += sums["ce"].item()
+            correct += sums["correct"].item()
+            tokens += int(sums["tokens"])
+            advance(len(chunk))
+    finally:
+        model.train(was_training)
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "mean_token_accuracy": correct / max(tokens, 1),
+            "tokens": int(tokens)}
+
+
+def _render(example: EvalExample, tokenizer) -> Example:
+    try:
+        return render_conversation(example.conversation, tokenizer)
+    except DataError as err:
+        raise DataError(f"{example.file}:{example.line}: {err.message}", code=err.code, problems=err.problems) from None
+
+
+def evaluate_loaded(model, tokenizer, examples: Sequence[EvalExample], *, metric: str = "auto",
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
+                    progress: bool = True) -> dict:
+    """`evaluate` on a model already in memory."""
+    metric = choose_metric(metric, examples)
+    started = time.perf_counter()
+    rendered = [_render(e, tokenizer) for e in examples]
+    with progress_bar("loss", len(rendered), progress) as advance:
+        loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
+    loss_seconds = time.perf_counter() - started
+    with progress_bar("answers", len(examples), progress) as advance:
+        answers = generate(model, tokenizer, [e.prompt for e in examples], batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, on_progress=advance)
+    predictions = [a.text for a in answers]
+    references = [e.reference for e in examples]
+    score = METRICS[metric]
+    headline = HEADLINE[metric]
+    samples = [
+        {"line": e.line, "input": e.input, "prediction": a.text, "reference": e.reference,
+         "correct": bool(score([a.text], [e.reference])[headline]), "finish_reason": a.finish_reason}
+        for e, a in zip(examples, answers)
+    ]
+    return {
+        "n": len(examples),
+        "metric": metric,
+        **loss,
+        "scores": score(predictions, references),
+        "usage": {
+            "prompt_tokens": sum(a.prompt_tokens for a in answers),
+            "completion_tokens": sum(a.completion_tokens for a in answers),
+            "stopped_by_length": sum(a.finish_reason == "length" for a in answers),
+        },
+        "seconds": {"loss": round(loss_seconds, 2), "generation": round(time.perf_counter() - started - loss_seconds, 2)},
+        "samples": samples,
+    }
+
+
+def evaluate(model: str, data: str | Path, *, metric: str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None, progress: bool = True) -> dict:
+    """Evaluate `model` (registry name, model folder, adapter, run or checkpoint folder) on a chat data file.
+
+    Returns the loss and perplexity on the reference answers, `scores` from the metric (`auto`: see
+    `choose_metric`), token usage, timings and per-example `samples` (input, prediction, reference,
+    correct).
+    """
+    examples = read_eval_examples(data, limit)
+    source = resolve(model)
+    tokenizer = load_tokenizer(source)
+    loaded = load_model(source)
+    result = evaluate_loaded(loaded, tokenizer, examples, metric=metric, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress)
+    return {"model": source.name, "spec": str(model), "data": str(data), **result}
+
+
+def side_by_side(base: dict, tuned: dict) -> list[dict]:
+    """The samples of two evaluations on the same data, joined per example."""
+    return [
+        {"line": b["line"], "input": b["input"], "base": b["prediction"], "tuned": t["prediction"],
+         "reference": b["reference"], "base_correct": b["correct"], "tuned_correct": t["correct"]}
+        for b, t in zip(base["samples"], tuned["samples"])
+    ]
+
+
+def compare(model: str, base: str, data: str | Path, **options) -> dict:
+    """`evaluate` for `model` and for `base` on the same data (same options), side by side."""
+    tuned_result = evaluate(model, data, **options)
+    base_result = evaluate(base, data, **options)
+    return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}

@@ -1,0 +1,191 @@
+"""Forgetting: what fine-tuning cost a model outside its task, on general data no training set touches.
+
+    from tuneforge.eval import measure_forgetting
+    report = measure_forgetting("runs/quickstart")          # an adapter: base = adapter switched off
+    report["general_text"]["change"], report["kl"]["mean"], report["general_questions"]["retained"]
+
+Three measures, base against tuned (sets from `tuneforge.tasks.general`):
+- general text: cross-entropy on plain English prose, and its relative change;
+- KL: mean KL(base || tuned) of the next-token distributions where the base model answers general
+  chat prompts (its own greedy answers, so the positions are ones the model really writes);
+- general questions: accuracy (the `contains` metric) on the questions that the base SmolLM2 answers
+  right, listed in `base_questions.json`; a drop there is knowledge or behaviour lost.
+
+For an adapter, the base is the same model with its adapter switched off: one copy in memory.
+A fully fine-tuned model needs its base named, and both are loaded.
+
+`python -m tuneforge.eval.forgetting` measures the base model on the question set again and
+rewrites `base_questions.json` (do so when the question set or the bundled model changes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from importlib import resources
+from typing import Iterator
+
+import torch
+
+from ..config import DEFAULT_MODEL
+from ..data import IGNORE_INDEX, Document, Example, collate, render_conversation
+from ..errors import TuneforgeError
+from ..fsio import write_json
+from ..generate import encode_prompts, generate
+from ..methods import causal_lm
+from ..methods.sft import trained_logits
+from ..models import load_model, load_tokenizer, resolve
+from ..tasks.general import general_prompts, general_questions, general_text
+from ..tasks.metrics import contains
+from .evaluate import DEFAULT_BATCH_SIZE, progress_bar, token_loss
+
+BASE_QUESTIONS_FILE = "base_questions.json"
+# Generation settings for general questions and prompts: short answers suffice, and the question
+# filter in BASE_QUESTIONS_FILE was measured with exactly these.
+QUESTION_MAX_NEW_TOKENS = 32
+ANSWER_MAX_NEW_TOKENS = 32
+
+
+class ModelPair:
+    """The tuned model and its base. For an adapter model the base is the adapter switched off."""
+
+    def __init__(self, tuned, base=None):
+        if base is None and not hasattr(tuned, "disable_adapter"):
+            raise TuneforgeError(
+                "measuring forgetting of a fully fine-tuned model needs its base model: name it "
+                "(measure_forgetting(model, base=...)).", code="missing_base_model")
+        self.tuned_model, self.base_model = tuned, base
+
+    @contextlib.contextmanager
+    def base(self) -> Iterator:
+        if self.base_model is not None:
+            yield self.base_model
+        else:
+            with self.tuned_model.disable_adapter():
+                yield self.tuned_model
+
+    @contextlib.contextmanager
+    def tuned(self) -> Iterator:
+        yield self.tuned_model
+
+
+def kept_questions() -> list[dict]:
+    """The general questions the base model answers right (their text is their id)."""
+    record = json.loads(resources.files(__package__).joinpath(BASE_QUESTIONS_FILE).read_text(encoding="utf-8"))
+    kept = set(record["kept"])
+    return [q for q in general_questions() if q["question"] in kept]
+
+
+def question_accuracy(model, tokenizer, questions: list[dict], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                      progress: bool = True, label: str = "questions") -> tuple[float, list[str]]:
+    """Share of questions answered right (`contains`), and the answers."""
+    prompts = [[{"role": "user", "content": q["question"]}] for q in questions]
+    with progress_bar(label, len(prompts), progress) as advance:
+        answers = [a.text for a in generate(model, tokenizer, prompts, batch_size=batch_size,
+                                            max_new_tokens=QUESTION_MAX_NEW_TOKENS, on_progress=advance)]
+    right = [contains([a], [q["answers"]])["contains"] == 1 for a, q in zip(answers, questions)]
+    return sum(right) / len(questions), answers
+
+
+@torch.inference_mode()
+def _answer_log_probs(model, batch: dict) -> torch.Tensor:
+    """Log-probabilities of the next token at every trained (answer) position of a batch."""
+    model.eval()
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    return torch.log_softmax(trained_logits(causal_lm(model), **batch), dim=-1)
+
+
+def mean_kl(pair: ModelPair, tokenizer, prompts: list[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
+            progress: bool = True) -> dict:
+    """Mean KL(base || tuned) per answer token, over the base model's own greedy answers to `prompts`."""
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    with pair.base() as base, progress_bar("KL: base answers", len(chats), progress) as advance:
+        answers = generate(base, tokenizer, chats, batch_size=batch_size, max_new_tokens=ANSWER_MAX_NEW_TOKENS,
+                           on_progress=advance)
+    # The answers' own tokens, not their text tokenized again: exactly the positions the model wrote.
+    examples = [Example(ids + list(a.token_ids), [IGNORE_INDEX] * (len(ids) - 1) + list(a.token_ids) + [IGNORE_INDEX])
+                for ids, a in zip(encode_prompts(tokenizer, chats), answers)]
+    total = tokens = 0.0
+    with progress_bar("KL", len(examples), progress) as advance:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+            with pair.base() as base:
+                base_lp = _answer_log_probs(base, batch)
+            with pair.tuned() as tuned:
+                tuned_lp = _answer_log_probs(tuned, batch)
+            total += (base_lp.exp() * (base_lp - tuned_lp.to(base_lp.device))).sum().item()
+            tokens += base_lp.shape[0]
+            advance(len(examples[start:start + batch_size]))
+    return {"mean": total / max(tokens, 1), "tokens": int(tokens), "prompts": len(prompts)}
+
+
+def forgetting_loaded(pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:
+    """`measure_forgetting` on models already in memory."""
+    texts = [render_conversation(Document(t), tokenizer) for t in general_text()]
+    losses = {}
+    for side in ("base", "tuned"):
+        with getattr(pair, side)() as model, progress_bar(f"general text: {side}", len(texts), progress) as advance:
+            losses[side] = token_loss(model, texts, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
+
+    questions = kept_questions()
+    accuracy, answers = {}, {}
+    for side in ("base", "tuned"):
+        with getattr(pair, side)() as model:
+            accuracy[side], answers[side] = question_accuracy(model, tokenizer, questions, batch_size=batch_size,
+                                                              progress=progress, label=f"questions: {side}")
+    lost = [
+        {"question": q["question"], "answers": q["answers"], "base": b, "tuned": t}
+        for q, b, t in zip(questions, answers["base"], answers["tuned"])
+        if contains([b], [q["answers"]])["contains"] and not contains([t], [q["answers"]])["contains"]
+    ]
+    base_loss, tuned_loss = losses["base"]["loss"], losses["tuned"]["loss"]
+    return {
+        "general_text": {"base_loss": base_loss, "tuned_loss": tuned_loss, "change": tuned_loss / base_loss - 1,
+                         "tokens": losses["base"]["tokens"], "texts": len(texts)},
+        "kl": mean_kl(pair, tokenizer, general_prompts(), batch_size=batch_size, progress=progress),
+        "general_questions": {"n": len(questions), "base_accuracy": accuracy["base"], "tuned_accuracy": accuracy["tuned"],
+                              "retained": accuracy["tuned"] / accuracy["base"] if accuracy["base"] else float("nan"),
+                              "lost": lost},
+    }
+
+
+def measure_forgetting(model: str, base: str | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                       progress: bool = True) -> dict:
+    """Base vs tuned on general text, prompts and questions (see the module doc).
+
+    `model` is anything `resolve` takes. `base` may be left out for an adapter (its base is the
+    adapter switched off); a fully fine-tuned model needs it.
+    """
+    source = resolve(model)
+    tokenizer = load_tokenizer(source)
+    tuned = load_model(source)
+    pair = ModelPair(tuned, load_model(resolve(base)) if base is not None else None)
+    return {"model": source.name, "base": base or str(source.path), **forgetting_loaded(pair, tokenizer,
+                                                                                     batch_size=batch_size,
+                                                                                     progress=progress)}
+
+
+def measure_base_questions(model: str = DEFAULT_MODEL, *, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """Which general questions `model` answers right, as `base_questions.json` records it."""
+    source = resolve(model)
+    tokenizer = load_tokenizer(source)
+    questions = general_questions()
+    _, answers = question_accuracy(load_model(source), tokenizer, questions, batch_size=batch_size)
+    kept = [q["question"] for q, a in zip(questions, answers) if contains([a], [q["answers"]])["contains"]]
+    return {
+        "model": model,
+        "measured_with": f"greedy, the chat template with the question as the only user message, "
+                         f"max_new_tokens {QUESTION_MAX_NEW_TOKENS}, batch size {batch_size}, scored with contains",
+        "questions": len(questions),
+        "correct": len(kept),
+        "kept": kept,
+    }
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    record = measure_base_questions()
+    write_json(Path(__file__).with_name(BASE_QUESTIONS_FILE), record)
+    print(f"{record['model']} answers {record['correct']} of {record['questions']} general questions right; "
+          f"kept those in {BASE_QUESTIONS_FILE}")

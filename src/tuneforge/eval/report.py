@@ -1,0 +1,294 @@
+"""The evaluation report: the same tables in the terminal and in `eval/report.html`, plus plots.
+
+`write_run_report(run_dir, before, after, forgetting, targets)` writes into `run_dir/eval/`:
+  before.json, after.json   `evaluate` results of the base and the tuned model (samples left out)
+  forgetting.json           the `measure_forgetting` result, when there is one
+  samples.jsonl             one line per example: input, base answer, tuned answer, truth
+  report.html               one self-contained file: plots as base64 PNG, inline CSS, no external link
+
+Tables are built once as plain `Table`s and rendered twice (rich, HTML), so the terminal and the
+report never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..fsio import atomic_file, write_json
+from .evaluate import side_by_side
+
+EXAMPLES_SHOWN = 12
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    flagged: list[bool] = field(default_factory=list)  # rows to draw attention to (a missed target)
+
+    def to_rich(self):
+        from rich.table import Table as RichTable
+        from rich.text import Text
+
+        table = RichTable(title=self.title, caption=self.caption or None, title_justify="left", show_lines=False)
+        for i, column in enumerate(self.columns):
+            table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+        for i, row in enumerate(self.rows):
+            # Text, not markup: cells hold user text such as "[urgent]".
+            style = "bold red" if i < len(self.flagged) and self.flagged[i] else None
+            table.add_row(*(Text(cell) for cell in row), style=style)
+        return table
+
+    def to_html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join(
+            f"<tr{' class=flagged' if i < len(self.flagged) and self.flagged[i] else ''}>"
+            + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+            for i, row in enumerate(self.rows)
+        )
+        caption = f"<p class=caption>{html.escape(self.caption)}</p>" if self.caption else ""
+        return f"<h2>{html.escape(self.title)}</h2><table><tr>{head}</tr>{body}</table>{caption}"
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+
+def _share(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
+
+
+def _flat_scores(scores: dict) -> dict[str, float]:
+    """Scores with nested per-field dicts flattened (`fields.category`) and the count left out."""
+    flat = {}
+    for key, value in scores.items():
+        if key == "n":
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def metrics_table(results: dict[str, dict]) -> Table:
+    """Loss and scores of one or more evaluations on the same data, one column each; with two
+    columns (base, tuned) a change column follows."""
+    first = next(iter(results.values()))
+    labels = list(results)
+    paired = len(results) == 2
+    rows: list[list[str]] = []
+
+    def add(name: str, values: list, show, change=None):
+        row = [name, *(show(v) for v in values)]
+        if paired:
+            row.append(change(*values) if change and None not in values else "")
+        rows.append(row)
+
+    def points(a, b):
+        return f"{(b - a) * 100:+.1f} pts"
+
+    def relative(a, b):
+        return f"{b / a - 1:+.1%}" if a else ""
+
+    add("loss on reference answers", [r["loss"] for r in results.values()], lambda v: f"{v:.4f}", relative)
+    add("perplexity", [r["perplexity"] for r in results.values()], lambda v: f"{v:.2f}", relative)
+    add("next-token accuracy", [r["mean_token_accuracy"] for r in results.values()], _share, points)
+    flat = [_flat_scores(r["scores"]) for r in results.values()]
+    for key in flat[0]:
+        add(key, [f.get(key) for f in flat], _share, points)
+    add("answers cut at max_new_tokens", [r["usage"]["stopped_by_length"] for r in results.values()],
+        lambda v: f"{v} of {first['n']}")
+    columns = ["metric", *labels] + (["change"] if paired else [])
+    return Table(f"{first['metric']} on {first['n']} examples of {Path(first['data']).name}", columns, rows,
+                 caption="shares of all examples; exact: the whole answer right (every field, for JSON answers)")
+
+
+def forgetting_table(forgetting: dict) -> Table:
+    text, kl, questions = forgetting["general_text"], forgetting["kl"], forgetting["general_questions"]
+    rows = [
+        ["general text cross-entropy", f"{text['base_loss']:.4f}", f"{text['tuned_loss']:.4f}", f"{text['change']:+.2%}"],
+        [f"general questions right (of {questions['n']} the base knows)", _share(questions["base_accuracy"]),
+         _share(questions["tuned_accuracy"]), f"{_share(questions['retained'])} kept"],
+        ["KL(base || tuned) per answer token", "", f"{kl['mean']:.4f}", ""],
+    ]
+    return Table("Forgetting: general data the training never saw", ["measure", "base", "tuned", "change"], rows,
+                 caption=f"{text['texts']} prose paragraphs ({text['tokens']} tokens); KL over {kl['tokens']} tokens "
+                         f"of the base model's answers to {kl['prompts']} chat prompts")
+
+
+def targets_table(targets: list[dict]) -> Table:
+    """`targets`: [{"target": what, "goal": str, "measured": str, "met": bool}]."""
+    rows = [[t["target"], t["goal"], t["measured"], "met" if t["met"] else "MISSED"] for t in targets]
+    missed = sum(not t["met"] for t in targets)
+    return Table("Targets", ["target", "goal", "measured", ""], rows, flagged=[not t["met"] for t in targets],
+                 caption="all targets met" if not missed else f"{missed} of {len(targets)} targets missed")
+
+
+def examples_table(samples: list[dict], n: int = EXAMPLES_SHOWN,
+                   answers: tuple[tuple[str, str, str], ...] = (("base", "base", "base_correct"),
+                                                                 ("tuned", "tuned", "tuned_correct"))) -> Table:
+    """The first `n` samples (file order, not picked): input, each answer marked right or wrong, truth.
+
+    `answers` names the answer columns: (column title, sample key of the answer, key of its verdict).
+    """
+    rows = [
+        [s["input"], *(f"{s[answer].strip()} {'✓' if s[verdict] else '✗'}" for _, answer, verdict in answers),
+         s["reference"]]
+        for s in samples[:n]
+    ]
+    return Table(f"Examples (the first {len(rows)} of {len(samples)})",
+                 ["input", *(title for title, _, _ in answers), "truth"], rows)
+
+
+def facts_table(facts: dict[str, str]) -> Table:
+    return Table("Run", ["", ""], [[k, str(v)] for k, v in facts.items()])
+
+
+def report_tables(before: dict, after: dict, forgetting: dict | None = None, targets: list[dict] | None = None,
+                  facts: dict[str, str] | None = None) -> list[Table]:
+    """Every table of the report, in order; the terminal prints the same list."""
+    tables = [facts_table(facts)] if facts else []
+    if targets:
+        tables.append(targets_table(targets))
+    tables.append(metrics_table({"base": before, "tuned": after}))
+    if forgetting:
+        tables.append(forgetting_table(forgetting))
+    tables.append(examples_table(side_by_side(before, after)))
+    return tables
+
+
+def print_tables(tables: list[Table], console=None) -> None:
+    from rich.console import Console
+
+    console = console or Console()
+    for table in tables:
+        console.print(table.to_rich())
+        console.print()
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(title: str):
+    # The object API, not pyplot: no global backend or figure state in a library.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 3.6))
+    axes = figure.subplots()
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_plots(metrics: list[dict]) -> list[tuple[str, str]]:
+    """(caption, base64 PNG) for the loss curves and the learning rate of a run's metrics.jsonl."""
+    train = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
+    if not train:
+        return []
+    valid = [(m["step"], m["valid_loss"]) for m in metrics if "valid_loss" in m]
+    final = [(m["step"], m["full_valid_loss"]) for m in metrics if "full_valid_loss" in m]
+    figure, axes = _figure("loss")
+    axes.plot(*zip(*train), label="train", linewidth=1)
+    if valid:
+        axes.plot(*zip(*valid), "o-", label="validation")
+    if final:
+        axes.plot(*zip(*final), "s", color="black", label="full validation (end)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy per trained token")
+    axes.legend()
+    plots = [("Training and validation loss", _png(figure))]
+    rates = [(m["step"], m["lr"]) for m in metrics if "lr" in m]
+    figure, axes = _figure("learning rate")
+    axes.plot(*zip(*rates))
+    axes.set_xlabel("step")
+    axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    plots.append(("Learning rate", _png(figure)))
+    return plots
+
+
+def scores_plot(before: dict, after: dict) -> tuple[str, str]:
+    base, tuned = _flat_scores(before["scores"]), _flat_scores(after["scores"])
+    keys = list(base)
+    figure, axes = _figure(f"{after['metric']}: base vs tuned")
+    positions = range(len(keys))
+    axes.bar([p - 0.2 for p in positions], [base[k] for k in keys], width=0.4, label="base")
+    axes.bar([p + 0.2 for p in positions], [tuned.get(k, 0) for k in keys], width=0.4, label="tuned")
+    axes.set_xticks(list(positions), keys, rotation=30, ha="right")
+    axes.set_ylim(0, 1)
+    axes.legend()
+    return "Scores, base vs tuned (share of test examples)", _png(figure)
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.92em}
+th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4}tr.flagged td{color:#b00;font-weight:bold}
+td:not(:first-child){font-family:ui-monospace,Menlo,Consolas,monospace}
+.caption{color:#666;font-size:.85em;margin:0}
+figure{display:inline-block;margin:.5em 1em .5em 0}figcaption{color:#555;font-size:.9em}
+"""
+
+
+def render_html(title: str, tables: list[Table], plots: list[tuple[str, str]]) -> str:
+    figures = "".join(
+        f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption, png in plots
+    )
+    made = datetime.datetime.now().isoformat(timespec="seconds")
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class=caption>written {made} by tuneforge</p>"
+        + tables[0].to_html() + f"<h2>Plots</h2>{figures}" + "".join(t.to_html() for t in tables[1:])
+        + "</body></html>"
+    )
+
+
+def _without_samples(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "samples"}
+
+
+def write_run_report(run_dir: str | Path, before: dict, after: dict, forgetting: dict | None = None,
+                     targets: list[dict] | None = None, facts: dict[str, str] | None = None) -> Path:
+    """Write the evaluation files and report of a run (see the module doc); returns report.html."""
+    run_dir = Path(run_dir)
+    out = run_dir / "eval"
+    write_json(out / "before.json", _without_samples(before))
+    write_json(out / "after.json", _without_samples(after))
+    if forgetting:
+        write_json(out / "forgetting.json", forgetting)
+    with atomic_file(out / "samples.jsonl") as f:
+        for sample in side_by_side(before, after):
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    plots = training_plots(read_metrics(run_dir)) + [scores_plot(before, after)]
+    tables = report_tables(before, after, forgetting, targets, facts)
+    with atomic_file(out / "report.html") as f:
+        f.write(render_html(f"tuneforge report: {run_dir.name}", tables, plots))
+    return out / "report.html"

@@ -1,0 +1,161 @@
+"""Evaluation on tiny models: loss against a hand computation, metrics on run and checkpoint folders,
+KL, forgetting, the report, the command."""
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_run_config
+
+from tuneforge.errors import DataError
+from tuneforge.eval import eval_command, evaluate, measure_forgetting, read_eval_examples, write_run_report
+from tuneforge.eval.evaluate import choose_metric
+from tuneforge.eval.forgetting import ModelPair, kept_questions, mean_kl
+from tuneforge.models import load_model, load_tokenizer
+from tuneforge.training import train
+
+PROMPTS = ["Hello, how are you today?", "What is two plus two?", "How do I reset my password?"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: thread start-up costs more than it saves, and far more on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, triage_data, tmp_path_factory):
+    """A finished 4-step LoRA run with checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("eval") / "run"
+    train(tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2, eval_every=2), progress=False)
+    return run
+
+
+def test_loss_equals_a_hand_computation(tiny_model_dir, triage_data):
+    """Cross-entropy over the assistant's tokens (its reply and the end-of-turn token), all tokens
+    of all examples weighted alike, computed here from plain logits."""
+    result = evaluate(str(tiny_model_dir), triage_data["test"], limit=5, max_new_tokens=4, progress=False)
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    total, count = 0.0, 0
+    for example in read_eval_examples(triage_data["test"], limit=5):
+        messages = example.prompt + [{"role": "assistant", "content": example.reference}]
+        prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+        whole = prompt + example.reference + "<|im_end|>"
+        assert tokenizer.apply_chat_template(messages, tokenize=False).startswith(whole)
+        ids = tokenizer(whole, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        total += F.cross_entropy(logits[start - 1:-1], ids[0, start:], reduction="sum").item()
+        count += ids.shape[1] - start
+    assert result["tokens"] == count
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+
+
+def test_metrics_on_a_run_folder_and_a_checkpoint(tiny_run, triage_data):
+    options = dict(limit=6, max_new_tokens=8, progress=False)
+    final = evaluate(str(tiny_run), triage_data["test"], **options)
+    last = evaluate(str(tiny_run / "checkpoints" / "step-4"), triage_data["test"], **options)
+    middle = evaluate(str(tiny_run / "checkpoints" / "step-2"), triage_data["test"], **options)
+    assert final["metric"] == "support_triage"  # found from the system prompt
+    assert final["n"] == 6 and len(final["samples"]) == 6
+    for key in ("valid_json", "valid_labels", "category", "priority", "product", "exact"):
+        assert 0 <= final["scores"][key] <= 1
+    assert {"input", "prediction", "reference", "correct"} <= set(final["samples"][0])
+    assert final["samples"][0]["input"] in (triage_data["test"].read_text())
+    # final/ is the step-4 checkpoint's model; step 2 is another one.
+    assert last["loss"] == pytest.approx(final["loss"], rel=1e-6)
+    assert [s["prediction"] for s in last["samples"]] == [s["prediction"] for s in final["samples"]]
+    assert middle["loss"] != pytest.approx(final["loss"], rel=1e-6)
+
+
+def test_metric_is_chosen_from_the_data(tmp_path, triage_data):
+    assert choose_metric("auto", read_eval_examples(triage_data["test"])) == "support_triage"
+    plain = tmp_path / "plain.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "user", "content": "JSON?"}, {"role": "assistant", "content": '{"a": 1}'}]}]
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert choose_metric("auto", read_eval_examples(plain)) == "exact"
+    assert choose_metric("auto", read_eval_examples(plain)[1:]) == "json_fields"
+    assert choose_metric("contains", read_eval_examples(plain)) == "contains"
+
+
+def test_rows_without_a_reference_answer_are_refused_with_their_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+                   + "\n" + json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2 .*example_missing_assistant_message"):
+        read_eval_examples(bad)
+
+
+def test_kl_is_zero_against_itself_and_positive_after_a_change(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    same = mean_kl(ModelPair(model, model), tokenizer, PROMPTS, progress=False)
+    assert same["mean"] == 0 and same["tokens"] > 0
+    changed = load_model(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    assert mean_kl(ModelPair(changed, model), tokenizer, PROMPTS, progress=False)["mean"] > 0
+
+
+def test_kl_of_an_adapter_is_against_the_adapter_switched_off(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    adapted = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    assert mean_kl(ModelPair(adapted), tokenizer, PROMPTS, progress=False)["mean"] == 0  # LoRA B starts at zero
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert mean_kl(ModelPair(adapted), tokenizer, PROMPTS, progress=False)["mean"] > 0
+
+
+def test_forgetting_of_a_full_model_needs_its_base(tiny_model_dir):
+    with pytest.raises(Exception, match="base model"):
+        ModelPair(load_model(str(tiny_model_dir)))
+
+
+def test_kept_questions_are_the_base_models_right_answers():
+    kept = kept_questions()
+    assert len(kept) >= 100
+    assert all(q["answers"] for q in kept)
+
+
+def test_run_report_is_written_and_self_contained(tiny_run, tiny_model_dir, triage_data):
+    options = dict(limit=4, max_new_tokens=8, progress=False)
+    before = evaluate(str(tiny_model_dir), triage_data["test"], **options)
+    after = evaluate(str(tiny_run), triage_data["test"], **options)
+    forgetting = measure_forgetting(str(tiny_run), progress=False)
+    assert forgetting["general_questions"]["n"] == len(kept_questions())
+    assert forgetting["kl"]["mean"] >= 0 and forgetting["general_text"]["tokens"] > 0
+    targets = [{"target": "exact", "goal": ">= 85%", "measured": "0%", "met": False}]
+    report = write_run_report(tiny_run, before, after, forgetting, targets, facts={"wall time": "1 s"})
+    assert report == tiny_run / "eval" / "report.html"
+    page = report.read_text()
+    sources = re.findall(r"""(?:src|href)\s*=\s*['"]?([^'" >]+)""", page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<script" not in page and "<link" not in page
+    assert page.count("<img") == 3  # loss curves, learning rate, scores
+    for title in ("Targets", "Forgetting", "Examples", "MISSED"):
+        assert title in page
+    samples = [json.loads(line) for line in (tiny_run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"input", "base", "tuned", "reference"} <= set(samples[0])
+    saved = json.loads((tiny_run / "eval" / "after.json").read_text())
+    assert saved["scores"] == after["scores"] and "samples" not in saved
+    assert (tiny_run / "eval" / "before.json").is_file() and (tiny_run / "eval" / "forgetting.json").is_file()
+
+
+def test_eval_command_prints_tables_or_json(tiny_run, tiny_model_dir, triage_data, capsys):
+    assert eval_command(str(tiny_run), str(triage_data["test"]), compare=str(tiny_model_dir), limit=2) == 0
+    out = capsys.readouterr().out
+    assert "support_triage on 2 examples" in out and "truth" in out and "change" in out
+    assert eval_command(str(tiny_run), str(triage_data["test"]), json_out=True, limit=2, metric="json_fields") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["metric"] == "json_fields" and printed["n"] == 2

@@ -1,0 +1,116 @@
+"""Generation on tiny models: end of turn, max_new_tokens, stop strings, batching, streaming, sampling."""
+
+import pytest
+import torch
+
+from tuneforge.generate import generate, stream
+from tuneforge.models import load_model, load_tokenizer
+
+REPLY = "Hello there, how are you?"
+QUESTION = [{"role": "user", "content": "Hi!"}]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: thread start-up costs more than it saves, and far more on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def parrot(tiny_model_dir):
+    """The tiny model trained until it answers every chat with REPLY and then ends its turn."""
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt + REPLY + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    labels = ids.clone()
+    labels[:, :n_prompt] = -100
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.05
+    return model.eval(), tokenizer
+
+
+def test_generation_stops_at_end_of_turn(parrot):
+    model, tokenizer = parrot
+    [done] = generate(model, tokenizer, [QUESTION], max_new_tokens=50)
+    assert done.text == REPLY
+    assert done.finish_reason == "stop"
+    # The reply's tokens and the end-of-turn token that stopped it.
+    assert done.completion_tokens == len(tokenizer(REPLY, add_special_tokens=False)["input_ids"]) + 1
+    prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    assert done.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def test_max_new_tokens_cuts_the_answer(parrot):
+    model, tokenizer = parrot
+    [done] = generate(model, tokenizer, [QUESTION], max_new_tokens=3)
+    assert done.finish_reason == "length" and done.completion_tokens == 3
+    assert REPLY.startswith(done.text) and len(done.text) < len(REPLY)
+
+
+def test_stop_strings_end_the_answer_before_them(parrot):
+    model, tokenizer = parrot
+    [done] = generate(model, tokenizer, [QUESTION], stop=[", how", "you"])
+    assert done.text == "Hello there" and done.finish_reason == "stop"
+    pieces = stream(model, tokenizer, QUESTION, stop=["how"])
+    streamed = list(pieces)
+    assert "".join(streamed) == pieces.completion.text == "Hello there, "
+    assert pieces.completion.finish_reason == "stop"
+
+
+def test_stream_pieces_join_to_the_batch_answer(tiny):
+    model, tokenizer = tiny
+    [done] = generate(model, tokenizer, [QUESTION], max_new_tokens=20)
+    pieces = stream(model, tokenizer, QUESTION, max_new_tokens=20)
+    assert len(streamed := list(pieces)) > 1
+    assert "".join(streamed) == done.text
+    assert pieces.completion == done
+
+
+def test_batched_generation_equals_one_by_one(tiny):
+    """Left padding with position ids counted from each row's first token: a prompt's greedy
+    answer does not depend on the other prompts in its batch."""
+    model, tokenizer = tiny
+    prompts = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "My database is down and production is affected, please help!"}],
+        [{"role": "user", "content": "How do I reset my password for the web console?"}],
+        "The quick brown fox",
+        [{"role": "user", "content": "What is two plus two?"}],
+    ]
+    together = generate(model, tokenizer, prompts, batch_size=5, max_new_tokens=12)
+    alone = [generate(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+    assert together == alone
+    assert len({c.prompt_tokens for c in together}) > 1  # the batch really was padded
+
+
+def test_sampling_is_repeatable_with_a_seed(tiny):
+    model, tokenizer = tiny
+    options = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    first = generate(model, tokenizer, [QUESTION], **options)
+    assert generate(model, tokenizer, [QUESTION], **options) == first
+    greedy = generate(model, tokenizer, [QUESTION], max_new_tokens=16)
+    samples = {generate(model, tokenizer, [QUESTION], **{**options, "seed": s})[0].text for s in range(5)}
+    assert samples != {greedy[0].text}
+
+
+def test_bad_options_are_refused(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tokenizer, [QUESTION], max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, tokenizer, [QUESTION], top_p=0)

@@ -1,0 +1,47 @@
+"""The quickstart end to end on the tiny model: every phase runs, files appear, targets are judged."""
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from tuneforge.quickstart import Targets, check_targets, quickstart
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: thread start-up costs more than it saves, and far more on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quickstart_runs_every_phase_and_says_which_targets_it_missed(tiny_model_dir, tmp_path):
+    out = tmp_path / "qs"
+    printed = io.StringIO()
+    code = quickstart(out, model=str(tiny_model_dir), n_train=40, max_steps=2, test_subset=3,
+                      console=Console(file=printed, width=160))
+    text = printed.getvalue()
+    assert code == 1  # a random tiny model cannot triage tickets
+    for phase in ("1/6 model", "2/6 data", "3/6 base", "4/6 fine-tune", "5/6 tuned", "6/6 forgetting"):
+        assert phase in text
+    assert "missed targets:" in text and "tuned: all three fields right" in text and "wall time" in text
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+        assert (out / "data" / name).is_file()
+    assert (out / "final" / "adapter_config.json").is_file()
+    for name in ("report.html", "before.json", "after.json", "forgetting.json", "samples.jsonl"):
+        assert (out / "eval" / name).is_file(), name
+    assert json.loads((out / "eval" / "after.json").read_text())["n"] == 3
+
+
+def test_targets_are_judged_against_their_goals():
+    scores = lambda exact: {"scores": {"exact": exact}}  # noqa: E731
+    forgetting = {"general_text": {"change": 0.01}, "general_questions": {"retained": 0.97}}
+    met = check_targets(Targets(), 600, scores(0.1), scores(0.9), forgetting)
+    assert all(t["met"] for t in met)
+    missed = check_targets(Targets(), 1000, scores(0.3), scores(0.8),
+                           {"general_text": {"change": 0.05}, "general_questions": {"retained": 0.9}})
+    assert not any(t["met"] for t in missed)
