@@ -26,6 +26,7 @@ test: install
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
 
 bench: install
+	$(BIN)/python -m pip install -q -e '.[serve,dev,bench]'
 	$(BIN)/python bench/run.py
 
 clean:

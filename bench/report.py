@@ -1,0 +1,199 @@
+"""Regenerate BENCHMARKS.md from the raw results in bench/results/*.json.
+
+    python bench/report.py
+
+The newest file of each kind is shown in full (training throughput, profile, data preparation);
+every file is listed under "All runs". Figures are only ever copied from the JSON, never typed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OUT = HERE.parent / "BENCHMARKS.md"
+
+TARGETS = {"speedup_vs_hf": 2.0, "speedup_vs_trl": 1.3, "valid_loss": 0.02, "mfu": 0.5}
+
+
+def load(kind: str) -> list[tuple[Path, dict]]:
+    runs = []
+    for path in sorted(RESULTS.glob(f"{kind}-*.json")):
+        try:
+            runs.append((path, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(runs, key=lambda r: (r[1].get("date", ""), r[0].name))
+
+
+def f(x, spec=".1f", none="–") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, spec)
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(HERE.parent))
+
+
+def throughput_section(path: Path, r: dict) -> list[str]:
+    m, v, s = r["machine"], r["versions"], r["setup"]
+    c = r["candidates"]
+    threads = s.get("threads") or m.get("torch_threads")
+    lines = [
+        f"## Training throughput: tuneforge vs HF Trainer + PEFT vs TRL SFTTrainer ({threads} torch thread(s) each)",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}` (`make bench`).",
+        "",
+        f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch ISA {m['isa']}, AVX-512 {'yes' if m['avx512'] else 'no'}, "
+        f"native bf16 (AVX512-BF16/AMX) **{'yes' if m['native_bf16'] else 'no'}**, {m['memory_gib']} GiB; "
+        f"tuneforge `precision: auto` picks **{m['tuneforge_auto_precision']}** here. "
+        f"Shared machine: 1-minute load average during the run median {f(r['load_average']['median'])} "
+        f"(min {f(r['load_average']['min'])}, max {f(r['load_average']['max'])}) on {m['cores']} cores, so absolute "
+        "figures are low and noisy; the ratios are what this run measures (candidates take turns step by step).",
+        f"- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        f"- **Setup**: SmolLM2-135M-Instruct, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']} dropout "
+        f"{s['lora']['dropout']} on all linear layers, lr {s['lr']}, {s['scheduler']}, seed {s['seed']}, one epoch over "
+        f"{s.get('threads') or m.get('torch_threads', '?')} torch thread(s) per candidate, "
+        f"the same {s['train_rows']} conversations ({r['data']['train']['tokens']:,} real tokens, "
+        f"{r['data']['train']['trained_tokens']:,} of them trained) for every candidate. A step is ~1,000 real tokens: "
+        f"{s['batch_sequences']} sequences for padded candidates, {s['batch_packed_rows']} packed row of up to "
+        f"{s['packed_row_tokens']} tokens for packed ones. Each candidate in its own process; they take turns step by "
+        f"step; the first {s['warmup_steps_excluded']} steps of each are not timed. A step is timed from the moment "
+        "its turn starts to the end of the optimizer step: batch fetching and collation included.",
+    ]
+    d = r["data"]["distribution_2000_rows"]
+    t = d["tokens"]
+    lines.append(f"- **Data**: `{r['data']['generator']}`, seeded synthetic single-turn chats (system, user, assistant). "
+                 f"Measured token lengths (SmolLM2 chat template, 2,000 rows): p10 {t['p10']}, median {t['p50']}, "
+                 f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}, mean {t['mean']}; assistant tokens "
+                 f"{d['assistant_share']:.0%} of all. Train set: median {r['data']['train']['lengths']['p50']}, "
+                 f"max {r['data']['train']['lengths']['max']}.")
+    lines.append(f"- **Validation loss**: one shared function (`bench/common.py: assistant_ce`) on each saved adapter: "
+                 f"token-weighted mean cross-entropy over the assistant tokens of {s['valid_rows']} held-out "
+                 f"conversations ({r['valid_tokens']:,} tokens), fp32. Base model before training: "
+                 f"{f(r['base_valid_loss'], '.4f')}.")
+    lines += ["", "| candidate | real tokens/s (median; min-max) | vs HF Trainer | vs TRL | peak RSS (MiB) | RSS vs HF | "
+              "valid loss | vs HF | MFU | steps | real tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, x in c.items():
+        lines.append(
+            f"| {x['label']} | {f(x['tokens_per_s'])} ({f(x['tokens_per_s_min'])}-{f(x['tokens_per_s_max'])}) | "
+            f"{f(x.get('speedup_vs_hf'), '.2f')}x | {f(x.get('speedup_vs_trl'), '.2f')}x | {f(x['peak_rss_mib'], '.0f')} | "
+            f"{f(x.get('rss_vs_hf'), '.2f')}x | {f(x['valid_loss'], '.4f')} | {f(100 * x['valid_loss_vs_hf'] if 'valid_loss_vs_hf' in x else None, '+.1f')}% | "
+            f"{f(100 * x['mfu'] if 'mfu' in x else None, '.1f')}% | {x['steps']} | {x['real_tokens']:,} |")
+    lines.append("")
+    lines.append("Real tokens are non-padding tokens (prompt and reply); tokens/s is the median over the timed steps of "
+                 "(real tokens in the step / step time). Aggregate over the timed steps (total tokens / total time): "
+                 + ", ".join(f"{n} {f(x['tokens_per_s_aggregate'])}" for n, x in c.items()) + ".")
+    tf = c.get("tuneforge")
+    if tf and "speedup_vs_hf" in tf:
+        lines += ["", "### Targets", "", "| target | measured | met? |", "|---|---|---|"]
+        lines.append(f"| >= 2x HF Trainer + PEFT tokens/s (better of fp32/bf16; bf16 not run, see below) | "
+                     f"{f(tf['speedup_vs_hf'], '.2f')}x | {'yes' if tf['speedup_vs_hf'] >= 2 else 'no'} |")
+        if "speedup_vs_trl" in tf:
+            lines.append(f"| >= 1.3x TRL SFTTrainer (packing) tokens/s | {f(tf['speedup_vs_trl'], '.2f')}x | "
+                         f"{'yes' if tf['speedup_vs_trl'] >= 1.3 else 'no'} |")
+        rss_ok = all(tf["peak_rss_mib"] <= x["peak_rss_mib"] for n, x in c.items() if n in ("hf_trainer", "trl_sft"))
+        lines.append(f"| peak RSS not above HF Trainer's or TRL's | {f(tf['peak_rss_mib'], '.0f')} MiB vs "
+                     + ", ".join(f"{n} {f(x['peak_rss_mib'], '.0f')}" for n, x in c.items() if n in ("hf_trainer", "trl_sft"))
+                     + f" | {'yes' if rss_ok else 'no'} |")
+        worst = max(abs(tf["valid_loss"] / x["valid_loss"] - 1) for n, x in c.items() if n in ("hf_trainer", "trl_sft"))
+        lines.append(f"| validation loss within 2% of theirs | largest gap {100 * worst:.1f}% | {'yes' if worst <= 0.02 else 'no'} |")
+        if "mfu" in tf:
+            lines.append(f"| MFU >= 50% of the measured fp32 matmul peak | {100 * tf['mfu']:.1f}% | "
+                         f"{'yes' if tf['mfu'] >= 0.5 else 'no'} |")
+    p = r.get("probe")
+    if p:
+        lines += ["", "### The machine's limit and MFU", "",
+                  f"Matmul throughput measured by a probe that takes a turn in every round of the run above (so under the "
+                  f"same load), `F.linear` on [tokens, in] x [in, out] with the model's shapes, median over "
+                  f"{p['rounds']} rounds:", "", "| shape | fp32 GFLOP/s |", "|---|---|"]
+        lines += [f"| {shape} | {f(g)} |" for shape, g in p["fp32_gflops_by_shape"].items()]
+        lines.append("")
+        lines.append(f"fp32 peak (best base-layer shape, median over rounds): **{f(p['fp32_peak_gflops'])} GFLOP/s** "
+                     f"(best single round {f(p['fp32_peak_gflops_max'])}).")
+        if p.get("bf16_gflops_by_shape"):
+            lines.append("bf16 (emulated: no native bf16 on this CPU): " + ", ".join(
+                f"{shape} {f(g)} GFLOP/s" for shape, g in p["bf16_gflops_by_shape"].items()) + ".")
+        b = p.get("bf16_step")
+        if b:
+            lines.append(f"Whole-model probe, one LoRA forward+backward on {b['tokens']} tokens: fp32 "
+                         f"{f(b['fp32_seconds'], '.2f')} s, bf16 autocast {f(b['bf16_seconds'], '.2f')} s "
+                         f"(**{f(b['bf16_seconds'] / b['fp32_seconds'], '.0f')}x slower**). That is why `precision: auto` "
+                         "picks fp32 here, why `precision: bf16` is refused on this machine, and why the bf16 candidates "
+                         "(HF Trainer bf16, TRL's default bf16) are not run: one step would take many minutes.")
+        lines += ["", f"MFU = achieved model FLOP/s / fp32 peak. Achieved = model FLOPs per real token "
+                  f"({r['flops']['per_real_token'] / 1e6:.0f} M, averaged over the training set) x real tokens/s. "
+                  f"Model FLOPs, {r['flops']['formula']}"]
+        lines.append("")
+        lines.append("| candidate | achieved GFLOP/s | MFU |")
+        lines.append("|---|---|---|")
+        lines += [f"| {x['label']} | {f(x['achieved_gflops'])} | {f(100 * x['mfu'] if 'mfu' in x else None, '.1f')}% |"
+                  for x in c.values()]
+    return lines
+
+
+def profile_section(path: Path, r: dict) -> list[str]:
+    threads = r.get("threads")
+    lines = [f"## Where a tuneforge step's time goes (profile{f', {threads} torch thread(s)' if threads else ''})", "",
+             f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. {r.get('what', '')}", ""]
+    lines += ["Each operator's self time, sorted into parts by the rules in `bench/profile_step.py` (matmuls by shape; "
+              "backward = inside `loss.backward()`). \"Python and framework overhead\" is step time spent in no operator: "
+              "Python, the autograd engine, the profiler's own bookkeeping.", ""]
+    lines += ["| part | seconds / step | share |", "|---|---|---|"]
+    total = r["step_seconds"]
+    for part, sec in r["categories"].items():
+        lines.append(f"| {part} | {sec:.2f} | {100 * sec / total:.1f}% |")
+    lines.append(f"| **step wall time** | {total:.2f} | 100% |")
+    if r.get("notes"):
+        lines += [""] + [f"- {n}" for n in r["notes"]]
+    if r.get("top_ops"):
+        lines += ["", "Top operators by self time (with shapes):", "", "| op | shapes | calls | self s |", "|---|---|---|---|"]
+        lines += [f"| {o['name']} | {o['shapes']} | {o['calls']} | {o['self_s']:.2f} |" for o in r["top_ops"]]
+    return lines
+
+
+def data_prep_section(path: Path, r: dict) -> list[str]:
+    prep, stream = r.get("prepare", {}), r.get("streaming", {})
+    lines = ["## Data preparation", "", f"From `{rel(path)}` ({r.get('date')}), made by `bench/data_prep.py` "
+             "(another engineer's benchmark; figures copied from its JSON).", ""]
+    if prep:
+        lines.append(f"- `prepare` (validate, render, tokenize, dedup, split): {prep.get('rows', 0):,} typical chat rows, "
+                     f"**{f(prep.get('rows_per_s'), ',.0f')} rows/s**, {f(prep.get('tokens_per_s'), ',.0f')} tokens/s.")
+    if stream:
+        lines.append(f"- Streaming read of {stream.get('rows', 0):,} rows ({f(stream.get('file_mib'), '.0f')} MiB): "
+                     f"{f(stream.get('read_rows_per_s'), ',.0f')} rows/s, RSS grew {f(stream.get('rss_growth_mib'), '.1f')} MiB.")
+    if "max_rss_mib" in r:
+        lines.append(f"- Peak RSS {f(r['max_rss_mib'], '.0f')} MiB.")
+    return lines
+
+
+def main() -> None:
+    lines = ["# Benchmarks", "",
+             "Generated by `bench/report.py` from the raw JSON in `bench/results/`; do not edit by hand. "
+             "Run `make bench` (= `.venv/bin/python bench/run.py`) to measure again; `bench/README.md` says what each "
+             "script does.", ""]
+    sections = (("train_throughput", throughput_section), ("train_throughput_1thread", throughput_section),
+                ("profile", profile_section),
+                ("profile_2threads", profile_section),
+                ("data_prep", data_prep_section))
+    every = []
+    for kind, render in sections:
+        runs = load(kind)
+        every += runs
+        if runs:
+            lines += render(*runs[-1]) + [""]
+    if every:
+        lines += ["## All runs", ""]
+        for path, r in sorted(every, key=lambda x: x[0].name):
+            lines.append(f"- `{rel(path)}` ({r.get('date', '?')})")
+        lines.append("")
+    OUT.write_text("\n".join(lines))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
