@@ -17,6 +17,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: thread start-up costs more than it saves, and far more on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama + ChatML tokenizer saved as an HF folder (random weights, seconds to build)."""

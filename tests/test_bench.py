@@ -148,4 +148,4 @@ def test_report_renders_a_throughput_result(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "OUT", tmp_path / "BENCHMARKS.md")
     report.main()
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "| x | 10.0 (9.0-11.0) | 1.00x |" in text and "20x slower" in text
+    assert "| x | 10.0 (9.0-11.0) | 1.00x |" in text and "20.0x the fp32 time" in text

@@ -10,13 +10,7 @@ REPLY = "Hello there, how are you?"
 QUESTION = [{"role": "user", "content": "Hi!"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: thread start-up costs more than it saves, and far more on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,12 @@ import io
 import json
 
 import pytest
-import torch
 from rich.console import Console
 
 from tuneforge.quickstart import Targets, check_targets, quickstart
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: thread start-up costs more than it saves, and far more on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quickstart_runs_every_phase_and_says_which_targets_it_missed(tiny_model_dir, tmp_path):
