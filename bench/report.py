@@ -46,7 +46,8 @@ def throughput_section(path: Path, r: dict) -> list[str]:
     lines = [
         f"## Training throughput: tuneforge vs HF Trainer + PEFT vs TRL SFTTrainer ({threads} torch thread(s) each)",
         "",
-        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}` (`make bench`).",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}` (`make bench` runs `bench/run.py` with its "
+        "defaults).",
         "",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch ISA {m['isa']}, AVX-512 {'yes' if m['avx512'] else 'no'}, "
         f"native bf16 (AVX512-BF16/AMX) **{'yes' if m['native_bf16'] else 'no'}**, {m['memory_gib']} GiB; "
@@ -56,9 +57,8 @@ def throughput_section(path: Path, r: dict) -> list[str]:
         "figures are low and noisy; the ratios are what this run measures (candidates take turns step by step).",
         f"- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- **Setup**: SmolLM2-135M-Instruct, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']} dropout "
-        f"{s['lora']['dropout']} on all linear layers, lr {s['lr']}, {s['scheduler']}, seed {s['seed']}, one epoch over "
-        f"{s.get('threads') or m.get('torch_threads', '?')} torch thread(s) per candidate, "
-        f"the same {s['train_rows']} conversations ({r['data']['train']['tokens']:,} real tokens, "
+        f"{s['lora']['dropout']} on all linear layers, lr {s['lr']}, {s['scheduler']}, seed {s['seed']}, "
+        f"{threads} torch thread(s) per candidate, one epoch over the same {s['train_rows']} conversations ({r['data']['train']['tokens']:,} real tokens, "
         f"{r['data']['train']['trained_tokens']:,} of them trained) for every candidate. A step is ~1,000 real tokens: "
         f"{s['batch_sequences']} sequences for padded candidates, {s['batch_packed_rows']} packed row of up to "
         f"{s['packed_row_tokens']} tokens for packed ones. Each candidate in its own process; they take turns step by "
@@ -120,11 +120,14 @@ def throughput_section(path: Path, r: dict) -> list[str]:
                 f"{shape} {f(g)} GFLOP/s" for shape, g in p["bf16_gflops_by_shape"].items()) + ".")
         b = p.get("bf16_step")
         if b:
+            ratio = b["bf16_seconds"] / b["fp32_seconds"]
             lines.append(f"Whole-model probe, one LoRA forward+backward on {b['tokens']} tokens: fp32 "
                          f"{f(b['fp32_seconds'], '.2f')} s, bf16 autocast {f(b['bf16_seconds'], '.2f')} s "
-                         f"(**{f(b['bf16_seconds'] / b['fp32_seconds'], '.0f')}x slower**). That is why `precision: auto` "
-                         "picks fp32 here, why `precision: bf16` is refused on this machine, and why the bf16 candidates "
-                         "(HF Trainer bf16, TRL's default bf16) are not run: one step would take many minutes.")
+                         f"({f(ratio, '.1f')}x the fp32 time; one pass each, so noisy on a loaded machine).")
+        lines.append("tuneforge's `precision: auto` picks fp32 on a CPU without native bf16 and refuses `precision: bf16` "
+                     "there, so no tuneforge bf16 candidate can run; the bf16 baselines (HF Trainer `bf16=True`, TRL's "
+                     "default bf16) are not run by default for the reason the figures above give (emulated bf16 "
+                     "matmuls are several times slower than fp32); `--candidates hf_trainer_bf16` runs one.")
         lines += ["", f"MFU = achieved model FLOP/s / fp32 peak. Achieved = model FLOPs per real token "
                   f"({r['flops']['per_real_token'] / 1e6:.0f} M, averaged over the training set) x real tokens/s. "
                   f"Model FLOPs, {r['flops']['formula']}"]
@@ -178,7 +181,7 @@ def main() -> None:
              "script does.", ""]
     sections = (("train_throughput", throughput_section), ("train_throughput_1thread", throughput_section),
                 ("profile", profile_section),
-                ("profile_2threads", profile_section),
+                ("profile_fast", profile_section), ("profile_2threads", profile_section),
                 ("data_prep", data_prep_section))
     every = []
     for kind, render in sections:
