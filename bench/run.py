@@ -1,15 +1,16 @@
 """Training throughput, memory and validation loss of tuneforge vs the HF Trainer + PEFT and TRL,
 side by side in one run on SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers.
 
-    python bench/run.py                      # `make bench`: all default candidates, ~15-20 min on 2 quiet cores
+    python bench/run.py                      # `make bench`: the default candidates; 35 min on this shared 2-core
+                                             # machine at load ~4 (less on a quiet one)
     python bench/run.py --steps 6 --candidates tuneforge,hf_trainer     # a quicker look
     python bench/run.py --list               # the candidates there are
 
 Every candidate trains one epoch over the same synthetic chat data (`chatdata.py`, lengths like
 real instruction data), with the same learning rate, schedule, seed and LoRA settings, so each sees
-the same real tokens. One optimizer step holds about 1,000 real tokens for all: `--batch`
-sequences for padded candidates, one packed row of up to 1,024 tokens for packed ones (the
-average sequence is ~180 tokens, so 6 sequences fill about one row).
+the same real tokens. One optimizer step holds ~600-1,000 real tokens: `--batch` sequences (3) for
+padded candidates, one packed row of up to 1,024 tokens for packed ones (the average sequence is
+~180-250 tokens). Packed candidates therefore take a few fewer optimizer steps over the same tokens.
 
 Candidates run in separate processes (peak RSS is each one's own) and take turns step by step
 (`turns.py`), so the machine's background load falls on all of them alike. A matmul probe takes a
@@ -110,14 +111,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--candidates", default=",".join(DEFAULT))
     p.add_argument("--steps", type=int, default=8, help="optimizer steps of a padded candidate (one epoch)")
-    p.add_argument("--batch", type=int, default=6, help="sequences per step for padded candidates")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    p.add_argument("--batch", type=int, default=3,
+                   help="sequences per step for padded candidates (6 padded to a 967-token row took 18 GB: OOM risk on 24 GB)")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the timing")
     p.add_argument("--valid-rows", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--model", default=None, help="HF folder (default: the bundled SmolLM2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for every candidate and the probe (default: torch's own choice, all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for every candidate and the probe; 0 = torch's own choice (all cores). 1 by "
+                        "default: on a shared 2-core machine 2 threads make every parallel op wait for a descheduled "
+                        "thread, which swamps the differences between candidates (see BENCHMARKS.md)")
     p.add_argument("--no-probe", action="store_true")
     p.add_argument("--name", default="train_throughput", help="results file name prefix")
     p.add_argument("--work", default=str(HERE / "work"))
