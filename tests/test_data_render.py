@@ -223,3 +223,23 @@ def test_tools_and_tool_calls_render_as_apply_chat_template_renders_them():
     call_turn, answer = trained_runs(example, tok)
     assert '"name": "lookup"' in call_turn and call_turn.endswith("<|im_end|>")
     assert answer == "In the forest.<|im_end|>"
+
+
+def test_chatml_shortcut_renders_exactly_as_the_template_and_only_for_chatml():
+    from tuneforge.data.render import _chatml_shortcut
+
+    rng = random.Random(0)
+    words = ["Hi", " there", "\n", "{{ x }}", "  ", "<b>", "", "answer: 4 "]
+    for template in (TINY_TEMPLATE, TINY_TEMPLATE.replace("{% for", "{{ '<|im_start|>system\nBe kind.<|im_end|>\n' "
+                                                          "if messages and messages[0]['role'] != 'system' }}{% for")):
+        renderer = ChatRenderer(tokenizer_with_template(template))
+        for _ in range(50):
+            messages = [{"role": rng.choice(["system", "user", "assistant", "tool"]),
+                         "content": "".join(rng.choices(words, k=rng.randint(0, 4)))} for _ in range(rng.randint(1, 5))]
+            for generation_prompt in (False, True):
+                official = renderer.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                   add_generation_prompt=generation_prompt)
+                assert renderer._direct_render(messages, None, generation_prompt) == official
+    trimming = TINY_TEMPLATE.replace("message['content']", "message['content'] | trim")
+    renderer = ChatRenderer(tokenizer_with_template(trimming))
+    assert _chatml_shortcut(lambda m, t, g: renderer._apply_template([m], t, g)[0]) is None

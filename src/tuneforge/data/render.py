@@ -223,7 +223,7 @@ class ChatRenderer:
                     return None
         except (ImportError, *_TEMPLATE_FAILURES):
             return None
-        return render
+        return _chatml_shortcut(render) or render
 
     def _apply_template(self, conversations: list[list[dict]], tools, generation_prompt: bool) -> list[str]:
         if self._direct_render is not None:
@@ -412,6 +412,54 @@ class ChatRenderer:
         turn = whole[len(prompt):] if whole.startswith(prompt) else ""
         cut_ids = set(self._cut_ids.values())
         return next((t for t in self._encode_whole([turn])[0] if t in cut_ids), self.eos_id)
+
+
+_CHATML_PROBES = [
+    _PROBE,
+    [{"role": "user", "content": " leading and trailing spaces \n{{ not jinja }} "},
+     {"role": "assistant", "content": ""}, {"role": "tool", "content": "42"}, {"role": "user", "content": "\n"}],
+    [{"role": "system", "content": ""}],
+    [],
+]
+
+
+def _chatml_shortcut(jinja_render: Callable) -> Callable | None:
+    """For a ChatML template, a renderer in plain string operations; None for any other template.
+
+    Jinja spends most of a short chat's rendering time in its sandbox's attribute checks. A ChatML
+    template (SmolLM2's among them) writes each message as `<|im_start|>role\ncontent<|im_end|>\n`,
+    perhaps after a default system turn when the conversation has none, so we learn that default
+    from the template and use the shortcut only once it renders every probe exactly as the template
+    does. Messages with more than a role and a content (tool calls, names) and tool schemas still go
+    through the template.
+    """
+    try:
+        alone = jinja_render([{"role": "user", "content": "x"}], None, False)
+    except _TEMPLATE_FAILURES:
+        return None
+    default_system = alone[: alone.find("<|im_start|>user\n")] if "<|im_start|>user\n" in alone else None
+    if default_system is None:
+        return None
+
+    def chatml(messages: list[dict], generation_prompt: bool) -> str:
+        parts = [default_system] if messages and messages[0]["role"] != "system" else []
+        parts += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+        if generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+    try:
+        if any(chatml(probe, g) != jinja_render(probe, None, g) for probe in _CHATML_PROBES for g in (False, True)):
+            return None
+    except _TEMPLATE_FAILURES:
+        return None
+
+    def render(messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
+        if tools is None and all(len(m) == 2 for m in messages):  # role and content only
+            return chatml(messages, generation_prompt)
+        return jinja_render(messages, tools, generation_prompt)
+
+    return render
 
 
 def _any_of(strings, *, keep: bool = False) -> re.Pattern | None:
