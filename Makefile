@@ -25,8 +25,11 @@ test: install
 	$(BIN)/tuneforge models pull smollm2-135m-instruct
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
 
+# Data preparation, serving, then training side by side (run.py rewrites BENCHMARKS.md at the end).
 bench: install
 	$(BIN)/python -m pip install -q -e '.[serve,dev,bench]'
+	$(BIN)/python bench/data_prep.py
+	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/run.py
 
 clean:

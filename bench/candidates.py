@@ -67,17 +67,6 @@ def run_tuneforge(spec) -> dict:
             pass
 
     loop.TrainProgress = TurnProgress
-    if spec.get("segment_attention"):  # experiment: per-example attention on packed rows
-        from experiments.segment_attention import use_segment_attention
-
-        load = loop.load_model
-
-        def load_model(*args, **kwargs):
-            model = load(*args, **kwargs)
-            use_segment_attention(model)
-            return model
-
-        loop.load_model = load_model
     lc = spec["lora"]
     cfg = {
         "base_model": spec["model"],

@@ -57,7 +57,6 @@ def main() -> None:
     p.add_argument("--packing", default="true")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--overrides", nargs="*", default=[])
-    p.add_argument("--segment-attention", action="store_true", help="experiment: per-example attention")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--name", default="profile")
     p.add_argument("--work", default=str(HERE / "work-profile"))
@@ -126,10 +125,6 @@ def main() -> None:
         model = load(*a, **kw)
         cfg = model.config
         model_info.update(vocab=cfg.vocab_size, hidden=cfg.hidden_size, inter=cfg.intermediate_size)
-        if args.segment_attention:
-            from experiments.segment_attention import use_segment_attention
-
-            use_segment_attention(model)
         return model
 
     loop.load_model = load_model
@@ -222,7 +217,6 @@ def main() -> None:
         "what": (f"Step {args.step} of a tuneforge run on SmolLM2-135M-Instruct, LoRA r={rank} all-linear, "
                  f"packing {args.packing}, batch {args.batch}, {record['tokens'] // args.step if record else '?'} "
                  f"real tokens per step on average; torch.profiler self times of every operator, sorted into parts."
-                 + (" With the per-example attention experiment." if args.segment_attention else "")
                  + (f" Overrides: {' '.join(args.overrides)}." if args.overrides else "")
                  + f" {torch.get_num_threads()} torch thread(s); 1-minute load average {os.getloadavg()[0]:.1f}."),
         "load_average": os.getloadavg()[0],

@@ -174,6 +174,133 @@ def data_prep_section(path: Path, r: dict) -> list[str]:
     return lines
 
 
+def serve_section(path: Path, r: dict) -> list[str]:
+    s, m, ratios, targets = r["setup"], r["machine"], r["ratios"], r["targets"]
+    hf, stream, together = r["hf_generate"], r["serve_stream"], r["serve_concurrent"]
+    lines = [f"## Serving: `tuneforge serve` against a bare transformers loop ({s['threads']} torch thread(s) each)", "",
+             f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. SmolLM2-135M-Instruct, {s['dtype']} on "
+             f"{s['device']} ({m['cpu']}, {m['cores']} cores), greedy, up to {s['max_tokens']} new tokens per request, "
+             f"{s['rounds']} rounds taking turns. Shared machine: 1-minute load average median "
+             f"{f(r['load_average']['median'])} (min {f(r['load_average']['min'])}, max {f(r['load_average']['max'])}), "
+             "so absolute figures are noisy; the ratios are what this run measures.", "",
+             "| candidate | tokens/s (median over rounds) | ratio | target | met? |", "|---|---|---|---|---|",
+             f"| (a) transformers `model.generate`, batch 1 | {f(hf['tokens_per_s'])} | 1.00x | | |",
+             f"| (b) `tuneforge serve`, one streaming request at a time (HTTP SSE) | {f(stream['tokens_per_s'])} | "
+             f"{f(ratios['serve_vs_hf'], '.2f')}x (a) | >= {targets['serve_vs_hf']:.2f}x (a) | "
+             f"{'yes' if ratios['serve_vs_hf'] >= targets['serve_vs_hf'] else 'no'} |",
+             f"| (c) `tuneforge serve`, {s['concurrency']} concurrent streaming requests (aggregate) | "
+             f"{f(together['tokens_per_s'])} | {f(ratios['concurrent_vs_batch1'], '.2f')}x (b) | "
+             f">= {targets['concurrent_vs_batch1']:.1f}x (b) | "
+             f"{'yes' if ratios['concurrent_vs_batch1'] >= targets['concurrent_vs_batch1'] else 'no'} |", "",
+             f"(a) and (b) decode the same prompts greedily; their texts agreed in {r['same_text']['agree']} of "
+             f"{r['same_text']['of']} runs. Time to the first streamed token in (b), median "
+             f"{f(stream['first_token_seconds'], '.2f')} s. Largest batch the server decoded in (c): "
+             f"{together['largest_batch']}. (b) is timed from sending the request to `data: [DONE]`, HTTP included."]
+    return lines
+
+
+def distill_section(path: Path, r: dict) -> list[str]:
+    s, m, models, speed, training = r["setup"], r["machine"], r["models"], r["speed"], r["training"]
+    teacher, sft = models["teacher"], models["student_sft"]
+    lines = [
+        f"## Distillation: a SmolLM2 student of {len(r['kept_layers'])} of its teacher's {r['teacher_layers']} layers, "
+        f"distilled vs plain SFT ({m['torch_threads']} torch thread)",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. Teacher: SmolLM2-135M-Instruct with LoRA on "
+        f"the upper half of its layers (the quickstart's recipe, {training['teacher']['steps']} steps). Student: "
+        f"`tuneforge distill init --every {s['keep_every']}`, teacher layers {', '.join(map(str, r['kept_layers']))} "
+        f"({sft['parameters'] / 1e6:.1f}M of {teacher['parameters'] / 1e6:.1f}M parameters). Both students start "
+        f"from that same init and train the same way (full fine-tuning, {s['student_steps']} steps of "
+        f"{s['batch_size']} packed rows of up to {s['max_length']} tokens, lr {s['student_learning_rate']}, cosine, "
+        f"seed {s['seed']}, the demo task's training tickets); only the objective differs: SFT is the cross-entropy "
+        f"on the labels, distill is {s['alpha']} x CE + {1 - s['alpha']:g} x T^2 x {s['divergence']} at "
+        f"T = {s['temperature']}. Machine: {m['cpu']}, {m['cores']} cores shared with other work (1-minute load "
+        f"average {f(m['load_average_before'])} before the measurements, {f(m['load_average_after'])} after), so "
+        "times are noisy.",
+        "",
+        f"Held-out test tickets (first {s['test_tickets']}, phrasings training never saw), greedy, up to "
+        f"{s['max_new_tokens']} new tokens:",
+        "",
+        "| model | parameters | layers | all three fields right | valid JSON | category | priority | product | "
+        "loss on reference answers | training s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, key in (("teacher", "teacher"), ("student, plain SFT", "student_sft"), ("student, distilled", "student_distill")):
+        row, sc = models[key], models[key]["scores"]
+        lines.append(f"| {name} | {row['parameters'] / 1e6:.1f}M | {row['layers']} | **{sc['exact']:.1%}** | "
+                     f"{sc['valid_json']:.1%} | {sc['category']:.1%} | {sc['priority']:.1%} | {sc['product']:.1%} | "
+                     f"{f(row['loss'], '.4f')} | {f(training[key]['seconds_per_step'], '.1f')} |")
+    d = training["student_distill"]
+    tickets = sft["scores"]["n"]
+    apart = round(abs(sft["scores"]["exact"] - models["student_distill"]["scores"]["exact"]) * tickets)
+    lines += [
+        "",
+        f"The two students' share of all three fields right differs by {apart} of {tickets} tickets.",
+        "",
+        f"During distillation the divergence per trained token went from {f(d['first_divergence'], '.4f')} to "
+        f"{f(d['last_divergence'], '.4f')} and top-1 agreement with the teacher from {d['first_teacher_agreement']:.1%} "
+        f"to {d['last_teacher_agreement']:.1%} (first and last step). A distillation step also runs the teacher's "
+        "forward pass, hence its longer steps.",
+        "",
+        f"Generation speed, the same {s['speed_prompts']} test prompts, batches of {s['speed_batch_size']}, up to "
+        f"{s['max_new_tokens']} new tokens, greedy, the two models taking turns for {s['speed_rounds']} rounds "
+        "(median tokens/s over rounds, every generated token counted):",
+        "",
+        "| model | tokens/s | vs teacher |",
+        "|---|---|---|",
+        f"| teacher | {f(speed['teacher']['tokens_per_s'])} | 1.00x |",
+        f"| student (distilled) | {f(speed['student']['tokens_per_s'])} | {f(speed['student_vs_teacher'], '.2f')}x |",
+    ]
+    return lines
+
+
+def dpo_section(path: Path, r: dict) -> list[str]:
+    s, m, t, pairs = r["setup"], r["machine"], r["training"], r["heldout_pairs"]
+    before, after = r["generation"]["before"]["scores"], r["generation"]["after"]["scores"]
+    styles = ", ".join(f"{name} {n}" for name, n in sorted(r["rejected_styles"]["train"].items()))
+    lines = [
+        f"## Preference tuning (DPO): the demo task's answer format, SmolLM2 + LoRA ({m['torch_threads']} torch thread)",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. SmolLM2-135M-Instruct, `method: dpo` with LoRA "
+        f"(r {s['lora_r']}, upper {1 - s['lora_from_layer']:.0%} of the layers), beta {s['beta']}, sigmoid loss, "
+        f"{t['steps']} steps of {s['batch_size']} pairs, lr {s['learning_rate']}, seed {s['seed']}; the reference is "
+        f"the model with its adapter disabled. {s['train_pairs']} training pairs from the demo task's training "
+        "tickets: chosen = the reference JSON answer, rejected = the same labels in another form "
+        f"({styles}). Held-out: {pairs['pairs']} pairs made the same way from the test split (phrasings training "
+        f"never saw). Training took {f(t['seconds'] / 60)} min ({f(t['seconds_per_step'])} s/step) on {m['cpu']}, "
+        f"{m['cores']} cores shared with other work (1-minute load average {f(m['load_average_before'])} before, "
+        f"{f(m['load_average_after'])} after).",
+        "",
+        "| held-out pairs | before (reference) | after (policy) |",
+        "|---|---|---|",
+        f"| reward accuracy: chosen's log-ratio to the reference above rejected's | – (every margin is 0) | "
+        f"**{pairs['reward_accuracy_after']:.1%}** |",
+        f"| log p(chosen) > log p(rejected) | {pairs['logp_chosen_gt_rejected_before']:.1%} | "
+        f"**{pairs['logp_chosen_gt_rejected_after']:.1%}** |",
+        f"| log p(chosen) > log p(rejected), per reply token | {pairs['logp_per_token_chosen_gt_rejected_before']:.1%} | "
+        f"**{pairs['logp_per_token_chosen_gt_rejected_after']:.1%}** |",
+        f"| mean log p(chosen) | {pairs['mean_logp_chosen']['before']:.1f} | {pairs['mean_logp_chosen']['after']:.1f} |",
+        f"| mean log p(rejected) | {pairs['mean_logp_rejected']['before']:.1f} | {pairs['mean_logp_rejected']['after']:.1f} |",
+        "",
+        f"Generating greedily on the first {s['generation_tickets']} held-out tickets (up to {s['max_new_tokens']} new "
+        "tokens):",
+        "",
+        "| model | valid JSON (the whole answer) | JSON somewhere in it | valid labels | all three fields right |",
+        "|---|---|---|---|---|",
+    ]
+    for name, sc in (("before (SmolLM2-135M-Instruct)", before), ("after DPO", after)):
+        lines.append(f"| {name} | **{sc['valid_json']:.1%}** | {sc['contains_json']:.1%} | {sc['valid_labels']:.1%} | "
+                     f"{sc['exact']:.1%} |")
+    first, last = t["first"], t["last"]
+    lines += ["", f"Training, mean of the first and last {t['window_steps']} steps: loss {first['train_loss']:.3f} -> "
+              f"{last['train_loss']:.3f}, rewards/margins {first['rewards/margins']:.3f} -> {last['rewards/margins']:.3f}, "
+              f"rewards/accuracies {first['rewards/accuracies']:.1%} -> {last['rewards/accuracies']:.1%}. Chosen and "
+              "rejected carry the same labels, so the pairs contrast the form only.", "",
+              f"First held-out answer before: `{r['generation']['before']['samples'][0]['prediction'][:120]!r}`; after: "
+              f"`{r['generation']['after']['samples'][0]['prediction'][:120]!r}`."]
+    return lines
+
+
 def main() -> None:
     lines = ["# Benchmarks", "",
              "Generated by `bench/report.py` from the raw JSON in `bench/results/`; do not edit by hand. "
@@ -182,7 +309,8 @@ def main() -> None:
     sections = (("train_throughput_1thread", throughput_section), ("train_throughput", throughput_section),
                 ("profile", profile_section),
                 ("profile_fast", profile_section), ("profile_2threads", profile_section),
-                ("data_prep", data_prep_section))
+                ("data_prep", data_prep_section), ("serve", serve_section), ("distill", distill_section),
+                ("dpo", dpo_section))
     every = []
     for kind, render in sections:
         runs = load(kind)

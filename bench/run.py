@@ -56,19 +56,12 @@ CANDIDATES = {
                 {"kind": "trl_sft", "packing": True, "packed": True}),
     # Not run by default: emulated bf16 is ~20x slower here (see the probe's bf16 figures).
     "hf_trainer_bf16": ("HF Trainer + PEFT, padding, bf16 autocast", {"kind": "hf_trainer", "bf16": True}),
-    # Experiments on the loop (bench/experiments/): what a change would buy, measured side by side.
-    "tuneforge_nodropout": ("tuneforge, defaults but lora.dropout 0",
-                            {"kind": "tuneforge", "packing": True, "packed": True,
-                             "overrides": {"lora.dropout": 0.0}}),
-    "tuneforge_1thread": ("tuneforge, defaults, 1 thread instead of torch's default (experiment)",
-                         {"kind": "tuneforge", "packing": True, "packed": True, "threads": 1}),
-    "tuneforge_segattn": ("tuneforge + per-example attention on packed rows (experiment)",
-                          {"kind": "tuneforge", "packing": True, "packed": True, "segment_attention": True}),
-    "tuneforge_segattn_nodropout": ("tuneforge + per-example attention + lora.dropout 0 (experiment)",
-                                    {"kind": "tuneforge", "packing": True, "packed": True, "segment_attention": True,
-                                     "overrides": {"lora.dropout": 0.0}}),
+    # Each tuneforge speed option off, one at a time (packing: tuneforge_nopack above).
+    "tuneforge_model_attention": ("tuneforge, train.attention: model (the model's sdpa with a block mask)",
+                                  {"kind": "tuneforge", "packing": True, "packed": True,
+                                   "overrides": {"train.attention": "model"}}),
 }
-DEFAULT = ["tuneforge", "tuneforge_nopack", "hf_trainer", "trl_sft"]
+DEFAULT = ["tuneforge", "tuneforge_nopack", "tuneforge_model_attention", "hf_trainer", "trl_sft"]
 
 
 def loadavg() -> float:
@@ -157,7 +150,7 @@ def main() -> None:
     train_tok = tokenize_chat(train_rows, tok)
     lengths = [len(t.input_ids) for t in train_tok]
     trained = [t.span[1] - t.span[0] for t in train_tok]
-    lora = {"r": 16, "alpha": 32, "dropout": 0.05}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0}  # PEFT's default and tuneforge's
     flops_total = sum(flops_per_example(shapes, lora["r"], n, t) for n, t in zip(lengths, trained))
     flops_per_token = flops_total / sum(lengths)
     # The length distribution, measured on a larger draw of the same generator (and on the train set).

@@ -2,7 +2,7 @@
 
 The full harness (`make bench`) trains SmolLM2 for many minutes; here each piece it relies on is
 checked on its own: the data generator's lengths, the shared tokenization and validation loss
-(against transformers' own loss), the FLOP count, the per-example attention experiment, the turn
+(against transformers' own loss), the FLOP count, the turn
 protocol between processes, and the report.
 """
 
@@ -66,23 +66,6 @@ def test_flops_count_for_smollm2_shapes():
     one = common.flops_per_example(shapes, 16, 1, 0)
     assert one == 4 * n_lin + 6 * 30 * 16 * 10_176 + 6 * 30 * 576
     assert common.flops_per_example(shapes, 16, 100, 40) - common.flops_per_example(shapes, 16, 100, 0) == 4 * 49152 * 576 * 40
-
-
-def test_segment_attention_equals_masked_sdpa_on_packed_rows(tokenizer):
-    import torch
-
-    from experiments.segment_attention import use_segment_attention
-    from tiny import tiny_llama
-
-    model = tiny_llama(tokenizer).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 40))
-    pos = torch.stack([torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)]),
-                       torch.cat([torch.arange(30), torch.arange(10)])])
-    with torch.no_grad():
-        want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        use_segment_attention(model)
-        got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-    assert torch.allclose(want, got, atol=1e-5)
 
 
 def test_turns_interleave_processes_step_by_step(tmp_path):

@@ -124,6 +124,87 @@ def eval_(
     raise typer.Exit(eval_command(model, str(data), compare=compare, metric=metric, json_out=json_out, limit=limit))
 
 
+@app.command("export")
+def export_(
+    run: str = typer.Argument(..., help="Run folder, checkpoint folder, or model (registry name, HF folder, .gguf)."),
+    format: str = typer.Option(..., "--format", help="adapter | merged | gguf"),
+    out: Path = typer.Option(..., help="Folder to write; must not exist or be empty."),
+    dtype: Optional[str] = typer.Option(None, help="merged: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0"),
+    ollama: bool = typer.Option(False, help="Also write an Ollama Modelfile (gguf only)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+):
+    """Export RUN as a PEFT adapter, a merged safetensors model or a GGUF, checked against the source."""
+    from .export import export as run_export
+
+    run_export(run, format, dtype, out, ollama=ollama, overwrite=overwrite)
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="Registry name, model folder, run folder, checkpoint or .gguf file."),
+    system: Optional[str] = typer.Option(None, help="System message (change it later with /system TEXT)."),
+    max_tokens: int = typer.Option(512, min=1, help="Most tokens in one reply."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy: the same answer every time."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling, in (0, 1] (with temperature > 0)."),
+):
+    """Chat with MODEL in the terminal, replies streamed; /reset, /system TEXT, /exit."""
+    from .chat import chat_command
+
+    raise typer.Exit(chat_command(model, system=system, max_new_tokens=max_tokens, temperature=temperature,
+                                  top_p=top_p))
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, help="Base model (default: the first adapter's base, else the bundled model)."),
+    adapter: Optional[List[str]] = typer.Option(None, help="NAME=PATH of a LoRA adapter or run folder; repeatable."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: Optional[List[str]] = typer.Option(None, envvar="TUNEFORGE_API_KEYS",
+                                                help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated)."),
+    max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
+    max_batch: int = typer.Option(32, min=1, help="Most requests decoded together."),
+    max_tokens: int = typer.Option(1024, min=1, help="Reply length limit for chat requests that set none."),
+):
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for a base and its adapters."""
+    from .serve.command import serve_command
+
+    raise typer.Exit(serve_command(model, adapter or [], host=host, port=port, api_keys=api_key or [],
+                                   max_adapters=max_adapters, max_batch=max_batch, default_max_tokens=max_tokens))
+
+
+@app.command()
+def api(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    db: Optional[str] = typer.Option(None, envvar="TUNEFORGE_DB",
+                                     help="Job store URL, e.g. postgresql://user@host/db (default: SQLite under $TUNEFORGE_HOME/jobs)."),
+    workers: int = typer.Option(1, min=0, help="Jobs this server trains at once, each in its own process."),
+    api_key: Optional[List[str]] = typer.Option(None, envvar="TUNEFORGE_API_KEYS",
+                                                help="Require this Bearer key; repeatable; each key sees only its own files, jobs and models."),
+    max_upload_mb: int = typer.Option(512, min=1, help="Largest file POST /v1/files accepts, in MiB."),
+):
+    """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, and inference for the models made."""
+    from .jobs.command import api_command
+
+    raise typer.Exit(api_command(host=host, port=port, db=db, workers=workers, api_keys=api_key or [],
+                                 max_upload_mb=max_upload_mb))
+
+
+@app.command()
+def worker(
+    db: str = typer.Option(..., "--store", "--db", envvar="TUNEFORGE_DB",
+                           help="The shared job store, e.g. postgresql://user@host/db."),
+    workers: int = typer.Option(1, min=1, help="Jobs this machine trains at once, each in its own process."),
+):
+    """Job workers for a `tuneforge api` elsewhere: claim queued jobs from the shared store and train them.
+
+    $TUNEFORGE_HOME must be the same shared folder the API server uses (uploaded files, run folders)."""
+    from .jobs.command import worker_command
+
+    raise typer.Exit(worker_command(db=db, workers=workers))
+
+
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Run folder."),
@@ -134,6 +215,39 @@ def quickstart(
     from .quickstart import quickstart as run_quickstart
 
     raise typer.Exit(run_quickstart(out, n_train=n_train, max_steps=max_steps))
+
+
+distill_app = typer.Typer(no_args_is_help=True, help="Distillation: build a smaller student, write a teacher's answers.")
+app.add_typer(distill_app, name="distill")
+
+
+@distill_app.command("init")
+def distill_init(
+    teacher: str = typer.Option(..., help="Teacher model: registry name, HF folder, .gguf, run or adapter folder."),
+    out: Path = typer.Option(..., help="Folder to write the student to; must not exist."),
+    keep_layers: Optional[str] = typer.Option(None, help="Teacher layers to keep, e.g. 0,6,12,18,24,29."),
+    every: Optional[int] = typer.Option(None, help="Keep every K-th layer (default 2: about half); first and last always."),
+):
+    """A smaller student from a subset of the teacher's decoder layers (DistilBERT-style); prints parameter counts."""
+    from .distill.commands import distill_init as cmd
+
+    raise typer.Exit(cmd(teacher, str(out), keep_layers=keep_layers, every=every))
+
+
+@distill_app.command("generate")
+def distill_generate(
+    teacher: str = typer.Option(..., help="Teacher model: registry name, HF folder, .gguf, run or adapter folder."),
+    prompts: Path = typer.Option(..., help="Chat JSONL (a last assistant turn is dropped) or prompt/completion rows."),
+    out: Path = typer.Option(..., help="Chat JSONL to write; a rerun continues where it stopped."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
+    batch_size: int = typer.Option(16, help="Prompts generated together (and written together)."),
+    limit: Optional[int] = typer.Option(None, help="Stop after the first N prompts; rerun without it to finish."),
+):
+    """The teacher's answers to PROMPTS as chat data for SFT (sequence-level distillation); resumable."""
+    from .distill.commands import distill_generate as cmd
+
+    raise typer.Exit(cmd(teacher, str(prompts), str(out), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         limit=limit))
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -150,6 +264,8 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' own bar for each weight load: seconds long, and noise between our progress lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         # Without standalone mode, click returns a command's exit code instead of exiting.
         sys.exit(app(args=_normalise_argv(sys.argv[1:]), prog_name="tuneforge", standalone_mode=False) or 0)

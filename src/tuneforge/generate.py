@@ -16,6 +16,9 @@ end-of-turn token or a stop string, "length" at max_new_tokens), with its text c
 the stop string; and rows leave the batch as they finish, so a long rambling answer does not make
 the short ones pay for it. Underneath it is the usual recipe: left padding, position ids counted
 from each row's first real token, a KV cache, logits for the last position only.
+
+`Batch` is that loop opened up for `serve`: rows, each with its own sampling options, join a
+running batch between steps as well as leave it (continuous batching).
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ class Sampling:
         if self.temperature == 0 or self.seed is None:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def inference_device() -> torch.device:
+    """Where chat and serve put the model: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> str:
@@ -145,33 +153,43 @@ def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, tempe
                             sampling.generator(model.device)))
 
 
-class _Row:
-    """One prompt's completion: its tokens, its text so far and how much of that was handed out."""
+class Row:
+    """One prompt's completion as it is decoded: its tokens, its text so far and how much of that was handed out.
 
-    def __init__(self, prompt_tokens: int):
-        self.prompt_tokens = prompt_tokens
+    Each row has its own sampling options and random stream, so rows of different requests can share a batch.
+    """
+
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None):
+        self.prompt_ids = prompt_ids
+        self.sampling, self.generator = sampling, generator
         self.tokens: list[int] = []
         self.text = ""
         self.handed_out = 0
         self.finish_reason: str | None = None
+        self.cancelled = False  # set by whoever no longer wants the rest; the row leaves at the next step
 
-    def add(self, token: int, tokenizer, stop_ids: frozenset[int], sampling: Sampling) -> str:
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def add(self, token: int, tokenizer, stop_ids: frozenset[int]) -> str:
         """Take the next token; return the text that is now safe to hand out."""
+        stop = self.sampling.stop
         self.tokens.append(token)
         if token in stop_ids:
             self.finish_reason = "stop"
             self.text = tokenizer.decode(self.tokens[:-1], skip_special_tokens=True)
         else:
             self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-            cut = min((i for i in (self.text.find(s) for s in sampling.stop) if i >= 0), default=-1)
+            cut = min((i for i in (self.text.find(s) for s in stop) if i >= 0), default=-1)
             if cut >= 0:
                 self.text, self.finish_reason = self.text[:cut], "stop"
-            elif len(self.tokens) >= sampling.max_new_tokens:
+            elif len(self.tokens) >= self.sampling.max_new_tokens:
                 self.finish_reason = "length"
         safe = len(self.text)
         if self.finish_reason is None:
             # A stop string may be starting at the end, or a character may be half decoded.
-            safe -= max((len(s) for s in sampling.stop), default=1) - 1
+            safe -= max((len(s) for s in stop), default=1) - 1
             while safe > 0 and self.text[safe - 1] == "\ufffd":
                 safe -= 1
         piece = self.text[self.handed_out:max(safe, self.handed_out)]
@@ -179,81 +197,190 @@ class _Row:
         return piece
 
     def completion(self) -> Completion:
-        return Completion(self.text, self.prompt_tokens, len(self.tokens), self.finish_reason or "length",
+        return Completion(self.text, len(self.prompt_ids), len(self.tokens), self.finish_reason or "length",
                           tuple(self.tokens))
 
 
-class _Decoding:
-    """Decodes a batch of prompts; iterating runs one step at a time and yields, per row, the new text."""
+class Batch:
+    """Rows decoded together that may join and leave between steps (continuous batching, for `serve`).
 
-    def __init__(self, model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling,
-                 generator: torch.Generator | None):
-        if any(not ids for ids in prompt_ids):
-            raise ValueError("a prompt rendered to no tokens; give it some text")
-        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
-        self.prompt_ids = prompt_ids
-        self.rows = [_Row(len(ids)) for ids in prompt_ids]
+        batch = Batch(model.eval(), tokenizer)
+        row = batch.add(prompt_ids, Sampling(max_new_tokens=64))
+        while batch:
+            for row, piece in batch.step():   # one new token per row: a waiting row's first, after its prompt
+                ...
+        row.completion()
+
+    Rows added while others decode are prefilled on their own at the next step and merged into the
+    running KV cache, both sides left-padded to a common width; finished rows leave, and the cache
+    columns that only they used go with them. Merging needs a plain full-attention cache
+    (`DynamicLayer` on every layer); with any other (sliding windows) `can_join` is False and added
+    rows wait until the running ones have finished.
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
         self.stop_ids = stop_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.stop_ids))
-        self.generator = generator
+        self._cache_argument = _cache_argument(model)
+        self._waiting: list[Row] = []  # added, not prefilled yet
+        self._rows: list[Row] = []  # one per line of the running cache
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # [rows, cache width]: 1 where the cache holds a real token
+        self._next: torch.Tensor | None = None  # [rows]: each row's latest token, the input of the next step
+
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows added now start at the next step rather than after the running ones finish."""
+        from transformers.cache_utils import DynamicLayer
+
+        return self._cache is None or all(type(layer) is DynamicLayer and layer.is_initialized
+                                          for layer in self._cache.layers)
+
+    def add(self, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> Row:
+        """Queue a prompt; `generator` is its random stream (None: greedy, or torch's global one)."""
+        if not prompt_ids:
+            raise ValueError("a prompt rendered to no tokens; give it some text")
+        row = Row(list(prompt_ids), sampling, generator)
+        self._waiting.append(row)
+        return row
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, str]]:
+        """Decode one token for every running row and prefill the waiting ones; each row's new text."""
+        self._waiting = [row for row in self._waiting if not row.cancelled]
+        self._leave()
+        produced = self._decode() if self._rows else []
+        if self._waiting and self.can_join:
+            produced += self._prefill()
+        self._leave()
+        return produced
+
+    def _forward(self, input_ids, attention_mask, positions, cache) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
+        return out.logits[:, -1].float()
+
+    def _decode(self) -> list[tuple[Row, str]]:
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=-1)
+        # A row's next position is the number of real tokens before it, whatever padding sits on its left.
+        positions = self._mask.sum(-1, keepdim=True)
+        logits = self._forward(self._next[:, None], mask, positions, self._cache)
+        self._mask = mask
+        self._next = self._pick(logits, self._rows)
+        return self._hand_out(self._rows, self._next)
+
+    def _prefill(self) -> list[tuple[Row, str]]:
+        from transformers import DynamicCache
+
+        rows, self._waiting = self._waiting, []
+        device = self.model.device
+        width = max(len(row.prompt_ids) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for line, row in enumerate(rows):
+            input_ids[line, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+            mask[line, width - len(row.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        # Positions count from each row's first real token, so padding does not shift them.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        tokens = self._pick(self._forward(input_ids, mask, positions, cache), rows)
+        self._merge(rows, cache, mask, tokens)
+        return self._hand_out(rows, tokens)
+
+    def _merge(self, rows: list[Row], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._next = rows, cache, mask, tokens
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for running, joining in zip(self._cache.layers, cache.layers):
+            running.keys = torch.cat([_left_pad(running.keys, width, -2), _left_pad(joining.keys, width, -2)])
+            running.values = torch.cat([_left_pad(running.values, width, -2), _left_pad(joining.values, width, -2)])
+        self._mask = torch.cat([_left_pad(self._mask, width, -1), _left_pad(mask, width, -1)])
+        self._next = torch.cat([self._next, tokens])
+        self._rows = self._rows + rows
+
+    def _leave(self) -> None:
+        """Drop finished and cancelled rows from the running cache."""
+        keep = [line for line, row in enumerate(self._rows) if not row.done]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._next = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._next = self._mask[index], self._next[index]
+        self._rows = [self._rows[line] for line in keep]
+        unused = int(self._mask.any(0).int().argmax())  # leading columns no remaining row attends to
+        if unused and self.can_join:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            self._mask = self._mask[:, unused:]
+
+    def _pick(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """The next token of each row: argmax, or a sample; rows sharing options and a random stream
+        are sampled in one draw, so a batch with one seed draws as it always has."""
+        tokens = logits.argmax(-1)
+        groups: dict[tuple, list[int]] = {}
+        for line, row in enumerate(rows):
+            if row.sampling.temperature > 0:
+                groups.setdefault((row.sampling.temperature, row.sampling.top_p, id(row.generator)), []).append(line)
+        for (temperature, top_p, _), lines in groups.items():
+            tokens[lines] = _sample(logits[lines], temperature, top_p, rows[lines[0]].generator)
+        return tokens
+
+    def _hand_out(self, rows: list[Row], tokens: torch.Tensor) -> list[tuple[Row, str]]:
+        return [(row, row.add(token, self.tokenizer, self.stop_ids)) for row, token in zip(rows, tokens.tolist())]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs[before >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class _Decoding:
+    """Decodes a fixed set of prompts together; iterating runs one step at a time and yields, per prompt, the new text."""
+
+    def __init__(self, model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling,
+                 generator: torch.Generator | None):
+        self.model = model
+        self.batch = Batch(model, tokenizer)
+        self.rows = [self.batch.add(ids, sampling, generator) for ids in prompt_ids]
 
     def completions(self) -> list[Completion]:
         return [row.completion() for row in self.rows]
 
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        s = self.sampling
-        if s.temperature == 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / s.temperature, dim=-1)
-        if s.top_p < 1:
-            # Keep the smallest set of most likely tokens whose probability reaches top_p.
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            before = sorted_probs.cumsum(-1) - sorted_probs
-            sorted_probs[before >= s.top_p] = 0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-
-    @torch.inference_mode()
     def __iter__(self) -> Iterator[list[str]]:
-        from transformers import DynamicCache
-
-        device = self.model.device
-        width = max(len(ids) for ids in self.prompt_ids)
-        input_ids = torch.full((len(self.prompt_ids), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for b, ids in enumerate(self.prompt_ids):
-            input_ids[b, width - len(ids):] = torch.tensor(ids)
-            attention_mask[b, width - len(ids):] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        # Positions count from each row's first real token, so padding does not shift them.
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        active = list(range(len(self.rows)))  # row index of each batch line still decoding
-        cache = DynamicCache(config=self.model.config)
+        line_of = {id(row): line for line, row in enumerate(self.rows)}
         was_training = self.model.training
         self.model.eval()
         try:
-            while active:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=True, logits_to_keep=1, **{_cache_argument(self.model): cache})
-                tokens = self._pick(out.logits[:, -1].float()).tolist()
+            while self.batch:
                 pieces = [""] * len(self.rows)
-                for line, token in enumerate(tokens):
-                    row = self.rows[active[line]]
-                    pieces[active[line]] = row.add(token, self.tokenizer, self.stop_ids, self.sampling)
+                for row, piece in self.batch.step():
+                    pieces[line_of[id(row)]] = piece
                 yield pieces
-                keep = [line for line, r in enumerate(active) if self.rows[r].finish_reason is None]
-                if not keep:
-                    break
-                if len(keep) < len(active):
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    attention_mask, positions = attention_mask[index], positions[index]
-                    tokens = [tokens[line] for line in keep]
-                active = [active[line] for line in keep]
-                input_ids = torch.tensor(tokens, device=device)[:, None]
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
-                positions = positions[:, -1:] + 1
         finally:
             self.model.train(was_training)
 

@@ -26,15 +26,21 @@ from .tasks import support_triage
 
 @dataclass(frozen=True)
 class Settings:
-    n_train: int = 1200  # generated training tickets
-    n_valid: int = 48  # validation tickets: the loss curve (cheap enough to evaluate often)
+    n_train: int = 1600  # generated training tickets (a run sees each at most once)
+    n_valid: int = 48  # validation tickets: the loss curve (cheap enough to evaluate mid-run)
     n_test: int = 300  # generated held-out tickets
     test_subset: int = 100  # of which the quickstart scores the first this many, base and tuned
-    max_steps: int = 80
-    batch_size: int = 4  # packed rows per step
+    max_steps: int = 100
+    batch_size: int = 2  # packed rows per step: about ten tickets
     max_length: int = 512  # tokens per packed row: about five tickets
+    # 3e-3 reached the same validation loss sooner but collapsed every non-task prompt into '{"{"{"'
+    # (general questions kept: 9.6%); 1e-3 with replay is the measured trade-off.
     learning_rate: float = 1e-3
+    general_mix: float = 0.2  # share of training that is general chit-chat replay, against forgetting
     lora_r: int = 16
+    # LoRA on the upper half of the decoder layers only: backpropagation then stops halfway down,
+    # which made a step 1.46x faster than all-linear LoRA (2 cores, fp32).
+    lora_from_layer: float = 0.5
     max_new_tokens: int = 40  # the answer is one JSON line of about 20 tokens
     seed: int = 0
 
@@ -48,18 +54,33 @@ class Targets:
     text_loss_rise: float = 0.03  # relative rise of general-text cross-entropy, at most
 
 
+# The linear layers of a Llama-style decoder layer (SmolLM2 and Gemma 3 name them so).
+_DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def upper_layer_targets(model: str, from_layer: float) -> list[str]:
+    """LoRA target modules: every linear layer of the decoder layers from `from_layer` (a fraction of
+    the depth) up, as module-name suffixes PEFT matches."""
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(resolve(model).path).num_hidden_layers
+    return [f"layers.{i}.{name}" for i in range(int(layers * from_layer), layers) for name in _DECODER_LINEARS]
+
+
 def training_config(settings: Settings, model: str, data: dict[str, Path], out: Path) -> dict:
     return {
         "base_model": model,
         "method": "lora",
-        "lora": {"r": settings.lora_r, "alpha": 2 * settings.lora_r, "dropout": 0.0, "target_modules": "all-linear"},
+        "lora": {"r": settings.lora_r, "alpha": 2 * settings.lora_r, "dropout": 0.0,
+                 "target_modules": upper_layer_targets(model, settings.lora_from_layer)},
         "data": {"train": str(data["train"]), "validation": str(data["validation"]),
-                 "max_length": settings.max_length, "packing": True},
+                 "max_length": settings.max_length, "packing": True, "general_mix": settings.general_mix},
         "train": {"max_steps": settings.max_steps, "batch_size": settings.batch_size,
                   "learning_rate": settings.learning_rate, "warmup": 0.05, "scheduler": "cosine",
                   # fp32, not auto: CPU bf16 autocast trained LoRA about 18x slower than fp32 here.
                   "precision": "fp32",
-                  "eval_every": max(1, settings.max_steps // 4), "save_every": 0, "seed": settings.seed},
+                  "eval_every": max(1, settings.max_steps // 2), "save_every": 0, "seed": settings.seed},
         "eval": {"task": "support_triage", "forgetting": True},
         "output_dir": str(out),
     }

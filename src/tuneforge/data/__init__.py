@@ -14,7 +14,7 @@ every row checked), `render` (records -> token ids + loss masks via the chat tem
 """
 
 from .formats import FORMATS, read_conversations
-from .pack import PackedRow, block_causal_mask, collate, pack
+from .pack import PackedRow, block_causal_mask, collate, join, pack
 from .prepare import check_data, prepare
 from .render import CHATML_TEMPLATE, render_conversation, render_preference
 from .schema import (
@@ -43,6 +43,7 @@ __all__ = [
     "block_causal_mask",
     "check_data",
     "collate",
+    "join",
     "pack",
     "prepare",
     "read_conversations",

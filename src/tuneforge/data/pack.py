@@ -35,7 +35,7 @@ class PackedRow:
         return len(self.input_ids)
 
 
-def pack(examples: Sequence[Example], max_length: int) -> list[PackedRow]:
+def pack(examples: Sequence[Example | PackedRow], max_length: int) -> list[PackedRow]:
     """Best-fit-decreasing: longest examples first, each into the fullest row it still fits in.
 
     Deterministic for a given input order. Examples longer than `max_length` are an error here:
@@ -67,15 +67,17 @@ def pack(examples: Sequence[Example], max_length: int) -> list[PackedRow]:
         if space:
             rows_with_space[space].append(row)
             has_space |= 1 << space
-    return [_join([examples[i] for i in members]) for members in rows]
+    return [join([examples[i] for i in members]) for members in rows]
 
 
-def _join(examples: list[Example]) -> PackedRow:
+def join(examples: Sequence[Example | PackedRow]) -> PackedRow:
+    """Examples (or rows) laid end to end in one row, in order; each keeps its own position ids, so
+    a DPO pair joined as (chosen, rejected) stays two examples wherever it is packed."""
     input_ids, labels, position_ids = [], [], []
     for e in examples:
         input_ids += e.input_ids
         labels += e.labels
-        position_ids += range(len(e))
+        position_ids += e.position_ids if isinstance(e, PackedRow) else range(len(e))
     return PackedRow(input_ids, labels, position_ids)
 
 

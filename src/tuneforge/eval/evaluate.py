@@ -12,12 +12,11 @@ its last message, greedily, and a metric from `tuneforge.tasks.metrics.METRICS` 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,6 +25,7 @@ from ..errors import DataError, TuneforgeError
 from ..generate import generate
 from ..methods import SFTObjective
 from ..models import load_model, load_tokenizer, resolve
+from ..progress import progress_bar
 from ..tasks import support_triage
 from ..tasks.metrics import METRICS, parse_json_object
 
@@ -95,21 +95,6 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
     if all(parse_json_object(e.reference) is not None for e in examples):
         return "json_fields"
     return "exact"
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A transient rich progress bar on stderr; yields `advance(n)`."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 @torch.inference_mode()

@@ -35,9 +35,10 @@ from ..generate import encode_prompts, generate
 from ..methods import causal_lm
 from ..methods.sft import trained_logits
 from ..models import load_model, load_tokenizer, resolve
+from ..progress import progress_bar
 from ..tasks.general import general_prompts, general_questions, general_text
 from ..tasks.metrics import contains
-from .evaluate import DEFAULT_BATCH_SIZE, progress_bar, token_loss
+from .evaluate import DEFAULT_BATCH_SIZE, token_loss
 
 BASE_QUESTIONS_FILE = "base_questions.json"
 # Generation settings for general questions and prompts: short answers suffice, and the question

@@ -5,9 +5,9 @@
                    -> clip -> optimizer step -> log -> eval -> checkpoint
     -> final model + full validation + summary
 
-The loss of an optimizer step is the mean over its trained tokens across all micro-batches and
-ranks. Each micro-batch therefore backpropagates (its summed loss) / (the step's trained tokens),
-times the world size because DDP averages gradients over ranks.
+The loss of an optimizer step is the mean over its trained tokens (for DPO, its pairs: what the
+objective counts) across all micro-batches and ranks. Each micro-batch therefore backpropagates
+(its summed loss) / (the step's count), times the world size because DDP averages gradients over ranks.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from .. import data as tfdata
 from ..config import Config, auto_epochs, load_config
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
-from ..methods import SFTObjective, prepare_model, trainable_parameters
+from ..methods import (batch_items, build_objective, causal_lm, check_inputs, loss_count, prepare_model,
+                       reported_sums, trainable_parameters)
 from ..models import load_model, load_tokenizer, resolve
 from . import batches, checkpoint, distributed
+from .attention import per_example_attention, supports_per_example_attention
 from .progress import TrainProgress
 
 
@@ -127,8 +129,9 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Pla
     return Plan(n_rows, epochs, per_epoch, total, warmup, t.batch_size // n_micro)
 
 
-def to_rows(examples, cfg: Config):
-    return tfdata.pack(examples, cfg.data.max_length) if cfg.data.packing else examples
+def to_rows(items, cfg: Config):
+    # Rows are max_length long, or as long as the longest item (a DPO pair is two examples end to end).
+    return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)])) if cfg.data.packing else items
 
 
 class MetricsLog:
@@ -162,21 +165,23 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def evaluate(objective, rows, pad_id: int, micro_rows: int, world: distributed.World, autocast) -> dict:
-    """Token-weighted loss and accuracy over `rows` (summed across ranks). Packing does not change
-    it: the same tokens are predicted from the same context either way."""
+def evaluate(objective, rows, pad_id: int, micro_rows: int, world: distributed.World, autocast, *,
+             summed: dict[str, str], count) -> dict:
+    """Each metric of `summed` (name -> the objective's sum) over `rows`, per what `count` counts
+    (trained tokens; DPO pairs), summed across ranks. Packing does not change it: the same tokens
+    are predicted from the same context either way."""
     objective.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(len(summed) + 1, dtype=torch.float64)
     device = world.device
     for start in range(world.rank * micro_rows, len(rows), micro_rows * world.size):
         batch = {k: v.to(device) for k, v in tfdata.collate(rows[start:start + micro_rows], pad_id).items()}
         with autocast():
             sums = objective(**batch)
-        totals += torch.tensor([sums["ce"].item(), sums["correct"].item(), sums["tokens"]], dtype=torch.float64)
+        totals += torch.tensor([*(sums[key].item() for key in summed.values()), count(batch)], dtype=torch.float64)
     distributed.all_sum(totals)
     objective.train()
-    loss, correct, n = totals.tolist()
-    return {"loss": loss / max(n, 1), "mean_token_accuracy": correct / max(n, 1), "tokens": int(n)}
+    n = max(totals[-1].item(), 1)
+    return {name: total / n for name, total in zip(summed, totals[:-1].tolist())}
 
 
 class StopRequest:
@@ -233,6 +238,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     # Data: rank 0 prepares (and caches); the other ranks then read the same cache.
     source = resolve(cfg.base_model)
     tokenizer = load_tokenizer(source)
+    check_inputs(cfg, tokenizer)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
@@ -240,8 +246,9 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     distributed.barrier()
     if not world.is_main:
         prepared = tfdata.prepare(cfg.data, tokenizer, log=log)
-    train_rows, valid_rows = to_rows(prepared.train, cfg), to_rows(prepared.valid, cfg)
-    plan = make_plan(cfg, len(prepared.train), len(train_rows), world.size)
+    train_items, valid_items = batch_items(prepared, cfg)
+    train_rows, valid_rows = to_rows(train_items, cfg), to_rows(valid_items, cfg)
+    plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
     lengths = np.array([len(r.input_ids) for r in train_rows])
 
     # Model and method.
@@ -262,7 +269,12 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     if cfg.train.kl_to_base and cfg.method == "full":
         # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
         reference = load_model(source, dtype=torch.float32).to(device).eval().requires_grad_(False)
-    objective = SFTObjective(model, kl_to_base=cfg.train.kl_to_base, reference=reference)
+    objective = build_objective(model, cfg, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                                device=device, reference=reference)
+    reported = reported_sums(objective)  # logged as train_NAME and valid_NAME: loss (and token accuracy)
+    logged_sums = objective.logged_sums  # the method's own metrics, beside them
+    summed = {**reported, **{name: name for name in logged_sums}}
+    count = loss_count(objective)  # what the sums are sums over: trained tokens, or DPO pairs
     if world.size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     objective.train()
@@ -276,11 +288,20 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         distributed.barrier()
         return path
 
+    lm = causal_lm(model)
+    fast_attention = cfg.train.attention == "per_example" and supports_per_example_attention(lm.config, cfg.data.max_length)
+    if cfg.train.attention == "per_example" and not fast_attention:
+        log("attention: this model's attention is not plain causal attention over a whole row "
+            "(sliding window or soft-capping); using its own attention with a block mask")
+
+    def training_attention():
+        return per_example_attention(lm) if fast_attention else contextlib.nullcontext()
+
     last_metrics: dict = {}
     started = time.perf_counter() - state["elapsed"]
     bar = TrainProgress(plan.total_steps, state["step"], enabled=progress and world.is_main)
     status = "completed"
-    with StopRequest() as stop, bar:
+    with StopRequest() as stop, bar, training_attention():
         for step in range(state["step"], plan.total_steps):
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             order = batches.epoch_order(len(train_rows), cfg.train.seed, epoch)
@@ -289,24 +310,24 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             real_tokens = sum(len(train_rows[i].input_ids) for idx in micro for i in idx)
             micro = [tfdata.collate([train_rows[i] for i in idx], pad_id) for idx in micro]
 
-            # The step's trained tokens, over all micro-batches and ranks: the loss denominator.
-            step_tokens = distributed.all_sum(torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in micro))]))
+            # The step's count (trained tokens, or pairs), over all micro-batches and ranks: the loss denominator.
+            step_count = distributed.all_sum(torch.tensor([float(sum(count(b) for b in micro))]))
             t0 = time.perf_counter()
-            totals = torch.zeros(4, dtype=torch.float64)  # ce, correct, kl sums; real (non-padding) tokens
-            totals[3] = real_tokens
+            # the objective's sums named in `summed`, then real (non-padding) tokens
+            totals = torch.zeros(len(summed) + 1, dtype=torch.float64)
+            totals[-1] = real_tokens
             for i, batch in enumerate(micro):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = contextlib.nullcontext() if world.size == 1 or i == len(micro) - 1 else objective.no_sync()
                 with sync:
                     with autocast():
                         sums = objective(**batch)
-                    (sums["loss"] * (world.size / step_tokens.to(device))).backward()
-                totals[0] += sums["ce"].item()
-                totals[1] += sums["correct"].item()
-                totals[2] += sums["kl"].item() if "kl" in sums else 0.0
+                    (sums["loss"] * (world.size / step_count.to(device))).backward()
+                totals[:-1] += torch.tensor([sums[key].item() for key in summed.values()], dtype=torch.float64)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
             distributed.all_sum(totals)
-            train_loss = totals[0].item() / step_tokens.item()
+            means = dict(zip(summed, (totals[:-1] / step_count.item()).tolist()))
+            train_loss = means["loss"]
             if not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)):
                 last = checkpoint.latest(ckpt_root)
                 raise RunFailed(
@@ -319,25 +340,23 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             optimizer.zero_grad(set_to_none=True)
 
             step_time = time.perf_counter() - t0
-            state["step"], state["tokens"] = step + 1, state["tokens"] + int(totals[3])
+            state["step"], state["tokens"] = step + 1, state["tokens"] + int(totals[-1])
             state["elapsed"] = time.perf_counter() - started
             record = {
                 "step": step + 1,
                 "epoch": round((step + 1) / plan.steps_per_epoch, 4),
-                "train_loss": train_loss,
-                "train_mean_token_accuracy": totals[1].item() / step_tokens.item(),
+                **{f"train_{name}": means[name] for name in reported},
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "tokens": state["tokens"],
-                "tokens_per_s": totals[3].item() / step_time,
+                "tokens_per_s": totals[-1].item() / step_time,
                 "elapsed": round(state["elapsed"], 3),
             }
-            if cfg.train.kl_to_base:
-                record["kl_to_base"] = totals[2].item() / step_tokens.item()
+            record.update({name: means[name] for name in logged_sums})
             is_last = step + 1 == plan.total_steps
             if valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
-                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast)
-                record.update(valid_loss=v["loss"], valid_mean_token_accuracy=v["mean_token_accuracy"])
+                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=summed, count=count)
+                record.update({f"valid_{name}": value for name, value in v.items()})
             if (step + 1) % cfg.train.log_every == 0 or is_last or "valid_loss" in record:
                 metrics_log.write(record)
             last_metrics = record
@@ -355,10 +374,11 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     if status == "completed":
         save_checkpoint(plan.total_steps)
         if valid_rows:
-            v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast)
-            last_metrics.update(full_valid_loss=v["loss"], full_valid_mean_token_accuracy=v["mean_token_accuracy"])
-            metrics_log.write({"step": plan.total_steps, "full_valid_loss": v["loss"],
-                               "full_valid_mean_token_accuracy": v["mean_token_accuracy"]})
+            with training_attention():
+                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=summed, count=count)
+            full_valid = {f"full_valid_{name}": value for name, value in v.items()}
+            last_metrics.update(full_valid)
+            metrics_log.write({"step": plan.total_steps, **full_valid})
         if world.is_main:
             final_dir = save_final(model, tokenizer, source, out / "final")
             write_json(out / "summary.json", {"status": status, "steps": plan.total_steps, "precision": precision,
@@ -375,6 +395,10 @@ def save_final(model, tokenizer, source, final: Path) -> Path:
     chat template, and a generation config that stops at the end-of-turn token."""
     from ..fsio import atomic_dir
 
+    if source.adapter is not None and hasattr(model, "merge_and_unload"):
+        # The adapter trained on top of the source's adapter merged into its base (methods/dpo.py):
+        # saved alone it would point at a base without that adapter, so the final model is merged.
+        model = model.merge_and_unload()
     with atomic_dir(final, replace=True) as tmp:
         if hasattr(model, "peft_config"):
             # Point the adapter at the local base folder so PeftModel.from_pretrained works offline.

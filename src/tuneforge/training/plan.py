@@ -19,7 +19,7 @@ from .. import data as tfdata
 from ..data.check import highlight
 from ..config import load_config
 from ..errors import TuneforgeError
-from ..methods import prepare_model
+from ..methods import batch_items, check_inputs, prepare_model
 from ..models import load_tokenizer, resolve
 from .loop import make_plan, resolve_precision, to_rows
 
@@ -70,26 +70,28 @@ def validate(config, overrides: list[str] = ()) -> int:
     source = resolve(cfg.base_model)
     n_params, n_trainable, hf_config = parameter_counts(source, cfg)
     tokenizer = load_tokenizer(source)
+    check_inputs(cfg, tokenizer)
     prepared = tfdata.prepare(cfg.data, tokenizer, log=lambda *a, **k: None)
-    if not prepared.train:
+    train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
+    if not train_items:
         raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")
     precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = to_rows(prepared.train, cfg)
-    plan = make_plan(cfg, len(prepared.train), len(rows), world_size=1)
+    rows = to_rows(train_items, cfg)
+    plan = make_plan(cfg, len(train_items), len(rows), world_size=1)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
     est = estimate(n_params, n_trainable, hf_config, cfg, plan, tokens_per_epoch, max(len(r.input_ids) for r in rows), precision)
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
-    console.print(highlight(prepared.train[0], tokenizer))
+    console.print(highlight(train_items[0], tokenizer))
     report = prepared.report
     table = Table(title=f"plan for {cfg.output_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    trained = sum(sum(1 for x in e.labels if x != -100) for e in prepared.train)
+    trained = sum(sum(1 for x in e.labels if x != -100) for e in train_items)
     for key, value in [
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
         ("method", f"{cfg.method}: {n_trainable:,} trainable parameters"),
-        ("examples", f"{len(prepared.train):,} train, {len(prepared.valid):,} validation"),
+        ("examples" if cfg.method != "dpo" else "pairs", f"{len(train_items):,} train, {len(valid_items):,} validation"),
         ("rows", f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length})"),
         ("tokens per epoch", f"{tokens_per_epoch:,} ({trained:,} trained)"),
         ("epochs", f"{plan.epochs}" + (" (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else "")),

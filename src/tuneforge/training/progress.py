@@ -5,26 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
+
+from ..methods.dpo import DPOObjective
+from ..progress import LogLines, bar_columns
+
+REWARDS = DPOObjective.logged_sums  # rewards/chosen, ..., shown in the run's summary table
 
 
 class TrainProgress:
     def __init__(self, total_steps: int, start_step: int, *, enabled: bool):
         self.enabled = enabled
         self.console = Console(stderr=True)
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[speed]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not enabled,
-        )
+        live = enabled and self.console.is_terminal
+        self.lines = LogLines(self.console, "train step", total_steps, start_step) if enabled and not live else None
+        self.progress = Progress(*bar_columns("train", "loss {task.fields[loss]}", "{task.fields[speed]} tok/s"),
+                                 console=self.console, disable=not live)
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", speed="-")
 
     def __enter__(self):
@@ -38,7 +35,14 @@ class TrainProgress:
         loss = f"{record['train_loss']:.4f}"
         if "valid_loss" in record:
             loss += f" (valid {record['valid_loss']:.4f})"
-        self.progress.update(self.task, completed=record["step"], loss=loss, speed=f"{record['tokens_per_s']:.0f}")
+        if "divergence" in record:
+            loss += f" div {record['divergence']:.4f} agree {record['teacher_agreement']:.1%}"
+        if "rewards/margins" in record:
+            loss += f" margin {record['rewards/margins']:.3f} acc {record['rewards/accuracies']:.0%}"
+        speed = f"{record['tokens_per_s']:.0f}"
+        self.progress.update(self.task, completed=record["step"], loss=loss, speed=speed)
+        if self.lines:
+            self.lines.update(record["step"], f" · loss {loss} · {speed} tok/s")
 
     def summary(self, metrics: dict, output_dir: Path) -> None:
         if not self.enabled or not metrics:
@@ -46,8 +50,9 @@ class TrainProgress:
         table = Table(title=f"run {output_dir}")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for key in ("step", "epoch", "train_loss", "train_mean_token_accuracy", "valid_loss",
-                    "full_valid_loss", "full_valid_mean_token_accuracy", "tokens", "elapsed"):
+        for key in ("step", "epoch", "train_loss", "train_mean_token_accuracy", "divergence", "teacher_agreement",
+                    *REWARDS, "valid_loss", "full_valid_loss", "full_valid_mean_token_accuracy",
+                    *(f"full_valid_{name}" for name in REWARDS), "tokens", "elapsed"):
             if key in metrics:
                 v = metrics[key]
                 table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))

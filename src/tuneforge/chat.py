@@ -1,0 +1,143 @@
+"""`tuneforge chat MODEL`: talk to a model in the terminal, each reply streamed as it is generated.
+
+    from tuneforge.chat import chat_session
+    chat_session(model, tokenizer, input=io.StringIO("Hi\\n/exit\\n"), output=sys.stdout)
+
+The conversation goes through the model's own chat template. Decoding is greedy by default (the
+same answer every time, which is what one wants when looking at a fine-tune) and stops at the
+end of the model's turn or at `max_new_tokens`. When the conversation outgrows the context
+window, the oldest exchanges are dropped.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+from typing import Callable, TextIO
+
+from .errors import ConfigError
+from .generate import Sampling, encode_prompts, inference_device, stream
+from .models import load_model, load_tokenizer, resolve
+from .models.convert import context_length
+
+PROMPT = ">>> "
+HELP = """commands:
+  /reset          forget the conversation (the system message stays)
+  /system TEXT    set the system message for the turns to come (/system alone removes it)
+  /exit           leave (so do Ctrl-D and end of input); Ctrl-C stops a reply
+  /help           this list"""
+
+
+def chat_session(model, tokenizer, *, input: TextIO | None = None, output: TextIO | None = None,
+                 system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.0,
+                 top_p: float = 1.0) -> list[dict]:
+    """Read turns from `input` (None: the terminal, with line editing) and stream replies to `output`
+    until /exit or end of input; returns the conversation as it stands then, system message first."""
+    output = output or sys.stdout
+    read = _line_reader(input, output)
+    window = context_length(model.config)
+    history: list[dict] = []
+
+    def note(text: str) -> None:
+        output.write(f"({text})\n")
+        output.flush()
+
+    while (line := read(PROMPT)) is not None:
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            if command == "/exit":
+                break
+            if command == "/reset":
+                history.clear()
+                note("conversation cleared")
+            elif command == "/system":
+                system = argument.strip() or None
+                note(f"system message set: {system}" if system else "system message removed")
+            elif command == "/help":
+                output.write(HELP + "\n")
+            else:
+                note(f"unknown command {command}; /help lists the commands")
+            continue
+        history.append({"role": "user", "content": text})
+        messages, budget = _fit(tokenizer, system, history, window, max_new_tokens, note)
+        if budget < 1:
+            history.pop()
+            note(f"that message alone fills the model's {window}-token context; send a shorter one")
+            continue
+        reply = stream(model, tokenizer, messages, max_new_tokens=budget, temperature=temperature, top_p=top_p)
+        try:
+            for piece in reply:
+                output.write(piece)
+                output.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the unanswered turn is dropped
+            history.pop()
+            output.write("\n")
+            note("reply interrupted")
+            continue
+        output.write("\n")
+        history.append({"role": "assistant", "content": reply.completion.text})
+        if reply.completion.finish_reason == "length":
+            note(f"cut at {budget} tokens")
+    return _with_system(system, history)
+
+
+def chat_command(spec: str, *, system: str | None, max_new_tokens: int, temperature: float, top_p: float) -> int:
+    """Load MODEL (registry name, folder, run folder, .gguf) and chat with it in the terminal."""
+    try:
+        Sampling(max_new_tokens, temperature, top_p)
+    except ValueError as err:
+        raise ConfigError(str(err), code="invalid_value") from err
+    source = resolve(spec)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source).to(inference_device()).eval()
+    sys.stdout.write(f"chatting with {source.name}" + (f" (adapter {source.adapter})" if source.adapter else "")
+                     + f"; {'greedy' if temperature == 0 else f'temperature {temperature}'}, "
+                       f"up to {max_new_tokens} tokens a reply. /help for commands.\n")
+    chat_session(model, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_p=top_p)
+    return 0
+
+
+def _with_system(system: str | None, history: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + history
+
+
+def _fit(tokenizer, system: str | None, history: list[dict], window: int | None, max_new_tokens: int,
+         note: Callable[[str], None]) -> tuple[list[dict], int]:
+    """The messages to send, oldest exchanges dropped while they and the reply overflow the window,
+    and how many tokens the reply may have."""
+    while True:
+        messages = _with_system(system, history)
+        if window is None:
+            return messages, max_new_tokens
+        room = window - len(encode_prompts(tokenizer, [messages])[0])
+        if room >= max_new_tokens or len(history) <= 1:
+            return messages, min(room, max_new_tokens)
+        del history[:2]  # the oldest user message and the reply to it
+        note("oldest exchange dropped to fit the context window")
+
+
+def _line_reader(input: TextIO | None, output: TextIO) -> Callable[[str], str | None]:
+    """A function that shows the prompt and returns the next line, or None at end of input."""
+    if input is None:
+        import readline  # noqa: F401 - importing it gives input() line editing and history
+
+        def read_terminal(prompt: str) -> str | None:
+            try:
+                return builtins.input(prompt)
+            except (EOFError, KeyboardInterrupt):
+                output.write("\n")
+                return None
+
+        return read_terminal
+
+    def read_stream(prompt: str) -> str | None:
+        output.write(prompt)
+        output.flush()
+        line = input.readline()
+        return line.rstrip("\n") if line else None
+
+    return read_stream

@@ -1,0 +1,143 @@
+"""`tuneforge distill generate`: the teacher's answers to prompts, as chat data a student trains on.
+
+Sequence-level distillation: the student learns from the teacher's text, not its distributions, so
+teacher and student may have different tokenizers. Prompts are chat rows (a last assistant turn,
+if any, is dropped: the teacher answers in its place) or prompt/completion rows (the completion is
+ignored). The output is OpenAI chat JSONL, one row per prompt, in the prompts' order.
+
+Resumable: rows are appended a batch at a time, whole lines only, flushed and synced. A rerun
+drops a torn last line (a crash mid-write), checks that every row already written answers the
+prompt at its position, and continues with the next prompt, so no prompt is answered twice.
+Every prompt gets its row, an empty answer too (rows stay aligned with prompts); the count of
+empty answers is reported, and `data.on_error: skip` leaves them out of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import Problem
+from ..data.formats import normalise_messages
+from ..data.readers import open_rows
+from ..errors import DataError, TuneforgeError
+
+_SHOWN_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class TeacherData:
+    out: Path
+    prompts: int  # prompts in the file
+    written: int  # rows in `out` now
+    resumed_from: int  # rows that were already there
+    stopped_by_length: int  # answers of this call cut at max_new_tokens
+    empty: int  # answers of this call with no text, which SFT data checks reject (missing_content)
+
+
+def _prompt_messages(row, path: str, line: int) -> tuple[list[dict] | None, list[Problem]]:
+    if not isinstance(row, dict) or not ({"messages", "prompt"} & set(row)):
+        return None, [Problem("unknown_format", 'a prompt row needs "messages" (chat) or "prompt" (prompt/completion).',
+                              file=path, line=line)]
+    if "messages" in row:
+        messages, problems = normalise_messages(row["messages"], file=path, line=line)
+        if messages and messages[-1].role == "assistant":
+            messages = messages[:-1]
+    elif isinstance(row["prompt"], str):
+        messages, problems = normalise_messages([{"role": "user", "content": row["prompt"]}], file=path, line=line)
+    else:
+        messages, problems = normalise_messages(row["prompt"], file=path, line=line)
+    if any(p.is_error for p in problems):
+        return None, problems
+    if not messages or messages[-1].role == "system":
+        return None, [Problem("missing_prompt", "nothing for the teacher to answer: the row has no user message "
+                              "(after dropping its last assistant turn).", file=path, line=line, field="messages")]
+    return [m.to_template() for m in messages], []
+
+
+def read_prompts(path: str | Path) -> list[list[dict]]:
+    """Every row's prompt as chat messages; all problems at once, as a `DataError`, before any model loads."""
+    path = str(path)
+    prompts, problems = [], []
+    for line, row in open_rows(path):
+        if isinstance(row, Problem):
+            problems.append(row)
+            continue
+        messages, row_problems = _prompt_messages(row, path, line)
+        problems += [p for p in row_problems if p.is_error]
+        if messages is not None:
+            prompts.append(messages)
+    if problems:
+        shown = "\n".join(str(p) for p in problems[:_SHOWN_PROBLEMS])
+        more = f"\n... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+        raise DataError(f"{path}: {len(problems)} prompt rows cannot be used:\n{shown}{more}",
+                        code=problems[0].code, problems=problems)
+    if not prompts:
+        raise DataError(f"{path} holds no prompts.", code="empty_file")
+    return prompts
+
+
+def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
+    """How many rows `out` holds, each checked against its prompt; a torn last line is cut off."""
+    if not out.exists():
+        return 0
+    data = out.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with out.open("r+b") as f:
+            f.truncate(len(complete))
+    lines = complete.decode("utf-8").splitlines()
+    if len(lines) > len(prompts):
+        raise TuneforgeError(f"{out} holds {len(lines)} rows but the prompts file only {len(prompts)}: it was written "
+                             "for other prompts. Choose another --out.", code="output_mismatch")
+    for i, (text, prompt) in enumerate(zip(lines, prompts)):
+        try:
+            written = json.loads(text)["messages"][:-1]
+        except (ValueError, KeyError, TypeError):
+            written = None
+        if written != prompt:
+            raise TuneforgeError(f"{out} line {i + 1} does not answer prompt {i + 1} of the prompts file: it was written "
+                                 "for other prompts, or by hand. Choose another --out (or remove the file).",
+                                 code="output_mismatch")
+    return len(lines)
+
+
+def generate_teacher_data(teacher: str, prompts_file: str | Path, out: str | Path, *, max_new_tokens: int = 256,
+                          batch_size: int = 16, limit: int | None = None, progress: bool = True) -> TeacherData:
+    """Append the teacher's greedy answers to `out`, continuing after the rows already there.
+    `limit` stops after the first `limit` prompts (a later call without it finishes the file)."""
+    import torch
+
+    from ..generate import generate
+    from ..methods.distill import load_teacher
+    from ..models import load_tokenizer
+    from ..progress import progress_bar
+    from ..training.loop import bf16_supported
+
+    if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 0):
+        raise TuneforgeError("--max-new-tokens and --batch-size must be at least 1, --limit at least 0.", code="bad_option")
+    out = Path(out)
+    prompts = read_prompts(prompts_file)
+    done = rows_already_written(out, prompts)
+    target = len(prompts) if limit is None else min(limit, len(prompts))
+    stopped_by_length = empty = 0
+    if done < target:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_teacher(teacher, dtype=torch.bfloat16 if bf16_supported(device) else torch.float32, device=device)
+        tokenizer = load_tokenizer(teacher)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a", encoding="utf-8") as f, progress_bar("teacher answers", target - done, progress) as advance:
+            for start in range(done, target, batch_size):
+                batch = prompts[start:min(start + batch_size, target)]
+                answers = generate(model, tokenizer, batch, batch_size=batch_size, max_new_tokens=max_new_tokens)
+                # One write per batch of whole lines, synced: a crash leaves at most a torn last line.
+                f.write("".join(json.dumps({"messages": [*prompt, {"role": "assistant", "content": answer.text}]},
+                                           ensure_ascii=False) + "\n" for prompt, answer in zip(batch, answers)))
+                f.flush()
+                os.fsync(f.fileno())
+                stopped_by_length += sum(a.finish_reason == "length" for a in answers)
+                empty += sum(not a.text.strip() for a in answers)
+                advance(len(batch))
+    return TeacherData(out, len(prompts), max(done, target), done, stopped_by_length, empty)

@@ -1,0 +1,191 @@
+"""Export: a run, checkpoint or model as files other tools load, each one checked before it lands.
+
+    from tuneforge.export import export
+    result = export("runs/my-run", "gguf", "q8_0", "exports/my-run-gguf", ollama=True)
+    result.files, result.checks["max_abs_logit_diff"]
+
+Formats:
+- `adapter`: the PEFT adapter and tokenizer, for `peft.PeftModel.from_pretrained` on the base;
+- `merged`: the adapter folded into the base (`merge.py`), a safetensors folder for plain
+  `transformers.AutoModelForCausalLM.from_pretrained`; a full fine-tune or a plain model is saved as is;
+- `gguf`: one GGUF file for llama.cpp (`gguf_writer.py`), Llama architecture; `--ollama` adds a
+  Modelfile (`ollama.py`).
+
+Every export is loaded back the way its users would load it and run on a fixed chat batch
+(`probe.py`). Each step is checked on its own: the merged fp32 model against the adapter model
+(bound 1e-3), then the written files against the model they were written from (a bound per
+dtype). Out of bounds, nothing is written and the export fails (exit 1). The figures are saved in
+`export.json` beside the files. The output folder is written atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from ..errors import TuneforgeError
+from ..fsio import atomic_dir, write_json
+from ..models import ModelSource, load_model, load_tokenizer, resolve
+from . import adapter, gguf_writer, merge
+from .ollama import modelfile as ollama_modelfile
+from .probe import DTYPE_BOUNDS, MERGE_BOUND, ExportFailed, agreement, probe_ids, probe_logits, require_within
+
+# The dtypes each format can write; the first is the default.
+FORMAT_DTYPES = {
+    "adapter": (),
+    "merged": ("f32", "f16", "bf16"),
+    "gguf": ("f16", "f32", "q8_0"),
+}
+EXPORT_RECORD = "export.json"
+
+__all__ = ["EXPORT_RECORD", "FORMAT_DTYPES", "ExportFailed", "ExportResult", "export"]
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    dtype: str | None
+    files: list[Path]
+    checks: dict = field(default_factory=dict)  # the figures written to export.json
+
+
+def export(run_or_model: str | Path, fmt: str, dtype: str | None, out: str | Path, ollama: bool = False, *,
+           overwrite: bool = False, progress: bool = True) -> ExportResult:
+    """Export a run folder (its final/), a checkpoint folder or any model `models.resolve` knows.
+
+    Bad input (unknown format, a dtype or option the format lacks, an unfinished run, an existing
+    output folder) is a `TuneforgeError` (exit 2) raised before any weights load; an export that
+    does not match its source is `ExportFailed` (exit 1).
+    """
+    console = Console(stderr=True, quiet=not progress, soft_wrap=True)
+    dtype = _checked_options(fmt, dtype, ollama)
+    out = Path(out)
+    _check_out(out, overwrite)
+    source = resolve(str(run_or_model))
+    _check_out_spares_source(out, source)
+    if fmt == "adapter" and source.adapter is None:
+        raise TuneforgeError(
+            f"{run_or_model} holds a full model, not an adapter (a full fine-tune, or a base model). "
+            "Export it --format merged or --format gguf.",
+            code="not_an_adapter",
+        )
+    if fmt == "gguf":
+        from transformers import AutoConfig
+
+        gguf_writer.check_supported(AutoConfig.from_pretrained(source.path))
+    tokenizer = load_tokenizer(source)
+    # Built first: a chat template Ollama cannot take is refused before minutes of work.
+    modelfile = ollama_modelfile(tokenizer, gguf_writer.gguf_filename(source.name, dtype)) if ollama else None
+    ids = probe_ids(tokenizer)
+    with atomic_dir(out, replace=out.exists()) as tmp:
+        files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)
+        if modelfile is not None:
+            (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
+            files.append(tmp / "Modelfile")
+        record = {"format": fmt, "dtype": dtype, "source": _describe(source),
+                  "files": [f.name for f in files], "checks": checks}
+        write_json(tmp / EXPORT_RECORD, record)
+    console.print(f"[green]✓[/] exported {source.name} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
+    return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks)
+
+
+def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
+    """The dtype to write (the format's default when none is given), or a clear refusal."""
+    if fmt not in FORMAT_DTYPES:
+        raise TuneforgeError(f"Unknown export format '{fmt}': use one of {', '.join(FORMAT_DTYPES)}.",
+                             code="bad_export_option")
+    allowed = FORMAT_DTYPES[fmt]
+    if dtype is not None and dtype not in allowed:
+        what = (f"takes the dtypes {', '.join(allowed)}" if allowed
+                else "copies the adapter as it was trained and takes no --dtype")
+        raise TuneforgeError(f"--format {fmt} {what}, not '{dtype}'.", code="bad_export_option")
+    if ollama and fmt != "gguf":
+        raise TuneforgeError("--ollama writes a Modelfile for a GGUF file: use it with --format gguf.",
+                             code="bad_export_option")
+    return dtype or (allowed[0] if allowed else None)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.is_file():
+        raise TuneforgeError(f"--out {out} is a file; give a folder to write the export into.", code="out_exists")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise TuneforgeError(
+            f"--out {out} already exists and is not empty. Choose another folder, or pass --overwrite to replace it.",
+            code="out_exists",
+        )
+
+
+def _check_out_spares_source(out: Path, source: ModelSource) -> None:
+    """--overwrite swaps the whole folder out: it must not hold the model being exported."""
+    target = out.resolve()
+    for path in filter(None, (source.path, source.adapter)):
+        if target == path.resolve() or target in path.resolve().parents:
+            raise TuneforgeError(f"--out {out} holds the model being exported ({path}); choose another folder.",
+                                 code="out_exists")
+
+
+def _describe(source: ModelSource) -> dict:
+    return {"spec": source.spec, "name": source.name, "base": str(source.path),
+            "adapter": str(source.adapter) if source.adapter else None}
+
+
+def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, console) -> tuple[list[Path], dict]:
+    reference = probe_logits(load_model(source), ids)
+    files = adapter.save_adapter(source.adapter, tokenizer, folder)
+    checks = _verified(reference, adapter.load_saved(source.path, folder), ids, "f32",
+                       "The adapter loaded with PEFT, against the adapter model", console)
+    return files, checks
+
+
+def _export_merged(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:
+    merged = _merged(source, ids, console)
+    files = merge.save_merged(merged, tokenizer, folder, dtype)
+    checks = _verified(merged.logits, merge.load_saved(folder), ids, dtype,
+                       f"The merged model saved as {dtype}, against the merged fp32 model", console)
+    return files, {**_merge_figures(merged), **checks}
+
+
+def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:
+    merged = _merged(source, ids, console)
+    path = folder / gguf_writer.gguf_filename(source.name, dtype)
+    gguf_writer.write_gguf(merged.model, tokenizer, path, dtype, name=source.name, console=console)
+    with console.status(f"Loading {path.name} back with transformers to check it"):
+        loaded, loaded_tokenizer = gguf_writer.load_gguf(folder, path.name)
+    checks = _verified(merged.logits, loaded, ids, dtype,
+                       f"The GGUF ({dtype}) read by transformers, against the merged fp32 model", console)
+    # The tokens a runtime sees come from the tokenizer rebuilt from the GGUF's metadata.
+    checks["tokenizer_roundtrip_identical"] = probe_ids(loaded_tokenizer) == ids
+    if not checks["tokenizer_roundtrip_identical"]:
+        console.print("[yellow]warning:[/] the tokenizer transformers rebuilds from the GGUF encodes the probe "
+                      "chat differently from the original; llama.cpp may too.")
+    return [path], {**_merge_figures(merged), **checks}
+
+
+def _merged(source: ModelSource, ids, console) -> merge.MergedModel:
+    with console.status("Loading the model" + (" and merging its adapter" if source.adapter else "")):
+        merged = merge.merged_model(source, ids)
+    if merged.merge is not None:
+        console.print(f"The merged fp32 model, against the adapter model: largest logit difference "
+                      f"{merged.merge.max_abs_logit_diff:.3g} (bound {MERGE_BOUND:g})")
+    return merged
+
+
+def _merge_figures(merged: merge.MergedModel) -> dict:
+    return {"merge": merged.merge.as_dict(MERGE_BOUND) if merged.merge else None}
+
+
+def _verified(reference, loaded_model, ids, dtype: str, what: str, console) -> dict:
+    """Compare what was written with what it was written from, on the probe batch; print the
+    figure, then refuse if it is out of bounds."""
+    measured = agreement(reference, probe_logits(loaded_model, ids))
+    bound = DTYPE_BOUNDS[dtype]
+    console.print(f"{what}: largest logit difference {measured.max_abs_logit_diff:.3g} "
+                  f"(bound {bound:g}), same next token at {measured.argmax_agreement:.1%} of positions")
+    require_within(measured, bound, what)
+    return measured.as_dict(bound)
+
+
+_WRITERS = {"adapter": _export_adapter, "merged": _export_merged, "gguf": _export_gguf}

@@ -1,0 +1,29 @@
+"""The PEFT adapter alone, with the tokenizer it was trained with: small, and loaded on top of the
+base by plain `peft.PeftModel.from_pretrained`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+# What PEFT's save_pretrained writes for an adapter; a checkpoint folder also holds optimizer and
+# RNG state, which a user of the adapter does not need.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def save_adapter(adapter: Path, tokenizer, folder: Path) -> list[Path]:
+    for name in ADAPTER_FILES:
+        if (adapter / name).is_file():
+            shutil.copyfile(adapter / name, folder / name)
+    tokenizer.save_pretrained(folder)
+    return sorted(folder.iterdir())
+
+
+def load_saved(base: Path, folder: Path):
+    """The exported adapter as a user would load it: plain transformers base + plain PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)

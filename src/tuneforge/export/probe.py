@@ -1,0 +1,93 @@
+"""The fixed batch every export is checked on, and the figures and bounds of that check.
+
+An export is only as good as its agreement with the model it came from: the same few chat prompts
+(rendered with the model's own chat template) run through the model before and after each step
+(merging, writing a dtype), and the export refuses to finish when the largest logit difference
+is above that step's bound. The figures go into `export.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import EXIT_RUN_FAILED, TuneforgeError
+from ..generate import encode_prompts
+
+# Short, varied turns: a default system prompt, an explicit one, digits and punctuation, and a
+# finished assistant reply, so every part of the chat template is on the batch.
+PROBE_CONVERSATIONS = (
+    [{"role": "user", "content": "What is 2 + 2? Answer briefly."}],
+    [
+        {"role": "system", "content": "You are a support agent. Reply in JSON."},
+        {"role": "user", "content": "My database is down and production is affected, please help!"},
+    ],
+    [
+        {"role": "user", "content": "Hello, how are you today?"},
+        {"role": "assistant", "content": "I am fine, thank you."},
+        {"role": "user", "content": "How do I reset my password for the web console?"},
+    ],
+)
+
+# Largest absolute logit difference each step may cause. Folding LoRA into fp32 weights reorders a
+# few sums: 1e-3 is well above that and far below a wrong merge. A written file is compared with
+# the fp32 model it was written from: an f32 file agrees to rounding; f16, bf16 and q8_0 bounds
+# are about 3x what SmolLM2-135M showed with a LoRA merged in (0.044, 0.54, 1.84).
+MERGE_BOUND = 1e-3
+DTYPE_BOUNDS = {"f32": 1e-4, "f16": 0.15, "bf16": 1.5, "q8_0": 5.0}
+# One large logit difference can be noise; a changed next token at many positions is damage.
+# Every step measured keeps the same next token at 98% of positions or more, the tiny random test
+# models (full of near-ties) included.
+MIN_ARGMAX_AGREEMENT = 0.9
+
+
+class ExportFailed(TuneforgeError):
+    """What was written does not behave like its source; nothing was left at the output path."""
+
+    exit_code = EXIT_RUN_FAILED
+
+
+@dataclass(frozen=True)
+class Agreement:
+    max_abs_logit_diff: float
+    argmax_agreement: float  # share of positions whose most likely next token is the same
+
+    def as_dict(self, bound: float) -> dict:
+        return {"max_abs_logit_diff": self.max_abs_logit_diff, "bound": bound,
+                "argmax_agreement": self.argmax_agreement}
+
+
+def probe_ids(tokenizer) -> list[list[int]]:
+    """The fixed batch as token ids: each conversation through the chat template, ready to reply."""
+    return encode_prompts(tokenizer, list(PROBE_CONVERSATIONS))
+
+
+@torch.no_grad()
+def probe_logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
+    """fp32 logits for every position of each prompt, one forward pass each (no padding to mask)."""
+    model.eval()
+    device = next(model.parameters()).device
+    return [model(input_ids=torch.tensor([row], device=device)).logits[0].float().cpu() for row in ids]
+
+
+def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> Agreement:
+    diffs = [(r - c).abs().max().item() for r, c in zip(reference, candidate, strict=True)]
+    same = sum(int((r.argmax(-1) == c.argmax(-1)).sum()) for r, c in zip(reference, candidate))
+    positions = sum(r.shape[0] for r in reference)
+    return Agreement(max(diffs), same / positions)
+
+
+def require_within(measured: Agreement, bound: float, what: str) -> None:
+    """Refuse (exit 1) when `what` differs from its source by more than `bound`, or changes the
+    most likely next token too often."""
+    within = measured.max_abs_logit_diff <= bound  # False for NaN too
+    if not (within and measured.argmax_agreement >= MIN_ARGMAX_AGREEMENT):
+        raise ExportFailed(
+            f"{what}: the largest logit difference is {measured.max_abs_logit_diff:.3g} (bound {bound:g}) "
+            f"and the same next token comes at {measured.argmax_agreement:.1%} of positions (at least "
+            f"{MIN_ARGMAX_AGREEMENT:.0%} required). "
+            "Nothing was written. This is a bug in the export or a damaged model: please report it with "
+            "the run's config.yaml.",
+            code="export_mismatch",
+        )

@@ -1,0 +1,72 @@
+"""`tuneforge api`: the store, the job workers and the HTTP server (jobs and inference) in one process."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Sequence
+
+from rich.console import Console
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from ..errors import ConfigError
+from ..fsio import tuneforge_home
+
+
+def open_store(db: str | None):
+    """The job store at `db` (default: SQLite under $TUNEFORGE_HOME/jobs), and the folder of files and runs."""
+    from .store import Store
+
+    root = tuneforge_home() / "jobs"
+    root.mkdir(parents=True, exist_ok=True)
+    url = db or f"sqlite:///{root / 'jobs.db'}"
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        shown = url
+    try:
+        return Store(url), root
+    except (ArgumentError, OperationalError) as err:
+        raise ConfigError(f"--db {shown}: cannot open the job store ({str(err).splitlines()[0]}). Give a "
+                          "database URL such as sqlite:////path/jobs.db or postgresql://user@host/db.") from None
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"--db {shown}: the database driver is missing ({err.name}); install psycopg2-binary "
+                          "(part of tuneforge's serve extra).") from None
+
+
+def api_command(*, host: str, port: int, db: str | None, workers: int, api_keys: Sequence[str],
+                max_upload_mb: int) -> int:
+    from . import runner
+
+    runner.start_process_server()  # first: it imports torch and the training code while this process does the rest
+    store, root = open_store(db)
+    import uvicorn
+
+    from .api import create_api
+
+    app = create_api(root, store, api_keys=api_keys, workers=workers, max_upload_bytes=max_upload_mb << 20)
+    Console(stderr=True).print(
+        f"tuneforge api at http://{host}:{port}/v1 with {workers} job worker(s); store {store.url!r}; files and "
+        f"runs under {root}" + (" (API key required)" if api_keys else ""), highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+    return 0
+
+
+def worker_command(*, db: str, workers: int) -> int:
+    """Job workers without an HTTP server: they claim queued jobs from a shared store until SIGINT or
+    SIGTERM, then checkpoint a running job and queue it again for another worker."""
+    from .files import FileStorage
+    from .worker import Workers
+
+    store, root = open_store(db)
+    job_workers = Workers(store, FileStorage(root), root, workers)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    job_workers.start()
+    Console(stderr=True).print(f"tuneforge worker: {workers} job worker(s) on store {store.url!r}; files and runs "
+                               f"under {root}", highlight=False)
+    stop.wait()
+    job_workers.stop()
+    return 0

@@ -1,0 +1,60 @@
+"""Where uploaded files and results live: `<root>/files/<file id>`, never a name the client chose.
+
+The client's filename is only a label in the database, so no upload can write outside the folder.
+Bytes are copied in chunks into a temporary sibling and renamed (`fsio.atomic_file`), with the size
+cap checked as they arrive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from ..fsio import atomic_file
+from .store import StoredFile, new_id, now
+
+CHUNK_BYTES = 1 << 20
+RESULT_COLUMNS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                  "full_valid_loss", "full_valid_mean_token_accuracy")
+
+
+class FileTooLarge(Exception):
+    pass
+
+
+class FileStorage:
+    def __init__(self, root: Path):
+        self.folder = Path(root) / "files"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, file_id: str) -> Path:
+        return self.folder / file_id
+
+    def save(self, source: BinaryIO, *, owner: str, filename: str, purpose: str, max_bytes: int) -> StoredFile:
+        """Copy `source` into the store; raises `FileTooLarge` past `max_bytes` (nothing is left behind)."""
+        row = StoredFile(id=new_id("file-"), owner=owner, filename=Path(filename).name[:255], purpose=purpose,
+                         bytes=0, created_at=now())
+        with atomic_file(self.path(row.id), "wb") as out:
+            while chunk := source.read(CHUNK_BYTES):
+                row.bytes += len(chunk)
+                if row.bytes > max_bytes:
+                    raise FileTooLarge(f"The file is larger than this server's limit of {max_bytes:,} bytes.")
+                out.write(chunk)
+        return row
+
+    def save_results(self, records: Iterable[dict], *, owner: str) -> StoredFile:
+        """A job's metrics as OpenAI's `step_metrics.csv` (purpose `fine-tune-results`)."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+        return self.save(io.BytesIO(text.getvalue().encode()), owner=owner, filename="step_metrics.csv",
+                         purpose="fine-tune-results", max_bytes=1 << 40)
+
+    def delete(self, file_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(file_id))

@@ -1,0 +1,156 @@
+"""OpenAI's fine-tuning request onto a tuneforge `Config`.
+
+`supervised` is a LoRA run and `dpo` tuneforge's `method: dpo` (LoRA policy); the hyperparameters
+keep OpenAI's meaning: `batch_size` counts examples (so packing is off), `learning_rate_multiplier`
+scales tuneforge's default learning rate, `n_epochs` "auto" is the same heuristic OpenAI uses. A
+checkpoint is kept at the end of each epoch, the last three of them, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from ..config import Config, TrainConfig, auto_epochs, load_config
+from ..training.loop import make_plan
+
+AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
+KEPT_EPOCH_CHECKPOINTS = 3
+MAX_METADATA_KEYS = 16
+_SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _auto_or(kind: type, low: float, high: float, *, low_inclusive: bool = True):
+    """'auto' or a number of `kind` in range; checked before pydantic's union so errors name the field alone."""
+    shown = "an integer" if kind is int else "a number"
+
+    def check(value: Any):
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ValueError(f"expected 'auto' or {shown}, got {value!r}")
+        if value > high or value < low or (value == low and not low_inclusive):
+            bounds = f"{'[' if low_inclusive else '('}{low}, {high}]"
+            raise ValueError(f"expected 'auto' or {shown} in {bounds}, got {value!r}")
+        return kind(value)
+
+    return Annotated[Union[Literal["auto"], kind], BeforeValidator(check)]
+
+
+class Body(BaseModel):
+    # Like OpenAI: an argument the server does not know is an error naming it, never silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(Body):
+    batch_size: _auto_or(int, 1, 256) = "auto"
+    learning_rate_multiplier: _auto_or(float, 0, 10, low_inclusive=False) = "auto"
+    n_epochs: _auto_or(int, 1, 50) = "auto"
+
+
+class DpoHyperparameters(Hyperparameters):
+    beta: _auto_or(float, 0, 2, low_inclusive=False) = "auto"
+
+
+class SupervisedMethod(Body):
+    hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class DpoMethod(Body):
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
+
+
+class Method(Body):
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+    @model_validator(mode="after")
+    def _section_matches_type(self):
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is given, but method.type is '{self.type}'")
+        return self
+
+
+class CreateJobBody(Body):
+    model: str = Field(min_length=1, max_length=1024)
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None
+    integrations: None = Field(None, description="not supported: metrics are in the events and the result file")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value):
+        if value is not None and not _SUFFIX.fullmatch(value):
+            raise ValueError("up to 64 characters from letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value):
+        if value and (len(value) > MAX_METADATA_KEYS or any(len(key) > 64 for key in value)):
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys of at most 64 characters")
+        return value
+
+    def method_dict(self) -> dict:
+        """The method as the job object shows it, with every hyperparameter present ('auto' or a value)."""
+        kind = self.method.type if self.method else "supervised"
+        section = getattr(self.method, kind, None) if self.method else None
+        default = DpoHyperparameters() if kind == "dpo" else Hyperparameters()
+        hyperparameters = (section.hyperparameters if section else self.hyperparameters) or default
+        return {"type": kind, kind: {"hyperparameters": hyperparameters.model_dump()}}
+
+
+def training_config(model: str, method: dict, seed: int, train_file: Path, validation_file: Path | None,
+                    output_dir: Path, n_examples: int | None = None) -> Config:
+    """The run's config; with `n_examples` (known once the file is read) every 'auto' is decided.
+
+    Raises `ConfigError` for a combination tuneforge refuses, e.g. a method it does not have.
+    """
+    kind = method["type"]
+    hyper = method[kind]["hyperparameters"]
+    batch_size = hyper["batch_size"]
+    if batch_size == "auto":
+        batch_size = max(1, min(AUTO_BATCH_SIZE, n_examples or AUTO_BATCH_SIZE))
+    multiplier = 1.0 if hyper["learning_rate_multiplier"] == "auto" else hyper["learning_rate_multiplier"]
+    epochs = hyper["n_epochs"]
+    if epochs == "auto" and n_examples:
+        epochs = auto_epochs(n_examples)
+    raw = {
+        "base_model": model,
+        "method": "lora" if kind == "supervised" else kind,
+        "data": {"train": str(train_file), "validation": str(validation_file) if validation_file else None,
+                 "packing": False},
+        "train": {"batch_size": batch_size, "epochs": epochs, "seed": seed,
+                  "learning_rate": TrainConfig.model_fields["learning_rate"].default * multiplier,
+                  "keep_checkpoints": KEPT_EPOCH_CHECKPOINTS},
+        "output_dir": str(output_dir),
+    }
+    if kind == "dpo" and hyper["beta"] != "auto":
+        raw["dpo"] = {"beta": hyper["beta"]}
+    if n_examples:
+        steps_per_epoch = make_plan(load_config(raw), n_examples, n_examples, 1).steps_per_epoch
+        raw["train"].update(save_every=steps_per_epoch, eval_every=steps_per_epoch)
+    return load_config(raw)
+
+
+def resolved_method(method: dict, config: Config) -> dict:
+    """The method with its 'auto' values replaced by what the run uses, as OpenAI reports them."""
+    kind = method["type"]
+    hyper = dict(method[kind]["hyperparameters"])
+    default_lr = TrainConfig.model_fields["learning_rate"].default
+    hyper.update(batch_size=config.train.batch_size, n_epochs=config.train.epochs,
+                 learning_rate_multiplier=round(config.train.learning_rate / default_lr, 6))
+    if kind == "dpo":
+        hyper["beta"] = config.dpo.beta
+    return {"type": kind, kind: {"hyperparameters": hyper}}
+

@@ -1,0 +1,72 @@
+"""One job's training, in its own process: `main(run_dir, parent)`, started by a worker.
+
+Reads `RUN_DIR/job.json` (the tuneforge config), trains (resuming from the latest checkpoint when
+there is one) and writes `RUN_DIR/outcome.json`; its output goes to `RUN_DIR/train.log`. The worker
+asks it to stop with SIGTERM (the loop checkpoints and stops). If the worker's server dies, the pipe
+`parent` closes and this process stops the same way, so a restarted server resumes from a fresh
+checkpoint; the lock on `RUN_DIR/.lock` makes a new process wait until this one has let the folder go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from multiprocessing import forkserver
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from ..errors import DataError, TuneforgeError
+from ..fsio import write_json
+
+CONFIG = "job.json"
+OUTCOME = "outcome.json"
+LOCK = ".lock"
+LOG = "train.log"
+
+# Training processes fork from a server process that has imported torch and the training code once,
+# so a job starts in a moment instead of paying those imports each time. Importing this module is
+# cheap, so `tuneforge api` starts that process first and the two import side by side.
+PROCESSES = multiprocessing.get_context("forkserver")
+PROCESSES.set_forkserver_preload(["tuneforge.training", "tuneforge.jobs.runner"])
+
+
+def start_process_server() -> None:
+    forkserver.ensure_running()
+
+
+def _stop_when_parent_goes(parent: Connection) -> None:
+    with contextlib.suppress(EOFError):
+        parent.recv_bytes()  # nothing is ever sent: this returns when the worker's end closes
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run(run_dir: Path) -> dict:
+    from ..training import checkpoint, train
+
+    config = json.loads((run_dir / CONFIG).read_text())
+    resume = "latest" if checkpoint.latest(run_dir / "checkpoints") else None
+    try:
+        result = train(config, resume=resume, progress=False)
+    except TuneforgeError as err:
+        problems = getattr(err, "problems", []) if isinstance(err, DataError) else []
+        return {"status": "failed", "code": err.code, "message": err.message,
+                "file": next((p.file for p in problems if p.is_error and p.file), None)}
+    return {"status": result.status, "steps": result.steps, "metrics": result.metrics}
+
+
+def main(run_dir: str, parent: Connection) -> None:
+    os.setsid()  # Ctrl-C at the server's terminal is for the server, which then stops this process itself
+    folder = Path(run_dir)
+    with open(folder / LOG, "ab") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+    with open(folder / LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        threading.Thread(target=_stop_when_parent_goes, args=(parent,), daemon=True).start()
+        write_json(folder / OUTCOME, run(folder))

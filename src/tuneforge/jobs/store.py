@@ -1,0 +1,282 @@
+"""The jobs service's state in SQL: files, fine-tuning jobs, their events and checkpoints.
+
+SQLAlchemy keeps one code path for SQLite (the default, one file under `$TUNEFORGE_HOME/jobs`) and
+PostgreSQL (given by URL, shared by several servers). Every change of a job's status is a guarded
+UPDATE (`... WHERE status IN (...)`), so two writers can never both move a job: the API cancelling
+and a worker finishing race safely, and a queued job is claimed by exactly one worker.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+from sqlalchemy import JSON, BigInteger, Float, String, create_engine, event, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+ACTIVE = ("validating_files", "queued", "running", "paused")
+FINISHED = ("succeeded", "failed", "cancelled")
+STATUSES = ACTIVE + FINISHED
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_id(prefix: str, length: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict: JSON, list: JSON}
+
+
+class OwnedObject:
+    """The columns of every object the API shows: `seq` orders rows (and pages through them), `id`
+    is the public name, `owner` the API key's hash that may see it."""
+
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class StoredFile(OwnedObject, Base):
+    __tablename__ = "files"
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+    def to_api(self) -> dict:
+        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "status_details": None, "expires_at": None}
+
+
+class Job(OwnedObject, Base):
+    __tablename__ = "fine_tuning_jobs"
+    model: Mapped[str] = mapped_column(String(1024))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    metadata_: Mapped[dict | None] = mapped_column("metadata", JSON)
+    method: Mapped[dict]  # {"type": ..., TYPE: {"hyperparameters": {...}}}, "auto" resolved once validated
+    status: Mapped[str] = mapped_column(String(24), index=True)
+    stop_request: Mapped[str | None] = mapped_column(String(16))  # "pause" while a running job is asked to pause
+    error: Mapped[dict | None]
+    # Chosen at creation (checkpoint names need it); shown once the job has succeeded.
+    fine_tuned_model: Mapped[str] = mapped_column(String(1200), unique=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+    result_files: Mapped[list] = mapped_column(default=list)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    train_config: Mapped[dict | None]  # the tuneforge config, written when the files are validated
+    total_steps: Mapped[int | None]
+    step: Mapped[int] = mapped_column(default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    recoveries: Mapped[int] = mapped_column(default=0)  # times it was queued again after its server died
+
+    @property
+    def hyperparameters(self) -> dict:
+        return self.method[self.method["type"]]["hyperparameters"]
+
+
+class JobEvent(Base):
+    __tablename__ = "fine_tuning_job_events"
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    level: Mapped[str] = mapped_column(String(8))
+    type: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(String(4000))
+    data: Mapped[dict | None]
+
+    def to_api(self) -> dict:
+        return {"id": self.id, "object": "fine_tuning.job.event", "created_at": self.created_at,
+                "level": self.level, "type": self.type, "message": self.message, "data": self.data}
+
+
+class JobCheckpoint(Base):
+    __tablename__ = "fine_tuning_job_checkpoints"
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    step: Mapped[int]
+    metrics: Mapped[dict]
+    model: Mapped[str] = mapped_column(String(1300))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+    def to_api(self) -> dict:
+        return {"id": self.id, "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
+                "fine_tuned_model_checkpoint": self.model, "fine_tuning_job_id": self.job_id,
+                "metrics": {"step": self.step, **self.metrics}, "step_number": self.step}
+
+
+class Page(list):
+    """One page of a listing, newest first unless asked otherwise; `has_more` says whether another follows."""
+
+    has_more: bool = False
+
+
+class Store:
+    """Queries and guarded updates; every method opens and commits its own short transaction."""
+
+    def __init__(self, url: str):
+        self.url = make_url(url)
+        if self.url.drivername == "postgresql":
+            # SQLAlchemy's default PostgreSQL driver is psycopg 3; the serve extra installs psycopg2.
+            self.url = self.url.set(drivername="postgresql+psycopg2")
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        # SQLite: wait for another writer instead of failing at once; WAL lets readers go on meanwhile.
+        self.engine = create_engine(self.url, connect_args={"timeout": 30} if self.is_sqlite else {},
+                                    pool_pre_ping=not self.is_sqlite)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        with self.engine.begin() as connection:
+            if not self.is_sqlite:
+                # Several servers may start on one fresh database: one creates the tables, the others wait.
+                connection.execute(text("SELECT pg_advisory_xact_lock(2026112808)"))
+            Base.metadata.create_all(connection)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def add(self, *rows: Base) -> None:
+        with self.session() as session:
+            session.add_all(rows)
+
+    # ---- files -----------------------------------------------------------------------------------
+
+    def get_file(self, owner: str, file_id: str) -> StoredFile | None:
+        with self.session() as session:
+            return session.scalar(select(StoredFile).where(StoredFile.id == file_id, StoredFile.owner == owner))
+
+    def list_files(self, owner: str, *, purpose: str | None, after: str | None, limit: int, newest_first: bool) -> Page:
+        query = select(StoredFile).where(StoredFile.owner == owner)
+        if purpose:
+            query = query.where(StoredFile.purpose == purpose)
+        return self._page(StoredFile, query, after, limit, newest_first)
+
+    def delete_file(self, owner: str, file_id: str) -> StoredFile | None:
+        with self.session() as session:
+            row = session.scalar(select(StoredFile).where(StoredFile.id == file_id, StoredFile.owner == owner))
+            if row is not None:
+                session.delete(row)
+            return row
+
+    def file_in_use(self, file_id: str) -> Job | None:
+        """A job not yet finished that reads this file."""
+        with self.session() as session:
+            return session.scalar(select(Job).where(Job.status.in_(ACTIVE), (Job.training_file == file_id)
+                                                    | (Job.validation_file == file_id)).limit(1))
+
+    # ---- jobs ------------------------------------------------------------------------------------
+
+    def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
+        query = select(Job).where(Job.id == job_id)
+        if owner is not None:
+            query = query.where(Job.owner == owner)
+        with self.session() as session:
+            return session.scalar(query)
+
+    def list_jobs(self, owner: str, *, after: str | None, limit: int, metadata: dict[str, str]) -> Page:
+        query = select(Job).where(Job.owner == owner)
+        for key, value in metadata.items():
+            query = query.where(Job.metadata_[key].as_string() == value)
+        return self._page(Job, query, after, limit, newest_first=True)
+
+    def jobs_of(self, owner: str) -> list[Job]:
+        with self.session() as session:
+            return list(session.scalars(select(Job).where(Job.owner == owner).order_by(Job.seq)))
+
+    def succeeded_jobs_on(self, model: str) -> list[Job]:
+        with self.session() as session:
+            return list(session.scalars(select(Job).where(Job.model == model, Job.status == "succeeded")))
+
+    def move(self, job_id: str, from_statuses: Iterable[str], *, held_by: str | None = None, **values: Any) -> bool:
+        """Set `values` if the job is in one of `from_statuses` (and held by worker `held_by`, if given)."""
+        query = update(Job).where(Job.id == job_id, Job.status.in_(list(from_statuses)))
+        if held_by is not None:
+            query = query.where(Job.worker_id == held_by)
+        with self.session() as session:
+            return session.execute(query.values(**values)).rowcount == 1
+
+    def claim(self, status: str, worker_id: str) -> Job | None:
+        """The oldest unheld job in `status`, now held by `worker_id`; None when there is none.
+
+        PostgreSQL skips rows another transaction has locked (`FOR UPDATE SKIP LOCKED`), so
+        concurrent workers each get a different job at once; on SQLite, which has no row locks,
+        the guarded UPDATE alone decides and a worker that lost the race simply tries again.
+        """
+        with self.session() as session:
+            job = session.scalar(select(Job).where(Job.status == status, Job.worker_id.is_(None))
+                                 .order_by(Job.seq).limit(1).with_for_update(skip_locked=True))
+            if job is None:
+                return None
+            taken = session.execute(update(Job).where(Job.id == job.id, Job.status == status, Job.worker_id.is_(None))
+                                    .values(worker_id=worker_id, heartbeat_at=time.time())).rowcount
+            if taken != 1:
+                return None
+            job.worker_id = worker_id
+            return job
+
+    def held_jobs(self) -> list[Job]:
+        with self.session() as session:
+            return list(session.scalars(select(Job).where(Job.worker_id.is_not(None))))
+
+    # ---- events and checkpoints ------------------------------------------------------------------
+
+    def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
+                  data: dict | None = None) -> None:
+        self.add(JobEvent(id=new_id("ftevent-"), job_id=job_id, created_at=now(), level=level, type=type,
+                          message=message, data=data))
+
+    def list_events(self, job_id: str, *, after: str | None, limit: int) -> Page:
+        return self._page(JobEvent, select(JobEvent).where(JobEvent.job_id == job_id), after, limit, newest_first=True)
+
+    def list_checkpoints(self, job_id: str, *, after: str | None, limit: int) -> Page:
+        query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
+        return self._page(JobCheckpoint, query, after, limit, newest_first=True)
+
+    def sync_checkpoints(self, job_id: str, on_disk: dict[int, Callable[[], JobCheckpoint]]) -> list[int]:
+        """Make the job's rows match the checkpoints on disk (the loop prunes old ones); returns new steps."""
+        with self.session() as session:
+            rows = {row.step: row for row in session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id))}
+            for step, row in rows.items():
+                if step not in on_disk:
+                    session.delete(row)
+            added = sorted(set(on_disk) - set(rows))
+            session.add_all(on_disk[step]() for step in added)
+        return added
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _page(self, table: type[Base], query, after: str | None, limit: int, newest_first: bool) -> Page:
+        if after:
+            cursor = select(table.seq).where(table.id == after).scalar_subquery()
+            query = query.where(table.seq < cursor if newest_first else table.seq > cursor)
+        query = query.order_by(table.seq.desc() if newest_first else table.seq).limit(limit + 1)
+        with self.session() as session:
+            rows = list(session.scalars(query))
+        page = Page(rows[:limit])
+        page.has_more = len(rows) > limit
+        return page
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

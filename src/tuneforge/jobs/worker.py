@@ -1,0 +1,346 @@
+"""Job workers: threads of the server that claim jobs from the store and see them through.
+
+A worker validates a job's files in-process (the data pipeline with the base model's tokenizer)
+and trains it in a child process (`runner.py`), so pausing or cancelling is a signal to that child
+and a crash of the child never takes the server down. While the child runs, the worker turns its
+`metrics.jsonl` and checkpoint folders into events and checkpoint rows, and beats a heartbeat.
+
+A job is held by a worker id `host:pid:process start time/thread`. When a server dies, the jobs it
+held are found by the next server to look: on the same host the holder's process is gone; on
+another host its heartbeat is older than `STALE_AFTER_S`. Such a job is queued again and resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+import psutil
+
+from ..data import check_data
+from ..errors import ModelSourceError, TuneforgeError
+from ..fsio import write_json
+from ..models import load_tokenizer, resolve
+from ..training import checkpoint
+from ..training.loop import make_plan
+from . import runner
+from .files import RESULT_COLUMNS, FileStorage
+from .mapping import resolved_method, training_config
+from .store import STATUSES, Job, JobCheckpoint, Store, new_id, now
+
+log = logging.getLogger("tuneforge.jobs")
+
+STALE_AFTER_S = 60.0  # a holder on another host that has not beaten its heartbeat this long is gone
+RECOVER_EVERY_S = 5.0
+KILL_AFTER_S = 120.0  # a child still running this long after SIGTERM is killed
+MAX_RECOVERIES = 3  # a job whose server died under it this often fails instead of starting again
+LOG_TAIL_LINES = 8
+HOST = socket.gethostname()
+
+
+def process_worker_id() -> str:
+    me = psutil.Process()
+    return f"{HOST}:{me.pid}:{me.create_time():.2f}"
+
+
+def holder_alive(worker_id: str) -> bool | None:
+    """Whether the process behind `worker_id` still runs; None when it is on another host."""
+    host, pid, started = worker_id.split("/")[0].rsplit(":", 2)
+    if host != HOST:
+        return None
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except psutil.NoSuchProcess:
+        return False
+
+
+class JobFailure(Exception):
+    """Why a job failed, as its `error` object says it: code, message and the parameter (a file id)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.error = {"code": code, "message": message, "param": param}
+
+
+class Workers:
+    """`count` worker threads of this server process."""
+
+    def __init__(self, store: Store, storage: FileStorage, root: Path, count: int, *, poll_s: float = 0.5):
+        self.store, self.storage, self.runs, self.poll_s = store, storage, Path(root) / "runs", poll_s
+        self._stopping = threading.Event()
+        self._last_recovery = 0.0
+        self._recovery_lock = threading.Lock()
+        prefix = process_worker_id()
+        self._threads = [threading.Thread(target=self._work, args=(f"{prefix}/{i}",), name=f"tuneforge-job-worker-{i}",
+                                          daemon=True) for i in range(count)]
+
+    def start(self) -> None:
+        runner.start_process_server()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop taking jobs; a running job is checkpointed and queued again for the next server."""
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join()
+
+    # ---- the loop of one worker --------------------------------------------------------------------
+
+    def _work(self, worker_id: str) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._recover_orphans()
+                job = self.store.claim("validating_files", worker_id) or self.store.claim("queued", worker_id)
+                if job is None:
+                    self._stopping.wait(self.poll_s)
+                    continue
+                try:
+                    (self._validate if job.status == "validating_files" else self._train)(job, worker_id)
+                finally:
+                    self._release(job, worker_id)
+            except Exception:  # noqa: BLE001 - a worker must outlive a database hiccup; it retries
+                log.exception("job worker %s", worker_id)
+                self._stopping.wait(self.poll_s * 4)
+
+    def _recover_orphans(self) -> None:
+        with self._recovery_lock:
+            if time.monotonic() - self._last_recovery < RECOVER_EVERY_S:
+                return
+            self._last_recovery = time.monotonic()
+        for job in self.store.held_jobs():
+            alive = holder_alive(job.worker_id)
+            if alive or (alive is None and time.time() - (job.heartbeat_at or 0) < STALE_AFTER_S):
+                continue
+            if job.status != "running":
+                self.store.move(job.id, [job.status], held_by=job.worker_id, worker_id=None)
+            elif job.recoveries >= MAX_RECOVERIES:
+                self._fail(job, job.worker_id, JobFailure(
+                    "server_stopped", f"The server running this job stopped {job.recoveries} times while it trained; "
+                    "giving up. Its last checkpoint is kept; start a new job to try again."))
+            else:
+                last = checkpoint.latest(self.runs / job.id / "checkpoints")
+                back_to = "paused" if job.stop_request == "pause" else "queued"
+                if self.store.move(job.id, ["running"], held_by=job.worker_id, status=back_to, worker_id=None,
+                                   stop_request=None, estimated_finish=None, recoveries=job.recoveries + 1):
+                    self.store.add_event(job.id, f"The server running this job stopped at step {job.step}; the job "
+                                         f"is {back_to} again and will resume from "
+                                         + (f"checkpoint {last.name}." if last else "the start (no checkpoint yet)."),
+                                         level="warn")
+
+    # ---- validating_files -> queued ----------------------------------------------------------------
+
+    def _validate(self, job: Job, worker_id: str) -> None:
+        self.store.add_event(job.id, f"Validating training file: {job.training_file}"
+                             + (f" and validation file: {job.validation_file}" if job.validation_file else ""))
+        try:
+            config, total_steps, n_examples = self._check_files(job)
+        except JobFailure as failure:
+            self._fail(job, worker_id, failure)
+            return
+        if self.store.move(job.id, ["validating_files"], held_by=worker_id, status="queued", worker_id=None,
+                           train_config=config.model_dump(mode="json"), total_steps=total_steps,
+                           method=resolved_method(job.method, config)):
+            self.store.add_event(job.id, f"Files validated: {n_examples} training examples, {config.train.epochs} "
+                                 f"epochs, {total_steps} steps. Job queued.")
+
+    def _check_files(self, job: Job):
+        files = self._files(job)
+        try:
+            config = training_config(job.model, job.method, job.seed, *files.values(), self.runs / job.id)
+            tokenizer = load_tokenizer(resolve(config.base_model))
+            prepared, problems = check_data(config.data, tokenizer)
+            errors = [problem for problem in problems if problem.is_error]
+            if errors:
+                shown = "; ".join(str(problem) for problem in errors[:3])
+                more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+                raise self._failure(job, "invalid_file", f"{len(errors)} problem(s): {shown}{more}", errors[0].file)
+            config = training_config(job.model, job.method, job.seed, *files.values(), self.runs / job.id,
+                                     n_examples=len(prepared.train))
+            total_steps = make_plan(config, len(prepared.train), len(prepared.train), 1).total_steps
+        except ModelSourceError as err:
+            raise JobFailure(err.code, err.message, "model") from err
+        except TuneforgeError as err:
+            raise self._failure(job, err.code, err.message, str(files[job.training_file])) from err
+        return config, total_steps, len(prepared.train)
+
+    def _files(self, job: Job) -> dict[str, Path | None]:
+        """File id -> stored path, the training file first; the validation file (or None) second."""
+        files = {job.training_file: self.storage.path(job.training_file)}
+        files[job.validation_file or ""] = self.storage.path(job.validation_file) if job.validation_file else None
+        return files
+
+    def _failure(self, job: Job, code: str, message: str, path: str | None) -> JobFailure:
+        """A failure whose message names files by id (never a server path) and whose param is the file at fault."""
+        param = None
+        for file_id, stored in self._files(job).items():
+            if stored is not None:
+                message = message.replace(str(stored), file_id)
+                if path and str(stored) in path:
+                    param = file_id
+        if param == job.validation_file and code == "invalid_file":
+            code = "invalid_validation_file"
+        elif code == "invalid_file":
+            code = "invalid_training_file"
+        return JobFailure(code, message, param)
+
+    # ---- queued -> running -> succeeded | failed | cancelled | paused ------------------------------
+
+    def _train(self, job: Job, worker_id: str) -> None:
+        if not self.store.move(job.id, ["queued"], held_by=worker_id, status="running", heartbeat_at=time.time()):
+            return  # cancelled or paused before it started
+        run_dir = self.runs / job.id
+        write_json(run_dir / runner.CONFIG, job.train_config)
+        (run_dir / runner.OUTCOME).unlink(missing_ok=True)
+        last = checkpoint.latest(run_dir / "checkpoints")
+        self.store.add_event(job.id, f"Resuming fine-tuning from checkpoint {last.name}." if last
+                             else "Fine-tuning job started.", data={"worker": worker_id})
+        progress = RunProgress(self.store, job, run_dir)
+        reader, writer = runner.PROCESSES.Pipe(duplex=False)
+        child = runner.PROCESSES.Process(target=runner.main, args=(str(run_dir), reader), name=f"tuneforge-{job.id}")
+        child.start()
+        reader.close()
+        try:
+            stop_reason = self._watch(job, worker_id, child, progress)
+        finally:
+            writer.close()
+        progress.update()
+        outcome_path = run_dir / runner.OUTCOME
+        outcome = json.loads(outcome_path.read_text()) if outcome_path.is_file() else None
+        if outcome and outcome["status"] == "completed":
+            self._succeed(job, worker_id, progress)
+        elif outcome and outcome["status"] == "failed":
+            self._fail(job, worker_id, self._failure(job, outcome["code"], outcome["message"], outcome["file"]))
+        elif stop_reason:
+            self._stopped(job, worker_id, stop_reason, progress)
+        else:
+            tail = (run_dir / runner.LOG).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            self._fail(job, worker_id, JobFailure(
+                "training_crashed", f"The training process stopped (exit code {child.exitcode}) before it "
+                f"finished, at step {progress.step}. Last lines of its log:\n" + "\n".join(tail)))
+
+    def _watch(self, job: Job, worker_id: str, child: BaseProcess, progress: "RunProgress") -> str | None:
+        """Follow the child until it exits; returns why we stopped it (pause, cancel, shutdown, lost) or None."""
+        stop_reason, stopped_at = None, 0.0
+        while True:
+            child.join(timeout=self.poll_s)
+            if child.exitcode is not None:
+                return stop_reason
+            values = progress.update()
+            self.store.move(job.id, ["running"], held_by=worker_id, heartbeat_at=time.time(), **values)
+            if stop_reason is None:
+                current = self.store.get_job(job.id)
+                stop_reason = ("cancel" if current.status == "cancelled" else
+                               "pause" if current.stop_request == "pause" else
+                               "lost" if current.worker_id != worker_id else
+                               "shutdown" if self._stopping.is_set() else None)
+                if stop_reason:
+                    child.terminate()  # SIGTERM: checkpoint and stop after the current step
+                    stopped_at = time.monotonic()
+            elif time.monotonic() - stopped_at > KILL_AFTER_S:
+                child.kill()
+
+    def _succeed(self, job: Job, worker_id: str, progress: "RunProgress") -> None:
+        results = self.storage.save_results(progress.records(), owner=job.owner)
+        if not self.store.move(job.id, ["running"], held_by=worker_id, status="succeeded", worker_id=None,
+                               finished_at=now(), estimated_finish=None, result_files=[results.id],
+                               step=progress.step, trained_tokens=progress.tokens):
+            self.storage.delete(results.id)  # cancelled just as it finished: no results to show
+            return
+        self.store.add(results)
+        self.store.add_event(job.id, f"New fine-tuned model created: {job.fine_tuned_model}")
+        self.store.add_event(job.id, "The job has successfully completed.")
+
+    def _stopped(self, job: Job, worker_id: str, reason: str, progress: "RunProgress") -> None:
+        last = checkpoint.latest(self.runs / job.id / "checkpoints")
+        kept = f"checkpoint {last.name}" if last else "no checkpoint (it stopped before the first one)"
+        if reason == "pause":
+            if self.store.move(job.id, ["running"], held_by=worker_id, status="paused", worker_id=None,
+                               stop_request=None, estimated_finish=None):
+                self.store.add_event(job.id, f"Job paused at step {progress.step}; resuming continues from {kept}.")
+        elif reason == "cancel":
+            self.store.add_event(job.id, f"Job cancelled at step {progress.step}; {kept} is kept.")
+        elif reason == "shutdown":
+            if self.store.move(job.id, ["running"], held_by=worker_id, status="queued", worker_id=None,
+                               estimated_finish=None):
+                self.store.add_event(job.id, f"The server is stopping: the job is queued again at step "
+                                     f"{progress.step} and will resume from {kept}.", level="warn")
+
+    def _release(self, job: Job, worker_id: str) -> None:
+        """Let go of the job, whatever its status now (the API may have cancelled or paused it meanwhile)."""
+        self.store.move(job.id, STATUSES, held_by=worker_id, worker_id=None)
+
+    def _fail(self, job: Job, worker_id: str, failure: JobFailure) -> None:
+        if self.store.move(job.id, ["validating_files", "queued", "running"], held_by=worker_id, status="failed",
+                           worker_id=None, error=failure.error, finished_at=now(), estimated_finish=None):
+            self.store.add_event(job.id, failure.error["message"], level="error")
+
+
+class RunProgress:
+    """What a run folder says so far: metrics (as events), checkpoints (as rows), step, tokens, ETA."""
+
+    def __init__(self, store: Store, job: Job, run_dir: Path):
+        self.store, self.job, self.run_dir = store, job, run_dir
+        self.step = job.step  # events for steps up to here were written by an earlier attempt
+        self.tokens = job.trained_tokens or 0
+        self._by_step: dict[int, dict] = {}
+        self._full_valid_reported = False
+
+    def records(self) -> list[dict]:
+        return [{"step": step, **record} for step, record in sorted(self._by_step.items())]
+
+    def update(self) -> dict:
+        """Read the run folder again; write new events and checkpoints; return the job's progress fields."""
+        self._by_step.clear()
+        for record in _complete_lines(self.run_dir / "metrics.jsonl"):
+            self._by_step.setdefault(record["step"], {}).update(
+                {key: value for key, value in record.items() if key in RESULT_COLUMNS[1:] or key in ("tokens", "elapsed")})
+        total = self.job.total_steps
+        for step, record in sorted(self._by_step.items()):
+            if step > self.step and "train_loss" in record:
+                shown = f"training loss={record['train_loss']:.4f}"
+                if "valid_loss" in record:
+                    shown += f", validation loss={record['valid_loss']:.4f}"
+                self.store.add_event(self.job.id, f"Step {step}/{total}: {shown}", type="metrics",
+                                     data={**_openai_metrics(record), "step": step, "total_steps": total})
+                self.step, self.tokens = step, record.get("tokens", self.tokens)
+            if "full_valid_loss" in record and not self._full_valid_reported:
+                self._full_valid_reported = True
+                full = {key: value for key, value in record.items() if key.startswith("full_valid")}
+                self.store.add_event(self.job.id, f"Full validation loss={record['full_valid_loss']:.4f}",
+                                     type="metrics", data={**full, "step": step})
+        self.store.sync_checkpoints(self.job.id, {
+            int(folder.name.removeprefix("step-")): self._checkpoint_row(int(folder.name.removeprefix("step-")))
+            for folder in checkpoint.step_folders(self.run_dir / "checkpoints")})
+        latest = self._by_step.get(self.step, {})
+        finish = None
+        if latest.get("elapsed") and total:
+            finish = now() + int(latest["elapsed"] / self.step * (total - self.step))
+        return {"step": self.step, "trained_tokens": self.tokens, "estimated_finish": finish}
+
+    def _checkpoint_row(self, step: int):
+        def row() -> JobCheckpoint:
+            return JobCheckpoint(id=new_id("ftckpt-"), job_id=self.job.id, step=step, created_at=now(),
+                                 metrics=_openai_metrics(self._by_step.get(step, {})),
+                                 model=f"{self.job.fine_tuned_model}:ckpt-step-{step}")
+        return row
+
+
+def _openai_metrics(record: dict) -> dict:
+    return {key: record[key] for key in RESULT_COLUMNS[1:] if key in record}
+
+
+def _complete_lines(path: Path) -> list[dict]:
+    """The JSON lines of a file another process appends to, without a last line still being written."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]  # after the last newline comes nothing or a partial line
+    return [json.loads(line) for line in lines if line.strip()]

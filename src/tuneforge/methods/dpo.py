@@ -1,0 +1,175 @@
+"""Direct preference optimisation: the policy learns to prefer the chosen reply of each pair.
+
+For a pair (chosen c, rejected r) with prompt x, and the policy's and the frozen reference's
+log-probabilities of each reply summed over its trained tokens (the reply and its end of turn,
+never the prompt), the log-ratio margin is
+
+    h = [log pi(c|x) - log ref(c|x)] - [log pi(r|x) - log ref(r|x)]
+
+and the loss of the pair is
+
+    sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (Rafailov et al.; eps is
+             `label_smoothing`, the share of pairs assumed flipped: conservative DPO)
+    ipo      (h - 1 / (2 beta))^2   (Azar et al.; the paper's sequence log-probabilities, not
+             per-token means)
+
+The reward of a reply is beta (log pi - log ref); `rewards/accuracies` is the share of pairs whose
+chosen reply has the higher reward. At the start the policy is the reference, so h = 0 and the
+sigmoid loss is log 2.
+
+Pairs arrive as rows (see `rows`): each pair is its chosen example then its rejected example,
+packed like any examples (position ids restart at 0 where each begins), so one forward runs both
+replies of every pair in the batch. The objective returns sums over pairs and `count` says how many
+pairs a batch holds: the loop divides by the pairs of the whole optimizer step, so gradient
+accumulation and the number of processes do not change the loss.
+
+The reference: with `dpo.policy: lora` the same model with its adapter disabled (no second copy);
+with `full` a frozen copy of the starting model, kept outside the module tree. A `base_model` that
+is a LoRA run (an SFT run, say) is merged into its base when loaded, so the policy's fresh adapter
+sits on the SFT model and the reference is the SFT model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import data as tfdata
+from ..errors import TuneforgeError
+from . import full, lora
+from .distill import load_teacher
+from .sft import IGNORE, causal_lm, reference_lm, trained_logits
+
+LOSSES = ("sigmoid", "ipo")
+
+
+def prepare_model(model, cfg):
+    """Merge a starting adapter into its base, then make trainable what `dpo.policy` says."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return {"full": full.prepare_model, "lora": lora.prepare_model}[cfg.dpo.policy](model, cfg)
+
+
+def rows(pairs: list[tuple[tfdata.Example, tfdata.Example]]) -> list[tfdata.PackedRow]:
+    """Each pair as one row: the chosen example, then the rejected one (packing keeps them whole)."""
+    return [tfdata.join(pair) for pair in pairs]
+
+
+def example_ids(labels: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """For each trained position of the batch (row-major, as `trained_logits` orders them), the
+    index of the example it belongs to, counting only examples that have trained positions.
+
+    An example starts where its position ids restart at 0 (and at each row's start); padding is an
+    example of its own with no trained positions, so it takes no index."""
+    starts = torch.zeros_like(labels, dtype=torch.bool) if position_ids is None else position_ids == 0
+    starts[:, 0] = True
+    segment = starts.flatten().cumsum(0)[labels.flatten() != IGNORE]
+    return torch.unique_consecutive(segment, return_inverse=True)[1]
+
+
+def count_pairs(batch: dict) -> int:
+    """The pairs in a batch: the unit of the loss denominator."""
+    ids = example_ids(batch["labels"], batch.get("position_ids"))
+    return (int(ids[-1]) + 1) // 2 if ids.numel() else 0
+
+
+def sequence_logps(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
+    """Log-probability of each example's trained tokens, summed per example: [examples]."""
+    logits = trained_logits(lm, input_ids, labels, position_ids, attention_mask)
+    token_logps = -F.cross_entropy(logits, labels[labels != IGNORE], reduction="none")
+    ids = example_ids(labels, position_ids)
+    n = int(ids[-1]) + 1 if ids.numel() else 0
+    return token_logps.new_zeros(n).index_add(0, ids, token_logps)
+
+
+def pair_losses(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, *, beta: float, kind: str,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """The loss of each pair from its policy-to-reference log-ratios (see the module doc)."""
+    margin = chosen_logratio - rejected_logratio
+    if kind == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    if kind == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss {kind!r}; expected one of {', '.join(LOSSES)}")
+
+
+class DPOObjective(nn.Module):
+    """One forward returns sums over the batch's pairs: `loss` (what to backpropagate) and, for the
+    logs, `rewards/chosen`, `rewards/rejected`, `rewards/margins` and `rewards/accuracies`.
+
+    `reported_sums` maps the loop's metric names (train_loss, valid_loss) to these sums, and
+    `count` says what they are sums over (pairs)."""
+
+    logged_sums = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    reported_sums = {"loss": "loss"}
+
+    def __init__(self, model, *, beta: float, loss: str, label_smoothing: float = 0.0,
+                 reference: nn.Module | None = None):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown DPO loss {loss!r}; expected one of {', '.join(LOSSES)}")
+        self.model = model
+        self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
+        # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
+        self._reference = [reference.eval().requires_grad_(False)] if reference is not None else []
+
+    count = staticmethod(count_pairs)
+
+    def reference_logps(self, **batch) -> torch.Tensor:
+        with torch.no_grad(), reference_lm(self.model, self._reference) as lm:
+            return sequence_logps(lm, **batch)
+
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
+        batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
+        policy = sequence_logps(causal_lm(self.model), **batch)
+        if policy.numel() % 2:
+            raise ValueError(f"a DPO batch holds whole (chosen, rejected) pairs, but this one has {policy.numel()} "
+                             "examples; build its rows with methods.dpo.rows")
+        logratio = policy - self.reference_logps(**batch)
+        chosen, rejected = logratio[0::2], logratio[1::2]
+        losses = pair_losses(chosen, rejected, beta=self.beta, kind=self.loss, label_smoothing=self.label_smoothing)
+        chosen_reward, rejected_reward = self.beta * chosen.detach(), self.beta * rejected.detach()
+        return {
+            "loss": losses.sum(),
+            "rewards/chosen": chosen_reward.sum(),
+            "rewards/rejected": rejected_reward.sum(),
+            "rewards/margins": (chosen_reward - rejected_reward).sum(),
+            "rewards/accuracies": (chosen_reward > rejected_reward).sum(),
+        }
+
+
+def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> DPOObjective:
+    d = cfg.dpo
+    # Full fine-tuning changes every weight: the reference is a frozen copy of the starting model
+    # (merged, as a LoRA teacher is for distillation). A LoRA policy's reference is its disabled adapter.
+    reference = load_teacher(cfg.base_model, dtype=dtype, device=device) if d.policy == "full" else None
+    return DPOObjective(model, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing, reference=reference)
+
+
+def check_data_kind(cfg) -> None:
+    """Preference pairs train with method: dpo, and method: dpo trains on pairs only. Reads the
+    first row of each data file, so a mismatch fails before any data is prepared."""
+    from ..data.formats import file_format
+
+    files = cfg.data.train_files + ([cfg.data.validation] if isinstance(cfg.data.validation, str) else [])
+    for path in files:
+        if not Path(path).is_file():
+            continue  # data preparation reports a missing file with its own error
+        pairs = file_format(path, cfg.data.format) == "preference"
+        if cfg.method == "dpo" and not pairs:
+            raise TuneforgeError(
+                f"{path}: method: dpo trains on preference pairs, but this file is not preference data. Give rows "
+                'with {"prompt", "chosen", "rejected"} or OpenAI\'s {"input", "preferred_output", '
+                '"non_preferred_output"}, or train these rows with method: lora, dora or full.',
+                code="not_preference_data",
+            )
+        if cfg.method != "dpo" and pairs:
+            raise TuneforgeError(
+                f"{path}: this file holds preference pairs (a chosen and a rejected reply per prompt), which "
+                f"method: {cfg.method} cannot train on. Use method: dpo (with a dpo section), or give "
+                "conversations with a single reply.",
+                code="preference_data",
+            )

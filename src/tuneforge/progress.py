@@ -1,0 +1,71 @@
+"""Progress of long work: a live bar on a terminal, and a plain line every so often in a log.
+
+Rich draws nothing while a bar runs when stderr is not a terminal (CI, `nohup`, a pipe), so a
+long step would look hung. There the same figures (done/total, rate, elapsed, ETA and any fields)
+go out as one plain line at most every `LOG_EVERY_S` seconds, and once at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+LOG_EVERY_S = 20.0
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class LogLines:
+    """Throttled plain progress lines for a console that is not a terminal."""
+
+    def __init__(self, console: Console, description: str, total: int, done: int = 0):
+        self.console, self.description, self.total = console, description, total
+        self.started, self.start_done, self.last = time.perf_counter(), done, float("-inf")
+
+    def update(self, done: int, fields: str = "") -> None:
+        now = time.perf_counter()
+        if done < self.total and now - self.last < LOG_EVERY_S:
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        eta = _clock((self.total - done) / rate) if rate > 0 else "?"
+        pace = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each" if rate > 0 else "-"
+        self.console.print(f"{self.description} {done}/{self.total} ({done / max(self.total, 1):.0%}){fields} · "
+                           f"{pace} · elapsed {_clock(elapsed)} · eta {eta}", highlight=False, soft_wrap=True)
+
+
+def bar_columns(description: str, *fields: str) -> list:
+    """The columns of every tuneforge bar: what, bar, done/total, percent, fields, elapsed, ETA."""
+    return [TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            *(TextColumn(f) for f in fields), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A transient bar on stderr (or log lines when stderr is not a terminal); yields `advance(n)`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        lines, done = LogLines(console, description, total), 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            lines.update(done)
+
+        yield advance
+        return
+    with Progress(*bar_columns(description), console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

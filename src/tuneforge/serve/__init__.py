@@ -1,0 +1,18 @@
+"""OpenAI-compatible serving of one base model and many LoRA adapters on it.
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+    engine = Engine(AdapterPool("smollm2-135m-instruct", {"triage": "runs/triage"}))
+    app = create_app(engine, api_keys=["secret"])     # FastAPI; run it with uvicorn, or mount it
+    ...
+    engine.close()
+
+`adapters.py` holds the base model and its adapters (loaded on first use, least recently used
+evicted), `engine.py` the request queue and the worker thread that batches requests over
+`tuneforge.generate.Batch`, `app.py` the routes and OpenAI-shaped bodies, `command.py` `tuneforge serve`.
+"""
+
+from .adapters import AdapterPool
+from .app import APIError, create_app, install_error_handlers
+from .engine import Engine, EngineError, Generation
+
+__all__ = ["APIError", "AdapterPool", "Engine", "EngineError", "Generation", "create_app", "install_error_handlers"]

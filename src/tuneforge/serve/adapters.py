@@ -1,0 +1,135 @@
+"""One base model and the LoRA adapters served on it, each under a name the `model` field picks.
+
+Adapters are PEFT adapters on the one base model in memory (`load_adapter` / `set_adapter`; the
+adapter layers disabled for the base), loaded on first use; beyond `max_loaded`, the least
+recently used one is deleted again. Every adapter is resolved (no weights read) when the pool is
+built, so a wrong path or an adapter for another base is an error at start-up, not at the first
+request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from ..config import DEFAULT_MODEL
+from ..generate import inference_device
+from ..errors import ConfigError, ModelSourceError
+from ..models import ModelSource, load_model, load_tokenizer, resolve
+
+
+class AdapterPool:
+    """The base model (`model` is what to run: the base, or a `PeftModel` once an adapter is loaded).
+
+    `activate` belongs to the thread that owns the model; `names`, `tokenizer` and `loaded` may be
+    read from any thread.
+    """
+
+    def __init__(self, base: str | None = None, adapters: dict[str, str] | None = None, *, max_loaded: int = 4):
+        if max_loaded < 1:
+            raise ConfigError(f"max_loaded must be at least 1, got {max_loaded}", code="invalid_value")
+        adapter_sources = {name: _adapter_source(name, spec) for name, spec in (adapters or {}).items()}
+        base_source = _base_source(base, adapter_sources)
+        if base_source.adapter is not None:
+            # A run or adapter folder as the model: serve its base, and the adapter under the run's name.
+            adapter_sources = {base_source.name: base_source, **adapter_sources}
+            base_source = resolve(str(base_source.path))
+        for name, source in adapter_sources.items():
+            _check_name(name, base_source.name)
+            if source.path.resolve() != base_source.path.resolve():
+                raise ConfigError(
+                    f"Adapter '{name}' ({source.adapter}) was trained on {source.path}, but the server's base "
+                    f"model is {base_source.path}. Serve it on its own base: --model {source.path}",
+                    code="adapter_base_mismatch",
+                )
+        self.base_name = base_source.name
+        self.max_loaded = max_loaded
+        self._sources = adapter_sources
+        self._tokenizers = {self.base_name: load_tokenizer(base_source)}
+        self._tokenizers.update({name: load_tokenizer(source) for name, source in adapter_sources.items()})
+        self.model = load_model(base_source).to(inference_device()).eval()
+        self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        """What the `model` field may name: the base first, then each adapter."""
+        return [self.base_name, *self._sources]
+
+    def tokenizer(self, name: str):
+        """The tokenizer for `name`: a run's own (its chat template may differ) or the base's."""
+        return self._tokenizers[name]
+
+    @property
+    def loaded(self) -> list[str]:
+        """Adapters in memory, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def activate(self, name: str):
+        """Make the model run as `name` (the base or an adapter, loading it if need be); returns the model."""
+        if name == self.base_name:
+            if self._loaded:
+                self.model.base_model.disable_adapter_layers()
+            return self.model
+        if name not in self._loaded:
+            self._load(name)
+        self.model.base_model.enable_adapter_layers()
+        self.model.set_adapter(name, inference_mode=True)
+        with self._lock:
+            self._loaded.move_to_end(name)
+        return self.model
+
+    def _load(self, name: str) -> None:
+        from peft import PeftModel
+        from peft.utils import load_peft_weights
+
+        path = str(self._sources[name].adapter)
+        # PEFT injects the adapter's layers before it reads the weights: read them first, so a broken
+        # file leaves the model as it was.
+        try:
+            load_peft_weights(path, device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors and torch raise their own kinds
+            raise ModelSourceError(f"Could not load adapter '{name}' from {path}: {err}",
+                                   code="model_load_failed") from err
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False).eval()
+        with self._lock:
+            self._loaded[name] = None
+            evicted = list(self._loaded)[:-self.max_loaded] if len(self._loaded) > self.max_loaded else []
+            for old in evicted:
+                del self._loaded[old]
+        for old in evicted:
+            self.model.delete_adapter(old)
+
+
+def _adapter_source(name: str, spec: str) -> ModelSource:
+    source = resolve(spec)
+    if source.adapter is None:
+        raise ConfigError(
+            f"--adapter {name}={spec} is a full model, not an adapter (no adapter_config.json). "
+            "Serve a full model with --model; --adapter takes LoRA adapters or LoRA run folders.",
+            code="not_an_adapter",
+        )
+    return source
+
+
+def _base_source(base: str | None, adapter_sources: dict[str, ModelSource]) -> ModelSource:
+    """The base the user named; else the first adapter's base; else the bundled default model."""
+    if base:
+        return resolve(base)
+    if adapter_sources:
+        return resolve(str(next(iter(adapter_sources.values())).path))
+    return resolve(DEFAULT_MODEL)
+
+
+def _check_name(name: str, base_name: str) -> None:
+    if not name or any(c.isspace() for c in name):
+        raise ConfigError(f"Adapter name '{name}' must be non-empty and have no spaces.", code="invalid_value")
+    if name == base_name:
+        raise ConfigError(
+            f"Adapter name '{name}' is the base model's name; pick another (--adapter OTHER=PATH).",
+            code="invalid_value",
+        )

@@ -1,0 +1,177 @@
+"""The request queue and the one worker thread that owns the model.
+
+Requests wait in arrival order. The worker decodes one `generate.Batch` at a time, all of it for
+one model name (the base or one adapter): requests for that name join the running batch between
+steps, as long as the oldest waiting request is for it too; once a request for another name is
+the oldest, the batch takes no one new, drains, and the worker switches. So every request is
+served in bounded time and an adapter switch happens only between batches.
+
+Handlers live on the event loop: `submit` returns a `Generation` whose pieces arrive through an
+asyncio queue fed from the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+
+from ..errors import TuneforgeError
+from ..generate import Batch, Completion, Row, Sampling
+from .adapters import AdapterPool
+
+log = logging.getLogger("tuneforge.serve")
+
+
+class EngineError(Exception):
+    """A request the engine could not finish; `status` and `code` go into the OpenAI error body."""
+
+    def __init__(self, message: str, *, status: int = 500, code: str = "server_error"):
+        super().__init__(message)
+        self.message, self.status, self.code = message, status, code
+
+
+class Generation:
+    """One request's completion as the worker produces it: `async for piece in generation.pieces()`."""
+
+    def __init__(self, model: str, prompt_ids: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop):
+        self.model, self.prompt_ids, self.sampling = model, prompt_ids, sampling
+        self.completion: Completion | None = None
+        self.cancelled = False
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+
+    def cancel(self) -> None:
+        """Nobody wants the rest (the client went away): the worker drops the row at its next step."""
+        self.cancelled = True
+
+    async def pieces(self):
+        """The text as it is generated; `completion` is set once this ends. Raises `EngineError`."""
+        while True:
+            event = await self._events.get()
+            if isinstance(event, str):
+                yield event
+            elif isinstance(event, Completion):
+                self.completion = event
+                return
+            else:
+                raise event
+
+    async def result(self) -> Completion:
+        async for _ in self.pieces():
+            pass
+        return self.completion
+
+    def _send(self, event: str | Completion | EngineError) -> None:
+        """From the worker thread; a loop already closed (server stopping) has no one left to tell."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:
+            pass
+
+
+class Engine:
+    """Owns `pool`'s model in one worker thread; at most `max_batch` rows decode together."""
+
+    def __init__(self, pool: AdapterPool, *, max_batch: int = 32):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.pool, self.max_batch = pool, max_batch
+        self._waiting: deque[Generation] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._running = 0
+        self._largest_batch = 0
+        self._thread = threading.Thread(target=self._work, name="tuneforge-serve-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, model: str, prompt_ids: list[int], sampling: Sampling) -> Generation:
+        """Queue a request; call from a running event loop (a request handler)."""
+        generation = Generation(model, prompt_ids, sampling, asyncio.get_running_loop())
+        with self._wake:
+            if self._closing:
+                raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
+            self._waiting.append(generation)
+            self._wake.notify()
+        return generation
+
+    def stats(self) -> dict:
+        with self._wake:
+            return {"alive": self._thread.is_alive(), "waiting": len(self._waiting), "running": self._running,
+                    "largest_batch": self._largest_batch}
+
+    def close(self) -> None:
+        """Stop the worker; requests still waiting or running get a 503."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    # ---- the worker thread -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        batch: Batch | None = None
+        rows: dict[Row, Generation] = {}  # the running batch's rows and whom they answer
+        name = ""  # the model name the running batch decodes for
+        while True:
+            with self._wake:
+                self._drop_cancelled()
+                while not self._waiting and not rows and not self._closing:
+                    self._wake.wait()
+                    self._drop_cancelled()
+                if self._closing:
+                    stopping = EngineError("The server is shutting down.", status=503, code="server_shutting_down")
+                    for generation in [*self._waiting, *rows.values()]:
+                        generation._send(stopping)
+                    self._waiting.clear()
+                    return
+                if not rows:
+                    name = self._waiting[0].model
+                joining = self._take_waiting(name, self.max_batch - len(rows))
+            try:
+                if not rows:
+                    batch = Batch(self.pool.activate(name), self.pool.tokenizer(name))
+                self._step(batch, rows, joining)
+            except Exception as err:  # noqa: BLE001 - one bad batch must not take the server down
+                if isinstance(err, TuneforgeError):  # an adapter that cannot be loaded, say: no traceback
+                    log.error(err.message)
+                    failure = EngineError(err.message)
+                else:
+                    log.exception("generation failed")
+                    failure = EngineError(f"Generation failed: {err}")
+                for generation in set(rows.values()) | set(joining):
+                    generation._send(failure)
+                rows.clear()
+            with self._wake:
+                self._running = len(rows)
+
+    def _step(self, batch: Batch, rows: dict[Row, Generation], joining: list[Generation]) -> None:
+        """Add the joining requests, decode one step, hand out the pieces and the finished completions."""
+        for generation in joining:
+            row = batch.add(generation.prompt_ids, generation.sampling, generation.sampling.generator(batch.model.device))
+            rows[row] = generation
+        for row, generation in rows.items():
+            row.cancelled = generation.cancelled
+        with self._wake:
+            self._largest_batch = max(self._largest_batch, len(rows))
+        for row, piece in batch.step():
+            if piece and not row.cancelled:
+                rows[row]._send(piece)
+        for row in [row for row in rows if row.done]:
+            generation = rows.pop(row)
+            if not row.cancelled:
+                generation._send(row.completion())
+
+    def _take_waiting(self, name: str, room: int) -> list[Generation]:
+        """Waiting requests for `name` that may join now (call with the lock held)."""
+        if not self._waiting or self._waiting[0].model != name or room <= 0:
+            return []
+        joining = [g for g in self._waiting if g.model == name][:room]
+        for generation in joining:
+            self._waiting.remove(generation)
+        return joining
+
+    def _drop_cancelled(self) -> None:
+        for generation in [g for g in self._waiting if g.cancelled]:
+            self._waiting.remove(generation)

@@ -1,0 +1,73 @@
+"""Attention for training rows: each packed example attends to itself alone, computed example by example.
+
+A packed row of 1,024 tokens holding six chats goes through transformers' sdpa path as one
+1,024 x 1,024 attention with a block-diagonal mask built from the position ids: every query-key
+pair is computed (and kept for backward), although only pairs inside one example count. Here the
+row is cut where the position ids restart at 0 and each example runs through
+`scaled_dot_product_attention(is_causal=True)` on its own: the work drops from L_row² to the sum
+of L_i², no mask is built, and the causal kernel skips the upper triangle. On SmolLM2 this made a
+LoRA step on 1,024-token packed rows about 1.2x faster (bench/results, `tuneforge_segattn*`).
+
+Right padding is exact as well: `data.collate` restarts the position ids of the padding at 0, so
+padding is an example of its own that no real token attends to.
+
+Only the training loop's forward passes use it (`per_example_attention(model)`): they carry no
+KV cache and no padding mask. Generation (left padding, a cache) keeps the model's own attention.
+A model whose attention is not plain causal softmax attention over the whole example (a sliding
+window shorter than the rows, soft-capped attention logits) keeps its own attention too.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tuneforge_per_example"
+
+
+def per_example_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     position_ids=None, **kwargs):
+    """transformers attention-function signature: query [B, H, L, D], key/value [B, KV, L, D] -> [B, L, H, D]."""
+    batch, _, length, _ = query.shape
+    if attention_mask is not None or key.shape[2] != length:
+        raise RuntimeError("per-example attention serves training rows only (no KV cache, no padding mask)")
+    if position_ids is None:
+        position_ids = torch.zeros(1, length, dtype=torch.long)
+    starts = (position_ids.expand(batch, length) == 0).nonzero().tolist()  # one host sync per layer
+    dropout = dropout if module.training else 0.0
+    gqa = key.shape[1] != query.shape[1]
+    rows = []
+    for b in range(batch):
+        bounds = sorted({0, length, *(t for row, t in starts if row == b)})
+        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                                is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+                 for s, e in zip(bounds, bounds[1:])]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if batch > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def supports_per_example_attention(config, max_length: int) -> bool:
+    """Whether the model's attention is plain causal attention over rows of `max_length` tokens."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if window is not None and getattr(text, "use_sliding_window", True) and window < max_length:
+        return False
+    return not getattr(text, "attn_logit_softcapping", None)
+
+
+@contextmanager
+def per_example_attention(lm) -> Iterator[None]:
+    """Run `lm` (a transformers causal LM) with per-example attention inside the block."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, per_example_sdpa)
+    before = lm.config._attn_implementation
+    lm.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(before)

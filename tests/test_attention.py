@@ -1,0 +1,67 @@
+"""Per-example attention for training rows: the same logits and gradients as the model's own masked attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.data import Example, collate, pack
+from tuneforge.methods.sft import trained_logits
+from tuneforge.models import load_model, resolve
+from tuneforge.training.attention import per_example_attention, supports_per_example_attention
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir, one_thread):
+    return load_model(resolve(str(tiny_model_dir)), dtype=torch.float32)
+
+
+def examples(vocab: int, lengths: list[int], seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append(Example(ids, ids[1:] + [-100]))
+    return out
+
+
+def logits_and_grads(model, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    logits = trained_logits(model, **batch)
+    (logits.square().mean()).backward()
+    return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_per_example_attention_matches_the_models_masked_attention(model, packed):
+    rows = examples(model.config.vocab_size, [17, 5, 30, 9, 23])
+    if packed:
+        rows = pack(rows, max_length=48)
+        assert any(r.position_ids.count(0) > 1 for r in rows)  # some rows really hold several examples
+    batch = collate(rows, pad_id=0)
+    assert ("attention_mask" in batch) == (not packed)  # padded unpacked rows carry a padding mask
+    reference, reference_grads = logits_and_grads(model, batch)
+    with per_example_attention(model):
+        batch.pop("attention_mask", None)  # padding restarts its position ids: it is an example of its own
+        fast, fast_grads = logits_and_grads(model, batch)
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+    for a, b in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert model.config._attn_implementation == "sdpa"  # restored on leaving the block
+
+
+def test_per_example_attention_refuses_a_kv_cache(model):
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    with per_example_attention(model), pytest.raises(RuntimeError, match="training rows only"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_models_with_a_short_sliding_window_or_softcapping_keep_their_attention():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    assert supports_per_example_attention(LlamaConfig(), max_length=1024)
+    gemma = Gemma3TextConfig(sliding_window=512)
+    assert not supports_per_example_attention(gemma, max_length=1024)
+    assert supports_per_example_attention(gemma, max_length=512)
+    assert not supports_per_example_attention(LlamaConfig(attn_logit_softcapping=50.0), max_length=512)

@@ -1,0 +1,123 @@
+"""The terminal chat, driven by scripted input: streamed replies, history, /system, /reset, /exit."""
+
+import io
+
+import pytest
+from tiny_sharp import save_sharp_tiny_model
+from typer.testing import CliRunner
+
+from tuneforge.chat import PROMPT, chat_session
+from tuneforge.cli import app
+from tuneforge.generate import encode_prompts, generate
+from tuneforge.models import load_model, load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MAX_TOKENS = 8
+
+
+class RecordingOutput(io.StringIO):
+    """Keeps every write, to see that a reply arrives in pieces."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_sharp_tiny_model(tmp_path_factory.mktemp("chat") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    return load_model(str(model_dir)).eval(), load_tokenizer(str(model_dir))
+
+
+def reply_to(tiny, messages) -> str:
+    return generate(*tiny, [messages], max_new_tokens=MAX_TOKENS)[0].text
+
+
+def run(tiny, script: str, **options) -> tuple[list[dict], RecordingOutput]:
+    output = RecordingOutput()
+    conversation = chat_session(*tiny, input=io.StringIO(script), output=output, max_new_tokens=MAX_TOKENS, **options)
+    return conversation, output
+
+
+def test_replies_stream_and_follow_the_history(tiny):
+    conversation, output = run(tiny, "Hi\nWhat is two plus two?\n/exit\nnever read\n")
+    first = reply_to(tiny, [{"role": "user", "content": "Hi"}])
+    second = reply_to(tiny, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+                             {"role": "user", "content": "What is two plus two?"}])
+    assert conversation == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+                            {"role": "user", "content": "What is two plus two?"},
+                            {"role": "assistant", "content": second}]
+    assert output.getvalue().count(PROMPT) == 3  # the third line, /exit, ended it
+    assert f"{PROMPT}{first}\n" in output.getvalue() and f"{PROMPT}{second}\n" in output.getvalue()
+    # Streamed: the first reply was written in several pieces, not at once.
+    start = output.writes.index(PROMPT) + 1
+    assert len(output.writes[start:output.writes.index("\n", start)]) > 1
+    assert second != reply_to(tiny, [{"role": "user", "content": "What is two plus two?"}])  # history mattered
+
+
+def test_system_sets_the_system_message_and_reset_clears_the_history(tiny):
+    conversation, output = run(tiny, "Hi\n/system Answer in JSON.\nHello\n/reset\nHello\n")
+    system = {"role": "system", "content": "Answer in JSON."}
+    hello = {"role": "user", "content": "Hello"}
+    assert conversation == [system, hello, {"role": "assistant", "content": reply_to(tiny, [system, hello])}]
+    # Before /reset, the system message came first and the earlier exchange stayed.
+    hi_reply = reply_to(tiny, [{"role": "user", "content": "Hi"}])
+    before_reset = reply_to(tiny, [system, {"role": "user", "content": "Hi"},
+                                   {"role": "assistant", "content": hi_reply}, hello])
+    assert f"{PROMPT}{before_reset}\n" in output.getvalue()
+    assert "(system message set: Answer in JSON.)" in output.getvalue()
+    assert "(conversation cleared)" in output.getvalue()
+    assert run(tiny, "/system Be brief.\n/system\nHi\n")[0][0] == {"role": "user", "content": "Hi"}
+
+
+def test_commands_and_limits_are_explained(tiny):
+    conversation, output = run(tiny, "/help\n/nonsense\n\nHi\n")  # ends at end of input, no /exit needed
+    text = output.getvalue()
+    assert "/reset" in text and "/system TEXT" in text
+    assert "unknown command /nonsense" in text
+    assert f"(cut at {MAX_TOKENS} tokens)" in text  # a random model does not end its turn in 8 tokens
+    assert len(conversation) == 2
+
+
+def test_the_oldest_exchange_goes_when_the_context_is_full(tiny, monkeypatch):
+    model, tokenizer = tiny
+    hi = {"role": "user", "content": "Hi"}
+    one, two = encode_prompts(tokenizer, [[hi], [hi, {"role": "assistant", "content": reply_to(tiny, [hi])}, hi]])
+    # Room for the first exchange's reply, not for the second's with the first still there.
+    monkeypatch.setattr(model.config, "max_position_embeddings", len(two) + MAX_TOKENS - 1)
+    assert len(one) + MAX_TOKENS <= model.config.max_position_embeddings
+    conversation, output = run(tiny, "Hi\nHi\n")
+    assert "(oldest exchange dropped to fit the context window)" in output.getvalue()
+    assert conversation == [hi, {"role": "assistant", "content": reply_to(tiny, [hi])}]
+
+
+def test_ctrl_c_stops_the_reply_and_drops_its_turn(tiny):
+    class InterruptedOutput(RecordingOutput):
+        """Ctrl-C arrives as the first reply starts to stream."""
+
+        def write(self, text: str) -> int:
+            if len(self.writes) == 1:  # the prompt came first
+                self.writes.append("^C")
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    output = InterruptedOutput()
+    conversation = chat_session(*tiny, input=io.StringIO("Hi\nHello\n"), output=output, max_new_tokens=MAX_TOKENS)
+    hello = {"role": "user", "content": "Hello"}
+    assert conversation == [hello, {"role": "assistant", "content": reply_to(tiny, [hello])}]
+    assert "(reply interrupted)" in output.getvalue()
+
+
+def test_the_chat_command_loads_a_model_folder(model_dir, tiny):
+    result = CliRunner().invoke(app, ["chat", str(model_dir), "--max-tokens", str(MAX_TOKENS)], input="Hi\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "chatting with model" in result.output
+    assert reply_to(tiny, [{"role": "user", "content": "Hi"}]) in result.output

@@ -1,0 +1,343 @@
+"""Distillation on tiny models: the objective against hand-computed losses, the method in the loop,
+`distill init` (layer subsets) and `distill generate` (resumable teacher answers)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_config
+from tiny import save_tiny_model, tiny_llama, tiny_tokenizer
+
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError, DataError, TuneforgeError
+from tuneforge.methods import DistillObjective
+from tuneforge.methods.distill import divergence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IGNORE = -100
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def distill_config(student_dir, teacher_dir, data, out, *, student="full", **distill) -> dict:
+    cfg = tiny_run_config(student_dir, data, out)
+    cfg["method"] = "distill"
+    cfg["distill"] = {"teacher": str(teacher_dir), "student": student, **distill}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_model_dir, triage_data, tmp_path_factory) -> Path:
+    """The tiny model fine-tuned a little: peaked distributions the random student does not share."""
+    from tuneforge.training import train
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, out, max_steps=6, learning_rate=1e-2)
+    cfg["method"] = "full"
+    return train(cfg, progress=False).final_dir
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A student and a differently initialised teacher with one tokenizer, and a batch whose labels
+    are shifted targets with untrained (prompt) positions in between."""
+    tokenizer = tiny_tokenizer()
+    student, teacher = tiny_llama(tokenizer, seed=0), tiny_llama(tokenizer, layers=3, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, len(tokenizer), (2, 12), generator=generator)
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[0, 3:11] = input_ids[0, 4:12]
+    labels[1, 6:9] = input_ids[1, 7:10]
+    return student, teacher, input_ids, labels
+
+
+def by_hand(student, teacher, input_ids, labels, *, alpha, temperature, kind, beta=0.5) -> dict:
+    """The loss from full-vocabulary logits of the whole batch, written out without the objective's helpers."""
+    trained = labels != IGNORE
+    with torch.no_grad():
+        s = student(input_ids=input_ids).logits[trained].double()
+        t = teacher(input_ids=input_ids).logits[trained].double()
+    targets = labels[trained]
+    ce = -(s.log_softmax(-1).gather(1, targets[:, None])).sum()
+    p, q = (t / temperature).softmax(-1), (s / temperature).softmax(-1)
+    kl = lambda a, b: (a * (a.log() - b.log())).sum()  # noqa: E731
+    m = beta * p + (1 - beta) * q
+    div = {"forward_kl": kl(p, q), "reverse_kl": kl(q, p), "jsd": beta * kl(p, m) + (1 - beta) * kl(q, m)}[kind]
+    agreement = (s.argmax(-1) == t.argmax(-1)).sum()
+    return {"ce": ce, "divergence": div, "loss": alpha * ce + (1 - alpha) * temperature**2 * div,
+            "tokens": int(trained.sum()), "teacher_agreement": int(agreement)}
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("alpha,temperature", [(0.5, 2.0), (0.2, 1.0), (0.0, 4.0)])
+def test_loss_is_alpha_ce_plus_t_squared_divergence(pair, kind, alpha, temperature):
+    student, teacher, input_ids, labels = pair
+    objective = DistillObjective(student, teacher, alpha=alpha, temperature=temperature, kind=kind, beta=0.3)
+    sums = objective(input_ids=input_ids, labels=labels)
+    expected = by_hand(student, teacher, input_ids, labels, alpha=alpha, temperature=temperature, kind=kind, beta=0.3)
+    assert sums["tokens"] == expected["tokens"] == 11
+    assert int(sums["teacher_agreement"]) == expected["teacher_agreement"]
+    # fp32 against float64: a divergence is a small difference of sums of p log p terms of size ~log(vocab).
+    for key in ("ce", "divergence", "loss"):
+        assert sums[key].item() == pytest.approx(expected[key].item(), rel=1e-5, abs=1e-5 * temperature**2), key
+    assert sums["divergence"].item() > 0
+
+
+def test_jsd_tends_to_forward_and_reverse_kl_at_the_beta_limits():
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(5, 40, generator=generator, dtype=torch.float64).mul(3).log_softmax(-1)
+    student = torch.randn(5, 40, generator=generator, dtype=torch.float64).log_softmax(-1)  # flatter: KLs differ
+    forward, reverse = divergence(teacher, student, "forward_kl"), divergence(teacher, student, "reverse_kl")
+    assert float(reverse) > 1.5 * float(forward)  # so the limits below tell the two apart
+    near_zero, near_one = 1e-8, 1 - 1e-8
+    assert float(divergence(teacher, student, "jsd", near_zero) / near_zero) == pytest.approx(float(forward), rel=1e-4)
+    assert float(divergence(teacher, student, "jsd", near_one) / (1 - near_one)) == pytest.approx(float(reverse), rel=1e-4)
+    half = divergence(teacher, student, "jsd", 0.5)
+    assert float(half) == pytest.approx(float(divergence(student, teacher, "jsd", 0.5)), rel=1e-12)  # symmetric
+    assert 0 < float(half) <= math.log(2) * teacher.shape[0]  # Jensen-Shannon is bounded by log 2 per token
+
+
+def test_only_trained_positions_count(pair):
+    """Untrained positions, and tokens after the last trained one, change nothing."""
+    student, teacher, input_ids, labels = pair
+    objective = DistillObjective(student, teacher, alpha=0.5, temperature=2.0, kind="forward_kl")
+    base = objective(input_ids=input_ids, labels=labels)
+    longer_ids = torch.cat([input_ids, torch.randint(3, student.config.vocab_size, (2, 5))], dim=1)
+    longer_labels = torch.cat([labels, torch.full((2, 5), IGNORE)], dim=1)
+    longer = objective(input_ids=longer_ids, labels=longer_labels)
+    assert longer["tokens"] == base["tokens"]
+    for key in ("ce", "divergence", "loss"):
+        assert longer[key].item() == pytest.approx(base[key].item(), rel=1e-5), key
+    one_less = labels.clone()
+    one_less[1, 8] = IGNORE
+    fewer = objective(input_ids=input_ids, labels=one_less)
+    assert fewer["tokens"] == base["tokens"] - 1 and fewer["loss"].item() < base["loss"].item()
+
+
+def test_teacher_is_frozen_in_eval_mode_and_outside_the_module(pair):
+    student, teacher, input_ids, labels = pair
+    teacher.train()
+    objective = DistillObjective(student, teacher, alpha=0.5, temperature=2.0, kind="jsd")
+    objective.train()
+    objective(input_ids=input_ids, labels=labels)["loss"].backward()
+    assert not teacher.training and not objective.teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert {id(p) for p in objective.parameters()} == {id(p) for p in student.parameters()}
+    assert all(key.startswith("model.") for key in objective.state_dict())
+    student.zero_grad(set_to_none=True)
+
+
+def test_config_needs_a_teacher_and_keeps_other_methods_hashes(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path)
+    with pytest.raises(ConfigError, match="distill.teacher"):
+        load_config({**cfg, "method": "distill"})
+    with pytest.raises(ConfigError, match="kl_to_base"):
+        load_config({**cfg, "method": "distill", "distill": {"teacher": "x"}, "train": {**cfg["train"], "kl_to_base": 1.0}})
+    with pytest.raises(ConfigError, match="distill.divergence"):
+        load_config({**cfg, "method": "distill", "distill": {"teacher": "x", "divergence": "kl"}})
+    lora = load_config(cfg)
+    assert lora.results_hash() == load_config({**cfg, "distill": {"alpha": 0.9}}).results_hash()
+    distill = load_config({**cfg, "method": "distill", "distill": {"teacher": "x"}})
+    assert distill.results_hash() != load_config({**cfg, "method": "distill",
+                                                  "distill": {"teacher": "x", "alpha": 0.9}}).results_hash()
+
+
+def test_distill_run_brings_the_student_towards_the_teacher(tiny_model_dir, teacher_dir, triage_data, tmp_path):
+    from tuneforge.training import train
+
+    cfg = distill_config(tiny_model_dir, teacher_dir, triage_data, tmp_path / "run", alpha=0.2, temperature=2.0)
+    cfg["train"].update(max_steps=8, learning_rate=5e-3)
+    result = train(cfg, progress=False)
+    rows = [r for r in metrics(tmp_path / "run") if "divergence" in r]
+    assert len(rows) == 8 and all(0 <= r["teacher_agreement"] <= 1 for r in rows)
+    assert rows[-1]["divergence"] < 0.5 * rows[0]["divergence"]
+    assert rows[-1]["teacher_agreement"] > rows[0]["teacher_agreement"]
+    assert "full_valid_loss" in result.metrics and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_a_lora_student_trains_only_its_adapters(tiny_model_dir, teacher_dir, triage_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.training import train
+
+    cfg = distill_config(tiny_model_dir, teacher_dir, triage_data, tmp_path / "run", student="lora",
+                         divergence="reverse_kl")
+    cfg["train"]["max_steps"] = 2
+    train(cfg, progress=False)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "run" / "final")
+    assert any("lora_A" in name for name, _ in tuned.named_parameters())
+
+
+def test_a_teacher_with_another_vocabulary_fails_before_any_compute(tiny_model_dir, triage_data, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.training import train
+
+    other = tiny_tokenizer(vocab_size=400)
+    teacher = tmp_path / "teacher"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(other), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(teacher)
+    other.save_pretrained(teacher)
+    cfg = distill_config(tiny_model_dir, teacher, triage_data, tmp_path / "run")
+    with pytest.raises(TuneforgeError, match=r"token by token.*tuneforge distill generate") as err:
+        train(cfg, progress=False)
+    assert err.value.code == "vocabulary_mismatch"
+    assert not (tmp_path / "run").exists()  # nothing prepared, loaded or written
+
+
+def test_gradient_accumulation_gives_the_same_distill_losses(tiny_model_dir, teacher_dir, triage_data, tmp_path):
+    from tuneforge.training import train
+
+    runs = {}
+    for accum in (1, 4):
+        cfg = distill_config(tiny_model_dir, teacher_dir, triage_data, tmp_path / f"a{accum}", student="lora",
+                             divergence="jsd")
+        cfg["train"].update(max_steps=3, learning_rate=1e-2, grad_accum=accum)
+        cfg["lora"]["dropout"] = 0.0
+        cfg["data"]["packing"] = False
+        train(cfg, progress=False)
+        runs[accum] = {r["step"]: r for r in metrics(tmp_path / f"a{accum}") if "train_loss" in r}
+    assert runs[1].keys() == runs[4].keys() == {1, 2, 3}
+    for step in runs[1]:
+        for key in ("train_loss", "divergence", "teacher_agreement"):
+            assert runs[4][step][key] == pytest.approx(runs[1][step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+# --- distill init ----------------------------------------------------------------------------------
+
+
+def test_layers_to_keep_defaults_to_about_half_with_first_and_last():
+    from tuneforge.distill import layers_to_keep
+
+    assert layers_to_keep(30) == (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 29)
+    assert layers_to_keep(30, every=3) == (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
+    assert layers_to_keep(6, keep=[5, 0, 3]) == (0, 3, 5)
+    for keep, every, message in (([0, 6], None, "not layers"), ([1, 1], None, "twice"), ([0], 2, "either"),
+                                 (None, 0, "at least 1"), ([], None, "empty")):
+        with pytest.raises(TuneforgeError, match=message):
+            layers_to_keep(6, keep, every)
+
+
+def test_distill_init_keeps_the_chosen_layers(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tuneforge.distill.commands import distill_init
+    from tuneforge.models import load_tokenizer
+
+    teacher_dir = save_tiny_model(tmp_path / "teacher", layers=4)
+    assert distill_init(str(teacher_dir), str(tmp_path / "student"), keep_layers="0,2,3") == 0
+    printed = capsys.readouterr().out
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    assert f"{n_teacher / 1e6:.1f}M parameters, 4 layers" in printed and f"{n_student / 1e6:.1f}M parameters" in printed
+    assert student.config.num_hidden_layers == 3 and n_student < n_teacher
+    for new, old in enumerate((0, 2, 3)):
+        for (name, p), (_, q) in zip(student.model.layers[new].named_parameters(), teacher.model.layers[old].named_parameters()):
+            assert torch.equal(p, q), (new, name)
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)
+
+    input_ids = torch.randint(3, teacher.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher.model.layers = torch.nn.ModuleList(teacher.model.layers[i] for i in (0, 2, 3))
+        expected = teacher(input_ids=input_ids, use_cache=False).logits
+        got = student(input_ids=input_ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+    tokenizer = load_tokenizer(str(tmp_path / "student"))
+    assert tokenizer.chat_template and tokenizer.get_vocab() == load_tokenizer(str(teacher_dir)).get_vocab()
+    assert GenerationConfig.from_pretrained(tmp_path / "student").eos_token_id == tokenizer.eos_token_id
+    with pytest.raises(TuneforgeError, match="already exists"):
+        distill_init(str(teacher_dir), str(tmp_path / "student"))
+
+
+def test_distill_init_refuses_models_without_llama_style_layers(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tuneforge.distill import init_student
+
+    tokenizer = tiny_tokenizer()
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(TuneforgeError, match="Llama-style") as err:
+        init_student(str(folder), tmp_path / "student")
+    assert err.value.code == "unsupported_architecture" and not (tmp_path / "student").exists()
+
+
+# --- distill generate ------------------------------------------------------------------------------
+
+
+def write_prompts(path: Path) -> list[list[dict]]:
+    """Seven prompt rows in the accepted shapes, and the prompts the teacher is to answer."""
+    system = {"role": "system", "content": "Answer briefly."}
+    rows, prompts = [], []
+    for i in range(7):
+        user = {"role": "user", "content": f"Question {i}: how do I reset my password?"}
+        if i % 3 == 0:
+            rows.append({"messages": [system, user, {"role": "assistant", "content": "old answer, dropped"}]})
+            prompts.append([system, user])
+        elif i % 3 == 1:
+            rows.append({"messages": [user]})
+            prompts.append([user])
+        else:
+            rows.append({"prompt": user["content"], "completion": "ignored"})
+            prompts.append([user])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return prompts
+
+
+def test_distill_generate_resumes_without_duplicates(teacher_dir, tmp_path):
+    from tuneforge.data import Conversation, read_conversations
+    from tuneforge.distill import generate_teacher_data
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts = write_prompts(prompts_file)
+    out = tmp_path / "teacher.jsonl"
+    options = dict(max_new_tokens=6, batch_size=2, progress=False)
+    first = generate_teacher_data(str(teacher_dir), prompts_file, out, limit=3, **options)
+    assert (first.written, first.resumed_from) == (3, 0) and len(out.read_text().splitlines()) == 3
+    with out.open("a") as f:
+        f.write('{"messages": [{"role": "user", "cont')  # killed in the middle of a line
+    second = generate_teacher_data(str(teacher_dir), prompts_file, out, **options)
+    assert (second.written, second.resumed_from, second.prompts) == (7, 3, 7)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"][:-1] for r in rows] == prompts
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+
+    at_once = tmp_path / "at_once.jsonl"
+    generate_teacher_data(str(teacher_dir), prompts_file, at_once, **options)
+    assert out.read_text() == at_once.read_text()  # greedy answers do not depend on the interruption
+    assert generate_teacher_data(str(teacher_dir), prompts_file, out, **options).resumed_from == 7
+
+    assert first.empty == second.empty == 0
+    assert all(isinstance(item, Conversation) for _, item in read_conversations(out))  # SFT data as it is
+
+
+def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir, tmp_path):
+    from tuneforge.distill import generate_teacher_data
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                   + json.dumps({"question": "hi"}) + "\n"
+                   + json.dumps({"messages": [{"role": "system", "content": "only a system prompt"}]}) + "\n")
+    with pytest.raises(DataError) as err:
+        generate_teacher_data(str(tiny_model_dir), bad, tmp_path / "out.jsonl", progress=False)
+    assert "bad.jsonl:2" in err.value.message and "bad.jsonl:3" in err.value.message
+    assert not (tmp_path / "out.jsonl").exists()
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    write_prompts(prompts_file)
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"messages": [{"role": "user", "content": "another prompt"},
+                                                {"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(TuneforgeError, match="line 1 does not answer prompt 1"):
+        generate_teacher_data(str(tiny_model_dir), prompts_file, foreign, progress=False)

@@ -1,0 +1,280 @@
+"""method: dpo on tiny models: the loss against an independent computation, one forward per pair,
+the disabled adapter as reference, a run that learns the preference, normalisation per pair,
+clear errors on the wrong kind of data, and starting from an SFT run."""
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_run_config
+from tiny import tiny_llama
+
+from tuneforge.config import load_config
+from tuneforge.data import Message, Preference, collate, render_preference
+from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.methods import dpo
+from tuneforge.methods.sft import causal_lm
+from tuneforge.training import train
+from tuneforge.training.attention import per_example_attention
+from tuneforge.training.loop import to_rows
+
+CHATTY = [
+    "Hello! Thanks so much for reaching out, I'd be happy to help you with that today.",
+    "Sure thing, this sounds like something our team can look at. Have a great day!",
+    "I think it might be a problem, but I am not sure. Could you tell me more?",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here runs tiny models, on one thread."""
+
+
+def preference_rows(chat_file: Path) -> list[dict]:
+    """The demo task's chat rows as pairs: the JSON answer preferred, a chatty reply rejected."""
+    rows = []
+    for i, line in enumerate(chat_file.read_text().splitlines()):
+        messages = json.loads(line)["messages"]
+        rows.append({"prompt": messages[:-1], "chosen": [messages[-1]],
+                     "rejected": [{"role": "assistant", "content": CHATTY[i % len(CHATTY)]}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def preference_data(triage_data, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("preference")
+    paths = {}
+    for split in ("train", "validation"):
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in preference_rows(triage_data[split])))
+    return paths
+
+
+def dpo_config(model_dir, data: dict, out, dpo_section: dict | None = None, **train_options) -> dict:
+    cfg = tiny_run_config(model_dir, data, out, **train_options)
+    cfg["method"] = "dpo"
+    cfg["lora"]["dropout"] = 0.0
+    cfg["dpo"] = dpo_section or {}
+    return cfg
+
+
+def pairs_for(tokenizer, n: int = 3):
+    """Rendered (chosen, rejected) pairs of different lengths, with their reply texts."""
+    pairs, replies = [], []
+    for i in range(n):
+        chosen = '{"category": "outage", "priority": "urgent"}' if i % 2 else '{"category": "billing"}'
+        rejected = CHATTY[i % len(CHATTY)]
+        preference = Preference([Message("user", "My database is down " * (i + 1))], Message("assistant", chosen),
+                                Message("assistant", rejected))
+        pairs.append(render_preference(preference, tokenizer))
+        replies.append((chosen, rejected))
+    return pairs, replies
+
+
+def reply_logp(model, ids: list[int], reply: str, tokenizer) -> torch.Tensor:
+    """log p(reply + end of turn | everything before it), found from the reply's text: the reply's
+    tokens and <|im_end|> come right before the rendering's final newline."""
+    target = tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    end = len(ids) - 1
+    assert ids[end - len(target):end] == target and tokenizer.decode(ids[end:]) == "\n"
+    logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    positions = torch.arange(end - len(target), end)
+    return F.log_softmax(logits[positions - 1], -1)[torch.arange(len(target)), torch.tensor(target)].sum()
+
+
+@pytest.mark.parametrize("attention", ["per_example", "model"])
+@pytest.mark.parametrize("loss,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_loss_equals_an_independent_computation_over_reply_tokens_only(tokenizer, loss, smoothing, attention):
+    policy, reference = tiny_llama(tokenizer, seed=0).eval(), tiny_llama(tokenizer, seed=1).eval()
+    pairs, replies = pairs_for(tokenizer)
+    beta = 0.5
+    # Rows as long as the longest and shortest pair together: two pairs packed into one row, the third
+    # alone in another, so pairs are found per example, not per row.
+    lengths = sorted(len(c) + len(r) for c, r in pairs)
+    rows = to_rows(dpo.rows(pairs), load_config({"data": {"train": "x", "max_length": lengths[0] + lengths[-1]}}))
+    assert len(rows) == 2
+    objective = dpo.DPOObjective(policy, beta=beta, loss=loss, label_smoothing=smoothing, reference=reference)
+    batch = collate(rows, tokenizer.pad_token_id)
+    with per_example_attention(policy) if attention == "per_example" else contextlib.nullcontext():
+        sums = objective(**batch)
+
+    expected, rewards = [], []
+    with torch.no_grad():
+        for (chosen, rejected), (chosen_text, rejected_text) in zip(pairs, replies):
+            ratios = [reply_logp(policy, e.input_ids, text, tokenizer) - reply_logp(reference, e.input_ids, text, tokenizer)
+                      for e, text in ((chosen, chosen_text), (rejected, rejected_text))]
+            h = ratios[0] - ratios[1]
+            if loss == "sigmoid":
+                expected.append(-(1 - smoothing) * math.log(torch.sigmoid(beta * h)) - smoothing * math.log(torch.sigmoid(-beta * h)))
+            else:
+                expected.append(float((h - 1 / (2 * beta)) ** 2))
+            rewards.append([beta * float(r) for r in ratios])
+    assert dpo.count_pairs(batch) == 3
+    assert sums["loss"].item() == pytest.approx(sum(expected), rel=1e-4)
+    assert float(sums["rewards/chosen"]) == pytest.approx(sum(c for c, _ in rewards), rel=1e-4, abs=1e-5)
+    assert float(sums["rewards/rejected"]) == pytest.approx(sum(r for _, r in rewards), rel=1e-4, abs=1e-5)
+    assert float(sums["rewards/accuracies"]) == sum(c > r for c, r in rewards)
+
+
+def test_reply_masks_cover_the_reply_and_its_end_of_turn_only(tokenizer):
+    (pair,), ((chosen_text, rejected_text),) = pairs_for(tokenizer, 1)
+    for example, text in zip(pair, (chosen_text, rejected_text)):
+        trained = [t for t in example.labels if t != -100]
+        assert tokenizer.decode(trained) == text + "<|im_end|>"
+    assert pair[0].input_ids[:20] == pair[1].input_ids[:20]  # the shared prompt is there, untrained
+
+
+def test_chosen_and_rejected_go_through_one_forward(tokenizer):
+    model = dpo.prepare_model(tiny_llama(tokenizer), load_config({"method": "dpo", "data": {"train": "x"}}))
+    pairs, _ = pairs_for(tokenizer)
+    batch = collate(dpo.rows(pairs), tokenizer.pad_token_id)
+    forwards = []
+    causal_lm(model).get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape), with_kwargs=True)
+    dpo.DPOObjective(model, beta=0.1, loss="sigmoid")(**batch)
+    # One forward of the policy and one of the reference (adapter disabled), each over the whole batch.
+    assert forwards == [batch["input_ids"].shape] * 2
+
+
+def test_lora_reference_is_the_model_with_its_adapter_disabled_and_the_first_loss_is_log_2(tokenizer):
+    base = tiny_llama(tokenizer)
+    plain = tiny_llama(tokenizer)  # the same weights (same seed), never wrapped
+    model = dpo.prepare_model(base, load_config({"method": "dpo", "data": {"train": "x"}}))
+    pairs, _ = pairs_for(tokenizer)
+    batch = collate(dpo.rows(pairs), tokenizer.pad_token_id)
+    objective = dpo.DPOObjective(model, beta=0.1, loss="sigmoid")
+    sums = objective(**batch)
+    assert sums["loss"].item() / dpo.count_pairs(batch) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(sums["rewards/margins"]) == 0 and float(sums["rewards/accuracies"]) == 0
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        policy = dpo.sequence_logps(causal_lm(model), **batch)
+        expected = dpo.sequence_logps(plain, **batch)
+    reference = objective.reference_logps(**batch)
+    assert torch.allclose(reference, expected, atol=1e-5)
+    assert not torch.allclose(policy, expected, atol=1e-3)
+
+
+def test_a_tiny_dpo_run_learns_to_prefer_the_json_answers(tiny_model_dir, preference_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    result = train(dpo_config(tiny_model_dir, preference_data, run, max_steps=12, learning_rate=5e-3, eval_every=6),
+                   progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], result.metrics
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-5) and first["rewards/accuracies"] == 0
+    assert last["train_loss"] < 0.5 and last["rewards/accuracies"] >= 0.9 and last["rewards/margins"] > 0
+    assert "train_mean_token_accuracy" not in last
+    assert any("valid_rewards/accuracies" in r for r in rows)
+    assert last["full_valid_rewards/accuracies"] >= 0.9 and last["full_valid_loss"] < math.log(2)
+
+    # The trained adapter, loaded as users load it, prefers the chosen replies more than the base does.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "final")
+    data = load_config(dpo_config(tiny_model_dir, preference_data, run))
+    from tuneforge.data import prepare
+    from tuneforge.models import load_tokenizer
+
+    pairs = prepare(data.data, load_tokenizer(str(tiny_model_dir)), log=lambda *a: None).train_pairs
+    batch = collate(dpo.rows(pairs), 0)
+    with torch.no_grad():
+        gaps = [(lambda logps: logps[0::2] - logps[1::2])(dpo.sequence_logps(causal_lm(m), **batch)) for m in (base, tuned)]
+    assert (gaps[1] > gaps[0]).float().mean() > 0.9
+
+
+def test_full_policy_trains_against_a_frozen_copy(tiny_model_dir, preference_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    result = train(dpo_config(tiny_model_dir, preference_data, run, {"policy": "full"}, max_steps=2,
+                              learning_rate=1e-3), progress=False)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # the copy equals the policy at the start
+    assert result.metrics["rewards/margins"] != 0  # and stayed put while the policy moved
+    tuned, base = (AutoModelForCausalLM.from_pretrained(p) for p in (result.final_dir, tiny_model_dir))
+    assert (tuned.model.layers[0].mlp.up_proj.weight - base.model.layers[0].mlp.up_proj.weight).abs().max() > 0
+
+
+def test_the_loss_is_normalised_per_pair_whatever_the_accumulation(tiny_model_dir, preference_data, tmp_path):
+    """Rows of packed pairs hold different numbers of pairs; dividing by the step's pairs makes
+    one micro-batch and four give the same losses (a mean of micro-batch means would not)."""
+    losses = {}
+    for accumulation in (1, 4):
+        run = tmp_path / f"accum{accumulation}"
+        train(dpo_config(tiny_model_dir, preference_data, run, grad_accum=accumulation, max_steps=3,
+                         learning_rate=1e-2), progress=False)
+        losses[accumulation] = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                                if "train_loss" in json.loads(line)]
+    assert len(losses[1]) == 3
+    assert losses[1] == pytest.approx(losses[4], rel=1e-5)
+
+
+def test_dpo_on_sft_data_and_sft_on_pairs_fail_before_any_work(tiny_model_dir, triage_data, preference_data, tmp_path):
+    sft_data_with_dpo = dpo_config(tiny_model_dir, triage_data, tmp_path / "a")
+    with pytest.raises(TuneforgeError, match="method: dpo trains on preference pairs") as err:
+        train(sft_data_with_dpo, progress=False)
+    assert err.value.code == "not_preference_data"
+    pairs_with_lora = tiny_run_config(tiny_model_dir, preference_data, tmp_path / "b")
+    with pytest.raises(TuneforgeError, match="method: lora cannot train on.*method: dpo") as err:
+        train(pairs_with_lora, progress=False)
+    assert err.value.code == "preference_data"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_config_refuses_label_smoothing_with_ipo_and_kl_to_base_with_dpo():
+    with pytest.raises(ConfigError, match="label_smoothing is for loss: sigmoid"):
+        load_config({"method": "dpo", "dpo": {"loss": "ipo", "label_smoothing": 0.1}, "data": {"train": "x"}})
+    with pytest.raises(ConfigError, match="kl_to_base is for SFT methods"):
+        load_config({"method": "dpo", "train": {"kl_to_base": 0.1}, "data": {"train": "x"}})
+    with pytest.raises(ConfigError, match="dpo.policy"):
+        load_config({"method": "dpo", "dpo": {"policy": "dora"}, "data": {"train": "x"}})
+
+
+def test_dpo_from_an_sft_run_trains_on_the_merged_sft_model(tiny_model_dir, triage_data, preference_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models import load_model
+
+    sft = tmp_path / "sft"
+    train(tiny_run_config(tiny_model_dir, triage_data, sft, max_steps=3, learning_rate=1e-2), progress=False)
+    cfg = dpo_config(sft, preference_data, tmp_path / "dpo", max_steps=3, learning_rate=5e-3)
+
+    # The reference is the SFT model: the SFT adapter merged, the fresh DPO adapter disabled.
+    pairs, _ = pairs_for(load_tokenizer_of(tiny_model_dir))
+    batch = collate(dpo.rows(pairs), 0)
+    policy_model = dpo.prepare_model(load_model(str(sft)), load_config(cfg))
+    with torch.no_grad():
+        sft_logps = dpo.sequence_logps(causal_lm(load_model(str(sft))), **batch)
+        base_logps = dpo.sequence_logps(AutoModelForCausalLM.from_pretrained(tiny_model_dir), **batch)
+    reference = dpo.DPOObjective(policy_model, beta=0.1, loss="sigmoid").reference_logps(**batch)
+    assert torch.allclose(reference, sft_logps, atol=1e-4)
+    assert not torch.allclose(reference, base_logps, atol=1e-3)
+
+    result = train(cfg, progress=False)
+    assert result.status == "completed"
+    # final/ is SFT and DPO merged into one plain model (an adapter alone would point at the base
+    # without SFT): it equals the merged SFT model with the last checkpoint's DPO adapter on top.
+    from peft import PeftModel
+
+    final = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    sft_with_dpo = PeftModel.from_pretrained(load_model(str(sft)).merge_and_unload(), tmp_path / "dpo" / "checkpoints" / "step-3")
+    with torch.no_grad():
+        final_logps = dpo.sequence_logps(final, **batch)
+        expected = dpo.sequence_logps(causal_lm(sft_with_dpo), **batch)
+    assert torch.allclose(final_logps, expected, atol=1e-3)
+    assert not torch.allclose(final_logps, sft_logps, atol=1e-2)
+
+
+def load_tokenizer_of(model_dir):
+    from tuneforge.models import load_tokenizer
+
+    return load_tokenizer(str(model_dir))

@@ -1,0 +1,289 @@
+"""`tuneforge export`: adapter, merged and GGUF exports load in plain transformers / PEFT and
+behave like the model they came from; bad input and bad exports are refused clearly."""
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.export import EXPORT_RECORD, ExportFailed, export
+from tuneforge.export.probe import DTYPE_BOUNDS, MERGE_BOUND, PROBE_CONVERSATIONS, probe_ids, probe_logits
+from tuneforge.generate import generate
+from tuneforge.models import load_model, load_tokenizer, resolve
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny model whose B matrices are random, so merging changes every layer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(adapter_dir, tiny_model_dir, tmp_path_factory):
+    """A finished LoRA run folder as training leaves it: config.yaml naming the base, final/ the adapter."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("runs") / "tiny-run"
+    shutil.copytree(adapter_dir, run / "final")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_model_dir), "method": "lora"}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir):
+    """The run's model as tuneforge loads it (base + adapter) and its logits on the probe batch."""
+    source = resolve(str(run_dir))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    return model, tokenizer, probe_logits(model, probe_ids(tokenizer))
+
+
+def _max_diff(logits_a, logits_b) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(logits_a, logits_b, strict=True))
+
+
+def _greedy_tokens(model, tokenizer) -> list[tuple[int, ...]]:
+    return [c.token_ids for c in generate(model, tokenizer, list(PROBE_CONVERSATIONS), max_new_tokens=8)]
+
+
+def _cli(monkeypatch, *args) -> int:
+    from tuneforge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tuneforge", "export", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code
+
+
+def test_merged_export_loads_in_plain_transformers_and_matches_the_adapter_model(run_dir, reference, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model, tokenizer, logits = reference
+    result = export(run_dir, "merged", None, tmp_path / "merged", progress=False)
+
+    merged = AutoModelForCausalLM.from_pretrained(result.out)
+    merged_tokenizer = AutoTokenizer.from_pretrained(result.out)
+    assert merged_tokenizer.chat_template == tokenizer.chat_template
+    assert _max_diff(logits, probe_logits(merged, probe_ids(merged_tokenizer))) <= MERGE_BOUND
+    assert _greedy_tokens(merged, merged_tokenizer) == _greedy_tokens(model, tokenizer)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(result.out).eos_token_id == end_of_turn
+    record = json.loads((result.out / EXPORT_RECORD).read_text())
+    assert record["dtype"] == "f32"
+    assert 0 < record["checks"]["merge"]["max_abs_logit_diff"] <= MERGE_BOUND
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_merged_export_writes_the_requested_dtype(adapter_dir, tmp_path):
+    from safetensors import safe_open
+
+    result = export(adapter_dir, "merged", "bf16", tmp_path / "bf16", progress=False)
+    with safe_open(str(result.out / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["bf16"]
+
+
+def test_adapter_export_loads_with_plain_peft_and_gives_identical_logits(run_dir, reference, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer, logits = reference
+    result = export(run_dir, "adapter", None, tmp_path / "adapter", progress=False)
+
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {f.name for f in result.files}
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.out)
+    assert _max_diff(logits, probe_logits(loaded, probe_ids(tokenizer))) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_gguf_export_reads_back_in_transformers_within_bounds(run_dir, reference, dtype, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer, logits = reference
+    result = export(run_dir, "gguf", dtype, tmp_path / "gguf", progress=False)
+    [gguf_file] = [f for f in result.files if f.suffix == ".gguf"]
+    assert gguf_file.name == f"tiny-run-{dtype}.gguf"
+
+    loaded = AutoModelForCausalLM.from_pretrained(result.out, gguf_file=gguf_file.name, dtype=torch.float32)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(result.out, gguf_file=gguf_file.name)
+    chat = tokenizer.apply_chat_template(list(PROBE_CONVERSATIONS[1]), tokenize=False, add_generation_prompt=True)
+    def encode(any_tokenizer):
+        return any_tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+    assert encode(loaded_tokenizer) == encode(tokenizer)
+    measured = _max_diff(logits, probe_logits(loaded, probe_ids(tokenizer)))
+    assert measured <= DTYPE_BOUNDS[dtype]
+    assert json.loads((result.out / EXPORT_RECORD).read_text())["checks"]["max_abs_logit_diff"] <= DTYPE_BOUNDS[dtype]
+    if dtype == "f32":
+        assert _greedy_tokens(loaded, loaded_tokenizer) == _greedy_tokens(model, tokenizer)
+
+
+def test_gguf_metadata_is_what_llama_cpp_expects(adapter_dir, tokenizer, tmp_path):
+    from gguf import GGUFReader, TokenType
+
+    result = export(adapter_dir, "gguf", "f16", tmp_path / "gguf", progress=False)
+    reader = GGUFReader(result.files[0])
+
+    def field(key):
+        return reader.fields[key].contents()
+
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert field("general.architecture") == "llama"
+    assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.eos_token_id") == end_of_turn
+    assert field("tokenizer.ggml.add_bos_token") is False
+    assert field("tokenizer.chat_template") == tokenizer.chat_template
+    assert field("tokenizer.ggml.token_type")[end_of_turn] == TokenType.CONTROL
+    names = {t.name for t in reader.tensors}
+    assert "blk.1.attn_q.weight" in names and "output.weight" not in names  # tied embeddings
+
+
+def test_ollama_modelfile_has_the_chatml_template_and_end_of_turn_stop(adapter_dir, tmp_path):
+    result = export(adapter_dir, "gguf", "q8_0", tmp_path / "ollama", ollama=True, progress=False)
+    text = (result.out / "Modelfile").read_text()
+    assert text.startswith("FROM ./adapter-q8_0.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert "{{ range .Messages }}" in text.replace("{{-", "{{")
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in text
+    assert 'SYSTEM """You are a helpful AI assistant."""' in text  # the tiny template's default
+
+
+def test_gguf_refuses_other_architectures_before_loading_weights(tmp_path, tokenizer, monkeypatch, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    assert _cli(monkeypatch, folder, "--format", "gguf", "--out", tmp_path / "out") == 2
+    message = capsys.readouterr().err
+    assert "LlamaForCausalLM" in message and "GPT2LMHeadModel" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_merge_that_changes_the_logits_fails_with_exit_1(adapter_dir, tmp_path, monkeypatch, capsys):
+    from peft.tuners.lora import LoraModel
+
+    merge_and_unload = LoraModel.merge_and_unload
+
+    def merge_and_corrupt(self, *args, **kwargs):
+        merged = merge_and_unload(self, *args, **kwargs)
+        with torch.no_grad():
+            merged.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+        return merged
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", merge_and_corrupt)
+    assert _cli(monkeypatch, adapter_dir, "--format", "merged", "--out", tmp_path / "out") == 1
+    message = capsys.readouterr().err
+    assert "largest logit difference" in message and "(bound 0.001)" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dtype", "ollama", "expected"),
+    [
+        ("gguf", "bf16", False, "takes the dtypes f16, f32, q8_0"),
+        ("adapter", "f16", False, "takes no --dtype"),
+        ("merged", "q8_0", False, "takes the dtypes f32, f16, bf16"),
+        ("merged", None, True, "use it with --format gguf"),
+        ("onnx", None, False, "Unknown export format 'onnx'"),
+    ],
+)
+def test_unsupported_options_are_refused(adapter_dir, tmp_path, fmt, dtype, ollama, expected):
+    with pytest.raises(TuneforgeError, match=expected) as error:
+        export(adapter_dir, fmt, dtype, tmp_path / "out", ollama=ollama, progress=False)
+    assert error.value.exit_code == 2
+
+
+def test_an_existing_output_folder_is_kept_unless_overwrite(adapter_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(TuneforgeError, match="--overwrite"):
+        export(adapter_dir, "adapter", None, out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+
+    assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", out, "--overwrite") == 0
+    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
+
+
+def test_the_output_folder_may_not_hold_the_source(run_dir):
+    with pytest.raises(TuneforgeError, match="holds the model being exported"):
+        export(run_dir, "adapter", None, run_dir, overwrite=True, progress=False)
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+
+
+def test_an_unfinished_run_points_at_its_checkpoints(tmp_path, tiny_model_dir):
+    run = tmp_path / "unfinished"
+    (run / "checkpoints" / "step-10").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_model_dir)}))
+    with pytest.raises(TuneforgeError, match="no final/ yet but has checkpoints") as error:
+        export(run, "merged", None, tmp_path / "out", progress=False)
+    assert "step-10" in error.value.message
+
+
+def test_a_full_model_has_no_adapter_to_export(tiny_model_dir, tmp_path):
+    with pytest.raises(TuneforgeError, match="holds a full model, not an adapter"):
+        export(tiny_model_dir, "adapter", None, tmp_path / "out", progress=False)
+
+
+def test_a_full_model_is_exported_as_is(tiny_model_dir, tmp_path):
+    result = export(tiny_model_dir, "merged", "f32", tmp_path / "out", progress=False)
+    assert result.checks["merge"] is None
+    assert result.checks["max_abs_logit_diff"] == 0.0
+
+
+def test_export_failed_is_a_run_failure():
+    assert ExportFailed("x").exit_code == 1
+
+
+# ---- the real model ------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_smollm2_with_a_fresh_lora_exports_merged_and_q8_0_gguf_that_answer_alike(smollm2_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():  # PEFT starts B at zero; a random B makes the merge change every layer
+        for name, weight in lora.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.01)
+    lora.save_pretrained(tmp_path / "adapter")
+    del lora, base
+
+    source = resolve(str(tmp_path / "adapter"))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    prompts = [[{"role": "user", "content": "What is the capital of France?"}],
+               [{"role": "user", "content": "Name three colours."}]]
+    expected = [c.text for c in generate(model, tokenizer, prompts, max_new_tokens=16)]
+    del model
+
+    merged = export(tmp_path / "adapter", "merged", "f32", tmp_path / "merged", progress=False)
+    merged_model = AutoModelForCausalLM.from_pretrained(merged.out, dtype=torch.float32)
+    assert [c.text for c in generate(merged_model, tokenizer, prompts, max_new_tokens=16)] == expected
+    del merged_model
+
+    gguf = export(tmp_path / "adapter", "gguf", "q8_0", tmp_path / "gguf", progress=False)
+    print("smollm2 merged f32:", merged.checks, "gguf q8_0:", gguf.checks)
+    assert gguf.checks["tokenizer_roundtrip_identical"]
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.out, gguf_file=gguf.files[0].name, dtype=torch.float32)
+    answers = [c.text for c in generate(gguf_model, tokenizer, prompts, max_new_tokens=16)]
+    # 8-bit weights may flip a near-tie late in a reply; the start of each answer must agree.
+    assert [a[:20] for a in answers] == [e[:20] for e in expected]

@@ -1,0 +1,371 @@
+"""The fine-tuning jobs service end to end, through the official OpenAI SDK against a real `tuneforge api`.
+
+Each server is a real process (`python -m tuneforge api`) with its own TUNEFORGE_HOME, training the
+tiny random Llama in seconds. PostgreSQL tests start a throwaway cluster with initdb/pg_ctl.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("sqlalchemy")
+
+KEY, OTHER_KEY = "key-alice", "key-bob"
+SERVER_START_S = 120
+JOB_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiServer:
+    """`tuneforge api` in a child process; `kill()` is SIGKILL, as a crash would be."""
+
+    def __init__(self, home: Path, *, port: int | None = None, db: str | None = None, workers: int = 1):
+        self.home, self.port, self.db, self.workers = home, port or free_port(), db, workers
+        self.log_path = home / f"server-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "ApiServer":
+        """Launch the server; `client()` waits until it answers (so tests can prepare meanwhile)."""
+        args = [sys.executable, "-m", "tuneforge", "api", "--port", str(self.port), "--workers", str(self.workers),
+                "--api-key", KEY, "--api-key", OTHER_KEY, "--max-upload-mb", "1"]
+        if self.db:
+            args += ["--db", self.db]
+        env = {**os.environ, "TUNEFORGE_HOME": str(self.home), "OMP_NUM_THREADS": "1"}
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.ready = False
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + SERVER_START_S
+        while not self.ready:
+            assert self.process.poll() is None, f"the server exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"the server did not start within {SERVER_START_S} s:\n{self.log()}"
+            try:
+                self.ready = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.3)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def client(self, key: str = KEY):
+        self.wait_ready()
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=60)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def chat_rows(n: int, start: int = 0) -> str:
+    questions = ["What is two plus two?", "How do I reset my password?", "My database is down, help!",
+                 "Hello, how are you today?"]
+    answers = ["The answer is four.", "Open the web console.", "Production is affected; we help.", "I am fine."]
+    rows = [{"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                          {"role": "user", "content": f"{questions[i % 4]} ({i})"},
+                          {"role": "assistant", "content": f"{answers[i % 4]} {i}"}]} for i in range(start, start + n)]
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def upload(client, text: str, name: str = "train.jsonl"):
+    return client.files.create(file=(name, text.encode(), "application/jsonl"), purpose="fine-tune")
+
+
+def wait_for(client, job_id: str, statuses: set[str], timeout: float = JOB_TIMEOUT_S, server: ApiServer | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.3)
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=50)]
+    raise AssertionError(f"{job_id} is {job.status}, not {statuses}; events: {events}\n{server.log() if server else ''}")
+
+
+def all_events(client, job_id: str) -> list:
+    return list(client.fine_tuning.jobs.list_events(job_id, limit=100))  # the SDK pages through every one
+
+
+def create_job(client, model_dir: Path, train_id: str, *, n_epochs: int, suffix: str | None = None, **extra):
+    return client.fine_tuning.jobs.create(
+        model=str(model_dir), training_file=train_id, suffix=suffix, seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": n_epochs, "batch_size": 4}}},
+        **extra)
+
+
+def sdk_flow(server: ApiServer, model_dir: Path) -> None:
+    """Upload, create, poll to success, events, checkpoints, results, chat; then pause, resume and cancel another."""
+    client = server.client()
+    train = upload(client, chat_rows(12))
+    valid = upload(client, chat_rows(4, start=100), name="valid.jsonl")
+    assert train.purpose == "fine-tune" and train.bytes == len(chat_rows(12).encode())
+    assert client.files.content(train.id).read() == chat_rows(12).encode()
+
+    job = create_job(client, model_dir, train.id, n_epochs=2, suffix="triage", validation_file=valid.id,
+                     metadata={"team": "support"})
+    assert job.status == "validating_files" and job.hyperparameters.n_epochs == 2
+    job = wait_for(client, job.id, {"succeeded", "failed", "cancelled"}, server=server)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model.startswith(f"ft:{model_dir.name}:tuneforge:triage:")
+    assert job.trained_tokens > 0 and job.finished_at >= job.created_at and job.seed == 7
+    assert job.method.supervised.hyperparameters.batch_size == 4
+
+    events = all_events(client, job.id)
+    metrics = [e for e in events if e.type == "metrics" and "train_loss" in e.data]
+    assert [e.data["step"] for e in reversed(metrics)] == [1, 2, 3, 4, 5, 6]  # 12 rows / 4 a step, 2 epochs
+    assert all(e.data["total_steps"] == 6 for e in metrics)
+    assert any(e.type == "metrics" and "full_valid_loss" in e.data for e in events)
+    assert "The job has successfully completed." in [e.message for e in events]
+
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in checkpoints] == [6, 3]  # the end of each epoch, newest first
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-6"
+    assert checkpoints[0].metrics.train_loss > 0 and checkpoints[1].metrics.valid_loss > 0
+
+    [results_id] = job.result_files
+    assert client.files.retrieve(results_id).purpose == "fine-tune-results"
+    rows = list(csv.DictReader(io.StringIO(client.files.content(results_id).text)))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6] and float(rows[-1]["full_valid_loss"]) > 0
+
+    listed = client.fine_tuning.jobs.list(metadata={"team": "support"})
+    assert [j.id for j in listed.data] == [job.id]
+    assert client.fine_tuning.jobs.list(metadata={"team": "sales"}).data == []
+
+    for model in (job.fine_tuned_model, checkpoints[1].fine_tuned_model_checkpoint, str(model_dir)):
+        reply = client.chat.completions.create(model=model, max_tokens=5,
+                                               messages=[{"role": "user", "content": "What is two plus two?"}])
+        assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
+    assert job.fine_tuned_model in [m.id for m in client.models.list()]
+
+    # A long job: pause it (checkpoint and stop), resume it (from the checkpoint), cancel it.
+    long_job = create_job(client, model_dir, train.id, n_epochs=50)
+    wait_for(client, long_job.id, {"running"}, server=server)
+    while client.fine_tuning.jobs.retrieve(long_job.id).trained_tokens in (None, 0):
+        time.sleep(0.2)
+    client.fine_tuning.jobs.pause(long_job.id)
+    paused = wait_for(client, long_job.id, {"paused"}, server=server)
+    assert 0 < paused.trained_tokens
+    client.fine_tuning.jobs.resume(long_job.id)
+    wait_for(client, long_job.id, {"running"}, server=server)
+    cancelled = client.fine_tuning.jobs.cancel(long_job.id)
+    assert cancelled.status == "cancelled"
+    deadline = time.monotonic() + 60
+    while not any(e.message.startswith("Job cancelled at step") for e in all_events(client, long_job.id)):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.3)
+    messages = [e.message for e in all_events(client, long_job.id)]
+    assert any(m.startswith("Job paused at step") for m in messages)
+    assert any(m.startswith("Resuming fine-tuning from checkpoint step-") for m in messages)
+    job_after = client.fine_tuning.jobs.retrieve(long_job.id)
+    assert job_after.status == "cancelled" and job_after.fine_tuned_model is None
+    assert job_after.trained_tokens < job.trained_tokens * 25  # stopped well before its 50 epochs
+
+
+# ---- SQLite: one server --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    api = ApiServer(tmp_path_factory.mktemp("jobs-home")).start()
+    yield api
+    api.stop()
+
+
+def test_sdk_end_to_end_on_sqlite(server, tiny_model_dir):
+    sdk_flow(server, tiny_model_dir)
+
+
+def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
+    client = server.client()
+    train = upload(client, chat_rows(8))
+
+    def refused(param: str, **kwargs):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.fine_tuning.jobs.create(**{"model": str(tiny_model_dir), "training_file": train.id, **kwargs})
+        assert caught.value.param == param, caught.value.body
+        return caught.value
+
+    assert "not available" in refused("model", model="no-such-model-anywhere").message
+    refused("method.supervised.hyperparameters.n_epochs",
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}})
+    refused("method.supervised.hyperparameters.learning_rate_multiplier",
+            method={"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": "high"}}})
+    refused("hyperparameters.batch_size", hyperparameters={"batch_size": -1})
+    refused("suffix", suffix="x" * 65)
+    refused("training_file", training_file="file-missing")
+    refused("hyperparameters", hyperparameters={"n_epochs": 1}, method={"type": "supervised"})
+    assert "Unrecognized" in refused("learning_rate", extra_body={"learning_rate": 0.1}).message
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("notes.txt", b"hello", "text/plain"), purpose="fine-tune")
+    assert caught.value.param == "file"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("a.jsonl", b"{}\n", "application/jsonl"), purpose="assistants")
+    assert caught.value.param == "purpose"
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.files.create(file=("big.jsonl", b"x" * ((1 << 20) + 1), "application/jsonl"), purpose="fine-tune")
+    assert caught.value.status_code == 413 and caught.value.param == "file"
+
+
+def test_openai_hyperparameters_map_onto_the_config(tmp_path):
+    from tuneforge.jobs.mapping import CreateJobBody, resolved_method, training_config
+
+    body = CreateJobBody(model="m", training_file="file-1", hyperparameters={"learning_rate_multiplier": 0.5})
+    config = training_config("m", body.method_dict(), 3, tmp_path / "t.jsonl", None, tmp_path / "run", n_examples=20)
+    assert (config.method, config.train.batch_size, config.train.epochs, config.train.seed) == ("lora", 8, 5, 3)
+    assert config.train.learning_rate == pytest.approx(1e-4) and not config.data.packing
+    assert config.train.save_every == 3 and config.data.validation is None  # a checkpoint an epoch: 20 // 8 steps
+    method = resolved_method(body.method_dict(), config)
+    assert method["supervised"]["hyperparameters"] == {"batch_size": 8, "learning_rate_multiplier": 0.5,
+                                                       "n_epochs": 5}
+    dpo = CreateJobBody(model="m", training_file="file-1",
+                        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}})
+    config = training_config("m", dpo.method_dict(), 3, tmp_path / "t.jsonl", None, tmp_path / "run", n_examples=4)
+    assert (config.method, config.dpo.beta, config.train.batch_size, config.train.epochs) == ("dpo", 0.2, 4, 2)
+
+
+def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
+    client = server.client()
+    bad = upload(client, chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')
+    job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=bad.id)
+    job = wait_for(client, job.id, {"failed", "succeeded"}, server=server)
+    assert job.status == "failed"
+    assert job.error.param == bad.id and job.error.code == "invalid_training_file"
+    assert f"{bad.id}:4" in job.error.message and str(server.home) not in job.error.message
+    assert any(e.level == "error" for e in all_events(client, job.id))
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_each_key_sees_only_its_own(server, tiny_model_dir):
+    alice, bob = server.client(KEY), server.client(OTHER_KEY)
+    mine = upload(alice, chat_rows(4))
+    assert mine.id not in [f.id for f in bob.files.list()]
+    with pytest.raises(openai.NotFoundError):
+        bob.files.retrieve(mine.id)
+    with pytest.raises(openai.BadRequestError):
+        bob.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=mine.id)
+    with pytest.raises(openai.AuthenticationError):
+        server.client("wrong-key").files.list()
+    assert alice.files.delete(mine.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(mine.id)
+
+
+# ---- a crash mid-job ------------------------------------------------------------------------------------
+
+
+def test_server_killed_mid_job_resumes_after_restart(server, tiny_model_dir):
+    # Last of the SQLite tests: it restarts the module's server (same home and port) instead of starting its own.
+    client = server.client()
+    train = upload(client, chat_rows(12))
+    job = create_job(client, tiny_model_dir, train.id, n_epochs=50)  # 150 steps, a checkpoint every 3
+    wait_for(client, job.id, {"running"}, server=server)
+    while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "running", server.log()
+        time.sleep(0.1)
+    server.kill()
+    server.start()
+    client = server.client()
+    done = wait_for(client, job.id, {"succeeded", "failed", "cancelled"}, server=server)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in all_events(client, job.id)]
+    assert any("The server running this job stopped" in m for m in messages), messages
+    assert any(m.startswith("Resuming fine-tuning from checkpoint step-") for m in messages), messages
+    steps = [e.data["step"] for e in all_events(client, job.id) if e.type == "metrics" and "train_loss" in e.data]
+    assert sorted(steps) == list(range(1, 151))  # every step reported once, none trained twice after resuming
+
+
+# ---- PostgreSQL: two servers, one store -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    binaries = {name: shutil.which(name) or f"/usr/local/bin/{name}" for name in ("initdb", "pg_ctl", "postgres")}
+    if not all(os.access(path, os.X_OK) for path in binaries.values()):
+        pytest.skip(f"PostgreSQL binaries not found ({', '.join(binaries)}); install PostgreSQL to run these tests")
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver: pip install 'tuneforge[serve]'")
+    user = None
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres").pw_name
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+    folder = Path(tempfile.mkdtemp(prefix="tuneforge-pg-"))
+    if user:
+        shutil.chown(folder, user)
+    data, port = folder / "data", free_port()
+    run = dict(user=user, check=True, capture_output=True)
+    subprocess.run([binaries["initdb"], "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"], **run)
+    subprocess.run([binaries["pg_ctl"], "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"], **run)
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([binaries["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"], user=user, capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_server_and_a_worker_on_postgres_run_each_job_once(tmp_path, tiny_model_dir, postgres_url):
+    home = tmp_path / "home"  # shared, as run folders on shared storage would be
+    first = ApiServer(home, db=postgres_url).start()
+    second = ApiServer(home, db=postgres_url, workers=0).start()  # serves the API only
+    env = {**os.environ, "TUNEFORGE_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    with open(home / "worker.log", "ab") as log:  # `tuneforge worker`: a third claimant, no HTTP
+        worker = subprocess.Popen([sys.executable, "-m", "tuneforge", "worker", "--store", postgres_url],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        sdk_flow(first, tiny_model_dir)
+        client_a, client_b = first.client(), second.client()
+        train = upload(client_a, chat_rows(8))
+        jobs = [create_job(client, tiny_model_dir, train.id, n_epochs=1) for client in (client_a, client_b) * 3]
+        for job in jobs:
+            assert wait_for(client_b, job.id, {"succeeded", "failed"}, server=second).status == "succeeded"
+        workers = []
+        for job in jobs:
+            [start] = [e for e in all_events(client_a, job.id) if e.message == "Fine-tuning job started."]
+            workers.append(start.data["worker"].split("/")[0])  # the process that trained it
+        # Both claimants took jobs (each job started once): the first server and the worker process.
+        assert len(set(workers)) == 2 and any(w.split(":")[1] == str(worker.pid) for w in workers), workers
+        assert worker.poll() is None, (home / "worker.log").read_text()[-3000:]
+        reply = client_b.chat.completions.create(model=client_b.fine_tuning.jobs.retrieve(jobs[0].id).fine_tuned_model,
+                                                 max_tokens=3, messages=[{"role": "user", "content": "Hello"}])
+        assert reply.choices[0].message.content is not None
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        first.stop()
+        second.stop()

@@ -1,0 +1,38 @@
+"""Progress off a terminal: plain lines with done/total, pace and ETA, throttled, and always the last one."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from tuneforge import progress
+from tuneforge.training.progress import TrainProgress
+
+
+def test_off_a_terminal_progress_is_throttled_plain_lines_ending_with_the_last(monkeypatch, capsys):
+    with progress.progress_bar("answers", 40) as advance:
+        for _ in range(40):
+            advance(1)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("answers 1/40 (2%)")  # the first update shows at once ...
+    assert lines[-1].startswith("answers 40/40 (100%)") and "eta 0:00:00" in lines[-1]
+    assert len(lines) == 2  # ... the rest wait LOG_EVERY_S, except the end
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with progress.progress_bar("answers", 3) as advance:
+        for _ in range(3):
+            advance(1)
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.strip().splitlines()] == \
+        ["answers 1/3", "answers 2/3", "answers 3/3"]
+
+
+def test_training_progress_off_a_terminal_shows_steps_loss_and_speed():
+    bar = TrainProgress(2, 0, enabled=True)
+    bar.console = bar.lines.console = Console(file=io.StringIO())
+    with bar:
+        bar.update({"step": 1, "train_loss": 2.5, "tokens_per_s": 80.0})
+        bar.update({"step": 2, "train_loss": 2.0, "tokens_per_s": 90.0, "valid_loss": 2.1})
+    out = bar.console.file.getvalue()
+    assert "train step 1/2 (50%) · loss 2.5000 · 80 tok/s" in out
+    assert "train step 2/2 (100%) · loss 2.0000 (valid 2.1000) · 90 tok/s" in out

@@ -1,0 +1,333 @@
+"""The OpenAI-compatible server: a real uvicorn server on a free port, driven by the official `openai`
+client; answers checked against `tuneforge.generate` run on the same prompt alone."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from conftest import tiny_run_config
+from tiny_sharp import save_sharp_tiny_model
+
+from tuneforge.errors import ConfigError
+from tuneforge.generate import Batch, Sampling, encode_prompts, generate
+from tuneforge.models import load_model, load_tokenizer
+from tuneforge.serve import AdapterPool, Engine, create_app
+from tuneforge.serve.command import parse_adapters
+from tuneforge.training import train
+
+KEY = "test-key"
+BASE = "base"  # the served name of the base model: its folder's name
+QUESTION = [{"role": "user", "content": "What is two plus two?"}]
+PROMPTS = [
+    "Hi",
+    "What is two plus two?",
+    "How do I reset my password for the web console?",
+    "My database is down and production is affected, please help!",
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, how are you today?",
+    "Answer the question briefly.",
+    "system user assistant tool",
+]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@contextmanager
+def running_server(app):
+    """uvicorn in a thread, on a port the OS picked; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def random_adapter(base_dir, folder, seed: int):
+    """A LoRA adapter with random (not zero) weights: it answers unlike its base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(load_model(str(base_dir)), config).save_pretrained(folder)
+    return folder
+
+
+def alone(model, tokenizer, prompt, max_tokens: int, **sampling):
+    [completion] = generate(model, tokenizer, [prompt], max_new_tokens=max_tokens, **sampling)
+    return completion
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_sharp_tiny_model(tmp_path_factory.mktemp("serve") / BASE)
+
+
+@pytest.fixture(scope="module")
+def base(base_dir):
+    return load_model(str(base_dir)).eval(), load_tokenizer(str(base_dir))
+
+
+@pytest.fixture(scope="module")
+def adapters(base_dir, triage_data, tmp_path_factory) -> dict:
+    """A finished LoRA run folder (served by its final adapter), two random adapters and a broken one."""
+    root = tmp_path_factory.mktemp("adapters")
+    train(tiny_run_config(base_dir, triage_data, root / "run", max_steps=4, learning_rate=2e-2), progress=False)
+    folders = {"triage": root / "run", "alpha": random_adapter(base_dir, root / "alpha", 1),
+               "beta": random_adapter(base_dir, root / "beta", 2)}
+    broken = shutil.copytree(folders["alpha"], root / "broken")
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    return {**folders, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def server(base_dir, adapters):
+    engine = Engine(AdapterPool(str(base_dir), {name: str(path) for name, path in adapters.items()}, max_loaded=2),
+                    max_batch=16)
+    with running_server(create_app(engine, api_keys=[KEY])) as url:
+        yield url, engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def health(server) -> dict:
+    return httpx.get(f"{server[0]}/health").json()
+
+
+def test_chat_completion_is_the_greedy_answer_with_its_usage(client, base):
+    reply = client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=12, temperature=0)
+    expected = alone(*base, QUESTION, 12)
+    assert reply.object == "chat.completion" and reply.model == BASE and reply.id.startswith("chatcmpl-")
+    [choice] = reply.choices
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (
+        expected.prompt_tokens, 12, expected.prompt_tokens + 12)
+    assert expected.prompt_tokens == len(encode_prompts(base[1], [QUESTION])[0])
+
+
+def test_streamed_chunks_join_to_the_answer_and_end_with_done(server, client, base):
+    expected = alone(*base, QUESTION, 12)
+    chunks = list(client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == expected.prompt_tokens
+    raw = httpx.post(f"{server[0]}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": BASE, "messages": QUESTION, "max_tokens": 3, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_completions_continue_a_plain_prompt(client, base):
+    prompt = "The quick brown fox"
+    reply = client.completions.create(model=BASE, prompt=prompt, max_tokens=10, temperature=0)
+    expected = alone(*base, prompt, 10)
+    assert reply.object == "text_completion" and reply.choices[0].text == expected.text
+    assert reply.usage.prompt_tokens == expected.prompt_tokens and reply.usage.completion_tokens == 10
+    # Without max_tokens, OpenAI's default of 16 applies.
+    assert client.completions.create(model=BASE, prompt=prompt, temperature=0).choices[0].text == alone(
+        *base, prompt, 16).text
+    streamed = client.completions.create(model=BASE, prompt=prompt, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+
+def test_models_are_listed_base_first(client):
+    assert [m.id for m in client.models.list()] == [BASE, "triage", "alpha", "beta", "broken"]
+    assert client.models.retrieve("alpha").id == "alpha"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_an_adapter_picked_by_name_answers_as_that_adapter(client, base, adapters):
+    base_answer = client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=10, temperature=0)
+    for name in ("triage", "alpha"):  # a run folder serves its final adapter
+        reply = client.chat.completions.create(model=name, messages=QUESTION, max_tokens=10, temperature=0)
+        tuned = load_model(str(adapters[name])).eval(), load_tokenizer(str(adapters[name]))
+        assert reply.choices[0].message.content == alone(*tuned, QUESTION, 10).text
+        assert reply.choices[0].message.content != base_answer.choices[0].message.content
+        assert reply.model == name
+    # The base is still the base with adapters loaded.
+    again = client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=10, temperature=0)
+    assert again.choices[0].message.content == base_answer.choices[0].message.content == alone(*base, QUESTION, 10).text
+
+
+def test_the_least_recently_used_adapter_is_evicted(server, client):
+    def ask(name):
+        return client.chat.completions.create(model=name, messages=QUESTION, max_tokens=6,
+                                              temperature=0).choices[0].message.content
+
+    first = {name: ask(name) for name in ("alpha", "beta", "triage")}
+    assert health(server)["loaded_adapters"] == ["beta", "triage"]  # at most 2; alpha went
+    assert ask("alpha") == first["alpha"]  # loaded again, the same adapter
+    assert health(server)["loaded_adapters"] == ["triage", "alpha"]
+    assert ask("beta") == first["beta"]
+
+
+def test_a_wrong_or_missing_key_is_refused(server):
+    wrong = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        wrong.models.list()
+    assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+    bare = httpx.get(f"{server[0]}/v1/models")
+    assert bare.status_code == 401
+    assert set(bare.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"  # health needs no key
+
+
+@pytest.mark.parametrize(("options", "error", "param", "code"), [
+    ({"n": 2}, openai.BadRequestError, "n", "unsupported_value"),
+    ({"temperature": 5}, openai.BadRequestError, "temperature", "invalid_value"),
+    ({"top_p": 0}, openai.BadRequestError, "top_p", "invalid_value"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", None),
+    ({"max_tokens": 5000}, openai.BadRequestError, "max_tokens", "context_length_exceeded"),
+    ({"model": "no-such-model"}, openai.NotFoundError, "model", "model_not_found"),
+    ({"messages": []}, openai.BadRequestError, "messages", "invalid_value"),
+    ({"messages": [{"role": "wizard", "content": "Hi"}]}, openai.BadRequestError, "messages.0.role", "invalid_value"),
+    ({"extra_body": {"tools_please": True}}, openai.BadRequestError, "tools_please", "invalid_value"),
+])
+def test_bad_requests_get_openai_errors(client, options, error, param, code):
+    request = {"model": BASE, "messages": QUESTION, "max_tokens": 4, **options}
+    with pytest.raises(error) as caught:
+        client.chat.completions.create(**request)
+    assert caught.value.param == param and caught.value.code == code
+    assert caught.value.body["message"]
+    # The server is none the worse for it.
+    assert client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2).choices[0].message.content
+
+
+def test_a_body_that_is_not_json_is_a_400(server):
+    response = httpx.post(f"{server[0]}/v1/chat/completions", content=b"{not json",
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base):
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="broken", messages=QUESTION, max_tokens=4, temperature=0)
+    assert "Could not load adapter 'broken'" in caught.value.body["message"]
+    reply = client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == alone(*base, QUESTION, 8).text
+    assert health(server)["status"] == "ok"
+
+
+def test_concurrent_clients_get_their_lone_greedy_answers(server, client, base):
+    requests = [([{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))}], 8 + i % 9)
+                for i in range(16)]
+
+    def ask(i):
+        messages, max_tokens = requests[i]
+        if i % 2:  # half of them stream
+            chunks = client.chat.completions.create(model=BASE, messages=messages, max_tokens=max_tokens,
+                                                    temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return client.chat.completions.create(model=BASE, messages=messages, max_tokens=max_tokens,
+                                              temperature=0).choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert answers == [alone(*base, messages, max_tokens).text for messages, max_tokens in requests]
+    assert len(set(answers)) > 8  # the prompts really do get different answers
+    assert health(server)["largest_batch"] > 1  # and they were decoded together
+
+
+def test_a_client_that_goes_away_stops_its_generation(server):
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    gone = time.monotonic()
+    while health(server)["running"]:
+        assert time.monotonic() - gone < 3, "the abandoned generation is still decoding"
+        time.sleep(0.02)
+
+
+def test_rows_joining_a_running_batch_get_their_lone_answers(base):
+    """Continuous batching: rows that join mid-way (longer and shorter prompts than the running
+    ones) and leave at different steps decode exactly as they would alone, sampled ones included."""
+    model, tokenizer = base
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:5]]
+    lengths = [12, 5, 20, 9, 15]
+    ids = encode_prompts(tokenizer, prompts)
+    sampled = Sampling(10, temperature=1.0, top_p=0.9, seed=3)
+    batch = Batch(model, tokenizer)
+    rows = [batch.add(ids[0], Sampling(lengths[0]))]
+    for joins_after, (prompt_ids, length) in zip([2, 0, 1, 3], zip(ids[1:], lengths[1:])):
+        for _ in range(joins_after):
+            batch.step()
+        rows.append(batch.add(prompt_ids, Sampling(length)))
+    seeded = batch.add(ids[2], sampled, sampled.generator(model.device))
+    dropped = batch.add(ids[3], Sampling(50))
+    batch.step()
+    dropped.cancelled = True
+    while batch:
+        batch.step()
+    assert [row.completion() for row in rows] == [alone(model, tokenizer, p, n) for p, n in zip(prompts, lengths)]
+    assert seeded.completion().text == alone(model, tokenizer, prompts[2], 10, temperature=1.0, top_p=0.9, seed=3).text
+    assert len(dropped.tokens) < 5
+
+
+def test_adapters_are_checked_before_any_weights_load(base_dir, adapters, tmp_path):
+    with pytest.raises(ConfigError, match="not an adapter"):
+        AdapterPool(str(base_dir), {"full": str(base_dir)})
+    with pytest.raises(ConfigError, match="base model's name"):
+        AdapterPool(str(base_dir), {BASE: str(adapters["alpha"])})
+    other_base = save_sharp_tiny_model(tmp_path / "other")
+    with pytest.raises(ConfigError, match="trained on"):
+        AdapterPool(str(other_base), {"alpha": str(adapters["alpha"])})
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        parse_adapters(["alpha"])
+    with pytest.raises(ConfigError, match="twice"):
+        parse_adapters(["a=x", "a=y"])
+
+
+def test_the_serve_command_reports_a_bad_adapter_without_a_traceback(base_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tuneforge", "serve", "--model", str(base_dir),
+                             "--adapter", f"mine={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_smollm2_served_answers_as_generate_does(smollm2_dir):
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    engine = Engine(AdapterPool(str(smollm2_dir)))
+    try:
+        with running_server(create_app(engine)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+            reply = client.chat.completions.create(model=smollm2_dir.name, messages=question, max_tokens=40,
+                                                   temperature=0)
+    finally:
+        engine.close()
+    model, tokenizer = load_model(str(smollm2_dir)).eval(), load_tokenizer(str(smollm2_dir))
+    expected = alone(model, tokenizer, question, 40)
+    assert reply.choices[0].message.content == expected.text
+    assert "Paris" in expected.text
+    assert reply.usage.completion_tokens == expected.completion_tokens

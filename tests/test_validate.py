@@ -1,0 +1,67 @@
+"""`tuneforge validate`: the dry run finds config and data mistakes before any training, in seconds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import yaml
+from conftest import tiny_run_config
+
+from tuneforge.training.plan import validate
+
+
+def write_config(path, cfg: dict):
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuneforge", "validate", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
+    assert validate(cfg) == 0
+    out = capsys.readouterr().out
+    assert "plan for" in out and "steps" in out and "time (estimate)" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes no run folder
+
+
+def test_a_misspelt_key_and_a_bad_row_each_fail_in_seconds_naming_what_to_fix(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
+    cfg["train"]["learnig_rate"] = cfg["train"].pop("learning_rate")
+    started = time.perf_counter()
+    misspelt = run_cli(write_config(tmp_path / "typo.yaml", cfg))
+    assert misspelt.returncode == 2
+    assert "learnig_rate" in misspelt.stderr and "learning_rate" in misspelt.stderr
+    assert "Traceback" not in misspelt.stderr
+
+    rows = triage_data["train"].read_text().splitlines()
+    broken = json.loads(rows[2])
+    broken["messages"][1]["role"] = "customer"
+    bad_file = tmp_path / "bad.jsonl"
+    bad_file.write_text("\n".join(rows[:2] + [json.dumps(broken)] + rows[3:]) + "\n")
+    cfg = tiny_run_config(tiny_model_dir, {**triage_data, "train": bad_file}, tmp_path / "run")
+    bad_row = run_cli(write_config(tmp_path / "bad.yaml", cfg))
+    assert bad_row.returncode == 2
+    assert "unrecognized_role" in bad_row.stderr + bad_row.stdout and ":3" in bad_row.stderr + bad_row.stdout
+    assert "Traceback" not in bad_row.stderr
+    assert time.perf_counter() - started < 120  # two process starts included; no training happened
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dpo_config_is_planned_in_pairs(tiny_model_dir, triage_data, tmp_path, capsys):
+    rows = [json.loads(line)["messages"] for line in triage_data["train"].read_text().splitlines()]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": m[:-1], "chosen": [m[-1]],
+                                         "rejected": [{"role": "assistant", "content": "Sure! Let me look."}]}) + "\n"
+                             for m in rows))
+    cfg = tiny_run_config(tiny_model_dir, {"train": pairs, "validation": None}, tmp_path / "run")
+    cfg.update(method="dpo", dpo={"beta": 0.1})
+    cfg["data"]["validation"] = None
+    assert validate(cfg) == 0
+    assert f"{len(rows):,} train" in capsys.readouterr().out
