@@ -60,14 +60,16 @@ def supports_per_example_attention(config, max_length: int) -> bool:
 
 
 @contextmanager
-def per_example_attention(lm) -> Iterator[None]:
-    """Run `lm` (a transformers causal LM) with per-example attention inside the block."""
+def per_example_attention(*lms) -> Iterator[None]:
+    """Run each of `lms` (transformers causal LMs) with per-example attention inside the block."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, per_example_sdpa)
-    before = lm.config._attn_implementation
-    lm.set_attn_implementation(NAME)
+    before = [lm.config._attn_implementation for lm in lms]
+    for lm in lms:
+        lm.set_attn_implementation(NAME)
     try:
         yield
     finally:
-        lm.set_attn_implementation(before)
+        for lm, implementation in zip(lms, before):
+            lm.set_attn_implementation(implementation)

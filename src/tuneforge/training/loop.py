@@ -28,8 +28,8 @@ from .. import data as tfdata
 from ..config import Config, auto_epochs, load_config
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
-from ..methods import (batch_items, build_objective, causal_lm, check_inputs, loss_count, prepare_model,
-                       reported_sums, trainable_parameters)
+from ..methods import (batch_items, build_objective, causal_lm, check_inputs, frozen_models, loss_count,
+                       prepare_model, reported_sums, trainable_parameters)
 from ..models import load_model, load_tokenizer, resolve
 from . import batches, checkpoint, distributed
 from .attention import per_example_attention, supports_per_example_attention
@@ -275,6 +275,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     logged_sums = objective.logged_sums  # the method's own metrics, beside them
     summed = {**reported, **{name: name for name in logged_sums}}
     count = loss_count(objective)  # what the sums are sums over: trained tokens, or DPO pairs
+    frozen = frozen_models(objective)
     if world.size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     objective.train()
@@ -288,14 +289,15 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         distributed.barrier()
         return path
 
-    lm = causal_lm(model)
-    fast_attention = cfg.train.attention == "per_example" and supports_per_example_attention(lm.config, cfg.data.max_length)
-    if cfg.train.attention == "per_example" and not fast_attention:
-        log("attention: this model's attention is not plain causal attention over a whole row "
-            "(sliding window or soft-capping); using its own attention with a block mask")
+    # Every model a training forward runs: the trained one, and a teacher or reference copy if any.
+    lms = [causal_lm(m) for m in (model, *frozen)]
+    per_example = [lm for lm in lms if supports_per_example_attention(lm.config, cfg.data.max_length)]
+    if cfg.train.attention == "per_example" and len(per_example) < len(lms):
+        log("attention: a model's attention is not plain causal attention over a whole row "
+            "(sliding window or soft-capping); it keeps its own attention with a block mask")
 
     def training_attention():
-        return per_example_attention(lm) if fast_attention else contextlib.nullcontext()
+        return per_example_attention(*per_example) if cfg.train.attention == "per_example" else contextlib.nullcontext()
 
     last_metrics: dict = {}
     started = time.perf_counter() - state["elapsed"]
