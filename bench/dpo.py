@@ -95,14 +95,13 @@ def prepare_data(setup: Setup, work: Path) -> dict:
 
 def train_config(setup: Setup, data: dict, out: Path) -> dict:
     from tuneforge.config import DEFAULT_MODEL
-    from tuneforge.quickstart import upper_layer_targets
 
     return {
         "base_model": DEFAULT_MODEL,
         "method": "dpo",
         "dpo": {"beta": setup.beta, "loss": "sigmoid", "policy": "lora"},
         "lora": {"r": setup.lora_r, "alpha": 2 * setup.lora_r, "dropout": 0.0,
-                 "target_modules": upper_layer_targets(DEFAULT_MODEL, setup.lora_from_layer)},
+                 "target_modules": "all-linear", "from_layer": setup.lora_from_layer},
         "data": {"train": str(data["pairs"]["train"]), "validation": None, "max_length": setup.max_length,
                  "packing": False},
         "train": {"max_steps": setup.steps, "batch_size": setup.batch_size, "learning_rate": setup.learning_rate,

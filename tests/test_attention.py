@@ -68,12 +68,12 @@ def test_models_with_a_short_sliding_window_or_softcapping_keep_their_attention(
 
 
 def test_teacher_and_reference_copies_switch_with_the_trained_model(model, tiny_model_dir):
-    from tuneforge.methods import SFTObjective, frozen_models
+    from tuneforge.methods import SFTObjective
     from tuneforge.training.attention import NAME
 
     reference = load_model(resolve(str(tiny_model_dir)), dtype=torch.float32)
     objective = SFTObjective(model, kl_to_base=0.1, reference=reference)
-    assert frozen_models(objective) == [reference]
-    with per_example_attention(model, *frozen_models(objective)):
+    assert objective.frozen == [reference]
+    with per_example_attention(model, *objective.frozen):
         assert model.config._attn_implementation == reference.config._attn_implementation == NAME
     assert model.config._attn_implementation == reference.config._attn_implementation == "sdpa"

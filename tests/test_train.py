@@ -187,3 +187,19 @@ def test_kl_to_base_with_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir, tri
     train(cfg, progress=False)
     kl = [r["kl_to_base"] for r in metrics(tmp_path / "run") if "kl_to_base" in r]
     assert kl[0] == pytest.approx(0, abs=1e-6) and kl[-1] > 0
+
+
+def test_lora_from_layer_adapts_only_the_upper_decoder_layers(tiny_model_dir, triage_data, tmp_path):
+    from tuneforge.config import load_config
+    from tuneforge.methods import prepare_model
+    from tuneforge.models import load_model, resolve
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1))
+    cfg.lora.from_layer = 0.5
+    model = prepare_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32), cfg)
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    depth = model.config.num_hidden_layers
+    assert adapted == {str(i) for i in range(depth // 2, depth)}
+    per_layer = {name.split(".layers.")[1].split(".", 1)[1].split(".lora_")[0] for name, p in model.named_parameters()
+                 if p.requires_grad and ".lora_A." in name}
+    assert per_layer >= {"self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"}  # every linear of those layers

@@ -73,15 +73,9 @@ def reported_sums(objective) -> dict[str, str]:
     return getattr(objective, "reported_sums", TOKEN_SUMS)
 
 
-def frozen_models(objective) -> list:
-    """The frozen models an objective runs beside the trained one: a distillation teacher, or the
-    reference copy of full fine-tuning (adapters use the trained model with its adapters off)."""
-    return [*getattr(objective, "_reference", []), *getattr(objective, "_teacher", [])]
-
-
 def trainable_parameters(model) -> dict:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-__all__ = ["frozen_models", "prepare_model", "check_inputs", "build_objective", "batch_items", "loss_count", "reported_sums",
+__all__ = ["prepare_model", "check_inputs", "build_objective", "batch_items", "loss_count", "reported_sums",
            "trainable_parameters", "SFTObjective", "DistillObjective", "DPOObjective", "causal_lm"]

@@ -73,11 +73,11 @@ class DistillObjective(nn.Module):
         self.model = model
         self.alpha, self.temperature, self.kind, self.beta = alpha, temperature, kind, beta
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
-        self._teacher = [teacher.eval().requires_grad_(False)]
+        self.frozen = [teacher.eval().requires_grad_(False)]
 
     @property
     def teacher(self) -> nn.Module:
-        return self._teacher[0]
+        return self.frozen[0]
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)

@@ -114,12 +114,12 @@ class DPOObjective(nn.Module):
         self.model = model
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
-        self._reference = [reference.eval().requires_grad_(False)] if reference is not None else []
+        self.frozen = [reference.eval().requires_grad_(False)] if reference is not None else []
 
     count = staticmethod(count_pairs)
 
     def reference_logps(self, **batch) -> torch.Tensor:
-        with torch.no_grad(), reference_lm(self.model, self._reference) as lm:
+        with torch.no_grad(), reference_lm(self.model, self.frozen) as lm:
             return sequence_logps(lm, **batch)
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None):

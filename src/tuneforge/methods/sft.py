@@ -79,10 +79,10 @@ class SFTObjective(nn.Module):
         self.kl_to_base = kl_to_base
         self.logged_sums = ("kl_to_base",) if kl_to_base else ()
         # A frozen reference is kept outside the module tree so DDP and the optimizer never see it.
-        self._reference = [reference] if reference is not None else []
+        self.frozen = [reference] if reference is not None else []
 
     def base_logits(self, **batch) -> torch.Tensor:
-        with torch.no_grad(), reference_lm(self.model, self._reference) as lm:
+        with torch.no_grad(), reference_lm(self.model, self.frozen) as lm:
             return trained_logits(lm, **batch)
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None):

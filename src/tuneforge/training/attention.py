@@ -6,7 +6,8 @@ pair is computed (and kept for backward), although only pairs inside one example
 row is cut where the position ids restart at 0 and each example runs through
 `scaled_dot_product_attention(is_causal=True)` on its own: the work drops from L_row² to the sum
 of L_i², no mask is built, and the causal kernel skips the upper triangle. On SmolLM2 this made a
-LoRA step on 1,024-token packed rows about 1.2x faster (bench/results, `tuneforge_segattn*`).
+LoRA step on 1,024-token packed rows 1.25x faster (BENCHMARKS.md: tuneforge against
+`tuneforge_model_attention`).
 
 Right padding is exact as well: `data.collate` restarts the position ids of the padding at 0, so
 padding is an example of its own that no real token attends to.

@@ -28,7 +28,7 @@ from .. import data as tfdata
 from ..config import Config, auto_epochs, load_config
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
-from ..methods import (batch_items, build_objective, causal_lm, check_inputs, frozen_models, loss_count,
+from ..methods import (batch_items, build_objective, causal_lm, check_inputs, loss_count,
                        prepare_model, reported_sums, trainable_parameters)
 from ..models import load_model, load_tokenizer, resolve
 from . import batches, checkpoint, distributed
@@ -275,7 +275,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     logged_sums = objective.logged_sums  # the method's own metrics, beside them
     summed = {**reported, **{name: name for name in logged_sums}}
     count = loss_count(objective)  # what the sums are sums over: trained tokens, or DPO pairs
-    frozen = frozen_models(objective)
+    frozen = objective.frozen  # a teacher or reference copy the objective runs beside the trained model
     if world.size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     objective.train()
