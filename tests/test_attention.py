@@ -77,3 +77,51 @@ def test_teacher_and_reference_copies_switch_with_the_trained_model(model, tiny_
     with per_example_attention(model, *objective.frozen):
         assert model.config._attn_implementation == reference.config._attn_implementation == NAME
     assert model.config._attn_implementation == reference.config._attn_implementation == "sdpa"
+
+
+def shared_prefix_examples(vocab: int) -> list[Example]:
+    """Two groups of chats that open with the same untrained tokens (a system prompt), and two loners."""
+    g = torch.Generator().manual_seed(1)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    out = []
+    for prefix, rests in ((tokens(20), [9, 14, 6, 11]), (tokens(18), [7, 12, 5]), ([], [25, 16])):
+        for n in rests:
+            ids = prefix + tokens(n)
+            head = len(prefix) + n // 2  # the prompt: untrained; the reply after it: trained
+            out.append(Example(ids, [-100] * head + ids[head + 1:] + [-100]))
+    return out
+
+
+def summed_loss_and_grads(model, rows) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    batch = collate(rows, pad_id=0)
+    logits = trained_logits(model, **batch)
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"][batch["labels"] != -100], reduction="sum")
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_shared_prefix_rows_give_the_losses_and_gradients_of_the_examples_one_by_one(model):
+    items = shared_prefix_examples(model.config.vocab_size)
+    plain, shared = pack(items, max_length=64), pack(items, max_length=64, share_prefixes=True)
+    assert sum(map(len, shared)) == sum(map(len, items)) - 3 * 20 - 2 * 18  # each group's prefix held once
+    assert sum(r.labels.count(-100) < len(r) for r in shared) == len(shared)
+    with per_example_attention(model):
+        reference, reference_grads = summed_loss_and_grads(model, plain)
+        got, grads = summed_loss_and_grads(model, shared)
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-5)
+    for a, b in zip(grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_segments_of_a_row_and_a_prefix_the_row_does_not_hold():
+    from tuneforge.training.attention import segments
+
+    # A shared prefix of 3 with the rest of the first example (one run), a second example that
+    # continues the prefix from position 3, a stand-alone example, then padding.
+    assert segments([0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 0]) == [(0, 5, 0, 0), (5, 8, 3, 0), (8, 10, 0, 8), (10, 11, 0, 10)]
+    with pytest.raises(RuntimeError, match="prefix of 3 tokens"):
+        segments([0, 1, 3, 4])

@@ -107,3 +107,27 @@ def test_packed_rows_and_examples_collate_together(tokenizer):
     batch = collate(rows, pad_id=0)
     assert isinstance(rows[0], PackedRow) and "attention_mask" not in batch
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def test_shared_prefix_groups_share_only_untrained_beginnings():
+    from tuneforge.data.pack import MIN_SHARED_PREFIX, shared_prefix_groups
+
+    system = list(range(100, 100 + MIN_SHARED_PREFIX + 4))
+    a = Example(system + [1, 2, 3, 4], [-100] * (len(system) + 1) + [3, 4, -100])
+    b = Example(system + [1, 5, 6], [-100] * (len(system) + 1) + [6, -100])
+    trained_early = Example(system + [7, 8], [-100] * 5 + system[6:] + [7, 8, -100])  # trained inside the system prompt
+    loner = Example(list(range(300, 330)), [-100] * 10 + list(range(311, 330)) + [-100])
+    groups = shared_prefix_groups([a, b, trained_early, loner])
+    assert groups == [(system + [1], [0, 1]), ([], [2, 3])]
+    rows = pack([a, b, trained_early, loner], max_length=64, share_prefixes=True)
+    shared = next(r for r in rows if r.input_ids[:len(system)] == system and r.position_ids.count(0) == 1
+                  and len(r) < len(a) + len(b))
+    p = len(system) + 1
+    assert shared.input_ids == system + [1] + a.input_ids[p:] + b.input_ids[p:]
+    assert shared.position_ids == list(range(len(a))) + list(range(p, len(b)))
+    assert shared.labels == [-100] * p + a.labels[p:] + b.labels[p:]
+
+
+def test_a_rows_example_tokens_count_a_shared_prefix_for_every_example():
+    row = PackedRow([1] * 9, [IGNORE_INDEX] * 9, [0, 1, 2, 3, 4, 3, 4, 0, 1])  # prefix 3: examples of 5, 5 and 2
+    assert row.example_tokens() == 12 and len(row) == 9

@@ -16,6 +16,7 @@ from tuneforge.tasks.general import (
     general_prompts,
     general_questions,
     general_text,
+    replay_prompts,
 )
 from tuneforge.tasks.metrics import METRICS, contains, exact, find_json_object, json_fields, normalize_text
 from tuneforge.tasks.support_triage import Intent
@@ -305,11 +306,23 @@ def test_general_text_prompts_and_conversations():
     assert not any("Nimbus" in t for t in texts + prompts)
 
 
+def test_replay_prompts_are_disjoint_from_every_forgetting_measure():
+    replay = replay_prompts()
+    assert len(replay) == 200 and len({p.lower() for p in replay}) == len(replay)
+    measured = {q["question"].lower() for q in general_questions()} | {p.lower() for p in general_prompts()}
+    assert not {p.lower() for p in replay} & measured
+    texts = " ".join(general_text()).lower()
+    assert not [p for p in replay if p.lower() in texts]
+    # Nothing of the triage task: replay must not teach the task's domain either.
+    task_words = ("ticket", "billing", "invoice", "server", "database", "password", "dns", "outage", "json", "cloud")
+    assert not [p for p in replay if any(w in p.lower() for w in task_words)]
+
+
 def test_general_sources_name_their_files_and_licences():
     from importlib import resources
 
     folder = resources.files("tuneforge.tasks.general")
-    assert set(SOURCES) == {"questions", "text", "prompts", "chitchat"}
+    assert set(SOURCES) == {"questions", "text", "prompts", "replay_prompts", "chitchat"}
     for source in SOURCES.values():
         assert folder.joinpath(source["file"]).is_file()
         assert source["licence"] and source["description"]

@@ -31,7 +31,7 @@ def test_lora_run_writes_a_complete_run_folder(tiny_model_dir, triage_data, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", eval_every=4, save_every=4)
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", eval_every=4, save_every=4, batch_size=4)
     result = train(cfg, progress=False)
     run = tmp_path / "run"
     last = result.steps
@@ -101,7 +101,7 @@ def _cli(*args, **kw):
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_losses_bitwise(tiny_model_dir, triage_data, tmp_path):
-    base = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "x", epochs=3, batch_size=4, save_every=5)
+    base = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "x", epochs=3, batch_size=2, save_every=5)
     base["train"]["keep_checkpoints"] = 3
     ref_cfg = _write_config({**base, "output_dir": str(tmp_path / "ref")}, tmp_path / "ref.yaml")
     assert _cli("train", str(ref_cfg)).returncode == 0

@@ -45,10 +45,15 @@ class DataConfig(Strict):
     max_length: int = Field(1024, ge=8)
     truncation: Literal["truncate", "drop"] = "truncate"
     packing: bool = True
+    share_prefixes: bool = Field(True, description="packed rows hold a prefix that examples share (a common system "
+                                 "prompt) once; exact, and used where training attention is per_example")
     dedup: Literal["none", "exact", "near"] = "exact"
     near_dedup_threshold: float = Field(0.85, gt=0, le=1)
     on_error: Literal["strict", "skip"] = "strict"
     general_mix: float = Field(0.0, ge=0, le=0.5, description="share of the training set that is general replay data, against forgetting")
+    general_replay: Literal["self", "chitchat"] = Field(
+        "self", description="the replay: self = the base model's own replies to general prompts (generated once, "
+        "cached); chitchat = bundled human chit-chat conversations")
 
     @field_validator("validation")
     @classmethod

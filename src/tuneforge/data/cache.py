@@ -35,13 +35,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def cache_key(cfg: DataConfig, tokenizer) -> str | None:
-    """The key for this config and tokenizer; None when a data file is missing (nothing to cache)."""
+def cache_key(cfg: DataConfig, tokenizer, extra=None) -> str | None:
+    """The key for this config, tokenizer and `extra` (JSON data the result depends on, such as the
+    general replay conversations); None when a data file is missing (nothing to cache)."""
     files = cfg.train_files + ([cfg.validation] if isinstance(cfg.validation, str) else [])
     h = hashlib.sha256()
-    settings = cfg.model_dump(exclude={"train", "validation", "packing"})  # packing happens after the cache
+    settings = cfg.model_dump(exclude={"train", "validation", "packing", "share_prefixes"})  # packing comes after the cache
     settings["validation"] = cfg.validation if not isinstance(cfg.validation, str) else "file"
-    h.update(json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True).encode())
+    h.update(json.dumps({"format": CACHE_FORMAT, "settings": settings, "extra": extra}, sort_keys=True).encode())
     for path in files:
         try:
             with open(path, "rb") as f:

@@ -34,25 +34,95 @@ class PackedRow:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def example_tokens(self) -> int:
+        """The tokens of the examples it holds, a shared prefix counted for every example that uses it
+        (the tokens a user's data has, and what tokens per second count)."""
+        p = self.position_ids
+        return len(p) + sum(p[t] for t in range(1, len(p)) if p[t] != p[t - 1] + 1)
 
-def pack(examples: Sequence[Example | PackedRow], max_length: int) -> list[PackedRow]:
+
+def pack(examples: Sequence[Example | PackedRow], max_length: int, *, share_prefixes: bool = False) -> list[PackedRow]:
     """Best-fit-decreasing: longest examples first, each into the fullest row it still fits in.
 
     Deterministic for a given input order. Examples longer than `max_length` are an error here:
-    `prepare` truncates or drops them first.
+    `prepare` truncates or drops them first. With `share_prefixes` (see `shared_prefix_groups`),
+    examples that begin with the same untrained tokens share rows that hold those tokens once.
     """
     too_long = next((e for e in examples if len(e) > max_length), None)
     if too_long is not None:
         raise ValueError(f"an example of {len(too_long)} tokens does not fit in rows of {max_length}; "
                          "truncate examples to max_length before packing")
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
-    rows: list[list[int]] = []  # example indices per row
+    if not share_prefixes:
+        return [join([examples[i] for i in members]) for members in best_fit([len(e) for e in examples], max_length)]
+    rows = []
+    for prefix, members in shared_prefix_groups(examples):
+        p = len(prefix)
+        for row in best_fit([len(examples[i]) - p for i in members], max_length - p):
+            rest = [examples[members[j]] for j in row]
+            rows.append(PackedRow(prefix + [t for e in rest for t in e.input_ids[p:]],
+                                  [IGNORE_INDEX] * p + [t for e in rest for t in e.labels[p:]],
+                                  list(range(p)) + [t for e in rest for t in range(p, len(e))]))
+    return rows
+
+
+MIN_SHARED_PREFIX = 16
+"""Shorter common prefixes are not worth a row of their own structure."""
+
+
+def shared_prefix_groups(examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+    """[(prefix tokens, example indices)]: examples that begin with the same untrained tokens.
+
+    Chat data often starts every row with the same system prompt. Inside a group, a row holds the
+    shared prefix once, then each example's remaining tokens with position ids that go on from the
+    prefix's, as if each example were whole: `training.attention` lets such a continuation attend
+    to the prefix and to itself, so losses and gradients are those of the examples one by one
+    (tested), for fewer tokens. Only untrained positions are shared (a shared position's loss
+    would count once), and every example keeps at least its last token. Examples with no partner
+    form a group with an empty prefix.
+    """
+    heads = []
+    for e in examples:
+        trained = next((t for t, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e))
+        heads.append(e.input_ids[:min(trained, len(e) - 1)])
+    order = sorted(range(len(examples)), key=lambda i: heads[i])  # equal beginnings end up side by side
+    groups: list[tuple[list[int], list[int]]] = []
+    loners: list[int] = []
+    prefix: list[int] = []
+    members: list[int] = []
+
+    def close() -> None:
+        if len(members) > 1:
+            groups.append((prefix, list(members)))
+        else:
+            loners.extend(members)
+
+    for i in order:
+        common = _common_length(prefix, heads[i]) if members else len(heads[i])
+        if members and common < MIN_SHARED_PREFIX:
+            close()
+            members.clear()
+            common = len(heads[i])
+        prefix = heads[i][:common]
+        members.append(i)
+    close()
+    return groups + ([([], sorted(loners))] if loners else [])
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((t for t in range(n) if a[t] != b[t]), n)
+
+
+def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bins of `capacity`: the indices of `lengths` in each bin."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
     # Rows by the space they have left; bit s of `has_space` is set while some row has exactly s
     # left, so the best fit (the least space that still fits) is the lowest set bit at or above n.
-    rows_with_space: list[list[int]] = [[] for _ in range(max_length + 1)]
+    rows_with_space: list[list[int]] = [[] for _ in range(capacity + 1)]
     has_space = 0
     for i in order:
-        need = len(examples[i])
+        need = lengths[i]
         fits = has_space >> need
         if fits:
             space = need + (fits & -fits).bit_length() - 1
@@ -60,14 +130,14 @@ def pack(examples: Sequence[Example | PackedRow], max_length: int) -> list[Packe
             if not rows_with_space[space]:
                 has_space &= ~(1 << space)
         else:
-            row, space = len(rows), max_length
+            row, space = len(rows), capacity
             rows.append([])
         rows[row].append(i)
         space -= need
         if space:
             rows_with_space[space].append(row)
             has_space |= 1 << space
-    return [join([examples[i] for i in members]) for members in rows]
+    return rows
 
 
 def join(examples: Sequence[Example | PackedRow]) -> PackedRow:

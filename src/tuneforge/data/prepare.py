@@ -54,16 +54,17 @@ class _Stop(Exception):
         self.problem = problem
 
 
-def prepare(cfg: DataConfig, tokenizer, *, report_path: Path | None = None, use_cache: bool = True,
-            log: Callable[[str], object] = print) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer, *, general: list[list[dict]] | None = None, report_path: Path | None = None,
+            use_cache: bool = True, log: Callable[[str], object] = print) -> PreparedData:
     """Read, check, render, dedup, split and fit the data; raise DataError if it is not fit to train on.
 
     The report (what `data_report.json` holds) is in the result, and written to `report_path`
     (atomically) when given, also when preparation fails. With `use_cache`, the result is stored
     under `tuneforge_home()/data-cache/` and reused by a later run with the same files, tokenizer
-    and data config.
+    and data config. `general` holds the conversations that `general_mix` mixes in
+    (`data.replay.replay_conversations`); without them nothing is mixed.
     """
-    key = cache.cache_key(cfg, tokenizer) if use_cache else None
+    key = cache.cache_key(cfg, tokenizer, extra=general) if use_cache else None
     cached = cache.load(key) if key else None
     if cached is not None:
         cached.report["cache"] = {"key": key, "reused": True, "path": str(cache.cache_dir() / key)}
@@ -74,7 +75,7 @@ def prepare(cfg: DataConfig, tokenizer, *, report_path: Path | None = None, use_
     if errors and (cfg.on_error == "strict" or any(p.code in DATA_SET_CODES for p in errors)):
         _write_report(report_path, data.report)
         raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
-    _mix_general(data, cfg, tokenizer)
+    _mix_general(data, cfg, tokenizer, general)
     counts = data.report["counts"]
     log(f"data: {counts['train']} training and {counts['validation']} validation examples from {counts['read']} rows")
     for warning in data.report["warnings"]:
@@ -89,18 +90,13 @@ def prepare(cfg: DataConfig, tokenizer, *, report_path: Path | None = None, use_
     return data
 
 
-def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer) -> None:
-    """Mix general replay conversations into training so that `general_mix` of it is general data.
-
-    Replay of general data is a cheap guard against forgetting; the conversations are the bundled
-    chit-chat set (MIT), which no evaluation set uses.
-    """
-    if not cfg.general_mix or not data.train:
+def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, general: list[list[dict]] | None) -> None:
+    """Mix general replay conversations into training so that `general_mix` of it is general data:
+    a guard against forgetting (`data.replay` says which conversations)."""
+    if not cfg.general_mix or not data.train or not general:
         return
-    from ..tasks.general import general_conversations
-
     wanted = round(cfg.general_mix / (1 - cfg.general_mix) * len(data.train))
-    pool = [e for e in (render_conversation(c, tokenizer, cfg.train_on) for c in general_conversations())
+    pool = [e for e in (render_conversation(c, tokenizer, cfg.train_on) for c in general)
             if len(e.input_ids) <= cfg.max_length]
     mixed = [pool[i % len(pool)] for i in range(wanted)] if pool else []
     data.train.extend(mixed)  # the loop shuffles every epoch

@@ -3,11 +3,16 @@
 A packed row of 1,024 tokens holding six chats goes through transformers' sdpa path as one
 1,024 x 1,024 attention with a block-diagonal mask built from the position ids: every query-key
 pair is computed (and kept for backward), although only pairs inside one example count. Here the
-row is cut where the position ids restart at 0 and each example runs through
+row is cut where the position ids restart and each example runs through
 `scaled_dot_product_attention(is_causal=True)` on its own: the work drops from L_row² to the sum
 of L_i², no mask is built, and the causal kernel skips the upper triangle. On SmolLM2 this made a
 LoRA step on 1,024-token packed rows 1.25x faster (BENCHMARKS.md: tuneforge against
 `tuneforge_model_attention`).
+
+Rows with a shared prefix (`data.pack(share_prefixes=True)`: chats that open with the same system
+prompt) hold the prefix once. An example whose position ids start at p > 0 continues the first p
+tokens of the last example that started at 0: its queries attend to those p keys and causally to
+its own, so its logits and gradients are those of the whole example run alone, for less work.
 
 Right padding is exact as well: `data.collate` restarts the position ids of the padding at 0, so
 padding is an example of its own that no real token attends to.
@@ -37,18 +42,48 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout: float =
         raise RuntimeError("per-example attention serves training rows only (no KV cache, no padding mask)")
     if position_ids is None:
         position_ids = torch.zeros(1, length, dtype=torch.long)
-    starts = (position_ids.expand(batch, length) == 0).nonzero().tolist()  # one host sync per layer
+    positions = position_ids.expand(batch, length).tolist()  # one host sync per layer
     dropout = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
     rows = []
     for b in range(batch):
-        bounds = sorted({0, length, *(t for row, t in starts if row == b)})
-        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-                 for s, e in zip(bounds, bounds[1:])]
+        parts = []
+        for start, end, first, owner in segments(positions[b]):
+            q, k, v = query[b:b + 1, :, start:end], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end]
+            if first == 0:
+                parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
+                                                            enable_gqa=gqa))
+                continue
+            # A continuation of a shared prefix: all of the prefix, then causal over itself.
+            k = torch.cat([key[b:b + 1, :, owner:owner + first], k], dim=2)
+            v = torch.cat([value[b:b + 1, :, owner:owner + first], v], dim=2)
+            mask = torch.ones(end - start, first + end - start, dtype=torch.bool, device=query.device).tril(first)
+            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                                        enable_gqa=gqa))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if batch > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def segments(positions: list[int]) -> list[tuple[int, int, int, int]]:
+    """[(start, end, first position id, start of the prefix it continues)] of one row.
+
+    An example starts where the position ids do not go up by one. One that starts at 0 stands alone;
+    one that starts at p > 0 continues the first p tokens of the last example that started at 0
+    (`data.pack` with `share_prefixes`).
+    """
+    found, owner, owner_length, start = [], 0, 0, 0
+    for t in range(1, len(positions) + 1):
+        if t < len(positions) and positions[t] == positions[t - 1] + 1:
+            continue
+        first = positions[start]
+        if first == 0:
+            owner, owner_length = start, t - start
+        elif first > owner_length:
+            raise RuntimeError(f"position ids at {start} continue a prefix of {first} tokens that the row does not hold")
+        found.append((start, t, first, owner))
+        start = t
+    return found
 
 
 def supports_per_example_attention(config, max_length: int) -> bool:

@@ -26,6 +26,7 @@ import torch
 
 from .. import data as tfdata
 from ..config import Config, auto_epochs, load_config
+from ..data.replay import replay_conversations
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
 from ..methods import (batch_items, build_objective, causal_lm, check_inputs, loss_count,
@@ -129,9 +130,24 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Pla
     return Plan(n_rows, epochs, per_epoch, total, warmup, t.batch_size // n_micro)
 
 
-def to_rows(items, cfg: Config):
+def row_tokens(row) -> int:
+    """The data's tokens in a row (a shared prefix counted per example), padding left out."""
+    return row.example_tokens() if isinstance(row, tfdata.PackedRow) else len(row)
+
+
+def shares_prefixes(cfg: Config, all_per_example: bool) -> bool:
+    """Whether packed rows hold a common prefix once (`data.pack`): only where every model of the
+    forward attends per example (`training.attention` reads the shared prefix), and not for DPO,
+    whose items are pairs already laid out."""
+    return (cfg.data.packing and cfg.data.share_prefixes and cfg.method != "dpo"
+            and cfg.train.attention == "per_example" and all_per_example)
+
+
+def to_rows(items, cfg: Config, share_prefixes: bool = False):
     # Rows are max_length long, or as long as the longest item (a DPO pair is two examples end to end).
-    return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)])) if cfg.data.packing else items
+    if not cfg.data.packing:
+        return items
+    return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)]), share_prefixes=share_prefixes)
 
 
 class MetricsLog:
@@ -242,14 +258,13 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        prepared = tfdata.prepare(cfg.data, tokenizer, report_path=out / "data_report.json", log=log)
+        general = replay_conversations(cfg.data, cfg.base_model, tokenizer, log=log)
+        prepared = tfdata.prepare(cfg.data, tokenizer, general=general, report_path=out / "data_report.json", log=log)
     distributed.barrier()
     if not world.is_main:
-        prepared = tfdata.prepare(cfg.data, tokenizer, log=log)
+        general = replay_conversations(cfg.data, cfg.base_model, tokenizer, generate=False, log=log)
+        prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=log)
     train_items, valid_items = batch_items(prepared, cfg)
-    train_rows, valid_rows = to_rows(train_items, cfg), to_rows(valid_items, cfg)
-    plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
-    lengths = np.array([len(r.input_ids) for r in train_rows])
 
     # Model and method.
     model = prepare_model(load_model(source, dtype=torch.float32), cfg).to(device)
@@ -257,14 +272,6 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = list(trainable_parameters(model).values())
     optimizer = make_optimizer(params, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
-
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0}
-    if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, scheduler)
-        log(f"resumed from {resume_from} at step {state['step']}")
-    metrics_log = MetricsLog(out / "metrics.jsonl", state["step"] if resume_from else None, world.is_main)
-
     reference = None
     if cfg.train.kl_to_base and cfg.method == "full":
         # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
@@ -276,6 +283,32 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     summed = {**reported, **{name: name for name in logged_sums}}
     count = loss_count(objective)  # what the sums are sums over: trained tokens, or DPO pairs
     frozen = objective.frozen  # a teacher or reference copy the objective runs beside the trained model
+
+    # Every model a training forward runs: the trained one, and a teacher or reference copy if any.
+    lms = [causal_lm(m) for m in (model, *frozen)]
+    per_example = [lm for lm in lms if supports_per_example_attention(lm.config, cfg.data.max_length)]
+    if cfg.train.attention == "per_example" and len(per_example) < len(lms):
+        log("attention: a model's attention is not plain causal attention over a whole row "
+            "(sliding window or soft-capping); it keeps its own attention with a block mask")
+
+    def training_attention():
+        return per_example_attention(*per_example) if cfg.train.attention == "per_example" else contextlib.nullcontext()
+
+    # Rows: a shared prefix needs every model of the forward to run per-example attention.
+    share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
+    train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
+    plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
+    lengths = np.array([len(r.input_ids) for r in train_rows])
+    if share:
+        log(f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
+            f"{int(lengths.sum()):,} tokens ({sum(map(len, train_items)):,} without sharing)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
+
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0}
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, optimizer, scheduler)
+        log(f"resumed from {resume_from} at step {state['step']}")
+    metrics_log = MetricsLog(out / "metrics.jsonl", state["step"] if resume_from else None, world.is_main)
     if world.size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     objective.train()
@@ -289,16 +322,6 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         distributed.barrier()
         return path
 
-    # Every model a training forward runs: the trained one, and a teacher or reference copy if any.
-    lms = [causal_lm(m) for m in (model, *frozen)]
-    per_example = [lm for lm in lms if supports_per_example_attention(lm.config, cfg.data.max_length)]
-    if cfg.train.attention == "per_example" and len(per_example) < len(lms):
-        log("attention: a model's attention is not plain causal attention over a whole row "
-            "(sliding window or soft-capping); it keeps its own attention with a block mask")
-
-    def training_attention():
-        return per_example_attention(*per_example) if cfg.train.attention == "per_example" else contextlib.nullcontext()
-
     last_metrics: dict = {}
     started = time.perf_counter() - state["elapsed"]
     bar = TrainProgress(plan.total_steps, state["step"], enabled=progress and world.is_main)
@@ -309,7 +332,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             order = batches.epoch_order(len(train_rows), cfg.train.seed, epoch)
             micro = batches.step_micro_batches(order, step_in_epoch, cfg.train.batch_size, cfg.train.grad_accum,
                                                world.size, world.rank, lengths)
-            real_tokens = sum(len(train_rows[i].input_ids) for idx in micro for i in idx)
+            real_tokens = sum(row_tokens(train_rows[i]) for idx in micro for i in idx)
             micro = [tfdata.collate([train_rows[i] for i in idx], pad_id) for idx in micro]
 
             # The step's count (trained tokens, or pairs), over all micro-batches and ranks: the loss denominator.

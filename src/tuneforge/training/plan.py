@@ -17,11 +17,13 @@ from rich.table import Table
 
 from .. import data as tfdata
 from ..data.check import highlight
+from ..data.replay import replay_conversations
 from ..config import load_config
 from ..errors import TuneforgeError
 from ..methods import batch_items, check_inputs, prepare_model
 from ..models import load_tokenizer, resolve
-from .loop import make_plan, resolve_precision, to_rows
+from .attention import supports_per_example_attention
+from .loop import make_plan, resolve_precision, shares_prefixes, to_rows
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
 # bundled model with LoRA on CPU; see BENCHMARKS.md). Used only for the labelled time estimate.
@@ -71,12 +73,13 @@ def validate(config, overrides: list[str] = ()) -> int:
     n_params, n_trainable, hf_config = parameter_counts(source, cfg)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
-    prepared = tfdata.prepare(cfg.data, tokenizer, log=lambda *a, **k: None)
+    general = replay_conversations(cfg.data, cfg.base_model, tokenizer, generate=False)
+    prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=lambda *a, **k: None)
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
     if not train_items:
         raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")
     precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = to_rows(train_items, cfg)
+    rows = to_rows(train_items, cfg, shares_prefixes(cfg, supports_per_example_attention(hf_config, cfg.data.max_length)))
     plan = make_plan(cfg, len(train_items), len(rows), world_size=1)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
     est = estimate(n_params, n_trainable, hf_config, cfg, plan, tokens_per_epoch, max(len(r.input_ids) for r in rows), precision)
@@ -92,7 +95,12 @@ def validate(config, overrides: list[str] = ()) -> int:
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
         ("method", f"{cfg.method}: {n_trainable:,} trainable parameters"),
         ("examples" if cfg.method != "dpo" else "pairs", f"{len(train_items):,} train, {len(valid_items):,} validation"),
-        ("rows", f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length})"),
+        ("general replay", "none" if not cfg.data.general_mix else f"{cfg.data.general_mix:.0%} {cfg.data.general_replay}"
+         + ("" if general is not None else ": the base model's replies are generated when training starts, "
+            "not counted here")),
+        ("rows", f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}"
+                 + (f", shared prefixes: {tokens_per_epoch:,} of {sum(map(len, train_items)):,} tokens computed"
+                    if tokens_per_epoch < sum(map(len, train_items)) else "") + ")"),
         ("tokens per epoch", f"{tokens_per_epoch:,} ({trained:,} trained)"),
         ("epochs", f"{plan.epochs}" + (" (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else "")),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),

@@ -5,6 +5,7 @@
 - `general_text()`: plain English paragraphs, for cross-entropy of base vs tuned model.
 - `general_prompts()`: short chat prompts, for the KL divergence of next-token distributions.
 - `general_conversations()`: everyday chit-chat conversations, chat-formatted, from an MIT data set.
+- `replay_prompts.jsonl`: prompts the base model answers for self-replay (`data.replay`), never measured.
 
 The files are package data beside this module; `SOURCES` says where each comes from.
 """
@@ -29,6 +30,13 @@ SOURCES = {
     "prompts": {
         "file": "prompts.jsonl",
         "description": "Short, varied chat prompts (how-to, explanations, small creative tasks).",
+        "licence": "Apache-2.0, written for tuneforge",
+    },
+    "replay_prompts": {
+        "file": "replay_prompts.jsonl",
+        "description": "200 everyday chat prompts (questions on topics the questions set leaves out, short "
+        "explanations, how-to, small creative and reasoning tasks, conversation openers) for self-replay "
+        "(data.general_replay: self); disjoint from the three sets above.",
         "licence": "Apache-2.0, written for tuneforge",
     },
     "chitchat": {
@@ -58,6 +66,10 @@ def general_text() -> list[str]:
 
 def general_prompts() -> list[str]:
     return [row["prompt"] for row in _read_jsonl("prompts")]
+
+
+def replay_prompts() -> list[str]:
+    return [row["prompt"] for row in _read_jsonl("replay_prompts")]
 
 
 def general_conversations() -> list[list[dict]]:

@@ -1,0 +1,96 @@
+"""General replay data for `data.general_mix`: what is mixed into training against forgetting.
+
+`data.general_replay` chooses the conversations:
+
+- `self` (the default): the base model's own greedy replies to the bundled general replay prompts
+  (`tasks/general/replay_prompts.jsonl`, disjoint from every forgetting measure). Training on
+  them pulls the model back towards what it already did on non-task input, in its own words,
+  so the replay teaches nothing new: a self-distillation, sequence by sequence.
+- `chitchat`: the bundled human chit-chat conversations (MIT). Cheaper (nothing to generate), but
+  the model also learns their style; in the quickstart the tuned model began answering
+  general questions like a chatting student ("Hmm, that's a good question."), which cost a
+  third of its general-question accuracy (BENCHMARKS.md, quickstart).
+
+Self replies are generated once per base model (batched greedy decoding, a progress bar) and
+cached under `tuneforge_home()/replay-cache/` (written atomically), keyed by the weights, the
+tokenizer, the prompts and the generation length: a second run, and every rank after the first,
+reads the file. A reply cut at the length limit is left out: trained with its end-of-turn token
+it would teach the model to stop mid-sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from ..config import DataConfig
+from ..fsio import atomic_file, tuneforge_home
+from ..tasks.general import general_conversations, replay_prompts
+from .cache import tokenizer_fingerprint
+
+REPLY_MAX_NEW_TOKENS = 160
+"""Long enough that the base model finishes most replies to the replay prompts (cut ones are left out)."""
+GENERATION_BATCH = 64
+"""Rows decoded together: a small model's decoding step costs about the same for 16 rows as for
+64 on a CPU (it is bound by reading the weights), so wide batches are what make this quick."""
+REPLAY_FORMAT = 2
+
+
+def cache_path(source, tokenizer) -> Path:
+    """Where the self replies of the model at `source` (a `models.ModelSource`) are cached."""
+    h = hashlib.sha256(json.dumps({"format": REPLAY_FORMAT, "max_new_tokens": REPLY_MAX_NEW_TOKENS,
+                                   "prompts": replay_prompts()}).encode())
+    for folder in (source.path, source.adapter):
+        if folder is None:
+            continue
+        for weights in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+            stat = weights.stat()
+            h.update(f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    return tuneforge_home() / "replay-cache" / f"{h.hexdigest()[:32]}.jsonl"
+
+
+def generate_self_replies(base_model: str, tokenizer, path: Path, *, progress: bool = True) -> None:
+    """The base model's greedy reply to every replay prompt, one row each, written atomically to `path`."""
+    import torch
+
+    from ..generate import generate
+    from ..methods.distill import load_teacher
+    from ..progress import progress_bar
+
+    prompts = replay_prompts()
+    model = load_teacher(base_model, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
+    with progress_bar("general replay replies", len(prompts), progress) as advance:
+        replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                           batch_size=GENERATION_BATCH, max_new_tokens=REPLY_MAX_NEW_TOKENS, on_progress=advance)
+    with atomic_file(path) as f:
+        for prompt, reply in zip(prompts, replies):
+            f.write(json.dumps({"prompt": prompt, "reply": reply.text, "finished": reply.finish_reason == "stop"},
+                               ensure_ascii=False) + "\n")
+
+
+def replay_conversations(cfg: DataConfig, base_model: str, tokenizer, *, generate: bool = True,
+                         log: Callable[[str], object] = print) -> list[list[dict]] | None:
+    """The conversations `prepare` mixes in; None when there is no mix, or (with `generate=False`)
+    when the self replies are not generated yet."""
+    if not cfg.general_mix:
+        return None
+    if cfg.general_replay == "chitchat":
+        return general_conversations()
+    from ..models import resolve
+
+    path = cache_path(resolve(base_model), tokenizer)
+    if not path.is_file():
+        if not generate:
+            return None
+        log(f"data: general replay: the base model answers {len(replay_prompts())} general prompts "
+            f"(once per model; cached in {path})")
+        generate_self_replies(base_model, tokenizer, path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    kept = [row for row in rows if row["finished"] and row["reply"].strip()]
+    log(f"data: general replay: {len(kept)} of the base model's {len(rows)} replies (the others were cut at "
+        f"{REPLY_MAX_NEW_TOKENS} tokens or empty)")
+    return [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["reply"]}] for row in kept]

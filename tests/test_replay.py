@@ -1,0 +1,97 @@
+"""General replay against forgetting: the base model's own replies (self) or chit-chat, mixed by `data.general_mix`."""
+
+import json
+import os
+
+import pytest
+from conftest import tiny_run_config
+from tiny_sharp import save_sharp_tiny_model
+
+from tuneforge.config import DataConfig
+from tuneforge.data.replay import cache_path, replay_conversations
+from tuneforge.models import load_model, load_tokenizer, resolve
+from tuneforge.tasks.general import general_conversations, replay_prompts
+
+
+@pytest.fixture(scope="module")
+def ending_model_dir(tmp_path_factory):
+    """A tiny model whose greedy replies differ from prompt to prompt and often end before the limit:
+    the token its replies use most is listed as a second end-of-reply id in its generation config
+    (as Llama 3 lists two), so some replies finish and others are cut."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tuneforge.generate import generate
+
+    folder = save_sharp_tiny_model(tmp_path_factory.mktemp("replay") / "model")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), load_tokenizer(str(folder))
+    replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in replay_prompts()[:8]],
+                       max_new_tokens=32)
+    common = Counter(t for r in replies for t in r.token_ids).most_common(1)[0][0]
+    config = GenerationConfig.from_pretrained(folder)
+    config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"), common]
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def replay_config(**kw) -> DataConfig:
+    return DataConfig(train="unused.jsonl", general_mix=0.2, **kw)
+
+
+def test_self_replay_is_the_base_models_finished_greedy_replies_generated_once(ending_model_dir, home, one_thread):
+    from tuneforge.generate import generate
+
+    model_dir = str(ending_model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    assert replay_conversations(replay_config(), model_dir, tokenizer, generate=False) is None
+    said = []
+    replay = replay_conversations(replay_config(), model_dir, tokenizer, log=said.append)
+    prompts = replay_prompts()
+    assert "answers 200 general prompts" in said[0]
+    model = load_model(model_dir).eval()
+    replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=160)
+    finished = [(p, r.text) for p, r in zip(prompts, replies) if r.finish_reason == "stop" and r.text.strip()]
+    assert 0 < len(finished) < len(prompts)  # the fixture's model finishes some replies and is cut on others
+    assert replay == [[{"role": "user", "content": p}, {"role": "assistant", "content": text}] for p, text in finished]
+    assert f"{len(finished)} of the base model's 200 replies" in said[-1]
+    # Cached: a later call (another rank, the next run, the dry run) reads the same replies.
+    assert replay_conversations(replay_config(), model_dir, tokenizer, generate=False) == replay
+    assert cache_path(resolve(model_dir), tokenizer).parent == home / "replay-cache"
+
+
+def test_replay_cache_follows_the_weights(tiny_model_dir, tmp_path, home):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    tokenizer = load_tokenizer(str(copy))
+    before = cache_path(resolve(str(copy)), tokenizer)
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert cache_path(resolve(str(copy)), tokenizer) != before
+
+
+def test_chitchat_replay_and_no_mix(tiny_model_dir, home):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert replay_conversations(replay_config(general_replay="chitchat"), str(tiny_model_dir), tokenizer) == general_conversations()
+    assert replay_conversations(DataConfig(train="unused.jsonl"), str(tiny_model_dir), tokenizer) is None
+    assert not (home / "replay-cache").exists()
+
+
+def test_a_training_run_mixes_in_the_self_replies(ending_model_dir, triage_data, tmp_path, home, one_thread):
+    from tuneforge.training import train
+
+    cfg = tiny_run_config(ending_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    cfg["data"]["general_mix"] = 0.25
+    train(cfg, progress=False)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    counts = report["counts"]
+    assert counts["general_mix"] > 0 and counts["general_mix"] == round(0.25 / 0.75 * (counts["train"] - counts["general_mix"]))
+    assert len(list((home / "replay-cache").glob("*.jsonl"))) == 1
