@@ -41,8 +41,8 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def replay_config(**kw) -> DataConfig:
-    return DataConfig(train="unused.jsonl", general_mix=0.2, **kw)
+def replay_config(general_replay: str = "self") -> DataConfig:
+    return DataConfig(train="unused.jsonl", general_mix=0.2, general_replay=general_replay)
 
 
 def test_self_replay_is_the_base_models_finished_greedy_replies_generated_once(ending_model_dir, home, one_thread):
@@ -89,7 +89,7 @@ def test_a_training_run_mixes_in_the_self_replies(ending_model_dir, triage_data,
     from tuneforge.training import train
 
     cfg = tiny_run_config(ending_model_dir, triage_data, tmp_path / "run", max_steps=2)
-    cfg["data"]["general_mix"] = 0.25
+    cfg["data"].update(general_mix=0.25, general_replay="self")
     train(cfg, progress=False)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     counts = report["counts"]

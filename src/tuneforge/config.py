@@ -51,9 +51,9 @@ class DataConfig(Strict):
     near_dedup_threshold: float = Field(0.85, gt=0, le=1)
     on_error: Literal["strict", "skip"] = "strict"
     general_mix: float = Field(0.0, ge=0, le=0.5, description="share of the training set that is general replay data, against forgetting")
-    general_replay: Literal["self", "chitchat"] = Field(
-        "self", description="the replay: self = the base model's own replies to general prompts (generated once, "
-        "cached); chitchat = bundled human chit-chat conversations")
+    general_replay: Literal["chitchat", "self"] = Field(
+        "chitchat", description="the replay: chitchat = bundled human chit-chat conversations; self = the base "
+        "model's own replies to general prompts (generated once per model, cached)")
 
     @field_validator("validation")
     @classmethod

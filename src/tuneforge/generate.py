@@ -103,7 +103,13 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def generate(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: int = 16, max_new_tokens: int = 256,
+BATCH_SIZE = 64
+"""Rows decoded together. On a CPU a small model's decoding step is far from compute-bound at 16
+rows: SmolLM2 on 2 cores decoded 139 tokens/s at 64 rows against 74 at 16 (64 prompts, 64 new
+tokens each, greedy)."""
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: int = BATCH_SIZE, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop: Sequence[str] = (), on_progress: Callable[[int], None] | None = None) -> list[Completion]:
     """One completion per prompt, in the order given.

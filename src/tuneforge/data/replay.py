@@ -1,15 +1,16 @@
 """General replay data for `data.general_mix`: what is mixed into training against forgetting.
 
-`data.general_replay` chooses the conversations:
+`data.general_replay` chooses the conversations. Neither is better on every measure; on the
+quickstart (SmolLM2, 100 LoRA steps, `general_mix: 0.2`, measured 2026-11-28, see the issue notes):
 
-- `self` (the default): the base model's own greedy replies to the bundled general replay prompts
-  (`tasks/general/replay_prompts.jsonl`, disjoint from every forgetting measure). Training on
-  them pulls the model back towards what it already did on non-task input, in its own words,
-  so the replay teaches nothing new: a self-distillation, sequence by sequence.
-- `chitchat`: the bundled human chit-chat conversations (MIT). Cheaper (nothing to generate), but
-  the model also learns their style; in the quickstart the tuned model began answering
-  general questions like a chatting student ("Hmm, that's a good question."), which cost a
-  third of its general-question accuracy (BENCHMARKS.md, quickstart).
+- `chitchat` (the default): the bundled human chit-chat conversations (MIT). Nothing to generate.
+  General-text cross-entropy fell 3.0%, but the model also took on their style ("Hmm, that's a
+  good question.") and kept 71% of its general-question accuracy.
+- `self`: the base model's own greedy replies to the bundled replay prompts
+  (`tasks/general/replay_prompts.jsonl`, disjoint from every forgetting measure), a
+  self-distillation that teaches nothing new. It kept 83-89% of the general-question accuracy,
+  but general-text cross-entropy rose 9-10% (greedy replies are sharper than human text), and
+  generating the replies took about 3 minutes of the first run on 2 CPU cores.
 
 Self replies are generated once per base model (batched greedy decoding, a progress bar) and
 cached under `tuneforge_home()/replay-cache/` (written atomically), keyed by the weights, the
@@ -33,9 +34,6 @@ from .cache import tokenizer_fingerprint
 
 REPLY_MAX_NEW_TOKENS = 160
 """Long enough that the base model finishes most replies to the replay prompts (cut ones are left out)."""
-GENERATION_BATCH = 64
-"""Rows decoded together: a small model's decoding step costs about the same for 16 rows as for
-64 on a CPU (it is bound by reading the weights), so wide batches are what make this quick."""
 REPLAY_FORMAT = 2
 
 
@@ -65,7 +63,7 @@ def generate_self_replies(base_model: str, tokenizer, path: Path, *, progress: b
     model = load_teacher(base_model, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
     with progress_bar("general replay replies", len(prompts), progress) as advance:
         replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                           batch_size=GENERATION_BATCH, max_new_tokens=REPLY_MAX_NEW_TOKENS, on_progress=advance)
+                           max_new_tokens=REPLY_MAX_NEW_TOKENS, on_progress=advance)
     with atomic_file(path) as f:
         for prompt, reply in zip(prompts, replies):
             f.write(json.dumps({"prompt": prompt, "reply": reply.text, "finished": reply.finish_reason == "stop"},

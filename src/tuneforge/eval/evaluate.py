@@ -141,8 +141,8 @@ def evaluate_loaded(model, tokenizer, examples: Sequence[EvalExample], *, metric
         loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
     loss_seconds = time.perf_counter() - started
     with progress_bar("answers", len(examples), progress) as advance:
-        answers = generate(model, tokenizer, [e.prompt for e in examples], batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, on_progress=advance)
+        answers = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
+                           on_progress=advance)
     predictions = [a.text for a in answers]
     references = [e.reference for e in examples]
     score = METRICS[metric]

@@ -31,7 +31,7 @@ from ..config import DEFAULT_MODEL
 from ..data import IGNORE_INDEX, Document, Example, collate, render_conversation
 from ..errors import TuneforgeError
 from ..fsio import write_json
-from ..generate import encode_prompts, generate
+from ..generate import BATCH_SIZE, encode_prompts, generate
 from ..methods import causal_lm
 from ..methods.sft import trained_logits
 from ..models import load_model, load_tokenizer, resolve
@@ -77,13 +77,12 @@ def kept_questions() -> list[dict]:
     return [q for q in general_questions() if q["question"] in kept]
 
 
-def question_accuracy(model, tokenizer, questions: list[dict], *, batch_size: int = DEFAULT_BATCH_SIZE,
-                      progress: bool = True, label: str = "questions") -> tuple[float, list[str]]:
+def question_accuracy(model, tokenizer, questions: list[dict], *, progress: bool = True, label: str = "questions") -> tuple[float, list[str]]:
     """Share of questions answered right (`contains`), and the answers."""
     prompts = [[{"role": "user", "content": q["question"]}] for q in questions]
     with progress_bar(label, len(prompts), progress) as advance:
-        answers = [a.text for a in generate(model, tokenizer, prompts, batch_size=batch_size,
-                                            max_new_tokens=QUESTION_MAX_NEW_TOKENS, on_progress=advance)]
+        answers = [a.text for a in generate(model, tokenizer, prompts, max_new_tokens=QUESTION_MAX_NEW_TOKENS,
+                                            on_progress=advance)]
     right = [contains([a], [q["answers"]])["contains"] == 1 for a, q in zip(answers, questions)]
     return sum(right) / len(questions), answers
 
@@ -101,8 +100,7 @@ def mean_kl(pair: ModelPair, tokenizer, prompts: list[str], *, batch_size: int =
     """Mean KL(base || tuned) per answer token, over the base model's own greedy answers to `prompts`."""
     chats = [[{"role": "user", "content": p}] for p in prompts]
     with pair.base() as base, progress_bar("KL: base answers", len(chats), progress) as advance:
-        answers = generate(base, tokenizer, chats, batch_size=batch_size, max_new_tokens=ANSWER_MAX_NEW_TOKENS,
-                           on_progress=advance)
+        answers = generate(base, tokenizer, chats, max_new_tokens=ANSWER_MAX_NEW_TOKENS, on_progress=advance)
     # The answers' own tokens, not their text tokenized again: exactly the positions the model wrote.
     examples = [Example(ids + list(a.token_ids), [IGNORE_INDEX] * (len(ids) - 1) + list(a.token_ids) + [IGNORE_INDEX])
                 for ids, a in zip(encode_prompts(tokenizer, chats), answers)]
@@ -132,8 +130,8 @@ def forgetting_loaded(pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_B
     accuracy, answers = {}, {}
     for side in ("base", "tuned"):
         with getattr(pair, side)() as model:
-            accuracy[side], answers[side] = question_accuracy(model, tokenizer, questions, batch_size=batch_size,
-                                                              progress=progress, label=f"questions: {side}")
+            accuracy[side], answers[side] = question_accuracy(model, tokenizer, questions, progress=progress,
+                                                              label=f"questions: {side}")
     lost = [
         {"question": q["question"], "answers": q["answers"], "base": b, "tuned": t}
         for q, b, t in zip(questions, answers["base"], answers["tuned"])
@@ -166,17 +164,17 @@ def measure_forgetting(model: str, base: str | None = None, *, batch_size: int =
                                                                                      progress=progress)}
 
 
-def measure_base_questions(model: str = DEFAULT_MODEL, *, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+def measure_base_questions(model: str = DEFAULT_MODEL) -> dict:
     """Which general questions `model` answers right, as `base_questions.json` records it."""
     source = resolve(model)
     tokenizer = load_tokenizer(source)
     questions = general_questions()
-    _, answers = question_accuracy(load_model(source), tokenizer, questions, batch_size=batch_size)
+    _, answers = question_accuracy(load_model(source), tokenizer, questions)
     kept = [q["question"] for q, a in zip(questions, answers) if contains([a], [q["answers"]])["contains"]]
     return {
         "model": model,
         "measured_with": f"greedy, the chat template with the question as the only user message, "
-                         f"max_new_tokens {QUESTION_MAX_NEW_TOKENS}, batch size {batch_size}, scored with contains",
+                         f"max_new_tokens {QUESTION_MAX_NEW_TOKENS}, batch size {BATCH_SIZE}, scored with contains",
         "questions": len(questions),
         "correct": len(kept),
         "kept": kept,
