@@ -87,7 +87,7 @@ def shared_prefix_examples(vocab: int) -> list[Example]:
         return torch.randint(3, vocab, (n,), generator=g).tolist()
 
     out = []
-    for prefix, rests in ((tokens(20), [9, 14, 6, 11]), (tokens(18), [7, 12, 5]), ([], [25, 16])):
+    for prefix, rests in ((tokens(20), [9, 14, 6, 11, 30, 25]), (tokens(18), [7, 12, 5]), ([], [25, 16])):
         for n in rests:
             ids = prefix + tokens(n)
             head = len(prefix) + n // 2  # the prompt: untrained; the reply after it: trained
@@ -106,9 +106,11 @@ def summed_loss_and_grads(model, rows) -> tuple[torch.Tensor, list[torch.Tensor]
 
 def test_shared_prefix_rows_give_the_losses_and_gradients_of_the_examples_one_by_one(model):
     items = shared_prefix_examples(model.config.vocab_size)
-    plain, shared = pack(items, max_length=64), pack(items, max_length=64, share_prefixes=True)
-    assert sum(map(len, shared)) == sum(map(len, items)) - 3 * 20 - 2 * 18  # each group's prefix held once
-    assert sum(r.labels.count(-100) < len(r) for r in shared) == len(shared)
+    # 68: the first group needs three rows (its prefix in each), and pieces of two groups share a row.
+    plain, shared = pack(items, max_length=68), pack(items, max_length=68, share_prefixes=True)
+    assert sum(map(len, shared)) == sum(map(len, items)) - (6 - 3) * 20 - (3 - 1) * 18  # prefixes held once per row
+    assert sum(r.example_tokens() for r in shared) == sum(map(len, items))
+    assert any(r.position_ids.count(0) > 1 and r.example_tokens() > len(r) for r in shared)  # groups share rows
     with per_example_attention(model):
         reference, reference_grads = summed_loss_and_grads(model, plain)
         got, grads = summed_loss_and_grads(model, shared)

@@ -119,13 +119,14 @@ def test_shared_prefix_groups_share_only_untrained_beginnings():
     loner = Example(list(range(300, 330)), [-100] * 10 + list(range(311, 330)) + [-100])
     groups = shared_prefix_groups([a, b, trained_early, loner])
     assert groups == [(system + [1], [0, 1]), ([], [2, 3])]
-    rows = pack([a, b, trained_early, loner], max_length=64, share_prefixes=True)
-    shared = next(r for r in rows if r.input_ids[:len(system)] == system and r.position_ids.count(0) == 1
-                  and len(r) < len(a) + len(b))
+    [row] = pack([a, b, trained_early, loner], max_length=100, share_prefixes=True)  # the pieces of both groups
     p = len(system) + 1
-    assert shared.input_ids == system + [1] + a.input_ids[p:] + b.input_ids[p:]
-    assert shared.position_ids == list(range(len(a))) + list(range(p, len(b)))
-    assert shared.labels == [-100] * p + a.labels[p:] + b.labels[p:]
+    # a whole, then b going on from the shared prefix: its tokens, labels and positions after p only
+    piece = list(zip(system + [1] + a.input_ids[p:] + b.input_ids[p:], [-100] * p + a.labels[p:] + b.labels[p:],
+                     list(range(len(a))) + list(range(p, len(b)))))
+    laid = list(zip(row.input_ids, row.labels, row.position_ids))
+    assert any(laid[i:i + len(piece)] == piece for i in range(len(laid)))
+    assert len(row) == len(a) + len(b) - p + len(trained_early) + len(loner)
 
 
 def test_a_rows_example_tokens_count_a_shared_prefix_for_every_example():

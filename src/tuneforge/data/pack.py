@@ -54,15 +54,17 @@ def pack(examples: Sequence[Example | PackedRow], max_length: int, *, share_pref
                          "truncate examples to max_length before packing")
     if not share_prefixes:
         return [join([examples[i] for i in members]) for members in best_fit([len(e) for e in examples], max_length)]
-    rows = []
+    pieces = []  # per group, rows that hold the group's prefix once
     for prefix, members in shared_prefix_groups(examples):
         p = len(prefix)
         for row in best_fit([len(examples[i]) - p for i in members], max_length - p):
             rest = [examples[members[j]] for j in row]
-            rows.append(PackedRow(prefix + [t for e in rest for t in e.input_ids[p:]],
-                                  [IGNORE_INDEX] * p + [t for e in rest for t in e.labels[p:]],
-                                  list(range(p)) + [t for e in rest for t in range(p, len(e))]))
-    return rows
+            pieces.append(PackedRow(prefix + [t for e in rest for t in e.input_ids[p:]],
+                                    [IGNORE_INDEX] * p + [t for e in rest for t in e.labels[p:]],
+                                    list(range(p)) + [t for e in rest for t in range(p, len(e))]))
+    # Each group leaves a part-filled last piece: pieces of different groups share rows, each
+    # piece's first example starting again at position 0.
+    return [join([pieces[i] for i in row]) for row in best_fit([len(r) for r in pieces], max_length)]
 
 
 MIN_SHARED_PREFIX = 16
