@@ -55,7 +55,7 @@ def throughput_section(path: Path, r: dict) -> list[str]:
         f"Shared machine: 1-minute load average during the run median {f(r['load_average']['median'])} "
         f"(min {f(r['load_average']['min'])}, max {f(r['load_average']['max'])}) on {m['cores']} cores, so absolute "
         "figures are low and noisy; the ratios are what this run measures (candidates take turns step by step).",
-        f"- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- **Setup**: SmolLM2-135M-Instruct, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']} dropout "
         f"{s['lora']['dropout']} on all linear layers, lr {s['lr']}, {s['scheduler']}, seed {s['seed']}, "
         f"{threads} torch thread(s) per candidate, one epoch over the same {s['train_rows']} conversations ({r['data']['train']['tokens']:,} real tokens, "

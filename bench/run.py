@@ -38,8 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import chatdata  # noqa: E402
-from common import (FLOPS_FORMULA, flops_per_example, machine_info, median, model_shapes, read_jsonl,  # noqa: E402
-                    tokenize_chat, versions)
+from common import (FLOPS_FORMULA, flops_per_example, machine_info, median, model_shapes, tokenize_chat, versions)
 from turns import Child, run_interleaved  # noqa: E402
 
 BASELINE = "hf_trainer"
