@@ -187,6 +187,15 @@ def versions() -> dict:
     return out
 
 
+def result_header(kind: str, command: str, load_before: float) -> dict:
+    """The fields every bench result file opens with: what, when, how, on which machine and versions."""
+    import datetime
+
+    return {"kind": kind, "date": datetime.date.today().isoformat(), "command": command,
+            "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
+            "versions": versions()}
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -19,7 +19,6 @@ The students share everything but the objective: initial weights, data order, st
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -173,7 +172,7 @@ def training_figures(run: Path) -> dict:
 
 
 def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, distilled: Path) -> Path:
-    from common import machine_info, versions
+    from common import result_header
 
     from tuneforge.distill import layers_to_keep
 
@@ -181,13 +180,8 @@ def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, disti
     models = {"teacher": teacher, "student_sft": sft, "student_distill": distilled}
     scores = task_scores(setup, models, data)
     speed = generation_speed(setup, {"teacher": teacher, "student": distilled}, data)
-    date = datetime.date.today().isoformat()
     result = {
-        "kind": "distill",
-        "date": date,
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/distill.py",
-        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
-        "versions": versions(),
+        **result_header("distill", "OMP_NUM_THREADS=1 .venv/bin/python bench/distill.py", load_before),
         "setup": asdict(setup),
         "teacher_layers": scores["teacher"]["layers"],
         "kept_layers": list(layers_to_keep(scores["teacher"]["layers"], every=setup.keep_every)),
@@ -197,7 +191,7 @@ def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, disti
         "speed": {**speed, "student_vs_teacher": speed["student"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]},
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"distill-{date}.json"
+    path = RESULTS / f"distill-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
 

@@ -20,7 +20,6 @@ Phases (into bench/.work/dpo/, a finished run is reused):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -188,7 +187,7 @@ def measure(setup: Setup, data: dict, run: Path) -> dict:
 
 
 def main() -> None:
-    from common import machine_info, versions
+    from common import result_header
     from distill import train_once  # a finished run folder is reused
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,13 +200,8 @@ def main() -> None:
     data = prepare_data(setup, args.out)
     run = train_once(train_config(setup, data, args.out / "run"))
     figures = measure(setup, data, run)
-    date = datetime.date.today().isoformat()
     result = {
-        "kind": "dpo",
-        "date": date,
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/dpo.py",
-        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
-        "versions": versions(),
+        **result_header("dpo", "OMP_NUM_THREADS=1 .venv/bin/python bench/dpo.py", load_before),
         "setup": asdict(setup),
         "rejected_styles": data["rejected_styles"],
         "training": training_figures(run),
@@ -217,7 +211,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"dpo-{date}.json"
+    path = RESULTS / f"dpo-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -82,6 +82,7 @@ def validate(config, overrides: list[str] = ()) -> int:
     rows = to_rows(train_items, cfg, shares_prefixes(cfg, supports_per_example_attention(hf_config, cfg.data.max_length)))
     plan = make_plan(cfg, len(train_items), len(rows), world_size=1)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
+    unshared_tokens = sum(map(len, train_items))
     est = estimate(n_params, n_trainable, hf_config, cfg, plan, tokens_per_epoch, max(len(r.input_ids) for r in rows), precision)
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
@@ -99,8 +100,8 @@ def validate(config, overrides: list[str] = ()) -> int:
          + ("" if general is not None else ": the base model's replies are generated when training starts, "
             "not counted here")),
         ("rows", f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}"
-                 + (f", shared prefixes: {tokens_per_epoch:,} of {sum(map(len, train_items)):,} tokens computed"
-                    if tokens_per_epoch < sum(map(len, train_items)) else "") + ")"),
+                 + (f", shared prefixes: {tokens_per_epoch:,} of {unshared_tokens:,} tokens computed"
+                    if tokens_per_epoch < unshared_tokens else "") + ")"),
         ("tokens per epoch", f"{tokens_per_epoch:,} ({trained:,} trained)"),
         ("epochs", f"{plan.epochs}" + (" (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else "")),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
