@@ -297,6 +297,10 @@ class RunProgress:
 
     def update(self) -> dict:
         """Read the run folder again; write new events and checkpoints; return the job's progress fields."""
+        # Checkpoint folders first: the loop logs a step's metrics before it saves that step's
+        # checkpoint, so every folder seen here has its metrics in the file read next.
+        steps_on_disk = [int(folder.name.removeprefix("step-"))
+                         for folder in checkpoint.step_folders(self.run_dir / "checkpoints")]
         self._by_step.clear()
         for record in _complete_lines(self.run_dir / "metrics.jsonl"):
             self._by_step.setdefault(record["step"], {}).update(
@@ -315,9 +319,7 @@ class RunProgress:
                 full = {key: value for key, value in record.items() if key.startswith("full_valid")}
                 self.store.add_event(self.job.id, f"Full validation loss={record['full_valid_loss']:.4f}",
                                      type="metrics", data={**full, "step": step})
-        self.store.sync_checkpoints(self.job.id, {
-            int(folder.name.removeprefix("step-")): self._checkpoint_row(int(folder.name.removeprefix("step-")))
-            for folder in checkpoint.step_folders(self.run_dir / "checkpoints")})
+        self.store.sync_checkpoints(self.job.id, {step: self._checkpoint_row(step) for step in steps_on_disk})
         latest = self._by_step.get(self.step, {})
         finish = None
         if latest.get("elapsed") and total:
