@@ -14,6 +14,7 @@ import yaml
 from conftest import tiny_run_config
 
 from tuneforge.errors import RunFailed, TuneforgeError
+from tuneforge.models import load_model, resolve
 from tuneforge.training import train
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TOKENIZERS_PARALLELISM": "false"}
@@ -192,8 +193,6 @@ def test_kl_to_base_with_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir, tri
 def test_lora_from_layer_adapts_only_the_upper_decoder_layers(tiny_model_dir, triage_data, tmp_path):
     from tuneforge.config import load_config
     from tuneforge.methods import prepare_model
-    from tuneforge.models import load_model, resolve
-
     cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1))
     cfg.lora.from_layer = 0.5
     model = prepare_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32), cfg)
@@ -203,3 +202,86 @@ def test_lora_from_layer_adapts_only_the_upper_decoder_layers(tiny_model_dir, tr
     per_layer = {name.split(".layers.")[1].split(".", 1)[1].split(".lora_")[0] for name, p in model.named_parameters()
                  if p.requires_grad and ".lora_A." in name}
     assert per_layer >= {"self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"}  # every linear of those layers
+
+
+def test_replay_rows_learn_the_base_distribution_and_task_rows_their_text(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.data import Example, collate
+    from tuneforge.methods.sft import SFTObjective
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # the tuned model now differs from the base
+    ids = torch.randint(5, 200, (2, 12)).tolist()
+    task = Example(ids[0], [-100] * 5 + ids[0][6:] + [-100])
+    replay = Example(ids[1], [-100] * 3 + ids[1][4:] + [-100], general=True)
+    batch = collate([task, replay], pad_id=0, mark_general=True)
+    assert batch["general"].tolist() == [False, True]
+    out = SFTObjective(model, replay_kl=True)(**batch)
+
+    labels = batch["labels"]
+    tuned = model(input_ids=batch["input_ids"]).logits.log_softmax(-1).detach()
+    with model.disable_adapter():
+        base = model(input_ids=batch["input_ids"]).logits.log_softmax(-1)
+    trained = labels != -100
+    ce = -tuned.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    kl = (base.exp() * (base - tuned)).sum(-1)
+    assert out["loss"].item() == pytest.approx(float(ce[0][trained[0]].sum() + kl[1][trained[1]].sum()), rel=1e-4)
+    assert float(out["replay_kl"]) == pytest.approx(float(kl[1][trained[1]].sum()), rel=1e-4)
+    assert out["ce"].item() == out["loss"].item()  # train_loss: replay tokens count their KL, not their text's CE
+    assert out["tokens"] == int(trained.sum())
+
+
+def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(tiny_model_dir, triage_data, tmp_path):
+    from peft import PeftModel
+
+    from tuneforge.config import load_config
+    from tuneforge.data import collate, prepare
+    from tuneforge.data.replay import replay_conversations
+    from tuneforge.methods.sft import SFTObjective
+    from tuneforge.models import load_tokenizer
+    from tuneforge.training.loop import to_rows
+
+    runs = {}
+    for loss in ("ce", "kl_to_base"):
+        cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / loss, max_steps=6, learning_rate=2e-2,
+                              replay_loss=loss)
+        cfg["data"]["general_mix"] = 0.3
+        train(cfg, progress=False)
+        runs[loss] = load_config(cfg)
+    rows = metrics(tmp_path / "kl_to_base")
+    assert rows[0]["replay_kl"] == pytest.approx(0, abs=1e-6)  # LoRA starts as the base
+    assert max(r.get("replay_kl", 0) for r in rows) > 0
+
+    cfg = runs["kl_to_base"]
+    tokenizer = load_tokenizer(resolve(cfg.base_model))
+    general = replay_conversations(cfg.data, cfg.base_model, tokenizer)
+    items = prepare(cfg.data, tokenizer, general=general, log=lambda _: None).train
+    train_rows = to_rows(items, cfg)
+    replay_rows = [r for r in train_rows if r.general]
+    assert {e.general for e in items} == {True, False} and replay_rows
+    assert sum(map(len, replay_rows)) == sum(len(e) for e in items if e.general)  # replay has rows of its own
+    batch = collate(replay_rows, tokenizer.pad_token_id, mark_general=True)
+    kl = {}
+    for loss in runs:
+        model = PeftModel.from_pretrained(load_model(resolve(cfg.base_model), dtype=torch.float32), tmp_path / loss / "final")
+        with torch.no_grad():
+            kl[loss] = float(SFTObjective(model, replay_kl=True)(**batch)["replay_kl"])
+    assert kl["kl_to_base"] < kl["ce"] / 2
+
+
+def test_kl_replay_needs_replay_and_an_sft_method(tiny_model_dir, triage_data, tmp_path):
+    from tuneforge.config import load_config
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", replay_loss="kl_to_base")
+    with pytest.raises(TuneforgeError, match="set data.general_mix above 0"):
+        load_config(cfg)
+    cfg["data"]["general_mix"] = 0.2
+    cfg["method"] = "dpo"
+    with pytest.raises(TuneforgeError, match="replay_loss: kl_to_base applies"):
+        load_config(cfg)

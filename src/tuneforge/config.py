@@ -84,6 +84,10 @@ class TrainConfig(Strict):
         "example (faster; models with plain causal attention); model: the model's own attention with a block mask")
     freeze_embeddings: bool = False
     kl_to_base: float = Field(0.0, ge=0, description="weight of a KL(base || tuned) penalty on trained tokens, against forgetting")
+    replay_loss: Literal["ce", "kl_to_base"] = Field(
+        "ce", description="how the general replay examples of data.general_mix train: ce = cross-entropy on their "
+        "text; kl_to_base = KL(base || tuned) on their trained tokens, holding the model to the base's own "
+        "distribution there instead of teaching it the replay's style (the base model runs on replay rows only)")
     seed: int = 42
     eval_every: int = Field(50, ge=0, description="0 evaluates only at the end")
     save_every: int = Field(50, ge=0, description="0 saves only at the end")
@@ -152,6 +156,9 @@ class Config(Strict):
         if self.method == "dpo" and self.train.kl_to_base:
             raise ValueError("train.kl_to_base is for SFT methods; DPO's loss already measures the policy against "
                              "its reference (dpo.beta sets how closely), so set kl_to_base to 0")
+        if self.train.replay_loss == "kl_to_base" and (self.method in ("distill", "dpo") or not self.data.general_mix):
+            raise ValueError("train.replay_loss: kl_to_base applies to the replay examples that data.general_mix adds "
+                             "with method full, lora or dora; set data.general_mix above 0, or replay_loss to ce")
         if self.method == "dpo" and self.data.general_mix:
             raise ValueError("data.general_mix mixes SFT conversations into training, which DPO's pairs cannot "
                              "hold; set it to 0 with method: dpo")

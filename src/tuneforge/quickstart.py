@@ -38,7 +38,9 @@ class Settings:
     # 3e-3 reached the same validation loss sooner but collapsed every non-task prompt into '{"{"{"'
     # (general questions kept: 9.6%); 1e-3 with replay is the measured trade-off.
     learning_rate: float = 1e-3
-    general_mix: float = 0.2  # share of training that is general chit-chat replay, against forgetting
+    general_mix: float = 0.2  # share of training that is general replay, against forgetting
+    general_replay: str = "chitchat"  # data.general_replay
+    replay_loss: str = "ce"  # train.replay_loss
     lora_r: int = 16
     # LoRA on the upper half of the decoder layers only: backpropagation then stops halfway down.
     lora_from_layer: float = 0.5
@@ -63,10 +65,8 @@ def training_config(settings: Settings, model: str, data: dict[str, Path], out: 
                  "target_modules": "all-linear", "from_layer": settings.lora_from_layer},
         "data": {"train": str(data["train"]), "validation": str(data["validation"]),
                  "max_length": settings.max_length, "packing": True, "general_mix": settings.general_mix,
-                 # chitchat, not self: no replies to generate (about 3 minutes), and general-text
-                 # cross-entropy within target; self-replay kept more general questions (data/replay.py).
-                 "general_replay": "chitchat"},
-        "train": {"max_steps": settings.max_steps, "batch_size": settings.batch_size,
+                 "general_replay": settings.general_replay},
+        "train": {"max_steps": settings.max_steps, "batch_size": settings.batch_size, "replay_loss": settings.replay_loss,
                   "learning_rate": settings.learning_rate, "warmup": 0.05, "scheduler": "cosine",
                   # fp32, not auto: CPU bf16 autocast trained LoRA about 18x slower than fp32 here.
                   "precision": "fp32",

@@ -16,7 +16,7 @@ from ..config import DataConfig
 from ..fsio import atomic_dir, tuneforge_home, write_json
 from .schema import Example, PreparedData
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
 
 _SPLITS = ("train", "valid")
@@ -80,7 +80,8 @@ def _write_examples(path: Path, examples: list[Example], second: list[Example] |
 
     tokens = pa.list_(pa.int32())
     columns = {"input_ids": pa.array([e.input_ids for e in examples], tokens),
-               "labels": pa.array([e.labels for e in examples], tokens)}
+               "labels": pa.array([e.labels for e in examples], tokens),
+               "general": pa.array([e.general for e in examples], pa.bool_())}
     if second is not None:  # the rejected half of preference pairs
         columns["rejected_input_ids"] = pa.array([e.input_ids for e in second], tokens)
         columns["rejected_labels"] = pa.array([e.labels for e in second], tokens)
@@ -96,7 +97,8 @@ def _read_columns(path: Path) -> dict[str, list]:
 
 def _read_examples(path: Path) -> list[Example]:
     columns = _read_columns(path)
-    return [Example(ids, labels) for ids, labels in zip(columns["input_ids"], columns["labels"])]
+    return [Example(ids, labels, general) for ids, labels, general in
+            zip(columns["input_ids"], columns["labels"], columns["general"])]
 
 
 def _read_pairs(path: Path) -> list[tuple[Example, Example]]:

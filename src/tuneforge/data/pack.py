@@ -30,6 +30,7 @@ class PackedRow:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    general: bool = False  # holds general replay examples only (see `Example.general`)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -61,7 +62,8 @@ def pack(examples: Sequence[Example | PackedRow], max_length: int, *, share_pref
             rest = [examples[members[j]] for j in row]
             pieces.append(PackedRow(prefix + [t for e in rest for t in e.input_ids[p:]],
                                     [IGNORE_INDEX] * p + [t for e in rest for t in e.labels[p:]],
-                                    list(range(p)) + [t for e in rest for t in range(p, len(e))]))
+                                    list(range(p)) + [t for e in rest for t in range(p, len(e))],
+                                    general=all(e.general for e in rest)))
     # Each group leaves a part-filled last piece: pieces of different groups share rows, each
     # piece's first example starting again at position 0.
     return [join([pieces[i] for i in row]) for row in best_fit([len(r) for r in pieces], max_length)]
@@ -150,12 +152,13 @@ def join(examples: Sequence[Example | PackedRow]) -> PackedRow:
         input_ids += e.input_ids
         labels += e.labels
         position_ids += e.position_ids if isinstance(e, PackedRow) else range(len(e))
-    return PackedRow(input_ids, labels, position_ids)
+    return PackedRow(input_ids, labels, position_ids, general=all(e.general for e in examples))
 
 
 def collate(rows: Sequence[Example | PackedRow], pad_id: int, *,
-            pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids.
+            pad_to_multiple_of: int = 8, mark_general: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids, and
+    with `mark_general` a bool per row, `general`: the row holds general replay examples only.
 
     `attention_mask` is returned only for a batch of unpacked rows with padding; a batch holding
     packed rows gets none, because transformers then derives the per-example mask from position ids
@@ -181,6 +184,8 @@ def collate(rows: Sequence[Example | PackedRow], pad_id: int, *,
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if not packed and any(len(r) < width for r in rows):
         batch["attention_mask"] = attention_mask
+    if mark_general:
+        batch["general"] = torch.tensor([r.general for r in rows])
     return batch
 
 

@@ -96,7 +96,7 @@ def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, general: list[l
     if not cfg.general_mix or not data.train or not general:
         return
     wanted = round(cfg.general_mix / (1 - cfg.general_mix) * len(data.train))
-    pool = [e for e in (render_conversation(c, tokenizer, cfg.train_on) for c in general)
+    pool = [replace(e, general=True) for e in (render_conversation(c, tokenizer, cfg.train_on) for c in general)
             if len(e.input_ids) <= cfg.max_length]
     mixed = [pool[i % len(pool)] for i in range(wanted)] if pool else []
     data.train.extend(mixed)  # the loop shuffles every epoch

@@ -104,10 +104,14 @@ class Example:
     where that token is trained and `IGNORE_INDEX` elsewhere; the last position is always
     `IGNORE_INDEX`. A loss is `cross_entropy(logits[:, i], labels[:, i])` with no further shift, so
     examples can be packed side by side without one predicting the first token of the next.
+
+    `general` marks a general replay example (`data.general_mix`), not the user's data: with
+    `train.replay_loss: kl_to_base` it is learned as the base model's distribution, not as text.
     """
 
     input_ids: list[int]
     labels: list[int]
+    general: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)

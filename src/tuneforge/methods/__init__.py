@@ -43,12 +43,13 @@ def check_inputs(cfg, tokenizer) -> None:
 
 def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device, reference=None):
     """The module the loop calls on each micro-batch; it returns sums (see `SFTObjective`).
-    `reference` is the frozen base copy for `kl_to_base` with full fine-tuning."""
+    `reference` is the frozen base copy for `kl_to_base` or KL replay with full fine-tuning."""
     if cfg.method == "distill":
         return distill.build_objective(model, cfg, dtype=dtype, device=device)
     if cfg.method == "dpo":
         return dpo.build_objective(model, cfg, dtype=dtype, device=device)
-    return SFTObjective(model, kl_to_base=cfg.train.kl_to_base, reference=reference)
+    return SFTObjective(model, kl_to_base=cfg.train.kl_to_base, replay_kl=cfg.train.replay_loss == "kl_to_base",
+                        reference=reference)
 
 
 def batch_items(prepared, cfg) -> tuple[list, list]:

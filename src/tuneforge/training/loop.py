@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import data as tfdata
+from .. import host_allocator
 from ..config import Config, auto_epochs, load_config
 from ..data.replay import replay_conversations
 from ..errors import RunFailed, TuneforgeError
@@ -147,7 +148,13 @@ def to_rows(items, cfg: Config, share_prefixes: bool = False):
     # Rows are max_length long, or as long as the longest item (a DPO pair is two examples end to end).
     if not cfg.data.packing:
         return items
-    return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)]), share_prefixes=share_prefixes)
+    length = max([cfg.data.max_length, *map(len, items)])
+    if cfg.train.replay_loss == "ce":
+        return tfdata.pack(items, length, share_prefixes=share_prefixes)
+    # Replay learned as the base model's distribution: its rows hold replay alone, so that the base
+    # model runs on those rows only.
+    groups = [[e for e in items if not e.general], [e for e in items if e.general]]
+    return [row for group in groups for row in tfdata.pack(group, length, share_prefixes=share_prefixes)]
 
 
 class MetricsLog:
@@ -273,7 +280,8 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     params = list(trainable_parameters(model).values())
     optimizer = make_optimizer(params, cfg, device)
     reference = None
-    if cfg.train.kl_to_base and cfg.method == "full":
+    replay_kl = cfg.train.replay_loss == "kl_to_base"
+    if (cfg.train.kl_to_base or replay_kl) and cfg.method == "full":
         # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
         reference = load_model(source, dtype=torch.float32).to(device).eval().requires_grad_(False)
     objective = build_objective(model, cfg, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
@@ -326,14 +334,15 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     started = time.perf_counter() - state["elapsed"]
     bar = TrainProgress(plan.total_steps, state["step"], enabled=progress and world.is_main)
     status = "completed"
-    with StopRequest() as stop, bar, training_attention():
+    host_memory = host_allocator.keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+    with StopRequest() as stop, bar, training_attention(), host_memory:
         for step in range(state["step"], plan.total_steps):
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             order = batches.epoch_order(len(train_rows), cfg.train.seed, epoch)
             micro = batches.step_micro_batches(order, step_in_epoch, cfg.train.batch_size, cfg.train.grad_accum,
                                                world.size, world.rank, lengths)
             real_tokens = sum(row_tokens(train_rows[i]) for idx in micro for i in idx)
-            micro = [tfdata.collate([train_rows[i] for i in idx], pad_id) for idx in micro]
+            micro = [tfdata.collate([train_rows[i] for i in idx], pad_id, mark_general=replay_kl) for idx in micro]
 
             # The step's count (trained tokens, or pairs), over all micro-batches and ranks: the loss denominator.
             step_count = distributed.all_sum(torch.tensor([float(sum(count(b) for b in micro))]))
