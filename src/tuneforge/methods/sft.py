@@ -68,6 +68,27 @@ def label_sums(logits: torch.Tensor, targets: torch.Tensor, learned: torch.Tenso
             "loss": ce.sum() if learned is None else ce[learned].sum()}
 
 
+def shared_depth(model) -> int:
+    """How many decoder layers the model and its base compute alike: those below the first layer
+    that trains (LoRA `from_layer`), unless the embeddings train. The base forward of a KL term then
+    starts from the hidden state the model's own forward had there, instead of from the tokens."""
+    lm = causal_lm(model)
+    decoder = lm.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not hasattr(decoder, "norm") or any(p.requires_grad for p in lm.get_input_embeddings().parameters()):
+        return 0
+    return next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), 0)
+
+
+def rows_of(value, rows: torch.Tensor):
+    """A layer input for the batch rows marked in `rows`: tensors with a batch dimension are indexed."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == len(rows):
+        return value[rows]
+    if isinstance(value, tuple):
+        return tuple(rows_of(v, rows) for v in value)
+    return value
+
+
 class SFTObjective(nn.Module):
     """Wraps the model so that one forward returns sums for a batch: `loss` (what to backpropagate),
     `ce`, `correct`, `tokens` and, with a KL penalty or KL replay, `kl_to_base` and `replay_kl`.
@@ -88,24 +109,46 @@ class SFTObjective(nn.Module):
         self.logged_sums = ("kl_to_base",) * bool(kl_to_base) + ("replay_kl",) * replay_kl
         # A frozen reference is kept outside the module tree so DDP and the optimizer never see it.
         self.frozen = [reference] if reference is not None else []
+        self.shared_depth = 0 if self.frozen else shared_depth(model)
 
-    def base_logits(self, **batch) -> torch.Tensor:
+    def base_logits(self, batch: dict, rows: torch.Tensor, layer_input: dict) -> torch.Tensor:
+        """The base model's logits at the trained positions of the batch rows marked in `rows`; from
+        `layer_input` (what the first trained layer received in the model's own forward) when there is one."""
+        subset = {k: v[rows] if v is not None else None for k, v in batch.items()}
         with torch.no_grad(), reference_lm(self.model, self.frozen) as lm:
-            return trained_logits(lm, **batch)
+            if not layer_input:
+                return trained_logits(lm, **subset)
+            decoder = lm.get_decoder()
+            hidden, *args = rows_of(layer_input["args"], rows)
+            kwargs = {k: rows_of(v, rows) for k, v in layer_input["kwargs"].items()}
+            for layer in decoder.layers[self.shared_depth:]:
+                hidden = layer(hidden, *args, **kwargs)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            return output_logits(lm, decoder.norm(hidden)[subset["labels"] != IGNORE])
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, general=None):
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
         trained = labels != IGNORE
         replay = general if general is not None else torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
         on_replay = replay[:, None].expand_as(labels)[trained]  # per trained position, row-major like the logits
-        logits = trained_logits(causal_lm(self.model), **batch)
+        compared = torch.ones_like(replay) if self.kl_to_base else replay  # the rows the base model runs on
+        lm = causal_lm(self.model)
+        layer_input: dict = {}
+        hook = None
+        if compared.any() and self.shared_depth:
+            hook = lm.get_decoder().layers[self.shared_depth].register_forward_pre_hook(
+                lambda module, args, kwargs: layer_input.update(args=args, kwargs=kwargs), with_kwargs=True)
+        try:
+            logits = trained_logits(lm, **batch)
+        finally:
+            if hook is not None:
+                hook.remove()
         out = label_sums(logits, labels[trained], learned=~on_replay)
         out.update({name: torch.zeros((), device=logits.device) for name in self.logged_sums})
-        compared = torch.ones_like(replay) if self.kl_to_base else replay  # the rows the base model runs on
         if not compared.any():
             return out
         on_compared = compared[:, None].expand_as(labels)[trained]
-        base_logp = F.log_softmax(self.base_logits(**{k: v[compared] if v is not None else None for k, v in batch.items()}), -1)
+        base_logp = F.log_softmax(self.base_logits(batch, compared, layer_input), -1)
         kl = F.kl_div(F.log_softmax(logits[on_compared], -1), base_logp, log_target=True, reduction="none").sum(-1)
         kl_replay = on_replay[on_compared]
         out["ce"] = out["loss"] + kl[kl_replay].sum()
