@@ -261,6 +261,7 @@ def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(t
     rows = metrics(tmp_path / "kl_to_base")
     assert rows[0]["replay_kl"] == pytest.approx(0, abs=1e-6)  # LoRA starts as the base
     assert max(r.get("replay_kl", 0) for r in rows) > 0
+    assert not any("valid_replay_kl" in key for r in rows for key in r)  # validation holds no replay
 
     cfg = runs["kl_to_base"]
     tokenizer = load_tokenizer(resolve(cfg.base_model))

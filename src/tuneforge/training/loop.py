@@ -289,6 +289,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     reported = reported_sums(objective)  # logged as train_NAME and valid_NAME: loss (and token accuracy)
     logged_sums = objective.logged_sums  # the method's own metrics, beside them
     summed = {**reported, **{name: name for name in logged_sums}}
+    valid_summed = {k: v for k, v in summed.items() if k != "replay_kl"}  # validation holds no replay
     count = loss_count(objective)  # what the sums are sums over: trained tokens, or DPO pairs
     frozen = objective.frozen  # a teacher or reference copy the objective runs beside the trained model
 
@@ -389,7 +390,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             record.update({name: means[name] for name in logged_sums})
             is_last = step + 1 == plan.total_steps
             if valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
-                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=summed, count=count)
+                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=valid_summed, count=count)
                 record.update({f"valid_{name}": value for name, value in v.items()})
             if (step + 1) % cfg.train.log_every == 0 or is_last or "valid_loss" in record:
                 metrics_log.write(record)
@@ -409,7 +410,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         save_checkpoint(plan.total_steps)
         if valid_rows:
             with training_attention():
-                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=summed, count=count)
+                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=valid_summed, count=count)
             full_valid = {f"full_valid_{name}": value for name, value in v.items()}
             last_metrics.update(full_valid)
             metrics_log.write({"step": plan.total_steps, **full_valid})
