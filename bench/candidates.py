@@ -5,13 +5,12 @@
 SPEC holds: kind (tuneforge | hf_trainer | trl_sft | probe), name, model (an HF folder), train
 (OpenAI chat JSONL), out (a folder for the run and the adapter), batch (sequences, or packed rows
 for packed candidates), lr, seed, lora {r, alpha, dropout}, and per kind: packing, precision,
-overrides and glibc_defaults (tuneforge), bf16 (hf_trainer, trl_sft). Writes the adapter to OUT/adapter and reports
+overrides (tuneforge), bf16 (hf_trainer, trl_sft). Writes the adapter to OUT/adapter and reports
 per-step times and real-token counts to the parent; the last message carries the peak RSS.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -68,10 +67,6 @@ def run_tuneforge(spec) -> dict:
             pass
 
     loop.TrainProgress = TurnProgress
-    if spec.get("glibc_defaults"):
-        from tuneforge import host_allocator
-
-        host_allocator.keep_freed_memory = contextlib.nullcontext
     lc = spec["lora"]
     cfg = {
         "base_model": spec["model"],

@@ -59,10 +59,8 @@ CANDIDATES = {
     "tuneforge_model_attention": ("tuneforge, train.attention: model (the model's sdpa with a block mask)",
                                   {"kind": "tuneforge", "packing": True, "packed": True,
                                    "overrides": {"train.attention": "model"}}),
-    "tuneforge_glibc_defaults": ("tuneforge, glibc's default allocator settings (no host_allocator.keep_freed_memory)",
-                                 {"kind": "tuneforge", "packing": True, "packed": True, "glibc_defaults": True}),
 }
-DEFAULT = ["tuneforge", "tuneforge_nopack", "tuneforge_model_attention", "tuneforge_glibc_defaults", "hf_trainer", "trl_sft"]
+DEFAULT = ["tuneforge", "tuneforge_nopack", "tuneforge_model_attention", "hf_trainer", "trl_sft"]
 
 
 def loadavg() -> float:

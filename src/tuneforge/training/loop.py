@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .. import data as tfdata
-from .. import host_allocator
 from ..config import Config, auto_epochs, load_config
 from ..data.replay import replay_conversations
 from ..errors import RunFailed, TuneforgeError
@@ -335,8 +334,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     started = time.perf_counter() - state["elapsed"]
     bar = TrainProgress(plan.total_steps, state["step"], enabled=progress and world.is_main)
     status = "completed"
-    host_memory = host_allocator.keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
-    with StopRequest() as stop, bar, training_attention(), host_memory:
+    with StopRequest() as stop, bar, training_attention():
         for step in range(state["step"], plan.total_steps):
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             order = batches.epoch_order(len(train_rows), cfg.train.seed, epoch)
