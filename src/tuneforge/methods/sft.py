@@ -93,9 +93,10 @@ class SFTObjective(nn.Module):
     """Wraps the model so that one forward returns sums for a batch: `loss` (what to backpropagate),
     `ce`, `correct`, `tokens` and, with a KL penalty or KL replay, `kl_to_base` and `replay_kl`.
 
-    `logged_sums` names the sums beyond the CE and accuracy that the loop logs per trained token.
-    `ce` (train_loss) is what each trained token teaches: its cross-entropy, or on a KL replay row
-    its KL to the base, since the replay's text is no target there.
+    `logged_sums` names the sums beyond the CE and accuracy that the loop logs per trained token,
+    `train_only_sums` those that validation leaves out. `ce` (train_loss) is what each trained token
+    teaches: its cross-entropy, or on a KL replay row its KL to the base, since the replay's text is
+    no target there.
 
     `labels` are already shifted by the data pipeline: labels[i] is the target for position i.
     Wrapping (rather than calling parts of the model from the loop) keeps DDP's gradient hooks on
@@ -107,6 +108,7 @@ class SFTObjective(nn.Module):
         self.model = model
         self.kl_to_base = kl_to_base
         self.logged_sums = ("kl_to_base",) * bool(kl_to_base) + ("replay_kl",) * replay_kl
+        self.train_only_sums = ("replay_kl",)  # validation holds the user's data only, no replay
         # A frozen reference is kept outside the module tree so DDP and the optimizer never see it.
         self.frozen = [reference] if reference is not None else []
         self.shared_depth = 0 if self.frozen else shared_depth(model)
@@ -129,8 +131,12 @@ class SFTObjective(nn.Module):
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, general=None):
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
         trained = labels != IGNORE
+
+        def per_trained_position(row_mask):  # row-major, as trained_logits orders the logits
+            return row_mask[:, None].expand_as(labels)[trained]
+
         replay = general if general is not None else torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
-        on_replay = replay[:, None].expand_as(labels)[trained]  # per trained position, row-major like the logits
+        on_replay = per_trained_position(replay)
         compared = torch.ones_like(replay) if self.kl_to_base else replay  # the rows the base model runs on
         lm = causal_lm(self.model)
         layer_input: dict = {}
@@ -147,7 +153,7 @@ class SFTObjective(nn.Module):
         out.update({name: torch.zeros((), device=logits.device) for name in self.logged_sums})
         if not compared.any():
             return out
-        on_compared = compared[:, None].expand_as(labels)[trained]
+        on_compared = per_trained_position(compared)
         base_logp = F.log_softmax(self.base_logits(batch, compared, layer_input), -1)
         kl = F.kl_div(F.log_softmax(logits[on_compared], -1), base_logp, log_target=True, reduction="none").sum(-1)
         kl_replay = on_replay[on_compared]
