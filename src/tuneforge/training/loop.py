@@ -330,6 +330,10 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         distributed.barrier()
         return path
 
+    def validation_metrics() -> dict:
+        return evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=valid_summed,
+                        count=count)
+
     last_metrics: dict = {}
     started = time.perf_counter() - state["elapsed"]
     bar = TrainProgress(plan.total_steps, state["step"], enabled=progress and world.is_main)
@@ -388,7 +392,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             record.update({name: means[name] for name in logged_sums})
             is_last = step + 1 == plan.total_steps
             if valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
-                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=valid_summed, count=count)
+                v = validation_metrics()
                 record.update({f"valid_{name}": value for name, value in v.items()})
             if (step + 1) % cfg.train.log_every == 0 or is_last or "valid_loss" in record:
                 metrics_log.write(record)
@@ -408,7 +412,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         save_checkpoint(plan.total_steps)
         if valid_rows:
             with training_attention():
-                v = evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=valid_summed, count=count)
+                v = validation_metrics()
             full_valid = {f"full_valid_{name}": value for name, value in v.items()}
             last_metrics.update(full_valid)
             metrics_log.write({"step": plan.total_steps, **full_valid})
