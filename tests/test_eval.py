@@ -32,7 +32,8 @@ def tiny_run(tiny_model_dir, triage_data, tmp_path_factory):
 
 def test_loss_equals_a_hand_computation(tiny_model_dir, triage_data):
     """Cross-entropy over the assistant's tokens (its reply and the end-of-turn token), all tokens
-    of all examples weighted alike, computed here from plain logits."""
+    of all examples weighted alike, computed here from plain logits one example at a time. The
+    tickets share their system prompt, so `evaluate` runs them packed, the prompt held once."""
     result = evaluate(str(tiny_model_dir), triage_data["test"], limit=5, max_new_tokens=4, progress=False)
     model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     total, count = 0.0, 0

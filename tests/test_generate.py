@@ -92,6 +92,28 @@ def test_batched_generation_equals_one_by_one(tiny):
     assert len({c.prompt_tokens for c in together}) > 1  # the batch really was padded
 
 
+def test_a_shared_system_prompt_runs_once_and_changes_no_answer(tiny):
+    """Prompts that open with the same system prompt: the batch runs it once, and each answer is the
+    one the prompt gets alone."""
+    model, tokenizer = tiny
+    system = {"role": "system", "content": "You are the triage assistant for Nimbus Cloud. Answer with JSON only."}
+    tickets = ["Our database is down!", "How do I resize a VM?", "I was charged twice this month, please refund one."]
+    prompts = [[system, {"role": "user", "content": ticket}] for ticket in tickets]
+    run = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: run.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        together = generate(model, tokenizer, prompts, max_new_tokens=8)
+    finally:
+        hook.remove()
+    alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
+    assert together == alone
+    prompt_tokens = sum(c.prompt_tokens for c in together)
+    prefilled = run[0][0] * run[0][1] + run[1][0] * run[1][1]  # the shared prefix once, then the rows' rests
+    assert run[0][0] == 1 and run[1][0] == len(prompts)
+    assert prefilled < prompt_tokens - (len(prompts) - 1) * 16
+
+
 def test_sampling_is_repeatable_with_a_seed(tiny):
     model, tokenizer = tiny
     options = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
