@@ -15,7 +15,8 @@ plain iterator (no thread feeding a queue); every row knows why it finished ("st
 end-of-turn token or a stop string, "length" at max_new_tokens), with its text cut exactly before
 the stop string; and rows leave the batch as they finish, so a long rambling answer does not make
 the short ones pay for it. Underneath it is the usual recipe: left padding, position ids counted
-from each row's first real token, a KV cache, logits for the last position only.
+from each row's first real token, a KV cache, logits for the last position only; and a prefix that
+all prompts of a batch share (an evaluation set's system prompt) is run once.
 
 `Batch` is that loop opened up for `serve`: rows, each with its own sampling options, join a
 running batch between steps as well as leave it (continuous batching).
