@@ -63,7 +63,7 @@ def test_self_replay_is_the_base_models_finished_greedy_replies_generated_once(e
     assert f"{len(finished)} of the base model's 200 replies" in said[-1]
     # Cached: a later call (another rank, the next run, the dry run) reads the same replies.
     assert replay_conversations(replay_config(), model_dir, tokenizer, generate=False) == replay
-    assert cache_path(resolve(model_dir), tokenizer).parent == home / "replay-cache"
+    assert cache_path(resolve(model_dir), tokenizer, 160).parent == home / "replay-cache"
 
 
 def test_replay_cache_follows_the_weights(tiny_model_dir, tmp_path, home):
@@ -72,10 +72,10 @@ def test_replay_cache_follows_the_weights(tiny_model_dir, tmp_path, home):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, copy)
     tokenizer = load_tokenizer(str(copy))
-    before = cache_path(resolve(str(copy)), tokenizer)
+    before = cache_path(resolve(str(copy)), tokenizer, 160)
     weights = next(copy.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert cache_path(resolve(str(copy)), tokenizer) != before
+    assert cache_path(resolve(str(copy)), tokenizer, 160) != before
 
 
 def test_chitchat_replay_and_no_mix(tiny_model_dir, home):
@@ -94,4 +94,26 @@ def test_a_training_run_mixes_in_the_self_replies(ending_model_dir, triage_data,
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     counts = report["counts"]
     assert counts["general_mix"] > 0 and counts["general_mix"] == round(0.25 / 0.75 * (counts["train"] - counts["general_mix"]))
+    assert len(list((home / "replay-cache").glob("*.jsonl"))) == 1
+
+
+def test_kl_replay_keeps_the_replies_cut_at_the_limit(ending_model_dir, home, one_thread):
+    """Learned as the base's distribution, a cut reply teaches no end of turn: it is kept, and a
+    short limit makes replies cheap to generate."""
+    from tuneforge.generate import generate
+
+    model_dir = str(ending_model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    short = DataConfig(train="unused.jsonl", general_mix=0.2, general_replay="self", general_replay_tokens=12)
+    replay = replay_conversations(short, model_dir, tokenizer, keep_cut=True)
+    prompts = replay_prompts()
+    replies = generate(load_model(model_dir).eval(), tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                       max_new_tokens=12)
+    assert {r.finish_reason for r in replies} == {"stop", "length"}
+    expected = [(p, r.text) for p, r in zip(prompts, replies) if r.text.strip()]
+    assert replay == [[{"role": "user", "content": p}, {"role": "assistant", "content": text}] for p, text in expected]
+    # The same replies serve text replay, which leaves out the cut ones; another limit is another cache file.
+    as_text = replay_conversations(short, model_dir, tokenizer, generate=False)
+    assert len(as_text) == sum(r.finish_reason == "stop" and bool(r.text.strip()) for r in replies) < len(replay)
+    assert cache_path(resolve(model_dir), tokenizer, 12) != cache_path(resolve(model_dir), tokenizer, 160)
     assert len(list((home / "replay-cache").glob("*.jsonl"))) == 1

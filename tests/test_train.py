@@ -204,6 +204,26 @@ def test_lora_from_layer_adapts_only_the_upper_decoder_layers(tiny_model_dir, tr
     assert per_layer >= {"self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"}  # every linear of those layers
 
 
+def test_loraplus_moves_the_b_matrices_ratio_times_as_far(tiny_model_dir, triage_data, tmp_path):
+    """One step from the same start: LoRA's B matrices start at zero, so A gets no gradient yet and
+    Adam moves each B entry by the learning rate; with LoRA+ B's learning rate is ratio times larger."""
+    from safetensors.torch import load_file
+    weights = {}
+    for ratio in (1.0, 4.0):
+        cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / f"r{ratio}", max_steps=1, warmup=0)
+        cfg["lora"] = {**cfg["lora"], "dropout": 0.0, "loraplus_lr_ratio": ratio}
+        train(cfg, progress=False)
+        weights[ratio] = load_file(tmp_path / f"r{ratio}" / "final" / "adapter_model.safetensors")
+    b_names = [name for name in weights[1.0] if "lora_B" in name]
+    assert b_names and len(b_names) * 2 == len(weights[1.0])
+    for name, plain in weights[1.0].items():
+        if "lora_B" in name:
+            assert plain.abs().max() > 0
+            torch.testing.assert_close(weights[4.0][name], 4 * plain)
+        else:
+            torch.testing.assert_close(weights[4.0][name], plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("adapted", [None, [1]], ids=["every layer", "upper layer: the base forward starts there"])
 def test_replay_rows_learn_the_base_distribution_and_task_rows_their_text(tiny_model_dir, adapted):
     from peft import LoraConfig, get_peft_model

@@ -34,6 +34,8 @@ class LoraConfig(Strict):
     from_layer: float = Field(0.0, ge=0, lt=1, description="adapt only the decoder layers from this fraction of the "
                               "depth up: backpropagation then stops there, so a step costs less")
     use_rslora: bool = False
+    loraplus_lr_ratio: float = Field(1.0, gt=0, description="LoRA+ (Hayou et al., 2024): the B matrices learn at this "
+                                     "multiple of train.learning_rate; 1 is plain LoRA")
     modules_to_save: list[str] | None = None
 
 
@@ -54,6 +56,9 @@ class DataConfig(Strict):
     general_replay: Literal["chitchat", "self"] = Field(
         "chitchat", description="the replay: chitchat = bundled human chit-chat conversations; self = the base "
         "model's own replies to general prompts (generated once per model, cached)")
+    general_replay_tokens: int = Field(160, ge=8, description="self replay: the base model's replies are generated up "
+                                       "to this many tokens; a reply cut there is left out when replay trains as text "
+                                       "(it would teach stopping mid-sentence), kept with train.replay_loss: kl_to_base")
 
     @field_validator("validation")
     @classmethod

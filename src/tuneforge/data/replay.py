@@ -37,14 +37,12 @@ from ..fsio import atomic_file, tuneforge_home
 from ..tasks.general import general_conversations, replay_prompts
 from .cache import tokenizer_fingerprint
 
-REPLY_MAX_NEW_TOKENS = 160
-"""Long enough that the base model finishes most replies to the replay prompts (cut ones are left out)."""
 REPLAY_FORMAT = 2
 
 
-def cache_path(source, tokenizer) -> Path:
-    """Where the self replies of the model at `source` (a `models.ModelSource`) are cached."""
-    h = hashlib.sha256(json.dumps({"format": REPLAY_FORMAT, "max_new_tokens": REPLY_MAX_NEW_TOKENS,
+def cache_path(source, tokenizer, max_new_tokens: int) -> Path:
+    """Where the self replies (up to `max_new_tokens`) of the model at `source` (a `models.ModelSource`) are cached."""
+    h = hashlib.sha256(json.dumps({"format": REPLAY_FORMAT, "max_new_tokens": max_new_tokens,
                                    "prompts": replay_prompts()}).encode())
     for folder in (source.path, source.adapter):
         if folder is None:
@@ -56,7 +54,7 @@ def cache_path(source, tokenizer) -> Path:
     return tuneforge_home() / "replay-cache" / f"{h.hexdigest()[:32]}.jsonl"
 
 
-def generate_self_replies(base_model: str, tokenizer, path: Path, *, progress: bool = True) -> None:
+def generate_self_replies(base_model: str, tokenizer, path: Path, max_new_tokens: int, *, progress: bool = True) -> None:
     """The base model's greedy reply to every replay prompt, one row each, written atomically to `path`."""
     import torch
 
@@ -68,32 +66,35 @@ def generate_self_replies(base_model: str, tokenizer, path: Path, *, progress: b
     model = load_teacher(base_model, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
     with progress_bar("general replay replies", len(prompts), progress) as advance:
         replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                           max_new_tokens=REPLY_MAX_NEW_TOKENS, on_progress=advance)
+                           max_new_tokens=max_new_tokens, on_progress=advance)
     with atomic_file(path) as f:
         for prompt, reply in zip(prompts, replies):
             f.write(json.dumps({"prompt": prompt, "reply": reply.text, "finished": reply.finish_reason == "stop"},
                                ensure_ascii=False) + "\n")
 
 
-def replay_conversations(cfg: DataConfig, base_model: str, tokenizer, *, generate: bool = True,
+def replay_conversations(cfg: DataConfig, base_model: str, tokenizer, *, keep_cut: bool = False, generate: bool = True,
                          log: Callable[[str], object] = print) -> list[list[dict]] | None:
     """The conversations `prepare` mixes in; None when there is no mix, or (with `generate=False`)
-    when the self replies are not generated yet."""
+    when the self replies are not generated yet. `keep_cut` keeps self replies cut at the length
+    limit: right for replay learned as the base's distribution, where no end of turn is taught."""
     if not cfg.general_mix:
         return None
     if cfg.general_replay == "chitchat":
         return general_conversations()
     from ..models import resolve
 
-    path = cache_path(resolve(base_model), tokenizer)
+    limit = cfg.general_replay_tokens
+    path = cache_path(resolve(base_model), tokenizer, limit)
     if not path.is_file():
         if not generate:
             return None
         log(f"data: general replay: the base model answers {len(replay_prompts())} general prompts "
             f"(once per model; cached in {path})")
-        generate_self_replies(base_model, tokenizer, path)
+        generate_self_replies(base_model, tokenizer, path, limit)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    kept = [row for row in rows if row["finished"] and row["reply"].strip()]
-    log(f"data: general replay: {len(kept)} of the base model's {len(rows)} replies (the others were cut at "
-        f"{REPLY_MAX_NEW_TOKENS} tokens or empty)")
+    kept = [row for row in rows if (row["finished"] or keep_cut) and row["reply"].strip()]
+    left_out = "empty" if keep_cut else f"cut at {limit} tokens or empty"
+    log(f"data: general replay: {len(kept)} of the base model's {len(rows)} replies"
+        + (f" (the others were {left_out})" if len(kept) < len(rows) else ""))
     return [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["reply"]}] for row in kept]

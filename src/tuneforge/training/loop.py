@@ -87,10 +87,19 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on vectors; with `lora.loraplus_lr_ratio`, LoRA's B matrices learn at
+    that multiple of the learning rate (LoRA+)."""
+    ratio = cfg.lora.loraplus_lr_ratio if cfg.method == "lora" else 1.0
+    faster = {name for name in params if ratio != 1.0 and "lora_B" in name}
+
+    def decay_groups(chosen: list[torch.nn.Parameter], lr: float) -> list[dict]:
+        return [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": cfg.train.weight_decay, "lr": lr},
+                {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+
+    groups = decay_groups([p for name, p in params.items() if name not in faster], cfg.train.learning_rate)
+    if faster:
+        groups += decay_groups([params[name] for name in sorted(faster)], cfg.train.learning_rate * ratio)
     # fused is fastest where it exists (CUDA, recent CPU builds); foreach otherwise.
     try:
         return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, fused=True)
@@ -261,14 +270,15 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     source = resolve(cfg.base_model)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
+    replay_kl = cfg.train.replay_loss == "kl_to_base"
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        general = replay_conversations(cfg.data, cfg.base_model, tokenizer, log=log)
+        general = replay_conversations(cfg.data, cfg.base_model, tokenizer, keep_cut=replay_kl, log=log)
         prepared = tfdata.prepare(cfg.data, tokenizer, general=general, report_path=out / "data_report.json", log=log)
     distributed.barrier()
     if not world.is_main:
-        general = replay_conversations(cfg.data, cfg.base_model, tokenizer, generate=False, log=log)
+        general = replay_conversations(cfg.data, cfg.base_model, tokenizer, keep_cut=replay_kl, generate=False, log=log)
         prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=log)
     train_items, valid_items = batch_items(prepared, cfg)
 
@@ -276,10 +286,10 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     model = prepare_model(load_model(source, dtype=torch.float32), cfg).to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = list(trainable_parameters(model).values())
-    optimizer = make_optimizer(params, cfg, device)
+    named_params = trainable_parameters(model)
+    params = list(named_params.values())
+    optimizer = make_optimizer(named_params, cfg, device)
     reference = None
-    replay_kl = cfg.train.replay_loss == "kl_to_base"
     if (cfg.train.kl_to_base or replay_kl) and cfg.method == "full":
         # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
         reference = load_model(source, dtype=torch.float32).to(device).eval().requires_grad_(False)
