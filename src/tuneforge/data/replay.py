@@ -19,8 +19,8 @@ questions and self 91.3% (140 steps), general-text cross-entropy moved by -0.16%
 KL a reply cut at the length limit teaches no early stop, so cut replies are kept, and the limit
 (`data.general_replay_tokens`) can be short: self replies of 32 tokens take about 40 s to generate,
 and are far shorter than chit-chat: the quickstart's 2,498 examples fill 292 rows instead of 431,
-so a step sees more tickets, and at 140 steps it scored 64% exact with 93.0% of the questions kept (chit-chat, 120
-steps: 53% and 93.9%). The quickstart uses self replies of 32 tokens with KL.
+so a step sees more tickets. At 140 steps it scored 64% exact with 93.0% of the questions kept
+(chit-chat, 120 steps: 53% and 93.9%). The quickstart uses self replies of 32 tokens with KL.
 
 Self replies are generated once per base model (batched greedy decoding, a progress bar) and
 cached under `tuneforge_home()/replay-cache/` (written atomically), keyed by the weights, the

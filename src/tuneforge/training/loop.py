@@ -88,9 +88,9 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
 
 
 def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on vectors; with `lora.loraplus_lr_ratio`, LoRA's B matrices learn at
-    that multiple of the learning rate (LoRA+)."""
-    ratio = cfg.lora.loraplus_lr_ratio if cfg.method == "lora" else 1.0
+    """AdamW; no weight decay on vectors; with `lora.loraplus_lr_ratio`, LoRA's B matrices (of any
+    method that trains LoRA adapters) learn at that multiple of the learning rate (LoRA+)."""
+    ratio = cfg.lora.loraplus_lr_ratio
     faster = {name for name in params if ratio != 1.0 and "lora_B" in name}
 
     def decay_groups(chosen: list[torch.nn.Parameter], lr: float) -> list[dict]:
