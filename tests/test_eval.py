@@ -53,6 +53,26 @@ def test_loss_equals_a_hand_computation(tiny_model_dir, triage_data):
     assert result["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
 
 
+def test_loss_runs_packed_with_the_shared_system_prompt_once(tiny_model_dir, triage_data, monkeypatch):
+    """The same loss as example by example, for fewer tokens through the model: the tickets share
+    their system prompt."""
+    import sys
+
+    from tuneforge.eval.evaluate import _render, token_loss
+    model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    examples = [_render(e, tokenizer) for e in read_eval_examples(triage_data["test"], limit=8)]
+    run = []  # token positions through the model (padding included)
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: run.append(args[0].numel()))
+    packed = token_loss(model, examples, tokenizer.pad_token_id)
+    packed_tokens = sum(run)
+    monkeypatch.setattr(sys.modules["tuneforge.eval.evaluate"], "supports_per_example_attention", lambda *a: False)
+    run.clear()
+    one_by_one = token_loss(model, examples, tokenizer.pad_token_id, batch_size=1)
+    assert packed["tokens"] == one_by_one["tokens"]
+    assert packed["loss"] == pytest.approx(one_by_one["loss"], rel=1e-5)
+    assert packed_tokens < 0.8 * sum(run)
+
+
 def test_metrics_on_a_run_folder_and_a_checkpoint(tiny_run, triage_data):
     options = dict(limit=6, max_new_tokens=8, progress=False)
     final = evaluate(str(tiny_run), triage_data["test"], **options)

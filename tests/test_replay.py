@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_run_config
 from tiny_sharp import save_sharp_tiny_model
 
-from tuneforge.config import DataConfig
+from tuneforge.config import load_config
 from tuneforge.data.replay import cache_path, replay_conversations
 from tuneforge.models import load_model, load_tokenizer, resolve
 from tuneforge.tasks.general import general_conversations, replay_prompts
@@ -41,8 +41,9 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def replay_config(general_replay: str = "self") -> DataConfig:
-    return DataConfig(train="unused.jsonl", general_mix=0.2, general_replay=general_replay)
+def replay_config(model_dir, general_replay: str = "self", general_mix: float = 0.2, replay_loss: str = "ce", **data):
+    return load_config({"base_model": str(model_dir), "train": {"replay_loss": replay_loss},
+                        "data": {"train": "unused.jsonl", "general_mix": general_mix, "general_replay": general_replay, **data}})
 
 
 def test_self_replay_is_the_base_models_finished_greedy_replies_generated_once(ending_model_dir, home, one_thread):
@@ -50,9 +51,9 @@ def test_self_replay_is_the_base_models_finished_greedy_replies_generated_once(e
 
     model_dir = str(ending_model_dir)
     tokenizer = load_tokenizer(model_dir)
-    assert replay_conversations(replay_config(), model_dir, tokenizer, generate=False) is None
+    assert replay_conversations(replay_config(model_dir), tokenizer, generate=False) is None
     said = []
-    replay = replay_conversations(replay_config(), model_dir, tokenizer, log=said.append)
+    replay = replay_conversations(replay_config(model_dir), tokenizer, log=said.append)
     prompts = replay_prompts()
     assert "answers 200 general prompts" in said[0]
     model = load_model(model_dir).eval()
@@ -62,7 +63,7 @@ def test_self_replay_is_the_base_models_finished_greedy_replies_generated_once(e
     assert replay == [[{"role": "user", "content": p}, {"role": "assistant", "content": text}] for p, text in finished]
     assert f"{len(finished)} of the base model's 200 replies" in said[-1]
     # Cached: a later call (another rank, the next run, the dry run) reads the same replies.
-    assert replay_conversations(replay_config(), model_dir, tokenizer, generate=False) == replay
+    assert replay_conversations(replay_config(model_dir), tokenizer, generate=False) == replay
     assert cache_path(resolve(model_dir), tokenizer, 160).parent == home / "replay-cache"
 
 
@@ -80,8 +81,8 @@ def test_replay_cache_follows_the_weights(tiny_model_dir, tmp_path, home):
 
 def test_chitchat_replay_and_no_mix(tiny_model_dir, home):
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    assert replay_conversations(replay_config(general_replay="chitchat"), str(tiny_model_dir), tokenizer) == general_conversations()
-    assert replay_conversations(DataConfig(train="unused.jsonl"), str(tiny_model_dir), tokenizer) is None
+    assert replay_conversations(replay_config(tiny_model_dir, "chitchat"), tokenizer) == general_conversations()
+    assert replay_conversations(replay_config(tiny_model_dir, general_mix=0.0), tokenizer) is None
     assert not (home / "replay-cache").exists()
 
 
@@ -104,8 +105,7 @@ def test_kl_replay_keeps_the_replies_cut_at_the_limit(ending_model_dir, home, on
 
     model_dir = str(ending_model_dir)
     tokenizer = load_tokenizer(model_dir)
-    short = DataConfig(train="unused.jsonl", general_mix=0.2, general_replay="self", general_replay_tokens=12)
-    replay = replay_conversations(short, model_dir, tokenizer, keep_cut=True)
+    replay = replay_conversations(replay_config(model_dir, replay_loss="kl_to_base", general_replay_tokens=12), tokenizer)
     prompts = replay_prompts()
     replies = generate(load_model(model_dir).eval(), tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                        max_new_tokens=12)
@@ -113,7 +113,7 @@ def test_kl_replay_keeps_the_replies_cut_at_the_limit(ending_model_dir, home, on
     expected = [(p, r.text) for p, r in zip(prompts, replies) if r.text.strip()]
     assert replay == [[{"role": "user", "content": p}, {"role": "assistant", "content": text}] for p, text in expected]
     # The same replies serve text replay, which leaves out the cut ones; another limit is another cache file.
-    as_text = replay_conversations(short, model_dir, tokenizer, generate=False)
+    as_text = replay_conversations(replay_config(model_dir, general_replay_tokens=12), tokenizer, generate=False)
     assert len(as_text) == sum(r.finish_reason == "stop" and bool(r.text.strip()) for r in replies) < len(replay)
     assert cache_path(resolve(model_dir), tokenizer, 12) != cache_path(resolve(model_dir), tokenizer, 160)
     assert len(list((home / "replay-cache").glob("*.jsonl"))) == 1

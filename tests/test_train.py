@@ -285,7 +285,7 @@ def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(t
 
     cfg = runs["kl_to_base"]
     tokenizer = load_tokenizer(resolve(cfg.base_model))
-    general = replay_conversations(cfg.data, cfg.base_model, tokenizer)
+    general = replay_conversations(cfg, tokenizer)
     items = prepare(cfg.data, tokenizer, general=general, log=lambda _: None).train
     train_rows = to_rows(items, cfg)
     replay_rows = [r for r in train_rows if r.general]

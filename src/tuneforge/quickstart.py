@@ -55,7 +55,8 @@ class Settings:
     replay_loss: str = "kl_to_base"
     lora_r: int = 16
     # LoRA on the upper half of the decoder layers only: backpropagation then stops halfway down
-    # (the upper quarter only was faster a step but learned less: 54% exact at 140 steps).
+    # (the upper quarter only was faster a step but learned less: 54% exact at 140 steps, against 63%
+    # for the upper half at 120, both at lr 2e-3 with chit-chat replay).
     lora_from_layer: float = 0.5
     max_new_tokens: int = 40  # the answer is one JSON line of about 20 tokens
     seed: int = 0

@@ -13,14 +13,14 @@ the quickstart (SmolLM2, LoRA, `general_mix: 0.2`, see the issue notes), learned
   but general-text cross-entropy rose 9-10% (greedy replies are sharper than human text), and
   generating the replies took about 3 minutes of the first run on 2 CPU cores.
 
-Learned as the base model's distribution (`replay_loss: kl_to_base`, 2026-11-29) the replay's
-text is only context, so neither its style nor its sharpness is taught: chitchat kept 93.9% of the
-questions and self 91.3% (140 steps), general-text cross-entropy moved by -0.16% and -0.10%. Under
-KL a reply cut at the length limit teaches no early stop, so cut replies are kept, and the limit
-(`data.general_replay_tokens`) can be short: self replies of 32 tokens take about 40 s to generate,
-and are far shorter than chit-chat: the quickstart's 2,498 examples fill 292 rows instead of 431,
-so a step sees more tickets. At 140 steps it scored 64% exact with 93.0% of the questions kept
-(chit-chat, 120 steps: 53% and 93.9%). The quickstart uses self replies of 32 tokens with KL.
+Learned as the base model's distribution (`replay_loss: kl_to_base`, 2026-11-29) the replay's text
+is only context, so neither its style nor its sharpness is taught: chitchat kept 93.9% of the
+questions and self 91.3% (both at 140 steps), general-text cross-entropy moved by -0.16% and -0.10%.
+Under KL a reply cut at the length limit teaches no early stop, so cut replies are kept, and the
+limit (`data.general_replay_tokens`) can be short: self replies of 32 tokens take about 40 s to
+generate, and are far shorter than chit-chat: the quickstart's 2,498 examples fill 292 rows instead
+of 431, so a step sees more tickets. At 140 steps it scored 64% exact with 93.0% of the questions
+kept (chit-chat, 120 steps: 53% and 93.9%). The quickstart uses self replies of 32 tokens with KL.
 
 Self replies are generated once per base model (batched greedy decoding, a progress bar) and
 cached under `tuneforge_home()/replay-cache/` (written atomically), keyed by the weights, the
@@ -36,7 +36,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from ..config import DataConfig
+from ..config import Config
 from ..fsio import atomic_file, tuneforge_home
 from ..tasks.general import general_conversations, replay_prompts
 from .cache import tokenizer_fingerprint
@@ -77,26 +77,28 @@ def generate_self_replies(base_model: str, tokenizer, path: Path, max_new_tokens
                                ensure_ascii=False) + "\n")
 
 
-def replay_conversations(cfg: DataConfig, base_model: str, tokenizer, *, keep_cut: bool = False, generate: bool = True,
+def replay_conversations(cfg: Config, tokenizer, *, generate: bool = True,
                          log: Callable[[str], object] = print) -> list[list[dict]] | None:
-    """The conversations `prepare` mixes in; None when there is no mix, or (with `generate=False`)
-    when the self replies are not generated yet. `keep_cut` keeps self replies cut at the length
-    limit: right for replay learned as the base's distribution, where no end of turn is taught."""
-    if not cfg.general_mix:
+    """The conversations `prepare` mixes into a run of `cfg`; None when there is no mix, or (with
+    `generate=False`) when the self replies are not generated yet. Self replies cut at the length
+    limit are kept when the replay is learned as the base's distribution, where no end of turn is taught."""
+    data = cfg.data
+    if not data.general_mix:
         return None
-    if cfg.general_replay == "chitchat":
+    if data.general_replay == "chitchat":
         return general_conversations()
     from ..models import resolve
 
-    limit = cfg.general_replay_tokens
-    path = cache_path(resolve(base_model), tokenizer, limit)
+    limit = data.general_replay_tokens
+    path = cache_path(resolve(cfg.base_model), tokenizer, limit)
     if not path.is_file():
         if not generate:
             return None
         log(f"data: general replay: the base model answers {len(replay_prompts())} general prompts "
             f"(once per model; cached in {path})")
-        generate_self_replies(base_model, tokenizer, path, limit)
+        generate_self_replies(cfg.base_model, tokenizer, path, limit)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    keep_cut = cfg.train.replay_loss == "kl_to_base"
     kept = [row for row in rows if (row["finished"] or keep_cut) and row["reply"].strip()]
     left_out = "empty" if keep_cut else f"cut at {limit} tokens or empty"
     log(f"data: general replay: {len(kept)} of the base model's {len(rows)} replies"

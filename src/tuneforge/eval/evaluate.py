@@ -118,9 +118,8 @@ def token_loss(model, examples: Sequence[Example], pad_id: int, *, batch_size: i
         batches = [([row], len(segments(row.position_ids))) for row in rows]
         attention = per_example_attention(lm)
     else:  # unpacked, similar lengths together (less padding)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-        batches = [([examples[i] for i in order[start:start + batch_size]], len(order[start:start + batch_size]))
-                   for start in range(0, len(order), batch_size)]
+        ordered = sorted(examples, key=len)
+        batches = [(chunk, len(chunk)) for chunk in (ordered[s:s + batch_size] for s in range(0, len(ordered), batch_size))]
         attention = contextlib.nullcontext()
     objective = SFTObjective(model)
     was_training = model.training

@@ -87,7 +87,7 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config) -> torch.optim.AdamW:
     """AdamW; no weight decay on vectors; with `lora.loraplus_lr_ratio`, LoRA's B matrices (of any
     method that trains LoRA adapters) learn at that multiple of the learning rate (LoRA+)."""
     ratio = cfg.lora.loraplus_lr_ratio
@@ -99,7 +99,7 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config, device: t
 
     groups = decay_groups([p for name, p in params.items() if name not in faster], cfg.train.learning_rate)
     if faster:
-        groups += decay_groups([params[name] for name in sorted(faster)], cfg.train.learning_rate * ratio)
+        groups += decay_groups([p for name, p in params.items() if name in faster], cfg.train.learning_rate * ratio)
     # fused is fastest where it exists (CUDA, recent CPU builds); foreach otherwise.
     try:
         return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, fused=True)
@@ -270,15 +270,14 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     source = resolve(cfg.base_model)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
-    replay_kl = cfg.train.replay_loss == "kl_to_base"
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        general = replay_conversations(cfg.data, cfg.base_model, tokenizer, keep_cut=replay_kl, log=log)
+        general = replay_conversations(cfg, tokenizer, log=log)
         prepared = tfdata.prepare(cfg.data, tokenizer, general=general, report_path=out / "data_report.json", log=log)
     distributed.barrier()
     if not world.is_main:
-        general = replay_conversations(cfg.data, cfg.base_model, tokenizer, keep_cut=replay_kl, generate=False, log=log)
+        general = replay_conversations(cfg, tokenizer, generate=False, log=log)
         prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=log)
     train_items, valid_items = batch_items(prepared, cfg)
 
@@ -288,8 +287,9 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     named_params = trainable_parameters(model)
     params = list(named_params.values())
-    optimizer = make_optimizer(named_params, cfg, device)
+    optimizer = make_optimizer(named_params, cfg)
     reference = None
+    replay_kl = cfg.train.replay_loss == "kl_to_base"
     if (cfg.train.kl_to_base or replay_kl) and cfg.method == "full":
         # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
         reference = load_model(source, dtype=torch.float32).to(device).eval().requires_grad_(False)

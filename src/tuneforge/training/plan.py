@@ -73,8 +73,7 @@ def validate(config, overrides: list[str] = ()) -> int:
     n_params, n_trainable, hf_config = parameter_counts(source, cfg)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
-    general = replay_conversations(cfg.data, cfg.base_model, tokenizer, keep_cut=cfg.train.replay_loss == "kl_to_base",
-                                   generate=False)
+    general = replay_conversations(cfg, tokenizer, generate=False)
     prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=lambda *a, **k: None)
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
     if not train_items:
