@@ -10,7 +10,8 @@ trains as `dpo.policy` says). `check_inputs` runs the checks a method makes befo
 An objective returns sums. What they are sums over is its `count` of a batch (trained tokens
 unless it says otherwise; DPO counts pairs), and the loop divides by the count of the whole
 optimizer step. `reported_sums` names the sums the loop logs as train_/valid_ metrics, and
-`logged_sums` the method's own sums, logged per count beside them.
+`logged_sums` the method's own sums, logged per count beside them; `train_only_sums` those of them
+that validation leaves out.
 """
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ class DistillObjective(nn.Module):
     student's top-1 token is the teacher's)."""
 
     logged_sums = ("divergence", "teacher_agreement")
+    train_only_sums = ()
 
     def __init__(self, model, teacher: nn.Module, *, alpha: float, temperature: float, kind: str, beta: float = 0.5):
         super().__init__()

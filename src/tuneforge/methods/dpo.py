@@ -104,6 +104,7 @@ class DPOObjective(nn.Module):
     `count` says what they are sums over (pairs)."""
 
     logged_sums = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    train_only_sums = ()
     reported_sums = {"loss": "loss"}
 
     def __init__(self, model, *, beta: float, loss: str, label_smoothing: float = 0.0,

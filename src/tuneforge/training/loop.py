@@ -298,7 +298,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     reported = reported_sums(objective)  # logged as train_NAME and valid_NAME: loss (and token accuracy)
     logged_sums = objective.logged_sums  # the method's own metrics, beside them
     summed = {**reported, **{name: name for name in logged_sums}}
-    valid_summed = {k: v for k, v in summed.items() if k not in getattr(objective, "train_only_sums", ())}
+    valid_summed = {k: v for k, v in summed.items() if k not in objective.train_only_sums}
     count = loss_count(objective)  # what the sums are sums over: trained tokens, or DPO pairs
     frozen = objective.frozen  # a teacher or reference copy the objective runs beside the trained model
 
