@@ -34,7 +34,8 @@ class Settings:
     # same 512-token rows and LoRA+ 4, 260 steps of one row at lr 7e-4 scored 75% exact with 92.2% of
     # the general questions kept, against 72% and 89.6% for 130 steps of two rows at lr 1e-3 (one run
     # each; issue notes, 2026-11-29). Rows of 256 tokens (520 steps) were no better (70%, 90.4%).
-    # 260 steps took 14.4 min on a fresh clone: 250 leave room for this machine's run-to-run spread.
+    # On a fresh clone 260 steps took 14.4 min (75%, 92.2%) and 250 steps 13.7 min (72%, 90.4%, within
+    # one run's spread of that): 250 leave room for this machine's run-to-run spread in time.
     max_steps: int = 250
     batch_size: int = 1  # packed rows per step
     # Tokens per packed row: about eight examples (tickets and short replay replies), the tickets'
