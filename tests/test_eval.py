@@ -13,6 +13,7 @@ from tuneforge.errors import DataError
 from tuneforge.eval import eval_command, evaluate, measure_forgetting, read_eval_examples, write_run_report
 from tuneforge.eval.evaluate import choose_metric
 from tuneforge.eval.forgetting import ModelPair, kept_questions, mean_kl
+from tuneforge.eval.report import share_interval
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.training import train
 
@@ -141,6 +142,17 @@ def test_kept_questions_are_the_base_models_right_answers():
     kept = kept_questions()
     assert len(kept) >= 100
     assert all(q["answers"] for q in kept)
+
+
+def test_a_share_comes_with_its_wilson_interval():
+    # 72 of 100 by hand: centre (0.72 + 1.96²/200) / (1 + 1.96²/100) = 0.71187,
+    # half 1.96 · sqrt(0.72 · 0.28 / 100 + 1.96² / 40000) / (1 + 1.96²/100) = 0.08675.
+    assert share_interval(0.72, 100) == pytest.approx((0.62512, 0.79861), abs=1e-5)
+    low, high = share_interval(0.0, 100)
+    assert low == 0.0 and high == pytest.approx(0.03699, abs=1e-5)  # none right is not "0% for sure"
+    assert share_interval(1.0, 115)[1] == pytest.approx(1.0)
+    four_times_the_examples = share_interval(0.72, 400)
+    assert (four_times_the_examples[1] - four_times_the_examples[0]) / (0.79861 - 0.62512) == pytest.approx(0.5, abs=0.02)
 
 
 def test_run_report_is_written_and_self_contained(tiny_run, tiny_model_dir, triage_data):

@@ -31,10 +31,16 @@ def test_quickstart_runs_every_phase_and_says_which_targets_it_missed(tiny_model
 
 
 def test_targets_are_judged_against_their_goals():
-    scores = lambda exact: {"scores": {"exact": exact}}  # noqa: E731
-    forgetting = {"general_text": {"change": 0.01}, "general_questions": {"retained": 0.97}}
+    scores = lambda exact: {"n": 100, "scores": {"exact": exact}}  # noqa: E731
+    questions = lambda kept, base: {"n": 115, "retained": kept, "base_accuracy": base}  # noqa: E731
+    forgetting = {"general_text": {"change": 0.01}, "general_questions": questions(0.97, 1.0)}
     met = check_targets(Targets(), 600, scores(0.1), scores(0.9), forgetting)
     assert all(t["met"] for t in met)
     missed = check_targets(Targets(), 1000, scores(0.3), scores(0.8),
-                           {"general_text": {"change": 0.05}, "general_questions": {"retained": 0.9}})
+                           {"general_text": {"change": 0.05}, "general_questions": questions(0.9, 0.8)})
     assert not any(t["met"] for t in missed)
+    # A share of 100 tickets carries its 95% interval; questions kept too, when the base knew them all.
+    assert met[1]["measured"] == "90.0% (95% interval 82.6%-94.5%)"
+    assert missed[1]["measured"] == "80.0% (95% interval 71.1%-86.7%)"
+    assert met[3]["measured"] == "97.0% (95% interval 92.1%-98.9%)"
+    assert missed[3]["measured"] == "90.0%"
