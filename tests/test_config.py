@@ -38,6 +38,15 @@ def test_bad_values_name_the_field(tmp_path):
         load_config(write(tmp_path, {"data": {}}))
 
 
+def test_eval_section_is_checked_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval\.task.*unknown metric 'accuracy'.*support_triage"):
+        load_config(write(tmp_path, {"data": {"train": "x"}, "eval": {"task": "accuracy"}}))
+    with pytest.raises(ConfigError, match="give data.validation as a file path"):
+        load_config(write(tmp_path, {"data": {"train": "x", "validation": 0.1}, "eval": {"task": "exact"}}))
+    assert load_config(write(tmp_path, {"data": {"train": "x", "validation": "v.jsonl"},
+                                        "eval": {"task": "auto", "forgetting": True}})).eval.forgetting
+
+
 def test_not_yaml_names_the_line(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data:\n  train: [unclosed\n")

@@ -179,6 +179,30 @@ def test_run_report_is_written_and_self_contained(tiny_run, tiny_model_dir, tria
     assert (tiny_run / "eval" / "before.json").is_file() and (tiny_run / "eval" / "forgetting.json").is_file()
 
 
+def test_a_configs_eval_section_runs_on_the_final_model(tiny_model_dir, triage_data, tmp_path):
+    """`eval: {task, forgetting}` in a training config: when training ends, the base and the final
+    model are scored on the validation file and measured on the general sets, into eval/ and the
+    run's final metrics."""
+    run = tmp_path / "run"
+    config = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=2)
+    config["eval"] = {"task": "support_triage", "forgetting": True}
+    result = train(config, progress=False)
+    for name in ("report.html", "before.json", "after.json", "forgetting.json", "samples.jsonl"):
+        assert (run / "eval" / name).is_file(), name
+    before, after = (json.loads((run / "eval" / f"{name}.json").read_text()) for name in ("before", "after"))
+    assert after["n"] == before["n"] == 16 and after["metric"] == "support_triage"
+    assert before["model"] != after["model"] and before["loss"] != after["loss"]
+    forgetting = json.loads((run / "eval" / "forgetting.json").read_text())
+    assert result.metrics["task_exact"] == after["scores"]["exact"]
+    assert result.metrics["task_priority"] == after["scores"]["priority"]
+    # The tiny model knows none of the general questions, so the share kept is undefined (NaN).
+    kept = forgetting["general_questions"]["retained"]
+    assert result.metrics["forgetting_questions_kept"] == pytest.approx(kept, nan_ok=True)
+    assert result.metrics["forgetting_kl"] == forgetting["kl"]["mean"] > 0  # two LoRA steps moved the model
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metrics"]["forgetting_text_ce_change"] == forgetting["general_text"]["change"]
+
+
 def test_eval_command_prints_tables_or_json(tiny_run, tiny_model_dir, triage_data, capsys):
     assert eval_command(str(tiny_run), str(triage_data["test"]), compare=str(tiny_model_dir), limit=2) == 0
     out = capsys.readouterr().out

@@ -28,7 +28,13 @@ def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, ca
     assert validate(cfg) == 0
     out = capsys.readouterr().out
     assert "plan for" in out and "steps" in out and "time (estimate)" in out
+    assert "nothing (see eval.task, eval.forgetting)" in out
     assert not (tmp_path / "run").exists()  # a dry run writes no run folder
+    cfg["eval"] = {"task": "support_triage", "forgetting": True}
+    assert validate(cfg) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "after training" in line)
+    assert "support_triage on validation.jsonl" in row and "nothing (see eval" not in out
 
 
 def test_a_misspelt_key_and_a_bad_row_each_fail_in_seconds_naming_what_to_fix(tiny_model_dir, triage_data, tmp_path):

@@ -131,8 +131,20 @@ class DPOConfig(Strict):
 
 
 class EvalConfig(Strict):
-    task: str | None = None
-    forgetting: bool = False
+    """What runs on the final model when training ends (`eval/after_training.py`)."""
+
+    task: str | None = Field(None, description="metric for the base and the final model's answers to the prompts of "
+                             "the data.validation file, side by side: auto, exact, contains, json_fields or support_triage")
+    forgetting: bool = Field(False, description="measure base vs final model on general data no training touches")
+
+    @field_validator("task")
+    @classmethod
+    def _known_metric(cls, task):
+        from .tasks.metrics import METRICS
+
+        if task is not None and task != "auto" and task not in METRICS:
+            raise ValueError(f"unknown metric {task!r}; choose auto or one of {', '.join(METRICS)}")
+        return task
 
 
 class Config(Strict):
@@ -167,6 +179,9 @@ class Config(Strict):
         if self.method == "dpo" and self.data.general_mix:
             raise ValueError("data.general_mix mixes SFT conversations into training, which DPO's pairs cannot "
                              "hold; set it to 0 with method: dpo")
+        if self.eval.task and not isinstance(self.data.validation, str):
+            raise ValueError("eval.task scores answers to the prompts of the data.validation file; give "
+                             "data.validation as a file path (a fraction has no file), or leave eval.task out")
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
             raise ValueError("dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0")
         return self

@@ -91,7 +91,6 @@ def training_config(settings: Settings, model: str, data: dict[str, Path], out: 
                   # fp32, not auto: CPU bf16 autocast trained LoRA about 18x slower than fp32 here.
                   "precision": "fp32",
                   "eval_every": max(1, settings.max_steps // 2), "save_every": 0, "seed": settings.seed},
-        "eval": {"task": "support_triage", "forgetting": True},
         "output_dir": str(out),
     }
 

@@ -83,7 +83,7 @@ def share_with_interval(share: float, n: int) -> str:
     return f"{share:.1%} (95% interval {low:.1%}-{high:.1%})"
 
 
-def _flat_scores(scores: dict) -> dict[str, float]:
+def flat_scores(scores: dict) -> dict[str, float]:
     """Scores with nested per-field dicts flattened (`fields.category`) and the count left out."""
     flat = {}
     for key, value in scores.items():
@@ -119,7 +119,7 @@ def metrics_table(results: dict[str, dict]) -> Table:
     add("loss on reference answers", [r["loss"] for r in results.values()], lambda v: f"{v:.4f}", relative)
     add("perplexity", [r["perplexity"] for r in results.values()], lambda v: f"{v:.2f}", relative)
     add("next-token accuracy", [r["mean_token_accuracy"] for r in results.values()], _share, points)
-    flat = [_flat_scores(r["scores"]) for r in results.values()]
+    flat = [flat_scores(r["scores"]) for r in results.values()]
     for key in flat[0]:
         add(key, [f.get(key) for f in flat], _share, points)
     add("answers cut at max_new_tokens", [r["usage"]["stopped_by_length"] for r in results.values()],
@@ -253,7 +253,7 @@ def training_plots(metrics: list[dict]) -> list[tuple[str, str]]:
 
 
 def scores_plot(before: dict, after: dict) -> tuple[str, str]:
-    base, tuned = _flat_scores(before["scores"]), _flat_scores(after["scores"])
+    base, tuned = flat_scores(before["scores"]), flat_scores(after["scores"])
     keys = list(base)
     figure, axes = _figure(f"{after['metric']}: base vs tuned")
     positions = range(len(keys))

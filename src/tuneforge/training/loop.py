@@ -3,7 +3,7 @@
     config -> tokenizer + data -> model + method -> optimizer + schedule -> [resume] ->
     for each step: micro-batches -> forward/backward (loss / trained tokens of the whole step)
                    -> clip -> optimizer step -> log -> eval -> checkpoint
-    -> final model + full validation + summary
+    -> final model + full validation + what `eval:` asks for (task scores, forgetting) + summary
 
 The loss of an optimizer step is the mean over its trained tokens (for DPO, its pairs: what the
 objective counts) across all micro-batches and ranks. Each micro-batch therefore backpropagates
@@ -428,9 +428,14 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             metrics_log.write({"step": plan.total_steps, **full_valid})
         if world.is_main:
             final_dir = save_final(model, tokenizer, source, out / "final")
+        distributed.barrier()
+        if world.is_main:
+            if cfg.eval.task or cfg.eval.forgetting:
+                from ..eval.after_training import evaluate_after_training  # eval imports training: import late
+
+                last_metrics.update(evaluate_after_training(cfg, out, final_dir, progress=progress))
             write_json(out / "summary.json", {"status": status, "steps": plan.total_steps, "precision": precision,
                                               "epochs": plan.epochs, "metrics": last_metrics})
-        distributed.barrier()
     if world.is_main:
         bar.summary(last_metrics, out)
     distributed.teardown()
