@@ -203,6 +203,19 @@ def test_a_configs_eval_section_runs_on_the_final_model(tiny_model_dir, triage_d
     assert summary["metrics"]["forgetting_text_ce_change"] == forgetting["general_text"]["change"]
 
 
+def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compute(tiny_model_dir, triage_data,
+                                                                                    tmp_path):
+    rows = [json.loads(line) for line in triage_data["validation"].read_text().splitlines()]
+    rows[1]["messages"] = rows[1]["messages"][:-1]  # ends with the user's ticket: no reference answer
+    bad = tmp_path / "valid.jsonl"
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tiny_run_config(tiny_model_dir, {**triage_data, "validation": bad}, tmp_path / "run", max_steps=2)
+    config["eval"] = {"task": "exact"}
+    with pytest.raises(DataError, match=r"valid\.jsonl:2 messages: \[example_missing_assistant_message\]"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_command_prints_tables_or_json(tiny_run, tiny_model_dir, triage_data, capsys):
     assert eval_command(str(tiny_run), str(triage_data["test"]), compare=str(tiny_model_dir), limit=2) == 0
     out = capsys.readouterr().out

@@ -15,9 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fsio import write_json
-from .evaluate import compare
+from .evaluate import compare, read_eval_examples
 from .forgetting import measure_forgetting
 from .report import flat_scores, forgetting_table, print_tables, report_tables, write_run_report
+
+
+def check_eval_inputs(cfg) -> None:
+    """Before any compute: with `eval.task`, every row of the validation file is a conversation that
+    ends in its reference answer (else a DataError naming file, line and field)."""
+    if cfg.eval.task:
+        read_eval_examples(cfg.data.validation)
 
 
 def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:

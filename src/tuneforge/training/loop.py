@@ -243,6 +243,8 @@ class StopRequest:
 def train(config, overrides: list[str] = (), *, resume: str | None = None, force: bool = False,
           progress: bool = True) -> TrainResult:
     """Fine-tune as the config says. `resume` is "latest" or a checkpoint folder."""
+    from ..eval import after_training  # eval imports training: import it late
+
     cfg = load_config(config, overrides)
     world = distributed.setup()
     out = Path(cfg.output_dir)
@@ -270,6 +272,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     source = resolve(cfg.base_model)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
+    after_training.check_eval_inputs(cfg)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
@@ -431,9 +434,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         distributed.barrier()
         if world.is_main:
             if cfg.eval.task or cfg.eval.forgetting:
-                from ..eval.after_training import evaluate_after_training  # eval imports training: import late
-
-                last_metrics.update(evaluate_after_training(cfg, out, final_dir, progress=progress))
+                last_metrics.update(after_training.evaluate_after_training(cfg, out, final_dir, progress=progress))
             write_json(out / "summary.json", {"status": status, "steps": plan.total_steps, "precision": precision,
                                               "epochs": plan.epochs, "metrics": last_metrics})
     if world.is_main:

@@ -67,6 +67,8 @@ def estimate(n: int, trainable: int, config, cfg, plan, tokens_per_epoch: int, m
 
 
 def validate(config, overrides: list[str] = ()) -> int:
+    from ..eval import after_training  # eval imports training: import it late
+
     console = Console()
     started = time.perf_counter()
     cfg = load_config(config, overrides)
@@ -74,6 +76,7 @@ def validate(config, overrides: list[str] = ()) -> int:
     n_params, n_trainable, hf_config = parameter_counts(source, cfg)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
+    after_training.check_eval_inputs(cfg)
     general = replay_conversations(cfg, tokenizer, generate=False)
     prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=lambda *a, **k: None)
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
