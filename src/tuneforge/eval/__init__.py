@@ -7,7 +7,8 @@ data no training touched), and the run report with plots.
     write_run_report("runs/my-run", before, after, measure_forgetting("runs/my-run"))
 
 Modules: `evaluate` (data, loss, generation metrics), `forgetting`, `report` (tables, plots, files),
-`command` (the `tuneforge eval` command).
+`command` (the `tuneforge eval` command), `after_training` (a training config's `eval:` section, run
+when training ends).
 """
 
 from .command import eval_command
