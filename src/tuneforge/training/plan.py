@@ -96,7 +96,7 @@ def validate(config, overrides: list[str] = ()) -> int:
     table.add_column(style="bold")
     table.add_column(justify="right")
     trained = sum(sum(1 for x in e.labels if x != -100) for e in train_items)
-    after_training = ([f"{cfg.eval.task} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []) + (
+    at_the_end = ([f"{cfg.eval.task} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []) + (
         ["forgetting, base vs tuned"] if cfg.eval.forgetting else [])
     for key, value in [
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
@@ -113,7 +113,7 @@ def validate(config, overrides: list[str] = ()) -> int:
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
         ("batch", f"{cfg.train.batch_size} rows per step = {cfg.train.grad_accum} x {plan.micro_batch_rows}"),
         ("precision", precision),
-        ("after training", ", ".join(after_training) or "nothing (see eval.task, eval.forgetting)"),
+        ("after training", ", ".join(at_the_end) or "nothing (see eval.task, eval.forgetting)"),
         ("time (estimate)", f"{est['seconds'] / 60:.1f} min: {est['train_flops']:.2e} FLOP at {ASSUMED_UTILISATION:.0%} of a measured "
                             f"{est['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"),
         ("peak memory (estimate)", f"{est['peak_memory_bytes'] / 2**30:.1f} GiB"),
