@@ -192,6 +192,9 @@ def test_a_configs_eval_section_runs_on_the_final_model(tiny_model_dir, triage_d
     before, after = (json.loads((run / "eval" / f"{name}.json").read_text()) for name in ("before", "after"))
     assert after["n"] == before["n"] == 16 and after["metric"] == "support_triage"
     assert before["model"] != after["model"] and before["loss"] != after["loss"]
+    # The base side is the adapter switched off: the base model's own figures.
+    base_alone = evaluate(str(tiny_model_dir), triage_data["validation"], metric="support_triage", progress=False)
+    assert before["loss"] == pytest.approx(base_alone["loss"], rel=1e-5) and before["scores"] == base_alone["scores"]
     forgetting = json.loads((run / "eval" / "forgetting.json").read_text())
     assert result.metrics["task_exact"] == after["scores"]["exact"]
     assert result.metrics["task_priority"] == after["scores"]["priority"]

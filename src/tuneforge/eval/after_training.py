@@ -15,8 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fsio import write_json
-from .evaluate import compare, read_eval_examples
-from .forgetting import measure_forgetting
+from ..models import load_model, load_tokenizer, resolve
+from .evaluate import evaluate_loaded, read_eval_examples
+from .forgetting import ModelPair, forgetting_loaded
 from .report import flat_scores, forgetting_table, print_tables, report_tables, write_run_report
 
 
@@ -28,21 +29,34 @@ def check_eval_inputs(cfg) -> None:
 
 
 def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:
-    """Run what `cfg.eval` asks for on `final_dir`; returns the headline metrics."""
-    is_adapter = (final_dir / "adapter_config.json").is_file()
+    """Run what `cfg.eval` asks for on `final_dir`; returns the headline metrics.
+
+    The final model is loaded once; an adapter's base is that model with the adapter switched off,
+    so no second copy is loaded (a full model's base is loaded beside it)."""
+    source = resolve(str(final_dir))
+    tokenizer = load_tokenizer(source)
+    tuned = load_model(source)
+    adapter = hasattr(tuned, "disable_adapter")
+    pair = ModelPair(tuned, None if adapter else load_model(resolve(cfg.base_model)))
+    names = {"base": cfg.base_model, "tuned": source.name}
     metrics: dict = {}
     forgetting = None
     if cfg.eval.forgetting:
-        forgetting = measure_forgetting(str(final_dir), None if is_adapter else cfg.base_model, progress=progress)
+        forgetting = {"model": names["tuned"], "base": names["base"],
+                      **forgetting_loaded(pair, tokenizer, progress=progress)}
         metrics.update(forgetting_questions_kept=forgetting["general_questions"]["retained"],
                        forgetting_text_ce_change=forgetting["general_text"]["change"],
                        forgetting_kl=forgetting["kl"]["mean"])
     if cfg.eval.task:
-        result = compare(str(final_dir), cfg.base_model, cfg.data.validation, metric=cfg.eval.task, progress=progress)
-        before, after = result["base"], result["tuned"]
-        write_run_report(run_dir, before, after, forgetting)
-        metrics.update({f"task_{name}": value for name, value in flat_scores(after["scores"]).items()})
-        tables = report_tables(before, after, forgetting)
+        examples = read_eval_examples(cfg.data.validation)
+        results = {}
+        for side in ("base", "tuned"):
+            with getattr(pair, side)() as model:
+                results[side] = {"model": names[side], "data": str(cfg.data.validation),
+                                 **evaluate_loaded(model, tokenizer, examples, metric=cfg.eval.task, progress=progress)}
+        write_run_report(run_dir, results["base"], results["tuned"], forgetting)
+        metrics.update({f"task_{name}": value for name, value in flat_scores(results["tuned"]["scores"]).items()})
+        tables = report_tables(results["base"], results["tuned"], forgetting)
     else:
         write_json(run_dir / "eval" / "forgetting.json", forgetting)
         tables = [forgetting_table(forgetting)]
