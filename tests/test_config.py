@@ -74,6 +74,15 @@ def test_results_hash_ignores_logging_cadence_only():
     b = Config.model_validate({"data": {"train": "x"}, "train": {"eval_every": 7, "save_every": 3}})
     c = Config.model_validate({"data": {"train": "x"}, "train": {"learning_rate": 1e-3}})
     assert a.results_hash() == b.results_hash() != c.results_hash()
+    noisy = Config.model_validate({"data": {"train": "x"}, "train": {"neftune_alpha": 5}})
+    assert noisy.results_hash() != a.results_hash()
+
+
+def test_neftune_is_refused_where_a_teacher_or_reference_reads_the_same_inputs(tmp_path):
+    for method, extra in (("dpo", {}), ("distill", {"distill": {"teacher": "t"}})):
+        with pytest.raises(ConfigError, match=f"neftune_alpha applies to methods full, lora and dora; method: {method}"):
+            load_config(write(tmp_path, {"data": {"train": "x"}, "method": method, **extra,
+                                         "train": {"neftune_alpha": 5}}))
 
 
 @pytest.mark.parametrize("n, epochs", [(10, 10), (20, 5), (100, 3), (5000, 3), (10000, 2), (30000, 1), (1, 25)])

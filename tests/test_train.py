@@ -102,7 +102,9 @@ def _cli(*args, **kw):
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_losses_bitwise(tiny_model_dir, triage_data, tmp_path):
-    base = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "x", epochs=3, batch_size=2, save_every=5)
+    # LoRA dropout and NEFTune draw random numbers every step: the resumed run must draw the same ones.
+    base = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "x", epochs=3, batch_size=2, save_every=5,
+                           neftune_alpha=5.0)
     base["train"]["keep_checkpoints"] = 3
     ref_cfg = _write_config({**base, "output_dir": str(tmp_path / "ref")}, tmp_path / "ref.yaml")
     assert _cli("train", str(ref_cfg)).returncode == 0
@@ -258,6 +260,63 @@ def test_replay_rows_learn_the_base_distribution_and_task_rows_their_text(tiny_m
     assert float(out["replay_kl"]) == pytest.approx(float(kl[1][trained[1]].sum()), rel=1e-4)
     assert out["ce"].item() == out["loss"].item()  # train_loss: replay tokens count their KL, not their text's CE
     assert out["tokens"] == int(trained.sum())
+
+
+def test_example_lengths_follow_packed_examples_shared_prefixes_and_padding():
+    from tuneforge.methods.sft import example_lengths
+
+    # A prefix of 4 shared by two examples of 3 and 5 more tokens, then 3 of padding; a plain row of 6.
+    packed = [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 0, 1, 2]
+    plain = list(range(6)) + list(range(9))
+    lengths = example_lengths(torch.tensor([packed, plain]))
+    assert lengths.tolist() == [[7] * 7 + [9] * 5 + [3] * 3, [6] * 6 + [9] * 9]
+
+
+def test_neftune_noise_is_scaled_by_each_examples_own_length():
+    from tuneforge.methods.sft import neftune_noise
+
+    torch.manual_seed(0)
+    positions = torch.tensor([list(range(16)) + list(range(64))])  # two packed examples: 16 and 64 tokens
+    noise = neftune_noise(5.0, positions, 256, torch.float32)
+    assert noise.shape == (1, 80, 256)
+    for span, length in ((slice(0, 16), 16), (slice(16, 80), 64)):
+        bound = 5.0 / (length * 256) ** 0.5
+        part = noise[0, span].abs()
+        assert part.max() <= bound and part.max() > 0.99 * bound  # uniform in ±bound
+        assert part.mean() == pytest.approx(bound / 2, rel=0.05)
+
+
+@pytest.mark.parametrize("adapted", [None, [1]], ids=["every layer", "upper layer: the base forward starts there"])
+def test_neftune_adds_the_noise_to_the_embeddings_in_training_only_and_the_base_sees_it_too(tiny_model_dir, adapted):
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.data import Example, collate
+    from tuneforge.methods.sft import SFTObjective, neftune_noise
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=adapted))
+    ids = torch.randint(5, 200, (2, 12)).tolist()
+    batch = collate([Example(ids[0], [-100] * 5 + ids[0][6:] + [-100]),
+                     Example(ids[1], [-100] * 3 + ids[1][4:] + [-100], general=True)], pad_id=0, mark_general=True)
+    labels, trained = batch["labels"], batch["labels"] != -100
+    noisy = SFTObjective(model, replay_kl=True, neftune_alpha=50.0)
+    clean = SFTObjective(model, replay_kl=True)
+
+    torch.manual_seed(1)
+    out = noisy(**batch)
+    torch.manual_seed(1)
+    noise = neftune_noise(50.0, batch["position_ids"], model.config.hidden_size, torch.float32)
+    embeds = model.get_input_embeddings()(batch["input_ids"]) + noise
+    tuned = model(inputs_embeds=embeds, position_ids=batch["position_ids"]).logits.log_softmax(-1).detach()
+    ce = -tuned.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    assert out["loss"].item() == pytest.approx(float(ce[0][trained[0]].sum()), rel=1e-4)
+    # The adapter starts as the identity (B = 0): with the same noise on the base's side, replay KL is 0.
+    assert float(out["replay_kl"]) == pytest.approx(0, abs=1e-6)
+
+    noisy.eval()
+    clean.eval()
+    assert noisy(**batch)["loss"].item() == clean(**batch)["loss"].item()  # validation: no noise
 
 
 def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(tiny_model_dir, triage_data, tmp_path):

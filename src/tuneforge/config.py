@@ -93,6 +93,9 @@ class TrainConfig(Strict):
         "ce", description="how the general replay examples of data.general_mix train: ce = cross-entropy on their "
         "text; kl_to_base = KL(base || tuned) on their trained tokens, holding the model to the base's own "
         "distribution there instead of teaching it the replay's style (the base model runs on replay rows only)")
+    neftune_alpha: float = Field(
+        0.0, ge=0, description="NEFTune: uniform noise of up to alpha / sqrt(L * d) on the input embeddings in training "
+        "forwards (L = the example's length, packed or not; d = hidden size); 5 is the paper's usual value, 0 = off")
     seed: int = 42
     eval_every: int = Field(50, ge=0, description="0 evaluates only at the end")
     save_every: int = Field(50, ge=0, description="0 saves only at the end")
@@ -182,6 +185,9 @@ class Config(Strict):
         if self.eval.task and not isinstance(self.data.validation, str):
             raise ValueError("eval.task scores answers to the prompts of the data.validation file; give "
                              "data.validation as a file path (a fraction has no file), or leave eval.task out")
+        if self.train.neftune_alpha and self.method in ("distill", "dpo"):
+            raise ValueError(f"train.neftune_alpha applies to methods full, lora and dora; method: {self.method} "
+                             "compares the model with a teacher or reference on the same inputs, so set it to 0")
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
             raise ValueError("dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0")
         return self
@@ -191,6 +197,8 @@ class Config(Strict):
         d = self.model_dump()
         for k in ("eval_every", "save_every", "keep_checkpoints", "log_every"):
             d["train"].pop(k)
+        if not self.train.neftune_alpha:
+            d["train"].pop("neftune_alpha")  # off: a run from before the key existed resumes as it was
         d.pop("output_dir")
         d.pop("eval")
         for section in ("distill", "dpo"):

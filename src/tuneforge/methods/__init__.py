@@ -50,7 +50,7 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device, ref
     if cfg.method == "dpo":
         return dpo.build_objective(model, cfg, dtype=dtype, device=device)
     return SFTObjective(model, kl_to_base=cfg.train.kl_to_base, replay_kl=cfg.train.replay_loss == "kl_to_base",
-                        reference=reference)
+                        reference=reference, neftune_alpha=cfg.train.neftune_alpha)
 
 
 def batch_items(prepared, cfg) -> tuple[list, list]:

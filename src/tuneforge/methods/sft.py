@@ -15,6 +15,10 @@ held to the base's whole next-token distribution on general conversations, which
 behaviour without teaching the replay's style or sharpening the model on it. The base model runs
 on those rows only. For adapters the base is the same model with its adapters disabled, so no
 second copy sits in memory; for full fine-tuning the loop passes a frozen copy.
+
+With `neftune_alpha` > 0 (NEFTune, Jain et al. 2023) training forwards add uniform noise to the
+input embeddings, scaled by each example's own length even when examples are packed in one row;
+validation and generation see clean embeddings.
 """
 
 from __future__ import annotations
@@ -52,12 +56,39 @@ def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def trained_logits(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
-    """Logits at the positions that carry a label, in order: [n_trained, vocab]."""
+def trained_logits(lm, input_ids, labels, position_ids=None, attention_mask=None, embedding_noise=None) -> torch.Tensor:
+    """Logits at the positions that carry a label, in order: [n_trained, vocab]. `embedding_noise`
+    (the shape of the input embeddings) is added to them first (NEFTune)."""
+    tokens = {"input_ids": input_ids}
+    if embedding_noise is not None:
+        tokens = {"inputs_embeds": lm.get_input_embeddings()(input_ids) + embedding_noise}
     hidden = lm.get_decoder()(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        **tokens, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
     return output_logits(lm, hidden[labels != IGNORE])
+
+
+def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """For every position of a batch, the length of the example it belongs to: [batch, seq].
+
+    An example is a run of position ids that go up by one; a packed example that continues a shared
+    prefix starts at the prefix's length, so its length is its last position id + 1 either way."""
+    batch, width = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    run = starts.flatten().cumsum(0) - 1  # runs numbered across the whole batch: a row's start is always a run start
+    longest = torch.zeros(int(run[-1]) + 1, dtype=position_ids.dtype, device=position_ids.device)
+    longest.scatter_reduce_(0, run, position_ids.flatten() + 1, reduce="amax")
+    return longest[run].view(batch, width)
+
+
+def neftune_noise(alpha: float, position_ids: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """NEFTune's noise for the input embeddings: uniform in ±alpha / sqrt(L · d) per position, L the
+    length of the position's own example (so packing gives each example the noise it would get alone;
+    a packed row's length would shrink it for every example in the row) and d the hidden size."""
+    scale = alpha / (example_lengths(position_ids).to(dtype) * hidden_size).sqrt()
+    noise = torch.empty(*position_ids.shape, hidden_size, dtype=dtype, device=position_ids.device).uniform_(-1, 1)
+    return noise * scale[..., None]
 
 
 def label_sums(logits: torch.Tensor, targets: torch.Tensor, learned: torch.Tensor | None = None) -> dict:
@@ -103,10 +134,12 @@ class SFTObjective(nn.Module):
     the path it expects: DDP wraps this module.
     """
 
-    def __init__(self, model, *, kl_to_base: float = 0.0, replay_kl: bool = False, reference: nn.Module | None = None):
+    def __init__(self, model, *, kl_to_base: float = 0.0, replay_kl: bool = False, reference: nn.Module | None = None,
+                 neftune_alpha: float = 0.0):
         super().__init__()
         self.model = model
         self.kl_to_base = kl_to_base
+        self.neftune_alpha = neftune_alpha
         self.logged_sums = ("kl_to_base",) * bool(kl_to_base) + ("replay_kl",) * replay_kl
         self.train_only_sums = ("replay_kl",)  # validation holds the user's data only, no replay
         # A frozen reference is kept outside the module tree so DDP and the optimizer never see it.
@@ -129,7 +162,16 @@ class SFTObjective(nn.Module):
             return output_logits(lm, decoder.norm(hidden)[subset["labels"] != IGNORE])
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, general=None):
-        batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
+        lm = causal_lm(self.model)
+        noise = None
+        if self.neftune_alpha and self.training:
+            # The base model of a KL term sees the same noisy embeddings: the KL then measures what
+            # the training changed, not the noise.
+            positions = position_ids if position_ids is not None else torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            noise = neftune_noise(self.neftune_alpha, positions, lm.config.hidden_size,
+                                  lm.get_input_embeddings().weight.dtype)
+        batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask,
+                     embedding_noise=noise)
         trained = labels != IGNORE
 
         def per_trained_position(row_mask):  # row-major, as trained_logits orders the logits
@@ -138,7 +180,6 @@ class SFTObjective(nn.Module):
         replay = general if general is not None else torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
         on_replay = per_trained_position(replay)
         compared = torch.ones_like(replay) if self.kl_to_base else replay  # the rows the base model runs on
-        lm = causal_lm(self.model)
         layer_input: dict = {}
         hook = None
         if compared.any() and self.shared_depth:
