@@ -167,9 +167,10 @@ class SFTObjective(nn.Module):
         if self.neftune_alpha and self.training:
             # The base model of a KL term sees the same noisy embeddings: the KL then measures what
             # the training changed, not the noise.
-            positions = position_ids if position_ids is not None else torch.arange(input_ids.shape[1]).expand_as(input_ids)
-            noise = neftune_noise(self.neftune_alpha, positions, lm.config.hidden_size,
-                                  lm.get_input_embeddings().weight.dtype)
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            embedding = lm.get_input_embeddings().weight
+            noise = neftune_noise(self.neftune_alpha, position_ids, embedding.shape[1], embedding.dtype)
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask,
                      embedding_noise=noise)
         trained = labels != IGNORE
