@@ -60,11 +60,12 @@ class Settings:
     replay_loss: str = "kl_to_base"
     lora_r: int = 16
     # NEFTune: noise on the input embeddings while training, against overfitting the training
-    # tickets' phrasings (the test holds out whole templates). Three runs with it (two of them with
+    # tickets' phrasings (the test holds out whole templates). Four runs with it (two of them with
     # a trial version scaled by the row's length, at about 6 and 13 in this scale) against three
-    # without, otherwise these settings: 75/73/76% exact with 93.9/93.0/90.4% of the questions kept,
-    # against 75/72/72% and 92.2/90.4/90.4%. A small gain, each pair within one run's spread, and
-    # no cost in time (issue notes, 2026-11-29).
+    # without, otherwise these settings: 75/73/76/72% exact with 93.9/93.0/90.4/93.9% of the
+    # questions kept, against 75/72/72% and 92.2/90.4/90.4%. A small gain, each pair within one
+    # run's spread, and no cost in time (issue notes, 2026-11-29; the last run is a fresh clone's
+    # `make quickstart`, 13.4 min).
     neftune_alpha: float = 6.0
     # LoRA on the upper half of the decoder layers only: backpropagation then stops halfway down
     # (the upper quarter only was faster a step but learned less: 54% exact at 140 steps, against 63%
