@@ -117,13 +117,3 @@ def test_shared_prefix_rows_give_the_losses_and_gradients_of_the_examples_one_by
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-5)
     for a, b in zip(grads, reference_grads):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
-
-
-def test_segments_of_a_row_and_a_prefix_the_row_does_not_hold():
-    from tuneforge.training.attention import segments
-
-    # A shared prefix of 3 with the rest of the first example (one run), a second example that
-    # continues the prefix from position 3, a stand-alone example, then padding.
-    assert segments([0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 0]) == [(0, 5, 0, 0), (5, 8, 3, 0), (8, 10, 0, 8), (10, 11, 0, 10)]
-    with pytest.raises(RuntimeError, match="prefix of 3 tokens"):
-        segments([0, 1, 3, 4])

@@ -14,7 +14,7 @@ every row checked), `render` (records -> token ids + loss masks via the chat tem
 """
 
 from .formats import FORMATS, read_conversations
-from .pack import PackedRow, block_causal_mask, collate, join, pack
+from .pack import PackedRow, collate, join, pack, segments
 from .prepare import check_data, prepare
 from .render import CHATML_TEMPLATE, render_conversation, render_preference
 from .schema import (
@@ -40,7 +40,6 @@ __all__ = [
     "Preference",
     "PreparedData",
     "Problem",
-    "block_causal_mask",
     "check_data",
     "collate",
     "join",
@@ -49,4 +48,5 @@ __all__ = [
     "read_conversations",
     "render_conversation",
     "render_preference",
+    "segments",
 ]

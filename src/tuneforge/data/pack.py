@@ -6,8 +6,8 @@ transformers (5.x, `masking_utils.find_packed_sequence_indices`) reads a new seq
 position ids do not go up by one and builds a block-diagonal causal mask (eager, sdpa, flex), and
 flash-attention uses the same position ids for its variable-length kernels. So a packed batch
 must be run with `attention_mask` absent and `use_cache=False`; the loss of a packed batch then
-equals the loss of its examples run one by one. For a model without that support,
-`block_causal_mask` builds the equivalent 4D mask explicitly.
+equals the loss of its examples run one by one. `segments` reads a row's examples back from its
+position ids, the one place that rule is written (per-example attention, NEFTune's lengths).
 
 Labels are already shifted (see `Example`), so an example's last position is never trained and no
 example learns to predict the first token of the next one.
@@ -189,18 +189,22 @@ def collate(rows: Sequence[Example | PackedRow], pad_id: int, *,
     return batch
 
 
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A 4D additive mask (batch, 1, L, L) that keeps attention causal and inside each packed example.
+def segments(positions: list[int]) -> list[tuple[int, int, int, int]]:
+    """[(start, end, first position id, start of the prefix it continues)] of one row.
 
-    For models whose attention does not derive packing from position ids. 0 where a query may attend
-    to a key, the dtype's minimum elsewhere; eager and sdpa attention both accept this form.
+    An example starts where the position ids do not go up by one. One that starts at 0 stands alone;
+    one that starts at p > 0 continues the first p tokens of the last example that started at 0
+    (`pack` with `share_prefixes`).
     """
-    starts = position_ids == 0
-    starts[:, 0] = True
-    segment = torch.cumsum(starts.long(), dim=-1)
-    length = position_ids.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    found, owner, owner_length, start = [], 0, 0, 0
+    for t in range(1, len(positions) + 1):
+        if t < len(positions) and positions[t] == positions[t - 1] + 1:
+            continue
+        first = positions[start]
+        if first == 0:
+            owner, owner_length = start, t - start
+        elif first > owner_length:
+            raise RuntimeError(f"position ids at {start} continue a prefix of {first} tokens that the row does not hold")
+        found.append((start, t, first, owner))
+        start = t
+    return found

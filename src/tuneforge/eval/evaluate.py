@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data import Conversation, Example, Problem, collate, pack, read_conversations, render_conversation
+from ..data import Conversation, Example, Problem, collate, pack, read_conversations, render_conversation, segments
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
 from ..methods import SFTObjective, causal_lm
@@ -29,7 +29,7 @@ from ..models import load_model, load_tokenizer, resolve
 from ..progress import progress_bar
 from ..tasks import support_triage
 from ..tasks.metrics import METRICS, parse_json_object
-from ..training.attention import per_example_attention, segments, supports_per_example_attention
+from ..training.attention import per_example_attention, supports_per_example_attention
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16  # unpacked rows per forward, where the loss cannot run on packed rows

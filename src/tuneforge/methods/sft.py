@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.pack import segments
+
 IGNORE = -100
 
 
@@ -71,15 +73,13 @@ def trained_logits(lm, input_ids, labels, position_ids=None, attention_mask=None
 def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
     """For every position of a batch, the length of the example it belongs to: [batch, seq].
 
-    An example is a run of position ids that go up by one; a packed example that continues a shared
-    prefix starts at the prefix's length, so its length is its last position id + 1 either way."""
-    batch, width = position_ids.shape
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    run = starts.flatten().cumsum(0) - 1  # runs numbered across the whole batch: a row's start is always a run start
-    longest = torch.zeros(int(run[-1]) + 1, dtype=position_ids.dtype, device=position_ids.device)
-    longest.scatter_reduce_(0, run, position_ids.flatten() + 1, reduce="amax")
-    return longest[run].view(batch, width)
+    A packed example that continues a shared prefix counts the prefix (`data.segments`), so its
+    length is its last position id + 1, as it is for an example that stands alone."""
+    lengths = torch.empty_like(position_ids)
+    for b, row in enumerate(position_ids.tolist()):  # one host sync a step, as attention has a layer
+        for start, end, first, _ in segments(row):
+            lengths[b, start:end] = first + end - start
+    return lengths
 
 
 def neftune_noise(alpha: float, position_ids: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
