@@ -12,7 +12,9 @@ labels the rules settle without doubt, e.g. billing and sign-in topics are never
 how-to questions, and outages never come with a workaround.
 
 Every template pool is cut in two: every fourth template is held out for the test split, so the
-test measures phrasings the model never trained on; validation shares train's templates.
+test measures phrasings the model never trained on; validation shares train's templates. The pools
+that carry the labels have more phrasings for training only (`MORE_TRAIN_TEMPLATES`), so that
+training teaches the concept behind a label, not a few sentences that state it.
 """
 
 from __future__ import annotations
@@ -649,6 +651,190 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# More phrasings for the training split only, in the pools that carry a ticket's labels: the core
+# sentence and the facts that set its priority. Nine phrasings of a concept teach the words; twenty
+# teach the concept, and the test measures the concept on phrasings held out above (none of these
+# reuses a held-out template's wording). The test split is drawn from the same held-out templates
+# as before, so it is unchanged.
+MORE_TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "outage": (
+        "{Subject} stopped responding around {since}.",
+        "{Subject} won't come up at all.",
+        "All calls to {subject} fail with connection refused.",
+        "Outage? {Subject} doesn't respond to anything.",
+        "{Subject} has been returning 502 errors for an hour.",
+        "Nobody here can use {subject}, it just spins.",
+        "{Subject} crashed around {since} and is still not back.",
+        "It takes ten minutes to load anything from {subject}, it's unusable.",
+        "We're seeing a full outage of {subject}.",
+        "{Subject} vanished from the internet since {since}.",
+        "Can't connect to {subject}, it's just gone.",
+        "{Subject} is unavailable, every attempt errors out.",
+    ),
+    "wrong_charge": (
+        "You billed me twice{subject} for the same month.",
+        "I see the same charge{subject} two times on my card.",
+        "My account was closed but you charged me again{subject}.",
+        "Why do I have a second payment{subject} for one invoice?",
+        "I was billed{subject} even though I cancelled weeks ago.",
+        "Two payments went out{subject} when there should be one.",
+        "After I cancelled, my card was still charged{subject}.",
+        "The invoice{subject} was paid twice from our card.",
+        "Please refund the second charge{subject}, I was billed double.",
+        "We closed the account and you keep billing us{subject}.",
+        "Charged again{subject} after cancelling, that's not right.",
+        "My card got hit twice{subject} this month.",
+    ),
+    "unexpected_amount": (
+        "Why is my invoice{subject} so high this month?",
+        "The bill{subject} is much bigger than I thought it would be. Can you explain?",
+        "I was surprised by the total{subject} on this invoice. What changed?",
+        "Our costs{subject} went up a lot and we didn't change anything. Why?",
+        "Can someone break down my invoice{subject}? The total seems high.",
+        "The total on my bill{subject} is far above normal, what's in it?",
+        "Our invoice{subject} grew a lot this month. What's the reason?",
+        "Something on my bill{subject} looks too expensive. Can you check?",
+        "I don't understand the amount{subject} on my latest invoice.",
+        "The usage costs{subject} on this bill are much higher than normal.",
+        "Why did we get such a big bill{subject}?",
+        "Our monthly cost{subject} suddenly went up, can you tell me why?",
+    ),
+    "billing_question": (
+        "What does it cost{subject}?",
+        "Can I pay{subject} by bank transfer?",
+        "How do you price{subject} in the Asia region?",
+        "Can we get one invoice{subject} for all our projects?",
+        "What currency do you bill{subject} in?",
+        "Is the price{subject} the same in every region?",
+        "Do you send invoices{subject} by email?",
+        "How much would we pay{subject} for a team of ten?",
+        "Where can I see your price list{subject}?",
+        "Is tax included in the price{subject}?",
+        "Do you bill{subject} in advance or at the end of the month?",
+        "Which cards can I pay{subject} with?",
+    ),
+    "breach": (
+        "Alarm: {subject}.",
+        "We need help fast, {subject}.",
+        "Security incident: {subject}.",
+        "Just found that {subject}.",
+        "{Subject}. Is our account compromised?",
+        "Possible breach, {subject}.",
+        "I'm worried because {subject}.",
+        "Our logs show {subject}.",
+        "One of our engineers spotted that {subject}.",
+        "{Subject} and we're scared.",
+        "Please lock things down, {subject}.",
+        "Someone warned us that {subject}.",
+    ),
+    "access_problem": (
+        "Ever since {since}, {subject}.",
+        "Trouble signing in: {subject}.",
+        "Every time I try, {subject}.",
+        "{Subject}, please help.",
+        "Problem: {subject}.",
+        "Out of nowhere {subject}.",
+        "I can't log in because {subject}.",
+        "Today {subject}.",
+        "Strange, {subject}.",
+        "{Subject}. What can I do?",
+        "Sign-in issue: {subject}.",
+        "Since the weekend {subject}, it worked before.",
+    ),
+    "bug": (
+        "Found a problem: {subject}.",
+        "{Subject}, which seems broken.",
+        "Reporting an issue, {subject}.",
+        "It seems {subject}.",
+        "Possible bug here: {subject}.",
+        "Quick report: {subject}.",
+        "Starting yesterday, {subject}.",
+        "We noticed {subject}.",
+        "Something is broken: {subject}.",
+        "{Subject} and that can't be right.",
+        "Odd behaviour: {subject}.",
+        "Not working as it should: {subject}.",
+    ),
+    "feature": (
+        "Do you plan to offer {subject}?",
+        "Can you build {subject}?",
+        "We'd pay for {subject}.",
+        "Wish list: {subject}.",
+        "I'd love {subject}.",
+        "Have you thought about {subject}?",
+        "Please consider {subject}.",
+        "Missing feature: {subject}.",
+        "Would it be possible to get {subject} one day?",
+        "One thing we miss is {subject}.",
+        "Idea for you: {subject}.",
+        "We'd move more work to Nimbus if you had {subject}.",
+    ),
+    "how_to": (
+        "How can we {subject}?",
+        "Is it possible to {subject}, and how?",
+        "Can you walk me through how to {subject}?",
+        "I need help to {subject}.",
+        "Any docs on how to {subject}?",
+        "How would I {subject}?",
+        "What's the best way to {subject}?",
+        "Please explain how I can {subject}.",
+        "How does one {subject} in Nimbus?",
+        "I'm trying to figure out how to {subject}.",
+        "Is there a tutorial to {subject}?",
+        "Show me how to {subject}, please.",
+    ),
+    "production_hit": (
+        "Our customers are affected.",
+        "It's breaking our live website.",
+        "Real users can't use our service.",
+        "Our whole production stack depends on it.",
+        "Our shop is losing sales every minute.",
+        "This is hitting our paying users.",
+        "Our production app is broken by it.",
+        "Our SaaS is down for our clients.",
+    ),
+    "blocked": (
+        "We can't work around it.",
+        "This stops our release completely.",
+        "There's nothing else we can do meanwhile.",
+        "We're blocked until you fix it.",
+        "No workaround exists, and we need it today.",
+        "Our work is at a standstill.",
+        "We've tried every way around it, none works.",
+        "It's holding up everything we do.",
+    ),
+    "workaround": (
+        "We can live with a workaround for now.",
+        "Restarting the job makes it go away for a while.",
+        "We have a temporary fix on our side.",
+        "Doing it a second time usually works.",
+        "There's a slower way that still works.",
+        "An older version of our script gets around it.",
+        "We're managing with a stopgap.",
+        "It's annoying but we can work with it.",
+    ),
+    "locked_out": (
+        "I have no way to get into my account.",
+        "Everything I try fails, there's no way in.",
+        "I'm shut out completely.",
+        "I can't reach anything at all without access.",
+        "There's no fallback login for me.",
+        "I've lost all access and can't work.",
+        "Without a way in, I'm stuck.",
+        "No other login method works for me.",
+    ),
+    "access_workaround": (
+        "The mobile app still lets me in for now.",
+        "Logging in from another network works.",
+        "Private browsing gets me in, strangely.",
+        "The API token still works, so I'm managing.",
+        "A backup admin account still works for now.",
+        "It lets me in after clearing cookies.",
+        "Another way in works meanwhile.",
+        "The CLI login still works, so I get by.",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -720,10 +906,14 @@ def template_split(index: int) -> str:
 def split_templates(split: str) -> dict[str, list[tuple[str, str]]]:
     """Pool name -> [(template id, template)] usable by `split` (validation uses train's)."""
     source = "test" if split == "test" else "train"
-    return {
+    pools = {
         pool: [(f"{pool}:{i}", t) for i, t in enumerate(templates) if template_split(i) == source]
         for pool, templates in TEMPLATES.items()
     }
+    if source == "train":
+        for pool, templates in MORE_TRAIN_TEMPLATES.items():
+            pools[pool] += [(f"{pool}:{len(TEMPLATES[pool]) + i}", t) for i, t in enumerate(templates)]
+    return pools
 
 
 @dataclass(frozen=True)
