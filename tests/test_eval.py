@@ -195,6 +195,9 @@ def test_a_configs_eval_section_runs_on_the_final_model(tiny_model_dir, triage_d
     # The base side is the adapter switched off: the base model's own figures.
     base_alone = evaluate(str(tiny_model_dir), triage_data["validation"], metric="support_triage", progress=False)
     assert before["loss"] == pytest.approx(base_alone["loss"], rel=1e-5) and before["scores"] == base_alone["scores"]
+    # Saved as `tuneforge eval` saves its results, header included.
+    assert set(before) == set(after) == set(base_alone) - {"samples"}
+    assert before["spec"] == str(tiny_model_dir) and after["spec"] == str(result.final_dir)
     forgetting = json.loads((run / "eval" / "forgetting.json").read_text())
     assert result.metrics["task_exact"] == after["scores"]["exact"]
     assert result.metrics["task_priority"] == after["scores"]["priority"]

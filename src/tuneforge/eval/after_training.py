@@ -39,6 +39,7 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
     adapter = hasattr(tuned, "disable_adapter")
     pair = ModelPair(tuned, None if adapter else load_model(resolve(cfg.base_model)))
     names = {"base": cfg.base_model, "tuned": source.name}
+    specs = {"base": cfg.base_model, "tuned": str(final_dir)}  # what `tuneforge eval` would be given
     metrics: dict = {}
     forgetting = None
     if cfg.eval.forgetting:
@@ -52,7 +53,7 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
         results = {}
         for side in ("base", "tuned"):
             with getattr(pair, side)() as model:
-                results[side] = {"model": names[side], "data": str(cfg.data.validation),
+                results[side] = {"model": names[side], "spec": specs[side], "data": str(cfg.data.validation),
                                  **evaluate_loaded(model, tokenizer, examples, metric=cfg.eval.task, progress=progress)}
         write_run_report(run_dir, results["base"], results["tuned"], forgetting)
         metrics.update({f"task_{name}": value for name, value in flat_scores(results["tuned"]["scores"]).items()})
