@@ -652,10 +652,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 # More phrasings for the training split only, in the pools that carry a ticket's labels: the core
-# sentence and the facts that set its priority. Nine phrasings of a concept teach the words; twenty
-# teach the concept, and the test measures the concept on phrasings held out above (none of these
-# reuses a held-out template's wording). The test split is drawn from the same held-out templates
-# as before, so it is unchanged.
+# sentence and the facts that set its priority, so that training sees a concept in more words than
+# the nine (or six) phrasings above. None reuses a held-out template's wording, and the test split
+# is drawn as before, byte for byte. With the quickstart's settings, three seeds scored 84/79/75%
+# exact on the held-out tickets with these, against 72/72/76/75% without; eight more in each pool
+# were no better (82/69% on two seeds; issue notes, 2026-11-29).
 MORE_TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "outage": (
         "{Subject} stopped responding around {since}.",
