@@ -655,7 +655,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 # sentence and the facts that set its priority, so that training sees a concept in more words than
 # the nine (or six) phrasings above. None reuses a held-out template's wording, and the test split
 # is drawn as before, byte for byte. With the quickstart's settings, three seeds scored 84/79/75%
-# exact on the held-out tickets with these, against 72/72/76/75% without; eight more in each pool
+# exact on the held-out tickets with these, against 72/76% (seeds 0/1) without; eight more in each pool
 # were no better (82/69% on two seeds; issue notes, 2026-11-29).
 MORE_TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "outage": (
