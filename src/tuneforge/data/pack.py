@@ -7,7 +7,8 @@ position ids do not go up by one and builds a block-diagonal causal mask (eager,
 flash-attention uses the same position ids for its variable-length kernels. So a packed batch
 must be run with `attention_mask` absent and `use_cache=False`; the loss of a packed batch then
 equals the loss of its examples run one by one. `segments` reads a row's examples back from its
-position ids, the one place that rule is written (per-example attention, NEFTune's lengths).
+position ids, the one place that rule is written (per-example attention, evaluation's packed
+rows, NEFTune's lengths).
 
 Labels are already shifted (see `Example`), so an example's last position is never trained and no
 example learns to predict the first token of the next one.

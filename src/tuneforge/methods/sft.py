@@ -76,7 +76,7 @@ def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
     A packed example that continues a shared prefix counts the prefix (`data.segments`), so its
     length is its last position id + 1, as it is for an example that stands alone."""
     lengths = torch.empty_like(position_ids)
-    for b, row in enumerate(position_ids.tolist()):  # one host sync a step, as attention has a layer
+    for b, row in enumerate(position_ids.tolist()):  # one host sync a step; attention makes one a layer
         for start, end, first, _ in segments(row):
             lengths[b, start:end] = first + end - start
     return lengths
