@@ -655,8 +655,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 # sentence and the facts that set its priority, so that training sees a concept in more words than
 # the nine (or six) phrasings above. None reuses a held-out template's wording, and the test split
 # is drawn as before, byte for byte. With the quickstart's settings, three seeds scored 84/79/75%
-# exact on the held-out tickets with these, against 72/76% (seeds 0/1) without; eight more in each pool
-# were no better (82/69% on two seeds; issue notes, 2026-11-29).
+# exact on the held-out tickets with these, against 72/76% (seeds 0/1) without; a second batch
+# (eight more in each core pool, six in each fact pool) was no better: 82/69% on seeds 0/1 (issue
+# notes, 2026-11-29).
 MORE_TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "outage": (
         "{Subject} stopped responding around {since}.",
