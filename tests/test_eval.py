@@ -3,6 +3,7 @@ KL, forgetting, the report, the command."""
 
 import json
 import re
+from importlib import resources
 
 import pytest
 import torch
@@ -12,7 +13,15 @@ from conftest import tiny_run_config
 from tuneforge.errors import DataError
 from tuneforge.eval import eval_command, evaluate, measure_forgetting, read_eval_examples, write_run_report
 from tuneforge.eval.evaluate import choose_metric
-from tuneforge.eval.forgetting import ModelPair, kept_questions, mean_kl
+from tuneforge.eval.forgetting import (
+    BASE_QUESTIONS_FILE,
+    QUESTION_SAMPLES_RIGHT,
+    ModelPair,
+    answer_questions,
+    is_right,
+    kept_questions,
+    mean_kl,
+)
 from tuneforge.eval.report import share_interval
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.training import train
@@ -138,10 +147,28 @@ def test_forgetting_of_a_full_model_needs_its_base(tiny_model_dir):
         ModelPair(load_model(str(tiny_model_dir)))
 
 
-def test_kept_questions_are_the_base_models_right_answers():
+def test_kept_questions_are_those_the_base_model_knows_firmly():
+    record = json.loads(resources.files("tuneforge.eval").joinpath(BASE_QUESTIONS_FILE).read_text())
     kept = kept_questions()
-    assert len(kept) >= 100
+    assert len(kept) >= 100 and len(kept) == record["correct"] <= record["greedy_right"]
     assert all(q["answers"] for q in kept)
+    assert all(record["right_in_samples"][q["question"]] >= QUESTION_SAMPLES_RIGHT for q in kept)
+    # The rule leaves out questions the base answers right greedily but not in most samples.
+    assert record["greedy_right"] > record["correct"]
+
+
+def test_questions_are_answered_per_question_greedily_or_sampled(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    questions = [{"question": f"What is {n} plus {n}?", "answers": [str(2 * n)]} for n in (1, 22, 333)]
+    options = dict(progress=False)
+    greedy = answer_questions(model, tokenizer, questions, samples=2, **options)
+    alone = [answer_questions(model, tokenizer, [q], **options)[0][0] for q in questions]
+    assert [answers for answers in greedy] == [[a, a] for a in alone]
+    sampled = answer_questions(model, tokenizer, questions, samples=4, temperature=1.0, seed=3, **options)
+    assert [len(answers) for answers in sampled] == [4, 4, 4]
+    assert sampled == answer_questions(model, tokenizer, questions, samples=4, temperature=1.0, seed=3, **options)
+    assert any(len(set(answers)) > 1 for answers in sampled)
+    assert is_right("It is 44.", questions[1]) and not is_right("It is 444.", questions[1])
 
 
 def test_a_share_comes_with_its_wilson_interval():

@@ -8,8 +8,8 @@ Three measures, base against tuned (sets from `tuneforge.tasks.general`):
 - general text: cross-entropy on plain English prose, and its relative change;
 - KL: mean KL(base || tuned) of the next-token distributions where the base model answers general
   chat prompts (its own greedy answers, so the positions are ones the model really writes);
-- general questions: accuracy (the `contains` metric) on the questions that the base SmolLM2 answers
-  right, listed in `base_questions.json`; a drop there is knowledge or behaviour lost.
+- general questions: accuracy (the `contains` metric) on the questions that the base SmolLM2 knows
+  firmly, listed in `base_questions.json`; a drop there is knowledge or behaviour lost.
 
 For an adapter, the base is the same model with its adapter switched off: one copy in memory.
 A fully fine-tuned model needs its base named, and both are loaded.
@@ -45,6 +45,15 @@ BASE_QUESTIONS_FILE = "base_questions.json"
 # filter in BASE_QUESTIONS_FILE was measured with exactly these.
 QUESTION_MAX_NEW_TOKENS = 32
 ANSWER_MAX_NEW_TOKENS = 32
+# A question counts as known when the base answers it right greedily and in at least
+# QUESTION_SAMPLES_RIGHT of QUESTION_SAMPLES answers sampled at QUESTION_TEMPERATURE. Greedy alone
+# kept answers that were right by luck: "1 year is 365 * 12 = 312 months" holds "12", "often
+# confused with a calf" holds "calf", "-18.0°C" holds "0". A tuned model that loses those has lost
+# no knowledge, and such questions were most of those lost: over 33 quickstart-like runs, the ones
+# the base got right in 5 samples of 8 or fewer were 92% of the questions lost (issue notes, 2026-11-30).
+QUESTION_SAMPLES = 8
+QUESTION_SAMPLES_RIGHT = 6
+QUESTION_TEMPERATURE = 0.7
 
 
 class ModelPair:
@@ -71,20 +80,24 @@ class ModelPair:
 
 
 def kept_questions() -> list[dict]:
-    """The general questions the base model answers right (their text is their id)."""
+    """The general questions the base model knows firmly (their text is their id)."""
     record = json.loads(resources.files(__package__).joinpath(BASE_QUESTIONS_FILE).read_text(encoding="utf-8"))
     kept = set(record["kept"])
     return [q for q in general_questions() if q["question"] in kept]
 
 
-def question_accuracy(model, tokenizer, questions: list[dict], *, progress: bool = True, label: str = "questions") -> tuple[float, list[str]]:
-    """Share of questions answered right (`contains`), and the answers."""
-    prompts = [[{"role": "user", "content": q["question"]}] for q in questions]
+def answer_questions(model, tokenizer, questions: list[dict], *, progress: bool = True, label: str = "questions",
+                     samples: int = 1, temperature: float = 0.0, seed: int | None = None) -> list[list[str]]:
+    """Each question's answers: one greedy answer, or `samples` answers sampled at `temperature`."""
+    prompts = [[{"role": "user", "content": q["question"]}] for q in questions] * samples
     with progress_bar(label, len(prompts), progress) as advance:
-        answers = [a.text for a in generate(model, tokenizer, prompts, max_new_tokens=QUESTION_MAX_NEW_TOKENS,
-                                            on_progress=advance)]
-    right = [contains([a], [q["answers"]])["contains"] == 1 for a, q in zip(answers, questions)]
-    return sum(right) / len(questions), answers
+        texts = [a.text for a in generate(model, tokenizer, prompts, max_new_tokens=QUESTION_MAX_NEW_TOKENS,
+                                          temperature=temperature, seed=seed, on_progress=advance)]
+    return [texts[i::len(questions)] for i in range(len(questions))]
+
+
+def is_right(answer: str, question: dict) -> bool:
+    return contains([answer], [question["answers"]])["contains"] == 1
 
 
 @torch.inference_mode()
@@ -130,12 +143,13 @@ def forgetting_loaded(pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_B
     accuracy, answers = {}, {}
     for side in ("base", "tuned"):
         with getattr(pair, side)() as model:
-            accuracy[side], answers[side] = question_accuracy(model, tokenizer, questions, progress=progress,
-                                                              label=f"questions: {side}")
+            answers[side] = [a for a, in answer_questions(model, tokenizer, questions, progress=progress,
+                                                          label=f"questions: {side}")]
+        accuracy[side] = sum(map(is_right, answers[side], questions)) / len(questions)
     lost = [
         {"question": q["question"], "answers": q["answers"], "base": b, "tuned": t}
         for q, b, t in zip(questions, answers["base"], answers["tuned"])
-        if contains([b], [q["answers"]])["contains"] and not contains([t], [q["answers"]])["contains"]
+        if is_right(b, q) and not is_right(t, q)
     ]
     base_loss, tuned_loss = losses["base"]["loss"], losses["tuned"]["loss"]
     return {
@@ -164,20 +178,30 @@ def measure_forgetting(model: str, base: str | None = None, *, batch_size: int =
                                                                                      progress=progress)}
 
 
-def measure_base_questions(model: str = DEFAULT_MODEL) -> dict:
-    """Which general questions `model` answers right, as `base_questions.json` records it."""
+def measure_base_questions(model: str = DEFAULT_MODEL, *, progress: bool = True) -> dict:
+    """Which general questions `model` knows firmly, as `base_questions.json` records it: right
+    greedily and in at least QUESTION_SAMPLES_RIGHT of QUESTION_SAMPLES sampled answers."""
     source = resolve(model)
     tokenizer = load_tokenizer(source)
+    lm = load_model(source)
     questions = general_questions()
-    _, answers = question_accuracy(load_model(source), tokenizer, questions)
-    kept = [q["question"] for q, a in zip(questions, answers) if contains([a], [q["answers"]])["contains"]]
+    greedy = answer_questions(lm, tokenizer, questions, progress=progress, label="questions: greedy")
+    sampled = answer_questions(lm, tokenizer, questions, progress=progress, label="questions: sampled",
+                               samples=QUESTION_SAMPLES, temperature=QUESTION_TEMPERATURE, seed=0)
+    right_in_samples = {q["question"]: sum(is_right(a, q) for a in answers) for q, answers in zip(questions, sampled)}
+    greedy_right = [q["question"] for q, (answer,) in zip(questions, greedy) if is_right(answer, q)]
+    kept = [q for q in greedy_right if right_in_samples[q] >= QUESTION_SAMPLES_RIGHT]
     return {
         "model": model,
-        "measured_with": f"greedy, the chat template with the question as the only user message, "
-                         f"max_new_tokens {QUESTION_MAX_NEW_TOKENS}, batch size {BATCH_SIZE}, scored with contains",
+        "measured_with": f"the chat template with the question as the only user message, max_new_tokens "
+                         f"{QUESTION_MAX_NEW_TOKENS}, batch size {BATCH_SIZE}, scored with contains; greedy, and "
+                         f"{QUESTION_SAMPLES} samples a question at temperature {QUESTION_TEMPERATURE} (seed 0)",
+        "rule": f"kept: right greedily and in at least {QUESTION_SAMPLES_RIGHT} of the {QUESTION_SAMPLES} samples",
         "questions": len(questions),
+        "greedy_right": len(greedy_right),
         "correct": len(kept),
         "kept": kept,
+        "right_in_samples": right_in_samples,
     }
 
 
@@ -186,5 +210,5 @@ if __name__ == "__main__":
 
     record = measure_base_questions()
     write_json(Path(__file__).with_name(BASE_QUESTIONS_FILE), record)
-    print(f"{record['model']} answers {record['correct']} of {record['questions']} general questions right; "
-          f"kept those in {BASE_QUESTIONS_FILE}")
+    print(f"{record['model']} answers {record['greedy_right']} of {record['questions']} general questions right "
+          f"greedily, {record['correct']} of them firmly; kept those in {BASE_QUESTIONS_FILE}")

@@ -1,7 +1,8 @@
 """General sets for measuring forgetting: data that no training set of ours touches.
 
 - `general_questions()`: short questions with accepted short answers, scored with the `contains`
-  metric; the evaluation keeps those the base model answers right, so a drop means forgetting.
+  metric; the evaluation keeps those the base model knows firmly (eval/forgetting.py), so a drop
+  means forgetting.
 - `general_text()`: plain English paragraphs, for cross-entropy of base vs tuned model.
 - `general_prompts()`: short chat prompts, for the KL divergence of next-token distributions.
 - `general_conversations()`: everyday chit-chat conversations, chat-formatted, from an MIT data set.
@@ -18,8 +19,8 @@ from importlib import resources
 SOURCES = {
     "questions": {
         "file": "questions.jsonl",
-        "description": "Easy general-knowledge questions (capitals, arithmetic, colours, animals, opposites, "
-        "plurals, days and months, simple science), each with its accepted short answers.",
+        "description": "Easy general-knowledge questions (capitals, languages, currencies, arithmetic, colours, "
+        "animals, opposites, plurals, days and months, simple science), each with its accepted short answers.",
         "licence": "Apache-2.0, written for tuneforge",
     },
     "text": {
