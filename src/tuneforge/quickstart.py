@@ -33,7 +33,7 @@ class Settings:
     # "Questions kept" in these comments is on the earlier question set: the 115 the base model
     # answered right greedily, some by luck (eval/forgetting.py). On the current set, the questions
     # it knows firmly, the ten rank-8 and rank-16 runs of 2026-11-29 kept 95.4-97.7% (these settings,
-    # seed 0: 96.0%) and three rank-64 runs 91.9-94.8% (issue notes, 2026-11-30).
+    # seed 0: 96.0%) and three rank-64 runs 91.9-94.8% (issue notes, 2026-11-29).
     n_train: int = 2000  # generated training tickets (a run sees each at most once)
     n_valid: int = 48  # validation tickets: the loss curve (cheap enough to evaluate mid-run)
     n_test: int = 300  # generated held-out tickets
