@@ -18,7 +18,6 @@ from tuneforge.eval.forgetting import (
     QUESTION_SAMPLES_RIGHT,
     ModelPair,
     answer_questions,
-    is_right,
     kept_questions,
     mean_kl,
 )
@@ -168,7 +167,6 @@ def test_questions_are_answered_per_question_greedily_or_sampled(tiny_model_dir)
     assert [len(answers) for answers in sampled] == [4, 4, 4]
     assert sampled == answer_questions(model, tokenizer, questions, samples=4, temperature=1.0, seed=3, **options)
     assert any(len(set(answers)) > 1 for answers in sampled)
-    assert is_right("It is 44.", questions[1]) and not is_right("It is 444.", questions[1])
 
 
 def test_a_share_comes_with_its_wilson_interval():

@@ -18,7 +18,15 @@ from tuneforge.tasks.general import (
     general_text,
     replay_prompts,
 )
-from tuneforge.tasks.metrics import METRICS, contains, exact, find_json_object, json_fields, normalize_text
+from tuneforge.tasks.metrics import (
+    METRICS,
+    contains,
+    exact,
+    find_json_object,
+    holds_answer,
+    json_fields,
+    normalize_text,
+)
 from tuneforge.tasks.support_triage import Intent
 
 
@@ -239,6 +247,7 @@ def test_contains_is_case_insensitive_word_bounded_and_takes_answer_lists():
     predictions = ["The capital is PARIS.", "It has 18 legs.", "Eight legs, of course", "a hundred", "mice!"]
     references = ["Paris", ["8", "eight"], ["8", "eight"], "red", ["mice"]]
     assert contains(predictions, references) == {"n": 5, "contains": 3 / 5}
+    assert [holds_answer(p, r) for p, r in zip(predictions, references)] == [True, False, True, False, True]
     assert normalize_text("  Twenty-Five,  (25)! ") == "twenty five 25"
 
 

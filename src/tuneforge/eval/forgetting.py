@@ -37,7 +37,7 @@ from ..methods.sft import trained_logits
 from ..models import load_model, load_tokenizer, resolve
 from ..progress import progress_bar
 from ..tasks.general import general_prompts, general_questions, general_text
-from ..tasks.metrics import contains
+from ..tasks.metrics import holds_answer
 from .evaluate import DEFAULT_BATCH_SIZE, token_loss
 
 BASE_QUESTIONS_FILE = "base_questions.json"
@@ -98,10 +98,6 @@ def answer_questions(model, tokenizer, questions: list[dict], *, progress: bool 
     return [texts[i::len(questions)] for i in range(len(questions))]
 
 
-def is_right(answer: str, question: dict) -> bool:
-    return contains([answer], [question["answers"]])["contains"] == 1
-
-
 @torch.inference_mode()
 def _answer_log_probs(model, batch: dict) -> torch.Tensor:
     """Log-probabilities of the next token at every trained (answer) position of a batch."""
@@ -142,16 +138,17 @@ def forgetting_loaded(pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_B
             losses[side] = token_loss(model, texts, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
 
     questions = kept_questions()
-    accuracy, answers = {}, {}
+    answers, right, accuracy = {}, {}, {}
     for side in ("base", "tuned"):
         with getattr(pair, side)() as model:
             answers[side] = [a for a, in answer_questions(model, tokenizer, questions, progress=progress,
                                                           label=f"questions: {side}")]
-        accuracy[side] = sum(map(is_right, answers[side], questions)) / len(questions)
+        right[side] = [holds_answer(a, q["answers"]) for a, q in zip(answers[side], questions)]
+        accuracy[side] = sum(right[side]) / len(questions)
     lost = [
         {"question": q["question"], "answers": q["answers"], "base": b, "tuned": t}
-        for q, b, t in zip(questions, answers["base"], answers["tuned"])
-        if is_right(b, q) and not is_right(t, q)
+        for q, b, t, base_right, tuned_right in zip(questions, answers["base"], answers["tuned"], right["base"], right["tuned"])
+        if base_right and not tuned_right
     ]
     base_loss, tuned_loss = losses["base"]["loss"], losses["tuned"]["loss"]
     return {
@@ -190,8 +187,9 @@ def measure_base_questions(model: str = DEFAULT_MODEL, *, progress: bool = True)
     greedy = answer_questions(lm, tokenizer, questions, progress=progress, label="questions: greedy")
     sampled = answer_questions(lm, tokenizer, questions, progress=progress, label="questions: sampled",
                                samples=QUESTION_SAMPLES, temperature=QUESTION_TEMPERATURE, seed=0)
-    right_in_samples = {q["question"]: sum(is_right(a, q) for a in answers) for q, answers in zip(questions, sampled)}
-    greedy_right = [q["question"] for q, (answer,) in zip(questions, greedy) if is_right(answer, q)]
+    right_in_samples = {q["question"]: sum(holds_answer(a, q["answers"]) for a in answers)
+                        for q, answers in zip(questions, sampled)}
+    greedy_right = [q["question"] for q, (answer,) in zip(questions, greedy) if holds_answer(answer, q["answers"])]
     kept = [q for q in greedy_right if right_in_samples[q] >= QUESTION_SAMPLES_RIGHT]
     return {
         "model": model,

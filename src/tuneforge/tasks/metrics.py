@@ -64,13 +64,14 @@ def contains(predictions: Sequence[str], references: Sequence[str | Sequence[str
     not in "18", and "red" not in "hundred".
     """
     n = _check_lengths(predictions, references)
+    return {"n": n, "contains": sum(holds_answer(p, r) for p, r in zip(predictions, references)) / n}
 
-    def found(prediction: str, reference: str | Sequence[str]) -> bool:
-        accepted = [reference] if isinstance(reference, str) else reference
-        haystack = f" {normalize_text(prediction)} "
-        return any(f" {normalize_text(a)} " in haystack for a in accepted if normalize_text(a))
 
-    return {"n": n, "contains": sum(found(p, r) for p, r in zip(predictions, references)) / n}
+def holds_answer(prediction: str, reference: str | Sequence[str]) -> bool:
+    """Whether one prediction contains its reference (or one of its accepted answers), as `contains` counts it."""
+    accepted = [reference] if isinstance(reference, str) else reference
+    haystack = f" {normalize_text(prediction)} "
+    return any(f" {normalize_text(a)} " in haystack for a in accepted if normalize_text(a))
 
 
 def json_fields(predictions: Sequence[str], references: Sequence[str]) -> dict:
