@@ -369,3 +369,27 @@ def test_kl_replay_needs_replay_and_an_sft_method(tiny_model_dir, triage_data, t
     cfg["method"] = "dpo"
     with pytest.raises(TuneforgeError, match="replay_loss: kl_to_base applies"):
         load_config(cfg)
+
+
+def test_lora_from_a_lora_run_trains_that_adapter_on(tiny_model_dir, triage_data, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    first = train(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "a", max_steps=2, learning_rate=1e-2),
+                  progress=False)
+    # A learning rate too small to move the weights: the second run's adapter is the first run's.
+    again = train(tiny_run_config(first.output_dir, triage_data, tmp_path / "b", max_steps=1, learning_rate=1e-12),
+                  progress=False)
+    a = load_file(first.final_dir / "adapter_model.safetensors")
+    b = load_file(again.final_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora_B" in k and a[k].abs().max() > 0 for k in a)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-8), key
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), again.final_dir)
+    assert tuned.peft_config["default"].r == 4
+
+    reshaped = tiny_run_config(first.output_dir, triage_data, tmp_path / "c", max_steps=1)
+    reshaped["lora"]["r"] = 8
+    with pytest.raises(TuneforgeError, match=r"another r .*r=4"):
+        train(reshaped, progress=False)

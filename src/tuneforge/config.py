@@ -101,6 +101,9 @@ class TrainConfig(Strict):
     save_every: int = Field(50, ge=0, description="0 saves only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+    distributed_timeout: float = Field(
+        1800, gt=0, description="seconds a process of a multi-process run waits for the others at any collective "
+        "before it stops the run with an error naming its rank and phase")
 
     @field_validator("epochs")
     @classmethod
@@ -195,7 +198,7 @@ class Config(Strict):
     def results_hash(self) -> str:
         """Hash of everything that changes training results (not logging or checkpoint cadence)."""
         d = self.model_dump()
-        for k in ("eval_every", "save_every", "keep_checkpoints", "log_every"):
+        for k in ("eval_every", "save_every", "keep_checkpoints", "log_every", "distributed_timeout"):
             d["train"].pop(k)
         if not self.train.neftune_alpha:
             d["train"].pop("neftune_alpha")  # off: a run from before the key existed resumes as it was

@@ -75,9 +75,16 @@ def reported_sums(objective) -> dict[str, str]:
     return getattr(objective, "reported_sums", TOKEN_SUMS)
 
 
+def adapter_on_merged_base(cfg, source) -> bool:
+    """Whether the trained adapter sits on a base that exists only in memory: dpo merges a LoRA
+    `base_model` before its LoRA policy trains, so that final model is saved merged. (lora and dora
+    train such an adapter on; full merges it and trains every weight.)"""
+    return source.adapter is not None and cfg.method == "dpo" and cfg.dpo.policy == "lora"
+
+
 def trainable_parameters(model) -> dict:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-__all__ = ["prepare_model", "check_inputs", "build_objective", "batch_items", "loss_count", "reported_sums",
+__all__ = ["adapter_on_merged_base", "prepare_model", "check_inputs", "build_objective", "batch_items", "loss_count", "reported_sums",
            "trainable_parameters", "SFTObjective", "DistillObjective", "DPOObjective", "causal_lm"]

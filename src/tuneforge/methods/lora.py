@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
+
+from ..errors import TuneforgeError
 
 
 def decoder_linears(model) -> list[str]:
@@ -34,8 +36,39 @@ def peft_config(cfg, model) -> PeftLoraConfig:
     )
 
 
+def continue_adapter(model, cfg):
+    """A model loaded with an adapter (`base_model` is a LoRA run) trains that adapter further, so the
+    final adapter still sits on the run's base. The adapter keeps its own shape: a lora section that
+    sets another shape is an error, not a silent change."""
+    loaded = model.peft_config[model.active_adapter]
+    wanted = peft_config(cfg, model.get_base_model())
+    targets = wanted.target_modules
+    if targets == "all-linear":
+        targets = decoder_linears(model.get_base_model())
+    shape = {"r": (loaded.r, wanted.r), "alpha": (loaded.lora_alpha, wanted.lora_alpha),
+             "use_rslora": (loaded.use_rslora, wanted.use_rslora),
+             "target_modules": (sorted(loaded.target_modules), sorted(targets)),
+             "from_layer": (loaded.layers_to_transform, wanted.layers_to_transform)}
+    clashes = [key for key in sorted(cfg.lora.model_fields_set & shape.keys()) if shape[key][0] != shape[key][1]]
+    if cfg.method in ("lora", "dora") and (cfg.method == "dora") != bool(loaded.use_dora):
+        clashes.append("method (lora or dora)")
+    if clashes:
+        raise TuneforgeError(
+            f"base_model is a LoRA adapter that trains on as it is, but the config sets another {', '.join(clashes)} "
+            f"(the adapter has r={loaded.r}, alpha={loaded.lora_alpha}, dora={bool(loaded.use_dora)}). Leave those "
+            "keys out to continue the adapter, or merge it first (tuneforge export RUN --format merged) and train "
+            "a new adapter on the merged model."
+        )
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or "modules_to_save" in name)
+    return model
+
+
 def prepare_model(model, cfg):
-    model = get_peft_model(model, peft_config(cfg, model))
+    if isinstance(model, PeftModel):
+        model = continue_adapter(model, cfg)
+    else:
+        model = get_peft_model(model, peft_config(cfg, model))
     if cfg.train.freeze_embeddings:
         for name, p in model.named_parameters():
             if "embed_tokens" in name:

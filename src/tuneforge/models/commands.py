@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import TuneforgeError
@@ -75,5 +76,5 @@ def models_info(spec: str, json_out: bool = False) -> int:
 def _fail(err: TuneforgeError, *, json_out: bool) -> int:
     if json_out:
         print(json.dumps({"error": {"code": err.code, "message": err.message}}))
-    Console(stderr=True).print(f"[red]error:[/] {err.message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[red]error:[/] {escape(err.message)}", highlight=False, soft_wrap=True)
     return err.exit_code

@@ -29,7 +29,7 @@ from ..config import Config, auto_epochs, load_config
 from ..data.replay import replay_conversations
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
-from ..methods import (batch_items, build_objective, causal_lm, check_inputs, loss_count,
+from ..methods import (adapter_on_merged_base, batch_items, build_objective, causal_lm, check_inputs, loss_count,
                        prepare_model, reported_sums, trainable_parameters)
 from ..models import load_model, load_tokenizer, resolve
 from . import batches, checkpoint, distributed
@@ -197,10 +197,14 @@ class MetricsLog:
 
 @torch.no_grad()
 def evaluate(objective, rows, pad_id: int, micro_rows: int, world: distributed.World, autocast, *,
-             summed: dict[str, str], count) -> dict:
+             summed: dict[str, str], count, phase: str) -> dict:
     """Each metric of `summed` (name -> the objective's sum) over `rows`, per what `count` counts
     (trained tokens; DPO pairs), summed across ranks. Packing does not change it: the same tokens
-    are predicted from the same context either way."""
+    are predicted from the same context either way.
+
+    Each rank runs its share of the rows, which may be none, so the forwards run outside DDP (whose
+    forward is a collective that every rank would have to join); the one collective is the sum."""
+    objective = getattr(objective, "module", objective)  # DDP's wrapped module
     objective.eval()
     totals = torch.zeros(len(summed) + 1, dtype=torch.float64)
     device = world.device
@@ -209,7 +213,7 @@ def evaluate(objective, rows, pad_id: int, micro_rows: int, world: distributed.W
         with autocast():
             sums = objective(**batch)
         totals += torch.tensor([*(sums[key].item() for key in summed.values()), count(batch)], dtype=torch.float64)
-    distributed.all_sum(totals)
+    distributed.all_sum(totals, world, phase)
     objective.train()
     n = max(totals[-1].item(), 1)
     return {name: total / n for name, total in zip(summed, totals[:-1].tolist())}
@@ -246,7 +250,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     from ..eval import after_training  # eval imports training: import it late
 
     cfg = load_config(config, overrides)
-    world = distributed.setup()
+    world = distributed.setup(cfg.train.distributed_timeout)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     device = world.device
@@ -278,7 +282,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         (out / "config.yaml").write_text(cfg.to_yaml())
         general = replay_conversations(cfg, tokenizer, log=log)
         prepared = tfdata.prepare(cfg.data, tokenizer, general=general, report_path=out / "data_report.json", log=log)
-    distributed.barrier()
+    distributed.barrier(world, "preparing data (rank 0 prepares it while the others wait)")
     if not world.is_main:
         general = replay_conversations(cfg, tokenizer, generate=False, log=log)
         prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=log)
@@ -331,7 +335,9 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         log(f"resumed from {resume_from} at step {state['step']}")
     metrics_log = MetricsLog(out / "metrics.jsonl", state["step"] if resume_from else None, world.is_main)
     if world.size > 1:
-        objective = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        with distributed.phase("setting up the model on every process", world):
+            objective = torch.nn.parallel.DistributedDataParallel(
+                objective, device_ids=[device.index] if device.type == "cuda" else None)
     objective.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -340,12 +346,12 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         if world.is_main:
             state_now = {**state, "step": step, "config_hash": cfg.results_hash()}
             path = checkpoint.save(ckpt_root, step, model, tokenizer, optimizer, scheduler, state_now, cfg.train.keep_checkpoints)
-        distributed.barrier()
+        distributed.barrier(world, f"writing checkpoint step-{step} (rank 0 writes it while the others wait)")
         return path
 
-    def validation_metrics() -> dict:
+    def validation_metrics(phase: str) -> dict:
         return evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=valid_summed,
-                        count=count)
+                        count=count, phase=phase)
 
     last_metrics: dict = {}
     started = time.perf_counter() - state["elapsed"]
@@ -360,23 +366,28 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             real_tokens = sum(row_tokens(train_rows[i]) for idx in micro for i in idx)
             micro = [tfdata.collate([train_rows[i] for i in idx], pad_id, mark_general=replay_kl) for idx in micro]
 
+            phase = f"training step {step + 1}"
             # The step's count (trained tokens, or pairs), over all micro-batches and ranks: the loss denominator.
-            step_count = distributed.all_sum(torch.tensor([float(sum(count(b) for b in micro))]))
+            step_count = distributed.all_sum(torch.tensor([float(sum(count(b) for b in micro))]), world, phase)
             t0 = time.perf_counter()
-            # the objective's sums named in `summed`, then real (non-padding) tokens
-            totals = torch.zeros(len(summed) + 1, dtype=torch.float64)
-            totals[-1] = real_tokens
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                sync = contextlib.nullcontext() if world.size == 1 or i == len(micro) - 1 else objective.no_sync()
-                with sync:
-                    with autocast():
-                        sums = objective(**batch)
-                    (sums["loss"] * (world.size / step_count.to(device))).backward()
-                totals[:-1] += torch.tensor([sums[key].item() for key in summed.values()], dtype=torch.float64)
+            # the objective's sums named in `summed`, then real (non-padding) tokens, then the ranks
+            # asked to stop: every rank sees the same sum, so all of them stop after the same step
+            totals = torch.zeros(len(summed) + 2, dtype=torch.float64)
+            totals[-2] = real_tokens
+            with distributed.phase(phase, world):
+                for i, batch in enumerate(micro):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    sync = contextlib.nullcontext() if world.size == 1 or i == len(micro) - 1 else objective.no_sync()
+                    with sync:
+                        with autocast():
+                            sums = objective(**batch)
+                        (sums["loss"] * (world.size / step_count.to(device))).backward()
+                    totals[:-2] += torch.tensor([sums[key].item() for key in summed.values()], dtype=torch.float64)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-            distributed.all_sum(totals)
-            means = dict(zip(summed, (totals[:-1] / step_count.item()).tolist()))
+            totals[-1] = stop.signal is not None
+            distributed.all_sum(totals, world, phase)
+            stop_requested = totals[-1].item() > 0
+            means = dict(zip(summed, (totals[:-2] / step_count.item()).tolist()))
             train_loss = means["loss"]
             if not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)):
                 last = checkpoint.latest(ckpt_root)
@@ -390,7 +401,7 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
             optimizer.zero_grad(set_to_none=True)
 
             step_time = time.perf_counter() - t0
-            state["step"], state["tokens"] = step + 1, state["tokens"] + int(totals[-1])
+            state["step"], state["tokens"] = step + 1, state["tokens"] + int(totals[-2])
             state["elapsed"] = time.perf_counter() - started
             record = {
                 "step": step + 1,
@@ -399,23 +410,23 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "tokens": state["tokens"],
-                "tokens_per_s": totals[-1].item() / step_time,
+                "tokens_per_s": totals[-2].item() / step_time,
                 "elapsed": round(state["elapsed"], 3),
             }
             record.update({name: means[name] for name in logged_sums})
             is_last = step + 1 == plan.total_steps
             if valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
-                v = validation_metrics()
+                v = validation_metrics(f"validation at step {step + 1}")
                 record.update({f"valid_{name}": value for name, value in v.items()})
             if (step + 1) % cfg.train.log_every == 0 or is_last or "valid_loss" in record:
                 metrics_log.write(record)
             last_metrics = record
             bar.update(record)
 
-            if stop.signal:
+            if stop_requested:
                 status = "interrupted"
                 path = save_checkpoint(step + 1)
-                log(f"\n{stop.signal}: saved {path}; continue with `tuneforge train CONFIG --resume`.")
+                log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `tuneforge train CONFIG --resume`.")
                 break
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and not is_last:
                 save_checkpoint(step + 1)
@@ -425,13 +436,13 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
         save_checkpoint(plan.total_steps)
         if valid_rows:
             with training_attention():
-                v = validation_metrics()
+                v = validation_metrics("final validation")
             full_valid = {f"full_valid_{name}": value for name, value in v.items()}
             last_metrics.update(full_valid)
             metrics_log.write({"step": plan.total_steps, **full_valid})
         if world.is_main:
-            final_dir = save_final(model, tokenizer, source, out / "final")
-        distributed.barrier()
+            final_dir = save_final(model, tokenizer, source, out / "final", merge=adapter_on_merged_base(cfg, source))
+        distributed.barrier(world, "writing the final model (rank 0 writes it while the others wait)")
         if world.is_main:
             if cfg.eval.task or cfg.eval.forgetting:
                 last_metrics.update(after_training.evaluate_after_training(cfg, out, final_dir, progress=progress))
@@ -443,14 +454,13 @@ def train(config, overrides: list[str] = (), *, resume: str | None = None, force
     return TrainResult(out, final_dir, state["step"], status, last_metrics)
 
 
-def save_final(model, tokenizer, source, final: Path) -> Path:
+def save_final(model, tokenizer, source, final: Path, *, merge: bool = False) -> Path:
     """The trained model as plain transformers/PEFT load it: adapter or full model, tokenizer,
-    chat template, and a generation config that stops at the end-of-turn token."""
+    chat template, and a generation config that stops at the end-of-turn token. `merge` saves an
+    adapter merged into its base (an adapter whose base exists only in memory)."""
     from ..fsio import atomic_dir
 
-    if source.adapter is not None and hasattr(model, "merge_and_unload"):
-        # The adapter trained on top of the source's adapter merged into its base (methods/dpo.py):
-        # saved alone it would point at a base without that adapter, so the final model is merged.
+    if merge:
         model = model.merge_and_unload()
     with atomic_dir(final, replace=True) as tmp:
         if hasattr(model, "peft_config"):

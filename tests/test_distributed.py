@@ -1,0 +1,155 @@
+"""Runs of several processes (torchrun, gloo on CPU): every rank issues the same collectives whatever
+the data, metrics equal those of one process, and a rank that fails or sticks ends the whole run
+with an error that names the rank and the phase."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_run_config
+
+from tuneforge.config import load_config
+from tuneforge.data import prepare
+from tuneforge.eval.evaluate import token_loss
+from tuneforge.models import load_model, load_tokenizer, resolve
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_cli(cfg: dict, tmp_path: Path, nproc: int, env: dict = ENV, timeout: float = 180):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run([sys.executable, "-m", "tuneforge", "train", str(path), "--nproc", str(nproc)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_process_loss(model_dir: Path, cfg: dict) -> float:
+    """The validation loss of a saved model computed in this one process, from the same examples."""
+    source = resolve(str(model_dir))
+    tokenizer = load_tokenizer(source)
+    examples = prepare(load_config(cfg).data, tokenizer).valid
+    return token_loss(load_model(source, dtype=torch.float32), examples, tokenizer.pad_token_id)["loss"]
+
+
+@pytest.mark.parametrize("nproc,n_valid", [(2, 1), (2, 2), (2, 3), (3, 2)])
+def test_validation_rows_that_do_not_split_evenly_give_the_one_process_metrics(
+        nproc, n_valid, tiny_model_dir, triage_data, tmp_path):
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("".join(Path(triage_data["validation"]).read_text().splitlines(keepends=True)[:n_valid]))
+    cfg = tiny_run_config(tiny_model_dir, {**triage_data, "validation": valid}, tmp_path / "run", max_steps=2,
+                          batch_size=2 * nproc, eval_every=1, save_every=1)
+    cfg["data"]["packing"] = False  # one validation row per example: the rows do not split evenly
+    res = run_cli(cfg, tmp_path, nproc)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logged = metrics(tmp_path / "run")
+    mid = next(m for m in logged if m["step"] == 1)
+    final = next(m for m in logged if "full_valid_loss" in m)
+    run = tmp_path / "run"
+    assert mid["valid_loss"] == pytest.approx(one_process_loss(run / "checkpoints" / "step-1", cfg), rel=1e-6)
+    assert final["full_valid_loss"] == pytest.approx(one_process_loss(run / "final", cfg), rel=1e-6)
+
+
+def test_every_rank_gets_rows_in_every_micro_batch_of_every_step():
+    """DDP needs every rank in every forward/backward: a step, the last of an epoch included, gives
+    each rank grad_accum non-empty micro-batches, and no row twice."""
+    from tuneforge.training import batches
+
+    for world_size in (1, 2, 3, 4):
+        for grad_accum in (1, 2, 3):
+            n_micro = world_size * grad_accum
+            for batch_size in range(n_micro, 4 * n_micro + 1, n_micro):
+                for n_rows in range(batch_size, 3 * batch_size + 2):
+                    order = batches.epoch_order(n_rows, seed=0, epoch=0)
+                    lengths = (order * 7) % 11
+                    seen = []
+                    for step in range(batches.steps_per_epoch(n_rows, batch_size, n_micro)):
+                        for rank in range(world_size):
+                            micro = batches.step_micro_batches(order, step, batch_size, grad_accum, world_size, rank,
+                                                               lengths)
+                            assert len(micro) == grad_accum and all(micro), (n_rows, batch_size, step, rank)
+                            seen += [i for m in micro for i in m]
+                    assert len(seen) == len(set(seen)) and len(seen) > n_rows - batch_size
+
+
+def fault_env(tmp_path: Path, action: str) -> dict:
+    """An environment whose rank 1 fails at its second training step: it raises, or it sticks (and,
+    unlike a real stuck process, dies at once on the launcher's SIGTERM, so the test is quick)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os
+        if os.environ.get("RANK") == "1":
+            import signal, time
+            from tuneforge.training import batches
+            plan = batches.step_micro_batches
+
+            def faulty(order, step_in_epoch, *args, **kwargs):
+                if step_in_epoch == 1:
+                    if {action!r} == "raise":
+                        raise RuntimeError("injected failure on rank 1")
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    time.sleep(600)
+                return plan(order, step_in_epoch, *args, **kwargs)
+
+            batches.step_micro_batches = faulty
+    """))
+    return {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ENV['PYTHONPATH']}"}
+
+
+def test_a_rank_that_fails_ends_every_process_and_shows_its_error(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, batch_size=4)
+    cfg["train"]["distributed_timeout"] = 60
+    started = time.monotonic()
+    res = run_cli(cfg, tmp_path, 2, env=fault_env(tmp_path, "raise"), timeout=120)
+    assert res.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "injected failure on rank 1" in res.stderr
+    assert "rank 0 of 2" in res.stderr and "training step 2" in res.stderr
+
+
+def test_a_stuck_rank_times_out_with_the_rank_and_phase(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, batch_size=4)
+    cfg["train"]["distributed_timeout"] = 10
+    started = time.monotonic()
+    res = run_cli(cfg, tmp_path, 2, env=fault_env(tmp_path, "stick"), timeout=120)
+    elapsed = time.monotonic() - started
+    assert res.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    assert "rank 0 of 2" in res.stderr and "training step 2" in res.stderr
+    assert "train.distributed_timeout" in res.stderr
+
+
+@pytest.mark.parametrize("method", ["dpo", "distill"])
+def test_dpo_and_distill_on_two_processes_with_one_validation_row_match_one_process(
+        method, tiny_model_dir, triage_data, tmp_path):
+    from test_dpo import preference_rows
+
+    data = {"train": Path(triage_data["train"]), "validation": tmp_path / "valid.jsonl"}
+    data["validation"].write_text(Path(triage_data["validation"]).read_text().splitlines(keepends=True)[0])
+    if method == "dpo":  # the same conversations as pairs
+        for split, chats in list(data.items()):
+            data[split] = tmp_path / f"pairs-{split}.jsonl"
+            data[split].write_text("".join(json.dumps(r) + "\n" for r in preference_rows(chats)))
+    losses = {}
+    for nproc in (1, 2):
+        cfg = tiny_run_config(tiny_model_dir, data, tmp_path / f"run{nproc}", max_steps=2, batch_size=4,
+                              grad_accum=2 // nproc, learning_rate=1e-2)
+        cfg["method"] = method
+        cfg["lora"]["dropout"] = 0.0
+        if method == "distill":
+            cfg["distill"] = {"teacher": str(tiny_model_dir), "student": "lora"}
+        res = run_cli(cfg, tmp_path, nproc)
+        assert res.returncode == 0, res.stderr[-3000:]
+        losses[nproc] = metrics(tmp_path / f"run{nproc}")[-1]["full_valid_loss"]
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
