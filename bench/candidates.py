@@ -63,9 +63,6 @@ def run_tuneforge(spec) -> dict:
                        own_tokens_per_s=record.get("tokens_per_s"), last=record["step"] == self.total)
             TURNS.wait()
 
-        def summary(self, metrics, output_dir):
-            pass
-
     loop.TrainProgress = TurnProgress
     lc = spec["lora"]
     cfg = {

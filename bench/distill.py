@@ -114,10 +114,10 @@ def parameters(model) -> int:
 
 def load(spec: Path):
     """A model as a plain causal LM (adapters merged) and its tokenizer: teacher and students alike."""
-    from tuneforge.methods.distill import load_teacher
+    from tuneforge.models import load_frozen_model
     from tuneforge.models import load_tokenizer
 
-    return load_teacher(str(spec)), load_tokenizer(str(spec))
+    return load_frozen_model(str(spec)), load_tokenizer(str(spec))
 
 
 def task_scores(setup: Setup, models: dict[str, Path], data: dict[str, Path]) -> dict:

@@ -116,7 +116,7 @@ def pair_figures(model, tokenizer, pairs_file: Path) -> dict:
 
     from tuneforge.data import Preference, collate, read_conversations, render_preference
     from tuneforge.methods import dpo
-    from tuneforge.methods.sft import causal_lm
+    from tuneforge.models import causal_lm
 
     pairs = [render_preference(p, tokenizer) for _, p in read_conversations(pairs_file) if isinstance(p, Preference)]
     objective = dpo.DPOObjective(model, beta=1.0, loss="sigmoid").eval()

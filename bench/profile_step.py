@@ -100,9 +100,6 @@ def main() -> None:
                 state["prof"].__exit__(None, None, None)
                 state["record"] = record
 
-        def summary(self, *a):
-            pass
-
     loop.TrainProgress = ProfilingProgress
 
     # Labels around the parts the loop calls, and around PEFT's dropout and adapter modules.

@@ -226,7 +226,7 @@ def main() -> None:
 
     import torch
 
-    from tuneforge.training.loop import resolve_precision
+    from tuneforge.models import resolve_precision
 
     out = {
         "bench": "train_throughput",

@@ -8,7 +8,7 @@ import torch
 from tuneforge.data import Example, collate, pack
 from tuneforge.methods.sft import trained_logits
 from tuneforge.models import load_model, resolve
-from tuneforge.training.attention import per_example_attention, supports_per_example_attention
+from tuneforge.models.attention import per_example_attention, supports_per_example_attention
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +68,11 @@ def test_models_with_a_short_sliding_window_or_softcapping_keep_their_attention(
 
 
 def test_teacher_and_reference_copies_switch_with_the_trained_model(model, tiny_model_dir):
-    from tuneforge.methods import SFTObjective
-    from tuneforge.training.attention import NAME
+    from tuneforge.methods import KLToBase, SFTObjective
+    from tuneforge.models.attention import NAME
 
     reference = load_model(resolve(str(tiny_model_dir)), dtype=torch.float32)
-    objective = SFTObjective(model, kl_to_base=0.1, reference=reference)
+    objective = SFTObjective(model, terms=(KLToBase(weight=0.1, replay=False, reference=reference),))
     assert objective.frozen == [reference]
     with per_example_attention(model, *objective.frozen):
         assert model.config._attn_implementation == reference.config._attn_implementation == NAME

@@ -39,8 +39,11 @@ def test_bad_values_name_the_field(tmp_path):
 
 
 def test_eval_section_is_checked_before_training(tmp_path):
-    with pytest.raises(ConfigError, match=r"eval\.task.*unknown metric 'accuracy'.*support_triage"):
-        load_config(write(tmp_path, {"data": {"train": "x"}, "eval": {"task": "accuracy"}}))
+    from tuneforge.eval.after_training import check_eval_inputs
+
+    unknown = load_config(write(tmp_path, {"data": {"train": "x", "validation": "v.jsonl"}, "eval": {"task": "accuracy"}}))
+    with pytest.raises(ConfigError, match=r"eval\.task: unknown metric 'accuracy'.*support_triage"):
+        check_eval_inputs(unknown)
     with pytest.raises(ConfigError, match="give data.validation as a file path"):
         load_config(write(tmp_path, {"data": {"train": "x", "validation": 0.1}, "eval": {"task": "exact"}}))
     assert load_config(write(tmp_path, {"data": {"train": "x", "validation": "v.jsonl"},
@@ -80,7 +83,7 @@ def test_results_hash_ignores_logging_cadence_only():
 
 def test_neftune_is_refused_where_a_teacher_or_reference_reads_the_same_inputs(tmp_path):
     for method, extra in (("dpo", {}), ("distill", {"distill": {"teacher": "t"}})):
-        with pytest.raises(ConfigError, match=f"neftune_alpha applies to methods full, lora and dora; method: {method}"):
+        with pytest.raises(ConfigError, match=f"method: {method} does not take train.neftune_alpha"):
             load_config(write(tmp_path, {"data": {"train": "x"}, "method": method, **extra,
                                          "train": {"neftune_alpha": 5}}))
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_llama
 
-from tuneforge.data import IGNORE_INDEX, Example, PackedRow, collate, pack, render_conversation, segments
+from tuneforge.data import IGNORE_INDEX, Example, PackedRow, collate, pack, render_conversation
+from tuneforge.models.attention import segments
 
 
 def example(n: int, start: int = 10) -> Example:

@@ -11,7 +11,6 @@ from data.rows import GOOD_ROW, chat, trained_runs, write_bad_input, write_jsonl
 from tuneforge.config import DataConfig
 from tuneforge.data import IGNORE_INDEX, prepare
 from tuneforge.errors import DataError
-from tuneforge.tasks.general import general_conversations
 
 TICKETS = [f"My database number {i} is down and production is affected, please help!" for i in range(40)]
 
@@ -218,27 +217,22 @@ def test_general_mix_adds_replay_conversations_in_the_asked_share(tmp_path, toke
     path = write_jsonl(tmp_path / "train.jsonl", rows(40))
     plain = prepare(DataConfig(train=str(path), validation=None), tokenizer, use_cache=False, log=lambda _: None)
     mixed = prepare(DataConfig(train=str(path), validation=None, general_mix=0.2, max_length=4096), tokenizer,
-                    general=general_conversations(), use_cache=False, log=lambda _: None)
+                    use_cache=False, log=lambda _: None)
     assert mixed.report["counts"]["general_mix"] == 10  # 10 / (40 + 10) = 20%
     assert len(mixed.train) == len(plain.train) + 10
     added = [tokenizer.decode(e.input_ids) for e in mixed.train[len(plain.train):]]
     assert all("<|im_start|>assistant" in text for text in added)
     assert not set(added) & {tokenizer.decode(e.input_ids) for e in plain.train}
     # Replay is marked as such (train.replay_loss: kl_to_base learns it as the base's distribution).
-    assert all(e.general for e in mixed.train[len(plain.train):]) and not any(e.general for e in plain.train)
-    # The cached data set is keyed by the conversations mixed in: other replies, another entry.
-    from tuneforge.data.cache import cache_key
-
-    cfg = DataConfig(train=str(path), general_mix=0.2)
-    assert cache_key(cfg, tokenizer, extra=general_conversations()) != cache_key(cfg, tokenizer, extra=general_conversations()[1:])
+    assert all(e.is_replay for e in mixed.train[len(plain.train):]) and not any(e.is_replay for e in plain.train)
 
 
 def test_the_cache_keeps_which_examples_are_general_replay(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
     cfg = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", rows(20))), validation=None, general_mix=0.2,
                      max_length=4096)
-    first = prepare(cfg, tokenizer, general=general_conversations(), log=lambda _: None)
-    again = prepare(cfg, tokenizer, general=general_conversations(), log=lambda _: None)
+    first = prepare(cfg, tokenizer, log=lambda _: None)
+    again = prepare(cfg, tokenizer, log=lambda _: None)
     assert again.report["cache"]["reused"]
-    assert [e.general for e in again.train] == [e.general for e in first.train]
-    assert sum(e.general for e in again.train) == 5
+    assert [e.is_replay for e in again.train] == [e.is_replay for e in first.train]
+    assert sum(e.is_replay for e in again.train) == 5

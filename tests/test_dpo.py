@@ -17,10 +17,10 @@ from tuneforge.config import load_config
 from tuneforge.data import Message, Preference, collate, render_preference
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.methods import dpo
-from tuneforge.methods.sft import causal_lm
+from tuneforge.models import causal_lm
 from tuneforge.training import train
-from tuneforge.training.attention import per_example_attention
-from tuneforge.training.loop import to_rows
+from tuneforge.models.attention import per_example_attention
+from tuneforge.training import to_rows
 
 CHATTY = [
     "Hello! Thanks so much for reaching out, I'd be happy to help you with that today.",
@@ -233,7 +233,7 @@ def test_dpo_on_sft_data_and_sft_on_pairs_fail_before_any_work(tiny_model_dir, t
 def test_config_refuses_label_smoothing_with_ipo_and_kl_to_base_with_dpo():
     with pytest.raises(ConfigError, match="label_smoothing is for loss: sigmoid"):
         load_config({"method": "dpo", "dpo": {"loss": "ipo", "label_smoothing": 0.1}, "data": {"train": "x"}})
-    with pytest.raises(ConfigError, match="kl_to_base is for SFT methods"):
+    with pytest.raises(ConfigError, match="method: dpo does not take train.kl_to_base"):
         load_config({"method": "dpo", "train": {"kl_to_base": 0.1}, "data": {"train": "x"}})
     with pytest.raises(ConfigError, match="dpo.policy"):
         load_config({"method": "dpo", "dpo": {"policy": "dora"}, "data": {"train": "x"}})

@@ -23,7 +23,7 @@ from tuneforge.eval.forgetting import (
 )
 from tuneforge.eval.report import share_interval
 from tuneforge.models import load_model, load_tokenizer
-from tuneforge.training import train
+from tuneforge.pipeline import train
 
 PROMPTS = ["Hello, how are you today?", "What is two plus two?", "How do I reset my password?"]
 
@@ -83,11 +83,10 @@ def test_loss_runs_packed_with_the_shared_system_prompt_once(tiny_model_dir, tri
 
 
 def test_metrics_on_a_run_folder_and_a_checkpoint(tiny_run, triage_data):
-    options = dict(limit=6, max_new_tokens=8, progress=False)
+    options = dict(metric="support_triage", limit=6, max_new_tokens=8, progress=False)
     final = evaluate(str(tiny_run), triage_data["test"], **options)
     last = evaluate(str(tiny_run / "checkpoints" / "step-4"), triage_data["test"], **options)
     middle = evaluate(str(tiny_run / "checkpoints" / "step-2"), triage_data["test"], **options)
-    assert final["metric"] == "support_triage"  # found from the system prompt
     assert final["n"] == 6 and len(final["samples"]) == 6
     for key in ("valid_json", "valid_labels", "category", "priority", "product", "exact"):
         assert 0 <= final["scores"][key] <= 1
@@ -100,7 +99,8 @@ def test_metrics_on_a_run_folder_and_a_checkpoint(tiny_run, triage_data):
 
 
 def test_metric_is_chosen_from_the_data(tmp_path, triage_data):
-    assert choose_metric("auto", read_eval_examples(triage_data["test"])) == "support_triage"
+    # A task's own scorer is asked for by name; the triage answers are JSON objects.
+    assert choose_metric("auto", read_eval_examples(triage_data["test"])) == "json_fields"
     plain = tmp_path / "plain.jsonl"
     rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
             {"messages": [{"role": "user", "content": "JSON?"}, {"role": "assistant", "content": '{"a": 1}'}]}]
@@ -248,7 +248,8 @@ def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compu
 
 
 def test_eval_command_prints_tables_or_json(tiny_run, tiny_model_dir, triage_data, capsys):
-    assert eval_command(str(tiny_run), str(triage_data["test"]), compare=str(tiny_model_dir), limit=2) == 0
+    assert eval_command(str(tiny_run), str(triage_data["test"]), compare=str(tiny_model_dir), limit=2,
+                        metric="support_triage") == 0
     out = capsys.readouterr().out
     assert "support_triage on 2 examples" in out and "truth" in out and "change" in out
     assert eval_command(str(tiny_run), str(triage_data["test"]), json_out=True, limit=2, metric="json_fields") == 0

@@ -5,17 +5,19 @@ import json
 
 import pytest
 from rich.console import Console
+from tiny_sharp import save_sharp_tiny_model
 
 from tuneforge.quickstart import Targets, check_targets, quickstart
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_quickstart_runs_every_phase_and_says_which_targets_it_missed(tiny_model_dir, tmp_path):
+def test_quickstart_runs_every_phase_and_says_which_targets_it_missed(tmp_path):
     out = tmp_path / "qs"
     printed = io.StringIO()
-    code = quickstart(out, model=str(tiny_model_dir), n_train=40, max_steps=2, test_subset=3,
+    # The sharp tiny model replies with text (the plain one with newlines only): its replies are the replay.
+    model = save_sharp_tiny_model(tmp_path / "model")
+    code = quickstart(out, model=str(model), n_train=40, max_steps=2, test_subset=3,
                       console=Console(file=printed, width=160))
     text = printed.getvalue()
     assert code == 1  # a random tiny model cannot triage tickets

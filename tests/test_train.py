@@ -226,12 +226,12 @@ def test_loraplus_moves_the_b_matrices_ratio_times_as_far(tiny_model_dir, triage
             torch.testing.assert_close(weights[4.0][name], plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("adapted", [None, [1]], ids=["every layer", "upper layer: the base forward starts there"])
+@pytest.mark.parametrize("adapted", [None, [1]], ids=["every layer", "upper layer"])
 def test_replay_rows_learn_the_base_distribution_and_task_rows_their_text(tiny_model_dir, adapted):
     from peft import LoraConfig, get_peft_model
 
     from tuneforge.data import Example, collate
-    from tuneforge.methods.sft import SFTObjective
+    from tuneforge.methods import KLToBase, SFTObjective
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32),
@@ -242,11 +242,10 @@ def test_replay_rows_learn_the_base_distribution_and_task_rows_their_text(tiny_m
                 p.normal_(0, 0.3)  # the tuned model now differs from the base
     ids = torch.randint(5, 200, (2, 12)).tolist()
     task = Example(ids[0], [-100] * 5 + ids[0][6:] + [-100])
-    replay = Example(ids[1], [-100] * 3 + ids[1][4:] + [-100], general=True)
-    batch = collate([task, replay], pad_id=0, mark_general=True)
-    assert batch["general"].tolist() == [False, True]
-    objective = SFTObjective(model, replay_kl=True)
-    assert objective.shared_depth == (adapted or [0])[0]
+    replay = Example(ids[1], [-100] * 3 + ids[1][4:] + [-100], is_replay=True)
+    batch = collate([task, replay], pad_id=0)
+    assert batch["is_replay"].tolist() == [False, True]
+    objective = SFTObjective(model, terms=(KLToBase(weight=0.0, replay=True),))
     out = objective(**batch)
 
     labels = batch["labels"]
@@ -263,7 +262,7 @@ def test_replay_rows_learn_the_base_distribution_and_task_rows_their_text(tiny_m
 
 
 def test_example_lengths_follow_packed_examples_shared_prefixes_and_padding():
-    from tuneforge.methods.sft import example_lengths
+    from tuneforge.methods.neftune import example_lengths
 
     # A prefix of 4 shared by two examples of 3 and 5 more tokens, then 3 of padding; a plain row of 6.
     packed = [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 0, 1, 2]
@@ -273,7 +272,7 @@ def test_example_lengths_follow_packed_examples_shared_prefixes_and_padding():
 
 
 def test_neftune_noise_is_scaled_by_each_examples_own_length():
-    from tuneforge.methods.sft import neftune_noise
+    from tuneforge.methods.neftune import neftune_noise
 
     torch.manual_seed(0)
     positions = torch.tensor([list(range(16)) + list(range(64))])  # two packed examples: 16 and 64 tokens
@@ -286,37 +285,41 @@ def test_neftune_noise_is_scaled_by_each_examples_own_length():
         assert part.mean() == pytest.approx(bound / 2, rel=0.05)
 
 
-@pytest.mark.parametrize("adapted", [None, [1]], ids=["every layer", "upper layer: the base forward starts there"])
-def test_neftune_adds_the_noise_to_the_embeddings_in_training_only_and_the_base_sees_it_too(tiny_model_dir, adapted):
+def test_neftune_noises_the_embeddings_of_training_forwards_only_and_the_base_sees_them_clean(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     from tuneforge.data import Example, collate
-    from tuneforge.methods.sft import SFTObjective, neftune_noise
+    from tuneforge.methods import KLToBase, NEFTune, SFTObjective
+    from tuneforge.methods.neftune import neftune_noise
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=adapted))
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     ids = torch.randint(5, 200, (2, 12)).tolist()
     batch = collate([Example(ids[0], [-100] * 5 + ids[0][6:] + [-100]),
-                     Example(ids[1], [-100] * 3 + ids[1][4:] + [-100], general=True)], pad_id=0, mark_general=True)
+                     Example(ids[1], [-100] * 3 + ids[1][4:] + [-100], is_replay=True)], pad_id=0)
     labels, trained = batch["labels"], batch["labels"] != -100
-    noisy = SFTObjective(model, replay_kl=True, neftune_alpha=50.0)
-    clean = SFTObjective(model, replay_kl=True)
+    clean_loss = SFTObjective(model, terms=(KLToBase(weight=0.0, replay=True),)).eval()(**batch)["loss"].item()
+    NEFTune(50.0).attach(model)
+    objective = SFTObjective(model, terms=(KLToBase(weight=0.0, replay=True),)).train()
 
     torch.manual_seed(1)
-    out = noisy(**batch)
+    out = objective(**batch)
     torch.manual_seed(1)
     noise = neftune_noise(50.0, batch["position_ids"], model.config.hidden_size, torch.float32)
+    model.eval()  # by hand from here: the hook adds nothing in eval mode
     embeds = model.get_input_embeddings()(batch["input_ids"]) + noise
     tuned = model(inputs_embeds=embeds, position_ids=batch["position_ids"]).logits.log_softmax(-1).detach()
+    with model.disable_adapter():
+        base = model(input_ids=batch["input_ids"]).logits.log_softmax(-1)
     ce = -tuned.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    assert out["loss"].item() == pytest.approx(float(ce[0][trained[0]].sum()), rel=1e-4)
-    # The adapter starts as the identity (B = 0): with the same noise on the base's side, replay KL is 0.
-    assert float(out["replay_kl"]) == pytest.approx(0, abs=1e-6)
+    kl = (base.exp() * (base - tuned)).sum(-1)
+    assert out["loss"].item() == pytest.approx(float(ce[0][trained[0]].sum() + kl[1][trained[1]].sum()), rel=1e-4)
+    # The adapter starts as the identity (B = 0): the KL to the clean base is the noise's alone.
+    assert float(out["replay_kl"]) == pytest.approx(float(kl[1][trained[1]].sum()), rel=1e-4) and out["replay_kl"] > 0
 
-    noisy.eval()
-    clean.eval()
-    assert noisy(**batch)["loss"].item() == clean(**batch)["loss"].item()  # validation: no noise
+    objective.eval()
+    assert objective(**batch)["loss"].item() == clean_loss  # validation: no noise
 
 
 def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(tiny_model_dir, triage_data, tmp_path):
@@ -324,17 +327,16 @@ def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(t
 
     from tuneforge.config import load_config
     from tuneforge.data import collate, prepare
-    from tuneforge.data.replay import replay_conversations
-    from tuneforge.methods.sft import SFTObjective
+    from tuneforge.methods import KLToBase, SFTObjective
     from tuneforge.models import load_tokenizer
-    from tuneforge.training.loop import to_rows
+    from tuneforge.training import to_rows
 
     runs = {}
     for loss in ("ce", "kl_to_base"):
         cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / loss, max_steps=6, learning_rate=2e-2,
                               replay_loss=loss)
         cfg["data"]["general_mix"] = 0.3
-        cfg["lora"]["from_layer"] = 0.5  # the base forward starts from the upper layer's input
+        cfg["lora"]["from_layer"] = 0.5
         train(cfg, progress=False)
         runs[loss] = load_config(cfg)
     rows = metrics(tmp_path / "kl_to_base")
@@ -344,18 +346,17 @@ def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(t
 
     cfg = runs["kl_to_base"]
     tokenizer = load_tokenizer(resolve(cfg.base_model))
-    general = replay_conversations(cfg, tokenizer)
-    items = prepare(cfg.data, tokenizer, general=general, log=lambda _: None).train
+    items = prepare(cfg.data, tokenizer, log=lambda _: None).train
     train_rows = to_rows(items, cfg)
-    replay_rows = [r for r in train_rows if r.general]
-    assert {e.general for e in items} == {True, False} and replay_rows
-    assert sum(map(len, replay_rows)) == sum(len(e) for e in items if e.general)  # replay has rows of its own
-    batch = collate(replay_rows, tokenizer.pad_token_id, mark_general=True)
+    replay_rows = [r for r in train_rows if r.is_replay]
+    assert {e.is_replay for e in items} == {True, False} and replay_rows
+    assert sum(map(len, replay_rows)) == sum(len(e) for e in items if e.is_replay)  # replay has rows of its own
+    batch = collate(replay_rows, tokenizer.pad_token_id)
     kl = {}
     for loss in runs:
         model = PeftModel.from_pretrained(load_model(resolve(cfg.base_model), dtype=torch.float32), tmp_path / loss / "final")
         with torch.no_grad():
-            kl[loss] = float(SFTObjective(model, replay_kl=True)(**batch)["replay_kl"])
+            kl[loss] = float(SFTObjective(model, terms=(KLToBase(weight=0.0, replay=True),))(**batch)["replay_kl"])
     assert kl["kl_to_base"] < 0.6 * kl["ce"]
 
 
@@ -367,7 +368,7 @@ def test_kl_replay_needs_replay_and_an_sft_method(tiny_model_dir, triage_data, t
         load_config(cfg)
     cfg["data"]["general_mix"] = 0.2
     cfg["method"] = "dpo"
-    with pytest.raises(TuneforgeError, match="replay_loss: kl_to_base applies"):
+    with pytest.raises(TuneforgeError, match="method: dpo does not take train.replay_loss: kl_to_base"):
         load_config(cfg)
 
 

@@ -10,7 +10,7 @@ import time
 import yaml
 from conftest import tiny_run_config
 
-from tuneforge.training.plan import validate
+from tuneforge.dry_run import validate
 
 
 def write_config(path, cfg: dict):

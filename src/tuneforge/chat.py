@@ -17,8 +17,7 @@ from typing import Callable, TextIO
 
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, inference_device, stream
-from .models import load_model, load_tokenizer, resolve
-from .models.convert import context_length
+from .models import context_length, load_model, load_tokenizer, resolve
 
 PROMPT = ">>> "
 HELP = """commands:

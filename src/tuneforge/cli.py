@@ -43,7 +43,7 @@ def train(
         if force:
             args.append("--force")
         raise typer.Exit(_launch(args, nproc))
-    from .training import train as run_train
+    from .pipeline import train as run_train
 
     result = run_train(config, overrides or [], resume=resume, force=force)
     raise typer.Exit(0 if result.status == "completed" else 130)
@@ -61,7 +61,7 @@ def validate(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.max_length=512"),
 ):
     """Dry run: check config, model and every data row; print the plan. Exit 2 on any problem."""
-    from .training.plan import validate as run_validate
+    from .dry_run import validate as run_validate
 
     raise typer.Exit(run_validate(config, overrides or []))
 
@@ -243,12 +243,14 @@ def distill_generate(
     max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
     batch_size: int = typer.Option(16, help="Prompts generated together (and written together)."),
     limit: Optional[int] = typer.Option(None, help="Stop after the first N prompts; rerun without it to finish."),
+    precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), bf16 or fp32."),
 ):
-    """The teacher's answers to PROMPTS as chat data for SFT (sequence-level distillation); resumable."""
+    """The teacher's answers to PROMPTS as chat data for SFT (sequence-level distillation) or for
+    general replay (data.general_replay); resumable."""
     from .distill.commands import distill_generate as cmd
 
     raise typer.Exit(cmd(teacher, str(prompts), str(out), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         limit=limit))
+                         limit=limit, precision=precision))
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:

@@ -53,12 +53,9 @@ class DataConfig(Strict):
     near_dedup_threshold: float = Field(0.85, gt=0, le=1)
     on_error: Literal["strict", "skip"] = "strict"
     general_mix: float = Field(0.0, ge=0, le=0.5, description="share of the training set that is general replay data, against forgetting")
-    general_replay: Literal["chitchat", "self"] = Field(
-        "chitchat", description="the replay: chitchat = bundled human chit-chat conversations; self = the base "
-        "model's own replies to general prompts (generated once per model, cached)")
-    general_replay_tokens: int = Field(160, ge=8, description="self replay: the base model's replies are generated up "
-                                       "to this many tokens; a reply cut there is left out when replay trains as text "
-                                       "(it would teach stopping mid-sentence), kept with train.replay_loss: kl_to_base")
+    general_replay: str = Field(
+        "chitchat", description="the replay conversations: chitchat (bundled human chit-chat, MIT) or a chat JSONL "
+        "file, such as a model's own replies to general prompts written by `tuneforge distill generate`")
 
     @field_validator("validation")
     @classmethod
@@ -143,15 +140,6 @@ class EvalConfig(Strict):
                              "the data.validation file, side by side: auto, exact, contains, json_fields or support_triage")
     forgetting: bool = Field(False, description="measure base vs final model on general data no training touches")
 
-    @field_validator("task")
-    @classmethod
-    def _known_metric(cls, task):
-        from .tasks.metrics import METRICS
-
-        if task is not None and task != "auto" and task not in METRICS:
-            raise ValueError(f"unknown metric {task!r}; choose auto or one of {', '.join(METRICS)}")
-        return task
-
 
 class Config(Strict):
     base_model: str = DEFAULT_MODEL
@@ -173,24 +161,22 @@ class Config(Strict):
             )
         if self.method == "distill" and not self.distill.teacher:
             raise ValueError("method: distill needs distill.teacher (a model named like base_model)")
-        if self.method == "distill" and self.train.kl_to_base:
-            raise ValueError("train.kl_to_base is for SFT methods; with method: distill the teacher already anchors "
-                             "the student, so set kl_to_base to 0")
-        if self.method == "dpo" and self.train.kl_to_base:
-            raise ValueError("train.kl_to_base is for SFT methods; DPO's loss already measures the policy against "
-                             "its reference (dpo.beta sets how closely), so set kl_to_base to 0")
-        if self.train.replay_loss == "kl_to_base" and (self.method in ("distill", "dpo") or not self.data.general_mix):
-            raise ValueError("train.replay_loss: kl_to_base applies to the replay examples that data.general_mix adds "
-                             "with method full, lora or dora; set data.general_mix above 0, or replay_loss to ce")
+        sft_only = [key for key, on in (("train.kl_to_base", self.train.kl_to_base),
+                                        ("train.replay_loss: kl_to_base", self.train.replay_loss == "kl_to_base"),
+                                        ("train.neftune_alpha", self.train.neftune_alpha)) if on]
+        if sft_only and self.method in ("distill", "dpo"):
+            raise ValueError(f"method: {self.method} does not take {', '.join(sft_only)}: these shape the SFT "
+                             f"objective of methods full, lora and dora, and {self.method} compares the model with a "
+                             "teacher or reference already; leave them out")
+        if self.train.replay_loss == "kl_to_base" and not self.data.general_mix:
+            raise ValueError("train.replay_loss: kl_to_base applies to the replay examples that data.general_mix adds; "
+                             "set data.general_mix above 0, or replay_loss to ce")
         if self.method == "dpo" and self.data.general_mix:
             raise ValueError("data.general_mix mixes SFT conversations into training, which DPO's pairs cannot "
                              "hold; set it to 0 with method: dpo")
         if self.eval.task and not isinstance(self.data.validation, str):
             raise ValueError("eval.task scores answers to the prompts of the data.validation file; give "
                              "data.validation as a file path (a fraction has no file), or leave eval.task out")
-        if self.train.neftune_alpha and self.method in ("distill", "dpo"):
-            raise ValueError(f"train.neftune_alpha applies to methods full, lora and dora; method: {self.method} "
-                             "compares the model with a teacher or reference on the same inputs, so set it to 0")
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
             raise ValueError("dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0")
         return self
@@ -200,8 +186,6 @@ class Config(Strict):
         d = self.model_dump()
         for k in ("eval_every", "save_every", "keep_checkpoints", "log_every", "distributed_timeout"):
             d["train"].pop(k)
-        if not self.train.neftune_alpha:
-            d["train"].pop("neftune_alpha")  # off: a run from before the key existed resumes as it was
         d.pop("output_dir")
         d.pop("eval")
         for section in ("distill", "dpo"):
@@ -319,8 +303,9 @@ def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
             data["train"] = [fix(p) for p in data["train"]]
         elif "train" in data:
             data["train"] = fix(data["train"])
-        if isinstance(data.get("validation"), str):
-            data["validation"] = fix(data["validation"])
+        for key in ("validation", "general_replay"):
+            if isinstance(data.get(key), str):
+                data[key] = fix(data[key])
     if isinstance(raw.get("base_model"), str):
         raw["base_model"] = fix(raw["base_model"])
     distill = raw.get("distill")

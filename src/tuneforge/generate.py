@@ -419,6 +419,6 @@ class _Decoding:
 
 def _cache_argument(model) -> str:
     """transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns, then goes)."""
-    from tuneforge.methods import causal_lm
+    from tuneforge.models import causal_lm
 
     return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"

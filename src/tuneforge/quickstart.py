@@ -10,6 +10,7 @@ The settings below were tuned with real runs on 2 CPU cores (the figures are in 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,7 +22,10 @@ from .eval.evaluate import evaluate
 from .eval.forgetting import measure_forgetting
 from .eval.report import print_tables, report_tables, share_with_interval, write_run_report
 from .models import REGISTRY, pull, resolve
+from .errors import RunFailed
+from .fsio import atomic_file
 from .tasks import support_triage
+from .tasks.general import bundled_file
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,6 @@ class Settings:
     # replies take about 40 s to generate (once per model), and short replay leaves room for more
     # tickets in a row. Chit-chat replay kept as many general questions but, being long, let through
     # a third fewer tickets (53% exact at 120 steps). data/replay.py has the figures.
-    general_replay: str = "self"
     general_replay_tokens: int = 32
     replay_loss: str = "kl_to_base"
     lora_r: int = 16
@@ -102,7 +105,7 @@ def training_config(settings: Settings, model: str, data: dict[str, Path], out: 
                  "loraplus_lr_ratio": settings.loraplus_lr_ratio},
         "data": {"train": str(data["train"]), "validation": str(data["validation"]),
                  "max_length": settings.max_length, "packing": True, "general_mix": settings.general_mix,
-                 "general_replay": settings.general_replay, "general_replay_tokens": settings.general_replay_tokens},
+                 "general_replay": str(data["replay"])},
         "train": {"max_steps": settings.max_steps, "batch_size": settings.batch_size, "replay_loss": settings.replay_loss,
                   "learning_rate": settings.learning_rate, "warmup": 0.05, "scheduler": "cosine",
                   "neftune_alpha": settings.neftune_alpha,
@@ -168,8 +171,9 @@ def quickstart(out: str | Path = "runs/quickstart", *, n_train: int | None = Non
                                    n_test=settings.n_test, seed=settings.seed)
     console.print(f"{settings.n_train} train, {settings.n_valid} validation, {settings.n_test} test tickets "
                   f"in {out / 'data'} (test tickets use phrasings training never sees)")
+    data["replay"] = write_self_replay(model, out / "data", settings.general_replay_tokens)
 
-    evaluation = {"limit": settings.test_subset, "max_new_tokens": settings.max_new_tokens}
+    evaluation = {"metric": "support_triage", "limit": settings.test_subset, "max_new_tokens": settings.max_new_tokens}
     phase(3, "base model on the test tickets")
     before = evaluate(model, data["test"], **evaluation)
     console.print(f"base: all three fields right on {before['scores']['exact']:.1%} of {before['n']} tickets, "
@@ -207,6 +211,24 @@ def quickstart(out: str | Path = "runs/quickstart", *, n_train: int | None = Non
         return 1
     console.print("[bold green]all targets met[/]")
     return 0
+
+
+def write_self_replay(model: str, folder: Path, max_new_tokens: int) -> Path:
+    """The base model's own replies to the bundled general prompts, as a chat file for
+    `data.general_replay` (written once; a rerun finds it complete)."""
+    from .distill.teacher_data import generate_teacher_data
+
+    answers = generate_teacher_data(model, bundled_file("replay_prompts"), folder / "replay-answers.jsonl",
+                                    max_new_tokens=max_new_tokens, batch_size=64, precision="fp32")
+    rows = [row for row in answers.out.read_text(encoding="utf-8").splitlines()
+            if json.loads(row)["messages"][-1]["content"].strip()]  # an empty answer has nothing to replay
+    if not rows:
+        raise RunFailed(f"{model} answered none of the {answers.prompts} general prompts with any text, so there is "
+                        f"nothing to replay against forgetting (see {answers.out}). Is it a chat model?")
+    replay = folder / "replay.jsonl"
+    with atomic_file(replay) as f:
+        f.write("".join(row + "\n" for row in rows))
+    return replay
 
 
 def _clock(started: float) -> str:

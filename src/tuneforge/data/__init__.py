@@ -14,7 +14,7 @@ every row checked), `render` (records -> token ids + loss masks via the chat tem
 """
 
 from .formats import FORMATS, read_conversations
-from .pack import PackedRow, collate, join, pack, segments
+from .pack import PackedRow, collate, join, pack
 from .prepare import check_data, prepare
 from .render import CHATML_TEMPLATE, render_conversation, render_preference
 from .schema import (
@@ -48,5 +48,4 @@ __all__ = [
     "read_conversations",
     "render_conversation",
     "render_preference",
-    "segments",
 ]

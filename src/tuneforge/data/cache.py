@@ -16,7 +16,7 @@ from ..config import DataConfig
 from ..fsio import atomic_dir, tuneforge_home, write_json
 from .schema import Example, PreparedData
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
 
 _SPLITS = ("train", "valid")
@@ -35,14 +35,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def cache_key(cfg: DataConfig, tokenizer, extra=None) -> str | None:
-    """The key for this config, tokenizer and `extra` (JSON data the result depends on, such as the
-    general replay conversations); None when a data file is missing (nothing to cache)."""
+def cache_key(cfg: DataConfig, tokenizer, replay_file: Path | None = None) -> str | None:
+    """The key for this config, tokenizer and the contents of its data files (and of the replay
+    file it mixes in); None when a data file is missing (nothing to cache)."""
     files = cfg.train_files + ([cfg.validation] if isinstance(cfg.validation, str) else [])
+    files += [replay_file] if replay_file is not None else []
     h = hashlib.sha256()
     settings = cfg.model_dump(exclude={"train", "validation", "packing", "share_prefixes"})  # packing comes after the cache
     settings["validation"] = cfg.validation if not isinstance(cfg.validation, str) else "file"
-    h.update(json.dumps({"format": CACHE_FORMAT, "settings": settings, "extra": extra}, sort_keys=True).encode())
+    h.update(json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True).encode())
     for path in files:
         try:
             with open(path, "rb") as f:
@@ -81,7 +82,7 @@ def _write_examples(path: Path, examples: list[Example], second: list[Example] |
     tokens = pa.list_(pa.int32())
     columns = {"input_ids": pa.array([e.input_ids for e in examples], tokens),
                "labels": pa.array([e.labels for e in examples], tokens),
-               "general": pa.array([e.general for e in examples], pa.bool_())}
+               "is_replay": pa.array([e.is_replay for e in examples], pa.bool_())}
     if second is not None:  # the rejected half of preference pairs
         columns["rejected_input_ids"] = pa.array([e.input_ids for e in second], tokens)
         columns["rejected_labels"] = pa.array([e.labels for e in second], tokens)
@@ -97,8 +98,8 @@ def _read_columns(path: Path) -> dict[str, list]:
 
 def _read_examples(path: Path) -> list[Example]:
     columns = _read_columns(path)
-    return [Example(ids, labels, general) for ids, labels, general in
-            zip(columns["input_ids"], columns["labels"], columns["general"])]
+    return [Example(ids, labels, is_replay) for ids, labels, is_replay in
+            zip(columns["input_ids"], columns["labels"], columns["is_replay"])]
 
 
 def _read_pairs(path: Path) -> list[tuple[Example, Example]]:

@@ -6,9 +6,8 @@ transformers (5.x, `masking_utils.find_packed_sequence_indices`) reads a new seq
 position ids do not go up by one and builds a block-diagonal causal mask (eager, sdpa, flex), and
 flash-attention uses the same position ids for its variable-length kernels. So a packed batch
 must be run with `attention_mask` absent and `use_cache=False`; the loss of a packed batch then
-equals the loss of its examples run one by one. `segments` reads a row's examples back from its
-position ids, the one place that rule is written (per-example attention, evaluation's packed
-rows, NEFTune's lengths).
+equals the loss of its examples run one by one. `models.attention.segments` reads a row's
+examples back from its position ids, the one place that rule is written.
 
 Labels are already shifted (see `Example`), so an example's last position is never trained and no
 example learns to predict the first token of the next one.
@@ -31,7 +30,7 @@ class PackedRow:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
-    general: bool = False  # holds general replay examples only (see `Example.general`)
+    is_replay: bool = False  # holds general replay examples only (see `Example.is_replay`)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -49,11 +48,19 @@ def pack(examples: Sequence[Example | PackedRow], max_length: int, *, share_pref
     Deterministic for a given input order. Examples longer than `max_length` are an error here:
     `prepare` truncates or drops them first. With `share_prefixes` (see `shared_prefix_groups`),
     examples that begin with the same untrained tokens share rows that hold those tokens once.
+    Replay examples (`Example.is_replay`) get rows of their own, after the user's: a row is then
+    learned one way (`train.replay_loss`), and a term that runs the base model on replay runs it
+    on those rows only.
     """
     too_long = next((e for e in examples if len(e) > max_length), None)
     if too_long is not None:
         raise ValueError(f"an example of {len(too_long)} tokens does not fit in rows of {max_length}; "
                          "truncate examples to max_length before packing")
+    groups = [[e for e in examples if not e.is_replay], [e for e in examples if e.is_replay]]
+    return [row for group in groups if group for row in _pack_group(group, max_length, share_prefixes)]
+
+
+def _pack_group(examples: Sequence[Example | PackedRow], max_length: int, share_prefixes: bool) -> list[PackedRow]:
     if not share_prefixes:
         return [join([examples[i] for i in members]) for members in best_fit([len(e) for e in examples], max_length)]
     pieces = []  # per group, rows that hold the group's prefix once
@@ -64,7 +71,7 @@ def pack(examples: Sequence[Example | PackedRow], max_length: int, *, share_pref
             pieces.append(PackedRow(prefix + [t for e in rest for t in e.input_ids[p:]],
                                     [IGNORE_INDEX] * p + [t for e in rest for t in e.labels[p:]],
                                     list(range(p)) + [t for e in rest for t in range(p, len(e))],
-                                    general=all(e.general for e in rest)))
+                                    is_replay=all(e.is_replay for e in rest)))
     # Each group leaves a part-filled last piece: pieces of different groups share rows, each
     # piece's first example starting again at position 0.
     return [join([pieces[i] for i in row]) for row in best_fit([len(r) for r in pieces], max_length)]
@@ -153,13 +160,12 @@ def join(examples: Sequence[Example | PackedRow]) -> PackedRow:
         input_ids += e.input_ids
         labels += e.labels
         position_ids += e.position_ids if isinstance(e, PackedRow) else range(len(e))
-    return PackedRow(input_ids, labels, position_ids, general=all(e.general for e in examples))
+    return PackedRow(input_ids, labels, position_ids, is_replay=all(e.is_replay for e in examples))
 
 
-def collate(rows: Sequence[Example | PackedRow], pad_id: int, *,
-            pad_to_multiple_of: int = 8, mark_general: bool = False) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids, and
-    with `mark_general` a bool per row, `general`: the row holds general replay examples only.
+    where a row holds replay, `is_replay` (a bool per row).
 
     `attention_mask` is returned only for a batch of unpacked rows with padding; a batch holding
     packed rows gets none, because transformers then derives the per-example mask from position ids
@@ -185,27 +191,6 @@ def collate(rows: Sequence[Example | PackedRow], pad_id: int, *,
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if not packed and any(len(r) < width for r in rows):
         batch["attention_mask"] = attention_mask
-    if mark_general:
-        batch["general"] = torch.tensor([r.general for r in rows])
+    if any(r.is_replay for r in rows):
+        batch["is_replay"] = torch.tensor([r.is_replay for r in rows])
     return batch
-
-
-def segments(positions: list[int]) -> list[tuple[int, int, int, int]]:
-    """[(start, end, first position id, start of the prefix it continues)] of one row.
-
-    An example starts where the position ids do not go up by one. One that starts at 0 stands alone;
-    one that starts at p > 0 continues the first p tokens of the last example that started at 0
-    (`pack` with `share_prefixes`).
-    """
-    found, owner, owner_length, start = [], 0, 0, 0
-    for t in range(1, len(positions) + 1):
-        if t < len(positions) and positions[t] == positions[t - 1] + 1:
-            continue
-        first = positions[start]
-        if first == 0:
-            owner, owner_length = start, t - start
-        elif first > owner_length:
-            raise RuntimeError(f"position ids at {start} continue a prefix of {first} tokens that the row does not hold")
-        found.append((start, t, first, owner))
-        start = t
-    return found

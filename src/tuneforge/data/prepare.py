@@ -19,6 +19,7 @@ from typing import Callable
 from ..config import DataConfig
 from ..errors import DataError
 from ..fsio import write_json
+from ..tasks.general import BUNDLED_REPLAY, bundled_file
 from . import cache
 from .dedup import DuplicateIndex, content_hash
 from .formats import file_format, read_conversations
@@ -54,17 +55,18 @@ class _Stop(Exception):
         self.problem = problem
 
 
-def prepare(cfg: DataConfig, tokenizer, *, general: list[list[dict]] | None = None, report_path: Path | None = None,
-            use_cache: bool = True, log: Callable[[str], object] = print) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer, *, report_path: Path | None = None, use_cache: bool = True,
+            log: Callable[[str], object] = print) -> PreparedData:
     """Read, check, render, dedup, split and fit the data; raise DataError if it is not fit to train on.
 
     The report (what `data_report.json` holds) is in the result, and written to `report_path`
     (atomically) when given, also when preparation fails. With `use_cache`, the result is stored
     under `tuneforge_home()/data-cache/` and reused by a later run with the same files, tokenizer
-    and data config. `general` holds the conversations that `general_mix` mixes in
-    (`data.replay.replay_conversations`); without them nothing is mixed.
+    and data config. With `general_mix`, conversations of the `general_replay` file are mixed into
+    training (`replay_file`).
     """
-    key = cache.cache_key(cfg, tokenizer, extra=general) if use_cache else None
+    replay = replay_file(cfg)
+    key = cache.cache_key(cfg, tokenizer, replay) if use_cache else None
     cached = cache.load(key) if key else None
     if cached is not None:
         cached.report["cache"] = {"key": key, "reused": True, "path": str(cache.cache_dir() / key)}
@@ -75,7 +77,7 @@ def prepare(cfg: DataConfig, tokenizer, *, general: list[list[dict]] | None = No
     if errors and (cfg.on_error == "strict" or any(p.code in DATA_SET_CODES for p in errors)):
         _write_report(report_path, data.report)
         raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
-    _mix_general(data, cfg, tokenizer, general)
+    _mix_general(data, cfg, tokenizer, replay)
     counts = data.report["counts"]
     log(f"data: {counts['train']} training and {counts['validation']} validation examples from {counts['read']} rows")
     for warning in data.report["warnings"]:
@@ -90,14 +92,47 @@ def prepare(cfg: DataConfig, tokenizer, *, general: list[list[dict]] | None = No
     return data
 
 
-def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, general: list[list[dict]] | None) -> None:
+def replay_file(cfg: DataConfig) -> Path | None:
+    """The chat file whose conversations `general_mix` mixes in: a bundled set by name, or a path."""
+    if not cfg.general_mix:
+        return None
+    if cfg.general_replay in BUNDLED_REPLAY:
+        return bundled_file(cfg.general_replay)
+    path = Path(cfg.general_replay)
+    if not path.is_file():
+        raise DataError(f"data.general_replay: {path} is not a file. Name a bundled set "
+                        f"({', '.join(BUNDLED_REPLAY)}) or a chat JSONL file, such as a model's replies to "
+                        "general prompts written by `tuneforge distill generate`.", code="missing_file")
+    return path
+
+
+def replay_conversations(path: Path) -> list[Conversation]:
+    """Every conversation of a replay file; its problems, all at once, as a `DataError`."""
+    conversations, problems = [], []
+    for _, item in read_conversations(path):
+        if isinstance(item, Problem):
+            problems += [item] if item.is_error else []
+        elif isinstance(item, Conversation):
+            conversations.append(item)
+        else:
+            problems.append(Problem("data_type", "replay rows must be chat conversations (messages).",
+                                    file=str(path), line=None, field="messages"))
+            break
+    if problems:
+        shown = "\n".join(str(p) for p in problems[:_SHOWN_IN_ERROR])
+        raise DataError(f"data.general_replay: {path} has {len(problems)} problem(s); fix them or choose another "
+                        f"file:\n{shown}", code=problems[0].code, problems=problems)
+    return conversations
+
+
+def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, replay: Path | None) -> None:
     """Mix general replay conversations into training so that `general_mix` of it is general data:
-    a guard against forgetting (`data.replay` says which conversations)."""
-    if not cfg.general_mix or not data.train or not general:
+    a guard against forgetting."""
+    if replay is None or not data.train:
         return
     wanted = round(cfg.general_mix / (1 - cfg.general_mix) * len(data.train))
-    pool = [replace(e, general=True) for e in (render_conversation(c, tokenizer, cfg.train_on) for c in general)
-            if len(e.input_ids) <= cfg.max_length]
+    rendered = (render_conversation(c, tokenizer, cfg.train_on) for c in replay_conversations(replay))
+    pool = [replace(e, is_replay=True) for e in rendered if len(e.input_ids) <= cfg.max_length]
     mixed = [pool[i % len(pool)] for i in range(wanted)] if pool else []
     data.train.extend(mixed)  # the loop shuffles every epoch
     data.report["counts"]["general_mix"] = len(mixed)

@@ -105,13 +105,13 @@ class Example:
     `IGNORE_INDEX`. A loss is `cross_entropy(logits[:, i], labels[:, i])` with no further shift, so
     examples can be packed side by side without one predicting the first token of the next.
 
-    `general` marks a general replay example (`data.general_mix`), not the user's data: with
+    `is_replay` marks a general replay example (`data.general_mix`), not the user's data: with
     `train.replay_loss: kl_to_base` it is learned as the base model's distribution, not as text.
     """
 
     input_ids: list[int]
     labels: list[int]
-    general: bool = False
+    is_replay: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -33,9 +33,9 @@ def distill_init(teacher: str, out: str, *, keep_layers: str | None = None, ever
 
 
 def distill_generate(teacher: str, prompts: str, out: str, *, max_new_tokens: int, batch_size: int,
-                     limit: int | None = None) -> int:
+                     limit: int | None = None, precision: str = "auto") -> int:
     result = generate_teacher_data(teacher, prompts, out, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   limit=limit)
+                                   limit=limit, precision=precision)
     resumed = f" ({result.resumed_from} were already there)" if result.resumed_from else ""
     cut = (f"; {result.stopped_by_length} answers reached --max-new-tokens and are cut off"
            if result.stopped_by_length else "")

@@ -89,16 +89,15 @@ def init_student(teacher: str, out: str | Path, *, keep: list[int] | None = None
     generation config), atomically; `out` must not exist yet."""
     from transformers import AutoModelForCausalLM
 
-    from ..methods.distill import load_teacher
-    from ..models import load_tokenizer, resolve
-    from ..training.loop import save_final
+    from ..models import load_frozen_model, load_tokenizer, resolve
+    from ..models.saving import save_model
 
     out = Path(out)
     if out.exists():
         raise TuneforgeError(f"{out} already exists; choose another --out or remove it.", code="output_exists")
     source = resolve(teacher)
     tokenizer = load_tokenizer(source)
-    model = load_teacher(source)
+    model = load_frozen_model(source)
     n_layers = len(decoder_layers(model))
     kept = layers_to_keep(n_layers, keep, every)
     config = copy.deepcopy(model.config)
@@ -109,6 +108,6 @@ def init_student(teacher: str, out: str | Path, *, keep: list[int] | None = None
     student = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     student.load_state_dict(student_state(model.state_dict(), kept), strict=True)
     student.generation_config = copy.deepcopy(model.generation_config)
-    save_final(student, tokenizer, source, out)
+    save_model(student, tokenizer, source.path, out)
     return StudentInit(out, n_layers, kept, sum(p.numel() for p in model.parameters()),
                        sum(p.numel() for p in student.parameters()))

@@ -105,16 +105,16 @@ def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
 
 
 def generate_teacher_data(teacher: str, prompts_file: str | Path, out: str | Path, *, max_new_tokens: int = 256,
-                          batch_size: int = 16, limit: int | None = None, progress: bool = True) -> TeacherData:
+                          batch_size: int = 16, limit: int | None = None, precision: str = "auto",
+                          progress: bool = True) -> TeacherData:
     """Append the teacher's greedy answers to `out`, continuing after the rows already there.
-    `limit` stops after the first `limit` prompts (a later call without it finishes the file)."""
+    `limit` stops after the first `limit` prompts (a later call without it finishes the file).
+    `precision` is what the teacher computes in: auto (bf16 where the hardware has it), bf16 or fp32."""
     import torch
 
     from ..generate import generate
-    from ..methods.distill import load_teacher
-    from ..models import load_tokenizer
+    from ..models import compute_dtype, load_frozen_model, load_tokenizer, resolve_precision
     from ..progress import progress_bar
-    from ..training.loop import bf16_supported
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 0):
         raise TuneforgeError("--max-new-tokens and --batch-size must be at least 1, --limit at least 0.", code="bad_option")
@@ -125,7 +125,7 @@ def generate_teacher_data(teacher: str, prompts_file: str | Path, out: str | Pat
     stopped_by_length = empty = 0
     if done < target:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_teacher(teacher, dtype=torch.bfloat16 if bf16_supported(device) else torch.float32, device=device)
+        model = load_frozen_model(teacher, dtype=compute_dtype(resolve_precision(precision, device)), device=device)
         tokenizer = load_tokenizer(teacher)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a", encoding="utf-8") as f, progress_bar("teacher answers", target - done, progress) as advance:

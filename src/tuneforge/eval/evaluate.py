@@ -21,15 +21,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data import Conversation, Example, Problem, collate, pack, read_conversations, render_conversation, segments
+from ..data import Conversation, Example, PackedRow, Problem, pack, read_conversations, render_conversation
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
-from ..methods import SFTObjective, causal_lm
-from ..models import load_model, load_tokenizer, resolve
+from ..methods import SFTObjective, sum_over_batches
+from ..models import causal_lm, load_model, load_tokenizer, resolve
+from ..models.attention import per_example_attention, segments, supports_per_example_attention
 from ..progress import progress_bar
-from ..tasks import support_triage
 from ..tasks.metrics import METRICS, parse_json_object
-from ..training.attention import per_example_attention, supports_per_example_attention
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16  # unpacked rows per forward, where the loss cannot run on packed rows
@@ -86,15 +85,13 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
 
 
 def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
-    """`auto`: the triage task's own scorer when its system prompt is there, `json_fields` when every
-    reference is a JSON object, otherwise `exact`."""
+    """`auto`: `json_fields` when every reference is a JSON object, otherwise `exact`. A task's own
+    scorer (`support_triage`) is asked for by name."""
     if metric != "auto":
         if metric not in METRICS:
             raise TuneforgeError(f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.",
                                  code="unknown_metric")
         return metric
-    if any(m["role"] == "system" and m["content"] == support_triage.SYSTEM_PROMPT for m in examples[0].prompt):
-        return "support_triage"
     if all(parse_json_object(e.reference) is not None for e in examples):
         return "json_fields"
     return "exact"
@@ -114,31 +111,23 @@ def token_loss(model, examples: Sequence[Example], pad_id: int, *, batch_size: i
     lm = causal_lm(model)
     longest = max(map(len, examples), default=0)
     if supports_per_example_attention(lm.config, longest):
-        rows = pack(examples, max(EVAL_ROW_TOKENS, longest), share_prefixes=True)
-        batches = [([row], len(segments(row.position_ids))) for row in rows]
+        batches = [[row] for row in pack(examples, max(EVAL_ROW_TOKENS, longest), share_prefixes=True)]
         attention = per_example_attention(lm)
     else:  # unpacked, similar lengths together (less padding)
         ordered = sorted(examples, key=len)
-        batches = [(chunk, len(chunk)) for chunk in (ordered[s:s + batch_size] for s in range(0, len(ordered), batch_size))]
+        batches = [ordered[s:s + batch_size] for s in range(0, len(ordered), batch_size)]
         attention = contextlib.nullcontext()
-    objective = SFTObjective(model)
-    was_training = model.training
-    model.eval()
-    loss_sum = correct = tokens = 0.0
-    try:
-        with attention:
-            for rows, count in batches:
-                batch = {k: v.to(model.device) for k, v in collate(rows, pad_id).items()}
-                sums = objective(**batch)
-                loss_sum += sums["ce"].item()
-                correct += sums["correct"].item()
-                tokens += int(sums["tokens"])
-                advance(count)
-    finally:
-        model.train(was_training)
-    loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "mean_token_accuracy": correct / max(tokens, 1),
-            "tokens": int(tokens)}
+    with attention:
+        sums, tokens = sum_over_batches(SFTObjective(model).train(model.training), batches, pad_id, model.device,
+                                        sums={"ce": "ce", "correct": "correct"},
+                                        advance=lambda rows: advance(_examples_in(rows)))
+    loss = sums["ce"] / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)),
+            "mean_token_accuracy": sums["correct"] / max(tokens, 1), "tokens": int(tokens)}
+
+
+def _examples_in(rows) -> int:
+    return sum(len(segments(r.position_ids)) if isinstance(r, PackedRow) else 1 for r in rows)
 
 
 def _render(example: EvalExample, tokenizer) -> Example:

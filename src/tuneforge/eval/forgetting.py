@@ -32,9 +32,8 @@ from ..data import IGNORE_INDEX, Document, Example, collate, render_conversation
 from ..errors import TuneforgeError
 from ..fsio import write_json
 from ..generate import BATCH_SIZE, encode_prompts, generate
-from ..methods import causal_lm
 from ..methods.sft import trained_logits
-from ..models import load_model, load_tokenizer, resolve
+from ..models import causal_lm, load_model, load_tokenizer, resolve
 from ..progress import progress_bar
 from ..tasks.general import general_prompts, general_questions, general_text
 from ..tasks.metrics import holds_answer

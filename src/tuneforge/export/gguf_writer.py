@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import TuneforgeError
-from ..models.convert import end_of_turn_token
+from ..models import end_of_turn_token
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 GGUF_DTYPES = ("f32", "f16", "q8_0")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import ModelSource, load_model
-from ..models.convert import end_of_turn_token
+from ..models import ModelSource, end_of_turn_token, load_model
 from .probe import MERGE_BOUND, Agreement, agreement, probe_logits, require_within
 
 SAVED_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

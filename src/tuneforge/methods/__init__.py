@@ -2,26 +2,35 @@
 
 Each method module exposes `prepare_model(model, cfg) -> model`, which marks the trainable
 parameters (and wraps the model, for adapters). `build_objective` picks the loss: the SFT objective
-in `sft.py` for full, LoRA and DoRA, the distillation objective in `distill.py` for distill (whose
-student trains as `distill.student` says), the preference objective in `dpo.py` for dpo (its policy
-trains as `dpo.policy` says). `check_inputs` runs the checks a method makes before any compute
-(preference data for dpo and only for dpo; distill: the teacher's vocabulary is the student's).
+in `sft.py` for full, LoRA and DoRA (cross-entropy, with the `kl_to_base.KLToBase` term and the
+`neftune.NEFTune` hook when the config asks), the distillation objective in `distill.py` for
+distill (whose student trains as `distill.student` says), the preference objective in `dpo.py` for
+dpo (its policy trains as `dpo.policy` says). `check_inputs` runs the checks a method makes before
+any compute (preference data for dpo and only for dpo; distill: the teacher's vocabulary is the
+student's).
 
 An objective returns sums. What they are sums over is its `count` of a batch (trained tokens
 unless it says otherwise; DPO counts pairs), and the loop divides by the count of the whole
 optimizer step. `reported_sums` names the sums the loop logs as train_/valid_ metrics, and
 `logged_sums` the method's own sums, logged per count beside them; `train_only_sums` those of them
-that validation leaves out.
+that validation leaves out. `sum_over_batches` runs an objective over batches without gradients
+(validation, and evaluation's loss).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from ..data import IGNORE_INDEX, collate
+from ..models import load_frozen_model
 from . import distill, dpo, full, lora
 from .distill import DistillObjective
 from .dpo import DPOObjective
-from .sft import IGNORE, SFTObjective, causal_lm
+from .kl_to_base import KLToBase
+from .neftune import NEFTune
+from .sft import SFTObjective
 
 PREPARE = {"full": full.prepare_model, "lora": lora.prepare_model, "dora": lora.prepare_model,
            "distill": distill.prepare_model, "dpo": dpo.prepare_model}
@@ -42,15 +51,21 @@ def check_inputs(cfg, tokenizer) -> None:
         distill.check_teacher(cfg, tokenizer)
 
 
-def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device, reference=None):
-    """The module the loop calls on each micro-batch; it returns sums (see `SFTObjective`).
-    `reference` is the frozen base copy for `kl_to_base` or KL replay with full fine-tuning."""
+def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device):
+    """The module the loop calls on each micro-batch; it returns sums (see `SFTObjective`)."""
     if cfg.method == "distill":
         return distill.build_objective(model, cfg, dtype=dtype, device=device)
     if cfg.method == "dpo":
         return dpo.build_objective(model, cfg, dtype=dtype, device=device)
-    return SFTObjective(model, kl_to_base=cfg.train.kl_to_base, replay_kl=cfg.train.replay_loss == "kl_to_base",
-                        reference=reference, neftune_alpha=cfg.train.neftune_alpha)
+    t = cfg.train
+    if t.neftune_alpha:
+        NEFTune(t.neftune_alpha).attach(model)
+    replay = t.replay_loss == "kl_to_base"
+    if not (t.kl_to_base or replay):
+        return SFTObjective(model)
+    # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
+    reference = load_frozen_model(cfg.base_model, dtype=dtype, device=device) if cfg.method == "full" else None
+    return SFTObjective(model, terms=(KLToBase(weight=t.kl_to_base, replay=replay, reference=reference),))
 
 
 def batch_items(prepared, cfg) -> tuple[list, list]:
@@ -62,7 +77,7 @@ def batch_items(prepared, cfg) -> tuple[list, list]:
 
 
 def trained_tokens(batch: dict) -> int:
-    return int((batch["labels"] != IGNORE).sum())
+    return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def loss_count(objective):
@@ -82,9 +97,32 @@ def adapter_on_merged_base(cfg, source) -> bool:
     return source.adapter is not None and cfg.method == "dpo" and cfg.dpo.policy == "lora"
 
 
+@torch.no_grad()
+def sum_over_batches(objective, batches, pad_id: int, device: torch.device, *, sums: dict[str, str], count=None,
+                     autocast=contextlib.nullcontext, advance=lambda rows: None) -> tuple[dict[str, float], float]:
+    """Run `objective` in eval mode over `batches` (lists of rows) and add up the sums it returns:
+    ({metric name: total of the objective's sum named in `sums`}, total count). `advance(rows)` is
+    called after each batch."""
+    count = count or loss_count(objective)
+    was_training = objective.training
+    objective.eval()
+    totals = torch.zeros(len(sums) + 1, dtype=torch.float64)
+    try:
+        for rows in batches:
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+            with autocast():
+                out = objective(**batch)
+            totals += torch.tensor([*(float(out[key]) for key in sums.values()), count(batch)], dtype=torch.float64)
+            advance(rows)
+    finally:
+        objective.train(was_training)
+    return dict(zip(sums, totals[:-1].tolist())), float(totals[-1])
+
+
 def trainable_parameters(model) -> dict:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-__all__ = ["adapter_on_merged_base", "prepare_model", "check_inputs", "build_objective", "batch_items", "loss_count", "reported_sums",
-           "trainable_parameters", "SFTObjective", "DistillObjective", "DPOObjective", "causal_lm"]
+__all__ = ["adapter_on_merged_base", "prepare_model", "check_inputs", "build_objective", "batch_items", "loss_count",
+           "reported_sums", "sum_over_batches", "trainable_parameters", "SFTObjective", "DistillObjective",
+           "DPOObjective", "KLToBase", "NEFTune"]

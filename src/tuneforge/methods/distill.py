@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import IGNORE_INDEX
 from ..errors import TuneforgeError
+from ..models import causal_lm, load_frozen_model
 from . import full, lora
-from .sft import IGNORE, causal_lm, label_sums, trained_logits
+from .sft import label_sums, trained_logits
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -80,12 +82,14 @@ class DistillObjective(nn.Module):
     def teacher(self) -> nn.Module:
         return self.frozen[0]
 
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, is_replay=None):
+        # Replay rows (data.general_mix) learn from the labels and the teacher like any others.
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
         logits = trained_logits(causal_lm(self.model), **batch)
         with torch.no_grad():
             teacher_logits = trained_logits(causal_lm(self.teacher), **batch)
-        out = label_sums(logits, labels[labels != IGNORE])
+        targets = labels[labels != IGNORE_INDEX]
+        out = label_sums(logits, targets, F.cross_entropy(logits, targets, reduction="none"))
         t = self.temperature
         soft = divergence(F.log_softmax(teacher_logits / t, -1), F.log_softmax(logits / t, -1), self.kind, self.beta)
         out["loss"] = self.alpha * out["ce"] + (1 - self.alpha) * t * t * soft
@@ -94,20 +98,9 @@ class DistillObjective(nn.Module):
         return out
 
 
-def load_teacher(spec, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
-    """A frozen teacher (named like base_model) as a plain causal LM in eval mode: an adapter teacher
-    (a LoRA run) is merged, so it costs one model's forward."""
-    from ..models import load_model
-
-    teacher = load_model(spec, dtype=dtype)
-    if hasattr(teacher, "merge_and_unload"):
-        teacher = teacher.merge_and_unload()
-    return teacher.to(device).eval().requires_grad_(False)
-
-
 def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> DistillObjective:
     d = cfg.distill
-    return DistillObjective(model, load_teacher(d.teacher, dtype=dtype, device=device), alpha=d.alpha,
+    return DistillObjective(model, load_frozen_model(d.teacher, dtype=dtype, device=device), alpha=d.alpha,
                             temperature=d.temperature, kind=d.divergence, beta=d.jsd_beta)
 
 

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as tfdata
+from ..data import IGNORE_INDEX
 from ..errors import TuneforgeError
+from ..models import causal_lm, load_frozen_model
 from . import full, lora
-from .distill import load_teacher
-from .sft import IGNORE, causal_lm, reference_lm, trained_logits
+from .sft import reference_lm, trained_logits
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -66,7 +67,7 @@ def example_ids(labels: torch.Tensor, position_ids: torch.Tensor | None) -> torc
     example of its own with no trained positions, so it takes no index."""
     starts = torch.zeros_like(labels, dtype=torch.bool) if position_ids is None else position_ids == 0
     starts[:, 0] = True
-    segment = starts.flatten().cumsum(0)[labels.flatten() != IGNORE]
+    segment = starts.flatten().cumsum(0)[labels.flatten() != IGNORE_INDEX]
     return torch.unique_consecutive(segment, return_inverse=True)[1]
 
 
@@ -79,7 +80,7 @@ def count_pairs(batch: dict) -> int:
 def sequence_logps(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
     """Log-probability of each example's trained tokens, summed per example: [examples]."""
     logits = trained_logits(lm, input_ids, labels, position_ids, attention_mask)
-    token_logps = -F.cross_entropy(logits, labels[labels != IGNORE], reduction="none")
+    token_logps = -F.cross_entropy(logits, labels[labels != IGNORE_INDEX], reduction="none")
     ids = example_ids(labels, position_ids)
     n = int(ids[-1]) + 1 if ids.numel() else 0
     return token_logps.new_zeros(n).index_add(0, ids, token_logps)
@@ -146,7 +147,7 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
     d = cfg.dpo
     # Full fine-tuning changes every weight: the reference is a frozen copy of the starting model
     # (merged, as a LoRA teacher is for distillation). A LoRA policy's reference is its disabled adapter.
-    reference = load_teacher(cfg.base_model, dtype=dtype, device=device) if d.policy == "full" else None
+    reference = load_frozen_model(cfg.base_model, dtype=dtype, device=device) if d.policy == "full" else None
     return DPOObjective(model, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing, reference=reference)
 
 

@@ -8,8 +8,10 @@
 folder or tuneforge run folder, or a hub id (org/name); see `sources.py` for the order.
 """
 
+from .architecture import causal_lm, context_length, end_of_turn_token
 from .convert import pull
-from .loading import CHATML_TEMPLATE, list_models, load_model, load_tokenizer, model_info
+from .loading import CHATML_TEMPLATE, list_models, load_frozen_model, load_model, load_tokenizer, model_info
+from .precision import bf16_supported, compute_dtype, resolve_precision
 from .registry import REGISTRY, RegistryEntry
 from .sources import ModelSource, resolve
 
@@ -18,10 +20,17 @@ __all__ = [
     "REGISTRY",
     "ModelSource",
     "RegistryEntry",
+    "bf16_supported",
+    "causal_lm",
+    "compute_dtype",
+    "context_length",
+    "end_of_turn_token",
     "list_models",
+    "load_frozen_model",
     "load_model",
     "load_tokenizer",
     "model_info",
     "pull",
     "resolve",
+    "resolve_precision",
 ]

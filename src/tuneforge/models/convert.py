@@ -30,13 +30,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from ..errors import ModelSourceError
 from ..fsio import atomic_dir, tuneforge_home, write_json
+from .architecture import context_length, end_of_turn_token
 from .registry import REGISTRY, RegistryEntry, nearest_registry_name
 
 MODEL_RECORD = "tuneforge-model.json"
-
-# Chat templates end a turn with one of these; generation must stop there, not only at the tokenizer's
-# end-of-text, or a chat model rambles on into the next turn.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<turn|>")
 
 _CHUNK = 1 << 20
 
@@ -204,22 +201,6 @@ def _write_trainable_folder(gguf_path: Path, out_dir: Path) -> None:
     trainable.generation_config = _chat_generation_config(tokenizer)
     trainable.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def context_length(config) -> int | None:
-    """How many positions the model was built for, under whichever name its config uses."""
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def end_of_turn_token(tokenizer) -> str | None:
-    """The token that closes a turn in this tokenizer's chat template, if it has one."""
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    vocab = tokenizer.get_vocab()
-    return next((t for t in END_OF_TURN_TOKENS if t in vocab and t in template), None)
 
 
 def _chat_generation_config(tokenizer):

@@ -1,5 +1,5 @@
-"""Training: the loop we own (`loop.py`), its checkpoints, batching, distribution and dry run."""
+"""Training: the loop we own (`loop.py`), its checkpoints, batching and distribution."""
 
-from .loop import TrainResult, train
+from .loop import StepPlan, TrainResult, make_plan, shares_prefixes, to_rows, train
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["StepPlan", "TrainResult", "make_plan", "shares_prefixes", "to_rows", "train"]

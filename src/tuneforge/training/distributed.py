@@ -87,6 +87,12 @@ def all_sum(t: torch.Tensor, world: World, phase_name: str) -> torch.Tensor:
     return t
 
 
+def sum_across(values: dict[str, float], world: World, phase_name: str) -> dict[str, float]:
+    """Each value summed over all ranks, key by key, in one all-reduce (float64)."""
+    totals = all_sum(torch.tensor(list(values.values()), dtype=torch.float64), world, phase_name)
+    return dict(zip(values, totals.tolist()))
+
+
 def barrier(world: World, phase_name: str) -> None:
     if dist.is_initialized():
         with phase(phase_name, world):

@@ -1,13 +1,14 @@
 """The training recipe: one loop for every method, readable top to bottom.
 
-    config -> tokenizer + data -> model + method -> optimizer + schedule -> [resume] ->
-    for each step: micro-batches -> forward/backward (loss / trained tokens of the whole step)
-                   -> clip -> optimizer step -> log -> eval -> checkpoint
-    -> final model + full validation + what `eval:` asks for (task scores, forgetting) + summary
+    setup(cfg, world)  config -> tokenizer + data -> model + method -> rows -> optimizer + schedule -> [resume]
+    fit(run)           for each step: micro-batches -> forward/backward (loss / trained tokens of the whole step)
+                       -> clip -> optimizer step -> log -> validate -> checkpoint
+    finish(run)        final checkpoint + full validation + final model + summary
 
 The loss of an optimizer step is the mean over its trained tokens (for DPO, its pairs: what the
 objective counts) across all micro-batches and ranks. Each micro-batch therefore backpropagates
 (its summed loss) / (the step's count), times the world size because DDP averages gradients over ranks.
+What a config's `eval:` section asks for runs after this, in the caller (`tuneforge.pipeline`).
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ import torch
 
 from .. import data as tfdata
 from ..config import Config, auto_epochs, load_config
-from ..data.replay import replay_conversations
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
-from ..methods import (adapter_on_merged_base, batch_items, build_objective, causal_lm, check_inputs, loss_count,
-                       prepare_model, reported_sums, trainable_parameters)
-from ..models import load_model, load_tokenizer, resolve
+from ..methods import (adapter_on_merged_base, batch_items, build_objective, check_inputs, loss_count, prepare_model,
+                       reported_sums, sum_over_batches, trainable_parameters)
+from ..models import ModelSource, causal_lm, compute_dtype, load_model, load_tokenizer, resolve, resolve_precision
+from ..models.attention import per_example_attention, supports_per_example_attention
+from ..models.saving import save_model
 from . import batches, checkpoint, distributed
-from .attention import per_example_attention, supports_per_example_attention
-from .progress import TrainProgress
+from .progress import TrainProgress, print_summary
 
 
 @dataclass
@@ -47,24 +48,6 @@ class TrainResult:
 
 
 # --- building blocks -----------------------------------------------------------------------------
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # Without AVX512-BF16/AMX, CPU bf16 matmuls are emulated and slower than fp32.
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    if precision == "bf16" and not bf16_supported(device):
-        raise TuneforgeError(
-            f"train.precision=bf16, but this {device.type} has no native bf16 (it would be emulated and slow). "
-            "Use precision: auto or fp32."
-        )
-    return precision
 
 
 def seed_everything(seed: int) -> None:
@@ -108,7 +91,7 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config) -> torch.
 
 
 @dataclass
-class Plan:
+class StepPlan:
     """How many steps the run takes, derived from the data and the config."""
 
     rows: int
@@ -119,7 +102,7 @@ class Plan:
     micro_batch_rows: int
 
 
-def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Plan:
+def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> StepPlan:
     t = cfg.train
     n_micro = t.grad_accum * world_size
     if t.batch_size % n_micro:
@@ -136,7 +119,7 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Pla
     total = t.max_steps or epochs * per_epoch
     epochs = math.ceil(total / per_epoch)
     warmup = int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
-    return Plan(n_rows, epochs, per_epoch, total, warmup, t.batch_size // n_micro)
+    return StepPlan(n_rows, epochs, per_epoch, total, warmup, t.batch_size // n_micro)
 
 
 def row_tokens(row) -> int:
@@ -146,7 +129,7 @@ def row_tokens(row) -> int:
 
 def shares_prefixes(cfg: Config, all_per_example: bool) -> bool:
     """Whether packed rows hold a common prefix once (`data.pack`): only where every model of the
-    forward attends per example (`training.attention` reads the shared prefix), and not for DPO,
+    forward attends per example (`models.attention` reads the shared prefix), and not for DPO,
     whose items are pairs already laid out."""
     return (cfg.data.packing and cfg.data.share_prefixes and cfg.method != "dpo"
             and cfg.train.attention == "per_example" and all_per_example)
@@ -156,13 +139,7 @@ def to_rows(items, cfg: Config, share_prefixes: bool = False):
     # Rows are max_length long, or as long as the longest item (a DPO pair is two examples end to end).
     if not cfg.data.packing:
         return items
-    length = max([cfg.data.max_length, *map(len, items)])
-    if cfg.train.replay_loss == "ce":
-        return tfdata.pack(items, length, share_prefixes=share_prefixes)
-    # Replay learned as the base model's distribution: its rows hold replay alone, so that the base
-    # model runs on those rows only.
-    groups = [[e for e in items if not e.general], [e for e in items if e.general]]
-    return [row for group in groups for row in tfdata.pack(group, length, share_prefixes=share_prefixes)]
+    return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)]), share_prefixes=share_prefixes)
 
 
 class MetricsLog:
@@ -195,30 +172,6 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record["step"])
 
 
-@torch.no_grad()
-def evaluate(objective, rows, pad_id: int, micro_rows: int, world: distributed.World, autocast, *,
-             summed: dict[str, str], count, phase: str) -> dict:
-    """Each metric of `summed` (name -> the objective's sum) over `rows`, per what `count` counts
-    (trained tokens; DPO pairs), summed across ranks. Packing does not change it: the same tokens
-    are predicted from the same context either way.
-
-    Each rank runs its share of the rows, which may be none, so the forwards run outside DDP (whose
-    forward is a collective that every rank would have to join); the one collective is the sum."""
-    objective = getattr(objective, "module", objective)  # DDP's wrapped module
-    objective.eval()
-    totals = torch.zeros(len(summed) + 1, dtype=torch.float64)
-    device = world.device
-    for start in range(world.rank * micro_rows, len(rows), micro_rows * world.size):
-        batch = {k: v.to(device) for k, v in tfdata.collate(rows[start:start + micro_rows], pad_id).items()}
-        with autocast():
-            sums = objective(**batch)
-        totals += torch.tensor([*(sums[key].item() for key in summed.values()), count(batch)], dtype=torch.float64)
-    distributed.all_sum(totals, world, phase)
-    objective.train()
-    n = max(totals[-1].item(), 1)
-    return {name: total / n for name, total in zip(summed, totals[:-1].tolist())}
-
-
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step."""
 
@@ -241,237 +194,278 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-# --- the recipe ----------------------------------------------------------------------------------
+def resume_point(cfg: Config, resume: str | None, force: bool) -> Path | None:
+    """The checkpoint to resume from; a refused resume fails here, before any heavy work."""
+    if not resume:
+        return None
+    root = Path(cfg.output_dir) / "checkpoints"
+    folder = checkpoint.latest(root) if resume == "latest" else Path(resume)
+    if folder is None or not (folder / checkpoint.STATE).is_file():
+        raise TuneforgeError(f"no checkpoint to resume from at {folder or root}; start without --resume.")
+    saved_hash = json.loads((folder / checkpoint.STATE).read_text())["config_hash"]
+    if saved_hash != cfg.results_hash() and not force:
+        raise TuneforgeError(
+            f"{folder} was written with a different config (one that changes results). "
+            "Resume with the original config, or pass --force to continue anyway."
+        )
+    return folder
 
 
-def train(config, overrides: list[str] = (), *, resume: str | None = None, force: bool = False,
-          progress: bool = True) -> TrainResult:
-    """Fine-tune as the config says. `resume` is "latest" or a checkpoint folder."""
-    from ..eval import after_training  # eval imports training: import it late
-
-    cfg = load_config(config, overrides)
-    world = distributed.setup(cfg.train.distributed_timeout)
-    out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    device = world.device
-    precision = resolve_precision(cfg.train.precision, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-    seed_everything(cfg.train.seed)
-    log = print if world.is_main else (lambda *a, **k: None)
-
-    # Resume point first: a refused resume must fail before any heavy work.
-    resume_from = None
-    if resume:
-        resume_from = checkpoint.latest(ckpt_root) if resume == "latest" else Path(resume)
-        if resume_from is None or not (resume_from / checkpoint.STATE).is_file():
-            raise TuneforgeError(f"no checkpoint to resume from at {resume_from or ckpt_root}; start without --resume.")
-        saved_hash = json.loads((resume_from / checkpoint.STATE).read_text())["config_hash"]
-        if saved_hash != cfg.results_hash() and not force:
-            raise TuneforgeError(
-                f"{resume_from} was written with a different config (one that changes results). "
-                "Resume with the original config, or pass --force to continue anyway."
-            )
-
-    # Data: rank 0 prepares (and caches); the other ranks then read the same cache.
-    source = resolve(cfg.base_model)
-    tokenizer = load_tokenizer(source)
-    check_inputs(cfg, tokenizer)
-    after_training.check_eval_inputs(cfg)
+def prepare_data(cfg: Config, tokenizer, world: distributed.World, out: Path, log) -> tfdata.PreparedData:
+    """Rank 0 prepares the data (and caches it, and writes the report); the other ranks then read the cache."""
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        general = replay_conversations(cfg, tokenizer, log=log)
-        prepared = tfdata.prepare(cfg.data, tokenizer, general=general, report_path=out / "data_report.json", log=log)
+        prepared = tfdata.prepare(cfg.data, tokenizer, report_path=out / "data_report.json", log=log)
     distributed.barrier(world, "preparing data (rank 0 prepares it while the others wait)")
     if not world.is_main:
-        general = replay_conversations(cfg, tokenizer, generate=False, log=log)
-        prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=log)
-    train_items, valid_items = batch_items(prepared, cfg)
+        prepared = tfdata.prepare(cfg.data, tokenizer, log=log)
+    return prepared
 
-    # Model and method.
-    model = prepare_model(load_model(source, dtype=torch.float32), cfg).to(device)
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a run holds from setup to finish."""
+
+    cfg: Config
+    world: distributed.World
+    source: ModelSource
+    tokenizer: object
+    model: torch.nn.Module
+    objective: torch.nn.Module  # DDP-wrapped on several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: StepPlan
+    train_rows: list
+    valid_rows: list
+    precision: str
+    attention_models: list  # the causal LMs of the forward that run per-example attention
+    metrics_log: MetricsLog
+    state: dict  # step, tokens, elapsed: what a checkpoint carries beside the weights
+    last_metrics: dict = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def sums(self) -> dict[str, str]:
+        """Logged metric name -> the objective's sum it is, per count: the reported ones (train_loss, ...)
+        and the method's own (kl_to_base, rewards/*, ...)."""
+        objective = getattr(self.objective, "module", self.objective)
+        return {**reported_sums(objective), **{name: name for name in objective.logged_sums}}
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def attention(self):
+        """Per-example attention in every training and validation forward (`train.attention`)."""
+        if self.cfg.train.attention == "per_example":
+            return per_example_attention(*self.attention_models)
+        return contextlib.nullcontext()
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        path = None
+        if self.world.is_main:
+            state = {**self.state, "step": step, "config_hash": self.cfg.results_hash()}
+            path = checkpoint.save(self.out / "checkpoints", step, self.model, self.tokenizer, self.optimizer,
+                                   self.scheduler, state, self.cfg.train.keep_checkpoints)
+        distributed.barrier(self.world, f"writing checkpoint step-{step} (rank 0 writes it while the others wait)")
+        return path
+
+    def validate(self, phase: str) -> dict:
+        """The validation metrics (the reported sums and the method's own, less training-only ones),
+        each per count over all validation rows. Each rank runs its share of the rows, which may be
+        none, outside DDP (whose forward is a collective every rank would have to join); the one
+        collective is the sum."""
+        objective = getattr(self.objective, "module", self.objective)
+        sums = {k: v for k, v in self.sums.items() if k not in objective.train_only_sums}
+        per_batch, world = self.plan.micro_batch_rows, self.world
+        shard = (self.valid_rows[start:start + per_batch]
+                 for start in range(world.rank * per_batch, len(self.valid_rows), per_batch * world.size))
+        totals, count = sum_over_batches(objective, shard, self.tokenizer.pad_token_id, world.device, sums=sums,
+                                         autocast=self.autocast)
+        totals = distributed.sum_across({**totals, "count": count}, world, phase)
+        n = max(totals.pop("count"), 1)
+        return {name: total / n for name, total in totals.items()}
+
+
+def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, force: bool = False,
+          log=print) -> Run:
+    """Everything the steps need: data, model, objective, rows, optimizer and schedule, restored
+    from a checkpoint when resuming."""
+    precision = resolve_precision(cfg.train.precision, world.device)
+    seed_everything(cfg.train.seed)
+    resume_from = resume_point(cfg, resume, force)
+    source = resolve(cfg.base_model)
+    tokenizer = load_tokenizer(source)
+    check_inputs(cfg, tokenizer)
+    train_items, valid_items = batch_items(prepare_data(cfg, tokenizer, world, Path(cfg.output_dir), log), cfg)
+
+    model = prepare_model(load_model(source, dtype=torch.float32), cfg).to(world.device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     named_params = trainable_parameters(model)
-    params = list(named_params.values())
     optimizer = make_optimizer(named_params, cfg)
-    reference = None
-    replay_kl = cfg.train.replay_loss == "kl_to_base"
-    if (cfg.train.kl_to_base or replay_kl) and cfg.method == "full":
-        # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
-        reference = load_model(source, dtype=torch.float32).to(device).eval().requires_grad_(False)
-    objective = build_objective(model, cfg, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                                device=device, reference=reference)
-    reported = reported_sums(objective)  # logged as train_NAME and valid_NAME: loss (and token accuracy)
-    logged_sums = objective.logged_sums  # the method's own metrics, beside them
-    summed = {**reported, **{name: name for name in logged_sums}}
-    valid_summed = {k: v for k, v in summed.items() if k not in objective.train_only_sums}
-    count = loss_count(objective)  # what the sums are sums over: trained tokens, or DPO pairs
-    frozen = objective.frozen  # a teacher or reference copy the objective runs beside the trained model
+    objective = build_objective(model, cfg, dtype=compute_dtype(precision), device=world.device)
 
     # Every model a training forward runs: the trained one, and a teacher or reference copy if any.
-    lms = [causal_lm(m) for m in (model, *frozen)]
+    lms = [causal_lm(m) for m in (model, *objective.frozen)]
     per_example = [lm for lm in lms if supports_per_example_attention(lm.config, cfg.data.max_length)]
     if cfg.train.attention == "per_example" and len(per_example) < len(lms):
         log("attention: a model's attention is not plain causal attention over a whole row "
             "(sliding window or soft-capping); it keeps its own attention with a block mask")
-
-    def training_attention():
-        return per_example_attention(*per_example) if cfg.train.attention == "per_example" else contextlib.nullcontext()
-
-    # Rows: a shared prefix needs every model of the forward to run per-example attention.
+    # A shared prefix needs every model of the forward to run per-example attention.
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
-    lengths = np.array([len(r.input_ids) for r in train_rows])
     if share:
         log(f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
-            f"{int(lengths.sum()):,} tokens ({sum(map(len, train_items)):,} without sharing)")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
+            f"{sum(len(r) for r in train_rows):,} tokens ({sum(map(len, train_items)):,} without sharing)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
 
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} at step {state['step']}")
-    metrics_log = MetricsLog(out / "metrics.jsonl", state["step"] if resume_from else None, world.is_main)
+    metrics_log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", state["step"] if resume_from else None,
+                             world.is_main)
     if world.size > 1:
         with distributed.phase("setting up the model on every process", world):
             objective = torch.nn.parallel.DistributedDataParallel(
-                objective, device_ids=[device.index] if device.type == "cuda" else None)
+                objective, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     objective.train()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Run(cfg, world, source, tokenizer, model, objective, optimizer, scheduler, plan, train_rows, valid_rows,
+               precision, per_example, metrics_log, state)
 
-    def save_checkpoint(step: int) -> Path | None:
-        path = None
-        if world.is_main:
-            state_now = {**state, "step": step, "config_hash": cfg.results_hash()}
-            path = checkpoint.save(ckpt_root, step, model, tokenizer, optimizer, scheduler, state_now, cfg.train.keep_checkpoints)
-        distributed.barrier(world, f"writing checkpoint step-{step} (rank 0 writes it while the others wait)")
-        return path
 
-    def validation_metrics(phase: str) -> dict:
-        return evaluate(objective, valid_rows, pad_id, plan.micro_batch_rows, world, autocast, summed=valid_summed,
-                        count=count, phase=phase)
+def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> tuple[dict, bool]:
+    """One optimizer step: its record for the log, and whether any rank asked to stop."""
+    cfg, world, objective = run.cfg, run.world, run.objective
+    epoch, step_in_epoch = divmod(step, run.plan.steps_per_epoch)
+    order = batches.epoch_order(len(run.train_rows), cfg.train.seed, epoch)
+    micro = batches.step_micro_batches(order, step_in_epoch, cfg.train.batch_size, cfg.train.grad_accum,
+                                       world.size, world.rank, lengths)
+    real_tokens = sum(row_tokens(run.train_rows[i]) for idx in micro for i in idx)
+    micro = [tfdata.collate([run.train_rows[i] for i in idx], run.tokenizer.pad_token_id) for idx in micro]
+    count = loss_count(getattr(objective, "module", objective))
+    phase = f"training step {step + 1}"
+    # The step's count (trained tokens, or pairs), over all micro-batches and ranks: the loss denominator.
+    step_count = distributed.all_sum(torch.tensor([float(sum(count(b) for b in micro))]), world, phase)
+    started = time.perf_counter()
+    totals = dict.fromkeys(run.sums.values(), 0.0)  # the objective's sums over this rank's micro-batches
+    with distributed.phase(phase, world):
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(world.device) for k, v in batch.items()}
+            # DDP reduces gradients on the last micro-batch only.
+            sync = contextlib.nullcontext() if world.size == 1 or i == len(micro) - 1 else objective.no_sync()
+            with sync:
+                with run.autocast():
+                    sums = objective(**batch)
+                # Scaled by the world size because DDP averages the ranks' gradients, where we want their sum.
+                (sums["loss"] * (world.size / step_count.to(world.device))).backward()
+            for key in totals:
+                totals[key] += float(sums[key])
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(run.model).values(),
+                                               cfg.train.max_grad_norm or float("inf"))
+    # One all-reduce for the step's sums, its real tokens and the ranks asked to stop: every rank
+    # sees the same sum, so all of them stop after the same step.
+    summed = distributed.sum_across({**totals, "_tokens": real_tokens, "_stop": float(stop.signal is not None)},
+                                    world, phase)
+    means = {name: summed[key] / step_count.item() for name, key in run.sums.items()}
+    if not math.isfinite(means["loss"]) or not math.isfinite(float(grad_norm)):
+        raise RunFailed(
+            f"step {step + 1}: {'loss' if not math.isfinite(means['loss']) else 'gradient norm'} is not finite. "
+            "Likely causes: a learning rate too high for this model, or bf16 overflow (try precision: fp32). "
+            f"Last good checkpoint: {checkpoint.latest(run.out / 'checkpoints') or 'none yet'} (resume with --resume "
+            "after changing the config and --force)."
+        )
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state["tokens"] += int(summed["_tokens"])
+    reported = reported_sums(getattr(objective, "module", objective))
+    record = {
+        "step": step + 1,
+        "epoch": round((step + 1) / run.plan.steps_per_epoch, 4),
+        **{f"train_{name}": means[name] for name in reported},
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens": run.state["tokens"],
+        "tokens_per_s": summed["_tokens"] / (time.perf_counter() - started),
+        **{name: means[name] for name in run.sums if name not in reported},
+    }
+    return record, summed["_stop"] > 0
 
-    last_metrics: dict = {}
-    started = time.perf_counter() - state["elapsed"]
-    bar = TrainProgress(plan.total_steps, state["step"], enabled=progress and world.is_main)
-    status = "completed"
-    with StopRequest() as stop, bar, training_attention():
-        for step in range(state["step"], plan.total_steps):
-            epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-            order = batches.epoch_order(len(train_rows), cfg.train.seed, epoch)
-            micro = batches.step_micro_batches(order, step_in_epoch, cfg.train.batch_size, cfg.train.grad_accum,
-                                               world.size, world.rank, lengths)
-            real_tokens = sum(row_tokens(train_rows[i]) for idx in micro for i in idx)
-            micro = [tfdata.collate([train_rows[i] for i in idx], pad_id, mark_general=replay_kl) for idx in micro]
 
-            phase = f"training step {step + 1}"
-            # The step's count (trained tokens, or pairs), over all micro-batches and ranks: the loss denominator.
-            step_count = distributed.all_sum(torch.tensor([float(sum(count(b) for b in micro))]), world, phase)
-            t0 = time.perf_counter()
-            # the objective's sums named in `summed`, then real (non-padding) tokens, then the ranks
-            # asked to stop: every rank sees the same sum, so all of them stop after the same step
-            totals = torch.zeros(len(summed) + 2, dtype=torch.float64)
-            totals[-2] = real_tokens
-            with distributed.phase(phase, world):
-                for i, batch in enumerate(micro):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    sync = contextlib.nullcontext() if world.size == 1 or i == len(micro) - 1 else objective.no_sync()
-                    with sync:
-                        with autocast():
-                            sums = objective(**batch)
-                        (sums["loss"] * (world.size / step_count.to(device))).backward()
-                    totals[:-2] += torch.tensor([sums[key].item() for key in summed.values()], dtype=torch.float64)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-            totals[-1] = stop.signal is not None
-            distributed.all_sum(totals, world, phase)
-            stop_requested = totals[-1].item() > 0
-            means = dict(zip(summed, (totals[:-2] / step_count.item()).tolist()))
-            train_loss = means["loss"]
-            if not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)):
-                last = checkpoint.latest(ckpt_root)
-                raise RunFailed(
-                    f"step {step + 1}: {'loss' if not math.isfinite(train_loss) else 'gradient norm'} is not finite. "
-                    "Likely causes: a learning rate too high for this model, or bf16 overflow (try precision: fp32). "
-                    f"Last good checkpoint: {last or 'none yet'} (resume with --resume after changing the config and --force)."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            step_time = time.perf_counter() - t0
-            state["step"], state["tokens"] = step + 1, state["tokens"] + int(totals[-2])
-            state["elapsed"] = time.perf_counter() - started
-            record = {
-                "step": step + 1,
-                "epoch": round((step + 1) / plan.steps_per_epoch, 4),
-                **{f"train_{name}": means[name] for name in reported},
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens": state["tokens"],
-                "tokens_per_s": totals[-2].item() / step_time,
-                "elapsed": round(state["elapsed"], 3),
-            }
-            record.update({name: means[name] for name in logged_sums})
+def fit(run: Run, *, progress: bool = True, log=print) -> str:
+    """The steps, with logging, validation and checkpoints; "completed", or "interrupted" by a signal."""
+    cfg, plan = run.cfg, run.plan
+    lengths = np.array([len(r.input_ids) for r in run.train_rows])
+    started = time.perf_counter() - run.state["elapsed"]
+    bar = TrainProgress(plan.total_steps, run.state["step"], enabled=progress and run.world.is_main)
+    with StopRequest() as stop, bar, run.attention():
+        for step in range(run.state["step"], plan.total_steps):
+            record, stop_requested = train_step(run, step, stop, lengths)
+            run.state["step"] = step + 1
+            run.state["elapsed"] = time.perf_counter() - started
+            record["elapsed"] = round(run.state["elapsed"], 3)
             is_last = step + 1 == plan.total_steps
-            if valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
-                v = validation_metrics(f"validation at step {step + 1}")
-                record.update({f"valid_{name}": value for name, value in v.items()})
+            if run.valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
+                valid = run.validate(f"validation at step {step + 1}")
+                record.update({f"valid_{name}": value for name, value in valid.items()})
             if (step + 1) % cfg.train.log_every == 0 or is_last or "valid_loss" in record:
-                metrics_log.write(record)
-            last_metrics = record
+                run.metrics_log.write(record)
+            run.last_metrics = record
             bar.update(record)
-
             if stop_requested:
-                status = "interrupted"
-                path = save_checkpoint(step + 1)
+                path = run.save_checkpoint(step + 1)
                 log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `tuneforge train CONFIG --resume`.")
-                break
+                return "interrupted"
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and not is_last:
-                save_checkpoint(step + 1)
+                run.save_checkpoint(step + 1)
+    return "completed"
 
+
+def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
+    """The final checkpoint, full validation and final model of a completed run, and the summary."""
     final_dir = None
+    metrics = run.last_metrics
     if status == "completed":
-        save_checkpoint(plan.total_steps)
-        if valid_rows:
-            with training_attention():
-                v = validation_metrics("final validation")
-            full_valid = {f"full_valid_{name}": value for name, value in v.items()}
-            last_metrics.update(full_valid)
-            metrics_log.write({"step": plan.total_steps, **full_valid})
-        if world.is_main:
-            final_dir = save_final(model, tokenizer, source, out / "final", merge=adapter_on_merged_base(cfg, source))
-        distributed.barrier(world, "writing the final model (rank 0 writes it while the others wait)")
-        if world.is_main:
-            if cfg.eval.task or cfg.eval.forgetting:
-                last_metrics.update(after_training.evaluate_after_training(cfg, out, final_dir, progress=progress))
-            write_json(out / "summary.json", {"status": status, "steps": plan.total_steps, "precision": precision,
-                                              "epochs": plan.epochs, "metrics": last_metrics})
-    if world.is_main:
-        bar.summary(last_metrics, out)
-    distributed.teardown()
-    return TrainResult(out, final_dir, state["step"], status, last_metrics)
+        run.save_checkpoint(run.plan.total_steps)
+        if run.valid_rows:
+            with run.attention():
+                valid = run.validate("final validation")
+            full_valid = {f"full_valid_{name}": value for name, value in valid.items()}
+            metrics.update(full_valid)
+            run.metrics_log.write({"step": run.plan.total_steps, **full_valid})
+        if run.world.is_main:
+            final_dir = save_model(run.model, run.tokenizer, run.source.path, run.out / "final",
+                                   merge=adapter_on_merged_base(run.cfg, run.source))
+            write_json(run.out / "summary.json", {"status": status, "steps": run.plan.total_steps,
+                                                   "precision": run.precision, "epochs": run.plan.epochs,
+                                                   "metrics": metrics})
+        distributed.barrier(run.world, "writing the final model (rank 0 writes it while the others wait)")
+    if run.world.is_main and progress:
+        print_summary(metrics, run.out)
+    return TrainResult(run.out, final_dir, run.state["step"], status, metrics)
 
 
-def save_final(model, tokenizer, source, final: Path, *, merge: bool = False) -> Path:
-    """The trained model as plain transformers/PEFT load it: adapter or full model, tokenizer,
-    chat template, and a generation config that stops at the end-of-turn token. `merge` saves an
-    adapter merged into its base (an adapter whose base exists only in memory)."""
-    from ..fsio import atomic_dir
-
-    if merge:
-        model = model.merge_and_unload()
-    with atomic_dir(final, replace=True) as tmp:
-        if hasattr(model, "peft_config"):
-            # Point the adapter at the local base folder so PeftModel.from_pretrained works offline.
-            for pc in model.peft_config.values():
-                pc.base_model_name_or_path = str(source.path)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None) or getattr(getattr(model, "base_model", None), "generation_config", None)
-        if gen is not None:
-            gen.eos_token_id = tokenizer.eos_token_id
-            gen.pad_token_id = tokenizer.pad_token_id
-            gen.save_pretrained(tmp)
-    return final
+def train(config, overrides: list[str] = (), *, resume: str | None = None, force: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Fine-tune as the config says. `resume` is "latest" or a checkpoint folder."""
+    cfg = load_config(config, overrides)
+    world = distributed.setup(cfg.train.distributed_timeout)
+    log = print if world.is_main else (lambda *a, **k: None)
+    try:
+        run = setup(cfg, world, resume=resume, force=force, log=log)
+        status = fit(run, progress=progress, log=log)
+        return finish(run, status, progress=progress)
+    finally:
+        distributed.teardown()

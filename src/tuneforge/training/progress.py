@@ -44,16 +44,19 @@ class TrainProgress:
         if self.lines:
             self.lines.update(record["step"], f" · loss {loss} · {speed} tok/s")
 
-    def summary(self, metrics: dict, output_dir: Path) -> None:
-        if not self.enabled or not metrics:
-            return
-        table = Table(title=f"run {output_dir}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key in ("step", "epoch", "train_loss", "train_mean_token_accuracy", "divergence", "teacher_agreement",
-                    *REWARDS, "valid_loss", "full_valid_loss", "full_valid_mean_token_accuracy",
-                    *(f"full_valid_{name}" for name in REWARDS), "tokens", "elapsed"):
-            if key in metrics:
-                v = metrics[key]
-                table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
-        self.console.print(table)
+
+
+def print_summary(metrics: dict, output_dir: Path) -> None:
+    """The run's final metrics as a table on stderr."""
+    if not metrics:
+        return
+    table = Table(title=f"run {output_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("step", "epoch", "train_loss", "train_mean_token_accuracy", "divergence", "teacher_agreement",
+                *REWARDS, "valid_loss", "full_valid_loss", "full_valid_mean_token_accuracy",
+                *(f"full_valid_{name}" for name in REWARDS), "tokens", "elapsed"):
+        if key in metrics:
+            v = metrics[key]
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console(stderr=True).print(table)

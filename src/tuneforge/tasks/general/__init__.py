@@ -6,7 +6,8 @@
 - `general_text()`: plain English paragraphs, for cross-entropy of base vs tuned model.
 - `general_prompts()`: short chat prompts, for the KL divergence of next-token distributions.
 - `general_conversations()`: everyday chit-chat conversations, chat-formatted, from an MIT data set.
-- `replay_prompts.jsonl`: prompts the base model answers for self-replay (`data.replay`), never measured.
+- `replay_prompts.jsonl`: prompts a model answers to make its own replay file (`tuneforge distill generate`,
+  then `data.general_replay: FILE`), never measured.
 
 The files are package data beside this module; `SOURCES` says where each comes from.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 
 SOURCES = {
     "questions": {
@@ -37,7 +39,7 @@ SOURCES = {
         "file": "replay_prompts.jsonl",
         "description": "200 everyday chat prompts (questions on topics the questions set leaves out, short "
         "explanations, how-to, small creative and reasoning tasks, conversation openers) for self-replay "
-        "(data.general_replay: self); disjoint from the three sets above.",
+        "(the quickstart's replay file); disjoint from the three sets above.",
         "licence": "Apache-2.0, written for tuneforge",
     },
     "chitchat": {
@@ -51,8 +53,17 @@ SOURCES = {
 }
 
 
+BUNDLED_REPLAY = ("chitchat",)
+"""The sets `data.general_replay` can name instead of a file."""
+
+
+def bundled_file(source: str) -> Path:
+    """The path of a bundled set's file (package data beside this module)."""
+    return Path(str(resources.files(__name__).joinpath(SOURCES[source]["file"])))
+
+
 def _read_jsonl(source: str) -> list[dict]:
-    text = resources.files(__name__).joinpath(SOURCES[source]["file"]).read_text(encoding="utf-8")
+    text = bundled_file(source).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

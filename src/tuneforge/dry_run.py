@@ -16,15 +16,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .. import data as tfdata
-from ..data.check import highlight
-from ..data.replay import replay_conversations
-from ..config import load_config
-from ..errors import TuneforgeError
-from ..methods import batch_items, check_inputs, prepare_model
-from ..models import load_tokenizer, resolve
-from .attention import supports_per_example_attention
-from .loop import make_plan, resolve_precision, shares_prefixes, to_rows
+from . import data as tfdata
+from .config import load_config
+from .data.check import highlight
+from .errors import TuneforgeError
+from .eval.after_training import check_eval_inputs
+from .methods import batch_items, check_inputs, prepare_model
+from .models import load_tokenizer, resolve, resolve_precision
+from .models.attention import supports_per_example_attention
+from .training import make_plan, shares_prefixes, to_rows
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
 # bundled model with LoRA on CPU; see BENCHMARKS.md). Used only for the labelled time estimate.
@@ -67,8 +67,6 @@ def estimate(n: int, trainable: int, config, cfg, plan, tokens_per_epoch: int, m
 
 
 def validate(config, overrides: list[str] = ()) -> int:
-    from ..eval import after_training  # eval imports training: import it late
-
     console = Console()
     started = time.perf_counter()
     cfg = load_config(config, overrides)
@@ -76,9 +74,8 @@ def validate(config, overrides: list[str] = ()) -> int:
     n_params, n_trainable, hf_config = parameter_counts(source, cfg)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
-    after_training.check_eval_inputs(cfg)
-    general = replay_conversations(cfg, tokenizer, generate=False)
-    prepared = tfdata.prepare(cfg.data, tokenizer, general=general, log=lambda *a, **k: None)
+    check_eval_inputs(cfg)
+    prepared = tfdata.prepare(cfg.data, tokenizer, log=lambda *a, **k: None)
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
     if not train_items:
         raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")
@@ -95,16 +92,15 @@ def validate(config, overrides: list[str] = ()) -> int:
     table = Table(title=f"plan for {cfg.output_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    trained = sum(sum(1 for x in e.labels if x != -100) for e in train_items)
+    trained = sum(len(e.labels) - e.labels.count(tfdata.IGNORE_INDEX) for e in train_items)
     at_the_end = ([f"{cfg.eval.task} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []) + (
         ["forgetting, base vs tuned"] if cfg.eval.forgetting else [])
     for key, value in [
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
         ("method", f"{cfg.method}: {n_trainable:,} trainable parameters"),
         ("examples" if cfg.method != "dpo" else "pairs", f"{len(train_items):,} train, {len(valid_items):,} validation"),
-        ("general replay", "none" if not cfg.data.general_mix else f"{cfg.data.general_mix:.0%} {cfg.data.general_replay}"
-         + ("" if general is not None else ": the base model's replies are generated when training starts, "
-            "not counted here")),
+        ("general replay", "none" if not cfg.data.general_mix else
+         f"{report['counts'].get('general_mix', 0):,} examples ({cfg.data.general_mix:.0%}) from {cfg.data.general_replay}"),
         ("rows", f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}"
                  + (f", shared prefixes: {tokens_per_epoch:,} of {unshared_tokens:,} tokens computed"
                     if tokens_per_epoch < unshared_tokens else "") + ")"),

@@ -31,9 +31,28 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..data.pack import segments
-
 NAME = "tuneforge_per_example"
+
+
+def segments(positions: list[int]) -> list[tuple[int, int, int, int]]:
+    """[(start, end, first position id, start of the prefix it continues)] of one row.
+
+    An example starts where the position ids do not go up by one. One that starts at 0 stands alone;
+    one that starts at p > 0 continues the first p tokens of the last example that started at 0
+    (`pack` with `share_prefixes`).
+    """
+    found, owner, owner_length, start = [], 0, 0, 0
+    for t in range(1, len(positions) + 1):
+        if t < len(positions) and positions[t] == positions[t - 1] + 1:
+            continue
+        first = positions[start]
+        if first == 0:
+            owner, owner_length = start, t - start
+        elif first > owner_length:
+            raise RuntimeError(f"position ids at {start} continue a prefix of {first} tokens that the row does not hold")
+        found.append((start, t, first, owner))
+        start = t
+    return found
 
 
 def per_example_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -1,0 +1,29 @@
+"""What a model is, read off its modules, config and tokenizer: the causal LM inside a wrapper, the
+positions it was built for, the token that ends its turns."""
+
+from __future__ import annotations
+
+# Chat templates end a turn with one of these; generation must stop there, not only at the tokenizer's
+# end-of-text, or a chat model rambles on into the next turn.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<turn|>")
+
+
+def causal_lm(model):
+    """The transformers causal LM inside a PEFT wrapper (adapters are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def context_length(config) -> int | None:
+    """How many positions the model was built for, under whichever name its config uses."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The token that closes a turn in this tokenizer's chat template, if it has one."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    vocab = tokenizer.get_vocab()
+    return next((t for t in END_OF_TURN_TOKENS if t in vocab and t in template), None)

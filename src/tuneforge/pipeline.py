@@ -1,0 +1,31 @@
+"""A config's whole run, as `tuneforge train` does it: check what its `eval:` section needs, train,
+then run that evaluation on the final model (`eval.after_training`).
+
+Training and evaluation stay separate stages: `tuneforge.training.train` trains and nothing else;
+this module, the CLI, the quickstart and the jobs service put the two together.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .config import load_config
+from .eval.after_training import check_eval_inputs, evaluate_after_training
+from .fsio import write_json
+from .training import TrainResult
+from .training import train as train_only
+
+
+def train(config, overrides=(), *, resume: str | None = None, force: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Fine-tune as `config` (a YAML path, dict or Config) says, then evaluate as its `eval:` asks.
+    The evaluation's headline figures join the result's metrics and the run's `summary.json`."""
+    cfg = load_config(config, list(overrides))
+    check_eval_inputs(cfg)
+    result = train_only(cfg, resume=resume, force=force, progress=progress)
+    if result.final_dir is None or not (cfg.eval.task or cfg.eval.forgetting):
+        return result  # interrupted, or a process other than rank 0, or nothing asked
+    result.metrics.update(evaluate_after_training(cfg, result.output_dir, result.final_dir, progress=progress))
+    summary_path = result.output_dir / "summary.json"
+    write_json(summary_path, {**json.loads(summary_path.read_text()), "metrics": result.metrics})
+    return result
