@@ -40,8 +40,8 @@ def free_port() -> int:
 class ApiServer:
     """`tuneforge api` in a child process; `kill()` is SIGKILL, as a crash would be."""
 
-    def __init__(self, home: Path, *, port: int | None = None, db: str | None = None, workers: int = 1):
-        self.home, self.port, self.db, self.workers = home, port or free_port(), db, workers
+    def __init__(self, home: Path, *, allowed: Path, port: int | None = None, db: str | None = None, workers: int = 1):
+        self.home, self.port, self.db, self.workers, self.allowed = home, port or free_port(), db, workers, allowed
         self.log_path = home / f"server-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
@@ -52,7 +52,7 @@ class ApiServer:
     def start(self) -> "ApiServer":
         """Launch the server; `client()` waits until it answers (so tests can prepare meanwhile)."""
         args = [sys.executable, "-m", "tuneforge", "api", "--port", str(self.port), "--workers", str(self.workers),
-                "--api-key", KEY, "--api-key", OTHER_KEY, "--max-upload-mb", "1"]
+                "--api-key", KEY, "--api-key", OTHER_KEY, "--max-upload-mb", "1", "--allow-model", str(self.allowed)]
         if self.db:
             args += ["--db", self.db]
         env = {**os.environ, "TUNEFORGE_HOME": str(self.home), "OMP_NUM_THREADS": "1"}
@@ -200,8 +200,8 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    api = ApiServer(tmp_path_factory.mktemp("jobs-home")).start()
+def server(tmp_path_factory, tiny_model_dir):
+    api = ApiServer(tmp_path_factory.mktemp("jobs-home"), allowed=tiny_model_dir).start()
     yield api
     api.stop()
 
@@ -341,8 +341,8 @@ def postgres_url():
 
 def test_a_server_and_a_worker_on_postgres_run_each_job_once(tmp_path, tiny_model_dir, postgres_url):
     home = tmp_path / "home"  # shared, as run folders on shared storage would be
-    first = ApiServer(home, db=postgres_url).start()
-    second = ApiServer(home, db=postgres_url, workers=0).start()  # serves the API only
+    first = ApiServer(home, allowed=tiny_model_dir, db=postgres_url).start()
+    second = ApiServer(home, allowed=tiny_model_dir, db=postgres_url, workers=0).start()  # serves the API only
     env = {**os.environ, "TUNEFORGE_HOME": str(home), "OMP_NUM_THREADS": "1"}
     with open(home / "worker.log", "ab") as log:  # `tuneforge worker`: a third claimant, no HTTP
         worker = subprocess.Popen([sys.executable, "-m", "tuneforge", "worker", "--store", postgres_url],
