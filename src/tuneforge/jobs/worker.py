@@ -3,9 +3,10 @@
 A validating thread checks a job's files in-process (the data pipeline with the base model's
 tokenizer), beside the training threads, so a new job's files are checked while others train. A
 training thread trains a job in a child process (`runner.py`), so pausing or cancelling is a
-signal to that child and a crash of the child never takes the server down. A job that fails in a
-way nobody foresaw fails alone, with an error id for the operator's log; it is not retried. While the child runs, the worker turns its
-`metrics.jsonl` and checkpoint folders into events and checkpoint rows, and beats a heartbeat.
+signal to that child and a crash of the child never takes the server down. While the child runs,
+the worker turns its `metrics.jsonl` and checkpoint folders into events and checkpoint rows, and
+beats a heartbeat. A job that fails in a way nobody foresaw fails alone, with an error id for the
+operator's log; it is not retried.
 
 A job is held by a worker id `host:pid:process start time/thread`. When a server dies, the jobs it
 held are found by the next server to look: on the same host the holder's process is gone; on

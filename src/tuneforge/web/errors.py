@@ -92,7 +92,8 @@ def validation_error(first: dict) -> APIError:
     elif kind == "missing":
         message = f"Missing required parameter: '{param}'."
     elif kind == "json_invalid":
-        message, param = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', 'cannot parse')}", None
+        reason = first.get("ctx", {}).get("error", "it cannot be parsed")
+        message, param = f"The request body is not valid JSON: {reason}", None
     else:
         message = f"Invalid value for '{param}': {first.get('msg')}" if param else first.get("msg", "Invalid request")
     return APIError(400, message, param=param, code="invalid_value")
