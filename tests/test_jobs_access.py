@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from test_jobs import chat_rows
 from tiny import save_tiny_model
 
+from tuneforge.jobs.access import ModelAccess
 from tuneforge.jobs.api import create_api
 from tuneforge.jobs.mapping import CreateJobBody
 from tuneforge.jobs.files import FileStorage
@@ -50,6 +51,12 @@ def test_one_model_under_several_names_loads_once_and_bases_are_bounded(tmp_path
         assert chat(http, str(other)).status_code == 200
         assert inference.loaded == [str(other.resolve())]  # one base at most: the other one went
         assert not first.engine.stats()["alive"]
+
+
+def test_registry_names_are_taken_in_any_case_and_kept_in_one(tmp_path):
+    access = ModelAccess(Store(f"sqlite:///{tmp_path / 'jobs.db'}"), tmp_path / "runs")
+    for name in ("smollm2-135m-instruct", "SMOLLM2-135M-INSTRUCT", "Smollm2-135m-Instruct"):
+        assert access.for_training(owner_of(KEY), name) == ("smollm2-135m-instruct", "smollm2-135m-instruct")
 
 
 def test_checkpoint_names_stay_inside_their_run_and_tell_nothing_of_the_disk(tmp_path, tiny_model_dir):
