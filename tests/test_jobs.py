@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -40,8 +41,9 @@ def free_port() -> int:
 class ApiServer:
     """`tuneforge api` in a child process; `kill()` is SIGKILL, as a crash would be."""
 
-    def __init__(self, home: Path, *, port: int | None = None, db: str | None = None, workers: int = 1):
-        self.home, self.port, self.db, self.workers = home, port or free_port(), db, workers
+    def __init__(self, home: Path, *, allowed: list[Path], port: int | None = None, db: str | None = None,
+                 workers: int = 1):
+        self.home, self.port, self.db, self.workers, self.allowed = home, port or free_port(), db, workers, allowed
         self.log_path = home / f"server-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
@@ -53,6 +55,8 @@ class ApiServer:
         """Launch the server; `client()` waits until it answers (so tests can prepare meanwhile)."""
         args = [sys.executable, "-m", "tuneforge", "api", "--port", str(self.port), "--workers", str(self.workers),
                 "--api-key", KEY, "--api-key", OTHER_KEY, "--max-upload-mb", "1"]
+        for model in self.allowed:
+            args += ["--allow-model", str(model)]
         if self.db:
             args += ["--db", self.db]
         env = {**os.environ, "TUNEFORGE_HOME": str(self.home), "OMP_NUM_THREADS": "1"}
@@ -200,8 +204,16 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    api = ApiServer(tmp_path_factory.mktemp("jobs-home")).start()
+def unloadable_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with weights that cannot be read: its files validate, its training fails."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("unloadable") / "model")
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir, unloadable_model_dir):
+    api = ApiServer(tmp_path_factory.mktemp("jobs-home"), allowed=[tiny_model_dir, unloadable_model_dir]).start()
     yield api
     api.stop()
 
@@ -221,6 +233,9 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
         return caught.value
 
     assert "not available" in refused("model", model="no-such-model-anywhere").message
+    refused("training_file", training_file="")
+    refused("validation_file", validation_file=train.id)
+    refused("validation_file", validation_file="")
     refused("method.supervised.hyperparameters.n_epochs",
             method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}})
     refused("method.supervised.hyperparameters.learning_rate_multiplier",
@@ -287,6 +302,138 @@ def test_each_key_sees_only_its_own(server, tiny_model_dir):
         alice.files.retrieve(mine.id)
 
 
+def test_a_job_may_start_only_from_a_model_the_server_allows(server, tiny_model_dir):
+    """Paths, hub ids and another key's models all get the one answer, whether or not they exist."""
+    alice, bob = server.client(KEY), server.client(OTHER_KEY)
+    train = upload(bob, chat_rows(8))
+    alices = create_job(alice, tiny_model_dir, upload(alice, chat_rows(8)).id, n_epochs=1)
+    alices = wait_for(alice, alices.id, {"succeeded", "failed"}, server=server)
+    run = server.home / "jobs" / "runs" / alices.id
+    names = ["/etc/passwd", "/root/.ssh", "/proc/self/environ", "/dev/null", "/no/such/folder", str(run),
+             f"{tiny_model_dir}/../model", "HuggingFaceTB/SmolLM2-135M-Instruct", alices.fine_tuned_model]
+    for name in names:
+        with pytest.raises(openai.BadRequestError) as caught:
+            bob.fine_tuning.jobs.create(model=name, training_file=train.id)
+        assert caught.value.code == "model_not_available" and caught.value.param == "model"
+        assert caught.value.body["message"] == refusal_of(name)
+    allowed = bob.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id)
+    assert allowed.model == str(tiny_model_dir)
+    bob.fine_tuning.jobs.cancel(allowed.id)
+
+
+def refusal_of(name: str) -> str:
+    return (f"The model `{name}` is not available for fine-tuning here. Name a registry model (smollm2-135m-instruct, "
+            "gemma3-270m), a model this server allows (GET /v1/models lists those you have used), or one of your "
+            "fine-tuned models or checkpoints.")
+
+
+def test_a_job_fine_tunes_from_its_owners_fine_tuned_model(server, tiny_model_dir):
+    """Needs the training fix for `save_final` on a run folder (AttributeError: 'peft_config' has no deleter)."""
+    client = server.client()
+    train = upload(client, chat_rows(8))
+    first = wait_for(client, create_job(client, tiny_model_dir, train.id, n_epochs=1).id, {"succeeded", "failed"},
+                     server=server)
+    second = create_job(client, first.fine_tuned_model, train.id, n_epochs=1)
+    assert second.model == first.fine_tuned_model
+    second = wait_for(client, second.id, {"succeeded", "failed"}, server=server)
+    if second.error:
+        assert_no_server_details(second.error.message, server)
+    assert second.status == "succeeded", second.error
+    reply = client.chat.completions.create(model=second.fine_tuned_model, max_tokens=3,
+                                           messages=[{"role": "user", "content": "Hello"}])
+    assert reply.usage.completion_tokens >= 1
+
+
+def assert_no_server_details(message: str, server: ApiServer):
+    assert "Traceback" not in message and 'File "' not in message and str(server.home) not in message, message
+    assert "/site-packages/" not in message and "/tuneforge/" not in message, message
+
+
+def test_failed_jobs_say_why_without_server_paths_or_tracebacks(server, unloadable_model_dir):
+    client = server.client()
+    job = client.fine_tuning.jobs.create(model=str(unloadable_model_dir), training_file=upload(client, chat_rows(8)).id)
+    job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
+    assert job.status == "failed"
+    assert_no_server_details(job.error.message, server)
+    assert str(unloadable_model_dir) not in job.error.message
+
+
+def test_a_training_process_that_dies_fails_its_job_with_an_error_id(server, tiny_model_dir):
+    client = server.client()
+    job = create_job(client, tiny_model_dir, upload(client, chat_rows(12)).id, n_epochs=50)
+    wait_for(client, job.id, {"running"}, server=server)
+    lock = server.home / "jobs" / "runs" / job.id / ".lock"
+    deadline = time.monotonic() + 30
+    while not (trainer := process_holding(lock)):
+        assert time.monotonic() < deadline, "no process holds the run folder"
+        time.sleep(0.1)
+    trainer.kill()
+    job = wait_for(client, job.id, {"failed"}, server=server)
+    assert job.error.code == "training_crashed" and "error id err_" in job.error.message
+    assert_no_server_details(job.error.message, server)
+    error_id = job.error.message.split("error id ")[1].split(")")[0]
+    assert error_id in server.log()  # the operator finds the details under it
+
+
+def process_holding(path: Path) -> psutil.Process | None:
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "forkserver" in " ".join(process.info["cmdline"] or []) and any(
+                    Path(f.path) == path for f in process.open_files()):
+                return process
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_pausing_twice_asks_once_and_files_are_checked_while_another_job_trains(server, tiny_model_dir):
+    client = server.client()
+    long_job = create_job(client, tiny_model_dir, upload(client, chat_rows(12)).id, n_epochs=50)
+    wait_for(client, long_job.id, {"running"}, server=server)
+    # The one training thread is busy: the new job's files are checked anyway.
+    other = create_job(client, tiny_model_dir, upload(client, chat_rows(8)).id, n_epochs=1)
+    wait_for(client, other.id, {"queued"}, timeout=30, server=server)
+    assert client.fine_tuning.jobs.retrieve(long_job.id).status == "running"
+    client.fine_tuning.jobs.pause(long_job.id)
+    client.fine_tuning.jobs.pause(long_job.id)
+    wait_for(client, long_job.id, {"paused"}, server=server)
+    requested = [e for e in all_events(client, long_job.id) if e.message.startswith("Pause requested")]
+    assert len(requested) == 1
+    client.fine_tuning.jobs.cancel(long_job.id)
+    client.fine_tuning.jobs.cancel(other.id)
+
+
+def test_a_file_that_is_not_utf8_fails_its_job_saying_so(server, tiny_model_dir):
+    client = server.client()
+    text = chat_rows(3).encode() + b'{"messages": "caf\xe9"}\n'
+    bad = client.files.create(file=("train.jsonl", text, "application/jsonl"), purpose="fine-tune")
+    job = wait_for(client, client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=bad.id).id,
+                   {"failed", "succeeded"}, server=server)
+    assert job.status == "failed" and job.error.code == "invalid_training_file"
+    assert "UTF-8" in job.error.message and f"{bad.id}:4" in job.error.message, job.error.message
+
+
+def test_the_key_is_checked_before_an_upload_is_read(server):
+    """A body under the upload cap that never comes: the 401 comes at once, from the headers alone."""
+    server.wait_ready()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+        sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     f"Content-Length: {1 << 19}\r\n\r\n--b\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 401")
+
+
+def test_hostile_bodies_and_pages_get_4xx(server):
+    server.wait_ready()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    nested = '{"model": "x", "messages": ' + "[" * 5000 + "]" * 5000 + "}"
+    response = httpx.post(f"{server.base_url}/chat/completions", content=nested, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    big = httpx.post(f"{server.base_url}/chat/completions", content=b"[" + b" " * (5 << 20) + b"]", headers=headers)
+    assert big.status_code == 413
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(f"http://127.0.0.1:{server.port}{path}", headers=headers).status_code == 404
+
+
 # ---- a crash mid-job ------------------------------------------------------------------------------------
 
 
@@ -305,7 +452,9 @@ def test_server_killed_mid_job_resumes_after_restart(server, tiny_model_dir):
     done = wait_for(client, job.id, {"succeeded", "failed", "cancelled"}, server=server)
     assert done.status == "succeeded", done.error
     messages = [e.message for e in all_events(client, job.id)]
-    assert any("The server running this job stopped" in m for m in messages), messages
+    [stopped] = [m for m in messages if "The server running this job stopped" in m]
+    after_step, checkpoint = stopped.split("after step ")[1].split(";")[0], stopped.split("checkpoint step-")[1]
+    assert int(checkpoint.rstrip(".")) <= int(after_step), stopped  # never resumes past where it says it stopped
     assert any(m.startswith("Resuming fine-tuning from checkpoint step-") for m in messages), messages
     steps = [e.data["step"] for e in all_events(client, job.id) if e.type == "metrics" and "train_loss" in e.data]
     assert sorted(steps) == list(range(1, 151))  # every step reported once, none trained twice after resuming
@@ -341,8 +490,8 @@ def postgres_url():
 
 def test_a_server_and_a_worker_on_postgres_run_each_job_once(tmp_path, tiny_model_dir, postgres_url):
     home = tmp_path / "home"  # shared, as run folders on shared storage would be
-    first = ApiServer(home, db=postgres_url).start()
-    second = ApiServer(home, db=postgres_url, workers=0).start()  # serves the API only
+    first = ApiServer(home, allowed=[tiny_model_dir], db=postgres_url).start()
+    second = ApiServer(home, allowed=[tiny_model_dir], db=postgres_url, workers=0).start()  # serves the API only
     env = {**os.environ, "TUNEFORGE_HOME": str(home), "OMP_NUM_THREADS": "1"}
     with open(home / "worker.log", "ab") as log:  # `tuneforge worker`: a third claimant, no HTTP
         worker = subprocess.Popen([sys.executable, "-m", "tuneforge", "worker", "--store", postgres_url],

@@ -1,6 +1,8 @@
 """The OpenAI-compatible server: a real uvicorn server on a free port, driven by the official `openai`
 client; answers checked against `tuneforge.generate` run on the same prompt alone."""
 
+import asyncio
+import json
 import shutil
 import socket
 import subprocess
@@ -21,7 +23,7 @@ from tiny_sharp import save_sharp_tiny_model
 from tuneforge.errors import ConfigError
 from tuneforge.generate import Batch, Sampling, encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer
-from tuneforge.serve import AdapterPool, Engine, create_app
+from tuneforge.serve import AdapterPool, Engine, EngineError, create_app
 from tuneforge.serve.command import parse_adapters
 from tuneforge.training import train
 
@@ -228,10 +230,11 @@ def test_a_body_that_is_not_json_is_a_400(server):
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base):
+def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base, adapters):
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model="broken", messages=QUESTION, max_tokens=4, temperature=0)
     assert "Could not load adapter 'broken'" in caught.value.body["message"]
+    assert str(adapters["broken"].parent) not in caught.value.body["message"]  # no server path
     reply = client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=8, temperature=0)
     assert reply.choices[0].message.content == alone(*base, QUESTION, 8).text
     assert health(server)["status"] == "ok"
@@ -267,6 +270,117 @@ def test_a_client_that_goes_away_stops_its_generation(server):
     while health(server)["running"]:
         assert time.monotonic() - gone < 3, "the abandoned generation is still decoding"
         time.sleep(0.02)
+
+
+def test_a_seed_out_of_range_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=4, temperature=0.7,
+                                       seed=1180591620717411303424)
+    assert caught.value.param == "seed"
+
+
+def test_a_request_that_cannot_join_the_batch_fails_alone(server, base):
+    """Past the edge's checks, a row whose own options fail (here a seed torch cannot take) fails alone."""
+    engine, (_, tokenizer) = server[1], base
+    [prompt_ids] = encode_prompts(tokenizer, [QUESTION])
+
+    async def together():
+        good = [engine.submit(BASE, prompt_ids, Sampling(8, temperature=0.7, seed=i)) for i in range(4)]
+        bad = engine.submit(BASE, prompt_ids, Sampling(8, temperature=0.7, seed=2**70))
+        return await asyncio.gather(*(g.result() for g in [*good, bad]), return_exceptions=True)
+
+    *answers, failure = asyncio.run(together())
+    assert all(answer.completion_tokens == 8 for answer in answers), answers
+    assert isinstance(failure, EngineError) and failure.status == 500 and "error id" in failure.message
+
+
+def test_non_streamed_requests_whose_clients_hang_up_stop_decoding(server):
+    """Four rows of 2000 tokens take seconds to decode; dropped after half a second, they stop at once."""
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 2000, "temperature": 0}
+
+    def hang_up(_):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=httpx.Timeout(10, read=0.5))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(hang_up, range(4)))
+    gone = time.monotonic()
+    while health(server)["running"]:
+        assert time.monotonic() - gone < 0.5, "the abandoned generations are still decoding"
+        time.sleep(0.02)
+
+
+def test_a_full_queue_answers_429_with_retry_after(base_dir):
+    engine = Engine(AdapterPool(str(base_dir)), max_batch=1, max_waiting=1)
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 1500, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with running_server(create_app(engine, api_keys=[KEY])) as url, httpx.Client(headers=headers) as http:
+            with http.stream("POST", f"{url}/v1/chat/completions", json=body), \
+                    http.stream("POST", f"{url}/v1/chat/completions", json=body):
+                deadline = time.monotonic() + 10
+                while (engine.stats()["running"], engine.stats()["waiting"]) != (1, 1):
+                    assert time.monotonic() < deadline, engine.stats()
+                    time.sleep(0.01)
+                refused = http.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+    finally:
+        engine.close()
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "server_busy"
+
+
+def refused_before_the_body(url: str, path: str) -> bytes:
+    """What the server answers, within two seconds, to a request whose 100 MiB body never comes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=2) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {100 << 20}\r\n\r\n{{".encode())
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return b""
+
+
+def test_the_key_is_checked_before_the_body_is_read(server):
+    answer = refused_before_the_body(server[0], "/v1/chat/completions")
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+
+
+def test_bodies_beyond_the_cap_are_413_and_prompts_beyond_the_context_400(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    huge = {"model": BASE, "prompt": "four " * (1 << 20)}  # 5 MiB: over the 4 MiB default
+    response = httpx.post(f"{server[0]}/v1/completions", json=huge, headers=headers)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    long = {"model": BASE, "prompt": "four " * 3000}  # more tokens than the model's 2048
+    response = httpx.post(f"{server[0]}/v1/completions", json=long, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_an_empty_body_is_a_400_that_says_so(server):
+    response = httpx.post(f"{server[0]}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "The request has no body: send the parameters as a JSON object."
+
+
+def test_docs_and_the_schema_are_off_unless_asked_for(server, base_dir):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(f"{server[0]}{path}", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    engine = Engine(AdapterPool(str(base_dir)))
+    try:
+        with running_server(create_app(engine, api_keys=[KEY], docs=True)) as url:
+            assert "/v1/chat/completions" in httpx.get(f"{url}/openapi.json").json()["paths"]
+            assert httpx.get(f"{url}/v1/models").status_code == 401  # the rest still wants the key
+    finally:
+        engine.close()
+
+
+def test_deeply_nested_json_is_a_400(server):
+    nested = '{"model": "base", "messages": ' + "[" * 5000 + "]" * 5000 + "}"
+    response = httpx.post(f"{server[0]}/v1/chat/completions", content=nested,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and "Traceback" not in response.text
+    assert json.loads(response.text)["error"]["type"] == "invalid_request_error"
 
 
 def test_rows_joining_a_running_batch_get_their_lone_answers(base):

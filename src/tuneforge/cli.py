@@ -165,13 +165,17 @@ def serve(
                                                 help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated)."),
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
     max_batch: int = typer.Option(32, min=1, help="Most requests decoded together."),
+    max_waiting: int = typer.Option(256, min=1, help="Most requests waiting for a place; beyond it a 429."),
     max_tokens: int = typer.Option(1024, min=1, help="Reply length limit for chat requests that set none."),
+    max_body_mb: int = typer.Option(4, min=1, help="Largest request body accepted, in MiB."),
+    docs: bool = typer.Option(False, help="Serve /docs and /openapi.json (without a key)."),
 ):
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for a base and its adapters."""
     from .serve.command import serve_command
 
     raise typer.Exit(serve_command(model, adapter or [], host=host, port=port, api_keys=api_key or [],
-                                   max_adapters=max_adapters, max_batch=max_batch, default_max_tokens=max_tokens))
+                                   max_adapters=max_adapters, max_batch=max_batch, max_waiting=max_waiting,
+                                   default_max_tokens=max_tokens, max_body_mb=max_body_mb, docs=docs))
 
 
 @app.command()
@@ -184,12 +188,20 @@ def api(
     api_key: Optional[List[str]] = typer.Option(None, envvar="TUNEFORGE_API_KEYS",
                                                 help="Require this Bearer key; repeatable; each key sees only its own files, jobs and models."),
     max_upload_mb: int = typer.Option(512, min=1, help="Largest file POST /v1/files accepts, in MiB."),
+    max_body_mb: int = typer.Option(4, min=1, help="Largest request body accepted on other routes, in MiB."),
+    allow_model: Optional[List[str]] = typer.Option(
+        None, help="A model clients may fine-tune and query besides the registry's and their own fine-tuned ones "
+                   "(a local folder, .gguf file or hub id, named by clients as written here); repeatable."),
+    max_models: int = typer.Option(2, min=1, help="Base models held in memory for inference; the least recently "
+                                                  "used go beyond it."),
+    docs: bool = typer.Option(False, help="Serve /docs and /openapi.json (without a key)."),
 ):
     """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, and inference for the models made."""
     from .jobs.command import api_command
 
     raise typer.Exit(api_command(host=host, port=port, db=db, workers=workers, api_keys=api_key or [],
-                                 max_upload_mb=max_upload_mb))
+                                 max_upload_mb=max_upload_mb, max_body_mb=max_body_mb, allowed_models=allow_model or [],
+                                 max_models=max_models, docs=docs))
 
 
 @app.command()

@@ -36,7 +36,8 @@ def open_store(db: str | None):
 
 
 def api_command(*, host: str, port: int, db: str | None, workers: int, api_keys: Sequence[str],
-                max_upload_mb: int) -> int:
+                max_upload_mb: int, max_body_mb: int, allowed_models: Sequence[str], max_models: int,
+                docs: bool) -> int:
     from . import runner
 
     runner.start_process_server()  # first: it imports torch and the training code while this process does the rest
@@ -45,7 +46,9 @@ def api_command(*, host: str, port: int, db: str | None, workers: int, api_keys:
 
     from .api import create_api
 
-    app = create_api(root, store, api_keys=api_keys, workers=workers, max_upload_bytes=max_upload_mb << 20)
+    app = create_api(root, store, api_keys=api_keys, workers=workers, max_upload_bytes=max_upload_mb << 20,
+                     max_body_bytes=max_body_mb << 20, allowed_models=allowed_models, max_models=max_models,
+                     docs=docs)
     Console(stderr=True).print(
         f"tuneforge api at http://{host}:{port}/v1 with {workers} job worker(s); store {store.url!r}; files and "
         f"runs under {root}" + (" (API key required)" if api_keys else ""), highlight=False)

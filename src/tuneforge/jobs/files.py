@@ -1,8 +1,9 @@
-"""Where uploaded files and results live: `<root>/files/<file id>`, never a name the client chose.
+"""Where uploaded files and results live: `<root>/files/<file id>.<kind>`, never a name the client chose.
 
 The client's filename is only a label in the database, so no upload can write outside the folder.
-Bytes are copied in chunks into a temporary sibling and renamed (`fsio.atomic_file`), with the size
-cap checked as they arrive.
+The stored name keeps the kind (`.jsonl` uploads, `.csv` results) so the data readers know the
+file by its name, as they would the client's. Bytes are copied in chunks into a temporary sibling
+and renamed (`fsio.atomic_file`), with the size cap checked as they arrive.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..fsio import atomic_file
 from .store import StoredFile, new_id, now
 
 CHUNK_BYTES = 1 << 20
+SUFFIXES = {"fine-tune": ".jsonl", "fine-tune-results": ".csv"}
 RESULT_COLUMNS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
                   "full_valid_loss", "full_valid_mean_token_accuracy")
 
@@ -31,14 +33,17 @@ class FileStorage:
         self.folder = Path(root) / "files"
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def path(self, file_id: str) -> Path:
-        return self.folder / file_id
+    def path(self, row: StoredFile) -> Path:
+        named = self.folder / f"{row.id}{SUFFIXES[row.purpose]}"
+        # Files stored before the name kept the kind have none; they stay where they are.
+        bare = self.folder / row.id
+        return bare if not named.exists() and bare.exists() else named
 
     def save(self, source: BinaryIO, *, owner: str, filename: str, purpose: str, max_bytes: int) -> StoredFile:
         """Copy `source` into the store; raises `FileTooLarge` past `max_bytes` (nothing is left behind)."""
         row = StoredFile(id=new_id("file-"), owner=owner, filename=Path(filename).name[:255], purpose=purpose,
                          bytes=0, created_at=now())
-        with atomic_file(self.path(row.id), "wb") as out:
+        with atomic_file(self.path(row), "wb") as out:
             while chunk := source.read(CHUNK_BYTES):
                 row.bytes += len(chunk)
                 if row.bytes > max_bytes:
@@ -55,6 +60,6 @@ class FileStorage:
         return self.save(io.BytesIO(text.getvalue().encode()), owner=owner, filename="step_metrics.csv",
                          purpose="fine-tune-results", max_bytes=1 << 40)
 
-    def delete(self, file_id: str) -> None:
+    def delete(self, row: StoredFile) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(file_id))
+            os.unlink(self.path(row))

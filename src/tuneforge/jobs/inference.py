@@ -1,28 +1,29 @@
 """Inference for base and fine-tuned models on the jobs server, through `tuneforge.serve` as it is.
 
-A serve app (`AdapterPool` + `Engine` + `create_app`) holds one base model and a fixed set of
-adapters. Here there is one per base model, holding every fine-tuned model on it; a request for a
-fine-tuned model the app does not hold yet (a job that just finished, a checkpoint) builds a new
-app with it, and the old one is closed once its last request is answered. Requests are handed on
-as they are, so the bodies, streaming and errors are serve's own.
+A serve app (`AdapterPool` + `Engine` + `create_app`) holds one base model and the adapters on it.
+Here there is one per base model folder, so every name for the same model (a registry name in
+any case, a fine-tuned model, a checkpoint) shares one copy of its weights; an adapter joins its
+base's app when first asked for. At most `max_bases` apps are held: beyond that the least
+recently used one is closed once its last request is answered. Requests are handed on as they
+are, so the bodies, streaming and errors are serve's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..serve import AdapterPool, Engine, create_app
+from .access import InferenceTarget
 
 
 @dataclass(eq=False)
 class ServedBase:
-    base: str
-    adapters: frozenset[str]
     pool: AdapterPool
     engine: Engine
     app: object
@@ -32,20 +33,23 @@ class ServedBase:
 
 
 class InferenceModels:
-    def __init__(self, max_adapters: int = 4):
-        self.max_adapters = max_adapters
-        self._served: dict[str, ServedBase] = {}
+    def __init__(self, max_bases: int = 2, max_adapters: int = 4):
+        self.max_bases, self.max_adapters = max_bases, max_adapters
+        self._served: OrderedDict[str, ServedBase] = OrderedDict()  # by base folder, least recently used first
         self._lock = asyncio.Lock()
 
-    async def acquire(self, base: str, adapters: dict[str, str], wanted: str) -> ServedBase:
-        """The app for `base` that serves `wanted` (the base itself or one of `adapters`: name -> folder)."""
+    async def acquire(self, target: InferenceTarget, name: str) -> ServedBase:
+        """The app for `target`'s base, serving its adapter (if any) as `name`; `release` it when answered."""
+        key = str(target.base)
         async with self._lock:
-            served = self._served.get(base)
-            if served is None or (wanted != base and wanted not in served.adapters):
-                fresh = await asyncio.to_thread(self._build, base, adapters)
-                if served is not None:
-                    self._retire(served)
-                served = self._served[base] = fresh
+            served = self._served.get(key)
+            if served is None:
+                served = self._served[key] = await asyncio.to_thread(self._build, key)
+                while len(self._served) > self.max_bases:
+                    self._retire(self._served.popitem(last=False)[1])
+            self._served.move_to_end(key)
+            if target.adapter is not None:
+                await asyncio.to_thread(served.pool.add_adapter, name, str(target.adapter))
             served.requests += 1
             return served
 
@@ -54,16 +58,21 @@ class InferenceModels:
         if served.retired and served.requests == 0:
             self._close(served)
 
+    @property
+    def loaded(self) -> list[str]:
+        """The base folders held, least recently used first."""
+        return list(self._served)
+
     async def close(self) -> None:
         async with self._lock:
             for served in self._served.values():
                 self._close(served)
             self._served.clear()
 
-    def _build(self, base: str, adapters: dict[str, str]) -> ServedBase:
-        pool = AdapterPool(base, adapters, max_loaded=self.max_adapters)
+    def _build(self, base: str) -> ServedBase:
+        pool = AdapterPool(base, max_loaded=self.max_adapters)
         engine = Engine(pool)
-        return ServedBase(base, frozenset(adapters), pool, engine, create_app(engine))
+        return ServedBase(pool, engine, create_app(engine))
 
     def _retire(self, served: ServedBase) -> None:
         served.retired = True

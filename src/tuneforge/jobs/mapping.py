@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..config import Config, TrainConfig, auto_epochs, load_config
 from ..training.loop import make_plan
@@ -76,10 +76,13 @@ class Method(Body):
         return self
 
 
+FileId = Annotated[str, Field(min_length=1, max_length=40)]
+
+
 class CreateJobBody(Body):
     model: str = Field(min_length=1, max_length=1024)
-    training_file: str
-    validation_file: str | None = None
+    training_file: FileId
+    validation_file: FileId | None = None
     suffix: str | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
@@ -94,12 +97,33 @@ class CreateJobBody(Body):
             raise ValueError("up to 64 characters from letters, digits, '.', '_' and '-'")
         return value
 
+    @field_validator("validation_file")
+    @classmethod
+    def _validation_file(cls, value, info: ValidationInfo):
+        if value is not None and value == info.data.get("training_file"):
+            raise ValueError("the validation file must be another file than the training file; leave it out to "
+                             "train without one")
+        return value
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _one_place_for_hyperparameters(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("method") is not None:
+            raise ValueError("give hyperparameters in method.<type>.hyperparameters or in the legacy top-level "
+                             "hyperparameters, not both")
+        return value
+
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value):
         if value and (len(value) > MAX_METADATA_KEYS or any(len(key) > 64 for key in value)):
             raise ValueError(f"at most {MAX_METADATA_KEYS} keys of at most 64 characters")
         return value
+
+    def files(self) -> dict[str, str]:
+        """The file ids the job reads, by the parameter that names them."""
+        given = {"training_file": self.training_file, "validation_file": self.validation_file}
+        return {param: file_id for param, file_id in given.items() if file_id is not None}
 
     def method_dict(self) -> dict:
         """The method as the job object shows it, with every hyperparameter present ('auto' or a value)."""

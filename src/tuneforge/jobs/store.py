@@ -201,9 +201,9 @@ class Store:
         with self.session() as session:
             return list(session.scalars(select(Job).where(Job.owner == owner).order_by(Job.seq)))
 
-    def succeeded_jobs_on(self, model: str) -> list[Job]:
+    def job_with_model(self, owner: str, fine_tuned_model: str) -> Job | None:
         with self.session() as session:
-            return list(session.scalars(select(Job).where(Job.model == model, Job.status == "succeeded")))
+            return session.scalar(select(Job).where(Job.owner == owner, Job.fine_tuned_model == fine_tuned_model))
 
     def move(self, job_id: str, from_statuses: Iterable[str], *, held_by: str | None = None, **values: Any) -> bool:
         """Set `values` if the job is in one of `from_statuses` (and held by worker `held_by`, if given)."""
@@ -212,6 +212,12 @@ class Store:
             query = query.where(Job.worker_id == held_by)
         with self.session() as session:
             return session.execute(query.values(**values)).rowcount == 1
+
+    def request_pause(self, job_id: str) -> bool:
+        """Ask a running job to pause; False when it is not running or has been asked already."""
+        query = update(Job).where(Job.id == job_id, Job.status == "running", Job.stop_request.is_(None))
+        with self.session() as session:
+            return session.execute(query.values(stop_request="pause")).rowcount == 1
 
     def claim(self, status: str, worker_id: str) -> Job | None:
         """The oldest unheld job in `status`, now held by `worker_id`; None when there is none.

@@ -1,9 +1,12 @@
 """Job workers: threads of the server that claim jobs from the store and see them through.
 
-A worker validates a job's files in-process (the data pipeline with the base model's tokenizer)
-and trains it in a child process (`runner.py`), so pausing or cancelling is a signal to that child
-and a crash of the child never takes the server down. While the child runs, the worker turns its
-`metrics.jsonl` and checkpoint folders into events and checkpoint rows, and beats a heartbeat.
+A validating thread checks a job's files in-process (the data pipeline with the base model's
+tokenizer), beside the training threads, so a new job's files are checked while others train. A
+training thread trains a job in a child process (`runner.py`), so pausing or cancelling is a
+signal to that child and a crash of the child never takes the server down. While the child runs,
+the worker turns its `metrics.jsonl` and checkpoint folders into events and checkpoint rows, and
+beats a heartbeat. A job that fails in a way nobody foresaw fails alone, with an error id for the
+operator's log; it is not retried.
 
 A job is held by a worker id `host:pid:process start time/thread`. When a server dies, the jobs it
 held are found by the next server to look: on the same host the holder's process is gone; on
@@ -29,7 +32,9 @@ from ..fsio import write_json
 from ..models import load_tokenizer, resolve
 from ..training import checkpoint
 from ..training.loop import make_plan
+from ..web import failure_id, scrub_paths
 from . import runner
+from .access import training_spec
 from .files import RESULT_COLUMNS, FileStorage
 from .mapping import resolved_method, training_config
 from .store import STATUSES, Job, JobCheckpoint, Store, new_id, now
@@ -40,7 +45,7 @@ STALE_AFTER_S = 60.0  # a holder on another host that has not beaten its heartbe
 RECOVER_EVERY_S = 5.0
 KILL_AFTER_S = 120.0  # a child still running this long after SIGTERM is killed
 MAX_RECOVERIES = 3  # a job whose server died under it this often fails instead of starting again
-LOG_TAIL_LINES = 8
+LOG_TAIL_LINES = 20  # of a crashed training process's log, copied into the server's log
 HOST = socket.gethostname()
 
 
@@ -69,7 +74,7 @@ class JobFailure(Exception):
 
 
 class Workers:
-    """`count` worker threads of this server process."""
+    """`count` training threads of this server process, and one thread that validates files (none if `count` is 0)."""
 
     def __init__(self, store: Store, storage: FileStorage, root: Path, count: int, *, poll_s: float = 0.5):
         self.store, self.storage, self.runs, self.poll_s = store, storage, Path(root) / "runs", poll_s
@@ -77,8 +82,10 @@ class Workers:
         self._last_recovery = 0.0
         self._recovery_lock = threading.Lock()
         prefix = process_worker_id()
-        self._threads = [threading.Thread(target=self._work, args=(f"{prefix}/{i}",), name=f"tuneforge-job-worker-{i}",
-                                          daemon=True) for i in range(count)]
+        roles = [("validating_files", self._validate)] * min(count, 1) + [("queued", self._train)] * count
+        self._threads = [threading.Thread(target=self._work, args=(f"{prefix}/{i}", status, handle),
+                                          name=f"tuneforge-job-worker-{i}", daemon=True)
+                         for i, (status, handle) in enumerate(roles)]
 
     def start(self) -> None:
         runner.start_process_server()
@@ -93,16 +100,19 @@ class Workers:
 
     # ---- the loop of one worker --------------------------------------------------------------------
 
-    def _work(self, worker_id: str) -> None:
+    def _work(self, worker_id: str, status: str, handle) -> None:
+        """Claim jobs in `status` and `handle` each, until the server stops."""
         while not self._stopping.is_set():
             try:
                 self._recover_orphans()
-                job = self.store.claim("validating_files", worker_id) or self.store.claim("queued", worker_id)
+                job = self.store.claim(status, worker_id)
                 if job is None:
                     self._stopping.wait(self.poll_s)
                     continue
                 try:
-                    (self._validate if job.status == "validating_files" else self._train)(job, worker_id)
+                    handle(job, worker_id)
+                except Exception as err:  # noqa: BLE001 - one job's unforeseen failure fails that job alone
+                    self._fail(job, worker_id, _unforeseen(job, err))
                 finally:
                     self._release(job, worker_id)
             except Exception:  # noqa: BLE001 - a worker must outlive a database hiccup; it retries
@@ -125,14 +135,19 @@ class Workers:
                     "server_stopped", f"The server running this job stopped {job.recoveries} times while it trained; "
                     "giving up. Its last checkpoint is kept; start a new job to try again."))
             else:
-                last = checkpoint.latest(self.runs / job.id / "checkpoints")
-                back_to = "paused" if job.stop_request == "pause" else "queued"
-                if self.store.move(job.id, ["running"], held_by=job.worker_id, status=back_to, worker_id=None,
-                                   stop_request=None, estimated_finish=None, recoveries=job.recoveries + 1):
-                    self.store.add_event(job.id, f"The server running this job stopped at step {job.step}; the job "
-                                         f"is {back_to} again and will resume from "
-                                         + (f"checkpoint {last.name}." if last else "the start (no checkpoint yet)."),
-                                         level="warn")
+                self._requeue_orphan(job)
+
+    def _requeue_orphan(self, job: Job) -> None:
+        last = checkpoint.latest(self.runs / job.id / "checkpoints")
+        # The checkpoint may be newer than the last step the dead server reported.
+        step = max(job.step, int(last.name.removeprefix("step-")) if last else 0)
+        back_to = "paused" if job.stop_request == "pause" else "queued"
+        if self.store.move(job.id, ["running"], held_by=job.worker_id, status=back_to, worker_id=None,
+                           stop_request=None, estimated_finish=None, recoveries=job.recoveries + 1):
+            self.store.add_event(job.id, f"The server running this job stopped after step {step}; the job is "
+                                 f"{back_to} again and will resume from "
+                                 + (f"checkpoint {last.name}." if last else "the start (no checkpoint yet)."),
+                                 level="warn")
 
     # ---- validating_files -> queued ----------------------------------------------------------------
 
@@ -151,9 +166,10 @@ class Workers:
                                  f"epochs, {total_steps} steps. Job queued.")
 
     def _check_files(self, job: Job):
-        files = self._files(job)
+        paths = self._paths(job)
+        spec = training_spec(self.store, self.runs, job.owner, job.model)
         try:
-            config = training_config(job.model, job.method, job.seed, *files.values(), self.runs / job.id)
+            config = training_config(spec, job.method, job.seed, *paths.values(), self.runs / job.id)
             tokenizer = load_tokenizer(resolve(config.base_model))
             prepared, problems = check_data(config.data, tokenizer)
             errors = [problem for problem in problems if problem.is_error]
@@ -161,26 +177,30 @@ class Workers:
                 shown = "; ".join(str(problem) for problem in errors[:3])
                 more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
                 raise self._failure(job, "invalid_file", f"{len(errors)} problem(s): {shown}{more}", errors[0].file)
-            config = training_config(job.model, job.method, job.seed, *files.values(), self.runs / job.id,
+            config = training_config(spec, job.method, job.seed, *paths.values(), self.runs / job.id,
                                      n_examples=len(prepared.train))
             total_steps = make_plan(config, len(prepared.train), len(prepared.train), 1).total_steps
         except ModelSourceError as err:
-            raise JobFailure(err.code, err.message, "model") from err
+            raise JobFailure(err.code, scrub_paths(err.message), "model") from err
         except TuneforgeError as err:
-            raise self._failure(job, err.code, err.message, str(files[job.training_file])) from err
+            raise self._failure(job, err.code, err.message, str(paths["training_file"])) from err
         return config, total_steps, len(prepared.train)
 
-    def _files(self, job: Job) -> dict[str, Path | None]:
-        """File id -> stored path, the training file first; the validation file (or None) second."""
-        files = {job.training_file: self.storage.path(job.training_file)}
-        files[job.validation_file or ""] = self.storage.path(job.validation_file) if job.validation_file else None
-        return files
+    def _paths(self, job: Job) -> dict[str, Path | None]:
+        """Where the job's training file and its validation file (or None) are stored."""
+        rows = {param: self.store.get_file(job.owner, file_id) if file_id else None
+                for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file))}
+        if rows["training_file"] is None or (job.validation_file and rows["validation_file"] is None):
+            raise JobFailure("file_not_found", "A file of this job has been deleted; upload it again and start a "
+                             "new job.", "training_file" if rows["training_file"] is None else "validation_file")
+        return {param: self.storage.path(row) if row else None for param, row in rows.items()}
 
     def _failure(self, job: Job, code: str, message: str, path: str | None) -> JobFailure:
         """A failure whose message names files by id (never a server path) and whose param is the file at fault."""
         param = None
-        for file_id, stored in self._files(job).items():
+        for param_name, stored in self._paths(job).items():
             if stored is not None:
+                file_id = getattr(job, param_name)
                 message = message.replace(str(stored), file_id)
                 if path and str(stored) in path:
                     param = file_id
@@ -188,7 +208,7 @@ class Workers:
             code = "invalid_validation_file"
         elif code == "invalid_file":
             code = "invalid_training_file"
-        return JobFailure(code, message, param)
+        return JobFailure(code, scrub_paths(message), param)
 
     # ---- queued -> running -> succeeded | failed | cancelled | paused ------------------------------
 
@@ -220,10 +240,7 @@ class Workers:
         elif stop_reason:
             self._stopped(job, worker_id, stop_reason, progress)
         else:
-            tail = (run_dir / runner.LOG).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-            self._fail(job, worker_id, JobFailure(
-                "training_crashed", f"The training process stopped (exit code {child.exitcode}) before it "
-                f"finished, at step {progress.step}. Last lines of its log:\n" + "\n".join(tail)))
+            self._fail(job, worker_id, _crashed(job, run_dir, child.exitcode, progress.step))
 
     def _watch(self, job: Job, worker_id: str, child: BaseProcess, progress: "RunProgress") -> str | None:
         """Follow the child until it exits; returns why we stopped it (pause, cancel, shutdown, lost) or None."""
@@ -251,7 +268,7 @@ class Workers:
         if not self.store.move(job.id, ["running"], held_by=worker_id, status="succeeded", worker_id=None,
                                finished_at=now(), estimated_finish=None, result_files=[results.id],
                                step=progress.step, trained_tokens=progress.tokens):
-            self.storage.delete(results.id)  # cancelled just as it finished: no results to show
+            self.storage.delete(results)  # cancelled just as it finished: no results to show
             return
         self.store.add(results)
         self.store.add_event(job.id, f"New fine-tuned model created: {job.fine_tuned_model}")
@@ -280,6 +297,24 @@ class Workers:
         if self.store.move(job.id, ["validating_files", "queued", "running"], held_by=worker_id, status="failed",
                            worker_id=None, error=failure.error, finished_at=now(), estimated_finish=None):
             self.store.add_event(job.id, failure.error["message"], level="error")
+
+
+def _crashed(job: Job, run_dir: Path, exit_code: int | None, step: int) -> JobFailure:
+    """The failure of a training process that died without an outcome; its log's tail goes to the server's log."""
+    error_id = failure_id()
+    tail = (run_dir / runner.LOG).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    log.error("job %s: the training process stopped (exit code %s) at step %s (error id %s); the end of %s:\n%s",
+              job.id, exit_code, step, error_id, run_dir / runner.LOG, "\n".join(tail))
+    return JobFailure("training_crashed", f"The training process stopped (exit code {exit_code}) before it "
+                      f"finished, at step {step} (error id {error_id}). Its last checkpoint is kept; give the "
+                      "server's operator the error id for the details.")
+
+
+def _unforeseen(job: Job, err: Exception) -> JobFailure:
+    error_id = failure_id()
+    log.error("job %s failed (error id %s)", job.id, error_id, exc_info=err)
+    return JobFailure("internal_error", f"The server failed on this job (error id {error_id}); give the server's "
+                      "operator the error id for the details.")
 
 
 class RunProgress:

@@ -9,10 +9,11 @@
 `adapters.py` holds the base model and its adapters (loaded on first use, least recently used
 evicted), `engine.py` the request queue and the worker thread that batches requests over
 `tuneforge.generate.Batch`, `app.py` the routes and OpenAI-shaped bodies, `command.py` `tuneforge serve`.
+Errors, keys and the body cap are `tuneforge.web`'s, shared with the jobs service.
 """
 
 from .adapters import AdapterPool
-from .app import APIError, create_app, install_error_handlers
+from .app import ChatCompletionBody, CompletionBody, create_app
 from .engine import Engine, EngineError, Generation
 
-__all__ = ["APIError", "AdapterPool", "Engine", "EngineError", "Generation", "create_app", "install_error_handlers"]
+__all__ = ["AdapterPool", "ChatCompletionBody", "CompletionBody", "Engine", "EngineError", "Generation", "create_app"]

@@ -3,8 +3,8 @@
 Adapters are PEFT adapters on the one base model in memory (`load_adapter` / `set_adapter`; the
 adapter layers disabled for the base), loaded on first use; beyond `max_loaded`, the least
 recently used one is deleted again. Every adapter is resolved (no weights read) when the pool is
-built, so a wrong path or an adapter for another base is an error at start-up, not at the first
-request.
+built, or when `add_adapter` adds it, so a wrong path or an adapter for another base is an error
+then, not at the first request.
 """
 
 from __future__ import annotations
@@ -34,15 +34,9 @@ class AdapterPool:
             # A run or adapter folder as the model: serve its base, and the adapter under the run's name.
             adapter_sources = {base_source.name: base_source, **adapter_sources}
             base_source = resolve(str(base_source.path))
+        self.base_name, self.base_path = base_source.name, base_source.path.resolve()
         for name, source in adapter_sources.items():
-            _check_name(name, base_source.name)
-            if source.path.resolve() != base_source.path.resolve():
-                raise ConfigError(
-                    f"Adapter '{name}' ({source.adapter}) was trained on {source.path}, but the server's base "
-                    f"model is {base_source.path}. Serve it on its own base: --model {source.path}",
-                    code="adapter_base_mismatch",
-                )
-        self.base_name = base_source.name
+            self._check(name, source)
         self.max_loaded = max_loaded
         self._sources = adapter_sources
         self._tokenizers = {self.base_name: load_tokenizer(base_source)}
@@ -51,10 +45,31 @@ class AdapterPool:
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self._lock = threading.Lock()
 
+    def add_adapter(self, name: str, spec: str) -> None:
+        """Serve the adapter at `spec` as `name` too (its weights load on first use); a name served already stays."""
+        if name in self._tokenizers:
+            return
+        source = _adapter_source(name, spec)
+        self._check(name, source)
+        tokenizer = load_tokenizer(source)
+        with self._lock:
+            self._tokenizers[name] = tokenizer
+            self._sources[name] = source
+
+    def _check(self, name: str, source: ModelSource) -> None:
+        _check_name(name, self.base_name)
+        if source.path.resolve() != self.base_path:
+            raise ConfigError(
+                f"Adapter '{name}' ({source.adapter}) was trained on {source.path}, but the server's base "
+                f"model is {self.base_path}. Serve it on its own base: --model {source.path}",
+                code="adapter_base_mismatch",
+            )
+
     @property
     def names(self) -> list[str]:
         """What the `model` field may name: the base first, then each adapter."""
-        return [self.base_name, *self._sources]
+        with self._lock:
+            return [self.base_name, *self._sources]
 
     def tokenizer(self, name: str):
         """The tokenizer for `name`: a run's own (its chat template may differ) or the base's."""

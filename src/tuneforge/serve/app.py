@@ -1,15 +1,15 @@
 """OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/health`.
 
-Bodies and errors are shaped as OpenAI's, so the official clients work unchanged: every error is
-`{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes (a validation
-error is a 400 naming the parameter, not FastAPI's 422). Sampling defaults are OpenAI's
-(temperature 1, top_p 1); `max_tokens` defaults to 16 for completions, as OpenAI's does, and for
-chat to the server's `default_max_tokens`, within the context window either way.
+Bodies and errors are shaped as OpenAI's, so the official clients work unchanged (errors through
+`tuneforge.web`). Sampling defaults are OpenAI's (temperature 1, top_p 1); `max_tokens` defaults
+to 16 for completions, as OpenAI's does, and for chat to the server's `default_max_tokens`, within
+the context window either way. Every value is checked here, before the engine sees it; a prompt is
+encoded off the event loop; a client that hangs up stops its generation, streamed or not.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import time
 import uuid
@@ -17,37 +17,27 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate import Completion, Sampling, encode_prompts
 from ..models.convert import context_length
-from .engine import Engine, EngineError, Generation
+from ..web import APIError, caller, docs_urls, edge
+from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4  # as OpenAI allows
+MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
+# Below this, sampling picks the argmax but for rounding, and dividing the logits by it can overflow.
+MIN_SAMPLING_TEMPERATURE = 1e-4
+DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    @classmethod
-    def from_engine(cls, err: EngineError) -> "APIError":
-        return cls(err.status, err.message, code=err.code, type="server_error")
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+def engine_error(err: EngineError) -> APIError:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
+    return APIError(err.status, err.message, code=err.code, headers=headers,
+                    type="server_error" if err.status >= 500 else "invalid_request_error")
 
 
 # ---- request bodies --------------------------------------------------------------------------------
@@ -81,15 +71,15 @@ class StreamOptions(_Body):
 class _GenerationBody(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     logprobs: bool | int | None = None
     user: str | None = None  # OpenAI's end-user id; accepted and not used
 
@@ -111,6 +101,10 @@ class _GenerationBody(_Body):
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty.", param="stop")
         return tuple(stop)
+
+    def sampling(self, max_new_tokens: int) -> Sampling:
+        temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
+        return Sampling(max_new_tokens, temperature, self.top_p, self.seed, self.stop_strings())
 
 
 class ChatCompletionBody(_GenerationBody):
@@ -176,100 +170,134 @@ def _sse(payload: dict | str) -> str:
 # ---- the app ---------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, *, api_keys: Sequence[str] = (), default_max_tokens: int = 1024) -> FastAPI:
-    """The routes over `engine` (which the caller starts and closes), with OpenAI-shaped errors.
+@dataclass(frozen=True)
+class Served:
+    """What the routes answer from: the engine (which the caller starts and closes) and its pool's context window."""
 
-    With `api_keys`, every `/v1` route wants `Authorization: Bearer KEY` with one of them; `/health` never does.
-    The app can be mounted inside another (the jobs service) as it is.
-    """
-    pool = engine.pool
-    window = context_length(pool.model.config)
-    keys = [key.encode() for key in api_keys]
+    engine: Engine
+    window: int | None
+    default_max_tokens: int
 
-    def authorise(request: Request) -> None:
-        if not keys:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise APIError(401, "No API key given: send it as `Authorization: Bearer KEY`.", code="invalid_api_key")
-        if not any(hmac.compare_digest(given.strip().encode(), key) for key in keys):
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    @property
+    def pool(self):
+        return self.engine.pool
 
-    def model_card(name: str) -> dict:
+    def model_card(self, name: str) -> dict:
+        base = self.pool.base_name
         return {"id": name, "object": "model", "created": 0,
-                "owned_by": "tuneforge" if name == pool.base_name else f"tuneforge (adapter on {pool.base_name})"}
+                "owned_by": "tuneforge" if name == base else f"tuneforge (adapter on {base})"}
 
-    def known_model(name: str) -> str:
-        if name not in pool.names:
-            raise APIError(404, f"The model `{name}` does not exist. Served here: {', '.join(pool.names)}.",
+    def known_model(self, name: str) -> str:
+        if name not in self.pool.names:
+            raise APIError(404, f"The model `{name}` does not exist. Served here: {', '.join(self.pool.names)}.",
                            param="model", code="model_not_found")
         return name
 
-    def submit(body: _GenerationBody, prompt, default_max: int, length_param: str) -> Generation:
-        body.check_supported()
-        name = known_model(body.model)
-        tokenizer = pool.tokenizer(name)
-        try:
-            [prompt_ids] = encode_prompts(tokenizer, [prompt])
-        except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
-            raise APIError(400, f"The model's chat template cannot render these messages: {err}",
-                           param="messages") from err
-        if not prompt_ids:
-            raise APIError(400, "The prompt is empty.", param=length_param)
-        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        max_new_tokens = _max_new_tokens(requested, len(prompt_ids), window, default_max, length_param)
-        sampling = Sampling(max_new_tokens, body.temperature, body.top_p, body.seed, body.stop_strings())
-        try:
-            return engine.submit(name, prompt_ids, sampling)
-        except EngineError as err:
-            raise APIError.from_engine(err) from err
 
-    async def answer(reply: _Reply, generation: Generation, body: _GenerationBody):
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_events(reply, generation, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            return reply.whole(await generation.result())
-        except EngineError as err:
-            raise APIError.from_engine(err) from err
-        finally:
-            generation.cancel()  # the client may have gone; then the row stops decoding
+def served(request: Request) -> Served:
+    return request.app.state.served
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorise)])
 
-    @v1.get("/models")
-    def list_models():
-        return {"object": "list", "data": [model_card(name) for name in pool.names]}
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
-    @v1.get("/models/{name:path}")
-    def get_model(name: str):
-        return model_card(known_model(name))
 
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionBody):
-        messages = [message.as_template_message() for message in body.messages]
-        generation = submit(body, messages, default_max_tokens, "messages")
-        return await answer(_Reply.start(True, body.model), generation, body)
+@v1.get("/models")
+def list_models(server: Served = Depends(served)):
+    return {"object": "list", "data": [server.model_card(name) for name in server.pool.names]}
 
-    @v1.post("/completions")
-    async def completions(body: CompletionBody):
-        generation = submit(body, body.prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-        return await answer(_Reply.start(False, body.model), generation, body)
 
-    app = FastAPI(title="tuneforge", summary="OpenAI-compatible inference for a base model and its adapters")
+@v1.get("/models/{name:path}")
+def get_model(name: str, server: Served = Depends(served)):
+    return server.model_card(server.known_model(name))
+
+
+@v1.post("/chat/completions")
+async def chat_completions(body: ChatCompletionBody, request: Request, server: Served = Depends(served)):
+    messages = [message.as_template_message() for message in body.messages]
+    generation = await submit(server, body, messages, server.default_max_tokens, "messages")
+    return await answer(_Reply.start(True, body.model), generation, body, request)
+
+
+@v1.post("/completions")
+async def completions(body: CompletionBody, request: Request, server: Served = Depends(served)):
+    generation = await submit(server, body, body.prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+    return await answer(_Reply.start(False, body.model), generation, body, request)
+
+
+def health(request: Request):
+    server = served(request)
+    stats, pool = server.engine.stats(), server.pool
+    body = {"status": "ok" if stats["alive"] else "unavailable", "model": pool.base_name,
+            "adapters": pool.names[1:], "loaded_adapters": pool.loaded,
+            "waiting": stats["waiting"], "running": stats["running"], "largest_batch": stats["largest_batch"]}
+    return JSONResponse(body, status_code=200 if stats["alive"] else 503)
+
+
+def create_app(engine: Engine, *, api_keys: Sequence[str] = (), default_max_tokens: int = 1024,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, docs: bool = False) -> FastAPI:
+    """The routes over `engine` (which the caller starts and closes), behind `tuneforge.web`'s edge.
+
+    With `api_keys`, every route but `/health` wants `Authorization: Bearer KEY` with one of them.
+    The app can be called from inside another (the jobs service) as it is.
+    """
+    app = FastAPI(title="tuneforge", summary="OpenAI-compatible inference for a base model and its adapters",
+                  **docs_urls(docs))
+    app.state.served = Served(engine, context_length(engine.pool.model.config), default_max_tokens)
     app.include_router(v1)
-
-    @app.get("/health")
-    def health():
-        stats = engine.stats()
-        body = {"status": "ok" if stats["alive"] else "unavailable", "model": pool.base_name,
-                "adapters": pool.names[1:], "loaded_adapters": pool.loaded,
-                "waiting": stats["waiting"], "running": stats["running"], "largest_batch": stats["largest_batch"]}
-        return JSONResponse(body, status_code=200 if stats["alive"] else 503)
-
-    install_error_handlers(app)
+    app.add_api_route("/health", health, methods=["GET"])
+    edge(app, api_keys=api_keys, max_body_bytes=max_body_bytes)
     return app
+
+
+async def submit(server: Served, body: _GenerationBody, prompt, default_max: int, length_param: str) -> Generation:
+    body.check_supported()
+    name = server.known_model(body.model)
+    # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
+    prompt_ids = await asyncio.to_thread(_encode, server.pool.tokenizer(name), prompt)
+    if not prompt_ids:
+        raise APIError(400, "The prompt is empty.", param=length_param)
+    requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    max_new_tokens = _max_new_tokens(requested, len(prompt_ids), server.window, default_max, length_param)
+    try:
+        return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens))
+    except EngineError as err:
+        raise engine_error(err) from err
+
+
+def _encode(tokenizer, prompt) -> list[int]:
+    try:
+        [prompt_ids] = encode_prompts(tokenizer, [prompt])
+    except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
+        raise APIError(400, f"The model's chat template cannot render these messages: {err}",
+                       param="messages") from err
+    return prompt_ids
+
+
+async def answer(reply: _Reply, generation: Generation, body: _GenerationBody, request: Request):
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_events(reply, generation, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    result = asyncio.ensure_future(generation.result())
+    hung_up = asyncio.ensure_future(_hang_up(request))
+    try:
+        await asyncio.wait([result, hung_up], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hung_up.cancel()
+        generation.cancel()  # a row whose client went stops decoding; a finished one is gone already
+    if not result.done():
+        result.cancel()
+        return Response(status_code=499)  # nobody reads it: the client has gone
+    try:
+        return reply.whole(result.result())
+    except EngineError as err:
+        raise engine_error(err) from err
+
+
+async def _hang_up(request: Request) -> None:
+    """Returns once the client disconnects (Starlette does not cancel a handler then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _max_new_tokens(requested: int | None, prompt_tokens: int, window: int | None, default: int,
@@ -300,41 +328,6 @@ async def _events(reply: _Reply, generation: Generation, include_usage: bool):
             yield _sse(reply.usage_chunk(generation.completion))
         yield _sse("[DONE]")
     except EngineError as err:
-        yield _sse(APIError.from_engine(err).body())
+        yield _sse(engine_error(err).body())
     finally:
         generation.cancel()  # a client that disconnected mid-stream ends up here too
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error as OpenAI's body: APIError, validation (400 naming the parameter), HTTP errors, the unexpected."""
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, err: APIError):
-        return err.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, err: RequestValidationError):
-        first = err.errors()[0]
-        loc = list(first.get("loc", ()))
-        if loc and loc[0] in ("body", "query", "path", "header"):  # where it came from, not its name
-            loc = loc[1:]
-        param = ".".join(map(str, loc)) or None
-        if first.get("type") == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {param}"
-        elif first.get("type") == "missing":
-            message = f"Missing required parameter: '{param}'."
-        elif first.get("type") == "json_invalid":
-            message, param = f"The request body is not valid JSON: {first.get('msg')}", None
-        else:
-            message = f"Invalid value for '{param}': {first.get('msg')}" if param else first.get("msg", "Invalid request")
-        return APIError(400, message, param=param, code="invalid_value").response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException):
-        return APIError(err.status_code, str(err.detail), type="invalid_request_error" if err.status_code < 500
-                        else "server_error").response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception):
-        return APIError(500, f"The server failed on this request: {err}", type="server_error",
-                        code="server_error").response()

@@ -28,13 +28,15 @@ def parse_adapters(specs: Sequence[str]) -> dict[str, str]:
 
 
 def serve_command(model: str | None, adapter_specs: Sequence[str], *, host: str, port: int,
-                  api_keys: Sequence[str], max_adapters: int, max_batch: int, default_max_tokens: int) -> int:
+                  api_keys: Sequence[str], max_adapters: int, max_batch: int, max_waiting: int,
+                  default_max_tokens: int, max_body_mb: int, docs: bool) -> int:
     import uvicorn
 
     pool = AdapterPool(model, parse_adapters(adapter_specs), max_loaded=max_adapters)
-    engine = Engine(pool, max_batch=max_batch)
+    engine = Engine(pool, max_batch=max_batch, max_waiting=max_waiting)
     try:
-        app = create_app(engine, api_keys=api_keys, default_max_tokens=default_max_tokens)
+        app = create_app(engine, api_keys=api_keys, default_max_tokens=default_max_tokens,
+                         max_body_bytes=max_body_mb << 20, docs=docs)
         console = Console(stderr=True)
         console.print(f"serving [bold]{pool.base_name}[/] on {pool.model.device}"
                       + (f" with adapters {', '.join(pool.names[1:])}" if len(pool.names) > 1 else "")

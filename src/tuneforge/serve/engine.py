@@ -7,7 +7,8 @@ the oldest, the batch takes no one new, drains, and the worker switches. So ever
 served in bounded time and an adapter switch happens only between batches.
 
 Handlers live on the event loop: `submit` returns a `Generation` whose pieces arrive through an
-asyncio queue fed from the worker thread.
+asyncio queue fed from the worker thread. At most `max_waiting` requests wait; past that `submit`
+refuses with a 429. A request that cannot join a batch (its own sampling options fail) fails alone.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from collections import deque
 
 from ..errors import TuneforgeError
 from ..generate import Batch, Completion, Row, Sampling
+from ..web import scrub_paths, server_error
 from .adapters import AdapterPool
 
 log = logging.getLogger("tuneforge.serve")
+
+
+RETRY_AFTER_S = 1  # what a refused client is told to wait before it tries again
 
 
 class EngineError(Exception):
@@ -30,6 +35,14 @@ class EngineError(Exception):
     def __init__(self, message: str, *, status: int = 500, code: str = "server_error"):
         super().__init__(message)
         self.message, self.status, self.code = message, status, code
+
+    @classmethod
+    def from_failure(cls, err: Exception) -> "EngineError":
+        """A failure as the client may see it: a user error's message without server paths, else an error id."""
+        if isinstance(err, TuneforgeError):  # an adapter that cannot be loaded, say: no traceback
+            log.error(err.message)
+            return cls(scrub_paths(err.message))
+        return cls(server_error(err, "Generation failed").message)
 
 
 class Generation:
@@ -72,12 +85,13 @@ class Generation:
 
 
 class Engine:
-    """Owns `pool`'s model in one worker thread; at most `max_batch` rows decode together."""
+    """Owns `pool`'s model in one worker thread; at most `max_batch` rows decode together and at most
+    `max_waiting` requests wait for a place."""
 
-    def __init__(self, pool: AdapterPool, *, max_batch: int = 32):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.pool, self.max_batch = pool, max_batch
+    def __init__(self, pool: AdapterPool, *, max_batch: int = 32, max_waiting: int = 256):
+        if max_batch < 1 or max_waiting < 1:
+            raise ValueError(f"max_batch and max_waiting must be at least 1, got {max_batch} and {max_waiting}")
+        self.pool, self.max_batch, self.max_waiting = pool, max_batch, max_waiting
         self._waiting: deque[Generation] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -92,6 +106,9 @@ class Engine:
         with self._wake:
             if self._closing:
                 raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineError(f"The server is busy: {len(self._waiting)} requests are waiting already. Try "
+                                  f"again in {RETRY_AFTER_S} s.", status=429, code="server_busy")
             self._waiting.append(generation)
             self._wake.notify()
         return generation
@@ -134,12 +151,7 @@ class Engine:
                     batch = Batch(self.pool.activate(name), self.pool.tokenizer(name))
                 self._step(batch, rows, joining)
             except Exception as err:  # noqa: BLE001 - one bad batch must not take the server down
-                if isinstance(err, TuneforgeError):  # an adapter that cannot be loaded, say: no traceback
-                    log.error(err.message)
-                    failure = EngineError(err.message)
-                else:
-                    log.exception("generation failed")
-                    failure = EngineError(f"Generation failed: {err}")
+                failure = EngineError.from_failure(err)
                 for generation in set(rows.values()) | set(joining):
                     generation._send(failure)
                 rows.clear()
@@ -149,8 +161,14 @@ class Engine:
     def _step(self, batch: Batch, rows: dict[Row, Generation], joining: list[Generation]) -> None:
         """Add the joining requests, decode one step, hand out the pieces and the finished completions."""
         for generation in joining:
-            row = batch.add(generation.prompt_ids, generation.sampling, generation.sampling.generator(batch.model.device))
+            try:
+                row = batch.add(generation.prompt_ids, generation.sampling,
+                                generation.sampling.generator(batch.model.device))
+            except Exception as err:  # noqa: BLE001 - a request whose options fail fails alone
+                generation._send(EngineError.from_failure(err))
+                continue
             rows[row] = generation
+        joining.clear()  # every one is a row now or answered: a failing step below must not answer them again
         for row, generation in rows.items():
             row.cancelled = generation.cancelled
         with self._wake:

@@ -1,0 +1,37 @@
+"""`/v1/chat/completions` and `/v1/completions` for the models a caller may use, answered by `tuneforge.serve`.
+
+The body is checked here with serve's own models, then handed to the serve app that holds the
+model's base, with `model` renamed to what that app calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+
+from ...serve import ChatCompletionBody, CompletionBody
+from ...web import caller
+from ..inference import ForwardedResponse
+from ..service import Service, service_of
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
+
+
+async def forward(service: Service, owner: str, body: ChatCompletionBody | CompletionBody) -> ForwardedResponse:
+    target = await asyncio.to_thread(service.access.for_inference, owner, body.model)
+    served = await service.inference.acquire(target, body.model)
+    payload = body.model_dump(exclude_unset=True)
+    payload["model"] = body.model if target.adapter else served.pool.base_name
+    return ForwardedResponse(service.inference, served, payload)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionBody, owner: str = Depends(caller),
+                           service: Service = Depends(service_of)):
+    return await forward(service, owner, body)
+
+
+@router.post("/completions")
+async def completions(body: CompletionBody, owner: str = Depends(caller), service: Service = Depends(service_of)):
+    return await forward(service, owner, body)

@@ -1,0 +1,41 @@
+"""What the routes of the jobs API share: the store, the file storage, model access and inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from .access import ModelAccess
+from .files import FileStorage
+from .inference import InferenceModels
+from .store import Store
+
+ORGANIZATION = "tuneforge"
+
+
+@dataclass(frozen=True)
+class Service:
+    root: Path
+    store: Store
+    storage: FileStorage
+    access: ModelAccess
+    inference: InferenceModels
+    max_upload_bytes: int
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+
+def service_of(request: Request) -> Service:
+    """The app's `Service` (a dependency for routes)."""
+    return request.app.state.service
+
+
+def list_body(rows, has_more: bool) -> dict:
+    """OpenAI's envelope of one page of a listing."""
+    data = [row if isinstance(row, dict) else row.to_api() for row in rows]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}

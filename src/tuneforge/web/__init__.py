@@ -1,0 +1,15 @@
+"""The HTTP edge that `tuneforge serve` and `tuneforge api` share.
+
+`errors.py` answers every failure in OpenAI's error shape, never with a traceback or a server
+path (an unexpected failure is logged under an error id that the client gets); `auth.py` checks
+Bearer keys before anything reads a body; `limits.py` caps request bodies, and its `edge` puts
+all three on an app. `docs_urls` keeps the documentation pages off unless asked for. Importing
+this package is cheap: no torch.
+"""
+
+from .auth import LOCAL_OWNER, caller, owner_of
+from .errors import APIError, failure_id, scrub_paths, server_error
+from .limits import docs_urls, edge
+
+__all__ = ["APIError", "LOCAL_OWNER", "caller", "docs_urls", "edge", "failure_id", "owner_of", "scrub_paths",
+           "server_error"]

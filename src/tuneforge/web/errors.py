@@ -1,0 +1,99 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes.
+
+A validation error is a 400 naming the parameter, not FastAPI's 422. Nothing a client reads holds
+a traceback or a server path: an unexpected failure is logged with its traceback under an error
+id, and the client gets the id.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("tuneforge.web")
+
+# An absolute path: a slash that does not follow a word, a URL's scheme or another slash, then its parts.
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;()<>]*")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape; `headers` go with it (Retry-After on a 429)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def failure_id() -> str:
+    """The id a client quotes to the operator, who finds the details under it in the server's log."""
+    return f"err_{secrets.token_hex(6)}"
+
+
+def scrub_paths(text: str) -> str:
+    """`text` with every absolute path replaced: messages written for an operator's terminal, shown to a client."""
+    return _SERVER_PATH.sub("<server path>", text)
+
+
+def server_error(err: BaseException, what: str = "The server failed on this request") -> APIError:
+    """A 500 for an unexpected failure; the traceback goes to the log under the id the message gives."""
+    error_id = failure_id()
+    log.error("%s (error id %s)", what, error_id, exc_info=err)
+    return APIError(500, f"{what} (error id {error_id}). Try again; if it keeps failing, give the server's "
+                         "operator this id.", type="server_error", code="server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's body: APIError, validation (400 naming the parameter), HTTP errors, the unexpected."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        return validation_error(err.errors()[0]).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code >= 500:
+            return server_error(err).response()
+        return APIError(err.status_code, str(err.detail), headers=err.headers).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):
+        return server_error(err).response()
+
+
+def validation_error(first: dict) -> APIError:
+    """The 400 for pydantic's first complaint about a request, naming the parameter it is about."""
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in ("body", "query", "path", "header"):  # where it came from, not its name
+        loc = loc[1:]
+    param = ".".join(map(str, loc)) or None
+    kind = first.get("type")
+    if kind == "missing" and param is None:
+        message = "The request has no body: send the parameters as a JSON object."
+    elif kind == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif kind == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "it cannot be parsed")
+        message, param = f"The request body is not valid JSON: {reason}", None
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg')}" if param else first.get("msg", "Invalid request")
+    return APIError(400, message, param=param, code="invalid_value")

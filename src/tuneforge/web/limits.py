@@ -1,0 +1,66 @@
+"""The body cap, and `edge`: what every app of both servers puts in front of its routes."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .auth import require_keys
+from .errors import APIError, install_error_handlers
+
+HEALTH_PATH = "/health"
+
+
+class BodyLimit:
+    """Refuses bodies beyond `max_bytes` (or `per_path`'s own limit): at once by Content-Length, else while
+    reading, so no more than the limit is ever read."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, per_path: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.per_path = app, max_bytes, per_path or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.per_path.get(scope["path"], self.max_bytes)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > limit:
+            await _too_large(limit).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise StarletteHTTPException(413, _too_large(limit).message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit:,} bytes.",
+                    code="request_too_large")
+
+
+def docs_urls(docs: bool) -> dict:
+    """FastAPI's arguments for its /docs, /redoc and /openapi.json pages: none of them unless `docs`."""
+    return {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+
+
+def edge(app: FastAPI, *, api_keys: Sequence[str], max_body_bytes: int, per_path: dict[str, int] | None = None) -> None:
+    """OpenAI-shaped errors, the body cap, and the key checked first (the outermost middleware).
+
+    /health and the documentation pages, when the app has them (`docs_urls`), need no key.
+    """
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, per_path=per_path)
+    pages = [app.docs_url, app.redoc_url, app.openapi_url]
+    if app.docs_url:
+        pages.append(app.swagger_ui_oauth2_redirect_url)
+    require_keys(app, api_keys, [HEALTH_PATH, *filter(None, pages)])

@@ -1,0 +1,103 @@
+"""The jobs service in-process: which model names reach which weights, and a job that fails in a way
+nobody foresaw. The apps run in this process (FastAPI's TestClient), so their state can be looked at."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from test_jobs import chat_rows
+from tiny import save_tiny_model
+
+from tuneforge.jobs.access import ModelAccess
+from tuneforge.jobs.api import create_api
+from tuneforge.jobs.mapping import CreateJobBody
+from tuneforge.jobs.files import FileStorage
+from tuneforge.jobs.store import Job, Store, new_id, now
+from tuneforge.jobs.worker import Workers
+from tuneforge.web import owner_of
+
+pytest.importorskip("sqlalchemy")
+KEY, OTHER_KEY = "key-alice", "key-bob"
+QUESTION = [{"role": "user", "content": "What is two plus two?"}]
+
+
+def add_job(store: Store, key: str, **values) -> Job:
+    job = Job(**{"id": new_id("ftjob-"), "owner": owner_of(key), "model": "m", "training_file": "file-x", "seed": 1,
+                 "method": {"type": "supervised"}, "status": "failed", "created_at": now(), "result_files": [],
+                 "fine_tuned_model": f"ft:m:tuneforge::{new_id('', 8)}", **values})
+    store.add(job)
+    return job
+
+
+def chat(http: TestClient, model: str, key: str = KEY):
+    return http.post("/v1/chat/completions", json={"model": model, "messages": QUESTION, "max_tokens": 2},
+                     headers={"Authorization": f"Bearer {key}"})
+
+
+def test_one_model_under_several_names_loads_once_and_bases_are_bounded(tmp_path, tiny_model_dir):
+    other = save_tiny_model(tmp_path / "other")
+    same = [str(tiny_model_dir), f"{tiny_model_dir}/", f"{tiny_model_dir.parent}/./{tiny_model_dir.name}"]
+    app = create_api(tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0,
+                     allowed_models=[*same, str(other)], max_models=1)
+    with TestClient(app) as http:
+        inference = app.state.service.inference
+        for name in same:
+            assert chat(http, name).status_code == 200
+        assert inference.loaded == [str(tiny_model_dir.resolve())]
+        first = app.state.service.inference._served[str(tiny_model_dir.resolve())]
+        assert chat(http, str(other)).status_code == 200
+        assert inference.loaded == [str(other.resolve())]  # one base at most: the other one went
+        assert not first.engine.stats()["alive"]
+
+
+def test_registry_names_are_taken_in_any_case_and_kept_in_one(tmp_path):
+    access = ModelAccess(Store(f"sqlite:///{tmp_path / 'jobs.db'}"), tmp_path / "runs")
+    for name in ("smollm2-135m-instruct", "SMOLLM2-135M-INSTRUCT", "Smollm2-135m-Instruct"):
+        assert access.for_training(owner_of(KEY), name) == ("smollm2-135m-instruct", "smollm2-135m-instruct")
+
+
+def test_checkpoint_names_stay_inside_their_run_and_tell_nothing_of_the_disk(tmp_path, tiny_model_dir):
+    root, store = tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    alices, bobs = add_job(store, KEY, status="succeeded"), add_job(store, OTHER_KEY)
+    (root / "runs" / alices.id / "final").mkdir(parents=True)
+    (root / "runs" / bobs.id / "checkpoints" / "step-1").mkdir(parents=True)
+    (root / "runs" / bobs.id / "checkpoints" / "step-2").symlink_to(root / "runs" / alices.id / "final")
+    up = "/.." * 12
+    names = [f"{bobs.fine_tuned_model}:ckpt-step-1/../../../{alices.id}/final",
+             f"{bobs.fine_tuned_model}:ckpt-step-1{up}/etc", f"{bobs.fine_tuned_model}:ckpt-step-1{up}/no-such-folder",
+             f"{bobs.fine_tuned_model}:ckpt-step-2", f"{bobs.fine_tuned_model}:ckpt-step-x",
+             f"{bobs.fine_tuned_model}:ckpt-step-3", alices.fine_tuned_model, f"{alices.fine_tuned_model}:ckpt-step-1"]
+    with TestClient(create_api(root, store, api_keys=[KEY, OTHER_KEY], workers=0)) as http:
+        for name in names:
+            response = chat(http, name, OTHER_KEY)
+            assert response.status_code == 404, (name, response.text)
+            assert response.json()["error"]["message"] == (
+                f"The model `{name}` does not exist or you do not have access to it.")
+
+
+def test_a_job_that_fails_unforeseen_fails_alone(tmp_path, tiny_model_dir):
+    """A job the worker cannot handle (here its method is malformed) fails with an error id; the next is checked."""
+    root, store = tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    storage = FileStorage(root)
+    upload = storage.save(io.BytesIO(chat_rows(8).encode()), owner=owner_of(KEY), filename="train.jsonl",
+                          purpose="fine-tune", max_bytes=1 << 20)
+    store.add(upload)
+    broken = add_job(store, KEY, model=str(tiny_model_dir), training_file=upload.id, status="validating_files",
+                     method={"type": "supervised"})
+    good = add_job(store, KEY, model=str(tiny_model_dir), training_file=upload.id, status="validating_files",
+                   method=CreateJobBody(model="m", training_file="f").method_dict())
+    workers = Workers(store, storage, root, 1, poll_s=0.05)
+    workers.start()
+    try:
+        deadline = time.monotonic() + 60
+        while store.get_job(good.id).status == "validating_files":
+            assert time.monotonic() < deadline, store.get_job(broken.id).status
+            time.sleep(0.1)
+    finally:
+        workers.stop()
+    failed = store.get_job(broken.id)
+    assert failed.status == "failed" and failed.error["code"] == "internal_error"
+    assert "error id err_" in failed.error["message"] and "Traceback" not in failed.error["message"]
