@@ -86,7 +86,7 @@ def shared_prefix_groups(examples: Sequence[Example]) -> list[tuple[list[int], l
 
     Chat data often starts every row with the same system prompt. Inside a group, a row holds the
     shared prefix once, then each example's remaining tokens with position ids that go on from the
-    prefix's, as if each example were whole: `training.attention` lets such a continuation attend
+    prefix's, as if each example were whole: `models.attention` lets such a continuation attend
     to the prefix and to itself, so losses and gradients are those of the examples one by one
     (tested), for fewer tokens. Only untrained positions are shared (a shared position's loss
     would count once), and every example keeps at least its last token. Examples with no partner

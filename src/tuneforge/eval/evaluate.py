@@ -105,7 +105,7 @@ def token_loss(model, examples: Sequence[Example], pad_id: int, *, batch_size: i
 
     Where the model's attention allows it, the examples are packed as training packs them: rows of
     `EVAL_ROW_TOKENS` that hold a prefix all their examples share (a system prompt) once, each
-    example attending to itself alone (`training.attention`). The loss is that of the examples run
+    example attending to itself alone (`models.attention`). The loss is that of the examples run
     one by one, for less work: the test tickets' shared system prompt is about half their tokens.
     """
     lm = causal_lm(model)

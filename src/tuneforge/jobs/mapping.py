@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..config import Config, TrainConfig, auto_epochs, load_config
-from ..training.loop import make_plan
+from ..training import make_plan
 
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
 KEPT_EPOCH_CHECKPOINTS = 3

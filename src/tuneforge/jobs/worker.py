@@ -31,7 +31,7 @@ from ..errors import ModelSourceError, TuneforgeError
 from ..fsio import write_json
 from ..models import load_tokenizer, resolve
 from ..training import checkpoint
-from ..training.loop import make_plan
+from ..training import make_plan
 from ..web import failure_id, scrub_paths
 from . import runner
 from .access import training_spec

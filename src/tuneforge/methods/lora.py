@@ -38,8 +38,8 @@ def peft_config(cfg, model) -> PeftLoraConfig:
 
 def continue_adapter(model, cfg):
     """A model loaded with an adapter (`base_model` is a LoRA run) trains that adapter further, so the
-    final adapter still sits on the run's base. The adapter keeps its own shape: a lora section that
-    sets another shape is an error, not a silent change."""
+    final adapter still sits on the run's base. The adapter keeps its own shape: a lora key set to
+    another value than its default and the adapter's is an error, not a silent change."""
     loaded = model.peft_config[model.active_adapter]
     wanted = peft_config(cfg, model.get_base_model())
     targets = wanted.target_modules
@@ -49,7 +49,9 @@ def continue_adapter(model, cfg):
              "use_rslora": (loaded.use_rslora, wanted.use_rslora),
              "target_modules": (sorted(loaded.target_modules), sorted(targets)),
              "from_layer": (loaded.layers_to_transform, wanted.layers_to_transform)}
-    clashes = [key for key in sorted(cfg.lora.model_fields_set & shape.keys()) if shape[key][0] != shape[key][1]]
+    defaults = {key: type(cfg.lora).model_fields[key].default for key in shape}
+    clashes = [key for key, (has, asked) in shape.items()
+               if has != asked and getattr(cfg.lora, key) != defaults[key]]
     if cfg.method in ("lora", "dora") and (cfg.method == "dora") != bool(loaded.use_dora):
         clashes.append("method (lora or dora)")
     if clashes:
@@ -59,6 +61,8 @@ def continue_adapter(model, cfg):
             "keys out to continue the adapter, or merge it first (tuneforge export RUN --format merged) and train "
             "a new adapter on the merged model."
         )
+    print(f"lora: training the adapter of base_model further (r={loaded.r}, alpha={loaded.lora_alpha}, its own "
+        "target modules)")
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or "modules_to_save" in name)
     return model

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import ModelSourceError
 from .convert import cached_registry_folder, context_length, read_record
@@ -90,7 +91,7 @@ def load_model(spec: str | ModelSource, *, dtype: torch.dtype = torch.float32, t
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, source.adapter, is_trainable=trainable_adapter)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         where = source.adapter or source.path
         raise ModelSourceError(f"Could not load the model in {where}: {err}", code="model_load_failed") from err
 

@@ -22,7 +22,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..generate import Completion, Sampling, encode_prompts
-from ..models.convert import context_length
+from ..models import context_length
 from ..web import APIError, caller, docs_urls, edge
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
 
