@@ -27,8 +27,8 @@ class Strict(BaseModel):
 class LoraConfig(Strict):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
-    # 0 by default: dropout on the adapter input cost 11% of a LoRA step on CPU (bench/profile_step.py)
-    # and changed the validation loss by under 0.1% in the side-by-side benchmark.
+    # 0 by default: dropout on the adapter input is a sizeable share of a CPU LoRA step and barely moves
+    # the validation loss (docs/LOG.md, "LoRA dropout").
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     from_layer: float = Field(0.0, ge=0, lt=1, description="adapt only the decoder layers from this fraction of the "

@@ -112,7 +112,7 @@ def sum_over_batches(objective, batches, pad_id: int, device: torch.device, *, s
             batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
             with autocast():
                 out = objective(**batch)
-            totals += torch.tensor([*(float(out[key]) for key in sums.values()), count(batch)], dtype=torch.float64)
+            totals += torch.tensor([*(out[key].item() for key in sums.values()), count(batch)], dtype=torch.float64)
             advance(rows)
     finally:
         objective.train(was_training)

@@ -371,7 +371,7 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
                 # Scaled by the world size because DDP averages the ranks' gradients, where we want their sum.
                 (sums["loss"] * (world.size / step_count.to(world.device))).backward()
             for key in totals:
-                totals[key] += float(sums[key])
+                totals[key] += sums[key].item()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(run.model).values(),
                                                cfg.train.max_grad_norm or float("inf"))
     # One all-reduce for the step's sums, its real tokens and the ranks asked to stop: every rank
