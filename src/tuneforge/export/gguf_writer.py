@@ -31,7 +31,6 @@ from ..errors import TuneforgeError
 from ..models import end_of_turn_token
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-GGUF_DTYPES = ("f32", "f16", "q8_0")
 
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
