@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -73,11 +73,12 @@ def train_once(config: dict) -> Path:
 
 
 def train_teacher(setup: Setup, data: dict[str, Path]) -> Path:
-    from tuneforge.config import DEFAULT_MODEL
-    from tuneforge.quickstart import Settings, training_config
+    from tuneforge.quickstart import Settings, quickstart_config, write_self_replay
+    from tuneforge.recipes import load_recipe
 
-    settings = replace(Settings(), max_steps=setup.teacher_steps, seed=setup.seed)
-    config = training_config(settings, DEFAULT_MODEL, data, WORK / "teacher")
+    replay = write_self_replay(load_recipe("quickstart")["base_model"], WORK / "data", Settings().replay_tokens)
+    config = quickstart_config({**data, "replay": replay}, WORK / "teacher", max_steps=setup.teacher_steps)
+    config["train"]["seed"] = setup.seed
     config["eval"] = {"task": "support_triage", "forgetting": False}
     return train_once(config)
 

@@ -1,13 +1,22 @@
-"""The quickstart end to end on the tiny model: every phase runs, files appear, targets are judged."""
+"""The quickstart end to end on the tiny model: every phase runs, files appear, targets are judged; its training
+config is the shipped recipe, which `tuneforge train` runs on the data `--data-only` writes."""
 
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 from tiny_sharp import save_sharp_tiny_model
 
-from tuneforge.quickstart import Targets, check_targets, quickstart
+import tuneforge
+from tuneforge.config import load_config
+from tuneforge.quickstart import Targets, check_targets, quickstart, quickstart_config
+from tuneforge.recipes import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,3 +55,45 @@ def test_targets_are_judged_against_their_goals():
     assert missed[1]["measured"] == "80.0% (95% interval 71.1%-86.7%)"
     assert met[3]["measured"] == "97.0% (95% interval 92.1%-98.9%)"
     assert missed[3]["measured"] == "90.0%"
+
+
+def test_the_training_config_is_the_recipe_with_data_run_folder_and_overrides_only():
+    data = {"train": Path("d/t.jsonl"), "validation": Path("d/v.jsonl"), "replay": Path("d/r.jsonl"), "test": Path("x")}
+    recipe = load_recipe("quickstart")
+    config = quickstart_config(data, Path("out"))
+    assert config["data"] == {**recipe["data"], "train": "d/t.jsonl", "validation": "d/v.jsonl",
+                              "general_replay": "d/r.jsonl"}
+    assert {**config, "data": recipe["data"], "output_dir": recipe["output_dir"]} == recipe
+    assert config["output_dir"] == "out"
+    changed = quickstart_config(data, Path("out"), model="m", max_steps=7, learning_rate=1e-3, lora_r=8)
+    assert (changed["base_model"], changed["train"]["max_steps"], changed["train"]["learning_rate"]) == ("m", 7, 1e-3)
+    assert (changed["lora"]["r"], changed["lora"]["alpha"]) == (8, recipe["lora"]["alpha"] / 2)  # alpha / r kept
+    assert load_recipe("quickstart") == recipe  # the recipe itself is left as it was
+
+
+def test_train_runs_the_recipe_on_the_data_only_files_as_the_printed_commands_say(tmp_path, monkeypatch):
+    """A new user's way: `tuneforge quickstart --data-only`, then the commands it prints, as printed."""
+    monkeypatch.chdir(tmp_path)
+    model = save_sharp_tiny_model(tmp_path / "model")
+    printed = io.StringIO()
+    assert quickstart(model=str(model), n_train=40, max_steps=2, data_only=True,
+                      console=Console(file=printed, width=100)) == 0
+    recipe = load_recipe("quickstart")
+    for key in ("train", "validation", "general_replay"):
+        assert (tmp_path / recipe["data"][key]).is_file(), key  # where the recipe looks, from the working folder
+    assert not (tmp_path / recipe["output_dir"] / "final").exists()
+    commands = [line.strip() for line in printed.getvalue().splitlines() if line.startswith("  tuneforge ")]
+    assert commands == ["tuneforge recipes show quickstart > quickstart.yaml",
+                        f"tuneforge train quickstart.yaml base_model={model} train.max_steps=2"]
+    shell = 'tuneforge() { "$PYTHON" -m tuneforge "$@"; }\n' + "\n".join(commands)
+    src = str(Path(tuneforge.__file__).resolve().parents[1])
+    done = subprocess.run(["bash", "-ec", shell], env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": src,
+                                                          "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / recipe["output_dir"]
+    assert (run / "final" / "adapter_config.json").is_file()
+    data = {key: (tmp_path / "runs/quickstart/data" / name).resolve()
+            for key, name in (("train", "train.jsonl"), ("validation", "validation.jsonl"), ("replay", "replay.jsonl"))}
+    expected = quickstart_config(data, Path(recipe["output_dir"]), model=str(model), max_steps=2)
+    assert yaml.safe_load((run / "config.yaml").read_text()) == load_config(expected).model_dump()

@@ -220,14 +220,38 @@ def worker(
 
 @app.command()
 def quickstart(
-    out: Path = typer.Option(Path("runs/quickstart"), help="Run folder."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: the recipe's output_dir, runs/quickstart)."),
     n_train: Optional[int] = typer.Option(None, help="Training tickets (default: the tuned setting)."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the tuned setting)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the recipe's)."),
+    data_only: bool = typer.Option(False, help="Only write the data (tickets, replay replies) into OUT/data and "
+                                               "print the `tuneforge train` command that trains on it."),
 ):
-    """The demo task end to end: pull, generate data, eval base, LoRA fine-tune, eval, forgetting, report."""
+    """The demo task end to end: pull, generate data, eval base, LoRA fine-tune (recipe quickstart), eval,
+    forgetting, report."""
     from .quickstart import quickstart as run_quickstart
 
-    raise typer.Exit(run_quickstart(out, n_train=n_train, max_steps=max_steps))
+    raise typer.Exit(run_quickstart(out, n_train=n_train, max_steps=max_steps, data_only=data_only))
+
+
+recipes_app = typer.Typer(help="Shipped recipes: complete configs for `tuneforge train`.")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context):
+    """List the shipped recipes: name, description, model, method and measured results."""
+    if ctx.invoked_subcommand is None:
+        from .recipes import recipes_command
+
+        raise typer.Exit(recipes_command())
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Recipe name, e.g. quickstart.")):
+    """Print the recipe's YAML (save it to a file to edit it, then `tuneforge train FILE`)."""
+    from .recipes import show_command
+
+    raise typer.Exit(show_command(name))
 
 
 distill_app = typer.Typer(no_args_is_help=True, help="Distillation: build a smaller student, write a teacher's answers.")

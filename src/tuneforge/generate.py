@@ -109,8 +109,7 @@ MIN_SHARED_PREFIX = 16
 
 BATCH_SIZE = 64
 """Rows decoded together. On a CPU a small model's decoding step is far from compute-bound at 16
-rows: SmolLM2 on 2 cores decoded 139 tokens/s at 64 rows against 74 at 16 (64 prompts, 64 new
-tokens each, greedy)."""
+rows, so 64 rows decode nearly twice the tokens a second (docs/LOG.md, "Generation")."""
 
 
 def generate(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: int = BATCH_SIZE, max_new_tokens: int = 256,

@@ -41,17 +41,14 @@ from .evaluate import DEFAULT_BATCH_SIZE, token_loss
 
 BASE_QUESTIONS_FILE = "base_questions.json"
 # Generation settings for general questions and prompts: short answers suffice, and the question
-# filter in BASE_QUESTIONS_FILE was measured with exactly these.
+# filter in BASE_QUESTIONS_FILE is measured with exactly these.
 QUESTION_MAX_NEW_TOKENS = 32
 ANSWER_MAX_NEW_TOKENS = 32
 # A question counts as known when the base answers it right greedily and in at least
 # QUESTION_SAMPLES_RIGHT of QUESTION_SAMPLES answers sampled at QUESTION_TEMPERATURE. Greedy alone
-# kept answers that were right by luck: "1 year is 365 * 12 = 312 months" holds "12", "-18.0°C"
-# holds "0", "typically July, but in some calendars, it's actually October" holds "July" (the base
-# answers these right in 4, 4 and 0 samples of 8). A tuned model that loses those has lost
-# no knowledge, and such questions were most of those lost: over 32 runs of the quickstart and its
-# variants, 77% of the questions lost were among the 48 of those 115 that this rule leaves out
-# (issue notes, 2026-11-29).
+# keeps answers that are right by luck: "1 year is 365 * 12 = 312 months" holds "12". A tuned model
+# that loses such a question has lost no knowledge, yet those are most of the questions lost
+# (docs/LOG.md, "Forgetting", has the examples and the figures).
 QUESTION_SAMPLES = 8
 QUESTION_SAMPLES_RIGHT = 6
 QUESTION_TEMPERATURE = 0.7

@@ -5,9 +5,8 @@ A packed row of 1,024 tokens holding six chats goes through transformers' sdpa p
 pair is computed (and kept for backward), although only pairs inside one example count. Here the
 row is cut where the position ids restart and each example runs through
 `scaled_dot_product_attention(is_causal=True)` on its own: the work drops from L_row² to the sum
-of L_i², no mask is built, and the causal kernel skips the upper triangle. On SmolLM2 this made a
-LoRA step on 1,024-token packed rows 1.25x faster (BENCHMARKS.md: tuneforge against
-`tuneforge_model_attention`).
+of L_i², no mask is built, and the causal kernel skips the upper triangle, which makes a LoRA step
+on packed rows faster (BENCHMARKS.md: tuneforge against `tuneforge_model_attention`).
 
 Rows with a shared prefix (`data.pack(share_prefixes=True)`: chats that open with the same system
 prompt) hold the prefix once. An example whose position ids start at p > 0 continues the first p

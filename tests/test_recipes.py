@@ -1,0 +1,82 @@
+"""Shipped recipes: each is a valid config with a description and a results row; listed, shown, named; shipped."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+import tuneforge
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
+from tuneforge.recipes import config_file, read_recipe, recipe_names, recipe_path, recipes_command, show_command
+
+SRC = Path(tuneforge.__file__).resolve().parents[1]
+
+
+def test_every_shipped_recipe_is_a_valid_config_with_a_description_and_a_results_row():
+    assert "quickstart" in recipe_names()
+    for name in recipe_names():
+        path = recipe_path(name)
+        recipe = read_recipe(path)
+        assert recipe.name == name and recipe.description and recipe.results
+        config = load_config(path)
+        assert (recipe.model, recipe.method) == (config.base_model, config.method)
+        assert max(len(line) for line in path.read_text().splitlines()) <= 120, name
+
+
+def test_the_listing_shows_name_description_model_method_and_results():
+    printed = io.StringIO()
+    assert recipes_command(Console(file=printed, width=400)) == 0
+    recipe = read_recipe(recipe_path("quickstart"))
+    for shown in (recipe.name, recipe.description, "smollm2-135m-instruct", "lora", recipe.results):
+        assert shown in printed.getvalue()
+
+
+def test_show_prints_the_recipe_byte_for_byte(capsys):
+    assert show_command("quickstart") == 0
+    assert capsys.readouterr().out == recipe_path("quickstart").read_text()
+
+
+def test_an_unknown_recipe_is_an_error_that_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match=r"no shipped recipe named 'quickstar'; there are: .*quickstart"):
+        recipe_path("quickstar")
+    cli = subprocess.run([sys.executable, "-m", "tuneforge", "recipes", "show", "quickstar"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
+    assert cli.returncode == 2 and "no shipped recipe named 'quickstar'" in cli.stderr and not cli.stdout
+
+
+def test_a_recipe_without_its_header_lines_is_refused_naming_the_file(tmp_path):
+    body = recipe_path("quickstart").read_text()
+    no_results = tmp_path / "no_results.yaml"
+    no_results.write_text("\n".join(line for line in body.splitlines() if not line.startswith("# Results:")))
+    with pytest.raises(ConfigError, match=r"no_results.yaml: .*'# Results: \.\.\.' line .*found 0"):
+        read_recipe(no_results)
+    no_description = tmp_path / "bare.yaml"
+    no_description.write_text("method: lora\n" + body)
+    with pytest.raises(ConfigError, match=r"bare.yaml line 1: .*one-line description"):
+        read_recipe(no_description)
+
+
+def test_a_config_is_a_file_or_else_a_shipped_recipe_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert config_file("quickstart") == recipe_path("quickstart")
+    Path("quickstart").write_text("data: {train: t.jsonl}\n")  # a file of that name comes first
+    assert config_file("quickstart") == Path("quickstart")
+    assert config_file("missing.yaml") == Path("missing.yaml")  # load_config then says it is missing
+
+
+def test_package_data_ships_every_data_file_and_names_no_missing_one():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((SRC.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["tuneforge"]
+    package = SRC / "tuneforge"
+    shipped = {pattern: set(package.glob(pattern)) for pattern in patterns}  # setuptools globs the same way
+    data_files = {p for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
+    assert data_files - set().union(*shipped.values()) == set()
+    assert [pattern for pattern, found in shipped.items() if not found] == []
