@@ -29,7 +29,7 @@ err = Console(stderr=True)
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML config file."),
+    config: Path = typer.Argument(..., help="YAML config file, or a shipped recipe's name (tuneforge recipes)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.learning_rate=1e-4"),
     resume: Optional[str] = typer.Option(None, help="'latest' (or just --resume) or a checkpoint folder."),
     force: bool = typer.Option(False, help="Resume even though the config changed in a way that changes results."),
@@ -44,8 +44,9 @@ def train(
             args.append("--force")
         raise typer.Exit(_launch(args, nproc))
     from .pipeline import train as run_train
+    from .recipes import config_file
 
-    result = run_train(config, overrides or [], resume=resume, force=force)
+    result = run_train(config_file(config), overrides or [], resume=resume, force=force)
     raise typer.Exit(0 if result.status == "completed" else 130)
 
 
@@ -57,13 +58,14 @@ def _launch(args: list[str], nproc: int) -> int:
 
 @app.command()
 def validate(
-    config: Path = typer.Argument(..., help="YAML config file."),
+    config: Path = typer.Argument(..., help="YAML config file, or a shipped recipe's name (tuneforge recipes)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.max_length=512"),
 ):
     """Dry run: check config, model and every data row; print the plan. Exit 2 on any problem."""
     from .dry_run import validate as run_validate
+    from .recipes import config_file
 
-    raise typer.Exit(run_validate(config, overrides or []))
+    raise typer.Exit(run_validate(config_file(config), overrides or []))
 
 
 @models_app.command("list")
