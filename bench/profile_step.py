@@ -107,6 +107,7 @@ def main() -> None:
         def wrapper(*a, **kw):
             with record_function(name):
                 return fn(*a, **kw)
+
         return wrapper
 
     tfdata.collate = labelled(tfdata.collate, "bench::collate")
@@ -131,19 +132,23 @@ def main() -> None:
         model = prepare_model(model, cfg)
         for name, module in model.named_modules():
             if name.split(".")[-1] == "lora_dropout" or ".lora_dropout." in name + ".":
-                for sub in ([module] if not hasattr(module, "values") else list(module.values())):
+                for sub in [module] if not hasattr(module, "values") else list(module.values()):
                     open_spans = []
-                    sub.register_forward_pre_hook(lambda m, i, spans=open_spans: spans.append(
-                        record_function("bench::lora_dropout").__enter__()))
+                    sub.register_forward_pre_hook(
+                        lambda m, i, spans=open_spans: spans.append(record_function("bench::lora_dropout").__enter__())
+                    )
                     sub.register_forward_hook(lambda m, i, o, spans=open_spans: spans.pop().__exit__(None, None, None))
         return model
 
     loop.prepare_model = prepare
 
-    cfg = {"base_model": "smollm2-135m-instruct", "method": "lora",
-           "data": {"train": str(train), "validation": None, "packing": args.packing == "true", "dedup": "none"},
-           "train": {"max_steps": args.step, "batch_size": args.batch, "eval_every": 0, "save_every": 0, "warmup": 0},
-           "output_dir": str(work / "run")}
+    cfg = {
+        "base_model": "smollm2-135m-instruct",
+        "method": "lora",
+        "data": {"train": str(train), "validation": None, "packing": args.packing == "true", "dedup": "none"},
+        "train": {"max_steps": args.step, "batch_size": args.batch, "eval_every": 0, "save_every": 0, "warmup": 0},
+        "output_dir": str(work / "run"),
+    }
     for o in args.overrides:
         key, value = o.split("=", 1)
         section, leaf = key.rsplit(".", 1)
@@ -179,7 +184,9 @@ def main() -> None:
             continue
         key = None
         if ev.name in MATMUL_OPS:
-            kind = classify_matmul(ev.input_shapes, rank, model_info["vocab"], model_info["hidden"], model_info["inter"])
+            kind = classify_matmul(
+                ev.input_shapes, rank, model_info["vocab"], model_info["hidden"], model_info["inter"]
+            )
             key = f"matmul: {kind}, {'backward' if in_backward else 'forward'}"
         elif "scaled_dot_product" in ev.name or "attention" in ev.name:
             key = "attention (SDPA), " + ("backward" if in_backward else "forward")
@@ -211,11 +218,13 @@ def main() -> None:
         "bench": "profile",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]),
-        "what": (f"Step {args.step} of a tuneforge run on SmolLM2-135M-Instruct, LoRA r={rank} all-linear, "
-                 f"packing {args.packing}, batch {args.batch}, {record['tokens'] // args.step if record else '?'} "
-                 f"real tokens per step on average; torch.profiler self times of every operator, sorted into parts."
-                 + (f" Overrides: {' '.join(args.overrides)}." if args.overrides else "")
-                 + f" {torch.get_num_threads()} torch thread(s); 1-minute load average {os.getloadavg()[0]:.1f}."),
+        "what": (
+            f"Step {args.step} of a tuneforge run on SmolLM2-135M-Instruct, LoRA r={rank} all-linear, "
+            f"packing {args.packing}, batch {args.batch}, {record['tokens'] // args.step if record else '?'} "
+            f"real tokens per step on average; torch.profiler self times of every operator, sorted into parts."
+            + (f" Overrides: {' '.join(args.overrides)}." if args.overrides else "")
+            + f" {torch.get_num_threads()} torch thread(s); 1-minute load average {os.getloadavg()[0]:.1f}."
+        ),
         "load_average": os.getloadavg()[0],
         "threads": torch.get_num_threads(),
         "step_seconds": wall,

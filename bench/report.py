@@ -67,85 +67,135 @@ def throughput_section(path: Path, r: dict) -> list[str]:
     ]
     d = r["data"]["distribution_2000_rows"]
     t = d["tokens"]
-    lines.append(f"- **Data**: `{r['data']['generator']}`, seeded synthetic single-turn chats (system, user, assistant). "
-                 f"Measured token lengths (SmolLM2 chat template, 2,000 rows): p10 {t['p10']}, median {t['p50']}, "
-                 f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}, mean {t['mean']}; assistant tokens "
-                 f"{d['assistant_share']:.0%} of all. Train set: median {r['data']['train']['lengths']['p50']}, "
-                 f"max {r['data']['train']['lengths']['max']}.")
-    lines.append(f"- **Validation loss**: one shared function (`bench/common.py: assistant_ce`) on each saved adapter: "
-                 f"token-weighted mean cross-entropy over the assistant tokens of {s['valid_rows']} held-out "
-                 f"conversations ({r['valid_tokens']:,} tokens), fp32. Base model before training: "
-                 f"{f(r['base_valid_loss'], '.4f')}.")
-    lines += ["", "| candidate | real tokens/s (median; min-max) | vs HF Trainer | vs TRL | peak RSS (MiB) | RSS vs HF | "
-              "valid loss | vs HF | MFU | steps | real tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, x in c.items():
+    lines.append(
+        f"- **Data**: `{r['data']['generator']}`, seeded synthetic single-turn chats (system, user, assistant). "
+        f"Measured token lengths (SmolLM2 chat template, 2,000 rows): p10 {t['p10']}, median {t['p50']}, "
+        f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}, mean {t['mean']}; assistant tokens "
+        f"{d['assistant_share']:.0%} of all. Train set: median {r['data']['train']['lengths']['p50']}, "
+        f"max {r['data']['train']['lengths']['max']}."
+    )
+    lines.append(
+        f"- **Validation loss**: one shared function (`bench/common.py: assistant_ce`) on each saved adapter: "
+        f"token-weighted mean cross-entropy over the assistant tokens of {s['valid_rows']} held-out "
+        f"conversations ({r['valid_tokens']:,} tokens), fp32. Base model before training: "
+        f"{f(r['base_valid_loss'], '.4f')}."
+    )
+    lines += [
+        "",
+        "| candidate | real tokens/s (median; min-max) | vs HF Trainer | vs TRL | peak RSS (MiB) | RSS vs HF | "
+        "valid loss | vs HF | MFU | steps | real tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in c.values():
         lines.append(
             f"| {x['label']} | {f(x['tokens_per_s'])} ({f(x['tokens_per_s_min'])}-{f(x['tokens_per_s_max'])}) | "
             f"{f(x.get('speedup_vs_hf'), '.2f')}x | {f(x.get('speedup_vs_trl'), '.2f')}x | {f(x['peak_rss_mib'], '.0f')} | "
             f"{f(x.get('rss_vs_hf'), '.2f')}x | {f(x['valid_loss'], '.4f')} | {f(100 * x['valid_loss_vs_hf'] if 'valid_loss_vs_hf' in x else None, '+.1f')}% | "
-            f"{f(100 * x['mfu'] if 'mfu' in x else None, '.1f')}% | {x['steps']} | {x['real_tokens']:,} |")
+            f"{f(100 * x['mfu'] if 'mfu' in x else None, '.1f')}% | {x['steps']} | {x['real_tokens']:,} |"
+        )
     lines.append("")
-    lines.append("Real tokens are non-padding tokens (prompt and reply); tokens/s is the median over the timed steps of "
-                 "(real tokens in the step / step time). Aggregate over the timed steps (total tokens / total time): "
-                 + ", ".join(f"{n} {f(x['tokens_per_s_aggregate'])}" for n, x in c.items()) + ".")
+    lines.append(
+        "Real tokens are non-padding tokens (prompt and reply); tokens/s is the median over the timed steps of "
+        "(real tokens in the step / step time). Aggregate over the timed steps (total tokens / total time): "
+        + ", ".join(f"{n} {f(x['tokens_per_s_aggregate'])}" for n, x in c.items())
+        + "."
+    )
     tf = c.get("tuneforge")
     if tf and "speedup_vs_hf" in tf:
         lines += ["", "### Targets", "", "| target | measured | met? |", "|---|---|---|"]
-        lines.append(f"| >= 2x HF Trainer + PEFT tokens/s (better of fp32/bf16; bf16 not run, see below) | "
-                     f"{f(tf['speedup_vs_hf'], '.2f')}x | {'yes' if tf['speedup_vs_hf'] >= 2 else 'no'} |")
+        lines.append(
+            f"| >= 2x HF Trainer + PEFT tokens/s (better of fp32/bf16; bf16 not run, see below) | "
+            f"{f(tf['speedup_vs_hf'], '.2f')}x | {'yes' if tf['speedup_vs_hf'] >= 2 else 'no'} |"
+        )
         if "speedup_vs_trl" in tf:
-            lines.append(f"| >= 1.3x TRL SFTTrainer (packing) tokens/s | {f(tf['speedup_vs_trl'], '.2f')}x | "
-                         f"{'yes' if tf['speedup_vs_trl'] >= 1.3 else 'no'} |")
+            lines.append(
+                f"| >= 1.3x TRL SFTTrainer (packing) tokens/s | {f(tf['speedup_vs_trl'], '.2f')}x | "
+                f"{'yes' if tf['speedup_vs_trl'] >= 1.3 else 'no'} |"
+            )
         rss_ok = all(tf["peak_rss_mib"] <= x["peak_rss_mib"] for n, x in c.items() if n in ("hf_trainer", "trl_sft"))
-        lines.append(f"| peak RSS not above HF Trainer's or TRL's | {f(tf['peak_rss_mib'], '.0f')} MiB vs "
-                     + ", ".join(f"{n} {f(x['peak_rss_mib'], '.0f')}" for n, x in c.items() if n in ("hf_trainer", "trl_sft"))
-                     + f" | {'yes' if rss_ok else 'no'} |")
+        lines.append(
+            f"| peak RSS not above HF Trainer's or TRL's | {f(tf['peak_rss_mib'], '.0f')} MiB vs "
+            + ", ".join(f"{n} {f(x['peak_rss_mib'], '.0f')}" for n, x in c.items() if n in ("hf_trainer", "trl_sft"))
+            + f" | {'yes' if rss_ok else 'no'} |"
+        )
         worst = max(abs(tf["valid_loss"] / x["valid_loss"] - 1) for n, x in c.items() if n in ("hf_trainer", "trl_sft"))
-        lines.append(f"| validation loss within 2% of theirs | largest gap {100 * worst:.1f}% | {'yes' if worst <= 0.02 else 'no'} |")
+        lines.append(
+            f"| validation loss within 2% of theirs | largest gap {100 * worst:.1f}% | {'yes' if worst <= 0.02 else 'no'} |"
+        )
         if "mfu" in tf:
-            lines.append(f"| MFU >= 50% of the measured fp32 matmul peak | {100 * tf['mfu']:.1f}% | "
-                         f"{'yes' if tf['mfu'] >= 0.5 else 'no'} |")
+            lines.append(
+                f"| MFU >= 50% of the measured fp32 matmul peak | {100 * tf['mfu']:.1f}% | "
+                f"{'yes' if tf['mfu'] >= 0.5 else 'no'} |"
+            )
     p = r.get("probe")
     if p:
-        lines += ["", "### The machine's limit and MFU", "",
-                  f"Matmul throughput measured by a probe that takes a turn in every round of the run above (so under the "
-                  f"same load), `F.linear` on [tokens, in] x [in, out] with the model's shapes, median over "
-                  f"{p['rounds']} rounds:", "", "| shape | fp32 GFLOP/s |", "|---|---|"]
+        lines += [
+            "",
+            "### The machine's limit and MFU",
+            "",
+            f"Matmul throughput measured by a probe that takes a turn in every round of the run above (so under the "
+            f"same load), `F.linear` on [tokens, in] x [in, out] with the model's shapes, median over "
+            f"{p['rounds']} rounds:",
+            "",
+            "| shape | fp32 GFLOP/s |",
+            "|---|---|",
+        ]
         lines += [f"| {shape} | {f(g)} |" for shape, g in p["fp32_gflops_by_shape"].items()]
         lines.append("")
-        lines.append(f"fp32 peak (best base-layer shape, median over rounds): **{f(p['fp32_peak_gflops'])} GFLOP/s** "
-                     f"(best single round {f(p['fp32_peak_gflops_max'])}).")
+        lines.append(
+            f"fp32 peak (best base-layer shape, median over rounds): **{f(p['fp32_peak_gflops'])} GFLOP/s** "
+            f"(best single round {f(p['fp32_peak_gflops_max'])})."
+        )
         if p.get("bf16_gflops_by_shape"):
-            lines.append("bf16 (emulated: no native bf16 on this CPU): " + ", ".join(
-                f"{shape} {f(g)} GFLOP/s" for shape, g in p["bf16_gflops_by_shape"].items()) + ".")
+            lines.append(
+                "bf16 (emulated: no native bf16 on this CPU): "
+                + ", ".join(f"{shape} {f(g)} GFLOP/s" for shape, g in p["bf16_gflops_by_shape"].items())
+                + "."
+            )
         b = p.get("bf16_step")
         if b:
             ratio = b["bf16_seconds"] / b["fp32_seconds"]
-            lines.append(f"Whole-model probe, one LoRA forward+backward on {b['tokens']} tokens: fp32 "
-                         f"{f(b['fp32_seconds'], '.2f')} s, bf16 autocast {f(b['bf16_seconds'], '.2f')} s "
-                         f"({f(ratio, '.1f')}x the fp32 time; one pass each, so noisy on a loaded machine).")
-        lines.append("tuneforge's `precision: auto` picks fp32 on a CPU without native bf16 and refuses `precision: bf16` "
-                     "there, so no tuneforge bf16 candidate can run; the bf16 baselines (HF Trainer `bf16=True`, TRL's "
-                     "default bf16) are not run by default for the reason the figures above give (emulated bf16 "
-                     "matmuls are several times slower than fp32); `--candidates hf_trainer_bf16` runs one.")
-        lines += ["", f"MFU = achieved model FLOP/s / fp32 peak. Achieved = model FLOPs per real token "
-                  f"({r['flops']['per_real_token'] / 1e6:.0f} M, averaged over the training set) x real tokens/s. "
-                  f"Model FLOPs, {r['flops']['formula']}"]
+            lines.append(
+                f"Whole-model probe, one LoRA forward+backward on {b['tokens']} tokens: fp32 "
+                f"{f(b['fp32_seconds'], '.2f')} s, bf16 autocast {f(b['bf16_seconds'], '.2f')} s "
+                f"({f(ratio, '.1f')}x the fp32 time; one pass each, so noisy on a loaded machine)."
+            )
+        lines.append(
+            "tuneforge's `precision: auto` picks fp32 on a CPU without native bf16 and refuses `precision: bf16` "
+            "there, so no tuneforge bf16 candidate can run; the bf16 baselines (HF Trainer `bf16=True`, TRL's "
+            "default bf16) are not run by default for the reason the figures above give (emulated bf16 "
+            "matmuls are several times slower than fp32); `--candidates hf_trainer_bf16` runs one."
+        )
+        lines += [
+            "",
+            f"MFU = achieved model FLOP/s / fp32 peak. Achieved = model FLOPs per real token "
+            f"({r['flops']['per_real_token'] / 1e6:.0f} M, averaged over the training set) x real tokens/s. "
+            f"Model FLOPs, {r['flops']['formula']}",
+        ]
         lines.append("")
         lines.append("| candidate | achieved GFLOP/s | MFU |")
         lines.append("|---|---|---|")
-        lines += [f"| {x['label']} | {f(x['achieved_gflops'])} | {f(100 * x['mfu'] if 'mfu' in x else None, '.1f')}% |"
-                  for x in c.values()]
+        lines += [
+            f"| {x['label']} | {f(x['achieved_gflops'])} | {f(100 * x['mfu'] if 'mfu' in x else None, '.1f')}% |"
+            for x in c.values()
+        ]
     return lines
 
 
 def profile_section(path: Path, r: dict) -> list[str]:
     threads = r.get("threads")
-    lines = [f"## Where a tuneforge step's time goes (profile{f', {threads} torch thread(s)' if threads else ''})", "",
-             f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. {r.get('what', '')}", ""]
-    lines += ["Each operator's self time, sorted into parts by the rules in `bench/profile_step.py` (matmuls by shape; "
-              "backward = inside `loss.backward()`). \"Python and framework overhead\" is step time spent in no operator: "
-              "Python, the autograd engine, the profiler's own bookkeeping.", ""]
+    lines = [
+        f"## Where a tuneforge step's time goes (profile{f', {threads} torch thread(s)' if threads else ''})",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. {r.get('what', '')}",
+        "",
+    ]
+    lines += [
+        "Each operator's self time, sorted into parts by the rules in `bench/profile_step.py` (matmuls by shape; "
+        'backward = inside `loss.backward()`). "Python and framework overhead" is step time spent in no operator: '
+        "Python, the autograd engine, the profiler's own bookkeeping.",
+        "",
+    ]
     lines += ["| part | seconds / step | share |", "|---|---|---|"]
     total = r["step_seconds"]
     for part, sec in r["categories"].items():
@@ -154,7 +204,13 @@ def profile_section(path: Path, r: dict) -> list[str]:
     if r.get("notes"):
         lines += [""] + [f"- {n}" for n in r["notes"]]
     if r.get("top_ops"):
-        lines += ["", "Top operators by self time (with shapes):", "", "| op | shapes | calls | self s |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Top operators by self time (with shapes):",
+            "",
+            "| op | shapes | calls | self s |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {o['name']} | {o['shapes']} | {o['calls']} | {o['self_s']:.2f} |" for o in r["top_ops"]]
     return lines
 
@@ -162,18 +218,27 @@ def profile_section(path: Path, r: dict) -> list[str]:
 def data_prep_section(path: Path, r: dict) -> list[str]:
     prep, stream = r.get("prepare", {}), r.get("streaming", {})
     load = (prep.get("load_average") or [None])[0]
-    lines = ["## Data preparation", "", f"From `{rel(path)}` ({r.get('date')}), made by `bench/data_prep.py` "
-             f"(SmolLM2 tokenizer; 1-minute load average {f(load)} when it ran). Target: at least 5,000 rows/s on 2 cores, "
-             "memory flat however large the file.", ""]
+    lines = [
+        "## Data preparation",
+        "",
+        f"From `{rel(path)}` ({r.get('date')}), made by `bench/data_prep.py` "
+        f"(SmolLM2 tokenizer; 1-minute load average {f(load)} when it ran). Target: at least 5,000 rows/s on 2 cores, "
+        "memory flat however large the file.",
+        "",
+    ]
     if prep:
         cpu = prep.get("cpu_us_per_row", {})
-        lines.append(f"- `prepare` (validate, render, tokenize, dedup, split): {prep.get('rows', 0):,} typical chat rows, "
-                     f"**{f(prep.get('rows_per_s'), ',.0f')} rows/s** (best of 3), {f(prep.get('tokens_per_s'), ',.0f')} "
-                     f"tokens/s; CPU per row {f(cpu.get('process'), '.0f')} us, {f(cpu.get('main_thread'), '.0f')} us of "
-                     "it on the thread that reads and renders (the tokenizer runs beside it).")
+        lines.append(
+            f"- `prepare` (validate, render, tokenize, dedup, split): {prep.get('rows', 0):,} typical chat rows, "
+            f"**{f(prep.get('rows_per_s'), ',.0f')} rows/s** (best of 3), {f(prep.get('tokens_per_s'), ',.0f')} "
+            f"tokens/s; CPU per row {f(cpu.get('process'), '.0f')} us, {f(cpu.get('main_thread'), '.0f')} us of "
+            "it on the thread that reads and renders (the tokenizer runs beside it)."
+        )
     if stream:
-        lines.append(f"- Streaming read of {stream.get('rows', 0):,} rows ({f(stream.get('file_mib'), '.0f')} MiB): "
-                     f"{f(stream.get('read_rows_per_s'), ',.0f')} rows/s, RSS grew {f(stream.get('rss_growth_mib'), '.1f')} MiB.")
+        lines.append(
+            f"- Streaming read of {stream.get('rows', 0):,} rows ({f(stream.get('file_mib'), '.0f')} MiB): "
+            f"{f(stream.get('read_rows_per_s'), ',.0f')} rows/s, RSS grew {f(stream.get('rss_growth_mib'), '.1f')} MiB."
+        )
     if "max_rss_mib" in r:
         lines.append(f"- Peak RSS {f(r['max_rss_mib'], '.0f')} MiB.")
     return lines
@@ -182,25 +247,31 @@ def data_prep_section(path: Path, r: dict) -> list[str]:
 def serve_section(path: Path, r: dict) -> list[str]:
     s, m, ratios, targets = r["setup"], r["machine"], r["ratios"], r["targets"]
     hf, stream, together = r["hf_generate"], r["serve_stream"], r["serve_concurrent"]
-    lines = [f"## Serving: `tuneforge serve` against a bare transformers loop ({s['threads']} torch thread(s) each)", "",
-             f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. SmolLM2-135M-Instruct, {s['dtype']} on "
-             f"{s['device']} ({m['cpu']}, {m['cores']} cores), greedy, up to {s['max_tokens']} new tokens per request, "
-             f"{s['rounds']} rounds taking turns. Shared machine: 1-minute load average median "
-             f"{f(r['load_average']['median'])} (min {f(r['load_average']['min'])}, max {f(r['load_average']['max'])}), "
-             "so absolute figures are noisy; the ratios are what this run measures.", "",
-             "| candidate | tokens/s (median over rounds) | ratio | target | met? |", "|---|---|---|---|---|",
-             f"| (a) transformers `model.generate`, batch 1 | {f(hf['tokens_per_s'])} | 1.00x | | |",
-             f"| (b) `tuneforge serve`, one streaming request at a time (HTTP SSE) | {f(stream['tokens_per_s'])} | "
-             f"{f(ratios['serve_vs_hf'], '.2f')}x (a) | >= {targets['serve_vs_hf']:.2f}x (a) | "
-             f"{'yes' if ratios['serve_vs_hf'] >= targets['serve_vs_hf'] else 'no'} |",
-             f"| (c) `tuneforge serve`, {s['concurrency']} concurrent streaming requests (aggregate) | "
-             f"{f(together['tokens_per_s'])} | {f(ratios['concurrent_vs_batch1'], '.2f')}x (b) | "
-             f">= {targets['concurrent_vs_batch1']:.1f}x (b) | "
-             f"{'yes' if ratios['concurrent_vs_batch1'] >= targets['concurrent_vs_batch1'] else 'no'} |", "",
-             f"(a) and (b) decode the same prompts greedily; their texts agreed in {r['same_text']['agree']} of "
-             f"{r['same_text']['of']} runs. Time to the first streamed token in (b), median "
-             f"{f(stream['first_token_seconds'], '.2f')} s. Largest batch the server decoded in (c): "
-             f"{together['largest_batch']}. (b) is timed from sending the request to `data: [DONE]`, HTTP included."]
+    lines = [
+        f"## Serving: `tuneforge serve` against a bare transformers loop ({s['threads']} torch thread(s) each)",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. SmolLM2-135M-Instruct, {s['dtype']} on "
+        f"{s['device']} ({m['cpu']}, {m['cores']} cores), greedy, up to {s['max_tokens']} new tokens per request, "
+        f"{s['rounds']} rounds taking turns. Shared machine: 1-minute load average median "
+        f"{f(r['load_average']['median'])} (min {f(r['load_average']['min'])}, max {f(r['load_average']['max'])}), "
+        "so absolute figures are noisy; the ratios are what this run measures.",
+        "",
+        "| candidate | tokens/s (median over rounds) | ratio | target | met? |",
+        "|---|---|---|---|---|",
+        f"| (a) transformers `model.generate`, batch 1 | {f(hf['tokens_per_s'])} | 1.00x | | |",
+        f"| (b) `tuneforge serve`, one streaming request at a time (HTTP SSE) | {f(stream['tokens_per_s'])} | "
+        f"{f(ratios['serve_vs_hf'], '.2f')}x (a) | >= {targets['serve_vs_hf']:.2f}x (a) | "
+        f"{'yes' if ratios['serve_vs_hf'] >= targets['serve_vs_hf'] else 'no'} |",
+        f"| (c) `tuneforge serve`, {s['concurrency']} concurrent streaming requests (aggregate) | "
+        f"{f(together['tokens_per_s'])} | {f(ratios['concurrent_vs_batch1'], '.2f')}x (b) | "
+        f">= {targets['concurrent_vs_batch1']:.1f}x (b) | "
+        f"{'yes' if ratios['concurrent_vs_batch1'] >= targets['concurrent_vs_batch1'] else 'no'} |",
+        "",
+        f"(a) and (b) decode the same prompts greedily; their texts agreed in {r['same_text']['agree']} of "
+        f"{r['same_text']['of']} runs. Time to the first streamed token in (b), median "
+        f"{f(stream['first_token_seconds'], '.2f')} s. Largest batch the server decoded in (c): "
+        f"{together['largest_batch']}. (b) is timed from sending the request to `data: [DONE]`, HTTP included.",
+    ]
     return lines
 
 
@@ -230,11 +301,17 @@ def distill_section(path: Path, r: dict) -> list[str]:
         "loss on reference answers | training s/step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, key in (("teacher", "teacher"), ("student, plain SFT", "student_sft"), ("student, distilled", "student_distill")):
+    for name, key in (
+        ("teacher", "teacher"),
+        ("student, plain SFT", "student_sft"),
+        ("student, distilled", "student_distill"),
+    ):
         row, sc = models[key], models[key]["scores"]
-        lines.append(f"| {name} | {row['parameters'] / 1e6:.1f}M | {row['layers']} | **{sc['exact']:.1%}** | "
-                     f"{sc['valid_json']:.1%} | {sc['category']:.1%} | {sc['priority']:.1%} | {sc['product']:.1%} | "
-                     f"{f(row['loss'], '.4f')} | {f(training[key]['seconds_per_step'], '.1f')} |")
+        lines.append(
+            f"| {name} | {row['parameters'] / 1e6:.1f}M | {row['layers']} | **{sc['exact']:.1%}** | "
+            f"{sc['valid_json']:.1%} | {sc['category']:.1%} | {sc['priority']:.1%} | {sc['product']:.1%} | "
+            f"{f(row['loss'], '.4f')} | {f(training[key]['seconds_per_step'], '.1f')} |"
+        )
     d = training["student_distill"]
     tickets = sft["scores"]["n"]
     apart = round(abs(sft["scores"]["exact"] - models["student_distill"]["scores"]["exact"]) * tickets)
@@ -294,28 +371,44 @@ def dpo_section(path: Path, r: dict) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for name, sc in (("before (SmolLM2-135M-Instruct)", before), ("after DPO", after)):
-        lines.append(f"| {name} | **{sc['valid_json']:.1%}** | {sc['contains_json']:.1%} | {sc['valid_labels']:.1%} | "
-                     f"{sc['exact']:.1%} |")
+        lines.append(
+            f"| {name} | **{sc['valid_json']:.1%}** | {sc['contains_json']:.1%} | {sc['valid_labels']:.1%} | "
+            f"{sc['exact']:.1%} |"
+        )
     first, last = t["first"], t["last"]
-    lines += ["", f"Training, mean of the first and last {t['window_steps']} steps: loss {first['train_loss']:.3f} -> "
-              f"{last['train_loss']:.3f}, rewards/margins {first['rewards/margins']:.3f} -> {last['rewards/margins']:.3f}, "
-              f"rewards/accuracies {first['rewards/accuracies']:.1%} -> {last['rewards/accuracies']:.1%}. Chosen and "
-              "rejected carry the same labels, so the pairs contrast the form only.", "",
-              f"First held-out answer before: `{r['generation']['before']['samples'][0]['prediction'][:120]!r}`; after: "
-              f"`{r['generation']['after']['samples'][0]['prediction'][:120]!r}`."]
+    lines += [
+        "",
+        f"Training, mean of the first and last {t['window_steps']} steps: loss {first['train_loss']:.3f} -> "
+        f"{last['train_loss']:.3f}, rewards/margins {first['rewards/margins']:.3f} -> {last['rewards/margins']:.3f}, "
+        f"rewards/accuracies {first['rewards/accuracies']:.1%} -> {last['rewards/accuracies']:.1%}. Chosen and "
+        "rejected carry the same labels, so the pairs contrast the form only.",
+        "",
+        f"First held-out answer before: `{r['generation']['before']['samples'][0]['prediction'][:120]!r}`; after: "
+        f"`{r['generation']['after']['samples'][0]['prediction'][:120]!r}`.",
+    ]
     return lines
 
 
 def main() -> None:
-    lines = ["# Benchmarks", "",
-             "Generated by `bench/report.py` from the raw JSON in `bench/results/`; do not edit by hand. "
-             "Run `make bench` (= `.venv/bin/python bench/run.py`) to measure again; `bench/README.md` says what each "
-             "script does.", ""]
-    sections = (("train_throughput_1thread", throughput_section), ("train_throughput", throughput_section),
-                ("profile", profile_section),
-                ("profile_fast", profile_section), ("profile_2threads", profile_section),
-                ("data_prep", data_prep_section), ("serve", serve_section), ("distill", distill_section),
-                ("dpo", dpo_section))
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/report.py` from the raw JSON in `bench/results/`; do not edit by hand. "
+        "Run `make bench` (= `.venv/bin/python bench/run.py`) to measure again; `bench/README.md` says what each "
+        "script does.",
+        "",
+    ]
+    sections = (
+        ("train_throughput_1thread", throughput_section),
+        ("train_throughput", throughput_section),
+        ("profile", profile_section),
+        ("profile_fast", profile_section),
+        ("profile_2threads", profile_section),
+        ("data_prep", data_prep_section),
+        ("serve", serve_section),
+        ("distill", distill_section),
+        ("dpo", dpo_section),
+    )
     every = []
     for kind, render in sections:
         runs = load(kind)

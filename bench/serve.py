@@ -72,12 +72,12 @@ class BareTransformers:
         inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         started = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            )
         seconds = time.perf_counter() - started
-        new = out[0, inputs["input_ids"].shape[1]:]
-        return {"seconds": seconds, "tokens": len(new),
-                "text": self.tokenizer.decode(new, skip_special_tokens=True)}
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return {"seconds": seconds, "tokens": len(new), "text": self.tokenizer.decode(new, skip_special_tokens=True)}
 
 
 class Server:
@@ -94,8 +94,22 @@ class Server:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.log = log_file.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tuneforge", "serve", "--model", str(model_dir), "--port", str(port),
-             "--max-batch", str(max_batch)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "tuneforge",
+                "serve",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--max-batch",
+                str(max_batch),
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.client = httpx.Client(timeout=900)
         deadline = time.monotonic() + 600
         while True:
@@ -111,8 +125,14 @@ class Server:
             time.sleep(0.5)
 
     def stream(self, prompt: str, max_tokens: int) -> dict:
-        body = {"model": self.model, "messages": chat(prompt), "max_tokens": max_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": self.model,
+            "messages": chat(prompt),
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         pieces, first, usage = [], None, None
         started = time.perf_counter()
         with self.client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as response:
@@ -120,16 +140,21 @@ class Server:
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 usage = chunk.get("usage") or usage
                 for choice in chunk["choices"]:
                     if choice["delta"].get("content"):
                         first = first or time.perf_counter()
                         pieces.append(choice["delta"]["content"])
         finished = time.perf_counter()
-        return {"seconds": finished - started, "first_token_seconds": (first or finished) - started,
-                "tokens": usage["completion_tokens"], "text": "".join(pieces), "started": started,
-                "finished": finished}
+        return {
+            "seconds": finished - started,
+            "first_token_seconds": (first or finished) - started,
+            "tokens": usage["completion_tokens"],
+            "text": "".join(pieces),
+            "started": started,
+            "finished": finished,
+        }
 
     def concurrent(self, prompts: list[str], max_tokens: int) -> dict:
         with ThreadPoolExecutor(len(prompts)) as pool:
@@ -187,9 +212,11 @@ def main() -> None:
             load.append(os.getloadavg()[0])
             prompts = [PROMPTS[(round_ + i) % len(PROMPTS)] for i in range(args.concurrency)]
             together.append(server.concurrent(prompts, args.max_tokens))
-            print(f"round {round_ + 1}/{args.rounds}: hf {rate(single[-1]):.1f} tok/s, serve {rate(batch1[-1]):.1f} "
-                  f"tok/s, {args.concurrency} concurrent {rate(together[-1]):.1f} tok/s (load {load[-1]:.1f})",
-                  flush=True)
+            print(
+                f"round {round_ + 1}/{args.rounds}: hf {rate(single[-1]):.1f} tok/s, serve {rate(batch1[-1]):.1f} "
+                f"tok/s, {args.concurrency} concurrent {rate(together[-1]):.1f} tok/s (load {load[-1]:.1f})",
+                flush=True,
+            )
         largest_batch = server.health()["largest_batch"]
     finally:
         server.close()
@@ -205,15 +232,25 @@ def main() -> None:
         "versions": versions(),
         "load_average": {"median": median(load), "min": min(load), "max": max(load)},
         "wall_seconds": time.time() - started,
-        "setup": {"model": "smollm2-135m-instruct", "dtype": "float32", "device": "cpu", "threads": args.threads,
-                  "max_tokens": args.max_tokens, "rounds": args.rounds, "concurrency": args.concurrency,
-                  "prompts": PROMPTS},
-        "hf_generate": {"tokens_per_s": hf_rate, "runs": [{k: r[k] for k in ("prompt", "tokens", "seconds")}
-                                                           for r in single]},
-        "serve_stream": {"tokens_per_s": serve_rate,
-                         "first_token_seconds": median([r["first_token_seconds"] for r in batch1]),
-                         "runs": [{k: r[k] for k in ("prompt", "tokens", "seconds", "first_token_seconds")}
-                                  for r in batch1]},
+        "setup": {
+            "model": "smollm2-135m-instruct",
+            "dtype": "float32",
+            "device": "cpu",
+            "threads": args.threads,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "prompts": PROMPTS,
+        },
+        "hf_generate": {
+            "tokens_per_s": hf_rate,
+            "runs": [{k: r[k] for k in ("prompt", "tokens", "seconds")} for r in single],
+        },
+        "serve_stream": {
+            "tokens_per_s": serve_rate,
+            "first_token_seconds": median([r["first_token_seconds"] for r in batch1]),
+            "runs": [{k: r[k] for k in ("prompt", "tokens", "seconds", "first_token_seconds")} for r in batch1],
+        },
         "serve_concurrent": {"tokens_per_s": concurrent_rate, "largest_batch": largest_batch, "runs": together},
         "same_text": {"agree": agree, "of": len(single)},
         "ratios": {"serve_vs_hf": serve_rate / hf_rate, "concurrent_vs_batch1": concurrent_rate / serve_rate},
@@ -223,11 +260,13 @@ def main() -> None:
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"raw results: {path}")
-    print(f"(a) transformers generate, batch 1: {hf_rate:.1f} tok/s\n"
-          f"(b) tuneforge serve, SSE, batch 1:  {serve_rate:.1f} tok/s = {out['ratios']['serve_vs_hf']:.2f}x (a)\n"
-          f"(c) {args.concurrency} concurrent requests:         {concurrent_rate:.1f} tok/s = "
-          f"{out['ratios']['concurrent_vs_batch1']:.2f}x (b)\n"
-          f"same text from (a) and (b): {agree} of {len(single)}; load average median {out['load_average']['median']:.1f}")
+    print(
+        f"(a) transformers generate, batch 1: {hf_rate:.1f} tok/s\n"
+        f"(b) tuneforge serve, SSE, batch 1:  {serve_rate:.1f} tok/s = {out['ratios']['serve_vs_hf']:.2f}x (a)\n"
+        f"(c) {args.concurrency} concurrent requests:         {concurrent_rate:.1f} tok/s = "
+        f"{out['ratios']['concurrent_vs_batch1']:.2f}x (b)\n"
+        f"same text from (a) and (b): {agree} of {len(single)}; load average median {out['load_average']['median']:.1f}"
+    )
 
     import report
 

@@ -84,8 +84,14 @@ class Child:
         done_r, done_w = os.pipe()
         child_env = {**os.environ, **(env or {}), ENV: f"{go_r},{done_w}"}
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(argv, pass_fds=(go_r, done_w), env=child_env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            argv,
+            pass_fds=(go_r, done_w),
+            env=child_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         os.close(go_r)
         os.close(done_w)
         self._go = os.fdopen(go_w, "w", buffering=1)

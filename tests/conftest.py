@@ -62,7 +62,14 @@ def tiny_run_config(model_dir, data: dict, out, **train) -> dict:
         "method": "lora",
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
         "data": {"train": str(data["train"]), "validation": str(data["validation"]), "max_length": 512},
-        "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 0, "save_every": 0,
-                  "precision": "fp32", **train},
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "learning_rate": 1e-3,
+            "eval_every": 0,
+            "save_every": 0,
+            "precision": "fp32",
+            **train,
+        },
         "output_dir": str(out),
     }

@@ -91,7 +91,7 @@ def shared_prefix_examples(vocab: int) -> list[Example]:
         for n in rests:
             ids = prefix + tokens(n)
             head = len(prefix) + n // 2  # the prompt: untrained; the reply after it: trained
-            out.append(Example(ids, [-100] * head + ids[head + 1:] + [-100]))
+            out.append(Example(ids, [-100] * head + ids[head + 1 :] + [-100]))
     return out
 
 

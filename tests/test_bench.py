@@ -33,7 +33,6 @@ def test_chat_lengths_are_skewed_like_instruction_data(tokenizer):
 
 def test_tokenize_and_shared_validation_loss_match_transformers(tokenizer):
     import torch
-
     from tiny import tiny_llama
 
     rows = chatdata.generate(6, seed=3)
@@ -58,37 +57,50 @@ def test_tokenize_and_shared_validation_loss_match_transformers(tokenizer):
 def test_flops_count_for_smollm2_shapes():
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152)
+    cfg = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    )
     shapes = common.model_shapes(cfg)
     n_lin = 30 * sum(i * o for i, o in shapes["linears"].values())
     assert n_lin == 106_168_320
     one = common.flops_per_example(shapes, 16, 1, 0)
     assert one == 4 * n_lin + 6 * 30 * 16 * 10_176 + 6 * 30 * 576
-    assert common.flops_per_example(shapes, 16, 100, 40) - common.flops_per_example(shapes, 16, 100, 0) == 4 * 49152 * 576 * 40
+    assert (
+        common.flops_per_example(shapes, 16, 100, 40) - common.flops_per_example(shapes, 16, 100, 0)
+        == 4 * 49152 * 576 * 40
+    )
 
 
 def test_turns_interleave_processes_step_by_step(tmp_path):
     from turns import Child, run_interleaved
 
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(BENCH)!r})
         from turns import Turns
         t = Turns(); t.send("ready")
         for step in (1, 2, 3):
             t.wait(); t.send("step", step=step, seconds=t.elapsed(), tokens=10, last=step == 3)
         t.wait(); t.send("result", name=sys.argv[1])
-    """))
+    """)
+    )
     probe = tmp_path / "probe.py"
-    probe.write_text(textwrap.dedent(f"""
+    probe.write_text(
+        textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(BENCH)!r})
         from turns import Turns
         t = Turns(); t.send("ready"); n = 0
         while t.wait() == "go":
             n += 1; t.send("step", seconds=0.0)
         t.send("result", rounds=n)
-    """))
+    """)
+    )
     order = []
     children = [Child(n, [sys.executable, str(script), n], tmp_path / f"{n}.log") for n in ("a", "b")]
     children.append(Child("p", [sys.executable, str(probe)], tmp_path / "p.log", probe=True))
@@ -104,24 +116,68 @@ def test_turns_interleave_processes_step_by_step(tmp_path):
 def test_report_renders_a_throughput_result(tmp_path, monkeypatch):
     import report
 
-    cand = {"label": "x", "tokens_per_s": 10.0, "tokens_per_s_min": 9.0, "tokens_per_s_max": 11.0,
-            "tokens_per_s_aggregate": 10.0, "peak_rss_mib": 1000.0, "valid_loss": 1.0, "steps": 3,
-            "real_tokens": 100, "achieved_gflops": 5.0, "mfu": 0.1, "speedup_vs_hf": 1.0, "rss_vs_hf": 1.0,
-            "valid_loss_vs_hf": 0.0, "speedup_vs_trl": 1.0}
+    cand = {
+        "label": "x",
+        "tokens_per_s": 10.0,
+        "tokens_per_s_min": 9.0,
+        "tokens_per_s_max": 11.0,
+        "tokens_per_s_aggregate": 10.0,
+        "peak_rss_mib": 1000.0,
+        "valid_loss": 1.0,
+        "steps": 3,
+        "real_tokens": 100,
+        "achieved_gflops": 5.0,
+        "mfu": 0.1,
+        "speedup_vs_hf": 1.0,
+        "rss_vs_hf": 1.0,
+        "valid_loss_vs_hf": 0.0,
+        "speedup_vs_trl": 1.0,
+    }
     result = {
-        "date": "2026-01-01T00:00:00", "command": "python bench/run.py",
-        "machine": {"cpu": "cpu", "cores": 2, "isa": "AVX2", "avx512": False, "native_bf16": False, "memory_gib": 8,
-                    "tuneforge_auto_precision": "fp32"},
-        "versions": {"torch": "2"}, "load_average": {"median": 1.0, "min": 1.0, "max": 1.0},
-        "setup": {"lora": {"r": 16, "alpha": 32, "dropout": 0.05}, "lr": 2e-4, "scheduler": "cosine", "seed": 1,
-                  "train_rows": 4, "batch_sequences": 2, "batch_packed_rows": 1, "packed_row_tokens": 1024,
-                  "warmup_steps_excluded": 1, "valid_rows": 2},
-        "data": {"generator": "g", "distribution_2000_rows": {"tokens": {"p10": 1, "p50": 2, "p90": 3, "p99": 4, "max": 5,
-                                                                       "mean": 2.0}, "assistant_share": 0.5},
-                 "train": {"tokens": 100, "trained_tokens": 50, "lengths": {"p50": 2, "max": 5}}},
-        "flops": {"formula": "f", "per_real_token": 1e6}, "base_valid_loss": 2.0, "valid_tokens": 10,
-        "probe": {"rounds": 1, "fp32_peak_gflops": 50.0, "fp32_peak_gflops_max": 60.0, "fp32_gflops_by_shape": {"s": 50.0},
-                  "bf16_gflops_by_shape": {"s": 1.0}, "bf16_step": {"tokens": 8, "fp32_seconds": 1.0, "bf16_seconds": 20.0}},
+        "date": "2026-01-01T00:00:00",
+        "command": "python bench/run.py",
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "isa": "AVX2",
+            "avx512": False,
+            "native_bf16": False,
+            "memory_gib": 8,
+            "tuneforge_auto_precision": "fp32",
+        },
+        "versions": {"torch": "2"},
+        "load_average": {"median": 1.0, "min": 1.0, "max": 1.0},
+        "setup": {
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+            "lr": 2e-4,
+            "scheduler": "cosine",
+            "seed": 1,
+            "train_rows": 4,
+            "batch_sequences": 2,
+            "batch_packed_rows": 1,
+            "packed_row_tokens": 1024,
+            "warmup_steps_excluded": 1,
+            "valid_rows": 2,
+        },
+        "data": {
+            "generator": "g",
+            "distribution_2000_rows": {
+                "tokens": {"p10": 1, "p50": 2, "p90": 3, "p99": 4, "max": 5, "mean": 2.0},
+                "assistant_share": 0.5,
+            },
+            "train": {"tokens": 100, "trained_tokens": 50, "lengths": {"p50": 2, "max": 5}},
+        },
+        "flops": {"formula": "f", "per_real_token": 1e6},
+        "base_valid_loss": 2.0,
+        "valid_tokens": 10,
+        "probe": {
+            "rounds": 1,
+            "fp32_peak_gflops": 50.0,
+            "fp32_peak_gflops_max": 60.0,
+            "fp32_gflops_by_shape": {"s": 50.0},
+            "bf16_gflops_by_shape": {"s": 1.0},
+            "bf16_step": {"tokens": 8, "fp32_seconds": 1.0, "bf16_seconds": 20.0},
+        },
         "candidates": {"tuneforge": cand, "hf_trainer": cand, "trl_sft": cand},
     }
     (tmp_path / "results").mkdir()

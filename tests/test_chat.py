@@ -50,16 +50,25 @@ def run(tiny, script: str, **options) -> tuple[list[dict], RecordingOutput]:
 def test_replies_stream_and_follow_the_history(tiny):
     conversation, output = run(tiny, "Hi\nWhat is two plus two?\n/exit\nnever read\n")
     first = reply_to(tiny, [{"role": "user", "content": "Hi"}])
-    second = reply_to(tiny, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
-                             {"role": "user", "content": "What is two plus two?"}])
-    assert conversation == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
-                            {"role": "user", "content": "What is two plus two?"},
-                            {"role": "assistant", "content": second}]
+    second = reply_to(
+        tiny,
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "What is two plus two?"},
+        ],
+    )
+    assert conversation == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": second},
+    ]
     assert output.getvalue().count(PROMPT) == 3  # the third line, /exit, ended it
     assert f"{PROMPT}{first}\n" in output.getvalue() and f"{PROMPT}{second}\n" in output.getvalue()
     # Streamed: the first reply was written in several pieces, not at once.
     start = output.writes.index(PROMPT) + 1
-    assert len(output.writes[start:output.writes.index("\n", start)]) > 1
+    assert len(output.writes[start : output.writes.index("\n", start)]) > 1
     assert second != reply_to(tiny, [{"role": "user", "content": "What is two plus two?"}])  # history mattered
 
 
@@ -70,8 +79,9 @@ def test_system_sets_the_system_message_and_reset_clears_the_history(tiny):
     assert conversation == [system, hello, {"role": "assistant", "content": reply_to(tiny, [system, hello])}]
     # Before /reset, the system message came first and the earlier exchange stayed.
     hi_reply = reply_to(tiny, [{"role": "user", "content": "Hi"}])
-    before_reset = reply_to(tiny, [system, {"role": "user", "content": "Hi"},
-                                   {"role": "assistant", "content": hi_reply}, hello])
+    before_reset = reply_to(
+        tiny, [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": hi_reply}, hello]
+    )
     assert f"{PROMPT}{before_reset}\n" in output.getvalue()
     assert "(system message set: Answer in JSON.)" in output.getvalue()
     assert "(conversation cleared)" in output.getvalue()

@@ -41,13 +41,16 @@ def test_bad_values_name_the_field(tmp_path):
 def test_eval_section_is_checked_before_training(tmp_path):
     from tuneforge.eval.after_training import check_eval_inputs
 
-    unknown = load_config(write(tmp_path, {"data": {"train": "x", "validation": "v.jsonl"}, "eval": {"task": "accuracy"}}))
+    unknown = load_config(
+        write(tmp_path, {"data": {"train": "x", "validation": "v.jsonl"}, "eval": {"task": "accuracy"}})
+    )
     with pytest.raises(ConfigError, match=r"eval\.task: unknown metric 'accuracy'.*support_triage"):
         check_eval_inputs(unknown)
     with pytest.raises(ConfigError, match="give data.validation as a file path"):
         load_config(write(tmp_path, {"data": {"train": "x", "validation": 0.1}, "eval": {"task": "exact"}}))
-    assert load_config(write(tmp_path, {"data": {"train": "x", "validation": "v.jsonl"},
-                                        "eval": {"task": "auto", "forgetting": True}})).eval.forgetting
+    assert load_config(
+        write(tmp_path, {"data": {"train": "x", "validation": "v.jsonl"}, "eval": {"task": "auto", "forgetting": True}})
+    ).eval.forgetting
 
 
 def test_not_yaml_names_the_line(tmp_path):
@@ -58,8 +61,10 @@ def test_not_yaml_names_the_line(tmp_path):
 
 
 def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
-    cfg = load_config(write(tmp_path, {"data": {"train": "x"}}),
-                      ["train.learning_rate=1e-4", "data.packing=false", "lora.target_modules=[q_proj,v_proj]"])
+    cfg = load_config(
+        write(tmp_path, {"data": {"train": "x"}}),
+        ["train.learning_rate=1e-4", "data.packing=false", "lora.target_modules=[q_proj,v_proj]"],
+    )
     assert cfg.train.learning_rate == 1e-4 and cfg.data.packing is False
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="unknown key"):
@@ -84,8 +89,9 @@ def test_results_hash_ignores_logging_cadence_only():
 def test_neftune_is_refused_where_a_teacher_or_reference_reads_the_same_inputs(tmp_path):
     for method, extra in (("dpo", {}), ("distill", {"distill": {"teacher": "t"}})):
         with pytest.raises(ConfigError, match=f"method: {method} does not take train.neftune_alpha"):
-            load_config(write(tmp_path, {"data": {"train": "x"}, "method": method, **extra,
-                                         "train": {"neftune_alpha": 5}}))
+            load_config(
+                write(tmp_path, {"data": {"train": "x"}, "method": method, **extra, "train": {"neftune_alpha": 5}})
+            )
 
 
 @pytest.mark.parametrize("n, epochs", [(10, 10), (20, 5), (100, 3), (5000, 3), (10000, 2), (30000, 1), (1, 25)])

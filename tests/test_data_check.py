@@ -34,11 +34,14 @@ def models(monkeypatch, tokenizer):
 
 @pytest.fixture
 def good_file(tmp_path):
-    return write_jsonl(tmp_path / "good.jsonl", [
-        chat("What is two plus two?", REPLIES[0], system="Answer briefly."),
-        chat("My database is down and production is affected, please help!", REPLIES[1]),
-        chat("Hello, how are you?", "I am fine, thank you."),
-    ])
+    return write_jsonl(
+        tmp_path / "good.jsonl",
+        [
+            chat("What is two plus two?", REPLIES[0], system="Answer briefly."),
+            chat("My database is down and production is affected, please help!", REPLIES[1]),
+            chat("Hello, how are you?", "I am fine, thank you."),
+        ],
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
@@ -66,7 +69,7 @@ def test_show_highlights_exactly_the_replies_and_their_end_of_turn(good_file, ca
 
     for reply, row in zip(REPLIES, json.loads("[" + ",".join(good_file.read_text().splitlines()) + "]")):
         text = highlight(render_conversation(row["messages"], tokenizer), tokenizer)
-        trained = [text.plain[span.start:span.end] for span in text.spans if span.style == TRAINED_STYLE]
+        trained = [text.plain[span.start : span.end] for span in text.spans if span.style == TRAINED_STYLE]
         assert trained == [reply + "<|im_end|>"]
 
 

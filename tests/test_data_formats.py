@@ -56,8 +56,14 @@ def test_blank_lines_are_skipped_with_a_warning(tmp_path):
 
 
 def test_a_row_reports_all_its_problems_with_fields(tmp_path):
-    row = {"messages": [{"role": "user", "content": 42, "extra": 1}, {"role": "bot", "content": "x"},
-                        {"content": "y"}, {"role": "assistant", "content": "ok", "weight": 2}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": 42, "extra": 1},
+            {"role": "bot", "content": "x"},
+            {"content": "y"},
+            {"role": "assistant", "content": "ok", "weight": 2},
+        ]
+    }
     items = read(write_jsonl(tmp_path / "d.jsonl", [row]))
     found = {(p.code, p.field) for p in errors(items)}
     assert found == {
@@ -78,16 +84,22 @@ def test_empty_content_and_a_non_object_row(tmp_path):
 
 def test_chat_keeps_weights_names_and_tool_calls(tmp_path):
     call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
-    row = {"messages": [
-        {"role": "system", "content": "sys"},
-        {"role": "user", "name": "bob",
-         "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "content": "42", "tool_call_id": "c1"},
-        {"role": "assistant", "content": "It is 42.", "weight": 0},
-        {"role": "user", "content": "thanks"},
-        {"role": "assistant", "content": "You're welcome."},
-    ], "tools": [{"type": "function", "function": {"name": "lookup"}}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {
+                "role": "user",
+                "name": "bob",
+                "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
+            },
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "42", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "It is 42.", "weight": 0},
+            {"role": "user", "content": "thanks"},
+            {"role": "assistant", "content": "You're welcome."},
+        ],
+        "tools": [{"type": "function", "function": {"name": "lookup"}}],
+    }
     (conversation,) = records(read(write_jsonl(tmp_path / "d.jsonl", [row])))
     m = conversation.messages
     assert [x.role for x in m] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
@@ -98,16 +110,37 @@ def test_chat_keeps_weights_names_and_tool_calls(tmp_path):
 
 
 def test_alpaca_sharegpt_prompt_completion_and_text(tmp_path):
-    alpaca = records(read(write_jsonl(tmp_path / "a.jsonl", [
-        {"instruction": "Add", "input": "2 and 2", "output": "4", "system": "Be exact."},
-        {"instruction": "Greet", "input": "", "output": "Hello"},
-    ])))
+    alpaca = records(
+        read(
+            write_jsonl(
+                tmp_path / "a.jsonl",
+                [
+                    {"instruction": "Add", "input": "2 and 2", "output": "4", "system": "Be exact."},
+                    {"instruction": "Greet", "input": "", "output": "Hello"},
+                ],
+            )
+        )
+    )
     assert [(m.role, m.content) for m in alpaca[0].messages] == [
-        ("system", "Be exact."), ("user", "Add\n\n2 and 2"), ("assistant", "4")]
+        ("system", "Be exact."),
+        ("user", "Add\n\n2 and 2"),
+        ("assistant", "4"),
+    ]
     assert [(m.role, m.content) for m in alpaca[1].messages] == [("user", "Greet"), ("assistant", "Hello")]
 
-    (sharegpt,) = records(read(write_jsonl(tmp_path / "s.jsonl", [
-        {"system": "sys", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hey"}]}])))
+    (sharegpt,) = records(
+        read(
+            write_jsonl(
+                tmp_path / "s.jsonl",
+                [
+                    {
+                        "system": "sys",
+                        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hey"}],
+                    }
+                ],
+            )
+        )
+    )
     assert [(m.role, m.content) for m in sharegpt.messages] == [("system", "sys"), ("user", "hi"), ("assistant", "hey")]
 
     (pc,) = records(read(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2=", "completion": "4"}])))
@@ -125,12 +158,16 @@ def test_sharegpt_unknown_speaker_is_an_unrecognized_role(tmp_path):
 
 def test_preference_formats(tmp_path):
     rows = [
-        {"input": {"messages": [{"role": "user", "content": "Hi"}]},
-         "preferred_output": [{"role": "assistant", "content": "Hello!"}],
-         "non_preferred_output": [{"role": "assistant", "content": "Go away."}]},
+        {
+            "input": {"messages": [{"role": "user", "content": "Hi"}]},
+            "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+            "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+        },
         {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
-        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]},
+        {
+            "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}],
+        },
     ]
     prefs = records(read(write_jsonl(tmp_path / "p.jsonl", rows)))
     assert len(prefs) == 3 and all(isinstance(p, Preference) for p in prefs)
@@ -141,12 +178,16 @@ def test_preference_formats(tmp_path):
 
 def test_preference_problems(tmp_path):
     rows = [
-        {"input": {"messages": [{"role": "user", "content": "Hi"}]},
-         "preferred_output": [{"role": "user", "content": "Hello!"}],
-         "non_preferred_output": [{"role": "assistant", "content": "Go away."}]},
+        {
+            "input": {"messages": [{"role": "user", "content": "Hi"}]},
+            "preferred_output": [{"role": "user", "content": "Hello!"}],
+            "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+        },
         {"prompt": "Hi", "chosen": "Same", "rejected": "Same"},
-        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
-         "rejected": [{"role": "user", "content": "Other"}, {"role": "assistant", "content": "b"}]},
+        {
+            "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "Other"}, {"role": "assistant", "content": "b"}],
+        },
     ]
     items = read(write_jsonl(tmp_path / "p.jsonl", rows))
     assert [(p.line, p.code) for p in errors(items)] == [(1, "invalid_preference"), (3, "invalid_preference")]
@@ -233,12 +274,18 @@ def test_parquet_rows(tmp_path):
 
 def test_parquet_chat_rows_with_struct_fields(tmp_path):
     path = tmp_path / "d.parquet"
-    messages = [[{"role": "user", "content": "Hi", "weight": None, "refusal": None},
-                 {"role": "assistant", "content": "Hello", "weight": 1, "refusal": None}]]
+    messages = [
+        [
+            {"role": "user", "content": "Hi", "weight": None, "refusal": None},
+            {"role": "assistant", "content": "Hello", "weight": 1, "refusal": None},
+        ]
+    ]
     pq.write_table(pa.table({"messages": messages}), path)
     (conversation,) = records(read(path))
-    assert [(m.role, m.content, m.weight) for m in conversation.messages] == [("user", "Hi", None),
-                                                                              ("assistant", "Hello", 1)]
+    assert [(m.role, m.content, m.weight) for m in conversation.messages] == [
+        ("user", "Hi", None),
+        ("assistant", "Hello", 1),
+    ]
 
 
 def test_csv_row_with_invalid_utf8(tmp_path):

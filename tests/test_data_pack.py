@@ -70,22 +70,31 @@ def test_segments_of_a_row_and_a_prefix_the_row_does_not_hold():
 def _loss(model, batch: dict) -> torch.Tensor:
     labels = batch.pop("labels")
     logits = model(**batch, use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / \
-        labels.ne(IGNORE_INDEX).sum()
+    return (
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        / labels.ne(IGNORE_INDEX).sum()
+    )
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_packed_loss_equals_unpacked_loss(tokenizer, attention):
     conversations = [
         [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}],
-        [{"role": "system", "content": "Answer with JSON only."},
-         {"role": "user", "content": "My database is down and production is affected, please help!"},
-         {"role": "assistant", "content": '{"category": "outage", "priority": "urgent", "product": "database"}'}],
-        [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "I am fine, thank you."},
-         {"role": "user", "content": "How do I reset my password?"},
-         {"role": "assistant", "content": "Use the console."}],
-        [{"role": "user", "content": "The quick brown fox?"},
-         {"role": "assistant", "content": "Jumps over the lazy dog."}],
+        [
+            {"role": "system", "content": "Answer with JSON only."},
+            {"role": "user", "content": "My database is down and production is affected, please help!"},
+            {"role": "assistant", "content": '{"category": "outage", "priority": "urgent", "product": "database"}'},
+        ],
+        [
+            {"role": "user", "content": "Hello, how are you?"},
+            {"role": "assistant", "content": "I am fine, thank you."},
+            {"role": "user", "content": "How do I reset my password?"},
+            {"role": "assistant", "content": "Use the console."},
+        ],
+        [
+            {"role": "user", "content": "The quick brown fox?"},
+            {"role": "assistant", "content": "Jumps over the lazy dog."},
+        ],
     ]
     examples = [render_conversation(c, tokenizer) for c in conversations]
     model = tiny_llama(tokenizer).float().eval()
@@ -97,8 +106,9 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, attention):
         assert len(rows) < len(examples)
         packed_batch = collate(rows, pad)
         packed = _loss(model, dict(packed_batch))
-        one_by_one = torch.stack([_loss(model, collate([e], pad, pad_to_multiple_of=1)) * e.trained_tokens
-                                  for e in examples]).sum() / sum(e.trained_tokens for e in examples)
+        one_by_one = torch.stack(
+            [_loss(model, collate([e], pad, pad_to_multiple_of=1)) * e.trained_tokens for e in examples]
+        ).sum() / sum(e.trained_tokens for e in examples)
     assert abs(packed.item() - unpacked.item()) < 1e-5
     assert abs(one_by_one.item() - unpacked.item()) < 1e-5
 
@@ -123,10 +133,15 @@ def test_shared_prefix_groups_share_only_untrained_beginnings():
     [row] = pack([a, b, trained_early, loner], max_length=100, share_prefixes=True)  # the pieces of both groups
     p = len(system) + 1
     # a whole, then b going on from the shared prefix: its tokens, labels and positions after p only
-    piece = list(zip(system + [1] + a.input_ids[p:] + b.input_ids[p:], [-100] * p + a.labels[p:] + b.labels[p:],
-                     list(range(len(a))) + list(range(p, len(b)))))
+    piece = list(
+        zip(
+            system + [1] + a.input_ids[p:] + b.input_ids[p:],
+            [-100] * p + a.labels[p:] + b.labels[p:],
+            list(range(len(a))) + list(range(p, len(b))),
+        )
+    )
     laid = list(zip(row.input_ids, row.labels, row.position_ids))
-    assert any(laid[i:i + len(piece)] == piece for i in range(len(laid)))
+    assert any(laid[i : i + len(piece)] == piece for i in range(len(laid)))
     assert len(row) == len(a) + len(b) - p + len(trained_early) + len(loner)
 
 

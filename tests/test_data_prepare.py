@@ -24,8 +24,14 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
 
 
 def rows(n: int = 20, system: str | None = "You are a helpful assistant.") -> list[dict]:
-    return [chat(f"Question {i}: how do I reset my password for the web console?", f"Answer {i}: use the console.",
-                 system=system) for i in range(n)]
+    return [
+        chat(
+            f"Question {i}: how do I reset my password for the web console?",
+            f"Answer {i}: use the console.",
+            system=system,
+        )
+        for i in range(n)
+    ]
 
 
 def run(tmp_path, tokenizer, data, **cfg):
@@ -45,9 +51,14 @@ def test_strict_stops_with_every_error_and_writes_the_report(tmp_path, tokenizer
     assert f"{path}:3" in str(err.value) and "data.on_error: skip" in str(err.value)
     report = json.loads(report_path.read_text())
     assert report["errors_total"] == 2
-    assert report["errors"][0] == {"file": str(path), "line": 3, "field": "messages[0].role",
-                                   "code": "unrecognized_role", "severity": "error",
-                                   "message": err.value.problems[0].message}
+    assert report["errors"][0] == {
+        "file": str(path),
+        "line": 3,
+        "field": "messages[0].role",
+        "code": "unrecognized_role",
+        "severity": "error",
+        "message": err.value.problems[0].message,
+    }
 
 
 def test_skip_leaves_bad_rows_out_and_counts_them(tmp_path, tokenizer):
@@ -73,8 +84,13 @@ def test_report_token_statistics(tmp_path, tokenizer):
 
 def test_exact_duplicates_ignore_case_and_spacing(tmp_path, tokenizer):
     data = rows(12)
-    data.append(chat("QUESTION 3:   how do I reset my password for the web console?", "answer 3: use the console.",
-                     system="You are a helpful assistant."))
+    data.append(
+        chat(
+            "QUESTION 3:   how do I reset my password for the web console?",
+            "answer 3: use the console.",
+            system="You are a helpful assistant.",
+        )
+    )
     prepared = run(tmp_path, tokenizer, data)
     assert prepared.report["counts"]["duplicates_exact"] == 1 and len(prepared.train) == 12
     (dup,) = prepared.report["duplicates"]
@@ -82,11 +98,15 @@ def test_exact_duplicates_ignore_case_and_spacing(tmp_path, tokenizer):
 
 
 def test_near_duplicates_are_removed_with_dedup_near(tmp_path, tokenizer):
-    long_ticket = "our production database cluster in the west region stopped accepting connections after the " \
-                  "maintenance window last night and every query now times out after thirty seconds, which means " \
-                  "our customers cannot check out and we are losing orders every minute"
-    data = [chat(t, "outage") for t in TICKETS[:10]] + [chat(long_ticket, "outage"),
-                                                        chat(long_ticket.replace("thirty", "forty"), "outage")]
+    long_ticket = (
+        "our production database cluster in the west region stopped accepting connections after the "
+        "maintenance window last night and every query now times out after thirty seconds, which means "
+        "our customers cannot check out and we are losing orders every minute"
+    )
+    data = [chat(t, "outage") for t in TICKETS[:10]] + [
+        chat(long_ticket, "outage"),
+        chat(long_ticket.replace("thirty", "forty"), "outage"),
+    ]
     near = run(tmp_path, tokenizer, data, dedup="near")
     assert near.report["counts"]["duplicates_near"] == 1 and len(near.train) == 11
     assert near.report["duplicates"][0]["kind"] == "near"
@@ -99,6 +119,7 @@ def test_validation_split_is_by_content_not_file_order(tmp_path, tokenizer):
     forward = run(tmp_path, tokenizer, data, validation=0.25)
     backward = run(tmp_path, tokenizer, data[::-1], validation=0.25)
     assert len(forward.valid) == 10 and len(forward.train) == 30
+
     def as_set(examples):
         return {tuple(e.input_ids) for e in examples}
 
@@ -167,8 +188,9 @@ def test_sft_and_preference_rows_cannot_be_mixed(tmp_path, tokenizer):
 
 
 def test_preference_data_fills_pairs(tmp_path, tokenizer):
-    data = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}."}
-            for i in range(12)]
+    data = [
+        {"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}."} for i in range(12)
+    ]
     prepared = run(tmp_path, tokenizer, data, validation=0.25)
     assert prepared.report["kind"] == "preference"
     assert not prepared.train and len(prepared.train_pairs) == 9 and len(prepared.valid_pairs) == 3
@@ -216,21 +238,26 @@ def test_a_cache_that_cannot_be_written_is_only_a_warning(tmp_path, tokenizer, m
 def test_general_mix_adds_replay_conversations_in_the_asked_share(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", rows(40))
     plain = prepare(DataConfig(train=str(path), validation=None), tokenizer, use_cache=False, log=lambda _: None)
-    mixed = prepare(DataConfig(train=str(path), validation=None, general_mix=0.2, max_length=4096), tokenizer,
-                    use_cache=False, log=lambda _: None)
+    mixed = prepare(
+        DataConfig(train=str(path), validation=None, general_mix=0.2, max_length=4096),
+        tokenizer,
+        use_cache=False,
+        log=lambda _: None,
+    )
     assert mixed.report["counts"]["general_mix"] == 10  # 10 / (40 + 10) = 20%
     assert len(mixed.train) == len(plain.train) + 10
-    added = [tokenizer.decode(e.input_ids) for e in mixed.train[len(plain.train):]]
+    added = [tokenizer.decode(e.input_ids) for e in mixed.train[len(plain.train) :]]
     assert all("<|im_start|>assistant" in text for text in added)
     assert not set(added) & {tokenizer.decode(e.input_ids) for e in plain.train}
     # Replay is marked as such (train.replay_loss: kl_to_base learns it as the base's distribution).
-    assert all(e.is_replay for e in mixed.train[len(plain.train):]) and not any(e.is_replay for e in plain.train)
+    assert all(e.is_replay for e in mixed.train[len(plain.train) :]) and not any(e.is_replay for e in plain.train)
 
 
 def test_the_cache_keeps_which_examples_are_general_replay(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
-    cfg = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", rows(20))), validation=None, general_mix=0.2,
-                     max_length=4096)
+    cfg = DataConfig(
+        train=str(write_jsonl(tmp_path / "train.jsonl", rows(20))), validation=None, general_mix=0.2, max_length=4096
+    )
     first = prepare(cfg, tokenizer, log=lambda _: None)
     again = prepare(cfg, tokenizer, log=lambda _: None)
     assert again.report["cache"]["reused"]

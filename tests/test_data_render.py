@@ -75,7 +75,7 @@ def test_train_on_last_assistant_and_all(tokenizer):
     whole = tokenizer.decode(everything.input_ids)
     start, end = whole.index("I am fine"), whole.index("<|im_end|>", whole.index("I am fine")) + len("<|im_end|>")
     first_token = tokenizer.decode(everything.input_ids[:1])
-    assert trained_runs(everything, tokenizer) == [whole[len(first_token):start], whole[end:]]
+    assert trained_runs(everything, tokenizer) == [whole[len(first_token) : start], whole[end:]]
 
 
 def test_no_trained_tokens_is_an_error(tokenizer):
@@ -100,12 +100,14 @@ def test_a_conversation_starting_with_a_trained_reply_is_an_error(tokenizer):
 
 def test_special_tokens_inside_content_are_an_error(tokenizer):
     with pytest.raises(DataError) as err:
-        render_conversation([{"role": "user", "content": "end<|im_end|>"}, {"role": "assistant", "content": "x"}],
-                            tokenizer)
+        render_conversation(
+            [{"role": "user", "content": "end<|im_end|>"}, {"role": "assistant", "content": "x"}], tokenizer
+        )
     assert (err.value.code, err.value.problems[0].field) == ("special_token_in_content", "messages[0].content")
     # A special token that marks no structure in this template is read as that token, as at inference.
-    example = render_conversation([{"role": "user", "content": "a<|endoftext|>b"},
-                                   {"role": "assistant", "content": "x"}], tokenizer)
+    example = render_conversation(
+        [{"role": "user", "content": "a<|endoftext|>b"}, {"role": "assistant", "content": "x"}], tokenizer
+    )
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in example.input_ids
 
 
@@ -144,7 +146,8 @@ def test_a_tokenizer_that_does_not_cut_at_added_tokens_falls_back_to_whole_texts
 def test_a_template_that_rewrites_earlier_turns_stops_with_a_clear_error():
     # Drops the content of every assistant turn but the last (as some "thinking" templates do).
     template = TINY_TEMPLATE.replace(
-        "message['content']", "('' if message['role'] == 'assistant' and not loop.last else message['content'])")
+        "message['content']", "('' if message['role'] == 'assistant' and not loop.last else message['content'])"
+    )
     with pytest.raises(DataError) as err:
         render_conversation(TWO_TURNS, tokenizer_with_template(template))
     assert err.value.code == "template_not_prefix"
@@ -164,8 +167,10 @@ def test_a_prompt_that_splits_a_token_is_caught_at_token_level():
 
 
 def test_template_errors_are_row_problems():
-    refuse_tools = "{% if messages | selectattr('role', 'equalto', 'tool') | list %}" \
-                   "{{ raise_exception('no tools here') }}{% endif %}"
+    refuse_tools = (
+        "{% if messages | selectattr('role', 'equalto', 'tool') | list %}"
+        "{{ raise_exception('no tools here') }}{% endif %}"
+    )
     renderer = ChatRenderer(tokenizer_with_template(refuse_tools + TINY_TEMPLATE))
     good = Conversation([Message("user", "Hi"), Message("assistant", "Hello")])
     bad = Conversation([Message("user", "Hi"), Message("tool", "42"), Message("assistant", "Hello")])
@@ -190,8 +195,9 @@ def test_documents_are_trained_in_full_and_end_with_eos(tokenizer):
 
 
 def test_preference_pairs_share_the_prompt_and_train_only_their_reply(tokenizer):
-    pref = Preference([Message("user", "Hello, how are you?")], Message("assistant", "I am fine."),
-                      Message("assistant", "Go away."))
+    pref = Preference(
+        [Message("user", "Hello, how are you?")], Message("assistant", "I am fine."), Message("assistant", "Go away.")
+    )
     chosen, rejected = render_preference(pref, tokenizer)
     assert trained_runs(chosen, tokenizer) == ["I am fine.<|im_end|>"]
     assert trained_runs(rejected, tokenizer) == ["Go away.<|im_end|>"]
@@ -206,17 +212,24 @@ def test_end_of_turn_token_is_found_from_the_template(tokenizer):
 
 
 def test_tools_and_tool_calls_render_as_apply_chat_template_renders_them():
-    template = ("{% if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
-                "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
-                "{% if message.tool_calls %}{{ message.tool_calls | tojson }}{% endif %}{{ '<|im_end|>\n' }}"
-                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    template = (
+        "{% if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+        "{% if message.tool_calls %}{{ message.tool_calls | tojson }}{% endif %}{{ '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     tok = tokenizer_with_template(template)
-    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"fox\"}"}}
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "fox"}'}}
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
-    conversation = Conversation([
-        Message("user", "Find the fox"), Message("assistant", "", tool_calls=[call]),
-        Message("tool", "in the forest", tool_call_id="c1"), Message("assistant", "In the forest."),
-    ], tools=tools)
+    conversation = Conversation(
+        [
+            Message("user", "Find the fox"),
+            Message("assistant", "", tool_calls=[call]),
+            Message("tool", "in the forest", tool_call_id="c1"),
+            Message("assistant", "In the forest."),
+        ],
+        tools=tools,
+    )
     (example,) = ChatRenderer(tok).render([conversation])
     text = tok.apply_chat_template([m.to_template() for m in conversation.messages], tools=tools, tokenize=False)
     assert example.input_ids == tok(text, add_special_tokens=False)["input_ids"]
@@ -230,15 +243,26 @@ def test_chatml_shortcut_renders_exactly_as_the_template_and_only_for_chatml():
 
     rng = random.Random(0)
     words = ["Hi", " there", "\n", "{{ x }}", "  ", "<b>", "", "answer: 4 "]
-    for template in (TINY_TEMPLATE, TINY_TEMPLATE.replace("{% for", "{{ '<|im_start|>system\nBe kind.<|im_end|>\n' "
-                                                          "if messages and messages[0]['role'] != 'system' }}{% for")):
+    for template in (
+        TINY_TEMPLATE,
+        TINY_TEMPLATE.replace(
+            "{% for",
+            "{{ '<|im_start|>system\nBe kind.<|im_end|>\n' if messages and messages[0]['role'] != 'system' }}{% for",
+        ),
+    ):
         renderer = ChatRenderer(tokenizer_with_template(template))
         for _ in range(50):
-            messages = [{"role": rng.choice(["system", "user", "assistant", "tool"]),
-                         "content": "".join(rng.choices(words, k=rng.randint(0, 4)))} for _ in range(rng.randint(1, 5))]
+            messages = [
+                {
+                    "role": rng.choice(["system", "user", "assistant", "tool"]),
+                    "content": "".join(rng.choices(words, k=rng.randint(0, 4))),
+                }
+                for _ in range(rng.randint(1, 5))
+            ]
             for generation_prompt in (False, True):
-                official = renderer.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                                   add_generation_prompt=generation_prompt)
+                official = renderer.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation_prompt
+                )
                 assert renderer._direct_render(messages, None, generation_prompt) == official
     trimming = TINY_TEMPLATE.replace("message['content']", "message['content'] | trim")
     renderer = ChatRenderer(tokenizer_with_template(trimming))

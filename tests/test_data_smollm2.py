@@ -13,16 +13,19 @@ from tuneforge.fsio import tuneforge_home
 
 pytestmark = pytest.mark.integration
 
-TRIAGE_SYSTEM = ("You are the triage assistant for Nimbus Cloud. Read the customer's ticket and answer with JSON "
-                 'only: {"category": ..., "priority": ..., "product": ...}.')
+TRIAGE_SYSTEM = (
+    "You are the triage assistant for Nimbus Cloud. Read the customer's ticket and answer with JSON "
+    'only: {"category": ..., "priority": ..., "product": ...}.'
+)
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     folder = tuneforge_home() / "models" / "smollm2-135m-instruct"
     if not (folder / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 is not in the cache ({folder}); `tuneforge models pull smollm2-135m-instruct` "
-                    "puts it there")
+        pytest.skip(
+            f"SmolLM2 is not in the cache ({folder}); `tuneforge models pull smollm2-135m-instruct` puts it there"
+        )
     from tuneforge.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
@@ -37,8 +40,10 @@ def test_replies_and_end_of_turn_are_trained_and_ids_match_the_template(smollm2)
         {"role": "assistant", "content": '{"category": "billing", "priority": "medium", "product": "console"}'},
     ]
     example = render_conversation(messages, smollm2)
-    assert trained_runs(example, smollm2) == [messages[2]["content"] + "<|im_end|>",
-                                              messages[4]["content"] + "<|im_end|>"]
+    assert trained_runs(example, smollm2) == [
+        messages[2]["content"] + "<|im_end|>",
+        messages[4]["content"] + "<|im_end|>",
+    ]
     text = smollm2.apply_chat_template(messages, tokenize=False)
     assert example.input_ids == smollm2(text, add_special_tokens=False)["input_ids"]
     renderer = renderer_for(smollm2)
@@ -46,18 +51,23 @@ def test_replies_and_end_of_turn_are_trained_and_ids_match_the_template(smollm2)
 
 
 def test_the_default_system_prompt_is_rendered_but_not_trained(smollm2):
-    example = render_conversation([{"role": "user", "content": "What is 2+2?"},
-                                   {"role": "assistant", "content": "4"}], smollm2)
+    example = render_conversation(
+        [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], smollm2
+    )
     assert "You are a helpful AI assistant named SmolLM" in smollm2.decode(example.input_ids)
     assert trained_runs(example, smollm2) == ["4<|im_end|>"]
 
 
 def test_piecewise_tokenization_matches_whole_text_tokenization(smollm2):
     rng = random.Random(1)
-    words = ["the", " server", "  ", "\n", "é", "日本", "!!", " 2048", "{\"a\": [1, 2]}", "\t", "don't", "x"]
+    words = ["the", " server", "  ", "\n", "é", "日本", "!!", " 2048", '{"a": [1, 2]}', "\t", "don't", "x"]
     conversations = [
-        Conversation([Message("user", "".join(rng.choices(words, k=rng.randint(1, 20))).strip() or "x"),
-                      Message("assistant", "".join(rng.choices(words, k=rng.randint(1, 20))).strip() or "y")])
+        Conversation(
+            [
+                Message("user", "".join(rng.choices(words, k=rng.randint(1, 20))).strip() or "x"),
+                Message("assistant", "".join(rng.choices(words, k=rng.randint(1, 20))).strip() or "y"),
+            ]
+        )
         for _ in range(300)
     ]
     for conversation, example in zip(conversations, renderer_for(smollm2).render(conversations)):

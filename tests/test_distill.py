@@ -69,8 +69,13 @@ def by_hand(student, teacher, input_ids, labels, *, alpha, temperature, kind, be
     m = beta * p + (1 - beta) * q
     div = {"forward_kl": kl(p, q), "reverse_kl": kl(q, p), "jsd": beta * kl(p, m) + (1 - beta) * kl(q, m)}[kind]
     agreement = (s.argmax(-1) == t.argmax(-1)).sum()
-    return {"ce": ce, "divergence": div, "loss": alpha * ce + (1 - alpha) * temperature**2 * div,
-            "tokens": int(trained.sum()), "teacher_agreement": int(agreement)}
+    return {
+        "ce": ce,
+        "divergence": div,
+        "loss": alpha * ce + (1 - alpha) * temperature**2 * div,
+        "tokens": int(trained.sum()),
+        "teacher_agreement": int(agreement),
+    }
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
@@ -96,7 +101,9 @@ def test_jsd_tends_to_forward_and_reverse_kl_at_the_beta_limits():
     assert float(reverse) > 1.5 * float(forward)  # so the limits below tell the two apart
     near_zero, near_one = 1e-8, 1 - 1e-8
     assert float(divergence(teacher, student, "jsd", near_zero) / near_zero) == pytest.approx(float(forward), rel=1e-4)
-    assert float(divergence(teacher, student, "jsd", near_one) / (1 - near_one)) == pytest.approx(float(reverse), rel=1e-4)
+    assert float(divergence(teacher, student, "jsd", near_one) / (1 - near_one)) == pytest.approx(
+        float(reverse), rel=1e-4
+    )
     half = divergence(teacher, student, "jsd", 0.5)
     assert float(half) == pytest.approx(float(divergence(student, teacher, "jsd", 0.5)), rel=1e-12)  # symmetric
     assert 0 < float(half) <= math.log(2) * teacher.shape[0]  # Jensen-Shannon is bounded by log 2 per token
@@ -138,14 +145,18 @@ def test_config_needs_a_teacher_and_keeps_other_methods_hashes(tiny_model_dir, t
     with pytest.raises(ConfigError, match="distill.teacher"):
         load_config({**cfg, "method": "distill"})
     with pytest.raises(ConfigError, match="kl_to_base"):
-        load_config({**cfg, "method": "distill", "distill": {"teacher": "x"}, "train": {**cfg["train"], "kl_to_base": 1.0}})
+        load_config(
+            {**cfg, "method": "distill", "distill": {"teacher": "x"}, "train": {**cfg["train"], "kl_to_base": 1.0}}
+        )
     with pytest.raises(ConfigError, match="distill.divergence"):
         load_config({**cfg, "method": "distill", "distill": {"teacher": "x", "divergence": "kl"}})
     lora = load_config(cfg)
     assert lora.results_hash() == load_config({**cfg, "distill": {"alpha": 0.9}}).results_hash()
     distill = load_config({**cfg, "method": "distill", "distill": {"teacher": "x"}})
-    assert distill.results_hash() != load_config({**cfg, "method": "distill",
-                                                  "distill": {"teacher": "x", "alpha": 0.9}}).results_hash()
+    assert (
+        distill.results_hash()
+        != load_config({**cfg, "method": "distill", "distill": {"teacher": "x", "alpha": 0.9}}).results_hash()
+    )
 
 
 def test_distill_run_brings_the_student_towards_the_teacher(tiny_model_dir, teacher_dir, triage_data, tmp_path):
@@ -167,8 +178,9 @@ def test_a_lora_student_trains_only_its_adapters(tiny_model_dir, teacher_dir, tr
 
     from tuneforge.training import train
 
-    cfg = distill_config(tiny_model_dir, teacher_dir, triage_data, tmp_path / "run", student="lora",
-                         divergence="reverse_kl")
+    cfg = distill_config(
+        tiny_model_dir, teacher_dir, triage_data, tmp_path / "run", student="lora", divergence="reverse_kl"
+    )
     cfg["train"]["max_steps"] = 2
     train(cfg, progress=False)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "run" / "final")
@@ -182,8 +194,16 @@ def test_a_teacher_with_another_vocabulary_fails_before_any_compute(tiny_model_d
 
     other = tiny_tokenizer(vocab_size=400)
     teacher = tmp_path / "teacher"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(other), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(teacher)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(other),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(teacher)
     other.save_pretrained(teacher)
     cfg = distill_config(tiny_model_dir, teacher, triage_data, tmp_path / "run")
     with pytest.raises(TuneforgeError, match=r"token by token.*tuneforge distill generate") as err:
@@ -197,8 +217,9 @@ def test_gradient_accumulation_gives_the_same_distill_losses(tiny_model_dir, tea
 
     runs = {}
     for accum in (1, 4):
-        cfg = distill_config(tiny_model_dir, teacher_dir, triage_data, tmp_path / f"a{accum}", student="lora",
-                             divergence="jsd")
+        cfg = distill_config(
+            tiny_model_dir, teacher_dir, triage_data, tmp_path / f"a{accum}", student="lora", divergence="jsd"
+        )
         cfg["train"].update(max_steps=3, learning_rate=1e-2, grad_accum=accum)
         cfg["lora"]["dropout"] = 0.0
         cfg["data"]["packing"] = False
@@ -219,8 +240,13 @@ def test_layers_to_keep_defaults_to_about_half_with_first_and_last():
     assert layers_to_keep(30) == (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 29)
     assert layers_to_keep(30, every=3) == (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
     assert layers_to_keep(6, keep=[5, 0, 3]) == (0, 3, 5)
-    for keep, every, message in (([0, 6], None, "not layers"), ([1, 1], None, "twice"), ([0], 2, "either"),
-                                 (None, 0, "at least 1"), ([], None, "empty")):
+    for keep, every, message in (
+        ([0, 6], None, "not layers"),
+        ([1, 1], None, "twice"),
+        ([0], 2, "either"),
+        (None, 0, "at least 1"),
+        ([], None, "empty"),
+    ):
         with pytest.raises(TuneforgeError, match=message):
             layers_to_keep(6, keep, every)
 
@@ -240,7 +266,9 @@ def test_distill_init_keeps_the_chosen_layers(tmp_path, capsys):
     assert f"{n_teacher / 1e6:.1f}M parameters, 4 layers" in printed and f"{n_student / 1e6:.1f}M parameters" in printed
     assert student.config.num_hidden_layers == 3 and n_student < n_teacher
     for new, old in enumerate((0, 2, 3)):
-        for (name, p), (_, q) in zip(student.model.layers[new].named_parameters(), teacher.model.layers[old].named_parameters()):
+        for (name, p), (_, q) in zip(
+            student.model.layers[new].named_parameters(), teacher.model.layers[old].named_parameters()
+        ):
             assert torch.equal(p, q), (new, name)
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)
@@ -326,9 +354,14 @@ def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir,
     from tuneforge.distill import generate_teacher_data
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
-                   + json.dumps({"question": "hi"}) + "\n"
-                   + json.dumps({"messages": [{"role": "system", "content": "only a system prompt"}]}) + "\n")
+    bad.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+        + json.dumps({"question": "hi"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "system", "content": "only a system prompt"}]})
+        + "\n"
+    )
     with pytest.raises(DataError) as err:
         generate_teacher_data(str(tiny_model_dir), bad, tmp_path / "out.jsonl", progress=False)
     assert "bad.jsonl:2" in err.value.message and "bad.jsonl:3" in err.value.message
@@ -337,7 +370,9 @@ def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir,
     prompts_file = tmp_path / "prompts.jsonl"
     write_prompts(prompts_file)
     foreign = tmp_path / "foreign.jsonl"
-    foreign.write_text(json.dumps({"messages": [{"role": "user", "content": "another prompt"},
-                                                {"role": "assistant", "content": "x"}]}) + "\n")
+    foreign.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "another prompt"}, {"role": "assistant", "content": "x"}]})
+        + "\n"
+    )
     with pytest.raises(TuneforgeError, match="line 1 does not answer prompt 1"):
         generate_teacher_data(str(tiny_model_dir), prompts_file, foreign, progress=False)

@@ -26,8 +26,13 @@ ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TOKENIZERS_PARAL
 def run_cli(cfg: dict, tmp_path: Path, nproc: int, env: dict = ENV, timeout: float = 300):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return subprocess.run([sys.executable, "-m", "tuneforge", "train", str(path), "--nproc", str(nproc)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge", "train", str(path), "--nproc", str(nproc)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def metrics(run: Path) -> list[dict]:
@@ -44,11 +49,19 @@ def one_process_loss(model_dir: Path, cfg: dict) -> float:
 
 @pytest.mark.parametrize("nproc,n_valid", [(2, 1), (2, 2), (2, 3), (3, 2)])
 def test_validation_rows_that_do_not_split_evenly_give_the_one_process_metrics(
-        nproc, n_valid, tiny_model_dir, triage_data, tmp_path):
+    nproc, n_valid, tiny_model_dir, triage_data, tmp_path
+):
     valid = tmp_path / "valid.jsonl"
     valid.write_text("".join(Path(triage_data["validation"]).read_text().splitlines(keepends=True)[:n_valid]))
-    cfg = tiny_run_config(tiny_model_dir, {**triage_data, "validation": valid}, tmp_path / "run", max_steps=2,
-                          batch_size=2 * nproc, eval_every=1, save_every=1)
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        {**triage_data, "validation": valid},
+        tmp_path / "run",
+        max_steps=2,
+        batch_size=2 * nproc,
+        eval_every=1,
+        save_every=1,
+    )
     cfg["data"]["packing"] = False  # one validation row per example: the rows do not split evenly
     res = run_cli(cfg, tmp_path, nproc)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -75,8 +88,9 @@ def test_every_rank_gets_rows_in_every_micro_batch_of_every_step():
                     seen = []
                     for step in range(batches.steps_per_epoch(n_rows, batch_size, n_micro)):
                         for rank in range(world_size):
-                            micro = batches.step_micro_batches(order, step, batch_size, grad_accum, world_size, rank,
-                                                               lengths)
+                            micro = batches.step_micro_batches(
+                                order, step, batch_size, grad_accum, world_size, rank, lengths
+                            )
                             assert len(micro) == grad_accum and all(micro), (n_rows, batch_size, step, rank)
                             seen += [i for m in micro for i in m]
                     assert len(seen) == len(set(seen)) and len(seen) > n_rows - batch_size
@@ -87,7 +101,8 @@ def fault_env(tmp_path: Path, action: str) -> dict:
     unlike a real stuck process, dies at once on the launcher's SIGTERM, so the test is quick)."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
+    (site / "sitecustomize.py").write_text(
+        textwrap.dedent(f"""
         import os
         if os.environ.get("RANK") == "1":
             import signal, time
@@ -103,7 +118,8 @@ def fault_env(tmp_path: Path, action: str) -> dict:
                 return plan(order, step_in_epoch, *args, **kwargs)
 
             batches.step_micro_batches = faulty
-    """))
+    """)
+    )
     return {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ENV['PYTHONPATH']}"}
 
 
@@ -133,7 +149,8 @@ def test_a_stuck_rank_times_out_with_the_rank_and_phase(tiny_model_dir, triage_d
 
 @pytest.mark.parametrize("method", ["dpo", "distill"])
 def test_dpo_and_distill_on_two_processes_with_one_validation_row_match_one_process(
-        method, tiny_model_dir, triage_data, tmp_path):
+    method, tiny_model_dir, triage_data, tmp_path
+):
     from test_dpo import preference_rows
 
     data = {"train": Path(triage_data["train"]), "validation": tmp_path / "valid.jsonl"}
@@ -144,8 +161,15 @@ def test_dpo_and_distill_on_two_processes_with_one_validation_row_match_one_proc
             data[split].write_text("".join(json.dumps(r) + "\n" for r in preference_rows(chats)))
     losses = {}
     for nproc in (1, 2):
-        cfg = tiny_run_config(tiny_model_dir, data, tmp_path / f"run{nproc}", max_steps=2, batch_size=4,
-                              grad_accum=2 // nproc, learning_rate=1e-2)
+        cfg = tiny_run_config(
+            tiny_model_dir,
+            data,
+            tmp_path / f"run{nproc}",
+            max_steps=2,
+            batch_size=4,
+            grad_accum=2 // nproc,
+            learning_rate=1e-2,
+        )
         cfg["method"] = method
         cfg["lora"]["dropout"] = 0.0
         if method == "distill":

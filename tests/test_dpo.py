@@ -18,9 +18,8 @@ from tuneforge.data import Message, Preference, collate, render_preference
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.methods import dpo
 from tuneforge.models import causal_lm
-from tuneforge.training import train
 from tuneforge.models.attention import per_example_attention
-from tuneforge.training import to_rows
+from tuneforge.training import to_rows, train
 
 CHATTY = [
     "Hello! Thanks so much for reaching out, I'd be happy to help you with that today.",
@@ -39,8 +38,13 @@ def preference_rows(chat_file: Path) -> list[dict]:
     rows = []
     for i, line in enumerate(chat_file.read_text().splitlines()):
         messages = json.loads(line)["messages"]
-        rows.append({"prompt": messages[:-1], "chosen": [messages[-1]],
-                     "rejected": [{"role": "assistant", "content": CHATTY[i % len(CHATTY)]}]})
+        rows.append(
+            {
+                "prompt": messages[:-1],
+                "chosen": [messages[-1]],
+                "rejected": [{"role": "assistant", "content": CHATTY[i % len(CHATTY)]}],
+            }
+        )
     return rows
 
 
@@ -68,8 +72,11 @@ def pairs_for(tokenizer, n: int = 3):
     for i in range(n):
         chosen = '{"category": "outage", "priority": "urgent"}' if i % 2 else '{"category": "billing"}'
         rejected = CHATTY[i % len(CHATTY)]
-        preference = Preference([Message("user", "My database is down " * (i + 1))], Message("assistant", chosen),
-                                Message("assistant", rejected))
+        preference = Preference(
+            [Message("user", "My database is down " * (i + 1))],
+            Message("assistant", chosen),
+            Message("assistant", rejected),
+        )
         pairs.append(render_preference(preference, tokenizer))
         replies.append((chosen, rejected))
     return pairs, replies
@@ -80,7 +87,7 @@ def reply_logp(model, ids: list[int], reply: str, tokenizer) -> torch.Tensor:
     tokens and <|im_end|> come right before the rendering's final newline."""
     target = tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
     end = len(ids) - 1
-    assert ids[end - len(target):end] == target and tokenizer.decode(ids[end:]) == "\n"
+    assert ids[end - len(target) : end] == target and tokenizer.decode(ids[end:]) == "\n"
     logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     positions = torch.arange(end - len(target), end)
     return F.log_softmax(logits[positions - 1], -1)[torch.arange(len(target)), torch.tensor(target)].sum()
@@ -105,11 +112,16 @@ def test_loss_equals_an_independent_computation_over_reply_tokens_only(tokenizer
     expected, rewards = [], []
     with torch.no_grad():
         for (chosen, rejected), (chosen_text, rejected_text) in zip(pairs, replies):
-            ratios = [reply_logp(policy, e.input_ids, text, tokenizer) - reply_logp(reference, e.input_ids, text, tokenizer)
-                      for e, text in ((chosen, chosen_text), (rejected, rejected_text))]
+            ratios = [
+                reply_logp(policy, e.input_ids, text, tokenizer) - reply_logp(reference, e.input_ids, text, tokenizer)
+                for e, text in ((chosen, chosen_text), (rejected, rejected_text))
+            ]
             h = ratios[0] - ratios[1]
             if loss == "sigmoid":
-                expected.append(-(1 - smoothing) * math.log(torch.sigmoid(beta * h)) - smoothing * math.log(torch.sigmoid(-beta * h)))
+                expected.append(
+                    -(1 - smoothing) * math.log(torch.sigmoid(beta * h))
+                    - smoothing * math.log(torch.sigmoid(-beta * h))
+                )
             else:
                 expected.append(float((h - 1 / (2 * beta)) ** 2))
             rewards.append([beta * float(r) for r in ratios])
@@ -134,7 +146,8 @@ def test_chosen_and_rejected_go_through_one_forward(tokenizer):
     batch = collate(dpo.rows(pairs), tokenizer.pad_token_id)
     forwards = []
     causal_lm(model).get_decoder().register_forward_pre_hook(
-        lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape), with_kwargs=True)
+        lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     dpo.DPOObjective(model, beta=0.1, loss="sigmoid")(**batch)
     # One forward of the policy and one of the reference (adapter disabled), each over the whole batch.
     assert forwards == [batch["input_ids"].shape] * 2
@@ -167,8 +180,9 @@ def test_a_tiny_dpo_run_learns_to_prefer_the_json_answers(tiny_model_dir, prefer
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    result = train(dpo_config(tiny_model_dir, preference_data, run, max_steps=12, learning_rate=5e-3, eval_every=6),
-                   progress=False)
+    result = train(
+        dpo_config(tiny_model_dir, preference_data, run, max_steps=12, learning_rate=5e-3, eval_every=6), progress=False
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], result.metrics
     assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-5) and first["rewards/accuracies"] == 0
@@ -187,7 +201,9 @@ def test_a_tiny_dpo_run_learns_to_prefer_the_json_answers(tiny_model_dir, prefer
     pairs = prepare(data.data, load_tokenizer(str(tiny_model_dir)), log=lambda *a: None).train_pairs
     batch = collate(dpo.rows(pairs), 0)
     with torch.no_grad():
-        gaps = [(lambda logps: logps[0::2] - logps[1::2])(dpo.sequence_logps(causal_lm(m), **batch)) for m in (base, tuned)]
+        gaps = [
+            (lambda logps: logps[0::2] - logps[1::2])(dpo.sequence_logps(causal_lm(m), **batch)) for m in (base, tuned)
+        ]
     assert (gaps[1] > gaps[0]).float().mean() > 0.9
 
 
@@ -195,8 +211,10 @@ def test_full_policy_trains_against_a_frozen_copy(tiny_model_dir, preference_dat
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    result = train(dpo_config(tiny_model_dir, preference_data, run, {"policy": "full"}, max_steps=2,
-                              learning_rate=1e-3), progress=False)
+    result = train(
+        dpo_config(tiny_model_dir, preference_data, run, {"policy": "full"}, max_steps=2, learning_rate=1e-3),
+        progress=False,
+    )
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # the copy equals the policy at the start
     assert result.metrics["rewards/margins"] != 0  # and stayed put while the policy moved
@@ -210,10 +228,15 @@ def test_the_loss_is_normalised_per_pair_whatever_the_accumulation(tiny_model_di
     losses = {}
     for accumulation in (1, 4):
         run = tmp_path / f"accum{accumulation}"
-        train(dpo_config(tiny_model_dir, preference_data, run, grad_accum=accumulation, max_steps=3,
-                         learning_rate=1e-2), progress=False)
-        losses[accumulation] = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                                if "train_loss" in json.loads(line)]
+        train(
+            dpo_config(tiny_model_dir, preference_data, run, grad_accum=accumulation, max_steps=3, learning_rate=1e-2),
+            progress=False,
+        )
+        losses[accumulation] = [
+            json.loads(line)["train_loss"]
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "train_loss" in json.loads(line)
+        ]
     assert len(losses[1]) == 3
     assert losses[1] == pytest.approx(losses[4], rel=1e-5)
 
@@ -266,7 +289,9 @@ def test_dpo_from_an_sft_run_trains_on_the_merged_sft_model(tiny_model_dir, tria
     from peft import PeftModel
 
     final = AutoModelForCausalLM.from_pretrained(result.final_dir)
-    sft_with_dpo = PeftModel.from_pretrained(load_model(str(sft)).merge_and_unload(), tmp_path / "dpo" / "checkpoints" / "step-3")
+    sft_with_dpo = PeftModel.from_pretrained(
+        load_model(str(sft)).merge_and_unload(), tmp_path / "dpo" / "checkpoints" / "step-3"
+    )
     with torch.no_grad():
         final_logps = dpo.sequence_logps(final, **batch)
         expected = dpo.sequence_logps(causal_lm(sft_with_dpo), **batch)

@@ -55,7 +55,7 @@ def test_loss_equals_a_hand_computation(tiny_model_dir, triage_data):
         start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0]
-        total += F.cross_entropy(logits[start - 1:-1], ids[0, start:], reduction="sum").item()
+        total += F.cross_entropy(logits[start - 1 : -1], ids[0, start:], reduction="sum").item()
         count += ids.shape[1] - start
     assert result["tokens"] == count
     assert result["loss"] == pytest.approx(total / count, rel=1e-5)
@@ -68,6 +68,7 @@ def test_loss_runs_packed_with_the_shared_system_prompt_once(tiny_model_dir, tri
     import sys
 
     from tuneforge.eval.evaluate import _render, token_loss
+
     model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
     examples = [_render(e, tokenizer) for e in read_eval_examples(triage_data["test"], limit=8)]
     run = []  # token positions through the model (padding included)
@@ -102,8 +103,10 @@ def test_metric_is_chosen_from_the_data(tmp_path, triage_data):
     # A task's own scorer is asked for by name; the triage answers are JSON objects.
     assert choose_metric("auto", read_eval_examples(triage_data["test"])) == "json_fields"
     plain = tmp_path / "plain.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-            {"messages": [{"role": "user", "content": "JSON?"}, {"role": "assistant", "content": '{"a": 1}'}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "user", "content": "JSON?"}, {"role": "assistant", "content": '{"a": 1}'}]},
+    ]
     plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert choose_metric("auto", read_eval_examples(plain)) == "exact"
     assert choose_metric("auto", read_eval_examples(plain)[1:]) == "json_fields"
@@ -112,8 +115,12 @@ def test_metric_is_chosen_from_the_data(tmp_path, triage_data):
 
 def test_rows_without_a_reference_answer_are_refused_with_their_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
-                   + "\n" + json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    bad.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"bad.jsonl:2 .*example_missing_assistant_message"):
         read_eval_examples(bad)
 
@@ -132,7 +139,9 @@ def test_kl_of_an_adapter_is_against_the_adapter_switched_off(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    adapted = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    adapted = get_peft_model(
+        load_model(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    ).eval()
     assert mean_kl(ModelPair(adapted), tokenizer, PROMPTS, progress=False)["mean"] == 0  # LoRA B starts at zero
     with torch.no_grad():
         for name, p in adapted.named_parameters():
@@ -177,7 +186,9 @@ def test_a_share_comes_with_its_wilson_interval():
     assert low == 0.0 and high == pytest.approx(0.03699, abs=1e-5)  # none right is not "0% for sure"
     assert share_interval(1.0, 115)[1] == pytest.approx(1.0)
     four_times_the_examples = share_interval(0.72, 400)
-    assert (four_times_the_examples[1] - four_times_the_examples[0]) / (0.79861 - 0.62512) == pytest.approx(0.5, abs=0.02)
+    assert (four_times_the_examples[1] - four_times_the_examples[0]) / (0.79861 - 0.62512) == pytest.approx(
+        0.5, abs=0.02
+    )
 
 
 def test_run_report_is_written_and_self_contained(tiny_run, tiny_model_dir, triage_data):
@@ -234,8 +245,9 @@ def test_a_configs_eval_section_runs_on_the_final_model(tiny_model_dir, triage_d
     assert summary["metrics"]["forgetting_text_ce_change"] == forgetting["general_text"]["change"]
 
 
-def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compute(tiny_model_dir, triage_data,
-                                                                                    tmp_path):
+def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compute(
+    tiny_model_dir, triage_data, tmp_path
+):
     rows = [json.loads(line) for line in triage_data["validation"].read_text().splitlines()]
     rows[1]["messages"] = rows[1]["messages"][:-1]  # ends with the user's ticket: no reference answer
     bad = tmp_path / "valid.jsonl"
@@ -248,8 +260,12 @@ def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compu
 
 
 def test_eval_command_prints_tables_or_json(tiny_run, tiny_model_dir, triage_data, capsys):
-    assert eval_command(str(tiny_run), str(triage_data["test"]), compare=str(tiny_model_dir), limit=2,
-                        metric="support_triage") == 0
+    assert (
+        eval_command(
+            str(tiny_run), str(triage_data["test"]), compare=str(tiny_model_dir), limit=2, metric="support_triage"
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "support_triage on 2 examples" in out and "truth" in out and "change" in out
     assert eval_command(str(tiny_run), str(triage_data["test"]), json_out=True, limit=2, metric="json_fields") == 0

@@ -10,9 +10,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_evaluate_smollm2_on_triage_tickets(smollm2_dir, triage_data):
-    result = evaluate("smollm2-135m-instruct", triage_data["test"], metric="support_triage", limit=4, max_new_tokens=40,
-                      batch_size=4,
-                      progress=False)
+    result = evaluate(
+        "smollm2-135m-instruct",
+        triage_data["test"],
+        metric="support_triage",
+        limit=4,
+        max_new_tokens=40,
+        batch_size=4,
+        progress=False,
+    )
     assert result["model"] == "smollm2-135m-instruct" and result["metric"] == "support_triage"
     assert result["n"] == 4 and len(result["samples"]) == 4
     # The base model has never seen the house format: the answers are far from the reference.

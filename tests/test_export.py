@@ -120,6 +120,7 @@ def test_gguf_export_reads_back_in_transformers_within_bounds(run_dir, reference
     loaded = AutoModelForCausalLM.from_pretrained(result.out, gguf_file=gguf_file.name, dtype=torch.float32)
     loaded_tokenizer = AutoTokenizer.from_pretrained(result.out, gguf_file=gguf_file.name)
     chat = tokenizer.apply_chat_template(list(PROBE_CONVERSATIONS[1]), tokenize=False, add_generation_prompt=True)
+
     def encode(any_tokenizer):
         return any_tokenizer(chat, add_special_tokens=False)["input_ids"]
 
@@ -270,8 +271,10 @@ def test_smollm2_with_a_fresh_lora_exports_merged_and_q8_0_gguf_that_answer_alik
 
     source = resolve(str(tmp_path / "adapter"))
     model, tokenizer = load_model(source), load_tokenizer(source)
-    prompts = [[{"role": "user", "content": "What is the capital of France?"}],
-               [{"role": "user", "content": "Name three colours."}]]
+    prompts = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Name three colours."}],
+    ]
     expected = [c.text for c in generate(model, tokenizer, prompts, max_new_tokens=16)]
     del model
 

@@ -81,7 +81,10 @@ def test_batched_generation_equals_one_by_one(tiny):
     model, tokenizer = tiny
     prompts = [
         [{"role": "user", "content": "Hi"}],
-        [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "My database is down and production is affected, please help!"}],
+        [
+            {"role": "system", "content": "Answer in JSON."},
+            {"role": "user", "content": "My database is down and production is affected, please help!"},
+        ],
         [{"role": "user", "content": "How do I reset my password for the web console?"}],
         "The quick brown fox",
         [{"role": "user", "content": "What is two plus two?"}],
@@ -100,8 +103,9 @@ def test_a_shared_system_prompt_runs_once_and_changes_no_answer(tiny):
     tickets = ["Our database is down!", "How do I resize a VM?", "I was charged twice this month, please refund one."]
     prompts = [[system, {"role": "user", "content": ticket}] for ticket in tickets]
     run = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: run.append(kwargs["input_ids"].shape),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: run.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     try:
         together = generate(model, tokenizer, prompts, max_new_tokens=8)
     finally:

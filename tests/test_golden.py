@@ -51,8 +51,9 @@ def golden_config(name: str, model_dir, data, out, tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("name", list(PINNED))
-def test_the_first_steps_of_each_method_give_the_pinned_losses(name, tiny_model_dir, triage_data, tmp_path,
-                                                                monkeypatch):
+def test_the_first_steps_of_each_method_give_the_pinned_losses(
+    name, tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
     monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
     cfg = golden_config(name, tiny_model_dir, triage_data, tmp_path / "run", tmp_path)
     train(cfg, progress=False)

@@ -41,8 +41,9 @@ def free_port() -> int:
 class ApiServer:
     """`tuneforge api` in a child process; `kill()` is SIGKILL, as a crash would be."""
 
-    def __init__(self, home: Path, *, allowed: list[Path], port: int | None = None, db: str | None = None,
-                 workers: int = 1):
+    def __init__(
+        self, home: Path, *, allowed: list[Path], port: int | None = None, db: str | None = None, workers: int = 1
+    ):
         self.home, self.port, self.db, self.workers, self.allowed = home, port or free_port(), db, workers, allowed
         self.log_path = home / f"server-{self.port}.log"
         self.process: subprocess.Popen | None = None
@@ -51,10 +52,24 @@ class ApiServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "ApiServer":
+    def start(self) -> ApiServer:
         """Launch the server; `client()` waits until it answers (so tests can prepare meanwhile)."""
-        args = [sys.executable, "-m", "tuneforge", "api", "--port", str(self.port), "--workers", str(self.workers),
-                "--api-key", KEY, "--api-key", OTHER_KEY, "--max-upload-mb", "1"]
+        args = [
+            sys.executable,
+            "-m",
+            "tuneforge",
+            "api",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            "--api-key",
+            KEY,
+            "--api-key",
+            OTHER_KEY,
+            "--max-upload-mb",
+            "1",
+        ]
         for model in self.allowed:
             args += ["--allow-model", str(model)]
         if self.db:
@@ -97,12 +112,23 @@ class ApiServer:
 
 
 def chat_rows(n: int, start: int = 0) -> str:
-    questions = ["What is two plus two?", "How do I reset my password?", "My database is down, help!",
-                 "Hello, how are you today?"]
+    questions = [
+        "What is two plus two?",
+        "How do I reset my password?",
+        "My database is down, help!",
+        "Hello, how are you today?",
+    ]
     answers = ["The answer is four.", "Open the web console.", "Production is affected; we help.", "I am fine."]
-    rows = [{"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                          {"role": "user", "content": f"{questions[i % 4]} ({i})"},
-                          {"role": "assistant", "content": f"{answers[i % 4]} {i}"}]} for i in range(start, start + n)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"{questions[i % 4]} ({i})"},
+                {"role": "assistant", "content": f"{answers[i % 4]} {i}"},
+            ]
+        }
+        for i in range(start, start + n)
+    ]
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
@@ -118,7 +144,9 @@ def wait_for(client, job_id: str, statuses: set[str], timeout: float = JOB_TIMEO
             return job
         time.sleep(0.3)
     events = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=50)]
-    raise AssertionError(f"{job_id} is {job.status}, not {statuses}; events: {events}\n{server.log() if server else ''}")
+    raise AssertionError(
+        f"{job_id} is {job.status}, not {statuses}; events: {events}\n{server.log() if server else ''}"
+    )
 
 
 def all_events(client, job_id: str) -> list:
@@ -127,9 +155,13 @@ def all_events(client, job_id: str) -> list:
 
 def create_job(client, model_dir: Path, train_id: str, *, n_epochs: int, suffix: str | None = None, **extra):
     return client.fine_tuning.jobs.create(
-        model=str(model_dir), training_file=train_id, suffix=suffix, seed=7,
+        model=str(model_dir),
+        training_file=train_id,
+        suffix=suffix,
+        seed=7,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": n_epochs, "batch_size": 4}}},
-        **extra)
+        **extra,
+    )
 
 
 def sdk_flow(server: ApiServer, model_dir: Path) -> None:
@@ -140,8 +172,9 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
     assert train.purpose == "fine-tune" and train.bytes == len(chat_rows(12).encode())
     assert client.files.content(train.id).read() == chat_rows(12).encode()
 
-    job = create_job(client, model_dir, train.id, n_epochs=2, suffix="triage", validation_file=valid.id,
-                     metadata={"team": "support"})
+    job = create_job(
+        client, model_dir, train.id, n_epochs=2, suffix="triage", validation_file=valid.id, metadata={"team": "support"}
+    )
     assert job.status == "validating_files" and job.hyperparameters.n_epochs == 2
     job = wait_for(client, job.id, {"succeeded", "failed", "cancelled"}, server=server)
     assert job.status == "succeeded", job.error
@@ -171,8 +204,9 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
     assert client.fine_tuning.jobs.list(metadata={"team": "sales"}).data == []
 
     for model in (job.fine_tuned_model, checkpoints[1].fine_tuned_model_checkpoint, str(model_dir)):
-        reply = client.chat.completions.create(model=model, max_tokens=5,
-                                               messages=[{"role": "user", "content": "What is two plus two?"}])
+        reply = client.chat.completions.create(
+            model=model, max_tokens=5, messages=[{"role": "user", "content": "What is two plus two?"}]
+        )
         assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
 
@@ -236,10 +270,14 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     refused("training_file", training_file="")
     refused("validation_file", validation_file=train.id)
     refused("validation_file", validation_file="")
-    refused("method.supervised.hyperparameters.n_epochs",
-            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}})
-    refused("method.supervised.hyperparameters.learning_rate_multiplier",
-            method={"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": "high"}}})
+    refused(
+        "method.supervised.hyperparameters.n_epochs",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}},
+    )
+    refused(
+        "method.supervised.hyperparameters.learning_rate_multiplier",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": "high"}}},
+    )
     refused("hyperparameters.batch_size", hyperparameters={"batch_size": -1})
     refused("suffix", suffix="x" * 65)
     refused("training_file", training_file="file-missing")
@@ -266,10 +304,12 @@ def test_openai_hyperparameters_map_onto_the_config(tmp_path):
     assert config.train.learning_rate == pytest.approx(1e-4) and not config.data.packing
     assert config.train.save_every == 3 and config.data.validation is None  # a checkpoint an epoch: 20 // 8 steps
     method = resolved_method(body.method_dict(), config)
-    assert method["supervised"]["hyperparameters"] == {"batch_size": 8, "learning_rate_multiplier": 0.5,
-                                                       "n_epochs": 5}
-    dpo = CreateJobBody(model="m", training_file="file-1",
-                        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}})
+    assert method["supervised"]["hyperparameters"] == {"batch_size": 8, "learning_rate_multiplier": 0.5, "n_epochs": 5}
+    dpo = CreateJobBody(
+        model="m",
+        training_file="file-1",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}},
+    )
     config = training_config("m", dpo.method_dict(), 3, tmp_path / "t.jsonl", None, tmp_path / "run", n_examples=4)
     assert (config.method, config.dpo.beta, config.train.batch_size, config.train.epochs) == ("dpo", 0.2, 4, 2)
 
@@ -309,8 +349,17 @@ def test_a_job_may_start_only_from_a_model_the_server_allows(server, tiny_model_
     alices = create_job(alice, tiny_model_dir, upload(alice, chat_rows(8)).id, n_epochs=1)
     alices = wait_for(alice, alices.id, {"succeeded", "failed"}, server=server)
     run = server.home / "jobs" / "runs" / alices.id
-    names = ["/etc/passwd", "/root/.ssh", "/proc/self/environ", "/dev/null", "/no/such/folder", str(run),
-             f"{tiny_model_dir}/../model", "HuggingFaceTB/SmolLM2-135M-Instruct", alices.fine_tuned_model]
+    names = [
+        "/etc/passwd",
+        "/root/.ssh",
+        "/proc/self/environ",
+        "/dev/null",
+        "/no/such/folder",
+        str(run),
+        f"{tiny_model_dir}/../model",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        alices.fine_tuned_model,
+    ]
     for name in names:
         with pytest.raises(openai.BadRequestError) as caught:
             bob.fine_tuning.jobs.create(model=name, training_file=train.id)
@@ -322,25 +371,29 @@ def test_a_job_may_start_only_from_a_model_the_server_allows(server, tiny_model_
 
 
 def refusal_of(name: str) -> str:
-    return (f"The model `{name}` is not available for fine-tuning here. Name a registry model (smollm2-135m-instruct, "
-            "gemma3-270m), a model this server allows (GET /v1/models lists those you have used), or one of your "
-            "fine-tuned models or checkpoints.")
+    return (
+        f"The model `{name}` is not available for fine-tuning here. Name a registry model (smollm2-135m-instruct, "
+        "gemma3-270m), a model this server allows (GET /v1/models lists those you have used), or one of your "
+        "fine-tuned models or checkpoints."
+    )
 
 
 def test_a_job_fine_tunes_from_its_owners_fine_tuned_model(server, tiny_model_dir):
     """Needs the training fix for `save_final` on a run folder (AttributeError: 'peft_config' has no deleter)."""
     client = server.client()
     train = upload(client, chat_rows(8))
-    first = wait_for(client, create_job(client, tiny_model_dir, train.id, n_epochs=1).id, {"succeeded", "failed"},
-                     server=server)
+    first = wait_for(
+        client, create_job(client, tiny_model_dir, train.id, n_epochs=1).id, {"succeeded", "failed"}, server=server
+    )
     second = create_job(client, first.fine_tuned_model, train.id, n_epochs=1)
     assert second.model == first.fine_tuned_model
     second = wait_for(client, second.id, {"succeeded", "failed"}, server=server)
     if second.error:
         assert_no_server_details(second.error.message, server)
     assert second.status == "succeeded", second.error
-    reply = client.chat.completions.create(model=second.fine_tuned_model, max_tokens=3,
-                                           messages=[{"role": "user", "content": "Hello"}])
+    reply = client.chat.completions.create(
+        model=second.fine_tuned_model, max_tokens=3, messages=[{"role": "user", "content": "Hello"}]
+    )
     assert reply.usage.completion_tokens >= 1
 
 
@@ -379,7 +432,8 @@ def process_holding(path: Path) -> psutil.Process | None:
     for process in psutil.process_iter(["cmdline"]):
         try:
             if "forkserver" in " ".join(process.info["cmdline"] or []) and any(
-                    Path(f.path) == path for f in process.open_files()):
+                Path(f.path) == path for f in process.open_files()
+            ):
                 return process
         except psutil.Error:
             continue
@@ -407,8 +461,12 @@ def test_a_file_that_is_not_utf8_fails_its_job_saying_so(server, tiny_model_dir)
     client = server.client()
     text = chat_rows(3).encode() + b'{"messages": "caf\xe9"}\n'
     bad = client.files.create(file=("train.jsonl", text, "application/jsonl"), purpose="fine-tune")
-    job = wait_for(client, client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=bad.id).id,
-                   {"failed", "succeeded"}, server=server)
+    job = wait_for(
+        client,
+        client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=bad.id).id,
+        {"failed", "succeeded"},
+        server=server,
+    )
     assert job.status == "failed" and job.error.code == "invalid_training_file"
     assert "UTF-8" in job.error.message and f"{bad.id}:4" in job.error.message, job.error.message
 
@@ -417,8 +475,10 @@ def test_the_key_is_checked_before_an_upload_is_read(server):
     """A body under the upload cap that never comes: the 401 comes at once, from the headers alone."""
     server.wait_ready()
     with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
-        sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     f"Content-Length: {1 << 19}\r\n\r\n--b\r\n".encode())
+        sock.sendall(
+            f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {1 << 19}\r\n\r\n--b\r\n".encode()
+        )
         assert sock.recv(4096).startswith(b"HTTP/1.1 401")
 
 
@@ -481,8 +541,20 @@ def postgres_url():
     data, port = folder / "data", free_port()
     run = dict(user=user, check=True, capture_output=True)
     subprocess.run([binaries["initdb"], "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"], **run)
-    subprocess.run([binaries["pg_ctl"], "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"], **run)
+    subprocess.run(
+        [
+            binaries["pg_ctl"],
+            "-D",
+            str(data),
+            "-l",
+            str(folder / "log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        **run,
+    )
     yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     subprocess.run([binaries["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"], user=user, capture_output=True)
     shutil.rmtree(folder, ignore_errors=True)
@@ -494,8 +566,12 @@ def test_a_server_and_a_worker_on_postgres_run_each_job_once(tmp_path, tiny_mode
     second = ApiServer(home, allowed=[tiny_model_dir], db=postgres_url, workers=0).start()  # serves the API only
     env = {**os.environ, "TUNEFORGE_HOME": str(home), "OMP_NUM_THREADS": "1"}
     with open(home / "worker.log", "ab") as log:  # `tuneforge worker`: a third claimant, no HTTP
-        worker = subprocess.Popen([sys.executable, "-m", "tuneforge", "worker", "--store", postgres_url],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "tuneforge", "worker", "--store", postgres_url],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         sdk_flow(first, tiny_model_dir)
         client_a, client_b = first.client(), second.client()
@@ -510,8 +586,11 @@ def test_a_server_and_a_worker_on_postgres_run_each_job_once(tmp_path, tiny_mode
         # Both claimants took jobs (each job started once): the first server and the worker process.
         assert len(set(workers)) == 2 and any(w.split(":")[1] == str(worker.pid) for w in workers), workers
         assert worker.poll() is None, (home / "worker.log").read_text()[-3000:]
-        reply = client_b.chat.completions.create(model=client_b.fine_tuning.jobs.retrieve(jobs[0].id).fine_tuned_model,
-                                                 max_tokens=3, messages=[{"role": "user", "content": "Hello"}])
+        reply = client_b.chat.completions.create(
+            model=client_b.fine_tuning.jobs.retrieve(jobs[0].id).fine_tuned_model,
+            max_tokens=3,
+            messages=[{"role": "user", "content": "Hello"}],
+        )
         assert reply.choices[0].message.content is not None
     finally:
         worker.send_signal(signal.SIGTERM)

@@ -13,8 +13,8 @@ from tiny import save_tiny_model
 
 from tuneforge.jobs.access import ModelAccess
 from tuneforge.jobs.api import create_api
-from tuneforge.jobs.mapping import CreateJobBody
 from tuneforge.jobs.files import FileStorage
+from tuneforge.jobs.mapping import CreateJobBody
 from tuneforge.jobs.store import Job, Store, new_id, now
 from tuneforge.jobs.worker import Workers
 from tuneforge.web import owner_of
@@ -25,23 +25,44 @@ QUESTION = [{"role": "user", "content": "What is two plus two?"}]
 
 
 def add_job(store: Store, key: str, **values) -> Job:
-    job = Job(**{"id": new_id("ftjob-"), "owner": owner_of(key), "model": "m", "training_file": "file-x", "seed": 1,
-                 "method": {"type": "supervised"}, "status": "failed", "created_at": now(), "result_files": [],
-                 "fine_tuned_model": f"ft:m:tuneforge::{new_id('', 8)}", **values})
+    job = Job(
+        **{
+            "id": new_id("ftjob-"),
+            "owner": owner_of(key),
+            "model": "m",
+            "training_file": "file-x",
+            "seed": 1,
+            "method": {"type": "supervised"},
+            "status": "failed",
+            "created_at": now(),
+            "result_files": [],
+            "fine_tuned_model": f"ft:m:tuneforge::{new_id('', 8)}",
+            **values,
+        }
+    )
     store.add(job)
     return job
 
 
 def chat(http: TestClient, model: str, key: str = KEY):
-    return http.post("/v1/chat/completions", json={"model": model, "messages": QUESTION, "max_tokens": 2},
-                     headers={"Authorization": f"Bearer {key}"})
+    return http.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": QUESTION, "max_tokens": 2},
+        headers={"Authorization": f"Bearer {key}"},
+    )
 
 
 def test_one_model_under_several_names_loads_once_and_bases_are_bounded(tmp_path, tiny_model_dir):
     other = save_tiny_model(tmp_path / "other")
     same = [str(tiny_model_dir), f"{tiny_model_dir}/", f"{tiny_model_dir.parent}/./{tiny_model_dir.name}"]
-    app = create_api(tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0,
-                     allowed_models=[*same, str(other)], max_models=1)
+    app = create_api(
+        tmp_path / "home",
+        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
+        api_keys=[KEY],
+        workers=0,
+        allowed_models=[*same, str(other)],
+        max_models=1,
+    )
     with TestClient(app) as http:
         inference = app.state.service.inference
         for name in same:
@@ -66,29 +87,53 @@ def test_checkpoint_names_stay_inside_their_run_and_tell_nothing_of_the_disk(tmp
     (root / "runs" / bobs.id / "checkpoints" / "step-1").mkdir(parents=True)
     (root / "runs" / bobs.id / "checkpoints" / "step-2").symlink_to(root / "runs" / alices.id / "final")
     up = "/.." * 12
-    names = [f"{bobs.fine_tuned_model}:ckpt-step-1/../../../{alices.id}/final",
-             f"{bobs.fine_tuned_model}:ckpt-step-1{up}/etc", f"{bobs.fine_tuned_model}:ckpt-step-1{up}/no-such-folder",
-             f"{bobs.fine_tuned_model}:ckpt-step-2", f"{bobs.fine_tuned_model}:ckpt-step-x",
-             f"{bobs.fine_tuned_model}:ckpt-step-3", alices.fine_tuned_model, f"{alices.fine_tuned_model}:ckpt-step-1"]
+    names = [
+        f"{bobs.fine_tuned_model}:ckpt-step-1/../../../{alices.id}/final",
+        f"{bobs.fine_tuned_model}:ckpt-step-1{up}/etc",
+        f"{bobs.fine_tuned_model}:ckpt-step-1{up}/no-such-folder",
+        f"{bobs.fine_tuned_model}:ckpt-step-2",
+        f"{bobs.fine_tuned_model}:ckpt-step-x",
+        f"{bobs.fine_tuned_model}:ckpt-step-3",
+        alices.fine_tuned_model,
+        f"{alices.fine_tuned_model}:ckpt-step-1",
+    ]
     with TestClient(create_api(root, store, api_keys=[KEY, OTHER_KEY], workers=0)) as http:
         for name in names:
             response = chat(http, name, OTHER_KEY)
             assert response.status_code == 404, (name, response.text)
             assert response.json()["error"]["message"] == (
-                f"The model `{name}` does not exist or you do not have access to it.")
+                f"The model `{name}` does not exist or you do not have access to it."
+            )
 
 
 def test_a_job_that_fails_unforeseen_fails_alone(tmp_path, tiny_model_dir):
     """A job the worker cannot handle (here its method is malformed) fails with an error id; the next is checked."""
     root, store = tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}")
     storage = FileStorage(root)
-    upload = storage.save(io.BytesIO(chat_rows(8).encode()), owner=owner_of(KEY), filename="train.jsonl",
-                          purpose="fine-tune", max_bytes=1 << 20)
+    upload = storage.save(
+        io.BytesIO(chat_rows(8).encode()),
+        owner=owner_of(KEY),
+        filename="train.jsonl",
+        purpose="fine-tune",
+        max_bytes=1 << 20,
+    )
     store.add(upload)
-    broken = add_job(store, KEY, model=str(tiny_model_dir), training_file=upload.id, status="validating_files",
-                     method={"type": "supervised"})
-    good = add_job(store, KEY, model=str(tiny_model_dir), training_file=upload.id, status="validating_files",
-                   method=CreateJobBody(model="m", training_file="f").method_dict())
+    broken = add_job(
+        store,
+        KEY,
+        model=str(tiny_model_dir),
+        training_file=upload.id,
+        status="validating_files",
+        method={"type": "supervised"},
+    )
+    good = add_job(
+        store,
+        KEY,
+        model=str(tiny_model_dir),
+        training_file=upload.id,
+        status="validating_files",
+        method=CreateJobBody(model="m", training_file="f").method_dict(),
+    )
     workers = Workers(store, storage, root, 1, poll_s=0.05)
     workers.start()
     try:

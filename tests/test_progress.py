@@ -23,8 +23,11 @@ def test_off_a_terminal_progress_is_throttled_plain_lines_ending_with_the_last(m
     with progress.progress_bar("answers", 3) as advance:
         for _ in range(3):
             advance(1)
-    assert [line.split(" (")[0] for line in capsys.readouterr().err.strip().splitlines()] == \
-        ["answers 1/3", "answers 2/3", "answers 3/3"]
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.strip().splitlines()] == [
+        "answers 1/3",
+        "answers 2/3",
+        "answers 3/3",
+    ]
 
 
 def test_training_progress_off_a_terminal_shows_steps_loss_and_speed():

@@ -26,8 +26,9 @@ def test_quickstart_runs_every_phase_and_says_which_targets_it_missed(tmp_path):
     printed = io.StringIO()
     # The sharp tiny model replies with text (the plain one with newlines only): its replies are the replay.
     model = save_sharp_tiny_model(tmp_path / "model")
-    code = quickstart(out, model=str(model), n_train=40, max_steps=2, test_subset=3,
-                      console=Console(file=printed, width=160))
+    code = quickstart(
+        out, model=str(model), n_train=40, max_steps=2, test_subset=3, console=Console(file=printed, width=160)
+    )
     text = printed.getvalue()
     assert code == 1  # a random tiny model cannot triage tickets
     for phase in ("1/6 model", "2/6 data", "3/6 base", "4/6 fine-tune", "5/6 tuned", "6/6 forgetting"):
@@ -47,8 +48,13 @@ def test_targets_are_judged_against_their_goals():
     forgetting = {"general_text": {"change": 0.01}, "general_questions": questions(0.97, 1.0)}
     met = check_targets(Targets(), 600, scores(0.1), scores(0.9), forgetting)
     assert all(t["met"] for t in met)
-    missed = check_targets(Targets(), 1000, scores(0.3), scores(0.8),
-                           {"general_text": {"change": 0.05}, "general_questions": questions(0.9, 0.8)})
+    missed = check_targets(
+        Targets(),
+        1000,
+        scores(0.3),
+        scores(0.8),
+        {"general_text": {"change": 0.05}, "general_questions": questions(0.9, 0.8)},
+    )
     assert not any(t["met"] for t in missed)
     # A share of 100 tickets carries its 95% interval; questions kept too, when the base knew them all.
     assert met[1]["measured"] == "90.0% (95% interval 82.6%-94.5%)"
@@ -61,8 +67,12 @@ def test_the_training_config_is_the_recipe_with_data_run_folder_and_overrides_on
     data = {"train": Path("d/t.jsonl"), "validation": Path("d/v.jsonl"), "replay": Path("d/r.jsonl"), "test": Path("x")}
     recipe = load_recipe("quickstart")
     config = quickstart_config(data, Path("out"))
-    assert config["data"] == {**recipe["data"], "train": "d/t.jsonl", "validation": "d/v.jsonl",
-                              "general_replay": "d/r.jsonl"}
+    assert config["data"] == {
+        **recipe["data"],
+        "train": "d/t.jsonl",
+        "validation": "d/v.jsonl",
+        "general_replay": "d/r.jsonl",
+    }
     assert {**config, "data": recipe["data"], "output_dir": recipe["output_dir"]} == recipe
     assert config["output_dir"] == "out"
     changed = quickstart_config(data, Path("out"), model="m", max_steps=7, learning_rate=1e-3, lora_r=8)
@@ -76,24 +86,34 @@ def test_train_runs_the_recipe_on_the_data_only_files_as_the_printed_commands_sa
     monkeypatch.chdir(tmp_path)
     model = save_sharp_tiny_model(tmp_path / "model")
     printed = io.StringIO()
-    assert quickstart(model=str(model), n_train=40, max_steps=2, data_only=True,
-                      console=Console(file=printed, width=100)) == 0
+    assert (
+        quickstart(model=str(model), n_train=40, max_steps=2, data_only=True, console=Console(file=printed, width=100))
+        == 0
+    )
     recipe = load_recipe("quickstart")
     for key in ("train", "validation", "general_replay"):
         assert (tmp_path / recipe["data"][key]).is_file(), key  # where the recipe looks, from the working folder
     assert not (tmp_path / recipe["output_dir"] / "final").exists()
     commands = [line.strip() for line in printed.getvalue().splitlines() if line.startswith("  tuneforge ")]
-    assert commands == ["tuneforge recipes show quickstart > quickstart.yaml",
-                        f"tuneforge train quickstart.yaml base_model={model} train.max_steps=2"]
+    assert commands == [
+        "tuneforge recipes show quickstart > quickstart.yaml",
+        f"tuneforge train quickstart.yaml base_model={model} train.max_steps=2",
+    ]
     shell = 'tuneforge() { "$PYTHON" -m tuneforge "$@"; }\n' + "\n".join(commands)
     src = str(Path(tuneforge.__file__).resolve().parents[1])
-    done = subprocess.run(["bash", "-ec", shell], env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": src,
-                                                          "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", "-ec", shell],
+        env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / recipe["output_dir"]
     assert (run / "final" / "adapter_config.json").is_file()
-    data = {key: (tmp_path / "runs/quickstart/data" / name).resolve()
-            for key, name in (("train", "train.jsonl"), ("validation", "validation.jsonl"), ("replay", "replay.jsonl"))}
+    data = {
+        key: (tmp_path / "runs/quickstart/data" / name).resolve()
+        for key, name in (("train", "train.jsonl"), ("validation", "validation.jsonl"), ("replay", "replay.jsonl"))
+    }
     expected = quickstart_config(data, Path(recipe["output_dir"]), model=str(model), max_steps=2)
     assert yaml.safe_load((run / "config.yaml").read_text()) == load_config(expected).model_dump()

@@ -46,8 +46,13 @@ def test_show_prints_the_recipe_byte_for_byte(capsys):
 def test_an_unknown_recipe_is_an_error_that_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match=r"no shipped recipe named 'quickstar'; there are: .*quickstart"):
         recipe_path("quickstar")
-    cli = subprocess.run([sys.executable, "-m", "tuneforge", "recipes", "show", "quickstar"], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "tuneforge", "recipes", "show", "quickstar"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        timeout=120,
+    )
     assert cli.returncode == 2 and "no shipped recipe named 'quickstar'" in cli.stderr and not cli.stdout
 
 

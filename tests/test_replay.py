@@ -28,8 +28,9 @@ def ending_model_dir(tmp_path_factory):
 
     folder = save_sharp_tiny_model(tmp_path_factory.mktemp("replay") / "model")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), load_tokenizer(str(folder))
-    replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in replay_prompts()[:8]],
-                       max_new_tokens=32)
+    replies = generate(
+        model, tokenizer, [[{"role": "user", "content": p}] for p in replay_prompts()[:8]], max_new_tokens=32
+    )
     common = Counter(t for r in replies for t in r.token_ids).most_common(1)[0][0]
     config = GenerationConfig.from_pretrained(folder)
     config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"), common]
@@ -61,8 +62,12 @@ def test_a_replay_file_is_mixed_in_like_the_bundled_chitchat(triage_data, tmp_pa
 
 
 def test_a_missing_or_broken_replay_file_names_the_file_and_line(triage_data, tmp_path, tokenizer, home):
-    cfg = DataConfig(train=str(triage_data["train"]), validation=None, general_mix=0.2,
-                     general_replay=str(tmp_path / "nowhere.jsonl"))
+    cfg = DataConfig(
+        train=str(triage_data["train"]),
+        validation=None,
+        general_mix=0.2,
+        general_replay=str(tmp_path / "nowhere.jsonl"),
+    )
     with pytest.raises(DataError, match=r"data.general_replay: .*nowhere.jsonl is not a file.*chitchat"):
         prepare(cfg, tokenizer, log=lambda _: None)
     broken = tmp_path / "broken.jsonl"
@@ -78,11 +83,15 @@ def test_self_replay_is_the_base_models_greedy_replies_without_the_empty_ones(en
     replay = write_self_replay(model_dir, tmp_path, max_new_tokens=12)
     tokenizer = load_tokenizer(model_dir)
     prompts = replay_prompts()
-    replies = generate(load_model(model_dir).eval(), tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                       max_new_tokens=12)
+    replies = generate(
+        load_model(model_dir).eval(), tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=12
+    )
     assert {r.finish_reason for r in replies} == {"stop", "length"}  # cut replies stay: replay_loss kl_to_base
-    expected = [[{"role": "user", "content": p}, {"role": "assistant", "content": r.text}]
-                for p, r in zip(prompts, replies) if r.text.strip()]
+    expected = [
+        [{"role": "user", "content": p}, {"role": "assistant", "content": r.text}]
+        for p, r in zip(prompts, replies)
+        if r.text.strip()
+    ]
     assert [json.loads(line)["messages"] for line in replay.read_text().splitlines()] == expected
     first = replay.read_text()
     assert write_self_replay(model_dir, tmp_path, max_new_tokens=12).read_text() == first
@@ -97,7 +106,9 @@ def test_a_training_run_mixes_in_the_replay_file(tiny_model_dir, triage_data, tm
     cfg["data"].update(general_mix=0.25, general_replay="chitchat")
     train(cfg, progress=False)
     counts = json.loads((tmp_path / "run" / "data_report.json").read_text())["counts"]
-    assert counts["general_mix"] > 0 and counts["general_mix"] == round(0.25 / 0.75 * (counts["train"] - counts["general_mix"]))
+    assert counts["general_mix"] > 0 and counts["general_mix"] == round(
+        0.25 / 0.75 * (counts["train"] - counts["general_mix"])
+    )
 
 
 def test_a_model_that_replies_with_no_text_gives_no_replay_and_says_so(tiny_model_dir, tmp_path, one_thread):

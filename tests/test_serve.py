@@ -94,8 +94,11 @@ def adapters(base_dir, triage_data, tmp_path_factory) -> dict:
     """A finished LoRA run folder (served by its final adapter), two random adapters and a broken one."""
     root = tmp_path_factory.mktemp("adapters")
     train(tiny_run_config(base_dir, triage_data, root / "run", max_steps=4, learning_rate=2e-2), progress=False)
-    folders = {"triage": root / "run", "alpha": random_adapter(base_dir, root / "alpha", 1),
-               "beta": random_adapter(base_dir, root / "beta", 2)}
+    folders = {
+        "triage": root / "run",
+        "alpha": random_adapter(base_dir, root / "alpha", 1),
+        "beta": random_adapter(base_dir, root / "beta", 2),
+    }
     broken = shutil.copytree(folders["alpha"], root / "broken")
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     return {**folders, "broken": broken}
@@ -103,8 +106,9 @@ def adapters(base_dir, triage_data, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(base_dir, adapters):
-    engine = Engine(AdapterPool(str(base_dir), {name: str(path) for name, path in adapters.items()}, max_loaded=2),
-                    max_batch=16)
+    engine = Engine(
+        AdapterPool(str(base_dir), {name: str(path) for name, path in adapters.items()}, max_loaded=2), max_batch=16
+    )
     with running_server(create_app(engine, api_keys=[KEY])) as url:
         yield url, engine
     engine.close()
@@ -127,22 +131,36 @@ def test_chat_completion_is_the_greedy_answer_with_its_usage(client, base):
     assert choice.message.role == "assistant" and choice.message.content == expected.text
     assert choice.finish_reason == expected.finish_reason == "length"
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (
-        expected.prompt_tokens, 12, expected.prompt_tokens + 12)
+        expected.prompt_tokens,
+        12,
+        expected.prompt_tokens + 12,
+    )
     assert expected.prompt_tokens == len(encode_prompts(base[1], [QUESTION])[0])
 
 
 def test_streamed_chunks_join_to_the_answer_and_end_with_done(server, client, base):
     expected = alone(*base, QUESTION, 12)
-    chunks = list(client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=BASE,
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 1 and "".join(pieces) == expected.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == expected.prompt_tokens
-    raw = httpx.post(f"{server[0]}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                     json={"model": BASE, "messages": QUESTION, "max_tokens": 3, "stream": True})
+    raw = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": BASE, "messages": QUESTION, "max_tokens": 3, "stream": True},
+    )
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.text.rstrip().endswith("data: [DONE]")
 
@@ -154,8 +172,10 @@ def test_completions_continue_a_plain_prompt(client, base):
     assert reply.object == "text_completion" and reply.choices[0].text == expected.text
     assert reply.usage.prompt_tokens == expected.prompt_tokens and reply.usage.completion_tokens == 10
     # Without max_tokens, OpenAI's default of 16 applies.
-    assert client.completions.create(model=BASE, prompt=prompt, temperature=0).choices[0].text == alone(
-        *base, prompt, 16).text
+    assert (
+        client.completions.create(model=BASE, prompt=prompt, temperature=0).choices[0].text
+        == alone(*base, prompt, 16).text
+    )
     streamed = client.completions.create(model=BASE, prompt=prompt, max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected.text
 
@@ -182,8 +202,11 @@ def test_an_adapter_picked_by_name_answers_as_that_adapter(client, base, adapter
 
 def test_the_least_recently_used_adapter_is_evicted(server, client):
     def ask(name):
-        return client.chat.completions.create(model=name, messages=QUESTION, max_tokens=6,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(model=name, messages=QUESTION, max_tokens=6, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     first = {name: ask(name) for name in ("alpha", "beta", "triage")}
     assert health(server)["loaded_adapters"] == ["beta", "triage"]  # at most 2; alpha went
@@ -203,17 +226,25 @@ def test_a_wrong_or_missing_key_is_refused(server):
     assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"  # health needs no key
 
 
-@pytest.mark.parametrize(("options", "error", "param", "code"), [
-    ({"n": 2}, openai.BadRequestError, "n", "unsupported_value"),
-    ({"temperature": 5}, openai.BadRequestError, "temperature", "invalid_value"),
-    ({"top_p": 0}, openai.BadRequestError, "top_p", "invalid_value"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", None),
-    ({"max_tokens": 5000}, openai.BadRequestError, "max_tokens", "context_length_exceeded"),
-    ({"model": "no-such-model"}, openai.NotFoundError, "model", "model_not_found"),
-    ({"messages": []}, openai.BadRequestError, "messages", "invalid_value"),
-    ({"messages": [{"role": "wizard", "content": "Hi"}]}, openai.BadRequestError, "messages.0.role", "invalid_value"),
-    ({"extra_body": {"tools_please": True}}, openai.BadRequestError, "tools_please", "invalid_value"),
-])
+@pytest.mark.parametrize(
+    ("options", "error", "param", "code"),
+    [
+        ({"n": 2}, openai.BadRequestError, "n", "unsupported_value"),
+        ({"temperature": 5}, openai.BadRequestError, "temperature", "invalid_value"),
+        ({"top_p": 0}, openai.BadRequestError, "top_p", "invalid_value"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", None),
+        ({"max_tokens": 5000}, openai.BadRequestError, "max_tokens", "context_length_exceeded"),
+        ({"model": "no-such-model"}, openai.NotFoundError, "model", "model_not_found"),
+        ({"messages": []}, openai.BadRequestError, "messages", "invalid_value"),
+        (
+            {"messages": [{"role": "wizard", "content": "Hi"}]},
+            openai.BadRequestError,
+            "messages.0.role",
+            "invalid_value",
+        ),
+        ({"extra_body": {"tools_please": True}}, openai.BadRequestError, "tools_please", "invalid_value"),
+    ],
+)
 def test_bad_requests_get_openai_errors(client, options, error, param, code):
     request = {"model": BASE, "messages": QUESTION, "max_tokens": 4, **options}
     with pytest.raises(error) as caught:
@@ -225,8 +256,11 @@ def test_bad_requests_get_openai_errors(client, options, error, param, code):
 
 
 def test_a_body_that_is_not_json_is_a_400(server):
-    response = httpx.post(f"{server[0]}/v1/chat/completions", content=b"{not json",
-                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -241,17 +275,23 @@ def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base,
 
 
 def test_concurrent_clients_get_their_lone_greedy_answers(server, client, base):
-    requests = [([{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))}], 8 + i % 9)
-                for i in range(16)]
+    requests = [
+        ([{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))}], 8 + i % 9)
+        for i in range(16)
+    ]
 
     def ask(i):
         messages, max_tokens = requests[i]
         if i % 2:  # half of them stream
-            chunks = client.chat.completions.create(model=BASE, messages=messages, max_tokens=max_tokens,
-                                                    temperature=0, stream=True)
+            chunks = client.chat.completions.create(
+                model=BASE, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+            )
             return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        return client.chat.completions.create(model=BASE, messages=messages, max_tokens=max_tokens,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(model=BASE, messages=messages, max_tokens=max_tokens, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(16)))
@@ -262,8 +302,9 @@ def test_concurrent_clients_get_their_lone_greedy_answers(server, client, base):
 
 def test_a_client_that_goes_away_stops_its_generation(server):
     body = {"model": BASE, "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+    with httpx.stream(
+        "POST", f"{server[0]}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
     gone = time.monotonic()
@@ -274,8 +315,9 @@ def test_a_client_that_goes_away_stops_its_generation(server):
 
 def test_a_seed_out_of_range_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=4, temperature=0.7,
-                                       seed=1180591620717411303424)
+        client.chat.completions.create(
+            model=BASE, messages=QUESTION, max_tokens=4, temperature=0.7, seed=1180591620717411303424
+        )
     assert caught.value.param == "seed"
 
 
@@ -300,8 +342,12 @@ def test_non_streamed_requests_whose_clients_hang_up_stop_decoding(server):
 
     def hang_up(_):
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                       timeout=httpx.Timeout(10, read=0.5))
+            httpx.post(
+                f"{server[0]}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {KEY}"},
+                timeout=httpx.Timeout(10, read=0.5),
+            )
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(hang_up, range(4)))
@@ -317,8 +363,10 @@ def test_a_full_queue_answers_429_with_retry_after(base_dir):
     headers = {"Authorization": f"Bearer {KEY}"}
     try:
         with running_server(create_app(engine, api_keys=[KEY])) as url, httpx.Client(headers=headers) as http:
-            with http.stream("POST", f"{url}/v1/chat/completions", json=body), \
-                    http.stream("POST", f"{url}/v1/chat/completions", json=body):
+            with (
+                http.stream("POST", f"{url}/v1/chat/completions", json=body),
+                http.stream("POST", f"{url}/v1/chat/completions", json=body),
+            ):
                 deadline = time.monotonic() + 10
                 while (engine.stats()["running"], engine.stats()["waiting"]) != (1, 1):
                     assert time.monotonic() < deadline, engine.stats()
@@ -334,8 +382,10 @@ def refused_before_the_body(url: str, path: str) -> bytes:
     """What the server answers, within two seconds, to a request whose 100 MiB body never comes."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=2) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {100 << 20}\r\n\r\n{{".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {100 << 20}\r\n\r\n{{".encode()
+        )
         try:
             return sock.recv(4096)
         except TimeoutError:
@@ -377,8 +427,11 @@ def test_docs_and_the_schema_are_off_unless_asked_for(server, base_dir):
 
 def test_deeply_nested_json_is_a_400(server):
     nested = '{"model": "base", "messages": ' + "[" * 5000 + "]" * 5000 + "}"
-    response = httpx.post(f"{server[0]}/v1/chat/completions", content=nested,
-                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        content=nested,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert response.status_code == 400 and "Traceback" not in response.text
     assert json.loads(response.text)["error"]["type"] == "invalid_request_error"
 
@@ -423,8 +476,21 @@ def test_adapters_are_checked_before_any_weights_load(base_dir, adapters, tmp_pa
 
 
 def test_the_serve_command_reports_a_bad_adapter_without_a_traceback(base_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tuneforge", "serve", "--model", str(base_dir),
-                             "--adapter", f"mine={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneforge",
+            "serve",
+            "--model",
+            str(base_dir),
+            "--adapter",
+            f"mine={tmp_path / 'missing'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "error:" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
@@ -436,8 +502,9 @@ def test_smollm2_served_answers_as_generate_does(smollm2_dir):
     try:
         with running_server(create_app(engine)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-            reply = client.chat.completions.create(model=smollm2_dir.name, messages=question, max_tokens=40,
-                                                   temperature=0)
+            reply = client.chat.completions.create(
+                model=smollm2_dir.name, messages=question, max_tokens=40, temperature=0
+            )
     finally:
         engine.close()
     model, tokenizer = load_model(str(smollm2_dir)).eval(), load_tokenizer(str(smollm2_dir))

@@ -214,8 +214,10 @@ def test_tickets_vary_in_tone_length_and_typos():
     assert {t.sentences for t in tickets} == {1, 2, 3, 4, 5}
     assert len({t.text for t in tickets}) > 0.98 * len(tickets)
     # A typo makes a word that no template or subject phrase has; about a third of tickets get some.
-    phrases = [*st.SINCE, *(t for split in ("train", "test") for pool in st.split_templates(split).values()
-                            for _, t in pool)]
+    phrases = [
+        *st.SINCE,
+        *(t for split in ("train", "test") for pool in st.split_templates(split).values() for _, t in pool),
+    ]
     phrases += [phrase for table in st.SUBJECTS.values() for pool in table.values() for phrase in pool]
     vocabulary = set(re.findall(r"[a-z]+", " ".join(phrases).lower()))
     with_typos = sum(bool(set(re.findall(r"[a-z]{4,}", t.text.lower())) - vocabulary) for t in tickets)

@@ -41,7 +41,17 @@ def test_lora_run_writes_a_complete_run_folder(tiny_model_dir, triage_data, tmp_
         assert (run / name).is_file(), name
     rows = metrics(run)
     first = rows[0]
-    for key in ("step", "epoch", "train_loss", "train_mean_token_accuracy", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"):
+    for key in (
+        "step",
+        "epoch",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+        "elapsed",
+    ):
         assert key in first, key
     assert any("valid_loss" in r for r in rows)
     assert "full_valid_loss" in result.metrics
@@ -103,8 +113,9 @@ def _cli(*args, **kw):
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_losses_bitwise(tiny_model_dir, triage_data, tmp_path):
     # LoRA dropout and NEFTune draw random numbers every step: the resumed run must draw the same ones.
-    base = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "x", epochs=3, batch_size=2, save_every=5,
-                           neftune_alpha=5.0)
+    base = tiny_run_config(
+        tiny_model_dir, triage_data, tmp_path / "x", epochs=3, batch_size=2, save_every=5, neftune_alpha=5.0
+    )
     base["train"]["keep_checkpoints"] = 3
     ref_cfg = _write_config({**base, "output_dir": str(tmp_path / "ref")}, tmp_path / "ref.yaml")
     assert _cli("train", str(ref_cfg)).returncode == 0
@@ -112,8 +123,12 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_losses_bitwise(tiny_m
     assert len(reference) >= 30
 
     cut_cfg = _write_config({**base, "output_dir": str(tmp_path / "cut")}, tmp_path / "cut.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cut_cfg)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge", "train", str(cut_cfg)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = tmp_path / "cut" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and not (ckpts / "step-15").exists():
@@ -141,11 +156,18 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", epochs=20, batch_size=4)
     path = _write_config(cfg, tmp_path / "cfg.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge", "train", str(path)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 3:
+        if (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "metrics.jsonl").read_text().count(
+            "\n"
+        ) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -175,8 +197,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
 def test_kl_to_base_keeps_the_tuned_model_closer_to_the_base(tiny_model_dir, triage_data, tmp_path):
     kls = {}
     for weight in (1e-9, 50.0):
-        cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / f"kl{weight}", max_steps=6, learning_rate=2e-2,
-                              kl_to_base=weight)
+        cfg = tiny_run_config(
+            tiny_model_dir, triage_data, tmp_path / f"kl{weight}", max_steps=6, learning_rate=2e-2, kl_to_base=weight
+        )
         train(cfg, progress=False)
         rows = metrics(tmp_path / f"kl{weight}")
         assert rows[0]["kl_to_base"] == pytest.approx(0, abs=1e-6)  # LoRA starts as the base (B = 0)
@@ -185,7 +208,9 @@ def test_kl_to_base_keeps_the_tuned_model_closer_to_the_base(tiny_model_dir, tri
 
 
 def test_kl_to_base_with_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir, triage_data, tmp_path):
-    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=3, learning_rate=1e-3, kl_to_base=1.0)
+    cfg = tiny_run_config(
+        tiny_model_dir, triage_data, tmp_path / "run", max_steps=3, learning_rate=1e-3, kl_to_base=1.0
+    )
     cfg["method"] = "full"
     train(cfg, progress=False)
     kl = [r["kl_to_base"] for r in metrics(tmp_path / "run") if "kl_to_base" in r]
@@ -195,14 +220,18 @@ def test_kl_to_base_with_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir, tri
 def test_lora_from_layer_adapts_only_the_upper_decoder_layers(tiny_model_dir, triage_data, tmp_path):
     from tuneforge.config import load_config
     from tuneforge.methods import prepare_model
+
     cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1))
     cfg.lora.from_layer = 0.5
     model = prepare_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32), cfg)
     adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     depth = model.config.num_hidden_layers
     assert adapted == {str(i) for i in range(depth // 2, depth)}
-    per_layer = {name.split(".layers.")[1].split(".", 1)[1].split(".lora_")[0] for name, p in model.named_parameters()
-                 if p.requires_grad and ".lora_A." in name}
+    per_layer = {
+        name.split(".layers.")[1].split(".", 1)[1].split(".lora_")[0]
+        for name, p in model.named_parameters()
+        if p.requires_grad and ".lora_A." in name
+    }
     assert per_layer >= {"self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"}  # every linear of those layers
 
 
@@ -210,6 +239,7 @@ def test_loraplus_moves_the_b_matrices_ratio_times_as_far(tiny_model_dir, triage
     """One step from the same start: LoRA's B matrices start at zero, so A gets no gradient yet and
     Adam moves each B entry by the learning rate; with LoRA+ B's learning rate is ratio times larger."""
     from safetensors.torch import load_file
+
     weights = {}
     for ratio in (1.0, 4.0):
         cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / f"r{ratio}", max_steps=1, warmup=0)
@@ -234,8 +264,10 @@ def test_replay_rows_learn_the_base_distribution_and_task_rows_their_text(tiny_m
     from tuneforge.methods import KLToBase, SFTObjective
 
     torch.manual_seed(0)
-    model = get_peft_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=adapted))
+    model = get_peft_model(
+        load_model(resolve(str(tiny_model_dir)), dtype=torch.float32),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=adapted),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -293,11 +325,18 @@ def test_neftune_noises_the_embeddings_of_training_forwards_only_and_the_base_se
     from tuneforge.methods.neftune import neftune_noise
 
     torch.manual_seed(0)
-    model = get_peft_model(load_model(resolve(str(tiny_model_dir)), dtype=torch.float32),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        load_model(resolve(str(tiny_model_dir)), dtype=torch.float32),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     ids = torch.randint(5, 200, (2, 12)).tolist()
-    batch = collate([Example(ids[0], [-100] * 5 + ids[0][6:] + [-100]),
-                     Example(ids[1], [-100] * 3 + ids[1][4:] + [-100], is_replay=True)], pad_id=0)
+    batch = collate(
+        [
+            Example(ids[0], [-100] * 5 + ids[0][6:] + [-100]),
+            Example(ids[1], [-100] * 3 + ids[1][4:] + [-100], is_replay=True),
+        ],
+        pad_id=0,
+    )
     labels, trained = batch["labels"], batch["labels"] != -100
     clean_loss = SFTObjective(model, terms=(KLToBase(weight=0.0, replay=True),)).eval()(**batch)["loss"].item()
     NEFTune(50.0).attach(model)
@@ -333,8 +372,9 @@ def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(t
 
     runs = {}
     for loss in ("ce", "kl_to_base"):
-        cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / loss, max_steps=6, learning_rate=2e-2,
-                              replay_loss=loss)
+        cfg = tiny_run_config(
+            tiny_model_dir, triage_data, tmp_path / loss, max_steps=6, learning_rate=2e-2, replay_loss=loss
+        )
         cfg["data"]["general_mix"] = 0.3
         cfg["lora"]["from_layer"] = 0.5
         train(cfg, progress=False)
@@ -354,7 +394,9 @@ def test_kl_replay_keeps_the_model_closer_to_the_base_on_replay_than_ce_replay(t
     batch = collate(replay_rows, tokenizer.pad_token_id)
     kl = {}
     for loss in runs:
-        model = PeftModel.from_pretrained(load_model(resolve(cfg.base_model), dtype=torch.float32), tmp_path / loss / "final")
+        model = PeftModel.from_pretrained(
+            load_model(resolve(cfg.base_model), dtype=torch.float32), tmp_path / loss / "final"
+        )
         with torch.no_grad():
             kl[loss] = float(SFTObjective(model, terms=(KLToBase(weight=0.0, replay=True),))(**batch)["replay_kl"])
     assert kl["kl_to_base"] < 0.6 * kl["ce"]
@@ -377,11 +419,13 @@ def test_lora_from_a_lora_run_trains_that_adapter_on(tiny_model_dir, triage_data
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    first = train(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "a", max_steps=2, learning_rate=1e-2),
-                  progress=False)
+    first = train(
+        tiny_run_config(tiny_model_dir, triage_data, tmp_path / "a", max_steps=2, learning_rate=1e-2), progress=False
+    )
     # A learning rate too small to move the weights: the second run's adapter is the first run's.
-    again = train(tiny_run_config(first.output_dir, triage_data, tmp_path / "b", max_steps=1, learning_rate=1e-12),
-                  progress=False)
+    again = train(
+        tiny_run_config(first.output_dir, triage_data, tmp_path / "b", max_steps=1, learning_rate=1e-12), progress=False
+    )
     a = load_file(first.final_dir / "adapter_model.safetensors")
     b = load_file(again.final_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any("lora_B" in k and a[k].abs().max() > 0 for k in a)

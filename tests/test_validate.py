@@ -19,8 +19,9 @@ def write_config(path, cfg: dict):
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuneforge", "validate", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge", "validate", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):
@@ -63,9 +64,19 @@ def test_a_misspelt_key_and_a_bad_row_each_fail_in_seconds_naming_what_to_fix(ti
 def test_a_dpo_config_is_planned_in_pairs(tiny_model_dir, triage_data, tmp_path, capsys):
     rows = [json.loads(line)["messages"] for line in triage_data["train"].read_text().splitlines()]
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": m[:-1], "chosen": [m[-1]],
-                                         "rejected": [{"role": "assistant", "content": "Sure! Let me look."}]}) + "\n"
-                             for m in rows))
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": m[:-1],
+                    "chosen": [m[-1]],
+                    "rejected": [{"role": "assistant", "content": "Sure! Let me look."}],
+                }
+            )
+            + "\n"
+            for m in rows
+        )
+    )
     cfg = tiny_run_config(tiny_model_dir, {"train": pairs, "validation": None}, tmp_path / "run")
     cfg.update(method="dpo", dpo={"beta": 0.1})
     cfg["data"]["validation"] = None

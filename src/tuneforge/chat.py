@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import builtins
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, inference_device, stream
@@ -27,9 +28,17 @@ HELP = """commands:
   /help           this list"""
 
 
-def chat_session(model, tokenizer, *, input: TextIO | None = None, output: TextIO | None = None,
-                 system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0) -> list[dict]:
+def chat_session(
+    model,
+    tokenizer,
+    *,
+    input: TextIO | None = None,
+    output: TextIO | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[dict]:
     """Read turns from `input` (None: the terminal, with line editing) and stream replies to `output`
     until /exit or end of input; returns the conversation as it stands then, system message first."""
     output = output or sys.stdout
@@ -92,11 +101,13 @@ def chat_command(spec: str, *, system: str | None, max_new_tokens: int, temperat
     source = resolve(spec)
     tokenizer = load_tokenizer(source)
     model = load_model(source).to(inference_device()).eval()
-    sys.stdout.write(f"chatting with {source.name}" + (f" (adapter {source.adapter})" if source.adapter else "")
-                     + f"; {'greedy' if temperature == 0 else f'temperature {temperature}'}, "
-                       f"up to {max_new_tokens} tokens a reply. /help for commands.\n")
-    chat_session(model, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_p=top_p)
+    sys.stdout.write(
+        f"chatting with {source.name}"
+        + (f" (adapter {source.adapter})" if source.adapter else "")
+        + f"; {'greedy' if temperature == 0 else f'temperature {temperature}'}, "
+        f"up to {max_new_tokens} tokens a reply. /help for commands.\n"
+    )
+    chat_session(model, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     return 0
 
 
@@ -104,8 +115,14 @@ def _with_system(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
-def _fit(tokenizer, system: str | None, history: list[dict], window: int | None, max_new_tokens: int,
-         note: Callable[[str], None]) -> tuple[list[dict], int]:
+def _fit(
+    tokenizer,
+    system: str | None,
+    history: list[dict],
+    window: int | None,
+    max_new_tokens: int,
+    note: Callable[[str], None],
+) -> tuple[list[dict], int]:
     """The messages to send, oldest exchanges dropped while they and the reply overflow the window,
     and how many tokens the reply may have."""
     while True:

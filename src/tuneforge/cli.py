@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -17,8 +16,12 @@ from rich.markup import escape
 
 from .errors import TuneforgeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune open language models: check data, train, evaluate, export, serve.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune open language models: check data, train, evaluate, export, serve.",
+)
 models_app = typer.Typer(no_args_is_help=True, help="Models that can be had offline: list, pull, inspect.")
 data_app = typer.Typer(no_args_is_help=True, help="Check training data before spending compute on it.")
 app.add_typer(models_app, name="models")
@@ -30,8 +33,8 @@ err = Console(stderr=True)
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config file, or a shipped recipe's name (tuneforge recipes)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.learning_rate=1e-4"),
-    resume: Optional[str] = typer.Option(None, help="'latest' (or just --resume) or a checkpoint folder."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.learning_rate=1e-4"),
+    resume: str | None = typer.Option(None, help="'latest' (or just --resume) or a checkpoint folder."),
     force: bool = typer.Option(False, help="Resume even though the config changed in a way that changes results."),
     nproc: int = typer.Option(1, help="Processes on this machine (launches torchrun)."),
 ):
@@ -59,7 +62,7 @@ def _launch(args: list[str], nproc: int) -> int:
 @app.command()
 def validate(
     config: Path = typer.Argument(..., help="YAML config file, or a shipped recipe's name (tuneforge recipes)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.max_length=512"),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. data.max_length=512"),
 ):
     """Dry run: check config, model and every data row; print the plan. Exit 2 on any problem."""
     from .dry_run import validate as run_validate
@@ -97,8 +100,8 @@ def models_info(
 
 @data_app.command("check")
 def data_check(
-    files: List[Path] = typer.Argument(..., help="Data files (JSONL, JSON, CSV, Parquet)."),
-    model: Optional[str] = typer.Option(None, help="Tokenizer to render with (default: the bundled model)."),
+    files: list[Path] = typer.Argument(..., help="Data files (JSONL, JSON, CSV, Parquet)."),
+    model: str | None = typer.Option(None, help="Tokenizer to render with (default: the bundled model)."),
     show: int = typer.Option(0, help="Print N rendered examples, trained tokens highlighted."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
     format: str = typer.Option("auto", help="auto | chat | alpaca | sharegpt | prompt_completion | text | preference"),
@@ -108,17 +111,26 @@ def data_check(
     """Validate data files and report rows, errors by code and line, lengths, masks, duplicates."""
     from .data.check import check_command
 
-    raise typer.Exit(check_command([str(f) for f in files], model=model, show=show, json_out=json_out,
-                                   format=format, max_length=max_length, train_on=train_on))
+    raise typer.Exit(
+        check_command(
+            [str(f) for f in files],
+            model=model,
+            show=show,
+            json_out=json_out,
+            format=format,
+            max_length=max_length,
+            train_on=train_on,
+        )
+    )
 
 
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Registry name, model folder, run folder or checkpoint."),
     data: Path = typer.Argument(..., help="Chat JSONL whose last assistant message is the reference answer."),
-    compare: Optional[str] = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
+    compare: str | None = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
     metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
-    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N examples."),
+    limit: int | None = typer.Option(None, help="Evaluate only the first N examples."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
     """Loss, perplexity and generation metrics of MODEL on DATA."""
@@ -132,7 +144,7 @@ def export_(
     run: str = typer.Argument(..., help="Run folder, checkpoint folder, or model (registry name, HF folder, .gguf)."),
     format: str = typer.Option(..., "--format", help="adapter | merged | gguf"),
     out: Path = typer.Option(..., help="Folder to write; must not exist or be empty."),
-    dtype: Optional[str] = typer.Option(None, help="merged: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0"),
+    dtype: str | None = typer.Option(None, help="merged: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0"),
     ollama: bool = typer.Option(False, help="Also write an Ollama Modelfile (gguf only)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
 ):
@@ -145,7 +157,7 @@ def export_(
 @app.command()
 def chat(
     model: str = typer.Argument(..., help="Registry name, model folder, run folder, checkpoint or .gguf file."),
-    system: Optional[str] = typer.Option(None, help="System message (change it later with /system TEXT)."),
+    system: str | None = typer.Option(None, help="System message (change it later with /system TEXT)."),
     max_tokens: int = typer.Option(512, min=1, help="Most tokens in one reply."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy: the same answer every time."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling, in (0, 1] (with temperature > 0)."),
@@ -153,18 +165,24 @@ def chat(
     """Chat with MODEL in the terminal, replies streamed; /reset, /system TEXT, /exit."""
     from .chat import chat_command
 
-    raise typer.Exit(chat_command(model, system=system, max_new_tokens=max_tokens, temperature=temperature,
-                                  top_p=top_p))
+    raise typer.Exit(
+        chat_command(model, system=system, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    )
 
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, help="Base model (default: the first adapter's base, else the bundled model)."),
-    adapter: Optional[List[str]] = typer.Option(None, help="NAME=PATH of a LoRA adapter or run folder; repeatable."),
+    model: str | None = typer.Option(
+        None, help="Base model (default: the first adapter's base, else the bundled model)."
+    ),
+    adapter: list[str] | None = typer.Option(None, help="NAME=PATH of a LoRA adapter or run folder; repeatable."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    api_key: Optional[List[str]] = typer.Option(None, envvar="TUNEFORGE_API_KEYS",
-                                                help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated)."),
+    api_key: list[str] | None = typer.Option(
+        None,
+        envvar="TUNEFORGE_API_KEYS",
+        help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated).",
+    ),
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
     max_batch: int = typer.Option(32, min=1, help="Most requests decoded together."),
     max_waiting: int = typer.Option(256, min=1, help="Most requests waiting for a place; beyond it a 429."),
@@ -175,41 +193,74 @@ def serve(
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for a base and its adapters."""
     from .serve.command import serve_command
 
-    raise typer.Exit(serve_command(model, adapter or [], host=host, port=port, api_keys=api_key or [],
-                                   max_adapters=max_adapters, max_batch=max_batch, max_waiting=max_waiting,
-                                   default_max_tokens=max_tokens, max_body_mb=max_body_mb, docs=docs))
+    raise typer.Exit(
+        serve_command(
+            model,
+            adapter or [],
+            host=host,
+            port=port,
+            api_keys=api_key or [],
+            max_adapters=max_adapters,
+            max_batch=max_batch,
+            max_waiting=max_waiting,
+            default_max_tokens=max_tokens,
+            max_body_mb=max_body_mb,
+            docs=docs,
+        )
+    )
 
 
 @app.command()
 def api(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    db: Optional[str] = typer.Option(None, envvar="TUNEFORGE_DB",
-                                     help="Job store URL, e.g. postgresql://user@host/db (default: SQLite under $TUNEFORGE_HOME/jobs)."),
+    db: str | None = typer.Option(
+        None,
+        envvar="TUNEFORGE_DB",
+        help="Job store URL, e.g. postgresql://user@host/db (default: SQLite under $TUNEFORGE_HOME/jobs).",
+    ),
     workers: int = typer.Option(1, min=0, help="Jobs this server trains at once, each in its own process."),
-    api_key: Optional[List[str]] = typer.Option(None, envvar="TUNEFORGE_API_KEYS",
-                                                help="Require this Bearer key; repeatable; each key sees only its own files, jobs and models."),
+    api_key: list[str] | None = typer.Option(
+        None,
+        envvar="TUNEFORGE_API_KEYS",
+        help="Require this Bearer key; repeatable; each key sees only its own files, jobs and models.",
+    ),
     max_upload_mb: int = typer.Option(512, min=1, help="Largest file POST /v1/files accepts, in MiB."),
     max_body_mb: int = typer.Option(4, min=1, help="Largest request body accepted on other routes, in MiB."),
-    allow_model: Optional[List[str]] = typer.Option(
-        None, help="A model clients may fine-tune and query besides the registry's and their own fine-tuned ones "
-                   "(a local folder, .gguf file or hub id, named by clients as written here); repeatable."),
-    max_models: int = typer.Option(2, min=1, help="Base models held in memory for inference; the least recently "
-                                                  "used go beyond it."),
+    allow_model: list[str] | None = typer.Option(
+        None,
+        help="A model clients may fine-tune and query besides the registry's and their own fine-tuned ones "
+        "(a local folder, .gguf file or hub id, named by clients as written here); repeatable.",
+    ),
+    max_models: int = typer.Option(
+        2, min=1, help="Base models held in memory for inference; the least recently used go beyond it."
+    ),
     docs: bool = typer.Option(False, help="Serve /docs and /openapi.json (without a key)."),
 ):
     """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, and inference for the models made."""
     from .jobs.command import api_command
 
-    raise typer.Exit(api_command(host=host, port=port, db=db, workers=workers, api_keys=api_key or [],
-                                 max_upload_mb=max_upload_mb, max_body_mb=max_body_mb, allowed_models=allow_model or [],
-                                 max_models=max_models, docs=docs))
+    raise typer.Exit(
+        api_command(
+            host=host,
+            port=port,
+            db=db,
+            workers=workers,
+            api_keys=api_key or [],
+            max_upload_mb=max_upload_mb,
+            max_body_mb=max_body_mb,
+            allowed_models=allow_model or [],
+            max_models=max_models,
+            docs=docs,
+        )
+    )
 
 
 @app.command()
 def worker(
-    db: str = typer.Option(..., "--store", "--db", envvar="TUNEFORGE_DB",
-                           help="The shared job store, e.g. postgresql://user@host/db."),
+    db: str = typer.Option(
+        ..., "--store", "--db", envvar="TUNEFORGE_DB", help="The shared job store, e.g. postgresql://user@host/db."
+    ),
     workers: int = typer.Option(1, min=1, help="Jobs this machine trains at once, each in its own process."),
 ):
     """Job workers for a `tuneforge api` elsewhere: claim queued jobs from the shared store and train them.
@@ -222,11 +273,14 @@ def worker(
 
 @app.command()
 def quickstart(
-    out: Optional[Path] = typer.Option(None, help="Run folder (default: the recipe's output_dir, runs/quickstart)."),
-    n_train: Optional[int] = typer.Option(None, help="Training tickets (default: the tuned setting)."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the recipe's)."),
-    data_only: bool = typer.Option(False, help="Only write the data (tickets, replay replies) into OUT/data and "
-                                               "print the `tuneforge train` command that trains on it."),
+    out: Path | None = typer.Option(None, help="Run folder (default: the recipe's output_dir, runs/quickstart)."),
+    n_train: int | None = typer.Option(None, help="Training tickets (default: the tuned setting)."),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps (default: the recipe's)."),
+    data_only: bool = typer.Option(
+        False,
+        help="Only write the data (tickets, replay replies) into OUT/data and "
+        "print the `tuneforge train` command that trains on it.",
+    ),
 ):
     """The demo task end to end: pull, generate data, eval base, LoRA fine-tune (recipe quickstart), eval,
     forgetting, report."""
@@ -256,7 +310,9 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name, e.g. quickst
     raise typer.Exit(show_command(name))
 
 
-distill_app = typer.Typer(no_args_is_help=True, help="Distillation: build a smaller student, write a teacher's answers.")
+distill_app = typer.Typer(
+    no_args_is_help=True, help="Distillation: build a smaller student, write a teacher's answers."
+)
 app.add_typer(distill_app, name="distill")
 
 
@@ -264,8 +320,10 @@ app.add_typer(distill_app, name="distill")
 def distill_init(
     teacher: str = typer.Option(..., help="Teacher model: registry name, HF folder, .gguf, run or adapter folder."),
     out: Path = typer.Option(..., help="Folder to write the student to; must not exist."),
-    keep_layers: Optional[str] = typer.Option(None, help="Teacher layers to keep, e.g. 0,6,12,18,24,29."),
-    every: Optional[int] = typer.Option(None, help="Keep every K-th layer (default 2: about half); first and last always."),
+    keep_layers: str | None = typer.Option(None, help="Teacher layers to keep, e.g. 0,6,12,18,24,29."),
+    every: int | None = typer.Option(
+        None, help="Keep every K-th layer (default 2: about half); first and last always."
+    ),
 ):
     """A smaller student from a subset of the teacher's decoder layers (DistilBERT-style); prints parameter counts."""
     from .distill.commands import distill_init as cmd
@@ -280,15 +338,24 @@ def distill_generate(
     out: Path = typer.Option(..., help="Chat JSONL to write; a rerun continues where it stopped."),
     max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
     batch_size: int = typer.Option(16, help="Prompts generated together (and written together)."),
-    limit: Optional[int] = typer.Option(None, help="Stop after the first N prompts; rerun without it to finish."),
+    limit: int | None = typer.Option(None, help="Stop after the first N prompts; rerun without it to finish."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), bf16 or fp32."),
 ):
     """The teacher's answers to PROMPTS as chat data for SFT (sequence-level distillation) or for
     general replay (data.general_replay); resumable."""
     from .distill.commands import distill_generate as cmd
 
-    raise typer.Exit(cmd(teacher, str(prompts), str(out), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         limit=limit, precision=precision))
+    raise typer.Exit(
+        cmd(
+            teacher,
+            str(prompts),
+            str(out),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+            precision=precision,
+        )
+    )
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:

@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,32 +30,48 @@ class LoraConfig(Strict):
     # 0 by default: dropout on the adapter input is a sizeable share of a CPU LoRA step and barely moves
     # the validation loss (docs/LOG.md, "LoRA dropout").
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    from_layer: float = Field(0.0, ge=0, lt=1, description="adapt only the decoder layers from this fraction of the "
-                              "depth up: backpropagation then stops there, so a step costs less")
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    from_layer: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="adapt only the decoder layers from this fraction of the "
+        "depth up: backpropagation then stops there, so a step costs less",
+    )
     use_rslora: bool = False
-    loraplus_lr_ratio: float = Field(1.0, gt=0, description="LoRA+ (Hayou et al., 2024): the B matrices learn at this "
-                                     "multiple of train.learning_rate; 1 is plain LoRA")
+    loraplus_lr_ratio: float = Field(
+        1.0,
+        gt=0,
+        description="LoRA+ (Hayou et al., 2024): the B matrices learn at this "
+        "multiple of train.learning_rate; 1 is plain LoRA",
+    )
     modules_to_save: list[str] | None = None
 
 
 class DataConfig(Strict):
-    train: Union[str, list[str]]
-    validation: Union[str, float, None] = 0.1
+    train: str | list[str]
+    validation: str | float | None = 0.1
     format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference"] = "auto"
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     max_length: int = Field(1024, ge=8)
     truncation: Literal["truncate", "drop"] = "truncate"
     packing: bool = True
-    share_prefixes: bool = Field(True, description="packed rows hold a prefix that examples share (a common system "
-                                 "prompt) once; exact, and used where training attention is per_example")
+    share_prefixes: bool = Field(
+        True,
+        description="packed rows hold a prefix that examples share (a common system "
+        "prompt) once; exact, and used where training attention is per_example",
+    )
     dedup: Literal["none", "exact", "near"] = "exact"
     near_dedup_threshold: float = Field(0.85, gt=0, le=1)
     on_error: Literal["strict", "skip"] = "strict"
-    general_mix: float = Field(0.0, ge=0, le=0.5, description="share of the training set that is general replay data, against forgetting")
+    general_mix: float = Field(
+        0.0, ge=0, le=0.5, description="share of the training set that is general replay data, against forgetting"
+    )
     general_replay: str = Field(
-        "chitchat", description="the replay conversations: chitchat (bundled human chit-chat, MIT) or a chat JSONL "
-        "file, such as a model's own replies to general prompts written by `tuneforge distill generate`")
+        "chitchat",
+        description="the replay conversations: chitchat (bundled human chit-chat, MIT) or a chat JSONL "
+        "file, such as a model's own replies to general prompts written by `tuneforge distill generate`",
+    )
 
     @field_validator("validation")
     @classmethod
@@ -70,9 +86,11 @@ class DataConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: Union[Literal["auto"], int] = "auto"
+    epochs: Literal["auto"] | int = "auto"
     max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1, description="rows (sequences or packed rows) per optimizer step, all ranks together")
+    batch_size: int = Field(
+        8, ge=1, description="rows (sequences or packed rows) per optimizer step, all ranks together"
+    )
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each rank")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -82,25 +100,37 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     attention: Literal["per_example", "model"] = Field(
-        "per_example", description="per_example: each packed example attends to itself alone, computed example by "
-        "example (faster; models with plain causal attention); model: the model's own attention with a block mask")
+        "per_example",
+        description="per_example: each packed example attends to itself alone, computed example by "
+        "example (faster; models with plain causal attention); model: the model's own attention with a block mask",
+    )
     freeze_embeddings: bool = False
-    kl_to_base: float = Field(0.0, ge=0, description="weight of a KL(base || tuned) penalty on trained tokens, against forgetting")
+    kl_to_base: float = Field(
+        0.0, ge=0, description="weight of a KL(base || tuned) penalty on trained tokens, against forgetting"
+    )
     replay_loss: Literal["ce", "kl_to_base"] = Field(
-        "ce", description="how the general replay examples of data.general_mix train: ce = cross-entropy on their "
+        "ce",
+        description="how the general replay examples of data.general_mix train: ce = cross-entropy on their "
         "text; kl_to_base = KL(base || tuned) on their trained tokens, holding the model to the base's own "
-        "distribution there instead of teaching it the replay's style (the base model runs on replay rows only)")
+        "distribution there instead of teaching it the replay's style (the base model runs on replay rows only)",
+    )
     neftune_alpha: float = Field(
-        0.0, ge=0, description="NEFTune: uniform noise of up to alpha / sqrt(L * d) on the input embeddings in training "
-        "forwards (L = the example's length, packed or not; d = hidden size); 5 is the paper's usual value, 0 = off")
+        0.0,
+        ge=0,
+        description="NEFTune: uniform noise of up to alpha / sqrt(L * d) on the input embeddings in training "
+        "forwards (L = the example's length, packed or not; d = hidden size); 5 is the paper's usual value, 0 = off",
+    )
     seed: int = 42
     eval_every: int = Field(50, ge=0, description="0 evaluates only at the end")
     save_every: int = Field(50, ge=0, description="0 saves only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
     distributed_timeout: float = Field(
-        1800, gt=0, description="seconds a process of a multi-process run waits for the others at any collective "
-        "before it stops the run with an error naming its rank and phase")
+        1800,
+        gt=0,
+        description="seconds a process of a multi-process run waits for the others at any collective "
+        "before it stops the run with an error naming its rank and phase",
+    )
 
     @field_validator("epochs")
     @classmethod
@@ -113,9 +143,15 @@ class TrainConfig(Strict):
 class DistillConfig(Strict):
     """`method: distill`: the student learns from the teacher's next-token distributions as well as the labels."""
 
-    teacher: str | None = Field(None, description="the teacher model, named like base_model; required with method: distill")
-    student: Literal["full", "lora"] = Field("lora", description="what of the student trains; lora uses the lora section")
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the cross-entropy on the labels; 1 - alpha weighs the divergence")
+    teacher: str | None = Field(
+        None, description="the teacher model, named like base_model; required with method: distill"
+    )
+    student: Literal["full", "lora"] = Field(
+        "lora", description="what of the student trains; lora uses the lora section"
+    )
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="weight of the cross-entropy on the labels; 1 - alpha weighs the divergence"
+    )
     temperature: float = Field(2.0, gt=0, description="softens both distributions before they are compared")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd only: the teacher's share of the mixture")
@@ -125,19 +161,31 @@ class DPOConfig(Strict):
     """`method: dpo`: preference tuning on (chosen, rejected) pairs against a frozen reference model."""
 
     beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference: higher keeps it closer")
-    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO's logistic loss; ipo: squared distance "
-                                            "of the log-ratio margin to 1 / (2 beta)")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: the share of pairs assumed to be "
-                                   "labelled the wrong way round (conservative DPO)")
-    policy: Literal["full", "lora"] = Field("lora", description="what trains; lora uses the lora section and its "
-                                            "disabled adapter is the reference, full keeps a frozen copy")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO's logistic loss; ipo: squared distance of the log-ratio margin to 1 / (2 beta)",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="sigmoid only: the share of pairs assumed to be labelled the wrong way round (conservative DPO)",
+    )
+    policy: Literal["full", "lora"] = Field(
+        "lora",
+        description="what trains; lora uses the lora section and its "
+        "disabled adapter is the reference, full keeps a frozen copy",
+    )
 
 
 class EvalConfig(Strict):
     """What runs on the final model when training ends (`eval/after_training.py`)."""
 
-    task: str | None = Field(None, description="metric for the base and the final model's answers to the prompts of "
-                             "the data.validation file, side by side: auto, exact, contains, json_fields or support_triage")
+    task: str | None = Field(
+        None,
+        description="metric for the base and the final model's answers to the prompts of "
+        "the data.validation file, side by side: auto, exact, contains, json_fields or support_triage",
+    )
     forgetting: bool = Field(False, description="measure base vs final model on general data no training touches")
 
 
@@ -161,24 +209,40 @@ class Config(Strict):
             )
         if self.method == "distill" and not self.distill.teacher:
             raise ValueError("method: distill needs distill.teacher (a model named like base_model)")
-        sft_only = [key for key, on in (("train.kl_to_base", self.train.kl_to_base),
-                                        ("train.replay_loss: kl_to_base", self.train.replay_loss == "kl_to_base"),
-                                        ("train.neftune_alpha", self.train.neftune_alpha)) if on]
+        sft_only = [
+            key
+            for key, on in (
+                ("train.kl_to_base", self.train.kl_to_base),
+                ("train.replay_loss: kl_to_base", self.train.replay_loss == "kl_to_base"),
+                ("train.neftune_alpha", self.train.neftune_alpha),
+            )
+            if on
+        ]
         if sft_only and self.method in ("distill", "dpo"):
-            raise ValueError(f"method: {self.method} does not take {', '.join(sft_only)}: these shape the SFT "
-                             f"objective of methods full, lora and dora, and {self.method} compares the model with a "
-                             "teacher or reference already; leave them out")
+            raise ValueError(
+                f"method: {self.method} does not take {', '.join(sft_only)}: these shape the SFT "
+                f"objective of methods full, lora and dora, and {self.method} compares the model with a "
+                "teacher or reference already; leave them out"
+            )
         if self.train.replay_loss == "kl_to_base" and not self.data.general_mix:
-            raise ValueError("train.replay_loss: kl_to_base applies to the replay examples that data.general_mix adds; "
-                             "set data.general_mix above 0, or replay_loss to ce")
+            raise ValueError(
+                "train.replay_loss: kl_to_base applies to the replay examples that data.general_mix adds; "
+                "set data.general_mix above 0, or replay_loss to ce"
+            )
         if self.method == "dpo" and self.data.general_mix:
-            raise ValueError("data.general_mix mixes SFT conversations into training, which DPO's pairs cannot "
-                             "hold; set it to 0 with method: dpo")
+            raise ValueError(
+                "data.general_mix mixes SFT conversations into training, which DPO's pairs cannot "
+                "hold; set it to 0 with method: dpo"
+            )
         if self.eval.task and not isinstance(self.data.validation, str):
-            raise ValueError("eval.task scores answers to the prompts of the data.validation file; give "
-                             "data.validation as a file path (a fraction has no file), or leave eval.task out")
+            raise ValueError(
+                "eval.task scores answers to the prompts of the data.validation file; give "
+                "data.validation as a file path (a fraction has no file), or leave eval.task out"
+            )
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
-            raise ValueError("dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0")
+            raise ValueError(
+                "dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0"
+            )
         return self
 
     def results_hash(self) -> str:
@@ -271,7 +335,9 @@ def load_config(source: str | Path | dict | Config, overrides: list[str] = ()) -
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"{path}: no such config file. Write one (see `tuneforge validate --help`) or check the path.")
+            raise ConfigError(
+                f"{path}: no such config file. Write one (see `tuneforge validate --help`) or check the path."
+            )
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:

@@ -54,16 +54,30 @@ def parameter_counts(source, cfg) -> tuple[int, int, object]:
     return total, trainable, config
 
 
-def estimate(n: int, trainable: int, config, cfg, plan, tokens_per_epoch: int, max_row_tokens: int, precision: str) -> dict:
+def estimate(
+    n: int, trainable: int, config, cfg, plan, tokens_per_epoch: int, max_row_tokens: int, precision: str
+) -> dict:
     tokens = tokens_per_epoch * plan.total_steps / plan.steps_per_epoch
     # Forward 2N per token; backward 2N for activation gradients, plus 2 x trainable for weight gradients.
     flops = tokens * (4 * n + 2 * trainable)
     peak = matmul_flops_per_s(torch.bfloat16 if precision == "bf16" else torch.float32)
     seconds = flops / (peak * ASSUMED_UTILISATION)
     micro_tokens = plan.micro_batch_rows * max_row_tokens
-    activations = micro_tokens * config.num_hidden_layers * config.hidden_size * 4 * (4 if cfg.train.gradient_checkpointing else 24)
+    activations = (
+        micro_tokens
+        * config.num_hidden_layers
+        * config.hidden_size
+        * 4
+        * (4 if cfg.train.gradient_checkpointing else 24)
+    )
     memory = n * 4 + trainable * 16 + activations + micro_tokens * config.vocab_size * 4
-    return {"tokens": int(tokens), "train_flops": flops, "matmul_peak_flops": peak, "seconds": seconds, "peak_memory_bytes": memory}
+    return {
+        "tokens": int(tokens),
+        "train_flops": flops,
+        "matmul_peak_flops": peak,
+        "seconds": seconds,
+        "peak_memory_bytes": memory,
+    }
 
 
 def validate(config, overrides: list[str] = ()) -> int:
@@ -80,11 +94,15 @@ def validate(config, overrides: list[str] = ()) -> int:
     if not train_items:
         raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")
     precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = to_rows(train_items, cfg, shares_prefixes(cfg, supports_per_example_attention(hf_config, cfg.data.max_length)))
+    rows = to_rows(
+        train_items, cfg, shares_prefixes(cfg, supports_per_example_attention(hf_config, cfg.data.max_length))
+    )
     plan = make_plan(cfg, len(train_items), len(rows), world_size=1)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
     unshared_tokens = sum(map(len, train_items))
-    est = estimate(n_params, n_trainable, hf_config, cfg, plan, tokens_per_epoch, max(len(r.input_ids) for r in rows), precision)
+    est = estimate(
+        n_params, n_trainable, hf_config, cfg, plan, tokens_per_epoch, max(len(r.input_ids) for r in rows), precision
+    )
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
     console.print(highlight(train_items[0], tokenizer))
@@ -94,24 +112,47 @@ def validate(config, overrides: list[str] = ()) -> int:
     table.add_column(justify="right")
     trained = sum(len(e.labels) - e.labels.count(tfdata.IGNORE_INDEX) for e in train_items)
     at_the_end = ([f"{cfg.eval.task} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []) + (
-        ["forgetting, base vs tuned"] if cfg.eval.forgetting else [])
+        ["forgetting, base vs tuned"] if cfg.eval.forgetting else []
+    )
     for key, value in [
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
         ("method", f"{cfg.method}: {n_trainable:,} trainable parameters"),
-        ("examples" if cfg.method != "dpo" else "pairs", f"{len(train_items):,} train, {len(valid_items):,} validation"),
-        ("general replay", "none" if not cfg.data.general_mix else
-         f"{report['counts'].get('general_mix', 0):,} examples ({cfg.data.general_mix:.0%}) from {cfg.data.general_replay}"),
-        ("rows", f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}"
-                 + (f", shared prefixes: {tokens_per_epoch:,} of {unshared_tokens:,} tokens computed"
-                    if tokens_per_epoch < unshared_tokens else "") + ")"),
+        (
+            "examples" if cfg.method != "dpo" else "pairs",
+            f"{len(train_items):,} train, {len(valid_items):,} validation",
+        ),
+        (
+            "general replay",
+            "none"
+            if not cfg.data.general_mix
+            else f"{report['counts'].get('general_mix', 0):,} examples ({cfg.data.general_mix:.0%}) "
+            f"from {cfg.data.general_replay}",
+        ),
+        (
+            "rows",
+            f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}"
+            + (
+                f", shared prefixes: {tokens_per_epoch:,} of {unshared_tokens:,} tokens computed"
+                if tokens_per_epoch < unshared_tokens
+                else ""
+            )
+            + ")",
+        ),
         ("tokens per epoch", f"{tokens_per_epoch:,} ({trained:,} trained)"),
-        ("epochs", f"{plan.epochs}" + (" (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else "")),
+        (
+            "epochs",
+            f"{plan.epochs}"
+            + (" (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else ""),
+        ),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
         ("batch", f"{cfg.train.batch_size} rows per step = {cfg.train.grad_accum} x {plan.micro_batch_rows}"),
         ("precision", precision),
         ("after training", ", ".join(at_the_end) or "nothing (see eval.task, eval.forgetting)"),
-        ("time (estimate)", f"{est['seconds'] / 60:.1f} min: {est['train_flops']:.2e} FLOP at {ASSUMED_UTILISATION:.0%} of a measured "
-                            f"{est['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"),
+        (
+            "time (estimate)",
+            f"{est['seconds'] / 60:.1f} min: {est['train_flops']:.2e} FLOP at {ASSUMED_UTILISATION:.0%} of a measured "
+            f"{est['matmul_peak_flops'] / 1e9:.0f} GFLOP/s",
+        ),
         ("peak memory (estimate)", f"{est['peak_memory_bytes'] / 2**30:.1f} GiB"),
         ("warnings", str(len(report.get("warnings", [])))),
         ("checked in", f"{time.perf_counter() - started:.1f} s"),

@@ -25,8 +25,8 @@ running batch between steps as well as leave it (continuous batching).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -112,9 +112,19 @@ BATCH_SIZE = 64
 rows, so 64 rows decode nearly twice the tokens a second (docs/LOG.md, "Generation")."""
 
 
-def generate(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: int = BATCH_SIZE, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             stop: Sequence[str] = (), on_progress: Callable[[int], None] | None = None) -> list[Completion]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    on_progress: Callable[[int], None] | None = None,
+) -> list[Completion]:
     """One completion per prompt, in the order given.
 
     Prompts are batched by length (less padding); with greedy decoding a prompt's completion does
@@ -126,7 +136,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: int = B
     generator = sampling.generator(model.device)  # one random stream for all batches
     results: list[Completion | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         decoding = _Decoding(model, tokenizer, [ids[i] for i in chunk], sampling, generator)
         for _ in decoding:
             pass
@@ -144,7 +154,7 @@ class Stream:
     multi-byte character, so the pieces joined always equal `completion.text`.
     """
 
-    def __init__(self, decoding: "_Decoding"):
+    def __init__(self, decoding: _Decoding):
         self._decoding = decoding
         self.completion: Completion | None = None
 
@@ -155,11 +165,21 @@ class Stream:
         self.completion = self._decoding.completions()[0]
 
 
-def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> Stream:
+def stream(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+) -> Stream:
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
-    return Stream(_Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling,
-                            sampling.generator(model.device)))
+    return Stream(
+        _Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling, sampling.generator(model.device))
+    )
 
 
 class Row:
@@ -201,13 +221,14 @@ class Row:
             safe -= max((len(s) for s in stop), default=1) - 1
             while safe > 0 and self.text[safe - 1] == "\ufffd":
                 safe -= 1
-        piece = self.text[self.handed_out:max(safe, self.handed_out)]
+        piece = self.text[self.handed_out : max(safe, self.handed_out)]
         self.handed_out += len(piece)
         return piece
 
     def completion(self) -> Completion:
-        return Completion(self.text, len(self.prompt_ids), len(self.tokens), self.finish_reason or "length",
-                          tuple(self.tokens))
+        return Completion(
+            self.text, len(self.prompt_ids), len(self.tokens), self.finish_reason or "length", tuple(self.tokens)
+        )
 
 
 class Batch:
@@ -247,8 +268,9 @@ class Batch:
         """Whether rows added now start at the next step rather than after the running ones finish."""
         from transformers.cache_utils import DynamicLayer
 
-        return self._cache is None or all(type(layer) is DynamicLayer and layer.is_initialized
-                                          for layer in self._cache.layers)
+        return self._cache is None or all(
+            type(layer) is DynamicLayer and layer.is_initialized for layer in self._cache.layers
+        )
 
     def add(self, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> Row:
         """Queue a prompt; `generator` is its random stream (None: greedy, or torch's global one)."""
@@ -270,8 +292,14 @@ class Batch:
         return produced
 
     def _forward(self, input_ids, attention_mask, positions, cache) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_argument: cache},
+        )
         return out.logits[:, -1].float()
 
     def _decode(self) -> list[tuple[Row, str]]:
@@ -295,7 +323,11 @@ class Batch:
         device = self.model.device
         cache = DynamicCache(config=self.model.config)
         shared = _common_prefix_length([row.prompt_ids for row in rows])
-        if len(rows) < 2 or shared < MIN_SHARED_PREFIX or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        if (
+            len(rows) < 2
+            or shared < MIN_SHARED_PREFIX
+            or any(type(layer) is not DynamicLayer for layer in cache.layers)
+        ):
             shared = 0
         if shared:
             prefix = torch.tensor([rows[0].prompt_ids[:shared]], device=device)
@@ -307,8 +339,8 @@ class Batch:
         mask[:, :shared] = 1
         for line, row in enumerate(rows):
             rest = row.prompt_ids[shared:]
-            input_ids[line, width - len(rest):] = torch.tensor(rest)
-            mask[line, shared + width - len(rest):] = 1
+            input_ids[line, width - len(rest) :] = torch.tensor(rest)
+            mask[line, shared + width - len(rest) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         # Positions count a row's real tokens, so padding does not shift them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
@@ -391,10 +423,12 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class _Decoding:
-    """Decodes a fixed set of prompts together; iterating runs one step at a time and yields, per prompt, the new text."""
+    """Decodes a fixed set of prompts together; iterating runs one step at a time and yields, per prompt,
+    the new text."""
 
-    def __init__(self, model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling,
-                 generator: torch.Generator | None):
+    def __init__(
+        self, model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, generator: torch.Generator | None
+    ):
         self.model = model
         self.batch = Batch(model, tokenizer)
         self.rows = [self.batch.add(ids, sampling, generator) for ids in prompt_ids]

@@ -16,8 +16,9 @@ from .training import TrainResult
 from .training import train as train_only
 
 
-def train(config, overrides=(), *, resume: str | None = None, force: bool = False,
-          progress: bool = True) -> TrainResult:
+def train(
+    config, overrides=(), *, resume: str | None = None, force: bool = False, progress: bool = True
+) -> TrainResult:
     """Fine-tune as `config` (a YAML path, dict or Config) says, then evaluate as its `eval:` asks.
     The evaluation's headline figures join the result's metrics and the run's `summary.json`."""
     cfg = load_config(config, list(overrides))

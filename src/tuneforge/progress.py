@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 LOG_EVERY_S = 20.0
 
@@ -39,14 +46,26 @@ class LogLines:
         rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
         eta = _clock((self.total - done) / rate) if rate > 0 else "?"
         pace = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each" if rate > 0 else "-"
-        self.console.print(f"{self.description} {done}/{self.total} ({done / max(self.total, 1):.0%}){fields} · "
-                           f"{pace} · elapsed {_clock(elapsed)} · eta {eta}", highlight=False, soft_wrap=True)
+        self.console.print(
+            f"{self.description} {done}/{self.total} ({done / max(self.total, 1):.0%}){fields} · "
+            f"{pace} · elapsed {_clock(elapsed)} · eta {eta}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def bar_columns(description: str, *fields: str) -> list:
     """The columns of every tuneforge bar: what, bar, done/total, percent, fields, elapsed, ETA."""
-    return [TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-            *(TextColumn(f) for f in fields), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    return [
+        TextColumn(f"[bold]{description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        *(TextColumn(f) for f in fields),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
 
 
 @contextlib.contextmanager

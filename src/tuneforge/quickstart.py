@@ -56,13 +56,21 @@ class Targets:
     text_loss_rise: float = 0.03  # relative rise of general-text cross-entropy, at most
 
 
-def quickstart_config(data: dict[str, Path], out: Path, *, model: str | None = None, max_steps: int | None = None,
-                      learning_rate: float | None = None, lora_r: int | None = None) -> dict:
+def quickstart_config(
+    data: dict[str, Path],
+    out: Path,
+    *,
+    model: str | None = None,
+    max_steps: int | None = None,
+    learning_rate: float | None = None,
+    lora_r: int | None = None,
+) -> dict:
     """The recipe's config with the data files in `data` (train, validation, replay), the run folder `out`, and
     each override given. A new LoRA rank keeps the recipe's alpha / r."""
     config = load_recipe(RECIPE)
-    config["data"].update(train=str(data["train"]), validation=str(data["validation"]),
-                          general_replay=str(data["replay"]))
+    config["data"].update(
+        train=str(data["train"]), validation=str(data["validation"]), general_replay=str(data["replay"])
+    )
     config["output_dir"] = str(out)
     if model is not None:
         config["base_model"] = model
@@ -96,9 +104,18 @@ class Phases:
         return {title: end - start for title, start, end in zip(self.begun, times, times[1:])}
 
 
-def quickstart(out: str | Path | None = None, *, n_train: int | None = None, max_steps: int | None = None,
-               learning_rate: float | None = None, lora_r: int | None = None, test_subset: int | None = None,
-               model: str | None = None, data_only: bool = False, console: Console | None = None) -> int:
+def quickstart(
+    out: str | Path | None = None,
+    *,
+    n_train: int | None = None,
+    max_steps: int | None = None,
+    learning_rate: float | None = None,
+    lora_r: int | None = None,
+    test_subset: int | None = None,
+    model: str | None = None,
+    data_only: bool = False,
+    console: Console | None = None,
+) -> int:
     """Run the demonstration end to end into `out` (default: the recipe's output_dir); returns 0 when every
     target is met, else 1. With `data_only`, write the data only and say how to train on it.
 
@@ -111,11 +128,12 @@ def quickstart(out: str | Path | None = None, *, n_train: int | None = None, max
     out = Path(out or recipe["output_dir"])
     model = model or recipe["base_model"]
     phases = Phases(console, total=2 if data_only else 6)
-    console.print(f"[bold]tuneforge quickstart[/]: fine-tune {model} on support-ticket triage, on this machine's "
-                  f"CPU, into {out}\n[dim]recipe {RECIPE}; settings: {asdict(settings)}[/]")
+    console.print(
+        f"[bold]tuneforge quickstart[/]: fine-tune {model} on support-ticket triage, on this machine's "
+        f"CPU, into {out}\n[dim]recipe {RECIPE}; settings: {asdict(settings)}[/]"
+    )
     data = prepare_data(model, out, settings, phases)
-    config = quickstart_config(data, out, model=model, max_steps=max_steps, learning_rate=learning_rate,
-                               lora_r=lora_r)
+    config = quickstart_config(data, out, model=model, max_steps=max_steps, learning_rate=learning_rate, lora_r=lora_r)
     if data_only:
         print_train_commands(config, recipe, console)
         return 0
@@ -132,10 +150,13 @@ def prepare_data(model: str, out: Path, settings: Settings, phases: Phases) -> d
         resolve(model)
     phases.begin("data")
     folder = out / "data"
-    data = support_triage.generate(folder, n_train=settings.n_train, n_valid=settings.n_valid,
-                                   n_test=settings.n_test, seed=settings.data_seed)
-    phases.console.print(f"{settings.n_train} train, {settings.n_valid} validation, {settings.n_test} test tickets "
-                         f"in {folder} (test tickets use phrasings training never sees)")
+    data = support_triage.generate(
+        folder, n_train=settings.n_train, n_valid=settings.n_valid, n_test=settings.n_test, seed=settings.data_seed
+    )
+    phases.console.print(
+        f"{settings.n_train} train, {settings.n_valid} validation, {settings.n_test} test tickets "
+        f"in {folder} (test tickets use phrasings training never sees)"
+    )
     data["replay"] = write_self_replay(model, folder, settings.replay_tokens)
     return data
 
@@ -145,9 +166,13 @@ def print_train_commands(config: dict, recipe: dict, console: Console) -> None:
     differs from the recipe become overrides."""
     in_recipe = _dotted(recipe)
     overrides = [f"{key}={value}" for key, value in _dotted(config).items() if in_recipe.get(key) != value]
-    console.print("The data is ready. Train on it with the recipe:\n"
-                  f"  tuneforge recipes show {RECIPE} > {RECIPE}.yaml\n"
-                  f"  tuneforge train {shlex.join([f'{RECIPE}.yaml', *overrides])}", highlight=False, soft_wrap=True)
+    console.print(
+        "The data is ready. Train on it with the recipe:\n"
+        f"  tuneforge recipes show {RECIPE} > {RECIPE}.yaml\n"
+        f"  tuneforge train {shlex.join([f'{RECIPE}.yaml', *overrides])}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _dotted(config: dict, prefix: str = "") -> dict:
@@ -172,8 +197,10 @@ def fine_tune_and_measure(config: dict, data: dict[str, Path], settings: Setting
     evaluation = {"metric": "support_triage", "limit": settings.test_subset, "max_new_tokens": settings.max_new_tokens}
     phases.begin("base model on the test tickets")
     before = evaluate(config["base_model"], data["test"], **evaluation)
-    console.print(f"base: all three fields right on {before['scores']['exact']:.1%} of {before['n']} tickets, "
-                  f"valid JSON {before['scores']['valid_json']:.1%}")
+    console.print(
+        f"base: all three fields right on {before['scores']['exact']:.1%} of {before['n']} tickets, "
+        f"valid JSON {before['scores']['valid_json']:.1%}"
+    )
     phases.begin("fine-tune with LoRA")
     result = train(config)
     if result.status != "completed":
@@ -191,18 +218,24 @@ def report(config: dict, settings: Settings, phases: Phases, measured: Measured)
     console, before, after, forgetting = phases.console, measured.before, measured.after, measured.forgetting
     wall = time.perf_counter() - phases.started
     targets = check_targets(Targets(), wall, before, after, forgetting)
-    facts = {"model": config["base_model"], "wall time": f"{wall / 60:.1f} min ({wall:.0f} s)",
-             **{f"  {title}": f"{seconds:.0f} s" for title, seconds in phases.seconds().items()},
-             "training steps": str(measured.steps), "recipe": RECIPE,
-             "settings": ", ".join(f"{k}={v}" for k, v in asdict(settings).items())}
+    facts = {
+        "model": config["base_model"],
+        "wall time": f"{wall / 60:.1f} min ({wall:.0f} s)",
+        **{f"  {title}": f"{seconds:.0f} s" for title, seconds in phases.seconds().items()},
+        "training steps": str(measured.steps),
+        "recipe": RECIPE,
+        "settings": ", ".join(f"{k}={v}" for k, v in asdict(settings).items()),
+    }
     path = write_run_report(config["output_dir"], before, after, forgetting, targets, facts)
     console.rule("[bold]results")
     print_tables(report_tables(before, after, forgetting, targets, facts), console)
     missed = [t for t in targets if not t["met"]]
     console.print(f"wall time {wall / 60:.1f} min; report: {path}")
     if missed:
-        console.print("[bold red]missed targets:[/] " + "; ".join(
-            f"{t['target']}: {t['measured']}, goal {t['goal']}" for t in missed))
+        console.print(
+            "[bold red]missed targets:[/] "
+            + "; ".join(f"{t['target']}: {t['measured']}, goal {t['goal']}" for t in missed)
+        )
         return 1
     console.print("[bold green]all targets met[/]")
     return 0
@@ -215,19 +248,40 @@ def check_targets(targets: Targets, wall_seconds: float, before: dict, after: di
     # bundled model, for which the set was chosen.
     kept_measured = share_with_interval(kept, questions["n"]) if questions["base_accuracy"] == 1 else f"{kept:.1%}"
     rows = [
-        ("wall time", f"<= {targets.wall_minutes:.0f} min", f"{wall_seconds / 60:.1f} min",
-         wall_seconds <= targets.wall_minutes * 60),
-        ("tuned: all three fields right", f">= {targets.tuned_exact:.0%}",
-         share_with_interval(after["scores"]["exact"], after["n"]), after["scores"]["exact"] >= targets.tuned_exact),
-        ("base: all three fields right", f"<= {targets.base_exact:.0%}",
-         share_with_interval(before["scores"]["exact"], before["n"]), before["scores"]["exact"] <= targets.base_exact),
-        ("general questions kept", f">= {targets.questions_retained:.0%} of base", kept_measured,
-         kept >= targets.questions_retained),
-        ("general text cross-entropy rise", f"<= {targets.text_loss_rise:+.0%}", f"{text['change']:+.2%}",
-         text["change"] <= targets.text_loss_rise),
+        (
+            "wall time",
+            f"<= {targets.wall_minutes:.0f} min",
+            f"{wall_seconds / 60:.1f} min",
+            wall_seconds <= targets.wall_minutes * 60,
+        ),
+        (
+            "tuned: all three fields right",
+            f">= {targets.tuned_exact:.0%}",
+            share_with_interval(after["scores"]["exact"], after["n"]),
+            after["scores"]["exact"] >= targets.tuned_exact,
+        ),
+        (
+            "base: all three fields right",
+            f"<= {targets.base_exact:.0%}",
+            share_with_interval(before["scores"]["exact"], before["n"]),
+            before["scores"]["exact"] <= targets.base_exact,
+        ),
+        (
+            "general questions kept",
+            f">= {targets.questions_retained:.0%} of base",
+            kept_measured,
+            kept >= targets.questions_retained,
+        ),
+        (
+            "general text cross-entropy rise",
+            f"<= {targets.text_loss_rise:+.0%}",
+            f"{text['change']:+.2%}",
+            text["change"] <= targets.text_loss_rise,
+        ),
     ]
-    return [{"target": name, "goal": goal, "measured": measured, "met": bool(met)}
-            for name, goal, measured, met in rows]
+    return [
+        {"target": name, "goal": goal, "measured": measured, "met": bool(met)} for name, goal, measured, met in rows
+    ]
 
 
 def write_self_replay(model: str, folder: Path, max_new_tokens: int) -> Path:
@@ -235,13 +289,24 @@ def write_self_replay(model: str, folder: Path, max_new_tokens: int) -> Path:
     `data.general_replay` (written once; a rerun finds it complete)."""
     from .distill.teacher_data import generate_teacher_data
 
-    answers = generate_teacher_data(model, bundled_file("replay_prompts"), folder / "replay-answers.jsonl",
-                                    max_new_tokens=max_new_tokens, batch_size=64, precision="fp32")
-    rows = [row for row in answers.out.read_text(encoding="utf-8").splitlines()
-            if json.loads(row)["messages"][-1]["content"].strip()]  # an empty answer has nothing to replay
+    answers = generate_teacher_data(
+        model,
+        bundled_file("replay_prompts"),
+        folder / "replay-answers.jsonl",
+        max_new_tokens=max_new_tokens,
+        batch_size=64,
+        precision="fp32",
+    )
+    rows = [
+        row
+        for row in answers.out.read_text(encoding="utf-8").splitlines()
+        if json.loads(row)["messages"][-1]["content"].strip()
+    ]  # an empty answer has nothing to replay
     if not rows:
-        raise RunFailed(f"{model} answered none of the {answers.prompts} general prompts with any text, so there is "
-                        f"nothing to replay against forgetting (see {answers.out}). Is it a chat model?")
+        raise RunFailed(
+            f"{model} answered none of the {answers.prompts} general prompts with any text, so there is "
+            f"nothing to replay against forgetting (see {answers.out}). Is it a chat model?"
+        )
     replay = folder / "replay.jsonl"
     with atomic_file(replay) as f:
         f.write("".join(row + "\n" for row in rows))

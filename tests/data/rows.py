@@ -7,13 +7,19 @@ from pathlib import Path
 
 from tuneforge.data import IGNORE_INDEX, Example
 
-GOOD_ROW = {"messages": [{"role": "user", "content": "What is two plus two?"},
-                         {"role": "assistant", "content": "The answer is four."}]}
+GOOD_ROW = {
+    "messages": [
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "The answer is four."},
+    ]
+}
 
 
 def chat(user: str, assistant: str, system: str | None = None, **extra) -> dict:
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": assistant},
+    ]
     return {"messages": messages, **extra}
 
 
@@ -43,18 +49,39 @@ def trained_runs(example: Example, tokenizer) -> list[str]:
 _GOOD = json.dumps(GOOD_ROW).encode()
 BAD_INPUTS = {
     "invalid_json": ("bad.jsonl", _GOOD + b'\n{"messages": [{"role": "user"\n', "invalid_json", 2),
-    "invalid_utf8": ("bad.jsonl", _GOOD + b"\n" + _GOOD.replace(b"two plus", b"tw\xff plus") + b"\n",
-                     "invalid_utf8", 2),
+    "invalid_utf8": (
+        "bad.jsonl",
+        _GOOD + b"\n" + _GOOD.replace(b"two plus", b"tw\xff plus") + b"\n",
+        "invalid_utf8",
+        2,
+    ),
     "empty_file": ("empty.jsonl", b"", "empty_file", None),
-    "content_number": ("bad.jsonl", _GOOD + b'\n{"messages": [{"role": "user", "content": 42}, '
-                       b'{"role": "assistant", "content": "hi"}]}\n', "data_type", 2),
+    "content_number": (
+        "bad.jsonl",
+        _GOOD + b'\n{"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "hi"}]}\n',
+        "data_type",
+        2,
+    ),
     "messages_string": ("bad.jsonl", b'{"messages": "hello"}\n' + _GOOD + b"\n", "missing_messages_list", 1),
-    "unknown_role": ("bad.jsonl", _GOOD + b"\n" + _GOOD + b'\n{"messages": [{"role": "human", "content": "hi"}, '
-                     b'{"role": "assistant", "content": "hello"}]}\n', "unrecognized_role", 3),
-    "no_assistant": ("bad.jsonl", _GOOD + b'\n{"messages": [{"role": "user", "content": "hi"}]}\n',
-                     "example_missing_assistant_message", 2),
-    "huge_line": ("bad.jsonl", _GOOD + b'\n{"messages": [{"role": "user", "content": "' + b"x" * 10_000_000
-                  + b'"}]}\n' + _GOOD + b"\n", "row_too_large", 2),
+    "unknown_role": (
+        "bad.jsonl",
+        _GOOD + b"\n" + _GOOD + b'\n{"messages": [{"role": "human", "content": "hi"}, '
+        b'{"role": "assistant", "content": "hello"}]}\n',
+        "unrecognized_role",
+        3,
+    ),
+    "no_assistant": (
+        "bad.jsonl",
+        _GOOD + b'\n{"messages": [{"role": "user", "content": "hi"}]}\n',
+        "example_missing_assistant_message",
+        2,
+    ),
+    "huge_line": (
+        "bad.jsonl",
+        _GOOD + b'\n{"messages": [{"role": "user", "content": "' + b"x" * 10_000_000 + b'"}]}\n' + _GOOD + b"\n",
+        "row_too_large",
+        2,
+    ),
     "mixed_formats": ("bad.jsonl", _GOOD + b'\n{"instruction": "Say hi", "output": "hi"}\n', "mixed_formats", 2),
     "csv_missing_column": ("bad.csv", b"instruction,input\nSay hi,now\n", "missing_column", 1),
 }

@@ -30,8 +30,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything about a tokenizer that changes its tokens or its chat rendering."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    parts = [vocab, json.dumps(tokenizer.chat_template, sort_keys=True),
-             *(str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token"))]
+    parts = [
+        vocab,
+        json.dumps(tokenizer.chat_template, sort_keys=True),
+        *(str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token")),
+    ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
@@ -41,7 +44,9 @@ def cache_key(cfg: DataConfig, tokenizer, replay_file: Path | None = None) -> st
     files = cfg.train_files + ([cfg.validation] if isinstance(cfg.validation, str) else [])
     files += [replay_file] if replay_file is not None else []
     h = hashlib.sha256()
-    settings = cfg.model_dump(exclude={"train", "validation", "packing", "share_prefixes"})  # packing comes after the cache
+    settings = cfg.model_dump(
+        exclude={"train", "validation", "packing", "share_prefixes"}
+    )  # packing comes after the cache
     settings["validation"] = cfg.validation if not isinstance(cfg.validation, str) else "file"
     h.update(json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True).encode())
     for path in files:
@@ -80,9 +85,11 @@ def _write_examples(path: Path, examples: list[Example], second: list[Example] |
     import pyarrow.parquet as pq
 
     tokens = pa.list_(pa.int32())
-    columns = {"input_ids": pa.array([e.input_ids for e in examples], tokens),
-               "labels": pa.array([e.labels for e in examples], tokens),
-               "is_replay": pa.array([e.is_replay for e in examples], pa.bool_())}
+    columns = {
+        "input_ids": pa.array([e.input_ids for e in examples], tokens),
+        "labels": pa.array([e.labels for e in examples], tokens),
+        "is_replay": pa.array([e.is_replay for e in examples], pa.bool_()),
+    }
     if second is not None:  # the rejected half of preference pairs
         columns["rejected_input_ids"] = pa.array([e.input_ids for e in second], tokens)
         columns["rejected_labels"] = pa.array([e.labels for e in second], tokens)
@@ -98,11 +105,15 @@ def _read_columns(path: Path) -> dict[str, list]:
 
 def _read_examples(path: Path) -> list[Example]:
     columns = _read_columns(path)
-    return [Example(ids, labels, is_replay) for ids, labels, is_replay in
-            zip(columns["input_ids"], columns["labels"], columns["is_replay"])]
+    return [
+        Example(ids, labels, is_replay)
+        for ids, labels, is_replay in zip(columns["input_ids"], columns["labels"], columns["is_replay"])
+    ]
 
 
 def _read_pairs(path: Path) -> list[tuple[Example, Example]]:
     c = _read_columns(path)
-    return [(Example(a, b), Example(x, y)) for a, b, x, y in
-            zip(c["input_ids"], c["labels"], c["rejected_input_ids"], c["rejected_labels"])]
+    return [
+        (Example(a, b), Example(x, y))
+        for a, b, x, y in zip(c["input_ids"], c["labels"], c["rejected_input_ids"], c["rejected_labels"])
+    ]

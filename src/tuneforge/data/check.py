@@ -28,14 +28,28 @@ MASKED_STYLE = "dim"
 _LISTED_ERRORS = 20
 
 
-def check_command(files: list[str], model: str | None = None, show: int = 0, json_out: bool = False,
-                  format: str = "auto", max_length: int = 1024, train_on: str = "assistant") -> int:
+def check_command(
+    files: list[str],
+    model: str | None = None,
+    show: int = 0,
+    json_out: bool = False,
+    format: str = "auto",
+    max_length: int = 1024,
+    train_on: str = "assistant",
+) -> int:
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
     console = Console(highlight=False, soft_wrap=True)
     errors_console = Console(highlight=False, soft_wrap=True, stderr=True)
     try:
-        cfg = DataConfig(train=list(files), validation=None, format=format, max_length=max_length,
-                         train_on=train_on, dedup="exact", on_error="skip")
+        cfg = DataConfig(
+            train=list(files),
+            validation=None,
+            format=format,
+            max_length=max_length,
+            train_on=train_on,
+            dedup="exact",
+            on_error="skip",
+        )
         tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
     except TuneforgeError as e:
         errors_console.print(f"[red]error:[/red] {escape(e.message)}")
@@ -72,16 +86,25 @@ def print_summary(console: Console, report: dict, model: str) -> None:
     table.add_column()
     length = tokens["length"]
     rows = [
-        ("rows", f"{counts['read']} read, {counts['valid']} valid, {counts['rejected']} rejected"
-                 + (f", {counts['blank_lines']} blank lines skipped" if counts["blank_lines"] else "")),
+        (
+            "rows",
+            f"{counts['read']} read, {counts['valid']} valid, {counts['rejected']} rejected"
+            + (f", {counts['blank_lines']} blank lines skipped" if counts["blank_lines"] else ""),
+        ),
         ("examples", f"{counts['train']}" + (f" (+{counts['validation']} validation)" if counts["validation"] else "")),
         ("tokens per row", f"p50 {length['p50']}, p90 {length['p90']}, p99 {length['p99']}, max {length['max']}"),
         ("trained tokens", f"{tokens['trained']} of {tokens['total']} ({tokens['trained_share']:.1%})"),
-        ("over max_length", f"{tokens['over_max_length']} rows over {tokens['max_length']} "
-                            f"({counts['truncated']} truncated, {counts['dropped_too_long']} dropped)"),
+        (
+            "over max_length",
+            f"{tokens['over_max_length']} rows over {tokens['max_length']} "
+            f"({counts['truncated']} truncated, {counts['dropped_too_long']} dropped)",
+        ),
         ("duplicates", f"{counts['duplicates_exact']} exact removed"),
-        ("validation leak", f"{counts['shared_between_files']} rows appear in more than one file"
-                            + (" (a leak if one of them is for validation)" if counts["shared_between_files"] else "")),
+        (
+            "validation leak",
+            f"{counts['shared_between_files']} rows appear in more than one file"
+            + (" (a leak if one of them is for validation)" if counts["shared_between_files"] else ""),
+        ),
     ]
     for name, value in rows:
         table.add_row(name, escape(value))
@@ -107,8 +130,9 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         console.print(f"... and {report['errors_total'] - _LISTED_ERRORS} more (use --json for all of them)")
 
 
-def show_examples(console: Console, files: list[str], tokenizer, count: int, *, format: str = "auto",
-                  train_on: str = "assistant") -> None:
+def show_examples(
+    console: Console, files: list[str], tokenizer, count: int, *, format: str = "auto", train_on: str = "assistant"
+) -> None:
     """Print the first `count` good rows as the model will see them, trained tokens highlighted."""
     console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
     for path, line, example in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):

@@ -36,8 +36,13 @@ def content_text(record: Record) -> str:
     if isinstance(record, Document):
         return normalise_text(record.text)
     if isinstance(record, Preference):
-        return "".join(map(_message_text, record.prompt)) + "<chosen>" + _message_text(record.chosen) + \
-            "<rejected>" + _message_text(record.rejected)
+        return (
+            "".join(map(_message_text, record.prompt))
+            + "<chosen>"
+            + _message_text(record.chosen)
+            + "<rejected>"
+            + _message_text(record.rejected)
+        )
     return "".join(map(_message_text, record.messages))
 
 
@@ -80,8 +85,9 @@ class DuplicateIndex:
             return None
         words = _said_text(record).split()
         shingles = {" ".join(words[i : i + _SHINGLE_WORDS]) for i in range(max(1, len(words) - _SHINGLE_WORDS + 1))}
-        minhash = self._minhash(num_perm=NUM_PERM, seed=1, permutations=self._template.permutations,
-                                scheme=self._template.scheme)
+        minhash = self._minhash(
+            num_perm=NUM_PERM, seed=1, permutations=self._template.permutations, scheme=self._template.scheme
+        )
         minhash.update_batch([s.encode("utf-8", "surrogatepass") for s in shingles])
         return minhash
 
@@ -92,8 +98,9 @@ class DuplicateIndex:
         if signature is None:
             return None
         values = signature.hashvalues
-        similar = [row for row in self._lsh.query(signature)
-                   if np.mean(self._signatures[row] == values) >= self.near_threshold]
+        similar = [
+            row for row in self._lsh.query(signature) if np.mean(self._signatures[row] == values) >= self.near_threshold
+        ]
         return ("near", min(similar)) if similar else None
 
     def add(self, row_id: int, key: int, signature=None) -> None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .readers import open_rows
 from .schema import ROLES, Conversation, Document, Message, Preference, Problem, Record
@@ -29,8 +30,15 @@ FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preferenc
 _MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id")
 _SHAREGPT_KEYS = ("from", "value", "weight")
 _SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "chatgpt": "assistant", "tool": "tool", "observation": "tool", "function_response": "tool",
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function_response": "tool",
 }
 _SHAPES = (
     'chat {"messages": [{"role": ..., "content": ...}]}; alpaca {"instruction", "output"}; '
@@ -104,20 +112,27 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
             continue
         check = _RowCheck(rows.path, line)
         if not isinstance(row, dict):
-            check.error("data_type", None,
-                        f"each row must be a JSON object, got {_json_type(row)}. Accepted shapes: {_SHAPES}.")
+            check.error(
+                "data_type", None, f"each row must be a JSON object, got {_json_type(row)}. Accepted shapes: {_SHAPES}."
+            )
             yield from ((line, p) for p in check.problems)
             continue
         row_format = fixed or detect_format(row)
         if row_format is None:
-            check.error("unknown_format", None, f"no known format has the keys {sorted(row)}{_closest_key(row)}. "
-                        f"Accepted shapes: {_SHAPES}.")
+            check.error(
+                "unknown_format",
+                None,
+                f"no known format has the keys {sorted(row)}{_closest_key(row)}. Accepted shapes: {_SHAPES}.",
+            )
         elif first is None:
             first = (row_format, line)
         elif row_format != first[0]:
-            check.error("mixed_formats", None,
-                        f"this row is {row_format} data but the file's first row (line {first[1]}) is {first[0]}. "
-                        "Keep one format per file, or set data.format to read every row as one format.")
+            check.error(
+                "mixed_formats",
+                None,
+                f"this row is {row_format} data but the file's first row (line {first[1]}) is {first[0]}. "
+                "Keep one format per file, or set data.format to read every row as one format.",
+            )
         if check.problems:
             yield from ((line, p) for p in check.problems)
             continue
@@ -129,8 +144,9 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
             yield line, record
 
 
-def normalise_messages(messages: Any, *, file: str = "",
-                       line: int | None = None) -> tuple[list[Message] | None, list[Problem]]:
+def normalise_messages(
+    messages: Any, *, file: str = "", line: int | None = None
+) -> tuple[list[Message] | None, list[Problem]]:
     """Check a list of OpenAI-style message dicts (as used outside files, e.g. by evaluation)."""
     check = _RowCheck(file, line)
     return check.messages(messages, "messages"), check.problems
@@ -138,8 +154,12 @@ def normalise_messages(messages: Any, *, file: str = "",
 
 def _check_columns(path: str, columns: list[str], fmt: str | None) -> Problem | None:
     if fmt is None:
-        return Problem("unknown_format", f"no known format has the columns {columns}. Accepted shapes: {_SHAPES}.",
-                       file=path, line=1)
+        return Problem(
+            "unknown_format",
+            f"no known format has the columns {columns}. Accepted shapes: {_SHAPES}.",
+            file=path,
+            line=1,
+        )
     options = _REQUIRED_COLUMNS[fmt]
     if any(all(c in columns for c in needed) for needed in options):
         return None
@@ -149,7 +169,9 @@ def _check_columns(path: str, columns: list[str], fmt: str | None) -> Problem | 
         "missing_column",
         f"the header has columns {columns} but {fmt} data needs {list(needed)}. "
         f"Add the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} (or rename one that holds it).",
-        file=path, line=1, field=missing[0],
+        file=path,
+        line=1,
+        field=missing[0],
     )
 
 
@@ -159,8 +181,21 @@ def _json_type(value: Any) -> str:
 
 
 def _closest_key(keys: Iterable[str], known: Iterable[str] | None = None) -> str:
-    known = list(known or ("messages", "conversations", "instruction", "output", "prompt", "completion", "text",
-                           "chosen", "rejected", "preferred_output"))
+    known = list(
+        known
+        or (
+            "messages",
+            "conversations",
+            "instruction",
+            "output",
+            "prompt",
+            "completion",
+            "text",
+            "chosen",
+            "rejected",
+            "preferred_output",
+        )
+    )
     for key in keys:
         close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.7)
         if close:
@@ -192,8 +227,12 @@ class _RowCheck:
                 try:
                     row[key] = json.loads(cell)
                 except json.JSONDecodeError as e:
-                    self.error("invalid_json", key, f"the cell must hold JSON ({e.msg} at character {e.pos + 1}). "
-                               'Quote the cell and double its inner quotes ("").')
+                    self.error(
+                        "invalid_json",
+                        key,
+                        f"the cell must hold JSON ({e.msg} at character {e.pos + 1}). "
+                        'Quote the cell and double its inner quotes ("").',
+                    )
         return row
 
     def text(self, row: dict, key: str, *, required: bool = True) -> str | None:
@@ -214,8 +253,9 @@ class _RowCheck:
     def tools(self, row: dict) -> list[dict] | None:
         value = row.get("tools")
         if value is not None and not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
-            self.error("data_type", "tools",
-                       f"'tools' must be a list of tool definitions (objects), got {_json_type(value)}.")
+            self.error(
+                "data_type", "tools", f"'tools' must be a list of tool definitions (objects), got {_json_type(value)}."
+            )
             return None
         return value
 
@@ -230,8 +270,11 @@ class _RowCheck:
             self.error("missing_messages_list", field, f"'{field}' {what}: give it a list of messages like {example}.")
             return None
         if not isinstance(value, list):
-            self.error("missing_messages_list", field,
-                       f"'{field}' must be a list of messages like {example}, got {_json_type(value)}.")
+            self.error(
+                "missing_messages_list",
+                field,
+                f"'{field}' must be a list of messages like {example}, got {_json_type(value)}.",
+            )
             return None
         errors_before = self.errors
         out = []
@@ -242,9 +285,12 @@ class _RowCheck:
                 continue
             for key, key_value in raw.items():
                 if key not in allowed and key_value is not None:  # Parquet gives every row every struct field
-                    self.error("message_unrecognized_key", f"{at}.{key}",
-                               f"unknown message key '{key}'{_closest_key([key], allowed)}. A message may have "
-                               f"{', '.join(allowed)}; remove or rename this key.")
+                    self.error(
+                        "message_unrecognized_key",
+                        f"{at}.{key}",
+                        f"unknown message key '{key}'{_closest_key([key], allowed)}. A message may have "
+                        f"{', '.join(allowed)}; remove or rename this key.",
+                    )
             role = self._role(raw, at, role_key, sharegpt)
             tool_calls = self._tool_calls(raw, at, role)
             content = self._content(raw, at, content_key, role, tool_calls)
@@ -252,21 +298,28 @@ class _RowCheck:
             name = self._optional_string(raw, at, "name") if "name" in raw else None
             tool_call_id = self._optional_string(raw, at, "tool_call_id") if "tool_call_id" in raw else None
             if role is not None and content is not None:
-                out.append(Message(role, content, weight=weight, name=name, tool_calls=tool_calls,
-                                   tool_call_id=tool_call_id))
+                out.append(
+                    Message(role, content, weight=weight, name=name, tool_calls=tool_calls, tool_call_id=tool_call_id)
+                )
         return out if self.errors == errors_before else None
 
     def _role(self, raw: dict, at: str, role_key: str, sharegpt: bool) -> str | None:
         if role_key not in raw:
-            self.error("message_missing_key", f"{at}.{role_key}", f"the message has no '{role_key}': add one of "
-                       f"{', '.join(_SHAREGPT_ROLES if sharegpt else ROLES)}.")
+            self.error(
+                "message_missing_key",
+                f"{at}.{role_key}",
+                f"the message has no '{role_key}': add one of {', '.join(_SHAREGPT_ROLES if sharegpt else ROLES)}.",
+            )
             return None
         role = raw[role_key]
         mapped = _SHAREGPT_ROLES.get(role) if sharegpt else role
         if mapped not in ROLES:
             hint = f" (ShareGPT's '{role}' is '{_SHAREGPT_ROLES[role]}' here)" if role in _SHAREGPT_ROLES else ""
-            self.error("unrecognized_role", f"{at}.{role_key}",
-                       f"role {role!r} is not one of {', '.join(_SHAREGPT_ROLES if sharegpt else ROLES)}{hint}.")
+            self.error(
+                "unrecognized_role",
+                f"{at}.{role_key}",
+                f"role {role!r} is not one of {', '.join(_SHAREGPT_ROLES if sharegpt else ROLES)}{hint}.",
+            )
             return None
         return mapped
 
@@ -275,8 +328,11 @@ class _RowCheck:
         if isinstance(value, list):  # OpenAI content parts: only text parts can be trained on here
             texts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
             if len(texts) != len(value) or not all(isinstance(t, str) for t in texts):
-                self.error("unsupported_content", f"{at}.{key}",
-                           'only text content parts ({"type": "text", "text": ...}) are supported; remove the others.')
+                self.error(
+                    "unsupported_content",
+                    f"{at}.{key}",
+                    'only text content parts ({"type": "text", "text": ...}) are supported; remove the others.',
+                )
                 return None
             value = "".join(texts)
         if value is None and role == "assistant" and tool_calls:
@@ -285,8 +341,11 @@ class _RowCheck:
             self.error("missing_content", f"{at}.{key}", f"the message has no '{key}': give it text.")
             return None
         if not isinstance(value, str):
-            self.error("data_type", f"{at}.{key}", f"'{key}' must be a string, got {_json_type(value)}: "
-                       f"write it as text (quote it).")
+            self.error(
+                "data_type",
+                f"{at}.{key}",
+                f"'{key}' must be a string, got {_json_type(value)}: write it as text (quote it).",
+            )
             return None
         if not value.strip() and not tool_calls:
             self.error("missing_content", f"{at}.{key}", f"'{key}' is empty: give the message text, or remove it.")
@@ -314,9 +373,12 @@ class _RowCheck:
             for c in calls
         )
         if not well_formed:
-            self.error("data_type", f"{at}.tool_calls",
-                       'tool_calls must be a list like [{"id": ..., "type": "function", "function": {"name": ..., '
-                       '"arguments": ...}}].')
+            self.error(
+                "data_type",
+                f"{at}.tool_calls",
+                'tool_calls must be a list like [{"id": ..., "type": "function", "function": {"name": ..., '
+                '"arguments": ...}}].',
+            )
             return None
         if role != "assistant":
             self.error("data_type", f"{at}.tool_calls", "only assistant messages make tool calls; remove them here.")
@@ -332,8 +394,11 @@ class _RowCheck:
 
     def require_assistant(self, messages: list[Message] | None, field: str) -> None:
         if messages is not None and not any(m.role == "assistant" for m in messages):
-            self.error("example_missing_assistant_message", field,
-                       "no assistant message: add the reply the model should learn to give.")
+            self.error(
+                "example_missing_assistant_message",
+                field,
+                "no assistant message: add the reply the model should learn to give.",
+            )
 
 
 # --- one normaliser per format -------------------------------------------------------------------
@@ -396,21 +461,29 @@ def _preference(row: dict, check: _RowCheck) -> Preference | None:
     if prompt is None or chosen is None or rejected is None:
         return None
     if chosen.to_template() == rejected.to_template():
-        check.warn("identical_preference", None, "the chosen and rejected replies are the same, so the pair "
-                   "teaches nothing; fix or remove it.")
+        check.warn(
+            "identical_preference",
+            None,
+            "the chosen and rejected replies are the same, so the pair teaches nothing; fix or remove it.",
+        )
     return Preference(prompt, chosen, rejected, tools=tools)
 
 
 def _openai_preference(row: dict, check: _RowCheck):
     source = row.get("input")
     if not isinstance(source, dict):
-        check.error("data_type", "input", f"'input' must be an object like {{\"messages\": [...]}}, got "
-                    f"{_json_type(source) if source is not None else 'nothing'}.")
+        check.error(
+            "data_type",
+            "input",
+            f"'input' must be an object like {{\"messages\": [...]}}, got "
+            f"{_json_type(source) if source is not None else 'nothing'}.",
+        )
         prompt, tools = None, None
     else:
         prompt, tools = check.messages(source.get("messages"), "input.messages"), check.tools(source)
-    chosen, rejected = (_single_reply(check, check.messages(row.get(k), k), k)
-                        for k in ("preferred_output", "non_preferred_output"))
+    chosen, rejected = (
+        _single_reply(check, check.messages(row.get(k), k), k) for k in ("preferred_output", "non_preferred_output")
+    )
     return prompt, chosen, rejected, tools
 
 
@@ -425,8 +498,12 @@ def _trl_preference(row: dict, check: _RowCheck):
         return None, None, None
     shared = [m.to_template() for m in chosen_turns[:-1]] == [m.to_template() for m in rejected_turns[:-1]]
     if not shared or len(chosen_turns) < 2:
-        check.error("invalid_preference", "chosen", "without a 'prompt', chosen and rejected must be conversations "
-                    "that share every message but the last; add a 'prompt' field or fix the messages.")
+        check.error(
+            "invalid_preference",
+            "chosen",
+            "without a 'prompt', chosen and rejected must be conversations "
+            "that share every message but the last; add a 'prompt' field or fix the messages.",
+        )
         return None, None, None
     chosen = _single_reply(check, chosen_turns[-1:], "chosen")
     return chosen_turns[:-1], chosen, _single_reply(check, rejected_turns[-1:], "rejected")
@@ -436,8 +513,12 @@ def _single_reply(check: _RowCheck, messages: list[Message] | None, field: str) 
     if messages is None:
         return None
     if len(messages) != 1 or messages[0].role != "assistant":
-        check.error("invalid_preference", field, f"'{field}' must be exactly one assistant message "
-                    f"(got {len(messages)} message(s), roles {[m.role for m in messages]}).")
+        check.error(
+            "invalid_preference",
+            field,
+            f"'{field}' must be exactly one assistant message "
+            f"(got {len(messages)} message(s), roles {[m.role for m in messages]}).",
+        )
         return None
     return messages[0]
 

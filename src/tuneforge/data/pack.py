@@ -15,8 +15,8 @@ example learns to predict the first token of the next one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -54,8 +54,10 @@ def pack(examples: Sequence[Example | PackedRow], max_length: int, *, share_pref
     """
     too_long = next((e for e in examples if len(e) > max_length), None)
     if too_long is not None:
-        raise ValueError(f"an example of {len(too_long)} tokens does not fit in rows of {max_length}; "
-                         "truncate examples to max_length before packing")
+        raise ValueError(
+            f"an example of {len(too_long)} tokens does not fit in rows of {max_length}; "
+            "truncate examples to max_length before packing"
+        )
     groups = [[e for e in examples if not e.is_replay], [e for e in examples if e.is_replay]]
     return [row for group in groups if group for row in _pack_group(group, max_length, share_prefixes)]
 
@@ -68,10 +70,14 @@ def _pack_group(examples: Sequence[Example | PackedRow], max_length: int, share_
         p = len(prefix)
         for row in best_fit([len(examples[i]) - p for i in members], max_length - p):
             rest = [examples[members[j]] for j in row]
-            pieces.append(PackedRow(prefix + [t for e in rest for t in e.input_ids[p:]],
-                                    [IGNORE_INDEX] * p + [t for e in rest for t in e.labels[p:]],
-                                    list(range(p)) + [t for e in rest for t in range(p, len(e))],
-                                    is_replay=all(e.is_replay for e in rest)))
+            pieces.append(
+                PackedRow(
+                    prefix + [t for e in rest for t in e.input_ids[p:]],
+                    [IGNORE_INDEX] * p + [t for e in rest for t in e.labels[p:]],
+                    list(range(p)) + [t for e in rest for t in range(p, len(e))],
+                    is_replay=all(e.is_replay for e in rest),
+                )
+            )
     # Each group leaves a part-filled last piece: pieces of different groups share rows, each
     # piece's first example starting again at position 0.
     return [join([pieces[i] for i in row]) for row in best_fit([len(r) for r in pieces], max_length)]
@@ -95,7 +101,7 @@ def shared_prefix_groups(examples: Sequence[Example]) -> list[tuple[list[int], l
     heads = []
     for e in examples:
         trained = next((t for t, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e))
-        heads.append(e.input_ids[:min(trained, len(e) - 1)])
+        heads.append(e.input_ids[: min(trained, len(e) - 1)])
     order = sorted(range(len(examples)), key=lambda i: heads[i])  # equal beginnings end up side by side
     groups: list[tuple[list[int], list[int]]] = []
     loners: list[int] = []
@@ -163,7 +169,9 @@ def join(examples: Sequence[Example | PackedRow]) -> PackedRow:
     return PackedRow(input_ids, labels, position_ids, is_replay=all(e.is_replay for e in examples))
 
 
-def collate(rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+def collate(
+    rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8
+) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids, and
     where a row holds replay, `is_replay` (a bool per row).
 

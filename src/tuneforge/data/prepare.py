@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from ..config import DataConfig
 from ..errors import DataError
@@ -55,8 +55,14 @@ class _Stop(Exception):
         self.problem = problem
 
 
-def prepare(cfg: DataConfig, tokenizer, *, report_path: Path | None = None, use_cache: bool = True,
-            log: Callable[[str], object] = print) -> PreparedData:
+def prepare(
+    cfg: DataConfig,
+    tokenizer,
+    *,
+    report_path: Path | None = None,
+    use_cache: bool = True,
+    log: Callable[[str], object] = print,
+) -> PreparedData:
     """Read, check, render, dedup, split and fit the data; raise DataError if it is not fit to train on.
 
     The report (what `data_report.json` holds) is in the result, and written to `report_path`
@@ -100,9 +106,12 @@ def replay_file(cfg: DataConfig) -> Path | None:
         return bundled_file(cfg.general_replay)
     path = Path(cfg.general_replay)
     if not path.is_file():
-        raise DataError(f"data.general_replay: {path} is not a file. Name a bundled set "
-                        f"({', '.join(BUNDLED_REPLAY)}) or a chat JSONL file, such as a model's replies to "
-                        "general prompts written by `tuneforge distill generate`.", code="missing_file")
+        raise DataError(
+            f"data.general_replay: {path} is not a file. Name a bundled set "
+            f"({', '.join(BUNDLED_REPLAY)}) or a chat JSONL file, such as a model's replies to "
+            "general prompts written by `tuneforge distill generate`.",
+            code="missing_file",
+        )
     return path
 
 
@@ -115,13 +124,23 @@ def replay_conversations(path: Path) -> list[Conversation]:
         elif isinstance(item, Conversation):
             conversations.append(item)
         else:
-            problems.append(Problem("data_type", "replay rows must be chat conversations (messages).",
-                                    file=str(path), line=None, field="messages"))
+            problems.append(
+                Problem(
+                    "data_type",
+                    "replay rows must be chat conversations (messages).",
+                    file=str(path),
+                    line=None,
+                    field="messages",
+                )
+            )
             break
     if problems:
         shown = "\n".join(str(p) for p in problems[:_SHOWN_IN_ERROR])
-        raise DataError(f"data.general_replay: {path} has {len(problems)} problem(s); fix them or choose another "
-                        f"file:\n{shown}", code=problems[0].code, problems=problems)
+        raise DataError(
+            f"data.general_replay: {path} has {len(problems)} problem(s); fix them or choose another file:\n{shown}",
+            code=problems[0].code,
+            problems=problems,
+        )
     return conversations
 
 
@@ -175,14 +194,27 @@ class _Preparation:
     def read_all(self) -> None:
         validation_file = self.cfg.validation if isinstance(self.cfg.validation, str) else None
         if validation_file:  # first, so that training rows it holds are caught before rendering
-            self.valid = self._read_file(validation_file, "validation", index=self.validation_keys,
-                                         drop_repeats=self.cfg.dedup != "none")
+            self.valid = self._read_file(
+                validation_file, "validation", index=self.validation_keys, drop_repeats=self.cfg.dedup != "none"
+            )
         for path in self.cfg.train_files:
-            self.train += self._read_file(path, "train", index=self.train_index, drop_repeats=True,
-                                          leaks_from=self.validation_keys if validation_file else None)
+            self.train += self._read_file(
+                path,
+                "train",
+                index=self.train_index,
+                drop_repeats=True,
+                leaks_from=self.validation_keys if validation_file else None,
+            )
 
-    def _read_file(self, path: str, role: str, *, index: DuplicateIndex | None, drop_repeats: bool,
-                   leaks_from: DuplicateIndex | None = None) -> list[_Row]:
+    def _read_file(
+        self,
+        path: str,
+        role: str,
+        *,
+        index: DuplicateIndex | None,
+        drop_repeats: bool,
+        leaks_from: DuplicateIndex | None = None,
+    ) -> list[_Row]:
         """Stream one file through checks, dedup and rendering; rows are added to `index` as they pass."""
         self.files.append({"path": str(path), "role": role, "format": file_format(path, self.cfg.format)})
         rows: list[_Row] = []
@@ -231,10 +263,16 @@ class _Preparation:
         if self.kind is None:
             self.kind = (kind, str(path), line)
         elif kind != self.kind[0]:
-            self.problems.append(Problem(
-                "mixed_formats", f"this row is {kind} data but {self.kind[1]}:{self.kind[2]} is "
-                f"{self.kind[0]} data; preference pairs and SFT rows cannot be trained together. "
-                "Use separate runs (method: dpo for preference data).", file=str(path), line=line))
+            self.problems.append(
+                Problem(
+                    "mixed_formats",
+                    f"this row is {kind} data but {self.kind[1]}:{self.kind[2]} is "
+                    f"{self.kind[0]} data; preference pairs and SFT rows cannot be trained together. "
+                    "Use separate runs (method: dpo for preference data).",
+                    file=str(path),
+                    line=line,
+                )
+            )
             return False
         return True
 
@@ -281,10 +319,16 @@ class _Preparation:
         if not all(e.trained_tokens for e in cut):
             self.counts["rejected_records"] += 1
             longest = max(len(e) for e in examples)
-            self.problems.append(Problem(
-                "too_long", f"the row is {longest} tokens; cut to max_length {limit}, no trained token is left "
-                "(the reply comes after the cut). Raise data.max_length, shorten the prompt, or set "
-                "data.truncation: drop.", file=path, line=line))
+            self.problems.append(
+                Problem(
+                    "too_long",
+                    f"the row is {longest} tokens; cut to max_length {limit}, no trained token is left "
+                    "(the reply comes after the cut). Raise data.max_length, shorten the prompt, or set "
+                    "data.truncation: drop.",
+                    file=path,
+                    line=line,
+                )
+            )
             return None
         self.counts["truncated"] += 1
         return cut if isinstance(item, tuple) else cut[0]
@@ -296,8 +340,13 @@ class _Preparation:
         report = self._report(errors)
         pairs = bool(self.kind and self.kind[0] == "preference")
         train, valid = [r.item for r in self.train], [r.item for r in self.valid]
-        data = PreparedData([] if pairs else train, [] if pairs else valid, report,
-                            train_pairs=train if pairs else [], valid_pairs=valid if pairs else [])
+        data = PreparedData(
+            [] if pairs else train,
+            [] if pairs else valid,
+            report,
+            train_pairs=train if pairs else [],
+            valid_pairs=valid if pairs else [],
+        )
         return data, errors
 
     def split(self) -> None:
@@ -320,19 +369,29 @@ class _Preparation:
     def check_data_set(self) -> None:
         if not self.train:
             rejected = sum(p.is_error for p in self.problems)
-            self.problems.append(Problem(
-                "no_valid_rows", "no training rows are left" + (f" after {rejected} problem(s)" if rejected else "")
-                + ". Check the files and the problems listed.", file=", ".join(self.cfg.train_files)))
+            self.problems.append(
+                Problem(
+                    "no_valid_rows",
+                    "no training rows are left"
+                    + (f" after {rejected} problem(s)" if rejected else "")
+                    + ". Check the files and the problems listed.",
+                    file=", ".join(self.cfg.train_files),
+                )
+            )
             return
         examples = [e for r in self.train for e in (r.item if isinstance(r.item, tuple) else (r.item,))]
         ends = self.renderer.end_ids
         if not any(label in ends for e in examples for label in e.labels):
             names = ", ".join(repr(self.renderer.tokenizer.convert_ids_to_tokens(i)) for i in sorted(ends))
-            self.problems.append(Problem(
-                "eos_never_trained", f"no training example is trained on the end-of-turn token ({names}), so the "
-                "model would never learn to stop. Usually max_length cuts every reply short (raise data.max_length) "
-                "or the chat template puts the end of turn outside the reply.",
-                file=", ".join(self.cfg.train_files)))
+            self.problems.append(
+                Problem(
+                    "eos_never_trained",
+                    f"no training example is trained on the end-of-turn token ({names}), so the "
+                    "model would never learn to stop. Usually max_length cuts every reply short (raise "
+                    "data.max_length) or the chat template puts the end of turn outside the reply.",
+                    file=", ".join(self.cfg.train_files),
+                )
+            )
 
     def _report(self, errors: list[Problem]) -> dict:
         rejected_rows = {(p.file, p.line) for p in errors if p.line is not None}
@@ -371,7 +430,8 @@ class _Preparation:
             "template": {
                 "chatml_fallback": self.renderer.uses_fallback_template,
                 "end_of_turn_token": self.renderer.tokenizer.convert_ids_to_tokens(self.renderer.end_of_turn_id)
-                if self.renderer.end_of_turn_id is not None else None,
+                if self.renderer.end_of_turn_id is not None
+                else None,
             },
             "warnings": self._warnings(counts),
             "errors": [p.to_dict() for p in errors[:MAX_LISTED]],
@@ -393,31 +453,64 @@ class _Preparation:
                 by_code.setdefault(p.code, []).append(p)
         for code, problems in by_code.items():
             places = ", ".join(p.where() for p in problems[:3]) + (", ..." if len(problems) > 3 else "")
-            warn(code, len(problems), f"{problems[0].message} ({len(problems)} rows: {places})",
-                 [p.where() for p in problems])
-        warn("chat_template_missing", int(self.renderer.uses_fallback_template),
-             "the tokenizer has no chat template, so ChatML is used; the model will need the same template at "
-             "inference (tuneforge saves it with the model).")
-        warn("no_system_message", self.counts["without_system"],
-             f"{self.counts['without_system']} of {self.counts['conversations']} conversations have no system message; "
-             "the chat template renders them its own way (some add a default system prompt). Give every row the "
-             "system prompt you will use at inference.")
+            warn(
+                code,
+                len(problems),
+                f"{problems[0].message} ({len(problems)} rows: {places})",
+                [p.where() for p in problems],
+            )
+        warn(
+            "chat_template_missing",
+            int(self.renderer.uses_fallback_template),
+            "the tokenizer has no chat template, so ChatML is used; the model will need the same template at "
+            "inference (tuneforge saves it with the model).",
+        )
+        warn(
+            "no_system_message",
+            self.counts["without_system"],
+            f"{self.counts['without_system']} of {self.counts['conversations']} conversations have no system message; "
+            "the chat template renders them its own way (some add a default system prompt). Give every row the "
+            "system prompt you will use at inference.",
+        )
         dups = counts["duplicates_exact"] + counts["duplicates_near"]
-        warn("duplicates_removed", dups, f"{counts['duplicates_exact']} exact and {counts['duplicates_near']} near "
-             "duplicate rows were removed (listed in the report).")
-        warn("validation_leak", counts["validation_leak"], f"{counts['validation_leak']} training rows that are also "
-             "in the validation file were removed from training, so validation measures unseen data.")
-        warn("truncated", counts["truncated"], f"{counts['truncated']} rows were longer than max_length "
-             f"{self.cfg.max_length} and were cut (their ends are not trained). Raise data.max_length or set "
-             "data.truncation: drop.")
-        warn("dropped_too_long", counts["dropped_too_long"], f"{counts['dropped_too_long']} rows longer than "
-             f"max_length {self.cfg.max_length} were dropped (data.truncation: drop).")
+        warn(
+            "duplicates_removed",
+            dups,
+            f"{counts['duplicates_exact']} exact and {counts['duplicates_near']} near "
+            "duplicate rows were removed (listed in the report).",
+        )
+        warn(
+            "validation_leak",
+            counts["validation_leak"],
+            f"{counts['validation_leak']} training rows that are also "
+            "in the validation file were removed from training, so validation measures unseen data.",
+        )
+        warn(
+            "truncated",
+            counts["truncated"],
+            f"{counts['truncated']} rows were longer than max_length "
+            f"{self.cfg.max_length} and were cut (their ends are not trained). Raise data.max_length or set "
+            "data.truncation: drop.",
+        )
+        warn(
+            "dropped_too_long",
+            counts["dropped_too_long"],
+            f"{counts['dropped_too_long']} rows longer than "
+            f"max_length {self.cfg.max_length} were dropped (data.truncation: drop).",
+        )
         if self.train and len(self.train) < FEW_EXAMPLES:
-            warn("few_examples", len(self.train), f"only {len(self.train)} training examples; fine-tuning needs at "
-                 f"least {FEW_EXAMPLES}, and 50 to 100 good ones is a better start.")
+            warn(
+                "few_examples",
+                len(self.train),
+                f"only {len(self.train)} training examples; fine-tuning needs at "
+                f"least {FEW_EXAMPLES}, and 50 to 100 good ones is a better start.",
+            )
         if self.cfg.on_error == "skip":
-            warn("rows_skipped", counts["rejected"], f"{counts['rejected']} rows with errors were left out "
-                 "(data.on_error: skip); see errors in the report.")
+            warn(
+                "rows_skipped",
+                counts["rejected"],
+                f"{counts['rejected']} rows with errors were left out (data.on_error: skip); see errors in the report.",
+            )
         return warnings
 
 
@@ -429,8 +522,13 @@ def _percentiles(lengths: list[int]) -> dict:
     def at(q: float) -> int:  # nearest-rank percentile
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1],
-            "mean": round(sum(ordered) / len(ordered), 1)}
+    return {
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "max": ordered[-1],
+        "mean": round(sum(ordered) / len(ordered), 1),
+    }
 
 
 def _write_report(path: Path | None, report: dict) -> None:

@@ -12,9 +12,10 @@ import codecs
 import csv
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .schema import Problem
 
@@ -65,7 +66,8 @@ def open_rows(path: str | Path) -> Rows:
     if suffix in JSON_SUFFIXES or first in (b"{", b"["):
         return Rows(path, "jsonl", None, _jsonl_items(path))
     return _failed(
-        path, "unknown_file_type",
+        path,
+        "unknown_file_type",
         f"cannot tell what kind of file this is from its name ({suffix or 'no extension'}) or its first byte. "
         "Use .jsonl (one JSON object per line), .json (a JSON array), .csv or .parquet.",
     )
@@ -111,11 +113,15 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield line_no, json.loads(text)
             except json.JSONDecodeError as e:
-                yield line_no, Problem(
-                    "invalid_json",
-                    f"not valid JSON: {e.msg} at column {e.colno}. Each line must hold one complete JSON object; "
-                    "fix or delete this line (a pretty-printed file must be a JSON array instead).",
-                    file=path, line=line_no,
+                yield (
+                    line_no,
+                    Problem(
+                        "invalid_json",
+                        f"not valid JSON: {e.msg} at column {e.colno}. Each line must hold one complete JSON object; "
+                        "fix or delete this line (a pretty-printed file must be a JSON array instead).",
+                        file=path,
+                        line=line_no,
+                    ),
                 )
     if not seen_row:
         yield None, Problem("empty_file", "the file has no rows, only blank lines. Put training rows in it.", file=path)
@@ -140,7 +146,8 @@ def _too_large(path: str, line: int | None) -> Problem:
         "row_too_large",
         f"this row is over {MAX_ROW_BYTES // (1024 * 1024)} MiB, far beyond any training length; it is usually "
         "several rows run together or an embedded file. Split it or remove it.",
-        file=path, line=line,
+        file=path,
+        line=line,
     )
 
 
@@ -148,9 +155,9 @@ def _not_utf8(path: str, line: int | None, byte: int, column: int | None = None)
     at = f" at byte {column} of the line" if column else ""
     return Problem(
         "invalid_utf8",
-        f"not valid UTF-8 (byte 0x{byte:02x}{at}). Re-save the file as UTF-8 "
-        "(for example `iconv -f latin1 -t utf-8`).",
-        file=path, line=line,
+        f"not valid UTF-8 (byte 0x{byte:02x}{at}). Re-save the file as UTF-8 (for example `iconv -f latin1 -t utf-8`).",
+        file=path,
+        line=line,
     )
 
 
@@ -218,8 +225,10 @@ def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, 
     def broken(pos: int, what: str) -> tuple[int, Problem]:
         line = window.line_of(pos)
         return line, Problem(
-            "invalid_json", f"{what} The rest of the file was not read; fix the JSON array and run again.",
-            file=path, line=line,
+            "invalid_json",
+            f"{what} The rest of the file was not read; fix the JSON array and run again.",
+            file=path,
+            line=line,
         )
 
     window.read_more()
@@ -295,8 +304,12 @@ def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, 
             try:
                 cells = next(reader, None)
             except csv.Error as e:
-                yield line, Problem("invalid_csv", f"not valid CSV: {e}. The rest of the file was not read.",
-                                    file=path, line=line)
+                yield (
+                    line,
+                    Problem(
+                        "invalid_csv", f"not valid CSV: {e}. The rest of the file was not read.", file=path, line=line
+                    ),
+                )
                 return
             if cells is None:
                 break
@@ -311,11 +324,15 @@ def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, 
                 yield line, _not_utf8(path, line, byte)
                 continue
             if len(cells) != len(columns):
-                yield line, Problem(
-                    "csv_field_count",
-                    f"this row has {len(cells)} fields but the header has {len(columns)} ({', '.join(columns)}). "
-                    'Quote any field that contains a comma or a line break ("...").',
-                    file=path, line=line,
+                yield (
+                    line,
+                    Problem(
+                        "csv_field_count",
+                        f"this row has {len(cells)} fields but the header has {len(columns)} ({', '.join(columns)}). "
+                        'Quote any field that contains a comma or a line break ("...").',
+                        file=path,
+                        line=line,
+                    ),
                 )
                 continue
             yield line, dict(zip(columns, cells))

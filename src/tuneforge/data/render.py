@@ -31,10 +31,10 @@ import bisect
 import os
 import re
 import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import accumulate, chain
-from typing import Callable, Sequence
 
 from jinja2.exceptions import TemplateError
 
@@ -121,8 +121,9 @@ class ChatRenderer:
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         added = tokenizer.added_tokens_decoder
         # Tokens the tokenizer cuts text at, matched as plain text (no whitespace stripping around them).
-        self._cut_ids = {t.content: i for i, t in added.items()
-                         if not (t.normalized or t.lstrip or t.rstrip or t.single_word)}
+        self._cut_ids = {
+            t.content: i for i, t in added.items() if not (t.normalized or t.lstrip or t.rstrip or t.single_word)
+        }
         self._cut_at = _any_of(self._cut_ids, keep=True) if self._backend else None
         # Special tokens that mark structure (those the template writes, BOS, EOS) must not appear in
         # content, where the tokenizer would read them as structure too.
@@ -137,8 +138,9 @@ class ChatRenderer:
 
     # --- public -----------------------------------------------------------------------------------
 
-    def render(self, records: Sequence[Conversation | Document],
-               train_on: str = "assistant") -> list[Example | list[Problem]]:
+    def render(
+        self, records: Sequence[Conversation | Document], train_on: str = "assistant"
+    ) -> list[Example | list[Problem]]:
         """Render and tokenize records in one batch; each becomes an Example or the problems it has."""
         return self.start(records, train_on).finish()
 
@@ -212,13 +214,22 @@ class ChatRenderer:
             variables = {**compiled.globals, **self.tokenizer.special_tokens_map}  # bos_token, eos_token, ...
 
             def render(messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
-                context = compiled.new_context({**variables, "messages": messages, "tools": tools, "documents": None,
-                                                "add_generation_prompt": generation_prompt}, shared=True)
+                context = compiled.new_context(
+                    {
+                        **variables,
+                        "messages": messages,
+                        "tools": tools,
+                        "documents": None,
+                        "add_generation_prompt": generation_prompt,
+                    },
+                    shared=True,
+                )
                 return compiled.environment.concat(compiled.root_render_func(context))
 
             for generation_prompt in (False, True):
-                official = self.tokenizer.apply_chat_template(_PROBE, chat_template=self.template, tokenize=False,
-                                                              add_generation_prompt=generation_prompt)
+                official = self.tokenizer.apply_chat_template(
+                    _PROBE, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+                )
                 if render(_PROBE, None, generation_prompt) != official:
                     return None
         except (ImportError, *_TEMPLATE_FAILURES):
@@ -228,8 +239,13 @@ class ChatRenderer:
     def _apply_template(self, conversations: list[list[dict]], tools, generation_prompt: bool) -> list[str]:
         if self._direct_render is not None:
             return [self._direct_render(messages, tools, generation_prompt) for messages in conversations]
-        return self.tokenizer.apply_chat_template(conversations, tools=tools, chat_template=self.template,
-                                                  tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            conversations,
+            tools=tools,
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
 
     def _plan(self, conversations: list[Conversation], train_on: str) -> list[_Plan | list[Problem]]:
         """Find every conversation's text and reply spans, rendering the whole batch at once."""
@@ -251,7 +267,8 @@ class ChatRenderer:
             wanted.append((first, len(requests), span_at))
         texts = self._render_texts(requests)
         return [
-            want if isinstance(want, list)
+            want
+            if isinstance(want, list)
             else _spans(texts[want[0] : want[1]], want[2], len(conversation.messages) - 1, train_on == "all")
             for conversation, want in zip(conversations, wanted)
         ]
@@ -263,9 +280,14 @@ class ChatRenderer:
         if train_on != "all" and not span_at:
             return [_no_trained_tokens(conversation.messages, train_on)]
         if span_at and span_at[0] == 0:
-            return [Problem("no_prompt", "the conversation starts with an assistant reply, so nothing shows where "
-                            "the reply begins; add the user message it answers (or give the reply weight 0).",
-                            field="messages[0]")]
+            return [
+                Problem(
+                    "no_prompt",
+                    "the conversation starts with an assistant reply, so nothing shows where "
+                    "the reply begins; add the user message it answers (or give the reply weight 0).",
+                    field="messages[0]",
+                )
+            ]
         return []
 
     def _render_texts(self, requests: list[_Request]) -> list[str | Exception]:
@@ -293,9 +315,14 @@ class ChatRenderer:
         if self._special_text is None:
             return []
         return [
-            Problem("special_token_in_content", f"the text contains the special token {found.group()!r}, which "
-                    "would be read as template structure, not text; remove it or write it differently.", field=name)
-            for name, text in fields if (found := self._special_text.search(text))
+            Problem(
+                "special_token_in_content",
+                f"the text contains the special token {found.group()!r}, which "
+                "would be read as template structure, not text; remove it or write it differently.",
+                field=name,
+            )
+            for name, text in fields
+            if (found := self._special_text.search(text))
         ]
 
     # --- tokens ----------------------------------------------------------------------------------
@@ -374,8 +401,14 @@ class ChatRenderer:
         for reply_start, turn_end, message_index in plan.spans:
             start, end = self._boundary(plan.text, tokens, reply_start), self._boundary(plan.text, tokens, turn_end)
             if start is None or end is None:
-                return [_not_prefix(message_index, plan.text, plan.text[: reply_start if start is None else turn_end],
-                                    tokens_differ=True)]
+                return [
+                    _not_prefix(
+                        message_index,
+                        plan.text,
+                        plan.text[: reply_start if start is None else turn_end],
+                        tokens_differ=True,
+                    )
+                ]
             # A reply is trained up to and including the token that ends its turn; what the template
             # writes after that (a newline) is not the model's to predict.
             stop = next((t + 1 for t in range(start, end) if ids[t] in self.end_ids), end)
@@ -387,8 +420,14 @@ class ChatRenderer:
                 labels[start - 1 : stop - 1] = ids[start:stop]
                 trained += stop - start
         if not trained:
-            return [Problem("no_trained_tokens", "the template rendered no tokens to train on for this row; "
-                            "check that the assistant replies have content.", field="messages")]
+            return [
+                Problem(
+                    "no_trained_tokens",
+                    "the template rendered no tokens to train on for this row; "
+                    "check that the assistant replies have content.",
+                    field="messages",
+                )
+            ]
         return Example(ids, labels)
 
     def _document_example(self, ids: list[int]) -> Example:
@@ -409,15 +448,19 @@ class ChatRenderer:
             return self.eos_id
         if self._tokenize_later([whole])() is None:
             return self._probe()
-        turn = whole[len(prompt):] if whole.startswith(prompt) else ""
+        turn = whole[len(prompt) :] if whole.startswith(prompt) else ""
         cut_ids = set(self._cut_ids.values())
         return next((t for t in self._encode_whole([turn])[0] if t in cut_ids), self.eos_id)
 
 
 _CHATML_PROBES = [
     _PROBE,
-    [{"role": "user", "content": " leading and trailing spaces \n{{ not jinja }} "},
-     {"role": "assistant", "content": ""}, {"role": "tool", "content": "42"}, {"role": "user", "content": "\n"}],
+    [
+        {"role": "user", "content": " leading and trailing spaces \n{{ not jinja }} "},
+        {"role": "assistant", "content": ""},
+        {"role": "tool", "content": "42"},
+        {"role": "user", "content": "\n"},
+    ],
     [{"role": "system", "content": ""}],
     [],
 ]
@@ -486,14 +529,20 @@ def _span_messages(messages: list[Message], train_on: str) -> list[int]:
     return [i for i in candidates if messages[i].weight != 0]
 
 
-def _spans(rendered: list[str | Exception], span_at: list[int], last: int,
-           train_outside_spans: bool) -> _Plan | list[Problem]:
+def _spans(
+    rendered: list[str | Exception], span_at: list[int], last: int, train_outside_spans: bool
+) -> _Plan | list[Problem]:
     """Check the prefix renderings of one conversation and turn them into reply spans."""
     error = next((r for r in rendered if isinstance(r, Exception)), None)
     if error is not None:
-        return [Problem("template_error", f"the chat template refused this conversation: {error}. Fix the "
-                        "conversation to suit the model's template (for example, alternate user and assistant).",
-                        field="messages")]
+        return [
+            Problem(
+                "template_error",
+                f"the chat template refused this conversation: {error}. Fix the "
+                "conversation to suit the model's template (for example, alternate user and assistant).",
+                field="messages",
+            )
+        ]
     text, prefixes = rendered[0], iter(rendered[1:])
     spans = []
     for i in span_at:
@@ -517,15 +566,21 @@ def _no_trained_tokens(messages: list[Message], train_on: str) -> Problem:
         why = "train_on is last_assistant and the last assistant message has weight 0"
     else:
         why = "every assistant message has weight 0"
-    return Problem("no_trained_tokens", f"nothing in this row is trained: {why}. Set weight 1 on a reply, or "
-                   "remove the row.", field="messages")
+    return Problem(
+        "no_trained_tokens",
+        f"nothing in this row is trained: {why}. Set weight 1 on a reply, or remove the row.",
+        field="messages",
+    )
 
 
 def _not_prefix(message_index: int, whole: str, prefix: str, *, tokens_differ: bool = False) -> Problem:
     at = next((i for i, (a, b) in enumerate(zip(whole, prefix)) if a != b), min(len(whole), len(prefix)))
-    how = ("tokenizes differently on its own than as part of the whole conversation" if tokens_differ else
-           f"is not the start of the whole rendering (they differ at character {at}: "
-           f"{prefix[max(0, at - 30): at + 30]!r} vs {whole[max(0, at - 30): at + 30]!r})")
+    how = (
+        "tokenizes differently on its own than as part of the whole conversation"
+        if tokens_differ
+        else f"is not the start of the whole rendering (they differ at character {at}: "
+        f"{prefix[max(0, at - 30) : at + 30]!r} vs {whole[max(0, at - 30) : at + 30]!r})"
+    )
     return Problem(
         "template_not_prefix",
         f"the chat template renders the conversation up to message {message_index} in a way that {how}, so the "
@@ -550,8 +605,9 @@ def _raise_problems(problems: list[Problem]) -> None:
     raise DataError("\n".join(str(p) for p in problems), code=problems[0].code, problems=problems)
 
 
-def render_conversation(conversation: Conversation | Document | list[dict], tokenizer,
-                        train_on: str = "assistant") -> Example:
+def render_conversation(
+    conversation: Conversation | Document | list[dict], tokenizer, train_on: str = "assistant"
+) -> Example:
     """Render one conversation (or a list of OpenAI-style message dicts, or a Document) as an Example.
 
     Raises DataError if the conversation is malformed or nothing in it is trained.

@@ -9,7 +9,7 @@ Rendering turns records into `Example`s: token ids plus already shifted labels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 IGNORE_INDEX = -100
 """Label of a position that receives no loss (PyTorch's cross-entropy `ignore_index`)."""
@@ -60,7 +60,7 @@ class Preference:
     tools: list[dict] | None = None
 
 
-Record = Union[Conversation, Document, Preference]
+Record = Conversation | Document | Preference
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,14 @@ class Problem:
         return f"{self.where()}: [{self.code}] {self.message}"
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "line": self.line, "field": self.field, "code": self.code,
-                "severity": self.severity, "message": self.message}
+        return {
+            "file": self.file,
+            "line": self.line,
+            "field": self.field,
+            "code": self.code,
+            "severity": self.severity,
+            "message": self.message,
+        }
 
 
 @dataclass

@@ -14,34 +14,52 @@ def parse_layers(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise TuneforgeError(f"--keep-layers {text!r}: expected layer numbers separated by commas, e.g. 0,6,12,29.",
-                             code="bad_option") from None
+        raise TuneforgeError(
+            f"--keep-layers {text!r}: expected layer numbers separated by commas, e.g. 0,6,12,29.", code="bad_option"
+        ) from None
 
 
 def distill_init(teacher: str, out: str, *, keep_layers: str | None = None, every: int | None = None) -> int:
-    result = init_student(teacher, out, keep=parse_layers(keep_layers) if keep_layers is not None else None,
-                          every=every)
+    result = init_student(
+        teacher, out, keep=parse_layers(keep_layers) if keep_layers is not None else None, every=every
+    )
     share = result.student_parameters / result.teacher_parameters
     Console().print(
         f"teacher: {result.teacher_parameters / 1e6:.1f}M parameters, {result.teacher_layers} layers\n"
         f"student: {result.student_parameters / 1e6:.1f}M parameters ({share:.0%}), {len(result.kept_layers)} layers "
         f"(teacher layers {','.join(map(str, result.kept_layers))})\n"
         f"written to {result.out}",
-        highlight=False, soft_wrap=True,
+        highlight=False,
+        soft_wrap=True,
     )
     return 0
 
 
-def distill_generate(teacher: str, prompts: str, out: str, *, max_new_tokens: int, batch_size: int,
-                     limit: int | None = None, precision: str = "auto") -> int:
-    result = generate_teacher_data(teacher, prompts, out, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   limit=limit, precision=precision)
+def distill_generate(
+    teacher: str,
+    prompts: str,
+    out: str,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    limit: int | None = None,
+    precision: str = "auto",
+) -> int:
+    result = generate_teacher_data(
+        teacher, prompts, out, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, precision=precision
+    )
     resumed = f" ({result.resumed_from} were already there)" if result.resumed_from else ""
-    cut = (f"; {result.stopped_by_length} answers reached --max-new-tokens and are cut off"
-           if result.stopped_by_length else "")
+    cut = (
+        f"; {result.stopped_by_length} answers reached --max-new-tokens and are cut off"
+        if result.stopped_by_length
+        else ""
+    )
     if result.empty:
-        cut += (f"; {result.empty} answers are empty (data checks reject them as missing_content: "
-                "train with data.on_error=skip, or remove them)")
-    Console().print(f"{result.written} of {result.prompts} rows in {result.out}{resumed}{cut}",
-                    highlight=False, soft_wrap=True)
+        cut += (
+            f"; {result.empty} answers are empty (data checks reject them as missing_content: "
+            "train with data.on_error=skip, or remove them)"
+        )
+    Console().print(
+        f"{result.written} of {result.prompts} rows in {result.out}{resumed}{cut}", highlight=False, soft_wrap=True
+    )
     return 0

@@ -39,8 +39,10 @@ def layers_to_keep(n_layers: int, keep: list[int] | None = None, every: int | No
     if keep is not None:
         wrong = [i for i in keep if not 0 <= i < n_layers]
         if wrong:
-            raise TuneforgeError(f"--keep-layers {wrong} are not layers of the teacher, which has {n_layers} "
-                                 f"(0 to {n_layers - 1}).", code="bad_option")
+            raise TuneforgeError(
+                f"--keep-layers {wrong} are not layers of the teacher, which has {n_layers} (0 to {n_layers - 1}).",
+                code="bad_option",
+            )
         if len(set(keep)) != len(keep):
             raise TuneforgeError(f"--keep-layers names a layer twice: {keep}.", code="bad_option")
         chosen = sorted(keep)
@@ -83,8 +85,9 @@ def student_state(teacher_state: dict, kept: tuple[int, ...]) -> dict:
     return state
 
 
-def init_student(teacher: str, out: str | Path, *, keep: list[int] | None = None,
-                 every: int | None = None) -> StudentInit:
+def init_student(
+    teacher: str, out: str | Path, *, keep: list[int] | None = None, every: int | None = None
+) -> StudentInit:
     """Write a student made of the kept teacher layers to `out` (model, tokenizer, chat template,
     generation config), atomically; `out` must not exist yet."""
     from transformers import AutoModelForCausalLM
@@ -109,5 +112,6 @@ def init_student(teacher: str, out: str | Path, *, keep: list[int] | None = None
     student.load_state_dict(student_state(model.state_dict(), kept), strict=True)
     student.generation_config = copy.deepcopy(model.generation_config)
     save_model(student, tokenizer, source.path, out)
-    return StudentInit(out, n_layers, kept, sum(p.numel() for p in model.parameters()),
-                       sum(p.numel() for p in student.parameters()))
+    return StudentInit(
+        out, n_layers, kept, sum(p.numel() for p in model.parameters()), sum(p.numel() for p in student.parameters())
+    )

@@ -39,8 +39,14 @@ class TeacherData:
 
 def _prompt_messages(row, path: str, line: int) -> tuple[list[dict] | None, list[Problem]]:
     if not isinstance(row, dict) or not ({"messages", "prompt"} & set(row)):
-        return None, [Problem("unknown_format", 'a prompt row needs "messages" (chat) or "prompt" (prompt/completion).',
-                              file=path, line=line)]
+        return None, [
+            Problem(
+                "unknown_format",
+                'a prompt row needs "messages" (chat) or "prompt" (prompt/completion).',
+                file=path,
+                line=line,
+            )
+        ]
     if "messages" in row:
         messages, problems = normalise_messages(row["messages"], file=path, line=line)
         if messages and messages[-1].role == "assistant":
@@ -52,8 +58,16 @@ def _prompt_messages(row, path: str, line: int) -> tuple[list[dict] | None, list
     if any(p.is_error for p in problems):
         return None, problems
     if not messages or messages[-1].role == "system":
-        return None, [Problem("missing_prompt", "nothing for the teacher to answer: the row has no user message "
-                              "(after dropping its last assistant turn).", file=path, line=line, field="messages")]
+        return None, [
+            Problem(
+                "missing_prompt",
+                "nothing for the teacher to answer: the row has no user message "
+                "(after dropping its last assistant turn).",
+                file=path,
+                line=line,
+                field="messages",
+            )
+        ]
     return [m.to_template() for m in messages], []
 
 
@@ -72,8 +86,11 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
     if problems:
         shown = "\n".join(str(p) for p in problems[:_SHOWN_PROBLEMS])
         more = f"\n... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
-        raise DataError(f"{path}: {len(problems)} prompt rows cannot be used:\n{shown}{more}",
-                        code=problems[0].code, problems=problems)
+        raise DataError(
+            f"{path}: {len(problems)} prompt rows cannot be used:\n{shown}{more}",
+            code=problems[0].code,
+            problems=problems,
+        )
     if not prompts:
         raise DataError(f"{path} holds no prompts.", code="empty_file")
     return prompts
@@ -84,29 +101,42 @@ def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
     if not out.exists():
         return 0
     data = out.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
+    complete = data[: data.rfind(b"\n") + 1]
     if len(complete) < len(data):
         with out.open("r+b") as f:
             f.truncate(len(complete))
     lines = complete.decode("utf-8").splitlines()
     if len(lines) > len(prompts):
-        raise TuneforgeError(f"{out} holds {len(lines)} rows but the prompts file only {len(prompts)}: it was written "
-                             "for other prompts. Choose another --out.", code="output_mismatch")
+        raise TuneforgeError(
+            f"{out} holds {len(lines)} rows but the prompts file only {len(prompts)}: it was written "
+            "for other prompts. Choose another --out.",
+            code="output_mismatch",
+        )
     for i, (text, prompt) in enumerate(zip(lines, prompts)):
         try:
             written = json.loads(text)["messages"][:-1]
         except (ValueError, KeyError, TypeError):
             written = None
         if written != prompt:
-            raise TuneforgeError(f"{out} line {i + 1} does not answer prompt {i + 1} of the prompts file: it was written "
-                                 "for other prompts, or by hand. Choose another --out (or remove the file).",
-                                 code="output_mismatch")
+            raise TuneforgeError(
+                f"{out} line {i + 1} does not answer prompt {i + 1} of the prompts file: it was written "
+                "for other prompts, or by hand. Choose another --out (or remove the file).",
+                code="output_mismatch",
+            )
     return len(lines)
 
 
-def generate_teacher_data(teacher: str, prompts_file: str | Path, out: str | Path, *, max_new_tokens: int = 256,
-                          batch_size: int = 16, limit: int | None = None, precision: str = "auto",
-                          progress: bool = True) -> TeacherData:
+def generate_teacher_data(
+    teacher: str,
+    prompts_file: str | Path,
+    out: str | Path,
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    limit: int | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+) -> TeacherData:
     """Append the teacher's greedy answers to `out`, continuing after the rows already there.
     `limit` stops after the first `limit` prompts (a later call without it finishes the file).
     `precision` is what the teacher computes in: auto (bf16 where the hardware has it), bf16 or fp32."""
@@ -117,7 +147,9 @@ def generate_teacher_data(teacher: str, prompts_file: str | Path, out: str | Pat
     from ..progress import progress_bar
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 0):
-        raise TuneforgeError("--max-new-tokens and --batch-size must be at least 1, --limit at least 0.", code="bad_option")
+        raise TuneforgeError(
+            "--max-new-tokens and --batch-size must be at least 1, --limit at least 0.", code="bad_option"
+        )
     out = Path(out)
     prompts = read_prompts(prompts_file)
     done = rows_already_written(out, prompts)
@@ -130,11 +162,18 @@ def generate_teacher_data(teacher: str, prompts_file: str | Path, out: str | Pat
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a", encoding="utf-8") as f, progress_bar("teacher answers", target - done, progress) as advance:
             for start in range(done, target, batch_size):
-                batch = prompts[start:min(start + batch_size, target)]
+                batch = prompts[start : min(start + batch_size, target)]
                 answers = generate(model, tokenizer, batch, batch_size=batch_size, max_new_tokens=max_new_tokens)
                 # One write per batch of whole lines, synced: a crash leaves at most a torn last line.
-                f.write("".join(json.dumps({"messages": [*prompt, {"role": "assistant", "content": answer.text}]},
-                                           ensure_ascii=False) + "\n" for prompt, answer in zip(batch, answers)))
+                f.write(
+                    "".join(
+                        json.dumps(
+                            {"messages": [*prompt, {"role": "assistant", "content": answer.text}]}, ensure_ascii=False
+                        )
+                        + "\n"
+                        for prompt, answer in zip(batch, answers)
+                    )
+                )
                 f.flush()
                 os.fsync(f.fileno())
                 stopped_by_length += sum(a.finish_reason == "length" for a in answers)

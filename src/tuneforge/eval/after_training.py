@@ -17,9 +17,9 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..fsio import write_json
 from ..models import load_model, load_tokenizer, resolve
+from ..tasks.metrics import METRICS
 from .evaluate import evaluate_loaded, read_eval_examples
 from .forgetting import ModelPair, forgetting_loaded
-from ..tasks.metrics import METRICS
 from .report import flat_scores, forgetting_table, print_tables, report_tables, write_run_report
 
 
@@ -48,18 +48,27 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
     metrics: dict = {}
     forgetting = None
     if cfg.eval.forgetting:
-        forgetting = {"model": names["tuned"], "base": names["base"],
-                      **forgetting_loaded(pair, tokenizer, progress=progress)}
-        metrics.update(forgetting_questions_kept=forgetting["general_questions"]["retained"],
-                       forgetting_text_ce_change=forgetting["general_text"]["change"],
-                       forgetting_kl=forgetting["kl"]["mean"])
+        forgetting = {
+            "model": names["tuned"],
+            "base": names["base"],
+            **forgetting_loaded(pair, tokenizer, progress=progress),
+        }
+        metrics.update(
+            forgetting_questions_kept=forgetting["general_questions"]["retained"],
+            forgetting_text_ce_change=forgetting["general_text"]["change"],
+            forgetting_kl=forgetting["kl"]["mean"],
+        )
     if cfg.eval.task:
         examples = read_eval_examples(cfg.data.validation)
         results = {}
         for side in ("base", "tuned"):
             with getattr(pair, side)() as model:
-                results[side] = {"model": names[side], "spec": specs[side], "data": str(cfg.data.validation),
-                                 **evaluate_loaded(model, tokenizer, examples, metric=cfg.eval.task, progress=progress)}
+                results[side] = {
+                    "model": names[side],
+                    "spec": specs[side],
+                    "data": str(cfg.data.validation),
+                    **evaluate_loaded(model, tokenizer, examples, metric=cfg.eval.task, progress=progress),
+                }
         write_run_report(run_dir, results["base"], results["tuned"], forgetting)
         metrics.update({f"task_{name}": value for name, value in flat_scores(results["tuned"]["scores"]).items()})
         tables = report_tables(results["base"], results["tuned"], forgetting)

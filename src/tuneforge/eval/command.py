@@ -9,19 +9,29 @@ from .evaluate import evaluate
 from .report import examples_table, metrics_table, print_tables
 
 
-def eval_command(model: str, data: str, compare: str | None = None, metric: str = "auto", json_out: bool = False,
-                 limit: int | None = None) -> int:
+def eval_command(
+    model: str,
+    data: str,
+    compare: str | None = None,
+    metric: str = "auto",
+    json_out: bool = False,
+    limit: int | None = None,
+) -> int:
     """Evaluate MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side."""
     options = {"metric": metric, "limit": limit, "progress": not json_out}
     if compare:
         result = compare_models(model, compare, data, **options)
         base, tuned = result["base"], result["tuned"]
-        tables = [metrics_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned}),
-                  examples_table(result["samples"])]
+        tables = [
+            metrics_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned}),
+            examples_table(result["samples"]),
+        ]
     else:
         result = evaluate(model, data, **options)
-        tables = [metrics_table({result["model"]: result}),
-                  examples_table(result["samples"], answers=(("answer", "prediction", "correct"),))]
+        tables = [
+            metrics_table({result["model"]: result}),
+            examples_table(result["samples"], answers=(("answer", "prediction", "correct"),)),
+        ]
     if json_out:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -65,20 +65,27 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
             continue
         messages = item.messages if isinstance(item, Conversation) else None
         if not messages or messages[-1].role != "assistant" or len(messages) < 2:
-            problems.append(Problem(
-                "example_missing_assistant_message",
-                "an evaluation row must be a conversation that ends with the assistant's reference answer, "
-                "after at least one message for it to answer.",
-                file=str(path), line=line, field="messages",
-            ))
+            problems.append(
+                Problem(
+                    "example_missing_assistant_message",
+                    "an evaluation row must be a conversation that ends with the assistant's reference answer, "
+                    "after at least one message for it to answer.",
+                    file=str(path),
+                    line=line,
+                    field="messages",
+                )
+            )
             continue
         prompt = [m.to_template() for m in messages[:-1]]
         examples.append(EvalExample(str(path), line, item, prompt, messages[-1].content))
     if problems:
         shown = "\n".join(str(p) for p in problems[:10])
         more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(f"{path}: {len(problems)} rows cannot be evaluated:\n{shown}{more}", code=problems[0].code,
-                        problems=problems)
+        raise DataError(
+            f"{path}: {len(problems)} rows cannot be evaluated:\n{shown}{more}",
+            code=problems[0].code,
+            problems=problems,
+        )
     if not examples:
         raise DataError(f"{path} holds no conversations to evaluate.", code="empty_file")
     return examples
@@ -89,8 +96,9 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
     scorer (`support_triage`) is asked for by name."""
     if metric != "auto":
         if metric not in METRICS:
-            raise TuneforgeError(f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.",
-                                 code="unknown_metric")
+            raise TuneforgeError(
+                f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.", code="unknown_metric"
+            )
         return metric
     if all(parse_json_object(e.reference) is not None for e in examples):
         return "json_fields"
@@ -98,8 +106,14 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
 
 
 @torch.inference_mode()
-def token_loss(model, examples: Sequence[Example], pad_id: int, *, batch_size: int = DEFAULT_BATCH_SIZE,
-               advance: Callable[[int], None] = lambda n: None) -> dict:
+def token_loss(
+    model,
+    examples: Sequence[Example],
+    pad_id: int,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    advance: Callable[[int], None] = lambda n: None,
+) -> dict:
     """Mean cross-entropy and next-token accuracy over the trained tokens of `examples`, weighted by
     token (as training's loss is), with the objective training uses.
 
@@ -115,15 +129,24 @@ def token_loss(model, examples: Sequence[Example], pad_id: int, *, batch_size: i
         attention = per_example_attention(lm)
     else:  # unpacked, similar lengths together (less padding)
         ordered = sorted(examples, key=len)
-        batches = [ordered[s:s + batch_size] for s in range(0, len(ordered), batch_size)]
+        batches = [ordered[s : s + batch_size] for s in range(0, len(ordered), batch_size)]
         attention = contextlib.nullcontext()
     with attention:
-        sums, tokens = sum_over_batches(SFTObjective(model).train(model.training), batches, pad_id, model.device,
-                                        sums={"ce": "ce", "correct": "correct"},
-                                        advance=lambda rows: advance(_examples_in(rows)))
+        sums, tokens = sum_over_batches(
+            SFTObjective(model).train(model.training),
+            batches,
+            pad_id,
+            model.device,
+            sums={"ce": "ce", "correct": "correct"},
+            advance=lambda rows: advance(_examples_in(rows)),
+        )
     loss = sums["ce"] / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)),
-            "mean_token_accuracy": sums["correct"] / max(tokens, 1), "tokens": int(tokens)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "mean_token_accuracy": sums["correct"] / max(tokens, 1),
+        "tokens": int(tokens),
+    }
 
 
 def _examples_in(rows) -> int:
@@ -137,9 +160,16 @@ def _render(example: EvalExample, tokenizer) -> Example:
         raise DataError(f"{example.file}:{example.line}: {err.message}", code=err.code, problems=err.problems) from None
 
 
-def evaluate_loaded(model, tokenizer, examples: Sequence[EvalExample], *, metric: str = "auto",
-                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
-                    progress: bool = True) -> dict:
+def evaluate_loaded(
+    model,
+    tokenizer,
+    examples: Sequence[EvalExample],
+    *,
+    metric: str = "auto",
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict:
     """`evaluate` on a model already in memory."""
     metric = choose_metric(metric, examples)
     started = time.perf_counter()
@@ -148,15 +178,22 @@ def evaluate_loaded(model, tokenizer, examples: Sequence[EvalExample], *, metric
         loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
     loss_seconds = time.perf_counter() - started
     with progress_bar("answers", len(examples), progress) as advance:
-        answers = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
-                           on_progress=advance)
+        answers = generate(
+            model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens, on_progress=advance
+        )
     predictions = [a.text for a in answers]
     references = [e.reference for e in examples]
     score = METRICS[metric]
     headline = HEADLINE[metric]
     samples = [
-        {"line": e.line, "input": e.input, "prediction": a.text, "reference": e.reference,
-         "correct": bool(score([a.text], [e.reference])[headline]), "finish_reason": a.finish_reason}
+        {
+            "line": e.line,
+            "input": e.input,
+            "prediction": a.text,
+            "reference": e.reference,
+            "correct": bool(score([a.text], [e.reference])[headline]),
+            "finish_reason": a.finish_reason,
+        }
         for e, a in zip(examples, answers)
     ]
     return {
@@ -169,13 +206,24 @@ def evaluate_loaded(model, tokenizer, examples: Sequence[EvalExample], *, metric
             "completion_tokens": sum(a.completion_tokens for a in answers),
             "stopped_by_length": sum(a.finish_reason == "length" for a in answers),
         },
-        "seconds": {"loss": round(loss_seconds, 2), "generation": round(time.perf_counter() - started - loss_seconds, 2)},
+        "seconds": {
+            "loss": round(loss_seconds, 2),
+            "generation": round(time.perf_counter() - started - loss_seconds, 2),
+        },
         "samples": samples,
     }
 
 
-def evaluate(model: str, data: str | Path, *, metric: str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None, progress: bool = True) -> dict:
+def evaluate(
+    model: str,
+    data: str | Path,
+    *,
+    metric: str = "auto",
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate `model` (registry name, model folder, adapter, run or checkpoint folder) on a chat data file.
 
     Returns the loss and perplexity on the reference answers, `scores` from the metric (`auto`: see
@@ -186,16 +234,30 @@ def evaluate(model: str, data: str | Path, *, metric: str = "auto", max_new_toke
     source = resolve(model)
     tokenizer = load_tokenizer(source)
     loaded = load_model(source)
-    result = evaluate_loaded(loaded, tokenizer, examples, metric=metric, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress)
+    result = evaluate_loaded(
+        loaded,
+        tokenizer,
+        examples,
+        metric=metric,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return {"model": source.name, "spec": str(model), "data": str(data), **result}
 
 
 def side_by_side(base: dict, tuned: dict) -> list[dict]:
     """The samples of two evaluations on the same data, joined per example."""
     return [
-        {"line": b["line"], "input": b["input"], "base": b["prediction"], "tuned": t["prediction"],
-         "reference": b["reference"], "base_correct": b["correct"], "tuned_correct": t["correct"]}
+        {
+            "line": b["line"],
+            "input": b["input"],
+            "base": b["prediction"],
+            "tuned": t["prediction"],
+            "reference": b["reference"],
+            "base_correct": b["correct"],
+            "tuned_correct": t["correct"],
+        }
         for b, t in zip(base["samples"], tuned["samples"])
     ]
 

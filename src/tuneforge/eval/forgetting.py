@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from importlib import resources
-from typing import Iterator
 
 import torch
 
@@ -61,7 +61,9 @@ class ModelPair:
         if base is None and not hasattr(tuned, "disable_adapter"):
             raise TuneforgeError(
                 "measuring forgetting of a fully fine-tuned model needs its base model: name it "
-                "(measure_forgetting(model, base=...)).", code="missing_base_model")
+                "(measure_forgetting(model, base=...)).",
+                code="missing_base_model",
+            )
         self.tuned_model, self.base_model = tuned, base
 
     @contextlib.contextmanager
@@ -84,14 +86,33 @@ def kept_questions() -> list[dict]:
     return [q for q in general_questions() if q["question"] in kept]
 
 
-def answer_questions(model, tokenizer, questions: list[dict], *, progress: bool = True, label: str = "questions",
-                     samples: int = 1, temperature: float = 0.0, seed: int | None = None) -> list[list[str]]:
+def answer_questions(
+    model,
+    tokenizer,
+    questions: list[dict],
+    *,
+    progress: bool = True,
+    label: str = "questions",
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> list[list[str]]:
     """Each question's answers: one greedy answer, or `samples` answers sampled at `temperature`."""
     prompts = [[{"role": "user", "content": q["question"]}] for q in questions] * samples
     with progress_bar(label, len(prompts), progress) as advance:
-        texts = [a.text for a in generate(model, tokenizer, prompts, max_new_tokens=QUESTION_MAX_NEW_TOKENS,
-                                          temperature=temperature, seed=seed, on_progress=advance)]
-    return [texts[i::len(questions)] for i in range(len(questions))]
+        texts = [
+            a.text
+            for a in generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=QUESTION_MAX_NEW_TOKENS,
+                temperature=temperature,
+                seed=seed,
+                on_progress=advance,
+            )
+        ]
+    return [texts[i :: len(questions)] for i in range(len(questions))]
 
 
 @torch.inference_mode()
@@ -102,30 +123,35 @@ def _answer_log_probs(model, batch: dict) -> torch.Tensor:
     return torch.log_softmax(trained_logits(causal_lm(model), **batch), dim=-1)
 
 
-def mean_kl(pair: ModelPair, tokenizer, prompts: list[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
-            progress: bool = True) -> dict:
+def mean_kl(
+    pair: ModelPair, tokenizer, prompts: list[str], *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
+) -> dict:
     """Mean KL(base || tuned) per answer token, over the base model's own greedy answers to `prompts`."""
     chats = [[{"role": "user", "content": p}] for p in prompts]
     with pair.base() as base, progress_bar("KL: base answers", len(chats), progress) as advance:
         answers = generate(base, tokenizer, chats, max_new_tokens=ANSWER_MAX_NEW_TOKENS, on_progress=advance)
     # The answers' own tokens, not their text tokenized again: exactly the positions the model wrote.
-    examples = [Example(ids + list(a.token_ids), [IGNORE_INDEX] * (len(ids) - 1) + list(a.token_ids) + [IGNORE_INDEX])
-                for ids, a in zip(encode_prompts(tokenizer, chats), answers)]
+    examples = [
+        Example(ids + list(a.token_ids), [IGNORE_INDEX] * (len(ids) - 1) + list(a.token_ids) + [IGNORE_INDEX])
+        for ids, a in zip(encode_prompts(tokenizer, chats), answers)
+    ]
     total = tokens = 0.0
     with progress_bar("KL", len(examples), progress) as advance:
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+            batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
             with pair.base() as base:
                 base_lp = _answer_log_probs(base, batch)
             with pair.tuned() as tuned:
                 tuned_lp = _answer_log_probs(tuned, batch)
             total += (base_lp.exp() * (base_lp - tuned_lp.to(base_lp.device))).sum().item()
             tokens += base_lp.shape[0]
-            advance(len(examples[start:start + batch_size]))
+            advance(len(examples[start : start + batch_size]))
     return {"mean": total / max(tokens, 1), "tokens": int(tokens), "prompts": len(prompts)}
 
 
-def forgetting_loaded(pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:
+def forgetting_loaded(
+    pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
+) -> dict:
     """`measure_forgetting` on models already in memory."""
     texts = [render_conversation(Document(t), tokenizer) for t in general_text()]
     losses = {}
@@ -137,28 +163,42 @@ def forgetting_loaded(pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_B
     answers, right, accuracy = {}, {}, {}
     for side in ("base", "tuned"):
         with getattr(pair, side)() as model:
-            answers[side] = [a for a, in answer_questions(model, tokenizer, questions, progress=progress,
-                                                          label=f"questions: {side}")]
+            answers[side] = [
+                a
+                for (a,) in answer_questions(model, tokenizer, questions, progress=progress, label=f"questions: {side}")
+            ]
         right[side] = [holds_answer(a, q["answers"]) for a, q in zip(answers[side], questions)]
         accuracy[side] = sum(right[side]) / len(questions)
     lost = [
         {"question": q["question"], "answers": q["answers"], "base": b, "tuned": t}
-        for q, b, t, base_right, tuned_right in zip(questions, answers["base"], answers["tuned"], right["base"], right["tuned"])
+        for q, b, t, base_right, tuned_right in zip(
+            questions, answers["base"], answers["tuned"], right["base"], right["tuned"]
+        )
         if base_right and not tuned_right
     ]
     base_loss, tuned_loss = losses["base"]["loss"], losses["tuned"]["loss"]
     return {
-        "general_text": {"base_loss": base_loss, "tuned_loss": tuned_loss, "change": tuned_loss / base_loss - 1,
-                         "tokens": losses["base"]["tokens"], "texts": len(texts)},
+        "general_text": {
+            "base_loss": base_loss,
+            "tuned_loss": tuned_loss,
+            "change": tuned_loss / base_loss - 1,
+            "tokens": losses["base"]["tokens"],
+            "texts": len(texts),
+        },
         "kl": mean_kl(pair, tokenizer, general_prompts(), batch_size=batch_size, progress=progress),
-        "general_questions": {"n": len(questions), "base_accuracy": accuracy["base"], "tuned_accuracy": accuracy["tuned"],
-                              "retained": accuracy["tuned"] / accuracy["base"] if accuracy["base"] else float("nan"),
-                              "lost": lost},
+        "general_questions": {
+            "n": len(questions),
+            "base_accuracy": accuracy["base"],
+            "tuned_accuracy": accuracy["tuned"],
+            "retained": accuracy["tuned"] / accuracy["base"] if accuracy["base"] else float("nan"),
+            "lost": lost,
+        },
     }
 
 
-def measure_forgetting(model: str, base: str | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                       progress: bool = True) -> dict:
+def measure_forgetting(
+    model: str, base: str | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
+) -> dict:
     """Base vs tuned on general text, prompts and questions (see the module doc).
 
     `model` is anything `resolve` takes. `base` may be left out for an adapter (its base is the
@@ -168,9 +208,11 @@ def measure_forgetting(model: str, base: str | None = None, *, batch_size: int =
     tokenizer = load_tokenizer(source)
     tuned = load_model(source)
     pair = ModelPair(tuned, load_model(resolve(base)) if base is not None else None)
-    return {"model": source.name, "base": base or str(source.path), **forgetting_loaded(pair, tokenizer,
-                                                                                     batch_size=batch_size,
-                                                                                     progress=progress)}
+    return {
+        "model": source.name,
+        "base": base or str(source.path),
+        **forgetting_loaded(pair, tokenizer, batch_size=batch_size, progress=progress),
+    }
 
 
 def measure_base_questions(model: str = DEFAULT_MODEL, *, progress: bool = True) -> dict:
@@ -181,17 +223,26 @@ def measure_base_questions(model: str = DEFAULT_MODEL, *, progress: bool = True)
     lm = load_model(source)
     questions = general_questions()
     greedy = answer_questions(lm, tokenizer, questions, progress=progress, label="questions: greedy")
-    sampled = answer_questions(lm, tokenizer, questions, progress=progress, label="questions: sampled",
-                               samples=QUESTION_SAMPLES, temperature=QUESTION_TEMPERATURE, seed=0)
-    right_in_samples = {q["question"]: sum(holds_answer(a, q["answers"]) for a in answers)
-                        for q, answers in zip(questions, sampled)}
+    sampled = answer_questions(
+        lm,
+        tokenizer,
+        questions,
+        progress=progress,
+        label="questions: sampled",
+        samples=QUESTION_SAMPLES,
+        temperature=QUESTION_TEMPERATURE,
+        seed=0,
+    )
+    right_in_samples = {
+        q["question"]: sum(holds_answer(a, q["answers"]) for a in answers) for q, answers in zip(questions, sampled)
+    }
     greedy_right = [q["question"] for q, (answer,) in zip(questions, greedy) if holds_answer(answer, q["answers"])]
     kept = [q for q in greedy_right if right_in_samples[q] >= QUESTION_SAMPLES_RIGHT]
     return {
         "model": model,
         "measured_with": f"the chat template with the question as the only user message, max_new_tokens "
-                         f"{QUESTION_MAX_NEW_TOKENS}, batch size {BATCH_SIZE}, scored with contains; greedy, and "
-                         f"{QUESTION_SAMPLES} samples a question at temperature {QUESTION_TEMPERATURE} (seed 0)",
+        f"{QUESTION_MAX_NEW_TOKENS}, batch size {BATCH_SIZE}, scored with contains; greedy, and "
+        f"{QUESTION_SAMPLES} samples a question at temperature {QUESTION_TEMPERATURE} (seed 0)",
         "rule": f"kept: right greedily and in at least {QUESTION_SAMPLES_RIGHT} of the {QUESTION_SAMPLES} samples",
         "questions": len(questions),
         "greedy_right": len(greedy_right),
@@ -206,5 +257,7 @@ if __name__ == "__main__":
 
     record = measure_base_questions()
     write_json(Path(__file__).with_name(BASE_QUESTIONS_FILE), record)
-    print(f"{record['model']} answers {record['greedy_right']} of {record['questions']} general questions right "
-          f"greedily, {record['correct']} of them firmly; kept those in {BASE_QUESTIONS_FILE}")
+    print(
+        f"{record['model']} answers {record['greedy_right']} of {record['questions']} general questions right "
+        f"greedily, {record['correct']} of them firmly; kept those in {BASE_QUESTIONS_FILE}"
+    )

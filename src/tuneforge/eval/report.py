@@ -52,7 +52,8 @@ class Table:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         body = "".join(
             f"<tr{' class=flagged' if i < len(self.flagged) and self.flagged[i] else ''}>"
-            + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+            + "".join(f"<td>{html.escape(cell)}</td>" for cell in row)
+            + "</tr>"
             for i, row in enumerate(self.rows)
         )
         caption = f"<p class=caption>{html.escape(self.caption)}</p>" if self.caption else ""
@@ -122,12 +123,19 @@ def metrics_table(results: dict[str, dict]) -> Table:
     flat = [flat_scores(r["scores"]) for r in results.values()]
     for key in flat[0]:
         add(key, [f.get(key) for f in flat], _share, points)
-    add("answers cut at max_new_tokens", [r["usage"]["stopped_by_length"] for r in results.values()],
-        lambda v: f"{v} of {first['n']}")
+    add(
+        "answers cut at max_new_tokens",
+        [r["usage"]["stopped_by_length"] for r in results.values()],
+        lambda v: f"{v} of {first['n']}",
+    )
     columns = ["metric", *labels] + (["change"] if paired else [])
-    return Table(f"{first['metric']} on {first['n']} examples of {Path(first['data']).name}", columns, rows,
-                 caption=f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
-                         "exact: the whole answer right (every field, for JSON answers)")
+    return Table(
+        f"{first['metric']} on {first['n']} examples of {Path(first['data']).name}",
+        columns,
+        rows,
+        caption=f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
+        "exact: the whole answer right (every field, for JSON answers)",
+    )
 
 
 def _widest_interval(n: int) -> float:
@@ -139,46 +147,77 @@ def _widest_interval(n: int) -> float:
 def forgetting_table(forgetting: dict) -> Table:
     text, kl, questions = forgetting["general_text"], forgetting["kl"], forgetting["general_questions"]
     rows = [
-        ["general text cross-entropy", f"{text['base_loss']:.4f}", f"{text['tuned_loss']:.4f}", f"{text['change']:+.2%}"],
-        [f"general questions right (of {questions['n']} the base knows)", _share(questions["base_accuracy"]),
-         share_with_interval(questions["tuned_accuracy"], questions["n"]), f"{_share(questions['retained'])} kept"],
+        [
+            "general text cross-entropy",
+            f"{text['base_loss']:.4f}",
+            f"{text['tuned_loss']:.4f}",
+            f"{text['change']:+.2%}",
+        ],
+        [
+            f"general questions right (of {questions['n']} the base knows)",
+            _share(questions["base_accuracy"]),
+            share_with_interval(questions["tuned_accuracy"], questions["n"]),
+            f"{_share(questions['retained'])} kept",
+        ],
         ["KL(base || tuned) per answer token", "", f"{kl['mean']:.4f}", ""],
     ]
-    return Table("Forgetting: general data the training never saw", ["measure", "base", "tuned", "change"], rows,
-                 caption=f"{text['texts']} prose paragraphs ({text['tokens']} tokens); KL over {kl['tokens']} tokens "
-                         f"of the base model's answers to {kl['prompts']} chat prompts")
+    return Table(
+        "Forgetting: general data the training never saw",
+        ["measure", "base", "tuned", "change"],
+        rows,
+        caption=f"{text['texts']} prose paragraphs ({text['tokens']} tokens); KL over {kl['tokens']} tokens "
+        f"of the base model's answers to {kl['prompts']} chat prompts",
+    )
 
 
 def targets_table(targets: list[dict]) -> Table:
     """`targets`: [{"target": what, "goal": str, "measured": str, "met": bool}]."""
     rows = [[t["target"], t["goal"], t["measured"], "met" if t["met"] else "MISSED"] for t in targets]
     missed = sum(not t["met"] for t in targets)
-    return Table("Targets", ["target", "goal", "measured", ""], rows, flagged=[not t["met"] for t in targets],
-                 caption="all targets met" if not missed else f"{missed} of {len(targets)} targets missed")
+    return Table(
+        "Targets",
+        ["target", "goal", "measured", ""],
+        rows,
+        flagged=[not t["met"] for t in targets],
+        caption="all targets met" if not missed else f"{missed} of {len(targets)} targets missed",
+    )
 
 
-def examples_table(samples: list[dict], n: int = EXAMPLES_SHOWN,
-                   answers: tuple[tuple[str, str, str], ...] = (("base", "base", "base_correct"),
-                                                                 ("tuned", "tuned", "tuned_correct"))) -> Table:
+def examples_table(
+    samples: list[dict],
+    n: int = EXAMPLES_SHOWN,
+    answers: tuple[tuple[str, str, str], ...] = (("base", "base", "base_correct"), ("tuned", "tuned", "tuned_correct")),
+) -> Table:
     """The first `n` samples (file order, not picked): input, each answer marked right or wrong, truth.
 
     `answers` names the answer columns: (column title, sample key of the answer, key of its verdict).
     """
     rows = [
-        [s["input"], *(f"{s[answer].strip()} {'✓' if s[verdict] else '✗'}" for _, answer, verdict in answers),
-         s["reference"]]
+        [
+            s["input"],
+            *(f"{s[answer].strip()} {'✓' if s[verdict] else '✗'}" for _, answer, verdict in answers),
+            s["reference"],
+        ]
         for s in samples[:n]
     ]
-    return Table(f"Examples (the first {len(rows)} of {len(samples)})",
-                 ["input", *(title for title, _, _ in answers), "truth"], rows)
+    return Table(
+        f"Examples (the first {len(rows)} of {len(samples)})",
+        ["input", *(title for title, _, _ in answers), "truth"],
+        rows,
+    )
 
 
 def facts_table(facts: dict[str, str]) -> Table:
     return Table("Run", ["", ""], [[k, str(v)] for k, v in facts.items()])
 
 
-def report_tables(before: dict, after: dict, forgetting: dict | None = None, targets: list[dict] | None = None,
-                  facts: dict[str, str] | None = None) -> list[Table]:
+def report_tables(
+    before: dict,
+    after: dict,
+    forgetting: dict | None = None,
+    targets: list[dict] | None = None,
+    facts: dict[str, str] | None = None,
+) -> list[Table]:
     """Every table of the report, in order; the terminal prints the same list."""
     tables = [facts_table(facts)] if facts else []
     if targets:
@@ -290,7 +329,9 @@ def render_html(title: str, tables: list[Table], plots: list[tuple[str, str]]) -
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class=caption>written {made} by tuneforge</p>"
-        + tables[0].to_html() + f"<h2>Plots</h2>{figures}" + "".join(t.to_html() for t in tables[1:])
+        + tables[0].to_html()
+        + f"<h2>Plots</h2>{figures}"
+        + "".join(t.to_html() for t in tables[1:])
         + "</body></html>"
     )
 
@@ -299,8 +340,14 @@ def _without_samples(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "samples"}
 
 
-def write_run_report(run_dir: str | Path, before: dict, after: dict, forgetting: dict | None = None,
-                     targets: list[dict] | None = None, facts: dict[str, str] | None = None) -> Path:
+def write_run_report(
+    run_dir: str | Path,
+    before: dict,
+    after: dict,
+    forgetting: dict | None = None,
+    targets: list[dict] | None = None,
+    facts: dict[str, str] | None = None,
+) -> Path:
     """Write the evaluation files and report of a run (see the module doc); returns report.html."""
     run_dir = Path(run_dir)
     out = run_dir / "eval"

@@ -52,8 +52,16 @@ class ExportResult:
     checks: dict = field(default_factory=dict)  # the figures written to export.json
 
 
-def export(run_or_model: str | Path, fmt: str, dtype: str | None, out: str | Path, ollama: bool = False, *,
-           overwrite: bool = False, progress: bool = True) -> ExportResult:
+def export(
+    run_or_model: str | Path,
+    fmt: str,
+    dtype: str | None,
+    out: str | Path,
+    ollama: bool = False,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExportResult:
     """Export a run folder (its final/), a checkpoint folder or any model `models.resolve` knows.
 
     Bad input (unknown format, a dtype or option the format lacks, an unfinished run, an existing
@@ -85,8 +93,13 @@ def export(run_or_model: str | Path, fmt: str, dtype: str | None, out: str | Pat
         if modelfile is not None:
             (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
             files.append(tmp / "Modelfile")
-        record = {"format": fmt, "dtype": dtype, "source": _describe(source),
-                  "files": [f.name for f in files], "checks": checks}
+        record = {
+            "format": fmt,
+            "dtype": dtype,
+            "source": _describe(source),
+            "files": [f.name for f in files],
+            "checks": checks,
+        }
         write_json(tmp / EXPORT_RECORD, record)
     console.print(f"[green]✓[/] exported {source.name} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
     return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks)
@@ -95,16 +108,21 @@ def export(run_or_model: str | Path, fmt: str, dtype: str | None, out: str | Pat
 def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
     """The dtype to write (the format's default when none is given), or a clear refusal."""
     if fmt not in FORMAT_DTYPES:
-        raise TuneforgeError(f"Unknown export format '{fmt}': use one of {', '.join(FORMAT_DTYPES)}.",
-                             code="bad_export_option")
+        raise TuneforgeError(
+            f"Unknown export format '{fmt}': use one of {', '.join(FORMAT_DTYPES)}.", code="bad_export_option"
+        )
     allowed = FORMAT_DTYPES[fmt]
     if dtype is not None and dtype not in allowed:
-        what = (f"takes the dtypes {', '.join(allowed)}" if allowed
-                else "copies the adapter as it was trained and takes no --dtype")
+        what = (
+            f"takes the dtypes {', '.join(allowed)}"
+            if allowed
+            else "copies the adapter as it was trained and takes no --dtype"
+        )
         raise TuneforgeError(f"--format {fmt} {what}, not '{dtype}'.", code="bad_export_option")
     if ollama and fmt != "gguf":
-        raise TuneforgeError("--ollama writes a Modelfile for a GGUF file: use it with --format gguf.",
-                             code="bad_export_option")
+        raise TuneforgeError(
+            "--ollama writes a Modelfile for a GGUF file: use it with --format gguf.", code="bad_export_option"
+        )
     return dtype or (allowed[0] if allowed else None)
 
 
@@ -123,28 +141,45 @@ def _check_out_spares_source(out: Path, source: ModelSource) -> None:
     target = out.resolve()
     for path in filter(None, (source.path, source.adapter)):
         if target == path.resolve() or target in path.resolve().parents:
-            raise TuneforgeError(f"--out {out} holds the model being exported ({path}); choose another folder.",
-                                 code="out_exists")
+            raise TuneforgeError(
+                f"--out {out} holds the model being exported ({path}); choose another folder.", code="out_exists"
+            )
 
 
 def _describe(source: ModelSource) -> dict:
-    return {"spec": source.spec, "name": source.name, "base": str(source.path),
-            "adapter": str(source.adapter) if source.adapter else None}
+    return {
+        "spec": source.spec,
+        "name": source.name,
+        "base": str(source.path),
+        "adapter": str(source.adapter) if source.adapter else None,
+    }
 
 
 def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, console) -> tuple[list[Path], dict]:
     reference = probe_logits(load_model(source), ids)
     files = adapter.save_adapter(source.adapter, tokenizer, folder)
-    checks = _verified(reference, adapter.load_saved(source.path, folder), ids, "f32",
-                       "The adapter loaded with PEFT, against the adapter model", console)
+    checks = _verified(
+        reference,
+        adapter.load_saved(source.path, folder),
+        ids,
+        "f32",
+        "The adapter loaded with PEFT, against the adapter model",
+        console,
+    )
     return files, checks
 
 
 def _export_merged(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:
     merged = _merged(source, ids, console)
     files = merge.save_merged(merged, tokenizer, folder, dtype)
-    checks = _verified(merged.logits, merge.load_saved(folder), ids, dtype,
-                       f"The merged model saved as {dtype}, against the merged fp32 model", console)
+    checks = _verified(
+        merged.logits,
+        merge.load_saved(folder),
+        ids,
+        dtype,
+        f"The merged model saved as {dtype}, against the merged fp32 model",
+        console,
+    )
     return files, {**_merge_figures(merged), **checks}
 
 
@@ -154,13 +189,21 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
     gguf_writer.write_gguf(merged.model, tokenizer, path, dtype, name=source.name, console=console)
     with console.status(f"Loading {path.name} back with transformers to check it"):
         loaded, loaded_tokenizer = gguf_writer.load_gguf(folder, path.name)
-    checks = _verified(merged.logits, loaded, ids, dtype,
-                       f"The GGUF ({dtype}) read by transformers, against the merged fp32 model", console)
+    checks = _verified(
+        merged.logits,
+        loaded,
+        ids,
+        dtype,
+        f"The GGUF ({dtype}) read by transformers, against the merged fp32 model",
+        console,
+    )
     # The tokens a runtime sees come from the tokenizer rebuilt from the GGUF's metadata.
     checks["tokenizer_roundtrip_identical"] = probe_ids(loaded_tokenizer) == ids
     if not checks["tokenizer_roundtrip_identical"]:
-        console.print("[yellow]warning:[/] the tokenizer transformers rebuilds from the GGUF encodes the probe "
-                      "chat differently from the original; llama.cpp may too.")
+        console.print(
+            "[yellow]warning:[/] the tokenizer transformers rebuilds from the GGUF encodes the probe "
+            "chat differently from the original; llama.cpp may too."
+        )
     return [path], {**_merge_figures(merged), **checks}
 
 
@@ -168,8 +211,10 @@ def _merged(source: ModelSource, ids, console) -> merge.MergedModel:
     with console.status("Loading the model" + (" and merging its adapter" if source.adapter else "")):
         merged = merge.merged_model(source, ids)
     if merged.merge is not None:
-        console.print(f"The merged fp32 model, against the adapter model: largest logit difference "
-                      f"{merged.merge.max_abs_logit_diff:.3g} (bound {MERGE_BOUND:g})")
+        console.print(
+            f"The merged fp32 model, against the adapter model: largest logit difference "
+            f"{merged.merge.max_abs_logit_diff:.3g} (bound {MERGE_BOUND:g})"
+        )
     return merged
 
 
@@ -182,8 +227,10 @@ def _verified(reference, loaded_model, ids, dtype: str, what: str, console) -> d
     figure, then refuse if it is out of bounds."""
     measured = agreement(reference, probe_logits(loaded_model, ids))
     bound = DTYPE_BOUNDS[dtype]
-    console.print(f"{what}: largest logit difference {measured.max_abs_logit_diff:.3g} "
-                  f"(bound {bound:g}), same next token at {measured.argmax_agreement:.1%} of positions")
+    console.print(
+        f"{what}: largest logit difference {measured.max_abs_logit_diff:.3g} "
+        f"(bound {bound:g}), same next token at {measured.argmax_agreement:.1%} of positions"
+    )
     require_within(measured, bound, what)
     return measured.as_dict(bound)
 

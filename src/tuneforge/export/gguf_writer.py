@@ -182,8 +182,13 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     eos_id = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else tokenizer.eos_token_id
     special.special_token_ids = {
         kind: token_id
-        for kind, token_id in (("bos", tokenizer.bos_token_id), ("eos", eos_id), ("eot", eos_id),
-                               ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id))
+        for kind, token_id in (
+            ("bos", tokenizer.bos_token_id),
+            ("eos", eos_id),
+            ("eot", eos_id),
+            ("unk", tokenizer.unk_token_id),
+            ("pad", tokenizer.pad_token_id),
+        )
         if token_id is not None
     }
     special.add_special_token = {"bos": False, "eos": False}

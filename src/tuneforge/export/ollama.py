@@ -16,8 +16,13 @@ TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
 
 # Ollama puts the Modelfile's SYSTEM into .Messages when a request has no system message.
 _CHATML_GO_TEMPLATE = (
-    "{{- range .Messages }}" + TURN_START + "{{ .Role }}\n{{ .Content }}" + TURN_END + "\n{{ end }}"
-    + TURN_START + "assistant\n"
+    "{{- range .Messages }}"
+    + TURN_START
+    + "{{ .Role }}\n{{ .Content }}"
+    + TURN_END
+    + "\n{{ end }}"
+    + TURN_START
+    + "assistant\n"
 )
 
 
@@ -35,7 +40,7 @@ def default_system_prompt(tokenizer) -> str | None:
     opening = f"{TURN_START}system\n"
     if not rendered.startswith(opening):
         return None
-    return rendered[len(opening):rendered.find(TURN_END)]
+    return rendered[len(opening) : rendered.find(TURN_END)]
 
 
 def modelfile(tokenizer, gguf_name: str) -> str:

@@ -54,8 +54,11 @@ class Agreement:
     argmax_agreement: float  # share of positions whose most likely next token is the same
 
     def as_dict(self, bound: float) -> dict:
-        return {"max_abs_logit_diff": self.max_abs_logit_diff, "bound": bound,
-                "argmax_agreement": self.argmax_agreement}
+        return {
+            "max_abs_logit_diff": self.max_abs_logit_diff,
+            "bound": bound,
+            "argmax_agreement": self.argmax_agreement,
+        }
 
 
 def probe_ids(tokenizer) -> list[list[int]]:

@@ -10,9 +10,9 @@ exists on disk. A checkpoint's step is digits, and its folder must lie inside it
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import ModelSourceError
 from ..models import REGISTRY, resolve
@@ -60,10 +60,14 @@ class ModelAccess:
             return name, self._short_name(name)
         if fine_tuned_folder(self.store, self.runs, owner, name):
             return name, name.split(":")[1]
-        raise APIError(400, f"The model `{name}` is not available for fine-tuning here. Name a registry model "
-                            f"({', '.join(REGISTRY)}), a model this server allows (GET /v1/models lists those "
-                            "you have used), or one of your fine-tuned models or checkpoints.",
-                       param="model", code="model_not_available")
+        raise APIError(
+            400,
+            f"The model `{name}` is not available for fine-tuning here. Name a registry model "
+            f"({', '.join(REGISTRY)}), a model this server allows (GET /v1/models lists those "
+            "you have used), or one of your fine-tuned models or checkpoints.",
+            param="model",
+            code="model_not_available",
+        )
 
     def for_inference(self, owner: str, name: str) -> InferenceTarget:
         spec = name.lower() if name.lower() in REGISTRY else name if name in self.allowed else None
@@ -75,8 +79,12 @@ class ModelAccess:
         try:
             source = resolve(spec, pull_missing=False)
         except ModelSourceError as err:
-            raise APIError(404, f"The model `{name}` is not ready here: ask the server's operator to fetch it.",
-                           param="model", code="model_not_found") from err
+            raise APIError(
+                404,
+                f"The model `{name}` is not ready here: ask the server's operator to fetch it.",
+                param="model",
+                code="model_not_found",
+            ) from err
         return InferenceTarget(source.path.resolve(), source.adapter)
 
     def _short_name(self, spec: str) -> str:
@@ -87,5 +95,9 @@ class ModelAccess:
 
 
 def no_such_model(name: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
-                    code="model_not_found")
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )

@@ -12,9 +12,9 @@ is checked before any body is read, and bodies are capped (`tuneforge.web`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Sequence
 
 from fastapi import FastAPI
 
@@ -32,16 +32,31 @@ MAX_JSON_BODY_BYTES = 4 << 20
 UPLOAD_ENVELOPE_BYTES = 64 << 10  # what multipart adds around an uploaded file
 
 
-def create_api(root: Path, store: Store, *, api_keys: Sequence[str] = (), workers: int = 1,
-               max_upload_bytes: int = 512 << 20, max_body_bytes: int = MAX_JSON_BODY_BYTES,
-               allowed_models: Sequence[str] = (), max_models: int = 2, docs: bool = False) -> FastAPI:
+def create_api(
+    root: Path,
+    store: Store,
+    *,
+    api_keys: Sequence[str] = (),
+    workers: int = 1,
+    max_upload_bytes: int = 512 << 20,
+    max_body_bytes: int = MAX_JSON_BODY_BYTES,
+    allowed_models: Sequence[str] = (),
+    max_models: int = 2,
+    docs: bool = False,
+) -> FastAPI:
     """The app; its lifespan starts `workers` job workers and stops them (jobs queued again) at the end.
 
     `allowed_models` are the models clients may name besides registry models and their own fine-tuned
     ones; at most `max_models` base models are held in memory for inference.
     """
-    service = Service(root, store, FileStorage(root), ModelAccess(store, root / "runs", allowed_models),
-                      InferenceModels(max_bases=max_models), max_upload_bytes)
+    service = Service(
+        root,
+        store,
+        FileStorage(root),
+        ModelAccess(store, root / "runs", allowed_models),
+        InferenceModels(max_bases=max_models),
+        max_upload_bytes,
+    )
     job_workers = Workers(store, service.storage, root, workers)
 
     @asynccontextmanager
@@ -53,12 +68,20 @@ def create_api(root: Path, store: Store, *, api_keys: Sequence[str] = (), worker
             await asyncio.to_thread(job_workers.stop)
             await service.inference.close()
 
-    app = FastAPI(title="tuneforge", summary="OpenAI-compatible fine-tuning jobs and inference", lifespan=lifespan,
-                  **docs_urls(docs))
+    app = FastAPI(
+        title="tuneforge",
+        summary="OpenAI-compatible fine-tuning jobs and inference",
+        lifespan=lifespan,
+        **docs_urls(docs),
+    )
     app.state.service = service
     for router in ROUTERS:
         app.include_router(router)
     app.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"])
-    edge(app, api_keys=api_keys, max_body_bytes=max_body_bytes,
-         per_path={UPLOAD_PATH: max_upload_bytes + UPLOAD_ENVELOPE_BYTES})
+    edge(
+        app,
+        api_keys=api_keys,
+        max_body_bytes=max_body_bytes,
+        per_path={UPLOAD_PATH: max_upload_bytes + UPLOAD_ENVELOPE_BYTES},
+    )
     return app

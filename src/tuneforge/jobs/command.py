@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.console import Console
 from sqlalchemy.engine import make_url
@@ -28,16 +28,30 @@ def open_store(db: str | None):
     try:
         return Store(url), root
     except (ArgumentError, OperationalError) as err:
-        raise ConfigError(f"--db {shown}: cannot open the job store ({str(err).splitlines()[0]}). Give a "
-                          "database URL such as sqlite:////path/jobs.db or postgresql://user@host/db.") from None
+        raise ConfigError(
+            f"--db {shown}: cannot open the job store ({str(err).splitlines()[0]}). Give a "
+            "database URL such as sqlite:////path/jobs.db or postgresql://user@host/db."
+        ) from None
     except ModuleNotFoundError as err:
-        raise ConfigError(f"--db {shown}: the database driver is missing ({err.name}); install psycopg2-binary "
-                          "(part of tuneforge's serve extra).") from None
+        raise ConfigError(
+            f"--db {shown}: the database driver is missing ({err.name}); install psycopg2-binary "
+            "(part of tuneforge's serve extra)."
+        ) from None
 
 
-def api_command(*, host: str, port: int, db: str | None, workers: int, api_keys: Sequence[str],
-                max_upload_mb: int, max_body_mb: int, allowed_models: Sequence[str], max_models: int,
-                docs: bool) -> int:
+def api_command(
+    *,
+    host: str,
+    port: int,
+    db: str | None,
+    workers: int,
+    api_keys: Sequence[str],
+    max_upload_mb: int,
+    max_body_mb: int,
+    allowed_models: Sequence[str],
+    max_models: int,
+    docs: bool,
+) -> int:
     from . import runner
 
     runner.start_process_server()  # first: it imports torch and the training code while this process does the rest
@@ -46,12 +60,22 @@ def api_command(*, host: str, port: int, db: str | None, workers: int, api_keys:
 
     from .api import create_api
 
-    app = create_api(root, store, api_keys=api_keys, workers=workers, max_upload_bytes=max_upload_mb << 20,
-                     max_body_bytes=max_body_mb << 20, allowed_models=allowed_models, max_models=max_models,
-                     docs=docs)
+    app = create_api(
+        root,
+        store,
+        api_keys=api_keys,
+        workers=workers,
+        max_upload_bytes=max_upload_mb << 20,
+        max_body_bytes=max_body_mb << 20,
+        allowed_models=allowed_models,
+        max_models=max_models,
+        docs=docs,
+    )
     Console(stderr=True).print(
         f"tuneforge api at http://{host}:{port}/v1 with {workers} job worker(s); store {store.url!r}; files and "
-        f"runs under {root}" + (" (API key required)" if api_keys else ""), highlight=False)
+        f"runs under {root}" + (" (API key required)" if api_keys else ""),
+        highlight=False,
+    )
     uvicorn.run(app, host=host, port=port, log_level="info")
     return 0
 
@@ -68,8 +92,10 @@ def worker_command(*, db: str, workers: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     job_workers.start()
-    Console(stderr=True).print(f"tuneforge worker: {workers} job worker(s) on store {store.url!r}; files and runs "
-                               f"under {root}", highlight=False)
+    Console(stderr=True).print(
+        f"tuneforge worker: {workers} job worker(s) on store {store.url!r}; files and runs under {root}",
+        highlight=False,
+    )
     stop.wait()
     job_workers.stop()
     return 0

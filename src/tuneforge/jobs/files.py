@@ -12,16 +12,24 @@ import contextlib
 import csv
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 from ..fsio import atomic_file
 from .store import StoredFile, new_id, now
 
 CHUNK_BYTES = 1 << 20
 SUFFIXES = {"fine-tune": ".jsonl", "fine-tune-results": ".csv"}
-RESULT_COLUMNS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
-                  "full_valid_loss", "full_valid_mean_token_accuracy")
+RESULT_COLUMNS = (
+    "step",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+)
 
 
 class FileTooLarge(Exception):
@@ -41,8 +49,14 @@ class FileStorage:
 
     def save(self, source: BinaryIO, *, owner: str, filename: str, purpose: str, max_bytes: int) -> StoredFile:
         """Copy `source` into the store; raises `FileTooLarge` past `max_bytes` (nothing is left behind)."""
-        row = StoredFile(id=new_id("file-"), owner=owner, filename=Path(filename).name[:255], purpose=purpose,
-                         bytes=0, created_at=now())
+        row = StoredFile(
+            id=new_id("file-"),
+            owner=owner,
+            filename=Path(filename).name[:255],
+            purpose=purpose,
+            bytes=0,
+            created_at=now(),
+        )
         with atomic_file(self.path(row), "wb") as out:
             while chunk := source.read(CHUNK_BYTES):
                 row.bytes += len(chunk)
@@ -57,8 +71,13 @@ class FileStorage:
         writer = csv.DictWriter(text, RESULT_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
-        return self.save(io.BytesIO(text.getvalue().encode()), owner=owner, filename="step_metrics.csv",
-                         purpose="fine-tune-results", max_bytes=1 << 40)
+        return self.save(
+            io.BytesIO(text.getvalue().encode()),
+            owner=owner,
+            filename="step_metrics.csv",
+            purpose="fine-tune-results",
+            max_bytes=1 << 40,
+        )
 
     def delete(self, row: StoredFile) -> None:
         with contextlib.suppress(FileNotFoundError):

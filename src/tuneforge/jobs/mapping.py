@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -37,7 +37,7 @@ def _auto_or(kind: type, low: float, high: float, *, low_inclusive: bool = True)
             raise ValueError(f"expected 'auto' or {shown} in {bounds}, got {value!r}")
         return kind(value)
 
-    return Annotated[Union[Literal["auto"], kind], BeforeValidator(check)]
+    return Annotated[Literal["auto"] | kind, BeforeValidator(check)]
 
 
 class Body(BaseModel):
@@ -101,16 +101,19 @@ class CreateJobBody(Body):
     @classmethod
     def _validation_file(cls, value, info: ValidationInfo):
         if value is not None and value == info.data.get("training_file"):
-            raise ValueError("the validation file must be another file than the training file; leave it out to "
-                             "train without one")
+            raise ValueError(
+                "the validation file must be another file than the training file; leave it out to train without one"
+            )
         return value
 
     @field_validator("hyperparameters")
     @classmethod
     def _one_place_for_hyperparameters(cls, value, info: ValidationInfo):
         if value is not None and info.data.get("method") is not None:
-            raise ValueError("give hyperparameters in method.<type>.hyperparameters or in the legacy top-level "
-                             "hyperparameters, not both")
+            raise ValueError(
+                "give hyperparameters in method.<type>.hyperparameters or in the legacy top-level "
+                "hyperparameters, not both"
+            )
         return value
 
     @field_validator("metadata")
@@ -134,8 +137,15 @@ class CreateJobBody(Body):
         return {"type": kind, kind: {"hyperparameters": hyperparameters.model_dump()}}
 
 
-def training_config(model: str, method: dict, seed: int, train_file: Path, validation_file: Path | None,
-                    output_dir: Path, n_examples: int | None = None) -> Config:
+def training_config(
+    model: str,
+    method: dict,
+    seed: int,
+    train_file: Path,
+    validation_file: Path | None,
+    output_dir: Path,
+    n_examples: int | None = None,
+) -> Config:
     """The run's config; with `n_examples` (known once the file is read) every 'auto' is decided.
 
     Raises `ConfigError` for a combination tuneforge refuses, e.g. a method it does not have.
@@ -152,11 +162,18 @@ def training_config(model: str, method: dict, seed: int, train_file: Path, valid
     raw = {
         "base_model": model,
         "method": "lora" if kind == "supervised" else kind,
-        "data": {"train": str(train_file), "validation": str(validation_file) if validation_file else None,
-                 "packing": False},
-        "train": {"batch_size": batch_size, "epochs": epochs, "seed": seed,
-                  "learning_rate": TrainConfig.model_fields["learning_rate"].default * multiplier,
-                  "keep_checkpoints": KEPT_EPOCH_CHECKPOINTS},
+        "data": {
+            "train": str(train_file),
+            "validation": str(validation_file) if validation_file else None,
+            "packing": False,
+        },
+        "train": {
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "seed": seed,
+            "learning_rate": TrainConfig.model_fields["learning_rate"].default * multiplier,
+            "keep_checkpoints": KEPT_EPOCH_CHECKPOINTS,
+        },
         "output_dir": str(output_dir),
     }
     if kind == "dpo" and hyper["beta"] != "auto":
@@ -172,9 +189,11 @@ def resolved_method(method: dict, config: Config) -> dict:
     kind = method["type"]
     hyper = dict(method[kind]["hyperparameters"])
     default_lr = TrainConfig.model_fields["learning_rate"].default
-    hyper.update(batch_size=config.train.batch_size, n_epochs=config.train.epochs,
-                 learning_rate_multiplier=round(config.train.learning_rate / default_lr, 6))
+    hyper.update(
+        batch_size=config.train.batch_size,
+        n_epochs=config.train.epochs,
+        learning_rate_multiplier=round(config.train.learning_rate / default_lr, 6),
+    )
     if kind == "dpo":
         hyper["beta"] = config.dpo.beta
     return {"type": kind, kind: {"hyperparameters": hyper}}
-

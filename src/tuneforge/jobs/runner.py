@@ -55,8 +55,12 @@ def run(run_dir: Path) -> dict:
         result = train(config, resume=resume, progress=False)
     except TuneforgeError as err:
         problems = getattr(err, "problems", []) if isinstance(err, DataError) else []
-        return {"status": "failed", "code": err.code, "message": err.message,
-                "file": next((p.file for p in problems if p.is_error and p.file), None)}
+        return {
+            "status": "failed",
+            "code": err.code,
+            "message": err.message,
+            "file": next((p.file for p in problems if p.is_error and p.file), None),
+        }
     return {"status": result.status, "steps": result.steps, "metrics": result.metrics}
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import secrets
 import string
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Float, String, create_engine, event, select, text, update
 from sqlalchemy.engine import make_url
@@ -53,9 +54,17 @@ class StoredFile(OwnedObject, Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
 
     def to_api(self) -> dict:
-        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "status_details": None, "expires_at": None}
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "status_details": None,
+            "expires_at": None,
+        }
 
 
 class Job(OwnedObject, Base):
@@ -101,8 +110,15 @@ class JobEvent(Base):
     data: Mapped[dict | None]
 
     def to_api(self) -> dict:
-        return {"id": self.id, "object": "fine_tuning.job.event", "created_at": self.created_at,
-                "level": self.level, "type": self.type, "message": self.message, "data": self.data}
+        return {
+            "id": self.id,
+            "object": "fine_tuning.job.event",
+            "created_at": self.created_at,
+            "level": self.level,
+            "type": self.type,
+            "message": self.message,
+            "data": self.data,
+        }
 
 
 class JobCheckpoint(Base):
@@ -116,9 +132,15 @@ class JobCheckpoint(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
 
     def to_api(self) -> dict:
-        return {"id": self.id, "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
-                "fine_tuned_model_checkpoint": self.model, "fine_tuning_job_id": self.job_id,
-                "metrics": {"step": self.step, **self.metrics}, "step_number": self.step}
+        return {
+            "id": self.id,
+            "object": "fine_tuning.job.checkpoint",
+            "created_at": self.created_at,
+            "fine_tuned_model_checkpoint": self.model,
+            "fine_tuning_job_id": self.job_id,
+            "metrics": {"step": self.step, **self.metrics},
+            "step_number": self.step,
+        }
 
 
 class Page(list):
@@ -137,8 +159,9 @@ class Store:
             self.url = self.url.set(drivername="postgresql+psycopg2")
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         # SQLite: wait for another writer instead of failing at once; WAL lets readers go on meanwhile.
-        self.engine = create_engine(self.url, connect_args={"timeout": 30} if self.is_sqlite else {},
-                                    pool_pre_ping=not self.is_sqlite)
+        self.engine = create_engine(
+            self.url, connect_args={"timeout": 30} if self.is_sqlite else {}, pool_pre_ping=not self.is_sqlite
+        )
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -179,8 +202,11 @@ class Store:
     def file_in_use(self, file_id: str) -> Job | None:
         """A job not yet finished that reads this file."""
         with self.session() as session:
-            return session.scalar(select(Job).where(Job.status.in_(ACTIVE), (Job.training_file == file_id)
-                                                    | (Job.validation_file == file_id)).limit(1))
+            return session.scalar(
+                select(Job)
+                .where(Job.status.in_(ACTIVE), (Job.training_file == file_id) | (Job.validation_file == file_id))
+                .limit(1)
+            )
 
     # ---- jobs ------------------------------------------------------------------------------------
 
@@ -227,12 +253,20 @@ class Store:
         the guarded UPDATE alone decides and a worker that lost the race simply tries again.
         """
         with self.session() as session:
-            job = session.scalar(select(Job).where(Job.status == status, Job.worker_id.is_(None))
-                                 .order_by(Job.seq).limit(1).with_for_update(skip_locked=True))
+            job = session.scalar(
+                select(Job)
+                .where(Job.status == status, Job.worker_id.is_(None))
+                .order_by(Job.seq)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
             if job is None:
                 return None
-            taken = session.execute(update(Job).where(Job.id == job.id, Job.status == status, Job.worker_id.is_(None))
-                                    .values(worker_id=worker_id, heartbeat_at=time.time())).rowcount
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == status, Job.worker_id.is_(None))
+                .values(worker_id=worker_id, heartbeat_at=time.time())
+            ).rowcount
             if taken != 1:
                 return None
             job.worker_id = worker_id
@@ -244,10 +278,20 @@ class Store:
 
     # ---- events and checkpoints ------------------------------------------------------------------
 
-    def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
-                  data: dict | None = None) -> None:
-        self.add(JobEvent(id=new_id("ftevent-"), job_id=job_id, created_at=now(), level=level, type=type,
-                          message=message, data=data))
+    def add_event(
+        self, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
+    ) -> None:
+        self.add(
+            JobEvent(
+                id=new_id("ftevent-"),
+                job_id=job_id,
+                created_at=now(),
+                level=level,
+                type=type,
+                message=message,
+                data=data,
+            )
+        )
 
     def list_events(self, job_id: str, *, after: str | None, limit: int) -> Page:
         return self._page(JobEvent, select(JobEvent).where(JobEvent.job_id == job_id), after, limit, newest_first=True)
@@ -259,7 +303,9 @@ class Store:
     def sync_checkpoints(self, job_id: str, on_disk: dict[int, Callable[[], JobCheckpoint]]) -> list[int]:
         """Make the job's rows match the checkpoints on disk (the loop prunes old ones); returns new steps."""
         with self.session() as session:
-            rows = {row.step: row for row in session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id))}
+            rows = {
+                row.step: row for row in session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
+            }
             for step, row in rows.items():
                 if step not in on_disk:
                     session.delete(row)

@@ -30,8 +30,7 @@ from ..data import check_data
 from ..errors import ModelSourceError, TuneforgeError
 from ..fsio import write_json
 from ..models import load_tokenizer, resolve
-from ..training import checkpoint
-from ..training import make_plan
+from ..training import checkpoint, make_plan
 from ..web import failure_id, scrub_paths
 from . import runner
 from .access import training_spec
@@ -83,9 +82,12 @@ class Workers:
         self._recovery_lock = threading.Lock()
         prefix = process_worker_id()
         roles = [("validating_files", self._validate)] * min(count, 1) + [("queued", self._train)] * count
-        self._threads = [threading.Thread(target=self._work, args=(f"{prefix}/{i}", status, handle),
-                                          name=f"tuneforge-job-worker-{i}", daemon=True)
-                         for i, (status, handle) in enumerate(roles)]
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(f"{prefix}/{i}", status, handle), name=f"tuneforge-job-worker-{i}", daemon=True
+            )
+            for i, (status, handle) in enumerate(roles)
+        ]
 
     def start(self) -> None:
         runner.start_process_server()
@@ -131,9 +133,15 @@ class Workers:
             if job.status != "running":
                 self.store.move(job.id, [job.status], held_by=job.worker_id, worker_id=None)
             elif job.recoveries >= MAX_RECOVERIES:
-                self._fail(job, job.worker_id, JobFailure(
-                    "server_stopped", f"The server running this job stopped {job.recoveries} times while it trained; "
-                    "giving up. Its last checkpoint is kept; start a new job to try again."))
+                self._fail(
+                    job,
+                    job.worker_id,
+                    JobFailure(
+                        "server_stopped",
+                        f"The server running this job stopped {job.recoveries} times while it trained; "
+                        "giving up. Its last checkpoint is kept; start a new job to try again.",
+                    ),
+                )
             else:
                 self._requeue_orphan(job)
 
@@ -142,28 +150,52 @@ class Workers:
         # The checkpoint may be newer than the last step the dead server reported.
         step = max(job.step, int(last.name.removeprefix("step-")) if last else 0)
         back_to = "paused" if job.stop_request == "pause" else "queued"
-        if self.store.move(job.id, ["running"], held_by=job.worker_id, status=back_to, worker_id=None,
-                           stop_request=None, estimated_finish=None, recoveries=job.recoveries + 1):
-            self.store.add_event(job.id, f"The server running this job stopped after step {step}; the job is "
-                                 f"{back_to} again and will resume from "
-                                 + (f"checkpoint {last.name}." if last else "the start (no checkpoint yet)."),
-                                 level="warn")
+        if self.store.move(
+            job.id,
+            ["running"],
+            held_by=job.worker_id,
+            status=back_to,
+            worker_id=None,
+            stop_request=None,
+            estimated_finish=None,
+            recoveries=job.recoveries + 1,
+        ):
+            self.store.add_event(
+                job.id,
+                f"The server running this job stopped after step {step}; the job is "
+                f"{back_to} again and will resume from "
+                + (f"checkpoint {last.name}." if last else "the start (no checkpoint yet)."),
+                level="warn",
+            )
 
     # ---- validating_files -> queued ----------------------------------------------------------------
 
     def _validate(self, job: Job, worker_id: str) -> None:
-        self.store.add_event(job.id, f"Validating training file: {job.training_file}"
-                             + (f" and validation file: {job.validation_file}" if job.validation_file else ""))
+        self.store.add_event(
+            job.id,
+            f"Validating training file: {job.training_file}"
+            + (f" and validation file: {job.validation_file}" if job.validation_file else ""),
+        )
         try:
             config, total_steps, n_examples = self._check_files(job)
         except JobFailure as failure:
             self._fail(job, worker_id, failure)
             return
-        if self.store.move(job.id, ["validating_files"], held_by=worker_id, status="queued", worker_id=None,
-                           train_config=config.model_dump(mode="json"), total_steps=total_steps,
-                           method=resolved_method(job.method, config)):
-            self.store.add_event(job.id, f"Files validated: {n_examples} training examples, {config.train.epochs} "
-                                 f"epochs, {total_steps} steps. Job queued.")
+        if self.store.move(
+            job.id,
+            ["validating_files"],
+            held_by=worker_id,
+            status="queued",
+            worker_id=None,
+            train_config=config.model_dump(mode="json"),
+            total_steps=total_steps,
+            method=resolved_method(job.method, config),
+        ):
+            self.store.add_event(
+                job.id,
+                f"Files validated: {n_examples} training examples, {config.train.epochs} "
+                f"epochs, {total_steps} steps. Job queued.",
+            )
 
     def _check_files(self, job: Job):
         paths = self._paths(job)
@@ -177,8 +209,9 @@ class Workers:
                 shown = "; ".join(str(problem) for problem in errors[:3])
                 more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
                 raise self._failure(job, "invalid_file", f"{len(errors)} problem(s): {shown}{more}", errors[0].file)
-            config = training_config(spec, job.method, job.seed, *paths.values(), self.runs / job.id,
-                                     n_examples=len(prepared.train))
+            config = training_config(
+                spec, job.method, job.seed, *paths.values(), self.runs / job.id, n_examples=len(prepared.train)
+            )
             total_steps = make_plan(config, len(prepared.train), len(prepared.train), 1).total_steps
         except ModelSourceError as err:
             raise JobFailure(err.code, scrub_paths(err.message), "model") from err
@@ -188,11 +221,16 @@ class Workers:
 
     def _paths(self, job: Job) -> dict[str, Path | None]:
         """Where the job's training file and its validation file (or None) are stored."""
-        rows = {param: self.store.get_file(job.owner, file_id) if file_id else None
-                for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file))}
+        rows = {
+            param: self.store.get_file(job.owner, file_id) if file_id else None
+            for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file))
+        }
         if rows["training_file"] is None or (job.validation_file and rows["validation_file"] is None):
-            raise JobFailure("file_not_found", "A file of this job has been deleted; upload it again and start a "
-                             "new job.", "training_file" if rows["training_file"] is None else "validation_file")
+            raise JobFailure(
+                "file_not_found",
+                "A file of this job has been deleted; upload it again and start a new job.",
+                "training_file" if rows["training_file"] is None else "validation_file",
+            )
         return {param: self.storage.path(row) if row else None for param, row in rows.items()}
 
     def _failure(self, job: Job, code: str, message: str, path: str | None) -> JobFailure:
@@ -219,8 +257,11 @@ class Workers:
         write_json(run_dir / runner.CONFIG, job.train_config)
         (run_dir / runner.OUTCOME).unlink(missing_ok=True)
         last = checkpoint.latest(run_dir / "checkpoints")
-        self.store.add_event(job.id, f"Resuming fine-tuning from checkpoint {last.name}." if last
-                             else "Fine-tuning job started.", data={"worker": worker_id})
+        self.store.add_event(
+            job.id,
+            f"Resuming fine-tuning from checkpoint {last.name}." if last else "Fine-tuning job started.",
+            data={"worker": worker_id},
+        )
         progress = RunProgress(self.store, job, run_dir)
         reader, writer = runner.PROCESSES.Pipe(duplex=False)
         child = runner.PROCESSES.Process(target=runner.main, args=(str(run_dir), reader), name=f"tuneforge-{job.id}")
@@ -242,7 +283,7 @@ class Workers:
         else:
             self._fail(job, worker_id, _crashed(job, run_dir, child.exitcode, progress.step))
 
-    def _watch(self, job: Job, worker_id: str, child: BaseProcess, progress: "RunProgress") -> str | None:
+    def _watch(self, job: Job, worker_id: str, child: BaseProcess, progress: RunProgress) -> str | None:
         """Follow the child until it exits; returns why we stopped it (pause, cancel, shutdown, lost) or None."""
         stop_reason, stopped_at = None, 0.0
         while True:
@@ -253,49 +294,85 @@ class Workers:
             self.store.move(job.id, ["running"], held_by=worker_id, heartbeat_at=time.time(), **values)
             if stop_reason is None:
                 current = self.store.get_job(job.id)
-                stop_reason = ("cancel" if current.status == "cancelled" else
-                               "pause" if current.stop_request == "pause" else
-                               "lost" if current.worker_id != worker_id else
-                               "shutdown" if self._stopping.is_set() else None)
+                stop_reason = (
+                    "cancel"
+                    if current.status == "cancelled"
+                    else "pause"
+                    if current.stop_request == "pause"
+                    else "lost"
+                    if current.worker_id != worker_id
+                    else "shutdown"
+                    if self._stopping.is_set()
+                    else None
+                )
                 if stop_reason:
                     child.terminate()  # SIGTERM: checkpoint and stop after the current step
                     stopped_at = time.monotonic()
             elif time.monotonic() - stopped_at > KILL_AFTER_S:
                 child.kill()
 
-    def _succeed(self, job: Job, worker_id: str, progress: "RunProgress") -> None:
+    def _succeed(self, job: Job, worker_id: str, progress: RunProgress) -> None:
         results = self.storage.save_results(progress.records(), owner=job.owner)
-        if not self.store.move(job.id, ["running"], held_by=worker_id, status="succeeded", worker_id=None,
-                               finished_at=now(), estimated_finish=None, result_files=[results.id],
-                               step=progress.step, trained_tokens=progress.tokens):
+        if not self.store.move(
+            job.id,
+            ["running"],
+            held_by=worker_id,
+            status="succeeded",
+            worker_id=None,
+            finished_at=now(),
+            estimated_finish=None,
+            result_files=[results.id],
+            step=progress.step,
+            trained_tokens=progress.tokens,
+        ):
             self.storage.delete(results)  # cancelled just as it finished: no results to show
             return
         self.store.add(results)
         self.store.add_event(job.id, f"New fine-tuned model created: {job.fine_tuned_model}")
         self.store.add_event(job.id, "The job has successfully completed.")
 
-    def _stopped(self, job: Job, worker_id: str, reason: str, progress: "RunProgress") -> None:
+    def _stopped(self, job: Job, worker_id: str, reason: str, progress: RunProgress) -> None:
         last = checkpoint.latest(self.runs / job.id / "checkpoints")
         kept = f"checkpoint {last.name}" if last else "no checkpoint (it stopped before the first one)"
         if reason == "pause":
-            if self.store.move(job.id, ["running"], held_by=worker_id, status="paused", worker_id=None,
-                               stop_request=None, estimated_finish=None):
+            if self.store.move(
+                job.id,
+                ["running"],
+                held_by=worker_id,
+                status="paused",
+                worker_id=None,
+                stop_request=None,
+                estimated_finish=None,
+            ):
                 self.store.add_event(job.id, f"Job paused at step {progress.step}; resuming continues from {kept}.")
         elif reason == "cancel":
             self.store.add_event(job.id, f"Job cancelled at step {progress.step}; {kept} is kept.")
         elif reason == "shutdown":
-            if self.store.move(job.id, ["running"], held_by=worker_id, status="queued", worker_id=None,
-                               estimated_finish=None):
-                self.store.add_event(job.id, f"The server is stopping: the job is queued again at step "
-                                     f"{progress.step} and will resume from {kept}.", level="warn")
+            if self.store.move(
+                job.id, ["running"], held_by=worker_id, status="queued", worker_id=None, estimated_finish=None
+            ):
+                self.store.add_event(
+                    job.id,
+                    f"The server is stopping: the job is queued again at step "
+                    f"{progress.step} and will resume from {kept}.",
+                    level="warn",
+                )
 
     def _release(self, job: Job, worker_id: str) -> None:
         """Let go of the job, whatever its status now (the API may have cancelled or paused it meanwhile)."""
         self.store.move(job.id, STATUSES, held_by=worker_id, worker_id=None)
 
     def _fail(self, job: Job, worker_id: str, failure: JobFailure) -> None:
-        if self.store.move(job.id, ["validating_files", "queued", "running"], held_by=worker_id, status="failed",
-                           worker_id=None, error=failure.error, finished_at=now(), estimated_finish=None):
+        if self.store.move(
+            job.id,
+            ["validating_files", "queued", "running"],
+            held_by=worker_id,
+            status="failed",
+            worker_id=None,
+            error=failure.error,
+            finished_at=now(),
+            estimated_finish=None,
+        ):
             self.store.add_event(job.id, failure.error["message"], level="error")
 
 
@@ -303,18 +380,31 @@ def _crashed(job: Job, run_dir: Path, exit_code: int | None, step: int) -> JobFa
     """The failure of a training process that died without an outcome; its log's tail goes to the server's log."""
     error_id = failure_id()
     tail = (run_dir / runner.LOG).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-    log.error("job %s: the training process stopped (exit code %s) at step %s (error id %s); the end of %s:\n%s",
-              job.id, exit_code, step, error_id, run_dir / runner.LOG, "\n".join(tail))
-    return JobFailure("training_crashed", f"The training process stopped (exit code {exit_code}) before it "
-                      f"finished, at step {step} (error id {error_id}). Its last checkpoint is kept; give the "
-                      "server's operator the error id for the details.")
+    log.error(
+        "job %s: the training process stopped (exit code %s) at step %s (error id %s); the end of %s:\n%s",
+        job.id,
+        exit_code,
+        step,
+        error_id,
+        run_dir / runner.LOG,
+        "\n".join(tail),
+    )
+    return JobFailure(
+        "training_crashed",
+        f"The training process stopped (exit code {exit_code}) before it "
+        f"finished, at step {step} (error id {error_id}). Its last checkpoint is kept; give the "
+        "server's operator the error id for the details.",
+    )
 
 
 def _unforeseen(job: Job, err: Exception) -> JobFailure:
     error_id = failure_id()
     log.error("job %s failed (error id %s)", job.id, error_id, exc_info=err)
-    return JobFailure("internal_error", f"The server failed on this job (error id {error_id}); give the server's "
-                      "operator the error id for the details.")
+    return JobFailure(
+        "internal_error",
+        f"The server failed on this job (error id {error_id}); give the server's "
+        "operator the error id for the details.",
+    )
 
 
 class RunProgress:
@@ -334,26 +424,40 @@ class RunProgress:
         """Read the run folder again; write new events and checkpoints; return the job's progress fields."""
         # Checkpoint folders first: the loop logs a step's metrics before it saves that step's
         # checkpoint, so every folder seen here has its metrics in the file read next.
-        steps_on_disk = [int(folder.name.removeprefix("step-"))
-                         for folder in checkpoint.step_folders(self.run_dir / "checkpoints")]
+        steps_on_disk = [
+            int(folder.name.removeprefix("step-")) for folder in checkpoint.step_folders(self.run_dir / "checkpoints")
+        ]
         self._by_step.clear()
         for record in _complete_lines(self.run_dir / "metrics.jsonl"):
             self._by_step.setdefault(record["step"], {}).update(
-                {key: value for key, value in record.items() if key in RESULT_COLUMNS[1:] or key in ("tokens", "elapsed")})
+                {
+                    key: value
+                    for key, value in record.items()
+                    if key in RESULT_COLUMNS[1:] or key in ("tokens", "elapsed")
+                }
+            )
         total = self.job.total_steps
         for step, record in sorted(self._by_step.items()):
             if step > self.step and "train_loss" in record:
                 shown = f"training loss={record['train_loss']:.4f}"
                 if "valid_loss" in record:
                     shown += f", validation loss={record['valid_loss']:.4f}"
-                self.store.add_event(self.job.id, f"Step {step}/{total}: {shown}", type="metrics",
-                                     data={**_openai_metrics(record), "step": step, "total_steps": total})
+                self.store.add_event(
+                    self.job.id,
+                    f"Step {step}/{total}: {shown}",
+                    type="metrics",
+                    data={**_openai_metrics(record), "step": step, "total_steps": total},
+                )
                 self.step, self.tokens = step, record.get("tokens", self.tokens)
             if "full_valid_loss" in record and not self._full_valid_reported:
                 self._full_valid_reported = True
                 full = {key: value for key, value in record.items() if key.startswith("full_valid")}
-                self.store.add_event(self.job.id, f"Full validation loss={record['full_valid_loss']:.4f}",
-                                     type="metrics", data={**full, "step": step})
+                self.store.add_event(
+                    self.job.id,
+                    f"Full validation loss={record['full_valid_loss']:.4f}",
+                    type="metrics",
+                    data={**full, "step": step},
+                )
         self.store.sync_checkpoints(self.job.id, {step: self._checkpoint_row(step) for step in steps_on_disk})
         latest = self._by_step.get(self.step, {})
         finish = None
@@ -363,9 +467,15 @@ class RunProgress:
 
     def _checkpoint_row(self, step: int):
         def row() -> JobCheckpoint:
-            return JobCheckpoint(id=new_id("ftckpt-"), job_id=self.job.id, step=step, created_at=now(),
-                                 metrics=_openai_metrics(self._by_step.get(step, {})),
-                                 model=f"{self.job.fine_tuned_model}:ckpt-step-{step}")
+            return JobCheckpoint(
+                id=new_id("ftckpt-"),
+                job_id=self.job.id,
+                step=step,
+                created_at=now(),
+                metrics=_openai_metrics(self._by_step.get(step, {})),
+                model=f"{self.job.fine_tuned_model}:ckpt-step-{step}",
+            )
+
         return row
 
 

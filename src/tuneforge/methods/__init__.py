@@ -32,8 +32,13 @@ from .kl_to_base import KLToBase
 from .neftune import NEFTune
 from .sft import SFTObjective
 
-PREPARE = {"full": full.prepare_model, "lora": lora.prepare_model, "dora": lora.prepare_model,
-           "distill": distill.prepare_model, "dpo": dpo.prepare_model}
+PREPARE = {
+    "full": full.prepare_model,
+    "lora": lora.prepare_model,
+    "dora": lora.prepare_model,
+    "distill": distill.prepare_model,
+    "dpo": dpo.prepare_model,
+}
 
 TOKEN_SUMS = {"loss": "ce", "mean_token_accuracy": "correct"}
 """The loop's metric names (train_loss, valid_mean_token_accuracy, ...) and the sums they are, for
@@ -98,8 +103,17 @@ def adapter_on_merged_base(cfg, source) -> bool:
 
 
 @torch.no_grad()
-def sum_over_batches(objective, batches, pad_id: int, device: torch.device, *, sums: dict[str, str], count=None,
-                     autocast=contextlib.nullcontext, advance=lambda rows: None) -> tuple[dict[str, float], float]:
+def sum_over_batches(
+    objective,
+    batches,
+    pad_id: int,
+    device: torch.device,
+    *,
+    sums: dict[str, str],
+    count=None,
+    autocast=contextlib.nullcontext,
+    advance=lambda rows: None,
+) -> tuple[dict[str, float], float]:
     """Run `objective` in eval mode over `batches` (lists of rows) and add up the sums it returns:
     ({metric name: total of the objective's sum named in `sums`}, total count). `advance(rows)` is
     called after each batch."""
@@ -123,6 +137,19 @@ def trainable_parameters(model) -> dict:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-__all__ = ["adapter_on_merged_base", "prepare_model", "check_inputs", "build_objective", "batch_items", "loss_count",
-           "reported_sums", "sum_over_batches", "trainable_parameters", "SFTObjective", "DistillObjective",
-           "DPOObjective", "KLToBase", "NEFTune"]
+__all__ = [
+    "adapter_on_merged_base",
+    "prepare_model",
+    "check_inputs",
+    "build_objective",
+    "batch_items",
+    "loss_count",
+    "reported_sums",
+    "sum_over_batches",
+    "trainable_parameters",
+    "SFTObjective",
+    "DistillObjective",
+    "DPOObjective",
+    "KLToBase",
+    "NEFTune",
+]

@@ -100,8 +100,14 @@ class DistillObjective(nn.Module):
 
 def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> DistillObjective:
     d = cfg.distill
-    return DistillObjective(model, load_frozen_model(d.teacher, dtype=dtype, device=device), alpha=d.alpha,
-                            temperature=d.temperature, kind=d.divergence, beta=d.jsd_beta)
+    return DistillObjective(
+        model,
+        load_frozen_model(d.teacher, dtype=dtype, device=device),
+        alpha=d.alpha,
+        temperature=d.temperature,
+        kind=d.divergence,
+        beta=d.jsd_beta,
+    )
 
 
 def check_teacher(cfg, student_tokenizer) -> None:
@@ -113,8 +119,10 @@ def check_teacher(cfg, student_tokenizer) -> None:
     from ..models import load_tokenizer, resolve
 
     teacher_source = resolve(cfg.distill.teacher)
-    teacher_size, student_size = (AutoConfig.from_pretrained(source.path).get_text_config().vocab_size
-                                  for source in (teacher_source, resolve(cfg.base_model)))
+    teacher_size, student_size = (
+        AutoConfig.from_pretrained(source.path).get_text_config().vocab_size
+        for source in (teacher_source, resolve(cfg.base_model))
+    )
     if teacher_size != student_size:
         problem = f"the teacher's output layer has {teacher_size} tokens, the student's {student_size}"
     elif load_tokenizer(teacher_source).get_vocab() != student_tokenizer.get_vocab():

@@ -86,8 +86,14 @@ def sequence_logps(lm, input_ids, labels, position_ids=None, attention_mask=None
     return token_logps.new_zeros(n).index_add(0, ids, token_logps)
 
 
-def pair_losses(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, *, beta: float, kind: str,
-                label_smoothing: float = 0.0) -> torch.Tensor:
+def pair_losses(
+    chosen_logratio: torch.Tensor,
+    rejected_logratio: torch.Tensor,
+    *,
+    beta: float,
+    kind: str,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """The loss of each pair from its policy-to-reference log-ratios (see the module doc)."""
     margin = chosen_logratio - rejected_logratio
     if kind == "sigmoid":
@@ -108,8 +114,9 @@ class DPOObjective(nn.Module):
     train_only_sums = ()
     reported_sums = {"loss": "loss"}
 
-    def __init__(self, model, *, beta: float, loss: str, label_smoothing: float = 0.0,
-                 reference: nn.Module | None = None):
+    def __init__(
+        self, model, *, beta: float, loss: str, label_smoothing: float = 0.0, reference: nn.Module | None = None
+    ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown DPO loss {loss!r}; expected one of {', '.join(LOSSES)}")
@@ -128,8 +135,10 @@ class DPOObjective(nn.Module):
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
         policy = sequence_logps(causal_lm(self.model), **batch)
         if policy.numel() % 2:
-            raise ValueError(f"a DPO batch holds whole (chosen, rejected) pairs, but this one has {policy.numel()} "
-                             "examples; build its rows with methods.dpo.rows")
+            raise ValueError(
+                f"a DPO batch holds whole (chosen, rejected) pairs, but this one has {policy.numel()} "
+                "examples; build its rows with methods.dpo.rows"
+            )
         logratio = policy - self.reference_logps(**batch)
         chosen, rejected = logratio[0::2], logratio[1::2]
         losses = pair_losses(chosen, rejected, beta=self.beta, kind=self.loss, label_smoothing=self.label_smoothing)

@@ -34,16 +34,27 @@ class KLToBase:
         with torch.no_grad(), reference_lm(model, self.frozen) as lm:
             return trained_logits(lm, **subset)
 
-    def add(self, out: dict, *, model, batch: dict, logits: torch.Tensor, token_ce: torch.Tensor,
-            is_replay: torch.Tensor | None) -> None:
+    def add(
+        self,
+        out: dict,
+        *,
+        model,
+        batch: dict,
+        logits: torch.Tensor,
+        token_ce: torch.Tensor,
+        is_replay: torch.Tensor | None,
+    ) -> None:
         labels = batch["labels"]
         trained = labels != IGNORE_INDEX
 
         def per_trained_position(row_mask):  # row-major, as trained_logits orders the logits
             return row_mask[:, None].expand_as(labels)[trained]
 
-        replay_rows = is_replay if self.replay and is_replay is not None else torch.zeros(
-            len(labels), dtype=torch.bool, device=labels.device)
+        replay_rows = (
+            is_replay
+            if self.replay and is_replay is not None
+            else torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+        )
         compared = torch.ones_like(replay_rows) if self.weight else replay_rows  # the rows the base model runs on
         out.update({name: torch.zeros((), device=logits.device) for name in self.logged_sums})
         if not compared.any():

@@ -12,8 +12,13 @@ from ..errors import TuneforgeError
 def decoder_linears(model) -> list[str]:
     """The names of the linear layers inside the decoder layers (q_proj, ..., down_proj): what
     "all-linear" means there, spelt out because PEFT picks layers only from a list of names."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) and ".layers." in f".{name}"})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}"
+        }
+    )
 
 
 def peft_config(cfg, model) -> PeftLoraConfig:
@@ -45,13 +50,15 @@ def continue_adapter(model, cfg):
     targets = wanted.target_modules
     if targets == "all-linear":
         targets = decoder_linears(model.get_base_model())
-    shape = {"r": (loaded.r, wanted.r), "alpha": (loaded.lora_alpha, wanted.lora_alpha),
-             "use_rslora": (loaded.use_rslora, wanted.use_rslora),
-             "target_modules": (sorted(loaded.target_modules), sorted(targets)),
-             "from_layer": (loaded.layers_to_transform, wanted.layers_to_transform)}
+    shape = {
+        "r": (loaded.r, wanted.r),
+        "alpha": (loaded.lora_alpha, wanted.lora_alpha),
+        "use_rslora": (loaded.use_rslora, wanted.use_rslora),
+        "target_modules": (sorted(loaded.target_modules), sorted(targets)),
+        "from_layer": (loaded.layers_to_transform, wanted.layers_to_transform),
+    }
     defaults = {key: type(cfg.lora).model_fields[key].default for key in shape}
-    clashes = [key for key, (has, asked) in shape.items()
-               if has != asked and getattr(cfg.lora, key) != defaults[key]]
+    clashes = [key for key, (has, asked) in shape.items() if has != asked and getattr(cfg.lora, key) != defaults[key]]
     if cfg.method in ("lora", "dora") and (cfg.method == "dora") != bool(loaded.use_dora):
         clashes.append("method (lora or dora)")
     if clashes:
@@ -61,8 +68,10 @@ def continue_adapter(model, cfg):
             "keys out to continue the adapter, or merge it first (tuneforge export RUN --format merged) and train "
             "a new adapter on the merged model."
         )
-    print(f"lora: training the adapter of base_model further (r={loaded.r}, alpha={loaded.lora_alpha}, its own "
-        "target modules)")
+    print(
+        f"lora: training the adapter of base_model further (r={loaded.r}, alpha={loaded.lora_alpha}, its own "
+        "target modules)"
+    )
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or "modules_to_save" in name)
     return model

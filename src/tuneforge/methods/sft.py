@@ -62,8 +62,12 @@ def trained_logits(lm, input_ids, labels, position_ids=None, attention_mask=None
 def label_sums(logits: torch.Tensor, targets: torch.Tensor, token_ce: torch.Tensor) -> dict:
     """From each trained position's cross-entropy (`token_ce`): the summed cross-entropy (`ce`, and
     `loss` to backpropagate), correct top-1 predictions and the token count."""
-    return {"loss": token_ce.sum(), "ce": token_ce.sum(), "correct": (logits.detach().argmax(-1) == targets).sum(),
-            "tokens": targets.numel()}
+    return {
+        "loss": token_ce.sum(),
+        "ce": token_ce.sum(),
+        "correct": (logits.detach().argmax(-1) == targets).sum(),
+        "tokens": targets.numel(),
+    }
 
 
 class SFTObjective(nn.Module):

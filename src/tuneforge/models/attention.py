@@ -24,8 +24,8 @@ window shorter than the rows, soft-capped attention logits) keeps its own attent
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,14 +48,17 @@ def segments(positions: list[int]) -> list[tuple[int, int, int, int]]:
         if first == 0:
             owner, owner_length = start, t - start
         elif first > owner_length:
-            raise RuntimeError(f"position ids at {start} continue a prefix of {first} tokens that the row does not hold")
+            raise RuntimeError(
+                f"position ids at {start} continue a prefix of {first} tokens that the row does not hold"
+            )
         found.append((start, t, first, owner))
         start = t
     return found
 
 
-def per_example_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     position_ids=None, **kwargs):
+def per_example_sdpa(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, position_ids=None, **kwargs
+):
     """transformers attention-function signature: query [B, H, L, D], key/value [B, KV, L, D] -> [B, L, H, D]."""
     batch, _, length, _ = query.shape
     if attention_mask is not None or key.shape[2] != length:
@@ -69,17 +72,23 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout: float =
     for b in range(batch):
         parts = []
         for start, end, first, owner in segments(positions[b]):
-            q, k, v = query[b:b + 1, :, start:end], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end]
+            q, k, v = query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end]
             if first == 0:
-                parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
-                                                            enable_gqa=gqa))
+                parts.append(
+                    F.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+                    )
+                )
                 continue
             # A continuation of a shared prefix: all of the prefix, then causal over itself.
-            k = torch.cat([key[b:b + 1, :, owner:owner + first], k], dim=2)
-            v = torch.cat([value[b:b + 1, :, owner:owner + first], v], dim=2)
+            k = torch.cat([key[b : b + 1, :, owner : owner + first], k], dim=2)
+            v = torch.cat([value[b : b + 1, :, owner : owner + first], v], dim=2)
             mask = torch.ones(end - start, first + end - start, dtype=torch.bool, device=query.device).tril(first)
-            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                                        enable_gqa=gqa))
+            parts.append(
+                F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+                )
+            )
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if batch > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None

@@ -170,7 +170,7 @@ def convert_gguf(
         # Another process converted the same file meanwhile; its folder is as good as ours.
         if read_record(dest):
             return
-        raise ModelSourceError(f"{dest} exists but is not a converted model: remove it and try again.")
+        raise ModelSourceError(f"{dest} exists but is not a converted model: remove it and try again.") from None
     except ModelSourceError:
         raise
     except Exception as err:

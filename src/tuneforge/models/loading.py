@@ -96,8 +96,9 @@ def load_model(spec: str | ModelSource, *, dtype: torch.dtype = torch.float32, t
         raise ModelSourceError(f"Could not load the model in {where}: {err}", code="model_load_failed") from err
 
 
-def load_frozen_model(spec: str | ModelSource, *, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str = "cpu"):
+def load_frozen_model(
+    spec: str | ModelSource, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+):
     """A model that runs beside the trained one and never trains (a teacher, a reference, a replay
     writer): a plain causal LM in eval mode with no gradients; an adapter is merged, so it costs one
     model's forward."""

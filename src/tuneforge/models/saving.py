@@ -20,8 +20,9 @@ def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool =
                 pc.base_model_name_or_path = str(base_path)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None) or getattr(getattr(model, "base_model", None),
-                                                                  "generation_config", None)
+        gen = getattr(model, "generation_config", None) or getattr(
+            getattr(model, "base_model", None), "generation_config", None
+        )
         if gen is not None:
             gen.eos_token_id = tokenizer.eos_token_id
             gen.pad_token_id = tokenizer.pad_token_id

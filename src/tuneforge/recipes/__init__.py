@@ -43,8 +43,9 @@ def recipe_names() -> list[str]:
 def recipe_path(name: str) -> Path:
     """The file of the shipped recipe `name`; a ConfigError naming the recipes there are otherwise."""
     if name not in recipe_names():
-        raise ConfigError(f"no shipped recipe named {name!r}; there are: {', '.join(recipe_names())} "
-                          "(`tuneforge recipes` lists them)")
+        raise ConfigError(
+            f"no shipped recipe named {name!r}; there are: {', '.join(recipe_names())} (`tuneforge recipes` lists them)"
+        )
     return Path(str(resources.files(__name__).joinpath(f"{name}.yaml")))
 
 
@@ -69,8 +70,10 @@ def read_recipe(path: Path) -> Recipe:
         raise ConfigError(f"{path} line 1: a recipe starts with a one-line description comment ('# what it trains')")
     results = [line.removeprefix(RESULTS_PREFIX).strip() for line in lines if line.startswith(RESULTS_PREFIX)]
     if len(results) != 1:
-        raise ConfigError(f"{path}: a recipe's header has one '{RESULTS_PREFIX} ...' line with its measured results "
-                          f"(found {len(results)})")
+        raise ConfigError(
+            f"{path}: a recipe's header has one '{RESULTS_PREFIX} ...' line with its measured results "
+            f"(found {len(results)})"
+        )
     config = load_config(path)
     return Recipe(path.stem, path, lines[0].removeprefix("# ").strip(), config.base_model, config.method, results[0])
 
@@ -81,8 +84,12 @@ def recipes_command(console: Console | None = None) -> int:
     for column in ("recipe", "model", "method", "results"):
         table.add_column(column, overflow="fold")
     for recipe in (read_recipe(recipe_path(name)) for name in recipe_names()):
-        table.add_row(f"[bold]{escape(recipe.name)}[/]\n[dim]{escape(recipe.description)}[/]", escape(recipe.model),
-                      recipe.method, escape(recipe.results))
+        table.add_row(
+            f"[bold]{escape(recipe.name)}[/]\n[dim]{escape(recipe.description)}[/]",
+            escape(recipe.model),
+            recipe.method,
+            escape(recipe.results),
+        )
     (console or Console()).print(table)
     return 0
 

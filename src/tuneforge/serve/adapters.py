@@ -13,8 +13,8 @@ import threading
 from collections import OrderedDict
 
 from ..config import DEFAULT_MODEL
-from ..generate import inference_device
 from ..errors import ConfigError, ModelSourceError
+from ..generate import inference_device
 from ..models import ModelSource, load_model, load_tokenizer, resolve
 
 
@@ -105,15 +105,16 @@ class AdapterPool:
         try:
             load_peft_weights(path, device="cpu")
         except Exception as err:  # noqa: BLE001 - safetensors and torch raise their own kinds
-            raise ModelSourceError(f"Could not load adapter '{name}' from {path}: {err}",
-                                   code="model_load_failed") from err
+            raise ModelSourceError(
+                f"Could not load adapter '{name}' from {path}: {err}", code="model_load_failed"
+            ) from err
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(path, adapter_name=name, is_trainable=False)
         else:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False).eval()
         with self._lock:
             self._loaded[name] = None
-            evicted = list(self._loaded)[:-self.max_loaded] if len(self._loaded) > self.max_loaded else []
+            evicted = list(self._loaded)[: -self.max_loaded] if len(self._loaded) > self.max_loaded else []
             for old in evicted:
                 del self._loaded[old]
         for old in evicted:

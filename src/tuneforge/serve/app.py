@@ -13,8 +13,9 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,8 +37,13 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 def engine_error(err: EngineError) -> APIError:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
-    return APIError(err.status, err.message, code=err.code, headers=headers,
-                    type="server_error" if err.status >= 500 else "invalid_request_error")
+    return APIError(
+        err.status,
+        err.message,
+        code=err.code,
+        headers=headers,
+        type="server_error" if err.status >= 500 else "invalid_request_error",
+    )
 
 
 # ---- request bodies --------------------------------------------------------------------------------
@@ -85,12 +91,15 @@ class _GenerationBody(_Body):
 
     def check_supported(self) -> None:
         if self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per request.",
-                           param="n", code="unsupported_value")
+            raise APIError(
+                400,
+                f"n={self.n} is not supported: this server returns one choice per request.",
+                param="n",
+                code="unsupported_value",
+            )
         for param in ("presence_penalty", "frequency_penalty"):
             if getattr(self, param):
-                raise APIError(400, f"{param} is not supported (leave it at 0).", param=param,
-                               code="unsupported_value")
+                raise APIError(400, f"{param} is not supported (leave it at 0).", param=param, code="unsupported_value")
         if self.logprobs:
             raise APIError(400, "logprobs are not supported.", param="logprobs", code="unsupported_value")
 
@@ -129,22 +138,24 @@ class _Reply:
     created: int
 
     @classmethod
-    def start(cls, chat: bool, model: str) -> "_Reply":
+    def start(cls, chat: bool, model: str) -> _Reply:
         return cls(chat, model, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()))
 
     def whole(self, completion: Completion) -> dict:
-        answer = {"message": {"role": "assistant", "content": completion.text}} if self.chat else {"text": completion.text}
+        answer = (
+            {"message": {"role": "assistant", "content": completion.text}} if self.chat else {"text": completion.text}
+        )
         choice = {"index": 0, **answer, "logprobs": None, "finish_reason": completion.finish_reason}
-        return self._envelope("chat.completion" if self.chat else "text_completion", [choice],
-                              usage=_usage(completion))
+        return self._envelope("chat.completion" if self.chat else "text_completion", [choice], usage=_usage(completion))
 
     def chunk(self, text: str = "", finish_reason: str | None = None, *, opening: bool = False) -> dict:
         if self.chat:
             answer = {"delta": {"role": "assistant", "content": ""} if opening else {"content": text} if text else {}}
         else:
             answer = {"text": text}
-        return self._envelope(self._chunk_object, [{"index": 0, **answer, "logprobs": None,
-                                                     "finish_reason": finish_reason}])
+        return self._envelope(
+            self._chunk_object, [{"index": 0, **answer, "logprobs": None, "finish_reason": finish_reason}]
+        )
 
     def usage_chunk(self, completion: Completion) -> dict:
         return self._envelope(self._chunk_object, [], usage=_usage(completion))
@@ -154,13 +165,23 @@ class _Reply:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
     def _envelope(self, object_name: str, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+            **extra,
+        }
 
 
 def _usage(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
 
 
 def _sse(payload: dict | str) -> str:
@@ -184,13 +205,21 @@ class Served:
 
     def model_card(self, name: str) -> dict:
         base = self.pool.base_name
-        return {"id": name, "object": "model", "created": 0,
-                "owned_by": "tuneforge" if name == base else f"tuneforge (adapter on {base})"}
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tuneforge" if name == base else f"tuneforge (adapter on {base})",
+        }
 
     def known_model(self, name: str) -> str:
         if name not in self.pool.names:
-            raise APIError(404, f"The model `{name}` does not exist. Served here: {', '.join(self.pool.names)}.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. Served here: {', '.join(self.pool.names)}.",
+                param="model",
+                code="model_not_found",
+            )
         return name
 
 
@@ -227,21 +256,34 @@ async def completions(body: CompletionBody, request: Request, server: Served = D
 def health(request: Request):
     server = served(request)
     stats, pool = server.engine.stats(), server.pool
-    body = {"status": "ok" if stats["alive"] else "unavailable", "model": pool.base_name,
-            "adapters": pool.names[1:], "loaded_adapters": pool.loaded,
-            "waiting": stats["waiting"], "running": stats["running"], "largest_batch": stats["largest_batch"]}
+    body = {
+        "status": "ok" if stats["alive"] else "unavailable",
+        "model": pool.base_name,
+        "adapters": pool.names[1:],
+        "loaded_adapters": pool.loaded,
+        "waiting": stats["waiting"],
+        "running": stats["running"],
+        "largest_batch": stats["largest_batch"],
+    }
     return JSONResponse(body, status_code=200 if stats["alive"] else 503)
 
 
-def create_app(engine: Engine, *, api_keys: Sequence[str] = (), default_max_tokens: int = 1024,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, docs: bool = False) -> FastAPI:
+def create_app(
+    engine: Engine,
+    *,
+    api_keys: Sequence[str] = (),
+    default_max_tokens: int = 1024,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    docs: bool = False,
+) -> FastAPI:
     """The routes over `engine` (which the caller starts and closes), behind `tuneforge.web`'s edge.
 
     With `api_keys`, every route but `/health` wants `Authorization: Bearer KEY` with one of them.
     The app can be called from inside another (the jobs service) as it is.
     """
-    app = FastAPI(title="tuneforge", summary="OpenAI-compatible inference for a base model and its adapters",
-                  **docs_urls(docs))
+    app = FastAPI(
+        title="tuneforge", summary="OpenAI-compatible inference for a base model and its adapters", **docs_urls(docs)
+    )
     app.state.served = Served(engine, context_length(engine.pool.model.config), default_max_tokens)
     app.include_router(v1)
     app.add_api_route("/health", health, methods=["GET"])
@@ -268,16 +310,18 @@ def _encode(tokenizer, prompt) -> list[int]:
     try:
         [prompt_ids] = encode_prompts(tokenizer, [prompt])
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
-        raise APIError(400, f"The model's chat template cannot render these messages: {err}",
-                       param="messages") from err
+        raise APIError(400, f"The model's chat template cannot render these messages: {err}", param="messages") from err
     return prompt_ids
 
 
 async def answer(reply: _Reply, generation: Generation, body: _GenerationBody, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_events(reply, generation, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _events(reply, generation, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     result = asyncio.ensure_future(generation.result())
     hung_up = asyncio.ensure_future(_hang_up(request))
     try:
@@ -300,19 +344,28 @@ async def _hang_up(request: Request) -> None:
         pass
 
 
-def _max_new_tokens(requested: int | None, prompt_tokens: int, window: int | None, default: int,
-                    prompt_param: str) -> int:
+def _max_new_tokens(
+    requested: int | None, prompt_tokens: int, window: int | None, default: int, prompt_param: str
+) -> int:
     room = window - prompt_tokens if window else None
     if room is not None and room < 1:
-        raise APIError(400, f"This model's maximum context length is {window} tokens, but the prompt has "
-                            f"{prompt_tokens}. Shorten it.", param=prompt_param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {window} tokens, but the prompt has {prompt_tokens}. Shorten it.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     if requested is None:
         return min(default, room) if room is not None else default
     if room is not None and requested > room:
-        raise APIError(400, f"This model's maximum context length is {window} tokens; you asked for "
-                            f"{prompt_tokens + requested} ({prompt_tokens} in the prompt, {requested} for the "
-                            "completion). Lower max_tokens or shorten the prompt.",
-                       param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {window} tokens; you asked for "
+            f"{prompt_tokens + requested} ({prompt_tokens} in the prompt, {requested} for the "
+            "completion). Lower max_tokens or shorten the prompt.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return requested
 
 

@@ -37,7 +37,7 @@ class EngineError(Exception):
         self.message, self.status, self.code = message, status, code
 
     @classmethod
-    def from_failure(cls, err: Exception) -> "EngineError":
+    def from_failure(cls, err: Exception) -> EngineError:
         """A failure as the client may see it: a user error's message without server paths, else an error id."""
         if isinstance(err, TuneforgeError):  # an adapter that cannot be loaded, say: no traceback
             log.error(err.message)
@@ -107,16 +107,24 @@ class Engine:
             if self._closing:
                 raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
             if len(self._waiting) >= self.max_waiting:
-                raise EngineError(f"The server is busy: {len(self._waiting)} requests are waiting already. Try "
-                                  f"again in {RETRY_AFTER_S} s.", status=429, code="server_busy")
+                raise EngineError(
+                    f"The server is busy: {len(self._waiting)} requests are waiting already. Try "
+                    f"again in {RETRY_AFTER_S} s.",
+                    status=429,
+                    code="server_busy",
+                )
             self._waiting.append(generation)
             self._wake.notify()
         return generation
 
     def stats(self) -> dict:
         with self._wake:
-            return {"alive": self._thread.is_alive(), "waiting": len(self._waiting), "running": self._running,
-                    "largest_batch": self._largest_batch}
+            return {
+                "alive": self._thread.is_alive(),
+                "waiting": len(self._waiting),
+                "running": self._running,
+                "largest_batch": self._largest_batch,
+            }
 
     def close(self) -> None:
         """Stop the worker; requests still waiting or running get a 503."""
@@ -162,8 +170,9 @@ class Engine:
         """Add the joining requests, decode one step, hand out the pieces and the finished completions."""
         for generation in joining:
             try:
-                row = batch.add(generation.prompt_ids, generation.sampling,
-                                generation.sampling.generator(batch.model.device))
+                row = batch.add(
+                    generation.prompt_ids, generation.sampling, generation.sampling.generator(batch.model.device)
+                )
             except Exception as err:  # noqa: BLE001 - a request whose options fail fails alone
                 generation._send(EngineError.from_failure(err))
                 continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 _JSON = json.JSONDecoder()
 

@@ -22,8 +22,15 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
 
-def step_micro_batches(order: np.ndarray, step_in_epoch: int, batch_size: int, grad_accum: int,
-                       world_size: int, rank: int, lengths: np.ndarray) -> list[list[int]]:
+def step_micro_batches(
+    order: np.ndarray,
+    step_in_epoch: int,
+    batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    rank: int,
+    lengths: np.ndarray,
+) -> list[list[int]]:
     """Row indices of each micro-batch this rank runs in one optimizer step.
 
     The step's rows are sorted by length and cut into grad_accum x world_size contiguous chunks,
@@ -31,9 +38,9 @@ def step_micro_batches(order: np.ndarray, step_in_epoch: int, batch_size: int, g
     i % world_size. A 1-process run with grad_accum=k and a k-process run with grad_accum=1 thus
     compute the very same micro-batches.
     """
-    rows = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
+    rows = order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size]
     rows = rows[np.argsort(lengths[rows], kind="stable")]
     n_chunks = grad_accum * world_size
     bounds = [math.floor(i * len(rows) / n_chunks) for i in range(n_chunks + 1)]
-    chunks = [rows[bounds[i]:bounds[i + 1]].tolist() for i in range(n_chunks)]
+    chunks = [rows[bounds[i] : bounds[i + 1]].tolist() for i in range(n_chunks)]
     return chunks[rank::world_size]

@@ -74,9 +74,14 @@ def _restore_weights(model, folder: Path) -> None:
         tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
         missing = [k for k in result.missing_keys if k not in tied]
         if missing:
-            raise RunFailed(f"{folder}: checkpoint lacks weights {missing[:3]}...; it was written by another model or method.")
+            raise RunFailed(
+                f"{folder}: checkpoint lacks weights {missing[:3]}...; it was written by another model or method."
+            )
     if unexpected:
-        raise RunFailed(f"{folder}: checkpoint has weights this model lacks ({unexpected[:3]}...); was it written by another method?")
+        raise RunFailed(
+            f"{folder}: checkpoint has weights this model lacks ({unexpected[:3]}...); "
+            "was it written by another method?"
+        )
 
 
 def load(folder: Path, model, optimizer, scheduler) -> dict:

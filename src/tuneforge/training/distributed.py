@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +44,9 @@ def setup(timeout: float = 1800.0) -> World:
     if size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
+        )
         if device.type == "cpu":
             # Processes on one machine share its cores; oversubscribing them is much slower.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
@@ -111,15 +110,16 @@ def launch(args: list[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    launcher = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "-m", "tuneforge", *args])
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tuneforge", *args])
     try:
         run(launcher)
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
         code = failure.exitcode if failure.exitcode > 0 else 1
-        error = RunFailed(f"process {rank} of {nproc} stopped first (exit code {failure.exitcode}); torchrun "
-                          "stopped the others. Its error is printed above.")
+        error = RunFailed(
+            f"process {rank} of {nproc} stopped first (exit code {failure.exitcode}); torchrun "
+            "stopped the others. Its error is printed above."
+        )
         error.exit_code = code  # bad input stays exit code 2, as in a single process
         raise error from None
     return 0

@@ -29,8 +29,17 @@ from .. import data as tfdata
 from ..config import Config, auto_epochs, load_config
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
-from ..methods import (adapter_on_merged_base, batch_items, build_objective, check_inputs, loss_count, prepare_model,
-                       reported_sums, sum_over_batches, trainable_parameters)
+from ..methods import (
+    adapter_on_merged_base,
+    batch_items,
+    build_objective,
+    check_inputs,
+    loss_count,
+    prepare_model,
+    reported_sums,
+    sum_over_batches,
+    trainable_parameters,
+)
 from ..models import ModelSource, causal_lm, compute_dtype, load_model, load_tokenizer, resolve, resolve_precision
 from ..models.attention import per_example_attention, supports_per_example_attention
 from ..models.saving import save_model
@@ -77,8 +86,10 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config) -> torch.
     faster = {name for name in params if ratio != 1.0 and "lora_B" in name}
 
     def decay_groups(chosen: list[torch.nn.Parameter], lr: float) -> list[dict]:
-        return [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": cfg.train.weight_decay, "lr": lr},
-                {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        return [
+            {"params": [p for p in chosen if p.ndim >= 2], "weight_decay": cfg.train.weight_decay, "lr": lr},
+            {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        ]
 
     groups = decay_groups([p for name, p in params.items() if name not in faster], cfg.train.learning_rate)
     if faster:
@@ -107,7 +118,8 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
     n_micro = t.grad_accum * world_size
     if t.batch_size % n_micro:
         raise TuneforgeError(
-            f"train.batch_size ({t.batch_size}) must be a multiple of grad_accum x processes ({t.grad_accum} x {world_size})."
+            f"train.batch_size ({t.batch_size}) must be a multiple of grad_accum x processes "
+            f"({t.grad_accum} x {world_size})."
         )
     per_epoch = batches.steps_per_epoch(n_rows, t.batch_size, n_micro)
     if per_epoch == 0:
@@ -131,8 +143,13 @@ def shares_prefixes(cfg: Config, all_per_example: bool) -> bool:
     """Whether packed rows hold a common prefix once (`data.pack`): only where every model of the
     forward attends per example (`models.attention` reads the shared prefix), and not for DPO,
     whose items are pairs already laid out."""
-    return (cfg.data.packing and cfg.data.share_prefixes and cfg.method != "dpo"
-            and cfg.train.attention == "per_example" and all_per_example)
+    return (
+        cfg.data.packing
+        and cfg.data.share_prefixes
+        and cfg.method != "dpo"
+        and cfg.train.attention == "per_example"
+        and all_per_example
+    )
 
 
 def to_rows(items, cfg: Config, share_prefixes: bool = False):
@@ -273,8 +290,16 @@ class Run:
         path = None
         if self.world.is_main:
             state = {**self.state, "step": step, "config_hash": self.cfg.results_hash()}
-            path = checkpoint.save(self.out / "checkpoints", step, self.model, self.tokenizer, self.optimizer,
-                                   self.scheduler, state, self.cfg.train.keep_checkpoints)
+            path = checkpoint.save(
+                self.out / "checkpoints",
+                step,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.scheduler,
+                state,
+                self.cfg.train.keep_checkpoints,
+            )
         distributed.barrier(self.world, f"writing checkpoint step-{step} (rank 0 writes it while the others wait)")
         return path
 
@@ -286,17 +311,19 @@ class Run:
         objective = getattr(self.objective, "module", self.objective)
         sums = {k: v for k, v in self.sums.items() if k not in objective.train_only_sums}
         per_batch, world = self.plan.micro_batch_rows, self.world
-        shard = (self.valid_rows[start:start + per_batch]
-                 for start in range(world.rank * per_batch, len(self.valid_rows), per_batch * world.size))
-        totals, count = sum_over_batches(objective, shard, self.tokenizer.pad_token_id, world.device, sums=sums,
-                                         autocast=self.autocast)
+        shard = (
+            self.valid_rows[start : start + per_batch]
+            for start in range(world.rank * per_batch, len(self.valid_rows), per_batch * world.size)
+        )
+        totals, count = sum_over_batches(
+            objective, shard, self.tokenizer.pad_token_id, world.device, sums=sums, autocast=self.autocast
+        )
         totals = distributed.sum_across({**totals, "count": count}, world, phase)
         n = max(totals.pop("count"), 1)
         return {name: total / n for name, total in totals.items()}
 
 
-def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, force: bool = False,
-          log=print) -> Run:
+def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, force: bool = False, log=print) -> Run:
     """Everything the steps need: data, model, objective, rows, optimizer and schedule, restored
     from a checkpoint when resuming."""
     precision = resolve_precision(cfg.train.precision, world.device)
@@ -318,31 +345,53 @@ def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, f
     lms = [causal_lm(m) for m in (model, *objective.frozen)]
     per_example = [lm for lm in lms if supports_per_example_attention(lm.config, cfg.data.max_length)]
     if cfg.train.attention == "per_example" and len(per_example) < len(lms):
-        log("attention: a model's attention is not plain causal attention over a whole row "
-            "(sliding window or soft-capping); it keeps its own attention with a block mask")
+        log(
+            "attention: a model's attention is not plain causal attention over a whole row "
+            "(sliding window or soft-capping); it keeps its own attention with a block mask"
+        )
     # A shared prefix needs every model of the forward to run per-example attention.
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
     if share:
-        log(f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
-            f"{sum(len(r) for r in train_rows):,} tokens ({sum(map(len, train_items)):,} without sharing)")
+        log(
+            f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
+            f"{sum(len(r) for r in train_rows):,} tokens ({sum(map(len, train_items)):,} without sharing)"
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
+        optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps)
+    )
 
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} at step {state['step']}")
-    metrics_log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", state["step"] if resume_from else None,
-                             world.is_main)
+    metrics_log = MetricsLog(
+        Path(cfg.output_dir) / "metrics.jsonl", state["step"] if resume_from else None, world.is_main
+    )
     if world.size > 1:
         with distributed.phase("setting up the model on every process", world):
             objective = torch.nn.parallel.DistributedDataParallel(
-                objective, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+                objective, device_ids=[world.device.index] if world.device.type == "cuda" else None
+            )
     objective.train()
-    return Run(cfg, world, source, tokenizer, model, objective, optimizer, scheduler, plan, train_rows, valid_rows,
-               precision, per_example, metrics_log, state)
+    return Run(
+        cfg,
+        world,
+        source,
+        tokenizer,
+        model,
+        objective,
+        optimizer,
+        scheduler,
+        plan,
+        train_rows,
+        valid_rows,
+        precision,
+        per_example,
+        metrics_log,
+        state,
+    )
 
 
 def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> tuple[dict, bool]:
@@ -350,8 +399,9 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
     cfg, world, objective = run.cfg, run.world, run.objective
     epoch, step_in_epoch = divmod(step, run.plan.steps_per_epoch)
     order = batches.epoch_order(len(run.train_rows), cfg.train.seed, epoch)
-    micro = batches.step_micro_batches(order, step_in_epoch, cfg.train.batch_size, cfg.train.grad_accum,
-                                       world.size, world.rank, lengths)
+    micro = batches.step_micro_batches(
+        order, step_in_epoch, cfg.train.batch_size, cfg.train.grad_accum, world.size, world.rank, lengths
+    )
     real_tokens = sum(row_tokens(run.train_rows[i]) for idx in micro for i in idx)
     micro = [tfdata.collate([run.train_rows[i] for i in idx], run.tokenizer.pad_token_id) for idx in micro]
     count = loss_count(getattr(objective, "module", objective))
@@ -372,12 +422,14 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
                 (sums["loss"] * (world.size / step_count.to(world.device))).backward()
             for key in totals:
                 totals[key] += sums[key].item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(run.model).values(),
-                                               cfg.train.max_grad_norm or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        trainable_parameters(run.model).values(), cfg.train.max_grad_norm or float("inf")
+    )
     # One all-reduce for the step's sums, its real tokens and the ranks asked to stop: every rank
     # sees the same sum, so all of them stop after the same step.
-    summed = distributed.sum_across({**totals, "_tokens": real_tokens, "_stop": float(stop.signal is not None)},
-                                    world, phase)
+    summed = distributed.sum_across(
+        {**totals, "_tokens": real_tokens, "_stop": float(stop.signal is not None)}, world, phase
+    )
     means = {name: summed[key] / step_count.item() for name, key in run.sums.items()}
     if not math.isfinite(means["loss"]) or not math.isfinite(float(grad_norm)):
         raise RunFailed(
@@ -446,19 +498,32 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
             metrics.update(full_valid)
             run.metrics_log.write({"step": run.plan.total_steps, **full_valid})
         if run.world.is_main:
-            final_dir = save_model(run.model, run.tokenizer, run.source.path, run.out / "final",
-                                   merge=adapter_on_merged_base(run.cfg, run.source))
-            write_json(run.out / "summary.json", {"status": status, "steps": run.plan.total_steps,
-                                                   "precision": run.precision, "epochs": run.plan.epochs,
-                                                   "metrics": metrics})
+            final_dir = save_model(
+                run.model,
+                run.tokenizer,
+                run.source.path,
+                run.out / "final",
+                merge=adapter_on_merged_base(run.cfg, run.source),
+            )
+            write_json(
+                run.out / "summary.json",
+                {
+                    "status": status,
+                    "steps": run.plan.total_steps,
+                    "precision": run.precision,
+                    "epochs": run.plan.epochs,
+                    "metrics": metrics,
+                },
+            )
         distributed.barrier(run.world, "writing the final model (rank 0 writes it while the others wait)")
     if run.world.is_main and progress:
         print_summary(metrics, run.out)
     return TrainResult(run.out, final_dir, run.state["step"], status, metrics)
 
 
-def train(config, overrides: list[str] = (), *, resume: str | None = None, force: bool = False,
-          progress: bool = True) -> TrainResult:
+def train(
+    config, overrides: list[str] = (), *, resume: str | None = None, force: bool = False, progress: bool = True
+) -> TrainResult:
     """Fine-tune as the config says. `resume` is "latest" or a checkpoint folder."""
     cfg = load_config(config, overrides)
     world = distributed.setup(cfg.train.distributed_timeout)

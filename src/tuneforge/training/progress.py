@@ -20,8 +20,11 @@ class TrainProgress:
         self.console = Console(stderr=True)
         live = enabled and self.console.is_terminal
         self.lines = LogLines(self.console, "train step", total_steps, start_step) if enabled and not live else None
-        self.progress = Progress(*bar_columns("train", "loss {task.fields[loss]}", "{task.fields[speed]} tok/s"),
-                                 console=self.console, disable=not live)
+        self.progress = Progress(
+            *bar_columns("train", "loss {task.fields[loss]}", "{task.fields[speed]} tok/s"),
+            console=self.console,
+            disable=not live,
+        )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", speed="-")
 
     def __enter__(self):
@@ -45,7 +48,6 @@ class TrainProgress:
             self.lines.update(record["step"], f" · loss {loss} · {speed} tok/s")
 
 
-
 def print_summary(metrics: dict, output_dir: Path) -> None:
     """The run's final metrics as a table on stderr."""
     if not metrics:
@@ -53,9 +55,21 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
     table = Table(title=f"run {output_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("step", "epoch", "train_loss", "train_mean_token_accuracy", "divergence", "teacher_agreement",
-                *REWARDS, "valid_loss", "full_valid_loss", "full_valid_mean_token_accuracy",
-                *(f"full_valid_{name}" for name in REWARDS), "tokens", "elapsed"):
+    for key in (
+        "step",
+        "epoch",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "divergence",
+        "teacher_agreement",
+        *REWARDS,
+        "valid_loss",
+        "full_valid_loss",
+        "full_valid_mean_token_accuracy",
+        *(f"full_valid_{name}" for name in REWARDS),
+        "tokens",
+        "elapsed",
+    ):
         if key in metrics:
             v = metrics[key]
             table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))

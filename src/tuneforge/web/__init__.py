@@ -11,5 +11,14 @@ from .auth import LOCAL_OWNER, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
 from .limits import docs_urls, edge
 
-__all__ = ["APIError", "LOCAL_OWNER", "caller", "docs_urls", "edge", "failure_id", "owner_of", "scrub_paths",
-           "server_error"]
+__all__ = [
+    "APIError",
+    "LOCAL_OWNER",
+    "caller",
+    "docs_urls",
+    "edge",
+    "failure_id",
+    "owner_of",
+    "scrub_paths",
+    "server_error",
+]

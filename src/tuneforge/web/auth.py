@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from fastapi import FastAPI, Request
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser

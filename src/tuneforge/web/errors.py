@@ -25,8 +25,16 @@ _SERVER_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;()<>]*")
 class APIError(Exception):
     """An error answered in OpenAI's shape; `headers` go with it (Retry-After on a 429)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers or {}
@@ -52,8 +60,12 @@ def server_error(err: BaseException, what: str = "The server failed on this requ
     """A 500 for an unexpected failure; the traceback goes to the log under the id the message gives."""
     error_id = failure_id()
     log.error("%s (error id %s)", what, error_id, exc_info=err)
-    return APIError(500, f"{what} (error id {error_id}). Try again; if it keeps failing, give the server's "
-                         "operator this id.", type="server_error", code="server_error")
+    return APIError(
+        500,
+        f"{what} (error id {error_id}). Try again; if it keeps failing, give the server's operator this id.",
+        type="server_error",
+        code="server_error",
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,8 +44,9 @@ class BodyLimit:
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body is larger than this server's limit of {limit:,} bytes.",
-                    code="request_too_large")
+    return APIError(
+        413, f"The request body is larger than this server's limit of {limit:,} bytes.", code="request_too_large"
+    )
 
 
 def docs_urls(docs: bool) -> dict:

@@ -20,23 +20,37 @@ def own_file(service: Service, owner: str, file_id: str, param: str = "file_id")
     """The caller's file; a 404 (a 400 naming `param` in another request's body) for any other id."""
     row = service.store.get_file(owner, file_id)
     if row is None:
-        raise APIError(404 if param == "file_id" else 400, f"No such File object: {file_id}", param=param,
-                       code="file_not_found")
+        raise APIError(
+            404 if param == "file_id" else 400, f"No such File object: {file_id}", param=param, code="file_not_found"
+        )
     return row
 
 
 @router.post("")
-def upload_file(file: UploadFile = File(...), purpose: str = Form(...), owner: str = Depends(caller),
-                service: Service = Depends(service_of)):
+def upload_file(
+    file: UploadFile = File(...),
+    purpose: str = Form(...),
+    owner: str = Depends(caller),
+    service: Service = Depends(service_of),
+):
     if purpose != "fine-tune":
-        raise APIError(400, f"purpose '{purpose}' is not supported here; upload training data with "
-                            "purpose 'fine-tune'.", param="purpose", code="invalid_value")
+        raise APIError(
+            400,
+            f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune'.",
+            param="purpose",
+            code="invalid_value",
+        )
     if not (file.filename or "").lower().endswith(".jsonl"):
-        raise APIError(400, f"'{file.filename}' is not a .jsonl file; fine-tuning data is JSON Lines.",
-                       param="file", code="invalid_file_format")
+        raise APIError(
+            400,
+            f"'{file.filename}' is not a .jsonl file; fine-tuning data is JSON Lines.",
+            param="file",
+            code="invalid_file_format",
+        )
     try:
-        row = service.storage.save(file.file, owner=owner, filename=file.filename, purpose=purpose,
-                               max_bytes=service.max_upload_bytes)
+        row = service.storage.save(
+            file.file, owner=owner, filename=file.filename, purpose=purpose, max_bytes=service.max_upload_bytes
+        )
     except FileTooLarge as err:
         raise APIError(413, str(err), param="file", code="file_too_large") from err
     service.store.add(row)
@@ -44,9 +58,14 @@ def upload_file(file: UploadFile = File(...), purpose: str = Form(...), owner: s
 
 
 @router.get("")
-def list_files(after: str | None = None, limit: int = Query(10000, ge=1, le=10000),
-               order: Literal["asc", "desc"] = "desc", purpose: str | None = None, owner: str = Depends(caller),
-               service: Service = Depends(service_of)):
+def list_files(
+    after: str | None = None,
+    limit: int = Query(10000, ge=1, le=10000),
+    order: Literal["asc", "desc"] = "desc",
+    purpose: str | None = None,
+    owner: str = Depends(caller),
+    service: Service = Depends(service_of),
+):
     page = service.store.list_files(owner, purpose=purpose, after=after, limit=limit, newest_first=order == "desc")
     return list_body(page, page.has_more)
 
@@ -66,8 +85,13 @@ def file_content(file_id: str, owner: str = Depends(caller), service: Service = 
 def delete_file(file_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     row = own_file(service, owner, file_id)
     if (user := service.store.file_in_use(file_id)) is not None:
-        raise APIError(400, f"{file_id} is in use by fine-tuning job {user.id} ({user.status}); cancel the "
-                            "job or wait until it finishes.", param="file_id", code="file_in_use")
+        raise APIError(
+            400,
+            f"{file_id} is in use by fine-tuning job {user.id} ({user.status}); cancel the "
+            "job or wait until it finishes.",
+            param="file_id",
+            code="file_in_use",
+        )
     service.store.delete_file(owner, file_id)
     service.storage.delete(row)
     return {"id": file_id, "object": "file", "deleted": True}

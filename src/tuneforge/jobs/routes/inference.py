@@ -27,8 +27,9 @@ async def forward(service: Service, owner: str, body: ChatCompletionBody | Compl
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionBody, owner: str = Depends(caller),
-                           service: Service = Depends(service_of)):
+async def chat_completions(
+    body: ChatCompletionBody, owner: str = Depends(caller), service: Service = Depends(service_of)
+):
     return await forward(service, owner, body)
 
 

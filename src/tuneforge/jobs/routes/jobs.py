@@ -20,21 +20,35 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", dependencies=[Depends(caller)]
 def job_body(job: Job) -> dict:
     """A job as OpenAI's `fine_tuning.job` object."""
     return {
-        "object": "fine_tuning.job", "id": job.id, "created_at": job.created_at, "error": job.error,
+        "object": "fine_tuning.job",
+        "id": job.id,
+        "created_at": job.created_at,
+        "error": job.error,
         "fine_tuned_model": job.fine_tuned_model if job.status == "succeeded" else None,
-        "finished_at": job.finished_at, "hyperparameters": job.hyperparameters, "model": job.model,
-        "organization_id": ORGANIZATION, "result_files": job.result_files, "seed": job.seed, "status": job.status,
-        "trained_tokens": job.trained_tokens, "training_file": job.training_file,
-        "validation_file": job.validation_file, "estimated_finish": job.estimated_finish, "integrations": [],
-        "metadata": job.metadata_, "method": job.method, "user_provided_suffix": job.suffix,
+        "finished_at": job.finished_at,
+        "hyperparameters": job.hyperparameters,
+        "model": job.model,
+        "organization_id": ORGANIZATION,
+        "result_files": job.result_files,
+        "seed": job.seed,
+        "status": job.status,
+        "trained_tokens": job.trained_tokens,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "estimated_finish": job.estimated_finish,
+        "integrations": [],
+        "metadata": job.metadata_,
+        "method": job.method,
+        "user_provided_suffix": job.suffix,
     }
 
 
 def own_job(service: Service, owner: str, job_id: str) -> Job:
     job = service.store.get_job(job_id, owner)
     if job is None:
-        raise APIError(404, f"No fine-tuning job found with id {job_id}", param="fine_tuning_job_id",
-                       code="fine_tune_not_found")
+        raise APIError(
+            404, f"No fine-tuning job found with id {job_id}", param="fine_tuning_job_id", code="fine_tune_not_found"
+        )
     return job
 
 
@@ -43,35 +57,64 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
     stored = {param: own_file(service, owner, file_id, param) for param, file_id in body.files().items()}
     for param, row in stored.items():
         if row.purpose != "fine-tune":
-            raise APIError(400, f"{row.id} was not uploaded with purpose 'fine-tune'.", param=param,
-                           code="invalid_file_purpose")
+            raise APIError(
+                400, f"{row.id} was not uploaded with purpose 'fine-tune'.", param=param, code="invalid_file_purpose"
+            )
     model, base_name = service.access.for_training(owner, body.model)
     job_id = new_id("ftjob-")
     method = body.method_dict()
     seed = body.seed if body.seed is not None else random.randrange(2**31)
     validation = stored.get("validation_file")
     try:
-        training_config(training_spec(service.store, service.runs, owner, model), method, seed,
-                        service.storage.path(stored["training_file"]),
-                        service.storage.path(validation) if validation else None, service.runs / job_id)
+        training_config(
+            training_spec(service.store, service.runs, owner, model),
+            method,
+            seed,
+            service.storage.path(stored["training_file"]),
+            service.storage.path(validation) if validation else None,
+            service.runs / job_id,
+        )
     except ConfigError as err:
-        raise APIError(400, f"This method or these hyperparameters are not supported: {err.message}",
-                       param="method", code="unsupported_value") from err
-    job = Job(id=job_id, owner=owner, model=model, training_file=body.training_file,
-              validation_file=body.validation_file, suffix=body.suffix, seed=seed, metadata_=body.metadata,
-              method=method, status="validating_files", created_at=now(), result_files=[],
-              fine_tuned_model=f"ft:{base_name}:{ORGANIZATION}:{body.suffix or ''}:{new_id('', 8)}")
+        raise APIError(
+            400,
+            f"This method or these hyperparameters are not supported: {err.message}",
+            param="method",
+            code="unsupported_value",
+        ) from err
+    job = Job(
+        id=job_id,
+        owner=owner,
+        model=model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        suffix=body.suffix,
+        seed=seed,
+        metadata_=body.metadata,
+        method=method,
+        status="validating_files",
+        created_at=now(),
+        result_files=[],
+        fine_tuned_model=f"ft:{base_name}:{ORGANIZATION}:{body.suffix or ''}:{new_id('', 8)}",
+    )
     service.store.add(job)
     service.store.add_event(job.id, f"Created fine-tuning job: {job.id}")
     return job_body(job)
 
 
 @router.get("")
-def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
-              owner: str = Depends(caller), service: Service = Depends(service_of)):
+def list_jobs(
+    request: Request,
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    owner: str = Depends(caller),
+    service: Service = Depends(service_of),
+):
     # OpenAI's SDK sends a metadata filter as `metadata[KEY]=VALUE`.
-    metadata = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
-                if key.startswith("metadata[") and key.endswith("]")}
+    metadata = {
+        key[len("metadata[") : -1]: value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
     page = service.store.list_jobs(owner, after=after, limit=limit, metadata=metadata)
     return list_body([job_body(job) for job in page], page.has_more)
 
@@ -85,10 +128,15 @@ def get_job(job_id: str, owner: str = Depends(caller), service: Service = Depend
 def cancel_job(job_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     job = own_job(service, owner, job_id)
     # A running job's worker sees the new status and stops its training process within a step.
-    if not service.store.move(job.id, ACTIVE, status="cancelled", finished_at=now(), stop_request=None,
-                              estimated_finish=None):
-        raise APIError(400, f"Job {job_id} has already finished ({job.status}); only an unfinished job can be "
-                            "cancelled.", param="fine_tuning_job_id", code="invalid_state")
+    if not service.store.move(
+        job.id, ACTIVE, status="cancelled", finished_at=now(), stop_request=None, estimated_finish=None
+    ):
+        raise APIError(
+            400,
+            f"Job {job_id} has already finished ({job.status}); only an unfinished job can be cancelled.",
+            param="fine_tuning_job_id",
+            code="invalid_state",
+        )
     service.store.add_event(job.id, "Job cancelled.")
     return job_body(own_job(service, owner, job_id))
 
@@ -99,11 +147,14 @@ def pause_job(job_id: str, owner: str = Depends(caller), service: Service = Depe
     if service.store.move(job.id, ["queued"], status="paused"):
         service.store.add_event(job.id, "Job paused before it started.")
     elif service.store.request_pause(job.id):
-        service.store.add_event(job.id, "Pause requested: the job saves a checkpoint and stops after its current "
-                                        "step.")
+        service.store.add_event(job.id, "Pause requested: the job saves a checkpoint and stops after its current step.")
     elif not (job.status == "running" and job.stop_request == "pause"):  # asked twice: the first one holds
-        raise APIError(400, f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
-                       param="fine_tuning_job_id", code="invalid_state")
+        raise APIError(
+            400,
+            f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
+            param="fine_tuning_job_id",
+            code="invalid_state",
+        )
     return job_body(own_job(service, owner, job_id))
 
 
@@ -111,21 +162,35 @@ def pause_job(job_id: str, owner: str = Depends(caller), service: Service = Depe
 def resume_job(job_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     job = own_job(service, owner, job_id)
     if not service.store.move(job.id, ["paused"], status="queued", stop_request=None):
-        raise APIError(400, f"Job {job_id} is {job.status}; only a paused job can be resumed.",
-                       param="fine_tuning_job_id", code="invalid_state")
+        raise APIError(
+            400,
+            f"Job {job_id} is {job.status}; only a paused job can be resumed.",
+            param="fine_tuning_job_id",
+            code="invalid_state",
+        )
     service.store.add_event(job.id, "Job resumed: queued to continue from its last checkpoint.")
     return job_body(own_job(service, owner, job_id))
 
 
 @router.get("/{job_id}/events")
-def list_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
-                owner: str = Depends(caller), service: Service = Depends(service_of)):
+def list_events(
+    job_id: str,
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=1000),
+    owner: str = Depends(caller),
+    service: Service = Depends(service_of),
+):
     page = service.store.list_events(own_job(service, owner, job_id).id, after=after, limit=limit)
     return list_body(page, page.has_more)
 
 
 @router.get("/{job_id}/checkpoints")
-def list_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100),
-                     owner: str = Depends(caller), service: Service = Depends(service_of)):
+def list_checkpoints(
+    job_id: str,
+    after: str | None = None,
+    limit: int = Query(10, ge=1, le=100),
+    owner: str = Depends(caller),
+    service: Service = Depends(service_of),
+):
     page = service.store.list_checkpoints(own_job(service, owner, job_id).id, after=after, limit=limit)
     return list_body(page, page.has_more)

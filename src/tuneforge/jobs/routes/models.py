@@ -16,8 +16,12 @@ def model_cards(service: Service, owner: str) -> dict[str, dict]:
     for job in service.store.jobs_of(owner):
         cards.setdefault(job.model, {"id": job.model, "object": "model", "created": 0, "owned_by": ORGANIZATION})
         if job.status == "succeeded":
-            cards[job.fine_tuned_model] = {"id": job.fine_tuned_model, "object": "model",
-                                           "created": job.finished_at, "owned_by": ORGANIZATION}
+            cards[job.fine_tuned_model] = {
+                "id": job.fine_tuned_model,
+                "object": "model",
+                "created": job.finished_at,
+                "owned_by": ORGANIZATION,
+            }
     return cards
 
 

@@ -30,9 +30,9 @@ import json
 import random
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.fsio import atomic_file
@@ -131,24 +131,60 @@ _HOSTING = ("compute", "storage", "database", "network")
 _HOSTED_SERVICES = {product: SUBJECTS["services"][product] for product in _HOSTING}
 
 SCENARIOS = (
-    Scenario("outage_production", "outage", "outage", _HOSTED_SERVICES, 3,
-             facts=("production_affected",), required=("production_hit",), optional=("other_product_fine",)),
-    Scenario("outage_unspecified", "outage", "outage", SUBJECTS["services"], 2,
-             optional=("not_production", "other_product_fine")),
+    Scenario(
+        "outage_production",
+        "outage",
+        "outage",
+        _HOSTED_SERVICES,
+        3,
+        facts=("production_affected",),
+        required=("production_hit",),
+        optional=("other_product_fine",),
+    ),
+    Scenario(
+        "outage_unspecified",
+        "outage",
+        "outage",
+        SUBJECTS["services"],
+        2,
+        optional=("not_production", "other_product_fine"),
+    ),
     Scenario("billing_wrong_charge", "billing", "wrong_charge", SUBJECTS["billed_for"], 2, facts=("wrong_charge",)),
-    Scenario("billing_unexpected_amount", "billing", "unexpected_amount", SUBJECTS["billed_for"], 2,
-             facts=("unexpected_amount",)),
+    Scenario(
+        "billing_unexpected_amount",
+        "billing",
+        "unexpected_amount",
+        SUBJECTS["billed_for"],
+        2,
+        facts=("unexpected_amount",),
+    ),
     Scenario("billing_question", "billing", "billing_question", SUBJECTS["billed_for"], 1),
     Scenario("access_breach", "access", "breach", SUBJECTS["security_events"], 2, facts=("security_breach",)),
-    Scenario("access_locked_out", "access", "access_problem", SUBJECTS["access_problems"], 2,
-             facts=("blocked",), required=("locked_out",)),
-    Scenario("access_workaround", "access", "access_problem", SUBJECTS["access_problems"], 1,
-             facts=("has_workaround",), required=("access_workaround",)),
-    Scenario("bug_data_loss", "bug", "bug", SUBJECTS["data_loss_symptoms"], 1, facts=("data_lost",),
-             optional=("data_gone",)),
+    Scenario(
+        "access_locked_out",
+        "access",
+        "access_problem",
+        SUBJECTS["access_problems"],
+        2,
+        facts=("blocked",),
+        required=("locked_out",),
+    ),
+    Scenario(
+        "access_workaround",
+        "access",
+        "access_problem",
+        SUBJECTS["access_problems"],
+        1,
+        facts=("has_workaround",),
+        required=("access_workaround",),
+    ),
+    Scenario(
+        "bug_data_loss", "bug", "bug", SUBJECTS["data_loss_symptoms"], 1, facts=("data_lost",), optional=("data_gone",)
+    ),
     Scenario("bug_blocking", "bug", "bug", SUBJECTS["bug_symptoms"], 1, facts=("blocked",), required=("blocked",)),
-    Scenario("bug_workaround", "bug", "bug", SUBJECTS["bug_symptoms"], 2, facts=("has_workaround",),
-             required=("workaround",)),
+    Scenario(
+        "bug_workaround", "bug", "bug", SUBJECTS["bug_symptoms"], 2, facts=("has_workaround",), required=("workaround",)
+    ),
     Scenario("bug_cosmetic", "bug", "bug", SUBJECTS["cosmetic_symptoms"], 1, optional=("cosmetic_note",)),
     Scenario("feature_request", "feature_request", "feature", SUBJECTS["feature_wishes"], 4),
     Scenario("how_to", "how_to", "how_to", SUBJECTS["how_to_tasks"], 4),
@@ -229,9 +265,9 @@ def _typo(word: str, rng: random.Random) -> str:
     i = rng.randrange(1, len(word) - 1)
     kind = rng.randrange(3)
     if kind == 0:  # swap two neighbours
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
     if kind == 1:  # drop a letter
-        return word[:i] + word[i + 1:]
+        return word[:i] + word[i + 1 :]
     return word[:i] + word[i] + word[i:]  # double a letter
 
 
@@ -266,8 +302,11 @@ def sample_ticket(rng: random.Random, split: str) -> Ticket:
     subject = rng.choice(scenario.subjects[product])
     other = rng.choice([s for p in _HOSTING if p != product for s in _HOSTED_SERVICES[p]])
     slots = {
-        "subject": subject, "Subject": _capitalise(subject), "since": rng.choice(SINCE),
-        "other": other, "Other": _capitalise(other),
+        "subject": subject,
+        "Subject": _capitalise(subject),
+        "since": rng.choice(SINCE),
+        "other": other,
+        "Other": _capitalise(other),
     }
 
     def render(pool: str) -> tuple[str, str]:
@@ -292,8 +331,9 @@ def sample_ticket(rng: random.Random, split: str) -> Ticket:
     return Ticket(text, intent, triage_labels(intent), tuple(template_ids), tone, sentences)
 
 
-def _compose(scenario: Scenario, product: str, tone: str, render, fillers: list[tuple[str, str]],
-             rng: random.Random) -> tuple[list[tuple[str, str]], int]:
+def _compose(
+    scenario: Scenario, product: str, tone: str, render, fillers: list[tuple[str, str]], rng: random.Random
+) -> tuple[list[tuple[str, str]], int]:
     """(template id, sentence) in the order a ticket reads, and the sentence count: the core and
     the facts always, then extras in random order and a closing, up to MAX_SENTENCES."""
     chances = TONES[tone]
