@@ -131,11 +131,8 @@ def cancel_job(job_id: str, owner: str = Depends(caller), service: Service = Dep
     if not service.store.move(
         job.id, ACTIVE, status="cancelled", finished_at=now(), stop_request=None, estimated_finish=None
     ):
-        raise APIError(
-            400,
-            f"Job {job_id} has already finished ({job.status}); only an unfinished job can be cancelled.",
-            param="fine_tuning_job_id",
-            code="invalid_state",
+        raise invalid_state(
+            f"Job {job_id} has already finished ({job.status}); only an unfinished job can be cancelled."
         )
     service.store.add_event(job.id, "Job cancelled.")
     return job_body(own_job(service, owner, job_id))
@@ -149,12 +146,7 @@ def pause_job(job_id: str, owner: str = Depends(caller), service: Service = Depe
     elif service.store.request_pause(job.id):
         service.store.add_event(job.id, "Pause requested: the job saves a checkpoint and stops after its current step.")
     elif not (job.status == "running" and job.stop_request == "pause"):  # asked twice: the first one holds
-        raise APIError(
-            400,
-            f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
-            param="fine_tuning_job_id",
-            code="invalid_state",
-        )
+        raise invalid_state(f"Job {job_id} is {job.status}; only a queued or running job can be paused.")
     return job_body(own_job(service, owner, job_id))
 
 
@@ -162,12 +154,7 @@ def pause_job(job_id: str, owner: str = Depends(caller), service: Service = Depe
 def resume_job(job_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     job = own_job(service, owner, job_id)
     if not service.store.move(job.id, ["paused"], status="queued", stop_request=None):
-        raise APIError(
-            400,
-            f"Job {job_id} is {job.status}; only a paused job can be resumed.",
-            param="fine_tuning_job_id",
-            code="invalid_state",
-        )
+        raise invalid_state(f"Job {job_id} is {job.status}; only a paused job can be resumed.")
     service.store.add_event(job.id, "Job resumed: queued to continue from its last checkpoint.")
     return job_body(own_job(service, owner, job_id))
 
@@ -194,3 +181,8 @@ def list_checkpoints(
 ):
     page = service.store.list_checkpoints(own_job(service, owner, job_id).id, after=after, limit=limit)
     return list_body(page, page.has_more)
+
+
+def invalid_state(message: str) -> APIError:
+    """The 400 for an action the job's status does not allow."""
+    return APIError(400, message, param="fine_tuning_job_id", code="invalid_state")
