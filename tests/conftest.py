@@ -16,6 +16,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 
+import tuneforge  # noqa: E402
+
+# What a `python -m tuneforge` subprocess needs on its path: the package under test (this tree's,
+# wherever the installed one points) and these test helpers.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(Path(tuneforge.__file__).resolve().parents[1]), str(Path(__file__).parent)]),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_run_config
+from conftest import SUBPROCESS_ENV, tiny_run_config
 
 from tuneforge.config import load_config
 from tuneforge.data import prepare
 from tuneforge.eval.evaluate import token_loss
 from tuneforge.models import load_model, load_tokenizer, resolve
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TOKENIZERS_PARALLELISM": "false"}
+ENV = SUBPROCESS_ENV
 
 
 def run_cli(cfg: dict, tmp_path: Path, nproc: int, env: dict = ENV, timeout: float = 300):

@@ -1,7 +1,6 @@
 """The training loop on a tiny model: outputs, loss normalisation, resume, signals, failures."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_run_config
+from conftest import SUBPROCESS_ENV, tiny_run_config
 
 from tuneforge.errors import RunFailed, TuneforgeError
 from tuneforge.models import load_model, resolve
 from tuneforge.training import train
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TOKENIZERS_PARALLELISM": "false"}
+ENV = SUBPROCESS_ENV
 
 
 def metrics(run: Path) -> list[dict]:
