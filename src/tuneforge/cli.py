@@ -36,16 +36,20 @@ def train(
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.learning_rate=1e-4"),
     resume: str | None = typer.Option(None, help="'latest' (or just --resume) or a checkpoint folder."),
     force: bool = typer.Option(False, help="Resume even though the config changed in a way that changes results."),
-    nproc: int = typer.Option(1, help="Processes on this machine (launches torchrun)."),
+    nproc: int = typer.Option(1, min=1, help="Processes on this machine (launches torchrun)."),
+    nnodes: int = typer.Option(1, min=1, help="Machines: the same command on each, with its own --node-rank."),
+    node_rank: int = typer.Option(0, min=0, help="This machine's number, 0 to nnodes - 1; machine 0 hosts --master."),
+    master: str | None = typer.Option(None, help="ADDR:PORT of machine 0, where the machines meet (--nnodes 2+)."),
 ):
     """Fine-tune as CONFIG says; writes the run folder (metrics, checkpoints, final model)."""
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+    launches = nproc > 1 or nnodes > 1 or master is not None or node_rank > 0
+    if launches and "WORLD_SIZE" not in os.environ:
         args = ["train", str(config), *(overrides or [])]
         if resume:
             args += ["--resume", resume]
         if force:
             args.append("--force")
-        raise typer.Exit(_launch(args, nproc))
+        raise typer.Exit(_launch(args, nproc, nnodes=nnodes, node_rank=node_rank, master=master))
     from .pipeline import train as run_train
     from .recipes import config_file
 
@@ -53,22 +57,26 @@ def train(
     raise typer.Exit(0 if result.status == "completed" else 130)
 
 
-def _launch(args: list[str], nproc: int) -> int:
+def _launch(args: list[str], nproc: int, **machines) -> int:
     from .training.distributed import launch
 
-    return launch(args, nproc)
+    return launch(args, nproc, **machines)
 
 
 @app.command()
 def validate(
     config: Path = typer.Argument(..., help="YAML config file, or a shipped recipe's name (tuneforge recipes)."),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. data.max_length=512"),
+    nproc: int = typer.Option(
+        1, min=1, help="Processes per machine the run will have: the plan shows what each holds."
+    ),
+    nnodes: int = typer.Option(1, min=1, help="Machines the run will span."),
 ):
     """Dry run: check config, model and every data row; print the plan. Exit 2 on any problem."""
     from .dry_run import validate as run_validate
     from .recipes import config_file
 
-    raise typer.Exit(run_validate(config_file(config), overrides or []))
+    raise typer.Exit(run_validate(config_file(config), overrides or [], processes=nproc * nnodes))
 
 
 @models_app.command("list")

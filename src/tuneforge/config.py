@@ -131,6 +131,17 @@ class TrainConfig(Strict):
         description="seconds a process of a multi-process run waits for the others at any collective "
         "before it stops the run with an error naming its rank and phase",
     )
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="how several processes share the model: ddp keeps a full copy in each; fsdp shards weights, "
+        "gradients and optimizer state over them (FSDP2), for models one device cannot train alone; auto is "
+        "fsdp for full fine-tuning and ddp for adapters",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp only: keep each process's shards of the weights and optimizer state in CPU memory "
+        "and run the optimizer step there (slower; for models whose shards do not fit the devices)",
+    )
 
     @field_validator("epochs")
     @classmethod
@@ -248,7 +259,16 @@ class Config(Strict):
     def results_hash(self) -> str:
         """Hash of everything that changes training results (not logging or checkpoint cadence)."""
         d = self.model_dump()
-        for k in ("eval_every", "save_every", "keep_checkpoints", "log_every", "distributed_timeout"):
+        # How the processes share the model changes how, not what, a run computes (like their number).
+        for k in (
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+            "log_every",
+            "distributed_timeout",
+            "distributed",
+            "cpu_offload",
+        ):
             d["train"].pop(k)
         d.pop("output_dir")
         d.pop("eval")

@@ -21,10 +21,11 @@ from .config import load_config
 from .data.check import highlight
 from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs
-from .methods import batch_items, check_inputs, prepare_model
+from .methods import adapter_on_merged_base, batch_items, check_inputs, prepare_model
 from .models import load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
 from .training import make_plan, shares_prefixes, to_rows
+from .training.distributed import sharding_plan, strategy
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
 # bundled model with LoRA on CPU; see BENCHMARKS.md). Used only for the labelled time estimate.
@@ -55,7 +56,15 @@ def parameter_counts(source, cfg) -> tuple[int, int, object]:
 
 
 def estimate(
-    n: int, trainable: int, config, cfg, plan, tokens_per_epoch: int, max_row_tokens: int, precision: str
+    n: int,
+    trainable: int,
+    config,
+    cfg,
+    plan,
+    tokens_per_epoch: int,
+    max_row_tokens: int,
+    precision: str,
+    shards: int = 1,
 ) -> dict:
     tokens = tokens_per_epoch * plan.total_steps / plan.steps_per_epoch
     # Forward 2N per token; backward 2N for activation gradients, plus 2 x trainable for weight gradients.
@@ -70,7 +79,8 @@ def estimate(
         * 4
         * (4 if cfg.train.gradient_checkpointing else 24)
     )
-    memory = n * 4 + trainable * 16 + activations + micro_tokens * config.vocab_size * 4
+    # Per process: FSDP spreads weights, gradients and optimizer state over `shards` processes.
+    memory = (n * 4 + trainable * 16) / shards + activations + micro_tokens * config.vocab_size * 4
     return {
         "tokens": int(tokens),
         "train_flops": flops,
@@ -80,12 +90,15 @@ def estimate(
     }
 
 
-def validate(config, overrides: list[str] = ()) -> int:
+def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
+    """The dry run of a run on `processes` processes (all machines together)."""
     console = Console()
     started = time.perf_counter()
     cfg = load_config(config, overrides)
     source = resolve(cfg.base_model)
     n_params, n_trainable, hf_config = parameter_counts(source, cfg)
+    # Refuses a combination that cannot work.
+    spread = strategy(cfg, processes, saves_merged=adapter_on_merged_base(cfg, source))
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
     check_eval_inputs(cfg)
@@ -97,11 +110,19 @@ def validate(config, overrides: list[str] = ()) -> int:
     rows = to_rows(
         train_items, cfg, shares_prefixes(cfg, supports_per_example_attention(hf_config, cfg.data.max_length))
     )
-    plan = make_plan(cfg, len(train_items), len(rows), world_size=1)
+    plan = make_plan(cfg, len(train_items), len(rows), world_size=processes)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
     unshared_tokens = sum(map(len, train_items))
     est = estimate(
-        n_params, n_trainable, hf_config, cfg, plan, tokens_per_epoch, max(len(r.input_ids) for r in rows), precision
+        n_params,
+        n_trainable,
+        hf_config,
+        cfg,
+        plan,
+        tokens_per_epoch,
+        max(len(r.input_ids) for r in rows),
+        precision,
+        shards=processes if spread == "fsdp" else 1,
     )
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
@@ -145,8 +166,13 @@ def validate(config, overrides: list[str] = ()) -> int:
             + (" (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else ""),
         ),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
-        ("batch", f"{cfg.train.batch_size} rows per step = {cfg.train.grad_accum} x {plan.micro_batch_rows}"),
+        (
+            "batch",
+            f"{cfg.train.batch_size} rows per step = {cfg.train.grad_accum} x {plan.micro_batch_rows}"
+            + (f" on each of {processes} processes" if processes > 1 else ""),
+        ),
         ("precision", precision),
+        *sharding_plan(cfg, spread, processes, n_params, n_trainable),
         ("after training", ", ".join(at_the_end) or "nothing (see eval.task, eval.forgetting)"),
         (
             "time (estimate)",

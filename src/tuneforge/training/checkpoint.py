@@ -1,11 +1,23 @@
 """Checkpoints: everything an exact resume needs, written atomically, the last K kept.
 
-A checkpoint folder is also a model folder: it holds the PEFT adapter (or the full HF model) and
-the tokenizer, so `tuneforge eval runs/x/checkpoints/step-40` works like on any model.
+A checkpoint folder is also a model folder: it holds the PEFT adapter (or the full HF model),
+gathered on rank 0, and the tokenizer, so `tuneforge eval runs/x/checkpoints/step-40` works like on
+any model. Beside them:
+- `optimizer/`: the optimizer state, two fp32 tensors per trained weight and so the bulk of a
+  checkpoint, as a sharded checkpoint of torch.distributed.checkpoint (DCP): each process writes
+  the shards it holds, and DCP reshards them on load, so a run resumes on any number of processes;
+- `scheduler.pt`, each process's RNG states (`rng-R.pt`) and `trainer_state.json` (step, tokens,
+  config hash).
+
+Every process writes into rank 0's temporary folder. Rank 0 checks that every file the DCP metadata
+names and every process's RNG file is there (over several machines, the run folder must be one they
+share), writes trainer_state.json last and renames the folder into place; a folder without
+trainer_state.json is never taken for a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -13,12 +25,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..errors import RunFailed
 from ..fsio import atomic_dir, write_json
+from . import distributed
 
 STATE = "trainer_state.json"
+OPTIMIZER = "optimizer"
+SCHEDULER = "scheduler.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.pt"
 
 
 def _rng_states() -> dict:
@@ -46,29 +72,54 @@ def latest(root: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def save(root: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> Path:
-    final = Path(root) / f"step-{step}"
-    for stale in Path(root).glob(".tmp-step-*"):  # left by a run killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    with atomic_dir(final, replace=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save(_rng_states(), tmp / "rng.pt")
-        write_json(tmp / STATE, state)
-    for old in step_folders(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+# --- the model's weights ---------------------------------------------------------------------------
 
 
-def _restore_weights(model, folder: Path) -> None:
+def gathered_weights(model, world: distributed.World, phase_name: str) -> dict | None:
+    """For a sharded model, the weights `save_pretrained` writes (all of a full model, the trained
+    ones of an adapter), gathered into rank 0's CPU memory; the other ranks get none. None for a
+    model that is not sharded: it saves its own."""
+    if not distributed.is_sharded(model):
+        return None
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=hasattr(model, "peft_config")
+    )
+    with distributed.phase(phase_name, world):
+        return get_model_state_dict(model, options=options)
+
+
+class GatheredModel:
+    """A sharded model as `models.saving.save_model` sees it: the model's own attributes, except that
+    `save_pretrained` writes the weights gathered on rank 0."""
+
+    def __init__(self, model, weights: dict):
+        self._model, self._weights = model, weights
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def save_pretrained(self, folder, **kwargs):
+        return self._model.save_pretrained(folder, state_dict=self._weights, **kwargs)
+
+
+def savable(model, weights: dict | None):
+    """What to hand `save_model`: the model, or for a sharded one its gathered weights (`gathered_weights`)."""
+    return model if weights is None else GatheredModel(model, weights)
+
+
+def restore_weights(folder: Path, model) -> None:
+    """Load a checkpoint's weights into the model, before it is wrapped (DDP) or sharded (FSDP)."""
+    folder = Path(folder)
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
     else:
-        result = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        weights = {}
+        for file in sorted(folder.glob("model*.safetensors")):  # one file, or the shards of a large model
+            weights.update(load_file(file))
+        result = model.load_state_dict(weights, strict=False)
         unexpected = list(result.unexpected_keys)
         # save_pretrained drops tied copies (lm_head == embed_tokens); anything else missing is real.
         tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
@@ -84,13 +135,79 @@ def _restore_weights(model, folder: Path) -> None:
         )
 
 
-def load(folder: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states; return the saved loop state."""
+# --- saving and resuming ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _shared_temporary(final: Path, world: distributed.World, phase_name: str):
+    """Rank 0's temporary folder for `final`, on every process; rank 0 renames it into place at the
+    end, or removes it on an error."""
+    with atomic_dir(final, replace=True) if world.is_main else contextlib.nullcontext() as tmp:
+        yield distributed.from_main(tmp, world, phase_name)
+
+
+def _check_complete(folder: Path, processes: int) -> None:
+    """Every file the processes wrote is in rank 0's folder (on several machines: a folder they share)."""
+    metadata = dcp.FileSystemReader(folder / OPTIMIZER).read_metadata()
+    expected = {folder / OPTIMIZER / info.relative_path for info in metadata.storage_data.values()}
+    expected |= {folder / rng_file(rank) for rank in range(processes)}
+    missing = sorted(str(path.relative_to(folder)) for path in expected if not path.is_file())
+    if missing:
+        raise RunFailed(
+            f"checkpoint {folder.name}: files the other processes wrote are not in {folder.parent} "
+            f"({', '.join(missing[:3])}). On several machines, output_dir must be a folder they all share "
+            "(a network file system): each process writes its own shards of a checkpoint there."
+        )
+
+
+def save(
+    root: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int, world: distributed.World
+) -> Path:
+    """Write checkpoint `step-STEP` (every process takes part) and keep the last `keep`."""
+    root, phase = Path(root), f"writing checkpoint step-{step}"
+    weights = gathered_weights(model, world, phase)
+    with distributed.phase(phase, world):
+        optimizer_state = get_optimizer_state_dict(model, optimizer)
+    if world.is_main:
+        for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+    with _shared_temporary(root / f"step-{step}", world, phase) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)  # on a machine that does not share it, rank 0's check then fails
+        torch.save(_rng_states(), tmp / rng_file(world.rank))
+        with distributed.phase(phase, world):
+            # Returns once every process has written its shards.
+            dcp.save(optimizer_state, checkpoint_id=tmp / OPTIMIZER, no_dist=world.size == 1)
+        if world.is_main:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+            _check_complete(tmp, world.size)
+            write_json(tmp / STATE, state)
+    if world.is_main:
+        for old in step_folders(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(world, f"{phase} (rank 0 completes it while the others wait)")
+    return root / f"step-{step}"
+
+
+def load(folder: Path, model, optimizer, scheduler, world: distributed.World) -> dict:
+    """Restore the optimizer state (resharded for this run's processes), the scheduler and the RNG
+    states, and return the saved loop state. The weights come first, from `restore_weights`.
+
+    On as many processes as the run that wrote it, each process takes its own RNG states, so the
+    resumed run draws the random numbers the uninterrupted one would; on more, the new ones take
+    rank 0's."""
     folder = Path(folder)
-    state = json.loads((folder / STATE).read_text())
-    _restore_weights(model, folder)
-    opt = torch.load(folder / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    _set_rng_states(torch.load(folder / "rng.pt", weights_only=False))
-    return state
+    if not (folder / OPTIMIZER).is_dir():
+        raise RunFailed(
+            f"{folder} was written by an earlier version of tuneforge (its optimizer state is not sharded); "
+            "finish the run with that version, or start it again without --resume."
+        )
+    with distributed.phase(f"resuming from {folder.name}", world):
+        optimizer_state = get_optimizer_state_dict(model, optimizer)
+        dcp.load(optimizer_state, checkpoint_id=folder / OPTIMIZER, no_dist=world.size == 1)
+        set_optimizer_state_dict(model, optimizer, optimizer_state)
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER, weights_only=True))
+    own = folder / rng_file(world.rank)
+    _set_rng_states(torch.load(own if own.is_file() else folder / rng_file(0), weights_only=False))
+    return json.loads((folder / STATE).read_text())

@@ -1,7 +1,11 @@
-"""torch.distributed, as torchrun sets it up: process group, reductions, launch.
+"""torch.distributed, as torchrun sets it up: process group, reductions, how the model is spread over
+the processes, launch.
 
-No home-made distribution: a multi-process run is `torchrun` (or `tuneforge train --nproc N`,
-which starts torchrun); each process learns its rank from the environment torchrun sets.
+No home-made distribution: a multi-process run is `torchrun` (or `tuneforge train --nproc N`, with
+`--nnodes` for several machines, which starts torchrun); each process learns its rank from the
+environment torchrun sets. The model is spread with torch's own DDP (a full copy in every process,
+gradients averaged) or FSDP2 (`fully_shard`: each process holds 1/N of the weights, gradients and
+optimizer state, and gathers one decoder layer at a time to compute).
 
 Every collective runs inside a named phase. A collective that fails (another process died) or
 waits longer than the process group's timeout (another process is stuck, or the ranks diverged)
@@ -14,12 +18,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from ..errors import RunFailed
+from ..errors import RunFailed, TuneforgeError
+from ..models import causal_lm
+
+# How long torchrun lets processes it stops (SIGTERM) finish their step and checkpoint before it kills them.
+SHUTDOWN_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # processes on this machine
     device: torch.device = torch.device("cpu")
     timeout: float = 1800.0
 
@@ -34,12 +46,17 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def machines(self) -> int:
+        return self.size // self.local_size
+
 
 def setup(timeout: float = 1800.0) -> World:
     """Join the process group when started by torchrun; a single process otherwise. `timeout` is how
     long (seconds) a process waits for the others at any collective."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if size > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -49,10 +66,155 @@ def setup(timeout: float = 1800.0) -> World:
         )
         if device.type == "cpu":
             # Processes on one machine share its cores; oversubscribing them is much slower.
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return World(rank=rank, size=size, local_rank=local_rank, device=device, timeout=timeout)
+    return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size, device=device, timeout=timeout)
+
+
+# --- how the model is spread over the processes ----------------------------------------------------
+
+
+def trains_every_weight(cfg) -> bool:
+    """Full fine-tuning, of the model itself or of a distillation student or DPO policy."""
+    return (
+        cfg.method == "full"
+        or (cfg.method == "distill" and cfg.distill.student == "full")
+        or (cfg.method == "dpo" and cfg.dpo.policy == "full")
+    )
+
+
+def strategy(cfg, processes: int, *, saves_merged: bool = False) -> str:
+    """How the processes share the model: "single" (one process), "ddp" or "fsdp", as
+    `train.distributed` asks ("auto": fsdp for full fine-tuning, ddp for adapters, whose weights and
+    optimizer state are small). A combination that cannot work is refused here, before any work,
+    with what to use instead. `saves_merged`: the final model is an adapter merged into its base
+    (`methods.adapter_on_merged_base`)."""
+    t = cfg.train
+    chosen = "single" if processes == 1 else t.distributed
+    if chosen == "auto":
+        chosen = "fsdp" if trains_every_weight(cfg) else "ddp"
+    if t.cpu_offload and chosen != "fsdp":
+        raise TuneforgeError(
+            "train.cpu_offload keeps FSDP's shards of the weights and optimizer state on the CPU; it needs "
+            f"train.distributed: fsdp and at least 2 processes (this run: {processes}, {chosen}). "
+            "Leave cpu_offload out, or run with --nproc 2 or more and distributed: fsdp."
+        )
+    if chosen != "fsdp":
+        return chosen
+    if t.replay_loss == "kl_to_base" and not t.kl_to_base and not trains_every_weight(cfg):
+        raise TuneforgeError(
+            "train.replay_loss: kl_to_base with an adapter runs the base model only on micro-batches that hold "
+            "replay rows, while a sharded (FSDP) forward needs every process at once. Use train.distributed: "
+            "ddp (or auto) for this run."
+        )
+    if saves_merged:
+        raise TuneforgeError(
+            "this run merges its adapter into the base model for the final model, which FSDP's sharded "
+            "weights cannot do. Use train.distributed: ddp (or auto) for this run."
+        )
+    return chosen
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _frozen_model(cfg) -> str | None:
+    """The model a run holds whole beside the one it trains, if any (`methods.build_objective`)."""
+    if cfg.method == "distill":
+        return "the teacher"
+    if cfg.method == "dpo" and cfg.dpo.policy == "full":
+        return "the reference model"
+    if cfg.method == "full" and (cfg.train.kl_to_base or cfg.train.replay_loss == "kl_to_base"):
+        return "a frozen copy of the base model"
+    return None
+
+
+def sharding_plan(cfg, spread: str, processes: int, n_params: int, n_trainable: int) -> list[tuple[str, str]]:
+    """What each process of a run on `processes` processes, shared as `spread` (`strategy`), holds:
+    (label, text) rows for the dry run. Weights are fp32, gradients one fp32 per trained weight,
+    AdamW's state two."""
+    share = processes if spread == "fsdp" else 1
+    how = {
+        "single": "one process holds the whole model",
+        "ddp": "ddp: each process holds a whole copy of the model and averages gradients with the others",
+        "fsdp": f"fsdp: each process holds 1/{processes} of the weights, gradients and optimizer state, and "
+        "gathers one decoder layer at a time to compute",
+    }[spread]
+    held = (
+        f"weights {_size(4 * n_params / share)}, gradients {_size(4 * n_trainable / share)}, optimizer state "
+        f"{_size(8 * n_trainable / share)}"
+        + (" (weights and optimizer state in CPU memory)" if cfg.train.cpu_offload else "")
+    )
+    if _frozen_model(cfg):
+        held += f", and {_frozen_model(cfg)}, whole"
+    return [
+        ("processes", f"{processes}, {how} (train.distributed: {cfg.train.distributed})"),
+        ("each process holds", held),
+    ]
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the classes transformers keeps whole when it splits a model
+    (`_no_split_modules`), which are the decoder layers."""
+    names = set(getattr(causal_lm(model), "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def shard(objective: torch.nn.Module, model: torch.nn.Module, world: World, *, bf16: bool, cpu_offload: bool):
+    """FSDP2: each decoder layer is one unit that is gathered to compute and sharded again after;
+    the objective is the root unit, holding the rest (embeddings, final norm, output layer). Weights
+    are fp32 shards; `bf16` computes in bf16 copies. Gradients are reduced in fp32."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise TuneforgeError(
+            f"FSDP shards a model by its decoder layers, and {type(causal_lm(model)).__name__} names none "
+            "(transformers' _no_split_modules). Use train.distributed: ddp for this model."
+        )
+    options = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32),
+        "offload_policy": CPUOffloadPolicy(pin_memory=world.device.type == "cuda") if cpu_offload else OffloadPolicy(),
+    }
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(objective, **options)
+    return objective
+
+
+def wrap(objective: torch.nn.Module, model: torch.nn.Module, cfg, world: World, *, spread: str, bf16: bool):
+    """The objective as the steps run it, as `strategy` chose (`spread`): as it is on one process,
+    in DDP, or sharded by FSDP."""
+    if spread == "single":
+        return objective
+    with phase("setting up the model on every process", world):
+        if spread == "fsdp":
+            return shard(objective, model, world, bf16=bf16, cpu_offload=cfg.train.cpu_offload)
+        return torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[world.device.index] if world.device.type == "cuda" else None
+        )
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def gradient_sync(objective: torch.nn.Module, last: bool):
+    """The context of one micro-batch's backward. DDP reduces gradients on the last micro-batch of a
+    step only; FSDP reduces them on every one, which keeps each process's gradients a shard."""
+    if last or not isinstance(objective, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return objective.no_sync()
+
+
+def clip_grad_norm(parameters, max_norm: float, world: World, phase_name: str) -> float:
+    """Clip the gradients to a global norm of `max_norm`; their norm before. Sharded gradients make
+    the norm a collective."""
+    with phase(phase_name, world):
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+# --- collectives -----------------------------------------------------------------------------------
 
 
 def _is_collective_failure(error: BaseException) -> bool:
@@ -63,8 +225,8 @@ def _is_collective_failure(error: BaseException) -> bool:
 
 @contextlib.contextmanager
 def phase(name: str, world: World):
-    """Run collectives (explicit ones, and DDP's inside forward/backward) as the phase `name`: a
-    failed or timed-out collective becomes a `RunFailed` that says which rank, where, and why."""
+    """Run collectives (explicit ones, and DDP's or FSDP's inside forward/backward) as the phase
+    `name`: a failed or timed-out collective becomes a `RunFailed` that says which rank, where, and why."""
     try:
         yield
     except RuntimeError as error:
@@ -92,6 +254,16 @@ def sum_across(values: dict[str, float], world: World, phase_name: str) -> dict[
     return dict(zip(values, totals.tolist()))
 
 
+def from_main(value, world: World, phase_name: str):
+    """Rank 0's `value` (any picklable object), on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    with phase(phase_name, world):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(world: World, phase_name: str) -> None:
     if dist.is_initialized():
         with phase(phase_name, world):
@@ -103,23 +275,76 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def launch(args: list[str], nproc: int) -> int:
-    """Run `tuneforge ARGS` under torchrun with `nproc` processes on this machine. torchrun stops
-    every process as soon as one fails; the exit code is then the failed process's own (2 for bad
-    input, 1 for a failed run), and each process has printed its own error."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+# --- launch ----------------------------------------------------------------------------------------
+
+
+def rendezvous(nnodes: int = 1, node_rank: int = 0, master: str | None = None) -> list[str]:
+    """torchrun's rendezvous options: this machine alone, or `nnodes` machines meeting at `master`
+    (ADDR:PORT of the machine with node rank 0, which hosts the rendezvous) through c10d."""
+    if nnodes == 1:
+        if master is not None or node_rank:
+            raise TuneforgeError("--master and --node-rank are for runs over several machines (--nnodes 2 or more).")
+        return ["--standalone"]
+    host, _, port = (master or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise TuneforgeError(
+            f"--master {master}: give ADDR:PORT, the address of the machine started with --node-rank 0 and a free "
+            "port on it (e.g. --master 10.0.0.1:29500); every machine gets the same --master."
+        )
+    if not 0 <= node_rank < nnodes:
+        raise TuneforgeError(f"--node-rank {node_rank}: give 0 to {nnodes - 1} (one per machine; 0 hosts --master).")
+    return [
+        f"--nnodes={nnodes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={master}",
+        "--rdzv-id=tuneforge",
+        f"--rdzv-conf=is_host={'true' if node_rank == 0 else 'false'}",
+    ]
+
+
+def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, master: str | None = None) -> int:
+    """Run `tuneforge ARGS` under torchrun with `nproc` processes on this machine (of `nnodes`, see
+    `rendezvous`). torchrun stops every process as soon as one fails; the exit code is then the
+    failed process's own (2 for bad input, 1 for a failed run), and each process has printed its own error."""
     from torch.distributed.run import get_args_parser, run
 
-    launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tuneforge", *args])
-    try:
+    options = [*rendezvous(nnodes, node_rank, master), f"--nproc-per-node={nproc}"]
+    launcher = get_args_parser().parse_args([*options, "-m", "tuneforge", *args])
+    with _failure_as_error(nproc * nnodes):
         run(launcher)
+    return 0
+
+
+def launch_function(fn, args: tuple, nproc: int):
+    """Run `fn(*args)` in `nproc` processes on this machine under torchrun's agent; rank 0's return
+    value. Processes stopped by a signal get `SHUTDOWN_TIMEOUT_S` to finish their step and checkpoint."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
+    with _failure_as_error(nproc):
+        return elastic_launch(config, fn)(*args)[0]
+
+
+@contextlib.contextmanager
+def _failure_as_error(processes: int):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        yield
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
-        code = failure.exitcode if failure.exitcode > 0 else 1
         error = RunFailed(
-            f"process {rank} of {nproc} stopped first (exit code {failure.exitcode}); torchrun "
+            f"process {rank} of {processes} stopped first (exit code {failure.exitcode}); torchrun "
             "stopped the others. Its error is printed above."
         )
-        error.exit_code = code  # bad input stays exit code 2, as in a single process
+        error.exit_code = failure.exitcode if failure.exitcode > 0 else 1  # bad input stays 2, as in one process
         raise error from None
-    return 0

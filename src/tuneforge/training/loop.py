@@ -1,14 +1,15 @@
 """The training recipe: one loop for every method, readable top to bottom.
 
-    setup(cfg, world)  config -> tokenizer + data -> model + method -> rows -> optimizer + schedule -> [resume]
+    setup(cfg, world)  config -> tokenizer + data -> model + method -> rows -> [resumed weights] -> DDP | FSDP
+                       -> optimizer + schedule -> [resumed optimizer]
     fit(run)           for each step: micro-batches -> forward/backward (loss / trained tokens of the whole step)
                        -> clip -> optimizer step -> log -> validate -> checkpoint
     finish(run)        final checkpoint + full validation + final model + summary
 
 The loss of an optimizer step is the mean over its trained tokens (for DPO, its pairs: what the
 objective counts) across all micro-batches and ranks. Each micro-batch therefore backpropagates
-(its summed loss) / (the step's count), times the world size because DDP averages gradients over ranks.
-What a config's `eval:` section asks for runs after this, in the caller (`tuneforge.pipeline`).
+(its summed loss) / (the step's count), times the world size because DDP and FSDP average gradients
+over ranks. What a config's `eval:` section asks for runs after this, in the caller (`tuneforge.pipeline`).
 """
 
 from __future__ import annotations
@@ -229,13 +230,20 @@ def resume_point(cfg: Config, resume: str | None, force: bool) -> Path | None:
 
 
 def prepare_data(cfg: Config, tokenizer, world: distributed.World, out: Path, log) -> tfdata.PreparedData:
-    """Rank 0 prepares the data (and caches it, and writes the report); the other ranks then read the cache."""
+    """Rank 0 prepares the data (and caches it under $TUNEFORGE_HOME, and writes the report). On
+    several machines, the first process of each other machine then prepares it too: it reads rank
+    0's cache where $TUNEFORGE_HOME is shared, and tokenizes the data files again where it is not.
+    The other processes then read their machine's cache."""
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
         prepared = tfdata.prepare(cfg.data, tokenizer, report_path=out / "data_report.json", log=log)
     distributed.barrier(world, "preparing data (rank 0 prepares it while the others wait)")
-    if not world.is_main:
+    if world.machines > 1:
+        if world.local_rank == 0 and not world.is_main:
+            prepared = tfdata.prepare(cfg.data, tokenizer, log=log)
+        distributed.barrier(world, "preparing data (the first process of each machine prepares it for the machine)")
+    if world.local_rank != 0:
         prepared = tfdata.prepare(cfg.data, tokenizer, log=log)
     return prepared
 
@@ -252,7 +260,7 @@ class Run:
     source: ModelSource
     tokenizer: object
     model: torch.nn.Module
-    objective: torch.nn.Module  # DDP-wrapped on several processes
+    objective: torch.nn.Module  # on several processes, DDP-wrapped or FSDP-sharded (`distributed.wrap`)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     plan: StepPlan
@@ -286,38 +294,41 @@ class Run:
             return per_example_attention(*self.attention_models)
         return contextlib.nullcontext()
 
-    def save_checkpoint(self, step: int) -> Path | None:
-        path = None
-        if self.world.is_main:
-            state = {**self.state, "step": step, "config_hash": self.cfg.results_hash()}
-            path = checkpoint.save(
-                self.out / "checkpoints",
-                step,
-                self.model,
-                self.tokenizer,
-                self.optimizer,
-                self.scheduler,
-                state,
-                self.cfg.train.keep_checkpoints,
-            )
-        distributed.barrier(self.world, f"writing checkpoint step-{step} (rank 0 writes it while the others wait)")
-        return path
+    def save_checkpoint(self, step: int) -> Path:
+        state = {**self.state, "step": step, "config_hash": self.cfg.results_hash()}
+        return checkpoint.save(
+            self.out / "checkpoints",
+            step,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            state,
+            self.cfg.train.keep_checkpoints,
+            self.world,
+        )
 
     def validate(self, phase: str) -> dict:
         """The validation metrics (the reported sums and the method's own, less training-only ones),
         each per count over all validation rows. Each rank runs its share of the rows, which may be
         none, outside DDP (whose forward is a collective every rank would have to join); the one
-        collective is the sum."""
+        collective is the sum. A sharded (FSDP) forward is a collective too: there, every rank runs as
+        many batches as the busiest one, a rank with fewer running its first rows again, uncounted."""
         objective = getattr(self.objective, "module", self.objective)
         sums = {k: v for k, v in self.sums.items() if k not in objective.train_only_sums}
         per_batch, world = self.plan.micro_batch_rows, self.world
-        shard = (
+        shard = [
             self.valid_rows[start : start + per_batch]
             for start in range(world.rank * per_batch, len(self.valid_rows), per_batch * world.size)
-        )
-        totals, count = sum_over_batches(
-            objective, shard, self.tokenizer.pad_token_id, world.device, sums=sums, autocast=self.autocast
-        )
+        ]
+        with distributed.phase(phase, world):
+            totals, count = sum_over_batches(
+                objective, shard, self.tokenizer.pad_token_id, world.device, sums=sums, autocast=self.autocast
+            )
+            if distributed.is_sharded(objective):
+                busiest = math.ceil(len(self.valid_rows) / (per_batch * world.size))
+                filler = [self.valid_rows[:per_batch]] * (busiest - len(shard))
+                sum_over_batches(objective, filler, self.tokenizer.pad_token_id, world.device, sums=sums)
         totals = distributed.sum_across({**totals, "count": count}, world, phase)
         n = max(totals.pop("count"), 1)
         return {name: total / n for name, total in totals.items()}
@@ -330,15 +341,15 @@ def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, f
     seed_everything(cfg.train.seed)
     resume_from = resume_point(cfg, resume, force)
     source = resolve(cfg.base_model)
+    spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
     train_items, valid_items = batch_items(prepare_data(cfg, tokenizer, world, Path(cfg.output_dir), log), cfg)
 
-    model = prepare_model(load_model(source, dtype=torch.float32), cfg).to(world.device)
+    # FSDP moves each process's shards to the device itself, never the whole model.
+    model = prepare_model(load_model(source, dtype=torch.float32), cfg).to("cpu" if spread == "fsdp" else world.device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    named_params = trainable_parameters(model)
-    optimizer = make_optimizer(named_params, cfg)
     objective = build_objective(model, cfg, dtype=compute_dtype(precision), device=world.device)
 
     # Every model a training forward runs: the trained one, and a teacher or reference copy if any.
@@ -358,22 +369,22 @@ def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, f
             f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
             f"{sum(len(r) for r in train_rows):,} tokens ({sum(map(len, train_items)):,} without sharing)"
         )
+
+    if resume_from is not None:
+        checkpoint.restore_weights(resume_from, model)
+    objective = distributed.wrap(objective, model, cfg, world, spread=spread, bf16=precision == "bf16")
+    # After sharding, which replaces the model's parameters with its shards.
+    optimizer = make_optimizer(trainable_parameters(model), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps)
     )
-
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, scheduler)
+        state = checkpoint.load(resume_from, model, optimizer, scheduler, world)
         log(f"resumed from {resume_from} at step {state['step']}")
     metrics_log = MetricsLog(
         Path(cfg.output_dir) / "metrics.jsonl", state["step"] if resume_from else None, world.is_main
     )
-    if world.size > 1:
-        with distributed.phase("setting up the model on every process", world):
-            objective = torch.nn.parallel.DistributedDataParallel(
-                objective, device_ids=[world.device.index] if world.device.type == "cuda" else None
-            )
     objective.train()
     return Run(
         cfg,
@@ -413,17 +424,15 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
     with distributed.phase(phase, world):
         for i, batch in enumerate(micro):
             batch = {k: v.to(world.device) for k, v in batch.items()}
-            # DDP reduces gradients on the last micro-batch only.
-            sync = contextlib.nullcontext() if world.size == 1 or i == len(micro) - 1 else objective.no_sync()
-            with sync:
+            with distributed.gradient_sync(objective, last=i == len(micro) - 1):
                 with run.autocast():
                     sums = objective(**batch)
-                # Scaled by the world size because DDP averages the ranks' gradients, where we want their sum.
+                # Scaled by the world size because DDP and FSDP average the ranks' gradients, where we want their sum.
                 (sums["loss"] * (world.size / step_count.to(world.device))).backward()
             for key in totals:
                 totals[key] += sums[key].item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        trainable_parameters(run.model).values(), cfg.train.max_grad_norm or float("inf")
+    grad_norm = distributed.clip_grad_norm(
+        trainable_parameters(run.model).values(), cfg.train.max_grad_norm or float("inf"), world, phase
     )
     # One all-reduce for the step's sums, its real tokens and the ranks asked to stop: every rank
     # sees the same sum, so all of them stop after the same step.
@@ -431,7 +440,7 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
         {**totals, "_tokens": real_tokens, "_stop": float(stop.signal is not None)}, world, phase
     )
     means = {name: summed[key] / step_count.item() for name, key in run.sums.items()}
-    if not math.isfinite(means["loss"]) or not math.isfinite(float(grad_norm)):
+    if not math.isfinite(means["loss"]) or not math.isfinite(grad_norm):
         raise RunFailed(
             f"step {step + 1}: {'loss' if not math.isfinite(means['loss']) else 'gradient norm'} is not finite. "
             "Likely causes: a learning rate too high for this model, or bf16 overflow (try precision: fp32). "
@@ -448,7 +457,7 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
         "epoch": round((step + 1) / run.plan.steps_per_epoch, 4),
         **{f"train_{name}": means[name] for name in reported},
         "lr": run.scheduler.get_last_lr()[0],
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm,
         "tokens": run.state["tokens"],
         "tokens_per_s": summed["_tokens"] / (time.perf_counter() - started),
         **{name: means[name] for name in run.sums if name not in reported},
@@ -497,9 +506,10 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
             full_valid = {f"full_valid_{name}": value for name, value in valid.items()}
             metrics.update(full_valid)
             run.metrics_log.write({"step": run.plan.total_steps, **full_valid})
+        weights = checkpoint.gathered_weights(run.model, run.world, "writing the final model")
         if run.world.is_main:
             final_dir = save_model(
-                run.model,
+                checkpoint.savable(run.model, weights),
                 run.tokenizer,
                 run.source.path,
                 run.out / "final",
@@ -528,9 +538,13 @@ def train(
     cfg = load_config(config, overrides)
     world = distributed.setup(cfg.train.distributed_timeout)
     log = print if world.is_main else (lambda *a, **k: None)
+    run = None
     try:
         run = setup(cfg, world, resume=resume, force=force, log=log)
         status = fit(run, progress=progress, log=log)
         return finish(run, status, progress=progress)
     finally:
+        # The run goes before the process group: DDP's reducer holds the group, and were it the last
+        # holder it would end the group holding the GIL, which gloo's threads may still wait for.
+        del run
         distributed.teardown()
