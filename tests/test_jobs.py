@@ -314,6 +314,44 @@ def test_openai_hyperparameters_map_onto_the_config(tmp_path):
     assert (config.method, config.dpo.beta, config.train.batch_size, config.train.epochs) == ("dpo", 0.2, 4, 2)
 
 
+def test_tuneforge_processes_splits_each_batch_between_that_many_processes(tmp_path):
+    from tuneforge.errors import ConfigError
+    from tuneforge.jobs.mapping import CreateJobBody, processes, resolved_method, training_config
+
+    def config(**hyperparameters):
+        body = CreateJobBody(model="m", training_file="file-1", hyperparameters=hyperparameters)
+        method = body.method_dict()
+        return method, training_config("m", method, 3, tmp_path / "t.jsonl", None, tmp_path / "run", n_examples=20)
+
+    method, plain = config()
+    assert processes(method) == 1 and "tuneforge_processes" not in method["supervised"]["hyperparameters"]
+    method, three = config(tuneforge_processes=3)
+    assert processes(method) == 3 and three.train.batch_size == 6  # 'auto' (8), a multiple of 3
+    assert three.train.save_every == 3  # a checkpoint an epoch: 20 // 6 steps
+    assert resolved_method(method, three)["supervised"]["hyperparameters"]["tuneforge_processes"] == 3
+    with pytest.raises(ConfigError, match="batch_size 5 is not a multiple of tuneforge_processes 2"):
+        config(tuneforge_processes=2, batch_size=5)
+
+
+def test_a_job_with_tuneforge_processes_trains_on_that_many_processes(server, tiny_model_dir):
+    client = server.client()
+    train_file = upload(client, chat_rows(12))
+    refused = {"n_epochs": 1, "batch_size": 3, "tuneforge_processes": 2}
+    with pytest.raises(openai.BadRequestError, match="not a multiple of tuneforge_processes"):
+        client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train_file.id, hyperparameters=refused)
+    hyperparameters = {"n_epochs": 1, "batch_size": 4, "tuneforge_processes": 2}
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=train_file.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+    )
+    job = wait_for(client, job.id, {"succeeded", "failed", "cancelled"}, server=server)
+    assert job.status == "succeeded", job.error
+    assert job.method.supervised.hyperparameters.model_extra["tuneforge_processes"] == 2
+    last = server.home / "jobs" / "runs" / job.id / "checkpoints" / "step-3"
+    assert sorted(p.name for p in last.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]  # one per process
+
+
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     client = server.client()
     bad = upload(client, chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')

@@ -4,6 +4,9 @@
 keep OpenAI's meaning: `batch_size` counts examples (so packing is off), `learning_rate_multiplier`
 scales tuneforge's default learning rate, `n_epochs` "auto" is the same heuristic OpenAI uses. A
 checkpoint is kept at the end of each epoch, the last three of them, as OpenAI does.
+
+One extension: `tuneforge_processes` in the hyperparameters trains the job on that many processes
+of the worker's machine (torchrun; DDP for LoRA); each step's examples are split between them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..config import Config, TrainConfig, auto_epochs, load_config
+from ..errors import ConfigError
 from ..training import make_plan
 
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
@@ -49,6 +53,9 @@ class Hyperparameters(Body):
     batch_size: _auto_or(int, 1, 256) = "auto"
     learning_rate_multiplier: _auto_or(float, 0, 10, low_inclusive=False) = "auto"
     n_epochs: _auto_or(int, 1, 50) = "auto"
+    tuneforge_processes: int | None = Field(
+        None, ge=1, le=64, description="tuneforge's extension: processes to train on, on the worker's machine"
+    )
 
 
 class DpoHyperparameters(Hyperparameters):
@@ -134,7 +141,12 @@ class CreateJobBody(Body):
         section = getattr(self.method, kind, None) if self.method else None
         default = DpoHyperparameters() if kind == "dpo" else Hyperparameters()
         hyperparameters = (section.hyperparameters if section else self.hyperparameters) or default
-        return {"type": kind, kind: {"hyperparameters": hyperparameters.model_dump()}}
+        return {"type": kind, kind: {"hyperparameters": hyperparameters.model_dump(exclude_none=True)}}
+
+
+def processes(method: dict) -> int:
+    """The processes a job trains on: its `tuneforge_processes`, or 1."""
+    return method[method["type"]]["hyperparameters"].get("tuneforge_processes") or 1
 
 
 def training_config(
@@ -152,9 +164,16 @@ def training_config(
     """
     kind = method["type"]
     hyper = method[kind]["hyperparameters"]
+    n_processes = processes(method)
     batch_size = hyper["batch_size"]
     if batch_size == "auto":
         batch_size = max(1, min(AUTO_BATCH_SIZE, n_examples or AUTO_BATCH_SIZE))
+        batch_size = max(n_processes, batch_size // n_processes * n_processes)
+    elif batch_size % n_processes:
+        raise ConfigError(
+            f"batch_size {batch_size} is not a multiple of tuneforge_processes {n_processes}: every process takes "
+            "an equal share of each step's examples"
+        )
     multiplier = 1.0 if hyper["learning_rate_multiplier"] == "auto" else hyper["learning_rate_multiplier"]
     epochs = hyper["n_epochs"]
     if epochs == "auto" and n_examples:
@@ -179,7 +198,7 @@ def training_config(
     if kind == "dpo" and hyper["beta"] != "auto":
         raw["dpo"] = {"beta": hyper["beta"]}
     if n_examples:
-        steps_per_epoch = make_plan(load_config(raw), n_examples, n_examples, 1).steps_per_epoch
+        steps_per_epoch = make_plan(load_config(raw), n_examples, n_examples, n_processes).steps_per_epoch
         raw["train"].update(save_every=steps_per_epoch, eval_every=steps_per_epoch)
     return load_config(raw)
 

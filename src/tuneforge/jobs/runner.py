@@ -1,10 +1,15 @@
-"""One job's training, in its own process: `main(run_dir, parent)`, started by a worker.
+"""One job's training, in its own process: `main(run_dir, parent, processes)`, started by a worker.
 
 Reads `RUN_DIR/job.json` (the tuneforge config), trains (resuming from the latest checkpoint when
 there is one) and writes `RUN_DIR/outcome.json`; its output goes to `RUN_DIR/train.log`. The worker
 asks it to stop with SIGTERM (the loop checkpoints and stops). If the worker's server dies, the pipe
 `parent` closes and this process stops the same way, so a restarted server resumes from a fresh
 checkpoint; the lock on `RUN_DIR/.lock` makes a new process wait until this one has let the folder go.
+
+A job on several processes: this process runs torchrun's agent, which starts them (`train_process`)
+and passes a SIGTERM on to them. A process whose training fails writes the outcome itself, unless
+another has already (the first failure is the cause), and exits with an error, so that torchrun
+stops the others.
 """
 
 from __future__ import annotations
@@ -64,7 +69,17 @@ def run(run_dir: Path) -> dict:
     return {"status": result.status, "steps": result.steps, "metrics": result.metrics}
 
 
-def main(run_dir: str, parent: Connection) -> None:
+def train_process(run_dir: str) -> dict:
+    """One process of a job on several: `run`, started by torchrun's agent; rank 0's outcome is the job's."""
+    outcome = run(Path(run_dir))
+    if outcome["status"] == "failed":
+        with contextlib.suppress(FileExistsError), open(Path(run_dir) / OUTCOME, "x") as f:
+            json.dump(outcome, f)
+        raise SystemExit(1)
+    return outcome
+
+
+def main(run_dir: str, parent: Connection, processes: int = 1) -> None:
     os.setsid()  # Ctrl-C at the server's terminal is for the server, which then stops this process itself
     folder = Path(run_dir)
     with open(folder / LOG, "ab") as log:
@@ -73,4 +88,9 @@ def main(run_dir: str, parent: Connection) -> None:
     with open(folder / LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         threading.Thread(target=_stop_when_parent_goes, args=(parent,), daemon=True).start()
-        write_json(folder / OUTCOME, run(folder))
+        if processes == 1:
+            write_json(folder / OUTCOME, run(folder))
+        else:
+            from ..training.distributed import launch_function
+
+            write_json(folder / OUTCOME, launch_function(train_process, (str(folder),), processes))

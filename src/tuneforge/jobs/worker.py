@@ -16,6 +16,7 @@ from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -35,7 +36,7 @@ from ..web import failure_id, scrub_paths
 from . import runner
 from .access import training_spec
 from .files import RESULT_COLUMNS, FileStorage
-from .mapping import resolved_method, training_config
+from .mapping import processes, resolved_method, training_config
 from .store import STATUSES, Job, JobCheckpoint, Store, new_id, now
 
 log = logging.getLogger("tuneforge.jobs")
@@ -212,7 +213,7 @@ class Workers:
             config = training_config(
                 spec, job.method, job.seed, *paths.values(), self.runs / job.id, n_examples=len(prepared.train)
             )
-            total_steps = make_plan(config, len(prepared.train), len(prepared.train), 1).total_steps
+            total_steps = make_plan(config, len(prepared.train), len(prepared.train), processes(job.method)).total_steps
         except ModelSourceError as err:
             raise JobFailure(err.code, scrub_paths(err.message), "model") from err
         except TuneforgeError as err:
@@ -264,7 +265,9 @@ class Workers:
         )
         progress = RunProgress(self.store, job, run_dir)
         reader, writer = runner.PROCESSES.Pipe(duplex=False)
-        child = runner.PROCESSES.Process(target=runner.main, args=(str(run_dir), reader), name=f"tuneforge-{job.id}")
+        child = runner.PROCESSES.Process(
+            target=runner.main, args=(str(run_dir), reader, processes(job.method)), name=f"tuneforge-{job.id}"
+        )
         child.start()
         reader.close()
         try:
@@ -309,7 +312,7 @@ class Workers:
                     child.terminate()  # SIGTERM: checkpoint and stop after the current step
                     stopped_at = time.monotonic()
             elif time.monotonic() - stopped_at > KILL_AFTER_S:
-                child.kill()
+                _kill(child)
 
     def _succeed(self, job: Job, worker_id: str, progress: RunProgress) -> None:
         results = self.storage.save_results(progress.records(), owner=job.owner)
@@ -374,6 +377,15 @@ class Workers:
             estimated_finish=None,
         ):
             self.store.add_event(job.id, failure.error["message"], level="error")
+
+
+def _kill(child: BaseProcess) -> None:
+    """SIGKILL the child and the training processes it started (a job on several processes)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for process in psutil.Process(child.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    child.kill()
 
 
 def _crashed(job: Job, run_dir: Path, exit_code: int | None, step: int) -> JobFailure:
