@@ -212,6 +212,15 @@ def result_header(kind: str, command: str, load_before: float) -> dict:
     }
 
 
+def write_result(result: dict) -> Path:
+    """The result as bench/results/KIND-DATE.json, where `report.py` reads it."""
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    path = results / f"{result['kind']}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -28,7 +28,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "distill"
-RESULTS = HERE / "results"
 PHASES = ("data", "teacher", "student", "sft", "distill", "measure")
 
 
@@ -216,7 +215,7 @@ def training_figures(run: Path) -> dict:
 
 
 def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, distilled: Path) -> Path:
-    from common import result_header
+    from common import result_header, write_result
 
     from tuneforge.distill import layers_to_keep
 
@@ -237,10 +236,7 @@ def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, disti
         },
         "speed": {**speed, "student_vs_teacher": speed["student"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]},
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"distill-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+    return write_result(result)
 
 
 def main() -> None:

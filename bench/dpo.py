@@ -28,7 +28,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "dpo"
-RESULTS = HERE / "results"
 
 
 @dataclass(frozen=True)
@@ -224,7 +223,7 @@ def measure(setup: Setup, data: dict, run: Path) -> dict:
 
 
 def main() -> None:
-    from common import result_header
+    from common import result_header, write_result
     from distill import train_once  # a finished run folder is reused
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,10 +246,7 @@ def main() -> None:
     if args.out != WORK:
         print(json.dumps(result, indent=2))
         return
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"dpo-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_result(result)}")
 
 
 if __name__ == "__main__":

@@ -389,6 +389,31 @@ def dpo_section(path: Path, r: dict) -> list[str]:
     return lines
 
 
+def fsdp_section(path: Path, r: dict) -> list[str]:
+    m, s = r["machine"], r["setup"]
+    lines = [
+        "## Full fine-tuning on several processes: FSDP2 vs DDP vs one process",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. SmolLM2-135M-Instruct, `method: full`, "
+        f"{s['steps']} steps of {s['batch_size']} packed rows of up to {s['max_length']} tokens (one process "
+        f"accumulates two micro-batches, two processes take one each), precision `{s['precision']}`. Machine: "
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; 1-minute load average {f(m['load_average_before'])} "
+        f"before and {f(m['load_average_after'])} after, on a shared machine: the processes of a run share its "
+        "cores, and the figures are noisy. Peak RSS is that of the run's largest process (the kernel's figure for "
+        f"the launcher's process tree); tokens per second are all processes' together, over the steps after the "
+        f"first {s['skip']}.",
+        "",
+        "| run | peak RSS, largest process (MiB) | tokens/s | s/step | last loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in r["candidates"].items():
+        lines.append(
+            f"| {name} | {f(c['peak_rss_mib'], '.0f')} | {f(c['tokens_per_s'])} | {f(c['seconds_per_step'], '.2f')} "
+            f"| {f(c['losses'][-1], '.4f')} |"
+        )
+    return lines
+
+
 def main() -> None:
     lines = [
         "# Benchmarks",
@@ -408,6 +433,7 @@ def main() -> None:
         ("serve", serve_section),
         ("distill", distill_section),
         ("dpo", dpo_section),
+        ("fsdp", fsdp_section),
     )
     every = []
     for kind, render in sections:

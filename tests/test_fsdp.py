@@ -68,6 +68,16 @@ def finished(proc: subprocess.Popen, log: Path) -> None:
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
 
 
+def kill_with_what_it_started(pid: int) -> None:
+    """SIGKILL a launcher and its training processes, at once (torchrun gives each a session of its own)."""
+    tree = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, triage_data, tmp_path_factory) -> dict[int, dict]:
     """The same full fine-tuning on 1, 2 and 4 processes: per-step losses and what each process held."""
@@ -96,6 +106,17 @@ def test_full_fine_tuning_on_2_and_4_fsdp_processes_gives_the_one_process_losses
                 assert held[kind] == pytest.approx(alone[kind] / n, rel=0.1), (n, kind)
 
 
+def test_the_final_model_of_4_fsdp_processes_is_one_plain_transformers_folder_with_the_1_process_weights(runs):
+    from transformers import AutoModelForCausalLM
+
+    finals = [runs[n]["folder"] / "run" / "final" for n in (1, 4)]
+    assert [p.name for p in finals[1].glob("*.safetensors")] == ["model.safetensors"]
+    alone, sharded = (AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder in finals)
+    assert alone.keys() == sharded.keys()
+    for name, weight in alone.items():
+        assert torch.allclose(sharded[name], weight, atol=1e-5), name
+
+
 def test_a_2_process_checkpoint_killed_with_sigkill_resumes_on_1_2_and_4_with_the_uninterrupted_losses(
     runs, tiny_model_dir, triage_data, tmp_path
 ):
@@ -106,10 +127,7 @@ def test_a_2_process_checkpoint_killed_with_sigkill_resumes_on_1_2_and_4_with_th
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not (cut / "checkpoints" / "step-2").exists():
         time.sleep(0.05)
-    # The launcher and both training processes (torchrun gives each a session of its own), at once.
-    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
+    kill_with_what_it_started(proc.pid)
     proc.wait()
     saved = checkpoint.latest(cut / "checkpoints")
     assert saved is not None and saved.name != f"step-{STEPS}", log.read_text()[-3000:]

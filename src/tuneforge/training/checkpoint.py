@@ -172,7 +172,7 @@ def save(
         for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
     with _shared_temporary(root / f"step-{step}", world, phase) as tmp:
-        tmp.mkdir(parents=True, exist_ok=True)  # on a machine that does not share it, rank 0's check then fails
+        tmp.mkdir(parents=True, exist_ok=True)  # there already, unless this machine does not share it
         torch.save(_rng_states(), tmp / rng_file(world.rank))
         with distributed.phase(phase, world):
             # Returns once every process has written its shards.
