@@ -140,8 +140,10 @@ def write_random_checkpoint(shape: str, tokenizer_folder: Path, folder: Path) ->
         shard, size = {}, 0
 
     for name, shape_ in shapes.items():
-        tensor = (torch.ones if name.endswith("norm.weight") else torch.randn)(shape_, generator=generator)
-        tensor = (tensor if name.endswith("norm.weight") else tensor * 0.02).to(torch.bfloat16)
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape_, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(shape_, generator=generator) * 0.02).to(torch.bfloat16)
         if size + tensor.numel() * 2 > SHARD_BYTES and shard:
             flush()
         shard[name], size = tensor, size + tensor.numel() * 2
