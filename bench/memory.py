@@ -8,9 +8,10 @@ Models: SmolLM2-135M with its real weights, and random weights in the shapes of 
 Llama 3.1 8B (their published configuration values; no download), written in bf16 shards of at most
 2 GB with SmolLM2's tokenizer (its token ids are all inside the larger vocabularies). Each run is a
 fresh process: load, then LoRA r 16 on every linear layer of the decoder, 256-token rows, one row a
-step, gradient checkpointing, `--steps` steps. A run's peak RSS is the process's high-water mark;
-its load peak is sampled while the model loads; its speed is tokens over the time of the steps after
-the first. Writes `results/memory-<date>.json`; `report.py` renders it.
+step, gradient checkpointing, `--steps` steps. A run's memory is its peak anonymous memory (what it
+allocated, sampled every 20 ms; the model's and the load's) and its RSS high-water mark (which also
+counts checkpoint pages mapped from disk); its speed is tokens over the time of the steps after the
+first. Writes `results/memory-<date>.json`; `report.py` renders it.
 """
 
 from __future__ import annotations
@@ -65,22 +66,24 @@ SHARD_BYTES = 2 * 10**9
 WORK = HERE / ".work" / "memory"
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def anonymous_bytes() -> int:
+    """The process's anonymous resident memory: what it allocated, not the checkpoint pages it has
+    mapped from disk (those count in RSS but are page cache, given back under pressure)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
 class PeakSampler:
-    """The process's RSS, sampled every 50 ms from a thread: the peak of a phase (the high-water mark
-    of the whole process is `ru_maxrss`)."""
+    """The process's anonymous memory, sampled every 20 ms from a thread: the peak of a phase (the
+    high-water mark of its whole RSS, mapped files included, is `ru_maxrss`)."""
 
     def __init__(self):
-        self.peak, self._stop = rss_bytes(), threading.Event()
+        self.peak, self._stop = anonymous_bytes(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, rss_bytes())
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, anonymous_bytes())
 
     def __enter__(self):
         self._thread.start()
@@ -89,7 +92,7 @@ class PeakSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, anonymous_bytes())
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ def run_tuneforge(folder: Path, mode: str, steps: int, out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]  # the first step is left out of the speed: warm-up
     return {
-        "load_peak_rss": loaded["peak"],
+        "load_peak_anonymous": loaded["peak"],
         "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed"] - first["elapsed"]),
     }
 
@@ -273,7 +276,7 @@ def run_hf(folder: Path, mode: str, steps: int, out: Path) -> dict:
     )
     Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[StepTimes()]).train()
     tokens = sum(len(row) for row in ids[1:])
-    return {"load_peak_rss": sampler.peak, "tokens_per_s": tokens / (marks[-1] - marks[0])}
+    return {"load_peak_anonymous": sampler.peak, "tokens_per_s": tokens / (marks[-1] - marks[0])}
 
 
 def child(candidate: str, shape: str, mode: str, steps: int) -> None:
@@ -282,7 +285,9 @@ def child(candidate: str, shape: str, mode: str, steps: int) -> None:
 
     torch.manual_seed(0)
     out = WORK / "runs" / f"{shape}-{mode}-{candidate}"
-    figures = (run_tuneforge if candidate == "tuneforge" else run_hf)(model_folder(shape), mode, steps, out)
+    with PeakSampler() as whole:
+        figures = (run_tuneforge if candidate == "tuneforge" else run_hf)(model_folder(shape), mode, steps, out)
+    figures["peak_anonymous"] = whole.peak
     figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(figures), flush=True)
 
