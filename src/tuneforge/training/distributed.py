@@ -112,6 +112,12 @@ def strategy(cfg, processes: int, *, saves_merged: bool = False) -> str:
             "this run merges its adapter into the base model for the final model, which FSDP's sharded "
             "weights cannot do. Use train.distributed: ddp (or auto) for this run."
         )
+    if cfg.model.quantize != "none":
+        raise TuneforgeError(
+            f"model.quantize: {cfg.model.quantize} holds the base in bitsandbytes' quantized layers, which FSDP "
+            "cannot shard here. Use train.distributed: ddp (or auto): each process holds the quantized base, "
+            "which is small, and only the adapter's gradients are shared."
+        )
     return chosen
 
 
@@ -130,20 +136,19 @@ def _frozen_model(cfg) -> str | None:
     return None
 
 
-def sharding_plan(cfg, spread: str, processes: int, n_params: int, n_trainable: int) -> list[tuple[str, str]]:
+def sharding_plan(cfg, spread: str, processes: int, memory: dict) -> list[tuple[str, str]]:
     """What each process of a run on `processes` processes, shared as `spread` (`strategy`), holds:
-    (label, text) rows for the dry run. Weights are fp32, gradients one fp32 per trained weight,
-    AdamW's state two."""
-    share = processes if spread == "fsdp" else 1
+    (label, text) rows for the dry run, from its memory plan (`dry_run.memory_plan`, already per process)."""
     how = {
         "single": "one process holds the whole model",
         "ddp": "ddp: each process holds a whole copy of the model and averages gradients with the others",
         "fsdp": f"fsdp: each process holds 1/{processes} of the weights, gradients and optimizer state, and "
         "gathers one decoder layer at a time to compute",
     }[spread]
+    gradients = memory["trained weights and gradients"] / 2  # an fp32 gradient per trained fp32 weight
     held = (
-        f"weights {_size(4 * n_params / share)}, gradients {_size(4 * n_trainable / share)}, optimizer state "
-        f"{_size(8 * n_trainable / share)}"
+        f"weights {_size(memory['frozen weights'] + gradients)}, gradients {_size(gradients)}, optimizer state "
+        f"{_size(memory['optimizer state'])}"
         + (" (weights and optimizer state in CPU memory)" if cfg.train.cpu_offload else "")
     )
     if _frozen_model(cfg):
