@@ -20,7 +20,7 @@ from ..config import DEFAULT_MODEL, DataConfig
 from ..errors import EXIT_BAD_INPUT, TuneforgeError
 from .formats import read_conversations
 from .prepare import check_data
-from .render import render_conversation, render_preference
+from .render import render_examples, render_preference
 from .schema import IGNORE_INDEX, Example, Preference, Problem
 
 TRAINED_STYLE = "bold green"
@@ -135,9 +135,12 @@ def show_examples(
 ) -> None:
     """Print the first `count` good rows as the model will see them, trained tokens highlighted."""
     console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
-    for path, line, example in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
-        console.print(Text(f"--- {path}:{line}", style="bold"))
-        console.print(highlight(example, tokenizer))
+    for path, line, examples in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
+        for turn, example in enumerate(examples, 1):
+            # A template that rewrites earlier turns trains each of them as an example of its own.
+            of_turns = f" (example {turn} of {len(examples)}, one per turn)" if len(examples) > 1 else ""
+            console.print(Text(f"--- {path}:{line}{of_turns}", style="bold"))
+            console.print(highlight(example, tokenizer))
 
 
 def _rendered_rows(files, tokenizer, format: str, train_on: str):
@@ -147,12 +150,12 @@ def _rendered_rows(files, tokenizer, format: str, train_on: str):
                 continue
             try:
                 if isinstance(record, Preference):
-                    example = render_preference(record, tokenizer)[0]
+                    examples = [render_preference(record, tokenizer)[0]]
                 else:
-                    example = render_conversation(record, tokenizer, train_on)
+                    examples = render_examples(record, tokenizer, train_on)
             except TuneforgeError:
                 continue
-            yield path, line, example
+            yield path, line, examples
 
 
 def highlight(example: Example, tokenizer) -> Text:
