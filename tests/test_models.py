@@ -500,7 +500,9 @@ def test_tokenizer_without_chat_template_gets_chatml(tiny_model_dir, tmp_path):
     bare = tiny_tokenizer()
     bare.chat_template = None
     bare.save_pretrained(folder)
-    assert model_info(str(folder))["chat_template"] is False
+    info = model_info(str(folder))
+    assert info["chat_template_source"] == "none in the model: tuneforge's ChatML fallback"
+    assert (info["family"], info["end_of_turn_tokens"]) == ("SmolLM2 (Llama, ChatML)", ["<|im_end|>"])
     with pytest.warns(UserWarning, match="no chat template; using ChatML"):
         tokenizer = load_tokenizer(str(folder))
     rendered = tokenizer.apply_chat_template(
@@ -516,7 +518,13 @@ def test_model_info_of_an_hf_folder(tiny_model_dir):
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert info["params"] == expected
     assert info["architecture"] == "LlamaForCausalLM" and info["kind"] == "hf_folder"
-    assert info["chat_template_family"] == "chatml" and info["eos_token"] == "<|im_end|>" == info["pad_token"]
+    assert (info["family"], info["family_tested"], info["end_of_turn_tokens"]) == (
+        "SmolLM2 (Llama, ChatML)",
+        True,
+        ["<|im_end|>"],
+    )
+    assert info["chat_template_source"] == "the model's own (model/chat_template.jinja)"
+    assert info["eos_token"] == "<|im_end|>" == info["pad_token"]
     assert info["context_length"] == 2048 and info["vocab_size"] == info["tokenizer_size"]
     assert info["adapter"] is None and info["licence"] is None
 
@@ -553,7 +561,7 @@ def test_models_list_json_prints_only_json(home, capsys):
 
 def test_models_info_json(tiny_model_dir, capsys):
     assert models_info(str(tiny_model_dir), json_out=True) == 0
-    assert json.loads(capsys.readouterr().out)["chat_template_family"] == "chatml"
+    assert json.loads(capsys.readouterr().out)["family"] == "SmolLM2 (Llama, ChatML)"
 
 
 def test_models_info_bad_spec_exits_2(capsys):
