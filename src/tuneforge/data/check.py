@@ -161,8 +161,12 @@ def _rendered_rows(files, tokenizer, format: str, train_on: str):
 def highlight(example: Example, tokenizer) -> Text:
     """The example's text, each token styled by whether it is trained (a target of the loss)."""
     is_target = [False] + [label != IGNORE_INDEX for label in example.labels[:-1]]
-    text = Text()
-    # Decoding runs of tokens rather than single ones keeps multi-byte characters whole.
-    for trained, run in itertools.groupby(zip(example.input_ids, is_target), key=lambda pair: pair[1]):
-        text.append(tokenizer.decode([token for token, _ in run]), style=TRAINED_STYLE if trained else MASKED_STYLE)
+    text, shown, end = Text(), "", 0
+    # Each run of tokens is what decoding up to its end adds to decoding up to its start: that keeps
+    # multi-byte characters whole, and a space SentencePiece writes as part of a run's first token.
+    for trained, run in itertools.groupby(is_target):
+        end += len(list(run))
+        decoded = tokenizer.decode(example.input_ids[:end])
+        text.append(decoded[len(shown) :], style=TRAINED_STYLE if trained else MASKED_STYLE)
+        shown = decoded
     return text
