@@ -58,16 +58,23 @@ class TinyFamily:
         return f"{self.reply_prefix}{content}{self.end_of_turn}"
 
 
+def family_tokenizer(family: TinyFamily, folder: str | Path):
+    """`family`'s tokenizer with its chat template (a SentencePiece one writes tokenizer.model into `folder`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = family.build_tokenizer(folder)
+    if family.template:
+        tokenizer.chat_template = (TEMPLATES / family.template).read_text(encoding="utf-8").removesuffix("\n")
+    return tokenizer
+
+
 def save_family_model(family: TinyFamily, folder: str | Path, *, seed: int = 0) -> Path:
     """Write `family`'s tiny model, tokenizer, chat template and generation config as a hub folder."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = family.build_tokenizer(folder)
-    if family.template:
-        tokenizer.chat_template = (TEMPLATES / family.template).read_text(encoding="utf-8").removesuffix("\n")
+    tokenizer = family_tokenizer(family, folder)
     config = family.build_config(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

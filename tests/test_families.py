@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES, save_family_model
+from data.rows import trained_runs
+from families import FAMILIES, family_tokenizer, save_family_model
 
+from tuneforge.data import render_conversation, render_examples
 from tuneforge.data.check import TRAINED_STYLE, _rendered_rows, check_command, highlight
+from tuneforge.errors import DataError
 from tuneforge.export import export
 from tuneforge.export.probe import DTYPE_BOUNDS, MERGE_BOUND
 from tuneforge.generate import generate
@@ -188,3 +191,65 @@ def test_serve_answers_and_stops_at_the_end_of_turn(name, runs):
     [alone] = generate(model, tokenizer, [messages], max_new_tokens=16)
     assert alone.text == choice["message"]["content"]
     assert tokenizer.convert_ids_to_tokens(alone.token_ids[-1]) == run["family"].end_of_turn
+
+
+# ---- templates that do not render a conversation as the sum of its turns -----------------------
+
+SYSTEM_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+]
+
+
+def test_qwen3_trains_each_reply_with_its_reasoning_in_an_example_of_its_own(tmp_path):
+    # Qwen 3 drops the reasoning of replies before the last user message: in the whole
+    # conversation the first reply has none, although the model wrote it.
+    tokenizer = family_tokenizer(FAMILIES["qwen3"], tmp_path)
+    messages = [
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\nFour."},
+        {"role": "user", "content": "And three plus three?"},
+        {"role": "assistant", "content": "<think>\nThree and three.\n</think>\n\nSix."},
+    ]
+    first, whole = render_examples(messages, tokenizer)
+    assert tokenizer.decode(first.input_ids) == tokenizer.apply_chat_template(messages[:2], tokenize=False)
+    assert trained_runs(first, tokenizer) == ["<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>"]
+    assert tokenizer.decode(whole.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert "Two and two" not in tokenizer.decode(whole.input_ids)
+    assert trained_runs(whole, tokenizer) == ["<think>\nThree and three.\n</think>\n\nSix.<|im_end|>"]
+
+
+def test_mistral_refuses_a_system_prompt_naming_the_reply_it_moves_away_from(tmp_path):
+    # Mistral writes the system prompt into the last message only when the user wrote it: once the
+    # reply follows, it is gone from the turn the reply answers.
+    tokenizer = family_tokenizer(FAMILIES["mistral"], tmp_path)
+    with pytest.raises(DataError) as error:
+        render_conversation(SYSTEM_CHAT, tokenizer)
+    [problem] = error.value.problems
+    assert (problem.code, problem.field) == ("template_not_prefix", "messages[2]")
+    assert "they differ at character 10: '<s>[INST] Be brief.\\n\\nWhat is two plus" in problem.message
+    assert "(asked for the reply) vs '<s>[INST] What is two plus two?[/INST] F' (with the reply)" in problem.message
+    assert trained_runs(render_conversation(SYSTEM_CHAT[1:], tokenizer), tokenizer) == ["Four.</s>"]
+
+
+def test_gemma3_folds_the_system_prompt_into_the_first_user_turn_untrained(tmp_path):
+    tokenizer = family_tokenizer(FAMILIES["gemma3"], tmp_path)
+    example = render_conversation(SYSTEM_CHAT, tokenizer)
+    text = tokenizer.decode(example.input_ids)
+    assert text.startswith("<bos><start_of_turn>user\nBe brief.\n\nWhat is two plus two?<end_of_turn>")
+    assert trained_runs(example, tokenizer) == ["Four.<end_of_turn>"]
+
+
+def test_gemma2_refuses_a_system_prompt_with_its_own_reason(tmp_path):
+    tokenizer = family_tokenizer(FAMILIES["gemma2"], tmp_path)
+    with pytest.raises(DataError) as error:
+        render_conversation(SYSTEM_CHAT, tokenizer)
+    assert error.value.code == "template_error" and "System role not supported" in error.value.message
+
+
+def test_phi3_does_not_train_the_eos_its_template_writes_after_the_last_turn(tmp_path):
+    tokenizer = family_tokenizer(FAMILIES["phi3"], tmp_path)
+    example = render_conversation(SYSTEM_CHAT, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(example.input_ids[-1]) == "<|endoftext|>"
+    assert trained_runs(example, tokenizer) == ["Four.<|end|>"]
