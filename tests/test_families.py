@@ -253,3 +253,21 @@ def test_phi3_does_not_train_the_eos_its_template_writes_after_the_last_turn(tmp
     example = render_conversation(SYSTEM_CHAT, tokenizer)
     assert tokenizer.convert_ids_to_tokens(example.input_ids[-1]) == "<|endoftext|>"
     assert trained_runs(example, tokenizer) == ["Four.<|end|>"]
+
+
+@by_family("gemma3")
+def test_quickstart_takes_the_model_to_fine_tune(name, runs, tmp_path, monkeypatch, capsys):
+    """`tuneforge quickstart --model`: the data written for that model, the train command naming it."""
+    import sys
+
+    from tuneforge.cli import main
+
+    tuned = runs(name)["run"]  # it answers ("Sure."), so it has replies to replay
+    argv = ["tuneforge", "quickstart", "--model", str(tuned), "--n-train", "40", "--data-only", "--out", "qs"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert f"base_model={tuned}" in capsys.readouterr().out
+    assert (tmp_path / "qs" / "data" / "replay.jsonl").is_file()  # the model's own replies to replay
