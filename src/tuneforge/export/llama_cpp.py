@@ -102,21 +102,38 @@ def _list_added_tokens(model_dir: Path, tokenizer) -> None:
     """List the added tokens in tokenizer_config.json (`added_tokens_decoder`), where the converter reads
     a SentencePiece vocabulary's added and special tokens from; transformers 5 keeps them in
     tokenizer.json only. Without them Phi-3's chat tokens would be unused padding in the GGUF and
-    Gemma's turn markers plain text."""
+    Gemma's turn markers plain text. The user-defined pieces of tokenizer.model (Gemma's runs of
+    spaces) are listed too: the converter reads them as ordinary pieces otherwise."""
+    added = {
+        token_id: (token.content, token.special, token.lstrip, token.rstrip)
+        for token_id, token in tokenizer.added_tokens_decoder.items()
+    }
+    for token_id, piece in _user_defined_pieces(model_dir / SENTENCEPIECE_MODEL):
+        added.setdefault(token_id, (piece, False, False, False))
     path = model_dir / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["added_tokens_decoder"] = {
         str(token_id): {
-            "content": token.content,
-            "lstrip": token.lstrip,
-            "normalized": token.normalized,
-            "rstrip": token.rstrip,
-            "single_word": token.single_word,
-            "special": token.special,
+            "content": content,
+            "lstrip": lstrip,
+            "normalized": False,
+            "rstrip": rstrip,
+            "single_word": False,
+            "special": special,
         }
-        for token_id, token in tokenizer.added_tokens_decoder.items()
+        for token_id, (content, special, lstrip, rstrip) in sorted(added.items())
     }
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _user_defined_pieces(path: Path) -> list[tuple[int, str]]:
+    if not path.is_file():
+        return []
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    proto = spm.ModelProto.FromString(path.read_bytes())
+    user_defined = spm.ModelProto.SentencePiece.USER_DEFINED
+    return [(i, piece.piece) for i, piece in enumerate(proto.pieces) if piece.type == user_defined]
 
 
 def converter_folder(console: Console) -> Path:
