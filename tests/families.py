@@ -237,11 +237,10 @@ def _phi3_tokenizer(folder: Path):
 
 # ---- configs -------------------------------------------------------------------------------------
 
-# Head widths are each family's own (Qwen 3: 128, Gemma: 256): transformers' GGUF reader takes them
-# from the config class's defaults, not from the file.
-
-# initializer_range: at the default 0.02 a 64-wide output layer cannot make any token likely, so no run could
-# teach the model a reply to stop after.
+# initializer_range: at the default 0.02 a 64-wide output layer cannot make any token likely, so no run
+# could teach the model a reply to stop after. Head widths, where a family sets them below, are the
+# family's own (Qwen 3: 128, Gemma: 256): transformers' GGUF reader takes them from the config class's
+# defaults, not from the file.
 _SHAPE = dict(
     hidden_size=64,
     intermediate_size=128,
