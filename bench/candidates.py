@@ -75,6 +75,9 @@ def run_tuneforge(spec) -> dict:
             )
             TURNS.wait()
 
+        def summary(self, metrics, output_dir):  # what tuneforge before 2026-12 calls at the end (--before)
+            pass
+
     loop.TrainProgress = TurnProgress
     lc = spec["lora"]
     cfg = {

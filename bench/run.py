@@ -137,12 +137,27 @@ def main() -> None:
     p.add_argument("--name", default="train_throughput", help="results file name prefix")
     p.add_argument("--work", default=str(HERE / "work"))
     p.add_argument("--list", action="store_true")
+    p.add_argument(
+        "--before",
+        default=None,
+        help="the src/ folder of another tuneforge checkout: adds a candidate tuneforge_before that runs it with "
+        "the tuneforge candidate's settings, to compare two versions side by side",
+    )
     args = p.parse_args()
     if args.list:
         for name, (label, _) in CANDIDATES.items():
             print(f"{name:22s} {label}{'  (default)' if name in DEFAULT else ''}")
         return
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]
+    if args.before:
+        commit = (
+            subprocess.run(
+                ["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or args.before
+        )
+        CANDIDATES["tuneforge_before"] = (f"tuneforge at {commit}, defaults", CANDIDATES["tuneforge"][1])
+        names.append("tuneforge_before")
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         sys.exit(f"unknown candidates {unknown}; --list shows them")
@@ -204,8 +219,9 @@ def main() -> None:
         }
         spec_path = work / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
+        before = {"PYTHONPATH": args.before} if name == "tuneforge_before" else None
         children.append(
-            Child(name, [sys.executable, str(HERE / "candidates.py"), str(spec_path)], work / f"{name}.log")
+            Child(name, [sys.executable, str(HERE / "candidates.py"), str(spec_path)], work / f"{name}.log", env=before)
         )
     if not args.no_probe:
         spec_path = work / "probe.spec.json"

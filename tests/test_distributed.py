@@ -4,6 +4,7 @@ with an error that names the rank and the phase."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,15 +25,21 @@ ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TOKENIZERS_PARAL
 
 
 def run_cli(cfg: dict, tmp_path: Path, nproc: int, env: dict = ENV, timeout: float = 300):
+    """`tuneforge train --nproc N` in a session of its own: a run that hangs past `timeout` is killed
+    with every process torchrun started, not only the launcher."""
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return subprocess.run(
-        [sys.executable, "-m", "tuneforge", "train", str(path), "--nproc", str(nproc)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    command = [sys.executable, "-m", "tuneforge", "train", str(path), "--nproc", str(nproc)]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def metrics(run: Path) -> list[dict]:

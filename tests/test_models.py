@@ -529,11 +529,7 @@ def test_model_info_and_load_model_with_an_adapter(tiny_adapter):
 
     frozen = load_model(str(tiny_adapter))
     assert isinstance(frozen, PeftModel)
-    assert not any(p.requires_grad for p in frozen.parameters())
-    trainable = load_model(resolve(str(tiny_adapter)), trainable_adapter=True)
-    assert {n for n, p in trainable.named_parameters() if p.requires_grad} and all(
-        "lora_" in n for n, p in trainable.named_parameters() if p.requires_grad
-    )
+    assert not any(p.requires_grad for p in frozen.parameters())  # for inference; lora.continue_adapter trains it
 
 
 def test_load_model_honours_dtype(tiny_model_dir):

@@ -111,12 +111,16 @@ def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "tuneforge", *args], env=ENV, capture_output=True, text=True, **kw)
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_losses_bitwise(tiny_model_dir, triage_data, tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_losses_bitwise(
+    quantize, tiny_model_dir, triage_data, tmp_path
+):
     # LoRA dropout and NEFTune draw random numbers every step: the resumed run must draw the same ones.
     base = tiny_run_config(
         tiny_model_dir, triage_data, tmp_path / "x", epochs=3, batch_size=2, save_every=5, neftune_alpha=5.0
     )
     base["train"]["keep_checkpoints"] = 3
+    base["model"] = {"quantize": quantize}
     ref_cfg = _write_config({**base, "output_dir": str(tmp_path / "ref")}, tmp_path / "ref.yaml")
     assert _cli("train", str(ref_cfg)).returncode == 0
     reference = step_losses(tmp_path / "ref")

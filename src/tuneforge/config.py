@@ -48,6 +48,25 @@ class LoraConfig(Strict):
     modules_to_save: list[str] | None = None
 
 
+class ModelConfig(Strict):
+    """How the frozen weights of `base_model` are held: what lets a large model train on little memory."""
+
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the frozen weights (the base under adapters, a teacher or reference copy): auto = the compute "
+        "precision train.precision resolves to (bf16 where the hardware has it natively, else fp32); trainable "
+        "weights and optimizer state stay fp32",
+    )
+    quantize: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none",
+        description="hold the frozen base quantized with bitsandbytes, adapters training on top: nf4 or fp4 (4-bit, "
+        "QLoRA) or int8; needs an adapter method (lora, dora, or distill/dpo with a lora student/policy)",
+    )
+    double_quant: bool = Field(
+        True, description="nf4/fp4: quantize the quantization constants too (QLoRA's double quantization)"
+    )
+
+
 class DataConfig(Strict):
     train: str | list[str]
     validation: str | float | None = 0.1
@@ -94,6 +113,12 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each rank")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="adamw (torch) or bitsandbytes' 8-bit AdamW, which holds the optimizer state in a quarter of the "
+        "memory; paged_adamw_8bit pages that state to host memory under pressure (CUDA only: on a CPU it runs as "
+        "adamw_8bit)",
+    )
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: float = Field(0.03, ge=0, description="a fraction of all steps if < 1, else a number of steps")
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -191,6 +216,7 @@ class EvalConfig(Strict):
 
 class Config(Strict):
     base_model: str = DEFAULT_MODEL
+    model: ModelConfig = ModelConfig()
     method: Literal["full", "lora", "dora", "distill", "dpo"] = "lora"
     lora: LoraConfig = LoraConfig()
     distill: DistillConfig = DistillConfig()
@@ -209,6 +235,17 @@ class Config(Strict):
             )
         if self.method == "distill" and not self.distill.teacher:
             raise ValueError("method: distill needs distill.teacher (a model named like base_model)")
+        if self.model.quantize != "none" and not self.trains_adapters:
+            raise ValueError(
+                f"model.quantize: {self.model.quantize} holds the base frozen in a few bits, but {self.trained_what} "
+                "trains every weight; train adapters on it (method: lora or dora, or distill.student / dpo.policy: "
+                "lora), or set model.quantize: none"
+            )
+        if self.model.dtype == "bf16" and self.train.precision == "fp32":
+            raise ValueError(
+                "model.dtype: bf16 holds the frozen weights in bf16, which computes in bf16; set train.precision to "
+                "bf16 or auto (or model.dtype to fp32 or auto)"
+            )
         sft_only = [
             key
             for key, on in (
@@ -244,6 +281,22 @@ class Config(Strict):
                 "dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0"
             )
         return self
+
+    @property
+    def trains_adapters(self) -> bool:
+        """Whether the trained weights are adapters over a frozen base (LoRA or DoRA), not every weight."""
+        return (
+            self.method in ("lora", "dora")
+            or (self.method == "distill" and self.distill.student == "lora")
+            or (self.method == "dpo" and self.dpo.policy == "lora")
+        )
+
+    @property
+    def trained_what(self) -> str:
+        """The config key that says every weight trains (for messages)."""
+        return {"distill": "distill.student: full", "dpo": "dpo.policy: full"}.get(
+            self.method, f"method: {self.method}"
+        )
 
     def results_hash(self) -> str:
         """Hash of everything that changes training results (not logging or checkpoint cadence)."""

@@ -12,16 +12,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from . import data as tfdata
 from .config import load_config
 from .data.check import highlight
 from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs
-from .methods import batch_items, check_inputs, prepare_model
+from .methods import batch_items, check_inputs, frozen_dtype, prepare_model
+from .methods.sft import LOGITS_AT_ONCE
 from .models import load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
 from .training import make_plan, shares_prefixes, to_rows
@@ -41,43 +44,70 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 0.
     return 2 * size**3 * n / (time.perf_counter() - start)
 
 
-def parameter_counts(source, cfg) -> tuple[int, int, object]:
-    """(all, trainable, hf config), counted exactly by building the model and its method on the
-    meta device: no memory, no weights, and DoRA magnitudes or modules_to_save count as they should."""
+def parameter_counts(source, cfg) -> tuple[int, int, int, object]:
+    """(all, trainable, in the decoder's linear layers, hf config), counted exactly by building the model
+    and its method on the meta device: no memory, no weights, and DoRA magnitudes or modules_to_save count
+    as they should. The decoder's linear weights are what `model.quantize` quantizes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         total = sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
+        linear = sum(
+            m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in name
+        )
         trainable = sum(p.numel() for p in prepare_model(model, cfg).parameters() if p.requires_grad)
-    return total, trainable, config
+    return total, trainable, linear, config
 
 
-def estimate(
-    n: int, trainable: int, config, cfg, plan, tokens_per_epoch: int, max_row_tokens: int, precision: str
-) -> dict:
+def training_seconds(n: int, trainable: int, plan, tokens_per_epoch: int, precision: str) -> dict:
+    """The labelled time estimate: counted training FLOPs over this machine's measured matmul rate."""
     tokens = tokens_per_epoch * plan.total_steps / plan.steps_per_epoch
     # Forward 2N per token; backward 2N for activation gradients, plus 2 x trainable for weight gradients.
     flops = tokens * (4 * n + 2 * trainable)
     peak = matmul_flops_per_s(torch.bfloat16 if precision == "bf16" else torch.float32)
-    seconds = flops / (peak * ASSUMED_UTILISATION)
-    micro_tokens = plan.micro_batch_rows * max_row_tokens
-    activations = (
-        micro_tokens
-        * config.num_hidden_layers
-        * config.hidden_size
-        * 4
-        * (4 if cfg.train.gradient_checkpointing else 24)
-    )
-    memory = n * 4 + trainable * 16 + activations + micro_tokens * config.vocab_size * 4
+    return {"train_flops": flops, "matmul_peak_flops": peak, "seconds": flops / (peak * ASSUMED_UTILISATION)}
+
+
+# bitsandbytes' bits a weight, the quantization constants included (double quantization stores them in 8 bits).
+QUANTIZED_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.127, ("fp4", False): 4.5}
+
+
+def memory_plan(counts: tuple[int, int, int], config, cfg, plan, max_row_tokens: int, precision: str) -> dict:
+    """Bytes a process holds at its peak, by part: frozen weights (in `model.dtype`, quantized as
+    `model.quantize` says), trainable weights with their gradients, optimizer state, activations of one
+    micro-batch (kept per layer, or only at layer boundaries with gradient checkpointing) and the logits
+    the loss holds at once."""
+    n, trainable, linear = counts
+    frozen_bytes = 2 if frozen_dtype(cfg, precision) == torch.bfloat16 else 4
+    quantize = cfg.model.quantize
+    if quantize == "none":
+        frozen = n * frozen_bytes if cfg.trains_adapters else 0
+    else:
+        bits = 8 if quantize == "int8" else QUANTIZED_BITS[quantize, cfg.model.double_quant]
+        frozen = linear * bits / 8 + (n - linear) * frozen_bytes
+    trained = (trainable if cfg.trains_adapters else n) * 4 * 2  # fp32 weights and their gradients
+    optimizer = (trainable if cfg.trains_adapters else n) * (8 if cfg.train.optimizer == "adamw" else 2)
+    tokens = plan.micro_batch_rows * max_row_tokens
+    per_token_layer = config.hidden_size * (2 if precision == "bf16" else 4)
+    kept = 2 if cfg.train.gradient_checkpointing else 24  # hidden-sized tensors kept per token and layer
+    activations = tokens * config.num_hidden_layers * per_token_layer * kept
+    logits = min(tokens * config.vocab_size, LOGITS_AT_ONCE) * 4 * 2  # the logits and their gradient
     return {
-        "tokens": int(tokens),
-        "train_flops": flops,
-        "matmul_peak_flops": peak,
-        "seconds": seconds,
-        "peak_memory_bytes": memory,
+        "frozen weights": frozen,
+        "trained weights and gradients": trained,
+        "optimizer state": optimizer,
+        "activations": activations,
+        "logits": logits,
     }
+
+
+def available_memory(device: torch.device) -> int:
+    """What one process can hold: the accelerator's memory, or the host memory free now."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return psutil.virtual_memory().available
 
 
 def validate(config, overrides: list[str] = ()) -> int:
@@ -85,7 +115,7 @@ def validate(config, overrides: list[str] = ()) -> int:
     started = time.perf_counter()
     cfg = load_config(config, overrides)
     source = resolve(cfg.base_model)
-    n_params, n_trainable, hf_config = parameter_counts(source, cfg)
+    n_params, n_trainable, n_linear, hf_config = parameter_counts(source, cfg)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
     check_eval_inputs(cfg)
@@ -93,73 +123,103 @@ def validate(config, overrides: list[str] = ()) -> int:
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
     if not train_items:
         raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")
-    precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(cfg.train.precision, device)
     rows = to_rows(
         train_items, cfg, shares_prefixes(cfg, supports_per_example_attention(hf_config, cfg.data.max_length))
     )
     plan = make_plan(cfg, len(train_items), len(rows), world_size=1)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
-    unshared_tokens = sum(map(len, train_items))
-    est = estimate(
-        n_params, n_trainable, hf_config, cfg, plan, tokens_per_epoch, max(len(r.input_ids) for r in rows), precision
-    )
+    memory = memory_plan((n_params, n_trainable, n_linear), hf_config, cfg, plan, max(len(r) for r in rows), precision)
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
     console.print(highlight(train_items[0], tokenizer))
-    report = prepared.report
     table = Table(title=f"plan for {cfg.output_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    trained = sum(len(e.labels) - e.labels.count(tfdata.IGNORE_INDEX) for e in train_items)
-    at_the_end = ([f"{cfg.eval.task} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []) + (
-        ["forgetting, base vs tuned"] if cfg.eval.forgetting else []
-    )
-    for key, value in [
+    facts = [
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
         ("method", f"{cfg.method}: {n_trainable:,} trainable parameters"),
+        *data_rows(cfg, prepared.report, train_items, valid_items, rows, plan),
+        ("precision", f"{precision}; frozen weights {weights_held(cfg, precision)}"),
+        ("after training", after_training(cfg)),
+        ("time (estimate)", time_row(training_seconds(n_params, n_trainable, plan, tokens_per_epoch, precision))),
+        *memory_rows(memory, available_memory(device)),
+        ("warnings", str(len(prepared.report.get("warnings", [])))),
+        ("checked in", f"{time.perf_counter() - started:.1f} s"),
+    ]
+    for key, value in facts:
+        table.add_row(key, value)
+    console.print(table)
+    for w in prepared.report.get("warnings", [])[:10]:
+        console.print(f"[yellow]warning:[/] {w if isinstance(w, str) else w.get('message', w)}")
+    if sum(memory.values()) > available_memory(device):
+        console.print(
+            f"[yellow]warning:[/] the memory plan ({sum(memory.values()) / 2**30:.1f} GiB) is more than this "
+            f"{device.type} has free ({available_memory(device) / 2**30:.1f} GiB): quantize the base "
+            "(model.quantize: nf4), turn on train.gradient_checkpointing, or lower data.max_length or the batch."
+        )
+    console.print("[bold green]ok[/]: nothing found that would stop this run.")
+    return 0
+
+
+def data_rows(cfg, report: dict, train_items, valid_items, rows, plan) -> list[tuple[str, str]]:
+    """The plan table's lines about the data and the steps."""
+    tokens_per_epoch = sum(len(r.input_ids) for r in rows)
+    unshared = sum(map(len, train_items))
+    trained = sum(len(e.labels) - e.labels.count(tfdata.IGNORE_INDEX) for e in train_items)
+    replay = report["counts"].get("general_mix", 0)
+    shared = (
+        f", shared prefixes: {tokens_per_epoch:,} of {unshared:,} tokens computed"
+        if tokens_per_epoch < unshared
+        else ""
+    )
+    epochs = " (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else ""
+    return [
         (
             "examples" if cfg.method != "dpo" else "pairs",
             f"{len(train_items):,} train, {len(valid_items):,} validation",
         ),
         (
             "general replay",
-            "none"
-            if not cfg.data.general_mix
-            else f"{report['counts'].get('general_mix', 0):,} examples ({cfg.data.general_mix:.0%}) "
-            f"from {cfg.data.general_replay}",
+            f"{replay:,} examples ({cfg.data.general_mix:.0%}) from {cfg.data.general_replay}"
+            if cfg.data.general_mix
+            else "none",
         ),
         (
             "rows",
-            f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}"
-            + (
-                f", shared prefixes: {tokens_per_epoch:,} of {unshared_tokens:,} tokens computed"
-                if tokens_per_epoch < unshared_tokens
-                else ""
-            )
-            + ")",
+            f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}{shared})",
         ),
         ("tokens per epoch", f"{tokens_per_epoch:,} ({trained:,} trained)"),
-        (
-            "epochs",
-            f"{plan.epochs}"
-            + (" (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else ""),
-        ),
+        ("epochs", f"{plan.epochs}{epochs}"),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
         ("batch", f"{cfg.train.batch_size} rows per step = {cfg.train.grad_accum} x {plan.micro_batch_rows}"),
-        ("precision", precision),
-        ("after training", ", ".join(at_the_end) or "nothing (see eval.task, eval.forgetting)"),
-        (
-            "time (estimate)",
-            f"{est['seconds'] / 60:.1f} min: {est['train_flops']:.2e} FLOP at {ASSUMED_UTILISATION:.0%} of a measured "
-            f"{est['matmul_peak_flops'] / 1e9:.0f} GFLOP/s",
-        ),
-        ("peak memory (estimate)", f"{est['peak_memory_bytes'] / 2**30:.1f} GiB"),
-        ("warnings", str(len(report.get("warnings", [])))),
-        ("checked in", f"{time.perf_counter() - started:.1f} s"),
-    ]:
-        table.add_row(key, value)
-    console.print(table)
-    for w in report.get("warnings", [])[:10]:
-        console.print(f"[yellow]warning:[/] {w if isinstance(w, str) else w.get('message', w)}")
-    console.print("[bold green]ok[/]: nothing found that would stop this run.")
-    return 0
+    ]
+
+
+def weights_held(cfg, precision: str) -> str:
+    dtype = "bf16" if frozen_dtype(cfg, precision) == torch.bfloat16 else "fp32"
+    if not cfg.trains_adapters:
+        return f"none (every weight trains, in fp32; teachers and references in {dtype})"
+    quantized = f", decoder linear layers {cfg.model.quantize}" if cfg.model.quantize != "none" else ""
+    return f"{dtype}{quantized}"
+
+
+def after_training(cfg) -> str:
+    asked = ([f"{cfg.eval.task} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []) + (
+        ["forgetting, base vs tuned"] if cfg.eval.forgetting else []
+    )
+    return ", ".join(asked) or "nothing (see eval.task, eval.forgetting)"
+
+
+def time_row(estimate: dict) -> str:
+    return (
+        f"{estimate['seconds'] / 60:.1f} min: {estimate['train_flops']:.2e} FLOP at {ASSUMED_UTILISATION:.0%} of a "
+        f"measured {estimate['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+    )
+
+
+def memory_rows(memory: dict, available: int) -> list[tuple[str, str]]:
+    total = sum(memory.values())
+    parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in memory.items())
+    return [("memory plan (estimate)", f"{total / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free: {parts} (GiB)")]

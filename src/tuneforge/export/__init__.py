@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
 from ..errors import TuneforgeError
@@ -149,12 +150,32 @@ def _check_out_spares_source(out: Path, source: ModelSource) -> None:
 
 
 def _describe(source: ModelSource) -> dict:
-    return {
+    described = {
         "spec": source.spec,
         "name": source.name,
         "base": str(source.path),
         "adapter": str(source.adapter) if source.adapter else None,
     }
+    quantize = _trained_on_quantized_base(source)
+    if quantize:
+        described["trained_on"] = (
+            f"a {quantize}-quantized base (model.quantize); the export reads the base again at full precision, "
+            "so a merge folds the adapter into the original weights, not into their quantized approximation"
+        )
+    return described
+
+
+def _trained_on_quantized_base(source: ModelSource) -> str | None:
+    """The `model.quantize` of the run that trained `source`'s adapter (its config.yaml, beside `final/`
+    or above `checkpoints/step-N`), if it was quantized."""
+    if source.adapter is None:
+        return None
+    for folder in (source.adapter.parent, source.adapter.parent.parent):
+        if (folder / "config.yaml").is_file():
+            recorded = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+            quantize = (recorded.get("model") or {}).get("quantize", "none")
+            return None if quantize == "none" else quantize
+    return None
 
 
 def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, console) -> tuple[list[Path], dict]:

@@ -24,7 +24,8 @@ import contextlib
 import torch
 
 from ..data import IGNORE_INDEX, collate
-from ..models import load_frozen_model
+from ..models import compute_dtype, load_frozen_model, load_model
+from ..models.quantization import quantization_config
 from . import distill, dpo, full, lora
 from .distill import DistillObjective
 from .dpo import DPOObjective
@@ -43,6 +44,25 @@ PREPARE = {
 TOKEN_SUMS = {"loss": "ce", "mean_token_accuracy": "correct"}
 """The loop's metric names (train_loss, valid_mean_token_accuracy, ...) and the sums they are, for
 objectives that train on tokens."""
+
+
+def frozen_dtype(cfg, precision: str) -> torch.dtype:
+    """The dtype of the weights that do not train (a base under adapters, a teacher, a reference copy):
+    `model.dtype`, where auto is the compute precision."""
+    if cfg.model.dtype == "auto":
+        return compute_dtype(precision)
+    return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+
+
+def load_for_training(source, cfg, *, precision: str, device: torch.device):
+    """The model to train on `device`, what trains marked: adapters (fp32) over a base held in
+    `frozen_dtype`, quantized as `model.quantize` says; or, for full fine-tuning, every weight in fp32."""
+    dtype = frozen_dtype(cfg, precision) if cfg.trains_adapters else torch.float32
+    quantization = quantization_config(
+        cfg.model.quantize, double_quant=cfg.model.double_quant, compute_dtype=compute_dtype(precision)
+    )
+    model = prepare_model(load_model(source, dtype=dtype, quantization=quantization, device=device), cfg)
+    return model if quantization else model.to(device)
 
 
 def prepare_model(model, cfg):

@@ -89,7 +89,8 @@ class DistillObjective(nn.Module):
         with torch.no_grad():
             teacher_logits = trained_logits(causal_lm(self.teacher), **batch)
         targets = labels[labels != IGNORE_INDEX]
-        out = label_sums(logits, targets, F.cross_entropy(logits, targets, reduction="none"))
+        correct = (logits.detach().argmax(-1) == targets).sum()
+        out = label_sums(F.cross_entropy(logits, targets, reduction="none"), correct, targets)
         t = self.temperature
         soft = divergence(F.log_softmax(teacher_logits / t, -1), F.log_softmax(logits / t, -1), self.kind, self.beta)
         out["loss"] = self.alpha * out["ce"] + (1 - self.alpha) * t * t * soft

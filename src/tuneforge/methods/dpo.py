@@ -41,14 +41,21 @@ from .. import data as tfdata
 from ..data import IGNORE_INDEX
 from ..errors import TuneforgeError
 from ..models import causal_lm, load_frozen_model
+from ..models.quantization import is_quantized
 from . import full, lora
-from .sft import reference_lm, trained_logits
+from .sft import reference_lm, token_cross_entropy, trained_hidden
 
 LOSSES = ("sigmoid", "ipo")
 
 
 def prepare_model(model, cfg):
     """Merge a starting adapter into its base, then make trainable what `dpo.policy` says."""
+    if hasattr(model, "merge_and_unload") and is_quantized(model):
+        raise TuneforgeError(
+            "dpo from a LoRA run (base_model) merges that run's adapter into its base first, which a quantized "
+            "base (model.quantize) cannot hold exactly: export the run merged (tuneforge export RUN --format "
+            "merged) and start dpo from the merged model, or set model.quantize: none."
+        )
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return {"full": full.prepare_model, "lora": lora.prepare_model}[cfg.dpo.policy](model, cfg)
@@ -79,8 +86,8 @@ def count_pairs(batch: dict) -> int:
 
 def sequence_logps(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
     """Log-probability of each example's trained tokens, summed per example: [examples]."""
-    logits = trained_logits(lm, input_ids, labels, position_ids, attention_mask)
-    token_logps = -F.cross_entropy(logits, labels[labels != IGNORE_INDEX], reduction="none")
+    hidden = trained_hidden(lm, input_ids, labels, position_ids, attention_mask)
+    token_logps = -token_cross_entropy(lm, hidden, labels[labels != IGNORE_INDEX])[0]
     ids = example_ids(labels, position_ids)
     n = int(ids[-1]) + 1 if ids.numel() else 0
     return token_logps.new_zeros(n).index_add(0, ids, token_logps)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX
-from .sft import reference_lm, trained_logits
+from ..models import causal_lm
+from .sft import output_logits, reference_lm, trained_logits
 
 
 class KLToBase:
@@ -40,14 +41,14 @@ class KLToBase:
         *,
         model,
         batch: dict,
-        logits: torch.Tensor,
+        hidden: torch.Tensor,
         token_ce: torch.Tensor,
         is_replay: torch.Tensor | None,
     ) -> None:
         labels = batch["labels"]
         trained = labels != IGNORE_INDEX
 
-        def per_trained_position(row_mask):  # row-major, as trained_logits orders the logits
+        def per_trained_position(row_mask):  # row-major, as the trained positions' hidden states are ordered
             return row_mask[:, None].expand_as(labels)[trained]
 
         replay_rows = (
@@ -56,12 +57,13 @@ class KLToBase:
             else torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
         )
         compared = torch.ones_like(replay_rows) if self.weight else replay_rows  # the rows the base model runs on
-        out.update({name: torch.zeros((), device=logits.device) for name in self.logged_sums})
+        out.update({name: torch.zeros((), device=hidden.device) for name in self.logged_sums})
         if not compared.any():
             return
         on_replay = per_trained_position(replay_rows)
         base_logp = F.log_softmax(self.base_logits(model, batch, compared), -1)
-        tuned_logp = F.log_softmax(logits[per_trained_position(compared)], -1)
+        # Whole distributions on the compared positions only (replay rows, or every row with a penalty).
+        tuned_logp = F.log_softmax(output_logits(causal_lm(model), hidden[per_trained_position(compared)]), -1)
         kl = F.kl_div(tuned_logp, base_logp, log_target=True, reduction="none").sum(-1)
         kl_replay = on_replay[per_trained_position(compared)]
         out["ce"] = token_ce[~on_replay].sum() + kl[kl_replay].sum()

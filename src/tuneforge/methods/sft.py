@@ -7,7 +7,9 @@ examples more than long ones and is wrong under gradient accumulation.
 
 The output layer runs only on positions that carry a label. On chat data most positions are
 prompt tokens, so this skips most of the largest matmul and never materialises full-vocabulary
-logits for the whole batch.
+logits for the whole batch. Where even the trained positions' logits would be large (a big
+vocabulary times many trained tokens), the output layer and the cross-entropy run in chunks whose
+logits are recomputed in the backward pass, so the loss's memory stays bounded (`LOGITS_AT_ONCE`).
 
 Regularisers are terms the objective takes (`terms`, e.g. `kl_to_base.KLToBase`): after the
 cross-entropy, each term sees the logits and per-token losses and adds to the sums.
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE_INDEX
 from ..models import causal_lm
@@ -51,23 +54,52 @@ def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def trained_logits(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
-    """Logits at the positions that carry a label, in order (row-major): [n_trained, vocab]."""
+def trained_hidden(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
+    """The decoder's last hidden states at the positions that carry a label, in order (row-major): [n_trained, d]."""
     hidden = lm.get_decoder()(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    return output_logits(lm, hidden[labels != IGNORE_INDEX])
+    return hidden[labels != IGNORE_INDEX]
 
 
-def label_sums(logits: torch.Tensor, targets: torch.Tensor, token_ce: torch.Tensor) -> dict:
-    """From each trained position's cross-entropy (`token_ce`): the summed cross-entropy (`ce`, and
-    `loss` to backpropagate), correct top-1 predictions and the token count."""
-    return {
-        "loss": token_ce.sum(),
-        "ce": token_ce.sum(),
-        "correct": (logits.detach().argmax(-1) == targets).sum(),
-        "tokens": targets.numel(),
-    }
+def trained_logits(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
+    """Logits at the positions that carry a label, in order (row-major): [n_trained, vocab]."""
+    return output_logits(lm, trained_hidden(lm, input_ids, labels, position_ids, attention_mask))
+
+
+LOGITS_AT_ONCE = 2**26
+"""Logits (floats) the cross-entropy holds at once, 256 MiB in fp32: past it, it runs in chunks."""
+
+
+def _ce_and_correct(lm, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = output_logits(lm, hidden)
+    return F.cross_entropy(logits, targets, reduction="none"), (logits.detach().argmax(-1) == targets).sum()
+
+
+def token_cross_entropy(lm, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trained position's cross-entropy [n] and the count of correct top-1 predictions, from the hidden
+    states at those positions. Up to `LOGITS_AT_ONCE` logits in one go; beyond, chunk by chunk, each
+    chunk's logits recomputed in the backward pass instead of kept."""
+    per_chunk = max(1, LOGITS_AT_ONCE // lm.get_output_embeddings().weight.shape[0])
+    if len(targets) <= per_chunk:
+        return _ce_and_correct(lm, hidden, targets)
+    chunks = [
+        checkpoint(
+            _ce_and_correct,
+            lm,
+            hidden[start : start + per_chunk],
+            targets[start : start + per_chunk],
+            use_reentrant=False,
+        )
+        for start in range(0, len(targets), per_chunk)
+    ]
+    return torch.cat([ce for ce, _ in chunks]), sum(correct for _, correct in chunks)
+
+
+def label_sums(token_ce: torch.Tensor, correct: torch.Tensor, targets: torch.Tensor) -> dict:
+    """From each trained position's cross-entropy (`token_ce`) and the correct top-1 predictions: the
+    summed cross-entropy (`ce`, and `loss` to backpropagate), `correct` and the token count."""
+    return {"loss": token_ce.sum(), "ce": token_ce.sum(), "correct": correct, "tokens": targets.numel()}
 
 
 class SFTObjective(nn.Module):
@@ -91,10 +123,11 @@ class SFTObjective(nn.Module):
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, is_replay=None):
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
-        logits = trained_logits(causal_lm(self.model), **batch)
+        lm = causal_lm(self.model)
+        hidden = trained_hidden(lm, **batch)
         targets = labels[labels != IGNORE_INDEX]
-        token_ce = F.cross_entropy(logits, targets, reduction="none")
-        out = label_sums(logits, targets, token_ce)
+        token_ce, correct = token_cross_entropy(lm, hidden, targets)
+        out = label_sums(token_ce, correct, targets)
         for term in self.terms:
-            term.add(out, model=self.model, batch=batch, logits=logits, token_ce=token_ce, is_replay=is_replay)
+            term.add(out, model=self.model, batch=batch, hidden=hidden, token_ce=token_ce, is_replay=is_replay)
         return out

@@ -70,22 +70,30 @@ def _raw_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def load_model(spec: str | ModelSource, *, dtype: torch.dtype = torch.float32, trainable_adapter: bool = False):
+def load_model(
+    spec: str | ModelSource,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantization=None,
+    device: torch.device | str = "cpu",
+):
     """An `AutoModelForCausalLM`, wrapped in a `PeftModel` when the source has an adapter.
 
-    `trainable_adapter` makes the adapter's weights trainable (resuming or continuing a LoRA run);
-    otherwise the adapter is loaded for inference.
+    With `quantization` (`quantization.quantization_config`) the base's linear weights are quantized as
+    they load, straight onto `device`: a quantized model cannot move afterwards, and no full-precision
+    copy of more than one checkpoint shard is ever held. Without it the model loads on the CPU.
     """
     from transformers import AutoModelForCausalLM
 
     source = _as_source(spec)
+    placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **placement)
         if source.adapter is None:
             return model
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, source.adapter, is_trainable=trainable_adapter)
+        return PeftModel.from_pretrained(model, source.adapter)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         where = source.adapter or source.path
         raise ModelSourceError(f"Could not load the model in {where}: {err}", code="model_load_failed") from err

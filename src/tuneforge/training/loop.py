@@ -34,13 +34,14 @@ from ..methods import (
     batch_items,
     build_objective,
     check_inputs,
+    frozen_dtype,
+    load_for_training,
     loss_count,
-    prepare_model,
     reported_sums,
     sum_over_batches,
     trainable_parameters,
 )
-from ..models import ModelSource, causal_lm, compute_dtype, load_model, load_tokenizer, resolve, resolve_precision
+from ..models import ModelSource, causal_lm, load_tokenizer, resolve, resolve_precision
 from ..models.attention import per_example_attention, supports_per_example_attention
 from ..models.saving import save_model
 from . import batches, checkpoint, distributed
@@ -79,9 +80,10 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config) -> torch.optim.AdamW:
-    """AdamW; no weight decay on vectors; with `lora.loraplus_lr_ratio`, LoRA's B matrices (of any
-    method that trains LoRA adapters) learn at that multiple of the learning rate (LoRA+)."""
+def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (`train.optimizer`: torch's, or bitsandbytes' 8-bit); no weight decay on vectors; with
+    `lora.loraplus_lr_ratio`, LoRA's B matrices (of any method that trains LoRA adapters) learn at that
+    multiple of the learning rate (LoRA+)."""
     ratio = cfg.lora.loraplus_lr_ratio
     faster = {name for name in params if ratio != 1.0 and "lora_B" in name}
 
@@ -94,6 +96,12 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config) -> torch.
     groups = decay_groups([p for name, p in params.items() if name not in faster], cfg.train.learning_rate)
     if faster:
         groups += decay_groups([p for name, p in params.items() if name in faster], cfg.train.learning_rate * ratio)
+    if cfg.train.optimizer != "adamw":
+        import bitsandbytes as bnb
+
+        # Paging moves optimizer state between GPU and host memory; on a CPU the state is in host memory already.
+        paged = cfg.train.optimizer == "paged_adamw_8bit" and device.type == "cuda"
+        return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(groups, lr=cfg.train.learning_rate)
     # fused is fastest where it exists (CUDA, recent CPU builds); foreach otherwise.
     try:
         return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, fused=True)
@@ -334,12 +342,12 @@ def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, f
     check_inputs(cfg, tokenizer)
     train_items, valid_items = batch_items(prepare_data(cfg, tokenizer, world, Path(cfg.output_dir), log), cfg)
 
-    model = prepare_model(load_model(source, dtype=torch.float32), cfg).to(world.device)
+    model = load_for_training(source, cfg, precision=precision, device=world.device)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     named_params = trainable_parameters(model)
-    optimizer = make_optimizer(named_params, cfg)
-    objective = build_objective(model, cfg, dtype=compute_dtype(precision), device=world.device)
+    optimizer = make_optimizer(named_params, cfg, world.device)
+    objective = build_objective(model, cfg, dtype=frozen_dtype(cfg, precision), device=world.device)
 
     # Every model a training forward runs: the trained one, and a teacher or reference copy if any.
     lms = [causal_lm(m) for m in (model, *objective.frozen)]

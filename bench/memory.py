@@ -1,0 +1,353 @@
+"""Memory and speed of LoRA on frozen bases held in fp32, bf16 and nf4: tuneforge against the standard
+recipe (HF Trainer + PEFT, with bitsandbytes for QLoRA), side by side, at three model sizes.
+
+    python bench/memory.py                                  # every size and mode
+    python bench/memory.py --shapes smollm2-135m,llama-3.2-1b --modes bf16,nf4
+
+Models: SmolLM2-135M with its real weights, and random weights in the shapes of Llama 3.2 1B and
+Llama 3.1 8B (their published configuration values; no download), written in bf16 shards of at most
+2 GB with SmolLM2's tokenizer (its token ids are all inside the larger vocabularies). Each run is a
+fresh process: load, then LoRA r 16 on every linear layer of the decoder, 256-token rows, one row a
+step, gradient checkpointing, `--steps` steps. A run's memory is its peak anonymous memory (what it
+allocated, sampled every 20 ms; the model's and the load's) and its RSS high-water mark (which also
+counts checkpoint pages mapped from disk); its speed is tokens over the time of the steps after the
+first. Writes `results/memory-<date>.json`; `report.py` renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common import machine_info, versions  # noqa: E402
+
+SHAPES = {
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+    ),
+}
+ROW_TOKENS = 256
+DOCUMENTS_PER_ROW = 4  # short documents packed into rows of ROW_TOKENS (the standard recipe concatenates them)
+SHARD_BYTES = 2 * 10**9
+WORK = HERE / ".work" / "memory"
+
+
+def anonymous_bytes() -> int:
+    """The process's anonymous resident memory: what it allocated, not the checkpoint pages it has
+    mapped from disk (those count in RSS but are page cache, given back under pressure)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+class PeakSampler:
+    """The process's anonymous memory, sampled every 20 ms from a thread: the peak of a phase (the
+    high-water mark of its whole RSS, mapped files included, is `ru_maxrss`)."""
+
+    def __init__(self):
+        self.peak, self._stop = anonymous_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, anonymous_bytes())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anonymous_bytes())
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+def model_folder(shape: str) -> Path:
+    """The model of `shape`: SmolLM2's pulled folder, or a random-weight checkpoint written once."""
+    from tuneforge.models import pull
+
+    smollm2 = pull("smollm2-135m-instruct")
+    if shape == "smollm2-135m":
+        return smollm2
+    folder = WORK / shape
+    if not (folder / "model.safetensors.index.json").is_file():
+        write_random_checkpoint(shape, smollm2, folder)
+    return folder
+
+
+def write_random_checkpoint(shape: str, tokenizer_folder: Path, folder: Path) -> None:
+    """Random bf16 weights in the shape's layout, written tensor by tensor into shards of at most
+    `SHARD_BYTES`, so no step holds more than one shard; then the config and the tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="bfloat16",
+    )
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    index, shard, size, n = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, n
+        n += 1
+        name = f"model-{n:05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        index.update({key: name for key in shard})
+        shard, size = {}, 0
+
+    for name, shape_ in shapes.items():
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape_, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(shape_, generator=generator) * 0.02).to(torch.bfloat16)
+        if size + tensor.numel() * 2 > SHARD_BYTES and shard:
+            flush()
+        shard[name], size = tensor, size + tensor.numel() * 2
+    flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert AutoConfig.from_pretrained(folder).hidden_size == SHAPES[shape]["hidden_size"]
+
+
+def texts(n: int) -> list[str]:
+    """`n` plain prose documents of about 60-120 tokens (packed, or cut into rows of `ROW_TOKENS`)."""
+    from tuneforge.tasks.general import general_text
+
+    paragraphs = general_text()
+    return [paragraphs[i % len(paragraphs)] for i in range(n)]
+
+
+# --- one run, in its own process --------------------------------------------------------------------
+
+
+def run_tuneforge(folder: Path, mode: str, steps: int, out: Path) -> dict:
+    from tuneforge.training import loop
+
+    data = out / "train.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(DOCUMENTS_PER_ROW * steps)))
+    cfg = {
+        "base_model": str(folder),
+        "model": {"quantize": "nf4" if mode == "nf4" else "none", "dtype": "bf16" if mode == "bf16" else "auto"},
+        "method": "lora",
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {
+            "train": str(data),
+            "validation": None,
+            "max_length": ROW_TOKENS,
+            "packing": True,
+            "dedup": "none",
+        },
+        "train": {
+            "max_steps": steps,
+            "batch_size": 1,
+            "learning_rate": 1e-4,
+            "warmup": 0,
+            "precision": "fp32" if mode == "fp32" else "auto",
+            "gradient_checkpointing": True,
+            "eval_every": 0,
+            "save_every": 0,
+        },
+        "output_dir": str(out / "run"),
+    }
+    load = loop.load_for_training
+    loaded = {}
+
+    def timed_load(*args, **kwargs):
+        with PeakSampler() as sampler:
+            model = load(*args, **kwargs)
+        loaded["peak"] = sampler.peak
+        return model
+
+    loop.load_for_training = timed_load
+    loop.train(cfg, progress=False)
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]  # the first step is left out of the speed: warm-up
+    return {
+        "load_peak_anonymous": loaded["peak"],
+        "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed"] - first["elapsed"]),
+    }
+
+
+def run_hf(folder: Path, mode: str, steps: int, out: Path) -> dict:
+    """The standard recipe: transformers' `from_pretrained` (with `BitsAndBytesConfig` for nf4, and
+    PEFT's `prepare_model_for_kbit_training`), `get_peft_model`, `Trainer`."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    bf16 = mode != "fp32"
+    options = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if mode == "nf4":
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        options["device_map"] = {"": "cpu"}
+    with PeakSampler() as sampler:
+        model = AutoModelForCausalLM.from_pretrained(folder, **options)
+    if mode == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # The documents end to end, each closed by the end-of-sequence token, cut into rows of ROW_TOKENS.
+    documents = tokenizer(texts(DOCUMENTS_PER_ROW * steps))["input_ids"]
+    stream = [token for doc in documents for token in doc + [tokenizer.eos_token_id]]
+    ids = [stream[i : i + ROW_TOKENS] for i in range(0, len(stream) - ROW_TOKENS + 1, ROW_TOKENS)][:steps]
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    marks = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+    arguments = TrainingArguments(
+        output_dir=str(out / "hf"),
+        per_device_train_batch_size=1,
+        max_steps=steps,
+        learning_rate=1e-4,
+        gradient_checkpointing=True,
+        bf16=bf16,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        optim="adamw_torch",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[StepTimes()]).train()
+    tokens = sum(len(row) for row in ids[1:])
+    return {"load_peak_anonymous": sampler.peak, "tokens_per_s": tokens / (marks[-1] - marks[0])}
+
+
+def child(candidate: str, shape: str, mode: str, steps: int) -> None:
+    """One run; prints its figures as one JSON line."""
+    import torch
+
+    torch.manual_seed(0)
+    out = WORK / "runs" / f"{shape}-{mode}-{candidate}"
+    with PeakSampler() as whole:
+        figures = (run_tuneforge if candidate == "tuneforge" else run_hf)(model_folder(shape), mode, steps, out)
+    figures["peak_anonymous"] = whole.peak
+    figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(figures), flush=True)
+
+
+def measure(candidate: str, shape: str, mode: str, steps: int) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", candidate, shape, mode, str(steps)], capture_output=True, text=True
+    )
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"failed": " | ".join(tail)[-600:], "wall_s": round(time.perf_counter() - started, 1)}
+    return {**json.loads(line.removeprefix("RESULT ")), "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b,llama-3.1-8b")
+    parser.add_argument("--modes", default="fp32,bf16,nf4")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--skip", default="llama-3.1-8b:fp32", help="shape:mode pairs not run (comma separated)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        candidate, shape, mode, steps = args.child
+        child(candidate, shape, mode, int(steps))
+        return
+    skipped = set(args.skip.split(",")) if args.skip else set()
+    runs = []
+    for shape in args.shapes.split(","):
+        model_folder(shape)
+        for mode in args.modes.split(","):
+            if f"{shape}:{mode}" in skipped:
+                runs.append({"shape": shape, "mode": mode, "skipped": True})
+                continue
+            for candidate in ("tuneforge", "hf_peft"):
+                result = {
+                    "shape": shape,
+                    "mode": mode,
+                    "candidate": candidate,
+                    **measure(candidate, shape, mode, args.steps),
+                }
+                print(json.dumps(result), flush=True)
+                runs.append(result)
+    date = dt.date.today().isoformat()
+    record = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": "python bench/memory.py " + " ".join(sys.argv[1:]),
+        "machine": machine_info(),
+        "versions": versions(),
+        "row_tokens": ROW_TOKENS,
+        "steps": args.steps,
+        "shapes": SHAPES,
+        "runs": runs,
+    }
+    path = HERE / "results" / f"memory-{date}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

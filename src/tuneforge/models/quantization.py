@@ -1,0 +1,45 @@
+"""Quantized frozen bases through bitsandbytes: 4-bit NF4 or FP4 weights (QLoRA) or 8-bit weights, on CPU
+as on CUDA, with adapters training on top."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import ModelSourceError
+
+# bitsandbytes logs, on import on CPUs with AVX512-BF16, that a faster 4-bit kernel could be fetched from a
+# model hub at run time (an offline install cannot), and on every 8-bit forward that it casts inputs to
+# float16: facts about its internals, not something a user acts on.
+for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+BITS = {"nf4": 4, "fp4": 4, "int8": 8}
+
+
+def quantization_config(quantize: str, *, double_quant: bool, compute_dtype: torch.dtype):
+    """transformers' `BitsAndBytesConfig` for `model.quantize`, or None for `none`."""
+    if quantize == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise ModelSourceError(
+            f"model.quantize: {quantize} needs bitsandbytes ({err}); install it with `pip install "
+            "'bitsandbytes>=0.50,<0.51'`, or set model.quantize: none.",
+            code="missing_dependency",
+        ) from None
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def is_quantized(model) -> bool:
+    return getattr(model, "quantization_method", None) is not None or bool(getattr(model, "is_quantized", False))

@@ -1,0 +1,208 @@
+"""Big models on small memory, on the tiny model: frozen weights in the compute dtype, quantized bases
+(bitsandbytes, on CPU), 8-bit optimizers, the loss in chunks, and the dry run's memory plan."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_run_config
+
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.methods import load_for_training
+from tuneforge.methods.sft import output_logits
+from tuneforge.models import bf16_supported, load_model, resolve
+from tuneforge.training import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+native_bf16 = pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+
+
+def step_losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["train_loss"] for row in rows if "train_loss" in row]
+
+
+def config(model_dir, data, out, *, quantize="none", dtype="auto", **train_options) -> dict:
+    cfg = tiny_run_config(model_dir, data, out, **{"max_steps": 3, "learning_rate": 1e-2, **train_options})
+    cfg["lora"]["dropout"] = 0.0
+    cfg["model"] = {"quantize": quantize, "dtype": dtype}
+    return cfg
+
+
+def base_and_adapter_dtypes(model) -> tuple[set, set]:
+    base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    return base, {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+
+
+@native_bf16
+def test_with_adapters_the_frozen_base_is_held_in_bf16_and_what_trains_in_fp32(tiny_model_dir, triage_data, tmp_path):
+    cfg = load_config(config(tiny_model_dir, triage_data, tmp_path / "run", precision="auto"))
+    model = load_for_training(resolve(str(tiny_model_dir)), cfg, precision="bf16", device=torch.device("cpu"))
+    assert base_and_adapter_dtypes(model) == ({torch.bfloat16}, {torch.float32})
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    full = load_config({**config(tiny_model_dir, triage_data, tmp_path / "full"), "method": "full"})
+    model = load_for_training(resolve(str(tiny_model_dir)), full, precision="bf16", device=torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # full fine-tuning trains in fp32
+    result = train(config(tiny_model_dir, triage_data, tmp_path / "trained", precision="bf16"), progress=False)
+    losses = step_losses(result.output_dir)
+    assert losses[-1] < losses[0]
+
+
+def test_model_dtype_auto_follows_the_compute_precision(tiny_model_dir, triage_data, tmp_path):
+    cfg = load_config(config(tiny_model_dir, triage_data, tmp_path / "run", precision="fp32"))
+    model = load_for_training(resolve(str(tiny_model_dir)), cfg, precision="fp32", device=torch.device("cpu"))
+    assert base_and_adapter_dtypes(model) == ({torch.float32}, {torch.float32})
+    with pytest.raises(ConfigError, match="model.dtype: bf16 holds the frozen weights in bf16.*train.precision"):
+        load_config(config(tiny_model_dir, triage_data, tmp_path / "run", dtype="bf16", precision="fp32"))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
+def test_a_quantized_base_trains_lora_and_saves_the_adapter_alone(quantize, tiny_model_dir, triage_data, tmp_path):
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(config(tiny_model_dir, triage_data, tmp_path / "run", quantize=quantize))
+    model = load_for_training(resolve(str(tiny_model_dir)), cfg, precision="fp32", device=torch.device("cpu"))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer, Linear8bitLt if quantize == "int8" else Linear4bit)
+    result = train(
+        config(tiny_model_dir, triage_data, tmp_path / "run", quantize=quantize, max_steps=6), progress=False
+    )
+    losses = step_losses(result.output_dir)
+    assert losses[-1] < losses[0]
+    saved = {f.name for f in (result.output_dir / "checkpoints" / "step-6").iterdir()}
+    assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.final_dir)
+    assert tuned.peft_config["default"].r == 4  # loads on the full-precision base, in plain PEFT
+
+
+@pytest.mark.parametrize(
+    "method, section",
+    [("full", {}), ("distill", {"distill": {"teacher": "t", "student": "full"}}), ("dpo", {"dpo": {"policy": "full"}})],
+)
+def test_a_quantized_base_is_refused_where_every_weight_trains(method, section, tmp_path):
+    raw = {"data": {"train": "x"}, "method": method, "model": {"quantize": "nf4"}, **section}
+    with pytest.raises(ConfigError, match="model.quantize: nf4 holds the base frozen.*trains every weight.*lora"):
+        load_config(raw)
+
+
+def test_dpo_from_a_lora_run_on_a_quantized_base_is_refused_before_training(tiny_model_dir, triage_data, tmp_path):
+    from test_dpo import preference_rows
+
+    first = train(config(tiny_model_dir, triage_data, tmp_path / "sft", max_steps=1), progress=False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(Path(triage_data["train"]))))
+    cfg = config(first.output_dir, {"train": pairs, "validation": pairs}, tmp_path / "dpo", quantize="nf4")
+    cfg["method"] = "dpo"
+    cfg["data"]["validation"] = None
+    with pytest.raises(TuneforgeError, match="export the run merged"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "dpo" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_adamw_keeps_its_state_in_a_byte_a_value_and_trains(optimizer, tiny_model_dir, triage_data, tmp_path):
+    cfg = config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, optimizer=optimizer)
+    cfg["method"] = "full"
+    result = train(cfg, progress=False)
+    losses = step_losses(result.output_dir)
+    assert losses[-1] < losses[0]
+    state = torch.load(result.output_dir / "checkpoints" / "step-4" / "optimizer.pt", weights_only=False)
+    quantized = [
+        s["__bnb_optimizer_quant_state__"]
+        for s in state["optimizer"]["state"].values()
+        if "__bnb_optimizer_quant_state__" in s
+    ]
+    # bitsandbytes keeps small tensors' moments in fp32; every weight matrix's are 8-bit blocks.
+    moments = [q[key] for q in quantized for key in ("state1", "state2") if q[key].numel() >= 4096]
+    assert moments and all(m.dtype == torch.uint8 for m in moments)
+
+
+def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(tiny_model_dir, monkeypatch):
+    from tuneforge.methods import sft
+
+    torch.manual_seed(0)
+    model = load_model(resolve(str(tiny_model_dir)), dtype=torch.float32)
+    ids = torch.randint(5, 300, (3, 40))
+    labels = torch.where(torch.rand(3, 40) < 0.7, torch.roll(ids, -1, 1), torch.tensor(-100))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    runs = {}
+    for name, at_once in (("whole", sft.LOGITS_AT_ONCE), ("chunks of 7 tokens", 7 * vocab)):
+        monkeypatch.setattr(sft, "LOGITS_AT_ONCE", at_once)
+        seen = []
+
+        def counted(lm, hidden, seen=seen):
+            seen.append(len(hidden))
+            return output_logits(lm, hidden)
+
+        monkeypatch.setattr(sft, "output_logits", counted)
+        model.zero_grad()
+        out = sft.SFTObjective(model)(input_ids=ids, labels=labels)
+        out["loss"].backward()
+        runs[name] = (out, [p.grad.clone() for p in model.parameters()], max(seen))
+    whole, chunked = runs["whole"], runs["chunks of 7 tokens"]
+    assert chunked[2] == 7 < whole[2]  # at most 7 tokens' logits at once, recomputed in backward
+    assert chunked[0]["ce"].item() == pytest.approx(whole[0]["ce"].item(), rel=1e-6)
+    assert chunked[0]["correct"] == whole[0]["correct"]
+    for a, b in zip(chunked[1], whole[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantize, optimizer", [("none", "adamw"), ("nf4", "adamw"), ("int8", "adamw_8bit")])
+def test_gradient_checkpointing_gives_the_same_losses(quantize, optimizer, tiny_model_dir, triage_data, tmp_path):
+    losses = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"run-{checkpointing}"
+        cfg = config(
+            tiny_model_dir,
+            triage_data,
+            out,
+            quantize=quantize,
+            optimizer=optimizer,
+            gradient_checkpointing=checkpointing,
+        )
+        train(cfg, progress=False)
+        losses[checkpointing] = step_losses(out)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_the_merged_export_of_a_quantized_run_folds_the_adapter_into_the_full_precision_base(
+    tiny_model_dir, triage_data, tmp_path
+):
+    from tuneforge.export import export
+
+    result = train(config(tiny_model_dir, triage_data, tmp_path / "run", quantize="nf4"), progress=False)
+    exported = export(str(result.output_dir), "merged", None, tmp_path / "merged")
+    record = json.loads((exported.out / "export.json").read_text())
+    assert "nf4-quantized base" in record["source"]["trained_on"] and "full precision" in record["source"]["trained_on"]
+    base = load_model(resolve(str(tiny_model_dir)))
+    merged = load_model(resolve(str(exported.out)))
+    # The merge is into the original fp32 weights: the weights the adapter does not touch are bit-identical.
+    assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_validate_states_the_memory_plan_by_part(tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch):
+    from tuneforge.dry_run import validate
+
+    monkeypatch.setenv("COLUMNS", "300")  # one table row a line
+
+    cfg = config(
+        tiny_model_dir,
+        triage_data,
+        tmp_path / "run",
+        quantize="nf4",
+        optimizer="adamw_8bit",
+        gradient_checkpointing=True,
+    )
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert validate(str(path)) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "decoder linear layers nf4" in out
+    for part in ("frozen weights", "trained weights and gradients", "optimizer state", "activations", "logits"):
+        assert part in out
