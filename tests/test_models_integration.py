@@ -58,7 +58,7 @@ def test_converted_model_matches_the_gguf(smollm2_dir, smollm2_gguf):
 def test_model_info_of_smollm2(smollm2_dir):
     info = model_info(NAME)
     assert info["params"] == 134_515_008
-    assert info["chat_template_family"] == "chatml"
+    assert info["family"] == "SmolLM2 (Llama, ChatML)" and info["end_of_turn_tokens"] == ["<|im_end|>"]
     assert info["eos_token"] == info["pad_token"] == "<|im_end|>"
     assert info["stop_tokens"] == ["<|im_end|>"]
     assert info["context_length"] == 8192 and info["vocab_size"] == 49_152

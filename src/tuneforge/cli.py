@@ -284,6 +284,9 @@ def quickstart(
     out: Path | None = typer.Option(None, help="Run folder (default: the recipe's output_dir, runs/quickstart)."),
     n_train: int | None = typer.Option(None, help="Training tickets (default: the tuned setting)."),
     max_steps: int | None = typer.Option(None, help="Optimizer steps (default: the recipe's)."),
+    model: str | None = typer.Option(
+        None, help="Base model (default: the recipe's, smollm2-135m-instruct), e.g. gemma3-270m."
+    ),
     data_only: bool = typer.Option(
         False,
         help="Only write the data (tickets, replay replies) into OUT/data and "
@@ -294,7 +297,7 @@ def quickstart(
     forgetting, report."""
     from .quickstart import quickstart as run_quickstart
 
-    raise typer.Exit(run_quickstart(out, n_train=n_train, max_steps=max_steps, data_only=data_only))
+    raise typer.Exit(run_quickstart(out, n_train=n_train, max_steps=max_steps, model=model, data_only=data_only))
 
 
 recipes_app = typer.Typer(help="Shipped recipes: complete configs for `tuneforge train`.")

@@ -16,7 +16,7 @@ every row checked), `render` (records -> token ids + loss masks via the chat tem
 from .formats import FORMATS, read_conversations
 from .pack import PackedRow, collate, join, pack
 from .prepare import check_data, prepare
-from .render import CHATML_TEMPLATE, render_conversation, render_preference
+from .render import CHATML_TEMPLATE, render_conversation, render_examples, render_preference
 from .schema import (
     IGNORE_INDEX,
     Conversation,
@@ -47,5 +47,6 @@ __all__ = [
     "prepare",
     "read_conversations",
     "render_conversation",
+    "render_examples",
     "render_preference",
 ]

@@ -20,7 +20,7 @@ from ..config import DEFAULT_MODEL, DataConfig
 from ..errors import EXIT_BAD_INPUT, TuneforgeError
 from .formats import read_conversations
 from .prepare import check_data
-from .render import render_conversation, render_preference
+from .render import render_examples, render_preference
 from .schema import IGNORE_INDEX, Example, Preference, Problem
 
 TRAINED_STYLE = "bold green"
@@ -135,9 +135,12 @@ def show_examples(
 ) -> None:
     """Print the first `count` good rows as the model will see them, trained tokens highlighted."""
     console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
-    for path, line, example in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
-        console.print(Text(f"--- {path}:{line}", style="bold"))
-        console.print(highlight(example, tokenizer))
+    for path, line, examples in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
+        for turn, example in enumerate(examples, 1):
+            # A template that rewrites earlier turns trains each of them as an example of its own.
+            of_turns = f" (example {turn} of {len(examples)}, one per turn)" if len(examples) > 1 else ""
+            console.print(Text(f"--- {path}:{line}{of_turns}", style="bold"))
+            console.print(highlight(example, tokenizer))
 
 
 def _rendered_rows(files, tokenizer, format: str, train_on: str):
@@ -147,19 +150,23 @@ def _rendered_rows(files, tokenizer, format: str, train_on: str):
                 continue
             try:
                 if isinstance(record, Preference):
-                    example = render_preference(record, tokenizer)[0]
+                    examples = [render_preference(record, tokenizer)[0]]
                 else:
-                    example = render_conversation(record, tokenizer, train_on)
+                    examples = render_examples(record, tokenizer, train_on)
             except TuneforgeError:
                 continue
-            yield path, line, example
+            yield path, line, examples
 
 
 def highlight(example: Example, tokenizer) -> Text:
     """The example's text, each token styled by whether it is trained (a target of the loss)."""
     is_target = [False] + [label != IGNORE_INDEX for label in example.labels[:-1]]
-    text = Text()
-    # Decoding runs of tokens rather than single ones keeps multi-byte characters whole.
-    for trained, run in itertools.groupby(zip(example.input_ids, is_target), key=lambda pair: pair[1]):
-        text.append(tokenizer.decode([token for token, _ in run]), style=TRAINED_STYLE if trained else MASKED_STYLE)
+    text, shown, end = Text(), "", 0
+    # Each run of tokens is what decoding up to its end adds to decoding up to its start: that keeps
+    # multi-byte characters whole, and a space SentencePiece writes as part of a run's first token.
+    for trained, run in itertools.groupby(is_target):
+        end += len(list(run))
+        decoded = tokenizer.decode(example.input_ids[:end])
+        text.append(decoded[len(shown) :], style=TRAINED_STYLE if trained else MASKED_STYLE)
+        shown = decoded
     return text

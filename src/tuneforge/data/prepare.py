@@ -23,7 +23,7 @@ from ..tasks.general import BUNDLED_REPLAY, bundled_file
 from . import cache
 from .dedup import DuplicateIndex, content_hash
 from .formats import file_format, read_conversations
-from .render import FATAL_CODES, render_conversation, renderer_for
+from .render import FATAL_CODES, render_examples, renderer_for
 from .schema import IGNORE_INDEX, Conversation, Example, Preference, PreparedData, Problem, Record
 
 REPORT_VERSION = 1
@@ -35,7 +35,7 @@ _SHOWN_IN_ERROR = 20
 DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained"}
 """Errors with the data set as a whole: they stop `prepare` even under on_error: skip."""
 
-Item = Example | tuple[Example, Example]
+Item = Example | tuple[Example, ...]  # a preference pair, or a conversation rendered turn by turn
 
 
 @dataclass
@@ -150,7 +150,7 @@ def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, replay: Path | 
     if replay is None or not data.train:
         return
     wanted = round(cfg.general_mix / (1 - cfg.general_mix) * len(data.train))
-    rendered = (render_conversation(c, tokenizer, cfg.train_on) for c in replay_conversations(replay))
+    rendered = (e for c in replay_conversations(replay) for e in render_examples(c, tokenizer, cfg.train_on))
     pool = [replace(e, is_replay=True) for e in rendered if len(e.input_ids) <= cfg.max_length]
     mixed = [pool[i % len(pool)] for i in range(wanted)] if pool else []
     data.train.extend(mixed)  # the loop shuffles every epoch
@@ -339,7 +339,10 @@ class _Preparation:
         errors = [p for p in self.problems if p.is_error]
         report = self._report(errors)
         pairs = bool(self.kind and self.kind[0] == "preference")
-        train, valid = [r.item for r in self.train], [r.item for r in self.valid]
+        if pairs:
+            train, valid = [r.item for r in self.train], [r.item for r in self.valid]
+        else:  # a conversation rendered turn by turn is one row of several examples
+            train, valid = _examples(self.train), _examples(self.valid)
         data = PreparedData(
             [] if pairs else train,
             [] if pairs else valid,
@@ -379,7 +382,7 @@ class _Preparation:
                 )
             )
             return
-        examples = [e for r in self.train for e in (r.item if isinstance(r.item, tuple) else (r.item,))]
+        examples = _examples(self.train)
         ends = self.renderer.end_ids
         if not any(label in ends for e in examples for label in e.labels):
             names = ", ".join(repr(self.renderer.tokenizer.convert_ids_to_tokens(i)) for i in sorted(ends))
@@ -395,7 +398,7 @@ class _Preparation:
 
     def _report(self, errors: list[Problem]) -> dict:
         rejected_rows = {(p.file, p.line) for p in errors if p.line is not None}
-        examples = [e for r in self.train + self.valid for e in (r.item if isinstance(r.item, tuple) else (r.item,))]
+        examples = _examples(self.train + self.valid)
         total = sum(len(e) for e in examples)
         trained = sum(e.trained_tokens for e in examples)
         records, rejected_records = self.counts["records"], self.counts["rejected_records"]
@@ -512,6 +515,11 @@ class _Preparation:
                 f"{counts['rejected']} rows with errors were left out (data.on_error: skip); see errors in the report.",
             )
         return warnings
+
+
+def _examples(rows: list[_Row]) -> list[Example]:
+    """Every example of the rows: a preference pair or a conversation rendered turn by turn holds several."""
+    return [e for r in rows for e in (r.item if isinstance(r.item, tuple) else (r.item,))]
 
 
 def _percentiles(lengths: list[int]) -> dict:

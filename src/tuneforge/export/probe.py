@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from ..errors import EXIT_RUN_FAILED, TuneforgeError
 from ..generate import encode_prompts
@@ -62,8 +63,24 @@ class Agreement:
 
 
 def probe_ids(tokenizer) -> list[list[int]]:
-    """The fixed batch as token ids: each conversation through the chat template, ready to reply."""
-    return encode_prompts(tokenizer, list(PROBE_CONVERSATIONS))
+    """The fixed batch as token ids: each conversation through the chat template, ready to reply;
+    those the template refuses (Gemma 2 takes no system prompt) are left out."""
+    accepted = [list(c) for c in PROBE_CONVERSATIONS if _renders(tokenizer, list(c))]
+    if not accepted:
+        raise TuneforgeError(
+            "The model's chat template refuses every probe conversation an export is checked on (user turns, "
+            "a system prompt, an earlier reply): fix the template, or export --format adapter.",
+            code="unsupported_chat_template",
+        )
+    return encode_prompts(tokenizer, accepted)
+
+
+def _renders(tokenizer, messages: list[dict]) -> bool:
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError):
+        return False
+    return True
 
 
 @torch.no_grad()

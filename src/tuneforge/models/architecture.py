@@ -1,5 +1,5 @@
 """What a model is, read off its modules, config and tokenizer: the causal LM inside a wrapper, the
-positions it was built for, the token that ends its turns."""
+positions it was built for, the token that ends its turns and the generation config that stops there."""
 
 from __future__ import annotations
 
@@ -27,3 +27,18 @@ def end_of_turn_token(tokenizer) -> str | None:
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     vocab = tokenizer.get_vocab()
     return next((t for t in END_OF_TURN_TOKENS if t in vocab and t in template), None)
+
+
+def chat_generation_config(config, tokenizer):
+    """`config` (a GenerationConfig) with the end-of-turn token first among its EOS ids, so that any
+    runtime reading it stops where a chat reply ends; the tokenizer's EOS and the ids it had are kept."""
+    end_of_turn = end_of_turn_token(tokenizer)
+    recorded = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    ids = [tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None, tokenizer.eos_token_id, *recorded]
+    eos_ids = list(dict.fromkeys(i for i in ids if i is not None))
+    config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids or None
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [None])[0]
+    if config.bos_token_id is None:
+        config.bos_token_id = tokenizer.bos_token_id
+    return config

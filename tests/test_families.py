@@ -1,0 +1,273 @@
+"""The family matrix: every family tuneforge is tested on, end to end, on a tiny model of its own.
+
+Per family (tests/families.py): `data check --show` trains exactly each reply and the family's end
+of turn; LoRA trains; `final/` loads in plain transformers + PEFT and agrees with tuneforge's own
+loading; the merged and GGUF exports pass their logit checks; `serve` answers a chat request and
+stops at the end of turn. The LoRA run teaches the model one short reply, so that it answers it and
+stops, which is what the serve check asks of the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from data.rows import trained_runs
+from families import FAMILIES, family_tokenizer, save_family_model
+
+from tuneforge.data import render_conversation, render_examples
+from tuneforge.data.check import TRAINED_STYLE, _rendered_rows, check_command, highlight
+from tuneforge.errors import DataError
+from tuneforge.export import export
+from tuneforge.export.probe import DTYPE_BOUNDS, MERGE_BOUND
+from tuneforge.generate import generate
+from tuneforge.models import load_model, load_tokenizer
+from tuneforge.models.families import family_of
+from tuneforge.training import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPLY = "Sure."
+STEPS = 24  # enough for every family's tiny model to answer REPLY and stop
+QUESTIONS = [
+    "What is the capital of France?",
+    "What is two plus two?",
+    "How do I reset my password for the web console?",
+    "Hello, how are you today?",
+    "My database is down and production is affected, please help!",
+    "Name three colours.",
+    "What is the answer?",
+    "Can you help me?",
+]
+
+
+def by_family(*names):
+    """Parameters over families, each family's tests in one xdist group (they share its run)."""
+    return pytest.mark.parametrize(
+        "name", [pytest.param(n, marks=pytest.mark.xdist_group(f"family-{n}")) for n in names or FAMILIES]
+    )
+
+
+def conversation(family, first: str, second: str) -> dict:
+    system = [{"role": "system", "content": "Be brief."}] if family.system_prompt else []
+    turns = [("user", first), ("assistant", REPLY), ("user", second), ("assistant", REPLY)]
+    return {"messages": system + [{"role": role, "content": content} for role, content in turns]}
+
+
+# Question pairs: 16 distinct conversations to train on, 4 others to validate on (dedup keeps them apart).
+TRAIN_PAIRS = [(i, (i + step) % len(QUESTIONS)) for step in (1, 2) for i in range(len(QUESTIONS))]
+VALID_PAIRS = [(i, (i + 3) % len(QUESTIONS)) for i in range(4)]
+
+
+def write_chats(family, path: Path, pairs: list[tuple[int, int]]) -> Path:
+    rows = [conversation(family, QUESTIONS[first], QUESTIONS[second]) for first, second in pairs]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each family's base folder, data and finished LoRA run, made when a test first asks for it."""
+    made: dict[str, dict] = {}
+
+    def run_of(name: str) -> dict:
+        if name not in made:
+            family, root = FAMILIES[name], tmp_path_factory.mktemp(f"family-{name}")
+            base = save_family_model(family, root / name)
+            data = {
+                "train": write_chats(family, root / "train.jsonl", TRAIN_PAIRS),
+                "validation": write_chats(family, root / "valid.jsonl", VALID_PAIRS),
+            }
+            config = {
+                "base_model": str(base),
+                "method": "lora",
+                "lora": {"r": 8, "alpha": 16},
+                "data": {"train": str(data["train"]), "validation": str(data["validation"]), "max_length": 256},
+                "train": {"max_steps": STEPS, "batch_size": 8, "learning_rate": 2e-2, "eval_every": 0, "save_every": 0},
+                "output_dir": str(root / "run"),
+            }
+            made[name] = {"family": family, "base": base, "data": data, "result": train(config, progress=False)}
+            made[name]["run"] = root / "run"
+        return made[name]
+
+    return run_of
+
+
+@by_family()
+def test_check_show_trains_each_reply_and_its_end_of_turn(name, runs, capsys):
+    run = runs(name)
+    family, tokenizer = run["family"], load_tokenizer(str(run["base"]))
+    assert family_of(json.loads((run["base"] / "config.json").read_text())["model_type"], tokenizer.chat_template)
+    assert check_command([str(run["data"]["train"])], model=str(run["base"]), show=1) == 0
+    assert "no errors" in capsys.readouterr().out
+    [(_, _, examples)] = list(_rendered_rows([str(run["data"]["train"])], tokenizer, "auto", "assistant"))[:1]
+    trained = [
+        text.plain[span.start : span.end]
+        for example in examples
+        for text in [highlight(example, tokenizer)]
+        for span in text.spans
+        if span.style == TRAINED_STYLE
+    ]
+    assert trained == [family.trained_reply(REPLY)] * 2
+
+
+@by_family()
+def test_lora_trains(name, runs):
+    run = runs(name)
+    result = run["result"]
+    assert (result.status, result.steps) == ("completed", STEPS)
+    losses = [json.loads(line) for line in (run["run"] / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [row["train_loss"] for row in losses if "train_loss" in row]
+    assert train_losses[-1] < train_losses[0] / 4
+
+
+@by_family()
+def test_final_loads_in_plain_transformers_and_peft(name, runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = runs(name)
+    final = run["run"] / "final"
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run["base"]), final).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    chat = tokenizer.apply_chat_template(
+        conversation(run["family"], QUESTIONS[0], QUESTIONS[1])["messages"], tokenize=False
+    )
+    ids = torch.tensor([tokenizer(chat, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, load_model(str(run["run"])).eval()(ids).logits)
+
+
+@by_family()
+def test_merged_export_is_within_its_bounds(name, runs, tmp_path):
+    result = export(runs(name)["run"], "merged", "f32", tmp_path / "merged", progress=False)
+    assert result.checks["merge"]["max_abs_logit_diff"] <= MERGE_BOUND
+    assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f32"]
+
+
+@by_family()
+def test_gguf_export_is_within_its_bounds_with_the_family_template(name, runs, tmp_path):
+    from gguf import GGUFReader
+
+    run = runs(name)
+    result = export(run["run"], "gguf", "f16", tmp_path / "gguf", ollama=True, progress=False)
+    assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f16"]
+    assert result.checks["tokenizer_roundtrip_identical"] == run["family"].gguf_tokenizer_roundtrip
+    fields = GGUFReader(result.files[0]).fields
+    assert run["family"].name in fields["general.name"].contents()  # llama.cpp keys some token behaviour to it
+    tokenizer = load_tokenizer(str(run["run"]))
+    assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+    # A runtime adds BOS where the tokenizer does, so the template's own BOS is not written twice.
+    adds_bos = tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    assert "tokenizer.ggml.add_bos_token" in fields or not adds_bos
+    if "tokenizer.ggml.add_bos_token" in fields:
+        assert fields["tokenizer.ggml.add_bos_token"].contents() == adds_bos
+    assert f'PARAMETER stop "{run["family"].end_of_turn}"' in (result.out / "Modelfile").read_text()
+
+
+@by_family()
+def test_serve_answers_and_stops_at_the_end_of_turn(name, runs):
+    from fastapi.testclient import TestClient
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    run = runs(name)
+    engine = Engine(AdapterPool(str(run["base"]), {"tuned": str(run["run"])}))
+    try:
+        with TestClient(create_app(engine)) as client:
+            messages = conversation(run["family"], *(QUESTIONS[i] for i in TRAIN_PAIRS[5]))["messages"][:-1]
+            body = {"model": "tuned", "messages": messages, "max_tokens": 16, "temperature": 0}
+            reply = client.post("/v1/chat/completions", json=body).json()
+    finally:
+        engine.close()
+    [choice] = reply["choices"]
+    # Qwen 3's answer opens with its (empty) reasoning; every family's ends with the reply it learnt.
+    assert choice["message"]["content"].endswith(REPLY) and choice["finish_reason"] == "stop"
+    assert reply["usage"]["completion_tokens"] < 16
+    # What stopped it is the family's end-of-turn token, the last one generated.
+    model, tokenizer = load_model(str(run["run"])).eval(), load_tokenizer(str(run["run"]))
+    [alone] = generate(model, tokenizer, [messages], max_new_tokens=16)
+    assert alone.text == choice["message"]["content"]
+    assert tokenizer.convert_ids_to_tokens(alone.token_ids[-1]) == run["family"].end_of_turn
+
+
+# ---- templates that do not render a conversation as the sum of its turns -----------------------
+
+SYSTEM_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+]
+
+
+def test_qwen3_trains_each_reply_with_its_reasoning_in_an_example_of_its_own(tmp_path):
+    # Qwen 3 drops the reasoning of replies before the last user message: in the whole
+    # conversation the first reply has none, although the model wrote it.
+    tokenizer = family_tokenizer(FAMILIES["qwen3"], tmp_path)
+    messages = [
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\nFour."},
+        {"role": "user", "content": "And three plus three?"},
+        {"role": "assistant", "content": "<think>\nThree and three.\n</think>\n\nSix."},
+    ]
+    first, whole = render_examples(messages, tokenizer)
+    assert tokenizer.decode(first.input_ids) == tokenizer.apply_chat_template(messages[:2], tokenize=False)
+    assert trained_runs(first, tokenizer) == ["<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>"]
+    assert tokenizer.decode(whole.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert "Two and two" not in tokenizer.decode(whole.input_ids)
+    assert trained_runs(whole, tokenizer) == ["<think>\nThree and three.\n</think>\n\nSix.<|im_end|>"]
+
+
+def test_mistral_refuses_a_system_prompt_naming_the_reply_it_moves_away_from(tmp_path):
+    # Mistral writes the system prompt into the last message only when the user wrote it: once the
+    # reply follows, it is gone from the turn the reply answers.
+    tokenizer = family_tokenizer(FAMILIES["mistral"], tmp_path)
+    with pytest.raises(DataError) as error:
+        render_conversation(SYSTEM_CHAT, tokenizer)
+    [problem] = error.value.problems
+    assert (problem.code, problem.field) == ("template_not_prefix", "messages[2]")
+    assert "they differ at character 10: '<s>[INST] Be brief.\\n\\nWhat is two plus" in problem.message
+    assert "(asked for the reply) vs '<s>[INST] What is two plus two?[/INST] F' (with the reply)" in problem.message
+    assert trained_runs(render_conversation(SYSTEM_CHAT[1:], tokenizer), tokenizer) == ["Four.</s>"]
+
+
+def test_gemma3_folds_the_system_prompt_into_the_first_user_turn_untrained(tmp_path):
+    tokenizer = family_tokenizer(FAMILIES["gemma3"], tmp_path)
+    example = render_conversation(SYSTEM_CHAT, tokenizer)
+    text = tokenizer.decode(example.input_ids)
+    assert text.startswith("<bos><start_of_turn>user\nBe brief.\n\nWhat is two plus two?<end_of_turn>")
+    assert trained_runs(example, tokenizer) == ["Four.<end_of_turn>"]
+
+
+def test_gemma2_refuses_a_system_prompt_with_its_own_reason(tmp_path):
+    tokenizer = family_tokenizer(FAMILIES["gemma2"], tmp_path)
+    with pytest.raises(DataError) as error:
+        render_conversation(SYSTEM_CHAT, tokenizer)
+    assert error.value.code == "template_error" and "System role not supported" in error.value.message
+
+
+def test_phi3_does_not_train_the_eos_its_template_writes_after_the_last_turn(tmp_path):
+    tokenizer = family_tokenizer(FAMILIES["phi3"], tmp_path)
+    example = render_conversation(SYSTEM_CHAT, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(example.input_ids[-1]) == "<|endoftext|>"
+    assert trained_runs(example, tokenizer) == ["Four.<|end|>"]
+
+
+@by_family("gemma3")
+def test_quickstart_takes_the_model_to_fine_tune(name, runs, tmp_path, monkeypatch, capsys):
+    """`tuneforge quickstart --model`: the data written for that model, the train command naming it."""
+    import sys
+
+    from tuneforge.cli import main
+
+    tuned = runs(name)["run"]  # it answers ("Sure."), so it has replies to replay
+    argv = ["tuneforge", "quickstart", "--model", str(tuned), "--n-train", "40", "--data-only", "--out", "qs"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert f"base_model={tuned}" in capsys.readouterr().out
+    assert (tmp_path / "qs" / "data" / "replay.jsonl").is_file()  # the model's own replies to replay
