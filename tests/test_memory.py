@@ -2,6 +2,7 @@
 (bitsandbytes, on CPU), 8-bit optimizers, the loss in chunks, and the dry run's memory plan."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,21 +107,31 @@ def test_dpo_from_a_lora_run_on_a_quantized_base_is_refused_before_training(tiny
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
-def test_8bit_adamw_keeps_its_state_in_a_byte_a_value_and_trains(optimizer, tiny_model_dir, triage_data, tmp_path):
-    cfg = config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, optimizer=optimizer)
+def test_8bit_adamw_keeps_its_state_in_a_byte_a_value_trains_and_resumes_exactly(
+    optimizer, tiny_model_dir, triage_data, tmp_path
+):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    cfg = config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, optimizer=optimizer, save_every=2)
     cfg["method"] = "full"
+    cfg["train"]["keep_checkpoints"] = 2
     result = train(cfg, progress=False)
     losses = step_losses(result.output_dir)
     assert losses[-1] < losses[0]
-    state = torch.load(result.output_dir / "checkpoints" / "step-4" / "optimizer.pt", weights_only=False)
+    checkpoints = result.output_dir / "checkpoints"
+    dcp_to_torch_save(checkpoints / "step-4" / "optimizer", tmp_path / "optimizer.pt")
+    state = torch.load(tmp_path / "optimizer.pt", weights_only=False)
     quantized = [
-        s["__bnb_optimizer_quant_state__"]
-        for s in state["optimizer"]["state"].values()
-        if "__bnb_optimizer_quant_state__" in s
+        s["__bnb_optimizer_quant_state__"] for s in state["state"].values() if "__bnb_optimizer_quant_state__" in s
     ]
     # bitsandbytes keeps small tensors' moments in fp32; every weight matrix's are 8-bit blocks.
     moments = [q[key] for q in quantized for key in ("state1", "state2") if q[key].numel() >= 4096]
     assert moments and all(m.dtype == torch.uint8 for m in moments)
+
+    # From step 2 again: the 8-bit state comes back as it was, so steps 3 and 4 repeat to the bit.
+    shutil.rmtree(checkpoints / "step-4")
+    train(cfg, resume="latest", progress=False)
+    assert step_losses(result.output_dir) == losses
 
 
 def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(tiny_model_dir, monkeypatch):
