@@ -2,6 +2,7 @@
 the data, metrics equal those of one process, and a rank that fails or sticks ends the whole run
 with an error that names the rank and the phase."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -36,8 +38,13 @@ def run_cli(cfg: dict, tmp_path: Path, nproc: int, env: dict = ENV, timeout: flo
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # torchrun gives each training process a session of its own: kill them by ancestry as well.
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        proc.communicate(timeout=30)
         raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 

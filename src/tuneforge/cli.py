@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -381,6 +382,17 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _leave(code: int) -> NoReturn:
+    """Exit with `code`. A process of a multi-process run leaves at once, without finalizing the
+    interpreter: that can block on the communication threads of a process group whose other processes
+    are gone or stuck, and torchrun stops the others only once one has exited."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own bar for each weight load: seconds long, and noise between our progress lines.
@@ -390,7 +402,7 @@ def main() -> None:
         sys.exit(app(args=_normalise_argv(sys.argv[1:]), prog_name="tuneforge", standalone_mode=False) or 0)
     except TuneforgeError as e:
         err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        _leave(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
