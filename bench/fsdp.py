@@ -48,7 +48,12 @@ def train_config(setup: Setup, data: Path, processes: int, distributed: str, out
     return {
         "base_model": setup.model,
         "method": "full",
-        "data": {"train": str(data), "validation": None, "max_length": setup.max_length},
+        "data": {
+            "train": str(data),
+            "validation": None,
+            "max_length": setup.max_length,
+            "truncation": "drop",
+        },
         "train": {
             "max_steps": setup.steps,
             "batch_size": setup.batch_size,

@@ -295,8 +295,10 @@ def main() -> None:
         if probe:
             r["mfu"] = r["achieved_gflops"] / probe["fp32_peak_gflops"]
         results[c.name] = r
-    if BASELINE in results:
-        base = results[BASELINE]
+    # The HF Trainer in fp32, or in bf16 where that is the one run.
+    baseline = next((name for name in (BASELINE, "hf_trainer_bf16") if name in results), None)
+    if baseline is not None:
+        base = results[baseline]
         for r in results.values():
             r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["rss_vs_hf"] = r["peak_rss_mib"] / base["peak_rss_mib"]
