@@ -44,7 +44,7 @@ from itertools import accumulate, chain
 from jinja2.exceptions import TemplateError
 
 from ..errors import DataError
-from ..models.loading import CHATML_TEMPLATE
+from ..models.loading import CHATML_TEMPLATE, chat_template
 from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
@@ -120,9 +120,7 @@ class ChatRenderer:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        template = tokenizer.chat_template
-        if isinstance(template, dict):  # some tokenizers ship several named templates
-            template = template.get("default")
+        template = chat_template(tokenizer)
         self.uses_fallback_template = template is None
         if template is None:
             end_of_turn = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token

@@ -48,7 +48,7 @@ def load_tokenizer(spec: str | ModelSource):
         tokenizer.chat_template = CHATML_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    warn_if_untested(source.name, _model_type(source.path), _chat_template(tokenizer))
+    warn_if_untested(source.name, _model_type(source.path), chat_template(tokenizer))
     return tokenizer
 
 
@@ -123,7 +123,7 @@ def model_info(spec: str | ModelSource) -> dict:
             f"Could not read the model config in {source.path}: {err}", code="model_load_failed"
         ) from err
     tokenizer = _raw_tokenizer(source)
-    template = _chat_template(tokenizer)
+    template = chat_template(tokenizer)
     try:
         stop_ids = GenerationConfig.from_pretrained(source.path).eos_token_id
     except OSError:
@@ -175,7 +175,8 @@ def _count_parameters(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _chat_template(tokenizer) -> str | None:
+def chat_template(tokenizer) -> str | None:
+    """The tokenizer's chat template, or None (of several named templates, the default one)."""
     template = tokenizer.chat_template
     if isinstance(template, dict):  # some tokenizers ship several named templates
         template = template.get("default")
