@@ -1,4 +1,4 @@
-"""The terminal chat, driven by scripted input: streamed replies, history, /system, /reset, /exit."""
+"""The terminal chat, driven by scripted input: streamed replies, history, /system, /show, /reset, /exit."""
 
 import io
 
@@ -72,20 +72,20 @@ def test_replies_stream_and_follow_the_history(tiny):
     assert second != reply_to(tiny, [{"role": "user", "content": "What is two plus two?"}])  # history mattered
 
 
-def test_system_sets_the_system_message_and_reset_clears_the_history(tiny):
-    conversation, output = run(tiny, "Hi\n/system Answer in JSON.\nHello\n/reset\nHello\n")
+def test_system_starts_a_new_conversation_and_reset_keeps_the_system_message(tiny):
+    conversation, output = run(tiny, "Hi\n/system Answer in JSON.\nHello\n/show\n/reset\nHello\n")
     system = {"role": "system", "content": "Answer in JSON."}
     hello = {"role": "user", "content": "Hello"}
-    assert conversation == [system, hello, {"role": "assistant", "content": reply_to(tiny, [system, hello])}]
-    # Before /reset, the system message came first and the earlier exchange stayed.
-    hi_reply = reply_to(tiny, [{"role": "user", "content": "Hi"}])
-    before_reset = reply_to(
-        tiny, [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": hi_reply}, hello]
-    )
-    assert f"{PROMPT}{before_reset}\n" in output.getvalue()
-    assert "(system message set: Answer in JSON.)" in output.getvalue()
+    reply = reply_to(tiny, [system, hello])
+    assert conversation == [system, hello, {"role": "assistant", "content": reply}]
+    # /system dropped the exchange before it: the first Hello was answered under the new prompt alone.
+    assert output.getvalue().count(f"{PROMPT}{reply}\n") == 2
+    assert "(new conversation; system message: Answer in JSON.)" in output.getvalue()
+    assert "(system message: Answer in JSON.)" in output.getvalue()  # /show
     assert "(conversation cleared)" in output.getvalue()
-    assert run(tiny, "/system Be brief.\n/system\nHi\n")[0][0] == {"role": "user", "content": "Hi"}
+    conversation, output = run(tiny, "/system Be brief.\n/system\nHi\n")
+    assert conversation[0] == {"role": "user", "content": "Hi"}
+    assert "(new conversation; no system message (the chat template may add its own))" in output.getvalue()
 
 
 def test_commands_and_limits_are_explained(tiny):

@@ -22,9 +22,10 @@ from tuneforge.data.check import TRAINED_STYLE, _rendered_rows, check_command, h
 from tuneforge.errors import DataError
 from tuneforge.export import export
 from tuneforge.export.probe import DTYPE_BOUNDS, MERGE_BOUND
-from tuneforge.generate import generate
+from tuneforge.generate import encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.families import family_of
+from tuneforge.models.system_prompt import recorded_system_prompt
 from tuneforge.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,7 +165,23 @@ def test_gguf_export_is_within_its_bounds_with_the_family_template(name, runs, t
     assert "tokenizer.ggml.add_bos_token" in fields or not adds_bos
     if "tokenizer.ggml.add_bos_token" in fields:
         assert fields["tokenizer.ggml.add_bos_token"].contents() == adds_bos
-    assert f'PARAMETER stop "{run["family"].end_of_turn}"' in (result.out / "Modelfile").read_text()
+    modelfile = (result.out / "Modelfile").read_text()
+    assert f'PARAMETER stop "{run["family"].end_of_turn}"' in modelfile
+    # Ollama's default system prompt is the one the run recorded, whatever the family's format.
+    assert ('SYSTEM """Be brief."""' in modelfile) == run["family"].system_prompt
+
+
+@by_family()
+def test_the_run_records_its_system_prompt_and_bare_conversations_render_with_it(name, runs):
+    run = runs(name)
+    tokenizer = load_tokenizer(str(run["run"]))
+    if not run["family"].system_prompt:  # its rows bring none, so there is nothing to record
+        assert recorded_system_prompt(tokenizer) is None
+        return
+    assert recorded_system_prompt(tokenizer) == "Be brief."
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    [bare, given] = encode_prompts(tokenizer, [question, [{"role": "system", "content": "Be brief."}, *question]])
+    assert bare == given
 
 
 @by_family()

@@ -25,6 +25,7 @@ from tuneforge.generate import Batch, Sampling, encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.serve import AdapterPool, Engine, EngineError, create_app
 from tuneforge.serve.command import parse_adapters
+from tuneforge.tasks.support_triage import SYSTEM_PROMPT
 from tuneforge.training import train
 
 KEY = "test-key"
@@ -198,6 +199,19 @@ def test_an_adapter_picked_by_name_answers_as_that_adapter(client, base, adapter
     # The base is still the base with adapters loaded.
     again = client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=10, temperature=0)
     assert again.choices[0].message.content == base_answer.choices[0].message.content == alone(*base, QUESTION, 10).text
+
+
+def test_a_run_answers_a_bare_request_as_with_the_system_prompt_it_was_trained_with(client):
+    def ask(model, messages):
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+
+    system = {"role": "system", "content": SYSTEM_PROMPT}  # every row of the triage run's data has it
+    bare, given = ask("triage", QUESTION), ask("triage", [system, *QUESTION])
+    assert bare.choices[0].message.content == given.choices[0].message.content
+    assert bare.usage.prompt_tokens == given.usage.prompt_tokens
+    own = ask("triage", [{"role": "system", "content": "Be brief."}, *QUESTION])  # a request's own wins
+    assert own.usage.prompt_tokens < given.usage.prompt_tokens
+    assert ask(BASE, QUESTION).usage.prompt_tokens < ask(BASE, [system, *QUESTION]).usage.prompt_tokens
 
 
 def test_the_least_recently_used_adapter_is_evicted(server, client):

@@ -6,7 +6,8 @@
 The conversation goes through the model's own chat template. Decoding is greedy by default (the
 same answer every time, which is what one wants when looking at a fine-tune) and stops at the
 end of the model's turn or at `max_new_tokens`. When the conversation outgrows the context
-window, the oldest exchanges are dropped.
+window, the oldest exchanges are dropped. With no system message of the user's, the template's own
+applies: for a fine-tuned model, the system prompt its training data shared (`models.system_prompt`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from typing import TextIO
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, inference_device, stream
 from .models import context_length, load_model, load_tokenizer, resolve
+from .models.system_prompt import recorded_system_prompt
 
 PROMPT = ">>> "
 HELP = """commands:
   /reset          forget the conversation (the system message stays)
-  /system TEXT    set the system message for the turns to come (/system alone removes it)
+  /system TEXT    start a new conversation with this system message
+  /system         start a new conversation with the model's own (its fine-tuning's, if recorded)
+  /show           print the system message in force
   /exit           leave (so do Ctrl-D and end of input); Ctrl-C stops a reply
   /help           this list"""
 
@@ -63,7 +67,10 @@ def chat_session(
                 note("conversation cleared")
             elif command == "/system":
                 system = argument.strip() or None
-                note(f"system message set: {system}" if system else "system message removed")
+                history.clear()  # earlier replies were written under the old prompt and would steer the new ones
+                note(f"new conversation; {_system_in_force(tokenizer, system)}")
+            elif command == "/show":
+                note(_system_in_force(tokenizer, system))
             elif command == "/help":
                 output.write(HELP + "\n")
             else:
@@ -105,10 +112,18 @@ def chat_command(spec: str, *, system: str | None, max_new_tokens: int, temperat
         f"chatting with {source.name}"
         + (f" (adapter {source.adapter})" if source.adapter else "")
         + f"; {'greedy' if temperature == 0 else f'temperature {temperature}'}, "
-        f"up to {max_new_tokens} tokens a reply. /help for commands.\n"
+        f"up to {max_new_tokens} tokens a reply; {_system_in_force(tokenizer, system)}. /help for commands.\n"
     )
     chat_session(model, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     return 0
+
+
+def _system_in_force(tokenizer, system: str | None) -> str:
+    if system:
+        return f"system message: {system}"
+    if (recorded := recorded_system_prompt(tokenizer)) is not None:
+        return f"system message (the one the model was fine-tuned with): {recorded}"
+    return "no system message (the chat template may add its own)"
 
 
 def _with_system(system: str | None, history: list[dict]) -> list[dict]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import data as tfdata
 from .config import load_config
-from .data.check import highlight
+from .data.check import describe_system_prompt, highlight
 from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs
 from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_dtype, prepare_model
@@ -205,6 +205,7 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
             "rows",
             f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}{shared})",
         ),
+        ("system prompt", describe_system_prompt(report["system_prompt"])),
         ("tokens per epoch", f"{tokens_per_epoch:,} ({trained:,} trained)"),
         ("epochs", f"{plan.epochs}{epochs}"),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),

@@ -99,6 +99,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
             f"{tokens['over_max_length']} rows over {tokens['max_length']} "
             f"({counts['truncated']} truncated, {counts['dropped_too_long']} dropped)",
         ),
+        ("system prompt", describe_system_prompt(report["system_prompt"])),
         ("duplicates", f"{counts['duplicates_exact']} exact removed"),
         (
             "validation leak",
@@ -128,6 +129,21 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         console.print(f"[red]error[/red] {escape(str(Problem(**error)))}")
     if report["errors_total"] > _LISTED_ERRORS:
         console.print(f"... and {report['errors_total'] - _LISTED_ERRORS} more (use --json for all of them)")
+
+
+def describe_system_prompt(system_prompt: dict) -> str:
+    """What the report's `system_prompt` means for the model a run trains: one line."""
+    shared, distinct, without = system_prompt["shared"], system_prompt["distinct"], system_prompt["rows_without"]
+    if shared is not None:
+        shown = shared if len(shared) <= 80 else shared[:77] + "..."
+        return f"every row has {shown!r}: saved with the model, for requests that bring none"
+    if not distinct:
+        return "no row has one (the chat template's own default, if it has one, applies)"
+    mixed = f"{distinct} different ones" if distinct > 1 else "one in some rows"
+    return (
+        mixed + (f", {without} rows without one" if without else "") + ": none is saved with the model, so "
+        "requests must bring their own"
+    )
 
 
 def show_examples(

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config import DataConfig
 from ..errors import DataError
 from ..fsio import write_json
+from ..models.system_prompt import recorded_system_prompt
 from ..tasks.general import BUNDLED_REPLAY, bundled_file
 from . import cache
 from .dedup import DuplicateIndex, content_hash
@@ -183,6 +184,9 @@ class _Preparation:
         self.duplicates: list[dict] = []
         self.leaks: list[dict] = []
         self.lengths: list[int] = []  # tokens per example before fitting to max_length
+        # Rows by the system prompt they are rendered with (a template's recorded one for rows without).
+        self.system_prompts: Counter = Counter()
+        self.recorded_system_prompt = recorded_system_prompt(tokenizer)
         near = cfg.near_dedup_threshold if cfg.dedup == "near" else None
         self.validation_keys = DuplicateIndex(near)  # for the leak check, even without dedup
         self.train_index = DuplicateIndex(near) if cfg.dedup != "none" else None
@@ -297,13 +301,18 @@ class _Preparation:
                     self.problems.append(problem)
                 self.counts["rejected_records"] += any(p.is_error for p in result)
                 continue
-            if isinstance(record, Conversation):
-                self.counts["conversations"] += 1
-                self.counts["without_system"] += record.messages[0].role != "system"
+            if isinstance(record, Conversation | Preference):
+                self._count_system_prompt(record.messages if isinstance(record, Conversation) else record.prompt)
             item = self._fit(result, str(path), line)
             if item is not None:
                 kept.append(_Row(str(path), line, key, item))
         return kept
+
+    def _count_system_prompt(self, messages: list) -> None:
+        self.counts["conversations"] += 1
+        given = messages[0].content if messages[0].role == "system" else None
+        self.counts["without_system"] += given is None
+        self.system_prompts[given if given is not None else self.recorded_system_prompt] += 1
 
     def _fit(self, item: Item, path: str, line: int) -> Item | None:
         """Truncate (or drop) examples over max_length, never silently."""
@@ -436,11 +445,23 @@ class _Preparation:
                 if self.renderer.end_of_turn_id is not None
                 else None,
             },
+            "system_prompt": self._system_prompt_report(),
             "warnings": self._warnings(counts),
             "errors": [p.to_dict() for p in errors[:MAX_LISTED]],
             "errors_total": len(errors),
             "duplicates": self.duplicates[:MAX_LISTED],
             "leaks": self.leaks[:MAX_LISTED],
+        }
+
+    def _system_prompt_report(self) -> dict:
+        """The one system prompt every row is rendered with (`shared`), which the run records with the
+        model; None when rows differ or have none."""
+        distinct = [p for p in self.system_prompts if p is not None]
+        return {
+            "shared": distinct[0] if len(distinct) == 1 and not self.system_prompts[None] else None,
+            "distinct": len(distinct),
+            "rows_without": self.counts["without_system"],
+            "from_base_template": self.recorded_system_prompt,
         }
 
     def _warnings(self, counts: dict) -> list[dict]:

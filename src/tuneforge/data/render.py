@@ -120,7 +120,7 @@ class ChatRenderer:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        template = chat_template(tokenizer)
+        template = self.source_template = chat_template(tokenizer)
         self.uses_fallback_template = template is None
         if template is None:
             end_of_turn = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
@@ -663,7 +663,7 @@ _renderers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def renderer_for(tokenizer) -> ChatRenderer:
     """One renderer per tokenizer, reused (it has checked the template and tokenizer once)."""
     renderer = _renderers.get(tokenizer)
-    if renderer is None:
+    if renderer is None or renderer.source_template != chat_template(tokenizer):  # a new template: check it anew
         renderer = _renderers[tokenizer] = ChatRenderer(tokenizer)
     return renderer
 

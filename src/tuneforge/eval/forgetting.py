@@ -34,6 +34,7 @@ from ..fsio import write_json
 from ..generate import BATCH_SIZE, encode_prompts, generate
 from ..methods.sft import trained_logits
 from ..models import causal_lm, load_model, load_tokenizer, resolve
+from ..models.system_prompt import without_recorded_system_prompt
 from ..progress import progress_bar
 from ..tasks.general import general_prompts, general_questions, general_text
 from ..tasks.metrics import holds_answer
@@ -152,48 +153,52 @@ def mean_kl(
 def forgetting_loaded(
     pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
 ) -> dict:
-    """`measure_forgetting` on models already in memory."""
-    texts = [render_conversation(Document(t), tokenizer) for t in general_text()]
-    losses = {}
-    for side in ("base", "tuned"):
-        with getattr(pair, side)() as model, progress_bar(f"general text: {side}", len(texts), progress) as advance:
-            losses[side] = token_loss(model, texts, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
+    """`measure_forgetting` on models already in memory. General ability is asked for as of the base:
+    without the system prompt a fine-tune recorded for its task (`models.system_prompt`)."""
+    with without_recorded_system_prompt(tokenizer):
+        texts = [render_conversation(Document(t), tokenizer) for t in general_text()]
+        losses = {}
+        for side in ("base", "tuned"):
+            with getattr(pair, side)() as model, progress_bar(f"general text: {side}", len(texts), progress) as advance:
+                losses[side] = token_loss(model, texts, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
 
-    questions = kept_questions()
-    answers, right, accuracy = {}, {}, {}
-    for side in ("base", "tuned"):
-        with getattr(pair, side)() as model:
-            answers[side] = [
-                a
-                for (a,) in answer_questions(model, tokenizer, questions, progress=progress, label=f"questions: {side}")
-            ]
-        right[side] = [holds_answer(a, q["answers"]) for a, q in zip(answers[side], questions)]
-        accuracy[side] = sum(right[side]) / len(questions)
-    lost = [
-        {"question": q["question"], "answers": q["answers"], "base": b, "tuned": t}
-        for q, b, t, base_right, tuned_right in zip(
-            questions, answers["base"], answers["tuned"], right["base"], right["tuned"]
-        )
-        if base_right and not tuned_right
-    ]
-    base_loss, tuned_loss = losses["base"]["loss"], losses["tuned"]["loss"]
-    return {
-        "general_text": {
-            "base_loss": base_loss,
-            "tuned_loss": tuned_loss,
-            "change": tuned_loss / base_loss - 1,
-            "tokens": losses["base"]["tokens"],
-            "texts": len(texts),
-        },
-        "kl": mean_kl(pair, tokenizer, general_prompts(), batch_size=batch_size, progress=progress),
-        "general_questions": {
-            "n": len(questions),
-            "base_accuracy": accuracy["base"],
-            "tuned_accuracy": accuracy["tuned"],
-            "retained": accuracy["tuned"] / accuracy["base"] if accuracy["base"] else float("nan"),
-            "lost": lost,
-        },
-    }
+        questions = kept_questions()
+        answers, right, accuracy = {}, {}, {}
+        for side in ("base", "tuned"):
+            with getattr(pair, side)() as model:
+                answers[side] = [
+                    a
+                    for (a,) in answer_questions(
+                        model, tokenizer, questions, progress=progress, label=f"questions: {side}"
+                    )
+                ]
+            right[side] = [holds_answer(a, q["answers"]) for a, q in zip(answers[side], questions)]
+            accuracy[side] = sum(right[side]) / len(questions)
+        lost = [
+            {"question": q["question"], "answers": q["answers"], "base": b, "tuned": t}
+            for q, b, t, base_right, tuned_right in zip(
+                questions, answers["base"], answers["tuned"], right["base"], right["tuned"]
+            )
+            if base_right and not tuned_right
+        ]
+        base_loss, tuned_loss = losses["base"]["loss"], losses["tuned"]["loss"]
+        return {
+            "general_text": {
+                "base_loss": base_loss,
+                "tuned_loss": tuned_loss,
+                "change": tuned_loss / base_loss - 1,
+                "tokens": losses["base"]["tokens"],
+                "texts": len(texts),
+            },
+            "kl": mean_kl(pair, tokenizer, general_prompts(), batch_size=batch_size, progress=progress),
+            "general_questions": {
+                "n": len(questions),
+                "base_accuracy": accuracy["base"],
+                "tuned_accuracy": accuracy["tuned"],
+                "retained": accuracy["tuned"] / accuracy["base"] if accuracy["base"] else float("nan"),
+                "lost": lost,
+            },
+        }
 
 
 def measure_forgetting(

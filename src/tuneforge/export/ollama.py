@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from jinja2.exceptions import TemplateError
 
 from ..errors import TuneforgeError
+from ..models.system_prompt import recorded_system_prompt, without_recorded_system_prompt
 from .probe import PROBE_CONVERSATIONS
 
 
@@ -106,12 +107,15 @@ FORMATS = (
 
 def modelfile(tokenizer, gguf_name: str) -> str:
     """The Modelfile for `gguf_name`, in the first format that renders the probes as the model's own
-    template does; refused when none does."""
-    for turn_format in FORMATS:
-        system = _system_text(tokenizer, turn_format)
-        if _renders_alike(tokenizer, turn_format, system):
-            return _write(turn_format, system, gguf_name)
-    rendered = _render_jinja(tokenizer, list(PROBE_CONVERSATIONS[-1]))
+    template does; refused when none does. The system prompt a fine-tune recorded is its SYSTEM line
+    (Ollama's default for a request without one), so the format is matched on the template without it."""
+    recorded = recorded_system_prompt(tokenizer)
+    with without_recorded_system_prompt(tokenizer):
+        for turn_format in FORMATS:
+            system = _system_text(tokenizer, turn_format)
+            if _renders_alike(tokenizer, turn_format, system):
+                return _write(turn_format, system, recorded, gguf_name)
+        rendered = _render_jinja(tokenizer, list(PROBE_CONVERSATIONS[-1]))
     raise TuneforgeError(
         f"--ollama writes the chat formats {', '.join(f.name for f in FORMATS)}, and this model's template "
         f"renders none of them:\n  template: {rendered!r}\n"
@@ -120,11 +124,12 @@ def modelfile(tokenizer, gguf_name: str) -> str:
     )
 
 
-def _write(turn_format: TurnFormat, system: str | None, gguf_name: str) -> str:
+def _write(turn_format: TurnFormat, system: str | None, recorded: str | None, gguf_name: str) -> str:
     always = turn_format.system == "always"
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{turn_format.go_template(system if always else "")}"""']
-    if system and not always:
-        lines.append(f'SYSTEM """{system}"""')
+    default = recorded if recorded is not None else None if always else system
+    if default:
+        lines.append(f'SYSTEM """{default}"""')
     lines.append(f'PARAMETER stop "{turn_format.turns["assistant"][1].strip()}"')
     return "\n".join(lines) + "\n"
 

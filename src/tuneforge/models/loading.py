@@ -115,6 +115,8 @@ def model_info(spec: str | ModelSource) -> dict:
     """What the model is, read from its config and tokenizer; weights are never loaded."""
     from transformers import AutoConfig, GenerationConfig
 
+    from .system_prompt import recorded_system_prompt  # it reads templates with this module's `chat_template`
+
     source = _as_source(spec)
     try:
         config = AutoConfig.from_pretrained(source.path)
@@ -145,6 +147,7 @@ def model_info(spec: str | ModelSource) -> dict:
         "dtype": str(config.dtype).removeprefix("torch.") if getattr(config, "dtype", None) else None,
         **_family_info(config.model_type, template or CHATML_TEMPLATE, tokenizer),
         "chat_template_source": _template_source(source, record),
+        "system_prompt": recorded_system_prompt(tokenizer),
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,

@@ -45,6 +45,7 @@ from ..methods import (
 from ..models import ModelSource, causal_lm, load_tokenizer, resolve, resolve_precision
 from ..models.attention import per_example_attention, supports_per_example_attention
 from ..models.saving import save_model
+from ..models.system_prompt import record_system_prompt, recorded_system_prompt
 from . import batches, checkpoint, distributed
 from .progress import TrainProgress, print_summary
 
@@ -352,7 +353,10 @@ def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, f
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
-    train_items, valid_items = batch_items(prepare_data(cfg, tokenizer, world, Path(cfg.output_dir), log), cfg)
+    prepared = prepare_data(cfg, tokenizer, world, Path(cfg.output_dir), log)
+    # The model is saved with the system prompt its data shares, so it answers bare requests as trained.
+    record_system_prompt(tokenizer, prepared.report["system_prompt"]["shared"])
+    train_items, valid_items = batch_items(prepared, cfg)
 
     # FSDP moves each process's shards to the device itself, never the whole model.
     model = load_for_training(
@@ -533,6 +537,7 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
                     "precision": run.precision,
                     "epochs": run.plan.epochs,
                     "metrics": metrics,
+                    "system_prompt": recorded_system_prompt(run.tokenizer),
                 },
             )
         distributed.barrier(run.world, "writing the final model (rank 0 writes it while the others wait)")
