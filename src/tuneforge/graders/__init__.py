@@ -1,0 +1,80 @@
+"""Graders: the rewards of reinforcement fine-tuning, in the format of OpenAI's graders.
+
+    from tuneforge.graders import build_grader, sample_of
+    grader = build_grader({"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
+                           "reference": "{{ item.answer }}", "operation": "eq"})
+    grader.check(items)                                    # before training: GraderError if it cannot work
+    results = grader.grade([sample_of(text) for text in completions], items)
+    [r.score for r in results], results[0].parts          # floats; {"exact": 1.0}
+
+Types: string_check and text_similarity (`text.py`), python (`python.py`, a separate process per
+batch), multi (`multi.py`, a formula over sub-graders) and json_fields (ours, `text.py`: the share
+of a JSON output's fields that match a reference object). OpenAI's score_model and label_model
+need a judge model and are refused. `build_grader` checks the whole spec (keys, templates, the
+python source, the formula) and raises `GraderError` naming the grader and the field.
+"""
+
+from __future__ import annotations
+
+from .base import Grader, GraderError, GradeResult, sample_of
+from .multi import FUNCTIONS, MultiGrader
+from .python import PythonGrader, PythonLimits
+from .text import JsonFieldsGrader, StringCheckGrader, TextSimilarityGrader
+
+__all__ = ["GradeResult", "Grader", "GraderError", "PythonLimits", "build_grader", "sample_of"]
+
+GRADERS: dict[str, type[Grader]] = {
+    grader.type: grader
+    for grader in (StringCheckGrader, TextSimilarityGrader, PythonGrader, MultiGrader, JsonFieldsGrader)
+}
+MODEL_GRADERS = ("score_model", "label_model")
+
+
+def build_grader(spec: dict, *, limits: PythonLimits | None = None) -> Grader:
+    """The grader a spec describes, fully checked. `limits` applies to every python grader in it."""
+    if not isinstance(spec, dict):
+        raise GraderError(f"a grader must be a JSON object with a `type`, got {spec!r:.100}")
+    return _build(spec, (str(spec.get("name", spec.get("type"))),), limits or PythonLimits())
+
+
+def _build(spec: dict, path: tuple[str, ...], limits: PythonLimits) -> Grader:
+    """`path` names the grader in errors: its name, or for a sub-grader the multi graders' names and its key."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    label = " > ".join(f'"{step}"' for step in path) + f" ({kind})"
+    if not isinstance(spec, dict):
+        raise GraderError(f"grader {label}: a grader must be a JSON object with a `type`, got {spec!r:.100}")
+    if kind in MODEL_GRADERS:
+        raise GraderError(
+            f"grader {label}: {kind} graders need a judge model, which tuneforge does not run; score with a python "
+            "grader, or combine graders with multi"
+        )
+    if kind not in GRADERS:
+        raise GraderError(f"grader {label}: `type` must be one of {', '.join(GRADERS)}; got {kind!r:.100}")
+    name = spec.get("name", kind)
+    if not isinstance(name, str) or not name:
+        raise GraderError(f"grader {label}: `name` must be a non-empty string, got {name!r:.100}")
+    grader_class = GRADERS[kind]
+    unknown = sorted(set(spec) - {"type", "name", *grader_class.keys})
+    if unknown:
+        raise GraderError(
+            f"grader {label}: unknown field(s) {', '.join(unknown)}; a {kind} grader takes "
+            f"{', '.join(grader_class.keys)}"
+        )
+    if grader_class is PythonGrader:
+        return PythonGrader(spec, name, label, limits)
+    if grader_class is MultiGrader:
+        return MultiGrader(spec, name, label, _sub_graders(spec, path, label, limits))
+    return grader_class(spec, name, label)
+
+
+def _sub_graders(spec: dict, path: tuple[str, ...], label: str, limits: PythonLimits) -> dict[str, Grader]:
+    graders = spec.get("graders")
+    if not isinstance(graders, dict) or not graders:
+        raise GraderError(f'grader {label}: `graders` must be an object of named graders, as {{"a": {{...}}}}')
+    for key in graders:
+        if not key.isidentifier() or key in FUNCTIONS:
+            raise GraderError(
+                f"grader {label}: {key!r} cannot name a grader in calculate_output; use letters, digits and "
+                f"underscores, and none of {', '.join(FUNCTIONS)}"
+            )
+    return {key: _build(sub, (*path, key), limits) for key, sub in graders.items()}

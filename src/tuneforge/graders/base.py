@@ -1,0 +1,146 @@
+"""What every grader shares: the sample dict, results, errors and the `Grader` base class.
+
+    sample = sample_of('{"label": "billing"}')   # output_text, output_json (a dict here), output_tools
+    [result] = grader.grade([sample], [{"answer": "billing"}])
+    result.score, result.parts                   # 1.0, {"exact": 1.0}
+
+A grader scores a batch of samples, `samples[i]` against `items[i]` (its data row). Every failure
+is a `GraderError` that names the grader, says what went wrong and shows the sample at fault, so
+a bad grader stops a run with a message rather than a traceback or a silent 0.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import TuneforgeError
+from ..tasks.metrics import parse_json_object
+
+SHOWN_SAMPLE_CHARS = 200
+_FENCE = re.compile(r"\A```(?:json)?\s*\n(.*?)\n?```\Z", re.DOTALL | re.IGNORECASE)
+
+
+class GraderError(TuneforgeError):
+    """A grader spec that cannot work ("invalid_grader"), or a grade that failed ("grader_failed")."""
+
+    def __init__(self, message: str, *, code: str = "invalid_grader"):
+        super().__init__(message, code=code)
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    score: float
+    parts: dict[str, float]  # each sub-grader's score for multi; {name: score} for the others
+
+
+def parse_output_json(text: str) -> dict | None:
+    """The JSON object a completion is (surrounding whitespace and a ```json fence allowed), else None."""
+    text = text.strip()
+    fenced = _FENCE.match(text)
+    return parse_json_object(fenced.group(1) if fenced else text)
+
+
+def sample_of(text: str) -> dict:
+    """The sample dict graders read for one completion, as OpenAI's graders see it."""
+    return {"output_text": text, "output_json": parse_output_json(text), "output_tools": []}
+
+
+def shorten(text: str) -> str:
+    """The text as an error message shows it: quoted, at most SHOWN_SAMPLE_CHARS characters of it."""
+    if len(text) <= SHOWN_SAMPLE_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_SAMPLE_CHARS]!r}... ({len(text)} characters)"
+
+
+def grading_failed(label: str, what: str, samples: Sequence[dict], index: int) -> GraderError:
+    """The error for a grade that could not be given: which grader, what happened, on which sample."""
+    text = samples[index].get("output_text", "")
+    return GraderError(
+        f"grader {label}: {what}\non sample {index} of the batch (item {index}), output_text {shorten(text)}",
+        code="grader_failed",
+    )
+
+
+def checked_score(value: Any, label: str, samples: Sequence[dict], index: int) -> float:
+    """`value` as a float score; anything else (a string, None, NaN, an infinity) is a GraderError."""
+    if not isinstance(value, numbers.Real):
+        raise grading_failed(label, f"gave {value!r:.100}, not a number", samples, index)
+    if not math.isfinite(value):
+        raise grading_failed(label, f"gave {value}, not a finite number", samples, index)
+    return float(value)
+
+
+def spec_text(spec: dict, key: str, label: str) -> str:
+    """A spec's required text field."""
+    value = spec.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise GraderError(f"grader {label}: `{key}` must be a non-empty string, got {value!r:.100}")
+    return value
+
+
+def spec_choice(spec: dict, key: str, choices: Sequence[str], label: str) -> str:
+    """A spec's required field that takes one of a few values."""
+    value = spec.get(key)
+    if value not in choices:
+        raise GraderError(f"grader {label}: `{key}` must be one of {', '.join(choices)}; got {value!r:.100}")
+    return value
+
+
+class Grader:
+    """Scores samples against their items. Subclasses give `_score` (one sample) or `_grade` (a batch).
+
+    `label` is how errors name the grader: its name and type, and for a sub-grader of a multi
+    grader the path to it, `"total" > "format" (python)`.
+    """
+
+    type: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]]  # the spec's fields besides type and name
+
+    def __init__(self, name: str, label: str):
+        self.name = name
+        self.label = label
+
+    def grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[GradeResult]:
+        """One result per sample, in order; `samples[i]` is graded against `items[i]`."""
+        if len(samples) != len(items):
+            raise ValueError(f"{len(samples)} samples but {len(items)} items; give one item per sample")
+        return self._results(samples, items)
+
+    def check(self, items: Sequence[dict]) -> None:
+        """Grade each item with plausible samples before training: an empty output, and the reference
+        itself where the grader has one. A template error, an exception, a timeout or a result that
+        is not a number is a GraderError here rather than a failed run later.
+        """
+        what = "an empty output"
+        try:
+            empty = [sample_of("") for _ in items]
+            self._grade(empty, items)
+            what = "the reference as the output"
+            references = self.reference_texts(empty, items)
+            if references is not None:
+                self._grade([sample_of(text) for text in references], items)
+        except GraderError as error:
+            raise GraderError(
+                f"{error.message}\nThe grader was checked on the items with {what}; fix it (or the items) before "
+                "training.",
+                code="invalid_grader",
+            ) from None
+
+    def reference_texts(self, samples: Sequence[dict], items: Sequence[dict]) -> list[str] | None:
+        """The text this grader compares each sample's output with, for `check`; None when it has no reference."""
+        return None
+
+    def _results(self, samples: Sequence[dict], items: Sequence[dict]) -> list[GradeResult]:
+        return [GradeResult(score, {self.name: score}) for score in self._grade(samples, items)]
+
+    def _grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[float]:
+        scores = (self._score(samples, items, index) for index in range(len(samples)))
+        return [checked_score(score, self.label, samples, index) for index, score in enumerate(scores)]
+
+    def _score(self, samples: Sequence[dict], items: Sequence[dict], index: int) -> float:
+        raise NotImplementedError

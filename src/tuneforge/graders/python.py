@@ -1,0 +1,143 @@
+"""The python grader: the user's `grade(sample, item) -> float`, run in a separate process.
+
+    grader = build_grader({"type": "python", "name": "close", "source": '''
+    def grade(sample, item) -> float:
+        return 1.0 if sample["output_text"].strip() == item["answer"] else 0.0
+    '''}, limits=PythonLimits(timeout_s=10, memory_bytes=1 << 30))
+    grader.grade(samples, items)      # one process start for the whole batch
+
+`sample` and `item` are plain dicts, as in OpenAI's python graders. The source is compiled here
+when the grader is built, so a syntax error or a missing `grade` is refused before any training.
+Each `grade` call runs `python -I python_child.py` once for its whole batch, in a fresh temporary
+folder with a bare environment, within `PythonLimits`: a time limit for the batch, and a cap on the
+child's address space. The child also refuses new sockets. These limits are best effort, not a sandbox: they stop
+mistakes (an endless loop, a runaway allocation, a stray HTTP call), not code written to escape.
+Run only graders you trust as you trust your own code.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import Grader, GraderError, checked_score, grading_failed, spec_text
+
+CHILD = Path(__file__).with_name("python_child.py")
+GRADER_FILE = "<grader>"  # the file name tracebacks show for the user's source (python_child.GRADER_FILE)
+STDERR_LINES = 8
+
+
+@dataclass(frozen=True)
+class PythonLimits:
+    """What one `grade` call of a python grader may use: seconds for its batch, bytes of address space."""
+
+    timeout_s: float = 10.0
+    memory_bytes: int = 1 << 30
+
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.memory_bytes < 64 << 20:
+            raise ValueError(f"memory_bytes must be at least 64 MiB (the interpreter's own), got {self.memory_bytes}")
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):g} MiB"
+
+
+def _kill(child: subprocess.Popen) -> tuple[str, str]:
+    """Stop the child and every process it started; what it wrote before that."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    return child.communicate()
+
+
+class PythonGrader(Grader):
+    type = "python"
+    # image_tag is OpenAI's choice of container image; graders here run on this interpreter, so it is read and unused.
+    keys = ("source", "image_tag")
+
+    def __init__(self, spec: dict, name: str, label: str, limits: PythonLimits):
+        super().__init__(name, label)
+        self.source = spec_text(spec, "source", label)
+        self.limits = limits
+        try:
+            tree = ast.parse(self.source, GRADER_FILE)
+            compile(tree, GRADER_FILE, "exec")
+        except (SyntaxError, ValueError) as error:
+            where = f" at line {error.lineno}: {error.text.strip()!r}" if getattr(error, "text", None) else ""
+            raise GraderError(
+                f"grader {label}: the source does not compile: {getattr(error, 'msg', error)}{where}"
+            ) from None
+        if not any(isinstance(node, ast.FunctionDef) and node.name == "grade" for node in tree.body):
+            raise GraderError(f"grader {label}: the source defines no top-level function grade(sample, item)")
+
+    def _grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[float]:
+        if not samples:
+            return []
+        request = json.dumps(
+            {"source": self.source, "samples": samples, "items": items, "memory_bytes": self.limits.memory_bytes}
+        )
+        with tempfile.TemporaryDirectory(prefix="tuneforge-grader-") as folder:
+            # A session of its own, so a timeout kills whatever processes the user's code started too.
+            child = subprocess.Popen(
+                [sys.executable, "-I", str(CHILD)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=folder,
+                # Only what the interpreter needs: the server's own variables (keys, database URLs) stay out.
+                env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "HOME": folder, "TMPDIR": folder},
+                encoding="utf-8",
+                errors="replace",
+                start_new_session=True,
+            )
+            try:
+                out, err = child.communicate(request, timeout=self.limits.timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                out, err = _kill(child)
+            except BaseException:
+                _kill(child)
+                raise
+        return self._read_replies(out, err, timed_out, child.returncode, samples)
+
+    def _read_replies(
+        self, out: str, err: str, timed_out: bool, returncode: int, samples: Sequence[dict]
+    ) -> list[float]:
+        scores = []
+        for index, line in enumerate(out.splitlines()):
+            reply = json.loads(line)
+            if "score" in reply:
+                scores.append(checked_score(reply["score"], self.label, samples, index))
+            elif "returned" in reply:
+                raise grading_failed(self.label, f"grade() returned {reply['returned']}, not a number", samples, index)
+            else:
+                memory = f" (past the memory limit of {_size(self.limits.memory_bytes)})" if reply["memory"] else ""
+                raise grading_failed(self.label, f"{reply['error']}{memory}\n{reply['traceback']}", samples, index)
+        if len(scores) == len(samples):
+            return scores
+        index = len(scores)
+        if timed_out:
+            what = (
+                f"the batch of {len(samples)} samples took longer than the limit of {self.limits.timeout_s:g} s "
+                f"({index} graded); make grade() faster or raise the time limit"
+            )
+        else:
+            ended = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+            what = (
+                f"the grader's process ended ({ended}) before giving a score; a grade() that goes past the memory "
+                f"limit of {_size(self.limits.memory_bytes)} or exits can end it so"
+            )
+            what += "".join(f"\n{line}" for line in err.rstrip().splitlines()[-STDERR_LINES:])
+        raise grading_failed(self.label, what, samples, index)
