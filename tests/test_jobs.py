@@ -295,6 +295,64 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     assert caught.value.status_code == 413 and caught.value.param == "file"
 
 
+ANSWER_GRADER = {
+    "type": "string_check",
+    "name": "answer",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.reference }}",
+    "operation": "eq",
+}
+
+
+def test_a_reinforcement_job_trains_with_its_grader_and_reports_rewards(server, tiny_model_dir):
+    client = server.client()
+    train = upload(client, chat_rows(8))
+    hyperparameters = {"n_epochs": 1, "batch_size": 4, "compute_multiplier": 0.5}
+    method = {"type": "reinforcement", "reinforcement": {"grader": ANSWER_GRADER, "hyperparameters": hyperparameters}}
+    job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, seed=3, method=method)
+    assert job.method.type == "reinforcement"
+    job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
+    assert job.status == "succeeded", job.error
+    reinforcement = job.method.reinforcement
+    assert reinforcement.grader.name == "answer"
+    assert reinforcement.hyperparameters.compute_multiplier == 0.5  # 2 answers a prompt, half the default 4
+    metrics = [e.data for e in all_events(client, job.id) if e.type == "metrics" and "reward" in (e.data or {})]
+    assert len(metrics) == 2  # 8 prompts, 4 a step
+    for data in metrics:
+        assert {"reward", "reward_std", "reward/answer", "kl", "completion_length", "train_loss"} <= set(data)
+    rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).text)))
+    assert [row["reward"] != "" for row in rows] == [True, True]
+    reply = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content is not None
+
+
+def test_reinforcement_jobs_refuse_bad_graders_and_options_when_created(server, tiny_model_dir):
+    client = server.client()
+    train = upload(client, chat_rows(8))
+
+    def refused(reinforcement: dict) -> openai.BadRequestError:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.fine_tuning.jobs.create(
+                model=str(tiny_model_dir),
+                training_file=train.id,
+                method={"type": "reinforcement", "reinforcement": reinforcement},
+            )
+        return caught.value
+
+    error = refused({"grader": {**ANSWER_GRADER, "operation": "sounds_like"}})
+    assert error.param == "method.reinforcement.grader" and "operation" in error.message
+    error = refused({"grader": {"type": "score_model", "name": "judge"}})
+    assert "judge model" in error.message
+    python = {"type": "python", "name": "mine", "source": "def grade(sample, item):\n    return 1.0\n"}
+    error = refused({"grader": python})
+    assert error.code == "python_grader_not_allowed" and "--allow-python-graders" in error.message
+    error = refused({"grader": ANSWER_GRADER, "hyperparameters": {"reasoning_effort": "high"}})
+    assert "reasoning_effort" in error.message
+    assert "method.reinforcement" in refused({}).param
+
+
 def test_openai_hyperparameters_map_onto_the_config(tmp_path):
     from tuneforge.jobs.mapping import CreateJobBody, resolved_method, training_config
 

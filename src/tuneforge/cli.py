@@ -245,6 +245,11 @@ def api(
         2, min=1, help="Base models held in memory for inference; the least recently used go beyond it."
     ),
     docs: bool = typer.Option(False, help="Serve /docs and /openapi.json (without a key)."),
+    allow_python_graders: bool = typer.Option(
+        False,
+        help="Accept reinforcement jobs whose grader runs the client's Python code on this machine (in a process "
+        "with time and memory limits and no sockets; a guard against mistakes, not a sandbox).",
+    ),
 ):
     """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, and inference for the models made."""
     from .jobs.command import api_command
@@ -261,6 +266,7 @@ def api(
             allowed_models=allow_model or [],
             max_models=max_models,
             docs=docs,
+            allow_python_graders=allow_python_graders,
         )
     )
 

@@ -214,6 +214,35 @@ class DPOConfig(Strict):
     )
 
 
+class GRPOConfig(Strict):
+    """`method: grpo`: reinforcement fine-tuning. The policy samples answers to the data's prompts, a
+    grader scores them, and each answer is reinforced by how it scored against the others to its prompt."""
+
+    grader: dict | str | None = Field(
+        None,
+        description="the grader, as OpenAI's reinforcement fine-tuning takes it (string_check, text_similarity, "
+        "python, multi, or json_fields), inline or in a JSON/YAML file; required with method: grpo",
+    )
+    group_size: int = Field(4, ge=2, le=64, description="answers sampled per prompt; each is judged against its group")
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="longest answer sampled")
+    temperature: float = Field(1.0, gt=0, le=2, description="sampling temperature of the answers")
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(
+        0.04, ge=0, description="weight of the KL penalty that keeps the policy near the reference (0: no penalty)"
+    )
+    loss: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo",
+        description="grpo: mean over answers of each answer's mean token loss, advantages scaled by the group's "
+        "std; dr_grpo: token losses summed over max_new_tokens, advantages not scaled; dapo: mean over every "
+        "token of the step",
+    )
+    policy: Literal["full", "lora"] = Field(
+        "lora",
+        description="what trains; lora uses the lora section and its disabled adapter is the reference, full keeps "
+        "a frozen copy",
+    )
+
+
 class EvalConfig(Strict):
     """What runs on the final model when training ends (`eval/after_training.py`)."""
 
@@ -228,10 +257,11 @@ class EvalConfig(Strict):
 class Config(Strict):
     base_model: str = DEFAULT_MODEL
     model: ModelConfig = ModelConfig()
-    method: Literal["full", "lora", "dora", "distill", "dpo"] = "lora"
+    method: Literal["full", "lora", "dora", "distill", "dpo", "grpo"] = "lora"
     lora: LoraConfig = LoraConfig()
     distill: DistillConfig = DistillConfig()
     dpo: DPOConfig = DPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -246,6 +276,18 @@ class Config(Strict):
             )
         if self.method == "distill" and not self.distill.teacher:
             raise ValueError("method: distill needs distill.teacher (a model named like base_model)")
+        if self.method == "grpo":
+            if not self.grpo.grader:
+                raise ValueError("method: grpo needs grpo.grader (a grader object, or a JSON/YAML file with one)")
+            # Each prompt and its sampled answers are rows of their own, padded, and sampling needs a KV cache.
+            for section, key, value in ((self.data, "packing", False), (self.train, "attention", "model")):
+                if getattr(section, key) != value:
+                    if key in section.model_fields_set:
+                        raise ValueError(
+                            f"method: grpo samples answers to each prompt on its own, in padded rows; set "
+                            f"{'data' if section is self.data else 'train'}.{key} to {str(value).lower()}"
+                        )
+                    setattr(section, key, value)
         if self.model.quantize != "none" and not self.trains_adapters:
             raise ValueError(
                 f"model.quantize: {self.model.quantize} holds the base frozen in a few bits, but {self.trained_what} "
@@ -266,7 +308,7 @@ class Config(Strict):
             )
             if on
         ]
-        if sft_only and self.method in ("distill", "dpo"):
+        if sft_only and self.method in ("distill", "dpo", "grpo"):
             raise ValueError(
                 f"method: {self.method} does not take {', '.join(sft_only)}: these shape the SFT "
                 f"objective of methods full, lora and dora, and {self.method} compares the model with a "
@@ -277,10 +319,10 @@ class Config(Strict):
                 "train.replay_loss: kl_to_base applies to the replay examples that data.general_mix adds; "
                 "set data.general_mix above 0, or replay_loss to ce"
             )
-        if self.method == "dpo" and self.data.general_mix:
+        if self.method in ("dpo", "grpo") and self.data.general_mix:
             raise ValueError(
-                "data.general_mix mixes SFT conversations into training, which DPO's pairs cannot "
-                "hold; set it to 0 with method: dpo"
+                f"data.general_mix mixes SFT conversations into training, which method: {self.method} does not "
+                "train on; set it to 0"
             )
         if self.eval.task and not isinstance(self.data.validation, str):
             raise ValueError(
@@ -300,12 +342,13 @@ class Config(Strict):
             self.method in ("lora", "dora")
             or (self.method == "distill" and self.distill.student == "lora")
             or (self.method == "dpo" and self.dpo.policy == "lora")
+            or (self.method == "grpo" and self.grpo.policy == "lora")
         )
 
     @property
     def trained_what(self) -> str:
         """The config key that says every weight trains (for messages)."""
-        return {"distill": "distill.student: full", "dpo": "dpo.policy: full"}.get(
+        return {"distill": "distill.student: full", "dpo": "dpo.policy: full", "grpo": "grpo.policy: full"}.get(
             self.method, f"method: {self.method}"
         )
 
@@ -325,7 +368,7 @@ class Config(Strict):
             d["train"].pop(k)
         d.pop("output_dir")
         d.pop("eval")
-        for section in ("distill", "dpo"):
+        for section in ("distill", "dpo", "grpo"):
             if self.method != section:
                 # Other methods ignore the section, and leaving it out keeps their hashes (and resumes) as they were.
                 d.pop(section)
@@ -450,6 +493,9 @@ def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
     distill = raw.get("distill")
     if isinstance(distill, dict) and isinstance(distill.get("teacher"), str):
         distill["teacher"] = fix(distill["teacher"])
+    grpo = raw.get("grpo")
+    if isinstance(grpo, dict) and isinstance(grpo.get("grader"), str):
+        grpo["grader"] = fix(grpo["grader"])
 
 
 def auto_epochs(n_examples: int) -> int:

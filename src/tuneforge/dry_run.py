@@ -23,7 +23,7 @@ from .config import load_config
 from .data.check import describe_system_prompt, highlight
 from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs
-from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_dtype, prepare_model
+from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_dtype, prepare_items, prepare_model
 from .methods.sft import LOGITS_AT_ONCE
 from .models import load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
@@ -125,7 +125,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
     check_eval_inputs(cfg)
-    prepared = tfdata.prepare(cfg.data, tokenizer, log=lambda *a, **k: None)
+    prepared = prepare_items(cfg, tokenizer, log=lambda *a, **k: None)
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
     if not train_items:
         raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")

@@ -184,9 +184,7 @@ class _Preparation:
         self.duplicates: list[dict] = []
         self.leaks: list[dict] = []
         self.lengths: list[int] = []  # tokens per example before fitting to max_length
-        # Rows by the system prompt they are rendered with (a template's recorded one for rows without).
-        self.system_prompts: Counter = Counter()
-        self.recorded_system_prompt = recorded_system_prompt(tokenizer)
+        self.system_prompts = SystemPromptTally(tokenizer)
         near = cfg.near_dedup_threshold if cfg.dedup == "near" else None
         self.validation_keys = DuplicateIndex(near)  # for the leak check, even without dedup
         self.train_index = DuplicateIndex(near) if cfg.dedup != "none" else None
@@ -302,17 +300,14 @@ class _Preparation:
                 self.counts["rejected_records"] += any(p.is_error for p in result)
                 continue
             if isinstance(record, Conversation | Preference):
-                self._count_system_prompt(record.messages if isinstance(record, Conversation) else record.prompt)
+                self.counts["conversations"] += 1
+                self.counts["without_system"] += not self.system_prompts.add(
+                    record.messages if isinstance(record, Conversation) else record.prompt
+                )
             item = self._fit(result, str(path), line)
             if item is not None:
                 kept.append(_Row(str(path), line, key, item))
         return kept
-
-    def _count_system_prompt(self, messages: list) -> None:
-        self.counts["conversations"] += 1
-        given = messages[0].content if messages[0].role == "system" else None
-        self.counts["without_system"] += given is None
-        self.system_prompts[given if given is not None else self.recorded_system_prompt] += 1
 
     def _fit(self, item: Item, path: str, line: int) -> Item | None:
         """Truncate (or drop) examples over max_length, never silently."""
@@ -445,23 +440,12 @@ class _Preparation:
                 if self.renderer.end_of_turn_id is not None
                 else None,
             },
-            "system_prompt": self._system_prompt_report(),
+            "system_prompt": self.system_prompts.report(),
             "warnings": self._warnings(counts),
             "errors": [p.to_dict() for p in errors[:MAX_LISTED]],
             "errors_total": len(errors),
             "duplicates": self.duplicates[:MAX_LISTED],
             "leaks": self.leaks[:MAX_LISTED],
-        }
-
-    def _system_prompt_report(self) -> dict:
-        """The one system prompt every row is rendered with (`shared`), which the run records with the
-        model; None when rows differ or have none."""
-        distinct = [p for p in self.system_prompts if p is not None]
-        return {
-            "shared": distinct[0] if len(distinct) == 1 and not self.system_prompts[None] else None,
-            "distinct": len(distinct),
-            "rows_without": self.counts["without_system"],
-            "from_base_template": self.recorded_system_prompt,
         }
 
     def _warnings(self, counts: dict) -> list[dict]:
@@ -536,6 +520,34 @@ class _Preparation:
                 f"{counts['rejected']} rows with errors were left out (data.on_error: skip); see errors in the report.",
             )
         return warnings
+
+
+class SystemPromptTally:
+    """Rows counted by the system prompt they are rendered with: their own, or for a row without one
+    the prompt the tokenizer's template records (a tuned model tuned again)."""
+
+    def __init__(self, tokenizer):
+        self.recorded = recorded_system_prompt(tokenizer)
+        self.rows: Counter = Counter()
+        self.without = 0
+
+    def add(self, messages: list) -> bool:
+        """Count one row's messages; whether they bring a system message."""
+        given = messages[0].content if messages and messages[0].role == "system" else None
+        self.without += given is None
+        self.rows[given if given is not None else self.recorded] += 1
+        return given is not None
+
+    def report(self) -> dict:
+        """The one system prompt every row is rendered with (`shared`), which the run records with the
+        model; None when rows differ or have none."""
+        distinct = [p for p in self.rows if p is not None]
+        return {
+            "shared": distinct[0] if len(distinct) == 1 and not self.rows[None] else None,
+            "distinct": len(distinct),
+            "rows_without": self.without,
+            "from_base_template": self.recorded,
+        }
 
 
 def _examples(rows: list[_Row]) -> list[Example]:

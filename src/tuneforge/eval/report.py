@@ -24,6 +24,7 @@ from pathlib import Path
 from ..fsio import atomic_file, write_json
 from .evaluate import side_by_side
 
+ROLLOUT_STEPS_SHOWN = 3
 EXAMPLES_SHOWN = 12
 
 
@@ -288,7 +289,45 @@ def training_plots(metrics: list[dict]) -> list[tuple[str, str]]:
     axes.set_xlabel("step")
     axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     plots.append(("Learning rate", _png(figure)))
+    rewarded = [m for m in metrics if "reward" in m]
+    if rewarded:
+        figure, axes = _figure("reward")
+        steps = [m["step"] for m in rewarded]
+        axes.plot(steps, [m["reward"] for m in rewarded], label="reward (mean)", linewidth=1.5)
+        for part in sorted({k for m in rewarded for k in m if k.startswith("reward/")}):
+            axes.plot(steps, [m.get(part) for m in rewarded], label=part, linewidth=1, alpha=0.7)
+        axes.plot(steps, [m["reward_std"] for m in rewarded], ":", label="std within groups")
+        axes.set_xlabel("step")
+        axes.legend()
+        plots.append(("Reward of the sampled answers (reinforcement fine-tuning)", _png(figure)))
+        figure, axes = _figure("KL to the reference")
+        axes.plot(steps, [m["kl"] for m in rewarded])
+        axes.set_xlabel("step")
+        axes.set_ylabel("per token")
+        plots.append(("KL to the reference", _png(figure)))
     return plots
+
+
+def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | None:
+    """The sampled answers of the last `steps` steps' first prompts, with their rewards (grpo runs)."""
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.is_file():
+        return None
+    by_step = {}  # a resumed run samples a step again: its last record counts
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    rows = [
+        [str(step), record["prompt"], answer["text"].strip(), f"{answer['reward']:.3f}", f"{answer['advantage']:+.2f}"]
+        for step, record in sorted(by_step.items())[-steps:]
+        for answer in record["answers"]
+    ]
+    return Table(
+        f"Sampled answers and their rewards (the last {min(steps, len(by_step))} steps)",
+        ["step", "prompt", "answer", "reward", "advantage"],
+        rows,
+    )
 
 
 def scores_plot(before: dict, after: dict) -> tuple[str, str]:
@@ -360,6 +399,8 @@ def write_run_report(
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
     plots = training_plots(read_metrics(run_dir)) + [scores_plot(before, after)]
     tables = report_tables(before, after, forgetting, targets, facts)
+    if (rollouts := rollouts_table(run_dir)) is not None:
+        tables.append(rollouts)
     with atomic_file(out / "report.html") as f:
         f.write(render_html(f"tuneforge report: {run_dir.name}", tables, plots))
     return out / "report.html"

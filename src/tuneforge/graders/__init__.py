@@ -21,7 +21,7 @@ from .multi import FUNCTIONS, MultiGrader
 from .python import PythonGrader, PythonLimits
 from .text import JsonFieldsGrader, StringCheckGrader, TextSimilarityGrader
 
-__all__ = ["GradeResult", "Grader", "GraderError", "PythonLimits", "build_grader", "sample_of"]
+__all__ = ["GradeResult", "Grader", "GraderError", "PythonLimits", "build_grader", "runs_python", "sample_of"]
 
 GRADERS: dict[str, type[Grader]] = {
     grader.type: grader
@@ -35,6 +35,14 @@ def build_grader(spec: dict, *, limits: PythonLimits | None = None) -> Grader:
     if not isinstance(spec, dict):
         raise GraderError(f"a grader must be a JSON object with a `type`, got {spec!r:.100}")
     return _build(spec, (str(spec.get("name", spec.get("type"))),), limits or PythonLimits())
+
+
+def runs_python(spec: dict) -> bool:
+    """Whether a grader spec (a multi one through its sub-graders) runs Python code of its author's."""
+    if not isinstance(spec, dict):
+        return False
+    subs = spec.get("graders") if spec.get("type") == "multi" else None
+    return spec.get("type") == "python" or (isinstance(subs, dict) and any(map(runs_python, subs.values())))
 
 
 def _build(spec: dict, path: tuple[str, ...], limits: PythonLimits) -> Grader:

@@ -105,6 +105,11 @@ class Grader:
         self.name = name
         self.label = label
 
+    @property
+    def part_names(self) -> list[str]:
+        """The keys of every result's `parts`, known before any grade (a run logs a reward per part)."""
+        return [self.name]
+
     def grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[GradeResult]:
         """One result per sample, in order; `samples[i]` is graded against `items[i]`."""
         if len(samples) != len(items):

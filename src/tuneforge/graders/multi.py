@@ -107,6 +107,10 @@ class MultiGrader(Grader):
             raise GraderError(f"grader {label}: `calculate_output` must be a formula over {', '.join(graders)}")
         self.formula = Formula(formula, list(graders), label)
 
+    @property
+    def part_names(self) -> list[str]:
+        return list(self.graders)
+
     def _results(self, samples: Sequence[dict], items: Sequence[dict]) -> list[GradeResult]:
         parts = self._parts(samples, items)
         return [GradeResult(score, part) for score, part in zip(self._combine(parts, samples), parts)]

@@ -43,11 +43,13 @@ def create_api(
     allowed_models: Sequence[str] = (),
     max_models: int = 2,
     docs: bool = False,
+    allow_python_graders: bool = False,
 ) -> FastAPI:
     """The app; its lifespan starts `workers` job workers and stops them (jobs queued again) at the end.
 
     `allowed_models` are the models clients may name besides registry models and their own fine-tuned
-    ones; at most `max_models` base models are held in memory for inference.
+    ones; at most `max_models` base models are held in memory for inference. `allow_python_graders`
+    accepts reinforcement jobs whose grader runs the client's code here.
     """
     service = Service(
         root,
@@ -56,6 +58,7 @@ def create_api(
         ModelAccess(store, root / "runs", allowed_models),
         InferenceModels(max_bases=max_models),
         max_upload_bytes,
+        allow_python_graders,
     )
     job_workers = Workers(store, service.storage, root, workers)
 

@@ -51,6 +51,7 @@ def api_command(
     allowed_models: Sequence[str],
     max_models: int,
     docs: bool,
+    allow_python_graders: bool = False,
 ) -> int:
     from . import runner
 
@@ -70,6 +71,7 @@ def api_command(
         allowed_models=allowed_models,
         max_models=max_models,
         docs=docs,
+        allow_python_graders=allow_python_graders,
     )
     Console(stderr=True).print(
         f"tuneforge api at http://{host}:{port}/v1 with {workers} job worker(s); store {store.url!r}; files and "

@@ -30,6 +30,8 @@ RESULT_COLUMNS = (
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
 )
+REWARD_COLUMNS = ("reward", "reward_std", "kl", "completion_length")
+"""A reinforcement job's metrics beside the loss (and `reward/NAME` per grader, in its events)."""
 
 
 class FileTooLarge(Exception):
@@ -68,7 +70,9 @@ class FileStorage:
     def save_results(self, records: Iterable[dict], *, owner: str) -> StoredFile:
         """A job's metrics as OpenAI's `step_metrics.csv` (purpose `fine-tune-results`)."""
         text = io.StringIO()
-        writer = csv.DictWriter(text, RESULT_COLUMNS, extrasaction="ignore")
+        records = list(records)
+        rewarded = any("reward" in record for record in records)
+        writer = csv.DictWriter(text, RESULT_COLUMNS + REWARD_COLUMNS * rewarded, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
         return self.save(

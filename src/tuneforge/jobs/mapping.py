@@ -1,7 +1,8 @@
 """OpenAI's fine-tuning request onto a tuneforge `Config`.
 
-`supervised` is a LoRA run and `dpo` tuneforge's `method: dpo` (LoRA policy); the hyperparameters
-keep OpenAI's meaning: `batch_size` counts examples (so packing is off), `learning_rate_multiplier`
+`supervised` is a LoRA run, `dpo` tuneforge's `method: dpo` (LoRA policy) and `reinforcement`
+its `method: grpo` (LoRA policy) with the job's grader, checked when the job is created. The
+hyperparameters keep OpenAI's meaning: `batch_size` counts examples (so packing is off), `learning_rate_multiplier`
 scales tuneforge's default learning rate, `n_epochs` "auto" is the same heuristic OpenAI uses. A
 checkpoint is kept at the end of each epoch, the last three of them, as OpenAI does.
 
@@ -17,10 +18,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..config import Config, TrainConfig, auto_epochs, load_config
+from ..config import Config, GRPOConfig, TrainConfig, auto_epochs, load_config
 from ..errors import ConfigError
 from ..training import make_plan
 
+GROUP_SIZE = GRPOConfig.model_fields["group_size"].default
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
 KEPT_EPOCH_CHECKPOINTS = 3
 MAX_METADATA_KEYS = 16
@@ -62,6 +64,27 @@ class DpoHyperparameters(Hyperparameters):
     beta: _auto_or(float, 0, 2, low_inclusive=False) = "auto"
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    compute_multiplier: _auto_or(float, 0, 16, low_inclusive=False) = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    eval_interval: _auto_or(int, 1, 10_000) = "auto"
+    eval_samples: _auto_or(int, 1, 100) = "auto"
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.reasoning_effort != "default":
+            raise ValueError(
+                "reasoning_effort sets how long a reasoning model thinks; tuneforge samples the model's answers as "
+                "they come, so leave it 'default'"
+            )
+        if self.eval_interval != "auto" or self.eval_samples != "auto":
+            raise ValueError(
+                "eval_interval and eval_samples: tuneforge grades the validation file once the job has trained "
+                "(the job's evaluation), not during training; leave them 'auto'"
+            )
+        return self
+
+
 class SupervisedMethod(Body):
     hyperparameters: Hyperparameters = Hyperparameters()
 
@@ -70,16 +93,35 @@ class DpoMethod(Body):
     hyperparameters: DpoHyperparameters = DpoHyperparameters()
 
 
+class ReinforcementMethod(Body):
+    grader: dict
+    hyperparameters: ReinforcementHyperparameters = ReinforcementHyperparameters()
+
+    @field_validator("grader")
+    @classmethod
+    def _grader(cls, value):
+        from ..graders import GraderError, build_grader
+
+        try:
+            build_grader(value)
+        except GraderError as err:
+            raise ValueError(err.message) from None
+        return value
+
+
 class Method(Body):
-    type: Literal["supervised", "dpo"]
+    type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
 
     @model_validator(mode="after")
     def _section_matches_type(self):
-        other = "dpo" if self.type == "supervised" else "supervised"
-        if getattr(self, other) is not None:
-            raise ValueError(f"method.{other} is given, but method.type is '{self.type}'")
+        for other in ("supervised", "dpo", "reinforcement"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"method.{other} is given, but method.type is '{self.type}'")
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("method.type 'reinforcement' needs method.reinforcement with its grader")
         return self
 
 
@@ -141,7 +183,10 @@ class CreateJobBody(Body):
         section = getattr(self.method, kind, None) if self.method else None
         default = DpoHyperparameters() if kind == "dpo" else Hyperparameters()
         hyperparameters = (section.hyperparameters if section else self.hyperparameters) or default
-        return {"type": kind, kind: {"hyperparameters": hyperparameters.model_dump(exclude_none=True)}}
+        described = {"hyperparameters": hyperparameters.model_dump(exclude_none=True)}
+        if kind == "reinforcement":
+            described["grader"] = section.grader
+        return {"type": kind, kind: described}
 
 
 def processes(method: dict) -> int:
@@ -180,7 +225,7 @@ def training_config(
         epochs = auto_epochs(n_examples)
     raw = {
         "base_model": model,
-        "method": "lora" if kind == "supervised" else kind,
+        "method": {"supervised": "lora", "reinforcement": "grpo"}.get(kind, kind),
         "data": {
             "train": str(train_file),
             "validation": str(validation_file) if validation_file else None,
@@ -197,6 +242,8 @@ def training_config(
     }
     if kind == "dpo" and hyper["beta"] != "auto":
         raw["dpo"] = {"beta": hyper["beta"]}
+    if kind == "reinforcement":
+        raw["grpo"] = {"grader": method[kind]["grader"], "group_size": group_size(hyper)}
     if n_examples:
         steps_per_epoch = make_plan(load_config(raw), n_examples, n_examples, n_processes).steps_per_epoch
         raw["train"].update(save_every=steps_per_epoch, eval_every=steps_per_epoch)
@@ -215,4 +262,12 @@ def resolved_method(method: dict, config: Config) -> dict:
     )
     if kind == "dpo":
         hyper["beta"] = config.dpo.beta
-    return {"type": kind, kind: {"hyperparameters": hyper}}
+    if kind == "reinforcement":
+        hyper["compute_multiplier"] = config.grpo.group_size / GROUP_SIZE
+    return {**method, kind: {**method[kind], "hyperparameters": hyper}}
+
+
+def group_size(hyperparameters: dict) -> int:
+    """Answers sampled per prompt: tuneforge's default scaled by `compute_multiplier` (at least 2, to compare)."""
+    multiplier = hyperparameters.get("compute_multiplier", "auto")
+    return GROUP_SIZE if multiplier == "auto" else max(2, min(64, round(GROUP_SIZE * multiplier)))

@@ -23,6 +23,7 @@ class Service:
     access: ModelAccess
     inference: InferenceModels
     max_upload_bytes: int
+    allow_python_graders: bool = False
 
     @property
     def runs(self) -> Path:

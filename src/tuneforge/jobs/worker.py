@@ -30,12 +30,13 @@ import psutil
 from ..data import check_data
 from ..errors import ModelSourceError, TuneforgeError
 from ..fsio import write_json
+from ..methods import prepare_items
 from ..models import load_tokenizer, resolve
 from ..training import checkpoint, make_plan
 from ..web import failure_id, scrub_paths
 from . import runner
 from .access import training_spec
-from .files import RESULT_COLUMNS, FileStorage
+from .files import RESULT_COLUMNS, REWARD_COLUMNS, FileStorage
 from .mapping import processes, resolved_method, training_config
 from .store import STATUSES, Job, JobCheckpoint, Store, new_id, now
 
@@ -204,7 +205,10 @@ class Workers:
         try:
             config = training_config(spec, job.method, job.seed, *paths.values(), self.runs / job.id)
             tokenizer = load_tokenizer(resolve(config.base_model))
-            prepared, problems = check_data(config.data, tokenizer)
+            if config.method == "grpo":  # prompts, and a grader that can score them; problems raise
+                prepared, problems = prepare_items(config, tokenizer), []
+            else:
+                prepared, problems = check_data(config.data, tokenizer)
             errors = [problem for problem in problems if problem.is_error]
             if errors:
                 shown = "; ".join(str(problem) for problem in errors[:3])
@@ -442,11 +446,7 @@ class RunProgress:
         self._by_step.clear()
         for record in _complete_lines(self.run_dir / "metrics.jsonl"):
             self._by_step.setdefault(record["step"], {}).update(
-                {
-                    key: value
-                    for key, value in record.items()
-                    if key in RESULT_COLUMNS[1:] or key in ("tokens", "elapsed")
-                }
+                {key: value for key, value in record.items() if _is_metric(key) or key in ("tokens", "elapsed")}
             )
         total = self.job.total_steps
         for step, record in sorted(self._by_step.items()):
@@ -491,8 +491,13 @@ class RunProgress:
         return row
 
 
+def _is_metric(key: str) -> bool:
+    """Whether a metrics.jsonl key is one a job reports: OpenAI's, and a reinforcement job's rewards."""
+    return key in RESULT_COLUMNS[1:] or key in REWARD_COLUMNS or key.startswith("reward/")
+
+
 def _openai_metrics(record: dict) -> dict:
-    return {key: record[key] for key in RESULT_COLUMNS[1:] if key in record}
+    return {key: value for key, value in record.items() if _is_metric(key)}
 
 
 def _complete_lines(path: Path) -> list[dict]:

@@ -5,9 +5,11 @@ parameters (and wraps the model, for adapters). `build_objective` picks the loss
 in `sft.py` for full, LoRA and DoRA (cross-entropy, with the `kl_to_base.KLToBase` term and the
 `neftune.NEFTune` hook when the config asks), the distillation objective in `distill.py` for
 distill (whose student trains as `distill.student` says), the preference objective in `dpo.py` for
-dpo (its policy trains as `dpo.policy` says). `check_inputs` runs the checks a method makes before
-any compute (preference data for dpo and only for dpo; distill: the teacher's vocabulary is the
-student's).
+dpo (its policy trains as `dpo.policy` says), the policy-gradient objective in `grpo.py` for grpo,
+which samples and grades its own batches during the step (`make_batches`). `prepare_items` reads
+the data a method trains on (grpo: prompts with the fields its grader reads). `check_inputs` runs
+the checks a method makes before any compute (preference data for dpo and only for dpo; distill:
+the teacher's vocabulary is the student's; grpo: the grader is sound).
 
 An objective returns sums. What they are sums over is its `count` of a batch (trained tokens
 unless it says otherwise; DPO counts pairs), and the loop divides by the count of the whole
@@ -23,10 +25,11 @@ import contextlib
 
 import torch
 
+from .. import data as tfdata
 from ..data import IGNORE_INDEX, collate
 from ..models import compute_dtype, load_frozen_model, load_model
 from ..models.quantization import quantization_config
-from . import distill, dpo, full, lora
+from . import distill, dpo, full, grpo, lora
 from .distill import DistillObjective
 from .dpo import DPOObjective
 from .kl_to_base import KLToBase
@@ -39,6 +42,7 @@ PREPARE = {
     "dora": lora.prepare_model,
     "distill": distill.prepare_model,
     "dpo": dpo.prepare_model,
+    "grpo": grpo.prepare_model,
 }
 
 TOKEN_SUMS = {"loss": "ce", "mean_token_accuracy": "correct"}
@@ -74,14 +78,26 @@ def check_inputs(cfg, tokenizer) -> None:
     dpo.check_data_kind(cfg)
     if cfg.method == "distill":
         distill.check_teacher(cfg, tokenizer)
+    if cfg.method == "grpo":
+        grpo.load_grader(cfg)
 
 
-def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device):
+def prepare_items(cfg, tokenizer, *, report_path=None, log=print) -> tfdata.PreparedData:
+    """The data the method trains on, checked, its report written to `report_path`: grpo's prompts, or
+    the examples (and pairs) of the data pipeline."""
+    if cfg.method == "grpo":
+        return grpo.prepare(cfg, tokenizer, report_path=report_path)
+    return tfdata.prepare(cfg.data, tokenizer, report_path=report_path, log=log)
+
+
+def build_objective(model, cfg, tokenizer, *, dtype: torch.dtype, device: torch.device):
     """The module the loop calls on each micro-batch; it returns sums (see `SFTObjective`)."""
     if cfg.method == "distill":
         return distill.build_objective(model, cfg, dtype=dtype, device=device)
     if cfg.method == "dpo":
         return dpo.build_objective(model, cfg, dtype=dtype, device=device)
+    if cfg.method == "grpo":
+        return grpo.build_objective(model, tokenizer, cfg, dtype=dtype, device=device)
     t = cfg.train
     if t.neftune_alpha:
         NEFTune(t.neftune_alpha).attach(model)
@@ -116,10 +132,11 @@ def reported_sums(objective) -> dict[str, str]:
 
 
 def adapter_on_merged_base(cfg, source) -> bool:
-    """Whether the trained adapter sits on a base that exists only in memory: dpo merges a LoRA
-    `base_model` before its LoRA policy trains, so that final model is saved merged. (lora and dora
+    """Whether the trained adapter sits on a base that exists only in memory: dpo and grpo merge a LoRA
+    `base_model` before their LoRA policy trains, so that final model is saved merged. (lora and dora
     train such an adapter on; full merges it and trains every weight.)"""
-    return source.adapter is not None and cfg.method == "dpo" and cfg.dpo.policy == "lora"
+    policy = {"dpo": cfg.dpo.policy, "grpo": cfg.grpo.policy}.get(cfg.method)
+    return source.adapter is not None and policy == "lora"
 
 
 @torch.no_grad()
@@ -162,6 +179,7 @@ __all__ = [
     "prepare_model",
     "check_inputs",
     "build_objective",
+    "prepare_items",
     "batch_items",
     "loss_count",
     "reported_sums",

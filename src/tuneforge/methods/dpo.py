@@ -49,16 +49,21 @@ LOSSES = ("sigmoid", "ipo")
 
 
 def prepare_model(model, cfg):
-    """Merge a starting adapter into its base, then make trainable what `dpo.policy` says."""
+    return prepare_policy(model, cfg, cfg.dpo.policy)
+
+
+def prepare_policy(model, cfg, policy: str):
+    """Merge a starting adapter into its base (the reference is the model a run starts from), then make
+    trainable what `policy` says: dpo's and grpo's policy."""
     if hasattr(model, "merge_and_unload") and is_quantized(model):
         raise TuneforgeError(
-            "dpo from a LoRA run (base_model) merges that run's adapter into its base first, which a quantized "
-            "base (model.quantize) cannot hold exactly: export the run merged (tuneforge export RUN --format "
-            "merged) and start dpo from the merged model, or set model.quantize: none."
+            f"{cfg.method} from a LoRA run (base_model) merges that run's adapter into its base first, which a "
+            "quantized base (model.quantize) cannot hold exactly: export the run merged (tuneforge export RUN "
+            f"--format merged) and start {cfg.method} from the merged model, or set model.quantize: none."
         )
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    return {"full": full.prepare_model, "lora": lora.prepare_model}[cfg.dpo.policy](model, cfg)
+    return {"full": full.prepare_model, "lora": lora.prepare_model}[policy](model, cfg)
 
 
 def rows(pairs: list[tuple[tfdata.Example, tfdata.Example]]) -> list[tfdata.PackedRow]:

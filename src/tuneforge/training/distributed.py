@@ -112,6 +112,11 @@ def strategy(cfg, processes: int, *, saves_merged: bool = False) -> str:
             "this run merges its adapter into the base model for the final model, which FSDP's sharded "
             "weights cannot do. Use train.distributed: ddp (or auto) for this run."
         )
+    if cfg.method == "grpo":
+        raise TuneforgeError(
+            "method: grpo samples answers of different lengths on each process, while a sharded (FSDP) forward "
+            "needs every process at each token. Use train.distributed: ddp for this run."
+        )
     if cfg.model.quantize != "none":
         raise TuneforgeError(
             f"model.quantize: {cfg.model.quantize} holds the base in bitsandbytes' quantized layers, which FSDP "

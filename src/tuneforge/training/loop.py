@@ -2,7 +2,8 @@
 
     setup(cfg, world)  config -> tokenizer + data -> model + method -> rows -> [resumed weights] -> DDP | FSDP
                        -> optimizer + schedule -> [resumed optimizer]
-    fit(run)           for each step: micro-batches -> forward/backward (loss / trained tokens of the whole step)
+    fit(run)           for each step: micro-batches (grpo: sampled and graded by its objective)
+                       -> forward/backward (loss / trained tokens, pairs or answers of the whole step)
                        -> clip -> optimizer step -> log -> validate -> checkpoint
     finish(run)        final checkpoint + full validation + final model + summary
 
@@ -38,6 +39,7 @@ from ..methods import (
     frozen_dtype,
     load_for_training,
     loss_count,
+    prepare_items,
     reported_sums,
     sum_over_batches,
     trainable_parameters,
@@ -246,14 +248,14 @@ def prepare_data(cfg: Config, tokenizer, world: distributed.World, out: Path, lo
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        prepared = tfdata.prepare(cfg.data, tokenizer, report_path=out / "data_report.json", log=log)
+        prepared = prepare_items(cfg, tokenizer, report_path=out / "data_report.json", log=log)
     distributed.barrier(world, "preparing data (rank 0 prepares it while the others wait)")
     if world.machines > 1:
         if world.local_rank == 0 and not world.is_main:
-            prepared = tfdata.prepare(cfg.data, tokenizer, log=log)
+            prepared = prepare_items(cfg, tokenizer, log=log)
         distributed.barrier(world, "preparing data (the first process of each machine prepares it for the machine)")
     if world.local_rank != 0:
-        prepared = tfdata.prepare(cfg.data, tokenizer, log=log)
+        prepared = prepare_items(cfg, tokenizer, log=log)
     return prepared
 
 
@@ -364,7 +366,7 @@ def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, f
     )
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    objective = build_objective(model, cfg, dtype=frozen_dtype(cfg, precision), device=world.device)
+    objective = build_objective(model, cfg, tokenizer, dtype=frozen_dtype(cfg, precision), device=world.device)
 
     # Every model a training forward runs: the trained one, and a teacher or reference copy if any.
     lms = [causal_lm(m) for m in (model, *objective.frozen)]
@@ -427,10 +429,18 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
     micro = batches.step_micro_batches(
         order, step_in_epoch, cfg.train.batch_size, cfg.train.grad_accum, world.size, world.rank, lengths
     )
-    real_tokens = sum(row_tokens(run.train_rows[i]) for idx in micro for i in idx)
-    micro = [tfdata.collate([run.train_rows[i] for i in idx], run.tokenizer.pad_token_id) for idx in micro]
-    count = loss_count(getattr(objective, "module", objective))
+    rows = [[run.train_rows[i] for i in idx] for idx in micro]
+    module = getattr(objective, "module", objective)
     phase = f"training step {step + 1}"
+    if hasattr(module, "make_batches"):  # a method that samples its batches from the step's rows (grpo)
+        micro = module.make_batches(rows, step, world.rank, lambda t: distributed.all_sum(t, world, phase))
+        real_tokens = sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro
+        )
+    else:
+        real_tokens = sum(row_tokens(row) for batch_rows in rows for row in batch_rows)
+        micro = [tfdata.collate(batch_rows, run.tokenizer.pad_token_id) for batch_rows in rows]
+    count = loss_count(module)
     # The step's count (trained tokens, or pairs), over all micro-batches and ranks: the loss denominator.
     step_count = distributed.all_sum(torch.tensor([float(sum(count(b) for b in micro))]), world, phase)
     started = time.perf_counter()

@@ -42,6 +42,11 @@ class TrainProgress:
             loss += f" div {record['divergence']:.4f} agree {record['teacher_agreement']:.1%}"
         if "rewards/margins" in record:
             loss += f" margin {record['rewards/margins']:.3f} acc {record['rewards/accuracies']:.0%}"
+        if "reward" in record:
+            loss += (
+                f" reward {record['reward']:.3f} (std {record['reward_std']:.3f}) kl {record['kl']:.4f} "
+                f"len {record['completion_length']:.0f}"
+            )
         speed = f"{record['tokens_per_s']:.0f}"
         self.progress.update(self.task, completed=record["step"], loss=loss, speed=speed)
         if self.lines:
@@ -63,6 +68,11 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
         "divergence",
         "teacher_agreement",
         *REWARDS,
+        "reward",
+        "reward_std",
+        *sorted(key for key in metrics if key.startswith("reward/")),
+        "kl",
+        "completion_length",
         "valid_loss",
         "full_valid_loss",
         "full_valid_mean_token_accuracy",

@@ -7,6 +7,7 @@ import random
 from fastapi import APIRouter, Depends, Query, Request
 
 from ...errors import ConfigError
+from ...graders import runs_python
 from ...web import APIError, caller
 from ..access import training_spec
 from ..mapping import CreateJobBody, training_config
@@ -60,6 +61,15 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
             raise APIError(
                 400, f"{row.id} was not uploaded with purpose 'fine-tune'.", param=param, code="invalid_file_purpose"
             )
+    grader = body.method.reinforcement.grader if body.method and body.method.reinforcement else None
+    if grader and runs_python(grader) and not service.allow_python_graders:
+        raise APIError(
+            400,
+            "This server does not run python graders (they run your code on its machine); grade with string_check, "
+            "text_similarity, json_fields or multi, or ask its operator to start it with --allow-python-graders.",
+            param="method.reinforcement.grader",
+            code="python_grader_not_allowed",
+        )
     model, base_name = service.access.for_training(owner, body.model)
     job_id = new_id("ftjob-")
     method = body.method_dict()

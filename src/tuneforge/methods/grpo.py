@@ -1,0 +1,364 @@
+"""Group relative policy optimisation (GRPO): the policy learns from graded answers of its own.
+
+Each optimizer step takes `train.batch_size` prompts. For each, `grpo.group_size` answers are
+sampled from the policy as it stands (`generate.py`; the random stream is seeded by the run's
+seed, the step, the process and the micro-batch, so a resumed run samples the very same answers),
+the grader scores them (`tuneforge.graders`), and each answer's advantage is its reward against
+its group's:
+
+    A_i = (r_i - mean r) / (std r + 1e-4)      loss: grpo, dapo
+    A_i =  r_i - mean r                         loss: dr_grpo (no std scaling: no difficulty bias)
+
+The loss of a token t of answer i is  -A_i * rho_t + beta * KL_t,  where rho_t = pi(t) / pi_old(t)
+is 1 in value (one update per sampling: the answers come from the weights being trained) and gives
+the policy gradient A_i * grad log pi(t), and KL_t = exp(q_t) - q_t - 1 with q_t = log ref(t) -
+log pi(t) (the k3 estimator: unbiased, never negative), against the reference: the policy's
+disabled adapter for a LoRA policy, a frozen copy of the start for full. Token losses are weighted
+so that the step's loss is
+
+    grpo     the mean over answers of each answer's mean token loss (DeepSeekMath)
+    dr_grpo  each answer's summed token loss / max_new_tokens, averaged over answers (Dr. GRPO)
+    dapo     the mean over every answer token of the step, all processes together (DAPO's token level)
+
+The objective returns sums over answers (`count`), so the loop's division by the step's answers
+gives those means under any gradient accumulation and number of processes. Sampling and grading
+are part of the step: the loop asks the objective to `make_batches` from the step's prompt rows.
+The first prompt's group of each step is written to `samples.jsonl` in the run folder (answers and
+their scores), which the run's report shows beside the reward curves.
+
+A `base_model` that is a LoRA run (an SFT run, say) is merged into its base when loaded, as for
+dpo, so a LoRA policy's fresh adapter sits on the SFT model, and the reference is the SFT model.
+
+Data: chat rows (`{"messages": [...]}`, OpenAI's reinforcement fine-tuning format). The prompt is
+the messages up to the last user turn; a final assistant message is not sampled from but handed to
+the grader as `item.reference`, and every other field of the row is the item as it stands
+(`{{ item.answer }}`).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from .. import data as tfdata
+from ..data import IGNORE_INDEX
+from ..data.formats import normalise_messages
+from ..data.prepare import SystemPromptTally
+from ..data.readers import open_rows
+from ..data.schema import Problem
+from ..errors import ConfigError, DataError
+from ..fsio import write_json
+from ..generate import encode_prompts, generate
+from ..graders import build_grader, sample_of
+from ..models import causal_lm, load_frozen_model
+from .dpo import prepare_policy
+from .sft import reference_lm, token_cross_entropy, trained_hidden
+
+SAMPLES_FILE = "samples.jsonl"
+STD_FLOOR = 1e-4
+"""Added to a group's reward std before dividing by it: a group whose answers all scored alike has
+zero advantages, not a division by zero."""
+
+
+@dataclass
+class PromptRow:
+    """One prompt to sample answers to: its tokens (ready for the reply), its messages, and the item
+    the grader reads. `labels` train nothing: a prompt row is a place in the schedule, not a target."""
+
+    input_ids: list[int]
+    messages: list[dict]
+    item: dict
+    where: str  # file:line, for messages about this row
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def labels(self) -> list[int]:
+        return [IGNORE_INDEX] * len(self.input_ids)
+
+
+def prepare_model(model, cfg):
+    return prepare_policy(model, cfg, cfg.grpo.policy)
+
+
+def load_grader(cfg):
+    """The grader the config names (inline, or a JSON/YAML file of one), fully checked."""
+    spec = cfg.grpo.grader
+    if isinstance(spec, str):
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"grpo.grader: {spec} is no file. Give a grader object, or the path of a JSON/YAML file.")
+        try:
+            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"grpo.grader: {path} is not valid JSON or YAML ({err}).") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(f"grpo.grader: {path} must hold one grader object (a mapping with a type).")
+    return build_grader(spec)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str, tokenizer, max_length: int) -> tuple[list[PromptRow], list[Problem], SystemPromptTally]:
+    """The prompts of a chat file, each problem located by file, line and field."""
+    rows, problems, system_prompts = [], [], SystemPromptTally(tokenizer)
+    for line, row in open_rows(path):
+        if isinstance(row, Problem):
+            problems.append(row)
+            continue
+        if not isinstance(row, dict) or "messages" not in row:
+            problems.append(
+                Problem(
+                    "no_messages",
+                    'method: grpo reads chat rows, {"messages": [...], ...any fields the grader reads}; this row '
+                    "has no messages.",
+                    file=path,
+                    line=line,
+                    field="messages",
+                )
+            )
+            continue
+        messages, found = normalise_messages(row["messages"], file=path, line=line)
+        problems += found
+        if messages is None or any(p.is_error for p in found):
+            continue
+        item = {k: v for k, v in row.items() if k != "messages"}
+        if messages[-1].role == "assistant":
+            item.setdefault("reference", messages[-1].content)
+            messages = messages[:-1]
+        if not messages or messages[-1].role not in ("user", "tool"):
+            problems.append(
+                Problem(
+                    "no_prompt",
+                    "the messages must end with the user's turn (and may be followed by one reference "
+                    "assistant reply): the policy samples the next assistant turn.",
+                    file=path,
+                    line=line,
+                    field="messages",
+                )
+            )
+            continue
+        prompt = [m.to_template() for m in messages]
+        [ids] = encode_prompts(tokenizer, [prompt])
+        if len(ids) >= max_length:
+            problems.append(
+                Problem(
+                    "too_long",
+                    f"the prompt is {len(ids)} tokens, at least data.max_length ({max_length}) leaves no room for "
+                    "an answer. Shorten it or raise data.max_length.",
+                    file=path,
+                    line=line,
+                    field="messages",
+                )
+            )
+            continue
+        system_prompts.add(messages)
+        rows.append(PromptRow(ids, prompt, item, f"{path}:{line}"))
+    return rows, problems, system_prompts
+
+
+def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.PreparedData:
+    """The training prompts, checked; the grader run once on the validation items (or the first
+    training ones) so that a grader that cannot score this data fails before any training."""
+    rows, problems = [], []
+    system_prompts = None
+    for path in cfg.data.train_files:
+        found_rows, found, tally = read_prompts(path, tokenizer, cfg.data.max_length)
+        rows += found_rows
+        problems += found
+        if system_prompts is None:
+            system_prompts = tally
+        else:
+            system_prompts.rows.update(tally.rows)
+            system_prompts.without += tally.without
+    valid: list[PromptRow] = []
+    if isinstance(cfg.data.validation, str):
+        valid, found, _ = read_prompts(cfg.data.validation, tokenizer, cfg.data.max_length)
+        problems += found
+    errors = [p for p in problems if p.is_error]
+    report = {
+        "kind": "prompts",
+        "files": [{"path": str(p), "role": "train", "format": "chat"} for p in cfg.data.train_files],
+        "counts": {"train": len(rows), "validation": len(valid), "rejected": len(errors)},
+        "rejected_by_code": dict(Counter(p.code for p in errors).most_common()),
+        "system_prompt": system_prompts.report() if system_prompts else SystemPromptTally(tokenizer).report(),
+        "warnings": [],
+        "errors": [p.to_dict() for p in errors[:1000]],
+        "errors_total": len(errors),
+    }
+    if report_path is not None:
+        write_json(report_path, report)
+    if errors and (cfg.data.on_error == "strict" or not rows):
+        listed = "\n".join(f"  {p}" for p in errors[:20])
+        raise DataError(
+            f"the prompts have {len(errors)} error(s):\n{listed}"
+            + ("\nFix these rows, or set data.on_error: skip to leave bad rows out." if rows else ""),
+            code=errors[0].code,
+            problems=errors,
+        )
+    load_grader(cfg).check([r.item for r in (valid or rows)[:16]])
+    return tfdata.PreparedData(rows, [], report)
+
+
+# --- sampling and the loss -----------------------------------------------------------------------
+
+
+class GRPOObjective(nn.Module):
+    """Samples and grades answers (`make_batches`), then returns sums over them: `loss` and, for the
+    logs, `reward` (its mean), `reward_std` (the mean of the groups' stds), `reward/NAME` per
+    grader, `kl` (mean per token, per answer) and `completion_length`."""
+
+    train_only_sums = ()
+    reported_sums = {"loss": "loss"}
+
+    def __init__(self, model, tokenizer, grader, cfg, *, reference: nn.Module | None = None):
+        super().__init__()
+        self.model, self.tokenizer, self.grader = model, tokenizer, grader
+        self.options, self.seed = cfg.grpo, cfg.train.seed
+        self.samples_path = Path(cfg.output_dir) / SAMPLES_FILE
+        self.parts = grader.part_names
+        self.logged_sums = ("reward", "reward_std", *(f"reward/{p}" for p in self.parts), "kl", "completion_length")
+        self.frozen = [reference.eval().requires_grad_(False)] if reference is not None else []
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        return batch["advantages"].numel()
+
+    @torch.no_grad()
+    def make_batches(self, micro_rows: list[list[PromptRow]], step: int, rank: int, all_sum) -> list[dict]:
+        """Each micro-batch of prompts as a batch of its sampled answers, graded, with their advantages
+        and token weights. `all_sum` adds a tensor over the processes (dapo's step-wide token count)."""
+        o = self.options
+        lm = causal_lm(self.model)
+        was_training = lm.training
+        sampled = []
+        try:
+            for index, rows in enumerate(micro_rows):
+                prompts = [r.messages for r in rows for _ in range(o.group_size)]
+                seed = zlib.crc32(json.dumps([self.seed, step, rank, index]).encode())
+                completions = generate(
+                    self.model,
+                    self.tokenizer,
+                    prompts,
+                    max_new_tokens=o.max_new_tokens,
+                    temperature=o.temperature,
+                    top_p=o.top_p,
+                    seed=seed,
+                )
+                sampled.append((rows, completions))
+        finally:
+            lm.train(was_training)  # sampling runs in eval mode (no dropout)
+        tokens = sum(len(c.token_ids) for _, completions in sampled for c in completions)
+        answers = sum(len(completions) for _, completions in sampled)
+        step_tokens, step_answers = all_sum(torch.tensor([float(tokens), float(answers)])).tolist()
+        per_token = step_answers / max(step_tokens, 1)
+        batches = [self._graded_batch(rows, completions, per_token) for rows, completions in sampled]
+        if rank == 0:
+            self._write_samples(step, micro_rows[0][0], sampled[0][1][: o.group_size], batches[0])
+        return batches
+
+    def _write_samples(self, step: int, row: PromptRow, completions: list, batch: dict) -> None:
+        """The first prompt's group of the step, with the answers' rewards and advantages."""
+        record = {
+            "step": step + 1,
+            "prompt": row.messages[-1]["content"],
+            "item": row.where,
+            "answers": [
+                {"text": c.text, "reward": float(r), "advantage": float(a)}
+                for c, r, a in zip(completions, batch["rewards"].tolist(), batch["advantages"].tolist())
+            ],
+        }
+        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.samples_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _graded_batch(self, rows: list[PromptRow], completions: list, answers_per_token: float) -> dict:
+        o = self.options
+        items = [r.item for r in rows for _ in range(o.group_size)]
+        grades = self.grader.grade([sample_of(c.text) for c in completions], items)
+        rewards = torch.tensor([g.score for g in grades], dtype=torch.float32)
+        parts = torch.tensor([[g.parts[p] for p in self.parts] for g in grades], dtype=torch.float32)
+        groups = rewards.view(len(rows), o.group_size)
+        std = groups.std(dim=1, keepdim=True, unbiased=False)
+        advantages = groups - groups.mean(dim=1, keepdim=True)
+        if o.loss != "dr_grpo":
+            advantages = advantages / (std + STD_FLOOR)
+        lengths = torch.tensor([max(len(c.token_ids), 1) for c in completions], dtype=torch.float32)
+        weights = {
+            "grpo": 1 / lengths,
+            "dr_grpo": torch.full_like(lengths, 1 / o.max_new_tokens),
+            "dapo": torch.full_like(lengths, answers_per_token),
+        }[o.loss]
+        examples = [
+            _answer_example(rows[i // o.group_size].input_ids, list(c.token_ids)) for i, c in enumerate(completions)
+        ]
+        return {
+            **tfdata.collate(examples, self.tokenizer.pad_token_id),
+            "advantages": advantages.flatten(),
+            "token_weights": weights,
+            "rewards": rewards,
+            "reward_parts": parts,
+            "group_std": std.expand(-1, o.group_size).flatten(),
+        }
+
+    def forward(
+        self,
+        input_ids,
+        labels,
+        advantages,
+        token_weights,
+        rewards,
+        reward_parts,
+        group_std,
+        position_ids=None,
+        attention_mask=None,
+    ):
+        batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
+        trained = labels != IGNORE_INDEX
+        answer = trained.nonzero()[:, 0]  # the answer (row) of each trained token
+        targets = labels[trained]
+        lm = causal_lm(self.model)
+        logp = -token_cross_entropy(lm, trained_hidden(lm, **batch), targets)[0]
+        ratio = torch.exp(logp - logp.detach())
+        token_loss = -advantages[answer] * ratio
+        kl = torch.zeros_like(logp)
+        if self.options.beta:
+            with torch.no_grad(), reference_lm(self.model, self.frozen) as ref:
+                ref_logp = -token_cross_entropy(ref, trained_hidden(ref, **batch), targets)[0]
+            q = ref_logp - logp
+            kl = torch.exp(q) - q - 1
+            token_loss = token_loss + self.options.beta * kl
+        lengths = trained.sum(dim=1).clamp(min=1)
+        kl_per_answer = torch.zeros_like(advantages).index_add(0, answer, kl.detach()) / lengths
+        return {
+            "loss": (token_loss * token_weights[answer]).sum(),
+            "reward": rewards.sum(),
+            "reward_std": group_std.sum(),
+            **{f"reward/{p}": reward_parts[:, k].sum() for k, p in enumerate(self.parts)},
+            "kl": kl_per_answer.sum(),
+            "completion_length": trained.sum(),
+        }
+
+
+def _answer_example(prompt_ids: list[int], answer_ids: list[int]) -> tfdata.Example:
+    """The prompt and its sampled answer as one example that trains the answer's tokens (labels shifted)."""
+    ids = prompt_ids + answer_ids
+    labels = [IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids + [IGNORE_INDEX]
+    return tfdata.Example(ids, labels)
+
+
+def build_objective(model, tokenizer, cfg, *, dtype: torch.dtype, device: torch.device) -> GRPOObjective:
+    # A full policy changes every weight: its reference is a frozen copy of the start. A LoRA
+    # policy's reference is its disabled adapter. Without a KL penalty there is no reference to run.
+    needs_copy = cfg.grpo.policy == "full" and cfg.grpo.beta > 0
+    reference = load_frozen_model(cfg.base_model, dtype=dtype, device=device) if needs_copy else None
+    return GRPOObjective(model, tokenizer, load_grader(cfg), cfg, reference=reference)

@@ -1,0 +1,214 @@
+"""GRPO on the tiny model: group advantages, the loss and its normalisation, KL to the reference,
+sampling inside the step, exact resume, and graders that fail before any training."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_run_config
+
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.generate import Completion
+from tuneforge.graders import build_grader
+from tuneforge.methods import build_objective, prepare_items, prepare_model
+from tuneforge.methods.grpo import STD_FLOOR
+from tuneforge.models import load_model, load_tokenizer
+from tuneforge.training import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Rewards an answer that opens like the demo's JSON: a tiny random model sometimes does, so groups differ.
+BRACE = {
+    "type": "string_check",
+    "name": "brace",
+    "input": "{{ sample.output_text }}",
+    "reference": "{",
+    "operation": "like",
+}
+
+
+def grpo_config(model_dir, data, out, *, grader=BRACE, loss="grpo", beta=0.04, **train_options) -> dict:
+    cfg = tiny_run_config(model_dir, data, out, **{"batch_size": 4, "max_steps": 2, **train_options})
+    cfg["method"] = "grpo"
+    cfg["grpo"] = {"grader": grader, "group_size": 4, "max_new_tokens": 8, "loss": loss, "beta": beta}
+    return cfg
+
+
+def objective_for(model_dir, data, tmp_path, **options):
+    """The objective and prompt rows of a run, without dropout: two forwards of a batch compute the same."""
+    raw = grpo_config(model_dir, data, tmp_path / "run", **options)
+    raw["lora"]["dropout"] = 0.0
+    cfg = load_config(raw)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = prepare_model(load_model(str(model_dir)), cfg)
+    objective = build_objective(model, cfg, tokenizer, dtype=torch.float32, device=torch.device("cpu"))
+    return objective, prepare_items(cfg, tokenizer).train, cfg
+
+
+def completions(texts_and_ids):
+    return [Completion(text, 0, len(ids), "stop", tuple(ids)) for text, ids in texts_and_ids]
+
+
+def test_advantages_are_the_rewards_against_their_group(tiny_model_dir, triage_data, tmp_path):
+    objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path)
+    answers = completions([("{", [5]), ("no", [6, 7]), ("no", [6]), ("{ yes", [5, 8, 9])] * 2)
+    batch = objective._graded_batch(rows[:2], answers, answers_per_token=0.5)
+    assert batch["rewards"].tolist() == [1, 0, 0, 1] * 2
+    expected = 0.5 / (0.5 + STD_FLOOR)  # mean 0.5, std 0.5 in each group of four
+    assert torch.allclose(batch["advantages"], torch.tensor([expected, -expected, -expected, expected] * 2))
+    # grpo: each answer's mean token loss
+    assert torch.allclose(batch["token_weights"], torch.tensor([1, 1 / 2, 1, 1 / 3] * 2))
+    assert batch["reward_parts"][:, 0].tolist() == batch["rewards"].tolist()
+    # Each answer trains its own tokens, after its prompt.
+    trained = [row[row != -100].tolist() for row in batch["labels"]]
+    assert trained[:4] == [[5], [6, 7], [6], [5, 8, 9]]
+
+    objective.options = objective.options.model_copy(update={"loss": "dr_grpo"})
+    batch = objective._graded_batch(rows[:2], answers, answers_per_token=0.5)
+    assert batch["advantages"].tolist() == [0.5, -0.5, -0.5, 0.5] * 2  # not scaled by the std
+    assert torch.allclose(batch["token_weights"], torch.full((8,), 1 / 8))  # 1 / max_new_tokens
+    objective.options = objective.options.model_copy(update={"loss": "dapo"})
+    assert objective._graded_batch(rows[:2], answers, 0.5)["token_weights"].tolist() == [0.5] * 8
+
+
+def test_the_loss_is_the_policy_gradient_and_kl_is_zero_at_the_start(tiny_model_dir, triage_data, tmp_path):
+    objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path)
+    answers = completions([("{", [5, 6]), ("no", [7]), ("no", [8, 9, 10]), ("{", [11])])
+    batch = objective._graded_batch(rows[:1], answers, answers_per_token=1.0)
+    sums = objective(**batch)
+    # A fresh adapter is the reference: KL is exactly 0, and the loss's value is -sum(A_i * w_i * n_i).
+    assert sums["kl"].item() == 0
+    lengths = torch.tensor([2.0, 1, 3, 1])
+    assert torch.isclose(sums["loss"], -(batch["advantages"] * batch["token_weights"] * lengths).sum(), atol=1e-6)
+    assert sums["reward"].item() == 2 and sums["completion_length"].item() == 7
+
+    # Its gradient is that of -sum(A_i * w_i * log pi(answer tokens)).
+    sums["loss"].backward()
+    got = {n: p.grad.clone() for n, p in objective.model.named_parameters() if p.requires_grad}
+    objective.model.zero_grad()
+    from tuneforge.methods.sft import token_cross_entropy, trained_hidden
+    from tuneforge.models import causal_lm
+
+    lm = causal_lm(objective.model)
+    labels = batch["labels"]
+    logp = -token_cross_entropy(lm, trained_hidden(lm, batch["input_ids"], labels), labels[labels != -100])[0]
+    row = (labels != -100).nonzero()[:, 0]
+    (-(batch["advantages"][row] * batch["token_weights"][row] * logp).sum()).backward()
+    for name, p in objective.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(got[name], p.grad, atol=1e-6), name
+
+
+def test_kl_is_the_k3_estimate_against_the_disabled_adapter(tiny_model_dir, triage_data, tmp_path):
+    objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path)
+    with torch.no_grad():
+        for name, p in objective.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    answers = completions([("a", [5, 6]), ("b", [7]), ("c", [8, 9, 10]), ("d", [11])])
+    batch = objective._graded_batch(rows[:1], answers, answers_per_token=1.0)
+    kl = objective(**batch)["kl"].item()
+    from tuneforge.methods.sft import reference_lm, token_cross_entropy, trained_hidden
+    from tuneforge.models import causal_lm
+
+    labels = batch["labels"]
+    targets = labels[labels != -100]
+    with torch.no_grad():
+        lm = causal_lm(objective.model)
+        logp = -token_cross_entropy(lm, trained_hidden(lm, batch["input_ids"], labels), targets)[0]
+        with reference_lm(objective.model, []) as ref:
+            ref_logp = -token_cross_entropy(ref, trained_hidden(ref, batch["input_ids"], labels), targets)[0]
+    q = ref_logp - logp
+    per_token = torch.exp(q) - q - 1
+    row = (labels != -100).nonzero()[:, 0]
+    per_answer = torch.zeros(4).index_add(0, row, per_token) / torch.tensor([2.0, 1, 3, 1])
+    assert kl > 0 and abs(kl - per_answer.sum().item()) < 1e-5
+
+
+def test_dapo_weights_make_the_step_a_mean_over_every_token(tiny_model_dir, triage_data, tmp_path):
+    objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path, loss="dapo")
+    micro = objective.make_batches([rows[:1], rows[1:2]], step=0, rank=0, all_sum=lambda t: t)
+    answers = sum(objective.count(b) for b in micro)
+    tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+    weighted = sum(float((b["token_weights"][:, None] * (b["labels"] != -100)).sum()) for b in micro)
+    # The loop divides the step's summed loss by its answers: the weights turn that into a per-token mean.
+    assert answers == 8 and weighted == pytest.approx(answers) and tokens > answers
+
+
+def test_sampling_is_seeded_by_step_and_batch(tiny_model_dir, triage_data, tmp_path):
+    objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path)
+
+    def answers(step, index=0):
+        batches = objective.make_batches([rows[:1]] * (index + 1), step=step, rank=0, all_sum=lambda t: t)
+        return batches[index]["input_ids"].tolist()
+
+    assert answers(3) == answers(3)
+    assert answers(3) != answers(4)
+    assert answers(3, index=1) != answers(3)
+    assert objective.model.training  # sampling ran in eval mode and handed the model back as it was
+
+
+def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data, tmp_path):
+    cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "ref", max_steps=4, save_every=2, learning_rate=5e-2)
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train_loss" in r]
+    assert len(steps) == 4
+    for record in steps:
+        assert {"reward", "reward_std", "reward/brace", "kl", "completion_length"} <= set(record)
+        assert 0 <= record["reward"] <= 1 and 1 <= record["completion_length"] <= 8
+    assert steps[-1]["kl"] > 0  # the policy moved away from the reference
+
+    # Cut after step 2: its checkpoint, the config and the log up to there; the rest trains again.
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "ref", cut)
+    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "final")
+    train({**cfg, "output_dir": str(cut)}, resume="latest", progress=False)
+    resumed = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    drop = ("tokens_per_s", "elapsed")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in records
+    ]
+
+
+def test_a_grader_that_fails_stops_the_run_before_training(tiny_model_dir, triage_data, tmp_path):
+    broken = {"type": "python", "name": "strict", "source": "def grade(sample, item):\n    return item['nope']\n"}
+    with pytest.raises(TuneforgeError, match="strict") as error:
+        train(grpo_config(tiny_model_dir, triage_data, tmp_path / "run", grader=broken), progress=False)
+    assert "nope" in error.value.message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_grpo_options_that_cannot_work_are_refused(tiny_model_dir, triage_data, tmp_path):
+    cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "run")
+    assert load_config(cfg).data.packing is False  # each prompt is sampled from on its own
+    with pytest.raises(ConfigError, match="data.packing to false"):
+        load_config({**cfg, "data": {**cfg["data"], "packing": True}})
+    with pytest.raises(ConfigError, match="grpo.grader"):
+        load_config({**cfg, "grpo": {}})
+    with pytest.raises(ConfigError, match="general_mix"):
+        load_config({**cfg, "data": {**cfg["data"], "general_mix": 0.1}})
+    with pytest.raises(TuneforgeError, match="score_model"):
+        build_grader({"type": "score_model", "name": "judge"})
+
+
+def test_prompt_rows_are_checked_with_file_line_and_field(tiny_model_dir, triage_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}], "answer": "x"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "assistant", "content": "only a reply"}]})
+        + "\n"
+        + json.dumps({"prompt": "no messages"})
+        + "\n"
+    )
+    cfg = load_config(grpo_config(tiny_model_dir, {**triage_data, "train": bad, "validation": None}, tmp_path / "r"))
+    with pytest.raises(TuneforgeError) as error:
+        prepare_items(cfg, load_tokenizer(str(tiny_model_dir)))
+    assert f"{bad}:2 messages" in error.value.message and f"{bad}:3 messages" in error.value.message
+    skipped = load_config({**cfg.model_dump(), "data": {**cfg.data.model_dump(), "on_error": "skip"}})
+    [row] = prepare_items(skipped, load_tokenizer(str(tiny_model_dir))).train
+    assert row.item == {"answer": "x"} and row.messages == [{"role": "user", "content": "hi"}]
