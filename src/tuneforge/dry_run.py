@@ -10,6 +10,7 @@ per-token activation size.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -136,12 +137,18 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
     )
     plan = make_plan(cfg, len(train_items), len(rows), world_size=processes)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
+    longest, trained_plan = max(len(r) for r in rows), plan
+    if cfg.method == "grpo":  # a prompt trains as group_size sampled answers of up to max_new_tokens each
+        g = cfg.grpo
+        tokens_per_epoch = (tokens_per_epoch + len(rows) * g.max_new_tokens) * g.group_size
+        longest += g.max_new_tokens
+        trained_plan = replace(plan, micro_batch_rows=plan.micro_batch_rows * g.group_size)
     memory = memory_plan(
         (n_params, n_trainable, n_linear),
         hf_config,
         cfg,
-        plan,
-        max(len(r) for r in rows),
+        trained_plan,
+        longest,
         precision,
         shards=processes if spread == "fsdp" else 1,
     )
@@ -190,9 +197,20 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         else ""
     )
     epochs = " (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else ""
-    return [
+    answers = (
+        [
+            (
+                "sampled answers",
+                f"{cfg.grpo.group_size} a prompt, up to {cfg.grpo.max_new_tokens} tokens each "
+                "(the time estimate counts their training, not their sampling)",
+            )
+        ]
+        if cfg.method == "grpo"
+        else []
+    )
+    return answers + [
         (
-            "examples" if cfg.method != "dpo" else "pairs",
+            {"dpo": "pairs", "grpo": "prompts"}.get(cfg.method, "examples"),
             f"{len(train_items):,} train, {len(valid_items):,} validation",
         ),
         (
