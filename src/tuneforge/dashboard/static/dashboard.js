@@ -1,0 +1,253 @@
+// tuneforge dashboard: live run pages, the login form, the new-job form and the chat playground.
+// Plain JavaScript, no framework: the server renders the pages and the charts.
+"use strict";
+
+const KEY_COOKIE = "tuneforge_key";
+const prefix = document.body.dataset.prefix;
+
+function apiKey() {
+  const found = document.cookie.split("; ").find((c) => c.startsWith(KEY_COOKIE + "="));
+  return found ? decodeURIComponent(found.slice(KEY_COOKIE.length + 1)) : "";
+}
+
+function authHeaders(extra = {}) {
+  const key = apiKey();
+  return key ? { ...extra, Authorization: "Bearer " + key } : extra;
+}
+
+// The OpenAI error body's message, or the status when the body is not one.
+async function failure(response) {
+  try {
+    const body = await response.json();
+    return (body.error && body.error.message) || JSON.stringify(body);
+  } catch (err) {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+async function postJSON(url, body) {
+  const response = await fetch(url, {
+    method: "POST",
+    headers: authHeaders({ "Content-Type": "application/json" }),
+    body: JSON.stringify(body),
+  });
+  if (!response.ok) throw new Error(await failure(response));
+  return response.json();
+}
+
+function showTimes(root) {
+  root.querySelectorAll("time[data-at]").forEach((t) => {
+    t.textContent = new Date(Number(t.dataset.at) * 1000).toLocaleTimeString();
+  });
+}
+
+// ---- a run's page: its live part is fetched again while the run is active ----------------------
+
+function followRun(live) {
+  const poll = Number(live.dataset.poll);
+  async function refresh() {
+    const response = await fetch(`${prefix}/live/${live.dataset.run}`, { headers: authHeaders() });
+    if (!response.ok) return setTimeout(refresh, poll * 2);
+    const update = await response.json();
+    live.innerHTML = update.html;
+    showTimes(live);
+    if (update.active) setTimeout(refresh, poll);
+    else window.location.reload(); // the finished run's page has its evaluation and report
+  }
+  if (live.dataset.active === "yes") setTimeout(refresh, poll);
+}
+
+// ---- login --------------------------------------------------------------------------------------
+
+function login(form) {
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const key = document.getElementById("api-key").value.trim();
+    const error = document.getElementById("login-error");
+    const response = await fetch("/v1/models", { headers: { Authorization: "Bearer " + key } });
+    if (!response.ok) {
+      error.textContent = await failure(response);
+      error.hidden = false;
+      return;
+    }
+    document.cookie = `${KEY_COOKIE}=${encodeURIComponent(key)}; path=/; SameSite=Strict`;
+    window.location.assign(form.dataset.next);
+  });
+}
+
+function logout(button) {
+  button.addEventListener("click", () => {
+    document.cookie = `${KEY_COOKIE}=; path=/; SameSite=Strict; max-age=0`;
+    window.location.assign(`${prefix}/login`);
+  });
+}
+
+// ---- a new job: upload, check, then create ------------------------------------------------------
+
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+function showCheck(target, report) {
+  target.replaceChildren();
+  const counts = report.counts;
+  target.append(element("p", `${counts.read} rows read: ${counts.valid} valid, ${counts.rejected} rejected; ` +
+    `${counts.train} training examples.`));
+  report.warnings.forEach((w) => target.append(element("p", `[${w.code}] ${w.message}`, "warning")));
+  if (!report.errors_total) {
+    target.append(element("p", "No problems: the file is ready to train on.", "ok"));
+    return true;
+  }
+  target.append(element("p", `${report.errors_total} problem(s): fix the file and choose it again.`, "error problems-count"));
+  const table = element("table", undefined, "problems");
+  const head = table.insertRow();
+  ["file", "line", "code", "field", "problem"].forEach((h) => head.append(element("th", h)));
+  report.errors.forEach((e) => {
+    const row = table.insertRow();
+    [e.file, e.line ?? "", e.code, e.field ?? "", e.message].forEach((v) => row.append(element("td", String(v))));
+  });
+  target.append(table);
+  return false;
+}
+
+function newJob(form) {
+  const fileInput = document.getElementById("training-file");
+  const result = document.getElementById("check-result");
+  const start = document.getElementById("start-job");
+  const error = document.getElementById("job-error");
+  let fileId = null;
+
+  async function check() {
+    start.disabled = true;
+    if (!fileId) return;
+    result.replaceChildren(element("p", "Checking every row…", "note"));
+    try {
+      const report = await postJSON(`${prefix}/api/check`, {
+        file_id: fileId,
+        model: document.getElementById("model").value,
+        method: document.getElementById("method").value,
+      });
+      start.disabled = !showCheck(result, report);
+    } catch (err) {
+      result.replaceChildren(element("p", err.message, "error"));
+    }
+  }
+
+  fileInput.addEventListener("change", async () => {
+    fileId = null;
+    start.disabled = true;
+    const file = fileInput.files[0];
+    if (!file) return;
+    result.replaceChildren(element("p", `Uploading ${file.name}…`, "note"));
+    const body = new FormData();
+    body.append("purpose", "fine-tune");
+    body.append("file", file);
+    const response = await fetch("/v1/files", { method: "POST", headers: authHeaders(), body });
+    if (!response.ok) {
+      result.replaceChildren(element("p", await failure(response), "error"));
+      return;
+    }
+    fileId = (await response.json()).id;
+    await check();
+  });
+  document.getElementById("model").addEventListener("change", check);
+  document.getElementById("method").addEventListener("change", check);
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.hidden = true;
+    const method = document.getElementById("method").value;
+    const hyperparameters = {};
+    ["n_epochs", "batch_size", "learning_rate_multiplier"].forEach((name) => {
+      const value = document.getElementById(name).value.trim();
+      if (value && value !== "auto") hyperparameters[name] = Number(value);
+    });
+    const body = {
+      model: document.getElementById("model").value,
+      training_file: fileId,
+      method: { type: method, [method]: { hyperparameters } },
+    };
+    const suffix = document.getElementById("suffix").value.trim();
+    if (suffix) body.suffix = suffix;
+    try {
+      const job = await postJSON("/v1/fine_tuning/jobs", body);
+      window.location.assign(`${prefix}/runs/${job.id}`);
+    } catch (err) {
+      error.textContent = err.message;
+      error.hidden = false;
+    }
+  });
+}
+
+// ---- the playground: one message to two models, each with its own conversation -------------------
+
+function playground(form) {
+  const conversations = { left: [], right: [] };
+
+  function say(side, role, text) {
+    const item = element("li", undefined, role);
+    item.append(element("b", role === "user" ? "you" : role), element("span", text));
+    document.getElementById(`transcript-${side}`).append(item);
+    return item;
+  }
+
+  async function ask(side, model, message) {
+    const history = conversations[side];
+    history.push({ role: "user", content: message });
+    say(side, "user", message);
+    const pending = say(side, "assistant", "…");
+    const system = document.getElementById("system").value.trim();
+    try {
+      const reply = await postJSON("/v1/chat/completions", {
+        model,
+        messages: system ? [{ role: "system", content: system }, ...history] : history,
+        max_tokens: Number(document.getElementById("max-tokens").value),
+        temperature: Number(document.getElementById("temperature").value),
+      });
+      const content = reply.choices[0].message.content;
+      history.push({ role: "assistant", content });
+      pending.lastChild.textContent = content;
+      pending.classList.add("answered");
+    } catch (err) {
+      history.pop();
+      pending.lastChild.textContent = err.message;
+      pending.classList.add("error");
+    }
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const message = document.getElementById("message").value.trim();
+    if (!message) return;
+    document.getElementById("message").value = "";
+    const asks = ["left", "right"]
+      .map((side) => [side, document.getElementById(`model-${side}`).value])
+      .filter(([, model]) => model)
+      .map(([side, model]) => ask(side, model, message));
+    await Promise.all(asks);
+  });
+  document.getElementById("reset").addEventListener("click", () => {
+    ["left", "right"].forEach((side) => {
+      conversations[side] = [];
+      document.getElementById(`transcript-${side}`).replaceChildren();
+    });
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  showTimes(document);
+  const hooks = {
+    live: followRun,
+    "login-form": login,
+    logout: logout,
+    "job-form": newJob,
+    "chat-form": playground,
+  };
+  Object.entries(hooks).forEach(([id, hook]) => {
+    const node = document.getElementById(id);
+    if (node) hook(node);
+  });
+});
