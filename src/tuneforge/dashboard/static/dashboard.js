@@ -207,9 +207,11 @@ function playground(form) {
         max_tokens: Number(document.getElementById("max-tokens").value),
         temperature: Number(document.getElementById("temperature").value),
       });
-      const content = reply.choices[0].message.content;
+      const choice = reply.choices[0];
+      const content = choice.message.content;
       history.push({ role: "assistant", content });
-      pending.lastChild.textContent = content;
+      pending.lastChild.textContent = content.trim() ? content : "(only white space)";
+      pending.append(element("small", `${reply.usage.completion_tokens} tokens, ${choice.finish_reason}`, "usage"));
       pending.classList.add("answered");
     } catch (err) {
       history.pop();
