@@ -59,7 +59,7 @@ def log_in(driver, base: str, key: str) -> None:
     wait_until(lambda: "/ui/login" in driver.current_url, "the login page")
     by_css(driver, "#api-key").send_keys(key)
     by_css(driver, "#login-form button[type=submit]").click()
-    wait_until(lambda: driver.current_url.endswith("/ui/") and by_css(driver, "h1"), "the jobs list after logging in")
+    wait_until(lambda: all_css(driver, "#runs, #empty"), "the jobs list after logging in")
 
 
 def chat_side_by_side(driver, shots: Screenshots, message: str) -> dict[str, str]:
@@ -94,7 +94,7 @@ def test_upload_check_train_watch_report_and_chat_in_a_browser(browser, server, 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')
     by_css(browser, "#training-file").send_keys(str(bad))
-    problems = wait_until(lambda: all_css(browser, "#check-result table.problems tr")[1:], "the bad file's problems")
+    problems = wait_until(lambda: all_css(browser, "#training-check table.problems tr")[1:], "the bad file's problems")
     cells = [row.find_elements("css selector", "td") for row in problems]
     assert {cell[1].text for cell in cells} == {"4", "5"}, [[c.text for c in row] for row in cells]
     assert all(cell[0].text.endswith("(bad.jsonl)") and cell[0].text.startswith("file-") for cell in cells)
@@ -105,7 +105,12 @@ def test_upload_check_train_watch_report_and_chat_in_a_browser(browser, server, 
     good.write_text(chat_rows(12))
     by_css(browser, "#training-file").clear()
     by_css(browser, "#training-file").send_keys(str(good))
-    wait_until(lambda: by_css(browser, "#check-result p.ok"), "the good file passing its check")
+    wait_until(lambda: by_css(browser, "#training-check p.ok"), "the good file passing its check")
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text(chat_rows(4, start=100))
+    by_css(browser, "#validation-file").send_keys(str(valid))
+    wait_until(lambda: by_css(browser, "#validation-check p.ok"), "the validation file passing its check")
+    wait_until(lambda: by_css(browser, "#start-job").is_enabled(), "the start button")
     for field, value in (("n_epochs", "2"), ("batch_size", "4")):
         by_css(browser, f"#{field}").clear()
         by_css(browser, f"#{field}").send_keys(value)
@@ -124,13 +129,14 @@ def test_upload_check_train_watch_report_and_chat_in_a_browser(browser, server, 
     )
     assert by_css(browser, "#run-status").text == "succeeded", by_css(browser, "#live").text
     wait_until(lambda: all_css(browser, "#loss-chart svg #train-curve path"), "the training curve")
+    assert all_css(browser, "#loss-chart svg #valid-curve") and all_css(browser, "#loss-chart svg #final-valid")
     assert [row.text.split()[0] for row in all_css(browser, "#checkpoints tr")[1:]] == ["6", "3"]
     assert "The job has successfully completed." in by_css(browser, "#events").text
     shots.take("job-succeeded")
 
     report = by_css(browser, "#data-report")
     browser.execute_script("arguments[0].scrollIntoView()", report)
-    assert "12 read, 12 valid, 0 rejected" in report.text and "No problems." in report.text
+    assert "16 read, 16 valid, 0 rejected" in report.text and "No problems." in report.text
     assert "(train.jsonl)" in report.text and str(server.home) not in browser.page_source
     assert "n_epochs" in by_css(browser, "#hyperparameters").text
     shots.take("job-report")

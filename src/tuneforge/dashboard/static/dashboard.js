@@ -114,47 +114,62 @@ function showCheck(target, report) {
 }
 
 function newJob(form) {
-  const fileInput = document.getElementById("training-file");
-  const result = document.getElementById("check-result");
   const start = document.getElementById("start-job");
   const error = document.getElementById("job-error");
-  let fileId = null;
+  // The training file (required) and the validation file (optional): each uploaded, then checked.
+  const files = ["training", "validation"].map((role) => ({
+    role,
+    input: document.getElementById(`${role}-file`),
+    result: document.getElementById(`${role}-check`),
+    id: null,
+    ok: role === "validation",
+  }));
 
-  async function check() {
-    start.disabled = true;
-    if (!fileId) return;
-    result.replaceChildren(element("p", "Checking every row…", "note"));
+  function update() {
+    start.disabled = !(files[0].id && files.every((f) => f.ok));
+  }
+
+  async function check(file) {
+    if (!file.id) return;
+    file.ok = false;
+    update();
+    file.result.replaceChildren(element("p", "Checking every row…", "note"));
     try {
       const report = await postJSON(`${prefix}/api/check`, {
-        file_id: fileId,
+        file_id: file.id,
         model: document.getElementById("model").value,
         method: document.getElementById("method").value,
       });
-      start.disabled = !showCheck(result, report);
+      file.ok = showCheck(file.result, report);
     } catch (err) {
-      result.replaceChildren(element("p", err.message, "error"));
+      file.result.replaceChildren(element("p", err.message, "error"));
     }
+    update();
   }
 
-  fileInput.addEventListener("change", async () => {
-    fileId = null;
-    start.disabled = true;
-    const file = fileInput.files[0];
-    if (!file) return;
-    result.replaceChildren(element("p", `Uploading ${file.name}…`, "note"));
+  async function upload(file) {
+    file.id = null;
+    file.ok = file.role === "validation";
+    update();
+    const chosen = file.input.files[0];
+    if (!chosen) return file.result.replaceChildren();
+    file.result.replaceChildren(element("p", `Uploading ${chosen.name}…`, "note"));
     const body = new FormData();
     body.append("purpose", "fine-tune");
-    body.append("file", file);
+    body.append("file", chosen);
     const response = await fetch("/v1/files", { method: "POST", headers: authHeaders(), body });
     if (!response.ok) {
-      result.replaceChildren(element("p", await failure(response), "error"));
+      file.result.replaceChildren(element("p", await failure(response), "error"));
       return;
     }
-    fileId = (await response.json()).id;
-    await check();
-  });
-  document.getElementById("model").addEventListener("change", check);
-  document.getElementById("method").addEventListener("change", check);
+    file.id = (await response.json()).id;
+    await check(file);
+  }
+
+  files.forEach((file) => file.input.addEventListener("change", () => upload(file)));
+  ["model", "method"].forEach((id) =>
+    document.getElementById(id).addEventListener("change", () => files.forEach(check)),
+  );
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -167,9 +182,10 @@ function newJob(form) {
     });
     const body = {
       model: document.getElementById("model").value,
-      training_file: fileId,
+      training_file: files[0].id,
       method: { type: method, [method]: { hyperparameters } },
     };
+    if (files[1].id) body.validation_file = files[1].id;
     const suffix = document.getElementById("suffix").value.trim();
     if (suffix) body.suffix = suffix;
     try {
