@@ -272,6 +272,19 @@ def api(
 
 
 @app.command()
+def ui(
+    directory: Path = typer.Argument(Path("runs"), help="The folder your run folders are in (or one run folder)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one: no key is asked)."),
+    port: int = typer.Option(8600, help="Port to listen on."),
+    max_models: int = typer.Option(1, min=1, help="Base models the playground holds in memory at once."),
+):
+    """Web dashboard of the runs under DIRECTORY: live curves, reports, checkpoints, comparison, chat."""
+    from .dashboard.app import ui_command
+
+    raise typer.Exit(ui_command(directory, host=host, port=port, max_models=max_models))
+
+
+@app.command()
 def worker(
     db: str = typer.Option(
         ..., "--store", "--db", envvar="TUNEFORGE_DB", help="The shared job store, e.g. postgresql://user@host/db."

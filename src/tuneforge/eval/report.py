@@ -248,6 +248,17 @@ def _png(figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def svg(figure) -> str:
+    """The figure as an `<svg>` element to put inside an HTML page: text kept as text, no XML prologue."""
+    from matplotlib import rc_context
+
+    buffer = io.StringIO()
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "tuneforge"}):
+        figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]
+
+
 def _figure(title: str):
     # The object API, not pyplot: no global backend or figure state in a library.
     from matplotlib.figure import Figure
@@ -260,52 +271,88 @@ def _figure(title: str):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl; a last line still being written (no newline yet) is left out."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` in each record of a run's metrics that has it."""
+    return [(m["step"], m[key]) for m in metrics if key in m]
+
+
+def loss_figure(runs: dict[str, list[dict]]):
+    """The loss curves of one run, or of several on one chart to compare them: training loss as a line,
+    validation loss as points on it, the full validation at the end as a square.
+
+    `runs` maps a run's name to its metrics; with one run the name is left out of the legend. Each
+    line's SVG group id is `train-curve`, `valid-curve` or `final-valid` (suffixed `-N` for the N-th
+    run of several), so a page can find what was drawn."""
+    figure, axes = _figure("loss")
+    several = len(runs) > 1
+    for i, (name, metrics) in enumerate(runs.items()):
+        suffix, label = (f"-{i}", f"{name}: ") if several else ("", "")
+        colour = f"C{i}" if several else None
+        train, valid = curve(metrics, "train_loss"), curve(metrics, "valid_loss")
+        final = curve(metrics, "full_valid_loss")
+        if train:
+            line = axes.plot(*zip(*train), label=f"{label}train", linewidth=1, color=colour or "C0")[0]
+            line.set_gid(f"train-curve{suffix}")
+        if valid:
+            line = axes.plot(*zip(*valid), "o--", label=f"{label}validation", color=colour or "C1")[0]
+            line.set_gid(f"valid-curve{suffix}")
+        if final:
+            line = axes.plot(*zip(*final), "s", color=colour or "black", label=f"{label}full validation (end)")[0]
+            line.set_gid(f"final-valid{suffix}")
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy per trained token")
+    if axes.lines:
+        # Beside the chart when several runs' entries would cover their curves.
+        place = {"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if several else {}
+        axes.legend(fontsize="small", **place)
+    return figure
+
+
+def learning_rate_figure(metrics: list[dict]):
+    figure, axes = _figure("learning rate")
+    axes.plot(*zip(*curve(metrics, "lr")))
+    axes.set_xlabel("step")
+    axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    return figure
 
 
 def training_plots(metrics: list[dict]) -> list[tuple[str, str]]:
     """(caption, base64 PNG) for the loss curves and the learning rate of a run's metrics.jsonl."""
-    train = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
-    if not train:
+    if not curve(metrics, "train_loss"):
         return []
-    valid = [(m["step"], m["valid_loss"]) for m in metrics if "valid_loss" in m]
-    final = [(m["step"], m["full_valid_loss"]) for m in metrics if "full_valid_loss" in m]
-    figure, axes = _figure("loss")
-    axes.plot(*zip(*train), label="train", linewidth=1)
-    if valid:
-        axes.plot(*zip(*valid), "o-", label="validation")
-    if final:
-        axes.plot(*zip(*final), "s", color="black", label="full validation (end)")
-    axes.set_xlabel("step")
-    axes.set_ylabel("cross-entropy per trained token")
-    axes.legend()
-    plots = [("Training and validation loss", _png(figure))]
-    rates = [(m["step"], m["lr"]) for m in metrics if "lr" in m]
-    figure, axes = _figure("learning rate")
-    axes.plot(*zip(*rates))
-    axes.set_xlabel("step")
-    axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    plots.append(("Learning rate", _png(figure)))
+    return [
+        ("Training and validation loss", _png(loss_figure({"run": metrics}))),
+        ("Learning rate", _png(learning_rate_figure(metrics))),
+        *((caption, _png(figure)) for caption, figure in reward_figures(metrics)),
+    ]
+
+
+def reward_figures(metrics: list[dict]) -> list[tuple[str, object]]:
+    """(caption, figure) for the rewards and the KL of a reinforcement fine-tuning run; none for other runs."""
     rewarded = [m for m in metrics if "reward" in m]
-    if rewarded:
-        figure, axes = _figure("reward")
-        steps = [m["step"] for m in rewarded]
-        axes.plot(steps, [m["reward"] for m in rewarded], label="reward (mean)", linewidth=1.5)
-        for part in sorted({k for m in rewarded for k in m if k.startswith("reward/")}):
-            axes.plot(steps, [m.get(part) for m in rewarded], label=part, linewidth=1, alpha=0.7)
-        axes.plot(steps, [m["reward_std"] for m in rewarded], ":", label="std within groups")
-        axes.set_xlabel("step")
-        axes.legend()
-        plots.append(("Reward of the sampled answers (reinforcement fine-tuning)", _png(figure)))
-        figure, axes = _figure("KL to the reference")
-        axes.plot(steps, [m["kl"] for m in rewarded])
-        axes.set_xlabel("step")
-        axes.set_ylabel("per token")
-        plots.append(("KL to the reference", _png(figure)))
-    return plots
+    if not rewarded:
+        return []
+    steps = [m["step"] for m in rewarded]
+    rewards, axes = _figure("reward")
+    axes.plot(steps, [m["reward"] for m in rewarded], label="reward (mean)", linewidth=1.5)
+    for part in sorted({k for m in rewarded for k in m if k.startswith("reward/")}):
+        axes.plot(steps, [m.get(part) for m in rewarded], label=part, linewidth=1, alpha=0.7)
+    axes.plot(steps, [m["reward_std"] for m in rewarded], ":", label="std within groups")
+    axes.set_xlabel("step")
+    axes.legend()
+    kl, axes = _figure("KL to the reference")
+    axes.plot(steps, [m["kl"] for m in rewarded])
+    axes.set_xlabel("step")
+    axes.set_ylabel("per token")
+    return [("Reward of the sampled answers (reinforcement fine-tuning)", rewards), ("KL to the reference", kl)]
 
 
 def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | None:

@@ -3,7 +3,8 @@
 Routes (one router per resource, in `routes/`): `/v1/files` (upload, list, get, content, delete),
 `/v1/fine_tuning/jobs` (create, list, get, cancel, pause, resume, events, checkpoints),
 `/v1/models`, and through `tuneforge.serve`, `/v1/chat/completions` and `/v1/completions` for
-the models a key may use (`access.py`). Every error is OpenAI's body `{"error": {message, type,
+the models a key may use (`access.py`). The web dashboard (`tuneforge.dashboard`, which reads this
+service) adds its pages under `/ui`. Every error is OpenAI's body `{"error": {message, type,
 param, code}}`, a bad argument a 400 that names it. With API keys, each key is an owner that sees
 only its own files, jobs and models (keys are never stored: owners are hashes of them); the key
 is checked before any body is read, and bodies are capped (`tuneforge.web`).
@@ -44,12 +45,14 @@ def create_api(
     max_models: int = 2,
     docs: bool = False,
     allow_python_graders: bool = False,
+    dashboard: bool = True,
 ) -> FastAPI:
     """The app; its lifespan starts `workers` job workers and stops them (jobs queued again) at the end.
 
     `allowed_models` are the models clients may name besides registry models and their own fine-tuned
     ones; at most `max_models` base models are held in memory for inference. `allow_python_graders`
-    accepts reinforcement jobs whose grader runs the client's code here.
+    accepts reinforcement jobs whose grader runs the client's code here. `dashboard` serves the web
+    dashboard (`tuneforge.dashboard`) under /ui.
     """
     service = Service(
         root,
@@ -81,10 +84,15 @@ def create_api(
     for router in ROUTERS:
         app.include_router(router)
     app.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"])
+    if dashboard:
+        from ..dashboard import PAGES, JobRuns, install_dashboard
+
+        install_dashboard(app, JobRuns(service), keys_required=bool(api_keys))
     edge(
         app,
         api_keys=api_keys,
         max_body_bytes=max_body_bytes,
         per_path={UPLOAD_PATH: max_upload_bytes + UPLOAD_ENVELOPE_BYTES},
+        pages=PAGES if dashboard else None,
     )
     return app

@@ -7,13 +7,15 @@ all three on an app. `docs_urls` keeps the documentation pages off unless asked 
 this package is cheap: no torch.
 """
 
-from .auth import LOCAL_OWNER, caller, owner_of
+from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
 from .limits import docs_urls, edge
 
 __all__ = [
     "APIError",
+    "KEY_COOKIE",
     "LOCAL_OWNER",
+    "Pages",
     "caller",
     "docs_urls",
     "edge",

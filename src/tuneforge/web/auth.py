@@ -4,6 +4,11 @@ A FastAPI dependency runs only after the body is parsed, so the check is Starlet
 authentication middleware with `BearerKeys` as its backend: a request without a right key is
 refused from its headers alone. Routes get the caller with the `caller` dependency: the owner of
 the key (a hash of it; keys are never stored), or `local` on a server without keys.
+
+Pages a browser opens (the dashboard's, under `pages`) cannot send a header, so there a GET may
+carry the key in the `KEY_COOKIE` cookie instead, and one without a right key is sent to the login
+page. Only GETs read the cookie, and everything that changes something takes the Bearer header, so
+another site cannot make a browser act with its key.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
+from urllib.parse import quote, unquote
 
 from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
@@ -20,6 +27,20 @@ from starlette.requests import HTTPConnection
 from .errors import APIError
 
 LOCAL_OWNER = "local"
+KEY_COOKIE = "tuneforge_key"
+
+
+class Pages:
+    """Where browser pages live (`prefix`), the page that asks for a key, and paths under `prefix` open to all."""
+
+    def __init__(self, prefix: str, login: str, public_prefixes: Iterable[str] = ()):
+        self.prefix, self.login, self.public_prefixes = prefix, login, tuple(public_prefixes)
+
+    def is_public(self, path: str) -> bool:
+        return path == self.login or path.startswith(self.public_prefixes)
+
+    def is_page_request(self, conn: HTTPConnection) -> bool:
+        return conn.url.path.startswith(self.prefix) and conn.scope.get("method") in ("GET", "HEAD")
 
 
 def owner_of(api_key: str) -> str:
@@ -29,17 +50,21 @@ def owner_of(api_key: str) -> str:
 class BearerKeys(AuthenticationBackend):
     """`Authorization: Bearer KEY` with one of `keys` on every path but `public` ones; no keys, no check."""
 
-    def __init__(self, keys: Sequence[str], public: Iterable[str]):
+    def __init__(self, keys: Sequence[str], public: Iterable[str], pages: Pages | None = None):
         self.keys = [key.encode() for key in keys]
         self.public = frozenset(public)
+        self.pages = pages
 
     async def authenticate(self, conn: HTTPConnection):
-        if conn.url.path in self.public:
+        path = conn.url.path
+        if path in self.public or (self.pages and self.pages.is_public(path)):
             return None
         if not self.keys:
             return AuthCredentials(["api"]), SimpleUser(LOCAL_OWNER)
         scheme, _, given = conn.headers.get("authorization", "").partition(" ")
         given = given.strip()
+        if not scheme and self.pages and self.pages.is_page_request(conn):
+            scheme, given = "bearer", unquote(conn.cookies.get(KEY_COOKIE, ""))
         if scheme.lower() != "bearer" or not given:
             raise AuthenticationError("No API key given: send it as `Authorization: Bearer KEY`.")
         if not any(hmac.compare_digest(given.encode(), key) for key in self.keys):
@@ -47,14 +72,15 @@ class BearerKeys(AuthenticationBackend):
         return AuthCredentials(["api"]), SimpleUser(owner_of(given))
 
 
-def require_keys(app: FastAPI, keys: Sequence[str], public: Iterable[str]) -> None:
-    app.add_middleware(AuthenticationMiddleware, backend=BearerKeys(keys, public), on_error=_refused)
+def require_keys(app: FastAPI, keys: Sequence[str], public: Iterable[str], pages: Pages | None = None) -> None:
+    def refused(conn: HTTPConnection, err: AuthenticationError):
+        if pages and pages.is_page_request(conn):
+            return RedirectResponse(f"{pages.login}?next={quote(conn.url.path)}", status_code=303)
+        return APIError(401, str(err), code="invalid_api_key").response()
+
+    app.add_middleware(AuthenticationMiddleware, backend=BearerKeys(keys, public, pages), on_error=refused)
 
 
 def caller(request: Request) -> str:
     """The owner the request's key stands for (a dependency for routes)."""
     return request.user.username
-
-
-def _refused(conn: HTTPConnection, err: AuthenticationError):
-    return APIError(401, str(err), code="invalid_api_key").response()

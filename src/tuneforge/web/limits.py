@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .auth import require_keys
+from .auth import Pages, require_keys
 from .errors import APIError, install_error_handlers
 
 HEALTH_PATH = "/health"
@@ -54,14 +54,22 @@ def docs_urls(docs: bool) -> dict:
     return {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
 
 
-def edge(app: FastAPI, *, api_keys: Sequence[str], max_body_bytes: int, per_path: dict[str, int] | None = None) -> None:
+def edge(
+    app: FastAPI,
+    *,
+    api_keys: Sequence[str],
+    max_body_bytes: int,
+    per_path: dict[str, int] | None = None,
+    pages: Pages | None = None,
+) -> None:
     """OpenAI-shaped errors, the body cap, and the key checked first (the outermost middleware).
 
-    /health and the documentation pages, when the app has them (`docs_urls`), need no key.
+    /health and the documentation pages, when the app has them (`docs_urls`), need no key; browser
+    `pages` may carry it in a cookie (`auth.py`).
     """
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, per_path=per_path)
-    pages = [app.docs_url, app.redoc_url, app.openapi_url]
+    documentation = [app.docs_url, app.redoc_url, app.openapi_url]
     if app.docs_url:
-        pages.append(app.swagger_ui_oauth2_redirect_url)
-    require_keys(app, api_keys, [HEALTH_PATH, *filter(None, pages)])
+        documentation.append(app.swagger_ui_oauth2_redirect_url)
+    require_keys(app, api_keys, [HEALTH_PATH, *filter(None, documentation)], pages)

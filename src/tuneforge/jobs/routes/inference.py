@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends
 
 from ...serve import ChatCompletionBody, CompletionBody
 from ...web import caller
-from ..inference import ForwardedResponse
+from ..access import InferenceTarget
+from ..inference import ForwardedResponse, InferenceModels
 from ..service import Service, service_of
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
@@ -20,10 +21,17 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
 async def forward(service: Service, owner: str, body: ChatCompletionBody | CompletionBody) -> ForwardedResponse:
     target = await asyncio.to_thread(service.access.for_inference, owner, body.model)
-    served = await service.inference.acquire(target, body.model)
+    return await answer(service.inference, target, body)
+
+
+async def answer(
+    models: InferenceModels, target: InferenceTarget, body: ChatCompletionBody | CompletionBody
+) -> ForwardedResponse:
+    """`body` answered by the serve app of `target`'s base, which calls the model what the body does."""
+    served = await models.acquire(target, body.model)
     payload = body.model_dump(exclude_unset=True)
     payload["model"] = body.model if target.adapter else served.pool.base_name
-    return ForwardedResponse(service.inference, served, payload)
+    return ForwardedResponse(models, served, payload)
 
 
 @router.post("/chat/completions")

@@ -1,0 +1,242 @@
+"""What a run folder says, read for the dashboard: its config, progress, checkpoints, data report and evaluation.
+
+A run folder is what `training/loop.py` and `pipeline.py` write (config.yaml, metrics.jsonl,
+data_report.json, checkpoints/step-N/, final/, summary.json, eval/); any of its files may be missing
+(a run that has just started, one that stopped, one without evaluation) or still being written (the
+last line of metrics.jsonl), and the views say so instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..eval.report import (
+    examples_table,
+    forgetting_table,
+    learning_rate_figure,
+    loss_figure,
+    metrics_table,
+    read_metrics,
+    svg,
+)
+
+ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
+# A run folder without a summary whose files changed this recently is taken to be training still.
+RUNNING_WITHIN_S = 120.0
+SAMPLES_SHOWN = 50
+# The figures the runs list shows, in order, with the first of the keys a run has.
+HEADLINE_METRICS = (
+    ("train loss", ("train_loss",)),
+    ("valid loss", ("full_valid_loss", "valid_loss")),
+    ("task exact", ("task_exact",)),
+)
+
+
+@dataclass
+class Event:
+    at: float | None
+    message: str
+    level: str = "info"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    metrics: dict
+    model: str | None  # the name to chat with it by, where the server can answer with it
+
+
+@dataclass
+class RunRow:
+    """One line of the runs list."""
+
+    id: str
+    name: str
+    status: str
+    model: str
+    method: str
+    created: float
+    elapsed_s: float | None = None
+    step: int = 0
+    total_steps: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    def headline(self) -> list[str]:
+        shown = []
+        for _, keys in HEADLINE_METRICS:
+            value = next((self.metrics[k] for k in keys if k in self.metrics), None)
+            shown.append(number(value))
+        return shown
+
+
+@dataclass
+class RunPage:
+    """Everything a run's page shows."""
+
+    row: RunRow
+    folder: RunFolder
+    events: list[Event]
+    checkpoints: list[Checkpoint]
+    hyperparameters: dict[str, str]
+    data_report: dict | None
+    tuned_model: str | None  # the name to chat with the run's final model by
+    base_model: str | None
+    error: str | None = None
+
+
+def number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class RunFolder:
+    """Read-only views of one run folder; nothing here trusts a file to exist or be whole."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def config(self) -> dict:
+        return _yaml(self.path / "config.yaml") or {}
+
+    def summary(self) -> dict | None:
+        return _json(self.path / "summary.json")
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    def last_metrics(self) -> dict:
+        """The last step's record, read from the end of metrics.jsonl (a long run's file is not read whole)."""
+        path = self.path / "metrics.jsonl"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 8192))
+                lines = f.read().decode("utf-8", errors="replace").split("\n")[1:-1]
+        except OSError:
+            return {}
+        merged: dict = {}
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step") != merged.get("step"):
+                merged = {}
+            merged.update(record)
+        return merged
+
+    def data_report(self) -> dict | None:
+        return _json(self.path / "data_report.json")
+
+    def checkpoint_steps(self) -> list[int]:
+        folders = (self.path / "checkpoints").glob("step-*")
+        return sorted(int(f.name[5:]) for f in folders if f.name[5:].isdigit() and f.is_dir())
+
+    def evaluation(self) -> dict[str, dict | None]:
+        eval_dir = self.path / "eval"
+        return {name: _json(eval_dir / f"{name}.json") for name in ("before", "after", "forgetting")}
+
+    def samples(self) -> list[dict]:
+        path = self.path / "eval" / "samples.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def changed_at(self) -> float | None:
+        times = [p.stat().st_mtime for p in (self.path / "metrics.jsonl", self.path / "config.yaml") if p.exists()]
+        return max(times) if times else None
+
+    def status(self) -> str:
+        """completed (or what the summary says), running (changed lately), or stopped."""
+        summary = self.summary()
+        if summary:
+            return summary.get("status", "completed")
+        changed = self.changed_at()
+        return "running" if changed and time.time() - changed < RUNNING_WITHIN_S else "stopped"
+
+    def is_run(self) -> bool:
+        return (self.path / "config.yaml").is_file() or (self.path / "metrics.jsonl").is_file()
+
+
+def loss_chart(runs: dict[str, list[dict]]) -> str:
+    """The loss curves of one or more runs as inline SVG; empty when no run has logged a step yet."""
+    if not any(m.get("train_loss") is not None for metrics in runs.values() for m in metrics):
+        return ""
+    return svg(loss_figure(runs))
+
+
+def learning_rate_chart(metrics: list[dict]) -> str:
+    return svg(learning_rate_figure(metrics)) if any("lr" in m for m in metrics) else ""
+
+
+def evaluation_tables(folder: RunFolder) -> list:
+    """The report's tables (base vs tuned, forgetting, answers side by side), as eval/report.py builds them."""
+    found = folder.evaluation()
+    tables = []
+    if found["before"] and found["after"]:
+        tables.append(metrics_table({"base": found["before"], "tuned": found["after"]}))
+    if found["forgetting"]:
+        tables.append(forgetting_table(found["forgetting"]))
+    samples = folder.samples()
+    if samples:
+        tables.append(examples_table(samples, n=SAMPLES_SHOWN))
+    return tables
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as `section.key: value` lines."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            as_json = isinstance(value, (list, bool)) or value is None
+            flat[f"{prefix}{key}"] = json.dumps(value) if as_json else str(value)
+    return flat
+
+
+def metric_events(metrics: list[dict], checkpoint_steps: list[int], summary: dict | None) -> list[Event]:
+    """What happened in a run folder, newest first: validations, checkpoints, the end."""
+    found = [(step, f"Checkpoint step-{step} saved") for step in checkpoint_steps]
+    for m in metrics:
+        if "valid_loss" in m:
+            found.append((m["step"], f"Step {m['step']}: validation loss {number(m['valid_loss'])}"))
+        if "full_valid_loss" in m:
+            found.append((m["step"], f"Full validation loss {number(m['full_valid_loss'])}"))
+    if summary:
+        found.append((math.inf, f"Run {summary.get('status', 'completed')} after {summary.get('steps', '?')} steps"))
+    return [Event(None, message) for _, message in sorted(found, key=lambda event: event[0], reverse=True)]
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None

@@ -1,0 +1,159 @@
+"""The dashboard's views and routes without a browser: run folders as they are written (and half-written),
+the pages of `tuneforge ui`, and per-key visibility under `tuneforge api`'s keys.
+
+The browser tests are in test_dashboard_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("fastapi")
+pytest.importorskip("sqlalchemy")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from tuneforge.dashboard import FolderRuns  # noqa: E402
+from tuneforge.dashboard.app import create_ui_app  # noqa: E402
+from tuneforge.dashboard.runs import RunFolder  # noqa: E402
+from tuneforge.dashboard.sources import public_report  # noqa: E402
+
+
+def write_run(folder: Path, *, steps: int = 6, finished: bool = True, lr: float = 1e-3) -> Path:
+    """A run folder as the training loop writes it: config, metrics, checkpoints, and once finished the summary."""
+    folder.mkdir(parents=True)
+    config = {"base_model": "tiny-base", "method": "lora", "train": {"lr": lr}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [
+        {"step": s, "train_loss": 3.0 - 0.1 * s, "lr": lr, "elapsed": 0.5 * s, "tokens": 100 * s}
+        for s in range(1, steps + 1)
+    ]
+    records[2]["valid_loss"] = 2.9
+    lines = [json.dumps(r) for r in records]
+    if finished:
+        lines.append(json.dumps({"step": steps, "full_valid_loss": 2.5}))
+        (folder / "summary.json").write_text(
+            json.dumps({"status": "completed", "steps": steps, "metrics": {**records[-1], "full_valid_loss": 2.5}})
+        )
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    for step in (3, steps):
+        (folder / "checkpoints" / f"step-{step}").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_a_run_folder_is_read_as_it_is_being_written(tmp_path):
+    folder = write_run(tmp_path / "live", finished=False)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train_lo')  # the loop is writing this line now
+    view = RunFolder(folder)
+    assert [m["step"] for m in view.metrics()] == [1, 2, 3, 4, 5, 6]
+    assert view.last_metrics()["step"] == 6
+    assert view.status() == "running"
+    stale = time.time() - 3600
+    for name in ("metrics.jsonl", "config.yaml"):
+        os.utime(folder / name, (stale, stale))
+    assert view.status() == "stopped"
+    assert RunFolder(write_run(tmp_path / "done")).status() == "completed"
+    assert RunFolder(tmp_path / "missing").metrics() == [] and RunFolder(tmp_path / "missing").summary() is None
+
+
+def test_run_folders_under_a_directory_are_listed_with_their_figures(tmp_path):
+    write_run(tmp_path / "a")
+    write_run(tmp_path / "group" / "b", steps=4, finished=False)
+    (tmp_path / "not-a-run").mkdir()
+    rows = {row.id: row for row in FolderRuns(tmp_path).list_runs("local")}
+    assert set(rows) == {"a", "group/b"}
+    assert rows["a"].status == "completed" and rows["a"].step == 6 and rows["a"].total_steps == 6
+    assert rows["a"].headline()[:2] == ["2.4", "2.5"]  # final train loss, full validation loss
+    assert rows["group/b"].status == "running" and rows["group/b"].step == 4 and rows["group/b"].elapsed_s == 2.0
+    page = FolderRuns(tmp_path).run_page("local", "a")
+    assert [c.step for c in page.checkpoints] == [6, 3] and page.checkpoints[1].metrics["valid_loss"] == 2.9
+    assert page.tuned_model is None  # no final/ folder: nothing to chat with
+    assert page.events[0].message == "Run completed after 6 steps"
+
+
+def test_pages_of_tuneforge_ui(tmp_path):
+    write_run(tmp_path / "a")
+    write_run(tmp_path / "b", lr=3e-3)
+    with TestClient(create_ui_app(tmp_path)) as client:
+        listing = client.get("/ui/")
+        assert listing.status_code == 200 and 'href="/ui/runs/a"' in listing.text
+        run = client.get("/ui/runs/a")
+        assert run.status_code == 200
+        assert 'id="train-curve"' in run.text and 'id="valid-curve"' in run.text and 'id="final-valid"' in run.text
+        assert "train.lr" in run.text  # hyperparameters, from config.yaml
+        live = client.get("/ui/live/a").json()
+        assert live["status"] == "completed" and not live["active"] and 'id="train-curve"' in live["html"]
+        compared = client.get("/ui/compare?run=a&run=b").text
+        assert 'id="train-curve-0"' in compared and 'id="train-curve-1"' in compared
+        missing = client.get("/ui/runs/a%2F..%2F..")
+        assert missing.status_code == 404 and "There is no run" in missing.text
+        assert client.get("/ui/report/a").status_code == 404  # no evaluation was run
+        models = client.get("/ui/api/models").json()["data"]
+        assert models == ["tiny-base", "a:ckpt-step-6", "a:ckpt-step-3", "b:ckpt-step-6", "b:ckpt-step-3"]
+        hello = [{"role": "user", "content": "hi"}]
+        refused = client.post("/v1/chat/completions", json={"model": "nope", "messages": hello})
+        assert refused.status_code == 404 and "nope" in refused.json()["error"]["message"]
+        static = client.get("/ui/static/dashboard.js")
+        assert static.status_code == 200 and "fetch(" in static.text
+
+
+def test_a_data_report_shown_to_a_client_names_files_by_id_and_hides_server_paths():
+    report = {
+        "files": [{"path": "/srv/tuneforge/jobs/files/abc/file-1.jsonl", "role": "train"}],
+        "errors": [{"file": "/srv/tuneforge/jobs/files/abc/file-1.jsonl", "line": 4, "message": "see /etc/x"}],
+        "cache": {"path": "/root/.cache/tuneforge/data-cache/k"},
+    }
+    shown = public_report(report, {"/srv/tuneforge/jobs/files/abc/file-1.jsonl": "file-1 (train.jsonl)"})
+    assert shown["files"][0]["path"] == "file-1 (train.jsonl)" and shown["errors"][0]["file"] == "file-1 (train.jsonl)"
+    assert "/etc" not in shown["errors"][0]["message"] and "cache" not in shown
+
+
+def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path):
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Job, Store, new_id, now
+    from tuneforge.web import KEY_COOKIE, owner_of
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    app = create_api(tmp_path, store, api_keys=["key-a", "key-b"], workers=0)
+    job = Job(
+        id=new_id("ftjob-"),
+        owner=owner_of("key-a"),
+        model="tiny",
+        training_file="file-1",
+        seed=1,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+        status="queued",
+        created_at=now(),
+        result_files=[],
+        fine_tuned_model="ft:tiny:tuneforge::abc",
+    )
+    store.add(job)
+    with TestClient(app) as client:
+        to_login = client.get("/ui/", follow_redirects=False)
+        assert to_login.status_code == 303 and to_login.headers["location"] == "/ui/login?next=/ui/"
+        assert client.get("/ui/login").status_code == 200 and client.get("/ui/static/dashboard.css").status_code == 200
+        client.cookies.set(KEY_COOKIE, "key-a")
+        assert job.id in client.get("/ui/").text and client.get(f"/ui/runs/{job.id}").status_code == 200
+        client.cookies.set(KEY_COOKIE, "key-b")
+        assert job.id not in client.get("/ui/").text
+        assert client.get(f"/ui/runs/{job.id}").status_code == 404
+        assert client.get(f"/ui/live/{job.id}").status_code == 404
+        assert job.id not in client.get(f"/ui/compare?run={job.id}").text
+        client.cookies.set(KEY_COOKIE, "wrong")
+        assert client.get("/ui/", follow_redirects=False).status_code == 303
+        # A cookie is a key for reading pages only: what does something needs the Bearer header.
+        client.cookies.set(KEY_COOKIE, "key-a")
+        check = client.post("/ui/api/check", json={"file_id": "file-1", "model": "tiny"})
+        assert check.status_code == 401
+        assert client.get("/v1/fine_tuning/jobs").status_code == 401
+        with_header = client.post(
+            "/ui/api/check", json={"file_id": "file-1", "model": "tiny"}, headers={"Authorization": "Bearer key-b"}
+        )
+        assert with_header.status_code == 404 and with_header.json()["error"]["param"] == "file_id"
