@@ -10,6 +10,8 @@ from conftest import tiny_run_config
 
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.dashboard.runs import reward_chart
+from tuneforge.eval.report import rollouts_table
 from tuneforge.generate import Completion
 from tuneforge.graders import build_grader
 from tuneforge.methods import build_objective, prepare_items, prepare_model
@@ -160,6 +162,12 @@ def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data
         assert {"reward", "reward_std", "reward/brace", "kl", "completion_length"} <= set(record)
         assert 0 <= record["reward"] <= 1 and 1 <= record["completion_length"] <= 8
     assert steps[-1]["kl"] > 0  # the policy moved away from the reference
+    # Each step's first group, as the report shows it: four answers with their rewards and advantages.
+    rollouts = [json.loads(line) for line in (tmp_path / "ref" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rollouts] == [1, 2, 3, 4]
+    assert all(len(r["answers"]) == 4 and all(0 <= a["reward"] <= 1 for a in r["answers"]) for r in rollouts)
+    assert len(rollouts_table(tmp_path / "ref").rows) == 12  # the last three steps
+    assert reward_chart(records).count("<svg") == 2  # the dashboard's reward and KL curves
 
     # Cut after step 2: its checkpoint, the config and the log up to there; the rest trains again.
     cut = tmp_path / "cut"

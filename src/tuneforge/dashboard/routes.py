@@ -32,6 +32,7 @@ from .runs import (
     learning_rate_chart,
     loss_chart,
     number,
+    reward_chart,
 )
 from .sources import RunSource
 
@@ -55,6 +56,8 @@ class CheckBody(BaseModel):
 def _cached_chart(kind: str, path: str, mtime_ns: int, size: int) -> str:
     """A run's chart, drawn again only when its metrics.jsonl has changed (pages poll while a run trains)."""
     metrics = RunFolder(Path(path)).metrics()
+    if kind == "reward":
+        return reward_chart(metrics)
     return loss_chart({"run": metrics}) if kind == "loss" else learning_rate_chart(metrics)
 
 
@@ -117,6 +120,7 @@ def dashboard_router(source: RunSource, keys_required: bool) -> APIRouter:
             "run": run,
             "loss_chart": run_chart(run.folder, "loss"),
             "lr_chart": run_chart(run.folder, "lr"),
+            "reward_chart": run_chart(run.folder, "reward"),
         }
 
     @router.get("/live/{run_id:path}")

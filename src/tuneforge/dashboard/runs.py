@@ -23,6 +23,7 @@ from ..eval.report import (
     loss_figure,
     metrics_table,
     read_metrics,
+    reward_figures,
     svg,
 )
 
@@ -187,6 +188,11 @@ def loss_chart(runs: dict[str, list[dict]]) -> str:
 
 def learning_rate_chart(metrics: list[dict]) -> str:
     return svg(learning_rate_figure(metrics)) if any("lr" in m for m in metrics) else ""
+
+
+def reward_chart(metrics: list[dict]) -> str:
+    """A reinforcement fine-tuning run's reward curves as inline SVG; empty for other runs."""
+    return "".join(svg(figure) for _, figure in reward_figures(metrics))
 
 
 def evaluation_tables(folder: RunFolder) -> list:

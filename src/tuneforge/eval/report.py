@@ -357,7 +357,7 @@ def reward_figures(metrics: list[dict]) -> list[tuple[str, object]]:
 
 def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | None:
     """The sampled answers of the last `steps` steps' first prompts, with their rewards (grpo runs)."""
-    path = Path(run_dir) / "samples.jsonl"
+    path = Path(run_dir) / "rollouts.jsonl"
     if not path.is_file():
         return None
     by_step = {}  # a resumed run samples a step again: its last record counts

@@ -23,7 +23,7 @@ so that the step's loss is
 The objective returns sums over answers (`count`), so the loop's division by the step's answers
 gives those means under any gradient accumulation and number of processes. Sampling and grading
 are part of the step: the loop asks the objective to `make_batches` from the step's prompt rows.
-The first prompt's group of each step is written to `samples.jsonl` in the run folder (answers and
+The first prompt's group of each step is written to `rollouts.jsonl` in the run folder (answers and
 their scores), which the run's report shows beside the reward curves.
 
 A `base_model` that is a LoRA run (an SFT run, say) is merged into its base when loaded, as for
@@ -61,7 +61,7 @@ from ..models import causal_lm, load_frozen_model
 from .dpo import prepare_policy
 from .sft import reference_lm, token_cross_entropy, trained_hidden
 
-SAMPLES_FILE = "samples.jsonl"
+ROLLOUTS_FILE = "rollouts.jsonl"
 STD_FLOOR = 1e-4
 """Added to a group's reward std before dividing by it: a group whose answers all scored alike has
 zero advantages, not a division by zero."""
@@ -224,7 +224,7 @@ class GRPOObjective(nn.Module):
         super().__init__()
         self.model, self.tokenizer, self.grader = model, tokenizer, grader
         self.options, self.seed = cfg.grpo, cfg.train.seed
-        self.samples_path = Path(cfg.output_dir) / SAMPLES_FILE
+        self.samples_path = Path(cfg.output_dir) / ROLLOUTS_FILE
         self.parts = grader.part_names
         self.logged_sums = ("reward", "reward_std", *(f"reward/{p}" for p in self.parts), "kl", "completion_length")
         self.frozen = [reference.eval().requires_grad_(False)] if reference is not None else []
