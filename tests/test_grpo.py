@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_run_config
 
 from tuneforge.config import load_config
-from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.dashboard.runs import reward_chart
+from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.eval.report import rollouts_table
 from tuneforge.generate import Completion
 from tuneforge.graders import build_grader
