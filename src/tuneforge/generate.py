@@ -75,6 +75,19 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def inference_dtype(precision: str = "fp32") -> torch.dtype:
+    """The dtype to hold weights in for generation on `inference_device()`.
+
+    `fp32` decodes exactly as transformers does in fp32 (the library's default, and eval's). `auto`
+    is bf16 where the device computes it natively, else fp32: at batch 1 a decoding step reads every
+    weight once, so halving their bytes nearly doubles tokens/s on a CPU (BENCHMARKS.md, "Serving");
+    greedy answers may then differ from fp32 ones. `tuneforge serve` and `tuneforge chat` use `auto`.
+    """
+    from .models import compute_dtype, resolve_precision
+
+    return compute_dtype(resolve_precision(precision, inference_device()))
+
+
 def render_prompt(tokenizer, prompt: Prompt) -> str:
     """The text the model continues: chat messages through the chat template, a string as it is."""
     if isinstance(prompt, str):
