@@ -315,6 +315,31 @@ def serve_section(path: Path, r: dict) -> list[str]:
     return lines
 
 
+def decode_step_section(path: Path, r: dict) -> list[str]:
+    s, m, steps = r["setup"], r["machine"], r["step_ms"]
+    lines = [
+        f"## Decoding step: eager against `torch.compile` ({s['threads']} threads, {s['dtype']})",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. SmolLM2-135M-Instruct with two LoRA "
+        f"adapters, decoded through `generate.Batch` on {m['cpu']} ({m['cores']} cores), 1-minute load average "
+        f"median {f(r['load_average']['median'])}. Compiled: the causal LM's forward under "
+        "`torch.compile(dynamic=True)`.",
+        "",
+        f"Batch 1, ms a step (median of rounds taken in turns): eager **{f(steps['eager']['median'])}**, compiled "
+        f"**{f(steps['compiled']['median'])}**.",
+        "",
+        "| phase, in order | compiled: first pass (s) | graphs compiled | recompiles | eager: first pass (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for phase, compiled in r["first_passes"]["compiled"].items():
+        eager = r["first_passes"]["eager"][phase]
+        lines.append(
+            f"| {phase} | {f(compiled['first_pass_seconds'])} | {compiled['graphs_compiled']} | "
+            f"{compiled['recompiles']} | {f(eager['first_pass_seconds'])} |"
+        )
+    return lines
+
+
 def distill_section(path: Path, r: dict) -> list[str]:
     s, m, models, speed, training = r["setup"], r["machine"], r["models"], r["speed"], r["training"]
     teacher, sft = models["teacher"], models["student_sft"]
@@ -521,6 +546,7 @@ def main() -> None:
         ("profile_2threads", profile_section),
         ("data_prep", data_prep_section),
         ("serve", serve_section),
+        ("decode_step", decode_step_section),
         ("distill", distill_section),
         ("dpo", dpo_section),
         ("fsdp", fsdp_section),
