@@ -24,7 +24,9 @@ contender uses `--threads` threads; they take turns prompt by prompt, in an orde
 every round, and only one computes at a time, so load from other work on a shared machine falls on
 all alike.
 
-Targets: (c) >= 0.5x (b) at batch 1; (e) at 8 requests >= 2x (b). Writes
+Ratios pair each run with llama.cpp's run of the same prompt in the same round and take the
+median, so load that changes between rounds does not skew them. Targets: (c) >= 0.5x (b) at
+batch 1; (e) at 8 requests >= 2x (b) at batch 1. Writes
 bench/results/serve-<date>.json, then rewrites BENCHMARKS.md through report.py.
 """
 
@@ -254,6 +256,11 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
+def paired(runs: list[dict], reference: list[dict]) -> float:
+    """The median over prompts of a run's tokens/s over the reference's run of the same prompt and round."""
+    return median([rate(a) / rate(b) for a, b in zip(runs, reference, strict=True)])
+
+
 def agreement(reference: list[dict], other: list[dict]) -> dict:
     return {"agree": sum(a["text"] == b["text"] for a, b in zip(reference, other)), "of": len(reference)}
 
@@ -313,7 +320,6 @@ def main() -> None:
                 contenders[name].close()
 
     measured = {name: summary(runs) for name, runs in results.items()}
-    llama_rate = measured["llama_cpp"]["tokens_per_s"]
     concurrent = {
         str(n): {"tokens_per_s": median([rate(r) for r in runs]), "runs": runs} for n, runs in together.items()
     }
@@ -338,12 +344,24 @@ def main() -> None:
         "serve_dtype": health["dtype"],
         "concurrent": {**concurrent, "largest_batch": health["largest_batch"]},
         "same_text_as_hf": {name: agreement(results["hf_generate"], results[name]) for name in names[1:]},
+        # Each run against llama.cpp's run of the same prompt in the same round, then the median: the
+        # two ran minutes apart at most, so a change of load between rounds does not skew the ratio.
         "ratios": {
-            "serve_vs_llama_cpp": measured["serve"]["tokens_per_s"] / llama_rate,
-            "serve_fp32_vs_llama_cpp": measured["serve_fp32"]["tokens_per_s"] / llama_rate,
-            "hf_generate_vs_llama_cpp": measured["hf_generate"]["tokens_per_s"] / llama_rate,
-            "serve_vs_hf_generate": measured["serve"]["tokens_per_s"] / measured["hf_generate"]["tokens_per_s"],
-            **{f"concurrent_{n}_vs_llama_cpp": concurrent[str(n)]["tokens_per_s"] / llama_rate for n in CONCURRENCY},
+            **{
+                f"{name}_vs_llama_cpp": paired(results[name], results["llama_cpp"])
+                for name in names
+                if name != "llama_cpp"
+            },
+            "serve_vs_hf_generate": paired(results["serve"], results["hf_generate"]),
+            **{
+                f"concurrent_{n}_vs_llama_cpp": median(
+                    [
+                        rate(run) / median([rate(r) for r in results["llama_cpp"][2 * i : 2 * i + 2]])
+                        for i, run in enumerate(together[n])
+                    ]
+                )
+                for n in CONCURRENCY
+            },
         },
         "targets": TARGETS,
     }
@@ -353,7 +371,8 @@ def main() -> None:
     print(f"raw results: {path}")
     for name, figures in measured.items():
         print(
-            f"{name:12s} {figures['tokens_per_s']:6.1f} tok/s = {figures['tokens_per_s'] / llama_rate:.2f}x llama.cpp, "
+            f"{name:12s} {figures['tokens_per_s']:6.1f} tok/s, "
+            f"{out['ratios'].get(f'{name}_vs_llama_cpp', 1.0):.2f}x llama.cpp (paired), "
             f"first token {figures['first_token_seconds']:.3f} s"
         )
     for n in CONCURRENCY:
