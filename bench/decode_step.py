@@ -112,6 +112,7 @@ def main() -> None:
                     "graphs_compiled": dynamo_counts()["graphs"] - before["graphs"],
                     "recompiles": dynamo_counts()["recompiles"] - before["recompiles"],
                 }
+                print(f"{name}, {key}: {phase[key]}", flush=True)  # a compile may outlast the caller's patience
     warmup_seconds = time.perf_counter() - started
     load.append(os.getloadavg()[0])
 
