@@ -127,7 +127,9 @@ def test_ctrl_c_stops_the_reply_and_drops_its_turn(tiny):
 
 
 def test_the_chat_command_loads_a_model_folder(model_dir, tiny):
-    result = CliRunner().invoke(app, ["chat", str(model_dir), "--max-tokens", str(MAX_TOKENS)], input="Hi\n/exit\n")
+    result = CliRunner().invoke(
+        app, ["chat", str(model_dir), "--max-tokens", str(MAX_TOKENS), "--precision", "fp32"], input="Hi\n/exit\n"
+    )
     assert result.exit_code == 0, result.output
     assert "chatting with model" in result.output
     assert reply_to(tiny, [{"role": "user", "content": "Hi"}]) in result.output

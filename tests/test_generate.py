@@ -134,3 +134,45 @@ def test_bad_options_are_refused(tiny):
         generate(model, tokenizer, [QUESTION], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, tokenizer, [QUESTION], top_p=0)
+
+
+def test_inference_dtype_is_bf16_only_where_native():
+    from tuneforge.generate import inference_device, inference_dtype
+    from tuneforge.models import bf16_supported
+
+    assert inference_dtype() == inference_dtype("fp32") == torch.float32
+    native = bf16_supported(inference_device())
+    assert inference_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+
+
+FIXED_PROMPTS = [
+    [{"role": "user", "content": "Hi!"}],
+    [{"role": "user", "content": "My database is down and production is affected, please help!"}],
+    [
+        {"role": "system", "content": "Answer in JSON."},
+        {"role": "user", "content": "How do I reset my password for the web console?"},
+    ],
+    "The quick brown fox",
+]
+
+
+@pytest.mark.parametrize("first_columns", [256, 1], ids=["room-to-spare", "growing-every-doubling"])
+def test_greedy_tokens_equal_transformers_generate_in_fp32(tiny, first_columns, monkeypatch):
+    """The decoding loop (pre-allocated cache, own batching) picks the tokens transformers' `generate` picks,
+    alone and batched, whether the cache has room from the start or grows."""
+    from tuneforge import kv_cache
+    from tuneforge.generate import encode_prompts, stop_token_ids
+
+    monkeypatch.setattr(kv_cache, "MIN_COLUMNS", first_columns)
+    model, tokenizer = tiny
+    stops = sorted(stop_token_ids(model, tokenizer))
+    expected = []
+    for ids in encode_prompts(tokenizer, FIXED_PROMPTS):
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=stops, pad_token_id=stops[0]
+            )
+        expected.append(tuple(out[0, len(ids) :].tolist()))
+    alone = [generate(model, tokenizer, [p], max_new_tokens=24)[0].token_ids for p in FIXED_PROMPTS]
+    together = [c.token_ids for c in generate(model, tokenizer, FIXED_PROMPTS, max_new_tokens=24)]
+    assert alone == together == expected

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from .errors import ConfigError
-from .generate import Sampling, encode_prompts, inference_device, stream
+from .generate import Sampling, encode_prompts, inference_device, inference_dtype, stream
 from .models import context_length, load_model, load_tokenizer, resolve
 from .models.system_prompt import recorded_system_prompt
 
@@ -99,7 +99,9 @@ def chat_session(
     return _with_system(system, history)
 
 
-def chat_command(spec: str, *, system: str | None, max_new_tokens: int, temperature: float, top_p: float) -> int:
+def chat_command(
+    spec: str, *, system: str | None, max_new_tokens: int, temperature: float, top_p: float, precision: str = "auto"
+) -> int:
     """Load MODEL (registry name, folder, run folder, .gguf) and chat with it in the terminal."""
     try:
         Sampling(max_new_tokens, temperature, top_p)
@@ -107,7 +109,7 @@ def chat_command(spec: str, *, system: str | None, max_new_tokens: int, temperat
         raise ConfigError(str(err), code="invalid_value") from err
     source = resolve(spec)
     tokenizer = load_tokenizer(source)
-    model = load_model(source).to(inference_device()).eval()
+    model = load_model(source, dtype=inference_dtype(precision)).to(inference_device()).eval()
     sys.stdout.write(
         f"chatting with {source.name}"
         + (f" (adapter {source.adapter})" if source.adapter else "")

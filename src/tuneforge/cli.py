@@ -170,12 +170,17 @@ def chat(
     max_tokens: int = typer.Option(512, min=1, help="Most tokens in one reply."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy: the same answer every time."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling, in (0, 1] (with temperature > 0)."),
+    precision: str = typer.Option(
+        "auto", help="Weights for decoding: auto (bf16 where native, else fp32) | bf16 | fp32 (exact)."
+    ),
 ):
     """Chat with MODEL in the terminal, replies streamed; /reset, /system TEXT, /exit."""
     from .chat import chat_command
 
     raise typer.Exit(
-        chat_command(model, system=system, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        chat_command(
+            model, system=system, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, precision=precision
+        )
     )
 
 
@@ -198,6 +203,9 @@ def serve(
     max_tokens: int = typer.Option(1024, min=1, help="Reply length limit for chat requests that set none."),
     max_body_mb: int = typer.Option(4, min=1, help="Largest request body accepted, in MiB."),
     docs: bool = typer.Option(False, help="Serve /docs and /openapi.json (without a key)."),
+    precision: str = typer.Option(
+        "auto", help="Weights for decoding: auto (bf16 where native, else fp32) | bf16 | fp32 (exact)."
+    ),
 ):
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for a base and its adapters."""
     from .serve.command import serve_command
@@ -215,6 +223,7 @@ def serve(
             default_max_tokens=max_tokens,
             max_body_mb=max_body_mb,
             docs=docs,
+            precision=precision,
         )
     )
 

@@ -75,6 +75,19 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def inference_dtype(precision: str = "fp32") -> torch.dtype:
+    """The dtype to hold weights in for generation on `inference_device()`.
+
+    `fp32` decodes exactly as transformers does in fp32 (the library's default, and eval's). `auto`
+    is bf16 where the device computes it natively, else fp32: at batch 1 a decoding step reads every
+    weight once, so halving their bytes nearly doubles tokens/s on a CPU (BENCHMARKS.md, "Serving");
+    greedy answers may then differ from fp32 ones. `tuneforge serve` and `tuneforge chat` use `auto`.
+    """
+    from .models import compute_dtype, resolve_precision
+
+    return compute_dtype(resolve_precision(precision, inference_device()))
+
+
 def render_prompt(tokenizer, prompt: Prompt) -> str:
     """The text the model continues: chat messages through the chat template, a string as it is."""
     if isinstance(prompt, str):
@@ -244,8 +257,8 @@ class Batch:
     Rows added while others decode are prefilled on their own at the next step and merged into the
     running KV cache, both sides left-padded to a common width; finished rows leave, and the cache
     columns that only they used go with them. Merging needs a plain full-attention cache
-    (`DynamicLayer` on every layer); with any other (sliding windows) `can_join` is False and added
-    rows wait until the running ones have finished.
+    (`PreallocatedLayer` on every layer); with any other (sliding windows) `can_join` is False and
+    added rows wait until the running ones have finished.
     """
 
     def __init__(self, model, tokenizer):
@@ -266,10 +279,10 @@ class Batch:
     @property
     def can_join(self) -> bool:
         """Whether rows added now start at the next step rather than after the running ones finish."""
-        from transformers.cache_utils import DynamicLayer
+        from .kv_cache import PreallocatedLayer
 
         return self._cache is None or all(
-            type(layer) is DynamicLayer and layer.is_initialized for layer in self._cache.layers
+            type(layer) is PreallocatedLayer and layer.is_initialized for layer in self._cache.layers
         )
 
     def add(self, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> Row:
@@ -317,16 +330,16 @@ class Batch:
         The shared prefix is computed for one row and its cache copied to every row; each row's own
         rest follows it, left-padded, so a row's cache reads prefix, padding, its own tokens.
         """
-        from transformers import DynamicCache, DynamicLayer
+        from .kv_cache import PreallocatedLayer, new_cache
 
         rows, self._waiting = self._waiting, []
         device = self.model.device
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         shared = _common_prefix_length([row.prompt_ids for row in rows])
         if (
             len(rows) < 2
             or shared < MIN_SHARED_PREFIX
-            or any(type(layer) is not DynamicLayer for layer in cache.layers)
+            or any(type(layer) is not PreallocatedLayer for layer in cache.layers)
         ):
             shared = 0
         if shared:

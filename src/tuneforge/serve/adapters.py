@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 from ..config import DEFAULT_MODEL
 from ..errors import ConfigError, ModelSourceError
-from ..generate import inference_device
+from ..generate import inference_device, inference_dtype
 from ..models import ModelSource, load_model, load_tokenizer, resolve
 
 
@@ -25,7 +25,14 @@ class AdapterPool:
     read from any thread.
     """
 
-    def __init__(self, base: str | None = None, adapters: dict[str, str] | None = None, *, max_loaded: int = 4):
+    def __init__(
+        self,
+        base: str | None = None,
+        adapters: dict[str, str] | None = None,
+        *,
+        max_loaded: int = 4,
+        precision: str = "fp32",
+    ):
         if max_loaded < 1:
             raise ConfigError(f"max_loaded must be at least 1, got {max_loaded}", code="invalid_value")
         adapter_sources = {name: _adapter_source(name, spec) for name, spec in (adapters or {}).items()}
@@ -41,7 +48,7 @@ class AdapterPool:
         self._sources = adapter_sources
         self._tokenizers = {self.base_name: load_tokenizer(base_source)}
         self._tokenizers.update({name: load_tokenizer(source) for name, source in adapter_sources.items()})
-        self.model = load_model(base_source).to(inference_device()).eval()
+        self.model = load_model(base_source, dtype=inference_dtype(precision)).to(inference_device()).eval()
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self._lock = threading.Lock()
 

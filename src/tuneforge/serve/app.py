@@ -259,6 +259,7 @@ def health(request: Request):
     body = {
         "status": "ok" if stats["alive"] else "unavailable",
         "model": pool.base_name,
+        "dtype": str(pool.model.dtype).removeprefix("torch."),
         "adapters": pool.names[1:],
         "loaded_adapters": pool.loaded,
         "waiting": stats["waiting"],

@@ -42,10 +42,11 @@ def serve_command(
     default_max_tokens: int,
     max_body_mb: int,
     docs: bool,
+    precision: str = "auto",
 ) -> int:
     import uvicorn
 
-    pool = AdapterPool(model, parse_adapters(adapter_specs), max_loaded=max_adapters)
+    pool = AdapterPool(model, parse_adapters(adapter_specs), max_loaded=max_adapters, precision=precision)
     engine = Engine(pool, max_batch=max_batch, max_waiting=max_waiting)
     try:
         app = create_app(
@@ -57,7 +58,7 @@ def serve_command(
         )
         console = Console(stderr=True)
         console.print(
-            f"serving [bold]{pool.base_name}[/] on {pool.model.device}"
+            f"serving [bold]{pool.base_name}[/] on {pool.model.device} in {pool.model.dtype}"
             + (f" with adapters {', '.join(pool.names[1:])}" if len(pool.names) > 1 else "")
             + f" at http://{host}:{port}/v1"
             + (" (API key required)" if api_keys else ""),
