@@ -174,7 +174,7 @@ def chat(
         "auto", help="Weights for decoding: auto (bf16 where native, else fp32) | bf16 | fp32 (exact)."
     ),
 ):
-    """Chat with MODEL in the terminal, replies streamed; /reset, /system TEXT, /exit."""
+    """Chat with MODEL in the terminal, replies streamed; /system TEXT, /show, /reset, /exit."""
     from .chat import chat_command
 
     raise typer.Exit(
