@@ -456,6 +456,43 @@ def dpo_section(path: Path, r: dict) -> list[str]:
     return lines
 
 
+def grpo_section(path: Path, r: dict) -> list[str]:
+    m, sft, seeds = r["machine"], r["sft_test"], r["seeds"]
+    kept = r.get("sft_general_questions_kept")
+    lines = [
+        "## Reinforcement fine-tuning (GRPO) on the quickstart's SFT model: the demo task",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. The recipe `{r['recipe']}`: the quickstart's "
+        "LoRA run merged in and used as the reference, a fresh LoRA on its upper half, 24 steps of 8 training "
+        "tickets x 4 sampled answers, the json_fields grader (category, priority, product), beta 0.04, lr 2e-4. "
+        f"Scored greedily on the first {r['tickets']} test tickets (`support_triage`). {m['cpu']}, {m['cores']} "
+        f"cores (native bf16: {'yes' if m['native_bf16'] else 'no'}); 1-minute load average "
+        f"{f(m['load_average_before'])} before, {f(m['load_average_after'])} after. Training times come from each "
+        "run's own summary.",
+        "",
+        "| model | exact | category | priority | product | valid JSON | general questions kept | training |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| SFT (the quickstart's run) | {sft['exact']:.1%} | {sft['category']:.1%} | {sft['priority']:.1%} | "
+        f"{sft['product']:.1%} | {sft['valid_json']:.1%} | {f'{kept:.1%}' if kept is not None else '–'} | |",
+    ]
+    for s in seeds:
+        t = s["test"]
+        lines.append(
+            f"| GRPO, seed {s['seed']} | **{t['exact']:.1%}** | {t['category']:.1%} | {t['priority']:.1%} | "
+            f"{t['product']:.1%} | {t['valid_json']:.1%} | {s['general_questions_kept']:.1%} | "
+            f"{f(s['train_seconds'] / 60)} min |"
+        )
+    exact = [s["test"]["exact"] for s in seeds]
+    lines += [
+        "",
+        f"Exact match over {len(seeds)} seed(s): {min(exact):.1%} to {max(exact):.1%}, against the SFT model's "
+        f"{sft['exact']:.1%}. Final mean reward of the sampled answers (temperature 1): "
+        + ", ".join(f"{s['final_reward']:.3f}" for s in seeds)
+        + ".",
+    ]
+    return lines
+
+
 def fsdp_section(path: Path, r: dict) -> list[str]:
     m, s = r["machine"], r["setup"]
     lines = [
@@ -551,6 +588,7 @@ def main() -> None:
         ("decode_step", decode_step_section),
         ("distill", distill_section),
         ("dpo", dpo_section),
+        ("grpo", grpo_section),
         ("fsdp", fsdp_section),
         ("memory", memory_section),
     )
