@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -91,8 +92,8 @@ def spec_choice(spec: dict, key: str, choices: Sequence[str], label: str) -> str
     return value
 
 
-class Grader:
-    """Scores samples against their items. Subclasses give `_score` (one sample) or `_grade` (a batch).
+class Grader(ABC):
+    """Scores samples against their items. Subclasses give `_grade` (the scores of a batch).
 
     `label` is how errors name the grader: its name and type, and for a sub-grader of a multi
     grader the path to it, `"total" > "format" (python)`.
@@ -143,9 +144,6 @@ class Grader:
     def _results(self, samples: Sequence[dict], items: Sequence[dict]) -> list[GradeResult]:
         return [GradeResult(score, {self.name: score}) for score in self._grade(samples, items)]
 
+    @abstractmethod
     def _grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[float]:
-        scores = (self._score(samples, items, index) for index in range(len(samples)))
-        return [checked_score(score, self.label, samples, index) for index, score in enumerate(scores)]
-
-    def _score(self, samples: Sequence[dict], items: Sequence[dict], index: int) -> float:
-        raise NotImplementedError
+        """One checked score (`checked_score`) per sample, in order."""

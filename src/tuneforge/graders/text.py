@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import math
 import re
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from .base import Grader, GraderError, grading_failed, parse_output_json, spec_choice, spec_text
+from .base import Grader, GraderError, checked_score, grading_failed, parse_output_json, spec_choice, spec_text
 from .templates import Template
 
 STRING_OPERATIONS = ("eq", "ne", "like", "ilike")
@@ -147,6 +148,14 @@ class _ComparesToReference(Grader):
 
     def reference_texts(self, samples: Sequence[dict], items: Sequence[dict]) -> list[str]:
         return [self.reference.render(samples, items, index) for index in range(len(items))]
+
+    def _grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[float]:
+        scores = (self._score(samples, items, index) for index in range(len(samples)))
+        return [checked_score(score, self.label, samples, index) for index, score in enumerate(scores)]
+
+    @abstractmethod
+    def _score(self, samples: Sequence[dict], items: Sequence[dict], index: int) -> float:
+        """The score of sample `index` against its item."""
 
 
 class StringCheckGrader(_ComparesToReference):
