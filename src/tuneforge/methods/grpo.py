@@ -108,81 +108,71 @@ def load_grader(cfg):
 # --- data ----------------------------------------------------------------------------------------
 
 
-def read_prompts(path: str, tokenizer, max_length: int) -> tuple[list[PromptRow], list[Problem], SystemPromptTally]:
-    """The prompts of a chat file, each problem located by file, line and field."""
-    rows, problems, system_prompts = [], [], SystemPromptTally(tokenizer)
+def read_prompts(
+    path: str, tokenizer, max_length: int, system_prompts: SystemPromptTally
+) -> tuple[list[PromptRow], list[Problem]]:
+    """The prompts of a chat file, each problem located by file, line and field; each kept row's
+    system prompt is counted into `system_prompts`."""
+    found: list[tuple[int, list, dict]] = []  # (line, messages, item) of the rows that hold a prompt
+    problems: list[Problem] = []
     for line, row in open_rows(path):
         if isinstance(row, Problem):
             problems.append(row)
             continue
         if not isinstance(row, dict) or "messages" not in row:
-            problems.append(
-                Problem(
-                    "no_messages",
-                    'method: grpo reads chat rows, {"messages": [...], ...any fields the grader reads}; this row '
-                    "has no messages.",
-                    file=path,
-                    line=line,
-                    field="messages",
-                )
-            )
+            problems.append(_prompt_problem("no_messages", NO_MESSAGES, path, line))
             continue
-        messages, found = normalise_messages(row["messages"], file=path, line=line)
-        problems += found
-        if messages is None or any(p.is_error for p in found):
+        messages, row_problems = normalise_messages(row["messages"], file=path, line=line)
+        problems += row_problems
+        if messages is None or any(p.is_error for p in row_problems):
             continue
         item = {k: v for k, v in row.items() if k != "messages"}
         if messages[-1].role == "assistant":
             item.setdefault("reference", messages[-1].content)
             messages = messages[:-1]
         if not messages or messages[-1].role not in ("user", "tool"):
-            problems.append(
-                Problem(
-                    "no_prompt",
-                    "the messages must end with the user's turn (and may be followed by one reference "
-                    "assistant reply): the policy samples the next assistant turn.",
-                    file=path,
-                    line=line,
-                    field="messages",
-                )
-            )
+            problems.append(_prompt_problem("no_prompt", NO_PROMPT, path, line))
             continue
-        prompt = [m.to_template() for m in messages]
-        [ids] = encode_prompts(tokenizer, [prompt])
+        found.append((line, messages, item))
+    prompts = [[m.to_template() for m in messages] for _, messages, _ in found]
+    rows = []
+    for (line, messages, item), prompt, ids in zip(found, prompts, encode_prompts(tokenizer, prompts)):
         if len(ids) >= max_length:
-            problems.append(
-                Problem(
-                    "too_long",
-                    f"the prompt is {len(ids)} tokens, at least data.max_length ({max_length}) leaves no room for "
-                    "an answer. Shorten it or raise data.max_length.",
-                    file=path,
-                    line=line,
-                    field="messages",
-                )
+            too_long = (
+                f"the prompt is {len(ids)} tokens, at least data.max_length ({max_length}) leaves no room for an "
+                "answer. Shorten it or raise data.max_length."
             )
+            problems.append(_prompt_problem("too_long", too_long, path, line))
             continue
         system_prompts.add(messages)
         rows.append(PromptRow(ids, prompt, item, f"{path}:{line}"))
-    return rows, problems, system_prompts
+    return rows, problems
+
+
+NO_MESSAGES = (
+    'method: grpo reads chat rows, {"messages": [...], ...any fields the grader reads}; this row has no messages.'
+)
+NO_PROMPT = (
+    "the messages must end with the user's turn (and may be followed by one reference assistant reply): the policy "
+    "samples the next assistant turn."
+)
+
+
+def _prompt_problem(code: str, message: str, path: str, line: int) -> Problem:
+    return Problem(code, message, file=path, line=line, field="messages")
 
 
 def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.PreparedData:
     """The training prompts, checked; the grader run once on the validation items (or the first
     training ones) so that a grader that cannot score this data fails before any training."""
-    rows, problems = [], []
-    system_prompts = None
+    rows, problems, system_prompts = [], [], SystemPromptTally(tokenizer)
     for path in cfg.data.train_files:
-        found_rows, found, tally = read_prompts(path, tokenizer, cfg.data.max_length)
+        found_rows, found = read_prompts(path, tokenizer, cfg.data.max_length, system_prompts)
         rows += found_rows
         problems += found
-        if system_prompts is None:
-            system_prompts = tally
-        else:
-            system_prompts.rows.update(tally.rows)
-            system_prompts.without += tally.without
     valid: list[PromptRow] = []
     if isinstance(cfg.data.validation, str):
-        valid, found, _ = read_prompts(cfg.data.validation, tokenizer, cfg.data.max_length)
+        valid, found = read_prompts(cfg.data.validation, tokenizer, cfg.data.max_length, SystemPromptTally(tokenizer))
         problems += found
     errors = [p for p in problems if p.is_error]
     report = {
@@ -190,7 +180,7 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.Prepar
         "files": [{"path": str(p), "role": "train", "format": "chat"} for p in cfg.data.train_files],
         "counts": {"train": len(rows), "validation": len(valid), "rejected": len(errors)},
         "rejected_by_code": dict(Counter(p.code for p in errors).most_common()),
-        "system_prompt": system_prompts.report() if system_prompts else SystemPromptTally(tokenizer).report(),
+        "system_prompt": system_prompts.report(),
         "warnings": [],
         "errors": [p.to_dict() for p in errors[:1000]],
         "errors_total": len(errors),
