@@ -3,6 +3,7 @@ recipe (HF Trainer + PEFT, with bitsandbytes for QLoRA), side by side, at three 
 
     python bench/memory.py                                  # every size and mode
     python bench/memory.py --shapes smollm2-135m,llama-3.2-1b --modes bf16,nf4
+    python bench/memory.py --modes bf16 --repeats 3 --merge "why"    # these rows again, medians of 3
 
 Models: SmolLM2-135M with its real weights, and random weights in the shapes of Llama 3.2 1B and
 Llama 3.1 8B (their published configuration values; no download), written in bf16 shards of at most
@@ -21,6 +22,8 @@ import datetime as dt
 import json
 import os
 import resource
+import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -63,6 +66,7 @@ SHAPES = {
 ROW_TOKENS = 256
 DOCUMENTS_PER_ROW = 4  # short documents packed into rows of ROW_TOKENS (the standard recipe concatenates them)
 SHARD_BYTES = 2 * 10**9
+CANDIDATES = ("tuneforge", "hf_peft")
 WORK = HERE / ".work" / "memory"
 
 
@@ -304,11 +308,40 @@ def measure(candidate: str, shape: str, mode: str, steps: int) -> dict:
     return {**json.loads(line.removeprefix("RESULT ")), "wall_s": round(time.perf_counter() - started, 1)}
 
 
+def measure_in_turns(shape: str, mode: str, steps: int, repeats: int) -> list[dict]:
+    """Each candidate `repeats` times, taking turns; with more than one, every figure is the median of
+    the runs and `repeats` keeps each run's (the allocated peak moves from run to run with what the
+    allocator keeps or gives back)."""
+    figures = {candidate: [] for candidate in CANDIDATES}
+    for _ in range(repeats):
+        for candidate in CANDIDATES:
+            figures[candidate].append(measure(candidate, shape, mode, steps))
+            print(json.dumps({"shape": shape, "mode": mode, "candidate": candidate, **figures[candidate][-1]}))
+    results = []
+    for candidate, runs in figures.items():
+        result = {"shape": shape, "mode": mode, "candidate": candidate}
+        good = [run for run in runs if "failed" not in run]
+        if not good:
+            results.append({**result, **runs[-1]})
+            continue
+        result.update({key: statistics.median(run[key] for run in good) for key in good[0]})
+        if repeats > 1:
+            result["repeats"] = good
+        results.append(result)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b,llama-3.1-8b")
     parser.add_argument("--modes", default="fp32,bf16,nf4")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each candidate, in turns; medians reported")
+    parser.add_argument(
+        "--merge",
+        metavar="WHY",
+        help="replace only these shapes' and modes' rows of today's results file, WHY said in its footnote",
+    )
     parser.add_argument("--skip", default="llama-3.1-8b:fp32", help="shape:mode pairs not run (comma separated)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -324,27 +357,32 @@ def main() -> None:
             if f"{shape}:{mode}" in skipped:
                 runs.append({"shape": shape, "mode": mode, "skipped": True})
                 continue
-            for candidate in ("tuneforge", "hf_peft"):
-                result = {
-                    "shape": shape,
-                    "mode": mode,
-                    "candidate": candidate,
-                    **measure(candidate, shape, mode, args.steps),
-                }
-                print(json.dumps(result), flush=True)
-                runs.append(result)
+            runs += measure_in_turns(shape, mode, args.steps, args.repeats)
     date = dt.date.today().isoformat()
-    record = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": "python bench/memory.py " + " ".join(sys.argv[1:]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "row_tokens": ROW_TOKENS,
-        "steps": args.steps,
-        "shapes": SHAPES,
-        "runs": runs,
-    }
+    command = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
     path = HERE / "results" / f"memory-{date}.json"
+    now = dt.datetime.now().isoformat(timespec="seconds")
+    if args.merge:
+        record = json.loads(path.read_text())
+        rerun = {"command": command, "date": now, "steps": args.steps, "why": args.merge}
+        measured = {(run["shape"], run["mode"]) for run in runs}
+        kept = iter(run for run in record["runs"] if (run["shape"], run["mode"]) not in measured)
+        new = iter({**run, "rerun": rerun} for run in runs)
+        # In the order of the file: a replaced shape and mode keeps its place.
+        record["runs"] = [
+            next(new) if (run["shape"], run["mode"]) in measured else next(kept) for run in record["runs"]
+        ] + list(new)
+    else:
+        record = {
+            "date": now,
+            "command": command,
+            "machine": machine_info(),
+            "versions": versions(),
+            "row_tokens": ROW_TOKENS,
+            "steps": args.steps,
+            "shapes": SHAPES,
+            "runs": runs,
+        }
     path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
 

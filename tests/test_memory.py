@@ -134,14 +134,21 @@ def test_8bit_adamw_keeps_its_state_in_a_byte_a_value_trains_and_resumes_exactly
     assert step_losses(result.output_dir) == losses
 
 
-def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(head, tiny_model_dir, monkeypatch):
     from tuneforge.methods import sft
 
     torch.manual_seed(0)
     model = load_model(resolve(str(tiny_model_dir)), dtype=torch.float32)
+    if head == "frozen":  # as under adapters: the output layer takes no gradient, the layers below do
+        model.get_output_embeddings().weight.requires_grad_(False)
     ids = torch.randint(5, 300, (3, 40))
     labels = torch.where(torch.rand(3, 40) < 0.7, torch.roll(ids, -1, 1), torch.tensor(-100))
+    targets = labels[labels != -100]
+    weights = torch.rand(len(targets))
+    n_chunks = -(-len(targets) // 7)
     vocab = model.get_output_embeddings().weight.shape[0]
+    trained = [p for p in model.parameters() if p.requires_grad]
     runs = {}
     for name, at_once in (("whole", sft.LOGITS_AT_ONCE), ("chunks of 7 tokens", 7 * vocab)):
         monkeypatch.setattr(sft, "LOGITS_AT_ONCE", at_once)
@@ -153,14 +160,17 @@ def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(tiny
 
         monkeypatch.setattr(sft, "output_logits", counted)
         model.zero_grad()
-        out = sft.SFTObjective(model)(input_ids=ids, labels=labels)
-        out["loss"].backward()
-        runs[name] = (out, [p.grad.clone() for p in model.parameters()], max(seen))
+        token_ce, correct = sft.token_cross_entropy(model, sft.trained_hidden(model, ids, labels), targets)
+        # Weighted per token, as GRPO's advantages and DPO's pairs weigh them.
+        (token_ce * weights).sum().backward()
+        runs[name] = (token_ce.detach(), correct, [p.grad.clone() for p in trained], seen)
     whole, chunked = runs["whole"], runs["chunks of 7 tokens"]
-    assert chunked[2] == 7 < whole[2]  # at most 7 tokens' logits at once, recomputed in backward
-    assert chunked[0]["ce"].item() == pytest.approx(whole[0]["ce"].item(), rel=1e-6)
-    assert chunked[0]["correct"] == whole[0]["correct"]
-    for a, b in zip(chunked[1], whole[1]):
+    assert max(chunked[3]) == 7 < max(whole[3])  # at most 7 tokens' logits at once
+    # A frozen output layer's chunks run once, their gradient taken on the way; a trained one's run again in backward.
+    assert len(chunked[3]) == n_chunks * (1 if head == "frozen" else 2)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+    assert chunked[1] == whole[1]
+    for a, b in zip(chunked[2], whole[2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

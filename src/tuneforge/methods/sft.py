@@ -7,9 +7,11 @@ examples more than long ones and is wrong under gradient accumulation.
 
 The output layer runs only on positions that carry a label. On chat data most positions are
 prompt tokens, so this skips most of the largest matmul and never materialises full-vocabulary
-logits for the whole batch. Where even the trained positions' logits would be large (a big
-vocabulary times many trained tokens), the output layer and the cross-entropy run in chunks whose
-logits are recomputed in the backward pass, so the loss's memory stays bounded (`LOGITS_AT_ONCE`).
+logits for the whole batch. Beyond `LOGITS_AT_ONCE` logits (a big vocabulary times many trained
+tokens), the output layer and the cross-entropy run in chunks, so the loss's memory stays bounded
+whatever the vocabulary and the batch. Through a frozen output layer (adapters), each chunk's
+gradient is taken in the forward pass and its logits freed at once: nothing is recomputed. Through a
+trained one (full fine-tuning), each chunk's logits are recomputed in the backward pass.
 
 Regularisers are terms the objective takes (`terms`, e.g. `kl_to_base.KLToBase`): after the
 cross-entropy, each term sees the logits and per-token losses and adds to the sums.
@@ -22,6 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE_INDEX
@@ -67,8 +70,8 @@ def trained_logits(lm, input_ids, labels, position_ids=None, attention_mask=None
     return output_logits(lm, trained_hidden(lm, input_ids, labels, position_ids, attention_mask))
 
 
-LOGITS_AT_ONCE = 2**26
-"""Logits (floats) the cross-entropy holds at once, 256 MiB in fp32: past it, it runs in chunks."""
+LOGITS_AT_ONCE = 2**24
+"""Logits (floats) the cross-entropy holds at once, 64 MiB in fp32: past it, it runs in chunks."""
 
 
 def _ce_and_correct(lm, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +79,45 @@ def _ce_and_correct(lm, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[to
     return F.cross_entropy(logits, targets, reduction="none"), (logits.detach().argmax(-1) == targets).sum()
 
 
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Each position's cross-entropy through a frozen output layer, chunk by chunk, with the gradient
+    with respect to the hidden states taken in the forward pass. A position's loss depends on its own
+    hidden state alone, so the backward pass is that gradient scaled row by row by the incoming one:
+    one chunk of logits lives at a time, and none is kept or recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, lm, targets, per_chunk):
+        losses, grads, correct = [], [], 0
+        for start in range(0, len(targets), per_chunk):
+            chunk = hidden[start : start + per_chunk].detach().requires_grad_()
+            with torch.enable_grad():
+                ce, right = _ce_and_correct(lm, chunk, targets[start : start + per_chunk])
+                (grad,) = torch.autograd.grad(ce.sum(), chunk)
+            losses.append(ce.detach())
+            grads.append(grad)
+            correct = correct + right
+        ctx.save_for_backward(torch.cat(grads))
+        ctx.mark_non_differentiable(correct)
+        return torch.cat(losses), correct
+
+    @staticmethod
+    def backward(ctx, grad_losses, _grad_correct):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses.unsqueeze(1).to(grad_hidden.dtype), None, None, None
+
+
 def token_cross_entropy(lm, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each trained position's cross-entropy [n] and the count of correct top-1 predictions, from the hidden
-    states at those positions. Up to `LOGITS_AT_ONCE` logits in one go; beyond, chunk by chunk, each
-    chunk's logits recomputed in the backward pass instead of kept."""
-    per_chunk = max(1, LOGITS_AT_ONCE // lm.get_output_embeddings().weight.shape[0])
+    states at those positions. Up to `LOGITS_AT_ONCE` logits in one go; beyond, chunk by chunk: through
+    a frozen output layer with the gradient taken as each chunk runs, through a trained one (or a
+    sharded one, whose hooks expect the usual backward pass) with each chunk's logits recomputed in the
+    backward pass instead of kept."""
+    weight = lm.get_output_embeddings().weight
+    per_chunk = max(1, LOGITS_AT_ONCE // weight.shape[0])
     if len(targets) <= per_chunk:
         return _ce_and_correct(lm, hidden, targets)
+    if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and not isinstance(weight, DTensor):
+        return _FrozenHeadCrossEntropy.apply(hidden, lm, targets, per_chunk)
     chunks = [
         checkpoint(
             _ce_and_correct,
