@@ -10,15 +10,20 @@ Phases (each writes into bench/.work/distill/ and is skipped when its output is 
   student  `tuneforge distill init`: every third teacher layer (first and last always kept)
   sft      the student, full fine-tuning, cross-entropy on the labels
   distill  the student, full fine-tuning, alpha x CE + (1 - alpha) x T^2 x KL(teacher || student)
+  cached   the same, with the teacher's top-k logits computed once before training
+           (`distill.teacher_top_k`) instead of the teacher's forward pass at every step
   measure  task metric on the held-out test tickets for teacher and both students; generation speed,
            teacher vs student, on the same prompts; writes bench/results/distill-<date>.json
 
 The students share everything but the objective: initial weights, data order, steps, learning rate.
+The cached run's steps against the online one's give what the cache saves per step; its time before
+the first step (the teacher's one pass) is reported apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,7 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "distill"
-PHASES = ("data", "teacher", "student", "sft", "distill", "measure")
+TEACHER_PASS = WORK / "cached-teacher-pass.json"
+PHASES = ("data", "teacher", "student", "sft", "distill", "cached", "measure")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class Setup:
     alpha: float = 0.5
     temperature: float = 2.0
     divergence: str = "forward_kl"
+    teacher_top_k: int = 64
     test_tickets: int = 100
     max_new_tokens: int = 40
     speed_prompts: int = 32
@@ -83,7 +90,9 @@ def train_teacher(setup: Setup, data: dict[str, Path]) -> Path:
     return train_once(config)
 
 
-def student_config(setup: Setup, student: Path, data: dict[str, Path], out: Path, method: str, teacher: Path) -> dict:
+def student_config(
+    setup: Setup, student: Path, data: dict[str, Path], out: Path, method: str, teacher: Path, top_k: int | None = None
+) -> dict:
     config = {
         "base_model": str(student),
         "method": method,
@@ -113,8 +122,29 @@ def student_config(setup: Setup, student: Path, data: dict[str, Path], out: Path
             "alpha": setup.alpha,
             "temperature": setup.temperature,
             "divergence": setup.divergence,
+            "teacher_top_k": top_k,
         }
     return config
+
+
+@contextlib.contextmanager
+def timed_teacher_pass():
+    """Records the seconds of the teacher's one pass over the rows (`distill.teacher_top_k`) in TEACHER_PASS."""
+    from tuneforge.methods import distill
+
+    compute = distill.compute_top_k
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        result = compute(*args, **kwargs)
+        TEACHER_PASS.write_text(json.dumps({"teacher_pass_seconds": time.perf_counter() - started}))
+        return result
+
+    distill.compute_top_k = timed
+    try:
+        yield
+    finally:
+        distill.compute_top_k = compute
 
 
 def init_student(setup: Setup, teacher: Path) -> Path:
@@ -214,13 +244,13 @@ def training_figures(run: Path) -> dict:
     return figures
 
 
-def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, distilled: Path) -> Path:
+def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, distilled: Path, cached: Path) -> Path:
     from common import result_header, write_result
 
     from tuneforge.distill import layers_to_keep
 
     load_before = os.getloadavg()[0]
-    models = {"teacher": teacher, "student_sft": sft, "student_distill": distilled}
+    models = {"teacher": teacher, "student_sft": sft, "student_distill": distilled, "student_distill_cached": cached}
     scores = task_scores(setup, models, data)
     speed = generation_speed(setup, {"teacher": teacher, "student": distilled}, data)
     result = {
@@ -233,6 +263,7 @@ def measure(setup: Setup, data: dict[str, Path], teacher: Path, sft: Path, disti
             "teacher": training_figures(teacher),
             "student_sft": training_figures(sft),
             "student_distill": training_figures(distilled),
+            "student_distill_cached": {**training_figures(cached), **json.loads(TEACHER_PASS.read_text())},
         },
         "speed": {**speed, "student_vs_teacher": speed["student"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]},
     }
@@ -259,9 +290,15 @@ def main() -> None:
     if last < PHASES.index("distill"):
         return
     distilled = train_once(student_config(setup, student, data, WORK / "distill", "distill", teacher))
+    if last < PHASES.index("cached"):
+        return
+    with timed_teacher_pass():
+        cached = train_once(
+            student_config(setup, student, data, WORK / "cached", "distill", teacher, top_k=setup.teacher_top_k)
+        )
     if last < PHASES.index("measure"):
         return
-    path = measure(setup, data, teacher, sft, distilled)
+    path = measure(setup, data, teacher, sft, distilled, cached)
     print(f"wrote {path}")
 
 

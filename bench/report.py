@@ -368,11 +368,10 @@ def distill_section(path: Path, r: dict) -> list[str]:
         "loss on reference answers | training s/step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, key in (
-        ("teacher", "teacher"),
-        ("student, plain SFT", "student_sft"),
-        ("student, distilled", "student_distill"),
-    ):
+    rows = [("teacher", "teacher"), ("student, plain SFT", "student_sft"), ("student, distilled", "student_distill")]
+    if "student_distill_cached" in models:
+        rows.append((f"student, distilled from the cached top-{s['teacher_top_k']}", "student_distill_cached"))
+    for name, key in rows:
         row, sc = models[key], models[key]["scores"]
         lines.append(
             f"| {name} | {row['parameters'] / 1e6:.1f}M | {row['layers']} | **{sc['exact']:.1%}** | "
@@ -390,6 +389,7 @@ def distill_section(path: Path, r: dict) -> list[str]:
         f"{f(d['last_divergence'], '.4f')} and top-1 agreement with the teacher from {d['first_teacher_agreement']:.1%} "
         f"to {d['last_teacher_agreement']:.1%} (first and last step). A distillation step also runs the teacher's "
         "forward pass, hence its longer steps.",
+        *cached_teacher_lines(training),
         "",
         f"Generation speed, the same {s['speed_prompts']} test prompts, batches of {s['speed_batch_size']}, up to "
         f"{s['max_new_tokens']} new tokens, greedy, the two models taking turns for {s['speed_rounds']} rounds "
@@ -401,6 +401,21 @@ def distill_section(path: Path, r: dict) -> list[str]:
         f"| student (distilled) | {f(speed['student']['tokens_per_s'])} | {f(speed['student_vs_teacher'], '.2f')}x |",
     ]
     return lines
+
+
+def cached_teacher_lines(training: dict) -> list[str]:
+    """What the cached teacher (`distill.teacher_top_k`) saves, where the run measured it."""
+    cached = training.get("student_distill_cached")
+    if cached is None:
+        return []
+    online = training["student_distill"]
+    return [
+        "",
+        f"With the teacher's top-k logits computed once ({f(cached.get('teacher_pass_seconds'), '.1f')} s for one "
+        f"pass over the rows, before the first step), a distillation step took {f(cached['seconds_per_step'], '.2f')} s "
+        f"against {f(online['seconds_per_step'], '.2f')} s with the teacher's forward pass at every step "
+        f"({f(online['seconds_per_step'] / cached['seconds_per_step'], '.2f')}x).",
+    ]
 
 
 def dpo_section(path: Path, r: dict) -> list[str]:
@@ -557,13 +572,23 @@ def memory_section(path: Path, r: dict) -> list[str]:
         base = hf.get((x["shape"], x["mode"]))
         mem = f(x["peak_anonymous"] / base["peak_anonymous"], ".2f") + "x" if base else "–"
         speed = f(x["tokens_per_s"] / base["tokens_per_s"], ".2f") + "x" if base else "–"
+        peak = gib(x["peak_anonymous"])
+        if "repeats" in x:  # the median, and the range over the runs
+            peaks = [run["peak_anonymous"] for run in x["repeats"]]
+            peak += f" ({gib(min(peaks))}–{gib(max(peaks))})"
         lines.append(
-            f"| {x['shape']}{rerun} | {x['mode']} | {x['candidate']} | {gib(x['peak_anonymous'])} | "
+            f"| {x['shape']}{rerun} | {x['mode']} | {x['candidate']} | {peak} | "
             f"{gib(x['load_peak_anonymous'])} | {gib(x['peak_rss'])} | {f(x['tokens_per_s'], '.1f')} | {mem} | {speed} |"
         )
     reruns = {json.dumps(x["rerun"], sort_keys=True): x["rerun"] for x in runs if "rerun" in x}
     for again in reruns.values():
         lines += ["", f"† From `{again['command']}` ({again['date']}, {again['steps']} steps): {again['why']}."]
+    if any("repeats" in x for x in runs):
+        lines += [
+            "",
+            "Where a row ran more than once (the candidates taking turns), its figures are the medians, and the "
+            "peak's range over the runs follows in brackets.",
+        ]
     return lines
 
 

@@ -231,6 +231,57 @@ def test_gradient_accumulation_gives_the_same_distill_losses(tiny_model_dir, tea
             assert runs[4][step][key] == pytest.approx(runs[1][step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
+def test_the_cached_teacher_top_k_gives_the_online_losses_when_k_covers_the_vocabulary(
+    tiny_model_dir, teacher_dir, triage_data, tmp_path, monkeypatch
+):
+    from transformers import AutoConfig
+
+    from tuneforge.methods import distill
+    from tuneforge.training import train
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    teacher_runs = []
+    compute = distill.compute_top_k
+    monkeypatch.setattr(distill, "compute_top_k", lambda *a, **k: teacher_runs.append(1) or compute(*a, **k))
+    vocab = AutoConfig.from_pretrained(teacher_dir).vocab_size
+    runs = {}
+    for name, top_k in (("online", None), ("whole vocabulary", vocab), ("from the cache", vocab), ("top 4", 4)):
+        cfg = distill_config(tiny_model_dir, teacher_dir, triage_data, tmp_path / name, student="lora", alpha=0.3)
+        cfg["distill"]["teacher_top_k"] = top_k
+        cfg["train"].update(max_steps=3, learning_rate=1e-2, eval_every=2)
+        cfg["lora"]["dropout"] = 0.0
+        result = train(cfg, progress=False)
+        runs[name] = ([r for r in metrics(tmp_path / name) if "train_loss" in r], result.metrics)
+        if name == "whole vocabulary":
+            assert teacher_runs == [1]  # the teacher ran once, over every row, before the first step
+    assert teacher_runs == [1, 1]  # not for the run on the same rows: it read the cache; again for k = 4
+    assert len(list((tmp_path / "home" / "teacher-cache").glob("*.safetensors"))) == 2
+    online = runs["online"]
+    for name in ("whole vocabulary", "from the cache"):
+        steps, final = runs[name]
+        assert [r["step"] for r in steps] == [1, 2, 3]
+        for row, expected in zip(steps, online[0]):
+            for key in ("train_loss", "divergence", "teacher_agreement", "valid_loss", "valid_divergence"):
+                if key in expected:
+                    assert row[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (name, row["step"], key)
+        assert final["full_valid_loss"] == pytest.approx(online[1]["full_valid_loss"], rel=1e-5)
+    # With k = 4 the first step sees the same student, labels and teacher top-1 token; only the divergence,
+    # now against the teacher's distribution over its 4 likeliest tokens, differs.
+    first, first_online = runs["top 4"][0][0], online[0][0]
+    for key in ("train_loss", "teacher_agreement"):
+        assert first[key] == pytest.approx(first_online[key], rel=1e-5)
+    assert first["divergence"] != pytest.approx(first_online["divergence"], rel=1e-2)
+
+
+def test_teacher_top_k_takes_forward_kl_only(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path)
+    with pytest.raises(ConfigError, match="teacher_top_k.*set divergence: forward_kl"):
+        load_config({**cfg, "method": "distill", "distill": {"teacher": "x", "teacher_top_k": 8, "divergence": "jsd"}})
+    online = load_config({**cfg, "method": "distill", "distill": {"teacher": "x"}})
+    cached = load_config({**cfg, "method": "distill", "distill": {"teacher": "x", "teacher_top_k": 8}})
+    assert online.results_hash() != cached.results_hash()
+
+
 # --- distill init ----------------------------------------------------------------------------------
 
 

@@ -191,6 +191,23 @@ class DistillConfig(Strict):
     temperature: float = Field(2.0, gt=0, description="softens both distributions before they are compared")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd only: the teacher's share of the mixture")
+    teacher_top_k: int | None = Field(
+        None,
+        ge=1,
+        description="run the teacher once before training and keep its k likeliest tokens' logits at every "
+        "trained position (cached on disk for later runs on the same rows), instead of running it every step; "
+        "forward_kl only",
+    )
+
+    @model_validator(mode="after")
+    def _top_k_needs_forward_kl(self):
+        if self.teacher_top_k is not None and self.divergence != "forward_kl":
+            raise ValueError(
+                f"distill.teacher_top_k keeps the teacher's k likeliest tokens only, which {self.divergence} cannot "
+                "use (it needs the teacher's probability of every token the student proposes); set divergence: "
+                "forward_kl, or leave teacher_top_k out to run the teacher at every step"
+            )
+        return self
 
 
 class DPOConfig(Strict):
@@ -372,6 +389,8 @@ class Config(Strict):
             if self.method != section:
                 # Other methods ignore the section, and leaving it out keeps their hashes (and resumes) as they were.
                 d.pop(section)
+        if d.get("distill", {}).get("teacher_top_k", 0) is None:
+            d["distill"].pop("teacher_top_k")  # the online teacher, as before the option existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -18,19 +18,32 @@ The student's trainable parameters come from `distill.student` (full, or LoRA wi
 section). The teacher is frozen, in eval mode, kept outside the module tree (so DDP, the optimizer
 and checkpoints never see it), and runs in the run's precision: bf16 only where the hardware has
 native bf16, else fp32.
+
+With `distill.teacher_top_k: k` the teacher runs once, before the first step: its k largest logits
+and their token ids at every trained position are kept (`TeacherTopK`, cached on disk under
+`tuneforge_home()/teacher-cache/`), the teacher is freed, and each step compares the student with
+the teacher's distribution over those k tokens. With k the whole vocabulary that is the online loss
+exactly; forward KL is the divergence it supports (reverse KL and JSD need the teacher's
+probability of every token the student proposes).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 from torch import nn
 
-from ..data import IGNORE_INDEX
+from ..data import IGNORE_INDEX, collate
 from ..errors import TuneforgeError
-from ..models import causal_lm, load_frozen_model
+from ..fsio import atomic_file, tuneforge_home
+from ..models import causal_lm, load_frozen_model, resolve
+from ..progress import progress_bar
 from . import full, lora
 from .sft import label_sums, trained_logits
 
@@ -69,12 +82,27 @@ class DistillObjective(nn.Module):
     logged_sums = ("divergence", "teacher_agreement")
     train_only_sums = ()
 
-    def __init__(self, model, teacher: nn.Module, *, alpha: float, temperature: float, kind: str, beta: float = 0.5):
+    def __init__(
+        self,
+        model,
+        teacher: nn.Module,
+        *,
+        alpha: float,
+        temperature: float,
+        kind: str,
+        beta: float = 0.5,
+        teacher_name: str = "",
+        top_k: int | None = None,
+    ):
         super().__init__()
         if kind not in DIVERGENCES:
             raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+        if top_k is not None and kind != "forward_kl":
+            raise ValueError(f"teacher_top_k compares distributions by forward KL, not {kind}")
         self.model = model
         self.alpha, self.temperature, self.kind, self.beta = alpha, temperature, kind, beta
+        self.teacher_name, self.top_k_size = teacher_name, top_k
+        self.top_k: TeacherTopK | None = None  # set by `cache_teacher`
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
         self.frozen = [teacher.eval().requires_grad_(False)]
 
@@ -86,17 +114,134 @@ class DistillObjective(nn.Module):
         # Replay rows (data.general_mix) learn from the labels and the teacher like any others.
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
         logits = trained_logits(causal_lm(self.model), **batch)
-        with torch.no_grad():
-            teacher_logits = trained_logits(causal_lm(self.teacher), **batch)
         targets = labels[labels != IGNORE_INDEX]
         correct = (logits.detach().argmax(-1) == targets).sum()
         out = label_sums(F.cross_entropy(logits, targets, reduction="none"), correct, targets)
         t = self.temperature
-        soft = divergence(F.log_softmax(teacher_logits / t, -1), F.log_softmax(logits / t, -1), self.kind, self.beta)
+        student_logp = F.log_softmax(logits / t, -1)
+        if self.top_k is not None:
+            ids, values = self.top_k.lookup(batch)
+            ids, values = ids.to(logits.device), values.to(logits.device)
+            # The teacher's distribution over its k likeliest tokens, against the student's over the whole vocabulary.
+            teacher_logp = F.log_softmax(values / t, -1)
+            soft = (teacher_logp.exp() * (teacher_logp - student_logp.gather(1, ids))).sum()
+            teacher_top1 = ids[:, 0]
+        else:
+            with torch.no_grad():
+                teacher_logits = trained_logits(causal_lm(self.teacher), **batch)
+            soft = divergence(F.log_softmax(teacher_logits / t, -1), student_logp, self.kind, self.beta)
+            teacher_top1 = teacher_logits.argmax(-1)
         out["loss"] = self.alpha * out["ce"] + (1 - self.alpha) * t * t * soft
         out["divergence"] = soft.detach()
-        out["teacher_agreement"] = (logits.detach().argmax(-1) == teacher_logits.argmax(-1)).sum()
+        out["teacher_agreement"] = (logits.detach().argmax(-1) == teacher_top1).sum()
         return out
+
+    def cache_teacher(self, rows, pad_id: int, device: torch.device, *, batch_rows: int, progress: bool = True) -> None:
+        """With `teacher_top_k`: the teacher's top-k logits at every trained position of `rows`, read
+        from the cache or computed now, in the caller's precision and attention; then the teacher is
+        freed. Without it, nothing: the teacher runs at every step."""
+        if self.top_k_size is None:
+            return
+        self.top_k = TeacherTopK.load_or_compute(
+            self.teacher, self.teacher_name, self.top_k_size, rows, pad_id, device, batch_rows, progress
+        )
+        self.frozen.clear()
+
+
+class TeacherTopK:
+    """The teacher's k largest logits (fp32, largest first) and their token ids at the trained
+    positions of rows, by row key (`row_keys`): what a distillation step needs of the teacher."""
+
+    def __init__(self, by_row: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.by_row = by_row
+
+    def lookup(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids and logits [n_trained, k] of a collated batch's trained positions, in order (row-major)."""
+        try:
+            found = [self.by_row[key] for key in row_keys(batch)]
+        except KeyError:
+            raise TuneforgeError(
+                "distill.teacher_top_k: a batch holds a row the teacher's top-k logits were not computed for; "
+                "the rows changed after the teacher ran. Run again (the cache is keyed by the rows)."
+            ) from None
+        return torch.cat([ids for ids, _ in found]).long(), torch.cat([values for _, values in found])
+
+    @classmethod
+    def load_or_compute(cls, teacher, teacher_name, k, rows, pad_id, device, batch_rows, progress) -> TeacherTopK:
+        """From `tuneforge_home()/teacher-cache/<key>.safetensors`, keyed by the teacher's files, k,
+        the dtype it runs in and every row's key; else computed batch by batch and written there
+        (atomically) for the next run on the same rows: another seed, or other student settings."""
+        batches = [collate(rows[i : i + batch_rows], pad_id) for i in range(0, len(rows), batch_rows)]
+        keys = [key for batch in batches for key in row_keys(batch)]
+        dtype = str(next(teacher.parameters()).dtype)
+        if torch.is_autocast_enabled(device.type):
+            dtype += f" autocast {torch.get_autocast_dtype(device.type)}"
+        path = cache_dir() / f"{cache_key(teacher_name, k, dtype, keys)}.safetensors"
+        if path.is_file():
+            stored = load_file(path)
+            return cls(_split(stored["ids"], stored["values"], stored["lengths"], keys))
+        ids, values = compute_top_k(teacher, batches, k, device, progress)
+        lengths = torch.tensor([n for batch in batches for n in trained_per_row(batch)])
+        stored = {"ids": ids, "values": values, "lengths": lengths}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "wb") as f:
+            f.write(save(stored))
+        return cls(_split(stored["ids"], stored["values"], lengths, keys))
+
+
+def compute_top_k(teacher, batches: list[dict], k: int, device, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k largest logits (largest first) and their ids at the batches' trained positions."""
+    lm, ids, values = causal_lm(teacher), [], []
+    rows = sum(len(batch["input_ids"]) for batch in batches)
+    with torch.no_grad(), progress_bar(f"teacher: top-{k} logits", rows, progress) as advance:
+        for batch in batches:
+            batch = {name: value.to(device) for name, value in batch.items() if name != "is_replay"}
+            top = trained_logits(lm, **batch).topk(min(k, lm.config.get_text_config().vocab_size), -1)
+            ids.append(top.indices.to(torch.int32).cpu())
+            values.append(top.values.float().cpu())
+            advance(len(batch["input_ids"]))
+    return torch.cat(ids), torch.cat(values)
+
+
+def _split(ids, values, lengths, keys) -> dict:
+    bounds = lengths.tolist()
+    return dict(zip(keys, zip(ids.split(bounds), values.split(bounds))))
+
+
+def trained_per_row(batch: dict) -> list[int]:
+    return (batch["labels"] != IGNORE_INDEX).sum(1).tolist()
+
+
+def row_keys(batch: dict) -> list[str]:
+    """A key per row of a collated batch: a hash of its tokens, positions and labels up to its last
+    trained position. The teacher's logits there depend on nothing else (attention is causal, and
+    padding only follows), so rows with equal keys get equal teacher logits however they are batched."""
+    keys = []
+    for b, labels in enumerate(batch["labels"]):
+        trained = (labels != IGNORE_INDEX).nonzero()
+        end = int(trained[-1]) + 1 if len(trained) else 0
+        h = hashlib.sha256()
+        for name in ("input_ids", "position_ids", "labels"):
+            if batch.get(name) is not None:
+                h.update(batch[name][b, :end].to(torch.int64).numpy().tobytes())
+        keys.append(h.hexdigest())
+    return keys
+
+
+def cache_dir() -> Path:
+    return tuneforge_home() / "teacher-cache"
+
+
+def cache_key(teacher_name: str, k: int, dtype: str, keys: list[str]) -> str:
+    """A hash of the teacher's files (names, sizes, modification times), k, the dtypes the teacher
+    is held and computes in, and the rows: a changed teacher or data set gets a new entry."""
+    folder = resolve(teacher_name).path
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    described = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    h = hashlib.sha256(json.dumps({"teacher": described, "k": k, "dtype": dtype}).encode())
+    for key in keys:
+        h.update(key.encode())
+    return h.hexdigest()[:32]
 
 
 def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> DistillObjective:
@@ -108,6 +253,8 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
         temperature=d.temperature,
         kind=d.divergence,
         beta=d.jsd_beta,
+        teacher_name=d.teacher,
+        top_k=d.teacher_top_k,
     )
 
 

@@ -116,7 +116,8 @@ def token_cross_entropy(lm, hidden: torch.Tensor, targets: torch.Tensor) -> tupl
     per_chunk = max(1, LOGITS_AT_ONCE // weight.shape[0])
     if len(targets) <= per_chunk:
         return _ce_and_correct(lm, hidden, targets)
-    if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and not isinstance(weight, DTensor):
+    frozen_head = not weight.requires_grad and not isinstance(weight, DTensor)
+    if frozen_head and torch.is_grad_enabled() and hidden.requires_grad:
         return _FrozenHeadCrossEntropy.apply(hidden, lm, targets, per_chunk)
     chunks = [
         checkpoint(

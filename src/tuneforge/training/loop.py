@@ -295,15 +295,10 @@ class Run:
         return {**reported_sums(objective), **{name: name for name in objective.logged_sums}}
 
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.world.device)
 
     def attention(self):
-        """Per-example attention in every training and validation forward (`train.attention`)."""
-        if self.cfg.train.attention == "per_example":
-            return per_example_attention(*self.attention_models)
-        return contextlib.nullcontext()
+        return attention(self.cfg, self.attention_models)
 
     def save_checkpoint(self, step: int) -> Path:
         state = {**self.state, "step": step, "config_hash": self.cfg.results_hash()}
@@ -343,6 +338,19 @@ class Run:
         totals = distributed.sum_across({**totals, "count": count}, world, phase)
         n = max(totals.pop("count"), 1)
         return {name: total / n for name, total in totals.items()}
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def attention(cfg: Config, lms: list):
+    """Per-example attention in every training and validation forward (`train.attention`)."""
+    if cfg.train.attention == "per_example":
+        return per_example_attention(*lms)
+    return contextlib.nullcontext()
 
 
 def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, force: bool = False, log=print) -> Run:
@@ -385,6 +393,17 @@ def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, f
             f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
             f"{sum(len(r) for r in train_rows):,} tokens ({sum(map(len, train_items)):,} without sharing)"
         )
+
+    if hasattr(objective, "cache_teacher"):  # distill.teacher_top_k: the teacher runs here, once, then is freed
+        with autocast(precision, world.device), attention(cfg, per_example):
+            objective.cache_teacher(
+                train_rows + valid_rows,
+                tokenizer.pad_token_id,
+                world.device,
+                batch_rows=plan.micro_batch_rows,
+                progress=world.is_main,
+            )
+        per_example = [lm for lm in per_example if any(lm is causal_lm(m) for m in (model, *objective.frozen))]
 
     if resume_from is not None:
         checkpoint.restore_weights(resume_from, model)
