@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tuneforge.generate import generate, stream
+from tuneforge.generate import encode_prompts, generate, stream
 from tuneforge.models import load_model, load_tokenizer
 
 REPLY = "Hello there, how are you?"
@@ -93,6 +93,11 @@ def test_batched_generation_equals_one_by_one(tiny):
     alone = [generate(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
     assert together == alone
     assert len({c.prompt_tokens for c in together}) > 1  # the batch really was padded
+    # The same prompts as token ids (rendered and tokenized already), some mixed with messages: the same answers.
+    ids = [tuple(row) for row in encode_prompts(tokenizer, prompts)]
+    assert [len(row) for row in ids] == [c.prompt_tokens for c in together]
+    mixed = [ids[i] if i % 2 else prompts[i] for i in range(len(prompts))]
+    assert generate(model, tokenizer, mixed, batch_size=5, max_new_tokens=12) == together
 
 
 def test_a_shared_system_prompt_runs_once_and_changes_no_answer(tiny):

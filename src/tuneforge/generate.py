@@ -31,7 +31,10 @@ from dataclasses import dataclass
 import torch
 
 Messages = list[dict]
-Prompt = Messages | str
+TokenIds = tuple[int, ...]
+Prompt = Messages | str | TokenIds
+"""Chat messages (rendered through the chat template), text (as it is), or the token ids of a prompt
+already rendered and tokenized (a tuple, used as they are)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def inference_dtype(precision: str = "fp32") -> torch.dtype:
     return compute_dtype(resolve_precision(precision, inference_device()))
 
 
-def render_prompt(tokenizer, prompt: Prompt) -> str:
+def render_prompt(tokenizer, prompt: Messages | str) -> str:
     """The text the model continues: chat messages through the chat template, a string as it is."""
     if isinstance(prompt, str):
         return prompt
@@ -96,9 +99,12 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Each prompt's token ids: messages and text rendered and tokenized in one call, token ids as they are."""
+    texts = {i: render_prompt(tokenizer, p) for i, p in enumerate(prompts) if not isinstance(p, tuple)}
     # The template writes any BOS token itself; adding special tokens here would double it.
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    encoded = tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
+    by_index = dict(zip(texts, encoded))
+    return [list(p) if isinstance(p, tuple) else by_index[i] for i, p in enumerate(prompts)]
 
 
 def stop_token_ids(model, tokenizer) -> frozenset[int]:

@@ -233,7 +233,7 @@ class GRPOObjective(nn.Module):
         sampled = []
         try:
             for index, rows in enumerate(micro_rows):
-                prompts = [r.messages for r in rows for _ in range(o.group_size)]
+                prompts = [tuple(r.input_ids) for r in rows for _ in range(o.group_size)]  # rendered once, in prepare
                 seed = zlib.crc32(json.dumps([self.seed, step, rank, index]).encode())
                 completions = generate(
                     self.model,
