@@ -231,8 +231,9 @@ def test_gradient_accumulation_gives_the_same_distill_losses(tiny_model_dir, tea
             assert runs[4][step][key] == pytest.approx(runs[1][step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
+@pytest.mark.parametrize("positions", ["answers", "all"])
 def test_the_cached_teacher_top_k_gives_the_online_losses_when_k_covers_the_vocabulary(
-    tiny_model_dir, teacher_dir, triage_data, tmp_path, monkeypatch
+    positions, tiny_model_dir, teacher_dir, triage_data, tmp_path, monkeypatch
 ):
     from transformers import AutoConfig
 
@@ -247,7 +248,7 @@ def test_the_cached_teacher_top_k_gives_the_online_losses_when_k_covers_the_voca
     runs = {}
     for name, top_k in (("online", None), ("whole vocabulary", vocab), ("from the cache", vocab), ("top 4", 4)):
         cfg = distill_config(tiny_model_dir, teacher_dir, triage_data, tmp_path / name, student="lora", alpha=0.3)
-        cfg["distill"]["teacher_top_k"] = top_k
+        cfg["distill"].update(teacher_top_k=top_k, positions=positions)
         cfg["train"].update(max_steps=3, learning_rate=1e-2, eval_every=2)
         cfg["lora"]["dropout"] = 0.0
         result = train(cfg, progress=False)
@@ -271,6 +272,21 @@ def test_the_cached_teacher_top_k_gives_the_online_losses_when_k_covers_the_voca
     for key in ("train_loss", "teacher_agreement"):
         assert first[key] == pytest.approx(first_online[key], rel=1e-5)
     assert first["divergence"] != pytest.approx(first_online["divergence"], rel=1e-2)
+
+
+def test_positions_all_compares_every_token_up_to_the_last_trained_one(pair):
+    student, teacher, input_ids, labels = pair
+    objective = DistillObjective(student, teacher, alpha=0.5, temperature=2.0, kind="forward_kl", positions="all")
+    with torch.no_grad():
+        out = objective(input_ids=input_ids, labels=labels)
+        s, t = student(input_ids=input_ids).logits.double(), teacher(input_ids=input_ids).logits.double()
+    compared = torch.zeros_like(labels, dtype=torch.bool)
+    compared[0, :11], compared[1, :9] = True, True  # up to each row's last trained position, prompt included
+    p, q = (t[compared] / 2.0).softmax(-1), (s[compared] / 2.0).softmax(-1)
+    assert out["divergence"].item() == pytest.approx((p * (p.log() - q.log())).sum().item(), rel=1e-5)
+    answers = by_hand(student, teacher, input_ids, labels, alpha=0.5, temperature=2.0, kind="forward_kl")
+    assert out["ce"].item() == pytest.approx(answers["ce"].item(), rel=1e-5)  # the cross-entropy stays on the answers
+    assert out["teacher_agreement"] == answers["teacher_agreement"] and out["tokens"] == answers["tokens"]
 
 
 def test_teacher_top_k_takes_forward_kl_only(tiny_model_dir, triage_data, tmp_path):

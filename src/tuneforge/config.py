@@ -191,6 +191,12 @@ class DistillConfig(Strict):
     temperature: float = Field(2.0, gt=0, description="softens both distributions before they are compared")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd only: the teacher's share of the mixture")
+    positions: Literal["answers", "all"] = Field(
+        "answers",
+        description="where the divergence is taken: the trained tokens, or every token of a row up to its last "
+        "trained one, prompt included (more of the teacher's signal per example, for a student cut from the "
+        "teacher's layers); the cross-entropy stays on the trained tokens",
+    )
     teacher_top_k: int | None = Field(
         None,
         ge=1,
@@ -389,8 +395,10 @@ class Config(Strict):
             if self.method != section:
                 # Other methods ignore the section, and leaving it out keeps their hashes (and resumes) as they were.
                 d.pop(section)
-        if d.get("distill", {}).get("teacher_top_k", 0) is None:
-            d["distill"].pop("teacher_top_k")  # the online teacher, as before the option existed
+        # Options added later leave the hash as it was while they keep their defaults.
+        for key, default in (("teacher_top_k", None), ("positions", "answers")):
+            if key in d.get("distill", {}) and d["distill"][key] == default:
+                d["distill"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -19,8 +19,12 @@ section). The teacher is frozen, in eval mode, kept outside the module tree (so 
 and checkpoints never see it), and runs in the run's precision: bf16 only where the hardware has
 native bf16, else fp32.
 
+With `distill.positions: all` the divergence is taken at every position of a row up to its last
+trained one (the prompt too), summed like the trained tokens' (so it weighs more against the
+cross-entropy); the cross-entropy stays on the trained tokens.
+
 With `distill.teacher_top_k: k` the teacher runs once, before the first step: its k largest logits
-and their token ids at every trained position are kept (`TeacherTopK`, cached on disk under
+and their token ids at every compared position are kept (`TeacherTopK`, cached on disk under
 `tuneforge_home()/teacher-cache/`), the teacher is freed, and each step compares the student with
 the teacher's distribution over those k tokens. With k the whole vocabulary that is the online loss
 exactly; forward KL is the divergence it supports (reverse KL and JSD need the teacher's
@@ -93,6 +97,7 @@ class DistillObjective(nn.Module):
         beta: float = 0.5,
         teacher_name: str = "",
         top_k: int | None = None,
+        positions: str = "answers",
     ):
         super().__init__()
         if kind not in DIVERGENCES:
@@ -101,7 +106,7 @@ class DistillObjective(nn.Module):
             raise ValueError(f"teacher_top_k compares distributions by forward KL, not {kind}")
         self.model = model
         self.alpha, self.temperature, self.kind, self.beta = alpha, temperature, kind, beta
-        self.teacher_name, self.top_k_size = teacher_name, top_k
+        self.teacher_name, self.top_k_size, self.positions = teacher_name, top_k, positions
         self.top_k: TeacherTopK | None = None  # set by `cache_teacher`
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
         self.frozen = [teacher.eval().requires_grad_(False)]
@@ -113,50 +118,66 @@ class DistillObjective(nn.Module):
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, is_replay=None):
         # Replay rows (data.general_mix) learn from the labels and the teacher like any others.
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
-        logits = trained_logits(causal_lm(self.model), **batch)
-        targets = labels[labels != IGNORE_INDEX]
+        compared = {**batch, "labels": compared_labels(labels, self.positions)}
+        compared_logits = trained_logits(causal_lm(self.model), **compared)
+        trained = labels[compared["labels"] != IGNORE_INDEX] != IGNORE_INDEX  # which compared positions train
+        logits, targets = compared_logits[trained], labels[labels != IGNORE_INDEX]
         correct = (logits.detach().argmax(-1) == targets).sum()
         out = label_sums(F.cross_entropy(logits, targets, reduction="none"), correct, targets)
         t = self.temperature
-        student_logp = F.log_softmax(logits / t, -1)
+        student_logp = F.log_softmax(compared_logits / t, -1)
         if self.top_k is not None:
-            ids, values = self.top_k.lookup(batch)
+            ids, values = self.top_k.lookup(compared)
             ids, values = ids.to(logits.device), values.to(logits.device)
             # The teacher's distribution over its k likeliest tokens, against the student's over the whole vocabulary.
             teacher_logp = F.log_softmax(values / t, -1)
             soft = (teacher_logp.exp() * (teacher_logp - student_logp.gather(1, ids))).sum()
-            teacher_top1 = ids[:, 0]
+            teacher_top1 = ids[trained, 0]
         else:
             with torch.no_grad():
-                teacher_logits = trained_logits(causal_lm(self.teacher), **batch)
+                teacher_logits = trained_logits(causal_lm(self.teacher), **compared)
             soft = divergence(F.log_softmax(teacher_logits / t, -1), student_logp, self.kind, self.beta)
-            teacher_top1 = teacher_logits.argmax(-1)
+            teacher_top1 = teacher_logits[trained].argmax(-1)
         out["loss"] = self.alpha * out["ce"] + (1 - self.alpha) * t * t * soft
         out["divergence"] = soft.detach()
         out["teacher_agreement"] = (logits.detach().argmax(-1) == teacher_top1).sum()
         return out
 
     def cache_teacher(self, rows, pad_id: int, device: torch.device, *, batch_rows: int, progress: bool = True) -> None:
-        """With `teacher_top_k`: the teacher's top-k logits at every trained position of `rows`, read
+        """With `teacher_top_k`: the teacher's top-k logits at every compared position of `rows`, read
         from the cache or computed now, in the caller's precision and attention; then the teacher is
         freed. Without it, nothing: the teacher runs at every step."""
         if self.top_k_size is None:
             return
+        batches = []
+        for start in range(0, len(rows), batch_rows):
+            batch = collate(rows[start : start + batch_rows], pad_id)
+            batches.append({**batch, "labels": compared_labels(batch["labels"], self.positions)})
         self.top_k = TeacherTopK.load_or_compute(
-            self.teacher, self.teacher_name, self.top_k_size, rows, pad_id, device, batch_rows, progress
+            self.teacher, self.teacher_name, self.top_k_size, batches, device, progress
         )
         self.frozen.clear()
 
 
+def compared_labels(labels: torch.Tensor, positions: str) -> torch.Tensor:
+    """Labels that mark the positions where student and teacher are compared: the trained ones
+    (`answers`), or (`all`) every position of a row up to its last trained one, prompt included."""
+    if positions == "answers":
+        return labels
+    trained = labels != IGNORE_INDEX
+    up_to_last = trained.flip(-1).cummax(-1).values.flip(-1)
+    return torch.where(up_to_last & ~trained, torch.zeros_like(labels), labels)
+
+
 class TeacherTopK:
-    """The teacher's k largest logits (fp32, largest first) and their token ids at the trained
+    """The teacher's k largest logits (fp32, largest first) and their token ids at the compared
     positions of rows, by row key (`row_keys`): what a distillation step needs of the teacher."""
 
     def __init__(self, by_row: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         self.by_row = by_row
 
     def lookup(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ids and logits [n_trained, k] of a collated batch's trained positions, in order (row-major)."""
+        """The ids and logits [n, k] at the positions a batch's labels mark (the compared ones), row-major."""
         try:
             found = [self.by_row[key] for key in row_keys(batch)]
         except KeyError:
@@ -167,11 +188,10 @@ class TeacherTopK:
         return torch.cat([ids for ids, _ in found]).long(), torch.cat([values for _, values in found])
 
     @classmethod
-    def load_or_compute(cls, teacher, teacher_name, k, rows, pad_id, device, batch_rows, progress) -> TeacherTopK:
+    def load_or_compute(cls, teacher, teacher_name, k, batches, device, progress) -> TeacherTopK:
         """From `tuneforge_home()/teacher-cache/<key>.safetensors`, keyed by the teacher's files, k,
         the dtype it runs in and every row's key; else computed batch by batch and written there
         (atomically) for the next run on the same rows: another seed, or other student settings."""
-        batches = [collate(rows[i : i + batch_rows], pad_id) for i in range(0, len(rows), batch_rows)]
         keys = [key for batch in batches for key in row_keys(batch)]
         dtype = str(next(teacher.parameters()).dtype)
         if torch.is_autocast_enabled(device.type):
@@ -255,6 +275,7 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
         beta=d.jsd_beta,
         teacher_name=d.teacher,
         top_k=d.teacher_top_k,
+        positions=d.positions,
     )
 
 
