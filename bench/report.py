@@ -403,6 +403,52 @@ def distill_section(path: Path, r: dict) -> list[str]:
     return lines
 
 
+def distill_recipe_section(path: Path, r: dict) -> list[str]:
+    m, t, summary, speed = r["machine"], r["teacher"], r["summary"], r["speed"]
+    pct = lambda x: f"{x:.1%}"  # noqa: E731
+    lines = [
+        f"## Distillation that pays? The `distill_triage` recipe over {len(r['setup']['seeds'])} seed(s)",
+        "",
+        f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. Teacher: the quickstart's tuned "
+        f"SmolLM2-135M ({t['parameters'] / 1e6:.1f}M parameters, {t['layers']} layers). Students: "
+        f"`tuneforge distill init --every {r['setup']['keep_every']}` of it, trained in full by the recipe "
+        "(distilled: 0.5 x CE on the answers + 0.5 x T^2 x forward KL at every token of the row, the teacher's "
+        "cached top-64) or by the same config as plain SFT (`method: full`). Machine: "
+        f"{m['cpu']}, {m['cores']} cores (1-minute load average {f(m['load_average_before'])} before, "
+        f"{f(m['load_average_after'])} after).",
+        "",
+        f"First {r['setup']['test_tickets']} held-out test tickets, greedy:",
+        "",
+        "| model | seed | all three fields right | category | priority | product | training s | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [("teacher", "–", t["scores"], None)] + [
+        (
+            "student, distilled" if run["method"] == "distill" else "student, plain SFT",
+            run["seed"],
+            run["scores"]["scores"],
+            run["training"],
+        )
+        for run in r["runs"].values()
+    ]
+    for name, seed, sc, tr in rows:
+        fields = sc["fields"]
+        seconds = (f(tr["seconds"], ".0f"), f(tr["seconds_per_step"], ".2f")) if tr else ("–", "–")
+        lines.append(
+            f"| {name} | {seed} | **{pct(sc['exact'])}** | {pct(fields['category'])} | {pct(fields['priority'])} | "
+            f"{pct(fields['product'])} | {seconds[0]} | {seconds[1]} |"
+        )
+    lines += [
+        "",
+        f"Mean exact: distilled {pct(summary['distill_exact_mean'])}, plain SFT {pct(summary['sft_exact_mean'])}, "
+        f"teacher {pct(summary['teacher_exact'])}: the distilled student keeps {pct(summary['share_of_teacher'])} of "
+        f"the teacher's score (target 85%) and is {summary['points_over_sft'] * 100:+.1f} points over SFT "
+        f"(target +10). It generates {f(speed['student_vs_teacher'], '.2f')}x the teacher's tokens/s "
+        f"({f(speed['student']['tokens_per_s'])} against {f(speed['teacher']['tokens_per_s'])}; target 2x).",
+    ]
+    return lines
+
+
 def cached_teacher_lines(training: dict) -> list[str]:
     """What the cached teacher (`distill.teacher_top_k`) saves, where the run measured it."""
     cached = training.get("student_distill_cached")
@@ -612,6 +658,7 @@ def main() -> None:
         ("serve", serve_section),
         ("decode_step", decode_step_section),
         ("distill", distill_section),
+        ("distill_recipe", distill_recipe_section),
         ("dpo", dpo_section),
         ("grpo", grpo_section),
         ("fsdp", fsdp_section),

@@ -1,0 +1,131 @@
+"""The `distill_triage` recipe against its targets, seed by seed: the distilled student, a plain-SFT
+student trained on the same data for the same steps, and the teacher they come from.
+
+    .venv/bin/python bench/distill_recipe.py --teacher runs/quickstart --seeds 0,1,2
+
+The teacher is the quickstart's tuned model (`tuneforge quickstart`); the student is
+`tuneforge distill init --every 3` of it, written once into the work folder. For each seed: the
+recipe's run (`distill_triage`, its paths pointed at the teacher's data, `train.seed` set) and the
+same run as plain SFT (`method: full`, no distill section). Every model is scored on the first
+`test_tickets` held-out tickets, and the student's generation speed is measured beside the
+teacher's. A finished run or score in the work folder is reused, so an interrupted benchmark goes
+on where it stopped. Writes `results/distill_recipe-<date>.json`; `report.py` renders it.
+
+Targets (issue "Distillation that pays"): the student reaches 85% of the teacher's exact match and
+10 points above the SFT student, generates at least 2x faster, and the recipe (teacher pass,
+training, scoring) runs within 30 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from distill import Setup, generation_speed, task_scores, training_figures  # noqa: E402
+
+WORK = HERE / ".work" / "distill_recipe"
+KEEP_EVERY = 3
+
+
+def recipe_config(teacher: Path, student: Path, out: Path, seed: int, method: str) -> dict:
+    from tuneforge.recipes import load_recipe
+
+    config = load_recipe("distill_triage")
+    data = teacher / "data"
+    config["base_model"] = str(student)
+    config["data"].update(train=str(data / "train.jsonl"), validation=str(data / "validation.jsonl"))
+    config["train"]["seed"] = seed
+    config["output_dir"] = str(out)
+    if method == "distill":
+        config["distill"]["teacher"] = str(teacher)
+    else:
+        config["method"] = "full"
+        del config["distill"]
+    return config
+
+
+def train_once(config: dict) -> dict:
+    """Trains unless the run folder is finished; the wall time of the whole run, teacher pass included."""
+    from tuneforge.training import train
+
+    out = Path(config["output_dir"])
+    timing = out.parent / f"{out.name}.wall.json"
+    if not (out / "summary.json").is_file():
+        started = time.perf_counter()
+        result = train(config)
+        if result.status != "completed":
+            sys.exit(f"{out}: training stopped ({result.status})")
+        timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - started}))
+    wall = json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else None
+    return {**training_figures(out), "wall_seconds": wall}
+
+
+def scored(setup: Setup, name: str, model: Path, data: dict) -> dict:
+    """The model's task scores, kept in the work folder once made."""
+    path = WORK / f"{name}.scores.json"
+    if not path.is_file():
+        path.write_text(json.dumps(task_scores(setup, {name: model}, data)[name]))
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    from common import result_header, write_result
+
+    from tuneforge.distill import init_student
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=Path("runs/quickstart"), help="the quickstart's run folder")
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args()
+    setup = Setup()
+    load_before = os.getloadavg()[0]
+    WORK.mkdir(parents=True, exist_ok=True)
+    teacher = args.teacher.resolve()
+    data = {split: teacher / "data" / f"{split}.jsonl" for split in ("train", "validation", "test")}
+    student = WORK / "student"
+    if not student.exists():
+        init_student(str(teacher), student, every=KEEP_EVERY)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = {}
+    for seed in seeds:
+        for method in ("distill", "sft"):
+            out = WORK / f"{method}-s{seed}"
+            training = train_once(recipe_config(teacher, student, out, seed, method))
+            runs[f"{method}-s{seed}"] = {"seed": seed, "method": method, "training": training}
+    teacher_scores = scored(setup, "teacher", teacher, data)
+    for name, run in runs.items():
+        run["scores"] = scored(setup, name, WORK / name, data)
+    speed = generation_speed(setup, {"teacher": teacher, "student": WORK / f"distill-s{seeds[0]}"}, data)
+
+    def exact(method: str) -> list[float]:
+        return [run["scores"]["scores"]["exact"] for run in runs.values() if run["method"] == method]
+
+    distilled, sft = exact("distill"), exact("sft")
+    teacher_exact = teacher_scores["scores"]["exact"]
+    result = {
+        **result_header("distill_recipe", "python bench/distill_recipe.py " + " ".join(sys.argv[1:]), load_before),
+        "setup": {"keep_every": KEEP_EVERY, "seeds": seeds, "test_tickets": setup.test_tickets},
+        "teacher": teacher_scores,
+        "runs": runs,
+        "speed": {**speed, "student_vs_teacher": speed["student"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]},
+        "summary": {
+            "teacher_exact": teacher_exact,
+            "distill_exact_mean": statistics.mean(distilled),
+            "sft_exact_mean": statistics.mean(sft),
+            "share_of_teacher": statistics.mean(distilled) / teacher_exact,
+            "points_over_sft": statistics.mean(distilled) - statistics.mean(sft),
+        },
+    }
+    print(f"wrote {write_result(result)}")
+
+
+if __name__ == "__main__":
+    main()
