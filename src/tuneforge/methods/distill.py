@@ -210,7 +210,7 @@ class TeacherTopK:
 
 
 def compute_top_k(teacher, batches: list[dict], k: int, device, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's k largest logits (largest first) and their ids at the batches' trained positions."""
+    """The teacher's k largest logits (largest first) and their ids at the positions the batches' labels mark."""
     lm, ids, values = causal_lm(teacher), [], []
     rows = sum(len(batch["input_ids"]) for batch in batches)
     with torch.no_grad(), progress_bar(f"teacher: top-{k} logits", rows, progress) as advance:
@@ -253,11 +253,18 @@ def cache_dir() -> Path:
 
 
 def cache_key(teacher_name: str, k: int, dtype: str, keys: list[str]) -> str:
-    """A hash of the teacher's files (names, sizes, modification times), k, the dtypes the teacher
-    is held and computes in, and the rows: a changed teacher or data set gets a new entry."""
-    folder = resolve(teacher_name).path
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    described = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    """A hash of the teacher's files (its base's and its adapter's: paths, sizes, modification times),
+    k, the dtypes the teacher is held and computes in, and the rows: a changed teacher or data set
+    gets a new entry."""
+    source = resolve(teacher_name)
+    # An adapter teacher (a LoRA run) is its base and its adapter: a retrained adapter is another teacher.
+    folders = [Path(source.path)] + ([Path(source.adapter)] if source.adapter else [])
+    described = [
+        (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+        for folder in folders
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    ]
     h = hashlib.sha256(json.dumps({"teacher": described, "k": k, "dtype": dtype}).encode())
     for key in keys:
         h.update(key.encode())
