@@ -7,10 +7,8 @@ import threading
 from collections.abc import Sequence
 
 from rich.console import Console
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
 
-from ..errors import ConfigError
+from ..database import opening
 from ..fsio import tuneforge_home
 
 
@@ -21,22 +19,8 @@ def open_store(db: str | None):
     root = tuneforge_home() / "jobs"
     root.mkdir(parents=True, exist_ok=True)
     url = db or f"sqlite:///{root / 'jobs.db'}"
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        shown = url
-    try:
+    with opening(url, "--db"):
         return Store(url), root
-    except (ArgumentError, OperationalError) as err:
-        raise ConfigError(
-            f"--db {shown}: cannot open the job store ({str(err).splitlines()[0]}). Give a "
-            "database URL such as sqlite:////path/jobs.db or postgresql://user@host/db."
-        ) from None
-    except ModuleNotFoundError as err:
-        raise ConfigError(
-            f"--db {shown}: the database driver is missing ({err.name}); install psycopg2-binary "
-            "(part of tuneforge's serve extra)."
-        ) from None
 
 
 def api_command(
@@ -52,6 +36,9 @@ def api_command(
     max_models: int,
     docs: bool,
     allow_python_graders: bool = False,
+    store_max_age_days: float | None = None,
+    store_max_count: int | None = None,
+    log_prompts: bool = False,
 ) -> int:
     from . import runner
 
@@ -59,6 +46,8 @@ def api_command(
     store, root = open_store(db)
     import uvicorn
 
+    from ..serve import Retention
+    from ..web.observe import log_requests_to_stderr
     from .api import create_api
 
     app = create_api(
@@ -72,13 +61,16 @@ def api_command(
         max_models=max_models,
         docs=docs,
         allow_python_graders=allow_python_graders,
+        retention=Retention(store_max_age_days, store_max_count),
+        log_prompts=log_prompts,
     )
+    log_requests_to_stderr()
     Console(stderr=True).print(
         f"tuneforge api at http://{host}:{port}/v1 with {workers} job worker(s); store {store.url!r}; files and "
         f"runs under {root}" + (" (API key required)" if api_keys else ""),
         highlight=False,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     return 0
 
 

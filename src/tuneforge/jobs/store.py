@@ -1,9 +1,9 @@
 """The jobs service's state in SQL: files, fine-tuning jobs, their events and checkpoints.
 
-SQLAlchemy keeps one code path for SQLite (the default, one file under `$TUNEFORGE_HOME/jobs`) and
-PostgreSQL (given by URL, shared by several servers). Every change of a job's status is a guarded
-UPDATE (`... WHERE status IN (...)`), so two writers can never both move a job: the API cancelling
-and a worker finishing race safely, and a queued job is claimed by exactly one worker.
+The database is SQLite (the default, one file under `$TUNEFORGE_HOME/jobs`) or PostgreSQL (given
+by URL, shared by several servers), through `tuneforge.database`. Every change of a job's status is
+a guarded UPDATE (`... WHERE status IN (...)`), so two writers can never both move a job: the API
+cancelling and a worker finishing race safely, and a queued job is claimed by exactly one worker.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, String, create_engine, event, select, text, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import JSON, BigInteger, Float, String, func, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from ..database import JSON_COLUMNS, Page, Tables, connect, where_metadata
 
 ACTIVE = ("validating_files", "queued", "running", "paused")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -34,7 +34,7 @@ def now() -> int:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict: JSON, list: JSON}
+    type_annotation_map = JSON_COLUMNS
 
 
 class OwnedObject:
@@ -143,42 +143,11 @@ class JobCheckpoint(Base):
         }
 
 
-class Page(list):
-    """One page of a listing, newest first unless asked otherwise; `has_more` says whether another follows."""
-
-    has_more: bool = False
-
-
-class Store:
+class Store(Tables):
     """Queries and guarded updates; every method opens and commits its own short transaction."""
 
     def __init__(self, url: str):
-        self.url = make_url(url)
-        if self.url.drivername == "postgresql":
-            # SQLAlchemy's default PostgreSQL driver is psycopg 3; the serve extra installs psycopg2.
-            self.url = self.url.set(drivername="postgresql+psycopg2")
-        self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        # SQLite: wait for another writer instead of failing at once; WAL lets readers go on meanwhile.
-        self.engine = create_engine(
-            self.url, connect_args={"timeout": 30} if self.is_sqlite else {}, pool_pre_ping=not self.is_sqlite
-        )
-        if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        with self.engine.begin() as connection:
-            if not self.is_sqlite:
-                # Several servers may start on one fresh database: one creates the tables, the others wait.
-                connection.execute(text("SELECT pg_advisory_xact_lock(2026112808)"))
-            Base.metadata.create_all(connection)
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
-
-    def add(self, *rows: Base) -> None:
-        with self.session() as session:
-            session.add_all(rows)
+        super().__init__(connect(url), Base)
 
     # ---- files -----------------------------------------------------------------------------------
 
@@ -190,7 +159,7 @@ class Store:
         query = select(StoredFile).where(StoredFile.owner == owner)
         if purpose:
             query = query.where(StoredFile.purpose == purpose)
-        return self._page(StoredFile, query, after, limit, newest_first)
+        return self.page(StoredFile, query, after, limit, newest_first)
 
     def delete_file(self, owner: str, file_id: str) -> StoredFile | None:
         with self.session() as session:
@@ -218,10 +187,8 @@ class Store:
             return session.scalar(query)
 
     def list_jobs(self, owner: str, *, after: str | None, limit: int, metadata: dict[str, str]) -> Page:
-        query = select(Job).where(Job.owner == owner)
-        for key, value in metadata.items():
-            query = query.where(Job.metadata_[key].as_string() == value)
-        return self._page(Job, query, after, limit, newest_first=True)
+        query = where_metadata(select(Job).where(Job.owner == owner), Job.metadata_, metadata)
+        return self.page(Job, query, after, limit, newest_first=True)
 
     def jobs_of(self, owner: str) -> list[Job]:
         with self.session() as session:
@@ -276,6 +243,13 @@ class Store:
         with self.session() as session:
             return list(session.scalars(select(Job).where(Job.worker_id.is_not(None))))
 
+    def job_totals(self) -> tuple[dict[str, int], int]:
+        """Every owner's jobs together: how many are in each status, and the tokens they have trained."""
+        with self.session() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            tokens = session.scalar(select(func.coalesce(func.sum(Job.trained_tokens), 0)))
+        return {status: counts.get(status, 0) for status in STATUSES}, int(tokens)
+
     # ---- events and checkpoints ------------------------------------------------------------------
 
     def add_event(
@@ -294,11 +268,11 @@ class Store:
         )
 
     def list_events(self, job_id: str, *, after: str | None, limit: int) -> Page:
-        return self._page(JobEvent, select(JobEvent).where(JobEvent.job_id == job_id), after, limit, newest_first=True)
+        return self.page(JobEvent, select(JobEvent).where(JobEvent.job_id == job_id), after, limit, newest_first=True)
 
     def list_checkpoints(self, job_id: str, *, after: str | None, limit: int) -> Page:
         query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
-        return self._page(JobCheckpoint, query, after, limit, newest_first=True)
+        return self.page(JobCheckpoint, query, after, limit, newest_first=True)
 
     def sync_checkpoints(self, job_id: str, on_disk: dict[int, Callable[[], JobCheckpoint]]) -> list[int]:
         """Make the job's rows match the checkpoints on disk (the loop prunes old ones); returns new steps."""
@@ -312,23 +286,3 @@ class Store:
             added = sorted(set(on_disk) - set(rows))
             session.add_all(on_disk[step]() for step in added)
         return added
-
-    # ---- helpers ---------------------------------------------------------------------------------
-
-    def _page(self, table: type[Base], query, after: str | None, limit: int, newest_first: bool) -> Page:
-        if after:
-            cursor = select(table.seq).where(table.id == after).scalar_subquery()
-            query = query.where(table.seq < cursor if newest_first else table.seq > cursor)
-        query = query.order_by(table.seq.desc() if newest_first else table.seq).limit(limit + 1)
-        with self.session() as session:
-            rows = list(session.scalars(query))
-        page = Page(rows[:limit])
-        page.has_more = len(rows) > limit
-        return page
-
-
-def _sqlite_pragmas(connection, _record) -> None:
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()

@@ -1,0 +1,120 @@
+"""SQL databases for tuneforge's stores: SQLite by default, PostgreSQL by URL.
+
+SQLAlchemy keeps one code path for both. `connect` makes the engine (SQLite waits for another
+writer and uses WAL so readers go on meanwhile; PostgreSQL goes through psycopg2, which the serve
+extra installs), `opening` turns a database that cannot be opened into an error that says what to
+give instead, and `Tables` holds one store's tables: created once even when several servers start
+on one fresh database, short transactions, and listings paged the way OpenAI's are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import JSON, Engine, create_engine, event, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from .errors import ConfigError
+
+# Several servers may start on one fresh PostgreSQL database: one creates the tables, the others wait on this lock.
+_CREATE_TABLES_LOCK = 2026112808
+JSON_COLUMNS = {dict: JSON, list: JSON}  # a declarative base's `type_annotation_map`: dicts and lists as JSON
+
+
+def database_url(spec: str) -> str:
+    """`spec` as a database URL: a URL as given, a file path as SQLite's URL for that file."""
+    return spec if "://" in spec else f"sqlite:///{Path(spec).expanduser().resolve()}"
+
+
+def connect(url: str) -> Engine:
+    url = make_url(url)
+    if url.drivername == "postgresql":
+        # SQLAlchemy's default PostgreSQL driver is psycopg 3; the serve extra installs psycopg2.
+        url = url.set(drivername="postgresql+psycopg2")
+    is_sqlite = url.get_backend_name() == "sqlite"
+    if is_sqlite and url.database:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    # SQLite: wait for another writer instead of failing at once.
+    engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {}, pool_pre_ping=not is_sqlite)
+    if is_sqlite:
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+@contextmanager
+def opening(url: str, option: str) -> Iterator[None]:
+    """Around opening a store at `url`: a URL or database that does not work becomes a `ConfigError` for `option`."""
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        shown = url
+    try:
+        yield
+    except (ArgumentError, OperationalError) as err:
+        raise ConfigError(
+            f"{option} {shown}: cannot open the database ({str(err).splitlines()[0]}). Give a file path or a "
+            "database URL such as sqlite:////path/file.db or postgresql://user@host/db."
+        ) from None
+    except ModuleNotFoundError as err:
+        raise ConfigError(
+            f"{option} {shown}: the database driver is missing ({err.name}); install psycopg2-binary "
+            "(part of tuneforge's serve extra)."
+        ) from None
+
+
+class Page(list):
+    """One page of a listing; `has_more` says whether another follows."""
+
+    has_more: bool = False
+
+
+class Tables:
+    """The tables of `base` in the database behind `engine`, created if missing; every method opens and
+    commits its own short transaction. Listed tables have a `seq` column (their order) and an `id`."""
+
+    def __init__(self, engine: Engine, base: type[DeclarativeBase]):
+        self.engine, self.url = engine, engine.url
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        with engine.begin() as connection:
+            if engine.url.get_backend_name() != "sqlite":
+                connection.execute(text(f"SELECT pg_advisory_xact_lock({_CREATE_TABLES_LOCK})"))
+            base.metadata.create_all(connection)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def add(self, *rows: DeclarativeBase) -> None:
+        with self.session() as session:
+            session.add_all(rows)
+
+    def page(self, table, query, after: str | None, limit: int, newest_first: bool) -> Page:
+        """`query`'s rows after the row whose id is `after`, at most `limit` of them, in `seq` order."""
+        if after:
+            cursor = select(table.seq).where(table.id == after).scalar_subquery()
+            query = query.where(table.seq < cursor if newest_first else table.seq > cursor)
+        query = query.order_by(table.seq.desc() if newest_first else table.seq).limit(limit + 1)
+        with self.session() as session:
+            rows = list(session.scalars(query))
+        page = Page(rows[:limit])
+        page.has_more = len(rows) > limit
+        return page
+
+
+def where_metadata(query, column, metadata: dict[str, str]):
+    """`query` narrowed to rows whose JSON `column` holds every key of `metadata` with its value."""
+    for key, value in metadata.items():
+        query = query.where(column[key].as_string() == value)
+    return query
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
