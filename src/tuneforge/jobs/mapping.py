@@ -21,11 +21,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from ..config import Config, GRPOConfig, TrainConfig, auto_epochs, load_config
 from ..errors import ConfigError
 from ..training import make_plan
+from ..web import Metadata
 
 GROUP_SIZE = GRPOConfig.model_fields["group_size"].default
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
 KEPT_EPOCH_CHECKPOINTS = 3
-MAX_METADATA_KEYS = 16
 _SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -134,7 +134,7 @@ class CreateJobBody(Body):
     validation_file: FileId | None = None
     suffix: str | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    metadata: Metadata | None = None
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None
     integrations: None = Field(None, description="not supported: metrics are in the events and the result file")
@@ -163,13 +163,6 @@ class CreateJobBody(Body):
                 "give hyperparameters in method.<type>.hyperparameters or in the legacy top-level "
                 "hyperparameters, not both"
             )
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value):
-        if value and (len(value) > MAX_METADATA_KEYS or any(len(key) > 64 for key in value)):
-            raise ValueError(f"at most {MAX_METADATA_KEYS} keys of at most 64 characters")
         return value
 
     def files(self) -> dict[str, str]:

@@ -33,15 +33,3 @@ class Service:
 def service_of(request: Request) -> Service:
     """The app's `Service` (a dependency for routes)."""
     return request.app.state.service
-
-
-def list_body(rows, has_more: bool) -> dict:
-    """OpenAI's envelope of one page of a listing."""
-    data = [row if isinstance(row, dict) else row.to_api() for row in rows]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }

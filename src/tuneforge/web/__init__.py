@@ -3,23 +3,28 @@
 `errors.py` answers every failure in OpenAI's error shape, never with a traceback or a server
 path (an unexpected failure is logged under an error id that the client gets); `auth.py` checks
 Bearer keys before anything reads a body; `limits.py` caps request bodies, and its `edge` puts
-all three on an app. `docs_urls` keeps the documentation pages off unless asked for. Importing
-this package is cheap: no torch.
+all three on an app. `docs_urls` keeps the documentation pages off unless asked for.
+`shapes.py` is OpenAI's `metadata` and listings.
+Importing this package is cheap: no torch.
 """
 
 from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
 from .limits import docs_urls, edge
+from .shapes import Metadata, list_body, metadata_filter
 
 __all__ = [
     "APIError",
     "KEY_COOKIE",
     "LOCAL_OWNER",
+    "Metadata",
     "Pages",
     "caller",
     "docs_urls",
     "edge",
     "failure_id",
+    "list_body",
+    "metadata_filter",
     "owner_of",
     "scrub_paths",
     "server_error",

@@ -7,9 +7,9 @@ from typing import Literal
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
-from ...web import APIError, caller
+from ...web import APIError, caller, list_body
 from ..files import FileTooLarge
-from ..service import Service, list_body, service_of
+from ..service import Service, service_of
 from ..store import StoredFile
 
 UPLOAD_PATH = "/v1/files"

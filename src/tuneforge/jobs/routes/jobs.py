@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from ...errors import ConfigError
 from ...graders import runs_python
-from ...web import APIError, caller
+from ...web import APIError, caller, list_body, metadata_filter
 from ..access import training_spec
 from ..mapping import CreateJobBody, training_config
-from ..service import ORGANIZATION, Service, list_body, service_of
+from ..service import ORGANIZATION, Service, service_of
 from ..store import ACTIVE, Job, new_id, now
 from .files import own_file
 
@@ -119,13 +119,7 @@ def list_jobs(
     owner: str = Depends(caller),
     service: Service = Depends(service_of),
 ):
-    # OpenAI's SDK sends a metadata filter as `metadata[KEY]=VALUE`.
-    metadata = {
-        key[len("metadata[") : -1]: value
-        for key, value in request.query_params.items()
-        if key.startswith("metadata[") and key.endswith("]")
-    }
-    page = service.store.list_jobs(owner, after=after, limit=limit, metadata=metadata)
+    page = service.store.list_jobs(owner, after=after, limit=limit, metadata=metadata_filter(request))
     return list_body([job_body(job) for job in page], page.has_more)
 
 
