@@ -184,6 +184,11 @@ def chat(
     )
 
 
+STORE_MAX_AGE_HELP = "Delete stored chat completions older than this many days (default: keep them)."
+STORE_MAX_COUNT_HELP = "Keep at most this many stored chat completions, all keys together; the oldest go first."
+LOG_PROMPTS_HELP = "Put prompts' text in the request log (JSON lines on stderr); left out by default."
+
+
 @app.command()
 def serve(
     model: str | None = typer.Option(
@@ -206,8 +211,18 @@ def serve(
     precision: str = typer.Option(
         "auto", help="Weights for decoding: auto (bf16 where native, else fp32) | bf16 | fp32 (exact)."
     ),
+    store: str | None = typer.Option(
+        None,
+        help="Where store: true keeps chat completions: a file path or database URL (default: SQLite under "
+        "$TUNEFORGE_HOME/serve).",
+    ),
+    store_max_age_days: float | None = typer.Option(None, help=STORE_MAX_AGE_HELP),
+    store_max_count: int | None = typer.Option(None, help=STORE_MAX_COUNT_HELP),
+    log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
 ):
-    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for a base and its adapters."""
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /metrics) for a base and its
+    adapters; stores chat completions asked to."""
+    from .serve import Retention
     from .serve.command import serve_command
 
     raise typer.Exit(
@@ -224,6 +239,9 @@ def serve(
             max_body_mb=max_body_mb,
             docs=docs,
             precision=precision,
+            store=store,
+            retention=Retention(store_max_age_days, store_max_count),
+            log_prompts=log_prompts,
         )
     )
 
@@ -259,8 +277,12 @@ def api(
         help="Accept reinforcement jobs whose grader runs the client's Python code on this machine (in a process "
         "with time and memory limits and no sockets; a guard against mistakes, not a sandbox).",
     ),
+    store_max_age_days: float | None = typer.Option(None, help=STORE_MAX_AGE_HELP),
+    store_max_count: int | None = typer.Option(None, help=STORE_MAX_COUNT_HELP),
+    log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
 ):
-    """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, and inference for the models made."""
+    """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, inference for the models made,
+    stored chat completions and /metrics."""
     from .jobs.command import api_command
 
     raise typer.Exit(
@@ -276,6 +298,9 @@ def api(
             max_models=max_models,
             docs=docs,
             allow_python_graders=allow_python_graders,
+            store_max_age_days=store_max_age_days,
+            store_max_count=store_max_count,
+            log_prompts=log_prompts,
         )
     )
 

@@ -10,7 +10,8 @@ claims), `files.py` (uploads under the storage folder, named by id), `mapping.py
 and hyperparameters -> a tuneforge `Config`), `worker.py` (worker threads: validate files, train in
 a child process, events and checkpoints, recovery after a crash), `runner.py` (the child process),
 `access.py` (which models a key may name), `inference.py` (serve apps per base model for
-inference), `routes/` (one router per resource) over `service.py`, `api.py` (`create_api`),
+inference), `metrics.py` (jobs by status and tokens trained, for /metrics), `routes/` (one router
+per resource) over `service.py`, `api.py` (`create_api`),
 `command.py` (`tuneforge api`). Importing the package is cheap (no torch): `tuneforge api` starts
 the training process server before the heavy imports.
 """

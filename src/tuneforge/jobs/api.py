@@ -3,11 +3,13 @@
 Routes (one router per resource, in `routes/`): `/v1/files` (upload, list, get, content, delete),
 `/v1/fine_tuning/jobs` (create, list, get, cancel, pause, resume, events, checkpoints),
 `/v1/models`, and through `tuneforge.serve`, `/v1/chat/completions` and `/v1/completions` for
-the models a key may use (`access.py`). The web dashboard (`tuneforge.dashboard`, which reads this
-service) adds its pages under `/ui`. Every error is OpenAI's body `{"error": {message, type,
-param, code}}`, a bad argument a 400 that names it. With API keys, each key is an owner that sees
-only its own files, jobs and models (keys are never stored: owners are hashes of them); the key
-is checked before any body is read, and bodies are capped (`tuneforge.web`).
+the models a key may use (`access.py`), and the key's stored chat completions (kept in the job
+store's database). `/metrics` has the requests, generation and jobs (`metrics.py`). The web
+dashboard (`tuneforge.dashboard`, which reads this service) adds its pages under `/ui`. Every
+error is OpenAI's body `{"error": {message, type, param, code}}`, a bad argument a 400 that names
+it. With API keys, each key is an owner that sees only its own files, jobs, models and stored
+completions (keys are never stored: owners are hashes of them); the key is checked before any
+body is read, and bodies are capped (`tuneforge.web`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from ..web import docs_urls, edge
+from ..serve import CompletionStore, Retention, completion_routes
+from ..web import Observer, docs_urls, edge
 from .access import ModelAccess
 from .files import FileStorage
 from .inference import InferenceModels
+from .metrics import JobMetrics
 from .routes import ROUTERS
 from .routes.files import UPLOAD_PATH
 from .service import Service
@@ -46,20 +50,26 @@ def create_api(
     docs: bool = False,
     allow_python_graders: bool = False,
     dashboard: bool = True,
+    retention: Retention = Retention(),
+    log_prompts: bool = False,
 ) -> FastAPI:
     """The app; its lifespan starts `workers` job workers and stops them (jobs queued again) at the end.
 
     `allowed_models` are the models clients may name besides registry models and their own fine-tuned
     ones; at most `max_models` base models are held in memory for inference. `allow_python_graders`
     accepts reinforcement jobs whose grader runs the client's code here. `dashboard` serves the web
-    dashboard (`tuneforge.dashboard`) under /ui.
+    dashboard (`tuneforge.dashboard`) under /ui. Stored chat completions live in the store's database,
+    kept as `retention` says; `log_prompts` puts prompts in the request log.
     """
+    observer = Observer(log_prompts=log_prompts)
+    observer.registry.register(JobMetrics(store))
+    completions = CompletionStore(store.engine, retention)
     service = Service(
         root,
         store,
         FileStorage(root),
         ModelAccess(store, root / "runs", allowed_models),
-        InferenceModels(max_bases=max_models),
+        InferenceModels(max_bases=max_models, observer=observer, completions=completions),
         max_upload_bytes,
         allow_python_graders,
     )
@@ -81,7 +91,8 @@ def create_api(
         **docs_urls(docs),
     )
     app.state.service = service
-    for router in ROUTERS:
+    app.state.completions = completions
+    for router in [*ROUTERS, completion_routes.router]:
         app.include_router(router)
     app.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"])
     if dashboard:
@@ -94,5 +105,6 @@ def create_api(
         max_body_bytes=max_body_bytes,
         per_path={UPLOAD_PATH: max_upload_bytes + UPLOAD_ENVELOPE_BYTES},
         pages=PAGES if dashboard else None,
+        observer=observer,
     )
     return app

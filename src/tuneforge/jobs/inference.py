@@ -5,7 +5,8 @@ Here there is one per base model folder, so every name for the same model (a reg
 any case, a fine-tuned model, a checkpoint) shares one copy of its weights; an adapter joins its
 base's app when first asked for. At most `max_bases` apps are held: beyond that the least
 recently used one is closed once its last request is answered. Requests are handed on as they
-are, so the bodies, streaming and errors are serve's own.
+are, so the bodies, streaming and errors are serve's own; the apps record into the host's observer
+and store completions in the host's store, under the caller the host checked.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..serve import AdapterPool, Engine, create_app
+from ..serve import AdapterPool, CompletionStore, Engine, create_app
+from ..web import Observer
 from .access import InferenceTarget
 
 
@@ -33,8 +35,16 @@ class ServedBase:
 
 
 class InferenceModels:
-    def __init__(self, max_bases: int = 2, max_adapters: int = 4):
+    def __init__(
+        self,
+        max_bases: int = 2,
+        max_adapters: int = 4,
+        *,
+        observer: Observer | None = None,
+        completions: CompletionStore | None = None,
+    ):
         self.max_bases, self.max_adapters = max_bases, max_adapters
+        self.observer, self.completions = observer, completions
         self._served: OrderedDict[str, ServedBase] = OrderedDict()  # by base folder, least recently used first
         self._lock = asyncio.Lock()
 
@@ -72,7 +82,7 @@ class InferenceModels:
     def _build(self, base: str) -> ServedBase:
         pool = AdapterPool(base, max_loaded=self.max_adapters)
         engine = Engine(pool)
-        return ServedBase(pool, engine, create_app(engine))
+        return ServedBase(pool, engine, create_app(engine, observer=self.observer, completions=self.completions))
 
     def _retire(self, served: ServedBase) -> None:
         served.retired = True

@@ -8,12 +8,25 @@
 
 `adapters.py` holds the base model and its adapters (loaded on first use, least recently used
 evicted), `engine.py` the request queue and the worker thread that batches requests over
-`tuneforge.generate.Batch`, `app.py` the routes and OpenAI-shaped bodies, `command.py` `tuneforge serve`.
-Errors, keys and the body cap are `tuneforge.web`'s, shared with the jobs service.
+`tuneforge.generate.Batch`, `app.py` the routes and OpenAI-shaped bodies, `metrics.py` serving's
+figures (time to first token, tokens, queue, batch, adapters), `completion_store.py` the stored
+chat completions and `completion_routes.py` their routes, `command.py` `tuneforge serve`.
+Errors, keys, the body cap, request metrics and logs are `tuneforge.web`'s, shared with the jobs service.
 """
 
 from .adapters import AdapterPool
 from .app import ChatCompletionBody, CompletionBody, create_app
+from .completion_store import CompletionStore, Retention
 from .engine import Engine, EngineError, Generation
 
-__all__ = ["AdapterPool", "ChatCompletionBody", "CompletionBody", "Engine", "EngineError", "Generation", "create_app"]
+__all__ = [
+    "AdapterPool",
+    "ChatCompletionBody",
+    "CompletionBody",
+    "CompletionStore",
+    "Engine",
+    "EngineError",
+    "Generation",
+    "Retention",
+    "create_app",
+]

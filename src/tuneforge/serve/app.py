@@ -1,10 +1,14 @@
-"""OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/health`.
+"""OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/health`, `/metrics`.
 
 Bodies and errors are shaped as OpenAI's, so the official clients work unchanged (errors through
 `tuneforge.web`). Sampling defaults are OpenAI's (temperature 1, top_p 1); `max_tokens` defaults
 to 16 for completions, as OpenAI's does, and for chat to the server's `default_max_tokens`, within
 the context window either way. Every value is checked here, before the engine sees it; a prompt is
 encoded off the event loop; a client that hangs up stops its generation, streamed or not.
+
+An answered request leaves its figures in the metrics (`metrics.py`) and its request log line, and
+a chat request with `store: true` its prompt and answer in the completion store
+(`completion_store.py`; a stream's once its last piece is sent), which `completion_routes.py` lists.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
-from ..web import APIError, caller, docs_urls, edge
+from ..web import APIError, Metadata, Observer, caller, docs_urls, edge, note
+from . import completion_routes
+from .completion_store import CompletionStore
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
+from .metrics import GenerationMetrics
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4  # as OpenAI allows
@@ -119,6 +126,11 @@ class _GenerationBody(_Body):
 class ChatCompletionBody(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    store: bool | None = None  # OpenAI's: keep the prompt and the answer (GET /v1/chat/completions lists them)
+    metadata: Metadata | None = None  # kept with a stored completion; listings filter by it
+
+    def template_messages(self) -> list[dict]:
+        return [message.as_template_message() for message in self.messages]
 
 
 class CompletionBody(_GenerationBody):
@@ -193,11 +205,15 @@ def _sse(payload: dict | str) -> str:
 
 @dataclass(frozen=True)
 class Served:
-    """What the routes answer from: the engine (which the caller starts and closes) and its pool's context window."""
+    """What the routes answer from: the engine (which the caller starts and closes), its pool's context window,
+    what records answers (the observer's metrics and log) and where completions are stored, if anywhere."""
 
     engine: Engine
     window: int | None
     default_max_tokens: int
+    observer: Observer
+    metrics: GenerationMetrics
+    completions: CompletionStore | None
 
     @property
     def pool(self):
@@ -222,6 +238,23 @@ class Served:
             )
         return name
 
+    async def answered(self, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation) -> None:
+        """What an answer leaves behind: its metrics, its log line's figures, and its stored completion if asked."""
+        completion = generation.completion
+        self.metrics.answered(reply.model, generation)
+        note(
+            request,
+            id=reply.id,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            finish_reason=completion.finish_reason,
+            time_to_first_token_s=round(generation.time_to_first_token, 4),
+        )
+        if isinstance(body, ChatCompletionBody) and body.store:
+            await asyncio.to_thread(
+                self.completions.save, caller(request), body.template_messages(), reply.whole(completion), body.metadata
+            )
+
 
 def served(request: Request) -> Served:
     return request.app.state.served
@@ -242,15 +275,18 @@ def get_model(name: str, server: Served = Depends(served)):
 
 @v1.post("/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, server: Served = Depends(served)):
-    messages = [message.as_template_message() for message in body.messages]
-    generation = await submit(server, body, messages, server.default_max_tokens, "messages")
-    return await answer(_Reply.start(True, body.model), generation, body, request)
+    if body.store and server.completions is None:
+        raise APIError(
+            400, "This server does not store completions: leave `store` out.", param="store", code="unsupported_value"
+        )
+    generation = await submit(server, request, body, body.template_messages(), server.default_max_tokens, "messages")
+    return await answer(server, request, body, _Reply.start(True, body.model), generation)
 
 
 @v1.post("/completions")
 async def completions(body: CompletionBody, request: Request, server: Served = Depends(served)):
-    generation = await submit(server, body, body.prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-    return await answer(_Reply.start(False, body.model), generation, body, request)
+    generation = await submit(server, request, body, body.prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+    return await answer(server, request, body, _Reply.start(False, body.model), generation)
 
 
 def health(request: Request):
@@ -276,25 +312,40 @@ def create_app(
     default_max_tokens: int = 1024,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     docs: bool = False,
+    observer: Observer | None = None,
+    completions: CompletionStore | None = None,
 ) -> FastAPI:
     """The routes over `engine` (which the caller starts and closes), behind `tuneforge.web`'s edge.
 
     With `api_keys`, every route but `/health` wants `Authorization: Bearer KEY` with one of them.
-    The app can be called from inside another (the jobs service) as it is.
+    `observer` records the requests (by default one of the app's own); `completions` is where
+    `store: true` keeps them (without it, such a request is refused). The app can be called from
+    inside another (the jobs service) as it is, sharing its host's observer and store.
     """
     app = FastAPI(
         title="tuneforge", summary="OpenAI-compatible inference for a base model and its adapters", **docs_urls(docs)
     )
-    app.state.served = Served(engine, context_length(engine.pool.model.config), default_max_tokens)
+    observer = observer or Observer()
+    metrics = observer.metrics(GenerationMetrics)
+    metrics.watch(engine)
+    app.state.served = Served(
+        engine, context_length(engine.pool.model.config), default_max_tokens, observer, metrics, completions
+    )
     app.include_router(v1)
+    if completions is not None:
+        app.state.completions = completions
+        app.include_router(completion_routes.router)
     app.add_api_route("/health", health, methods=["GET"])
-    edge(app, api_keys=api_keys, max_body_bytes=max_body_bytes)
+    edge(app, api_keys=api_keys, max_body_bytes=max_body_bytes, observer=observer)
     return app
 
 
-async def submit(server: Served, body: _GenerationBody, prompt, default_max: int, length_param: str) -> Generation:
+async def submit(
+    server: Served, request: Request, body: _GenerationBody, prompt, default_max: int, length_param: str
+) -> Generation:
     body.check_supported()
     name = server.known_model(body.model)
+    note(request, model=name, **({"prompt": prompt} if server.observer.log_prompts else {}))
     # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
     prompt_ids = await asyncio.to_thread(_encode, server.pool.tokenizer(name), prompt)
     if not prompt_ids:
@@ -315,11 +366,10 @@ def _encode(tokenizer, prompt) -> list[int]:
     return prompt_ids
 
 
-async def answer(reply: _Reply, generation: Generation, body: _GenerationBody, request: Request):
+async def answer(server: Served, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation):
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _events(reply, generation, include_usage),
+            _events(server, request, body, reply, generation),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -334,9 +384,11 @@ async def answer(reply: _Reply, generation: Generation, body: _GenerationBody, r
         result.cancel()
         return Response(status_code=499)  # nobody reads it: the client has gone
     try:
-        return reply.whole(result.result())
+        whole = reply.whole(result.result())
     except EngineError as err:
         raise engine_error(err) from err
+    await server.answered(request, body, reply, generation)
+    return whole
 
 
 async def _hang_up(request: Request) -> None:
@@ -370,7 +422,7 @@ def _max_new_tokens(
     return requested
 
 
-async def _events(reply: _Reply, generation: Generation, include_usage: bool):
+async def _events(server: Served, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation):
     """The SSE stream: a chunk per piece, one with the finish reason, the usage if asked, `[DONE]`."""
     try:
         if reply.chat:
@@ -378,7 +430,8 @@ async def _events(reply: _Reply, generation: Generation, include_usage: bool):
         async for piece in generation.pieces():
             yield _sse(reply.chunk(piece))
         yield _sse(reply.chunk(finish_reason=generation.completion.finish_reason))
-        if include_usage:
+        await server.answered(request, body, reply, generation)
+        if body.stream_options and body.stream_options.include_usage:
             yield _sse(reply.usage_chunk(generation.completion))
         yield _sse("[DONE]")
     except EngineError as err:

@@ -1,4 +1,5 @@
-"""`tuneforge serve [--model BASE] [--adapter NAME=PATH ...]`: build the pool and the engine, run uvicorn."""
+"""`tuneforge serve [--model BASE] [--adapter NAME=PATH ...]`: build the pool, the engine and the completion
+store, run uvicorn with the request log on stderr."""
 
 from __future__ import annotations
 
@@ -7,26 +8,31 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from ..errors import ConfigError
+from ..web import Observer
+from ..web.observe import log_requests_to_stderr
 from .adapters import AdapterPool
 from .app import create_app
+from .completion_store import CompletionStore, Retention, default_store
 from .engine import Engine
 
 
-def parse_adapters(specs: Sequence[str]) -> dict[str, str]:
-    """`NAME=PATH` pairs into {name: path}; a name given twice is an error."""
-    adapters: dict[str, str] = {}
+def parse_pairs(specs: Sequence[str], option: str, form: str, example: str) -> dict[str, str]:
+    """Repeated `option KEY=VALUE` values into {KEY: VALUE}; a missing side or a key given twice is an error.
+    `form` names the two sides (NAME=PATH), `example` is one right value."""
+    pairs: dict[str, str] = {}
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ConfigError(
-                f"--adapter {spec}: expected NAME=PATH, e.g. --adapter triage=runs/triage", code="invalid_value"
-            )
-        if name.strip() in adapters:
-            raise ConfigError(
-                f"--adapter {name.strip()} is given twice; each adapter needs its own name.", code="invalid_value"
-            )
-        adapters[name.strip()] = path.strip()
-    return adapters
+        key, sep, value = (part.strip() for part in spec.partition("="))
+        if not sep or not key or not value:
+            raise ConfigError(f"{option} {spec}: expected {form}, e.g. {option} {example}", code="invalid_value")
+        if key in pairs:
+            raise ConfigError(f"{option} {key} is given twice; give each key once.", code="invalid_value")
+        pairs[key] = value
+    return pairs
+
+
+def parse_adapters(specs: Sequence[str]) -> dict[str, str]:
+    """`NAME=PATH` pairs into {name: path}."""
+    return parse_pairs(specs, "--adapter", "NAME=PATH", "triage=runs/triage")
 
 
 def serve_command(
@@ -43,9 +49,13 @@ def serve_command(
     max_body_mb: int,
     docs: bool,
     precision: str = "auto",
+    store: str | None = None,
+    retention: Retention = Retention(),
+    log_prompts: bool = False,
 ) -> int:
     import uvicorn
 
+    completions = CompletionStore.open(store or default_store(), retention)
     pool = AdapterPool(model, parse_adapters(adapter_specs), max_loaded=max_adapters, precision=precision)
     engine = Engine(pool, max_batch=max_batch, max_waiting=max_waiting)
     try:
@@ -55,16 +65,20 @@ def serve_command(
             default_max_tokens=default_max_tokens,
             max_body_bytes=max_body_mb << 20,
             docs=docs,
+            observer=Observer(log_prompts=log_prompts),
+            completions=completions,
         )
+        log_requests_to_stderr()
         console = Console(stderr=True)
         console.print(
             f"serving [bold]{pool.base_name}[/] on {pool.model.device} in {pool.model.dtype}"
             + (f" with adapters {', '.join(pool.names[1:])}" if len(pool.names) > 1 else "")
             + f" at http://{host}:{port}/v1"
-            + (" (API key required)" if api_keys else ""),
+            + (" (API key required)" if api_keys else "")
+            + f"; stored completions in {completions.url!r}",
             highlight=False,
         )
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     finally:
         engine.close()
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 
 from ..errors import TuneforgeError
@@ -54,6 +55,8 @@ class Generation:
         self.cancelled = False
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
+        self._queued_at = time.monotonic()
+        self._first_output_at: float | None = None  # the first piece's arrival, or the completion's if it has none
 
     def cancel(self) -> None:
         """Nobody wants the rest (the client went away): the worker drops the row at its next step."""
@@ -63,6 +66,8 @@ class Generation:
         """The text as it is generated; `completion` is set once this ends. Raises `EngineError`."""
         while True:
             event = await self._events.get()
+            if self._first_output_at is None:
+                self._first_output_at = time.monotonic()
             if isinstance(event, str):
                 yield event
             elif isinstance(event, Completion):
@@ -70,6 +75,11 @@ class Generation:
                 return
             else:
                 raise event
+
+    @property
+    def time_to_first_token(self) -> float:
+        """Seconds from joining the queue to the first text (to the answer, for an empty one)."""
+        return (self._first_output_at or time.monotonic()) - self._queued_at
 
     async def result(self) -> Completion:
         async for _ in self.pieces():

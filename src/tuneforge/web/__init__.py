@@ -3,14 +3,15 @@
 `errors.py` answers every failure in OpenAI's error shape, never with a traceback or a server
 path (an unexpected failure is logged under an error id that the client gets); `auth.py` checks
 Bearer keys before anything reads a body; `limits.py` caps request bodies, and its `edge` puts
-all three on an app. `docs_urls` keeps the documentation pages off unless asked for.
-`shapes.py` is OpenAI's `metadata` and listings.
+all three on an app, with `observe.py`'s metrics and request log when asked. `docs_urls` keeps the
+documentation pages off unless asked for. `shapes.py` is OpenAI's `metadata` and listings.
 Importing this package is cheap: no torch.
 """
 
 from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
 from .limits import docs_urls, edge
+from .observe import Observer, note
 from .shapes import Metadata, list_body, metadata_filter
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "KEY_COOKIE",
     "LOCAL_OWNER",
     "Metadata",
+    "Observer",
     "Pages",
     "caller",
     "docs_urls",
@@ -25,6 +27,7 @@ __all__ = [
     "failure_id",
     "list_body",
     "metadata_filter",
+    "note",
     "owner_of",
     "scrub_paths",
     "server_error",

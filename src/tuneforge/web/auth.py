@@ -3,7 +3,8 @@
 A FastAPI dependency runs only after the body is parsed, so the check is Starlette's
 authentication middleware with `BearerKeys` as its backend: a request without a right key is
 refused from its headers alone. Routes get the caller with the `caller` dependency: the owner of
-the key (a hash of it; keys are never stored), or `local` on a server without keys.
+the key (a hash of it; keys are never stored), or `local` on a server without keys. An app without
+keys called from inside another keeps the caller its host checked.
 
 Pages a browser opens (the dashboard's, under `pages`) cannot send a header, so there a GET may
 carry the key in the `KEY_COOKIE` cookie instead, and one without a right key is sent to the login
@@ -60,7 +61,10 @@ class BearerKeys(AuthenticationBackend):
         if path in self.public or (self.pages and self.pages.is_public(path)):
             return None
         if not self.keys:
-            return AuthCredentials(["api"]), SimpleUser(LOCAL_OWNER)
+            # An app called from inside another (the jobs service's serve apps) answers its host's caller.
+            host_caller = conn.scope.get("user")
+            user = host_caller if isinstance(host_caller, SimpleUser) else SimpleUser(LOCAL_OWNER)
+            return AuthCredentials(["api"]), user
         scheme, _, given = conn.headers.get("authorization", "").partition(" ")
         given = given.strip()
         if not scheme and self.pages and self.pages.is_page_request(conn):

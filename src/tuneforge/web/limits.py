@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Pages, require_keys
 from .errors import APIError, install_error_handlers
+from .observe import Observer, observe
 
 HEALTH_PATH = "/health"
 
@@ -61,8 +62,10 @@ def edge(
     max_body_bytes: int,
     per_path: dict[str, int] | None = None,
     pages: Pages | None = None,
+    observer: Observer | None = None,
 ) -> None:
-    """OpenAI-shaped errors, the body cap, and the key checked first (the outermost middleware).
+    """OpenAI-shaped errors, the body cap, and the key checked first; around them all, `observer`'s
+    metrics and request log, and its /metrics route (`observe.py`).
 
     /health and the documentation pages, when the app has them (`docs_urls`), need no key; browser
     `pages` may carry it in a cookie (`auth.py`).
@@ -73,3 +76,5 @@ def edge(
     if app.docs_url:
         documentation.append(app.swagger_ui_oauth2_redirect_url)
     require_keys(app, api_keys, [HEALTH_PATH, *filter(None, documentation)], pages)
+    if observer is not None:
+        observe(app, observer)

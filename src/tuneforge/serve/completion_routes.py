@@ -1,0 +1,86 @@
+"""Stored chat completions over HTTP, as OpenAI's API has them: list, retrieve, list messages, delete.
+
+`GET /v1/chat/completions` (filters `model`, `metadata[KEY]=VALUE`; paging `after`, `limit`,
+`order`), `GET /v1/chat/completions/{id}`, `GET /v1/chat/completions/{id}/messages` and
+`DELETE /v1/chat/completions/{id}`, each on the caller's own completions: another key's id is a
+404 exactly as a missing one is. Both servers include `router`; the store is the app's
+`state.completions`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from ..web import APIError, caller, list_body, metadata_filter
+from .completion_store import CompletionStore, StoredCompletion
+
+router = APIRouter(prefix="/v1/chat/completions", dependencies=[Depends(caller)])
+Order = Literal["asc", "desc"]
+
+
+def completion_store(request: Request) -> CompletionStore:
+    return request.app.state.completions
+
+
+def own_completion(store: CompletionStore, owner: str, completion_id: str) -> StoredCompletion:
+    row = store.get(owner, completion_id)
+    if row is None:
+        raise not_found(completion_id)
+    return row
+
+
+def not_found(completion_id: str) -> APIError:
+    return APIError(
+        404, f"No stored chat completion found with id '{completion_id}'.", param="completion_id", code="not_found"
+    )
+
+
+@router.get("")
+def list_completions(
+    request: Request,
+    model: str | None = None,
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    order: Order = "asc",
+    owner: str = Depends(caller),
+    store: CompletionStore = Depends(completion_store),
+):
+    page = store.list_completions(
+        owner, model=model, metadata=metadata_filter(request), after=after, limit=limit, newest_first=order == "desc"
+    )
+    return list_body(page, page.has_more)
+
+
+@router.get("/{completion_id}")
+def get_completion(
+    completion_id: str, owner: str = Depends(caller), store: CompletionStore = Depends(completion_store)
+):
+    return own_completion(store, owner, completion_id).to_api()
+
+
+@router.get("/{completion_id}/messages")
+def list_messages(
+    completion_id: str,
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    order: Order = "asc",
+    owner: str = Depends(caller),
+    store: CompletionStore = Depends(completion_store),
+):
+    messages = own_completion(store, owner, completion_id).messages_to_api()
+    if order == "desc":
+        messages.reverse()
+    ids = [message["id"] for message in messages]
+    start = ids.index(after) + 1 if after in ids else 0
+    return list_body(messages[start : start + limit], has_more=start + limit < len(messages))
+
+
+@router.delete("/{completion_id}")
+def delete_completion(
+    completion_id: str, owner: str = Depends(caller), store: CompletionStore = Depends(completion_store)
+):
+    if not store.delete_completion(owner, completion_id):
+        raise not_found(completion_id)
+    return {"object": "chat.completion.deleted", "id": completion_id, "deleted": True}
