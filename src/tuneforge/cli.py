@@ -24,7 +24,9 @@ app = typer.Typer(
     help="Fine-tune open language models: check data, train, evaluate, export, serve.",
 )
 models_app = typer.Typer(no_args_is_help=True, help="Models that can be had offline: list, pull, inspect.")
-data_app = typer.Typer(no_args_is_help=True, help="Check training data before spending compute on it.")
+data_app = typer.Typer(
+    no_args_is_help=True, help="Check training data before spending compute on it; make it from stored completions."
+)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
@@ -129,6 +131,36 @@ def data_check(
             format=format,
             max_length=max_length,
             train_on=train_on,
+        )
+    )
+
+
+@data_app.command("from-completions")
+def data_from_completions(
+    out: Path = typer.Option(..., help="Chat JSONL to write (whole or not at all)."),
+    model: str | None = typer.Option(None, help="Only completions of this served model (as the answers name it)."),
+    metadata: list[str] | None = typer.Option(
+        None, help="KEY=VALUE: only completions stored with this metadata pair; repeatable (all must match)."
+    ),
+    store: str | None = typer.Option(
+        None,
+        help="The completion store: a file path or database URL (default: tuneforge serve's, under "
+        "$TUNEFORGE_HOME/serve; for tuneforge api, its --db).",
+    ),
+    api_key: str | None = typer.Option(None, help="Only completions made with this API key."),
+    keep_truncated: bool = typer.Option(False, help="Keep replies cut at their length limit (left out by default)."),
+):
+    """Stored chat completions (requests made with store: true) as chat training data: prompt + reply."""
+    from .serve.from_completions import from_completions_command
+
+    raise typer.Exit(
+        from_completions_command(
+            store,
+            str(out),
+            model=model,
+            metadata_specs=metadata or [],
+            api_key=api_key,
+            keep_truncated=keep_truncated,
         )
     )
 

@@ -152,6 +152,16 @@ def normalise_messages(
     return check.messages(messages, "messages"), check.problems
 
 
+def check_row(
+    row: dict, format: str, *, file: str = "", line: int | None = None
+) -> tuple[Record | None, list[Problem]]:
+    """One row in `format` checked as a file's row is (rows made in memory, e.g. before they are written to
+    a training file); the record is None when the row has an error."""
+    check = _RowCheck(file, line)
+    record = _NORMALISERS[format](row, check)
+    return (None if check.errors else record), check.problems
+
+
 def _check_columns(path: str, columns: list[str], fmt: str | None) -> Problem | None:
     if fmt is None:
         return Problem(

@@ -10,7 +10,8 @@
 evicted), `engine.py` the request queue and the worker thread that batches requests over
 `tuneforge.generate.Batch`, `app.py` the routes and OpenAI-shaped bodies, `metrics.py` serving's
 figures (time to first token, tokens, queue, batch, adapters), `completion_store.py` the stored
-chat completions and `completion_routes.py` their routes, `command.py` `tuneforge serve`.
+chat completions and `completion_routes.py` their routes, `command.py` `tuneforge serve`, and
+`from_completions.py` `tuneforge data from-completions` (stored completions as training data).
 Errors, keys, the body cap, request metrics and logs are `tuneforge.web`'s, shared with the jobs service.
 """
 

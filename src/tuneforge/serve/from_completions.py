@@ -1,0 +1,134 @@
+"""`tuneforge data from-completions`: stored chat completions as chat training data.
+
+What a served model answered (chat requests made with `store: true`) becomes rows a fine-tune
+trains on: the prompt's messages, then the reply as the last assistant message. So a big model's
+answers train a small one, and `tuneforge eval SMALL OUT` scores the small one on the same prompts
+with the big one's replies as references. Completions are picked by model, metadata and
+(optionally) the API key that made them, oldest first. Each row goes through the checks of a chat
+training file's rows (`data.formats.check_row`); a row that fails them (an empty reply) is left out
+and reported, and so is a reply cut at its length limit (`finish_reason: length`) unless kept. The
+file is written whole or not at all (`fsio.atomic_file`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from ..data import Problem
+from ..data.formats import check_row
+from ..errors import ConfigError, DataError
+from ..fsio import atomic_file
+from ..web import owner_of
+from .command import parse_pairs
+from .completion_store import CompletionStore, StoredCompletion, default_store
+
+_SHOWN_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    out: Path
+    written: int
+    truncated: int  # replies cut at their length limit, left out
+    problems: list[Problem]  # one a row left out for failing the data checks
+
+
+def training_row(completion: StoredCompletion) -> dict:
+    return {"messages": [*completion.messages, completion.reply["message"]]}
+
+
+def from_completions(
+    store: str,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    metadata: dict[str, str] | None = None,
+    api_key: str | None = None,
+    keep_truncated: bool = False,
+) -> TrainingRows:
+    """Write the completions in `store` (a path or database URL) that match as chat JSONL at `out`."""
+    if "://" not in store and not Path(store).is_file():
+        raise ConfigError(
+            f"--store {store}: no such file. `tuneforge serve` keeps stored completions in {default_store()} "
+            "unless started with --store; `tuneforge api` in its --db (by default "
+            "$TUNEFORGE_HOME/jobs/jobs.db).",
+            code="store_not_found",
+        )
+    selected = CompletionStore.open(store).all_matching(
+        model, metadata or {}, owner_of(api_key) if api_key is not None else None
+    )
+    if not selected:
+        raise DataError(
+            f"No stored completions in {store} match {_describe(model, metadata, api_key)}. Check the filters "
+            "(GET /v1/chat/completions on the server lists what is stored), or store some: chat requests with "
+            '"store": true, and the "metadata" to pick them by.',
+            code="empty_selection",
+        )
+    kept, truncated, problems = [], 0, []
+    for completion in selected:
+        if completion.reply["finish_reason"] == "length" and not keep_truncated:
+            truncated += 1
+            continue
+        row = training_row(completion)
+        record, row_problems = check_row(row, "chat", file=completion.id)
+        if record is None:
+            problems.append(next(problem for problem in row_problems if problem.is_error))
+        else:
+            kept.append(row)
+    if not kept:
+        reasons = [f"{truncated} were cut at their length limit (--keep-truncated keeps them)"] if truncated else []
+        reasons += [str(problem) for problem in problems[:_SHOWN_PROBLEMS]]
+        raise DataError(
+            f"None of the {len(selected)} matching completions makes a training row:\n" + "\n".join(reasons),
+            code="empty_selection",
+            problems=problems,
+        )
+    with atomic_file(out) as f:
+        for row in kept:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return TrainingRows(Path(out), len(kept), truncated, problems)
+
+
+def _describe(model: str | None, metadata: dict[str, str] | None, api_key: str | None) -> str:
+    filters = [f"--model {model}"] if model else []
+    filters += [f"--metadata {key}={value}" for key, value in (metadata or {}).items()]
+    filters += ["--api-key (given)"] if api_key is not None else []
+    return " ".join(filters) if filters else "(no filter)"
+
+
+def from_completions_command(
+    store: str | None,
+    out: str,
+    *,
+    model: str | None,
+    metadata_specs: Sequence[str],
+    api_key: str | None,
+    keep_truncated: bool,
+) -> int:
+    metadata = parse_pairs(metadata_specs, "--metadata", "KEY=VALUE", "team=support")
+    result = from_completions(
+        store or default_store(),
+        out,
+        model=model,
+        metadata=metadata,
+        api_key=api_key,
+        keep_truncated=keep_truncated,
+    )
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"{result.written} chat rows in {result.out}")
+    if result.truncated:
+        console.print(f"left out {result.truncated} replies cut at their length limit (--keep-truncated keeps them)")
+    if result.problems:
+        console.print(f"left out {len(result.problems)} completions the data checks refuse:")
+        for problem in result.problems[:_SHOWN_PROBLEMS]:
+            console.print(f"  {problem}")
+    console.print(
+        f"Train on it (data.train: {result.out}), or score a model on its prompts against these replies: "
+        f"tuneforge eval MODEL {result.out}"
+    )
+    return 0
