@@ -1,0 +1,410 @@
+"""In production: metrics, request logs, stored completions and the training data made from them.
+
+Real servers (uvicorn in a thread, a tiny model answering) driven by the official `openai` client;
+metrics are scraped and read with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+from conftest import SUBPROCESS_ENV, tiny_run_config
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from test_jobs_access import add_job
+from test_serve import PROMPTS, random_adapter, running_server
+from tiny_sharp import save_sharp_tiny_model
+
+from tuneforge.cli import main
+from tuneforge.data.check import check_command
+from tuneforge.eval import evaluate
+from tuneforge.jobs.api import create_api
+from tuneforge.jobs.store import Store
+from tuneforge.serve import AdapterPool, CompletionStore, Engine, Retention, create_app
+from tuneforge.serve.completion_store import SECONDS_A_DAY, StoredCompletion
+from tuneforge.serve.from_completions import from_completions
+from tuneforge.training import train
+from tuneforge.web import Observer, owner_of
+
+KEY, OTHER_KEY = "key-alice", "key-bob"
+BASE = "base"  # the served name of the base model: its folder's name
+QUESTION = [
+    {"role": "system", "content": "You answer support tickets."},
+    {"role": "user", "content": "Where is my parcel 4417?"},
+]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_sharp_tiny_model(tmp_path_factory.mktemp("production") / BASE)
+
+
+@pytest.fixture(scope="module")
+def engine(base_dir, tmp_path_factory):
+    adapter = random_adapter(base_dir, tmp_path_factory.mktemp("adapter") / "tuned", seed=1)
+    engine = Engine(AdapterPool(str(base_dir), {"tuned": str(adapter)}))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def served(engine, tmp_path_factory):
+    """`tuneforge serve` with two keys and a completion store."""
+    path = tmp_path_factory.mktemp("store") / "completions.db"
+    store = CompletionStore.open(str(path))
+    with running_server(create_app(engine, api_keys=[KEY, OTHER_KEY], completions=store)) as url:
+        yield SimpleNamespace(url=url, store=store, path=path)
+
+
+def sdk(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def scrape(url: str) -> tuple[dict, str]:
+    """The samples at /metrics as {(name, labels): value}, and the text they came in."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).raise_for_status().text
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return samples, text
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def moved(before: dict, after: dict, name: str, **labels) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def ask(client, model: str = BASE, **options):
+    return client.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0, **options)
+
+
+# ---- metrics and request logs ----------------------------------------------------------------------
+
+
+def test_serve_metrics_count_requests_tokens_and_first_tokens_by_route_and_served_model(served):
+    client = sdk(served.url)
+    before, _ = scrape(served.url)
+    answers = [ask(client), ask(client)]
+    streamed = list(ask(client, "tuned", stream=True, stream_options={"include_usage": True}))
+    legacy = client.completions.create(model=BASE, prompt="The quick brown fox", max_tokens=4, temperature=0)
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "no-such-model")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve("chatcmpl-no-such-id")
+    after, text = scrape(served.url)
+
+    chat = {"route": "/v1/chat/completions", "method": "POST"}
+    assert moved(before, after, "tuneforge_requests_total", **chat, model=BASE, status="200") == 2
+    assert moved(before, after, "tuneforge_requests_total", **chat, model="tuned", status="200") == 1
+    assert moved(before, after, "tuneforge_requests_total", **chat, model="", status="404") == 1
+    assert (
+        moved(
+            before, after, "tuneforge_requests_total", route="/v1/completions", method="POST", model=BASE, status="200"
+        )
+        == 1
+    )
+    one = {"route": "/v1/chat/completions/{completion_id}", "method": "GET", "model": "", "status": "404"}
+    assert moved(before, after, "tuneforge_requests_total", **one) == 1
+    assert moved(before, after, "tuneforge_request_duration_seconds_count", **chat) == 4
+    # Labels stay bounded: neither a model nobody serves nor a raw path becomes one.
+    assert "no-such-model" not in text and "chatcmpl-no-such-id" not in text
+
+    generated = sum(a.usage.completion_tokens for a in answers) + legacy.usage.completion_tokens
+    assert generated == 16
+    assert moved(before, after, "tuneforge_generated_tokens_total", model=BASE) == generated
+    assert (
+        moved(before, after, "tuneforge_generated_tokens_total", model="tuned") == streamed[-1].usage.completion_tokens
+    )
+    prompt_tokens = sum(a.usage.prompt_tokens for a in answers) + legacy.usage.prompt_tokens
+    assert moved(before, after, "tuneforge_prompt_tokens_total", model=BASE) == prompt_tokens
+    assert moved(before, after, "tuneforge_time_to_first_token_seconds_count", model=BASE) == 3
+    assert moved(before, after, "tuneforge_time_to_first_token_seconds_count", model="tuned") == 1
+    assert value(after, "tuneforge_adapters_loaded", base=BASE) == 1
+    assert httpx.get(f"{served.url}/metrics").status_code == 401  # a server with keys wants one here too
+
+
+def wait_for_gauge(url: str, name: str, wanted: float, **labels) -> None:
+    deadline = time.monotonic() + 10
+    while value(scrape(url)[0], name, **labels) != wanted:
+        assert time.monotonic() < deadline, f"{name} {labels} never read {wanted}"
+        time.sleep(0.02)
+
+
+def test_queue_depth_and_batch_size_are_read_while_a_request_decodes(served):
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.stream(
+        "POST", f"{served.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as response:
+        lines = response.iter_lines()  # held: a dropped iterator closes the stream
+        assert next(lines).startswith("data: ")
+        wait_for_gauge(served.url, "tuneforge_batch_size", 1, base=BASE)
+        assert value(scrape(served.url)[0], "tuneforge_requests_waiting", base=BASE) == 0
+    wait_for_gauge(served.url, "tuneforge_batch_size", 0, base=BASE)  # the client went: its row stops
+
+
+def request_log(caplog) -> list[dict]:
+    return [json.loads(record.getMessage()) for record in caplog.records if record.name == "tuneforge.requests"]
+
+
+def test_the_request_log_has_a_json_line_a_request_and_prompts_only_when_asked(served, engine, caplog):
+    caplog.set_level(logging.INFO, logger="tuneforge.requests")
+    reply = ask(sdk(served.url))
+    [line] = [line for line in request_log(caplog) if line.get("id") == reply.id]
+    assert line["route"] == "/v1/chat/completions" and line["status"] == 200 and line["model"] == BASE
+    assert line["completion_tokens"] == reply.usage.completion_tokens and line["time_to_first_token_s"] > 0
+    assert line["owner"] == owner_of(KEY) and KEY not in json.dumps(line)
+    assert "parcel 4417" not in caplog.text
+
+    caplog.clear()
+    with running_server(create_app(engine, observer=Observer(log_prompts=True))) as url:
+        ask(sdk(url))
+    [line] = [line for line in request_log(caplog) if line["route"] == "/v1/chat/completions"]
+    assert line["prompt"] == QUESTION
+
+
+# ---- stored completions ----------------------------------------------------------------------------
+
+
+def test_stored_completions_are_listed_retrieved_and_deleted_with_the_sdk(served):
+    client = sdk(served.url)
+    stored = [ask(client, store=True, metadata={"test": "sdk", "n": str(i)}) for i in range(3)]
+    other_team = ask(client, store=True, metadata={"test": "sdk-other"})
+    ask(client, metadata={"test": "sdk"})  # metadata alone does not store
+    chunks = list(ask(client, "tuned", store=True, metadata={"test": "sdk"}, stream=True))
+    streamed_id, streamed_text = chunks[0].id, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    every = [c.id for c in client.chat.completions.list(metadata={"test": "sdk"}, limit=2)]  # the SDK pages on
+    assert every == [*(reply.id for reply in stored), streamed_id]
+    newest_first = client.chat.completions.list(metadata={"test": "sdk"}, order="desc", limit=100)
+    assert [c.id for c in newest_first] == every[::-1]
+    assert [c.id for c in client.chat.completions.list(model=BASE, metadata={"test": "sdk"})] == every[:3]
+    assert [c.id for c in client.chat.completions.list(metadata={"test": "sdk", "n": "1"})] == [stored[1].id]
+    assert [c.id for c in client.chat.completions.list(metadata={"test": "sdk-other"})] == [other_team.id]
+
+    kept = client.chat.completions.retrieve(stored[1].id)
+    assert kept.object == "chat.completion" and kept.model == BASE and kept.metadata == {"test": "sdk", "n": "1"}
+    assert kept.choices[0].message.content == stored[1].choices[0].message.content
+    assert kept.usage == stored[1].usage and kept.created == stored[1].created
+    messages = list(client.chat.completions.messages.list(stored[1].id))
+    assert [(m.role, m.content) for m in messages] == [(m["role"], m["content"]) for m in QUESTION]
+    assert [m.id for m in client.chat.completions.messages.list(stored[1].id, order="desc", limit=1)] == [
+        messages[1].id,
+        messages[0].id,
+    ]
+    whole_stream = client.chat.completions.retrieve(streamed_id)
+    assert whole_stream.model == "tuned" and whole_stream.choices[0].message.content == streamed_text
+    assert whole_stream.usage.completion_tokens == 6
+
+    deleted = client.chat.completions.delete(stored[0].id)
+    assert (deleted.object, deleted.id, deleted.deleted) == ("chat.completion.deleted", stored[0].id, True)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve(stored[0].id)
+    assert [c.id for c in client.chat.completions.list(metadata={"test": "sdk"})] == every[1:]
+
+
+def test_a_key_never_sees_another_keys_stored_completions(served):
+    alice, bob = sdk(served.url), sdk(served.url, OTHER_KEY)
+    kept = ask(alice, store=True, metadata={"test": "isolation"}).id
+    assert list(bob.chat.completions.list(metadata={"test": "isolation"})) == []
+    missing = "chatcmpl-" + "0" * 32
+    for action in (
+        lambda id_: bob.chat.completions.retrieve(id_),
+        lambda id_: bob.chat.completions.messages.list(id_),
+        lambda id_: bob.chat.completions.delete(id_),
+    ):
+        with pytest.raises(openai.NotFoundError) as theirs:
+            action(kept)
+        with pytest.raises(openai.NotFoundError) as absent:
+            action(missing)
+        assert theirs.value.body == {
+            **absent.value.body,
+            "message": absent.value.body["message"].replace(missing, kept),
+        }
+    assert alice.chat.completions.retrieve(kept).id == kept
+
+
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [
+        ({f"k{i}": "v" for i in range(17)}, "17 pairs given; keep at most 16"),
+        ({"k" * 65: "v"}, "has 65 characters; keep keys to 64"),
+        ({"team": "v" * 513}, "the value of 'team' has 513 characters; keep values to 512"),
+    ],
+)
+def test_metadata_beyond_openais_limits_is_a_400_that_says_what_to_keep(served, metadata, says):
+    client = sdk(served.url)
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, store=True, metadata=metadata)
+    assert caught.value.param == "metadata" and says in caught.value.body["message"]
+
+
+def test_a_server_without_a_store_refuses_store_true(engine):
+    with TestClient(create_app(engine)) as http:
+        response = http.post(
+            "/v1/chat/completions", json={"model": BASE, "messages": QUESTION, "max_tokens": 2, "store": True}
+        )
+        assert response.status_code == 400 and response.json()["error"]["param"] == "store"
+        assert http.get("/v1/chat/completions").status_code in (404, 405)
+
+
+def store_by_http(http: TestClient, n: int = 1) -> list[str]:
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 2, "store": True}
+    return [http.post("/v1/chat/completions", json=body).raise_for_status().json()["id"] for _ in range(n)]
+
+
+def listed(http: TestClient) -> list[str]:
+    return [c["id"] for c in http.get("/v1/chat/completions", params={"limit": 100}).json()["data"]]
+
+
+def test_retention_keeps_the_newest_completions_up_to_the_count(engine, tmp_path):
+    store = CompletionStore.open(str(tmp_path / "completions.db"), Retention(max_count=3))
+    with TestClient(create_app(engine, completions=store)) as http:
+        ids = store_by_http(http, 5)
+        assert listed(http) == ids[2:]
+
+
+def test_retention_deletes_completions_past_the_age_when_one_is_stored_and_when_the_store_opens(engine, tmp_path):
+    path = str(tmp_path / "completions.db")
+    store = CompletionStore.open(path, Retention(max_age_days=1))
+
+    def written_ago(seconds: float) -> str:
+        """A row written straight into the store as if `seconds` ago (`save` would prune it at once)."""
+        completion_id = f"chatcmpl-{int(seconds)}-ago"
+        created = int(time.time() - seconds)
+        response = {"id": completion_id, "model": BASE, "created": created, "choices": []}
+        store.add(
+            StoredCompletion(
+                id=completion_id, owner="local", model=BASE, created=created, messages=QUESTION, response=response
+            )
+        )
+        return completion_id
+
+    with TestClient(create_app(engine, completions=store)) as http:
+        old, recent = written_ago(2 * SECONDS_A_DAY), written_ago(3600)
+        assert listed(http) == [old, recent]  # no write since: still there
+        new = store_by_http(http)
+        assert listed(http) == [recent, *new]
+    old = written_ago(2 * SECONDS_A_DAY)
+    assert store.get("local", old) is not None
+    assert CompletionStore.open(path, Retention(max_age_days=1)).get("local", old) is None
+
+
+# ---- from stored completions to training data ------------------------------------------------------
+
+
+def test_served_answers_become_training_data_a_tiny_fine_tune_and_an_eval_run_on(served, base_dir, tmp_path):
+    client = sdk(served.url)
+    replies = [
+        client.chat.completions.create(
+            model=BASE,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=8,
+            temperature=0,
+            store=True,
+            metadata={"set": "round-trip"},
+        )
+        for prompt in PROMPTS[:6]
+    ]
+    out = tmp_path / "train.jsonl"
+    command = [sys.executable, "-m", "tuneforge", "data", "from-completions", "--store", str(served.path)]
+    command += ["--model", BASE, "--metadata", "set=round-trip", "--out", str(out), "--keep-truncated"]
+    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"6 chat rows in {out}" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["messages"] for row in rows] == [
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.choices[0].message.content}]
+        for prompt, reply in zip(PROMPTS, replies)
+    ]
+    assert check_command([str(out)], model=str(base_dir)) == 0
+
+    config = tiny_run_config(base_dir, {"train": out, "validation": out}, tmp_path / "run", max_steps=2)
+    config["data"]["validation"] = None  # six rows: nothing to split off
+    assert train(config, progress=False).status == "completed"
+    # The same file scores a model on the stored prompts, the served replies as references.
+    scored = evaluate(str(tmp_path / "run"), out, limit=3, max_new_tokens=4, progress=False)
+    assert scored["n"] == 3 and scored["tokens"] > 0 and len(scored["samples"]) == 3
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["tuneforge", *args])
+    with pytest.raises(SystemExit) as leaving:
+        main()
+    return leaving.value.code, capsys.readouterr().err
+
+
+def test_from_completions_refuses_bad_input_saying_what_to_do(served, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "train.jsonl"
+    ask(sdk(served.url), store=True, metadata={"set": "cut"})  # 6 tokens of 6: cut at its length limit
+    store = ["--store", str(served.path), "--out", str(out)]
+
+    code, said = run_cli(
+        ["data", "from-completions", *store, "--metadata", "set=nothing-has-this"], monkeypatch, capsys
+    )
+    assert code == 2 and "No stored completions in" in said and "--metadata set=nothing-has-this" in said
+    code, said = run_cli(["data", "from-completions", *store, "--metadata", "set=cut"], monkeypatch, capsys)
+    assert code == 2 and "None of the 1 matching completions" in said and "--keep-truncated keeps them" in said
+    missing = ["--store", str(tmp_path / "nowhere.db"), "--out", str(out)]
+    code, said = run_cli(["data", "from-completions", *missing], monkeypatch, capsys)
+    assert code == 2 and "no such file" in said and "`tuneforge serve` keeps stored completions in" in said
+    assert not out.exists() and not (tmp_path / "nowhere.db").exists()
+
+    bad = [sys.executable, "-m", "tuneforge", "data", "from-completions", *store, "--metadata", "team"]
+    result = subprocess.run(bad, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert result.returncode == 2 and "--metadata team: expected KEY=VALUE, e.g. --metadata team=support" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+# ---- the jobs service ------------------------------------------------------------------------------
+
+
+def test_the_jobs_service_stores_completions_per_key_and_reports_metrics(base_dir, tmp_path):
+    db = tmp_path / "jobs.db"
+    store = Store(f"sqlite:///{db}")
+    add_job(store, KEY, status="succeeded", trained_tokens=100)
+    add_job(store, OTHER_KEY, status="failed", trained_tokens=20)
+    app = create_api(tmp_path / "home", store, api_keys=[KEY, OTHER_KEY], workers=0, allowed_models=[str(base_dir)])
+    with running_server(app) as url:
+        alice, bob = sdk(url), sdk(url, OTHER_KEY)
+        before, _ = scrape(url)
+        reply = ask(alice, str(base_dir), store=True, metadata={"via": "api"})
+        chunks = list(ask(alice, str(base_dir), store=True, metadata={"via": "api"}, stream=True))
+        assert reply.model == BASE
+        assert [c.id for c in alice.chat.completions.list(metadata={"via": "api"})] == [reply.id, chunks[0].id]
+        assert alice.chat.completions.retrieve(reply.id).metadata == {"via": "api"}
+        assert list(bob.chat.completions.list()) == []
+        with pytest.raises(openai.NotFoundError):
+            bob.chat.completions.retrieve(reply.id)
+        with pytest.raises(openai.NotFoundError):
+            bob.chat.completions.delete(reply.id)
+        after, _ = scrape(url)
+
+    chat = {"route": "/v1/chat/completions", "method": "POST"}
+    assert moved(before, after, "tuneforge_requests_total", **chat, model=BASE, status="200") == 2
+    assert moved(before, after, "tuneforge_time_to_first_token_seconds_count", model=BASE) == 2
+    assert moved(before, after, "tuneforge_generated_tokens_total", model=BASE) == 12
+    assert value(after, "tuneforge_jobs", status="succeeded") == value(after, "tuneforge_jobs", status="failed") == 1
+    assert value(after, "tuneforge_jobs", status="queued") == 0
+    assert value(after, "tuneforge_trained_tokens_total") == 120
+    assert value(after, "tuneforge_batch_size", base=BASE) == 0
+
+    # The api keeps them in its --db: from-completions reads them there.
+    made = from_completions(f"sqlite:///{db}", tmp_path / "api.jsonl", metadata={"via": "api"}, keep_truncated=True)
+    assert made.written == 2
