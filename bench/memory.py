@@ -4,6 +4,7 @@ recipe (HF Trainer + PEFT, with bitsandbytes for QLoRA), side by side, at three 
     python bench/memory.py                                  # every size and mode
     python bench/memory.py --shapes smollm2-135m,llama-3.2-1b --modes bf16,nf4
     python bench/memory.py --modes bf16 --repeats 3 --merge "why"    # these rows again, medians of 3
+    python bench/memory.py --modes bf16 --allocator jemalloc --merge "why"  # both candidates on jemalloc
 
 Models: SmolLM2-135M with its real weights, and random weights in the shapes of Llama 3.2 1B and
 Llama 3.1 8B (their published configuration values; no download), written in bf16 shards of at most
@@ -12,12 +13,16 @@ fresh process: load, then LoRA r 16 on every linear layer of the decoder, 256-to
 step, gradient checkpointing, `--steps` steps. A run's memory is its peak anonymous memory (what it
 allocated, sampled every 20 ms; the model's and the load's) and its RSS high-water mark (which also
 counts checkpoint pages mapped from disk); its speed is tokens over the time of the steps after the
-first. Writes `results/memory-<date>.json`; `report.py` renders it.
+first. Both candidates run on the same allocator: glibc's malloc, or jemalloc preloaded
+(`--allocator jemalloc`, Debian's `libjemalloc2`), whose size classes keep a long run's freed
+activations from fragmenting the heap as glibc's main heap does. Writes
+`results/memory-<date>.json`; `report.py` renders it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import datetime as dt
 import json
 import os
@@ -296,10 +301,23 @@ def child(candidate: str, shape: str, mode: str, steps: int) -> None:
     print("RESULT " + json.dumps(figures), flush=True)
 
 
-def measure(candidate: str, shape: str, mode: str, steps: int) -> dict:
+def allocator_environment(allocator: str) -> dict[str, str]:
+    """The environment a run's process starts with: as ours, with jemalloc preloaded when it is the allocator."""
+    if allocator == "glibc":
+        return dict(os.environ)
+    library = ctypes.util.find_library("jemalloc")
+    if library is None:
+        sys.exit("--allocator jemalloc: libjemalloc is not installed (Debian/Ubuntu: apt-get install libjemalloc2).")
+    return {**os.environ, "LD_PRELOAD": " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))}
+
+
+def measure(candidate: str, shape: str, mode: str, steps: int, allocator: str) -> dict:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, __file__, "--child", candidate, shape, mode, str(steps)], capture_output=True, text=True
+        [sys.executable, __file__, "--child", candidate, shape, mode, str(steps)],
+        capture_output=True,
+        text=True,
+        env=allocator_environment(allocator),
     )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -308,18 +326,18 @@ def measure(candidate: str, shape: str, mode: str, steps: int) -> dict:
     return {**json.loads(line.removeprefix("RESULT ")), "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def measure_in_turns(shape: str, mode: str, steps: int, repeats: int) -> list[dict]:
+def measure_in_turns(shape: str, mode: str, steps: int, repeats: int, allocator: str) -> list[dict]:
     """Each candidate `repeats` times, taking turns; with more than one, every figure is the median of
     the runs and `repeats` keeps each run's (the allocated peak moves from run to run with what the
     allocator keeps or gives back)."""
     figures = {candidate: [] for candidate in CANDIDATES}
     for _ in range(repeats):
         for candidate in CANDIDATES:
-            figures[candidate].append(measure(candidate, shape, mode, steps))
+            figures[candidate].append(measure(candidate, shape, mode, steps, allocator))
             print(json.dumps({"shape": shape, "mode": mode, "candidate": candidate, **figures[candidate][-1]}))
     results = []
     for candidate, runs in figures.items():
-        result = {"shape": shape, "mode": mode, "candidate": candidate}
+        result = {"shape": shape, "mode": mode, "allocator": allocator, "candidate": candidate}
         good = [run for run in runs if "failed" not in run]
         if not good:
             results.append({**result, **runs[-1]})
@@ -329,6 +347,10 @@ def measure_in_turns(shape: str, mode: str, steps: int, repeats: int) -> list[di
             result["repeats"] = good
         results.append(result)
     return results
+
+
+def row_key(run: dict) -> tuple[str, str, str]:
+    return run["shape"], run["mode"], run.get("allocator", "glibc")
 
 
 def main() -> None:
@@ -342,6 +364,7 @@ def main() -> None:
         metavar="WHY",
         help="replace only these shapes' and modes' rows of today's results file, WHY said in its footnote",
     )
+    parser.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc", help="both candidates' malloc")
     parser.add_argument("--skip", default="llama-3.1-8b:fp32", help="shape:mode pairs not run (comma separated)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -355,9 +378,9 @@ def main() -> None:
         model_folder(shape)
         for mode in args.modes.split(","):
             if f"{shape}:{mode}" in skipped:
-                runs.append({"shape": shape, "mode": mode, "skipped": True})
+                runs.append({"shape": shape, "mode": mode, "allocator": args.allocator, "skipped": True})
                 continue
-            runs += measure_in_turns(shape, mode, args.steps, args.repeats)
+            runs += measure_in_turns(shape, mode, args.steps, args.repeats, args.allocator)
     date = dt.date.today().isoformat()
     command = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
     path = HERE / "results" / f"memory-{date}.json"
@@ -365,13 +388,11 @@ def main() -> None:
     if args.merge:
         record = json.loads(path.read_text())
         rerun = {"command": command, "date": now, "steps": args.steps, "why": args.merge}
-        measured = {(run["shape"], run["mode"]) for run in runs}
-        kept = iter(run for run in record["runs"] if (run["shape"], run["mode"]) not in measured)
+        measured = {row_key(run) for run in runs}
+        kept = iter(run for run in record["runs"] if row_key(run) not in measured)
         new = iter({**run, "rerun": rerun} for run in runs)
-        # In the order of the file: a replaced shape and mode keeps its place.
-        record["runs"] = [
-            next(new) if (run["shape"], run["mode"]) in measured else next(kept) for run in record["runs"]
-        ] + list(new)
+        # In the order of the file: a replaced row keeps its place, a new one (another allocator) comes last.
+        record["runs"] = [next(new) if row_key(run) in measured else next(kept) for run in record["runs"]] + list(new)
     else:
         record = {
             "date": now,

@@ -600,13 +600,16 @@ def memory_section(path: Path, r: dict) -> list[str]:
         "stays mapped from its files, so its weights count in the RSS, not in the allocated peak; fp32 weights "
         "(converted on load) and nf4 ones (quantized on load) are allocated. The 8B shape in fp32 is not run: its "
         "weights alone (32 GB) pass this machine's memory.",
+        "- **Allocator**: glibc's malloc unless the mode says `on jemalloc` (both candidates then run with "
+        "jemalloc preloaded, `--allocator jemalloc`); each is compared with HF on the same allocator.",
         "",
         "| model | mode | candidate | peak memory (GiB) | load peak (GiB) | peak RSS (GiB) | tokens/s | memory vs HF "
         "| speed vs HF |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     runs = r["runs"]
-    hf = {(x["shape"], x["mode"]): x for x in runs if x.get("candidate") == "hf_peft" and "failed" not in x}
+    allocated = lambda x: (x["shape"], x["mode"], x.get("allocator", "glibc"))  # noqa: E731
+    hf = {allocated(x): x for x in runs if x.get("candidate") == "hf_peft" and "failed" not in x}
     for x in runs:
         if x.get("skipped"):
             lines.append(f"| {x['shape']} | {x['mode']} | not run | – | – | – | – | – | – |")
@@ -615,15 +618,16 @@ def memory_section(path: Path, r: dict) -> list[str]:
             lines.append(f"| {x['shape']} | {x['mode']} | {x['candidate']} | failed: {x['failed'][:160]} | | | | | |")
             continue
         rerun = " †" if "rerun" in x else ""
-        base = hf.get((x["shape"], x["mode"]))
+        base = hf.get(allocated(x))
         mem = f(x["peak_anonymous"] / base["peak_anonymous"], ".2f") + "x" if base else "–"
         speed = f(x["tokens_per_s"] / base["tokens_per_s"], ".2f") + "x" if base else "–"
         peak = gib(x["peak_anonymous"])
         if "repeats" in x:  # the median, and the range over the runs
             peaks = [run["peak_anonymous"] for run in x["repeats"]]
             peak += f" ({gib(min(peaks))}–{gib(max(peaks))})"
+        mode = x["mode"] + (f" on {x['allocator']}" if x.get("allocator", "glibc") != "glibc" else "")
         lines.append(
-            f"| {x['shape']}{rerun} | {x['mode']} | {x['candidate']} | {peak} | "
+            f"| {x['shape']}{rerun} | {mode} | {x['candidate']} | {peak} | "
             f"{gib(x['load_peak_anonymous'])} | {gib(x['peak_rss'])} | {f(x['tokens_per_s'], '.1f')} | {mem} | {speed} |"
         )
     reruns = {json.dumps(x["rerun"], sort_keys=True): x["rerun"] for x in runs if "rerun" in x}
