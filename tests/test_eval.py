@@ -21,7 +21,7 @@ from tuneforge.eval.forgetting import (
     kept_questions,
     mean_kl,
 )
-from tuneforge.eval.report import share_interval
+from tuneforge.eval.report import loss_label, share_interval
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.pipeline import train
 
@@ -189,6 +189,18 @@ def test_a_share_comes_with_its_wilson_interval():
     assert (four_times_the_examples[1] - four_times_the_examples[0]) / (0.79861 - 0.62512) == pytest.approx(
         0.5, abs=0.02
     )
+
+
+def test_the_loss_axis_names_the_runs_objective():
+    sft = [{"step": 1, "train_loss": 2.0}]
+    grpo = [{"step": 1, "train_loss": 0.1, "reward": 0.5, "kl": 0.0}]
+    dpo = [{"step": 1, "train_loss": 0.7, "rewards/margins": 0.1}]
+    distill = [{"step": 1, "train_loss": 3.0, "divergence": 2.5}]
+    assert loss_label({"a": sft}) == "cross-entropy per trained token"
+    assert loss_label({"a": grpo}) == "policy-gradient loss per token (GRPO)"
+    assert loss_label({"a": dpo}) == "DPO loss per pair"
+    assert loss_label({"a": distill}) == "distillation loss per trained token"
+    assert loss_label({"a": sft, "b": grpo}) == "training loss"
 
 
 def test_run_report_is_written_and_self_contained(tiny_run, tiny_model_dir, triage_data):

@@ -308,12 +308,29 @@ def loss_figure(runs: dict[str, list[dict]]):
             line = axes.plot(*zip(*final), "s", color=colour or "black", label=f"{label}full validation (end)")[0]
             line.set_gid(f"final-valid{suffix}")
     axes.set_xlabel("step")
-    axes.set_ylabel("cross-entropy per trained token")
+    axes.set_ylabel(loss_label(runs))
     if axes.lines:
         # Beside the chart when several runs' entries would cover their curves.
         place = {"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if several else {}
         axes.legend(fontsize="small", **place)
     return figure
+
+
+# What a method's training loss is, told by a figure only its objective logs.
+_LOSS_LABELS = (
+    ("reward", "policy-gradient loss per token (GRPO)"),
+    ("rewards/margins", "DPO loss per pair"),
+    ("divergence", "distillation loss per trained token"),
+)
+
+
+def loss_label(runs: dict[str, list[dict]]) -> str:
+    """The loss axis's label: the runs' objective when they share one, else plain "training loss"."""
+    labels = set()
+    for metrics in runs.values():
+        logged = set().union(*(row.keys() for row in metrics)) if metrics else set()
+        labels.add(next((label for key, label in _LOSS_LABELS if key in logged), "cross-entropy per trained token"))
+    return labels.pop() if len(labels) == 1 else "training loss"
 
 
 def learning_rate_figure(metrics: list[dict]):
