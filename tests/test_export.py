@@ -165,6 +165,19 @@ def test_ollama_modelfile_has_the_chatml_template_and_end_of_turn_stop(adapter_d
     assert 'SYSTEM """You are a helpful AI assistant."""' in text  # the tiny template's default
 
 
+def test_a_system_prompt_a_modelfile_cannot_hold_is_refused_by_name(tiny_model_dir):
+    from tuneforge.export.ollama import modelfile
+    from tuneforge.models.system_prompt import record_system_prompt
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    record_system_prompt(tokenizer, 'Answer in Python docstrings: """like this"""')
+    with pytest.raises(TuneforgeError, match='holds `"""`') as refused:
+        modelfile(tokenizer, "model.gguf")
+    assert refused.value.code == "unsupported_system_prompt" and "without --ollama" in str(refused.value)
+    record_system_prompt(tokenizer, 'Quote with "double" quotes.')
+    assert 'SYSTEM """Quote with "double" quotes."""' in modelfile(tokenizer, "model.gguf")
+
+
 def test_gguf_refuses_an_architecture_it_cannot_check_before_loading_weights(tmp_path, tokenizer, monkeypatch, capsys):
     from transformers import OPTConfig, OPTForCausalLM
 

@@ -128,6 +128,14 @@ def _write(turn_format: TurnFormat, system: str | None, recorded: str | None, gg
     always = turn_format.system == "always"
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{turn_format.go_template(system if always else "")}"""']
     default = recorded if recorded is not None else None if always else system
+    if default and '"""' in default:
+        # A Modelfile's triple-quoted value has no escape: the first `"""` inside would end it.
+        raise TuneforgeError(
+            f'--ollama: the system prompt holds `"""`, which a Modelfile\'s SYSTEM cannot carry: {default!r}. '
+            'Train with a system prompt without `"""`, or export without --ollama and give Ollama the '
+            "system prompt with each request.",
+            code="unsupported_system_prompt",
+        )
     if default:
         lines.append(f'SYSTEM """{default}"""')
     lines.append(f'PARAMETER stop "{turn_format.turns["assistant"][1].strip()}"')
