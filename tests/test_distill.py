@@ -274,6 +274,26 @@ def test_the_cached_teacher_top_k_gives_the_online_losses_when_k_covers_the_voca
     assert first["divergence"] != pytest.approx(first_online["divergence"], rel=1e-2)
 
 
+def test_the_teacher_cache_key_changes_with_an_adapter_teachers_adapter(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods.distill import cache_key
+
+    def save_adapter(seed: int) -> None:
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(base, lora).save_pretrained(tmp_path / "teacher")
+
+    save_adapter(0)
+    first = cache_key(str(tmp_path / "teacher"), 8, "float32", ["row"])
+    assert first == cache_key(str(tmp_path / "teacher"), 8, "float32", ["row"])
+    assert first != cache_key(str(tiny_model_dir), 8, "float32", ["row"])  # the base alone is another teacher
+    save_adapter(1)  # retrained: the same base, new adapter files
+    assert cache_key(str(tmp_path / "teacher"), 8, "float32", ["row"]) != first
+
+
 def test_positions_all_compares_every_token_up_to_the_last_trained_one(pair):
     student, teacher, input_ids, labels = pair
     objective = DistillObjective(student, teacher, alpha=0.5, temperature=2.0, kind="forward_kl", positions="all")
