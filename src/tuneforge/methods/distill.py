@@ -106,8 +106,8 @@ class DistillObjective(nn.Module):
             raise ValueError(f"teacher_top_k compares distributions by forward KL, not {kind}")
         self.model = model
         self.alpha, self.temperature, self.kind, self.beta = alpha, temperature, kind, beta
-        self.teacher_name, self.top_k_size, self.positions = teacher_name, top_k, positions
-        self.top_k: TeacherTopK | None = None  # set by `cache_teacher`
+        self.teacher_name, self.teacher_top_k, self.positions = teacher_name, top_k, positions
+        self.cached_teacher: TeacherTopK | None = None  # set by `cache_teacher`
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
         self.frozen = [teacher.eval().requires_grad_(False)]
 
@@ -126,8 +126,8 @@ class DistillObjective(nn.Module):
         out = label_sums(F.cross_entropy(logits, targets, reduction="none"), correct, targets)
         t = self.temperature
         student_logp = F.log_softmax(compared_logits / t, -1)
-        if self.top_k is not None:
-            ids, values = self.top_k.lookup(compared)
+        if self.cached_teacher is not None:
+            ids, values = self.cached_teacher.lookup(compared)
             ids, values = ids.to(logits.device), values.to(logits.device)
             # The teacher's distribution over its k likeliest tokens, against the student's over the whole vocabulary.
             teacher_logp = F.log_softmax(values / t, -1)
@@ -147,14 +147,14 @@ class DistillObjective(nn.Module):
         """With `teacher_top_k`: the teacher's top-k logits at every compared position of `rows`, read
         from the cache or computed now, in the caller's precision and attention; then the teacher is
         freed. Without it, nothing: the teacher runs at every step."""
-        if self.top_k_size is None:
+        if self.teacher_top_k is None:
             return
         batches = []
         for start in range(0, len(rows), batch_rows):
             batch = collate(rows[start : start + batch_rows], pad_id)
             batches.append({**batch, "labels": compared_labels(batch["labels"], self.positions)})
-        self.top_k = TeacherTopK.load_or_compute(
-            self.teacher, self.teacher_name, self.top_k_size, batches, device, progress
+        self.cached_teacher = TeacherTopK.load_or_compute(
+            self.teacher, self.teacher_name, self.teacher_top_k, batches, device, progress
         )
         self.frozen.clear()
 
