@@ -91,7 +91,8 @@ class Observer:
 
 
 class ObservedRequests:
-    """ASGI middleware: times each HTTP request and hands it to the observer once its answer is sent."""
+    """ASGI middleware: times each HTTP request and hands it to the observer as the last piece of its answer
+    goes out (or when it ends without one)."""
 
     def __init__(self, app: ASGIApp, observer: Observer):
         self.app, self.observer = app, observer
@@ -101,18 +102,27 @@ class ObservedRequests:
             await self.app(scope, receive, send)
             return
         notes = scope[_NOTES] = {}
-        status, started = 500, time.perf_counter()
+        status, started, observed = 500, time.perf_counter(), False
+
+        def observe_once() -> None:
+            nonlocal observed
+            if not observed:
+                observed = True
+                self.observer.observed(scope, route_template(scope), status, time.perf_counter() - started, notes)
 
         async def sending(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Before the last piece goes out: a client that has its whole answer finds it counted and logged.
+                observe_once()
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            self.observer.observed(scope, route_template(scope), status, time.perf_counter() - started, notes)
+            observe_once()  # an answer never finished (an error, a client gone)
 
 
 def route_template(scope: Scope) -> str:
