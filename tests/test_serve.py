@@ -21,8 +21,9 @@ from conftest import tiny_run_config
 from tiny_sharp import save_sharp_tiny_model
 
 from tuneforge.errors import ConfigError
-from tuneforge.generate import Batch, Sampling, encode_prompts, generate
-from tuneforge.models import load_model, load_tokenizer
+from tuneforge.generate import Batch, PackedLinear, Sampling, encode_prompts, generate
+from tuneforge.models import load_model, load_tokenizer, resolve
+from tuneforge.models.precision import bf16_supported
 from tuneforge.serve import AdapterPool, Engine, EngineError, create_app
 from tuneforge.serve.command import parse_adapters
 from tuneforge.tasks.support_triage import SYSTEM_PROMPT
@@ -65,12 +66,12 @@ def running_server(app):
         sock.close()
 
 
-def random_adapter(base_dir, folder, seed: int):
-    """A LoRA adapter with random (not zero) weights: it answers unlike its base."""
+def random_adapter(base_dir, folder, seed: int, use_dora: bool = False):
+    """A LoRA (or DoRA) adapter with random (not zero) weights: it answers unlike its base."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora)
     get_peft_model(load_model(str(base_dir)), config).save_pretrained(folder)
     return folder
 
@@ -526,3 +527,25 @@ def test_smollm2_served_answers_as_generate_does(smollm2_dir):
     assert reply.choices[0].message.content == expected.text
     assert "Paris" in expected.text
     assert reply.usage.completion_tokens == expected.completion_tokens
+
+
+@pytest.mark.skipif(
+    not bf16_supported(torch.device("cpu")), reason="no native bf16 here: serve decodes in fp32, unpacked"
+)
+def test_packed_bf16_weights_answer_as_the_plain_ones_with_lora_and_dora(base_dir, adapters, tmp_path):
+    dora = random_adapter(base_dir, tmp_path / "dora", 3, use_dora=True)
+    sources = {"alpha": adapters["alpha"], "dora": dora}
+    pool = AdapterPool(str(base_dir), {name: str(path) for name, path in sources.items()}, precision="bf16")
+    tied = pool.model.get_input_embeddings().weight is pool.model.get_output_embeddings().weight
+    linears = [m for m in pool.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(isinstance(m, PackedLinear) for m in linears) == len(linears) - tied
+    tokenizer = pool.tokenizer(BASE)
+    prompts = [[{"role": "user", "content": q}] for q in ("Hello there", "My invoice is wrong, help")]
+    for name, folder in {BASE: base_dir, **sources}.items():
+        plain = load_model(resolve(str(folder)), dtype=torch.bfloat16).eval()
+        packed = pool.activate(name)
+        ids = torch.tensor([encode_prompts(tokenizer, prompts[:1])[0]])
+        with torch.no_grad():
+            assert torch.equal(packed(ids).logits, plain(ids).logits), name
+        answers = [c.token_ids for c in generate(packed, tokenizer, prompts, max_new_tokens=12)]
+        assert answers == [c.token_ids for c in generate(plain, tokenizer, prompts, max_new_tokens=12)], name

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import TextIO
 
 from .errors import ConfigError
-from .generate import Sampling, encode_prompts, inference_device, inference_dtype, stream
-from .models import context_length, load_model, load_tokenizer, resolve
+from .generate import Sampling, encode_prompts, load_for_inference, stream
+from .models import context_length, load_tokenizer, resolve
 from .models.system_prompt import recorded_system_prompt
 
 PROMPT = ">>> "
@@ -109,7 +109,7 @@ def chat_command(
         raise ConfigError(str(err), code="invalid_value") from err
     source = resolve(spec)
     tokenizer = load_tokenizer(source)
-    model = load_model(source, dtype=inference_dtype(precision)).to(inference_device()).eval()
+    model = load_for_inference(source, precision)
     sys.stdout.write(
         f"chatting with {source.name}"
         + (f" (adapter {source.adapter})" if source.adapter else "")

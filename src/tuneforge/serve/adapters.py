@@ -14,8 +14,8 @@ from collections import OrderedDict
 
 from ..config import DEFAULT_MODEL
 from ..errors import ConfigError, ModelSourceError
-from ..generate import inference_device, inference_dtype
-from ..models import ModelSource, load_model, load_tokenizer, resolve
+from ..generate import load_for_inference
+from ..models import ModelSource, load_tokenizer, resolve
 
 
 class AdapterPool:
@@ -48,7 +48,7 @@ class AdapterPool:
         self._sources = adapter_sources
         self._tokenizers = {self.base_name: load_tokenizer(base_source)}
         self._tokenizers.update({name: load_tokenizer(source) for name, source in adapter_sources.items()})
-        self.model = load_model(base_source, dtype=inference_dtype(precision)).to(inference_device()).eval()
+        self.model = load_for_inference(base_source, precision)
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self._lock = threading.Lock()
 
