@@ -24,7 +24,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.generate import Batch, PackedLinear, Sampling, encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer, resolve
 from tuneforge.models.precision import bf16_supported
-from tuneforge.serve import AdapterPool, Engine, EngineError, create_app
+from tuneforge.serve import AdapterPool, Engine, EngineError, create_app, load_pool
 from tuneforge.serve.command import parse_adapters
 from tuneforge.tasks.support_triage import SYSTEM_PROMPT
 from tuneforge.training import train
@@ -536,9 +536,8 @@ def test_packed_bf16_weights_answer_as_the_plain_ones_with_lora_and_dora(base_di
     dora = random_adapter(base_dir, tmp_path / "dora", 3, use_dora=True)
     sources = {"alpha": adapters["alpha"], "dora": dora}
     pool = AdapterPool(str(base_dir), {name: str(path) for name, path in sources.items()}, precision="bf16")
-    tied = pool.model.get_input_embeddings().weight is pool.model.get_output_embeddings().weight
     linears = [m for m in pool.model.modules() if isinstance(m, torch.nn.Linear)]
-    assert sum(isinstance(m, PackedLinear) for m in linears) == len(linears) - tied
+    assert linears and all(isinstance(m, PackedLinear) for m in linears)  # before any adapter loads
     tokenizer = pool.tokenizer(BASE)
     prompts = [[{"role": "user", "content": q}] for q in ("Hello there", "My invoice is wrong, help")]
     for name, folder in {BASE: base_dir, **sources}.items():
@@ -549,3 +548,10 @@ def test_packed_bf16_weights_answer_as_the_plain_ones_with_lora_and_dora(base_di
             assert torch.equal(packed(ids).logits, plain(ids).logits), name
         answers = [c.token_ids for c in generate(packed, tokenizer, prompts, max_new_tokens=12)]
         assert answers == [c.token_ids for c in generate(plain, tokenizer, prompts, max_new_tokens=12)], name
+
+
+def test_load_pool_builds_in_a_passing_thread_and_raises_its_errors_here(base_dir):
+    pool = load_pool(str(base_dir), max_loaded=1)
+    assert pool.names == [BASE] and pool.max_loaded == 1
+    with pytest.raises(ConfigError, match="max_loaded must be at least 1"):
+        load_pool(str(base_dir), max_loaded=0)

@@ -1,6 +1,6 @@
 """Inference for base and fine-tuned models on the jobs server, through `tuneforge.serve` as it is.
 
-A serve app (`AdapterPool` + `Engine` + `create_app`) holds one base model and the adapters on it.
+A serve app (`AdapterPool` (`load_pool`) + `Engine` + `create_app`) holds one base model and the adapters on it.
 Here there is one per base model folder, so every name for the same model (a registry name in
 any case, a fine-tuned model, a checkpoint) shares one copy of its weights; an adapter joins its
 base's app when first asked for. At most `max_bases` apps are held: beyond that the least
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..serve import AdapterPool, CompletionStore, Engine, create_app
+from ..serve import AdapterPool, CompletionStore, Engine, create_app, load_pool
 from ..web import Observer
 from .access import InferenceTarget
 
@@ -80,7 +80,7 @@ class InferenceModels:
             self._served.clear()
 
     def _build(self, base: str) -> ServedBase:
-        pool = AdapterPool(base, max_loaded=self.max_adapters)
+        pool = load_pool(base, max_loaded=self.max_adapters)
         engine = Engine(pool)
         return ServedBase(pool, engine, create_app(engine, observer=self.observer, completions=self.completions))
 

@@ -1,7 +1,7 @@
 """OpenAI-compatible serving of one base model and many LoRA adapters on it.
 
-    from tuneforge.serve import AdapterPool, Engine, create_app
-    engine = Engine(AdapterPool("smollm2-135m-instruct", {"triage": "runs/triage"}))
+    from tuneforge.serve import Engine, create_app, load_pool
+    engine = Engine(load_pool("smollm2-135m-instruct", {"triage": "runs/triage"}))   # an AdapterPool
     app = create_app(engine, api_keys=["secret"])     # FastAPI; run it with uvicorn, or mount it
     ...
     engine.close()
@@ -15,7 +15,7 @@ chat completions and `completion_routes.py` their routes, `command.py` `tuneforg
 Errors, keys, the body cap, request metrics and logs are `tuneforge.web`'s, shared with the jobs service.
 """
 
-from .adapters import AdapterPool
+from .adapters import AdapterPool, load_pool
 from .app import ChatCompletionBody, CompletionBody, create_app
 from .completion_store import CompletionStore, Retention
 from .engine import Engine, EngineError, Generation
@@ -30,4 +30,5 @@ __all__ = [
     "Generation",
     "Retention",
     "create_app",
+    "load_pool",
 ]

@@ -128,6 +128,30 @@ class AdapterPool:
             self.model.delete_adapter(old)
 
 
+def load_pool(*args, **kwargs) -> AdapterPool:
+    """`AdapterPool(*args, **kwargs)`, built in a thread that ends with it, for an `Engine` to decode with.
+
+    torch's OpenMP threads belong to the thread that first computes. While a second team exists (the
+    engine's thread computes too), libgomp stops the teams' threads spinning between parallel regions,
+    and every one of a decoding step's few hundred small products pays to wake them: batch-1 decoding
+    ran at half speed on 2 cores (docs/LOG.md). Loading in a passing thread leaves the engine's team
+    the only one."""
+    built: dict = {}
+
+    def build() -> None:
+        try:
+            built["pool"] = AdapterPool(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            built["error"] = err
+
+    loader = threading.Thread(target=build, name="tuneforge-load-model")
+    loader.start()
+    loader.join()
+    if "error" in built:
+        raise built["error"]
+    return built["pool"]
+
+
 def _adapter_source(name: str, spec: str) -> ModelSource:
     source = resolve(spec)
     if source.adapter is None:

@@ -10,7 +10,7 @@ from rich.console import Console
 from ..errors import ConfigError
 from ..web import Observer
 from ..web.observe import log_requests_to_stderr
-from .adapters import AdapterPool
+from .adapters import load_pool
 from .app import create_app
 from .completion_store import CompletionStore, Retention, default_store
 from .engine import Engine
@@ -56,7 +56,7 @@ def serve_command(
     import uvicorn
 
     completions = CompletionStore.open(store or default_store(), retention)
-    pool = AdapterPool(model, parse_adapters(adapter_specs), max_loaded=max_adapters, precision=precision)
+    pool = load_pool(model, parse_adapters(adapter_specs), max_loaded=max_adapters, precision=precision)
     engine = Engine(pool, max_batch=max_batch, max_waiting=max_waiting)
     try:
         app = create_app(
