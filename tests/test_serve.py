@@ -374,21 +374,29 @@ def test_non_streamed_requests_whose_clients_hang_up_stop_decoding(server):
 
 def test_a_full_queue_answers_429_with_retry_after(base_dir):
     engine = Engine(AdapterPool(str(base_dir)), max_batch=1, max_waiting=1)
-    body = {"model": BASE, "messages": QUESTION, "max_tokens": 1500, "temperature": 0, "stream": True}
-    headers = {"Authorization": f"Bearer {KEY}"}
+    # One generation runs and one waits, each far too long to finish during the test, so the third
+    # request meets a full queue however slowly it arrives.
+    prompt_ids = engine.pool.tokenizer(BASE).encode("What is two plus two?")
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def occupy():
+        return engine.submit(BASE, prompt_ids, Sampling(max_new_tokens=100_000))
+
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
     try:
-        with running_server(create_app(engine, api_keys=[KEY])) as url, httpx.Client(headers=headers) as http:
-            with (
-                http.stream("POST", f"{url}/v1/chat/completions", json=body),
-                http.stream("POST", f"{url}/v1/chat/completions", json=body),
-            ):
-                deadline = time.monotonic() + 10
-                while (engine.stats()["running"], engine.stats()["waiting"]) != (1, 1):
-                    assert time.monotonic() < deadline, engine.stats()
-                    time.sleep(0.01)
-                refused = http.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+        for running_and_waiting in [(1, 0), (1, 1)]:
+            asyncio.run_coroutine_threadsafe(occupy(), loop).result()
+            deadline = time.monotonic() + 10
+            while (engine.stats()["running"], engine.stats()["waiting"]) != running_and_waiting:
+                assert time.monotonic() < deadline, engine.stats()
+                time.sleep(0.01)
+        with running_server(create_app(engine, api_keys=[KEY])) as url:
+            refused = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 1)
     finally:
         engine.close()
+        loop.call_soon_threadsafe(loop.stop)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "server_busy"
 
