@@ -52,6 +52,16 @@ def recipe_config(teacher: Path, student: Path, out: Path, seed: int, method: st
     return config
 
 
+def recipe_settings() -> dict:
+    """The recipe's settings both students train with, and its distillation settings."""
+    from tuneforge.recipes import load_recipe
+
+    config = load_recipe("distill_triage")
+    train = config["train"]
+    keys = ("max_steps", "batch_size", "learning_rate", "scheduler", "precision")
+    return {**{key: train[key] for key in keys}, "distill": config["distill"]}
+
+
 def train_once(config: dict) -> dict:
     """Trains unless the run folder is finished; the wall time of the whole run, teacher pass included."""
     from tuneforge.training import train
@@ -112,7 +122,12 @@ def main() -> None:
     teacher_exact = teacher_scores["scores"]["exact"]
     result = {
         **result_header("distill_recipe", "python bench/distill_recipe.py " + " ".join(sys.argv[1:]), load_before),
-        "setup": {"keep_every": KEEP_EVERY, "seeds": seeds, "test_tickets": setup.test_tickets},
+        "setup": {
+            "keep_every": KEEP_EVERY,
+            "seeds": seeds,
+            "test_tickets": setup.test_tickets,
+            "recipe": recipe_settings(),
+        },
         "teacher": teacher_scores,
         "runs": runs,
         "speed": {**speed, "student_vs_teacher": speed["student"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]},

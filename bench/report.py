@@ -413,7 +413,7 @@ def distill_recipe_section(path: Path, r: dict) -> list[str]:
         f"SmolLM2-135M ({t['parameters'] / 1e6:.1f}M parameters, {t['layers']} layers). Students: "
         f"`tuneforge distill init --every {r['setup']['keep_every']}` of it, trained in full by the recipe "
         "(distilled: 0.5 x CE on the answers + 0.5 x T^2 x forward KL at every token of the row, the teacher's "
-        "cached top-64) or by the same config as plain SFT (`method: full`). Machine: "
+        f"cached top-64) or by the same config as plain SFT (`method: full`){recipe_training(r['setup'], m)}. Machine: "
         f"{m['cpu']}, {m['cores']} cores (1-minute load average {f(m['load_average_before'])} before, "
         f"{f(m['load_average_after'])} after).",
         "",
@@ -447,6 +447,20 @@ def distill_recipe_section(path: Path, r: dict) -> list[str]:
         f"({f(speed['student']['tokens_per_s'])} against {f(speed['teacher']['tokens_per_s'])}; target 2x).",
     ]
     return lines
+
+
+def recipe_training(setup: dict, machine: dict) -> str:
+    """How the recipe trains both students, where the run recorded it."""
+    recipe = setup.get("recipe")
+    if recipe is None:
+        return ""
+    precision = recipe["precision"]
+    if precision == "auto":
+        precision = f"auto: {'bf16 autocast' if machine['native_bf16'] else 'fp32'} on this CPU"
+    return (
+        f", {recipe['max_steps']} steps of {recipe['batch_size']} packed rows, lr {recipe['learning_rate']:g} "
+        f"{recipe['scheduler']}, precision {precision}"
+    )
 
 
 def cached_teacher_lines(training: dict) -> list[str]:
