@@ -1,5 +1,7 @@
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,18 @@ SUBPROCESS_ENV = {
     "PYTHONPATH": os.pathsep.join([str(Path(tuneforge.__file__).resolve().parents[1]), str(Path(__file__).parent)]),
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+def announced_port(log: Path, process, timeout: float, after: int = 0) -> int:
+    """The port a server started with `--port 0` says it listens on (`... at http://127.0.0.1:PORT`),
+    from its log after byte `after`. The server binds it before saying so: nothing else can hold it,
+    where a port picked here and handed over could be taken by another test's process meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(r"at http://127\.0\.0\.1:(\d+)", log.read_bytes()[after:].decode(errors="replace"))):
+        assert process.poll() is None, f"the server exited:\n{log.read_text(errors='replace')[-6000:]}"
+        assert time.monotonic() < deadline, f"no address announced within {timeout} s:\n{log.read_text()[-6000:]}"
+        time.sleep(0.1)
+    return int(found[1])
 
 
 @pytest.fixture(scope="module")

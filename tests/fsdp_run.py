@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from tuneforge.config import load_config
-from tuneforge.training import distributed, loop
+from tuneforge.cli import leave
+from tuneforge.training import loop
 
 
 def local_bytes(tensors) -> int:
@@ -31,23 +32,30 @@ def held_bytes(run: loop.Run) -> dict[str, int]:
 
 
 def main(config: str, out: str) -> None:
-    cfg = load_config(config)
-    world = distributed.setup(cfg.train.distributed_timeout)
-    run = loop.setup(cfg, world)
-    record = Path(out) / f"held-{world.rank}.json"
-    zero_grad = run.optimizer.zero_grad
+    """`loop.train` itself, its setup wrapped to install the measurement: the run starts and ends
+    (process group included) as `tuneforge train` runs it."""
+    setup = loop.setup
 
-    def measure_then_zero_grad(*args, **kwargs):  # right after an optimizer step, gradients and state both exist
-        if not record.exists():
-            record.write_text(json.dumps(held_bytes(run)))
-        zero_grad(*args, **kwargs)
+    def setup_and_measure(cfg, world, **options) -> loop.Run:
+        run = setup(cfg, world, **options)
+        record = Path(out) / f"held-{world.rank}.json"
+        zero_grad, measured = run.optimizer.zero_grad, weakref.ref(run)  # no cycle keeps the run alive
 
-    run.optimizer.zero_grad = measure_then_zero_grad
+        def measure_then_zero_grad(*args, **kwargs):  # right after an optimizer step, gradients and state both exist
+            if not record.exists():
+                record.write_text(json.dumps(held_bytes(measured())))
+            zero_grad(*args, **kwargs)
+
+        run.optimizer.zero_grad = measure_then_zero_grad
+        return run
+
+    loop.setup = setup_and_measure
     try:
-        loop.finish(run, loop.fit(run, progress=False), progress=False)
+        loop.train(config, progress=False)
     finally:
-        distributed.teardown()
+        loop.setup = setup  # `main` also runs inside the test process
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    leave(0)  # as `tuneforge train` ends a process of a multi-process run

@@ -157,3 +157,33 @@ def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path
             "/ui/api/check", json={"file_id": "file-1", "model": "tiny"}, headers={"Authorization": "Bearer key-b"}
         )
         assert with_header.status_code == 404 and with_header.json()["error"]["param"] == "file_id"
+
+
+def test_tuneforge_ui_on_port_0_answers_where_it_says_and_a_port_in_use_is_refused_naming_it(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    from conftest import SUBPROCESS_ENV, announced_port
+
+    write_run(tmp_path / "runs" / "a")
+    command = [sys.executable, "-m", "tuneforge", "ui", str(tmp_path / "runs")]
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        ui = subprocess.Popen([*command, "--port", "0"], env=SUBPROCESS_ENV, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        port = announced_port(log, ui, timeout=120)
+        assert httpx.get(f"http://127.0.0.1:{port}/ui/runs/a", timeout=30).status_code == 200
+        with socket.create_server(("127.0.0.1", 0)) as held:
+            busy = held.getsockname()[1]
+            refused = subprocess.run(
+                [*command, "--port", str(busy)], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120
+            )
+        assert refused.returncode == 2, refused.stderr
+        assert f"cannot listen on 127.0.0.1:{busy}" in refused.stderr and "--port" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(timeout=60)

@@ -19,8 +19,8 @@ import httpx
 import openai
 import pytest
 from browser import Screenshots, chromium, wait_until
-from conftest import SUBPROCESS_ENV, tiny_run_config
-from test_jobs import KEY, OTHER_KEY, ApiServer, chat_rows, free_port, upload
+from conftest import SUBPROCESS_ENV, announced_port, tiny_run_config
+from test_jobs import KEY, OTHER_KEY, ApiServer, chat_rows, upload
 
 pytestmark = pytest.mark.xdist_group("dashboard_browser")
 
@@ -205,15 +205,14 @@ def trained_runs(tmp_path_factory, tiny_model_dir, one_thread) -> Path:
 
 
 def start_ui(runs: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tuneforge", "ui", str(runs), "--port", str(port)],
+            [sys.executable, "-m", "tuneforge", "ui", str(runs), "--port", "0"],
             env={**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{announced_port(log, process, SERVER_START_S)}"
 
     def ready():
         assert process.poll() is None, log.read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import pwd
@@ -23,6 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from conftest import announced_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("sqlalchemy")
@@ -30,22 +32,15 @@ pytest.importorskip("sqlalchemy")
 KEY, OTHER_KEY = "key-alice", "key-bob"
 SERVER_START_S = 120
 JOB_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVER_NUMBERS = itertools.count()
 
 
 class ApiServer:
-    """`tuneforge api` in a child process; `kill()` is SIGKILL, as a crash would be."""
+    """`tuneforge api --port 0` in a child process; `kill()` is SIGKILL, as a crash would be."""
 
-    def __init__(
-        self, home: Path, *, allowed: list[Path], port: int | None = None, db: str | None = None, workers: int = 1
-    ):
-        self.home, self.port, self.db, self.workers, self.allowed = home, port or free_port(), db, workers, allowed
-        self.log_path = home / f"server-{self.port}.log"
+    def __init__(self, home: Path, *, allowed: list[Path], db: str | None = None, workers: int = 1):
+        self.home, self.db, self.workers, self.allowed = home, db, workers, allowed
+        self.log_path = home / f"server-{next(SERVER_NUMBERS)}.log"
         self.process: subprocess.Popen | None = None
 
     @property
@@ -60,7 +55,7 @@ class ApiServer:
             "tuneforge",
             "api",
             "--port",
-            str(self.port),
+            "0",
             "--workers",
             str(self.workers),
             "--api-key",
@@ -76,6 +71,7 @@ class ApiServer:
             args += ["--db", self.db]
         env = {**os.environ, "TUNEFORGE_HOME": str(self.home), "OMP_NUM_THREADS": "1"}
         self.home.mkdir(parents=True, exist_ok=True)
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.ready = False
@@ -83,6 +79,7 @@ class ApiServer:
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + SERVER_START_S
+        self.port = announced_port(self.log_path, self.process, SERVER_START_S, after=self.log_start)
         while not self.ready:
             assert self.process.poll() is None, f"the server exited:\n{self.log()}"
             assert time.monotonic() < deadline, f"the server did not start within {SERVER_START_S} s:\n{self.log()}"
@@ -594,7 +591,7 @@ def test_hostile_bodies_and_pages_get_4xx(server):
 
 
 def test_server_killed_mid_job_resumes_after_restart(server, tiny_model_dir):
-    # Last of the SQLite tests: it restarts the module's server (same home and port) instead of starting its own.
+    # Last of the SQLite tests: it restarts the module's server (same home) instead of starting its own.
     client = server.client()
     train = upload(client, chat_rows(12))
     job = create_job(client, tiny_model_dir, train.id, n_epochs=50)  # 150 steps, a checkpoint every 3
@@ -634,7 +631,7 @@ def postgres_url():
     folder = Path(tempfile.mkdtemp(prefix="tuneforge-pg-"))
     if user:
         shutil.chown(folder, user)
-    data, port = folder / "data", free_port()
+    data = folder / "data"
     run = dict(user=user, check=True, capture_output=True)
     subprocess.run([binaries["initdb"], "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"], **run)
     subprocess.run(
@@ -646,12 +643,12 @@ def postgres_url():
             str(folder / "log"),
             "-w",
             "-o",
-            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+            f"-k {folder} -c listen_addresses='' -c fsync=off",  # its Unix socket only: no TCP port to share
             "start",
         ],
         **run,
     )
-    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    yield f"postgresql://postgres@/postgres?host={folder}"
     subprocess.run([binaries["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"], user=user, capture_output=True)
     shutil.rmtree(folder, ignore_errors=True)
 

@@ -216,6 +216,7 @@ def chat(
     )
 
 
+PORT_HELP = "Port to listen on (0: a free one the OS picks; the address is printed at start)."
 STORE_MAX_AGE_HELP = "Delete stored chat completions older than this many days (default: keep them)."
 STORE_MAX_COUNT_HELP = "Keep at most this many stored chat completions, all keys together; the oldest go first."
 LOG_PROMPTS_HELP = "Put prompts' text in the request log (JSON lines on stderr); left out by default."
@@ -228,7 +229,7 @@ def serve(
     ),
     adapter: list[str] | None = typer.Option(None, help="NAME=PATH of a LoRA adapter or run folder; repeatable."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, help=PORT_HELP),
     api_key: list[str] | None = typer.Option(
         None,
         envvar="TUNEFORGE_API_KEYS",
@@ -281,7 +282,7 @@ def serve(
 @app.command()
 def api(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, help=PORT_HELP),
     db: str | None = typer.Option(
         None,
         envvar="TUNEFORGE_DB",
@@ -341,7 +342,7 @@ def api(
 def ui(
     directory: Path = typer.Argument(Path("runs"), help="The folder your run folders are in (or one run folder)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one: no key is asked)."),
-    port: int = typer.Option(8600, help="Port to listen on."),
+    port: int = typer.Option(8600, help=PORT_HELP),
     max_models: int = typer.Option(1, min=1, help="Base models the playground holds in memory at once."),
 ):
     """Web dashboard of the runs under DIRECTORY: live curves, reports, checkpoints, comparison, chat."""
@@ -467,10 +468,14 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _leave(code: int) -> NoReturn:
+def leave(code: int) -> NoReturn:
     """Exit with `code`. A process of a multi-process run leaves at once, without finalizing the
-    interpreter: that can block on the communication threads of a process group whose other processes
-    are gone or stuck, and torchrun stops the others only once one has exited."""
+    interpreter. Finalizing can block on the communication threads of a process group whose other
+    processes are gone or stuck (torchrun stops the others only once one has exited); and after a
+    finished run, a gloo thread still freeing its last collective's tensors needs the GIL, which a
+    finalizing interpreter refuses by ending the thread: the process aborts (SIGABRT) and torchrun
+    reports the run failed. FSDP keeps the process group alive past `destroy_process_group`, so
+    those threads are still there at exit."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -484,12 +489,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         # Without standalone mode, click returns a command's exit code instead of exiting.
-        sys.exit(app(args=_normalise_argv(sys.argv[1:]), prog_name="tuneforge", standalone_mode=False) or 0)
+        code = app(args=_normalise_argv(sys.argv[1:]), prog_name="tuneforge", standalone_mode=False) or 0
     except TuneforgeError as e:
         err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
-        _leave(e.exit_code)
+        leave(e.exit_code)
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        leave(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
@@ -500,3 +505,4 @@ def main() -> None:
             e.show()
             sys.exit(2)
         raise
+    leave(code)

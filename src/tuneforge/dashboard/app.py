@@ -13,13 +13,13 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
-from rich.console import Console
 
 from ..errors import ConfigError
 from ..jobs.inference import InferenceModels
 from ..jobs.routes.inference import answer
 from ..serve import ChatCompletionBody
 from ..web import edge
+from ..web.listen import bind, listen
 from .routes import PAGES, PREFIX, install_dashboard
 from .sources import FolderRuns
 
@@ -56,11 +56,7 @@ def create_ui_app(root: Path, *, max_models: int = 1) -> FastAPI:
 def ui_command(directory: Path, *, host: str, port: int, max_models: int) -> int:
     if not directory.is_dir():
         raise ConfigError(f"{directory} is not a folder: give the folder your run folders are in (e.g. runs).")
-    import uvicorn
-
+    sock = bind(host, port)
     app = create_ui_app(directory, max_models=max_models)
-    Console(stderr=True).print(
-        f"tuneforge ui: the runs under {directory.resolve()} at http://{host}:{port}{PREFIX}/", highlight=False
-    )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    listen(app, sock, lambda url: f"tuneforge ui: the runs under {directory.resolve()} at {url}{PREFIX}/", "warning")
     return 0

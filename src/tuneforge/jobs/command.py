@@ -43,9 +43,10 @@ def api_command(
     from . import runner
 
     runner.start_process_server()  # first: it imports torch and the training code while this process does the rest
-    store, root = open_store(db)
-    import uvicorn
+    from ..web.listen import bind, listen
 
+    sock = bind(host, port)  # after the process server: a child forked before holds no copy of it
+    store, root = open_store(db)
     from ..serve import Retention
     from ..web.observe import log_requests_to_stderr
     from .api import create_api
@@ -65,12 +66,12 @@ def api_command(
         log_prompts=log_prompts,
     )
     log_requests_to_stderr()
-    Console(stderr=True).print(
-        f"tuneforge api at http://{host}:{port}/v1 with {workers} job worker(s); store {store.url!r}; files and "
+    listen(
+        app,
+        sock,
+        lambda url: f"tuneforge api at {url}/v1 with {workers} job worker(s); store {store.url!r}; files and "
         f"runs under {root}" + (" (API key required)" if api_keys else ""),
-        highlight=False,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     return 0
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rich.console import Console
-
 from ..errors import ConfigError
 from ..web import Observer
+from ..web.listen import bind, listen
 from ..web.observe import log_requests_to_stderr
 from .adapters import load_pool
 from .app import create_app
@@ -53,8 +52,7 @@ def serve_command(
     retention: Retention = Retention(),
     log_prompts: bool = False,
 ) -> int:
-    import uvicorn
-
+    sock = bind(host, port)
     completions = CompletionStore.open(store or default_store(), retention)
     pool = load_pool(model, parse_adapters(adapter_specs), max_loaded=max_adapters, precision=precision)
     engine = Engine(pool, max_batch=max_batch, max_waiting=max_waiting)
@@ -69,16 +67,15 @@ def serve_command(
             completions=completions,
         )
         log_requests_to_stderr()
-        console = Console(stderr=True)
-        console.print(
-            f"serving [bold]{pool.base_name}[/] on {pool.model.device} in {pool.model.dtype}"
+        listen(
+            app,
+            sock,
+            lambda url: f"serving [bold]{pool.base_name}[/] on {pool.model.device} in {pool.model.dtype}"
             + (f" with adapters {', '.join(pool.names[1:])}" if len(pool.names) > 1 else "")
-            + f" at http://{host}:{port}/v1"
+            + f" at {url}/v1"
             + (" (API key required)" if api_keys else "")
             + f"; stored completions in {completions.url!r}",
-            highlight=False,
         )
-        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     finally:
         engine.close()
     return 0

@@ -4,7 +4,8 @@
 path (an unexpected failure is logged under an error id that the client gets); `auth.py` checks
 Bearer keys before anything reads a body; `limits.py` caps request bodies, and its `edge` puts
 all three on an app, with `observe.py`'s metrics and request log when asked. `docs_urls` keeps the
-documentation pages off unless asked for. `shapes.py` is OpenAI's `metadata` and listings.
+documentation pages off unless asked for. `shapes.py` is OpenAI's `metadata` and listings;
+`listen.py` binds a server's socket (`--port 0`: a free one) and runs uvicorn on it.
 Importing this package is cheap: no torch.
 """
 
