@@ -78,6 +78,8 @@ class ApiServer:
         return self
 
     def wait_ready(self) -> None:
+        if self.ready:
+            return
         deadline = time.monotonic() + SERVER_START_S
         self.port = announced_port(self.log_path, self.process, SERVER_START_S, after=self.log_start)
         while not self.ready:

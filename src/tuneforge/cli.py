@@ -497,7 +497,7 @@ def main() -> None:
         leave(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
-        sys.exit(130)
+        leave(130)
     except Exception as e:  # click usage errors
         import click
 

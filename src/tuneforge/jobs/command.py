@@ -40,12 +40,11 @@ def api_command(
     store_max_count: int | None = None,
     log_prompts: bool = False,
 ) -> int:
+    from ..web.listen import bind, listen
     from . import runner
 
-    runner.start_process_server()  # first: it imports torch and the training code while this process does the rest
-    from ..web.listen import bind, listen
-
-    sock = bind(host, port)  # after the process server: a child forked before holds no copy of it
+    sock = bind(host, port)
+    runner.start_process_server()  # early: it imports torch and the training code while this process does the rest
     store, root = open_store(db)
     from ..serve import Retention
     from ..web.observe import log_requests_to_stderr

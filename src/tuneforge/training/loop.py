@@ -199,7 +199,7 @@ class MetricsLog:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
-            self.tb.flush()  # a process of a multi-process run exits without finalizing (cli.leave)
+            self.tb.flush()  # live in TensorBoard, and nothing left for exit (cli.leave skips finalizing)
 
 
 class StopRequest:
