@@ -532,23 +532,27 @@ def dpo_section(path: Path, r: dict) -> list[str]:
 
 
 def grpo_section(path: Path, r: dict) -> list[str]:
-    m, sft, seeds = r["machine"], r["sft_test"], r["seeds"]
+    m, sft, seeds, o = r["machine"], r["sft_test"], r["seeds"], r["settings"]
     kept = r.get("sft_general_questions_kept")
+    skipping = "trained on the groups whose answers scored differently, " if o.get("skip_uniform_groups") else ""
     lines = [
         "## Reinforcement fine-tuning (GRPO) on the quickstart's SFT model: the demo task",
         "",
         f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. The recipe `{r['recipe']}`: the quickstart's "
-        "LoRA run merged in and used as the reference, a fresh LoRA on its upper half, 24 steps of 8 training "
-        "tickets x 4 sampled answers, the json_fields grader (category, priority, product), beta 0.04, lr 2e-4. "
-        f"Scored greedily on the first {r['tickets']} test tickets (`support_triage`). {m['cpu']}, {m['cores']} "
-        f"cores (native bf16: {'yes' if m['native_bf16'] else 'no'}); 1-minute load average "
-        f"{f(m['load_average_before'])} before, {f(m['load_average_after'])} after. Training times come from each "
-        "run's own summary.",
+        "LoRA run merged in and used as the reference, a fresh LoRA on its upper half, "
+        f"{o['max_steps']} steps of {o['batch_size']} training tickets x {o['group_size']} answers sampled at "
+        f"temperature {o['temperature']:g}, {skipping}the json_fields grader (category, priority, product), "
+        f"loss {o['loss']}, beta {o['beta']:g}, lr {o['learning_rate']:g}. Scored greedily on the first "
+        f"{r['tickets']} test tickets (`support_triage`). {m['cpu']}, {m['cores']} cores (native bf16: "
+        f"{'yes' if m['native_bf16'] else 'no'}); 1-minute load average {f(m['load_average_before'])} before, "
+        f"{f(m['load_average_after'])} after. Training times come from each run's own summary; the quickstart's "
+        f"SFT run took {f(r['sft_train_seconds'] / 60)} min, the budget a GRPO run is held to.",
         "",
         "| model | exact | category | priority | product | valid JSON | general questions kept | training |",
         "|---|---|---|---|---|---|---|---|",
         f"| SFT (the quickstart's run) | {sft['exact']:.1%} | {sft['category']:.1%} | {sft['priority']:.1%} | "
-        f"{sft['product']:.1%} | {sft['valid_json']:.1%} | {f'{kept:.1%}' if kept is not None else '–'} | |",
+        f"{sft['product']:.1%} | {sft['valid_json']:.1%} | {f'{kept:.1%}' if kept is not None else '–'} | "
+        f"{f(r['sft_train_seconds'] / 60)} min |",
     ]
     for s in seeds:
         t = s["test"]
@@ -558,10 +562,13 @@ def grpo_section(path: Path, r: dict) -> list[str]:
             f"{f(s['train_seconds'] / 60)} min |"
         )
     exact = [s["test"]["exact"] for s in seeds]
+    gains = [round((e - sft["exact"]) * r["tickets"]) for e in exact]
     lines += [
         "",
-        f"Exact match over {len(seeds)} seed(s): {min(exact):.1%} to {max(exact):.1%}, against the SFT model's "
-        f"{sft['exact']:.1%}. Final mean reward of the sampled answers (temperature 1): "
+        f"Exact match over {len(seeds)} seed(s): {min(exact):.1%} to {max(exact):.1%} (mean "
+        f"{sum(exact) / len(exact):.1%}), against the SFT model's {sft['exact']:.1%}: "
+        + ", ".join(f"{g:+d}" for g in gains)
+        + f" of {r['tickets']} tickets. Final mean reward of the sampled answers: "
         + ", ".join(f"{s['final_reward']:.3f}" for s in seeds)
         + ".",
     ]

@@ -123,6 +123,29 @@ def test_a_shared_system_prompt_runs_once_and_changes_no_answer(tiny):
     assert prefilled < prompt_tokens - (len(prompts) - 1) * 16
 
 
+def test_a_repeated_prompt_runs_once_and_its_rows_sample_apart(tiny):
+    """A group of rows with one prompt (GRPO's answers to a ticket): the prompt is prefilled once, the
+    greedy answers are the prompt's own, and sampled rows draw apart."""
+    model, tokenizer = tiny
+    system = {"role": "system", "content": "You are the triage assistant for Nimbus Cloud. Answer with JSON only."}
+    tickets = ["Our database is down!", "How do I resize a VM?"]
+    prompts = [[system, {"role": "user", "content": ticket}] for ticket in tickets for _ in range(3)]
+    run = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: run.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        together = generate(model, tokenizer, prompts, max_new_tokens=8)
+    finally:
+        hook.remove()
+    alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts[::3]]
+    assert together == [c for c in alone for _ in range(3)]
+    assert run[0][0] == 1 and run[1][0] == len(tickets)  # the system prompt once, then each ticket once
+    sampled = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3)
+    assert len({c.token_ids for c in sampled[:3]}) > 1
+    assert generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3) == sampled
+
+
 def test_sampling_is_repeatable_with_a_seed(tiny):
     model, tokenizer = tiny
     options = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)

@@ -53,32 +53,38 @@ def completions(texts_and_ids):
     return [Completion(text, 0, len(ids), "stop", tuple(ids)) for text, ids in texts_and_ids]
 
 
+def graded_batch(objective, rows, answers, answers_per_token):
+    """The answers graded, and every one of them as the batch that trains them."""
+    group = objective._grade(rows, answers)
+    return group, objective._batch(group, list(range(len(answers))), answers_per_token, sampled_scale=1.0)
+
+
 def test_advantages_are_the_rewards_against_their_group(tiny_model_dir, triage_data, tmp_path):
     objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path)
     answers = completions([("{", [5]), ("no", [6, 7]), ("no", [6]), ("{ yes", [5, 8, 9])] * 2)
-    batch = objective._graded_batch(rows[:2], answers, answers_per_token=0.5)
-    assert batch["rewards"].tolist() == [1, 0, 0, 1] * 2
+    group, batch = graded_batch(objective, rows[:2], answers, answers_per_token=0.5)
+    assert group.rewards.tolist() == [1, 0, 0, 1] * 2
     expected = 0.5 / (0.5 + STD_FLOOR)  # mean 0.5, std 0.5 in each group of four
     assert torch.allclose(batch["advantages"], torch.tensor([expected, -expected, -expected, expected] * 2))
     # grpo: each answer's mean token loss
     assert torch.allclose(batch["token_weights"], torch.tensor([1, 1 / 2, 1, 1 / 3] * 2))
-    assert batch["reward_parts"][:, 0].tolist() == batch["rewards"].tolist()
+    assert group.parts[:, 0].tolist() == group.rewards.tolist()
     # Each answer trains its own tokens, after its prompt.
     trained = [row[row != -100].tolist() for row in batch["labels"]]
     assert trained[:4] == [[5], [6, 7], [6], [5, 8, 9]]
 
     objective.options = objective.options.model_copy(update={"loss": "dr_grpo"})
-    batch = objective._graded_batch(rows[:2], answers, answers_per_token=0.5)
+    _, batch = graded_batch(objective, rows[:2], answers, answers_per_token=0.5)
     assert batch["advantages"].tolist() == [0.5, -0.5, -0.5, 0.5] * 2  # not scaled by the std
     assert torch.allclose(batch["token_weights"], torch.full((8,), 1 / 8))  # 1 / max_new_tokens
     objective.options = objective.options.model_copy(update={"loss": "dapo"})
-    assert objective._graded_batch(rows[:2], answers, 0.5)["token_weights"].tolist() == [0.5] * 8
+    assert graded_batch(objective, rows[:2], answers, 0.5)[1]["token_weights"].tolist() == [0.5] * 8
 
 
 def test_the_loss_is_the_policy_gradient_and_kl_is_zero_at_the_start(tiny_model_dir, triage_data, tmp_path):
     objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path)
     answers = completions([("{", [5, 6]), ("no", [7]), ("no", [8, 9, 10]), ("{", [11])])
-    batch = objective._graded_batch(rows[:1], answers, answers_per_token=1.0)
+    _, batch = graded_batch(objective, rows[:1], answers, answers_per_token=1.0)
     sums = objective(**batch)
     # A fresh adapter is the reference: KL is exactly 0, and the loss's value is -sum(A_i * w_i * n_i).
     assert sums["kl"].item() == 0
@@ -110,7 +116,7 @@ def test_kl_is_the_k3_estimate_against_the_disabled_adapter(tiny_model_dir, tria
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     answers = completions([("a", [5, 6]), ("b", [7]), ("c", [8, 9, 10]), ("d", [11])])
-    batch = objective._graded_batch(rows[:1], answers, answers_per_token=1.0)
+    _, batch = graded_batch(objective, rows[:1], answers, answers_per_token=1.0)
     kl = objective(**batch)["kl"].item()
     from tuneforge.methods.sft import reference_lm, token_cross_entropy, trained_hidden
     from tuneforge.models import causal_lm
@@ -137,6 +143,30 @@ def test_dapo_weights_make_the_step_a_mean_over_every_token(tiny_model_dir, tria
     weighted = sum(float((b["token_weights"][:, None] * (b["labels"] != -100)).sum()) for b in micro)
     # The loop divides the step's summed loss by its answers: the weights turn that into a per-token mean.
     assert answers == 8 and weighted == pytest.approx(answers) and tokens > answers
+
+
+def test_uniform_groups_are_skipped_and_the_rewards_still_cover_every_answer(tiny_model_dir, triage_data, tmp_path):
+    objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path)
+    alike = [("{", [5])] * 4  # every answer scores 1: zero advantages
+    mixed = [("{", [5]), ("no", [6]), ("no", [7]), ("{", [8])]
+    assert objective._trained_groups(objective._grade(rows[:2], completions(alike + mixed))) == list(range(8))
+    objective.options = objective.options.model_copy(update={"skip_uniform_groups": True})
+    assert objective._trained_groups(objective._grade(rows[:2], completions(alike + mixed))) == [4, 5, 6, 7]
+    # A micro-batch of alike groups only still trains one, so every process runs every micro-batch.
+    assert objective._trained_groups(objective._grade(rows[:2], completions(alike + alike))) == [0, 1, 2, 3]
+
+    graded = []  # every answer the step samples, as graded
+    grade = objective._grade
+    objective._grade = lambda prompt_rows, answers: graded.append(grade(prompt_rows, answers)) or graded[-1]
+    micro = objective.make_batches([rows[:2], rows[2:4]], step=0, rank=0, all_sum=lambda t: t)
+    trained = sum(objective.count(b) for b in micro)
+    sampled = torch.cat([g.rewards for g in graded])
+    for group, batch in zip(graded, micro):
+        kept = objective._trained_groups(group)
+        assert batch["advantages"].tolist() == group.advantages[kept].tolist()
+    # The loop divides each sum by the answers that trained: the rewards come out as the mean of all sampled.
+    reward, *_, share = (sum(b["sampled_sums"] for b in micro) / trained).tolist()
+    assert reward == pytest.approx(sampled.mean().item()) and share == pytest.approx(trained / len(sampled))
 
 
 def test_sampling_is_seeded_by_step_and_batch(tiny_model_dir, triage_data, tmp_path):

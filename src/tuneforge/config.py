@@ -259,6 +259,12 @@ class GRPOConfig(Strict):
         "std; dr_grpo: token losses summed over max_new_tokens, advantages not scaled; dapo: mean over every "
         "token of the step",
     )
+    skip_uniform_groups: bool = Field(
+        False,
+        description="train only on the groups whose answers scored differently (DAPO's dynamic sampling without "
+        "refill): a group scored alike has zero advantages and would train its KL penalty alone; the step's "
+        "compute goes to the answers that teach",
+    )
     policy: Literal["full", "lora"] = Field(
         "lora",
         description="what trains; lora uses the lora section and its disabled adapter is the reference, full keeps "

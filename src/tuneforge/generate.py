@@ -380,39 +380,49 @@ class Batch:
         return self._hand_out(self._rows, self._next)
 
     def _prefill(self) -> list[tuple[Row, str]]:
-        """Run the waiting rows' prompts; a prefix they all share (a system prompt) runs once.
+        """Run the waiting rows' prompts; a prefix they all share (a system prompt) runs once, and so
+        does a prompt that several rows have (GRPO samples a group of answers to each prompt).
 
-        The shared prefix is computed for one row and its cache copied to every row; each row's own
-        rest follows it, left-padded, so a row's cache reads prefix, padding, its own tokens.
+        The shared prefix is computed for one row and its cache copied to every distinct prompt; each
+        prompt's own rest follows it, left-padded, so a row's cache reads prefix, padding, its own
+        tokens. Rows of one prompt then get copies of its cache and its last logits.
         """
         from .kv_cache import PreallocatedLayer, new_cache
 
         rows, self._waiting = self._waiting, []
+        distinct: dict[tuple[int, ...], int] = {}
+        prompt_of_row = [distinct.setdefault(tuple(row.prompt_ids), len(distinct)) for row in rows]
+        prompts = list(distinct)
         device = self.model.device
         cache = new_cache(self.model.config)
-        shared = _common_prefix_length([row.prompt_ids for row in rows])
+        shared = _common_prefix_length(prompts)
         if (
-            len(rows) < 2
+            len(prompts) < 2
             or shared < MIN_SHARED_PREFIX
             or any(type(layer) is not PreallocatedLayer for layer in cache.layers)
         ):
             shared = 0
         if shared:
-            prefix = torch.tensor([rows[0].prompt_ids[:shared]], device=device)
+            prefix = torch.tensor([prompts[0][:shared]], device=device)
             self._forward(prefix, torch.ones_like(prefix), torch.arange(shared, device=device)[None], cache)
-            cache.batch_repeat_interleave(len(rows))
-        width = max(len(row.prompt_ids) for row in rows) - shared
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
+            cache.batch_repeat_interleave(len(prompts))
+        width = max(len(prompt) for prompt in prompts) - shared
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
         mask[:, :shared] = 1
-        for line, row in enumerate(rows):
-            rest = row.prompt_ids[shared:]
+        for line, prompt in enumerate(prompts):
+            rest = prompt[shared:]
             input_ids[line, width - len(rest) :] = torch.tensor(rest)
             mask[line, shared + width - len(rest) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         # Positions count a row's real tokens, so padding does not shift them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        tokens = self._pick(self._forward(input_ids, mask, positions, cache), rows)
+        logits = self._forward(input_ids, mask, positions, cache)
+        if len(prompts) < len(rows):
+            index = torch.tensor(prompt_of_row, device=device)
+            cache.batch_select_indices(index)
+            mask, logits = mask[index], logits[index]
+        tokens = self._pick(logits, rows)
         self._merge(rows, cache, mask, tokens)
         return self._hand_out(rows, tokens)
 
@@ -473,7 +483,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _common_prefix_length(prompts: list[list[int]]) -> int:
+def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all prompts share, leaving each at least its last token to run
     (its logits give the row's first new token)."""
     limit = min(len(p) for p in prompts) - 1

@@ -20,8 +20,12 @@ so that the step's loss is
     dr_grpo  each answer's summed token loss / max_new_tokens, averaged over answers (Dr. GRPO)
     dapo     the mean over every answer token of the step, all processes together (DAPO's token level)
 
-The objective returns sums over answers (`count`), so the loop's division by the step's answers
-gives those means under any gradient accumulation and number of processes. Sampling and grading
+A group whose answers all scored alike has zero advantages and trains only its KL penalty; with
+`skip_uniform_groups` such groups stay out of the forward and backward passes (DAPO's dynamic
+sampling, without refilling the batch), and the rewards are still logged over every sampled answer.
+
+The objective returns sums over the trained answers (`count`), so the loop's division by the step's
+answers gives those means under any gradient accumulation and number of processes. Sampling and grading
 are part of the step: the loop asks the objective to `make_batches` from the step's prompt rows.
 The first prompt's group of each step is written to `rollouts.jsonl` in the run folder (answers and
 their scores), which the run's report shows beside the reward curves.
@@ -83,6 +87,19 @@ class PromptRow:
     @property
     def labels(self) -> list[int]:
         return [IGNORE_INDEX] * len(self.input_ids)
+
+
+@dataclass
+class SampledGroups:
+    """A micro-batch's prompts, their sampled answers (`group_size` a prompt, in prompt order), and the
+    answers' grades: rewards, per-grader parts, advantages, and each group's reward std."""
+
+    rows: list[PromptRow]
+    completions: list
+    rewards: torch.Tensor
+    parts: torch.Tensor
+    advantages: torch.Tensor
+    group_std: torch.Tensor
 
 
 def prepare_model(model, cfg):
@@ -205,7 +222,8 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.Prepar
 class GRPOObjective(nn.Module):
     """Samples and grades answers (`make_batches`), then returns sums over them: `loss` and, for the
     logs, `reward` (its mean), `reward_std` (the mean of the groups' stds), `reward/NAME` per
-    grader, `kl` (mean per token, per answer) and `completion_length`."""
+    grader, `trained_share` (the share of the sampled answers that trained), `kl` (mean per token, per
+    answer) and `completion_length`."""
 
     train_only_sums = ()
     reported_sums = {"loss": "loss"}
@@ -216,7 +234,14 @@ class GRPOObjective(nn.Module):
         self.options, self.seed = cfg.grpo, cfg.train.seed
         self.samples_path = Path(cfg.output_dir) / ROLLOUTS_FILE
         self.parts = grader.part_names
-        self.logged_sums = ("reward", "reward_std", *(f"reward/{p}" for p in self.parts), "kl", "completion_length")
+        self.logged_sums = (
+            "reward",
+            "reward_std",
+            *(f"reward/{p}" for p in self.parts),
+            "trained_share",
+            "kl",
+            "completion_length",
+        )
         self.frozen = [reference.eval().requires_grad_(False)] if reference is not None else []
 
     @staticmethod
@@ -226,11 +251,11 @@ class GRPOObjective(nn.Module):
     @torch.no_grad()
     def make_batches(self, micro_rows: list[list[PromptRow]], step: int, rank: int, all_sum) -> list[dict]:
         """Each micro-batch of prompts as a batch of its sampled answers, graded, with their advantages
-        and token weights. `all_sum` adds a tensor over the processes (dapo's step-wide token count)."""
+        and token weights. `all_sum` adds a tensor over the processes (the step's answer and token counts)."""
         o = self.options
         lm = causal_lm(self.model)
         was_training = lm.training
-        sampled = []
+        graded = []
         try:
             for index, rows in enumerate(micro_rows):
                 prompts = [tuple(r.input_ids) for r in rows for _ in range(o.group_size)]  # rendered once, in prepare
@@ -244,34 +269,25 @@ class GRPOObjective(nn.Module):
                     top_p=o.top_p,
                     seed=seed,
                 )
-                sampled.append((rows, completions))
+                graded.append(self._grade(rows, completions))
         finally:
             lm.train(was_training)  # sampling runs in eval mode (no dropout)
-        tokens = sum(len(c.token_ids) for _, completions in sampled for c in completions)
-        answers = sum(len(completions) for _, completions in sampled)
-        step_tokens, step_answers = all_sum(torch.tensor([float(tokens), float(answers)])).tolist()
-        per_token = step_answers / max(step_tokens, 1)
-        batches = [self._graded_batch(rows, completions, per_token) for rows, completions in sampled]
+        kept = [self._trained_groups(group) for group in graded]
+        kept_tokens = sum(len(group.completions[i].token_ids) for group, ids in zip(graded, kept) for i in ids)
+        kept_answers = sum(len(ids) for ids in kept)
+        sampled_answers = sum(len(group.completions) for group in graded)
+        step_tokens, step_kept, step_sampled = all_sum(
+            torch.tensor([float(kept_tokens), float(kept_answers), float(sampled_answers)])
+        ).tolist()
         if rank == 0:
-            self._write_samples(step, micro_rows[0][0], sampled[0][1][: o.group_size], batches[0])
-        return batches
+            self._write_samples(step, graded[0])
+        # The loop divides every sum by the step's trained answers; the reward sums are over every
+        # sampled answer, so they are scaled to come out as means over the sampled ones.
+        sampled_scale = step_kept / step_sampled
+        per_token = step_kept / max(step_tokens, 1)
+        return [self._batch(group, ids, per_token, sampled_scale) for group, ids in zip(graded, kept)]
 
-    def _write_samples(self, step: int, row: PromptRow, completions: list, batch: dict) -> None:
-        """The first prompt's group of the step, with the answers' rewards and advantages."""
-        record = {
-            "step": step + 1,
-            "prompt": row.messages[-1]["content"],
-            "item": row.where,
-            "answers": [
-                {"text": c.text, "reward": float(r), "advantage": float(a)}
-                for c, r, a in zip(completions, batch["rewards"].tolist(), batch["advantages"].tolist())
-            ],
-        }
-        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.samples_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def _graded_batch(self, rows: list[PromptRow], completions: list, answers_per_token: float) -> dict:
+    def _grade(self, rows: list[PromptRow], completions: list) -> SampledGroups:
         o = self.options
         items = [r.item for r in rows for _ in range(o.group_size)]
         grades = self.grader.grade([sample_of(c.text) for c in completions], items)
@@ -282,6 +298,36 @@ class GRPOObjective(nn.Module):
         advantages = groups - groups.mean(dim=1, keepdim=True)
         if o.loss != "dr_grpo":
             advantages = advantages / (std + STD_FLOOR)
+        return SampledGroups(rows, completions, rewards, parts, advantages.flatten(), std.flatten())
+
+    def _trained_groups(self, group: SampledGroups) -> list[int]:
+        """The answers that train: all of them, or with `skip_uniform_groups` those of the groups whose
+        answers scored differently (at least the first group, so that every micro-batch runs)."""
+        size = self.options.group_size
+        groups = range(len(group.rows))
+        if self.options.skip_uniform_groups:
+            groups = [g for g in groups if group.group_std[g] > 0] or [0]
+        return [g * size + i for g in groups for i in range(size)]
+
+    def _write_samples(self, step: int, group: SampledGroups) -> None:
+        """The first prompt's group of the step, with the answers' rewards and advantages."""
+        row, size = group.rows[0], self.options.group_size
+        record = {
+            "step": step + 1,
+            "prompt": row.messages[-1]["content"],
+            "item": row.where,
+            "answers": [
+                {"text": c.text, "reward": float(r), "advantage": float(a)}
+                for c, r, a in zip(group.completions[:size], group.rewards.tolist(), group.advantages.tolist())
+            ],
+        }
+        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.samples_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _batch(self, group: SampledGroups, kept: list[int], answers_per_token: float, sampled_scale: float) -> dict:
+        o = self.options
+        completions = [group.completions[i] for i in kept]
         lengths = torch.tensor([max(len(c.token_ids), 1) for c in completions], dtype=torch.float32)
         weights = {
             "grpo": 1 / lengths,
@@ -289,15 +335,21 @@ class GRPOObjective(nn.Module):
             "dapo": torch.full_like(lengths, answers_per_token),
         }[o.loss]
         examples = [
-            _answer_example(rows[i // o.group_size].input_ids, list(c.token_ids)) for i, c in enumerate(completions)
+            _answer_example(group.rows[i // o.group_size].input_ids, list(group.completions[i].token_ids)) for i in kept
         ]
         return {
             **tfdata.collate(examples, self.tokenizer.pad_token_id),
-            "advantages": advantages.flatten(),
+            "advantages": group.advantages[kept],
             "token_weights": weights,
-            "rewards": rewards,
-            "reward_parts": parts,
-            "group_std": std.expand(-1, o.group_size).flatten(),
+            "sampled_sums": torch.cat(
+                [
+                    group.rewards.sum().view(1),
+                    group.group_std.sum().view(1) * o.group_size,
+                    group.parts.sum(dim=0),
+                    torch.tensor([float(len(kept))]),
+                ]
+            )
+            * sampled_scale,
         }
 
     def forward(
@@ -306,9 +358,7 @@ class GRPOObjective(nn.Module):
         labels,
         advantages,
         token_weights,
-        rewards,
-        reward_parts,
-        group_std,
+        sampled_sums,
         position_ids=None,
         attention_mask=None,
     ):
@@ -329,11 +379,13 @@ class GRPOObjective(nn.Module):
             token_loss = token_loss + self.options.beta * kl
         lengths = trained.sum(dim=1).clamp(min=1)
         kl_per_answer = torch.zeros_like(advantages).index_add(0, answer, kl.detach()) / lengths
+        reward, reward_std, *parts, trained_share = sampled_sums
         return {
             "loss": (token_loss * token_weights[answer]).sum(),
-            "reward": rewards.sum(),
-            "reward_std": group_std.sum(),
-            **{f"reward/{p}": reward_parts[:, k].sum() for k, p in enumerate(self.parts)},
+            "reward": reward,
+            "reward_std": reward_std,
+            **{f"reward/{p}": parts[k] for k, p in enumerate(self.parts)},
+            "trained_share": trained_share,
             "kl": kl_per_answer.sum(),
             "completion_length": trained.sum(),
         }

@@ -45,7 +45,7 @@ class TrainProgress:
         if "reward" in record:
             loss += (
                 f" reward {record['reward']:.3f} (std {record['reward_std']:.3f}) kl {record['kl']:.4f} "
-                f"len {record['completion_length']:.0f}"
+                f"len {record['completion_length']:.0f} trained {record['trained_share']:.0%}"
             )
         speed = f"{record['tokens_per_s']:.0f}"
         self.progress.update(self.task, completed=record["step"], loss=loss, speed=speed)
@@ -73,6 +73,7 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
         *sorted(key for key in metrics if key.startswith("reward/")),
         "kl",
         "completion_length",
+        "trained_share",
         "valid_loss",
         "full_valid_loss",
         "full_valid_mean_token_accuracy",
