@@ -534,6 +534,7 @@ def dpo_section(path: Path, r: dict) -> list[str]:
 def grpo_section(path: Path, r: dict) -> list[str]:
     m, sft, seeds, o = r["machine"], r["sft_test"], r["seeds"], r["settings"]
     kept = r.get("sft_general_questions_kept")
+    sft_minutes = r["sft_train_seconds"] / 60 if "sft_train_seconds" in r else None
     skipping = "trained on the groups whose answers scored differently, " if o.get("skip_uniform_groups") else ""
     lines = [
         "## Reinforcement fine-tuning (GRPO) on the quickstart's SFT model: the demo task",
@@ -545,14 +546,18 @@ def grpo_section(path: Path, r: dict) -> list[str]:
         f"loss {o['loss']}, beta {o['beta']:g}, lr {o['learning_rate']:g}. Scored greedily on the first "
         f"{r['tickets']} test tickets (`support_triage`). {m['cpu']}, {m['cores']} cores (native bf16: "
         f"{'yes' if m['native_bf16'] else 'no'}); 1-minute load average {f(m['load_average_before'])} before, "
-        f"{f(m['load_average_after'])} after. Training times come from each run's own summary; the quickstart's "
-        f"SFT run took {f(r['sft_train_seconds'] / 60)} min, the budget a GRPO run is held to.",
+        f"{f(m['load_average_after'])} after. Training times come from each run's own summary"
+        + (
+            f"; the quickstart's SFT run took {f(sft_minutes)} min, the budget a GRPO run is held to."
+            if sft_minutes
+            else "."
+        ),
         "",
         "| model | exact | category | priority | product | valid JSON | general questions kept | training |",
         "|---|---|---|---|---|---|---|---|",
         f"| SFT (the quickstart's run) | {sft['exact']:.1%} | {sft['category']:.1%} | {sft['priority']:.1%} | "
         f"{sft['product']:.1%} | {sft['valid_json']:.1%} | {f'{kept:.1%}' if kept is not None else '–'} | "
-        f"{f(r['sft_train_seconds'] / 60)} min |",
+        f"{f'{sft_minutes:.1f} min' if sft_minutes else ''} |",
     ]
     for s in seeds:
         t = s["test"]
