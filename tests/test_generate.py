@@ -100,21 +100,28 @@ def test_batched_generation_equals_one_by_one(tiny):
     assert generate(model, tokenizer, mixed, batch_size=5, max_new_tokens=12) == together
 
 
-def test_a_shared_system_prompt_runs_once_and_changes_no_answer(tiny):
-    """Prompts that open with the same system prompt: the batch runs it once, and each answer is the
-    one the prompt gets alone."""
-    model, tokenizer = tiny
-    system = {"role": "system", "content": "You are the triage assistant for Nimbus Cloud. Answer with JSON only."}
-    tickets = ["Our database is down!", "How do I resize a VM?", "I was charged twice this month, please refund one."]
-    prompts = [[system, {"role": "user", "content": ticket}] for ticket in tickets]
+TRIAGE_SYSTEM = {"role": "system", "content": "You are the triage assistant for Nimbus Cloud. Answer with JSON only."}
+
+
+def generate_recording_forwards(model, tokenizer, prompts):
+    """Greedy answers to `prompts`, and the shape of each forward's input ids."""
     run = []
     hook = model.register_forward_pre_hook(
         lambda module, args, kwargs: run.append(kwargs["input_ids"].shape), with_kwargs=True
     )
     try:
-        together = generate(model, tokenizer, prompts, max_new_tokens=8)
+        return generate(model, tokenizer, prompts, max_new_tokens=8), run
     finally:
         hook.remove()
+
+
+def test_a_shared_system_prompt_runs_once_and_changes_no_answer(tiny):
+    """Prompts that open with the same system prompt: the batch runs it once, and each answer is the
+    one the prompt gets alone."""
+    model, tokenizer = tiny
+    tickets = ["Our database is down!", "How do I resize a VM?", "I was charged twice this month, please refund one."]
+    prompts = [[TRIAGE_SYSTEM, {"role": "user", "content": ticket}] for ticket in tickets]
+    together, run = generate_recording_forwards(model, tokenizer, prompts)
     alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
     assert together == alone
     prompt_tokens = sum(c.prompt_tokens for c in together)
@@ -127,17 +134,9 @@ def test_a_repeated_prompt_runs_once_and_its_rows_sample_apart(tiny):
     """A group of rows with one prompt (GRPO's answers to a ticket): the prompt is prefilled once, the
     greedy answers are the prompt's own, and sampled rows draw apart."""
     model, tokenizer = tiny
-    system = {"role": "system", "content": "You are the triage assistant for Nimbus Cloud. Answer with JSON only."}
     tickets = ["Our database is down!", "How do I resize a VM?"]
-    prompts = [[system, {"role": "user", "content": ticket}] for ticket in tickets for _ in range(3)]
-    run = []
-    hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: run.append(kwargs["input_ids"].shape), with_kwargs=True
-    )
-    try:
-        together = generate(model, tokenizer, prompts, max_new_tokens=8)
-    finally:
-        hook.remove()
+    prompts = [[TRIAGE_SYSTEM, {"role": "user", "content": ticket}] for ticket in tickets for _ in range(3)]
+    together, run = generate_recording_forwards(model, tokenizer, prompts)
     alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts[::3]]
     assert together == [c for c in alone for _ in range(3)]
     assert run[0][0] == 1 and run[1][0] == len(tickets)  # the system prompt once, then each ticket once
