@@ -2,6 +2,7 @@
 the data, metrics equal those of one process, and a rank that fails or sticks ends the whole run
 with an error that names the rank and the phase."""
 
+import atexit
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from tuneforge.config import load_config
 from tuneforge.data import prepare
 from tuneforge.eval.evaluate import token_loss
 from tuneforge.models import load_model, load_tokenizer, resolve
+from tuneforge.training.distributed import launch_function
 
 ENV = SUBPROCESS_ENV
 
@@ -192,3 +194,17 @@ def test_dpo_and_distill_on_two_processes_with_one_validation_row_match_one_proc
         assert res.returncode == 0, res.stderr[-3000:]
         losses[nproc] = metrics(tmp_path / f"run{nproc}")[-1]["full_valid_loss"]
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
+def _rank_marking_its_exit(folder: str) -> int:
+    """A process's work for `launch_function`: its rank, and a file the interpreter writes if it finalizes."""
+    rank = int(os.environ["RANK"])
+    atexit.register(Path(folder, f"finalized-{rank}").touch)
+    return rank
+
+
+def test_launched_processes_hand_back_rank_0s_value_and_never_finalize(tmp_path):
+    """A job's processes: finalizing one whose gloo threads still free a finished run's tensors aborts it
+    (`cli.leave`), so they end without running the interpreter's exit handlers."""
+    assert launch_function(_rank_marking_its_exit, (str(tmp_path),), 2) == 0
+    assert not list(tmp_path.glob("finalized-*"))

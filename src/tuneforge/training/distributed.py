@@ -327,10 +327,15 @@ def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
 
 def launch_function(fn, args: tuple, nproc: int):
     """Run `fn(*args)` in `nproc` processes on this machine under torchrun's agent; rank 0's return
-    value. Processes stopped by a signal get `SHUTDOWN_TIMEOUT_S` to finish their step and checkpoint."""
+    value. Processes stopped by a signal get `SHUTDOWN_TIMEOUT_S` to finish their step and checkpoint.
+
+    The processes are forked: a forked process hands its return value back and ends with `os._exit`,
+    never finalizing the interpreter, where a gloo thread still freeing a finished run's tensors
+    would abort it (as `cli.leave` explains). Forking also spares each process the imports."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
+        start_method="fork",
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
