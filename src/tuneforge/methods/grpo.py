@@ -335,7 +335,8 @@ class GRPOObjective(nn.Module):
             "dapo": torch.full_like(lengths, answers_per_token),
         }[o.loss]
         examples = [
-            _answer_example(group.rows[i // o.group_size].input_ids, list(group.completions[i].token_ids)) for i in kept
+            _answer_example(group.rows[i // o.group_size].input_ids, list(c.token_ids))
+            for i, c in zip(kept, completions)
         ]
         return {
             **tfdata.collate(examples, self.tokenizer.pad_token_id),
