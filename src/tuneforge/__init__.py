@@ -1,6 +1,13 @@
 """tuneforge: fine-tune open language models from one YAML file, a CLI, Python or HTTP."""
 
+import os
 import warnings
+
+# transformers swaps a model's layers for kernels it downloads from the Hugging Face Hub when the
+# `kernels` package is installed (transformers depends on it) and the model is on a GPU; without the
+# network that download fails the load, and its kernels are code fetched at run time. tuneforge works
+# from local models, so a model keeps its own layers unless the user sets USE_HUB_KERNELS=1.
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 __version__ = "0.1.0"
 
