@@ -116,20 +116,13 @@ def main() -> None:
     torch.Tensor.backward = labelled(torch.Tensor.backward, "bench::backward")
     torch.nn.utils.clip_grad_norm_ = labelled(torch.nn.utils.clip_grad_norm_, "bench::clip_grad_norm")
 
-    load = loop.load_model
+    load = loop.load_for_training
     model_info = {}
 
-    def load_model(*a, **kw):
+    def load_for_training(*a, **kw):
         model = load(*a, **kw)
         cfg = model.config
         model_info.update(vocab=cfg.vocab_size, hidden=cfg.hidden_size, inter=cfg.intermediate_size)
-        return model
-
-    loop.load_model = load_model
-    prepare_model = loop.prepare_model
-
-    def prepare(model, cfg):
-        model = prepare_model(model, cfg)
         for name, module in model.named_modules():
             if name.split(".")[-1] == "lora_dropout" or ".lora_dropout." in name + ".":
                 for sub in [module] if not hasattr(module, "values") else list(module.values()):
@@ -140,7 +133,7 @@ def main() -> None:
                     sub.register_forward_hook(lambda m, i, o, spans=open_spans: spans.pop().__exit__(None, None, None))
         return model
 
-    loop.prepare_model = prepare
+    loop.load_for_training = load_for_training
 
     cfg = {
         "base_model": "smollm2-135m-instruct",
@@ -214,14 +207,19 @@ def main() -> None:
     ordered = dict(sorted(parts.items(), key=lambda kv: -kv[1]))
     top = sorted(ops.items(), key=lambda kv: -kv[1][1])[:15]
     record = state["record"]
+    from tuneforge.models import resolve_precision
+
+    precision = resolve_precision(cfg["train"].get("precision", "auto"), torch.device("cpu"))
     result = {
         "bench": "profile",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]),
         "what": (
             f"Step {args.step} of a tuneforge run on SmolLM2-135M-Instruct, LoRA r={rank} all-linear, "
-            f"packing {args.packing}, batch {args.batch}, {record['tokens'] // args.step if record else '?'} "
-            f"real tokens per step on average; torch.profiler self times of every operator, sorted into parts."
+            f"packing {args.packing}, batch {args.batch}, precision {precision} (machine: native bf16 "
+            f"{'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}), "
+            f"{record['tokens'] // args.step if record else '?'} real tokens per step on average; "
+            "torch.profiler self times of every operator, sorted into parts."
             + (f" Overrides: {' '.join(args.overrides)}." if args.overrides else "")
             + f" {torch.get_num_threads()} torch thread(s); 1-minute load average {os.getloadavg()[0]:.1f}."
         ),
