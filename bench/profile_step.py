@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--name", default="profile")
     p.add_argument("--work", default=str(HERE / "work-profile"))
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the model profiled (registry name or folder)")
+    p.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON is written")
     args = p.parse_args()
 
     import torch
@@ -136,7 +138,7 @@ def main() -> None:
     loop.load_for_training = load_for_training
 
     cfg = {
-        "base_model": "smollm2-135m-instruct",
+        "base_model": args.model,
         "method": "lora",
         "data": {"train": str(train), "validation": None, "packing": args.packing == "true", "dedup": "none"},
         "train": {"max_steps": args.step, "batch_size": args.batch, "eval_every": 0, "save_every": 0, "warmup": 0},
@@ -210,12 +212,13 @@ def main() -> None:
     from tuneforge.models import resolve_precision
 
     precision = resolve_precision(cfg["train"].get("precision", "auto"), torch.device("cpu"))
+    model_name = "SmolLM2-135M-Instruct" if args.model == "smollm2-135m-instruct" else args.model
     result = {
         "bench": "profile",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]),
         "what": (
-            f"Step {args.step} of a tuneforge run on SmolLM2-135M-Instruct, LoRA r={rank} all-linear, "
+            f"Step {args.step} of a tuneforge run on {model_name}, LoRA r={rank} all-linear, "
             f"packing {args.packing}, batch {args.batch}, precision {precision} (machine: native bf16 "
             f"{'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}), "
             f"{record['tokens'] // args.step if record else '?'} real tokens per step on average; "
@@ -230,7 +233,8 @@ def main() -> None:
         "categories": ordered,
         "top_ops": [{"name": n, "shapes": s, "calls": c, "self_s": t} for (n, s), (c, t) in top],
     }
-    out = HERE / "results" / f"{args.name}-{datetime.date.today().isoformat()}.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"{args.name}-{datetime.date.today().isoformat()}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     for k, v in ordered.items():
         print(f"{v:8.2f} s  {100 * v / wall:5.1f}%  {k}")

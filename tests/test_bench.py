@@ -3,7 +3,7 @@
 The full harness (`make bench`) trains SmolLM2 for many minutes; here each piece it relies on is
 checked on its own: the data generator's lengths, the shared tokenization and validation loss
 (against transformers' own loss), the FLOP count, the turn
-protocol between processes, and the report.
+protocol between processes, the step profile, and the report.
 """
 
 from __future__ import annotations
@@ -188,3 +188,22 @@ def test_report_renders_a_throughput_result(tmp_path, monkeypatch):
     report.main()
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| x | 10.0 (9.0-11.0) | 1.00x |" in text and "20.0x the fp32 time" in text
+
+
+def test_the_step_profile_sorts_a_whole_training_step_into_parts(tiny_model_dir, tmp_path):
+    """`profile_step.py` drives the training loop through the names it wraps (the loop's model loading,
+    the objective's forward, collation); a rename in the loop must fail here, not the next benchmark."""
+    import subprocess
+
+    command = [sys.executable, str(BENCH / "profile_step.py"), "--model", str(tiny_model_dir), "--step", "2"]
+    command += ["--rows", "6", "--threads", "1", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True)
+    (result,) = tmp_path.glob("profile-*.json")
+    profile = json.loads(result.read_text())
+    parts = profile["categories"]
+    # Every part the loop runs was seen, and the parts add up to the step's wall time.
+    for part in ("attention (SDPA), backward", "matmul: LoRA A/B, forward", "matmul: LoRA A/B, backward"):
+        assert parts[part] > 0, part
+    assert parts["collation"] > 0 and parts["optimizer (AdamW step, zero_grad)"] > 0
+    assert sum(parts.values()) == pytest.approx(profile["step_seconds"], rel=0.05)
+    assert profile["step_tokens_per_s_own"] > 0
