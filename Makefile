@@ -22,11 +22,14 @@ quickstart: install
 	$(BIN)/tuneforge quickstart
 
 # The quickstart's model (trained first when missing) distilled into a student of 11 of its 30
-# layers (the distill_triage recipe), then the student scored beside it on 100 held-out tickets.
+# layers (the distill_triage recipe) on the training tickets and its own answers to 1,000 unlabelled
+# ones, then the student scored beside it on 100 held-out tickets.
 distill-demo: install
 	test -f runs/quickstart/summary.json || $(BIN)/tuneforge quickstart
 	test -d runs/quickstart-student || \
 		$(BIN)/tuneforge distill init --teacher runs/quickstart --out runs/quickstart-student --every 3
+	$(BIN)/tuneforge distill generate --teacher runs/quickstart --prompts runs/quickstart/data/unlabelled.jsonl \
+		--out runs/quickstart/data/teacher-answers.jsonl --max-new-tokens 48
 	$(BIN)/tuneforge train distill_triage
 	$(BIN)/tuneforge eval runs/distill-triage runs/quickstart/data/test.jsonl --compare runs/quickstart \
 		--metric support_triage --limit 100

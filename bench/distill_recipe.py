@@ -4,9 +4,11 @@ student trained on the same data for the same steps, and the teacher they come f
     .venv/bin/python bench/distill_recipe.py --teacher runs/quickstart --seeds 0,1,2
 
 The teacher is the quickstart's tuned model (`tuneforge quickstart`); the student is
-`tuneforge distill init --every 3` of it, written once into the work folder. For each seed: the
-recipe's run (`distill_triage`, its paths pointed at the teacher's data, `train.seed` set) and the
-same run as plain SFT (`method: full`, no distill section). Every model is scored on the first
+`tuneforge distill init --every 3` of it, and the teacher's answers to the quickstart's unlabelled
+tickets (`distill generate`, as the recipe's commands), both written once into the work folder.
+For each seed: the recipe's run (`distill_triage`, its paths pointed at the teacher's data and
+those answers, `train.seed` set) and the same run as plain SFT (`method: full`, no distill
+section) on the same rows. Every model is scored on the first
 `test_tickets` held-out tickets, and the student's generation speed is measured beside the
 teacher's. A finished run or score in the work folder is reused, so an interrupted benchmark goes
 on where it stopped. Writes `results/distill_recipe-<date>.json`; `report.py` renders it.
@@ -35,13 +37,18 @@ WORK = HERE / ".work" / "distill_recipe"
 KEEP_EVERY = 3
 
 
+TEACHER_ANSWERS = WORK / "teacher-answers.jsonl"
+
+
 def recipe_config(teacher: Path, student: Path, out: Path, seed: int, method: str) -> dict:
     from tuneforge.recipes import load_recipe
 
     config = load_recipe("distill_triage")
     data = teacher / "data"
     config["base_model"] = str(student)
-    config["data"].update(train=str(data / "train.jsonl"), validation=str(data / "validation.jsonl"))
+    config["data"].update(
+        train=[str(data / "train.jsonl"), str(TEACHER_ANSWERS)], validation=str(data / "validation.jsonl")
+    )
     config["train"]["seed"] = seed
     config["output_dir"] = str(out)
     if method == "distill":
@@ -60,6 +67,22 @@ def recipe_settings() -> dict:
     train = config["train"]
     keys = ("max_steps", "batch_size", "learning_rate", "scheduler", "precision")
     return {**{key: train[key] for key in keys}, "distill": config["distill"]}
+
+
+def teacher_answers(teacher: Path) -> float | None:
+    """Writes the teacher's answers to the quickstart's unlabelled tickets as the recipe's `distill
+    generate` does, once; the seconds that took."""
+    from tuneforge.distill import generate_teacher_data
+    from tuneforge.tasks.support_triage import UNLABELLED_FILE
+
+    timing = WORK / "teacher-answers.wall.json"
+    if not timing.is_file():
+        started = time.perf_counter()
+        generate_teacher_data(
+            str(teacher), teacher / "data" / UNLABELLED_FILE, TEACHER_ANSWERS, max_new_tokens=48, batch_size=16
+        )
+        timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - started}))
+    return json.loads(timing.read_text())["wall_seconds"]
 
 
 def train_once(config: dict) -> dict:
@@ -103,6 +126,7 @@ def main() -> None:
     student = WORK / "student"
     if not student.exists():
         init_student(str(teacher), student, every=KEEP_EVERY)
+    answers_seconds = teacher_answers(teacher)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = {}
     for seed in seeds:
@@ -127,6 +151,7 @@ def main() -> None:
             "seeds": seeds,
             "test_tickets": setup.test_tickets,
             "recipe": recipe_settings(),
+            "teacher_answers_seconds": answers_seconds,
         },
         "teacher": teacher_scores,
         "runs": runs,

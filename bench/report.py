@@ -413,7 +413,8 @@ def distill_recipe_section(path: Path, r: dict) -> list[str]:
         f"SmolLM2-135M ({t['parameters'] / 1e6:.1f}M parameters, {t['layers']} layers). Students: "
         f"`tuneforge distill init --every {r['setup']['keep_every']}` of it, trained in full by the recipe "
         "(distilled: 0.5 x CE on the answers + 0.5 x T^2 x forward KL at every token of the row, the teacher's "
-        f"cached top-64) or by the same config as plain SFT (`method: full`){recipe_training(r['setup'], m)}. Machine: "
+        f"cached top-64) or by the same config as plain SFT (`method: full`){recipe_training(r['setup'], m)}"
+        f"{teacher_answers_data(r['setup'])}. Machine: "
         f"{m['cpu']}, {m['cores']} cores (1-minute load average {f(m['load_average_before'])} before, "
         f"{f(m['load_average_after'])} after).",
         "",
@@ -447,6 +448,17 @@ def distill_recipe_section(path: Path, r: dict) -> list[str]:
         f"({f(speed['student']['tokens_per_s'])} against {f(speed['teacher']['tokens_per_s'])}; target 2x).",
     ]
     return lines
+
+
+def teacher_answers_data(setup: dict) -> str:
+    """What both students train on besides the training tickets, where the run recorded it."""
+    seconds = setup.get("teacher_answers_seconds")
+    if seconds is None:
+        return "; data: the 2,000 training tickets"
+    return (
+        "; data: the 2,000 training tickets and the teacher's answers to the quickstart's 1,000 unlabelled tickets "
+        f"(`distill generate`, {seconds / 60:.1f} min), the same rows for both students"
+    )
 
 
 def recipe_training(setup: dict, machine: dict) -> str:

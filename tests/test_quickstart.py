@@ -34,7 +34,7 @@ def test_quickstart_runs_every_phase_and_says_which_targets_it_missed(tmp_path):
     for phase in ("1/6 model", "2/6 data", "3/6 base", "4/6 fine-tune", "5/6 tuned", "6/6 forgetting"):
         assert phase in text
     assert "missed targets:" in text and "tuned: all three fields right" in text and "wall time" in text
-    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "unlabelled.jsonl"):  # the last for distill_triage
         assert (out / "data" / name).is_file()
     assert (out / "final" / "adapter_config.json").is_file()
     for name in ("report.html", "before.json", "after.json", "forgetting.json", "samples.jsonl"):

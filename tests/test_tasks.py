@@ -59,6 +59,23 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     assert not list((tmp_path / "a").glob(".tmp-*"))  # atomic writes left no temporary files
 
 
+def test_unlabelled_tickets_are_prompts_no_split_holds_and_leave_the_splits_as_they_were(tmp_path):
+    sizes = dict(n_train=300, n_valid=40, n_test=60, seed=3)
+    plain = st.generate(tmp_path / "plain", **sizes)
+    paths = st.generate(tmp_path / "with", n_unlabelled=50, **sizes)
+    again = st.generate(tmp_path / "again", n_unlabelled=50, **sizes)
+    assert set(paths) == {"train", "validation", "test", "unlabelled"} and "unlabelled" not in plain
+    for split in plain:
+        assert paths[split].read_bytes() == plain[split].read_bytes()
+    assert paths["unlabelled"].read_bytes() == again["unlabelled"].read_bytes()
+    rows = [json.loads(line) for line in paths["unlabelled"].read_text().splitlines()]
+    assert len(rows) == 50
+    assert all([m["role"] for m in row["messages"]] == ["system", "user"] for row in rows)
+    tickets = {row["messages"][1]["content"] for row in rows}
+    labelled = {json.loads(line)["messages"][1]["content"] for path in plain.values() for line in path.open()}
+    assert len(tickets) == 50 and not tickets & labelled
+
+
 # sha256 of the files `generate` wrote for these arguments when the phrasings moved into phrasings.json; the first
 # are the quickstart's. A change to the generator or its phrasings that moves any byte fails here: it changes the
 # quickstart's data and so its recorded results, so update the digests only on purpose (docs/LOG.md says why).

@@ -39,6 +39,7 @@ class Settings:
     n_train: int = 2000  # generated training tickets, more than a run sees, so it sees each at most once
     n_valid: int = 48  # validation tickets: the loss curve (cheap enough to evaluate mid-run)
     n_test: int = 300  # generated held-out tickets
+    n_unlabelled: int = 1000  # tickets without answers, which the distill_triage recipe's teacher answers
     test_subset: int = 100  # of which the quickstart scores the first this many, base and tuned
     max_new_tokens: int = 40  # the answer is one JSON line of about 20 tokens
     # The base model's replay replies are cut at this many tokens: under KL a cut reply teaches no early stop,
@@ -151,11 +152,18 @@ def prepare_data(model: str, out: Path, settings: Settings, phases: Phases) -> d
     phases.begin("data")
     folder = out / "data"
     data = support_triage.generate(
-        folder, n_train=settings.n_train, n_valid=settings.n_valid, n_test=settings.n_test, seed=settings.data_seed
+        folder,
+        n_train=settings.n_train,
+        n_valid=settings.n_valid,
+        n_test=settings.n_test,
+        n_unlabelled=settings.n_unlabelled,
+        seed=settings.data_seed,
     )
     phases.console.print(
         f"{settings.n_train} train, {settings.n_valid} validation, {settings.n_test} test tickets "
-        f"in {folder} (test tickets use phrasings training never sees)"
+        f"in {folder} (test tickets use phrasings training never sees); {settings.n_unlabelled} "
+        "tickets without answers for distillation",
+        highlight=False,
     )
     data["replay"] = write_self_replay(model, folder, settings.replay_tokens)
     return data

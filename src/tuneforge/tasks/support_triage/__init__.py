@@ -52,6 +52,7 @@ LABELS = {"category": CATEGORIES, "priority": PRIORITIES, "product": PRODUCTS}
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+UNLABELLED_FILE = "unlabelled.jsonl"
 # Every TEST_EVERY-th template of each pool (index % TEST_EVERY == TEST_EVERY - 1) is test-only.
 TEST_EVERY = 4
 MAX_SENTENCES = 5
@@ -389,11 +390,16 @@ def _draw_unique(rng: random.Random, split: str, n: int, seen: set[str]) -> list
     return tickets
 
 
-def generate(out_dir, *, n_train: int = 4000, n_valid: int = 200, n_test: int = 300, seed: int = 0) -> dict[str, Path]:
-    """Write train.jsonl, validation.jsonl and test.jsonl (OpenAI chat JSONL) into `out_dir`.
+def generate(
+    out_dir, *, n_train: int = 4000, n_valid: int = 200, n_test: int = 300, n_unlabelled: int = 0, seed: int = 0
+) -> dict[str, Path]:
+    """Write train.jsonl, validation.jsonl and test.jsonl (OpenAI chat JSONL) into `out_dir`, and with
+    `n_unlabelled` also unlabelled.jsonl: tickets in the training phrasings without their answers (the
+    system prompt and the ticket), for a teacher to answer (`tuneforge distill generate`).
 
     The same seed gives byte-identical files. Each split draws from its own random stream, so the
-    size of one split does not reshuffle another.
+    size of one split does not reshuffle another; the unlabelled tickets are drawn last, so asking
+    for them leaves the other splits as they were. No ticket text appears twice across the files.
     """
     out_dir = Path(out_dir)
     sizes = {"train": n_train, "validation": n_valid, "test": n_test}
@@ -406,6 +412,13 @@ def generate(out_dir, *, n_train: int = 4000, n_valid: int = 200, n_test: int = 
         with atomic_file(paths[split]) as f:
             for ticket in tickets:
                 f.write(json.dumps(chat_example(ticket.text, ticket.labels), ensure_ascii=False) + "\n")
+    if n_unlabelled:
+        tickets = _draw_unique(random.Random(f"support_triage/{seed}/unlabelled"), "train", n_unlabelled, seen)
+        paths["unlabelled"] = out_dir / UNLABELLED_FILE
+        with atomic_file(paths["unlabelled"]) as f:
+            for ticket in tickets:
+                prompt = chat_example(ticket.text, ticket.labels)["messages"][:-1]
+                f.write(json.dumps({"messages": prompt}, ensure_ascii=False) + "\n")
     return paths
 
 
