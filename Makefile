@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_WORKERS ?= 2
 
-.PHONY: install quickstart distill-demo test format bench clean
+.PHONY: install quickstart distill-demo distill-families-demo test format bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,19 @@ distill-demo: install
 	$(BIN)/tuneforge train distill_triage
 	$(BIN)/tuneforge eval runs/distill-triage runs/quickstart/data/test.jsonl --compare runs/quickstart \
 		--metric support_triage --limit 100
+
+# Distillation across families: the quickstart run on Gemma 3 270M (trained first when missing)
+# answers the 1,000 unlabelled tickets, SmolLM2-135M learns those answers alone (the
+# distill_gemma_to_smollm2 recipe), then the student is scored beside it on 100 held-out tickets.
+distill-families-demo: install
+	test -f runs/quickstart-gemma/summary.json || \
+		$(BIN)/tuneforge quickstart --model gemma3-270m --out runs/quickstart-gemma
+	$(BIN)/tuneforge distill generate --teacher runs/quickstart-gemma \
+		--prompts runs/quickstart-gemma/data/unlabelled.jsonl \
+		--out runs/quickstart-gemma/data/teacher-answers.jsonl --max-new-tokens 48
+	$(BIN)/tuneforge train distill_gemma_to_smollm2
+	$(BIN)/tuneforge eval runs/distill-gemma-to-smollm2 runs/quickstart-gemma/data/test.jsonl \
+		--compare runs/quickstart-gemma --metric support_triage --limit 100
 
 test: install
 	$(BIN)/ruff check src tests bench

@@ -69,18 +69,16 @@ def recipe_settings() -> dict:
     return {**{key: train[key] for key in keys}, "distill": config["distill"]}
 
 
-def teacher_answers(teacher: Path) -> float | None:
-    """Writes the teacher's answers to the quickstart's unlabelled tickets as the recipe's `distill
-    generate` does, once; the seconds that took."""
+def teacher_answers(teacher: Path, out: Path) -> float | None:
+    """Writes the teacher's answers to the quickstart's unlabelled tickets into `out` as the recipes'
+    `distill generate` does, once; the seconds that took."""
     from tuneforge.distill import generate_teacher_data
     from tuneforge.tasks.support_triage import UNLABELLED_FILE
 
-    timing = WORK / "teacher-answers.wall.json"
+    timing = out.with_suffix(".wall.json")
     if not timing.is_file():
         started = time.perf_counter()
-        generate_teacher_data(
-            str(teacher), teacher / "data" / UNLABELLED_FILE, TEACHER_ANSWERS, max_new_tokens=48, batch_size=16
-        )
+        generate_teacher_data(str(teacher), teacher / "data" / UNLABELLED_FILE, out, max_new_tokens=48, batch_size=16)
         timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - started}))
     return json.loads(timing.read_text())["wall_seconds"]
 
@@ -101,9 +99,9 @@ def train_once(config: dict) -> dict:
     return {**training_figures(out), "wall_seconds": wall}
 
 
-def scored(setup: Setup, name: str, model: Path, data: dict) -> dict:
+def scored(setup: Setup, name: str, model: Path, data: dict, work: Path = WORK) -> dict:
     """The model's task scores, kept in the work folder once made."""
-    path = WORK / f"{name}.scores.json"
+    path = work / f"{name}.scores.json"
     if not path.is_file():
         path.write_text(json.dumps(task_scores(setup, {name: model}, data)[name]))
     return json.loads(path.read_text())
@@ -126,7 +124,7 @@ def main() -> None:
     student = WORK / "student"
     if not student.exists():
         init_student(str(teacher), student, every=KEEP_EVERY)
-    answers_seconds = teacher_answers(teacher)
+    answers_seconds = teacher_answers(teacher, TEACHER_ANSWERS)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = {}
     for seed in seeds:

@@ -288,3 +288,33 @@ def test_quickstart_takes_the_model_to_fine_tune(name, runs, tmp_path, monkeypat
     assert exit_info.value.code == 0
     assert f"base_model={tuned}" in capsys.readouterr().out
     assert (tmp_path / "qs" / "data" / "replay.jsonl").is_file()  # the model's own replies to replay
+
+
+@by_family("gemma3")
+def test_a_gemma3_teacher_teaches_a_smollm2_student_through_its_answers(name, runs, tmp_path):
+    """Distillation across families (other tokenizer, other template) is sequence-level: the teacher's
+    answers are plain text, free of its turn markers, and the student learns them in its own template."""
+    from tuneforge.distill import generate_teacher_data
+
+    teacher, student = runs(name), FAMILIES["smollm2"]
+    prompts = tmp_path / "prompts.jsonl"
+    asked = [conversation(teacher["family"], QUESTIONS[i], QUESTIONS[j])["messages"][:2] for i, j in TRAIN_PAIRS]
+    prompts.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in asked))
+    answers = tmp_path / "answers.jsonl"
+    generate_teacher_data(str(teacher["run"]), prompts, answers, max_new_tokens=8, progress=False)
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [row["messages"][-1]["content"] for row in rows] == [REPLY] * len(asked)
+
+    config = {
+        "base_model": str(save_family_model(student, tmp_path / "student")),
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"train": str(answers), "max_length": 256},
+        "train": {"max_steps": STEPS, "batch_size": 8, "learning_rate": 2e-2, "eval_every": 0, "save_every": 0},
+        "output_dir": str(tmp_path / "run"),
+    }
+    train(config, progress=False)
+    model, tokenizer = load_model(str(tmp_path / "run")).eval(), load_tokenizer(str(tmp_path / "run"))
+    [answer] = generate(model, tokenizer, [asked[0]], max_new_tokens=8)
+    assert answer.text == REPLY
+    assert tokenizer.convert_ids_to_tokens(answer.token_ids[-1]) == student.end_of_turn

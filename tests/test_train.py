@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,16 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     with pytest.raises(TuneforgeError, match="different config"):
         train(changed, resume="latest", progress=False)
     train(changed, resume="latest", force=True, progress=False)
+
+
+def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, progress=False)
+        cfg["train"]["max_steps"] = 3
+        assert train(cfg, resume="latest", force=True, progress=False).steps == 3
+    assert [str(w.message) for w in caught if "torch.distributed" in str(w.message)] == []
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_data, tmp_path):

@@ -21,6 +21,7 @@ import contextlib
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,15 @@ def _check_complete(folder: Path, processes: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def _one_process_quietly():
+    """DCP warns at every save and load of a one-process run that it assumes one process: what
+    `no_dist` asks of it, so the warning tells the user nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
 def save(
     root: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int, world: distributed.World
 ) -> Path:
@@ -176,7 +186,8 @@ def save(
         torch.save(_rng_states(), tmp / rng_file(world.rank))
         with distributed.phase(phase, world):
             # Returns once every process has written its shards.
-            dcp.save(optimizer_state, checkpoint_id=tmp / OPTIMIZER, no_dist=world.size == 1)
+            with _one_process_quietly():
+                dcp.save(optimizer_state, checkpoint_id=tmp / OPTIMIZER, no_dist=world.size == 1)
         if world.is_main:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
             tokenizer.save_pretrained(tmp)
@@ -205,7 +216,8 @@ def load(folder: Path, model, optimizer, scheduler, world: distributed.World) ->
         )
     with distributed.phase(f"resuming from {folder.name}", world):
         optimizer_state = get_optimizer_state_dict(model, optimizer)
-        dcp.load(optimizer_state, checkpoint_id=folder / OPTIMIZER, no_dist=world.size == 1)
+        with _one_process_quietly():
+            dcp.load(optimizer_state, checkpoint_id=folder / OPTIMIZER, no_dist=world.size == 1)
         set_optimizer_state_dict(model, optimizer, optimizer_state)
     scheduler.load_state_dict(torch.load(folder / SCHEDULER, weights_only=True))
     own = folder / rng_file(world.rank)

@@ -390,6 +390,12 @@ def _draw_unique(rng: random.Random, split: str, n: int, seen: set[str]) -> list
     return tickets
 
 
+def draw_unlabelled(seed: int, n: int, seen: set[str]) -> list[Ticket]:
+    """The tickets `generate` writes without answers, with their labels: `seen` holds every split's
+    ticket texts. For scoring a teacher's answers to them; training never reads these labels."""
+    return _draw_unique(random.Random(f"support_triage/{seed}/unlabelled"), "train", n, seen)
+
+
 def generate(
     out_dir, *, n_train: int = 4000, n_valid: int = 200, n_test: int = 300, n_unlabelled: int = 0, seed: int = 0
 ) -> dict[str, Path]:
@@ -413,7 +419,7 @@ def generate(
             for ticket in tickets:
                 f.write(json.dumps(chat_example(ticket.text, ticket.labels), ensure_ascii=False) + "\n")
     if n_unlabelled:
-        tickets = _draw_unique(random.Random(f"support_triage/{seed}/unlabelled"), "train", n_unlabelled, seen)
+        tickets = draw_unlabelled(seed, n_unlabelled, seen)
         paths["unlabelled"] = out_dir / UNLABELLED_FILE
         with atomic_file(paths["unlabelled"]) as f:
             for ticket in tickets:
