@@ -547,6 +547,19 @@ def test_a_loaded_model_keeps_its_own_layers_rather_than_the_hubs_kernels(tiny_m
     assert not model.use_kernels
 
 
+def test_importing_bitsandbytes_after_tuneforge_says_nothing_of_hub_kernels():
+    """On a CPU with AVX512-BF16, bitsandbytes tries at import to fetch a 4-bit kernel from the Hub and
+    logs its failure offline; PEFT imports it for every model, so every run printed it."""
+    import subprocess
+    import sys
+
+    from conftest import SUBPROCESS_ENV
+
+    code = "import tuneforge, bitsandbytes"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert run.returncode == 0 and "kernels-community" not in run.stderr
+
+
 # ---- CLI-facing commands ------------------------------------------------------------------------
 
 

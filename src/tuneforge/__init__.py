@@ -1,5 +1,6 @@
 """tuneforge: fine-tune open language models from one YAML file, a CLI, Python or HTTP."""
 
+import logging
 import os
 import warnings
 
@@ -8,6 +9,14 @@ import warnings
 # network that download fails the load, and its kernels are code fetched at run time. tuneforge works
 # from local models, so a model keeps its own layers unless the user sets USE_HUB_KERNELS=1.
 os.environ.setdefault("USE_HUB_KERNELS", "0")
+
+# bitsandbytes tries, on import on CPUs with AVX512-BF16, to fetch a faster 4-bit kernel from the Hub at run
+# time and logs that it could not (`kernels` adds, with HF_HUB_OFFLINE set, that it skipped the publisher
+# check); on every 8-bit forward it logs that it casts inputs to float16. Facts about its internals, not
+# something a user acts on; PEFT and transformers import it for every model, quantized or not, so this is
+# set before anything else loads.
+for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

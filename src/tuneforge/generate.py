@@ -365,7 +365,11 @@ class Batch:
             attention_mask=attention_mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
+            # The last position as an index tensor, not `logits_to_keep=1`: the model then gathers it into
+            # a contiguous [rows, 1, hidden] tensor. The int's slice is a strided view, which torch's matmul
+            # meets, for a weight that needs no gradient, by copying the weight once per row: 5 GB and 11x
+            # the prefill's time for 16 prompts on Gemma 3's 262k vocabulary in bf16.
+            logits_to_keep=torch.tensor([-1], device=input_ids.device),
             **{self._cache_argument: cache},
         )
         return out.logits[:, -1].float()

@@ -3,17 +3,9 @@ as on CUDA, with adapters training on top."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..errors import ModelSourceError
-
-# bitsandbytes logs, on import on CPUs with AVX512-BF16, that a faster 4-bit kernel could be fetched from a
-# model hub at run time (an offline install cannot), and on every 8-bit forward that it casts inputs to
-# float16: facts about its internals, not something a user acts on.
-for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
 
 BITS = {"nf4": 4, "fp4": 4, "int8": 8}
 
