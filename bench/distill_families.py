@@ -15,9 +15,7 @@ learns is the teacher's mistakes. Finished runs and scores in the work folder ar
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from distill import Setup, generation_speed  # noqa: E402
-from distill_recipe import scored, teacher_answers, train_once  # noqa: E402
+from distill_recipe import scored, start, teacher_answers, train_once  # noqa: E402
 
 from tuneforge.quickstart import Settings  # noqa: E402
 
@@ -67,19 +65,11 @@ def answers_scored(teacher: Path) -> dict:
 def main() -> None:
     from common import result_header, write_result
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--teacher", type=Path, default=Path("runs/quickstart-gemma"), help="`quickstart --model gemma3-270m`'s run"
+    load_before, teacher, data, seeds = start(
+        __doc__, "runs/quickstart-gemma", "`quickstart --model gemma3-270m`'s run folder", WORK
     )
-    parser.add_argument("--seeds", default="0,1,2")
-    args = parser.parse_args()
     setup = Setup()
-    load_before = os.getloadavg()[0]
-    WORK.mkdir(parents=True, exist_ok=True)
-    teacher = args.teacher.resolve()
-    data = {split: teacher / "data" / f"{split}.jsonl" for split in ("train", "validation", "test")}
     answers_seconds = teacher_answers(teacher, TEACHER_ANSWERS)
-    seeds = [int(s) for s in args.seeds.split(",")]
     runs = {
         f"student-s{seed}": {
             "seed": seed,

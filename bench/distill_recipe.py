@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -107,25 +108,37 @@ def scored(setup: Setup, name: str, model: Path, data: dict, work: Path = WORK) 
     return json.loads(path.read_text())
 
 
+class Start(NamedTuple):
+    load_before: float  # the 1-minute load average before any work
+    teacher: Path  # the teacher's run folder
+    data: dict[str, Path]  # its splits
+    seeds: list[int]
+
+
+def start(description: str, default_teacher: str, teacher_help: str, work: Path) -> Start:
+    """The command line (`--teacher`, `--seeds`) read and the work folder made."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=Path(default_teacher), help=teacher_help)
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = args.teacher.resolve()
+    data = {split: teacher / "data" / f"{split}.jsonl" for split in ("train", "validation", "test")}
+    return Start(load_before, teacher, data, [int(s) for s in args.seeds.split(",")])
+
+
 def main() -> None:
     from common import result_header, write_result
 
     from tuneforge.distill import init_student
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("runs/quickstart"), help="the quickstart's run folder")
-    parser.add_argument("--seeds", default="0,1,2")
-    args = parser.parse_args()
+    load_before, teacher, data, seeds = start(__doc__, "runs/quickstart", "the quickstart's run folder", WORK)
     setup = Setup()
-    load_before = os.getloadavg()[0]
-    WORK.mkdir(parents=True, exist_ok=True)
-    teacher = args.teacher.resolve()
-    data = {split: teacher / "data" / f"{split}.jsonl" for split in ("train", "validation", "test")}
     student = WORK / "student"
     if not student.exists():
         init_student(str(teacher), student, every=KEEP_EVERY)
     answers_seconds = teacher_answers(teacher, TEACHER_ANSWERS)
-    seeds = [int(s) for s in args.seeds.split(",")]
     runs = {}
     for seed in seeds:
         for method in ("distill", "sft"):
