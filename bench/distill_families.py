@@ -38,7 +38,7 @@ def recipe_config(teacher: Path, out: Path, seed: int) -> dict:
 
     config = load_recipe(RECIPE)
     config["data"].update(train=str(TEACHER_ANSWERS), validation=str(teacher / "data" / "validation.jsonl"))
-    config["train"].update(seed=seed, save_every=0)
+    config["train"]["seed"] = seed
     config["output_dir"] = str(out)
     return config
 
