@@ -70,7 +70,7 @@ def recipe_settings() -> dict:
     return {**{key: train[key] for key in keys}, "distill": config["distill"]}
 
 
-def teacher_answers(teacher: Path, out: Path) -> float | None:
+def teacher_answers(teacher: Path, out: Path) -> float:
     """Writes the teacher's answers to the quickstart's unlabelled tickets into `out` as the recipes'
     `distill generate` does, once; the seconds that took."""
     from tuneforge.distill import generate_teacher_data

@@ -74,6 +74,10 @@ def test_unlabelled_tickets_are_prompts_no_split_holds_and_leave_the_splits_as_t
     tickets = {row["messages"][1]["content"] for row in rows}
     labelled = {json.loads(line)["messages"][1]["content"] for path in plain.values() for line in path.open()}
     assert len(tickets) == 50 and not tickets & labelled
+    # The same draw again, with the labels the file leaves out (what a teacher's answers are scored against).
+    drawn = st.draw_unlabelled(3, 50, set(labelled))
+    assert [t.text for t in drawn] == [row["messages"][1]["content"] for row in rows]
+    assert all(st.has_valid_labels(json.loads(st.format_answer(t.labels))) for t in drawn)
 
 
 # sha256 of the files `generate` wrote for these arguments when the phrasings moved into phrasings.json; the first
