@@ -274,6 +274,40 @@ def test_the_cached_teacher_top_k_gives_the_online_losses_when_k_covers_the_voca
     assert first["divergence"] != pytest.approx(first_online["divergence"], rel=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_fused_top_k_loss_gives_autograds_losses_and_gradients(dtype, temperature, monkeypatch):
+    """The chunked closed-form loss against the same terms written with autograd: the cross-entropy at
+    the trained rows, the forward KL from the teacher's top-k distribution at every row, and the
+    gradient of a weighted sum of both, over chunks that split the rows unevenly."""
+    import torch.nn.functional as F
+
+    from tuneforge.methods import distill
+
+    generator = torch.Generator().manual_seed(0)
+    n, vocab, k = 50, 300, 8
+    logits = (3 * torch.randn(n, vocab, generator=generator)).to(dtype).requires_grad_()
+    trained = torch.rand(n, generator=generator) < 0.4
+    targets = torch.randint(0, vocab, (int(trained.sum()),), generator=generator)
+    values, ids = torch.randn(n, vocab, generator=generator).topk(k, -1)
+    teacher_logp = F.log_softmax(values / temperature, -1)
+    monkeypatch.setattr(distill, "LOGITS_PER_CHUNK", 7 * vocab)  # chunks of 7 rows: the last one shorter
+
+    token_ce, soft = distill._TopKDistillation.apply(logits, trained, targets, ids, teacher_logp, temperature)
+    (grad,) = torch.autograd.grad(0.4 * token_ce.sum() + 0.6 * temperature**2 * soft, logits)
+
+    exact = logits.detach().double().requires_grad_()
+    expected_ce = F.cross_entropy(exact[trained], targets, reduction="none")
+    student_logp = F.log_softmax(exact / temperature, -1).gather(1, ids)
+    expected_soft = (teacher_logp.double().exp() * (teacher_logp.double() - student_logp)).sum()
+    (expected_grad,) = torch.autograd.grad(0.4 * expected_ce.sum() + 0.6 * temperature**2 * expected_soft, exact)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(token_ce.double(), expected_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(soft.double(), expected_soft, rtol=1e-5, atol=1e-4)
+    tolerance = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: the gradient is rounded to it
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=tolerance, atol=tolerance)
+
+
 def test_the_teacher_cache_key_changes_with_an_adapter_teachers_adapter(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
