@@ -447,6 +447,8 @@ def distill_recipe_section(path: Path, r: dict) -> list[str]:
         f"(target +10). It generates {f(speed['student_vs_teacher'], '.2f')}x the teacher's tokens/s "
         f"({f(speed['student']['tokens_per_s'])} against {f(speed['teacher']['tokens_per_s'])}; target 2x).",
     ]
+    if r.get("notes"):
+        lines += [""] + [f"- {n}" for n in r["notes"]]
     return lines
 
 

@@ -173,8 +173,8 @@ class _TopKDistillation(torch.autograd.Function):
     With `positions: all` the logits span nearly every token and the whole vocabulary; autograd's
     version of the same terms (a log-softmax at T, another inside the cross-entropy, a gather, an
     indexed copy, and each one's backward) makes many more passes over them and materialises a
-    full-size tensor for each. Here each row keeps two numbers (its log-normaliser at T and at 1)
-    and the gradient is the closed form
+    full-size tensor for each. Here each row keeps two numbers (its log-normaliser at T, and at 1
+    where it trains) and the gradient is the closed form
 
         d/dz [ce_weight * CE + kl_weight * KL] = ce_weight * (softmax(z) - onehot(target))
                                                 + kl_weight / T * (softmax(z / T) - p_teacher)
@@ -196,9 +196,9 @@ class _TopKDistillation(torch.autograd.Function):
             z_trained = z[at >= 0]
             logp_1 = logp_t[at >= 0] if t == 1 else F.log_softmax(z_trained, -1)
             token_ce.append(-logp_1.gather(1, at[at >= 0, None]).squeeze(1))
-            # Each row's log-normaliser, for the backward pass: any column's logit less its log-probability.
+            # Each row's log-normalisers, for the backward pass: any column's logit less its log-probability.
             lse_t.append(z[:, 0] / t - logp_t[:, 0])
-            lse_1.append(z_trained[:, 0] - logp_1[:, 0])
+            lse_1.append(torch.zeros_like(z[:, 0]).index_put_((at >= 0,), z_trained[:, 0] - logp_1[:, 0]))
         ctx.save_for_backward(logits, trained_at, teacher_ids, teacher_logp, torch.cat(lse_t), torch.cat(lse_1))
         ctx.t, ctx.per_chunk = t, per_chunk
         return torch.cat(token_ce), soft
@@ -211,7 +211,6 @@ class _TopKDistillation(torch.autograd.Function):
         ce_weight = torch.zeros(len(logits), device=logits.device)
         ce_weight[trained_at >= 0] = grad_token_ce.float()
         kl_weight = grad_soft.float() / t
-        trained_before = 0  # trained positions in earlier chunks: where this chunk's rows of lse_1 start
         for start in range(0, len(logits), per_chunk):
             rows = slice(start, start + per_chunk)
             z, at, weight = logits[rows].float(), trained_at[rows], ce_weight[rows]
@@ -220,10 +219,8 @@ class _TopKDistillation(torch.autograd.Function):
                 g = (z - lse_t[rows, None]).exp_().mul_((kl_weight + weight)[:, None])
             else:
                 g = (z / t).sub_(lse_t[rows, None]).exp_().mul_(kl_weight)
-                n_trained = len(trained_here)
-                softmax_1 = z[trained_here].sub_(lse_1[trained_before : trained_before + n_trained, None]).exp_()
+                softmax_1 = z[trained_here].sub_(lse_1[rows][trained_here, None]).exp_()
                 g.index_add_(0, trained_here, softmax_1.mul_(weight[trained_here, None]))
-                trained_before += n_trained
             g.scatter_add_(1, teacher_ids[rows], teacher_logp[rows].exp().mul_(-kl_weight))
             g.index_put_((trained_here, at[trained_here]), -weight[trained_here], accumulate=True)
             grad[rows] = g
