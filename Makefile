@@ -36,12 +36,17 @@ distill-demo: install
 	$(BIN)/tuneforge eval runs/distill-triage runs/quickstart/data/test.jsonl --compare runs/quickstart \
 		--metric support_triage --limit 100
 
-# Distillation across families: the quickstart run on Gemma 3 270M (trained first when missing)
-# answers the 1,000 unlabelled tickets, SmolLM2-135M learns those answers alone (the
-# distill_gemma_to_smollm2 recipe), then the student is scored beside it on 100 held-out tickets.
+# Distillation across families: the quickstart run on Gemma 3 270M (trained first when missing, by
+# the quickstart's recipe without its own scoring) answers the 1,000 unlabelled tickets, SmolLM2-135M
+# learns those answers alone (the distill_gemma_to_smollm2 recipe), then the student is scored
+# beside it on 100 held-out tickets.
 distill-families-demo: install
 	test -f runs/quickstart-gemma/summary.json || \
-		$(BIN)/tuneforge quickstart --model gemma3-270m --out runs/quickstart-gemma
+		{ $(BIN)/tuneforge quickstart --model gemma3-270m --out runs/quickstart-gemma --data-only && \
+		  $(BIN)/tuneforge train quickstart base_model=gemma3-270m output_dir=runs/quickstart-gemma \
+			data.train=runs/quickstart-gemma/data/train.jsonl \
+			data.validation=runs/quickstart-gemma/data/validation.jsonl \
+			data.general_replay=runs/quickstart-gemma/data/replay.jsonl; }
 	$(BIN)/tuneforge distill generate --teacher runs/quickstart-gemma \
 		--prompts runs/quickstart-gemma/data/unlabelled.jsonl \
 		--out runs/quickstart-gemma/data/teacher-answers.jsonl --max-new-tokens 48
