@@ -134,19 +134,20 @@ class DistillObjective(nn.Module):
             token_ce, soft = _TopKDistillation.apply(
                 compared_logits, trained, targets, ids, F.log_softmax(values / t, -1), t
             )
-            teacher_top1 = ids[:, 0]
+            teacher_top1 = ids[trained, 0]
         else:
             token_ce = F.cross_entropy(compared_logits[trained], targets, reduction="none")
             with torch.no_grad():
                 teacher_logits = trained_logits(causal_lm(self.teacher), **compared)
             student_logp = F.log_softmax(compared_logits / t, -1)
             soft = divergence(F.log_softmax(teacher_logits / t, -1), student_logp, self.kind, self.beta)
-            teacher_top1 = teacher_logits.argmax(-1)
-        student_top1 = compared_logits.detach().argmax(-1)[trained]
+            teacher_top1 = teacher_logits[trained].argmax(-1)
+        # Indexed before the argmax: with `positions: all` the trained rows are a fraction of the compared ones.
+        student_top1 = compared_logits.detach()[trained].argmax(-1)
         out = label_sums(token_ce, (student_top1 == targets).sum(), targets)
         out["loss"] = self.alpha * out["ce"] + (1 - self.alpha) * t * t * soft
         out["divergence"] = soft.detach()
-        out["teacher_agreement"] = (student_top1 == teacher_top1[trained]).sum()
+        out["teacher_agreement"] = (student_top1 == teacher_top1).sum()
         return out
 
     def cache_teacher(self, rows, pad_id: int, device: torch.device, *, batch_rows: int, progress: bool = True) -> None:
