@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 quickstart: install
 	$(BIN)/tuneforge quickstart
 
-# The quickstart's model distilled into a student of 11 of its 30 layers (the distill_triage recipe)
+# The quickstart's model distilled into a student of its 11 most influential layers (the distill_triage recipe)
 # on the training tickets and its own answers to 1,000 unlabelled ones, then the student scored
 # beside it on 100 held-out tickets. A missing teacher is trained first by the quickstart's recipe
 # on the quickstart's data, without the quickstart's own scoring (the last step scores the teacher).
@@ -29,7 +29,8 @@ distill-demo: install
 	test -f runs/quickstart/summary.json || \
 		{ $(BIN)/tuneforge quickstart --data-only && $(BIN)/tuneforge train quickstart; }
 	test -d runs/quickstart-student || \
-		$(BIN)/tuneforge distill init --teacher runs/quickstart --out runs/quickstart-student --every 3
+		$(BIN)/tuneforge distill init --teacher runs/quickstart --out runs/quickstart-student \
+			--most-influential 11 --data runs/quickstart/data/train.jsonl
 	$(BIN)/tuneforge distill generate --teacher runs/quickstart --prompts runs/quickstart/data/unlabelled.jsonl \
 		--out runs/quickstart/data/teacher-answers.jsonl --max-new-tokens 48
 	$(BIN)/tuneforge train distill_triage

@@ -4,8 +4,9 @@ student trained on the same data for the same steps, and the teacher they come f
     .venv/bin/python bench/distill_recipe.py --teacher runs/quickstart --seeds 0,1,2
 
 The teacher is the quickstart's tuned model (`tuneforge quickstart`); the student is
-`tuneforge distill init --every 3` of it, and the teacher's answers to the quickstart's unlabelled
-tickets (`distill generate`, as the recipe's commands), both written once into the work folder.
+`tuneforge distill init --most-influential 11 --data <its train.jsonl>` of it, and the teacher's
+answers to the quickstart's unlabelled tickets (`distill generate`, as the recipe's commands), both
+written once into the work folder.
 For each seed: the recipe's run (`distill_triage`, its paths pointed at the teacher's data and
 those answers, `train.seed` set) and the same run as plain SFT (`method: full`, no distill
 section) on the same rows. Every model is scored on the first
@@ -35,7 +36,7 @@ sys.path.insert(0, str(HERE))
 from distill import Setup, generation_speed, task_scores, training_figures  # noqa: E402
 
 WORK = HERE / ".work" / "distill_recipe"
-KEEP_EVERY = 3
+KEEP_LAYERS = 11  # the student keeps the teacher's 11 most influential layers on the training tickets
 
 
 TEACHER_ANSWERS = WORK / "teacher-answers.jsonl"
@@ -137,7 +138,7 @@ def main() -> None:
     setup = Setup()
     student = WORK / "student"
     if not student.exists():
-        init_student(str(teacher), student, every=KEEP_EVERY)
+        init_student(str(teacher), student, most_influential_of=(KEEP_LAYERS, data["train"]))
     answers_seconds = teacher_answers(teacher, TEACHER_ANSWERS)
     runs = {}
     for seed in seeds:
@@ -158,7 +159,7 @@ def main() -> None:
     result = {
         **result_header("distill_recipe", "python bench/distill_recipe.py " + " ".join(sys.argv[1:]), load_before),
         "setup": {
-            "keep_every": KEEP_EVERY,
+            "most_influential": KEEP_LAYERS,
             "seeds": seeds,
             "test_tickets": setup.test_tickets,
             "recipe": recipe_settings(),

@@ -403,6 +403,20 @@ def distill_section(path: Path, r: dict) -> list[str]:
     return lines
 
 
+def student_cut(setup: dict) -> str:
+    """The `distill init` options the benchmark's student was cut with."""
+    if "most_influential" in setup:
+        return f"--most-influential {setup['most_influential']} --data train.jsonl"
+    return f"--every {setup['keep_every']}"
+
+
+def compared_tokens(setup: dict) -> str:
+    """Where the recipe compares the student with the teacher (distill.positions)."""
+    if setup["recipe"]["distill"].get("positions", "answers") == "all":
+        return "at every token of the row"
+    return "on the answers' tokens"
+
+
 def distill_recipe_section(path: Path, r: dict) -> list[str]:
     m, t, summary, speed = r["machine"], r["teacher"], r["summary"], r["speed"]
     pct = lambda x: f"{x:.1%}"  # noqa: E731
@@ -411,8 +425,8 @@ def distill_recipe_section(path: Path, r: dict) -> list[str]:
         "",
         f"From `{rel(path)}` ({r['date']}), made by `{r['command']}`. Teacher: the quickstart's tuned "
         f"SmolLM2-135M ({t['parameters'] / 1e6:.1f}M parameters, {t['layers']} layers). Students: "
-        f"`tuneforge distill init --every {r['setup']['keep_every']}` of it, trained in full by the recipe "
-        "(distilled: 0.5 x CE on the answers + 0.5 x T^2 x forward KL at every token of the row, the teacher's "
+        f"`tuneforge distill init {student_cut(r['setup'])}` of it, trained in full by the recipe "
+        f"(distilled: 0.5 x CE on the answers + 0.5 x T^2 x forward KL {compared_tokens(r['setup'])}, the teacher's "
         f"cached top-64) or by the same config as plain SFT (`method: full`){recipe_training(r['setup'], m)}"
         f"{teacher_answers_data(r['setup'])}. Machine: "
         f"{m['cpu']}, {m['cores']} cores (1-minute load average {f(m['load_average_before'])} before, "

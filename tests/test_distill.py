@@ -408,6 +408,84 @@ def test_distill_init_keeps_the_chosen_layers(tmp_path, capsys):
         distill_init(str(teacher_dir), str(tmp_path / "student"))
 
 
+def _chat_rows(path: Path, n: int) -> Path:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"ticket {i}: the app crashes"},
+                {"role": "assistant", "content": "bug"},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_most_influential_cut_drops_the_layer_that_passes_its_input_through(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from tuneforge.cli import app
+    from tuneforge.distill.student import block_influence, influence_rows
+    from tuneforge.models import load_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    teacher = tiny_llama(tokenizer, layers=4).eval()
+    with torch.no_grad():  # layer 2 adds nothing to the residual stream: its output is its input
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    data = _chat_rows(tmp_path / "train.jsonl", 3)
+
+    rows = influence_rows(data, load_tokenizer(str(tmp_path / "teacher")))
+    influence = block_influence(teacher, rows)
+    assert len(rows) == 3 and influence[2] == pytest.approx(0, abs=1e-6) and min(influence[:2]) > 1e-3
+    with torch.no_grad():  # layer 0's figure by hand: the embeddings against the first hidden state
+        turned = [
+            1
+            - torch.cosine_similarity(
+                *teacher(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[:2], dim=-1
+            )
+            for ids in rows
+        ]
+    assert influence[0] == pytest.approx(torch.cat(turned, dim=-1).mean().item(), rel=1e-5)
+
+    command = ["distill", "init", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student")]
+    result = CliRunner().invoke(app, [*command, "--most-influential", "3", "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    printed = result.output
+    assert "2:0.000" in printed and "(teacher layers 0,1,3)" in printed
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    input_ids = torch.tensor([rows[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=input_ids).logits, teacher(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"most_influential": 2}, "go together"),
+        ({"most_influential": 5, "data": "good"}, "the teacher has 4 layers; keep 1 to 4"),
+        ({"most_influential": 2, "data": "good", "every": 2}, "one of --keep-layers, --every and --most-influential"),
+        ({"most_influential": 2, "data": "bad"}, "bad.jsonl: 1 rows cannot be used:\n.*bad.jsonl:2"),
+        ({"most_influential": 2, "data": "missing"}, "no such file"),
+    ],
+)
+def test_most_influential_cut_refuses_bad_options_and_data(tmp_path, options, message):
+    from tuneforge.distill.commands import distill_init
+
+    teacher_dir = save_tiny_model(tmp_path / "teacher", layers=4)
+    good = _chat_rows(tmp_path / "good.jsonl", 2)
+    (tmp_path / "bad.jsonl").write_text(good.read_text().splitlines()[0] + '\n{"messages": [}\n')
+    if "data" in options:
+        options["data"] = str(tmp_path / f"{options['data']}.jsonl")
+    with pytest.raises(TuneforgeError, match=message):
+        distill_init(str(teacher_dir), str(tmp_path / "student"), **options)
+    assert not (tmp_path / "student").exists()
+
+
 def test_distill_init_refuses_models_without_llama_style_layers(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

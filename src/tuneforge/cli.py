@@ -422,11 +422,24 @@ def distill_init(
     every: int | None = typer.Option(
         None, help="Keep every K-th layer (default 2: about half); first and last always."
     ),
+    most_influential: int | None = typer.Option(
+        None, help="Keep the N layers that turn the hidden state most on --data (block influence)."
+    ),
+    data: Path | None = typer.Option(None, help="Training data whose first 64 rows rank the layers."),
 ):
     """A smaller student from a subset of the teacher's decoder layers (DistilBERT-style); prints parameter counts."""
     from .distill.commands import distill_init as cmd
 
-    raise typer.Exit(cmd(teacher, str(out), keep_layers=keep_layers, every=every))
+    raise typer.Exit(
+        cmd(
+            teacher,
+            str(out),
+            keep_layers=keep_layers,
+            every=every,
+            most_influential=most_influential,
+            data=str(data) if data is not None else None,
+        )
+    )
 
 
 @distill_app.command("generate")

@@ -2,6 +2,7 @@
 
     from tuneforge.distill import init_student, generate_teacher_data
     init_student("runs/teacher", "students/half", every=2)        # keep every 2nd teacher layer
+    init_student("runs/teacher", "students/11", most_influential_of=(11, "train.jsonl"))  # by block influence
     generate_teacher_data("runs/teacher", "prompts.jsonl", "teacher.jsonl", max_new_tokens=128)
 
 `init_student` builds a smaller student from a subset of the teacher's layers; `generate_teacher_data`

@@ -19,12 +19,38 @@ def parse_layers(text: str) -> list[int]:
         ) from None
 
 
-def distill_init(teacher: str, out: str, *, keep_layers: str | None = None, every: int | None = None) -> int:
+def distill_init(
+    teacher: str,
+    out: str,
+    *,
+    keep_layers: str | None = None,
+    every: int | None = None,
+    most_influential: int | None = None,
+    data: str | None = None,
+) -> int:
+    if (most_influential is None) != (data is None):
+        raise TuneforgeError(
+            "--most-influential N and --data FILE go together: the layers are ranked by how much they turn "
+            "the hidden state on FILE's first rows (the training data).",
+            code="bad_option",
+        )
     result = init_student(
-        teacher, out, keep=parse_layers(keep_layers) if keep_layers is not None else None, every=every
+        teacher,
+        out,
+        keep=parse_layers(keep_layers) if keep_layers is not None else None,
+        every=every,
+        most_influential_of=(most_influential, data) if most_influential is not None else None,
     )
     share = result.student_parameters / result.teacher_parameters
-    Console().print(
+    console = Console()
+    if result.influence is not None:
+        console.print(
+            "block influence by teacher layer (1 - cosine of the hidden state before and after it):\n"
+            + "  ".join(f"{i}:{value:.3f}" for i, value in enumerate(result.influence)),
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
         f"teacher: {result.teacher_parameters / 1e6:.1f}M parameters, {result.teacher_layers} layers\n"
         f"student: {result.student_parameters / 1e6:.1f}M parameters ({share:.0%}), {len(result.kept_layers)} layers "
         f"(teacher layers {','.join(map(str, result.kept_layers))})\n"

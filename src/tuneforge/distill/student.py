@@ -8,6 +8,12 @@ has far less to learn than from random weights.
 Llama-style models only (the decoder layers at `model.model.layers`, as in Llama, Mistral, Qwen,
 SmolLM and Gemma): the layers are re-numbered in the checkpoint and the config says how many there
 are, so the result is a plain Hugging Face folder any tool loads.
+
+Which layers to keep: every K-th (spread evenly), a list, or the N with the most block influence on
+the user's data (ShortGPT, Men et al. 2024): 1 minus the cosine between the hidden state entering a
+layer and the one leaving it, averaged over the tokens of the data's first rows. A layer that
+barely turns its input is the one the student misses least; on the quickstart's triage teacher the
+influence cut makes a plain-SFT student far better than every third layer (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import TuneforgeError
+from ..errors import DataError, TuneforgeError
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+INFLUENCE_ROWS = 64  # the data rows block influence is averaged over
+_SHOWN_PROBLEMS = 10
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class StudentInit:
     kept_layers: tuple[int, ...]
     teacher_parameters: int
     student_parameters: int
+    influence: tuple[float, ...] | None = None  # each teacher layer's block influence, when it chose the layers
 
 
 def layers_to_keep(n_layers: int, keep: list[int] | None = None, every: int | None = None) -> tuple[int, ...]:
@@ -54,6 +63,82 @@ def layers_to_keep(n_layers: int, keep: list[int] | None = None, every: int | No
     if not chosen:
         raise TuneforgeError("--keep-layers is empty; keep at least one layer.", code="bad_option")
     return tuple(chosen)
+
+
+def influence_rows(path: str | Path, tokenizer, rows: int = INFLUENCE_ROWS) -> list[list[int]]:
+    """The token ids of the first `rows` rows of a data file (any format training reads), rendered
+    with the teacher's chat template; every problem in those rows at once, as a `DataError`."""
+    from ..data import Preference, Problem
+    from ..data.formats import read_conversations
+    from ..data.render import render_examples, render_preference
+
+    path = str(path)
+    if not Path(path).is_file():
+        raise TuneforgeError(f"--data {path}: no such file.", code="file_not_found")
+    token_ids, problems = [], []
+    for line, record in read_conversations(path):
+        if isinstance(record, Problem):
+            problems += [record] if record.is_error else []
+            continue
+        try:
+            if isinstance(record, Preference):
+                example = render_preference(record, tokenizer)[0]
+            else:
+                example = render_examples(record, tokenizer, "all")[-1]
+        except DataError as error:
+            problems += error.problems or [Problem(error.code, str(error), file=path, line=line)]
+            continue
+        token_ids.append(example.input_ids)
+        if len(token_ids) == rows:
+            break
+    if problems:
+        shown = "\n".join(str(p) for p in problems[:_SHOWN_PROBLEMS])
+        more = f"\n... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+        raise DataError(
+            f"{path}: {len(problems)} rows cannot be used:\n{shown}{more}", code=problems[0].code, problems=problems
+        )
+    if not token_ids:
+        raise DataError(f"--data {path} holds no rows.", code="empty_file")
+    return token_ids
+
+
+def block_influence(model, token_ids: list[list[int]]) -> tuple[float, ...]:
+    """Each decoder layer's block influence: 1 minus the cosine between the hidden state entering it
+    and the one leaving it, averaged over every token of every row (rows run one at a time, so no
+    padding enters the mean; the cosine is taken in fp32)."""
+    import torch
+    import torch.nn.functional as F
+
+    layers = decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = 0
+
+    def measure(index):
+        def hook(module, args, kwargs, output):
+            entering = args[0] if args else kwargs["hidden_states"]
+            leaving = output[0] if isinstance(output, tuple) else output
+            turned = 1 - F.cosine_similarity(entering.float(), leaving.float(), dim=-1)
+            sums[index] += turned.sum().item()
+
+        return hook
+
+    handles = [layer.register_forward_hook(measure(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids in token_ids:
+                model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+                tokens += len(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple((sums / tokens).tolist())
+
+
+def most_influential(influence: tuple[float, ...], count: int) -> tuple[int, ...]:
+    """The `count` layers with the most influence, in layer order."""
+    ranked = sorted(range(len(influence)), key=lambda i: -influence[i])
+    return tuple(sorted(ranked[:count]))
 
 
 def decoder_layers(model):
@@ -86,10 +171,17 @@ def student_state(teacher_state: dict, kept: tuple[int, ...]) -> dict:
 
 
 def init_student(
-    teacher: str, out: str | Path, *, keep: list[int] | None = None, every: int | None = None
+    teacher: str,
+    out: str | Path,
+    *,
+    keep: list[int] | None = None,
+    every: int | None = None,
+    most_influential_of: tuple[int, str | Path] | None = None,
 ) -> StudentInit:
     """Write a student made of the kept teacher layers to `out` (model, tokenizer, chat template,
-    generation config), atomically; `out` must not exist yet."""
+    generation config), atomically; `out` must not exist yet. The layers are `keep`, every
+    `every`-th, or with `most_influential_of=(count, data_file)` the `count` layers of most block
+    influence on the data file's first rows."""
     from transformers import AutoModelForCausalLM
 
     from ..models import load_frozen_model, load_tokenizer, resolve
@@ -98,11 +190,25 @@ def init_student(
     out = Path(out)
     if out.exists():
         raise TuneforgeError(f"{out} already exists; choose another --out or remove it.", code="output_exists")
+    if most_influential_of is not None and (keep is not None or every is not None):
+        raise TuneforgeError("give one of --keep-layers, --every and --most-influential.", code="bad_option")
     source = resolve(teacher)
     tokenizer = load_tokenizer(source)
+    rows = influence_rows(most_influential_of[1], tokenizer) if most_influential_of is not None else None
     model = load_frozen_model(source)
     n_layers = len(decoder_layers(model))
-    kept = layers_to_keep(n_layers, keep, every)
+    influence = None
+    if rows is not None:
+        count = most_influential_of[0]
+        if not 1 <= count <= n_layers:
+            raise TuneforgeError(
+                f"--most-influential {count}: the teacher has {n_layers} layers; keep 1 to {n_layers}.",
+                code="bad_option",
+            )
+        influence = block_influence(model, rows)
+        kept = most_influential(influence, count)
+    else:
+        kept = layers_to_keep(n_layers, keep, every)
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = len(kept)
     if isinstance(getattr(config, "layer_types", None), list):
@@ -113,5 +219,10 @@ def init_student(
     student.generation_config = copy.deepcopy(model.generation_config)
     save_model(student, tokenizer, source.path, out)
     return StudentInit(
-        out, n_layers, kept, sum(p.numel() for p in model.parameters()), sum(p.numel() for p in student.parameters())
+        out,
+        n_layers,
+        kept,
+        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in student.parameters()),
+        influence,
     )
