@@ -456,7 +456,9 @@ def test_most_influential_cut_drops_the_layer_that_passes_its_input_through(tmp_
     result = CliRunner().invoke(app, [*command, "--most-influential", "3", "--data", str(data)])
     assert result.exit_code == 0, result.output
     printed = result.output
-    assert "2:0.000" in printed and "(teacher layers 0,1,3)" in printed
+    chart = {int(line.split()[0]): line for line in printed.splitlines() if line[:4].strip().isdigit()}
+    assert sorted(chart) == [0, 1, 2, 3] and "(teacher layers 0,1,3)" in printed
+    assert chart[2].split()[1:] == ["0.000"] and all(chart[i].split()[1] == "kept" for i in (0, 1, 3))
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
     input_ids = torch.tensor([rows[0]])
     with torch.no_grad():

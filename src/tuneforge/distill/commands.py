@@ -19,6 +19,20 @@ def parse_layers(text: str) -> list[int]:
         ) from None
 
 
+def influence_chart(influence: tuple[float, ...], kept: tuple[int, ...], width: int = 40) -> str:
+    """One bar per teacher layer, kept ones marked. The bars are scaled to the second largest value,
+    so that the first layer, which usually turns the embeddings far more than any other layer
+    turns its input, does not flatten the rest; a longer bar is cut at `width` and ends in "▸"."""
+    ranked = sorted(influence, reverse=True)
+    top = ranked[min(1, len(ranked) - 1)] or 1.0
+    lines = ["block influence by teacher layer (1 - cosine of the hidden state before and after it):"]
+    for i, value in enumerate(influence):
+        length = round(width * value / top)
+        bar = "█" * (width - 1) + "▸" if length > width else "█" * length
+        lines.append(f"{i:>4} {'kept' if i in kept else '    '} {bar:<{width}} {value:.3f}")
+    return "\n".join(lines)
+
+
 def distill_init(
     teacher: str,
     out: str,
@@ -44,12 +58,7 @@ def distill_init(
     share = result.student_parameters / result.teacher_parameters
     console = Console()
     if result.influence is not None:
-        console.print(
-            "block influence by teacher layer (1 - cosine of the hidden state before and after it):\n"
-            + "  ".join(f"{i}:{value:.3f}" for i, value in enumerate(result.influence)),
-            highlight=False,
-            soft_wrap=True,
-        )
+        console.print(influence_chart(result.influence, result.kept_layers), highlight=False, soft_wrap=True)
     console.print(
         f"teacher: {result.teacher_parameters / 1e6:.1f}M parameters, {result.teacher_layers} layers\n"
         f"student: {result.student_parameters / 1e6:.1f}M parameters ({share:.0%}), {len(result.kept_layers)} layers "
