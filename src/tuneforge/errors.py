@@ -33,9 +33,18 @@ class ModelSourceError(TuneforgeError):
 class DataError(TuneforgeError):
     """Training or evaluation data has problems; `problems` lists them all."""
 
+    SHOWN_PROBLEMS = 10  # problems a listing prints; `problems` keeps them all
+
     def __init__(self, message: str, *, code: str = "data_error", problems: list | None = None):
         super().__init__(message, code=code)
         self.problems = problems or []
+
+    @classmethod
+    def listing(cls, headline: str, problems: list) -> DataError:
+        """`headline:` then the first problems one a line, and how many more; coded as the first."""
+        shown = "\n".join(str(p) for p in problems[: cls.SHOWN_PROBLEMS])
+        more = f"\n... and {len(problems) - cls.SHOWN_PROBLEMS} more" if len(problems) > cls.SHOWN_PROBLEMS else ""
+        return cls(f"{headline}:\n{shown}{more}", code=problems[0].code, problems=problems)
 
 
 class RunFailed(TuneforgeError):

@@ -27,7 +27,6 @@ from ..errors import DataError, TuneforgeError
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 INFLUENCE_ROWS = 64  # the data rows block influence is averaged over
-_SHOWN_PROBLEMS = 10
 
 
 @dataclass(frozen=True)
@@ -92,11 +91,7 @@ def influence_rows(path: str | Path, tokenizer, rows: int = INFLUENCE_ROWS) -> l
         if len(token_ids) == rows:
             break
     if problems:
-        shown = "\n".join(str(p) for p in problems[:_SHOWN_PROBLEMS])
-        more = f"\n... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
-        raise DataError(
-            f"{path}: {len(problems)} rows cannot be used:\n{shown}{more}", code=problems[0].code, problems=problems
-        )
+        raise DataError.listing(f"{path}: {len(problems)} rows cannot be used", problems)
     if not token_ids:
         raise DataError(f"--data {path} holds no rows.", code="empty_file")
     return token_ids
@@ -108,6 +103,8 @@ def block_influence(model, token_ids: list[list[int]]) -> tuple[float, ...]:
     padding enters the mean; the cosine is taken in fp32)."""
     import torch
     import torch.nn.functional as F
+
+    from ..progress import progress_bar
 
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
@@ -125,10 +122,11 @@ def block_influence(model, token_ids: list[list[int]]) -> tuple[float, ...]:
     handles = [layer.register_forward_hook(measure(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), progress_bar("block influence", len(token_ids)) as advance:
             for ids in token_ids:
                 model(input_ids=torch.tensor([ids], device=device), use_cache=False)
                 tokens += len(ids)
+                advance(1)
     finally:
         for handle in handles:
             handle.remove()

@@ -24,8 +24,6 @@ from ..data.formats import normalise_messages
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 
-_SHOWN_PROBLEMS = 10
-
 
 @dataclass(frozen=True)
 class TeacherData:
@@ -84,13 +82,7 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
         if messages is not None:
             prompts.append(messages)
     if problems:
-        shown = "\n".join(str(p) for p in problems[:_SHOWN_PROBLEMS])
-        more = f"\n... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
-        raise DataError(
-            f"{path}: {len(problems)} prompt rows cannot be used:\n{shown}{more}",
-            code=problems[0].code,
-            problems=problems,
-        )
+        raise DataError.listing(f"{path}: {len(problems)} prompt rows cannot be used", problems)
     if not prompts:
         raise DataError(f"{path} holds no prompts.", code="empty_file")
     return prompts

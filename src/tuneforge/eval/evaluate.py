@@ -79,13 +79,7 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
         prompt = [m.to_template() for m in messages[:-1]]
         examples.append(EvalExample(str(path), line, item, prompt, messages[-1].content))
     if problems:
-        shown = "\n".join(str(p) for p in problems[:10])
-        more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(
-            f"{path}: {len(problems)} rows cannot be evaluated:\n{shown}{more}",
-            code=problems[0].code,
-            problems=problems,
-        )
+        raise DataError.listing(f"{path}: {len(problems)} rows cannot be evaluated", problems)
     if not examples:
         raise DataError(f"{path} holds no conversations to evaluate.", code="empty_file")
     return examples

@@ -27,8 +27,6 @@ from ..web import owner_of
 from .command import parse_pairs
 from .completion_store import CompletionStore, StoredCompletion, default_store
 
-_SHOWN_PROBLEMS = 10
-
 
 @dataclass(frozen=True)
 class TrainingRows:
@@ -82,7 +80,7 @@ def from_completions(
             kept.append(row)
     if not kept:
         reasons = [f"{truncated} were cut at their length limit (--keep-truncated keeps them)"] if truncated else []
-        reasons += [str(problem) for problem in problems[:_SHOWN_PROBLEMS]]
+        reasons += [str(problem) for problem in problems[: DataError.SHOWN_PROBLEMS]]
         raise DataError(
             f"None of the {len(selected)} matching completions makes a training row:\n" + "\n".join(reasons),
             code="empty_selection",
@@ -125,7 +123,7 @@ def from_completions_command(
         console.print(f"left out {result.truncated} replies cut at their length limit (--keep-truncated keeps them)")
     if result.problems:
         console.print(f"left out {len(result.problems)} completions the data checks refuse:")
-        for problem in result.problems[:_SHOWN_PROBLEMS]:
+        for problem in result.problems[: DataError.SHOWN_PROBLEMS]:
             console.print(f"  {problem}")
     console.print(
         f"Train on it (data.train: {result.out}), or score a model on its prompts against these replies: "
