@@ -107,30 +107,28 @@ def block_influence(model, token_ids: list[list[int]]) -> tuple[float, ...]:
     from ..progress import progress_bar
 
     layers = decoder_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    tokens = 0
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(layers), dtype=torch.float64, device=device)  # on the device: no sync per layer
 
     def measure(index):
         def hook(module, args, kwargs, output):
             entering = args[0] if args else kwargs["hidden_states"]
             leaving = output[0] if isinstance(output, tuple) else output
             turned = 1 - F.cosine_similarity(entering.float(), leaving.float(), dim=-1)
-            sums[index] += turned.sum().item()
+            sums[index] += turned.sum()
 
         return hook
 
     handles = [layer.register_forward_hook(measure(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
     try:
         with torch.no_grad(), progress_bar("block influence", len(token_ids)) as advance:
             for ids in token_ids:
                 model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-                tokens += len(ids)
                 advance(1)
     finally:
         for handle in handles:
             handle.remove()
-    return tuple((sums / tokens).tolist())
+    return tuple((sums / sum(map(len, token_ids))).tolist())
 
 
 def most_influential(influence: tuple[float, ...], count: int) -> tuple[int, ...]:
