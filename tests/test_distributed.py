@@ -21,9 +21,10 @@ from conftest import SUBPROCESS_ENV, tiny_run_config
 
 from tuneforge.config import load_config
 from tuneforge.data import prepare
+from tuneforge.errors import TuneforgeError
 from tuneforge.eval.evaluate import token_loss
 from tuneforge.models import load_model, load_tokenizer, resolve
-from tuneforge.training.distributed import launch_function
+from tuneforge.training.distributed import launch, launch_function, setup
 
 ENV = SUBPROCESS_ENV
 
@@ -208,3 +209,17 @@ def test_launched_processes_hand_back_rank_0s_value_and_never_finalize(tmp_path)
     (`cli.leave`), so they end without running the interpreter's exit handlers."""
     assert launch_function(_rank_marking_its_exit, (str(tmp_path),), 2) == 0
     assert not list(tmp_path.glob("finalized-*"))
+
+
+def test_more_processes_than_gpus_are_refused_before_any_start(monkeypatch, tmp_path):
+    """This machine has no GPU; the count a machine with two reports is put in its place."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(TuneforgeError, match=r"3 processes on this machine, but it has 2 GPU\(s\).*--nproc 2"):
+        launch_function(_rank_marking_its_exit, (str(tmp_path),), 3)
+    with pytest.raises(TuneforgeError, match="--nproc 2"):
+        launch(["train", "config.yaml"], 3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(TuneforgeError, match="4 processes on this machine"):
+        setup()
+    assert not list(tmp_path.iterdir())  # nothing ran

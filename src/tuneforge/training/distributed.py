@@ -58,17 +58,30 @@ def setup(timeout: float = 1800.0) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    refuse_more_processes_than_gpus(local_size)
     if size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
-        )
+        # On GPUs the step's counts and sums are still reduced as CPU tensors, which NCCL cannot
+        # carry: gloo takes those, NCCL the model's gradients and shards.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
         if device.type == "cpu":
             # Processes on one machine share its cores; oversubscribing them is much slower.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size, device=device, timeout=timeout)
+
+
+def refuse_more_processes_than_gpus(processes_here: int) -> None:
+    """Each process trains on a GPU of its own: on a machine with GPUs, more processes than GPUs
+    are refused before any work (rather than failing on a device that does not exist)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and processes_here > gpus:
+        raise TuneforgeError(
+            f"{processes_here} processes on this machine, but it has {gpus} GPU(s) and each process trains on one "
+            f"of its own. Start at most {gpus} (--nproc {gpus}); CUDA_VISIBLE_DEVICES chooses which GPUs."
+        )
 
 
 # --- how the model is spread over the processes ----------------------------------------------------
@@ -318,6 +331,7 @@ def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
     failed process's own (2 for bad input, 1 for a failed run), and each process has printed its own error."""
     from torch.distributed.run import get_args_parser, run
 
+    refuse_more_processes_than_gpus(nproc)
     options = [*rendezvous(nnodes, node_rank, master), f"--nproc-per-node={nproc}"]
     launcher = get_args_parser().parse_args([*options, "-m", "tuneforge", *args])
     with _failure_as_error(nproc * nnodes):
@@ -334,6 +348,7 @@ def launch_function(fn, args: tuple, nproc: int):
     would abort it (as `cli.leave` explains). Forking also spares each process the imports."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    refuse_more_processes_than_gpus(nproc)
     config = LaunchConfig(
         start_method="fork",
         min_nodes=1,
