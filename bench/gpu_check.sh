@@ -3,7 +3,7 @@
 # the 'cuda' image: Python 3.12, torch 2.11 + CUDA 13, transformers 5.17, no pydantic, no bitsandbytes).
 #
 #   bash bench/gpu_check.sh fetch   # here: the wheels that image lacks, and a tokenizer, into .whl/ (git-ignored)
-#   bash bench/gpu_check.sh run     # there (device `run`, carry [".whl"], timeout 540): writes to $OUT
+#   bash bench/gpu_check.sh run     # there (device `run`, carry [".whl"], timeout_s 600): writes to $OUT
 #
 # `run` installs the wheels into /tmp/site, runs the tiny-model tests of training and memory on the GPU
 # (tests/test_memory.py, tests/test_train.py; the two-process test needs two GPUs and is left out), then
@@ -62,9 +62,9 @@ run() {
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
 print('transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)"
   } 2>&1 | tee "$out/env.txt"
-  timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_memory.py tests/test_train.py \
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_memory.py tests/test_train.py \
     -k "not two_processes" 2>&1 | tee "$out/pytest.txt"
-  timeout 330 python3 bench/memory.py --device cuda --shapes llama-3.2-1b,llama-3.1-8b --modes bf16,nf4 \
+  timeout 360 python3 bench/memory.py --device cuda --shapes llama-3.2-1b,llama-3.1-8b --modes bf16,nf4 \
     --steps 20 --tokenizer .whl/tokenizer 2>&1 | tee "$out/memory.txt"
   cp bench/results/memory_cuda-*.json "$out/" 2>/dev/null
 }
