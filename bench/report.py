@@ -647,6 +647,8 @@ def grpo_section(path: Path, r: dict) -> list[str]:
         + ", ".join(f"{s['final_reward']:.3f}" for s in seeds)
         + ".",
     ]
+    if r.get("notes"):
+        lines += [""] + [f"- {n}" for n in r["notes"]]
     return lines
 
 
