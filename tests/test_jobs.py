@@ -539,8 +539,9 @@ def test_pausing_twice_asks_once_and_files_are_checked_while_another_job_trains(
     client = server.client()
     long_job = create_job(client, tiny_model_dir, upload(client, chat_rows(12)).id, n_epochs=50)
     wait_for(client, long_job.id, {"running"}, server=server)
-    # The one training thread is busy: the new job's files are checked anyway.
-    other = create_job(client, tiny_model_dir, upload(client, chat_rows(8)).id, n_epochs=1)
+    # The one training thread is busy: the new job's files are checked anyway. It is long too: once
+    # the first job pauses it trains, and it must still be unfinished when it is cancelled below.
+    other = create_job(client, tiny_model_dir, upload(client, chat_rows(8)).id, n_epochs=50)
     wait_for(client, other.id, {"queued"}, timeout=30, server=server)
     assert client.fine_tuning.jobs.retrieve(long_job.id).status == "running"
     client.fine_tuning.jobs.pause(long_job.id)
