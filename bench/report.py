@@ -211,8 +211,7 @@ def profile_section(path: Path, r: dict) -> list[str]:
     for part, sec in r["categories"].items():
         lines.append(f"| {part} | {sec:.2f} | {100 * sec / total:.1f}% |")
     lines.append(f"| **step wall time** | {total:.2f} | 100% |")
-    if r.get("notes"):
-        lines += [""] + [f"- {n}" for n in r["notes"]]
+    lines += notes(r)
     if r.get("top_ops"):
         lines += [
             "",
@@ -342,6 +341,11 @@ def decode_step_section(path: Path, r: dict) -> list[str]:
     return lines
 
 
+def notes(r: dict) -> list[str]:
+    """A result's notes (what its figures need said beside them), one bullet each, after a blank line."""
+    return [""] + [f"- {n}" for n in r["notes"]] if r.get("notes") else []
+
+
 def distill_section(path: Path, r: dict) -> list[str]:
     s, m, models, speed, training = r["setup"], r["machine"], r["models"], r["speed"], r["training"]
     teacher, sft = models["teacher"], models["student_sft"]
@@ -461,8 +465,7 @@ def distill_recipe_section(path: Path, r: dict) -> list[str]:
         f"(target +10). It generates {f(speed['student_vs_teacher'], '.2f')}x the teacher's tokens/s "
         f"({f(speed['student']['tokens_per_s'])} against {f(speed['teacher']['tokens_per_s'])}; target 2x).",
     ]
-    if r.get("notes"):
-        lines += [""] + [f"- {n}" for n in r["notes"]]
+    lines += notes(r)
     return lines
 
 
@@ -647,8 +650,7 @@ def grpo_section(path: Path, r: dict) -> list[str]:
         + ", ".join(f"{s['final_reward']:.3f}" for s in seeds)
         + ".",
     ]
-    if r.get("notes"):
-        lines += [""] + [f"- {n}" for n in r["notes"]]
+    lines += notes(r)
     return lines
 
 
