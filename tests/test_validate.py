@@ -82,3 +82,16 @@ def test_a_dpo_config_is_planned_in_pairs(tiny_model_dir, triage_data, tmp_path,
     cfg["data"]["validation"] = None
     assert validate(cfg) == 0
     assert f"{len(rows):,} train" in capsys.readouterr().out
+
+
+def test_lora_target_modules_the_model_lacks_are_a_config_error(tiny_model_dir, triage_data, tmp_path):
+    import pytest
+
+    from tuneforge.errors import ConfigError
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
+    cfg["lora"]["target_modules"] = ["qproj"]
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg)
+    assert "lora.target_modules" in caught.value.message and "q_proj" in caught.value.message
+    assert not (tmp_path / "run").exists()

@@ -6,7 +6,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from ..errors import TuneforgeError
+from ..errors import ConfigError, TuneforgeError
 
 
 def decoder_linears(model) -> list[str]:
@@ -81,7 +81,14 @@ def prepare_model(model, cfg):
     if isinstance(model, PeftModel):
         model = continue_adapter(model, cfg)
     else:
-        model = get_peft_model(model, peft_config(cfg, model))
+        config = peft_config(cfg, model)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
+            raise ConfigError(
+                f"lora.target_modules does not fit this model: {e} The model's linear layers "
+                f"are {', '.join(decoder_linears(model))}: give target_modules a list of those, or all-linear."
+            ) from None
     if cfg.train.freeze_embeddings:
         for name, p in model.named_parameters():
             if "embed_tokens" in name:
