@@ -301,3 +301,13 @@ def test_missing_and_unknown_files(tmp_path):
     odd = tmp_path / "notes.txt"
     odd.write_text("hello")
     assert [p.code for p in errors(read(odd))] == ["unknown_file_type"]
+
+
+def test_invalid_json_line_says_where_in_the_line_it_breaks(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD_ROW)
+    path.write_text(f'{good}\n{good[:-2]}\n{{"messages": [] x}}\n')
+    cut, stray = errors(read(path))
+    assert (cut.code, cut.line) == ("invalid_json", 2) and "end of the line" in cut.message, cut.message
+    assert "column 1." not in cut.message
+    assert (stray.code, stray.line) == ("invalid_json", 3) and "at column 17" in stray.message, stray.message

@@ -113,11 +113,15 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield line_no, json.loads(text)
             except json.JSONDecodeError as e:
+                # The line's own newline is part of `text`: an object cut short fails past it, on "line 2"
+                # of the text, so its column is not the line's. Say where in the line it went wrong.
+                length = len(text.rstrip("\r\n"))
+                where = "at the end of the line (is it cut short?)" if e.pos >= length else f"at column {e.pos + 1}"
                 yield (
                     line_no,
                     Problem(
                         "invalid_json",
-                        f"not valid JSON: {e.msg} at column {e.colno}. Each line must hold one complete JSON object; "
+                        f"not valid JSON: {e.msg} {where}. Each line must hold one complete JSON object; "
                         "fix or delete this line (a pretty-printed file must be a JSON array instead).",
                         file=path,
                         line=line_no,
