@@ -579,3 +579,14 @@ def test_models_info_bad_spec_exits_2(capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["error"]["code"] == "unknown_model"
     assert "smollm2-135m-instruct" in captured.err
+
+
+def test_a_missing_run_folder_is_named_as_a_path_not_only_as_a_hub_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "my-run").mkdir(parents=True)
+    with pytest.raises(ModelSourceError) as caught:
+        resolve("runs/my-rnu")
+    assert caught.value.code == "model_not_found"
+    assert "runs/my-rnu does not exist" in caught.value.message and "my-run" in caught.value.message

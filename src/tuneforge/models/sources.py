@@ -71,8 +71,24 @@ def resolve(spec: str, *, pull_missing: bool = True) -> ModelSource:
             code="model_not_found",
         )
     if _HUB_ID.fullmatch(text):
-        return _resolve_hub(text, pull_missing=pull_missing)
+        try:
+            return _resolve_hub(text, pull_missing=pull_missing)
+        except ModelSourceError as e:
+            if local.parent.is_dir():  # `runs/my-rnu`: a path with a typo far more likely than a hub id
+                raise ModelSourceError(
+                    f"{text} does not exist (looked for {local.absolute()}; {local.parent}/ holds "
+                    f"{_listing(local.parent)}). Check the path. As a hub id: {e.message}",
+                    code="model_not_found",
+                ) from None
+            raise
     raise unknown_registry_name(text)
+
+
+def _listing(folder: Path, most: int = 8) -> str:
+    names = sorted(child.name for child in folder.iterdir() if not child.name.startswith("."))
+    if not names:
+        return "nothing"
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _registry_folder(name: str, pull_missing: bool) -> Path:
