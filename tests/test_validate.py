@@ -95,3 +95,12 @@ def test_lora_target_modules_the_model_lacks_are_a_config_error(tiny_model_dir, 
         validate(cfg)
     assert "lora.target_modules" in caught.value.message and "q_proj" in caught.value.message
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(tmp_path):
+    for args in (["validate", "--no-such-option", "x.yaml"], ["validate"], ["export", "runs/x", "--format", "merged"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "Usage" in result.stderr, (args, result.stderr)

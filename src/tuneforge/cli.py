@@ -496,6 +496,22 @@ def leave(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """Click's usage errors: those of the click package, and of the copy of click that recent typer
+    releases carry inside them (`typer._click`), which typer raises instead and which click's
+    `ClickException` does not cover."""
+    import click
+
+    types: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as vendored
+    except ImportError:
+        pass
+    else:
+        types.append(vendored)
+    return tuple(types)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own bar for each weight load: seconds long, and noise between our progress lines.
@@ -512,9 +528,7 @@ def main() -> None:
         err.print("interrupted")
         leave(130)
     except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+        if isinstance(e, _click_exceptions()):
             e.show()
             sys.exit(2)
         raise
