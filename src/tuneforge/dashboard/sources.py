@@ -19,6 +19,7 @@ from ..jobs.access import InferenceTarget, training_spec
 from ..jobs.mapping import CreateJobBody, training_config
 from ..jobs.service import Service
 from ..jobs.store import Job, StoredFile
+from ..methods.dpo import check_data_kind
 from ..models import REGISTRY, load_tokenizer, resolve
 from ..web import APIError, scrub_paths
 from .runs import Checkpoint, Event, RunFolder, RunPage, RunRow, flat_config, metric_events
@@ -246,8 +247,14 @@ class JobRuns:
             tokenizer = load_tokenizer(resolve(config.base_model, pull_missing=False))
         except TuneforgeError as err:
             raise APIError(400, scrub_paths(err.message), param="model", code="model_not_available") from err
+        shown = f"{row.id} ({row.filename})"
+        try:
+            check_data_kind(config)  # as the job's validation does: pairs for dpo, and for dpo only
+        except TuneforgeError as err:
+            message = scrub_paths(err.message.replace(str(path), shown))
+            raise APIError(400, message, param="file_id", code=err.code) from err
         data, _ = check_data(config.data, tokenizer)
-        return public_report(data.report, {str(path): f"{row.id} ({row.filename})"})
+        return public_report(data.report, {str(path): shown})
 
 
 def public_report(report: dict, names: dict[str, str]) -> dict:

@@ -31,6 +31,7 @@ from ..data import check_data
 from ..errors import ModelSourceError, TuneforgeError
 from ..fsio import write_json
 from ..methods import prepare_items
+from ..methods.dpo import check_data_kind
 from ..models import load_tokenizer, resolve
 from ..training import checkpoint, make_plan
 from ..web import failure_id, scrub_paths
@@ -205,6 +206,7 @@ class Workers:
         try:
             config = training_config(spec, job.method, job.seed, *paths.values(), self.runs / job.id)
             tokenizer = load_tokenizer(resolve(config.base_model))
+            check_data_kind(config)  # preference pairs for dpo, and for dpo only: as training checks it
             if config.method == "grpo":  # prompts, and a grader that can score them; problems raise
                 prepared, problems = prepare_items(config, tokenizer), []
             else:
