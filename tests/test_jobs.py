@@ -422,6 +422,42 @@ def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
         client.fine_tuning.jobs.cancel(job.id)
 
 
+PREFERENCE_PAIRS = "".join(
+    json.dumps({"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}."}) + "\n"
+    for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "rows", "code"),
+    [("dpo", chat_rows(8), "not_preference_data"), ("supervised", PREFERENCE_PAIRS, "preference_data")],
+)
+def test_a_file_of_the_wrong_kind_for_the_method_fails_while_validating(server, tiny_model_dir, method, rows, code):
+    """Preference pairs for dpo, and for dpo only: checked with the files, not when training starts."""
+    client = server.client()
+    train = upload(client, rows)
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=train.id, method={"type": method, method: {}}
+    )
+    job = wait_for(client, job.id, {"failed", "succeeded", "running"}, server=server)
+    assert job.status == "failed", job.status
+    assert job.error.code == code and job.error.param == train.id, job.error
+    assert train.id in job.error.message and str(server.home) not in job.error.message
+    messages = [event.message for event in all_events(client, job.id)]
+    assert not any(message.startswith(("Files validated", "Fine-tuning job started")) for message in messages)
+    # The dashboard's check of a file for a new job says the same before any job exists.
+    answer = httpx.post(
+        server.base_url.removesuffix("/v1") + "/ui/api/check",
+        json={"file_id": train.id, "model": str(tiny_model_dir), "method": method},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == code and error["param"] == "file_id"
+    assert train.id in error["message"] and str(server.home) not in error["message"]
+
+
 def test_each_key_sees_only_its_own(server, tiny_model_dir):
     alice, bob = server.client(KEY), server.client(OTHER_KEY)
     mine = upload(alice, chat_rows(4))
