@@ -27,13 +27,13 @@ quickstart: install
 # on the quickstart's data, without the quickstart's own scoring (the last step scores the teacher).
 distill-demo: install
 	test -f runs/quickstart/summary.json || \
-		{ $(BIN)/tuneforge quickstart --data-only && $(BIN)/tuneforge train quickstart; }
+		{ $(BIN)/tuneforge quickstart --data-only && $(BIN)/tuneforge train quickstart --overwrite; }
 	test -d runs/quickstart-student || \
 		$(BIN)/tuneforge distill init --teacher runs/quickstart --out runs/quickstart-student \
 			--most-influential 11 --data runs/quickstart/data/train.jsonl
 	$(BIN)/tuneforge distill generate --teacher runs/quickstart --prompts runs/quickstart/data/unlabelled.jsonl \
 		--out runs/quickstart/data/teacher-answers.jsonl --max-new-tokens 48
-	$(BIN)/tuneforge train distill_triage
+	$(BIN)/tuneforge train distill_triage --overwrite
 	$(BIN)/tuneforge eval runs/distill-triage runs/quickstart/data/test.jsonl --compare runs/quickstart \
 		--metric support_triage --limit 100
 
@@ -47,11 +47,11 @@ distill-families-demo: install
 		  $(BIN)/tuneforge train quickstart base_model=gemma3-270m output_dir=runs/quickstart-gemma \
 			data.train=runs/quickstart-gemma/data/train.jsonl \
 			data.validation=runs/quickstart-gemma/data/validation.jsonl \
-			data.general_replay=runs/quickstart-gemma/data/replay.jsonl; }
+			data.general_replay=runs/quickstart-gemma/data/replay.jsonl --overwrite; }
 	$(BIN)/tuneforge distill generate --teacher runs/quickstart-gemma \
 		--prompts runs/quickstart-gemma/data/unlabelled.jsonl \
 		--out runs/quickstart-gemma/data/teacher-answers.jsonl --max-new-tokens 48
-	$(BIN)/tuneforge train distill_gemma_to_smollm2
+	$(BIN)/tuneforge train distill_gemma_to_smollm2 --overwrite
 	$(BIN)/tuneforge eval runs/distill-gemma-to-smollm2 runs/quickstart-gemma/data/test.jsonl \
 		--compare runs/quickstart-gemma --metric support_triage --limit 100
 

@@ -110,7 +110,7 @@ def run_tuneforge(spec) -> dict:
         for part in section.split(".") if section else []:
             node = node.setdefault(part, {})
         node[leaf] = value
-    result = tuneforge.train(cfg, progress=False)
+    result = tuneforge.train(cfg, overwrite=True, progress=False)
     summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
     return {"adapter": str(result.final_dir), "precision": summary.get("precision"), "steps": result.steps}
 

@@ -73,7 +73,7 @@ def train_once(config: dict) -> Path:
 
     out = Path(config["output_dir"])
     if not (out / "summary.json").is_file():
-        result = train(config)
+        result = train(config, overwrite=True)  # an unfinished run starts over
         if result.status != "completed":
             sys.exit(f"{out}: training stopped ({result.status})")
     return out

@@ -93,7 +93,7 @@ def train_once(config: dict) -> dict:
     timing = out.parent / f"{out.name}.wall.json"
     if not (out / "summary.json").is_file():
         started = time.perf_counter()
-        result = train(config)
+        result = train(config, overwrite=True)  # an unfinished run starts over
         if result.status != "completed":
             sys.exit(f"{out}: training stopped ({result.status})")
         timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - started}))

@@ -76,7 +76,7 @@ def run_once(config: dict, processes: int, folder: Path) -> dict:
     path.write_text(yaml.safe_dump(config))
     with open(folder / "train.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tuneforge", "train", str(path), "--nproc", str(processes)],
+            [sys.executable, "-m", "tuneforge", "train", str(path), "--nproc", str(processes), "--overwrite"],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

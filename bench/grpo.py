@@ -30,6 +30,7 @@ def train_seed(home: Path, seed: int) -> Path:
     run = home / "runs" / f"grpo-triage-seed-{seed}"
     if not (run / "summary.json").is_file():
         command = [sys.executable, "-m", "tuneforge", "train", "grpo_triage", f"train.seed={seed}", f"output_dir={run}"]
+        command.append("--overwrite")  # an unfinished run starts over
         subprocess.run(command, cwd=home, check=True)
     return run
 

@@ -236,7 +236,7 @@ def run_tuneforge(folder: Path, mode: str, steps: int, out: Path, device: str) -
         return model
 
     loop.load_for_training = timed_load
-    loop.train(cfg, progress=False)
+    loop.train(cfg, overwrite=True, progress=False)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]  # the first step is left out of the speed: warm-up
     return {

@@ -148,7 +148,7 @@ def main() -> None:
         key, value = o.split("=", 1)
         section, leaf = key.rsplit(".", 1)
         cfg.setdefault(section, {})[leaf] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
-    tuneforge.train(cfg, progress=False)
+    tuneforge.train(cfg, overwrite=True, progress=False)
 
     prof, wall = state["prof"], state["wall"]
     events = prof.events()

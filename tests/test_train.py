@@ -157,6 +157,28 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     train(changed, resume="latest", force=True, progress=False)
 
 
+def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(tiny_model_dir, triage_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=5, save_every=3)
+    train(cfg, progress=False)
+    earlier = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert earlier == ["step-3", "step-5"]
+    final_weights = (run / "final" / "adapter_model.safetensors").read_bytes()
+    shorter = json.loads(json.dumps(cfg))
+    shorter["train"].update(max_steps=2, learning_rate=1e-3)
+    with pytest.raises(TuneforgeError, match=r"earlier run \(checkpoints step-3, step-5 and a final model\)") as e:
+        train(shorter, progress=False)
+    assert e.value.code == "run_exists" and "--overwrite" in e.value.message and "--resume" in e.value.message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == earlier  # nothing touched
+    assert (run / "final" / "adapter_model.safetensors").read_bytes() == final_weights
+    # Overwritten: only the new run's checkpoints, so --resume continues the new run, not the earlier one.
+    assert train(shorter, overwrite=True, progress=False).steps == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    assert (run / "final" / "adapter_model.safetensors").read_bytes() != final_weights
+    shorter["train"]["max_steps"] = 3
+    assert train(shorter, resume="latest", force=True, progress=False).steps == 3
+
+
 def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
     with warnings.catch_warnings(record=True) as caught:

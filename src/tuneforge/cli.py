@@ -39,6 +39,9 @@ def train(
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.learning_rate=1e-4"),
     resume: str | None = typer.Option(None, help="'latest' (or just --resume) or a checkpoint folder."),
     force: bool = typer.Option(False, help="Resume even though the config changed in a way that changes results."),
+    overwrite: bool = typer.Option(
+        False, help="Start afresh where output_dir holds an earlier run: its checkpoints, final model and eval go."
+    ),
     nproc: int = typer.Option(1, min=1, help="Processes on this machine (launches torchrun)."),
     nnodes: int = typer.Option(1, min=1, help="Machines: the same command on each, with its own --node-rank."),
     node_rank: int = typer.Option(0, min=0, help="This machine's number, 0 to nnodes - 1; machine 0 hosts --master."),
@@ -52,11 +55,13 @@ def train(
             args += ["--resume", resume]
         if force:
             args.append("--force")
+        if overwrite:
+            args.append("--overwrite")
         raise typer.Exit(_launch(args, nproc, nnodes=nnodes, node_rank=node_rank, master=master))
     from .pipeline import train as run_train
     from .recipes import config_file
 
-    result = run_train(config_file(config), overrides or [], resume=resume, force=force)
+    result = run_train(config_file(config), overrides or [], resume=resume, force=force, overwrite=overwrite)
     raise typer.Exit(0 if result.status == "completed" else 130)
 
 

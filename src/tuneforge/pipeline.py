@@ -17,13 +17,19 @@ from .training import train as train_only
 
 
 def train(
-    config, overrides=(), *, resume: str | None = None, force: bool = False, progress: bool = True
+    config,
+    overrides=(),
+    *,
+    resume: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
     """Fine-tune as `config` (a YAML path, dict or Config) says, then evaluate as its `eval:` asks.
     The evaluation's headline figures join the result's metrics and the run's `summary.json`."""
     cfg = load_config(config, list(overrides))
     check_eval_inputs(cfg)
-    result = train_only(cfg, resume=resume, force=force, progress=progress)
+    result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
     if result.final_dir is None or not (cfg.eval.task or cfg.eval.forgetting):
         return result  # interrupted, or a process other than rank 0, or nothing asked
     result.metrics.update(evaluate_after_training(cfg, result.output_dir, result.final_dir, progress=progress))

@@ -210,7 +210,7 @@ def fine_tune_and_measure(config: dict, data: dict[str, Path], settings: Setting
         f"valid JSON {before['scores']['valid_json']:.1%}"
     )
     phases.begin("fine-tune with LoRA")
-    result = train(config)
+    result = train(config, overwrite=True)  # the quickstart's run folder is its own: a new quickstart replaces it
     if result.status != "completed":
         console.print(f"[red]training stopped early ({result.status}); nothing to evaluate.[/]")
         return None

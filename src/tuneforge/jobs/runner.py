@@ -57,7 +57,8 @@ def run(run_dir: Path) -> dict:
     config = json.loads((run_dir / CONFIG).read_text())
     resume = "latest" if checkpoint.latest(run_dir / "checkpoints") else None
     try:
-        result = train(config, resume=resume, progress=False)
+        # A job's folder is its own: without a checkpoint to resume from, it starts over.
+        result = train(config, resume=resume, overwrite=resume is None, progress=False)
     except TuneforgeError as err:
         problems = getattr(err, "problems", []) if isinstance(err, DataError) else []
         return {

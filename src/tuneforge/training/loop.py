@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -241,6 +242,32 @@ def resume_point(cfg: Config, resume: str | None, force: bool) -> Path | None:
     return folder
 
 
+def clear_earlier_run(cfg: Config, world: distributed.World, resume: str | None, overwrite: bool) -> None:
+    """A run started afresh where an earlier run left checkpoints or a final model is refused: the two
+    runs' checkpoints would mix (the newest step numbers kept, whichever run wrote them), `--resume`
+    would continue the wrong run, and the earlier final model would be replaced unasked. With
+    `overwrite` the earlier run's checkpoints, final model and evaluation are deleted first."""
+    if resume:
+        return
+    out = Path(cfg.output_dir)
+    steps = [folder.name for folder in checkpoint.step_folders(out / "checkpoints")]
+    final = (out / "final").is_dir()
+    if (steps or final) and not overwrite:
+        held = [f"checkpoints {', '.join(steps)}"] if steps else []
+        held += ["a final model"] if final else []
+        raise TuneforgeError(
+            f"{out} holds an earlier run ({' and '.join(held)}). Continue it with --resume, give this run "
+            "another output_dir, or pass --overwrite to delete that run's checkpoints, final model and "
+            "evaluation and start over.",
+            code="run_exists",
+        )
+    if overwrite:
+        if world.is_main:
+            for name in ("checkpoints", "final", "eval"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        distributed.barrier(world, "deleting the earlier run's checkpoints")
+
+
 def prepare_data(cfg: Config, tokenizer, world: distributed.World, out: Path, log) -> tfdata.PreparedData:
     """Rank 0 prepares the data (and caches it under $TUNEFORGE_HOME, and writes the report). On
     several machines, the first process of each other machine then prepares it too: it reads rank
@@ -354,12 +381,21 @@ def attention(cfg: Config, lms: list):
     return contextlib.nullcontext()
 
 
-def setup(cfg: Config, world: distributed.World, *, resume: str | None = None, force: bool = False, log=print) -> Run:
+def setup(
+    cfg: Config,
+    world: distributed.World,
+    *,
+    resume: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    log=print,
+) -> Run:
     """Everything the steps need: data, model, objective, rows, optimizer and schedule, restored
     from a checkpoint when resuming."""
     precision = resolve_precision(cfg.train.precision, world.device)
     seed_everything(cfg.train.seed)
     resume_from = resume_point(cfg, resume, force)
+    clear_earlier_run(cfg, world, resume, overwrite)
     source = resolve(cfg.base_model)
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     tokenizer = load_tokenizer(source)
@@ -577,15 +613,22 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
 
 
 def train(
-    config, overrides: list[str] = (), *, resume: str | None = None, force: bool = False, progress: bool = True
+    config,
+    overrides: list[str] = (),
+    *,
+    resume: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune as the config says. `resume` is "latest" or a checkpoint folder."""
+    """Fine-tune as the config says. `resume` is "latest" or a checkpoint folder; `overwrite` starts
+    afresh in an output_dir that holds an earlier run (`clear_earlier_run`)."""
     cfg = load_config(config, overrides)
     world = distributed.setup(cfg.train.distributed_timeout)
     log = print if world.is_main else (lambda *a, **k: None)
     run = None
     try:
-        run = setup(cfg, world, resume=resume, force=force, log=log)
+        run = setup(cfg, world, resume=resume, force=force, overwrite=overwrite, log=log)
         status = fit(run, progress=progress, log=log)
         return finish(run, status, progress=progress)
     finally:
