@@ -207,7 +207,16 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
             model=model, max_tokens=5, messages=[{"role": "user", "content": "What is two plus two?"}]
         )
         assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
-    assert job.fine_tuned_model in [m.id for m in client.models.list()]
+    listed = [m.id for m in client.models.list()]
+    assert job.fine_tuned_model in listed and "smollm2-135m-instruct" in listed
+    # What the key can use, it can look up; another key gets for its models what a missing name gets.
+    checkpoint_name = checkpoints[1].fine_tuned_model_checkpoint
+    for name in (job.fine_tuned_model, checkpoint_name, "SmolLM2-135M-Instruct"):
+        assert client.models.retrieve(name).id in (name, name.lower())
+    for name in (job.fine_tuned_model, checkpoint_name, "ft:no-such-model"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            server.client(OTHER_KEY).models.retrieve(name)
+        assert caught.value.body["message"] == f"The model `{name}` does not exist or you do not have access to it."
 
     # A long job: pause it (checkpoint and stop), resume it (from the checkpoint), cancel it.
     long_job = create_job(client, model_dir, train.id, n_epochs=50)
