@@ -161,6 +161,26 @@ def request_log(caplog) -> list[dict]:
     return [json.loads(record.getMessage()) for record in caplog.records if record.name == "tuneforge.requests"]
 
 
+def test_a_stream_its_client_leaves_is_logged_and_counted_as_499_not_200(served, caplog):
+    caplog.set_level(logging.INFO, logger="tuneforge.requests")
+    before, _ = scrape(served.url)
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.stream(
+        "POST", f"{served.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as response:
+        first = json.loads(next(response.iter_lines()).removeprefix("data: "))
+    deadline = time.monotonic() + 10
+    while not (lines := [line for line in request_log(caplog) if line.get("id") == first["id"]]):
+        assert time.monotonic() < deadline, "the cut stream was never logged"
+        time.sleep(0.02)
+    [line] = lines
+    assert line["status"] == 499 and line["route"] == "/v1/chat/completions" and line["model"] == BASE
+    after, _ = scrape(served.url)
+    chat = {"route": "/v1/chat/completions", "method": "POST", "model": BASE}
+    assert moved(before, after, "tuneforge_requests_total", **chat, status="499") == 1
+    assert moved(before, after, "tuneforge_requests_total", **chat, status="200") == 0
+
+
 def test_the_request_log_has_a_json_line_a_request_and_prompts_only_when_asked(served, engine, caplog):
     caplog.set_level(logging.INFO, logger="tuneforge.requests")
     reply = ask(sdk(served.url))

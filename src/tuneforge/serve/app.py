@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
-from ..web import APIError, Metadata, Observer, caller, docs_urls, edge, note
+from ..web import CLIENT_LEFT, APIError, Metadata, Observer, caller, docs_urls, edge, note
 from . import completion_routes
 from .completion_store import CompletionStore
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
@@ -367,6 +367,7 @@ def _encode(tokenizer, prompt) -> list[int]:
 
 
 async def answer(server: Served, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation):
+    note(request, id=reply.id)  # in the log line of an answer cut short too
     if body.stream:
         return StreamingResponse(
             _events(server, request, body, reply, generation),
@@ -382,7 +383,7 @@ async def answer(server: Served, request: Request, body: _GenerationBody, reply:
         generation.cancel()  # a row whose client went stops decoding; a finished one is gone already
     if not result.done():
         result.cancel()
-        return Response(status_code=499)  # nobody reads it: the client has gone
+        return Response(status_code=CLIENT_LEFT)  # nobody reads it: the client has gone
     try:
         whole = reply.whole(result.result())
     except EngineError as err:

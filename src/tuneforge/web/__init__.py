@@ -12,10 +12,11 @@ Importing this package is cheap: no torch.
 from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
 from .limits import docs_urls, edge
-from .observe import Observer, note
+from .observe import CLIENT_LEFT, Observer, note
 from .shapes import Metadata, list_body, metadata_filter
 
 __all__ = [
+    "CLIENT_LEFT",
     "APIError",
     "KEY_COOKIE",
     "LOCAL_OWNER",

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 METRICS_PATH = "/metrics"
 OTHER_ROUTE = "other"
+CLIENT_LEFT = 499  # the status logged for a request whose client left before its answer ended (nginx's)
 REQUEST_LOG = logging.getLogger("tuneforge.requests")
 _NOTES = "tuneforge.notes"  # the scope key of a request's notes; a host's scope passes it on to an app inside it
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -102,7 +103,13 @@ class ObservedRequests:
             await self.app(scope, receive, send)
             return
         notes = scope[_NOTES] = {}
-        status, started, observed = 500, time.perf_counter(), False
+        status, started, observed, client_left = 500, time.perf_counter(), False, False
+
+        async def receiving():
+            nonlocal client_left
+            message = await receive()
+            client_left = client_left or message["type"] == "http.disconnect"
+            return message
 
         def observe_once() -> None:
             nonlocal observed
@@ -111,17 +118,23 @@ class ObservedRequests:
                 self.observer.observed(scope, route_template(scope), status, time.perf_counter() - started, notes)
 
         async def sending(message) -> None:
-            nonlocal status
+            nonlocal status, client_left
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Before the last piece goes out: a client that has its whole answer finds it counted and logged.
                 observe_once()
-            await send(message)
+            try:
+                await send(message)
+            except OSError:  # the client has gone (Starlette raises ClientDisconnect, an OSError)
+                client_left = True
+                raise
 
         try:
-            await self.app(scope, receive, sending)
+            await self.app(scope, receiving, sending)
         finally:
+            if client_left and not observed:
+                status = CLIENT_LEFT  # a stream cut short by its client: not the 200 its first piece said
             observe_once()  # an answer never finished (an error, a client gone)
 
 
