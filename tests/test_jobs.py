@@ -240,6 +240,14 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
     job_after = client.fine_tuning.jobs.retrieve(long_job.id)
     assert job_after.status == "cancelled" and job_after.fine_tuned_model is None
     assert job_after.trained_tokens < job.trained_tokens * 25  # stopped well before its 50 epochs
+    # Its figures are those of the checkpoint it kept, the steps run after the cancel included.
+    [stopped] = [m for m in messages if m.startswith("Job cancelled at step")]
+    step = int(stopped.removeprefix("Job cancelled at step ").split(";")[0])
+    assert f"checkpoint step-{step} is kept" in stopped
+    metrics = [e for e in all_events(client, long_job.id) if e.type == "metrics"]
+    assert max(e.data["step"] for e in metrics) == step
+    rows = (server.home / "jobs" / "runs" / long_job.id / "metrics.jsonl").read_text().splitlines()
+    assert job_after.trained_tokens == max(json.loads(r)["tokens"] for r in rows if '"tokens"' in r)
 
 
 # ---- SQLite: one server --------------------------------------------------------------------------------

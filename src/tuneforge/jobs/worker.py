@@ -355,6 +355,10 @@ class Workers:
             ):
                 self.store.add_event(job.id, f"Job paused at step {progress.step}; resuming continues from {kept}.")
         elif reason == "cancel":
+            # The API marked the job cancelled at once; the steps it ran until it stopped count in its figures,
+            # so its trained tokens are those of the checkpoint kept.
+            figures = {"step": progress.step, "trained_tokens": progress.tokens}
+            self.store.move(job.id, ["cancelled"], held_by=worker_id, **figures)
             self.store.add_event(job.id, f"Job cancelled at step {progress.step}; {kept} is kept.")
         elif reason == "shutdown":
             if self.store.move(
