@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import SUBPROCESS_ENV, tiny_run_config
 
+from tuneforge.dry_run import validate
 from tuneforge.errors import RunFailed, TuneforgeError
 from tuneforge.models import load_model, resolve
 from tuneforge.training import train
@@ -157,7 +158,9 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     train(changed, resume="latest", force=True, progress=False)
 
 
-def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(tiny_model_dir, triage_data, tmp_path):
+def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(
+    tiny_model_dir, triage_data, tmp_path, capsys
+):
     run = tmp_path / "run"
     cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=5, save_every=3)
     train(cfg, progress=False)
@@ -171,6 +174,10 @@ def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(t
     assert e.value.code == "run_exists" and "--overwrite" in e.value.message and "--resume" in e.value.message
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == earlier  # nothing touched
     assert (run / "final" / "adapter_model.safetensors").read_bytes() == final_weights
+    capsys.readouterr()
+    assert validate(shorter) == 0  # the dry run says so too
+    said = " ".join(capsys.readouterr().out.split())
+    assert "holds an earlier run (checkpoints step-3, step-5 and a final model): train refuses" in said
     # Overwritten: only the new run's checkpoints, so --resume continues the new run, not the earlier one.
     assert train(shorter, overwrite=True, progress=False).steps == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]

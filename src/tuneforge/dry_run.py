@@ -28,7 +28,7 @@ from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_d
 from .methods.sft import LOGITS_AT_ONCE
 from .models import load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
-from .training import make_plan, shares_prefixes, to_rows
+from .training import earlier_run, make_plan, shares_prefixes, to_rows
 from .training.distributed import sharding_plan, strategy
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
@@ -175,6 +175,12 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
     console.print(table)
     for w in prepared.report.get("warnings", [])[:10]:
         console.print(f"[yellow]warning:[/] {w if isinstance(w, str) else w.get('message', w)}")
+    held = earlier_run(Path(cfg.output_dir))
+    if held:
+        console.print(
+            f"[yellow]warning:[/] {cfg.output_dir} holds an earlier run ({held}): train refuses to start there "
+            "unless given --resume (continue it) or --overwrite (start over)."
+        )
     if sum(memory.values()) > available_memory(device):
         console.print(
             f"[yellow]warning:[/] the memory plan ({sum(memory.values()) / 2**30:.1f} GiB) is more than this "

@@ -1,5 +1,5 @@
 """Training: the loop we own (`loop.py`), its checkpoints, batching and distribution."""
 
-from .loop import StepPlan, TrainResult, make_plan, shares_prefixes, to_rows, train
+from .loop import StepPlan, TrainResult, earlier_run, make_plan, shares_prefixes, to_rows, train
 
-__all__ = ["StepPlan", "TrainResult", "make_plan", "shares_prefixes", "to_rows", "train"]
+__all__ = ["StepPlan", "TrainResult", "earlier_run", "make_plan", "shares_prefixes", "to_rows", "train"]

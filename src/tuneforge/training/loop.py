@@ -242,6 +242,14 @@ def resume_point(cfg: Config, resume: str | None, force: bool) -> Path | None:
     return folder
 
 
+def earlier_run(out: Path) -> str | None:
+    """What an earlier run left in `out` that a new run there would replace, in words; None if nothing."""
+    steps = [folder.name for folder in checkpoint.step_folders(out / "checkpoints")]
+    held = [f"checkpoints {', '.join(steps)}"] if steps else []
+    held += ["a final model"] if (out / "final").is_dir() else []
+    return " and ".join(held) or None
+
+
 def clear_earlier_run(cfg: Config, world: distributed.World, resume: str | None, overwrite: bool) -> None:
     """A run started afresh where an earlier run left checkpoints or a final model is refused: the two
     runs' checkpoints would mix (the newest step numbers kept, whichever run wrote them), `--resume`
@@ -250,15 +258,12 @@ def clear_earlier_run(cfg: Config, world: distributed.World, resume: str | None,
     if resume:
         return
     out = Path(cfg.output_dir)
-    steps = [folder.name for folder in checkpoint.step_folders(out / "checkpoints")]
-    final = (out / "final").is_dir()
-    if (steps or final) and not overwrite:
-        held = [f"checkpoints {', '.join(steps)}"] if steps else []
-        held += ["a final model"] if final else []
+    held = earlier_run(out)
+    if held and not overwrite:
         raise TuneforgeError(
-            f"{out} holds an earlier run ({' and '.join(held)}). Continue it with --resume, give this run "
-            "another output_dir, or pass --overwrite to delete that run's checkpoints, final model and "
-            "evaluation and start over.",
+            f"{out} holds an earlier run ({held}). Continue it with --resume, give this run another "
+            "output_dir, or pass --overwrite to delete that run's checkpoints, final model and evaluation "
+            "and start over.",
             code="run_exists",
         )
     if overwrite:
