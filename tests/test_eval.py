@@ -123,6 +123,12 @@ def test_rows_without_a_reference_answer_are_refused_with_their_line(tmp_path):
     )
     with pytest.raises(DataError, match=r"bad.jsonl:2 .*example_missing_assistant_message"):
         read_eval_examples(bad)
+    with pytest.raises(DataError, match=r"bad.jsonl: 1 rows cannot be evaluated"):
+        read_eval_examples(bad)
+    with pytest.raises(DataError) as missing:  # a file that is not there is no row count
+        read_eval_examples(tmp_path / "missing.jsonl")
+    assert "missing.jsonl: cannot be evaluated" in missing.value.message
+    assert "does not exist. Check the path" in str(missing.value.problems[0])
 
 
 def test_kl_is_zero_against_itself_and_positive_after_a_change(tiny_model_dir):

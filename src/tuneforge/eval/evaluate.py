@@ -79,7 +79,8 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
         prompt = [m.to_template() for m in messages[:-1]]
         examples.append(EvalExample(str(path), line, item, prompt, messages[-1].content))
     if problems:
-        raise DataError.listing(f"{path}: {len(problems)} rows cannot be evaluated", problems)
+        rows = sum(problem.line is not None for problem in problems)  # the others are about the file itself
+        raise DataError.listing(f"{path}: {f'{rows} rows ' if rows else ''}cannot be evaluated", problems)
     if not examples:
         raise DataError(f"{path} holds no conversations to evaluate.", code="empty_file")
     return examples
