@@ -1,6 +1,7 @@
 """The training loop on a tiny model: outputs, loss normalisation, resume, signals, failures."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 import yaml
 from conftest import SUBPROCESS_ENV, tiny_run_config
 
+from tuneforge.config import load_config
 from tuneforge.dry_run import validate
 from tuneforge.errors import RunFailed, TuneforgeError
 from tuneforge.models import load_model, resolve
@@ -200,7 +202,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_dat
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", epochs=20, batch_size=4)
     path = _write_config(cfg, tmp_path / "cfg.yaml")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge", "train", str(path)],
+        [sys.executable, "-m", "tuneforge", "train", str(path), "train.learning_rate=0.003"],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -217,7 +219,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_dat
     out, errs = proc.communicate(timeout=60)
     assert proc.returncode == 130, errs
     saved = list((tmp_path / "run" / "checkpoints").glob("step-*"))
-    assert len(saved) == 1 and "--resume" in out + errs
+    assert len(saved) == 1
+    # The command it prints resumes with the run's own config, which any command-line overrides are in.
+    printed = re.search(r"continue with `tuneforge train (\S+) --resume`", out + errs)
+    started_with = load_config(path, ["train.learning_rate=0.003"])
+    assert printed and load_config(printed[1]).results_hash() == started_with.results_hash()
     last_logged = metrics(tmp_path / "run")[-1]["step"]
     assert saved[0].name == f"step-{last_logged}"
 

@@ -572,7 +572,9 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
             bar.update(record)
             if stop_requested:
                 path = run.save_checkpoint(step + 1)
-                log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `tuneforge train CONFIG --resume`.")
+                # The run's own config.yaml holds the command line's overrides too: resuming from it matches.
+                resume_with = f"tuneforge train {run.out / 'config.yaml'} --resume"
+                log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `{resume_with}`.")
                 return "interrupted"
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and not is_last:
                 run.save_checkpoint(step + 1)
