@@ -84,7 +84,7 @@ def test_a_dpo_config_is_planned_in_pairs(tiny_model_dir, triage_data, tmp_path,
     assert f"{len(rows):,} train" in capsys.readouterr().out
 
 
-def test_lora_target_modules_the_model_lacks_are_a_config_error(tiny_model_dir, triage_data, tmp_path):
+def test_lora_modules_the_model_lacks_are_a_config_error(tiny_model_dir, triage_data, tmp_path):
     import pytest
 
     from tuneforge.errors import ConfigError
@@ -95,6 +95,9 @@ def test_lora_target_modules_the_model_lacks_are_a_config_error(tiny_model_dir, 
         validate(cfg)
     assert "lora.target_modules" in caught.value.message and "q_proj" in caught.value.message
     assert not (tmp_path / "run").exists()
+    cfg["lora"].update(target_modules="all-linear", modules_to_save=["lm_head", "lm_haed"])
+    with pytest.raises(ConfigError, match=r"modules_to_save names lm_haed, which this model has no module"):
+        validate(cfg)
 
 
 def test_a_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(tmp_path):

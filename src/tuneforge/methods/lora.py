@@ -82,6 +82,14 @@ def prepare_model(model, cfg):
         model = continue_adapter(model, cfg)
     else:
         config = peft_config(cfg, model)
+        # PEFT skips a modules_to_save name that matches no module: a typo would train nothing, silently.
+        names = [name for name, _ in model.named_modules()]
+        missing = [m for m in config.modules_to_save or [] if not any(n == m or n.endswith(f".{m}") for n in names)]
+        if missing:
+            raise ConfigError(
+                f"lora.modules_to_save names {', '.join(missing)}, which this model has no module called. "
+                "Name modules it has (e.g. lm_head, embed_tokens), or leave modules_to_save out."
+            )
         try:
             model = get_peft_model(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
