@@ -32,7 +32,7 @@ from ..errors import ModelSourceError, TuneforgeError
 from ..fsio import write_json
 from ..methods import prepare_items
 from ..methods.dpo import check_data_kind
-from ..models import load_tokenizer, resolve
+from ..models import REGISTRY, ModelSource, load_tokenizer, resolve
 from ..training import checkpoint, make_plan
 from ..web import failure_id, scrub_paths
 from . import runner
@@ -205,7 +205,7 @@ class Workers:
         spec = training_spec(self.store, self.runs, job.owner, job.model)
         try:
             config = training_config(spec, job.method, job.seed, *paths.values(), self.runs / job.id)
-            tokenizer = load_tokenizer(resolve(config.base_model))
+            tokenizer = load_tokenizer(self._base_model(job, config.base_model))
             check_data_kind(config)  # preference pairs for dpo, and for dpo only: as training checks it
             if config.method == "grpo":  # prompts, and a grader that can score them; problems raise
                 prepared, problems = prepare_items(config, tokenizer), []
@@ -225,6 +225,18 @@ class Workers:
         except TuneforgeError as err:
             raise self._failure(job, err.code, err.message, str(paths["training_file"])) from err
         return config, total_steps, len(prepared.train)
+
+    def _base_model(self, job: Job, spec: str) -> ModelSource:
+        """The job's base model. A registry model not yet on this server is fetched first (minutes, once),
+        which the job's events say, so a job validating for that long is seen to be busy."""
+        if spec in REGISTRY:
+            try:
+                return resolve(spec, pull_missing=False)
+            except ModelSourceError:
+                self.store.add_event(
+                    job.id, f"Fetching the base model {spec} onto this server (once; later jobs reuse it)."
+                )
+        return resolve(spec)
 
     def _paths(self, job: Job) -> dict[str, Path | None]:
         """Where the job's training file and its validation file (or None) are stored."""
