@@ -425,6 +425,9 @@ def test_bodies_beyond_the_cap_are_413_and_prompts_beyond_the_context_400(server
     huge = {"model": BASE, "prompt": "four " * (1 << 20)}  # 5 MiB: over the 4 MiB default
     response = httpx.post(f"{server[0]}/v1/completions", json=huge, headers=headers)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    chunked = (b"x" * (1 << 20) for _ in range(5))  # no Content-Length: refused while it is read
+    response = httpx.post(f"{server[0]}/v1/completions", content=chunked, headers=headers)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     long = {"model": BASE, "prompt": "four " * 3000}  # more tokens than the model's 2048
     response = httpx.post(f"{server[0]}/v1/completions", json=long, headers=headers)
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"

@@ -83,7 +83,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException):
         if err.status_code >= 500:
             return server_error(err).response()
-        return APIError(err.status_code, str(err.detail), headers=err.headers).response()
+        code = "request_too_large" if err.status_code == 413 else None  # a body over the cap, found while read
+        return APIError(err.status_code, str(err.detail), code=code, headers=err.headers).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):

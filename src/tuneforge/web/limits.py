@@ -38,6 +38,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
+                # Starlette's kind: FastAPI passes it on from reading a body (any other error becomes a 400).
                 raise StarletteHTTPException(413, _too_large(limit).message)
             return message
 
