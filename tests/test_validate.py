@@ -101,7 +101,12 @@ def test_lora_modules_the_model_lacks_are_a_config_error(tiny_model_dir, triage_
 
 
 def test_a_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(tmp_path):
-    for args in (["validate", "--no-such-option", "x.yaml"], ["validate"], ["export", "runs/x", "--format", "merged"]):
+    for args in (
+        ["validate", "--no-such-option", "x.yaml"],
+        ["validate"],
+        ["export", "runs/x", "--format", "merged"],
+        ["eval", "runs/x", "test.jsonl", "--limit", "0"],
+    ):
         result = subprocess.run(
             [sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
         )

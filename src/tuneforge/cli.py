@@ -176,7 +176,7 @@ def eval_(
     data: Path = typer.Argument(..., help="Chat JSONL whose last assistant message is the reference answer."),
     compare: str | None = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
     metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
-    limit: int | None = typer.Option(None, help="Evaluate only the first N examples."),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate only the first N examples."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
     """Loss, perplexity and generation metrics of MODEL on DATA."""
@@ -454,7 +454,7 @@ def distill_generate(
     out: Path = typer.Option(..., help="Chat JSONL to write; a rerun continues where it stopped."),
     max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
     batch_size: int = typer.Option(16, help="Prompts generated together (and written together)."),
-    limit: int | None = typer.Option(None, help="Stop after the first N prompts; rerun without it to finish."),
+    limit: int | None = typer.Option(None, min=1, help="Stop after the first N prompts; rerun without it to finish."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), bf16 or fp32."),
 ):
     """The teacher's answers to PROMPTS as chat data for SFT (sequence-level distillation) or for
