@@ -133,3 +133,7 @@ def test_the_chat_command_loads_a_model_folder(model_dir, tiny):
     assert result.exit_code == 0, result.output
     assert "chatting with model" in result.output
     assert reply_to(tiny, [{"role": "user", "content": "Hi"}]) in result.output
+    ended = CliRunner().invoke(
+        app, ["chat", str(model_dir), "--max-tokens", "1", "--system", "Be brief."], input="/exit\n"
+    )
+    assert "tokens a reply; /help for commands.\n(system message: Be brief.)\n" in ended.output  # no "Be brief.."

@@ -114,7 +114,7 @@ def chat_command(
         f"chatting with {source.name}"
         + (f" (adapter {source.adapter})" if source.adapter else "")
         + f"; {'greedy' if temperature == 0 else f'temperature {temperature}'}, "
-        f"up to {max_new_tokens} tokens a reply; {_system_in_force(tokenizer, system)}. /help for commands.\n"
+        f"up to {max_new_tokens} tokens a reply; /help for commands.\n({_system_in_force(tokenizer, system)})\n"
     )
     chat_session(model, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     return 0
