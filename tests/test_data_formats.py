@@ -288,6 +288,15 @@ def test_parquet_chat_rows_with_struct_fields(tmp_path):
     ]
 
 
+def test_a_lone_surrogate_is_a_row_problem_in_a_json_array_too(tmp_path):
+    cut = chat("Hi", "Bye \ud83d")  # json.dumps writes it as the escape \\ud83d
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([GOOD_ROW, cut, chat("Smile", "\U0001f600")], indent=1), encoding="utf-8")
+    items = read(path)
+    assert [(p.code, p.field) for p in errors(items)] == [("invalid_unicode", "messages[1].content")]
+    assert [m.content for r in records(items) for m in r.messages][-1] == "\U0001f600"  # a whole pair is fine
+
+
 def test_csv_row_with_invalid_utf8(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes(b"prompt,completion\nhi,hello\ncaf\xe9,ok\n")

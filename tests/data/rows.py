@@ -55,6 +55,12 @@ BAD_INPUTS = {
         "invalid_utf8",
         2,
     ),
+    "lone_surrogate": (  # valid JSON, but half of an emoji: no tokenizer can encode it
+        "bad.jsonl",
+        _GOOD + b"\n" + _GOOD.replace(b"four.", b"four \\ud83d.") + b"\n" + _GOOD + b"\n",
+        "invalid_unicode",
+        2,
+    ),
     "empty_file": ("empty.jsonl", b"", "empty_file", None),
     "content_number": (
         "bad.jsonl",

@@ -26,6 +26,8 @@ _CHUNK_BYTES = 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _LONE_SURROGATE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under surrogateescape
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of half a UTF-16 pair
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (*JSON_LINES_SUFFIXES, ".json")
@@ -113,7 +115,7 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
                 yield line_no, _not_utf8(path, line_no, raw[e.start], e.start + 1)
                 continue
             try:
-                yield line_no, json.loads(text)
+                value = json.loads(text)
             except json.JSONDecodeError as e:
                 # The line's own newline is part of `text`: an object cut short fails past it, on "line 2"
                 # of the text, so its column is not the line's. Say where in the line it went wrong.
@@ -129,6 +131,8 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
                         line=line_no,
                     ),
                 )
+                continue
+            yield line_no, _without_lone_surrogates(path, line_no, text, value)
     if not seen_row:
         yield None, Problem("empty_file", "the file has no rows, only blank lines. Put training rows in it.", file=path)
 
@@ -155,6 +159,43 @@ def _too_large(path: str, line: int | None) -> Problem:
         file=path,
         line=line,
     )
+
+
+def _without_lone_surrogates(path: str, line: int | None, text: str, value: Any) -> Any:
+    """`value`, or a Problem if a JSON escape left half of a UTF-16 pair in it (`"\\ud83d"`, an emoji cut in
+    two): valid JSON, but text that no tokenizer can encode."""
+    if not _SURROGATE_ESCAPE.search(text):  # a pair decodes to one character: only a lone half is left
+        return value
+    field = _surrogate_at(value)
+    if field is None:
+        return value
+    return Problem(
+        "invalid_unicode",
+        "the text holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its other half, usually an "
+        "emoji or other character cut in two), which cannot be encoded as text. Fix or remove it.",
+        file=path,
+        line=line,
+        field=field or None,
+    )
+
+
+def _surrogate_at(value: Any, at: str = "") -> str | None:
+    """Where in a decoded JSON value a lone surrogate is ("messages[1].content"); None if nowhere."""
+    if isinstance(value, str):
+        return at if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = ((f"{at}.{k}" if at else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{at}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        if _SURROGATE.search(where):  # in a key
+            return at
+        found = _surrogate_at(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 def _not_utf8(path: str, line: int | None, byte: int, column: int | None = None) -> Problem:
@@ -273,7 +314,7 @@ def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, 
                 if not window.read_more(at_least=len(window.text) - pos):
                     yield broken(e.pos, f"not valid JSON: {e.msg}.")
                     return
-        yield start_line, value
+        yield start_line, _without_lone_surrogates(path, start_line, window.text[pos:end], value)
         pos, count = end, count + 1
     if window.skip_whitespace(pos + 1) is not None:
         yield broken(pos + 1, "there is text after the closing ']'.")
