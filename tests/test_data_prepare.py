@@ -263,3 +263,36 @@ def test_the_cache_keeps_which_examples_are_general_replay(tmp_path, tokenizer, 
     assert again.report["cache"]["reused"]
     assert [e.is_replay for e in again.train] == [e.is_replay for e in first.train]
     assert sum(e.is_replay for e in again.train) == 5
+
+
+def code_tokenizer():
+    """A byte-level BPE tokenizer (ChatML) trained on indented code, so it has tokens that join a newline and
+    the spaces after it, as SmolLM2's does ("\\n " is one token)."""
+    from tiny import CHATML_TEMPLATE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["user\nassistant\n  for x in xs:\n      print(x)\n  return"] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def test_a_reply_that_starts_with_whitespace_joining_the_prompt_is_a_row_problem(tmp_path):
+    # "assistant\n" then "  for": the tokenizer joins the newline and the spaces into one token, so the
+    # reply has no token boundary. That is this row's text, not the template: the other rows still train.
+    tokenizer = code_tokenizer()
+    assert "\u010a\u0120" in tokenizer.tokenize("assistant\n  for")  # "\n " is one token
+    indented = chat("Show the loop", "  for x in xs:\n      print(x)")
+    data = run(tmp_path, tokenizer, rows(12) + [indented], on_error="skip")
+    assert data.report["counts"]["rejected_by_code"] == {"reply_joins_prompt": 1}
+    assert data.report["errors"][0]["line"] == 13 and len(data.train) == 12

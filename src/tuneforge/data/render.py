@@ -447,6 +447,8 @@ class ChatRenderer:
         trained = len(ids) - 1 if plan.train_outside_spans else 0
         for reply_start, turn_end, message_index in plan.spans:
             start, end = self._boundary(plan.text, tokens, reply_start), self._boundary(plan.text, tokens, turn_end)
+            if start is None and plan.text[reply_start : reply_start + 1].isspace():
+                return [_reply_joins_prompt(message_index, plan.text, reply_start)]
             if start is None or end is None:
                 return [
                     _not_prefix(
@@ -637,6 +639,19 @@ def _context_changes(message_index: int, prompt: str, turn: str) -> Problem:
         "the system prompt only where the conversation ends with a user message (Mistral's): fold the system "
         "prompt into the first user message, or use a template that keeps earlier turns as they are.",
         field=f"messages[{message_index}]",
+    )
+
+
+def _reply_joins_prompt(message_index: int, text: str, reply_start: int) -> Problem:
+    """Reply `message_index` starts with whitespace that the tokenizer joins to the template's text before
+    it: a problem of this row's text, not of the template (other rows train)."""
+    return Problem(
+        "reply_joins_prompt",
+        f"the reply starts with whitespace that the tokenizer joins to the end of the prompt before it "
+        f"({text[max(0, reply_start - 20) : reply_start + 20]!r}), so no token boundary marks where the reply "
+        "starts, and the model would never see this prompt tokenized as it is when it answers. Remove the "
+        "whitespace at the start of the reply.",
+        field=f"messages[{message_index}].content",
     )
 
 
