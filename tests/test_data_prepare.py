@@ -296,3 +296,17 @@ def test_a_reply_that_starts_with_whitespace_joining_the_prompt_is_a_row_problem
     data = run(tmp_path, tokenizer, rows(12) + [indented], on_error="skip")
     assert data.report["counts"]["rejected_by_code"] == {"reply_joins_prompt": 1}
     assert data.report["errors"][0]["line"] == 13 and len(data.train) == 12
+
+
+def test_general_mix_that_no_replay_conversation_fits_is_an_error_not_a_silent_zero(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", rows(40))
+    replay = write_jsonl(tmp_path / "replay.jsonl", [chat("Tell me a long story", "Once upon a time " * 40)])
+    cfg = DataConfig(train=str(path), validation=None, general_mix=0.2, general_replay=str(replay), max_length=64)
+    with pytest.raises(DataError) as err:
+        prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert err.value.code == "replay_too_long" and "max_length 64" in str(err.value)
+    # Some fit: the rest are left out, and the report says so (a warning where the few left must repeat).
+    write_jsonl(replay, [chat("Tell me a long story", "Once upon a time " * 40), chat("Hi", "Hello!")])
+    data = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert data.report["counts"]["general_mix"] == 10 and data.report["counts"]["general_replay_too_long"] == 1
+    assert [w["count"] for w in data.report["warnings"] if w["code"] == "replay_too_long"] == [1]

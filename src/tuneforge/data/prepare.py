@@ -151,11 +151,32 @@ def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, replay: Path | 
     if replay is None or not data.train:
         return
     wanted = round(cfg.general_mix / (1 - cfg.general_mix) * len(data.train))
-    rendered = (e for c in replay_conversations(replay) for e in render_examples(c, tokenizer, cfg.train_on))
+    rendered = [e for c in replay_conversations(replay) for e in render_examples(c, tokenizer, cfg.train_on)]
     pool = [replace(e, is_replay=True) for e in rendered if len(e.input_ids) <= cfg.max_length]
+    if wanted and not pool:
+        raise DataError(
+            f"data.general_mix {cfg.general_mix} asks for {wanted} replay examples, but none of the "
+            f"{len(rendered)} replay examples of {cfg.general_replay} fits data.max_length {cfg.max_length} "
+            f"(the shortest is {min((len(e) for e in rendered), default=0)} tokens). Raise data.max_length, "
+            "or choose a general_replay file of shorter conversations.",
+            code="replay_too_long",
+        )
+    left_out = len(rendered) - len(pool)
+    if left_out and len(pool) < wanted:  # the length cut makes the mix repeat examples
+        data.report["warnings"].append(
+            {
+                "code": "replay_too_long",
+                "count": left_out,
+                "message": f"{left_out} of the {len(rendered)} general replay examples are longer than max_length "
+                f"{cfg.max_length} and are left out, so the {len(pool)} left are repeated to make up the "
+                f"{wanted} that general_mix {cfg.general_mix} asks for.",
+                "where": [],
+            }
+        )
     mixed = [pool[i % len(pool)] for i in range(wanted)] if pool else []
     data.train.extend(mixed)  # the loop shuffles every epoch
     data.report["counts"]["general_mix"] = len(mixed)
+    data.report["counts"]["general_replay_too_long"] = left_out
     data.report["counts"]["train"] = len(data.train)
 
 
