@@ -237,6 +237,27 @@ def test_qwen3_trains_each_reply_with_its_reasoning_in_an_example_of_its_own(tmp
     assert trained_runs(whole, tokenizer) == ["<think>\nThree and three.\n</think>\n\nSix.<|im_end|>"]
 
 
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("qwen2.5", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'),
+        ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'),
+    ],
+)
+def test_openai_tool_call_arguments_are_trained_as_an_object_not_a_string(tmp_path, name, call):
+    # OpenAI's format holds a call's arguments as JSON text; the templates write them with tojson.
+    tokenizer = family_tokenizer(FAMILIES[name], tmp_path)
+    weather = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", **weather}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    example = render_conversation(messages, tokenizer)
+    assert trained_runs(example, tokenizer)[0] == call
+
+
 def test_mistral_refuses_a_system_prompt_naming_the_reply_it_moves_away_from(tmp_path):
     # Mistral writes the system prompt into the last message only when the user wrote it: once the
     # reply follows, it is gone from the turn the reply answers.

@@ -8,6 +8,7 @@ Rendering turns records into `Example`s: token ids plus already shifted labels.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,7 +35,26 @@ class Message:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
+        if self.tool_calls:
+            out["tool_calls"] = [_call_for_template(call) for call in self.tool_calls]
         return out
+
+
+def _call_for_template(call: dict) -> dict:
+    """A tool call with its arguments as an object: OpenAI's data holds them as JSON text
+    (`"arguments": "{\\"city\\": \\"Paris\\"}"`), chat templates write them with `tojson` and expect an
+    object, as transformers documents (a string would be written, and trained, as JSON inside a string)."""
+    function = call.get("function")
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        return call
+    if not isinstance(parsed, dict):
+        return call
+    return {**call, "function": {**function, "arguments": parsed}}
 
 
 @dataclass
