@@ -310,3 +310,19 @@ def test_chatml_shortcut_renders_exactly_as_the_template_and_only_for_chatml():
     trimming = TINY_TEMPLATE.replace("message['content']", "message['content'] | trim")
     renderer = ChatRenderer(tokenizer_with_template(trimming))
     assert _chatml_shortcut(lambda m, t, g: renderer._apply_template([m], t, g)[0]) is None
+
+
+def test_a_template_that_drops_tool_calls_is_a_row_problem_not_an_empty_reply(tokenizer):
+    # ChatML as SmolLM2 has it writes only a message's content: a tool call would train as an empty reply.
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "fox"}'}}
+    conversation = Conversation(
+        [
+            Message("user", "Find the fox"),
+            Message("assistant", "", tool_calls=[call]),
+            Message("tool", "in the forest", tool_call_id="c1"),
+            Message("assistant", "In the forest."),
+        ]
+    )
+    [problem] = ChatRenderer(tokenizer).render([conversation])[0]
+    assert (problem.code, problem.field) == ("tool_calls_not_rendered", "messages[1].tool_calls")
+    assert "'<|im_end|>'" in problem.message

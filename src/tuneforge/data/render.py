@@ -283,12 +283,12 @@ class ChatRenderer:
         return [
             want
             if isinstance(want, list)
-            else self._spans(texts[want[0] : want[1]], want[2], len(conversation.messages) - 1, train_on == "all")
+            else self._spans(texts[want[0] : want[1]], want[2], conversation.messages, train_on == "all")
             for conversation, want in zip(conversations, wanted)
         ]
 
     def _spans(
-        self, rendered: list[str | Exception], span_at: list[int], last: int, train_outside_spans: bool
+        self, rendered: list[str | Exception], span_at: list[int], messages: list[Message], train_outside_spans: bool
     ) -> tuple[_Plan, ...] | list[Problem]:
         """Check the prefix renderings of one conversation and turn them into plans: the whole
         rendering with the replies it holds as their own turns render them, and a plan of its own
@@ -300,10 +300,17 @@ class ChatRenderer:
         spans, own_turns = [], []
         for i in span_at:
             prompt = next(prefixes)
-            turn = next(prefixes) if i < last else text
+            turn = next(prefixes) if i < len(messages) - 1 else text
             if not (turn.startswith(prompt) and len(turn) > len(prompt)):
                 return [_context_changes(i, prompt, turn)]
             reply_end = self._reply_end(turn, len(prompt))
+            calls = messages[i].tool_calls
+            if (
+                calls
+                and not train_outside_spans
+                and not any(c["function"]["name"] in turn[len(prompt) : reply_end] for c in calls)
+            ):
+                return [_tool_calls_not_rendered(i, turn[len(prompt) : reply_end])]
             if text.startswith(turn[:reply_end]):
                 spans.append((len(prompt), reply_end, i))
             elif train_outside_spans:  # everything else in the whole rendering is trained: no turn of its own
@@ -652,6 +659,16 @@ def _reply_joins_prompt(message_index: int, text: str, reply_start: int) -> Prob
         "starts, and the model would never see this prompt tokenized as it is when it answers. Remove the "
         "whitespace at the start of the reply.",
         field=f"messages[{message_index}].content",
+    )
+
+
+def _tool_calls_not_rendered(message_index: int, reply: str) -> Problem:
+    return Problem(
+        "tool_calls_not_rendered",
+        f"the chat template does not write this reply's tool calls (it renders the reply as {reply!r}), so the "
+        "model would learn to answer with that instead of calling the tool. Use a model whose chat template "
+        "supports tool calls, or leave such rows out.",
+        field=f"messages[{message_index}].tool_calls",
     )
 
 
