@@ -310,3 +310,13 @@ def test_general_mix_that_no_replay_conversation_fits_is_an_error_not_a_silent_z
     data = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
     assert data.report["counts"]["general_mix"] == 10 and data.report["counts"]["general_replay_too_long"] == 1
     assert [w["count"] for w in data.report["warnings"] if w["code"] == "replay_too_long"] == [1]
+
+
+def test_the_cache_is_not_reused_for_the_same_rows_at_another_path(tmp_path, tokenizer, isolated_home):
+    # The report names files and lines: a copy elsewhere must get a report that names the copy.
+    first = write_jsonl(tmp_path / "train.jsonl", rows(12))
+    copy = write_jsonl(tmp_path / "copy.jsonl", rows(12))
+    prepare(DataConfig(train=str(first)), tokenizer, log=lambda _: None)
+    again = prepare(DataConfig(train=str(copy)), tokenizer, log=lambda _: None)
+    assert again.report["cache"]["reused"] is False
+    assert [f["path"] for f in again.report["files"]] == [str(copy)]

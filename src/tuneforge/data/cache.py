@@ -1,6 +1,6 @@
 """The cache of prepared (tokenized) data sets, under `tuneforge_home()/data-cache/<key>/`.
 
-The key hashes everything the prepared data depends on: the data files' contents, the tokenizer
+The key hashes everything the prepared data depends on: the data files' paths and contents, the tokenizer
 (vocabulary, merges, added tokens, chat template) and the data config. Entries are Parquet files
 written atomically (a folder renamed into place), so a crash never leaves a half entry that a
 later run would trust.
@@ -48,6 +48,9 @@ def cache_key(cfg: DataConfig, tokenizer, replay_file: Path | None = None) -> st
         exclude={"train", "validation", "packing", "share_prefixes"}
     )  # packing comes after the cache
     settings["validation"] = cfg.validation if not isinstance(cfg.validation, str) else "file"
+    # The paths as well as the contents: the report (data_report.json) names the files and the lines of
+    # every problem, duplicate and leak, so a copy of the data elsewhere must not reuse another path's report.
+    settings["paths"] = [str(path) for path in files]
     h.update(json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True).encode())
     for path in files:
         try:
