@@ -97,3 +97,15 @@ def test_neftune_is_refused_where_a_teacher_or_reference_reads_the_same_inputs(t
 @pytest.mark.parametrize("n, epochs", [(10, 10), (20, 5), (100, 3), (5000, 3), (10000, 2), (30000, 1), (1, 25)])
 def test_auto_epochs_follows_the_openai_heuristic(n, epochs):
     assert auto_epochs(n) == epochs
+
+
+def test_a_teacher_or_grader_under_another_method_is_refused_not_ignored(tmp_path):
+    for section, value in (("distill", {"teacher": "t"}), ("grpo", {"grader": {"type": "string_check"}})):
+        for method in ("lora", "full", "dpo"):
+            with pytest.raises(ConfigError, match=f"{section}.* is set, but method: {method} does not use"):
+                load_config(write(tmp_path, {"data": {"train": "x"}, "method": method, section: value}))
+        with pytest.raises(ConfigError, match="method: lora does not use"):  # `method:` forgotten: lora
+            load_config(write(tmp_path, {"data": {"train": "x"}, section: value}))
+    # A run's config.yaml carries every section with its defaults: those stay accepted.
+    written = Config(data={"train": "x"}).model_dump()
+    assert load_config(write(tmp_path, written)).method == "lora"

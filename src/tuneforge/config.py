@@ -305,6 +305,14 @@ class Config(Strict):
             )
         if self.method == "distill" and not self.distill.teacher:
             raise ValueError("method: distill needs distill.teacher (a model named like base_model)")
+        # A teacher or grader under another method would be ignored: a config that forgot `method:`
+        # (lora by default) would train plain SFT with no teacher or grader, and say nothing.
+        for section, key, value in (("distill", "teacher", self.distill.teacher), ("grpo", "grader", self.grpo.grader)):
+            if value and self.method != section:
+                raise ValueError(
+                    f"{section}.{key} is set, but method: {self.method} does not use the {section} section, so it "
+                    f"would be ignored; set method: {section}, or leave {section}.{key} out"
+                )
         if self.method == "grpo":
             if not self.grpo.grader:
                 raise ValueError("method: grpo needs grpo.grader (a grader object, or a JSON/YAML file with one)")
