@@ -223,3 +223,16 @@ def test_more_processes_than_gpus_are_refused_before_any_start(monkeypatch, tmp_
     with pytest.raises(TuneforgeError, match="4 processes on this machine"):
         setup()
     assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_ctrl_c_at_the_launcher_exits_as_a_signal_without_torchruns_traceback(monkeypatch):
+    """torchrun's agent turns the SIGINT it passes on to the processes (which checkpoint and say how to
+    resume) into a `SignalException`; `tuneforge train --nproc N` exits 130 then, as one process does."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def interrupted(_):
+        raise SignalException("Process 1 got signal: 2", sigval=signal.SIGINT)
+
+    monkeypatch.setattr(torch.distributed.run, "run", interrupted)
+    assert launch(["train", "config.yaml"], 2) == 130

@@ -329,13 +329,19 @@ def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
     """Run `tuneforge ARGS` under torchrun with `nproc` processes on this machine (of `nnodes`, see
     `rendezvous`). torchrun stops every process as soon as one fails; the exit code is then the
     failed process's own (2 for bad input, 1 for a failed run), and each process has printed its own error."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import get_args_parser, run
 
     refuse_more_processes_than_gpus(nproc)
     options = [*rendezvous(nnodes, node_rank, master), f"--nproc-per-node={nproc}"]
     launcher = get_args_parser().parse_args([*options, "-m", "tuneforge", *args])
-    with _failure_as_error(nproc * nnodes):
-        run(launcher)
+    try:
+        with _failure_as_error(nproc * nnodes):
+            run(launcher)
+    except SignalException as stopped:
+        # Ctrl-C (or SIGTERM) reached torchrun's agent, which passed it on to every process: they have
+        # saved a checkpoint and said how to resume. The exit code is a signal's, as on one process (130).
+        return 128 + int(stopped.sigval)
     return 0
 
 
