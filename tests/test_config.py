@@ -109,3 +109,13 @@ def test_a_teacher_or_grader_under_another_method_is_refused_not_ignored(tmp_pat
     # A run's config.yaml carries every section with its defaults: those stay accepted.
     written = Config(data={"train": "x"}).model_dump()
     assert load_config(write(tmp_path, written)).method == "lora"
+
+
+def test_jsd_beta_without_jsd_is_refused_not_ignored(tmp_path):
+    for divergence in ("forward_kl", "reverse_kl"):
+        distill = {"teacher": "t", "divergence": divergence, "jsd_beta": 0.3}
+        with pytest.raises(ConfigError, match=f"jsd_beta weighs the mixture of divergence: jsd, which {divergence}"):
+            load_config(write(tmp_path, {"data": {"train": "x"}, "method": "distill", "distill": distill}))
+    for distill in ({"divergence": "jsd", "jsd_beta": 0.3}, {"divergence": "forward_kl", "jsd_beta": 0.5}):
+        raw = {"data": {"train": "x"}, "method": "distill", "distill": {"teacher": "t", **distill}}
+        assert load_config(write(tmp_path, raw)).distill.jsd_beta == distill["jsd_beta"]

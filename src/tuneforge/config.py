@@ -207,6 +207,12 @@ class DistillConfig(Strict):
 
     @model_validator(mode="after")
     def _top_k_needs_forward_kl(self):
+        # Compared with the default, not looked up among the keys given: a run's config.yaml writes every key.
+        if self.divergence != "jsd" and self.jsd_beta != DistillConfig.model_fields["jsd_beta"].default:
+            raise ValueError(
+                f"distill.jsd_beta weighs the mixture of divergence: jsd, which {self.divergence} has not, so it "
+                "would be ignored; set divergence: jsd, or leave jsd_beta out"
+            )
         if self.teacher_top_k is not None and self.divergence != "forward_kl":
             raise ValueError(
                 f"distill.teacher_top_k keeps the teacher's k likeliest tokens only, which {self.divergence} cannot "
