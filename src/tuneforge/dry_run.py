@@ -187,7 +187,10 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
             f"{device.type} has free ({available_memory(device) / 2**30:.1f} GiB): quantize the base "
             "(model.quantize: nf4), turn on train.gradient_checkpointing, or lower data.max_length or the batch."
         )
-    console.print("[bold green]ok[/]: nothing found that would stop this run.")
+    if held:
+        console.print("[bold yellow]ok, but[/]: start it with --resume or --overwrite (the warning above).")
+    else:
+        console.print("[bold green]ok[/]: nothing found that would stop this run.")
     return 0
 
 
