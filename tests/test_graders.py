@@ -185,7 +185,13 @@ def test_python_grader_limits_time_memory_network_and_environment(monkeypatch):
     )
     assert scores(environment, ["a"], [{}]) == [0]
     sleeper = python("import time\n\ndef grade(sample, item):\n    time.sleep(30)\n")
-    failure(sleeper, ["a", "b"], [{}, {}], "took longer than the limit of 1 s", "on sample 0")
+    failure(
+        sleeper,
+        ["a", "b"],
+        [{}, {}],
+        "took longer than the limit of 1 s (0 graded), a limit for the whole batch",
+        "on sample 0",
+    )
     hog = python("def grade(sample, item):\n    return len(bytearray(512 << 20))\n")
     failure(hog, ["a"], [{}], "MemoryError", "memory limit of 256 MiB")
     for call in ("socket.socket()", "socket.create_connection(('127.0.0.1', 9))"):

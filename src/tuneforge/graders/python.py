@@ -131,7 +131,7 @@ class PythonGrader(Grader):
         if timed_out:
             what = (
                 f"the batch of {len(samples)} samples took longer than the limit of {self.limits.timeout_s:g} s "
-                f"({index} graded); make grade() faster or raise the time limit"
+                f"({index} graded), a limit for the whole batch, not one sample; make grade() faster"
             )
         else:
             ended = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
