@@ -118,6 +118,34 @@ def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
     return len(lines)
 
 
+def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int) -> None:
+    """Rows added to `out` come from the teacher and answer length that wrote the rows already there, as
+    `out`'s record beside it says (written with the first row): a file continued by another teacher
+    would mix two teachers' answers."""
+    from ..fsio import write_json
+    from ..models import resolve
+
+    source = resolve(teacher)
+    wanted = {
+        "teacher": str(source.path.resolve()),
+        "adapter": str(source.adapter.resolve()) if source.adapter else None,
+        "max_new_tokens": max_new_tokens,
+    }
+    record = out.with_name(out.name + ".teacher.json")
+    if done and record.is_file():
+        written = json.loads(record.read_text())
+        changed = [key for key in wanted if written.get(key) != wanted[key]]
+        if changed:
+            raise TuneforgeError(
+                f"{out} holds {done} answers written with {', '.join(f'{k} {written.get(k)}' for k in changed)}; "
+                f"this call asks for {', '.join(f'{k} {wanted[k]}' for k in changed)}, and the file would mix "
+                "the two. Continue with the same --teacher and --max-new-tokens, or choose another --out.",
+                code="output_mismatch",
+            )
+    if not done or not record.is_file():
+        write_json(record, wanted)
+
+
 def generate_teacher_data(
     teacher: str,
     prompts_file: str | Path,
@@ -148,6 +176,7 @@ def generate_teacher_data(
     target = len(prompts) if limit is None else min(limit, len(prompts))
     stopped_by_length = empty = 0
     if done < target:
+        check_same_teacher(out, teacher, max_new_tokens, done)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_frozen_model(teacher, dtype=compute_dtype(resolve_precision(precision, device)), device=device)
         tokenizer = load_tokenizer(teacher)
