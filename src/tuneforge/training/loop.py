@@ -574,7 +574,8 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
                 path = run.save_checkpoint(step + 1)
                 # The run's own config.yaml holds the command line's overrides too: resuming from it matches.
                 resume_with = f"tuneforge train {run.out / 'config.yaml'} --resume"
-                log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `{resume_with}`.")
+                where = "" if run.out.is_absolute() else f" in {Path.cwd()}"  # output_dir is relative to it
+                log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `{resume_with}`{where}.")
                 return "interrupted"
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and not is_last:
                 run.save_checkpoint(step + 1)
