@@ -46,6 +46,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class BodyReadError(StarletteHTTPException):
+    """An `APIError` raised while a route reads the request body. FastAPI passes only HTTP exceptions on
+    from there (any other becomes its own generic 400), so the error travels inside one."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status, error.message, headers=error.headers)
+        self.error = error
+
+
 def failure_id() -> str:
     """The id a client quotes to the operator, who finds the details under it in the server's log."""
     return f"err_{secrets.token_hex(6)}"
@@ -83,8 +92,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException):
         if err.status_code >= 500:
             return server_error(err).response()
-        code = "request_too_large" if err.status_code == 413 else None  # a body over the cap, found while read
-        return APIError(err.status_code, str(err.detail), code=code, headers=err.headers).response()
+        if isinstance(err, BodyReadError):
+            return err.error.response()
+        return APIError(err.status_code, str(err.detail), headers=err.headers).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fastapi import FastAPI
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Pages, require_keys
-from .errors import APIError, install_error_handlers
+from .errors import APIError, BodyReadError, install_error_handlers
 from .observe import Observer, observe
 
 HEALTH_PATH = "/health"
@@ -38,8 +37,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                # Starlette's kind: FastAPI passes it on from reading a body (any other error becomes a 400).
-                raise StarletteHTTPException(413, _too_large(limit).message)
+                raise BodyReadError(_too_large(limit))
             return message
 
         await self.app(scope, counted, send)
