@@ -113,6 +113,21 @@ def test_metric_is_chosen_from_the_data(tmp_path, triage_data):
     assert choose_metric("contains", read_eval_examples(plain)) == "contains"
 
 
+def test_a_preference_pair_is_evaluated_against_its_chosen_reply(tmp_path):
+    # A DPO run's validation file holds pairs; `eval.task` scores its answers against the chosen ones.
+    pairs = tmp_path / "pairs.jsonl"
+    row = {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    pairs.write_text(json.dumps(row) + "\n")
+    (example,) = read_eval_examples(pairs)
+    assert example.reference == "4"
+    assert example.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert (example.file, example.line) == (str(pairs), 1)
+
+
 def test_rows_without_a_reference_answer_are_refused_with_their_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(

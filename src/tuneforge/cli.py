@@ -173,7 +173,10 @@ def data_from_completions(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Registry name, model folder, run folder or checkpoint."),
-    data: Path = typer.Argument(..., help="Chat JSONL whose last assistant message is the reference answer."),
+    data: Path = typer.Argument(
+        ...,
+        help="Chat JSONL whose last assistant message is the reference answer (a preference pair's: its chosen reply).",
+    ),
     compare: str | None = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
     metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
     limit: int | None = typer.Option(None, min=1, help="Evaluate only the first N examples."),

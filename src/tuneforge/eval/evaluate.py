@@ -4,7 +4,8 @@
     result = evaluate("runs/quickstart", "data/test.jsonl", limit=100)
     result["loss"], result["perplexity"], result["scores"]["exact"], result["samples"][0]
 
-Each row of the data is a conversation whose last message is the assistant's reference answer.
+Each row of the data is a conversation whose last message is the assistant's reference answer, or
+a preference pair, whose chosen reply is the reference (so a DPO run's validation file scores too).
 The loss is the model's cross-entropy on the assistant tokens (the same tokens training trains on,
 so it is comparable with a run's `valid_loss`); the model then answers each conversation without
 its last message, greedily, and a metric from `tuneforge.tasks.metrics.METRICS` scores the answers.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import Conversation, Example, PackedRow, Problem, pack, read_conversations, render_conversation
+from ..data import Conversation, Example, PackedRow, Preference, Problem, pack, read_conversations, render_conversation
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
 from ..methods import SFTObjective, sum_over_batches
@@ -53,7 +54,8 @@ class EvalExample:
 
 
 def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalExample]:
-    """The first `limit` (all, if None) conversations of a data file, each ending in its reference answer."""
+    """The first `limit` (all, if None) conversations of a data file, each ending in its reference answer
+    (a preference pair's is its chosen reply)."""
     examples: list[EvalExample] = []
     problems: list[Problem] = []
     for line, item in read_conversations(path):
@@ -63,6 +65,8 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
             if item.is_error:
                 problems.append(item)
             continue
+        if isinstance(item, Preference):
+            item = Conversation([*item.prompt, item.chosen], item.tools)
         messages = item.messages if isinstance(item, Conversation) else None
         if not messages or messages[-1].role != "assistant" or len(messages) < 2:
             problems.append(
