@@ -95,6 +95,9 @@ def test_pages_of_tuneforge_ui(tmp_path):
         missing = client.get("/ui/runs/a%2F..%2F..")
         assert missing.status_code == 404 and "There is no run" in missing.text
         assert client.get("/ui/report/a").status_code == 404  # no evaluation was run
+        unknown = client.get("/ui/nope")  # a browser's mistyped address gets a page, not JSON
+        assert unknown.status_code == 404 and "There is no page /ui/nope" in unknown.text
+        assert client.get("/ui/static/dashboard.css").status_code == 200
         models = client.get("/ui/api/models").json()["data"]
         assert models == ["tiny-base", "a:ckpt-step-6", "a:ckpt-step-3", "b:ckpt-step-6", "b:ckpt-step-3"]
         hello = [{"role": "user", "content": "hi"}]

@@ -72,8 +72,9 @@ def run_chart(folder: RunFolder, kind: str) -> Markup:
 
 def install_dashboard(app: FastAPI, source: RunSource, *, keys_required: bool) -> None:
     """The dashboard's routes under /ui and its static files; `edge(..., pages=PAGES)` lets browsers in."""
-    app.include_router(dashboard_router(source, keys_required))
+    # The static files first: the router ends with a page for every other path under /ui.
     app.mount(f"{PREFIX}/static", StaticFiles(directory=str(files("tuneforge.dashboard") / "static")), name="static")
+    app.include_router(dashboard_router(source, keys_required))
 
 
 def dashboard_router(source: RunSource, keys_required: bool) -> APIRouter:
@@ -167,6 +168,11 @@ def dashboard_router(source: RunSource, keys_required: bool) -> APIRouter:
 
     if jobs:
         add_job_routes(router, source, page)
+
+    @router.get("/{path:path}")
+    def unknown_page(path: str):
+        return not_found(f"page {PREFIX}/{path}")
+
     return router
 
 
