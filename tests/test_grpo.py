@@ -12,7 +12,7 @@ from tuneforge.config import load_config
 from tuneforge.dashboard.runs import reward_chart
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.eval.report import rollouts_table
-from tuneforge.generate import Completion
+from tuneforge.generate import Completion, generate
 from tuneforge.graders import build_grader
 from tuneforge.methods import build_objective, prepare_items, prepare_model
 from tuneforge.methods.grpo import STD_FLOOR
@@ -183,7 +183,9 @@ def test_sampling_is_seeded_by_step_and_batch(tiny_model_dir, triage_data, tmp_p
 
 
 def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data, tmp_path):
-    cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "ref", max_steps=4, save_every=2, learning_rate=5e-2)
+    cfg = grpo_config(
+        tiny_model_dir, triage_data, tmp_path / "ref", max_steps=4, save_every=2, eval_every=2, learning_rate=5e-2
+    )
     train(cfg, progress=False)
     records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train_loss" in r]
@@ -192,6 +194,8 @@ def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data
         assert {"reward", "reward_std", "reward/brace", "kl", "completion_length"} <= set(record)
         assert 0 <= record["reward"] <= 1 and 1 <= record["completion_length"] <= 8
     assert steps[-1]["kl"] > 0  # the policy moved away from the reference
+    assert "valid_reward" in steps[1] and "valid_reward/brace" in steps[1] and "valid_reward" not in steps[0]
+    assert "full_valid_reward" in records[-1]
     # Each step's first group, as the report shows it: four answers with their rewards and advantages.
     rollouts = [json.loads(line) for line in (tmp_path / "ref" / "rollouts.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rollouts] == [1, 2, 3, 4]
@@ -210,6 +214,24 @@ def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
         {k: v for k, v in r.items() if k not in drop} for r in records
     ]
+
+
+def test_validation_grades_the_greedy_answers_to_every_validation_prompt(tiny_model_dir, triage_data, tmp_path):
+    # A grader whose scores vary with the answer and the item, so the mean checks what was graded.
+    source = "def grade(sample, item):\n    return (len(sample['output_text']) + len(item['reference'])) % 7 / 6\n"
+    lengths = {"type": "python", "name": "lengths", "source": source}
+    cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "run", grader=lengths, max_steps=1)
+    metrics = train(cfg, progress=False).metrics
+    rows = prepare_items(load_config(cfg), load_tokenizer(str(tiny_model_dir))).valid
+    assert len(rows) > 1
+    final = tmp_path / "run" / "final"
+    prompts = [tuple(r.input_ids) for r in rows]
+    answers = generate(load_model(str(final)), load_tokenizer(str(final)), prompts, max_new_tokens=8)
+    expected = sum((len(a.text) + len(r.item["reference"])) % 7 / 6 for a, r in zip(answers, rows)) / len(rows)
+    assert 0 < expected < 1
+    assert (
+        metrics["full_valid_reward"] == pytest.approx(expected) == pytest.approx(metrics["full_valid_reward/lengths"])
+    )
 
 
 def test_a_grader_that_fails_stops_the_run_before_training(tiny_model_dir, triage_data, tmp_path):

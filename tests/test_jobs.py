@@ -323,19 +323,29 @@ ANSWER_GRADER = {
 def test_a_reinforcement_job_trains_with_its_grader_and_reports_rewards(server, tiny_model_dir):
     client = server.client()
     train = upload(client, chat_rows(8))
-    hyperparameters = {"n_epochs": 1, "batch_size": 4, "compute_multiplier": 0.5}
+    hyperparameters = {"n_epochs": 1, "batch_size": 4, "compute_multiplier": 0.5, "eval_interval": 1}
     method = {"type": "reinforcement", "reinforcement": {"grader": ANSWER_GRADER, "hyperparameters": hyperparameters}}
-    job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, seed=3, method=method)
+    valid = upload(client, chat_rows(3))
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=train.id, validation_file=valid.id, seed=3, method=method
+    )
     assert job.method.type == "reinforcement"
     job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
     assert job.status == "succeeded", job.error
     reinforcement = job.method.reinforcement
     assert reinforcement.grader.name == "answer"
     assert reinforcement.hyperparameters.compute_multiplier == 0.5  # 2 answers a prompt, half the default 4
+    assert (reinforcement.hyperparameters.eval_interval, reinforcement.hyperparameters.eval_samples) == (1, 1)
     metrics = [e.data for e in all_events(client, job.id) if e.type == "metrics" and "reward" in (e.data or {})]
     assert len(metrics) == 2  # 8 prompts, 4 a step
     for data in metrics:
         assert {"reward", "reward_std", "reward/answer", "kl", "completion_length", "train_loss"} <= set(data)
+    (first,) = [data for data in metrics if data["step"] == 1]  # eval_interval 1: validated before the last step
+    assert "valid_reward" in first and "valid_reward/answer" in first
+    # The validation prompts' greedy answers, graded at the end.
+    (full,) = [e for e in all_events(client, job.id) if e.message.startswith("Full validation")]
+    assert full.message.startswith("Full validation reward=") and 0 <= full.data["full_valid_reward"] <= 1
+    assert "full_valid_reward/answer" in full.data
     rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).text)))
     assert [row["reward"] != "" for row in rows] == [True, True]
     reply = client.chat.completions.create(
@@ -366,6 +376,8 @@ def test_reinforcement_jobs_refuse_bad_graders_and_options_when_created(server, 
     assert error.code == "python_grader_not_allowed" and "--allow-python-graders" in error.message
     error = refused({"grader": ANSWER_GRADER, "hyperparameters": {"reasoning_effort": "high"}})
     assert "reasoning_effort" in error.message
+    error = refused({"grader": ANSWER_GRADER, "hyperparameters": {"eval_samples": 4}})
+    assert "one greedy answer" in error.message
     assert "method.reinforcement" in refused({}).param
 
 

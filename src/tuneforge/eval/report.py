@@ -363,6 +363,10 @@ def reward_figures(metrics: list[dict]) -> list[tuple[str, object]]:
     for part in sorted({k for m in rewarded for k in m if k.startswith("reward/")}):
         axes.plot(steps, [m.get(part) for m in rewarded], label=part, linewidth=1, alpha=0.7)
     axes.plot(steps, [m["reward_std"] for m in rewarded], ":", label="std within groups")
+    validated = [(m["step"], m.get("valid_reward", m.get("full_valid_reward"))) for m in metrics]
+    validated = [(step, reward) for step, reward in validated if reward is not None]
+    if validated:
+        axes.plot(*zip(*validated), "o-", label="validation prompts (greedy)", linewidth=1.5)
     axes.set_xlabel("step")
     axes.legend()
     kl, axes = _figure("KL to the reference")

@@ -30,8 +30,9 @@ RESULT_COLUMNS = (
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
 )
-REWARD_COLUMNS = ("reward", "reward_std", "kl", "completion_length")
-"""A reinforcement job's metrics beside the loss (and `reward/NAME` per grader, in its events)."""
+REWARD_COLUMNS = ("reward", "reward_std", "kl", "completion_length", "valid_reward", "full_valid_reward")
+"""A reinforcement job's metrics beside the loss (and `reward/NAME` per grader, in its events): the
+sampled answers' rewards, and the greedy answers' to the validation prompts."""
 
 
 class FileTooLarge(Exception):

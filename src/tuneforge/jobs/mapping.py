@@ -77,10 +77,9 @@ class ReinforcementHyperparameters(Hyperparameters):
                 "reasoning_effort sets how long a reasoning model thinks; tuneforge samples the model's answers as "
                 "they come, so leave it 'default'"
             )
-        if self.eval_interval != "auto" or self.eval_samples != "auto":
+        if self.eval_samples not in ("auto", 1):
             raise ValueError(
-                "eval_interval and eval_samples: tuneforge grades the validation file once the job has trained "
-                "(the job's evaluation), not during training; leave them 'auto'"
+                "eval_samples: tuneforge grades one greedy answer to each validation prompt; leave it 'auto' or 1"
             )
         return self
 
@@ -240,6 +239,8 @@ def training_config(
     if n_examples:
         steps_per_epoch = make_plan(load_config(raw), n_examples, n_examples, n_processes).steps_per_epoch
         raw["train"].update(save_every=steps_per_epoch, eval_every=steps_per_epoch)
+    if kind == "reinforcement" and hyper["eval_interval"] != "auto":
+        raw["train"]["eval_every"] = hyper["eval_interval"]
     return load_config(raw)
 
 
@@ -256,7 +257,11 @@ def resolved_method(method: dict, config: Config) -> dict:
     if kind == "dpo":
         hyper["beta"] = config.dpo.beta
     if kind == "reinforcement":
-        hyper["compute_multiplier"] = config.grpo.group_size / GROUP_SIZE
+        hyper.update(
+            compute_multiplier=config.grpo.group_size / GROUP_SIZE,
+            eval_interval=config.train.eval_every,
+            eval_samples=1,
+        )
     return {**method, kind: {**method[kind], "hyperparameters": hyper}}
 
 

@@ -472,6 +472,8 @@ class RunProgress:
                 shown = f"training loss={record['train_loss']:.4f}"
                 if "valid_loss" in record:
                     shown += f", validation loss={record['valid_loss']:.4f}"
+                if "valid_reward" in record:
+                    shown += f", validation reward={record['valid_reward']:.4f}"
                 self.store.add_event(
                     self.job.id,
                     f"Step {step}/{total}: {shown}",
@@ -479,12 +481,13 @@ class RunProgress:
                     data={**_openai_metrics(record), "step": step, "total_steps": total},
                 )
                 self.step, self.tokens = step, record.get("tokens", self.tokens)
-            if "full_valid_loss" in record and not self._full_valid_reported:
+            full = {key: value for key, value in record.items() if key.startswith("full_valid")}
+            if full and not self._full_valid_reported:
                 self._full_valid_reported = True
-                full = {key: value for key, value in record.items() if key.startswith("full_valid")}
+                shown = [f"{name}={record[key]:.4f}" for key, name in FULL_VALIDATION_SHOWN.items() if key in record]
                 self.store.add_event(
                     self.job.id,
-                    f"Full validation loss={record['full_valid_loss']:.4f}",
+                    f"Full validation {', '.join(shown)}",
                     type="metrics",
                     data={**full, "step": step},
                 )
@@ -509,9 +512,16 @@ class RunProgress:
         return row
 
 
+FULL_VALIDATION_SHOWN = {"full_valid_loss": "loss", "full_valid_reward": "reward"}
+
+
 def _is_metric(key: str) -> bool:
     """Whether a metrics.jsonl key is one a job reports: OpenAI's, and a reinforcement job's rewards."""
-    return key in RESULT_COLUMNS[1:] or key in REWARD_COLUMNS or key.startswith("reward/")
+    return (
+        key in RESULT_COLUMNS[1:]
+        or key in REWARD_COLUMNS
+        or key.startswith(("reward/", "valid_reward/", "full_valid_reward/"))
+    )
 
 
 def _openai_metrics(record: dict) -> dict:

@@ -180,8 +180,8 @@ def _prompt_problem(code: str, message: str, path: str, line: int) -> Problem:
 
 
 def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.PreparedData:
-    """The training prompts, checked; the grader run once on the validation items (or the first
-    training ones) so that a grader that cannot score this data fails before any training."""
+    """The training and validation prompts, checked; the grader run once on the validation items (or
+    the first training ones) so that a grader that cannot score this data fails before any training."""
     rows, problems, system_prompts = [], [], SystemPromptTally(tokenizer)
     for path in cfg.data.train_files:
         found_rows, found = read_prompts(path, tokenizer, cfg.data.max_length, system_prompts)
@@ -213,7 +213,7 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.Prepar
             problems=errors,
         )
     load_grader(cfg).check([r.item for r in (valid or rows)[:16]])
-    return tfdata.PreparedData(rows, [], report)
+    return tfdata.PreparedData(rows, valid, report)
 
 
 # --- sampling and the loss -----------------------------------------------------------------------
@@ -286,6 +286,29 @@ class GRPOObjective(nn.Module):
         sampled_scale = step_kept / step_sampled
         per_token = step_kept / max(step_tokens, 1)
         return [self._batch(group, ids, per_token, sampled_scale) for group, ids in zip(graded, kept)]
+
+    @torch.no_grad()
+    def validation_sums(self, batches: list[list[PromptRow]]) -> tuple[dict[str, float], float]:
+        """The model's greedy answers to validation prompts, graded: ({"reward": total, "reward/NAME":
+        total per grader}, prompts). Greedy, so the figure moves only when the model does."""
+        lm = causal_lm(self.model)
+        was_training = lm.training
+        totals = torch.zeros(1 + len(self.parts), dtype=torch.float64)
+        count = 0
+        try:
+            for rows in batches:
+                answers = generate(
+                    self.model,
+                    self.tokenizer,
+                    [tuple(r.input_ids) for r in rows],
+                    max_new_tokens=self.options.max_new_tokens,
+                )
+                grades = self.grader.grade([sample_of(a.text) for a in answers], [r.item for r in rows])
+                totals += torch.tensor([[g.score, *(g.parts[p] for p in self.parts)] for g in grades]).sum(dim=0)
+                count += len(rows)
+        finally:
+            lm.train(was_training)
+        return dict(zip(("reward", *(f"reward/{p}" for p in self.parts)), totals.tolist())), float(count)
 
     def _grade(self, rows: list[PromptRow], completions: list) -> SampledGroups:
         o = self.options

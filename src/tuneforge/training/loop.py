@@ -361,13 +361,16 @@ class Run:
             for start in range(world.rank * per_batch, len(self.valid_rows), per_batch * world.size)
         ]
         with distributed.phase(phase, world):
-            totals, count = sum_over_batches(
-                objective, shard, self.tokenizer.pad_token_id, world.device, sums=sums, autocast=self.autocast
-            )
-            if distributed.is_sharded(objective):
-                busiest = math.ceil(len(self.valid_rows) / (per_batch * world.size))
-                filler = [self.valid_rows[:per_batch]] * (busiest - len(shard))
-                sum_over_batches(objective, filler, self.tokenizer.pad_token_id, world.device, sums=sums)
+            if hasattr(objective, "validation_sums"):  # a method whose validation grades answers (grpo)
+                totals, count = objective.validation_sums(shard)  # samples as training does, outside autocast
+            else:
+                totals, count = sum_over_batches(
+                    objective, shard, self.tokenizer.pad_token_id, world.device, sums=sums, autocast=self.autocast
+                )
+                if distributed.is_sharded(objective):
+                    busiest = math.ceil(len(self.valid_rows) / (per_batch * world.size))
+                    filler = [self.valid_rows[:per_batch]] * (busiest - len(shard))
+                    sum_over_batches(objective, filler, self.tokenizer.pad_token_id, world.device, sums=sums)
         totals = distributed.sum_across({**totals, "count": count}, world, phase)
         n = max(totals.pop("count"), 1)
         return {name: total / n for name, total in totals.items()}
@@ -563,10 +566,11 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
             run.state["elapsed"] = time.perf_counter() - started
             record["elapsed"] = round(run.state["elapsed"], 3)
             is_last = step + 1 == plan.total_steps
+            valid = {}
             if run.valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
                 valid = run.validate(f"validation at step {step + 1}")
                 record.update({f"valid_{name}": value for name, value in valid.items()})
-            if (step + 1) % cfg.train.log_every == 0 or is_last or "valid_loss" in record:
+            if (step + 1) % cfg.train.log_every == 0 or is_last or valid:
                 run.metrics_log.write(record)
             run.last_metrics = record
             bar.update(record)

@@ -38,6 +38,8 @@ class TrainProgress:
         loss = f"{record['train_loss']:.4f}"
         if "valid_loss" in record:
             loss += f" (valid {record['valid_loss']:.4f})"
+        if "valid_reward" in record:
+            loss += f" (valid reward {record['valid_reward']:.3f})"
         if "divergence" in record:
             loss += f" div {record['divergence']:.4f} agree {record['teacher_agreement']:.1%}"
         if "rewards/margins" in record:
@@ -76,6 +78,8 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
         "trained_share",
         "valid_loss",
         "full_valid_loss",
+        "full_valid_reward",
+        *sorted(key for key in metrics if key.startswith("full_valid_reward/")),
         "full_valid_mean_token_accuracy",
         *(f"full_valid_{name}" for name in REWARDS),
         "tokens",
