@@ -119,3 +119,28 @@ def test_jsd_beta_without_jsd_is_refused_not_ignored(tmp_path):
     for distill in ({"divergence": "jsd", "jsd_beta": 0.3}, {"divergence": "forward_kl", "jsd_beta": 0.5}):
         raw = {"data": {"train": "x"}, "method": "distill", "distill": {"teacher": "t", **distill}}
         assert load_config(write(tmp_path, raw)).distill.jsd_beta == distill["jsd_beta"]
+
+
+def test_the_readme_config_block_shows_every_key_with_its_default():
+    """README's config block says each key it shows has its default there, and which methods exist."""
+    import re
+    import typing
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"A config \(every key, with its default.*?```yaml\n(.*?)```", readme, re.S)[1]
+    shown = yaml.safe_load(block)
+    defaults = Config(data={"train": "x"}).model_dump()
+    shown["data"].pop("train")  # the one key without a default: an example path
+
+    def compare(shown: dict, defaults: dict, prefix: str = ""):
+        for key, value in shown.items():
+            if isinstance(value, dict):
+                compare(value, defaults[key], f"{prefix}{key}.")
+            else:
+                assert value == defaults[key], f"README shows {prefix}{key}: {value}, the default is {defaults[key]}"
+
+    compare(shown, defaults)
+    method_line = next(line for line in block.splitlines() if line.startswith("method:"))
+    for method in typing.get_args(Config.model_fields["method"].annotation):
+        assert method in method_line.split("#", 1)[1], f"README's method comment leaves out {method}"
