@@ -71,6 +71,18 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.lr=1"])
 
 
+def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
+    import tuneforge
+
+    path = write(tmp_path, {"data": {"train": "x"}})
+    assert load_config(path, "train.max_steps=3").train.max_steps == 3
+    assert load_config(path, None).train.max_steps is None
+    with pytest.raises(ConfigError, match=r"train\.max_stepz: unknown key\. Did you mean 'train\.max_steps'"):
+        tuneforge.train(path, "train.max_stepz=3")
+    with pytest.raises(ConfigError, match=r"data: required"):
+        tuneforge.train({"base_model": "x"}, None)
+
+
 def test_relative_data_paths_resolve_against_the_config_folder(tmp_path):
     (tmp_path / "d.jsonl").write_text("{}\n")
     cfg = load_config(write(tmp_path, {"data": {"train": "d.jsonl"}}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -473,8 +474,11 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4); values parse as YAML scalars."""
+def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, Any]]:
+    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4); values parse as YAML scalars. One
+    override may come as a string alone (iterating over it would take each character for an override)."""
+    if overrides is None or isinstance(overrides, str):
+        overrides = [overrides] if overrides else []
     parsed = []
     for o in overrides:
         if "=" not in o:
@@ -484,7 +488,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(source: str | Path | dict | Config, overrides: list[str] = ()) -> Config:
+def load_config(source: str | Path | dict | Config, overrides: str | Iterable[str] | None = ()) -> Config:
     """Load a config from a YAML path, a dict or a Config, apply dotted overrides, validate.
 
     Relative data paths in a YAML file are resolved against the file's folder, so a config runs
@@ -510,7 +514,7 @@ def load_config(source: str | Path | dict | Config, overrides: list[str] = ()) -
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys (base_model, method, data, ...).")
         name, base_dir = str(path), path.parent
-    for key, value in parse_overrides(list(overrides)):
+    for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
     if base_dir is not None:
         _resolve_relative_paths(raw, base_dir)

@@ -27,7 +27,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune as `config` (a YAML path, dict or Config) says, then evaluate as its `eval:` asks.
     The evaluation's headline figures join the result's metrics and the run's `summary.json`."""
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, overrides)
     check_eval_inputs(cfg)
     result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
     if result.final_dir is None or not (cfg.eval.task or cfg.eval.forgetting):
