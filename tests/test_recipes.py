@@ -76,6 +76,15 @@ def test_a_config_is_a_file_or_else_a_shipped_recipe_name(tmp_path, monkeypatch)
     assert config_file("missing.yaml") == Path("missing.yaml")  # load_config then says it is missing
 
 
+def test_load_config_and_so_the_python_api_take_a_recipe_name_as_the_cli_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("quickstart", ["train.max_steps=1"])
+    assert cfg.output_dir == "runs/quickstart" and cfg.train.max_steps == 1
+    assert cfg.data.train == "runs/quickstart/data/train.jsonl"  # the run's data, relative to the working folder
+    with pytest.raises(ConfigError, match=r"quickstar: no such config file, nor a shipped recipe"):
+        load_config("quickstar")
+
+
 def test_package_data_ships_every_data_file_and_names_no_missing_one():
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((SRC.parent / "pyproject.toml").read_text())

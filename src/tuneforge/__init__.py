@@ -25,8 +25,9 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 
 def train(config, overrides=(), **kwargs):
-    """Fine-tune as `config` (a YAML path, dict or Config) says, with `overrides` (dotted KEY=VALUE strings,
-    one or a list), then evaluate as its `eval:` section asks; returns a `TrainResult`."""
+    """Fine-tune as `config` (a YAML path, a shipped recipe's name, a dict or a Config) says, with
+    `overrides` (dotted KEY=VALUE strings, one or a list), then evaluate as its `eval:` section asks;
+    returns a `TrainResult`."""
     from .pipeline import train as _train
 
     return _train(config, overrides, **kwargs)

@@ -59,9 +59,8 @@ def train(
             args.append("--overwrite")
         raise typer.Exit(_launch(args, nproc, nnodes=nnodes, node_rank=node_rank, master=master))
     from .pipeline import train as run_train
-    from .recipes import config_file
 
-    result = run_train(config_file(config), overrides or [], resume=resume, force=force, overwrite=overwrite)
+    result = run_train(config, overrides, resume=resume, force=force, overwrite=overwrite)
     raise typer.Exit(0 if result.status == "completed" else 130)
 
 
@@ -82,9 +81,8 @@ def validate(
 ):
     """Dry run: check config, model and every data row; print the plan. Exit 2 on any problem."""
     from .dry_run import validate as run_validate
-    from .recipes import config_file
 
-    raise typer.Exit(run_validate(config_file(config), overrides or [], processes=nproc * nnodes))
+    raise typer.Exit(run_validate(config, overrides, processes=nproc * nnodes))
 
 
 @models_app.command("list")

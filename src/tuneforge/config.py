@@ -489,7 +489,8 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
 
 
 def load_config(source: str | Path | dict | Config, overrides: str | Iterable[str] | None = ()) -> Config:
-    """Load a config from a YAML path, a dict or a Config, apply dotted overrides, validate.
+    """Load a config from a YAML path (or, where no such file exists, a shipped recipe's name), a dict or a
+    Config, apply dotted overrides, validate.
 
     Relative data paths in a YAML file are resolved against the file's folder, so a config runs
     the same from any working directory.
@@ -500,10 +501,13 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
     if isinstance(source, dict):
         raw, name = json.loads(json.dumps(source)), "config"
     else:
-        path = Path(source)
+        from .recipes import config_file  # imported here: the recipes module checks its configs with this one
+
+        path = config_file(source)
         if not path.is_file():
             raise ConfigError(
-                f"{path}: no such config file. Write one (see `tuneforge validate --help`) or check the path."
+                f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them). "
+                "Write one (see `tuneforge validate --help`) or check the path."
             )
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -25,8 +25,9 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune as `config` (a YAML path, dict or Config) says, then evaluate as its `eval:` asks.
-    The evaluation's headline figures join the result's metrics and the run's `summary.json`."""
+    """Fine-tune as `config` (a YAML path, a shipped recipe's name, a dict or a Config) says, then
+    evaluate as its `eval:` asks. The evaluation's headline figures join the result's metrics and the
+    run's `summary.json`."""
     cfg = load_config(config, overrides)
     check_eval_inputs(cfg)
     result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
