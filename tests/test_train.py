@@ -196,6 +196,8 @@ def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_m
         train(cfg, progress=False)
         cfg["train"]["max_steps"] = 3
         assert train(cfg, resume="latest", force=True, progress=False).steps == 3
+        cfg["train"]["max_steps"] = 4
+        assert train(cfg, resume=True, force=True, progress=False).steps == 4  # as a bare --resume
     assert [str(w.message) for w in caught if "torch.distributed" in str(w.message)] == []
 
 

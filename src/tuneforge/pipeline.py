@@ -20,7 +20,7 @@ def train(
     config,
     overrides=(),
     *,
-    resume: str | None = None,
+    resume: str | bool | None = None,
     force: bool = False,
     overwrite: bool = False,
     progress: bool = True,

@@ -225,12 +225,13 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-def resume_point(cfg: Config, resume: str | None, force: bool) -> Path | None:
-    """The checkpoint to resume from; a refused resume fails here, before any heavy work."""
+def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> Path | None:
+    """The checkpoint to resume from: the latest for "latest" or True (the Python spelling of a bare
+    `--resume`), else the folder `resume` names; a refused resume fails here, before any heavy work."""
     if not resume:
         return None
     root = Path(cfg.output_dir) / "checkpoints"
-    folder = checkpoint.latest(root) if resume == "latest" else Path(resume)
+    folder = checkpoint.latest(root) if resume is True or resume == "latest" else Path(resume)
     if folder is None or not (folder / checkpoint.STATE).is_file():
         raise TuneforgeError(f"no checkpoint to resume from at {folder or root}; start without --resume.")
     saved_hash = json.loads((folder / checkpoint.STATE).read_text())["config_hash"]
@@ -250,7 +251,7 @@ def earlier_run(out: Path) -> str | None:
     return " and ".join(held) or None
 
 
-def clear_earlier_run(cfg: Config, world: distributed.World, resume: str | None, overwrite: bool) -> None:
+def clear_earlier_run(cfg: Config, world: distributed.World, resume: str | bool | None, overwrite: bool) -> None:
     """A run started afresh where an earlier run left checkpoints or a final model is refused: the two
     runs' checkpoints would mix (the newest step numbers kept, whichever run wrote them), `--resume`
     would continue the wrong run, and the earlier final model would be replaced unasked. With
@@ -393,7 +394,7 @@ def setup(
     cfg: Config,
     world: distributed.World,
     *,
-    resume: str | None = None,
+    resume: str | bool | None = None,
     force: bool = False,
     overwrite: bool = False,
     log=print,
@@ -628,12 +629,12 @@ def train(
     config,
     overrides: list[str] = (),
     *,
-    resume: str | None = None,
+    resume: str | bool | None = None,
     force: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune as the config says. `resume` is "latest" or a checkpoint folder; `overwrite` starts
+    """Fine-tune as the config says. `resume` is "latest" (or True) or a checkpoint folder; `overwrite` starts
     afresh in an output_dir that holds an earlier run (`clear_earlier_run`)."""
     cfg = load_config(config, overrides)
     world = distributed.setup(cfg.train.distributed_timeout)
