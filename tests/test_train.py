@@ -181,6 +181,7 @@ def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(
     said = " ".join(capsys.readouterr().out.split())
     assert "holds an earlier run (checkpoints step-3, step-5 and a final model): train refuses" in said
     assert "ok, but: start it with --resume or --overwrite" in said and "nothing found that would stop" not in said
+    assert int(re.search(r"warnings │ (\d+) │", said)[1]) == said.count("warning:")  # the table counts them all
     # Overwritten: only the new run's checkpoints, so --resume continues the new run, not the earlier one.
     assert train(shorter, overwrite=True, progress=False).steps == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]

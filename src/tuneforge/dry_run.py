@@ -155,6 +155,21 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
     console.print(highlight(train_items[0], tokenizer))
+    data_warnings = prepared.report.get("warnings", [])
+    held = earlier_run(Path(cfg.output_dir))
+    needed, free = sum(memory.values()), available_memory(device)
+    run_warnings = []  # counted in the table with the data's, printed after them
+    if held:
+        run_warnings.append(
+            f"{cfg.output_dir} holds an earlier run ({held}): train refuses to start there unless given --resume "
+            "(continue it) or --overwrite (start over)."
+        )
+    if needed > free:
+        run_warnings.append(
+            f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "
+            f"({free / 2**30:.1f} GiB): quantize the base (model.quantize: nf4), turn on "
+            "train.gradient_checkpointing, or lower data.max_length or the batch."
+        )
     table = Table(title=f"plan for {cfg.output_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -166,27 +181,17 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
         *sharding_plan(cfg, spread, processes, memory),
         ("after training", after_training(cfg)),
         ("time (estimate)", time_row(training_seconds(n_params, n_trainable, plan, tokens_per_epoch, precision))),
-        *memory_rows(memory, available_memory(device)),
-        ("warnings", str(len(prepared.report.get("warnings", [])))),
+        *memory_rows(memory, free),
+        ("warnings", str(len(data_warnings) + len(run_warnings))),
         ("checked in", f"{time.perf_counter() - started:.1f} s"),
     ]
     for key, value in facts:
         table.add_row(key, value)
     console.print(table)
-    for w in prepared.report.get("warnings", [])[:10]:
+    for w in data_warnings[:10]:
         console.print(f"[yellow]warning:[/] {w if isinstance(w, str) else w.get('message', w)}")
-    held = earlier_run(Path(cfg.output_dir))
-    if held:
-        console.print(
-            f"[yellow]warning:[/] {cfg.output_dir} holds an earlier run ({held}): train refuses to start there "
-            "unless given --resume (continue it) or --overwrite (start over)."
-        )
-    if sum(memory.values()) > available_memory(device):
-        console.print(
-            f"[yellow]warning:[/] the memory plan ({sum(memory.values()) / 2**30:.1f} GiB) is more than this "
-            f"{device.type} has free ({available_memory(device) / 2**30:.1f} GiB): quantize the base "
-            "(model.quantize: nf4), turn on train.gradient_checkpointing, or lower data.max_length or the batch."
-        )
+    for w in run_warnings:
+        console.print(f"[yellow]warning:[/] {w}")
     if held:
         console.print("[bold yellow]ok, but[/]: start it with --resume or --overwrite (the warning above).")
     else:
