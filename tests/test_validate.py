@@ -84,6 +84,18 @@ def test_a_dpo_config_is_planned_in_pairs(tiny_model_dir, triage_data, tmp_path,
     assert f"{len(rows):,} train" in capsys.readouterr().out
 
 
+def test_a_grpo_config_is_planned_in_prompts_and_their_sampled_answers(tiny_model_dir, triage_data, tmp_path, capsys):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=4, max_steps=2)
+    grader = {"type": "string_check", "name": "brace", "input": "{{ sample.output_text }}", "reference": "{"}
+    cfg.update(method="grpo", grpo={"grader": {**grader, "operation": "like"}, "group_size": 4, "max_new_tokens": 8})
+    assert validate(cfg) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    n_train, n_valid = (len(triage_data[split].read_text().splitlines()) for split in ("train", "validation"))
+    assert f"{n_train:,} train, {n_valid:,} validation (they try the grader" in said
+    # Every prompt's 4 answers of up to 8 tokens train, not the prompts alone.
+    assert f"(up to {n_train * 4 * 8:,} trained)" in said and "(0 trained)" not in said
+
+
 def test_lora_modules_the_model_lacks_are_a_config_error(tiny_model_dir, triage_data, tmp_path):
     import pytest
 

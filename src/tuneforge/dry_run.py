@@ -211,22 +211,29 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         else ""
     )
     epochs = " (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else ""
-    answers = (
-        [
+    examples = f"{len(train_items):,} train, {len(valid_items):,} validation"
+    tokens = f"{tokens_per_epoch:,} ({trained:,} trained)"
+    answers = []
+    if cfg.method == "grpo":
+        # Each prompt trains as group_size sampled answers, each the prompt and up to max_new_tokens: those
+        # are the tokens trained. The validation prompts try the grader (and feed eval.task); no validation
+        # loss runs on them.
+        g = cfg.grpo
+        answers = [
             (
                 "sampled answers",
-                f"{cfg.grpo.group_size} a prompt, up to {cfg.grpo.max_new_tokens} tokens each "
+                f"{g.group_size} a prompt, up to {g.max_new_tokens} tokens each "
                 "(the time estimate counts their training, not their sampling)",
             )
         ]
-        if cfg.method == "grpo"
-        else []
-    )
+        answer_tokens = len(rows) * g.group_size * g.max_new_tokens
+        tokens = f"up to {tokens_per_epoch * g.group_size + answer_tokens:,} (up to {answer_tokens:,} trained)"
+        validation = report["counts"]["validation"]
+        examples = f"{len(train_items):,} train, {validation:,} validation" + (
+            " (they try the grader before training; no validation loss runs on them)" if validation else ""
+        )
     return answers + [
-        (
-            {"dpo": "pairs", "grpo": "prompts"}.get(cfg.method, "examples"),
-            f"{len(train_items):,} train, {len(valid_items):,} validation",
-        ),
+        ({"dpo": "pairs", "grpo": "prompts"}.get(cfg.method, "examples"), examples),
         (
             "general replay",
             f"{replay:,} examples ({cfg.data.general_mix:.0%}) from {cfg.data.general_replay}"
@@ -238,7 +245,7 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
             f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}{shared})",
         ),
         ("system prompt", describe_system_prompt(report["system_prompt"])),
-        ("tokens per epoch", f"{tokens_per_epoch:,} ({trained:,} trained)"),
+        ("tokens per epoch", tokens),
         ("epochs", f"{plan.epochs}{epochs}"),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
         (
