@@ -113,6 +113,18 @@ def test_turns_interleave_processes_step_by_step(tmp_path):
     assert children[2].result["rounds"] >= 3
 
 
+def test_the_report_names_the_scripts_make_bench_runs():
+    import re
+
+    import report
+
+    makefile = (BENCH.parent / "Makefile").read_text()
+    target = re.search(r"^bench:.*?\n((?:\t.*\n)+)", makefile, re.M)[1]
+    assert tuple(re.findall(r"bench/(\w+\.py)", target)) == report.MAKE_BENCH
+    header = (BENCH.parent / "BENCHMARKS.md").read_text().split("\n## ", 1)[0]
+    assert "`bench/data_prep.py`, `bench/serve.py`, `bench/run.py` measure" in header
+
+
 def test_report_renders_a_throughput_result(tmp_path, monkeypatch):
     import report
 
