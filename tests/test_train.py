@@ -155,7 +155,12 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     train(cfg, progress=False)
     changed = json.loads(json.dumps(cfg))
     changed["train"]["learning_rate"] = 5e-4
-    with pytest.raises(TuneforgeError, match="different config"):
+    # The refusal names what changed: the setting alone, from the run's own config.yaml.
+    with pytest.raises(
+        TuneforgeError,
+        match=r"different config \(one that changes results\): train\.learning_rate: "
+        r"\S+ -> 0\.0005 \(the original is \S+config\.yaml\)\. Resume with",
+    ):
         train(changed, resume="latest", progress=False)
     train(changed, resume="latest", force=True, progress=False)
 

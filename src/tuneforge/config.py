@@ -398,6 +398,20 @@ class Config(Strict):
 
     def results_hash(self) -> str:
         """Hash of everything that changes training results (not logging or checkpoint cadence)."""
+        return hashlib.sha256(json.dumps(self.results_settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def changed_results_settings(self, other: Config) -> list[str]:
+        """`key: this value -> other's`, for each setting that changes results and differs between the two."""
+        mine, theirs = dotted(self.results_settings()), dotted(other.results_settings())
+        return [
+            f"{key}: {mine.get(key)} -> {theirs.get(key)}"
+            for key in sorted(mine.keys() | theirs.keys())
+            if mine.get(key) != theirs.get(key)
+        ]
+
+    def results_settings(self) -> dict:
+        """The settings that change training results: all but logging, checkpoint cadence and how the
+        processes share the model."""
         d = self.model_dump()
         # How the processes share the model changes how, not what, a run computes (like their number).
         for k in (
@@ -420,10 +434,21 @@ class Config(Strict):
         for key, default in (("teacher_top_k", None), ("positions", "answers")):
             if key in d.get("distill", {}) and d["distill"][key] == default:
                 d["distill"].pop(key)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def dotted(d: dict, prefix: str = "") -> dict:
+    """A nested dict's values by dotted key: {"train": {"seed": 1}} -> {"train.seed": 1}."""
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .config import dotted
 from .errors import RunFailed
 from .eval.evaluate import evaluate
 from .eval.forgetting import measure_forgetting
@@ -172,8 +173,8 @@ def prepare_data(model: str, out: Path, settings: Settings, phases: Phases) -> d
 def print_train_commands(config: dict, recipe: dict, console: Console) -> None:
     """How to train on the data just written with `tuneforge train` and the recipe: the keys where `config`
     differs from the recipe become overrides."""
-    in_recipe = _dotted(recipe)
-    overrides = [f"{key}={value}" for key, value in _dotted(config).items() if in_recipe.get(key) != value]
+    in_recipe = dotted(recipe)
+    overrides = [f"{key}={value}" for key, value in dotted(config).items() if in_recipe.get(key) != value]
     console.print(
         "The data is ready. Train on it with the recipe:\n"
         f"  tuneforge recipes show {RECIPE} > {RECIPE}.yaml\n"
@@ -181,13 +182,6 @@ def print_train_commands(config: dict, recipe: dict, console: Console) -> None:
         highlight=False,
         soft_wrap=True,
     )
-
-
-def _dotted(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 @dataclass(frozen=True)

@@ -237,10 +237,24 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> Path | 
     saved_hash = json.loads((folder / checkpoint.STATE).read_text())["config_hash"]
     if saved_hash != cfg.results_hash() and not force:
         raise TuneforgeError(
-            f"{folder} was written with a different config (one that changes results). "
+            f"{folder} was written with a different config (one that changes results){changes_since(cfg, saved_hash)}. "
             "Resume with the original config, or pass --force to continue anyway."
         )
     return folder
+
+
+def changes_since(cfg: Config, saved_hash: str) -> str:
+    """`: KEY: then -> now, ...` from the run's config.yaml to `cfg`, where config.yaml is the config that
+    wrote the checkpoint (`saved_hash`: a forced resume rewrites config.yaml, so an older checkpoint's
+    config may be gone); else nothing."""
+    written = Path(cfg.output_dir) / "config.yaml"
+    try:
+        earlier = load_config(written)
+    except TuneforgeError:
+        return ""
+    if earlier.results_hash() != saved_hash:
+        return ""
+    return f": {', '.join(earlier.changed_results_settings(cfg))} (the original is {written})"
 
 
 def earlier_run(out: Path) -> str | None:
