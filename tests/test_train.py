@@ -496,3 +496,17 @@ def test_lora_from_a_lora_run_trains_that_adapter_on(tiny_model_dir, triage_data
     reshaped["lora"]["r"] = 8
     with pytest.raises(TuneforgeError, match=r"another r .*r=4"):
         train(reshaped, progress=False)
+
+
+def test_too_few_rows_for_a_step_says_how_many_it_needs_and_why():
+    from tuneforge.config import load_config
+    from tuneforge.training import make_plan
+
+    cfg = load_config({"data": {"train": "x"}, "train": {"batch_size": 8}})
+    assert make_plan(cfg, 1, 1, world_size=1).steps_per_epoch == 1  # a short step, but a step
+    with pytest.raises(
+        TuneforgeError,
+        match=r"1 training rows are fewer than one step needs: 4, a row for each "
+        r"micro-batch \(train\.grad_accum 1 x 4 processes\)",
+    ):
+        make_plan(cfg, 1, 1, world_size=4)

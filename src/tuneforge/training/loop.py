@@ -135,10 +135,11 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
             f"({t.grad_accum} x {world_size})."
         )
     per_epoch = batches.steps_per_epoch(n_rows, t.batch_size, n_micro)
-    if per_epoch == 0:
+    if per_epoch == 0:  # a step may be short of batch_size, but needs a row for every micro-batch of every process
         raise TuneforgeError(
-            f"{n_rows} training rows are fewer than one step needs (train.batch_size={t.batch_size}); "
-            "add data or lower train.batch_size."
+            f"{n_rows} training rows are fewer than one step needs: {n_micro}, a row for each micro-batch "
+            f"(train.grad_accum {t.grad_accum} x {world_size} processes); add data, or lower train.grad_accum "
+            "or the processes."
         )
     epochs = auto_epochs(n_examples) if t.epochs == "auto" else t.epochs
     total = t.max_steps or epochs * per_epoch
