@@ -71,6 +71,9 @@ def test_a_recipe_without_its_header_lines_is_refused_naming_the_file(tmp_path):
 def test_a_config_is_a_file_or_else_a_shipped_recipe_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert config_file("quickstart") == recipe_path("quickstart")
+    Path("quickstart").mkdir()  # a folder of that name is no config file
+    assert config_file("quickstart") == recipe_path("quickstart")
+    Path("quickstart").rmdir()
     Path("quickstart").write_text("data: {train: t.jsonl}\n")  # a file of that name comes first
     assert config_file("quickstart") == Path("quickstart")
     assert config_file("missing.yaml") == Path("missing.yaml")  # load_config then says it is missing

@@ -50,10 +50,10 @@ def recipe_path(name: str) -> Path:
 
 
 def config_file(spec: str | Path) -> Path:
-    """A config file as given, or, when no such file exists and `spec` is a shipped recipe's name, that recipe's
-    file: what `tuneforge train` and `validate` take."""
+    """A config file as given, or, when no such file exists (a folder of that name is none) and `spec` is a
+    shipped recipe's name, that recipe's file: what `load_config` takes."""
     path = Path(spec)
-    if not path.exists() and str(spec) in recipe_names():
+    if not path.is_file() and str(spec) in recipe_names():
         return recipe_path(str(spec))
     return path
 
