@@ -67,8 +67,12 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
     )
     assert cfg.train.learning_rate == 1e-4 and cfg.data.packing is False
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match="unknown key") as e:
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.lr=1"])
+    assert "Did you mean" not in e.value.message  # not its own section, nor train.warmup for their prefix
+    with pytest.raises(ConfigError, match="unknown key") as e:
+        load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.gradient_accumulation_steps=2"])
+    assert "gradient_checkpointing" not in e.value.message
 
 
 def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):

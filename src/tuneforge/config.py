@@ -465,9 +465,11 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _suggest(key: str) -> str:
-    known = _known_keys(Config)
+    # No suggestion rather than a wrong one: the unknown key's own sections are no match for it (`train.lr` is no
+    # misspelt `train`), and a shared section prefix alone must not carry a match (`train.lr` is no `train.warmup`).
+    known = [k for k in _known_keys(Config) if not key.startswith(k + ".")]
     leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     if not close:
         close = [k for k in known if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.75)]
     return f" Did you mean '{close[0]}'?" if close else ""
