@@ -73,6 +73,12 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
     with pytest.raises(ConfigError, match="unknown key") as e:
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.gradient_accumulation_steps=2"])
     assert "gradient_checkpointing" not in e.value.message
+    with pytest.raises(
+        ConfigError,
+        match=r"override 'lora\.target_modules=\[q_proj': the value of "
+        r"lora\.target_modules is not valid YAML \(.+\); close its brackets",
+    ):
+        load_config(write(tmp_path, {"data": {"train": "x"}}), ["lora.target_modules=[q_proj"])
 
 
 def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):

@@ -511,7 +511,14 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
         if "=" not in o:
             raise ConfigError(f"override '{o}': expected KEY=VALUE, for example train.learning_rate=1e-4")
         key, raw = o.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override '{o}': the value of {key.strip()} is not valid YAML ({getattr(e, 'problem', e)}); "
+                "close its brackets and quotes, or quote it whole as a string"
+            ) from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
