@@ -1,5 +1,7 @@
 """The strict config: misspelt keys, overrides, relative paths, epochs: auto."""
 
+import re
+
 import pytest
 import yaml
 
@@ -79,6 +81,9 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
         r"lora\.target_modules is not valid YAML \(.+\); close its brackets",
     ):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["lora.target_modules=[q_proj"])
+    for override, key in (("=4", ""), ("train..seed=3", "train..seed")):
+        with pytest.raises(ConfigError, match=f"override '{re.escape(override)}': '{re.escape(key)}' is no key"):
+            load_config(write(tmp_path, {"data": {"train": "x"}}), [override])
 
 
 def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
@@ -145,7 +150,6 @@ def test_jsd_beta_without_jsd_is_refused_not_ignored(tmp_path):
 
 def test_the_readme_config_block_shows_every_key_with_its_default():
     """README's config block says each key it shows has its default there, and which methods exist."""
-    import re
     import typing
     from pathlib import Path
 

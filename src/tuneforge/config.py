@@ -511,6 +511,10 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
         if "=" not in o:
             raise ConfigError(f"override '{o}': expected KEY=VALUE, for example train.learning_rate=1e-4")
         key, raw = o.split("=", 1)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(
+                f"override '{o}': '{key}' is no key; give a dotted KEY=VALUE, for example train.learning_rate=1e-4"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
