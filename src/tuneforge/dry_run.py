@@ -211,13 +211,11 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         else ""
     )
     epochs = " (from train.max_steps)" if cfg.train.max_steps else " (auto)" if cfg.train.epochs == "auto" else ""
-    examples = f"{len(train_items):,} train, {len(valid_items):,} validation"
     tokens = f"{tokens_per_epoch:,} ({trained:,} trained)"
     answers = []
     if cfg.method == "grpo":
         # Each prompt trains as group_size sampled answers, each the prompt and up to max_new_tokens: those
-        # are the tokens trained. The validation prompts try the grader (and feed eval.task); no validation
-        # loss runs on them.
+        # are the tokens trained.
         g = cfg.grpo
         answers = [
             (
@@ -228,12 +226,11 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         ]
         answer_tokens = len(rows) * g.group_size * g.max_new_tokens
         tokens = f"up to {tokens_per_epoch * g.group_size + answer_tokens:,} (up to {answer_tokens:,} trained)"
-        validation = report["counts"]["validation"]
-        examples = f"{len(train_items):,} train, {validation:,} validation" + (
-            " (they try the grader before training; no validation loss runs on them)" if validation else ""
-        )
     return answers + [
-        ({"dpo": "pairs", "grpo": "prompts"}.get(cfg.method, "examples"), examples),
+        (
+            {"dpo": "pairs", "grpo": "prompts"}.get(cfg.method, "examples"),
+            f"{len(train_items):,} train, {len(valid_items):,} validation",
+        ),
         (
             "general replay",
             f"{replay:,} examples ({cfg.data.general_mix:.0%}) from {cfg.data.general_replay}"
