@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from tuneforge.config import Config, auto_epochs, load_config
+from tuneforge.config import KNOWN_ELSEWHERE, Config, _known_keys, auto_epochs, load_config
 from tuneforge.errors import ConfigError
 
 
@@ -71,10 +71,15 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="unknown key") as e:
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.lr=1"])
-    assert "Did you mean" not in e.value.message  # not its own section, nor train.warmup for their prefix
+    # Not its own section, nor train.warmup for their prefix: the name Hugging Face gives it is known.
+    assert "Did you mean" not in e.value.message and "tuneforge calls it train.learning_rate" in e.value.message
     with pytest.raises(ConfigError, match="unknown key") as e:
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.gradient_accumulation_steps=2"])
-    assert "gradient_checkpointing" not in e.value.message
+    assert "gradient_checkpointing" not in e.value.message and "tuneforge calls it train.grad_accum" in e.value.message
+    with pytest.raises(ConfigError, match=r"train\.save_steps: unknown key\. tuneforge calls it train\.save_every\."):
+        load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.save_steps=50"])
+    known = _known_keys(Config)
+    assert all(target.split()[0].rstrip(":") in known for target in KNOWN_ELSEWHERE.values())
     with pytest.raises(
         ConfigError,
         match=r"override 'lora\.target_modules=\[q_proj': the value of "

@@ -464,11 +464,47 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# What people coming from Hugging Face's TrainingArguments, PEFT's LoraConfig or Axolotl write, and
+# tuneforge's key for it: their names share too little with ours for a spelling match to find it.
+KNOWN_ELSEWHERE = {
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
+    "logging_steps": "train.log_every",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size (rows per optimizer step, all processes together)",
+    "micro_batch_size": "train.batch_size (rows per optimizer step, all processes together)",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr": "train.learning_rate",
+    "warmup_ratio": "train.warmup",
+    "warmup_steps": "train.warmup",
+    "lr_scheduler_type": "train.scheduler",
+    "lr_scheduler": "train.scheduler",
+    "save_total_limit": "train.keep_checkpoints",
+    "bf16": "train.precision: bf16",
+    "fp16": "train.precision",
+    "optim": "train.optimizer",
+    "max_seq_length": "data.max_length",
+    "sequence_len": "data.max_length",
+    "sample_packing": "data.packing",
+    "load_in_4bit": "model.quantize: nf4",
+    "load_in_8bit": "model.quantize: int8",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "target_modules": "lora.target_modules",
+    "use_dora": "method: dora",
+}
+
+
 def _suggest(key: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in KNOWN_ELSEWHERE:
+        return f" tuneforge calls it {KNOWN_ELSEWHERE[leaf]}."
     # No suggestion rather than a wrong one: the unknown key's own sections are no match for it (`train.lr` is no
     # misspelt `train`), and a shared section prefix alone must not carry a match (`train.lr` is no `train.warmup`).
     known = [k for k in _known_keys(Config) if not key.startswith(k + ".")]
-    leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     if not close:
         close = [k for k in known if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.75)]
