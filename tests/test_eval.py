@@ -128,6 +128,33 @@ def test_a_preference_pair_is_evaluated_against_its_chosen_reply(tmp_path):
     assert (example.file, example.line) == (str(pairs), 1)
 
 
+def test_a_metric_that_cannot_score_the_references_is_refused_with_their_lines(tmp_path, tiny_model_dir):
+    data = tmp_path / "plain.jsonl"
+    answers = ["4", '{"category": "bug", "priority": "low", "product": "console"}', '{"a": 1}', "!!"]
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]}) + "\n"
+            for a in answers
+        )
+    )
+    examples = read_eval_examples(data)
+    with pytest.raises(DataError, match=r"2 rows cannot be scored by json_fields") as unfit:
+        choose_metric("json_fields", examples)
+    assert [p.line for p in unfit.value.problems] == [1, 4]
+    assert "plain.jsonl:1 messages: [reference_unfit_for_metric] the reference answer is not a JSON object" in str(
+        unfit.value
+    )
+    with pytest.raises(DataError, match=r"3 rows cannot be scored by support_triage") as unfit:
+        choose_metric("support_triage", examples)
+    assert [p.line for p in unfit.value.problems] == [1, 3, 4]
+    with pytest.raises(DataError, match=r"plain.jsonl:4 messages: .*holds no letter or digit"):
+        choose_metric("contains", examples)
+    assert choose_metric("exact", examples) == "exact"
+    # Before the model is loaded, rather than after its answers are generated.
+    with pytest.raises(DataError, match="cannot be scored by json_fields"):
+        evaluate(str(tmp_path / "no-model-here"), data, metric="json_fields", progress=False)
+
+
 def test_rows_without_a_reference_answer_are_refused_with_their_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
@@ -288,6 +315,13 @@ def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compu
     config = tiny_run_config(tiny_model_dir, {**triage_data, "validation": bad}, tmp_path / "run", max_steps=2)
     config["eval"] = {"task": "exact"}
     with pytest.raises(DataError, match=r"valid\.jsonl:2 messages: \[example_missing_assistant_message\]"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    # The tickets' answers are JSON objects: `contains` scores them, but a plain-text answer has no fields.
+    rows[1]["messages"].append({"role": "assistant", "content": "outage"})
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config["eval"] = {"task": "json_fields"}
+    with pytest.raises(DataError, match=r"valid\.jsonl:2 messages: \[reference_unfit_for_metric\]"):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
 

@@ -18,19 +18,20 @@ from ..errors import ConfigError
 from ..fsio import write_json
 from ..models import load_model, load_tokenizer, resolve
 from ..tasks.metrics import METRICS
-from .evaluate import evaluate_loaded, read_eval_examples
+from .evaluate import choose_metric, evaluate_loaded, read_eval_examples
 from .forgetting import ModelPair, forgetting_loaded
 from .report import flat_scores, forgetting_table, print_tables, report_tables, write_run_report
 
 
 def check_eval_inputs(cfg) -> None:
-    """Before any compute: with `eval.task`, the metric exists and every row of the validation file
-    is a conversation that ends in its reference answer (else an error naming file, line and field)."""
+    """Before any compute: with `eval.task`, the metric exists, every row of the validation file
+    is a conversation that ends in its reference answer and the metric can score against every
+    reference (else an error naming file, line and field)."""
     if not cfg.eval.task:
         return
     if cfg.eval.task != "auto" and cfg.eval.task not in METRICS:
         raise ConfigError(f"eval.task: unknown metric {cfg.eval.task!r}; choose auto or one of {', '.join(METRICS)}.")
-    read_eval_examples(cfg.data.validation)
+    choose_metric(cfg.eval.task, read_eval_examples(cfg.data.validation))
 
 
 def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:

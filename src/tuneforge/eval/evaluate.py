@@ -29,7 +29,7 @@ from ..methods import SFTObjective, sum_over_batches
 from ..models import causal_lm, load_model, load_tokenizer, resolve
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
 from ..progress import progress_bar
-from ..tasks.metrics import METRICS, parse_json_object
+from ..tasks.metrics import METRICS, parse_json_object, reference_fault
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16  # unpacked rows per forward, where the loss cannot run on packed rows
@@ -92,16 +92,29 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
 
 def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
     """`auto`: `json_fields` when every reference is a JSON object, otherwise `exact`. A task's own
-    scorer (`support_triage`) is asked for by name."""
-    if metric != "auto":
-        if metric not in METRICS:
-            raise TuneforgeError(
-                f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.", code="unknown_metric"
-            )
-        return metric
-    if all(parse_json_object(e.reference) is not None for e in examples):
-        return "json_fields"
-    return "exact"
+    scorer (`support_triage`) is asked for by name. A metric that cannot score against some of the
+    references (`json_fields` on plain text) is a DataError naming their lines, before any compute."""
+    if metric == "auto":
+        return "json_fields" if all(parse_json_object(e.reference) is not None for e in examples) else "exact"
+    if metric not in METRICS:
+        raise TuneforgeError(
+            f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.", code="unknown_metric"
+        )
+    problems = [
+        Problem(
+            "reference_unfit_for_metric",
+            f"the reference answer {fault}, so {metric} cannot score answers against it: choose a metric "
+            "that fits the answers (auto picks json_fields when every answer is a JSON object, exact otherwise).",
+            file=e.file,
+            line=e.line,
+            field="messages",
+        )
+        for e in examples
+        if (fault := reference_fault(metric, e.reference))
+    ]
+    if problems:
+        raise DataError.listing(f"{examples[0].file}: {len(problems)} rows cannot be scored by {metric}", problems)
+    return metric
 
 
 @torch.inference_mode()
@@ -230,6 +243,7 @@ def evaluate(
     correct).
     """
     examples = read_eval_examples(data, limit)
+    metric = choose_metric(metric, examples)
     source = resolve(model)
     tokenizer = load_tokenizer(source)
     loaded = load_model(source)

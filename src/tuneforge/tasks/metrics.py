@@ -2,7 +2,8 @@
 
 Every metric is `score(predictions, references) -> dict`: two lists of the same length, one
 reference per prediction; the dict holds `n` and shares in [0, 1]. `METRICS` maps the names that
-`eval.task` accepts to these functions.
+`eval.task` accepts to these functions; `reference_fault(metric, reference)` says why a metric
+cannot score against a reference answer (one that is no JSON object, for `json_fields`).
 """
 
 from __future__ import annotations
@@ -124,3 +125,31 @@ METRICS: dict[str, Callable[[Sequence, Sequence], dict]] = {
     "json_fields": json_fields,
     "support_triage": _support_triage,
 }
+
+
+def _contains_fault(reference: str) -> str | None:
+    return None if normalize_text(reference) else "holds no letter or digit, so no answer can contain it"
+
+
+def _json_fields_fault(reference: str) -> str | None:
+    return None if parse_json_object(reference) is not None else "is not a JSON object"
+
+
+def _support_triage_fault(reference: str) -> str | None:
+    from tuneforge.tasks.support_triage import reference_fault as triage_fault
+
+    return triage_fault(reference)
+
+
+# What each metric needs of a reference answer; `exact` takes any.
+_REFERENCE_FAULTS: dict[str, Callable[[str], str | None]] = {
+    "contains": _contains_fault,
+    "json_fields": _json_fields_fault,
+    "support_triage": _support_triage_fault,
+}
+
+
+def reference_fault(metric: str, reference: str) -> str | None:
+    """Why `metric` cannot score answers against `reference` ("is not a JSON object"), or None when it can."""
+    fault = _REFERENCE_FAULTS.get(metric)
+    return fault(reference) if fault else None

@@ -450,6 +450,14 @@ def has_valid_labels(answer: dict | None) -> bool:
     )
 
 
+def reference_fault(reference: str) -> str | None:
+    """Why `reference` is no triage answer that `score` can score against, or None when it is one."""
+    if has_valid_labels(parse_answer(reference)):
+        return None
+    labels = "; ".join(f"{field}: {', '.join(LABELS[field])}" for field in FIELDS)
+    return f"is not a triage answer: a JSON object with exactly {', '.join(FIELDS)}, each one of its labels ({labels})"
+
+
 def score(predictions: list[str], references: list[str]) -> dict:
     """Shares over all tickets: `valid_json` (the whole answer is a JSON object), `contains_json`
     (a JSON object somewhere in it), `valid_labels`, per-field accuracy and `exact` (all three)."""
