@@ -305,6 +305,17 @@ def test_a_configs_eval_section_runs_on_the_final_model(tiny_model_dir, triage_d
     assert summary["metrics"]["forgetting_text_ce_change"] == forgetting["general_text"]["change"]
 
 
+def test_the_base_of_a_lora_run_trained_further_is_that_run(tiny_run, tiny_model_dir, triage_data, tmp_path):
+    """Its adapter switched off leaves the model beneath the LoRA run: the base side is the run itself."""
+    config = tiny_run_config(tiny_run, triage_data, tmp_path / "run", max_steps=1)
+    config["eval"] = {"task": "exact"}
+    train(config, progress=False)
+    before = json.loads((tmp_path / "run" / "eval" / "before.json").read_text())
+    start = evaluate(str(tiny_run), triage_data["validation"], metric="exact", max_new_tokens=1, progress=False)
+    assert before["spec"] == str(tiny_run)
+    assert before["loss"] == pytest.approx(start["loss"], rel=1e-6)
+
+
 def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compute(
     tiny_model_dir, triage_data, tmp_path
 ):

@@ -7,7 +7,9 @@
 
 Both land in the run folder's `eval/`, are printed as tables, and their headline figures join the
 run's final metrics (`summary.json`, `TrainResult.metrics`) as `task_*` and `forgetting_*`. The base
-of an adapter is the adapter switched off; the base of a full model is `base_model`.
+is `base_model`, the model training started from: for an adapter trained on a plain model, that
+adapter switched off; otherwise (a full model, or a LoRA run's adapter trained further, which
+switched off leaves the model beneath the LoRA run) `base_model` loaded beside it.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ def check_eval_inputs(cfg) -> None:
 def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:
     """Run what `cfg.eval` asks for on `final_dir`; returns the headline metrics.
 
-    The final model is loaded once; an adapter's base is that model with the adapter switched off,
-    so no second copy is loaded (a full model's base is loaded beside it)."""
+    The final model is loaded once; where `base_model` is a plain model and the final model an
+    adapter on it, the base is that adapter switched off, so no second copy is loaded."""
     source = resolve(str(final_dir))
     tokenizer = load_tokenizer(source)
     tuned = load_model(source)
-    adapter = hasattr(tuned, "disable_adapter")
-    pair = ModelPair(tuned, None if adapter else load_model(resolve(cfg.base_model)))
+    start = resolve(cfg.base_model)
+    adapter_on_start = hasattr(tuned, "disable_adapter") and start.adapter is None
+    pair = ModelPair(tuned, None if adapter_on_start else load_model(start))
     names = {"base": cfg.base_model, "tuned": source.name}
     specs = {"base": cfg.base_model, "tuned": str(final_dir)}  # what `tuneforge eval` would be given
     metrics: dict = {}
