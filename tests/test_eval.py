@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_run_config
 
 from tuneforge.errors import DataError
-from tuneforge.eval import eval_command, evaluate, measure_forgetting, read_eval_examples, write_run_report
+from tuneforge.eval import compare, eval_command, evaluate, measure_forgetting, read_eval_examples, write_run_report
 from tuneforge.eval.evaluate import choose_metric
 from tuneforge.eval.forgetting import (
     BASE_QUESTIONS_FILE,
@@ -21,7 +21,7 @@ from tuneforge.eval.forgetting import (
     kept_questions,
     mean_kl,
 )
-from tuneforge.eval.report import loss_label, share_interval
+from tuneforge.eval.report import loss_label, metrics_table, share_interval
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.pipeline import train
 
@@ -335,6 +335,25 @@ def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compu
     with pytest.raises(DataError, match=r"valid\.jsonl:2 messages: \[reference_unfit_for_metric\]"):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_per_token_figures_of_models_with_other_tokenizers_are_not_compared(tiny_model_dir, triage_data, tmp_path):
+    from tiny import tiny_llama, tiny_tokenizer
+
+    other = tmp_path / "other-vocabulary"
+    tokenizer = tiny_tokenizer(vocab_size=300)
+    tiny_llama(tokenizer).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    result = compare(str(tiny_model_dir), str(other), triage_data["test"], limit=2, max_new_tokens=2, progress=False)
+    assert result["base"]["tokens"] != result["tuned"]["tokens"]
+    table = metrics_table({"base": result["base"], "tuned": result["tuned"]})
+    changes = {row[0]: row[-1] for row in table.rows}
+    assert changes["loss on reference answers"] == changes["perplexity"] == changes["next-token accuracy"] == ""
+    assert changes["exact"] == "+0.0 pts"
+    tokens = f"{result['base']['tokens']} and {result['tuned']['tokens']} tokens"
+    assert f"tokenize the references into {tokens}" in table.caption
+    same = metrics_table({"base": result["tuned"], "tuned": result["tuned"]})
+    assert same.rows[0][-1] == "+0.0%" and "tokenize" not in same.caption
 
 
 def test_eval_command_prints_tables_or_json(tiny_run, tiny_model_dir, triage_data, capsys):

@@ -100,10 +100,15 @@ def flat_scores(scores: dict) -> dict[str, float]:
 
 def metrics_table(results: dict[str, dict]) -> Table:
     """Loss and scores of one or more evaluations on the same data, one column each; with two
-    columns (base, tuned) a change column follows."""
+    columns (base, tuned) a change column follows. Loss, perplexity and next-token accuracy are per
+    token: between models that tokenize the references differently their change is left out."""
     first = next(iter(results.values()))
     labels = list(results)
     paired = len(results) == 2
+    # Per-token means over as many tokens compare as the references' whole losses do; over
+    # different counts (another tokenizer) they do not.
+    token_counts = [r["tokens"] for r in results.values()]
+    per_token_compares = len(set(token_counts)) == 1
     rows: list[list[str]] = []
 
     def add(name: str, values: list, show, change=None):
@@ -118,9 +123,21 @@ def metrics_table(results: dict[str, dict]) -> Table:
     def relative(a, b):
         return f"{b / a - 1:+.1%}" if a else ""
 
-    add("loss on reference answers", [r["loss"] for r in results.values()], lambda v: f"{v:.4f}", relative)
-    add("perplexity", [r["perplexity"] for r in results.values()], lambda v: f"{v:.2f}", relative)
-    add("next-token accuracy", [r["mean_token_accuracy"] for r in results.values()], _share, points)
+    add(
+        "loss on reference answers",
+        [r["loss"] for r in results.values()],
+        lambda v: f"{v:.4f}",
+        per_token_compares and relative,
+    )
+    add(
+        "perplexity", [r["perplexity"] for r in results.values()], lambda v: f"{v:.2f}", per_token_compares and relative
+    )
+    add(
+        "next-token accuracy",
+        [r["mean_token_accuracy"] for r in results.values()],
+        _share,
+        per_token_compares and points,
+    )
     flat = [flat_scores(r["scores"]) for r in results.values()]
     for key in flat[0]:
         add(key, [f.get(key) for f in flat], _share, points)
@@ -130,13 +147,16 @@ def metrics_table(results: dict[str, dict]) -> Table:
         lambda v: f"{v} of {first['n']}",
     )
     columns = ["metric", *labels] + (["change"] if paired else [])
-    return Table(
-        f"{first['metric']} on {first['n']} examples of {Path(first['data']).name}",
-        columns,
-        rows,
-        caption=f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
-        "exact: the whole answer right (every field, for JSON answers)",
+    caption = (
+        f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
+        "exact: the whole answer right (every field, for JSON answers)"
     )
+    if not per_token_compares:
+        caption += (
+            f"; the models tokenize the references into {' and '.join(map(str, token_counts))} tokens, so their "
+            "loss, perplexity and next-token accuracy (per token) do not compare"
+        )
+    return Table(f"{first['metric']} on {first['n']} examples of {Path(first['data']).name}", columns, rows, caption)
 
 
 def _widest_interval(n: int) -> float:
