@@ -305,6 +305,17 @@ def test_a_configs_eval_section_runs_on_the_final_model(tiny_model_dir, triage_d
     assert summary["metrics"]["forgetting_text_ce_change"] == forgetting["general_text"]["change"]
 
 
+def test_forgetting_alone_has_its_report_too(tiny_model_dir, triage_data, tmp_path):
+    config = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    config["eval"] = {"forgetting": True}
+    train(config, progress=False)
+    eval_dir = tmp_path / "run" / "eval"
+    assert sorted(p.name for p in eval_dir.iterdir()) == ["forgetting.json", "report.html"]
+    page = (eval_dir / "report.html").read_text()
+    assert "Forgetting: general data the training never saw" in page and "Examples" not in page
+    assert page.count("<img") == 2  # loss curves, learning rate
+
+
 def test_the_base_of_a_lora_run_trained_further_is_that_run(tiny_run, tiny_model_dir, triage_data, tmp_path):
     """Its adapter switched off leaves the model beneath the LoRA run: the base side is the run itself."""
     config = tiny_run_config(tiny_run, triage_data, tmp_path / "run", max_steps=1)

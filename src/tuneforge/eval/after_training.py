@@ -5,11 +5,12 @@
   `eval/report.html` holds the tables, the loss curves and examples.
 - `eval.forgetting: true`: base vs final model on the general sets no training touches (`forgetting.py`).
 
-Both land in the run folder's `eval/`, are printed as tables, and their headline figures join the
-run's final metrics (`summary.json`, `TrainResult.metrics`) as `task_*` and `forgetting_*`. The base
-is `base_model`, the model training started from: for an adapter trained on a plain model, that
-adapter switched off; otherwise (a full model, or a LoRA run's adapter trained further, which
-switched off leaves the model beneath the LoRA run) `base_model` loaded beside it.
+Both land in the run folder's `eval/` and its `report.html` (with the loss curves), are printed as
+tables, and their headline figures join the run's final metrics (`summary.json`,
+`TrainResult.metrics`) as `task_*` and `forgetting_*`. The base is `base_model`, the model training
+started from: for an adapter trained on a plain model, that adapter switched off; otherwise (a full
+model, or a LoRA run's adapter trained further, which switched off leaves the model beneath the
+LoRA run) `base_model` loaded beside it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..fsio import write_json
 from ..models import load_model, load_tokenizer, resolve
 from ..tasks.metrics import METRICS
 from .evaluate import choose_metric, evaluate_loaded, read_eval_examples
 from .forgetting import ModelPair, forgetting_loaded
-from .report import flat_scores, forgetting_table, print_tables, report_tables, write_run_report
+from .report import flat_scores, print_tables, report_tables, write_run_report
 
 
 def check_eval_inputs(cfg) -> None:
@@ -62,10 +62,10 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
             forgetting_text_ce_change=forgetting["general_text"]["change"],
             forgetting_kl=forgetting["kl"]["mean"],
         )
+    results = {"base": None, "tuned": None}
     if cfg.eval.task:
         examples = read_eval_examples(cfg.data.validation)
-        results = {}
-        for side in ("base", "tuned"):
+        for side in results:
             with getattr(pair, side)() as model:
                 results[side] = {
                     "model": names[side],
@@ -73,12 +73,9 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
                     "data": str(cfg.data.validation),
                     **evaluate_loaded(model, tokenizer, examples, metric=cfg.eval.task, progress=progress),
                 }
-        write_run_report(run_dir, results["base"], results["tuned"], forgetting)
         metrics.update({f"task_{name}": value for name, value in flat_scores(results["tuned"]["scores"]).items()})
-        tables = report_tables(results["base"], results["tuned"], forgetting)
-    else:
-        write_json(run_dir / "eval" / "forgetting.json", forgetting)
-        tables = [forgetting_table(forgetting)]
+    write_run_report(run_dir, results["base"], results["tuned"], forgetting)
+    tables = report_tables(results["base"], results["tuned"], forgetting)
     if progress:
         print_tables(tables)
     return metrics

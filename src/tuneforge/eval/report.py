@@ -5,6 +5,7 @@
   forgetting.json           the `measure_forgetting` result, when there is one
   samples.jsonl             one line per example: input, base answer, tuned answer, truth
   report.html               one self-contained file: plots as base64 PNG, inline CSS, no external link
+A report of forgetting alone (`before` and `after` None) has no before/after files or samples.
 
 Tables are built once as plain `Table`s and rendered twice (rich, HTML), so the terminal and the
 report never disagree.
@@ -233,8 +234,8 @@ def facts_table(facts: dict[str, str]) -> Table:
 
 
 def report_tables(
-    before: dict,
-    after: dict,
+    before: dict | None,
+    after: dict | None,
     forgetting: dict | None = None,
     targets: list[dict] | None = None,
     facts: dict[str, str] | None = None,
@@ -243,10 +244,12 @@ def report_tables(
     tables = [facts_table(facts)] if facts else []
     if targets:
         tables.append(targets_table(targets))
-    tables.append(metrics_table({"base": before, "tuned": after}))
+    if before:
+        tables.append(metrics_table({"base": before, "tuned": after}))
     if forgetting:
         tables.append(forgetting_table(forgetting))
-    tables.append(examples_table(side_by_side(before, after)))
+    if before:
+        tables.append(examples_table(side_by_side(before, after)))
     return tables
 
 
@@ -469,8 +472,8 @@ def _without_samples(result: dict) -> dict:
 
 def write_run_report(
     run_dir: str | Path,
-    before: dict,
-    after: dict,
+    before: dict | None,
+    after: dict | None,
     forgetting: dict | None = None,
     targets: list[dict] | None = None,
     facts: dict[str, str] | None = None,
@@ -478,14 +481,16 @@ def write_run_report(
     """Write the evaluation files and report of a run (see the module doc); returns report.html."""
     run_dir = Path(run_dir)
     out = run_dir / "eval"
-    write_json(out / "before.json", _without_samples(before))
-    write_json(out / "after.json", _without_samples(after))
+    plots = training_plots(read_metrics(run_dir))
+    if before:
+        write_json(out / "before.json", _without_samples(before))
+        write_json(out / "after.json", _without_samples(after))
+        with atomic_file(out / "samples.jsonl") as f:
+            for sample in side_by_side(before, after):
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        plots.append(scores_plot(before, after))
     if forgetting:
         write_json(out / "forgetting.json", forgetting)
-    with atomic_file(out / "samples.jsonl") as f:
-        for sample in side_by_side(before, after):
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    plots = training_plots(read_metrics(run_dir)) + [scores_plot(before, after)]
     tables = report_tables(before, after, forgetting, targets, facts)
     if (rollouts := rollouts_table(run_dir)) is not None:
         tables.append(rollouts)
