@@ -70,6 +70,13 @@ def test_lora_run_writes_a_complete_run_folder(tiny_model_dir, triage_data, tmp_
     assert gen.eos_token_id == tuned.config.eos_token_id
 
 
+def test_each_step_logs_the_learning_rate_it_trained_with(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=3, warmup=1, learning_rate=1e-3)
+    train(cfg, progress=False)
+    # One warmup step at half the rate, then cosine from the full rate over the two steps left.
+    assert [m["lr"] for m in metrics(tmp_path / "run") if "lr" in m] == pytest.approx([5e-4, 1e-3, 5e-4])
+
+
 def test_full_run_saves_a_plain_transformers_model(tiny_model_dir, triage_data, tmp_path):
     from transformers import AutoModelForCausalLM
 

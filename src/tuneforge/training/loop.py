@@ -551,6 +551,7 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
             f"Last good checkpoint: {checkpoint.latest(run.out / 'checkpoints') or 'none yet'} (resume with --resume "
             "after changing the config and --force)."
         )
+    lr = run.scheduler.get_last_lr()[0]  # this step's; the scheduler's step sets the next one's
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -560,7 +561,7 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
         "step": step + 1,
         "epoch": round((step + 1) / run.plan.steps_per_epoch, 4),
         **{f"train_{name}": means[name] for name in reported},
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": lr,
         "grad_norm": grad_norm,
         "tokens": run.state["tokens"],
         "tokens_per_s": summed["_tokens"] / (time.perf_counter() - started),
