@@ -268,6 +268,8 @@ def test_run_report_is_written_and_self_contained(tiny_run, tiny_model_dir, tria
     assert page.count("<img") == 3  # loss curves, learning rate, scores
     for title in ("Targets", "Forgetting", "Examples", "MISSED"):
         assert title in page
+    # The tiny base knows none of the questions: the table names the model that does.
+    assert f"general questions right (of the {len(kept_questions())} smollm2-135m-instruct knows)" in page
     samples = [json.loads(line) for line in (tiny_run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"input", "base", "tuned", "reference"} <= set(samples[0])
     saved = json.loads((tiny_run / "eval" / "after.json").read_text())

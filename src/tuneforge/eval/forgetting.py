@@ -80,10 +80,13 @@ class ModelPair:
         yield self.tuned_model
 
 
+def _base_questions_record() -> dict:
+    return json.loads(resources.files(__package__).joinpath(BASE_QUESTIONS_FILE).read_text(encoding="utf-8"))
+
+
 def kept_questions() -> list[dict]:
-    """The general questions the base model knows firmly (their text is their id)."""
-    record = json.loads(resources.files(__package__).joinpath(BASE_QUESTIONS_FILE).read_text(encoding="utf-8"))
-    kept = set(record["kept"])
+    """The general questions the bundled base model knows firmly (their text is their id)."""
+    kept = set(_base_questions_record()["kept"])
     return [q for q in general_questions() if q["question"] in kept]
 
 
@@ -193,6 +196,7 @@ def forgetting_loaded(
             "kl": mean_kl(pair, tokenizer, general_prompts(), batch_size=batch_size, progress=progress),
             "general_questions": {
                 "n": len(questions),
+                "known_by": _base_questions_record()["model"],  # the model the set was chosen for, whatever the base
                 "base_accuracy": accuracy["base"],
                 "tuned_accuracy": accuracy["tuned"],
                 "retained": accuracy["tuned"] / accuracy["base"] if accuracy["base"] else float("nan"),

@@ -168,6 +168,8 @@ def _widest_interval(n: int) -> float:
 
 def forgetting_table(forgetting: dict) -> Table:
     text, kl, questions = forgetting["general_text"], forgetting["kl"], forgetting["general_questions"]
+    # The questions are those the bundled model knows firmly: any other base may not know them.
+    known_by = questions.get("known_by", "the bundled model")  # forgetting.json of earlier versions lacks it
     rows = [
         [
             "general text cross-entropy",
@@ -176,7 +178,7 @@ def forgetting_table(forgetting: dict) -> Table:
             f"{text['change']:+.2%}",
         ],
         [
-            f"general questions right (of {questions['n']} the base knows)",
+            f"general questions right (of the {questions['n']} {known_by} knows)",
             _share(questions["base_accuracy"]),
             share_with_interval(questions["tuned_accuracy"], questions["n"]),
             f"{_share(questions['retained'])} kept",
