@@ -350,6 +350,14 @@ def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compu
     assert not (tmp_path / "run").exists()
 
 
+def test_a_compare_model_that_cannot_be_found_fails_before_any_evaluation(tiny_model_dir, triage_data, capsys):
+    from tuneforge.errors import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="no-such-model"):
+        eval_command(str(tiny_model_dir), str(triage_data["test"]), compare="no-such-model", limit=1)
+    assert "loss" not in capsys.readouterr().err  # no progress bar: nothing was evaluated
+
+
 def test_per_token_figures_of_models_with_other_tokenizers_are_not_compared(tiny_model_dir, triage_data, tmp_path):
     from tiny import tiny_llama, tiny_tokenizer
 

@@ -277,6 +277,7 @@ def side_by_side(base: dict, tuned: dict) -> list[dict]:
 
 def compare(model: str, base: str, data: str | Path, **options) -> dict:
     """`evaluate` for `model` and for `base` on the same data (same options), side by side."""
+    resolve(base)  # a base that cannot be found fails now, not after the first evaluation
     tuned_result = evaluate(model, data, **options)
     base_result = evaluate(base, data, **options)
     return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
