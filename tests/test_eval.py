@@ -173,6 +173,23 @@ def test_rows_without_a_reference_answer_are_refused_with_their_line(tmp_path):
     assert "does not exist. Check the path" in str(missing.value.problems[0])
 
 
+def test_a_row_that_cannot_be_rendered_is_named_by_its_file_and_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "weightless.jsonl"
+    rows = [("2+2?", "4", 1), ("3+3?", "6", 0)]
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a, "weight": w}]})
+            + "\n"
+            for q, a, w in rows
+        )
+    )
+    with pytest.raises(DataError) as unrendered:
+        evaluate(str(tiny_model_dir), data, progress=False)
+    assert "weightless.jsonl:2 messages: [no_trained_tokens]" in unrendered.value.message
+    assert "<data>" not in unrendered.value.message
+    assert [(p.file, p.line) for p in unrendered.value.problems] == [(str(data), 2)]
+
+
 def test_kl_is_zero_against_itself_and_positive_after_a_change(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
     same = mean_kl(ModelPair(model, model), tokenizer, PROMPTS, progress=False)

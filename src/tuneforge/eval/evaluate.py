@@ -14,6 +14,7 @@ its last message, greedily, and a metric from `tuneforge.tasks.metrics.METRICS` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -169,7 +170,10 @@ def _render(example: EvalExample, tokenizer) -> Example:
     try:
         return render_conversation(example.conversation, tokenizer)
     except DataError as err:
-        raise DataError(f"{example.file}:{example.line}: {err.message}", code=err.code, problems=err.problems) from None
+        # The renderer sees a conversation, not where it came from: its problems get the row's place.
+        where = {"file": example.file, "line": example.line}
+        problems = [dataclasses.replace(p, **where) for p in err.problems] or [Problem(err.code, err.message, **where)]
+        raise DataError.listing(f"{example.file}: row {example.line} cannot be evaluated", problems) from None
 
 
 def evaluate_loaded(
