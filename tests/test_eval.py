@@ -70,7 +70,7 @@ def test_loss_runs_packed_with_the_shared_system_prompt_once(tiny_model_dir, tri
     from tuneforge.eval.evaluate import _render, token_loss
 
     model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
-    examples = [_render(e, tokenizer) for e in read_eval_examples(triage_data["test"], limit=8)]
+    examples = [x for e in read_eval_examples(triage_data["test"], limit=8) for x in _render(e, tokenizer)]
     run = []  # token positions through the model (padding included)
     model.get_input_embeddings().register_forward_pre_hook(lambda module, args: run.append(args[0].numel()))
     packed = token_loss(model, examples, tokenizer.pad_token_id)
@@ -344,6 +344,38 @@ def test_the_base_of_a_lora_run_trained_further_is_that_run(tiny_run, tiny_model
     start = evaluate(str(tiny_run), triage_data["validation"], metric="exact", max_new_tokens=1, progress=False)
     assert before["spec"] == str(tiny_run)
     assert before["loss"] == pytest.approx(start["loss"], rel=1e-6)
+
+
+def test_conversations_a_template_trains_turn_by_turn_are_evaluated_as_training_validates_them(tmp_path):
+    """Qwen 3 drops the reasoning of earlier replies: a two-turn row trains as two examples, and the
+    evaluation's loss is the run's validation loss on them."""
+    from families import FAMILIES, save_family_model
+
+    model = save_family_model(FAMILIES["qwen3"], tmp_path / "qwen3")
+    files = {}
+    for split, numbers in (("train", range(4, 12)), ("validation", range(4))):
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nhello"},
+                            {"role": "user", "content": f"{n}+{n}?"},
+                            {"role": "assistant", "content": str(2 * n)},
+                        ]
+                    }
+                )
+                + "\n"
+                for n in numbers
+            )
+        )
+    config = tiny_run_config(model, files, tmp_path / "run", max_steps=1)
+    config["eval"] = {"task": "exact"}
+    result = train(config, progress=False)
+    after = json.loads((tmp_path / "run" / "eval" / "after.json").read_text())
+    assert after["loss"] == pytest.approx(result.metrics["full_valid_loss"], rel=1e-5)
 
 
 def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compute(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import Conversation, Example, PackedRow, Preference, Problem, pack, read_conversations, render_conversation
+from ..data import Conversation, Example, PackedRow, Preference, Problem, pack, read_conversations, render_examples
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
 from ..methods import SFTObjective, sum_over_batches
@@ -166,9 +166,11 @@ def _examples_in(rows) -> int:
     return sum(len(segments(r.position_ids)) if isinstance(r, PackedRow) else 1 for r in rows)
 
 
-def _render(example: EvalExample, tokenizer) -> Example:
+def _render(example: EvalExample, tokenizer) -> list[Example]:
+    """The examples the row trains as: one, or one per turn where the template rewrites earlier
+    turns (Qwen 3), so the loss counts the tokens training counts, as training counts them."""
     try:
-        return render_conversation(example.conversation, tokenizer)
+        return render_examples(example.conversation, tokenizer)
     except DataError as err:
         # The renderer sees a conversation, not where it came from: its problems get the row's place.
         where = {"file": example.file, "line": example.line}
@@ -189,7 +191,7 @@ def evaluate_loaded(
     """`evaluate` on a model already in memory."""
     metric = choose_metric(metric, examples)
     started = time.perf_counter()
-    rendered = [_render(e, tokenizer) for e in examples]
+    rendered = [rendered for e in examples for rendered in _render(e, tokenizer)]
     with progress_bar("loss", len(rendered), progress) as advance:
         loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
     loss_seconds = time.perf_counter() - started
