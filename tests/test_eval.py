@@ -378,6 +378,32 @@ def test_conversations_a_template_trains_turn_by_turn_are_evaluated_as_training_
     assert after["loss"] == pytest.approx(result.metrics["full_valid_loss"], rel=1e-5)
 
 
+def test_the_loss_after_training_counts_the_tokens_data_train_on_trains(tmp_path, tiny_model_dir, triage_data):
+    validation = tmp_path / "two-turns.jsonl"
+    validation.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "Hello, how are you today?"},
+                        {"role": "assistant", "content": "I am fine, thank you."},
+                        {"role": "user", "content": f"What is {n} plus {n}?"},
+                        {"role": "assistant", "content": f"The answer is {2 * n}."},
+                    ]
+                }
+            )
+            + "\n"
+            for n in range(4)
+        )
+    )
+    config = tiny_run_config(tiny_model_dir, {**triage_data, "validation": validation}, tmp_path / "run", max_steps=1)
+    config["data"]["train_on"] = "last_assistant"
+    config["eval"] = {"task": "exact"}
+    result = train(config, progress=False)
+    after = json.loads((tmp_path / "run" / "eval" / "after.json").read_text())
+    assert after["loss"] == pytest.approx(result.metrics["full_valid_loss"], rel=1e-5)
+
+
 def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compute(
     tiny_model_dir, triage_data, tmp_path
 ):

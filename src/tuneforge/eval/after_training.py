@@ -71,7 +71,14 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
                     "model": names[side],
                     "spec": specs[side],
                     "data": str(cfg.data.validation),
-                    **evaluate_loaded(model, tokenizer, examples, metric=cfg.eval.task, progress=progress),
+                    **evaluate_loaded(
+                        model,
+                        tokenizer,
+                        examples,
+                        metric=cfg.eval.task,
+                        progress=progress,
+                        train_on=cfg.data.train_on,
+                    ),
                 }
         metrics.update({f"task_{name}": value for name, value in flat_scores(results["tuned"]["scores"]).items()})
     write_run_report(run_dir, results["base"], results["tuned"], forgetting)

@@ -166,11 +166,11 @@ def _examples_in(rows) -> int:
     return sum(len(segments(r.position_ids)) if isinstance(r, PackedRow) else 1 for r in rows)
 
 
-def _render(example: EvalExample, tokenizer) -> list[Example]:
-    """The examples the row trains as: one, or one per turn where the template rewrites earlier
-    turns (Qwen 3), so the loss counts the tokens training counts, as training counts them."""
+def _render(example: EvalExample, tokenizer, train_on: str = "assistant") -> list[Example]:
+    """The examples the row trains as (`data.train_on`): one, or one per turn where the template
+    rewrites earlier turns (Qwen 3), so the loss counts the tokens training counts, as it counts them."""
     try:
-        return render_examples(example.conversation, tokenizer)
+        return render_examples(example.conversation, tokenizer, train_on)
     except DataError as err:
         # The renderer sees a conversation, not where it came from: its problems get the row's place.
         where = {"file": example.file, "line": example.line}
@@ -187,11 +187,13 @@ def evaluate_loaded(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    train_on: str = "assistant",
 ) -> dict:
-    """`evaluate` on a model already in memory."""
+    """`evaluate` on a model already in memory; the loss counts the tokens a run with `data.train_on`
+    trains (a run's `valid_loss`)."""
     metric = choose_metric(metric, examples)
     started = time.perf_counter()
-    rendered = [rendered for e in examples for rendered in _render(e, tokenizer)]
+    rendered = [rendered for e in examples for rendered in _render(e, tokenizer, train_on)]
     with progress_bar("loss", len(rendered), progress) as advance:
         loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
     loss_seconds = time.perf_counter() - started
