@@ -137,6 +137,8 @@ def test_json_fields_exact_partial_fenced_and_not_json():
     assert scores(picked, texts[:2], [{"reference": '{"label": "x", "priority": 2}'}] * 2) == [1, 0]
     failure(picked, ["{}"], [{"reference": {"label": "x"}}], "the reference lacks the field(s) priority")
     failure(grader, ["{}"], [{"reference": "not json"}], "the reference is not a JSON object")
+    # JSON's true is no 1, though Python's True == 1.
+    assert scores(picked, ['{"priority": true}', '{"priority": 1.0}'], [{"reference": {"priority": 1}}] * 2) == [0, 1]
 
 
 def test_python_grader_scores_a_batch_in_one_process():

@@ -319,6 +319,13 @@ def test_contains_is_case_insensitive_word_bounded_and_takes_answer_lists():
     assert normalize_text("  Twenty-Five,  (25)! ") == "twenty five 25"
 
 
+def test_json_fields_compares_values_as_json_does():
+    # Python has True == 1; JSON's true is no number. 1 and 1.0 are one number; nested values count too.
+    references = ['{"urgent": 1, "n": 2}', '{"urgent": true, "tags": [true, 3]}']
+    predictions = ['{"urgent": true, "n": 2.0}', '{"urgent": true, "tags": [1, 3]}']
+    assert json_fields(predictions, references)["fields"] == {"urgent": 1 / 2, "n": 1.0, "tags": 0.0}
+
+
 def test_json_fields_on_arbitrary_keys():
     references = ['{"name": "Ada", "year": 1815}', '{"name": "Alan", "year": 1912}', '{"name": "Grace"}']
     predictions = [

@@ -34,6 +34,7 @@ from abc import abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from ..tasks.metrics import same_json_value
 from .base import Grader, GraderError, checked_score, grading_failed, parse_output_json, spec_choice, spec_text
 from .templates import Template
 
@@ -237,4 +238,6 @@ class JsonFieldsGrader(_ComparesToReference):
         fields = self.fields or list(reference)
         if output is None:
             return 0.0
-        return sum(field in output and output[field] == reference[field] for field in fields) / len(fields)
+        return sum(field in output and same_json_value(output[field], reference[field]) for field in fields) / len(
+            fields
+        )

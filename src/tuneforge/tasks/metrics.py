@@ -39,6 +39,18 @@ def parse_json_object(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def same_json_value(a, b) -> bool:
+    """Equality of two parsed JSON values as JSON has it: `true` is not `1` (Python's bool is an int,
+    so `True == 1`), while `1` and `1.0` are the same number; objects and arrays compare value by value."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json_value(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(same_json_value, a, b))
+    return a == b
+
+
 def find_json_object(text: str) -> dict | None:
     """The first JSON object found anywhere in the text (say, inside a chatty answer), else None."""
     for match in re.finditer(r"\{", text):
@@ -97,7 +109,8 @@ def json_fields(predictions: Sequence[str], references: Sequence[str]) -> dict:
     all_match = 0
     for answer, reference in zip(answers, parsed_references):
         matches = {
-            key: answer is not None and key in answer and answer[key] == value for key, value in reference.items()
+            key: answer is not None and key in answer and same_json_value(answer[key], value)
+            for key, value in reference.items()
         }
         for key, matched in matches.items():
             field_counts[key] = field_counts.get(key, 0) + 1
