@@ -21,7 +21,7 @@ from tuneforge.eval.forgetting import (
     kept_questions,
     mean_kl,
 )
-from tuneforge.eval.report import loss_label, metrics_table, share_interval
+from tuneforge.eval.report import forgetting_table, loss_label, metrics_table, share_interval
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.pipeline import train
 
@@ -333,6 +333,10 @@ def test_forgetting_alone_has_its_report_too(tiny_model_dir, triage_data, tmp_pa
     page = (eval_dir / "report.html").read_text()
     assert "Forgetting: general data the training never saw" in page and "Examples" not in page
     assert page.count("<img") == 2  # loss curves, learning rate
+    # A small KL keeps its digits: at four decimals one step's 1e-5 would read as no change at all.
+    forgetting = json.loads((eval_dir / "forgetting.json").read_text())
+    kl_row = next(row for row in forgetting_table(forgetting).rows if row[0].startswith("KL"))
+    assert float(kl_row[2]) == pytest.approx(forgetting["kl"]["mean"], rel=1e-2) and float(kl_row[2]) > 0
 
 
 def test_the_base_of_a_lora_run_trained_further_is_that_run(tiny_run, tiny_model_dir, triage_data, tmp_path):

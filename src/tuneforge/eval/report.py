@@ -183,7 +183,7 @@ def forgetting_table(forgetting: dict) -> Table:
             share_with_interval(questions["tuned_accuracy"], questions["n"]),
             f"{_share(questions['retained'])} kept",
         ],
-        ["KL(base || tuned) per answer token", "", f"{kl['mean']:.4f}", ""],
+        ["KL(base || tuned) per answer token", "", f"{kl['mean']:.3g}", ""],  # small KLs keep their digits
     ]
     return Table(
         "Forgetting: general data the training never saw",
