@@ -279,6 +279,26 @@ def test_a_body_that_is_not_json_is_a_400(server):
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("route", "raw", "where"),
+    [
+        ("chat/completions", r'"messages": [{"role": "user", "content": "Hi \ud800"}]', "messages.0.content"),
+        ("completions", r'"prompt": "Hi \udc00 there"', "prompt"),
+        ("completions", r'"prompt": "Hi", "stop": ["\ud800"]', "stop.0"),
+        ("chat/completions", r'"messages": [{"role": "user", "content": "Hi"}], "user": "\ud800"', "user"),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_400_naming_where_it_is(server, route, raw, where):
+    # JSON's \u escapes can spell half of a surrogate pair alone: no tokenizer, store or UTF-8 reply takes it.
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = f'{{"model": "{BASE}", "max_tokens": 2, {raw}}}'
+    response = httpx.post(f"{server[0]}/v1/{route}", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].startswith(f"'{where}' is not Unicode text")
+    both_halves = body.replace(r"\ud800", r"\ud83d\ude00").replace(r"\udc00", r"\ud83d\ude00")
+    assert httpx.post(f"{server[0]}/v1/{route}", content=both_halves, headers=headers).status_code == 200
+
+
 def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base, adapters):
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model="broken", messages=QUESTION, max_tokens=4, temperature=0)

@@ -16,12 +16,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from ..config import Config, GRPOConfig, TrainConfig, auto_epochs, load_config
 from ..errors import ConfigError
 from ..training import make_plan
-from ..web import Metadata
+from ..web import Metadata, RequestBody
 
 GROUP_SIZE = GRPOConfig.model_fields["group_size"].default
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
@@ -46,12 +46,7 @@ def _auto_or(kind: type, low: float, high: float, *, low_inclusive: bool = True)
     return Annotated[Literal["auto"] | kind, BeforeValidator(check)]
 
 
-class Body(BaseModel):
-    # Like OpenAI: an argument the server does not know is an error naming it, never silently ignored.
-    model_config = ConfigDict(extra="forbid")
-
-
-class Hyperparameters(Body):
+class Hyperparameters(RequestBody):
     batch_size: _auto_or(int, 1, 256) = "auto"
     learning_rate_multiplier: _auto_or(float, 0, 10, low_inclusive=False) = "auto"
     n_epochs: _auto_or(int, 1, 50) = "auto"
@@ -84,15 +79,15 @@ class ReinforcementHyperparameters(Hyperparameters):
         return self
 
 
-class SupervisedMethod(Body):
+class SupervisedMethod(RequestBody):
     hyperparameters: Hyperparameters = Hyperparameters()
 
 
-class DpoMethod(Body):
+class DpoMethod(RequestBody):
     hyperparameters: DpoHyperparameters = DpoHyperparameters()
 
 
-class ReinforcementMethod(Body):
+class ReinforcementMethod(RequestBody):
     grader: dict
     hyperparameters: ReinforcementHyperparameters = ReinforcementHyperparameters()
 
@@ -108,7 +103,7 @@ class ReinforcementMethod(Body):
         return value
 
 
-class Method(Body):
+class Method(RequestBody):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
@@ -127,7 +122,7 @@ class Method(Body):
 FileId = Annotated[str, Field(min_length=1, max_length=40)]
 
 
-class CreateJobBody(Body):
+class CreateJobBody(RequestBody):
     model: str = Field(min_length=1, max_length=1024)
     training_file: FileId
     validation_file: FileId | None = None

@@ -24,11 +24,11 @@ from typing import Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
-from ..web import CLIENT_LEFT, APIError, Metadata, Observer, caller, docs_urls, edge, note
+from ..web import CLIENT_LEFT, APIError, Metadata, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
 from .completion_store import CompletionStore
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
@@ -56,17 +56,12 @@ def engine_error(err: EngineError) -> APIError:
 # ---- request bodies --------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    # OpenAI refuses arguments it does not know; so do we, naming them, rather than ignore them silently.
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Body):
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Body):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -77,11 +72,11 @@ class ChatMessage(_Body):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class _GenerationBody(_Body):
+class _GenerationBody(RequestBody):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)

@@ -4,7 +4,7 @@
 path (an unexpected failure is logged under an error id that the client gets); `auth.py` checks
 Bearer keys before anything reads a body; `limits.py` caps request bodies, and its `edge` puts
 all three on an app, with `observe.py`'s metrics and request log when asked. `docs_urls` keeps the
-documentation pages off unless asked for. `shapes.py` is OpenAI's `metadata` and listings;
+documentation pages off unless asked for. `shapes.py` is OpenAI's request bodies, `metadata` and listings;
 `listen.py` binds a server's socket (`--port 0`: a free one) and runs uvicorn on it.
 Importing this package is cheap: no torch.
 """
@@ -13,7 +13,7 @@ from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
 from .limits import docs_urls, edge
 from .observe import CLIENT_LEFT, Observer, note
-from .shapes import Metadata, list_body, metadata_filter
+from .shapes import Metadata, RequestBody, list_body, metadata_filter
 
 __all__ = [
     "CLIENT_LEFT",
@@ -23,6 +23,7 @@ __all__ = [
     "Metadata",
     "Observer",
     "Pages",
+    "RequestBody",
     "caller",
     "docs_urls",
     "edge",

@@ -1,4 +1,8 @@
-"""OpenAI's shapes that both servers' objects share: `metadata` and listings.
+"""OpenAI's shapes that both servers' objects share: request bodies, `metadata` and listings.
+
+A request body (`RequestBody`) refuses an argument it does not know, naming it, as OpenAI does, and
+text that is not Unicode: JSON's `\\u` escapes can spell one half of a UTF-16 surrogate pair
+alone, which Python's JSON reader accepts but no tokenizer, database or UTF-8 response can hold.
 
 `metadata` is string pairs on an object (a job, a stored completion), within OpenAI's limits: at
 most 16 pairs, keys of at most 64 characters, values of at most 512. Listings filter by it with
@@ -8,10 +12,11 @@ envelope, `list_body`.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Request
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
@@ -34,6 +39,43 @@ def _within_limits(metadata: dict[str, str]) -> dict[str, str]:
 
 
 Metadata = Annotated[dict[str, str], AfterValidator(_within_limits)]
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: unknown arguments and text that is not Unicode are 400s that name them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        for path, text in _strings(data):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise PydanticCustomError(
+                    "not_unicode",
+                    "'{path}' is not Unicode text: character {position} ({character}) is one half of a UTF-16 "
+                    "surrogate pair alone. Send the text as UTF-8; a \\u escape of a character beyond U+FFFF "
+                    "needs both halves.",
+                    {"path": path or "body", "position": err.start, "character": ascii(text[err.start])},
+                ) from None
+        return data
+
+
+def _strings(value: Any, path: str = ""):
+    """Every string in parsed JSON (object keys too), with where it is: `messages.0.content`."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str):
+                yield inner, key
+            yield from _strings(item, inner)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{path}.{i}" if path else str(i))
 
 
 def metadata_filter(request: Request) -> dict[str, str]:
