@@ -254,6 +254,21 @@ def test_an_existing_output_folder_is_kept_unless_overwrite(adapter_dir, tmp_pat
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
 
 
+def test_the_working_folder_is_no_output_folder(adapter_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "..", str(tmp_path)):
+        assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", out, "--overwrite") == 2
+        message = capsys.readouterr().err
+        assert "is the folder you are working in" in message and "Traceback" not in message
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    # An empty working folder too: it would be renamed away under the shell that stands in it.
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", ".") == 2
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
 def test_the_output_folder_may_not_hold_the_source(run_dir):
     with pytest.raises(TuneforgeError, match="holds the model being exported"):
         export(run_dir, "adapter", None, run_dir, overwrite=True, progress=False)

@@ -130,6 +130,13 @@ def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    here = Path.cwd()
+    if out.resolve() in (here, *here.parents):
+        raise TuneforgeError(
+            f"--out {out} is the folder you are working in, or holds it: an export is written beside its --out "
+            f"folder and renamed to it whole. Give a folder of its own, e.g. --out {out / 'export'}.",
+            code="out_exists",
+        )
     if out.is_file():
         raise TuneforgeError(f"--out {out} is a file; give a folder to write the export into.", code="out_exists")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
