@@ -270,6 +270,15 @@ def test_unfinished_run_points_at_its_latest_checkpoint(tmp_path):
         resolve(str(run))
 
 
+def test_an_adapter_without_its_weights_is_refused_naming_them(tiny_adapter, tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-2"
+    shutil.copytree(tiny_adapter, checkpoint)
+    (checkpoint / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelSourceError, match="has adapter_config.json but no adapter weights") as error:
+        resolve(str(checkpoint))
+    assert error.value.code == "adapter_incomplete" and str(checkpoint.resolve()) in error.value.message
+
+
 def test_adapter_whose_base_moved_falls_back_to_the_run_config(tiny_adapter, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_adapter, run / "final")

@@ -173,6 +173,7 @@ def _resolve_adapter(spec: str, adapter_dir: Path, *, pull_missing: bool, name: 
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"{adapter_dir / 'adapter_config.json'} cannot be read: {err}.") from err
+    _require_adapter_weights(adapter_dir)
     base = _adapter_base(adapter_dir, adapter_config.get("base_model_name_or_path"), pull_missing=pull_missing)
     if base.adapter is not None:
         raise ModelSourceError(
@@ -181,6 +182,20 @@ def _resolve_adapter(spec: str, adapter_dir: Path, *, pull_missing: bool, name: 
             code="stacked_adapter",
         )
     return ModelSource(spec, "adapter", base.path, adapter_dir, name)
+
+
+def _require_adapter_weights(adapter_dir: Path) -> None:
+    """An adapter folder holds its weights beside its config; without them PEFT would look for the
+    folder's path on the Hugging Face hub and fail with a message about repo ids."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    if not any((adapter_dir / name).is_file() for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise ModelSourceError(
+            f"{adapter_dir} has adapter_config.json but no adapter weights ({SAFETENSORS_WEIGHTS_NAME} or "
+            f"{WEIGHTS_NAME}): the adapter was not saved or copied whole. Point at a complete checkpoint or "
+            "the run's final/.",
+            code="adapter_incomplete",
+        )
 
 
 def _adapter_base(adapter_dir: Path, recorded: str | None, *, pull_missing: bool) -> ModelSource:
