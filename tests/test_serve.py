@@ -270,6 +270,14 @@ def test_bad_requests_get_openai_errors(client, options, error, param, code):
     assert client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2).choices[0].message.content
 
 
+@pytest.mark.parametrize("logprobs", [0, 1])
+def test_completions_asking_for_logprobs_are_refused(client, logprobs):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=BASE, prompt="Hi", max_tokens=2, logprobs=logprobs)
+    assert caught.value.param == "logprobs" and caught.value.code == "unsupported_value"
+    assert client.completions.create(model=BASE, prompt="Hi", max_tokens=2, logprobs=None).choices[0].text
+
+
 def test_a_body_that_is_not_json_is_a_400(server):
     response = httpx.post(
         f"{server[0]}/v1/chat/completions",

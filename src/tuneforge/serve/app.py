@@ -102,7 +102,8 @@ class _GenerationBody(RequestBody):
         for param in ("presence_penalty", "frequency_penalty"):
             if getattr(self, param):
                 raise APIError(400, f"{param} is not supported (leave it at 0).", param=param, code="unsupported_value")
-        if self.logprobs:
+        # `logprobs: 0` asks /v1/completions for the chosen tokens' log probabilities; false or absent for none.
+        if self.logprobs is not None and self.logprobs is not False:
             raise APIError(400, "logprobs are not supported.", param="logprobs", code="unsupported_value")
 
     def stop_strings(self) -> tuple[str, ...]:
