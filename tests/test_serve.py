@@ -249,6 +249,7 @@ def test_a_wrong_or_missing_key_is_refused(server):
         ({"top_p": 0}, openai.BadRequestError, "top_p", "invalid_value"),
         ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", None),
         ({"max_tokens": 5000}, openai.BadRequestError, "max_tokens", "context_length_exceeded"),
+        ({"max_completion_tokens": 5000}, openai.BadRequestError, "max_completion_tokens", "context_length_exceeded"),
         ({"model": "no-such-model"}, openai.NotFoundError, "model", "model_not_found"),
         ({"messages": []}, openai.BadRequestError, "messages", "invalid_value"),
         (

@@ -114,6 +114,10 @@ class _GenerationBody(RequestBody):
             raise APIError(400, "stop strings must not be empty.", param="stop")
         return tuple(stop)
 
+    def length_limit(self) -> tuple[str, int | None]:
+        """The parameter that limits the reply's length, and its value (None: not given)."""
+        return "max_tokens", self.max_tokens
+
     def sampling(self, max_new_tokens: int) -> Sampling:
         temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
         return Sampling(max_new_tokens, temperature, self.top_p, self.seed, self.stop_strings())
@@ -127,6 +131,12 @@ class ChatCompletionBody(_GenerationBody):
 
     def template_messages(self) -> list[dict]:
         return [message.as_template_message() for message in self.messages]
+
+    def length_limit(self) -> tuple[str, int | None]:
+        # OpenAI's newer name for max_tokens; given both, it wins.
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().length_limit()
 
 
 class CompletionBody(_GenerationBody):
@@ -346,8 +356,7 @@ async def submit(
     prompt_ids = await asyncio.to_thread(_encode, server.pool.tokenizer(name), prompt)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param=length_param)
-    requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    max_new_tokens = _max_new_tokens(requested, len(prompt_ids), server.window, default_max, length_param)
+    max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
     try:
         return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens))
     except EngineError as err:
@@ -395,8 +404,9 @@ async def _hang_up(request: Request) -> None:
 
 
 def _max_new_tokens(
-    requested: int | None, prompt_tokens: int, window: int | None, default: int, prompt_param: str
+    length_limit: tuple[str, int | None], prompt_tokens: int, window: int | None, default: int, prompt_param: str
 ) -> int:
+    limit_param, requested = length_limit
     room = window - prompt_tokens if window else None
     if room is not None and room < 1:
         raise APIError(
@@ -412,8 +422,8 @@ def _max_new_tokens(
             400,
             f"This model's maximum context length is {window} tokens; you asked for "
             f"{prompt_tokens + requested} ({prompt_tokens} in the prompt, {requested} for the "
-            "completion). Lower max_tokens or shorten the prompt.",
-            param="max_tokens",
+            f"completion). Lower {limit_param} or shorten the prompt.",
+            param=limit_param,
             code="context_length_exceeded",
         )
     return requested
