@@ -308,6 +308,14 @@ def test_text_that_is_not_unicode_is_a_400_naming_where_it_is(server, route, raw
     assert httpx.post(f"{server[0]}/v1/{route}", content=both_halves, headers=headers).status_code == 200
 
 
+def test_a_body_that_is_not_utf8_is_a_400_that_says_so(server):
+    body = '{"model": "base", "prompt": "caf\u00e9"}'.encode("latin-1")
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(f"{server[0]}/v1/completions", content=body, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("The request body is not UTF-8: byte 0xe9 at position 32")
+
+
 def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base, adapters):
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model="broken", messages=QUESTION, max_tokens=4, temperature=0)

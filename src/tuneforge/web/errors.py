@@ -94,11 +94,22 @@ def install_error_handlers(app: FastAPI) -> None:
             return server_error(err).response()
         if isinstance(err, BodyReadError):
             return err.error.response()
+        if isinstance(err.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body" says no more
+            return not_utf8(err.__cause__).response()
         return APIError(err.status_code, str(err.detail), headers=err.headers).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
         return server_error(err).response()
+
+
+def not_utf8(err: UnicodeDecodeError) -> APIError:
+    return APIError(
+        400,
+        f"The request body is not UTF-8: byte {err.object[err.start]:#04x} at position {err.start} cannot be "
+        "decoded. Send the JSON encoded as UTF-8.",
+        code="invalid_value",
+    )
 
 
 def validation_error(first: dict) -> APIError:
