@@ -279,6 +279,18 @@ def test_an_adapter_without_its_weights_is_refused_naming_them(tiny_adapter, tmp
     assert error.value.code == "adapter_incomplete" and str(checkpoint.resolve()) in error.value.message
 
 
+def test_a_damaged_base_under_an_adapter_is_named_as_the_folder_that_failed(tiny_adapter, tiny_model_dir, tmp_path):
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    (base / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:3000])
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    with pytest.raises(ModelSourceError) as error:
+        load_model(str(adapter))
+    assert error.value.message.startswith(f"Could not load the model in {base.resolve()}: ")
+    assert "damaged or was not written whole" in error.value.message
+
+
 def test_adapter_whose_base_moved_falls_back_to_the_run_config(tiny_adapter, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_adapter, run / "final")

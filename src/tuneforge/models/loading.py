@@ -89,14 +89,29 @@ def load_model(
     placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **placement)
-        if source.adapter is None:
-            return model
-        from peft import PeftModel
+    except _LOAD_ERRORS as err:
+        raise _load_failed(source.path, err) from err
+    if source.adapter is None:
+        return model
+    from peft import PeftModel
 
+    try:
         return PeftModel.from_pretrained(model, source.adapter)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        where = source.adapter or source.path
-        raise ModelSourceError(f"Could not load the model in {where}: {err}", code="model_load_failed") from err
+    except _LOAD_ERRORS as err:
+        raise _load_failed(source.adapter, err) from err
+
+
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
+def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
+    """The error for a base or adapter folder that would not load, naming that folder."""
+    damaged = (
+        ". A weights file there is damaged or was not written whole: copy it again, or use another checkpoint"
+        if isinstance(err, SafetensorError)
+        else ""
+    )
+    return ModelSourceError(f"Could not load the model in {folder}: {err}{damaged}", code="model_load_failed")
 
 
 def load_frozen_model(
