@@ -137,3 +137,12 @@ def test_the_chat_command_loads_a_model_folder(model_dir, tiny):
         app, ["chat", str(model_dir), "--max-tokens", "1", "--system", "Be brief."], input="/exit\n"
     )
     assert "tokens a reply; /help for commands.\n(system message: Be brief.)\n" in ended.output  # no "Be brief.."
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_dir, tiny):
+    result = CliRunner().invoke(
+        app, ["chat", str(model_dir), "--max-tokens", str(MAX_TOKENS), "--precision", "fp32"], input=b"caf\xe9\nHi\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert "(that line is not UTF-8 text (character 4); not sent: check the terminal's encoding)" in result.output
+    assert reply_to(tiny, [{"role": "user", "content": "Hi"}]) in result.output

@@ -58,6 +58,9 @@ def chat_session(
         text = line.strip()
         if not text:
             continue
+        if (position := _not_utf8_at(text)) is not None:
+            note(f"that line is not UTF-8 text (character {position + 1}); not sent: check the terminal's encoding")
+            continue
         if text.startswith("/"):
             command, _, argument = text.partition(" ")
             if command == "/exit":
@@ -153,10 +156,23 @@ def _fit(
         note("oldest exchange dropped to fit the context window")
 
 
+def _not_utf8_at(text: str) -> int | None:
+    """Where a line read from a terminal holds bytes that were not UTF-8 (escaped as lone surrogates), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 def _line_reader(input: TextIO | None, output: TextIO) -> Callable[[str], str | None]:
     """A function that shows the prompt and returns the next line, or None at end of input."""
     if input is None:
         import readline  # noqa: F401 - importing it gives input() line editing and history
+
+        # A line that is not UTF-8 is read whole, its bytes escaped, for the session to refuse: a strict
+        # decoder would end the chat with a traceback.
+        sys.stdin.reconfigure(errors="surrogateescape")
 
         def read_terminal(prompt: str) -> str | None:
             try:
