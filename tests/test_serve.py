@@ -529,6 +529,8 @@ def test_adapters_are_checked_before_any_weights_load(base_dir, adapters, tmp_pa
         AdapterPool(str(base_dir), {"full": str(base_dir)})
     with pytest.raises(ConfigError, match="base model's name"):
         AdapterPool(str(base_dir), {BASE: str(adapters["alpha"])})
+    with pytest.raises(ConfigError, match="'run' is the name the model .* is served under"):
+        AdapterPool(str(adapters["triage"]), {"run": str(adapters["alpha"])})  # the run serves as `run`
     other_base = save_sharp_tiny_model(tmp_path / "other")
     with pytest.raises(ConfigError, match="trained on"):
         AdapterPool(str(other_base), {"alpha": str(adapters["alpha"])})

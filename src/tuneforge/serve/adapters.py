@@ -39,6 +39,12 @@ class AdapterPool:
         base_source = _base_source(base, adapter_sources)
         if base_source.adapter is not None:
             # A run or adapter folder as the model: serve its base, and the adapter under the run's name.
+            if base_source.name in adapter_sources:
+                raise ConfigError(
+                    f"Adapter name '{base_source.name}' is the name the model {base_source.spec} is served under; "
+                    "pick another (--adapter OTHER=PATH).",
+                    code="invalid_value",
+                )
             adapter_sources = {base_source.name: base_source, **adapter_sources}
             base_source = resolve(str(base_source.path))
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
