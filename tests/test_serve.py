@@ -540,6 +540,17 @@ def test_adapters_are_checked_before_any_weights_load(base_dir, adapters, tmp_pa
         parse_adapters(["a=x", "a=y"])
 
 
+@pytest.mark.parametrize("command", ["serve", "api", "ui"])
+def test_a_port_out_of_range_is_a_usage_error(command):
+    from typer.testing import CliRunner
+
+    from tuneforge.cli import app
+
+    result = CliRunner().invoke(app, [command, "--port", "70000"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "less than or equal to 65535" in result.output
+
+
 def test_the_serve_command_reports_a_bad_adapter_without_a_traceback(base_dir, tmp_path):
     result = subprocess.run(
         [

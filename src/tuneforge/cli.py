@@ -235,7 +235,7 @@ def serve(
     ),
     adapter: list[str] | None = typer.Option(None, help="NAME=PATH of a LoRA adapter or run folder; repeatable."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
-    port: int = typer.Option(8000, help=PORT_HELP),
+    port: int = typer.Option(8000, min=0, max=65535, help=PORT_HELP),
     api_key: list[str] | None = typer.Option(
         None,
         envvar="TUNEFORGE_API_KEYS",
@@ -288,7 +288,7 @@ def serve(
 @app.command()
 def api(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
-    port: int = typer.Option(8000, help=PORT_HELP),
+    port: int = typer.Option(8000, min=0, max=65535, help=PORT_HELP),
     db: str | None = typer.Option(
         None,
         envvar="TUNEFORGE_DB",
@@ -348,7 +348,7 @@ def api(
 def ui(
     directory: Path = typer.Argument(Path("runs"), help="The folder your run folders are in (or one run folder)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one: no key is asked)."),
-    port: int = typer.Option(8600, help=PORT_HELP),
+    port: int = typer.Option(8600, min=0, max=65535, help=PORT_HELP),
     max_models: int = typer.Option(1, min=1, help="Base models the playground holds in memory at once."),
 ):
     """Web dashboard of the runs under DIRECTORY: live curves, reports, checkpoints, comparison, chat."""
