@@ -25,6 +25,7 @@ from tiny_sharp import save_sharp_tiny_model
 
 from tuneforge.cli import main
 from tuneforge.data.check import check_command
+from tuneforge.errors import ConfigError
 from tuneforge.eval import evaluate
 from tuneforge.jobs.api import create_api
 from tuneforge.jobs.store import Store
@@ -289,6 +290,12 @@ def store_by_http(http: TestClient, n: int = 1) -> list[str]:
 
 def listed(http: TestClient) -> list[str]:
     return [c["id"] for c in http.get("/v1/chat/completions", params={"limit": 100}).json()["data"]]
+
+
+@pytest.mark.parametrize(("days", "count"), [(0, None), (float("nan"), None), (None, 0)])
+def test_retention_that_would_keep_nothing_or_prune_nothing_is_refused(days, count):
+    with pytest.raises(ConfigError, match="--store-max"):
+        Retention(days, count)
 
 
 def test_retention_keeps_the_newest_completions_up_to_the_count(engine, tmp_path):

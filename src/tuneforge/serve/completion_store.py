@@ -66,7 +66,7 @@ class Retention:
     max_count: int | None = None
 
     def __post_init__(self):
-        if self.max_age_days is not None and self.max_age_days <= 0:
+        if self.max_age_days is not None and not self.max_age_days > 0:  # NaN too: no completion is older than it
             raise ConfigError(f"--store-max-age-days must be above 0, got {self.max_age_days}", code="invalid_value")
         if self.max_count is not None and self.max_count < 1:
             raise ConfigError(f"--store-max-count must be at least 1, got {self.max_count}", code="invalid_value")
