@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -215,7 +216,8 @@ def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_m
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_data, tmp_path):
-    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", epochs=20, batch_size=4)
+    run = tmp_path / "my runs" / "run"  # the printed command quotes a path with a space
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, epochs=20, batch_size=4)
     path = _write_config(cfg, tmp_path / "cfg.yaml")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tuneforge", "train", str(path), "train.learning_rate=0.003"],
@@ -226,21 +228,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_dat
     )
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "metrics.jsonl").read_text().count(
-            "\n"
-        ) >= 3:
+        if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, errs = proc.communicate(timeout=60)
     assert proc.returncode == 130, errs
-    saved = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    saved = list((run / "checkpoints").glob("step-*"))
     assert len(saved) == 1
     # The command it prints resumes with the run's own config, which any command-line overrides are in.
-    printed = re.search(r"continue with `tuneforge train (\S+) --resume`", out + errs)
+    printed = re.search(r"continue with `([^`]+)`", out + errs)
+    assert printed, out + errs
+    command = shlex.split(printed[1])
+    assert command[:2] == ["tuneforge", "train"] and command[3:] == ["--resume"]
     started_with = load_config(path, ["train.learning_rate=0.003"])
-    assert printed and load_config(printed[1]).results_hash() == started_with.results_hash()
-    last_logged = metrics(tmp_path / "run")[-1]["step"]
+    assert load_config(command[2]).results_hash() == started_with.results_hash()
+    last_logged = metrics(run)[-1]["step"]
     assert saved[0].name == f"step-{last_logged}"
 
 

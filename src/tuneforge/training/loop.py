@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import random
+import shlex
 import shutil
 import signal
 import time
@@ -594,7 +595,7 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
             if stop_requested:
                 path = run.save_checkpoint(step + 1)
                 # The run's own config.yaml holds the command line's overrides too: resuming from it matches.
-                resume_with = f"tuneforge train {run.out / 'config.yaml'} --resume"
+                resume_with = f"tuneforge train {shlex.quote(str(run.out / 'config.yaml'))} --resume"
                 where = "" if run.out.is_absolute() else f" in {Path.cwd()}"  # output_dir is relative to it
                 log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `{resume_with}`{where}.")
                 return "interrupted"
