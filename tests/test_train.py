@@ -173,6 +173,39 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     train(changed, resume="latest", force=True, progress=False)
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:40])
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda c: _truncate(c / "adapter_model.safetensors"), "adapter_model.safetensors cannot be read"),
+        (lambda c: (c / "scheduler.pt").unlink(), "files are missing: scheduler.pt"),
+        (lambda c: _truncate(c / "rng-0.pt"), "rng-0.pt cannot be read"),
+        (
+            lambda c: _truncate(next((c / "optimizer").glob("*.distcp"))),
+            "the optimizer state in optimizer/ cannot be read",
+        ),
+        (lambda c: _truncate(c / "optimizer" / ".metadata"), "optimizer/.metadata cannot be read"),
+        (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json cannot be read"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_naming_its_file_and_the_one_before_it(
+    damage, named, tiny_model_dir, triage_data, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2)
+    train(cfg, progress=False)
+    damage(run / "checkpoints" / "step-4")
+    with pytest.raises(TuneforgeError) as e:
+        train(cfg, resume="latest", progress=False)
+    assert e.value.code == "checkpoint_damaged"
+    assert f"step-4: {named}" in e.value.message
+    assert f"--resume {run / 'checkpoints' / 'step-2'}" in e.value.message and "--overwrite" in e.value.message
+    assert train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False).steps == 4
+
+
 def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(
     tiny_model_dir, triage_data, tmp_path, capsys
 ):

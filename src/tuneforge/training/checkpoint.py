@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shlex
 import shutil
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..errors import RunFailed
+from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_dir, write_json
 from . import distributed
 
@@ -114,12 +116,15 @@ def restore_weights(folder: Path, model) -> None:
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        with _reading(folder, "adapter_model.safetensors"):
+            weights = load_file(folder / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, weights)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
     else:
         weights = {}
         for file in sorted(folder.glob("model*.safetensors")):  # one file, or the shards of a large model
-            weights.update(load_file(file))
+            with _reading(folder, file.name):
+                weights.update(load_file(file))
         result = model.load_state_dict(weights, strict=False)
         unexpected = list(result.unexpected_keys)
         # save_pretrained drops tied copies (lm_head == embed_tokens); anything else missing is real.
@@ -147,12 +152,18 @@ def _shared_temporary(final: Path, world: distributed.World, phase_name: str):
         yield distributed.from_main(tmp, world, phase_name)
 
 
-def _check_complete(folder: Path, processes: int) -> None:
-    """Every file the processes wrote is in rank 0's folder (on several machines: a folder they share)."""
+def _missing_shards(folder: Path, processes: int) -> list[str]:
+    """The files of the optimizer's shards (those its DCP metadata names) and of the first
+    `processes` processes' RNG states that `folder` lacks."""
     metadata = dcp.FileSystemReader(folder / OPTIMIZER).read_metadata()
     expected = {folder / OPTIMIZER / info.relative_path for info in metadata.storage_data.values()}
     expected |= {folder / rng_file(rank) for rank in range(processes)}
-    missing = sorted(str(path.relative_to(folder)) for path in expected if not path.is_file())
+    return sorted(str(path.relative_to(folder)) for path in expected if not path.is_file())
+
+
+def _check_complete(folder: Path, processes: int) -> None:
+    """Every file the processes wrote is in rank 0's folder (on several machines: a folder they share)."""
+    missing = _missing_shards(folder, processes)
     if missing:
         raise RunFailed(
             f"checkpoint {folder.name}: files the other processes wrote are not in {folder.parent} "
@@ -201,6 +212,57 @@ def save(
     return root / f"step-{step}"
 
 
+def _damaged(folder: Path, what: str) -> TuneforgeError:
+    """A checkpoint that cannot be read, and the earlier checkpoints to resume from instead."""
+    others = step_folders(folder.parent)
+    names = [other.name for other in others]
+    earlier = others[: names.index(folder.name)] if folder.name in names else others
+    instead = (
+        f"resume from an earlier one (--resume {shlex.quote(str(earlier[-1]))})"
+        if earlier
+        else "no earlier checkpoint is left to resume from"
+    )
+    return TuneforgeError(
+        f"{folder}: {what}. If the checkpoint is damaged (a copy cut short, a full disk), {instead}, "
+        "or start the run over with --overwrite.",
+        code="checkpoint_damaged",
+    )
+
+
+@contextlib.contextmanager
+def _reading(folder: Path, name: str):
+    """Reading checkpoint file `name`: a missing, truncated or garbled one is an error that names it."""
+    try:
+        yield
+    except TuneforgeError:
+        raise
+    except (Exception, CheckpointException) as error:
+        # DCP gathers the processes' failures into one CheckpointException: the first says what went wrong.
+        cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) else error
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        raise _damaged(folder, f"{name} cannot be read ({first_line})") from None
+
+
+def read_state(folder: Path) -> dict:
+    """The loop state saved in checkpoint `folder` (step, tokens, config hash), once every file a
+    resume reads is found there: a checkpoint missing one fails here, before the model loads."""
+    folder = Path(folder)
+    if not (folder / OPTIMIZER).is_dir():
+        raise RunFailed(
+            f"{folder} was written by an earlier version of tuneforge (its optimizer state is not sharded); "
+            "finish the run with that version, or start it again without --resume."
+        )
+    with _reading(folder, f"{OPTIMIZER}/.metadata"):
+        missing = _missing_shards(folder, processes=1)
+    missing += [SCHEDULER] if not (folder / SCHEDULER).is_file() else []
+    if not any(folder.glob("*model*.safetensors")):
+        missing.append("its weights (adapter_model.safetensors or model.safetensors)")
+    if missing:
+        raise _damaged(folder, f"files are missing: {', '.join(missing[:3])}")
+    with _reading(folder, STATE):
+        return json.loads((folder / STATE).read_text())
+
+
 def load(folder: Path, model, optimizer, scheduler, world: distributed.World) -> dict:
     """Restore the optimizer state (resharded for this run's processes), the scheduler and the RNG
     states, and return the saved loop state. The weights come first, from `restore_weights`.
@@ -209,17 +271,21 @@ def load(folder: Path, model, optimizer, scheduler, world: distributed.World) ->
     resumed run draws the random numbers the uninterrupted one would; on more, the new ones take
     rank 0's."""
     folder = Path(folder)
-    if not (folder / OPTIMIZER).is_dir():
-        raise RunFailed(
-            f"{folder} was written by an earlier version of tuneforge (its optimizer state is not sharded); "
-            "finish the run with that version, or start it again without --resume."
-        )
-    with distributed.phase(f"resuming from {folder.name}", world):
+    # Outside the phase, which tells a failed collective from a file that cannot be read.
+    with (
+        _reading(folder, f"the optimizer state in {OPTIMIZER}/"),
+        distributed.phase(f"resuming from {folder.name}", world),
+    ):
         optimizer_state = get_optimizer_state_dict(model, optimizer)
         with _one_process_quietly():
             dcp.load(optimizer_state, checkpoint_id=folder / OPTIMIZER, no_dist=world.size == 1)
         set_optimizer_state_dict(model, optimizer, optimizer_state)
-    scheduler.load_state_dict(torch.load(folder / SCHEDULER, weights_only=True))
+    with _reading(folder, SCHEDULER):
+        scheduler_state = torch.load(folder / SCHEDULER, weights_only=True)
+    scheduler.load_state_dict(scheduler_state)
     own = folder / rng_file(world.rank)
-    _set_rng_states(torch.load(own if own.is_file() else folder / rng_file(0), weights_only=False))
-    return json.loads((folder / STATE).read_text())
+    rng = own if own.is_file() else folder / rng_file(0)
+    with _reading(folder, rng.name):
+        rng_states = torch.load(rng, weights_only=False)
+    _set_rng_states(rng_states)
+    return read_state(folder)

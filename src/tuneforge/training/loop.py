@@ -236,7 +236,7 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> Path | 
     folder = checkpoint.latest(root) if resume is True or resume == "latest" else Path(resume)
     if folder is None or not (folder / checkpoint.STATE).is_file():
         raise TuneforgeError(f"no checkpoint to resume from at {folder or root}; start without --resume.")
-    saved_hash = json.loads((folder / checkpoint.STATE).read_text())["config_hash"]
+    saved_hash = checkpoint.read_state(folder)["config_hash"]
     if saved_hash != cfg.results_hash() and not force:
         raise TuneforgeError(
             f"{folder} was written with a different config (one that changes results){changes_since(cfg, saved_hash)}. "
