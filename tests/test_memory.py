@@ -227,3 +227,20 @@ def test_validate_states_the_memory_plan_by_part(tiny_model_dir, triage_data, tm
     assert "decoder linear layers nf4" in out
     for part in ("frozen weights", "trained weights and gradients", "optimizer state", "activations", "logits"):
         assert part in out
+
+
+def test_validate_on_a_cpu_counts_every_process_of_the_machine_against_its_memory(
+    tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch
+):
+    from tuneforge.dry_run import memory_rows, validate
+
+    monkeypatch.setenv("COLUMNS", "300")  # one table row a line
+    cfg = config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=8)
+    cfg["train"]["distributed"] = "ddp"
+    # Two machines of two processes: each machine's two processes share its memory.
+    assert validate(cfg, processes=4, machines=2) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "GiB free, 2 processes sharing this machine's memory, each" in out
+    gib = 2**30
+    (row,) = memory_rows({"frozen weights": 3 * gib, "activations": 1 * gib}, 10 * gib, sharing=2)
+    assert row[1].startswith("8.0 GiB of 10.0 GiB free, 2 processes sharing this machine's memory, each 4.0 GiB:")

@@ -82,7 +82,7 @@ def validate(
     """Dry run: check config, model and every data row; print the plan. Exit 2 on any problem."""
     from .dry_run import validate as run_validate
 
-    raise typer.Exit(run_validate(config, overrides, processes=nproc * nnodes))
+    raise typer.Exit(run_validate(config, overrides, processes=nproc * nnodes, machines=nnodes))
 
 
 @models_app.command("list")

@@ -114,8 +114,8 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
-    """The dry run of a run on `processes` processes (all machines together)."""
+def validate(config, overrides: list[str] = (), processes: int = 1, machines: int = 1) -> int:
+    """The dry run of a run on `processes` processes (all `machines` together)."""
     console = Console()
     started = time.perf_counter()
     cfg = load_config(config, overrides)
@@ -131,6 +131,8 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
     if not train_items:
         raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # On GPUs each process has its own; on CPUs a machine's processes share its memory.
+    sharing = 1 if device.type == "cuda" else processes // machines
     precision = resolve_precision(cfg.train.precision, device)
     rows = to_rows(
         train_items, cfg, shares_prefixes(cfg, supports_per_example_attention(hf_config, cfg.data.max_length))
@@ -157,7 +159,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
     console.print(highlight(train_items[0], tokenizer))
     data_warnings = prepared.report.get("warnings", [])
     held = earlier_run(Path(cfg.output_dir))
-    needed, free = sum(memory.values()), available_memory(device)
+    needed, free = sum(memory.values()) * sharing, available_memory(device)
     run_warnings = []  # counted in the table with the data's, printed after them
     if held:
         run_warnings.append(
@@ -181,7 +183,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1) -> int:
         *sharding_plan(cfg, spread, processes, memory),
         ("after training", after_training(cfg)),
         ("time (estimate)", time_row(training_seconds(n_params, n_trainable, plan, tokens_per_epoch, precision))),
-        *memory_rows(memory, free),
+        *memory_rows(memory, free, sharing),
         ("warnings", str(len(data_warnings) + len(run_warnings))),
         ("checked in", f"{time.perf_counter() - started:.1f} s"),
     ]
@@ -275,7 +277,19 @@ def time_row(estimate: dict) -> str:
     )
 
 
-def memory_rows(memory: dict, available: int) -> list[tuple[str, str]]:
-    total = sum(memory.values())
+def memory_rows(memory: dict, available: int, sharing: int = 1) -> list[tuple[str, str]]:
+    """The memory plan's row: what a process holds, by part, times the `sharing` processes that share
+    the `available` memory."""
+    each = sum(memory.values())
     parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in memory.items())
-    return [("memory plan (estimate)", f"{total / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free: {parts} (GiB)")]
+    if sharing == 1:
+        return [
+            ("memory plan (estimate)", f"{each / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free: {parts} (GiB)")
+        ]
+    return [
+        (
+            "memory plan (estimate)",
+            f"{each * sharing / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free, {sharing} processes sharing this "
+            f"machine's memory, each {each / 2**30:.1f} GiB: {parts} (GiB)",
+        )
+    ]
