@@ -171,6 +171,11 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     ):
         train(changed, resume="latest", progress=False)
     train(changed, resume="latest", force=True, progress=False)
+    # A checkpoint past the changed config's last step would be saved again as that step.
+    changed["train"]["max_steps"] = 1
+    with pytest.raises(TuneforgeError, match=r"step-2 is at step 2, past this run's last step \(1: train.max_steps"):
+        train(changed, resume="latest", force=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2"]
 
 
 def _truncate(path: Path) -> None:

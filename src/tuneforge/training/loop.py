@@ -259,6 +259,19 @@ def changes_since(cfg: Config, saved_hash: str) -> str:
     return f": {', '.join(earlier.changed_results_settings(cfg))} (the original is {written})"
 
 
+def check_resumable(folder: Path, plan: StepPlan) -> None:
+    """A checkpoint past this run's last step is refused: its final checkpoint and model would be saved
+    under that step, with the weights of the later one (a config changed with --force, or data that shrank)."""
+    step = checkpoint.read_state(folder)["step"]
+    if step > plan.total_steps:
+        raise TuneforgeError(
+            f"{folder} is at step {step}, past this run's last step ({plan.total_steps}: train.max_steps, or "
+            "train.epochs over the data). Resume with a config that runs at least as many steps, or use the "
+            "checkpoint as it is (tuneforge eval and export take it).",
+            code="resume_past_end",
+        )
+
+
 def earlier_run(out: Path) -> str | None:
     """What an earlier run left in `out` that a new run there would replace, in words; None if nothing."""
     steps = [folder.name for folder in checkpoint.step_folders(out / "checkpoints")]
@@ -450,6 +463,8 @@ def setup(
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
+    if resume_from is not None:
+        check_resumable(resume_from, plan)
     if share:
         log(
             f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
