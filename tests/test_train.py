@@ -3,6 +3,7 @@
 import json
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,19 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     with pytest.raises(TuneforgeError, match=r"step-2 is at step 2, past this run's last step \(1: train.max_steps"):
         train(changed, resume="latest", force=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_resume_refuses_training_data_that_changed_unless_forced(tiny_model_dir, triage_data, tmp_path):
+    data = tmp_path / "train.jsonl"
+    shutil.copy(triage_data["train"], data)
+    cfg = tiny_run_config(tiny_model_dir, {**triage_data, "train": data}, tmp_path / "run", max_steps=2)
+    train(cfg, progress=False)
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[: len(lines) // 2]))  # the same path and config, other rows
+    with pytest.raises(TuneforgeError, match=r"the data changed since .*step-2 was written") as e:
+        train(cfg, resume="latest", progress=False)
+    assert e.value.code == "data_changed" and "--force" in e.value.message
+    assert train(cfg, resume="latest", force=True, progress=False).steps == 2
 
 
 def _truncate(path: Path) -> None:

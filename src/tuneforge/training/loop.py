@@ -272,6 +272,19 @@ def check_resumable(folder: Path, plan: StepPlan) -> None:
         )
 
 
+def check_same_data(folder: Path, data_key: str | None) -> None:
+    """Data files whose contents changed since the checkpoint was written are refused: the rows of
+    each step are drawn from the data, so the resumed run would not continue the run it began."""
+    saved = checkpoint.read_state(folder).get("data_key")  # none in checkpoints of earlier versions
+    if saved and data_key and saved != data_key:
+        raise TuneforgeError(
+            f"the data changed since {folder} was written (the contents of data.train, data.validation or the "
+            "replay file, or the base model's tokenizer): the resumed run would train on other rows than the run "
+            "it continues. Resume with the data as it was, or pass --force to continue on the data as it is now.",
+            code="data_changed",
+        )
+
+
 def earlier_run(out: Path) -> str | None:
     """What an earlier run left in `out` that a new run there would replace, in words; None if nothing."""
     steps = [folder.name for folder in checkpoint.step_folders(out / "checkpoints")]
@@ -345,6 +358,7 @@ class Run:
     metrics_log: MetricsLog
     state: dict  # step, tokens, elapsed: what a checkpoint carries beside the weights
     last_metrics: dict = field(default_factory=dict)
+    data_key: str | None = None  # the prepared data's cache key: its files' contents and the tokenizer
 
     @property
     def out(self) -> Path:
@@ -364,7 +378,7 @@ class Run:
         return attention(self.cfg, self.attention_models)
 
     def save_checkpoint(self, step: int) -> Path:
-        state = {**self.state, "step": step, "config_hash": self.cfg.results_hash()}
+        state = {**self.state, "step": step, "config_hash": self.cfg.results_hash(), "data_key": self.data_key}
         return checkpoint.save(
             self.out / "checkpoints",
             step,
@@ -439,6 +453,9 @@ def setup(
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
     prepared = prepare_data(cfg, tokenizer, world, Path(cfg.output_dir), log)
+    data_key = prepared.report.get("cache", {}).get("key")
+    if resume_from is not None and not force:
+        check_same_data(resume_from, data_key)
     # The model is saved with the system prompt its data shares, so it answers bare requests as trained.
     record_system_prompt(tokenizer, prepared.report["system_prompt"]["shared"])
     train_items, valid_items = batch_items(prepared, cfg)
@@ -514,6 +531,7 @@ def setup(
         per_example,
         metrics_log,
         state,
+        data_key=data_key,
     )
 
 
