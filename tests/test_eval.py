@@ -350,31 +350,26 @@ def test_the_base_of_a_lora_run_trained_further_is_that_run(tiny_run, tiny_model
     assert before["loss"] == pytest.approx(start["loss"], rel=1e-6)
 
 
+def write_two_turn_rows(path, first: tuple[str, str], numbers):
+    """Chat rows of two turns: the same first exchange, then a sum to answer, one row per number."""
+    turns = [[*first, f"What is {n} plus {n}?", f"The answer is {2 * n}."] for n in numbers]
+    roles = ("user", "assistant") * 2
+    rows = [{"messages": [{"role": r, "content": c} for r, c in zip(roles, texts)]} for texts in turns]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def test_conversations_a_template_trains_turn_by_turn_are_evaluated_as_training_validates_them(tmp_path):
     """Qwen 3 drops the reasoning of earlier replies: a two-turn row trains as two examples, and the
     evaluation's loss is the run's validation loss on them."""
     from families import FAMILIES, save_family_model
 
     model = save_family_model(FAMILIES["qwen3"], tmp_path / "qwen3")
-    files = {}
-    for split, numbers in (("train", range(4, 12)), ("validation", range(4))):
-        files[split] = tmp_path / f"{split}.jsonl"
-        files[split].write_text(
-            "".join(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": "hi"},
-                            {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nhello"},
-                            {"role": "user", "content": f"{n}+{n}?"},
-                            {"role": "assistant", "content": str(2 * n)},
-                        ]
-                    }
-                )
-                + "\n"
-                for n in numbers
-            )
-        )
+    first = ("hi", "<think>\nhmm\n</think>\n\nhello")
+    files = {
+        split: write_two_turn_rows(tmp_path / f"{split}.jsonl", first, numbers)
+        for split, numbers in (("train", range(4, 12)), ("validation", range(4)))
+    }
     config = tiny_run_config(model, files, tmp_path / "run", max_steps=1)
     config["eval"] = {"task": "exact"}
     result = train(config, progress=False)
@@ -383,23 +378,8 @@ def test_conversations_a_template_trains_turn_by_turn_are_evaluated_as_training_
 
 
 def test_the_loss_after_training_counts_the_tokens_data_train_on_trains(tmp_path, tiny_model_dir, triage_data):
-    validation = tmp_path / "two-turns.jsonl"
-    validation.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": "Hello, how are you today?"},
-                        {"role": "assistant", "content": "I am fine, thank you."},
-                        {"role": "user", "content": f"What is {n} plus {n}?"},
-                        {"role": "assistant", "content": f"The answer is {2 * n}."},
-                    ]
-                }
-            )
-            + "\n"
-            for n in range(4)
-        )
-    )
+    first = ("Hello, how are you today?", "I am fine, thank you.")
+    validation = write_two_turn_rows(tmp_path / "two-turns.jsonl", first, range(4))
     config = tiny_run_config(tiny_model_dir, {**triage_data, "validation": validation}, tmp_path / "run", max_steps=1)
     config["data"]["train_on"] = "last_assistant"
     config["eval"] = {"task": "exact"}
