@@ -92,6 +92,18 @@ def test_a_quantized_base_is_refused_where_every_weight_trains(method, section, 
         load_config(raw)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPUs")
+def test_dora_on_an_int8_base_is_refused_before_training_on_a_cpu(tiny_model_dir, triage_data, tmp_path):
+    # It fails inside bitsandbytes on the first step otherwise; nf4 under DoRA trains.
+    cfg = config(tiny_model_dir, triage_data, tmp_path / "run", quantize="int8", max_steps=1)
+    cfg["method"] = "dora"
+    with pytest.raises(ConfigError, match="method: dora on model.quantize: int8 does not run on a CPU"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    cfg["model"]["quantize"] = "nf4"
+    assert train(cfg, progress=False).status == "completed"
+
+
 def test_dpo_from_a_lora_run_on_a_quantized_base_is_refused_before_training(tiny_model_dir, triage_data, tmp_path):
     from test_dpo import preference_rows
 

@@ -27,6 +27,7 @@ import torch
 
 from .. import data as tfdata
 from ..data import IGNORE_INDEX, collate
+from ..errors import ConfigError
 from ..models import compute_dtype, load_frozen_model, load_model
 from ..models.quantization import quantization_config
 from . import distill, dpo, full, grpo, lora
@@ -76,6 +77,13 @@ def prepare_model(model, cfg):
 def check_inputs(cfg, tokenizer) -> None:
     """Fail early, with a clear error, on inputs the method cannot use."""
     dpo.check_data_kind(cfg)
+    if cfg.method == "dora" and cfg.model.quantize == "int8" and not torch.cuda.is_available():
+        # DoRA's weight norm reads the frozen weight back through bitsandbytes, whose 8-bit layer on a
+        # CPU keeps no scales for it: the first step would fail inside bitsandbytes.
+        raise ConfigError(
+            "method: dora on model.quantize: int8 does not run on a CPU (bitsandbytes' 8-bit layer there cannot "
+            "give DoRA the weights its norm needs). Use model.quantize: nf4 with DoRA, or method: lora on int8."
+        )
     if cfg.method == "distill":
         distill.check_teacher(cfg, tokenizer)
     if cfg.method == "grpo":
