@@ -330,10 +330,13 @@ def test_folder_that_is_no_model(tmp_path):
 def test_hub_id_while_offline_lists_offline_alternatives(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE") as caught:
         resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
     for alternative in ("smollm2-135m-instruct", "gemma3-270m", "local Hugging Face folder", ".gguf"):
         assert alternative in caught.value.message
+    # Where a relative path was looked for: a recipe run from another folder names it.
+    assert f"is not a local path (from {tmp_path})" in caught.value.message
 
 
 def test_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):

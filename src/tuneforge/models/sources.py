@@ -330,7 +330,10 @@ def _hub_unreachable_reason() -> str | None:
 
 def _hub_unavailable(repo_id: str, reason: str) -> ModelSourceError:
     return ModelSourceError(
-        f"'{repo_id}' is not a local path, so it was taken as a Hugging Face hub id, but the hub cannot "
+        # A relative path is looked for from the working folder: a recipe made for another folder
+        # (runs/quickstart) says where it was looked for.
+        f"'{repo_id}' is not a local path (from {Path.cwd()}), so it was taken as a Hugging Face hub id, but the "
+        "hub cannot "
         f"be used ({reason}) and the model is not in the local Hugging Face cache. Use an offline "
         f"source instead: a registry model ({', '.join(REGISTRY)}; see `tuneforge models list`), a "
         "local Hugging Face folder (with config.json), or a local .gguf file.",
