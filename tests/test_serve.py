@@ -259,6 +259,18 @@ def test_a_wrong_or_missing_key_is_refused(server):
             "invalid_value",
         ),
         ({"extra_body": {"tools_please": True}}, openai.BadRequestError, "tools_please", "invalid_value"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]},
+            openai.BadRequestError,
+            "messages.0.content",
+            "invalid_value",
+        ),
+        (
+            {"messages": [{"role": "user", "content": None}]},
+            openai.BadRequestError,
+            "messages.0.content",
+            "invalid_value",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(client, options, error, param, code):
@@ -266,7 +278,9 @@ def test_bad_requests_get_openai_errors(client, options, error, param, code):
     with pytest.raises(error) as caught:
         client.chat.completions.create(**request)
     assert caught.value.param == param and caught.value.code == code
-    assert caught.value.body["message"]
+    assert caught.value.body["message"] and "Value error" not in caught.value.body["message"]
+    if param == "messages.0.content":  # said of the content, not of the first type the field could take
+        assert "text models" in caught.value.body["message"] or "needs content" in caught.value.body["message"]
     # The server is none the worse for it.
     assert client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2).choices[0].message.content
 

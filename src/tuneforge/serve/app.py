@@ -24,7 +24,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
@@ -65,6 +65,21 @@ class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content):
+        # Said here, since pydantic would report the union's first branch: "should be a valid string".
+        if content is None:
+            raise ValueError("a message needs content: a string or a list of text parts")
+        for index, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(
+                    f"part {index} is of type {kind!r}: this server serves text models, so a message's content "
+                    'is a string or text parts ({"type": "text", "text": ...})'
+                )
+        return content
 
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)

@@ -129,5 +129,11 @@ def validation_error(first: dict) -> APIError:
         reason = first.get("ctx", {}).get("error", "it cannot be parsed")
         message, param = f"The request body is not valid JSON: {reason}", None
     else:
-        message = f"Invalid value for '{param}': {first.get('msg')}" if param else first.get("msg", "Invalid request")
+        # Our validators' own words, without the "Value error, " pydantic puts before them.
+        said = (
+            str(first["ctx"]["error"])
+            if kind == "value_error" and "error" in first.get("ctx", {})
+            else first.get("msg")
+        )
+        message = f"Invalid value for '{param}': {said}" if param else said or "Invalid request"
     return APIError(400, message, param=param, code="invalid_value")
