@@ -271,6 +271,7 @@ def test_a_wrong_or_missing_key_is_refused(server):
             "messages.0.content",
             "invalid_value",
         ),
+        ({"stream_options": {"include_usage": True}}, openai.BadRequestError, "stream_options", "invalid_value"),
     ],
 )
 def test_bad_requests_get_openai_errors(client, options, error, param, code):

@@ -120,6 +120,10 @@ class _GenerationBody(RequestBody):
         # `logprobs: 0` asks /v1/completions for the chosen tokens' log probabilities; false or absent for none.
         if self.logprobs is not None and self.logprobs is not False:
             raise APIError(400, "logprobs are not supported.", param="logprobs", code="unsupported_value")
+        if self.stream_options is not None and not self.stream:  # as OpenAI: it would go unused
+            raise APIError(
+                400, "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
+            )
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
