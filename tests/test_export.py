@@ -115,6 +115,7 @@ def test_gguf_export_reads_back_in_transformers_within_bounds(run_dir, reference
 
     model, tokenizer, logits = reference
     result = export(run_dir, "gguf", dtype, tmp_path / "gguf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf"]  # the converter's staging is gone too
     [gguf_file] = [f for f in result.files if f.suffix == ".gguf"]
     assert gguf_file.name == f"tiny-run-{dtype}.gguf"
 
@@ -252,6 +253,16 @@ def test_an_existing_output_folder_is_kept_unless_overwrite(adapter_dir, tmp_pat
 
     assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", out, "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
+
+
+def test_an_export_clears_what_a_killed_export_to_its_folder_left(adapter_dir, tmp_path):
+    killed = tmp_path / ".tmp-out-k1lled_x"  # atomic_dir's unfinished folder for `out`
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / ".tmp-out-v2-k1lled_x"  # another output's, which may be writing now
+    other.mkdir()
+    export(adapter_dir, "adapter", None, tmp_path / "out", progress=False)
+    assert not killed.exists() and other.is_dir()
 
 
 def test_the_working_folder_is_no_output_folder(adapter_dir, tmp_path, monkeypatch, capsys):

@@ -9,10 +9,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+TEMPORARY_PREFIX = ".tmp-"
+"""What the temporary sibling of `NAME` is called: `.tmp-NAME-<random>`."""
+
+
+def temporary_siblings(final: str | os.PathLike) -> list[Path]:
+    """The temporary siblings `atomic_dir` and `atomic_file` make for `final`: those a write killed
+    midway leaves behind (not those of another name that starts the same)."""
+    final = Path(final)
+    # tempfile's random part: eight of a-z, 0-9 and "_".
+    pattern = re.compile(re.escape(f"{TEMPORARY_PREFIX}{final.name}-") + r"[a-z0-9_]{8}")
+    return sorted(p for p in final.parent.glob(f"{TEMPORARY_PREFIX}*") if pattern.fullmatch(p.name))
 
 
 def _umask() -> int:
@@ -39,7 +52,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
     try:
         yield tmp
@@ -63,7 +76,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
     """Open a temporary file beside `final` for writing; rename it over `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent)
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:

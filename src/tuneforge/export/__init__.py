@@ -20,6 +20,7 @@ dtype). Out of bounds, nothing is written and the export fails (exit 1). The fig
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import yaml
 from rich.console import Console
 
 from ..errors import TuneforgeError
-from ..fsio import atomic_dir, write_json
+from ..fsio import atomic_dir, temporary_siblings, write_json
 from ..models import ModelSource, load_model, load_tokenizer, resolve
 from . import adapter, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
@@ -91,6 +92,8 @@ def export(
     # Built first: a chat template Ollama cannot take is refused before minutes of work.
     modelfile = ollama_modelfile(tokenizer, llama_cpp.gguf_filename(source.name, dtype)) if ollama else None
     ids = probe_ids(tokenizer)
+    for stale in temporary_siblings(out):  # left by an export to `out` that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(out, replace=out.exists()) as tmp:
         files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)
         if modelfile is not None:
@@ -216,8 +219,9 @@ def _export_merged(source: ModelSource, tokenizer, ids, folder: Path, dtype: str
 def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:
     merged = _merged(source, ids, console)
     path = folder / llama_cpp.gguf_filename(source.name, dtype)
-    # The converter reads a Hugging Face folder: the merged model, written beside the output.
-    with tempfile.TemporaryDirectory(prefix=".gguf-source-", dir=folder.parent) as staging:
+    # The converter reads a Hugging Face folder: the merged model, written inside the unfinished
+    # output, so that an export killed midway leaves one folder behind, which the next one clears.
+    with tempfile.TemporaryDirectory(prefix=".gguf-source-", dir=folder) as staging:
         merge.save_merged(merged, tokenizer, Path(staging), "f32")
         llama_cpp.write_gguf(Path(staging), source, tokenizer, path, dtype, console)
     with console.status(f"Loading {path.name} back with transformers to check it"):
