@@ -17,6 +17,8 @@ from pathlib import Path
 
 TEMPORARY_PREFIX = ".tmp-"
 """What the temporary sibling of `NAME` is called: `.tmp-NAME-<random>`."""
+SWAPPED_OUT_PREFIX = ".old-"
+"""What an earlier `NAME` is called while `atomic_dir(NAME, replace=True)` swaps the new one in."""
 
 
 def temporary_siblings(final: str | os.PathLike) -> list[Path]:
@@ -43,6 +45,20 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _recover_swapped_out(final: Path) -> None:
+    """A write killed between its two renames left the earlier `final` swapped out and none in its
+    place: that folder is put back (a checkpoint would otherwise drop out of sight); beside a
+    `final` that exists, it is a leftover, removed."""
+    pattern = re.compile(re.escape(f"{SWAPPED_OUT_PREFIX}{final.name}-") + r"\d+")
+    for old in final.parent.glob(f"{SWAPPED_OUT_PREFIX}*"):
+        if not pattern.fullmatch(old.name):
+            continue
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
@@ -52,6 +68,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _recover_swapped_out(final)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
     try:
@@ -59,7 +76,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
         if final.exists():
             if not replace:
                 raise FileExistsError(f"{final} already exists")
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            old = final.with_name(f"{SWAPPED_OUT_PREFIX}{final.name}-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

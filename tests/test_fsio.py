@@ -1,0 +1,35 @@
+"""Atomic folder writes: what a write killed midway leaves is recovered or cleared, never mistaken."""
+
+import os
+
+import pytest
+
+from tuneforge.fsio import atomic_dir, temporary_siblings
+
+
+def test_a_folder_swapped_out_by_a_killed_replace_is_put_back(tmp_path):
+    # Killed between its two renames: the earlier step-4 is swapped out, the new one not yet in place.
+    swapped = tmp_path / ".old-step-4-12345"
+    swapped.mkdir()
+    (swapped / "weights").write_text("earlier")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "step-4", replace=True) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("killed again")
+    assert (tmp_path / "step-4" / "weights").read_text() == "earlier"
+    assert sorted(os.listdir(tmp_path)) == ["step-4"]
+
+
+def test_a_swapped_out_leftover_beside_its_folder_is_removed(tmp_path):
+    (tmp_path / "step-4").mkdir()
+    (tmp_path / ".old-step-4-12345").mkdir()
+    (tmp_path / ".old-step-40-12345").mkdir()  # another folder's
+    with atomic_dir(tmp_path / "step-4", replace=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (tmp_path / "step-4" / "weights").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == [".old-step-40-12345", "step-4"]
+
+
+def test_temporary_siblings_are_those_of_the_name_alone(tmp_path):
+    for name in (".tmp-out-abcd_123", ".tmp-out-v2-abcd_123", ".tmp-output-abcd_123", ".tmp-out-abc"):
+        (tmp_path / name).mkdir()
+    assert temporary_siblings(tmp_path / "out") == [tmp_path / ".tmp-out-abcd_123"]
