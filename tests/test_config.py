@@ -62,6 +62,14 @@ def test_not_yaml_names_the_line(tmp_path):
         load_config(path)
 
 
+def test_a_config_from_python_takes_paths_and_refuses_what_is_no_config(tmp_path):
+    assert load_config({"data": {"train": tmp_path / "train.jsonl"}}).data.train == str(tmp_path / "train.jsonl")
+    with pytest.raises(ConfigError, match="a YAML file's path, a shipped recipe's name, a dict or a Config, not int"):
+        load_config(5)
+    with pytest.raises(ConfigError, match="give strings, numbers, lists and dicts"):
+        load_config({"data": {"train": object()}})
+
+
 def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
     cfg = load_config(
         write(tmp_path, {"data": {"train": "x"}}),

@@ -562,6 +562,12 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
     return parsed
 
 
+def _as_yaml_value(value: Any) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    raise ConfigError(f"a config holds {value!r}, a {type(value).__name__}: give strings, numbers, lists and dicts.")
+
+
 def load_config(source: str | Path | dict | Config, overrides: str | Iterable[str] | None = ()) -> Config:
     """Load a config from a YAML path (or, where no such file exists, a shipped recipe's name), a dict or a
     Config, apply dotted overrides, validate.
@@ -573,7 +579,12 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         source = source.model_dump()
     base_dir = None
     if isinstance(source, dict):
-        raw, name = json.loads(json.dumps(source)), "config"
+        # A deep copy, with paths as the strings a YAML file would hold (Python callers pass Path objects).
+        raw, name = json.loads(json.dumps(source, default=_as_yaml_value)), "config"
+    elif not isinstance(source, (str, Path)):
+        raise ConfigError(
+            f"a config is a YAML file's path, a shipped recipe's name, a dict or a Config, not {type(source).__name__}."
+        )
     else:
         from .recipes import config_file  # imported here: the recipes module checks its configs with this one
 
