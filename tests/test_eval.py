@@ -386,6 +386,12 @@ def test_the_loss_after_training_counts_the_tokens_data_train_on_trains(tmp_path
     result = train(config, progress=False)
     after = json.loads((tmp_path / "run" / "eval" / "after.json").read_text())
     assert after["loss"] == pytest.approx(result.metrics["full_valid_loss"], rel=1e-5)
+    # `tuneforge eval` on the run counts what the run trained on too; on its base model, every reply.
+    run = evaluate(str(tmp_path / "run"), validation, metric="exact", max_new_tokens=1, progress=False)
+    assert run["loss"] == pytest.approx(result.metrics["full_valid_loss"], rel=1e-5)
+    base = evaluate(str(tiny_model_dir), validation, metric="exact", max_new_tokens=1, progress=False)
+    both = compare(str(tmp_path / "run"), str(tiny_model_dir), validation, metric="exact", max_new_tokens=1)
+    assert both["base"]["loss"] != pytest.approx(base["loss"], rel=1e-6)  # the run's replies, not every one
 
 
 def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compute(

@@ -27,7 +27,7 @@ from ..data import Conversation, Example, PackedRow, Preference, Problem, pack, 
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
 from ..methods import SFTObjective, sum_over_batches
-from ..models import causal_lm, load_model, load_tokenizer, resolve
+from ..models import causal_lm, load_model, load_tokenizer, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
 from ..progress import progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault
@@ -242,17 +242,20 @@ def evaluate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     limit: int | None = None,
+    train_on: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Evaluate `model` (registry name, model folder, adapter, run or checkpoint folder) on a chat data file.
 
     Returns the loss and perplexity on the reference answers, `scores` from the metric (`auto`: see
     `choose_metric`), token usage, timings and per-example `samples` (input, prediction, reference,
-    correct).
+    correct). The loss counts the replies `train_on` names (`data.train_on`); None: those the run
+    `model` belongs to trained, so that it is the run's `valid_loss`, or every reply for other models.
     """
     examples = read_eval_examples(data, limit)
     metric = choose_metric(metric, examples)
     source = resolve(model)
+    train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
     loaded = load_model(source)
     result = evaluate_loaded(
@@ -263,8 +266,15 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,
+        train_on=train_on,
     )
     return {"model": source.name, "spec": str(model), "data": str(data), **result}
+
+
+def trained_replies(source) -> str:
+    """The `data.train_on` of the run a model is the final model or a checkpoint of; "assistant" otherwise."""
+    data = run_config_of(source.adapter or source.path).get("data")
+    return (data.get("train_on") if isinstance(data, dict) else None) or "assistant"
 
 
 def side_by_side(base: dict, tuned: dict) -> list[dict]:
@@ -286,6 +296,8 @@ def side_by_side(base: dict, tuned: dict) -> list[dict]:
 def compare(model: str, base: str, data: str | Path, **options) -> dict:
     """`evaluate` for `model` and for `base` on the same data (same options), side by side."""
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation
+    # Both losses count the replies the tuned model's run trained on.
+    options = {**options, "train_on": options.get("train_on") or trained_replies(resolve(model))}
     tuned_result = evaluate(model, data, **options)
     base_result = evaluate(base, data, **options)
     return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}

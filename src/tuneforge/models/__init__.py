@@ -13,7 +13,7 @@ from .convert import pull
 from .loading import CHATML_TEMPLATE, list_models, load_frozen_model, load_model, load_tokenizer, model_info
 from .precision import bf16_supported, compute_dtype, resolve_precision
 from .registry import REGISTRY, RegistryEntry
-from .sources import ModelSource, resolve
+from .sources import ModelSource, resolve, run_config_of
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -32,5 +32,6 @@ __all__ = [
     "model_info",
     "pull",
     "resolve",
+    "run_config_of",
     "resolve_precision",
 ]

@@ -233,17 +233,27 @@ def _adapter_base(adapter_dir: Path, recorded: str | None, *, pull_missing: bool
 
 def _run_config_base_model(adapter_dir: Path) -> str | None:
     """`base_model` from the config.yaml of the run this adapter belongs to (final/ or a checkpoint)."""
+    base_model = run_config_of(adapter_dir).get("base_model")
+    return str(base_model) if base_model else None
+
+
+def run_config_of(model_dir: Path) -> dict:
+    """The config.yaml, as written, of the run whose `final/` or `checkpoints/step-N/` `model_dir`
+    is; {} for any other folder, or a config that cannot be read."""
     import yaml
 
-    for folder in list(adapter_dir.parents)[:3]:
-        config_file = folder / "config.yaml"
-        if config_file.is_file():
-            try:
-                base_model = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("base_model")
-            except (OSError, yaml.YAMLError, AttributeError):
-                return None
-            return str(base_model) if base_model else None
-    return None
+    model_dir = Path(model_dir).resolve()
+    if model_dir.name == "final":
+        run = model_dir.parent
+    elif model_dir.parent.name == "checkpoints":
+        run = model_dir.parent.parent
+    else:
+        return {}
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 # ---- the Hugging Face hub ------------------------------------------------------------------------
