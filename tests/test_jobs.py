@@ -225,7 +225,12 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
         time.sleep(0.2)
     client.fine_tuning.jobs.pause(long_job.id)
     paused = wait_for(client, long_job.id, {"paused"}, server=server)
-    assert 0 < paused.trained_tokens
+    # Its figures are those of the step it stopped at, which the resumed run goes on from.
+    run_records = server.home / "jobs" / "runs" / long_job.id / "metrics.jsonl"
+    tokens_by_step = {
+        r["step"]: r["tokens"] for r in map(json.loads, run_records.read_text().splitlines()) if "tokens" in r
+    }
+    assert paused.trained_tokens == tokens_by_step[max(tokens_by_step)] > 0
     client.fine_tuning.jobs.resume(long_job.id)
     wait_for(client, long_job.id, {"running"}, server=server)
     cancelled = client.fine_tuning.jobs.cancel(long_job.id)
@@ -246,6 +251,8 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
     assert f"checkpoint step-{step} is kept" in stopped
     metrics = [e for e in all_events(client, long_job.id) if e.type == "metrics"]
     assert max(e.data["step"] for e in metrics) == step
+    reported = [e.data["step"] for e in metrics if "train_loss" in e.data]
+    assert len(reported) == len(set(reported))  # each step once, across the pause
     rows = (server.home / "jobs" / "runs" / long_job.id / "metrics.jsonl").read_text().splitlines()
     assert job_after.trained_tokens == max(json.loads(r)["tokens"] for r in rows if '"tokens"' in r)
 

@@ -355,6 +355,9 @@ class Workers:
     def _stopped(self, job: Job, worker_id: str, reason: str, progress: RunProgress) -> None:
         last = checkpoint.latest(self.runs / job.id / "checkpoints")
         kept = f"checkpoint {last.name}" if last else "no checkpoint (it stopped before the first one)"
+        # The steps the run took until it stopped count in the job's figures, which a resumed run's
+        # `RunProgress` starts from, so it reports each step's metrics once.
+        figures = {"step": progress.step, "trained_tokens": progress.tokens}
         if reason == "pause":
             if self.store.move(
                 job.id,
@@ -364,17 +367,22 @@ class Workers:
                 worker_id=None,
                 stop_request=None,
                 estimated_finish=None,
+                **figures,
             ):
                 self.store.add_event(job.id, f"Job paused at step {progress.step}; resuming continues from {kept}.")
         elif reason == "cancel":
-            # The API marked the job cancelled at once; the steps it ran until it stopped count in its figures,
-            # so its trained tokens are those of the checkpoint kept.
-            figures = {"step": progress.step, "trained_tokens": progress.tokens}
+            # The API marked the job cancelled at once; its trained tokens are those of the checkpoint kept.
             self.store.move(job.id, ["cancelled"], held_by=worker_id, **figures)
             self.store.add_event(job.id, f"Job cancelled at step {progress.step}; {kept} is kept.")
         elif reason == "shutdown":
             if self.store.move(
-                job.id, ["running"], held_by=worker_id, status="queued", worker_id=None, estimated_finish=None
+                job.id,
+                ["running"],
+                held_by=worker_id,
+                status="queued",
+                worker_id=None,
+                estimated_finish=None,
+                **figures,
             ):
                 self.store.add_event(
                     job.id,
