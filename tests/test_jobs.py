@@ -306,6 +306,11 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     refused("training_file", training_file="file-missing")
     refused("hyperparameters", hyperparameters={"n_epochs": 1}, method={"type": "supervised"})
     assert "Unrecognized" in refused("learning_rate", extra_body={"learning_rate": 0.1}).message
+    wandb = [{"type": "wandb", "wandb": {"project": "triage"}}]
+    assert "events and its result file" in refused("integrations", integrations=wandb).message
+    none = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, integrations=[])
+    assert none.integrations == []
+    client.fine_tuning.jobs.cancel(none.id)
 
     with pytest.raises(openai.BadRequestError) as caught:
         client.files.create(file=("notes.txt", b"hello", "text/plain"), purpose="fine-tune")

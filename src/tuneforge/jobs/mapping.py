@@ -131,7 +131,17 @@ class CreateJobBody(RequestBody):
     metadata: Metadata | None = None
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None
-    integrations: None = Field(None, description="not supported: metrics are in the events and the result file")
+    integrations: list[dict] | None = None
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, value):
+        if value:
+            raise ValueError(
+                "tuneforge sends metrics to no integration (such as wandb); they are in the job's events and its "
+                "result file. Leave integrations out or empty"
+            )
+        return value
 
     @field_validator("suffix")
     @classmethod
