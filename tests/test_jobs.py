@@ -469,6 +469,30 @@ PREFERENCE_PAIRS = "".join(
 )
 
 
+def test_a_dpo_job_trains_on_openais_preference_pairs(server, tiny_model_dir):
+    client = server.client()
+    pairs = "".join(
+        json.dumps(
+            {
+                "input": {"messages": [{"role": "user", "content": f"Question {i}?"}]},
+                "preferred_output": [{"role": "assistant", "content": f"Good answer {i}."}],
+                "non_preferred_output": [{"role": "assistant", "content": f"Bad answer {i}."}],
+            }
+        )
+        + "\n"
+        for i in range(6)
+    )
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 3, "beta": 0.2}}}
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=upload(client, pairs).id, method=method
+    )
+    job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
+    assert job.status == "succeeded", job.error
+    assert job.method.dpo.hyperparameters.beta == 0.2 and job.trained_tokens > 0
+    messages = [event.message for event in all_events(client, job.id)]
+    assert "Files validated: 6 training examples, 1 epochs, 2 steps. Job queued." in messages
+
+
 @pytest.mark.parametrize(
     ("method", "rows", "code"),
     [("dpo", chat_rows(8), "not_preference_data"), ("supervised", PREFERENCE_PAIRS, "preference_data")],

@@ -30,7 +30,7 @@ import psutil
 from ..data import check_data
 from ..errors import ModelSourceError, TuneforgeError
 from ..fsio import write_json
-from ..methods import prepare_items
+from ..methods import batch_items, prepare_items
 from ..methods.dpo import check_data_kind
 from ..models import REGISTRY, ModelSource, load_tokenizer, resolve
 from ..training import checkpoint, make_plan
@@ -216,15 +216,17 @@ class Workers:
                 shown = "; ".join(str(problem) for problem in errors[:3])
                 more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
                 raise self._failure(job, "invalid_file", f"{len(errors)} problem(s): {shown}{more}", errors[0].file)
+            train_items, _ = batch_items(prepared, config)  # the examples, or for dpo one item per pair
+            n_items = len(train_items)
             config = training_config(
-                spec, job.method, job.seed, *paths.values(), self.runs / job.id, n_examples=len(prepared.train)
+                spec, job.method, job.seed, *paths.values(), self.runs / job.id, n_examples=n_items
             )
-            total_steps = make_plan(config, len(prepared.train), len(prepared.train), processes(job.method)).total_steps
+            total_steps = make_plan(config, n_items, n_items, processes(job.method)).total_steps
         except ModelSourceError as err:
             raise JobFailure(err.code, scrub_paths(err.message), "model") from err
         except TuneforgeError as err:
             raise self._failure(job, err.code, err.message, str(paths["training_file"])) from err
-        return config, total_steps, len(prepared.train)
+        return config, total_steps, n_items
 
     def _base_model(self, job: Job, spec: str) -> ModelSource:
         """The job's base model. A registry model not yet on this server is fetched first (minutes, once),
