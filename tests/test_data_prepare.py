@@ -172,6 +172,17 @@ def test_no_valid_rows_is_an_error_even_when_skipping(tmp_path, tokenizer):
     assert [p.code for p in err.value.problems] == ["empty_file", "no_valid_rows"]
 
 
+def test_no_valid_rows_says_they_were_all_in_the_validation_file(tmp_path, tokenizer):
+    data = rows(4)
+    train = write_jsonl(tmp_path / "train.jsonl", data)
+    valid = write_jsonl(tmp_path / "valid.jsonl", data)
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(train=str(train), validation=str(valid)), tokenizer, use_cache=False)
+    [problem] = err.value.problems
+    assert problem.code == "no_valid_rows"
+    assert "after 4 rows removed as they are also in the validation file" in problem.message
+
+
 def test_warnings_for_missing_system_prompts_and_few_examples(tmp_path, tokenizer):
     prepared = run(tmp_path, tokenizer, rows(5, system=None))
     warnings = {w["code"]: w for w in prepared.report["warnings"]}

@@ -396,12 +396,20 @@ class _Preparation:
 
     def check_data_set(self) -> None:
         if not self.train:
-            rejected = sum(p.is_error for p in self.problems)
+            # Rows removed as duplicates or validation leaks are warnings elsewhere; here they may be the only cause.
+            causes = {
+                "problem(s)": sum(p.is_error for p in self.problems),
+                "rows removed as they are also in the validation file (give it rows of its own)": self.counts[
+                    "validation_leak"
+                ],
+                "duplicate rows removed": self.counts["duplicates_exact"] + self.counts["duplicates_near"],
+            }
+            shown = ", ".join(f"{count} {what}" for what, count in causes.items() if count)
             self.problems.append(
                 Problem(
                     "no_valid_rows",
                     "no training rows are left"
-                    + (f" after {rejected} problem(s)" if rejected else "")
+                    + (f" after {shown}" if shown else "")
                     + ". Check the files and the problems listed.",
                     file=", ".join(self.cfg.train_files),
                 )
