@@ -194,6 +194,7 @@ def test_the_jobs_api_answers_any_name_upload_or_query_with_a_4xx_or_an_answer(
     quoted = quote(name, safe="")
     for path in (f"/v1/files/{quoted}", f"/v1/fine_tuning/jobs/{quoted}", f"/v1/models/{quoted}"):
         assert_answered(client.get(path, headers=HEADERS), root)
+    assert_answered(client.delete(f"/v1/models/{quoted}", headers=HEADERS), root)
     assert_answered(client.get("/v1/fine_tuning/jobs", params={"limit": limit, "after": name}, headers=HEADERS), root)
     assert_answered(client.post(f"/v1/fine_tuning/jobs/{quoted}/pause", headers=HEADERS), root)
     upload = client.post("/v1/files", headers=HEADERS, data={"purpose": purpose}, files={"file": (filename, content)})

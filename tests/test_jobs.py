@@ -566,6 +566,32 @@ def test_a_job_may_start_only_from_a_model_the_server_allows(server, tiny_model_
     bob.fine_tuning.jobs.cancel(allowed.id)
 
 
+def test_a_fine_tuned_model_is_deleted_by_its_owner_only(server, tiny_model_dir):
+    client = server.client()
+    job = create_job(client, tiny_model_dir, upload(client, chat_rows(4)).id, n_epochs=1)
+    job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
+    name = job.fine_tuned_model
+    [checkpoint] = client.fine_tuning.jobs.checkpoints.list(job.id)
+    with pytest.raises(openai.NotFoundError):
+        server.client(OTHER_KEY).models.delete(name)
+    for other in ("SmolLM2-135M-Instruct", str(tiny_model_dir), checkpoint.fine_tuned_model_checkpoint):
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            client.models.delete(other)
+        assert caught.value.code == "model_not_deletable"
+
+    deleted = client.models.delete(name)
+    assert deleted.id == name and deleted.deleted
+    assert name not in [model.id for model in client.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(name)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(name)
+    assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == name  # the job keeps its record
+    assert client.models.retrieve(checkpoint.fine_tuned_model_checkpoint).id == checkpoint.fine_tuned_model_checkpoint
+
+
 def refusal_of(name: str) -> str:
     return (
         f"The model `{name}` is not available for fine-tuning here. Name a registry model (smollm2-135m-instruct, "

@@ -3,12 +3,15 @@ fine-tuned models, and (by name) its checkpoints and the models the operator all
 
 from __future__ import annotations
 
+import shutil
+
 from fastapi import APIRouter, Depends
 
 from ...models import REGISTRY
-from ...web import caller
+from ...web import APIError, caller
 from ..access import fine_tuned_folder, no_such_model
 from ..service import ORGANIZATION, Service, service_of
+from ..store import ACTIVE
 
 router = APIRouter(prefix="/v1/models", dependencies=[Depends(caller)])
 
@@ -23,7 +26,7 @@ def model_cards(service: Service, owner: str) -> dict[str, dict]:
     cards = {name: model_card(name) for name in REGISTRY}
     for job in service.store.jobs_of(owner):
         cards.setdefault(job.model, model_card(job.model))
-        if job.status == "succeeded":
+        if job.status == "succeeded" and (service.runs / job.id / "final").is_dir():  # not deleted
             cards[job.fine_tuned_model] = model_card(job.fine_tuned_model, job.finished_at)
     return cards
 
@@ -45,3 +48,30 @@ def get_model(name: str, owner: str = Depends(caller), service: Service = Depend
     if name in service.access.allowed or fine_tuned_folder(service.store, service.access.runs, owner, name):
         return model_card(name)
     raise no_such_model(name)
+
+
+@router.delete("/{name:path}")
+def delete_model(name: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
+    """Delete one of the caller's fine-tuned models: its final weights go; the job and its checkpoints stay."""
+    job = service.store.job_with_model(owner, name)
+    folder = fine_tuned_folder(service.store, service.access.runs, owner, name)
+    if job is None or folder is None:
+        if folder or name in model_cards(service, owner) or name.lower() in REGISTRY or name in service.access.allowed:
+            raise APIError(
+                403,
+                f"The model `{name}` is not one of your fine-tuned models; only those can be deleted.",
+                param="model",
+                code="model_not_deletable",
+                type="permission_error",
+            )
+        raise no_such_model(name)
+    if user := next((j for j in service.store.jobs_of(owner) if j.model == name and j.status in ACTIVE), None):
+        raise APIError(
+            400,
+            f"The model `{name}` is the base of fine-tuning job {user.id} ({user.status}); cancel the job or wait "
+            "until it finishes.",
+            param="model",
+            code="model_in_use",
+        )
+    shutil.rmtree(folder)
+    return {"id": name, "object": "model", "deleted": True}
