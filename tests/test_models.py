@@ -376,6 +376,28 @@ def test_gguf_transformers_cannot_read_leaves_nothing(tmp_path, home):
     assert cache_entries(home) == []
 
 
+def test_gguf_of_a_quantization_type_transformers_cannot_read_is_refused_naming_it(tmp_path, home, monkeypatch):
+    import gguf
+    import numpy as np
+
+    # One tensor stored as Q8_1, a type llama.cpp computes with but the gguf library cannot dequantize.
+    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def add_q8_1_tensor(writer, name, tensor, *args, **kwargs):
+        if name != "blk.0.attn_v.weight":
+            return add_tensor(writer, name, tensor, *args, **kwargs)
+        raw = np.zeros((tensor.shape[0], tensor.shape[1] // block * block_bytes), dtype=np.uint8)
+        return add_tensor(writer, name, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_q8_1_tensor)
+    path = tmp_path / "odd-quant.gguf"
+    write_tiny_gguf(path)
+    with pytest.raises(ModelSourceError, match=r"Q8_1 \(first in blk\.0\.attn_v\.weight\)\. It reads F32, .*Q8_0"):
+        resolve(str(path))
+    assert cache_entries(home) == []
+
+
 # ---- GGUF conversion ----------------------------------------------------------------------------
 
 

@@ -172,6 +172,7 @@ def convert_gguf(
     """Write the trainable fp32 folder for `gguf_path` at `dest` (plus `extra_files`), atomically;
     `chat_template` is the tokenizer's when the GGUF carries none."""
     header = scan_gguf(gguf_path)
+    _require_readable_tensor_types(gguf_path, header)
     try:
         with atomic_dir(dest, replace=replace) as tmp:
             # A plain line, not a spinner: transformers draws its own progress bars here.
@@ -197,6 +198,41 @@ def convert_gguf(
             f"{', '.join(transformers_gguf_architectures())}.",
             code="gguf_conversion_failed",
         ) from err
+
+
+def _require_readable_tensor_types(gguf_path: Path, header: GgufHeader) -> None:
+    """Refuse, before any work, a GGUF holding tensors of a type the gguf library cannot dequantize:
+    transformers would fail on it only part way through the conversion."""
+    from gguf import GGMLQuantizationType
+
+    unreadable = {}
+    for tensor, type_name in header.tensor_types.items():
+        if type_name not in unreadable.values() and not _dequantizable(type_name):
+            unreadable[tensor] = type_name
+    if unreadable:
+        found = ", ".join(f"{type_name} (first in {tensor})" for tensor, type_name in unreadable.items())
+        readable = ", ".join(t.name for t in GGMLQuantizationType if _dequantizable(t.name))
+        raise ModelSourceError(
+            f"{gguf_path} holds tensors of a quantization type transformers cannot read: {found}. It reads "
+            f"{readable}. Quantize the original model again to one of these (llama.cpp's llama-quantize, "
+            "e.g. Q8_0), or give its safetensors folder as base_model.",
+            code="gguf_conversion_failed",
+        )
+
+
+def _dequantizable(type_name: str) -> bool:
+    """Whether transformers can dequantize tensors of this GGML type (it uses the gguf library's
+    `dequantize`): tried on one zero block."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+
+    qtype = GGMLQuantizationType[type_name]
+    _, block_bytes = GGML_QUANT_SIZES[qtype]
+    try:
+        dequantize(np.zeros((1, block_bytes), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _write_trainable_folder(gguf_path: Path, out_dir: Path, chat_template: str | None) -> None:
@@ -277,6 +313,7 @@ class GgufHeader:
     licence: str | None
     tensor_count: int
     data_end: int  # the file size the header promises
+    tensor_types: dict[str, str]  # tensor name -> its GGML type (F32, Q4_K, ...)
 
 
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -360,10 +397,13 @@ def _parse_header(buf, size: int) -> GgufHeader | None:
         key = take_string()
         metadata[key] = take_value(take("<I"))
     data_size = 0
+    tensor_types = {}
     for _ in range(tensor_count):
-        take_string()
+        name = take_string()
         dims = [take("<Q") for _ in range(take("<I"))]
-        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(take("<I"))]
+        tensor_type = GGMLQuantizationType(take("<I"))
+        tensor_types[name] = tensor_type.name
+        block, block_bytes = GGML_QUANT_SIZES[tensor_type]
         elements = 1
         for dim in dims:
             elements *= dim
@@ -375,6 +415,7 @@ def _parse_header(buf, size: int) -> GgufHeader | None:
         licence=metadata.get("general.license"),
         tensor_count=tensor_count,
         data_end=data_start + data_size,
+        tensor_types=tensor_types,
     )
 
 
