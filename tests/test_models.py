@@ -547,6 +547,24 @@ def test_tokenizer_without_chat_template_gets_chatml(tiny_model_dir, tmp_path):
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_a_tokenizer_without_eos_or_pad_pads_with_its_end_of_turn_token(tiny_model_dir, tmp_path):
+    from tiny import tiny_tokenizer
+
+    folder = tmp_path / "no-eos"
+    shutil.copytree(tiny_model_dir, folder)
+    bare = tiny_tokenizer()
+    bare.eos_token = bare.pad_token = None
+    bare.save_pretrained(folder)
+    tokenizer = load_tokenizer(str(folder))
+    assert tokenizer.pad_token == "<|im_end|>"
+
+    # A template that ends its turns with no token leaves nothing to pad with: said, not a TypeError later.
+    bare.chat_template = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
+    bare.save_pretrained(folder)
+    with pytest.raises(ModelSourceError, match=r"no pad token, no end-of-sequence token.*Set eos_token .*no-eos"):
+        load_tokenizer(str(folder))
+
+
 def test_model_info_of_an_hf_folder(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -34,8 +34,9 @@ def load_tokenizer(spec: str | ModelSource):
     """The model's fast tokenizer, always with a chat template and a pad token.
 
     A tokenizer without a chat template gets ChatML, with a warning. One without a pad token pads
-    with end-of-sequence: batching needs a pad id, and loss masks come from the chat rendering,
-    never from padding, so sharing the id costs nothing.
+    with end-of-sequence, or without that with the token that ends its template's turns: batching
+    needs a pad id, and loss masks come from the chat rendering, never from padding, so sharing the
+    id costs nothing.
     """
     source = _as_source(spec)
     tokenizer = _raw_tokenizer(source)
@@ -47,7 +48,14 @@ def load_tokenizer(spec: str | ModelSource):
         )
         tokenizer.chat_template = CHATML_TEMPLATE
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token or end_of_turn_token(tokenizer)
+    if tokenizer.pad_token is None:
+        raise ModelSourceError(
+            f"The tokenizer of {source.name} has no pad token, no end-of-sequence token and no end-of-turn "
+            "token in its chat template, so batches cannot be padded. Set eos_token (the token that ends "
+            f"the model's text) in {source.adapter or source.path}/tokenizer_config.json.",
+            code="model_load_failed",
+        )
     warn_if_untested(source.name, _model_type(source.path), chat_template(tokenizer))
     return tokenizer
 
