@@ -565,6 +565,19 @@ def test_a_tokenizer_without_eos_or_pad_pads_with_its_end_of_turn_token(tiny_mod
         load_tokenizer(str(folder))
 
 
+def test_a_tokenizer_with_tokens_past_the_model_embeddings_is_refused_naming_them(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "added-tokens"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ModelSourceError, match=r"has 443 tokens but .* embeds only 442 .*\(<\|tool\|>\).*resize_token"):
+        load_tokenizer(str(folder))
+    assert model_info(str(folder))["tokenizer_size"] == 443  # info still shows the mismatch
+
+
 def test_model_info_of_an_hf_folder(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -56,8 +56,29 @@ def load_tokenizer(spec: str | ModelSource):
             f"the model's text) in {source.adapter or source.path}/tokenizer_config.json.",
             code="model_load_failed",
         )
+    _require_embeddings_for_every_token(source, tokenizer)
     warn_if_untested(source.name, _model_type(source.path), chat_template(tokenizer))
     return tokenizer
+
+
+def _require_embeddings_for_every_token(source: ModelSource, tokenizer) -> None:
+    """Refuse a tokenizer with tokens past the model's embedding rows (tokens added without resizing
+    the model): the first example or prompt holding one would fail inside the embedding lookup."""
+    try:
+        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        beyond = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 5))))
+        raise ModelSourceError(
+            f"The tokenizer of {source.name} has {len(tokenizer)} tokens but the model in {source.path} embeds "
+            f"only {rows} (vocab_size in config.json): ids {rows} and up ({', '.join(beyond)}"
+            f"{', ...' if len(tokenizer) > rows + 5 else ''}) have no embedding. Resize the model to its "
+            "tokenizer (model.resize_token_embeddings(len(tokenizer)), then save_pretrained) or use the "
+            "tokenizer it was saved with.",
+            code="model_load_failed",
+        )
 
 
 def _raw_tokenizer(source: ModelSource):
