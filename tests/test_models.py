@@ -578,6 +578,16 @@ def test_a_tokenizer_with_tokens_past_the_model_embeddings_is_refused_naming_the
     assert model_info(str(folder))["tokenizer_size"] == 443  # info still shows the mismatch
 
 
+def test_a_folder_without_tokenizer_files_is_named_as_such(tiny_model_dir, tmp_path):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copyfile(tiny_model_dir / name, folder / name)
+    for load in (load_tokenizer, model_info):
+        with pytest.raises(ModelSourceError, match=r"weights-only holds no tokenizer .*copy the tokenizer files"):
+            load(str(folder))
+
+
 def test_model_info_of_an_hf_folder(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

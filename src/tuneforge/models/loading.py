@@ -89,6 +89,13 @@ def _raw_tokenizer(source: ModelSource):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
+        if not any(folder.glob("tokenizer*")):
+            # transformers' own message then blames sentencepiece or tiktoken, which are not the problem.
+            raise ModelSourceError(
+                f"{folder} holds no tokenizer (no tokenizer.json, tokenizer_config.json or tokenizer.model): "
+                "copy the tokenizer files from where the model came from into it.",
+                code="model_load_failed",
+            ) from err
         raise ModelSourceError(f"Could not load the tokenizer in {folder}: {err}", code="model_load_failed") from err
     if not tokenizer.is_fast:
         raise ModelSourceError(
