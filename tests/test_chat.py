@@ -88,6 +88,22 @@ def test_system_starts_a_new_conversation_and_reset_keeps_the_system_message(tin
     assert "(new conversation; no system message (the chat template may add its own))" in output.getvalue()
 
 
+def test_a_system_message_the_template_refuses_is_said_and_the_chat_goes_on(tiny, model_dir):
+    model, _ = tiny
+    tokenizer = load_tokenizer(str(model_dir))
+    # Gemma 2's template raises on a system message.
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + tokenizer.chat_template
+    )
+    conversation, output = run((model, tokenizer), "/system Be brief.\nHi\n/system\nHi\n")
+    assert (
+        "(the model's chat template refuses this conversation: System role not supported; not sent "
+        "(/system with no text drops your system message))" in output.getvalue()
+    )
+    assert [m["role"] for m in conversation] == ["user", "assistant"]  # answered once the system message went
+
+
 def test_commands_and_limits_are_explained(tiny):
     conversation, output = run(tiny, "/help\n/nonsense\n\nHi\n")  # ends at end of input, no /exit needed
     text = output.getvalue()

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from jinja2 import TemplateError
+
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import context_length, load_tokenizer, resolve
@@ -80,7 +82,15 @@ def chat_session(
                 note(f"unknown command {command}; /help lists the commands")
             continue
         history.append({"role": "user", "content": text})
-        messages, budget = _fit(tokenizer, system, history, window, max_new_tokens, note)
+        try:
+            messages, budget = _fit(tokenizer, system, history, window, max_new_tokens, note)
+        except (TemplateError, ValueError) as err:  # a template that refuses these messages (Gemma 2: a system one)
+            history.pop()
+            note(
+                f"the model's chat template refuses this conversation: {err}; not sent"
+                + (" (/system with no text drops your system message)" if system else "")
+            )
+            continue
         if budget < 1:
             history.pop()
             note(f"that message alone fills the model's {window}-token context; send a shorter one")
