@@ -6,8 +6,10 @@ The browser tests are in test_dashboard_browser.py.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -105,6 +107,22 @@ def test_pages_of_tuneforge_ui(tmp_path):
         assert refused.status_code == 404 and "nope" in refused.json()["error"]["message"]
         static = client.get("/ui/static/dashboard.js")
         assert static.status_code == 200 and "fetch(" in static.text
+
+
+def test_links_to_a_run_whose_folder_name_has_url_characters_open_its_pages(tmp_path):
+    name = "group/50% #1?ü"
+    write_run(tmp_path / name)
+    (tmp_path / name / "eval").mkdir()
+    (tmp_path / name / "eval" / "report.html").write_text("<p>report</p>")
+    with TestClient(create_ui_app(tmp_path)) as client:
+        [run_link] = re.findall(r'href="(/ui/runs/[^"]*)"', client.get("/ui/").text)
+        [compared_link] = re.findall(r'href="(/ui/runs/[^"]*)"', client.get("/ui/compare", params={"run": name}).text)
+        run = client.get(html.unescape(run_link))
+        assert run_link == compared_link and run.status_code == 200 and f"<h1>{html.escape(name)}</h1>" in run.text
+        [live_url] = re.findall(r'data-url="([^"]*)"', run.text)
+        assert client.get(html.unescape(live_url)).json()["status"] == "completed"
+        [report_link] = re.findall(r'href="(/ui/report/[^"]*)"', run.text)
+        assert client.get(html.unescape(report_link)).text == "<p>report</p>"
 
 
 def test_a_data_report_shown_to_a_client_names_files_by_id_and_hides_server_paths():

@@ -46,7 +46,7 @@ function showTimes(root) {
 function followRun(live) {
   const poll = Number(live.dataset.poll);
   async function refresh() {
-    const response = await fetch(`${prefix}/live/${live.dataset.run}`, { headers: authHeaders() });
+    const response = await fetch(live.dataset.url, { headers: authHeaders() });
     if (!response.ok) return setTimeout(refresh, poll * 2);
     const update = await response.json();
     live.innerHTML = update.html;
