@@ -65,6 +65,17 @@ def test_a_run_folder_is_read_as_it_is_being_written(tmp_path):
     assert RunFolder(tmp_path / "missing").metrics() == [] and RunFolder(tmp_path / "missing").summary() is None
 
 
+def test_a_run_that_has_logged_only_its_first_step_shows_that_step(tmp_path):
+    folder = tmp_path / "first"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump({"base_model": "tiny-base", "method": "lora"}))
+    first = {"step": 1, "train_loss": 2.9, "lr": 1e-3, "elapsed": 0.5}
+    (folder / "metrics.jsonl").write_text(json.dumps(first) + '\n{"step": 2, "train_lo')  # step 2 being written
+    assert RunFolder(folder).last_metrics()["step"] == 1
+    [row] = FolderRuns(tmp_path).list_runs("local")
+    assert row.step == 1 and row.elapsed_s == 0.5 and row.headline()[0] == "2.9"
+
+
 def test_run_folders_under_a_directory_are_listed_with_their_figures(tmp_path):
     write_run(tmp_path / "a")
     write_run(tmp_path / "group" / "b", steps=4, finished=False)

@@ -131,10 +131,13 @@ class RunFolder:
         path = self.path / "metrics.jsonl"
         try:
             with open(path, "rb") as f:
-                f.seek(max(0, f.seek(0, 2) - 8192))
-                lines = f.read().decode("utf-8", errors="replace").split("\n")[1:-1]
+                start = max(0, f.seek(0, 2) - 8192)
+                f.seek(start)
+                lines = f.read().decode("utf-8", errors="replace").split("\n")
         except OSError:
             return {}
+        # A read from inside the file starts mid-line; the last line is empty or still being written.
+        lines = lines[1 if start else 0 : -1]
         merged: dict = {}
         for line in lines:
             try:
