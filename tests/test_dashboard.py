@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_run_config
 
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
@@ -25,6 +26,7 @@ from tuneforge.dashboard import FolderRuns  # noqa: E402
 from tuneforge.dashboard.app import create_ui_app  # noqa: E402
 from tuneforge.dashboard.runs import RunFolder  # noqa: E402
 from tuneforge.dashboard.sources import public_report  # noqa: E402
+from tuneforge.training import train  # noqa: E402
 
 
 def write_run(folder: Path, *, steps: int = 6, finished: bool = True, lr: float = 1e-3) -> Path:
@@ -134,6 +136,19 @@ def test_links_to_a_run_whose_folder_name_has_url_characters_open_its_pages(tmp_
         assert client.get(html.unescape(live_url)).json()["status"] == "completed"
         [report_link] = re.findall(r'href="(/ui/report/[^"]*)"', run.text)
         assert client.get(html.unescape(report_link)).text == "<p>report</p>"
+
+
+def test_the_playground_of_tuneforge_ui_chats_with_a_run_whose_name_has_a_space_and_a_dot(
+    tiny_model_dir, triage_data, tmp_path
+):
+    name = "my run v1.2"
+    train(tiny_run_config(tiny_model_dir, triage_data, tmp_path / name, max_steps=1, save_every=1), progress=False)
+    hello = [{"role": "user", "content": "hi"}]
+    with TestClient(create_ui_app(tmp_path)) as client:
+        for model in (name, f"{name}:ckpt-step-1"):
+            reply = client.post("/v1/chat/completions", json={"model": model, "messages": hello, "max_tokens": 2})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["model"] == model and reply.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_a_data_report_shown_to_a_client_names_files_by_id_and_hides_server_paths():

@@ -103,7 +103,7 @@ class AdapterPool:
         if name not in self._loaded:
             self._load(name)
         self.model.base_model.enable_adapter_layers()
-        self.model.set_adapter(name, inference_mode=True)
+        self.model.set_adapter(self._peft_name(name), inference_mode=True)
         with self._lock:
             self._loaded.move_to_end(name)
         return self.model
@@ -122,16 +122,24 @@ class AdapterPool:
                 f"Could not load adapter '{name}' from {path}: {err}", code="model_load_failed"
             ) from err
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+            self.model.load_adapter(path, adapter_name=self._peft_name(name), is_trainable=False)
         else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False).eval()
+            self.model = PeftModel.from_pretrained(
+                self.model, path, adapter_name=self._peft_name(name), is_trainable=False
+            ).eval()
         with self._lock:
             self._loaded[name] = None
             evicted = list(self._loaded)[: -self.max_loaded] if len(self._loaded) > self.max_loaded else []
             for old in evicted:
                 del self._loaded[old]
         for old in evicted:
-            self.model.delete_adapter(old)
+            self.model.delete_adapter(self._peft_name(old))
+
+    def _peft_name(self, name: str) -> str:
+        """What PEFT calls the adapter served as `name`: PEFT keys its layers by adapter name in torch
+        ModuleDicts, which refuse a '.', so a name as a client gives it (a run folder's) is not used there."""
+        with self._lock:
+            return f"adapter-{list(self._sources).index(name)}"
 
 
 def load_pool(*args, **kwargs) -> AdapterPool:
@@ -179,8 +187,8 @@ def _base_source(base: str | None, adapter_sources: dict[str, ModelSource]) -> M
 
 
 def _check_name(name: str, base_name: str) -> None:
-    if not name or any(c.isspace() for c in name):
-        raise ConfigError(f"Adapter name '{name}' must be non-empty and have no spaces.", code="invalid_value")
+    if not name.strip():
+        raise ConfigError(f"Adapter name '{name}' must not be empty.", code="invalid_value")
     if name == base_name:
         raise ConfigError(
             f"Adapter name '{name}' is the base model's name; pick another (--adapter OTHER=PATH).",
