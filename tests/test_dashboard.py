@@ -206,6 +206,38 @@ def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path
         assert with_header.status_code == 404 and with_header.json()["error"]["param"] == "file_id"
 
 
+def test_compared_jobs_that_share_a_suffix_each_keep_their_curve(tmp_path):
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Job, Store, new_id, now
+    from tuneforge.web import KEY_COOKIE, owner_of
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    app = create_api(tmp_path, store, api_keys=["key-a"], workers=0)
+    ids = []
+    for rate in (1e-3, 3e-3):
+        job = Job(
+            id=new_id("ftjob-"),
+            owner=owner_of("key-a"),
+            model="tiny",
+            training_file="file-1",
+            seed=1,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+            status="succeeded",
+            created_at=now(),
+            result_files=[],
+            suffix="same",
+            fine_tuned_model=f"ft:tiny:tuneforge:same:{rate}",
+        )
+        store.add(job)
+        write_run(tmp_path / "runs" / job.id, lr=rate)
+        ids.append(job.id)
+    with TestClient(app) as client:
+        client.cookies.set(KEY_COOKIE, "key-a")
+        compared = client.get("/ui/compare", params={"run": ids}).text
+        assert 'id="train-curve-0"' in compared and 'id="train-curve-1"' in compared
+        assert f"same ({ids[0]}): train" in compared and f"same ({ids[1]}): train" in compared
+
+
 def test_tuneforge_ui_on_port_0_answers_where_it_says_and_a_port_in_use_is_refused_naming_it(tmp_path):
     import signal
     import socket

@@ -10,6 +10,7 @@ only its own jobs and models, through the same owner-scoped queries as the API.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from functools import lru_cache
 from importlib.resources import files
@@ -146,7 +147,10 @@ def dashboard_router(source: RunSource, keys_required: bool) -> APIRouter:
         chosen = [run_id for run_id in dict.fromkeys(run) if run_id in rows][:MAX_COMPARED]
 
         def chart() -> str:
-            return loss_chart({rows[i].name: source.folder(owner, i).metrics() for i in chosen})
+            # Jobs may share a suffix: such names get their id too, so that each run keeps its own curve.
+            repeated = Counter(rows[i].name for i in chosen)
+            labels = [rows[i].name if repeated[rows[i].name] == 1 else f"{rows[i].name} ({i})" for i in chosen]
+            return loss_chart({label: source.folder(owner, i).metrics() for label, i in zip(labels, chosen)})
 
         svg = await asyncio.to_thread(chart) if chosen else ""
         return page(
