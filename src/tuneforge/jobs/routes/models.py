@@ -3,6 +3,7 @@ fine-tuned models, and (by name) its checkpoints and the models the operator all
 
 from __future__ import annotations
 
+import os
 import shutil
 
 from fastapi import APIRouter, Depends
@@ -73,5 +74,8 @@ def delete_model(name: str, owner: str = Depends(caller), service: Service = Dep
             param="model",
             code="model_in_use",
         )
-    shutil.rmtree(folder)
+    # Renamed away first, so that a deletion cut short never leaves a half-deleted model listed.
+    gone = folder.with_name(f".deleted-{folder.name}-{os.getpid()}")
+    os.replace(folder, gone)
+    shutil.rmtree(gone)
     return {"id": name, "object": "model", "deleted": True}
