@@ -78,6 +78,23 @@ def test_a_run_that_has_logged_only_its_first_step_shows_that_step(tmp_path):
     assert row.step == 1 and row.elapsed_s == 0.5 and row.headline()[0] == "2.9"
 
 
+def test_a_grpo_run_shows_its_validation_rewards(tmp_path):
+    folder = tmp_path / "grpo"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump({"base_model": "tiny-base", "method": "grpo"}))
+    records = [
+        {"step": 1, "train_loss": 0.1, "reward": 0.5, "valid_reward": 0.25, "elapsed": 1.0},
+        {"step": 2, "train_loss": 0.1, "reward": 0.6, "elapsed": 2.0},
+        {"step": 2, "full_valid_reward": 0.75},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "summary.json").write_text(json.dumps({"status": "completed", "steps": 2, "metrics": records[-1]}))
+    [row] = FolderRuns(tmp_path).list_runs("local")
+    assert row.headline()[2] == "0.75"  # the valid reward column
+    events = [event.message for event in FolderRuns(tmp_path).run_page("local", "grpo").events]
+    assert "Full validation reward 0.75" in events and "Step 1: validation reward 0.25" in events
+
+
 def test_run_folders_under_a_directory_are_listed_with_their_figures(tmp_path):
     write_run(tmp_path / "a")
     write_run(tmp_path / "group" / "b", steps=4, finished=False)

@@ -35,8 +35,11 @@ SAMPLES_SHOWN = 50
 HEADLINE_METRICS = (
     ("train loss", ("train_loss",)),
     ("valid loss", ("full_valid_loss", "valid_loss")),
+    ("valid reward", ("full_valid_reward", "valid_reward")),  # GRPO's greedy answers to held-out prompts
     ("task exact", ("task_exact",)),
 )
+# What a validation logs, and its name in the run's events.
+VALIDATION_FIGURES = (("valid_loss", "validation loss"), ("valid_reward", "validation reward"))
 
 
 @dataclass
@@ -228,10 +231,11 @@ def metric_events(metrics: list[dict], checkpoint_steps: list[int], summary: dic
     """What happened in a run folder, newest first: validations, checkpoints, the end."""
     found = [(step, f"Checkpoint step-{step} saved") for step in checkpoint_steps]
     for m in metrics:
-        if "valid_loss" in m:
-            found.append((m["step"], f"Step {m['step']}: validation loss {number(m['valid_loss'])}"))
-        if "full_valid_loss" in m:
-            found.append((m["step"], f"Full validation loss {number(m['full_valid_loss'])}"))
+        for key, words in VALIDATION_FIGURES:
+            if key in m:
+                found.append((m["step"], f"Step {m['step']}: {words} {number(m[key])}"))
+            if f"full_{key}" in m:
+                found.append((m["step"], f"Full {words} {number(m[f'full_{key}'])}"))
     if summary:
         found.append((math.inf, f"Run {summary.get('status', 'completed')} after {summary.get('steps', '?')} steps"))
     return [Event(None, message) for _, message in sorted(found, key=lambda event: event[0], reverse=True)]
