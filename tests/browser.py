@@ -48,7 +48,13 @@ def chromium(profile: Path):
     options.binary_location = browser
     for flag in [*FLAGS, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for `console_errors`
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+def console_errors(driver) -> list[str]:
+    """The browser console's errors since last asked (failed requests, script errors)."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = WAIT_S, on_timeout=lambda: ""):

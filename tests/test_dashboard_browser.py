@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from browser import Screenshots, chromium, wait_until
+from browser import Screenshots, chromium, console_errors, wait_until
 from conftest import SUBPROCESS_ENV, announced_port, tiny_run_config
 from test_jobs import KEY, OTHER_KEY, ApiServer, chat_rows, upload
 
@@ -243,6 +243,7 @@ def test_tuneforge_ui_shows_run_folders_their_reports_a_comparison_and_chat(brow
         assert "Examples" in evaluation  # sample answers side by side
         assert "learning_rate" in by_css(browser, "#hyperparameters").text
         assert "No problems." in by_css(browser, "#data-report").text
+        assert console_errors(browser) == []  # no failed request (a favicon's 404) nor script error
         shots.take("run")
 
         by_css(browser, "#report-file").click()
