@@ -179,25 +179,32 @@ def test_a_data_report_shown_to_a_client_names_files_by_id_and_hides_server_path
     assert "/etc" not in shown["errors"][0]["message"] and "cache" not in shown
 
 
-def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path):
-    from tuneforge.jobs.api import create_api
-    from tuneforge.jobs.store import Job, Store, new_id, now
-    from tuneforge.web import KEY_COOKIE, owner_of
+def supervised_job(key: str, **fields):
+    """A jobs-store row of a supervised job on the tiny model, owned by `key`."""
+    from tuneforge.jobs.store import Job, new_id, now
+    from tuneforge.web import owner_of
 
-    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
-    app = create_api(tmp_path, store, api_keys=["key-a", "key-b"], workers=0)
-    job = Job(
+    return Job(
         id=new_id("ftjob-"),
-        owner=owner_of("key-a"),
+        owner=owner_of(key),
         model="tiny",
         training_file="file-1",
         seed=1,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
-        status="queued",
         created_at=now(),
         result_files=[],
-        fine_tuned_model="ft:tiny:tuneforge::abc",
+        **fields,
     )
+
+
+def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path):
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+    from tuneforge.web import KEY_COOKIE
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    app = create_api(tmp_path, store, api_keys=["key-a", "key-b"], workers=0)
+    job = supervised_job("key-a", status="queued", fine_tuned_model="ft:tiny:tuneforge::abc")
     store.add(job)
     with TestClient(app) as client:
         to_login = client.get("/ui/", follow_redirects=False)
@@ -225,25 +232,15 @@ def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path
 
 def test_compared_jobs_that_share_a_suffix_each_keep_their_curve(tmp_path):
     from tuneforge.jobs.api import create_api
-    from tuneforge.jobs.store import Job, Store, new_id, now
-    from tuneforge.web import KEY_COOKIE, owner_of
+    from tuneforge.jobs.store import Store
+    from tuneforge.web import KEY_COOKIE
 
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
     app = create_api(tmp_path, store, api_keys=["key-a"], workers=0)
     ids = []
     for rate in (1e-3, 3e-3):
-        job = Job(
-            id=new_id("ftjob-"),
-            owner=owner_of("key-a"),
-            model="tiny",
-            training_file="file-1",
-            seed=1,
-            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
-            status="succeeded",
-            created_at=now(),
-            result_files=[],
-            suffix="same",
-            fine_tuned_model=f"ft:tiny:tuneforge:same:{rate}",
+        job = supervised_job(
+            "key-a", status="succeeded", suffix="same", fine_tuned_model=f"ft:tiny:tuneforge:same:{rate}"
         )
         store.add(job)
         write_run(tmp_path / "runs" / job.id, lr=rate)
