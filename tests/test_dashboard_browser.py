@@ -230,6 +230,7 @@ def test_tuneforge_ui_shows_run_folders_their_reports_a_comparison_and_chat(brow
     process, base = start_ui(trained_runs, tmp_path / "ui.log")
     try:
         browser.delete_all_cookies()
+        console_errors(browser)  # the browser is shared: what earlier tests' pages logged (their 404s by design) goes
         browser.get(f"{base}/")
         rows = wait_until(lambda: all_css(browser, "#runs tbody tr"), "the runs list")
         assert sorted(row.get_attribute("data-run") for row in rows) == ["lr-1e-3", "lr-3e-3"]
