@@ -227,22 +227,24 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> Path | None:
-    """The checkpoint to resume from: the latest for "latest" or True (the Python spelling of a bare
-    `--resume`), else the folder `resume` names; a refused resume fails here, before any heavy work."""
+def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[Path, dict] | tuple[None, None]:
+    """The checkpoint to resume from and the loop state saved in it: the latest for "latest" or True (the
+    Python spelling of a bare `--resume`), else the folder `resume` names; a refused resume fails here,
+    before any heavy work."""
     if not resume:
-        return None
+        return None, None
     root = Path(cfg.output_dir) / "checkpoints"
     folder = checkpoint.latest(root) if resume is True or resume == "latest" else Path(resume)
     if folder is None or not (folder / checkpoint.STATE).is_file():
         raise TuneforgeError(f"no checkpoint to resume from at {folder or root}; start without --resume.")
-    saved_hash = checkpoint.read_state(folder)["config_hash"]
-    if saved_hash != cfg.results_hash() and not force:
+    saved = checkpoint.read_state(folder)
+    if saved["config_hash"] != cfg.results_hash() and not force:
         raise TuneforgeError(
-            f"{folder} was written with a different config (one that changes results){changes_since(cfg, saved_hash)}. "
-            "Resume with the original config, or pass --force to continue anyway."
+            f"{folder} was written with a different config (one that changes results)"
+            f"{changes_since(cfg, saved['config_hash'])}. Resume with the original config, or pass --force to "
+            "continue anyway."
         )
-    return folder
+    return folder, saved
 
 
 def changes_since(cfg: Config, saved_hash: str) -> str:
@@ -259,10 +261,11 @@ def changes_since(cfg: Config, saved_hash: str) -> str:
     return f": {', '.join(earlier.changed_results_settings(cfg))} (the original is {written})"
 
 
-def check_resumable(folder: Path, plan: StepPlan) -> None:
-    """A checkpoint past this run's last step is refused: its final checkpoint and model would be saved
-    under that step, with the weights of the later one (a config changed with --force, or data that shrank)."""
-    step = checkpoint.read_state(folder)["step"]
+def check_resumable(folder: Path, saved: dict, plan: StepPlan) -> None:
+    """A checkpoint (`folder`, its loop state `saved`) past this run's last step is refused: its final
+    checkpoint and model would be saved under that step, with the weights of the later one (a config
+    changed with --force, or data that shrank)."""
+    step = saved["step"]
     if step > plan.total_steps:
         raise TuneforgeError(
             f"{folder} is at step {step}, past this run's last step ({plan.total_steps}: train.max_steps, or "
@@ -272,11 +275,12 @@ def check_resumable(folder: Path, plan: StepPlan) -> None:
         )
 
 
-def check_same_data(folder: Path, data_key: str | None) -> None:
-    """Data files whose contents changed since the checkpoint was written are refused: the rows of
-    each step are drawn from the data, so the resumed run would not continue the run it began."""
-    saved = checkpoint.read_state(folder).get("data_key")  # none in checkpoints of earlier versions
-    if saved and data_key and saved != data_key:
+def check_same_data(folder: Path, saved: dict, data_key: str | None) -> None:
+    """Data files whose contents changed since checkpoint `folder` (its loop state `saved`) was written
+    are refused: the rows of each step are drawn from the data, so the resumed run would not continue
+    the run it began."""
+    saved_key = saved.get("data_key")  # none in checkpoints of earlier versions
+    if saved_key and data_key and saved_key != data_key:
         raise TuneforgeError(
             f"the data changed since {folder} was written (the contents of data.train, data.validation or the "
             "replay file, or the base model's tokenizer): the resumed run would train on other rows than the run "
@@ -446,7 +450,7 @@ def setup(
     from a checkpoint when resuming."""
     precision = resolve_precision(cfg.train.precision, world.device)
     seed_everything(cfg.train.seed)
-    resume_from = resume_point(cfg, resume, force)
+    resume_from, saved = resume_point(cfg, resume, force)
     clear_earlier_run(cfg, world, resume, overwrite)
     source = resolve(cfg.base_model)
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
@@ -455,7 +459,7 @@ def setup(
     prepared = prepare_data(cfg, tokenizer, world, Path(cfg.output_dir), log)
     data_key = prepared.report.get("cache", {}).get("key")
     if resume_from is not None and not force:
-        check_same_data(resume_from, data_key)
+        check_same_data(resume_from, saved, data_key)
     # The model is saved with the system prompt its data shares, so it answers bare requests as trained.
     record_system_prompt(tokenizer, prepared.report["system_prompt"]["shared"])
     train_items, valid_items = batch_items(prepared, cfg)
@@ -481,7 +485,7 @@ def setup(
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
     if resume_from is not None:
-        check_resumable(resume_from, plan)
+        check_resumable(resume_from, saved, plan)
     if share:
         log(
             f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
