@@ -205,12 +205,12 @@ def _require_readable_tensor_types(gguf_path: Path, header: GgufHeader) -> None:
     transformers would fail on it only part way through the conversion."""
     from gguf import GGMLQuantizationType
 
-    unreadable = {}
+    first_of: dict[str, str] = {}  # each type once, with the first tensor that has it
     for tensor, type_name in header.tensor_types.items():
-        if type_name not in unreadable.values() and not _dequantizable(type_name):
-            unreadable[tensor] = type_name
+        first_of.setdefault(type_name, tensor)
+    unreadable = {type_name: tensor for type_name, tensor in first_of.items() if not _dequantizable(type_name)}
     if unreadable:
-        found = ", ".join(f"{type_name} (first in {tensor})" for tensor, type_name in unreadable.items())
+        found = ", ".join(f"{type_name} (first in {tensor})" for type_name, tensor in unreadable.items())
         readable = ", ".join(t.name for t in GGMLQuantizationType if _dequantizable(t.name))
         raise ModelSourceError(
             f"{gguf_path} holds tensors of a quantization type transformers cannot read: {found}. It reads "
