@@ -56,18 +56,16 @@ def load_tokenizer(spec: str | ModelSource):
             f"the model's text) in {source.adapter or source.path}/tokenizer_config.json.",
             code="model_load_failed",
         )
-    _require_embeddings_for_every_token(source, tokenizer)
-    warn_if_untested(source.name, _model_type(source.path), chat_template(tokenizer))
+    config = _model_config(source.path)
+    _require_embeddings_for_every_token(source, tokenizer, config)
+    warn_if_untested(source.name, config.get("model_type", "unknown"), chat_template(tokenizer))
     return tokenizer
 
 
-def _require_embeddings_for_every_token(source: ModelSource, tokenizer) -> None:
+def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: dict) -> None:
     """Refuse a tokenizer with tokens past the model's embedding rows (tokens added without resizing
-    the model): the first example or prompt holding one would fail inside the embedding lookup."""
-    try:
-        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
+    the model; `config` is its config.json): the first example or prompt holding one would fail
+    inside the embedding lookup."""
     rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     if isinstance(rows, int) and len(tokenizer) > rows:
         beyond = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 5))))
@@ -106,6 +104,10 @@ def _raw_tokenizer(source: ModelSource):
     return tokenizer
 
 
+# What transformers and PEFT raise for a folder whose files cannot be loaded.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
 def load_model(
     spec: str | ModelSource,
     *,
@@ -135,9 +137,6 @@ def load_model(
         return PeftModel.from_pretrained(model, source.adapter)
     except _LOAD_ERRORS as err:
         raise _load_failed(source.adapter, err) from err
-
-
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
@@ -237,11 +236,13 @@ def chat_template(tokenizer) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _model_type(folder: Path) -> str:
+def _model_config(folder: Path) -> dict:
+    """The model's config.json; {} where there is none to read (the loader then says what is wrong)."""
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "unknown")
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "unknown"
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _family_info(model_type: str, template: str | None, tokenizer) -> dict:
