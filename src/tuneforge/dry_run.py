@@ -282,14 +282,6 @@ def memory_rows(memory: dict, available: int, sharing: int = 1) -> list[tuple[st
     the `available` memory."""
     each = sum(memory.values())
     parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in memory.items())
-    if sharing == 1:
-        return [
-            ("memory plan (estimate)", f"{each / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free: {parts} (GiB)")
-        ]
-    return [
-        (
-            "memory plan (estimate)",
-            f"{each * sharing / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free, {sharing} processes sharing this "
-            f"machine's memory, each {each / 2**30:.1f} GiB: {parts} (GiB)",
-        )
-    ]
+    shared = f", {sharing} processes sharing this machine's memory, each {each / 2**30:.1f} GiB" if sharing > 1 else ""
+    plan = f"{each * sharing / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free{shared}: {parts} (GiB)"
+    return [("memory plan (estimate)", plan)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import dotted
 from ..eval.report import (
     examples_table,
     forgetting_table,
@@ -215,16 +216,12 @@ def evaluation_tables(folder: RunFolder) -> list:
     return tables
 
 
-def flat_config(config: dict, prefix: str = "") -> dict[str, str]:
+def flat_config(config: dict) -> dict[str, str]:
     """A nested config as `section.key: value` lines."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            as_json = isinstance(value, (list, bool)) or value is None
-            flat[f"{prefix}{key}"] = json.dumps(value) if as_json else str(value)
-    return flat
+    return {
+        key: json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
+        for key, value in dotted(config).items()
+    }
 
 
 def metric_events(metrics: list[dict], checkpoint_steps: list[int], summary: dict | None) -> list[Event]:
