@@ -241,6 +241,7 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
         time.sleep(0.3)
     messages = [e.message for e in all_events(client, long_job.id)]
     assert any(m.startswith("Job paused at step") for m in messages)
+    assert f"Job resumed: queued to continue from step {max(tokens_by_step)}." in messages
     assert any(m.startswith("Resuming fine-tuning from checkpoint step-") for m in messages)
     job_after = client.fine_tuning.jobs.retrieve(long_job.id)
     assert job_after.status == "cancelled" and job_after.fine_tuned_model is None
@@ -303,6 +304,14 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     )
     refused("hyperparameters.batch_size", hyperparameters={"batch_size": -1})
     refused("suffix", suffix="x" * 65)
+    # A page goes on after an object of the same list; any other cursor is refused, not an empty "end".
+    other = upload(client, chat_rows(2))
+    first_page = client.files.list(limit=1)
+    assert [f.id for f in first_page.data] == [other.id] and first_page.has_more
+    assert train.id in [f.id for f in client.files.list(after=other.id).data]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.list(after="file-not-in-this-list")
+    assert caught.value.param == "after" and "file-not-in-this-list" in caught.value.message
     refused("training_file", training_file="file-missing")
     refused("hyperparameters", hyperparameters={"n_epochs": 1}, method={"type": "supervised"})
     assert "Unrecognized" in refused("learning_rate", extra_body={"learning_rate": 0.1}).message
@@ -671,6 +680,11 @@ def test_pausing_twice_asks_once_and_files_are_checked_while_another_job_trains(
     other = create_job(client, tiny_model_dir, upload(client, chat_rows(8)).id, n_epochs=50)
     wait_for(client, other.id, {"queued"}, timeout=30, server=server)
     assert client.fine_tuning.jobs.retrieve(long_job.id).status == "running"
+    # Paused before it started, it has no step to go on from.
+    client.fine_tuning.jobs.pause(other.id)
+    client.fine_tuning.jobs.resume(other.id)
+    resumed = [e.message for e in all_events(client, other.id) if e.message.startswith("Job resumed")]
+    assert resumed == ["Job resumed: queued to start from the beginning."]
     client.fine_tuning.jobs.pause(long_job.id)
     client.fine_tuning.jobs.pause(long_job.id)
     wait_for(client, long_job.id, {"paused"}, server=server)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import JSON, Engine, create_engine, event, select, text
+from sqlalchemy import JSON, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -23,6 +23,14 @@ from .errors import ConfigError
 # Several servers may start on one fresh PostgreSQL database: one creates the tables, the others wait on this lock.
 _CREATE_TABLES_LOCK = 2026112808
 JSON_COLUMNS = {dict: JSON, list: JSON}  # a declarative base's `type_annotation_map`: dicts and lists as JSON
+
+
+class UnknownCursor(LookupError):
+    """A listing's `after` names no row of that listing."""
+
+    def __init__(self, after: str):
+        super().__init__(after)
+        self.after = after
 
 
 def database_url(spec: str) -> str:
@@ -94,12 +102,18 @@ class Tables:
             session.add_all(rows)
 
     def page(self, table, query, after: str | None, limit: int, newest_first: bool) -> Page:
-        """`query`'s rows after the row whose id is `after`, at most `limit` of them, in `seq` order."""
-        if after:
-            cursor = select(table.seq).where(table.id == after).scalar_subquery()
-            query = query.where(table.seq < cursor if newest_first else table.seq > cursor)
-        query = query.order_by(table.seq.desc() if newest_first else table.seq).limit(limit + 1)
+        """`query`'s rows after the row whose id is `after`, at most `limit` of them, in `seq` order.
+
+        Raises `UnknownCursor` when `after` is not one of `query`'s rows: an empty page would read as
+        the end of the list.
+        """
         with self.session() as session:
+            if after:
+                cursor = session.scalar(query.with_only_columns(table.seq).where(table.id == after))
+                if cursor is None:
+                    raise UnknownCursor(after)
+                query = query.where(table.seq < cursor if newest_first else table.seq > cursor)
+            query = query.order_by(table.seq.desc() if newest_first else table.seq).limit(limit + 1)
             rows = list(session.scalars(query))
         page = Page(rows[:limit])
         page.has_more = len(rows) > limit

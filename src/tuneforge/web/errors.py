@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..database import UnknownCursor
+
 log = logging.getLogger("tuneforge.web")
 
 # An absolute path: a slash that does not follow a word, a URL's scheme or another slash, then its parts.
@@ -83,6 +85,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
         return err.response()
+
+    @app.exception_handler(UnknownCursor)
+    async def unknown_cursor(request: Request, err: UnknownCursor):
+        return APIError(
+            400,
+            f"after: {err.after!r} is not in this list; give the id of the last object of the page before.",
+            param="after",
+        ).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):

@@ -159,7 +159,8 @@ def resume_job(job_id: str, owner: str = Depends(caller), service: Service = Dep
     job = own_job(service, owner, job_id)
     if not service.store.move(job.id, ["paused"], status="queued", stop_request=None):
         raise invalid_state(f"Job {job_id} is {job.status}; only a paused job can be resumed.")
-    service.store.add_event(job.id, "Job resumed: queued to continue from its last checkpoint.")
+    where = f"to continue from step {job.step}" if job.step else "to start from the beginning"
+    service.store.add_event(job.id, f"Job resumed: queued {where}.")
     return job_body(own_job(service, owner, job_id))
 
 
