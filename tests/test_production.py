@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import SUBPROCESS_ENV, tiny_run_config
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_jobs_access import add_job
@@ -33,7 +34,7 @@ from tuneforge.serve import AdapterPool, CompletionStore, Engine, Retention, cre
 from tuneforge.serve.completion_store import SECONDS_A_DAY, StoredCompletion
 from tuneforge.serve.from_completions import from_completions
 from tuneforge.training import train
-from tuneforge.web import Observer, owner_of
+from tuneforge.web import Observer, edge, owner_of
 
 KEY, OTHER_KEY = "key-alice", "key-bob"
 BASE = "base"  # the served name of the base model: its folder's name
@@ -180,6 +181,33 @@ def test_a_stream_its_client_leaves_is_logged_and_counted_as_499_not_200(served,
     chat = {"route": "/v1/chat/completions", "method": "POST", "model": BASE}
     assert moved(before, after, "tuneforge_requests_total", **chat, status="499") == 1
     assert moved(before, after, "tuneforge_requests_total", **chat, status="200") == 0
+
+
+def test_an_unexpected_failure_is_one_500_logged_once_under_its_error_id_and_counted(caplog):
+    app = FastAPI()
+
+    @app.get("/v1/broken")
+    def broken():
+        raise RuntimeError("a defect inside a route")
+
+    observer = Observer()
+    edge(app, api_keys=[KEY], max_body_bytes=1 << 10, observer=observer)
+    caplog.set_level(logging.INFO)
+    # The test client raises whatever the app lets out: the failure must end inside the app.
+    with TestClient(app) as client:
+        response = client.get("/v1/broken", headers={"Authorization": f"Bearer {KEY}"})
+        metrics = client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert response.status_code == 500 and response.json()["error"]["code"] == "server_error"
+    error_id = response.json()["error"]["message"].split("error id ")[1].split(")")[0]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and error_id in tracebacks[0].getMessage()
+    counted = {
+        (sample.labels["route"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "tuneforge_requests_total"
+    }
+    assert counted[("/v1/broken", "500")] == 1
 
 
 def test_the_request_log_has_a_json_line_a_request_and_prompts_only_when_asked(served, engine, caplog):

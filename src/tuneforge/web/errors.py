@@ -108,9 +108,34 @@ def install_error_handlers(app: FastAPI) -> None:
             return not_utf8(err.__cause__).response()
         return APIError(err.status_code, str(err.detail), headers=err.headers).response()
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception):
-        return server_error(err).response()
+    app.add_middleware(AnswerUnexpected)
+
+
+class AnswerUnexpected:
+    """ASGI middleware: an unexpected exception becomes the 500 of `server_error`, logged once under its
+    id. (Starlette's handler for `Exception` answers the client but raises again, so the server would
+    log the traceback a second time, without the id.) One raised after the answer has started goes on up.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def noting_start(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_start)
+        except Exception as err:
+            if started:
+                raise
+            await server_error(err).response()(scope, receive, send)
 
 
 def not_utf8(err: UnicodeDecodeError) -> APIError:
