@@ -61,6 +61,10 @@ def test_targets_are_judged_against_their_goals():
     assert missed[1]["measured"] == "80.0% (95% interval 71.1%-86.7%)"
     assert met[3]["measured"] == "97.0% (95% interval 92.1%-98.9%)"
     assert missed[3]["measured"] == "90.0%"
+    # A base that knows none of the questions has none to lose.
+    unknown = {"general_text": {"change": 0.01}, "general_questions": questions(None, 0.0)}
+    [*_, kept_row, _] = check_targets(Targets(), 600, scores(0.1), scores(0.9), unknown)
+    assert kept_row["measured"] == "the base knows none" and kept_row["met"]
 
 
 def test_the_training_config_is_the_recipe_with_data_run_folder_and_overrides_only():

@@ -248,7 +248,12 @@ def check_targets(targets: Targets, wall_seconds: float, before: dict, after: di
     kept = questions["retained"]
     # The share kept is a share of the questions (with its interval) when the base knows them all: the
     # bundled model, for which the set was chosen.
-    kept_measured = share_with_interval(kept, questions["n"]) if questions["base_accuracy"] == 1 else f"{kept:.1%}"
+    if kept is None:
+        kept_measured = "the base knows none"
+    elif questions["base_accuracy"] == 1:
+        kept_measured = share_with_interval(kept, questions["n"])
+    else:
+        kept_measured = f"{kept:.1%}"
     rows = [
         (
             "wall time",
@@ -272,7 +277,7 @@ def check_targets(targets: Targets, wall_seconds: float, before: dict, after: di
             "general questions kept",
             f">= {targets.questions_retained:.0%} of base",
             kept_measured,
-            kept >= targets.questions_retained,
+            kept is None or kept >= targets.questions_retained,
         ),
         (
             "general text cross-entropy rise",

@@ -199,7 +199,8 @@ def forgetting_loaded(
                 "known_by": _base_questions_record()["model"],  # the model the set was chosen for, whatever the base
                 "base_accuracy": accuracy["base"],
                 "tuned_accuracy": accuracy["tuned"],
-                "retained": accuracy["tuned"] / accuracy["base"] if accuracy["base"] else float("nan"),
+                # None (JSON's null) when the base knows none of them: no share of nothing is kept or lost.
+                "retained": accuracy["tuned"] / accuracy["base"] if accuracy["base"] else None,
                 "lost": lost,
             },
         }
