@@ -172,6 +172,16 @@ def test_no_valid_rows_is_an_error_even_when_skipping(tmp_path, tokenizer):
     assert [p.code for p in err.value.problems] == ["empty_file", "no_valid_rows"]
 
 
+def test_a_validation_file_with_no_good_row_stops_even_when_skipping(tmp_path, tokenizer):
+    """Skipping bad rows must not quietly turn into a run without the validation it was given."""
+    train = write_jsonl(tmp_path / "train.jsonl", rows(12))
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"messages": [{"role": "wizard", "content": "hi"}]}] * 2)
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(train=str(train), validation=str(valid), on_error="skip"), tokenizer, use_cache=False)
+    [last] = [p for p in err.value.problems if p.code == "no_valid_rows"]
+    assert last.file == str(valid) and "no validation rows are left after 2 problem(s)" in last.message
+
+
 def test_no_valid_rows_says_they_were_all_in_the_validation_file(tmp_path, tokenizer):
     data = rows(4)
     train = write_jsonl(tmp_path / "train.jsonl", data)

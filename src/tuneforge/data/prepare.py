@@ -395,6 +395,19 @@ class _Preparation:
         self.train = [r for r in self.train if r.key not in chosen]
 
     def check_data_set(self) -> None:
+        validation_file = self.cfg.validation if isinstance(self.cfg.validation, str) else None
+        if validation_file and not self.valid:
+            # Training on without it would report no validation loss for a run that asked for one.
+            rejected = sum(p.is_error and p.file == validation_file for p in self.problems)
+            self.problems.append(
+                Problem(
+                    "no_valid_rows",
+                    "no validation rows are left"
+                    + (f" after {rejected} problem(s)" if rejected else "")
+                    + ". Fix the rows listed, or leave data.validation out to train without validation.",
+                    file=validation_file,
+                )
+            )
         if not self.train:
             # Rows removed as duplicates or validation leaks are warnings elsewhere; here they may be the only cause.
             causes = {
