@@ -588,6 +588,16 @@ def test_a_folder_without_tokenizer_files_is_named_as_such(tiny_model_dir, tmp_p
             load(str(folder))
 
 
+def test_a_config_json_cut_short_is_named_with_where_it_breaks(tiny_model_dir, tmp_path):
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, folder)
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(text[: len(text) // 2])
+    for load in (load_tokenizer, model_info):
+        with pytest.raises(ModelSourceError, match=r"cut/config.json is not valid JSON \(.*line \d+, column \d+\)"):
+            load(str(folder))
+
+
 def test_model_info_of_an_hf_folder(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

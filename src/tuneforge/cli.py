@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune open language models: check data, train, evaluate, export, serve.",
 )
-models_app = typer.Typer(no_args_is_help=True, help="Models that can be had offline: list, pull, inspect.")
+models_app = typer.Typer(no_args_is_help=True, help="Models that can be had offline: list, pull, info.")
 data_app = typer.Typer(
     no_args_is_help=True, help="Check training data before spending compute on it; make it from stored completions."
 )

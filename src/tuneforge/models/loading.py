@@ -87,6 +87,7 @@ def _raw_tokenizer(source: ModelSource):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
+        _refuse_broken_config(source.path)  # transformers reads it first, and blames the tokenizer
         if not any(folder.glob("tokenizer*")):
             # transformers' own message then blames sentencepiece or tiktoken, which are not the problem.
             raise ModelSourceError(
@@ -171,6 +172,7 @@ def model_info(spec: str | ModelSource) -> dict:
     try:
         config = AutoConfig.from_pretrained(source.path)
     except (OSError, ValueError) as err:
+        _refuse_broken_config(source.path)
         raise ModelSourceError(
             f"Could not read the model config in {source.path}: {err}", code="model_load_failed"
         ) from err
@@ -234,6 +236,25 @@ def chat_template(tokenizer) -> str | None:
     if isinstance(template, dict):  # some tokenizers ship several named templates
         template = template.get("default")
     return template if isinstance(template, str) else None
+
+
+def _refuse_broken_config(folder: Path) -> None:
+    """Raise, saying where, if the model's config.json is there but not JSON (a copy cut short, most often)."""
+    path = folder / "config.json"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return
+    except OSError:
+        return
+    except json.JSONDecodeError as err:
+        detail = f"{err.msg}: line {err.lineno}, column {err.colno}"
+    except UnicodeDecodeError:
+        detail = "not UTF-8"
+    raise ModelSourceError(
+        f"{path} is not valid JSON ({detail}); a copy cut short looks like this. Copy config.json again "
+        "from where the model came from.",
+        code="model_load_failed",
+    )
 
 
 def _model_config(folder: Path) -> dict:
