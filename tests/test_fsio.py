@@ -33,3 +33,20 @@ def test_temporary_siblings_are_those_of_the_name_alone(tmp_path):
     for name in (".tmp-out-abcd_123", ".tmp-out-v2-abcd_123", ".tmp-output-abcd_123", ".tmp-out-abc"):
         (tmp_path / name).mkdir()
     assert temporary_siblings(tmp_path / "out") == [tmp_path / ".tmp-out-abcd_123"]
+
+
+def test_files_written_owner_only_end_with_the_umasks_mode(tmp_path):
+    """safetensors writes 0600; a finished folder's files have the mode any new file gets, exec bits kept."""
+    import safetensors.torch
+    import torch
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            safetensors.torch.save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(tmp / "run.sh", 0o700)
+    finally:
+        os.umask(mask)
+    assert oct((tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "model" / "run.sh").stat().st_mode & 0o777) == oct(0o755)

@@ -59,6 +59,16 @@ def _recover_swapped_out(final: Path) -> None:
             os.replace(old, final)
 
 
+def _plain_modes(folder: Path) -> None:
+    """Give the files under `folder` the mode the umask gives any new file (or program). safetensors writes its
+    files owner-only (0600), so without this a model saved by one account could not be served by another."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o100
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
@@ -73,6 +83,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
     try:
         yield tmp
+        _plain_modes(tmp)
         if final.exists():
             if not replace:
                 raise FileExistsError(f"{final} already exists")
