@@ -255,6 +255,25 @@ def test_an_existing_output_folder_is_kept_unless_overwrite(adapter_dir, tmp_pat
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
 
 
+def test_an_output_folder_made_by_another_while_exporting_is_left_alone(adapter_dir, tmp_path, monkeypatch):
+    import tuneforge.export as export_module
+
+    out = tmp_path / "out"
+    write_adapter = export_module._WRITERS["adapter"]
+
+    def while_another_writes(*args):
+        written = write_adapter(*args)
+        out.mkdir()  # another export to the same --out finished first
+        (out / "theirs.txt").write_text("theirs")
+        return written
+
+    monkeypatch.setitem(export_module._WRITERS, "adapter", while_another_writes)
+    with pytest.raises(TuneforgeError, match="was created by something else while this export ran") as error:
+        export(adapter_dir, "adapter", None, out, progress=False)
+    assert error.value.exit_code == 2
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and not list(tmp_path.glob(".tmp-out-*"))
+
+
 def test_an_export_clears_what_a_killed_export_to_its_folder_left(adapter_dir, tmp_path):
     killed = tmp_path / ".tmp-out-k1lled_x"  # atomic_dir's unfinished folder for `out`
     killed.mkdir()

@@ -7,6 +7,7 @@ reports, data caches) goes through here: write into a temporary sibling, fsync, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -86,7 +87,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
         _plain_modes(tmp)
         if final.exists():
             if not replace:
-                raise FileExistsError(f"{final} already exists")
+                raise FileExistsError(errno.EEXIST, "created while this folder was being written", str(final))
             old = final.with_name(f"{SWAPPED_OUT_PREFIX}{final.name}-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)

@@ -94,19 +94,28 @@ def export(
     ids = probe_ids(tokenizer)
     for stale in temporary_siblings(out):  # left by an export to `out` that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    with atomic_dir(out, replace=out.exists()) as tmp:
-        files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)
-        if modelfile is not None:
-            (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
-            files.append(tmp / "Modelfile")
-        record = {
-            "format": fmt,
-            "dtype": dtype,
-            "source": _describe(source),
-            "files": [f.name for f in files],
-            "checks": checks,
-        }
-        write_json(tmp / EXPORT_RECORD, record)
+    try:
+        with atomic_dir(out, replace=out.exists()) as tmp:
+            files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)
+            if modelfile is not None:
+                (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
+                files.append(tmp / "Modelfile")
+            record = {
+                "format": fmt,
+                "dtype": dtype,
+                "source": _describe(source),
+                "files": [f.name for f in files],
+                "checks": checks,
+            }
+            write_json(tmp / EXPORT_RECORD, record)
+    except FileExistsError as err:
+        if err.filename != str(out):
+            raise
+        raise TuneforgeError(
+            f"{out} was created by something else while this export ran (another export to it?); it is left "
+            "as it is and this export's files are removed. Export again to another --out, or with --overwrite.",
+            code="out_exists",
+        ) from None
     console.print(f"[green]✓[/] exported {source.name} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
     return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks)
 
