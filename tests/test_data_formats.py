@@ -320,3 +320,20 @@ def test_invalid_json_line_says_where_in_the_line_it_breaks(tmp_path):
     assert (cut.code, cut.line) == ("invalid_json", 2) and "end of the line" in cut.message, cut.message
     assert "column 1." not in cut.message
     assert (stray.code, stray.line) == ("invalid_json", 3) and "at column 17" in stray.message, stray.message
+
+
+@pytest.mark.parametrize(("encoding", "name"), [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_utf16_or_utf32_file_is_refused_once_naming_its_encoding(tmp_path, encoding, name, suffix):
+    # PowerShell 5's `>` and Notepad's "Unicode" write UTF-16 with a byte-order mark.
+    path = tmp_path / f"d{suffix}"
+    text = {
+        ".jsonl": f"{json.dumps(GOOD_ROW)}\n{json.dumps(GOOD_ROW)}\n",
+        ".json": json.dumps([GOOD_ROW]),
+        ".csv": "prompt,completion\nhi,hello\n",
+    }[suffix]
+    bom = "\ufeff" if encoding == "utf-16-be" else ""  # the plain codecs write their own
+    path.write_bytes((bom + text).encode(encoding))
+    [problem] = [p for _, p in read(path)]
+    assert (problem.code, problem.line) == ("invalid_utf8", 1)
+    assert f"the file is {name}" in problem.message and f"iconv -f {name.lower()} -t utf-8" in problem.message

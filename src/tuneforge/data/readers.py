@@ -24,6 +24,14 @@ MAX_ROW_BYTES = 2 * 1024 * 1024
 
 _CHUNK_BYTES = 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
+# Byte-order marks of the UTF-16 and UTF-32 that Windows tools write ("Unicode" in Notepad, `>` in
+# PowerShell 5); UTF-32's come first, as UTF-32-LE's begins with UTF-16-LE's.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _LONE_SURROGATE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under surrogateescape
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of half a UTF-16 pair
@@ -60,6 +68,16 @@ def open_rows(path: str | Path) -> Rows:
     suffix = p.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         return _parquet_rows(path)
+    encoding = _wide_encoding(path)
+    if encoding:
+        return _failed(
+            path,
+            "invalid_utf8",
+            f"the file is {encoding} (it starts with a {encoding} byte-order mark), not UTF-8. Re-save it as UTF-8 "
+            f"(for example `iconv -f {encoding.lower()} -t utf-8 {p.name} > utf8-{p.name}`, or in PowerShell "
+            "`Out-File -Encoding utf8`).",
+            line=1,
+        )
     if suffix in CSV_SUFFIXES:
         return _csv_rows(path)
     first = _first_byte(path)
@@ -79,6 +97,13 @@ def open_rows(path: str | Path) -> Rows:
 
 def _failed(path: str, code: str, message: str, line: int | None = None) -> Rows:
     return Rows(path, "unknown", None, iter([(line, Problem(code, message, file=path, line=line))]))
+
+
+def _wide_encoding(path: str) -> str | None:
+    """The encoding of a text file that starts with a UTF-16 or UTF-32 byte-order mark; None for any other."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
 
 
 def _first_byte(path: str) -> bytes | None:
