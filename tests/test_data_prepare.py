@@ -341,3 +341,23 @@ def test_the_cache_is_not_reused_for_the_same_rows_at_another_path(tmp_path, tok
     again = prepare(DataConfig(train=str(copy)), tokenizer, log=lambda _: None)
     assert again.report["cache"]["reused"] is False
     assert [f["path"] for f in again.report["files"]] == [str(copy)]
+
+
+def test_rows_that_train_different_replies_or_offer_other_tools_are_not_duplicates(tmp_path, tokenizer):
+    def turns(first_weight: int, tools: list[dict] | None = None) -> dict:
+        row = chat("Question 1: how do I reset my password?", "Answer 1: use the console.")
+        row["messages"][-1]["weight"] = first_weight
+        row["messages"] += [
+            {"role": "user", "content": "And for the web console?"},
+            {"role": "assistant", "content": "The same way.", "weight": 1 - first_weight},
+        ]
+        return {**row, "tools": tools} if tools else row
+
+    tool = {"type": "function", "function": {"name": "reset_password", "parameters": {"type": "object"}}}
+    prepared = run(tmp_path, tokenizer, [turns(1), turns(0), turns(1, [tool]), turns(1)])
+    assert prepared.report["counts"]["duplicates_exact"] == 1 and prepared.report["duplicates"][0]["of_line"] == 1
+    assert sorted(trained_runs(e, tokenizer) for e in prepared.train) == [
+        ["Answer 1: use the console.<|im_end|>"],
+        ["Answer 1: use the console.<|im_end|>"],
+        ["The same way.<|im_end|>"],
+    ]

@@ -1,8 +1,8 @@
 """Telling rows apart: content keys, exact and near-duplicate detection.
 
 Every record gets a content key: its text normalised (Unicode NFKC, case-folded, whitespace
-collapsed) with roles marked, hashed. The key decides exact duplicates, which side of a
-train/validation split a row falls on, and validation leaks. Near duplicates are found with
+collapsed) with roles, untrained replies and tool definitions marked, hashed. The key decides exact
+duplicates, which side of a train/validation split a row falls on, and validation leaks. Near duplicates are found with
 MinHash LSH (`datasketch`) over word pairs of what the conversation says (its non-system
 messages: a system prompt shared by every row would make all rows look alike).
 """
@@ -28,7 +28,15 @@ def normalise_text(text: str) -> str:
 
 def _message_text(m: Message) -> str:
     calls = json.dumps(m.tool_calls, sort_keys=True) if m.tool_calls else ""
-    return f"<{m.role}>{normalise_text(m.content)}{calls}"
+    # A reply of weight 0 is shown but not trained: rows that train different replies of one
+    # conversation (a common way to write it) are not duplicates.
+    untrained = " weight=0" if m.weight == 0 else ""
+    return f"<{m.role}{untrained}>{normalise_text(m.content)}{calls}"
+
+
+def _tools_text(tools: list[dict] | None) -> str:
+    """The tool definitions a row offers, which templates write into the prompt."""
+    return f"<tools>{json.dumps(tools, sort_keys=True)}" if tools else ""
 
 
 def content_text(record: Record) -> str:
@@ -37,13 +45,14 @@ def content_text(record: Record) -> str:
         return normalise_text(record.text)
     if isinstance(record, Preference):
         return (
-            "".join(map(_message_text, record.prompt))
+            _tools_text(record.tools)
+            + "".join(map(_message_text, record.prompt))
             + "<chosen>"
             + _message_text(record.chosen)
             + "<rejected>"
             + _message_text(record.rejected)
         )
-    return "".join(map(_message_text, record.messages))
+    return _tools_text(record.tools) + "".join(map(_message_text, record.messages))
 
 
 def content_hash(record: Record) -> int:
