@@ -102,3 +102,14 @@ def test_options_reach_the_checks(tmp_path, capsys, models):
     assert report["counts"]["truncated"] == 1
     assert check_command([str(path)], format="alpaca") == 2
     assert "missing_field" in capsys.readouterr().out
+
+
+def test_show_cuts_a_long_row_where_training_cuts_it(tmp_path, capsys, models, tokenizer):
+    row = chat("Hi", "A long answer. " * 40)
+    path = write_jsonl(tmp_path / "long.jsonl", [row])
+    assert check_command([str(path)], max_length=32, show=1) == 2  # the cut leaves no end of turn to train
+    out = capsys.readouterr().out
+    whole = render_conversation(row["messages"], tokenizer)
+    assert f"long.jsonl:1 (cut to max_length 32 of its {len(whole)} tokens)" in out
+    shown = out[out.index("(cut to max_length") :].split("\n", 1)[1]
+    assert shown.rstrip("\n") == tokenizer.decode(whole.input_ids[:32])

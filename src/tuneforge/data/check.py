@@ -66,7 +66,7 @@ def check_command(
     else:
         print_summary(console, report, model or DEFAULT_MODEL)
         if show:
-            show_examples(console, files, tokenizer, show, format=format, train_on=train_on)
+            show_examples(console, files, tokenizer, show, max_length=max_length, format=format, train_on=train_on)
     return EXIT_BAD_INPUT if errors else 0
 
 
@@ -147,16 +147,25 @@ def describe_system_prompt(system_prompt: dict) -> str:
 
 
 def show_examples(
-    console: Console, files: list[str], tokenizer, count: int, *, format: str = "auto", train_on: str = "assistant"
+    console: Console,
+    files: list[str],
+    tokenizer,
+    count: int,
+    *,
+    max_length: int,
+    format: str = "auto",
+    train_on: str = "assistant",
 ) -> None:
-    """Print the first `count` good rows as the model will see them, trained tokens highlighted."""
+    """Print the first `count` good rows as the model will see them (cut to `max_length`, as training
+    cuts them), trained tokens highlighted."""
     console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
     for path, line, examples in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
         for turn, example in enumerate(examples, 1):
             # A template that rewrites earlier turns trains each of them as an example of its own.
             of_turns = f" (example {turn} of {len(examples)}, one per turn)" if len(examples) > 1 else ""
-            console.print(Text(f"--- {path}:{line}{of_turns}", style="bold"))
-            console.print(highlight(example, tokenizer))
+            cut = f" (cut to max_length {max_length} of its {len(example)} tokens)" if len(example) > max_length else ""
+            console.print(Text(f"--- {path}:{line}{of_turns}{cut}", style="bold"))
+            console.print(highlight(example.truncated(max_length), tokenizer))
 
 
 def _rendered_rows(files, tokenizer, format: str, train_on: str):

@@ -25,7 +25,7 @@ from . import cache
 from .dedup import DuplicateIndex, content_hash
 from .formats import file_format, read_conversations
 from .render import FATAL_CODES, render_examples, renderer_for
-from .schema import IGNORE_INDEX, Conversation, Example, Preference, PreparedData, Problem, Record
+from .schema import Conversation, Example, Preference, PreparedData, Problem, Record
 
 REPORT_VERSION = 1
 MAX_LISTED = 1000
@@ -340,7 +340,7 @@ class _Preparation:
         if self.cfg.truncation == "drop":
             self.counts["dropped_too_long"] += 1
             return None
-        cut = tuple(Example(e.input_ids[:limit], e.labels[: limit - 1] + [IGNORE_INDEX]) for e in examples)
+        cut = tuple(e.truncated(limit) for e in examples)
         if not all(e.trained_tokens for e in cut):
             self.counts["rejected_records"] += 1
             longest = max(len(e) for e in examples)

@@ -9,7 +9,7 @@ Rendering turns records into `Example`s: token ids plus already shifted labels.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 IGNORE_INDEX = -100
@@ -145,6 +145,15 @@ class Example:
     @property
     def trained_tokens(self) -> int:
         return len(self.labels) - self.labels.count(IGNORE_INDEX)
+
+    def truncated(self, max_length: int) -> Example:
+        """The example cut to its first `max_length` tokens (itself if it is no longer): the last token
+        kept loses its target, which was the first token cut."""
+        if len(self) <= max_length:
+            return self
+        return replace(
+            self, input_ids=self.input_ids[:max_length], labels=self.labels[: max_length - 1] + [IGNORE_INDEX]
+        )
 
 
 @dataclass
