@@ -113,3 +113,15 @@ def test_show_cuts_a_long_row_where_training_cuts_it(tmp_path, capsys, models, t
     assert f"long.jsonl:1 (cut to max_length 32 of its {len(whole)} tokens)" in out
     shown = out[out.index("(cut to max_length") :].split("\n", 1)[1]
     assert shown.rstrip("\n") == tokenizer.decode(whole.input_ids[:32])
+
+
+def test_show_prints_both_sides_of_a_preference_pair_each_training_its_reply(tmp_path, capsys, models, tokenizer):
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "Five."}],
+    )
+    assert check_command([str(path)], show=1) == 0
+    out = capsys.readouterr().out
+    chosen, rejected = out.split("--- ")[1:]
+    assert chosen.startswith(f"{path}:1 (chosen)\n") and rejected.startswith(f"{path}:1 (rejected)\n")
+    assert "Four.<|im_end|>" in chosen and "Five.<|im_end|>" in rejected

@@ -106,7 +106,7 @@ def test_check_show_trains_each_reply_and_its_end_of_turn(name, runs, capsys):
     [(_, _, examples)] = list(_rendered_rows([str(run["data"]["train"])], tokenizer, "auto", "assistant"))[:1]
     trained = [
         text.plain[span.start : span.end]
-        for example in examples
+        for _, example in examples
         for text in [highlight(example, tokenizer)]
         for span in text.spans
         if span.style == TRAINED_STYLE

@@ -160,24 +160,28 @@ def show_examples(
     cuts them), trained tokens highlighted."""
     console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
     for path, line, examples in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
-        for turn, example in enumerate(examples, 1):
-            # A template that rewrites earlier turns trains each of them as an example of its own.
-            of_turns = f" (example {turn} of {len(examples)}, one per turn)" if len(examples) > 1 else ""
+        for which, example in examples:
             cut = f" (cut to max_length {max_length} of its {len(example)} tokens)" if len(example) > max_length else ""
-            console.print(Text(f"--- {path}:{line}{of_turns}{cut}", style="bold"))
+            console.print(Text(f"--- {path}:{line}{which}{cut}", style="bold"))
             console.print(highlight(example.truncated(max_length), tokenizer))
 
 
 def _rendered_rows(files, tokenizer, format: str, train_on: str):
+    """(file, line, [(which example, example)]) for each row that renders."""
     for path in files:
         for line, record in read_conversations(path, format):
             if isinstance(record, Problem):
                 continue
             try:
                 if isinstance(record, Preference):
-                    examples = [render_preference(record, tokenizer)[0]]
+                    examples = list(zip((" (chosen)", " (rejected)"), render_preference(record, tokenizer)))
                 else:
-                    examples = render_examples(record, tokenizer, train_on)
+                    # A template that rewrites earlier turns trains each of them as an example of its own.
+                    rendered = render_examples(record, tokenizer, train_on)
+                    n = len(rendered)
+                    examples = [
+                        (f" (example {i} of {n}, one per turn)" if n > 1 else "", e) for i, e in enumerate(rendered, 1)
+                    ]
             except TuneforgeError:
                 continue
             yield path, line, examples
