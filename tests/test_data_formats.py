@@ -337,3 +337,11 @@ def test_a_utf16_or_utf32_file_is_refused_once_naming_its_encoding(tmp_path, enc
     [problem] = [p for _, p in read(path)]
     assert (problem.code, problem.line) == ("invalid_utf8", 1)
     assert f"the file is {name}" in problem.message and f"iconv -f {name.lower()} -t utf-8" in problem.message
+
+
+def test_sharegpt_system_field_and_another_system_turn_conflict(tmp_path):
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    rows = [{"system": "Be brief.", "conversations": turns}, {"system": "Be verbose.", "conversations": turns}]
+    items = read(write_jsonl(tmp_path / "s.jsonl", rows))
+    assert [m.content for m in records(items)[0].messages] == ["Be brief.", "hi", "yo"]
+    assert [(p.code, p.line, p.field) for p in errors(items)] == [("conflicting_system", 2, "system")]

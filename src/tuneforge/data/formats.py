@@ -435,8 +435,17 @@ def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
     messages = check.messages(row.get("conversations"), "conversations", sharegpt=True)
     check.require_assistant(messages, "conversations")
     system = check.text(row, "system", required=False)
-    if messages and system and messages[0].role != "system":
-        messages.insert(0, Message("system", system))
+    if messages and system:
+        if messages[0].role != "system":
+            messages.insert(0, Message("system", system))
+        elif messages[0].content != system:
+            check.error(
+                "conflicting_system",
+                "system",
+                f"the row has a 'system' field and conversations[0] is a system turn with other text "
+                f"({messages[0].content[:60]!r}); only one can be the system prompt. Keep one of them.",
+            )
+            return None
     return Conversation(messages) if messages else None
 
 
