@@ -151,6 +151,13 @@ def test_long_rows_are_truncated_and_counted(tmp_path, tokenizer):
     assert dropped.report["counts"]["dropped_too_long"] == 1 and len(dropped.train) == 11
 
 
+def test_a_long_preference_pair_is_one_row_over_max_length(tmp_path, tokenizer):
+    data = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad {i}."} for i in range(11)]
+    data.append({"prompt": "Short question?", "chosen": "A long answer. " * 60, "rejected": "A bad answer. " * 60})
+    prepared = run(tmp_path, tokenizer, data, max_length=64)
+    assert prepared.report["counts"]["truncated"] == 1 and prepared.report["tokens"]["over_max_length"] == 1
+
+
 def test_a_reply_cut_off_entirely_is_too_long(tmp_path, tokenizer):
     data = rows(11) + [chat("A very long question. " * 60, "Short answer.")]
     with pytest.raises(DataError) as err:

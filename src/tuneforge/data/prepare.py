@@ -337,6 +337,7 @@ class _Preparation:
         limit = self.cfg.max_length
         if all(len(e) <= limit for e in examples):
             return item
+        self.counts["over_max_length"] += 1  # rows: a pair, or a row trained turn by turn, is several examples
         if self.cfg.truncation == "drop":
             self.counts["dropped_too_long"] += 1
             return None
@@ -471,7 +472,7 @@ class _Preparation:
             "tokens": {
                 "max_length": self.cfg.max_length,
                 "length": _percentiles(self.lengths),
-                "over_max_length": sum(n > self.cfg.max_length for n in self.lengths),
+                "over_max_length": self.counts["over_max_length"],
                 "total": total,
                 "trained": trained,
                 "trained_share": round(trained / total, 4) if total else 0.0,
