@@ -283,7 +283,10 @@ def test_gemma2_refuses_a_system_prompt_with_its_own_reason(tmp_path):
     tokenizer = family_tokenizer(FAMILIES["gemma2"], tmp_path)
     with pytest.raises(DataError) as error:
         render_conversation(SYSTEM_CHAT, tokenizer)
-    assert error.value.code == "template_error" and "System role not supported" in error.value.message
+    [problem] = error.value.problems
+    assert (problem.code, problem.field) == ("template_error", "messages[0]")
+    assert "System role not supported" in problem.message
+    assert "Fold the system prompt into the first user message, or remove it." in problem.message
 
 
 def test_phi3_does_not_train_the_eos_its_template_writes_after_the_last_turn(tmp_path):

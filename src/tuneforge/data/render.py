@@ -295,6 +295,9 @@ class ChatRenderer:
         for each reply it holds rewritten (see the module doc)."""
         error = next((r for r in rendered if isinstance(r, Exception)), None)
         if error is not None:
+            system = next((i for i, m in enumerate(messages) if m.role == "system"), None)
+            if system is not None and self._probe_messages is _PROBES[1]:  # it renders a chat only without one
+                return [_system_refused(error, system)]
             return [_template_error(error)]
         text, prefixes = rendered[0], iter(rendered[1:])
         spans, own_turns = [], []
@@ -605,6 +608,15 @@ def _template_error(error: Exception) -> Problem:
         f"the chat template refused this conversation: {error}. Fix the "
         "conversation to suit the model's template (for example, alternate user and assistant).",
         field="messages",
+    )
+
+
+def _system_refused(error: Exception, message_index: int) -> Problem:
+    return Problem(
+        "template_error",
+        f"the chat template has no system turn and refused this conversation's system message: {error}. "
+        "Fold the system prompt into the first user message, or remove it.",
+        field=f"messages[{message_index}]",
     )
 
 
