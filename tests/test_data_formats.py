@@ -226,6 +226,17 @@ def test_json_array_is_streamed_with_element_lines(tmp_path):
     assert [line for line, _ in items] == starts
 
 
+def test_a_pretty_printed_json_array_named_jsonl_is_read_as_an_array(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps([chat(f"q{i}", f"a{i}") for i in range(3)], indent=2))
+    items = read(path)
+    assert not errors(items) and [r.messages[0].content for r in records(items)] == ["q0", "q1", "q2"]
+    # A JSON Lines row that is a list on its line is still one row (refused: rows are objects).
+    path.write_text(f"{json.dumps([GOOD_ROW])}\n{json.dumps(GOOD_ROW)}\n")
+    items = read(path)
+    assert [(p.code, p.line) for p in errors(items)] == [("data_type", 1)] and len(records(items)) == 1
+
+
 def test_json_array_broken_element_reports_its_line(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(f'[\n{json.dumps(GOOD_ROW)},\n{{"messages": [}},\n{json.dumps(GOOD_ROW)}\n]')

@@ -83,7 +83,9 @@ def open_rows(path: str | Path) -> Rows:
     first = _first_byte(path)
     if first is None:
         return _failed(path, "empty_file", "the file is empty. Put training rows in it, one JSON object per line.")
-    if first == b"[" and suffix not in JSON_LINES_SUFFIXES:
+    # A .jsonl file may start with "[" as a row of its own; one whose first line is not a whole JSON
+    # value is a pretty-printed JSON array under a JSON Lines name.
+    if first == b"[" and (suffix not in JSON_LINES_SUFFIXES or not _first_line_is_json(path)):
         return Rows(path, "json", None, _json_array_items(path))
     if suffix in JSON_SUFFIXES or first in (b"{", b"["):
         return Rows(path, "jsonl", None, _jsonl_items(path))
@@ -104,6 +106,19 @@ def _wide_encoding(path: str) -> str | None:
     with open(path, "rb") as f:
         head = f.read(4)
     return next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
+
+
+def _first_line_is_json(path: str) -> bool:
+    """Whether the first line that is not blank holds a whole JSON value."""
+    with open(path, "rb") as f:
+        line = next((raw for raw in _bounded_lines(f) if raw is None or raw.removeprefix(_BOM).strip()), None)
+    if line is None:  # over MAX_ROW_BYTES
+        return False
+    try:
+        json.loads(line.removeprefix(_BOM))
+    except ValueError:  # not JSON, or not UTF-8
+        return False
+    return True
 
 
 def _first_byte(path: str) -> bytes | None:
