@@ -275,6 +275,18 @@ def test_csv_rows_with_json_cells_and_field_count(tmp_path):
     assert [(p.code, p.line) for p in errors(items)] == [("csv_field_count", 3)]
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_csv_with_the_semicolons_or_tabs_of_a_spreadsheet_export(tmp_path, delimiter):
+    path = tmp_path / "d.csv"
+    path.write_bytes(f'\ufeffprompt{delimiter}completion\r\n"Hi{delimiter} there, you"{delimiter}Hello\r\n'.encode())
+    items = read(path)
+    assert not errors(items)
+    assert [(m.role, m.content) for r in records(items) for m in r.messages] == [
+        ("user", f"Hi{delimiter} there, you"),
+        ("assistant", "Hello"),
+    ]
+
+
 def test_parquet_rows(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"instruction": ["Add", "Greet"], "output": ["4", None]}), path)

@@ -368,7 +368,7 @@ def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, 
 def _csv_rows(path: str) -> Rows:
     # Undecodable bytes survive as lone surrogates, so each bad row is reported on its own line.
     f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    reader = csv.reader(f)
+    reader = csv.reader(f, delimiter=_delimiter(f))
     try:
         header = next(reader, None)
     except csv.Error as e:
@@ -379,6 +379,17 @@ def _csv_rows(path: str) -> Rows:
         return _failed(path, "empty_file", "the file is empty. Put a header line and training rows in it.")
     columns = [name.strip() for name in header]
     return Rows(path, "csv", columns, _csv_items(path, f, reader, columns))
+
+
+def _delimiter(f) -> str:
+    """The delimiter of the header line: a comma, or the semicolon or tab that spreadsheets write in
+    many locales."""
+    header = f.readline(MAX_ROW_BYTES)
+    f.seek(0)
+    try:
+        return csv.Sniffer().sniff(header, delimiters=",;\t").delimiter
+    except csv.Error:  # a single column
+        return ","
 
 
 def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, Any]]:
