@@ -158,6 +158,14 @@ def test_a_long_preference_pair_is_one_row_over_max_length(tmp_path, tokenizer):
     assert prepared.report["counts"]["truncated"] == 1 and prepared.report["tokens"]["over_max_length"] == 1
 
 
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+def test_a_row_left_out_as_too_long_does_not_count_for_the_system_prompt(tmp_path, tokenizer, truncation):
+    data = rows(11) + [chat("A very long question. " * 60, "Short answer.", system="Another prompt.")]
+    prepared = run(tmp_path, tokenizer, data, max_length=64, truncation=truncation, on_error="skip")
+    assert len(prepared.train) == 11
+    assert prepared.report["system_prompt"]["shared"] == "You are a helpful assistant."
+
+
 def test_a_reply_cut_off_entirely_is_too_long(tmp_path, tokenizer):
     data = rows(11) + [chat("A very long question. " * 60, "Short answer.")]
     with pytest.raises(DataError) as err:

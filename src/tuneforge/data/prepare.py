@@ -320,14 +320,15 @@ class _Preparation:
                     self.problems.append(problem)
                 self.counts["rejected_records"] += any(p.is_error for p in result)
                 continue
-            if isinstance(record, Conversation | Preference):
+            item = self._fit(result, str(path), line)
+            if item is None:
+                continue
+            kept.append(_Row(str(path), line, key, item))
+            if isinstance(record, Conversation | Preference):  # only rows that train decide the recorded prompt
                 self.counts["conversations"] += 1
                 self.counts["without_system"] += not self.system_prompts.add(
                     record.messages if isinstance(record, Conversation) else record.prompt
                 )
-            item = self._fit(result, str(path), line)
-            if item is not None:
-                kept.append(_Row(str(path), line, key, item))
         return kept
 
     def _fit(self, item: Item, path: str, line: int) -> Item | None:
