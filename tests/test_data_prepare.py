@@ -114,6 +114,18 @@ def test_near_duplicates_are_removed_with_dedup_near(tmp_path, tokenizer):
     assert exact.report["counts"]["duplicates_near"] == 0 and len(exact.train) == 12
 
 
+def test_preference_pairs_that_differ_in_the_rejected_reply_are_not_near_duplicates(tmp_path, tokenizer):
+    question = "Our production database stopped accepting connections after last night's maintenance window."
+    chosen = "Restart the connection pooler first, then check the maintenance logs for failed migrations."
+    rejected = ["Have you tried turning it off and on again?", "Databases never fail, so this is your network."]
+    data = [
+        {"prompt": f"Ticket {i}: {t}", "chosen": "Escalate.", "rejected": "Ignore."} for i, t in enumerate(TICKETS[:10])
+    ]
+    data += [{"prompt": question, "chosen": chosen, "rejected": r} for r in rejected]
+    near = run(tmp_path, tokenizer, data, dedup="near")
+    assert near.report["counts"]["duplicates_near"] == 0 and len(near.train_pairs) == 12
+
+
 def test_validation_split_is_by_content_not_file_order(tmp_path, tokenizer):
     data = rows(40)
     forward = run(tmp_path, tokenizer, data, validation=0.25)

@@ -16,7 +16,7 @@ from ..config import DataConfig
 from ..fsio import atomic_dir, tuneforge_home, write_json
 from .schema import Example, PreparedData
 
-CACHE_FORMAT = 9
+CACHE_FORMAT = 10
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
 
 _SPLITS = ("train", "valid")

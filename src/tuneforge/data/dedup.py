@@ -64,7 +64,8 @@ def _said_text(record: Record) -> str:
     """What a row says, for near-duplicate detection (system prompts left out)."""
     if isinstance(record, Document):
         return normalise_text(record.text)
-    messages = record.prompt + [record.chosen] if isinstance(record, Preference) else record.messages
+    # A pair's rejected reply is half of what it teaches: pairs that share a prompt and a chosen reply differ.
+    messages = [*record.prompt, record.chosen, record.rejected] if isinstance(record, Preference) else record.messages
     return " ".join(normalise_text(m.content) for m in messages if m.role != "system")
 
 
