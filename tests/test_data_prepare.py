@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from data.rows import GOOD_ROW, chat, trained_runs, write_bad_input, write_jsonl
+from families import FAMILIES, family_tokenizer
 
 from tuneforge.config import DataConfig
 from tuneforge.data import IGNORE_INDEX, prepare
@@ -124,6 +125,18 @@ def test_preference_pairs_that_differ_in_the_rejected_reply_are_not_near_duplica
     data += [{"prompt": question, "chosen": chosen, "rejected": r} for r in rejected]
     near = run(tmp_path, tokenizer, data, dedup="near")
     assert near.report["counts"]["duplicates_near"] == 0 and len(near.train_pairs) == 12
+
+
+def test_counts_are_of_examples_where_a_template_trains_turn_by_turn(tmp_path):
+    tokenizer = family_tokenizer(FAMILIES["qwen3"], tmp_path)  # drops past reasoning: one example per reply
+    data = [
+        {"messages": [*chat(f"Question {i}?", "One.")["messages"], *chat("And then?", "Two.")["messages"]]}
+        for i in range(4)
+    ]
+    prepared = run(tmp_path, tokenizer, data, validation=0.25)
+    counts = prepared.report["counts"]
+    assert (counts["train"], counts["validation"]) == (len(prepared.train), len(prepared.valid)) == (6, 2)
+    assert {w["code"]: w["count"] for w in prepared.report["warnings"]}["few_examples"] == 6
 
 
 def test_validation_split_is_by_content_not_file_order(tmp_path, tokenizer):

@@ -362,10 +362,14 @@ class _Preparation:
 
     # --- after the pass ---------------------------------------------------------------------------
 
+    @property
+    def _pairs(self) -> bool:
+        return bool(self.kind and self.kind[0] == "preference")
+
     def result(self) -> tuple[PreparedData, list[Problem]]:
         errors = [p for p in self.problems if p.is_error]
         report = self._report(errors)
-        pairs = bool(self.kind and self.kind[0] == "preference")
+        pairs = self._pairs
         if pairs:
             train, valid = [r.item for r in self.train], [r.item for r in self.valid]
         else:  # a conversation rendered turn by turn is one row of several examples
@@ -461,8 +465,9 @@ class _Preparation:
             "validation_leak": self.counts["validation_leak"],
             "truncated": self.counts["truncated"],
             "dropped_too_long": self.counts["dropped_too_long"],
-            "train": len(self.train),
-            "validation": len(self.valid),
+            # Examples (a preference pair is one): a row trained turn by turn is several.
+            "train": len(self.train if self._pairs else _examples(self.train)),
+            "validation": len(self.valid if self._pairs else _examples(self.valid)),
         }
         return {
             "version": REPORT_VERSION,
@@ -550,11 +555,11 @@ class _Preparation:
             f"{counts['dropped_too_long']} rows longer than "
             f"max_length {self.cfg.max_length} were dropped (data.truncation: drop).",
         )
-        if self.train and len(self.train) < FEW_EXAMPLES:
+        if self.train and counts["train"] < FEW_EXAMPLES:
             warn(
                 "few_examples",
-                len(self.train),
-                f"only {len(self.train)} training examples; fine-tuning needs at "
+                counts["train"],
+                f"only {counts['train']} training examples; fine-tuning needs at "
                 f"least {FEW_EXAMPLES}, and 50 to 100 good ones is a better start.",
             )
         if self.cfg.on_error == "skip":
