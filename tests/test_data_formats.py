@@ -109,6 +109,24 @@ def test_chat_keeps_weights_names_and_tool_calls(tmp_path):
     assert conversation.tools == row["tools"]
 
 
+def test_alpaca_history_becomes_the_earlier_turns_and_a_bad_one_is_named(tmp_path):
+    """LLaMA-Factory's alpaca `history` holds the conversation before the instruction."""
+    rows = [
+        {"instruction": "And 3?", "output": "9", "history": [["Square 2", "4"]]},
+        {"instruction": "x", "output": "y", "history": [["only the question"]]},
+        {"instruction": "x", "output": "y", "history": "Square 2"},
+    ]
+    items = read(write_jsonl(tmp_path / "h.jsonl", rows), format="alpaca")
+    [(_, first)] = [item for item in items if item[0] == 1]
+    assert [(m.role, m.content) for m in first.messages] == [
+        ("user", "Square 2"),
+        ("assistant", "4"),
+        ("user", "And 3?"),
+        ("assistant", "9"),
+    ]
+    assert [(e.line, e.field) for e in errors(items)] == [(2, "history[0]"), (3, "history")]
+
+
 def test_alpaca_sharegpt_prompt_completion_and_text(tmp_path):
     alpaca = records(
         read(

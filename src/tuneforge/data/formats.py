@@ -6,7 +6,7 @@ data-preparation codes where one fits), the file, the line, the field and what t
 
 Formats (the names `data.format` takes):
   chat               {"messages": [{"role", "content", "weight"?, "name"?, "tool_calls"?, ...}], "tools"?}
-  alpaca             {"instruction", "input"?, "output", "system"?}
+  alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
   sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|"tool", "value"}], "system"?}
   prompt_completion  {"prompt", "completion"}: strings, or lists of chat messages
   text               {"text"}: trained on in full
@@ -55,7 +55,7 @@ _REQUIRED_COLUMNS = {
     "preference": [("chosen", "rejected"), ("input", "preferred_output", "non_preferred_output")],
 }
 # Fields that hold JSON structures; in a CSV cell they are JSON text.
-_STRUCTURED_FIELDS = ("messages", "tools", "conversations", "preferred_output", "non_preferred_output")
+_STRUCTURED_FIELDS = ("messages", "tools", "conversations", "preferred_output", "non_preferred_output", "history")
 
 
 def detect_format(keys: Iterable[str]) -> str | None:
@@ -426,9 +426,35 @@ def _alpaca(row: dict, check: _RowCheck) -> Conversation | None:
     extra, system = check.text(row, "input", required=False), check.text(row, "system", required=False)
     if instruction is None or output is None:
         return None
+    history = _alpaca_history(row, check)
+    if history is None:
+        return None
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     messages = [Message("system", system)] if system else []
-    return Conversation(messages + [Message("user", prompt), Message("assistant", output)])
+    return Conversation(messages + history + [Message("user", prompt), Message("assistant", output)])
+
+
+def _alpaca_history(row: dict, check: _RowCheck) -> list[Message] | None:
+    """The earlier turns of an alpaca row (LLaMA-Factory's `history`: [[user, assistant], ...]), as
+    messages before the instruction; None if the field is malformed."""
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        check.error(
+            "data_type", "history", f"'history' must be a list of [user, assistant] pairs, got {_json_type(history)}."
+        )
+        return None
+    messages = []
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) and t.strip() for t in turn)):
+            check.error(
+                "data_type",
+                f"history[{i}]",
+                "each turn of 'history' must be a [user, assistant] pair of non-empty strings, "
+                f"got {json.dumps(turn)[:80]}.",
+            )
+            return None
+        messages += [Message("user", turn[0]), Message("assistant", turn[1])]
+    return messages
 
 
 def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
