@@ -583,3 +583,25 @@ def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir,
     )
     with pytest.raises(TuneforgeError, match="line 1 does not answer prompt 1"):
         generate_teacher_data(str(tiny_model_dir), prompts_file, foreign, progress=False)
+
+
+def test_distill_generate_names_the_prompt_field_of_a_bad_prompt_row(tmp_path):
+    from tuneforge.distill import read_prompts
+
+    bad = tmp_path / "bad.jsonl"
+    rows = [
+        {"prompt": 5},
+        {"prompt": ""},
+        {"prompt": [{"role": "user"}]},
+        {"prompt": [{"role": "system", "content": "x"}]},
+    ]
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError) as err:
+        read_prompts(bad)
+    found = [(p.line, p.field, p.code) for p in err.value.problems]
+    assert found == [
+        (1, "prompt", "data_type"),
+        (2, "prompt", "missing_content"),
+        (3, "prompt[0].content", "missing_content"),
+        (4, "prompt", "missing_prompt"),
+    ]

@@ -162,6 +162,18 @@ def check_row(
     return (None if check.errors else record), check.problems
 
 
+def prompt_messages(
+    row: dict, *, file: str = "", line: int | None = None
+) -> tuple[list[Message] | None, list[Problem]]:
+    """The messages of an unlabelled row, checked as a file's row is: a chat row's `messages`, or a
+    prompt/completion row's `prompt` (text, or a list of messages), its completion ignored."""
+    check = _RowCheck(file, line)
+    messages = (
+        check.messages(row.get("messages"), "messages") if "messages" in row else _turns(check, row, "prompt", "user")
+    )
+    return (None if check.errors else messages), check.problems
+
+
 def _check_columns(path: str, columns: list[str], fmt: str | None) -> Problem | None:
     if fmt is None:
         return Problem(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import Problem
-from ..data.formats import normalise_messages
+from ..data.formats import prompt_messages
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 
@@ -35,7 +35,7 @@ class TeacherData:
     empty: int  # answers of this call with no text, which SFT data checks reject (missing_content)
 
 
-def _prompt_messages(row, path: str, line: int) -> tuple[list[dict] | None, list[Problem]]:
+def _row_prompt(row, path: str, line: int) -> tuple[list[dict] | None, list[Problem]]:
     if not isinstance(row, dict) or not ({"messages", "prompt"} & set(row)):
         return None, [
             Problem(
@@ -45,16 +45,11 @@ def _prompt_messages(row, path: str, line: int) -> tuple[list[dict] | None, list
                 line=line,
             )
         ]
-    if "messages" in row:
-        messages, problems = normalise_messages(row["messages"], file=path, line=line)
-        if messages and messages[-1].role == "assistant":
-            messages = messages[:-1]
-    elif isinstance(row["prompt"], str):
-        messages, problems = normalise_messages([{"role": "user", "content": row["prompt"]}], file=path, line=line)
-    else:
-        messages, problems = normalise_messages(row["prompt"], file=path, line=line)
-    if any(p.is_error for p in problems):
+    messages, problems = prompt_messages(row, file=path, line=line)
+    if messages is None:
         return None, problems
+    if "messages" in row and messages[-1].role == "assistant":
+        messages = messages[:-1]
     if not messages or messages[-1].role == "system":
         return None, [
             Problem(
@@ -63,7 +58,7 @@ def _prompt_messages(row, path: str, line: int) -> tuple[list[dict] | None, list
                 "(after dropping its last assistant turn).",
                 file=path,
                 line=line,
-                field="messages",
+                field="messages" if "messages" in row else "prompt",
             )
         ]
     return [m.to_template() for m in messages], []
@@ -77,7 +72,7 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
         if isinstance(row, Problem):
             problems.append(row)
             continue
-        messages, row_problems = _prompt_messages(row, path, line)
+        messages, row_problems = _row_prompt(row, path, line)
         problems += [p for p in row_problems if p.is_error]
         if messages is not None:
             prompts.append(messages)
