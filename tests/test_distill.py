@@ -605,3 +605,23 @@ def test_distill_generate_names_the_prompt_field_of_a_bad_prompt_row(tmp_path):
         (3, "prompt[0].content", "missing_content"),
         (4, "prompt", "missing_prompt"),
     ]
+
+
+def test_distill_generate_reads_chat_prompts_from_a_csv_file_as_training_does(tmp_path):
+    import csv
+
+    from tuneforge.distill import read_prompts
+
+    jsonl, table = tmp_path / "prompts.jsonl", tmp_path / "prompts.csv"
+    prompts = write_prompts(jsonl)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["messages"])
+        writer.writerows([json.dumps(row["messages"])] for row in rows if "messages" in row)
+    assert read_prompts(table) == [prompt for prompt, row in zip(prompts, rows) if "messages" in row]
+
+    table.write_text('messages\n"[{""role"": ""user"", ""content"": ""hi""}"\n')  # the closing ] is missing
+    with pytest.raises(DataError) as err:
+        read_prompts(table)
+    assert [(p.line, p.field, p.code) for p in err.value.problems] == [(2, "messages", "invalid_json")]

@@ -163,11 +163,16 @@ def check_row(
 
 
 def prompt_messages(
-    row: dict, *, file: str = "", line: int | None = None
+    row: dict, *, file: str = "", line: int | None = None, csv: bool = False
 ) -> tuple[list[Message] | None, list[Problem]]:
     """The messages of an unlabelled row, checked as a file's row is: a chat row's `messages`, or a
-    prompt/completion row's `prompt` (text, or a list of messages), its completion ignored."""
+    prompt/completion row's `prompt` (text, or a list of messages), its completion ignored. A `csv`
+    row's cells are text: the ones that hold JSON structures are parsed first."""
     check = _RowCheck(file, line)
+    if csv:
+        row = check.decode_json_cells(row)
+        if check.errors:
+            return None, check.problems
     messages = (
         check.messages(row.get("messages"), "messages") if "messages" in row else _turns(check, row, "prompt", "user")
     )

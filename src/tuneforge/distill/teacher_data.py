@@ -35,7 +35,7 @@ class TeacherData:
     empty: int  # answers of this call with no text, which SFT data checks reject (missing_content)
 
 
-def _row_prompt(row, path: str, line: int) -> tuple[list[dict] | None, list[Problem]]:
+def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None, list[Problem]]:
     if not isinstance(row, dict) or not ({"messages", "prompt"} & set(row)):
         return None, [
             Problem(
@@ -45,7 +45,7 @@ def _row_prompt(row, path: str, line: int) -> tuple[list[dict] | None, list[Prob
                 line=line,
             )
         ]
-    messages, problems = prompt_messages(row, file=path, line=line)
+    messages, problems = prompt_messages(row, file=path, line=line, csv=csv)
     if messages is None:
         return None, problems
     if "messages" in row and messages[-1].role == "assistant":
@@ -68,11 +68,12 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
     """Every row's prompt as chat messages; all problems at once, as a `DataError`, before any model loads."""
     path = str(path)
     prompts, problems = [], []
-    for line, row in open_rows(path):
+    rows = open_rows(path)
+    for line, row in rows:
         if isinstance(row, Problem):
             problems.append(row)
             continue
-        messages, row_problems = _row_prompt(row, path, line)
+        messages, row_problems = _row_prompt(row, path, line, rows.kind == "csv")
         problems += [p for p in row_problems if p.is_error]
         if messages is not None:
             prompts.append(messages)
