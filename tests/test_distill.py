@@ -584,6 +584,10 @@ def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir,
     with pytest.raises(TuneforgeError, match="line 1 does not answer prompt 1"):
         generate_teacher_data(str(tiny_model_dir), prompts_file, foreign, progress=False)
 
+    with pytest.raises(TuneforgeError, match="is a folder; give the file to write") as folder:
+        generate_teacher_data(str(tiny_model_dir), prompts_file, tmp_path, progress=False)
+    assert folder.value.code == "bad_option"
+
 
 def test_distill_generate_names_the_prompt_field_of_a_bad_prompt_row(tmp_path):
     from tuneforge.distill import read_prompts

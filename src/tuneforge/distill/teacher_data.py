@@ -167,6 +167,10 @@ def generate_teacher_data(
             "--max-new-tokens and --batch-size must be at least 1, --limit at least 0.", code="bad_option"
         )
     out = Path(out)
+    if out.is_dir():
+        raise TuneforgeError(
+            f"--out {out} is a folder; give the file to write, e.g. {out / 'teacher.jsonl'}.", code="bad_option"
+        )
     prompts = read_prompts(prompts_file)
     done = rows_already_written(out, prompts)
     target = len(prompts) if limit is None else min(limit, len(prompts))
