@@ -629,3 +629,22 @@ def test_distill_generate_reads_chat_prompts_from_a_csv_file_as_training_does(tm
     with pytest.raises(DataError) as err:
         read_prompts(table)
     assert [(p.line, p.field, p.code) for p in err.value.problems] == [(2, "messages", "invalid_json")]
+
+
+def test_distill_generate_refuses_to_continue_with_a_teacher_retrained_in_place(tmp_path):
+    from tuneforge.distill import generate_teacher_data
+
+    teacher = save_tiny_model(tmp_path / "teacher")
+    prompts_file, out = tmp_path / "prompts.jsonl", tmp_path / "teacher.jsonl"
+    write_prompts(prompts_file)
+    options = dict(max_new_tokens=4, batch_size=2, progress=False)
+    generate_teacher_data(str(teacher), prompts_file, out, limit=2, **options)
+    save_tiny_model(teacher, seed=1)  # retrained: other weights in the same folder
+    with pytest.raises(TuneforgeError, match="teacher files that have changed since") as mixed:
+        generate_teacher_data(str(teacher), prompts_file, out, **options)
+    assert mixed.value.code == "output_mismatch" and len(out.read_text().splitlines()) == 2
+
+    # A record written before it held the files' hash still lets the same teacher finish the file.
+    record = out.with_name(out.name + ".teacher.json")
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "files"}))
+    assert generate_teacher_data(str(teacher), prompts_file, out, **options).written == 7

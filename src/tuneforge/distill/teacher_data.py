@@ -14,6 +14,7 @@ empty answers is reported, and `data.on_error: skip` leaves them out of training
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -116,9 +117,10 @@ def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
 
 def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int) -> None:
     """Rows added to `out` come from the teacher and answer length that wrote the rows already there, as
-    `out`'s record beside it says (written with the first row): a file continued by another teacher
-    would mix two teachers' answers."""
+    `out`'s record beside it says (written with the first row): a file continued by another teacher,
+    or by the same one retrained in place, would mix two teachers' answers."""
     from ..fsio import write_json
+    from ..methods.distill import teacher_files
     from ..models import resolve
 
     source = resolve(teacher)
@@ -126,15 +128,24 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int) 
         "teacher": str(source.path.resolve()),
         "adapter": str(source.adapter.resolve()) if source.adapter else None,
         "max_new_tokens": max_new_tokens,
+        "files": hashlib.sha256(json.dumps(teacher_files(teacher)).encode()).hexdigest(),
     }
     record = out.with_name(out.name + ".teacher.json")
     if done and record.is_file():
         written = json.loads(record.read_text())
-        changed = [key for key in wanted if written.get(key) != wanted[key]]
+        # A record without the files' hash predates it: its other keys still say which teacher wrote the rows.
+        changed = [key for key in wanted if key in written and written[key] != wanted[key]]
+        if len(changed) > 1 and "files" in changed:
+            changed.remove("files")  # another teacher: its path says more than its files' hash
+        differences = [
+            "teacher files that have changed since (retrained or replaced)"
+            if key == "files"
+            else f"{key} {written[key]} where this call asks for {wanted[key]}"
+            for key in changed
+        ]
         if changed:
             raise TuneforgeError(
-                f"{out} holds {done} answers written with {', '.join(f'{k} {written.get(k)}' for k in changed)}; "
-                f"this call asks for {', '.join(f'{k} {wanted[k]}' for k in changed)}, and the file would mix "
+                f"{out} holds {done} answers written with {'; '.join(differences)}, and the file would mix "
                 "the two. Continue with the same --teacher and --max-new-tokens, or choose another --out.",
                 code="output_mismatch",
             )

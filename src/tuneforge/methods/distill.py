@@ -321,20 +321,24 @@ def cache_dir() -> Path:
     return tuneforge_home() / "teacher-cache"
 
 
-def cache_key(teacher_name: str, k: int, dtype: str, keys: list[str]) -> str:
-    """A hash of the teacher's files (its base's and its adapter's: paths, sizes, modification times),
-    k, the dtypes the teacher is held and computes in, and the rows: a changed teacher or data set
-    gets a new entry."""
+def teacher_files(teacher_name: str) -> list[tuple[str, int, int]]:
+    """The teacher's files, its base's and its adapter's, as (path, size, modification time): a
+    teacher retrained or replaced in place is another teacher."""
     source = resolve(teacher_name)
     # An adapter teacher (a LoRA run) is its base and its adapter: a retrained adapter is another teacher.
     folders = [Path(source.path)] + ([Path(source.adapter)] if source.adapter else [])
-    described = [
+    return [
         (str(p), p.stat().st_size, p.stat().st_mtime_ns)
         for folder in folders
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     ]
-    h = hashlib.sha256(json.dumps({"teacher": described, "k": k, "dtype": dtype}).encode())
+
+
+def cache_key(teacher_name: str, k: int, dtype: str, keys: list[str]) -> str:
+    """A hash of the teacher's files (`teacher_files`), k, the dtypes the teacher is held and computes
+    in, and the rows: a changed teacher or data set gets a new entry."""
+    h = hashlib.sha256(json.dumps({"teacher": teacher_files(teacher_name), "k": k, "dtype": dtype}).encode())
     for key in keys:
         h.update(key.encode())
     return h.hexdigest()[:32]
