@@ -212,6 +212,33 @@ def test_a_teacher_with_another_vocabulary_fails_before_any_compute(tiny_model_d
     assert not (tmp_path / "run").exists()  # nothing prepared, loaded or written
 
 
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_a_teacher_of_one_tokenizer_with_a_padded_output_layer_teaches_as_the_unpadded_one(
+    top_k, tiny_model_dir, teacher_dir, triage_data, tmp_path, monkeypatch
+):
+    """Qwen 2.5 7B and 0.5B share a tokenizer but pad their output layers to other widths: the
+    distributions are compared over the columns both have, which hold every token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.training import train
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    padded = tmp_path / "padded"
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    model.resize_token_embeddings(model.config.vocab_size + 64)
+    model.save_pretrained(padded)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(padded)
+    runs = []
+    for teacher in (teacher_dir, padded):
+        cfg = distill_config(tiny_model_dir, teacher, triage_data, tmp_path / teacher.name, teacher_top_k=top_k)
+        cfg["train"]["max_steps"] = 2
+        train(cfg, progress=False)
+        runs.append([r for r in metrics(tmp_path / teacher.name) if "train_loss" in r])
+    for row, expected in zip(*runs, strict=True):
+        for key in ("train_loss", "divergence", "teacher_agreement"):
+            assert row[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
 def test_gradient_accumulation_gives_the_same_distill_losses(tiny_model_dir, teacher_dir, triage_data, tmp_path):
     from tuneforge.training import train
 
@@ -321,11 +348,11 @@ def test_the_teacher_cache_key_changes_with_an_adapter_teachers_adapter(tiny_mod
         get_peft_model(base, lora).save_pretrained(tmp_path / "teacher")
 
     save_adapter(0)
-    first = cache_key(str(tmp_path / "teacher"), 8, "float32", ["row"])
-    assert first == cache_key(str(tmp_path / "teacher"), 8, "float32", ["row"])
-    assert first != cache_key(str(tiny_model_dir), 8, "float32", ["row"])  # the base alone is another teacher
+    first = cache_key(str(tmp_path / "teacher"), 8, 512, "float32", ["row"])
+    assert first == cache_key(str(tmp_path / "teacher"), 8, 512, "float32", ["row"])
+    assert first != cache_key(str(tiny_model_dir), 8, 512, "float32", ["row"])  # the base alone is another teacher
     save_adapter(1)  # retrained: the same base, new adapter files
-    assert cache_key(str(tmp_path / "teacher"), 8, "float32", ["row"]) != first
+    assert cache_key(str(tmp_path / "teacher"), 8, 512, "float32", ["row"]) != first
 
 
 def test_positions_all_compares_every_token_up_to_the_last_trained_one(pair):

@@ -113,6 +113,9 @@ class DistillObjective(nn.Module):
         self.alpha, self.temperature, self.kind, self.beta = alpha, temperature, kind, beta
         self.teacher_name, self.teacher_top_k, self.positions = teacher_name, top_k, positions
         self.cached_teacher: TeacherTopK | None = None  # set by `cache_teacher`
+        # Models of one tokenizer may pad their output layers to different widths (Qwen 2.5 7B has 152,064
+        # columns, 0.5B 151,936); the columns both have hold every token, and the two are compared there.
+        self.vocab = min(output_width(m) for m in (model, teacher))
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
         self.frozen = [teacher.eval().requires_grad_(False)]
 
@@ -124,7 +127,7 @@ class DistillObjective(nn.Module):
         # Replay rows (data.general_mix) learn from the labels and the teacher like any others.
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
         compared = {**batch, "labels": compared_labels(labels, self.positions)}
-        compared_logits = trained_logits(causal_lm(self.model), **compared)
+        compared_logits = trained_logits(causal_lm(self.model), **compared)[:, : self.vocab]
         trained = labels[compared["labels"] != IGNORE_INDEX] != IGNORE_INDEX  # which compared positions train
         targets = labels[labels != IGNORE_INDEX]
         t = self.temperature
@@ -138,7 +141,7 @@ class DistillObjective(nn.Module):
         else:
             token_ce = F.cross_entropy(compared_logits[trained], targets, reduction="none")
             with torch.no_grad():
-                teacher_logits = trained_logits(causal_lm(self.teacher), **compared)
+                teacher_logits = trained_logits(causal_lm(self.teacher), **compared)[:, : self.vocab]
             student_logp = F.log_softmax(compared_logits / t, -1)
             soft = divergence(F.log_softmax(teacher_logits / t, -1), student_logp, self.kind, self.beta)
             teacher_top1 = teacher_logits[trained].argmax(-1)
@@ -161,7 +164,7 @@ class DistillObjective(nn.Module):
             batch = collate(rows[start : start + batch_rows], pad_id)
             batches.append({**batch, "labels": compared_labels(batch["labels"], self.positions)})
         self.cached_teacher = TeacherTopK.load_or_compute(
-            self.teacher, self.teacher_name, self.teacher_top_k, batches, device, progress
+            self.teacher, self.teacher_name, self.teacher_top_k, self.vocab, batches, device, progress
         )
         self.frozen.clear()
 
@@ -257,19 +260,20 @@ class TeacherTopK:
         return torch.cat([ids for ids, _ in found]).long(), torch.cat([values for _, values in found])
 
     @classmethod
-    def load_or_compute(cls, teacher, teacher_name, k, batches, device, progress) -> TeacherTopK:
-        """From `tuneforge_home()/teacher-cache/<key>.safetensors`, keyed by the teacher's files, k,
-        the dtype it runs in and every row's key; else computed batch by batch and written there
-        (atomically) for the next run on the same rows: another seed, or other student settings."""
+    def load_or_compute(cls, teacher, teacher_name, k, vocab, batches, device, progress) -> TeacherTopK:
+        """From `tuneforge_home()/teacher-cache/<key>.safetensors`, keyed by the teacher's files, k, the
+        columns compared (`vocab`), the dtype it runs in and every row's key; else computed batch by
+        batch and written there (atomically) for the next run on the same rows: another seed, or
+        other student settings."""
         keys = [key for batch in batches for key in row_keys(batch)]
         dtype = str(next(teacher.parameters()).dtype)
         if torch.is_autocast_enabled(device.type):
             dtype += f" autocast {torch.get_autocast_dtype(device.type)}"
-        path = cache_dir() / f"{cache_key(teacher_name, k, dtype, keys)}.safetensors"
+        path = cache_dir() / f"{cache_key(teacher_name, k, vocab, dtype, keys)}.safetensors"
         if path.is_file():
             stored = load_file(path)
             return cls(_split(stored["ids"], stored["values"], stored["lengths"], keys))
-        ids, values = compute_top_k(teacher, batches, k, device, progress)
+        ids, values = compute_top_k(teacher, batches, k, vocab, device, progress)
         lengths = torch.tensor([n for batch in batches for n in trained_per_row(batch)])
         stored = {"ids": ids, "values": values, "lengths": lengths}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,14 +282,17 @@ class TeacherTopK:
         return cls(_split(stored["ids"], stored["values"], lengths, keys))
 
 
-def compute_top_k(teacher, batches: list[dict], k: int, device, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's k largest logits (largest first) and their ids at the positions the batches' labels mark."""
+def compute_top_k(
+    teacher, batches: list[dict], k: int, vocab: int, device, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k largest logits (largest first) among its first `vocab` and their ids at the
+    positions the batches' labels mark."""
     lm, ids, values = causal_lm(teacher), [], []
     rows = sum(len(batch["input_ids"]) for batch in batches)
     with torch.no_grad(), progress_bar(f"teacher: top-{k} logits", rows, progress) as advance:
         for batch in batches:
             batch = {name: value.to(device) for name, value in batch.items() if name != "is_replay"}
-            top = trained_logits(lm, **batch).topk(min(k, lm.config.get_text_config().vocab_size), -1)
+            top = trained_logits(lm, **batch)[:, :vocab].topk(min(k, vocab), -1)
             ids.append(top.indices.to(torch.int32).cpu())
             values.append(top.values.float().cpu())
             advance(len(batch["input_ids"]))
@@ -295,6 +302,11 @@ def compute_top_k(teacher, batches: list[dict], k: int, device, progress: bool) 
 def _split(ids, values, lengths, keys) -> dict:
     bounds = lengths.tolist()
     return dict(zip(keys, zip(ids.split(bounds), values.split(bounds))))
+
+
+def output_width(model) -> int:
+    """The columns of a model's output layer: its vocabulary, padded or not."""
+    return causal_lm(model).config.get_text_config().vocab_size
 
 
 def trained_per_row(batch: dict) -> list[int]:
@@ -335,10 +347,11 @@ def teacher_files(teacher_name: str) -> list[tuple[str, int, int]]:
     ]
 
 
-def cache_key(teacher_name: str, k: int, dtype: str, keys: list[str]) -> str:
-    """A hash of the teacher's files (`teacher_files`), k, the dtypes the teacher is held and computes
-    in, and the rows: a changed teacher or data set gets a new entry."""
-    h = hashlib.sha256(json.dumps({"teacher": teacher_files(teacher_name), "k": k, "dtype": dtype}).encode())
+def cache_key(teacher_name: str, k: int, vocab: int, dtype: str, keys: list[str]) -> str:
+    """A hash of the teacher's files (`teacher_files`), k, the columns compared, the dtypes the teacher
+    is held and computes in, and the rows: a changed teacher or data set gets a new entry."""
+    described = {"teacher": teacher_files(teacher_name), "k": k, "vocab": vocab, "dtype": dtype}
+    h = hashlib.sha256(json.dumps(described).encode())
     for key in keys:
         h.update(key.encode())
     return h.hexdigest()[:32]
@@ -361,23 +374,23 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
 
 def check_teacher(cfg, student_tokenizer) -> None:
     """Token-level distillation compares distributions over the same token ids: the teacher needs the
-    student's vocabulary, token for token. Reads configs and tokenizers only, so it fails before
-    any data is prepared or weights are loaded."""
+    student's vocabulary, token for token (its output layer may be padded to another width). Reads
+    configs and tokenizers only, so it fails before any data is prepared or weights are loaded."""
     from transformers import AutoConfig
 
     from ..models import load_tokenizer, resolve
 
     teacher_source = resolve(cfg.distill.teacher)
+    if load_tokenizer(teacher_source).get_vocab() == student_tokenizer.get_vocab():
+        return
     teacher_size, student_size = (
         AutoConfig.from_pretrained(source.path).get_text_config().vocab_size
         for source in (teacher_source, resolve(cfg.base_model))
     )
     if teacher_size != student_size:
         problem = f"the teacher's output layer has {teacher_size} tokens, the student's {student_size}"
-    elif load_tokenizer(teacher_source).get_vocab() != student_tokenizer.get_vocab():
-        problem = "the teacher's tokenizer maps text to other token ids than the student's"
     else:
-        return
+        problem = "the teacher's tokenizer maps text to other token ids than the student's"
     raise TuneforgeError(
         f"distill.teacher {cfg.distill.teacher!r} cannot teach base_model {cfg.base_model!r} token by token: "
         f"{problem}. Use a teacher and student of one model family (one tokenizer), or distill at the sequence "
