@@ -274,6 +274,14 @@ def test_an_output_folder_made_by_another_while_exporting_is_left_alone(adapter_
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and not list(tmp_path.glob(".tmp-out-*"))
 
 
+def test_an_out_below_a_file_is_a_one_line_error_saying_what_is_in_the_way(adapter_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "taken").write_text("a file, where the export wants a folder")
+    assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", tmp_path / "taken" / "out") == 1
+    message = capsys.readouterr().err
+    assert f"error: {tmp_path / 'taken'}: File exists. Something of that name is in the way (a file" in message
+    assert "Traceback" not in message
+
+
 def test_an_export_clears_what_a_killed_export_to_its_folder_left(adapter_dir, tmp_path):
     killed = tmp_path / ".tmp-out-k1lled_x"  # atomic_dir's unfinished folder for `out`
     killed.mkdir()

@@ -6,6 +6,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import TuneforgeError
+from .errors import EXIT_RUN_FAILED, TuneforgeError
 
 app = typer.Typer(
     add_completion=False,
@@ -518,6 +519,19 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
     return tuple(types)
 
 
+_PATH_ERROR_ADVICE = {
+    errno.EEXIST: "Something of that name is in the way (a file where a folder goes?): move it, or use another path.",
+    errno.ENOTDIR: "A part of the path is a file, not a folder: choose another path.",
+    errno.EISDIR: "It is a folder: give a file's path.",
+    errno.ENOENT: "Check the path.",
+    errno.EACCES: "This user may not use it: choose another path, or change its permissions.",
+    errno.EPERM: "This user may not use it: choose another path, or change its permissions.",
+    errno.ENOSPC: "The disk is full: free some space, or write somewhere else.",
+    errno.EDQUOT: "The disk quota is used up: free some space, or write somewhere else.",
+    errno.EROFS: "It is on a read-only file system: write somewhere else.",
+}
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own bar for each weight load: seconds long, and noise between our progress lines.
@@ -528,6 +542,15 @@ def main() -> None:
     except TuneforgeError as e:
         err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         leave(e.exit_code)
+    except OSError as e:
+        if e.filename is None:  # not about a path the user can look at: a defect, with its traceback
+            raise
+        # A path that cannot be written or read (a file where a folder goes, no space, no permission) is
+        # the machine's state, which the user fixes; its traceback would only hide the one line that matters.
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        message = f"{where}: {e.strerror or e}. {_PATH_ERROR_ADVICE.get(e.errno, '')}".rstrip()
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        leave(EXIT_RUN_FAILED)
     except typer.Exit as e:
         leave(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
