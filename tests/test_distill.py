@@ -600,6 +600,10 @@ def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir,
         generate_teacher_data(str(tiny_model_dir), bad, tmp_path / "out.jsonl", progress=False)
     assert "bad.jsonl:2" in err.value.message and "bad.jsonl:3" in err.value.message
     assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(DataError) as missing:
+        generate_teacher_data(str(tiny_model_dir), tmp_path / "nope.jsonl", tmp_path / "out.jsonl", progress=False)
+    assert missing.value.message.startswith(f"--prompts {tmp_path / 'nope.jsonl'} cannot be read")
+    assert "does not exist" in missing.value.message and "rows" not in missing.value.message
 
     prompts_file = tmp_path / "prompts.jsonl"
     write_prompts(prompts_file)

@@ -62,9 +62,7 @@ def open_rows(path: str | Path) -> Rows:
     p = Path(path)
     if not p.is_file():
         what = "is a folder, not a file" if p.is_dir() else "does not exist"
-        return _failed(
-            path, "file_not_found", f"{path} {what}. Check the path (in a config: data.train, data.validation)."
-        )
+        return _failed(path, "file_not_found", f"{path} {what}. Check the path.")
     suffix = p.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         return _parquet_rows(path)

@@ -78,6 +78,9 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
         problems += [p for p in row_problems if p.is_error]
         if messages is not None:
             prompts.append(messages)
+    unreadable = [p for p in problems if p.line is None]  # the file as a whole: missing, empty, unknown
+    if unreadable:
+        raise DataError.listing(f"--prompts {path} cannot be read", unreadable)
     if problems:
         raise DataError.listing(f"{path}: {len(problems)} prompt rows cannot be used", problems)
     if not prompts:
