@@ -303,6 +303,11 @@ def test_csv_with_the_semicolons_or_tabs_of_a_spreadsheet_export(tmp_path, delim
         ("user", f"Hi{delimiter} there, you"),
         ("assistant", "Hello"),
     ]
+    # A row split by an unquoted delimiter is named with the advice for that delimiter.
+    path.write_text(f"prompt{delimiter}completion\nHi{delimiter} there{delimiter}Hello\n", encoding="utf-8")
+    [problem] = errors(read(path))
+    name = {";": "semicolon", "\t": "tab"}[delimiter]
+    assert problem.code == "csv_field_count" and f"Quote any field that contains a {name}" in problem.message
 
 
 def test_parquet_rows(tmp_path):

@@ -379,6 +379,9 @@ def _csv_rows(path: str) -> Rows:
     return Rows(path, "csv", columns, _csv_items(path, f, reader, columns))
 
 
+_DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
+
+
 def _delimiter(f) -> str:
     """The delimiter of the header line: a comma, or the semicolon or tab that spreadsheets write in
     many locales."""
@@ -425,7 +428,8 @@ def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, 
                     Problem(
                         "csv_field_count",
                         f"this row has {len(cells)} fields but the header has {len(columns)} ({', '.join(columns)}). "
-                        'Quote any field that contains a comma or a line break ("...").',
+                        f"Quote any field that contains a {_DELIMITER_NAMES[reader.dialect.delimiter]} or a line "
+                        'break ("...").',
                         file=path,
                         line=line,
                     ),
