@@ -178,6 +178,14 @@ def test_python_grader_failures_name_the_grader_the_error_and_the_sample():
     assert "x" * 200 in message and "x" * 201 not in message and "(500 characters)" in message
     failure(python("def grade(sample, item):\n    return 'x'\n"), ["a"], [{}], "returned 'x' (str), not a number")
     failure(python("def grade(sample, item):\n    return float('inf')\n"), ["a"], [{}], "not a finite number")
+    huge = failure(
+        python("def grade(sample, item):\n    return 10 ** 400\n"),
+        ["a"],
+        [{}],
+        "grade() returned a number that float() refuses: OverflowError",
+        "on sample 0",
+    )
+    assert "python_child" not in huge  # the child's own frames, with the server's paths, stay out
 
 
 def test_python_grader_limits_time_memory_network_and_environment(monkeypatch):

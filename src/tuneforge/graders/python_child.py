@@ -4,8 +4,9 @@
 
 It is run as a script, never imported, with the standard library alone. It reads its request as
 JSON on stdin and writes one JSON line per sample to the stdout it was started with: {"score": x},
-or {"returned": "<repr>"} for a result that is not a number, or at the first exception
-{"error": ..., "traceback": ..., "memory": bool} and nothing more. Before the user's code runs it
+or {"returned": "<repr>"} for a result that is not a number, or at the first exception (in
+grade(), or turning its result into a float) {"error": ..., "traceback": ..., "memory": bool} and
+nothing more. Before the user's code runs it
 caps the address space (RLIMIT_AS, Linux), makes new sockets raise, and points fd 1 and
 sys.stdout at stderr so that the user's prints cannot break those lines. This is best effort,
 not a sandbox: code that means harm can undo any of it.
@@ -81,10 +82,15 @@ def main() -> None:
         except BaseException as error:
             reply(_failure(error, "grade() raised"))
             return
-        if isinstance(value, numbers.Real):
-            reply({"score": float(value)})
-        else:
+        if not isinstance(value, numbers.Real):
             reply({"returned": f"{value!r:.100} ({type(value).__name__})"})
+            continue
+        try:
+            score = float(value)
+        except BaseException as error:  # an int past a float's range, or a number type's own __float__ failing
+            reply(_failure(error, "grade() returned a number that float() refuses:"))
+            return
+        reply({"score": score})
 
 
 if __name__ == "__main__":
