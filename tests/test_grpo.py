@@ -234,6 +234,16 @@ def test_validation_grades_the_greedy_answers_to_every_validation_prompt(tiny_mo
     )
 
 
+def test_a_validation_fraction_holds_out_training_prompts(tiny_model_dir, triage_data, tmp_path):
+    raw = grpo_config(tiny_model_dir, triage_data, tmp_path / "run")
+    raw["data"]["validation"] = 0.25
+    data = prepare_items(load_config(raw), load_tokenizer(str(tiny_model_dir)))
+    total = sum(1 for _ in open(triage_data["train"], encoding="utf-8"))
+    assert len(data.valid) == round(0.25 * total) and len(data.train) + len(data.valid) == total
+    assert not {r.where for r in data.valid} & {r.where for r in data.train}
+    assert data.report["counts"]["validation"] == len(data.valid)
+
+
 def test_a_grader_that_fails_stops_the_run_before_training(tiny_model_dir, triage_data, tmp_path):
     broken = {"type": "python", "name": "strict", "source": "def grade(sample, item):\n    return item['nope']\n"}
     with pytest.raises(TuneforgeError, match="strict") as error:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -58,6 +60,24 @@ def content_text(record: Record) -> str:
 def content_hash(record: Record) -> int:
     digest = hashlib.blake2b(content_text(record).encode("utf-8", "surrogatepass"), digest_size=16).digest()
     return int.from_bytes(digest, "big")
+
+
+def held_out_keys(keys: Sequence[int], fraction: float) -> set[int]:
+    """The content keys of the rows a validation `fraction` of these rows' keys splits off: chosen by
+    key, so the same rows whatever the file order, and rows that share a key stay on one side. At
+    least one row and never every row; none for fewer than two rows or a fraction of 0."""
+    if fraction <= 0 or len(keys) < 2:
+        return set()
+    wanted = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    chosen: set[int] = set()
+    taken = 0
+    per_key = Counter(keys)
+    for key in sorted(per_key):
+        if taken >= wanted:
+            break
+        chosen.add(key)
+        taken += per_key[key]
+    return chosen
 
 
 def _said_text(record: Record) -> str:

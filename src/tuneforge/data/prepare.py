@@ -22,7 +22,7 @@ from ..fsio import write_json
 from ..models.system_prompt import recorded_system_prompt
 from ..tasks.general import BUNDLED_REPLAY, bundled_file
 from . import cache
-from .dedup import DuplicateIndex, content_hash
+from .dedup import DuplicateIndex, content_hash, held_out_keys
 from .formats import file_format, read_conversations
 from .render import FATAL_CODES, render_examples, renderer_for
 from .schema import Conversation, Example, Preference, PreparedData, Problem, Record
@@ -385,18 +385,10 @@ class _Preparation:
 
     def split(self) -> None:
         """Split off the validation fraction by content hash: the same rows whatever the file order."""
-        fraction = self.cfg.validation
-        if not isinstance(fraction, float) or fraction <= 0 or len(self.train) < 2:
+        if not isinstance(self.cfg.validation, float):
             return
-        wanted = min(len(self.train) - 1, max(1, round(fraction * len(self.train))))
-        chosen: set[int] = set()
-        taken = 0
-        per_key = Counter(r.key for r in self.train)
-        for key in sorted(per_key):  # rows with one key (duplicates kept by dedup: none) stay together
-            if taken >= wanted:
-                break
-            chosen.add(key)
-            taken += per_key[key]
+        # Rows with one key (duplicates kept by dedup: none) stay together.
+        chosen = held_out_keys([r.key for r in self.train], self.cfg.validation)
         self.valid = [r for r in self.train if r.key in chosen]
         self.train = [r for r in self.train if r.key not in chosen]
 

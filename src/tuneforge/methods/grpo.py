@@ -53,10 +53,11 @@ from torch import nn
 
 from .. import data as tfdata
 from ..data import IGNORE_INDEX
+from ..data.dedup import content_hash, held_out_keys
 from ..data.formats import normalise_messages
 from ..data.prepare import SystemPromptTally
 from ..data.readers import open_rows
-from ..data.schema import Problem
+from ..data.schema import Conversation, Problem
 from ..errors import ConfigError, DataError
 from ..fsio import write_json
 from ..generate import encode_prompts, generate
@@ -80,6 +81,7 @@ class PromptRow:
     messages: list[dict]
     item: dict
     where: str  # file:line, for messages about this row
+    key: int  # the row's content key, which decides its side of a data.validation fraction
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -130,7 +132,7 @@ def read_prompts(
 ) -> tuple[list[PromptRow], list[Problem]]:
     """The prompts of a chat file, each problem located by file, line and field; each kept row's
     system prompt is counted into `system_prompts`."""
-    found: list[tuple[int, list, dict]] = []  # (line, messages, item) of the rows that hold a prompt
+    found: list[tuple[int, list, dict, int]] = []  # (line, messages, item, key) of the rows that hold a prompt
     problems: list[Problem] = []
     for line, row in open_rows(path):
         if isinstance(row, Problem):
@@ -144,16 +146,17 @@ def read_prompts(
         if messages is None or any(p.is_error for p in row_problems):
             continue
         item = {k: v for k, v in row.items() if k != "messages"}
+        key = content_hash(Conversation(messages))
         if messages[-1].role == "assistant":
             item.setdefault("reference", messages[-1].content)
             messages = messages[:-1]
         if not messages or messages[-1].role not in ("user", "tool"):
             problems.append(_prompt_problem("no_prompt", NO_PROMPT, path, line))
             continue
-        found.append((line, messages, item))
-    prompts = [[m.to_template() for m in messages] for _, messages, _ in found]
+        found.append((line, messages, item, key))
+    prompts = [[m.to_template() for m in messages] for _, messages, _, _ in found]
     rows = []
-    for (line, messages, item), prompt, ids in zip(found, prompts, encode_prompts(tokenizer, prompts)):
+    for (line, messages, item, key), prompt, ids in zip(found, prompts, encode_prompts(tokenizer, prompts)):
         if len(ids) >= max_length:
             too_long = (
                 f"the prompt is {len(ids)} tokens, at least data.max_length ({max_length}) leaves no room for an "
@@ -162,7 +165,7 @@ def read_prompts(
             problems.append(_prompt_problem("too_long", too_long, path, line))
             continue
         system_prompts.add(messages)
-        rows.append(PromptRow(ids, prompt, item, f"{path}:{line}"))
+        rows.append(PromptRow(ids, prompt, item, f"{path}:{line}", key))
     return rows, problems
 
 
@@ -181,7 +184,8 @@ def _prompt_problem(code: str, message: str, path: str, line: int) -> Problem:
 
 def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.PreparedData:
     """The training and validation prompts, checked; the grader run once on the validation items (or
-    the first training ones) so that a grader that cannot score this data fails before any training."""
+    the first training ones) so that a grader that cannot score this data fails before any training.
+    A data.validation fraction splits the training prompts by content key, as for the other methods."""
     rows, problems, system_prompts = [], [], SystemPromptTally(tokenizer)
     for path in cfg.data.train_files:
         found_rows, found = read_prompts(path, tokenizer, cfg.data.max_length, system_prompts)
@@ -191,6 +195,10 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.Prepar
     if isinstance(cfg.data.validation, str):
         valid, found = read_prompts(cfg.data.validation, tokenizer, cfg.data.max_length, SystemPromptTally(tokenizer))
         problems += found
+    elif isinstance(cfg.data.validation, float):
+        held_out = held_out_keys([r.key for r in rows], cfg.data.validation)
+        valid = [r for r in rows if r.key in held_out]
+        rows = [r for r in rows if r.key not in held_out]
     errors = [p for p in problems if p.is_error]
     report = {
         "kind": "prompts",
