@@ -2,6 +2,7 @@
 sampling inside the step, exact resume, and graders that fail before any training."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -249,7 +250,29 @@ def test_a_grader_that_fails_stops_the_run_before_training(tiny_model_dir, triag
     with pytest.raises(TuneforgeError, match="strict") as error:
         train(grpo_config(tiny_model_dir, triage_data, tmp_path / "run", grader=broken), progress=False)
     assert "nope" in error.value.message
+    assert f"The sample answers the prompt at {triage_data['validation']}:1." in error.value.message
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_grade_that_fails_during_training_names_the_prompt_row(tiny_model_dir, triage_data, tmp_path):
+    # Passes the check (empty answers), then fails on the sixth sampled answer: the second prompt's group.
+    source = (
+        "graded = []\n"
+        "def grade(sample, item):\n"
+        "    graded.append(sample['output_text'])\n"
+        "    if sample['output_text'] and len(graded) == 6:\n"
+        "        raise ValueError(item['reference'])\n"
+        "    return 0.0\n"
+    )
+    grader = {"type": "python", "name": "sixth", "source": source}
+    with pytest.raises(TuneforgeError) as error:
+        train(grpo_config(tiny_model_dir, triage_data, tmp_path / "run", grader=grader), progress=False)
+    found = re.search(
+        rf"The sample answers the prompt at {re.escape(str(triage_data['train']))}:(\d+)\.", error.value.message
+    )
+    assert found, error.value.message
+    row = json.loads(triage_data["train"].read_text().splitlines()[int(found[1]) - 1])
+    assert f"ValueError: {row['messages'][-1]['content']}" in error.value.message
 
 
 def test_grpo_options_that_cannot_work_are_refused(tiny_model_dir, triage_data, tmp_path):

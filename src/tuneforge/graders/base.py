@@ -27,10 +27,13 @@ _FENCE = re.compile(r"\A```(?:json)?\s*\n(.*?)\n?```\Z", re.DOTALL | re.IGNORECA
 
 
 class GraderError(TuneforgeError):
-    """A grader spec that cannot work ("invalid_grader"), or a grade that failed ("grader_failed")."""
+    """A grader spec that cannot work ("invalid_grader"), or a grade that failed ("grader_failed").
+    `sample` is the batch index of the sample a grade failed on, so that a caller that knows where
+    the items come from can name the data row."""
 
-    def __init__(self, message: str, *, code: str = "invalid_grader"):
+    def __init__(self, message: str, *, code: str = "invalid_grader", sample: int | None = None):
         super().__init__(message, code=code)
+        self.sample = sample
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ def grading_failed(label: str, what: str, samples: Sequence[dict], index: int) -
     return GraderError(
         f"grader {label}: {what}\non sample {index} of the batch (item {index}), output_text {shorten(text)}",
         code="grader_failed",
+        sample=index,
     )
 
 
@@ -135,6 +139,7 @@ class Grader(ABC):
                 f"{error.message}\nThe grader was checked on the items with {what}; fix it (or the items) before "
                 "training.",
                 code="invalid_grader",
+                sample=error.sample,
             ) from None
 
     def reference_texts(self, samples: Sequence[dict], items: Sequence[dict]) -> list[str] | None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ from ..data.schema import Conversation, Problem
 from ..errors import ConfigError, DataError
 from ..fsio import write_json
 from ..generate import encode_prompts, generate
-from ..graders import build_grader, sample_of
+from ..graders import GraderError, build_grader, sample_of
 from ..models import causal_lm, load_frozen_model
 from .dpo import prepare_policy
 from .sft import reference_lm, token_cross_entropy, trained_hidden
@@ -220,8 +221,25 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.Prepar
             code=errors[0].code,
             problems=errors,
         )
-    load_grader(cfg).check([r.item for r in (valid or rows)[:16]])
+    checked = (valid or rows)[:16]
+    with naming_rows(checked):
+        load_grader(cfg).check([r.item for r in checked])
     return tfdata.PreparedData(rows, valid, report)
+
+
+@contextmanager
+def naming_rows(rows: list[PromptRow], answers_per_row: int = 1):
+    """A GraderError raised inside names the data row (file:line) of the prompt its sample answers:
+    the grader knows only the sample's place in the batch, `answers_per_row` samples a row."""
+    try:
+        yield
+    except GraderError as error:
+        if error.sample is None:
+            raise
+        where = rows[error.sample // answers_per_row].where
+        raise GraderError(
+            f"{error.message}\nThe sample answers the prompt at {where}.", code=error.code, sample=error.sample
+        ) from None
 
 
 # --- sampling and the loss -----------------------------------------------------------------------
@@ -311,7 +329,8 @@ class GRPOObjective(nn.Module):
                     [tuple(r.input_ids) for r in rows],
                     max_new_tokens=self.options.max_new_tokens,
                 )
-                grades = self.grader.grade([sample_of(a.text) for a in answers], [r.item for r in rows])
+                with naming_rows(rows):
+                    grades = self.grader.grade([sample_of(a.text) for a in answers], [r.item for r in rows])
                 totals += torch.tensor([[g.score, *(g.parts[p] for p in self.parts)] for g in grades]).sum(dim=0)
                 count += len(rows)
         finally:
@@ -321,7 +340,8 @@ class GRPOObjective(nn.Module):
     def _grade(self, rows: list[PromptRow], completions: list) -> SampledGroups:
         o = self.options
         items = [r.item for r in rows for _ in range(o.group_size)]
-        grades = self.grader.grade([sample_of(c.text) for c in completions], items)
+        with naming_rows(rows, o.group_size):
+            grades = self.grader.grade([sample_of(c.text) for c in completions], items)
         rewards = torch.tensor([g.score for g in grades], dtype=torch.float32)
         parts = torch.tensor([[g.parts[p] for p in self.parts] for g in grades], dtype=torch.float32)
         groups = rewards.view(len(rows), o.group_size)
