@@ -187,6 +187,8 @@ def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data
     cfg = grpo_config(
         tiny_model_dir, triage_data, tmp_path / "ref", max_steps=4, save_every=2, eval_every=2, learning_rate=5e-2
     )
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "rollouts.jsonl").write_text('{"step": 9, "answers": []}\n')  # a fresh run starts it over
     train(cfg, progress=False)
     records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train_loss" in r]
@@ -215,6 +217,8 @@ def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
         {k: v for k, v in r.items() if k not in drop} for r in records
     ]
+    # The steps after the checkpoint sampled again, in place of the cut run's records of them.
+    assert (cut / "rollouts.jsonl").read_text() == (tmp_path / "ref" / "rollouts.jsonl").read_text()
 
 
 def test_validation_grades_the_greedy_answers_to_every_validation_prompt(tiny_model_dir, triage_data, tmp_path):

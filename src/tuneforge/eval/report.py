@@ -406,18 +406,21 @@ def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | N
     path = Path(run_dir) / "rollouts.jsonl"
     if not path.is_file():
         return None
-    by_step = {}  # a resumed run samples a step again: its last record counts
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
+    # One record a step: a resumed run cuts the file at its checkpoint before it samples the later steps again.
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][-steps:]
     rows = [
-        [str(step), record["prompt"], answer["text"].strip(), f"{answer['reward']:.3f}", f"{answer['advantage']:+.2f}"]
-        for step, record in sorted(by_step.items())[-steps:]
+        [
+            str(record["step"]),
+            record["prompt"],
+            answer["text"].strip(),
+            f"{answer['reward']:.3f}",
+            f"{answer['advantage']:+.2f}",
+        ]
+        for record in records
         for answer in record["answers"]
     ]
     return Table(
-        f"Sampled answers and their rewards (the last {min(steps, len(by_step))} steps)",
+        f"Sampled answers and their rewards (the last {len(records)} steps)",
         ["step", "prompt", "answer", "reward", "advantage"],
         rows,
     )

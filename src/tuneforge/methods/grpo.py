@@ -259,6 +259,7 @@ class GRPOObjective(nn.Module):
         self.model, self.tokenizer, self.grader = model, tokenizer, grader
         self.options, self.seed = cfg.grpo, cfg.train.seed
         self.samples_path = Path(cfg.output_dir) / ROLLOUTS_FILE
+        self.step_logs = (self.samples_path,)  # emptied for a fresh run, cut at the checkpoint for a resumed one
         self.parts = grader.part_names
         self.logged_sums = (
             "reward",

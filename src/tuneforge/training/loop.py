@@ -174,6 +174,17 @@ def to_rows(items, cfg: Config, share_prefixes: bool = False):
     return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)]), share_prefixes=share_prefixes)
 
 
+def restart_step_log(path: Path, resume_step: int | None) -> None:
+    """A JSON-lines file of records by step, as a run starts: emptied for a fresh run; for a resumed
+    one, cut to the records up to its checkpoint's step, since the steps after it run again."""
+    if resume_step is None:
+        path.write_text("")
+    elif path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+        with atomic_file(path) as f:
+            f.write("".join(ln + "\n" for ln in kept))
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object per logged step; a resumed run drops lines past its checkpoint."""
 
@@ -181,12 +192,7 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if not enabled:
             return
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            with atomic_file(path) as f:
-                f.write("".join(ln + "\n" for ln in kept))
+        restart_step_log(path, resume_step)
         self.tb = None
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
@@ -518,6 +524,9 @@ def setup(
     metrics_log = MetricsLog(
         Path(cfg.output_dir) / "metrics.jsonl", state["step"] if resume_from else None, world.is_main
     )
+    if world.is_main:  # the files a method writes a record a step to (grpo's rollouts) start as metrics.jsonl does
+        for path in getattr(getattr(objective, "module", objective), "step_logs", ()):
+            restart_step_log(path, state["step"] if resume_from else None)
     objective.train()
     return Run(
         cfg,
