@@ -288,6 +288,11 @@ def test_grpo_options_that_cannot_work_are_refused(tiny_model_dir, triage_data, 
         load_config({**cfg, "grpo": {}})
     with pytest.raises(ConfigError, match="general_mix"):
         load_config({**cfg, "data": {**cfg["data"], "general_mix": 0.1}})
+    # TRL's GRPOConfig names, which no spelling match would find.
+    with pytest.raises(ConfigError, match="num_generations: unknown key. tuneforge calls it grpo.group_size"):
+        load_config({**cfg, "grpo": {**cfg["grpo"], "num_generations": 8}})
+    with pytest.raises(ConfigError, match="max_completion_length: unknown key. tuneforge calls it grpo.max_new_tokens"):
+        load_config({**cfg, "grpo": {**cfg["grpo"], "max_completion_length": 64}})
     with pytest.raises(TuneforgeError, match="score_model"):
         build_grader({"type": "score_model", "name": "judge"})
 

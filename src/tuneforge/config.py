@@ -464,8 +464,9 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-# What people coming from Hugging Face's TrainingArguments, PEFT's LoraConfig or Axolotl write, and
-# tuneforge's key for it: their names share too little with ours for a spelling match to find it.
+# What people coming from Hugging Face's TrainingArguments, PEFT's LoraConfig, TRL's GRPOConfig or
+# Axolotl write, and tuneforge's key for it: their names share too little with ours for a spelling
+# match to find it.
 KNOWN_ELSEWHERE = {
     "save_steps": "train.save_every",
     "eval_steps": "train.eval_every",
@@ -495,6 +496,10 @@ KNOWN_ELSEWHERE = {
     "lora_target_modules": "lora.target_modules",
     "target_modules": "lora.target_modules",
     "use_dora": "method: dora",
+    "num_generations": "grpo.group_size",
+    "max_completion_length": "grpo.max_new_tokens",
+    "reward_funcs": "grpo.grader (one grader; a multi grader combines several)",
+    "scale_rewards": "grpo.loss (dr_grpo leaves the advantages unscaled)",
 }
 
 
