@@ -16,7 +16,7 @@ from tuneforge.eval.report import rollouts_table
 from tuneforge.generate import Completion, generate
 from tuneforge.graders import build_grader
 from tuneforge.methods import build_objective, prepare_items, prepare_model
-from tuneforge.methods.grpo import STD_FLOOR
+from tuneforge.methods.grpo import STD_FLOOR, load_grader
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.training import train
 
@@ -295,6 +295,11 @@ def test_grpo_options_that_cannot_work_are_refused(tiny_model_dir, triage_data, 
         load_config({**cfg, "grpo": {**cfg["grpo"], "max_completion_length": 64}})
     with pytest.raises(TuneforgeError, match="score_model"):
         build_grader({"type": "score_model", "name": "judge"})
+    no_reference = tmp_path / "grader.yaml"
+    no_reference.write_text("type: string_check\nname: exact\ninput: '{{ sample.output_text }}'\noperation: eq\n")
+    with pytest.raises(TuneforgeError) as error:
+        load_grader(load_config({**cfg, "grpo": {**cfg["grpo"], "grader": str(no_reference)}}))
+    assert error.value.message.startswith(f'grpo.grader ({no_reference}): grader "exact" (string_check): `reference`')
 
 
 def test_prompt_rows_are_checked_with_file_line_and_field(tiny_model_dir, triage_data, tmp_path):

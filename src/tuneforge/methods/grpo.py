@@ -110,9 +110,11 @@ def prepare_model(model, cfg):
 
 
 def load_grader(cfg):
-    """The grader the config names (inline, or a JSON/YAML file of one), fully checked."""
-    spec = cfg.grpo.grader
+    """The grader the config names (inline, or a JSON/YAML file of one), fully checked; an error in
+    its spec names where it was given."""
+    spec, where = cfg.grpo.grader, "grpo.grader"
     if isinstance(spec, str):
+        where = f"grpo.grader ({spec})"
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"grpo.grader: {spec} is no file. Give a grader object, or the path of a JSON/YAML file.")
@@ -122,7 +124,10 @@ def load_grader(cfg):
             raise ConfigError(f"grpo.grader: {path} is not valid JSON or YAML ({err}).") from None
         if not isinstance(spec, dict):
             raise ConfigError(f"grpo.grader: {path} must hold one grader object (a mapping with a type).")
-    return build_grader(spec)
+    try:
+        return build_grader(spec)
+    except GraderError as error:
+        raise GraderError(f"{where}: {error.message}", code=error.code) from None
 
 
 # --- data ----------------------------------------------------------------------------------------
