@@ -399,6 +399,8 @@ def test_reinforcement_jobs_refuse_bad_graders_and_options_when_created(server, 
     assert "reasoning_effort" in error.message
     error = refused({"grader": ANSWER_GRADER, "hyperparameters": {"eval_samples": 4}})
     assert "one greedy answer" in error.message
+    error = refused({"grader": ANSWER_GRADER, "hyperparameters": {"eval_interval": 1}})  # and no validation_file
+    assert "eval_interval" in error.message and "no validation_file" in error.message
     assert "method.reinforcement" in refused({}).param
 
 

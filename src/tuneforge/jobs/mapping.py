@@ -159,6 +159,16 @@ class CreateJobBody(RequestBody):
             )
         return value
 
+    @model_validator(mode="after")
+    def _eval_interval_needs_validation(self):
+        reinforcement = self.method.reinforcement if self.method else None
+        if reinforcement and reinforcement.hyperparameters.eval_interval != "auto" and self.validation_file is None:
+            raise ValueError(
+                "method.reinforcement.hyperparameters.eval_interval sets how often the validation file's prompts "
+                "are graded, and the job has no validation_file; give one, or leave eval_interval 'auto'"
+            )
+        return self
+
     @field_validator("hyperparameters")
     @classmethod
     def _one_place_for_hyperparameters(cls, value, info: ValidationInfo):
