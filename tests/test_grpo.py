@@ -309,7 +309,7 @@ def test_prompt_rows_are_checked_with_file_line_and_field(tiny_model_dir, triage
         + "\n"
         + json.dumps({"messages": [{"role": "assistant", "content": "only a reply"}]})
         + "\n"
-        + json.dumps({"prompt": "no messages"})
+        + json.dumps({"question": "neither messages nor a prompt"})
         + "\n"
     )
     cfg = load_config(grpo_config(tiny_model_dir, {**triage_data, "train": bad, "validation": None}, tmp_path / "r"))
@@ -319,3 +319,26 @@ def test_prompt_rows_are_checked_with_file_line_and_field(tiny_model_dir, triage
     skipped = load_config({**cfg.model_dump(), "data": {**cfg.data.model_dump(), "on_error": "skip"}})
     [row] = prepare_items(skipped, load_tokenizer(str(tiny_model_dir))).train
     assert row.item == {"answer": "x"} and row.messages == [{"role": "user", "content": "hi"}]
+
+
+def test_prompts_come_from_prompt_rows_and_from_the_json_cells_of_a_csv(tiny_model_dir, triage_data, tmp_path):
+    """TRL's prompt rows (text, or messages) and a spreadsheet's JSON cells, read as training reads them."""
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(
+        json.dumps({"prompt": "Say hi", "reference": "hi"})
+        + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "Say bye"}], "reference": "bye"})
+        + "\n"
+    )
+    sheet = tmp_path / "prompts.csv"
+    chat = json.dumps([{"role": "user", "content": "Say yes"}, {"role": "assistant", "content": "yes"}])
+    sheet.write_text('messages,source\n"' + chat.replace('"', '""') + '",sheet\n')
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    for path, expected in (
+        (rows, [("Say hi", {"reference": "hi"}), ("Say bye", {"reference": "bye"})]),
+        (sheet, [("Say yes", {"source": "sheet", "reference": "yes"})]),
+    ):
+        cfg = grpo_config(tiny_model_dir, {**triage_data, "train": path}, tmp_path / "r")
+        cfg["data"]["validation"] = 0.0
+        prepared = prepare_items(load_config(cfg), tokenizer)
+        assert [(r.messages[-1]["content"], r.item) for r in prepared.train] == expected

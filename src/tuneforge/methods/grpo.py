@@ -55,7 +55,7 @@ from torch import nn
 from .. import data as tfdata
 from ..data import IGNORE_INDEX
 from ..data.dedup import content_hash, held_out_keys
-from ..data.formats import normalise_messages
+from ..data.formats import prompt_messages
 from ..data.prepare import SystemPromptTally
 from ..data.readers import open_rows
 from ..data.schema import Conversation, Problem
@@ -140,18 +140,19 @@ def read_prompts(
     system prompt is counted into `system_prompts`."""
     found: list[tuple[int, list, dict, int]] = []  # (line, messages, item, key) of the rows that hold a prompt
     problems: list[Problem] = []
-    for line, row in open_rows(path):
+    rows = open_rows(path)
+    for line, row in rows:
         if isinstance(row, Problem):
             problems.append(row)
             continue
-        if not isinstance(row, dict) or "messages" not in row:
+        if not isinstance(row, dict) or not {"messages", "prompt"} & set(row):
             problems.append(_prompt_problem("no_messages", NO_MESSAGES, path, line))
             continue
-        messages, row_problems = normalise_messages(row["messages"], file=path, line=line)
+        messages, row_problems = prompt_messages(row, file=path, line=line, csv=rows.kind == "csv")
         problems += row_problems
-        if messages is None or any(p.is_error for p in row_problems):
+        if messages is None:
             continue
-        item = {k: v for k, v in row.items() if k != "messages"}
+        item = {k: v for k, v in row.items() if k not in ("messages", "prompt")}
         key = content_hash(Conversation(messages))
         if messages[-1].role == "assistant":
             item.setdefault("reference", messages[-1].content)
@@ -176,7 +177,8 @@ def read_prompts(
 
 
 NO_MESSAGES = (
-    'method: grpo reads chat rows, {"messages": [...], ...any fields the grader reads}; this row has no messages.'
+    'method: grpo reads chat rows, {"messages": [...], ...any fields the grader reads}, or prompt rows, '
+    '{"prompt": "..." or [...], ...}; this row has neither.'
 )
 NO_PROMPT = (
     "the messages must end with the user's turn (and may be followed by one reference assistant reply): the policy "
