@@ -256,3 +256,28 @@ def test_validate_on_a_cpu_counts_every_process_of_the_machine_against_its_memor
     gib = 2**30
     (row,) = memory_rows({"frozen weights": 3 * gib, "activations": 1 * gib}, 10 * gib, sharing=2)
     assert row[1].startswith("8.0 GiB of 10.0 GiB free, 2 processes sharing this machine's memory, each 4.0 GiB:")
+
+
+def test_the_memory_plan_counts_the_teacher_or_reference_copy_a_run_holds(
+    tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch
+):
+    from tiny import save_tiny_model
+
+    from tuneforge.dry_run import frozen_copy_parameters, validate
+
+    monkeypatch.setenv("COLUMNS", "300")  # one table row a line
+    teacher = save_tiny_model(tmp_path / "teacher", hidden=512, layers=4)
+    teacher_gib = sum(p.numel() for p in load_model(resolve(str(teacher))).parameters()) * 4 / 2**30
+    cfg = config(tiny_model_dir, triage_data, tmp_path / "run")
+    cfg["method"], cfg["distill"] = "distill", {"teacher": str(teacher)}
+    assert validate(cfg) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"teacher or reference copy {teacher_gib:.2f} (GiB)" in out and f"{teacher_gib:.2f}" != "0.00"
+
+    # A full DPO policy's reference is a frozen copy of the starting model; a LoRA policy's is its disabled adapter.
+    n = sum(p.numel() for p in load_model(resolve(str(tiny_model_dir))).parameters())
+    for policy, copy in (("full", n), ("lora", 0)):
+        dpo = load_config(
+            {**config(tiny_model_dir, triage_data, tmp_path / "dpo"), "method": "dpo", "dpo": {"policy": policy}}
+        )
+        assert frozen_copy_parameters(dpo, n) == copy

@@ -26,7 +26,7 @@ from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs
 from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_dtype, prepare_items, prepare_model
 from .methods.sft import LOGITS_AT_ONCE
-from .models import load_tokenizer, resolve, resolve_precision
+from .models import count_parameters, load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
 from .training import earlier_run, make_plan, shares_prefixes, to_rows
 from .training.distributed import sharding_plan, strategy
@@ -63,6 +63,23 @@ def parameter_counts(source, cfg) -> tuple[int, int, int, object]:
     return total, trainable, linear, config
 
 
+def frozen_copy_parameters(cfg, n: int) -> int:
+    """Parameters of the model a run holds frozen beside the one it trains: distill's teacher (merged,
+    where it has an adapter), or a copy of the `n`-parameter starting model where every weight trains
+    and the objective compares with the start (dpo and grpo with a KL penalty, train.kl_to_base). An
+    adapter method's reference is the trained model with its adapter disabled: no copy."""
+    from transformers import AutoConfig
+
+    if cfg.method == "distill":
+        return count_parameters(AutoConfig.from_pretrained(resolve(cfg.distill.teacher).path))
+    compares_with_start = {
+        "full": bool(cfg.train.kl_to_base) or cfg.train.replay_loss == "kl_to_base",
+        "dpo": cfg.dpo.policy == "full",
+        "grpo": cfg.grpo.policy == "full" and cfg.grpo.beta > 0,
+    }
+    return n if compares_with_start.get(cfg.method, False) else 0
+
+
 def training_seconds(n: int, trainable: int, plan, tokens_per_epoch: int, precision: str) -> dict:
     """The labelled time estimate: counted training FLOPs over this machine's measured matmul rate."""
     tokens = tokens_per_epoch * plan.total_steps / plan.steps_per_epoch
@@ -77,13 +94,14 @@ QUANTIZED_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.12
 
 
 def memory_plan(
-    counts: tuple[int, int, int], config, cfg, plan, max_row_tokens: int, precision: str, shards: int = 1
+    counts: tuple[int, int, int, int], config, cfg, plan, max_row_tokens: int, precision: str, shards: int = 1
 ) -> dict:
     """Bytes a process holds at its peak, by part: frozen weights (in `model.dtype`, quantized as
     `model.quantize` says), trainable weights with their gradients, optimizer state, activations of one
-    micro-batch (kept per layer, or only at layer boundaries with gradient checkpointing) and the logits
-    the loss holds at once. FSDP spreads the first three over `shards` processes."""
-    n, trainable, linear = counts
+    micro-batch (kept per layer, or only at layer boundaries with gradient checkpointing), the logits
+    the loss holds at once, and a teacher or reference copy (`frozen_copy_parameters`, in `model.dtype`,
+    whole on every process). FSDP spreads the first three over `shards` processes."""
+    n, trainable, linear, copy = counts
     frozen_bytes = 2 if frozen_dtype(cfg, precision) == torch.bfloat16 else 4
     quantize = cfg.model.quantize
     if quantize == "none":
@@ -98,12 +116,18 @@ def memory_plan(
     kept = 2 if cfg.train.gradient_checkpointing else 24  # hidden-sized tensors kept per token and layer
     activations = tokens * config.num_hidden_layers * per_token_layer * kept
     logits = min(tokens * config.vocab_size, LOGITS_AT_ONCE) * 4 * 2  # the logits and their gradient
+    copy_bytes = copy * frozen_bytes
+    if cfg.method == "distill" and cfg.distill.teacher_top_k is not None:
+        # The teacher is freed once its top-k are cached, before the first step makes gradients, optimizer
+        # state and activations: it adds to the peak only what it holds beyond them.
+        copy_bytes = max(0, copy_bytes - (trained / 2 + optimizer) / shards - activations - logits)
     return {
         "frozen weights": frozen / shards,
         "trained weights and gradients": trained / shards,
         "optimizer state": optimizer / shards,
         "activations": activations,
         "logits": logits,
+        "teacher or reference copy": copy_bytes,
     }
 
 
@@ -146,7 +170,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         longest += g.max_new_tokens
         trained_plan = replace(plan, micro_batch_rows=plan.micro_batch_rows * g.group_size)
     memory = memory_plan(
-        (n_params, n_trainable, n_linear),
+        (n_params, n_trainable, n_linear, frozen_copy_parameters(cfg, n_params)),
         hf_config,
         cfg,
         trained_plan,

@@ -10,7 +10,15 @@ folder or tuneforge run folder, or a hub id (org/name); see `sources.py` for the
 
 from .architecture import causal_lm, context_length, end_of_turn_token
 from .convert import pull
-from .loading import CHATML_TEMPLATE, list_models, load_frozen_model, load_model, load_tokenizer, model_info
+from .loading import (
+    CHATML_TEMPLATE,
+    count_parameters,
+    list_models,
+    load_frozen_model,
+    load_model,
+    load_tokenizer,
+    model_info,
+)
 from .precision import bf16_supported, compute_dtype, resolve_precision
 from .registry import REGISTRY, RegistryEntry
 from .sources import ModelSource, resolve, run_config_of
@@ -24,6 +32,7 @@ __all__ = [
     "causal_lm",
     "compute_dtype",
     "context_length",
+    "count_parameters",
     "end_of_turn_token",
     "list_models",
     "load_frozen_model",

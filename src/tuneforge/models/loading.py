@@ -192,7 +192,7 @@ def model_info(spec: str | ModelSource) -> dict:
         "adapter": str(source.adapter) if source.adapter else None,
         "architecture": (config.architectures or [config.model_type])[0],
         "model_type": config.model_type,
-        "params": _count_parameters(config),
+        "params": count_parameters(config),
         "vocab_size": getattr(config, "vocab_size", None),
         "tokenizer_size": len(tokenizer),
         "context_length": context_length(config),
@@ -213,7 +213,7 @@ def model_info(spec: str | ModelSource) -> dict:
     return info
 
 
-def _count_parameters(config) -> int:
+def count_parameters(config) -> int:
     """Parameters of the model the config describes, built on the meta device: no memory, no weights."""
     from transformers import AutoModelForCausalLM
 
