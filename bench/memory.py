@@ -75,6 +75,7 @@ SHAPES = {
         rms_norm_eps=1e-5,
     ),
 }
+MODES = ("fp32", "bf16", "nf4")
 ROW_TOKENS = 256
 DOCUMENTS_PER_ROW = 4  # short documents packed into rows of ROW_TOKENS (the standard recipe concatenates them)
 SHARD_BYTES = 2 * 10**9
@@ -401,14 +402,32 @@ def accelerator() -> dict:
     }
 
 
+def names_from(known: tuple[str, ...]):
+    """An argparse type: a comma-separated list of `known` names, refused whole, before any run, if one is
+    not (a run measures whatever it is given, under the name it is given)."""
+
+    def names(text: str) -> list[str]:
+        given = text.split(",")
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: not one of {', '.join(known)}")
+        return given
+
+    return names
+
+
 def row_key(run: dict) -> tuple[str, str, str]:
     return run["shape"], run["mode"], run.get("allocator", "glibc")
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, every name checked and with `--merge` today's results file there, before any run;
+    `results` is the file the run writes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b,llama-3.1-8b")
-    parser.add_argument("--modes", default="fp32,bf16,nf4")
+    parser.add_argument(
+        "--shapes", type=names_from(("smollm2-135m", *SHAPES)), default="smollm2-135m,llama-3.2-1b,llama-3.1-8b"
+    )
+    parser.add_argument("--modes", type=names_from(MODES), default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each candidate, in turns; medians reported")
     parser.add_argument(
@@ -421,23 +440,33 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both candidates train")
     parser.add_argument("--tokenizer", type=Path, help="the random checkpoints' tokenizer folder (default: SmolLM2's)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    date = dt.date.today().isoformat()
+    args.results = HERE / "results" / f"{'memory_cuda' if args.device == 'cuda' else 'memory'}-{date}.json"
+    if args.merge and not args.results.is_file():
+        parser.error(
+            f"--merge replaces rows of today's results file, {args.results}, which does not exist: run without --merge"
+        )
+    return args
+
+
+def main() -> None:
+    args = arguments()
     if args.child:
         candidate, shape, mode, steps, device = args.child
         child(candidate, shape, mode, int(steps), device)
         return
+    path = args.results
     skipped = set(args.skip.split(",")) if args.skip else set()
     runs = []
-    for shape in args.shapes.split(","):
+    for shape in args.shapes:
         model_folder(shape, args.tokenizer)
-        for mode in args.modes.split(","):
+        for mode in args.modes:
             if f"{shape}:{mode}" in skipped:
                 runs.append({"shape": shape, "mode": mode, "allocator": args.allocator, "skipped": True})
                 continue
             runs += measure_in_turns(shape, mode, args.steps, args.repeats, args.allocator, args.device)
-    date = dt.date.today().isoformat()
     command = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
-    path = HERE / "results" / f"{'memory_cuda' if args.device == 'cuda' else 'memory'}-{date}.json"
     now = dt.datetime.now().isoformat(timespec="seconds")
     if args.merge:
         record = json.loads(path.read_text())

@@ -219,3 +219,25 @@ def test_the_step_profile_sorts_a_whole_training_step_into_parts(tiny_model_dir,
     assert parts["collation"] > 0 and parts["optimizer (AdamW step, zero_grad)"] > 0
     assert sum(parts.values()) == pytest.approx(profile["step_seconds"], rel=0.05)
     assert profile["step_tokens_per_s_own"] > 0
+
+
+def test_the_memory_bench_refuses_unknown_shapes_and_modes_and_a_merge_without_a_file_before_any_run(capsys):
+    import memory
+
+    # int8 would otherwise run as bf16 and be filed as int8; a misspelt shape would fail after the shapes before it ran.
+    for argv, message in (
+        (["--modes", "bf16,int8"], "int8: not one of fp32, bf16, nf4"),
+        (
+            ["--shapes", "smollm2-135m,llama-3.1-8B"],
+            "llama-3.1-8B: not one of smollm2-135m, llama-3.2-1b, llama-3.1-8b",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            memory.arguments(argv)
+        assert message in capsys.readouterr().err
+    assert memory.arguments(["--modes", "nf4"]).modes == ["nf4"]
+    today = memory.arguments(["--device", "cuda"]).results
+    assert not today.exists()
+    with pytest.raises(SystemExit):
+        memory.arguments(["--device", "cuda", "--merge", "why"])
+    assert f"{today}, which does not exist" in capsys.readouterr().err
