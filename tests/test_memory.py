@@ -281,3 +281,21 @@ def test_the_memory_plan_counts_the_teacher_or_reference_copy_a_run_holds(
             {**config(tiny_model_dir, triage_data, tmp_path / "dpo"), "method": "dpo", "dpo": {"policy": policy}}
         )
         assert frozen_copy_parameters(dpo, n) == copy
+
+
+def test_the_warning_of_a_plan_that_does_not_fit_offers_only_what_the_config_accepts(
+    tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch
+):
+    from tuneforge import dry_run
+
+    monkeypatch.setenv("COLUMNS", "300")  # one table row a line
+    monkeypatch.setattr(dry_run, "available_memory", lambda device: 1)
+    full = {**config(tiny_model_dir, triage_data, tmp_path / "full"), "method": "full"}
+    assert dry_run.validate(full) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # A quantized base is refused where every weight trains: adapters come first.
+    assert "train adapters instead of every weight (method: full -> lora)" in out and "model.quantize: nf4" not in out
+    quantized = config(tiny_model_dir, triage_data, tmp_path / "nf4", quantize="nf4", gradient_checkpointing=True)
+    assert dry_run.validate(quantized) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "has free (0.0 GiB): lower data.max_length or the batch." in out

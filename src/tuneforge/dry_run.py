@@ -193,8 +193,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     if needed > free:
         run_warnings.append(
             f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "
-            f"({free / 2**30:.1f} GiB): quantize the base (model.quantize: nf4), turn on "
-            "train.gradient_checkpointing, or lower data.max_length or the batch."
+            f"({free / 2**30:.1f} GiB): {memory_remedies(cfg)}."
         )
     table = Table(title=f"plan for {cfg.output_dir}", show_header=False)
     table.add_column(style="bold")
@@ -223,6 +222,21 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     else:
         console.print("[bold green]ok[/]: nothing found that would stop this run.")
     return 0
+
+
+def memory_remedies(cfg) -> str:
+    """What lowers this run's memory plan: only what the config has not done yet and accepts (a
+    quantized base needs adapters, so a run that trains every weight is offered adapters first)."""
+    remedies = []
+    if not cfg.trains_adapters:
+        remedies.append(f"train adapters instead of every weight ({cfg.trained_what} -> lora)")
+        if cfg.train.optimizer == "adamw":
+            remedies.append("hold the optimizer state in 8 bits (train.optimizer: adamw_8bit)")
+    elif cfg.model.quantize == "none":
+        remedies.append("quantize the base (model.quantize: nf4)")
+    if not cfg.train.gradient_checkpointing:
+        remedies.append("turn on train.gradient_checkpointing")
+    return ", ".join(remedies + ["lower data.max_length or the batch"])
 
 
 def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes: int) -> list[tuple[str, str]]:
