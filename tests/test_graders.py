@@ -199,9 +199,15 @@ def test_python_grader_limits_time_memory_network_and_environment(monkeypatch):
         sleeper,
         ["a", "b"],
         [{}, {}],
-        "took longer than the limit of 1 s (0 graded), a limit for the whole batch",
+        "took longer than its limit of 1.5 s (1 s and 0.25 s a sample; 0 graded)",
         "on sample 0",
     )
+    # The limit grows with the batch: 4 samples of 0.4 s pass the 3 s that 1 s and 0.5 s a sample give.
+    steady = python(
+        "import time\n\ndef grade(sample, item):\n    time.sleep(0.4)\n    return 1.0\n",
+        limits=PythonLimits(timeout_s=1.0, per_sample_s=0.5, memory_bytes=256 << 20),
+    )
+    assert scores(steady, ["a", "b", "c", "d"], [{}] * 4) == [1.0] * 4
     hog = python("def grade(sample, item):\n    return len(bytearray(512 << 20))\n")
     failure(hog, ["a"], [{}], "MemoryError", "memory limit of 256 MiB")
     for call in ("socket.socket()", "socket.create_connection(('127.0.0.1', 9))"):
@@ -303,5 +309,5 @@ def test_check_catches_a_bad_grader_before_training():
 
     with pytest.raises(GraderError, match="reads item.solution, which the item does not have"):
         compare("string_check", "operation", "eq", reference="{{ item.solution }}").check(items)
-    with pytest.raises(GraderError, match="took longer than the limit"):
+    with pytest.raises(GraderError, match="took longer than its limit"):
         python("def grade(sample, item):\n    while True:\n        pass\n").check(items)

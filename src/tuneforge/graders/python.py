@@ -9,9 +9,10 @@
 `sample` and `item` are plain dicts, as in OpenAI's python graders. The source is compiled here
 when the grader is built, so a syntax error or a missing `grade` is refused before any training.
 Each `grade` call runs `python -I python_child.py` once for its whole batch, in a fresh temporary
-folder with a bare environment, within `PythonLimits`: a time limit for the batch, and a cap on the
-child's address space. The child also refuses new sockets. These limits are best effort, not a sandbox: they stop
-mistakes (an endless loop, a runaway allocation, a stray HTTP call), not code written to escape.
+folder with a bare environment, within `PythonLimits`: a time limit for the batch that grows with
+its size, and a cap on the child's address space. The child also refuses new sockets. These limits
+are best effort, not a sandbox: they stop mistakes (an endless loop, a runaway allocation, a stray
+HTTP call), not code written to escape.
 Run only graders you trust as you trust your own code.
 """
 
@@ -38,14 +39,22 @@ STDERR_LINES = 8
 
 @dataclass(frozen=True)
 class PythonLimits:
-    """What one `grade` call of a python grader may use: seconds for its batch, bytes of address space."""
+    """What one `grade` call of a python grader may use: `timeout_s`, and `per_sample_s` more for each
+    sample of its batch (a GRPO step grades prompts x group_size answers in one call, so a fixed limit
+    would fail a grader that is fast enough as the batch grows), and bytes of address space."""
 
     timeout_s: float = 10.0
+    per_sample_s: float = 0.25
     memory_bytes: int = 1 << 30
 
+    def batch_seconds(self, samples: int) -> float:
+        return self.timeout_s + self.per_sample_s * samples
+
     def __post_init__(self):
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if not self.timeout_s > 0 or self.per_sample_s < 0:
+            raise ValueError(
+                f"timeout_s must be positive and per_sample_s at least 0, got {self.timeout_s} and {self.per_sample_s}"
+            )
         if self.memory_bytes < 64 << 20:
             raise ValueError(f"memory_bytes must be at least 64 MiB (the interpreter's own), got {self.memory_bytes}")
 
@@ -102,7 +111,7 @@ class PythonGrader(Grader):
                 start_new_session=True,
             )
             try:
-                out, err = child.communicate(request, timeout=self.limits.timeout_s)
+                out, err = child.communicate(request, timeout=self.limits.batch_seconds(len(samples)))
                 timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True
@@ -130,8 +139,9 @@ class PythonGrader(Grader):
         index = len(scores)
         if timed_out:
             what = (
-                f"the batch of {len(samples)} samples took longer than the limit of {self.limits.timeout_s:g} s "
-                f"({index} graded), a limit for the whole batch, not one sample; make grade() faster"
+                f"the batch of {len(samples)} samples took longer than its limit of "
+                f"{self.limits.batch_seconds(len(samples)):g} s ({self.limits.timeout_s:g} s and "
+                f"{self.limits.per_sample_s:g} s a sample; {index} graded); make grade() faster"
             )
         else:
             ended = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
