@@ -4,6 +4,7 @@
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -299,3 +300,55 @@ def test_the_warning_of_a_plan_that_does_not_fit_offers_only_what_the_config_acc
     assert dry_run.validate(quantized) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "has free (0.0 GiB): lower data.max_length or the batch." in out
+
+
+@pytest.mark.parametrize("positions", ["answers", "all"])
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_the_memory_plan_holds_what_distillation_keeps_of_its_vocabulary_wide_tensors(
+    tiny_model_dir, tmp_path, positions, top_k
+):
+    """Distillation's loss is unchunked: the plan's logits part covers the vocabulary-wide tensors a
+    forward keeps for the backward (counted with autograd's saved-tensor hooks), without inflating them."""
+    from tuneforge import data as tfdata
+    from tuneforge.dry_run import memory_plan
+    from tuneforge.methods import batch_items, build_objective, prepare_items, prepare_model
+    from tuneforge.models import load_tokenizer
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"question {i} " * 20}, {"role": "assistant", "content": f"ok {i}"}]}
+        for i in range(4)
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    distill = {"teacher": str(tiny_model_dir), "student": "lora", "positions": positions, "teacher_top_k": top_k}
+    cfg = load_config(
+        {
+            "base_model": str(tiny_model_dir),
+            "method": "distill",
+            "distill": distill,
+            "data": {"train": str(tmp_path / "train.jsonl"), "validation": None, "packing": False},
+            "train": {"batch_size": 4, "precision": "fp32"},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    items, _ = batch_items(prepare_items(cfg, tokenizer, log=lambda *a, **k: None), cfg)
+    model = prepare_model(load_model(resolve(str(tiny_model_dir))), cfg)
+    objective = build_objective(model, cfg, tokenizer, dtype=torch.float32, device=torch.device("cpu"))
+    if top_k:
+        objective.cache_teacher(items, tokenizer.pad_token_id, torch.device("cpu"), batch_rows=4, progress=False)
+    batch = tfdata.collate(items, tokenizer.pad_token_id)
+    vocab = model.config.vocab_size
+    kept = []
+
+    def note(tensor):
+        if tensor.dim() and tensor.shape[-1] == vocab:
+            kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(note, lambda tensor: tensor):
+        objective(**{name: value for name, value in batch.items() if name != "is_replay"})
+    rows, length = batch["input_ids"].shape
+    share = float((batch["labels"] != tfdata.IGNORE_INDEX).sum()) / (rows * length)
+    plan = SimpleNamespace(micro_batch_rows=rows)
+    planned = memory_plan((1, 1, 1, 0), model.config, cfg, plan, length, "fp32", trained_share=share)["logits"]
+    assert sum(kept) <= planned <= 2.5 * sum(kept), (sum(kept), planned)

@@ -94,13 +94,21 @@ QUANTIZED_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.12
 
 
 def memory_plan(
-    counts: tuple[int, int, int, int], config, cfg, plan, max_row_tokens: int, precision: str, shards: int = 1
+    counts: tuple[int, int, int, int],
+    config,
+    cfg,
+    plan,
+    max_row_tokens: int,
+    precision: str,
+    shards: int = 1,
+    trained_share: float = 1.0,
 ) -> dict:
     """Bytes a process holds at its peak, by part: frozen weights (in `model.dtype`, quantized as
     `model.quantize` says), trainable weights with their gradients, optimizer state, activations of one
     micro-batch (kept per layer, or only at layer boundaries with gradient checkpointing), the logits
-    the loss holds at once, and a teacher or reference copy (`frozen_copy_parameters`, in `model.dtype`,
-    whole on every process). FSDP spreads the first three over `shards` processes."""
+    the loss holds at once (`trained_share` of a micro-batch's tokens train), and a teacher or
+    reference copy (`frozen_copy_parameters`, in `model.dtype`, whole on every process). FSDP spreads
+    the first three over `shards` processes."""
     n, trainable, linear, copy = counts
     frozen_bytes = 2 if frozen_dtype(cfg, precision) == torch.bfloat16 else 4
     quantize = cfg.model.quantize
@@ -116,6 +124,8 @@ def memory_plan(
     kept = 2 if cfg.train.gradient_checkpointing else 24  # hidden-sized tensors kept per token and layer
     activations = tokens * config.num_hidden_layers * per_token_layer * kept
     logits = min(tokens * config.vocab_size, LOGITS_AT_ONCE) * 4 * 2  # the logits and their gradient
+    if cfg.method == "distill":
+        logits = distill_logits_bytes(cfg, tokens, tokens * trained_share, config.vocab_size)
     copy_bytes = copy * frozen_bytes
     if cfg.method == "distill" and cfg.distill.teacher_top_k is not None:
         # The teacher is freed once its top-k are cached, before the first step makes gradients, optimizer
@@ -129,6 +139,17 @@ def memory_plan(
         "logits": logits,
         "teacher or reference copy": copy_bytes,
     }
+
+
+def distill_logits_bytes(cfg, tokens: float, trained: float, vocab: int) -> float:
+    """Distillation compares whole distributions, unchunked: at every compared position (every token
+    before a row's last trained one with `positions: all`, else the trained ones) it holds the
+    student's logits, their log-softmax and their gradient, and online the teacher's log-softmax too;
+    at each trained position the cross-entropy and the divergence's terms hold a few more. Counts of
+    vocabulary-wide fp32 tensors, measured with autograd's saved-tensor hooks (and one for the gradient)."""
+    compared = tokens if cfg.distill.positions == "all" else trained
+    per_compared, per_trained = (2, 4) if cfg.distill.teacher_top_k is not None else (3, 6)
+    return (compared * per_compared + trained * per_trained) * vocab * 4
 
 
 def available_memory(device: torch.device) -> int:
@@ -177,6 +198,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         longest,
         precision,
         shards=processes if spread == "fsdp" else 1,
+        trained_share=sum(len(r.labels) - r.labels.count(tfdata.IGNORE_INDEX) for r in rows) / tokens_per_epoch,
     )
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
