@@ -166,8 +166,9 @@ def read_prompts(
     for (line, messages, item, key), prompt, ids in zip(found, prompts, encode_prompts(tokenizer, prompts)):
         if len(ids) >= max_length:
             too_long = (
-                f"the prompt is {len(ids)} tokens, at least data.max_length ({max_length}) leaves no room for an "
-                "answer. Shorten it or raise data.max_length."
+                f"the prompt is {len(ids)} tokens, and GRPO prompts must be shorter than data.max_length "
+                f"({max_length}); the sampled answers add up to grpo.max_new_tokens after it. Shorten the prompt "
+                "or raise data.max_length."
             )
             problems.append(_prompt_problem("too_long", too_long, path, line))
             continue
