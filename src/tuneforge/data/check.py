@@ -92,7 +92,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
             + (f", {counts['blank_lines']} blank lines skipped" if counts["blank_lines"] else ""),
         ),
         ("examples", f"{counts['train']}" + (f" (+{counts['validation']} validation)" if counts["validation"] else "")),
-        ("tokens per row", f"p50 {length['p50']}, p90 {length['p90']}, p99 {length['p99']}, max {length['max']}"),
+        ("tokens per example", f"p50 {length['p50']}, p90 {length['p90']}, p99 {length['p99']}, max {length['max']}"),
         ("trained tokens", f"{tokens['trained']} of {tokens['total']} ({tokens['trained_share']:.1%})"),
         (
             "over max_length",
