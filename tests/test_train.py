@@ -179,6 +179,21 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2"]
 
 
+def test_a_forced_resume_trains_at_the_learning_rate_of_the_changed_config(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(
+        tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, save_every=2, scheduler="constant", warmup=0
+    )
+    train(cfg, progress=False)
+    before = metrics(tmp_path / "run")
+    changed = json.loads(json.dumps(cfg))
+    changed["train"]["learning_rate"] = 5e-3
+    train(changed, resume=str(tmp_path / "run" / "checkpoints" / "step-2"), force=True, progress=False)
+    after = metrics(tmp_path / "run")
+    assert [m["lr"] for m in after if "lr" in m] == pytest.approx([1e-3, 1e-3, 5e-3, 5e-3])
+    # The step after the first resumed one starts from weights that step moved at the new rate.
+    assert after[3]["train_loss"] != before[3]["train_loss"]
+
+
 def test_resume_refuses_training_data_that_changed_unless_forced(tiny_model_dir, triage_data, tmp_path):
     data = tmp_path / "train.jsonl"
     shutil.copy(triage_data["train"], data)

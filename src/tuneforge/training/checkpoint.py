@@ -271,6 +271,7 @@ def load(folder: Path, model, optimizer, scheduler, world: distributed.World) ->
     resumed run draws the random numbers the uninterrupted one would; on more, the new ones take
     rank 0's."""
     folder = Path(folder)
+    configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     # Outside the phase, which tells a failed collective from a file that cannot be read.
     with (
         _reading(folder, f"the optimizer state in {OPTIMIZER}/"),
@@ -280,9 +281,16 @@ def load(folder: Path, model, optimizer, scheduler, world: distributed.World) ->
         with _one_process_quietly():
             dcp.load(optimizer_state, checkpoint_id=folder / OPTIMIZER, no_dist=world.size == 1)
         set_optimizer_state_dict(model, optimizer, optimizer_state)
+    # The checkpoint gives the optimizer's moments and the schedule's step; the learning rates and weight
+    # decay are this run's config's, which a resume with --force may have changed.
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
     with _reading(folder, SCHEDULER):
         scheduler_state = torch.load(folder / SCHEDULER, weights_only=True)
-    scheduler.load_state_dict(scheduler_state)
+    scheduler.load_state_dict({**scheduler_state, "base_lrs": scheduler.base_lrs})
+    # The step's rate follows from the config's rates: the scheduler takes the saved step again to set it.
+    scheduler.last_epoch -= 1
+    scheduler.step()
     own = folder / rng_file(world.rank)
     rng = own if own.is_file() else folder / rng_file(0)
     with _reading(folder, rng.name):
