@@ -192,6 +192,11 @@ def test_a_forced_resume_trains_at_the_learning_rate_of_the_changed_config(tiny_
     assert [m["lr"] for m in after if "lr" in m] == pytest.approx([1e-3, 1e-3, 5e-3, 5e-3])
     # The step after the first resumed one starts from weights that step moved at the new rate.
     assert after[3]["train_loss"] != before[3]["train_loss"]
+    # A change that regroups the optimizer's parameters cannot be resumed: said so, not "damaged".
+    changed["lora"]["loraplus_lr_ratio"] = 4
+    with pytest.raises(TuneforgeError, match="saved by an optimizer with 2 parameter group.*makes 4") as error:
+        train(changed, resume=str(tmp_path / "run" / "checkpoints" / "step-2"), force=True, progress=False)
+    assert "damaged" not in error.value.message
 
 
 def test_resume_refuses_training_data_that_changed_unless_forced(tiny_model_dir, triage_data, tmp_path):

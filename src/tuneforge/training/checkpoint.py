@@ -263,6 +263,22 @@ def read_state(folder: Path) -> dict:
         return json.loads((folder / STATE).read_text())
 
 
+def _check_parameter_groups(folder: Path, optimizer) -> None:
+    """The optimizer this run's config builds splits the parameters into as many groups as the saved one
+    did: a resume with --force may have changed a setting that splits them (LoRA+'s ratio), and the saved
+    state then cannot be placed, though the checkpoint is whole."""
+    with _reading(folder, f"{OPTIMIZER}/.metadata"):
+        keys = dcp.FileSystemReader(folder / OPTIMIZER).read_metadata().state_dict_metadata
+    saved = len({key.split(".")[1] for key in keys if key.startswith("param_groups.")})
+    if saved != len(optimizer.param_groups):
+        raise TuneforgeError(
+            f"{folder} was saved by an optimizer with {saved} parameter group(s), and this run's config makes "
+            f"{len(optimizer.param_groups)}: a setting that groups the parameters (lora.loraplus_lr_ratio, say) "
+            "changed. Resume with the setting the checkpoint was saved with, or start a new run.",
+            code="resume_mismatch",
+        )
+
+
 def load(folder: Path, model, optimizer, scheduler, world: distributed.World) -> dict:
     """Restore the optimizer state (resharded for this run's processes), the scheduler and the RNG
     states, and return the saved loop state. The weights come first, from `restore_weights`.
@@ -271,6 +287,7 @@ def load(folder: Path, model, optimizer, scheduler, world: distributed.World) ->
     resumed run draws the random numbers the uninterrupted one would; on more, the new ones take
     rank 0's."""
     folder = Path(folder)
+    _check_parameter_groups(folder, optimizer)
     configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     # Outside the phase, which tells a failed collective from a file that cannot be read.
     with (
