@@ -370,7 +370,22 @@ def test_general_mix_that_no_replay_conversation_fits_is_an_error_not_a_silent_z
     write_jsonl(replay, [chat("Tell me a long story", "Once upon a time " * 40), chat("Hi", "Hello!")])
     data = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
     assert data.report["counts"]["general_mix"] == 10 and data.report["counts"]["general_replay_too_long"] == 1
-    assert [w["count"] for w in data.report["warnings"] if w["code"] == "replay_too_long"] == [1]
+    assert [w["count"] for w in data.report["warnings"] if w["code"] == "replay_repeated"] == [9]
+
+
+def test_a_replay_file_too_small_for_general_mix_says_its_examples_repeat(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", rows(40))
+    replay = write_jsonl(tmp_path / "replay.jsonl", [chat("Hi", "Hello!"), chat("How are you?", "Fine, thanks.")])
+    cfg = DataConfig(train=str(path), validation=None, general_mix=0.2, general_replay=str(replay))
+    data = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert data.report["counts"]["general_mix"] == 10
+    (warning,) = [w for w in data.report["warnings"] if w["code"] == "replay_repeated"]
+    assert warning["count"] == 8 and "asks for 10 replay examples" in warning["message"]
+    assert "repeated about 5.0 times" in warning["message"] and "lower data.general_mix" in warning["message"]
+    # A few repeats are as a few epochs: nothing is said.
+    write_jsonl(replay, [chat(f"Question {i}?", f"Answer {i}.") for i in range(4)])
+    data = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert not [w for w in data.report["warnings"] if w["code"] == "replay_repeated"]
 
 
 def test_the_cache_is_not_reused_for_the_same_rows_at_another_path(tmp_path, tokenizer, isolated_home):

@@ -145,6 +145,10 @@ def replay_conversations(path: Path) -> list[Conversation]:
     return conversations
 
 
+QUIET_REPLAY_REPEATS = 3
+"""Times each general replay example may repeat to make up `general_mix` before the report warns."""
+
+
 def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, replay: Path | None) -> None:
     """Mix general replay conversations into training so that `general_mix` of it is general data:
     a guard against forgetting."""
@@ -162,14 +166,20 @@ def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, replay: Path | 
             code="replay_too_long",
         )
     left_out = len(rendered) - len(pool)
-    if left_out and len(pool) < wanted:  # the length cut makes the mix repeat examples
+    repeats = wanted / len(pool) if pool else 0
+    # A replay file a little smaller than the mix asks for repeats each example a few times, as a few
+    # epochs would (the quickstart's 200 self-replies make up its 500 replay examples); more repeats
+    # teach a replay learned as text by heart, and a length cut is a loss the user did not choose.
+    if repeats > 1 and (left_out or repeats > QUIET_REPLAY_REPEATS):
+        cut = f" ({left_out} longer than max_length {cfg.max_length} are left out)" if left_out else ""
         data.report["warnings"].append(
             {
-                "code": "replay_too_long",
-                "count": left_out,
-                "message": f"{left_out} of the {len(rendered)} general replay examples are longer than max_length "
-                f"{cfg.max_length} and are left out, so the {len(pool)} left are repeated to make up the "
-                f"{wanted} that general_mix {cfg.general_mix} asks for.",
+                "code": "replay_repeated",
+                "count": wanted - len(pool),
+                "message": f"general_mix {cfg.general_mix} asks for {wanted} replay examples, but "
+                f"{cfg.general_replay} gives {len(pool)}{cut}, so each is repeated about "
+                f"{repeats:.1f} times. Give a general_replay file with more conversations, or lower "
+                "data.general_mix.",
                 "where": [],
             }
         )
