@@ -74,6 +74,14 @@ def test_a_missing_or_broken_replay_file_names_the_file_and_line(triage_data, tm
     broken.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}) + "\n")
     with pytest.raises(DataError, match=r"broken.jsonl:1 messages\[1\].content: \[missing_content\]"):
         prepare(cfg.model_copy(update={"general_replay": str(broken)}), tokenizer, log=lambda _: None)
+    for rows, kind in (
+        ([{"text": "Some prose."}], "text"),
+        ([{"prompt": "Hi", "chosen": "Hello", "rejected": "No"}], "preference"),
+    ):
+        other = tmp_path / f"{kind}.jsonl"
+        other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(DataError, match=rf"{kind}.jsonl:1: \[data_type\] this row is {kind} data, but replay rows"):
+            prepare(cfg.model_copy(update={"general_replay": str(other)}), tokenizer, log=lambda _: None)
 
 
 def test_self_replay_is_the_base_models_greedy_replies_without_the_empty_ones(ending_model_dir, tmp_path, one_thread):

@@ -119,7 +119,7 @@ def replay_file(cfg: DataConfig) -> Path | None:
 def replay_conversations(path: Path) -> list[Conversation]:
     """Every conversation of a replay file; its problems, all at once, as a `DataError`."""
     conversations, problems = [], []
-    for _, item in read_conversations(path):
+    for line, item in read_conversations(path):
         if isinstance(item, Problem):
             problems += [item] if item.is_error else []
         elif isinstance(item, Conversation):
@@ -128,10 +128,10 @@ def replay_conversations(path: Path) -> list[Conversation]:
             problems.append(
                 Problem(
                     "data_type",
-                    "replay rows must be chat conversations (messages).",
+                    f"this row is {file_format(path)} data, but replay rows must be conversations with a reply: "
+                    'chat {"messages": [...]}, alpaca, sharegpt or prompt/completion rows.',
                     file=str(path),
-                    line=None,
-                    field="messages",
+                    line=line,
                 )
             )
             break
