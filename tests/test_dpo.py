@@ -253,13 +253,15 @@ def test_dpo_on_sft_data_and_sft_on_pairs_fail_before_any_work(tiny_model_dir, t
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_config_refuses_label_smoothing_with_ipo_and_kl_to_base_with_dpo():
+def test_config_refuses_label_smoothing_with_ipo_and_kl_to_base_or_train_on_all_with_dpo():
     with pytest.raises(ConfigError, match="label_smoothing is for loss: sigmoid"):
         load_config({"method": "dpo", "dpo": {"loss": "ipo", "label_smoothing": 0.1}, "data": {"train": "x"}})
     with pytest.raises(ConfigError, match="method: dpo does not take train.kl_to_base"):
         load_config({"method": "dpo", "train": {"kl_to_base": 0.1}, "data": {"train": "x"}})
     with pytest.raises(ConfigError, match="dpo.policy"):
         load_config({"method": "dpo", "dpo": {"policy": "dora"}, "data": {"train": "x"}})
+    with pytest.raises(ConfigError, match="data.train_on: all trains the prompt too, but method: dpo"):
+        load_config({"method": "dpo", "data": {"train": "x", "train_on": "all"}})
 
 
 def test_dpo_from_an_sft_run_trains_on_the_merged_sft_model(tiny_model_dir, triage_data, preference_data, tmp_path):

@@ -373,6 +373,11 @@ class Config(Strict):
                 "eval.task scores answers to the prompts of the data.validation file; give "
                 "data.validation as a file path (a fraction has no file), or leave eval.task out"
             )
+        if self.method == "dpo" and self.data.train_on == "all":
+            raise ValueError(
+                "data.train_on: all trains the prompt too, but method: dpo compares the chosen and rejected replies "
+                "alone (each reply and its end of turn), so it would be ignored; leave data.train_on out"
+            )
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
             raise ValueError(
                 "dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0"
