@@ -293,6 +293,35 @@ def test_csv_rows_with_json_cells_and_field_count(tmp_path):
     assert [(p.code, p.line) for p in errors(items)] == [("csv_field_count", 3)]
 
 
+def test_csv_preference_rows_with_message_cells_read_as_in_jsonl(tmp_path):
+    """OpenAI's `input` object and TRL's message lists, as a spreadsheet holds them: JSON text in cells."""
+    import csv
+
+    user, good, bad = (
+        {"role": r, "content": c} for r, c in (("user", "Hi"), ("assistant", "Hi!"), ("assistant", "No."))
+    )
+    shapes = {
+        "openai": {"input": {"messages": [user]}, "preferred_output": [good], "non_preferred_output": [bad]},
+        "trl": {"prompt": [user], "chosen": [good], "rejected": [bad]},
+        "implicit": {"chosen": [user, good], "rejected": [user, bad]},
+    }
+    for name, row in shapes.items():
+        path = tmp_path / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(row)
+            writer.writerow([json.dumps(v) for v in row.values()])
+        (pair,) = records(read(path))
+        assert [m.to_template() for m in (*pair.prompt, pair.chosen, pair.rejected)] == [user, good, bad], name
+    # Text that only looks like a list stays text, and alpaca's `input` is text.
+    path = tmp_path / "text.csv"
+    path.write_text('prompt,chosen,rejected\n"[INST] Hi",Hello!,"[1, 2]"\n')
+    (pair,) = records(read(path))
+    assert (pair.prompt[0].content, pair.rejected.content) == ("[INST] Hi", "[1, 2]")
+    path.write_text("instruction,input,output\nTranslate,bonjour,hello\n")
+    assert len(records(read(path))) == 1
+
+
 @pytest.mark.parametrize("delimiter", [";", "\t"])
 def test_csv_with_the_semicolons_or_tabs_of_a_spreadsheet_export(tmp_path, delimiter):
     path = tmp_path / "d.csv"

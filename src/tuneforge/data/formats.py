@@ -16,6 +16,7 @@ Formats (the names `data.format` takes):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 from collections.abc import Iterable, Iterator
@@ -56,6 +57,11 @@ _REQUIRED_COLUMNS = {
 }
 # Fields that hold JSON structures; in a CSV cell they are JSON text.
 _STRUCTURED_FIELDS = ("messages", "tools", "conversations", "preferred_output", "non_preferred_output", "history")
+# OpenAI's preference rows nest their prompt in `input` ({"messages": [...]}), a name alpaca gives to text.
+_STRUCTURED_PREFERENCE_FIELDS = ("input",)
+# Fields that hold text or a list of messages (TRL's prompt/chosen/rejected, prompt/completion): in a
+# CSV cell, a JSON list of objects is that list of messages, anything else is the text.
+_TEXT_OR_MESSAGES_FIELDS = ("prompt", "completion", "chosen", "rejected")
 
 
 def detect_format(keys: Iterable[str]) -> str | None:
@@ -137,7 +143,7 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
             yield from ((line, p) for p in check.problems)
             continue
         if rows.kind == "csv":
-            row = check.decode_json_cells(row)
+            row = check.decode_json_cells(row, row_format)
         record = _NORMALISERS[row_format](row, check) if not check.problems else None
         yield from ((line, p) for p in check.problems)
         if record is not None and not check.errors:
@@ -245,10 +251,19 @@ class _RowCheck:
     def warn(self, code: str, field: str | None, message: str) -> None:
         self.problems.append(Problem(code, message, file=self.file, line=self.line, field=field, severity="warning"))
 
-    def decode_json_cells(self, row: dict) -> dict:
-        """CSV cells are text: parse the ones that hold JSON structures (message lists and such)."""
+    def decode_json_cells(self, row: dict, format: str | None = None) -> dict:
+        """CSV cells are text: parse the ones that hold JSON structures (message lists and such) in a
+        row of `format`."""
         row = dict(row)
-        for key in _STRUCTURED_FIELDS:
+        for key in _TEXT_OR_MESSAGES_FIELDS:
+            cell = row.get(key)
+            if isinstance(cell, str) and cell.lstrip().startswith("["):
+                with contextlib.suppress(json.JSONDecodeError):
+                    value = json.loads(cell)
+                    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+                        row[key] = value
+        structured = _STRUCTURED_FIELDS + (_STRUCTURED_PREFERENCE_FIELDS if format == "preference" else ())
+        for key in structured:
             cell = row.get(key)
             if isinstance(cell, str) and cell.strip():
                 try:
