@@ -246,11 +246,16 @@ def test_dpo_on_sft_data_and_sft_on_pairs_fail_before_any_work(tiny_model_dir, t
     with pytest.raises(TuneforgeError, match="method: dpo trains on preference pairs") as err:
         train(sft_data_with_dpo, progress=False)
     assert err.value.code == "not_preference_data"
+    pairs_read_as_chat = dpo_config(tiny_model_dir, preference_data, tmp_path / "c")
+    pairs_read_as_chat["data"]["format"] = "chat"
+    with pytest.raises(TuneforgeError, match="data.format: chat reads this file's rows as another format") as err:
+        train(pairs_read_as_chat, progress=False)
+    assert err.value.code == "not_preference_data"
     pairs_with_lora = tiny_run_config(tiny_model_dir, preference_data, tmp_path / "b")
     with pytest.raises(TuneforgeError, match="method: lora cannot train on.*method: dpo") as err:
         train(pairs_with_lora, progress=False)
     assert err.value.code == "preference_data"
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / run).exists() for run in "abc")
 
 
 def test_config_refuses_label_smoothing_with_ipo_and_kl_to_base_or_train_on_all_with_dpo():

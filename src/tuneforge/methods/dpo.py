@@ -183,11 +183,16 @@ def check_data_kind(cfg) -> None:
             continue  # data preparation reports a missing file with its own error
         pairs = file_format(path, cfg.data.format) == "preference"
         if cfg.method == "dpo" and not pairs:
+            reason = (
+                f"data.format: {cfg.data.format} reads this file's rows as another format; set data.format to "
+                "preference, or leave it out (auto)."
+                if cfg.data.format != "auto"
+                else 'this file is not preference data. Give rows with {"prompt", "chosen", "rejected"} or '
+                'OpenAI\'s {"input", "preferred_output", "non_preferred_output"}, or train these rows with '
+                "method: lora, dora or full."
+            )
             raise TuneforgeError(
-                f"{path}: method: dpo trains on preference pairs, but this file is not preference data. Give rows "
-                'with {"prompt", "chosen", "rejected"} or OpenAI\'s {"input", "preferred_output", '
-                '"non_preferred_output"}, or train these rows with method: lora, dora or full.',
-                code="not_preference_data",
+                f"{path}: method: dpo trains on preference pairs, but {reason}", code="not_preference_data"
             )
         if cfg.method != "dpo" and pairs:
             raise TuneforgeError(
