@@ -11,6 +11,7 @@ per-step times and real-token counts to the parent; the last message carries the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -330,7 +331,9 @@ def bf16_step_probe(spec, length: int = 64) -> dict:
 
 
 def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", type=Path, help="the candidate's JSON spec (bench/run.py writes one per candidate)")
+    spec = json.loads(parser.parse_args().spec.read_text())
     if spec.get("threads"):
         import torch
 

@@ -8,6 +8,7 @@ every file is listed under "All runs". Figures are only ever copied from the JSO
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -805,4 +806,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # It takes no arguments: the parser answers --help and refuses anything else, before the file is rewritten.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

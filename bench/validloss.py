@@ -9,6 +9,7 @@ token-weighted mean cross-entropy over the assistant tokens of the validation se
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -22,25 +23,31 @@ from common import assistant_ce, read_jsonl, tokenize_chat  # noqa: E402
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="the base model's HF folder")
+    parser.add_argument("valid", help="the validation set, OpenAI chat JSONL")
+    parser.add_argument("out", help="where the JSON of losses is written")
+    parser.add_argument("adapters", nargs="*", help="adapter folders, each judged on the base")
+    args = parser.parse_args()
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir, valid, out, *adapters = sys.argv[1:]
     if os.environ.get("TF_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["TF_BENCH_THREADS"]))
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    examples = tokenize_chat(read_jsonl(valid), tok)
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    examples = tokenize_chat(read_jsonl(args.valid), tok)
     results = {}
-    for adapter in ["base", *adapters]:
+    for adapter in ["base", *args.adapters]:
         t = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
         if adapter != "base":
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         results[adapter] = {**assistant_ce(model, examples, tok.pad_token_id), "seconds": time.perf_counter() - t}
         print(adapter, results[adapter], flush=True)
         del model
-    Path(out).write_text(json.dumps(results, indent=2))
+    Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ protocol between processes, the step profile, and the report.
 
 from __future__ import annotations
 
+import functools
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -241,3 +243,25 @@ def test_the_memory_bench_refuses_unknown_shapes_and_modes_and_a_merge_without_a
     with pytest.raises(SystemExit):
         memory.arguments(["--device", "cuda", "--merge", "why"])
     assert f"{today}, which does not exist" in capsys.readouterr().err
+
+
+def bench_scripts() -> list[str]:
+    """The bench scripts one runs (the others are modules they import)."""
+    return sorted(p.name for p in BENCH.glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+
+
+@functools.cache
+def bench_help(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, cwd=BENCH.parent, timeout=120
+    )
+
+
+@pytest.mark.parametrize("script", bench_scripts())
+def test_every_bench_script_answers_help_with_its_usage_and_runs_nothing(script):
+    # report.py rewrote BENCHMARKS.md when asked for help; candidates.py and validloss.py took --help for a file.
+    benchmarks = (BENCH.parent / "BENCHMARKS.md").stat().st_mtime_ns
+    answer = bench_help(script)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.startswith("usage: ")
+    assert (BENCH.parent / "BENCHMARKS.md").stat().st_mtime_ns == benchmarks
