@@ -71,7 +71,7 @@ def measure(client: TestClient, first_run: str, compared: list[str], repeat: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=5)

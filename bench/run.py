@@ -111,7 +111,7 @@ def probe_summary(rounds: list[dict]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--candidates", default=",".join(DEFAULT))
     p.add_argument("--steps", type=int, default=8, help="optimizer steps of a padded candidate (one epoch)")
     p.add_argument(

@@ -8,6 +8,7 @@ protocol between processes, the step profile, and the report.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import subprocess
@@ -265,3 +266,10 @@ def test_every_bench_script_answers_help_with_its_usage_and_runs_nothing(script)
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.startswith("usage: ")
     assert (BENCH.parent / "BENCHMARKS.md").stat().st_mtime_ns == benchmarks
+
+
+@pytest.mark.parametrize("script", bench_scripts())
+def test_every_bench_scripts_help_says_what_it_measures_in_the_whole_first_paragraph_of_its_docstring(script):
+    # dashboard.py, grpo.py and run.py showed the docstring's first line only, cut mid-sentence.
+    first_paragraph = " ".join(ast.get_docstring(ast.parse((BENCH / script).read_text())).split("\n\n")[0].split())
+    assert first_paragraph in " ".join(bench_help(script).stdout.split())
