@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs}: the pages are timed on at least one run")
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         names = [f"run-{i:03d}" for i in range(args.runs)]
@@ -86,8 +88,8 @@ def main() -> None:
 
         jobs_root = root / "jobs"
         store = Store(f"sqlite:///{root / 'jobs.db'}")
-        for i in range(args.runs):
-            job_id = f"ftjob-bench{i:05d}"
+        job_ids = [f"ftjob-bench{i:05d}" for i in range(args.runs)]
+        for i, job_id in enumerate(job_ids):
             fill_run(jobs_root / "runs" / job_id, args.steps, i)
             store.add(
                 Job(
@@ -109,7 +111,7 @@ def main() -> None:
         app = create_api(jobs_root, store, api_keys=[KEY], workers=0)
         with TestClient(app) as client:
             client.cookies.set(KEY_COOKIE, KEY)
-            jobs = measure(client, "ftjob-bench00000", [f"ftjob-bench{i:05d}" for i in range(4)], args.repeat)
+            jobs = measure(client, job_ids[0], job_ids[:4], args.repeat)
 
     print(f"{args.runs} runs of {args.steps} logged steps; median of {args.repeat} requests, server side")
     print(f"{'page':42} {'tuneforge ui':>14} {'tuneforge api':>14} {'size':>10}")
