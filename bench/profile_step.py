@@ -63,6 +63,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="the model profiled (registry name or folder)")
     p.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON is written")
     args = p.parse_args()
+    if args.step < 2:
+        # The profile opens when the step before ends, so the first step has none.
+        p.error(f"--step {args.step}: the step profiled is 2 or later (the profile starts when the step before ends)")
 
     import torch
     from torch.autograd.profiler import record_function

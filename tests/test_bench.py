@@ -285,3 +285,12 @@ def test_the_dashboard_bench_with_fewer_than_four_runs_compares_the_same_runs_in
     )
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert "comparison of 2 runs" in answer.stdout
+
+
+def test_the_step_profile_refuses_a_step_with_no_step_before_it():
+    # --step 1 trained, then failed with a TypeError: the profile opens at the end of step 0, which never comes.
+    answer = subprocess.run(
+        [sys.executable, str(BENCH / "profile_step.py"), "--step", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert answer.returncode == 2
+    assert "--step 1: the step profiled is 2 or later" in answer.stderr
