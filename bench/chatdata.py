@@ -260,6 +260,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="HF folder to measure lengths with (default: SmolLM2 via tuneforge)")
     args = p.parse_args()
+    if args.rows < 1:
+        p.error(f"--rows {args.rows}: the lengths are measured on at least one row")
     rows = generate(args.rows, args.seed)
     write(args.out, rows)
     if args.tokenizer:

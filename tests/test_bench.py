@@ -294,3 +294,17 @@ def test_the_step_profile_refuses_a_step_with_no_step_before_it():
     )
     assert answer.returncode == 2
     assert "--step 1: the step profiled is 2 or later" in answer.stderr
+
+
+def test_the_chat_data_generator_refuses_no_rows_before_writing(tmp_path):
+    # --rows 0 wrote an empty file, then failed in transformers' chat template measuring it.
+    out = tmp_path / "chat.jsonl"
+    answer = subprocess.run(
+        [sys.executable, str(BENCH / "chatdata.py"), str(out), "--rows", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert answer.returncode == 2
+    assert "--rows 0: the lengths are measured on at least one row" in answer.stderr
+    assert not out.exists()
