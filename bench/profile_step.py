@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--name", default="profile")
     p.add_argument("--work", default=str(HERE / "work-profile"))
     p.add_argument("--model", default="smollm2-135m-instruct", help="the model profiled (registry name or folder)")
-    p.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON is written")
+    p.add_argument("--results", type=Path, default=HERE / "results", help="the folder profile-DATE.json goes into")
     args = p.parse_args()
     if args.step < 2:
         # The profile opens when the step before ends, so the first step has none.

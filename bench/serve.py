@@ -135,14 +135,20 @@ class BareTransformers:
         return timed(started, first[0], finished, len(new), self.prompts.text(new))
 
 
+def llama_cpp_class():
+    """llama-cpp-python's model class; refused before the exports it needs take minutes, where it is missing."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as err:
+        raise SystemExit("llama-cpp-python is missing: pip install -e '.[bench]' (it compiles llama.cpp)") from err
+    return Llama
+
+
 class LlamaCpp:
     """(b): llama.cpp on the GGUF export, its own greedy decoding loop at batch 1."""
 
     def __init__(self, gguf: Path, prompts: PromptIds, threads: int):
-        try:
-            from llama_cpp import Llama
-        except ImportError as err:
-            raise SystemExit("llama-cpp-python is missing: pip install -e '.[bench]' (it compiles llama.cpp)") from err
+        Llama = llama_cpp_class()
         self.prompts = prompts
         self.llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
 
@@ -272,6 +278,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="threads of every contender")
     args = parser.parse_args()
+    llama_cpp_class()
 
     import torch
 

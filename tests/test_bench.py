@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.util
 import json
 import subprocess
 import sys
@@ -308,3 +309,17 @@ def test_the_chat_data_generator_refuses_no_rows_before_writing(tmp_path):
     assert answer.returncode == 2
     assert "--rows 0: the lengths are measured on at least one row" in answer.stderr
     assert not out.exists()
+
+
+def test_the_serve_bench_refuses_a_missing_llama_cpp_before_exporting(tmp_path):
+    # It exported merged and GGUF models (minutes on a real model) before finding llama-cpp-python missing.
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed: the bench would run")
+    answer = subprocess.run(
+        [sys.executable, str(BENCH / "serve.py"), "--model", str(tmp_path / "no-model-needed")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert answer.returncode == 1 and "llama-cpp-python is missing" in answer.stderr
+    assert not (BENCH / ".work" / "serve").exists()
