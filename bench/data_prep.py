@@ -8,7 +8,7 @@ folder given with --tokenizer). Target: at least 5,000 rows/s on 2 cores. The st
 reads a large JSONL with `read_conversations` and reports how much the process grew meanwhile,
 which must stay flat (bounded by a row and a read buffer), whatever the file size.
 
-Prints rows/s and writes the raw figures to bench/results/data_prep-<date>.json.
+Prints rows/s and writes the raw figures to bench/results/data_prep-<date>.json (or --results).
 
 `prepare` already tokenizes on a thread beside the one that reads and renders; the tokenizer's own
 thread pool on top of that only oversubscribes two cores, so this script turns it off unless
@@ -159,6 +159,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stream-rows", type=int, default=200_000)
     parser.add_argument("--tokenizer", help="an HF tokenizer folder (default: SmolLM2 via tuneforge.models)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path(__file__).parent / "results",
+        help="the folder data_prep-DATE.json goes into (another one for a trial run, which report.py would "
+        "otherwise show as the newest result)",
+    )
     args = parser.parse_args()
 
     tokenizer, name = load_tokenizer(args.tokenizer)
@@ -189,7 +196,7 @@ def main() -> None:
         "streaming": stream,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    out = Path(__file__).parent / "results" / f"data_prep-{datetime.date.today().isoformat()}.json"
+    out = args.results / f"data_prep-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"raw results: {out}")

@@ -323,3 +323,21 @@ def test_the_serve_bench_refuses_a_missing_llama_cpp_before_exporting(tmp_path):
     )
     assert answer.returncode == 1 and "llama-cpp-python is missing" in answer.stderr
     assert not (BENCH / ".work" / "serve").exists()
+
+
+def test_a_trial_of_the_data_prep_bench_writes_where_it_is_told(tmp_path, tiny_model_dir):
+    # It wrote bench/results/data_prep-DATE.json always, so a trial run became the report's newest result.
+    kept = sorted((BENCH / "results").glob("data_prep-*.json"))
+    answer = subprocess.run(
+        [
+            *(sys.executable, str(BENCH / "data_prep.py"), "--rows", "10", "--repeats", "1", "--stream-rows", "10"),
+            *("--tokenizer", str(tiny_model_dir), "--results", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    [written] = tmp_path.glob("data_prep-*.json")
+    assert json.loads(written.read_text())["prepare"]
+    assert sorted((BENCH / "results").glob("data_prep-*.json")) == kept
