@@ -81,6 +81,15 @@ def test_a_config_is_a_file_or_else_a_shipped_recipe_name(tmp_path, monkeypatch)
 
 def test_load_config_and_so_the_python_api_take_a_recipe_name_as_the_cli_does(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # On a fresh machine, what the recipe builds on is named, with where to learn how to make it.
+    with pytest.raises(ConfigError) as fresh:
+        load_config("quickstart")
+    assert "data.train runs/quickstart/data/train.jsonl" in fresh.value.message
+    assert "`tuneforge recipes show quickstart` says what to run first" in fresh.value.message
+    data = tmp_path / "runs" / "quickstart" / "data"
+    data.mkdir(parents=True)
+    for name in ("train.jsonl", "validation.jsonl", "replay.jsonl"):
+        (data / name).write_text("")
     cfg = load_config("quickstart", ["train.max_steps=1"])
     assert cfg.output_dir == "runs/quickstart" and cfg.train.max_steps == 1
     assert cfg.data.train == "runs/quickstart/data/train.jsonl"  # the run's data, relative to the working folder

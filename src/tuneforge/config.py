@@ -615,6 +615,10 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         name, base_dir = str(path), path.parent
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
+    if isinstance(source, (str, Path)) and path != Path(source):  # a shipped recipe, named
+        from .recipes import check_earlier_outputs
+
+        check_earlier_outputs(str(source), raw)
     if base_dir is not None:
         _resolve_relative_paths(raw, base_dir)
     try:

@@ -58,6 +58,32 @@ def config_file(spec: str | Path) -> Path:
     return path
 
 
+def check_earlier_outputs(name: str, raw: dict) -> None:
+    """A recipe builds on what earlier commands write under runs/ (the quickstart's model and data, a
+    student, a teacher's answers): one that is not there yet is refused here, pointing at the recipe's
+    header, which says what to run first, before it fails later as a model or data file not found."""
+    data, distill = raw.get("data") or {}, raw.get("distill") or {}
+    train = data.get("train")
+    inputs = [
+        ("base_model", raw.get("base_model")),
+        ("distill.teacher", distill.get("teacher")),
+        *(("data.train", path) for path in (train if isinstance(train, list) else [train])),
+        ("data.validation", data.get("validation")),
+        ("data.general_replay", data.get("general_replay")),
+    ]
+    missing = [
+        f"{key} {value}"
+        for key, value in inputs
+        if isinstance(value, str) and value.startswith("runs/") and not Path(value).exists()
+    ]
+    if missing:
+        raise ConfigError(
+            f"recipe {name} builds on what earlier commands write, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not here yet "
+            f"(paths are relative to the working folder). `tuneforge recipes show {name}` says what to run first."
+        )
+
+
 def load_recipe(name: str) -> dict:
     """The recipe's config as a plain dict, to change before `tuneforge.config.load_config` checks it."""
     return yaml.safe_load(recipe_path(name).read_text(encoding="utf-8"))
