@@ -184,6 +184,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     )
     plan = make_plan(cfg, len(train_items), len(rows), world_size=processes)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
+    trained_share = sum(len(r.labels) - r.labels.count(tfdata.IGNORE_INDEX) for r in rows) / tokens_per_epoch
     longest, trained_plan = max(len(r) for r in rows), plan
     if cfg.method == "grpo":  # a prompt trains as group_size sampled answers of up to max_new_tokens each
         g = cfg.grpo
@@ -198,7 +199,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         longest,
         precision,
         shards=processes if spread == "fsdp" else 1,
-        trained_share=sum(len(r.labels) - r.labels.count(tfdata.IGNORE_INDEX) for r in rows) / tokens_per_epoch,
+        trained_share=trained_share,
     )
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
