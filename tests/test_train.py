@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,17 @@ def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_m
         cfg["train"]["max_steps"] = 4
         assert train(cfg, resume=True, force=True, progress=False).steps == 4  # as a bare --resume
     assert [str(w.message) for w in caught if "torch.distributed" in str(w.message)] == []
+
+
+def test_a_run_started_from_another_thread_trains_and_leaves_the_signal_handlers_alone(
+    tiny_model_dir, triage_data, tmp_path
+):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with ThreadPoolExecutor(1) as worker:  # as a notebook's or a service's worker thread runs it
+        result = worker.submit(train, cfg, progress=False).result()
+    assert result.status == "completed" and result.steps == 2 and (result.final_dir / "adapter_config.json").is_file()
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_data, tmp_path):

@@ -22,6 +22,7 @@ import random
 import shlex
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,15 +213,18 @@ class MetricsLog:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step."""
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step. Python runs signal
+    handlers in the main thread alone, and only it may set them: a run started from another thread (a
+    notebook's or a service's worker) leaves the signals to the main thread's handlers."""
 
     def __init__(self):
         self.signal = None
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
