@@ -1,6 +1,7 @@
 """The training loop on a tiny model: outputs, loss normalisation, resume, signals, failures."""
 
 import json
+import random
 import re
 import shlex
 import shutil
@@ -12,6 +13,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -286,6 +288,19 @@ def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_m
         cfg["train"]["max_steps"] = 4
         assert train(cfg, resume=True, force=True, progress=False).steps == 4  # as a bare --resume
     assert [str(w.message) for w in caught if "torch.distributed" in str(w.message)] == []
+
+
+def test_a_run_leaves_the_callers_random_generators_as_they_were(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    expected = draws()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    train(cfg, progress=False)  # seeds them with train.seed and draws dropout masks and batches from them
+    assert draws() == expected
 
 
 def test_a_run_started_from_another_thread_trains_and_leaves_the_signal_handlers_alone(

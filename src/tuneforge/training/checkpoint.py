@@ -50,14 +50,14 @@ def rng_file(rank: int) -> str:
     return f"rng-{rank}.pt"
 
 
-def _rng_states() -> dict:
+def rng_states() -> dict:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def _set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
@@ -194,7 +194,7 @@ def save(
             shutil.rmtree(stale, ignore_errors=True)
     with _shared_temporary(root / f"step-{step}", world, phase) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)  # there already, unless this machine does not share it
-        torch.save(_rng_states(), tmp / rng_file(world.rank))
+        torch.save(rng_states(), tmp / rng_file(world.rank))
         with distributed.phase(phase, world):
             # Returns once every process has written its shards.
             with _one_process_quietly():
@@ -311,6 +311,6 @@ def load(folder: Path, model, optimizer, scheduler, world: distributed.World) ->
     own = folder / rng_file(world.rank)
     rng = own if own.is_file() else folder / rng_file(0)
     with _reading(folder, rng.name):
-        rng_states = torch.load(rng, weights_only=False)
-    _set_rng_states(rng_states)
+        saved_rng = torch.load(rng, weights_only=False)
+    set_rng_states(saved_rng)
     return read_state(folder)

@@ -707,6 +707,7 @@ def train(
     world = distributed.setup(cfg.train.distributed_timeout)
     log = print if world.is_main else (lambda *a, **k: None)
     run = None
+    callers_rng = checkpoint.rng_states()
     try:
         run = setup(cfg, world, resume=resume, force=force, overwrite=overwrite, log=log)
         status = fit(run, progress=progress, log=log)
@@ -716,3 +717,6 @@ def train(
         # holder it would end the group holding the GIL, which gloo's threads may still wait for.
         del run
         distributed.teardown()
+        # The run seeds and draws from the global generators (Python's, NumPy's, torch's); a caller's own
+        # draws after it (a notebook's next cell) continue as if it had not run.
+        checkpoint.set_rng_states(callers_rng)
