@@ -111,6 +111,18 @@ def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
         tuneforge.train({"base_model": "x"}, None)
 
 
+def test_the_python_api_shows_its_keyword_arguments_in_help():
+    import inspect
+
+    import tuneforge
+
+    parameters = inspect.signature(tuneforge.train).parameters
+    for name in ("resume", "force", "overwrite", "progress"):
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert f"`{name}" in tuneforge.train.__doc__, name
+    assert "train" in dir(tuneforge)
+
+
 def test_relative_data_paths_resolve_against_the_config_folder(tmp_path):
     (tmp_path / "d.jsonl").write_text("{}\n")
     cfg = load_config(write(tmp_path, {"data": {"train": "d.jsonl"}}))

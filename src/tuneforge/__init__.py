@@ -24,10 +24,16 @@ __version__ = "0.1.0"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def train(config, overrides=(), **kwargs):
-    """Fine-tune as `config` (a YAML path, a shipped recipe's name, a dict or a Config) says, with
-    `overrides` (dotted KEY=VALUE strings, one or a list), then evaluate as its `eval:` section asks;
-    returns a `TrainResult`."""
-    from .pipeline import train as _train
+def __getattr__(name: str):
+    # `tuneforge.train` is `pipeline.train` itself, so help() and a notebook's completion show its
+    # arguments; it is imported on first use, so importing the package (the CLI, `tuneforge.errors`)
+    # does not load torch.
+    if name == "train":
+        from .pipeline import train
 
-    return _train(config, overrides, **kwargs)
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "train"])

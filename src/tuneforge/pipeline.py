@@ -25,9 +25,15 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune as `config` (a YAML path, a shipped recipe's name, a dict or a Config) says, then
-    evaluate as its `eval:` asks. The evaluation's headline figures join the result's metrics and the
-    run's `summary.json`."""
+    """Fine-tune as `config` (a YAML path, a shipped recipe's name, a dict or a Config) says, with
+    `overrides` (dotted KEY=VALUE strings, one or a list), then evaluate as its `eval:` asks; returns a
+    `TrainResult` (output_dir, final_dir, steps, status "completed" or "interrupted", metrics). The
+    evaluation's headline figures join the result's metrics and the run's `summary.json`.
+
+    The CLI's options, by the same names: `resume` is "latest" (or True) or a checkpoint folder to
+    continue from; `force` resumes with a config that changes results; `overwrite` starts afresh where
+    output_dir holds an earlier run, deleting its checkpoints, final model and evaluation.
+    `progress=False` leaves out the progress line and the closing table of metrics."""
     cfg = load_config(config, overrides)
     check_eval_inputs(cfg)
     result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
