@@ -290,6 +290,17 @@ def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_m
     assert [str(w.message) for w in caught if "torch.distributed" in str(w.message)] == []
 
 
+def test_resuming_a_finished_run_keeps_its_last_steps_metrics_in_the_result_and_summary(
+    tiny_model_dir, triage_data, tmp_path
+):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    finished = train(cfg, progress=False)
+    # As after a crash between the last checkpoint and the final model: resuming redoes the final stage.
+    again = train(cfg, resume=True, progress=False)
+    assert again.steps == 2 and again.metrics == finished.metrics
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"] == again.metrics
+
+
 def test_a_run_leaves_the_callers_random_generators_as_they_were(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
 

@@ -211,6 +211,14 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()  # live in TensorBoard, and nothing left for exit (cli.leave skips finalizing)
 
+    def step_record(self, step: int) -> dict:
+        """The record logged for training step `step` ({} if none was): a resumed run's metrics until it
+        trains a step, which a run resumed at its last step (to redo its final model) never does."""
+        if not self.enabled or not self.path.exists():
+            return {}
+        records = (json.loads(line) for line in self.path.read_text().splitlines() if line)
+        return next((r for r in records if r["step"] == step and "lr" in r), {})
+
 
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step. Python runs signal
@@ -548,6 +556,7 @@ def setup(
         per_example,
         metrics_log,
         state,
+        last_metrics=metrics_log.step_record(state["step"]) if resume_from else {},
         data_key=data_key,
     )
 
