@@ -423,6 +423,24 @@ def test_openai_hyperparameters_map_onto_the_config(tmp_path):
     assert (config.method, config.dpo.beta, config.train.batch_size, config.train.epochs) == ("dpo", 0.2, 4, 2)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("batch_size", float("inf")), ("n_epochs", float("nan")), ("learning_rate_multiplier", float("nan"))],
+)
+def test_hyperparameters_that_are_not_finite_numbers_are_refused_naming_them(name, value):
+    # Python's JSON reader takes NaN, Infinity and 1e400 (infinity): the body's check refuses them as it does 0.
+    from pydantic import ValidationError
+
+    from tuneforge.jobs.mapping import CreateJobBody
+
+    method = {"type": "supervised", "supervised": {"hyperparameters": {name: value}}}
+    with pytest.raises(ValidationError) as caught:
+        CreateJobBody(model="m", training_file="file-1", method=method)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("method", "supervised", "hyperparameters", name)
+    assert "expected 'auto' or" in error["msg"]
+
+
 def test_tuneforge_processes_splits_each_batch_between_that_many_processes(tmp_path):
     from tuneforge.errors import ConfigError
     from tuneforge.jobs.mapping import CreateJobBody, processes, resolved_method, training_config

@@ -12,6 +12,7 @@ of the worker's machine (torchrun; DDP for LoRA); each step's examples are split
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,7 +37,14 @@ def _auto_or(kind: type, low: float, high: float, *, low_inclusive: bool = True)
     def check(value: Any):
         if value == "auto":
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        # JSON as Python reads it spells NaN and Infinity (and 1e400 is infinity): no count or rate.
+        not_finite = isinstance(value, float) and not math.isfinite(value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not_finite
+            or (kind is int and value != int(value))
+        ):
             raise ValueError(f"expected 'auto' or {shown}, got {value!r}")
         if value > high or value < low or (value == low and not low_inclusive):
             bounds = f"{'[' if low_inclusive else '('}{low}, {high}]"
