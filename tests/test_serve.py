@@ -304,6 +304,23 @@ def test_a_body_that_is_not_json_is_a_400(server):
 
 
 @pytest.mark.parametrize(
+    ("content", "content_type", "said"),
+    [
+        (b'{"model": "base", "prompt": "Hi"}', "text/plain", "sent as Content-Type 'text/plain', not as JSON"),
+        (b"model=base&prompt=Hi", "application/x-www-form-urlencoded", "with Content-Type: application/json"),
+        (b'[{"model": "base", "prompt": "Hi"}]', "application/json", "The request body is an array"),
+        (b"null", "application/json", "The request body is null"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_a_400_saying_what_was_sent(server, content, content_type, said):
+    # curl -d sends form encoding unless told otherwise: the error says what to send instead.
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": content_type}
+    response = httpx.post(f"{server[0]}/v1/completions", content=content, headers=headers)
+    assert response.status_code == 400
+    assert said in response.json()["error"]["message"] and "JSON object" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
     ("route", "raw", "where"),
     [
         ("chat/completions", r'"messages": [{"role": "user", "content": "Hi \ud800"}]', "messages.0.content"),

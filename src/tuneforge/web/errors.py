@@ -96,7 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
-        return validation_error(err.errors()[0]).response()
+        return validation_error(err.errors()[0], request.headers.get("content-type")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -147,8 +147,9 @@ def not_utf8(err: UnicodeDecodeError) -> APIError:
     )
 
 
-def validation_error(first: dict) -> APIError:
-    """The 400 for pydantic's first complaint about a request, naming the parameter it is about."""
+def validation_error(first: dict, content_type: str | None = None) -> APIError:
+    """The 400 for pydantic's first complaint about a request, naming the parameter it is about
+    (`content_type` is the request's, said when the body was not read as JSON)."""
     loc = list(first.get("loc", ()))
     if loc and loc[0] in ("body", "query", "path", "header"):  # where it came from, not its name
         loc = loc[1:]
@@ -156,6 +157,13 @@ def validation_error(first: dict) -> APIError:
     kind = first.get("type")
     if kind == "missing" and param is None:
         message = "The request has no body: send the parameters as a JSON object."
+    elif param is None and isinstance(first.get("input"), bytes):  # FastAPI reads JSON only when the type says so
+        message = (
+            f"The request body was sent as Content-Type {content_type!r}, not as JSON: send the parameters "
+            "as a JSON object with Content-Type: application/json."
+        )
+    elif param is None and not isinstance(first.get("input"), dict):
+        message = f"The request body is {_json_kind(first.get('input'))}: send the parameters as a JSON object."
     elif kind == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif kind == "missing":
@@ -172,3 +180,12 @@ def validation_error(first: dict) -> APIError:
         )
         message = f"Invalid value for '{param}': {said}" if param else said or "Invalid request"
     return APIError(400, message, param=param, code="invalid_value")
+
+
+def _json_kind(value) -> str:
+    """What a parsed JSON value is, in JSON's words: 'an array', 'null'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {list: "an array", str: "a string"}.get(type(value), "a number")
