@@ -106,6 +106,18 @@ class _GenerationBody(RequestBody):
     logprobs: bool | int | None = None
     user: str | None = None  # OpenAI's end-user id; accepted and not used
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _string_or_strings(cls, stop):
+        # Said here, since pydantic would name the union's branches as parameters: "stop.str", "stop.list[str].0".
+        if stop is None or isinstance(stop, str):
+            return stop
+        if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
+            raise ValueError(
+                f"stop is a string or a list of at most {MAX_STOP_STRINGS} strings, got {json.dumps(stop)[:80]}"
+            )
+        return stop
+
     def check_supported(self) -> None:
         if self.n != 1:
             raise APIError(
