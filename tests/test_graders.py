@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -214,6 +216,41 @@ def test_python_grader_limits_time_memory_network_and_environment(monkeypatch):
         network = python(f"import socket\n\ndef grade(sample, item):\n    {call}\n    return 1.0\n")
         failure(network, ["a"], [{}], "PermissionError: network access is disabled")
     failure(python("import os\n\ndef grade(sample, item):\n    os._exit(3)\n"), ["a"], [{}], "ended (exit code 3)")
+
+
+LOUD_GRADER = """
+import os, sys
+
+def grade(sample, item):
+    line = "x" * 1023 + "\\n"
+    for _ in range(512 << 10):  # 512 MiB of prints
+        sys.stderr.write(line)
+    print("the last words")
+    sys.stdout.flush()
+    os._exit(3)
+"""
+
+
+def test_a_python_grader_that_prints_without_end_keeps_only_its_last_lines_in_memory(tmp_path):
+    # In a fresh interpreter, whose peak memory is the grading's: the grader's prints are not all held here.
+    # (Its VmHWM, not ru_maxrss, which keeps the peak of the pytest process it was forked from.)
+    script = tmp_path / "grade.py"
+    script.write_text(
+        "import re\n"
+        "from pathlib import Path\n"
+        "from tuneforge.graders import GraderError, PythonLimits, build_grader, sample_of\n"
+        f"grader = build_grader({{'type': 'python', 'name': 'loud', 'source': {LOUD_GRADER!r}}},\n"
+        "    limits=PythonLimits(timeout_s=60, memory_bytes=256 << 20))\n"
+        "try:\n"
+        "    grader.grade([sample_of('a')], [{}])\n"
+        "except GraderError as err:\n"
+        "    print(err.message)\n"
+        "peak_kib = re.search(r'VmHWM:\\s*(\\d+)', Path('/proc/self/status').read_text()).group(1)\n"
+        "print('peak MiB', int(peak_kib) >> 10)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
+    assert "ended (exit code 3)" in result.stdout and "the last words" in result.stdout
+    assert int(result.stdout.split("peak MiB")[-1]) < 256
 
 
 def test_multi_combines_sub_graders_and_reports_each():

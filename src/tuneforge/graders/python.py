@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ from .base import Grader, GraderError, checked_score, grading_failed, spec_text
 CHILD = Path(__file__).with_name("python_child.py")
 GRADER_FILE = "<grader>"  # the file name tracebacks show for the user's source (python_child.GRADER_FILE)
 STDERR_LINES = 8
+STDERR_KEPT_CHARS = 64 << 10  # of what the grader printed, enough for its last STDERR_LINES lines
+CHUNK_CHARS = 64 << 10
+ORPHAN_WAIT_S = 1.0  # for the processes the grader started to let go of its output once it has ended
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,25 @@ def _size(n: int) -> str:
     return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):g} MiB"
 
 
-def _kill(child: subprocess.Popen) -> tuple[str, str]:
-    """Stop the child and every process it started; what it wrote before that."""
+def _kill(child: subprocess.Popen) -> None:
+    """Stop the child and every process it started."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGKILL)
-    return child.communicate()
+    child.wait()
+
+
+class _Tail(threading.Thread):
+    """Reads a stream to its end, keeping only its last `keep` characters: a grader that prints in a loop
+    would otherwise fill this process's memory with what it wrote."""
+
+    def __init__(self, stream, keep: int):
+        super().__init__(daemon=True)
+        self.stream, self.keep, self.text = stream, keep, ""
+        self.start()
+
+    def run(self) -> None:
+        while chunk := self.stream.read(CHUNK_CHARS):
+            self.text = (self.text + chunk)[-self.keep :]
 
 
 class PythonGrader(Grader):
@@ -97,29 +115,40 @@ class PythonGrader(Grader):
             {"source": self.source, "samples": samples, "items": items, "memory_bytes": self.limits.memory_bytes}
         )
         with tempfile.TemporaryDirectory(prefix="tuneforge-grader-") as folder:
-            # A session of its own, so a timeout kills whatever processes the user's code started too.
-            child = subprocess.Popen(
-                [sys.executable, "-I", str(CHILD)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=folder,
-                # Only what the interpreter needs: the server's own variables (keys, database URLs) stay out.
-                env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "HOME": folder, "TMPDIR": folder},
-                encoding="utf-8",
-                errors="replace",
-                start_new_session=True,
-            )
+            # The request and the replies go through files, so only the user's prints come through a pipe.
+            request_path, replies_path = Path(folder, "request.json"), Path(folder, "replies.jsonl")
+            request_path.write_text(request, encoding="utf-8")
+            with open(request_path, "rb") as stdin, open(replies_path, "wb") as stdout:
+                # A session of its own, so a timeout kills whatever processes the user's code started too.
+                child = subprocess.Popen(
+                    [sys.executable, "-I", str(CHILD)],
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=subprocess.PIPE,
+                    cwd=folder,
+                    # Only what the interpreter needs: the server's own variables (keys, database URLs) stay out.
+                    env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "HOME": folder, "TMPDIR": folder},
+                    encoding="utf-8",
+                    errors="replace",
+                    start_new_session=True,
+                )
+            err = _Tail(child.stderr, STDERR_KEPT_CHARS)
             try:
-                out, err = child.communicate(request, timeout=self.limits.batch_seconds(len(samples)))
+                child.wait(timeout=self.limits.batch_seconds(len(samples)))
                 timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True
-                out, err = _kill(child)
+                _kill(child)
             except BaseException:
                 _kill(child)
                 raise
-        return self._read_replies(out, err, timed_out, child.returncode, samples)
+            err.join(ORPHAN_WAIT_S)
+            if err.is_alive():  # a process the user's code started still holds the pipe
+                _kill(child)
+                err.join()
+            child.stderr.close()
+            out = replies_path.read_text(encoding="utf-8", errors="replace")
+        return self._read_replies(out, err.text, timed_out, child.returncode, samples)
 
     def _read_replies(
         self, out: str, err: str, timed_out: bool, returncode: int, samples: Sequence[dict]
