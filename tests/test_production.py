@@ -255,6 +255,9 @@ def test_stored_completions_are_listed_retrieved_and_deleted_with_the_sdk(served
         messages[1].id,
         messages[0].id,
     ]
+    with pytest.raises(openai.BadRequestError) as caught:  # not the first page again, as if it were the next
+        client.chat.completions.messages.list(stored[1].id, after=stored[2].id)
+    assert caught.value.param == "after" and stored[2].id in caught.value.message
     whole_stream = client.chat.completions.retrieve(streamed_id)
     assert whole_stream.model == "tuned" and whole_stream.choices[0].message.content == streamed_text
     assert whole_stream.usage.completion_tokens == 6

@@ -13,6 +13,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from ..database import UnknownCursor
 from ..web import APIError, caller, list_body, metadata_filter
 from .completion_store import CompletionStore, StoredCompletion
 
@@ -73,7 +74,9 @@ def list_messages(
     if order == "desc":
         messages.reverse()
     ids = [message["id"] for message in messages]
-    start = ids.index(after) + 1 if after in ids else 0
+    if after is not None and after not in ids:  # as every listing: no cursor of another list restarts this one
+        raise UnknownCursor(after)
+    start = ids.index(after) + 1 if after is not None else 0
     return list_body(messages[start : start + limit], has_more=start + limit < len(messages))
 
 
