@@ -250,6 +250,11 @@ def test_a_wrong_or_missing_key_is_refused(server):
         ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", None),
         ({"stop": ["a", 1]}, openai.BadRequestError, "stop", "invalid_value"),
         ({"stop": 5}, openai.BadRequestError, "stop", "invalid_value"),
+        # Values of the wrong JSON type are refused, not converted (true would be 1 token).
+        ({"max_tokens": "5"}, openai.BadRequestError, "max_tokens", "invalid_value"),
+        ({"max_tokens": True}, openai.BadRequestError, "max_tokens", "invalid_value"),
+        ({"stream": "yes"}, openai.BadRequestError, "stream", "invalid_value"),
+        ({"logprobs": "x"}, openai.BadRequestError, "logprobs", "invalid_value"),
         ({"max_tokens": 5000}, openai.BadRequestError, "max_tokens", "context_length_exceeded"),
         ({"max_completion_tokens": 5000}, openai.BadRequestError, "max_completion_tokens", "context_length_exceeded"),
         ({"model": "no-such-model"}, openai.NotFoundError, "model", "model_not_found"),

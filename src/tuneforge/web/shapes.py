@@ -1,8 +1,10 @@
 """OpenAI's shapes that both servers' objects share: request bodies, `metadata` and listings.
 
-A request body (`RequestBody`) refuses an argument it does not know, naming it, as OpenAI does, and
-text that is not Unicode: JSON's `\\u` escapes can spell one half of a UTF-16 surrogate pair
-alone, which Python's JSON reader accepts but no tokenizer, database or UTF-8 response can hold.
+A request body (`RequestBody`) refuses an argument it does not know, naming it, as OpenAI does; a
+value of the wrong JSON type (`"max_tokens": "5"`, `"stream": "yes"`, `true` for a count), where
+pydantic's lax mode would convert it; and text that is not Unicode: JSON's `\\u` escapes can spell
+one half of a UTF-16 surrogate pair alone, which Python's JSON reader accepts but no tokenizer,
+database or UTF-8 response can hold.
 
 `metadata` is string pairs on an object (a job, a stored completion), within OpenAI's limits: at
 most 16 pairs, keys of at most 64 characters, values of at most 512. Listings filter by it with
@@ -42,9 +44,10 @@ Metadata = Annotated[dict[str, str], AfterValidator(_within_limits)]
 
 
 class RequestBody(BaseModel):
-    """A JSON request body: unknown arguments and text that is not Unicode are 400s that name them."""
+    """A JSON request body: unknown arguments, values of the wrong type and text that is not Unicode are 400s
+    that name them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
