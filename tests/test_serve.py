@@ -613,6 +613,28 @@ def test_the_serve_command_reports_a_bad_adapter_without_a_traceback(base_dir, t
     assert "error:" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "command, missing",
+    [
+        (["serve", "--port", "0"], "fastapi"),
+        (["serve", "--port", "0"], "uvicorn"),  # imported only to listen, once the model has loaded
+        (["api", "--port", "0"], "fastapi"),
+        (["ui", "runs", "--port", "0"], "prometheus_client"),
+        (["worker", "--db", "sqlite:///jobs.db"], "sqlalchemy"),
+        (["data", "from-completions", "--out", "rows.jsonl"], "sqlalchemy"),
+    ],
+)
+def test_a_command_whose_serve_extra_is_not_installed_says_what_to_install(command, missing, tmp_path):
+    # None in sys.modules is how Python marks a module that cannot be imported.
+    run_cli = f"import sys; sys.modules[{missing!r}] = None; from tuneforge.cli import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", run_cli, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"needs the serve extra, and {missing} is not installed" in result.stderr
+    assert "pip install 'tuneforge[serve]'" in result.stderr
+
+
 @pytest.mark.integration
 def test_smollm2_served_answers_as_generate_does(smollm2_dir):
     question = [{"role": "user", "content": "What is the capital of France?"}]

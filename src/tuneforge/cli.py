@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,6 +34,20 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
 err = Console(stderr=True)
+
+
+@contextmanager
+def serve_extra(command: str) -> Iterator[None]:
+    """Around a command that runs a web server or a database store: their modules come with tuneforge's
+    serve extra, which a plain `pip install tuneforge` leaves out, so one missing is an install to name."""
+    try:
+        yield
+    except ModuleNotFoundError as missing:
+        raise TuneforgeError(
+            f"tuneforge {command} needs the serve extra, and {missing.name} is not installed. Install it with "
+            "`pip install 'tuneforge[serve]'` (from a clone: `pip install -e '.[serve]'`).",
+            code="missing_dependency",
+        ) from None
 
 
 @app.command()
@@ -155,18 +171,19 @@ def data_from_completions(
     keep_truncated: bool = typer.Option(False, help="Keep replies cut at their length limit (left out by default)."),
 ):
     """Stored chat completions (requests made with store: true) as chat training data: prompt + reply."""
-    from .serve.from_completions import from_completions_command
+    with serve_extra("data from-completions"):
+        from .serve.from_completions import from_completions_command
 
-    raise typer.Exit(
-        from_completions_command(
-            store,
-            str(out),
-            model=model,
-            metadata_specs=metadata or [],
-            api_key=api_key,
-            keep_truncated=keep_truncated,
+        raise typer.Exit(
+            from_completions_command(
+                store,
+                str(out),
+                model=model,
+                metadata_specs=metadata or [],
+                api_key=api_key,
+                keep_truncated=keep_truncated,
+            )
         )
-    )
 
 
 @app.command("eval")
@@ -262,28 +279,29 @@ def serve(
 ):
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /metrics) for a base and its
     adapters; stores chat completions asked to."""
-    from .serve import Retention
-    from .serve.command import serve_command
+    with serve_extra("serve"):
+        from .serve import Retention
+        from .serve.command import serve_command
 
-    raise typer.Exit(
-        serve_command(
-            model,
-            adapter or [],
-            host=host,
-            port=port,
-            api_keys=api_key or [],
-            max_adapters=max_adapters,
-            max_batch=max_batch,
-            max_waiting=max_waiting,
-            default_max_tokens=max_tokens,
-            max_body_mb=max_body_mb,
-            docs=docs,
-            precision=precision,
-            store=store,
-            retention=Retention(store_max_age_days, store_max_count),
-            log_prompts=log_prompts,
+        raise typer.Exit(
+            serve_command(
+                model,
+                adapter or [],
+                host=host,
+                port=port,
+                api_keys=api_key or [],
+                max_adapters=max_adapters,
+                max_batch=max_batch,
+                max_waiting=max_waiting,
+                default_max_tokens=max_tokens,
+                max_body_mb=max_body_mb,
+                docs=docs,
+                precision=precision,
+                store=store,
+                retention=Retention(store_max_age_days, store_max_count),
+                log_prompts=log_prompts,
+            )
         )
-    )
 
 
 @app.command()
@@ -323,26 +341,27 @@ def api(
 ):
     """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, inference for the models made,
     stored chat completions and /metrics."""
-    from .jobs.command import api_command
+    with serve_extra("api"):
+        from .jobs.command import api_command
 
-    raise typer.Exit(
-        api_command(
-            host=host,
-            port=port,
-            db=db,
-            workers=workers,
-            api_keys=api_key or [],
-            max_upload_mb=max_upload_mb,
-            max_body_mb=max_body_mb,
-            allowed_models=allow_model or [],
-            max_models=max_models,
-            docs=docs,
-            allow_python_graders=allow_python_graders,
-            store_max_age_days=store_max_age_days,
-            store_max_count=store_max_count,
-            log_prompts=log_prompts,
+        raise typer.Exit(
+            api_command(
+                host=host,
+                port=port,
+                db=db,
+                workers=workers,
+                api_keys=api_key or [],
+                max_upload_mb=max_upload_mb,
+                max_body_mb=max_body_mb,
+                allowed_models=allow_model or [],
+                max_models=max_models,
+                docs=docs,
+                allow_python_graders=allow_python_graders,
+                store_max_age_days=store_max_age_days,
+                store_max_count=store_max_count,
+                log_prompts=log_prompts,
+            )
         )
-    )
 
 
 @app.command()
@@ -353,9 +372,10 @@ def ui(
     max_models: int = typer.Option(1, min=1, help="Base models the playground holds in memory at once."),
 ):
     """Web dashboard of the runs under DIRECTORY: live curves, reports, checkpoints, comparison, chat."""
-    from .dashboard.app import ui_command
+    with serve_extra("ui"):
+        from .dashboard.app import ui_command
 
-    raise typer.Exit(ui_command(directory, host=host, port=port, max_models=max_models))
+        raise typer.Exit(ui_command(directory, host=host, port=port, max_models=max_models))
 
 
 @app.command()
@@ -368,9 +388,10 @@ def worker(
     """Job workers for a `tuneforge api` elsewhere: claim queued jobs from the shared store and train them.
 
     $TUNEFORGE_HOME must be the same shared folder the API server uses (uploaded files, run folders)."""
-    from .jobs.command import worker_command
+    with serve_extra("worker"):
+        from .jobs.command import worker_command
 
-    raise typer.Exit(worker_command(db=db, workers=workers))
+        raise typer.Exit(worker_command(db=db, workers=workers))
 
 
 @app.command()

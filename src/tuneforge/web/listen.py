@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+import uvicorn
 from rich.console import Console
 
 from ..errors import ConfigError
@@ -31,8 +32,6 @@ def listen(app, sock: socket.socket, announce: Callable[[str], str], log_level: 
     """Run `app` under uvicorn on `sock` (from `bind`) until SIGINT or SIGTERM; `announce(url)` (the
     url without a trailing slash, with the port actually bound) is printed to stderr first, on one line
     whatever its length, for scripts to read."""
-    import uvicorn
-
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     Console(stderr=True).print(announce(f"http://{shown_host}:{port}"), highlight=False, soft_wrap=True)
