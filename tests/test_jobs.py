@@ -854,3 +854,12 @@ def test_a_server_and_a_worker_on_postgres_run_each_job_once(tmp_path, tiny_mode
         worker.wait(timeout=60)
         first.stop()
         second.stop()
+
+
+def test_the_job_store_is_a_sqlite_file_path_as_the_error_for_a_bad_one_says_or_a_url(tmp_path, monkeypatch):
+    from tuneforge.jobs.command import open_store
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    store, _ = open_store("stores/jobs.db")
+    assert store.url.database == str(tmp_path / "stores" / "jobs.db") and (tmp_path / "stores" / "jobs.db").is_file()

@@ -311,7 +311,8 @@ def api(
     db: str | None = typer.Option(
         None,
         envvar="TUNEFORGE_DB",
-        help="Job store URL, e.g. postgresql://user@host/db (default: SQLite under $TUNEFORGE_HOME/jobs).",
+        help="Job store: a SQLite file's path or a database URL, e.g. postgresql://user@host/db (default: SQLite "
+        "under $TUNEFORGE_HOME/jobs).",
     ),
     workers: int = typer.Option(1, min=0, help="Jobs this server trains at once, each in its own process."),
     api_key: list[str] | None = typer.Option(
@@ -381,7 +382,11 @@ def ui(
 @app.command()
 def worker(
     db: str = typer.Option(
-        ..., "--store", "--db", envvar="TUNEFORGE_DB", help="The shared job store, e.g. postgresql://user@host/db."
+        ...,
+        "--store",
+        "--db",
+        envvar="TUNEFORGE_DB",
+        help="The shared job store: a database URL, e.g. postgresql://user@host/db, or a SQLite file's path.",
     ),
     workers: int = typer.Option(1, min=1, help="Jobs this machine trains at once, each in its own process."),
 ):

@@ -8,17 +8,18 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from ..database import opening
+from ..database import database_url, opening
 from ..fsio import tuneforge_home
 
 
 def open_store(db: str | None):
-    """The job store at `db` (default: SQLite under $TUNEFORGE_HOME/jobs), and the folder of files and runs."""
+    """The job store at `db`, a file path or a database URL (default: SQLite under $TUNEFORGE_HOME/jobs), and the
+    folder of files and runs."""
     from .store import Store
 
     root = tuneforge_home() / "jobs"
     root.mkdir(parents=True, exist_ok=True)
-    url = db or f"sqlite:///{root / 'jobs.db'}"
+    url = database_url(db) if db else f"sqlite:///{root / 'jobs.db'}"
     with opening(url, "--db"):
         return Store(url), root
 
