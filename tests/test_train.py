@@ -278,6 +278,39 @@ def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(
     assert train(shorter, resume="latest", force=True, progress=False).steps == 3
 
 
+def test_a_second_run_into_an_output_dir_in_use_is_refused_and_a_killed_run_lets_it_go(
+    tiny_model_dir, triage_data, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, epochs=50, batch_size=4, save_every=1)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge", "train", str(_write_config(cfg, tmp_path / "cfg.yaml"))],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "checkpoints" / "step-2").exists():
+            time.sleep(0.05)
+        assert (run / "checkpoints" / "step-2").exists(), "the first run never reached step 2"
+        # Both at once would write the same checkpoints (each deleting the other's half-written one) and
+        # metrics.jsonl; with --overwrite the second would delete the first's checkpoints under it.
+        for overwrite in (False, True):
+            with pytest.raises(
+                TuneforgeError, match=rf"{run} is in use by another training run \(process {first.pid}\)"
+            ):
+                train({**cfg, "train": {**cfg["train"], "max_steps": 2}}, overwrite=overwrite, progress=False)
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The lock went with the killed process: the run continues at once.
+    reached = max(int(folder.name.split("-")[1]) for folder in (run / "checkpoints").glob("step-*"))
+    longer = {**cfg, "train": {**cfg["train"], "max_steps": reached + 1}}
+    assert train(longer, resume="latest", force=True, progress=False).steps == reached + 1
+
+
 def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
     with warnings.catch_warnings(record=True) as caught:

@@ -16,8 +16,10 @@ over ranks. What a config's `eval:` section asks for runs after this, in the cal
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
+import os
 import random
 import shlex
 import shutil
@@ -336,6 +338,45 @@ def clear_earlier_run(cfg: Config, world: distributed.World, resume: str | bool 
             for name in ("checkpoints", "final", "eval"):
                 shutil.rmtree(out / name, ignore_errors=True)
         distributed.barrier(world, "deleting the earlier run's checkpoints")
+
+
+RUN_LOCK = ".train.lock"
+"""Held by the training run writing its output_dir; it says which process that is."""
+
+
+@contextlib.contextmanager
+def sole_run_in(out: Path, world: distributed.World):
+    """Hold `out` for this run until it ends: a second run started there is refused before it reads or
+    deletes anything, since both would write the same checkpoints, metrics.jsonl and final model, and
+    each removes the other's half-written checkpoint as a leftover. The lock goes with the process,
+    so a killed run leaves nothing to clear by hand."""
+    lock, holder = None, None
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / RUN_LOCK, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+        else:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+    holder = distributed.from_main(holder, world, "checking that no other run writes output_dir")
+    if holder is not None:
+        raise TuneforgeError(
+            f"{out} is in use by another training run (process {holder}): two runs there would overwrite each "
+            "other's checkpoints and final model. Wait for it to end (or stop it and continue it with --resume), "
+            "or give this run another output_dir.",
+            code="run_in_progress",
+        )
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def prepare_data(cfg: Config, tokenizer, world: distributed.World, out: Path, log) -> tfdata.PreparedData:
@@ -718,9 +759,10 @@ def train(
     run = None
     callers_rng = checkpoint.rng_states()
     try:
-        run = setup(cfg, world, resume=resume, force=force, overwrite=overwrite, log=log)
-        status = fit(run, progress=progress, log=log)
-        return finish(run, status, progress=progress)
+        with sole_run_in(Path(cfg.output_dir), world):
+            run = setup(cfg, world, resume=resume, force=force, overwrite=overwrite, log=log)
+            status = fit(run, progress=progress, log=log)
+            return finish(run, status, progress=progress)
     finally:
         # The run goes before the process group: DDP's reducer holds the group, and were it the last
         # holder it would end the group holding the GIL, which gloo's threads may still wait for.
