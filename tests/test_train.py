@@ -202,6 +202,22 @@ def test_a_forced_resume_trains_at_the_learning_rate_of_the_changed_config(tiny_
     assert "damaged" not in error.value.message
 
 
+def test_a_run_resumed_from_an_earlier_checkpoint_drops_the_later_ones_it_replaces(
+    tiny_model_dir, triage_data, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2)
+    train(cfg, progress=False)
+    shorter = json.loads(json.dumps(cfg))
+    shorter["train"].update(max_steps=3, learning_rate=5e-3)
+    train(shorter, resume=str(run / "checkpoints" / "step-2"), force=True, progress=False)
+    # step-4 continued the run this one replaced: kept, it would be `latest` and outrank step-3 in pruning.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    capsys.readouterr()
+    assert train(cfg, resume="latest", force=True, progress=False).steps == 4
+    assert f"resumed from {run / 'checkpoints' / 'step-3'} at step 3" in capsys.readouterr().out
+
+
 def test_resume_refuses_training_data_that_changed_unless_forced(tiny_model_dir, triage_data, tmp_path):
     data = tmp_path / "train.jsonl"
     shutil.copy(triage_data["train"], data)

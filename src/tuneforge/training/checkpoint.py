@@ -65,9 +65,13 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def step_number(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
 def step_folders(root: Path) -> list[Path]:
     folders = [p for p in Path(root).glob("step-*") if p.is_dir() and (p / STATE).is_file()]
-    return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(folders, key=step_number)
 
 
 def latest(root: Path) -> Path | None:
@@ -206,8 +210,13 @@ def save(
             _check_complete(tmp, world.size)
             write_json(tmp / STATE, state)
     if world.is_main:
-        for old in step_folders(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        # Checkpoints past this step were written before this run resumed from an earlier one: they continue
+        # the run it replaces, so they go (else `latest` would resume them and pruning would keep them instead).
+        folders = step_folders(root)
+        kept = [folder for folder in folders if step_number(folder) <= step][-keep:]
+        for old in folders:
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
     distributed.barrier(world, f"{phase} (rank 0 completes it while the others wait)")
     return root / f"step-{step}"
 
