@@ -286,6 +286,22 @@ def test_the_cache_is_reused_and_says_so(tmp_path, tokenizer, isolated_home):
     assert changed.report["cache"]["reused"] is False
 
 
+def test_a_cache_entry_damaged_after_it_was_written_is_prepared_again(tmp_path, tokenizer, isolated_home):
+    path = write_jsonl(tmp_path / "train.jsonl", rows(12))
+    cfg = DataConfig(train=str(path), validation=0.25)
+    first = prepare(cfg, tokenizer, log=lambda _: None)
+    entry = isolated_home / "data-cache" / first.report["cache"]["key"]
+    parquet = entry / "train.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:100])  # a disk fault, or a copy of the cache cut short
+    said = []
+    again = prepare(cfg, tokenizer, log=said.append)
+    assert f"the cached data set in {entry} cannot be read" in said[0] and "preparing it again" in said[0]
+    assert again.report["cache"]["reused"] is False
+    assert [e.input_ids for e in again.train] == [e.input_ids for e in first.train]
+    # Replaced by a whole entry: the next run reuses it.
+    assert prepare(cfg, tokenizer, log=lambda _: None).report["cache"]["reused"] is True
+
+
 def test_a_cache_that_cannot_be_written_is_only_a_warning(tmp_path, tokenizer, monkeypatch):
     blocked = tmp_path / "home-is-a-file"
     blocked.write_text("")

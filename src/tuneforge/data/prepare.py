@@ -74,7 +74,13 @@ def prepare(
     """
     replay = replay_file(cfg)
     key = cache.cache_key(cfg, tokenizer, replay) if use_cache else None
-    cached = cache.load(key) if key else None
+    try:
+        cached = cache.load(key) if key else None
+    except (OSError, ValueError, KeyError) as e:
+        # An entry damaged after it was written (a disk fault, a copy of the cache cut short) is only lost time:
+        # the data is prepared again and the entry replaced.
+        log(f"data: warning: the cached data set in {cache.cache_dir() / key} cannot be read ({e}); preparing it again")
+        cached = None
     if cached is not None:
         cached.report["cache"] = {"key": key, "reused": True, "path": str(cache.cache_dir() / key)}
         log(f"data: reusing the tokenized data set cached in {cache.cache_dir() / key}")
