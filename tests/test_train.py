@@ -264,6 +264,27 @@ def test_a_damaged_checkpoint_is_refused_naming_its_file_and_the_one_before_it(
     assert train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False).steps == 4
 
 
+def test_a_checkpoint_the_disk_refuses_is_an_error_naming_it_and_leaves_nothing_half_written(
+    tiny_model_dir, triage_data, tmp_path
+):
+    import resource
+
+    run = tmp_path / "run"
+    path = _write_config(
+        tiny_run_config(tiny_model_dir, triage_data, run, max_steps=2, save_every=1), tmp_path / "c.yaml"
+    )
+
+    def small_file_limit():  # the optimizer state outgrows it, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    failed = _cli("train", str(path), preexec_fn=small_file_limit)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert f"error: {run / 'checkpoints' / 'step-1'}: File too large. A file grew past" in " ".join(
+        failed.stderr.split()
+    )
+    assert list((run / "checkpoints").iterdir()) == []
+
+
 def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(
     tiny_model_dir, triage_data, tmp_path, capsys
 ):

@@ -554,6 +554,7 @@ _PATH_ERROR_ADVICE = {
     errno.EPERM: "This user may not use it: choose another path, or change its permissions.",
     errno.ENOSPC: "The disk is full: free some space, or write somewhere else.",
     errno.EDQUOT: "The disk quota is used up: free some space, or write somewhere else.",
+    errno.EFBIG: "A file grew past the size this process may write (ulimit -f) or the file system allows.",
     errno.EROFS: "It is on a read-only file system: write somewhere else.",
 }
 

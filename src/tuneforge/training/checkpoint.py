@@ -185,6 +185,20 @@ def _one_process_quietly():
         yield
 
 
+@contextlib.contextmanager
+def _machine_refusal_names(folder: Path):
+    """DCP gathers the processes' failures into one CheckpointException; a write the machine refused (a full
+    disk, a file size limit) is raised as that OSError, naming the checkpoint `folder`, so it is told like any
+    path the machine refuses rather than as a traceback."""
+    try:
+        yield
+    except CheckpointException as error:
+        cause = next(iter(error.failures.values()))[0]
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror, str(folder)) from error
+        raise
+
+
 def save(
     root: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int, world: distributed.World
 ) -> Path:
@@ -201,7 +215,7 @@ def save(
         torch.save(rng_states(), tmp / rng_file(world.rank))
         with distributed.phase(phase, world):
             # Returns once every process has written its shards.
-            with _one_process_quietly():
+            with _one_process_quietly(), _machine_refusal_names(root / f"step-{step}"):
                 dcp.save(optimizer_state, checkpoint_id=tmp / OPTIMIZER, no_dist=world.size == 1)
         if world.is_main:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
