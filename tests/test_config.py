@@ -195,3 +195,14 @@ def test_the_readme_config_block_shows_every_key_with_its_default():
     method_line = next(line for line in block.splitlines() if line.startswith("method:"))
     for method in typing.get_args(Config.model_fields["method"].annotation):
         assert method in method_line.split("#", 1)[1], f"README's method comment leaves out {method}"
+
+
+def test_infinite_and_nan_numbers_are_refused(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "data:\n  train: x\ntrain:\n  learning_rate: .inf\n  weight_decay: .nan\n  distributed_timeout: .inf\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    for key in ("train.learning_rate", "train.weight_decay", "train.distributed_timeout"):
+        assert f"{key}: Input should be a finite number" in e.value.message

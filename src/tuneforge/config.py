@@ -22,7 +22,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or NaN: YAML reads `.inf` and `.nan` as numbers, and an infinite learning rate or weight decay
+    # passes every lower bound, to fail at the first step.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(Strict):
