@@ -62,6 +62,16 @@ def test_not_yaml_names_the_line(tmp_path):
         load_config(path)
 
 
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\ntrain:\n  max_steps: 2\n  batch_size: 2\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml line 6: train is given twice \(also on line 3\)"):
+        load_config(path)
+    path.write_text("data:\n  train: x\n  packing: false\n  packing: true\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml line 4: data\.packing is given twice \(also on line 3\)"):
+        load_config(path)
+
+
 def test_a_config_from_python_takes_paths_and_refuses_what_is_no_config(tmp_path):
     assert load_config({"data": {"train": tmp_path / "train.jsonl"}}).data.train == str(tmp_path / "train.jsonl")
     with pytest.raises(ConfigError, match="a YAML file's path, a shipped recipe's name, a dict or a Config, not int"):

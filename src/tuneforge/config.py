@@ -606,12 +606,15 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
                 f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them). "
                 "Write one (see `tuneforge validate --help`) or check the path."
             )
+        text = path.read_text(encoding="utf-8")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        _refuse_repeated_keys(node, path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys (base_model, method, data, ...).")
         name, base_dir = str(path), path.parent
@@ -627,6 +630,25 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, name)) from None
+
+
+def _refuse_repeated_keys(node: yaml.Node | None, path: Path, prefix: str = "") -> None:
+    """YAML reads a key given twice in one mapping as its last value, dropping the first without a word (a
+    second `train:` section replaces the first whole): such a key is refused, naming both lines."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeated_keys(item, path, f"{prefix}{i}.")
+    elif isinstance(node, yaml.MappingNode):
+        lines = {}
+        for key_node, value_node in node.value:
+            key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(
+                    f"{path} line {line}: {key} is given twice (also on line {lines[key]}), and YAML would keep "
+                    "only this one; merge the two into one."
+                )
+            lines[key] = line
+            _refuse_repeated_keys(value_node, path, f"{key}.")
 
 
 def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
