@@ -19,7 +19,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
     path = write(tmp_path, {"data": {"train": "x.jsonl"}, "train": {"learnin_rate": 1e-4}})
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert "train.learnin_rate: unknown key" in e.value.message
+    assert "train.learnin_rate (line 4): unknown key" in e.value.message
     assert "Did you mean 'train.learning_rate'" in e.value.message
     assert str(path) in e.value.message
 
@@ -36,7 +36,7 @@ def test_bad_values_name_the_field(tmp_path):
         load_config(write(tmp_path, {"data": {"train": "x"}, "method": "qlora"}))
     with pytest.raises(ConfigError, match="multiple of train.grad_accum"):
         load_config(write(tmp_path, {"data": {"train": "x"}, "train": {"batch_size": 6, "grad_accum": 4}}))
-    with pytest.raises(ConfigError, match=r"data\.train: required"):
+    with pytest.raises(ConfigError, match=r"data\.train \(line 1\): required"):
         load_config(write(tmp_path, {"data": {}}))
 
 
@@ -60,6 +60,24 @@ def test_not_yaml_names_the_line(tmp_path):
     path.write_text("data:\n  train: [unclosed\n")
     with pytest.raises(ConfigError, match=r"cfg\.yaml line \d+: not valid YAML"):
         load_config(path)
+
+
+def test_each_error_names_the_line_or_override_that_set_its_key(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\ntrain:\n  max_steps: 2\n  batch_size: two\n  lr: 1.0e-4\nmethod: qlora\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.max_steps=0"])
+    assert e.value.message.splitlines() == [
+        f"{path}: invalid config",
+        "  method (line 7): Input should be 'full', 'lora', 'dora', 'distill', 'dpo' or 'grpo' (got 'qlora')",
+        "  train.max_steps (override): Input should be greater than or equal to 1 (got 0)",
+        "  train.batch_size (line 5): Input should be a valid integer, unable to parse string as an integer "
+        "(got 'two')",
+        "  train.lr (line 6): unknown key. tuneforge calls it train.learning_rate.",
+    ]
+    # A section the override replaces whole leaves none of the file's lines under it.
+    with pytest.raises(ConfigError, match=r"train\.batch_size \(override\): Input should be a valid integer"):
+        load_config(path, ["train={batch_size: two}", "method=lora"])
 
 
 def test_a_key_given_twice_names_both_lines(tmp_path):
@@ -94,7 +112,9 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
     with pytest.raises(ConfigError, match="unknown key") as e:
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.gradient_accumulation_steps=2"])
     assert "gradient_checkpointing" not in e.value.message and "tuneforge calls it train.grad_accum" in e.value.message
-    with pytest.raises(ConfigError, match=r"train\.save_steps: unknown key\. tuneforge calls it train\.save_every\."):
+    with pytest.raises(
+        ConfigError, match=r"train\.save_steps \(override\): unknown key\. tuneforge calls it train\.save_every\."
+    ):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.save_steps=50"])
     known = _known_keys(Config)
     assert all(target.split()[0].rstrip(":") in known for target in KNOWN_ELSEWHERE.values())
@@ -115,7 +135,9 @@ def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
     path = write(tmp_path, {"data": {"train": "x"}})
     assert load_config(path, "train.max_steps=3").train.max_steps == 3
     assert load_config(path, None).train.max_steps is None
-    with pytest.raises(ConfigError, match=r"train\.max_stepz: unknown key\. Did you mean 'train\.max_steps'"):
+    with pytest.raises(
+        ConfigError, match=r"train\.max_stepz \(override\): unknown key\. Did you mean 'train\.max_steps'"
+    ):
         tuneforge.train(path, "train.max_stepz=3")
     with pytest.raises(ConfigError, match=r"data: required"):
         tuneforge.train({"base_model": "x"}, None)
@@ -214,5 +236,5 @@ def test_infinite_and_nan_numbers_are_refused(tmp_path):
     )
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    for key in ("train.learning_rate", "train.weight_decay", "train.distributed_timeout"):
-        assert f"{key}: Input should be a finite number" in e.value.message
+    for line, key in enumerate(("train.learning_rate", "train.weight_decay", "train.distributed_timeout"), 4):
+        assert f"{key} (line {line}): Input should be a finite number" in e.value.message

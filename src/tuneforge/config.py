@@ -523,18 +523,23 @@ def _suggest(key: str) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, places: dict[str, str]) -> str:
+    """One line per error, each naming its key and where it was set (`places`: "line N" or an override, by
+    dotted key; a key not set there is placed at its nearest section that is)."""
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal[")))
+        parts = [str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal["))]
+        loc = ".".join(parts)
+        placed = next((places[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in places), None)
+        key = f"{loc} ({placed})" if placed else loc
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key.{_suggest(loc)}")
+            lines.append(f"  {key}: unknown key.{_suggest(loc)}")
         elif e["type"] == "missing":
-            lines.append(f"  {loc}: required, but not set.")
+            lines.append(f"  {key}: required, but not set.")
         else:
             got = e.get("input")
             shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            lines.append(f"  {loc or '(top level)'}: {e['msg']}{shown}")
+            lines.append(f"  {key or '(top level)'}: {e['msg']}{shown}")
     return "\n".join(lines)
 
 
@@ -589,7 +594,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
     """
     if isinstance(source, Config):
         source = source.model_dump()
-    base_dir = None
+    base_dir, places = None, {}
     if isinstance(source, dict):
         # A deep copy, with paths as the strings a YAML file would hold (Python callers pass Path objects).
         raw, name = json.loads(json.dumps(source, default=_as_yaml_value)), "config"
@@ -614,12 +619,14 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
-        _refuse_repeated_keys(node, path)
+        places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys (base_model, method, data, ...).")
         name, base_dir = str(path), path.parent
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
+        # The override replaces what the file said under this key.
+        places = {k: v for k, v in places.items() if not k.startswith(f"{key}.")} | {key: "override"}
     if isinstance(source, (str, Path)) and path != Path(source):  # a shipped recipe, named
         from .recipes import check_earlier_outputs
 
@@ -629,17 +636,19 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, name)) from None
+        raise ConfigError(_format_validation_error(e, name, places)) from None
 
 
-def _refuse_repeated_keys(node: yaml.Node | None, path: Path, prefix: str = "") -> None:
-    """YAML reads a key given twice in one mapping as its last value, dropping the first without a word (a
+def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str, int]:
+    """The line of each key in a YAML document, by dotted key (list items by index: `data.train.0`).
+
+    YAML reads a key given twice in one mapping as its last value, dropping the first without a word (a
     second `train:` section replaces the first whole): such a key is refused, naming both lines."""
+    lines = {}
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _refuse_repeated_keys(item, path, f"{prefix}{i}.")
+            lines |= _key_lines(item, path, f"{prefix}{i}.")
     elif isinstance(node, yaml.MappingNode):
-        lines = {}
         for key_node, value_node in node.value:
             key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
             if key in lines:
@@ -648,7 +657,8 @@ def _refuse_repeated_keys(node: yaml.Node | None, path: Path, prefix: str = "") 
                     "only this one; merge the two into one."
                 )
             lines[key] = line
-            _refuse_repeated_keys(value_node, path, f"{key}.")
+            lines |= _key_lines(value_node, path, f"{key}.")
+    return lines
 
 
 def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
