@@ -129,6 +129,22 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
             load_config(write(tmp_path, {"data": {"train": "x"}}), [override])
 
 
+def test_axolotl_and_llama_factory_keys_are_named_in_tuneforge_terms(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "model_name_or_path: m\nadapter: qlora\nfinetuning_type: lora\nlora_rank: 8\nlora_target: all\n"
+        "datasets: [x]\nval_set_size: 0.1\ncutoff_len: 512\nquantization_bit: 4\ntrain_on_inputs: false\n"
+        "data:\n  train: x\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    errors = e.value.message.splitlines()[1:]
+    assert len(errors) == 10 and all("unknown key. tuneforge calls it" in line for line in errors)
+    assert "  adapter (line 2): unknown key. tuneforge calls it method: lora (QLoRA is method: lora with " in (
+        e.value.message
+    )
+
+
 def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
     import tuneforge
 

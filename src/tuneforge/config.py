@@ -471,10 +471,22 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-# What people coming from Hugging Face's TrainingArguments, PEFT's LoraConfig, TRL's GRPOConfig or
-# Axolotl write, and tuneforge's key for it: their names share too little with ours for a spelling
-# match to find it.
+# What people coming from Hugging Face's TrainingArguments, PEFT's LoraConfig, TRL's GRPOConfig,
+# Axolotl or LLaMA-Factory write, and tuneforge's key for it: their names share too little with ours
+# for a spelling match to find it.
 KNOWN_ELSEWHERE = {
+    "model_name_or_path": "base_model",
+    "adapter": "method: lora (QLoRA is method: lora with model.quantize: nf4)",
+    "finetuning_type": "method",
+    "datasets": "data.train",
+    "dataset": "data.train",
+    "val_set_size": "data.validation",
+    "eval_dataset": "data.validation",
+    "cutoff_len": "data.max_length",
+    "train_on_inputs": "data.train_on (all trains the prompts too)",
+    "quantization_bit": "model.quantize (nf4 or fp4 for 4 bits, int8 for 8)",
+    "lora_rank": "lora.r",
+    "lora_target": "lora.target_modules",
     "save_steps": "train.save_every",
     "eval_steps": "train.eval_every",
     "logging_steps": "train.log_every",
