@@ -149,6 +149,12 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
     total = t.max_steps or epochs * per_epoch
     epochs = math.ceil(total / per_epoch)
     warmup = int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
+    if warmup >= total:
+        # The rate would still be climbing at the last step: the run would never train at its learning rate.
+        raise TuneforgeError(
+            f"train.warmup is {warmup} steps, but the run takes {total}: the learning rate would never reach "
+            f"train.learning_rate; give train.warmup fewer steps than that, or a fraction of the run (such as 0.03)."
+        )
     return StepPlan(n_rows, epochs, per_epoch, total, warmup, t.batch_size // n_micro)
 
 
