@@ -80,6 +80,16 @@ def test_each_error_names_the_line_or_override_that_set_its_key(tmp_path):
         load_config(path, ["train={batch_size: two}", "method=lora"])
 
 
+def test_true_or_false_is_no_number(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\n  packing: on\nlora:\n  r: yes\ntrain:\n  batch_size: true\n  epochs: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    for key, line in (("lora.r", 5), ("train.batch_size", 7), ("train.epochs", 8)):
+        assert f"{key} (line {line}): Value error, true or false is no number" in e.value.message
+    assert "packing" not in e.value.message
+
+
 def test_a_key_given_twice_names_both_lines(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data:\n  train: x\ntrain:\n  max_steps: 2\n  batch_size: 2\ntrain:\n  seed: 3\n")

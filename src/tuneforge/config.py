@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,19 @@ class Strict(BaseModel):
     # No inf or NaN: YAML reads `.inf` and `.nan` as numbers, and an infinite learning rate or weight decay
     # passes every lower bound, to fail at the first step.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false_for_a_number(cls, value, info):
+        # pydantic takes true as the number 1: `batch_size: true` (or `yes`, `on`, which YAML reads as
+        # true) would train one row a step without a word.
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(get_args(annotation)) or {annotation}
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(
+                "true or false is no number (YAML reads yes, no, on and off as true and false); give a number"
+            )
+        return value
 
 
 class LoraConfig(Strict):
