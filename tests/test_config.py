@@ -90,6 +90,17 @@ def test_true_or_false_is_no_number(tmp_path):
     assert "packing" not in e.value.message
 
 
+def test_an_empty_path_is_refused_not_taken_for_a_folder(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text('base_model: ""\ndata:\n  train: x\n  validation: ""\noutput_dir: ""\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    for key, line in (("base_model", 1), ("data.validation", 4), ("output_dir", 5)):
+        assert re.search(
+            rf"{re.escape(key)}\S* \(line {line}\): String should have at least 1 character", e.value.message
+        )
+
+
 def test_a_key_given_twice_names_both_lines(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data:\n  train: x\ntrain:\n  max_steps: 2\n  batch_size: 2\ntrain:\n  seed: 3\n")

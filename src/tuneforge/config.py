@@ -23,8 +23,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 class Strict(BaseModel):
     # No inf or NaN: YAML reads `.inf` and `.nan` as numbers, and an infinite learning rate or weight decay
-    # passes every lower bound, to fail at the first step.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # passes every lower bound, to fail at the first step. No empty string: as a path it names the
+    # working directory (`output_dir: ""` would write the run there).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, str_min_length=1)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -688,7 +689,8 @@ def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str
 
 def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
     def fix(p):
-        if isinstance(p, str) and not Path(p).is_absolute() and (base_dir / p).exists():
+        # An empty path is left for validation to refuse: joined to the config's folder, it would name that folder.
+        if isinstance(p, str) and p and not Path(p).is_absolute() and (base_dir / p).exists():
             return str((base_dir / p).resolve())
         return p
 
