@@ -40,6 +40,14 @@ def test_bad_values_name_the_field(tmp_path):
         load_config(write(tmp_path, {"data": {}}))
 
 
+def test_the_preference_format_is_for_dpo_alone(tmp_path):
+    for method in ("lora", "grpo"):
+        extra = {"grpo": {"grader": {"type": "string_check"}}} if method == "grpo" else {}
+        with pytest.raises(ConfigError, match=f"data.format: preference .* which method: {method} cannot train on"):
+            load_config({"method": method, "data": {"train": "x", "format": "preference", "packing": False}, **extra})
+    assert load_config({"method": "dpo", "data": {"train": "x", "format": "preference"}}).data.format == "preference"
+
+
 def test_eval_section_is_checked_before_training(tmp_path):
     from tuneforge.eval.after_training import check_eval_inputs
 

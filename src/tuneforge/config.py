@@ -389,6 +389,11 @@ class Config(Strict):
                 "eval.task scores answers to the prompts of the data.validation file; give "
                 "data.validation as a file path (a fraction has no file), or leave eval.task out"
             )
+        if self.data.format == "preference" and self.method != "dpo":
+            raise ValueError(
+                f"data.format: preference reads each row as a chosen and a rejected reply, which method: {self.method} "
+                "cannot train on; set method: dpo, or data.format to the format of the rows (or auto)"
+            )
         if self.method == "dpo" and self.data.train_on == "all":
             raise ValueError(
                 "data.train_on: all trains the prompt too, but method: dpo compares the chosen and rejected replies "
