@@ -554,12 +554,18 @@ def _suggest(key: str) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def _is_type_tag(part: str) -> bool:
+    """Whether a part of a pydantic error's location names a type, not a key: a key that takes one of
+    several types (`data.train`: a path or a list of them) has an error for each, located under its name."""
+    return part in ("str", "float", "int") or part.startswith(("function-after", "literal[", "constrained-", "list["))
+
+
 def _format_validation_error(err: ValidationError, source: str, places: dict[str, str]) -> str:
     """One line per error, each naming its key and where it was set (`places`: "line N" or an override, by
     dotted key; a key not set there is placed at its nearest section that is)."""
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        parts = [str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal["))]
+        parts = [str(p) for p in e["loc"] if not _is_type_tag(str(p))]
         loc = ".".join(parts)
         placed = next((places[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in places), None)
         key = f"{loc} ({placed})" if placed else loc
