@@ -315,6 +315,34 @@ def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(
     assert train(shorter, resume="latest", force=True, progress=False).steps == 3
 
 
+def test_overwrite_keeps_the_earlier_run_whole_until_the_new_one_passes_its_checks(
+    tiny_model_dir, triage_data, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=2)
+    train(cfg, progress=False)
+    earlier = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("not json\n")
+    refused = json.loads(json.dumps(cfg))
+    refused["data"]["train"] = str(broken)
+    refused["train"]["learning_rate"] = 1e-4
+    with pytest.raises(TuneforgeError, match="invalid_json"):
+        train(refused, overwrite=True, progress=False)
+    # The refused run deleted nothing and wrote nothing: the earlier run's files are all there, as they were.
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == earlier
+    # A run that starts over leaves nothing of the earlier one: no summary of a run that is not there.
+    for name in ("eval/report.json", "tensorboard/events.out.tfevents.1"):
+        (run / name).parent.mkdir()
+        (run / name).write_text("{}")
+    longer = json.loads(json.dumps(cfg))
+    longer["train"].update(max_steps=3, save_every=0)
+    result = train(longer, overwrite=True, progress=False)
+    assert not (run / "eval").exists() and not (run / "tensorboard" / "events.out.tfevents.1").exists()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3 == result.steps
+    assert [m["step"] for m in metrics(run) if "train_loss" in m] == [1, 2, 3]
+
+
 def test_a_second_run_into_an_output_dir_in_use_is_refused_and_a_killed_run_lets_it_go(
     tiny_model_dir, triage_data, tmp_path
 ):

@@ -49,6 +49,7 @@ from ..methods import (
     sum_over_batches,
     trainable_parameters,
 )
+from ..methods.grpo import ROLLOUTS_FILE
 from ..models import ModelSource, causal_lm, load_tokenizer, resolve, resolve_precision
 from ..models.attention import per_example_attention, supports_per_example_attention
 from ..models.saving import save_model
@@ -323,15 +324,26 @@ def earlier_run(out: Path) -> str | None:
     return " and ".join(held) or None
 
 
-def clear_earlier_run(cfg: Config, world: distributed.World, resume: str | bool | None, overwrite: bool) -> None:
+RUN_FILES = (
+    "checkpoints",
+    "final",
+    "eval",
+    "tensorboard",
+    "summary.json",
+    "metrics.jsonl",
+    "config.yaml",
+    "data_report.json",
+    ROLLOUTS_FILE,
+)
+"""What a run writes in its output_dir: all of it goes when `--overwrite` starts a new run there."""
+
+
+def refuse_earlier_run(out: Path, resume: str | bool | None, overwrite: bool) -> bool:
     """A run started afresh where an earlier run left checkpoints or a final model is refused: the two
     runs' checkpoints would mix (the newest step numbers kept, whichever run wrote them), `--resume`
     would continue the wrong run, and the earlier final model would be replaced unasked. With
-    `overwrite` the earlier run's checkpoints, final model and evaluation are deleted first."""
-    if resume:
-        return
-    out = Path(cfg.output_dir)
-    held = earlier_run(out)
+    `overwrite` it goes on; whether there is an earlier run for `clear_earlier_run` to delete is returned."""
+    held = None if resume else earlier_run(out)
     if held and not overwrite:
         raise TuneforgeError(
             f"{out} holds an earlier run ({held}). Continue it with --resume, give this run another "
@@ -339,11 +351,19 @@ def clear_earlier_run(cfg: Config, world: distributed.World, resume: str | bool 
             "and start over.",
             code="run_exists",
         )
-    if overwrite:
-        if world.is_main:
-            for name in ("checkpoints", "final", "eval"):
-                shutil.rmtree(out / name, ignore_errors=True)
-        distributed.barrier(world, "deleting the earlier run's checkpoints")
+    return held is not None
+
+
+def clear_earlier_run(out: Path) -> None:
+    """Delete every file of the earlier run in `out`, once the new run's data, model and plan are checked:
+    a run refused before its first step leaves the earlier one whole, and one that starts leaves no file of
+    the earlier one (its summary or evaluation) beside its own."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 RUN_LOCK = ".train.lock"
@@ -385,15 +405,15 @@ def sole_run_in(out: Path, world: distributed.World):
             lock.close()
 
 
-def prepare_data(cfg: Config, tokenizer, world: distributed.World, out: Path, log) -> tfdata.PreparedData:
-    """Rank 0 prepares the data (and caches it under $TUNEFORGE_HOME, and writes the report). On
-    several machines, the first process of each other machine then prepares it too: it reads rank
-    0's cache where $TUNEFORGE_HOME is shared, and tokenizes the data files again where it is not.
-    The other processes then read their machine's cache."""
+def prepare_data(
+    cfg: Config, tokenizer, world: distributed.World, report_path: Path | None, log
+) -> tfdata.PreparedData:
+    """Rank 0 prepares the data (and caches it under $TUNEFORGE_HOME, and writes the report to
+    `report_path`, if any). On several machines, the first process of each other machine then prepares
+    it too: it reads rank 0's cache where $TUNEFORGE_HOME is shared, and tokenizes the data files again
+    where it is not. The other processes then read their machine's cache."""
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        prepared = prepare_items(cfg, tokenizer, report_path=out / "data_report.json", log=log)
+        prepared = prepare_items(cfg, tokenizer, report_path=report_path, log=log)
     distributed.barrier(world, "preparing data (rank 0 prepares it while the others wait)")
     if world.machines > 1:
         if world.local_rank == 0 and not world.is_main:
@@ -402,6 +422,20 @@ def prepare_data(cfg: Config, tokenizer, world: distributed.World, out: Path, lo
     if world.local_rank != 0:
         prepared = prepare_items(cfg, tokenizer, log=log)
     return prepared
+
+
+def start_run_folder(cfg: Config, world: distributed.World, report: dict, replaces_earlier: bool) -> None:
+    """Once the run's data, model and plan are checked: the earlier run it replaces deleted, and the
+    run's config.yaml and data_report.json written."""
+    out = Path(cfg.output_dir)
+    if world.is_main:
+        if replaces_earlier:
+            clear_earlier_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out / "config.yaml") as f:
+            f.write(cfg.to_yaml())
+        write_json(out / "data_report.json", report)
+    distributed.barrier(world, "starting the run folder (rank 0 writes it while the others wait)")
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -516,12 +550,15 @@ def setup(
     precision = resolve_precision(cfg.train.precision, world.device)
     seed_everything(cfg.train.seed)
     resume_from, saved = resume_point(cfg, resume, force)
-    clear_earlier_run(cfg, world, resume, overwrite)
+    out = Path(cfg.output_dir)
+    replaces_earlier = refuse_earlier_run(out, resume, overwrite)
     source = resolve(cfg.base_model)
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer)
-    prepared = prepare_data(cfg, tokenizer, world, Path(cfg.output_dir), log)
+    # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
+    keeps_earlier = resume or replaces_earlier
+    prepared = prepare_data(cfg, tokenizer, world, None if keeps_earlier else out / "data_report.json", log)
     data_key = prepared.report.get("cache", {}).get("key")
     if resume_from is not None and not force:
         check_same_data(resume_from, saved, data_key)
@@ -551,6 +588,7 @@ def setup(
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
     if resume_from is not None:
         check_resumable(resume_from, saved, plan)
+    start_run_folder(cfg, world, prepared.report, replaces_earlier)
     if share:
         log(
             f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
@@ -758,7 +796,7 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune as the config says. `resume` is "latest" (or True) or a checkpoint folder; `overwrite` starts
-    afresh in an output_dir that holds an earlier run (`clear_earlier_run`)."""
+    afresh in an output_dir that holds an earlier run (`refuse_earlier_run`, `clear_earlier_run`)."""
     cfg = load_config(config, overrides)
     world = distributed.setup(cfg.train.distributed_timeout)
     log = print if world.is_main else (lambda *a, **k: None)
