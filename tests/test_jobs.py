@@ -863,3 +863,54 @@ def test_the_job_store_is_a_sqlite_file_path_as_the_error_for_a_bad_one_says_or_
     monkeypatch.chdir(tmp_path)
     store, _ = open_store("stores/jobs.db")
     assert store.url.database == str(tmp_path / "stores" / "jobs.db") and (tmp_path / "stores" / "jobs.db").is_file()
+
+
+def test_a_finished_jobs_events_are_there_as_soon_as_its_status_is(tmp_path):
+    # A client polling the status reads the events that tell of it in the same poll: every commit is
+    # followed by a read, as a client's would be, of the status and the events.
+    from sqlalchemy import event
+
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Job, JobEvent, Store, StoredFile, new_id, now
+    from tuneforge.jobs.worker import JobFailure, RunProgress, Workers
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    workers = Workers(store, FileStorage(tmp_path), tmp_path, 0)
+    seen = []
+
+    def read_as_a_client(session):
+        with store._sessions() as client:
+            for job in client.query(Job):
+                messages = [e.message for e in client.query(JobEvent).filter(JobEvent.job_id == job.id)]
+                results = [client.query(StoredFile).filter(StoredFile.id == f).one_or_none() for f in job.result_files]
+                seen.append((job.status, messages, results))
+
+    event.listen(store._sessions, "after_commit", read_as_a_client)
+    told = {
+        "succeeded": ["New fine-tuned model created: ft:tiny:alice:succeed", "The job has successfully completed."],
+        "failed": ["The run ran out of memory."],
+    }
+    for finish in ("succeed", "fail"):
+        job = Job(
+            id=new_id("ftjob-"),
+            owner="alice",
+            model="tiny",
+            training_file="file-1",
+            seed=1,
+            method={"type": "supervised"},
+            created_at=now(),
+            result_files=[],
+            status="running",
+            worker_id="worker-1",
+            fine_tuned_model=f"ft:tiny:alice:{finish}",
+        )
+        store.add(job)
+        if finish == "succeed":
+            workers._succeed(job, "worker-1", RunProgress(store, job, tmp_path / "run"))
+        else:
+            workers._fail(job, "worker-1", JobFailure("out_of_memory", "The run ran out of memory."))
+        finished = [(status, messages, results) for status, messages, results in seen if status in told]
+        assert finished, seen
+        for status, messages, results in finished:
+            assert messages == told[status] and None not in results, (status, messages)
+        seen.clear()

@@ -121,6 +121,15 @@ class JobEvent(Base):
         }
 
 
+def event(
+    job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
+) -> JobEvent:
+    """A new event of job `job_id`, to add (`Store.add`, or with the status it tells of: `Store.move`)."""
+    return JobEvent(
+        id=new_id("ftevent-"), job_id=job_id, created_at=now(), level=level, type=type, message=message, data=data
+    )
+
+
 class JobCheckpoint(Base):
     __tablename__ = "fine_tuning_job_checkpoints"
     seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
@@ -198,13 +207,26 @@ class Store(Tables):
         with self.session() as session:
             return session.scalar(select(Job).where(Job.owner == owner, Job.fine_tuned_model == fine_tuned_model))
 
-    def move(self, job_id: str, from_statuses: Iterable[str], *, held_by: str | None = None, **values: Any) -> bool:
-        """Set `values` if the job is in one of `from_statuses` (and held by worker `held_by`, if given)."""
+    def move(
+        self,
+        job_id: str,
+        from_statuses: Iterable[str],
+        *,
+        held_by: str | None = None,
+        adding: Iterable[DeclarativeBase] = (),
+        **values: Any,
+    ) -> bool:
+        """Set `values` if the job is in one of `from_statuses` (and held by worker `held_by`, if given),
+        and add the rows `adding` (the events that tell of it, a result file) in the same transaction: a
+        client that reads the new status finds them too."""
         query = update(Job).where(Job.id == job_id, Job.status.in_(list(from_statuses)))
         if held_by is not None:
             query = query.where(Job.worker_id == held_by)
         with self.session() as session:
-            return session.execute(query.values(**values)).rowcount == 1
+            if session.execute(query.values(**values)).rowcount != 1:
+                return False
+            session.add_all(adding)
+            return True
 
     def request_pause(self, job_id: str) -> bool:
         """Ask a running job to pause; False when it is not running or has been asked already."""
@@ -252,20 +274,8 @@ class Store(Tables):
 
     # ---- events and checkpoints ------------------------------------------------------------------
 
-    def add_event(
-        self, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
-    ) -> None:
-        self.add(
-            JobEvent(
-                id=new_id("ftevent-"),
-                job_id=job_id,
-                created_at=now(),
-                level=level,
-                type=type,
-                message=message,
-                data=data,
-            )
-        )
+    def add_event(self, job_id: str, message: str, **kind: Any) -> None:
+        self.add(event(job_id, message, **kind))
 
     def list_events(self, job_id: str, *, after: str | None, limit: int) -> Page:
         return self.page(JobEvent, select(JobEvent).where(JobEvent.job_id == job_id), after, limit, newest_first=True)

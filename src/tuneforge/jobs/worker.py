@@ -39,7 +39,7 @@ from . import runner
 from .access import training_spec
 from .files import RESULT_COLUMNS, REWARD_COLUMNS, FileStorage
 from .mapping import processes, resolved_method, training_config
-from .store import STATUSES, Job, JobCheckpoint, Store, new_id, now
+from .store import STATUSES, Job, JobCheckpoint, Store, event, new_id, now
 
 log = logging.getLogger("tuneforge.jobs")
 
@@ -153,7 +153,7 @@ class Workers:
         # The checkpoint may be newer than the last step the dead server reported.
         step = max(job.step, int(last.name.removeprefix("step-")) if last else 0)
         back_to = "paused" if job.stop_request == "pause" else "queued"
-        if self.store.move(
+        self.store.move(
             job.id,
             ["running"],
             held_by=job.worker_id,
@@ -162,14 +162,16 @@ class Workers:
             stop_request=None,
             estimated_finish=None,
             recoveries=job.recoveries + 1,
-        ):
-            self.store.add_event(
-                job.id,
-                f"The server running this job stopped after step {step}; the job is "
-                f"{back_to} again and will resume from "
-                + (f"checkpoint {last.name}." if last else "the start (no checkpoint yet)."),
-                level="warn",
-            )
+            adding=[
+                event(
+                    job.id,
+                    f"The server running this job stopped after step {step}; the job is "
+                    f"{back_to} again and will resume from "
+                    + (f"checkpoint {last.name}." if last else "the start (no checkpoint yet)."),
+                    level="warn",
+                )
+            ],
+        )
 
     # ---- validating_files -> queued ----------------------------------------------------------------
 
@@ -184,7 +186,7 @@ class Workers:
         except JobFailure as failure:
             self._fail(job, worker_id, failure)
             return
-        if self.store.move(
+        self.store.move(
             job.id,
             ["validating_files"],
             held_by=worker_id,
@@ -193,12 +195,14 @@ class Workers:
             train_config=config.model_dump(mode="json"),
             total_steps=total_steps,
             method=resolved_method(job.method, config),
-        ):
-            self.store.add_event(
-                job.id,
-                f"Files validated: {n_examples} training examples, {config.train.epochs} "
-                f"epochs, {total_steps} steps. Job queued.",
-            )
+            adding=[
+                event(
+                    job.id,
+                    f"Files validated: {n_examples} training examples, {config.train.epochs} "
+                    f"epochs, {total_steps} steps. Job queued.",
+                )
+            ],
+        )
 
     def _check_files(self, job: Job):
         paths = self._paths(job)
@@ -347,12 +351,13 @@ class Workers:
             result_files=[results.id],
             step=progress.step,
             trained_tokens=progress.tokens,
+            adding=[
+                results,
+                event(job.id, f"New fine-tuned model created: {job.fine_tuned_model}"),
+                event(job.id, "The job has successfully completed."),
+            ],
         ):
             self.storage.delete(results)  # cancelled just as it finished: no results to show
-            return
-        self.store.add(results)
-        self.store.add_event(job.id, f"New fine-tuned model created: {job.fine_tuned_model}")
-        self.store.add_event(job.id, "The job has successfully completed.")
 
     def _stopped(self, job: Job, worker_id: str, reason: str, progress: RunProgress) -> None:
         last = checkpoint.latest(self.runs / job.id / "checkpoints")
@@ -361,7 +366,7 @@ class Workers:
         # `RunProgress` starts from, so it reports each step's metrics once.
         figures = {"step": progress.step, "trained_tokens": progress.tokens}
         if reason == "pause":
-            if self.store.move(
+            self.store.move(
                 job.id,
                 ["running"],
                 held_by=worker_id,
@@ -369,36 +374,38 @@ class Workers:
                 worker_id=None,
                 stop_request=None,
                 estimated_finish=None,
+                adding=[event(job.id, f"Job paused at step {progress.step}; resuming continues from {kept}.")],
                 **figures,
-            ):
-                self.store.add_event(job.id, f"Job paused at step {progress.step}; resuming continues from {kept}.")
+            )
         elif reason == "cancel":
             # The API marked the job cancelled at once; its trained tokens are those of the checkpoint kept.
             self.store.move(job.id, ["cancelled"], held_by=worker_id, **figures)
             self.store.add_event(job.id, f"Job cancelled at step {progress.step}; {kept} is kept.")
         elif reason == "shutdown":
-            if self.store.move(
+            self.store.move(
                 job.id,
                 ["running"],
                 held_by=worker_id,
                 status="queued",
                 worker_id=None,
                 estimated_finish=None,
+                adding=[
+                    event(
+                        job.id,
+                        f"The server is stopping: the job is queued again at step "
+                        f"{progress.step} and will resume from {kept}.",
+                        level="warn",
+                    )
+                ],
                 **figures,
-            ):
-                self.store.add_event(
-                    job.id,
-                    f"The server is stopping: the job is queued again at step "
-                    f"{progress.step} and will resume from {kept}.",
-                    level="warn",
-                )
+            )
 
     def _release(self, job: Job, worker_id: str) -> None:
         """Let go of the job, whatever its status now (the API may have cancelled or paused it meanwhile)."""
         self.store.move(job.id, STATUSES, held_by=worker_id, worker_id=None)
 
     def _fail(self, job: Job, worker_id: str, failure: JobFailure) -> None:
-        if self.store.move(
+        self.store.move(
             job.id,
             ["validating_files", "queued", "running"],
             held_by=worker_id,
@@ -407,8 +414,8 @@ class Workers:
             error=failure.error,
             finished_at=now(),
             estimated_finish=None,
-        ):
-            self.store.add_event(job.id, failure.error["message"], level="error")
+            adding=[event(job.id, failure.error["message"], level="error")],
+        )
 
 
 def _kill(child: BaseProcess) -> None:

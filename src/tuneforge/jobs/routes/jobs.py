@@ -12,7 +12,7 @@ from ...web import APIError, caller, list_body, metadata_filter
 from ..access import training_spec
 from ..mapping import CreateJobBody, training_config
 from ..service import ORGANIZATION, Service, service_of
-from ..store import ACTIVE, Job, new_id, now
+from ..store import ACTIVE, Job, event, new_id, now
 from .files import own_file
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", dependencies=[Depends(caller)])
@@ -133,21 +133,27 @@ def cancel_job(job_id: str, owner: str = Depends(caller), service: Service = Dep
     job = own_job(service, owner, job_id)
     # A running job's worker sees the new status and stops its training process within a step.
     if not service.store.move(
-        job.id, ACTIVE, status="cancelled", finished_at=now(), stop_request=None, estimated_finish=None
+        job.id,
+        ACTIVE,
+        status="cancelled",
+        finished_at=now(),
+        stop_request=None,
+        estimated_finish=None,
+        adding=[event(job.id, "Job cancelled.")],
     ):
         raise invalid_state(
             f"Job {job_id} has already finished ({job.status}); only an unfinished job can be cancelled."
         )
-    service.store.add_event(job.id, "Job cancelled.")
     return job_body(own_job(service, owner, job_id))
 
 
 @router.post("/{job_id}/pause")
 def pause_job(job_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     job = own_job(service, owner, job_id)
-    if service.store.move(job.id, ["queued"], status="paused"):
-        service.store.add_event(job.id, "Job paused before it started.")
-    elif service.store.request_pause(job.id):
+    before_start = event(job.id, "Job paused before it started.")
+    if service.store.move(job.id, ["queued"], status="paused", adding=[before_start]):
+        return job_body(own_job(service, owner, job_id))
+    if service.store.request_pause(job.id):
         service.store.add_event(job.id, "Pause requested: the job saves a checkpoint and stops after its current step.")
     elif not (job.status == "running" and job.stop_request == "pause"):  # asked twice: the first one holds
         raise invalid_state(f"Job {job_id} is {job.status}; only a queued or running job can be paused.")
@@ -157,10 +163,10 @@ def pause_job(job_id: str, owner: str = Depends(caller), service: Service = Depe
 @router.post("/{job_id}/resume")
 def resume_job(job_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     job = own_job(service, owner, job_id)
-    if not service.store.move(job.id, ["paused"], status="queued", stop_request=None):
-        raise invalid_state(f"Job {job_id} is {job.status}; only a paused job can be resumed.")
     where = f"to continue from step {job.step}" if job.step else "to start from the beginning"
-    service.store.add_event(job.id, f"Job resumed: queued {where}.")
+    resumed = event(job.id, f"Job resumed: queued {where}.")
+    if not service.store.move(job.id, ["paused"], status="queued", stop_request=None, adding=[resumed]):
+        raise invalid_state(f"Job {job_id} is {job.status}; only a paused job can be resumed.")
     return job_body(own_job(service, owner, job_id))
 
 
