@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tuneforge.fsio import atomic_dir, temporary_siblings
+from tuneforge.fsio import atomic_dir, atomic_file, temporary_siblings
 
 
 def test_a_folder_swapped_out_by_a_killed_replace_is_put_back(tmp_path):
@@ -50,3 +50,27 @@ def test_files_written_owner_only_end_with_the_umasks_mode(tmp_path):
         os.umask(mask)
     assert oct((tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)
     assert oct((tmp_path / "model" / "run.sh").stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_every_file_is_on_disk_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    # A power loss cannot be simulated: what is checked is that each file was fsynced while it was still
+    # in the temporary folder, and the folder that holds the renamed entry after the rename.
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with atomic_dir(tmp_path / "final") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights.bin").write_bytes(b"\0" * 1024)
+        (tmp / "config.json").write_text("{}")
+    for name in ("sub/weights.bin", "config.json", "sub"):
+        assert str(tmp / name) in synced, name
+    assert synced[-1] == str(tmp_path)
+    synced.clear()
+    with atomic_file(tmp_path / "report.json") as f:
+        f.write("{}")
+    assert synced[-1] == str(tmp_path) and len(synced) == 2

@@ -46,6 +46,21 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Put every file and folder under `folder` on disk: a rename that publishes them before their data is
+    written could leave, after a power loss, a complete-looking folder of empty or truncated files."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # a folder's entries before the folder
+        if path.is_dir():
+            _fsync_dir(path)
+        elif path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
 def _recover_swapped_out(final: Path) -> None:
     """A write killed between its two renames left the earlier `final` swapped out and none in its
     place: that folder is put back (a checkpoint would otherwise drop out of sight); beside a
@@ -85,6 +100,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     try:
         yield tmp
         _plain_modes(tmp)
+        _fsync_tree(tmp)
         if final.exists():
             if not replace:
                 raise FileExistsError(errno.EEXIST, "created while this folder was being written", str(final))
@@ -113,6 +129,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
