@@ -292,6 +292,14 @@ def test_run_report_is_written_and_self_contained(tiny_run, tiny_model_dir, tria
     saved = json.loads((tiny_run / "eval" / "after.json").read_text())
     assert saved["scores"] == after["scores"] and "samples" not in saved
     assert (tiny_run / "eval" / "before.json").is_file() and (tiny_run / "eval" / "forgetting.json").is_file()
+    # Evaluated again without forgetting: the earlier measure goes with the report that showed it.
+    write_run_report(tiny_run, before, after)
+    assert sorted(p.name for p in (tiny_run / "eval").iterdir()) == [
+        "after.json",
+        "before.json",
+        "report.html",
+        "samples.jsonl",
+    ]
 
 
 def test_a_configs_eval_section_runs_on_the_final_model(tiny_model_dir, triage_data, tmp_path):

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..fsio import atomic_file, write_json
+from ..fsio import atomic_dir, atomic_file, write_json
 from .evaluate import side_by_side
 
 ROLLOUT_STEPS_SHOWN = 3
@@ -485,20 +485,22 @@ def write_run_report(
 ) -> Path:
     """Write the evaluation files and report of a run (see the module doc); returns report.html."""
     run_dir = Path(run_dir)
-    out = run_dir / "eval"
     plots = training_plots(read_metrics(run_dir))
-    if before:
-        write_json(out / "before.json", _without_samples(before))
-        write_json(out / "after.json", _without_samples(after))
-        with atomic_file(out / "samples.jsonl") as f:
-            for sample in side_by_side(before, after):
-                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-        plots.append(scores_plot(before, after))
-    if forgetting:
-        write_json(out / "forgetting.json", forgetting)
     tables = report_tables(before, after, forgetting, targets, facts)
     if (rollouts := rollouts_table(run_dir)) is not None:
         tables.append(rollouts)
-    with atomic_file(out / "report.html") as f:
-        f.write(render_html(f"tuneforge report: {run_dir.name}", tables, plots))
-    return out / "report.html"
+    # The folder is replaced whole: an evaluation killed midway, or one that measures less, leaves none
+    # of its files beside an earlier one's (a forgetting.json the new report does not show).
+    with atomic_dir(run_dir / "eval", replace=True) as out:
+        if before:
+            write_json(out / "before.json", _without_samples(before))
+            write_json(out / "after.json", _without_samples(after))
+            with atomic_file(out / "samples.jsonl") as f:
+                for sample in side_by_side(before, after):
+                    f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+            plots.append(scores_plot(before, after))
+        if forgetting:
+            write_json(out / "forgetting.json", forgetting)
+        with atomic_file(out / "report.html") as f:
+            f.write(render_html(f"tuneforge report: {run_dir.name}", tables, plots))
+    return run_dir / "eval" / "report.html"
