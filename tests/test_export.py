@@ -2,11 +2,13 @@
 behave like the model they came from; bad input and bad exports are refused clearly."""
 
 import json
+import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+from conftest import SUBPROCESS_ENV
 from wheels import write_wheel
 
 from tuneforge.errors import TuneforgeError
@@ -132,6 +134,15 @@ def test_gguf_export_reads_back_in_transformers_within_bounds(run_dir, reference
     assert json.loads((result.out / EXPORT_RECORD).read_text())["checks"]["max_abs_logit_diff"] <= DTYPE_BOUNDS[dtype]
     if dtype == "f32":
         assert _greedy_tokens(loaded, loaded_tokenizer) == _greedy_tokens(model, tokenizer)
+
+
+def test_gguf_export_from_the_cli_shows_no_third_party_bar(run_dir, tmp_path):
+    env = {key: value for key, value in SUBPROCESS_ENV.items() if key != "TQDM_DISABLE"}
+    out = tmp_path / "gguf"
+    command = [sys.executable, "-m", "tuneforge", "export", str(run_dir), "--format", "gguf", "--out", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "GGUF tensors" not in done.stderr  # transformers' tqdm bar as it reads it back
 
 
 def test_gguf_metadata_is_what_llama_cpp_expects(adapter_dir, tokenizer, tmp_path):

@@ -563,6 +563,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own bar for each weight load: seconds long, and noise between our progress lines.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The CLI draws its own bars (rich); a library's tqdm bar (transformers reading a GGUF back to check an
+    # export) would stand between them, with carriage returns in a log. tqdm reads this when imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         # Without standalone mode, click returns a command's exit code instead of exiting.
         code = app(args=_normalise_argv(sys.argv[1:]), prog_name="tuneforge", standalone_mode=False) or 0
