@@ -21,7 +21,15 @@ from tuneforge.eval.forgetting import (
     kept_questions,
     mean_kl,
 )
-from tuneforge.eval.report import forgetting_table, loss_label, metrics_table, share_interval
+from tuneforge.eval.report import (
+    forgetting_table,
+    learning_rate_figure,
+    loss_figure,
+    loss_label,
+    metrics_table,
+    reward_figures,
+    share_interval,
+)
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.pipeline import train
 
@@ -254,6 +262,18 @@ def test_a_share_comes_with_its_wilson_interval():
     assert (four_times_the_examples[1] - four_times_the_examples[0]) / (0.79861 - 0.62512) == pytest.approx(
         0.5, abs=0.02
     )
+
+
+def test_a_run_of_one_logged_step_draws_each_curve_as_a_visible_point():
+    one_step = [
+        {"step": 1, "train_loss": 0.1, "lr": 1e-3, "reward": 0.5, "reward/format": 1.0, "reward_std": 0.2, "kl": 0.0}
+    ]
+    figures = [loss_figure({"run": one_step}), learning_rate_figure(one_step)]
+    figures += [figure for _, figure in reward_figures(one_step)]
+    lines = [line for figure in figures for line in figure.axes[0].lines]
+    assert len(lines) == 6 and all(line.get_marker() not in (None, "", "None") for line in lines)
+    two_steps = [one_step[0], {**one_step[0], "step": 2}]
+    assert loss_figure({"run": two_steps}).axes[0].lines[0].get_marker() == "None"  # a line, as for any longer run
 
 
 def test_the_loss_axis_names_the_runs_objective():

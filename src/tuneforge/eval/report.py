@@ -284,6 +284,11 @@ def svg(figure) -> str:
     return text[text.index("<svg") :]
 
 
+def _line(axes, xs, ys, **style):
+    """A curve through (xs, ys); one logged step shows as a dot, where a line through one point draws nothing."""
+    return axes.plot(xs, ys, marker="o" if len(xs) == 1 else None, **style)[0]
+
+
 def _figure(title: str):
     # The object API, not pyplot: no global backend or figure state in a library.
     from matplotlib.figure import Figure
@@ -324,7 +329,7 @@ def loss_figure(runs: dict[str, list[dict]]):
         train, valid = curve(metrics, "train_loss"), curve(metrics, "valid_loss")
         final = curve(metrics, "full_valid_loss")
         if train:
-            line = axes.plot(*zip(*train), label=f"{label}train", linewidth=1, color=colour or "C0")[0]
+            line = _line(axes, *zip(*train), label=f"{label}train", linewidth=1, color=colour or "C0")
             line.set_gid(f"train-curve{suffix}")
         if valid:
             line = axes.plot(*zip(*valid), "o--", label=f"{label}validation", color=colour or "C1")[0]
@@ -360,7 +365,7 @@ def loss_label(runs: dict[str, list[dict]]) -> str:
 
 def learning_rate_figure(metrics: list[dict]):
     figure, axes = _figure("learning rate")
-    axes.plot(*zip(*curve(metrics, "lr")))
+    _line(axes, *zip(*curve(metrics, "lr")))
     axes.set_xlabel("step")
     axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     return figure
@@ -384,10 +389,10 @@ def reward_figures(metrics: list[dict]) -> list[tuple[str, object]]:
         return []
     steps = [m["step"] for m in rewarded]
     rewards, axes = _figure("reward")
-    axes.plot(steps, [m["reward"] for m in rewarded], label="reward (mean)", linewidth=1.5)
+    _line(axes, steps, [m["reward"] for m in rewarded], label="reward (mean)", linewidth=1.5)
     for part in sorted({k for m in rewarded for k in m if k.startswith("reward/")}):
-        axes.plot(steps, [m.get(part) for m in rewarded], label=part, linewidth=1, alpha=0.7)
-    axes.plot(steps, [m["reward_std"] for m in rewarded], ":", label="std within groups")
+        _line(axes, steps, [m.get(part) for m in rewarded], label=part, linewidth=1, alpha=0.7)
+    _line(axes, steps, [m["reward_std"] for m in rewarded], linestyle=":", label="std within groups")
     validated = [(m["step"], m.get("valid_reward", m.get("full_valid_reward"))) for m in metrics]
     validated = [(step, reward) for step, reward in validated if reward is not None]
     if validated:
@@ -395,7 +400,7 @@ def reward_figures(metrics: list[dict]) -> list[tuple[str, object]]:
     axes.set_xlabel("step")
     axes.legend()
     kl, axes = _figure("KL to the reference")
-    axes.plot(steps, [m["kl"] for m in rewarded])
+    _line(axes, steps, [m["kl"] for m in rewarded])
     axes.set_xlabel("step")
     axes.set_ylabel("per token")
     return [("Reward of the sampled answers (reinforcement fine-tuning)", rewards), ("KL to the reference", kl)]
