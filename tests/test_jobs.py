@@ -745,6 +745,11 @@ def test_hostile_bodies_and_pages_get_4xx(server):
     nested = '{"model": "x", "messages": ' + "[" * 5000 + "]" * 5000 + "}"
     response = httpx.post(f"{server.base_url}/chat/completions", content=nested, headers=headers)
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    assert "nests arrays or objects too deeply" in response.json()["error"]["message"]
+    long_number = '{"model": "x", "messages": [], "max_tokens": 1' + "0" * 5000 + "}"
+    response = httpx.post(f"{server.base_url}/chat/completions", content=long_number, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_value"
+    assert "an integer of more than 4,300 digits" in response.json()["error"]["message"]
     big = httpx.post(f"{server.base_url}/chat/completions", content=b"[" + b" " * (5 << 20) + b"]", headers=headers)
     assert big.status_code == 413
     for path in ("/docs", "/openapi.json"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -104,8 +105,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return server_error(err).response()
         if isinstance(err, BodyReadError):
             return err.error.response()
-        if isinstance(err.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body" says no more
-            return not_utf8(err.__cause__).response()
+        if (unreadable := unreadable_body(err.__cause__)) is not None:
+            return unreadable.response()
         return APIError(err.status_code, str(err.detail), headers=err.headers).response()
 
     app.add_middleware(AnswerUnexpected)
@@ -136,6 +137,25 @@ class AnswerUnexpected:
             if started:
                 raise
             await server_error(err).response()(scope, receive, send)
+
+
+def unreadable_body(cause: BaseException | None) -> APIError | None:
+    """The 400 for a body Python's JSON reader gave up on: FastAPI's "There was an error parsing the body"
+    says no more, so the reason comes from its cause (None for a cause this does not know)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return not_utf8(cause)
+    if isinstance(cause, RecursionError):
+        message = (
+            "The request body nests arrays or objects too deeply to be read; send the parameters less deeply nested."
+        )
+    elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        message = (
+            f"The request body has an integer of more than {sys.get_int_max_str_digits():,} digits, more than this "
+            "server reads; send numbers with fewer digits."
+        )
+    else:
+        return None
+    return APIError(400, message, code="invalid_value")
 
 
 def not_utf8(err: UnicodeDecodeError) -> APIError:
