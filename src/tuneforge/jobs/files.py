@@ -55,7 +55,7 @@ class FileStorage:
         row = StoredFile(
             id=new_id("file-"),
             owner=owner,
-            filename=Path(filename).name[:255],
+            filename=Path(filename).name,
             purpose=purpose,
             bytes=0,
             created_at=now(),

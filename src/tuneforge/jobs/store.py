@@ -18,6 +18,7 @@ from sqlalchemy import JSON, BigInteger, Float, String, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..database import JSON_COLUMNS, Page, Tables, connect, where_metadata
+from ..web.shapes import MAX_FILENAME_CHARS
 
 ACTIVE = ("validating_files", "queued", "running", "paused")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -48,7 +49,7 @@ class OwnedObject:
 
 class StoredFile(OwnedObject, Base):
     __tablename__ = "files"
-    filename: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(String(MAX_FILENAME_CHARS))
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger)

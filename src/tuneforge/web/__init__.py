@@ -13,13 +13,14 @@ from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
 from .limits import docs_urls, edge
 from .observe import CLIENT_LEFT, Observer, note
-from .shapes import Metadata, RequestBody, list_body, metadata_filter
+from .shapes import MAX_FILENAME_CHARS, Metadata, RequestBody, list_body, metadata_filter
 
 __all__ = [
     "CLIENT_LEFT",
     "APIError",
     "KEY_COOKIE",
     "LOCAL_OWNER",
+    "MAX_FILENAME_CHARS",
     "Metadata",
     "Observer",
     "Pages",

@@ -16,8 +16,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from ..database import UnknownCursor
+from .shapes import MAX_FILENAME_CHARS
 
 log = logging.getLogger("tuneforge.web")
 
@@ -107,6 +109,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return err.error.response()
         if (unreadable := unreadable_body(err.__cause__)) is not None:
             return unreadable.response()
+        if isinstance(err.__context__, MultiPartException):  # Starlette's "Invalid multipart data." says no more
+            return unreadable_form(err.__context__).response()
         return APIError(err.status_code, str(err.detail), headers=err.headers).response()
 
     app.add_middleware(AnswerUnexpected)
@@ -156,6 +160,20 @@ def unreadable_body(cause: BaseException | None) -> APIError | None:
     else:
         return None
     return APIError(400, message, code="invalid_value")
+
+
+def unreadable_form(err: MultiPartException) -> APIError:
+    """The 400 for a multipart body Starlette could not read. A part's header line past python-multipart's
+    limit is, in practice, the Content-Disposition of a file with a very long name."""
+    if "Maximum header size exceeded" in str(err.__cause__):
+        return APIError(
+            400,
+            "A header of the multipart body is longer than this server reads, most likely because the file's "
+            f"name is too long; name the file with at most {MAX_FILENAME_CHARS} characters.",
+            param="file",
+            code="invalid_value",
+        )
+    return APIError(400, err.message, code="invalid_value")
 
 
 def not_utf8(err: UnicodeDecodeError) -> APIError:

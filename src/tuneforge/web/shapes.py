@@ -23,6 +23,8 @@ from pydantic_core import PydanticCustomError
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
+MAX_FILENAME_CHARS = 255
+"""The longest name an uploaded file may have (its name alone, without a folder)."""
 
 
 def _within_limits(metadata: dict[str, str]) -> dict[str, str]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
-from ...web import APIError, caller, list_body
+from ...web import MAX_FILENAME_CHARS, APIError, caller, list_body
 from ..files import FileTooLarge
 from ..service import Service, service_of
 from ..store import StoredFile
@@ -38,6 +39,13 @@ def upload_file(
             400,
             f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune'.",
             param="purpose",
+            code="invalid_value",
+        )
+    if len(name := Path(file.filename or "").name) > MAX_FILENAME_CHARS:
+        raise APIError(
+            400,
+            f"The file's name is {len(name):,} characters long; name it with at most {MAX_FILENAME_CHARS} characters.",
+            param="file",
             code="invalid_value",
         )
     if not (file.filename or "").lower().endswith(".jsonl"):
