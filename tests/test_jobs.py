@@ -330,6 +330,10 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     with pytest.raises(openai.APIStatusError) as caught:
         client.files.create(file=("big.jsonl", b"x" * ((1 << 20) + 1), "application/jsonl"), purpose="fine-tune")
     assert caught.value.status_code == 413 and caught.value.param == "file"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("empty.jsonl", b"", "application/jsonl"), purpose="fine-tune")
+    assert caught.value.param == "file" and "'empty.jsonl' is empty" in caught.value.message
+    assert "empty.jsonl" not in [f.filename for f in client.files.list()]
     for name_chars in (300, 5000):  # one under python-multipart's header limit, one past it
         with pytest.raises(openai.BadRequestError) as caught:
             client.files.create(file=("a" * name_chars + ".jsonl", b"{}\n", "application/jsonl"), purpose="fine-tune")

@@ -61,6 +61,14 @@ def upload_file(
         )
     except FileTooLarge as err:
         raise APIError(413, str(err), param="file", code="file_too_large") from err
+    if row.bytes == 0:
+        service.storage.delete(row)
+        raise APIError(
+            400,
+            f"'{row.filename}' is empty; fine-tuning data needs at least one example, one JSON object a line.",
+            param="file",
+            code="invalid_file_format",
+        )
     service.store.add(row)
     return row.to_api()
 
