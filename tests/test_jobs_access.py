@@ -66,7 +66,8 @@ def test_one_model_under_several_names_loads_once_and_bases_are_bounded(tmp_path
     with TestClient(app) as http:
         inference = app.state.service.inference
         for name in same:
-            assert chat(http, name).status_code == 200
+            response = chat(http, name)
+            assert response.status_code == 200 and response.json()["model"] == name  # the name asked for
         assert inference.loaded == [str(tiny_model_dir.resolve())]
         first = app.state.service.inference._served[str(tiny_model_dir.resolve())]
         assert chat(http, str(other)).status_code == 200

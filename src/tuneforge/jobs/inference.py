@@ -49,7 +49,8 @@ class InferenceModels:
         self._lock = asyncio.Lock()
 
     async def acquire(self, target: InferenceTarget, name: str) -> ServedBase:
-        """The app for `target`'s base, serving its adapter (if any) as `name`; `release` it when answered."""
+        """The app for `target`'s base, serving its adapter (or, without one, the base) as `name`; `release` it
+        when answered."""
         key = str(target.base)
         async with self._lock:
             served = self._served.get(key)
@@ -60,6 +61,8 @@ class InferenceModels:
             self._served.move_to_end(key)
             if target.adapter is not None:
                 await asyncio.to_thread(served.pool.add_adapter, name, str(target.adapter))
+            else:
+                served.pool.add_base_name(name)
             served.requests += 1
             return served
 
@@ -97,7 +100,7 @@ class InferenceModels:
 
 
 class ForwardedResponse(Response):
-    """Answers a request by handing it to a serve app, with the body already read (and the model renamed)."""
+    """Answers a request by handing it to a serve app, with the body already read."""
 
     def __init__(self, models: InferenceModels, served: ServedBase, body: dict):
         super().__init__()

@@ -56,6 +56,7 @@ class AdapterPool:
         self._tokenizers.update({name: load_tokenizer(source) for name, source in adapter_sources.items()})
         self.model = load_for_inference(base_source, precision)
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
+        self._base_names = {self.base_name}
         self._lock = threading.Lock()
 
     def add_adapter(self, name: str, spec: str) -> None:
@@ -68,6 +69,17 @@ class AdapterPool:
         with self._lock:
             self._tokenizers[name] = tokenizer
             self._sources[name] = source
+
+    def add_base_name(self, name: str) -> None:
+        """Serve the base as `name` too, so answers carry the name their request gave; a name served already stays."""
+        with self._lock:
+            if name not in self._tokenizers:
+                self._tokenizers[name] = self._tokenizers[self.base_name]
+                self._base_names.add(name)
+
+    def serves(self, name: str) -> bool:
+        """Whether `name` is the base's, one it was given with `add_base_name`, or an adapter's."""
+        return name in self._tokenizers
 
     def _check(self, name: str, source: ModelSource) -> None:
         _check_name(name, self.base_name)
@@ -96,7 +108,7 @@ class AdapterPool:
 
     def activate(self, name: str):
         """Make the model run as `name` (the base or an adapter, loading it if need be); returns the model."""
-        if name == self.base_name:
+        if name in self._base_names:
             if self._loaded:
                 self.model.base_model.disable_adapter_layers()
             return self.model

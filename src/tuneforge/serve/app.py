@@ -266,7 +266,7 @@ class Served:
         }
 
     def known_model(self, name: str) -> str:
-        if name not in self.pool.names:
+        if not self.pool.serves(name):
             raise APIError(
                 404,
                 f"The model `{name}` does not exist. Served here: {', '.join(self.pool.names)}.",

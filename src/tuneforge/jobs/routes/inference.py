@@ -1,7 +1,7 @@
 """`/v1/chat/completions` and `/v1/completions` for the models a caller may use, answered by `tuneforge.serve`.
 
 The body is checked here with serve's own models, then handed to the serve app that holds the
-model's base, with `model` renamed to what that app calls it.
+model's base, which serves the model under the name the body gives.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ async def answer(
 ) -> ForwardedResponse:
     """`body` answered by the serve app of `target`'s base, which calls the model what the body does."""
     served = await models.acquire(target, body.model)
-    payload = body.model_dump(exclude_unset=True)
-    payload["model"] = body.model if target.adapter else served.pool.base_name
-    return ForwardedResponse(models, served, payload)
+    return ForwardedResponse(models, served, body.model_dump(exclude_unset=True))
 
 
 @router.post("/chat/completions")
