@@ -449,6 +449,18 @@ def test_hyperparameters_that_are_not_finite_numbers_are_refused_naming_them(nam
     assert "expected 'auto' or" in error["msg"]
 
 
+def test_a_learning_rate_multiplier_that_makes_a_learning_rate_of_0_is_refused_naming_it():
+    from pydantic import ValidationError
+
+    from tuneforge.jobs.mapping import CreateJobBody
+
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e-320}}}
+    with pytest.raises(ValidationError) as caught:
+        CreateJobBody(model="m", training_file="file-1", method=method)
+    [error] = caught.value.errors()
+    assert error["loc"][-1] == "learning_rate_multiplier" and "is 0 as a floating-point number" in error["msg"]
+
+
 def test_tuneforge_processes_splits_each_batch_between_that_many_processes(tmp_path):
     from tuneforge.errors import ConfigError
     from tuneforge.jobs.mapping import CreateJobBody, processes, resolved_method, training_config

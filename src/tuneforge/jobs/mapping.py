@@ -28,6 +28,7 @@ GROUP_SIZE = GRPOConfig.model_fields["group_size"].default
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
 KEPT_EPOCH_CHECKPOINTS = 3
 _SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEFAULT_LEARNING_RATE = TrainConfig.model_fields["learning_rate"].default
 
 
 def _auto_or(kind: type, low: float, high: float, *, low_inclusive: bool = True):
@@ -61,6 +62,17 @@ class Hyperparameters(RequestBody):
     tuneforge_processes: int | None = Field(
         None, ge=1, le=64, description="tuneforge's extension: processes to train on, on the worker's machine"
     )
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _gives_a_learning_rate(cls, value):
+        # A multiplier of 1e-320 is above 0, but the learning rate it makes underflows to 0.
+        if value != "auto" and DEFAULT_LEARNING_RATE * value == 0:
+            raise ValueError(
+                f"{value!r} times the default learning rate {DEFAULT_LEARNING_RATE} is 0 as a floating-point "
+                "number, so nothing would train; give a larger multiplier"
+            )
+        return value
 
 
 class DpoHyperparameters(Hyperparameters):
@@ -250,7 +262,7 @@ def training_config(
             "batch_size": batch_size,
             "epochs": epochs,
             "seed": seed,
-            "learning_rate": TrainConfig.model_fields["learning_rate"].default * multiplier,
+            "learning_rate": DEFAULT_LEARNING_RATE * multiplier,
             "keep_checkpoints": KEPT_EPOCH_CHECKPOINTS,
         },
         "output_dir": str(output_dir),
@@ -271,11 +283,10 @@ def resolved_method(method: dict, config: Config) -> dict:
     """The method with its 'auto' values replaced by what the run uses, as OpenAI reports them."""
     kind = method["type"]
     hyper = dict(method[kind]["hyperparameters"])
-    default_lr = TrainConfig.model_fields["learning_rate"].default
     hyper.update(
         batch_size=config.train.batch_size,
         n_epochs=config.train.epochs,
-        learning_rate_multiplier=round(config.train.learning_rate / default_lr, 6),
+        learning_rate_multiplier=round(config.train.learning_rate / DEFAULT_LEARNING_RATE, 6),
     )
     if kind == "dpo":
         hyper["beta"] = config.dpo.beta
