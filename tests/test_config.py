@@ -88,6 +88,19 @@ def test_each_error_names_the_line_or_override_that_set_its_key(tmp_path):
         load_config(path, ["train={batch_size: two}", "method=lora"])
 
 
+def test_an_integer_in_exponent_form_is_read_as_its_number(tmp_path):
+    # YAML 1.1 leaves 1e3 a string; the float keys read it already (learning_rate: 1e-4).
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\ntrain:\n  seed: 1e3\n  max_steps: 2E+1\n  learning_rate: 1e-4\n")
+    config = load_config(path)
+    assert (config.train.seed, config.train.max_steps, config.train.learning_rate) == (1000, 20, 1e-4)
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.batch_size \(override\): Input should be a valid integer, got a number with a fractional part",
+    ):
+        load_config(path, ["train.batch_size=15e-1"])
+
+
 def test_true_or_false_is_no_number(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data:\n  train: x\n  packing: on\nlora:\n  r: yes\ntrain:\n  batch_size: true\n  epochs: true\n")

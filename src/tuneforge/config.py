@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# A number in exponent form without a dot (1e3): YAML 1.1, which PyYAML reads, leaves it a string.
+_EXPONENT_FORM = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 class Strict(BaseModel):
@@ -38,6 +41,17 @@ class Strict(BaseModel):
             raise ValueError(
                 "true or false is no number (YAML reads yes, no, on and off as true and false); give a number"
             )
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exponent_form_for_an_integer(cls, value, info):
+        # pydantic reads a float from the string "1e-4" but no integer from "1e3": read it as the number it
+        # is, so `seed: 1e3` is 1000 and `batch_size: 1.5e0` is refused as a fraction.
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(get_args(annotation)) or {annotation}
+        if isinstance(value, str) and int in kinds and str not in kinds and _EXPONENT_FORM.fullmatch(value):
+            return float(value)
         return value
 
 
