@@ -24,6 +24,13 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     )
 
 
+def test_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "tuneforge", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == f"tuneforge {version('tuneforge')}\n"
+
+
 def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
     assert validate(cfg) == 0

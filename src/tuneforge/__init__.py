@@ -3,6 +3,7 @@
 import logging
 import os
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 
 # transformers swaps a model's layers for kernels it downloads from the Hugging Face Hub when the
 # `kernels` package is installed (transformers depends on it) and the model is on a GPU; without the
@@ -18,7 +19,11 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions", "kernels._internals.hf_hub"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-__version__ = "0.1.0"
+# pyproject.toml holds the version; a source tree on PYTHONPATH, never installed, has no metadata to read it from.
+try:
+    __version__ = version("tuneforge")
+except PackageNotFoundError:
+    __version__ = "0+unknown"
 
 # PEFT reads an attribute that transformers 5 deprecates; the warning is not our users' concern.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -36,6 +36,23 @@ app.add_typer(data_app, name="data")
 err = Console(stderr=True)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+
+        typer.echo(f"tuneforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print tuneforge's version and exit."
+    ),
+) -> None:
+    pass
+
+
 @contextmanager
 def serve_extra(command: str) -> Iterator[None]:
     """Around a command that runs a web server or a database store: their modules come with tuneforge's
