@@ -393,9 +393,12 @@ def test_resuming_a_finished_run_keeps_its_last_steps_metrics_in_the_result_and_
 ):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
     finished = train(cfg, progress=False)
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"full_valid_loss"' in logged
     # As after a crash between the last checkpoint and the final model: resuming redoes the final stage.
     again = train(cfg, resume=True, progress=False)
     assert again.steps == 2 and again.metrics == finished.metrics
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged  # the full validation's record once
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"] == again.metrics
 
 

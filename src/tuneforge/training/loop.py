@@ -186,11 +186,18 @@ def to_rows(items, cfg: Config, share_prefixes: bool = False):
 
 def restart_step_log(path: Path, resume_step: int | None) -> None:
     """A JSON-lines file of records by step, as a run starts: emptied for a fresh run; for a resumed
-    one, cut to the records up to its checkpoint's step, since the steps after it run again."""
+    one, cut to the records up to its checkpoint's step, since the steps after it run again. The full
+    validation's record goes too: it is written after the last checkpoint, and a run resumed there
+    (to redo its final model) writes it again."""
     if resume_step is None:
         path.write_text("")
     elif path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+        lines = [(ln, json.loads(ln)) for ln in path.read_text().splitlines() if ln]
+        kept = [
+            ln
+            for ln, record in lines
+            if record.get("step", 0) <= resume_step and not any(key.startswith("full_valid_") for key in record)
+        ]
         with atomic_file(path) as f:
             f.write("".join(ln + "\n" for ln in kept))
 
