@@ -31,6 +31,14 @@ def test_version_is_the_installed_packages():
     assert done.returncode == 0 and done.stdout == f"tuneforge {version('tuneforge')}\n"
 
 
+def test_eval_every_without_validation_examples_is_a_warning(tiny_model_dir, triage_data, tmp_path, capsys):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", eval_every=10)
+    cfg["data"]["validation"] = 0
+    assert validate(cfg) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: train.eval_every is 10, but there are no validation examples" in out
+
+
 def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
     assert validate(cfg) == 0

@@ -28,7 +28,7 @@ from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_d
 from .methods.sft import LOGITS_AT_ONCE
 from .models import count_parameters, load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
-from .training import earlier_run, make_plan, shares_prefixes, to_rows
+from .training import earlier_run, make_plan, never_evaluated, shares_prefixes, to_rows
 from .training.distributed import sharding_plan, strategy
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
@@ -213,6 +213,8 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
             f"{cfg.output_dir} holds an earlier run ({held}): train refuses to start there unless given --resume "
             "(continue it) or --overwrite (start over)."
         )
+    if warning := never_evaluated(cfg, len(valid_items)):
+        run_warnings.append(warning)
     if needed > free:
         run_warnings.append(
             f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "

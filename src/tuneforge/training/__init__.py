@@ -1,5 +1,23 @@
 """Training: the loop we own (`loop.py`), its checkpoints, batching and distribution."""
 
-from .loop import StepPlan, TrainResult, earlier_run, make_plan, shares_prefixes, to_rows, train
+from .loop import (
+    StepPlan,
+    TrainResult,
+    earlier_run,
+    make_plan,
+    never_evaluated,
+    shares_prefixes,
+    to_rows,
+    train,
+)
 
-__all__ = ["StepPlan", "TrainResult", "earlier_run", "make_plan", "shares_prefixes", "to_rows", "train"]
+__all__ = [
+    "StepPlan",
+    "TrainResult",
+    "earlier_run",
+    "make_plan",
+    "never_evaluated",
+    "shares_prefixes",
+    "to_rows",
+    "train",
+]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import data as tfdata
-from ..config import Config, auto_epochs, load_config
+from ..config import Config, TrainConfig, auto_epochs, load_config
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
 from ..methods import (
@@ -182,6 +182,19 @@ def to_rows(items, cfg: Config, share_prefixes: bool = False):
     if not cfg.data.packing:
         return items
     return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)]), share_prefixes=share_prefixes)
+
+
+def never_evaluated(cfg: Config, n_valid: int) -> str | None:
+    """The warning for a run that sets train.eval_every but has no validation examples to evaluate on.
+    Only a value other than the default counts as set: a run's saved config.yaml writes every key."""
+    eval_every = cfg.train.eval_every
+    if n_valid or eval_every in (0, TrainConfig.model_fields["eval_every"].default):
+        return None
+    return (
+        f"train.eval_every is {eval_every}, but there are no validation examples (data.validation: "
+        f"{cfg.data.validation}), so the run never evaluates; set data.validation to a fraction or a file, "
+        "or train.eval_every to 0."
+    )
 
 
 def restart_step_log(path: Path, resume_step: int | None) -> None:
@@ -572,6 +585,8 @@ def setup(
     # The model is saved with the system prompt its data shares, so it answers bare requests as trained.
     record_system_prompt(tokenizer, prepared.report["system_prompt"]["shared"])
     train_items, valid_items = batch_items(prepared, cfg)
+    if warning := never_evaluated(cfg, len(valid_items)):
+        log(f"warning: {warning}")
 
     # FSDP moves each process's shards to the device itself, never the whole model.
     model = load_for_training(
