@@ -395,8 +395,9 @@ def sole_run_in(out: Path, world: distributed.World):
     """Hold `out` for this run until it ends: a second run started there is refused before it reads or
     deletes anything, since both would write the same checkpoints, metrics.jsonl and final model, and
     each removes the other's half-written checkpoint as a leftover. The lock goes with the process,
-    so a killed run leaves nothing to clear by hand."""
-    lock, holder = None, None
+    so a killed run leaves nothing to clear by hand. A run refused before it writes anything leaves no
+    output_dir behind where there was none."""
+    lock, holder, made = None, None, not out.exists()
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / RUN_LOCK, "a+")
@@ -422,6 +423,9 @@ def sole_run_in(out: Path, world: distributed.World):
         yield
     finally:
         if lock is not None:
+            if made and [p.name for p in out.iterdir()] == [RUN_LOCK]:
+                (out / RUN_LOCK).unlink()
+                out.rmdir()
             lock.close()
 
 
