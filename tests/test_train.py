@@ -415,6 +415,25 @@ def test_a_run_leaves_the_callers_random_generators_as_they_were(tiny_model_dir,
     assert draws() == expected
 
 
+def test_the_python_api_without_progress_draws_no_library_bar_and_leaves_the_callers_setting(
+    tiny_model_dir, triage_data, tmp_path, capfd
+):
+    from transformers.utils import logging as transformers_logging
+
+    import tuneforge
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    suites = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # as in a notebook, where the CLI's environment is not set
+    try:
+        tuneforge.train(cfg, progress=False)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert transformers_logging.is_progress_bar_enabled()
+    finally:
+        if not suites:
+            transformers_logging.disable_progress_bar()
+
+
 def test_a_run_started_from_another_thread_trains_and_leaves_the_signal_handlers_alone(
     tiny_model_dir, triage_data, tmp_path
 ):

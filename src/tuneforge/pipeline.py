@@ -12,6 +12,7 @@ import json
 from .config import load_config
 from .eval.after_training import check_eval_inputs, evaluate_after_training
 from .fsio import write_json
+from .progress import library_bars
 from .training import TrainResult
 from .training import train as train_only
 
@@ -33,13 +34,14 @@ def train(
     The CLI's options, by the same names: `resume` is "latest" (or True) or a checkpoint folder to
     continue from; `force` resumes with a config that changes results; `overwrite` starts afresh where
     output_dir holds an earlier run, deleting its checkpoints, final model and evaluation.
-    `progress=False` leaves out the progress line and the closing table of metrics."""
+    `progress=False` leaves out the progress line, the closing table of metrics and transformers' bars."""
     cfg = load_config(config, overrides)
     check_eval_inputs(cfg)
-    result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
-    if result.final_dir is None or not (cfg.eval.task or cfg.eval.forgetting):
-        return result  # interrupted, or a process other than rank 0, or nothing asked
-    result.metrics.update(evaluate_after_training(cfg, result.output_dir, result.final_dir, progress=progress))
+    with library_bars(progress):
+        result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
+        if result.final_dir is None or not (cfg.eval.task or cfg.eval.forgetting):
+            return result  # interrupted, or a process other than rank 0, or nothing asked
+        result.metrics.update(evaluate_after_training(cfg, result.output_dir, result.final_dir, progress=progress))
     summary_path = result.output_dir / "summary.json"
     write_json(summary_path, {**json.loads(summary_path.read_text()), "metrics": result.metrics})
     return result

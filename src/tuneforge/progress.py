@@ -88,3 +88,19 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
     with Progress(*bar_columns(description), console=console, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+@contextlib.contextmanager
+def library_bars(shown: bool) -> Iterator[None]:
+    """transformers' own bars (one per weight load) off while `shown` is false: a Python caller who asks for
+    no progress gets none on stderr, and their own setting is back once the work returns."""
+    from transformers.utils import logging as transformers_logging
+
+    was_shown = transformers_logging.is_progress_bar_enabled()
+    if not shown:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown and not shown:
+            transformers_logging.enable_progress_bar()
