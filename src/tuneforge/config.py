@@ -32,24 +32,17 @@ class Strict(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_true_or_false_for_a_number(cls, value, info):
+    def _numbers_as_written(cls, value, info):
         # pydantic takes true as the number 1: `batch_size: true` (or `yes`, `on`, which YAML reads as
-        # true) would train one row a step without a word.
+        # true) would train one row a step without a word. And it reads a float from the string "1e-4"
+        # (YAML 1.1 leaves a number in exponent form without a dot a string) but no integer from "1e3":
+        # that is read as the number it is, so `seed: 1e3` is 1000 and `batch_size: 1.5e0` a fraction.
         annotation = cls.model_fields[info.field_name].annotation
         kinds = set(get_args(annotation)) or {annotation}
         if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
             raise ValueError(
                 "true or false is no number (YAML reads yes, no, on and off as true and false); give a number"
             )
-        return value
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _exponent_form_for_an_integer(cls, value, info):
-        # pydantic reads a float from the string "1e-4" but no integer from "1e3": read it as the number it
-        # is, so `seed: 1e3` is 1000 and `batch_size: 1.5e0` is refused as a fraction.
-        annotation = cls.model_fields[info.field_name].annotation
-        kinds = set(get_args(annotation)) or {annotation}
         if isinstance(value, str) and int in kinds and str not in kinds and _EXPONENT_FORM.fullmatch(value):
             return float(value)
         return value
