@@ -74,7 +74,8 @@ def train(
     resume: str | None = typer.Option(None, help="'latest' (or just --resume) or a checkpoint folder."),
     force: bool = typer.Option(False, help="Resume even though the config changed in a way that changes results."),
     overwrite: bool = typer.Option(
-        False, help="Start afresh where output_dir holds an earlier run: its checkpoints, final model and eval go."
+        False,
+        help="Start afresh where output_dir holds an earlier run: all it wrote goes once this run passes its checks.",
     ),
     nproc: int = typer.Option(1, min=1, help="Processes on this machine (launches torchrun)."),
     nnodes: int = typer.Option(1, min=1, help="Machines: the same command on each, with its own --node-rank."),

@@ -33,7 +33,8 @@ def train(
 
     The CLI's options, by the same names: `resume` is "latest" (or True) or a checkpoint folder to
     continue from; `force` resumes with a config that changes results; `overwrite` starts afresh where
-    output_dir holds an earlier run, deleting its checkpoints, final model and evaluation.
+    output_dir holds an earlier run, deleting all that run wrote once this run's data, model and plan pass
+    their checks.
     `progress=False` leaves out the progress line, the closing table of metrics and transformers' bars."""
     cfg = load_config(config, overrides)
     check_eval_inputs(cfg)

@@ -367,8 +367,8 @@ def refuse_earlier_run(out: Path, resume: str | bool | None, overwrite: bool) ->
     if held and not overwrite:
         raise TuneforgeError(
             f"{out} holds an earlier run ({held}). Continue it with --resume, give this run another "
-            "output_dir, or pass --overwrite to delete that run's checkpoints, final model and evaluation "
-            "and start over.",
+            "output_dir, or pass --overwrite to start over, deleting all that run wrote (checkpoints, final "
+            "model, metrics, evaluation) once this run passes its checks.",
             code="run_exists",
         )
     return held is not None
