@@ -9,6 +9,7 @@ import types
 import pytest
 from data.rows import BAD_INPUTS, chat, write_bad_input, write_jsonl
 
+from tuneforge import progress
 from tuneforge.config import DEFAULT_MODEL
 from tuneforge.data import render_conversation
 from tuneforge.data.check import TRAINED_STYLE, check_command, highlight
@@ -125,3 +126,14 @@ def test_show_prints_both_sides_of_a_preference_pair_each_training_its_reply(tmp
     chosen, rejected = out.split("--- ")[1:]
     assert chosen.startswith(f"{path}:1 (chosen)\n") and rejected.startswith(f"{path}:1 (rejected)\n")
     assert "Four.<|im_end|>" in chosen and "Five.<|im_end|>" in rejected
+
+
+def test_a_long_check_shows_its_progress_on_stderr(tmp_path, capsys, models, monkeypatch):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    path = write_jsonl(tmp_path / "big.jsonl", [chat(f"Question {i}?", REPLIES[0]) for i in range(200)])
+    assert check_command([str(path)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("data: big.jsonl lines 1/200 (0%)")
+    assert lines[-1].startswith("data: big.jsonl lines 200/200 (100%)") and len(lines) == 200
+    assert "200 read, 200 valid" in captured.out and "big.jsonl lines" not in captured.out

@@ -9,6 +9,7 @@ import pytest
 from data.rows import GOOD_ROW, chat, trained_runs, write_bad_input, write_jsonl
 from families import FAMILIES, family_tokenizer
 
+from tuneforge import progress
 from tuneforge.config import DataConfig
 from tuneforge.data import IGNORE_INDEX, prepare
 from tuneforge.errors import DataError
@@ -432,3 +433,17 @@ def test_rows_that_train_different_replies_or_offer_other_tools_are_not_duplicat
         ["Answer 1: use the console.<|im_end|>"],
         ["The same way.<|im_end|>"],
     ]
+
+
+def test_progress_follows_each_file_through_the_pass_and_is_off_unless_asked(tmp_path, tokenizer, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    train = write_jsonl(tmp_path / "train.jsonl", rows(300))
+    valid = write_jsonl(tmp_path / "valid.jsonl", [chat(t, "On it.") for t in TICKETS[:3]])
+    cfg = DataConfig(train=str(train), validation=str(valid))
+    prepare(cfg, tokenizer, use_cache=False, log=lambda _: None, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("data: valid.jsonl lines 1/3 (33%)")
+    assert any(line.startswith("data: train.jsonl lines 150/300 (50%)") for line in lines)
+    assert lines[-1].startswith("data: train.jsonl lines 300/300 (100%)") and "eta 0:00:00" in lines[-1]
+    prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert capsys.readouterr().err == ""

@@ -20,10 +20,12 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..fsio import write_json
 from ..models.system_prompt import recorded_system_prompt
+from ..progress import progress_bar
 from ..tasks.general import BUNDLED_REPLAY, bundled_file
 from . import cache
 from .dedup import DuplicateIndex, content_hash, held_out_keys
 from .formats import file_format, read_conversations
+from .readers import extent
 from .render import FATAL_CODES, render_examples, renderer_for
 from .schema import Conversation, Example, Preference, PreparedData, Problem, Record
 
@@ -63,6 +65,7 @@ def prepare(
     report_path: Path | None = None,
     use_cache: bool = True,
     log: Callable[[str], object] = print,
+    progress: bool = False,
 ) -> PreparedData:
     """Read, check, render, dedup, split and fit the data; raise DataError if it is not fit to train on.
 
@@ -70,7 +73,7 @@ def prepare(
     (atomically) when given, also when preparation fails. With `use_cache`, the result is stored
     under `tuneforge_home()/data-cache/` and reused by a later run with the same files, tokenizer
     and data config. With `general_mix`, conversations of the `general_replay` file are mixed into
-    training (`replay_file`).
+    training (`replay_file`). With `progress`, a bar (or log lines) follows each file through the pass.
     """
     replay = replay_file(cfg)
     key = cache.cache_key(cfg, tokenizer, replay) if use_cache else None
@@ -86,7 +89,7 @@ def prepare(
         log(f"data: reusing the tokenized data set cached in {cache.cache_dir() / key}")
         _write_report(report_path, cached.report)
         return cached
-    data, errors = check_data(cfg, tokenizer)
+    data, errors = check_data(cfg, tokenizer, progress=progress)
     if errors and (cfg.on_error == "strict" or any(p.code in DATA_SET_CODES for p in errors)):
         _write_report(report_path, data.report)
         raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
@@ -196,9 +199,9 @@ def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, replay: Path | 
     data.report["counts"]["train"] = len(data.train)
 
 
-def check_data(cfg: DataConfig, tokenizer) -> tuple[PreparedData, list[Problem]]:
+def check_data(cfg: DataConfig, tokenizer, *, progress: bool = False) -> tuple[PreparedData, list[Problem]]:
     """Everything `prepare` does except deciding: returns the data (bad rows left out) and every error."""
-    run = _Preparation(cfg, tokenizer)
+    run = _Preparation(cfg, tokenizer, progress)
     try:
         run.read_all()
         run.split()
@@ -211,8 +214,8 @@ def check_data(cfg: DataConfig, tokenizer) -> tuple[PreparedData, list[Problem]]
 class _Preparation:
     """One pass over the data: reads, checks, dedups, renders and fits every row, counting as it goes."""
 
-    def __init__(self, cfg: DataConfig, tokenizer):
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, tokenizer, progress: bool = False):
+        self.cfg, self.progress = cfg, progress
         self.renderer = renderer_for(tokenizer)
         self.problems: list[Problem] = []
         self.counts: Counter = Counter()
@@ -259,39 +262,48 @@ class _Preparation:
         rows: list[_Row] = []
         pending: list[tuple[int, Record, int]] = []
         in_flight: deque = deque()  # chunks tokenizing in the background while the next one is read
+        # Progress is the line (or Parquet row) reached: rows are streamed, and the file's length in
+        # lines is quick to count where its rows are not.
+        total, reached = extent(path), 0
         try:
-            for line, item in read_conversations(path, self.cfg.format):
-                if isinstance(item, Problem):
-                    self.problems.append(item)
-                    continue
-                self.counts["records"] += 1
-                if not self._same_kind(item, path, line):
-                    self.counts["rejected_records"] += 1
-                    continue
-                key = content_hash(item)
-                signer = index or leaks_from
-                signature = signer.signature(item) if signer else None
-                row_id = (len(self.files) - 1) << 32 | line  # says where a row is, for what repeats it
-                if leaks_from and (hit := leaks_from.find(key, signature)):
-                    self.counts["validation_leak"] += 1
-                    self.leaks.append(self._repeat(path, line, hit, "validation"))
-                    continue
-                if index:
-                    if drop_repeats and (hit := index.find(key, signature)):
-                        self.counts[f"duplicates_{hit[0]}"] += 1
-                        self.duplicates.append(self._repeat(path, line, hit, hit[0]))
+            with progress_bar(f"data: {Path(path).name} lines", total, self.progress) as advance:
+                for line, item in read_conversations(path, self.cfg.format):
+                    if line and line > reached:
+                        advance(line - reached)
+                        reached = line
+                    if isinstance(item, Problem):
+                        self.problems.append(item)
                         continue
-                    index.add(row_id, key, signature)
-                pending.append((line, item, key))
-                if len(pending) >= _CHUNK_ROWS:
+                    self.counts["records"] += 1
+                    if not self._same_kind(item, path, line):
+                        self.counts["rejected_records"] += 1
+                        continue
+                    key = content_hash(item)
+                    signer = index or leaks_from
+                    signature = signer.signature(item) if signer else None
+                    row_id = (len(self.files) - 1) << 32 | line  # says where a row is, for what repeats it
+                    if leaks_from and (hit := leaks_from.find(key, signature)):
+                        self.counts["validation_leak"] += 1
+                        self.leaks.append(self._repeat(path, line, hit, "validation"))
+                        continue
+                    if index:
+                        if drop_repeats and (hit := index.find(key, signature)):
+                            self.counts[f"duplicates_{hit[0]}"] += 1
+                            self.duplicates.append(self._repeat(path, line, hit, hit[0]))
+                            continue
+                        index.add(row_id, key, signature)
+                    pending.append((line, item, key))
+                    if len(pending) >= _CHUNK_ROWS:
+                        in_flight.append(self._start(path, pending))
+                        pending = []
+                        if len(in_flight) > 1:
+                            rows += self._finish(*in_flight.popleft())
+                if pending:
                     in_flight.append(self._start(path, pending))
-                    pending = []
-                    if len(in_flight) > 1:
-                        rows += self._finish(*in_flight.popleft())
-            if pending:
-                in_flight.append(self._start(path, pending))
-            while in_flight:
-                rows += self._finish(*in_flight.popleft())
+                while in_flight:
+                    rows += self._finish(*in_flight.popleft())
+                if total > reached:  # the lines after the last row (a JSON array's "]") hold none
+                    advance(total - reached)
         finally:
             for _, _, job in in_flight:  # stopped early: never leave a tokenization running behind
                 job.finish()

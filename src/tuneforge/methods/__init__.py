@@ -90,12 +90,12 @@ def check_inputs(cfg, tokenizer) -> None:
         grpo.load_grader(cfg)
 
 
-def prepare_items(cfg, tokenizer, *, report_path=None, log=print) -> tfdata.PreparedData:
+def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False) -> tfdata.PreparedData:
     """The data the method trains on, checked, its report written to `report_path`: grpo's prompts, or
-    the examples (and pairs) of the data pipeline."""
+    the examples (and pairs) of the data pipeline (with `progress`, shown as it goes)."""
     if cfg.method == "grpo":
         return grpo.prepare(cfg, tokenizer, report_path=report_path)
-    return tfdata.prepare(cfg.data, tokenizer, report_path=report_path, log=log)
+    return tfdata.prepare(cfg.data, tokenizer, report_path=report_path, log=log, progress=progress)
 
 
 def build_objective(model, cfg, tokenizer, *, dtype: torch.dtype, device: torch.device):

@@ -430,14 +430,14 @@ def sole_run_in(out: Path, world: distributed.World):
 
 
 def prepare_data(
-    cfg: Config, tokenizer, world: distributed.World, report_path: Path | None, log
+    cfg: Config, tokenizer, world: distributed.World, report_path: Path | None, log, progress: bool = False
 ) -> tfdata.PreparedData:
     """Rank 0 prepares the data (and caches it under $TUNEFORGE_HOME, and writes the report to
     `report_path`, if any). On several machines, the first process of each other machine then prepares
     it too: it reads rank 0's cache where $TUNEFORGE_HOME is shared, and tokenizes the data files again
-    where it is not. The other processes then read their machine's cache."""
+    where it is not. The other processes then read their machine's cache. Rank 0 shows its progress."""
     if world.is_main:
-        prepared = prepare_items(cfg, tokenizer, report_path=report_path, log=log)
+        prepared = prepare_items(cfg, tokenizer, report_path=report_path, log=log, progress=progress)
     distributed.barrier(world, "preparing data (rank 0 prepares it while the others wait)")
     if world.machines > 1:
         if world.local_rank == 0 and not world.is_main:
@@ -568,6 +568,7 @@ def setup(
     force: bool = False,
     overwrite: bool = False,
     log=print,
+    progress: bool = False,
 ) -> Run:
     """Everything the steps need: data, model, objective, rows, optimizer and schedule, restored
     from a checkpoint when resuming."""
@@ -582,7 +583,8 @@ def setup(
     check_inputs(cfg, tokenizer)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
     keeps_earlier = resume or replaces_earlier
-    prepared = prepare_data(cfg, tokenizer, world, None if keeps_earlier else out / "data_report.json", log)
+    report_path = None if keeps_earlier else out / "data_report.json"
+    prepared = prepare_data(cfg, tokenizer, world, report_path, log, progress)
     data_key = prepared.report.get("cache", {}).get("key")
     if resume_from is not None and not force:
         check_same_data(resume_from, saved, data_key)
@@ -830,7 +832,7 @@ def train(
     callers_rng = checkpoint.rng_states()
     try:
         with sole_run_in(Path(cfg.output_dir), world):
-            run = setup(cfg, world, resume=resume, force=force, overwrite=overwrite, log=log)
+            run = setup(cfg, world, resume=resume, force=force, overwrite=overwrite, log=log, progress=progress)
             status = fit(run, progress=progress, log=log)
             return finish(run, status, progress=progress)
     finally:
