@@ -39,3 +39,29 @@ def test_training_progress_off_a_terminal_shows_steps_loss_and_speed():
     out = bar.console.file.getvalue()
     assert "train step 1/2 (50%) · loss 2.5000 · 80 tok/s" in out
     assert "train step 2/2 (100%) · loss 2.0000 (valid 2.1000) · 90 tok/s" in out
+
+
+def test_off_a_terminal_each_validation_pass_shows_its_own_lines(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch, capsys
+):
+    from conftest import tiny_run_config
+
+    from tuneforge.training import train
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2, eval_every=1, batch_size=2)
+    train(cfg)
+    lines = capsys.readouterr().err.splitlines()
+
+    def done(phase: str) -> list[str]:  # "done/total" of each line of the phase, in order
+        return [line[len(phase) + 1 :].split(" ")[0] for line in lines if line.startswith(phase + " ")]
+
+    # A line after each batch of 2 rows, the pass's own, before the next step and after the last one.
+    rows = len(done("validation at step 1")) * 2
+    assert rows > 2
+    assert done("validation at step 1") == done("final validation") == [f"{n}/{rows}" for n in range(2, rows + 1, 2)]
+    last_of_step_1 = max(i for i, line in enumerate(lines) if line.startswith("validation at step 1 "))
+    assert last_of_step_1 < next(i for i, line in enumerate(lines) if line.startswith("train step 2/2"))
+
+    train(cfg, overwrite=True, progress=False)
+    assert "validation" not in capsys.readouterr().err

@@ -35,10 +35,13 @@ class LogLines:
 
     def __init__(self, console: Console, description: str, total: int, done: int = 0):
         self.console, self.description, self.total = console, description, total
-        self.started, self.start_done, self.last = time.perf_counter(), done, float("-inf")
+        self.started, self.start_done, self.done, self.last = time.perf_counter(), done, done, float("-inf")
+
+    def advance(self, n: int) -> None:
+        self.update(self.done + n)
 
     def update(self, done: int, fields: str = "") -> None:
-        now = time.perf_counter()
+        self.done, now = done, time.perf_counter()
         if done < self.total and now - self.last < LOG_EVERY_S:
             return
         self.last = now
@@ -54,10 +57,11 @@ class LogLines:
         )
 
 
-def bar_columns(description: str, *fields: str) -> list:
-    """The columns of every tuneforge bar: what, bar, done/total, percent, fields, elapsed, ETA."""
+def bar_columns(*fields: str) -> list:
+    """The columns of every tuneforge bar: what (the task's description), bar, done/total, percent,
+    fields, elapsed, ETA."""
     return [
-        TextColumn(f"[bold]{description}"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
@@ -76,16 +80,9 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
         return
     console = Console(stderr=True)
     if not console.is_terminal:
-        lines, done = LogLines(console, description, total), 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            lines.update(done)
-
-        yield advance
+        yield LogLines(console, description, total).advance
         return
-    with Progress(*bar_columns(description), console=console, transient=True) as bar:
+    with Progress(*bar_columns(), console=console, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -323,9 +323,12 @@ class GRPOObjective(nn.Module):
         return [self._batch(group, ids, per_token, sampled_scale) for group, ids in zip(graded, kept)]
 
     @torch.no_grad()
-    def validation_sums(self, batches: list[list[PromptRow]]) -> tuple[dict[str, float], float]:
+    def validation_sums(
+        self, batches: list[list[PromptRow]], advance=lambda rows: None
+    ) -> tuple[dict[str, float], float]:
         """The model's greedy answers to validation prompts, graded: ({"reward": total, "reward/NAME":
-        total per grader}, prompts). Greedy, so the figure moves only when the model does."""
+        total per grader}, prompts). Greedy, so the figure moves only when the model does. `advance(rows)`
+        is called after each batch."""
         lm = causal_lm(self.model)
         was_training = lm.training
         totals = torch.zeros(1 + len(self.parts), dtype=torch.float64)
@@ -342,6 +345,7 @@ class GRPOObjective(nn.Module):
                     grades = self.grader.grade([sample_of(a.text) for a in answers], [r.item for r in rows])
                 totals += torch.tensor([[g.score, *(g.parts[p] for p in self.parts)] for g in grades]).sum(dim=0)
                 count += len(rows)
+                advance(rows)
         finally:
             lm.train(was_training)
         return dict(zip(("reward", *(f"reward/{p}" for p in self.parts)), totals.tolist())), float(count)

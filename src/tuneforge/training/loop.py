@@ -26,6 +26,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from ..models import ModelSource, causal_lm, load_tokenizer, resolve, resolve_pr
 from ..models.attention import per_example_attention, supports_per_example_attention
 from ..models.saving import save_model
 from ..models.system_prompt import record_system_prompt, recorded_system_prompt
+from ..progress import progress_bar
 from . import batches, checkpoint, distributed
 from .progress import TrainProgress, print_summary
 
@@ -518,12 +520,13 @@ class Run:
             self.world,
         )
 
-    def validate(self, phase: str) -> dict:
+    def validate(self, phase: str, bar: Callable) -> dict:
         """The validation metrics (the reported sums and the method's own, less training-only ones),
         each per count over all validation rows. Each rank runs its share of the rows, which may be
         none, outside DDP (whose forward is a collective every rank would have to join); the one
         collective is the sum. A sharded (FSDP) forward is a collective too: there, every rank runs as
-        many batches as the busiest one, a rank with fewer running its first rows again, uncounted."""
+        many batches as the busiest one, a rank with fewer running its first rows again, uncounted.
+        `bar(description, total)` shows the pass over this rank's rows (`progress_bar`, `TrainProgress.phase`)."""
         objective = getattr(self.objective, "module", self.objective)
         sums = {k: v for k, v in self.sums.items() if k not in objective.train_only_sums}
         per_batch, world = self.plan.micro_batch_rows, self.world
@@ -531,12 +534,19 @@ class Run:
             self.valid_rows[start : start + per_batch]
             for start in range(world.rank * per_batch, len(self.valid_rows), per_batch * world.size)
         ]
-        with distributed.phase(phase, world):
+        with distributed.phase(phase, world), bar(phase, sum(map(len, shard))) as advance:
             if hasattr(objective, "validation_sums"):  # a method whose validation grades answers (grpo)
-                totals, count = objective.validation_sums(shard)  # samples as training does, outside autocast
+                # Samples as training does, outside autocast.
+                totals, count = objective.validation_sums(shard, advance=lambda rows: advance(len(rows)))
             else:
                 totals, count = sum_over_batches(
-                    objective, shard, self.tokenizer.pad_token_id, world.device, sums=sums, autocast=self.autocast
+                    objective,
+                    shard,
+                    self.tokenizer.pad_token_id,
+                    world.device,
+                    sums=sums,
+                    autocast=self.autocast,
+                    advance=lambda rows: advance(len(rows)),
                 )
                 if distributed.is_sharded(objective):
                     busiest = math.ceil(len(self.valid_rows) / (per_batch * world.size))
@@ -758,7 +768,7 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
             is_last = step + 1 == plan.total_steps
             valid = {}
             if run.valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
-                valid = run.validate(f"validation at step {step + 1}")
+                valid = run.validate(f"validation at step {step + 1}", bar.phase)
                 record.update({f"valid_{name}": value for name, value in valid.items()})
             if (step + 1) % cfg.train.log_every == 0 or is_last or valid:
                 run.metrics_log.write(record)
@@ -784,7 +794,8 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
         run.save_checkpoint(run.plan.total_steps)
         if run.valid_rows:
             with run.attention():
-                valid = run.validate("final validation")
+                shown = progress and run.world.is_main
+                valid = run.validate("final validation", lambda what, rows: progress_bar(what, rows, shown))
             full_valid = {f"full_valid_{name}": value for name, value in valid.items()}
             metrics.update(full_valid)
             run.metrics_log.write({"step": run.plan.total_steps, **full_valid})

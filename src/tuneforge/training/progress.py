@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -20,12 +22,8 @@ class TrainProgress:
         self.console = Console(stderr=True)
         live = enabled and self.console.is_terminal
         self.lines = LogLines(self.console, "train step", total_steps, start_step) if enabled and not live else None
-        self.progress = Progress(
-            *bar_columns("train", "loss {task.fields[loss]}", "{task.fields[speed]} tok/s"),
-            console=self.console,
-            disable=not live,
-        )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", speed="-")
+        self.progress = Progress(*bar_columns("{task.fields[shown]}"), console=self.console, disable=not live)
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, shown="loss - · - tok/s")
 
     def __enter__(self):
         self.progress.__enter__()
@@ -33,6 +31,21 @@ class TrainProgress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def phase(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        """A bar of its own (or log lines) for long work between steps, such as a validation pass: under
+        the training bar while it runs, gone after; yields `advance(n)`."""
+        if not self.enabled:
+            yield lambda n: None
+        elif self.lines:
+            yield LogLines(self.console, description, total).advance
+        else:
+            task = self.progress.add_task(description, total=total, shown="")
+            try:
+                yield lambda n: self.progress.advance(task, n)
+            finally:
+                self.progress.remove_task(task)
 
     def update(self, record: dict) -> None:
         loss = f"{record['train_loss']:.4f}"
@@ -50,7 +63,7 @@ class TrainProgress:
                 f"len {record['completion_length']:.0f} trained {record['trained_share']:.0%}"
             )
         speed = f"{record['tokens_per_s']:.0f}"
-        self.progress.update(self.task, completed=record["step"], loss=loss, speed=speed)
+        self.progress.update(self.task, completed=record["step"], shown=f"loss {loss} · {speed} tok/s")
         if self.lines:
             self.lines.update(record["step"], f" · loss {loss} · {speed} tok/s")
 
