@@ -28,6 +28,7 @@ from tuneforge.eval.report import (
     loss_label,
     metrics_table,
     reward_figures,
+    scores_figure,
     share_interval,
 )
 from tuneforge.models import load_model, load_tokenizer
@@ -274,6 +275,21 @@ def test_a_run_of_one_logged_step_draws_each_curve_as_a_visible_point():
     assert len(lines) == 6 and all(line.get_marker() not in (None, "", "None") for line in lines)
     two_steps = [one_step[0], {**one_step[0], "step": 2}]
     assert loss_figure({"run": two_steps}).axes[0].lines[0].get_marker() == "None"  # a line, as for any longer run
+
+
+def test_every_figure_labels_its_axes():
+    metrics = [{"step": 1, "train_loss": 0.1, "lr": 1e-3, "reward": 0.5, "reward_std": 0.2, "kl": 0.0}]
+    scores = {"metric": "exact", "scores": {"n": 4, "exact": 0.5, "fields": {"category": 0.75}}}
+    figures = [loss_figure({"run": metrics}), learning_rate_figure(metrics), scores_figure(scores, scores)]
+    figures += [figure for _, figure in reward_figures(metrics)]
+    labels = [(figure.axes[0].get_xlabel(), figure.axes[0].get_ylabel()) for figure in figures]
+    assert labels == [
+        ("step", "policy-gradient loss per token (GRPO)"),
+        ("step", "learning rate (no unit)"),
+        ("", "share of test examples (0 to 1)"),  # the x-axis names each score at its bar
+        ("step", "grader score per answer"),
+        ("step", "per token"),
+    ]
 
 
 def test_the_loss_axis_names_the_runs_objective():

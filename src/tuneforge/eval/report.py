@@ -367,6 +367,7 @@ def learning_rate_figure(metrics: list[dict]):
     figure, axes = _figure("learning rate")
     _line(axes, *zip(*curve(metrics, "lr")))
     axes.set_xlabel("step")
+    axes.set_ylabel("learning rate (no unit)")
     axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     return figure
 
@@ -398,6 +399,7 @@ def reward_figures(metrics: list[dict]) -> list[tuple[str, object]]:
     if validated:
         axes.plot(*zip(*validated), "o-", label="validation prompts (greedy)", linewidth=1.5)
     axes.set_xlabel("step")
+    axes.set_ylabel("grader score per answer")
     axes.legend()
     kl, axes = _figure("KL to the reference")
     _line(axes, steps, [m["kl"] for m in rewarded])
@@ -432,6 +434,11 @@ def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | N
 
 
 def scores_plot(before: dict, after: dict) -> tuple[str, str]:
+    return "Scores, base vs tuned (share of test examples)", _png(scores_figure(before, after))
+
+
+def scores_figure(before: dict, after: dict):
+    """Each score of the base and the tuned model side by side: a share of the test examples, 0 to 1."""
     base, tuned = flat_scores(before["scores"]), flat_scores(after["scores"])
     keys = list(base)
     figure, axes = _figure(f"{after['metric']}: base vs tuned")
@@ -440,8 +447,9 @@ def scores_plot(before: dict, after: dict) -> tuple[str, str]:
     axes.bar([p + 0.2 for p in positions], [tuned.get(k, 0) for k in keys], width=0.4, label="tuned")
     axes.set_xticks(list(positions), keys, rotation=30, ha="right")
     axes.set_ylim(0, 1)
+    axes.set_ylabel("share of test examples (0 to 1)")
     axes.legend()
-    return "Scores, base vs tuned (share of test examples)", _png(figure)
+    return figure
 
 
 # --- files -----------------------------------------------------------------------------------------
