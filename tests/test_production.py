@@ -444,7 +444,7 @@ def test_the_jobs_service_stores_completions_per_key_and_reports_metrics(base_di
         before, _ = scrape(url)
         reply = ask(alice, str(base_dir), store=True, metadata={"via": "api"})
         chunks = list(ask(alice, str(base_dir), store=True, metadata={"via": "api"}, stream=True))
-        assert reply.model == BASE
+        assert reply.model == str(base_dir)  # the name the request gave
         assert [c.id for c in alice.chat.completions.list(metadata={"via": "api"})] == [reply.id, chunks[0].id]
         assert alice.chat.completions.retrieve(reply.id).metadata == {"via": "api"}
         assert list(bob.chat.completions.list()) == []
@@ -455,9 +455,9 @@ def test_the_jobs_service_stores_completions_per_key_and_reports_metrics(base_di
         after, _ = scrape(url)
 
     chat = {"route": "/v1/chat/completions", "method": "POST"}
-    assert moved(before, after, "tuneforge_requests_total", **chat, model=BASE, status="200") == 2
-    assert moved(before, after, "tuneforge_time_to_first_token_seconds_count", model=BASE) == 2
-    assert moved(before, after, "tuneforge_generated_tokens_total", model=BASE) == 12
+    assert moved(before, after, "tuneforge_requests_total", **chat, model=str(base_dir), status="200") == 2
+    assert moved(before, after, "tuneforge_time_to_first_token_seconds_count", model=str(base_dir)) == 2
+    assert moved(before, after, "tuneforge_generated_tokens_total", model=str(base_dir)) == 12
     assert value(after, "tuneforge_jobs", status="succeeded") == value(after, "tuneforge_jobs", status="failed") == 1
     assert value(after, "tuneforge_jobs", status="queued") == 0
     assert value(after, "tuneforge_trained_tokens_total") == 120
