@@ -107,7 +107,7 @@ def test_true_or_false_is_no_number(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     for key, line in (("lora.r", 5), ("train.batch_size", 7), ("train.epochs", 8)):
-        assert f"{key} (line {line}): Value error, true or false is no number" in e.value.message
+        assert f"{key} (line {line}): true or false is no number" in e.value.message
     assert "packing" not in e.value.message
 
 

@@ -583,7 +583,9 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
         else:
             got = e.get("input")
             shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            lines.append(f"  {key or '(top level)'}: {e['msg']}{shown}")
+            # Our validators' own words, without the "Value error, " pydantic puts before them.
+            said = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
+            lines.append(f"  {key or '(top level)'}: {said}{shown}")
     return "\n".join(lines)
 
 
