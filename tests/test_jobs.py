@@ -422,6 +422,10 @@ def test_openai_hyperparameters_map_onto_the_config(tmp_path):
     assert config.train.save_every == 3 and config.data.validation is None  # a checkpoint an epoch: 20 // 8 steps
     method = resolved_method(body.method_dict(), config)
     assert method["supervised"]["hyperparameters"] == {"batch_size": 8, "learning_rate_multiplier": 0.5, "n_epochs": 5}
+    small = CreateJobBody(model="m", training_file="file-1", hyperparameters={"learning_rate_multiplier": 3e-9})
+    config = training_config("m", small.method_dict(), 3, tmp_path / "t.jsonl", None, tmp_path / "run", n_examples=20)
+    reported = resolved_method(small.method_dict(), config)["supervised"]["hyperparameters"]
+    assert reported["learning_rate_multiplier"] == 3e-9  # as given, not rounded to 0
     dpo = CreateJobBody(
         model="m",
         training_file="file-1",

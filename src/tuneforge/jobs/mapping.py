@@ -286,7 +286,8 @@ def resolved_method(method: dict, config: Config) -> dict:
     hyper.update(
         batch_size=config.train.batch_size,
         n_epochs=config.train.epochs,
-        learning_rate_multiplier=round(config.train.learning_rate / DEFAULT_LEARNING_RATE, 6),
+        # Six significant digits: the float noise of the division goes, and a small multiplier (1e-9) stays.
+        learning_rate_multiplier=float(f"{config.train.learning_rate / DEFAULT_LEARNING_RATE:.6g}"),
     )
     if kind == "dpo":
         hyper["beta"] = config.dpo.beta
