@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, key_path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # A number in exponent form without a dot (1e3): YAML 1.1, which PyYAML reads, leaves it a string.
@@ -561,31 +561,31 @@ def _suggest(key: str) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _is_type_tag(part: str) -> bool:
-    """Whether a part of a pydantic error's location names a type, not a key: a key that takes one of
-    several types (`data.train`: a path or a list of them) has an error for each, located under its name."""
-    return part in ("str", "float", "int") or part.startswith(("function-after", "literal[", "constrained-", "list["))
-
-
 def _format_validation_error(err: ValidationError, source: str, places: dict[str, str]) -> str:
-    """One line per error, each naming its key and where it was set (`places`: "line N" or an override, by
-    dotted key; a key not set there is placed at its nearest section that is)."""
-    lines = [f"{source}: invalid config"]
+    """One line per key, naming it and where it was set (`places`: "line N" or an override, by dotted key;
+    a key not set there is placed at its nearest section that is). A key that takes one of several types
+    gets one line for them all: "Input should be a valid string or Input should be a valid list"."""
+    said: dict[str, list[str]] = {}
+    shown: dict[str, str] = {}  # the value the key was given, said once after its complaints
     for e in err.errors():
-        parts = [str(p) for p in e["loc"] if not _is_type_tag(str(p))]
+        parts = key_path(e["loc"])
         loc = ".".join(parts)
         placed = next((places[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in places), None)
-        key = f"{loc} ({placed})" if placed else loc
+        key = f"{loc} ({placed})" if placed else loc or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key.{_suggest(loc)}")
+            complaint = f"unknown key.{_suggest(loc)}"
         elif e["type"] == "missing":
-            lines.append(f"  {key}: required, but not set.")
+            complaint = "required, but not set."
         else:
-            got = e.get("input")
-            shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
             # Our validators' own words, without the "Value error, " pydantic puts before them.
-            said = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
-            lines.append(f"  {key or '(top level)'}: {said}{shown}")
+            complaint = (
+                str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
+            )
+            if (got := e.get("input")) is not None and not isinstance(got, dict):
+                shown[key] = f" (got {got!r})"
+        said.setdefault(key, []).append(complaint)
+    lines = [f"{source}: invalid config"]
+    lines += [f"  {key}: {' or '.join(dict.fromkeys(c))}{shown.get(key, '')}" for key, c in said.items()]
     return "\n".join(lines)
 
 

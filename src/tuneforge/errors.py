@@ -7,8 +7,22 @@ Every error a user can cause is a `TuneforgeError`: the CLI prints its message o
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+
+
+# What pydantic puts in an error's location for a member of a union rather than a key: `str`,
+# `list[str]`, `constrained-str`, `function-after[...]`, `literal['a']`.
+_TYPE_TAG = re.compile(r"str|int|float|bool|none|constrained-[a-z]+|[a-z-]+\[.*\]")
+
+
+def key_path(loc: Sequence) -> list[str]:
+    """A pydantic error's location as the keys it names. A value that fits none of a union's types gets a
+    complaint per type, each located under the type's name (`data.train.list[str]`, `logprobs.bool`)."""
+    return [str(part) for part in loc if not _TYPE_TAG.fullmatch(str(part))]
 
 
 class TuneforgeError(Exception):

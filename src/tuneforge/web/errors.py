@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..database import UnknownCursor
+from ..errors import key_path
 from .shapes import MAX_FILENAME_CHARS
 
 log = logging.getLogger("tuneforge.web")
@@ -185,18 +186,13 @@ def not_utf8(err: UnicodeDecodeError) -> APIError:
     )
 
 
-_UNION_MEMBER = re.compile(r"str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\]")
-
-
 def validation_error(first: dict, content_type: str | None = None) -> APIError:
     """The 400 for pydantic's first complaint about a request, naming the parameter it is about
     (`content_type` is the request's, said when the body was not read as JSON)."""
     loc = list(first.get("loc", ()))
     if loc and loc[0] in ("body", "query", "path", "header"):  # where it came from, not its name
         loc = loc[1:]
-    # A value that fits none of a union's types gets a complaint per type, placed under the type's name
-    # ("logprobs.bool"): the parameter is the part before it.
-    loc = [part for part in loc if not _UNION_MEMBER.fullmatch(str(part))]
+    loc = key_path(loc)
     param = ".".join(map(str, loc)) or None
     kind = first.get("type")
     if kind == "missing" and param is None:
