@@ -20,7 +20,7 @@ import uvicorn
 from conftest import tiny_run_config
 from tiny_sharp import save_sharp_tiny_model
 
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.generate import Batch, PackedLinear, Sampling, encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer, resolve
 from tuneforge.models.precision import bf16_supported
@@ -633,6 +633,17 @@ def test_a_command_whose_serve_extra_is_not_installed_says_what_to_install(comma
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"needs the serve extra, and {missing} is not installed" in result.stderr
     assert "pip install 'tuneforge[serve]'" in result.stderr
+
+
+def test_only_a_module_of_the_serve_extra_is_told_as_its_install():
+    from tuneforge.cli import serve_extra
+
+    with pytest.raises(TuneforgeError, match="needs the serve extra, and fastapi.routing is not installed"):
+        with serve_extra("serve"):
+            raise ModuleNotFoundError("No module named 'fastapi.routing'", name="fastapi.routing")
+    with pytest.raises(ModuleNotFoundError):  # a model's own import, met while serving, stays what it is
+        with serve_extra("serve"):
+            raise ModuleNotFoundError("No module named 'flash_attn'", name="flash_attn")
 
 
 @pytest.mark.integration

@@ -53,13 +53,30 @@ def _options(
     pass
 
 
+# The modules of the serve extra (pyproject.toml), by their import names, with those they bring.
+SERVE_EXTRA_MODULES = (
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "multipart",
+    "python_multipart",
+    "jinja2",
+    "sqlalchemy",
+    "psycopg2",
+    "prometheus_client",
+)
+
+
 @contextmanager
 def serve_extra(command: str) -> Iterator[None]:
     """Around a command that runs a web server or a database store: their modules come with tuneforge's
-    serve extra, which a plain `pip install tuneforge` leaves out, so one missing is an install to name."""
+    serve extra, which a plain `pip install tuneforge` leaves out, so one missing is an install to name.
+    Another module missing (one a model's code imports while serving) is no matter of the extra."""
     try:
         yield
     except ModuleNotFoundError as missing:
+        if (missing.name or "").split(".")[0] not in SERVE_EXTRA_MODULES:
+            raise
         raise TuneforgeError(
             f"tuneforge {command} needs the serve extra, and {missing.name} is not installed. Install it with "
             "`pip install 'tuneforge[serve]'` (from a clone: `pip install -e '.[serve]'`).",
