@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, key_path
+from .errors import ConfigError, complaint, key_path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # A number in exponent form without a dot (1e3): YAML 1.1, which PyYAML reads, leaves it a string.
@@ -573,17 +573,14 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
         placed = next((places[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in places), None)
         key = f"{loc} ({placed})" if placed else loc or "(top level)"
         if e["type"] == "extra_forbidden":
-            complaint = f"unknown key.{_suggest(loc)}"
+            what = f"unknown key.{_suggest(loc)}"
         elif e["type"] == "missing":
-            complaint = "required, but not set."
+            what = "required, but not set."
         else:
-            # Our validators' own words, without the "Value error, " pydantic puts before them.
-            complaint = (
-                str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
-            )
+            what = complaint(e)
             if (got := e.get("input")) is not None and not isinstance(got, dict):
                 shown[key] = f" (got {got!r})"
-        said.setdefault(key, []).append(complaint)
+        said.setdefault(key, []).append(what)
     lines = [f"{source}: invalid config"]
     lines += [f"  {key}: {' or '.join(dict.fromkeys(c))}{shown.get(key, '')}" for key, c in said.items()]
     return "\n".join(lines)
@@ -657,14 +654,17 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
                 f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them). "
                 "Write one (see `tuneforge validate --help`) or check the path."
             )
-        text = path.read_text(encoding="utf-8")
+        # One parse: the node tree gives each key's line, and the document is built from it.
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            raw = yaml.safe_load(text) or {}
+            node = loader.get_single_node()
+            raw = (loader.construct_document(node) if node is not None else None) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        finally:
+            loader.dispose()
         places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys (base_model, method, data, ...).")

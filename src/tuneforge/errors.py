@@ -25,6 +25,13 @@ def key_path(loc: Sequence) -> list[str]:
     return [str(part) for part in loc if not _TYPE_TAG.fullmatch(str(part))]
 
 
+def complaint(error: dict) -> str:
+    """What a pydantic error says: our validators' own words without the "Value error, " pydantic puts
+    before them, or pydantic's message."""
+    said = error.get("ctx", {}).get("error") if error.get("type") == "value_error" else None
+    return str(said) if said is not None else error.get("msg", "")
+
+
 class TuneforgeError(Exception):
     """A problem the user can fix; `message` says what is wrong and what to do."""
 

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..database import UnknownCursor
-from ..errors import key_path
+from ..errors import complaint, key_path
 from .shapes import MAX_FILENAME_CHARS
 
 log = logging.getLogger("tuneforge.web")
@@ -212,12 +212,7 @@ def validation_error(first: dict, content_type: str | None = None) -> APIError:
         reason = first.get("ctx", {}).get("error", "it cannot be parsed")
         message, param = f"The request body is not valid JSON: {reason}", None
     else:
-        # Our validators' own words, without the "Value error, " pydantic puts before them.
-        said = (
-            str(first["ctx"]["error"])
-            if kind == "value_error" and "error" in first.get("ctx", {})
-            else first.get("msg")
-        )
+        said = complaint(first)
         message = f"Invalid value for '{param}': {said}" if param else said or "Invalid request"
     return APIError(400, message, param=param, code="invalid_value")
 
