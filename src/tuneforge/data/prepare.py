@@ -263,8 +263,8 @@ class _Preparation:
         pending: list[tuple[int, Record, int]] = []
         in_flight: deque = deque()  # chunks tokenizing in the background while the next one is read
         # Progress is the line (or Parquet row) reached: rows are streamed, and the file's length in
-        # lines is quick to count where its rows are not.
-        total, reached = extent(path), 0
+        # lines is quick to count where its rows are not. Counted only for a bar: it reads the file once more.
+        total, reached = (extent(path) if self.progress else 0), 0
         try:
             with progress_bar(f"data: {Path(path).name} lines", total, self.progress) as advance:
                 for line, item in read_conversations(path, self.cfg.format):
