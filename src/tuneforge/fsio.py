@@ -37,27 +37,35 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
+    # Some file systems refuse fsync on a folder; what matters most, the files' data, is synced on its own.
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Put every file and folder under `folder` on disk: a rename that publishes them before their data is
-    written could leave, after a power loss, a complete-looking folder of empty or truncated files."""
+def _finish_tree(folder: Path) -> None:
+    """Before `folder` is published by a rename, give its files the mode the umask gives any new file (or
+    program), and put them and its folders on disk. safetensors writes its files owner-only (0600): without
+    the mode, a model saved by one account could not be served by another. Without the sync, a power loss
+    after the rename could leave a complete-looking folder of empty or truncated files."""
+    mask = _umask()
     for path in sorted(folder.rglob("*"), reverse=True):  # a folder's entries before the folder
+        if path.is_symlink():
+            continue
         if path.is_dir():
             _fsync_dir(path)
-        elif path.is_file() and not path.is_symlink():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        elif path.is_file():
+            executable = path.stat().st_mode & 0o100
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+            _fsync(path)
     _fsync_dir(folder)
 
 
@@ -75,16 +83,6 @@ def _recover_swapped_out(final: Path) -> None:
             os.replace(old, final)
 
 
-def _plain_modes(folder: Path) -> None:
-    """Give the files under `folder` the mode the umask gives any new file (or program). safetensors writes its
-    files owner-only (0600), so without this a model saved by one account could not be served by another."""
-    mask = _umask()
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            executable = path.stat().st_mode & 0o100
-            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
-
-
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
@@ -99,8 +97,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
     try:
         yield tmp
-        _plain_modes(tmp)
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         if final.exists():
             if not replace:
                 raise FileExistsError(errno.EEXIST, "created while this folder was being written", str(final))
