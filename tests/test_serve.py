@@ -293,6 +293,19 @@ def test_bad_requests_get_openai_errors(client, options, error, param, code):
     assert client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2).choices[0].message.content
 
 
+def test_null_options_take_their_defaults_as_openai_does(client):
+    # The SDK types these Optional and sends None as null; OpenAI reads null as the option's default.
+    nulls = {"temperature": None, "top_p": None, "n": None, "presence_penalty": None, "frequency_penalty": None}
+    defaults = {"temperature": 1.0, "top_p": 1.0, "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    for create, prompt in (
+        (client.chat.completions.create, {"messages": QUESTION}),
+        (client.completions.create, {"prompt": "Hi"}),
+    ):
+        given_null = create(model=BASE, max_tokens=6, seed=3, stream=None, **prompt, **nulls)
+        given_defaults = create(model=BASE, max_tokens=6, seed=3, stream=False, **prompt, **defaults)
+        assert given_null.choices[0] == given_defaults.choices[0]
+
+
 @pytest.mark.parametrize("logprobs", [0, 1])
 def test_completions_asking_for_logprobs_are_refused(client, logprobs):
     with pytest.raises(openai.BadRequestError) as caught:

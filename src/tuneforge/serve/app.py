@@ -24,7 +24,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
@@ -105,6 +105,12 @@ class _GenerationBody(RequestBody):
     frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     logprobs: bool | int | None = None
     user: str | None = None  # OpenAI's end-user id; accepted and not used
+
+    @field_validator("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value, info: ValidationInfo):
+        # OpenAI's API takes null for these as their default, and its SDKs type them Optional.
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("stop", mode="before")
     @classmethod
