@@ -149,7 +149,7 @@ def test_streamed_chunks_join_to_the_answer_and_end_with_done(server, client, ba
             max_tokens=12,
             temperature=0,
             stream=True,
-            stream_options={"include_usage": True},
+            stream_options={"include_usage": True, "include_obfuscation": False},
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -279,6 +279,12 @@ def test_a_wrong_or_missing_key_is_refused(server):
             "invalid_value",
         ),
         ({"stream_options": {"include_usage": True}}, openai.BadRequestError, "stream_options", "invalid_value"),
+        (
+            {"stream": True, "stream_options": {"include_obfuscation": True}},
+            openai.BadRequestError,
+            "stream_options.include_obfuscation",
+            "unsupported_value",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(client, options, error, param, code):

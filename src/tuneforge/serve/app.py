@@ -89,6 +89,8 @@ class ChatMessage(RequestBody):
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+    # OpenAI pads its chunks with random `obfuscation` text unless this is false; these chunks carry none.
+    include_obfuscation: bool = False
 
 
 class _GenerationBody(RequestBody):
@@ -141,6 +143,14 @@ class _GenerationBody(RequestBody):
         if self.stream_options is not None and not self.stream:  # as OpenAI: it would go unused
             raise APIError(
                 400, "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
+            )
+        if self.stream_options is not None and self.stream_options.include_obfuscation:
+            raise APIError(
+                400,
+                "stream_options.include_obfuscation is not supported: this server's chunks carry no obfuscation "
+                "field. Leave it out or false.",
+                param="stream_options.include_obfuscation",
+                code="unsupported_value",
             )
 
     def stop_strings(self) -> tuple[str, ...]:
