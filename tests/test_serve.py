@@ -18,6 +18,7 @@ import pytest
 import torch
 import uvicorn
 from conftest import tiny_run_config
+from families import FAMILIES, save_family_model
 from tiny_sharp import save_sharp_tiny_model
 
 from tuneforge.errors import ConfigError, TuneforgeError
@@ -180,6 +181,24 @@ def test_completions_continue_a_plain_prompt(client, base):
     )
     streamed = client.completions.create(model=BASE, prompt=prompt, max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+
+def test_a_plain_prompt_is_continued_after_the_tokenizers_bos(tmp_path):
+    # As a document is encoded for training and vLLM encodes a completion's prompt.
+    folder = save_family_model(FAMILIES["llama3"], tmp_path / "llama3")
+    model, tokenizer = load_model(str(folder)).eval(), load_tokenizer(str(folder))
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    expected = alone(model, tokenizer, tuple(ids), 6)
+    engine = Engine(AdapterPool(str(folder)))
+    try:
+        with running_server(create_app(engine)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+            reply = client.completions.create(model="llama3", prompt=prompt, max_tokens=6, temperature=0)
+    finally:
+        engine.close()
+    assert reply.usage.prompt_tokens == len(ids) and reply.choices[0].text == expected.text
 
 
 def test_models_are_listed_base_first(client):

@@ -8,7 +8,8 @@
     s.completion                                                                # once exhausted
 
 A prompt is a list of chat messages, rendered with the tokenizer's chat template and its
-generation prompt, or a plain string used verbatim (completion style).
+generation prompt, or a plain string (completion style), encoded as a training document is: the
+tokenizer's BOS, if it adds one, then the text.
 
 The decoding loop is our own rather than `model.generate`, for three reasons: streaming is a
 plain iterator (no thread feeding a queue); every row knows why it finished ("stop" at an
@@ -33,7 +34,7 @@ import torch
 Messages = list[dict]
 TokenIds = tuple[int, ...]
 Prompt = Messages | str | TokenIds
-"""Chat messages (rendered through the chat template), text (as it is), or the token ids of a prompt
+"""Chat messages (rendered through the chat template), text (after the tokenizer's BOS), or the token ids of a prompt
 already rendered and tokenized (a tuple, used as they are)."""
 
 
@@ -148,12 +149,18 @@ def render_prompt(tokenizer, prompt: Messages | str) -> str:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Each prompt's token ids: messages and text rendered and tokenized in one call, token ids as they are."""
-    texts = {i: render_prompt(tokenizer, p) for i, p in enumerate(prompts) if not isinstance(p, tuple)}
-    # The template writes any BOS token itself; adding special tokens here would double it.
-    encoded = tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
-    by_index = dict(zip(texts, encoded))
-    return [list(p) if isinstance(p, tuple) else by_index[i] for i, p in enumerate(prompts)]
+    """Each prompt's token ids: messages rendered through the template, text with the tokenizer's special
+    tokens (its BOS, as a document is encoded for training and as vLLM's completions encode a prompt),
+    token ids as they are."""
+    # The template writes any BOS token itself; adding special tokens to its text would double it.
+    chats = {i: render_prompt(tokenizer, p) for i, p in enumerate(prompts) if isinstance(p, list)}
+    texts = {i: p for i, p in enumerate(prompts) if isinstance(p, str)}
+    by_index = {i: list(p) for i, p in enumerate(prompts) if isinstance(p, tuple)}
+    for encoded, add_special_tokens in ((chats, False), (texts, True)):
+        if encoded:
+            ids = tokenizer(list(encoded.values()), add_special_tokens=add_special_tokens)["input_ids"]
+            by_index.update(zip(encoded, ids))
+    return [by_index[i] for i in range(len(prompts))]
 
 
 def stop_token_ids(model, tokenizer) -> frozenset[int]:
