@@ -331,6 +331,13 @@ def test_null_options_take_their_defaults_as_openai_does(client):
         assert given_null.choices[0] == given_defaults.choices[0]
 
 
+def test_end_user_ids_are_accepted(client):
+    # `user` and the two fields the SDK documents as its replacements identify the caller's end user.
+    ids = {"user": "u-1", "safety_identifier": "u-1", "prompt_cache_key": "support"}
+    reply = client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2, temperature=0, **ids)
+    assert reply.usage.completion_tokens == 2
+
+
 @pytest.mark.parametrize("logprobs", [0, 1])
 def test_completions_asking_for_logprobs_are_refused(client, logprobs):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -175,6 +175,9 @@ class ChatCompletionBody(_GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     store: bool | None = None  # OpenAI's: keep the prompt and the answer (GET /v1/chat/completions lists them)
     metadata: Metadata | None = None  # kept with a stored completion; listings filter by it
+    # What the SDK now sends in place of `user`: an end-user id and a cache key; accepted and not used.
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
     def template_messages(self) -> list[dict]:
         return [message.as_template_message() for message in self.messages]
