@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from data.rows import GOOD_ROW, chat, trained_runs, write_bad_input, write_jsonl
 from families import FAMILIES, family_tokenizer
+from tiny import tiny_tokenizer
 
 from tuneforge import progress
 from tuneforge.config import DataConfig
@@ -433,6 +434,24 @@ def test_rows_that_train_different_replies_or_offer_other_tools_are_not_duplicat
         ["Answer 1: use the console.<|im_end|>"],
         ["The same way.<|im_end|>"],
     ]
+
+
+def test_tools_a_template_does_not_write_are_a_warning_naming_the_rows(tmp_path, tokenizer):
+    # SmolLM2's ChatML writes only roles and contents: the tool definitions would vanish unsaid.
+    tool = {"type": "function", "function": {"name": "reset_password", "parameters": {"type": "object"}}}
+    data = rows(12)
+    data[3] = {**data[3], "tools": [tool]}
+    warnings = {w["code"]: w for w in run(tmp_path, tokenizer, data).report["warnings"]}
+    assert warnings["tools_not_rendered"]["count"] == 1
+    assert warnings["tools_not_rendered"]["where"] == [f"{tmp_path / 'train.jsonl'}:4"]
+
+    writes_tools = tiny_tokenizer()
+    writes_tools.chat_template = (
+        "{% if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
+        + writes_tools.chat_template
+    )
+    warnings = {w["code"] for w in run(tmp_path, writes_tools, data).report["warnings"]}
+    assert "tools_not_rendered" not in warnings
 
 
 def test_progress_follows_each_file_through_the_pass_and_is_off_unless_asked(tmp_path, tokenizer, monkeypatch, capsys):

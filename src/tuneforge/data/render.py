@@ -64,6 +64,7 @@ _PROBE = [
     {"role": "assistant", "content": " 4"},
 ]
 _PROBES = (_PROBE, _PROBE[1:])  # the second for templates that refuse a system message (Gemma 2)
+_PROBE_TOOL = {"type": "function", "function": {"name": "tuneforge_probe_tool", "parameters": {"type": "object"}}}
 _SHORT_PIECE_CHARS = 64  # piece beginnings up to this long are cached ("assistant\n", "\n")
 _TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError)  # what a template can raise on odd input
 
@@ -144,6 +145,7 @@ class ChatRenderer:
         self.eos_id = tokenizer.eos_token_id
         self.end_of_turn_id = self._probe()
         self.end_ids = frozenset(i for i in (self.end_of_turn_id, self.eos_id) if i is not None)
+        self.writes_tools = self._writes_tools()
         # The end-of-turn tokens as the template writes them, to find where a reply ends in a rendering.
         self._end_marks = tuple(added[i].content for i in self.end_ids if i in added)
 
@@ -503,6 +505,17 @@ class ChatRenderer:
                 continue
             return probe
         return None
+
+    def _writes_tools(self) -> bool:
+        """Whether the template writes a conversation's tool definitions into the prompt (SmolLM2's
+        ChatML writes only roles and contents, so a row's `tools` never reach the model)."""
+        if self._probe_messages is None:
+            return False
+        try:
+            text = self._apply_template([self._probe_messages], [_PROBE_TOOL], False)[0]
+        except _TEMPLATE_FAILURES:
+            return False
+        return _PROBE_TOOL["function"]["name"] in text
 
     def _probe(self) -> int | None:
         """Check on a probe that the tokenizer cuts text as assumed; return the end-of-turn token.
