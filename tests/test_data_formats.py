@@ -235,6 +235,21 @@ def test_unknown_keys_suggest_the_nearest_format_key(tmp_path):
     assert problem.code == "unknown_format" and "did you mean 'messages'" in problem.message
 
 
+def test_message_keys_of_the_other_shape_say_what_they_are_called_here(tmp_path):
+    # Datasets mix the shapes: ShareGPT's "conversations" holding role/content, "messages" holding from/value.
+    rows = [
+        {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ]
+    for row, key, ours, other in (
+        (rows[0], "role", "from", "rename the row's 'conversations' to 'messages'"),
+        (rows[1], "value", "content", "rename the row's 'messages' to 'conversations'"),
+    ):
+        problems = errors(read(write_jsonl(tmp_path / "d.jsonl", [row])))
+        (problem,) = [p for p in problems if p.code == "message_unrecognized_key" and p.field.endswith(f"[0].{key}")]
+        assert f"rename '{key}' to '{ours}'" in problem.message and other in problem.message
+
+
 def test_json_array_is_streamed_with_element_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("[\n" + ",\n".join(json.dumps(chat(f"q{i}", f"a{i}"), indent=1) for i in range(3)) + "\n]\n")

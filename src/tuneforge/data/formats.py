@@ -30,6 +30,8 @@ FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preferenc
 
 _MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id")
 _SHAREGPT_KEYS = ("from", "value", "weight")
+# Each message key of one shape (OpenAI's role/content) as the other (ShareGPT's from/value) names it.
+_OTHER_SHAPE_KEYS = {"role": "from", "content": "value", "from": "role", "value": "content"}
 _SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -236,6 +238,20 @@ def _closest_key(keys: Iterable[str], known: Iterable[str] | None = None) -> str
     return ""
 
 
+def _other_shape_hint(key: str, field: str, sharegpt: bool, allowed: tuple[str, ...]) -> str:
+    """What to do about a message key: the nearest allowed key, or for a key of the other message
+    shape (role/content in ShareGPT turns, from/value in OpenAI messages) its name here."""
+    ours = _OTHER_SHAPE_KEYS.get(key)
+    if ours not in allowed:
+        return _closest_key([key], allowed)
+    if sharegpt:
+        shape, other = 'ShareGPT turns take "from" and "value"', "messages"
+    else:
+        shape, other = 'OpenAI messages take "role" and "content"', "conversations"
+    moved = f", or rename the row's '{field}' to '{other}'" if field in ("messages", "conversations") else ""
+    return f" ({shape}: rename '{key}' to '{ours}'{moved})"
+
+
 class _RowCheck:
     """Checks the fields of one row, collecting every problem instead of stopping at the first."""
 
@@ -330,8 +346,8 @@ class _RowCheck:
                     self.error(
                         "message_unrecognized_key",
                         f"{at}.{key}",
-                        f"unknown message key '{key}'{_closest_key([key], allowed)}. A message may have "
-                        f"{', '.join(allowed)}; remove or rename this key.",
+                        f"unknown message key '{key}'{_other_shape_hint(key, field, sharegpt, allowed)}. A message "
+                        f"may have {', '.join(allowed)}; remove or rename this key.",
                     )
             role = self._role(raw, at, role_key, sharegpt)
             tool_calls = self._tool_calls(raw, at, role)
