@@ -194,6 +194,20 @@ def test_preference_formats(tmp_path):
         assert (p.chosen.content, p.rejected.content) == ("Hello!", "Go away.")
 
 
+def test_alpaca_preference_rows_take_the_instruction_and_its_input_as_prompt(tmp_path):
+    """LLaMA-Factory's alpaca pairs: `input` is the instruction's text, not OpenAI's {"messages"} object."""
+    row = {"system": "Be kind.", "instruction": "Translate", "input": "bonjour", "chosen": "hello", "rejected": "no"}
+    jsonl = write_jsonl(tmp_path / "p.jsonl", [row, {**row, "input": ""}])
+    spreadsheet = tmp_path / "p.csv"
+    spreadsheet.write_text("instruction,input,chosen,rejected\nTranslate,bonjour,hello,no\n")
+    prompts = [[(m.role, m.content) for m in p.prompt] for p in records(read(jsonl)) + records(read(spreadsheet))]
+    assert prompts == [
+        [("system", "Be kind."), ("user", "Translate\n\nbonjour")],
+        [("system", "Be kind."), ("user", "Translate")],
+        [("user", "Translate\n\nbonjour")],
+    ]
+
+
 def test_preference_problems(tmp_path):
     rows = [
         {

@@ -11,7 +11,8 @@ Formats (the names `data.format` takes):
   prompt_completion  {"prompt", "completion"}: strings, or lists of chat messages
   text               {"text"}: trained on in full
   preference         OpenAI DPO {"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}
-                     or {"prompt"?, "chosen", "rejected"}: strings, or lists of chat messages
+                     or {"prompt"?, "chosen", "rejected"}: strings, or lists of chat messages,
+                     or alpaca's prompt {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"}
 """
 
 from __future__ import annotations
@@ -278,7 +279,8 @@ class _RowCheck:
                     value = json.loads(cell)
                     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
                         row[key] = value
-        structured = _STRUCTURED_FIELDS + (_STRUCTURED_PREFERENCE_FIELDS if format == "preference" else ())
+        openai_preference = format == "preference" and _is_openai_preference(row)
+        structured = _STRUCTURED_FIELDS + (_STRUCTURED_PREFERENCE_FIELDS if openai_preference else ())
         for key in structured:
             cell = row.get(key)
             if isinstance(cell, str) and cell.strip():
@@ -470,16 +472,24 @@ def _chat(row: dict, check: _RowCheck) -> Conversation | None:
 
 
 def _alpaca(row: dict, check: _RowCheck) -> Conversation | None:
-    instruction, output = check.text(row, "instruction"), check.text(row, "output")
+    prompt, output = _alpaca_prompt(row, check), check.text(row, "output")
+    if prompt is None or output is None:
+        return None
+    return Conversation(prompt + [Message("assistant", output)])
+
+
+def _alpaca_prompt(row: dict, check: _RowCheck) -> list[Message] | None:
+    """The messages before an alpaca row's reply: its system prompt, its `history`, then the
+    instruction with its input; None if a field is bad."""
+    instruction = check.text(row, "instruction")
     extra, system = check.text(row, "input", required=False), check.text(row, "system", required=False)
-    if instruction is None or output is None:
+    if instruction is None:
         return None
     history = _alpaca_history(row, check)
     if history is None:
         return None
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    messages = [Message("system", system)] if system else []
-    return Conversation(messages + history + [Message("user", prompt), Message("assistant", output)])
+    return ([Message("system", system)] if system else []) + history + [Message("user", prompt)]
 
 
 def _alpaca_history(row: dict, check: _RowCheck) -> list[Message] | None:
@@ -545,8 +555,15 @@ def _text(row: dict, check: _RowCheck) -> Document | None:
     return Document(text) if text is not None else None
 
 
+def _is_openai_preference(row: dict) -> bool:
+    """Whether a preference row is OpenAI's shape; alpaca's preference rows (LLaMA-Factory's) have an
+    `input` too, a text beside their chosen and rejected replies."""
+    openai_keys = "preferred_output" in row or "non_preferred_output" in row
+    return openai_keys or ("input" in row and not {"chosen", "rejected", "instruction"} & row.keys())
+
+
 def _preference(row: dict, check: _RowCheck) -> Preference | None:
-    if "input" in row or "preferred_output" in row or "non_preferred_output" in row:
+    if _is_openai_preference(row):
         prompt, chosen, rejected, tools = _openai_preference(row, check)
     else:
         prompt, chosen, rejected = _trl_preference(row, check)
@@ -583,8 +600,8 @@ def _openai_preference(row: dict, check: _RowCheck):
 def _trl_preference(row: dict, check: _RowCheck):
     chosen_turns = _turns(check, row, "chosen", "assistant")
     rejected_turns = _turns(check, row, "rejected", "assistant")
-    if "prompt" in row:
-        prompt = _turns(check, row, "prompt", "user")
+    if "prompt" in row or "instruction" in row:
+        prompt = _turns(check, row, "prompt", "user") if "prompt" in row else _alpaca_prompt(row, check)
         return prompt, _single_reply(check, chosen_turns, "chosen"), _single_reply(check, rejected_turns, "rejected")
     # No prompt: chosen and rejected are whole conversations that differ only in their last reply.
     if chosen_turns is None or rejected_turns is None:
