@@ -208,6 +208,24 @@ def test_alpaca_preference_rows_take_the_instruction_and_its_input_as_prompt(tmp
     ]
 
 
+def test_sharegpt_preference_rows_take_the_conversation_as_prompt_and_one_turn_per_reply(tmp_path):
+    """LLaMA-Factory's ShareGPT pairs: `chosen` and `rejected` are single turns, not text."""
+    row = {
+        "system": "Be kind.",
+        "conversations": [{"from": "human", "value": "Hi"}],
+        "chosen": {"from": "gpt", "value": "Hello!"},
+        "rejected": {"from": "gpt", "value": "Go away."},
+    }
+    bad = {**row, "rejected": {"from": "human", "value": "Go away."}}
+    items = read(write_jsonl(tmp_path / "p.jsonl", [row, bad]))
+    (pair,) = records(items)
+    assert [(m.role, m.content) for m in pair.prompt] == [("system", "Be kind."), ("user", "Hi")]
+    assert (pair.chosen.content, pair.rejected.content) == ("Hello!", "Go away.")
+    assert [(line, p.code, p.field) for line, p in items if isinstance(p, Problem)] == [
+        (2, "invalid_preference", "rejected")
+    ]
+
+
 def test_preference_problems(tmp_path):
     rows = [
         {

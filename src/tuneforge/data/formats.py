@@ -12,7 +12,8 @@ Formats (the names `data.format` takes):
   text               {"text"}: trained on in full
   preference         OpenAI DPO {"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}
                      or {"prompt"?, "chosen", "rejected"}: strings, or lists of chat messages,
-                     or alpaca's prompt {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"}
+                     or alpaca's prompt {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"},
+                     or ShareGPT's {"conversations", "system"?, "chosen": turn, "rejected": turn}
 """
 
 from __future__ import annotations
@@ -516,8 +517,14 @@ def _alpaca_history(row: dict, check: _RowCheck) -> list[Message] | None:
 
 
 def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
-    messages = check.messages(row.get("conversations"), "conversations", sharegpt=True)
+    messages = _sharegpt_turns(row, check)
     check.require_assistant(messages, "conversations")
+    return Conversation(messages) if messages else None
+
+
+def _sharegpt_turns(row: dict, check: _RowCheck) -> list[Message] | None:
+    """A ShareGPT row's `conversations` as messages, its `system` field first; None if any is bad."""
+    messages = check.messages(row.get("conversations"), "conversations", sharegpt=True)
     system = check.text(row, "system", required=False)
     if messages and system:
         if messages[0].role != "system":
@@ -530,7 +537,7 @@ def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
                 f"({messages[0].content[:60]!r}); only one can be the system prompt. Keep one of them.",
             )
             return None
-    return Conversation(messages) if messages else None
+    return messages
 
 
 def _turns(check: _RowCheck, row: dict, key: str, role: str) -> list[Message] | None:
@@ -598,6 +605,8 @@ def _openai_preference(row: dict, check: _RowCheck):
 
 
 def _trl_preference(row: dict, check: _RowCheck):
+    if "conversations" in row:  # LLaMA-Factory's ShareGPT pairs: the prompt's turns, then one turn each
+        return _sharegpt_turns(row, check), *(_sharegpt_reply(row, check, k) for k in ("chosen", "rejected"))
     chosen_turns = _turns(check, row, "chosen", "assistant")
     rejected_turns = _turns(check, row, "rejected", "assistant")
     if "prompt" in row or "instruction" in row:
@@ -617,6 +626,14 @@ def _trl_preference(row: dict, check: _RowCheck):
         return None, None, None
     chosen = _single_reply(check, chosen_turns[-1:], "chosen")
     return chosen_turns[:-1], chosen, _single_reply(check, rejected_turns[-1:], "rejected")
+
+
+def _sharegpt_reply(row: dict, check: _RowCheck, field: str) -> Message | None:
+    """One reply of a ShareGPT pair: a turn ({"from": "gpt", "value": ...}), or a list holding it."""
+    value = row.get(field)
+    return _single_reply(
+        check, check.messages([value] if isinstance(value, dict) else value, field, sharegpt=True), field
+    )
 
 
 def _single_reply(check: _RowCheck, messages: list[Message] | None, field: str) -> Message | None:
