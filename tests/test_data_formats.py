@@ -245,6 +245,17 @@ def test_preference_problems(tmp_path):
     assert warnings == [(2, "identical_preference")]
 
 
+def test_a_preference_reply_of_weight_0_is_refused_where_its_weight_is(tmp_path):
+    row = {
+        "input": {"messages": [{"role": "user", "content": "Hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello!", "weight": 0}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away.", "weight": 1}],
+    }
+    (problem,) = errors(read(write_jsonl(tmp_path / "p.jsonl", [row])))
+    assert (problem.code, problem.field) == ("invalid_weight", "preferred_output")
+    assert "remove the weight" in problem.message
+
+
 def test_format_override_reads_rows_as_that_format(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Say hi", "output": "hi"}])
     (problem,) = errors(read(path, format="chat"))

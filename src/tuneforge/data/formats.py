@@ -647,6 +647,14 @@ def _single_reply(check: _RowCheck, messages: list[Message] | None, field: str) 
             f"(got {len(messages)} message(s), roles {[m.role for m in messages]}).",
         )
         return None
+    if messages[0].weight == 0:
+        check.error(
+            "invalid_weight",
+            field,
+            f"the '{field}' reply has weight 0, which would leave it untrained, but a preference pair "
+            "trains exactly its two replies; remove the weight.",
+        )
+        return None
     return messages[0]
 
 
