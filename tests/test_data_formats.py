@@ -293,6 +293,34 @@ def test_message_keys_of_the_other_shape_say_what_they_are_called_here(tmp_path)
         assert f"rename '{key}' to '{ours}'" in problem.message and other in problem.message
 
 
+def test_legacy_function_calls_say_how_tool_use_is_written(tmp_path):
+    # OpenAI's deprecated functions format, and LLaMA-Factory's ShareGPT function_call turns.
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "function_call": {"name": "weather", "arguments": "{}"}},
+                {"role": "function", "name": "weather", "content": "sunny"},
+                {"role": "assistant", "content": "Sunny."},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "Weather?"},
+                {"from": "function_call", "value": '{"name": "weather", "arguments": {}}'},
+                {"from": "observation", "value": "sunny"},
+                {"from": "gpt", "value": "Sunny."},
+            ]
+        },
+    ]
+    found = {}
+    for i, row in enumerate(rows):
+        for p in errors(read(write_jsonl(tmp_path / f"{i}.jsonl", [row]))):
+            found[p.field] = p.message
+    for field in ("messages[1].function_call", "messages[2].role", "conversations[1].from"):
+        assert "an assistant message's 'tool_calls'" in found[field], field
+
+
 def test_json_array_is_streamed_with_element_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("[\n" + ",\n".join(json.dumps(chat(f"q{i}", f"a{i}"), indent=1) for i in range(3)) + "\n]\n")

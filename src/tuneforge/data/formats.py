@@ -32,6 +32,12 @@ FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preferenc
 
 _MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id")
 _SHAREGPT_KEYS = ("from", "value", "weight")
+# Roles and keys of function calling as OpenAI's legacy `functions` and LLaMA-Factory's ShareGPT write it.
+_FUNCTION_CALLING = ("function", "function_call")
+_TOOLS_FORMAT = (
+    "tool use is read in OpenAI's tools format: the call as an assistant message's 'tool_calls', "
+    "its result as a 'tool' message"
+)
 # Each message key of one shape (OpenAI's role/content) as the other (ShareGPT's from/value) names it.
 _OTHER_SHAPE_KEYS = {"role": "from", "content": "value", "from": "role", "value": "content"}
 _SHAREGPT_ROLES = {
@@ -240,9 +246,12 @@ def _closest_key(keys: Iterable[str], known: Iterable[str] | None = None) -> str
     return ""
 
 
-def _other_shape_hint(key: str, field: str, sharegpt: bool, allowed: tuple[str, ...]) -> str:
-    """What to do about a message key: the nearest allowed key, or for a key of the other message
-    shape (role/content in ShareGPT turns, from/value in OpenAI messages) its name here."""
+def _message_key_hint(key: str, field: str, sharegpt: bool, allowed: tuple[str, ...]) -> str:
+    """What to do about a message key: the nearest allowed key, for a key of the other message shape
+    (role/content in ShareGPT turns, from/value in OpenAI messages) its name here, and for a legacy
+    function call the tools format."""
+    if key in _FUNCTION_CALLING:
+        return f" ({_TOOLS_FORMAT})"
     ours = _OTHER_SHAPE_KEYS.get(key)
     if ours not in allowed:
         return _closest_key([key], allowed)
@@ -349,7 +358,7 @@ class _RowCheck:
                     self.error(
                         "message_unrecognized_key",
                         f"{at}.{key}",
-                        f"unknown message key '{key}'{_other_shape_hint(key, field, sharegpt, allowed)}. A message "
+                        f"unknown message key '{key}'{_message_key_hint(key, field, sharegpt, allowed)}. A message "
                         f"may have {', '.join(allowed)}; remove or rename this key.",
                     )
             role = self._role(raw, at, role_key, sharegpt)
@@ -376,6 +385,7 @@ class _RowCheck:
         mapped = _SHAREGPT_ROLES.get(role) if sharegpt else role
         if mapped not in ROLES:
             hint = f" (ShareGPT's '{role}' is '{_SHAREGPT_ROLES[role]}' here)" if role in _SHAREGPT_ROLES else ""
+            hint = f" ({_TOOLS_FORMAT})" if role in _FUNCTION_CALLING else hint
             self.error(
                 "unrecognized_role",
                 f"{at}.{role_key}",
