@@ -454,6 +454,20 @@ def test_tools_a_template_does_not_write_are_a_warning_naming_the_rows(tmp_path,
     assert "tools_not_rendered" not in warnings
 
 
+def test_message_names_a_template_does_not_write_are_a_warning_naming_the_rows(tmp_path, tokenizer):
+    data = rows(12)
+    data[2]["messages"][1]["name"] = "alice"
+    warnings = {w["code"]: w for w in run(tmp_path, tokenizer, data).report["warnings"]}
+    assert warnings["names_not_rendered"]["where"] == [f"{tmp_path / 'train.jsonl'}:3"]
+
+    writes_names = tiny_tokenizer()
+    writes_names.chat_template = writes_names.chat_template.replace(
+        "message['role'] + '\n'", "message['role'] + (' ' + message['name'] if message['name'] else '') + '\n'"
+    )
+    warnings = {w["code"] for w in run(tmp_path, writes_names, data).report["warnings"]}
+    assert "names_not_rendered" not in warnings
+
+
 def test_progress_follows_each_file_through_the_pass_and_is_off_unless_asked(tmp_path, tokenizer, monkeypatch, capsys):
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     train = write_jsonl(tmp_path / "train.jsonl", rows(300))

@@ -352,18 +352,7 @@ class _Preparation:
             if item is None:
                 continue
             kept.append(_Row(str(path), line, key, item))
-            if getattr(record, "tools", None) and not self.renderer.writes_tools:
-                self.problems.append(
-                    Problem(
-                        "tools_not_rendered",
-                        "the chat template does not write tool definitions: the row's 'tools' are left out and "
-                        "the model learns its replies without seeing them. Use a model whose chat template "
-                        "supports tools, or remove 'tools' from these rows.",
-                        file=str(path),
-                        line=line,
-                        severity="warning",
-                    )
-                )
+            self.problems += [replace(p, file=str(path), line=line) for p in self.renderer.unwritten(record)]
             if isinstance(record, Conversation | Preference):  # only rows that train decide the recorded prompt
                 self.counts["conversations"] += 1
                 self.counts["without_system"] += not self.system_prompts.add(

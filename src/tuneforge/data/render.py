@@ -45,7 +45,7 @@ from jinja2.exceptions import TemplateError
 
 from ..errors import DataError
 from ..models.loading import CHATML_TEMPLATE, chat_template
-from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem
+from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem, Record
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
 
@@ -65,6 +65,7 @@ _PROBE = [
 ]
 _PROBES = (_PROBE, _PROBE[1:])  # the second for templates that refuse a system message (Gemma 2)
 _PROBE_TOOL = {"type": "function", "function": {"name": "tuneforge_probe_tool", "parameters": {"type": "object"}}}
+_PROBE_NAME = "tuneforge_probe_name"
 _SHORT_PIECE_CHARS = 64  # piece beginnings up to this long are cached ("assistant\n", "\n")
 _TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError)  # what a template can raise on odd input
 
@@ -145,7 +146,8 @@ class ChatRenderer:
         self.eos_id = tokenizer.eos_token_id
         self.end_of_turn_id = self._probe()
         self.end_ids = frozenset(i for i in (self.end_of_turn_id, self.eos_id) if i is not None)
-        self.writes_tools = self._writes_tools()
+        self.writes_tools = self._writes([_PROBE_TOOL], None, _PROBE_TOOL["function"]["name"])
+        self.writes_names = self._writes(None, _PROBE_NAME, _PROBE_NAME)
         # The end-of-turn tokens as the template writes them, to find where a reply ends in a rendering.
         self._end_marks = tuple(added[i].content for i in self.end_ids if i in added)
 
@@ -506,16 +508,47 @@ class ChatRenderer:
             return probe
         return None
 
-    def _writes_tools(self) -> bool:
-        """Whether the template writes a conversation's tool definitions into the prompt (SmolLM2's
-        ChatML writes only roles and contents, so a row's `tools` never reach the model)."""
+    def unwritten(self, record: Record) -> list[Problem]:
+        """Warnings for what a row holds that the template leaves out of its rendering (SmolLM2's
+        ChatML writes only roles and contents): its tool definitions, its messages' names."""
+        if isinstance(record, Document):
+            return []
+        messages = (
+            record.messages if isinstance(record, Conversation) else [*record.prompt, record.chosen, record.rejected]
+        )
+        problems = []
+        if record.tools and not self.writes_tools:
+            problems.append(
+                Problem(
+                    "tools_not_rendered",
+                    "the chat template does not write tool definitions: the row's 'tools' are left out and the "
+                    "model learns its replies without seeing them. Use a model whose chat template supports "
+                    "tools, or remove 'tools' from these rows.",
+                    severity="warning",
+                )
+            )
+        if any(m.name for m in messages) and not self.writes_names:
+            problems.append(
+                Problem(
+                    "names_not_rendered",
+                    "the chat template does not write message names: the row's 'name' fields are left out, so "
+                    "the model does not see who speaks. Use a model whose chat template writes names, or "
+                    "remove 'name' from these rows.",
+                    severity="warning",
+                )
+            )
+        return problems
+
+    def _writes(self, tools: list[dict] | None, name: str | None, mark: str) -> bool:
+        """Whether the template writes `mark` into the probe conversation rendered with `tools` and
+        its user messages named `name`."""
         if self._probe_messages is None:
             return False
+        messages = [{**m, "name": name} if name and m["role"] == "user" else m for m in self._probe_messages]
         try:
-            text = self._apply_template([self._probe_messages], [_PROBE_TOOL], False)[0]
+            return mark in self._apply_template([messages], tools, False)[0]
         except _TEMPLATE_FAILURES:
             return False
-        return _PROBE_TOOL["function"]["name"] in text
 
     def _probe(self) -> int | None:
         """Check on a probe that the tokenizer cuts text as assumed; return the end-of-turn token.
