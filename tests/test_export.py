@@ -2,6 +2,7 @@
 behave like the model they came from; bad input and bad exports are refused clearly."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,7 +14,15 @@ from wheels import write_wheel
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export import EXPORT_RECORD, ExportFailed, export
-from tuneforge.export.probe import DTYPE_BOUNDS, MERGE_BOUND, PROBE_CONVERSATIONS, probe_ids, probe_logits
+from tuneforge.export.probe import (
+    DTYPE_BOUNDS,
+    MERGE_BOUND,
+    PROBE_CONVERSATIONS,
+    agreement,
+    probe_ids,
+    probe_logits,
+    require_within,
+)
 from tuneforge.generate import generate
 from tuneforge.models import load_model, load_tokenizer, resolve
 
@@ -342,6 +351,16 @@ def test_a_full_model_is_exported_as_is(tiny_model_dir, tmp_path):
     result = export(tiny_model_dir, "merged", "f32", tmp_path / "out", progress=False)
     assert result.checks["merge"] is None
     assert result.checks["max_abs_logit_diff"] == 0.0
+
+
+def test_a_nan_in_any_probe_fails_the_check_even_where_the_next_token_agrees():
+    reference = [torch.zeros(4, 3), torch.zeros(4, 3)]
+    candidate = [torch.zeros(4, 3), torch.zeros(4, 3)]
+    candidate[1][3, 0] = float("nan")  # argmax still 0: the next token alone does not show it
+    measured = agreement(reference, candidate)
+    assert math.isnan(measured.max_abs_logit_diff) and measured.argmax_agreement == 1.0
+    with pytest.raises(ExportFailed, match="largest logit difference is nan"):
+        require_within(measured, DTYPE_BOUNDS["f16"], "The merged model saved as f16")
 
 
 def test_export_failed_is_a_run_failure():

@@ -92,10 +92,11 @@ def probe_logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
 
 
 def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> Agreement:
-    diffs = [(r - c).abs().max().item() for r, c in zip(reference, candidate, strict=True)]
+    # torch's max, not Python's: a NaN in any prompt's logits is the largest difference, wherever it is.
+    diffs = torch.stack([(r - c).abs().max() for r, c in zip(reference, candidate, strict=True)])
     same = sum(int((r.argmax(-1) == c.argmax(-1)).sum()) for r, c in zip(reference, candidate))
     positions = sum(r.shape[0] for r in reference)
-    return Agreement(max(diffs), same / positions)
+    return Agreement(diffs.max().item(), same / positions)
 
 
 def require_within(measured: Agreement, bound: float, what: str) -> None:
