@@ -347,6 +347,31 @@ def test_a_full_model_has_no_adapter_to_export(tiny_model_dir, tmp_path):
         export(tiny_model_dir, "adapter", None, tmp_path / "out", progress=False)
 
 
+def test_a_checkpoint_of_a_full_fine_tune_of_a_sentencepiece_family_exports_as_gguf(tmp_path):
+    """A full fine-tune's checkpoint is the whole model: it keeps the base's tokenizer.model, as final/ does."""
+    from families import FAMILIES, save_family_model
+
+    from tuneforge.training import train
+
+    base = save_family_model(FAMILIES["mistral"], tmp_path / "base")
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": "Sure."}]}
+        for i in range(4)
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = {
+        "base_model": str(base),
+        "method": "full",
+        "data": {"train": str(tmp_path / "train.jsonl"), "validation": None, "max_length": 64},
+        "train": {"max_steps": 1, "batch_size": 4, "eval_every": 0, "save_every": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    train(config, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-1"
+    result = export(checkpoint, "gguf", "f16", tmp_path / "gguf", progress=False)
+    assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f16"]
+
+
 def test_a_full_model_is_exported_as_is(tiny_model_dir, tmp_path):
     result = export(tiny_model_dir, "merged", "f32", tmp_path / "out", progress=False)
     assert result.checks["merge"] is None

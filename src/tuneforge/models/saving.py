@@ -25,12 +25,18 @@ def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool =
             for pc in model.peft_config.values():
                 pc.base_model_name_or_path = str(base_path)
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if (Path(base_path) / SENTENCEPIECE_MODEL).is_file():
-            shutil.copyfile(Path(base_path) / SENTENCEPIECE_MODEL, tmp / SENTENCEPIECE_MODEL)
+        save_tokenizer(tokenizer, base_path, tmp)
         gen = getattr(model, "generation_config", None) or getattr(
             getattr(model, "base_model", None), "generation_config", None
         )
         if gen is not None:
             chat_generation_config(gen, tokenizer).save_pretrained(tmp)
     return folder
+
+
+def save_tokenizer(tokenizer, base_path: Path, folder: Path) -> None:
+    """The tokenizer with its chat template, and the base's tokenizer.model if it has one: transformers
+    does not write it, and a GGUF export of the folder (a SentencePiece vocabulary) needs it."""
+    tokenizer.save_pretrained(folder)
+    if (Path(base_path) / SENTENCEPIECE_MODEL).is_file():
+        shutil.copyfile(Path(base_path) / SENTENCEPIECE_MODEL, Path(folder) / SENTENCEPIECE_MODEL)

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_dir, write_json
+from ..models.saving import save_tokenizer
 from . import distributed
 
 STATE = "trainer_state.json"
@@ -200,9 +201,19 @@ def _machine_refusal_names(folder: Path):
 
 
 def save(
-    root: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int, world: distributed.World
+    root: Path,
+    step: int,
+    model,
+    tokenizer,
+    base_path: Path,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+    world: distributed.World,
 ) -> Path:
-    """Write checkpoint `step-STEP` (every process takes part) and keep the last `keep`."""
+    """Write checkpoint `step-STEP` (every process takes part) and keep the last `keep`; its tokenizer
+    files are a model folder's, `base_path`'s tokenizer.model among them."""
     root, phase = Path(root), f"writing checkpoint step-{step}"
     weights = gathered_weights(model, world, phase)
     with distributed.phase(phase, world):
@@ -219,7 +230,7 @@ def save(
                 dcp.save(optimizer_state, checkpoint_id=tmp / OPTIMIZER, no_dist=world.size == 1)
         if world.is_main:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, base_path, tmp)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             _check_complete(tmp, world.size)
             write_json(tmp / STATE, state)

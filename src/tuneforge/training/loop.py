@@ -513,6 +513,7 @@ class Run:
             step,
             self.model,
             self.tokenizer,
+            self.source.path,
             self.optimizer,
             self.scheduler,
             state,
