@@ -216,6 +216,33 @@ def test_gguf_refuses_an_architecture_it_cannot_check_before_loading_weights(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_gguf_transformers_cannot_read_back_is_exit_1_with_the_reason_and_no_traceback(
+    tmp_path, tokenizer, monkeypatch, capsys
+):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    # transformers' GGUF reader takes the experts' width from Qwen3MoeConfig's default (768), not from the file.
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=128,
+    )
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+
+    assert _cli(monkeypatch, tmp_path / "moe", "--format", "gguf", "--out", tmp_path / "out") == 1
+    message = capsys.readouterr().err
+    assert "transformers could not read back the GGUF" in message and "--format merged" in message
+    assert "Traceback" not in message and not (tmp_path / "out").exists()
+
+
 def test_a_conversion_the_converter_fails_is_exit_1_with_its_reason_and_no_traceback(
     adapter_dir, tmp_path, monkeypatch, capsys
 ):

@@ -35,6 +35,7 @@ from ..fsio import atomic_dir, tuneforge_home
 from ..models import ModelSource
 from ..models.convert import pip_download, sha256_file, transformers_gguf_architectures
 from ..models.families import family_of, gguf_architecture
+from ..models.loading import LOAD_ERRORS
 from ..models.saving import SENTENCEPIECE_MODEL
 from .probe import ExportFailed
 
@@ -184,11 +185,22 @@ def pre_tokenizer_name(tokenizer) -> str | None:
 
 
 def load_gguf(folder: Path, filename: str):
-    """The GGUF as transformers reads it (dequantised to fp32), and the tokenizer it rebuilds."""
+    """The GGUF as transformers reads it (dequantised to fp32), and the tokenizer it rebuilds. A file
+    transformers cannot read is refused: unread, it is unchecked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    except LOAD_ERRORS as err:
+        raise ExportFailed(
+            f"transformers could not read back the GGUF llama.cpp's converter wrote, so it could not be checked: "
+            f"{err} (a load report above names the weights, where transformers printed one). Its GGUF reader takes "
+            "some sizes (head width, expert width) from the architecture's defaults, not from the file: a model "
+            "with other sizes does not read back. Nothing was written. Export it --format merged and convert that "
+            "folder with llama.cpp's own convert_hf_to_gguf.py, unchecked.",
+            code="gguf_unreadable",
+        ) from err
 
 
 def _why(log: str) -> str:

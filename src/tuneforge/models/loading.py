@@ -106,7 +106,7 @@ def _raw_tokenizer(source: ModelSource):
 
 
 # What transformers and PEFT raise for a folder whose files cannot be loaded.
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 def load_model(
@@ -128,7 +128,7 @@ def load_model(
     placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **placement)
-    except _LOAD_ERRORS as err:
+    except LOAD_ERRORS as err:
         raise _load_failed(source.path, err) from err
     if source.adapter is None:
         return model
@@ -136,7 +136,7 @@ def load_model(
 
     try:
         return PeftModel.from_pretrained(model, source.adapter)
-    except _LOAD_ERRORS as err:
+    except LOAD_ERRORS as err:
         raise _load_failed(source.adapter, err) from err
 
 
