@@ -181,7 +181,7 @@ def _describe(source: ModelSource) -> dict:
     quantize = _trained_on_quantized_base(source)
     if quantize:
         described["trained_on"] = (
-            f"a {quantize}-quantized base (model.quantize); the export reads the base again at full precision, "
+            f"an {quantize}-quantized base (model.quantize); the export reads the base again at full precision, "
             "so a merge folds the adapter into the original weights, not into their quantized approximation"
         )
     return described
