@@ -131,6 +131,23 @@ def test_a_key_of_several_types_is_named_without_them_on_one_line(tmp_path):
     ]
 
 
+def test_a_mistake_in_how_keys_go_together_names_each_key_and_its_line(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\ntrain:\n  batch_size: 4\n  grad_accum: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.splitlines()[1].startswith(
+        "  train.batch_size (line 4), train.grad_accum (line 5): train.batch_size (4) must be a multiple"
+    )
+    # Found by a section's own check, its keys are named under the section; one from an override says so.
+    path.write_text("data:\n  train: x\nmethod: distill\ndistill:\n  teacher: t\n  divergence: jsd\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["distill.teacher_top_k=4"])
+    assert "  distill.teacher_top_k (override), distill.divergence (line 6): distill.teacher_top_k keeps" in (
+        e.value.message
+    )
+
+
 def test_a_key_given_twice_names_both_lines(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data:\n  train: x\ntrain:\n  max_steps: 2\n  batch_size: 2\ntrain:\n  seed: 3\n")

@@ -24,6 +24,15 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _EXPONENT_FORM = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
+class KeysError(ValueError):
+    """A mistake in how keys go together: `keys` are the dotted keys it is about, so that the error names
+    the line of each (a model validator's error has no location of its own)."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
+
+
 class Strict(BaseModel):
     # No inf or NaN: YAML reads `.inf` and `.nan` as numbers, and an infinite learning rate or weight decay
     # passes every lower bound, to fail at the first step. No empty string: as a path it names the
@@ -233,15 +242,19 @@ class DistillConfig(Strict):
     def _top_k_needs_forward_kl(self):
         # Compared with the default, not looked up among the keys given: a run's config.yaml writes every key.
         if self.divergence != "jsd" and self.jsd_beta != DistillConfig.model_fields["jsd_beta"].default:
-            raise ValueError(
+            raise KeysError(
                 f"distill.jsd_beta weighs the mixture of divergence: jsd, which {self.divergence} has not, so it "
-                "would be ignored; set divergence: jsd, or leave jsd_beta out"
+                "would be ignored; set divergence: jsd, or leave jsd_beta out",
+                "jsd_beta",
+                "divergence",
             )
         if self.teacher_top_k is not None and self.divergence != "forward_kl":
-            raise ValueError(
+            raise KeysError(
                 f"distill.teacher_top_k keeps the teacher's k likeliest tokens only, which {self.divergence} cannot "
                 "use (it needs the teacher's probability of every token the student proposes); set divergence: "
-                "forward_kl, or leave teacher_top_k out to run the teacher at every step"
+                "forward_kl, or leave teacher_top_k out to run the teacher at every step",
+                "teacher_top_k",
+                "divergence",
             )
         return self
 
@@ -329,42 +342,60 @@ class Config(Strict):
     @model_validator(mode="after")
     def _consistent(self):
         if self.train.batch_size % self.train.grad_accum:
-            raise ValueError(
+            raise KeysError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of train.grad_accum "
-                f"({self.train.grad_accum}): each optimizer step is batch_size rows split into grad_accum micro-batches"
+                f"({self.train.grad_accum}): each optimizer step is batch_size rows split into grad_accum "
+                "micro-batches",
+                "train.batch_size",
+                "train.grad_accum",
             )
         if self.method == "distill" and not self.distill.teacher:
-            raise ValueError("method: distill needs distill.teacher (a model named like base_model)")
+            raise KeysError(
+                "method: distill needs distill.teacher (a model named like base_model)", "method", "distill.teacher"
+            )
         # A teacher or grader under another method would be ignored: a config that forgot `method:`
         # (lora by default) would train plain SFT with no teacher or grader, and say nothing.
         for section, key, value in (("distill", "teacher", self.distill.teacher), ("grpo", "grader", self.grpo.grader)):
             if value and self.method != section:
-                raise ValueError(
+                raise KeysError(
                     f"{section}.{key} is set, but method: {self.method} does not use the {section} section, so it "
-                    f"would be ignored; set method: {section}, or leave {section}.{key} out"
+                    f"would be ignored; set method: {section}, or leave {section}.{key} out",
+                    f"{section}.{key}",
+                    "method",
                 )
         if self.method == "grpo":
             if not self.grpo.grader:
-                raise ValueError("method: grpo needs grpo.grader (a grader object, or a JSON/YAML file with one)")
+                raise KeysError(
+                    "method: grpo needs grpo.grader (a grader object, or a JSON/YAML file with one)",
+                    "method",
+                    "grpo.grader",
+                )
             # Each prompt and its sampled answers are rows of their own, padded, and sampling needs a KV cache.
             for section, key, value in ((self.data, "packing", False), (self.train, "attention", "model")):
                 if getattr(section, key) != value:
                     if key in section.model_fields_set:
-                        raise ValueError(
-                            f"method: grpo samples answers to each prompt on its own, in padded rows; set "
-                            f"{'data' if section is self.data else 'train'}.{key} to {str(value).lower()}"
+                        name = f"{'data' if section is self.data else 'train'}.{key}"
+                        raise KeysError(
+                            f"method: grpo samples answers to each prompt on its own, in padded rows; set {name} to "
+                            f"{str(value).lower()}",
+                            "method",
+                            name,
                         )
                     setattr(section, key, value)
         if self.model.quantize != "none" and not self.trains_adapters:
-            raise ValueError(
+            raise KeysError(
                 f"model.quantize: {self.model.quantize} holds the base frozen in a few bits, but {self.trained_what} "
                 "trains every weight; train adapters on it (method: lora or dora, or distill.student / dpo.policy: "
-                "lora), or set model.quantize: none"
+                "lora), or set model.quantize: none",
+                "model.quantize",
+                self.trained_what.split(":")[0],
             )
         if self.model.dtype == "bf16" and self.train.precision == "fp32":
-            raise ValueError(
+            raise KeysError(
                 "model.dtype: bf16 holds the frozen weights in bf16, which computes in bf16; set train.precision to "
-                "bf16 or auto (or model.dtype to fp32 or auto)"
+                "bf16 or auto (or model.dtype to fp32 or auto)",
+                "model.dtype",
+                "train.precision",
             )
         sft_only = [
             key
@@ -376,39 +407,53 @@ class Config(Strict):
             if on
         ]
         if sft_only and self.method in ("distill", "dpo", "grpo"):
-            raise ValueError(
+            raise KeysError(
                 f"method: {self.method} does not take {', '.join(sft_only)}: these shape the SFT "
                 f"objective of methods full, lora and dora, and {self.method} compares the model with a "
-                "teacher or reference already; leave them out"
+                "teacher or reference already; leave them out",
+                "method",
+                *(key.split(":")[0] for key in sft_only),
             )
         if self.train.replay_loss == "kl_to_base" and not self.data.general_mix:
-            raise ValueError(
+            raise KeysError(
                 "train.replay_loss: kl_to_base applies to the replay examples that data.general_mix adds; "
-                "set data.general_mix above 0, or replay_loss to ce"
+                "set data.general_mix above 0, or replay_loss to ce",
+                "train.replay_loss",
+                "data.general_mix",
             )
         if self.method in ("dpo", "grpo") and self.data.general_mix:
-            raise ValueError(
+            raise KeysError(
                 f"data.general_mix mixes SFT conversations into training, which method: {self.method} does not "
-                "train on; set it to 0"
+                "train on; set it to 0",
+                "method",
+                "data.general_mix",
             )
         if self.eval.task and not isinstance(self.data.validation, str):
-            raise ValueError(
+            raise KeysError(
                 "eval.task scores answers to the prompts of the data.validation file; give "
-                "data.validation as a file path (a fraction has no file), or leave eval.task out"
+                "data.validation as a file path (a fraction has no file), or leave eval.task out",
+                "eval.task",
+                "data.validation",
             )
         if self.data.format == "preference" and self.method != "dpo":
-            raise ValueError(
+            raise KeysError(
                 f"data.format: preference reads each row as a chosen and a rejected reply, which method: {self.method} "
-                "cannot train on; set method: dpo, or data.format to the format of the rows (or auto)"
+                "cannot train on; set method: dpo, or data.format to the format of the rows (or auto)",
+                "data.format",
+                "method",
             )
         if self.method == "dpo" and self.data.train_on == "all":
-            raise ValueError(
+            raise KeysError(
                 "data.train_on: all trains the prompt too, but method: dpo compares the chosen and rejected replies "
-                "alone (each reply and its end of turn), so it would be ignored; leave data.train_on out"
+                "alone (each reply and its end of turn), so it would be ignored; leave data.train_on out",
+                "method",
+                "data.train_on",
             )
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
-            raise ValueError(
-                "dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0"
+            raise KeysError(
+                "dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0",
+                "dpo.loss",
+                "dpo.label_smoothing",
             )
         return self
 
@@ -570,8 +615,10 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
     for e in err.errors():
         parts = key_path(e["loc"])
         loc = ".".join(parts)
-        placed = next((places[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in places), None)
-        key = f"{loc} ({placed})" if placed else loc or "(top level)"
+        # A mistake in how keys go together is told at each of its keys (below the section that found it).
+        keys = getattr(e.get("ctx", {}).get("error"), "keys", ())
+        named = [".".join([*parts, k]) for k in dict.fromkeys(keys)] or [loc]
+        key = ", ".join(_placed(k, places) for k in named)
         if e["type"] == "extra_forbidden":
             what = f"unknown key.{_suggest(loc)}"
         elif e["type"] == "missing":
@@ -584,6 +631,13 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
     lines = [f"{source}: invalid config"]
     lines += [f"  {key}: {' or '.join(dict.fromkeys(c))}{shown.get(key, '')}" for key, c in said.items()]
     return "\n".join(lines)
+
+
+def _placed(key: str, places: dict[str, str]) -> str:
+    """`key (where it was set)`: its own place, or its nearest section's; a key set nowhere is left bare."""
+    parts = key.split(".")
+    placed = next((places[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in places), None)
+    return f"{key} ({placed})" if placed else key or "(top level)"
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
