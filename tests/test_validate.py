@@ -127,6 +127,22 @@ def test_lora_modules_the_model_lacks_are_a_config_error(tiny_model_dir, triage_
         validate(cfg)
 
 
+def test_a_max_length_beyond_the_models_positions_is_a_config_error_at_its_line(tiny_model_dir, triage_data, tmp_path):
+    import pytest
+
+    from tuneforge.errors import ConfigError
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
+    cfg["data"]["max_length"] = 4096  # the tiny model has 2048 positions
+    path = write_config(tmp_path / "long.yaml", cfg)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "max_length" in text)
+    with pytest.raises(ConfigError) as caught:
+        validate(path)
+    assert caught.value.message.startswith(f"data.max_length ({path} line {line}): 4096 tokens is more than the 2048")
+    assert "set data.max_length to 2048 or less" in caught.value.message
+    assert validate(path, ["data.max_length=2048"]) == 0
+
+
 def test_a_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(tmp_path):
     for args in (
         ["validate", "--no-such-option", "x.yaml"],

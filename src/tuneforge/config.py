@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, complaint, key_path
 
@@ -338,6 +338,12 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output_dir: str = "runs/run"
+    # Where each key was set ("cfg.yaml line 8", "override"), by dotted key: `load_config` fills it in.
+    _places: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def key_at(self, key: str) -> str:
+        """`key (where it was set)`, for a mistake found after loading, against the model or the data."""
+        return _placed(key, self._places)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -734,9 +740,11 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
     if base_dir is not None:
         _resolve_relative_paths(raw, base_dir)
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, name, places)) from None
+    config._places = {key: place if place == "override" else f"{name} {place}" for key, place in places.items()}
+    return config
 
 
 def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str, int]:

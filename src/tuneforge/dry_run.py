@@ -169,7 +169,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     # Refuses a combination that cannot work.
     spread = strategy(cfg, processes, saves_merged=adapter_on_merged_base(cfg, source))
     tokenizer = load_tokenizer(source)
-    check_inputs(cfg, tokenizer)
+    check_inputs(cfg, tokenizer, source)
     check_eval_inputs(cfg)
     prepared = prepare_items(cfg, tokenizer, log=lambda *a, **k: None)
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair

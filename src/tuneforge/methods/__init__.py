@@ -8,8 +8,9 @@ distill (whose student trains as `distill.student` says), the preference objecti
 dpo (its policy trains as `dpo.policy` says), the policy-gradient objective in `grpo.py` for grpo,
 which samples and grades its own batches during the step (`make_batches`). `prepare_items` reads
 the data a method trains on (grpo: prompts with the fields its grader reads). `check_inputs` runs
-the checks a method makes before any compute (preference data for dpo and only for dpo; distill:
-the teacher's vocabulary is the student's; grpo: the grader is sound).
+the checks a method makes before any compute (data.max_length fits the model's positions; preference
+data for dpo and only for dpo; distill: the teacher's vocabulary is the student's; grpo: the grader
+is sound).
 
 An objective returns sums. What they are sums over is its `count` of a batch (trained tokens
 unless it says otherwise; DPO counts pairs), and the loop divides by the count of the whole
@@ -28,7 +29,7 @@ import torch
 from .. import data as tfdata
 from ..data import IGNORE_INDEX, collate
 from ..errors import ConfigError
-from ..models import compute_dtype, load_frozen_model, load_model
+from ..models import compute_dtype, context_length, load_frozen_model, load_model
 from ..models.quantization import quantization_config
 from . import distill, dpo, full, grpo, lora
 from .distill import DistillObjective
@@ -74,8 +75,18 @@ def prepare_model(model, cfg):
     return PREPARE[cfg.method](model, cfg)
 
 
-def check_inputs(cfg, tokenizer) -> None:
-    """Fail early, with a clear error, on inputs the method cannot use."""
+def check_inputs(cfg, tokenizer, source) -> None:
+    """Fail early, with a clear error, on inputs the method cannot use (`source`: the resolved base model)."""
+    from transformers import AutoConfig
+
+    window = context_length(AutoConfig.from_pretrained(source.path).get_text_config())
+    if window and cfg.data.max_length > window:
+        # A model knows positions up to its window only: past it a row fails (learned position embeddings)
+        # or trains on positions the model never saw (rotary ones).
+        raise ConfigError(
+            f"{cfg.key_at('data.max_length')}: {cfg.data.max_length} tokens is more than the {window} positions "
+            f"{source.name} was built for; set data.max_length to {window} or less."
+        )
     dpo.check_data_kind(cfg)
     if cfg.method == "dora" and cfg.model.quantize == "int8" and not torch.cuda.is_available():
         # DoRA's weight norm reads the frozen weight back through bitsandbytes, whose 8-bit layer on a

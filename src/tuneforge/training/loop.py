@@ -591,7 +591,7 @@ def setup(
     source = resolve(cfg.base_model)
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     tokenizer = load_tokenizer(source)
-    check_inputs(cfg, tokenizer)
+    check_inputs(cfg, tokenizer, source)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
     keeps_earlier = resume or replaces_earlier
     report_path = None if keeps_earlier else out / "data_report.json"
