@@ -122,8 +122,12 @@ def test_lora_modules_the_model_lacks_are_a_config_error(tiny_model_dir, triage_
         validate(cfg)
     assert "lora.target_modules" in caught.value.message and "q_proj" in caught.value.message
     assert not (tmp_path / "run").exists()
+    # One name of several that matches nothing would be skipped, the others adapted.
+    cfg["lora"]["target_modules"] = ["q_proj", "qproj"]
+    with pytest.raises(ConfigError, match=r"^lora\.target_modules: names qproj, which this model has no module"):
+        validate(cfg)
     cfg["lora"].update(target_modules="all-linear", modules_to_save=["lm_head", "lm_haed"])
-    with pytest.raises(ConfigError, match=r"modules_to_save names lm_haed, which this model has no module"):
+    with pytest.raises(ConfigError, match=r"modules_to_save: names lm_haed, which this model has no module"):
         validate(cfg)
 
 

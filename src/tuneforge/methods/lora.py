@@ -82,14 +82,19 @@ def prepare_model(model, cfg):
         model = continue_adapter(model, cfg)
     else:
         config = peft_config(cfg, model)
-        # PEFT skips a modules_to_save name that matches no module: a typo would train nothing, silently.
+        # PEFT skips a modules_to_save name that matches no module, and a target_modules name so long as
+        # another one matches: a typo would train less than asked, silently.
         names = [name for name, _ in model.named_modules()]
-        missing = [m for m in config.modules_to_save or [] if not any(n == m or n.endswith(f".{m}") for n in names)]
-        if missing:
-            raise ConfigError(
-                f"lora.modules_to_save names {', '.join(missing)}, which this model has no module called. "
-                "Name modules it has (e.g. lm_head, embed_tokens), or leave modules_to_save out."
-            )
+        for key, wanted, remedy in (
+            ("modules_to_save", cfg.lora.modules_to_save, "modules it has (e.g. lm_head, embed_tokens)"),
+            ("target_modules", cfg.lora.target_modules, f"linear layers it has ({', '.join(decoder_linears(model))})"),
+        ):
+            listed = [] if wanted == "all-linear" else wanted or []
+            if missing := [m for m in listed if not any(n == m or n.endswith(f".{m}") for n in names)]:
+                raise ConfigError(
+                    f"{cfg.key_at(f'lora.{key}')}: names {', '.join(missing)}, which this model has no module called. "
+                    f"Name {remedy}, or leave {key} out."
+                )
         try:
             model = get_peft_model(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
