@@ -147,6 +147,24 @@ def test_a_max_length_beyond_the_models_positions_is_a_config_error_at_its_line(
     assert validate(path, ["data.max_length=2048"]) == 0
 
 
+def test_an_output_dir_a_file_is_in_the_way_of_is_a_config_error_at_its_line(tiny_model_dir, triage_data, tmp_path):
+    import pytest
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.pipeline import train
+
+    (tmp_path / "notes").write_text("mine")
+    for out in (tmp_path / "notes", tmp_path / "notes" / "run"):
+        path = write_config(tmp_path / "cfg.yaml", tiny_run_config(tiny_model_dir, triage_data, out))
+        line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "output_dir" in text)
+        for check in (validate, train):  # train, through the Config it loads again
+            with pytest.raises(ConfigError) as caught:
+                check(path)
+            said = caught.value.message
+            assert said.startswith(f"output_dir ({path} line {line}): {tmp_path / 'notes'} is a file, not a folder")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_a_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(tmp_path):
     for args in (
         ["validate", "--no-such-option", "x.yaml"],

@@ -338,12 +338,14 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output_dir: str = "runs/run"
-    # Where each key was set ("cfg.yaml line 8", "override"), by dotted key: `load_config` fills it in.
+    # Where each key was set ("line 8" of the file `_source`, or "override"), by dotted key: `load_config`
+    # fills them in, and keeps them for a Config loaded again.
+    _source: str = PrivateAttr("config")
     _places: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def key_at(self, key: str) -> str:
         """`key (where it was set)`, for a mistake found after loading, against the model or the data."""
-        return _placed(key, self._places)
+        return _placed(key, {k: p if p == "override" else f"{self._source} {p}" for k, p in self._places.items()})
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -695,12 +697,12 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
     Relative data paths in a YAML file are resolved against the file's folder, so a config runs
     the same from any working directory.
     """
+    name, places, base_dir = "config", {}, None
     if isinstance(source, Config):
-        source = source.model_dump()
-    base_dir, places = None, {}
+        name, places, source = source._source, source._places, source.model_dump()
     if isinstance(source, dict):
         # A deep copy, with paths as the strings a YAML file would hold (Python callers pass Path objects).
-        raw, name = json.loads(json.dumps(source, default=_as_yaml_value)), "config"
+        raw = json.loads(json.dumps(source, default=_as_yaml_value))
     elif not isinstance(source, (str, Path)):
         raise ConfigError(
             f"a config is a YAML file's path, a shipped recipe's name, a dict or a Config, not {type(source).__name__}."
@@ -743,7 +745,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         config = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, name, places)) from None
-    config._places = {key: place if place == "override" else f"{name} {place}" for key, place in places.items()}
+    config._source, config._places = name, places
     return config
 
 

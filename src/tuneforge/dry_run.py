@@ -28,7 +28,7 @@ from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_d
 from .methods.sft import LOGITS_AT_ONCE
 from .models import count_parameters, load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
-from .training import earlier_run, make_plan, never_evaluated, shares_prefixes, to_rows
+from .training import check_output_dir, earlier_run, make_plan, never_evaluated, shares_prefixes, to_rows
 from .training.distributed import sharding_plan, strategy
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
@@ -164,6 +164,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     console = Console()
     started = time.perf_counter()
     cfg = load_config(config, overrides)
+    check_output_dir(cfg)
     source = resolve(cfg.base_model)
     n_params, n_trainable, n_linear, hf_config = parameter_counts(source, cfg)
     # Refuses a combination that cannot work.

@@ -3,6 +3,7 @@
 from .loop import (
     StepPlan,
     TrainResult,
+    check_output_dir,
     earlier_run,
     make_plan,
     never_evaluated,
@@ -14,6 +15,7 @@ from .loop import (
 __all__ = [
     "StepPlan",
     "TrainResult",
+    "check_output_dir",
     "earlier_run",
     "make_plan",
     "never_evaluated",

@@ -35,7 +35,7 @@ import torch
 
 from .. import data as tfdata
 from ..config import Config, TrainConfig, auto_epochs, load_config
-from ..errors import RunFailed, TuneforgeError
+from ..errors import ConfigError, RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
 from ..methods import (
     adapter_on_merged_base,
@@ -335,6 +335,17 @@ def check_same_data(folder: Path, saved: dict, data_key: str | None) -> None:
             "replay file, or the base model's tokenizer): the resumed run would train on other rows than the run "
             "it continues. Resume with the data as it was, or pass --force to continue on the data as it is now.",
             code="data_changed",
+        )
+
+
+def check_output_dir(cfg: Config) -> None:
+    """Refuse an output_dir where a file is in the way: at its path, or at a folder's above it."""
+    out = Path(cfg.output_dir).absolute()
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{cfg.key_at('output_dir')}: {existing} is a file, not a folder, and a run writes its files under "
+            f"{out}; give output_dir a folder's path, or move the file."
         )
 
 
@@ -838,6 +849,7 @@ def train(
     """Fine-tune as the config says. `resume` is "latest" (or True) or a checkpoint folder; `overwrite` starts
     afresh in an output_dir that holds an earlier run (`refuse_earlier_run`, `clear_earlier_run`)."""
     cfg = load_config(config, overrides)
+    check_output_dir(cfg)
     world = distributed.setup(cfg.train.distributed_timeout)
     log = print if world.is_main else (lambda *a, **k: None)
     run = None
