@@ -752,11 +752,18 @@ def test_too_few_rows_for_a_step_says_how_many_it_needs_and_why():
         make_plan(cfg, 1, 1, world_size=4)
 
 
-def test_a_warmup_as_long_as_the_run_is_refused_before_the_first_step():
+def test_a_warmup_as_long_as_the_run_is_refused_before_the_first_step(tmp_path):
     from tuneforge.config import load_config
     from tuneforge.training import make_plan
 
     cfg = {"data": {"train": "x"}, "train": {"batch_size": 2, "max_steps": 5}}
-    with pytest.raises(TuneforgeError, match=r"train\.warmup is 5 steps, but the run takes 5: the learning rate would"):
+    with pytest.raises(
+        TuneforgeError, match=r"^train\.warmup \(override\): 5 steps, but the run takes 5: the learning"
+    ):
         make_plan(load_config(cfg, "train.warmup=5"), 10, 10, world_size=1)
+    # Set in a file, the key is told at its line.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\ntrain:\n  max_steps: 5\n  warmup: 5\n")
+    with pytest.raises(TuneforgeError, match=rf"^train\.warmup \({re.escape(str(path))} line 5\): 5 steps, but"):
+        make_plan(load_config(path), 10, 10, world_size=1)
     assert make_plan(load_config(cfg, "train.warmup=4"), 10, 10, world_size=1).warmup_steps == 4

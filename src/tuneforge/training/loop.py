@@ -138,15 +138,15 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
     n_micro = t.grad_accum * world_size
     if t.batch_size % n_micro:
         raise TuneforgeError(
-            f"train.batch_size ({t.batch_size}) must be a multiple of grad_accum x processes "
-            f"({t.grad_accum} x {world_size})."
+            f"{cfg.key_at('train.batch_size')}: {t.batch_size} is no multiple of train.grad_accum x processes "
+            f"({t.grad_accum} x {world_size}); give train.batch_size a multiple of {n_micro}."
         )
     per_epoch = batches.steps_per_epoch(n_rows, t.batch_size, n_micro)
     if per_epoch == 0:  # a step may be short of batch_size, but needs a row for every micro-batch of every process
         raise TuneforgeError(
-            f"{n_rows} training rows are fewer than one step needs: {n_micro}, a row for each micro-batch "
-            f"(train.grad_accum {t.grad_accum} x {world_size} processes); add data, or lower train.grad_accum "
-            "or the processes."
+            f"{cfg.key_at('train.grad_accum')}: {n_rows} training rows are fewer than one step needs: {n_micro}, "
+            f"a row for each micro-batch (train.grad_accum {t.grad_accum} x {world_size} processes); add data, or "
+            "lower train.grad_accum or the processes."
         )
     epochs = auto_epochs(n_examples) if t.epochs == "auto" else t.epochs
     total = t.max_steps or epochs * per_epoch
@@ -155,8 +155,9 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
     if warmup >= total:
         # The rate would still be climbing at the last step: the run would never train at its learning rate.
         raise TuneforgeError(
-            f"train.warmup is {warmup} steps, but the run takes {total}: the learning rate would never reach "
-            f"train.learning_rate; give train.warmup fewer steps than that, or a fraction of the run (such as 0.03)."
+            f"{cfg.key_at('train.warmup')}: {warmup} steps, but the run takes {total}: the learning rate would "
+            "never reach train.learning_rate; give train.warmup fewer steps than that, or a fraction of the run "
+            "(such as 0.03)."
         )
     return StepPlan(n_rows, epochs, per_epoch, total, warmup, t.batch_size // n_micro)
 
