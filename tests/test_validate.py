@@ -39,6 +39,22 @@ def test_eval_every_without_validation_examples_is_a_warning(tiny_model_dir, tri
     assert "warning: train.eval_every is 10, but there are no validation examples" in out
 
 
+def test_eval_every_and_save_every_past_the_last_step_are_warnings_at_their_lines(
+    tiny_model_dir, triage_data, tmp_path, capsys
+):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2, eval_every=10, save_every=20)
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    text = path.read_text().splitlines()
+    line = {
+        key: next(i for i, said in enumerate(text, 1) if f" {key}:" in said) for key in ("eval_every", "save_every")
+    }
+    assert validate(path) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps the path where it likes: not compared
+    assert "warning: train.eval_every (" in out and "warning: train.save_every (" in out
+    assert f"line {line['eval_every']}): 10 steps, but the run takes 2, so it evaluates only at its end" in out
+    assert f"line {line['save_every']}): 20 steps, but the run takes 2, so it saves a checkpoint only at its end" in out
+
+
 def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
     assert validate(cfg) == 0
@@ -139,7 +155,7 @@ def test_a_max_length_beyond_the_models_positions_is_a_config_error_at_its_line(
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
     cfg["data"]["max_length"] = 4096  # the tiny model has 2048 positions
     path = write_config(tmp_path / "long.yaml", cfg)
-    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "max_length" in text)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  max_length:"))
     with pytest.raises(ConfigError) as caught:
         validate(path)
     assert caught.value.message.startswith(f"data.max_length ({path} line {line}): 4096 tokens is more than the 2048")
@@ -156,7 +172,7 @@ def test_an_output_dir_a_file_is_in_the_way_of_is_a_config_error_at_its_line(tin
     (tmp_path / "notes").write_text("mine")
     for out in (tmp_path / "notes", tmp_path / "notes" / "run"):
         path = write_config(tmp_path / "cfg.yaml", tiny_run_config(tiny_model_dir, triage_data, out))
-        line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "output_dir" in text)
+        line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("output_dir:"))
         for check in (validate, train):  # train, through the Config it loads again
             with pytest.raises(ConfigError) as caught:
                 check(path)

@@ -28,7 +28,15 @@ from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_d
 from .methods.sft import LOGITS_AT_ONCE
 from .models import count_parameters, load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
-from .training import check_output_dir, earlier_run, make_plan, never_evaluated, shares_prefixes, to_rows
+from .training import (
+    cadence_beyond_run,
+    check_output_dir,
+    earlier_run,
+    make_plan,
+    never_evaluated,
+    shares_prefixes,
+    to_rows,
+)
 from .training.distributed import sharding_plan, strategy
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
@@ -216,6 +224,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         )
     if warning := never_evaluated(cfg, len(valid_items)):
         run_warnings.append(warning)
+    run_warnings += cadence_beyond_run(cfg, plan.total_steps)
     if needed > free:
         run_warnings.append(
             f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "

@@ -3,6 +3,7 @@
 from .loop import (
     StepPlan,
     TrainResult,
+    cadence_beyond_run,
     check_output_dir,
     earlier_run,
     make_plan,
@@ -15,6 +16,7 @@ from .loop import (
 __all__ = [
     "StepPlan",
     "TrainResult",
+    "cadence_beyond_run",
     "check_output_dir",
     "earlier_run",
     "make_plan",

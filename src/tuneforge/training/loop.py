@@ -200,6 +200,21 @@ def never_evaluated(cfg: Config, n_valid: int) -> str | None:
     )
 
 
+def cadence_beyond_run(cfg: Config, total_steps: int) -> list[str]:
+    """The warnings for train.eval_every or train.save_every set past the run's last step: the run then
+    evaluates or saves at its end alone, with no checkpoint to resume from before it. Only a value other
+    than the default counts as set (see `never_evaluated`)."""
+    warnings = []
+    for key, does in (("eval_every", "evaluates"), ("save_every", "saves a checkpoint")):
+        every = getattr(cfg.train, key)
+        if every > total_steps and every != TrainConfig.model_fields[key].default:
+            warnings.append(
+                f"{cfg.key_at(f'train.{key}')}: {every} steps, but the run takes {total_steps}, so it {does} only at "
+                f"its end; set train.{key} to {total_steps} or fewer, or to 0 to say so."
+            )
+    return warnings
+
+
 def restart_step_log(path: Path, resume_step: int | None) -> None:
     """A JSON-lines file of records by step, as a run starts: emptied for a fresh run; for a resumed
     one, cut to the records up to its checkpoint's step, since the steps after it run again. The full
@@ -637,6 +652,8 @@ def setup(
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
+    for warning in cadence_beyond_run(cfg, plan.total_steps):
+        log(f"warning: {warning}")
     if resume_from is not None:
         check_resumable(resume_from, saved, plan)
     start_run_folder(cfg, world, prepared.report, replaces_earlier)
