@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -53,6 +54,16 @@ def test_eval_every_and_save_every_past_the_last_step_are_warnings_at_their_line
     assert "warning: train.eval_every (" in out and "warning: train.save_every (" in out
     assert f"line {line['eval_every']}): 10 steps, but the run takes 2, so it evaluates only at its end" in out
     assert f"line {line['save_every']}): 20 steps, but the run takes 2, so it saves a checkpoint only at its end" in out
+
+
+def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_dir, triage_data, tmp_path, capsys):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=512)
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  batch_size:"))
+    assert validate(path) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    rows = int(re.search(r"│ rows │ ([\d,]+) \(packed", out)[1].replace(",", ""))
+    assert f"line {line}): 512 rows a step, but the data makes {rows} rows, so every step trains on {rows}" in out
 
 
 def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):

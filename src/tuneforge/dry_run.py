@@ -29,11 +29,11 @@ from .methods.sft import LOGITS_AT_ONCE
 from .models import count_parameters, load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
 from .training import (
-    cadence_beyond_run,
     check_output_dir,
     earlier_run,
     make_plan,
     never_evaluated,
+    plan_warnings,
     shares_prefixes,
     to_rows,
 )
@@ -224,7 +224,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         )
     if warning := never_evaluated(cfg, len(valid_items)):
         run_warnings.append(warning)
-    run_warnings += cadence_beyond_run(cfg, plan.total_steps)
+    run_warnings += plan_warnings(cfg, plan)
     if needed > free:
         run_warnings.append(
             f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "

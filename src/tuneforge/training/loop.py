@@ -200,18 +200,24 @@ def never_evaluated(cfg: Config, n_valid: int) -> str | None:
     )
 
 
-def cadence_beyond_run(cfg: Config, total_steps: int) -> list[str]:
-    """The warnings for train.eval_every or train.save_every set past the run's last step: the run then
-    evaluates or saves at its end alone, with no checkpoint to resume from before it. Only a value other
-    than the default counts as set (see `never_evaluated`)."""
+def plan_warnings(cfg: Config, plan: StepPlan) -> list[str]:
+    """The warnings for settings the run's plan leaves without effect: train.eval_every or save_every past
+    its last step (it evaluates or saves at its end alone, with no checkpoint to resume from before it; only
+    a value other than the default counts as set, see `never_evaluated`), and a train.batch_size beyond
+    the rows of the data (every step trains on fewer rows than it says)."""
     warnings = []
     for key, does in (("eval_every", "evaluates"), ("save_every", "saves a checkpoint")):
         every = getattr(cfg.train, key)
-        if every > total_steps and every != TrainConfig.model_fields[key].default:
+        if every > plan.total_steps and every != TrainConfig.model_fields[key].default:
             warnings.append(
-                f"{cfg.key_at(f'train.{key}')}: {every} steps, but the run takes {total_steps}, so it {does} only at "
-                f"its end; set train.{key} to {total_steps} or fewer, or to 0 to say so."
+                f"{cfg.key_at(f'train.{key}')}: {every} steps, but the run takes {plan.total_steps}, so it {does} "
+                f"only at its end; set train.{key} to {plan.total_steps} or fewer, or to 0 to say so."
             )
+    if plan.rows < cfg.train.batch_size:
+        warnings.append(
+            f"{cfg.key_at('train.batch_size')}: {cfg.train.batch_size} rows a step, but the data makes {plan.rows} "
+            f"rows, so every step trains on {plan.rows}; set train.batch_size to {plan.rows} or fewer, or add data."
+        )
     return warnings
 
 
@@ -652,7 +658,7 @@ def setup(
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
-    for warning in cadence_beyond_run(cfg, plan.total_steps):
+    for warning in plan_warnings(cfg, plan):
         log(f"warning: {warning}")
     if resume_from is not None:
         check_resumable(resume_from, saved, plan)
