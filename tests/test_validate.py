@@ -172,6 +172,16 @@ def test_a_max_length_beyond_the_models_positions_is_a_config_error_at_its_line(
     assert caught.value.message.startswith(f"data.max_length ({path} line {line}): 4096 tokens is more than the 2048")
     assert "set data.max_length to 2048 or less" in caught.value.message
     assert validate(path, ["data.max_length=2048"]) == 0
+    # GRPO's rows are a prompt shorter than data.max_length and an answer of up to grpo.max_new_tokens.
+    grader = {"type": "string_check", "name": "brace", "input": "{{ sample.output_text }}", "reference": "{"}
+    grpo = ["method=grpo", f"grpo={{grader: {json.dumps({**grader, 'operation': 'like'})}, max_new_tokens: 8}}"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.max_length \(override\), grpo\.max_new_tokens \(override\): a prompt "
+        r"of up to 2047 tokens and an answer of up to 8 make rows of 2055, more than the 2048",
+    ):
+        validate(path, ["data.max_length=2048", *grpo])
+    assert validate(path, ["data.max_length=2041", *grpo]) == 0
 
 
 def test_an_output_dir_a_file_is_in_the_way_of_is_a_config_error_at_its_line(tiny_model_dir, triage_data, tmp_path):

@@ -80,9 +80,18 @@ def check_inputs(cfg, tokenizer, source) -> None:
     from transformers import AutoConfig
 
     window = context_length(AutoConfig.from_pretrained(source.path).get_text_config())
-    if window and cfg.data.max_length > window:
-        # A model knows positions up to its window only: past it a row fails (learned position embeddings)
-        # or trains on positions the model never saw (rotary ones).
+    # A model knows positions up to its window only: past it a row fails (learned position embeddings) or
+    # trains on positions the model never saw (rotary ones).
+    if cfg.method == "grpo":  # a prompt shorter than data.max_length, then an answer of up to max_new_tokens
+        longest = cfg.data.max_length - 1 + cfg.grpo.max_new_tokens
+        if window and longest > window:
+            raise ConfigError(
+                f"{cfg.key_at('data.max_length')}, {cfg.key_at('grpo.max_new_tokens')}: a prompt of up to "
+                f"{cfg.data.max_length - 1} tokens and an answer of up to {cfg.grpo.max_new_tokens} make rows of "
+                f"{longest}, more than the {window} positions {source.name} was built for; lower them to sum to "
+                f"{window + 1} or less."
+            )
+    elif window and cfg.data.max_length > window:
         raise ConfigError(
             f"{cfg.key_at('data.max_length')}: {cfg.data.max_length} tokens is more than the {window} positions "
             f"{source.name} was built for; set data.max_length to {window} or less."
