@@ -245,6 +245,13 @@ def test_relative_data_paths_resolve_against_the_config_folder(tmp_path):
     assert cfg.data.train == str((tmp_path / "d.jsonl").resolve())
 
 
+def test_the_written_config_holds_non_ascii_paths_as_they_read(tmp_path):
+    folder = tmp_path / "données 中文"
+    written = load_config({"data": {"train": str(folder / "train.jsonl")}, "output_dir": "runs/é"}).to_yaml()
+    assert f"train: {folder / 'train.jsonl'}" in written and "output_dir: runs/é" in written
+    assert load_config(yaml.safe_load(written)).data.train == str(folder / "train.jsonl")
+
+
 def test_results_hash_ignores_logging_cadence_only():
     a = Config.model_validate({"data": {"train": "x"}})
     b = Config.model_validate({"data": {"train": "x"}, "train": {"eval_every": 7, "save_every": 3}})

@@ -523,7 +523,9 @@ class Config(Strict):
         return d
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+        # Each path as it reads, on its own line: é or 中文 not as \xE9 or \u4E2D escapes, a long path not
+        # folded over two lines.
+        return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True, width=float("inf"))
 
 
 def dotted(d: dict, prefix: str = "") -> dict:
