@@ -245,6 +245,23 @@ def test_relative_data_paths_resolve_against_the_config_folder(tmp_path):
     assert cfg.data.train == str((tmp_path / "d.jsonl").resolve())
 
 
+def test_relative_paths_of_overrides_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    config_folder, cwd = tmp_path / "config folder", tmp_path / "working é"
+    for folder in (config_folder, cwd / "sub"):
+        folder.mkdir(parents=True)
+        (folder / "d.jsonl").write_text("{}\n")
+    (cwd / "d.jsonl").write_text("{}\n")
+    path = config_folder / "cfg.yaml"
+    path.write_text("data: {train: d.jsonl}\n")
+    monkeypatch.chdir(cwd)
+    cfg = load_config(path, ["data.validation=sub/d.jsonl"])
+    assert cfg.data.train == str((config_folder / "d.jsonl").resolve())
+    # Absolute, so the run's config.yaml runs from any folder.
+    assert cfg.data.validation == str((cwd / "sub" / "d.jsonl").resolve())
+    assert load_config(path, ["data.train=d.jsonl"]).data.train == str((cwd / "d.jsonl").resolve())
+    assert load_config({"data": {"train": "d.jsonl"}}).data.train == str((cwd / "d.jsonl").resolve())
+
+
 def test_the_written_config_holds_non_ascii_paths_as_they_read(tmp_path):
     folder = tmp_path / "données 中文"
     written = load_config({"data": {"train": str(folder / "train.jsonl")}, "output_dir": "runs/é"}).to_yaml()

@@ -92,7 +92,8 @@ def test_load_config_and_so_the_python_api_take_a_recipe_name_as_the_cli_does(tm
         (data / name).write_text("")
     cfg = load_config("quickstart", ["train.max_steps=1"])
     assert cfg.output_dir == "runs/quickstart" and cfg.train.max_steps == 1
-    assert cfg.data.train == "runs/quickstart/data/train.jsonl"  # the run's data, relative to the working folder
+    # The run's data, in the working folder, held absolute: the run's config.yaml runs from any folder.
+    assert cfg.data.train == str((data / "train.jsonl").resolve())
     with pytest.raises(ConfigError, match=r"quickstar: no such config file, nor a shipped recipe"):
         load_config("quickstar")
 

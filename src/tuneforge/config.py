@@ -696,10 +696,10 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
     """Load a config from a YAML path (or, where no such file exists, a shipped recipe's name), a dict or a
     Config, apply dotted overrides, validate.
 
-    Relative data paths in a YAML file are resolved against the file's folder, so a config runs
-    the same from any working directory.
+    Relative data and model paths in a YAML file are resolved against the file's folder, so a config runs
+    the same from any working directory; those of overrides and dicts against the working directory.
     """
-    name, places, base_dir = "config", {}, None
+    name, places = "config", {}
     if isinstance(source, Config):
         name, places, source = source._source, source._places, source.model_dump()
     if isinstance(source, dict):
@@ -732,7 +732,9 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys (base_model, method, data, ...).")
-        name, base_dir = str(path), path.parent
+        name = str(path)
+        # The file's paths are relative to its folder, so a config runs the same from any working directory.
+        _resolve_relative_paths(raw, path.parent)
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
         # The override replaces what the file said under this key.
@@ -741,8 +743,10 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         from .recipes import check_earlier_outputs
 
         check_earlier_outputs(str(source), raw)
-    if base_dir is not None:
-        _resolve_relative_paths(raw, base_dir)
+    # Overrides and a Python caller's paths are relative to the working directory, where the shell completes
+    # them, as are a file's paths not found beside it (a recipe's runs/...): each is stored absolute, so the
+    # run's config.yaml runs the same from any folder.
+    _resolve_relative_paths(raw, Path.cwd())
     try:
         config = Config.model_validate(raw)
     except ValidationError as e:
