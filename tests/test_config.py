@@ -262,6 +262,18 @@ def test_relative_paths_of_overrides_resolve_against_the_working_directory(tmp_p
     assert load_config({"data": {"train": "d.jsonl"}}).data.train == str((cwd / "d.jsonl").resolve())
 
 
+def test_a_path_under_the_home_folder_may_be_written_with_a_tilde(tmp_path, monkeypatch):
+    home = tmp_path / "home é"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "d.jsonl").write_text("{}\n")
+    monkeypatch.setenv("HOME", str(home))
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: {train: ~/data/d.jsonl}\noutput_dir: ~/runs/x\n")
+    cfg = load_config(path, ["data.validation=~/data/d.jsonl"])
+    assert cfg.data.train == cfg.data.validation == str(home / "data" / "d.jsonl")
+    assert cfg.output_dir == str(home / "runs" / "x")  # not a folder named ~ in the working directory
+
+
 def test_the_written_config_holds_non_ascii_paths_as_they_read(tmp_path):
     folder = tmp_path / "données 中文"
     written = load_config({"data": {"train": str(folder / "train.jsonl")}, "output_dir": "runs/é"}).to_yaml()

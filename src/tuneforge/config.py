@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -778,11 +779,18 @@ def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str
 
 
 def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
+    """The config's paths with `~` expanded, as a shell does, and relative ones that exist under `base_dir`
+    made absolute (`output_dir` stays relative: it names the working directory's folder)."""
+
     def fix(p):
         # An empty path is left for validation to refuse: joined to the config's folder, it would name that folder.
-        if isinstance(p, str) and p and not Path(p).is_absolute() and (base_dir / p).exists():
-            return str((base_dir / p).resolve())
-        return p
+        if not isinstance(p, str) or not p:
+            return p
+        p = os.path.expanduser(p)
+        return str((base_dir / p).resolve()) if not Path(p).is_absolute() and (base_dir / p).exists() else p
+
+    if isinstance(raw.get("output_dir"), str):
+        raw["output_dir"] = os.path.expanduser(raw["output_dir"])
 
     data = raw.get("data")
     if isinstance(data, dict):
