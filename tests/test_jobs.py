@@ -943,3 +943,13 @@ def test_a_finished_jobs_events_are_there_as_soon_as_its_status_is(tmp_path):
         for status, messages, results in finished:
             assert messages == told[status] and None not in results, (status, messages)
         seen.clear()
+
+
+def test_a_store_is_shown_as_its_file_path_or_its_url_without_the_password(tmp_path):
+    # The servers' first line names their store: a path with é must read as typed, not %C3%A9.
+    from tuneforge.database import database_url, shown_url
+    from tuneforge.jobs.store import Store
+
+    path = tmp_path / "jobs é 中文.db"
+    assert shown_url(Store(database_url(str(path))).url) == str(path)
+    assert shown_url("postgresql://me:secret@db.example/jobs") == "postgresql://me:***@db.example/jobs"

@@ -53,13 +53,22 @@ def connect(url: str) -> Engine:
     return engine
 
 
+def shown_url(url) -> str:
+    """A store's URL as a person reads it: an SQLite file as its path (é as é, not %C3%A9), any other
+    database as its URL without the password."""
+    try:
+        url = make_url(url)
+    except ArgumentError:
+        return str(url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        return url.database
+    return url.render_as_string(hide_password=True)
+
+
 @contextmanager
 def opening(url: str, option: str) -> Iterator[None]:
     """Around opening a store at `url`: a URL or database that does not work becomes a `ConfigError` for `option`."""
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        shown = url
+    shown = shown_url(url)
     try:
         yield
     except (ArgumentError, OperationalError) as err:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from ..database import database_url, opening
+from ..database import database_url, opening, shown_url
 from ..fsio import tuneforge_home
 
 
@@ -69,7 +69,7 @@ def api_command(
     listen(
         app,
         sock,
-        lambda url: f"tuneforge api at {url}/v1 with {workers} job worker(s); store {store.url!r}; files and "
+        lambda url: f"tuneforge api at {url}/v1 with {workers} job worker(s); store {shown_url(store.url)}; files and "
         f"runs under {root}" + (" (API key required)" if api_keys else ""),
     )
     return 0
@@ -88,7 +88,7 @@ def worker_command(*, db: str, workers: int) -> int:
         signal.signal(signum, lambda *_: stop.set())
     job_workers.start()
     Console(stderr=True).print(
-        f"tuneforge worker: {workers} job worker(s) on store {store.url!r}; files and runs under {root}",
+        f"tuneforge worker: {workers} job worker(s) on store {shown_url(store.url)}; files and runs under {root}",
         highlight=False,
     )
     stop.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..database import shown_url
 from ..errors import ConfigError
 from ..web import Observer
 from ..web.listen import bind, listen
@@ -74,7 +75,7 @@ def serve_command(
             + (f" with adapters {', '.join(pool.names[1:])}" if len(pool.names) > 1 else "")
             + f" at {url}/v1"
             + (" (API key required)" if api_keys else "")
-            + f"; stored completions in {completions.url!r}",
+            + f"; stored completions in {shown_url(completions.url)}",
         )
     finally:
         engine.close()
