@@ -64,6 +64,9 @@ def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_
     out = " ".join(capsys.readouterr().out.split())
     rows = int(re.search(r"│ rows │ ([\d,]+) \(packed", out)[1].replace(",", ""))
     assert f"line {line}): 512 rows a step, but the data makes {rows} rows, so every step trains on {rows}" in out
+    # The plan says what a step trains, not what train.batch_size asked for.
+    table = " ".join(re.sub("[│┃┌┐└┘├┤─┬┴┼]", " ", out).split())
+    assert f"batch {rows} rows per step = 1 x {rows} (train.batch_size is 512, but the data makes {rows} rows)" in table
 
 
 def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):

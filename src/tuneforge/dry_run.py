@@ -320,12 +320,22 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         ("tokens per epoch", tokens),
         ("epochs", f"{plan.epochs}{epochs}"),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
-        (
-            "batch",
-            f"{cfg.train.batch_size} rows per step = {cfg.train.grad_accum} x {plan.micro_batch_rows}"
-            + (f" on each of {processes} processes" if processes > 1 else ""),
-        ),
+        ("batch", batch_row(cfg, plan, processes)),
     ]
+
+
+def batch_row(cfg, plan, processes: int) -> str:
+    """What a step trains: its rows, as micro-batches (uneven where they do not divide), and where the
+    data makes fewer rows than train.batch_size, that it does."""
+    n_micro = cfg.train.grad_accum * processes
+    up_to = "up to " if plan.step_rows % n_micro else ""
+    on_each = f" on each of {processes} processes" if processes > 1 else ""
+    fewer = (
+        f" (train.batch_size is {cfg.train.batch_size}, but the data makes {plan.rows} rows)"
+        if plan.step_rows < cfg.train.batch_size
+        else ""
+    )
+    return f"{plan.step_rows} rows per step = {cfg.train.grad_accum} x {up_to}{plan.micro_batch_rows}{on_each}{fewer}"
 
 
 def weights_held(cfg, precision: str) -> str:

@@ -126,11 +126,12 @@ class StepPlan:
     """How many steps the run takes, derived from the data and the config."""
 
     rows: int
+    step_rows: int  # rows a full step trains: train.batch_size, or every row where the data makes fewer
     epochs: int
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
-    micro_batch_rows: int
+    micro_batch_rows: int  # the most rows a micro-batch holds
 
 
 def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> StepPlan:
@@ -159,7 +160,8 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
             "never reach train.learning_rate; give train.warmup fewer steps than that, or a fraction of the run "
             "(such as 0.03)."
         )
-    return StepPlan(n_rows, epochs, per_epoch, total, warmup, t.batch_size // n_micro)
+    step_rows = min(t.batch_size, n_rows)
+    return StepPlan(n_rows, step_rows, epochs, per_epoch, total, warmup, math.ceil(step_rows / n_micro))
 
 
 def row_tokens(row) -> int:
