@@ -116,6 +116,15 @@ def test_show_cuts_a_long_row_where_training_cuts_it(tmp_path, capsys, models, t
     assert shown.rstrip("\n") == tokenizer.decode(whole.input_ids[:32])
 
 
+def test_show_leaves_out_a_row_training_refuses_as_too_long(tmp_path, capsys, models):
+    rows = [chat("A long question. " * 40, "Yes."), chat("Hi", "Hello.")]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    assert check_command([str(path)], max_length=32, show=2) == 2
+    out = capsys.readouterr().out
+    assert f"{path}:1: [too_long]" in out
+    assert [shown.split("\n", 1)[0] for shown in out.split("--- ")[1:]] == [f"{path}:2"]
+
+
 def test_show_prints_both_sides_of_a_preference_pair_each_training_its_reply(tmp_path, capsys, models, tokenizer):
     path = write_jsonl(
         tmp_path / "pairs.jsonl",

@@ -19,7 +19,7 @@ from rich.text import Text
 from ..config import DEFAULT_MODEL, DataConfig
 from ..errors import EXIT_BAD_INPUT, TuneforgeError
 from .formats import read_conversations
-from .prepare import check_data
+from .prepare import check_data, cut_to_length
 from .render import render_examples, render_preference
 from .schema import IGNORE_INDEX, Example, Preference, Problem
 
@@ -159,15 +159,17 @@ def show_examples(
     """Print the first `count` good rows as the model will see them (cut to `max_length`, as training
     cuts them), trained tokens highlighted."""
     console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
-    for path, line, examples in itertools.islice(_rendered_rows(files, tokenizer, format, train_on), count):
-        for which, example in examples:
+    rows = _rendered_rows(files, tokenizer, format, train_on, max_length)
+    for path, line, examples in itertools.islice(rows, count):
+        for which, example, trained in examples:
             cut = f" (cut to max_length {max_length} of its {len(example)} tokens)" if len(example) > max_length else ""
             console.print(Text(f"--- {path}:{line}{which}{cut}", style="bold"))
-            console.print(highlight(example.truncated(max_length), tokenizer))
+            console.print(highlight(trained, tokenizer))
 
 
-def _rendered_rows(files, tokenizer, format: str, train_on: str):
-    """(file, line, [(which example, example)]) for each row that renders."""
+def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int):
+    """(file, line, [(which example, example, the example as training cuts it)]) for each row that renders
+    and that training keeps (a row whose cut leaves nothing to train is refused as too_long)."""
     for path in files:
         for line, record in read_conversations(path, format):
             if isinstance(record, Problem):
@@ -184,7 +186,10 @@ def _rendered_rows(files, tokenizer, format: str, train_on: str):
                     ]
             except TuneforgeError:
                 continue
-            yield path, line, examples
+            trained = cut_to_length(tuple(e for _, e in examples), max_length)
+            if trained is None:
+                continue
+            yield path, line, [(which, e, cut) for (which, e), cut in zip(examples, trained)]
 
 
 def highlight(example: Example, tokenizer) -> Text:

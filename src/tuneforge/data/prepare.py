@@ -371,8 +371,8 @@ class _Preparation:
         if self.cfg.truncation == "drop":
             self.counts["dropped_too_long"] += 1
             return None
-        cut = tuple(e.truncated(limit) for e in examples)
-        if not all(e.trained_tokens for e in cut):
+        cut = cut_to_length(examples, limit)
+        if cut is None:
             self.counts["rejected_records"] += 1
             longest = max(len(e) for e in examples)
             self.problems.append(
@@ -618,6 +618,13 @@ class SystemPromptTally:
             "rows_without": self.without,
             "from_base_template": self.recorded,
         }
+
+
+def cut_to_length(examples: tuple[Example, ...], max_length: int) -> tuple[Example, ...] | None:
+    """A row's examples cut to `max_length` as training cuts them; None where a cut leaves an example
+    nothing to train (the row is refused as too_long)."""
+    cut = tuple(e.truncated(max_length) for e in examples)
+    return cut if all(e.trained_tokens for e in cut) else None
 
 
 def _examples(rows: list[_Row]) -> list[Example]:
