@@ -226,6 +226,27 @@ def test_sharegpt_preference_rows_take_the_conversation_as_prompt_and_one_turn_p
     ]
 
 
+def test_sharegpt_tools_as_llama_factory_writes_them_are_the_rows_tools(tmp_path):
+    """LLaMA-Factory's ShareGPT rows hold their tools as JSON text of bare function definitions."""
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    turns = [{"from": "human", "value": "Weather in Paris?"}, {"from": "gpt", "value": "Sunny."}]
+    tools = json.dumps([weather])
+    items = read(
+        write_jsonl(
+            tmp_path / "sg.jsonl", [{"conversations": turns, "tools": tools}, {"conversations": turns, "tools": "[{"}]
+        )
+    )
+    (conversation,) = records(items)
+    assert conversation.tools == [{"type": "function", "function": weather}]
+    assert [(line, p.code, p.field) for line, p in items if isinstance(p, Problem)] == [(2, "invalid_json", "tools")]
+
+    replies = {"chosen": {"from": "gpt", "value": "Sunny."}, "rejected": {"from": "gpt", "value": "Rainy."}}
+    (pair,) = records(
+        read(write_jsonl(tmp_path / "pairs.jsonl", [{"conversations": turns[:1], **replies, "tools": tools}]))
+    )
+    assert pair.tools == [{"type": "function", "function": weather}]
+
+
 def test_preference_problems(tmp_path):
     rows = [
         {

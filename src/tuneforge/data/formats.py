@@ -7,7 +7,8 @@ data-preparation codes where one fits), the file, the line, the field and what t
 Formats (the names `data.format` takes):
   chat               {"messages": [{"role", "content", "weight"?, "name"?, "tool_calls"?, ...}], "tools"?}
   alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
-  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|"tool", "value"}], "system"?}
+  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|"tool", "value"}], "system"?, "tools"?}
+                     (LLaMA-Factory writes "tools" as JSON text of function definitions)
   prompt_completion  {"prompt", "completion"}: strings, or lists of chat messages
   text               {"text"}: trained on in full
   preference         OpenAI DPO {"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}
@@ -529,7 +530,32 @@ def _alpaca_history(row: dict, check: _RowCheck) -> list[Message] | None:
 def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
     messages = _sharegpt_turns(row, check)
     check.require_assistant(messages, "conversations")
-    return Conversation(messages) if messages else None
+    tools = _sharegpt_tools(row, check)
+    return Conversation(messages, tools=tools) if messages else None
+
+
+def _sharegpt_tools(row: dict, check: _RowCheck) -> list[dict] | None:
+    """A ShareGPT row's `tools` in OpenAI's tools format. LLaMA-Factory writes them as JSON text of bare
+    function definitions ({"name", "description", "parameters"}); each becomes {"type": "function",
+    "function": definition}, the shape chat templates read."""
+    value = row.get("tools")
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            check.error(
+                "invalid_json",
+                "tools",
+                f"'tools' must be a list of tool definitions, or JSON text of one ({e.msg} at character "
+                f"{e.pos + 1}); fix the JSON.",
+            )
+            return None
+    tools = check.tools({"tools": value})
+    if not tools:
+        return tools
+    return [tool if "type" in tool else {"type": "function", "function": tool} for tool in tools]
 
 
 def _sharegpt_turns(row: dict, check: _RowCheck) -> list[Message] | None:
@@ -584,7 +610,7 @@ def _preference(row: dict, check: _RowCheck) -> Preference | None:
         prompt, chosen, rejected, tools = _openai_preference(row, check)
     else:
         prompt, chosen, rejected = _trl_preference(row, check)
-        tools = check.tools(row)
+        tools = _sharegpt_tools(row, check) if "conversations" in row else check.tools(row)
     if prompt is None or chosen is None or rejected is None:
         return None
     if chosen.to_template() == rejected.to_template():
