@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from conftest import tiny_run_config
 
@@ -67,6 +69,21 @@ def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_
     # The plan says what a step trains, not what train.batch_size asked for.
     table = " ".join(re.sub("[│┃┌┐└┘├┤─┬┴┼]", " ", out).split())
     assert f"batch {rows} rows per step = 1 x {rows} (train.batch_size is 512, but the data makes {rows} rows)" in table
+
+
+def test_a_model_without_a_chat_template_is_a_warning_naming_chatml_and_where_its_own_goes(
+    tiny_model_dir, triage_data, tmp_path, capsys
+):
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").unlink()
+    with pytest.warns(UserWarning, match="no chat template"):
+        assert validate(tiny_run_config(model, triage_data, tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    assert int(re.search(r"│ warnings\s+│\s+(\d+) │", out)[1]) == out.count("warning:")
+    said = "".join(out.split())  # the path may be folded anywhere
+    assert f"warning:{model}hasnochattemplate;usingChatML" in said
+    assert f"putthattemplatein{model}/chat_template.jinja." in said
 
 
 def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):

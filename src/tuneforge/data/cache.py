@@ -14,9 +14,10 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..fsio import atomic_dir, tuneforge_home, write_json
+from ..models.loading import given_chatml
 from .schema import Example, PreparedData
 
-CACHE_FORMAT = 10
+CACHE_FORMAT = 11
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
 
 _SPLITS = ("train", "valid")
@@ -33,6 +34,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     parts = [
         vocab,
         json.dumps(tokenizer.chat_template, sort_keys=True),
+        # The report's warning about ChatML given for want of the model's own template names its folder.
+        str(given_chatml(tokenizer) and tokenizer.name_or_path),
         *(str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token")),
     ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config import DataConfig
 from ..errors import DataError
 from ..fsio import write_json
+from ..models.loading import chatml_fallback_warning
 from ..models.system_prompt import recorded_system_prompt
 from ..progress import progress_bar
 from ..tasks.general import BUNDLED_REPLAY, bundled_file
@@ -540,8 +541,7 @@ class _Preparation:
         warn(
             "chat_template_missing",
             int(self.renderer.uses_fallback_template),
-            "the tokenizer has no chat template, so ChatML is used; the model will need the same template at "
-            "inference (tuneforge saves it with the model).",
+            chatml_fallback_warning(self.renderer.tokenizer),
         )
         warn(
             "no_system_message",

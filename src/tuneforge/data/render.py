@@ -44,7 +44,7 @@ from itertools import accumulate, chain
 from jinja2.exceptions import TemplateError
 
 from ..errors import DataError
-from ..models.loading import CHATML_TEMPLATE, chat_template
+from ..models.loading import CHATML_TEMPLATE, chat_template, given_chatml
 from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem, Record
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
@@ -123,7 +123,7 @@ class ChatRenderer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         template = self.source_template = chat_template(tokenizer)
-        self.uses_fallback_template = template is None
+        self.uses_fallback_template = template is None or given_chatml(tokenizer)
         if template is None:
             end_of_turn = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
             template = CHATML_TEMPLATE.replace("<|im_end|>", end_of_turn)

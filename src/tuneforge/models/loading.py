@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The tokenizers `load_tokenizer` gave CHATML_TEMPLATE, their model having no template of its own.
+_GIVEN_CHATML: weakref.WeakSet = weakref.WeakSet()
 
 
 def _as_source(spec: str | ModelSource) -> ModelSource:
@@ -41,12 +44,9 @@ def load_tokenizer(spec: str | ModelSource):
     source = _as_source(spec)
     tokenizer = _raw_tokenizer(source)
     if not tokenizer.chat_template:
-        warnings.warn(
-            f"{source.name} has no chat template; using ChatML (<|im_start|>role ... <|im_end|>). "
-            "Set the tokenizer's chat_template if the model was trained on another format.",
-            stacklevel=2,
-        )
+        warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
         tokenizer.chat_template = CHATML_TEMPLATE
+        _GIVEN_CHATML.add(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or end_of_turn_token(tokenizer)
     if tokenizer.pad_token is None:
@@ -228,6 +228,22 @@ def count_parameters(config) -> int:
         ) from err
     # parameters() yields a tied embedding once, which is how the model stores it.
     return sum(p.numel() for p in model.parameters())
+
+
+def given_chatml(tokenizer) -> bool:
+    """Whether the tokenizer's chat template is the ChatML `load_tokenizer` gave it for want of the model's own."""
+    return tokenizer in _GIVEN_CHATML and chat_template(tokenizer) == CHATML_TEMPLATE
+
+
+def chatml_fallback_warning(tokenizer) -> str:
+    """What a model without a chat template means for a run, and how to give it its own."""
+    folder = tokenizer.name_or_path
+    return (
+        f"{folder or 'the tokenizer'} has no chat template; using ChatML (<|im_start|>role ... <|im_end|>), "
+        "which the model learns and then needs at inference (tuneforge saves it with the model). If the model "
+        "was trained on another format, put that template in "
+        f"{f'{folder}/chat_template.jinja' if folder else 'chat_template.jinja in the model folder'}."
+    )
 
 
 def chat_template(tokenizer) -> str | None:
