@@ -275,7 +275,7 @@ def test_the_cache_is_reused_and_says_so(tmp_path, tokenizer, isolated_home):
     first = prepare(cfg, tokenizer, log=said.append)
     assert first.report["cache"]["reused"] is False
     second = prepare(cfg, tokenizer, log=said.append, report_path=tmp_path / "report.json")
-    assert second.report["cache"]["reused"] is True and "reusing" in said[-1]
+    assert second.report["cache"]["reused"] is True and any(line.startswith("data: reusing") for line in said)
     assert [e.input_ids for e in second.train] == [e.input_ids for e in first.train]
     assert [e.labels for e in second.valid] == [e.labels for e in first.valid]
     assert json.loads((tmp_path / "report.json").read_text())["cache"]["reused"] is True
@@ -286,6 +286,18 @@ def test_the_cache_is_reused_and_says_so(tmp_path, tokenizer, isolated_home):
     path.write_text(path.read_text() + json.dumps(GOOD_ROW) + "\n")
     changed = prepare(cfg, tokenizer, log=said.append)
     assert changed.report["cache"]["reused"] is False
+
+
+def test_data_reused_from_the_cache_is_logged_with_its_warnings_as_when_it_was_prepared(
+    tmp_path, tokenizer, isolated_home
+):
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", rows(3))), validation=None)
+    first, again = [], []
+    prepare(cfg, tokenizer, log=first.append)
+    assert prepare(cfg, tokenizer, log=again.append).report["cache"]["reused"] is True
+    said = [line for line in first if line.startswith("data: 3 training") or line.startswith("data: warning:")]
+    assert any("only 3 training examples" in line for line in said)
+    assert [line for line in again if line in said] == said
 
 
 def test_a_cache_entry_damaged_after_it_was_written_is_prepared_again(tmp_path, tokenizer, isolated_home):

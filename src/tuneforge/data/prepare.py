@@ -88,6 +88,7 @@ def prepare(
     if cached is not None:
         cached.report["cache"] = {"key": key, "reused": True, "path": str(cache.cache_dir() / key)}
         log(f"data: reusing the tokenized data set cached in {cache.cache_dir() / key}")
+        _log_report(cached.report, log)
         _write_report(report_path, cached.report)
         return cached
     data, errors = check_data(cfg, tokenizer, progress=progress)
@@ -95,10 +96,7 @@ def prepare(
         _write_report(report_path, data.report)
         raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
     _mix_general(data, cfg, tokenizer, replay)
-    counts = data.report["counts"]
-    log(f"data: {counts['train']} training and {counts['validation']} validation examples from {counts['read']} rows")
-    for warning in data.report["warnings"]:
-        log(f"data: warning: {warning['message']}")
+    _log_report(data.report, log)
     if key:
         try:
             data.report["cache"] = {"key": key, "reused": False, "path": str(cache.save(key, data))}
@@ -107,6 +105,15 @@ def prepare(
             log(f"data: warning: could not cache the tokenized data set in {cache.cache_dir()}: {e}")
     _write_report(report_path, data.report)
     return data
+
+
+def _log_report(report: dict, log: Callable[[str], object]) -> None:
+    """What a run's log says of its data, prepared now or reused from the cache: its examples and every
+    warning of its report."""
+    counts = report["counts"]
+    log(f"data: {counts['train']} training and {counts['validation']} validation examples from {counts['read']} rows")
+    for warning in report["warnings"]:
+        log(f"data: warning: {warning['message']}")
 
 
 def replay_file(cfg: DataConfig) -> Path | None:
