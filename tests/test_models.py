@@ -565,6 +565,33 @@ def test_tokenizer_without_chat_template_gets_chatml(tiny_model_dir, tmp_path):
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_chatml_for_a_tokenizer_without_im_end_ends_turns_with_eos(tiny_model_dir, tmp_path):
+    """Text that only reads <|im_end|> is several tokens that generation never stops at."""
+    from tiny import _CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tuneforge.data import render_conversation
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    bpe.train_from_iterator(_CORPUS, trainer=trainer)
+    folder = tmp_path / "no-im-end"
+    shutil.copytree(tiny_model_dir, folder)
+    for stale in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
+        (folder / stale).unlink()
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(folder)
+    with pytest.warns(UserWarning, match=r"no chat template; using ChatML \(<\|im_start\|>role ... <\|endoftext\|>\)"):
+        tokenizer = load_tokenizer(str(folder))
+    example = render_conversation(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenizer
+    )
+    trained = [t for t, label in zip(example.input_ids[1:], example.labels) if label != -100]
+    assert tokenizer.decode(trained) == "Hello<|endoftext|>" and trained[-1] == tokenizer.eos_token_id
+
+
 def test_a_tokenizer_without_eos_or_pad_pads_with_its_end_of_turn_token(tiny_model_dir, tmp_path):
     from tiny import tiny_tokenizer
 

@@ -13,10 +13,11 @@ every row checked), `render` (records -> token ids + loss masks via the chat tem
 (prepared data on disk), `pack` (packing and batching), `check` (the `tuneforge data check` command).
 """
 
+from ..models.loading import CHATML_TEMPLATE
 from .formats import FORMATS, read_conversations
 from .pack import PackedRow, collate, join, pack
 from .prepare import check_data, prepare
-from .render import CHATML_TEMPLATE, render_conversation, render_examples, render_preference
+from .render import render_conversation, render_examples, render_preference
 from .schema import (
     IGNORE_INDEX,
     Conversation,

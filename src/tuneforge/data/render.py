@@ -44,7 +44,7 @@ from itertools import accumulate, chain
 from jinja2.exceptions import TemplateError
 
 from ..errors import DataError
-from ..models.loading import CHATML_TEMPLATE, chat_template, given_chatml
+from ..models.loading import chat_template, fallback_template, given_chatml
 from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem, Record
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
@@ -124,10 +124,7 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         template = self.source_template = chat_template(tokenizer)
         self.uses_fallback_template = template is None or given_chatml(tokenizer)
-        if template is None:
-            end_of_turn = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
-            template = CHATML_TEMPLATE.replace("<|im_end|>", end_of_turn)
-        self.template = template
+        template = self.template = template or fallback_template(tokenizer)
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         added = tokenizer.added_tokens_decoder
         # Tokens the tokenizer cuts text at, matched as plain text (no whitespace stripping around them).

@@ -25,7 +25,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# The tokenizers `load_tokenizer` gave CHATML_TEMPLATE, their model having no template of its own.
+# The tokenizers `load_tokenizer` gave `fallback_template`, their model having no template of its own.
 _GIVEN_CHATML: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -45,7 +45,7 @@ def load_tokenizer(spec: str | ModelSource):
     tokenizer = _raw_tokenizer(source)
     if not tokenizer.chat_template:
         warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
-        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.chat_template = fallback_template(tokenizer)
         _GIVEN_CHATML.add(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or end_of_turn_token(tokenizer)
@@ -230,16 +230,30 @@ def count_parameters(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _chatml_end_of_turn(tokenizer) -> str:
+    """The token that ends a ChatML turn for this tokenizer: <|im_end|> where its vocabulary has it, else
+    end-of-sequence, which generation stops at (text that only reads <|im_end|> is tokens it never stops at)."""
+    if "<|im_end|>" in tokenizer.get_vocab() or not tokenizer.eos_token:
+        return "<|im_end|>"
+    return tokenizer.eos_token
+
+
+def fallback_template(tokenizer) -> str:
+    """ChatML, its turns ended by the tokenizer's own end-of-turn token: the template of a model without one."""
+    return CHATML_TEMPLATE.replace("<|im_end|>", _chatml_end_of_turn(tokenizer))
+
+
 def given_chatml(tokenizer) -> bool:
     """Whether the tokenizer's chat template is the ChatML `load_tokenizer` gave it for want of the model's own."""
-    return tokenizer in _GIVEN_CHATML and chat_template(tokenizer) == CHATML_TEMPLATE
+    return tokenizer in _GIVEN_CHATML and chat_template(tokenizer) == fallback_template(tokenizer)
 
 
 def chatml_fallback_warning(tokenizer) -> str:
     """What a model without a chat template means for a run, and how to give it its own."""
     folder = tokenizer.name_or_path
     return (
-        f"{folder or 'the tokenizer'} has no chat template; using ChatML (<|im_start|>role ... <|im_end|>), "
+        f"{folder or 'the tokenizer'} has no chat template; using ChatML "
+        f"(<|im_start|>role ... {_chatml_end_of_turn(tokenizer)}), "
         "which the model learns and then needs at inference (tuneforge saves it with the model). If the model "
         "was trained on another format, put that template in "
         f"{f'{folder}/chat_template.jinja' if folder else 'chat_template.jinja in the model folder'}."
