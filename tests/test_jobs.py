@@ -953,3 +953,41 @@ def test_a_store_is_shown_as_its_file_path_or_its_url_without_the_password(tmp_p
     path = tmp_path / "jobs é 中文.db"
     assert shown_url(Store(database_url(str(path))).url) == str(path)
     assert shown_url("postgresql://me:secret@db.example/jobs") == "postgresql://me:***@db.example/jobs"
+
+
+def test_a_job_held_while_its_files_are_validated_stays_held_when_another_host_looks(tmp_path, monkeypatch):
+    # Validating a job's files (a base model fetched first, a large file) may take longer than a
+    # holder on another host is given; the holder's process beats the heartbeat of every job it holds.
+    from tuneforge.jobs import worker
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Job, Store, new_id, now
+
+    monkeypatch.setattr(worker, "HEARTBEAT_EVERY_S", 0.1)
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    here = worker.Workers(store, FileStorage(tmp_path), tmp_path, 1)
+    job = Job(
+        id=new_id("ftjob-"),
+        owner="alice",
+        model="tiny",
+        training_file="file-1",
+        seed=1,
+        method={"type": "supervised"},
+        created_at=now(),
+        result_files=[],
+        status="validating_files",
+        worker_id=f"{worker.process_worker_id()}/0",  # what this server's validating thread holds it as
+        heartbeat_at=time.time() - worker.STALE_AFTER_S - 1,
+        fine_tuned_model="ft:tiny:alice:validating",
+    )
+    store.add(job)
+    here.start()
+    try:
+        deadline = time.monotonic() + 10
+        while store.get_job(job.id).heartbeat_at < time.time() - worker.STALE_AFTER_S:
+            assert time.monotonic() < deadline, "the holder's heartbeat was not beaten"
+            time.sleep(0.05)
+        monkeypatch.setattr(worker, "HOST", "another-host")  # a server elsewhere, sharing the store
+        worker.Workers(store, FileStorage(tmp_path), tmp_path, 0)._recover_orphans()
+        assert store.get_job(job.id).worker_id == job.worker_id
+    finally:
+        here.stop()

@@ -262,6 +262,12 @@ class Store(Tables):
             job.worker_id = worker_id
             return job
 
+    def beat(self, process_id: str) -> None:
+        """Mark every job held by a worker of the process `process_id` (worker ids `process_id/thread`) alive now."""
+        query = update(Job).where(Job.worker_id.startswith(f"{process_id}/", autoescape=True))
+        with self.session() as session:
+            session.execute(query.values(heartbeat_at=time.time()))
+
     def held_jobs(self) -> list[Job]:
         with self.session() as session:
             return list(session.scalars(select(Job).where(Job.worker_id.is_not(None))))

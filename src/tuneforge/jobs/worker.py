@@ -4,14 +4,16 @@ A validating thread checks a job's files in-process (the data pipeline with the 
 tokenizer), beside the training threads, so a new job's files are checked while others train. A
 training thread trains a job in a child process (`runner.py`), so pausing or cancelling is a
 signal to that child and a crash of the child never takes the server down. While the child runs,
-the worker turns its `metrics.jsonl` and checkpoint folders into events and checkpoint rows, and
-beats a heartbeat. A job that fails in a way nobody foresaw fails alone, with an error id for the
-operator's log; it is not retried.
+the worker turns its `metrics.jsonl` and checkpoint folders into events and checkpoint rows. A job
+that fails in a way nobody foresaw fails alone, with an error id for the operator's log; it is not
+retried.
 
-A job is held by a worker id `host:pid:process start time/thread`. When a server dies, the jobs it
-held are found by the next server to look: on the same host the holder's process is gone; on
-another host its heartbeat is older than `STALE_AFTER_S`. Such a job is queued again and resumes
-from its last checkpoint.
+A job is held by a worker id `host:pid:process start time/thread`. While the process lives, a thread
+of it beats the heartbeat of every job it holds, whatever it is doing with them (validating files
+for minutes, waiting for a stopped run to checkpoint). When a server dies, the jobs it held are
+found by the next server to look: on the same host the holder's process is gone; on another host
+its heartbeat is older than `STALE_AFTER_S`. Such a job is queued again and resumes from its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .store import STATUSES, Job, JobCheckpoint, Store, event, new_id, now
 log = logging.getLogger("tuneforge.jobs")
 
 STALE_AFTER_S = 60.0  # a holder on another host that has not beaten its heartbeat this long is gone
+HEARTBEAT_EVERY_S = 10.0
 RECOVER_EVERY_S = 5.0
 KILL_AFTER_S = 120.0  # a child still running this long after SIGTERM is killed
 MAX_RECOVERIES = 3  # a job whose server died under it this often fails instead of starting again
@@ -83,7 +86,7 @@ class Workers:
         self._stopping = threading.Event()
         self._last_recovery = 0.0
         self._recovery_lock = threading.Lock()
-        prefix = process_worker_id()
+        self._prefix = prefix = process_worker_id()
         roles = [("validating_files", self._validate)] * min(count, 1) + [("queued", self._train)] * count
         self._threads = [
             threading.Thread(
@@ -91,6 +94,8 @@ class Workers:
             )
             for i, (status, handle) in enumerate(roles)
         ]
+        if count:
+            self._threads.append(threading.Thread(target=self._beat, name="tuneforge-job-heartbeat", daemon=True))
 
     def start(self) -> None:
         runner.start_process_server()
@@ -123,6 +128,14 @@ class Workers:
             except Exception:  # noqa: BLE001 - a worker must outlive a database hiccup; it retries
                 log.exception("job worker %s", worker_id)
                 self._stopping.wait(self.poll_s * 4)
+
+    def _beat(self) -> None:
+        """Beat the heartbeat of the jobs this process holds until the server stops."""
+        while not self._stopping.wait(HEARTBEAT_EVERY_S):
+            try:
+                self.store.beat(self._prefix)
+            except Exception:  # noqa: BLE001 - the next beat retries after a database hiccup
+                log.exception("job heartbeat of %s", self._prefix)
 
     def _recover_orphans(self) -> None:
         with self._recovery_lock:
@@ -318,7 +331,7 @@ class Workers:
             if child.exitcode is not None:
                 return stop_reason
             values = progress.update()
-            self.store.move(job.id, ["running"], held_by=worker_id, heartbeat_at=time.time(), **values)
+            self.store.move(job.id, ["running"], held_by=worker_id, **values)
             if stop_reason is None:
                 current = self.store.get_job(job.id)
                 stop_reason = (
