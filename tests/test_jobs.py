@@ -991,3 +991,30 @@ def test_a_job_held_while_its_files_are_validated_stays_held_when_another_host_l
         assert store.get_job(job.id).worker_id == job.worker_id
     finally:
         here.stop()
+
+
+def test_a_job_whose_server_dies_once_too_often_fails_counting_every_death(tmp_path):
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Job, Store, new_id, now
+    from tuneforge.jobs.worker import HOST, MAX_RECOVERIES, Workers
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job = Job(
+        id=new_id("ftjob-"),
+        owner="alice",
+        model="tiny",
+        training_file="file-1",
+        seed=1,
+        method={"type": "supervised"},
+        created_at=now(),
+        result_files=[],
+        status="running",
+        worker_id=f"{HOST}:999999999:1.00/1",  # a process of this host that is gone
+        recoveries=MAX_RECOVERIES,  # queued again after each of the deaths before this one
+        fine_tuned_model="ft:tiny:alice:orphan",
+    )
+    store.add(job)
+    Workers(store, FileStorage(tmp_path), tmp_path, 0)._recover_orphans()
+    failed = store.get_job(job.id)
+    assert failed.status == "failed" and failed.error["code"] == "server_stopped"
+    assert f"stopped {MAX_RECOVERIES + 1} times" in failed.error["message"], failed.error

@@ -49,7 +49,7 @@ STALE_AFTER_S = 60.0  # a holder on another host that has not beaten its heartbe
 HEARTBEAT_EVERY_S = 10.0
 RECOVER_EVERY_S = 5.0
 KILL_AFTER_S = 120.0  # a child still running this long after SIGTERM is killed
-MAX_RECOVERIES = 3  # a job whose server died under it this often fails instead of starting again
+MAX_RECOVERIES = 3  # a job queued again this often after its server died fails when one dies again
 LOG_TAIL_LINES = 20  # of a crashed training process's log, copied into the server's log
 HOST = socket.gethostname()
 
@@ -154,7 +154,7 @@ class Workers:
                     job.worker_id,
                     JobFailure(
                         "server_stopped",
-                        f"The server running this job stopped {job.recoveries} times while it trained; "
+                        f"The server running this job stopped {job.recoveries + 1} times while it trained; "
                         "giving up. Its last checkpoint is kept; start a new job to try again.",
                     ),
                 )
