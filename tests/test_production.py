@@ -269,6 +269,42 @@ def test_stored_completions_are_listed_retrieved_and_deleted_with_the_sdk(served
     assert [c.id for c in client.chat.completions.list(metadata={"test": "sdk"})] == every[1:]
 
 
+def test_stored_messages_are_listed_as_sent_and_train_as_the_chat_template_saw_them(served, tmp_path):
+    client = sdk(served.url)
+    sent = [
+        {"role": "developer", "content": "You answer support tickets."},
+        {"role": "user", "content": [{"type": "text", "text": "Where is "}, {"type": "text", "text": "4417?"}]},
+        {"role": "assistant", "content": "Which parcel?", "name": "agent"},
+        {"role": "user", "content": "That one.", "name": "ana"},
+    ]
+    reply = client.chat.completions.create(
+        model=BASE, messages=sent, max_tokens=6, temperature=0, store=True, metadata={"test": "as-sent"}
+    )
+    listed = [
+        m.model_dump(include={"role", "content", "content_parts", "name"}, exclude_none=True)
+        for m in client.chat.completions.messages.list(reply.id)
+    ]
+    assert listed == [
+        {"role": "developer", "content": "You answer support tickets."},
+        {"role": "user", "content_parts": sent[1]["content"]},
+        {"role": "assistant", "content": "Which parcel?", "name": "agent"},
+        {"role": "user", "content": "That one.", "name": "ana"},
+    ]
+
+    made = from_completions(
+        str(served.path), tmp_path / "rows.jsonl", metadata={"test": "as-sent"}, keep_truncated=True
+    )
+    assert made.written == 1
+    [row] = [json.loads(line) for line in made.out.read_text().splitlines()]
+    assert row["messages"] == [
+        {"role": "system", "content": "You answer support tickets."},
+        {"role": "user", "content": "Where is 4417?"},
+        {"role": "assistant", "content": "Which parcel?"},
+        {"role": "user", "content": "That one."},
+        {"role": "assistant", "content": reply.choices[0].message.content},
+    ]
+
+
 def test_a_key_never_sees_another_keys_stored_completions(served):
     alice, bob = sdk(served.url), sdk(served.url, OTHER_KEY)
     kept = ask(alice, store=True, metadata={"test": "isolation"}).id

@@ -87,6 +87,11 @@ class ChatMessage(RequestBody):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as sent (a request's, or a stored completion's) as the model's chat template sees them."""
+    return [ChatMessage.model_validate(message).as_template_message() for message in messages]
+
+
 class StreamOptions(RequestBody):
     include_usage: bool = False
     # OpenAI pads its chunks with random `obfuscation` text unless this is false; these chunks carry none.
@@ -307,8 +312,9 @@ class Served:
             time_to_first_token_s=round(generation.time_to_first_token, 4),
         )
         if isinstance(body, ChatCompletionBody) and body.store:
+            sent = [message.model_dump(exclude_none=True) for message in body.messages]
             await asyncio.to_thread(
-                self.completions.save, caller(request), body.template_messages(), reply.whole(completion), body.metadata
+                self.completions.save, caller(request), sent, reply.whole(completion), body.metadata
             )
 
 

@@ -1,6 +1,6 @@
 """Stored chat completions: what a request with `store: true` asked and got, kept per API key.
 
-Each row holds the prompt's messages (as the model's chat template saw them), the whole
+Each row holds the prompt's messages as they were sent (role, content, name), the whole
 `chat.completion` answer (reply, model, usage, created time) and the request's `metadata`. The
 database is `tuneforge.database`'s: SQLite by default (`tuneforge serve`: a file under
 $TUNEFORGE_HOME/serve; `tuneforge api`: its job store's database), PostgreSQL by URL. Every query
@@ -40,7 +40,7 @@ class StoredCompletion(Base):
     owner: Mapped[str] = mapped_column(String(64), index=True)
     model: Mapped[str] = mapped_column(String(1300), index=True)
     created: Mapped[int] = mapped_column(BigInteger, index=True)
-    messages: Mapped[list]  # the prompt: [{"role", "content"}, ...]
+    messages: Mapped[list]  # the prompt as sent: [{"role", "content", "name"?}, ...], content a string or text parts
     response: Mapped[dict]  # the `chat.completion` object as it was answered
     metadata_: Mapped[dict | None] = mapped_column("metadata", JSON)
 
@@ -52,8 +52,15 @@ class StoredCompletion(Base):
         return {**self.response, "metadata": self.metadata_ or {}}
 
     def messages_to_api(self) -> list[dict]:
+        """The prompt's messages as OpenAI lists them: content sent as parts comes back as `content_parts`."""
         return [
-            {"id": f"{self.id}-{i}", "role": message["role"], "content": message["content"], "content_parts": None}
+            {
+                "id": f"{self.id}-{i}",
+                "role": message["role"],
+                "content": message["content"] if isinstance(message["content"], str) else None,
+                "content_parts": None if isinstance(message["content"], str) else message["content"],
+                "name": message.get("name"),
+            }
             for i, message in enumerate(self.messages)
         ]
 

@@ -24,6 +24,7 @@ from ..data.formats import check_row
 from ..errors import ConfigError, DataError
 from ..fsio import atomic_file
 from ..web import owner_of
+from .app import template_messages
 from .command import parse_pairs
 from .completion_store import CompletionStore, StoredCompletion, default_store
 
@@ -37,7 +38,8 @@ class TrainingRows:
 
 
 def training_row(completion: StoredCompletion) -> dict:
-    return {"messages": [*completion.messages, completion.reply["message"]]}
+    # The prompt trains as the chat template saw it when it was answered: a developer message as the system one.
+    return {"messages": [*template_messages(completion.messages), completion.reply["message"]]}
 
 
 def from_completions(
