@@ -338,6 +338,17 @@ def test_end_user_ids_are_accepted(client):
     assert reply.usage.completion_tokens == 2
 
 
+@pytest.mark.parametrize("prompt", [["Hi", "Hello"], [[1, 2, 3]], [1, 2, 3]])
+def test_a_list_of_prompts_or_token_ids_is_refused_saying_to_send_one_request_a_prompt(client, prompt):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=BASE, prompt=prompt, max_tokens=2)
+    assert caught.value.param == "prompt" and caught.value.code == "unsupported_value"
+    assert "one string prompt per request" in caught.value.message and "one request per prompt" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:  # neither a string nor a list: said as a string is wanted
+        client.completions.create(model=BASE, prompt=5, max_tokens=2)
+    assert caught.value.param == "prompt" and "valid string" in caught.value.message
+
+
 @pytest.mark.parametrize("logprobs", [0, 1])
 def test_completions_asking_for_logprobs_are_refused(client, logprobs):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -195,7 +195,19 @@ class ChatCompletionBody(_GenerationBody):
 
 
 class CompletionBody(_GenerationBody):
-    prompt: str
+    # OpenAI's prompt may also be a list of prompts or of token ids; `check_supported` says what is served.
+    prompt: str | list
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if not isinstance(self.prompt, str):
+            raise APIError(
+                400,
+                f"prompt is a list ({len(self.prompt)} items): this server completes one string prompt per "
+                "request, not a list of prompts or of token ids. Send one request per prompt, its text as a string.",
+                param="prompt",
+                code="unsupported_value",
+            )
 
 
 # ---- response bodies -------------------------------------------------------------------------------
