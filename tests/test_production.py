@@ -502,3 +502,53 @@ def test_the_jobs_service_stores_completions_per_key_and_reports_metrics(base_di
     # The api keeps them in its --db: from-completions reads them there.
     made = from_completions(f"sqlite:///{db}", tmp_path / "api.jsonl", metadata={"via": "api"}, keep_truncated=True)
     assert made.written == 2
+
+
+# ---- methods a path does not take ------------------------------------------------------------------
+
+SERVE_PATHS = {
+    "/v1/models": ["GET"],
+    f"/v1/models/{BASE}": ["GET"],
+    "/v1/chat/completions": ["GET", "POST"],
+    "/v1/chat/completions/chatcmpl-x": ["DELETE", "GET"],
+    "/v1/chat/completions/chatcmpl-x/messages": ["GET"],
+    "/v1/completions": ["POST"],
+    "/health": ["GET"],
+    "/metrics": ["GET"],
+}
+API_PATHS = {
+    **SERVE_PATHS,
+    f"/v1/models/{BASE}": ["DELETE", "GET"],
+    "/v1/files": ["GET", "POST"],
+    "/v1/files/file-x": ["DELETE", "GET"],
+    "/v1/files/file-x/content": ["GET"],
+    "/v1/fine_tuning/jobs": ["GET", "POST"],
+    "/v1/fine_tuning/jobs/ftjob-x": ["GET"],
+    "/v1/fine_tuning/jobs/ftjob-x/cancel": ["POST"],
+    "/v1/fine_tuning/jobs/ftjob-x/events": ["GET"],
+    "/ui/runs/x": ["GET"],
+    "/ui/api/check": ["GET", "POST"],  # GET: the page for every other path under /ui
+    "/ui/static/x.css": ["GET", "HEAD"],
+}
+
+
+def assert_other_methods_are_openai_405s_naming_what_is_taken(http: TestClient, paths: dict[str, list[str]]) -> None:
+    for path, taken in paths.items():
+        for method in {"GET", "POST", "PUT", "PATCH", "DELETE"} - set(taken):
+            response = http.request(method, path)
+            error = response.json()["error"]
+            assert (response.status_code, error["code"]) == (405, "method_not_allowed"), (method, path)
+            assert set(error) == {"message", "type", "param", "code"}
+            assert (
+                error["message"]
+                == f"Invalid method for URL ({method} {path}): this server takes {', '.join(taken)} there."
+            )
+            assert response.headers["Allow"] == ", ".join(taken)
+
+
+def test_a_method_a_path_does_not_take_is_an_openai_405_naming_the_methods_it_does(engine, base_dir, tmp_path):
+    store = CompletionStore.open(str(tmp_path / "completions.db"))
+    with TestClient(create_app(engine, completions=store)) as http:
+        assert_other_methods_are_openai_405s_naming_what_is_taken(http, SERVE_PATHS)
+    api = create_api(tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}"), workers=0)
+    assert_other_methods_are_openai_405s_naming_what_is_taken(TestClient(api), API_PATHS)

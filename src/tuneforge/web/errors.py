@@ -11,12 +11,15 @@ import logging
 import re
 import secrets
 import sys
+from http import HTTPMethod
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.routing import BaseRoute, Match, Mount
+from starlette.staticfiles import StaticFiles
 
 from ..database import UnknownCursor
 from ..errors import complaint, key_path
@@ -112,6 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return unreadable.response()
         if isinstance(err.__context__, MultiPartException):  # Starlette's "Invalid multipart data." says no more
             return unreadable_form(err.__context__).response()
+        if err.status_code == 405:
+            return method_not_allowed(request).response()
         return APIError(err.status_code, str(err.detail), headers=err.headers).response()
 
     app.add_middleware(AnswerUnexpected)
@@ -142,6 +147,33 @@ class AnswerUnexpected:
             if started:
                 raise
             await server_error(err).response()(scope, receive, send)
+
+
+def method_not_allowed(request: Request) -> APIError:
+    """The 405 naming the methods the request's path takes, found by asking the app's routes about each.
+    (Starlette's says "Method Not Allowed", and its Allow header names the first route's methods only,
+    where several routes share a path.)"""
+    # The path as the app's routes first saw it: a mount the request went into has moved its root_path.
+    root_path = request.scope.get("app_root_path", request.scope.get("root_path", ""))
+    asked = {"type": "http", "path": request.scope["path"], "root_path": root_path}
+    allowed = [
+        method.value
+        for method in HTTPMethod
+        if any(_takes(route, {**asked, "method": method.value}) for route in request.app.router.routes)
+    ]
+    return APIError(
+        405,
+        f"Invalid method for URL ({request.method} {request.url.path}): this server takes {', '.join(allowed)} there.",
+        code="method_not_allowed",
+        headers={"Allow": ", ".join(allowed)},
+    )
+
+
+def _takes(route: BaseRoute, scope: dict) -> bool:
+    if route.matches(scope)[0] is not Match.FULL:
+        return False
+    # A mount matches every method and leaves the choice to its app; static files are only read.
+    return not isinstance(route, Mount) or not isinstance(route.app, StaticFiles) or scope["method"] in ("GET", "HEAD")
 
 
 def unreadable_body(cause: BaseException | None) -> APIError | None:
