@@ -256,6 +256,24 @@ def test_a_conversion_the_converter_fails_is_exit_1_with_its_reason_and_no_trace
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".gguf-source-*"))
 
 
+def test_a_family_the_converter_mishandles_fails_naming_its_error_the_tested_families_and_merged(
+    tmp_path, tokenizer, monkeypatch, capsys
+):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # llama.cpp's converter fails on this GPT-2 folder with KeyError: 'n_ctx'.
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+
+    assert _cli(monkeypatch, tmp_path / "gpt2", "--format", "gguf", "--out", tmp_path / "out") == 1
+    message = capsys.readouterr().err
+    assert "KeyError: 'n_ctx'" in message and "This model is gpt2, not a family GGUF export is tested on" in message
+    assert "Qwen 3" in message and "--format merged" in message
+    assert "Traceback" not in message and not (tmp_path / "out").exists()
+
+
 def test_a_merge_that_changes_the_logits_fails_with_exit_1(adapter_dir, tmp_path, monkeypatch, capsys):
     from peft.tuners.lora import LoraModel
 

@@ -34,7 +34,7 @@ from ..errors import TuneforgeError
 from ..fsio import atomic_dir, tuneforge_home
 from ..models import ModelSource
 from ..models.convert import pip_download, sha256_file, transformers_gguf_architectures
-from ..models.families import family_of, gguf_architecture
+from ..models.families import Family, covered_titles, family_of, gguf_architecture
 from ..models.loading import LOAD_ERRORS
 from ..models.saving import SENTENCEPIECE_MODEL
 from .probe import ExportFailed
@@ -83,9 +83,18 @@ def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype
     with console.status(f"Writing {out.name} with llama.cpp's converter"):
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
+        model_type, family = _family(model_dir, tokenizer)
+        # The converter's own errors on a family the matrix does not cover are its gaps, not the user's to fix.
+        untested = (
+            ""
+            if family
+            else f" This model is {model_type}, not a family GGUF export is tested on ({covered_titles()}); "
+            "llama.cpp's converter does not handle every model of the others."
+        )
         raise ExportFailed(
-            f"llama.cpp's converter could not write the GGUF (exit code {done.returncode}): {_why(done.stderr)}. "
-            "Nothing was written. Export it --format merged and convert that folder with llama.cpp's own "
+            f"llama.cpp's converter could not write the GGUF (exit code {done.returncode}): {_why(done.stderr)}."
+            f"{untested} Nothing was written. Export it --format merged (a Hugging Face folder that transformers and "
+            "`tuneforge serve` load) and, for a GGUF, convert that folder with llama.cpp's own "
             "convert_hf_to_gguf.py, or report this with the run's config.yaml.",
             code="gguf_conversion_failed",
         )
@@ -94,9 +103,14 @@ def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype
 def model_name(name: str, model_dir: Path, tokenizer) -> str:
     """The GGUF's `general.name`: the source's name, followed by its family's. llama.cpp gives some
     families' special tokens their behaviour by that name (Phi-3's swallow the whitespace after them)."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    family = family_of(config.get("model_type", ""), tokenizer.chat_template)
+    family = _family(model_dir, tokenizer)[1]
     return f"{name} ({family.name})" if family and family.name not in name.lower() else name
+
+
+def _family(model_dir: Path, tokenizer) -> tuple[str, Family | None]:
+    """The model_type of the folder's config.json, and its family (None for one not covered)."""
+    model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    return model_type, family_of(model_type, tokenizer.chat_template)
 
 
 def _list_added_tokens(model_dir: Path, tokenizer) -> None:

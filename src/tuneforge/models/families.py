@@ -53,14 +53,18 @@ def gguf_architecture(model_type: str) -> str:
     return _GGUF_ARCHITECTURES.get(model_type, model_type)
 
 
+def covered_titles() -> str:
+    """The families the matrix covers, for messages: "SmolLM2 (Llama, ChatML), Llama 3, ..."."""
+    return ", ".join(f.title for f in FAMILIES)
+
+
 def warn_if_untested(name: str, model_type: str, chat_template: str | None) -> None:
     """Warn, once per model, when its architecture and chat template are no family the matrix covers."""
     if family_of(model_type, chat_template) is not None or name in _warned:
         return
     _warned.add(name)
-    covered = ", ".join(f.title for f in FAMILIES)
     warnings.warn(
-        f"{name} ({model_type}) is not a model family tuneforge is tested on ({covered}): its loss masks, "
+        f"{name} ({model_type}) is not a model family tuneforge is tested on ({covered_titles()}): its loss masks, "
         "exports and serving were not checked for it. Look at `tuneforge data check --show` before training, "
         "and rely on the figures each export checks.",
         stacklevel=3,
