@@ -1018,3 +1018,43 @@ def test_a_job_whose_server_dies_once_too_often_fails_counting_every_death(tmp_p
     failed = store.get_job(job.id)
     assert failed.status == "failed" and failed.error["code"] == "server_stopped"
     assert f"stopped {MAX_RECOVERIES + 1} times" in failed.error["message"], failed.error
+
+
+def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_checkpoint(tmp_path):
+    # The dead server reported step 10, but its last checkpoint is step 9: the job goes on from step 9.
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Job, Store, new_id, now
+    from tuneforge.jobs.worker import HOST, Workers
+    from tuneforge.training.checkpoint import STATE
+    from tuneforge.web import owner_of
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job = Job(
+        id=new_id("ftjob-"),
+        owner=owner_of(KEY),
+        model="tiny",
+        training_file="file-1",
+        seed=1,
+        method={"type": "supervised", "supervised": {"hyperparameters": {}}},
+        created_at=now(),
+        result_files=[],
+        status="running",
+        stop_request="pause",
+        step=10,
+        worker_id=f"{HOST}:999999999:1.00/1",  # a process of this host that is gone
+        fine_tuned_model="ft:tiny:alice:orphan",
+    )
+    store.add(job)
+    saved = tmp_path / "runs" / job.id / "checkpoints" / "step-9"
+    saved.mkdir(parents=True)
+    (saved / STATE).write_text("{}")
+    Workers(store, FileStorage(tmp_path), tmp_path, 0)._recover_orphans()
+    assert store.get_job(job.id).status == "paused"
+    with TestClient(create_api(tmp_path, store, api_keys=[KEY], workers=0)) as client:
+        answer = client.post(f"/v1/fine_tuning/jobs/{job.id}/resume", headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200, answer.text
+    messages = [e.message for e in store.list_events(job.id, after=None, limit=100)]
+    assert "Job resumed: queued to continue from step 9." in messages, messages

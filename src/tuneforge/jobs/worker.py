@@ -164,7 +164,7 @@ class Workers:
     def _requeue_orphan(self, job: Job) -> None:
         last = checkpoint.latest(self.runs / job.id / "checkpoints")
         # The checkpoint may be newer than the last step the dead server reported.
-        step = max(job.step, int(last.name.removeprefix("step-")) if last else 0)
+        step = max(job.step, checkpoint.step_number(last) if last else 0)
         back_to = "paused" if job.stop_request == "pause" else "queued"
         self.store.move(
             job.id,

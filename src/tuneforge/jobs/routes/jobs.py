@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from ...errors import ConfigError
 from ...graders import runs_python
+from ...training import checkpoint
 from ...web import APIError, caller, list_body, metadata_filter
 from ..access import training_spec
 from ..mapping import CreateJobBody, training_config
@@ -163,7 +164,9 @@ def pause_job(job_id: str, owner: str = Depends(caller), service: Service = Depe
 @router.post("/{job_id}/resume")
 def resume_job(job_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     job = own_job(service, owner, job_id)
-    where = f"to continue from step {job.step}" if job.step else "to start from the beginning"
+    # From its last checkpoint, which may lie before the last step it reported (its server died after it).
+    last = checkpoint.latest(service.runs / job.id / "checkpoints")
+    where = f"to continue from step {checkpoint.step_number(last)}" if last else "to start from the beginning"
     resumed = event(job.id, f"Job resumed: queued {where}.")
     if not service.store.move(job.id, ["paused"], status="queued", stop_request=None, adding=[resumed]):
         raise invalid_state(f"Job {job_id} is {job.status}; only a paused job can be resumed.")
