@@ -125,6 +125,13 @@ def test_show_leaves_out_a_row_training_refuses_as_too_long(tmp_path, capsys, mo
     assert [shown.split("\n", 1)[0] for shown in out.split("--- ")[1:]] == [f"{path}:2"]
 
 
+def test_show_leaves_out_a_row_removed_as_a_duplicate(tmp_path, capsys, models):
+    path = write_jsonl(tmp_path / "dup.jsonl", [chat("Hi", "Hello."), chat("Hi", "Hello."), chat("Bye", "Bye.")])
+    assert check_command([str(path)], show=3) == 0
+    out = capsys.readouterr().out
+    assert [shown.split("\n", 1)[0] for shown in out.split("--- ")[1:]] == [f"{path}:1", f"{path}:3"]
+
+
 def test_show_prints_both_sides_of_a_preference_pair_each_training_its_reply(tmp_path, capsys, models, tokenizer):
     path = write_jsonl(
         tmp_path / "pairs.jsonl",

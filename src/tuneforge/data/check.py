@@ -18,6 +18,7 @@ from rich.text import Text
 
 from ..config import DEFAULT_MODEL, DataConfig
 from ..errors import EXIT_BAD_INPUT, TuneforgeError
+from .dedup import content_hash
 from .formats import read_conversations
 from .prepare import check_data, cut_to_length
 from .render import render_examples, render_preference
@@ -169,11 +170,14 @@ def show_examples(
 
 def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int):
     """(file, line, [(which example, example, the example as training cuts it)]) for each row that renders
-    and that training keeps (a row whose cut leaves nothing to train is refused as too_long)."""
+    and that training keeps: not a duplicate of an earlier row (`check_command` removes exact ones), and
+    not refused as too_long (its cut leaves nothing to train)."""
+    seen: set[int] = set()
     for path in files:
         for line, record in read_conversations(path, format):
-            if isinstance(record, Problem):
+            if isinstance(record, Problem) or (key := content_hash(record)) in seen:
                 continue
+            seen.add(key)
             try:
                 if isinstance(record, Preference):
                     examples = list(zip((" (chosen)", " (rejected)"), render_preference(record, tokenizer)))
