@@ -1,5 +1,4 @@
-"""Which rows go into which optimizer step, micro-batch and rank, and the seed of each micro-batch's
-random draws.
+"""Which rows go into which optimizer step, micro-batch and rank.
 
 The schedule is a pure function of (number of rows, batch size, seed, epoch): an exact resume
 only needs the step number, and every rank computes the same schedule without talking.
@@ -7,9 +6,7 @@ only needs the step number, and every rank computes the same schedule without ta
 
 from __future__ import annotations
 
-import json
 import math
-import zlib
 
 import numpy as np
 
@@ -47,12 +44,3 @@ def step_micro_batches(
     bounds = [math.floor(i * len(rows) / n_chunks) for i in range(n_chunks + 1)]
     chunks = [rows[bounds[i] : bounds[i + 1]].tolist() for i in range(n_chunks)]
     return chunks[rank::world_size]
-
-
-def micro_batch_seed(seed: int, step: int, chunk: int) -> int:
-    """The seed of the random draws (dropout, NEFTune's noise) of chunk `chunk` of optimizer step `step`
-    (chunk i of `step_micro_batches`, which rank i % world_size runs). Drawn from the run's generator
-    instead, a chunk's draws would depend on the chunks its process ran before it: a 2-process run would
-    not match a 1-process run of grad_accum 2, nor a run resumed on another number of processes the
-    uninterrupted one."""
-    return zlib.crc32(json.dumps([seed, step, chunk]).encode())

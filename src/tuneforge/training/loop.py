@@ -749,8 +749,6 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
     with distributed.phase(phase, world):
         for i, batch in enumerate(micro):
             batch = {k: v.to(world.device) for k, v in batch.items()}
-            # This rank's micro-batch i is the step's chunk i x world size + rank (`batches.step_micro_batches`).
-            torch.manual_seed(batches.micro_batch_seed(cfg.train.seed, step, i * world.size + world.rank))
             with distributed.gradient_sync(objective, last=i == len(micro) - 1):
                 with run.autocast():
                     sums = objective(**batch)
