@@ -103,10 +103,10 @@ def test_check_show_trains_each_reply_and_its_end_of_turn(name, runs, capsys):
     assert family_of(json.loads((run["base"] / "config.json").read_text())["model_type"], tokenizer.chat_template)
     assert check_command([str(run["data"]["train"])], model=str(run["base"]), show=1) == 0
     assert "no errors" in capsys.readouterr().out
-    [(_, _, examples)] = list(_rendered_rows([str(run["data"]["train"])], tokenizer, "auto", "assistant"))[:1]
+    [(_, _, examples)] = list(_rendered_rows([str(run["data"]["train"])], tokenizer, "auto", "assistant", 1024))[:1]
     trained = [
         text.plain[span.start : span.end]
-        for _, example in examples
+        for _, _, example in examples
         for text in [highlight(example, tokenizer)]
         for span in text.spans
         if span.style == TRAINED_STYLE
