@@ -110,6 +110,30 @@ class ApiServer:
                 self.kill()
 
 
+def add_job(store, key: str, **values):
+    """A job row of `key`'s owner, put straight into the store (the server's state at some moment)."""
+    from tuneforge.jobs.store import Job, new_id, now
+    from tuneforge.web import owner_of
+
+    job = Job(
+        **{
+            "id": new_id("ftjob-"),
+            "owner": owner_of(key),
+            "model": "m",
+            "training_file": "file-x",
+            "seed": 1,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {}}},
+            "status": "failed",
+            "created_at": now(),
+            "result_files": [],
+            "fine_tuned_model": f"ft:m:tuneforge::{new_id('', 8)}",
+            **values,
+        }
+    )
+    store.add(job)
+    return job
+
+
 def chat_rows(n: int, start: int = 0) -> str:
     questions = [
         "What is two plus two?",
@@ -900,7 +924,7 @@ def test_a_finished_jobs_events_are_there_as_soon_as_its_status_is(tmp_path):
     from sqlalchemy import event
 
     from tuneforge.jobs.files import FileStorage
-    from tuneforge.jobs.store import Job, JobEvent, Store, StoredFile, new_id, now
+    from tuneforge.jobs.store import Job, JobEvent, Store, StoredFile
     from tuneforge.jobs.worker import JobFailure, RunProgress, Workers
 
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
@@ -920,20 +944,7 @@ def test_a_finished_jobs_events_are_there_as_soon_as_its_status_is(tmp_path):
         "failed": ["The run ran out of memory."],
     }
     for finish in ("succeed", "fail"):
-        job = Job(
-            id=new_id("ftjob-"),
-            owner="alice",
-            model="tiny",
-            training_file="file-1",
-            seed=1,
-            method={"type": "supervised"},
-            created_at=now(),
-            result_files=[],
-            status="running",
-            worker_id="worker-1",
-            fine_tuned_model=f"ft:tiny:alice:{finish}",
-        )
-        store.add(job)
+        job = add_job(store, KEY, status="running", worker_id="worker-1", fine_tuned_model=f"ft:tiny:alice:{finish}")
         if finish == "succeed":
             workers._succeed(job, "worker-1", RunProgress(store, job, tmp_path / "run"))
         else:
@@ -960,26 +971,18 @@ def test_a_job_held_while_its_files_are_validated_stays_held_when_another_host_l
     # holder on another host is given; the holder's process beats the heartbeat of every job it holds.
     from tuneforge.jobs import worker
     from tuneforge.jobs.files import FileStorage
-    from tuneforge.jobs.store import Job, Store, new_id, now
+    from tuneforge.jobs.store import Store
 
     monkeypatch.setattr(worker, "HEARTBEAT_EVERY_S", 0.1)
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
     here = worker.Workers(store, FileStorage(tmp_path), tmp_path, 1)
-    job = Job(
-        id=new_id("ftjob-"),
-        owner="alice",
-        model="tiny",
-        training_file="file-1",
-        seed=1,
-        method={"type": "supervised"},
-        created_at=now(),
-        result_files=[],
+    job = add_job(
+        store,
+        KEY,
         status="validating_files",
         worker_id=f"{worker.process_worker_id()}/0",  # what this server's validating thread holds it as
         heartbeat_at=time.time() - worker.STALE_AFTER_S - 1,
-        fine_tuned_model="ft:tiny:alice:validating",
     )
-    store.add(job)
     here.start()
     try:
         deadline = time.monotonic() + 10
@@ -995,25 +998,17 @@ def test_a_job_held_while_its_files_are_validated_stays_held_when_another_host_l
 
 def test_a_job_whose_server_dies_once_too_often_fails_counting_every_death(tmp_path):
     from tuneforge.jobs.files import FileStorage
-    from tuneforge.jobs.store import Job, Store, new_id, now
+    from tuneforge.jobs.store import Store
     from tuneforge.jobs.worker import HOST, MAX_RECOVERIES, Workers
 
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
-    job = Job(
-        id=new_id("ftjob-"),
-        owner="alice",
-        model="tiny",
-        training_file="file-1",
-        seed=1,
-        method={"type": "supervised"},
-        created_at=now(),
-        result_files=[],
+    job = add_job(
+        store,
+        KEY,
         status="running",
         worker_id=f"{HOST}:999999999:1.00/1",  # a process of this host that is gone
         recoveries=MAX_RECOVERIES,  # queued again after each of the deaths before this one
-        fine_tuned_model="ft:tiny:alice:orphan",
     )
-    store.add(job)
     Workers(store, FileStorage(tmp_path), tmp_path, 0)._recover_orphans()
     failed = store.get_job(job.id)
     assert failed.status == "failed" and failed.error["code"] == "server_stopped"
@@ -1026,28 +1021,19 @@ def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_check
 
     from tuneforge.jobs.api import create_api
     from tuneforge.jobs.files import FileStorage
-    from tuneforge.jobs.store import Job, Store, new_id, now
+    from tuneforge.jobs.store import Store
     from tuneforge.jobs.worker import HOST, Workers
     from tuneforge.training.checkpoint import STATE
-    from tuneforge.web import owner_of
 
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
-    job = Job(
-        id=new_id("ftjob-"),
-        owner=owner_of(KEY),
-        model="tiny",
-        training_file="file-1",
-        seed=1,
-        method={"type": "supervised", "supervised": {"hyperparameters": {}}},
-        created_at=now(),
-        result_files=[],
+    job = add_job(
+        store,
+        KEY,
         status="running",
         stop_request="pause",
         step=10,
         worker_id=f"{HOST}:999999999:1.00/1",  # a process of this host that is gone
-        fine_tuned_model="ft:tiny:alice:orphan",
     )
-    store.add(job)
     saved = tmp_path / "runs" / job.id / "checkpoints" / "step-9"
     saved.mkdir(parents=True)
     (saved / STATE).write_text("{}")

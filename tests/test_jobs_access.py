@@ -8,40 +8,20 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from test_jobs import chat_rows
+from test_jobs import add_job, chat_rows
 from tiny import save_tiny_model
 
 from tuneforge.jobs.access import ModelAccess
 from tuneforge.jobs.api import create_api
 from tuneforge.jobs.files import FileStorage
 from tuneforge.jobs.mapping import CreateJobBody
-from tuneforge.jobs.store import Job, Store, new_id, now
+from tuneforge.jobs.store import Store
 from tuneforge.jobs.worker import Workers
 from tuneforge.web import owner_of
 
 pytest.importorskip("sqlalchemy")
 KEY, OTHER_KEY = "key-alice", "key-bob"
 QUESTION = [{"role": "user", "content": "What is two plus two?"}]
-
-
-def add_job(store: Store, key: str, **values) -> Job:
-    job = Job(
-        **{
-            "id": new_id("ftjob-"),
-            "owner": owner_of(key),
-            "model": "m",
-            "training_file": "file-x",
-            "seed": 1,
-            "method": {"type": "supervised"},
-            "status": "failed",
-            "created_at": now(),
-            "result_files": [],
-            "fine_tuned_model": f"ft:m:tuneforge::{new_id('', 8)}",
-            **values,
-        }
-    )
-    store.add(job)
-    return job
 
 
 def chat(http: TestClient, model: str, key: str = KEY):

@@ -20,7 +20,7 @@ from conftest import SUBPROCESS_ENV, tiny_run_config
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from test_jobs_access import add_job
+from test_jobs import add_job
 from test_serve import PROMPTS, random_adapter, running_server
 from tiny_sharp import save_sharp_tiny_model
 
