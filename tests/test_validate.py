@@ -39,7 +39,7 @@ def test_eval_every_without_validation_examples_is_a_warning(tiny_model_dir, tri
     cfg["data"]["validation"] = 0
     assert validate(cfg) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "warning: train.eval_every is 10, but there are no validation examples" in out
+    assert "warning: train.eval_every: 10, but there are no validation examples" in out
 
 
 def test_eval_every_and_save_every_past_the_last_step_are_warnings_at_their_lines(

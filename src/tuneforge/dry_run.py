@@ -32,7 +32,6 @@ from .training import (
     check_output_dir,
     earlier_run,
     make_plan,
-    never_evaluated,
     plan_warnings,
     shares_prefixes,
     to_rows,
@@ -222,9 +221,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
             f"{cfg.output_dir} holds an earlier run ({held}): train refuses to start there unless given --resume "
             "(continue it) or --overwrite (start over)."
         )
-    if warning := never_evaluated(cfg, len(valid_items)):
-        run_warnings.append(warning)
-    run_warnings += plan_warnings(cfg, plan)
+    run_warnings += plan_warnings(cfg, plan, len(valid_items))
     if needed > free:
         run_warnings.append(
             f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "

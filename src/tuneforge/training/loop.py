@@ -189,26 +189,23 @@ def to_rows(items, cfg: Config, share_prefixes: bool = False):
     return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)]), share_prefixes=share_prefixes)
 
 
-def never_evaluated(cfg: Config, n_valid: int) -> str | None:
-    """The warning for a run that sets train.eval_every but has no validation examples to evaluate on.
-    Only a value other than the default counts as set: a run's saved config.yaml writes every key."""
-    eval_every = cfg.train.eval_every
-    if n_valid or eval_every in (0, TrainConfig.model_fields["eval_every"].default):
-        return None
-    return (
-        f"train.eval_every is {eval_every}, but there are no validation examples (data.validation: "
-        f"{cfg.data.validation}), so the run never evaluates; set data.validation to a fraction or a file, "
-        "or train.eval_every to 0."
-    )
-
-
-def plan_warnings(cfg: Config, plan: StepPlan) -> list[str]:
-    """The warnings for settings the run's plan leaves without effect: train.eval_every or save_every past
-    its last step (it evaluates or saves at its end alone, with no checkpoint to resume from before it; only
-    a value other than the default counts as set, see `never_evaluated`), and a train.batch_size beyond
-    the rows of the data (every step trains on fewer rows than it says)."""
-    warnings = []
-    for key, does in (("eval_every", "evaluates"), ("save_every", "saves a checkpoint")):
+def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
+    """The warnings for settings the run's plan leaves without effect: train.eval_every with no validation
+    examples to evaluate on, train.eval_every or save_every past its last step (it evaluates or saves at its
+    end alone, with no checkpoint to resume from before it), and a train.batch_size beyond the rows of the
+    data (every step trains on fewer rows than it says). Only a value other than the default counts as set:
+    a run's saved config.yaml writes every key."""
+    warnings, eval_every = [], cfg.train.eval_every
+    cadences = [("save_every", "saves a checkpoint")]
+    if n_valid:
+        cadences.append(("eval_every", "evaluates"))
+    elif eval_every not in (0, TrainConfig.model_fields["eval_every"].default):
+        warnings.append(
+            f"{cfg.key_at('train.eval_every')}: {eval_every}, but there are no validation examples "
+            f"(data.validation: {cfg.data.validation}), so the run never evaluates; set data.validation to a "
+            "fraction or a file, or train.eval_every to 0."
+        )
+    for key, does in cadences:
         every = getattr(cfg.train, key)
         if every > plan.total_steps and every != TrainConfig.model_fields[key].default:
             warnings.append(
@@ -637,8 +634,6 @@ def setup(
     # The model is saved with the system prompt its data shares, so it answers bare requests as trained.
     record_system_prompt(tokenizer, prepared.report["system_prompt"]["shared"])
     train_items, valid_items = batch_items(prepared, cfg)
-    if warning := never_evaluated(cfg, len(valid_items)):
-        log(f"warning: {warning}")
 
     # FSDP moves each process's shards to the device itself, never the whole model.
     model = load_for_training(
@@ -660,7 +655,7 @@ def setup(
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
-    for warning in plan_warnings(cfg, plan):
+    for warning in plan_warnings(cfg, plan, len(valid_items)):
         log(f"warning: {warning}")
     if resume_from is not None:
         check_resumable(resume_from, saved, plan)
