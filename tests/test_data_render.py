@@ -112,6 +112,19 @@ def test_special_tokens_inside_content_are_an_error(tokenizer):
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in example.input_ids
 
 
+def test_a_special_token_in_a_trained_reply_is_an_error(tokenizer):
+    # The model would learn to write the control token where the text is meant, and decoding drops it.
+    reply = {"role": "assistant", "content": "Split documents with <|endoftext|> between them."}
+    with pytest.raises(DataError) as err:
+        render_conversation([{"role": "user", "content": "How?"}, reply], tokenizer)
+    assert (err.value.code, err.value.problems[0].field) == ("special_token_in_content", "messages[1].content")
+    assert "'<|endoftext|>'" in str(err.value)
+    # An untrained reply is context, read as at inference.
+    untrained = [{"role": "user", "content": "How?"}, {**reply, "weight": 0}, {"role": "user", "content": "And?"}]
+    example = render_conversation([*untrained, {"role": "assistant", "content": "x"}], tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in example.input_ids
+
+
 def _random_text(rng: random.Random) -> str:
     alphabet = ["the", " fox", "  ", "\n", "\n\n", "é", "日本", "!", "?", " 42", '{"a": 1}', "\t", "ü ", "'s", "x"]
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).strip() or "x"

@@ -137,6 +137,9 @@ class ChatRenderer:
         structural = {t.content for t in added.values() if t.special and t.content in template}
         structural |= {t for t in (tokenizer.bos_token, tokenizer.eos_token) if t}
         self._special_text = _any_of(structural)
+        # Any special token in trained text teaches the model to write it: decoding drops it from the
+        # answer (skip_special_tokens), and it may be a stop token (Llama 3's <|end_of_text|>).
+        self._any_special_text = _any_of({t.content for t in added.values() if t.special})
         self._short_pieces: dict[str, list[int]] = {}
         self._probe_messages = self._accepted_probe()
         self._direct_render = self._direct_renderer() if self._probe_messages else None
@@ -335,6 +338,20 @@ class ChatRenderer:
         contents = [m.content for m in conversation.messages]
         if self._special_text is not None and self._special_text.search("\n".join(contents)):
             return self._special_tokens_in((f"messages[{i}].content", c) for i, c in enumerate(contents))
+        if self._any_special_text is not None:
+            messages = conversation.messages
+            trained = (
+                [i for i, m in enumerate(messages) if not (m.role == "assistant" and m.weight == 0)]
+                if train_on == "all"
+                else span_at
+            )
+            problems = [
+                _special_token_trained(f"messages[{i}].content", found.group())
+                for i in trained
+                if (found := self._any_special_text.search(messages[i].content))
+            ]
+            if problems:
+                return problems
         if train_on != "all" and not span_at:
             return [_no_trained_tokens(conversation.messages, train_on)]
         if span_at and span_at[0] == 0:
@@ -660,6 +677,16 @@ def _system_refused(error: Exception, message_index: int) -> Problem:
         f"the chat template has no system turn and refused this conversation's system message: {error}. "
         "Fold the system prompt into the first user message, or remove it.",
         field=f"messages[{message_index}]",
+    )
+
+
+def _special_token_trained(field: str, token: str) -> Problem:
+    return Problem(
+        "special_token_in_content",
+        f"the trained text contains the special token {token!r}, which the tokenizer reads as that one control "
+        "token, so the model would learn to write it where the text is meant: decoding drops it from answers, "
+        "and a stop token there ends them early. Remove it or write it differently.",
+        field=field,
     )
 
 
