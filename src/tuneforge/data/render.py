@@ -173,7 +173,7 @@ class ChatRenderer:
         tokens_later = self._tokenize_later([plan.text for _, plans in planned for plan in plans])
         documents = [i for i in range(len(records)) if isinstance(records[i], Document)]
         for i in documents:
-            out[i] = self._special_tokens_in([("text", records[i].text)])
+            out[i] = self.special_tokens_in([("text", records[i].text)])
         documents = [i for i in documents if not out[i]]
         document_ids_later = self._encode_later([records[i].text for i in documents], add_special_tokens=True)
 
@@ -337,7 +337,7 @@ class ChatRenderer:
     def _reply_problems(self, conversation: Conversation, span_at: list[int], train_on: str) -> list[Problem]:
         contents = [m.content for m in conversation.messages]
         if self._special_text is not None and self._special_text.search("\n".join(contents)):
-            return self._special_tokens_in((f"messages[{i}].content", c) for i, c in enumerate(contents))
+            return self.special_tokens_in((f"messages[{i}].content", c) for i, c in enumerate(contents))
         if self._any_special_text is not None:
             messages = conversation.messages
             trained = (
@@ -386,7 +386,9 @@ class ChatRenderer:
                 out[n] = text
         return out
 
-    def _special_tokens_in(self, fields) -> list[Problem]:
+    def special_tokens_in(self, fields) -> list[Problem]:
+        """Problems for the (field, text) pairs whose text holds a special token the template or the
+        tokenizer uses as structure: it would be read as that structure (a fake turn), not as text."""
         if self._special_text is None:
             return []
         return [

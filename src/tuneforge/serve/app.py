@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import Field, ValidationInfo, field_validator
 
+from ..data.render import renderer_for
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
 from ..web import CLIENT_LEFT, APIError, Metadata, Observer, RequestBody, caller, docs_urls, edge, note
@@ -432,6 +433,10 @@ async def submit(
 
 
 def _encode(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
+        fields = ((f"messages.{i}.content", m["content"]) for i, m in enumerate(prompt))
+        for problem in renderer_for(tokenizer).special_tokens_in(fields):
+            raise APIError(400, f"{problem.field}: {problem.message}", param=problem.field, code="invalid_value")
     try:
         [prompt_ids] = encode_prompts(tokenizer, [prompt])
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
