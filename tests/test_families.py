@@ -19,6 +19,7 @@ from families import FAMILIES, family_tokenizer, save_family_model
 
 from tuneforge.data import render_conversation, render_examples
 from tuneforge.data.check import TRAINED_STYLE, _rendered_rows, check_command, highlight
+from tuneforge.data.render import FATAL_CODES
 from tuneforge.errors import DataError
 from tuneforge.export import export
 from tuneforge.export.probe import DTYPE_BOUNDS, MERGE_BOUND
@@ -235,6 +236,21 @@ def test_qwen3_trains_each_reply_with_its_reasoning_in_an_example_of_its_own(tmp
     assert tokenizer.decode(whole.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
     assert "Two and two" not in tokenizer.decode(whole.input_ids)
     assert trained_runs(whole, tokenizer) == ["<think>\nThree and three.\n</think>\n\nSix.<|im_end|>"]
+
+
+def test_qwen3_refuses_a_reply_after_a_reply_as_a_fault_of_the_row_not_of_the_template(tmp_path):
+    # Qwen 3 writes an empty reasoning block into the last reply only, so the first of two replies in a
+    # row changes once the second follows: that row cannot train, while every other row can.
+    tokenizer = family_tokenizer(FAMILIES["qwen3"], tmp_path)
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "assistant", "content": "How can I help?"},
+    ]
+    with pytest.raises(DataError) as err:
+        render_examples(messages, tokenizer)
+    assert (err.value.code, err.value.problems[0].field) == ("reply_after_reply", "messages[2]")
+    assert err.value.code not in FATAL_CODES and "Join the two replies" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -309,6 +309,8 @@ class ChatRenderer:
             prompt = next(prefixes)
             turn = next(prefixes) if i < len(messages) - 1 else text
             if not (turn.startswith(prompt) and len(turn) > len(prompt)):
+                if messages[i - 1].role == "assistant":  # the row's shape, not the template: other rows train
+                    return [_reply_after_reply(i, prompt, turn)]
                 return [_context_changes(i, prompt, turn)]
             reply_end = self._reply_end(turn, len(prompt))
             calls = messages[i].tool_calls
@@ -729,6 +731,20 @@ def _context_changes(message_index: int, prompt: str, turn: str) -> Problem:
         f"(asked for the reply) vs {turn[max(0, at - 30) : at + 30]!r} (with the reply). Some templates write "
         "the system prompt only where the conversation ends with a user message (Mistral's): fold the system "
         "prompt into the first user message, or use a template that keeps earlier turns as they are.",
+        field=f"messages[{message_index}]",
+    )
+
+
+def _reply_after_reply(message_index: int, prompt: str, turn: str) -> Problem:
+    """Reply `message_index` follows another reply, which the template writes one way as the last message
+    and another once this reply follows (Qwen 3 writes an empty reasoning block only into the last reply)."""
+    at = next((i for i, (a, b) in enumerate(zip(prompt, turn)) if a != b), min(len(prompt), len(turn)))
+    return Problem(
+        "reply_after_reply",
+        f"this assistant reply follows another assistant reply, and the chat template writes that earlier reply "
+        f"differently once this one follows it, so this reply cannot be trained in the context the model sees "
+        f"(at character {at}: {prompt[max(0, at - 30) : at + 30]!r} vs {turn[max(0, at - 30) : at + 30]!r}). "
+        "Join the two replies into one message, or put the user message they answer between them.",
         field=f"messages[{message_index}]",
     )
 
