@@ -84,7 +84,14 @@ def test_no_trained_tokens_is_an_error(tokenizer):
     messages[2]["weight"] = messages[4]["weight"] = 0
     with pytest.raises(DataError) as err:
         render_conversation(messages, tokenizer)
+    assert err.value.code == "no_trained_tokens" and "every assistant message has weight 0" in str(err.value)
+
+
+def test_a_row_without_an_assistant_message_is_an_error_that_says_so(tokenizer):
+    with pytest.raises(DataError) as err:
+        render_conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tokenizer)
     assert err.value.code == "no_trained_tokens"
+    assert "it has no assistant message" in str(err.value) and "weight" not in str(err.value)
 
 
 def test_invalid_messages_raise_coded_errors(tokenizer):

@@ -709,13 +709,15 @@ def _on_side(result: Example | list[Problem], side: str) -> list[Problem]:
 
 def _no_trained_tokens(messages: list[Message], train_on: str) -> Problem:
     replies = [m for m in messages if m.role == "assistant"]
-    if train_on == "last_assistant" and replies and replies[-1].weight == 0:
-        why = "train_on is last_assistant and the last assistant message has weight 0"
+    if not replies:
+        why, what = "it has no assistant message", "Add the assistant reply to learn"
+    elif train_on == "last_assistant" and replies[-1].weight == 0:
+        why, what = "train_on is last_assistant and the last assistant message has weight 0", "Set weight 1 on a reply"
     else:
-        why = "every assistant message has weight 0"
+        why, what = "every assistant message has weight 0", "Set weight 1 on a reply"
     return Problem(
         "no_trained_tokens",
-        f"nothing in this row is trained: {why}. Set weight 1 on a reply, or remove the row.",
+        f"nothing in this row is trained: {why}. {what}, or remove the row.",
         field="messages",
     )
 
