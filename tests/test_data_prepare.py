@@ -200,6 +200,27 @@ def test_a_reply_cut_off_entirely_is_too_long(tmp_path, tokenizer):
     assert [(p.code, p.line) for p in err.value.problems] == [("too_long", 12)]
 
 
+def test_a_row_trained_turn_by_turn_keeps_the_turns_its_cut_leaves_trained(tmp_path):
+    # Qwen 3 trains a row's first reply (with its reasoning) in an example of its own; a cut that leaves
+    # the row's last reply nothing still trains that first one, as it would in any other family's row.
+    tokenizer = family_tokenizer(FAMILIES["qwen3"], tmp_path / "qwen3")
+    first = "<think>\nTwo and two.\n</think>\n\nFour."
+    data = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": first},
+                {"role": "user", "content": "And three plus three? " * 20},
+                {"role": "assistant", "content": "Six."},
+            ]
+        }
+        for i in range(12)
+    ]
+    prepared = run(tmp_path, tokenizer, data, max_length=100)
+    assert prepared.report["counts"]["truncated"] == 12 and len(prepared.train) == 12
+    assert {tuple(trained_runs(e, tokenizer)) for e in prepared.train} == {(first + "<|im_end|>",)}
+
+
 def test_eos_never_trained_is_an_error_even_when_skipping(tmp_path, tokenizer):
     data = [chat(f"Hi {i}", "This reply is much too long to fit. " * 10) for i in range(12)]
     with pytest.raises(DataError) as err:

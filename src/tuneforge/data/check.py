@@ -190,10 +190,11 @@ def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int
                     ]
             except TuneforgeError:
                 continue
-            trained = cut_to_length(tuple(e for _, e in examples), max_length)
-            if trained is None:
+            pair = isinstance(record, Preference)
+            if cut_to_length(tuple(e for _, e in examples), max_length, pair=pair) is None:
                 continue
-            yield path, line, [(which, e, cut) for (which, e), cut in zip(examples, trained)]
+            cuts = [e.truncated(max_length) for _, e in examples]
+            yield path, line, [(which, e, cut) for (which, e), cut in zip(examples, cuts) if cut.trained_tokens]
 
 
 def highlight(example: Example, tokenizer) -> Text:

@@ -379,7 +379,7 @@ class _Preparation:
         if self.cfg.truncation == "drop":
             self.counts["dropped_too_long"] += 1
             return None
-        cut = cut_to_length(examples, limit)
+        cut = cut_to_length(examples, limit, pair=self._pairs)
         if cut is None:
             self.counts["rejected_records"] += 1
             longest = max(len(e) for e in examples)
@@ -627,11 +627,16 @@ class SystemPromptTally:
         }
 
 
-def cut_to_length(examples: tuple[Example, ...], max_length: int) -> tuple[Example, ...] | None:
-    """A row's examples cut to `max_length` as training cuts them; None where a cut leaves an example
-    nothing to train (the row is refused as too_long)."""
+def cut_to_length(examples: tuple[Example, ...], max_length: int, *, pair: bool = False) -> tuple[Example, ...] | None:
+    """A row's examples cut to `max_length` as training cuts them. Of a row trained turn by turn, the
+    examples a cut leaves nothing to train are left out (its earlier turns still train, as they do in a
+    row of one example); None where none is left, or where a preference `pair` loses either side (the
+    row is refused as too_long)."""
     cut = tuple(e.truncated(max_length) for e in examples)
-    return cut if all(e.trained_tokens for e in cut) else None
+    kept = tuple(e for e in cut if e.trained_tokens)
+    if not kept or (pair and len(kept) < len(cut)):
+        return None
+    return kept
 
 
 def _examples(rows: list[_Row]) -> list[Example]:
