@@ -94,6 +94,22 @@ def test_full_run_saves_a_plain_transformers_model(tiny_model_dir, triage_data, 
     assert diff > 0
 
 
+def test_checkpoints_carry_the_generation_config_that_stops_at_the_end_of_turn(tiny_model_dir, triage_data, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    # A base whose generation config lists only its end-of-text, as many base models' do.
+    base = Path(shutil.copytree(tiny_model_dir, tmp_path / "base"))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>")).save_pretrained(base)
+    cfg = tiny_run_config(base, triage_data, tmp_path / "run", max_steps=1, save_every=1)
+    cfg["method"] = "full"
+    train(cfg, progress=False)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for folder in ("checkpoints/step-1", "final"):
+        eos_ids = GenerationConfig.from_pretrained(tmp_path / "run" / folder).eos_token_id
+        assert eos_ids[0] == end_of_turn and tokenizer.convert_tokens_to_ids("<|endoftext|>") in eos_ids, folder
+
+
 def test_gradient_accumulation_gives_the_same_losses(tiny_model_dir, triage_data, tmp_path):
     """Loss is normalised by the trained tokens of the whole step, so splitting a step into
     micro-batches of different lengths changes nothing (a mean of micro-batch means would)."""

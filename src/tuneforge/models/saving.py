@@ -26,12 +26,18 @@ def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool =
                 pc.base_model_name_or_path = str(base_path)
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, base_path, tmp)
-        gen = getattr(model, "generation_config", None) or getattr(
-            getattr(model, "base_model", None), "generation_config", None
-        )
-        if gen is not None:
-            chat_generation_config(gen, tokenizer).save_pretrained(tmp)
+        save_generation_config(model, tokenizer, tmp)
     return folder
+
+
+def save_generation_config(model, tokenizer, folder: Path) -> None:
+    """The model's generation config with the end-of-turn token first among its EOS ids (the
+    base's may list only its end-of-text), so that transformers and vLLM stop where a reply ends."""
+    gen = getattr(model, "generation_config", None) or getattr(
+        getattr(model, "base_model", None), "generation_config", None
+    )
+    if gen is not None:
+        chat_generation_config(gen, tokenizer).save_pretrained(folder)
 
 
 def save_tokenizer(tokenizer, base_path: Path, folder: Path) -> None:

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_dir, write_json
-from ..models.saving import save_tokenizer
+from ..models.saving import save_generation_config, save_tokenizer
 from . import distributed
 
 STATE = "trainer_state.json"
@@ -213,7 +213,7 @@ def save(
     world: distributed.World,
 ) -> Path:
     """Write checkpoint `step-STEP` (every process takes part) and keep the last `keep`; its tokenizer
-    files are a model folder's, `base_path`'s tokenizer.model among them."""
+    files and generation config are a model folder's, `base_path`'s tokenizer.model among them."""
     root, phase = Path(root), f"writing checkpoint step-{step}"
     weights = gathered_weights(model, world, phase)
     with distributed.phase(phase, world):
@@ -231,6 +231,7 @@ def save(
         if world.is_main:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
             save_tokenizer(tokenizer, base_path, tmp)
+            save_generation_config(model, tokenizer, tmp)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             _check_complete(tmp, world.size)
             write_json(tmp / STATE, state)
