@@ -661,6 +661,25 @@ def test_model_info_of_an_hf_folder(tiny_model_dir):
     assert info["adapter"] is None and info["licence"] is None
 
 
+def test_model_info_stop_tokens_are_those_generation_stops_at(tmp_path):
+    from families import FAMILIES, save_family_model
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tuneforge.generate import stop_token_ids
+
+    # A base model as many are published: its EOS and generation config name the end of text only,
+    # while its ChatML template ends each turn with <|im_end|>.
+    folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(folder)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+    stops = model_info(str(folder))["stop_tokens"]
+    assert stops == ["<|endoftext|>", "<|im_end|>"]
+    model = load_model(str(folder))
+    assert set(stops) == set(tokenizer.convert_ids_to_tokens(sorted(stop_token_ids(model, tokenizer))))
+
+
 def test_model_info_and_load_model_with_an_adapter(tiny_adapter):
     from peft import PeftModel
 

@@ -164,19 +164,22 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
 
 
 def stop_token_ids(model, tokenizer) -> frozenset[int]:
-    """Token ids that end a reply: the generation config's EOS ids, the tokenizer's EOS, and the
-    token that closes an assistant turn in the chat template (which some configs do not list)."""
+    """Token ids that end a reply (`reply_end_ids` of the model's generation config)."""
+    return frozenset(reply_end_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer))
+
+
+def reply_end_ids(config_eos_ids: int | list[int] | None, tokenizer) -> list[int]:
+    """Token ids that end a reply, in this order: a generation config's EOS ids, the token that closes an
+    assistant turn in the chat template (which some configs do not list), and the tokenizer's EOS."""
     from tuneforge.data.render import renderer_for
 
-    config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if config_ids is None:
-        config_ids = []
-    elif isinstance(config_ids, int):
-        config_ids = [config_ids]
-    ids = set(config_ids) | set(renderer_for(tokenizer).end_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
+    if config_eos_ids is None:
+        config_eos_ids = []
+    elif isinstance(config_eos_ids, int):
+        config_eos_ids = [config_eos_ids]
+    renderer = renderer_for(tokenizer)
+    ids = [*config_eos_ids, renderer.end_of_turn_id, *sorted(renderer.end_ids), tokenizer.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 MIN_SHARED_PREFIX = 16

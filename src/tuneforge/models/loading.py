@@ -166,6 +166,7 @@ def model_info(spec: str | ModelSource) -> dict:
     """What the model is, read from its config and tokenizer; weights are never loaded."""
     from transformers import AutoConfig, GenerationConfig
 
+    from ..generate import reply_end_ids
     from .system_prompt import recorded_system_prompt  # it reads templates with this module's `chat_template`
 
     source = _as_source(spec)
@@ -179,10 +180,11 @@ def model_info(spec: str | ModelSource) -> dict:
     tokenizer = _raw_tokenizer(source)
     template = chat_template(tokenizer)
     try:
-        stop_ids = GenerationConfig.from_pretrained(source.path).eos_token_id
+        config_eos_ids = GenerationConfig.from_pretrained(source.path).eos_token_id
     except OSError:
-        stop_ids = config.eos_token_id
-    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids is not None else []
+        config_eos_ids = config.eos_token_id
+    # What chat, eval and serve stop a reply at: the config's EOS ids and the template's end of turn.
+    stop_ids = reply_end_ids(config_eos_ids, tokenizer)
     record = read_record(source.path) or {}
     info = {
         "name": source.name,
