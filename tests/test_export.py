@@ -80,6 +80,29 @@ def _cli(monkeypatch, *args) -> int:
     return exit_info.value.code
 
 
+def test_merged_export_stops_at_an_end_of_turn_token_of_the_templates_own(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from tuneforge.models import model_info
+
+    # Llama 4's turn format: each turn, the reply included, ends with <|eot|>, a token of its own.
+    folder = tmp_path / "base"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|header_start|>", "<|header_end|>", "<|eot|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>\n\n{{ m['content'] }}<|eot|>"
+        "{% endfor %}{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert model_info(str(folder))["end_of_turn_tokens"] == ["<|eot|>"]
+    result = export(str(folder), "merged", "f32", tmp_path / "merged", progress=False)
+    eos_ids = GenerationConfig.from_pretrained(result.out).eos_token_id
+    assert eos_ids == tokenizer.convert_tokens_to_ids(["<|eot|>", "<|im_end|>"])
+
+
 def test_merged_export_loads_in_plain_transformers_and_matches_the_adapter_model(run_dir, reference, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

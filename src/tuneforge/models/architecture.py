@@ -3,10 +3,6 @@ positions it was built for, the token that ends its turns and the generation con
 
 from __future__ import annotations
 
-# Chat templates end a turn with one of these; generation must stop there, not only at the tokenizer's
-# end-of-text, or a chat model rambles on into the next turn.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<turn|>")
-
 
 def causal_lm(model):
     """The transformers causal LM inside a PEFT wrapper (adapters are injected in place)."""
@@ -23,10 +19,13 @@ def context_length(config) -> int | None:
 
 
 def end_of_turn_token(tokenizer) -> str | None:
-    """The token that closes a turn in this tokenizer's chat template, if it has one."""
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    vocab = tokenizer.get_vocab()
-    return next((t for t in END_OF_TURN_TOKENS if t in vocab and t in template), None)
+    """The token the chat template closes an assistant reply with, as training labels it (the first
+    added token after a reply, else EOS); generation must stop there, not only at the tokenizer's
+    end-of-text, or a chat model rambles on into the next turn."""
+    from ..data.render import renderer_for  # the renderer imports this package
+
+    end = renderer_for(tokenizer).end_of_turn_id
+    return tokenizer.convert_ids_to_tokens(end) if end is not None else None
 
 
 def chat_generation_config(config, tokenizer):
