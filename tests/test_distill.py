@@ -11,6 +11,7 @@ from conftest import tiny_run_config
 from tiny import save_tiny_model, tiny_llama, tiny_tokenizer
 
 from tuneforge.config import load_config
+from tuneforge.data import collate, pack, render_conversation
 from tuneforge.errors import ConfigError, DataError, TuneforgeError
 from tuneforge.methods import DistillObjective
 from tuneforge.methods.distill import divergence
@@ -679,3 +680,25 @@ def test_distill_generate_refuses_to_continue_with_a_teacher_retrained_in_place(
     record = out.with_name(out.name + ".teacher.json")
     record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "files"}))
     assert generate_teacher_data(str(teacher), prompts_file, out, **options).written == 7
+
+
+def test_positions_all_compares_each_packed_example_as_when_it_runs_alone(pair):
+    """In a packed row, what follows an example's last trained token (its last position, which the next
+    example's first token follows) is not compared: the packed divergence is that of the examples one by one."""
+    student, teacher, _, _ = pair
+    tokenizer = tiny_tokenizer()
+    chats = [
+        [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}],
+        [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "I am fine."}],
+        [{"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "Jumps."}],
+    ]
+    examples = [render_conversation(c, tokenizer) for c in chats]
+    objective = DistillObjective(student, teacher, alpha=0.5, temperature=2.0, kind="forward_kl", positions="all")
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        rows = pack(examples, max_length=sum(map(len, examples)))
+        assert len(rows) == 1
+        packed = objective(**collate(rows, pad))
+        alone = [objective(**collate([e], pad, pad_to_multiple_of=1)) for e in examples]
+    for key in ("divergence", "ce", "loss"):
+        assert packed[key].item() == pytest.approx(sum(out[key].item() for out in alone), rel=1e-5), key

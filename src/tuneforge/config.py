@@ -227,7 +227,7 @@ class DistillConfig(Strict):
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd only: the teacher's share of the mixture")
     positions: Literal["answers", "all"] = Field(
         "answers",
-        description="where the divergence is taken: the trained tokens, or every token of a row up to its last "
+        description="where the divergence is taken: the trained tokens, or every token of an example up to its last "
         "trained one, prompt included (more of the teacher's signal per example, for a student cut from the "
         "teacher's layers); the cross-entropy stays on the trained tokens",
     )

@@ -48,6 +48,7 @@ from ..data import IGNORE_INDEX, collate
 from ..errors import TuneforgeError
 from ..fsio import atomic_file, tuneforge_home
 from ..models import causal_lm, load_frozen_model, resolve
+from ..models.attention import segments
 from ..progress import progress_bar
 from . import full, lora
 from .sft import label_sums, trained_logits
@@ -126,7 +127,7 @@ class DistillObjective(nn.Module):
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, is_replay=None):
         # Replay rows (data.general_mix) learn from the labels and the teacher like any others.
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
-        compared = {**batch, "labels": compared_labels(labels, self.positions)}
+        compared = {**batch, "labels": compared_labels(labels, self.positions, position_ids)}
         compared_logits = trained_logits(causal_lm(self.model), **compared)[:, : self.vocab]
         trained = labels[compared["labels"] != IGNORE_INDEX] != IGNORE_INDEX  # which compared positions train
         targets = labels[labels != IGNORE_INDEX]
@@ -162,7 +163,7 @@ class DistillObjective(nn.Module):
         batches = []
         for start in range(0, len(rows), batch_rows):
             batch = collate(rows[start : start + batch_rows], pad_id)
-            batches.append({**batch, "labels": compared_labels(batch["labels"], self.positions)})
+            batches.append({**batch, "labels": compared_labels(batch["labels"], self.positions, batch["position_ids"])})
         self.cached_teacher = TeacherTopK.load_or_compute(
             self.teacher, self.teacher_name, self.teacher_top_k, self.vocab, batches, device, progress
         )
@@ -231,13 +232,22 @@ class _TopKDistillation(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def compared_labels(labels: torch.Tensor, positions: str) -> torch.Tensor:
+def compared_labels(labels: torch.Tensor, positions: str, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Labels that mark the positions where student and teacher are compared: the trained ones
-    (`answers`), or (`all`) every position of a row up to its last trained one, prompt included."""
+    (`answers`), or (`all`) every position of each example up to its last trained one, prompt
+    included. The examples of a packed row are read from its position ids (`segments`), so what
+    follows an example's reply in the row (its last position, where the next example begins) is
+    compared as little as when the example runs alone; without position ids a row is one example."""
     if positions == "answers":
         return labels
     trained = labels != IGNORE_INDEX
-    up_to_last = trained.flip(-1).cummax(-1).values.flip(-1)
+    rows = position_ids.tolist() if position_ids is not None else [list(range(labels.shape[1]))] * len(labels)
+    up_to_last = torch.zeros_like(trained)
+    for b, row in enumerate(rows):
+        for start, end, _, _ in segments(row):
+            at = trained[b, start:end].nonzero()
+            if len(at):
+                up_to_last[b, start : start + int(at[-1]) + 1] = True
     return torch.where(up_to_last & ~trained, torch.zeros_like(labels), labels)
 
 
