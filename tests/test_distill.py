@@ -702,3 +702,34 @@ def test_positions_all_compares_each_packed_example_as_when_it_runs_alone(pair):
         alone = [objective(**collate([e], pad, pad_to_multiple_of=1)) for e in examples]
     for key in ("divergence", "ce", "loss"):
         assert packed[key].item() == pytest.approx(sum(out[key].item() for out in alone), rel=1e-5), key
+
+
+def test_positions_all_packs_without_sharing_a_prompt_prefix(pair, tiny_model_dir, triage_data, tmp_path):
+    """A prefix held once in a packed row would have its divergence counted once for all the examples that
+    share it; the rows the loop builds for `positions: all` give the divergence of the examples one by one."""
+    from tuneforge.models.attention import per_example_attention
+    from tuneforge.training import shares_prefixes, to_rows
+
+    student, teacher, _, _ = pair
+    tokenizer = tiny_tokenizer()
+    system = {"role": "system", "content": "You are a helpful assistant. Answer the question briefly, in English."}
+    chats = [
+        [system, {"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}],
+        [system, {"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "Fine."}],
+    ]
+    examples = [render_conversation(c, tokenizer) for c in chats]
+    pad = tokenizer.pad_token_id
+    for positions in ("answers", "all"):
+        cfg = load_config(distill_config(tiny_model_dir, tiny_model_dir, triage_data, tmp_path, positions=positions))
+        rows = to_rows(examples, cfg, shares_prefixes(cfg, all_per_example=True))
+        objective = DistillObjective(
+            student, teacher, alpha=0.5, temperature=2.0, kind="forward_kl", positions=positions
+        )
+        with torch.no_grad(), per_example_attention(student, teacher):
+            packed = objective(**collate(rows, pad))
+            alone = [objective(**collate([e], pad, pad_to_multiple_of=1)) for e in examples]
+        for key in ("divergence", "ce", "loss"):
+            expected = sum(out[key].item() for out in alone)
+            assert packed[key].item() == pytest.approx(expected, rel=1e-5), (positions, key)
+        shared = sum(map(len, rows)) < sum(map(len, examples))  # the system prompt held once
+        assert len(rows) == 1 and shared == (positions == "answers")

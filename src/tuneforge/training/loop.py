@@ -171,12 +171,15 @@ def row_tokens(row) -> int:
 
 def shares_prefixes(cfg: Config, all_per_example: bool) -> bool:
     """Whether packed rows hold a common prefix once (`data.pack`): only where every model of the
-    forward attends per example (`models.attention` reads the shared prefix), and not for DPO,
-    whose items are pairs already laid out."""
+    forward attends per example (`models.attention` reads the shared prefix), not for DPO, whose
+    items are pairs already laid out, and not for distillation at every position
+    (`distill.positions: all`), whose divergence is taken on the prompt tokens a shared prefix holds
+    once: each example's prompt would count once per row instead of once per example."""
     return (
         cfg.data.packing
         and cfg.data.share_prefixes
         and cfg.method != "dpo"
+        and not (cfg.method == "distill" and cfg.distill.positions == "all")
         and cfg.train.attention == "per_example"
         and all_per_example
     )
