@@ -83,6 +83,29 @@ def test_a_quantized_base_trains_lora_and_saves_the_adapter_alone(quantize, tiny
     assert tuned.peft_config["default"].r == 4  # loads on the full-precision base, in plain PEFT
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "fp4"])
+def test_an_eval_pass_leaves_the_gradients_through_a_4bit_base_whole(quantize, tiny_model_dir, triage_data, tmp_path):
+    # bitsandbytes repacks a 4-bit weight for its inference kernel (no backward) on a CPU with AVX512-BF16
+    # when the layer first runs in eval mode: validation passes and GRPO's sampling come between steps.
+    cfg = load_config(config(tiny_model_dir, triage_data, tmp_path / "run", quantize=quantize))
+    model = load_for_training(resolve(str(tiny_model_dir)), cfg, precision="fp32", device=torch.device("cpu"))
+    ids = torch.arange(3, 40).unsqueeze(0)
+
+    def gradients() -> dict:
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    after = gradients()
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, msg=name)
+
+
 @pytest.mark.parametrize(
     "method, section",
     [("full", {}), ("distill", {"distill": {"teacher": "t", "student": "full"}}), ("dpo", {"dpo": {"policy": "full"}})],

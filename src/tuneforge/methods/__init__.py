@@ -30,7 +30,7 @@ from .. import data as tfdata
 from ..data import IGNORE_INDEX, collate
 from ..errors import ConfigError
 from ..models import compute_dtype, context_length, load_frozen_model, load_model
-from ..models.quantization import quantization_config
+from ..models.quantization import keep_trainable_layout, quantization_config
 from . import distill, dpo, full, grpo, lora
 from .distill import DistillObjective
 from .dpo import DPOObjective
@@ -68,7 +68,10 @@ def load_for_training(source, cfg, *, precision: str, device: torch.device):
         cfg.model.quantize, double_quant=cfg.model.double_quant, compute_dtype=compute_dtype(precision)
     )
     model = prepare_model(load_model(source, dtype=dtype, quantization=quantization, device=device), cfg)
-    return model if quantization else model.to(device)
+    if quantization:
+        keep_trainable_layout(model)
+        return model
+    return model.to(device)
 
 
 def prepare_model(model, cfg):

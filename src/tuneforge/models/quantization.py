@@ -33,5 +33,17 @@ def quantization_config(quantize: str, *, double_quant: bool, compute_dtype: tor
     )
 
 
+def keep_trainable_layout(model) -> None:
+    """Keeps a 4-bit base's weights in the layout bitsandbytes trains through. On a CPU with AVX512-BF16,
+    bitsandbytes repacks a 4-bit layer's weight for its inference kernel the first time the layer runs in
+    eval mode without gradients (a validation pass, GRPO's sampling) and keeps it so; that kernel has no
+    backward, so every later training step would drop the gradient through the frozen weights."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def is_quantized(model) -> bool:
     return getattr(model, "quantization_method", None) is not None or bool(getattr(model, "is_quantized", False))
