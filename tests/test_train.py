@@ -213,9 +213,19 @@ def test_a_forced_resume_trains_at_the_learning_rate_of_the_changed_config(tiny_
     assert after[3]["train_loss"] != before[3]["train_loss"]
     # A change that regroups the optimizer's parameters cannot be resumed: said so, not "damaged".
     changed["lora"]["loraplus_lr_ratio"] = 4
-    with pytest.raises(TuneforgeError, match="saved by an optimizer with 2 parameter group.*makes 4") as error:
+    with pytest.raises(TuneforgeError, match="saved by an optimizer with 1 parameter group.*makes 2") as error:
         train(changed, resume=str(tmp_path / "run" / "checkpoints" / "step-2"), force=True, progress=False)
     assert "damaged" not in error.value.message
+
+
+def test_a_loraplus_run_resumes_with_the_uninterrupted_losses(tiny_model_dir, triage_data, tmp_path):
+    # LoRA+ puts the B matrices in a group of their own; LoRA's adapters have no vectors to group apart.
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, save_every=2)
+    cfg["lora"]["loraplus_lr_ratio"] = 4
+    train(cfg, progress=False)
+    reference = step_losses(tmp_path / "run")
+    train(cfg, resume=str(tmp_path / "run" / "checkpoints" / "step-2"), progress=False)
+    assert step_losses(tmp_path / "run") == reference
 
 
 def test_a_run_resumed_from_an_earlier_checkpoint_drops_the_later_ones_it_replaces(

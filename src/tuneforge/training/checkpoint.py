@@ -301,10 +301,15 @@ def read_state(folder: Path) -> dict:
 def _check_parameter_groups(folder: Path, optimizer) -> None:
     """The optimizer this run's config builds splits the parameters into as many groups as the saved one
     did: a resume with --force may have changed a setting that splits them (LoRA+'s ratio), and the saved
-    state then cannot be placed, though the checkpoint is whole."""
+    state then cannot be placed, though the checkpoint is whole. A saved group with no parameters
+    (earlier versions kept one) holds no state and is not counted."""
     with _reading(folder, f"{OPTIMIZER}/.metadata"):
         keys = dcp.FileSystemReader(folder / OPTIMIZER).read_metadata().state_dict_metadata
-    saved = len({key.split(".")[1] for key in keys if key.startswith("param_groups.")})
+    # Each process reads the groups' parameter names on its own, from the same files.
+    groups = {key: [] for key in keys if key.startswith("param_groups.") and key.endswith(".params")}
+    with _reading(folder, f"{OPTIMIZER}/"), _one_process_quietly():
+        dcp.load(groups, checkpoint_id=folder / OPTIMIZER, no_dist=True)
+    saved = sum(1 for params in groups.values() if params)
     if saved != len(optimizer.param_groups):
         raise TuneforgeError(
             f"{folder} was saved by an optimizer with {saved} parameter group(s), and this run's config makes "

@@ -100,10 +100,13 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config, device: t
     faster = {name for name in params if ratio != 1.0 and "lora_B" in name}
 
     def decay_groups(chosen: list[torch.nn.Parameter], lr: float) -> list[dict]:
-        return [
+        # A group with no parameters is left out: torch's distributed checkpoint cannot place the saved
+        # state of an optimizer with more than one (LoRA+ over adapters that have no vectors).
+        groups = [
             {"params": [p for p in chosen if p.ndim >= 2], "weight_decay": cfg.train.weight_decay, "lr": lr},
             {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
         ]
+        return [group for group in groups if group["params"]]
 
     groups = decay_groups([p for name, p in params.items() if name not in faster], cfg.train.learning_rate)
     if faster:
