@@ -58,6 +58,23 @@ def test_eval_every_and_save_every_past_the_last_step_are_warnings_at_their_line
     assert f"line {line['save_every']}): 20 steps, but the run takes 2, so it saves a checkpoint only at its end" in out
 
 
+@pytest.mark.parametrize("method", ["full", "distill"])
+def test_a_lora_section_where_every_weight_trains_is_a_warning_at_its_lines(
+    method, tiny_model_dir, triage_data, tmp_path, capsys
+):
+    cfg = {**tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"), "method": method}
+    if method == "distill":
+        cfg["distill"] = {"teacher": str(tiny_model_dir), "student": "full"}
+    cfg["lora"] = {"r": 16, "loraplus_lr_ratio": 16}  # r at its default: not counted as set
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "loraplus_lr_ratio:" in text)
+    assert validate(path) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    trained = "method: full" if method == "full" else "distill.student: full"
+    assert "warning: lora.loraplus_lr_ratio (" in out and "lora.r (" not in out
+    assert f"line {line}): set, but {trained} trains every weight and adds no adapter" in out
+
+
 def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_dir, triage_data, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=512)
     path = write_config(tmp_path / "cfg.yaml", cfg)

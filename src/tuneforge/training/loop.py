@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .. import data as tfdata
-from ..config import Config, TrainConfig, auto_epochs, load_config
+from ..config import Config, LoraConfig, TrainConfig, auto_epochs, load_config
 from ..errors import ConfigError, RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
 from ..methods import (
@@ -199,8 +199,9 @@ def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
     """The warnings for settings the run's plan leaves without effect: train.eval_every with no validation
     examples to evaluate on, train.eval_every or save_every past its last step (it evaluates or saves at its
     end alone, with no checkpoint to resume from before it), and a train.batch_size beyond the rows of the
-    data (every step trains on fewer rows than it says). Only a value other than the default counts as set:
-    a run's saved config.yaml writes every key."""
+    data (every step trains on fewer rows than it says), and a lora section where every weight trains (no
+    adapter reads it). Only a value other than the default counts as set: a run's saved config.yaml writes
+    every key."""
     warnings, eval_every = [], cfg.train.eval_every
     cadences = [("save_every", "saves a checkpoint")]
     if n_valid:
@@ -217,6 +218,18 @@ def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
             warnings.append(
                 f"{cfg.key_at(f'train.{key}')}: {every} steps, but the run takes {plan.total_steps}, so it {does} "
                 f"only at its end; set train.{key} to {plan.total_steps} or fewer, or to 0 to say so."
+            )
+    if not cfg.trains_adapters:
+        lora = [
+            cfg.key_at(f"lora.{key}")
+            for key, spec in LoraConfig.model_fields.items()
+            if getattr(cfg.lora, key) != spec.default
+        ]
+        if lora:
+            warnings.append(
+                f"{', '.join(lora)}: set, but {cfg.trained_what} trains every weight and adds no adapter, so the "
+                "lora section has no effect; leave it out, or train adapters (method: lora or dora, or "
+                "distill.student, dpo.policy or grpo.policy: lora)."
             )
     if plan.rows < cfg.train.batch_size:
         warnings.append(
