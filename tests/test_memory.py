@@ -121,8 +121,14 @@ def test_dora_on_an_int8_base_is_refused_before_training_on_a_cpu(tiny_model_dir
     # It fails inside bitsandbytes on the first step otherwise; nf4 under DoRA trains.
     cfg = config(tiny_model_dir, triage_data, tmp_path / "run", quantize="int8", max_steps=1)
     cfg["method"] = "dora"
-    with pytest.raises(ConfigError, match="method: dora on model.quantize: int8 does not run on a CPU"):
-        train(cfg, progress=False)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    lines = path.read_text().splitlines()
+    method = next(i for i, text in enumerate(lines, 1) if text.startswith("method:"))
+    quantize = next(i for i, text in enumerate(lines, 1) if "quantize:" in text)
+    with pytest.raises(ConfigError, match="method: dora on model.quantize: int8 does not run on a CPU") as error:
+        train(path, progress=False)
+    assert f"method ({path} line {method}), model.quantize ({path} line {quantize}): " in error.value.message
     assert not (tmp_path / "run" / "checkpoints").exists()
     cfg["model"]["quantize"] = "nf4"
     assert train(cfg, progress=False).status == "completed"

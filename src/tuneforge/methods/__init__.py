@@ -104,6 +104,7 @@ def check_inputs(cfg, tokenizer, source) -> None:
         # DoRA's weight norm reads the frozen weight back through bitsandbytes, whose 8-bit layer on a
         # CPU keeps no scales for it: the first step would fail inside bitsandbytes.
         raise ConfigError(
+            f"{cfg.key_at('method')}, {cfg.key_at('model.quantize')}: "
             "method: dora on model.quantize: int8 does not run on a CPU (bitsandbytes' 8-bit layer there cannot "
             "give DoRA the weights its norm needs). Use model.quantize: nf4 with DoRA, or method: lora on int8."
         )
