@@ -122,6 +122,28 @@ def test_merged_export_loads_in_plain_transformers_and_matches_the_adapter_model
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("tied", ["lm_head", "embed_tokens"])
+def test_an_adapter_on_one_of_the_tied_embeddings_merges_into_that_layer_alone(tied, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert base.config.tie_word_embeddings  # the output layer reads the input embeddings' weight
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=[tied, "q_proj"], init_lora_weights=False))
+    run = tmp_path / "run"
+    model.save_pretrained(run / "final")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_model_dir), "method": "lora"}))
+    source = resolve(str(run))
+    adapted = probe_logits(load_model(source), probe_ids(load_tokenizer(source)))
+
+    result = export(run, "merged", None, tmp_path / "merged", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(result.out)
+    assert not merged.config.tie_word_embeddings
+    assert _max_diff(adapted, probe_logits(merged, probe_ids(load_tokenizer(result.out)))) <= MERGE_BOUND
+
+
 def test_merged_export_writes_the_requested_dtype(adapter_dir, tmp_path):
     from safetensors import safe_open
 

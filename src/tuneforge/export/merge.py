@@ -6,6 +6,7 @@ on the probe batch are taken before the merge and compared with the merged model
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,33 @@ def merged_model(source: ModelSource, ids: list[list[int]]) -> MergedModel:
     unmerged = probe_logits(model, ids)
     if source.adapter is None:
         return MergedModel(model, unmerged, None)
+    _untie_adapted_weights(model)
     model = model.merge_and_unload()
     merged = probe_logits(model, ids)
     measured = agreement(unmerged, merged)
     require_within(measured, MERGE_BOUND, f"Merging the adapter {source.adapter} into its base")
     return MergedModel(model, merged, measured)
+
+
+def _untie_adapted_weights(model) -> None:
+    """Gives an adapted layer whose weight another layer shares (the output layer and the input
+    embeddings of a model with tied embeddings) a copy of its own: the merge folds the adapter into that
+    weight, and folded into the shared one it would change the other layer too. The merged model then
+    keeps the two apart, and its config says they are no longer tied."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    uses = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+    untied = False
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            layer = module.get_base_layer()
+            if uses[layer.weight.data_ptr()] > 1:
+                layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+                untied = True
+    if untied:
+        config = model.get_base_model().config
+        for part in (config, config.get_text_config()):
+            part.tie_word_embeddings = False
 
 
 def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str) -> list[Path]:
