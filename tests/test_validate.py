@@ -103,6 +103,14 @@ def test_a_model_without_a_chat_template_is_a_warning_naming_chatml_and_where_it
     assert f"putthattemplatein{model}/chat_template.jinja." in said
 
 
+def test_reading_the_data_shows_its_progress(tiny_model_dir, triage_data, tmp_path, capsys):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
+    assert validate(cfg) == 0
+    lines = sum(1 for _ in open(cfg["data"]["train"], encoding="utf-8"))
+    err = capsys.readouterr().err  # not a terminal here: plain lines with the rate and the ETA
+    assert f"lines {lines}/{lines} (100%)" in err and "/s" in err and "eta" in err
+
+
 def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
     assert validate(cfg) == 0

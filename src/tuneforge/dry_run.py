@@ -179,7 +179,8 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer, source)
     check_eval_inputs(cfg)
-    prepared = prepare_items(cfg, tokenizer, log=lambda *a, **k: None)
+    # Reading a file of many rows takes minutes: its bar (or log lines) shows the rate and what is left.
+    prepared = prepare_items(cfg, tokenizer, log=lambda *a, **k: None, progress=True)
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
     if not train_items:
         raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")
