@@ -83,6 +83,23 @@ def test_json_prints_only_the_report(good_file, tmp_path, capsys, models):
     assert [f["format"] for f in report["files"]] == ["chat", "chat"]
 
 
+@pytest.mark.parametrize("kind", ["chat", "preference"])
+def test_the_check_holds_no_tokens_and_reports_what_preparing_reports(tmp_path, tokenizer, kind):
+    from tuneforge.config import DataConfig
+    from tuneforge.data.prepare import check_data
+
+    if kind == "chat":
+        rows = [chat(f"Question {i}: what is two plus {i}?", f"The answer is {i + 2}.") for i in range(12)]
+    else:
+        rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(12)]
+    rows.append(rows[0])  # a duplicate
+    cfg = DataConfig(train=[str(write_jsonl(tmp_path / "rows.jsonl", rows))], validation=0.25, max_length=64)
+    kept, _ = check_data(cfg, tokenizer)
+    light, _ = check_data(cfg, tokenizer, keep_examples=False)  # what `data check` runs: a report of any size
+    assert (kept.train or kept.train_pairs) and not (light.train or light.valid or light.train_pairs)
+    assert light.report == kept.report and light.report["counts"]["validation"] == 3
+
+
 def test_errors_as_json(tmp_path, capsys, models):
     path, code, line = write_bad_input(tmp_path, "unknown_role")
     assert check_command([str(path)], json_out=True) == 2

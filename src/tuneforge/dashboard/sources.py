@@ -253,7 +253,7 @@ class JobRuns:
         except TuneforgeError as err:
             message = scrub_paths(err.message.replace(str(path), shown))
             raise APIError(400, message, param="file_id", code=err.code) from err
-        data, _ = check_data(config.data, tokenizer)
+        data, _ = check_data(config.data, tokenizer, keep_examples=False)  # the report is all it shows
         return public_report(data.report, {str(path): shown})
 
 

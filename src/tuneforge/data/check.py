@@ -58,7 +58,7 @@ def check_command(
     except ValueError as e:  # the config rejected an option (pydantic's ValidationError is a ValueError)
         errors_console.print(f"[red]error:[/red] {escape(str(e))}")
         return EXIT_BAD_INPUT
-    data, errors = check_data(cfg, tokenizer, progress=True)
+    data, errors = check_data(cfg, tokenizer, progress=True, keep_examples=False)  # the report is all it shows
     report = data.report
     shared = [d for d in report["duplicates"] if d["file"] != d["of_file"]]
     report["counts"]["shared_between_files"] = len(shared)

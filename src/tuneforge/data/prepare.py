@@ -44,12 +44,17 @@ Item = Example | tuple[Example, ...]  # a preference pair, or a conversation ren
 
 @dataclass
 class _Row:
-    """A row that made it through: where it came from, its content key, its tokens."""
+    """A row that made it through: where it came from, its content key, its tokens (None where only the
+    report is wanted) and what the report counts of them."""
 
     file: str
     line: int
     key: int
-    item: Item
+    item: Item | None
+    examples: int
+    tokens: int
+    trained: int
+    trains_end: bool  # trains an end-of-turn token
 
 
 class _Stop(Exception):
@@ -207,9 +212,13 @@ def _mix_general(data: PreparedData, cfg: DataConfig, tokenizer, replay: Path | 
     data.report["counts"]["train"] = len(data.train)
 
 
-def check_data(cfg: DataConfig, tokenizer, *, progress: bool = False) -> tuple[PreparedData, list[Problem]]:
-    """Everything `prepare` does except deciding: returns the data (bad rows left out) and every error."""
-    run = _Preparation(cfg, tokenizer, progress)
+def check_data(
+    cfg: DataConfig, tokenizer, *, progress: bool = False, keep_examples: bool = True
+) -> tuple[PreparedData, list[Problem]]:
+    """Everything `prepare` does except deciding: returns the data (bad rows left out) and every error.
+    Without `keep_examples` only the report is filled (no examples): memory then stays small however
+    many rows the files hold."""
+    run = _Preparation(cfg, tokenizer, progress, keep_examples)
     try:
         run.read_all()
         run.split()
@@ -222,8 +231,8 @@ def check_data(cfg: DataConfig, tokenizer, *, progress: bool = False) -> tuple[P
 class _Preparation:
     """One pass over the data: reads, checks, dedups, renders and fits every row, counting as it goes."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, progress: bool = False):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: DataConfig, tokenizer, progress: bool = False, keep_examples: bool = True):
+        self.cfg, self.progress, self.keep_examples = cfg, progress, keep_examples
         self.renderer = renderer_for(tokenizer)
         self.problems: list[Problem] = []
         self.counts: Counter = Counter()
@@ -359,7 +368,19 @@ class _Preparation:
             item = self._fit(result, str(path), line)
             if item is None:
                 continue
-            kept.append(_Row(str(path), line, key, item))
+            examples = item if isinstance(item, tuple) else (item,)
+            kept.append(
+                _Row(
+                    str(path),
+                    line,
+                    key,
+                    item if self.keep_examples else None,
+                    len(examples),
+                    sum(len(e) for e in examples),
+                    sum(e.trained_tokens for e in examples),
+                    any(not self.renderer.end_ids.isdisjoint(e.labels) for e in examples),
+                )
+            )
             self.problems += [replace(p, file=str(path), line=line) for p in self.renderer.unwritten(record)]
             if isinstance(record, Conversation | Preference):  # only rows that train decide the recorded prompt
                 self.counts["conversations"] += 1
@@ -407,7 +428,9 @@ class _Preparation:
         errors = [p for p in self.problems if p.is_error]
         report = self._report(errors)
         pairs = self._pairs
-        if pairs:
+        if not self.keep_examples:
+            train, valid = [], []
+        elif pairs:
             train, valid = [r.item for r in self.train], [r.item for r in self.valid]
         else:  # a conversation rendered turn by turn is one row of several examples
             train, valid = _examples(self.train), _examples(self.valid)
@@ -463,9 +486,8 @@ class _Preparation:
                 )
             )
             return
-        examples = _examples(self.train)
-        ends = self.renderer.end_ids
-        if not any(label in ends for e in examples for label in e.labels):
+        if not any(r.trains_end for r in self.train):
+            ends = self.renderer.end_ids
             names = ", ".join(repr(self.renderer.tokenizer.convert_ids_to_tokens(i)) for i in sorted(ends))
             self.problems.append(
                 Problem(
@@ -479,9 +501,8 @@ class _Preparation:
 
     def _report(self, errors: list[Problem]) -> dict:
         rejected_rows = {(p.file, p.line) for p in errors if p.line is not None}
-        examples = _examples(self.train + self.valid)
-        total = sum(len(e) for e in examples)
-        trained = sum(e.trained_tokens for e in examples)
+        total = sum(r.tokens for r in self.train + self.valid)
+        trained = sum(r.trained for r in self.train + self.valid)
         records, rejected_records = self.counts["records"], self.counts["rejected_records"]
         counts = {
             "read": records + len(rejected_rows) - rejected_records,
@@ -495,8 +516,8 @@ class _Preparation:
             "truncated": self.counts["truncated"],
             "dropped_too_long": self.counts["dropped_too_long"],
             # Examples (a preference pair is one): a row trained turn by turn is several.
-            "train": len(self.train if self._pairs else _examples(self.train)),
-            "validation": len(self.valid if self._pairs else _examples(self.valid)),
+            "train": len(self.train) if self._pairs else sum(r.examples for r in self.train),
+            "validation": len(self.valid) if self._pairs else sum(r.examples for r in self.valid),
         }
         return {
             "version": REPORT_VERSION,
