@@ -100,6 +100,16 @@ def test_the_check_holds_no_tokens_and_reports_what_preparing_reports(tmp_path, 
     assert light.report == kept.report and light.report["counts"]["validation"] == 3
 
 
+def test_rows_shared_between_files_are_all_counted_beyond_the_listed_duplicates(tmp_path, capsys, models):
+    from tuneforge.data.prepare import MAX_LISTED
+
+    rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(MAX_LISTED + 5)]
+    first, second = write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "b.jsonl", rows)
+    assert check_command([str(first), str(second)], json_out=True) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert counts["shared_between_files"] == counts["duplicates_exact"] == MAX_LISTED + 5
+
+
 def test_errors_as_json(tmp_path, capsys, models):
     path, code, line = write_bad_input(tmp_path, "unknown_role")
     assert check_command([str(path)], json_out=True) == 2

@@ -60,8 +60,6 @@ def check_command(
         return EXIT_BAD_INPUT
     data, errors = check_data(cfg, tokenizer, progress=True, keep_examples=False)  # the report is all it shows
     report = data.report
-    shared = [d for d in report["duplicates"] if d["file"] != d["of_file"]]
-    report["counts"]["shared_between_files"] = len(shared)
     if json_out:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -307,6 +307,8 @@ class _Preparation:
                         if drop_repeats and (hit := index.find(key, signature)):
                             self.counts[f"duplicates_{hit[0]}"] += 1
                             self.duplicates.append(self._repeat(path, line, hit, hit[0]))
+                            # The list is cut at MAX_LISTED: rows repeated across files are counted as they go.
+                            self.counts["shared_between_files"] += self.duplicates[-1]["of_file"] != str(path)
                             continue
                         index.add(row_id, key, signature)
                     pending.append((line, item, key))
@@ -512,6 +514,7 @@ class _Preparation:
             "blank_lines": sum(p.code == "blank_line" for p in self.problems),
             "duplicates_exact": self.counts["duplicates_exact"],
             "duplicates_near": self.counts["duplicates_near"],
+            "shared_between_files": self.counts["shared_between_files"],  # duplicates of a row in another file
             "validation_leak": self.counts["validation_leak"],
             "truncated": self.counts["truncated"],
             "dropped_too_long": self.counts["dropped_too_long"],
