@@ -89,6 +89,12 @@ BAD_INPUTS = {
         2,
     ),
     "mixed_formats": ("bad.jsonl", _GOOD + b'\n{"instruction": "Say hi", "output": "hi"}\n', "mixed_formats", 2),
+    "huge_csv_row": (
+        "bad.csv",
+        b"prompt,completion\nSay hi,hi\n" + b"x" * 10_000_000 + b",hi\nSay hi,hi\n",
+        "row_too_large",
+        3,
+    ),
     "csv_missing_column": ("bad.csv", b"instruction,input\nSay hi,now\n", "missing_column", 1),
 }
 

@@ -13,7 +13,7 @@ import csv
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -421,12 +421,14 @@ def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, 
             try:
                 cells = next(reader, None)
             except csv.Error as e:
-                yield (
-                    line,
-                    Problem(
+                if "field larger than field limit" in str(e):  # csv's only sign of a field over MAX_ROW_BYTES
+                    problem = _too_large(path, line)
+                    problem = replace(problem, message=f"{problem.message} The rest of the file was not read.")
+                else:
+                    problem = Problem(
                         "invalid_csv", f"not valid CSV: {e}. The rest of the file was not read.", file=path, line=line
-                    ),
-                )
+                    )
+                yield line, problem
                 return
             if cells is None:
                 break
