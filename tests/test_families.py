@@ -238,6 +238,25 @@ def test_qwen3_trains_each_reply_with_its_reasoning_in_an_example_of_its_own(tmp
     assert trained_runs(whole, tokenizer) == ["<think>\nThree and three.\n</think>\n\nSix.<|im_end|>"]
 
 
+def test_reasoning_given_apart_from_the_answer_trains_as_the_template_writes_it(tmp_path):
+    # DeepSeek's and Qwen's APIs (and datasets exported from them) give the reasoning in its own field:
+    # Qwen 3's template writes it inside <think>, a template without reasoning would drop it unseen.
+    messages = [
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "reasoning": "Two and two.", "content": "Four."},
+        {"role": "user", "content": "And three plus three?"},
+        {"role": "assistant", "reasoning_content": "Three and three.", "content": "Six."},
+    ]
+    qwen3 = family_tokenizer(FAMILIES["qwen3"], tmp_path / "qwen3")
+    first, whole = render_examples(messages, qwen3)
+    assert trained_runs(first, qwen3) == ["<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>"]
+    assert trained_runs(whole, qwen3) == ["<think>\nThree and three.\n</think>\n\nSix.<|im_end|>"]
+    with pytest.raises(DataError) as err:
+        render_examples(messages, family_tokenizer(FAMILIES["qwen2.5"], tmp_path / "qwen2.5"))
+    assert (err.value.code, err.value.problems[0].field) == ("reasoning_not_rendered", "messages[1].reasoning_content")
+    assert "'Four.<|im_end|>'" in str(err.value) and "<think>" in str(err.value)
+
+
 def test_qwen3_refuses_a_reply_after_a_reply_as_a_fault_of_the_row_not_of_the_template(tmp_path):
     # Qwen 3 writes an empty reasoning block into the last reply only, so the first of two replies in a
     # row changes once the second follows: that row cannot train, while every other row can.

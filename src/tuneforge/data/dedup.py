@@ -33,7 +33,8 @@ def _message_text(m: Message) -> str:
     # A reply of weight 0 is shown but not trained: rows that train different replies of one
     # conversation (a common way to write it) are not duplicates.
     untrained = " weight=0" if m.weight == 0 else ""
-    return f"<{m.role}{untrained}>{normalise_text(m.content)}{calls}"
+    reasoning = f"<think>{normalise_text(m.reasoning_content)}</think>" if m.reasoning_content else ""
+    return f"<{m.role}{untrained}>{reasoning}{normalise_text(m.content)}{calls}"
 
 
 def _tools_text(tools: list[dict] | None) -> str:

@@ -5,7 +5,8 @@ is checked completely: a bad row yields every `Problem` it has, each with a code
 data-preparation codes where one fits), the file, the line, the field and what to do.
 
 Formats (the names `data.format` takes):
-  chat               {"messages": [{"role", "content", "weight"?, "name"?, "tool_calls"?, ...}], "tools"?}
+  chat               {"messages": [{"role", "content", "weight"?, "name"?, "tool_calls"?, "reasoning_content"?,
+                     ...}], "tools"?} ("reasoning", as some exports name it, is read as "reasoning_content")
   alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
   sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|"tool", "value"}], "system"?, "tools"?}
                      (LLaMA-Factory writes "tools" as JSON text of function definitions)
@@ -31,7 +32,7 @@ from .schema import ROLES, Conversation, Document, Message, Preference, Problem,
 
 FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference")
 
-_MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id")
+_MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id", "reasoning_content", "reasoning")
 _SHAREGPT_KEYS = ("from", "value", "weight")
 # Roles and keys of function calling as OpenAI's legacy `functions` and LLaMA-Factory's ShareGPT write it.
 _FUNCTION_CALLING = ("function", "function_call")
@@ -368,9 +369,18 @@ class _RowCheck:
             weight = self._weight(raw, at, role)
             name = self._optional_string(raw, at, "name") if "name" in raw else None
             tool_call_id = self._optional_string(raw, at, "tool_call_id") if "tool_call_id" in raw else None
+            reasoning = None if sharegpt else self._reasoning(raw, at, role)
             if role is not None and content is not None:
                 out.append(
-                    Message(role, content, weight=weight, name=name, tool_calls=tool_calls, tool_call_id=tool_call_id)
+                    Message(
+                        role,
+                        content,
+                        weight=weight,
+                        name=name,
+                        tool_calls=tool_calls,
+                        tool_call_id=tool_call_id,
+                        reasoning_content=reasoning,
+                    )
                 )
         return out if self.errors == errors_before else None
 
@@ -456,6 +466,20 @@ class _RowCheck:
             self.error("data_type", f"{at}.tool_calls", "only assistant messages make tool calls; remove them here.")
             return None
         return calls
+
+    def _reasoning(self, raw: dict, at: str, role: str | None) -> str | None:
+        """An assistant reply's reasoning: 'reasoning_content' (DeepSeek's and Qwen's name) or 'reasoning'."""
+        given = [key for key in ("reasoning_content", "reasoning") if raw.get(key) is not None]
+        if len(given) > 1:
+            self.error(
+                "data_type", f"{at}.reasoning", "the message has both 'reasoning_content' and 'reasoning'; keep one."
+            )
+            return None
+        value = self._optional_string(raw, at, given[0]) if given else None
+        if value is not None and role != "assistant":
+            self.error("data_type", f"{at}.{given[0]}", "only assistant messages have reasoning; remove it here.")
+            return None
+        return value
 
     def _optional_string(self, raw: dict, at: str, key: str) -> str | None:
         value = raw.get(key)

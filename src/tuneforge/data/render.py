@@ -320,6 +320,9 @@ class ChatRenderer:
                 and not any(c["function"]["name"] in turn[len(prompt) : reply_end] for c in calls)
             ):
                 return [_tool_calls_not_rendered(i, turn[len(prompt) : reply_end])]
+            reasoning = messages[i].reasoning_content
+            if reasoning and reasoning.strip() not in turn[len(prompt) : reply_end]:
+                return [_reasoning_not_rendered(i, turn[len(prompt) : reply_end])]
             if text.startswith(turn[:reply_end]):
                 spans.append((len(prompt), reply_end, i))
             elif train_outside_spans:  # everything else in the whole rendering is trained: no turn of its own
@@ -771,6 +774,17 @@ def _tool_calls_not_rendered(message_index: int, reply: str) -> Problem:
         "model would learn to answer with that instead of calling the tool. Use a model whose chat template "
         "supports tool calls, or leave such rows out.",
         field=f"messages[{message_index}].tool_calls",
+    )
+
+
+def _reasoning_not_rendered(message_index: int, reply: str) -> Problem:
+    return Problem(
+        "reasoning_not_rendered",
+        f"the chat template does not write this reply's reasoning (it renders the reply as {reply!r}), so the "
+        "reasoning would not be trained. Use a model whose chat template writes reasoning_content (Qwen 3's), "
+        "or write the reasoning into the content the way the model is to produce it (e.g. "
+        "'<think>\\n...\\n</think>\\n\\n' before the answer).",
+        field=f"messages[{message_index}].reasoning_content",
     )
 
 

@@ -27,11 +27,14 @@ class Message:
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    """Assistant messages only: the reply's reasoning, apart from its answer (as DeepSeek's and Qwen's
+    APIs return it); chat templates of reasoning models (Qwen 3's) write it inside `<think>`."""
 
     def to_template(self) -> dict:
         """The message as a chat template expects it (the loss weight is ours, not the template's)."""
         out = {"role": self.role, "content": self.content}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
