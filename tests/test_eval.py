@@ -500,3 +500,42 @@ def test_eval_command_prints_tables_or_json(tiny_run, tiny_model_dir, triage_dat
     assert eval_command(str(tiny_run), str(triage_data["test"]), json_out=True, limit=2, metric="json_fields") == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["metric"] == "json_fields" and printed["n"] == 2
+
+
+def test_a_reasoning_model_is_scored_on_its_answer_after_the_reasoning(tiny_model_dir, tmp_path, monkeypatch):
+    """A reply that thinks first is right when its answer is (the reference may hold reasoning too); one
+    cut off at max_new_tokens inside its reasoning has no answer, and the usage counts it."""
+    import sys
+
+    from tuneforge.eval.evaluate import evaluate_loaded
+    from tuneforge.generate import Completion
+
+    rows = [
+        ("What is two plus two?", "Four."),
+        ("What is three plus three?", "<think>\nThree and three.\n</think>\n\nSix."),
+        ("What is four plus four?", "Eight."),
+    ]
+    path = tmp_path / "valid.jsonl"
+    messages = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in rows]
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in messages))
+    replies = [
+        Completion("<think>\nTwo and two make four.\n</think>\n\nFour.", 9, 12, "stop"),
+        Completion("<think>\nSix, surely.\n</think>\n\nSix.", 9, 10, "stop"),
+        Completion("<think>\nFour and four, that is", 9, 8, "length"),
+    ]
+    evaluate_module = sys.modules["tuneforge.eval.evaluate"]
+    monkeypatch.setattr(evaluate_module, "generate", lambda model, tokenizer, prompts, **options: replies)
+    model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    result = evaluate_loaded(model, tokenizer, read_eval_examples(path), metric="exact", progress=False)
+    assert [s["correct"] for s in result["samples"]] == [True, True, False]
+    assert result["scores"]["exact"] == pytest.approx(2 / 3)
+    assert result["usage"]["stopped_in_reasoning"] == 1
+    assert ["cut inside the reasoning (no answer)", "1 of 3"] in metrics_table(
+        {"model": {**result, "data": str(path)}}
+    ).rows
+    reply = '<think>\nhm\n</think>\n{"a": 1}'  # a JSON answer after reasoning: json_fields scores it
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Label?"}, {"role": "assistant", "content": reply}]})
+        + "\n"
+    )
+    assert choose_metric("auto", read_eval_examples(path)) == "json_fields"

@@ -348,3 +348,21 @@ def test_check_catches_a_bad_grader_before_training():
         compare("string_check", "operation", "eq", reference="{{ item.solution }}").check(items)
     with pytest.raises(GraderError, match="took longer than its limit"):
         python("def grade(sample, item):\n    while True:\n        pass\n").check(items)
+
+
+def test_graders_read_a_reasoning_models_answer_without_its_reasoning():
+    # OpenAI's output_text of a reasoning model is its answer; DeepSeek-R1's template opens <think> in the prompt.
+    grader = build_grader(
+        {
+            "type": "string_check",
+            "name": "s",
+            "operation": "eq",
+            "input": "{{ sample.output_text }}",
+            "reference": "{{ item.answer }}",
+        }
+    )
+    replies = ["<think>\nTwo and two.\n</think>\n\nFour", "Two and two.\n</think>\n\nFour", "<think>\nFour, or"]
+    samples = [sample_of(r) for r in replies]
+    assert [s["output_text"] for s in samples] == ["Four", "Four", ""]
+    assert [r.score for r in grader.grade(samples, [{"answer": "Four"}] * 3)] == [1.0, 1.0, 0.0]
+    assert sample_of('<think>\n{"a": 1}?\n</think>\n{"a": 2}')["output_json"] == {"a": 2}

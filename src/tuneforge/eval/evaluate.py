@@ -30,7 +30,7 @@ from ..methods import SFTObjective, sum_over_batches
 from ..models import causal_lm, load_model, load_tokenizer, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
 from ..progress import progress_bar
-from ..tasks.metrics import METRICS, parse_json_object, reference_fault
+from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16  # unpacked rows per forward, where the loss cannot run on packed rows
@@ -47,6 +47,11 @@ class EvalExample:
     conversation: Conversation
     prompt: list[dict]  # the messages before the reference answer, as a chat template takes them
     reference: str  # the last assistant message
+
+    @property
+    def answer(self) -> str:
+        """The reference's answer, scored: what follows its reasoning, where it holds any."""
+        return split_reasoning(self.reference)[1]
 
     @property
     def input(self) -> str:
@@ -96,7 +101,7 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
     scorer (`support_triage`) is asked for by name. A metric that cannot score against some of the
     references (`json_fields` on plain text) is a DataError naming their lines, before any compute."""
     if metric == "auto":
-        return "json_fields" if all(parse_json_object(e.reference) is not None for e in examples) else "exact"
+        return "json_fields" if all(parse_json_object(e.answer) is not None for e in examples) else "exact"
     if metric not in METRICS:
         raise TuneforgeError(
             f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.", code="unknown_metric"
@@ -111,7 +116,7 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
             field="messages",
         )
         for e in examples
-        if (fault := reference_fault(metric, e.reference))
+        if (fault := reference_fault(metric, e.answer))
     ]
     if problems:
         raise DataError.listing(f"{examples[0].file}: {len(problems)} rows cannot be scored by {metric}", problems)
@@ -201,8 +206,9 @@ def evaluate_loaded(
         answers = generate(
             model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens, on_progress=advance
         )
-    predictions = [a.text for a in answers]
-    references = [e.reference for e in examples]
+    # A reasoning model's reply is scored on its answer, what follows its reasoning (OpenAI's output_text).
+    predictions = [split_reasoning(a.text)[1] for a in answers]
+    references = [e.answer for e in examples]
     score = METRICS[metric]
     headline = HEADLINE[metric]
     samples = [
@@ -211,10 +217,10 @@ def evaluate_loaded(
             "input": e.input,
             "prediction": a.text,
             "reference": e.reference,
-            "correct": bool(score([a.text], [e.reference])[headline]),
+            "correct": bool(score([prediction], [reference])[headline]),
             "finish_reason": a.finish_reason,
         }
-        for e, a in zip(examples, answers)
+        for e, a, prediction, reference in zip(examples, answers, predictions, references)
     ]
     return {
         "n": len(examples),
@@ -225,6 +231,10 @@ def evaluate_loaded(
             "prompt_tokens": sum(a.prompt_tokens for a in answers),
             "completion_tokens": sum(a.completion_tokens for a in answers),
             "stopped_by_length": sum(a.finish_reason == "length" for a in answers),
+            # replies cut off before their reasoning ended: no answer to score (raise max_new_tokens)
+            "stopped_in_reasoning": sum(
+                a.finish_reason == "length" and bool(a.text.strip()) and not p for a, p in zip(answers, predictions)
+            ),
         },
         "seconds": {
             "loss": round(loss_seconds, 2),

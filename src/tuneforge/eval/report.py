@@ -147,6 +147,9 @@ def metrics_table(results: dict[str, dict]) -> Table:
         [r["usage"]["stopped_by_length"] for r in results.values()],
         lambda v: f"{v} of {first['n']}",
     )
+    in_reasoning = [r["usage"].get("stopped_in_reasoning", 0) for r in results.values()]
+    if any(in_reasoning):  # a reasoning model cut off before its answer scores 0 on it
+        add("cut inside the reasoning (no answer)", in_reasoning, lambda v: f"{v} of {first['n']}")
     columns = ["metric", *labels] + (["change"] if paired else [])
     caption = (
         f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "

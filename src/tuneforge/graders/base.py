@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import TuneforgeError
-from ..tasks.metrics import parse_json_object
+from ..tasks.metrics import parse_json_object, split_reasoning
 
 SHOWN_SAMPLE_CHARS = 200
 _FENCE = re.compile(r"\A```(?:json)?\s*\n(.*?)\n?```\Z", re.DOTALL | re.IGNORECASE)
@@ -50,7 +50,9 @@ def parse_output_json(text: str) -> dict | None:
 
 
 def sample_of(text: str) -> dict:
-    """The sample dict graders read for one completion, as OpenAI's graders see it."""
+    """The sample dict graders read for one completion, as OpenAI's graders see it: a reasoning model's
+    output_text is its answer, without the reasoning before it."""
+    text = split_reasoning(text)[1]
     return {"output_text": text, "output_json": parse_output_json(text), "output_tools": []}
 
 

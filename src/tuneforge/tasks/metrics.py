@@ -3,7 +3,8 @@
 Every metric is `score(predictions, references) -> dict`: two lists of the same length, one
 reference per prediction; the dict holds `n` and shares in [0, 1]. `METRICS` maps the names that
 `eval.task` accepts to these functions; `reference_fault(metric, reference)` says why a metric
-cannot score against a reference answer (one that is no JSON object, for `json_fields`).
+cannot score against a reference answer (one that is no JSON object, for `json_fields`);
+`split_reasoning(text)` parts a reasoning model's reply into its reasoning and the answer scored.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ def _check_lengths(predictions: Sequence, references: Sequence) -> int:
     if not predictions:
         raise ValueError("nothing to score: predictions and references are empty")
     return len(predictions)
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a reasoning model's reply: the reasoning is what comes before the last
+    `</think>` (its `<think>` may be the template's, in the prompt, as DeepSeek-R1's writes it), the
+    answer what follows it. A reply that opens `<think>` and never closes it stopped while reasoning:
+    all reasoning, no answer. Other text is all answer."""
+    head, close, answer = text.rpartition(THINK_CLOSE)
+    if close:
+        return head.strip().removeprefix(THINK_OPEN).strip(), answer.strip()
+    if text.lstrip().startswith(THINK_OPEN):
+        return text.lstrip().removeprefix(THINK_OPEN).strip(), ""
+    return None, text
 
 
 def normalize_text(text: str) -> str:
