@@ -17,10 +17,28 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from .errors import EXIT_RUN_FAILED, TuneforgeError
 
+
+class _Interrupted(Exception):
+    """Ctrl-C during a command, carried past typer to `main`."""
+
+
+class _Commands(TyperGroup):
+    """tuneforge's command group. Recent typer releases turn a KeyboardInterrupt into a silent exit code 130,
+    which leaves a log that stops with no word of why; this carries it to `main`, which says so."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -618,7 +636,7 @@ def main() -> None:
         leave(EXIT_RUN_FAILED)
     except typer.Exit as e:
         leave(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt, _Interrupted):
         err.print("interrupted")
         leave(130)
     except Exception as e:  # click usage errors
