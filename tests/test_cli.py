@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -25,3 +26,25 @@ def test_ctrl_c_in_a_command_says_interrupted_on_stderr_and_exits_130(monkeypatc
     monkeypatch.setattr(tuneforge.recipes, "recipes_command", ctrl_c)
     code, out, err = run_cli(["recipes"], monkeypatch, capsys)
     assert code == 130 and out == "" and err.strip() == "interrupted"
+
+
+def test_sigterm_removes_the_half_written_folder_says_terminated_and_exits_143(tmp_path):
+    # A command halfway through writing its output folder gets a real SIGTERM, as from `timeout` or a CI cancel.
+    script = f"""
+import os, signal, tuneforge.recipes
+from tuneforge.cli import main
+from tuneforge.fsio import atomic_dir
+def writing(*_args, **_kw):
+    with atomic_dir({str(tmp_path / "out")!r}) as tmp:
+        (tmp / "part").write_text("half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()
+tuneforge.recipes.recipes_command = writing
+main()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, "recipes"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 143 and done.stdout == ""
+    assert done.stderr.strip() == "terminated (SIGTERM)"
+    assert list(tmp_path.iterdir()) == []

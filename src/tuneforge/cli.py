@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,16 @@ from .errors import EXIT_RUN_FAILED, TuneforgeError
 
 class _Interrupted(Exception):
     """Ctrl-C during a command, carried past typer to `main`."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM (`timeout`, `kill`, a CI job cancelled, `docker stop`): raised where the main thread is, so the
+    work unwinds as on Ctrl-C (half-written folders removed) and `main` says so in one line. A BaseException,
+    so no `except Exception` on the way takes it for a failure of the work."""
+
+
+def _terminate(signum, frame) -> NoReturn:
+    raise _Terminated
 
 
 class _Commands(TyperGroup):
@@ -619,6 +630,9 @@ def main() -> None:
     # The CLI draws its own bars (rich); a library's tqdm bar (transformers reading a GGUF back to check an
     # export) would stand between them, with carriage returns in a log. tqdm reads this when imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # Python's default for SIGTERM ends the process at once: no cleanup, no word. Commands with their own
+    # handling (training checkpoints and stops; the servers shut down) put theirs in place while they run.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         # Without standalone mode, click returns a command's exit code instead of exiting.
         code = app(args=_normalise_argv(sys.argv[1:]), prog_name="tuneforge", standalone_mode=False) or 0
@@ -639,6 +653,9 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt, _Interrupted):
         err.print("interrupted")
         leave(130)
+    except _Terminated:
+        err.print("terminated (SIGTERM)")
+        leave(128 + signal.SIGTERM)
     except Exception as e:  # click usage errors
         if isinstance(e, _click_exceptions()):
             e.show()
