@@ -213,6 +213,27 @@ def test_axolotl_and_llama_factory_keys_are_named_in_tuneforge_terms(tmp_path):
     )
 
 
+def test_a_per_device_batch_size_is_named_with_what_train_batch_size_counts(tmp_path):
+    # Hugging Face's and Axolotl's batch sizes are one device's micro-batch; train.batch_size is the whole step.
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "data:\n  train: x\nper_device_train_batch_size: 4\nmicro_batch_size: 4\ngradient_accumulation_steps: 2\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    lines = e.value.message.splitlines()
+    for line, key in ((3, "per_device_train_batch_size"), (4, "micro_batch_size")):
+        assert (
+            f"  {key} (line {line}): unknown key. tuneforge calls it train.batch_size (every row of an optimizer step: "
+            f"{key} x gradient_accumulation_steps x processes)." in lines
+        )
+    assert (
+        "  gradient_accumulation_steps (line 5): unknown key. tuneforge calls it train.grad_accum (train.batch_size "
+        "counts the rows of all the micro-batches of a step, so multiply the per-device batch size by it there)."
+        in lines
+    )
+
+
 def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
     import tuneforge
 

@@ -574,9 +574,14 @@ KNOWN_ELSEWHERE = {
     "logging_steps": "train.log_every",
     "num_train_epochs": "train.epochs",
     "num_epochs": "train.epochs",
-    "per_device_train_batch_size": "train.batch_size (rows per optimizer step, all processes together)",
-    "micro_batch_size": "train.batch_size (rows per optimizer step, all processes together)",
-    "gradient_accumulation_steps": "train.grad_accum",
+    # Their batch size is one micro-batch on one device; ours is every row of an optimizer step, so the same
+    # number there trains grad_accum x processes times fewer rows a step here.
+    "per_device_train_batch_size": "train.batch_size (every row of an optimizer step: "
+    "per_device_train_batch_size x gradient_accumulation_steps x processes)",
+    "micro_batch_size": "train.batch_size (every row of an optimizer step: "
+    "micro_batch_size x gradient_accumulation_steps x processes)",
+    "gradient_accumulation_steps": "train.grad_accum (train.batch_size counts the rows of all the micro-batches of "
+    "a step, so multiply the per-device batch size by it there)",
     "lr": "train.learning_rate",
     "warmup_ratio": "train.warmup",
     "warmup_steps": "train.warmup",
