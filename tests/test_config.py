@@ -234,6 +234,20 @@ def test_a_per_device_batch_size_is_named_with_what_train_batch_size_counts(tmp_
     )
 
 
+def test_a_hugging_face_schedule_name_is_refused_naming_the_nearest_of_ours(tmp_path):
+    path = write(tmp_path, {"data": {"train": "x"}, "train": {"scheduler": "constant_with_warmup"}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.splitlines()[1] == (
+        "  train.scheduler (line 4): Hugging Face's constant_with_warmup schedule is not offered; the nearest here "
+        "is constant (which warms up over train.warmup, then holds the learning rate). Give cosine, linear or "
+        "constant: each warms up over train.warmup first (got 'constant_with_warmup')"
+    )
+    with pytest.raises(ConfigError, match=r"cosine_with_min_lr schedule is not offered; the nearest here is cosine \("):
+        load_config(path, ["train.scheduler=cosine_with_min_lr"])
+    assert load_config(path, ["train.scheduler=constant"]).train.scheduler == "constant"
+
+
 def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
     import tuneforge
 

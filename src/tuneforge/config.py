@@ -138,6 +138,18 @@ class DataConfig(Strict):
         return [self.train] if isinstance(self.train, str) else list(self.train)
 
 
+# Hugging Face's schedules that tuneforge has no value of its own for, and the nearest of its own.
+HF_SCHEDULERS = {
+    "constant_with_warmup": "constant (which warms up over train.warmup, then holds the learning rate)",
+    "cosine_with_restarts": "cosine (one decay to 0, without restarts)",
+    "cosine_with_min_lr": "cosine (which decays towards 0, with no floor)",
+    "polynomial": "linear (a polynomial of power 1, decaying to 0)",
+    "inverse_sqrt": "constant or linear",
+    "warmup_stable_decay": "constant or linear",
+    "reduce_lr_on_plateau": "constant or linear",
+}
+
+
 class TrainConfig(Strict):
     epochs: Literal["auto"] | int = "auto"
     max_steps: int | None = Field(None, ge=1)
@@ -153,7 +165,11 @@ class TrainConfig(Strict):
         "memory; paged_adamw_8bit pages that state to host memory under pressure (CUDA only: on a CPU it runs as "
         "adamw_8bit)",
     )
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine",
+        description="the learning rate after train.warmup (each schedule warms up first, constant too): cosine "
+        "and linear decay towards 0 at the end of the run, constant holds it",
+    )
     warmup: float = Field(0.03, ge=0, description="a fraction of all steps if < 1, else a number of steps")
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -201,6 +217,18 @@ class TrainConfig(Strict):
         description="fsdp only: keep each process's shards of the weights and optimizer state in CPU memory "
         "and run the optimizer step there (slower; for models whose shards do not fit the devices)",
     )
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler(cls, v):
+        # Hugging Face's lr_scheduler_type names (also Axolotl's and LLaMA-Factory's): a run brought from
+        # there learns which of ours is nearest, and how it differs.
+        if isinstance(v, str) and v in HF_SCHEDULERS:
+            raise ValueError(
+                f"Hugging Face's {v} schedule is not offered; the nearest here is {HF_SCHEDULERS[v]}. Give cosine, "
+                "linear or constant: each warms up over train.warmup first"
+            )
+        return v
 
     @field_validator("epochs")
     @classmethod
