@@ -248,6 +248,17 @@ def test_a_hugging_face_schedule_name_is_refused_naming_the_nearest_of_ours(tmp_
     assert load_config(path, ["train.scheduler=constant"]).train.scheduler == "constant"
 
 
+def test_a_fraction_of_epochs_is_refused_saying_to_count_steps(tmp_path):
+    path = write(tmp_path, {"data": {"train": "x"}, "train": {"epochs": 1.5}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.splitlines()[1] == (
+        "  train.epochs (line 4): epochs counts whole passes over the data; for 1.5 of them, set train.max_steps to "
+        "that many epochs' steps (`tuneforge validate` shows the steps an epoch takes) (got 1.5)"
+    )
+    assert load_config(path, ["train.epochs=2.0"]).train.epochs == 2
+
+
 def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
     import tuneforge
 

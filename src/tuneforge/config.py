@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -227,6 +228,17 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"Hugging Face's {v} schedule is not offered; the nearest here is {HF_SCHEDULERS[v]}. Give cosine, "
                 "linear or constant: each warms up over train.warmup first"
+            )
+        return v
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _whole_epochs(cls, v):
+        # Hugging Face's num_train_epochs may be a fraction (part of a last pass); here a step count says that.
+        if isinstance(v, float) and math.isfinite(v) and not v.is_integer():
+            raise ValueError(
+                f"epochs counts whole passes over the data; for {v:g} of them, set train.max_steps to that many "
+                "epochs' steps (`tuneforge validate` shows the steps an epoch takes)"
             )
         return v
 
