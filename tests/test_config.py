@@ -259,6 +259,17 @@ def test_a_fraction_of_epochs_is_refused_saying_to_count_steps(tmp_path):
     assert load_config(path, ["train.epochs=2.0"]).train.epochs == 2
 
 
+def test_max_grad_norm_0_is_refused_saying_null_turns_clipping_off(tmp_path):
+    path = write(tmp_path, {"data": {"train": "x"}, "train": {"max_grad_norm": 0}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.splitlines()[1] == (
+        "  train.max_grad_norm (line 4): 0 would clip every gradient to nothing; give null (~) to train without "
+        "clipping (got 0)"
+    )
+    assert load_config(path, ["train.max_grad_norm=~"]).train.max_grad_norm is None
+
+
 def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
     import tuneforge
 

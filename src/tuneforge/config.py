@@ -172,7 +172,12 @@ class TrainConfig(Strict):
         "and linear decay towards 0 at the end of the run, constant holds it",
     )
     warmup: float = Field(0.03, ge=0, description="a fraction of all steps if < 1, else a number of steps")
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0,
+        description="clip the trained weights' gradients to this global norm each step (metrics' grad_norm is "
+        "their norm before clipping, as in Hugging Face); null: no clipping",
+    )
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     attention: Literal["per_example", "model"] = Field(
@@ -229,6 +234,14 @@ class TrainConfig(Strict):
                 f"Hugging Face's {v} schedule is not offered; the nearest here is {HF_SCHEDULERS[v]}. Give cosine, "
                 "linear or constant: each warms up over train.warmup first"
             )
+        return v
+
+    @field_validator("max_grad_norm", mode="before")
+    @classmethod
+    def _no_clipping_is_null(cls, v):
+        # Hugging Face and Axolotl turn clipping off with max_grad_norm: 0; here null does.
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0:
+            raise ValueError("0 would clip every gradient to nothing; give null (~) to train without clipping")
         return v
 
     @field_validator("epochs", mode="before")
