@@ -539,3 +539,9 @@ def test_a_reasoning_model_is_scored_on_its_answer_after_the_reasoning(tiny_mode
         + "\n"
     )
     assert choose_metric("auto", read_eval_examples(path)) == "json_fields"
+
+
+def test_the_table_states_how_the_scored_answers_were_generated(tiny_model_dir, triage_data):
+    result = evaluate(str(tiny_model_dir), triage_data["test"], limit=2, max_new_tokens=3, progress=False)
+    assert result["generation"] == {"decoding": "greedy", "max_new_tokens": 3}
+    assert "answers scored: greedy, at most 3 new tokens" in metrics_table({"tuned": result}).caption

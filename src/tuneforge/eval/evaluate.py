@@ -227,6 +227,8 @@ def evaluate_loaded(
         "metric": metric,
         **loss,
         "scores": score(predictions, references),
+        # How the scored answers were written: a score means little without it.
+        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens},
         "usage": {
             "prompt_tokens": sum(a.prompt_tokens for a in answers),
             "completion_tokens": sum(a.completion_tokens for a in answers),

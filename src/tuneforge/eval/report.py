@@ -155,6 +155,11 @@ def metrics_table(results: dict[str, dict]) -> Table:
         f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
         "exact: the whole answer right (every field, for JSON answers)"
     )
+    if generation := first.get("generation"):  # results written by earlier versions lack it
+        caption += (
+            f"; answers scored: {generation['decoding']}, at most {generation['max_new_tokens']} new tokens, "
+            "the chat template with the messages before the reference"
+        )
     if not per_token_compares:
         caption += (
             f"; the models tokenize the references into {' and '.join(map(str, token_counts))} tokens, so their "
