@@ -24,7 +24,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..data.render import renderer_for
 from ..generate import Completion, Sampling, encode_prompts
@@ -41,6 +41,12 @@ MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
 # Below this, sampling picks the argmax but for rounding, and dividing the logits by it can overflow.
 MIN_SAMPLING_TEMPERATURE = 1e-4
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+# Tool calling is not served: the reply is the model's text, never parsed into `tool_calls`.
+NO_TOOL_CALLING = (
+    "this server does not do tool calling: it returns the model's reply as text and never parses it into "
+    'tool_calls. Serve a model tuned for tool calls with vLLM (README, "Serving on GPUs with vLLM"; its '
+    "--enable-auto-tool-choice with the --tool-call-parser of the model's family), or send requests without tools."
+)
 
 
 def engine_error(err: EngineError) -> APIError:
@@ -66,6 +72,19 @@ class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_turns(cls, message):
+        # Said here, since pydantic would say that a call's null content or the "tool" role is a wrong value.
+        if isinstance(message, dict):
+            key = next((key for key in ("tool_calls", "function_call") if message.get(key) is not None), None)
+            turn = f"a message with {key}" if key else None
+            if turn is None and message.get("role") in ("tool", "function"):
+                turn = f"a {message['role']!r} message"
+            if turn is not None:
+                raise ValueError(f"{turn} is a tool-calling turn, and {NO_TOOL_CALLING}")
+        return message
 
     @field_validator("content", mode="before")
     @classmethod
@@ -184,6 +203,22 @@ class ChatCompletionBody(_GenerationBody):
     # What the SDK now sends in place of `user`: an end-user id and a cache key; accepted and not used.
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    # OpenAI's tool calling (and its older `functions`): accepted as arguments so that a request using them
+    # is refused saying why, not as unknown; `tool_choice: "none"` asks for no calls, which is what it gets.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for param in ("tools", "functions", "function_call", "parallel_tool_calls", "tool_choice"):
+            value = getattr(self, param)
+            if value is not None and value != [] and not (param == "tool_choice" and value == "none"):
+                raise APIError(
+                    400, f"{param} is not supported: {NO_TOOL_CALLING}", param=param, code="unsupported_value"
+                )
 
     def template_messages(self) -> list[dict]:
         return [message.as_template_message() for message in self.messages]
