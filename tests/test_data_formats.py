@@ -342,6 +342,14 @@ def test_legacy_function_calls_say_how_tool_use_is_written(tmp_path):
         assert "an assistant message's 'tool_calls'" in found[field], field
 
 
+def test_legacy_functions_are_an_error_even_on_a_row_that_calls_none(tmp_path):
+    # Unread, they would leave a reply that declines to call a function to train with no functions in sight.
+    weather = {"name": "weather", "parameters": {"type": "object"}}
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    [problem] = errors(read(write_jsonl(tmp_path / "f.jsonl", [{**row, "functions": [weather]}])))
+    assert problem.field == "functions" and '\'tools\': [{"type": "function"' in problem.message
+
+
 def test_json_array_is_streamed_with_element_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("[\n" + ",\n".join(json.dumps(chat(f"q{i}", f"a{i}"), indent=1) for i in range(3)) + "\n]\n")

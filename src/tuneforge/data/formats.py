@@ -323,6 +323,14 @@ class _RowCheck:
         return value
 
     def tools(self, row: dict) -> list[dict] | None:
+        if row.get("functions") is not None:
+            # Left unread, the row would train without its function definitions, as if it had no tools.
+            self.error(
+                "data_type",
+                "functions",
+                f"'functions' is OpenAI's legacy way to give the functions ({_TOOLS_FORMAT}): give them as "
+                '\'tools\': [{"type": "function", "function": <each function>}].',
+            )
         value = row.get("tools")
         if value is not None and not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
             self.error(
