@@ -350,6 +350,23 @@ def test_legacy_functions_are_an_error_even_on_a_row_that_calls_none(tmp_path):
     assert problem.field == "functions" and '\'tools\': [{"type": "function"' in problem.message
 
 
+@pytest.mark.parametrize(
+    "arguments, said",
+    [
+        ("{city: 'Paris'}", "not JSON"),
+        ('{"city": "Paris"', "not JSON"),
+        ('["Paris"]', "holds a list"),
+        (None, "missing"),
+    ],
+)
+def test_tool_call_arguments_that_are_not_a_json_object_are_an_error(tmp_path, arguments, said):
+    # The template would write them as a string (or null) and the model would learn to call with that.
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": arguments}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    [problem] = errors(read(write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])))
+    assert problem.field == "messages[1].tool_calls[0].function.arguments" and said in problem.message
+
+
 def test_json_array_is_streamed_with_element_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("[\n" + ",\n".join(json.dumps(chat(f"q{i}", f"a{i}"), indent=1) for i in range(3)) + "\n]\n")

@@ -473,6 +473,8 @@ class _RowCheck:
         if role != "assistant":
             self.error("data_type", f"{at}.tool_calls", "only assistant messages make tool calls; remove them here.")
             return None
+        for i, call in enumerate(calls):  # a call with bad arguments makes its row an error
+            self._check_arguments(call["function"].get("arguments"), f"{at}.tool_calls[{i}]")
         return calls
 
     def _reasoning(self, raw: dict, at: str, role: str | None) -> str | None:
@@ -488,6 +490,28 @@ class _RowCheck:
             self.error("data_type", f"{at}.{given[0]}", "only assistant messages have reasoning; remove it here.")
             return None
         return value
+
+    def _check_arguments(self, arguments: Any, at: str) -> None:
+        """A call's arguments are a JSON object (as JSON text, OpenAI's way, or as the object): the template
+        writes anything else as it is, and the model would learn to call with it."""
+        said = None
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                said = f"the text is not JSON ({e.msg} at character {e.pos + 1})"
+            else:
+                said = None if isinstance(parsed, dict) else f"the text holds {_json_type(parsed)}"
+        elif not isinstance(arguments, dict):
+            said = "it is missing" if arguments is None else f"got {_json_type(arguments)}"
+        if said is not None:
+            self.error(
+                "data_type",
+                f"{at}.function.arguments",
+                f"a call's arguments must be a JSON object, written as JSON text like "
+                f'"{{\\"city\\": \\"Paris\\"}}" (or as the object itself); {said}. Write them so, '
+                'with "{}" for a call without arguments.',
+            )
 
     def _optional_string(self, raw: dict, at: str, key: str) -> str | None:
         value = raw.get(key)
