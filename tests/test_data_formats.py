@@ -367,6 +367,14 @@ def test_tool_call_arguments_that_are_not_a_json_object_are_an_error(tmp_path, a
     assert problem.field == "messages[1].tool_calls[0].function.arguments" and said in problem.message
 
 
+def test_bare_function_definitions_in_chat_tools_are_read_as_openais_tools(tmp_path):
+    # Rendered bare, the model would train on tools shaped unlike those OpenAI's clients send at inference.
+    weather = {"name": "weather", "parameters": {"type": "object"}}
+    row = {**chat("Weather?", "Sunny."), "tools": [weather, {"type": "function", "function": weather}]}
+    [(_, conversation)] = read(write_jsonl(tmp_path / "t.jsonl", [row]))
+    assert conversation.tools == [{"type": "function", "function": weather}] * 2
+
+
 def test_json_array_is_streamed_with_element_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("[\n" + ",\n".join(json.dumps(chat(f"q{i}", f"a{i}"), indent=1) for i in range(3)) + "\n]\n")

@@ -337,7 +337,12 @@ class _RowCheck:
                 "data_type", "tools", f"'tools' must be a list of tool definitions (objects), got {_json_type(value)}."
             )
             return None
-        return value
+        if not value:
+            return value
+        # A bare function definition ({"name", "description", "parameters"}, as LLaMA-Factory and some chat
+        # data write them) becomes {"type": "function", "function": definition}, the shape OpenAI's clients
+        # send at inference and chat templates read.
+        return [tool if "type" in tool else {"type": "function", "function": tool} for tool in value]
 
     def messages(self, value: Any, field: str, *, sharegpt: bool = False) -> list[Message] | None:
         """A list of chat messages (OpenAI keys, or ShareGPT's from/value); None if any is bad."""
@@ -592,8 +597,7 @@ def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
 
 def _sharegpt_tools(row: dict, check: _RowCheck) -> list[dict] | None:
     """A ShareGPT row's `tools` in OpenAI's tools format. LLaMA-Factory writes them as JSON text of bare
-    function definitions ({"name", "description", "parameters"}); each becomes {"type": "function",
-    "function": definition}, the shape chat templates read."""
+    function definitions, which `_RowCheck.tools` wraps as OpenAI's."""
     value = row.get("tools")
     if isinstance(value, str):
         if not value.strip():
@@ -608,10 +612,7 @@ def _sharegpt_tools(row: dict, check: _RowCheck) -> list[dict] | None:
                 f"{e.pos + 1}); fix the JSON.",
             )
             return None
-    tools = check.tools({"tools": value})
-    if not tools:
-        return tools
-    return [tool if "type" in tool else {"type": "function", "function": tool} for tool in tools]
+    return check.tools({"tools": value})
 
 
 def _sharegpt_turns(row: dict, check: _RowCheck) -> list[Message] | None:
