@@ -55,6 +55,23 @@ def test_one_model_under_several_names_loads_once_and_bases_are_bounded(tmp_path
         assert not first.engine.stats()["alive"]
 
 
+def test_a_request_the_server_does_not_do_is_refused_before_its_model_loads(tmp_path, tiny_model_dir):
+    app = create_api(
+        tmp_path / "home",
+        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
+        api_keys=[KEY],
+        workers=0,
+        allowed_models=[str(tiny_model_dir)],
+    )
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    with TestClient(app) as http:
+        for extra, param in (({"tools": tools}, "tools"), ({"n": 2}, "n")):
+            body = {"model": str(tiny_model_dir), "messages": QUESTION, "max_tokens": 2, **extra}
+            response = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+            assert response.status_code == 400 and response.json()["error"]["param"] == param
+        assert app.state.service.inference.loaded == []
+
+
 def test_registry_names_are_taken_in_any_case_and_kept_in_one(tmp_path):
     access = ModelAccess(Store(f"sqlite:///{tmp_path / 'jobs.db'}"), tmp_path / "runs")
     for name in ("smollm2-135m-instruct", "SMOLLM2-135M-INSTRUCT", "Smollm2-135m-Instruct"):

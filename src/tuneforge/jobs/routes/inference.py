@@ -28,6 +28,7 @@ async def answer(
     models: InferenceModels, target: InferenceTarget, body: ChatCompletionBody | CompletionBody
 ) -> ForwardedResponse:
     """`body` answered by the serve app of `target`'s base, which calls the model what the body does."""
+    body.check_supported()  # what the serve app refuses (n, tools, ...) is refused before a model loads for it
     served = await models.acquire(target, body.model)
     return ForwardedResponse(models, served, body.model_dump(exclude_unset=True))
 
