@@ -257,6 +257,23 @@ def test_resume_refuses_training_data_that_changed_unless_forced(tiny_model_dir,
     assert train(cfg, resume="latest", force=True, progress=False).steps == 2
 
 
+def test_resume_of_a_checkpoint_from_a_version_that_prepared_data_otherwise_says_so(
+    tiny_model_dir, triage_data, tmp_path
+):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    train(cfg, progress=False)
+    # A checkpoint as an earlier tuneforge wrote it: no data format, and a key made its own way from the same files.
+    state_file = tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state.pop("data_format", None)
+    state_file.write_text(json.dumps({**state, "data_key": "1a5dc907c727a6138ecd1161e7972ff9"}))
+    with pytest.raises(TuneforgeError, match=r"step-2 was written by another version of tuneforge") as e:
+        train(cfg, resume="latest", progress=False)
+    assert e.value.code == "data_changed" and "--force" in e.value.message
+    assert "the data changed" not in e.value.message
+    assert train(cfg, resume="latest", force=True, progress=False).steps == 2
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:40])
 

@@ -35,6 +35,7 @@ import torch
 
 from .. import data as tfdata
 from ..config import Config, LoraConfig, TrainConfig, auto_epochs, load_config
+from ..data.cache import CACHE_FORMAT
 from ..errors import ConfigError, RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json
 from ..methods import (
@@ -369,13 +370,28 @@ def check_same_data(folder: Path, saved: dict, data_key: str | None) -> None:
     are refused: the rows of each step are drawn from the data, so the resumed run would not continue
     the run it began."""
     saved_key = saved.get("data_key")  # none in checkpoints of earlier versions
-    if saved_key and data_key and saved_key != data_key:
+    if not (saved_key and data_key and saved_key != data_key):
+        return
+    # The key holds how tuneforge prepares data (its cache format) beside the files and the tokenizer: the
+    # checkpoint of a version that prepared data otherwise (or recorded no format) has a key that differs
+    # though the files are as they were.
+    saved_format = saved.get("data_format")
+    if saved_format != CACHE_FORMAT:
+        written_by = f"data format {saved_format}" if saved_format is not None else "a data format it did not record"
         raise TuneforgeError(
-            f"the data changed since {folder} was written (the contents of data.train, data.validation or the "
-            "replay file, or the base model's tokenizer): the resumed run would train on other rows than the run "
-            "it continues. Resume with the data as it was, or pass --force to continue on the data as it is now.",
+            f"{folder} was written by another version of tuneforge ({written_by}; this version prepares data in "
+            f"format {CACHE_FORMAT}), so whether data.train, data.validation, the replay file or the base model's "
+            "tokenizer changed since cannot be told from it. If they are as they were, pass --force to continue on "
+            "the data as this version prepares it (its rows may be tokenized or drawn otherwise than in the run it "
+            "continues); else resume with the data as it was.",
             code="data_changed",
         )
+    raise TuneforgeError(
+        f"the data changed since {folder} was written (the contents of data.train, data.validation or the "
+        "replay file, or the base model's tokenizer): the resumed run would train on other rows than the run "
+        "it continues. Resume with the data as it was, or pass --force to continue on the data as it is now.",
+        code="data_changed",
+    )
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -558,7 +574,13 @@ class Run:
         return attention(self.cfg, self.attention_models)
 
     def save_checkpoint(self, step: int) -> Path:
-        state = {**self.state, "step": step, "config_hash": self.cfg.results_hash(), "data_key": self.data_key}
+        state = {
+            **self.state,
+            "step": step,
+            "config_hash": self.cfg.results_hash(),
+            "data_key": self.data_key,
+            "data_format": CACHE_FORMAT,
+        }
         return checkpoint.save(
             self.out / "checkpoints",
             step,
