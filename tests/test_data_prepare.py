@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -513,3 +514,27 @@ def test_progress_follows_each_file_through_the_pass_and_is_off_unless_asked(tmp
     assert lines[-1].startswith("data: train.jsonl lines 300/300 (100%)") and "eta 0:00:00" in lines[-1]
     prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
     assert capsys.readouterr().err == ""
+
+
+def test_a_file_still_being_written_while_it_is_read_stops_even_when_skipping(tmp_path, tokenizer, monkeypatch):
+    """A file appended to while it is read yields a half last line and rows of no one version of it: the
+    run (and `data check`) says the file changed, first, rather than train on what it caught of it."""
+    preparation = importlib.import_module("tuneforge.data.prepare")  # the module, not the function
+    path = write_jsonl(tmp_path / "train.jsonl", rows(20))
+    real = preparation.read_conversations
+
+    def read_while_written(file, format):
+        for i, item in enumerate(real(file, format)):
+            if i == 3:  # another process appends, half a line at a time
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write('{"messages": [{"role": "user", "content": "Late')
+            yield item
+
+    monkeypatch.setattr(preparation, "read_conversations", read_while_written)
+    cfg = DataConfig(train=str(path), validation=None, on_error="skip")
+    with pytest.raises(DataError) as err:
+        prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert err.value.code == "file_changed"
+    first = err.value.problems[0]
+    assert first.file == str(path) and "changed while it was being read" in first.message
+    assert "Wait until it is complete" in str(err.value)

@@ -11,6 +11,7 @@ has passed.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,7 +37,7 @@ MAX_LISTED = 1000
 FEW_EXAMPLES = 10
 _CHUNK_ROWS = 512
 _SHOWN_IN_ERROR = 20
-DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained"}
+DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained", "file_changed"}
 """Errors with the data set as a whole: they stop `prepare` even under on_error: skip."""
 
 Item = Example | tuple[Example, ...]  # a preference pair, or a conversation rendered turn by turn
@@ -228,6 +229,15 @@ def check_data(
     return run.result()
 
 
+def _file_state(path: str) -> tuple[int, int] | None:
+    """A file's size and modification time: what writing to it changes. None when it cannot be read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
 class _Preparation:
     """One pass over the data: reads, checks, dedups, renders and fits every row, counting as it goes."""
 
@@ -282,6 +292,7 @@ class _Preparation:
         # Progress is the line (or Parquet row) reached: rows are streamed, and the file's length in
         # lines is quick to count where its rows are not. Counted only for a bar: it reads the file once more.
         total, reached = (extent(path) if self.progress else 0), 0
+        before = _file_state(path)
         try:
             with progress_bar(f"data: {Path(path).name} lines", total, self.progress) as advance:
                 for line, item in read_conversations(path, self.cfg.format):
@@ -323,6 +334,19 @@ class _Preparation:
                     rows += self._finish(*in_flight.popleft())
                 if total > reached:  # the lines after the last row (a JSON array's "]") hold none
                     advance(total - reached)
+            if before is not None and _file_state(path) != before:
+                # A file still being written (appended to, or saved over) was read part old, part new: its
+                # last row may be cut in half, and the rows are of no one version of it. First in the list, as
+                # the row errors of such a read (a half line as invalid JSON) follow from it.
+                self.problems.insert(
+                    0,
+                    Problem(
+                        "file_changed",
+                        "the file changed while it was being read (is something still writing it?), so what was "
+                        "read is not the file as it is now. Wait until it is complete, then run again.",
+                        file=str(path),
+                    ),
+                )
         finally:
             for _, _, job in in_flight:  # stopped early: never leave a tokenization running behind
                 job.finish()
