@@ -751,3 +751,19 @@ def test_a_missing_run_folder_is_named_as_a_path_not_only_as_a_hub_id(monkeypatc
         resolve("runs/my-rnu")
     assert caught.value.code == "model_not_found"
     assert "runs/my-rnu does not exist" in caught.value.message and "my-run" in caught.value.message
+
+
+def test_two_pulls_at_once_download_and_convert_once(fake_index, home, capsys):
+    """Two terminals pulling the same model: the second waits for the first and finds its folder."""
+    import threading
+
+    fake_index()
+    folders = []
+    pulls = [threading.Thread(target=lambda: folders.append(pull("tiny-test"))) for _ in range(2)]
+    for thread in pulls:
+        thread.start()
+    for thread in pulls:
+        thread.join()
+    assert folders == [home / "models" / "tiny-test"] * 2
+    said = capsys.readouterr().err
+    assert said.count("verified sha256") == 1 and "already cached" in said

@@ -11,6 +11,7 @@ holding `tuneforge-model.json` is complete, and nothing else ever looks like one
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -90,6 +91,30 @@ def pull(name: str, *, progress: bool = True) -> Path:
     if entry is None:
         raise unknown_registry_name(name)
     console = _console(progress)
+    if cached_registry_folder(entry):  # no lock needed (nor a writable cache) to find it there
+        return _pull_held(entry, console)
+    with _sole_pull(name, console):
+        return _pull_held(entry, console)
+
+
+@contextlib.contextmanager
+def _sole_pull(name: str, console: Console) -> Iterator[None]:
+    """Hold the pull of `name` until it ends: a second pull (another terminal, a run pulling its base)
+    waits for the first and then finds its folder, rather than download and convert it all again.
+    The lock goes with the process, so a killed pull holds up nothing."""
+    locks = tuneforge_home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"pull-{name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"Waiting for another process pulling {name} to finish…")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _pull_held(entry: RegistryEntry, console: Console) -> Path:
+    name = entry.name
     cached = cached_registry_folder(entry)
     if cached:
         console.print(f"[green]✓[/] {name} is already cached at {cached}")
