@@ -538,3 +538,27 @@ def test_a_file_still_being_written_while_it_is_read_stops_even_when_skipping(tm
     first = err.value.problems[0]
     assert first.file == str(path) and "changed while it was being read" in first.message
     assert "Wait until it is complete" in str(err.value)
+
+
+def test_a_file_saved_over_before_it_is_read_is_not_cached_under_its_earlier_contents(
+    tmp_path, tokenizer, isolated_home, monkeypatch
+):
+    """The cache key hashes the files before they are read: rows read from a later version must not be
+    reused by a run on the earlier one."""
+    preparation = importlib.import_module("tuneforge.data.prepare")
+    earlier = rows(12)
+    path = write_jsonl(tmp_path / "train.jsonl", earlier)
+    real = preparation.check_data
+
+    def saved_over_meanwhile(cfg, tokenizer, **kw):
+        write_jsonl(path, rows(20))  # another terminal saves the file
+        return real(cfg, tokenizer, **kw)
+
+    cfg = DataConfig(train=str(path), validation=None)
+    monkeypatch.setattr(preparation, "check_data", saved_over_meanwhile)
+    assert len(prepare(cfg, tokenizer, log=lambda _: None).train) == 20
+    monkeypatch.undo()
+    monkeypatch.setenv("TUNEFORGE_HOME", str(isolated_home))
+    write_jsonl(path, earlier)
+    again = prepare(cfg, tokenizer, log=lambda _: None)
+    assert len(again.train) == 12 and again.report["cache"]["reused"] is False

@@ -103,7 +103,9 @@ def prepare(
         raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
     _mix_general(data, cfg, tokenizer, replay)
     _log_report(data.report, log)
-    if key:
+    # A data file saved over between its hashing and its reading holds other rows than the key says: that
+    # entry would hand them to a later run on the earlier file, so it is not written.
+    if key and key == cache.cache_key(cfg, tokenizer, replay):
         try:
             data.report["cache"] = {"key": key, "reused": False, "path": str(cache.save(key, data))}
             log(f"data: tokenized data set cached in {cache.cache_dir() / key}")
