@@ -381,3 +381,28 @@ def test_the_memory_plan_holds_what_distillation_keeps_of_its_vocabulary_wide_te
     plan = SimpleNamespace(micro_batch_rows=rows)
     planned = memory_plan((1, 1, 1, 0), model.config, cfg, plan, length, "fp32", trained_share=share)["logits"]
     assert sum(kept) <= planned <= 2.5 * sum(kept), (sum(kept), planned)
+
+
+def test_the_fsdp_plan_counts_what_each_process_gathers_whole_to_compute(
+    tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch
+):
+    """FSDP shards weights, gradients and optimizer state, but each process holds its root unit
+    (embeddings, final norm, output layer) whole through the forward and backward, and a decoder
+    layer with the next one prefetched: the plan of a sharded run counts them beside the shards."""
+    from tuneforge.dry_run import memory_plan, parameter_counts, validate
+
+    monkeypatch.setenv("COLUMNS", "300")  # one table row a line
+    cfg = {**config(tiny_model_dir, triage_data, tmp_path / "run"), "method": "full"}
+    model = load_model(resolve(str(tiny_model_dir)))
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    root = sum(p.numel() for p in model.parameters()) - sum(layers)
+    n, trainable, linear, gathered, hf_config = parameter_counts(resolve(str(tiny_model_dir)), load_config(cfg))
+    assert gathered == root + 2 * max(layers)
+    plan = SimpleNamespace(micro_batch_rows=1)
+    whole = memory_plan((n, trainable, linear, 0), hf_config, load_config(cfg), plan, 64, "fp32")
+    sharded = memory_plan((n, trainable, linear, 0), hf_config, load_config(cfg), plan, 64, "fp32", 2, 1.0, gathered)
+    assert "gathered to compute" not in whole
+    assert sharded["gathered to compute"] == gathered * 4
+    assert sharded["optimizer state"] == whole["optimizer state"] / 2
+    assert validate(cfg, processes=2) == 0
+    assert "gathered to compute" in " ".join(capsys.readouterr().out.split())

@@ -36,7 +36,7 @@ from .training import (
     shares_prefixes,
     to_rows,
 )
-from .training.distributed import sharding_plan, strategy
+from .training.distributed import decoder_layers, sharding_plan, strategy
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
 # bundled model with LoRA on CPU; see BENCHMARKS.md). Used only for the labelled time estimate.
@@ -53,10 +53,13 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 0.
     return 2 * size**3 * n / (time.perf_counter() - start)
 
 
-def parameter_counts(source, cfg) -> tuple[int, int, int, object]:
-    """(all, trainable, in the decoder's linear layers, hf config), counted exactly by building the model
-    and its method on the meta device: no memory, no weights, and DoRA magnitudes or modules_to_save count
-    as they should. The decoder's linear weights are what `model.quantize` quantizes."""
+def parameter_counts(source, cfg) -> tuple[int, int, int, int, object]:
+    """(all, trainable, in the decoder's linear layers, gathered whole under FSDP, hf config), counted
+    exactly by building the model and its method on the meta device: no memory, no weights, and DoRA
+    magnitudes or modules_to_save count as they should. The decoder's linear weights are what
+    `model.quantize` quantizes. FSDP (`training.distributed.shard`) gathers its root unit (everything
+    outside the decoder layers: embeddings, final norm, output layer) whole for the forward and keeps it
+    so through the backward, and beside it a decoder layer computing and the next one prefetched."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.path)
@@ -66,8 +69,10 @@ def parameter_counts(source, cfg) -> tuple[int, int, int, object]:
         linear = sum(
             m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in name
         )
+        layers = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+        gathered = total - sum(layers) + 2 * max(layers, default=0)
         trainable = sum(p.numel() for p in prepare_model(model, cfg).parameters() if p.requires_grad)
-    return total, trainable, linear, config
+    return total, trainable, linear, gathered, config
 
 
 def frozen_copy_parameters(cfg, n: int) -> int:
@@ -109,13 +114,15 @@ def memory_plan(
     precision: str,
     shards: int = 1,
     trained_share: float = 1.0,
+    gathered: int = 0,
 ) -> dict:
     """Bytes a process holds at its peak, by part: frozen weights (in `model.dtype`, quantized as
     `model.quantize` says), trainable weights with their gradients, optimizer state, activations of one
     micro-batch (kept per layer, or only at layer boundaries with gradient checkpointing), the logits
     the loss holds at once (`trained_share` of a micro-batch's tokens train), and a teacher or
     reference copy (`frozen_copy_parameters`, in `model.dtype`, whole on every process). FSDP spreads
-    the first three over `shards` processes."""
+    the first three over `shards` processes, and each process gathers the `gathered` parameters whole
+    to compute (`parameter_counts`), in bf16 copies where it computes in bf16."""
     n, trainable, linear, copy = counts
     frozen_bytes = 2 if frozen_dtype(cfg, precision) == torch.bfloat16 else 4
     quantize = cfg.model.quantize
@@ -138,14 +145,15 @@ def memory_plan(
         # The teacher is freed once its top-k are cached, before the first step makes gradients, optimizer
         # state and activations: it adds to the peak only what it holds beyond them.
         copy_bytes = max(0, copy_bytes - (trained / 2 + optimizer) / shards - activations - logits)
-    return {
+    parts = {
         "frozen weights": frozen / shards,
         "trained weights and gradients": trained / shards,
         "optimizer state": optimizer / shards,
-        "activations": activations,
-        "logits": logits,
-        "teacher or reference copy": copy_bytes,
     }
+    if shards > 1:
+        gathered_bytes = 2 if precision == "bf16" else frozen_bytes if cfg.trains_adapters else 4
+        parts["gathered to compute"] = gathered * gathered_bytes
+    return parts | {"activations": activations, "logits": logits, "teacher or reference copy": copy_bytes}
 
 
 def distill_logits_bytes(cfg, tokens: float, trained: float, vocab: int) -> float:
@@ -173,7 +181,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     cfg = load_config(config, overrides)
     check_output_dir(cfg)
     source = resolve(cfg.base_model)
-    n_params, n_trainable, n_linear, hf_config = parameter_counts(source, cfg)
+    n_params, n_trainable, n_linear, n_gathered, hf_config = parameter_counts(source, cfg)
     # Refuses a combination that cannot work.
     spread = strategy(cfg, processes, saves_merged=adapter_on_merged_base(cfg, source))
     tokenizer = load_tokenizer(source)
@@ -209,6 +217,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         precision,
         shards=processes if spread == "fsdp" else 1,
         trained_share=trained_share,
+        gathered=n_gathered,
     )
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
