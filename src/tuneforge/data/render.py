@@ -66,6 +66,7 @@ _PROBE = [
 _PROBES = (_PROBE, _PROBE[1:])  # the second for templates that refuse a system message (Gemma 2)
 _PROBE_TOOL = {"type": "function", "function": {"name": "tuneforge_probe_tool", "parameters": {"type": "object"}}}
 _PROBE_NAME = "tuneforge_probe_name"
+_PROBE_REASONING = "tuneforge_probe_reasoning"
 _SHORT_PIECE_CHARS = 64  # piece beginnings up to this long are cached ("assistant\n", "\n")
 _TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError)  # what a template can raise on odd input
 
@@ -148,6 +149,8 @@ class ChatRenderer:
         self.end_ids = frozenset(i for i in (self.end_of_turn_id, self.eos_id) if i is not None)
         self.writes_tools = self._writes([_PROBE_TOOL], None, _PROBE_TOOL["function"]["name"])
         self.writes_names = self._writes(None, _PROBE_NAME, _PROBE_NAME)
+        # A reasoning model's template (Qwen 3's) writes an assistant message's reasoning_content inside <think>.
+        self.writes_reasoning = self._writes(None, None, _PROBE_REASONING, reasoning=_PROBE_REASONING)
         # The end-of-turn tokens as the template writes them, to find where a reply ends in a rendering.
         self._end_marks = tuple(added[i].content for i in self.end_ids if i in added)
 
@@ -560,12 +563,14 @@ class ChatRenderer:
             )
         return problems
 
-    def _writes(self, tools: list[dict] | None, name: str | None, mark: str) -> bool:
-        """Whether the template writes `mark` into the probe conversation rendered with `tools` and
-        its user messages named `name`."""
+    def _writes(self, tools: list[dict] | None, name: str | None, mark: str, *, reasoning: str | None = None) -> bool:
+        """Whether the template writes `mark` into the probe conversation rendered with `tools`, its
+        user messages named `name` and its last reply's reasoning_content `reasoning`."""
         if self._probe_messages is None:
             return False
         messages = [{**m, "name": name} if name and m["role"] == "user" else m for m in self._probe_messages]
+        if reasoning:
+            messages[-1] = {**messages[-1], "reasoning_content": reasoning}
         try:
             return mark in self._apply_template([messages], tools, False)[0]
         except _TEMPLATE_FAILURES:

@@ -30,7 +30,7 @@ from ..data.render import renderer_for
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
 from ..web import CLIENT_LEFT, APIError, Metadata, Observer, RequestBody, caller, docs_urls, edge, note
-from . import completion_routes
+from . import completion_routes, reasoning
 from .completion_store import CompletionStore
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
 from .metrics import GenerationMetrics
@@ -257,21 +257,29 @@ class _Reply:
     model: str
     id: str
     created: int
+    reasoning: bool | None = None  # a reasoning model's reply: whether its prompt opened the reasoning (reasoning.py)
 
     @classmethod
-    def start(cls, chat: bool, model: str) -> _Reply:
-        return cls(chat, model, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()))
+    def start(cls, chat: bool, model: str, reasoning: bool | None = None) -> _Reply:
+        return cls(chat, model, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), reasoning)
 
     def whole(self, completion: Completion) -> dict:
-        answer = (
-            {"message": {"role": "assistant", "content": completion.text}} if self.chat else {"text": completion.text}
-        )
+        answer = {"text": completion.text}
+        if self.chat:
+            parts = (
+                {"content": completion.text}
+                if self.reasoning is None
+                else reasoning.message(completion.text, self.reasoning)
+            )
+            answer = {"message": {"role": "assistant", **parts}}
         choice = {"index": 0, **answer, "logprobs": None, "finish_reason": completion.finish_reason}
         return self._envelope("chat.completion" if self.chat else "text_completion", [choice], usage=_usage(completion))
 
-    def chunk(self, text: str = "", finish_reason: str | None = None, *, opening: bool = False) -> dict:
+    def chunk(
+        self, text: str = "", finish_reason: str | None = None, *, opening: bool = False, field: str = "content"
+    ) -> dict:
         if self.chat:
-            answer = {"delta": {"role": "assistant", "content": ""} if opening else {"content": text} if text else {}}
+            answer = {"delta": {"role": "assistant", "content": ""} if opening else {field: text} if text else {}}
         else:
             answer = {"text": text}
         return self._envelope(
@@ -390,7 +398,8 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
             400, "This server does not store completions: leave `store` out.", param="store", code="unsupported_value"
         )
     generation = await submit(server, request, body, body.template_messages(), server.default_max_tokens, "messages")
-    return await answer(server, request, body, _Reply.start(True, body.model), generation)
+    opened = reasoning.reasoning_opened(server.pool.tokenizer(generation.model), generation.prompt_ids)
+    return await answer(server, request, body, _Reply.start(True, body.model, opened), generation)
 
 
 @v1.post("/completions")
@@ -542,8 +551,8 @@ async def _events(server: Served, request: Request, body: _GenerationBody, reply
     try:
         if reply.chat:
             yield _sse(reply.chunk(opening=True))
-        async for piece in generation.pieces():
-            yield _sse(reply.chunk(piece))
+        async for field, text in reasoning.deltas(generation.pieces(), reply.reasoning):
+            yield _sse(reply.chunk(text, field=field))
         yield _sse(reply.chunk(finish_reason=generation.completion.finish_reason))
         await server.answered(request, body, reply, generation)
         if body.stream_options and body.stream_options.include_usage:

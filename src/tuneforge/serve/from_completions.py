@@ -39,7 +39,9 @@ class TrainingRows:
 
 def training_row(completion: StoredCompletion) -> dict:
     # The prompt trains as the chat template saw it when it was answered: a developer message as the system one.
-    return {"messages": [*template_messages(completion.messages), completion.reply["message"]]}
+    # A reasoning model's reply keeps its reasoning_content (None where it opened none: left out).
+    reply = {key: value for key, value in completion.reply["message"].items() if value is not None}
+    return {"messages": [*template_messages(completion.messages), reply]}
 
 
 def from_completions(

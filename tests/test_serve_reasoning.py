@@ -1,0 +1,150 @@
+"""A reasoning model served: its reply parted into `reasoning_content` and `content` (whole and streamed),
+as DeepSeek's API and vLLM's reasoning parsers return it; requests carrying reasoning; stored completions
+keeping it. The model is tiny Qwen 3 trained on one reply that reasons."""
+
+import json
+
+import openai
+import pytest
+import torch
+from families import FAMILIES, family_tokenizer, save_family_model
+from test_serve import running_server
+
+from tuneforge.data.render import render_conversation
+from tuneforge.data.schema import Conversation, Message
+from tuneforge.generate import encode_prompts
+from tuneforge.models import load_model, load_tokenizer
+from tuneforge.serve import AdapterPool, Engine, create_app
+from tuneforge.serve.completion_store import CompletionStore
+from tuneforge.serve.from_completions import from_completions
+from tuneforge.serve.reasoning import ReasoningSplitter, message, reasoning_opened
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUESTION = [{"role": "user", "content": "Hi"}]
+REASONING, ANSWER = "greet back", "Hello there"
+SPLITS = [
+    ("<think>\nlet me see\n</think>\n\nFour.\n", False, "let me see", "Four."),
+    ("let me see\n</think>\n\nFour.", True, "let me see", "Four."),  # DeepSeek-R1: the prompt opened <think>
+    ("<think>\nlet me", False, "let me", ""),  # cut while reasoning
+    ("  Four, as written. \n", False, None, "  Four, as written. \n"),  # no reasoning: the answer as written
+    ("<thi", False, None, "<thi"),
+    ("\n<think>\n\n</think>\n\nFour", False, "", "Four"),
+]
+
+
+@pytest.mark.parametrize(("text", "opened", "reasoning", "answer"), SPLITS)
+def test_a_reply_parts_into_its_reasoning_and_answer_whole_and_in_any_pieces(text, opened, reasoning, answer):
+    assert message(text, opened) == {"reasoning_content": reasoning, "content": answer}
+    for i in range(len(text) + 1):  # every cut into three pieces: `</think>` and `<think>` split anywhere
+        for j in range(i, len(text) + 1):
+            splitter, deltas = ReasoningSplitter(opened), []
+            for piece in (text[:i], text[i:j], text[j:]):
+                deltas += splitter.feed(piece)
+            deltas += splitter.finish()
+            fields = [field for field, _ in deltas]
+            assert fields == sorted(fields, reverse=True), deltas  # reasoning first, then content
+            assert "".join(t for f, t in deltas if f == "reasoning_content") == (reasoning or "")
+            assert "".join(t for f, t in deltas if f == "content") == answer, deltas
+
+
+@pytest.mark.parametrize(
+    ("family", "opens_in_prompt", "expected"),
+    [("qwen3", False, False), ("qwen3", True, True), ("qwen2.5", False, None), ("qwen2.5", True, True)],
+)
+def test_a_reasoning_model_is_known_by_its_template(tmp_path, family, opens_in_prompt, expected):
+    """Qwen 3's template writes reasoning_content, so its replies may open `<think>`; DeepSeek-R1's opens
+    `<think>` in the prompt, which the reply continues; other templates reason in neither way."""
+    tokenizer = family_tokenizer(FAMILIES[family], tmp_path)
+    if opens_in_prompt:  # as DeepSeek-R1's template ends its generation prompt
+        tokenizer.chat_template = tokenizer.chat_template.replace(
+            "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'"
+        )
+        assert tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True).endswith("<think>\n")
+    [prompt_ids] = encode_prompts(tokenizer, [QUESTION])
+    assert reasoning_opened(tokenizer, prompt_ids) is expected
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    """Tiny Qwen 3 trained (a few dozen steps, one row) to reason before it answers."""
+    folder = save_family_model(FAMILIES["qwen3"], tmp_path_factory.mktemp("reasoning") / "qwen3")
+    model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
+    row = Conversation(
+        [Message("user", "Hi"), Message("assistant", ANSWER, reasoning_content=REASONING)],
+    )
+    example = render_conversation(row, tokenizer)
+    ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(ids).logits[0], labels[0], ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(qwen3_dir, tmp_path_factory):
+    engine = Engine(AdapterPool(str(qwen3_dir), {}))
+    store = CompletionStore.open(str(tmp_path_factory.mktemp("store") / "completions.db"))
+    with running_server(create_app(engine, completions=store)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), store
+    engine.close()
+
+
+def ask(client, **options):
+    return client.chat.completions.create(model="qwen3", messages=QUESTION, temperature=0, **options)
+
+
+def test_a_reasoning_models_reply_holds_its_reasoning_apart_whole_streamed_and_stored(served, tmp_path):
+    client, store = served
+    whole = ask(client, store=True, metadata={"test": "reasoning"})
+    assert whole.choices[0].message.reasoning_content == REASONING
+    assert whole.choices[0].message.content == ANSWER
+    assert whole.choices[0].finish_reason == "stop"
+
+    deltas = [
+        (field, value)
+        for chunk in ask(client, stream=True)
+        for delta in [chunk.choices[0].delta]
+        for field in ("reasoning_content", "content")
+        if (value := getattr(delta, field, None))
+    ]
+    fields = [field for field, _ in deltas]
+    assert fields == sorted(fields, reverse=True) and len(set(fields)) == 2  # reasoning, then the answer
+    assert "".join(t for f, t in deltas if f == "reasoning_content") == REASONING
+    assert "".join(t for f, t in deltas if f == "content") == ANSWER
+
+    # max_tokens counts the reasoning's tokens too: cut inside it, the reply has no answer yet
+    cut = ask(client, max_tokens=4)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 4
+    assert cut.choices[0].message.content == ""
+    assert REASONING.startswith(cut.choices[0].message.reasoning_content) and cut.choices[0].message.reasoning_content
+
+    made = from_completions(str(store.engine.url.database), tmp_path / "rows.jsonl", metadata={"test": "reasoning"})
+    [row] = [json.loads(line) for line in made.out.read_text().splitlines()]
+    assert row["messages"][-1] == {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}
+
+
+def test_a_model_without_reasoning_answers_as_before(tmp_path):
+    folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen2.5")
+    engine = Engine(AdapterPool(str(folder), {}))
+    try:
+        with running_server(create_app(engine)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+            reply = client.chat.completions.create(model="qwen2.5", messages=QUESTION, max_tokens=4, temperature=0)
+            chunks = list(
+                client.chat.completions.create(
+                    model="qwen2.5", messages=QUESTION, max_tokens=4, temperature=0, stream=True
+                )
+            )
+    finally:
+        engine.close()
+    assert "reasoning_content" not in reply.choices[0].message.model_dump(exclude_unset=True)
+    assert reply.choices[0].message.content
+    deltas = [c.choices[0].delta.model_dump(exclude_unset=True) for c in chunks if c.choices]
+    assert all("reasoning_content" not in delta for delta in deltas)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
