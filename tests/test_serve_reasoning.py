@@ -129,6 +129,25 @@ def test_a_reasoning_models_reply_holds_its_reasoning_apart_whole_streamed_and_s
     assert row["messages"][-1] == {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}
 
 
+def test_a_request_may_carry_reasoning_and_turn_thinking_off_through_extra_body(served):
+    client, _ = served
+    earlier = {"role": "assistant", "content": "Hi", "reasoning_content": "say hi"}
+    asked = client.chat.completions.create(
+        model="qwen3", messages=[*QUESTION, earlier, *QUESTION], temperature=0, max_tokens=1
+    )
+    assert asked.choices[0].finish_reason == "length"
+    thinking = ask(client, max_tokens=1)
+    off = ask(client, max_tokens=1, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    # Qwen 3's template writes an empty reasoning block into the prompt when thinking is off
+    assert off.usage.prompt_tokens > thinking.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="only assistant messages have reasoning_content"):
+        client.chat.completions.create(
+            model="qwen3", messages=[{"role": "user", "content": "Hi", "reasoning_content": "x"}]
+        )
+    with pytest.raises(openai.BadRequestError, match="add_generation_prompt is set by the server"):
+        ask(client, extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
+
+
 def test_a_model_without_reasoning_answers_as_before(tmp_path):
     folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen2.5")
     engine = Engine(AdapterPool(str(folder), {}))

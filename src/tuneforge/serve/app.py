@@ -14,17 +14,19 @@ a chat request with `store: true` its prompt and answer in the completion store
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from transformers import PreTrainedTokenizerBase
 
 from ..data.render import renderer_for
 from ..generate import Completion, Sampling, encode_prompts
@@ -41,6 +43,9 @@ MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
 # Below this, sampling picks the argmax but for rounding, and dividing the logits by it can overflow.
 MIN_SAMPLING_TEMPERATURE = 1e-4
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+# What the server passes to the chat template itself: apply_chat_template's arguments and the messages.
+_APPLY_CHAT_TEMPLATE = inspect.signature(PreTrainedTokenizerBase.apply_chat_template)
+TEMPLATE_ARGUMENTS = frozenset({"messages", *_APPLY_CHAT_TEMPLATE.parameters} - {"self", "kwargs"})
 # Tool calling is not served: the reply is the model's text, never parsed into `tool_calls`.
 NO_TOOL_CALLING = (
     "this server does not do tool calling: it returns the model's reply as text and never parses it into "
@@ -72,6 +77,7 @@ class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+    reasoning_content: str | None = None  # an assistant reply's reasoning, as a reasoning model's answer holds it
 
     @model_validator(mode="before")
     @classmethod
@@ -101,10 +107,18 @@ class ChatMessage(RequestBody):
                 )
         return content
 
+    @model_validator(mode="after")
+    def _reasoning_of_a_reply(self):
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages have reasoning_content; remove it from this {self.role} message")
+        return self
+
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        # A reasoning model's template writes it (Qwen 3's, into the last replies) or leaves it out.
+        return message if self.reasoning_content is None else {**message, "reasoning_content": self.reasoning_content}
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
@@ -210,6 +224,19 @@ class ChatCompletionBody(_GenerationBody):
     parallel_tool_calls: bool | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    # vLLM's: more variables for the chat template (Qwen 3's enable_thinking), which the SDK sends in extra_body.
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, kwargs):
+        taken = sorted(set(kwargs or ()) & TEMPLATE_ARGUMENTS)
+        if taken:
+            raise ValueError(
+                f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by the server, not by "
+                "chat_template_kwargs; it takes the chat template's own variables, such as enable_thinking"
+            )
+        return kwargs
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -466,7 +493,8 @@ async def submit(
     name = server.known_model(body.model)
     note(request, model=name, **({"prompt": prompt} if server.observer.log_prompts else {}))
     # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
-    prompt_ids = await asyncio.to_thread(_encode, server.pool.tokenizer(name), prompt)
+    template_kwargs = getattr(body, "chat_template_kwargs", None)
+    prompt_ids = await asyncio.to_thread(_encode, server.pool.tokenizer(name), prompt, template_kwargs)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param=length_param)
     max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
@@ -476,13 +504,13 @@ async def submit(
         raise engine_error(err) from err
 
 
-def _encode(tokenizer, prompt) -> list[int]:
+def _encode(tokenizer, prompt, template_kwargs: dict | None = None) -> list[int]:
     if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
         fields = ((f"messages.{i}.content", m["content"]) for i, m in enumerate(prompt))
         for problem in renderer_for(tokenizer).special_tokens_in(fields):
             raise APIError(400, f"{problem.field}: {problem.message}", param=problem.field, code="invalid_value")
     try:
-        [prompt_ids] = encode_prompts(tokenizer, [prompt])
+        [prompt_ids] = encode_prompts(tokenizer, [prompt], template_kwargs)
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
         raise APIError(400, f"The model's chat template cannot render these messages: {err}", param="messages") from err
     return prompt_ids
