@@ -545,3 +545,17 @@ def test_the_table_states_how_the_scored_answers_were_generated(tiny_model_dir, 
     result = evaluate(str(tiny_model_dir), triage_data["test"], limit=2, max_new_tokens=3, progress=False)
     assert result["generation"] == {"decoding": "greedy", "max_new_tokens": 3}
     assert "answers scored: greedy, at most 3 new tokens" in metrics_table({"tuned": result}).caption
+
+
+def test_eval_cli_takes_max_new_tokens(tiny_model_dir, triage_data, monkeypatch, capsys):
+    """`tuneforge eval --max-new-tokens N` scores answers of up to N tokens (a reasoning model needs the room)."""
+    import sys
+
+    from tuneforge.cli import main
+
+    args = [str(tiny_model_dir), str(triage_data["test"]), "--limit", "1", "--max-new-tokens", "3", "--json"]
+    monkeypatch.setattr(sys, "argv", ["tuneforge", "eval", *args])
+    with pytest.raises(SystemExit) as leaving:
+        main()
+    assert leaving.value.code == 0
+    assert json.loads(capsys.readouterr().out)["generation"] == {"decoding": "greedy", "max_new_tokens": 3}

@@ -260,12 +260,27 @@ def eval_(
     compare: str | None = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
     metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
     limit: int | None = typer.Option(None, min=1, help="Evaluate only the first N examples."),
+    max_new_tokens: int | None = typer.Option(
+        None,
+        min=1,
+        help="Longest answer scored, in tokens (default 128); a reasoning model's answer follows its reasoning.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
     """Loss, perplexity and generation metrics of MODEL on DATA."""
     from .eval.command import eval_command
 
-    raise typer.Exit(eval_command(model, str(data), compare=compare, metric=metric, json_out=json_out, limit=limit))
+    raise typer.Exit(
+        eval_command(
+            model,
+            str(data),
+            compare=compare,
+            metric=metric,
+            json_out=json_out,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+        )
+    )
 
 
 @app.command("export")

@@ -16,9 +16,13 @@ def eval_command(
     metric: str = "auto",
     json_out: bool = False,
     limit: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> int:
-    """Evaluate MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side."""
+    """Evaluate MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side.
+    `max_new_tokens` None: `evaluate`'s default."""
     options = {"metric": metric, "limit": limit, "progress": not json_out}
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
     if compare:
         result = compare_models(model, compare, data, **options)
         base, tuned = result["base"], result["tuned"]
