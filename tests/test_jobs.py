@@ -533,11 +533,19 @@ def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=bad.id)
     job = wait_for(client, job.id, {"failed", "succeeded"}, server=server)
     assert job.status == "failed"
-    assert job.error.param == bad.id and job.error.code == "invalid_training_file"
+    # OpenAI's error.param is the parameter that names the file; the message names the file by id and line.
+    assert job.error.param == "training_file" and job.error.code == "invalid_training_file"
     assert f"{bad.id}:4" in job.error.message and str(server.home) not in job.error.message
     assert any(e.level == "error" for e in all_events(client, job.id))
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
+
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=upload(client, chat_rows(4)).id, validation_file=bad.id
+    )
+    job = wait_for(client, job.id, {"failed", "succeeded"}, server=server)
+    assert job.error.param == "validation_file" and job.error.code == "invalid_validation_file", job.error
+    assert f"{bad.id}:4" in job.error.message
 
 
 PREFERENCE_PAIRS = "".join(
@@ -583,7 +591,7 @@ def test_a_file_of_the_wrong_kind_for_the_method_fails_while_validating(server, 
     )
     job = wait_for(client, job.id, {"failed", "succeeded", "running"}, server=server)
     assert job.status == "failed", job.status
-    assert job.error.code == code and job.error.param == train.id, job.error
+    assert job.error.code == code and job.error.param == "training_file", job.error
     assert train.id in job.error.message and str(server.home) not in job.error.message
     messages = [event.message for event in all_events(client, job.id)]
     assert not any(message.startswith(("Files validated", "Fine-tuning job started")) for message in messages)

@@ -272,15 +272,15 @@ class Workers:
         return {param: self.storage.path(row) if row else None for param, row in rows.items()}
 
     def _failure(self, job: Job, code: str, message: str, path: str | None) -> JobFailure:
-        """A failure whose message names files by id (never a server path) and whose param is the file at fault."""
+        """A failure whose message names files by id (never a server path) and whose param is the parameter
+        that names the file at fault (`training_file` or `validation_file`), as OpenAI's job error has it."""
         param = None
         for param_name, stored in self._paths(job).items():
             if stored is not None:
-                file_id = getattr(job, param_name)
-                message = message.replace(str(stored), file_id)
+                message = message.replace(str(stored), getattr(job, param_name))
                 if path and str(stored) in path:
-                    param = file_id
-        if param == job.validation_file and code == "invalid_file":
+                    param = param_name
+        if param == "validation_file" and code == "invalid_file":
             code = "invalid_validation_file"
         elif code == "invalid_file":
             code = "invalid_training_file"
