@@ -110,6 +110,23 @@ def test_run_folders_under_a_directory_are_listed_with_their_figures(tmp_path):
     assert page.events[0].message == "Run completed after 6 steps"
 
 
+def test_the_runs_list_parses_a_run_config_again_only_once_it_changes(tmp_path, monkeypatch):
+    # A real run's config.yaml takes ~60 ms in pure-Python YAML: a list of 200 runs took seconds per load.
+    for name in ("a", "b"):
+        write_run(tmp_path / name)
+    parsed = []
+    load = yaml.load
+    monkeypatch.setattr(yaml, "load", lambda text, Loader: parsed.append(text) or load(text, Loader=Loader))
+    runs = FolderRuns(tmp_path)
+    assert [row.model for row in runs.list_runs("local")] == ["tiny-base", "tiny-base"] and len(parsed) == 2
+    runs.list_runs("local")
+    runs.run_page("local", "a")
+    assert len(parsed) == 2
+    (tmp_path / "b" / "config.yaml").write_text(yaml.safe_dump({"base_model": "other-base", "method": "dpo"}))
+    rows = {row.id: row for row in runs.list_runs("local")}
+    assert (rows["b"].model, rows["b"].method) == ("other-base", "dpo") and len(parsed) == 3
+
+
 def test_pages_of_tuneforge_ui(tmp_path):
     write_run(tmp_path / "a")
     write_run(tmp_path / "b", lr=3e-3)

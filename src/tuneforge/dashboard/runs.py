@@ -12,6 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -39,6 +40,9 @@ HEADLINE_METRICS = (
     ("valid reward", ("full_valid_reward", "valid_reward")),  # GRPO's greedy answers to held-out prompts
     ("task exact", ("task_exact",)),
 )
+# libyaml's parser where PyYAML has it: a run's whole config.yaml takes ~60 ms to parse in pure Python,
+# seconds for a list of 200 runs.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # What a validation logs, and its name in the run's events.
 VALIDATION_FIGURES = (("valid_loss", "validation loss"), ("valid_reward", "validation reward"))
 
@@ -122,7 +126,13 @@ class RunFolder:
         self.path = Path(path)
 
     def config(self) -> dict:
-        return _yaml(self.path / "config.yaml") or {}
+        path = self.path / "config.yaml"
+        try:
+            stat = path.stat()
+        except OSError:
+            return {}
+        # Parsed again only when the file changes: the list reads every run's config on each load.
+        return dict(_config(str(path), stat.st_mtime_ns, stat.st_size) or {})
 
     def summary(self) -> dict | None:
         return _json(self.path / "summary.json")
@@ -245,8 +255,10 @@ def _json(path: Path):
         return None
 
 
-def _yaml(path: Path):
+@lru_cache(maxsize=1024)
+def _config(path: str, mtime_ns: int, size: int) -> dict | None:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YAML_LOADER)
     except (OSError, yaml.YAMLError):
         return None
+    return loaded if isinstance(loaded, dict) else None
