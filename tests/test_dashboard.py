@@ -26,6 +26,7 @@ from tuneforge.dashboard import FolderRuns  # noqa: E402
 from tuneforge.dashboard.app import create_ui_app  # noqa: E402
 from tuneforge.dashboard.runs import RunFolder  # noqa: E402
 from tuneforge.dashboard.sources import public_report  # noqa: E402
+from tuneforge.errors import DataError  # noqa: E402
 from tuneforge.training import train  # noqa: E402
 
 
@@ -183,6 +184,23 @@ def test_the_playground_of_tuneforge_ui_chats_with_a_run_whose_name_has_a_space_
             reply = client.post("/v1/chat/completions", json={"model": model, "messages": hello, "max_tokens": 2})
             assert reply.status_code == 200, reply.text
             assert reply.json()["model"] == model and reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_run_whose_data_was_refused_is_listed_as_failed_with_its_problems(tiny_model_dir, triage_data, tmp_path):
+    # Such a run writes its data report only; the list left it out, so its problems showed nowhere.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(Path(triage_data["train"]).read_text().splitlines()[0] + "\n{not json\n")
+    data = {**triage_data, "train": bad}
+    with pytest.raises(DataError):
+        train(tiny_run_config(tiny_model_dir, data, tmp_path / "runs" / "refused"), progress=False)
+    with TestClient(create_ui_app(tmp_path / "runs")) as client:
+        listing = client.get("/ui/").text
+        assert 'href="/ui/runs/refused"' in listing and '<span class="status failed">failed</span>' in listing
+        page = client.get("/ui/runs/refused").text
+        assert 'id="run-error"' in page and "data check" in page
+        [problem] = re.findall(r'<table class="problems">.*?</table>', page, re.S)
+        assert "<td>2</td>" in problem and str(bad) in problem  # the bad row's line, in the file named
+    assert not FolderRuns(tmp_path / "runs").list_runs("local")[0].active
 
 
 def test_a_data_report_shown_to_a_client_names_files_by_id_and_hides_server_paths():

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..config import dotted
+from ..data.prepare import refuses
 from ..eval.report import (
     examples_table,
     forgetting_table,
@@ -181,19 +182,34 @@ class RunFolder:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def changed_at(self) -> float | None:
-        times = [p.stat().st_mtime for p in (self.path / "metrics.jsonl", self.path / "config.yaml") if p.exists()]
+        # data_report.json alone: the data is checked and the model is loading.
+        files = ("metrics.jsonl", "config.yaml", "data_report.json")
+        times = [p.stat().st_mtime for p in (self.path / name for name in files) if p.exists()]
         return max(times) if times else None
 
+    def data_refused(self) -> bool:
+        """Whether the run stopped at its data check: a data report that refuses the data, and nothing after it."""
+        if (self.path / "config.yaml").exists() or (self.path / "metrics.jsonl").exists():
+            return False
+        report = self.data_report() or {}
+        codes = {e.get("code") for e in report.get("errors") or []} | set(
+            report.get("counts", {}).get("rejected_by_code") or {}
+        )
+        return refuses((report.get("config") or {}).get("on_error", "strict"), codes - {None})
+
     def status(self) -> str:
-        """completed (or what the summary says), running (changed lately), or stopped."""
+        """completed (or what the summary says), failed (its data refused), running (changed lately), or stopped."""
         summary = self.summary()
         if summary:
             return summary.get("status", "completed")
+        if self.data_refused():
+            return "failed"
         changed = self.changed_at()
         return "running" if changed and time.time() - changed < RUNNING_WITHIN_S else "stopped"
 
     def is_run(self) -> bool:
-        return (self.path / "config.yaml").is_file() or (self.path / "metrics.jsonl").is_file()
+        # A run whose data was refused has written its data report only.
+        return any((self.path / name).is_file() for name in ("config.yaml", "metrics.jsonl", "data_report.json"))
 
 
 def loss_chart(runs: dict[str, list[dict]]) -> str:

@@ -88,6 +88,8 @@ class FolderRuns:
 
     def _row(self, run_id: str, folder: RunFolder) -> RunRow:
         config = folder.config()
+        # A run starts with its data report, then config.yaml once its data and model are checked.
+        started = (folder.path / "config.yaml", folder.path / "data_report.json")
         return _row_from_folder(
             folder,
             id=run_id,
@@ -95,7 +97,7 @@ class FolderRuns:
             status=folder.status(),
             model=str(config.get("base_model", "-")),
             method=str(config.get("method", "-")),
-            created=(folder.path / "config.yaml").stat().st_mtime if (folder.path / "config.yaml").exists() else 0,
+            created=next((p.stat().st_mtime for p in started if p.exists()), 0),
         )
 
     def run_page(self, owner: str, run_id: str) -> RunPage | None:
@@ -114,6 +116,9 @@ class FolderRuns:
             data_report=folder.data_report(),
             tuned_model=run_id if (folder.path / "final").is_dir() else None,
             base_model=str(config["base_model"]) if "base_model" in config else None,
+            error="The run stopped at its data check: see the problems in its data report below."
+            if folder.data_refused()
+            else None,
         )
 
     def chat_models(self, owner: str) -> list[str]:

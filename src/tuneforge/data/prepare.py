@@ -40,6 +40,14 @@ _SHOWN_IN_ERROR = 20
 DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained", "file_changed"}
 """Errors with the data set as a whole: they stop `prepare` even under on_error: skip."""
 
+
+def refuses(on_error: str, codes) -> bool:
+    """Whether problems with these codes stop `prepare`, and so the run: any under on_error: strict, and
+    those with the data set as a whole under skip."""
+    codes = set(codes)
+    return bool(codes) and (on_error == "strict" or bool(codes & DATA_SET_CODES))
+
+
 Item = Example | tuple[Example, ...]  # a preference pair, or a conversation rendered turn by turn
 
 
@@ -98,7 +106,7 @@ def prepare(
         _write_report(report_path, cached.report)
         return cached
     data, errors = check_data(cfg, tokenizer, progress=progress)
-    if errors and (cfg.on_error == "strict" or any(p.code in DATA_SET_CODES for p in errors)):
+    if refuses(cfg.on_error, (p.code for p in errors)):
         _write_report(report_path, data.report)
         raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
     _mix_general(data, cfg, tokenizer, replay)
