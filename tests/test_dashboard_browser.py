@@ -11,6 +11,8 @@ test's tmp_path. Without a browser these tests skip, saying how to install one.
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import openai
 import pytest
 from browser import Screenshots, chromium, console_errors, wait_until
 from conftest import SUBPROCESS_ENV, announced_port, tiny_run_config
+from test_dashboard import write_run
 from test_jobs import KEY, OTHER_KEY, ApiServer, chat_rows, upload
 
 pytestmark = pytest.mark.xdist_group("dashboard_browser")
@@ -268,5 +271,29 @@ def test_tuneforge_ui_shows_run_folders_their_reports_a_comparison_and_chat(brow
         usage = chat_side_by_side(browser, shots, "Hello")
         assert all(int(line.split()[0]) >= 1 for line in usage.values()), usage
     finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_run_page_keeps_following_the_run_after_the_server_stops_answering_and_says_so(browser, tmp_path):
+    # A failed request ended the page's polling: after a moment without the server it never updated again.
+    run = write_run(tmp_path / "runs" / "live", finished=False)
+    process, base = start_ui(tmp_path / "runs", tmp_path / "ui.log")
+    try:
+        browser.get(f"{base}/ui/runs/live")
+        assert "step 6" in by_css(browser, "p.progress").text
+        browser.execute_cdp_cmd("Network.enable", {})
+        offline = {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1}
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", offline)
+        wait_until(lambda: "does not answer" in by_css(browser, "#live-note").text, "the note that the server is away")
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {**offline, "offline": False})
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 7, "train_loss": 2.2, "lr": 1e-3, "elapsed": 3.5}) + "\n")
+        wait_until(lambda: "step 7" in by_css(browser, "p.progress").text, "the page to follow the run again")
+        assert not by_css(browser, "#live-note").is_displayed()
+        shutil.rmtree(run)
+        wait_until(lambda: "no longer there" in by_css(browser, "#live-note").text, "the note that the run is gone")
+    finally:
+        browser.execute_cdp_cmd("Network.disable", {})
         process.terminate()
         process.wait(timeout=30)

@@ -45,10 +45,25 @@ function showTimes(root) {
 
 function followRun(live) {
   const poll = Number(live.dataset.poll);
+  const note = document.getElementById("live-note");
+  // Why the page has stopped changing; it keeps asking, since a server restarted or a run started again
+  // with --overwrite answers again.
+  function stalled(text) {
+    note.textContent = text;
+    note.hidden = false;
+    setTimeout(refresh, poll * 2);
+  }
   async function refresh() {
-    const response = await fetch(live.dataset.url, { headers: authHeaders() });
-    if (!response.ok) return setTimeout(refresh, poll * 2);
+    let response;
+    try {
+      response = await fetch(live.dataset.url, { headers: authHeaders() });
+    } catch (err) {
+      return stalled("The server does not answer (stopped?): the figures below may be old; trying again.");
+    }
+    if (response.status === 404) return stalled("This run is no longer there (its folder deleted?): trying again in case it comes back.");
+    if (!response.ok) return stalled(`The server answers ${await failure(response)}: trying again.`);
     const update = await response.json();
+    note.hidden = true;
     live.innerHTML = update.html;
     showTimes(live);
     if (update.active) setTimeout(refresh, poll);
