@@ -297,3 +297,21 @@ def test_a_run_page_keeps_following_the_run_after_the_server_stops_answering_and
         browser.execute_cdp_cmd("Network.disable", {})
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_at_phone_width_pages_with_a_long_run_name_do_not_scroll_sideways(browser, tmp_path):
+    # The runs list of a 160-character run name was 2000 px wide at 390 px: the whole page scrolled sideways.
+    name = "very-long-run-name-" * 8
+    write_run(tmp_path / "runs" / name)
+    write_run(tmp_path / "runs" / "short")
+    process, base = start_ui(tmp_path / "runs", tmp_path / "ui.log")
+    try:
+        browser.set_window_size(390, 844)
+        for page in ("/ui/", f"/ui/runs/{name}", f"/ui/compare?run={name}&run=short", "/ui/playground"):
+            browser.get(base + page)
+            widths = browser.execute_script("return [document.body.scrollWidth, window.innerWidth]")
+            assert widths[0] <= widths[1], (page, widths)
+    finally:
+        browser.set_window_size(1280, 900)
+        process.terminate()
+        process.wait(timeout=30)
