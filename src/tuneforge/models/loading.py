@@ -67,6 +67,9 @@ def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: 
     the model; `config` is its config.json): the first example or prompt holding one would fail
     inside the embedding lookup."""
     rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if isinstance(rows, int) and len(tokenizer) > rows and source.adapter is not None:
+        # An adapter that added tokens saves its embeddings whole; `load_model` resizes the base to them.
+        rows = adapter_embedding_rows(source.adapter, _input_embedding_name(source.path)) or rows
     if isinstance(rows, int) and len(tokenizer) > rows:
         beyond = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 5))))
         raise ModelSourceError(
@@ -135,9 +138,52 @@ def load_model(
     from peft import PeftModel
 
     try:
+        rows = adapter_embedding_rows(source.adapter, _module_name(model, model.get_input_embeddings()))
+        if rows and rows != model.get_input_embeddings().num_embeddings:
+            # Tokens added in training (Axolotl, Unsloth and PEFT's own recipe save the resized
+            # embeddings with the adapter): the base takes the adapter's vocabulary first, as PEFT asks.
+            model.resize_token_embeddings(rows)
         return PeftModel.from_pretrained(model, source.adapter)
     except LOAD_ERRORS as err:
         raise _load_failed(source.adapter, err) from err
+
+
+def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
+    """How many input-embedding rows the adapter in `adapter` saves whole (the base's embeddings,
+    `embedding_name` in the model, resized to tokens added in training and saved by PEFT as
+    `modules_to_save` or embedding layers), or None when it saves none."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+
+    safetensors_file = adapter / SAFETENSORS_WEIGHTS_NAME
+    if safetensors_file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(safetensors_file, "pt") as weights:
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+    else:
+        from peft.utils import load_peft_weights
+
+        shapes = {key: list(tensor.shape) for key, tensor in load_peft_weights(str(adapter), device="cpu").items()}
+    rows = [
+        shape[0]
+        for key, shape in shapes.items()
+        if f".{embedding_name}." in f".{key}" and "lora_" not in key and "token_adapter" not in key and len(shape) == 2
+    ]
+    return max(rows) if rows else None
+
+
+def _module_name(model, module) -> str:
+    """`module`'s name inside `model`, without a PEFT wrapper's prefix."""
+    return next(name for name, child in model.named_modules() if child is module)
+
+
+def _input_embedding_name(folder: Path) -> str:
+    """The name of the input embeddings of the model in `folder`, built on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return _module_name(model, model.get_input_embeddings())
 
 
 def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
