@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import save_adapter_with_added_tokens
 from wheels import write_wheel
 
 from tuneforge import progress
@@ -695,28 +696,17 @@ def test_model_info_and_load_model_with_an_adapter(tiny_adapter):
 
 def test_an_adapter_that_added_tokens_loads_on_its_base_as_peft_loads_it(tiny_model_dir, tmp_path):
     """Axolotl, Unsloth and PEFT's own recipe add tokens, resize the embeddings and save them with the adapter."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>", "<ctx>"]})
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.resize_token_embeddings(len(tokenizer))
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
-    adapted = get_peft_model(model, config)
-    torch.manual_seed(1)
-    for name, param in adapted.named_parameters():
-        if "lora_B" in name or "modules_to_save" in name:
-            param.data.add_(torch.randn_like(param) * 0.5)
-    adapted.save_pretrained(tmp_path / "adapter")
-    tokenizer.save_pretrained(tmp_path / "adapter")
-
+    adapter = save_adapter_with_added_tokens(tiny_model_dir, tmp_path / "adapter")
+    tokenizer = load_tokenizer(str(adapter))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     base.resize_token_embeddings(len(tokenizer))
-    expected = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    expected = PeftModel.from_pretrained(base, adapter).eval()
     ids = torch.tensor([tokenizer.encode("The answer <tool> four </tool><ctx>")])
-    assert len(load_tokenizer(str(tmp_path / "adapter"))) == len(tokenizer)
-    loaded = load_model(str(tmp_path / "adapter")).eval()
+    assert ids.max() >= AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size  # the added tokens
+    loaded = load_model(str(adapter)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=1e-6)
 

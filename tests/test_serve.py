@@ -19,6 +19,7 @@ import torch
 import uvicorn
 from conftest import tiny_run_config
 from families import FAMILIES, save_family_model
+from tiny import save_adapter_with_added_tokens
 from tiny_sharp import save_sharp_tiny_model
 
 from tuneforge.errors import ConfigError, TuneforgeError
@@ -673,6 +674,12 @@ def test_adapters_are_checked_before_any_weights_load(base_dir, adapters, tmp_pa
         parse_adapters(["alpha"])
     with pytest.raises(ConfigError, match="twice"):
         parse_adapters(["a=x", "a=y"])
+
+
+def test_an_adapter_with_its_own_vocabulary_is_refused_before_it_could_share_the_base(base_dir, adapters, tmp_path):
+    grown = save_adapter_with_added_tokens(base_dir, tmp_path / "grown")
+    with pytest.raises(ConfigError, match="saves its own embeddings for .* tokens .* --format merged"):
+        AdapterPool(str(base_dir), {"alpha": str(adapters["alpha"]), "grown": str(grown)})
 
 
 @pytest.mark.parametrize("command", ["serve", "api", "ui"])

@@ -92,3 +92,27 @@ def save_tiny_model(folder: str | Path, **kw) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_adapter_with_added_tokens(base: str | Path, folder: str | Path, tokens=("<tool>", "</tool>", "<ctx>")) -> Path:
+    """A LoRA adapter on the model in `base` trained with `tokens` added, as Axolotl, Unsloth and PEFT's
+    own recipe save one: the resized embeddings whole (`modules_to_save`) and the grown tokenizer beside
+    it; every adapter weight random, so it answers unlike its base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
+    adapted = get_peft_model(model, config)
+    torch.manual_seed(1)
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name or "modules_to_save" in name:
+            param.data.add_(torch.randn_like(param) * 0.5)
+    adapted.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

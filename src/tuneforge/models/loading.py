@@ -66,10 +66,10 @@ def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: 
     """Refuse a tokenizer with tokens past the model's embedding rows (tokens added without resizing
     the model; `config` is its config.json): the first example or prompt holding one would fail
     inside the embedding lookup."""
-    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    rows = _vocab_rows(config)
     if isinstance(rows, int) and len(tokenizer) > rows and source.adapter is not None:
         # An adapter that added tokens saves its embeddings whole; `load_model` resizes the base to them.
-        rows = adapter_embedding_rows(source.adapter, _input_embedding_name(source.path)) or rows
+        rows = adapter_embedding_rows(source.adapter, input_embedding_name(source.path)) or rows
     if isinstance(rows, int) and len(tokenizer) > rows:
         beyond = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 5))))
         raise ModelSourceError(
@@ -177,7 +177,16 @@ def _module_name(model, module) -> str:
     return next(name for name, child in model.named_modules() if child is module)
 
 
-def _input_embedding_name(folder: Path) -> str:
+def model_vocab_rows(folder: Path) -> int | None:
+    """The embedding rows (vocab_size) of the model in `folder`, read from its config.json."""
+    return _vocab_rows(_model_config(folder))
+
+
+def _vocab_rows(config: dict) -> int | None:
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+
+def input_embedding_name(folder: Path) -> str:
     """The name of the input embeddings of the model in `folder`, built on the meta device (no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

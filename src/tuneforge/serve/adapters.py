@@ -16,6 +16,7 @@ from ..config import DEFAULT_MODEL
 from ..errors import ConfigError, ModelSourceError
 from ..generate import load_for_inference
 from ..models import ModelSource, load_tokenizer, resolve
+from ..models.loading import LOAD_ERRORS, adapter_embedding_rows, input_embedding_name, model_vocab_rows
 
 
 class AdapterPool:
@@ -48,6 +49,8 @@ class AdapterPool:
             adapter_sources = {base_source.name: base_source, **adapter_sources}
             base_source = resolve(str(base_source.path))
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
+        self._embedding_name = input_embedding_name(self.base_path)
+        self._base_rows = model_vocab_rows(self.base_path)
         for name, source in adapter_sources.items():
             self._check(name, source)
         self.max_loaded = max_loaded
@@ -88,6 +91,20 @@ class AdapterPool:
                 f"Adapter '{name}' ({source.adapter}) was trained on {source.path}, but the server's base "
                 f"model is {self.base_path}. Serve it on its own base: --model {source.path}",
                 code="adapter_base_mismatch",
+            )
+        try:
+            rows = adapter_embedding_rows(source.adapter, self._embedding_name)
+        except LOAD_ERRORS:
+            rows = None  # damaged weights fail the adapter's requests when it loads, not the server
+        if rows and rows != self._base_rows:
+            # The base in memory is shared: resizing its vocabulary would change what the base and
+            # every other adapter answer.
+            raise ConfigError(
+                f"Adapter '{name}' ({source.adapter}) saves its own embeddings for {rows} tokens (tokens added "
+                f"in training), but the server's base model {self.base_path} has {self._base_rows}, and the base "
+                f"is shared by every adapter. Serve its merged model instead: tuneforge export {source.adapter} "
+                "--format merged --out DIR, then tuneforge serve --model DIR.",
+                code="adapter_vocabulary_mismatch",
             )
 
     @property
