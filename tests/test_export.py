@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import SUBPROCESS_ENV
+from tiny import save_adapter_with_added_tokens
 from wheels import write_wheel
 
 from tuneforge.errors import TuneforgeError
@@ -163,6 +164,13 @@ def test_adapter_export_loads_with_plain_peft_and_gives_identical_logits(run_dir
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {f.name for f in result.files}
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.out)
     assert _max_diff(logits, probe_logits(loaded, probe_ids(tokenizer))) == 0.0
+
+
+@pytest.mark.parametrize("fmt", ["adapter", "merged"])
+def test_an_adapter_trained_with_added_tokens_exports_with_its_vocabulary(tiny_model_dir, fmt, tmp_path):
+    adapter = save_adapter_with_added_tokens(tiny_model_dir, tmp_path / "grown")
+    result = export(str(adapter), fmt, None, tmp_path / fmt, progress=False)
+    assert len(load_tokenizer(str(result.out))) == len(load_tokenizer(str(adapter)))
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])

@@ -22,8 +22,13 @@ def save_adapter(adapter: Path, tokenizer, folder: Path) -> list[Path]:
 
 
 def load_saved(base: Path, folder: Path):
-    """The exported adapter as a user would load it: plain transformers base + plain PEFT."""
+    """The exported adapter as a user would load it: plain transformers base + plain PEFT; an adapter
+    trained with added tokens on the base resized to its tokenizer first, as PEFT's documentation does."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokens = len(AutoTokenizer.from_pretrained(folder))
+    if tokens > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(tokens)
+    return PeftModel.from_pretrained(model, folder)
