@@ -223,6 +223,31 @@ def test_hf_folder(tiny_model_dir):
     )
 
 
+def _with_config(src: Path, folder: Path, **changes) -> Path:
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_a_model_whose_architecture_is_its_own_code_is_refused_without_a_prompt(tiny_model_dir, tmp_path, capsys):
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    folder = _with_config(tiny_model_dir, tmp_path / "custom", model_type="x_lm", auto_map=auto_map)
+    (folder / "configuration_x.py").write_text("raise SystemExit('the model's code ran')\n")
+    with pytest.raises(ModelSourceError, match=r"config.json: model_type 'x_lm' .*configuration_x.py, modeling_x.py"):
+        resolve(str(folder))
+    assert models_info(str(folder)) == 2
+    assert "does not run a model's own code (trust_remote_code)" in capsys.readouterr().err
+
+
+def test_an_auto_map_beside_a_transformers_architecture_loads_with_transformers(tiny_model_dir, tmp_path):
+    # Phi-3 and Qwen 2 repos still carry the auto_map of the code they shipped before transformers had them.
+    auto_map = {"AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"}
+    folder = _with_config(tiny_model_dir, tmp_path / "native", auto_map=auto_map)
+    assert resolve(str(folder)).kind == "hf_folder"
+    assert model_info(str(folder))["architecture"] == "LlamaForCausalLM"
+
+
 def test_local_folder_wins_over_a_hub_id(tiny_model_dir, tmp_path, monkeypatch):
     (tmp_path / "org").mkdir()
     shutil.copytree(tiny_model_dir, tmp_path / "org" / "model")

@@ -128,6 +128,7 @@ def _resolve_local(spec: str, path: Path, *, pull_missing: bool, name: str | Non
             code="model_not_found",
         )
     if (path / "config.json").is_file():
+        _refuse_remote_code(path)
         return ModelSource(spec, "hf_folder", path, None, name or path.name)
     if (path / "adapter_config.json").is_file():
         return _resolve_adapter(spec, path, pull_missing=pull_missing, name=name or path.name)
@@ -280,7 +281,44 @@ def _resolve_hub(repo_id: str, *, pull_missing: bool) -> ModelSource:
             "a .gguf file, download that file and give its path as base_model.",
             code="model_not_found",
         )
+    _refuse_remote_code(folder)
     return ModelSource(repo_id, "hub", folder, None, repo_id)
+
+
+def _refuse_remote_code(folder: Path) -> None:
+    """Refuse a model whose architecture exists only as code in its folder (config.json's `auto_map`
+    for a `model_type` transformers does not have). tuneforge never runs a model's own code
+    (`trust_remote_code`): transformers would otherwise stop at a y/N prompt and then fail. A model
+    whose type transformers has (Phi-3, Qwen 2 and others still ship an `auto_map`) loads with
+    transformers' own classes, as transformers does by default."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the loader says what is wrong with it
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    code = sorted({str(ref).split("--")[-1].split(".")[0] + ".py" for ref in _auto_map_refs(config["auto_map"])})
+    raise ModelSourceError(
+        f"{folder / 'config.json'}: model_type {model_type!r} is not an architecture transformers has; its "
+        f"auto_map names code that ships with the model ({', '.join(code)}), and tuneforge does not run a "
+        "model's own code (trust_remote_code). Use a version of the model in a transformers architecture "
+        "(set model_type and architectures to the built-in ones it matches, or get a converted copy), or a "
+        "transformers release that has this architecture.",
+        code="remote_code",
+    )
+
+
+def _auto_map_refs(auto_map: dict) -> list[str]:
+    """The `module.Class` references of an auto_map (a tokenizer's are pairs, slow and fast)."""
+    refs = []
+    for value in auto_map.values() if isinstance(auto_map, dict) else []:
+        refs.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str))
+    return refs
 
 
 def _hub_snapshot(repo_id: str, *, local_only: bool) -> Path | None:
