@@ -248,6 +248,20 @@ def test_an_auto_map_beside_a_transformers_architecture_loads_with_transformers(
     assert model_info(str(folder))["architecture"] == "LlamaForCausalLM"
 
 
+def test_a_hugging_face_cache_snapshot_is_named_by_its_hub_id(tiny_model_dir, tmp_path):
+    # As huggingface_hub lays it out: the snapshot's files link to content-addressed blobs.
+    repo = tmp_path / "hub" / "models--org--tiny-chat"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(tiny_model_dir.iterdir())):
+        shutil.copyfile(file, repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    source = resolve(str(snapshot))
+    assert (source.kind, source.path, source.name) == ("hf_folder", snapshot, "org/tiny-chat")
+    assert model_info(str(snapshot))["name"] == "org/tiny-chat"
+
+
 def test_local_folder_wins_over_a_hub_id(tiny_model_dir, tmp_path, monkeypatch):
     (tmp_path / "org").mkdir()
     shutil.copytree(tiny_model_dir, tmp_path / "org" / "model")

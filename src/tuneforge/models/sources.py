@@ -129,12 +129,20 @@ def _resolve_local(spec: str, path: Path, *, pull_missing: bool, name: str | Non
         )
     if (path / "config.json").is_file():
         _refuse_remote_code(path)
-        return ModelSource(spec, "hf_folder", path, None, name or path.name)
+        return ModelSource(spec, "hf_folder", path, None, name or _folder_name(path))
     if (path / "adapter_config.json").is_file():
         return _resolve_adapter(spec, path, pull_missing=pull_missing, name=name or path.name)
     # A run or checkpoint folder: the model is one level down. Named after the outer folder,
     # which is what the user knows it by (`runs/my-run`, not `final`).
     return _resolve_local(spec, _model_inside(path), pull_missing=pull_missing, name=name or path.name)
+
+
+def _folder_name(folder: Path) -> str:
+    """What a model folder is known by: its name, or for a snapshot in the Hugging Face cache
+    (models--org--name/snapshots/COMMIT) its hub id, as `resolve("org/name")` names it."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return folder.name
 
 
 def _model_inside(folder: Path) -> Path:
