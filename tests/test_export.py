@@ -470,6 +470,20 @@ def test_a_checkpoint_of_a_full_fine_tune_of_a_sentencepiece_family_exports_as_g
     assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f16"]
 
 
+def test_a_llama_3_1_model_with_rope_scaling_exports_as_gguf_and_reads_back_alike(tmp_path):
+    """llama.cpp stores Llama 3.1's rope scaling as rope_freqs, which transformers' GGUF reader drops."""
+    from families import FAMILIES, save_family_model
+
+    base = save_family_model(FAMILIES["llama3"], tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    # Llama 3.1's scaling, its original context shortened to the tiny model's, so the probe feels it.
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, **scaling}
+    (base / "config.json").write_text(json.dumps(config))
+    result = export(base, "gguf", "f32", tmp_path / "gguf", progress=False)
+    assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f32"]
+
+
 def test_a_full_model_is_exported_as_is(tiny_model_dir, tmp_path):
     result = export(tiny_model_dir, "merged", "f32", tmp_path / "out", progress=False)
     assert result.checks["merge"] is None

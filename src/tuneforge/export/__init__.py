@@ -237,7 +237,7 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
         merge.save_merged(merged, tokenizer, Path(staging), "f32")
         llama_cpp.write_gguf(Path(staging), source, tokenizer, path, dtype, console)
     with console.status(f"Loading {path.name} back with transformers to check it"):
-        loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name)
+        loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name, merged.model.config)
     checks = _verified(
         merged.logits,
         loaded,

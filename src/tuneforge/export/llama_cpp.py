@@ -198,13 +198,16 @@ def pre_tokenizer_name(tokenizer) -> str | None:
     return None
 
 
-def load_gguf(folder: Path, filename: str):
+def load_gguf(folder: Path, filename: str, source_config):
     """The GGUF as transformers reads it (dequantised to fp32), and the tokenizer it rebuilds. A file
-    transformers cannot read is refused: unread, it is unchecked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers cannot read is refused: unread, it is unchecked. `source_config` is the config of
+    the model the file was written from."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=filename)
+        _restore_rope_freqs(config, source_config, folder / filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, config=config, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     except LOAD_ERRORS as err:
         raise ExportFailed(
@@ -215,6 +218,36 @@ def load_gguf(folder: Path, filename: str):
             "folder with llama.cpp's own convert_hf_to_gguf.py, unchecked.",
             code="gguf_unreadable",
         ) from err
+
+
+def _restore_rope_freqs(config, source_config, path: Path) -> None:
+    """Give `config` (read from the GGUF at `path`) the source's rope scaling where the file stores it
+    as llama.cpp does, a divisor per rotary frequency (`rope_freqs`, Llama 3.1's `rope_type: llama3`):
+    transformers' GGUF reader drops that tensor and would read the model without its scaling. The
+    source's parameters are put back only where they give the file's divisors, so the file is still
+    what is checked."""
+    import gguf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    stored = next((t for t in gguf.GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight"), None)
+    if stored is None:
+        return
+    rope = dict(getattr(source_config, "rope_parameters", None) or {})
+    init = ROPE_INIT_FUNCTIONS.get(rope.get("rope_type"))
+    if init is not None:
+        scaled, _ = init(source_config, "cpu")
+        dim = 2 * scaled.numel()
+        plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        divisors = torch.as_tensor(stored.data.copy(), dtype=torch.float64).flatten()
+        if divisors.shape == plain.shape and torch.allclose(plain / scaled.double(), divisors, rtol=1e-4):
+            config.rope_parameters = rope
+            return
+    raise ExportFailed(
+        f"The GGUF's rope_freqs (the rotary frequency divisors llama.cpp applies) do not match the model's "
+        f"rope scaling ({rope or 'none'} in config.json), so the file would run as another model. Nothing "
+        "was written. Please report it with the run's config.yaml.",
+        code="gguf_mismatch",
+    )
 
 
 def _why(log: str) -> str:
