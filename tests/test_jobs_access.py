@@ -9,6 +9,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from test_jobs import add_job, chat_rows
+from test_serve import TOOLS, WEATHER, train_tool_caller
 from tiny import save_tiny_model
 
 from tuneforge.jobs.access import ModelAccess
@@ -65,11 +66,24 @@ def test_a_request_the_server_does_not_do_is_refused_before_its_model_loads(tmp_
     )
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     with TestClient(app) as http:
-        for extra, param in (({"tools": tools}, "tools"), ({"n": 2}, "n")):
+        for extra, param in (({"tools": tools, "tool_choice": "required"}, "tool_choice"), ({"n": 2}, "n")):
             body = {"model": str(tiny_model_dir), "messages": QUESTION, "max_tokens": 2, **extra}
             response = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
             assert response.status_code == 400 and response.json()["error"]["param"] == param
         assert app.state.service.inference.loaded == []
+
+
+def test_a_tuned_models_tool_call_comes_back_through_the_jobs_api_as_tool_calls(tmp_path):
+    model = str(train_tool_caller(tmp_path))
+    app = create_api(
+        tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0, allowed_models=[model]
+    )
+    body = {"model": model, "messages": WEATHER, "tools": TOOLS, "max_tokens": 60, "temperature": 0}
+    with TestClient(app) as http:
+        response = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    [choice] = response.json()["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert [call["function"]["name"] for call in choice["message"]["tool_calls"]] == ["get_weather"]
 
 
 def test_registry_names_are_taken_in_any_case_and_kept_in_one(tmp_path):

@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import openai
@@ -26,8 +27,9 @@ from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.generate import Batch, PackedLinear, Sampling, encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer, resolve
 from tuneforge.models.precision import bf16_supported
-from tuneforge.serve import AdapterPool, Engine, EngineError, create_app, load_pool
+from tuneforge.serve import AdapterPool, CompletionStore, Engine, EngineError, create_app, load_pool
 from tuneforge.serve.command import parse_adapters
+from tuneforge.serve.from_completions import from_completions
 from tuneforge.tasks.support_triage import SYSTEM_PROMPT
 from tuneforge.training import train
 
@@ -319,30 +321,121 @@ def test_bad_requests_get_openai_errors(client, options, error, param, code):
     assert client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2).choices[0].message.content
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+WEATHER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def train_tool_caller(root) -> Path:
+    """A tiny Qwen 2.5 fully tuned on one row that calls get_weather: greedy, it makes that call."""
+    folder = save_family_model(FAMILIES["qwen2.5"], root / "qwen")
+    data = root / "calls.jsonl"
+    row = {"messages": [*WEATHER, {"role": "assistant", "content": None, "tool_calls": [CALL]}], "tools": TOOLS}
+    data.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    config = tiny_run_config(
+        folder, {"train": data, "validation": data}, root / "run", max_steps=30, learning_rate=1e-2, batch_size=1
+    )
+    del config["lora"], config["data"]["validation"]
+    train({**config, "method": "full", "train": {**config["train"], "epochs": 100}}, progress=False)
+    return root / "run" / "final"
+
+
+@pytest.fixture(scope="module")
+def tool_caller(tmp_path_factory):
+    """A server of `train_tool_caller`'s model that stores completions: its client and the store's path."""
+    root = tmp_path_factory.mktemp("tools")
+    store = root / "completions.db"
+    engine = Engine(AdapterPool(str(train_tool_caller(root))))
+    with running_server(create_app(engine, completions=CompletionStore.open(str(store)))) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60), store
+    engine.close()
+
+
+def ask_weather(client, **options):
+    return client.chat.completions.create(
+        model="final", messages=WEATHER, tools=TOOLS, max_tokens=60, temperature=0, **options
+    )
+
+
+def test_a_tuned_models_tool_call_comes_back_as_openai_tool_calls(tool_caller):
+    client, _ = tool_caller
+    [choice] = ask_weather(client).choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    # parallel_tool_calls false makes at most one call; the model made one.
+    assert (
+        ask_weather(client, parallel_tool_calls=False).choices[0].message.tool_calls[0].function.name == "get_weather"
+    )
+    # tool_choice "none": the tools are rendered as ever, the reply is not parsed.
+    [choice] = ask_weather(client, tool_choice="none").choices
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    assert choice.message.content.startswith("<tool_call>\n") and '"get_weather"' in choice.message.content
+
+
+def test_a_streamed_tool_call_comes_in_tool_call_deltas(tool_caller):
+    client, _ = tool_caller
+    chunks = [chunk.choices[0] for chunk in ask_weather(client, stream=True) if chunk.choices]
+    assert not "".join(c.delta.content or "" for c in chunks).strip()  # nothing of the call as text
+    [call] = [call for c in chunks for call in c.delta.tool_calls or []]
+    assert call.index == 0 and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["tool_calls"]
+
+
+def test_a_conversation_with_calls_and_their_results_is_answered_and_stored_as_training_data(tool_caller, tmp_path):
+    client, store = tool_caller
+    history = [
+        *WEATHER,
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 20 C"},
+    ]
+    answered = client.chat.completions.create(model="final", messages=history, tools=TOOLS, max_tokens=3, store=True)
+    listed = [m.model_dump(exclude_none=True) for m in client.chat.completions.messages.list(answered.id)]
+    assert [(m["role"], m.get("content"), m.get("tool_calls"), m.get("tool_call_id")) for m in listed] == [
+        ("user", WEATHER[0]["content"], None, None),
+        ("assistant", None, [CALL], None),
+        ("tool", "Sunny, 20 C", None, "call_1"),
+    ]
+    stored = ask_weather(client, store=True, metadata={"run": "tools"})
+    result = from_completions(str(store), tmp_path / "rows.jsonl", metadata={"run": "tools"})
+    [row] = [json.loads(line) for line in result.out.read_text(encoding="utf-8").splitlines()]
+    assert row["tools"] == TOOLS and row["messages"][0] == WEATHER[0]
+    [call] = row["messages"][1]["tool_calls"]
+    assert call == stored.choices[0].message.tool_calls[0].model_dump()
 
 
 @pytest.mark.parametrize(
     "options, param",
     [
-        ({"tools": TOOLS}, "tools"),
-        ({"tools": TOOLS, "tool_choice": "required"}, "tools"),
-        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
-        ({"extra_body": {"parallel_tool_calls": False}}, "parallel_tool_calls"),
+        ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
         ({"functions": [TOOLS[0]["function"]]}, "functions"),
-        ({"messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [CALL]}]}, "messages.1"),
-        ({"messages": [*QUESTION, {"role": "tool", "tool_call_id": "call_1", "content": "20"}]}, "messages.1"),
+        ({"messages": [*QUESTION, {"role": "tool", "content": "20"}]}, "messages.1"),
+        ({"messages": [*QUESTION, {"role": "user", "content": "Hi", "tool_calls": [CALL]}]}, "messages.1"),
+        ({"messages": [*QUESTION, {"role": "assistant", "content": None}]}, "messages.1.content"),
     ],
 )
-def test_tool_calling_is_refused_saying_it_is_not_served_and_where_it_is(client, options, param):
-    # Answered as text, a tuned model's call would come back as content with finish_reason "stop".
+def test_tool_requests_the_server_cannot_answer_as_asked_are_refused_saying_why(client, options, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(**{"model": BASE, "messages": QUESTION, "max_tokens": 2, **options})
-    assert caught.value.param == param
-    assert "does not do tool calling" in caught.value.body["message"] and "vLLM" in caught.value.body["message"]
-    # tool_choice "none" asks for what every answer here is.
-    assert client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2, tool_choice="none").choices
+    assert caught.value.param == param and "Value error" not in caught.value.body["message"]
+
+
+def test_tools_for_a_model_whose_template_writes_none_are_refused(client):
+    # SmolLM2's ChatML template has no place for tools: the model would answer as if it had none.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=BASE, messages=QUESTION, tools=TOOLS, max_tokens=2)
+    assert caught.value.param == "tools" and "does not write tool definitions" in caught.value.body["message"]
 
 
 def test_a_message_holding_the_templates_structure_is_refused_as_training_refuses_it(client):

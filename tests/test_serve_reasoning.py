@@ -68,11 +68,16 @@ def test_a_reasoning_model_is_known_by_its_template(tmp_path, family, opens_in_p
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory):
     """Tiny Qwen 3 trained (a few dozen steps, one row) to reason before it answers."""
-    folder = save_family_model(FAMILIES["qwen3"], tmp_path_factory.mktemp("reasoning") / "qwen3")
-    model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
     row = Conversation(
         [Message("user", "Hi"), Message("assistant", ANSWER, reasoning_content=REASONING)],
     )
+    return qwen3_trained_on(row, tmp_path_factory.mktemp("reasoning") / "qwen3")
+
+
+def qwen3_trained_on(row: Conversation, folder):
+    """Tiny Qwen 3 saved in `folder`, trained on `row` until it writes its reply."""
+    save_family_model(FAMILIES["qwen3"], folder)
+    model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
     example = render_conversation(row, tokenizer)
     ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
     torch.manual_seed(0)
@@ -167,3 +172,51 @@ def test_a_model_without_reasoning_answers_as_before(tmp_path):
     deltas = [c.choices[0].delta.model_dump(exclude_unset=True) for c in chunks if c.choices]
     assert all("reasoning_content" not in delta for delta in deltas)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
+def test_a_reasoning_models_tool_call_comes_after_its_reasoning_whole_streamed_and_stored(tmp_path):
+    """Qwen 3 writes `<think>...</think>` and then its `<tool_call>`: the reasoning is reasoning_content,
+    the call is parsed from the answer after it."""
+    row = Conversation(
+        [Message("user", "Hi"), Message("assistant", "", reasoning_content=REASONING, tool_calls=[CALL])],
+        tools=[WEATHER],
+    )
+    engine = Engine(AdapterPool(str(qwen3_trained_on(row, tmp_path / "qwen3")), {}))
+    store = CompletionStore.open(str(tmp_path / "completions.db"))
+    try:
+        with running_server(create_app(engine, completions=store)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+            whole = ask(client, tools=[WEATHER], store=True, metadata={"test": "calls"})
+            chunks = list(ask(client, tools=[WEATHER], stream=True))
+    finally:
+        engine.close()
+    message = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert (message.reasoning_content, message.content) == (REASONING, None)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    kinds = [
+        kind
+        for delta in deltas
+        for kind in ("reasoning_content", "content", "tool_calls")
+        if getattr(delta, kind, None)
+    ]
+    assert kinds == sorted(kinds, key=["reasoning_content", "tool_calls"].index)  # the reasoning, then the call
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == REASONING
+    [streamed] = [call for d in deltas for call in d.tool_calls or []]
+    assert (streamed.function.name, json.loads(streamed.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    made = from_completions(str(tmp_path / "completions.db"), tmp_path / "rows.jsonl", metadata={"test": "calls"})
+    [written] = [json.loads(line) for line in made.out.read_text().splitlines()]
+    reply = written["messages"][-1]
+    assert written["tools"] == [WEATHER]
+    assert reply["reasoning_content"] == REASONING and reply["content"] is None
+    assert reply["tool_calls"] == [{**CALL, "id": message.tool_calls[0].id}]

@@ -141,20 +141,28 @@ def pack_linear_weights(model) -> int:
     return packed
 
 
-def render_prompt(tokenizer, prompt: Messages | str, template_kwargs: dict | None = None) -> str:
-    """The text the model continues: chat messages through the chat template (given `template_kwargs`,
-    such as Qwen 3's enable_thinking), a string as it is."""
+def render_prompt(
+    tokenizer, prompt: Messages | str, tools: list[dict] | None = None, template_kwargs: dict | None = None
+) -> str:
+    """The text the model continues: chat messages (and the tools they may call) through the chat template
+    (given `template_kwargs`, such as Qwen 3's enable_thinking), a string as it is."""
     if isinstance(prompt, str):
         return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
+    return tokenizer.apply_chat_template(
+        prompt, tools=tools, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    )
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Prompt], template_kwargs: dict | None = None) -> list[list[int]]:
-    """Each prompt's token ids: messages rendered through the template, text with the tokenizer's special
-    tokens (its BOS, as a document is encoded for training and as vLLM's completions encode a prompt),
-    token ids as they are."""
+def encode_prompts(
+    tokenizer, prompts: Sequence[Prompt], tools: list[dict] | None = None, template_kwargs: dict | None = None
+) -> list[list[int]]:
+    """Each prompt's token ids: messages rendered through the template (with `tools` and `template_kwargs`,
+    if given), text with the tokenizer's special tokens (its BOS, as a document is encoded for training and as
+    vLLM's completions encode a prompt), token ids as they are."""
     # The template writes any BOS token itself; adding special tokens to its text would double it.
-    chats = {i: render_prompt(tokenizer, p, template_kwargs) for i, p in enumerate(prompts) if isinstance(p, list)}
+    chats = {
+        i: render_prompt(tokenizer, p, tools, template_kwargs) for i, p in enumerate(prompts) if isinstance(p, list)
+    }
     texts = {i: p for i, p in enumerate(prompts) if isinstance(p, str)}
     by_index = {i: list(p) for i, p in enumerate(prompts) if isinstance(p, tuple)}
     for encoded, add_special_tokens in ((chats, False), (texts, True)):

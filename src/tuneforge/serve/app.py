@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -29,6 +29,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from ..data.render import renderer_for
+from ..data.schema import Message
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
 from ..web import CLIENT_LEFT, APIError, Metadata, Observer, RequestBody, caller, docs_urls, edge, note
@@ -36,6 +37,7 @@ from . import completion_routes, reasoning
 from .completion_store import CompletionStore
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
 from .metrics import GenerationMetrics
+from .tool_calls import ParsedReply, ToolCallParser, parser_for
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4  # as OpenAI allows
@@ -46,11 +48,10 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20
 # What the server passes to the chat template itself: apply_chat_template's arguments and the messages.
 _APPLY_CHAT_TEMPLATE = inspect.signature(PreTrainedTokenizerBase.apply_chat_template)
 TEMPLATE_ARGUMENTS = frozenset({"messages", *_APPLY_CHAT_TEMPLATE.parameters} - {"self", "kwargs"})
-# Tool calling is not served: the reply is the model's text, never parsed into `tool_calls`.
-NO_TOOL_CALLING = (
-    "this server does not do tool calling: it returns the model's reply as text and never parses it into "
-    'tool_calls. Serve a model tuned for tool calls with vLLM (README, "Serving on GPUs with vLLM"; its '
-    "--enable-auto-tool-choice with the --tool-call-parser of the model's family), or send requests without tools."
+FUNCTIONS_ARE_TOOLS = (
+    "is OpenAI's deprecated form of tool calling, which this server does not take: send the functions as "
+    '`tools` ([{"type": "function", "function": ...}]), calls as an assistant message\'s `tool_calls` and their '
+    'results as "tool" messages with a `tool_call_id`.'
 )
 
 
@@ -73,31 +74,57 @@ class TextPart(RequestBody):
     text: str
 
 
+class FunctionCall(RequestBody):
+    name: str
+    arguments: str  # JSON text, as OpenAI's API sends it
+
+
+class ToolCall(RequestBody):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(RequestBody):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(RequestBody):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class ChatMessage(RequestBody):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[ToolCall] | None = None  # before content, whose check reads it
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
     reasoning_content: str | None = None  # an assistant reply's reasoning, as a reasoning model's answer holds it
 
     @model_validator(mode="before")
     @classmethod
-    def _no_tool_turns(cls, message):
-        # Said here, since pydantic would say that a call's null content or the "tool" role is a wrong value.
+    def _no_function_turns(cls, message):
+        # Said here, since pydantic would say that the "function" role is a wrong value.
         if isinstance(message, dict):
-            key = next((key for key in ("tool_calls", "function_call") if message.get(key) is not None), None)
-            turn = f"a message with {key}" if key else None
-            if turn is None and message.get("role") in ("tool", "function"):
-                turn = f"a {message['role']!r} message"
-            if turn is not None:
-                raise ValueError(f"{turn} is a tool-calling turn, and {NO_TOOL_CALLING}")
+            if message.get("function_call") is not None:
+                raise ValueError(f"function_call {FUNCTIONS_ARE_TOOLS}")
+            if message.get("role") == "function":
+                raise ValueError(f"the 'function' role {FUNCTIONS_ARE_TOOLS}")
         return message
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, content):
+    def _text_only(cls, content, info: ValidationInfo):
         # Said here, since pydantic would report the union's first branch: "should be a valid string".
-        if content is None:
-            raise ValueError("a message needs content: a string or a list of text parts")
+        if content is None and not info.data.get("tool_calls"):
+            raise ValueError(
+                "a message needs content: a string or a list of text parts (only an assistant message with "
+                "tool_calls may have null content)"
+            )
         for index, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             if kind != "text":
@@ -108,22 +135,39 @@ class ChatMessage(RequestBody):
         return content
 
     @model_validator(mode="after")
-    def _reasoning_of_a_reply(self):
+    def _fields_in_their_roles(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"a {self.role!r} message has tool_calls: only assistant messages make tool calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the tool_call_id of the call it answers")
         if self.reasoning_content is not None and self.role != "assistant":
             raise ValueError(f"only assistant messages have reasoning_content; remove it from this {self.role} message")
         return self
 
-    def as_template_message(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
+    def as_data_message(self) -> dict:
+        """The message as a chat training row holds it ("developer" is OpenAI's newer name for "system",
+        which chat templates know)."""
+        text = self.content if isinstance(self.content, str | None) else "".join(part.text for part in self.content)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
-        # A reasoning model's template writes it (Qwen 3's, into the last replies) or leaves it out.
-        return message if self.reasoning_content is None else {**message, "reasoning_content": self.reasoning_content}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
+        return message
+
+    def as_template_message(self) -> dict:
+        """The message as training gives it to the chat template (a call's null content as "", its arguments
+        as an object; a reasoning model's template writes reasoning_content, Qwen 3's into the last replies,
+        or leaves it out)."""
+        data = self.as_data_message()
+        return Message(**{**data, "content": data["content"] or ""}).to_template()
 
 
-def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as sent (a request's, or a stored completion's) as the model's chat template sees them."""
-    return [ChatMessage.model_validate(message).as_template_message() for message in messages]
+def training_messages(messages: list[dict]) -> list[dict]:
+    """Messages as sent (a stored completion's) as a chat training row holds them."""
+    return [ChatMessage.model_validate(message).as_data_message() for message in messages]
 
 
 class StreamOptions(RequestBody):
@@ -217,9 +261,9 @@ class ChatCompletionBody(_GenerationBody):
     # What the SDK now sends in place of `user`: an end-user id and a cache key; accepted and not used.
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    # OpenAI's tool calling (and its older `functions`): accepted as arguments so that a request using them
-    # is refused saying why, not as unknown; `tool_choice: "none"` asks for no calls, which is what it gets.
-    tools: list | None = None
+    # OpenAI's tool calling: `tools` go to the chat template as training gives a row's tools to it, and
+    # the reply is parsed into `tool_calls` (`tool_calls.py`). `functions` is its deprecated form.
+    tools: list[Tool] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     functions: list | None = None
@@ -240,12 +284,27 @@ class ChatCompletionBody(_GenerationBody):
 
     def check_supported(self) -> None:
         super().check_supported()
-        for param in ("tools", "functions", "function_call", "parallel_tool_calls", "tool_choice"):
-            value = getattr(self, param)
-            if value is not None and value != [] and not (param == "tool_choice" and value == "none"):
-                raise APIError(
-                    400, f"{param} is not supported: {NO_TOOL_CALLING}", param=param, code="unsupported_value"
-                )
+        for param in ("functions", "function_call"):
+            if getattr(self, param) is not None:
+                raise APIError(400, f"{param} {FUNCTIONS_ARE_TOOLS}", param=param, code="unsupported_value")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise APIError(
+                400,
+                f"tool_choice {json.dumps(self.tool_choice)[:80]} is not supported: this server does not constrain "
+                'decoding to force a call. Send "auto" (the model decides; a model tuned on tool calls makes '
+                'them as trained) or "none".',
+                param="tool_choice",
+                code="unsupported_value",
+            )
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply is parsed for tool calls: tools are given and `tool_choice` is not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template gets them: as sent (with "none" too, as vLLM renders them)."""
+        return [tool.model_dump(exclude_unset=True) for tool in self.tools] if self.tools else None
 
     def template_messages(self) -> list[dict]:
         return [message.as_template_message() for message in self.messages]
@@ -285,22 +344,53 @@ class _Reply:
     id: str
     created: int
     reasoning: bool | None = None  # a reasoning model's reply: whether its prompt opened the reasoning (reasoning.py)
+    tools: ToolCallParser | None = None  # parses a chat reply's tool calls; None: the reply is text
+    parallel_tool_calls: bool = True  # false: the first call only, as OpenAI's API makes at most one then
+    # The reply's calls once parsed: the answer sent and the one stored give each call the same id.
+    _parsed: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def start(cls, chat: bool, model: str, reasoning: bool | None = None) -> _Reply:
-        return cls(chat, model, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), reasoning)
+    def start(
+        cls,
+        chat: bool,
+        model: str,
+        reasoning: bool | None = None,
+        tools: ToolCallParser | None = None,
+        parallel_tool_calls: bool | None = None,
+    ) -> _Reply:
+        reply_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        return cls(chat, model, reply_id, int(time.time()), reasoning, tools, parallel_tool_calls is not False)
+
+    def parsed(self, answer: str) -> ParsedReply | None:
+        """The tool calls of the reply's answer (what follows a reasoning model's reasoning), if it is parsed
+        for them and makes some."""
+        if answer not in self._parsed:
+            parsed = self.tools.parse(answer) if self.tools is not None else None
+            if parsed is not None and not self.parallel_tool_calls:
+                parsed = ParsedReply(parsed.content, parsed.tool_calls[:1])
+            self._parsed[answer] = parsed
+        return self._parsed[answer]
 
     def whole(self, completion: Completion) -> dict:
+        finish_reason = completion.finish_reason
         answer = {"text": completion.text}
         if self.chat:
-            parts = (
-                {"content": completion.text}
-                if self.reasoning is None
-                else reasoning.message(completion.text, self.reasoning)
-            )
-            answer = {"message": {"role": "assistant", **parts}}
-        choice = {"index": 0, **answer, "logprobs": None, "finish_reason": completion.finish_reason}
+            # A reasoning model's reply parts into reasoning and answer first; calls come in the answer.
+            message = {"role": "assistant", "content": completion.text}
+            if self.reasoning is not None:
+                message.update(reasoning.message(completion.text, self.reasoning))
+            if (parsed := self.parsed(message["content"])) is not None:
+                message.update(content=parsed.content, tool_calls=parsed.tool_calls)
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            answer = {"message": message}
+        choice = {"index": 0, **answer, "logprobs": None, "finish_reason": finish_reason}
         return self._envelope("chat.completion" if self.chat else "text_completion", [choice], usage=_usage(completion))
+
+    def tool_calls_chunk(self, calls: list[dict]) -> dict:
+        delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+        return self._envelope(
+            self._chunk_object, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+        )
 
     def chunk(
         self, text: str = "", finish_reason: str | None = None, *, opening: bool = False, field: str = "content"
@@ -397,7 +487,12 @@ class Served:
         if isinstance(body, ChatCompletionBody) and body.store:
             sent = [message.model_dump(exclude_none=True) for message in body.messages]
             await asyncio.to_thread(
-                self.completions.save, caller(request), sent, reply.whole(completion), body.metadata
+                self.completions.save,
+                caller(request),
+                sent,
+                reply.whole(completion),
+                body.metadata,
+                body.template_tools(),
             )
 
 
@@ -424,9 +519,44 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         raise APIError(
             400, "This server does not store completions: leave `store` out.", param="store", code="unsupported_value"
         )
-    generation = await submit(server, request, body, body.template_messages(), server.default_max_tokens, "messages")
+    tools = await asyncio.to_thread(_tool_parser, server, body)
+    generation = await submit(
+        server, request, body, body.template_messages(), server.default_max_tokens, "messages", body.template_tools()
+    )
     opened = reasoning.reasoning_opened(server.pool.tokenizer(generation.model), generation.prompt_ids)
-    return await answer(server, request, body, _Reply.start(True, body.model, opened), generation)
+    return await answer(
+        server, request, body, _Reply.start(True, body.model, opened, tools, body.parallel_tool_calls), generation
+    )
+
+
+def _tool_parser(server: Served, body: ChatCompletionBody) -> ToolCallParser | None:
+    """What parses the reply's tool calls (None: the reply is text), once the model's chat template can take them."""
+    if not body.tools:
+        return None
+    body.check_supported()
+    name = server.known_model(body.model)
+    renderer = renderer_for(server.pool.tokenizer(name))
+    if not renderer.writes_tools:
+        raise APIError(
+            400,
+            f"The chat template of `{name}` does not write tool definitions, so the model would never see these "
+            "tools. Serve a model whose chat template takes tools (Qwen 2.5 and 3, Llama 3.1, Mistral, ...) and "
+            "tune it on tool calls, or send the request without tools.",
+            param="tools",
+            code="unsupported_value",
+        )
+    parser = parser_for(renderer.template) if body.calls_tools else None
+    if body.calls_tools and parser is None:
+        raise APIError(
+            400,
+            f"The chat template of `{name}` writes tool calls in a form this server does not parse (it parses "
+            '<tool_call>{"name": ..., "arguments": ...}</tool_call> as Qwen and Hermes write them, Llama 3.1\'s '
+            '{"name": ..., "parameters": ...} and Mistral\'s [TOOL_CALLS][...]). Send tool_choice "none" to get '
+            "the reply as text.",
+            param="tools",
+            code="unsupported_value",
+        )
+    return parser
 
 
 @v1.post("/completions")
@@ -487,14 +617,20 @@ def create_app(
 
 
 async def submit(
-    server: Served, request: Request, body: _GenerationBody, prompt, default_max: int, length_param: str
+    server: Served,
+    request: Request,
+    body: _GenerationBody,
+    prompt,
+    default_max: int,
+    length_param: str,
+    tools: list[dict] | None = None,
 ) -> Generation:
     body.check_supported()
     name = server.known_model(body.model)
     note(request, model=name, **({"prompt": prompt} if server.observer.log_prompts else {}))
     # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
     template_kwargs = getattr(body, "chat_template_kwargs", None)
-    prompt_ids = await asyncio.to_thread(_encode, server.pool.tokenizer(name), prompt, template_kwargs)
+    prompt_ids = await asyncio.to_thread(_encode, server.pool.tokenizer(name), prompt, tools, template_kwargs)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param=length_param)
     max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
@@ -504,13 +640,13 @@ async def submit(
         raise engine_error(err) from err
 
 
-def _encode(tokenizer, prompt, template_kwargs: dict | None = None) -> list[int]:
+def _encode(tokenizer, prompt, tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
     if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
         fields = ((f"messages.{i}.content", m["content"]) for i, m in enumerate(prompt))
         for problem in renderer_for(tokenizer).special_tokens_in(fields):
             raise APIError(400, f"{problem.field}: {problem.message}", param=problem.field, code="invalid_value")
     try:
-        [prompt_ids] = encode_prompts(tokenizer, [prompt], template_kwargs)
+        [prompt_ids] = encode_prompts(tokenizer, [prompt], tools=tools, template_kwargs=template_kwargs)
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
         raise APIError(400, f"The model's chat template cannot render these messages: {err}", param="messages") from err
     return prompt_ids
@@ -579,9 +715,28 @@ async def _events(server: Served, request: Request, body: _GenerationBody, reply
     try:
         if reply.chat:
             yield _sse(reply.chunk(opening=True))
+        # A reasoning model's reasoning streams as it comes; its answer (or any other reply) is parsed for tool
+        # calls, its text streamed up to where a call may be starting.
+        content, sent = "", 0  # a reply parsed for tool calls: its answer so far, and how much of it went out
         async for field, text in reasoning.deltas(generation.pieces(), reply.reasoning):
-            yield _sse(reply.chunk(text, field=field))
-        yield _sse(reply.chunk(finish_reason=generation.completion.finish_reason))
+            if reply.tools is None or field != reasoning.CONTENT:
+                yield _sse(reply.chunk(text, field=field))
+                continue
+            content += text
+            held = reply.tools.held_from(content)  # from where a call may be starting, the text waits for the rest
+            if (upto := len(content) if held is None else held) > sent:
+                yield _sse(reply.chunk(content[sent:upto]))
+                sent = upto
+        finish_reason = generation.completion.finish_reason
+        if reply.tools is not None:
+            parsed = reply.parsed(content)
+            upto = reply.tools.held_from(content) if parsed is not None else len(content)
+            if upto > sent:
+                yield _sse(reply.chunk(content[sent:upto]))
+            if parsed is not None:
+                yield _sse(reply.tool_calls_chunk(parsed.tool_calls))
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        yield _sse(reply.chunk(finish_reason=finish_reason))
         await server.answered(request, body, reply, generation)
         if body.stream_options and body.stream_options.include_usage:
             yield _sse(reply.usage_chunk(generation.completion))

@@ -1,6 +1,6 @@
 """Stored chat completions: what a request with `store: true` asked and got, kept per API key.
 
-Each row holds the prompt's messages as they were sent (role, content, name), the whole
+Each row holds the prompt's messages as they were sent (role, content, name, tool calls), its tools, the whole
 `chat.completion` answer (reply, model, usage, created time) and the request's `metadata`. The
 database is `tuneforge.database`'s: SQLite by default (`tuneforge serve`: a file under
 $TUNEFORGE_HOME/serve; `tuneforge api`: its job store's database), PostgreSQL by URL. Every query
@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import JSON, BigInteger, Engine, String, delete, select
+from sqlalchemy import JSON, BigInteger, Engine, String, delete, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..database import JSON_COLUMNS, Page, Tables, connect, database_url, opening, where_metadata
@@ -43,6 +43,7 @@ class StoredCompletion(Base):
     messages: Mapped[list]  # the prompt as sent: [{"role", "content", "name"?}, ...], content a string or text parts
     response: Mapped[dict]  # the `chat.completion` object as it was answered
     metadata_: Mapped[dict | None] = mapped_column("metadata", JSON)
+    tools: Mapped[list | None] = mapped_column(JSON)  # the request's tools, as sent (None: it gave none)
 
     @property
     def reply(self) -> dict:
@@ -52,17 +53,22 @@ class StoredCompletion(Base):
         return {**self.response, "metadata": self.metadata_ or {}}
 
     def messages_to_api(self) -> list[dict]:
-        """The prompt's messages as OpenAI lists them: content sent as parts comes back as `content_parts`."""
-        return [
-            {
-                "id": f"{self.id}-{i}",
-                "role": message["role"],
-                "content": message["content"] if isinstance(message["content"], str) else None,
-                "content_parts": None if isinstance(message["content"], str) else message["content"],
-                "name": message.get("name"),
-            }
-            for i, message in enumerate(self.messages)
-        ]
+        """The prompt's messages as OpenAI lists them: content sent as parts comes back as `content_parts`, a
+        call's null content (not stored) as null, and a message's tool calls and the call a result answers."""
+        listed = []
+        for i, message in enumerate(self.messages):
+            content = message.get("content")
+            listed.append(
+                {
+                    "id": f"{self.id}-{i}",
+                    "role": message["role"],
+                    "content": content if isinstance(content, str) else None,
+                    "content_parts": content if isinstance(content, list) else None,
+                    "name": message.get("name"),
+                    **{key: message[key] for key in ("tool_calls", "tool_call_id") if key in message},
+                }
+            )
+        return listed
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class Retention:
 class CompletionStore(Tables):
     def __init__(self, engine: Engine, retention: Retention = Retention()):
         super().__init__(engine, Base)
+        self._add_tools_column()
         self.retention = retention
         self.prune()
 
@@ -92,7 +99,17 @@ class CompletionStore(Tables):
         with opening(url, "--store"):
             return cls(connect(url), retention)
 
-    def save(self, owner: str, messages: list[dict], response: dict, metadata: dict | None) -> None:
+    def _add_tools_column(self) -> None:
+        """A store made before completions kept their request's tools gets the column (empty for its rows)."""
+        table = StoredCompletion.__tablename__
+        with self.engine.begin() as connection:
+            if "tools" not in {column["name"] for column in inspect(connection).get_columns(table)}:
+                exists = "" if self.engine.url.get_backend_name() == "sqlite" else "IF NOT EXISTS "
+                connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {exists}tools JSON"))
+
+    def save(
+        self, owner: str, messages: list[dict], response: dict, metadata: dict | None, tools: list[dict] | None = None
+    ) -> None:
         row = StoredCompletion(
             id=response["id"],
             owner=owner,
@@ -101,6 +118,7 @@ class CompletionStore(Tables):
             messages=messages,
             response=response,
             metadata_=metadata,
+            tools=tools,
         )
         self.add(row)
         self.prune()

@@ -24,7 +24,7 @@ from ..data.formats import check_row
 from ..errors import ConfigError, DataError
 from ..fsio import atomic_file
 from ..web import owner_of
-from .app import template_messages
+from .app import training_messages
 from .command import parse_pairs
 from .completion_store import CompletionStore, StoredCompletion, default_store
 
@@ -38,10 +38,13 @@ class TrainingRows:
 
 
 def training_row(completion: StoredCompletion) -> dict:
-    # The prompt trains as the chat template saw it when it was answered: a developer message as the system one.
-    # A reasoning model's reply keeps its reasoning_content (None where it opened none: left out).
-    reply = {key: value for key, value in completion.reply["message"].items() if value is not None}
-    return {"messages": [*template_messages(completion.messages), reply]}
+    # The prompt trains as the chat template saw it when it was answered: a developer message as the system
+    # one, and the tools it was given. The reply keeps its reasoning_content (None where it opened none: left
+    # out) and its tool_calls with their null content, as OpenAI's chat rows hold a call.
+    message = completion.reply["message"]
+    reply = {key: value for key, value in message.items() if value is not None or key == "content"}
+    row = {"messages": [*training_messages(completion.messages), reply]}
+    return {**row, "tools": completion.tools} if completion.tools else row
 
 
 def from_completions(

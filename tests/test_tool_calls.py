@@ -1,0 +1,86 @@
+"""Tool calls parsed from replies as each family's chat template trains a model to write them."""
+
+import json
+
+import pytest
+from families import FAMILIES, TEMPLATES
+
+from tuneforge.serve.tool_calls import HERMES, LLAMA3_JSON, MISTRAL, parser_for
+
+
+def calls(parsed) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls]
+
+
+@pytest.mark.parametrize(
+    ("family", "parser"),
+    [("qwen2.5", HERMES), ("qwen3", HERMES), ("llama3", LLAMA3_JSON), ("mistral", MISTRAL), ("gemma2", None)],
+)
+def test_the_parser_is_the_one_the_families_chat_template_writes_calls_for(family, parser):
+    assert parser_for((TEMPLATES / FAMILIES[family].template).read_text(encoding="utf-8")) is parser
+
+
+def test_hermes_calls_with_the_text_before_them():
+    text = (
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    )
+    parsed = HERMES.parse(text)
+    assert parsed.content == "Let me look."
+    assert calls(parsed) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in parsed.tool_calls)
+    assert len({c["id"] for c in parsed.tool_calls}) == 2
+    # The last block may end at the end of the reply, its closing tag not written.
+    assert calls(HERMES.parse('<tool_call>\n{"name": "f", "arguments": {}}\n')) == [("f", {})]
+
+
+def test_llama3_json_calls_with_or_without_the_python_tag():
+    assert LLAMA3_JSON.parse('{"name": "get_weather", "parameters": {"city": "Paris"}}').content is None
+    two = '<|python_tag|>{"name": "f", "parameters": {"a": "é"}}; {"name": "g", "parameters": {}}'
+    parsed = LLAMA3_JSON.parse(two)
+    assert calls(parsed) == [("f", {"a": "é"}), ("g", {})]
+    assert parsed.tool_calls[0]["function"]["arguments"] == '{"a": "é"}'  # JSON text as written, not escaped
+
+
+def test_mistral_calls_keep_their_id_and_read_without_the_marker_decoding_drops():
+    parsed = MISTRAL.parse('Sure. [TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}, "id": "abcDEF123"}]')
+    assert parsed.content == "Sure." and calls(parsed) == [("f", {"a": 1})]
+    assert parsed.tool_calls[0]["id"] == "abcDEF123"
+    # Mistral's template takes back only ids of 9 letters and digits.
+    [call] = MISTRAL.parse('[{"name": "f", "arguments": {}}]').tool_calls
+    assert len(call["id"]) == 9 and call["id"].isalnum()
+
+
+@pytest.mark.parametrize(
+    ("parser", "text"),
+    [
+        (HERMES, "The weather is fine."),
+        (HERMES, "<tool_call>\n{not json}\n</tool_call>"),
+        (HERMES, '<tool_call>\n{"arguments": {}}\n</tool_call>'),  # no name
+        (HERMES, '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call> and then some text'),
+        (LLAMA3_JSON, '{"answer": 4}'),
+        (LLAMA3_JSON, '{"name": "f", "parameters": [1, 2]}'),
+        (LLAMA3_JSON, '{"name": "f", "parameters": {}} is what I would call'),
+        (MISTRAL, "[1, 2, 3]"),
+        (MISTRAL, '[TOOL_CALLS] [{"name": "f", "arguments": {}'),  # cut short
+    ],
+)
+def test_text_that_is_not_a_call_stays_text(parser, text):
+    assert parser.parse(text) is None
+
+
+@pytest.mark.parametrize(
+    ("parser", "text", "held"),
+    [
+        (HERMES, "Let me look. <tool", 13),  # a marker's start: held until it is one or is not
+        (HERMES, "Let me look. <tool_call>\n{", 13),
+        (HERMES, "The weather is fine.", None),
+        (LLAMA3_JSON, "  ", 0),  # the reply may still open with a call
+        (LLAMA3_JSON, '{"name', 0),
+        (LLAMA3_JSON, "The answer is {", None),
+        (MISTRAL, "Sure. [TOOL_", 6),
+        (MISTRAL, "[{", 0),
+    ],
+)
+def test_a_stream_holds_back_the_text_from_where_a_call_may_start(parser, text, held):
+    assert parser.held_from(text) == held
