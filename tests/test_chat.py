@@ -3,6 +3,7 @@
 import io
 
 import pytest
+from test_serve_reasoning import ANSWER, QUESTION, REASONING, qwen3_dir  # noqa: F401 - a fixture
 from tiny_sharp import save_sharp_tiny_model
 from typer.testing import CliRunner
 
@@ -162,3 +163,23 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_dir, tiny
     assert result.exit_code == 0, result.output
     assert "(that line is not UTF-8 text (character 4); not sent: check the terminal's encoding)" in result.output
     assert reply_to(tiny, [{"role": "user", "content": "Hi"}]) in result.output
+
+
+class Terminal(RecordingOutput):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_reasoning_models_reasoning_is_shown_dimmed_apart_and_kept_apart_in_the_history(qwen3_dir):  # noqa: F811
+    tiny = load_model(str(qwen3_dir)).eval(), load_tokenizer(str(qwen3_dir))
+    output = Terminal()
+    conversation = chat_session(*tiny, input=io.StringIO("Hi\nHi\n"), output=output, max_new_tokens=40)
+    answered = {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}
+    assert conversation == [QUESTION[0], answered, QUESTION[0], answered]
+    assert output.getvalue().count(f"{PROMPT}\x1b[2m{REASONING}\x1b[22m\n\n{ANSWER}\n") == 2
+    assert "<think>" not in output.getvalue() and "</think>" not in output.getvalue()
+    # Cut while reasoning: the terminal's text is left normal, and the note says where the reply stopped.
+    output = Terminal()
+    [_, cut] = chat_session(*tiny, input=io.StringIO("Hi\n"), output=output, max_new_tokens=4)
+    assert cut["content"] == "" and REASONING.startswith(cut["reasoning_content"])
+    assert output.getvalue().endswith("\x1b[22m\n(cut at 4 tokens while reasoning)\n" + PROMPT)

@@ -8,6 +8,8 @@ same answer every time, which is what one wants when looking at a fine-tune) and
 end of the model's turn or at `max_new_tokens`. When the conversation outgrows the context
 window, the oldest exchanges are dropped. With no system message of the user's, the template's own
 applies: for a fine-tuned model, the system prompt its training data shared (`models.system_prompt`).
+A reasoning model's reasoning is shown apart from its answer (dimmed on a terminal) and kept apart in
+the history, as `serve` returns it (`serve.reasoning`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import context_length, load_tokenizer, resolve
 from .models.system_prompt import recorded_system_prompt
+from .serve.reasoning import REASONING, ReasoningSplitter, message, reasoning_opened
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -83,7 +86,7 @@ def chat_session(
             continue
         history.append({"role": "user", "content": text})
         try:
-            messages, budget = _fit(tokenizer, system, history, window, max_new_tokens, note)
+            prompt_ids, budget = _fit(tokenizer, system, history, window, max_new_tokens, note)
         except (TemplateError, ValueError) as err:  # a template that refuses these messages (Gemma 2: a system one)
             history.pop()
             note(
@@ -95,20 +98,25 @@ def chat_session(
             history.pop()
             note(f"that message alone fills the model's {window}-token context; send a shorter one")
             continue
-        reply = stream(model, tokenizer, messages, max_new_tokens=budget, temperature=temperature, top_p=top_p)
+        opened = reasoning_opened(tokenizer, prompt_ids)
+        reply = stream(model, tokenizer, prompt_ids, max_new_tokens=budget, temperature=temperature, top_p=top_p)
+        shown = _ReplyWriter(output, opened)
         try:
             for piece in reply:
-                output.write(piece)
-                output.flush()
+                shown.write(piece)
+            shown.finish()
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the unanswered turn is dropped
+            shown.close()
             history.pop()
             output.write("\n")
             note("reply interrupted")
             continue
         output.write("\n")
-        history.append({"role": "assistant", "content": reply.completion.text})
+        parts = {"content": reply.completion.text} if opened is None else message(reply.completion.text, opened)
+        # The reasoning goes back to the template apart, which keeps or drops it by its own rules (as in serve).
+        history.append({"role": "assistant", **{k: v for k, v in parts.items() if v is not None}})
         if reply.completion.finish_reason == "length":
-            note(f"cut at {budget} tokens")
+            note(f"cut at {budget} tokens" + (" while reasoning" if shown.reasoning_only else ""))
     return _with_system(system, history)
 
 
@@ -133,6 +141,48 @@ def chat_command(
     return 0
 
 
+class _ReplyWriter:
+    """Writes a streamed reply: a reasoning model's reasoning (see `serve.reasoning`) apart from its answer,
+    dimmed on a terminal and followed by a blank line, then the answer; other models' replies as written."""
+
+    DIM, NORMAL = "\x1b[2m", "\x1b[22m"
+
+    def __init__(self, output: TextIO, opened: bool | None):
+        self.output = output
+        self.splitter = ReasoningSplitter(opened) if opened is not None else None
+        self.terminal = output.isatty()
+        self.field: str | None = None  # the part being written
+        self.reasoning_only = opened is not None  # until the answer starts
+
+    def write(self, piece: str) -> None:
+        for field, text in self.splitter.feed(piece) if self.splitter else [("content", piece)]:
+            self._write(field, text)
+
+    def finish(self) -> None:
+        for field, text in self.splitter.finish() if self.splitter else []:
+            self._write(field, text)
+        self.close()
+
+    def close(self) -> None:
+        """Leave the terminal's text normal, whatever part the reply stopped in."""
+        if self.field == REASONING and self.terminal:
+            self.output.write(self.NORMAL)
+            self.output.flush()
+
+    def _write(self, field: str, text: str) -> None:
+        if field != self.field:
+            if self.field == REASONING:
+                self.close()
+                self.output.write("\n\n")
+            elif field == REASONING and self.terminal:
+                self.output.write(self.DIM)
+            self.field = field
+        if field != REASONING:
+            self.reasoning_only = False
+        self.output.write(text)
+        self.output.flush()
+
+
 def _system_in_force(tokenizer, system: str | None) -> str:
     if system:
         return f"system message: {system}"
@@ -152,16 +202,16 @@ def _fit(
     window: int | None,
     max_new_tokens: int,
     note: Callable[[str], None],
-) -> tuple[list[dict], int]:
-    """The messages to send, oldest exchanges dropped while they and the reply overflow the window,
+) -> tuple[tuple[int, ...], int]:
+    """The prompt's token ids, oldest exchanges dropped while they and the reply overflow the window,
     and how many tokens the reply may have."""
     while True:
-        messages = _with_system(system, history)
+        prompt_ids = tuple(encode_prompts(tokenizer, [_with_system(system, history)])[0])
         if window is None:
-            return messages, max_new_tokens
-        room = window - len(encode_prompts(tokenizer, [messages])[0])
+            return prompt_ids, max_new_tokens
+        room = window - len(prompt_ids)
         if room >= max_new_tokens or len(history) <= 1:
-            return messages, min(room, max_new_tokens)
+            return prompt_ids, min(room, max_new_tokens)
         del history[:2]  # the oldest user message and the reply to it
         note("oldest exchange dropped to fit the context window")
 
