@@ -1,8 +1,15 @@
 """The terminal chat, driven by scripted input: streamed replies, history, /system, /show, /reset, /exit."""
 
 import io
+import os
+import pty
+import select
+import signal
+import sys
+import time
 
 import pytest
+from conftest import SUBPROCESS_ENV
 from test_serve_reasoning import ANSWER, QUESTION, REASONING, qwen3_dir  # noqa: F401 - a fixture
 from tiny_sharp import save_sharp_tiny_model
 from typer.testing import CliRunner
@@ -183,3 +190,45 @@ def test_a_reasoning_models_reasoning_is_shown_dimmed_apart_and_kept_apart_in_th
     [_, cut] = chat_session(*tiny, input=io.StringIO("Hi\n"), output=output, max_new_tokens=4)
     assert cut["content"] == "" and REASONING.startswith(cut["reasoning_content"])
     assert output.getvalue().endswith("\x1b[22m\n(cut at 4 tokens while reasoning)\n" + PROMPT)
+
+
+class ChatInTerminal:
+    """`tuneforge chat` run in a pseudo-terminal, as a person runs it (readline, Ctrl-C, Ctrl-D)."""
+
+    def __init__(self, *args: str):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a shell starts it, whatever this process ignores
+            os.execve(sys.executable, [sys.executable, "-m", "tuneforge", "chat", *args], SUBPROCESS_ENV)
+        self.seen = ""
+
+    def expect(self, text: str, timeout: float = 120) -> str:
+        """Read until `text` appears after what earlier calls read; return what was read."""
+        start, deadline = len(self.seen), time.monotonic() + timeout
+        while text not in self.seen[start:]:
+            ready, _, _ = select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))
+            assert ready, f"no {text!r} after {timeout} s; the terminal shows:\n{self.seen}"
+            try:
+                read = os.read(self.fd, 4096)
+            except OSError:  # the chat has ended and closed the terminal
+                read = b""
+            assert read, f"the chat ended before {text!r}; the terminal shows:\n{self.seen}"
+            self.seen += read.decode(errors="replace")
+        return self.seen[start:]
+
+    def send(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def exit_code(self) -> int:
+        return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
+
+def test_ctrl_c_at_the_prompt_drops_the_line_and_keeps_the_conversation(model_dir):
+    chat = ChatInTerminal(str(model_dir), "--max-tokens", "1", "--system", "Be brief.")
+    chat.expect(PROMPT)
+    chat.send("half a thought\x03")
+    assert "(the line is dropped; Ctrl-D or /exit leaves)" in chat.expect(PROMPT)
+    chat.send("/show\n")
+    assert "(system message: Be brief.)" in chat.expect(PROMPT)  # the session, and its system message, went on
+    chat.send("\x04")  # Ctrl-D leaves
+    assert chat.exit_code() == 0

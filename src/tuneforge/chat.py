@@ -33,7 +33,7 @@ HELP = """commands:
   /system TEXT    start a new conversation with this system message
   /system         start a new conversation with the model's own (its fine-tuning's, if recorded)
   /show           print the system message in force
-  /exit           leave (so do Ctrl-D and end of input); Ctrl-C stops a reply
+  /exit           leave (so do Ctrl-D and end of input); Ctrl-C stops a reply, or drops the line typed
   /help           this list"""
 
 
@@ -237,9 +237,12 @@ def _line_reader(input: TextIO | None, output: TextIO) -> Callable[[str], str | 
         def read_terminal(prompt: str) -> str | None:
             try:
                 return builtins.input(prompt)
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 output.write("\n")
                 return None
+            except KeyboardInterrupt:  # Ctrl-C a moment after a reply ends must not lose the conversation
+                output.write("\n(the line is dropped; Ctrl-D or /exit leaves)\n")
+                return ""
 
         return read_terminal
 
