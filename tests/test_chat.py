@@ -232,3 +232,13 @@ def test_ctrl_c_at_the_prompt_drops_the_line_and_keeps_the_conversation(model_di
     assert "(system message: Be brief.)" in chat.expect(PROMPT)  # the session, and its system message, went on
     chat.send("\x04")  # Ctrl-D leaves
     assert chat.exit_code() == 0
+
+
+def test_the_chat_command_names_an_adapters_base(model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model(str(model_dir)), LoraConfig(r=2, target_modules="all-linear")).save_pretrained(adapter)
+    result = CliRunner().invoke(app, ["chat", str(adapter), "--max-tokens", "1"], input="/exit\n")
+    assert result.exit_code == 0, result.output
+    assert f"chatting with adapter (adapter {adapter} on {model_dir}); greedy" in result.output

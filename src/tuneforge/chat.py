@@ -133,7 +133,7 @@ def chat_command(
     model = load_for_inference(source, precision)
     sys.stdout.write(
         f"chatting with {source.name}"
-        + (f" (adapter {source.adapter})" if source.adapter else "")
+        + (f" (adapter {source.adapter} on {source.path})" if source.adapter else "")
         + f"; {'greedy' if temperature == 0 else f'temperature {temperature}'}, "
         f"up to {max_new_tokens} tokens a reply; /help for commands.\n({_system_in_force(tokenizer, system)})\n"
     )
