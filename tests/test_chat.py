@@ -5,6 +5,7 @@ import os
 import pty
 import select
 import signal
+import subprocess
 import sys
 import time
 
@@ -242,3 +243,18 @@ def test_the_chat_command_names_an_adapters_base(model_dir, tmp_path):
     result = CliRunner().invoke(app, ["chat", str(adapter), "--max-tokens", "1"], input="/exit\n")
     assert result.exit_code == 0, result.output
     assert f"chatting with adapter (adapter {adapter} on {model_dir}); greedy" in result.output
+
+
+def test_the_chat_runs_without_the_serve_extra():
+    """`pip install tuneforge` without [serve] has no FastAPI: `tuneforge chat` must not need it."""
+    code = (
+        "import sys\n"
+        "class NoServeExtra:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, NoServeExtra())\n"
+        "import tuneforge.chat\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert run.returncode == 0, run.stderr

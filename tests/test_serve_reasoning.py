@@ -14,10 +14,10 @@ from tuneforge.data.render import render_conversation
 from tuneforge.data.schema import Conversation, Message
 from tuneforge.generate import encode_prompts
 from tuneforge.models import load_model, load_tokenizer
+from tuneforge.reasoning import ReasoningSplitter, message, reasoning_opened
 from tuneforge.serve import AdapterPool, Engine, create_app
 from tuneforge.serve.completion_store import CompletionStore
 from tuneforge.serve.from_completions import from_completions
-from tuneforge.serve.reasoning import ReasoningSplitter, message, reasoning_opened
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

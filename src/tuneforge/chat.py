@@ -9,7 +9,7 @@ end of the model's turn or at `max_new_tokens`. When the conversation outgrows t
 window, the oldest exchanges are dropped. With no system message of the user's, the template's own
 applies: for a fine-tuned model, the system prompt its training data shared (`models.system_prompt`).
 A reasoning model's reasoning is shown apart from its answer (dimmed on a terminal) and kept apart in
-the history, as `serve` returns it (`serve.reasoning`).
+the history, as `serve` returns it (`reasoning`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import context_length, load_tokenizer, resolve
 from .models.system_prompt import recorded_system_prompt
-from .serve.reasoning import REASONING, ReasoningSplitter, message, reasoning_opened
+from .reasoning import REASONING, ReasoningSplitter, message, reasoning_opened
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -142,7 +142,7 @@ def chat_command(
 
 
 class _ReplyWriter:
-    """Writes a streamed reply: a reasoning model's reasoning (see `serve.reasoning`) apart from its answer,
+    """Writes a streamed reply: a reasoning model's reasoning (see `reasoning`) apart from its answer,
     dimmed on a terminal and followed by a blank line, then the answer; other models' replies as written."""
 
     DIM, NORMAL = "\x1b[2m", "\x1b[22m"

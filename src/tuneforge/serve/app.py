@@ -28,12 +28,13 @@ from jinja2 import TemplateError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
+from .. import reasoning
 from ..data.render import renderer_for
 from ..data.schema import Message
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
 from ..web import CLIENT_LEFT, APIError, Metadata, Observer, RequestBody, caller, docs_urls, edge, note
-from . import completion_routes, reasoning
+from . import completion_routes
 from .completion_store import CompletionStore
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
 from .metrics import GenerationMetrics

@@ -17,8 +17,8 @@ the last, as eval does.
 
 from __future__ import annotations
 
-from ..data.render import renderer_for
-from ..tasks.metrics import THINK_CLOSE, THINK_OPEN, split_reasoning
+from .data.render import renderer_for
+from .tasks.metrics import THINK_CLOSE, THINK_OPEN, split_reasoning
 
 REASONING, CONTENT = "reasoning_content", "content"
 # Enough of the prompt's last tokens to hold its `<think>` and what follows it, where `<think>` is no token of its own.
