@@ -103,7 +103,8 @@ def test_a_model_without_a_chat_template_is_a_warning_naming_chatml_and_where_it
     assert f"putthattemplatein{model}/chat_template.jinja." in said
 
 
-def test_reading_the_data_shows_its_progress(tiny_model_dir, triage_data, tmp_path, capsys):
+def test_reading_the_data_shows_its_progress(tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))  # an empty data cache: the rows are read
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
     assert validate(cfg) == 0
     lines = sum(1 for _ in open(cfg["data"]["train"], encoding="utf-8"))

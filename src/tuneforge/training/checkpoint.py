@@ -307,7 +307,7 @@ def _check_parameter_groups(folder: Path, optimizer) -> None:
         keys = dcp.FileSystemReader(folder / OPTIMIZER).read_metadata().state_dict_metadata
     # Each process reads the groups' parameter names on its own, from the same files.
     groups = {key: [] for key in keys if key.startswith("param_groups.") and key.endswith(".params")}
-    with _reading(folder, f"{OPTIMIZER}/"), _one_process_quietly():
+    with _reading(folder, f"the optimizer state in {OPTIMIZER}/"), _one_process_quietly():
         dcp.load(groups, checkpoint_id=folder / OPTIMIZER, no_dist=True)
     saved = sum(1 for params in groups.values() if params)
     if saved != len(optimizer.param_groups):
