@@ -1,5 +1,6 @@
 """The terminal chat, driven by scripted input: streamed replies, history, /system, /show, /reset, /exit."""
 
+import contextlib
 import io
 import os
 import pty
@@ -227,8 +228,17 @@ class ChatInTerminal:
 def test_ctrl_c_at_the_prompt_drops_the_line_and_keeps_the_conversation(model_dir):
     chat = ChatInTerminal(str(model_dir), "--max-tokens", "1", "--system", "Be brief.")
     chat.expect(PROMPT)
-    chat.send("half a thought\x03")
-    assert "(the line is dropped; Ctrl-D or /exit leaves)" in chat.expect(PROMPT)
+    chat.send("half a thought")
+    chat.expect("half a thought")  # echoed: readline is reading the line
+    # A SIGINT that lands just before readline's next wait for input is seen only at the following one
+    # (a race in Python's readline loop, not tuneforge's): a person presses Ctrl-C again, and so does this.
+    for _ in range(3):
+        chat.send("\x03")
+        with contextlib.suppress(AssertionError):
+            assert "(the line is dropped; Ctrl-D or /exit leaves)" in chat.expect(PROMPT, timeout=20)
+            break
+    else:
+        pytest.fail(f"Ctrl-C at the prompt was not answered; the terminal shows:\n{chat.seen}")
     chat.send("/show\n")
     assert "(system message: Be brief.)" in chat.expect(PROMPT)  # the session, and its system message, went on
     chat.send("\x04")  # Ctrl-D leaves

@@ -27,6 +27,7 @@ from tuneforge.generate import encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.families import family_of
 from tuneforge.models.system_prompt import recorded_system_prompt
+from tuneforge.tasks.metrics import split_reasoning
 from tuneforge.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,13 +202,14 @@ def test_serve_answers_and_stops_at_the_end_of_turn(name, runs):
     finally:
         engine.close()
     [choice] = reply["choices"]
-    # Qwen 3's answer opens with its (empty) reasoning; every family's ends with the reply it learnt.
+    # Every family's answer is the reply it learnt; Qwen 3's (empty) reasoning before it comes apart.
     assert choice["message"]["content"].endswith(REPLY) and choice["finish_reason"] == "stop"
     assert reply["usage"]["completion_tokens"] < 16
     # What stopped it is the family's end-of-turn token, the last one generated.
     model, tokenizer = load_model(str(run["run"])).eval(), load_tokenizer(str(run["run"]))
     [alone] = generate(model, tokenizer, [messages], max_new_tokens=16)
-    assert alone.text == choice["message"]["content"]
+    assert split_reasoning(alone.text)[1] == choice["message"]["content"]
+    assert ("reasoning_content" in choice["message"]) == (name == "qwen3")
     assert tokenizer.convert_ids_to_tokens(alone.token_ids[-1]) == run["family"].end_of_turn
 
 
