@@ -41,11 +41,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
+def data_files(cfg: DataConfig, replay_file: Path | None = None) -> list:
+    """The files whose contents the cache key holds: the training files, a validation file, the replay file."""
+    files = cfg.train_files + ([cfg.validation] if isinstance(cfg.validation, str) else [])
+    return files + ([replay_file] if replay_file is not None else [])
+
+
 def cache_key(cfg: DataConfig, tokenizer, replay_file: Path | None = None) -> str | None:
     """The key for this config, tokenizer and the contents of its data files (and of the replay
     file it mixes in); None when a data file is missing (nothing to cache)."""
-    files = cfg.train_files + ([cfg.validation] if isinstance(cfg.validation, str) else [])
-    files += [replay_file] if replay_file is not None else []
+    files = data_files(cfg, replay_file)
     h = hashlib.sha256()
     settings = cfg.model_dump(
         exclude={"train", "validation", "packing", "share_prefixes"}

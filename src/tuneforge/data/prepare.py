@@ -91,6 +91,7 @@ def prepare(
     training (`replay_file`). With `progress`, a bar (or log lines) follows each file through the pass.
     """
     replay = replay_file(cfg)
+    hashed = [_file_state(str(path)) for path in cache.data_files(cfg, replay)]
     key = cache.cache_key(cfg, tokenizer, replay) if use_cache else None
     try:
         cached = cache.load(key) if key else None
@@ -111,9 +112,9 @@ def prepare(
         raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
     _mix_general(data, cfg, tokenizer, replay)
     _log_report(data.report, log)
-    # A data file saved over between its hashing and its reading holds other rows than the key says: that
-    # entry would hand them to a later run on the earlier file, so it is not written.
-    if key and key == cache.cache_key(cfg, tokenizer, replay):
+    # A data file saved over after its hashing holds other rows than the key says: that entry would hand
+    # them to a later run on the earlier file, so it is not written. Its size and time tell, without hashing again.
+    if key and hashed == [_file_state(str(path)) for path in cache.data_files(cfg, replay)]:
         try:
             data.report["cache"] = {"key": key, "reused": False, "path": str(cache.save(key, data))}
             log(f"data: tokenized data set cached in {cache.cache_dir() / key}")
