@@ -110,6 +110,46 @@ def test_checkpoints_carry_the_generation_config_that_stops_at_the_end_of_turn(t
         assert eos_ids[0] == end_of_turn and tokenizer.convert_tokens_to_ids("<|endoftext|>") in eos_ids, folder
 
 
+def test_a_record_of_several_steps_logs_their_mean_over_trained_tokens(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    """With train.log_every > 1 a record's train_ metrics are those of all the steps since the last one,
+    per trained token: what one step over all their rows would report (not the last step's alone)."""
+    from tuneforge.training import loop
+
+    counts = []  # each step's trained tokens, read from the loop's own count as the steps run
+    real_step = loop.train_step
+
+    def counted_step(run, *args):
+        before = run.state["interval"]["count"]
+        result = real_step(run, *args)
+        counts.append(run.state["interval"]["count"] - before)
+        return result
+
+    monkeypatch.setattr(loop, "train_step", counted_step)
+    runs = {}
+    for log_every in (1, 2):
+        cfg = tiny_run_config(
+            tiny_model_dir, triage_data, tmp_path / str(log_every), max_steps=4, log_every=log_every, save_every=3
+        )
+        cfg["lora"]["dropout"] = 0.0
+        train(cfg, progress=False)
+        runs[log_every] = {m["step"]: m for m in metrics(tmp_path / str(log_every)) if "lr" in m}
+    # Resumed from step 3, between two records, the run logs step 4's record as the uninterrupted one did.
+    train(cfg, resume=str(tmp_path / "2" / "checkpoints" / "step-3"), progress=False)
+    resumed = {m["step"]: m for m in metrics(tmp_path / "2") if "lr" in m}
+    assert resumed[4]["train_loss"] == runs[2][4]["train_loss"]
+    each, pooled = runs[1], runs[2]
+    assert sorted(pooled) == [2, 4]
+    for last in (2, 4):
+        steps, weights = (last - 1, last), counts[last - 2 : last]
+        for name in ("train_loss", "train_mean_token_accuracy"):
+            mean = sum(w * each[s][name] for s, w in zip(steps, weights)) / sum(weights)
+            assert pooled[last][name] == pytest.approx(mean, rel=1e-5), (last, name)
+        assert pooled[last]["train_loss"] != pytest.approx(each[last]["train_loss"], rel=1e-5)
+        assert pooled[last]["grad_norm"] == pytest.approx(each[last]["grad_norm"], rel=1e-5)  # the last step's
+
+
 def test_gradient_accumulation_gives_the_same_losses(tiny_model_dir, triage_data, tmp_path):
     """Loss is normalised by the trained tokens of the whole step, so splitting a step into
     micro-batches of different lengths changes nothing (a mean of micro-batch means would)."""

@@ -205,7 +205,13 @@ class TrainConfig(Strict):
     eval_every: int = Field(50, ge=0, description="0 evaluates only at the end")
     save_every: int = Field(50, ge=0, description="0 saves only at the end")
     keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(
+        1,
+        ge=1,
+        description="steps between records in metrics.jsonl; a record's train_ metrics and tokens_per_s are those "
+        "of all the steps since the last record, per trained token (as one step over their rows would report), "
+        "its lr and grad_norm the last step's",
+    )
     distributed_timeout: float = Field(
         1800,
         gt=0,

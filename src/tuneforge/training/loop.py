@@ -552,7 +552,7 @@ class Run:
     precision: str
     attention_models: list  # the causal LMs of the forward that run per-example attention
     metrics_log: MetricsLog
-    state: dict  # step, tokens, elapsed: what a checkpoint carries beside the weights
+    state: dict  # step, tokens, elapsed, the unlogged steps' sums: what a checkpoint carries beside the weights
     last_metrics: dict = field(default_factory=dict)
     data_key: str | None = None  # the prepared data's cache key: its files' contents and the tokenizer
 
@@ -726,7 +726,7 @@ def setup(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.train.scheduler, plan.warmup_steps, plan.total_steps)
     )
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0}
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "interval": new_interval()}
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, world)
         log(f"resumed from {resume_from} at step {state['step']}")
@@ -801,6 +801,7 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
         {**totals, "_tokens": real_tokens, "_stop": float(stop.signal is not None)}, world, phase
     )
     means = {name: summed[key] / step_count.item() for name, key in run.sums.items()}
+    seconds = time.perf_counter() - started
     if not math.isfinite(means["loss"]) or not math.isfinite(grad_norm):
         raise RunFailed(
             f"step {step + 1}: {'loss' if not math.isfinite(means['loss']) else 'gradient norm'} is not finite. "
@@ -813,6 +814,16 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.state["tokens"] += int(summed["_tokens"])
+    # The steps since the last record, this one too: the record's per-count metrics and speed are theirs
+    # together, what one step over all their rows would report. A checkpoint carries it, so a resumed run
+    # logs what the uninterrupted one would.
+    interval = run.state.setdefault("interval", new_interval())
+    for name, key in run.sums.items():
+        interval["sums"][name] = interval["sums"].get(name, 0.0) + summed[key]
+    interval["count"] += step_count.item()
+    interval["tokens"] += int(summed["_tokens"])
+    interval["seconds"] += seconds
+    means = {name: total / interval["count"] for name, total in interval["sums"].items()}
     reported = reported_sums(getattr(objective, "module", objective))
     record = {
         "step": step + 1,
@@ -821,10 +832,15 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
         "lr": lr,
         "grad_norm": grad_norm,
         "tokens": run.state["tokens"],
-        "tokens_per_s": summed["_tokens"] / (time.perf_counter() - started),
+        "tokens_per_s": interval["tokens"] / interval["seconds"],
         **{name: means[name] for name in run.sums if name not in reported},
     }
     return record, summed["_stop"] > 0
+
+
+def new_interval() -> dict:
+    """The sums (by metric name), count, real tokens and seconds of the steps since the last record."""
+    return {"sums": {}, "count": 0.0, "tokens": 0, "seconds": 0.0}
 
 
 def fit(run: Run, *, progress: bool = True, log=print) -> str:
@@ -846,6 +862,7 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
                 record.update({f"valid_{name}": value for name, value in valid.items()})
             if (step + 1) % cfg.train.log_every == 0 or is_last or valid:
                 run.metrics_log.write(record)
+                run.state["interval"] = new_interval()
             run.last_metrics = record
             bar.update(record)
             if stop_requested:
