@@ -347,6 +347,33 @@ def test_results_hash_ignores_logging_cadence_only():
     assert noisy.results_hash() != a.results_hash()
 
 
+def test_adam_betas_and_epsilon_reach_every_optimizer_and_a_resume_check():
+    import torch
+
+    from tuneforge.training.loop import make_optimizer
+
+    default = Config.model_validate({"data": {"train": "x"}})
+    # At their defaults (torch's and bitsandbytes' own) the hash is the one runs from before these keys saved.
+    assert "adam_beta2" not in default.results_settings()["train"]
+    params = {"w": torch.nn.Parameter(torch.zeros(64, 64)), "b": torch.nn.Parameter(torch.zeros(64))}
+    for optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
+        tuned = Config.model_validate(
+            {"data": {"train": "x"}, "train": {"optimizer": optimizer, "adam_beta2": 0.95, "adam_epsilon": 1e-6}}
+        )
+        groups = make_optimizer(params, tuned, torch.device("cpu")).param_groups
+        assert [(g["betas"], g["eps"]) for g in groups] == [((0.9, 0.95), 1e-6)] * 2, optimizer
+        plain = Config.model_validate({"data": {"train": "x"}, "train": {"optimizer": optimizer}})
+        at_defaults = make_optimizer(params, plain, torch.device("cpu")).param_groups
+        assert [(g["betas"], g["eps"]) for g in at_defaults] == [((0.9, 0.999), 1e-8)] * 2, optimizer
+    assert default.changed_results_settings(tuned) == [
+        "train.adam_beta2: 0.999 -> 0.95",
+        "train.adam_epsilon: 1e-08 -> 1e-06",
+        "train.optimizer: adamw -> paged_adamw_8bit",
+    ]
+    with pytest.raises(ConfigError, match=r"train\.adam_beta2.*less than 1"):
+        load_config({"data": {"train": "x"}, "train": {"adam_beta2": 1}})
+
+
 def test_neftune_is_refused_where_a_teacher_or_reference_reads_the_same_inputs(tmp_path):
     for method, extra in (("dpo", {}), ("distill", {"distill": {"teacher": "t"}})):
         with pytest.raises(ConfigError, match=f"method: {method} does not take train.neftune_alpha"):

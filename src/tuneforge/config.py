@@ -166,6 +166,19 @@ class TrainConfig(Strict):
         "memory; paged_adamw_8bit pages that state to host memory under pressure (CUDA only: on a CPU it runs as "
         "adamw_8bit)",
     )
+    adam_beta1: float = Field(
+        0.9, ge=0, lt=1, description="AdamW's decay rate of its running mean of the gradients (every train.optimizer)"
+    )
+    adam_beta2: float = Field(
+        0.999,
+        ge=0,
+        lt=1,
+        description="AdamW's decay rate of its running mean of the squared gradients (every train.optimizer); "
+        "0.95 is usual with large batches or bf16",
+    )
+    adam_epsilon: float = Field(
+        1e-8, gt=0, description="added to the root of AdamW's squared-gradient mean (every train.optimizer)"
+    )
     scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine",
         description="the learning rate after train.warmup (each schedule warms up first, constant too): cosine "
@@ -549,8 +562,10 @@ class Config(Strict):
     def changed_results_settings(self, other: Config) -> list[str]:
         """`key: this value -> other's`, for each setting that changes results and differs between the two."""
         mine, theirs = dotted(self.results_settings()), dotted(other.results_settings())
+        # Shown from the whole configs: a setting the hash leaves out at its default shows that default.
+        shown_mine, shown_theirs = dotted(self.model_dump()), dotted(other.model_dump())
         return [
-            f"{key}: {mine.get(key)} -> {theirs.get(key)}"
+            f"{key}: {shown_mine.get(key)} -> {shown_theirs.get(key)}"
             for key in sorted(mine.keys() | theirs.keys())
             if mine.get(key) != theirs.get(key)
         ]
@@ -572,6 +587,9 @@ class Config(Strict):
             d["train"].pop(k)
         d.pop("output_dir")
         d.pop("eval")
+        for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            if d["train"][key] == TrainConfig.model_fields[key].default:
+                d["train"].pop(key)  # added later: a run at the defaults resumes a checkpoint from before them
         for section in ("distill", "dpo", "grpo"):
             if self.method != section:
                 # Other methods ignore the section, and leaving it out keeps their hashes (and resumes) as they were.

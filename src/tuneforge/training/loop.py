@@ -94,7 +94,8 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
 
 
 def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (`train.optimizer`: torch's, or bitsandbytes' 8-bit); no weight decay on vectors; with
+    """AdamW (`train.optimizer`: torch's, or bitsandbytes' 8-bit) with `train.adam_beta1`, `adam_beta2` and
+    `adam_epsilon`; no weight decay on vectors (biases, norm weights); with
     `lora.loraplus_lr_ratio`, LoRA's B matrices (of any method that trains LoRA adapters) learn at that
     multiple of the learning rate (LoRA+)."""
     ratio = cfg.lora.loraplus_lr_ratio
@@ -112,17 +113,22 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: Config, device: t
     groups = decay_groups([p for name, p in params.items() if name not in faster], cfg.train.learning_rate)
     if faster:
         groups += decay_groups([p for name, p in params.items() if name in faster], cfg.train.learning_rate * ratio)
+    adam = {
+        "lr": cfg.train.learning_rate,
+        "betas": (cfg.train.adam_beta1, cfg.train.adam_beta2),
+        "eps": cfg.train.adam_epsilon,
+    }
     if cfg.train.optimizer != "adamw":
         import bitsandbytes as bnb
 
         # Paging moves optimizer state between GPU and host memory; on a CPU the state is in host memory already.
         paged = cfg.train.optimizer == "paged_adamw_8bit" and device.type == "cuda"
-        return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(groups, lr=cfg.train.learning_rate)
+        return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(groups, **adam)
     # fused is fastest where it exists (CUDA, recent CPU builds); foreach otherwise.
     try:
-        return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, fused=True)
+        return torch.optim.AdamW(groups, **adam, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, foreach=True)
+        return torch.optim.AdamW(groups, **adam, foreach=True)
 
 
 @dataclass
