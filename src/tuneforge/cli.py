@@ -219,6 +219,19 @@ def data_check(
     )
 
 
+@data_app.command("prepare")
+def data_prepare(
+    config: Path = typer.Argument(..., help="YAML config file, or a shipped recipe's name (tuneforge recipes)."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. data.dedup=near"),
+    out: Path = typer.Option(..., help="Folder to write: train.jsonl, valid.jsonl, dropped.jsonl, summary.json."),
+    force: bool = typer.Option(False, help="Replace an --out folder that is not empty."),
+):
+    """Run CONFIG's data pipeline and write the rows it trains and validates on, those it leaves out and why."""
+    from .data.write import prepare_command
+
+    raise typer.Exit(prepare_command(config, overrides, out=out, force=force))
+
+
 @data_app.command("from-completions")
 def data_from_completions(
     out: Path = typer.Option(..., help="Chat JSONL to write (whole or not at all)."),

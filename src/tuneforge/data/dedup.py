@@ -128,11 +128,12 @@ class DuplicateIndex:
             return "exact", self._exact[key]
         if signature is None:
             return None
-        values = signature.hashvalues
-        similar = [
-            row for row in self._lsh.query(signature) if np.mean(self._signatures[row] == values) >= self.near_threshold
-        ]
+        similar = [row for row in self._lsh.query(signature) if self.similarity(row, signature) >= self.near_threshold]
         return ("near", min(similar)) if similar else None
+
+    def similarity(self, row_id: int, signature) -> float:
+        """The estimated Jaccard similarity of a row (by its `signature`) to the row `row_id` added earlier."""
+        return float(np.mean(self._signatures[row_id] == signature.hashvalues))
 
     def add(self, row_id: int, key: int, signature=None) -> None:
         self._exact.setdefault(key, row_id)

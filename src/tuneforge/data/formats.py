@@ -162,6 +162,19 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
             yield line, record
 
 
+def json_rows(path: str | Path, format: str = "auto") -> Iterator[tuple[int | None, dict | Problem]]:
+    """Stream one file's rows as the JSON objects they are, for writing to a JSONL file that reads back as
+    the same rows: a CSV row with the JSON structures its cells hold (message lists and such) parsed, as
+    `read_conversations` parses them; a JSONL, JSON or Parquet row as it is. A row that cannot be read
+    comes as its `Problem` (not a dict)."""
+    rows = open_rows(path)
+    fixed = None if format == "auto" else format
+    for line, row in rows:
+        if rows.kind == "csv" and isinstance(row, dict):
+            row = _RowCheck(rows.path, line).decode_json_cells(row, fixed or detect_format(row))
+        yield line, row
+
+
 def normalise_messages(
     messages: Any, *, file: str = "", line: int | None = None
 ) -> tuple[list[Message] | None, list[Problem]]:

@@ -64,6 +64,19 @@ class _Row:
     tokens: int
     trained: int
     trains_end: bool  # trains an end-of-turn token
+    read: int = 0  # which file read it: the index of its file in the report's `files`
+
+
+@dataclass
+class RowSelection:
+    """Which rows of the files training keeps, and why each other row is left out: `train` and `valid`
+    are (read, line) pairs in the order training sees them before it shuffles, where `read` is the index
+    of the file in the report's `files` (a file may be read twice); `left_out` maps (read, line) to why
+    the row is left out (a dict with `reason` and what it names)."""
+
+    train: list[tuple[int, int]]
+    valid: list[tuple[int, int]]
+    left_out: dict[tuple[int, int], dict]
 
 
 class _Stop(Exception):
@@ -230,6 +243,21 @@ def check_data(
     """Everything `prepare` does except deciding: returns the data (bad rows left out) and every error.
     Without `keep_examples` only the report is filled (no examples): memory then stays small however
     many rows the files hold."""
+    return _checked(cfg, tokenizer, progress, keep_examples).result()
+
+
+def select_rows(
+    cfg: DataConfig, tokenizer, *, progress: bool = False
+) -> tuple[PreparedData, list[Problem], RowSelection]:
+    """`check_data` (the report only, no examples) with the rows it keeps and why it leaves out each
+    other one, by file and line: what `tuneforge data prepare` writes out."""
+    run = _checked(cfg, tokenizer, progress, keep_examples=False)
+    data, errors = run.result()
+    selection = RowSelection([(r.read, r.line) for r in run.train], [(r.read, r.line) for r in run.valid], run.left_out)
+    return data, errors, selection
+
+
+def _checked(cfg: DataConfig, tokenizer, progress: bool, keep_examples: bool) -> _Preparation:
     run = _Preparation(cfg, tokenizer, progress, keep_examples)
     try:
         run.read_all()
@@ -237,7 +265,7 @@ def check_data(
         run.check_data_set()
     except _Stop as stop:
         run.problems.append(stop.problem)
-    return run.result()
+    return run
 
 
 def _file_state(path: str) -> tuple[int, int] | None:
@@ -268,6 +296,7 @@ class _Preparation:
         self.train_index = DuplicateIndex(near) if cfg.dedup != "none" else None
         self.train: list[_Row] = []
         self.valid: list[_Row] = []
+        self.left_out: dict[tuple[int, int], dict] = {}  # (read, line) of a row left out: why
 
     # --- the streaming pass ---------------------------------------------------------------------
 
@@ -304,6 +333,7 @@ class _Preparation:
         # lines is quick to count where its rows are not. Counted only for a bar: it reads the file once more.
         total, reached = (extent(path) if self.progress else 0), 0
         before = _file_state(path)
+        first_problem = len(self.problems)
         try:
             with progress_bar(f"data: {Path(path).name} lines", total, self.progress) as advance:
                 for line, item in read_conversations(path, self.cfg.format):
@@ -324,11 +354,14 @@ class _Preparation:
                     if leaks_from and (hit := leaks_from.find(key, signature)):
                         self.counts["validation_leak"] += 1
                         self.leaks.append(self._repeat(path, line, hit, "validation"))
+                        self._leave_out(line, self._repeat_reason("validation_leak", hit, leaks_from, signature))
                         continue
                     if index:
                         if drop_repeats and (hit := index.find(key, signature)):
                             self.counts[f"duplicates_{hit[0]}"] += 1
                             self.duplicates.append(self._repeat(path, line, hit, hit[0]))
+                            reason = "duplicate" if hit[0] == "exact" else "near_duplicate"
+                            self._leave_out(line, self._repeat_reason(reason, hit, index, signature))
                             # The list is cut at MAX_LISTED: rows repeated across files are counted as they go.
                             self.counts["shared_between_files"] += self.duplicates[-1]["of_file"] != str(path)
                             continue
@@ -345,6 +378,11 @@ class _Preparation:
                     rows += self._finish(*in_flight.popleft())
                 if total > reached:  # the lines after the last row (a JSON array's "]") hold none
                     advance(total - reached)
+            for problem in self.problems[first_problem:]:
+                if problem.is_error and problem.line is not None:
+                    why = self.left_out.setdefault((len(self.files) - 1, problem.line), {"reason": "error"})
+                    error = {"code": problem.code, "field": problem.field, "message": problem.message}
+                    why.setdefault("errors", []).append(error)
             if before is not None and _file_state(path) != before:
                 # A file still being written (appended to, or saved over) was read part old, part new: its
                 # last row may be cut in half, and the rows are of no one version of it. First in the list, as
@@ -385,6 +423,17 @@ class _Preparation:
         of_file, of_line = self.files[hit[1] >> 32]["path"], hit[1] & 0xFFFFFFFF
         return {"file": str(path), "line": line, "kind": kind, "of_file": of_file, "of_line": of_line}
 
+    def _repeat_reason(self, reason: str, hit: tuple[str, int], index: DuplicateIndex, signature) -> dict:
+        """Why a row that repeats another is left out: the row it repeats, and how alike they are if not exactly."""
+        why = {"reason": reason, "of": f"{self.files[hit[1] >> 32]['path']}:{hit[1] & 0xFFFFFFFF}"}
+        if hit[0] == "near":
+            why["similarity"] = round(index.similarity(hit[1], signature), 3)
+        return why
+
+    def _leave_out(self, line: int, why: dict) -> None:
+        """Note why a row of the file being read is left out (the first reason, where it has several)."""
+        self.left_out.setdefault((len(self.files) - 1, line), why)
+
     def _start(self, path: str, pending: list[tuple[int, Record, int]]):
         records = [record for _, record, _ in pending]
         if self.kind and self.kind[0] == "preference":
@@ -416,6 +465,7 @@ class _Preparation:
                     sum(len(e) for e in examples),
                     sum(e.trained_tokens for e in examples),
                     any(not self.renderer.end_ids.isdisjoint(e.labels) for e in examples),
+                    len(self.files) - 1,
                 )
             )
             self.problems += [replace(p, file=str(path), line=line) for p in self.renderer.unwritten(record)]
@@ -436,6 +486,8 @@ class _Preparation:
         self.counts["over_max_length"] += 1  # rows: a pair, or a row trained turn by turn, is several examples
         if self.cfg.truncation == "drop":
             self.counts["dropped_too_long"] += 1
+            longest = max(len(e) for e in examples)
+            self._leave_out(line, {"reason": "over_max_length", "tokens": longest, "max_length": limit})
             return None
         cut = cut_to_length(examples, limit, pair=self._pairs)
         if cut is None:

@@ -1,0 +1,142 @@
+"""`tuneforge data prepare CONFIG --out DIR`: the rows a run trains and validates on, written out.
+
+The config's data goes through the pipeline training runs (`prepare.select_rows`: read, check, dedup,
+fit to max_length, split), and the folder gets, all at once or not at all:
+
+- `train.jsonl`, `valid.jsonl`: the rows kept, as the files hold them, in the order training reads them
+  (it shuffles them each epoch);
+- `dropped.jsonl`: each row left out, with its file, line and reason (`duplicate` or `near_duplicate` of
+  FILE:LINE, `validation_leak`, `over_max_length` under truncation: drop, `error` under on_error: skip);
+- `summary.json`: the counts, tokens and warnings of the data report, and the data config that trains
+  on the written files (`train_with`): the same examples and tokens as the config given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import ConfigError, DataError
+from ..fsio import atomic_dir, write_json
+from ..progress import progress_bar
+from . import cache
+from .formats import json_rows
+from .prepare import _error_summary, _file_state, refuses, replay_file, select_rows
+from .readers import extent
+
+
+def prepare_command(config, overrides=(), *, out: str | Path, force: bool = False, progress: bool = True) -> int:
+    """Write the rows CONFIG's run trains and validates on, and those it leaves out, to the folder `out`."""
+    out = Path(out)
+    cfg = load_config(config, overrides)
+    if cfg.method == "grpo":
+        raise ConfigError(
+            "tuneforge data prepare writes the examples of the data pipeline; method: grpo trains on the data's "
+            "prompts instead (see `tuneforge validate` for what it reads)."
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder to write.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {out} is a folder that is not empty; name another, or add --force to replace it.")
+    from ..models import load_tokenizer, resolve  # here: the models stage pulls in heavy imports
+
+    tokenizer = load_tokenizer(resolve(cfg.base_model))
+    data = cfg.data
+    files = cache.data_files(data, replay_file(data))
+    states = [_file_state(str(path)) for path in files]
+    prepared, errors, selection = select_rows(data, tokenizer, progress=progress)
+    if refuses(data.on_error, (p.code for p in errors)):
+        raise DataError(_error_summary(errors, data, None), code=errors[0].code, problems=errors)
+    report = prepared.report
+    wanted = {"train": set(selection.train), "valid": set(selection.valid)}
+    written: Counter = Counter()
+    reasons: Counter = Counter()
+    with atomic_dir(out, replace=True) as tmp:
+        with (
+            open(tmp / "train.jsonl", "w", encoding="utf-8") as train,
+            open(tmp / "valid.jsonl", "w", encoding="utf-8") as valid,
+            open(tmp / "dropped.jsonl", "w", encoding="utf-8") as dropped,
+        ):
+            for read, source in enumerate(report["files"]):
+                path = source["path"]
+                left_out = {line: why for (r, line), why in selection.left_out.items() if r == read}
+                reached = 0
+                with progress_bar(f"data: writing {Path(path).name} lines", extent(path), progress) as advance:
+                    for line, row in json_rows(path, data.format):
+                        if line and line > reached:
+                            advance(line - reached)
+                            reached = line
+                        for name, f in (("train", train), ("valid", valid)):
+                            if (read, line) in wanted[name] and isinstance(row, dict):
+                                f.write(_jsonl(row))
+                                written[name] += 1
+                        if line in left_out:
+                            why = left_out.pop(line)
+                            entry = {"file": path, "line": line, **why}
+                            if isinstance(row, dict):
+                                entry["row"] = row
+                            dropped.write(_jsonl(entry))
+                            reasons[why["reason"]] += 1
+                for line, why in left_out.items():  # rows the reader gave no line of its own (none expected)
+                    dropped.write(_jsonl({"file": path, "line": line, **why}))
+                    reasons[why["reason"]] += 1
+        if [_file_state(str(path)) for path in files] != states:
+            raise DataError(
+                "a data file changed while it was being prepared (is something still writing it?), so the rows "
+                "written may not be those checked. Wait until it is complete, then run again.",
+                code="file_changed",
+            )
+        if written["train"] != len(selection.train) or written["valid"] != len(selection.valid):
+            raise DataError(
+                f"{len(selection.train) + len(selection.valid)} rows were kept, but "
+                f"{written['train'] + written['valid']} could be read back from the files; run again.",
+                code="file_changed",
+            )
+        write_json(tmp / "summary.json", _summary(report, data, written, reasons))
+    counts = report["counts"]
+    print(
+        f"data: wrote {written['train']} training rows ({counts['train']} examples) and {written['valid']} "
+        f"validation rows ({counts['validation']} examples) to {out}; {sum(reasons.values())} rows left out "
+        f"(dropped.jsonl)" + (": " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()) if reasons else "")
+    )
+    if data.general_mix:
+        print(
+            f"data: training on them mixes in general replay conversations of {data.general_replay} as "
+            f"data.general_mix {data.general_mix} asks (kept in summary.json's train_with; not written)"
+        )
+    for warning in report["warnings"]:
+        print(f"data: warning: {warning['message']}")
+    return 0
+
+
+def _jsonl(value) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str) + "\n"
+
+
+def _summary(report: dict, data, written: Counter, reasons: Counter) -> dict:
+    """What summary.json holds: rows written and left out, the report's counts, tokens and warnings,
+    and the data config that trains on the written files."""
+    train_with = {
+        **data.model_dump(),
+        "train": "train.jsonl",
+        # A run without validation rows needs none: an empty valid.jsonl is refused as a validation file.
+        "validation": "valid.jsonl" if written["valid"] else None,
+        "dedup": "none",  # the rows are deduplicated already; a validation leak is still checked
+    }
+    return {
+        "kind": report["kind"],
+        "files": report["files"],
+        "rows": {
+            "train": written["train"],
+            "validation": written["valid"],
+            "dropped": sum(reasons.values()),
+            "dropped_by_reason": dict(reasons.most_common()),
+        },
+        "counts": report["counts"],
+        "tokens": report["tokens"],
+        "warnings": report["warnings"],
+        "config": report["config"],
+        "train_with": train_with,
+    }
