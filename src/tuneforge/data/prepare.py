@@ -104,7 +104,7 @@ def prepare(
     training (`replay_file`). With `progress`, a bar (or log lines) follows each file through the pass.
     """
     replay = replay_file(cfg)
-    hashed = [_file_state(str(path)) for path in cache.data_files(cfg, replay)]
+    hashed = [file_state(str(path)) for path in cache.data_files(cfg, replay)]
     key = cache.cache_key(cfg, tokenizer, replay) if use_cache else None
     try:
         cached = cache.load(key) if key else None
@@ -122,12 +122,12 @@ def prepare(
     data, errors = check_data(cfg, tokenizer, progress=progress)
     if refuses(cfg.on_error, (p.code for p in errors)):
         _write_report(report_path, data.report)
-        raise DataError(_error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
+        raise DataError(error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
     _mix_general(data, cfg, tokenizer, replay)
     _log_report(data.report, log)
     # A data file saved over after its hashing holds other rows than the key says: that entry would hand
     # them to a later run on the earlier file, so it is not written. Its size and time tell, without hashing again.
-    if key and hashed == [_file_state(str(path)) for path in cache.data_files(cfg, replay)]:
+    if key and hashed == [file_state(str(path)) for path in cache.data_files(cfg, replay)]:
         try:
             data.report["cache"] = {"key": key, "reused": False, "path": str(cache.save(key, data))}
             log(f"data: tokenized data set cached in {cache.cache_dir() / key}")
@@ -268,7 +268,7 @@ def _checked(cfg: DataConfig, tokenizer, progress: bool, keep_examples: bool) ->
     return run
 
 
-def _file_state(path: str) -> tuple[int, int] | None:
+def file_state(path: str) -> tuple[int, int] | None:
     """A file's size and modification time: what writing to it changes. None when it cannot be read."""
     try:
         stat = os.stat(path)
@@ -332,7 +332,7 @@ class _Preparation:
         # Progress is the line (or Parquet row) reached: rows are streamed, and the file's length in
         # lines is quick to count where its rows are not. Counted only for a bar: it reads the file once more.
         total, reached = (extent(path) if self.progress else 0), 0
-        before = _file_state(path)
+        before = file_state(path)
         first_problem = len(self.problems)
         try:
             with progress_bar(f"data: {Path(path).name} lines", total, self.progress) as advance:
@@ -383,7 +383,7 @@ class _Preparation:
                     why = self.left_out.setdefault((len(self.files) - 1, problem.line), {"reason": "error"})
                     error = {"code": problem.code, "field": problem.field, "message": problem.message}
                     why.setdefault("errors", []).append(error)
-            if before is not None and _file_state(path) != before:
+            if before is not None and file_state(path) != before:
                 # A file still being written (appended to, or saved over) was read part old, part new: its
                 # last row may be cut in half, and the rows are of no one version of it. First in the list, as
                 # the row errors of such a read (a half line as invalid JSON) follow from it.
@@ -777,7 +777,7 @@ def _write_report(path: Path | None, report: dict) -> None:
         write_json(path, report)
 
 
-def _error_summary(errors: list[Problem], cfg: DataConfig, report_path: Path | None) -> str:
+def error_summary(errors: list[Problem], cfg: DataConfig, report_path: Path | None) -> str:
     by_code = ", ".join(f"{code} x{n}" for code, n in Counter(p.code for p in errors).most_common())
     lines = [f"the data has {len(errors)} error(s) ({by_code}):"]
     lines += [f"  {p}" for p in errors[:_SHOWN_IN_ERROR]]

@@ -23,7 +23,7 @@ from ..fsio import atomic_dir, write_json
 from ..progress import progress_bar
 from . import cache
 from .formats import json_rows
-from .prepare import _error_summary, _file_state, refuses, replay_file, select_rows
+from .prepare import error_summary, file_state, refuses, replay_file, select_rows
 from .readers import extent
 
 
@@ -45,10 +45,10 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
     tokenizer = load_tokenizer(resolve(cfg.base_model))
     data = cfg.data
     files = cache.data_files(data, replay_file(data))
-    states = [_file_state(str(path)) for path in files]
+    states = [file_state(str(path)) for path in files]
     prepared, errors, selection = select_rows(data, tokenizer, progress=progress)
     if refuses(data.on_error, (p.code for p in errors)):
-        raise DataError(_error_summary(errors, data, None), code=errors[0].code, problems=errors)
+        raise DataError(error_summary(errors, data, None), code=errors[0].code, problems=errors)
     report = prepared.report
     wanted = {"train": set(selection.train), "valid": set(selection.valid)}
     written: Counter = Counter()
@@ -82,7 +82,7 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
                 for line, why in left_out.items():  # rows the reader gave no line of its own (none expected)
                     dropped.write(_jsonl({"file": path, "line": line, **why}))
                     reasons[why["reason"]] += 1
-        if [_file_state(str(path)) for path in files] != states:
+        if [file_state(str(path)) for path in files] != states:
             raise DataError(
                 "a data file changed while it was being prepared (is something still writing it?), so the rows "
                 "written may not be those checked. Wait until it is complete, then run again.",
