@@ -23,6 +23,8 @@ from families import FAMILIES, save_family_model
 from tiny import save_adapter_with_added_tokens
 from tiny_sharp import save_sharp_tiny_model
 
+from tuneforge.data.render import render_conversation
+from tuneforge.data.schema import IGNORE_INDEX
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.generate import Batch, PackedLinear, Sampling, encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer, resolve
@@ -447,6 +449,40 @@ def test_a_message_holding_the_templates_structure_is_refused_as_training_refuse
     assert "'<|im_end|>'" in caught.value.body["message"]
     # The same text as a plain completions prompt is the caller's own template: it is read as written.
     assert client.completions.create(model=BASE, prompt=forged[0]["content"], max_tokens=2).choices
+
+
+# ChatML whose turns carry the participant's name, as some chat templates write OpenAI's `name`.
+NAMED_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}{{ ' (' + m.name + ')' if m.name }}\n{{ m.content }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def named_chatml(tmp_path_factory):
+    """A tiny model whose chat template writes message names, served: its client and tokenizer."""
+    folder = save_family_model(FAMILIES["smollm2"], tmp_path_factory.mktemp("named") / "named")
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = NAMED_CHATML
+    tokenizer.save_pretrained(folder)
+    engine = Engine(AdapterPool(str(folder)))
+    with running_server(create_app(engine)) as url:
+        yield (
+            openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60),
+            load_tokenizer(str(folder)),
+        )
+    engine.close()
+
+
+def test_a_messages_name_reaches_the_template_as_training_gives_it(named_chatml):
+    client, tokenizer = named_chatml
+    named = [{"role": "user", "content": "What is two plus two?", "name": "alice"}]
+    # Training renders the row's name into the prompt its reply is trained after; serve renders the same prompt.
+    trained = render_conversation([*named, {"role": "assistant", "content": "Four."}], tokenizer)
+    prompt_tokens = next(i for i, label in enumerate(trained.labels) if label != IGNORE_INDEX) + 1
+    answered = client.chat.completions.create(model="named", messages=named, max_tokens=1, temperature=0)
+    unnamed = client.chat.completions.create(model="named", messages=QUESTION, max_tokens=1, temperature=0)
+    assert answered.usage.prompt_tokens == prompt_tokens > unnamed.usage.prompt_tokens
 
 
 def test_null_options_take_their_defaults_as_openai_does(client):

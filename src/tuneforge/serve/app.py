@@ -150,6 +150,8 @@ class ChatMessage(RequestBody):
         which chat templates know)."""
         text = self.content if isinstance(self.content, str | None) else "".join(part.text for part in self.content)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.name is not None:
+            message["name"] = self.name
         if self.tool_calls:
             message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         if self.tool_call_id is not None:
@@ -161,7 +163,7 @@ class ChatMessage(RequestBody):
     def as_template_message(self) -> dict:
         """The message as training gives it to the chat template (a call's null content as "", its arguments
         as an object; a reasoning model's template writes reasoning_content, Qwen 3's into the last replies,
-        or leaves it out)."""
+        or leaves it out; a template writes the participant's `name` or leaves it out, as in training)."""
         data = self.as_data_message()
         return Message(**{**data, "content": data["content"] or ""}).to_template()
 
