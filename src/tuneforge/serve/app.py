@@ -645,7 +645,7 @@ async def submit(
 
 def _encode(tokenizer, prompt, tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
     if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
-        fields = ((f"messages.{i}.content", m["content"]) for i, m in enumerate(prompt))
+        fields = [*_template_text(prompt, "messages"), *_template_text(tools or [], "tools")]
         for problem in renderer_for(tokenizer).special_tokens_in(fields):
             raise APIError(400, f"{problem.field}: {problem.message}", param=problem.field, code="invalid_value")
     try:
@@ -653,6 +653,20 @@ def _encode(tokenizer, prompt, tools: list[dict] | None = None, template_kwargs:
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
         raise APIError(400, f"The model's chat template cannot render these messages: {err}", param="messages") from err
     return prompt_ids
+
+
+def _template_text(value, path: str):
+    """(field, text) for every string the chat template may write from `value`: contents, names, tool calls'
+    names and arguments (keys too: `tojson` writes them), reasoning_content, tool definitions."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield path, key
+            yield from _template_text(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _template_text(item, f"{path}.{index}")
 
 
 async def answer(server: Served, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation):
