@@ -84,3 +84,27 @@ def test_text_that_is_not_a_call_stays_text(parser, text):
 )
 def test_a_stream_holds_back_the_text_from_where_a_call_may_start(parser, text, held):
     assert parser.held_from(text) == held
+
+
+def test_a_llama3_call_after_some_text_is_decoded_with_its_python_tag_and_parsed(tmp_path):
+    # Decoding drops special tokens; without <|python_tag|> the text before the call makes the reply plain text.
+    from families import save_family_model
+
+    from tuneforge.generate import Row, Sampling
+    from tuneforge.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(save_family_model(FAMILIES["llama3"], tmp_path / "llama3")))
+    reply = 'Let me look.<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    row = Row([1], Sampling(64, keep_tokens=LLAMA3_JSON.markers), None)
+    for token in tokenizer.encode(reply, add_special_tokens=False):
+        row.add(token, tokenizer, frozenset({tokenizer.eos_token_id}))
+    assert row.completion().text == reply
+    parsed = LLAMA3_JSON.parse(row.completion().text)
+    assert parsed.content == "Let me look." and calls(parsed) == [("get_weather", {"city": "Paris"})]
+    # Any other special token is dropped as ever.
+    assert (
+        Row([1], Sampling(4, keep_tokens=LLAMA3_JSON.markers), None).add(
+            tokenizer.convert_tokens_to_ids("<|eom_id|>"), tokenizer, frozenset()
+        )
+        == ""
+    )

@@ -56,6 +56,9 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Special tokens that stay in the text, which decoding otherwise drops: a tool-call parser's markers
+    # (Llama 3.1's <|python_tag|>, Mistral's [TOOL_CALLS]), which tell where the calls start.
+    keep_tokens: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -269,6 +272,19 @@ def stream(
     )
 
 
+def decode(tokenizer, tokens: list[int], keep_tokens: Sequence[str] = ()) -> str:
+    """The text of `tokens` without special tokens, but for those in `keep_tokens`, which stay as written."""
+    keep = {i: t for t in keep_tokens if (i := tokenizer.added_tokens_encoder.get(t)) is not None}
+    cuts = [at for at, token in enumerate(tokens) if token in keep]
+    if not cuts:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+    parts, start = [], 0
+    for at in cuts:
+        parts += [tokenizer.decode(tokens[start:at], skip_special_tokens=True), keep[tokens[at]]]
+        start = at + 1
+    return "".join([*parts, tokenizer.decode(tokens[start:], skip_special_tokens=True)])
+
+
 class Row:
     """One prompt's completion as it is decoded: its tokens, its text so far and how much of that was handed out.
 
@@ -294,9 +310,9 @@ class Row:
         self.tokens.append(token)
         if token in stop_ids:
             self.finish_reason = "stop"
-            self.text = tokenizer.decode(self.tokens[:-1], skip_special_tokens=True)
+            self.text = decode(tokenizer, self.tokens[:-1], self.sampling.keep_tokens)
         else:
-            self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+            self.text = decode(tokenizer, self.tokens, self.sampling.keep_tokens)
             cut = min((i for i in (self.text.find(s) for s in stop) if i >= 0), default=-1)
             if cut >= 0:
                 self.text, self.finish_reason = self.text[:cut], "stop"

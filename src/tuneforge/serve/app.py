@@ -251,9 +251,9 @@ class _GenerationBody(RequestBody):
         """The parameter that limits the reply's length, and its value (None: not given)."""
         return "max_tokens", self.max_tokens
 
-    def sampling(self, max_new_tokens: int) -> Sampling:
+    def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = ()) -> Sampling:
         temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
-        return Sampling(max_new_tokens, temperature, self.top_p, self.seed, self.stop_strings())
+        return Sampling(max_new_tokens, temperature, self.top_p, self.seed, self.stop_strings(), keep_tokens)
 
 
 class ChatCompletionBody(_GenerationBody):
@@ -523,8 +523,17 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
             400, "This server does not store completions: leave `store` out.", param="store", code="unsupported_value"
         )
     tools = await asyncio.to_thread(_tool_parser, server, body)
+    # The parser's markers stay in the reply's text: where a call starts after some text (Llama 3.1's
+    # <|python_tag|>), decoding would drop them and the call would stay text.
     generation = await submit(
-        server, request, body, body.template_messages(), server.default_max_tokens, "messages", body.template_tools()
+        server,
+        request,
+        body,
+        body.template_messages(),
+        server.default_max_tokens,
+        "messages",
+        body.template_tools(),
+        tools.markers if tools is not None else (),
     )
     opened = reasoning.reasoning_opened(server.pool.tokenizer(generation.model), generation.prompt_ids)
     return await answer(
@@ -627,6 +636,7 @@ async def submit(
     default_max: int,
     length_param: str,
     tools: list[dict] | None = None,
+    keep_tokens: tuple[str, ...] = (),
 ) -> Generation:
     body.check_supported()
     name = server.known_model(body.model)
@@ -638,7 +648,7 @@ async def submit(
         raise APIError(400, "The prompt is empty.", param=length_param)
     max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
     try:
-        return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens))
+        return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens, keep_tokens))
     except EngineError as err:
         raise engine_error(err) from err
 
