@@ -520,6 +520,22 @@ def test_structure_in_any_field_the_template_writes_is_refused_naming_the_field(
     assert caught.value.body["message"].startswith(f"{field}: ") and "'<|im_end|>'" in caught.value.body["message"]
 
 
+def test_a_text_response_format_is_served_and_json_modes_are_refused_saying_why(named_chatml):
+    client, _ = named_chatml
+    request = {"model": "named", "messages": QUESTION, "max_tokens": 2, "temperature": 0}
+    # {"type": "text"} is OpenAI's default, which clients send as it is.
+    assert (
+        client.chat.completions.create(**request, response_format={"type": "text"}).choices[0]
+        == (client.chat.completions.create(**request).choices[0])
+    )
+    schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    for response_format in ({"type": "json_object"}, schema):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**request, response_format=response_format)
+        assert (caught.value.param, caught.value.code) == ("response_format", "unsupported_value")
+        assert f'"{response_format["type"]}" is not supported' in caught.value.body["message"]
+
+
 def test_null_options_take_their_defaults_as_openai_does(client):
     # The SDK types these Optional and sends None as null; OpenAI reads null as the option's default.
     nulls = {"temperature": None, "top_p": None, "n": None, "presence_penalty": None, "frequency_penalty": None}

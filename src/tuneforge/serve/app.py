@@ -271,6 +271,8 @@ class ChatCompletionBody(_GenerationBody):
     parallel_tool_calls: bool | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    # OpenAI's {"type": "text"} (the default, which clients send) is served; JSON modes are refused.
+    response_format: dict | None = None
     # vLLM's: more variables for the chat template (Qwen 3's enable_thinking), which the SDK sends in extra_body.
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -290,6 +292,16 @@ class ChatCompletionBody(_GenerationBody):
         for param in ("functions", "function_call"):
             if getattr(self, param) is not None:
                 raise APIError(400, f"{param} {FUNCTIONS_ARE_TOOLS}", param=param, code="unsupported_value")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise APIError(
+                400,
+                f"response_format {json.dumps(kind)[:80]} is not supported: this server does not constrain decoding "
+                'to JSON. Leave response_format out (or {"type": "text"}) and ask for JSON in the prompt; a model '
+                "tuned on JSON replies writes them as trained.",
+                param="response_format",
+                code="unsupported_value",
+            )
         if self.tool_choice not in (None, "auto", "none"):
             raise APIError(
                 400,
