@@ -578,6 +578,17 @@ def test_completions_asking_for_logprobs_are_refused(client, logprobs):
     )
 
 
+@pytest.mark.parametrize(
+    "options, param", [({"logprobs": True, "top_logprobs": 2}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")]
+)
+def test_chat_asking_for_logprobs_is_refused_saying_so(named_chatml, options, param):
+    client, _ = named_chatml
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="named", messages=QUESTION, max_tokens=2, **options)
+    assert (caught.value.param, caught.value.code) == (param, "unsupported_value")
+    assert caught.value.body["message"] == "logprobs are not supported."
+
+
 def test_a_body_that_is_not_json_is_a_400(server):
     response = httpx.post(
         f"{server[0]}/v1/chat/completions",

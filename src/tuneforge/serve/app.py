@@ -271,6 +271,7 @@ class ChatCompletionBody(_GenerationBody):
     parallel_tool_calls: bool | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    top_logprobs: int | None = None  # refused with logprobs, which this server does not return
     # OpenAI's {"type": "text"} (the default, which clients send) is served; JSON modes are refused.
     response_format: dict | None = None
     # vLLM's: more variables for the chat template (Qwen 3's enable_thinking), which the SDK sends in extra_body.
@@ -292,6 +293,8 @@ class ChatCompletionBody(_GenerationBody):
         for param in ("functions", "function_call"):
             if getattr(self, param) is not None:
                 raise APIError(400, f"{param} {FUNCTIONS_ARE_TOOLS}", param=param, code="unsupported_value")
+        if self.top_logprobs is not None:
+            raise APIError(400, "logprobs are not supported.", param="top_logprobs", code="unsupported_value")
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
             raise APIError(
