@@ -20,6 +20,7 @@ from families import FAMILIES, family_tokenizer, save_family_model
 from tuneforge.data import render_conversation, render_examples
 from tuneforge.data.check import TRAINED_STYLE, _rendered_rows, check_command, highlight
 from tuneforge.data.render import FATAL_CODES
+from tuneforge.data.schema import Conversation, Message
 from tuneforge.errors import DataError
 from tuneforge.export import export
 from tuneforge.export.probe import DTYPE_BOUNDS, MERGE_BOUND
@@ -293,6 +294,46 @@ def test_openai_tool_call_arguments_are_trained_as_an_object_not_a_string(tmp_pa
     ]
     example = render_conversation(messages, tokenizer)
     assert trained_runs(example, tokenizer)[0] == call
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("messages[1].tool_calls[0].function.arguments.city", {"arguments": '{"city": "<|im_end|>"}'}),
+        ("messages[1].tool_calls[0].function.arguments", {"arguments": '{"<|im_start|>system": 1}'}),
+        ("messages[1].tool_calls[0].function.name", {"name": "f<|im_end|>"}),
+    ],
+)
+def test_structure_tokens_in_a_tool_call_are_refused_as_in_content(tmp_path, field, message):
+    # Qwen's template writes a call's name and arguments (keys too) into the trained reply: a structure
+    # token there would end the turn where the data means text.
+    tokenizer = family_tokenizer(FAMILIES["qwen2.5"], tmp_path)
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}", **message}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", **call}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    with pytest.raises(DataError) as err:
+        render_conversation(messages, tokenizer)
+    assert (err.value.code, err.value.problems[0].field) == ("special_token_in_content", field)
+
+
+def test_a_control_token_in_trained_reasoning_is_refused_and_in_a_tool_definition_is_structure(tmp_path):
+    tokenizer = family_tokenizer(FAMILIES["qwen3"], tmp_path)
+    reply = {"role": "assistant", "content": "4", "reasoning_content": "Split on <|endoftext|> first."}
+    with pytest.raises(DataError) as err:
+        render_conversation([{"role": "user", "content": "2+2?"}, reply], tokenizer)
+    assert (err.value.code, err.value.problems[0].field) == (
+        "special_token_in_content",
+        "messages[1].reasoning_content",
+    )
+    tool = {"type": "function", "function": {"name": "f", "description": "<|im_end|>", "parameters": {}}}
+    conversation = Conversation([Message("user", "2+2?"), Message("assistant", "4", reasoning_content="Add.")], [tool])
+    with pytest.raises(DataError) as err:
+        render_conversation(conversation, tokenizer)
+    assert err.value.problems[0].field == "tools[0].function.description"
 
 
 def test_mistral_refuses_a_system_prompt_naming_the_reply_it_moves_away_from(tmp_path):

@@ -36,7 +36,7 @@ import bisect
 import os
 import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import accumulate, chain
@@ -274,11 +274,11 @@ class ChatRenderer:
         wanted: list[tuple[int, int, list[int]] | list[Problem]] = []  # per conversation: its requests, spans
         for conversation in conversations:
             span_at = _span_messages(conversation.messages, train_on)
-            problems = self._reply_problems(conversation, span_at, train_on)
+            messages, tools = [m.to_template() for m in conversation.messages], conversation.tools
+            problems = self._reply_problems(conversation, messages, span_at, train_on)
             if problems:
                 wanted.append(problems)
                 continue
-            messages, tools = [m.to_template() for m in conversation.messages], conversation.tools
             first = len(requests)
             requests.append(_Request(messages, tools, False))
             for i in span_at:
@@ -342,21 +342,27 @@ class ChatRenderer:
         ends = [at + len(mark) for mark in self._end_marks if (at := turn.find(mark, reply_start)) >= 0]
         return min(ends, default=len(turn))
 
-    def _reply_problems(self, conversation: Conversation, span_at: list[int], train_on: str) -> list[Problem]:
-        contents = [m.content for m in conversation.messages]
-        if self._special_text is not None and self._special_text.search("\n".join(contents)):
-            return self.special_tokens_in((f"messages[{i}].content", c) for i, c in enumerate(contents))
+    def _reply_problems(
+        self, conversation: Conversation, templated: list[dict], span_at: list[int], train_on: str
+    ) -> list[Problem]:
+        messages = conversation.messages
+        # Every text the template writes (`templated`: the messages as it gets them), not the contents alone:
+        # a name, a tool call or reasoning holding a structure token forges a turn as a content would.
+        texts = [list(template_texts(m, f"messages[{i}]")) for i, m in enumerate(templated)]
+        texts.append(list(template_texts(conversation.tools or [], "tools")))
+        if self._special_text is not None and self._special_text.search("\n".join(t for f in texts for _, t in f)):
+            return self.special_tokens_in(field for fields in texts for field in fields)
         if self._any_special_text is not None:
-            messages = conversation.messages
             trained = (
                 [i for i, m in enumerate(messages) if not (m.role == "assistant" and m.weight == 0)]
                 if train_on == "all"
                 else span_at
             )
             problems = [
-                _special_token_trained(f"messages[{i}].content", found.group())
+                _special_token_trained(field, found.group())
                 for i in trained
-                if (found := self._any_special_text.search(messages[i].content))
+                for field, text in texts[i]
+                if (found := self._any_special_text.search(text))
             ]
             if problems:
                 return problems
@@ -690,6 +696,22 @@ def _system_refused(error: Exception, message_index: int) -> Problem:
         "Fold the system prompt into the first user message, or remove it.",
         field=f"messages[{message_index}]",
     )
+
+
+def template_texts(value, path: str, *, brackets: bool = True) -> Iterator[tuple[str, str]]:
+    """(field, text) for every string of `value` a chat template may write: contents, names, tool calls'
+    names and arguments, reasoning, tool definitions; a mapping's keys too (`tojson` writes them). List
+    items are named `field[i]` as in data files' errors, or `field.i` (`brackets=False`) as pydantic names a
+    request body's fields."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield path, str(key)
+            yield from template_texts(item, f"{path}.{key}", brackets=brackets)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from template_texts(item, f"{path}[{index}]" if brackets else f"{path}.{index}", brackets=brackets)
 
 
 def _special_token_trained(field: str, token: str) -> Problem:

@@ -29,7 +29,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from .. import reasoning
-from ..data.render import renderer_for
+from ..data.render import renderer_for, template_texts
 from ..data.schema import Message
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import context_length
@@ -670,7 +670,10 @@ async def submit(
 
 def _encode(tokenizer, prompt, tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
     if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
-        fields = [*_template_text(prompt, "messages"), *_template_text(tools or [], "tools")]
+        fields = [
+            *template_texts(prompt, "messages", brackets=False),
+            *template_texts(tools or [], "tools", brackets=False),
+        ]
         for problem in renderer_for(tokenizer).special_tokens_in(fields):
             raise APIError(400, f"{problem.field}: {problem.message}", param=problem.field, code="invalid_value")
     try:
@@ -678,20 +681,6 @@ def _encode(tokenizer, prompt, tools: list[dict] | None = None, template_kwargs:
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
         raise APIError(400, f"The model's chat template cannot render these messages: {err}", param="messages") from err
     return prompt_ids
-
-
-def _template_text(value, path: str):
-    """(field, text) for every string the chat template may write from `value`: contents, names, tool calls'
-    names and arguments (keys too: `tojson` writes them), reasoning_content, tool definitions."""
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield path, key
-            yield from _template_text(item, f"{path}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _template_text(item, f"{path}.{index}")
 
 
 async def answer(server: Served, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation):
