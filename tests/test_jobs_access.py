@@ -158,3 +158,32 @@ def test_a_job_that_fails_unforeseen_fails_alone(tmp_path, tiny_model_dir):
     failed = store.get_job(broken.id)
     assert failed.status == "failed" and failed.error["code"] == "internal_error"
     assert "error id err_" in failed.error["message"] and "Traceback" not in failed.error["message"]
+
+
+def test_an_empty_suffix_names_the_model_as_no_suffix_does(tmp_path, tiny_model_dir):
+    root, store = tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    storage = FileStorage(root)
+    upload = storage.save(
+        io.BytesIO(chat_rows(8).encode()),
+        owner=owner_of(KEY),
+        filename="t.jsonl",
+        purpose="fine-tune",
+        max_bytes=1 << 20,
+    )
+    store.add(upload)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    prefix = f"ft:{tiny_model_dir.name}:tuneforge:"
+    with TestClient(create_api(root, store, api_keys=[KEY], workers=0, allowed_models=[str(tiny_model_dir)])) as http:
+        for suffix, name_part in ((None, ""), ("", ""), ("triage", "triage")):
+            body = {"model": str(tiny_model_dir), "training_file": upload.id}
+            if suffix is not None:
+                body["suffix"] = suffix
+            response = http.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            job = store.get_job(response.json()["id"])
+            assert job.fine_tuned_model.startswith(f"{prefix}{name_part}:"), job.fine_tuned_model
+            assert len(job.fine_tuned_model) == len(prefix) + len(name_part) + 9
+            assert response.json()["user_provided_suffix"] == (suffix or None)
+        refused = http.post("/v1/fine_tuning/jobs", json={**body, "suffix": "a:b"}, headers=headers)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "suffix"
+        assert "'a:b'" in refused.json()["error"]["message"]

@@ -27,7 +27,7 @@ from ..web import Metadata, RequestBody
 GROUP_SIZE = GRPOConfig.model_fields["group_size"].default
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
 KEPT_EPOCH_CHECKPOINTS = 3
-_SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SUFFIX = re.compile(r"[A-Za-z0-9._-]{0,64}")
 DEFAULT_LEARNING_RATE = TrainConfig.model_fields["learning_rate"].default
 
 
@@ -167,8 +167,9 @@ class CreateJobBody(RequestBody):
     @classmethod
     def _suffix(cls, value):
         if value is not None and not _SUFFIX.fullmatch(value):
-            raise ValueError("up to 64 characters from letters, digits, '.', '_' and '-'")
-        return value
+            raise ValueError(f"up to 64 characters from letters, digits, '.', '_' and '-', got {value!r}")
+        # An empty suffix is no suffix, as OpenAI takes it: the model is named `ft:{base}:{org}::{id}`.
+        return value or None
 
     @field_validator("validation_file")
     @classmethod
