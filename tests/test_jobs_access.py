@@ -4,6 +4,7 @@ nobody foresaw. The apps run in this process (FastAPI's TestClient), so their st
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import pytest
@@ -187,3 +188,39 @@ def test_an_empty_suffix_names_the_model_as_no_suffix_does(tmp_path, tiny_model_
         refused = http.post("/v1/fine_tuning/jobs", json={**body, "suffix": "a:b"}, headers=headers)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "suffix"
         assert "'a:b'" in refused.json()["error"]["message"]
+
+
+def test_every_checkpoint_reports_its_validation_and_the_last_one_its_full_validation(tmp_path):
+    """The final checkpoint is saved before the full validation is written; its row takes it when it comes."""
+    from tuneforge.jobs.worker import RunProgress
+    from tuneforge.training.checkpoint import STATE
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job = add_job(store, KEY, status="running", total_steps=4, step=0)
+    run_dir = tmp_path / "run"
+    lines = [
+        {"step": 2, "train_loss": 2.5, "train_mean_token_accuracy": 0.5, "valid_loss": 2.4, "tokens": 20},
+        {"step": 4, "train_loss": 2.1, "train_mean_token_accuracy": 0.6, "tokens": 40},
+    ]
+    for step in (2, 4):
+        (run_dir / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (run_dir / "checkpoints" / f"step-{step}" / STATE).write_text("{}")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    progress = RunProgress(store, job, run_dir)
+    progress.update()
+    with (run_dir / "metrics.jsonl").open("a") as log:
+        log.write(json.dumps({"step": 4, "full_valid_loss": 2.0, "full_valid_mean_token_accuracy": 0.7}) + "\n")
+    progress.update()
+    with TestClient(create_api(tmp_path / "home", store, api_keys=[KEY], workers=0)) as http:
+        listed = http.get(f"/v1/fine_tuning/jobs/{job.id}/checkpoints", headers={"Authorization": f"Bearer {KEY}"})
+    last, first = (checkpoint["metrics"] for checkpoint in listed.json()["data"])
+    assert first == {"step": 2, "train_loss": 2.5, "train_mean_token_accuracy": 0.5, "valid_loss": 2.4}
+    assert last == {
+        "step": 4,
+        "train_loss": 2.1,
+        "train_mean_token_accuracy": 0.6,
+        "valid_loss": 2.0,
+        "valid_mean_token_accuracy": 0.7,
+        "full_valid_loss": 2.0,
+        "full_valid_mean_token_accuracy": 0.7,
+    }

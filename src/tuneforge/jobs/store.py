@@ -292,7 +292,10 @@ class Store(Tables):
         return self.page(JobCheckpoint, query, after, limit, newest_first=True)
 
     def sync_checkpoints(self, job_id: str, on_disk: dict[int, Callable[[], JobCheckpoint]]) -> list[int]:
-        """Make the job's rows match the checkpoints on disk (the loop prunes old ones); returns new steps."""
+        """Make the job's rows match the checkpoints on disk (the loop prunes old ones); returns new steps.
+
+        A row's metrics follow those on disk: the final checkpoint is saved before the full validation
+        that adds to its step's metrics is written."""
         with self.session() as session:
             rows = {
                 row.step: row for row in session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
@@ -300,6 +303,8 @@ class Store(Tables):
             for step, row in rows.items():
                 if step not in on_disk:
                     session.delete(row)
+                elif (metrics := on_disk[step]().metrics) != row.metrics:
+                    row.metrics = metrics
             added = sorted(set(on_disk) - set(rows))
             session.add_all(on_disk[step]() for step in added)
         return added

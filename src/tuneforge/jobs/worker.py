@@ -496,6 +496,11 @@ class RunProgress:
             self._by_step.setdefault(record["step"], {}).update(
                 {key: value for key, value in record.items() if _is_metric(key) or key in ("tokens", "elapsed")}
             )
+            # The last step is validated once, by the full validation (over the whole file, as every step's
+            # validation is): it is that step's validation too, as OpenAI's last checkpoint reports both.
+            for key, value in record.items():
+                if key.startswith("full_valid_") and _is_metric(key.removeprefix("full_")):
+                    self._by_step[record["step"]].setdefault(key.removeprefix("full_"), value)
         total = self.job.total_steps
         for step, record in sorted(self._by_step.items()):
             if step > self.step and "train_loss" in record:
