@@ -97,6 +97,13 @@ class ApiServer:
         self.wait_ready()
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=60)
 
+    def store(self):
+        """The server's job store, to read what the API does not show."""
+        from tuneforge.database import database_url
+        from tuneforge.jobs.store import Store
+
+        return Store(database_url(self.db) if self.db else f"sqlite:///{self.home / 'jobs' / 'jobs.db'}")
+
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -245,16 +252,19 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
     # A long job: pause it (checkpoint and stop), resume it (from the checkpoint), cancel it.
     long_job = create_job(client, model_dir, train.id, n_epochs=50)
     wait_for(client, long_job.id, {"running"}, server=server)
-    while client.fine_tuning.jobs.retrieve(long_job.id).trained_tokens in (None, 0):
+    while not any(e.type == "metrics" for e in all_events(client, long_job.id)):
         time.sleep(0.2)
+    # Like OpenAI's, a job not yet finished shows no trained tokens; its metrics events show its progress.
+    assert client.fine_tuning.jobs.retrieve(long_job.id).trained_tokens is None
     client.fine_tuning.jobs.pause(long_job.id)
     paused = wait_for(client, long_job.id, {"paused"}, server=server)
+    assert paused.trained_tokens is None
     # Its figures are those of the step it stopped at, which the resumed run goes on from.
     run_records = server.home / "jobs" / "runs" / long_job.id / "metrics.jsonl"
     tokens_by_step = {
         r["step"]: r["tokens"] for r in map(json.loads, run_records.read_text().splitlines()) if "tokens" in r
     }
-    assert paused.trained_tokens == tokens_by_step[max(tokens_by_step)] > 0
+    assert server.store().get_job(long_job.id).trained_tokens == tokens_by_step[max(tokens_by_step)] > 0
     client.fine_tuning.jobs.resume(long_job.id)
     wait_for(client, long_job.id, {"running"}, server=server)
     cancelled = client.fine_tuning.jobs.cancel(long_job.id)

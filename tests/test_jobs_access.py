@@ -224,3 +224,15 @@ def test_every_checkpoint_reports_its_validation_and_the_last_one_its_full_valid
         "full_valid_loss": 2.0,
         "full_valid_mean_token_accuracy": 0.7,
     }
+
+
+def test_trained_tokens_are_shown_once_a_job_has_finished(tmp_path):
+    """As OpenAI's: null while the job has not finished (its metrics events show its progress)."""
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    shown = {}
+    with TestClient(create_api(tmp_path / "home", store, api_keys=[KEY], workers=0)) as http:
+        for status in ("queued", "running", "paused", "succeeded", "cancelled"):
+            job = add_job(store, KEY, status=status, trained_tokens=120)
+            response = http.get(f"/v1/fine_tuning/jobs/{job.id}", headers={"Authorization": f"Bearer {KEY}"})
+            shown[status] = response.json()["trained_tokens"]
+    assert shown == {"queued": None, "running": None, "paused": None, "succeeded": 120, "cancelled": 120}

@@ -13,7 +13,7 @@ from ...web import APIError, caller, list_body, metadata_filter
 from ..access import training_spec
 from ..mapping import CreateJobBody, training_config
 from ..service import ORGANIZATION, Service, service_of
-from ..store import ACTIVE, Job, event, new_id, now
+from ..store import ACTIVE, FINISHED, Job, event, new_id, now
 from .files import own_file
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", dependencies=[Depends(caller)])
@@ -34,7 +34,8 @@ def job_body(job: Job) -> dict:
         "result_files": job.result_files,
         "seed": job.seed,
         "status": job.status,
-        "trained_tokens": job.trained_tokens,
+        # As OpenAI's: null while the job runs (its progress is in the metrics events), the count once it finished.
+        "trained_tokens": job.trained_tokens if job.status in FINISHED else None,
         "training_file": job.training_file,
         "validation_file": job.validation_file,
         "estimated_finish": job.estimated_finish,
