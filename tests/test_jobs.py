@@ -585,7 +585,7 @@ def test_a_dpo_job_trains_on_openais_preference_pairs(server, tiny_model_dir):
     assert job.status == "succeeded", job.error
     assert job.method.dpo.hyperparameters.beta == 0.2 and job.trained_tokens > 0
     messages = [event.message for event in all_events(client, job.id)]
-    assert "Files validated: 6 training examples, 1 epochs, 2 steps. Job queued." in messages
+    assert "Files validated: 6 training examples, 1 epoch, 2 steps. Job queued." in messages
 
 
 @pytest.mark.parametrize(

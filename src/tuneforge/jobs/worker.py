@@ -211,8 +211,8 @@ class Workers:
             adding=[
                 event(
                     job.id,
-                    f"Files validated: {n_examples} training examples, {config.train.epochs} "
-                    f"epochs, {total_steps} steps. Job queued.",
+                    f"Files validated: {_counted(n_examples, 'training example')}, "
+                    f"{_counted(config.train.epochs, 'epoch')}, {_counted(total_steps, 'step')}. Job queued.",
                 )
             ],
         )
@@ -429,6 +429,10 @@ class Workers:
             estimated_finish=None,
             adding=[event(job.id, failure.error["message"], level="error")],
         )
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _kill(child: BaseProcess) -> None:
