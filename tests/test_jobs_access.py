@@ -191,7 +191,8 @@ def test_an_empty_suffix_names_the_model_as_no_suffix_does(tmp_path, tiny_model_
 
 
 def test_every_checkpoint_reports_its_validation_and_the_last_one_its_full_validation(tmp_path):
-    """The final checkpoint is saved before the full validation is written; its row takes it when it comes."""
+    """The final checkpoint is saved before the full validation is written; its row takes it when it comes.
+    Every validation is over the whole file, so each checkpoint's is its full validation too."""
     from tuneforge.jobs.worker import RunProgress
     from tuneforge.training.checkpoint import STATE
 
@@ -214,7 +215,13 @@ def test_every_checkpoint_reports_its_validation_and_the_last_one_its_full_valid
     with TestClient(create_api(tmp_path / "home", store, api_keys=[KEY], workers=0)) as http:
         listed = http.get(f"/v1/fine_tuning/jobs/{job.id}/checkpoints", headers={"Authorization": f"Bearer {KEY}"})
     last, first = (checkpoint["metrics"] for checkpoint in listed.json()["data"])
-    assert first == {"step": 2, "train_loss": 2.5, "train_mean_token_accuracy": 0.5, "valid_loss": 2.4}
+    assert first == {
+        "step": 2,
+        "train_loss": 2.5,
+        "train_mean_token_accuracy": 0.5,
+        "valid_loss": 2.4,
+        "full_valid_loss": 2.4,
+    }
     assert last == {
         "step": 4,
         "train_loss": 2.1,

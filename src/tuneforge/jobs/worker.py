@@ -538,13 +538,20 @@ class RunProgress:
         return {"step": self.step, "trained_tokens": self.tokens, "estimated_finish": finish}
 
     def _checkpoint_row(self, step: int):
+        metrics = _openai_metrics(self._by_step.get(step, {}))
+        # A step's validation runs over the whole validation file, so at a checkpoint it is the full
+        # validation OpenAI reports at each epoch's checkpoint.
+        for key, value in list(metrics.items()):
+            if key.startswith("valid_") and _is_metric(f"full_{key}"):
+                metrics.setdefault(f"full_{key}", value)
+
         def row() -> JobCheckpoint:
             return JobCheckpoint(
                 id=new_id("ftckpt-"),
                 job_id=self.job.id,
                 step=step,
                 created_at=now(),
-                metrics=_openai_metrics(self._by_step.get(step, {})),
+                metrics=metrics,
                 model=f"{self.job.fine_tuned_model}:ckpt-step-{step}",
             )
 
