@@ -459,6 +459,13 @@ def test_a_validation_file_eval_task_cannot_score_stops_the_run_before_any_compu
     with pytest.raises(DataError, match=r"valid\.jsonl:2 messages: \[reference_unfit_for_metric\]"):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
+    # A row past the base model's context (2048 positions) could be neither scored nor answered.
+    rows[1]["messages"][-2]["content"] = "Why? " * 2100
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config["eval"] = {"task": "exact"}
+    with pytest.raises(DataError, match=r"valid\.jsonl:2: \[too_long\] the row is \d+ tokens"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_compare_model_that_cannot_be_found_fails_before_any_evaluation(tiny_model_dir, triage_data, capsys):
@@ -559,3 +566,18 @@ def test_eval_cli_takes_max_new_tokens(tiny_model_dir, triage_data, monkeypatch,
         main()
     assert leaving.value.code == 0
     assert json.loads(capsys.readouterr().out)["generation"] == {"decoding": "greedy", "max_new_tokens": 3}
+
+
+def test_a_row_longer_than_the_models_context_is_refused_with_its_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "long.jsonl"
+    questions = ["2+2?", "Why? " * 2100, "3+3?"]
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "4"}]}) + "\n"
+            for q in questions
+        )
+    )
+    with pytest.raises(DataError, match=r"long.jsonl: 1 rows do not fit the model's context") as long:
+        evaluate(str(tiny_model_dir), data, progress=False)
+    assert "long.jsonl:2: [too_long]" in long.value.message
+    assert "maximum context length of 2048 tokens" in long.value.message

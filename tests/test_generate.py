@@ -221,3 +221,13 @@ def test_a_prompt_batch_never_copies_the_output_layer_per_row(tiny_model_dir):
         generate(model, tokenizer, prompts, max_new_tokens=1)
     largest = max(event.cpu_memory_usage for event in prof.events())
     assert largest < len(prompts) * model.get_output_embeddings().weight.nbytes
+
+
+def test_a_reply_stops_where_the_models_context_ends(tiny):
+    model, tokenizer = tiny
+    window = model.config.max_position_embeddings
+    prompt = tuple(tokenizer("Hi", add_special_tokens=False)["input_ids"] * (window - 5))[: window - 5]
+    [done] = generate(model, tokenizer, [prompt], max_new_tokens=50)
+    assert (done.prompt_tokens, done.completion_tokens, done.finish_reason) == (window - 5, 5, "length")
+    with pytest.raises(ValueError, match=f"maximum context length is {window} tokens"):
+        generate(model, tokenizer, [prompt + prompt[:5]], max_new_tokens=1)

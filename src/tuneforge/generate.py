@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -354,6 +354,9 @@ class Batch:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.stop_ids = stop_token_ids(model, tokenizer)
+        from tuneforge.models import model_context_length
+
+        self.window = model_context_length(model)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.stop_ids))
         self._cache_argument = _cache_argument(model)
@@ -385,6 +388,16 @@ class Batch:
         """Queue a prompt; `generator` is its random stream (None: greedy, or torch's global one)."""
         if not prompt_ids:
             raise ValueError("a prompt rendered to no tokens; give it some text")
+        if self.window is not None:
+            # Past the positions the model was built for it writes noise: a reply stops where the window ends.
+            room = self.window - len(prompt_ids)
+            if room < 1:
+                raise ValueError(
+                    f"the prompt has {len(prompt_ids)} tokens; the model's maximum context length is "
+                    f"{self.window} tokens, which leaves no room for a reply. Shorten the prompt."
+                )
+            if sampling.max_new_tokens > room:
+                sampling = replace(sampling, max_new_tokens=room)
         row = Row(list(prompt_ids), sampling, generator)
         self._waiting.append(row)
         return row

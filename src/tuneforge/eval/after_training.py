@@ -18,22 +18,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..models import load_model, load_tokenizer, resolve
+from ..models import context_length, load_model, load_tokenizer, resolve
 from ..tasks.metrics import METRICS
-from .evaluate import choose_metric, evaluate_loaded, read_eval_examples
+from .evaluate import choose_metric, evaluate_loaded, read_eval_examples, render_within_window
 from .forgetting import ModelPair, forgetting_loaded
 from .report import flat_scores, print_tables, report_tables, write_run_report
 
 
 def check_eval_inputs(cfg) -> None:
     """Before any compute: with `eval.task`, the metric exists, every row of the validation file
-    is a conversation that ends in its reference answer and the metric can score against every
-    reference (else an error naming file, line and field)."""
+    is a conversation that ends in its reference answer that fits the base model's context, and the metric
+    can score against every reference (else an error naming file, line and field)."""
     if not cfg.eval.task:
         return
     if cfg.eval.task != "auto" and cfg.eval.task not in METRICS:
         raise ConfigError(f"eval.task: unknown metric {cfg.eval.task!r}; choose auto or one of {', '.join(METRICS)}.")
-    choose_metric(cfg.eval.task, read_eval_examples(cfg.data.validation))
+    examples = read_eval_examples(cfg.data.validation)
+    choose_metric(cfg.eval.task, examples)
+    from transformers import AutoConfig
+
+    source = resolve(cfg.base_model)
+    window = context_length(AutoConfig.from_pretrained(source.path).get_text_config())
+    render_within_window(examples, load_tokenizer(source), window, cfg.data.train_on)
 
 
 def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:

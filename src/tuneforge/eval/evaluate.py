@@ -27,7 +27,7 @@ from ..data import Conversation, Example, PackedRow, Preference, Problem, pack, 
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
 from ..methods import SFTObjective, sum_over_batches
-from ..models import causal_lm, load_model, load_tokenizer, resolve, run_config_of
+from ..models import causal_lm, load_model, load_tokenizer, model_context_length, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
 from ..progress import progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
@@ -183,6 +183,28 @@ def _render(example: EvalExample, tokenizer, train_on: str = "assistant") -> lis
         raise DataError.listing(f"{example.file}: row {example.line} cannot be evaluated", problems) from None
 
 
+def render_within_window(
+    examples: Sequence[EvalExample], tokenizer, window: int | None, train_on: str = "assistant"
+) -> list[Example]:
+    """The rows rendered as `_render` renders them; a row longer than the model's `window` (with its
+    reference answer) is an error naming its line: past its window a model's loss and answers mean nothing."""
+    rendered = [_render(e, tokenizer, train_on) for e in examples]
+    problems = [
+        Problem(
+            "too_long",
+            f"the row is {length} tokens with its reference answer, more than the model's maximum context "
+            f"length of {window} tokens; shorten the row or leave it out.",
+            file=e.file,
+            line=e.line,
+        )
+        for e, examples_of_row in zip(examples, rendered)
+        if window and (length := max(map(len, examples_of_row))) > window
+    ]
+    if problems:
+        raise DataError.listing(f"{examples[0].file}: {len(problems)} rows do not fit the model's context", problems)
+    return [example for examples_of_row in rendered for example in examples_of_row]
+
+
 def evaluate_loaded(
     model,
     tokenizer,
@@ -198,7 +220,7 @@ def evaluate_loaded(
     trains (a run's `valid_loss`)."""
     metric = choose_metric(metric, examples)
     started = time.perf_counter()
-    rendered = [rendered for e in examples for rendered in _render(e, tokenizer, train_on)]
+    rendered = render_within_window(examples, tokenizer, model_context_length(model), train_on)
     with progress_bar("loss", len(rendered), progress) as advance:
         loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
     loss_seconds = time.perf_counter() - started

@@ -8,7 +8,7 @@
 folder or tuneforge run folder, or a hub id (org/name); see `sources.py` for the order.
 """
 
-from .architecture import causal_lm, context_length, end_of_turn_token
+from .architecture import causal_lm, context_length, end_of_turn_token, model_context_length
 from .convert import pull
 from .loading import (
     CHATML_TEMPLATE,
@@ -32,6 +32,7 @@ __all__ = [
     "causal_lm",
     "compute_dtype",
     "context_length",
+    "model_context_length",
     "count_parameters",
     "end_of_turn_token",
     "list_models",

@@ -18,6 +18,13 @@ def context_length(config) -> int | None:
     return None
 
 
+def model_context_length(model) -> int | None:
+    """`context_length` of a loaded model (of its text model, for one that also reads images): how many
+    positions its prompt and reply may fill together."""
+    config = causal_lm(model).config
+    return context_length(config.get_text_config() if hasattr(config, "get_text_config") else config)
+
+
 def end_of_turn_token(tokenizer) -> str | None:
     """The token the chat template closes an assistant reply with, as training labels it (the first
     added token after a reply, else EOS); generation must stop there, not only at the tokenizer's
