@@ -173,10 +173,15 @@ def test_long_rows_are_truncated_and_counted(tmp_path, tokenizer):
     assert max(len(e) for e in prepared.train) == 64
     cut = next(e for e in prepared.train if len(e) == 64)
     assert cut.labels[-1] == IGNORE_INDEX and cut.trained_tokens > 0
-    assert "truncated" in {w["code"] for w in prepared.report["warnings"]}
+    # The warning says which rows were cut, so they can be found and fixed.
+    [warning] = [w for w in prepared.report["warnings"] if w["code"] == "truncated"]
+    assert warning["where"] == [f"{tmp_path / 'train.jsonl'}:12"]
+    assert f"were cut (their ends are not trained): {tmp_path / 'train.jsonl'}:12. Raise" in warning["message"]
 
     dropped = run(tmp_path, tokenizer, data, max_length=64, truncation="drop")
     assert dropped.report["counts"]["dropped_too_long"] == 1 and len(dropped.train) == 11
+    [warning] = [w for w in dropped.report["warnings"] if w["code"] == "dropped_too_long"]
+    assert warning["where"] == [f"{tmp_path / 'train.jsonl'}:12"] and warning["message"].endswith("train.jsonl:12.")
 
 
 def test_a_long_preference_pair_is_one_row_over_max_length(tmp_path, tokenizer):

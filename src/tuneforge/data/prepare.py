@@ -33,6 +33,7 @@ from .schema import Conversation, Example, Preference, PreparedData, Problem, Re
 
 REPORT_VERSION = 1
 MAX_LISTED = 1000
+_LISTED_PLACES = 20  # places a warning lists in the report
 """Rejected rows (and duplicates, leaks) listed in the report; the counts cover all of them."""
 FEW_EXAMPLES = 10
 _CHUNK_ROWS = 512
@@ -290,6 +291,7 @@ class _Preparation:
         self.duplicates: list[dict] = []
         self.leaks: list[dict] = []
         self.lengths: list[int] = []  # tokens per example before fitting to max_length
+        self.over_length: list[str] = []  # the first places of rows cut or dropped at max_length
         self.system_prompts = SystemPromptTally(tokenizer)
         near = cfg.near_dedup_threshold if cfg.dedup == "near" else None
         self.validation_keys = DuplicateIndex(near)  # for the leak check, even without dedup
@@ -484,10 +486,12 @@ class _Preparation:
         if all(len(e) <= limit for e in examples):
             return item
         self.counts["over_max_length"] += 1  # rows: a pair, or a row trained turn by turn, is several examples
+        place = f"{path}:{line}"
         if self.cfg.truncation == "drop":
             self.counts["dropped_too_long"] += 1
             longest = max(len(e) for e in examples)
             self._leave_out(line, {"reason": "over_max_length", "tokens": longest, "max_length": limit})
+            self._note_over_length(place)
             return None
         cut = cut_to_length(examples, limit, pair=self._pairs)
         if cut is None:
@@ -505,7 +509,12 @@ class _Preparation:
             )
             return None
         self.counts["truncated"] += 1
+        self._note_over_length(place)
         return cut if isinstance(item, tuple) else cut[0]
+
+    def _note_over_length(self, place: str) -> None:
+        if len(self.over_length) < _LISTED_PLACES:
+            self.over_length.append(place)
 
     # --- after the pass ---------------------------------------------------------------------------
 
@@ -642,20 +651,17 @@ class _Preparation:
 
         def warn(code: str, count: int, message: str, where: list[str] | None = None) -> None:
             if count:
-                warnings.append({"code": code, "count": count, "message": message, "where": (where or [])[:20]})
+                warnings.append(
+                    {"code": code, "count": count, "message": message, "where": (where or [])[:_LISTED_PLACES]}
+                )
 
         by_code: dict[str, list[Problem]] = {}
         for p in self.problems:
             if not p.is_error:
                 by_code.setdefault(p.code, []).append(p)
         for code, problems in by_code.items():
-            places = ", ".join(p.where() for p in problems[:3]) + (", ..." if len(problems) > 3 else "")
-            warn(
-                code,
-                len(problems),
-                f"{problems[0].message} ({len(problems)} rows: {places})",
-                [p.where() for p in problems],
-            )
+            places = [p.where() for p in problems]
+            warn(code, len(problems), f"{problems[0].message} ({len(problems)} rows: {_first(places)})", places)
         warn(
             "chat_template_missing",
             int(self.renderer.uses_fallback_template),
@@ -685,14 +691,18 @@ class _Preparation:
             "truncated",
             counts["truncated"],
             f"{counts['truncated']} rows were longer than max_length "
-            f"{self.cfg.max_length} and were cut (their ends are not trained). Raise data.max_length or set "
-            "data.truncation: drop.",
+            f"{self.cfg.max_length} and were cut (their ends are not trained): "
+            f"{_first(self.over_length, counts['truncated'])}. "
+            "Raise data.max_length or set data.truncation: drop.",
+            self.over_length,
         )
         warn(
             "dropped_too_long",
             counts["dropped_too_long"],
             f"{counts['dropped_too_long']} rows longer than "
-            f"max_length {self.cfg.max_length} were dropped (data.truncation: drop).",
+            f"max_length {self.cfg.max_length} were dropped (data.truncation: drop): "
+            f"{_first(self.over_length, counts['dropped_too_long'])}.",
+            self.over_length,
         )
         if self.train and counts["train"] < FEW_EXAMPLES:
             warn(
@@ -748,6 +758,12 @@ def cut_to_length(examples: tuple[Example, ...], max_length: int, *, pair: bool 
     if not kept or (pair and len(kept) < len(cut)):
         return None
     return kept
+
+
+def _first(places: list[str], total: int | None = None) -> str:
+    """The first three places of a list of `total` (its length, if None), then ", ..." if there are more."""
+    more = (len(places) if total is None else total) > 3
+    return ", ".join(places[:3]) + (", ..." if more else "")
 
 
 def _examples(rows: list[_Row]) -> list[Example]:
