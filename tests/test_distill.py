@@ -733,3 +733,17 @@ def test_positions_all_packs_without_sharing_a_prompt_prefix(pair, tiny_model_di
             assert packed[key].item() == pytest.approx(expected, rel=1e-5), (positions, key)
         shared = sum(map(len, rows)) < sum(map(len, examples))  # the system prompt held once
         assert len(rows) == 1 and shared == (positions == "answers")
+
+
+def test_distill_generate_refuses_prompts_past_the_teachers_context_before_any_answer(tiny_model_dir, tmp_path):
+    from tuneforge.distill import generate_teacher_data
+
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["hi", "hello", "Why? " * 2100]
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in questions))
+    out = tmp_path / "teacher.jsonl"
+    with pytest.raises(DataError, match="1 prompts do not fit the teacher's context") as err:
+        generate_teacher_data(str(tiny_model_dir), prompts, out, max_new_tokens=4, progress=False)
+    assert "prompts.jsonl:3: [too_long] the prompt is" in err.value.message
+    assert "maximum context length is 2048 tokens" in err.value.message
+    assert not out.exists() or not out.read_text()  # no answer written

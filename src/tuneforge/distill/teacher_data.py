@@ -67,8 +67,13 @@ def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None
 
 def read_prompts(path: str | Path) -> list[list[dict]]:
     """Every row's prompt as chat messages; all problems at once, as a `DataError`, before any model loads."""
+    return _read_prompts(path)[0]
+
+
+def _read_prompts(path: str | Path) -> tuple[list[list[dict]], list[int]]:
+    """`read_prompts`, and the line each prompt is on."""
     path = str(path)
-    prompts, problems = [], []
+    prompts, lines, problems = [], [], []
     rows = open_rows(path)
     for line, row in rows:
         if isinstance(row, Problem):
@@ -78,6 +83,7 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
         problems += [p for p in row_problems if p.is_error]
         if messages is not None:
             prompts.append(messages)
+            lines.append(line)
     unreadable = [p for p in problems if p.line is None]  # the file as a whole: missing, empty, unknown
     if unreadable:
         raise DataError.listing(f"--prompts {path} cannot be read", unreadable)
@@ -85,7 +91,28 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
         raise DataError.listing(f"{path}: {len(problems)} prompt rows cannot be used", problems)
     if not prompts:
         raise DataError(f"{path} holds no prompts.", code="empty_file")
-    return prompts
+    return prompts, lines
+
+
+def _check_prompts_fit(path, prompts: list[list[dict]], lines: list[int], tokenizer, window: int | None) -> None:
+    """Every prompt leaves the teacher room for an answer in its context (else an error naming the lines)."""
+    from ..generate import encode_prompts
+
+    if window is None:
+        return
+    problems = [
+        Problem(
+            "too_long",
+            f"the prompt is {len(ids)} tokens; the teacher's maximum context length is {window} tokens, which "
+            "leaves no room for its answer. Shorten the prompt or leave the row out.",
+            file=str(path),
+            line=line,
+        )
+        for line, ids in zip(lines, encode_prompts(tokenizer, prompts))
+        if len(ids) >= window
+    ]
+    if problems:
+        raise DataError.listing(f"{path}: {len(problems)} prompts do not fit the teacher's context", problems)
 
 
 def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
@@ -173,7 +200,7 @@ def generate_teacher_data(
     import torch
 
     from ..generate import generate
-    from ..models import compute_dtype, load_frozen_model, load_tokenizer, resolve_precision
+    from ..models import compute_dtype, load_frozen_model, load_tokenizer, model_context_length, resolve_precision
     from ..progress import progress_bar
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 0):
@@ -185,7 +212,7 @@ def generate_teacher_data(
         raise TuneforgeError(
             f"--out {out} is a folder; give the file to write, e.g. {out / 'teacher.jsonl'}.", code="bad_option"
         )
-    prompts = read_prompts(prompts_file)
+    prompts, lines = _read_prompts(prompts_file)
     done = rows_already_written(out, prompts)
     target = len(prompts) if limit is None else min(limit, len(prompts))
     stopped_by_length = empty = 0
@@ -194,6 +221,9 @@ def generate_teacher_data(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_frozen_model(teacher, dtype=compute_dtype(resolve_precision(precision, device)), device=device)
         tokenizer = load_tokenizer(teacher)
+        _check_prompts_fit(
+            prompts_file, prompts[done:target], lines[done:target], tokenizer, model_context_length(model)
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a", encoding="utf-8") as f, progress_bar("teacher answers", target - done, progress) as advance:
             for start in range(done, target, batch_size):
