@@ -29,7 +29,8 @@ def models(monkeypatch, tokenizer):
             raise ModelSourceError("no model called missing-model; see `tuneforge models list`")
         return tokenizer
 
-    monkeypatch.setitem(sys.modules, "tuneforge.models", types.SimpleNamespace(load_tokenizer=load_tokenizer))
+    models = types.SimpleNamespace(load_tokenizer=load_tokenizer, source_context_length=lambda spec: None)
+    monkeypatch.setitem(sys.modules, "tuneforge.models", models)
     return asked
 
 
@@ -180,3 +181,10 @@ def test_a_long_check_shows_its_progress_on_stderr(tmp_path, capsys, models, mon
     assert lines[0].startswith("data: big.jsonl lines 1/200 (0%)")
     assert lines[-1].startswith("data: big.jsonl lines 200/200 (100%)") and len(lines) == 200
     assert "200 read, 200 valid" in captured.out and "big.jsonl lines" not in captured.out
+
+
+def test_a_max_length_past_the_models_context_is_refused_as_training_refuses_it(good_file, capsys, tiny_model_dir):
+    assert check_command([str(good_file)], model=str(tiny_model_dir), max_length=4096) == 2
+    out, err = capsys.readouterr()
+    assert "--max-length 4096 is more than the 2048 positions" in err and not out
+    assert check_command([str(good_file)], model=str(tiny_model_dir), max_length=2048) == 0

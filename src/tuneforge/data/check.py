@@ -52,6 +52,7 @@ def check_command(
             on_error="skip",
         )
         tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
+        _check_max_length(model or DEFAULT_MODEL, max_length)
     except TuneforgeError as e:
         errors_console.print(f"[red]error:[/red] {escape(e.message)}")
         return e.exit_code
@@ -73,6 +74,19 @@ def _load_tokenizer(spec: str):
     from ..models import load_tokenizer  # here, not at the top: the models stage pulls in heavy imports
 
     return load_tokenizer(spec)
+
+
+def _check_max_length(spec: str, max_length: int) -> None:
+    """--max-length within the model's context, as training requires of data.max_length."""
+    from ..models import source_context_length
+
+    window = source_context_length(spec)
+    if window and max_length > window:
+        raise TuneforgeError(
+            f"--max-length {max_length} is more than the {window} positions {spec} was built for, and training "
+            f"refuses such a data.max_length; check with --max-length {window} or less.",
+            code="bad_option",
+        )
 
 
 def print_summary(console: Console, report: dict, model: str) -> None:

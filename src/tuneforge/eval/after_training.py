@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..models import context_length, load_model, load_tokenizer, resolve
+from ..models import load_model, load_tokenizer, resolve, source_context_length
 from ..tasks.metrics import METRICS
 from .evaluate import choose_metric, evaluate_loaded, read_eval_examples, render_within_window
 from .forgetting import ModelPair, forgetting_loaded
@@ -35,11 +35,8 @@ def check_eval_inputs(cfg) -> None:
         raise ConfigError(f"eval.task: unknown metric {cfg.eval.task!r}; choose auto or one of {', '.join(METRICS)}.")
     examples = read_eval_examples(cfg.data.validation)
     choose_metric(cfg.eval.task, examples)
-    from transformers import AutoConfig
-
     source = resolve(cfg.base_model)
-    window = context_length(AutoConfig.from_pretrained(source.path).get_text_config())
-    render_within_window(examples, load_tokenizer(source), window, cfg.data.train_on)
+    render_within_window(examples, load_tokenizer(source), source_context_length(source), cfg.data.train_on)
 
 
 def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:

@@ -29,7 +29,7 @@ import torch
 from .. import data as tfdata
 from ..data import IGNORE_INDEX, collate
 from ..errors import ConfigError
-from ..models import compute_dtype, context_length, load_frozen_model, load_model
+from ..models import compute_dtype, load_frozen_model, load_model, source_context_length
 from ..models.quantization import keep_trainable_layout, quantization_config
 from . import distill, dpo, full, grpo, lora
 from .distill import DistillObjective
@@ -80,9 +80,7 @@ def prepare_model(model, cfg):
 
 def check_inputs(cfg, tokenizer, source) -> None:
     """Fail early, with a clear error, on inputs the method cannot use (`source`: the resolved base model)."""
-    from transformers import AutoConfig
-
-    window = context_length(AutoConfig.from_pretrained(source.path).get_text_config())
+    window = source_context_length(source)
     # A model knows positions up to its window only: past it a row fails (learned position embeddings) or
     # trains on positions the model never saw (rotary ones).
     if cfg.method == "grpo":  # a prompt shorter than data.max_length, then an answer of up to max_new_tokens

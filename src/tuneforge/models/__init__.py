@@ -18,6 +18,7 @@ from .loading import (
     load_model,
     load_tokenizer,
     model_info,
+    source_context_length,
 )
 from .precision import bf16_supported, compute_dtype, resolve_precision
 from .registry import REGISTRY, RegistryEntry
@@ -44,4 +45,5 @@ __all__ = [
     "resolve",
     "run_config_of",
     "resolve_precision",
+    "source_context_length",
 ]

@@ -33,6 +33,14 @@ def _as_source(spec: str | ModelSource) -> ModelSource:
     return spec if isinstance(spec, ModelSource) else resolve(spec)
 
 
+def source_context_length(spec: str | ModelSource) -> int | None:
+    """`context_length` of a model not loaded, read off its config (its text model's, for one that also reads
+    images): how many positions a row, or a prompt and its reply, may fill."""
+    from transformers import AutoConfig
+
+    return context_length(AutoConfig.from_pretrained(_as_source(spec).path).get_text_config())
+
+
 def load_tokenizer(spec: str | ModelSource):
     """The model's fast tokenizer, always with a chat template and a pad token.
 
