@@ -33,8 +33,8 @@ from .schema import Conversation, Example, Preference, PreparedData, Problem, Re
 
 REPORT_VERSION = 1
 MAX_LISTED = 1000
-_LISTED_PLACES = 20  # places a warning lists in the report
 """Rejected rows (and duplicates, leaks) listed in the report; the counts cover all of them."""
+_LISTED_PLACES = 20  # places a warning lists in the report
 FEW_EXAMPLES = 10
 _CHUNK_ROWS = 512
 _SHOWN_IN_ERROR = 20
