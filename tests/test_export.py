@@ -221,12 +221,26 @@ def test_gguf_metadata_is_what_llama_cpp_expects(adapter_dir, tokenizer, tmp_pat
     assert field("tokenizer.ggml.model") == "gpt2"
     assert field("tokenizer.ggml.pre") == "gpt-2"  # named by its split pattern: llama.cpp has no hash for it
     assert field("tokenizer.ggml.eos_token_id") == end_of_turn
+    assert field("tokenizer.ggml.eot_token_id") == end_of_turn
     # The chat template writes every marker itself: nothing may add a BOS before it.
     assert "tokenizer.ggml.add_bos_token" not in reader.fields or field("tokenizer.ggml.add_bos_token") is False
     assert field("tokenizer.chat_template") == tokenizer.chat_template
     assert field("tokenizer.ggml.token_type")[end_of_turn] == TokenType.CONTROL
     names = {t.name for t in reader.tensors}
     assert "blk.1.attn_q.weight" in names and "output.weight" not in names  # tied embeddings
+
+
+def test_a_gguf_names_the_end_of_turn_token_where_it_is_not_eos(tmp_path):
+    """Gemma ends a reply with <end_of_turn>, its EOS is <eos>: llama.cpp stops a turn at the GGUF's EOT."""
+    from families import FAMILIES, save_family_model
+    from gguf import GGUFReader
+
+    base = save_family_model(FAMILIES["gemma2"], tmp_path / "base")
+    tokenizer = load_tokenizer(str(base))
+    result = export(base, "gguf", "f32", tmp_path / "gguf", progress=False)
+    fields = GGUFReader(result.files[0]).fields
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == tokenizer.convert_tokens_to_ids("<end_of_turn>")
 
 
 def test_ollama_modelfile_has_the_chatml_template_and_end_of_turn_stop(adapter_dir, tmp_path):

@@ -13,7 +13,9 @@ What the converter cannot find in a folder, tuneforge hands it:
 - the name of a byte-level BPE pre-tokenizer llama.cpp knows no hash for (llama.cpp recognises
   published tokenizers by a hash of their output; a vocabulary trained anew is named by its split
   pattern, the name transformers reads back);
-- `tokenizer.model` for SentencePiece vocabularies (Gemma, Phi-3, Mistral), from the source model.
+- `tokenizer.model` for SentencePiece vocabularies (Gemma, Phi-3, Mistral), from the source model;
+- the end-of-turn token training labels (`tokenizer.ggml.eot_token_id`), where a chat reply ends and
+  llama.cpp stops: Gemma's `<end_of_turn>` and Phi-3's `<|end|>` are not their EOS.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from rich.console import Console
 
 from ..errors import TuneforgeError
 from ..fsio import atomic_dir, tuneforge_home
-from ..models import ModelSource
+from ..models import ModelSource, end_of_turn_token
 from ..models.convert import pip_download, sha256_file, transformers_gguf_architectures
 from ..models.families import Family, covered_titles, family_of, gguf_architecture
 from ..models.loading import LOAD_ERRORS
@@ -77,8 +79,10 @@ def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype
         shutil.copyfile(spm, model_dir / SENTENCEPIECE_MODEL)
     _list_added_tokens(model_dir, tokenizer)
     pre_tokenizer = pre_tokenizer_name(tokenizer) or ""
+    end_of_turn = end_of_turn_token(tokenizer)
+    end_of_turn_id = "" if end_of_turn is None else str(tokenizer.convert_tokens_to_ids(end_of_turn))
     command = [sys.executable, str(Path(__file__).with_name("llama_cpp_main.py")), str(converter_folder(console))]
-    command += [pre_tokenizer, str(model_dir), "--outfile", str(out), "--outtype", dtype]
+    command += [pre_tokenizer, end_of_turn_id, str(model_dir), "--outfile", str(out), "--outtype", dtype]
     command += ["--model-name", model_name(source.name, model_dir, tokenizer)]
     with console.status(f"Writing {out.name} with llama.cpp's converter"):
         done = subprocess.run(command, capture_output=True, text=True)
