@@ -154,6 +154,23 @@ def test_merged_export_writes_the_requested_dtype(adapter_dir, tmp_path):
     assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["bf16"]
 
 
+def test_a_merged_export_keeps_the_dtype_its_base_is_stored_in_unless_asked(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16).save_pretrained(base)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(base)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
+    model.save_pretrained(tmp_path / "adapter")
+    for dtype, stored in ((None, torch.float16), ("f32", torch.float32)):
+        result = export(tmp_path / "adapter", "merged", dtype, tmp_path / f"merged-{dtype}", progress=False)
+        with safe_open(str(result.out / "model.safetensors"), framework="pt") as weights:
+            assert {weights.get_tensor(name).dtype for name in weights.keys()} == {stored}
+        assert json.loads((result.out / EXPORT_RECORD).read_text())["dtype"] == (dtype or "f16")
+
+
 def test_adapter_export_loads_with_plain_peft_and_gives_identical_logits(run_dir, reference, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

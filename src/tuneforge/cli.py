@@ -301,7 +301,9 @@ def export_(
     run: str = typer.Argument(..., help="Run folder, checkpoint folder, or model (registry name, HF folder, .gguf)."),
     format: str = typer.Option(..., "--format", help="adapter | merged | gguf"),
     out: Path = typer.Option(..., help="Folder to write; must not exist or be empty."),
-    dtype: str | None = typer.Option(None, help="merged: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0"),
+    dtype: str | None = typer.Option(
+        None, help="merged: f32 | f16 | bf16 (default: the base's stored dtype); gguf: f16 (default) | f32 | q8_0"
+    ),
     ollama: bool = typer.Option(False, help="Also write an Ollama Modelfile (gguf only)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
 ):

@@ -7,7 +7,8 @@
 Formats:
 - `adapter`: the PEFT adapter and tokenizer, for `peft.PeftModel.from_pretrained` on the base;
 - `merged`: the adapter folded into the base (`merge.py`), a safetensors folder for plain
-  `transformers.AutoModelForCausalLM.from_pretrained`; a full fine-tune or a plain model is saved as is;
+  `transformers.AutoModelForCausalLM.from_pretrained`, in the dtype the base is stored in unless
+  `dtype` names another; a full fine-tune or a plain model is saved as is;
 - `gguf`: one GGUF file for llama.cpp, written by llama.cpp's own converter (`llama_cpp.py`) for
   every family it knows; `--ollama` adds a Modelfile with the family's chat template (`ollama.py`).
 
@@ -36,7 +37,7 @@ from . import adapter, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
 from .probe import DTYPE_BOUNDS, MERGE_BOUND, ExportFailed, agreement, probe_ids, probe_logits, require_within
 
-# The dtypes each format can write; the first is the default.
+# The dtypes each format can write; the first is the default (merged: where the base's stored dtype is none of them).
 FORMAT_DTYPES = {
     "adapter": (),
     "merged": ("f32", "f16", "bf16"),
@@ -73,6 +74,7 @@ def export(
     does not match its source is `ExportFailed` (exit 1).
     """
     console = Console(stderr=True, quiet=not progress, soft_wrap=True)
+    asked_dtype = dtype
     dtype = _checked_options(fmt, dtype, ollama)
     out = Path(out)
     _check_out(out, overwrite)
@@ -80,6 +82,8 @@ def export(
     with library_bars(progress):
         source = resolve(str(run_or_model))
         _check_out_spares_source(out, source)
+        if fmt == "merged" and asked_dtype is None:
+            dtype = _stored_dtype(source) or dtype
         if fmt == "adapter" and source.adapter is None:
             raise TuneforgeError(
                 f"{run_or_model} holds a full model, not an adapter (a full fine-tune, or a base model). "
@@ -142,6 +146,15 @@ def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
             "--ollama writes a Modelfile for a GGUF file: use it with --format gguf.", code="bad_export_option"
         )
     return dtype or (allowed[0] if allowed else None)
+
+
+def _stored_dtype(source: ModelSource) -> str | None:
+    """The dtype the source's weights are stored in (its config's `dtype`), as a merged export writes it,
+    so that a model kept in fp16 or bf16 is not written twice its size in f32; None when it is another."""
+    from transformers import AutoConfig
+
+    stored = getattr(AutoConfig.from_pretrained(source.path), "dtype", None)
+    return next((name for name, dtype in merge.SAVED_DTYPES.items() if dtype == stored), None)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
