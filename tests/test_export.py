@@ -260,6 +260,20 @@ def test_a_gguf_names_the_end_of_turn_token_where_it_is_not_eos(tmp_path):
     assert fields["tokenizer.ggml.eot_token_id"].contents() == tokenizer.convert_tokens_to_ids("<end_of_turn>")
 
 
+def test_a_gguf_that_drops_the_sliding_window_is_exported_with_a_warning_saying_so(tmp_path, capsys):
+    """llama.cpp's converter records no sliding window for Qwen 2: llama.cpp attends to every position."""
+    from families import FAMILIES, save_family_model
+
+    base = save_family_model(FAMILIES["qwen2.5"], tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=512, max_window_layers=1, layer_types=None)
+    (base / "config.json").write_text(json.dumps(config))
+    result = export(base, "gguf", "f32", tmp_path / "gguf")
+    assert result.checks["sliding_window"] == {"source": 512, "gguf": None}
+    warning = " ".join(capsys.readouterr().err.split())
+    assert "attend to the last 512 positions" in warning and "records no sliding window" in warning
+
+
 def test_ollama_modelfile_has_the_chatml_template_and_end_of_turn_stop(adapter_dir, tmp_path):
     result = export(adapter_dir, "gguf", "q8_0", tmp_path / "ollama", ollama=True, progress=False)
     text = (result.out / "Modelfile").read_text()

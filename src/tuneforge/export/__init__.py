@@ -259,6 +259,7 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
         f"The GGUF ({dtype}) read by transformers, against the merged fp32 model",
         console,
     )
+    _check_sliding_window(merged.model.config, path, checks, console)
     # The tokens a runtime sees come from the tokenizer rebuilt from the GGUF's metadata.
     checks["tokenizer_roundtrip_identical"] = probe_ids(loaded_tokenizer) == ids
     if not checks["tokenizer_roundtrip_identical"]:
@@ -267,6 +268,24 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
             "chat differently from the original; llama.cpp may too."
         )
     return [path], {**_merge_figures(merged), **checks}
+
+
+def _check_sliding_window(config, path: Path, checks: dict, console) -> None:
+    """Warn where llama.cpp will attend to more positions than the source: the converter records no sliding
+    window for some architectures (Qwen 2, Mistral), and the probe prompts are too short to show it."""
+    window = llama_cpp.sliding_window(config)
+    if window is None:
+        return
+    recorded = llama_cpp.gguf_sliding_window(path)
+    checks["sliding_window"] = {"source": window, "gguf": recorded}
+    if recorded != window:
+        console.print(
+            f"[yellow]warning:[/] the model's sliding-window layers attend to the last {window} positions, and the "
+            f"GGUF records {f'a window of {recorded}' if recorded else 'no sliding window'} (llama.cpp's converter "
+            f"for {config.model_type}), so llama.cpp attends differently once a context passes "
+            f"{min(window, recorded or window)} tokens. Up to that it answers alike; for longer contexts serve "
+            "the --format merged export, which keeps the window."
+        )
 
 
 def _merged(source: ModelSource, ids, console) -> merge.MergedModel:

@@ -224,6 +224,26 @@ def load_gguf(folder: Path, filename: str, source_config):
         ) from err
 
 
+def sliding_window(config) -> int | None:
+    """How many positions the model's sliding-window layers attend to (None when no layer slides): Gemma's
+    alternating layers and Qwen 2's `use_sliding_window` name them in `layer_types`; Mistral's window covers
+    every layer."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window if layer_types is None or "sliding_attention" in layer_types else None
+
+
+def gguf_sliding_window(path: Path) -> int | None:
+    """The sliding window the GGUF at `path` records for llama.cpp (`{arch}.attention.sliding_window`), if any."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    key = f"{fields['general.architecture'].contents()}.attention.sliding_window"
+    return (fields[key].contents() or None) if key in fields else None
+
+
 def _restore_rope_freqs(config, source_config, path: Path) -> None:
     """Give `config` (read from the GGUF at `path`) the source's rope scaling where the file stores it
     as llama.cpp does, a divisor per rotary frequency (`rope_freqs`, Llama 3.1's `rope_type: llama3`):
