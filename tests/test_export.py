@@ -260,6 +260,20 @@ def test_a_gguf_names_the_end_of_turn_token_where_it_is_not_eos(tmp_path):
     assert fields["tokenizer.ggml.eot_token_id"].contents() == tokenizer.convert_tokens_to_ids("<end_of_turn>")
 
 
+def test_a_gguf_adds_no_bos_where_the_tokenizer_adds_none(tmp_path):
+    """Phi-3's tokenizer adds no BOS; llama.cpp adds one to a SentencePiece prompt unless the GGUF says not to."""
+    from families import FAMILIES, save_family_model
+    from gguf import GGUFReader
+
+    base = save_family_model(FAMILIES["phi3"], tmp_path / "base")
+    tokenizer = load_tokenizer(str(base))
+    assert tokenizer("x").input_ids[0] != tokenizer.bos_token_id
+    result = export(base, "gguf", "f32", tmp_path / "gguf", progress=False)
+    fields = GGUFReader(result.files[0]).fields
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+    assert fields["tokenizer.ggml.add_eos_token"].contents() is False
+
+
 def test_a_gguf_that_drops_the_sliding_window_is_exported_with_a_warning_saying_so(tmp_path, capsys):
     """llama.cpp's converter records no sliding window for Qwen 2: llama.cpp attends to every position."""
     from families import FAMILIES, save_family_model

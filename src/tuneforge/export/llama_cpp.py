@@ -78,6 +78,7 @@ def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype
     if (spm := sentencepiece_model(source)) is not None:
         shutil.copyfile(spm, model_dir / SENTENCEPIECE_MODEL)
     _list_added_tokens(model_dir, tokenizer)
+    _state_bos_and_eos(model_dir, tokenizer)
     pre_tokenizer = pre_tokenizer_name(tokenizer) or ""
     end_of_turn = end_of_turn_token(tokenizer)
     end_of_turn_id = "" if end_of_turn is None else str(tokenizer.convert_tokens_to_ids(end_of_turn))
@@ -142,6 +143,18 @@ def _list_added_tokens(model_dir: Path, tokenizer) -> None:
         }
         for token_id, (content, special, lstrip, rstrip) in sorted(added.items())
     }
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _state_bos_and_eos(model_dir: Path, tokenizer) -> None:
+    """Write in tokenizer_config.json whether the tokenizer adds BOS and EOS to a text, which the converter
+    copies into the GGUF (`tokenizer.ggml.add_bos_token`). Where it finds neither there nor in tokenizer.json,
+    llama.cpp adds BOS to every SentencePiece prompt: Phi-3's, which the model is trained without."""
+    ids = tokenizer("x").input_ids
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["add_bos_token"] = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    config["add_eos_token"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
