@@ -543,6 +543,20 @@ def test_a_llama_3_1_model_with_rope_scaling_exports_as_gguf_and_reads_back_alik
     assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f32"]
 
 
+def test_a_qwen_2_5_model_with_yarn_rope_scaling_exports_as_gguf_and_reads_back_alike(tmp_path):
+    """The converter records YaRN as rope.scaling keys, which transformers' GGUF reader drops."""
+    from families import FAMILIES, save_family_model
+
+    base = save_family_model(FAMILIES["qwen2.5"], tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    # Qwen 2.5's long-context recipe, its original context shortened to the tiny model's.
+    scaling = {"factor": 4.0, "original_max_position_embeddings": 256}
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, **scaling}
+    (base / "config.json").write_text(json.dumps(config))
+    result = export(base, "gguf", "f32", tmp_path / "gguf", progress=False)
+    assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f32"]
+
+
 def test_a_full_model_is_exported_as_is(tiny_model_dir, tmp_path):
     result = export(tiny_model_dir, "merged", "f32", tmp_path / "out", progress=False)
     assert result.checks["merge"] is None

@@ -21,6 +21,7 @@ What the converter cannot find in a folder, tuneforge hands it:
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -224,6 +225,7 @@ def load_gguf(folder: Path, filename: str, source_config):
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=filename)
         _restore_rope_freqs(config, source_config, folder / filename)
+        _restore_rope_scaling(config, source_config, folder / filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, config=config, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     except LOAD_ERRORS as err:
@@ -285,6 +287,25 @@ def _restore_rope_freqs(config, source_config, path: Path) -> None:
         "was written. Please report it with the run's config.yaml.",
         code="gguf_mismatch",
     )
+
+
+def _restore_rope_scaling(config, source_config, path: Path) -> None:
+    """Give `config` (read from the GGUF at `path`) the source's linear or YaRN rope scaling where the file
+    records the same (`{arch}.rope.scaling.type`, `.factor`, `.original_context_length`): transformers'
+    GGUF reader drops those keys and would read the model unscaled. Where the file records other figures,
+    nothing is put back and the check compares the file as it is."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    prefix = f"{fields['general.architecture'].contents()}.rope.scaling."
+    stored = {key.removeprefix(prefix): field.contents() for key, field in fields.items() if key.startswith(prefix)}
+    rope = dict(getattr(source_config, "rope_parameters", None) or {})
+    if stored.get("type") not in ("linear", "yarn") or stored.get("type") != rope.get("rope_type"):
+        return
+    same_factor = math.isclose(stored.get("factor", 0.0), rope.get("factor") or 0.0, rel_tol=1e-6)
+    same_context = stored.get("original_context_length") == rope.get("original_max_position_embeddings")
+    if same_factor and (stored["type"] == "linear" or same_context):
+        config.rope_parameters = rope
 
 
 def _why(log: str) -> str:
