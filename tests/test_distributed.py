@@ -152,6 +152,18 @@ def test_a_rank_that_fails_ends_every_process_and_shows_its_error(tiny_model_dir
     assert "rank 0 of 2" in res.stderr and "training step 2" in res.stderr
 
 
+def test_a_batch_size_that_does_not_split_among_the_processes_is_refused_before_the_data_is_prepared(
+    tiny_model_dir, triage_data, tmp_path
+):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2, batch_size=4, grad_accum=4)
+    res = run_cli(cfg, tmp_path, 2, timeout=240)
+    assert res.returncode == 2
+    assert "is no multiple of train.grad_accum x processes (4 x 2)" in res.stderr
+    assert "give train.batch_size a multiple of 8" in res.stderr
+    assert "data:" not in res.stdout + res.stderr
+    assert not (tmp_path / "run" / "data_report.json").exists()
+
+
 def test_a_stuck_rank_times_out_with_the_rank_and_phase(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, batch_size=4)
     cfg["train"]["distributed_timeout"] = 10

@@ -144,7 +144,9 @@ class StepPlan:
     micro_batch_rows: int  # the most rows a micro-batch holds
 
 
-def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> StepPlan:
+def check_batch_split(cfg: Config, world_size: int) -> None:
+    """Refuse a train.batch_size that does not split evenly into every process's micro-batches; it
+    depends on the config and the process count alone, so `setup` runs it before any data or model."""
     t = cfg.train
     n_micro = t.grad_accum * world_size
     if t.batch_size % n_micro:
@@ -152,6 +154,12 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
             f"{cfg.key_at('train.batch_size')}: {t.batch_size} is no multiple of train.grad_accum x processes "
             f"({t.grad_accum} x {world_size}); give train.batch_size a multiple of {n_micro}."
         )
+
+
+def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> StepPlan:
+    t = cfg.train
+    n_micro = t.grad_accum * world_size
+    check_batch_split(cfg, world_size)
     per_epoch = batches.steps_per_epoch(n_rows, t.batch_size, n_micro)
     if per_epoch == 0:  # a step may be short of batch_size, but needs a row for every micro-batch of every process
         raise TuneforgeError(
@@ -669,6 +677,7 @@ def setup(
     replaces_earlier = refuse_earlier_run(out, resume, overwrite)
     source = resolve(cfg.base_model)
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
+    check_batch_split(cfg, world.size)
     tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer, source)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
