@@ -194,6 +194,25 @@ def test_preference_formats(tmp_path):
         assert (p.chosen.content, p.rejected.content) == ("Hello!", "Go away.")
 
 
+def test_ultrafeedback_pairs_repeat_their_prompt_in_whole_conversations(tmp_path):
+    """UltraFeedback (HuggingFaceH4/ultrafeedback_binarized) has a text `prompt` beside `chosen` and
+    `rejected` conversations that repeat it: the prompt is their shared turns, system prompt included."""
+    system, user = {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}
+    good = {"role": "assistant", "content": "Hello!"}
+    bad = {"role": "assistant", "content": "Go away."}
+    rows = [
+        {"prompt": "Hi", "chosen": [user, good], "rejected": [user, bad], "score_chosen": 8.0, "score_rejected": 2.0},
+        {"prompt": "Hi", "chosen": [system, user, good], "rejected": [system, user, bad]},
+        {"prompt": [user], "chosen": [user, good], "rejected": [user, bad]},
+        {"prompt": "Bye", "chosen": [user, good], "rejected": [user, bad]},
+    ]
+    items = read(write_jsonl(tmp_path / "uf.jsonl", rows))
+    prompts = [[(m.role, m.content) for m in p.prompt] for p in records(items)]
+    assert prompts == [[("user", "Hi")], [("system", "Be kind."), ("user", "Hi")], [("user", "Hi")]]
+    assert {(p.chosen.content, p.rejected.content) for p in records(items)} == {("Hello!", "Go away.")}
+    assert [(p.line, p.code, p.field) for p in errors(items)] == [(4, "invalid_preference", "prompt")]
+
+
 def test_alpaca_preference_rows_take_the_instruction_and_its_input_as_prompt(tmp_path):
     """LLaMA-Factory's alpaca pairs: `input` is the instruction's text, not OpenAI's {"messages"} object."""
     row = {"system": "Be kind.", "instruction": "Translate", "input": "bonjour", "chosen": "hello", "rejected": "no"}

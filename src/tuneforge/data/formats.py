@@ -13,7 +13,8 @@ Formats (the names `data.format` takes):
   prompt_completion  {"prompt", "completion"}: strings, or lists of chat messages
   text               {"text"}: trained on in full
   preference         OpenAI DPO {"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}
-                     or {"prompt"?, "chosen", "rejected"}: strings, or lists of chat messages,
+                     or {"prompt"?, "chosen", "rejected"}: strings, or lists of chat messages
+                     (whole conversations that repeat the prompt, as UltraFeedback's, read as their last reply),
                      or alpaca's prompt {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"},
                      or ShareGPT's {"conversations", "system"?, "chosen": turn, "rejected": turn}
 """
@@ -715,12 +716,25 @@ def _trl_preference(row: dict, check: _RowCheck):
         return _sharegpt_turns(row, check), *(_sharegpt_reply(row, check, k) for k in ("chosen", "rejected"))
     chosen_turns = _turns(check, row, "chosen", "assistant")
     rejected_turns = _turns(check, row, "rejected", "assistant")
-    if "prompt" in row or "instruction" in row:
+    whole = chosen_turns is not None and rejected_turns is not None and len(chosen_turns) > 1
+    if ("prompt" in row and not whole) or "instruction" in row:
         prompt = _turns(check, row, "prompt", "user") if "prompt" in row else _alpaca_prompt(row, check)
         return prompt, _single_reply(check, chosen_turns, "chosen"), _single_reply(check, rejected_turns, "rejected")
-    # No prompt: chosen and rejected are whole conversations that differ only in their last reply.
+    # No prompt, or a prompt beside whole conversations that repeat it (UltraFeedback's shape, which TRL
+    # reads too): chosen and rejected are conversations that differ only in their last reply.
     if chosen_turns is None or rejected_turns is None:
         return None, None, None
+    if "prompt" in row:
+        prompt = _turns(check, row, "prompt", "user")
+        shared = [m.to_template() for m in chosen_turns[:-1]]
+        if prompt is not None and shared[-len(prompt) :] != [m.to_template() for m in prompt]:
+            check.error(
+                "invalid_preference",
+                "prompt",
+                "'prompt' is not the conversation that 'chosen' repeats before its reply; make 'chosen' and "
+                "'rejected' one assistant message each, or make 'prompt' the turns they repeat.",
+            )
+            return None, None, None
     shared = [m.to_template() for m in chosen_turns[:-1]] == [m.to_template() for m in rejected_turns[:-1]]
     if not shared or len(chosen_turns) < 2:
         check.error(
