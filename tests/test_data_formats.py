@@ -213,6 +213,28 @@ def test_ultrafeedback_pairs_repeat_their_prompt_in_whole_conversations(tmp_path
     assert [(p.line, p.code, p.field) for p in errors(items)] == [(4, "invalid_preference", "prompt")]
 
 
+def test_anthropic_hh_transcripts_read_as_conversations_that_differ_in_their_last_reply(tmp_path):
+    """Anthropic/hh-rlhf rows: `chosen` and `rejected` are whole transcripts in text."""
+    shared = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Two plus two?"
+    rows = [
+        {"chosen": shared + "\n\nAssistant: Four.", "rejected": shared + "\n\nAssistant: Five."},
+        {"chosen": shared + "\n\nAssistant:", "rejected": shared + "\n\nAssistant: Five."},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: a", "rejected": "\n\nHuman: Yo\n\nAssistant: b"},
+    ]
+    items = read(write_jsonl(tmp_path / "hh.jsonl", rows))
+    (pair,) = records(items)
+    assert [(m.role, m.content) for m in pair.prompt] == [
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+        ("user", "Two plus two?"),
+    ]
+    assert (pair.chosen.content, pair.rejected.content) == ("Four.", "Five.")
+    assert [(p.line, p.code, p.field) for p in errors(items)] == [
+        (2, "missing_content", "chosen"),
+        (3, "invalid_preference", "chosen"),
+    ]
+
+
 def test_alpaca_preference_rows_take_the_instruction_and_its_input_as_prompt(tmp_path):
     """LLaMA-Factory's alpaca pairs: `input` is the instruction's text, not OpenAI's {"messages"} object."""
     row = {"system": "Be kind.", "instruction": "Translate", "input": "bonjour", "chosen": "hello", "rejected": "no"}

@@ -15,6 +15,7 @@ Formats (the names `data.format` takes):
   preference         OpenAI DPO {"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}
                      or {"prompt"?, "chosen", "rejected"}: strings, or lists of chat messages
                      (whole conversations that repeat the prompt, as UltraFeedback's, read as their last reply),
+                     or Anthropic HH's {"chosen", "rejected"} transcripts ("\n\nHuman: ...\n\nAssistant: ..."),
                      or alpaca's prompt {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"},
                      or ShareGPT's {"conversations", "system"?, "chosen": turn, "rejected": turn}
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,8 @@ _STRUCTURED_PREFERENCE_FIELDS = ("input",)
 # Fields that hold text or a list of messages (TRL's prompt/chosen/rejected, prompt/completion): in a
 # CSV cell, a JSON list of objects is that list of messages, anything else is the text.
 _TEXT_OR_MESSAGES_FIELDS = ("prompt", "completion", "chosen", "rejected")
+# Anthropic HH's transcripts ("\n\nHuman: ...\n\nAssistant: ..."): each marker opens a turn.
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def detect_format(keys: Iterable[str]) -> str | None:
@@ -714,8 +718,11 @@ def _openai_preference(row: dict, check: _RowCheck):
 def _trl_preference(row: dict, check: _RowCheck):
     if "conversations" in row:  # LLaMA-Factory's ShareGPT pairs: the prompt's turns, then one turn each
         return _sharegpt_turns(row, check), *(_sharegpt_reply(row, check, k) for k in ("chosen", "rejected"))
-    chosen_turns = _turns(check, row, "chosen", "assistant")
-    rejected_turns = _turns(check, row, "rejected", "assistant")
+    if "prompt" not in row and "instruction" not in row and all(_is_hh(row.get(k)) for k in ("chosen", "rejected")):
+        chosen_turns, rejected_turns = _hh_turns(check, row, "chosen"), _hh_turns(check, row, "rejected")
+    else:
+        chosen_turns = _turns(check, row, "chosen", "assistant")
+        rejected_turns = _turns(check, row, "rejected", "assistant")
     whole = chosen_turns is not None and rejected_turns is not None and len(chosen_turns) > 1
     if ("prompt" in row and not whole) or "instruction" in row:
         prompt = _turns(check, row, "prompt", "user") if "prompt" in row else _alpaca_prompt(row, check)
@@ -746,6 +753,29 @@ def _trl_preference(row: dict, check: _RowCheck):
         return None, None, None
     chosen = _single_reply(check, chosen_turns[-1:], "chosen")
     return chosen_turns[:-1], chosen, _single_reply(check, rejected_turns[-1:], "rejected")
+
+
+def _is_hh(value) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("Human:")
+
+
+def _hh_turns(check: _RowCheck, row: dict, field: str) -> list[Message] | None:
+    """An Anthropic HH transcript as chat messages: each "Human:" turn a user message, each
+    "Assistant:" turn an assistant message."""
+    parts = _HH_TURN.split("\n\n" + row[field].lstrip())[1:]
+    turns = [
+        Message("user" if who == "Human" else "assistant", text.strip()) for who, text in zip(parts[::2], parts[1::2])
+    ]
+    for i, turn in enumerate(turns):
+        if not turn.content:
+            check.error(
+                "missing_content",
+                field,
+                f"turn {i + 1} of the '{field}' transcript ({'Human' if turn.role == 'user' else 'Assistant'}:) is "
+                "empty: give it text, or remove the row.",
+            )
+            return None
+    return turns
 
 
 def _sharegpt_reply(row: dict, check: _RowCheck, field: str) -> Message | None:
