@@ -349,6 +349,29 @@ def test_mistral_refuses_a_system_prompt_naming_the_reply_it_moves_away_from(tmp
     assert trained_runs(render_conversation(SYSTEM_CHAT[1:], tokenizer), tokenizer) == ["Four.</s>"]
 
 
+def test_a_preference_row_mistral_refuses_is_named_at_its_own_fields(tmp_path):
+    """A pair's rendering problems point at the row's fields, not at the conversation it renders."""
+    from tuneforge.data import Preference, read_conversations
+    from tuneforge.data.render import renderer_for
+
+    system, user, reply = SYSTEM_CHAT
+    other = {"role": "assistant", "content": "Five."}
+    rows = [
+        {"input": {"messages": [system, user]}, "preferred_output": [reply], "non_preferred_output": [other]},
+        {"prompt": [system, user], "chosen": [reply], "rejected": [other]},
+        {"prompt": user["content"], "chosen": [system, user, reply], "rejected": [system, user, other]},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = [record for _, record in read_conversations(path) if isinstance(record, Preference)]
+    results = renderer_for(family_tokenizer(FAMILIES["mistral"], tmp_path)).render_preferences(pairs)
+    assert [{(p.code, p.field) for p in problems} for problems in results] == [
+        {("template_not_prefix", "preferred_output[0]"), ("template_not_prefix", "non_preferred_output[0]")},
+        {("template_not_prefix", "chosen[0]"), ("template_not_prefix", "rejected[0]")},
+        {("template_not_prefix", "chosen[2]"), ("template_not_prefix", "rejected[2]")},
+    ]
+
+
 def test_gemma3_folds_the_system_prompt_into_the_first_user_turn_untrained(tmp_path):
     tokenizer = family_tokenizer(FAMILIES["gemma3"], tmp_path)
     example = render_conversation(SYSTEM_CHAT, tokenizer)

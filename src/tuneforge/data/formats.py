@@ -694,7 +694,27 @@ def _preference(row: dict, check: _RowCheck) -> Preference | None:
             None,
             "the chosen and rejected replies are the same, so the pair teaches nothing; fix or remove it.",
         )
-    return Preference(prompt, chosen, rejected, tools=tools)
+    return Preference(prompt, chosen, rejected, tools=tools, fields=_preference_fields(row, len(prompt)))
+
+
+def _preference_fields(row: dict, n_prompt: int) -> tuple[list[str], list[str]] | None:
+    """Where each message of the pair's two conversations sits in the row; None where the prompt is
+    built from several fields (alpaca's and ShareGPT's)."""
+    if _is_openai_preference(row):
+        prompt = [f"input.messages[{i}]" for i in range(n_prompt)]
+        return prompt + ["preferred_output[0]"], prompt + ["non_preferred_output[0]"]
+    if "conversations" in row or "instruction" in row:
+        return None
+
+    def at(field: str, i: int) -> str:
+        return f"{field}[{i}]" if isinstance(row.get(field), list) else field
+
+    if "prompt" not in row or (isinstance(row["chosen"], list) and len(row["chosen"]) > 1):  # whole conversations
+        return [at("chosen", i) for i in range(n_prompt + 1)], [at("chosen", i) for i in range(n_prompt)] + [
+            at("rejected", n_prompt)
+        ]
+    prompt = [at("prompt", i) for i in range(n_prompt)]
+    return prompt + [at("chosen", 0)], prompt + [at("rejected", 0)]
 
 
 def _openai_preference(row: dict, check: _RowCheck):

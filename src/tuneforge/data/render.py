@@ -201,16 +201,19 @@ class ChatRenderer:
         conversations = []
         for p in preferences:
             conversations += [Conversation(p.prompt + [reply], p.tools) for reply in (p.chosen, p.rejected)]
+        fields = [p.fields or (None, None) for p in preferences]
         job = self.start(conversations, train_on="last_assistant")
 
         def finish() -> list[tuple[Example, Example] | list[Problem]]:
             rendered = job.finish()
             out = []
-            for chosen, rejected in zip(rendered[::2], rendered[1::2]):
+            for chosen, rejected, (chosen_fields, rejected_fields) in zip(rendered[::2], rendered[1::2], fields):
                 if isinstance(chosen, Example) and isinstance(rejected, Example):
                     out.append((chosen, rejected))
                 else:
-                    out.append(_on_side(chosen, "chosen") + _on_side(rejected, "rejected"))
+                    out.append(
+                        _on_side(chosen, "chosen", chosen_fields) + _on_side(rejected, "rejected", rejected_fields)
+                    )
             return out
 
         return RenderJob(finish)
@@ -731,10 +734,18 @@ def _one_or_turns(results: list[Example | list[Problem]]) -> Rendered:
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def _on_side(result: Example | list[Problem], side: str) -> list[Problem]:
+def _on_side(result: Example | list[Problem], side: str, fields: list[str] | None) -> list[Problem]:
+    """A side's problems, each at the row's field where the rendered message it names came from."""
     if isinstance(result, Example):
         return []
-    return [replace(p, field=f"{side} {p.field}" if p.field else side) for p in result]
+    return [replace(p, field=_row_field(p.field, side, fields)) for p in result]
+
+
+def _row_field(field: str | None, side: str, fields: list[str] | None) -> str:
+    found = re.match(r"messages\[(\d+)\]", field or "")
+    if fields and found and int(found[1]) < len(fields):
+        return fields[int(found[1])] + field[found.end() :]
+    return f"{side} {field}" if field else side
 
 
 def _no_trained_tokens(messages: list[Message], train_on: str) -> Problem:

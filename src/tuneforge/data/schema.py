@@ -81,6 +81,9 @@ class Preference:
     chosen: Message
     rejected: Message
     tools: list[dict] | None = None
+    fields: tuple[list[str], list[str]] | None = None
+    """Where each message of the chosen and of the rejected conversation (the prompt, then the reply)
+    sits in its row, for problems found when rendering; None: the row's fields are not one per message."""
 
 
 Record = Conversation | Document | Preference
