@@ -34,9 +34,9 @@ def test_packing_keeps_every_example_once_with_restarting_positions():
     for r in rows:
         starts = [i for i, p in enumerate(r.position_ids) if p == 0] + [len(r)]
         for a, b in zip(starts, starts[1:]):
-            assert r.position_ids[a:b] == list(range(b - a))
-            pieces.append((r.input_ids[a:b], r.labels[a:b]))
-    assert sorted(pieces) == sorted((e.input_ids, e.labels) for e in examples)
+            assert r.position_ids[a:b].tolist() == list(range(b - a))
+            pieces.append((r.input_ids[a:b].tolist(), r.labels[a:b].tolist()))
+    assert sorted(pieces) == sorted((e.input_ids.tolist(), e.labels.tolist()) for e in examples)
     assert sum(len(r) for r in rows) == sum(len(e) for e in examples)
 
 
@@ -129,14 +129,14 @@ def test_shared_prefix_groups_share_only_untrained_beginnings():
     trained_early = Example(system + [7, 8], [-100] * 5 + system[6:] + [7, 8, -100])  # trained inside the system prompt
     loner = Example(list(range(300, 330)), [-100] * 10 + list(range(311, 330)) + [-100])
     groups = shared_prefix_groups([a, b, trained_early, loner])
-    assert groups == [(system + [1], [0, 1]), ([], [2, 3])]
+    assert [(prefix.tolist(), members) for prefix, members in groups] == [(system + [1], [0, 1]), ([], [2, 3])]
     [row] = pack([a, b, trained_early, loner], max_length=100, share_prefixes=True)  # the pieces of both groups
     p = len(system) + 1
     # a whole, then b going on from the shared prefix: its tokens, labels and positions after p only
     piece = list(
         zip(
-            system + [1] + a.input_ids[p:] + b.input_ids[p:],
-            [-100] * p + a.labels[p:] + b.labels[p:],
+            system + [1] + a.input_ids[p:].tolist() + b.input_ids[p:].tolist(),
+            [-100] * p + a.labels[p:].tolist() + b.labels[p:].tolist(),
             list(range(len(a))) + list(range(p, len(b))),
         )
     )

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import importlib
 import json
+from array import array
 from pathlib import Path
 
 import pytest
+import torch
 from data.rows import GOOD_ROW, chat, trained_runs, write_bad_input, write_jsonl
 from families import FAMILIES, family_tokenizer
 from tiny import tiny_tokenizer
 
 from tuneforge import progress
 from tuneforge.config import DataConfig
-from tuneforge.data import IGNORE_INDEX, prepare
+from tuneforge.data import IGNORE_INDEX, collate, pack, prepare
 from tuneforge.errors import DataError
 
 TICKETS = [f"My database number {i} is down and production is affected, please help!" for i in range(40)]
@@ -313,6 +315,44 @@ def test_the_cache_is_reused_and_says_so(tmp_path, tokenizer, isolated_home):
     path.write_text(path.read_text() + json.dumps(GOOD_ROW) + "\n")
     changed = prepare(cfg, tokenizer, log=said.append)
     assert changed.report["cache"]["reused"] is False
+
+
+def test_tokens_are_held_as_int32_arrays_from_tokenization_through_the_cache_to_the_batch(
+    tmp_path, tokenizer, isolated_home
+):
+    """Token ids, labels and positions take 4 bytes a token (not a Python int each), prepared fresh and
+    reused from the cache, and the batches packed from them hold exactly the chat template's tokens."""
+    data = rows(24)
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", data)), validation=None, max_length=128)
+    fresh = prepare(cfg, tokenizer, log=lambda _: None)
+    cached = prepare(cfg, tokenizer, log=lambda _: None)
+    assert cached.report["cache"]["reused"] is True
+    batches = []
+    for prepared in (fresh, cached):
+        for share in (True, False):
+            packed = pack(prepared.train, cfg.max_length, share_prefixes=share)
+            held = [s for e in prepared.train for s in (e.input_ids, e.labels)]
+            held += [s for r in packed for s in (r.input_ids, r.labels, r.position_ids)]
+            assert all(isinstance(s, array) and s.itemsize == 4 for s in held)
+            batches.append(collate(packed, tokenizer.pad_token_id))
+    for a, b in zip(batches[:2], batches[2:]):  # the same batches from the cache
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert batches[0]["input_ids"].numel() < batches[1]["input_ids"].numel()  # the system prompt held once
+
+    # Each example of the unshared batch, read back from its positions, is its row's chat as the tokenizer
+    # tokenizes it, with shifted labels that train its reply and end of turn.
+    batch, examples = batches[1], []
+    for ids, labels, positions in zip(*(batch[k].tolist() for k in ("input_ids", "labels", "position_ids"))):
+        starts = [t for t, p in enumerate(positions) if p == 0] + [len(positions)]
+        examples += [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+    examples = [(ids, labels) for ids, labels in examples if any(label != IGNORE_INDEX for label in labels)]
+    texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in data]
+    tokenized = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert sorted(ids for ids, _ in examples) == sorted(tokenized)
+    for ids, labels in examples:
+        assert labels[-1] == IGNORE_INDEX and all(label in (IGNORE_INDEX, i) for label, i in zip(labels, ids[1:]))
+        reply = tokenizer.decode([label for label in labels if label != IGNORE_INDEX])
+        assert reply.startswith("Answer ") and reply.endswith(": use the console.<|im_end|>")
 
 
 def test_data_reused_from_the_cache_is_logged_with_its_warnings_as_when_it_was_prepared(

@@ -56,7 +56,7 @@ def test_labels_are_shifted_targets(tokenizer):
 def test_input_ids_are_what_the_tokenizer_gives_the_rendered_chat(tokenizer):
     example = render_conversation(TWO_TURNS, tokenizer)
     text = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False)
-    assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert example.input_ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_weight_zero_replies_are_not_trained(tokenizer):
@@ -148,7 +148,7 @@ def test_token_ids_match_whole_text_tokenization_on_random_conversations(tokeniz
     for conversation, example in zip(conversations, renderer_for(tokenizer).render(conversations)):
         messages = [m.to_template() for m in conversation.messages]
         text = tokenizer.apply_chat_template(messages, tokenize=False)
-        assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert example.input_ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
         replies = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
         assert trained_runs(example, tokenizer) == replies
 
@@ -160,7 +160,7 @@ def test_a_tokenizer_that_does_not_cut_at_added_tokens_falls_back_to_whole_texts
     assert renderer._cut_at is None
     messages = [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert example.input_ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert trained_runs(example, tokenizer) == ["d e<|im_end|>"]
 
 
@@ -295,7 +295,7 @@ def test_tools_and_tool_calls_render_as_apply_chat_template_renders_them():
     )
     (example,) = ChatRenderer(tok).render([conversation])
     text = tok.apply_chat_template([m.to_template() for m in conversation.messages], tools=tools, tokenize=False)
-    assert example.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert example.input_ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
     call_turn, answer = trained_runs(example, tok)
     assert '"name": "lookup"' in call_turn and call_turn.endswith("<|im_end|>")
     assert answer == "In the forest.<|im_end|>"

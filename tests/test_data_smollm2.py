@@ -45,7 +45,7 @@ def test_replies_and_end_of_turn_are_trained_and_ids_match_the_template(smollm2)
         messages[4]["content"] + "<|im_end|>",
     ]
     text = smollm2.apply_chat_template(messages, tokenize=False)
-    assert example.input_ids == smollm2(text, add_special_tokens=False)["input_ids"]
+    assert example.input_ids.tolist() == smollm2(text, add_special_tokens=False)["input_ids"]
     renderer = renderer_for(smollm2)
     assert renderer.end_of_turn_id == smollm2.convert_tokens_to_ids("<|im_end|>") == smollm2.pad_token_id
 
@@ -72,5 +72,5 @@ def test_piecewise_tokenization_matches_whole_text_tokenization(smollm2):
     ]
     for conversation, example in zip(conversations, renderer_for(smollm2).render(conversations)):
         text = smollm2.apply_chat_template([m.to_template() for m in conversation.messages], tokenize=False)
-        assert example.input_ids == smollm2(text, add_special_tokens=False)["input_ids"]
+        assert example.input_ids.tolist() == smollm2(text, add_special_tokens=False)["input_ids"]
         assert trained_runs(example, smollm2) == [conversation.messages[1].content + "<|im_end|>"]

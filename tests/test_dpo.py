@@ -87,7 +87,7 @@ def reply_logp(model, ids: list[int], reply: str, tokenizer) -> torch.Tensor:
     tokens and <|im_end|> come right before the rendering's final newline."""
     target = tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
     end = len(ids) - 1
-    assert ids[end - len(target) : end] == target and tokenizer.decode(ids[end:]) == "\n"
+    assert list(ids[end - len(target) : end]) == target and tokenizer.decode(ids[end:]) == "\n"
     logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     positions = torch.arange(end - len(target), end)
     return F.log_softmax(logits[positions - 1], -1)[torch.arange(len(target)), torch.tensor(target)].sum()

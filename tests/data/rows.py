@@ -36,7 +36,7 @@ def trained_text(example: Example, tokenizer) -> str:
 def trained_runs(example: Example, tokenizer) -> list[str]:
     """Each maximal run of trained tokens, decoded."""
     runs, current = [], []
-    for label in example.labels + [IGNORE_INDEX]:
+    for label in [*example.labels, IGNORE_INDEX]:
         if label != IGNORE_INDEX:
             current.append(label)
         elif current:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import DataConfig
 from ..fsio import atomic_dir, tuneforge_home, write_json
 from ..models.loading import given_chatml
-from .schema import Example, PreparedData
+from .schema import Example, PreparedData, token_array
 
 CACHE_FORMAT = 12
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
@@ -108,10 +108,25 @@ def _write_examples(path: Path, examples: list[Example], second: list[Example] |
 
 
 def _read_columns(path: Path) -> dict[str, list]:
+    """Each column as a list: of `token_array`s for the token columns, read from Arrow's buffers without a
+    Python int per token (what keeps a large cached data set as small in memory as it is on disk)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    return {name: table.column(name).to_pylist() for name in table.column_names}
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if not pa.types.is_list(column.type):
+            columns[name] = column.to_pylist()
+            continue
+        lists = column.combine_chunks()
+        offsets = lists.offsets.to_numpy()
+        offsets = (offsets - offsets[0]).tolist()
+        tokens = token_array(())
+        tokens.frombytes(lists.flatten().to_numpy().astype("int32", copy=False).tobytes())
+        columns[name] = [tokens[a:b] for a, b in zip(offsets, offsets[1:])]
+    return columns
 
 
 def _read_examples(path: Path) -> list[Example]:

@@ -15,22 +15,29 @@ example learns to predict the first token of the next one.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .schema import IGNORE_INDEX, Example
+from .schema import IGNORE_INDEX, Example, token_array
 
 
-@dataclass
+@dataclass(slots=True)
 class PackedRow:
-    """Several examples laid end to end; position ids restart at 0 where each example begins."""
+    """Several examples laid end to end; position ids restart at 0 where each example begins. Its
+    tokens, labels and positions are `token_array`s, as an `Example`'s are."""
 
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int]
+    input_ids: array
+    labels: array
+    position_ids: array
     is_replay: bool = False  # holds general replay examples only (see `Example.is_replay`)
+
+    def __post_init__(self) -> None:
+        self.input_ids = token_array(self.input_ids)
+        self.labels = token_array(self.labels)
+        self.position_ids = token_array(self.position_ids)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -70,14 +77,13 @@ def _pack_group(examples: Sequence[Example | PackedRow], max_length: int, share_
         p = len(prefix)
         for row in best_fit([len(examples[i]) - p for i in members], max_length - p):
             rest = [examples[members[j]] for j in row]
-            pieces.append(
-                PackedRow(
-                    prefix + [t for e in rest for t in e.input_ids[p:]],
-                    [IGNORE_INDEX] * p + [t for e in rest for t in e.labels[p:]],
-                    list(range(p)) + [t for e in rest for t in range(p, len(e))],
-                    is_replay=all(e.is_replay for e in rest),
-                )
-            )
+            replay = all(e.is_replay for e in rest)
+            piece = PackedRow(array("i", prefix), token_array([IGNORE_INDEX]) * p, range(p), is_replay=replay)
+            for e in rest:
+                piece.input_ids += e.input_ids[p:]
+                piece.labels += e.labels[p:]
+                piece.position_ids.extend(range(p, len(e)))
+            pieces.append(piece)
     # Each group leaves a part-filled last piece: pieces of different groups share rows, each
     # piece's first example starting again at position 0.
     return [join([pieces[i] for i in row]) for row in best_fit([len(r) for r in pieces], max_length)]
@@ -87,7 +93,7 @@ MIN_SHARED_PREFIX = 16
 """Shorter common prefixes are not worth a row of their own structure."""
 
 
-def shared_prefix_groups(examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+def shared_prefix_groups(examples: Sequence[Example]) -> list[tuple[array, list[int]]]:
     """[(prefix tokens, example indices)]: examples that begin with the same untrained tokens.
 
     Chat data often starts every row with the same system prompt. Inside a group, a row holds the
@@ -103,9 +109,9 @@ def shared_prefix_groups(examples: Sequence[Example]) -> list[tuple[list[int], l
         trained = next((t for t, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e))
         heads.append(e.input_ids[: min(trained, len(e) - 1)])
     order = sorted(range(len(examples)), key=lambda i: heads[i])  # equal beginnings end up side by side
-    groups: list[tuple[list[int], list[int]]] = []
+    groups: list[tuple[array, list[int]]] = []
     loners: list[int] = []
-    prefix: list[int] = []
+    prefix = token_array(())
     members: list[int] = []
 
     def close() -> None:
@@ -123,10 +129,10 @@ def shared_prefix_groups(examples: Sequence[Example]) -> list[tuple[list[int], l
         prefix = heads[i][:common]
         members.append(i)
     close()
-    return groups + ([([], sorted(loners))] if loners else [])
+    return groups + ([(token_array(()), sorted(loners))] if loners else [])
 
 
-def _common_length(a: list[int], b: list[int]) -> int:
+def _common_length(a: array, b: array) -> int:
     n = min(len(a), len(b))
     return next((t for t in range(n) if a[t] != b[t]), n)
 
@@ -161,11 +167,11 @@ def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 def join(examples: Sequence[Example | PackedRow]) -> PackedRow:
     """Examples (or rows) laid end to end in one row, in order; each keeps its own position ids, so
     a DPO pair joined as (chosen, rejected) stays two examples wherever it is packed."""
-    input_ids, labels, position_ids = [], [], []
+    input_ids, labels, position_ids = token_array(()), token_array(()), token_array(())
     for e in examples:
         input_ids += e.input_ids
         labels += e.labels
-        position_ids += e.position_ids if isinstance(e, PackedRow) else range(len(e))
+        position_ids.extend(e.position_ids if isinstance(e, PackedRow) else range(len(e)))
     return PackedRow(input_ids, labels, position_ids, is_replay=all(e.is_replay for e in examples))
 
 
