@@ -765,6 +765,38 @@ def test_a_full_queue_answers_429_with_retry_after(base_dir):
     assert refused.json()["error"]["code"] == "server_busy"
 
 
+def test_a_request_counts_as_running_while_its_first_step_decodes(base_dir):
+    """A request taken from the queue is running from then on, not only once its prompt's step has finished:
+    a long prompt's prefill can take seconds, and /health and the batch-size gauge must not lose it meanwhile."""
+    engine = Engine(AdapterPool(str(base_dir)), max_batch=4)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_the_step(*_):
+        entered.set()
+        release.wait(10)
+
+    hook = engine.pool.model.register_forward_pre_hook(hold_the_step)
+    prompt_ids = engine.pool.tokenizer(BASE).encode("What is two plus two?")
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def submit():
+        return engine.submit(BASE, prompt_ids, Sampling(max_new_tokens=2))
+
+    try:
+        generation = asyncio.run_coroutine_threadsafe(submit(), loop).result()
+        assert entered.wait(10)
+        seen = engine.stats()
+        release.set()
+        assert asyncio.run_coroutine_threadsafe(generation.result(), loop).result(10).completion_tokens == 2
+    finally:
+        release.set()
+        hook.remove()
+        engine.close()
+        loop.call_soon_threadsafe(loop.stop)
+    assert (seen["running"], seen["waiting"]) == (1, 0)
+
+
 def refused_before_the_body(url: str, path: str) -> bytes:
     """What the server answers, within two seconds, to a request whose 100 MiB body never comes."""
     host, port = url.removeprefix("http://").split(":")

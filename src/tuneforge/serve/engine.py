@@ -164,6 +164,8 @@ class Engine:
                 if not rows:
                     name = self._waiting[0].model
                 joining = self._take_waiting(name, self.max_batch - len(rows))
+                # Taken requests are running from now on, through their prefill, not only after it.
+                self._running = len(rows) + len(joining)
             try:
                 if not rows:
                     batch = Batch(self.pool.activate(name), self.pool.tokenizer(name))
