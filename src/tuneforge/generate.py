@@ -217,8 +217,9 @@ def generate(
 ) -> list[Completion]:
     """One completion per prompt, in the order given.
 
-    Prompts are batched by length (less padding); with greedy decoding a prompt's completion does
-    not depend on the batch it lands in. `on_progress(n)` is called as each batch of n finishes.
+    Prompts are batched by length (less padding); with greedy decoding in fp32 a prompt's completion
+    does not depend on the batch it lands in (in bf16 the kernels round differently at different batch
+    shapes, so a near-tie may go the other way). `on_progress(n)` is called as each batch of n finishes.
     """
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
     ids = encode_prompts(tokenizer, prompts)
