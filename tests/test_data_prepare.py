@@ -607,3 +607,54 @@ def test_a_file_saved_over_before_it_is_read_is_not_cached_under_its_earlier_con
     write_jsonl(path, earlier)
     again = prepare(cfg, tokenizer, log=lambda _: None)
     assert len(again.train) == 12 and again.report["cache"]["reused"] is False
+
+
+def test_a_row_left_out_leaves_no_duplicate_behind_it(tmp_path, tokenizer):
+    # Line 1 is the same row as line 12 but for its spacing (the content key ignores it), which makes it too
+    # long to train: line 12 is not a repeat of a row that is not trained, it trains.
+    spaced = chat("Short   question " + " " * 200 + "about passwords?", "Short answer.")
+    data = [spaced, *rows(10), chat("Short question about passwords?", "Short answer.")]
+    for cfg in ({"truncation": "drop"}, {"on_error": "skip"}):
+        prepared = run(tmp_path, tokenizer, data, max_length=64, **cfg)
+        assert prepared.report["counts"]["duplicates_exact"] == 0 and len(prepared.train) == 11, cfg
+    # A near repeat of a row dropped as too long trains too.
+    data = [chat(" ".join(TICKETS[:1] * 30), "We are on it."), *rows(10), chat(TICKETS[0], "We are on it.")]
+    prepared = run(tmp_path, tokenizer, data, max_length=64, truncation="drop", dedup="near")
+    assert prepared.report["counts"]["duplicates_near"] == 0 and len(prepared.train) == 11
+
+
+def test_a_validation_row_left_out_removes_no_training_row(tmp_path, tokenizer):
+    data = rows(12)
+    # Row 4 spaced out (the same content key) is too long: it is dropped, and leaves row 4 in training.
+    spaced = {"messages": [{**m, "content": m["content"].replace(" ", " " * 20)} for m in data[3]["messages"]]}
+    train = write_jsonl(tmp_path / "train.jsonl", data)
+    valid = write_jsonl(tmp_path / "valid.jsonl", [spaced, chat("A new question?", "A new answer.")])
+    cfg = DataConfig(train=str(train), validation=str(valid), max_length=64, truncation="drop")
+    prepared = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert prepared.report["counts"]["validation_leak"] == 0
+    assert len(prepared.train) == 12 and len(prepared.valid) == 1
+
+
+@pytest.mark.parametrize("dedup", ["exact", "near"])
+def test_what_dedup_leaves_out_is_the_same_whatever_rows_render_at_once(tmp_path, tokenizer, monkeypatch, dedup):
+    # Repeats of rows still rendering, of rows left out as too long, and near repeats of a row that an
+    # exact repeat follows: decided in file order, as if every row were rendered alone.
+    long = chat(" ".join(TICKETS[:1] * 30), "We are on it.")
+    data = [long, chat(TICKETS[0], "We are on it."), *rows(4), rows(4)[1], chat(TICKETS[0] + " now", "We are on it.")]
+    data += [chat(TICKETS[0].upper(), "We are on it."), *rows(8)[4:], rows(8)[5], long]
+    path = write_jsonl(tmp_path / "train.jsonl", data)
+    cfg = DataConfig(train=str(path), validation=None, max_length=64, truncation="drop", dedup=dedup)
+    cfg.near_dedup_threshold = 0.8  # line 8 is line 2 with one more word
+    prepare_module = importlib.import_module("tuneforge.data.prepare")  # the module, not the function
+
+    def left_out() -> tuple:
+        data, _, selection = prepare_module.select_rows(cfg, tokenizer)
+        return selection.train, sorted(selection.left_out.items()), data.report["duplicates"]
+
+    whole = left_out()
+    # Line 15 repeats line 1 (left out): too long itself; a near repeat of line 2 with dedup: near.
+    assert [why["reason"] for _, why in whole[1]].count("over_max_length") == (2 if dedup == "exact" else 1)
+    assert whole[0] == [(0, line) for line in (2, 3, 4, 5, 6, *([8] if dedup == "exact" else []), 10, 11, 12, 13)]
+    for rows_at_once in (1, 2, 3):
+        monkeypatch.setattr(prepare_module, "_CHUNK_ROWS", rows_at_once)
+        assert left_out() == whole, rows_at_once

@@ -288,7 +288,7 @@ class _Preparation:
         self.counts: Counter = Counter()
         self.kind: tuple[str, str, int] | None = None  # ("sft" | "preference", file, line) of the first row
         self.files: list[dict] = []
-        self.duplicates: list[dict] = []
+        self.duplicates: list[tuple[int, dict]] = []  # (where the row is, as a row id: the order they are listed in)
         self.leaks: list[dict] = []
         self.lengths: list[int] = []  # tokens per example before fitting to max_length
         self.over_length: list[str] = []  # the first places of rows cut or dropped at max_length
@@ -326,10 +326,12 @@ class _Preparation:
         drop_repeats: bool,
         leaks_from: DuplicateIndex | None = None,
     ) -> list[_Row]:
-        """Stream one file through checks, dedup and rendering; rows are added to `index` as they pass."""
+        """Stream one file through checks, dedup and rendering. Rows are added to `index` once they are
+        kept (rendered and fitted to max_length), in file order: a row repeats the first kept row it
+        matches, never one left out, whatever the rows rendered at once."""
         self.files.append({"path": str(path), "role": role, "format": file_format(path, self.cfg.format)})
         rows: list[_Row] = []
-        pending: list[tuple[int, Record, int]] = []
+        pending: list[tuple[int, Record, int, object]] = []
         in_flight: deque = deque()  # chunks tokenizing in the background while the next one is read
         # Progress is the line (or Parquet row) reached: rows are streamed, and the file's length in
         # lines is quick to count where its rows are not. Counted only for a bar: it reads the file once more.
@@ -352,32 +354,26 @@ class _Preparation:
                     key = content_hash(item)
                     signer = index or leaks_from
                     signature = signer.signature(item) if signer else None
-                    row_id = (len(self.files) - 1) << 32 | line  # says where a row is, for what repeats it
+                    # The validation file is read to its end first: its index holds only the rows it keeps.
                     if leaks_from and (hit := leaks_from.find(key, signature)):
                         self.counts["validation_leak"] += 1
                         self.leaks.append(self._repeat(path, line, hit, "validation"))
                         self._leave_out(line, self._repeat_reason("validation_leak", hit, leaks_from, signature))
                         continue
-                    if index:
-                        if drop_repeats and (hit := index.find(key, signature)):
-                            self.counts[f"duplicates_{hit[0]}"] += 1
-                            self.duplicates.append(self._repeat(path, line, hit, hit[0]))
-                            reason = "duplicate" if hit[0] == "exact" else "near_duplicate"
-                            self._leave_out(line, self._repeat_reason(reason, hit, index, signature))
-                            # The list is cut at MAX_LISTED: rows repeated across files are counted as they go.
-                            self.counts["shared_between_files"] += self.duplicates[-1]["of_file"] != str(path)
-                            continue
-                        index.add(row_id, key, signature)
-                    pending.append((line, item, key))
+                    # A repeat of a row already kept is left out before rendering; one of a row still
+                    # rendering is found when the chunk is done (`_finish`), decided the same way.
+                    if drop_repeats and index and self._repeats_kept(path, line, key, signature, index):
+                        continue
+                    pending.append((line, item, key, signature))
                     if len(pending) >= _CHUNK_ROWS:
                         in_flight.append(self._start(path, pending))
                         pending = []
                         if len(in_flight) > 1:
-                            rows += self._finish(*in_flight.popleft())
+                            rows += self._finish(*in_flight.popleft(), index, drop_repeats)
                 if pending:
                     in_flight.append(self._start(path, pending))
                 while in_flight:
-                    rows += self._finish(*in_flight.popleft())
+                    rows += self._finish(*in_flight.popleft(), index, drop_repeats)
                 if total > reached:  # the lines after the last row (a JSON array's "]") hold none
                     advance(total - reached)
             for problem in self.problems[first_problem:]:
@@ -436,15 +432,42 @@ class _Preparation:
         """Note why a row of the file being read is left out (the first reason, where it has several)."""
         self.left_out.setdefault((len(self.files) - 1, line), why)
 
-    def _start(self, path: str, pending: list[tuple[int, Record, int]]):
-        records = [record for _, record, _ in pending]
+    def _repeats_kept(self, path: str, line: int, key: int, signature, index: DuplicateIndex) -> bool:
+        """Whether a row repeats a kept row of `index`, exactly or nearly; if so it is left out and counted.
+        Rows are kept in file order, so a row found to repeat one is a repeat of the same row whenever it is
+        looked up: a row kept later, also an exact repeat of it, would have repeated that row itself."""
+        hit = index.find(key, signature)
+        if hit is None:
+            return False
+        self.counts[f"duplicates_{hit[0]}"] += 1
+        repeat = self._repeat(path, line, hit, hit[0])
+        self.duplicates.append(((len(self.files) - 1) << 32 | line, repeat))
+        reason = "duplicate" if hit[0] == "exact" else "near_duplicate"
+        self._leave_out(line, self._repeat_reason(reason, hit, index, signature))
+        # The list is cut at MAX_LISTED: rows repeated across files are counted as they go.
+        self.counts["shared_between_files"] += repeat["of_file"] != str(path)
+        return True
+
+    def _start(self, path: str, pending: list[tuple[int, Record, int, object]]):
+        records = [record for _, record, _, _ in pending]
         if self.kind and self.kind[0] == "preference":
             return path, pending, self.renderer.start_preferences(records)
         return path, pending, self.renderer.start(records, self.cfg.train_on)
 
-    def _finish(self, path: str, pending: list[tuple[int, Record, int]], job) -> list[_Row]:
+    def _finish(
+        self,
+        path: str,
+        pending: list[tuple[int, Record, int, object]],
+        job,
+        index: DuplicateIndex | None,
+        drop_repeats: bool,
+    ) -> list[_Row]:
+        """The rows of a rendered chunk that are kept, in order; each is added to `index` as it is kept. With
+        `drop_repeats`, a row that repeats one kept before it is left out before its rendering counts."""
         kept = []
-        for (line, record, key), result in zip(pending, job.finish()):
+        for (line, record, key, signature), result in zip(pending, job.finish()):
+            if drop_repeats and index and self._repeats_kept(path, line, key, signature, index):
+                continue
             if isinstance(result, list):
                 for problem in result:
                     problem = replace(problem, file=str(path), line=line)
@@ -456,6 +479,8 @@ class _Preparation:
             item = self._fit(result, str(path), line)
             if item is None:
                 continue
+            if index is not None:
+                index.add((len(self.files) - 1) << 32 | line, key, signature)
             examples = item if isinstance(item, tuple) else (item,)
             kept.append(
                 _Row(
@@ -642,7 +667,7 @@ class _Preparation:
             "warnings": self._warnings(counts),
             "errors": [p.to_dict() for p in errors[:MAX_LISTED]],
             "errors_total": len(errors),
-            "duplicates": self.duplicates[:MAX_LISTED],
+            "duplicates": [repeat for _, repeat in sorted(self.duplicates, key=lambda d: d[0])][:MAX_LISTED],
             "leaks": self.leaks[:MAX_LISTED],
         }
 
