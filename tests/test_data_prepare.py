@@ -513,6 +513,10 @@ def test_rows_that_train_different_replies_or_offer_other_tools_are_not_duplicat
         ["Answer 1: use the console.<|im_end|>"],
         ["The same way.<|im_end|>"],
     ]
+    # Nor near duplicates: they say the same words, but train other replies.
+    near = run(tmp_path, tokenizer, [turns(1), turns(0), turns(1), *rows(10)], dedup="near")
+    assert near.report["counts"]["duplicates_exact"] == 1 and near.report["counts"]["duplicates_near"] == 0
+    assert [d["line"] for d in near.report["duplicates"]] == [3] and len(near.train) == 12
 
 
 def test_tools_a_template_does_not_write_are_a_warning_naming_the_rows(tmp_path, tokenizer):

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .schema import Document, Message, Preference, Record
+from .schema import Conversation, Document, Message, Preference, Record
 
 NUM_PERM = 128
 _CANDIDATE_MARGIN = 0.15
@@ -90,6 +90,16 @@ def _said_text(record: Record) -> str:
     return " ".join(normalise_text(m.content) for m in messages if m.role != "system")
 
 
+def _untrained_turns(record: Record) -> str:
+    """Which messages of a row are shown but not trained (weight 0), by place: rows that train different
+    replies of one conversation say the same words but teach different replies, so they are never near
+    repeats of each other. Empty for a row that gives no weight of 0."""
+    if not isinstance(record, Conversation):
+        return ""
+    said = [m for m in record.messages if m.role != "system"]
+    return ",".join(str(i) for i, m in enumerate(said) if m.weight == 0)
+
+
 class DuplicateIndex:
     """The rows seen so far; says whether a new row repeats one of them, exactly or nearly.
 
@@ -116,6 +126,8 @@ class DuplicateIndex:
             return None
         words = _said_text(record).split()
         shingles = {" ".join(words[i : i + _SHINGLE_WORDS]) for i in range(max(1, len(words) - _SHINGLE_WORDS + 1))}
+        if untrained := _untrained_turns(record):  # rows that train other messages share no shingle
+            shingles = {f"<weight=0 {untrained}>{s}" for s in shingles}
         minhash = self._minhash(
             num_perm=NUM_PERM, seed=1, permutations=self._template.permutations, scheme=self._template.scheme
         )
