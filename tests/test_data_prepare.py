@@ -662,3 +662,22 @@ def test_what_dedup_leaves_out_is_the_same_whatever_rows_render_at_once(tmp_path
     for rows_at_once in (1, 2, 3):
         monkeypatch.setattr(prepare_module, "_CHUNK_ROWS", rows_at_once)
         assert left_out() == whole, rows_at_once
+
+
+def test_rows_that_train_other_reasoning_or_tool_calls_are_not_near_duplicates(tmp_path):
+    # Traces sampled for one problem (same question, same answer) and calls of other tools teach other things.
+    tokenizer = family_tokenizer(FAMILIES["qwen3"], tmp_path / "qwen3")
+
+    def row(reasoning: str | None = None, tool: str | None = None, **arguments) -> dict:
+        data = chat("What is seventeen times twenty three, and what is the weather?", "391, and sunny.")
+        data["messages"][-1]["reasoning_content"] = reasoning
+        if tool:
+            call = {"type": "function", "function": {"name": tool, "arguments": arguments}}
+            data["messages"][-1]["tool_calls"] = [call]
+        return data
+
+    data = [row("17 * 20 = 340, 17 * 3 = 51, so 391."), row("23 * 10 = 230 and 23 * 7 = 161: 391.")]
+    data += [row(tool="weather", city="Paris"), row(tool="stock_price", ticker="ACME", exchange="NYSE")]
+    data += [row(tool="weather", city="Paris, France"), *rows(10)]  # one more word: a near repeat of line 3
+    prepared = run(tmp_path, tokenizer, data, dedup="near", near_dedup_threshold=0.8)
+    assert [(d["line"], d["of_line"]) for d in prepared.report["duplicates"]] == [(5, 3)]

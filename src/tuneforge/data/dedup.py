@@ -4,7 +4,8 @@ Every record gets a content key: its text normalised (Unicode NFKC, case-folded,
 collapsed) with roles, untrained replies and tool definitions marked, hashed. The key decides exact
 duplicates, which side of a train/validation split a row falls on, and validation leaks. Near duplicates are found with
 MinHash LSH (`datasketch`) over word pairs of what the conversation says (its non-system
-messages: a system prompt shared by every row would make all rows look alike).
+messages, with their reasoning and tool calls: a system prompt shared by every row would make all
+rows look alike); rows that leave different replies untrained are never near repeats.
 """
 
 from __future__ import annotations
@@ -87,7 +88,13 @@ def _said_text(record: Record) -> str:
         return normalise_text(record.text)
     # A pair's rejected reply is half of what it teaches: pairs that share a prompt and a chosen reply differ.
     messages = [*record.prompt, record.chosen, record.rejected] if isinstance(record, Preference) else record.messages
-    return " ".join(normalise_text(m.content) for m in messages if m.role != "system")
+    return " ".join(_said(m) for m in messages if m.role != "system")
+
+
+def _said(m: Message) -> str:
+    """A message's words: its reasoning and tool calls too, which a reply trains as it trains its content."""
+    calls = json.dumps(m.tool_calls, sort_keys=True) if m.tool_calls else ""
+    return " ".join(normalise_text(text) for text in (m.reasoning_content or "", m.content, calls) if text)
 
 
 def _untrained_turns(record: Record) -> str:
