@@ -325,6 +325,24 @@ def test_format_override_reads_rows_as_that_format(tmp_path):
     assert len(records(read(path, format="alpaca"))) == 1
 
 
+def test_a_file_of_another_format_than_the_one_set_says_the_setting_is_the_cause(tmp_path):
+    # data.format applies to every file of data.train: a user's alpaca file beside chat files is
+    # refused with the way out (auto), not with advice to add `messages` to each row.
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "output": "hi"}])
+    (problem,) = errors(read(path, format="chat"))
+    assert problem.code == "missing_messages_list"
+    assert "rows are alpaca data, but the format is set to chat" in problem.message
+    assert "set it to auto" in problem.message
+    table = tmp_path / "sheet.parquet"
+    pq.write_table(pa.table({"prompt": ["Say hi"], "completion": ["hi"]}), table)
+    (problem,) = errors(read(table, format="chat"))
+    assert problem.code == "missing_column"
+    assert "rows are prompt_completion data, but the format is set to chat" in problem.message
+    # A row of the format set keeps its own message.
+    (problem,) = errors(read(write_jsonl(tmp_path / "chat.jsonl", [{"messages": "hi"}]), format="chat"))
+    assert "format is set" not in problem.message
+
+
 def test_detect_format():
     assert detect_format(GOOD_ROW) == "chat"
     assert detect_format({"instruction": 1}) == "alpaca"

@@ -27,6 +27,7 @@ import difflib
 import json
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
         fixed = fixed or detect_format(rows.columns)
         header_problem = _check_columns(rows.path, rows.columns, fixed)
         if header_problem:
-            yield 1, header_problem
+            yield 1, _with_format_hint(header_problem, format, detect_format(rows.columns))
             return
     first: tuple[str, int] | None = None
     for line, row in rows:
@@ -162,6 +163,9 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
         if rows.kind == "csv":
             row = check.decode_json_cells(row, row_format)
         record = _NORMALISERS[row_format](row, check) if not check.problems else None
+        if check.errors and format != "auto":
+            first_error = next(i for i, p in enumerate(check.problems) if p.is_error)
+            check.problems[first_error] = _with_format_hint(check.problems[first_error], format, detect_format(row))
         yield from ((line, p) for p in check.problems)
         if record is not None and not check.errors:
             yield line, record
@@ -213,6 +217,19 @@ def prompt_messages(
         check.messages(row.get("messages"), "messages") if "messages" in row else _turns(check, row, "prompt", "user")
     )
     return (None if check.errors else messages), check.problems
+
+
+def _with_format_hint(problem: Problem, given: str, detected: str | None) -> Problem:
+    """A problem of a row read in the format the config gives, where the row itself is of another
+    format: the cause is the format setting (which applies to every file), not the row."""
+    if given == "auto" or detected is None or detected == given:
+        return problem
+    return replace(
+        problem,
+        message=f"{problem.message} This file's rows are {detected} data, but the format is set to {given} "
+        f"(data.format, or --format), which reads every file as {given}: set it to auto to read each file "
+        "in its own format.",
+    )
 
 
 def _check_columns(path: str, columns: list[str], fmt: str | None) -> Problem | None:
