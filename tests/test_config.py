@@ -88,6 +88,20 @@ def test_each_error_names_the_line_or_override_that_set_its_key(tmp_path):
         load_config(path, ["train={batch_size: two}", "method=lora"])
 
 
+def test_a_training_file_listed_twice_is_refused_while_dedup_would_drop_its_second_listing(tmp_path, monkeypatch):
+    # Listed twice to be seen twice as often, a file's second listing would be dropped whole as duplicates.
+    (tmp_path / "chat.jsonl").write_text("{}\n")
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: [chat.jsonl, other.jsonl, ./chat.jsonl]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.splitlines()[1].startswith(
+        f"  data.train (line 2): data.train lists {tmp_path}/chat.jsonl more than once; "
+        "with data.dedup: exact every row of a later listing is a duplicate of the first and is left out"
+    )
+    assert load_config(path, ["data.dedup=none"]).data.train_files.count(str(tmp_path / "chat.jsonl")) == 2
+
+
 def test_an_integer_in_exponent_form_is_read_as_its_number(tmp_path):
     # YAML 1.1 leaves 1e3 a string; the float keys read it already (learning_rate: 1e-4).
     path = tmp_path / "cfg.yaml"

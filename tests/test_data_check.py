@@ -133,6 +133,13 @@ def test_options_reach_the_checks(tmp_path, capsys, models):
     assert "missing_field" in capsys.readouterr().out
 
 
+def test_an_option_refused_is_named_as_an_option(good_file, capsys, models):
+    assert check_command([str(good_file)], max_length=2) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-length: Input should be greater than or equal to 8"
+    assert check_command([str(good_file), str(good_file)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: files: data.train lists {good_file} more than once;")
+
+
 def test_show_cuts_a_long_row_where_training_cuts_it(tmp_path, capsys, models, tokenizer):
     row = chat("Hi", "A long answer. " * 40)
     path = write_jsonl(tmp_path / "long.jsonl", [row])

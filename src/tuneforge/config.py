@@ -134,6 +134,25 @@ class DataConfig(Strict):
             raise ValueError("a validation fraction must be in [0, 1); or give a file path")
         return v
 
+    @model_validator(mode="after")
+    def _each_file_once(self):
+        # Dedup drops every row of a file's second listing as a repeat of its first: listed twice, a
+        # file is not seen more often, and the report counts its rows as duplicates within one file.
+        seen: dict[str, str] = {}
+        for name in self.train_files:
+            listed = seen.setdefault(os.path.realpath(name), name)
+            if listed != name or self.train_files.count(name) > 1:
+                if self.dedup == "none":
+                    break
+                raise KeysError(
+                    f"data.train lists {name} more than once{'' if listed == name else f' (also as {listed})'}; "
+                    f"with data.dedup: {self.dedup} every row of a later listing is a duplicate of the first and "
+                    "is left out, so the file is not seen more often. List it once, or set data.dedup: none "
+                    "to train on each listing",
+                    "train",
+                )
+        return self
+
     @property
     def train_files(self) -> list[str]:
         return [self.train] if isinstance(self.train, str) else list(self.train)

@@ -11,13 +11,14 @@ import itertools
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from ..config import DEFAULT_MODEL, DataConfig
-from ..errors import EXIT_BAD_INPUT, TuneforgeError
+from ..errors import EXIT_BAD_INPUT, TuneforgeError, complaint, key_path
 from .dedup import content_hash
 from .formats import read_conversations
 from .prepare import check_data, cut_to_length
@@ -56,8 +57,11 @@ def check_command(
     except TuneforgeError as e:
         errors_console.print(f"[red]error:[/red] {escape(e.message)}")
         return e.exit_code
-    except ValueError as e:  # the config rejected an option (pydantic's ValidationError is a ValueError)
-        errors_console.print(f"[red]error:[/red] {escape(str(e))}")
+    except ValidationError as e:  # the config rejected an option: each complaint, named by its option
+        for error in e.errors():
+            option = "--" + "-".join(key_path(error["loc"])).replace("_", "-") if error["loc"] else "files"
+            option = "files" if option.startswith("--train") else option
+            errors_console.print(f"[red]error:[/red] {escape(option)}: {escape(complaint(error))}")
         return EXIT_BAD_INPUT
     data, errors = check_data(cfg, tokenizer, progress=True, keep_examples=False)  # the report is all it shows
     report = data.report
