@@ -111,6 +111,22 @@ def test_rows_shared_between_files_are_all_counted_beyond_the_listed_duplicates(
     assert counts["shared_between_files"] == counts["duplicates_exact"] == MAX_LISTED + 5
 
 
+def test_each_file_of_a_mix_says_what_became_of_its_rows(good_file, tmp_path, capsys, models):
+    other = write_jsonl(
+        tmp_path / "other.jsonl", [chat("Hello, how are you?", "I am fine, thank you."), chat("Hi", "Hi!")]
+    )
+    assert check_command([str(good_file), str(other)], json_out=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    counts = [(f["train_rows"], f["validation_rows"], f["left_out"]) for f in report["files"]]
+    assert counts == [(3, 0, 0), (1, 0, 1)]  # other.jsonl's first row repeats good.jsonl's third
+    assert sum(f["tokens"] for f in report["files"]) == report["tokens"]["total"]
+    assert sum(f["trained_tokens"] for f in report["files"]) == report["tokens"]["trained"]
+    assert check_command([str(good_file), str(other)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "files good.jsonl (chat, train): 3 train rows, 0 left out;" in out
+    assert "other.jsonl (chat, train): 1 train rows, 1 left out;" in out and "% of train tokens)" in out
+
+
 def test_errors_as_json(tmp_path, capsys, models):
     path, code, line = write_bad_input(tmp_path, "unknown_role")
     assert check_command([str(path)], json_out=True) == 2

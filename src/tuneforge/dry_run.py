@@ -22,6 +22,7 @@ from torch import nn
 from . import data as tfdata
 from .config import load_config
 from .data.check import describe_system_prompt, highlight
+from .data.prepare import describe_files
 from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs
 from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_dtype, prepare_items, prepare_model
@@ -335,6 +336,7 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
             "rows",
             f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}{shared})",
         ),
+        *describe_files(report),
         ("system prompt", describe_system_prompt(report["system_prompt"])),
         ("tokens per epoch", tokens),
         ("epochs", f"{plan.epochs}{epochs}"),

@@ -21,7 +21,7 @@ from ..config import DEFAULT_MODEL, DataConfig
 from ..errors import EXIT_BAD_INPUT, TuneforgeError, complaint, key_path
 from .dedup import content_hash
 from .formats import read_conversations
-from .prepare import check_data, cut_to_length
+from .prepare import check_data, cut_to_length, describe_files
 from .render import render_examples, render_preference
 from .schema import IGNORE_INDEX, Example, Preference, Problem
 
@@ -116,6 +116,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
             f"{tokens['over_max_length']} rows over {tokens['max_length']} "
             f"({counts['truncated']} truncated, {counts['dropped_too_long']} dropped)",
         ),
+        *describe_files(report),
         ("system prompt", describe_system_prompt(report["system_prompt"])),
         ("duplicates", f"{counts['duplicates_exact']} exact removed"),
         (

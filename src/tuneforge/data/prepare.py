@@ -143,8 +143,35 @@ def _log_report(report: dict, log: Callable[[str], object]) -> None:
     warning of its report."""
     counts = report["counts"]
     log(f"data: {counts['train']} training and {counts['validation']} validation examples from {counts['read']} rows")
+    for _, line in describe_files(report):
+        log(f"data: {line}")
     for warning in report["warnings"]:
         log(f"data: warning: {warning['message']}")
+
+
+def describe_files(report: dict) -> list[tuple[str, str]]:
+    """One line per file where there are several: what became of its rows and its share of the tokens of
+    the files read for the same role (none for a report written before files were counted)."""
+    files = report["files"]
+    if len(files) < 2 or any("left_out" not in f for f in files):
+        return []
+    totals = Counter()
+    for f in files:
+        totals[f["role"]] += f["tokens"]
+    lines = []
+    for f in files:
+        kept = ", ".join(
+            f"{f[key + '_rows']} {key}" for key in ("train", "validation") if f[key + "_rows"] or f["role"] == key
+        )
+        lines.append(
+            (
+                "" if lines else "files",
+                f"{Path(f['path']).name} ({f['format'] or 'unknown format'}, {f['role']}): {kept} rows, "
+                f"{f['left_out']} left out; {f['tokens']:,} tokens "
+                f"({f['tokens'] / (totals[f['role']] or 1):.0%} of {f['role']} tokens)",
+            )
+        )
+    return lines
 
 
 def replay_file(cfg: DataConfig) -> Path | None:
@@ -646,7 +673,7 @@ class _Preparation:
         return {
             "version": REPORT_VERSION,
             "kind": self.kind[0] if self.kind else None,
-            "files": self.files,
+            "files": [{**f, **self._file_counts(read)} for read, f in enumerate(self.files)],
             "config": self.cfg.model_dump(),
             "counts": counts,
             "tokens": {
@@ -669,6 +696,18 @@ class _Preparation:
             "errors_total": len(errors),
             "duplicates": [repeat for _, repeat in sorted(self.duplicates, key=lambda d: d[0])][:MAX_LISTED],
             "leaks": self.leaks[:MAX_LISTED],
+        }
+
+    def _file_counts(self, read: int) -> dict:
+        """What became of one file's rows: kept for training or validation, left out (each row once,
+        whatever its reasons), and the tokens of those kept, so a mix of files can be seen file by file."""
+        kept = [r for r in self.train + self.valid if r.read == read]
+        return {
+            "train_rows": sum(r.read == read for r in self.train),
+            "validation_rows": sum(r.read == read for r in self.valid),
+            "left_out": sum(place[0] == read for place in self.left_out),
+            "tokens": sum(r.tokens for r in kept),
+            "trained_tokens": sum(r.trained for r in kept),
         }
 
     def _warnings(self, counts: dict) -> list[dict]:
