@@ -581,6 +581,11 @@ def test_csv_row_with_invalid_utf8(tmp_path):
 
 def test_missing_and_unknown_files(tmp_path):
     assert [p.code for p in errors(read(tmp_path / "nope.jsonl"))] == ["file_not_found"]
+    (folder := tmp_path / "data").mkdir()
+    (problem,) = errors(read(folder))
+    assert "is a folder, not a file. Give the data files by name" in problem.message
+    (problem,) = errors(read(tmp_path / "*.jsonl"))
+    assert "does not exist: a pattern is not expanded. Give the data files by name" in problem.message
     odd = tmp_path / "notes.txt"
     odd.write_text("hello")
     assert [p.code for p in errors(read(odd))] == ["unknown_file_type"]

@@ -61,8 +61,15 @@ def open_rows(path: str | Path) -> Rows:
     path = str(path)
     p = Path(path)
     if not p.is_file():
-        what = "is a folder, not a file" if p.is_dir() else "does not exist"
-        return _failed(path, "file_not_found", f"{path} {what}. Check the path.")
+        # Folders and patterns are not read for their files: a run's data is the files it names.
+        by_name = "Give the data files by name, one by one (data.train takes a list of them)."
+        if p.is_dir():
+            what = f"is a folder, not a file. {by_name}"
+        elif any(c in p.name for c in "*?["):
+            what = f"does not exist: a pattern is not expanded. {by_name}"
+        else:
+            what = "does not exist. Check the path."
+        return _failed(path, "file_not_found", f"{path} {what}")
     suffix = p.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         return _parquet_rows(path)
