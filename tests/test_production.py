@@ -552,3 +552,15 @@ def test_a_method_a_path_does_not_take_is_an_openai_405_naming_the_methods_it_do
         assert_other_methods_are_openai_405s_naming_what_is_taken(http, SERVE_PATHS)
     api = create_api(tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}"), workers=0)
     assert_other_methods_are_openai_405s_naming_what_is_taken(TestClient(api), API_PATHS)
+
+
+def test_the_jobs_service_is_ready_only_while_its_store_answers(tmp_path):
+    folder = tmp_path / "db"
+    store = Store(f"sqlite:///{folder / 'jobs.db'}")
+    with TestClient(create_api(tmp_path / "home", store, workers=0, dashboard=False)) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        store.engine.dispose()  # no pooled connection left: the next check opens one
+        folder.rename(tmp_path / "gone")
+        answer = client.get("/health")
+    assert answer.status_code == 503
+    assert answer.json()["status"] == "unavailable" and "database" in answer.json()["reason"]

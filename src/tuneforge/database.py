@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import JSON, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from .errors import ConfigError
@@ -105,6 +105,16 @@ class Tables:
     def session(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
             yield session
+
+    def answers(self) -> bool:
+        """Whether the database answers a trivial query now (a readiness check: cheap, and it opens a
+        connection when the pool holds none)."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
 
     def add(self, *rows: DeclarativeBase) -> None:
         with self.session() as session:

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from ..serve import CompletionStore, Retention, completion_routes
 from ..web import Observer, docs_urls, edge
@@ -94,7 +95,14 @@ def create_api(
     app.state.completions = completions
     for router in [*ROUTERS, completion_routes.router]:
         app.include_router(router)
-    app.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"])
+
+    async def health() -> JSONResponse:
+        # Ready while the job store's database answers; a 503 takes the server out of a load balancer when not.
+        if await asyncio.to_thread(store.answers):
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": "the job store's database does not answer"}, 503)
+
+    app.add_api_route("/health", health, methods=["GET"])
     if dashboard:
         from ..dashboard import PAGES, JobRuns, install_dashboard
 
