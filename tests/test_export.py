@@ -648,3 +648,16 @@ def test_export_without_progress_draws_no_library_bar_and_leaves_the_callers_set
     finally:
         if not suites:
             transformers_logging.disable_progress_bar()
+
+
+def test_a_merged_export_of_a_sentencepiece_family_keeps_its_tokenizer_model_and_exports_as_gguf(tmp_path):
+    """llama.cpp's converter reads a SentencePiece vocabulary (Gemma's) from tokenizer.model, which transformers
+    does not write: the merged folder carries the source's, so it converts to GGUF as the source does."""
+    from families import FAMILIES, save_family_model
+
+    base = save_family_model(FAMILIES["gemma3"], tmp_path / "base")
+    merged = export(base, "merged", "f32", tmp_path / "merged", progress=False)
+    spm = merged.out / "tokenizer.model"
+    assert spm.is_file() and spm.read_bytes() == (base / "tokenizer.model").read_bytes()
+    result = export(merged.out, "gguf", "f16", tmp_path / "gguf", progress=False)
+    assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f16"]

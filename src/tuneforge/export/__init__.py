@@ -229,7 +229,7 @@ def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, co
 
 def _export_merged(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:
     merged = _merged(source, ids, console)
-    files = merge.save_merged(merged, tokenizer, folder, dtype)
+    files = merge.save_merged(merged, tokenizer, folder, dtype, llama_cpp.sentencepiece_model(source))
     checks = _verified(
         merged.logits,
         merge.load_saved(folder),
@@ -247,7 +247,7 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
     # The converter reads a Hugging Face folder: the merged model, written inside the unfinished
     # output, so that an export killed midway leaves one folder behind, which the next one clears.
     with tempfile.TemporaryDirectory(prefix=".gguf-source-", dir=folder) as staging:
-        merge.save_merged(merged, tokenizer, Path(staging), "f32")
+        merge.save_merged(merged, tokenizer, Path(staging), "f32", llama_cpp.sentencepiece_model(source))
         llama_cpp.write_gguf(Path(staging), source, tokenizer, path, dtype, console)
     with console.status(f"Loading {path.name} back with transformers to check it"):
         loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name, merged.model.config)

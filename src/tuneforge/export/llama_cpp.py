@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,9 +74,8 @@ def sentencepiece_model(source: ModelSource) -> Path | None:
 
 
 def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype: str, console: Console) -> None:
-    """Convert the Hugging Face folder `model_dir` (the merged model) into the GGUF `out`."""
-    if (spm := sentencepiece_model(source)) is not None:
-        shutil.copyfile(spm, model_dir / SENTENCEPIECE_MODEL)
+    """Convert the Hugging Face folder `model_dir` (the merged model, with the source's tokenizer.model) into
+    the GGUF `out`."""
     _list_added_tokens(model_dir, tokenizer)
     _state_bos_and_eos(model_dir, tokenizer)
     pre_tokenizer = pre_tokenizer_name(tokenizer) or ""

@@ -6,6 +6,7 @@ on the probe batch are taken before the merge and compared with the merged model
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from ..models import ModelSource, load_model
 from ..models.architecture import chat_generation_config
+from ..models.saving import SENTENCEPIECE_MODEL
 from .probe import MERGE_BOUND, Agreement, agreement, probe_logits, require_within
 
 SAVED_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -61,13 +63,16 @@ def _untie_adapted_weights(model) -> None:
             part.tie_word_embeddings = False
 
 
-def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str) -> list[Path]:
+def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str, sentencepiece: Path | None) -> list[Path]:
     """Write a folder that `AutoModelForCausalLM.from_pretrained` loads: safetensors weights in
-    `dtype`, config, generation config, tokenizer and chat template."""
+    `dtype`, config, generation config, tokenizer and chat template, and the source's `sentencepiece`
+    tokenizer.model (which transformers does not write and llama.cpp's converter reads), if it has one."""
     model = merged.model
     model.generation_config = chat_generation_config(model.generation_config, tokenizer)
     model.to(SAVED_DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    if sentencepiece is not None:
+        shutil.copyfile(sentencepiece, folder / SENTENCEPIECE_MODEL)
     return sorted(folder.iterdir())
 
 
