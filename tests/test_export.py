@@ -661,3 +661,17 @@ def test_a_merged_export_of_a_sentencepiece_family_keeps_its_tokenizer_model_and
     assert spm.is_file() and spm.read_bytes() == (base / "tokenizer.model").read_bytes()
     result = export(merged.out, "gguf", "f16", tmp_path / "gguf", progress=False)
     assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["f16"]
+
+
+def test_a_gguf_export_names_the_source_not_its_staging_folder_in_the_metadata(tmp_path):
+    """llama.cpp's converter fills general.finetune (and basename, size) from the name of the folder it
+    reads: that is named after the source, so no temporary folder's name ends up in the file."""
+    from families import FAMILIES, save_family_model
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    base = save_family_model(FAMILIES["gemma3"], tmp_path / "support-bot")
+    result = export(base, "gguf", "f16", tmp_path / "gguf", progress=False)
+    metadata, _ = read_gguf_metadata(str(result.files[0]), ("general.basename", "general.finetune"))
+    general = {key: value for key, value in metadata.items() if key.startswith("general.")}
+    assert not [value for value in general.values() if "gguf-source" in str(value)], general
+    assert "general.finetune" not in general

@@ -245,10 +245,14 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
     merged = _merged(source, ids, console)
     path = folder / llama_cpp.gguf_filename(source.name, dtype)
     # The converter reads a Hugging Face folder: the merged model, written inside the unfinished
-    # output, so that an export killed midway leaves one folder behind, which the next one clears.
+    # output, so that an export killed midway leaves one folder behind, which the next one clears. The
+    # folder inside is named after the source: the converter reads general.finetune (and basename,
+    # size) off its name.
     with tempfile.TemporaryDirectory(prefix=".gguf-source-", dir=folder) as staging:
-        merge.save_merged(merged, tokenizer, Path(staging), "f32", llama_cpp.sentencepiece_model(source))
-        llama_cpp.write_gguf(Path(staging), source, tokenizer, path, dtype, console)
+        model_dir = Path(staging) / path.name.removesuffix(f"-{dtype}.gguf")
+        model_dir.mkdir()
+        merge.save_merged(merged, tokenizer, model_dir, "f32", llama_cpp.sentencepiece_model(source))
+        llama_cpp.write_gguf(model_dir, source, tokenizer, path, dtype, console)
     with console.status(f"Loading {path.name} back with transformers to check it"):
         loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name, merged.model.config)
     checks = _verified(
