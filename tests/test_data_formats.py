@@ -10,7 +10,7 @@ import pytest
 from data.rows import BAD_INPUTS, GOOD_ROW, chat, write_bad_input, write_jsonl
 
 from tuneforge.data import Conversation, Document, Preference, Problem, read_conversations
-from tuneforge.data.formats import detect_format
+from tuneforge.data.formats import check_row, detect_format, record_row
 
 
 def read(path, format="auto"):
@@ -624,3 +624,58 @@ def test_sharegpt_system_field_and_another_system_turn_conflict(tmp_path):
     items = read(write_jsonl(tmp_path / "s.jsonl", rows))
     assert [m.content for m in records(items)[0].messages] == ["Be brief.", "hi", "yo"]
     assert [(p.code, p.line, p.field) for p in errors(items)] == [("conflicting_system", 2, "system")]
+
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize(
+    ("row", "format", "canonical"),
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Weather?", "name": "ann"},
+                    {"role": "assistant", "tool_calls": [CALL], "reasoning_content": "Ask the tool."},
+                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                    {"role": "assistant", "content": "Draft.", "weight": 0},
+                    {"role": "user", "content": "Again?"},
+                    {"role": "assistant", "content": "Sunny."},
+                ],
+                "tools": TOOLS,
+            },
+            "chat",
+            "chat",
+        ),
+        (
+            {
+                "instruction": "Add",
+                "input": "2 and 2",
+                "output": "4",
+                "system": "Be exact.",
+                "history": [["Hi", "Hello"]],
+            },
+            "alpaca",
+            "chat",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "system": "S"},
+            "sharegpt",
+            "chat",
+        ),
+        ({"prompt": "Say hi", "completion": "Hi."}, "prompt_completion", "chat"),
+        ({"text": "Plain text."}, "text", "text"),
+        ({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "tools": TOOLS}, "preference", "preference"),
+    ],
+)
+def test_a_record_written_as_its_canonical_row_reads_back_as_the_same_record(row, format, canonical):
+    record, problems = check_row(row, format)
+    assert record is not None and not problems
+    written = record_row(record)
+    assert detect_format(written) == canonical
+    again, problems = check_row(json.loads(json.dumps(written)), canonical)
+    assert not problems
+    if isinstance(record, Preference):  # where the messages sit in the row differs, by design
+        record.fields = again.fields = None
+    assert again == record

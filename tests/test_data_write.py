@@ -86,7 +86,12 @@ def test_prepare_writes_kept_and_dropped_rows_and_trains_on_the_same_examples(cu
         "dropped_by_reason": {"duplicate": 1, "near_duplicate": 1, "over_max_length": 1, "error": 1},
     }
 
-    # Training on the written files, deduplicated already, sees the same examples and tokens.
+    assert summary["written_as"] == {"train": "as read", "validation": "as read"}
+    assert_trains_the_same(config, cfg, out, summary, tmp_path)
+
+
+def assert_trains_the_same(config, cfg: dict, out, summary: dict, tmp_path) -> None:
+    """Training on the written files, deduplicated already, sees the same examples and tokens."""
     original = train(config, progress=False).output_dir
     written = {**cfg, "data": {**summary["train_with"]}, "output_dir": str(tmp_path / "run-written")}
     written["data"].update(train=str(out / "train.jsonl"), validation=str(out / "valid.jsonl"))
@@ -97,6 +102,73 @@ def test_prepare_writes_kept_and_dropped_rows_and_trains_on_the_same_examples(cu
         assert reports[0]["counts"][key] == reports[1]["counts"][key]
     for key in ("total", "trained"):
         assert reports[0]["tokens"][key] == reports[1]["tokens"][key]
+
+
+def mixed_config(tmp_path, tiny_model_dir, files: dict[str, list[dict]]):
+    """A config over files of different formats, with a validation fraction drawn from all of them."""
+    paths = [str(write_jsonl(tmp_path / name, rows)) for name, rows in files.items()]
+    cfg = tiny_run_config(tiny_model_dir, {"train": paths[0], "validation": paths[0]}, tmp_path / "run", max_steps=1)
+    cfg["data"] = {"train": paths, "validation": 0.25, "max_length": 256}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config, cfg
+
+
+def test_prepare_writes_rows_of_files_in_different_formats_as_chat(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    config, cfg = mixed_config(
+        tmp_path,
+        tiny_model_dir,
+        {
+            "chat.jsonl": [
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": f"Chat question {i}?"},
+                        {"role": "assistant", "content": f"Draft {i}.", "weight": 0},
+                        {"role": "user", "content": "Again?"},
+                        {"role": "assistant", "content": f"Chat answer {i}."},
+                    ]
+                }
+                for i in range(6)
+            ],
+            "alpaca.jsonl": [
+                {"instruction": f"Alpaca task {i}", "input": f"context {i}" if i % 2 else "", "output": f"Done {i}."}
+                for i in range(6)
+            ],
+            "pc.jsonl": [{"prompt": f"Prompt {i}", "completion": f"Completion {i}."} for i in range(6)],
+        },
+    )
+    out = tmp_path / "prepared"
+    code, said, _ = cli(["data", "prepare", str(config), "--out", str(out)], monkeypatch, capsys)
+    assert code == 0 and "train.jsonl's rows come from files of different formats" in said
+    train_rows, valid_rows = read_jsonl(out / "train.jsonl"), read_jsonl(out / "valid.jsonl")
+    assert len(train_rows) + len(valid_rows) == 18 and valid_rows
+    assert all(list(row) == ["messages"] for row in train_rows + valid_rows)
+    messages = [m for row in train_rows + valid_rows for m in row["messages"]]
+    assert {"role": "assistant", "content": "Draft 2.", "weight": 0} in messages  # the weight kept
+    assert {"role": "user", "content": "Alpaca task 3\n\ncontext 3"} in messages
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["written_as"] == {"train": "chat", "validation": "chat"}
+    assert_trains_the_same(config, cfg, out, summary, tmp_path)
+
+
+def test_prepare_refuses_text_and_conversation_files_that_no_one_file_holds(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    config, _ = mixed_config(
+        tmp_path,
+        tiny_model_dir,
+        {
+            "chat.jsonl": [chat(f"Question {i}?", f"Answer {i}.") for i in range(4)],
+            "notes.jsonl": [{"text": f"Plain note number {i}."} for i in range(4)],
+        },
+    )
+    out = tmp_path / "prepared"
+    code, _, err = cli(["data", "prepare", str(config), "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and "notes.jsonl" in err and "separate" in err
+    assert not out.exists()
 
 
 def test_prepare_refuses_a_folder_that_is_not_empty_unless_forced(curated, tmp_path, monkeypatch, capsys):

@@ -184,6 +184,38 @@ def json_rows(path: str | Path, format: str = "auto") -> Iterator[tuple[int | No
         yield line, row
 
 
+def record_row(record: Record) -> dict:
+    """A record as the row of its canonical format, which `read_conversations` reads back as the same
+    record: a `Conversation` as OpenAI chat (`messages`, `tools`), a `Preference` as OpenAI's preference
+    format (`input` with `messages` and `tools`, `preferred_output`, `non_preferred_output`), a `Document`
+    as `{"text"}`. Rows of files in different formats written to one file this way read as one format."""
+    if isinstance(record, Document):
+        return {"text": record.text}
+    if isinstance(record, Preference):
+        source = {"messages": [_message_row(m) for m in record.prompt]}
+        if record.tools is not None:
+            source["tools"] = record.tools
+        return {
+            "input": source,
+            "preferred_output": [_message_row(record.chosen)],
+            "non_preferred_output": [_message_row(record.rejected)],
+        }
+    row = {"messages": [_message_row(m) for m in record.messages]}
+    if record.tools is not None:
+        row["tools"] = record.tools
+    return row
+
+
+def _message_row(message: Message) -> dict:
+    """A message as OpenAI's chat data holds it: its tool calls as read (arguments as JSON text, where so)."""
+    row = {"role": message.role, "content": message.content}
+    for key in ("weight", "name", "tool_calls", "tool_call_id", "reasoning_content"):
+        value = getattr(message, key)
+        if value is not None:
+            row[key] = value
+    return row
+
+
 def normalise_messages(
     messages: Any, *, file: str = "", line: int | None = None
 ) -> tuple[list[Message] | None, list[Problem]]:

@@ -4,7 +4,10 @@ The config's data goes through the pipeline training runs (`prepare.select_rows`
 fit to max_length, split), and the folder gets, all at once or not at all:
 
 - `train.jsonl`, `valid.jsonl`: the rows kept, as the files hold them, in the order training reads them
-  (it shuffles them each epoch);
+  (it shuffles them each epoch); where the rows of one of them come from files of different formats
+  (chat, alpaca and prompt/completion files, say), each of its rows is written instead as the record
+  it reads as, in that record's canonical format (`formats.record_row`: OpenAI chat for a conversation),
+  since a file of mixed formats is refused;
 - `dropped.jsonl`: each row left out, with its file, line and reason (`duplicate` or `near_duplicate` of
   FILE:LINE, `validation_leak`, `over_max_length` under truncation: drop, `error` under on_error: skip);
 - `summary.json`: the counts, tokens and warnings of the data report, and the data config that trains
@@ -22,9 +25,10 @@ from ..errors import ConfigError, DataError
 from ..fsio import atomic_dir, write_json
 from ..progress import progress_bar
 from . import cache
-from .formats import json_rows
+from .formats import json_rows, read_conversations, record_row
 from .prepare import error_summary, file_state, refuses, replay_file, select_rows
 from .readers import extent
+from .schema import Problem
 
 
 def prepare_command(config, overrides=(), *, out: str | Path, force: bool = False, progress: bool = True) -> int:
@@ -51,6 +55,7 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
         raise DataError(error_summary(errors, data, None), code=errors[0].code, problems=errors)
     report = prepared.report
     wanted = {"train": set(selection.train), "valid": set(selection.valid)}
+    written_as = {name: _written_as(report["files"], name) for name in ("train", "valid")}
     written: Counter = Counter()
     reasons: Counter = Counter()
     with atomic_dir(out, replace=True) as tmp:
@@ -63,6 +68,7 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
                 path = source["path"]
                 left_out = {line: why for (r, line), why in selection.left_out.items() if r == read}
                 reached = 0
+                records = _RecordsByLine(path, read_conversations(path, data.format))
                 with progress_bar(f"data: writing {Path(path).name} lines", extent(path), progress) as advance:
                     for line, row in json_rows(path, data.format):
                         if line and line > reached:
@@ -70,7 +76,8 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
                             reached = line
                         for name, f in (("train", train), ("valid", valid)):
                             if (read, line) in wanted[name] and isinstance(row, dict):
-                                f.write(_jsonl(row))
+                                as_read = written_as[name] == "as read"
+                                f.write(_jsonl(row if as_read else record_row(records.at(line))))
                                 written[name] += 1
                         if line in left_out:
                             why = left_out.pop(line)
@@ -94,13 +101,19 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
                 f"{written['train'] + written['valid']} could be read back from the files; run again.",
                 code="file_changed",
             )
-        write_json(tmp / "summary.json", _summary(report, data, written, reasons))
+        write_json(tmp / "summary.json", _summary(report, data, written, reasons, written_as))
     counts = report["counts"]
     print(
         f"data: wrote {written['train']} training rows ({counts['train']} examples) and {written['valid']} "
         f"validation rows ({counts['validation']} examples) to {out}; {sum(reasons.values())} rows left out "
         f"(dropped.jsonl)" + (": " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()) if reasons else "")
     )
+    for name, form in written_as.items():
+        if form != "as read":
+            print(
+                f"data: {name}.jsonl's rows come from files of different formats, so each is written as the "
+                f"record it reads as, in {form} format (a file of mixed formats is refused)"
+            )
     if data.general_mix:
         print(
             f"data: training on them mixes in general replay conversations of {data.general_replay} as "
@@ -111,13 +124,52 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
     return 0
 
 
+_CANONICAL = {"text": "text", "preference": "preference"}  # every other format reads as a conversation: chat
+
+
+def _written_as(files: list[dict], name: str) -> str:
+    """How the rows of one output file are written: "as read" where they all come from files of one
+    format, else the canonical format of their records (a file of mixed formats is refused)."""
+    counted = "train_rows" if name == "train" else "validation_rows"
+    feeding = [f for f in files if f[counted]]
+    if len({f["format"] for f in feeding}) < 2:
+        return "as read"
+    canonical = {f["path"]: _CANONICAL.get(f["format"], "chat") for f in feeding}
+    if len(set(canonical.values())) > 1:  # text with conversations: no one format holds both
+        by_form = {form: [p for p, c in canonical.items() if c == form] for form in sorted(set(canonical.values()))}
+        raise ConfigError(
+            f"the rows of {name}.jsonl come from files whose records no one format holds ("
+            + "; ".join(f"{form}: {', '.join(paths)}" for form, paths in by_form.items())
+            + "), and a file of mixed formats is refused. Prepare the text files and the others in separate "
+            "configs, or train on the config itself."
+        )
+    return next(iter(canonical.values()))
+
+
+class _RecordsByLine:
+    """The records of one file as `read_conversations` gives them, looked up by line in increasing order
+    (the order the file's rows are written in), reading the file once as it goes."""
+
+    def __init__(self, path: str, items):
+        self.path, self.items = path, iter(items)
+
+    def at(self, line: int):
+        for at, item in self.items:
+            if at == line and not isinstance(item, Problem):
+                return item
+        raise DataError(
+            f"{self.path}:{line} could not be read back as it was checked (did the file change?); run again.",
+            code="file_changed",
+        )
+
+
 def _jsonl(value) -> str:
     return json.dumps(value, ensure_ascii=False, default=str) + "\n"
 
 
-def _summary(report: dict, data, written: Counter, reasons: Counter) -> dict:
-    """What summary.json holds: rows written and left out, the report's counts, tokens and warnings,
-    and the data config that trains on the written files."""
+def _summary(report: dict, data, written: Counter, reasons: Counter, written_as: dict) -> dict:
+    """What summary.json holds: rows written and left out, how they are written, the report's counts,
+    tokens and warnings, and the data config that trains on the written files."""
     train_with = {
         **data.model_dump(),
         "train": "train.jsonl",
@@ -134,6 +186,7 @@ def _summary(report: dict, data, written: Counter, reasons: Counter) -> dict:
             "dropped": sum(reasons.values()),
             "dropped_by_reason": dict(reasons.most_common()),
         },
+        "written_as": {"train": written_as["train"], "validation": written_as["valid"]},
         "counts": report["counts"],
         "tokens": report["tokens"],
         "warnings": report["warnings"],
