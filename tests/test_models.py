@@ -474,6 +474,21 @@ def test_tiny_gguf_round_trip(tiny_gguf, home):
     assert (source.path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_gguf_conversion_counts_every_tensor_and_prints_nothing_with_progress_off(tiny_gguf, home, capsys, monkeypatch):
+    path = tiny_gguf[0]
+    convert_local_gguf(path, progress=False)
+    assert capsys.readouterr().err == ""  # not transformers' bars either
+
+    shutil.rmtree(home / "models")
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    convert_local_gguf(path)
+    dequantizing = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Dequantizing ")]
+    tensors = scan_gguf(path).tensor_count
+    assert [line.split(" (")[0] for line in dequantizing] == [
+        f"Dequantizing {path.name}, tensors {n}/{tensors}" for n in range(1, tensors + 1)
+    ]
+
+
 def test_gguf_not_converted_without_pull_missing(tiny_gguf, home):
     with pytest.raises(ModelSourceError, match="tuneforge models pull"):
         resolve(str(tiny_gguf[0]), pull_missing=False)

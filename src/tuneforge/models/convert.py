@@ -31,7 +31,7 @@ from rich.console import Console
 
 from ..errors import ModelSourceError
 from ..fsio import atomic_dir, tuneforge_home, write_json
-from ..progress import activity, progress_bar
+from ..progress import activity, library_bars, progress_bar
 from .architecture import chat_generation_config, context_length
 from .registry import REGISTRY, RegistryEntry, nearest_registry_name
 
@@ -207,12 +207,13 @@ def convert_gguf(
     _require_readable_tensor_types(gguf_path, header)
     try:
         with atomic_dir(dest, replace=replace) as tmp:
-            # A plain line, not a spinner: transformers draws its own progress bars here.
             console.print(
                 f"Converting {gguf_path.name} ({header.architecture}, {header.tensor_count} tensors) "
                 "into a trainable fp32 safetensors folder"
             )
-            _write_trainable_folder(gguf_path, tmp, chat_template)
+            shown = not console.quiet
+            with _tensor_progress(f"Dequantizing {gguf_path.name}, tensors", shown), library_bars(False):
+                _write_trainable_folder(gguf_path, tmp, chat_template)
             for extra in extra_files:
                 shutil.copyfile(extra, tmp / extra.name)
             write_json(tmp / MODEL_RECORD, {**record, "architecture": header.architecture})
@@ -265,6 +266,37 @@ def _dequantizable(type_name: str) -> bool:
     except NotImplementedError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _tensor_progress(description: str, shown: bool) -> Iterator[None]:
+    """Our bar, tensors done of total, for the minutes transformers spends dequantizing a GGUF.
+
+    transformers reads the tensors one by one in a loop wrapped in tqdm; while this holds, that loop
+    drives `progress_bar` instead, which draws nothing with progress off and plain lines off a terminal
+    (tqdm would write carriage returns there, and the CLI turns tqdm off altogether)."""
+    from transformers import modeling_gguf_pytorch_utils
+
+    loops: list[Iterator] = []
+
+    def counted(tensors) -> Iterator:
+        with progress_bar(description, len(tensors), shown) as advance:
+            for tensor in tensors:
+                yield tensor
+                advance(1)
+
+    def wrapped(tensors, *args, **kwargs) -> Iterator:
+        loops.append(counted(tensors))
+        return loops[-1]
+
+    library_loop = modeling_gguf_pytorch_utils.tqdm
+    modeling_gguf_pytorch_utils.tqdm = wrapped
+    try:
+        yield
+    finally:
+        modeling_gguf_pytorch_utils.tqdm = library_loop
+        for loop in loops:  # a failed read leaves its bar open until closed here
+            loop.close()
 
 
 def _write_trainable_folder(gguf_path: Path, out_dir: Path, chat_template: str | None) -> None:
