@@ -58,6 +58,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def pulled_as(name: str, model_dir: Path, home: Path) -> Path:
+    """`model_dir` in `home`'s cache as the pulled folder of registry model `name`, as a pull leaves it."""
+    import json
+    import shutil
+
+    from tuneforge.models import REGISTRY
+    from tuneforge.models.convert import MODEL_RECORD
+
+    entry = REGISTRY[name]
+    folder = shutil.copytree(model_dir, home / "models" / name)
+    record = {"name": name, "sha256": entry.gguf_sha256, "chat_template": entry.chat_template}
+    (folder / MODEL_RECORD).write_text(json.dumps(record))
+    for member in entry.licence_files:
+        (folder / Path(member).name).write_text("licence")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

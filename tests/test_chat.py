@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import SUBPROCESS_ENV
+from conftest import SUBPROCESS_ENV, pulled_as
 from test_serve_reasoning import ANSWER, QUESTION, REASONING, qwen3_dir  # noqa: F401 - a fixture
 from tiny_sharp import save_sharp_tiny_model
 from typer.testing import CliRunner
@@ -253,6 +253,18 @@ def test_the_chat_command_names_an_adapters_base(model_dir, tmp_path):
     result = CliRunner().invoke(app, ["chat", str(adapter), "--max-tokens", "1"], input="/exit\n")
     assert result.exit_code == 0, result.output
     assert f"chatting with adapter (adapter {adapter} on {model_dir}); greedy" in result.output
+
+
+def test_chatting_with_a_registry_base_model_says_it_has_not_learned_the_chat_format(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path))
+    for name in ("gemma3-270m", "smollm2-135m-instruct"):
+        pulled_as(name, model_dir, tmp_path)
+    base = CliRunner().invoke(app, ["chat", "gemma3-270m", "--max-tokens", "1"], input="/exit\n")
+    assert base.exit_code == 0, base.output
+    assert "(gemma3-270m is a base model, not instruction-tuned: it has not learned the chat format" in base.output
+    tuned = CliRunner().invoke(app, ["chat", "smollm2-135m-instruct", "--max-tokens", "1"], input="/exit\n")
+    assert tuned.exit_code == 0 and "chatting with smollm2-135m-instruct" in tuned.output
+    assert "base model" not in tuned.output
 
 
 def test_the_chat_runs_without_the_serve_extra():

@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import tiny_run_config
+from conftest import pulled_as, tiny_run_config
 from families import FAMILIES, save_family_model
 from tiny import save_adapter_with_added_tokens
 from tiny_sharp import save_sharp_tiny_model
@@ -914,6 +914,22 @@ def test_a_port_out_of_range_is_a_usage_error(command):
     result = CliRunner().invoke(app, [command, "--port", "70000"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "less than or equal to 65535" in result.output
+
+
+def test_serving_a_registry_base_model_says_it_has_not_learned_the_chat_format(base_dir, tmp_path, monkeypatch, capsys):
+    from tuneforge.serve import command
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path))
+    pulled_as("gemma3-270m", base_dir, tmp_path)
+    announced = []
+    monkeypatch.setattr(command, "listen", lambda app, sock, announce: announced.append(announce("http://here")))
+    options = dict(host="127.0.0.1", port=0, api_keys=[], max_adapters=1, max_batch=1, max_waiting=1)
+    options |= dict(default_max_tokens=1, max_body_mb=1, docs=False, precision="fp32")
+    assert command.serve_command("gemma3-270m", [], **options) == 0
+    err = capsys.readouterr().err
+    assert announced and "note: gemma3-270m is a base model, not instruction-tuned: it has not learned the chat " in err
+    assert command.serve_command(str(base_dir), [], **options) == 0
+    assert "base model" not in capsys.readouterr().err
 
 
 def test_the_serve_command_reports_a_bad_adapter_without_a_traceback(base_dir, tmp_path):

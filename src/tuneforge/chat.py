@@ -24,6 +24,7 @@ from jinja2 import TemplateError
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import context_length, load_tokenizer, resolve
+from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
 from .reasoning import REASONING, ReasoningSplitter, message, reasoning_opened
 
@@ -137,6 +138,8 @@ def chat_command(
         + f"; {'greedy' if temperature == 0 else f'temperature {temperature}'}, "
         f"up to {max_new_tokens} tokens a reply; /help for commands.\n({_system_in_force(tokenizer, system)})\n"
     )
+    if note := untuned_base_note(source):
+        sys.stdout.write(f"({note})\n")
     chat_session(model, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     return 0
 

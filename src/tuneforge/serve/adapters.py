@@ -48,6 +48,7 @@ class AdapterPool:
                 )
             adapter_sources = {base_source.name: base_source, **adapter_sources}
             base_source = resolve(str(base_source.path))
+        self.base_source = base_source
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
         self._embedding_name = input_embedding_name(self.base_path)
         self._base_rows = model_vocab_rows(self.base_path)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.console import Console
+from rich.markup import escape
+
 from ..database import shown_url
 from ..errors import ConfigError
+from ..models.sources import untuned_base_note
 from ..web import Observer
 from ..web.listen import bind, listen
 from ..web.observe import log_requests_to_stderr
@@ -67,6 +71,8 @@ def serve_command(
             observer=Observer(log_prompts=log_prompts),
             completions=completions,
         )
+        if note := untuned_base_note(pool.base_source):
+            Console(stderr=True).print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         log_requests_to_stderr()
         listen(
             app,
