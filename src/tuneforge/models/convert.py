@@ -291,7 +291,10 @@ def _tensor_progress(description: str, shown: bool) -> Iterator[None]:
         loops.append(counted(tensors))
         return loops[-1]
 
-    library_loop = modeling_gguf_pytorch_utils.tqdm
+    library_loop = getattr(modeling_gguf_pytorch_utils, "tqdm", None)
+    if library_loop is None:  # a transformers that reads the tensors otherwise: its own bars, as library_bars says
+        yield
+        return
     modeling_gguf_pytorch_utils.tqdm = wrapped
     try:
         yield
