@@ -299,8 +299,8 @@ def test_stored_messages_are_listed_as_sent_and_train_as_the_chat_template_saw_t
     assert row["messages"] == [
         {"role": "system", "content": "You answer support tickets."},
         {"role": "user", "content": "Where is 4417?"},
-        {"role": "assistant", "content": "Which parcel?"},
-        {"role": "user", "content": "That one."},
+        {"role": "assistant", "content": "Which parcel?", "name": "agent"},
+        {"role": "user", "content": "That one.", "name": "ana"},
         {"role": "assistant", "content": reply.choices[0].message.content},
     ]
 
