@@ -235,6 +235,19 @@ def test_anthropic_hh_transcripts_read_as_conversations_that_differ_in_their_las
     ]
 
 
+def test_anthropic_hh_transcripts_beside_a_prompt_read_as_conversations_that_repeat_it(tmp_path):
+    """A prompt beside HH transcripts is checked against their shared turns, as UltraFeedback's is; the
+    transcripts are never trained as one reply holding 'Human:' and 'Assistant:'."""
+    shared = "\n\nHuman: Two plus two?"
+    pair = {"chosen": shared + "\n\nAssistant: Four.", "rejected": shared + "\n\nAssistant: Five."}
+    rows = [{"prompt": "Two plus two?", **pair}, {"prompt": shared, **pair}]
+    items = read(write_jsonl(tmp_path / "hh.jsonl", rows))
+    (read_pair,) = records(items)
+    assert [(m.role, m.content) for m in read_pair.prompt] == [("user", "Two plus two?")]
+    assert (read_pair.chosen.content, read_pair.rejected.content) == ("Four.", "Five.")
+    assert [(p.line, p.code, p.field) for p in errors(items)] == [(2, "invalid_preference", "prompt")]
+
+
 def test_alpaca_preference_rows_take_the_instruction_and_its_input_as_prompt(tmp_path):
     """LLaMA-Factory's alpaca pairs: `input` is the instruction's text, not OpenAI's {"messages"} object."""
     row = {"system": "Be kind.", "instruction": "Translate", "input": "bonjour", "chosen": "hello", "rejected": "no"}

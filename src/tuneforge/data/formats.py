@@ -15,7 +15,7 @@ Formats (the names `data.format` takes):
   preference         OpenAI DPO {"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}
                      or {"prompt"?, "chosen", "rejected"}: strings, or lists of chat messages
                      (whole conversations that repeat the prompt, as UltraFeedback's, read as their last reply),
-                     or Anthropic HH's {"chosen", "rejected"} transcripts ("\n\nHuman: ...\n\nAssistant: ..."),
+                     or Anthropic HH's {"prompt"?, "chosen", "rejected"} transcripts ("\n\nHuman: ...\n\nAssistant:"),
                      or alpaca's prompt {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"},
                      or ShareGPT's {"conversations", "system"?, "chosen": turn, "rejected": turn}
 """
@@ -787,7 +787,8 @@ def _openai_preference(row: dict, check: _RowCheck):
 def _trl_preference(row: dict, check: _RowCheck):
     if "conversations" in row:  # LLaMA-Factory's ShareGPT pairs: the prompt's turns, then one turn each
         return _sharegpt_turns(row, check), *(_sharegpt_reply(row, check, k) for k in ("chosen", "rejected"))
-    if "prompt" not in row and "instruction" not in row and all(_is_hh(row.get(k)) for k in ("chosen", "rejected")):
+    # HH transcripts hold their prompt; one given beside them is checked against it below, as UltraFeedback's is.
+    if "instruction" not in row and all(_is_hh(row.get(k)) for k in ("chosen", "rejected")):
         chosen_turns, rejected_turns = _hh_turns(check, row, "chosen"), _hh_turns(check, row, "rejected")
     else:
         chosen_turns = _turns(check, row, "chosen", "assistant")
