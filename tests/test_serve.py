@@ -932,6 +932,26 @@ def test_serving_a_registry_base_model_says_it_has_not_learned_the_chat_format(b
     assert "base model" not in capsys.readouterr().err
 
 
+def test_the_startup_line_gives_the_limits_an_operator_sizes_a_deployment_by(base_dir, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from tuneforge.serve import command
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path))
+    announced = []
+    monkeypatch.setattr(command, "listen", lambda app, sock, announce: announced.append(announce("http://here")))
+    options = dict(host="127.0.0.1", port=0, api_keys=[], max_adapters=1, max_batch=3, max_waiting=7)
+    assert command.serve_command(str(base_dir), [], **options, default_max_tokens=50, max_body_mb=2, docs=False) == 0
+    [line] = announced
+    window = AutoConfig.from_pretrained(base_dir).max_position_embeddings
+    assert " in float32 at http://here/v1;" in line or " in bfloat16 at http://here/v1;" in line
+    assert line.endswith(
+        "; limits: 3 requests decoded at once, 7 waiting (then 429), max_tokens 50 by default for chat and 16 for "
+        f"completions, prompt and reply within the {window}-token context window, bodies up to 2 MiB, no request "
+        "timeout"
+    )
+
+
 def test_the_serve_command_reports_a_bad_adapter_without_a_traceback(base_dir, tmp_path):
     result = subprocess.run(
         [

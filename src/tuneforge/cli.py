@@ -356,7 +356,12 @@ def serve(
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
     max_batch: int = typer.Option(32, min=1, help="Most requests decoded together."),
     max_waiting: int = typer.Option(256, min=1, help="Most requests waiting for a place; beyond it a 429."),
-    max_tokens: int = typer.Option(1024, min=1, help="Reply length limit for chat requests that set none."),
+    max_tokens: int = typer.Option(
+        1024,
+        min=1,
+        help="Reply length limit, in tokens, for chat requests that set none (completions: 16, as OpenAI's); "
+        "within the context window either way.",
+    ),
     max_body_mb: int = typer.Option(4, min=1, help="Largest request body accepted, in MiB."),
     docs: bool = typer.Option(False, help="Serve /docs and /openapi.json (without a key)."),
     precision: str = typer.Option(

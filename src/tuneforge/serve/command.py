@@ -15,7 +15,7 @@ from ..web import Observer
 from ..web.listen import bind, listen
 from ..web.observe import log_requests_to_stderr
 from .adapters import load_pool
-from .app import create_app
+from .app import COMPLETIONS_DEFAULT_MAX_TOKENS, create_app
 from .completion_store import CompletionStore, Retention, default_store
 from .engine import Engine
 
@@ -74,15 +74,28 @@ def serve_command(
         if note := untuned_base_note(pool.base_source):
             Console(stderr=True).print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         log_requests_to_stderr()
+        dtype = str(pool.model.dtype).removeprefix("torch.")
+        limits = served_limits(app.state.served.window, engine, default_max_tokens, max_body_mb)
         listen(
             app,
             sock,
-            lambda url: f"serving [bold]{pool.base_name}[/] on {pool.model.device} in {pool.model.dtype}"
+            lambda url: f"serving [bold]{pool.base_name}[/] on {pool.model.device} in {dtype}"
             + (f" with adapters {', '.join(pool.names[1:])}" if len(pool.names) > 1 else "")
             + f" at {url}/v1"
             + (" (API key required)" if api_keys else "")
-            + f"; stored completions in {shown_url(completions.url)}",
+            + f"; stored completions in {shown_url(completions.url)}; {limits}",
         )
     finally:
         engine.close()
     return 0
+
+
+def served_limits(window: int | None, engine: Engine, default_max_tokens: int, max_body_mb: int) -> str:
+    """The limits an operator sizes a deployment by, for the startup line: batch, queue, reply length, context
+    window, body size; a request has no time limit (a client that hangs up stops its own)."""
+    room = f"within the {window}-token context window" if window else "no context window in the model's config"
+    return (
+        f"limits: {engine.max_batch} requests decoded at once, {engine.max_waiting} waiting (then 429), "
+        f"max_tokens {default_max_tokens} by default for chat and {COMPLETIONS_DEFAULT_MAX_TOKENS} for completions, "
+        f"prompt and reply {room}, bodies up to {max_body_mb} MiB, no request timeout"
+    )
