@@ -74,6 +74,23 @@ def test_a_request_the_server_does_not_do_is_refused_before_its_model_loads(tmp_
         assert app.state.service.inference.loaded == []
 
 
+def test_a_chat_body_within_max_body_mb_reaches_the_model_whatever_its_characters(tmp_path, tiny_model_dir):
+    # The host caps the body once (4 MiB by default); the serve app it hands the body to, re-encoded with
+    # non-ASCII text escaped to six bytes a character, does not cap it again.
+    app = create_api(
+        tmp_path / "home",
+        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
+        api_keys=[KEY],
+        workers=0,
+        allowed_models=[str(tiny_model_dir)],
+    )
+    body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "é " * 700_000}], "max_tokens": 2}
+    assert len(json.dumps(body, ensure_ascii=False).encode()) < 4 << 20 < len(json.dumps(body).encode())
+    with TestClient(app) as http:
+        response = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_a_tuned_models_tool_call_comes_back_through_the_jobs_api_as_tool_calls(tmp_path):
     model = str(train_tool_caller(tmp_path))
     app = create_api(

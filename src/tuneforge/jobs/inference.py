@@ -85,7 +85,9 @@ class InferenceModels:
     def _build(self, base: str) -> ServedBase:
         pool = load_pool(base, max_loaded=self.max_adapters)
         engine = Engine(pool)
-        return ServedBase(pool, engine, create_app(engine, observer=self.observer, completions=self.completions))
+        # The host has read the body within its own cap (`--max-body-mb`); re-encoded here, it may be longer.
+        app = create_app(engine, max_body_bytes=None, observer=self.observer, completions=self.completions)
+        return ServedBase(pool, engine, app)
 
     def _retire(self, served: ServedBase) -> None:
         served.retired = True

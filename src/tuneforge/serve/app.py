@@ -613,7 +613,7 @@ def create_app(
     *,
     api_keys: Sequence[str] = (),
     default_max_tokens: int = 1024,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
     docs: bool = False,
     observer: Observer | None = None,
     completions: CompletionStore | None = None,
@@ -623,7 +623,8 @@ def create_app(
     With `api_keys`, every route but `/health` wants `Authorization: Bearer KEY` with one of them.
     `observer` records the requests (by default one of the app's own); `completions` is where
     `store: true` keeps them (without it, such a request is refused). The app can be called from
-    inside another (the jobs service) as it is, sharing its host's observer and store.
+    inside another (the jobs service) as it is, sharing its host's observer and store; a host that caps
+    bodies itself gives `max_body_bytes` None, so its cap is the one.
     """
     app = FastAPI(
         title="tuneforge", summary="OpenAI-compatible inference for a base model and its adapters", **docs_urls(docs)

@@ -58,7 +58,7 @@ def edge(
     app: FastAPI,
     *,
     api_keys: Sequence[str],
-    max_body_bytes: int,
+    max_body_bytes: int | None,
     per_path: dict[str, int] | None = None,
     pages: Pages | None = None,
     observer: Observer | None = None,
@@ -67,10 +67,12 @@ def edge(
     metrics and request log, and its /metrics route (`observe.py`).
 
     /health and the documentation pages, when the app has them (`docs_urls`), need no key; browser
-    `pages` may carry it in a cookie (`auth.py`).
+    `pages` may carry it in a cookie (`auth.py`). `max_body_bytes` None puts no cap: an app that a host
+    calls with a body the host has capped already.
     """
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, per_path=per_path)
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, max_bytes=max_body_bytes, per_path=per_path)
     documentation = [app.docs_url, app.redoc_url, app.openapi_url]
     if app.docs_url:
         documentation.append(app.swagger_ui_oauth2_redirect_url)
