@@ -336,7 +336,9 @@ def chat(
 
 PORT_HELP = "Port to listen on (0: a free one the OS picks; the address is printed at start)."
 STORE_MAX_AGE_HELP = "Delete stored chat completions older than this many days (default: keep them)."
-STORE_MAX_COUNT_HELP = "Keep at most this many stored chat completions, all keys together; the oldest go first."
+STORE_MAX_COUNT_HELP = (
+    "Keep at most this many stored chat completions, all keys together; the oldest go first (default: no bound)."
+)
 LOG_PROMPTS_HELP = "Put prompts' text in the request log (JSON lines on stderr); left out by default."
 
 
@@ -413,11 +415,17 @@ def api(
         help="Job store: a SQLite file's path or a database URL, e.g. postgresql://user@host/db (default: SQLite "
         "under $TUNEFORGE_HOME/jobs).",
     ),
-    workers: int = typer.Option(1, min=0, help="Jobs this server trains at once, each in its own process."),
+    workers: int = typer.Option(
+        1,
+        min=0,
+        help="Jobs this server trains at once, each in its own process (0: none here; `tuneforge worker` on the same "
+        "store trains them).",
+    ),
     api_key: list[str] | None = typer.Option(
         None,
         envvar="TUNEFORGE_API_KEYS",
-        help="Require this Bearer key; repeatable; each key sees only its own files, jobs and models.",
+        help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated); each key sees only "
+        "its own files, jobs and models.",
     ),
     max_upload_mb: int = typer.Option(512, min=1, help="Largest file POST /v1/files accepts, in MiB."),
     max_body_mb: int = typer.Option(4, min=1, help="Largest request body accepted on other routes, in MiB."),
