@@ -136,8 +136,8 @@ def test_checkpoint_names_stay_inside_their_run_and_tell_nothing_of_the_disk(tmp
             )
 
 
-def test_a_job_that_fails_unforeseen_fails_alone(tmp_path, tiny_model_dir):
-    """A job the worker cannot handle (here its method is malformed) fails with an error id; the next is checked."""
+def _store_with_upload(tmp_path):
+    """A job store and file storage under tmp_path, holding KEY's upload of an 8-row chat training file."""
     root, store = tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}")
     storage = FileStorage(root)
     upload = storage.save(
@@ -148,6 +148,12 @@ def test_a_job_that_fails_unforeseen_fails_alone(tmp_path, tiny_model_dir):
         max_bytes=1 << 20,
     )
     store.add(upload)
+    return root, store, storage, upload
+
+
+def test_a_job_that_fails_unforeseen_fails_alone(tmp_path, tiny_model_dir):
+    """A job the worker cannot handle (here its method is malformed) fails with an error id; the next is checked."""
+    root, store, storage, upload = _store_with_upload(tmp_path)
     broken = add_job(
         store,
         KEY,
@@ -179,16 +185,7 @@ def test_a_job_that_fails_unforeseen_fails_alone(tmp_path, tiny_model_dir):
 
 
 def test_an_empty_suffix_names_the_model_as_no_suffix_does(tmp_path, tiny_model_dir):
-    root, store = tmp_path / "home", Store(f"sqlite:///{tmp_path / 'jobs.db'}")
-    storage = FileStorage(root)
-    upload = storage.save(
-        io.BytesIO(chat_rows(8).encode()),
-        owner=owner_of(KEY),
-        filename="t.jsonl",
-        purpose="fine-tune",
-        max_bytes=1 << 20,
-    )
-    store.add(upload)
+    root, store, _, upload = _store_with_upload(tmp_path)
     headers = {"Authorization": f"Bearer {KEY}"}
     prefix = f"ft:{tiny_model_dir.name}:tuneforge:"
     with TestClient(create_api(root, store, api_keys=[KEY], workers=0, allowed_models=[str(tiny_model_dir)])) as http:
