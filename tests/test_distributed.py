@@ -21,10 +21,10 @@ from conftest import SUBPROCESS_ENV, tiny_run_config
 
 from tuneforge.config import load_config
 from tuneforge.data import prepare
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import LAUNCHER_SHOWS_ERRORS, RunFailed, TuneforgeError
 from tuneforge.eval.evaluate import token_loss
 from tuneforge.models import load_model, load_tokenizer, resolve
-from tuneforge.training.distributed import launch, launch_function, setup
+from tuneforge.training.distributed import _failure_as_error, launch, launch_function, setup
 
 ENV = SUBPROCESS_ENV
 
@@ -158,10 +158,34 @@ def test_a_batch_size_that_does_not_split_among_the_processes_is_refused_before_
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2, batch_size=4, grad_accum=4)
     res = run_cli(cfg, tmp_path, 2, timeout=240)
     assert res.returncode == 2
-    assert "is no multiple of train.grad_accum x processes (4 x 2)" in res.stderr
+    assert res.stderr.count("is no multiple of train.grad_accum x processes (4 x 2)") == 1  # not once per process
     assert "give train.batch_size a multiple of 8" in res.stderr
     assert "data:" not in res.stdout + res.stderr
     assert not (tmp_path / "run" / "data_report.json").exists()
+
+
+def test_an_error_every_process_reports_reads_once_and_one_only_a_process_hits_still_shows(tmp_path):
+    """Under `tuneforge train --nproc N` local rank 0 prints its error; the other processes hand theirs to
+    the launcher (torchrun's error file), whose own error adds those that differ."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {}
+    for rank, recipe in enumerate(["nope", "nope", "other"]):
+        error_file = tmp_path / f"error{rank}.json"
+        env = {
+            **ENV,
+            **{"WORLD_SIZE": "3", "RANK": str(rank), "LOCAL_RANK": str(rank), LAUNCHER_SHOWS_ERRORS: "1"},
+            "TORCHELASTIC_ERROR_FILE": str(error_file),
+        }
+        command = [sys.executable, "-m", "tuneforge", "recipes", "show", recipe]
+        res = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2
+        assert ("no shipped recipe named 'nope'" in res.stderr) == (rank == 0), res.stderr
+        failures[rank] = ProcessFailure(local_rank=rank, pid=0, exitcode=2, error_file=str(error_file))
+    with pytest.raises(RunFailed) as stopped, _failure_as_error(3, shows_errors=True):
+        raise ChildFailedError("tuneforge", failures)
+    assert "no shipped recipe named 'other'" in stopped.value.message
+    assert "'nope'" not in stopped.value.message
 
 
 def test_a_stuck_rank_times_out_with_the_rank_and_phase(tiny_model_dir, triage_data, tmp_path):

@@ -7,9 +7,11 @@ never a traceback.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from .errors import EXIT_RUN_FAILED, TuneforgeError
+from .errors import EXIT_RUN_FAILED, LAUNCHER_SHOWS_ERRORS, TuneforgeError
 
 
 class _Interrupted(Exception):
@@ -636,6 +638,25 @@ def leave(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _show_error(message: str) -> None:
+    """Print `message` as this command's error. A process of a multi-process run ignores SIGTERM from
+    here on: torchrun stops the other processes as soon as one exits, and the signal would cut the
+    message short with a traceback. Under `tuneforge train --nproc N` the message also goes to
+    torchrun's error file for the launcher, and only local rank 0 prints it (`LAUNCHER_SHOWS_ERRORS`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if os.environ.get(LAUNCHER_SHOWS_ERRORS) and error_file:
+        try:
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        except OSError:
+            pass  # the launcher cannot show it: this process prints it itself
+        else:
+            if os.environ.get("LOCAL_RANK", "0") != "0":
+                return
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _click_exceptions() -> tuple[type[Exception], ...]:
     """Click's usage errors: those of the click package, and of the copy of click that recent typer
     releases carry inside them (`typer._click`), which typer raises instead and which click's
@@ -680,7 +701,7 @@ def main() -> None:
         # Without standalone mode, click returns a command's exit code instead of exiting.
         code = app(args=_normalise_argv(sys.argv[1:]), prog_name="tuneforge", standalone_mode=False) or 0
     except TuneforgeError as e:
-        err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
+        _show_error(e.message)
         leave(e.exit_code)
     except OSError as e:
         if e.filename is None:  # not about a path the user can look at: a defect, with its traceback
@@ -688,8 +709,7 @@ def main() -> None:
         # A path that cannot be written or read (a file where a folder goes, no space, no permission) is
         # the machine's state, which the user fixes; its traceback would only hide the one line that matters.
         where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-        message = f"{where}: {e.strerror or e}. {_PATH_ERROR_ADVICE.get(e.errno, '')}".rstrip()
-        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        _show_error(f"{where}: {e.strerror or e}. {_PATH_ERROR_ADVICE.get(e.errno, '')}".rstrip())
         leave(EXIT_RUN_FAILED)
     except typer.Exit as e:
         leave(e.exit_code)

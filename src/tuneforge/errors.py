@@ -13,6 +13,11 @@ from collections.abc import Sequence
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
 
+# Set by `tuneforge train --nproc N` for the processes it starts: each hands its error message to the
+# launcher (in torchrun's error file) and only a machine's local rank 0 prints it, so a refusal that
+# every process raises reads once; the launcher shows the messages that differ from it.
+LAUNCHER_SHOWS_ERRORS = "TUNEFORGE_LAUNCHER_SHOWS_ERRORS"
+
 
 # What pydantic puts in an error's location for a member of a union rather than a key: `str`,
 # `list[str]`, `constrained-str`, `function-after[...]`, `literal['a']`.

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..errors import RunFailed, TuneforgeError
+from ..errors import LAUNCHER_SHOWS_ERRORS, RunFailed, TuneforgeError
 from ..models import causal_lm
 
 # How long torchrun lets processes it stops (SIGTERM) finish their step and checkpoint before it kills them.
@@ -328,20 +328,25 @@ def rendezvous(nnodes: int = 1, node_rank: int = 0, master: str | None = None) -
 def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, master: str | None = None) -> int:
     """Run `tuneforge ARGS` under torchrun with `nproc` processes on this machine (of `nnodes`, see
     `rendezvous`). torchrun stops every process as soon as one fails; the exit code is then the
-    failed process's own (2 for bad input, 1 for a failed run), and each process has printed its own error."""
+    failed process's own (2 for bad input, 1 for a failed run). An error a process reports (`cli.main`)
+    is printed once per machine, by local rank 0; the launcher's own error adds what other processes
+    said differently. A traceback is printed by the process it comes from."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import get_args_parser, run
 
     refuse_more_processes_than_gpus(nproc)
     options = [*rendezvous(nnodes, node_rank, master), f"--nproc-per-node={nproc}"]
     launcher = get_args_parser().parse_args([*options, "-m", "tuneforge", *args])
+    os.environ[LAUNCHER_SHOWS_ERRORS] = "1"  # the processes inherit it
     try:
-        with _failure_as_error(nproc * nnodes):
+        with _failure_as_error(nproc * nnodes, shows_errors=True):
             run(launcher)
     except SignalException as stopped:
         # Ctrl-C (or SIGTERM) reached torchrun's agent, which passed it on to every process: they have
         # saved a checkpoint and said how to resume. The exit code is a signal's, as on one process (130).
         return 128 + int(stopped.sigval)
+    finally:
+        os.environ.pop(LAUNCHER_SHOWS_ERRORS, None)
     return 0
 
 
@@ -370,17 +375,35 @@ def launch_function(fn, args: tuple, nproc: int):
         return elastic_launch(config, fn)(*args)[0]
 
 
+def unshown_errors(failures: dict) -> dict[int, str]:
+    """The messages (by rank) that failed processes handed to the launcher without printing them
+    (`cli._show_error`), less those equal to the one their machine's local rank 0 printed: a refusal
+    every process raises is shown once, a process's own different error still is."""
+    said = {rank: f.error_file_data.get("message") for rank, f in failures.items() if f.error_file != "<N/A>"}
+    shown = {said[rank] for rank, f in failures.items() if f.local_rank == 0 and rank in said}
+    unshown: dict[int, str] = {}
+    for rank in sorted(said):
+        message = said[rank]
+        if failures[rank].local_rank != 0 and isinstance(message, str) and message not in shown:
+            unshown[rank] = message
+            shown.add(message)
+    return unshown
+
+
 @contextlib.contextmanager
-def _failure_as_error(processes: int):
+def _failure_as_error(processes: int, shows_errors: bool = False):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         yield
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
+        unshown = unshown_errors(failed.failures) if shows_errors else {}
+        said = f"Its error: {unshown.pop(rank)}" if rank in unshown else "Its error is printed above."
+        said += "".join(f" Process {other} said: {message}" for other, message in unshown.items())
         error = RunFailed(
             f"process {rank} of {processes} stopped first (exit code {failure.exitcode}); torchrun "
-            "stopped the others. Its error is printed above."
+            f"stopped the others. {said}"
         )
         error.exit_code = failure.exitcode if failure.exitcode > 0 else 1  # bad input stays 2, as in one process
         raise error from None
