@@ -82,10 +82,19 @@ def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_
     assert validate(path) == 0
     out = " ".join(capsys.readouterr().out.split())
     rows = int(re.search(r"│ rows │ ([\d,]+) \(packed", out)[1].replace(",", ""))
-    assert f"line {line}): 512 rows a step, but the data makes {rows} rows, so every step trains on {rows}" in out
+    # Packed rows are counted with the examples they hold: 96 examples making a few rows is no loss of data.
+    packed = f"the 96 training examples pack into {rows} rows of up to 512 tokens (data.packing)"
+    assert (
+        f"line {line}): 512 rows a step, but {packed}, so every step trains on all of the data; set "
+        f"train.batch_size to {rows} or fewer, add data, or set data.packing to false for a row per example." in out
+    )
     # The plan says what a step trains, not what train.batch_size asked for.
     table = " ".join(re.sub("[│┃┌┐└┘├┤─┬┴┼]", " ", out).split())
-    assert f"batch {rows} rows per step = 1 x {rows} (train.batch_size is 512, but the data makes {rows} rows)" in table
+    assert f"batch {rows} rows per step = 1 x {rows} (train.batch_size is 512, but {packed})" in table
+    assert validate(path, ["data.packing=false"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "512 rows a step, but the data makes 96 rows, so every step trains on all of the data; set " in out
+    assert "train.batch_size to 96 or fewer, or add data." in out
 
 
 def test_a_model_without_a_chat_template_is_a_warning_naming_chatml_and_where_its_own_goes(

@@ -34,6 +34,7 @@ from .training import (
     earlier_run,
     make_plan,
     plan_warnings,
+    rows_made,
     shares_prefixes,
     to_rows,
 )
@@ -352,7 +353,7 @@ def batch_row(cfg, plan, processes: int) -> str:
     up_to = "up to " if plan.step_rows % n_micro else ""
     on_each = f" on each of {processes} processes" if processes > 1 else ""
     fewer = (
-        f" (train.batch_size is {cfg.train.batch_size}, but the data makes {plan.rows} rows)"
+        f" (train.batch_size is {cfg.train.batch_size}, but {rows_made(cfg, plan)})"
         if plan.step_rows < cfg.train.batch_size
         else ""
     )

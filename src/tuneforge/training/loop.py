@@ -142,6 +142,18 @@ class StepPlan:
     total_steps: int
     warmup_steps: int
     micro_batch_rows: int  # the most rows a micro-batch holds
+    examples: int  # training examples the rows hold (more than the rows where data.packing packs them)
+
+
+def rows_made(cfg: Config, plan: StepPlan) -> str:
+    """The rows the data makes, as a user reads it: packed rows say the examples they hold, since
+    a count of packed rows alone reads as data gone missing."""
+    rows = f"{plan.rows} row{'s' if plan.rows != 1 else ''}"
+    if not cfg.data.packing:
+        return f"the data makes {rows}"
+    return (
+        f"the {plan.examples} training examples pack into {rows} of up to {cfg.data.max_length} tokens (data.packing)"
+    )
 
 
 def check_batch_split(cfg: Config, world_size: int) -> None:
@@ -179,7 +191,7 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
             "(such as 0.03)."
         )
     step_rows = min(t.batch_size, n_rows)
-    return StepPlan(n_rows, step_rows, epochs, per_epoch, total, warmup, math.ceil(step_rows / n_micro))
+    return StepPlan(n_rows, step_rows, epochs, per_epoch, total, warmup, math.ceil(step_rows / n_micro), n_examples)
 
 
 def row_tokens(row) -> int:
@@ -247,9 +259,13 @@ def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
                 "distill.student, dpo.policy or grpo.policy: lora)."
             )
     if plan.rows < cfg.train.batch_size:
+        to = f"{plan.rows}" if plan.rows == 1 else f"{plan.rows} or fewer"
+        options = [f"set train.batch_size to {to}", "add data"]
+        if cfg.data.packing:
+            options.append("set data.packing to false for a row per example")
         warnings.append(
-            f"{cfg.key_at('train.batch_size')}: {cfg.train.batch_size} rows a step, but the data makes {plan.rows} "
-            f"rows, so every step trains on {plan.rows}; set train.batch_size to {plan.rows} or fewer, or add data."
+            f"{cfg.key_at('train.batch_size')}: {cfg.train.batch_size} rows a step, but {rows_made(cfg, plan)}, "
+            f"so every step trains on all of the data; {', '.join(options[:-1])}, or {options[-1]}."
         )
     return warnings
 
