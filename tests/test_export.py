@@ -499,9 +499,29 @@ def test_an_unfinished_run_points_at_its_checkpoints(tmp_path, tiny_model_dir):
     assert "step-10" in error.value.message
 
 
-def test_a_full_model_has_no_adapter_to_export(tiny_model_dir, tmp_path):
-    with pytest.raises(TuneforgeError, match="holds a full model, not an adapter"):
-        export(tiny_model_dir, "adapter", None, tmp_path / "out", progress=False)
+def test_a_full_model_has_no_adapter_to_export_and_the_refusal_says_what_it_is(tiny_model_dir, run_dir, tmp_path):
+    """A run's final/ is whole where every weight trained, and where a dpo or grpo run's LoRA policy trained on
+    a LoRA run (that adapter merged into its base first, a base only in memory): as each run leaves it."""
+    import shutil
+
+    def refusal(model) -> str:
+        with pytest.raises(TuneforgeError, match="holds a full model, not an adapter") as refused:
+            export(model, "adapter", None, tmp_path / "out", progress=False)
+        assert "Export it --format merged (safetensors) or --format gguf." in refused.value.message
+        return refused.value.message
+
+    assert "it is a base model, or a model saved whole" in refusal(tiny_model_dir)
+    runs = {
+        "dpo": {"base_model": str(run_dir), "method": "dpo", "dpo": {"policy": "lora"}},
+        "full": {"base_model": str(tiny_model_dir), "method": "full"},
+    }
+    for name, recorded in runs.items():
+        shutil.copytree(tiny_model_dir, tmp_path / name / "final")
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(recorded))
+    said = refusal(tmp_path / "dpo")
+    assert f"it is a dpo run whose LoRA policy (dpo.policy: lora) trained on base_model {run_dir}, a LoRA " in said
+    assert "a full fine-tune" not in said
+    assert "it is a run that trained every weight (method: full)" in refusal(tmp_path / "full")
 
 
 def test_a_checkpoint_of_a_full_fine_tune_of_a_sentencepiece_family_exports_as_gguf(tmp_path):
