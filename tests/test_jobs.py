@@ -936,6 +936,25 @@ def test_the_job_store_is_a_sqlite_file_path_as_the_error_for_a_bad_one_says_or_
     assert store.url.database == str(tmp_path / "stores" / "jobs.db") and (tmp_path / "stores" / "jobs.db").is_file()
 
 
+def test_the_api_startup_line_gives_the_limits_its_inference_uses(tmp_path, monkeypatch):
+    from tuneforge.jobs import command, runner
+    from tuneforge.web import listen
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path))
+    monkeypatch.setattr(runner, "start_process_server", lambda: None)
+    announced = []
+    monkeypatch.setattr(listen, "listen", lambda app, sock, announce: announced.append(announce("http://here")))
+    options = dict(host="127.0.0.1", port=0, db=None, workers=1, api_keys=[], allowed_models=[], docs=False)
+    assert command.api_command(**options, max_upload_mb=64, max_body_mb=3, max_models=2) == 0
+    [line] = announced
+    assert line.startswith("tuneforge api at http://here/v1 with 1 job worker(s); ")
+    assert line.endswith(
+        "; inference on up to 2 base model(s) at once, each with its own limits: 32 requests decoded at once, 256 "
+        "waiting (then 429), max_tokens 1024 by default for chat and 16 for completions, prompt and reply within "
+        "each model's context window, bodies up to 3 MiB, no request timeout; files uploaded up to 64 MiB"
+    )
+
+
 def test_a_finished_jobs_events_are_there_as_soon_as_its_status_is(tmp_path):
     # A client polling the status reads the events that tell of it in the same poll: every commit is
     # followed by a read, as a client's would be, of the status and the events.

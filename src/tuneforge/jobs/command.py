@@ -48,6 +48,7 @@ def api_command(
     runner.start_process_server()  # early: it imports torch and the training code while this process does the rest
     store, root = open_store(db)
     from ..serve import Retention
+    from ..serve.command import served_limits
     from ..web.observe import log_requests_to_stderr
     from .api import create_api
 
@@ -66,11 +67,22 @@ def api_command(
         log_prompts=log_prompts,
     )
     log_requests_to_stderr()
+    inference = app.state.service.inference
+    limits = served_limits(
+        inference.max_batch,
+        inference.max_waiting,
+        inference.default_max_tokens,
+        max_body_mb,
+        "within each model's context window",
+    )
     listen(
         app,
         sock,
         lambda url: f"tuneforge api at {url}/v1 with {workers} job worker(s); store {shown_url(store.url)}; files and "
-        f"runs under {root}" + (" (API key required)" if api_keys else ""),
+        f"runs under {root}"
+        + (" (API key required)" if api_keys else "")
+        + f"; inference on up to {max_models} base model(s) at once, each with its own {limits}; files uploaded up "
+        f"to {max_upload_mb} MiB",
     )
     return 0
 

@@ -20,6 +20,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..serve import AdapterPool, CompletionStore, Engine, create_app, load_pool
+from ..serve.app import DEFAULT_MAX_TOKENS
+from ..serve.engine import MAX_BATCH, MAX_WAITING
 from ..web import Observer
 from .access import InferenceTarget
 
@@ -44,6 +46,8 @@ class InferenceModels:
         completions: CompletionStore | None = None,
     ):
         self.max_bases, self.max_adapters = max_bases, max_adapters
+        # serve's defaults, for each base model's engine and app
+        self.max_batch, self.max_waiting, self.default_max_tokens = MAX_BATCH, MAX_WAITING, DEFAULT_MAX_TOKENS
         self.observer, self.completions = observer, completions
         self._served: OrderedDict[str, ServedBase] = OrderedDict()  # by base folder, least recently used first
         self._lock = asyncio.Lock()
@@ -84,9 +88,15 @@ class InferenceModels:
 
     def _build(self, base: str) -> ServedBase:
         pool = load_pool(base, max_loaded=self.max_adapters)
-        engine = Engine(pool)
+        engine = Engine(pool, max_batch=self.max_batch, max_waiting=self.max_waiting)
         # The host has read the body within its own cap (`--max-body-mb`); re-encoded here, it may be longer.
-        app = create_app(engine, max_body_bytes=None, observer=self.observer, completions=self.completions)
+        app = create_app(
+            engine,
+            default_max_tokens=self.default_max_tokens,
+            max_body_bytes=None,
+            observer=self.observer,
+            completions=self.completions,
+        )
         return ServedBase(pool, engine, app)
 
     def _retire(self, served: ServedBase) -> None:

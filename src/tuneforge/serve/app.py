@@ -41,6 +41,7 @@ from .metrics import GenerationMetrics
 from .tool_calls import ParsedReply, ToolCallParser, parser_for
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_MAX_TOKENS = 1024  # chat's, unless the server says otherwise
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
 # Below this, sampling picks the argmax but for rounding, and dividing the logits by it can overflow.
@@ -612,7 +613,7 @@ def create_app(
     engine: Engine,
     *,
     api_keys: Sequence[str] = (),
-    default_max_tokens: int = 1024,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
     docs: bool = False,
     observer: Observer | None = None,

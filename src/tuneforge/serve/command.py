@@ -75,7 +75,9 @@ def serve_command(
             Console(stderr=True).print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         log_requests_to_stderr()
         dtype = str(pool.model.dtype).removeprefix("torch.")
-        limits = served_limits(app.state.served.window, engine, default_max_tokens, max_body_mb)
+        limits = served_limits(
+            engine.max_batch, engine.max_waiting, default_max_tokens, max_body_mb, context_room(app.state.served.window)
+        )
         listen(
             app,
             sock,
@@ -90,12 +92,16 @@ def serve_command(
     return 0
 
 
-def served_limits(window: int | None, engine: Engine, default_max_tokens: int, max_body_mb: int) -> str:
+def context_room(window: int | None) -> str:
+    """Where a prompt and its reply must fit, for `served_limits`: the model's context window."""
+    return f"within the {window}-token context window" if window else "no context window in the model's config"
+
+
+def served_limits(max_batch: int, max_waiting: int, default_max_tokens: int, max_body_mb: int, room: str) -> str:
     """The limits an operator sizes a deployment by, for the startup line: batch, queue, reply length, context
-    window, body size; a request has no time limit (a client that hangs up stops its own)."""
-    room = f"within the {window}-token context window" if window else "no context window in the model's config"
+    window (`room`), body size; a request has no time limit (a client that hangs up stops its own)."""
     return (
-        f"limits: {engine.max_batch} requests decoded at once, {engine.max_waiting} waiting (then 429), "
+        f"limits: {max_batch} requests decoded at once, {max_waiting} waiting (then 429), "
         f"max_tokens {default_max_tokens} by default for chat and {COMPLETIONS_DEFAULT_MAX_TOKENS} for completions, "
         f"prompt and reply {room}, bodies up to {max_body_mb} MiB, no request timeout"
     )

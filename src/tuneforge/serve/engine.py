@@ -94,11 +94,15 @@ class Generation:
             pass
 
 
+MAX_BATCH = 32  # rows decoded together, unless the caller says otherwise
+MAX_WAITING = 256  # requests waiting for a place before a 429, unless the caller says otherwise
+
+
 class Engine:
     """Owns `pool`'s model in one worker thread; at most `max_batch` rows decode together and at most
     `max_waiting` requests wait for a place."""
 
-    def __init__(self, pool: AdapterPool, *, max_batch: int = 32, max_waiting: int = 256):
+    def __init__(self, pool: AdapterPool, *, max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING):
         if max_batch < 1 or max_waiting < 1:
             raise ValueError(f"max_batch and max_waiting must be at least 1, got {max_batch} and {max_waiting}")
         self.pool, self.max_batch, self.max_waiting = pool, max_batch, max_waiting
