@@ -18,6 +18,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+import yaml
 from conftest import pulled_as, tiny_run_config
 from families import FAMILIES, save_family_model
 from tiny import save_adapter_with_added_tokens
@@ -897,6 +898,26 @@ def test_adapters_are_checked_before_any_weights_load(base_dir, adapters, tmp_pa
         parse_adapters(["alpha"])
     with pytest.raises(ConfigError, match="twice"):
         parse_adapters(["a=x", "a=y"])
+
+
+def test_a_run_that_saved_a_full_model_given_as_an_adapter_is_refused_with_what_it_is(base_dir, tmp_path):
+    """A dpo run whose LoRA policy trained on a LoRA run saves its model merged, as a full fine-tune does: the
+    refusal says which, as export's does, and to serve it with --model."""
+    lora_run = tmp_path / "sft"
+    for name, recorded in {
+        "dpo": {"base_model": str(lora_run), "method": "dpo", "dpo": {"policy": "lora"}},
+        "full": {"base_model": str(base_dir), "method": "full"},
+    }.items():
+        shutil.copytree(base_dir, tmp_path / name / "final")
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(recorded))
+    with pytest.raises(ConfigError, match="not an adapter") as refused:
+        AdapterPool(str(base_dir), {"prefs": str(tmp_path / "dpo")})
+    said = refused.value.message
+    assert f"--adapter prefs={tmp_path / 'dpo'} holds a full model, not an adapter: it is a dpo run whose " in said
+    assert f"(dpo.policy: lora) trained on base_model {lora_run}, a LoRA adapter it merged into its base " in said
+    assert f"Serve it as the base with --model {tmp_path / 'dpo'}; --adapter takes LoRA adapters" in said
+    with pytest.raises(ConfigError, match=r"it is a run that trained every weight \(method: full\)\. Serve it as"):
+        AdapterPool(str(base_dir), {"whole": str(tmp_path / "full")})
 
 
 def test_an_adapter_with_its_own_vocabulary_is_refused_before_it_could_share_the_base(base_dir, adapters, tmp_path):

@@ -31,7 +31,7 @@ from rich.console import Console
 
 from ..errors import TuneforgeError
 from ..fsio import atomic_dir, temporary_siblings, write_json
-from ..models import ModelSource, load_model, load_tokenizer, resolve, run_config_of
+from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
 from ..progress import library_bars
 from . import adapter, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
@@ -86,8 +86,8 @@ def export(
             dtype = _stored_dtype(source) or dtype
         if fmt == "adapter" and source.adapter is None:
             raise TuneforgeError(
-                f"{run_or_model} holds a full model, not an adapter: {_whole_model(source)}. Export it --format "
-                "merged (safetensors) or --format gguf.",
+                f"{run_or_model} holds a full model, not an adapter: {describe_whole_model(source)}. Export it "
+                "--format merged (safetensors) or --format gguf.",
                 code="not_an_adapter",
             )
         tokenizer = load_tokenizer(source)
@@ -182,26 +182,6 @@ def _check_out_spares_source(out: Path, source: ModelSource) -> None:
             raise TuneforgeError(
                 f"--out {out} holds the model being exported ({path}); choose another folder.", code="out_exists"
             )
-
-
-def _whole_model(source: ModelSource) -> str:
-    """What a model with no adapter is, from the config.yaml of the run that saved it: a run whose every
-    weight trained, or a LoRA policy saved merged into a base that existed only in memory."""
-    recorded = run_config_of(source.path)
-    method = recorded.get("method")
-    key = {"distill": "student", "dpo": "policy", "grpo": "policy"}.get(method)
-    trained = (recorded.get(method) or {}).get(key) if key else None
-    if not method or (trained == "lora" and method == "distill"):
-        return "it is a base model, or a model saved whole (no adapter_config.json)"
-    if trained == "lora":  # dpo and grpo merge a LoRA base_model before their LoRA policy trains
-        return (
-            f"it is a {method} run whose LoRA {key} ({method}.{key}: lora) trained on base_model "
-            f"{recorded.get('base_model')}, a LoRA adapter it merged into its base first; that merged base exists "
-            "only in memory, so the run saved its model merged"
-        )
-    if not key:
-        return f"it is a run that trained every weight (method: {method})"
-    return f"it is a {method} run that trained every weight ({method}.{key}: {trained})"
 
 
 def _describe(source: ModelSource) -> dict:

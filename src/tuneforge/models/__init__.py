@@ -22,7 +22,7 @@ from .loading import (
 )
 from .precision import bf16_supported, compute_dtype, resolve_precision
 from .registry import REGISTRY, RegistryEntry
-from .sources import ModelSource, resolve, run_config_of
+from .sources import ModelSource, describe_whole_model, resolve, run_config_of
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -35,6 +35,7 @@ __all__ = [
     "context_length",
     "model_context_length",
     "count_parameters",
+    "describe_whole_model",
     "end_of_turn_token",
     "list_models",
     "load_frozen_model",

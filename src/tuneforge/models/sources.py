@@ -277,6 +277,27 @@ def run_config_of(model_dir: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def describe_whole_model(source: ModelSource) -> str:
+    """What a model with no adapter is, for the refusals that wanted one (`export --format adapter`, `serve
+    --adapter`), from the config.yaml of the run that saved it: a run whose every weight trained, or a LoRA policy
+    saved merged into a base that existed only in memory."""
+    recorded = run_config_of(source.path)
+    method = recorded.get("method")
+    key = {"distill": "student", "dpo": "policy", "grpo": "policy"}.get(method)
+    trained = (recorded.get(method) or {}).get(key) if key else None
+    if not method or (trained == "lora" and method == "distill"):
+        return "it is a base model, or a model saved whole (no adapter_config.json)"
+    if trained == "lora":  # dpo and grpo merge a LoRA base_model before their LoRA policy trains
+        return (
+            f"it is a {method} run whose LoRA {key} ({method}.{key}: lora) trained on base_model "
+            f"{recorded.get('base_model')}, a LoRA adapter it merged into its base first; that merged base exists "
+            "only in memory, so the run saved its model merged"
+        )
+    if not key:
+        return f"it is a run that trained every weight (method: {method})"
+    return f"it is a {method} run that trained every weight ({method}.{key}: {trained})"
+
+
 # ---- the Hugging Face hub ------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from ..config import DEFAULT_MODEL
 from ..errors import ConfigError, ModelSourceError
 from ..generate import load_for_inference
-from ..models import ModelSource, load_tokenizer, resolve
+from ..models import ModelSource, describe_whole_model, load_tokenizer, resolve
 from ..models.loading import LOAD_ERRORS, adapter_embedding_rows, input_embedding_name, model_vocab_rows
 
 
@@ -200,8 +200,8 @@ def _adapter_source(name: str, spec: str) -> ModelSource:
     source = resolve(spec)
     if source.adapter is None:
         raise ConfigError(
-            f"--adapter {name}={spec} is a full model, not an adapter (no adapter_config.json). "
-            "Serve a full model with --model; --adapter takes LoRA adapters or LoRA run folders.",
+            f"--adapter {name}={spec} holds a full model, not an adapter: {describe_whole_model(source)}. Serve it "
+            f"as the base with --model {spec}; --adapter takes LoRA adapters or LoRA run folders.",
             code="not_an_adapter",
         )
     return source
