@@ -124,7 +124,8 @@ def test_each_file_of_a_mix_says_what_became_of_its_rows(good_file, tmp_path, ca
     assert check_command([str(good_file), str(other)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "files good.jsonl (chat, train): 3 train rows, 0 left out;" in out
-    assert "other.jsonl (chat, train): 1 train rows, 1 left out;" in out and "% of train tokens)" in out
+    assert "other.jsonl (chat, train): 1 train row, 1 left out;" in out and "% of train tokens)" in out
+    assert "validation leak 1 row appears in more than one file" in out
 
 
 def test_errors_as_json(tmp_path, capsys, models):

@@ -178,7 +178,10 @@ def test_long_rows_are_truncated_and_counted(tmp_path, tokenizer):
     # The warning says which rows were cut, so they can be found and fixed.
     [warning] = [w for w in prepared.report["warnings"] if w["code"] == "truncated"]
     assert warning["where"] == [f"{tmp_path / 'train.jsonl'}:12"]
-    assert f"were cut (their ends are not trained): {tmp_path / 'train.jsonl'}:12. Raise" in warning["message"]
+    assert (
+        f"1 row longer than max_length 64 was cut (its end is not trained): {tmp_path / 'train.jsonl'}:12. Raise"
+        in warning["message"]
+    )
 
     dropped = run(tmp_path, tokenizer, data, max_length=64, truncation="drop")
     assert dropped.report["counts"]["dropped_too_long"] == 1 and len(dropped.train) == 11

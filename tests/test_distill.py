@@ -499,7 +499,7 @@ def test_most_influential_cut_drops_the_layer_that_passes_its_input_through(tmp_
         ({"most_influential": 2}, "go together"),
         ({"most_influential": 5, "data": "good"}, "the teacher has 4 layers; keep 1 to 4"),
         ({"most_influential": 2, "data": "good", "every": 2}, "one of --keep-layers, --every and --most-influential"),
-        ({"most_influential": 2, "data": "bad"}, "bad.jsonl: 1 rows cannot be used:\n.*bad.jsonl:2"),
+        ({"most_influential": 2, "data": "bad"}, "bad.jsonl: 1 row cannot be used:\n.*bad.jsonl:2"),
         ({"most_influential": 2, "data": "missing"}, "no such file"),
     ],
 )
@@ -742,7 +742,7 @@ def test_distill_generate_refuses_prompts_past_the_teachers_context_before_any_a
     questions = ["hi", "hello", "Why? " * 2100]
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in questions))
     out = tmp_path / "teacher.jsonl"
-    with pytest.raises(DataError, match="1 prompts do not fit the teacher's context") as err:
+    with pytest.raises(DataError, match="1 prompt does not fit the teacher's context") as err:
         generate_teacher_data(str(tiny_model_dir), prompts, out, max_new_tokens=4, progress=False)
     assert "prompts.jsonl:3: [too_long] the prompt is" in err.value.message
     assert "maximum context length is 2048 tokens" in err.value.message

@@ -174,7 +174,7 @@ def test_rows_without_a_reference_answer_are_refused_with_their_line(tmp_path):
     )
     with pytest.raises(DataError, match=r"bad.jsonl:2 .*example_missing_assistant_message"):
         read_eval_examples(bad)
-    with pytest.raises(DataError, match=r"bad.jsonl: 1 rows cannot be evaluated"):
+    with pytest.raises(DataError, match=r"bad.jsonl: 1 row cannot be evaluated"):
         read_eval_examples(bad)
     with pytest.raises(DataError) as missing:  # a file that is not there is no row count
         read_eval_examples(tmp_path / "missing.jsonl")
@@ -577,7 +577,7 @@ def test_a_row_longer_than_the_models_context_is_refused_with_its_line(tmp_path,
             for q in questions
         )
     )
-    with pytest.raises(DataError, match=r"long.jsonl: 1 rows do not fit the model's context") as long:
+    with pytest.raises(DataError, match=r"long.jsonl: 1 row does not fit the model's context") as long:
         evaluate(str(tiny_model_dir), data, progress=False)
     assert "long.jsonl:2: [too_long]" in long.value.message
     assert "maximum context length of 2048 tokens" in long.value.message

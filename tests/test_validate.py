@@ -269,3 +269,14 @@ def test_a_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(tmp_pat
         )
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr and "Usage" in result.stderr, (args, result.stderr)
+
+
+def test_the_plan_of_a_one_row_run_counts_in_the_singular(tiny_model_dir, triage_data, tmp_path, capsys):
+    row = json.loads(triage_data["train"].read_text().splitlines()[0])
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(row) + "\n")
+    cfg = tiny_run_config(tiny_model_dir, {"train": one, "validation": triage_data["validation"]}, tmp_path / "run")
+    assert validate(write_config(tmp_path / "cfg.yaml", cfg)) == 0
+    out = " ".join(re.sub("[│┃┌┐└┘├┤─┬┴┼]", " ", capsys.readouterr().out).split())
+    assert "batch 1 row per step = 1 x 1 (train.batch_size is 8, but the 1 training example packs into 1 row" in out
+    assert "only 1 training example; fine-tuning needs at least" in out

@@ -39,6 +39,7 @@ from .training import (
     to_rows,
 )
 from .training.distributed import decoder_layers, sharding_plan, strategy
+from .wording import counted
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
 # bundled model with LoRA on CPU; see BENCHMARKS.md). Used only for the labelled time estimate.
@@ -329,7 +330,7 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         ),
         (
             "general replay",
-            f"{replay:,} examples ({cfg.data.general_mix:.0%}) from {cfg.data.general_replay}"
+            f"{counted(replay, 'example', thousands=True)} ({cfg.data.general_mix:.0%}) from {cfg.data.general_replay}"
             if cfg.data.general_mix
             else "none",
         ),
@@ -357,7 +358,8 @@ def batch_row(cfg, plan, processes: int) -> str:
         if plan.step_rows < cfg.train.batch_size
         else ""
     )
-    return f"{plan.step_rows} rows per step = {cfg.train.grad_accum} x {up_to}{plan.micro_batch_rows}{on_each}{fewer}"
+    step = f"{cfg.train.grad_accum} x {up_to}{plan.micro_batch_rows}{on_each}"
+    return f"{counted(plan.step_rows, 'row')} per step = {step}{fewer}"
 
 
 def weights_held(cfg, precision: str) -> str:

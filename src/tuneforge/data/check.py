@@ -19,6 +19,7 @@ from rich.text import Text
 
 from ..config import DEFAULT_MODEL, DataConfig
 from ..errors import EXIT_BAD_INPUT, TuneforgeError, complaint, key_path
+from ..wording import counted
 from .dedup import content_hash
 from .formats import read_conversations
 from .prepare import check_data, cut_to_length, describe_files
@@ -113,7 +114,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         ("trained tokens", f"{tokens['trained']} of {tokens['total']} ({tokens['trained_share']:.1%})"),
         (
             "over max_length",
-            f"{tokens['over_max_length']} rows over {tokens['max_length']} "
+            f"{counted(tokens['over_max_length'], 'row')} over {tokens['max_length']} "
             f"({counts['truncated']} truncated, {counts['dropped_too_long']} dropped)",
         ),
         *describe_files(report),
@@ -121,7 +122,8 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         ("duplicates", f"{counts['duplicates_exact']} exact removed"),
         (
             "validation leak",
-            f"{counts['shared_between_files']} rows appear in more than one file"
+            f"{counted(counts['shared_between_files'], 'row')} "
+            f"{'appears' if counts['shared_between_files'] == 1 else 'appear'} in more than one file"
             + (" (a leak if one of them is for validation)" if counts["shared_between_files"] else ""),
         ),
     ]
@@ -159,7 +161,7 @@ def describe_system_prompt(system_prompt: dict) -> str:
         return "no row has one (the chat template's own default, if it has one, applies)"
     mixed = f"{distinct} different ones" if distinct > 1 else "one in some rows"
     return (
-        mixed + (f", {without} rows without one" if without else "") + ": none is saved with the model, so "
+        mixed + (f", {counted(without, 'row')} without one" if without else "") + ": none is saved with the model, so "
         "requests must bring their own"
     )
 

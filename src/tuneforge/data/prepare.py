@@ -24,6 +24,7 @@ from ..models.loading import chatml_fallback_warning
 from ..models.system_prompt import recorded_system_prompt
 from ..progress import progress_bar
 from ..tasks.general import BUNDLED_REPLAY, bundled_file
+from ..wording import counted
 from . import cache
 from .dedup import DuplicateIndex, content_hash, held_out_keys
 from .formats import file_format, read_conversations
@@ -142,7 +143,10 @@ def _log_report(report: dict, log: Callable[[str], object]) -> None:
     """What a run's log says of its data, prepared now or reused from the cache: its examples and every
     warning of its report."""
     counts = report["counts"]
-    log(f"data: {counts['train']} training and {counts['validation']} validation examples from {counts['read']} rows")
+    log(
+        f"data: {counted(counts['train'], 'training example')} and "
+        f"{counted(counts['validation'], 'validation example')} from {counted(counts['read'], 'row')}"
+    )
     for _, line in describe_files(report):
         log(f"data: {line}")
     for warning in report["warnings"]:
@@ -161,12 +165,14 @@ def describe_files(report: dict) -> list[tuple[str, str]]:
     lines = []
     for f in files:
         kept = ", ".join(
-            f"{f[key + '_rows']} {key}" for key in ("train", "validation") if f[key + "_rows"] or f["role"] == key
+            counted(f[key + "_rows"], f"{key} row")
+            for key in ("train", "validation")
+            if f[key + "_rows"] or f["role"] == key
         )
         lines.append(
             (
                 "" if lines else "files",
-                f"{Path(f['path']).name} ({f['format'] or 'unknown format'}, {f['role']}): {kept} rows, "
+                f"{Path(f['path']).name} ({f['format'] or 'unknown format'}, {f['role']}): {kept}, "
                 f"{f['left_out']} left out; {f['tokens']:,} tokens "
                 f"({f['tokens'] / (totals[f['role']] or 1):.0%} of {f['role']} tokens)",
             )
@@ -725,7 +731,8 @@ class _Preparation:
                 by_code.setdefault(p.code, []).append(p)
         for code, problems in by_code.items():
             places = [p.where() for p in problems]
-            warn(code, len(problems), f"{problems[0].message} ({len(problems)} rows: {_first(places)})", places)
+            said = f"{problems[0].message} ({counted(len(problems), 'row')}: {_first(places)})"
+            warn(code, len(problems), said, places)
         warn(
             "chat_template_missing",
             int(self.renderer.uses_fallback_template),
@@ -748,14 +755,15 @@ class _Preparation:
         warn(
             "validation_leak",
             counts["validation_leak"],
-            f"{counts['validation_leak']} training rows that are also "
-            "in the validation file were removed from training, so validation measures unseen data.",
+            f"{counted(counts['validation_leak'], 'training row')} also in the validation file "
+            f"{'was' if counts['validation_leak'] == 1 else 'were'} removed from training, so validation "
+            "measures unseen data.",
         )
         warn(
             "truncated",
             counts["truncated"],
-            f"{counts['truncated']} rows were longer than max_length "
-            f"{self.cfg.max_length} and were cut (their ends are not trained): "
+            f"{counted(counts['truncated'], 'row')} longer than max_length {self.cfg.max_length} "
+            f"{'was cut (its end is' if counts['truncated'] == 1 else 'were cut (their ends are'} not trained): "
             f"{_first(self.over_length, counts['truncated'])}. "
             "Raise data.max_length or set data.truncation: drop.",
             self.over_length,
@@ -763,8 +771,8 @@ class _Preparation:
         warn(
             "dropped_too_long",
             counts["dropped_too_long"],
-            f"{counts['dropped_too_long']} rows longer than "
-            f"max_length {self.cfg.max_length} were dropped (data.truncation: drop): "
+            f"{counted(counts['dropped_too_long'], 'row')} longer than max_length {self.cfg.max_length} "
+            f"{'was' if counts['dropped_too_long'] == 1 else 'were'} dropped (data.truncation: drop): "
             f"{_first(self.over_length, counts['dropped_too_long'])}.",
             self.over_length,
         )
@@ -772,14 +780,15 @@ class _Preparation:
             warn(
                 "few_examples",
                 counts["train"],
-                f"only {counts['train']} training examples; fine-tuning needs at "
+                f"only {counted(counts['train'], 'training example')}; fine-tuning needs at "
                 f"least {FEW_EXAMPLES}, and 50 to 100 good ones is a better start.",
             )
         if self.cfg.on_error == "skip":
             warn(
                 "rows_skipped",
                 counts["rejected"],
-                f"{counts['rejected']} rows with errors were left out (data.on_error: skip); see errors in the report.",
+                f"{counted(counts['rejected'], 'row')} with errors {'was' if counts['rejected'] == 1 else 'were'} "
+                "left out (data.on_error: skip); see errors in the report.",
             )
         return warnings
 

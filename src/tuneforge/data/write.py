@@ -24,6 +24,7 @@ from ..config import load_config
 from ..errors import ConfigError, DataError
 from ..fsio import atomic_dir, write_json
 from ..progress import progress_bar
+from ..wording import counted
 from . import cache
 from .formats import json_rows, read_conversations, record_row
 from .prepare import error_summary, file_state, refuses, replay_file, select_rows
@@ -97,15 +98,16 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
             )
         if written["train"] != len(selection.train) or written["valid"] != len(selection.valid):
             raise DataError(
-                f"{len(selection.train) + len(selection.valid)} rows were kept, but "
+                f"{counted(len(selection.train) + len(selection.valid), 'row')} kept, but "
                 f"{written['train'] + written['valid']} could be read back from the files; run again.",
                 code="file_changed",
             )
         write_json(tmp / "summary.json", _summary(report, data, written, reasons, written_as))
     counts = report["counts"]
     print(
-        f"data: wrote {written['train']} training rows ({counts['train']} examples) and {written['valid']} "
-        f"validation rows ({counts['validation']} examples) to {out}; {sum(reasons.values())} rows left out "
+        f"data: wrote {counted(written['train'], 'training row')} ({counted(counts['train'], 'example')}) and "
+        f"{counted(written['valid'], 'validation row')} ({counted(counts['validation'], 'example')}) to {out}; "
+        f"{counted(sum(reasons.values()), 'row')} left out "
         f"(dropped.jsonl)" + (": " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()) if reasons else "")
     )
     for name, form in written_as.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from ..errors import TuneforgeError
+from ..wording import counted
 from .student import init_student
 from .teacher_data import generate_teacher_data
 
@@ -95,6 +96,8 @@ def distill_generate(
             "train with data.on_error=skip, or remove them)"
         )
     Console().print(
-        f"{result.written} of {result.prompts} rows in {result.out}{resumed}{cut}", highlight=False, soft_wrap=True
+        f"{result.written} of {counted(result.prompts, 'row')} in {result.out}{resumed}{cut}",
+        highlight=False,
+        soft_wrap=True,
     )
     return 0

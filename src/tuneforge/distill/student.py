@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, TuneforgeError
+from ..wording import counted
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 INFLUENCE_ROWS = 64  # the data rows block influence is averaged over
@@ -91,7 +92,7 @@ def influence_rows(path: str | Path, tokenizer, rows: int = INFLUENCE_ROWS) -> l
         if len(token_ids) == rows:
             break
     if problems:
-        raise DataError.listing(f"{path}: {len(problems)} rows cannot be used", problems)
+        raise DataError.listing(f"{path}: {counted(len(problems), 'row')} cannot be used", problems)
     if not token_ids:
         raise DataError(f"--data {path} holds no rows.", code="empty_file")
     return token_ids

@@ -24,6 +24,7 @@ from ..data import Problem
 from ..data.formats import prompt_messages
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
+from ..wording import counted
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,11 @@ def _check_prompts_fit(path, prompts: list[list[dict]], lines: list[int], tokeni
         if len(ids) >= window
     ]
     if problems:
-        raise DataError.listing(f"{path}: {len(problems)} prompts do not fit the teacher's context", problems)
+        raise DataError.listing(
+            f"{path}: {counted(len(problems), 'prompt')} "
+            f"{'does' if len(problems) == 1 else 'do'} not fit the teacher's context",
+            problems,
+        )
 
 
 def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
@@ -127,7 +132,7 @@ def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
     lines = complete.decode("utf-8").splitlines()
     if len(lines) > len(prompts):
         raise TuneforgeError(
-            f"{out} holds {len(lines)} rows but the prompts file only {len(prompts)}: it was written "
+            f"{out} holds {counted(len(lines), 'row')} but the prompts file only {len(prompts)}: it was written "
             "for other prompts. Choose another --out.",
             code="output_mismatch",
         )

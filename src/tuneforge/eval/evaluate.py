@@ -31,6 +31,7 @@ from ..models import causal_lm, load_model, load_tokenizer, model_context_length
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
 from ..progress import progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
+from ..wording import counted
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16  # unpacked rows per forward, where the loss cannot run on packed rows
@@ -90,7 +91,7 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
         examples.append(EvalExample(str(path), line, item, prompt, messages[-1].content))
     if problems:
         rows = sum(problem.line is not None for problem in problems)  # the others are about the file itself
-        raise DataError.listing(f"{path}: {f'{rows} rows ' if rows else ''}cannot be evaluated", problems)
+        raise DataError.listing(f"{path}: {counted(rows, 'row') + ' ' if rows else ''}cannot be evaluated", problems)
     if not examples:
         raise DataError(f"{path} holds no conversations to evaluate.", code="empty_file")
     return examples
@@ -119,7 +120,9 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
         if (fault := reference_fault(metric, e.answer))
     ]
     if problems:
-        raise DataError.listing(f"{examples[0].file}: {len(problems)} rows cannot be scored by {metric}", problems)
+        raise DataError.listing(
+            f"{examples[0].file}: {counted(len(problems), 'row')} cannot be scored by {metric}", problems
+        )
     return metric
 
 
@@ -201,7 +204,11 @@ def render_within_window(
         if window and (length := max(map(len, examples_of_row))) > window
     ]
     if problems:
-        raise DataError.listing(f"{examples[0].file}: {len(problems)} rows do not fit the model's context", problems)
+        raise DataError.listing(
+            f"{examples[0].file}: {counted(len(problems), 'row')} "
+            f"{'does' if len(problems) == 1 else 'do'} not fit the model's context",
+            problems,
+        )
     return [example for examples_of_row in rendered for example in examples_of_row]
 
 

@@ -37,6 +37,7 @@ from ..methods.dpo import check_data_kind
 from ..models import REGISTRY, ModelSource, load_tokenizer, resolve
 from ..training import checkpoint, make_plan
 from ..web import failure_id, scrub_paths
+from ..wording import counted
 from . import runner
 from .access import training_spec
 from .files import RESULT_COLUMNS, REWARD_COLUMNS, FileStorage
@@ -211,8 +212,8 @@ class Workers:
             adding=[
                 event(
                     job.id,
-                    f"Files validated: {_counted(n_examples, 'training example')}, "
-                    f"{_counted(config.train.epochs, 'epoch')}, {_counted(total_steps, 'step')}. Job queued.",
+                    f"Files validated: {counted(n_examples, 'training example')}, "
+                    f"{counted(config.train.epochs, 'epoch')}, {counted(total_steps, 'step')}. Job queued.",
                 )
             ],
         )
@@ -429,10 +430,6 @@ class Workers:
             estimated_finish=None,
             adding=[event(job.id, failure.error["message"], level="error")],
         )
-
-
-def _counted(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _kill(child: BaseProcess) -> None:

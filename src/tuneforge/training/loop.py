@@ -57,6 +57,7 @@ from ..models.attention import per_example_attention, supports_per_example_atten
 from ..models.saving import save_model
 from ..models.system_prompt import record_system_prompt, recorded_system_prompt
 from ..progress import progress_bar
+from ..wording import counted
 from . import batches, checkpoint, distributed
 from .progress import TrainProgress, print_summary
 
@@ -148,11 +149,12 @@ class StepPlan:
 def rows_made(cfg: Config, plan: StepPlan) -> str:
     """The rows the data makes, as a user reads it: packed rows say the examples they hold, since
     a count of packed rows alone reads as data gone missing."""
-    rows = f"{plan.rows} row{'s' if plan.rows != 1 else ''}"
+    rows = counted(plan.rows, "row")
     if not cfg.data.packing:
         return f"the data makes {rows}"
     return (
-        f"the {plan.examples} training examples pack into {rows} of up to {cfg.data.max_length} tokens (data.packing)"
+        f"the {counted(plan.examples, 'training example')} "
+        f"{'pack' if plan.examples != 1 else 'packs'} into {rows} of up to {cfg.data.max_length} tokens (data.packing)"
     )
 
 
@@ -186,9 +188,9 @@ def make_plan(cfg: Config, n_examples: int, n_rows: int, world_size: int) -> Ste
     if warmup >= total:
         # The rate would still be climbing at the last step: the run would never train at its learning rate.
         raise TuneforgeError(
-            f"{cfg.key_at('train.warmup')}: {warmup} steps, but the run takes {total}: the learning rate would "
-            "never reach train.learning_rate; give train.warmup fewer steps than that, or a fraction of the run "
-            "(such as 0.03)."
+            f"{cfg.key_at('train.warmup')}: {counted(warmup, 'step')}, but the run takes {total}: the learning "
+            "rate would never reach train.learning_rate; give train.warmup fewer steps than that, or a fraction of "
+            "the run (such as 0.03)."
         )
     step_rows = min(t.batch_size, n_rows)
     return StepPlan(n_rows, step_rows, epochs, per_epoch, total, warmup, math.ceil(step_rows / n_micro), n_examples)
@@ -243,7 +245,8 @@ def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
         every = getattr(cfg.train, key)
         if every > plan.total_steps and every != TrainConfig.model_fields[key].default:
             warnings.append(
-                f"{cfg.key_at(f'train.{key}')}: {every} steps, but the run takes {plan.total_steps}, so it {does} "
+                f"{cfg.key_at(f'train.{key}')}: {counted(every, 'step')}, but the run takes {plan.total_steps}, "
+                f"so it {does} "
                 f"only at its end; set train.{key} to {plan.total_steps} or fewer, or to 0 to say so."
             )
     if not cfg.trains_adapters:
@@ -734,7 +737,7 @@ def setup(
     start_run_folder(cfg, world, prepared.report, replaces_earlier)
     if share:
         log(
-            f"data: shared prefixes: {len(train_items)} examples in {len(train_rows)} rows, "
+            f"data: shared prefixes: {counted(len(train_items), 'example')} in {counted(len(train_rows), 'row')}, "
             f"{sum(len(r) for r in train_rows):,} tokens ({sum(map(len, train_items)):,} without sharing)"
         )
 
