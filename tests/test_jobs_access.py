@@ -57,14 +57,14 @@ def test_one_model_under_several_names_loads_once_and_bases_are_bounded(tmp_path
         assert not first.engine.stats()["alive"]
 
 
+def _api_serving(tmp_path, model_dir):
+    """A jobs service under tmp_path that trains nothing and serves `model_dir` to KEY."""
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    return create_api(tmp_path / "home", store, api_keys=[KEY], workers=0, allowed_models=[str(model_dir)])
+
+
 def test_a_request_the_server_does_not_do_is_refused_before_its_model_loads(tmp_path, tiny_model_dir):
-    app = create_api(
-        tmp_path / "home",
-        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
-        api_keys=[KEY],
-        workers=0,
-        allowed_models=[str(tiny_model_dir)],
-    )
+    app = _api_serving(tmp_path, tiny_model_dir)
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     with TestClient(app) as http:
         for extra, param in (({"tools": tools, "tool_choice": "required"}, "tool_choice"), ({"n": 2}, "n")):
@@ -77,13 +77,7 @@ def test_a_request_the_server_does_not_do_is_refused_before_its_model_loads(tmp_
 def test_a_chat_body_within_max_body_mb_reaches_the_model_whatever_its_characters(tmp_path, tiny_model_dir):
     # The host caps the body once (4 MiB by default); the serve app it hands the body to, re-encoded with
     # non-ASCII text escaped to six bytes a character, does not cap it again.
-    app = create_api(
-        tmp_path / "home",
-        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
-        api_keys=[KEY],
-        workers=0,
-        allowed_models=[str(tiny_model_dir)],
-    )
+    app = _api_serving(tmp_path, tiny_model_dir)
     body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "é " * 700_000}], "max_tokens": 2}
     assert len(json.dumps(body, ensure_ascii=False).encode()) < 4 << 20 < len(json.dumps(body).encode())
     with TestClient(app) as http:
