@@ -218,12 +218,14 @@ def load_gguf(folder: Path, filename: str, source_config):
     """The GGUF as transformers reads it (dequantised to fp32), and the tokenizer it rebuilds. A file
     transformers cannot read is refused: unread, it is unchecked. `source_config` is the config of
     the model the file was written from."""
+    import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=filename)
-        _restore_rope_freqs(config, source_config, folder / filename)
-        _restore_rope_scaling(config, source_config, folder / filename)
+        written = gguf.GGUFReader(str(folder / filename))  # what transformers' reader leaves out, read once
+        _restore_rope_freqs(config, source_config, written)
+        _restore_rope_scaling(config, source_config, written)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, config=config, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     except LOAD_ERRORS as err:
@@ -257,16 +259,15 @@ def gguf_sliding_window(path: Path) -> int | None:
     return (fields[key].contents() or None) if key in fields else None
 
 
-def _restore_rope_freqs(config, source_config, path: Path) -> None:
-    """Give `config` (read from the GGUF at `path`) the source's rope scaling where the file stores it
-    as llama.cpp does, a divisor per rotary frequency (`rope_freqs`, Llama 3.1's `rope_type: llama3`):
-    transformers' GGUF reader drops that tensor and would read the model without its scaling. The
-    source's parameters are put back only where they give the file's divisors, so the file is still
-    what is checked."""
-    import gguf
+def _restore_rope_freqs(config, source_config, written) -> None:
+    """Give `config` (read from the GGUF that `written`, a `gguf.GGUFReader`, reads) the source's rope
+    scaling where the file stores it as llama.cpp does, a divisor per rotary frequency (`rope_freqs`,
+    Llama 3.1's `rope_type: llama3`): transformers' GGUF reader drops that tensor and would read the
+    model without its scaling. The source's parameters are put back only where they give the file's
+    divisors, so the file is still what is checked."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    stored = next((t for t in gguf.GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight"), None)
+    stored = next((t for t in written.tensors if t.name == "rope_freqs.weight"), None)
     if stored is None:
         return
     rope = dict(getattr(source_config, "rope_parameters", None) or {})
@@ -287,14 +288,13 @@ def _restore_rope_freqs(config, source_config, path: Path) -> None:
     )
 
 
-def _restore_rope_scaling(config, source_config, path: Path) -> None:
-    """Give `config` (read from the GGUF at `path`) the source's linear or YaRN rope scaling where the file
-    records the same (`{arch}.rope.scaling.type`, `.factor`, `.original_context_length`): transformers'
-    GGUF reader drops those keys and would read the model unscaled. Where the file records other figures,
-    nothing is put back and the check compares the file as it is."""
-    import gguf
-
-    fields = gguf.GGUFReader(str(path)).fields
+def _restore_rope_scaling(config, source_config, written) -> None:
+    """Give `config` (read from the GGUF that `written`, a `gguf.GGUFReader`, reads) the source's linear
+    or YaRN rope scaling where the file records the same (`{arch}.rope.scaling.type`, `.factor`,
+    `.original_context_length`): transformers' GGUF reader drops those keys and would read the model
+    unscaled. Where the file records other figures, nothing is put back and the check compares the file
+    as it is."""
+    fields = written.fields
     prefix = f"{fields['general.architecture'].contents()}.rope.scaling."
     stored = {key.removeprefix(prefix): field.contents() for key, field in fields.items() if key.startswith(prefix)}
     rope = dict(getattr(source_config, "rope_parameters", None) or {})
