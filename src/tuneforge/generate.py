@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .models.architecture import model_context_length
+
 Messages = list[dict]
 TokenIds = tuple[int, ...]
 Prompt = Messages | str | TokenIds
@@ -273,9 +275,17 @@ def stream(
     )
 
 
-def decode(tokenizer, tokens: list[int], keep_tokens: Sequence[str] = ()) -> str:
-    """The text of `tokens` without special tokens, but for those in `keep_tokens`, which stay as written."""
-    keep = {i: t for t in keep_tokens if (i := tokenizer.added_tokens_encoder.get(t)) is not None}
+def kept_token_ids(tokenizer, keep_tokens: Sequence[str]) -> dict[int, str]:
+    """The ids of the special tokens in `keep_tokens` (those the tokenizer has), with their text."""
+    if not keep_tokens:
+        return {}
+    added = tokenizer.added_tokens_encoder
+    return {added[t]: t for t in keep_tokens if t in added}
+
+
+def decode(tokenizer, tokens: list[int], keep: dict[int, str]) -> str:
+    """The text of `tokens` without special tokens, but for those in `keep` (`kept_token_ids`), which stay
+    as written."""
     cuts = [at for at, token in enumerate(tokens) if token in keep]
     if not cuts:
         return tokenizer.decode(tokens, skip_special_tokens=True)
@@ -300,6 +310,7 @@ class Row:
         self.handed_out = 0
         self.finish_reason: str | None = None
         self.cancelled = False  # set by whoever no longer wants the rest; the row leaves at the next step
+        self._keep: dict[int, str] | None = None  # sampling.keep_tokens' ids, found at the first token
 
     @property
     def done(self) -> bool:
@@ -308,12 +319,14 @@ class Row:
     def add(self, token: int, tokenizer, stop_ids: frozenset[int]) -> str:
         """Take the next token; return the text that is now safe to hand out."""
         stop = self.sampling.stop
+        if self._keep is None:
+            self._keep = kept_token_ids(tokenizer, self.sampling.keep_tokens)
         self.tokens.append(token)
         if token in stop_ids:
             self.finish_reason = "stop"
-            self.text = decode(tokenizer, self.tokens[:-1], self.sampling.keep_tokens)
+            self.text = decode(tokenizer, self.tokens[:-1], self._keep)
         else:
-            self.text = decode(tokenizer, self.tokens, self.sampling.keep_tokens)
+            self.text = decode(tokenizer, self.tokens, self._keep)
             cut = min((i for i in (self.text.find(s) for s in stop) if i >= 0), default=-1)
             if cut >= 0:
                 self.text, self.finish_reason = self.text[:cut], "stop"
@@ -355,8 +368,6 @@ class Batch:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.stop_ids = stop_token_ids(model, tokenizer)
-        from tuneforge.models import model_context_length
-
         self.window = model_context_length(model)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.stop_ids))
