@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Float, String, func, select, update
@@ -291,11 +291,10 @@ class Store(Tables):
         query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
         return self.page(JobCheckpoint, query, after, limit, newest_first=True)
 
-    def sync_checkpoints(self, job_id: str, on_disk: dict[int, Callable[[], JobCheckpoint]]) -> list[int]:
-        """Make the job's rows match the checkpoints on disk (the loop prunes old ones); returns new steps.
-
-        A row's metrics follow those on disk: the final checkpoint is saved before the full validation
-        that adds to its step's metrics is written."""
+    def sync_checkpoints(self, job_id: str, on_disk: dict[int, JobCheckpoint]) -> list[int]:
+        """Make the job's rows match the checkpoints on disk (the loop prunes old ones), given as the rows
+        they would be; returns new steps. A kept row's metrics follow the given row's: the final checkpoint
+        is saved before the full validation that adds to its step's metrics is written."""
         with self.session() as session:
             rows = {
                 row.step: row for row in session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
@@ -303,8 +302,8 @@ class Store(Tables):
             for step, row in rows.items():
                 if step not in on_disk:
                     session.delete(row)
-                elif (metrics := on_disk[step]().metrics) != row.metrics:
-                    row.metrics = metrics
+                elif on_disk[step].metrics != row.metrics:
+                    row.metrics = on_disk[step].metrics
             added = sorted(set(on_disk) - set(rows))
-            session.add_all(on_disk[step]() for step in added)
+            session.add_all(on_disk[step] for step in added)
         return added

@@ -534,25 +534,21 @@ class RunProgress:
             finish = now() + int(latest["elapsed"] / self.step * (total - self.step))
         return {"step": self.step, "trained_tokens": self.tokens, "estimated_finish": finish}
 
-    def _checkpoint_row(self, step: int):
+    def _checkpoint_row(self, step: int) -> JobCheckpoint:
         metrics = _openai_metrics(self._by_step.get(step, {}))
         # A step's validation runs over the whole validation file, so at a checkpoint it is the full
         # validation OpenAI reports at each epoch's checkpoint.
         for key, value in list(metrics.items()):
             if key.startswith("valid_") and _is_metric(f"full_{key}"):
                 metrics.setdefault(f"full_{key}", value)
-
-        def row() -> JobCheckpoint:
-            return JobCheckpoint(
-                id=new_id("ftckpt-"),
-                job_id=self.job.id,
-                step=step,
-                created_at=now(),
-                metrics=metrics,
-                model=f"{self.job.fine_tuned_model}:ckpt-step-{step}",
-            )
-
-        return row
+        return JobCheckpoint(
+            id=new_id("ftckpt-"),
+            job_id=self.job.id,
+            step=step,
+            created_at=now(),
+            metrics=metrics,
+            model=f"{self.job.fine_tuned_model}:ckpt-step-{step}",
+        )
 
 
 FULL_VALIDATION_SHOWN = {"full_valid_loss": "loss", "full_valid_reward": "reward"}
