@@ -460,3 +460,31 @@ def test_infinite_and_nan_numbers_are_refused(tmp_path):
         load_config(path)
     for line, key in enumerate(("train.learning_rate", "train.weight_decay", "train.distributed_timeout"), 4):
         assert f"{key} (line {line}): Input should be a finite number" in e.value.message
+
+
+def test_a_data_train_item_takes_a_path_and_a_weight_read_beside_the_config(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "b.jsonl").write_text("{}\n")
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train:\n    - a.jsonl\n    - {path: b.jsonl, weight: 2.5}\n")
+    data = load_config(path).data
+    assert data.train_files == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert data.train_weights == [1.0, 2.5] and data.weighted
+
+
+@pytest.mark.parametrize(
+    "item, said",
+    [
+        ("{path: b.jsonl, weight: 0}", "data.train.1.weight (line 4): data.train item 1 (b.jsonl): weight 0 is not"),
+        ("{path: b.jsonl, weight: -1}", "data.train.1.weight (line 4): data.train item 1 (b.jsonl): weight -1 is not"),
+        ("{path: b.jsonl, weight: two}", "data.train.1.weight (line 4): data.train item 1 (b.jsonl): weight 'two'"),
+        ("{path: b.jsonl, wieght: 2}", "data.train.1.wieght (line 4): data.train item 1 (b.jsonl): unknown key wieght"),
+        ("{weight: 2}", "data.train.1.path (line 2): data.train item 1: path is required"),
+    ],
+)
+def test_a_bad_data_train_item_is_refused_naming_its_file_place_and_field(tmp_path, item, said):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"data:\n  train:\n    - a.jsonl\n    - {item}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert said in str(e.value)

@@ -148,3 +148,11 @@ def test_shared_prefix_groups_share_only_untrained_beginnings():
 def test_a_rows_example_tokens_count_a_shared_prefix_for_every_example():
     row = PackedRow([1] * 9, [IGNORE_INDEX] * 9, [0, 1, 2, 3, 4, 3, 4, 0, 1])  # prefix 3: examples of 5, 5 and 2
     assert row.example_tokens() == 12 and len(row) == 9
+
+
+def test_an_examples_copies_are_packed_into_different_rows():
+    # A row of a file data.train weights 2 comes twice: laid side by side, both copies would train in one step.
+    a, b = Example([1, 2, 3, 4], [2, 3, 4, IGNORE_INDEX]), Example([5, 6], [6, IGNORE_INDEX])
+    rows = pack([a, b, a, b], max_length=12)
+    assert len(rows) == 2
+    assert all(list(r.input_ids) == [1, 2, 3, 4, 5, 6] for r in rows)

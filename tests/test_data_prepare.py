@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 from array import array
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -684,3 +685,67 @@ def test_rows_that_train_other_reasoning_or_tool_calls_are_not_near_duplicates(t
     data += [row(tool="weather", city="Paris, France"), *rows(10)]  # one more word: a near repeat of line 3
     prepared = run(tmp_path, tokenizer, data, dedup="near", near_dedup_threshold=0.8)
     assert [(d["line"], d["of_line"]) for d in prepared.report["duplicates"]] == [(5, 3)]
+
+
+def weighted_mix(tmp_path, weights=(2, 0.5), **cfg) -> DataConfig:
+    """A file of 10 rows (and a repeat of its first) and one of 20, listed with `weights`."""
+    small = rows(10)
+    small.append(small[0])  # a duplicate that dedup leaves out before any weight applies
+    big = [chat(f"Other question {i}: where are the invoices?", f"Other answer {i}.") for i in range(20)]
+    paths = [write_jsonl(tmp_path / "small.jsonl", small), write_jsonl(tmp_path / "big.jsonl", big)]
+    cfg.setdefault("validation", None)
+    return DataConfig(train=[{"path": str(p), "weight": w} for p, w in zip(paths, weights)], **cfg)
+
+
+def test_weights_repeat_or_halve_each_files_kept_rows_once_dedup_and_validation_are_done(
+    tmp_path, tokenizer, isolated_home
+):
+    cfg = weighted_mix(tmp_path, validation=0.2)
+    data = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    small, big = data.report["files"]
+    # Dedup and the split run on each file's rows once: the repeat of line 1 is a duplicate, not a copy.
+    assert data.report["counts"]["duplicates_exact"] == 1
+    assert small["train_rows"] + small["validation_rows"] == 10 and big["train_rows"] + big["validation_rows"] == 20
+    assert (small["weight"], small["rows_per_epoch"]) == (2, 2 * small["train_rows"])
+    assert (big["weight"], big["rows_per_epoch"]) == (0.5, round(big["train_rows"] / 2))
+    assert len(data.train) == data.report["counts"]["train"] == small["rows_per_epoch"] + big["rows_per_epoch"]
+    assert data.report["counts"]["train_kept"] == small["train_rows"] + big["train_rows"]
+    assert len(data.valid) == data.report["counts"]["validation"] == small["validation_rows"] + big["validation_rows"]
+
+    def text(e):
+        return tokenizer.decode(e.input_ids)
+
+    seen = Counter(text(e) for e in data.train)
+    assert sorted(Counter(n for t, n in seen.items() if "Question" in t).items()) == [(2, small["train_rows"])]
+    assert set(Counter(n for t, n in seen.items() if "Other" in t)) == {1}
+    assert not {text(e) for e in data.valid} & set(seen)  # validation rows are never weighted into training
+    # The half is chosen by content: the same rows on a rerun, whatever the order of the file.
+    again = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert [text(e) for e in again.train] == [text(e) for e in data.train]
+    # Packed, a row's copies go to different packed rows, for the epoch's shuffle to spread.
+    for row in pack(data.train, 256):
+        starts = [t for t, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+        held = [row.input_ids[a:b].tobytes() for a, b in zip(starts, starts[1:])]
+        assert len(held) == len(set(held))
+
+
+def test_a_weights_part_takes_at_least_one_row_and_the_report_tells_each_files_share(tmp_path, tokenizer):
+    lines = []
+    data = prepare(weighted_mix(tmp_path, weights=(1.5, 0.01)), tokenizer, use_cache=False, log=lines.append)
+    small, big = data.report["files"]
+    assert (small["rows_per_epoch"], big["rows_per_epoch"]) == (15, 1)
+    assert any("small.jsonl" in line and "weight 1.5: 15 rows per epoch" in line for line in lines)
+    assert any("big.jsonl" in line and "weight 0.01: 1 row per epoch" in line for line in lines)
+
+
+def test_the_cache_key_follows_the_weights_and_not_a_weight_of_one(tmp_path, tokenizer):
+    from tuneforge.data import cache
+
+    weighted = weighted_mix(tmp_path)
+    keys = {
+        w: cache.cache_key(weighted.model_copy(update={"train": weighted_mix(tmp_path, w).train}), tokenizer)
+        for w in ((2, 0.5), (3, 0.5), (1, 1))
+    }
+    assert len(set(keys.values())) == 3
+    plain = DataConfig(train=[str(tmp_path / "small.jsonl"), str(tmp_path / "big.jsonl")], validation=None)
+    assert cache.cache_key(plain, tokenizer) == keys[(1, 1)]

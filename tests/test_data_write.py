@@ -189,3 +189,28 @@ def test_prepare_refuses_row_errors_under_strict_and_writes_nothing(curated, tmp
     code, _, err = cli(["data", "prepare", str(config), "data.on_error=strict", "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and "unrecognized_role" in err and ":13" in err
     assert not out.exists() and list(tmp_path.glob(".tmp-*")) == []
+
+
+def test_prepare_writes_a_weighted_files_rows_as_often_as_an_epoch_sees_them(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    small = [chat(f"Ticket {i}: my login fails, what now?", f"Reset {i}.") for i in range(6)]
+    big = [chat(f"Invoice {i}: where is it?", f"Billing {i}.") for i in range(12)]
+    config, cfg = mixed_config(tmp_path, tiny_model_dir, {"small.jsonl": small + small[:1], "big.jsonl": big})
+    cfg["data"]["train"] = [
+        {"path": cfg["data"]["train"][0], "weight": 2},
+        {"path": cfg["data"]["train"][1], "weight": 0.5},
+    ]
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "prepared"
+    code, _, _ = cli(["data", "prepare", str(config), "--out", str(out)], monkeypatch, capsys)
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    small_file, big_file = summary["files"]
+    train_rows = read_jsonl(out / "train.jsonl")
+    assert len(train_rows) == small_file["rows_per_epoch"] + big_file["rows_per_epoch"]
+    assert sum(r in small for r in train_rows) == 2 * small_file["train_rows"]
+    assert sum(r in big for r in train_rows) == round(big_file["train_rows"] / 2)
+    assert summary["train_with"]["train"] == "train.jsonl"  # the weights are in the rows written
+    assert_trains_the_same(config, cfg, out, summary, tmp_path)

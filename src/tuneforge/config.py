@@ -102,8 +102,21 @@ class ModelConfig(Strict):
     )
 
 
+class TrainFile(Strict):
+    """A `data.train` item with a weight: how many times each of its kept training rows is seen per epoch."""
+
+    path: str
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="times each kept training row of the file is seen per epoch: 2 = every row twice, 0.5 = half "
+        "of its rows, 1.5 = every row once and half of them twice (the half chosen by content hash, the same "
+        "rows on every run); validation rows are never weighted",
+    )
+
+
 class DataConfig(Strict):
-    train: str | list[str]
+    train: str | list[str | TrainFile]
     validation: str | float | None = 0.1
     format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference"] = "auto"
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
@@ -134,6 +147,38 @@ class DataConfig(Strict):
             raise ValueError("a validation fraction must be in [0, 1); or give a file path")
         return v
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_items(cls, v):
+        # Each mapping item is checked here, so that a mistake names its file, its place in the list and
+        # its field once (the union of a path and a mapping would otherwise complain as both).
+        if not isinstance(v, list):
+            return v
+        items = []
+        for i, item in enumerate(v):
+            if not isinstance(item, dict):
+                items.append(item)
+                continue
+            try:
+                items.append(TrainFile.model_validate(item))
+            except ValidationError as e:
+                error = e.errors()[0]
+                field = ".".join(str(part) for part in error["loc"])
+                which = f"data.train item {i}" + (f" ({item['path']})" if isinstance(item.get("path"), str) else "")
+                if error["type"] == "extra_forbidden":
+                    said = f"unknown key {field}; an item takes path and weight"
+                elif error["type"] == "missing":
+                    said = f"{field} is required: the data file to read"
+                elif field == "weight":
+                    said = (
+                        f"weight {item['weight']!r} is not a number above 0; give how many times each of its "
+                        "training rows is seen per epoch (2: twice, 0.5: half of them), or leave the file out"
+                    )
+                else:
+                    said = f"{field}: {complaint(error)}"
+                raise KeysError(f"{which}: {said}", f"{i}.{field}") from None
+        return items
+
     @model_validator(mode="after")
     def _each_file_once(self):
         # Dedup drops every row of a file's second listing as a repeat of its first: listed twice, a
@@ -155,7 +200,16 @@ class DataConfig(Strict):
 
     @property
     def train_files(self) -> list[str]:
-        return [self.train] if isinstance(self.train, str) else list(self.train)
+        return [self.train] if isinstance(self.train, str) else [getattr(f, "path", f) for f in self.train]
+
+    @property
+    def train_weights(self) -> list[float]:
+        """Each training file's weight (`TrainFile.weight`; 1 for a plain path), in the order of `train_files`."""
+        return [1.0] if isinstance(self.train, str) else [getattr(f, "weight", 1.0) for f in self.train]
+
+    @property
+    def weighted(self) -> bool:
+        return any(w != 1 for w in self.train_weights)
 
 
 # Hugging Face's schedules that tuneforge has no value of its own for, and the nearest of its own.
@@ -896,7 +950,9 @@ def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
     data = raw.get("data")
     if isinstance(data, dict):
         if isinstance(data.get("train"), list):
-            data["train"] = [fix(p) for p in data["train"]]
+            data["train"] = [
+                {**p, "path": fix(p["path"])} if isinstance(p, dict) and "path" in p else fix(p) for p in data["train"]
+            ]
         elif "train" in data:
             data["train"] = fix(data["train"])
         for key in ("validation", "general_replay"):

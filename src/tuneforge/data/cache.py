@@ -59,6 +59,8 @@ def cache_key(cfg: DataConfig, tokenizer, replay_file: Path | None = None) -> st
     # The paths as well as the contents: the report (data_report.json) names the files and the lines of
     # every problem, duplicate and leak, so a copy of the data elsewhere must not reuse another path's report.
     settings["paths"] = [str(path) for path in files]
+    if cfg.weighted:  # an unweighted config's key stays what it was before files had weights
+        settings["weights"] = cfg.train_weights
     h.update(json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True).encode())
     for path in files:
         try:

@@ -16,6 +16,7 @@ example learns to predict the first token of the next one.
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,8 +66,25 @@ def pack(examples: Sequence[Example | PackedRow], max_length: int, *, share_pref
             f"an example of {len(too_long)} tokens does not fit in rows of {max_length}; "
             "truncate examples to max_length before packing"
         )
-    groups = [[e for e in examples if not e.is_replay], [e for e in examples if e.is_replay]]
+    # Replay repeats its pool by design (`prepare._mix_general`) and keeps its packing: rounds are the user's.
+    groups = [*_rounds([e for e in examples if not e.is_replay]), [e for e in examples if e.is_replay]]
     return [row for group in groups if group for row in _pack_group(group, max_length, share_prefixes)]
+
+
+def _rounds(examples: Sequence[Example | PackedRow]) -> list[list[Example | PackedRow]]:
+    """The examples in rounds: each example's first copy in the first, its second (a row of a file that
+    data.train weights, or a duplicate kept by dedup: none) in the next, and so on. Packed round by round,
+    copies never share a row, where best-fit-decreasing would lay them side by side (they are as long),
+    and the epoch's shuffle spreads them over the epoch. Data without copies is one round, as it is."""
+    seen: Counter = Counter()
+    rounds: list[list] = [[]]
+    for e in examples:
+        k = seen[(e.input_ids.tobytes(), e.labels.tobytes())]
+        seen[(e.input_ids.tobytes(), e.labels.tobytes())] += 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(e)
+    return rounds
 
 
 def _pack_group(examples: Sequence[Example | PackedRow], max_length: int, share_prefixes: bool) -> list[PackedRow]:

@@ -10,6 +10,7 @@ has passed.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections import Counter, deque
@@ -162,6 +163,7 @@ def describe_files(report: dict) -> list[tuple[str, str]]:
     totals = Counter()
     for f in files:
         totals[f["role"]] += f["tokens"]
+    per_epoch = sum(f.get("trained_tokens_per_epoch", 0) for f in files)
     lines = []
     for f in files:
         kept = ", ".join(
@@ -174,7 +176,13 @@ def describe_files(report: dict) -> list[tuple[str, str]]:
                 "" if lines else "files",
                 f"{Path(f['path']).name} ({f['format'] or 'unknown format'}, {f['role']}): {kept}, "
                 f"{f['left_out']} left out; {f['tokens']:,} tokens "
-                f"({f['tokens'] / (totals[f['role']] or 1):.0%} of {f['role']} tokens)",
+                f"({f['tokens'] / (totals[f['role']] or 1):.0%} of {f['role']} tokens)"
+                + (
+                    f"; weight {f['weight']:g}: {counted(f['rows_per_epoch'], 'row')} per epoch, "
+                    f"{f['trained_tokens_per_epoch'] / (per_epoch or 1):.0%} of the trained tokens of an epoch"
+                    if "rows_per_epoch" in f
+                    else ""
+                ),
             )
         )
     return lines
@@ -297,6 +305,7 @@ def _checked(cfg: DataConfig, tokenizer, progress: bool, keep_examples: bool) ->
         run.read_all()
         run.split()
         run.check_data_set()
+        run.weigh()
     except _Stop as stop:
         run.problems.append(stop.problem)
     return run
@@ -329,7 +338,8 @@ class _Preparation:
         near = cfg.near_dedup_threshold if cfg.dedup == "near" else None
         self.validation_keys = DuplicateIndex(near)  # for the leak check, even without dedup
         self.train_index = DuplicateIndex(near) if cfg.dedup != "none" else None
-        self.train: list[_Row] = []
+        self.train: list[_Row] = []  # after `weigh`, the rows of an epoch, repeats included
+        self.kept: list[_Row] | None = None  # the training rows before `weigh` repeats them (None: unweighted)
         self.valid: list[_Row] = []
         self.left_out: dict[tuple[int, int], dict] = {}  # (read, line) of a row left out: why
 
@@ -341,7 +351,7 @@ class _Preparation:
             self.valid = self._read_file(
                 validation_file, "validation", index=self.validation_keys, drop_repeats=self.cfg.dedup != "none"
             )
-        for path in self.cfg.train_files:
+        for path, weight in zip(self.cfg.train_files, self.cfg.train_weights):
             self.train += self._read_file(
                 path,
                 "train",
@@ -349,6 +359,7 @@ class _Preparation:
                 drop_repeats=True,
                 leaks_from=self.validation_keys if validation_file else None,
             )
+            self.files[-1]["weight"] = weight
 
     def _read_file(
         self,
@@ -608,6 +619,26 @@ class _Preparation:
         self.valid = [r for r in self.train if r.key in chosen]
         self.train = [r for r in self.train if r.key not in chosen]
 
+    def weigh(self) -> None:
+        """Repeat each training file's kept rows by its weight (`TrainFile.weight`), after dedup and the
+        validation split: a weight of 2 sees every row twice, 0.5 a half of the rows, 1.5 every row once and
+        a half of them twice (at least one row of a file). The part rows are chosen by content hash, so the
+        same on every run and in every order. The rows come round by round (every row's first copy, then
+        the second copies, ...): the loop packs each round in rows of its own and shuffles them every epoch."""
+        weights = {read: f["weight"] for read, f in enumerate(self.files) if f.get("weight", 1) != 1}
+        if not weights:
+            return
+        copies: dict[int, int] = {}  # id of a row -> times it is seen per epoch
+        for read, weight in weights.items():
+            rows = [r for r in self.train if r.read == read]
+            whole, part = divmod(weight, 1)
+            wanted = min(len(rows), max(round(part * len(rows)), 1 if part and not whole else 0))
+            chosen = {id(r) for r in sorted(rows, key=_part_order)[:wanted]}
+            copies |= {id(r): int(whole) + (id(r) in chosen) for r in rows}
+        self.kept = self.train
+        rounds = max(copies.values(), default=1)
+        self.train = [r for k in range(rounds) for r in self.kept if copies.get(id(r), 1) > k]
+
     def check_data_set(self) -> None:
         validation_file = self.cfg.validation if isinstance(self.cfg.validation, str) else None
         if validation_file and not self.valid:
@@ -657,6 +688,7 @@ class _Preparation:
 
     def _report(self, errors: list[Problem]) -> dict:
         rejected_rows = {(p.file, p.line) for p in errors if p.line is not None}
+        # An epoch's tokens: repeats of a weighted file count each time, as training sees them.
         total = sum(r.tokens for r in self.train + self.valid)
         trained = sum(r.trained for r in self.train + self.valid)
         records, rejected_records = self.counts["records"], self.counts["rejected_records"]
@@ -676,6 +708,8 @@ class _Preparation:
             "train": len(self.train) if self._pairs else sum(r.examples for r in self.train),
             "validation": len(self.valid) if self._pairs else sum(r.examples for r in self.valid),
         }
+        if self.kept is not None:  # data.train weights: `train` counts an epoch's examples, repeats included
+            counts["train_kept"] = len(self.kept) if self._pairs else sum(r.examples for r in self.kept)
         return {
             "version": REPORT_VERSION,
             "kind": self.kind[0] if self.kind else None,
@@ -707,14 +741,19 @@ class _Preparation:
     def _file_counts(self, read: int) -> dict:
         """What became of one file's rows: kept for training or validation, left out (each row once,
         whatever its reasons), and the tokens of those kept, so a mix of files can be seen file by file."""
-        kept = [r for r in self.train + self.valid if r.read == read]
-        return {
-            "train_rows": sum(r.read == read for r in self.train),
+        train = self.train if self.kept is None else self.kept
+        kept = [r for r in train + self.valid if r.read == read]
+        counts = {
+            "train_rows": sum(r.read == read for r in train),
             "validation_rows": sum(r.read == read for r in self.valid),
             "left_out": sum(place[0] == read for place in self.left_out),
             "tokens": sum(r.tokens for r in kept),
             "trained_tokens": sum(r.trained for r in kept),
         }
+        if self.kept is not None:  # what an epoch sees of the file once data.train's weights repeat its rows
+            seen = [r for r in self.train if r.read == read]
+            counts |= {"rows_per_epoch": len(seen), "trained_tokens_per_epoch": sum(r.trained for r in seen)}
+        return counts
 
     def _warnings(self, counts: dict) -> list[dict]:
         warnings = []
@@ -831,6 +870,13 @@ def cut_to_length(examples: tuple[Example, ...], max_length: int, *, pair: bool 
     if not kept or (pair and len(kept) < len(cut)):
         return None
     return kept
+
+
+def _part_order(row: _Row) -> tuple[bytes, int]:
+    """The order in which a weight's part (the 0.5 of 1.5) takes a file's rows: by a hash of their content
+    that is not the validation split's order (which takes the lowest keys), then by line."""
+    digest = hashlib.blake2b(row.key.to_bytes(16, "big"), digest_size=8, person=b"tuneforge-weight").digest()
+    return digest, row.line
 
 
 def _first(places: list[str], total: int | None = None) -> str:

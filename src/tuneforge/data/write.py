@@ -4,7 +4,8 @@ The config's data goes through the pipeline training runs (`prepare.select_rows`
 fit to max_length, split), and the folder gets, all at once or not at all:
 
 - `train.jsonl`, `valid.jsonl`: the rows kept, as the files hold them, in the order training reads them
-  (it shuffles them each epoch); where the rows of one of them come from files of different formats
+  (it shuffles them each epoch), a row of a file with a `weight` in data.train as many times as an epoch
+  sees it (so `train_with` holds no weights); where the rows of one of them come from files of different formats
   (chat, alpaca and prompt/completion files, say), each of its rows is written instead as the record
   it reads as, in that record's canonical format (`formats.record_row`: OpenAI chat for a conversation),
   since a file of mixed formats is refused;
@@ -55,7 +56,8 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
     if refuses(data.on_error, (p.code for p in errors)):
         raise DataError(error_summary(errors, data, None), code=errors[0].code, problems=errors)
     report = prepared.report
-    wanted = {"train": set(selection.train), "valid": set(selection.valid)}
+    # A row of a weighted file (data.train's `weight`) is written as many times as an epoch sees it.
+    wanted = {"train": Counter(selection.train), "valid": Counter(selection.valid)}
     written_as = {name: _written_as(report["files"], name) for name in ("train", "valid")}
     written: Counter = Counter()
     reasons: Counter = Counter()
@@ -78,8 +80,9 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
                         for name, f in (("train", train), ("valid", valid)):
                             if (read, line) in wanted[name] and isinstance(row, dict):
                                 as_read = written_as[name] == "as read"
-                                f.write(_jsonl(row if as_read else record_row(records.at(line))))
-                                written[name] += 1
+                                times = wanted[name][(read, line)]
+                                f.write(_jsonl(row if as_read else record_row(records.at(line))) * times)
+                                written[name] += times
                         if line in left_out:
                             why = left_out.pop(line)
                             entry = {"file": path, "line": line, **why}
