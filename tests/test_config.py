@@ -488,3 +488,15 @@ def test_a_bad_data_train_item_is_refused_naming_its_file_place_and_field(tmp_pa
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert said in str(e.value)
+
+
+def test_grpo_refuses_data_train_weights_it_would_ignore(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    grader = "{type: string_check, name: x, input: '{{ sample.output_text }}', reference: x, operation: eq}"
+    grpo = f"grpo: {{grader: {grader}}}"
+    path.write_text(f"method: grpo\n{grpo}\ndata:\n  train:\n    - a.jsonl\n    - {{path: b.jsonl, weight: 2}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "method: grpo samples its prompts from the files as they are, so a weight would be ignored" in str(e.value)
+    path.write_text(f"method: grpo\n{grpo}\ndata:\n  train:\n    - a.jsonl\n    - {{path: b.jsonl, weight: 1}}\n")
+    assert load_config(path).data.train_weights == [1, 1]

@@ -596,6 +596,13 @@ class Config(Strict):
                 "data.format",
                 "method",
             )
+        if self.method == "grpo" and self.data.weighted:
+            raise KeysError(
+                "data.train weights repeat the examples of the data pipeline, but method: grpo samples its "
+                "prompts from the files as they are, so a weight would be ignored; list the files as plain paths",
+                "method",
+                "data.train",
+            )
         if self.method == "dpo" and self.data.train_on == "all":
             raise KeysError(
                 "data.train_on: all trains the prompt too, but method: dpo compares the chosen and rejected replies "

@@ -206,7 +206,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     prepared = prepare_items(cfg, tokenizer, log=lambda *a, **k: None, progress=True)
     train_items, valid_items = batch_items(prepared, cfg)  # examples, or for dpo one item per pair
     if not train_items:
-        raise TuneforgeError(f"{cfg.data.train}: no usable training rows.")
+        raise TuneforgeError(f"{', '.join(cfg.data.train_files)}: no usable training rows.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # On GPUs each process has its own; on CPUs a machine's processes share its memory.
     sharing = 1 if device.type == "cuda" else processes // machines
