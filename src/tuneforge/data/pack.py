@@ -79,8 +79,9 @@ def _rounds(examples: Sequence[Example | PackedRow]) -> list[list[Example | Pack
     seen: Counter = Counter()
     rounds: list[list] = [[]]
     for e in examples:
-        k = seen[(e.input_ids.tobytes(), e.labels.tobytes())]
-        seen[(e.input_ids.tobytes(), e.labels.tobytes())] += 1
+        key = (e.input_ids.tobytes(), e.labels.tobytes())
+        k = seen[key]
+        seen[key] += 1
         if k == len(rounds):
             rounds.append([])
         rounds[k].append(e)
