@@ -423,6 +423,16 @@ def test_conversations_a_template_trains_turn_by_turn_are_evaluated_as_training_
     assert after["loss"] == pytest.approx(result.metrics["full_valid_loss"], rel=1e-5)
 
 
+def test_training_with_an_eval_section_prints_where_its_report_and_plots_are(
+    tmp_path, tiny_model_dir, triage_data, capsys
+):
+    config = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    config["eval"] = {"task": "exact"}
+    train(config)
+    out = capsys.readouterr().out
+    assert f"report with plots: {tmp_path / 'run' / 'eval' / 'report.html'}" in out.replace("\n", "")
+
+
 def test_the_loss_after_training_counts_the_tokens_data_train_on_trains(tmp_path, tiny_model_dir, triage_data):
     first = ("Hello, how are you today?", "I am fine, thank you.")
     validation = write_two_turn_rows(tmp_path / "two-turns.jsonl", first, range(4))

@@ -84,8 +84,9 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
                     ),
                 }
         metrics.update({f"task_{name}": value for name, value in flat_scores(results["tuned"]["scores"]).items()})
-    write_run_report(run_dir, results["base"], results["tuned"], forgetting)
-    tables = report_tables(results["base"], results["tuned"], forgetting)
+    report = write_run_report(run_dir, results["base"], results["tuned"], forgetting)
     if progress:
-        print_tables(tables)
+        # The tables, then where their plots (loss curves, base vs tuned scores) are.
+        print_tables(report_tables(results["base"], results["tuned"], forgetting))
+        print(f"report with plots: {report}")
     return metrics
