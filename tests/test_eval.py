@@ -277,6 +277,17 @@ def test_a_run_of_one_logged_step_draws_each_curve_as_a_visible_point():
     assert loss_figure({"run": two_steps}).axes[0].lines[0].get_marker() == "None"  # a line, as for any longer run
 
 
+def test_the_step_axis_of_a_short_run_has_whole_steps_only():
+    short = [{"step": 1, "train_loss": 2.0, "lr": 1e-4, "reward": 0.5, "reward_std": 0.2, "kl": 0.0}]
+    short += [{**short[0], "step": 2}, {**short[0], "step": 3}]
+    figures = [loss_figure({"run": short}), learning_rate_figure(short)]
+    figures += [figure for _, figure in reward_figures(short)]
+    for figure in figures:
+        figure.canvas.draw()
+        ticks = [tick for tick in figure.axes[0].get_xticks() if 1 <= tick <= 3]
+        assert ticks and all(tick == int(tick) for tick in ticks), ticks
+
+
 def test_every_figure_labels_its_axes():
     metrics = [{"step": 1, "train_loss": 0.1, "lr": 1e-3, "reward": 0.5, "reward_std": 0.2, "kl": 0.0}]
     scores = {"metric": "exact", "scores": {"n": 4, "exact": 0.5, "fields": {"category": 0.75}}}

@@ -300,9 +300,12 @@ def _line(axes, xs, ys, **style):
 def _figure(title: str):
     # The object API, not pyplot: no global backend or figure state in a library.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6.4, 3.6))
     axes = figure.subplots()
+    # The x-axis counts steps, whole numbers: a short run gets no tick at step 0.96 or 2.5.
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title(title)
     axes.grid(alpha=0.3)
     return figure, axes
