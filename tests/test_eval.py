@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_run_config
+from matplotlib.container import BarContainer
 
 from tuneforge.errors import DataError
 from tuneforge.eval import compare, eval_command, evaluate, measure_forgetting, read_eval_examples, write_run_report
@@ -286,6 +287,17 @@ def test_the_step_axis_of_a_short_run_has_whole_steps_only():
         figure.canvas.draw()
         ticks = [tick for tick in figure.axes[0].get_xticks() if 1 <= tick <= 3]
         assert ticks and all(tick == int(tick) for tick in ticks), ticks
+
+
+def test_the_scores_plot_draws_each_share_with_its_95_percent_interval():
+    before = {"metric": "exact", "n": 100, "scores": {"n": 100, "exact": 0.72}}
+    after = {"metric": "exact", "n": 100, "scores": {"n": 100, "exact": 0.78}}
+    base, tuned = [c for c in scores_figure(before, after).axes[0].containers if isinstance(c, BarContainer)]
+    (segment,) = base.errorbar.lines[2][0].get_segments()
+    assert segment[:, 1] == pytest.approx(share_interval(0.72, 100))  # 62.5% to 79.9%: it holds 78%
+    assert tuned.errorbar is not None
+    every_right = {"metric": "exact", "n": 60, "scores": {"n": 60, "exact": 1.0}}
+    scores_figure(before | {"n": 60, "scores": {"n": 60, "exact": 0.0}}, every_right)  # ends at 0% and 100%
 
 
 def test_every_figure_labels_its_axes():

@@ -445,17 +445,30 @@ def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | N
 
 
 def scores_plot(before: dict, after: dict) -> tuple[str, str]:
-    return "Scores, base vs tuned (share of test examples)", _png(scores_figure(before, after))
+    caption = "Scores, base vs tuned (share of test examples; error bars: 95% intervals)"
+    return caption, _png(scores_figure(before, after))
 
 
 def scores_figure(before: dict, after: dict):
-    """Each score of the base and the tuned model side by side: a share of the test examples, 0 to 1."""
+    """Each score of the base and the tuned model side by side: a share of the test examples, 0 to 1,
+    with its 95% interval as an error bar (as the table gives it), so bars a few points apart read as
+    the same model's noise where their intervals overlap."""
     base, tuned = flat_scores(before["scores"]), flat_scores(after["scores"])
     keys = list(base)
     figure, axes = _figure(f"{after['metric']}: base vs tuned")
     positions = range(len(keys))
-    axes.bar([p - 0.2 for p in positions], [base[k] for k in keys], width=0.4, label="base")
-    axes.bar([p + 0.2 for p in positions], [tuned.get(k, 0) for k in keys], width=0.4, label="tuned")
+
+    def bars(offset: float, shares: list[float], label: str) -> None:
+        spans = [share_interval(share, after["scores"]["n"]) for share in shares]
+        # Distances below and above each share; at 0% or 100% an end is the share itself, give or take rounding.
+        below_above = [
+            [max(0.0, s - low) for s, (low, _) in zip(shares, spans)],
+            [max(0.0, high - s) for s, (_, high) in zip(shares, spans)],
+        ]
+        axes.bar([p + offset for p in positions], shares, width=0.4, label=label, yerr=below_above, capsize=3)
+
+    bars(-0.2, [base[k] for k in keys], "base")
+    bars(0.2, [tuned.get(k, 0) for k in keys], "tuned")
     axes.set_xticks(list(positions), keys, rotation=30, ha="right")
     axes.set_ylim(0, 1)
     axes.set_ylabel("share of test examples (0 to 1)")
