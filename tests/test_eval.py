@@ -300,6 +300,12 @@ def test_the_scores_plot_draws_each_share_with_its_95_percent_interval():
     scores_figure(before | {"n": 60, "scores": {"n": 60, "exact": 0.0}}, every_right)  # ends at 0% and 100%
 
 
+def test_the_learning_rate_axis_starts_at_zero():
+    warmup = [{"step": step, "lr": 1e-4 * min(1.0, step / 3)} for step in range(1, 21)]
+    axes = learning_rate_figure(warmup).axes[0]
+    assert axes.get_ylim()[0] == 0 and axes.get_ylim()[1] >= 1e-4  # the first step's 3.3e-5 sits a third of the way up
+
+
 def test_every_figure_labels_its_axes():
     metrics = [{"step": 1, "train_loss": 0.1, "lr": 1e-3, "reward": 0.5, "reward_std": 0.2, "kl": 0.0}]
     scores = {"metric": "exact", "scores": {"n": 4, "exact": 0.5, "fields": {"category": 0.75}}}

@@ -380,6 +380,9 @@ def learning_rate_figure(metrics: list[dict]):
     axes.set_xlabel("step")
     axes.set_ylabel("learning rate (no unit)")
     axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    # From zero: a warmup whose first step has a third of the peak reads as such, not as a climb from
+    # nothing at the chart's lower edge.
+    axes.set_ylim(bottom=0)
     return figure
 
 
