@@ -993,6 +993,35 @@ def test_a_finished_jobs_events_are_there_as_soon_as_its_status_is(tmp_path):
         seen.clear()
 
 
+def test_a_job_cancelled_as_it_finishes_or_pauses_tells_the_step_and_checkpoint_it_kept(tmp_path):
+    # The API marks a job cancelled at once; its run may finish its last step or pause meanwhile.
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import RunProgress, Workers
+    from tuneforge.training.checkpoint import STATE
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    workers = Workers(store, FileStorage(tmp_path), tmp_path, 0)
+    for finish in ("succeed", "pause"):
+        job = add_job(store, KEY, status="cancelled", worker_id="worker-1", total_steps=2)
+        run = tmp_path / "runs" / job.id
+        (run / "checkpoints" / "step-2").mkdir(parents=True)
+        (run / "checkpoints" / "step-2" / STATE).write_text("{}")
+        rows = [{"step": step, "train_loss": 1.0, "tokens": 50 * step} for step in (1, 2)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        progress = RunProgress(store, job, run)
+        progress.update()
+        if finish == "succeed":
+            workers._succeed(job, "worker-1", progress)
+        else:
+            workers._stopped(job, "worker-1", "pause", progress)
+        cancelled = store.get_job(job.id)
+        messages = [e.message for e in store.list_events(job.id, after=None, limit=100)]
+        assert cancelled.status == "cancelled" and not cancelled.result_files, finish
+        assert "Job cancelled at step 2; checkpoint step-2 is kept." in messages, (finish, messages)
+        assert (cancelled.step, cancelled.trained_tokens) == (2, 100), finish
+
+
 def test_a_store_is_shown_as_its_file_path_or_its_url_without_the_password(tmp_path):
     # The servers' first line names their store: a path with é must read as typed, not %C3%A9.
     from tuneforge.database import database_url, shown_url

@@ -371,7 +371,9 @@ class Workers:
                 event(job.id, "The job has successfully completed."),
             ],
         ):
-            self.storage.delete(results)  # cancelled just as it finished: no results to show
+            # Cancelled as it finished: no results to show, and the cancel tells where it stopped, as any cancel does.
+            self.storage.delete(results)
+            self._stopped(job, worker_id, "cancel", progress)
 
     def _stopped(self, job: Job, worker_id: str, reason: str, progress: RunProgress) -> None:
         last = checkpoint.latest(self.runs / job.id / "checkpoints")
@@ -379,6 +381,8 @@ class Workers:
         # The steps the run took until it stopped count in the job's figures, which a resumed run's
         # `RunProgress` starts from, so it reports each step's metrics once.
         figures = {"step": progress.step, "trained_tokens": progress.tokens}
+        if reason == "pause" and self.store.get_job(job.id).status == "cancelled":
+            reason = "cancel"  # cancelled while it paused: the job is cancelled, so its stop is told as a cancel
         if reason == "pause":
             self.store.move(
                 job.id,
@@ -393,8 +397,13 @@ class Workers:
             )
         elif reason == "cancel":
             # The API marked the job cancelled at once; its trained tokens are those of the checkpoint kept.
-            self.store.move(job.id, ["cancelled"], held_by=worker_id, **figures)
-            self.store.add_event(job.id, f"Job cancelled at step {progress.step}; {kept} is kept.")
+            self.store.move(
+                job.id,
+                ["cancelled"],
+                held_by=worker_id,
+                adding=[event(job.id, f"Job cancelled at step {progress.step}; {kept} is kept.")],
+                **figures,
+            )
         elif reason == "shutdown":
             self.store.move(
                 job.id,
