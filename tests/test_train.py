@@ -110,6 +110,20 @@ def test_checkpoints_carry_the_generation_config_that_stops_at_the_end_of_turn(t
         assert eos_ids[0] == end_of_turn and tokenizer.convert_tokens_to_ids("<|endoftext|>") in eos_ids, folder
 
 
+def test_a_run_resumed_at_its_last_step_removes_the_final_model_a_killed_run_half_wrote(
+    tiny_model_dir, triage_data, tmp_path
+):
+    # A process killed while it writes its final model leaves the temporary folder `atomic_dir` made.
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1, save_every=1)
+    train(cfg, progress=False)
+    half_written = tmp_path / "run" / ".tmp-final-k1lled_0"
+    half_written.mkdir()
+    (half_written / "adapter_model.safetensors").write_bytes(b"half")
+    train(cfg, resume="latest", progress=False)
+    assert not half_written.exists()
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+
+
 def test_a_record_of_several_steps_logs_their_mean_over_trained_tokens(
     tiny_model_dir, triage_data, tmp_path, monkeypatch
 ):
