@@ -300,6 +300,16 @@ def test_grpo_options_that_cannot_work_are_refused(tiny_model_dir, triage_data, 
     with pytest.raises(TuneforgeError) as error:
         load_grader(load_config({**cfg, "grpo": {**cfg["grpo"], "grader": str(no_reference)}}))
     assert error.value.message.startswith(f'grpo.grader ({no_reference}): grader "exact" (string_check): `reference`')
+    # A TRL reward file is no grader: the message says how to write one rather than that it lacks a type.
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(
+        "def correct(prompts, completions, answer, **kwargs):\n"
+        "    return [float(a in c) for c, a in zip(completions, answer)]\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"rewards\.py is Python source, not a grader.*grade\(sample, item\) -> float"
+    ):
+        load_grader(load_config({**cfg, "grpo": {**cfg["grpo"], "grader": str(rewards)}}))
 
 
 def test_prompt_rows_are_checked_with_file_line_and_field(tiny_model_dir, triage_data, tmp_path):

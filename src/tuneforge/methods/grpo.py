@@ -118,6 +118,14 @@ def load_grader(cfg):
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"grpo.grader: {spec} is no file. Give a grader object, or the path of a JSON/YAML file.")
+        if path.suffix == ".py":
+            # A TRL-style reward file parses as YAML (or fails to) and would be told it lacks a grader `type`.
+            raise ConfigError(
+                f"grpo.grader: {spec} is Python source, not a grader. Python rewards run as a python grader, inline "
+                "or in a JSON/YAML file: {type: python, name: NAME, source: ...}, whose source defines "
+                "grade(sample, item) -> float for one answer (sample['output_text'] is the answer, item the data "
+                "row, item['answer'] its answer field), not TRL's reward(prompts, completions, **columns) -> list."
+            )
         try:
             spec = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
