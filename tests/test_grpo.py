@@ -279,6 +279,27 @@ def test_a_grade_that_fails_during_training_names_the_prompt_row(tiny_model_dir,
     assert f"ValueError: {row['messages'][-1]['content']}" in error.value.message
 
 
+def test_a_row_without_a_field_the_grader_reads_stops_the_run_before_training(tiny_model_dir, triage_data, tmp_path):
+    # The field is missing from a row past the first ones the grader is tried on, and inside a multi grader.
+    files = {}
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in triage_data[split].read_text().splitlines()]
+        for row in rows:
+            row["answer"] = json.loads(row["messages"][-1]["content"])["category"]
+        if split == "train":
+            del rows[40]["answer"]
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = files["train"]
+    exact = {**BRACE, "name": "cat", "reference": "{{ item.answer }}", "operation": "eq"}
+    grader = {"type": "multi", "name": "all", "graders": {"brace": BRACE, "cat": exact}, "calculate_output": "cat"}
+    cfg = grpo_config(tiny_model_dir, files, tmp_path / "run", grader=grader)
+    with pytest.raises(TuneforgeError, match="reads item.answer, which the item does not have") as error:
+        train(cfg, progress=False)
+    assert f"The sample answers the prompt at {data}:41." in error.value.message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 def test_grpo_options_that_cannot_work_are_refused(tiny_model_dir, triage_data, tmp_path):
     cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "run")
     assert load_config(cfg).data.packing is False  # each prompt is sampled from on its own

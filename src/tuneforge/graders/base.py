@@ -144,6 +144,16 @@ class Grader(ABC):
                 sample=error.sample,
             ) from None
 
+    def check_items(self, items: Sequence[dict]) -> None:
+        """Every item field this grader's templates read, looked up on each item without grading: cheap
+        enough for every data row, so a row that lacks a field fails before training, not when sampled."""
+        for template in self.templates():
+            template.check_items(items)
+
+    def templates(self) -> list:
+        """The grader's `Template`s, those of its sub-graders included."""
+        return []
+
     def reference_texts(self, samples: Sequence[dict], items: Sequence[dict]) -> list[str] | None:
         """The text this grader compares each sample's output with, for `check`; None when it has no reference."""
         return None

@@ -138,6 +138,9 @@ class MultiGrader(Grader):
             scores.append(checked_score(value, self.label, samples, index))
         return scores
 
+    def templates(self) -> list:
+        return [template for grader in self.graders.values() for template in grader.templates()]
+
     def reference_texts(self, samples: Sequence[dict], items: Sequence[dict]) -> list[str] | None:
         for grader in self.graders.values():
             texts = grader.reference_texts(samples, items)

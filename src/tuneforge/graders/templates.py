@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .base import GraderError, grading_failed
+from .base import GraderError, grading_failed, sample_of
 
 SAMPLE_FIELDS = ("output_text", "output_json", "output_tools")
 _REFERENCE = re.compile(r"\{\{(.*?)\}\}")
@@ -85,6 +85,15 @@ class Template:
             if value is _MISSING:
                 return None
         return value
+
+    def check_items(self, items: Sequence[dict]) -> None:
+        """Every item field the template reads, looked up on each item: a GraderError for the first item
+        that lacks one, naming it as a grade would."""
+        samples = [sample_of("")] * len(items)
+        for index in range(len(items)):
+            for steps in self.paths:
+                if steps[0] == "item":
+                    self._resolve(steps, samples, items, index)
 
     def value(self, samples: Sequence[dict], items: Sequence[dict], index: int) -> Any:
         """The template for sample `index`: the referenced value itself when the template is one

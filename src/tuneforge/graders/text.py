@@ -147,6 +147,9 @@ class _ComparesToReference(Grader):
         self.input = Template(spec_text(spec, "input", label), label=label, field="input")
         self.reference = Template(spec_text(spec, "reference", label), label=label, field="reference")
 
+    def templates(self) -> list[Template]:
+        return [self.input, self.reference]
+
     def reference_texts(self, samples: Sequence[dict], items: Sequence[dict]) -> list[str]:
         return [self.reference.render(samples, items, index) for index in range(len(items))]
 

@@ -201,8 +201,9 @@ def _prompt_problem(code: str, message: str, path: str, line: int) -> Problem:
 
 def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.PreparedData:
     """The training and validation prompts, checked; the grader run once on the validation items (or
-    the first training ones) so that a grader that cannot score this data fails before any training.
-    A data.validation fraction splits the training prompts by content key, as for the other methods."""
+    the first training ones), and the item fields its templates read looked up on every row, so that a
+    grader that cannot score this data fails before any training. A data.validation fraction splits
+    the training prompts by content key, as for the other methods."""
     rows, problems, system_prompts = [], [], SystemPromptTally(tokenizer)
     for path in cfg.data.train_files:
         found_rows, found = read_prompts(path, tokenizer, cfg.data.max_length, system_prompts)
@@ -237,9 +238,11 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.Prepar
             code=errors[0].code,
             problems=errors,
         )
-    checked = (valid or rows)[:16]
+    checked, grader = (valid or rows)[:16], load_grader(cfg)
     with naming_rows(checked):
-        load_grader(cfg).check([r.item for r in checked])
+        grader.check([r.item for r in checked])
+    with naming_rows(rows + valid):
+        grader.check_items([r.item for r in rows + valid])
     return tfdata.PreparedData(rows, valid, report)
 
 
