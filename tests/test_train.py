@@ -630,6 +630,16 @@ def test_lora_from_layer_adapts_only_the_upper_decoder_layers(tiny_model_dir, tr
     assert per_layer >= {"self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"}  # every linear of those layers
 
 
+def test_lora_modules_the_model_lacks_are_refused_before_the_data_is_read(tiny_model_dir, triage_data, tmp_path):
+    from tuneforge.errors import ConfigError
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    cfg["lora"]["target_modules"] = ["q_proj", "gate"]
+    with pytest.raises(ConfigError, match=r"^lora\.target_modules: names gate, which this model has no module"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # no data report: the data was never read
+
+
 def test_loraplus_moves_the_b_matrices_ratio_times_as_far(tiny_model_dir, triage_data, tmp_path):
     """One step from the same start: LoRA's B matrices start at zero, so A gets no gradient yet and
     Adam moves each B entry by the learning rate; with LoRA+ B's learning rate is ratio times larger."""

@@ -9,8 +9,8 @@ dpo (its policy trains as `dpo.policy` says), the policy-gradient objective in `
 which samples and grades its own batches during the step (`make_batches`). `prepare_items` reads
 the data a method trains on (grpo: prompts with the fields its grader reads). `check_inputs` runs
 the checks a method makes before any compute (data.max_length fits the model's positions; preference
-data for dpo and only for dpo; distill: the teacher's vocabulary is the student's; grpo: the grader
-is sound).
+data for dpo and only for dpo; the lora section names modules the model has; distill: the teacher's
+vocabulary is the student's; grpo: the grader is sound).
 
 An objective returns sums. What they are sums over is its `count` of a batch (trained tokens
 unless it says otherwise; DPO counts pairs), and the loop divides by the count of the whole
@@ -98,6 +98,7 @@ def check_inputs(cfg, tokenizer, source) -> None:
             f"{source.name} was built for; set data.max_length to {window} or less."
         )
     dpo.check_data_kind(cfg)
+    check_trainable(cfg, source)
     if cfg.method == "dora" and cfg.model.quantize == "int8" and not torch.cuda.is_available():
         # DoRA's weight norm reads the frozen weight back through bitsandbytes, whose 8-bit layer on a
         # CPU keeps no scales for it: the first step would fail inside bitsandbytes.
@@ -110,6 +111,16 @@ def check_inputs(cfg, tokenizer, source) -> None:
         distill.check_teacher(cfg, tokenizer)
     if cfg.method == "grpo":
         grpo.load_grader(cfg)
+
+
+def check_trainable(cfg, source) -> None:
+    """Mark what trains on the model's structure alone, built on the meta device (no weights, no memory): what
+    `prepare_model` refuses (a lora.target_modules or modules_to_save name the model lacks) is refused before
+    the data is read and the weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        prepare_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source.path)), cfg)
 
 
 def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False) -> tfdata.PreparedData:
