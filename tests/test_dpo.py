@@ -310,3 +310,21 @@ def load_tokenizer_of(model_dir):
     from tuneforge.models import load_tokenizer
 
     return load_tokenizer(str(model_dir))
+
+
+def test_dpo_from_a_lora_run_on_a_quantized_base_is_refused_before_the_data_is_read(
+    tiny_model_dir, preference_data, tmp_path
+):
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.models import load_model
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules="all-linear")).save_pretrained(
+        adapter
+    )
+    cfg = dpo_config(adapter, preference_data, tmp_path / "run", max_steps=1)
+    cfg["model"] = {"quantize": "nf4"}
+    with pytest.raises(ConfigError, match=r"^base_model, model\.quantize: dpo from a LoRA run .* set model\.quantize"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # no data report: the data was never read

@@ -107,6 +107,8 @@ def check_inputs(cfg, tokenizer, source) -> None:
             "method: dora on model.quantize: int8 does not run on a CPU (bitsandbytes' 8-bit layer there cannot "
             "give DoRA the weights its norm needs). Use model.quantize: nf4 with DoRA, or method: lora on int8."
         )
+    if cfg.method in ("dpo", "grpo"):
+        dpo.check_start(cfg, source)
     if cfg.method == "distill":
         distill.check_teacher(cfg, tokenizer)
     if cfg.method == "grpo":

@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import data as tfdata
 from ..data import IGNORE_INDEX
-from ..errors import TuneforgeError
+from ..errors import ConfigError, TuneforgeError
 from ..models import causal_lm, load_frozen_model
 from ..models.quantization import is_quantized
 from . import full, lora
@@ -56,14 +56,26 @@ def prepare_policy(model, cfg, policy: str):
     """Merge a starting adapter into its base (the reference is the model a run starts from), then make
     trainable what `policy` says: dpo's and grpo's policy."""
     if hasattr(model, "merge_and_unload") and is_quantized(model):
-        raise TuneforgeError(
-            f"{cfg.method} from a LoRA run (base_model) merges that run's adapter into its base first, which a "
-            "quantized base (model.quantize) cannot hold exactly: export the run merged (tuneforge export RUN "
-            f"--format merged) and start {cfg.method} from the merged model, or set model.quantize: none."
-        )
+        refuse_quantized_merge(cfg)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return {"full": full.prepare_model, "lora": lora.prepare_model}[policy](model, cfg)
+
+
+def check_start(cfg, source) -> None:
+    """Before any data or weights: dpo and grpo start from a LoRA run (`source`: the resolved base_model) by
+    merging its adapter, which a quantized base cannot hold."""
+    if source.adapter is not None and cfg.model.quantize != "none":
+        refuse_quantized_merge(cfg)
+
+
+def refuse_quantized_merge(cfg) -> None:
+    raise ConfigError(
+        f"{cfg.key_at('base_model')}, {cfg.key_at('model.quantize')}: {cfg.method} from a LoRA run (base_model) "
+        "merges that run's adapter into its base first, which a quantized base (model.quantize) cannot hold "
+        f"exactly: export the run merged (tuneforge export RUN --format merged) and start {cfg.method} from the "
+        "merged model, or set model.quantize: none."
+    )
 
 
 def rows(pairs: list[tuple[tfdata.Example, tfdata.Example]]) -> list[tfdata.PackedRow]:
