@@ -29,7 +29,7 @@ import torch
 from .. import data as tfdata
 from ..data import IGNORE_INDEX, collate
 from ..errors import ConfigError
-from ..models import compute_dtype, load_frozen_model, load_model, source_context_length
+from ..models import compute_dtype, load_frozen_model, load_model, meta_model, source_context_length
 from ..models.quantization import keep_trainable_layout, quantization_config
 from . import distill, dpo, full, grpo, lora
 from .distill import DistillObjective
@@ -119,10 +119,10 @@ def check_trainable(cfg, source) -> None:
     """Mark what trains on the model's structure alone, built on the meta device (no weights, no memory): what
     `prepare_model` refuses (a lora.target_modules or modules_to_save name the model lacks) is refused before
     the data is read and the weights load."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    with torch.device("meta"):
-        prepare_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source.path)), cfg)
+    with torch.device("meta"):  # the adapter's layers too
+        prepare_model(meta_model(AutoConfig.from_pretrained(source.path)), cfg)
 
 
 def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False) -> tfdata.PreparedData:

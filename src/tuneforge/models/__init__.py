@@ -17,6 +17,7 @@ from .loading import (
     load_frozen_model,
     load_model,
     load_tokenizer,
+    meta_model,
     model_info,
     source_context_length,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "context_length",
     "model_context_length",
     "count_parameters",
+    "meta_model",
     "describe_whole_model",
     "end_of_turn_token",
     "list_models",

@@ -196,10 +196,9 @@ def _vocab_rows(config: dict) -> int | None:
 
 def input_embedding_name(folder: Path) -> str:
     """The name of the input embeddings of the model in `folder`, built on the meta device (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    model = meta_model(AutoConfig.from_pretrained(folder))
     return _module_name(model, model.get_input_embeddings())
 
 
@@ -278,21 +277,26 @@ def model_info(spec: str | ModelSource) -> dict:
     return info
 
 
-def count_parameters(config) -> int:
-    """Parameters of the model the config describes, built on the meta device: no memory, no weights."""
+def meta_model(config):
+    """The causal language model `config` describes, built on the meta device: its structure, with no
+    memory and no weights."""
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as err:
         raise ModelSourceError(
             f"{config.model_type} is not a causal language model transformers can build ({err}); "
             "tuneforge fine-tunes text generation models.",
             code="model_load_failed",
         ) from err
+
+
+def count_parameters(config) -> int:
+    """Parameters of the model the config describes, built on the meta device: no memory, no weights."""
     # parameters() yields a tied embedding once, which is how the model stores it.
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(config).parameters())
 
 
 def _chatml_end_of_turn(tokenizer) -> str:
