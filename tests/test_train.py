@@ -499,6 +499,29 @@ def test_resuming_a_finished_run_keeps_its_last_steps_metrics_in_the_result_and_
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"] == again.metrics
 
 
+def test_a_resume_drops_a_metrics_line_cut_short_and_refuses_one_damaged_inside(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=3, save_every=2)
+    train(cfg, progress=False)
+    log = tmp_path / "run" / "metrics.jsonl"
+    logged = log.read_text()
+    # As a run stopped while writing step 3's record leaves it (a power cut, a full disk).
+    kept = [line for line in logged.splitlines(keepends=True) if json.loads(line)["step"] <= 2]
+    log.write_text("".join(kept) + '{"step": 3, "epoch": 0.2, "train_lo')
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-3")
+    train(cfg, resume="latest", progress=False)
+
+    def untimed(text):
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed")}
+            for line in text.splitlines()
+        ]
+
+    assert untimed(log.read_text()) == untimed(logged)
+    log.write_text("".join(kept[:1]) + '{"step": 2, "epo\n' + "".join(kept[1:]))
+    with pytest.raises(TuneforgeError, match=rf"{re.escape(str(log))}:2: not a JSON record"):
+        train(cfg, resume="latest", progress=False)
+
+
 def test_a_run_leaves_the_callers_random_generators_as_they_were(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
 

@@ -277,11 +277,25 @@ def restart_step_log(path: Path, resume_step: int | None) -> None:
     """A JSON-lines file of records by step, as a run starts: emptied for a fresh run; for a resumed
     one, cut to the records up to its checkpoint's step, since the steps after it run again. The full
     validation's record goes too: it is written after the last checkpoint, and a run resumed there
-    (to redo its final model) writes it again."""
+    (to redo its final model) writes it again. A last line cut short (a run stopped while writing it, a
+    full disk) goes too: its step runs again."""
     if resume_step is None:
         path.write_text("")
     elif path.exists():
-        lines = [(ln, json.loads(ln)) for ln in path.read_text().splitlines() if ln]
+        text = path.read_text()
+        lines = []
+        for number, ln in enumerate(text.splitlines(), 1):
+            if not ln:
+                continue
+            try:
+                lines.append((ln, json.loads(ln)))
+            except json.JSONDecodeError as error:
+                if not text.endswith(ln):  # a line the run finished writing is whole: this one was damaged since
+                    raise TuneforgeError(
+                        f"{path}:{number}: not a JSON record ({error.msg}); the run writes one a line. Restore "
+                        "the file, or delete the line and resume again.",
+                        code="metrics_damaged",
+                    ) from None
         kept = [
             ln
             for ln, record in lines
