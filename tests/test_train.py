@@ -245,6 +245,13 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     ):
         train(changed, resume="latest", progress=False)
     train(changed, resume="latest", force=True, progress=False)
+    # A longer run: what --force does to the schedule, and the way to train further on a schedule of its own.
+    longer = {**changed, "train": {**changed["train"], "max_steps": 3}}
+    with pytest.raises(TuneforgeError) as e:
+        train(longer, resume="latest", progress=False)
+    assert "train.max_steps: 2 -> 3" in e.value.message
+    assert "--force continues its learning-rate schedule fitted to the new length" in e.value.message
+    assert f"base_model: {tmp_path / 'run' / 'checkpoints' / 'step-2'}, another output_dir" in e.value.message
     # A checkpoint past the changed config's last step would be saved again as that step.
     changed["train"]["max_steps"] = 1
     with pytest.raises(TuneforgeError, match=r"step-2 is at step 2, past this run's last step \(1: train.max_steps"):

@@ -376,26 +376,35 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[P
         raise TuneforgeError(f"no checkpoint to resume from at {folder or root}; start without --resume.")
     saved = checkpoint.read_state(folder)
     if saved["config_hash"] != cfg.results_hash() and not force:
+        changes = changes_since(cfg, saved["config_hash"])
+        shown = f": {', '.join(changes)} (the original is {Path(cfg.output_dir) / 'config.yaml'})" if changes else ""
+        advice = "Resume with the original config, or pass --force to continue anyway."
+        if changes and all(change.startswith(("train.max_steps:", "train.epochs:")) for change in changes):
+            # The schedule spans the run's steps: another length moves the saved step within it.
+            advice = (
+                "The run's length changed: --force continues its learning-rate schedule fitted to the new length "
+                "(from the saved step on, its rates are the new schedule's); to train the run further on a schedule "
+                f"of its own, start a new run from this checkpoint (base_model: "
+                f"{shlex.quote(str(folder.absolute()))}, another output_dir); or resume with the original config."
+            )
         raise TuneforgeError(
-            f"{folder} was written with a different config (one that changes results)"
-            f"{changes_since(cfg, saved['config_hash'])}. Resume with the original config, or pass --force to "
-            "continue anyway."
+            f"{folder} was written with a different config (one that changes results){shown}. {advice}"
         )
     return folder, saved
 
 
-def changes_since(cfg: Config, saved_hash: str) -> str:
-    """`: KEY: then -> now, ...` from the run's config.yaml to `cfg`, where config.yaml is the config that
-    wrote the checkpoint (`saved_hash`: a forced resume rewrites config.yaml, so an older checkpoint's
-    config may be gone); else nothing."""
+def changes_since(cfg: Config, saved_hash: str) -> list[str]:
+    """`KEY: then -> now` for each setting that changes results, from the run's config.yaml to `cfg`, where
+    config.yaml is the config that wrote the checkpoint (`saved_hash`: a forced resume rewrites config.yaml,
+    so an older checkpoint's config may be gone); else none."""
     written = Path(cfg.output_dir) / "config.yaml"
     try:
         earlier = load_config(written)
     except TuneforgeError:
-        return ""
+        return []
     if earlier.results_hash() != saved_hash:
-        return ""
-    return f": {', '.join(earlier.changed_results_settings(cfg))} (the original is {written})"
+        return []
+    return earlier.changed_results_settings(cfg)
 
 
 def check_resumable(folder: Path, saved: dict, plan: StepPlan) -> None:
