@@ -493,6 +493,7 @@ def test_the_output_folder_may_not_hold_the_source(run_dir):
 def test_an_unfinished_run_points_at_its_checkpoints(tmp_path, tiny_model_dir):
     run = tmp_path / "unfinished"
     (run / "checkpoints" / "step-10").mkdir(parents=True)
+    (run / "checkpoints" / "step-10" / "trainer_state.json").write_text("{}")
     (run / "config.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_model_dir)}))
     with pytest.raises(TuneforgeError, match="no final/ yet but has checkpoints") as error:
         export(run, "merged", None, tmp_path / "out", progress=False)

@@ -307,8 +307,14 @@ def test_unfinished_run_points_at_its_latest_checkpoint(tmp_path):
     run = tmp_path / "run"
     for step in (50, 100):
         (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
-    with pytest.raises(ModelSourceError, match="no final/ yet.*step-100"):
+        (run / "checkpoints" / f"step-{step}" / "trainer_state.json").write_text("{}")  # written last: complete
+    (run / "checkpoints" / ".tmp-step-150-x1y2").mkdir()  # as a run stopped while writing it leaves it
+    with pytest.raises(ModelSourceError, match=r"no final/ yet.*step-100\.$"):
         resolve(str(run))
+    shutil.rmtree(run / "checkpoints" / "step-50"), shutil.rmtree(run / "checkpoints" / "step-100")
+    with pytest.raises(ModelSourceError) as error:
+        resolve(str(run))
+    assert "checkpoints" not in error.value.message
 
 
 def test_an_adapter_without_its_weights_is_refused_naming_them(tiny_adapter, tmp_path):

@@ -173,20 +173,16 @@ def _model_inside(folder: Path) -> Path:
             f"{folder} holds several models ({', '.join(c.name for c in candidates)}): point base_model at one.",
             code="ambiguous_model",
         )
-    checkpoints = sorted((c for c in (folder / "checkpoints").glob("*") if c.is_dir()), key=_natural_key)
-    hint = (
-        f" The run has no final/ yet but has checkpoints: point at one, e.g. {checkpoints[-1]}." if checkpoints else ""
-    )
+    from ..training.checkpoint import latest  # here: training imports models
+
+    # A complete checkpoint only, never one a stopped run left half-written (.tmp-step-N-...).
+    newest = latest(folder / "checkpoints")
+    hint = f" The run has no final/ yet but has checkpoints: point at one, e.g. {newest}." if newest else ""
     raise ModelSourceError(
         f"{folder} is not a model: it holds no config.json (Hugging Face model), adapter_config.json "
         f"(PEFT adapter) or final/ (finished tuneforge run).{hint}",
         code="model_not_found",
     )
-
-
-def _natural_key(path: Path) -> list:
-    # step-100 after step-50
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def _resolve_adapter(spec: str, adapter_dir: Path, *, pull_missing: bool, name: str) -> ModelSource:
