@@ -14,7 +14,7 @@ from tiny import save_adapter_with_added_tokens
 from wheels import write_wheel
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.export import EXPORT_RECORD, ExportFailed, export
+from tuneforge.export import EXPORT_RECORD, ExportFailed, export, llama_cpp
 from tuneforge.export.probe import (
     DTYPE_BOUNDS,
     MERGE_BOUND,
@@ -523,6 +523,33 @@ def test_a_full_model_has_no_adapter_to_export_and_the_refusal_says_what_it_is(t
     assert f"it is a dpo run whose LoRA policy (dpo.policy: lora) trained on base_model {run_dir}, a LoRA " in said
     assert "a full fine-tune" not in said
     assert "it is a run that trained every weight (method: full)" in refusal(tmp_path / "full")
+
+
+@pytest.mark.parametrize(
+    ("adapter", "trained"),
+    [
+        ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
+        ({"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}, "embed_tokens"),
+    ],
+)
+def test_a_gemma_gguf_is_refused_before_conversion_where_the_adapter_trains_an_embedding_layer(
+    adapter, trained, tmp_path, monkeypatch, capsys
+):
+    """Gemma's GGUF has no output layer of its own (llama.cpp reads it from the embeddings): a merge that
+    unties the two would lose what the adapter learnt there, so the export says so before any work."""
+    from families import FAMILIES, save_family_model
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = save_family_model(FAMILIES["gemma2"], tmp_path / "base")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, **adapter))
+    model.save_pretrained(tmp_path / "adapter")
+    monkeypatch.setattr(llama_cpp, "converter_folder", lambda console: pytest.fail("fetched the converter"))
+
+    assert _cli(monkeypatch, tmp_path / "adapter", "--format", "gguf", "--out", tmp_path / "out") == 2
+    message = capsys.readouterr().err
+    assert f"trains {trained}" in message and "--format merged" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_checkpoint_of_a_full_fine_tune_of_a_sentencepiece_family_exports_as_gguf(tmp_path):

@@ -59,12 +59,48 @@ def check_supported(config, tokenizer, source: ModelSource) -> None:
             f"{config.model_type} ({architecture} in GGUF). Export it --format merged instead.",
             code="unsupported_architecture",
         )
+    if not _has_output_layer(architecture) and (untied := _untied_output(config, source)):
+        raise TuneforgeError(
+            f"{architecture} GGUF files hold one matrix for the input embeddings and the output layer (llama.cpp reads "
+            f"its output layer from the embeddings, and the converter drops lm_head), but {untied}, so the two differ "
+            "and the GGUF would answer with another output layer. Export it --format merged, or train an adapter "
+            "without lm_head and embed_tokens (in lora.target_modules and lora.modules_to_save) for a GGUF.",
+            code="unsupported_architecture",
+        )
     if _is_sentencepiece(tokenizer) and sentencepiece_model(source) is None:
         raise TuneforgeError(
             f"{source.path} has a SentencePiece vocabulary but no {SENTENCEPIECE_MODEL}, which llama.cpp's converter "
             "reads it from. Copy the original model's tokenizer.model into that folder and export again.",
             code="unsupported_tokenizer",
         )
+
+
+def _has_output_layer(architecture: str) -> bool:
+    """Whether GGUF files of `architecture` may hold an output layer of their own (`output.weight`)."""
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS
+
+    arch = next((a for a, name in MODEL_ARCH_NAMES.items() if name == architecture), None)
+    return arch is None or MODEL_TENSOR.OUTPUT in MODEL_TENSORS[arch]
+
+
+def _untied_output(config, source: ModelSource) -> str | None:
+    """Why the model to convert has an output layer apart from its input embeddings, or None: its config
+    unties them, or its adapter trains one of the two (the merge then gives the output layer a copy of its own)."""
+    if not config.get_text_config().tie_word_embeddings:
+        return f"{source.path}/config.json sets tie_word_embeddings to false"
+    if source.adapter is None:
+        return None
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    adapter = PeftConfig.from_pretrained(source.adapter)
+    for layer in ("lm_head", "model.embed_tokens"):
+        short = layer.rsplit(".", 1)[-1]
+        if check_target_module_exists(adapter, layer) or short in (getattr(adapter, "modules_to_save", None) or []):
+            return f"the adapter ({source.adapter}) trains {short}"
+    if getattr(adapter, "trainable_token_indices", None):
+        return f"the adapter ({source.adapter}) trains rows of embed_tokens (trainable_token_indices)"
+    return None
 
 
 def sentencepiece_model(source: ModelSource) -> Path | None:
