@@ -644,6 +644,25 @@ def test_a_body_that_is_not_utf8_is_a_400_that_says_so(server):
     assert response.json()["error"]["message"].startswith("The request body is not UTF-8: byte 0xe9 at position 32")
 
 
+def test_an_adapter_training_a_layer_whole_and_one_with_lora_on_it_are_refused_together_at_startup(base_dir, tmp_path):
+    """PEFT cannot put one adapter's LoRA on a layer another trains whole: refused when the pool is built
+    or the adapter added, naming both, not as a traceback at a request."""
+    from peft import LoraConfig, get_peft_model
+
+    def adapter(folder, **config):
+        get_peft_model(load_model(str(base_dir)), LoraConfig(r=2, **config)).save_pretrained(folder)
+        return str(folder)
+
+    saver = adapter(tmp_path / "saver", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    lora = adapter(tmp_path / "lora", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match=r"'saver' .* trains lm_head whole .* adapter 'lora'"):
+        AdapterPool(str(base_dir), {"saver": saver, "lora": lora})
+    pool = AdapterPool(str(base_dir), {"lora": lora})
+    with pytest.raises(ConfigError, match=r"'saver' .* trains lm_head whole .* adapter 'lora'"):
+        pool.add_adapter("saver", saver)
+    assert pool.names == [pool.base_name, "lora"]
+
+
 def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base, adapters):
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model="broken", messages=QUESTION, max_tokens=4, temperature=0)

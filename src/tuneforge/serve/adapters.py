@@ -59,6 +59,11 @@ class AdapterPool:
         self._tokenizers = {self.base_name: load_tokenizer(base_source)}
         self._tokenizers.update({name: load_tokenizer(source) for name, source in adapter_sources.items()})
         self.model = load_for_inference(base_source, precision)
+        self._module_names = [n for n, _ in self.model.named_modules()]
+        names = list(adapter_sources)
+        for i, name in enumerate(names):
+            for other in names[:i]:
+                self._check_compatible(name, adapter_sources[name], other, adapter_sources[other])
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self._base_names = {self.base_name}
         self._lock = threading.Lock()
@@ -69,6 +74,8 @@ class AdapterPool:
             return
         source = _adapter_source(name, spec)
         self._check(name, source)
+        for other, other_source in list(self._sources.items()):
+            self._check_compatible(name, source, other, other_source)
         tokenizer = load_tokenizer(source)
         with self._lock:
             self._tokenizers[name] = tokenizer
@@ -107,6 +114,32 @@ class AdapterPool:
                 "--format merged --out DIR, then tuneforge serve --model DIR.",
                 code="adapter_vocabulary_mismatch",
             )
+
+    def _check_compatible(self, name: str, source: ModelSource, other: str, other_source: ModelSource) -> None:
+        """PEFT holds one kind of adapter layer per module of the shared base: a layer one adapter trains whole
+        (modules_to_save) cannot take another adapter's LoRA, so the two cannot be served side by side."""
+        from peft import PeftConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        sources = {name: source, other: other_source}
+        configs = {key: PeftConfig.from_pretrained(value.adapter) for key, value in sources.items()}
+        for saver, adapted in ((name, other), (other, name)):
+            saved = configs[saver].modules_to_save or []
+            clash = sorted(
+                {
+                    module.rsplit(".", 1)[-1]
+                    for module in self._module_names
+                    if module.rsplit(".", 1)[-1] in saved and check_target_module_exists(configs[adapted], module)
+                }
+            )
+            if clash:
+                raise ConfigError(
+                    f"Adapter '{saver}' ({sources[saver].adapter}) trains "
+                    f"{', '.join(clash)} whole (modules_to_save) and adapter '{adapted}' puts LoRA layers on it: "
+                    "the two cannot share one base in memory. Serve them from two servers, or serve one as its "
+                    "merged model (tuneforge export RUN --format merged --out DIR, then tuneforge serve --model DIR).",
+                    code="invalid_value",
+                )
 
     @property
     def names(self) -> list[str]:
