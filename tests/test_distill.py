@@ -552,7 +552,7 @@ def write_prompts(path: Path) -> list[list[dict]]:
     return prompts
 
 
-def test_distill_generate_resumes_without_duplicates(teacher_dir, tiny_model_dir, tmp_path):
+def test_distill_generate_resumes_without_duplicates(teacher_dir, tiny_model_dir, tmp_path, capfd):
     from tuneforge.data import Conversation, read_conversations
     from tuneforge.distill import generate_teacher_data
 
@@ -562,6 +562,7 @@ def test_distill_generate_resumes_without_duplicates(teacher_dir, tiny_model_dir
     options = dict(max_new_tokens=6, batch_size=2, progress=False)
     first = generate_teacher_data(str(teacher_dir), prompts_file, out, limit=3, **options)
     assert (first.written, first.resumed_from) == (3, 0) and len(out.read_text().splitlines()) == 3
+    assert "Loading weights" not in capfd.readouterr().err  # progress=False: transformers' bar too
     # Continued by another teacher, or with another answer length, the file would mix two teachers' answers.
     for teacher, length in ((tiny_model_dir, 6), (teacher_dir, 12)):
         with pytest.raises(TuneforgeError, match="would mix the two") as mixed:

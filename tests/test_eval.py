@@ -109,6 +109,18 @@ def test_metrics_on_a_run_folder_and_a_checkpoint(tiny_run, triage_data):
     assert middle["loss"] != pytest.approx(final["loss"], rel=1e-6)
 
 
+def test_progress_false_leaves_out_the_bars_of_every_model_load(tiny_model_dir, triage_data, capfd):
+    # A notebook asks for quiet: transformers' "Loading weights" bar is progress too, and the caller's
+    # own setting of it is back afterwards.
+    from transformers.utils import logging as transformers_logging
+
+    capfd.readouterr()
+    evaluate(str(tiny_model_dir), triage_data["test"], limit=1, max_new_tokens=1, progress=False)
+    measure_forgetting(str(tiny_model_dir), str(tiny_model_dir), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()
+
+
 def test_metric_is_chosen_from_the_data(tmp_path, triage_data):
     # A task's own scorer is asked for by name; the triage answers are JSON objects.
     assert choose_metric("auto", read_eval_examples(triage_data["test"])) == "json_fields"

@@ -206,7 +206,7 @@ def generate_teacher_data(
 
     from ..generate import generate
     from ..models import compute_dtype, load_frozen_model, load_tokenizer, model_context_length, resolve_precision
-    from ..progress import progress_bar
+    from ..progress import library_bars, progress_bar
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 0):
         raise TuneforgeError(
@@ -224,7 +224,8 @@ def generate_teacher_data(
     if done < target:
         check_same_teacher(out, teacher, max_new_tokens, done)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_frozen_model(teacher, dtype=compute_dtype(resolve_precision(precision, device)), device=device)
+        with library_bars(progress):
+            model = load_frozen_model(teacher, dtype=compute_dtype(resolve_precision(precision, device)), device=device)
         tokenizer = load_tokenizer(teacher)
         _check_prompts_fit(
             prompts_file, prompts[done:target], lines[done:target], tokenizer, model_context_length(model)

@@ -29,7 +29,7 @@ from ..generate import generate
 from ..methods import SFTObjective, sum_over_batches
 from ..models import causal_lm, load_model, load_tokenizer, model_context_length, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
-from ..progress import progress_bar
+from ..progress import library_bars, progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
 from ..wording import counted
 
@@ -292,13 +292,15 @@ def evaluate(
     `choose_metric`), token usage, timings and per-example `samples` (input, prediction, reference,
     correct). The loss counts the replies `train_on` names (`data.train_on`); None: those the run
     `model` belongs to trained, so that it is the run's `valid_loss`, or every reply for other models.
+    `progress=False` leaves out the progress bars, transformers' own included.
     """
     examples = read_eval_examples(data, limit)
     metric = choose_metric(metric, examples)
     source = resolve(model)
     train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
-    loaded = load_model(source)
+    with library_bars(progress):
+        loaded = load_model(source)
     result = evaluate_loaded(
         loaded,
         tokenizer,

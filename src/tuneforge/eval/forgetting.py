@@ -35,7 +35,7 @@ from ..generate import BATCH_SIZE, encode_prompts, generate
 from ..methods.sft import trained_logits
 from ..models import causal_lm, load_model, load_tokenizer, resolve
 from ..models.system_prompt import without_recorded_system_prompt
-from ..progress import progress_bar
+from ..progress import library_bars, progress_bar
 from ..tasks.general import general_prompts, general_questions, general_text
 from ..tasks.metrics import holds_answer
 from .evaluate import DEFAULT_BATCH_SIZE, token_loss
@@ -216,8 +216,9 @@ def measure_forgetting(
     """
     source = resolve(model)
     tokenizer = load_tokenizer(source)
-    tuned = load_model(source)
-    pair = ModelPair(tuned, load_model(resolve(base)) if base is not None else None)
+    with library_bars(progress):
+        tuned = load_model(source)
+        pair = ModelPair(tuned, load_model(resolve(base)) if base is not None else None)
     return {
         "model": source.name,
         "base": base or str(source.path),
@@ -230,7 +231,8 @@ def measure_base_questions(model: str = DEFAULT_MODEL, *, progress: bool = True)
     greedily and in at least QUESTION_SAMPLES_RIGHT of QUESTION_SAMPLES sampled answers."""
     source = resolve(model)
     tokenizer = load_tokenizer(source)
-    lm = load_model(source)
+    with library_bars(progress):
+        lm = load_model(source)
     questions = general_questions()
     greedy = answer_questions(lm, tokenizer, questions, progress=progress, label="questions: greedy")
     sampled = answer_questions(
