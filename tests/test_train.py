@@ -416,6 +416,11 @@ def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
     assert (run / "final" / "adapter_model.safetensors").read_bytes() != final_weights
     shorter["train"]["max_steps"] = 3
+    # Continue it and delete it both: refused at once, naming the two, rather than one of them silently done.
+    with pytest.raises(TuneforgeError, match="--resume and --overwrite") as both:
+        train(shorter, resume="latest", force=True, overwrite=True, progress=False)
+    assert both.value.code == "bad_option"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
     assert train(shorter, resume="latest", force=True, progress=False).steps == 3
 
 

@@ -989,6 +989,13 @@ def train(
     """Fine-tune as the config says. `resume` is "latest" (or True) or a checkpoint folder; `overwrite` starts
     afresh in an output_dir that holds an earlier run (`refuse_earlier_run`, `clear_earlier_run`)."""
     cfg = load_config(config, overrides)
+    if resume and overwrite:
+        # One continues the run in output_dir, the other deletes it: neither is guessed.
+        raise TuneforgeError(
+            f"--resume and --overwrite ask for opposite things: --resume continues the run in {cfg.output_dir}, "
+            "--overwrite deletes it and starts over. Pass one of them.",
+            code="bad_option",
+        )
     check_output_dir(cfg)
     world = distributed.setup(cfg.train.distributed_timeout)
     log = print if world.is_main else (lambda *a, **k: None)
