@@ -421,6 +421,12 @@ def test_a_new_run_over_an_earlier_one_is_refused_unless_asked_to_overwrite_it(
         train(shorter, resume="latest", force=True, overwrite=True, progress=False)
     assert both.value.code == "bad_option"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    # The run folder named instead of a checkpoint: the answer lists the checkpoints to pick from.
+    with pytest.raises(TuneforgeError, match="is not a checkpoint") as not_one:
+        train(shorter, resume=str(run), force=True, progress=False)
+    assert (
+        str(run / "checkpoints" / "step-2") in not_one.value.message and "without --resume" not in not_one.value.message
+    )
     assert train(shorter, resume="latest", force=True, progress=False).steps == 3
 
 

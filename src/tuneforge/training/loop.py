@@ -372,8 +372,20 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[P
         return None, None
     root = Path(cfg.output_dir) / "checkpoints"
     folder = checkpoint.latest(root) if resume is True or resume == "latest" else Path(resume)
-    if folder is None or not (folder / checkpoint.STATE).is_file():
-        raise TuneforgeError(f"no checkpoint to resume from at {folder or root}; start without --resume.")
+    if folder is None:
+        raise TuneforgeError(f"no checkpoint to resume from at {root}; start without --resume.")
+    if not (folder / checkpoint.STATE).is_file():
+        # A folder named by hand that is no checkpoint (the run folder, a step since deleted): the run's own
+        # checkpoints are what the user meant to pick from.
+        kept = checkpoint.step_folders(root)
+        choices = (
+            f"the checkpoints of {cfg.output_dir} are {', '.join(str(p) for p in kept)}: resume from one of them, "
+            "or give --resume alone for the latest"
+            if kept
+            else f"{cfg.output_dir} has no checkpoints; start without --resume"
+        )
+        what = "does not exist" if not folder.exists() else f"is not a checkpoint (it has no {checkpoint.STATE})"
+        raise TuneforgeError(f"--resume {folder} {what}; {choices}.", code="bad_option")
     saved = checkpoint.read_state(folder)
     if saved["config_hash"] != cfg.results_hash() and not force:
         changes = changes_since(cfg, saved["config_hash"])
