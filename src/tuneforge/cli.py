@@ -95,6 +95,7 @@ SERVE_EXTRA_MODULES = (
     "sqlalchemy",
     "psycopg2",
     "prometheus_client",
+    "outlines_core",
 )
 
 

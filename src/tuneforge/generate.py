@@ -61,6 +61,9 @@ class Sampling:
     # Special tokens that stay in the text, which decoding otherwise drops: a tool-call parser's markers
     # (Llama 3.1's <|python_tag|>, Mistral's [TOOL_CALLS]), which tell where the calls start.
     keep_tokens: tuple[str, ...] = ()
+    # Structured output: an outlines-core Index (`constrain.json_index`) the reply follows token by token, then
+    # ends with the end of the turn; None: unconstrained.
+    constraint: object | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -311,6 +314,11 @@ class Row:
         self.finish_reason: str | None = None
         self.cancelled = False  # set by whoever no longer wants the rest; the row leaves at the next step
         self._keep: dict[int, str] | None = None  # sampling.keep_tokens' ids, found at the first token
+        self.guide = None  # where the reply stands in `sampling.constraint`, if it has one
+        if sampling.constraint is not None:
+            from outlines_core import Guide
+
+            self.guide = Guide(sampling.constraint)
 
     @property
     def done(self) -> bool:
@@ -322,6 +330,8 @@ class Row:
         if self._keep is None:
             self._keep = kept_token_ids(tokenizer, self.sampling.keep_tokens)
         self.tokens.append(token)
+        if self.guide is not None and token not in stop_ids:
+            self.guide.advance(token, return_tokens=False)
         if token in stop_ids:
             self.finish_reason = "stop"
             self.text = decode(tokenizer, self.tokens[:-1], self._keep)
@@ -524,7 +534,13 @@ class Batch:
 
     def _pick(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """The next token of each row: argmax, or a sample; rows sharing options and a random stream
-        are sampled in one draw, so a batch with one seed draws as it always has."""
+        are sampled in one draw, so a batch with one seed draws as it always has. A constrained row picks
+        among the tokens its guide allows."""
+        from .constrain import allowed
+
+        for line, row in enumerate(rows):
+            if row.guide is not None:
+                logits[line].masked_fill_(~allowed(row.guide, logits.shape[-1], logits.device), float("-inf"))
         tokens = logits.argmax(-1)
         groups: dict[tuple, list[int]] = {}
         for line, row in enumerate(rows):

@@ -29,6 +29,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from .. import reasoning
+from ..constrain import ConstraintError, json_index
 from ..data.render import renderer_for, template_texts
 from ..data.schema import Message
 from ..generate import Completion, Sampling, encode_prompts
@@ -252,9 +253,11 @@ class _GenerationBody(RequestBody):
         """The parameter that limits the reply's length, and its value (None: not given)."""
         return "max_tokens", self.max_tokens
 
-    def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = ()) -> Sampling:
+    def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = (), constraint=None) -> Sampling:
         temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
-        return Sampling(max_new_tokens, temperature, self.top_p, self.seed, self.stop_strings(), keep_tokens)
+        return Sampling(
+            max_new_tokens, temperature, self.top_p, self.seed, self.stop_strings(), keep_tokens, constraint
+        )
 
 
 class ChatCompletionBody(_GenerationBody):
@@ -273,7 +276,8 @@ class ChatCompletionBody(_GenerationBody):
     functions: list | None = None
     function_call: str | dict | None = None
     top_logprobs: int | None = None  # refused with logprobs, which this server does not return
-    # OpenAI's {"type": "text"} (the default, which clients send) is served; JSON modes are refused.
+    # OpenAI's structured output: {"type": "text"} (the default), "json_object" or "json_schema", whose
+    # reply's decoding is constrained to JSON (`constrain.py`).
     response_format: dict | None = None
     # vLLM's: more variables for the chat template (Qwen 3's enable_thinking), which the SDK sends in extra_body.
     chat_template_kwargs: dict[str, Any] | None = None
@@ -296,13 +300,13 @@ class ChatCompletionBody(_GenerationBody):
                 raise APIError(400, f"{param} {FUNCTIONS_ARE_TOOLS}", param=param, code="unsupported_value")
         if self.top_logprobs is not None:
             raise APIError(400, "logprobs are not supported.", param="top_logprobs", code="unsupported_value")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
+        kind, _ = self.output_format()
+        if kind != "text" and self.calls_tools:
             raise APIError(
                 400,
-                f"response_format {json.dumps(kind)[:80]} is not supported: this server does not constrain decoding "
-                'to JSON. Leave response_format out (or {"type": "text"}) and ask for JSON in the prompt; a model '
-                "tuned on JSON replies writes them as trained.",
+                f"response_format {kind} with tools is not supported: the reply is constrained to JSON, so the model "
+                'could not make a tool call. Send tool_choice "none" to constrain the reply, or leave '
+                "response_format out to let the model call the tools.",
                 param="response_format",
                 code="unsupported_value",
             )
@@ -315,6 +319,30 @@ class ChatCompletionBody(_GenerationBody):
                 param="tool_choice",
                 code="unsupported_value",
             )
+
+    def output_format(self) -> tuple[str, dict | None]:
+        """The reply's format, "text", "json_object" or "json_schema", and a json_schema's schema."""
+        response_format = self.response_format or {}
+        kind = response_format.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(
+                400,
+                f'response_format.type {json.dumps(kind)[:80]} is not one of "text", "json_object", "json_schema".',
+                param="response_format.type",
+                code="invalid_value",
+            )
+        if kind != "json_schema":
+            return kind, None
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(
+                400,
+                "response_format.json_schema.schema is missing or not an object: json_schema takes "
+                '{"name": ..., "schema": {a JSON Schema}, "strict": true}.',
+                param="response_format.json_schema.schema",
+                code="invalid_value",
+            )
+        return kind, spec["schema"]
 
     @property
     def calls_tools(self) -> bool:
@@ -539,6 +567,8 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
             400, "This server does not store completions: leave `store` out.", param="store", code="unsupported_value"
         )
     tools = await asyncio.to_thread(_tool_parser, server, body)
+    # Building a schema's index takes up to seconds: off the event loop, and before the request queues.
+    constraint = await asyncio.to_thread(_constraint, server, body)
     # The parser's markers stay in the reply's text: where a call starts after some text (Llama 3.1's
     # <|python_tag|>), decoding would drop them and the call would stay text.
     generation = await submit(
@@ -550,6 +580,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         "messages",
         body.template_tools(),
         tools.markers if tools is not None else (),
+        constraint,
     )
     opened = reasoning.reasoning_opened(server.pool.tokenizer(generation.model), generation.prompt_ids)
     return await answer(
@@ -585,6 +616,24 @@ def _tool_parser(server: Served, body: ChatCompletionBody) -> ToolCallParser | N
             code="unsupported_value",
         )
     return parser
+
+
+def _constraint(server: Served, body: ChatCompletionBody):
+    """The index a JSON reply is decoded along (`constrain.json_index`); None for a text reply."""
+    kind, schema = body.output_format()
+    if kind == "text":
+        return None
+    body.check_supported()
+    name = server.known_model(body.model)
+    try:
+        return json_index(server.pool.tokenizer(name), schema)
+    except ConstraintError as err:
+        if err.code != "invalid_schema":  # this model's tokenizer, or no outlines-core
+            raise APIError(
+                400, f"response_format {kind}: {err.message}.", param="response_format", code="unsupported_value"
+            ) from err
+        param = "response_format.json_schema.schema"
+        raise APIError(400, f"{param}: {err.message}.", param=param, code="invalid_value") from err
 
 
 @v1.post("/completions")
@@ -654,6 +703,7 @@ async def submit(
     length_param: str,
     tools: list[dict] | None = None,
     keep_tokens: tuple[str, ...] = (),
+    constraint=None,
 ) -> Generation:
     body.check_supported()
     name = server.known_model(body.model)
@@ -664,8 +714,17 @@ async def submit(
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param=length_param)
     max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
+    if constraint is not None and reasoning.reasoning_opened(server.pool.tokenizer(name), prompt_ids):
+        raise APIError(
+            400,
+            "response_format: this prompt opens the model's reasoning, which a reply constrained to JSON could not "
+            "write. Leave response_format out, or turn the reasoning off where the template can "
+            "(chat_template_kwargs).",
+            param="response_format",
+            code="unsupported_value",
+        )
     try:
-        return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens, keep_tokens))
+        return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens, keep_tokens, constraint))
     except EngineError as err:
         raise engine_error(err) from err
 

@@ -1,0 +1,131 @@
+"""Structured output: decoding constrained to JSON, a schema's or any object's, with outlines-core.
+
+    index = json_index(tokenizer, schema)          # None: any JSON object; raises ConstraintError
+    Sampling(..., constraint=index)                 # generate.Row walks its own Guide over it
+
+outlines-core compiles a JSON schema to a regular expression and that, over the model's vocabulary
+(each token's bytes), to an index: the tokens allowed after each token, the end token once the text
+is a whole match. Before each token is picked, a row's disallowed logits go to -inf (`allowed`), so
+greedy decoding and sampling both pick among the allowed ones. Building an index takes from
+milliseconds (a flat schema) to seconds (SmolLM2's any-object: about 2 s), so indexes are kept per
+(tokenizer, regex) in a small LRU, as the vocabularies are per tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+
+from .errors import TuneforgeError
+
+# What `{"type": "json_object"}` allows: an object whose values are strings, numbers, booleans, null, or
+# arrays and objects of those. A regular expression nests only as deep as it is written, and outlines-core's
+# own any-object (three levels) takes about 30 s to index over SmolLM2's vocabulary; two levels take 2 s.
+_SCALAR = {"type": ["string", "number", "boolean", "null"]}
+ANY_OBJECT = {
+    "type": "object",
+    "additionalProperties": {
+        "anyOf": [
+            _SCALAR,
+            {"type": "array", "items": _SCALAR},
+            {"type": "object", "additionalProperties": _SCALAR},
+        ]
+    },
+}
+
+
+class ConstraintError(TuneforgeError):
+    """A schema outlines-core cannot compile, or a tokenizer it cannot read; the message says which and why."""
+
+
+def json_index(tokenizer, schema: dict | None):
+    """The outlines-core `Index` that keeps a reply to `schema` (None: `ANY_OBJECT`) in `tokenizer`'s tokens."""
+    outlines_core = _outlines_core()
+    try:
+        regex = outlines_core.json_schema.build_regex_from_schema(json.dumps(ANY_OBJECT if schema is None else schema))
+    except (ValueError, TypeError) as err:
+        raise ConstraintError(f"the schema cannot be compiled to a JSON grammar: {err}", code="invalid_schema") from err
+    return _index(tokenizer, regex)
+
+
+def allowed(guide, width: int, device) -> torch.Tensor:
+    """A [width] bool mask of the tokens `guide` allows next (ids past its vocabulary are not)."""
+    bits = torch.zeros((width + 31) // 32, dtype=torch.int32)
+    guide.write_mask_into(bits.data_ptr(), bits.numel(), bits.element_size())
+    unpacked = (bits[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    return unpacked.flatten()[:width].bool().to(device)
+
+
+def end_id(tokenizer) -> int:
+    """The token a constrained reply ends with once its JSON is whole: the end of an assistant turn."""
+    from .generate import reply_end_ids
+
+    return reply_end_ids(None, tokenizer)[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _index(tokenizer, regex: str):
+    outlines_core = _outlines_core()
+    try:
+        index = outlines_core.Index(regex, _vocabulary(tokenizer))
+    except ValueError as err:
+        raise ConstraintError(f"the schema's grammar cannot be built: {err}", code="invalid_schema") from err
+    if not index.get_allowed_tokens(index.get_initial_state()):
+        raise ConstraintError(
+            "no text in this model's vocabulary can start a reply that matches the schema", code="invalid_schema"
+        )
+    return index
+
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary(tokenizer):
+    """outlines-core's `Vocabulary` of a Hugging Face fast tokenizer: `token_bytes`, and `end_id` as its end."""
+    return _outlines_core().Vocabulary(end_id(tokenizer), token_bytes(tokenizer))
+
+
+def token_bytes(tokenizer) -> dict[bytes, list[int]]:
+    """The ids of every token of `tokenizer` that is not special nor `end_id`, by the bytes it decodes to.
+    Byte-level BPE (SmolLM2, Llama 3, Qwen) maps each character of a token back to its byte; SentencePiece
+    with byte fallback (Llama 2, Mistral, Gemma) writes a space as "▁" and a byte as "<0xAB>". These are the
+    two token processors of outlines-core's own `Vocabulary.from_pretrained`, which reads the Hub only."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str())["decoder"] if tokenizer.is_fast else None
+    kinds = {d["type"] for d in (decoder or {}).get("decoders", [decoder] if decoder else [])}
+    if "ByteLevel" in kinds:
+        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+
+        def bytes_of(token: str) -> bytes:
+            return bytes(byte_of[char] for char in token)
+    elif "ByteFallback" in kinds:
+
+        def bytes_of(token: str) -> bytes:
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                return bytes([int(token[3:5], 16)])
+            return token.replace("\u2581", " ").encode()
+    else:
+        raise ConstraintError(
+            f"this model's tokenizer ({type(tokenizer).__name__}, decoder {sorted(kinds) or 'none'}) is neither "
+            "byte-level BPE nor SentencePiece with byte fallback, the kinds structured output reads"
+        )
+    end, special = end_id(tokenizer), set(tokenizer.all_special_ids)
+    added = tokenizer.added_tokens_decoder
+    tokens: dict[bytes, list[int]] = {}
+    for token, token_id in tokenizer.get_vocab().items():
+        if token_id == end or token_id in special or (token_id in added and added[token_id].special):
+            continue
+        text = token.encode() if token_id in added else bytes_of(token)
+        tokens.setdefault(text, []).append(token_id)
+    return tokens
+
+
+def _outlines_core():
+    try:
+        import outlines_core
+    except ImportError as err:
+        raise ConstraintError(
+            "structured output needs outlines-core, part of the serve extra: pip install 'tuneforge[serve]'"
+        ) from err
+    return outlines_core
