@@ -692,3 +692,26 @@ def test_a_record_written_as_its_canonical_row_reads_back_as_the_same_record(row
     if isinstance(record, Preference):  # where the messages sit in the row differs, by design
         record.fields = again.fields = None
     assert again == record
+
+
+def test_role_markers_written_into_replies_are_flagged_where_they_are(tmp_path):
+    rows = [
+        chat("Hi", "Assistant: Hello!"),
+        chat("Sum 2 and 2", "4"),
+        {"instruction": "Name a colour", "output": "Red.\n\n### Instruction:\nName another"},
+        {"prompt": "Hi", "completion": "Hello.\nUser: and you?"},
+        chat("Who are you?", "I help users: ask me anything.\nThe assistant: that is me."),
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "### Response: Hello"}]},
+    ]
+    items = []
+    for i, row in enumerate(rows):  # one file per format: a file holds one format
+        items += [(i + 1, p) for _, p in read(write_jsonl(tmp_path / f"{i}.jsonl", [row]))]
+    warnings = [(line, p.code, p.field) for line, p in items if isinstance(p, Problem)]
+    assert warnings == [
+        (1, "role_marker_in_reply", "messages[1].content"),
+        (3, "role_marker_in_reply", "output"),
+        (4, "role_marker_in_reply", "completion"),
+        (6, "role_marker_in_reply", "conversations[1].value"),
+    ]
+    assert all(p.severity == "warning" for _, p in items if isinstance(p, Problem))
+    assert len(records(items)) == len(rows)  # flagged, still trained

@@ -80,6 +80,16 @@ _STRUCTURED_PREFERENCE_FIELDS = ("input",)
 _TEXT_OR_MESSAGES_FIELDS = ("prompt", "completion", "chosen", "rejected")
 # Anthropic HH's transcripts ("\n\nHuman: ...\n\nAssistant: ..."): each marker opens a turn.
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+# Role markers that other formats' templates write as text, found in a reply: its own speaker label at
+# its start ("Assistant: ..."), Alpaca's section headers ("### Response:") anywhere, or a next turn's
+# label at the start of a later line ("\nUser: ..."). A conversion that leaves them in teaches the model
+# to write them.
+_ROLE_MARKER = re.compile(
+    r"\A\s*(?i:assistant|gpt|chatgpt|bot)[ \t]*:"
+    r"|^[ \t]*#{2,}[ \t]*(?i:instruction|input|response)\b[ \t]*:?"
+    r"|\n[ \t]*(?:User|USER|Human|HUMAN|Assistant|ASSISTANT)[ \t]*:",
+    re.MULTILINE,
+)
 
 
 def detect_format(keys: Iterable[str]) -> str | None:
@@ -347,6 +357,17 @@ class _RowCheck:
     def warn(self, code: str, field: str | None, message: str) -> None:
         self.problems.append(Problem(code, message, file=self.file, line=self.line, field=field, severity="warning"))
 
+    def reply_text(self, text: str, field: str) -> None:
+        """Warn of role markers written as text in an assistant reply (see `_ROLE_MARKER`)."""
+        found = _ROLE_MARKER.search(text)
+        if found:
+            self.warn(
+                "role_marker_in_reply",
+                field,
+                f"the reply holds the role marker {found.group().strip()!r} as text (left by a conversion from "
+                "another chat format), and the model would learn to write it. Remove the marker from the reply.",
+            )
+
     def decode_json_cells(self, row: dict, format: str | None = None) -> dict:
         """CSV cells are text: parse the ones that hold JSON structures (message lists and such) in a
         row of `format`."""
@@ -512,6 +533,8 @@ class _RowCheck:
         if not value.strip() and not tool_calls:
             self.error("missing_content", f"{at}.{key}", f"'{key}' is empty: give the message text, or remove it.")
             return None
+        if role == "assistant":
+            self.reply_text(value, f"{at}.{key}")
         return value
 
     def _weight(self, raw: dict, at: str, role: str | None) -> int | None:
@@ -615,6 +638,7 @@ def _alpaca(row: dict, check: _RowCheck) -> Conversation | None:
     prompt, output = _alpaca_prompt(row, check), check.text(row, "output")
     if prompt is None or output is None:
         return None
+    check.reply_text(output, "output")
     return Conversation(prompt + [Message("assistant", output)])
 
 
@@ -706,6 +730,8 @@ def _turns(check: _RowCheck, row: dict, key: str, role: str) -> list[Message] | 
     if isinstance(value, list):
         return check.messages(value, key)
     text = check.text(row, key)
+    if text is not None and role == "assistant":
+        check.reply_text(text, key)
     return [Message(role, text)] if text is not None else None
 
 
