@@ -749,3 +749,20 @@ def test_the_cache_key_follows_the_weights_and_not_a_weight_of_one(tmp_path, tok
     assert len(set(keys.values())) == 3
     plain = DataConfig(train=[str(tmp_path / "small.jsonl"), str(tmp_path / "big.jsonl")], validation=None)
     assert cache.cache_key(plain, tokenizer) == keys[(1, 1)]
+
+
+def test_one_reply_given_to_many_different_prompts_is_flagged_but_labels_are_not(tmp_path, tokenizer):
+    refusal = "I'm sorry, but I cannot help with that request."
+    data = rows(12) + [chat(f"Tell me about topic {i}.", refusal) for i in range(4)]
+    prepared = run(tmp_path, tokenizer, data)
+    [warning] = [w for w in prepared.report["warnings"] if w["code"] == "repeated_reply"]
+    path = tmp_path / "train.jsonl"
+    assert warning["count"] == 4 and warning["where"] == [f"{path}:13", f"{path}:14", f"{path}:15"]
+    assert f"{refusal!r} in 4: {path}:13, {path}:14, {path}:15, ...)" in warning["message"]
+    assert len(prepared.train) == 16  # flagged, still trained
+
+    # Classification data repeats a few labels by design.
+    labels = ['{"category": "outage", "priority": "urgent"}', '{"category": "billing", "priority": "low"}']
+    labelled = [chat(f"Ticket {i}: something is wrong.", labels[i % 2]) for i in range(16)]
+    prepared = run(tmp_path, tokenizer, labelled)
+    assert "repeated_reply" not in {w["code"] for w in prepared.report["warnings"]}

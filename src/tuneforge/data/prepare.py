@@ -335,6 +335,7 @@ class _Preparation:
         self.lengths: list[int] = []  # tokens per example before fitting to max_length
         self.over_length: list[str] = []  # the first places of rows cut or dropped at max_length
         self.system_prompts = SystemPromptTally(tokenizer)
+        self.replies = ReplyTally()
         near = cfg.near_dedup_threshold if cfg.dedup == "near" else None
         self.validation_keys = DuplicateIndex(near)  # for the leak check, even without dedup
         self.train_index = DuplicateIndex(near) if cfg.dedup != "none" else None
@@ -545,6 +546,8 @@ class _Preparation:
                 self.counts["without_system"] += not self.system_prompts.add(
                     record.messages if isinstance(record, Conversation) else record.prompt
                 )
+            if isinstance(record, Conversation) and self.files[-1]["role"] == "train":
+                self.replies.add(record.messages, (len(self.files) - 1) << 32 | line)
         return kept
 
     def _fit(self, item: Item, path: str, line: int) -> Item | None:
@@ -815,6 +818,19 @@ class _Preparation:
             f"{_first(self.over_length, counts['dropped_too_long'])}.",
             self.over_length,
         )
+        repeated = self.replies.repeated()
+        places = [f"{self.files[row >> 32]['path']}:{row & 0xFFFFFFFF}" for _, rows, _ in repeated for row in rows]
+        warn(
+            "repeated_reply",
+            sum(n for _, _, n in repeated),
+            f"{counted(len(repeated), 'reply', 'replies')} {'is' if len(repeated) == 1 else 'are each'} the word "
+            f"for word reply to different prompts in {sum(n for _, _, n in repeated)} rows"
+            + (f" ({repeated[0][0][:60]!r} in {repeated[0][2]}: {_first(places, repeated[0][2])})" if repeated else "")
+            + ". In data whose replies otherwise differ, that is usually a template, refusal or placeholder left in "
+            "by the tool that wrote it, and the model learns to give it to anything; check those rows and remove "
+            "or rewrite the ones that do not answer their prompt.",
+            places,
+        )
         if self.train and counts["train"] < FEW_EXAMPLES:
             warn(
                 "few_examples",
@@ -830,6 +846,43 @@ class _Preparation:
                 "left out (data.on_error: skip); see errors in the report.",
             )
         return warnings
+
+
+class ReplyTally:
+    """Training rows counted by their last reply, to find one reply given to several different prompts
+    (exact duplicate rows are removed before they are counted) in data whose replies otherwise differ.
+    Labels and other classification-style replies repeat by design: data where most distinct replies
+    are given more than once, and replies under a few words, are not flagged."""
+
+    MIN_ROWS = 3
+    MIN_WORDS = 3
+    MIN_UNIQUE_SHARE = 0.5  # share of distinct replies given once at which the data counts as free-form
+
+    def __init__(self):
+        self.seen: dict[int, list] = {}  # hash of a reply: [rows, its text, the ids of its first rows]
+
+    def add(self, messages: list, row: int) -> None:
+        reply = next((m.content for m in reversed(messages) if m.role == "assistant"), None)
+        if reply is None:
+            return
+        entry = self.seen.setdefault(hash(reply), [0, None, []])
+        entry[0] += 1
+        if entry[0] <= self.MIN_ROWS:
+            entry[2].append(row)
+            entry[1] = reply if entry[0] > 1 else None  # the text is kept only once it repeats
+
+    def repeated(self) -> list[tuple[str, list[int], int]]:
+        """(reply, its first rows, how many rows) of each reply of MIN_WORDS or more given to MIN_ROWS or
+        more rows, most first; none where most distinct replies repeat (labels)."""
+        unique = sum(entry[0] == 1 for entry in self.seen.values())
+        if unique < self.MIN_UNIQUE_SHARE * len(self.seen):
+            return []
+        found = [
+            (text, rows, n)
+            for n, text, rows in self.seen.values()
+            if n >= self.MIN_ROWS and len(text.split()) >= self.MIN_WORDS
+        ]
+        return sorted(found, key=lambda r: -r[2])
 
 
 class SystemPromptTally:
