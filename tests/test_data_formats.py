@@ -715,3 +715,26 @@ def test_role_markers_written_into_replies_are_flagged_where_they_are(tmp_path):
     ]
     assert all(p.severity == "warning" for _, p in items if isinstance(p, Problem))
     assert len(records(items)) == len(rows)  # flagged, still trained
+
+
+def test_gzip_compressed_files_are_read_as_the_kind_under_the_gz(tmp_path):
+    import gzip
+
+    rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(3)]
+    jsonl = tmp_path / "train.jsonl.gz"
+    jsonl.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    array = tmp_path / "train.json.gz"
+    array.write_bytes(gzip.compress(json.dumps(rows, indent=2).encode()))
+    table = tmp_path / "train.csv.gz"
+    table.write_bytes(gzip.compress(b"instruction,output\nName a colour,Red\n\nName a fruit,Apple\n"))
+    for path in (jsonl, array):
+        assert [line for line, r in read(path) if isinstance(r, Conversation)] == (
+            [1, 2, 3] if path == jsonl else [2, 14, 26]
+        )
+    items = read(table)
+    assert [line for line, r in items if isinstance(r, Conversation)] == [2, 4] and not errors(items)
+
+    plain = tmp_path / "plain.jsonl.gz"  # named .gz but never compressed
+    plain.write_text(json.dumps(rows[0]) + "\n")
+    [(line, problem)] = read(plain)
+    assert problem.code == "unreadable_file" and "Rename it to plain.jsonl" in problem.message

@@ -1,4 +1,5 @@
-"""Reading data files row by row: JSONL, JSON arrays, CSV and Parquet, all streamed.
+"""Reading data files row by row: JSONL, JSON arrays, CSV and Parquet, all streamed; the text kinds also
+gzip-compressed (`train.jsonl.gz`, as Hugging Face datasets reads them).
 
 A reader yields `(line, row)` pairs, where `row` is the decoded value (a dict for well-formed data)
 or a `Problem` that says why the line could not be read. Nothing here knows what a chat row looks
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import json
 import re
 from collections.abc import Iterator
@@ -70,9 +72,16 @@ def open_rows(path: str | Path) -> Rows:
         else:
             what = "does not exist. Check the path."
         return _failed(path, "file_not_found", f"{path} {what}")
-    suffix = p.suffix.lower()
+    suffix = _suffix(path)
     if suffix in PARQUET_SUFFIXES:
         return _parquet_rows(path)
+    if _compressed(path) and not _is_gzip(path):
+        return _failed(
+            path,
+            "unreadable_file",
+            f"the name ends in .gz but the file is not gzip-compressed. Rename it to {p.stem}, or compress it with "
+            f"`gzip {p.stem}`.",
+        )
     encoding = _wide_encoding(path)
     if encoding:
         return _failed(
@@ -107,17 +116,37 @@ def extent(path: str | Path) -> int:
     file; 0 for a file that cannot be read. A measure of progress through the file, found without parsing it."""
     path = str(path)
     try:
-        if Path(path).suffix.lower() in PARQUET_SUFFIXES:
+        if _suffix(path) in PARQUET_SUFFIXES:
             import pyarrow.parquet as pq
 
             return pq.ParquetFile(path).metadata.num_rows
         lines, last = 0, b"\n"
-        with open(path, "rb") as f:
+        with _open_binary(path) as f:
             while chunk := f.read(_CHUNK_BYTES):
                 lines, last = lines + chunk.count(b"\n"), chunk[-1:]
         return lines + (last != b"\n")
-    except (OSError, ValueError):  # an unreadable file shows no progress: reading its rows says why
+    except (OSError, ValueError, EOFError):  # an unreadable file shows no progress: reading its rows says why
         return 0
+
+
+def _compressed(path: str) -> bool:
+    return path.lower().endswith(".gz")
+
+
+def _suffix(path: str) -> str:
+    """The suffix that says what kind of file this is: that of the name under a .gz ("train.jsonl.gz": .jsonl)."""
+    name = Path(path).name
+    return Path(name[:-3] if _compressed(name) else name).suffix.lower()
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _open_binary(path: str):
+    """A text data file's bytes, decompressed if it is gzip-compressed."""
+    return gzip.open(path, "rb") if _compressed(path) else open(path, "rb")
 
 
 def _failed(path: str, code: str, message: str, line: int | None = None) -> Rows:
@@ -126,14 +155,14 @@ def _failed(path: str, code: str, message: str, line: int | None = None) -> Rows
 
 def _wide_encoding(path: str) -> str | None:
     """The encoding of a text file that starts with a UTF-16 or UTF-32 byte-order mark; None for any other."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         head = f.read(4)
     return next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
 
 
 def _first_line_is_json(path: str) -> bool:
     """Whether the first line that is not blank holds a whole JSON value."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         line = next((raw for raw in _bounded_lines(f) if raw is None or raw.removeprefix(_BOM).strip()), None)
     if line is None:  # over MAX_ROW_BYTES
         return False
@@ -146,7 +175,7 @@ def _first_line_is_json(path: str) -> bool:
 
 def _first_byte(path: str) -> bytes | None:
     """The first byte that is not whitespace or a UTF-8 byte-order mark; None for an empty file."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         head = f.read(_CHUNK_BYTES)
         while head:
             stripped = head.removeprefix(_BOM).lstrip()
@@ -161,7 +190,7 @@ def _first_byte(path: str) -> bytes | None:
 
 def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
     seen_row = False
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for line_no, raw in enumerate(_bounded_lines(f), start=1):
             if raw is None:
                 yield line_no, _too_large(path, line_no)
@@ -323,7 +352,7 @@ class _TextWindow:
 
 def _json_array_items(path: str) -> Iterator[tuple[int, Any]]:
     try:
-        with open(path, "rb") as f:
+        with _open_binary(path) as f:
             yield from _json_array_elements(path, _TextWindow(f))
     except UnicodeDecodeError as e:
         yield e.line, _not_utf8(path, e.line, e.object[e.start])
@@ -390,7 +419,9 @@ def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, 
 
 def _csv_rows(path: str) -> Rows:
     # Undecodable bytes survive as lone surrogates, so each bad row is reported on its own line.
-    f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    f = (gzip.open if _compressed(path) else open)(
+        path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline=""
+    )
     reader = csv.reader(f, delimiter=_delimiter(f))
     try:
         header = next(reader, None)
