@@ -738,3 +738,11 @@ def test_gzip_compressed_files_are_read_as_the_kind_under_the_gz(tmp_path):
     plain.write_text(json.dumps(rows[0]) + "\n")
     [(line, problem)] = read(plain)
     assert problem.code == "unreadable_file" and "Rename it to plain.jsonl" in problem.message
+
+
+def test_a_pretty_printed_json_lines_file_is_one_error_that_says_how_to_fix_it(tmp_path):
+    path = tmp_path / "pretty.jsonl"
+    path.write_text("\n" + "".join(json.dumps(chat(f"Q{i}?", f"A{i}."), indent=2) + "\n" for i in range(5)))
+    [(line, problem)] = read(path)
+    assert (line, problem.line, problem.code) == (2, 2, "invalid_json")
+    assert "jq -c . pretty.jsonl" in problem.message

@@ -101,6 +101,17 @@ def open_rows(path: str | Path) -> Rows:
     # value is a pretty-printed JSON array under a JSON Lines name.
     if first == b"[" and (suffix not in JSON_LINES_SUFFIXES or not _first_line_is_json(path)):
         return Rows(path, "json", None, _json_array_items(path))
+    if suffix in JSON_LINES_SUFFIXES and first == b"{" and (_first_line(path)[1] or b"").strip() == b"{":
+        # A lone "{" opens an object written over several lines (`jq .`, `json.dumps(indent=...)`): read
+        # line by line, each of its lines would be an error of its own.
+        return _failed(
+            path,
+            "invalid_json",
+            "the file holds pretty-printed JSON objects, each over several lines, but JSON Lines takes one "
+            f"complete object per line. Write each on one line (for example `jq -c . {p.name} > lines-{p.name}`), "
+            "or make the file a JSON array named .json.",
+            line=_first_line(path)[0],
+        )
     if suffix in JSON_SUFFIXES or first in (b"{", b"["):
         return Rows(path, "jsonl", None, _jsonl_items(path))
     return _failed(
@@ -160,14 +171,22 @@ def _wide_encoding(path: str) -> str | None:
     return next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
 
 
+def _first_line(path: str) -> tuple[int, bytes | None]:
+    """The number and text (without a byte-order mark) of the first line that is not blank; its text is
+    None if it is over MAX_ROW_BYTES. The file has one: `_first_byte` found it."""
+    with _open_binary(path) as f:
+        lines = enumerate(_bounded_lines(f), start=1)
+        number, line = next((n, raw) for n, raw in lines if raw is None or raw.removeprefix(_BOM).strip())
+    return number, line.removeprefix(_BOM) if line is not None else None
+
+
 def _first_line_is_json(path: str) -> bool:
     """Whether the first line that is not blank holds a whole JSON value."""
-    with _open_binary(path) as f:
-        line = next((raw for raw in _bounded_lines(f) if raw is None or raw.removeprefix(_BOM).strip()), None)
+    _, line = _first_line(path)
     if line is None:  # over MAX_ROW_BYTES
         return False
     try:
-        json.loads(line.removeprefix(_BOM))
+        json.loads(line)
     except ValueError:  # not JSON, or not UTF-8
         return False
     return True
