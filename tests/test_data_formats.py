@@ -746,3 +746,12 @@ def test_a_pretty_printed_json_lines_file_is_one_error_that_says_how_to_fix_it(t
     [(line, problem)] = read(path)
     assert (line, problem.line, problem.code) == (2, 2, "invalid_json")
     assert "jq -c . pretty.jsonl" in problem.message
+
+
+def test_a_raw_control_character_is_named_with_what_to_do(tmp_path):
+    path = tmp_path / "nul.jsonl"
+    path.write_bytes(json.dumps(chat("Hi", "Hello")).replace("Hello", "Hel\x00lo").encode() + b"\n")
+    [problem] = errors(read(path))
+    assert (problem.line, problem.code) == (1, "invalid_json")
+    assert "a raw control character (0x00), which JSON strings take only escaped" in problem.message
+    assert "at at" not in problem.message

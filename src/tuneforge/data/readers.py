@@ -236,7 +236,7 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
                     line_no,
                     Problem(
                         "invalid_json",
-                        f"not valid JSON: {e.msg} {where}. Each line must hold one complete JSON object; "
+                        f"not valid JSON: {_json_error(e)} {where}. Each line must hold one complete JSON object; "
                         "fix or delete this line (a pretty-printed file must be a JSON array instead).",
                         file=path,
                         line=line_no,
@@ -246,6 +246,17 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
             yield line_no, _without_lone_surrogates(path, line_no, text, value)
     if not seen_row:
         yield None, Problem("empty_file", "the file has no rows, only blank lines. Put training rows in it.", file=path)
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    """What the JSON parser says went wrong; for a raw control character (json's "Invalid control character
+    at"), which character it is and what to do."""
+    if e.msg.startswith("Invalid control character"):
+        return (
+            f"a raw control character (0x{ord(e.doc[e.pos]):02x}), which JSON strings take only escaped (remove it, "
+            "or escape it; a 0x00 is usually binary data or a UTF-16 file)"
+        )
+    return e.msg
 
 
 def _bounded_lines(f) -> Iterator[bytes | None]:
@@ -423,7 +434,7 @@ def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, 
                     yield start_line, _too_large(path, start_line)
                     return
                 if not window.read_more(at_least=len(window.text) - pos):
-                    yield broken(e.pos, f"not valid JSON: {e.msg}.")
+                    yield broken(e.pos, f"not valid JSON: {_json_error(e)}.")
                     return
         yield start_line, _without_lone_surrogates(path, start_line, window.text[pos:end], value)
         pos, count = end, count + 1
