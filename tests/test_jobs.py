@@ -1110,3 +1110,38 @@ def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_check
     assert answer.status_code == 200, answer.text
     messages = [e.message for e in store.list_events(job.id, after=None, limit=100)]
     assert "Job resumed: queued to continue from step 9." in messages, messages
+
+
+def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_validated(tmp_path, tiny_model_dir):
+    # The checks training makes before any compute run with the files: a model of fewer positions than
+    # the job's data.max_length fails the job at validation, not once it is queued and starts.
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.mapping import CreateJobBody
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import Workers
+
+    short = Path(shutil.copytree(tiny_model_dir, tmp_path / "short"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), FileStorage(tmp_path)
+    upload = storage.save(
+        io.BytesIO(chat_rows(4).encode()), owner="o", filename="t.jsonl", purpose="fine-tune", max_bytes=1 << 20
+    )
+    store.add(upload)
+    job = add_job(
+        store,
+        KEY,
+        owner="o",
+        model=str(short),
+        training_file=upload.id,
+        status="validating_files",
+        worker_id="w",
+        method=CreateJobBody(model=str(short), training_file=upload.id).method_dict(),
+    )
+    Workers(store, storage, tmp_path, 0)._validate(job, "w")
+    failed = store.get_job(job.id)
+    messages = [e.message for e in store.list_events(job.id, after=None, limit=100)]
+    assert failed.status == "failed", messages
+    assert "data.max_length: 1024 tokens is more than the 256 positions" in failed.error["message"], failed.error
+    assert failed.error["param"] is None and str(tmp_path) not in failed.error["message"]
+    assert not any(message.startswith("Files validated") for message in messages)

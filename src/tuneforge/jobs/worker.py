@@ -30,10 +30,9 @@ from pathlib import Path
 import psutil
 
 from ..data import check_data
-from ..errors import ModelSourceError, TuneforgeError
+from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..fsio import write_json
-from ..methods import batch_items, prepare_items
-from ..methods.dpo import check_data_kind
+from ..methods import batch_items, check_inputs, prepare_items
 from ..models import REGISTRY, ModelSource, load_tokenizer, resolve
 from ..training import checkpoint, make_plan
 from ..web import failure_id, scrub_paths
@@ -223,8 +222,14 @@ class Workers:
         spec = training_spec(self.store, self.runs, job.owner, job.model)
         try:
             config = training_config(spec, job.method, job.seed, *paths.values(), self.runs / job.id)
-            tokenizer = load_tokenizer(self._base_model(job, config.base_model))
-            check_data_kind(config)  # preference pairs for dpo, and for dpo only: as training checks it
+            source = self._base_model(job, config.base_model)
+            tokenizer = load_tokenizer(source)
+            # What training checks before any compute (data.max_length within the model's positions, preference
+            # pairs for dpo and only for dpo, ...); none of it depends on the examples counted below.
+            try:
+                check_inputs(config, tokenizer, source)
+            except ConfigError as err:  # the model or the job's settings are at fault, not a file
+                raise self._failure(job, err.code, err.message, None) from err
             if config.method == "grpo":  # prompts, and a grader that can score them; problems raise
                 prepared, problems = prepare_items(config, tokenizer), []
             else:
