@@ -3,6 +3,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,22 @@ def test_a_teacher_with_another_vocabulary_fails_before_any_compute(tiny_model_d
     with pytest.raises(TuneforgeError, match=r"token by token.*tuneforge distill generate") as err:
         train(cfg, progress=False)
     assert err.value.code == "vocabulary_mismatch"
+    assert not (tmp_path / "run").exists()  # nothing prepared, loaded or written
+
+
+def test_a_teacher_with_a_shorter_context_than_data_max_length_fails_before_any_compute(
+    tiny_model_dir, triage_data, tmp_path
+):
+    from tuneforge.training import train
+
+    teacher = Path(shutil.copytree(tiny_model_dir, tmp_path / "teacher"))
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    cfg = distill_config(tiny_model_dir, teacher, triage_data, tmp_path / "run")  # data.max_length: 512
+    with pytest.raises(
+        ConfigError, match=r"distill\.teacher.*data\.max_length: rows of up to 512 tokens.*256 positions"
+    ):
+        train(cfg, progress=False)
     assert not (tmp_path / "run").exists()  # nothing prepared, loaded or written
 
 

@@ -10,7 +10,7 @@ which samples and grades its own batches during the step (`make_batches`). `prep
 the data a method trains on (grpo: prompts with the fields its grader reads). `check_inputs` runs
 the checks a method makes before any compute (data.max_length fits the model's positions; preference
 data for dpo and only for dpo; the lora section names modules the model has; distill: the teacher's
-vocabulary is the student's; grpo: the grader is sound).
+vocabulary is the student's and its window holds data.max_length; grpo: the grader is sound).
 
 An objective returns sums. What they are sums over is its `count` of a batch (trained tokens
 unless it says otherwise; DPO counts pairs), and the loop divides by the count of the whole

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..data import IGNORE_INDEX, collate
-from ..errors import TuneforgeError
+from ..errors import ConfigError, TuneforgeError
 from ..fsio import atomic_file, tuneforge_home
 from ..models import causal_lm, load_frozen_model, resolve
 from ..models.attention import segments
@@ -384,13 +384,21 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
 
 def check_teacher(cfg, student_tokenizer) -> None:
     """Token-level distillation compares distributions over the same token ids: the teacher needs the
-    student's vocabulary, token for token (its output layer may be padded to another width). Reads
-    configs and tokenizers only, so it fails before any data is prepared or weights are loaded."""
+    student's vocabulary, token for token (its output layer may be padded to another width), and runs on
+    the student's rows, so its window holds data.max_length. Reads configs and tokenizers only, so it fails
+    before any data is prepared or weights are loaded."""
     from transformers import AutoConfig
 
-    from ..models import load_tokenizer, resolve
+    from ..models import load_tokenizer, resolve, source_context_length
 
     teacher_source = resolve(cfg.distill.teacher)
+    window = source_context_length(teacher_source)
+    if window and cfg.data.max_length > window:
+        raise ConfigError(
+            f"{cfg.key_at('distill.teacher')}, {cfg.key_at('data.max_length')}: rows of up to {cfg.data.max_length} "
+            f"tokens are more than the {window} positions the teacher {teacher_source.name} was built for; set "
+            f"data.max_length to {window} or less, or give a teacher with a longer context."
+        )
     if load_tokenizer(teacher_source).get_vocab() == student_tokenizer.get_vocab():
         return
     teacher_size, student_size = (
