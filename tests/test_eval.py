@@ -3,7 +3,9 @@ KL, forgetting, the report, the command."""
 
 import json
 import re
+import shutil
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -632,3 +634,24 @@ def test_a_row_longer_than_the_models_context_is_refused_with_its_line(tmp_path,
         evaluate(str(tiny_model_dir), data, progress=False)
     assert "long.jsonl:2: [too_long]" in long.value.message
     assert "maximum context length of 2048 tokens" in long.value.message
+
+
+def test_forgetting_on_a_model_whose_context_the_general_sets_overflow_is_refused_before_training(
+    tmp_path, tiny_model_dir, triage_data
+):
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval.after_training import check_eval_inputs
+
+    short = Path(shutil.copytree(tiny_model_dir, tmp_path / "short"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    run = tiny_run_config(short, triage_data, tmp_path / "run")
+    run["data"]["max_length"] = 128
+    run["eval"] = {"forgetting": True}
+    with pytest.raises(
+        ConfigError, match=r"eval.forgetting: .* rows of up to \d+ tokens .* more than the 128 positions"
+    ):
+        check_eval_inputs(load_config(run))
+    run["eval"] = {"forgetting": False}
+    check_eval_inputs(load_config(run))

@@ -21,22 +21,33 @@ from ..errors import ConfigError
 from ..models import load_model, load_tokenizer, resolve, source_context_length
 from ..tasks.metrics import METRICS
 from .evaluate import choose_metric, evaluate_loaded, read_eval_examples, render_within_window
-from .forgetting import ModelPair, forgetting_loaded
+from .forgetting import ModelPair, forgetting_loaded, positions_needed
 from .report import flat_scores, print_tables, report_tables, write_run_report
 
 
 def check_eval_inputs(cfg) -> None:
     """Before any compute: with `eval.task`, the metric exists, every row of the validation file
     is a conversation that ends in its reference answer that fits the base model's context, and the metric
-    can score against every reference (else an error naming file, line and field)."""
-    if not cfg.eval.task:
-        return
-    if cfg.eval.task != "auto" and cfg.eval.task not in METRICS:
-        raise ConfigError(f"eval.task: unknown metric {cfg.eval.task!r}; choose auto or one of {', '.join(METRICS)}.")
-    examples = read_eval_examples(cfg.data.validation)
-    choose_metric(cfg.eval.task, examples)
-    source = resolve(cfg.base_model)
-    render_within_window(examples, load_tokenizer(source), source_context_length(source), cfg.data.train_on)
+    can score against every reference (else an error naming file, line and field); with `eval.forgetting`,
+    the general sets fit the base model's context."""
+    if cfg.eval.task:
+        if cfg.eval.task != "auto" and cfg.eval.task not in METRICS:
+            raise ConfigError(
+                f"eval.task: unknown metric {cfg.eval.task!r}; choose auto or one of {', '.join(METRICS)}."
+            )
+        examples = read_eval_examples(cfg.data.validation)
+        choose_metric(cfg.eval.task, examples)
+        source = resolve(cfg.base_model)
+        render_within_window(examples, load_tokenizer(source), source_context_length(source), cfg.data.train_on)
+    if cfg.eval.forgetting:
+        source = resolve(cfg.base_model)
+        window, needed = source_context_length(source), positions_needed(load_tokenizer(source))
+        if window and needed > window:
+            raise ConfigError(
+                f"{cfg.key_at('eval.forgetting')}: the forgetting measure feeds the model rows of up to {needed} "
+                f"tokens (general texts, and general prompts and questions with their answers), more than the "
+                f"{window} positions {source.name} was built for; set eval.forgetting to false for this model."
+            )
 
 
 def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:

@@ -153,6 +153,23 @@ def mean_kl(
     return {"mean": total / max(tokens, 1), "tokens": int(tokens), "prompts": len(prompts)}
 
 
+def positions_needed(tokenizer) -> int:
+    """The most positions a row of the measure fills: a general text, or a general prompt or question with
+    the longest answer it is given (without the system prompt a fine-tune recorded, as the measure asks)."""
+    with without_recorded_system_prompt(tokenizer):
+        texts = [len(render_conversation(Document(t), tokenizer).input_ids) for t in general_text()]
+        asked = [
+            (general_prompts(), ANSWER_MAX_NEW_TOKENS),
+            ([q["question"] for q in kept_questions()], QUESTION_MAX_NEW_TOKENS),
+        ]
+        answered = [
+            len(ids) + max_new_tokens
+            for prompts, max_new_tokens in asked
+            for ids in encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts])
+        ]
+    return max(texts + answered)
+
+
 def forgetting_loaded(
     pair: ModelPair, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
 ) -> dict:
