@@ -265,6 +265,43 @@ def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path
         assert with_header.status_code == 404 and with_header.json()["error"]["param"] == "file_id"
 
 
+def test_the_check_of_a_file_for_a_new_job_refuses_a_model_the_job_could_not_train(tmp_path, tiny_model_dir):
+    # The same checks as the job's validation: a model of fewer positions than a job's data.max_length.
+    import io
+    import shutil
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Store
+    from tuneforge.web import owner_of
+
+    short = Path(shutil.copytree(tiny_model_dir, tmp_path / "short"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    rows = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    stored = FileStorage(tmp_path).save(
+        io.BytesIO((json.dumps(rows) + "\n").encode()),
+        owner=owner_of("key-a"),
+        filename="t.jsonl",
+        purpose="fine-tune",
+        max_bytes=1 << 20,
+    )
+    store.add(stored)
+    app = create_api(tmp_path, store, api_keys=["key-a"], workers=0, allowed_models=[str(short)])
+    with TestClient(app) as client:
+        check = client.post(
+            "/ui/api/check",
+            json={"file_id": stored.id, "model": str(short), "method": "supervised"},
+            headers={"Authorization": "Bearer key-a"},
+        )
+    assert check.status_code == 400, check.text
+    error = check.json()["error"]
+    assert (
+        error["param"] == "model" and "data.max_length: 1024 tokens is more than the 256 positions" in error["message"]
+    )
+
+
 def test_compared_jobs_that_share_a_suffix_each_keep_their_curve(tmp_path):
     from tuneforge.jobs.api import create_api
     from tuneforge.jobs.store import Store

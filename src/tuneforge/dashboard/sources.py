@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Protocol
 
 from ..data import check_data
-from ..errors import ModelSourceError, TuneforgeError
+from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..jobs.access import InferenceTarget, training_spec
 from ..jobs.mapping import CreateJobBody, training_config
 from ..jobs.service import Service
 from ..jobs.store import Job, StoredFile
-from ..methods.dpo import check_data_kind
+from ..methods import check_inputs
 from ..models import REGISTRY, load_tokenizer, resolve
 from ..web import APIError, scrub_paths
 from .runs import Checkpoint, Event, RunFolder, RunPage, RunRow, flat_config, metric_events
@@ -238,8 +238,9 @@ class JobRuns:
     def check_file(self, owner: str, file_id: str, model: str, method: str) -> dict:
         """The data report of an uploaded file as a job on `model` would check it, before the job is created.
 
-        The same pass the worker runs on a new job's files (`check_data` with the model's tokenizer and
-        the job's data settings); problems name the file by id and name, never by its server path."""
+        The same pass the worker runs on a new job's files (training's checks before any compute, then
+        `check_data` with the model's tokenizer and the job's data settings); problems name the file by id
+        and name, never by its server path."""
         row = self.service.store.get_file(owner, file_id)
         if row is None:
             raise APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
@@ -249,12 +250,17 @@ class JobRuns:
             spec = training_spec(self.service.store, self.service.runs, owner, name)
             body = CreateJobBody(model=name, training_file=file_id, method={"type": method})
             config = training_config(spec, body.method_dict(), 0, path, None, self.service.runs / "unused")
-            tokenizer = load_tokenizer(resolve(config.base_model, pull_missing=False))
+            source = resolve(config.base_model, pull_missing=False)
+            tokenizer = load_tokenizer(source)
         except TuneforgeError as err:
             raise APIError(400, scrub_paths(err.message), param="model", code="model_not_available") from err
         shown = f"{row.id} ({row.filename})"
         try:
-            check_data_kind(config)  # as the job's validation does: pairs for dpo, and for dpo only
+            # As the job's validation does: what training checks before any compute (the model's positions
+            # against data.max_length, preference pairs for dpo and only for dpo, ...).
+            check_inputs(config, tokenizer, source)
+        except ConfigError as err:  # the model or the method, not the file, is at fault
+            raise APIError(400, scrub_paths(err.message), param="model", code=err.code) from err
         except TuneforgeError as err:
             message = scrub_paths(err.message.replace(str(path), shown))
             raise APIError(400, message, param="file_id", code=err.code) from err
