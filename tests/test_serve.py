@@ -718,6 +718,54 @@ def test_an_adapter_training_a_layer_whole_and_one_with_lora_on_it_are_refused_t
     assert pool.names == [pool.base_name, "lora"]
 
 
+def embedding_adapter(base_dir, folder):
+    """A DoRA adapter on the (tied) embeddings saved as a bf16 run saves it: PEFT writes the base's embedding
+    weight beside it, in bf16."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False, use_dora=True)
+    get_peft_model(load_model(str(base_dir), dtype=torch.bfloat16), config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_an_adapter_on_the_tied_embeddings_leaves_the_base_and_other_adapters_answering_as_before(base_dir, tmp_path):
+    """PEFT's loader would write the adapter's bf16 copy of the embeddings into the shared (fp32) base:
+    the base and every other adapter then answered differently once it had loaded."""
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+    def logits(pool, name):
+        with torch.no_grad():
+            return pool.activate(name)(ids).logits
+
+    embedding = embedding_adapter(base_dir, tmp_path / "embedding")
+    adapters = {"alpha": random_adapter(base_dir, tmp_path / "alpha", 1)}
+    alone = {"base": AdapterPool(str(base_dir)), "alpha": AdapterPool(str(base_dir), {"alpha": str(adapters["alpha"])})}
+    expected = {"base": logits(alone["base"], alone["base"].base_name), "alpha": logits(alone["alpha"], "alpha")}
+    pool = AdapterPool(str(base_dir), {"embedding": embedding, "alpha": str(adapters["alpha"])})
+    before = logits(pool, "embedding")
+    assert torch.equal(logits(pool, pool.base_name), expected["base"])
+    assert torch.equal(logits(pool, "alpha"), expected["alpha"])
+    assert torch.equal(logits(pool, "embedding"), before)
+    assert not torch.equal(before, expected["base"])
+
+
+def test_an_adapter_whose_copy_of_the_base_differs_is_refused_when_it_loads(base_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    embedding = Path(embedding_adapter(base_dir, tmp_path / "embedding"))
+    weights = load_file(embedding / "adapter_model.safetensors")
+    [key] = [key for key in weights if key.endswith("base_layer.weight")]
+    weights[key] = weights[key] + 1
+    save_file(weights, embedding / "adapter_model.safetensors")
+    pool = AdapterPool(str(base_dir), {"embedding": str(embedding)})
+    with pytest.raises(
+        TuneforgeError, match=r"'embedding' .* saves its own model.embed_tokens.* export .* --format merged"
+    ):
+        pool.activate("embedding")
+    assert pool.loaded == []
+
+
 def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base, adapters):
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model="broken", messages=QUESTION, max_tokens=4, temperature=0)

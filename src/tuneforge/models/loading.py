@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 import weakref
 from pathlib import Path
@@ -178,6 +179,42 @@ def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
         if f".{embedding_name}." in f".{key}" and "lora_" not in key and "token_adapter" not in key and len(shape) == 2
     ]
     return max(rows) if rows else None
+
+
+def base_weight_copies(model, adapter: Path) -> tuple[dict[str, str], list[str]]:
+    """The copies of `model`'s own weights that the adapter in `adapter` carries, as PEFT saves them
+    beside LoRA on an embedding or output layer (`save_embedding_layers`), in the dtype it trained in.
+
+    PEFT's loader writes such a copy into the base layer, which the base's own answers (the adapter
+    switched off), a tied output or input layer and every other adapter on the model share: a bf16
+    copy loaded on an fp32 base changes them all. Returns a `key_mapping` for PEFT's loader that
+    leaves out each copy equal to the model's weight at the copy's dtype (its keys then load into no
+    parameter), and the names of the copies that differ from it (they load as PEFT loads them)."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import safe_open
+
+    weights_file = Path(adapter) / SAFETENSORS_WEIGHTS_NAME
+    if not weights_file.is_file():
+        return {}, []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    same: dict[str, str] = {}
+    different: list[str] = []
+    with safe_open(weights_file, "pt") as weights:
+        for key in weights.keys():
+            if not key.endswith(".base_layer.weight"):
+                continue
+            name = key.removeprefix("base_model.model.")
+            try:
+                # `.weight` also reads a PEFT layer's base weight and a packed layer's plain one.
+                weight = base.get_submodule(name.removesuffix(".base_layer.weight")).weight.detach()
+            except AttributeError:
+                weight = None
+            copy = weights.get_tensor(key)
+            if weight is not None and weight.shape == copy.shape and torch.equal(weight.to("cpu", copy.dtype), copy):
+                same[f"^{re.escape(name)}$"] = f"{name}-copy-of-the-base"
+            else:
+                different.append(name)
+    return same, different
 
 
 def _module_name(model, module) -> str:

@@ -16,7 +16,13 @@ from ..config import DEFAULT_MODEL
 from ..errors import ConfigError, ModelSourceError
 from ..generate import load_for_inference
 from ..models import ModelSource, describe_whole_model, load_tokenizer, resolve
-from ..models.loading import LOAD_ERRORS, adapter_embedding_rows, input_embedding_name, model_vocab_rows
+from ..models.loading import (
+    LOAD_ERRORS,
+    adapter_embedding_rows,
+    base_weight_copies,
+    input_embedding_name,
+    model_vocab_rows,
+)
 
 
 class AdapterPool:
@@ -184,11 +190,21 @@ class AdapterPool:
             raise ModelSourceError(
                 f"Could not load adapter '{name}' from {path}: {err}", code="model_load_failed"
             ) from err
+        # The base in memory is shared: a copy of its weights that the adapter carries must not be written
+        # into it, and one that is not the base cannot be served beside it.
+        copies, different = base_weight_copies(self.model, self._sources[name].adapter)
+        if different:
+            raise ModelSourceError(
+                f"Adapter '{name}' ({path}) saves its own {', '.join(different)}, which differ from the server's "
+                f"base model {self.base_path}, and the base is shared by every adapter. Serve its merged model "
+                f"instead: tuneforge export {path} --format merged --out DIR, then tuneforge serve --model DIR.",
+                code="adapter_base_mismatch",
+            )
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=self._peft_name(name), is_trainable=False)
+            self.model.load_adapter(path, adapter_name=self._peft_name(name), is_trainable=False, key_mapping=copies)
         else:
             self.model = PeftModel.from_pretrained(
-                self.model, path, adapter_name=self._peft_name(name), is_trainable=False
+                self.model, path, adapter_name=self._peft_name(name), is_trainable=False, key_mapping=copies
             ).eval()
         with self._lock:
             self._loaded[name] = None
