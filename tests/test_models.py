@@ -810,6 +810,20 @@ def test_an_adapter_that_added_tokens_loads_on_its_base_as_peft_loads_it(tiny_mo
         torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=1e-6)
 
 
+def test_an_adapter_on_the_tied_embeddings_switched_off_answers_as_its_base(tiny_model_dir, tmp_path):
+    """PEFT saves the base's embeddings beside LoRA on them, in the dtype it trained in (bf16), and its loader
+    wrote that copy into the fp32 base: the base measured with the adapter switched off (forgetting, the
+    evaluation after training) was not the base."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False, use_dora=True)
+    get_peft_model(load_model(str(tiny_model_dir), dtype=torch.bfloat16), config).save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    loaded = load_model(str(tmp_path / "adapter")).eval()
+    with torch.no_grad(), loaded.disable_adapter():
+        assert torch.equal(loaded(ids).logits, load_model(str(tiny_model_dir)).eval()(ids).logits)
+
+
 def test_load_model_honours_dtype(tiny_model_dir):
     assert load_model(str(tiny_model_dir), dtype=torch.bfloat16).dtype == torch.bfloat16
 

@@ -152,7 +152,8 @@ def load_model(
             # Tokens added in training (Axolotl, Unsloth and PEFT's own recipe save the resized
             # embeddings with the adapter): the base takes the adapter's vocabulary first, as PEFT asks.
             model.resize_token_embeddings(rows)
-        return PeftModel.from_pretrained(model, source.adapter)
+        copies, _ = base_weight_copies(model, source.adapter)
+        return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies)
     except LOAD_ERRORS as err:
         raise _load_failed(source.adapter, err) from err
 
