@@ -272,3 +272,34 @@ def test_ctrl_c_at_the_launcher_exits_as_a_signal_without_torchruns_traceback(mo
 
     monkeypatch.setattr(torch.distributed.run, "run", interrupted)
     assert launch(["train", "config.yaml"], 2) == 130
+
+
+def _train_own_config(folder: str) -> None:
+    """A process's work for `launch_function`: train the config `folder`/cfg-RANK.yaml, as a machine
+    started with its own config file does, writing the refusal it meets to `folder`/said-RANK."""
+    from tuneforge.training import train
+
+    rank = os.environ["RANK"]
+    try:
+        train(str(Path(folder, f"cfg-{rank}.yaml")), progress=False)
+    except TuneforgeError as refused:
+        Path(folder, f"said-{rank}").write_text(refused.message)
+
+
+def refusals(configs: list[dict], tmp_path: Path) -> list[str]:
+    """What each of len(configs) processes, each training its own config, was refused with."""
+    for rank, cfg in enumerate(configs):
+        (tmp_path / f"cfg-{rank}.yaml").write_text(yaml.safe_dump(cfg))
+    launch_function(_train_own_config, (str(tmp_path),), len(configs))
+    return [(tmp_path / f"said-{rank}").read_text() for rank in range(len(configs))]
+
+
+def test_machines_that_do_not_share_output_dir_are_refused_on_every_one_before_any_work(
+    tiny_model_dir, triage_data, tmp_path
+):
+    """Each process writes its shards of every checkpoint into output_dir: machines with a folder each
+    (no network file system) would train until their first checkpoint and fail there."""
+    configs = [tiny_run_config(tiny_model_dir, triage_data, tmp_path / f"run-{rank}", max_steps=2) for rank in (0, 1)]
+    for said in refusals(configs, tmp_path):
+        assert "is not one folder every process shares: rank(s) 1 do not see the files rank 0 writes" in said
+    assert not (tmp_path / "run-0").exists() and not (tmp_path / "run-1").exists()

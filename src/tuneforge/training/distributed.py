@@ -287,6 +287,16 @@ def from_main(value, world: World, phase_name: str):
     return box[0]
 
 
+def from_every_rank(value, world: World, phase_name: str) -> list:
+    """Every rank's `value` (any picklable object), by rank, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * world.size
+    with phase(phase_name, world):
+        dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(world: World, phase_name: str) -> None:
     if dist.is_initialized():
         with phase(phase_name, world):

@@ -26,6 +26,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -533,8 +534,12 @@ def sole_run_in(out: Path, world: distributed.World):
     deletes anything, since both would write the same checkpoints, metrics.jsonl and final model, and
     each removes the other's half-written checkpoint as a leftover. The lock goes with the process,
     so a killed run leaves nothing to clear by hand. A run refused before it writes anything leaves no
-    output_dir behind where there was none."""
-    lock, holder, made = None, None, not out.exists()
+    output_dir behind where there was none.
+
+    The lock also shows that every process sees the folder rank 0 writes: each process writes its
+    shards of every checkpoint there, so on machines that do not share it (no network file system, or
+    another output_dir in a machine's config) the run is refused here, before any work."""
+    lock, holder, made, token = None, None, not out.exists(), uuid.uuid4().hex
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / RUN_LOCK, "a+")
@@ -542,13 +547,14 @@ def sole_run_in(out: Path, world: distributed.World):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or "unknown"
+            holder = lock.readline().strip() or "unknown"
             lock.close()
         else:
             lock.truncate(0)
-            lock.write(f"{os.getpid()}\n")
+            lock.write(f"{os.getpid()}\n{token}\n")
             lock.flush()
-    holder = distributed.from_main(holder, world, "checking that no other run writes output_dir")
+            os.fsync(lock.fileno())  # a network file system shows it to the other machines once it has it
+    holder, token = distributed.from_main((holder, token), world, "checking that no other run writes output_dir")
     if holder is not None:
         raise TuneforgeError(
             f"{out} is in use by another training run (process {holder}): two runs there would overwrite each "
@@ -557,6 +563,17 @@ def sole_run_in(out: Path, world: distributed.World):
             code="run_in_progress",
         )
     try:
+        sees = world.is_main or sees_lock(out / RUN_LOCK, token)
+        every = distributed.from_every_rank(sees, world, "checking that every process shares output_dir")
+        blind = [str(rank) for rank, seen in enumerate(every) if not seen]
+        if blind:
+            raise TuneforgeError(
+                f"output_dir {out} is not one folder every process shares: rank(s) {', '.join(blind)} do not see "
+                "the files rank 0 writes there, and each process writes its own shards of every checkpoint into "
+                "it. On several machines, give output_dir as a folder they all share (a network file system) at "
+                "the same path in every machine's config.",
+                code="output_dir_not_shared",
+            )
         yield
     finally:
         if lock is not None:
@@ -564,6 +581,19 @@ def sole_run_in(out: Path, world: distributed.World):
                 (out / RUN_LOCK).unlink()
                 out.rmdir()
             lock.close()
+
+
+def sees_lock(path: Path, token: str, wait_s: float = 2.0) -> bool:
+    """Whether the lock file at `path` holds `token`, as rank 0 wrote it. A network file system may show
+    another machine's write a moment late, so a missing token is looked for again for `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):
+            if token in path.read_text().split():
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
 
 
 def prepare_data(
