@@ -303,3 +303,20 @@ def test_machines_that_do_not_share_output_dir_are_refused_on_every_one_before_a
     for said in refusals(configs, tmp_path):
         assert "is not one folder every process shares: rank(s) 1 do not see the files rank 0 writes" in said
     assert not (tmp_path / "run-0").exists() and not (tmp_path / "run-1").exists()
+
+
+def test_machines_started_with_other_configs_or_data_are_refused_on_every_one_naming_the_difference(
+    tiny_model_dir, triage_data, tmp_path
+):
+    """Each process trains as its own config file says: one started with another learning rate or data
+    file would train its share of every step otherwise, silently."""
+    other_data = tmp_path / "other-train.jsonl"
+    other_data.write_text(Path(triage_data["train"]).read_text())
+    configs = [tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2) for _ in (0, 1)]
+    configs[1]["train"]["learning_rate"] = 2e-3
+    configs[1]["data"]["train"] = str(other_data)
+    for said in refusals(configs, tmp_path):
+        assert "started with different configs or data" in said
+        assert f"data.train: {triage_data['train']} on rank 0, {other_data} on rank 1" in said
+        assert "train.learning_rate: 0.001 on rank 0, 0.002 on rank 1" in said
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from .. import data as tfdata
-from ..config import Config, LoraConfig, TrainConfig, auto_epochs, load_config
-from ..data.cache import CACHE_FORMAT
+from ..config import Config, LoraConfig, TrainConfig, auto_epochs, dotted, load_config
+from ..data.cache import CACHE_FORMAT, cache_key
+from ..data.prepare import replay_file
 from ..errors import ConfigError, RunFailed, TuneforgeError
 from ..fsio import atomic_file, temporary_siblings, write_json
 from ..methods import (
@@ -583,6 +584,39 @@ def sole_run_in(out: Path, world: distributed.World):
             lock.close()
 
 
+def refuse_other_runs_on_other_machines(cfg: Config, tokenizer, world: distributed.World) -> None:
+    """Every process must run the same config on the same data: a machine started with another config
+    file, or with data files or a tokenizer of other contents, would train its rows otherwise than the
+    others (a silent mix, or ranks whose steps diverge and wait on each other). Each process's settings
+    that change results and its data's cache key (the files' paths and contents, the tokenizer) are
+    compared with rank 0's, and any difference is refused on every process before the data is prepared."""
+    if world.size == 1:
+        return
+    mine = {"settings": dotted(cfg.results_settings()), "data": cache_key(cfg.data, tokenizer, replay_file(cfg.data))}
+    every = distributed.from_every_rank(mine, world, "checking that every process runs the same config and data")
+    main = every[0]
+    differences = []
+    for rank, theirs in enumerate(every[1:], start=1):
+        changed = [
+            f"{key}: {main['settings'].get(key)} on rank 0, {theirs['settings'].get(key)} on rank {rank}"
+            for key in sorted(main["settings"].keys() | theirs["settings"].keys())
+            if main["settings"].get(key) != theirs["settings"].get(key)
+        ]
+        if not changed and None not in (theirs["data"], main["data"]) and theirs["data"] != main["data"]:
+            changed = [
+                f"the contents of data.train, data.validation or the replay file, or the base model's tokenizer, "
+                f"on rank {rank}"
+            ]
+        differences += changed
+    if differences:
+        raise TuneforgeError(
+            "the processes of this run were started with different configs or data, and would not train one "
+            f"model together: {'; '.join(differences)}. Start every machine with the same config file and the "
+            "same data and base model at the same paths (pull a registry model on each: tuneforge models pull NAME).",
+            code="machines_differ",
+        )
+
+
 def sees_lock(path: Path, token: str, wait_s: float = 2.0) -> bool:
     """Whether the lock file at `path` holds `token`, as rank 0 wrote it. A network file system may show
     another machine's write a moment late, so a missing token is looked for again for `wait_s`."""
@@ -763,6 +797,7 @@ def setup(
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     check_batch_split(cfg, world.size)
     tokenizer = load_tokenizer(source)
+    refuse_other_runs_on_other_machines(cfg, tokenizer, world)
     check_inputs(cfg, tokenizer, source)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
     keeps_earlier = resume or replaces_earlier
