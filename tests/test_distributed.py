@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -320,3 +321,18 @@ def test_machines_started_with_other_configs_or_data_are_refused_on_every_one_na
         assert f"data.train: {triage_data['train']} on rank 0, {other_data} on rank 1" in said
         assert "train.learning_rate: 0.001 on rank 0, 0.002 on rank 1" in said
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_machine_whose_others_never_start_stops_after_the_join_timeout_saying_what_to_start(monkeypatch, tmp_path):
+    """torchrun's rendezvous waits JOIN_TIMEOUT_S (10 minutes) for the other machines, then fails with
+    its own traceback; the launcher says which machines were to meet where instead."""
+    from tuneforge.training import distributed
+
+    monkeypatch.setattr(distributed, "JOIN_TIMEOUT_S", 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(RunFailed) as unmet:
+        launch(["train", str(tmp_path / "cfg.yaml")], 1, nnodes=2, node_rank=0, master=master)
+    assert f"machine 0 of 2: the machines did not all meet at --master {master} within 2 s" in unmet.value.message
+    assert "each with its own --node-rank from 0 to 1" in unmet.value.message

@@ -31,6 +31,8 @@ from ..models import causal_lm
 
 # How long torchrun lets processes it stops (SIGTERM) finish their step and checkpoint before it kills them.
 SHUTDOWN_TIMEOUT_S = 120
+# How long a machine of a run over several waits at --master for the others to join (torchrun's default).
+JOIN_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -331,7 +333,7 @@ def rendezvous(nnodes: int = 1, node_rank: int = 0, master: str | None = None) -
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={master}",
         "--rdzv-id=tuneforge",
-        f"--rdzv-conf=is_host={'true' if node_rank == 0 else 'false'}",
+        f"--rdzv-conf=is_host={'true' if node_rank == 0 else 'false'},join_timeout={JOIN_TIMEOUT_S}",
     ]
 
 
@@ -342,6 +344,7 @@ def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
     is printed once per machine, by local rank 0; the launcher's own error adds what other processes
     said differently. A traceback is printed by the process it comes from."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     refuse_more_processes_than_gpus(nproc)
@@ -355,6 +358,21 @@ def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
         # Ctrl-C (or SIGTERM) reached torchrun's agent, which passed it on to every process: they have
         # saved a checkpoint and said how to resume. The exit code is a signal's, as on one process (130).
         return 128 + int(stopped.sigval)
+    except RendezvousError as unmet:
+        if nnodes == 1:
+            raise
+        what = (
+            f"could not reach --master {master}"
+            if isinstance(unmet, RendezvousConnectionError)
+            else f"the machines did not all meet at --master {master} within {JOIN_TIMEOUT_S} s"
+        )
+        raise RunFailed(
+            f"machine {node_rank} of {nnodes}: {what} ({type(unmet).__name__}: "
+            f"{str(unmet).strip() or 'no more said'}). Start the same "
+            "command on every machine, each with its own --node-rank from 0 to "
+            f"{nnodes - 1}, and the same --nnodes and --master; --master is the address of the machine with "
+            "--node-rank 0 and a port on it that every machine can reach."
+        ) from None
     finally:
         os.environ.pop(LAUNCHER_SHOWS_ERRORS, None)
     return 0
