@@ -949,7 +949,7 @@ def test_the_api_startup_line_gives_the_limits_its_inference_uses(tmp_path, monk
     [line] = announced
     assert line.startswith("tuneforge api at http://here/v1 with 1 job worker(s); ")
     assert line.endswith(
-        "; inference on up to 2 base model(s) at once, each with its own limits: 32 requests decoded at once, 256 "
+        "; inference on up to 2 base model(s) at once, each with its own limits: 32 rows decoded at once, 256 "
         "waiting (then 429), max_tokens 1024 by default for chat and 16 for completions, prompt and reply within "
         "each model's context window, bodies up to 3 MiB, no request timeout; files uploaded up to 64 MiB"
     )

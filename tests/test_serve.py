@@ -269,7 +269,10 @@ def test_a_wrong_or_missing_key_is_refused(server):
 @pytest.mark.parametrize(
     ("options", "error", "param", "code"),
     [
-        ({"n": 2}, openai.BadRequestError, "n", "unsupported_value"),
+        ({"n": 0}, openai.BadRequestError, "n", "invalid_value"),
+        ({"n": 17}, openai.BadRequestError, "n", "invalid_value"),
+        ({"presence_penalty": 2.5}, openai.BadRequestError, "presence_penalty", "invalid_value"),
+        ({"frequency_penalty": -3}, openai.BadRequestError, "frequency_penalty", "invalid_value"),
         ({"temperature": 5}, openai.BadRequestError, "temperature", "invalid_value"),
         ({"top_p": 0}, openai.BadRequestError, "top_p", "invalid_value"),
         ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", None),
@@ -834,7 +837,7 @@ def test_a_request_that_cannot_join_the_batch_fails_alone(server, base):
         return await asyncio.gather(*(g.result() for g in [*good, bad]), return_exceptions=True)
 
     *answers, failure = asyncio.run(together())
-    assert all(answer.completion_tokens == 8 for answer in answers), answers
+    assert all(answer.completion_tokens == 8 for [answer] in answers), answers
     assert isinstance(failure, EngineError) and failure.status == 500 and "error id" in failure.message
 
 
@@ -911,7 +914,8 @@ def test_a_request_counts_as_running_while_its_first_step_decodes(base_dir):
         assert entered.wait(10)
         seen = engine.stats()
         release.set()
-        assert asyncio.run_coroutine_threadsafe(generation.result(), loop).result(10).completion_tokens == 2
+        [answer] = asyncio.run_coroutine_threadsafe(generation.result(), loop).result(10)
+        assert answer.completion_tokens == 2
     finally:
         release.set()
         hook.remove()
@@ -1089,7 +1093,7 @@ def test_the_startup_line_gives_the_limits_an_operator_sizes_a_deployment_by(bas
     window = AutoConfig.from_pretrained(base_dir).max_position_embeddings
     assert " in float32 at http://here/v1;" in line or " in bfloat16 at http://here/v1;" in line
     assert line.endswith(
-        "; limits: 3 requests decoded at once, 7 waiting (then 429), max_tokens 50 by default for chat and 16 for "
+        "; limits: 3 rows decoded at once, 7 waiting (then 429), max_tokens 50 by default for chat and 16 for "
         f"completions, prompt and reply within the {window}-token context window, bodies up to 2 MiB, no request "
         "timeout"
     )

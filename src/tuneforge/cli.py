@@ -359,7 +359,7 @@ def serve(
         help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated).",
     ),
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
-    max_batch: int = typer.Option(32, min=1, help="Most requests decoded together."),
+    max_batch: int = typer.Option(32, min=1, help="Most rows decoded together; a request takes one per choice (n)."),
     max_waiting: int = typer.Option(256, min=1, help="Most requests waiting for a place; beyond it a 429."),
     max_tokens: int = typer.Option(
         1024,

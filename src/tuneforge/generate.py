@@ -64,6 +64,11 @@ class Sampling:
     # Structured output: an outlines-core Index (`constrain.json_index`) the reply follows token by token, then
     # ends with the end of the turn; None: unconstrained.
     constraint: object | None = None
+    # OpenAI's penalties against repetition, in [-2, 2]: before a token is picked, each token's logit goes down by
+    # frequency_penalty times the times the reply has it so far, and by presence_penalty once if it has it at all
+    # (the reply's own tokens, not the prompt's). Negative values encourage repetition.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -74,6 +79,9 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
     def generator(self, device) -> torch.Generator | None:
         """A seeded random stream for sampling; None for greedy decoding or no seed (torch's global one)."""
@@ -534,11 +542,16 @@ class Batch:
 
     def _pick(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """The next token of each row: argmax, or a sample; rows sharing options and a random stream
-        are sampled in one draw, so a batch with one seed draws as it always has. A constrained row picks
-        among the tokens its guide allows."""
+        are sampled in one draw, so a batch with one seed draws as it always has. A row's penalties lower
+        the logits of the tokens it has generated first; a constrained row picks among the tokens its guide
+        allows."""
         from .constrain import allowed
 
         for line, row in enumerate(rows):
+            presence, frequency = row.sampling.presence_penalty, row.sampling.frequency_penalty
+            if row.tokens and (presence or frequency):
+                counts = torch.bincount(torch.tensor(row.tokens, device=logits.device), minlength=logits.shape[-1])
+                logits[line] -= counts[: logits.shape[-1]] * frequency + (counts[: logits.shape[-1]] > 0) * presence
             if row.guide is not None:
                 logits[line].masked_fill_(~allowed(row.guide, logits.shape[-1], logits.device), float("-inf"))
         tokens = logits.argmax(-1)

@@ -45,6 +45,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS = 1024  # chat's, unless the server says otherwise
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
+# Choices of one request, which decode together as rows of one batch (and at most the engine's batch size).
+MAX_CHOICES = 16
 # Below this, sampling picks the argmax but for rounding, and dividing the logits by it can overflow.
 MIN_SAMPLING_TEMPERATURE = 1e-4
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -63,6 +65,7 @@ def engine_error(err: EngineError) -> APIError:
     return APIError(
         err.status,
         err.message,
+        param=err.param,
         code=err.code,
         headers=headers,
         type="server_error" if err.status >= 500 else "invalid_request_error",
@@ -188,11 +191,13 @@ class _GenerationBody(RequestBody):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    n: int = 1
+    # Several choices of one prompt; with a seed, choice i samples as a request with seed + i (`choice_sampling`).
+    # At temperature 0 they are n equal choices, as OpenAI's are.
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     logprobs: bool | int | None = None
     user: str | None = None  # OpenAI's end-user id; accepted and not used
 
@@ -215,16 +220,6 @@ class _GenerationBody(RequestBody):
         return stop
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError(
-                400,
-                f"n={self.n} is not supported: this server returns one choice per request.",
-                param="n",
-                code="unsupported_value",
-            )
-        for param in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, param):
-                raise APIError(400, f"{param} is not supported (leave it at 0).", param=param, code="unsupported_value")
         # `logprobs: 0` asks /v1/completions for the chosen tokens' log probabilities; false or absent for none.
         if self.logprobs is not None and self.logprobs is not False:
             raise APIError(400, "logprobs are not supported.", param="logprobs", code="unsupported_value")
@@ -256,7 +251,15 @@ class _GenerationBody(RequestBody):
     def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = (), constraint=None) -> Sampling:
         temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
         return Sampling(
-            max_new_tokens, temperature, self.top_p, self.seed, self.stop_strings(), keep_tokens, constraint
+            max_new_tokens,
+            temperature,
+            self.top_p,
+            self.seed,
+            self.stop_strings(),
+            keep_tokens,
+            constraint,
+            self.presence_penalty,
+            self.frequency_penalty,
         )
 
 
@@ -295,6 +298,14 @@ class ChatCompletionBody(_GenerationBody):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.store and self.n > 1:
+            raise APIError(
+                400,
+                f"store keeps one answer per request, and n={self.n} asks for {self.n}: send n=1 with store, or "
+                "leave store out.",
+                param="n",
+                code="unsupported_value",
+            )
         for param in ("functions", "function_call"):
             if getattr(self, param) is not None:
                 raise APIError(400, f"{param} {FUNCTIONS_ARE_TOOLS}", param=param, code="unsupported_value")
@@ -418,7 +429,11 @@ class _Reply:
             self._parsed[answer] = parsed
         return self._parsed[answer]
 
-    def whole(self, completion: Completion) -> dict:
+    def whole(self, completions: list[Completion]) -> dict:
+        choices = [self._choice(index, completion) for index, completion in enumerate(completions)]
+        return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=_usage(completions))
+
+    def _choice(self, index: int, completion: Completion) -> dict:
         finish_reason = completion.finish_reason
         answer = {"text": completion.text}
         if self.chat:
@@ -430,28 +445,33 @@ class _Reply:
                 message.update(content=parsed.content, tool_calls=parsed.tool_calls)
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             answer = {"message": message}
-        choice = {"index": 0, **answer, "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("chat.completion" if self.chat else "text_completion", [choice], usage=_usage(completion))
+        return {"index": index, **answer, "logprobs": None, "finish_reason": finish_reason}
 
-    def tool_calls_chunk(self, calls: list[dict]) -> dict:
+    def tool_calls_chunk(self, calls: list[dict], index: int = 0) -> dict:
         delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
         return self._envelope(
-            self._chunk_object, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+            self._chunk_object, [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]
         )
 
     def chunk(
-        self, text: str = "", finish_reason: str | None = None, *, opening: bool = False, field: str = "content"
+        self,
+        text: str = "",
+        finish_reason: str | None = None,
+        *,
+        opening: bool = False,
+        field: str = "content",
+        index: int = 0,
     ) -> dict:
         if self.chat:
             answer = {"delta": {"role": "assistant", "content": ""} if opening else {field: text} if text else {}}
         else:
             answer = {"text": text}
         return self._envelope(
-            self._chunk_object, [{"index": 0, **answer, "logprobs": None, "finish_reason": finish_reason}]
+            self._chunk_object, [{"index": index, **answer, "logprobs": None, "finish_reason": finish_reason}]
         )
 
-    def usage_chunk(self, completion: Completion) -> dict:
-        return self._envelope(self._chunk_object, [], usage=_usage(completion))
+    def usage_chunk(self, completions: list[Completion]) -> dict:
+        return self._envelope(self._chunk_object, [], usage=_usage(completions))
 
     @property
     def _chunk_object(self) -> str:
@@ -469,11 +489,14 @@ class _Reply:
         }
 
 
-def _usage(completion: Completion) -> dict:
+def _usage(completions: list[Completion]) -> dict:
+    """Token counts as OpenAI gives them: the prompt once, the tokens of every choice."""
+    prompt_tokens = completions[0].prompt_tokens
+    completion_tokens = sum(completion.completion_tokens for completion in completions)
     return {
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": completion.completion_tokens,
-        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
@@ -521,14 +544,16 @@ class Served:
 
     async def answered(self, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation) -> None:
         """What an answer leaves behind: its metrics, its log line's figures, and its stored completion if asked."""
-        completion = generation.completion
+        completions = generation.completions
         self.metrics.answered(reply.model, generation)
+        usage = _usage(completions)
+        finish_reasons = [completion.finish_reason for completion in completions]
         note(
             request,
             id=reply.id,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            finish_reason=completion.finish_reason,
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            finish_reason=finish_reasons[0] if len(finish_reasons) == 1 else finish_reasons,
             time_to_first_token_s=round(generation.time_to_first_token, 4),
         )
         if isinstance(body, ChatCompletionBody) and body.store:
@@ -537,7 +562,7 @@ class Served:
                 self.completions.save,
                 caller(request),
                 sent,
-                reply.whole(completion),
+                reply.whole(completions),
                 body.metadata,
                 body.template_tools(),
             )
@@ -724,7 +749,7 @@ async def submit(
             code="unsupported_value",
         )
     try:
-        return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens, keep_tokens, constraint))
+        return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens, keep_tokens, constraint), body.n)
     except EngineError as err:
         raise engine_error(err) from err
 
@@ -803,37 +828,76 @@ def _max_new_tokens(
 
 
 async def _events(server: Served, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation):
-    """The SSE stream: a chunk per piece, one with the finish reason, the usage if asked, `[DONE]`."""
+    """The SSE stream: each choice's chunks as they come (`_choice_events`), the usage if asked, `[DONE]`."""
     try:
-        if reply.chat:
-            yield _sse(reply.chunk(opening=True))
-        # A reasoning model's reasoning streams as it comes; its answer (or any other reply) is parsed for tool
-        # calls, its text streamed up to where a call may be starting.
-        content, sent = "", 0  # a reply parsed for tool calls: its answer so far, and how much of it went out
-        async for field, text in reasoning.deltas(generation.pieces(), reply.reasoning):
-            if reply.tools is None or field != reasoning.CONTENT:
-                yield _sse(reply.chunk(text, field=field))
-                continue
-            content += text
-            held = reply.tools.held_from(content)  # from where a call may be starting, the text waits for the rest
-            if (upto := len(content) if held is None else held) > sent:
-                yield _sse(reply.chunk(content[sent:upto]))
-                sent = upto
-        finish_reason = generation.completion.finish_reason
-        if reply.tools is not None:
-            parsed = reply.parsed(content)
-            upto = reply.tools.held_from(content) if parsed is not None else len(content)
-            if upto > sent:
-                yield _sse(reply.chunk(content[sent:upto]))
-            if parsed is not None:
-                yield _sse(reply.tool_calls_chunk(parsed.tool_calls))
-                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        yield _sse(reply.chunk(finish_reason=finish_reason))
+        async for chunk in _merged([_choice_events(reply, generation, index) for index in range(generation.n)]):
+            yield _sse(chunk)
         await server.answered(request, body, reply, generation)
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse(reply.usage_chunk(generation.completion))
+            yield _sse(reply.usage_chunk(generation.completions))
         yield _sse("[DONE]")
     except EngineError as err:
         yield _sse(engine_error(err).body())
     finally:
         generation.cancel()  # a client that disconnected mid-stream ends up here too
+
+
+async def _choice_events(reply: _Reply, generation: Generation, index: int):
+    """Choice `index`'s chunks: its opening (chat), a chunk per piece, the tool calls, the finish reason."""
+    if reply.chat:
+        yield reply.chunk(opening=True, index=index)
+    # A reasoning model's reasoning streams as it comes; its answer (or any other reply) is parsed for tool
+    # calls, its text streamed up to where a call may be starting.
+    content, sent = "", 0  # a reply parsed for tool calls: its answer so far, and how much of it went out
+    async for part, text in reasoning.deltas(generation.pieces(index), reply.reasoning):
+        if reply.tools is None or part != reasoning.CONTENT:
+            yield reply.chunk(text, field=part, index=index)
+            continue
+        content += text
+        held = reply.tools.held_from(content)  # from where a call may be starting, the text waits for the rest
+        if (upto := len(content) if held is None else held) > sent:
+            yield reply.chunk(content[sent:upto], index=index)
+            sent = upto
+    finish_reason = generation.completions[index].finish_reason
+    if reply.tools is not None:
+        parsed = reply.parsed(content)
+        upto = reply.tools.held_from(content) if parsed is not None else len(content)
+        if upto > sent:
+            yield reply.chunk(content[sent:upto], index=index)
+        if parsed is not None:
+            yield reply.tool_calls_chunk(parsed.tool_calls, index)
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    yield reply.chunk(finish_reason=finish_reason, index=index)
+
+
+async def _merged(streams: list):
+    """The items of several async iterators as each comes; an error in one ends them all and is raised."""
+    if len(streams) == 1:  # one choice: its own iterator, without tasks in between
+        async for item in streams[0]:
+            yield item
+        return
+    items: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await items.put(item)
+        except Exception as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            await items.put(err)
+        await items.put(done)
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        running = len(tasks)
+        while running:
+            item = await items.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -101,7 +101,7 @@ def served_limits(max_batch: int, max_waiting: int, default_max_tokens: int, max
     """The limits an operator sizes a deployment by, for the startup line: batch, queue, reply length, context
     window (`room`), body size; a request has no time limit (a client that hangs up stops its own)."""
     return (
-        f"limits: {max_batch} requests decoded at once, {max_waiting} waiting (then 429), "
+        f"limits: {max_batch} rows decoded at once, {max_waiting} waiting (then 429), "
         f"max_tokens {default_max_tokens} by default for chat and {COMPLETIONS_DEFAULT_MAX_TOKENS} for completions, "
         f"prompt and reply {room}, bodies up to {max_body_mb} MiB, no request timeout"
     )

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 
 from ..errors import TuneforgeError
 from ..generate import Batch, Completion, Row, Sampling
@@ -33,9 +34,9 @@ RETRY_AFTER_S = 1  # what a refused client is told to wait before it tries again
 class EngineError(Exception):
     """A request the engine could not finish; `status` and `code` go into the OpenAI error body."""
 
-    def __init__(self, message: str, *, status: int = 500, code: str = "server_error"):
+    def __init__(self, message: str, *, status: int = 500, code: str = "server_error", param: str | None = None):
         super().__init__(message)
-        self.message, self.status, self.code = message, status, code
+        self.message, self.status, self.code, self.param = message, status, code, param
 
     @classmethod
     def from_failure(cls, err: Exception) -> EngineError:
@@ -47,31 +48,44 @@ class EngineError(Exception):
 
 
 class Generation:
-    """One request's completion as the worker produces it: `async for piece in generation.pieces()`."""
+    """One request's choices as the worker produces them: `async for piece in generation.pieces(index)`.
 
-    def __init__(self, model: str, prompt_ids: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop):
-        self.model, self.prompt_ids, self.sampling = model, prompt_ids, sampling
-        self.completion: Completion | None = None
+    A request for `n` choices decodes them as `n` rows of one batch (their shared prompt is prefilled once,
+    `Batch._prefill`); choice i samples with `choice_sampling(sampling, i)`.
+    """
+
+    def __init__(
+        self, model: str, prompt_ids: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop, n: int = 1
+    ):
+        self.model, self.prompt_ids, self.sampling, self.n = model, prompt_ids, sampling, n
+        self.completions: list[Completion | None] = [None] * n
         self.cancelled = False
         self._loop = loop
-        self._events: asyncio.Queue = asyncio.Queue()
+        self._events: list[asyncio.Queue] = [asyncio.Queue() for _ in range(n)]
         self._queued_at = time.monotonic()
         self._first_output_at: float | None = None  # the first piece's arrival, or the completion's if it has none
 
+    @property
+    def completion(self) -> Completion | None:
+        """The first choice's completion (the only one, for n=1)."""
+        return self.completions[0]
+
     def cancel(self) -> None:
-        """Nobody wants the rest (the client went away): the worker drops the row at its next step."""
+        """Nobody wants the rest (the client went away): the worker drops the rows at its next step."""
         self.cancelled = True
 
-    async def pieces(self):
-        """The text as it is generated; `completion` is set once this ends. Raises `EngineError`."""
+    async def pieces(self, index: int = 0):
+        """Choice `index`'s text as it is generated; `completions[index]` is set once this ends.
+
+        Raises `EngineError`."""
         while True:
-            event = await self._events.get()
+            event = await self._events[index].get()
             if self._first_output_at is None:
                 self._first_output_at = time.monotonic()
             if isinstance(event, str):
                 yield event
             elif isinstance(event, Completion):
-                self.completion = event
+                self.completions[index] = event
                 return
             else:
                 raise event
@@ -81,17 +95,32 @@ class Generation:
         """Seconds from joining the queue to the first text (to the answer, for an empty one)."""
         return (self._first_output_at or time.monotonic()) - self._queued_at
 
-    async def result(self) -> Completion:
-        async for _ in self.pieces():
-            pass
-        return self.completion
+    async def result(self) -> list[Completion]:
+        """Every choice's completion, in order."""
+        for index in range(self.n):
+            async for _ in self.pieces(index):
+                pass
+        return list(self.completions)
 
-    def _send(self, event: str | Completion | EngineError) -> None:
-        """From the worker thread; a loop already closed (server stopping) has no one left to tell."""
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:
-            pass
+    def _send(self, event: str | Completion | EngineError, index: int | None = None) -> None:
+        """From the worker thread, to choice `index` (None: to every choice); a loop already closed (server
+        stopping) has no one left to tell."""
+        for queue in self._events if index is None else [self._events[index]]:
+            try:
+                self._loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:
+                pass
+
+
+SEED_RANGE = 2**63  # torch's generator takes a 64-bit seed; seeds are in [0, 2**63)
+
+
+def choice_sampling(sampling: Sampling, index: int) -> Sampling:
+    """Choice `index`'s options: with a seed, its own random stream, seeded `(seed + index) mod 2**63`, so
+    choice i of a request with seed s samples as a single request with seed s + i does (choice 0 as before)."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + index) % SEED_RANGE)
 
 
 MAX_BATCH = 32  # rows decoded together, unless the caller says otherwise
@@ -114,9 +143,18 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="tuneforge-serve-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, model: str, prompt_ids: list[int], sampling: Sampling) -> Generation:
-        """Queue a request; call from a running event loop (a request handler)."""
-        generation = Generation(model, prompt_ids, sampling, asyncio.get_running_loop())
+    def submit(self, model: str, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> Generation:
+        """Queue a request for `n` choices (at most `max_batch`: they decode together); call from a running
+        event loop (a request handler)."""
+        if not 1 <= n <= self.max_batch:
+            raise EngineError(
+                f"n={n} asks for more choices than this server decodes together ({self.max_batch}, its batch "
+                f"size): ask for at most {self.max_batch} and send more requests for the rest.",
+                status=400,
+                code="invalid_value",
+                param="n",
+            )
+        generation = Generation(model, prompt_ids, sampling, asyncio.get_running_loop(), n)
         with self._wake:
             if self._closing:
                 raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
@@ -151,7 +189,7 @@ class Engine:
 
     def _work(self) -> None:
         batch: Batch | None = None
-        rows: dict[Row, Generation] = {}  # the running batch's rows and whom they answer
+        rows: dict[Row, tuple[Generation, int]] = {}  # the running batch's rows, whom they answer and which choice
         name = ""  # the model name the running batch decodes for
         while True:
             with self._wake:
@@ -161,7 +199,7 @@ class Engine:
                     self._drop_cancelled()
                 if self._closing:
                     stopping = EngineError("The server is shutting down.", status=503, code="server_shutting_down")
-                    for generation in [*self._waiting, *rows.values()]:
+                    for generation in {*self._waiting, *(generation for generation, _ in rows.values())}:
                         generation._send(stopping)
                     self._waiting.clear()
                     return
@@ -169,48 +207,59 @@ class Engine:
                     name = self._waiting[0].model
                 joining = self._take_waiting(name, self.max_batch - len(rows))
                 # Taken requests are running from now on, through their prefill, not only after it.
-                self._running = len(rows) + len(joining)
+                self._running = len(rows) + sum(generation.n for generation in joining)
             try:
                 if not rows:
                     batch = Batch(self.pool.activate(name), self.pool.tokenizer(name))
                 self._step(batch, rows, joining)
             except Exception as err:  # noqa: BLE001 - one bad batch must not take the server down
                 failure = EngineError.from_failure(err)
-                for generation in set(rows.values()) | set(joining):
+                for generation in {generation for generation, _ in rows.values()} | set(joining):
                     generation._send(failure)
                 rows.clear()
             with self._wake:
                 self._running = len(rows)
 
-    def _step(self, batch: Batch, rows: dict[Row, Generation], joining: list[Generation]) -> None:
-        """Add the joining requests, decode one step, hand out the pieces and the finished completions."""
+    def _step(self, batch: Batch, rows: dict[Row, tuple[Generation, int]], joining: list[Generation]) -> None:
+        """Add the joining requests (a row per choice), decode one step, hand out the pieces and the finished
+        completions."""
         for generation in joining:
             try:
-                row = batch.add(
-                    generation.prompt_ids, generation.sampling, generation.sampling.generator(batch.model.device)
-                )
+                added = []
+                for index in range(generation.n):
+                    sampling = choice_sampling(generation.sampling, index)
+                    added.append(batch.add(generation.prompt_ids, sampling, sampling.generator(batch.model.device)))
             except Exception as err:  # noqa: BLE001 - a request whose options fail fails alone
+                for row in added:
+                    row.cancelled = True
                 generation._send(EngineError.from_failure(err))
                 continue
-            rows[row] = generation
+            rows.update((row, (generation, index)) for index, row in enumerate(added))
         joining.clear()  # every one is a row now or answered: a failing step below must not answer them again
-        for row, generation in rows.items():
+        for row, (generation, _) in rows.items():
             row.cancelled = generation.cancelled
         with self._wake:
             self._largest_batch = max(self._largest_batch, len(rows))
         for row, piece in batch.step():
             if piece and not row.cancelled:
-                rows[row]._send(piece)
+                generation, index = rows[row]
+                generation._send(piece, index)
         for row in [row for row in rows if row.done]:
-            generation = rows.pop(row)
+            generation, index = rows.pop(row)
             if not row.cancelled:
-                generation._send(row.completion())
+                generation._send(row.completion(), index)
 
     def _take_waiting(self, name: str, room: int) -> list[Generation]:
-        """Waiting requests for `name` that may join now (call with the lock held)."""
+        """Waiting requests for `name` that may join now, in order while their rows (one per choice) fit in
+        `room` (call with the lock held)."""
         if not self._waiting or self._waiting[0].model != name or room <= 0:
             return []
-        joining = [g for g in self._waiting if g.model == name][:room]
+        joining = []
+        for generation in (g for g in self._waiting if g.model == name):
+            if generation.n > room:
+                break
+            joining.append(generation)
+            room -= generation.n
         for generation in joining:
             self._waiting.remove(generation)
         return joining

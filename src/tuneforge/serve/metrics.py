@@ -48,10 +48,11 @@ class GenerationMetrics:
         self._engines.add(engine)
 
     def answered(self, model: str, generation: Generation) -> None:
-        completion = generation.completion
+        # The prompt once, however many choices it was answered with (they share its prefill).
+        completions = generation.completions
         self.time_to_first_token.labels(model).observe(generation.time_to_first_token)
-        self.prompt_tokens.labels(model).inc(completion.prompt_tokens)
-        self.generated_tokens.labels(model).inc(completion.completion_tokens)
+        self.prompt_tokens.labels(model).inc(completions[0].prompt_tokens)
+        self.generated_tokens.labels(model).inc(sum(completion.completion_tokens for completion in completions))
 
 
 class _EngineCollector:
@@ -70,7 +71,7 @@ class _EngineCollector:
                 )
         for name, documentation, figure in (
             ("tuneforge_requests_waiting", "Requests queued for a place in a batch.", "waiting"),
-            ("tuneforge_batch_size", "Requests decoding together now.", "running"),
+            ("tuneforge_batch_size", "Rows (a request's choices) decoding together now.", "running"),
             ("tuneforge_adapters_loaded", "Adapters held in memory.", "adapters"),
         ):
             gauge = GaugeMetricFamily(name, documentation, labels=["base"])
