@@ -321,14 +321,16 @@ def test_grpo_options_that_cannot_work_are_refused(tiny_model_dir, triage_data, 
     with pytest.raises(TuneforgeError) as error:
         load_grader(load_config({**cfg, "grpo": {**cfg["grpo"], "grader": str(no_reference)}}))
     assert error.value.message.startswith(f'grpo.grader ({no_reference}): grader "exact" (string_check): `reference`')
-    # A TRL reward file is no grader: the message says how to write one rather than that it lacks a type.
+    # A TRL reward file without its function: the message names the FILE.py:FUNCTION form and the python grader.
     rewards = tmp_path / "rewards.py"
     rewards.write_text(
         "def correct(prompts, completions, answer, **kwargs):\n"
         "    return [float(a in c) for c, a in zip(completions, answer)]\n"
     )
     with pytest.raises(
-        ConfigError, match=r"rewards\.py is Python source, not a grader.*grade\(sample, item\) -> float"
+        ConfigError,
+        match=r"rewards\.py is Python source; name the reward function in it as .*rewards\.py:FUNCTION.*"
+        r"grade\(sample, item\) -> float",
     ):
         load_grader(load_config({**cfg, "grpo": {**cfg["grpo"], "grader": str(rewards)}}))
 
@@ -373,3 +375,106 @@ def test_prompts_come_from_prompt_rows_and_from_the_json_cells_of_a_csv(tiny_mod
         cfg["data"]["validation"] = 0.0
         prepared = prepare_items(load_config(cfg), tokenizer)
         assert [(r.messages[-1]["content"], r.item) for r in prepared.train] == expected
+
+
+# A TRL reward file: completions come as conversational messages, data columns by name, and a None (not
+# applicable) counts 0 in the sum.
+TRL_REWARDS = """
+import json
+
+
+def length(prompts, completions, **kwargs):
+    assert all(p[-1]["role"] == "user" for p in prompts), prompts
+    return [len(c[0]["content"]) / 100 for c in completions]
+
+
+def even(completions, reference, **kwargs):
+    assert all(json.loads(r)["category"] for r in reference)
+    return [0.5 if len(c[0]["content"]) % 2 == 0 else None for c in completions]
+"""
+
+
+def test_trl_reward_functions_train_and_log_each_reward(tiny_model_dir, triage_data, tmp_path):
+    (tmp_path / "rewards.py").write_text(TRL_REWARDS)
+    cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "run", grader=["rewards.py:length", "rewards.py:even"])
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg))  # the reward file is read against the config's folder
+    train(load_config(tmp_path / "run.yaml"), progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in logged if "reward" in m]
+    assert steps and all(m["reward"] == pytest.approx(m["reward/length"] + m["reward/even"]) for m in steps)
+    answers = [
+        a
+        for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
+        for a in json.loads(line)["answers"]
+    ]
+    expected = [len(a["text"]) / 100 + (0.5 if len(a["text"]) % 2 == 0 else 0) for a in answers]
+    assert [a["reward"] for a in answers] == pytest.approx(expected)
+    assert len(set(expected)) > 1
+
+
+def test_trl_reward_functions_see_text_prompts_as_text(tiny_model_dir, triage_data, tmp_path):
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(
+        json.dumps({"prompt": "Say hi", "answer": "hi"}) + "\n" + json.dumps({"prompt": "Say bye", "answer": "bye"})
+    )
+    (tmp_path / "rewards.py").write_text(
+        "def shape(prompts, completions, answer, **kwargs):\n"
+        "    assert prompts == ['Say hi', 'Say bye'] and answer == ['hi', 'bye'], (prompts, answer)\n"
+        "    assert all(isinstance(c, str) for c in completions), completions\n"
+        "    return [0.0 for c in completions]\n"
+    )
+    cfg = grpo_config(tiny_model_dir, {"train": rows, "validation": rows}, tmp_path / "r", grader="x")
+    cfg["grpo"]["grader"] = str(tmp_path / "rewards.py:shape")
+    assert len(prepare_items(load_config(cfg), load_tokenizer(str(tiny_model_dir))).train) == 2
+
+
+@pytest.mark.parametrize(
+    ("function", "source", "message"),
+    [
+        ("nope", "def f(completions, **kwargs):\n    return [1.0] * len(completions)\n", "defines no top-level nope"),
+        ("f", "def f(completions, **kwargs):\n    return [1.0 for c in completions\n", "rewards.py:2 does not compile"),
+        (
+            "f",
+            "def f(completions, **kwargs):\n    return [1 / 0 for c in completions]\n",
+            "f() raised ZeroDivisionError",
+        ),
+        ("f", "def f(completions, answer, **kwargs):\n    return [1.0] * len(completions)\n", "columns: reference"),
+        ("f", "def f(completions, **kwargs):\n    return [1.0]\n", "returned a list of 1, not a list of 16"),
+        ("f", "def f(completions, **kwargs):\n    [1.0] * len(completions)\n", "returned None, not a list of 16"),
+        ("f", "def f(completions, **kwargs):\n    return [None] * len(completions)\n", "f() gave None"),
+        (
+            "f",
+            "def f(completions, **kwargs):\n    return [float('nan')] * len(completions)\n",
+            "gave nan, not a finite",
+        ),
+    ],
+)
+def test_trl_reward_functions_that_cannot_work_are_refused_before_training(
+    tiny_model_dir, triage_data, tmp_path, function, source, message
+):
+    (tmp_path / "rewards.py").write_text(source)
+    cfg = load_config(
+        grpo_config(tiny_model_dir, triage_data, tmp_path / "r", grader=f"{tmp_path}/rewards.py:{function}")
+    )
+    with pytest.raises(TuneforgeError) as error:
+        prepare_items(cfg, load_tokenizer(str(tiny_model_dir)))
+    assert message in error.value.message and f"{tmp_path}/rewards.py:{function}" in error.value.message
+    if "compile" not in message and "top-level" not in message:
+        assert f"The sample answers the prompt at {triage_data['validation']}:1." in error.value.message
+
+
+def test_reward_function_lists_and_weights_that_cannot_work_are_refused(tiny_model_dir, triage_data, tmp_path):
+    (tmp_path / "rewards.py").write_text("def f(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    for grader, weights, message in (
+        ([f"{tmp_path}/rewards.py:f", "f"], None, "grpo.grader[1]: 'f' is no reward function"),
+        ([f"{tmp_path}/nope.py:f"], None, "nope.py is no file"),
+        ([f"{tmp_path}/rewards.py:f"], [1.0, 2.0], "2 weights for 1 reward functions"),
+        (BRACE, [1.0], "grpo.grader_weights weighs TRL-style reward functions"),
+    ):
+        cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "r", grader=grader)
+        cfg["grpo"]["grader_weights"] = weights
+        with pytest.raises(TuneforgeError, match=re.escape(message)):
+            load_grader(load_config(cfg))
+    cfg = {**tiny_run_config(tiny_model_dir, triage_data, tmp_path / "r"), "grpo": {"grader_weights": [1.0]}}
+    with pytest.raises(ConfigError, match="grpo.grader_weights is set, but method: lora"):
+        load_config(cfg)

@@ -430,10 +430,16 @@ class GRPOConfig(Strict):
     """`method: grpo`: reinforcement fine-tuning. The policy samples answers to the data's prompts, a
     grader scores them, and each answer is reinforced by how it scored against the others to its prompt."""
 
-    grader: dict | str | None = Field(
+    grader: dict | str | list[str] | None = Field(
         None,
         description="the grader, as OpenAI's reinforcement fine-tuning takes it (string_check, text_similarity, "
-        "python, multi, or json_fields), inline or in a JSON/YAML file; required with method: grpo",
+        "python, multi, or json_fields), inline or in a JSON/YAML file; or TRL-style reward functions, "
+        "FILE.py:FUNCTION or a list of them (summed); required with method: grpo",
+    )
+    grader_weights: list[float] | None = Field(
+        None,
+        description="with a list of reward functions in grader: one weight each, the reward their weighted sum "
+        "(TRL's reward_weights)",
     )
     group_size: int = Field(4, ge=2, le=64, description="answers sampled per prompt; each is judged against its group")
     max_new_tokens: int = Field(128, ge=1, le=8192, description="longest answer sampled")
@@ -509,7 +515,11 @@ class Config(Strict):
             )
         # A teacher or grader under another method would be ignored: a config that forgot `method:`
         # (lora by default) would train plain SFT with no teacher or grader, and say nothing.
-        for section, key, value in (("distill", "teacher", self.distill.teacher), ("grpo", "grader", self.grpo.grader)):
+        for section, key, value in (
+            ("distill", "teacher", self.distill.teacher),
+            ("grpo", "grader", self.grpo.grader),
+            ("grpo", "grader_weights", self.grpo.grader_weights),
+        ):
             if value and self.method != section:
                 raise KeysError(
                     f"{section}.{key} is set, but method: {self.method} does not use the {section} section, so it "
@@ -520,7 +530,8 @@ class Config(Strict):
         if self.method == "grpo":
             if not self.grpo.grader:
                 raise KeysError(
-                    "method: grpo needs grpo.grader (a grader object, or a JSON/YAML file with one)",
+                    "method: grpo needs grpo.grader (a grader object, a JSON/YAML file with one, or reward "
+                    "functions as FILE.py:FUNCTION)",
                     "method",
                     "grpo.grader",
                 )
@@ -761,7 +772,8 @@ KNOWN_ELSEWHERE = {
     "use_dora": "method: dora",
     "num_generations": "grpo.group_size",
     "max_completion_length": "grpo.max_new_tokens",
-    "reward_funcs": "grpo.grader (one grader; a multi grader combines several)",
+    "reward_funcs": "grpo.grader (FILE.py:FUNCTION, or a list of them)",
+    "reward_weights": "grpo.grader_weights",
     "scale_rewards": "grpo.loss (dr_grpo leaves the advantages unscaled)",
 }
 
@@ -970,9 +982,17 @@ def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
     distill = raw.get("distill")
     if isinstance(distill, dict) and isinstance(distill.get("teacher"), str):
         distill["teacher"] = fix(distill["teacher"])
+
+    def fix_grader(p):
+        # A reward function, FILE.py:FUNCTION, has its file read against the config's folder.
+        file, colon, function = p.rpartition(":") if isinstance(p, str) else ("", "", "")
+        return f"{fix(file)}:{function}" if colon and file.endswith(".py") else fix(p)
+
     grpo = raw.get("grpo")
     if isinstance(grpo, dict) and isinstance(grpo.get("grader"), str):
-        grpo["grader"] = fix(grpo["grader"])
+        grpo["grader"] = fix_grader(grpo["grader"])
+    elif isinstance(grpo, dict) and isinstance(grpo.get("grader"), list):
+        grpo["grader"] = [fix_grader(p) for p in grpo["grader"]]
 
 
 def auto_epochs(n_examples: int) -> int:

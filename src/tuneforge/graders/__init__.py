@@ -12,16 +12,32 @@ batch), multi (`multi.py`, a formula over sub-graders) and json_fields (ours, `t
 of a JSON output's fields that match a reference object). OpenAI's score_model and label_model
 need a judge model and are refused. `build_grader` checks the whole spec (keys, templates, the
 python source, the formula) and raises `GraderError` naming the grader and the field.
+
+`reward_functions` builds TRL-style reward functions, FUNCTION(prompts, completions, **columns) in a
+Python file (`python.py`'s RewardFunctionGrader, run by the python grader's process); several are a
+multi grader that sums them, or weighs them as TRL's reward_weights do.
 """
 
 from __future__ import annotations
 
-from .base import Grader, GraderError, GradeResult, sample_of
+from pathlib import Path
+
+from .base import Grader, GraderError, GradeResult, rollout_sample, sample_of
 from .multi import FUNCTIONS, MultiGrader
-from .python import PythonGrader, PythonLimits
+from .python import PythonGrader, PythonLimits, RewardFunctionGrader
 from .text import JsonFieldsGrader, StringCheckGrader, TextSimilarityGrader
 
-__all__ = ["GradeResult", "Grader", "GraderError", "PythonLimits", "build_grader", "runs_python", "sample_of"]
+__all__ = [
+    "GradeResult",
+    "Grader",
+    "GraderError",
+    "PythonLimits",
+    "build_grader",
+    "reward_functions",
+    "rollout_sample",
+    "runs_python",
+    "sample_of",
+]
 
 GRADERS: dict[str, type[Grader]] = {
     grader.type: grader
@@ -35,6 +51,29 @@ def build_grader(spec: dict, *, limits: PythonLimits | None = None) -> Grader:
     if not isinstance(spec, dict):
         raise GraderError(f"a grader must be a JSON object with a `type`, got {spec!r:.100}")
     return _build(spec, (str(spec.get("name", spec.get("type"))),), limits or PythonLimits())
+
+
+def reward_functions(
+    functions: list[tuple[Path, str]], weights: list[float] | None = None, *, limits: PythonLimits | None = None
+) -> Grader:
+    """TRL-style reward functions, each `(file, function name)`: one is its own grader; several are a multi
+    grader whose score is their sum, or with `weights` their weighted sum, and whose parts are each
+    function's reward (a None from one of them counts 0, as TRL's nansum has it)."""
+    limits = limits or PythonLimits()
+    if weights is not None and len(weights) != len(functions):
+        raise GraderError(f"{len(weights)} weights for {len(functions)} reward functions; give one weight per function")
+    if len(functions) == 1 and weights is None:
+        path, name = functions[0]
+        return RewardFunctionGrader(path, name, limits)
+    graders: dict[str, Grader] = {}
+    for path, name in functions:
+        if name in graders:
+            raise GraderError(f"two reward functions are named {name} ({graders[name].path} and {path}); rename one")
+        if name in FUNCTIONS:
+            raise GraderError(f"a reward function cannot be named {name} ({path}); {', '.join(FUNCTIONS)} are taken")
+        graders[name] = RewardFunctionGrader(path, name, limits, allow_none=len(functions) > 1)
+    terms = [name if weights is None else f"{weight!r} * {name}" for name, weight in zip(graders, weights or graders)]
+    return MultiGrader({"calculate_output": " + ".join(terms)}, "rewards", '"rewards" (multi)', graders)
 
 
 def runs_python(spec: dict) -> bool:

@@ -56,6 +56,12 @@ def sample_of(text: str) -> dict:
     return {"output_text": text, "output_json": parse_output_json(text), "output_tools": []}
 
 
+def rollout_sample(text: str) -> dict:
+    """The sample of a sampled completion: `sample_of`'s, and the `completion` as it was sampled, reasoning
+    included, which TRL-style reward functions read (a format reward looks for the <think> block)."""
+    return {**sample_of(text), "completion": text}
+
+
 def shorten(text: str) -> str:
     """The text as an error message shows it: quoted, at most SHOWN_SAMPLE_CHARS characters of it."""
     if len(text) <= SHOWN_SAMPLE_CHARS:

@@ -14,6 +14,9 @@ its size, and a cap on the child's address space. The child also refuses new soc
 are best effort, not a sandbox: they stop mistakes (an endless loop, a runaway allocation, a stray
 HTTP call), not code written to escape.
 Run only graders you trust as you trust your own code.
+
+`RewardFunctionGrader` runs a TRL-style reward function from a file in the same child, called once
+for the whole batch with TRL's arguments.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class PythonGrader(Grader):
     type = "python"
     # image_tag is OpenAI's choice of container image; graders here run on this interpreter, so it is read and unused.
     keys = ("source", "image_tag")
+    call = "grade()"  # how messages name the user's function
 
     def __init__(self, spec: dict, name: str, label: str, limits: PythonLimits):
         super().__init__(name, label)
@@ -111,9 +115,11 @@ class PythonGrader(Grader):
     def _grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[float]:
         if not samples:
             return []
-        request = json.dumps(
-            {"source": self.source, "samples": samples, "items": items, "memory_bytes": self.limits.memory_bytes}
-        )
+        return self._run({"source": self.source, "samples": samples, "items": items}, samples)
+
+    def _run(self, request: dict, samples: Sequence[dict]) -> list[float]:
+        """The scores the child process gives for `request`, one per sample."""
+        request = json.dumps({**request, "memory_bytes": self.limits.memory_bytes})
         with tempfile.TemporaryDirectory(prefix="tuneforge-grader-") as folder:
             # The request and the replies go through files, so only the user's prints come through a pipe.
             request_path, replies_path = Path(folder, "request.json"), Path(folder, "replies.jsonl")
@@ -150,19 +156,34 @@ class PythonGrader(Grader):
             out = replies_path.read_text(encoding="utf-8", errors="replace")
         return self._read_replies(out, err.text, timed_out, child.returncode, samples)
 
+    def _none_score(self, samples: Sequence[dict], index: int) -> float:
+        return checked_score(None, self.label, samples, index)
+
     def _read_replies(
         self, out: str, err: str, timed_out: bool, returncode: int, samples: Sequence[dict]
     ) -> list[float]:
         scores = []
         for index, line in enumerate(out.splitlines()):
             reply = json.loads(line)
-            if "score" in reply:
+            if reply.get("score", 0) is None:
+                scores.append(self._none_score(samples, index))
+            elif "score" in reply:
                 scores.append(checked_score(reply["score"], self.label, samples, index))
             elif "returned" in reply:
-                raise grading_failed(self.label, f"grade() returned {reply['returned']}, not a number", samples, index)
+                raise grading_failed(
+                    self.label, f"{self.call} returned {reply['returned']}, not a number", samples, index
+                )
             else:
                 memory = f" (past the memory limit of {_size(self.limits.memory_bytes)})" if reply["memory"] else ""
-                raise grading_failed(self.label, f"{reply['error']}{memory}\n{reply['traceback']}", samples, index)
+                traceback = f"\n{reply['traceback']}" if reply["traceback"] else ""
+                if reply.get("batch"):  # the one call for the whole batch failed: no sample of it is at fault
+                    raise GraderError(
+                        f"grader {self.label}: {reply['error']}{memory}{traceback}\non a batch of {len(samples)} "
+                        "samples (one call), named here by its first",
+                        code="grader_failed",
+                        sample=0,
+                    )
+                raise grading_failed(self.label, f"{reply['error']}{memory}{traceback}", samples, index)
         if len(scores) == len(samples):
             return scores
         index = len(scores)
@@ -170,13 +191,104 @@ class PythonGrader(Grader):
             what = (
                 f"the batch of {len(samples)} samples took longer than its limit of "
                 f"{self.limits.batch_seconds(len(samples)):g} s ({self.limits.timeout_s:g} s and "
-                f"{self.limits.per_sample_s:g} s a sample; {index} graded); make grade() faster"
+                f"{self.limits.per_sample_s:g} s a sample; {index} graded); make {self.call} faster"
             )
         else:
             ended = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
             what = (
-                f"the grader's process ended ({ended}) before giving a score; a grade() that goes past the memory "
+                f"the grader's process ended ({ended}) before giving a score; a {self.call} that goes past the memory "
                 f"limit of {_size(self.limits.memory_bytes)} or exits can end it so"
             )
             what += "".join(f"\n{line}" for line in err.rstrip().splitlines()[-STDERR_LINES:])
         raise grading_failed(self.label, what, samples, index)
+
+
+class RewardFunctionGrader(PythonGrader):
+    """A TRL-style reward function, `FUNCTION(prompts, completions, **columns) -> list[float]` in a
+    Python file, run by the python grader's child process once for each batch, within the same limits.
+
+    It is given what TRL's GRPOTrainer gives: `prompts` (each sample's `prompt`: the text of a text
+    prompt, or the prompt's messages) and `completions` (the sampled text, reasoning included, or for
+    messages `[{"role": "assistant", "content": text}]`), and every other field of the items (the data
+    rows' other columns) as a list by name. A None reward means "not applicable" and scores 0 where
+    `allow_none` (one of several functions, whose rewards are summed, as TRL's nansum does); alone, it
+    is an error. Each item needs `prompt`; a sample's text is its `completion` (`rollout_sample`).
+    """
+
+    type = "reward_function"
+    keys = ()
+
+    def __init__(self, path: Path, function: str, limits: PythonLimits, *, allow_none: bool = False):
+        label = f'"{function}" ({path}:{function})'
+        Grader.__init__(self, function, label)
+        self.call = f"{function}()"
+        self.path, self.function, self.limits, self.allow_none = path, function, limits, allow_none
+        try:
+            self.source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise GraderError(f"grader {label}: {path} cannot be read ({error})") from None
+        try:
+            tree = ast.parse(self.source, str(path))
+            compile(tree, str(path), "exec")
+        except (SyntaxError, ValueError) as error:
+            line = f":{error.lineno}" if getattr(error, "lineno", None) else ""
+            text = f": {error.text.strip()!r}" if getattr(error, "text", None) else ""
+            raise GraderError(
+                f"grader {label}: {path}{line} does not compile: {getattr(error, 'msg', error)}{text}"
+            ) from None
+        defined = _top_level_names(tree)
+        if function not in defined:
+            functions = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+            raise GraderError(
+                f"grader {label}: {path} defines no top-level {function}; its functions are "
+                f"{', '.join(functions) or 'none'}. Name one as FILE:FUNCTION."
+            )
+
+    def _grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[float]:
+        if not samples:
+            return []
+        prompts = [item["prompt"] for item in items]
+        # A GRPO sample keeps the completion as sampled; check()'s plain samples are their output_text.
+        texts = [sample.get("completion", sample["output_text"]) for sample in samples]
+        completions = [
+            [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+            for prompt, text in zip(prompts, texts)
+        ]
+        reserved = ("prompt", "prompts", "completions", "completion")
+        names = sorted({key for item in items for key in item if key not in reserved}, key=str)
+        # A column missing from some rows is None there, as in a datasets.Dataset built from such rows.
+        columns = {name: [item.get(name) for item in items] for name in names}
+        request = {
+            "source": self.source,
+            "filename": str(self.path),
+            "function": self.function,
+            "prompts": prompts,
+            "completions": completions,
+            "columns": columns,
+        }
+        return self._run(request, samples)
+
+    def _none_score(self, samples: Sequence[dict], index: int) -> float:
+        if self.allow_none:
+            return 0.0
+        raise grading_failed(
+            self.label,
+            f"{self.call} gave None; a lone reward function must give a number for every completion (None, "
+            "not applicable, is taken where several functions are summed, and counts 0)",
+            samples,
+            index,
+        )
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """The names a module binds at its top level: functions, classes, assignments and imports."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names

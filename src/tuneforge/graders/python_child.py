@@ -1,12 +1,17 @@
-"""The python grader's child process: runs a user's `grade(sample, item)` over one batch.
+"""The python grader's child process: runs a user's `grade(sample, item)` over one batch, or a
+TRL-style reward function once for the whole batch.
 
     python -I python_child.py < {"source": ..., "samples": [...], "items": [...], "memory_bytes": N}
+    python -I python_child.py < {"source": ..., "filename": ..., "function": NAME, "prompts": [...],
+                                 "completions": [...], "columns": {...}, "memory_bytes": N}
 
 It is run as a script, never imported, with the standard library alone. It reads its request as
 JSON on stdin and writes one JSON line per sample to the stdout it was started with: {"score": x},
 or {"returned": "<repr>"} for a result that is not a number, or at the first exception (in
 grade(), or turning its result into a float) {"error": ..., "traceback": ..., "memory": bool} and
-nothing more. Before the user's code runs it
+nothing more. A reward function's rewards come as the same lines, one per completion ({"score": null}
+for a None); a call that raises, or returns anything but a list of one reward per completion, is
+an error line for the first sample, marked {"batch": true}. Before the user's code runs it
 caps the address space (RLIMIT_AS, Linux), makes new sockets raise, and points fd 1 and
 sys.stdout at stderr so that the user's prints cannot break those lines. This is best effort,
 not a sandbox: code that means harm can undo any of it.
@@ -44,9 +49,9 @@ def _limit(memory_bytes: int) -> None:
     socket.create_connection = _refuse_connection
 
 
-def _failure(error: BaseException, what: str) -> dict:
+def _failure(error: BaseException, what: str, filename: str = GRADER_FILE) -> dict:
     # Only the frames of the user's code: the others are this script's or the library's, and would show server paths.
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == GRADER_FILE]
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == filename]
     formatted = traceback.format_list(frames) + traceback.format_exception_only(type(error), error)
     lines = "".join(["Traceback (most recent call last):\n", *formatted]).rstrip().splitlines()
     return {
@@ -66,15 +71,19 @@ def main() -> None:
         replies.write(json.dumps(message) + "\n")
         replies.flush()
 
-    source = request["source"]
-    linecache.cache[GRADER_FILE] = (len(source), None, source.splitlines(True), GRADER_FILE)
+    source, filename = request["source"], request.get("filename", GRADER_FILE)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     _limit(request["memory_bytes"])
     namespace = {"__name__": "grader"}
+    function = request.get("function", "grade")
     try:
-        exec(compile(source, GRADER_FILE, "exec"), namespace)
-        grade = namespace["grade"]
+        exec(compile(source, filename, "exec"), namespace)
+        grade = namespace[function]
     except BaseException as error:
-        reply(_failure(error, "loading the source raised"))
+        reply(_failure(error, "loading the source raised", filename))
+        return
+    if "function" in request:
+        _reward_function(grade, function, request, filename, reply)
         return
     for sample, item in zip(request["samples"], request["items"]):
         try:
@@ -91,6 +100,43 @@ def main() -> None:
             reply(_failure(error, "grade() returned a number that float() refuses:"))
             return
         reply({"score": score})
+
+
+def _reward_function(function, name: str, request: dict, filename: str, reply) -> None:
+    """One call of a TRL-style reward function for the whole batch, its rewards replied one a line."""
+    completions = request["completions"]
+    try:
+        values = function(prompts=request["prompts"], completions=completions, **request["columns"])
+    except BaseException as error:
+        failure = {**_failure(error, f"{name}() raised", filename), "batch": True}
+        if isinstance(error, TypeError) and error.__traceback__.tb_next is None:  # the call itself: its arguments
+            columns = ", ".join(request["columns"]) or "none"
+            failure["error"] += f" (it is given prompts, completions and, by name, the data's columns: {columns})"
+        reply(failure)
+        return
+    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+        got = f"a list of {len(values)}" if isinstance(values, (list, tuple)) else f"{values!r:.100}"
+        reply(
+            {
+                "error": f"{name}() returned {got}, not a list of {len(completions)} rewards (one per completion)",
+                "traceback": "",
+                "memory": False,
+                "batch": True,
+            }
+        )
+        return
+    for value in values:
+        if value is None:
+            reply({"score": None})
+            continue
+        if not isinstance(value, numbers.Real):
+            reply({"returned": f"{value!r:.100} ({type(value).__name__})"})
+            continue
+        try:
+            reply({"score": float(value)})
+        except BaseException as error:
+            reply(_failure(error, f"{name}() returned a number that float() refuses:", filename))
+            return
 
 
 if __name__ == "__main__":

@@ -36,12 +36,14 @@ dpo, so a LoRA policy's fresh adapter sits on the SFT model, and the reference i
 Data: chat rows (`{"messages": [...]}`, OpenAI's reinforcement fine-tuning format). The prompt is
 the messages up to the last user turn; a final assistant message is not sampled from but handed to
 the grader as `item.reference`, and every other field of the row is the item as it stands
-(`{{ item.answer }}`).
+(`{{ item.answer }}`). Graders also see `item.prompt`, the prompt as TRL gives it, and each sample's
+`completion`, the answer as sampled: what TRL-style reward functions (FILE.py:FUNCTION) are given.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -62,7 +64,7 @@ from ..data.schema import Conversation, Problem
 from ..errors import ConfigError, DataError
 from ..fsio import write_json
 from ..generate import encode_prompts, generate
-from ..graders import GraderError, build_grader, sample_of
+from ..graders import GraderError, build_grader, reward_functions, rollout_sample
 from ..models import causal_lm, load_frozen_model
 from .dpo import prepare_policy
 from .sft import reference_lm, token_cross_entropy, trained_hidden
@@ -83,6 +85,7 @@ class PromptRow:
     item: dict
     where: str  # file:line, for messages about this row
     key: int  # the row's content key, which decides its side of a data.validation fraction
+    prompt: str | list[dict] = ""  # the prompt as TRL gives it: a text prompt's text, else its messages
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -90,6 +93,11 @@ class PromptRow:
     @property
     def labels(self) -> list[int]:
         return [IGNORE_INDEX] * len(self.input_ids)
+
+    @property
+    def graded_item(self) -> dict:
+        """What graders read: the item, and the `prompt` that TRL-style reward functions are given."""
+        return {**self.item, "prompt": self.prompt}
 
 
 @dataclass
@@ -110,21 +118,31 @@ def prepare_model(model, cfg):
 
 
 def load_grader(cfg):
-    """The grader the config names (inline, or a JSON/YAML file of one), fully checked; an error in
-    its spec names where it was given."""
+    """The grader the config names (inline, a JSON/YAML file of one, or TRL-style reward functions as
+    FILE.py:FUNCTION, alone or in a list), fully checked; an error in its spec names where it was given."""
     spec, where = cfg.grpo.grader, "grpo.grader"
+    if isinstance(spec, list) or (isinstance(spec, str) and _function_ref(spec)):
+        return _reward_functions(spec if isinstance(spec, list) else [spec], cfg.grpo.grader_weights)
+    if cfg.grpo.grader_weights is not None:
+        raise ConfigError(
+            "grpo.grader_weights weighs TRL-style reward functions (grpo.grader: [FILE.py:FUNCTION, ...]); a "
+            "grader object weighs its parts in a multi grader's calculate_output"
+        )
     if isinstance(spec, str):
         where = f"grpo.grader ({spec})"
         path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"grpo.grader: {spec} is no file. Give a grader object, or the path of a JSON/YAML file.")
         if path.suffix == ".py":
             # A TRL-style reward file parses as YAML (or fails to) and would be told it lacks a grader `type`.
             raise ConfigError(
-                f"grpo.grader: {spec} is Python source, not a grader. Python rewards run as a python grader, inline "
-                "or in a JSON/YAML file: {type: python, name: NAME, source: ...}, whose source defines "
-                "grade(sample, item) -> float for one answer (sample['output_text'] is the answer, item the data "
-                "row, item['answer'] its answer field), not TRL's reward(prompts, completions, **columns) -> list."
+                f"grpo.grader: {spec} is Python source; name the reward function in it as {spec}:FUNCTION "
+                "(TRL's FUNCTION(prompts, completions, **columns) -> list[float], a list of several to sum), or "
+                "give a python grader, {type: python, name: NAME, source: ...}, whose grade(sample, item) -> float "
+                "scores one answer."
+            )
+        if not path.is_file():
+            raise ConfigError(
+                f"grpo.grader: {spec} is no file. Give a grader object, the path of a JSON/YAML file, or reward "
+                "functions as FILE.py:FUNCTION."
             )
         try:
             spec = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -138,6 +156,32 @@ def load_grader(cfg):
         raise GraderError(f"{where}: {error.message}", code=error.code) from None
 
 
+def _function_ref(text: str) -> tuple[Path, str] | None:
+    """(file, function) of a `FILE.py:FUNCTION` reference, else None."""
+    file, colon, function = text.rpartition(":")
+    return (Path(file), function) if colon and file.endswith(".py") else None
+
+
+def _reward_functions(refs: list, weights: list[float] | None):
+    functions = []
+    for index, ref in enumerate(refs):
+        found = _function_ref(ref) if isinstance(ref, str) else None
+        if found is None or not found[1].isidentifier():
+            raise ConfigError(
+                f"grpo.grader[{index}]: {ref!r:.100} is no reward function; name each as FILE.py:FUNCTION, "
+                "as rewards.py:correctness"
+            )
+        if not found[0].is_file():
+            raise ConfigError(f"grpo.grader[{index}]: {found[0]} is no file (from {ref}).")
+        functions.append(found)
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"grpo.grader_weights must be finite numbers, got {weights}")
+    try:
+        return reward_functions(functions, weights)
+    except GraderError as error:
+        raise GraderError(f"grpo.grader: {error.message}", code=error.code) from None
+
+
 # --- data ----------------------------------------------------------------------------------------
 
 
@@ -146,7 +190,8 @@ def read_prompts(
 ) -> tuple[list[PromptRow], list[Problem]]:
     """The prompts of a chat file, each problem located by file, line and field; each kept row's
     system prompt is counted into `system_prompts`."""
-    found: list[tuple[int, list, dict, int]] = []  # (line, messages, item, key) of the rows that hold a prompt
+    # (line, messages, item, key, whether the prompt is text) of the rows that hold a prompt
+    found: list[tuple[int, list, dict, int, bool]] = []
     problems: list[Problem] = []
     rows = open_rows(path)
     for line, row in rows:
@@ -168,10 +213,12 @@ def read_prompts(
         if not messages or messages[-1].role not in ("user", "tool"):
             problems.append(_prompt_problem("no_prompt", NO_PROMPT, path, line))
             continue
-        found.append((line, messages, item, key))
-    prompts = [[m.to_template() for m in messages] for _, messages, _, _ in found]
+        # A text prompt row is one user turn of the prompt's text: TRL gives its reward functions that text.
+        text = "messages" not in row and len(messages) == 1 and messages[0].content == row.get("prompt")
+        found.append((line, messages, item, key, text))
+    prompts = [[m.to_template() for m in messages] for _, messages, _, _, _ in found]
     rows = []
-    for (line, messages, item, key), prompt, ids in zip(found, prompts, encode_prompts(tokenizer, prompts)):
+    for (line, messages, item, key, text), prompt, ids in zip(found, prompts, encode_prompts(tokenizer, prompts)):
         if len(ids) >= max_length:
             too_long = (
                 f"the prompt is {len(ids)} tokens, and GRPO prompts must be shorter than data.max_length "
@@ -181,7 +228,7 @@ def read_prompts(
             problems.append(_prompt_problem("too_long", too_long, path, line))
             continue
         system_prompts.add(messages)
-        rows.append(PromptRow(ids, prompt, item, f"{path}:{line}", key))
+        rows.append(PromptRow(ids, prompt, item, f"{path}:{line}", key, messages[0].content if text else prompt))
     return rows, problems
 
 
@@ -240,7 +287,7 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.Prepar
         )
     checked, grader = (valid or rows)[:16], load_grader(cfg)
     with naming_rows(checked):
-        grader.check([r.item for r in checked])
+        grader.check([r.graded_item for r in checked])
     with naming_rows(rows + valid):
         grader.check_items([r.item for r in rows + valid])
     return tfdata.PreparedData(rows, valid, report)
@@ -353,7 +400,7 @@ class GRPOObjective(nn.Module):
                     max_new_tokens=self.options.max_new_tokens,
                 )
                 with naming_rows(rows):
-                    grades = self.grader.grade([sample_of(a.text) for a in answers], [r.item for r in rows])
+                    grades = self.grader.grade([rollout_sample(a.text) for a in answers], [r.graded_item for r in rows])
                 totals += torch.tensor([[g.score, *(g.parts[p] for p in self.parts)] for g in grades]).sum(dim=0)
                 count += len(rows)
                 advance(rows)
@@ -363,9 +410,9 @@ class GRPOObjective(nn.Module):
 
     def _grade(self, rows: list[PromptRow], completions: list) -> SampledGroups:
         o = self.options
-        items = [r.item for r in rows for _ in range(o.group_size)]
+        items = [r.graded_item for r in rows for _ in range(o.group_size)]
         with naming_rows(rows, o.group_size):
-            grades = self.grader.grade([sample_of(c.text) for c in completions], items)
+            grades = self.grader.grade([rollout_sample(c.text) for c in completions], items)
         rewards = torch.tensor([g.score for g in grades], dtype=torch.float32)
         parts = torch.tensor([[g.parts[p] for p in self.parts] for g in grades], dtype=torch.float32)
         groups = rewards.view(len(rows), o.group_size)
