@@ -448,3 +448,25 @@ def test_the_memory_plan_holds_the_activations_a_forward_keeps(
         model(input_ids=torch.randint(0, 64, (1, length)))
     planned = memory_plan((1, 1, 1, 0), hf_config, cfg, SimpleNamespace(micro_batch_rows=1), length, "fp32")
     assert sum(kept.values()) <= planned["activations"] <= 1.5 * sum(kept.values()), (sum(kept.values()), planned)
+
+
+def test_the_memory_plan_of_a_model_that_also_reads_images_uses_its_text_settings(
+    triage_data, tmp_path, capsys, monkeypatch
+):
+    """Gemma 3 4B and up keep hidden size, layers and vocabulary under `text_config`: the dry run plans
+    activations and logits from them, as for the same text model on its own."""
+    from families import save_gemma3_multimodal_config
+    from transformers import AutoConfig
+
+    from tuneforge.dry_run import memory_plan, validate
+
+    monkeypatch.setenv("COLUMNS", "300")  # one table row a line
+    folder = save_gemma3_multimodal_config(tmp_path / "gemma3-mm")
+    cfg = config(folder, triage_data, tmp_path / "run")
+    assert validate(cfg) == 0
+    assert "activations" in " ".join(capsys.readouterr().out.split())
+    hf_config = AutoConfig.from_pretrained(folder)
+    plan = SimpleNamespace(micro_batch_rows=2)
+    both = memory_plan((1, 1, 1, 0), hf_config, load_config(cfg), plan, 64, "fp32")
+    text = memory_plan((1, 1, 1, 0), hf_config.text_config, load_config(cfg), plan, 64, "fp32")
+    assert both == text and both["activations"] > 0

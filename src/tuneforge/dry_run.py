@@ -125,8 +125,10 @@ def memory_plan(
     the loss holds at once (`trained_share` of a micro-batch's tokens train), and a teacher or
     reference copy (`frozen_copy_parameters`, in `model.dtype`, whole on every process). FSDP spreads
     the first three over `shards` processes, and each process gathers the `gathered` parameters whole
-    to compute (`parameter_counts`), in bf16 copies where it computes in bf16."""
+    to compute (`parameter_counts`), in bf16 copies where it computes in bf16. Activations and logits
+    are sized by the text model's settings (a model that also reads images keeps them in `text_config`)."""
     n, trainable, linear, copy = counts
+    config = config.get_text_config()
     frozen_bytes = 2 if frozen_dtype(cfg, precision) == torch.bfloat16 else 4
     quantize = cfg.model.quantize
     if quantize == "none":
