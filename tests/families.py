@@ -109,7 +109,7 @@ def save_gemma3_multimodal_config(folder: str | Path) -> Path:
         sliding_window=256,
         max_position_embeddings=1024,
     )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28)
     Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4).save_pretrained(folder)
     return folder
 

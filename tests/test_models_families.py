@@ -100,3 +100,29 @@ def test_a_sentencepiece_gguf_converts_into_a_folder_that_exports_the_same_vocab
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
         assert vocabularies[0][key].contents() == vocabularies[1][key].contents()
     assert second.checks["tokenizer_roundtrip_identical"]
+
+
+@pytest.mark.parametrize(
+    "lora", [{"target_modules": "all-linear"}, {"target_modules": ["q_proj", "v_proj"]}, {"from_layer": 0.5}]
+)
+def test_adapters_on_a_model_that_also_reads_images_sit_in_its_text_decoder_only(lora, tmp_path):
+    """Gemma 3 4B's vision encoder has q_proj, k_proj, ... too, and layers numbered like the decoder's:
+    text-only training never reaches it, so adapters go on the text decoder's linear layers alone."""
+    import torch
+    from families import save_gemma3_multimodal_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuneforge.config import load_config
+    from tuneforge.methods import prepare_model
+
+    folder = save_gemma3_multimodal_config(tmp_path / "gemma3-mm")
+    (tmp_path / "train.jsonl").write_text("")
+    cfg = load_config(
+        {"base_model": str(folder), "lora": {"r": 4, **lora}, "data": {"train": str(tmp_path / "train.jsonl")}}
+    )
+    with torch.device("meta"):
+        both = prepare_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)), cfg)
+        text = prepare_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder).text_config), cfg)
+    adapted = [name for name, p in both.named_parameters() if p.requires_grad]
+    assert adapted and all(".language_model." in name for name in adapted)
+    assert len(adapted) == sum(p.requires_grad for p in text.parameters())

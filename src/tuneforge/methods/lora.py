@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
@@ -9,16 +11,41 @@ from torch import nn
 from ..errors import ConfigError, TuneforgeError
 
 
+def text_decoder(model):
+    """The text model's decoder: for a model that also reads images (Gemma 3 4B and up), its language
+    model, without the vision encoder and projector beside it."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
 def decoder_linears(model) -> list[str]:
-    """The names of the linear layers inside the decoder layers (q_proj, ..., down_proj): what
+    """The names of the linear layers inside the text decoder's layers (q_proj, ..., down_proj): what
     "all-linear" means there, spelt out because PEFT picks layers only from a list of names."""
     return sorted(
         {
             name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
+            for name, module in text_decoder(model).named_modules()
             if isinstance(module, nn.Linear) and ".layers." in f".{name}"
         }
     )
+
+
+def outside_the_text_model(model) -> str | None:
+    """A regular expression of the modules beside the text decoder and its output layer (a vision
+    encoder and its projector), for PEFT's exclude_modules: their linear layers share names with the
+    decoder's (q_proj, ...), and text-only training never reaches them, so adapters there would only
+    count as trainable, take optimizer state and ship in the adapter. None for a text-only model."""
+    decoder, output = text_decoder(model), model.get_output_embeddings()
+    names = {module: name for name, module in model.named_modules()}
+    if decoder not in names:
+        return None
+    path = names[decoder].split(".") if names[decoder] else []
+    beside = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, nn.Linear) and module is not output and parts[: len(path)] != path:
+            shared = next((i for i, (a, b) in enumerate(zip(parts, path, strict=False)) if a != b), len(path))
+            beside.add(".".join(parts[: shared + 1]))
+    return f"(?:{'|'.join(re.escape(b) for b in sorted(beside))})(?:\\..*)?" if beside else None
 
 
 def peft_config(cfg, model) -> PeftLoraConfig:
@@ -38,6 +65,7 @@ def peft_config(cfg, model) -> PeftLoraConfig:
         use_rslora=lc.use_rslora,
         use_dora=cfg.method == "dora",
         modules_to_save=lc.modules_to_save,
+        exclude_modules=outside_the_text_model(model),
     )
 
 
