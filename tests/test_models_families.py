@@ -126,3 +126,16 @@ def test_adapters_on_a_model_that_also_reads_images_sit_in_its_text_decoder_only
     adapted = [name for name, p in both.named_parameters() if p.requires_grad]
     assert adapted and all(".language_model." in name for name in adapted)
     assert len(adapted) == sum(p.requires_grad for p in text.parameters())
+
+
+def test_models_info_reads_the_text_settings_of_a_model_that_also_reads_images(tmp_path):
+    """Gemma 3 4B and up keep vocabulary, context window and EOS under `text_config`, and a folder may
+    have no generation_config.json: models info states them as for a text-only model."""
+    from families import save_gemma3_multimodal_config
+
+    info = model_info(str(save_gemma3_multimodal_config(tmp_path / "gemma3-mm")))
+    assert (info["vocab_size"], info["context_length"]) == (
+        len(load_tokenizer(str(tmp_path / "gemma3-mm"))),
+        1024,
+    )
+    assert "<end_of_turn>" in info["stop_tokens"]

@@ -279,10 +279,12 @@ def model_info(spec: str | ModelSource) -> dict:
         ) from err
     tokenizer = _raw_tokenizer(source)
     template = chat_template(tokenizer)
+    # A model that also reads images (Gemma 3 4B and up) keeps its text settings under text_config.
+    text = config.get_text_config()
     try:
         config_eos_ids = GenerationConfig.from_pretrained(source.path).eos_token_id
     except OSError:
-        config_eos_ids = config.eos_token_id
+        config_eos_ids = getattr(text, "eos_token_id", None)
     # What chat, eval and serve stop a reply at: the config's EOS ids and the template's end of turn.
     stop_ids = reply_end_ids(config_eos_ids, tokenizer)
     record = read_record(source.path) or {}
@@ -295,9 +297,9 @@ def model_info(spec: str | ModelSource) -> dict:
         "architecture": (config.architectures or [config.model_type])[0],
         "model_type": config.model_type,
         "params": count_parameters(config),
-        "vocab_size": getattr(config, "vocab_size", None),
+        "vocab_size": getattr(text, "vocab_size", None),
         "tokenizer_size": len(tokenizer),
-        "context_length": context_length(config),
+        "context_length": context_length(text),
         "dtype": str(config.dtype).removeprefix("torch.") if getattr(config, "dtype", None) else None,
         **_family_info(config.model_type, template or CHATML_TEMPLATE, tokenizer),
         "chat_template_source": _template_source(source, record),
