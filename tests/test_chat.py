@@ -280,3 +280,19 @@ def test_the_chat_runs_without_the_serve_extra():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_chat_keeps_to_the_context_window_of_a_model_that_also_reads_images(tmp_path):
+    """Gemma 3 4B and up keep their context window under `text_config`: chat holds a prompt to it."""
+    import torch
+    from families import save_gemma3_multimodal_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = save_gemma3_multimodal_config(tmp_path / "gemma3-mm")
+    config = AutoConfig.from_pretrained(folder)
+    config.text_config.max_position_embeddings = 16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    output = RecordingOutput()
+    chat_session(model, load_tokenizer(str(folder)), input=io.StringIO("Hello " * 20 + "\n"), output=output)
+    assert "that message alone fills the model's 16-token context" in output.getvalue()

@@ -1197,3 +1197,18 @@ def test_load_pool_builds_in_a_passing_thread_and_raises_its_errors_here(base_di
     assert pool.names == [BASE] and pool.max_loaded == 1
     with pytest.raises(ConfigError, match="max_loaded must be at least 1"):
         load_pool(str(base_dir), max_loaded=0)
+
+
+def test_serve_holds_prompts_to_the_context_window_of_a_model_that_also_reads_images(tmp_path):
+    """Gemma 3 4B and up keep their context window under `text_config`: serve's window is read there."""
+    from families import save_gemma3_multimodal_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = save_gemma3_multimodal_config(tmp_path / "gemma3-mm")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    engine = Engine(AdapterPool(str(folder), {}, max_loaded=1), max_batch=1)
+    try:
+        assert create_app(engine).state.served.window == 1024
+    finally:
+        engine.close()

@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
-from .models import context_length, load_tokenizer, resolve
+from .models import load_tokenizer, model_context_length, resolve
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
 from .reasoning import REASONING, ReasoningSplitter, message, reasoning_opened
@@ -53,7 +53,7 @@ def chat_session(
     until /exit or end of input; returns the conversation as it stands then, system message first."""
     output = output or sys.stdout
     read = _line_reader(input, output)
-    window = context_length(model.config)
+    window = model_context_length(model)
     history: list[dict] = []
 
     def note(text: str) -> None:

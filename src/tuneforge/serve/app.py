@@ -33,7 +33,7 @@ from ..constrain import ConstraintError, json_index
 from ..data.render import renderer_for, template_texts
 from ..data.schema import Message
 from ..generate import Completion, Sampling, encode_prompts
-from ..models import context_length
+from ..models import model_context_length
 from ..web import CLIENT_LEFT, APIError, Metadata, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
 from .completion_store import CompletionStore
@@ -708,7 +708,7 @@ def create_app(
     metrics = observer.metrics(GenerationMetrics)
     metrics.watch(engine)
     app.state.served = Served(
-        engine, context_length(engine.pool.model.config), default_max_tokens, observer, metrics, completions
+        engine, model_context_length(engine.pool.model), default_max_tokens, observer, metrics, completions
     )
     app.include_router(v1)
     if completions is not None:
