@@ -325,6 +325,8 @@ def test_the_warning_of_a_plan_that_does_not_fit_offers_only_what_the_config_acc
     out = " ".join(capsys.readouterr().out.split())
     # A quantized base is refused where every weight trains: adapters come first.
     assert "train adapters instead of every weight (method: full -> lora)" in out and "model.quantize: nf4" not in out
+    # The verdict says what still stands in the way, not "ok" alone.
+    assert "ok, but: run it where its memory plan fits, or lower the plan" in out and "nothing found" not in out
     quantized = config(tiny_model_dir, triage_data, tmp_path / "nf4", quantize="nf4", gradient_checkpointing=True)
     assert dry_run.validate(quantized) == 0
     out = " ".join(capsys.readouterr().out.split())

@@ -276,8 +276,12 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         console.print(f"[yellow]warning:[/] {w if isinstance(w, str) else w.get('message', w)}")
     for w in run_warnings:
         console.print(f"[yellow]warning:[/] {w}")
-    if held:
-        console.print("[bold yellow]ok, but[/]: start it with --resume or --overwrite (the warning above).")
+    # What still stands between this config and a run here: the verdict names it rather than "ok" alone.
+    buts = (["start it with --resume or --overwrite"] if held else []) + (
+        ["run it where its memory plan fits, or lower the plan"] if needed > free else []
+    )
+    if buts:
+        console.print(f"[bold yellow]ok, but[/]: {' and '.join(buts)} (the warnings above).")
     else:
         console.print("[bold green]ok[/]: nothing found that would stop this run.")
     return 0
