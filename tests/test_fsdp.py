@@ -206,8 +206,16 @@ def test_auto_shards_full_fine_tuning_and_replicates_adapters_and_refuses_what_f
         distributed.strategy(load_config({**quantized, "train": {**quantized["train"], "distributed": "auto"}}), 2)
         == "ddp"
     )
-    with pytest.raises(TuneforgeError, match="model.quantize: nf4 .* FSDP cannot shard.*Use train.distributed: ddp"):
-        distributed.strategy(load_config(quantized), 2)
+    path = tmp_path / "quantized.yaml"
+    path.write_text(yaml.safe_dump(quantized))
+    lines = path.read_text().splitlines()
+    quantize = next(i for i, text in enumerate(lines, 1) if "quantize:" in text)
+    shard = next(i for i, text in enumerate(lines, 1) if "distributed: fsdp" in text)
+    with pytest.raises(
+        TuneforgeError, match="model.quantize: nf4 .* FSDP cannot shard.*Use train.distributed: ddp"
+    ) as error:
+        distributed.strategy(load_config(path), 2)
+    assert f"model.quantize ({path} line {quantize}), train.distributed ({path} line {shard}): " in error.value.message
 
 
 @pytest.mark.parametrize(

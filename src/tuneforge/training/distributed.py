@@ -134,8 +134,9 @@ def strategy(cfg, processes: int, *, saves_merged: bool = False) -> str:
         )
     if cfg.model.quantize != "none":
         raise TuneforgeError(
-            f"model.quantize: {cfg.model.quantize} holds the base in bitsandbytes' quantized layers, which FSDP "
-            "cannot shard here. Use train.distributed: ddp (or auto): each process holds the quantized base, "
+            f"{cfg.key_at('model.quantize')}, {cfg.key_at('train.distributed')}: model.quantize: "
+            f"{cfg.model.quantize} holds the base in bitsandbytes' quantized layers, which FSDP cannot shard "
+            "here. Use train.distributed: ddp (or auto): each process holds the quantized base, "
             "which is small, and only the adapter's gradients are shared."
         )
     return chosen
