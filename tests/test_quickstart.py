@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 from rich.console import Console
+from tiny import save_tiny_model
 from tiny_sharp import save_sharp_tiny_model
+from transformers import AutoConfig
 
 import tuneforge
 from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 from tuneforge.quickstart import Targets, check_targets, quickstart, quickstart_config
 from tuneforge.recipes import load_recipe
 
@@ -40,6 +43,23 @@ def test_quickstart_runs_every_phase_and_says_which_targets_it_missed(tmp_path):
     for name in ("report.html", "before.json", "after.json", "forgetting.json", "samples.jsonl"):
         assert (out / "eval" / name).is_file(), name
     assert json.loads((out / "eval" / "after.json").read_text())["n"] == 3
+
+
+def test_a_model_that_cannot_train_the_recipe_is_refused_before_any_data_or_model_work(tmp_path):
+    """A model with fewer positions than the recipe's data.max_length: the quickstart says so before it writes
+    the tickets, generates replay replies or scores the base model, as `tuneforge train` would after them."""
+    model = save_tiny_model(tmp_path / "model")
+    config = AutoConfig.from_pretrained(model)
+    config.max_position_embeddings = 256
+    config.save_pretrained(model)
+    out, printed = tmp_path / "qs", io.StringIO()
+    with pytest.raises(ConfigError) as refused:
+        quickstart(out, model=str(model), n_train=40, max_steps=2, console=Console(file=printed, width=160))
+    assert refused.value.message.startswith(f"{model} cannot train the quickstart recipe")
+    assert "data.max_length: 512 tokens is more than the 256 positions model was built for" in refused.value.message
+    assert "choose another --model" in refused.value.message
+    assert not out.exists()  # no tickets, no replay replies
+    assert "1/6 model" in printed.getvalue() and "2/6 data" not in printed.getvalue()
 
 
 def test_targets_are_judged_against_their_goals():

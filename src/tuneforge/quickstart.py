@@ -5,7 +5,8 @@ model on the held-out test tickets, fine-tune it as the shipped recipe `quicksta
 (recipes/quickstart.yaml), measure the tuned model and what it forgot, and write the report. It ends
 by checking its own targets and saying plainly which it missed; the exit code is 0 only when every
 target is met. With `data_only`, it stops once the data is written, for `tuneforge train` to take
-over with the recipe.
+over with the recipe. Before it writes any data it checks the model against the config it will train (what
+`tuneforge train` checks before any compute), so a model that cannot train the recipe is refused at once.
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .config import dotted
-from .errors import RunFailed
+from .config import dotted, load_config
+from .errors import RunFailed, TuneforgeError
 from .eval.evaluate import evaluate
 from .eval.forgetting import measure_forgetting
 from .eval.report import print_tables, report_tables, share_with_interval, write_run_report
 from .fsio import atomic_file
-from .models import REGISTRY, pull, resolve
+from .methods import check_inputs
+from .models import REGISTRY, load_tokenizer, pull, resolve
 from .recipes import load_recipe
 from .tasks import support_triage
 from .tasks.general import bundled_file
 from .training import train
 
 RECIPE = "quickstart"
+REPLAY_FILE = "replay.jsonl"
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,16 @@ def quickstart(
         f"[bold]tuneforge quickstart[/]: fine-tune {model} on support-ticket triage, on this machine's "
         f"CPU, into {out}\n[dim]recipe {RECIPE}; settings: {asdict(settings)}[/]"
     )
+    phases.begin("model")
+    if model in REGISTRY:
+        pull(model)
+    source = resolve(model)
+    config = quickstart_config(
+        data_paths(out / "data"), out, model=model, max_steps=max_steps, learning_rate=learning_rate, lora_r=lora_r
+    )
+    if not data_only:  # --data-only trains nothing: the `tuneforge train` it prints makes these checks
+        check_config(config, source)
     data = prepare_data(model, out, settings, phases)
-    config = quickstart_config(data, out, model=model, max_steps=max_steps, learning_rate=learning_rate, lora_r=lora_r)
     if data_only:
         print_train_commands(config, recipe, console)
         return 0
@@ -143,13 +154,33 @@ def quickstart(
     return report(config, settings, phases, measured) if measured else 1
 
 
+def data_paths(folder: Path) -> dict[str, Path]:
+    """Where `prepare_data` writes the ticket splits and the replay file in `folder`."""
+    splits = {split: folder / name for split, name in support_triage.SPLIT_FILES.items()}
+    return {**splits, "replay": folder / REPLAY_FILE}
+
+
+def check_config(config: dict, source) -> None:
+    """Refuse a model that cannot train `config` before any data is written or model work done: the checks
+    `tuneforge train` makes before any compute (the model's positions against data.max_length, lora modules
+    on the model's structure, ...), which read the config and the model folder (`source`), not the data rows.
+    The rows are checked as training reads them. (The config's `eval:` section is not: the quickstart runs its
+    own evaluation.)"""
+    cfg, tokenizer = load_config(config), load_tokenizer(source)  # a tokenizer the model cannot embed: its own error
+    try:
+        check_inputs(cfg, tokenizer, source)
+    except TuneforgeError as e:  # the same error, its message saying what the quickstart user can do
+        e.message = (
+            f"{config['base_model']} cannot train the {RECIPE} recipe (`tuneforge recipes show {RECIPE}`): {e.message} "
+            "The quickstart takes the recipe as it is: choose another --model, or train the recipe with that "
+            "setting changed (`tuneforge quickstart --data-only` writes its data and prints the command)."
+        )
+        e.args = (e.message,)
+        raise
+
+
 def prepare_data(model: str, out: Path, settings: Settings, phases: Phases) -> dict[str, Path]:
-    """Pull the model, write the ticket splits and the base model's replay replies into `out`/data."""
-    phases.begin("model")
-    if model in REGISTRY:
-        pull(model)
-    else:
-        resolve(model)
+    """Write the ticket splits and the base model's replay replies into `out`/data."""
     phases.begin("data")
     folder = out / "data"
     data = support_triage.generate(
@@ -314,7 +345,7 @@ def write_self_replay(model: str, folder: Path, max_new_tokens: int) -> Path:
             f"{model} answered none of the {answers.prompts} general prompts with any text, so there is "
             f"nothing to replay against forgetting (see {answers.out}). Is it a chat model?"
         )
-    replay = folder / "replay.jsonl"
+    replay = folder / REPLAY_FILE
     with atomic_file(replay) as f:
         f.write("".join(row + "\n" for row in rows))
     return replay
