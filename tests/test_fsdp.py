@@ -200,6 +200,9 @@ def test_auto_shards_full_fine_tuning_and_replicates_adapters_and_refuses_what_f
         distributed.strategy(config("lora", {"general_mix": 0.2}, distributed="fsdp", replay_loss="kl_to_base"), 2)
     with pytest.raises(TuneforgeError, match="Use train.distributed: ddp"):
         distributed.strategy(config("dpo", distributed="fsdp"), 2, saves_merged=True)
+    with pytest.raises(TuneforgeError, match="train.keep_best .* FSDP's sharded weights cannot take"):
+        distributed.strategy(config(keep_best=True, eval_every=2), 2)
+    assert distributed.strategy(config(keep_best=True, eval_every=2), 1) == "single"
     quantized = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", distributed="fsdp")
     quantized.update(method="lora", model={"quantize": "nf4"})
     assert (

@@ -291,6 +291,24 @@ class TrainConfig(Strict):
     eval_every: int = Field(50, ge=0, description="0 evaluates only at the end")
     save_every: int = Field(50, ge=0, description="0 saves only at the end")
     keep_checkpoints: int = Field(2, ge=1)
+    early_stopping_patience: int = Field(
+        0,
+        ge=0,
+        description="stop after this many validations in a row (every train.eval_every steps) without a better "
+        "valid_loss, and finish the run there (final validation, final model, eval section); 0 = off",
+    )
+    early_stopping_threshold: float = Field(
+        0.0,
+        ge=0,
+        description="the least fall of valid_loss below the best so far that counts as better (for "
+        "early_stopping_patience and keep_best)",
+    )
+    keep_best: bool = Field(
+        False,
+        description="the final model is the weights of the validation with the best valid_loss (not the last "
+        "step's): each validation that improves on the best saves a checkpoint (besides train.save_every), and "
+        "train.keep_checkpoints never removes the best one",
+    )
     log_every: int = Field(
         1,
         ge=1,
@@ -621,6 +639,38 @@ class Config(Strict):
                 "method",
                 "data.train_on",
             )
+        t = self.train
+        judged = [f"train.{key}" for key in ("early_stopping_patience", "keep_best") if getattr(t, key)]
+        they, judge = " and ".join(judged), "judge" if len(judged) > 1 else "judges"
+        if t.early_stopping_threshold and not judged:
+            raise KeysError(
+                "train.early_stopping_threshold is the fall of valid_loss that counts as better for "
+                "train.early_stopping_patience or train.keep_best, and neither is set, so it would be ignored; set "
+                "one of them, or leave early_stopping_threshold out",
+                "train.early_stopping_threshold",
+            )
+        if judged and self.method == "grpo":
+            raise KeysError(
+                f"{they} {judge} validations by valid_loss, and method: grpo validates by the reward of its "
+                f"answers (valid_reward), with no loss; leave {'them' if len(judged) > 1 else 'it'} out",
+                "method",
+                *judged,
+            )
+        if judged and not self.data.validation:
+            given = "null" if self.data.validation is None else self.data.validation
+            raise KeysError(
+                f"{they} {judge} the run by its valid_loss, and data.validation is {given}, so there is none; set "
+                "data.validation to a file or a fraction (such as 0.1)",
+                *judged,
+                "data.validation",
+            )
+        if judged and not t.eval_every:
+            raise KeysError(
+                f"{they} {judge} each validation during the run, and train.eval_every: 0 validates "
+                "at the end alone; set train.eval_every to the steps between validations (such as 50)",
+                *judged,
+                "train.eval_every",
+            )
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
             raise KeysError(
                 "dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0",
@@ -678,7 +728,14 @@ class Config(Strict):
             d["train"].pop(k)
         d.pop("output_dir")
         d.pop("eval")
-        for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+        for key in (
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "early_stopping_patience",
+            "early_stopping_threshold",
+            "keep_best",
+        ):
             if d["train"][key] == TrainConfig.model_fields[key].default:
                 d["train"].pop(key)  # added later: a run at the defaults resumes a checkpoint from before them
         for section in ("distill", "dpo", "grpo"):
@@ -775,6 +832,13 @@ KNOWN_ELSEWHERE = {
     "reward_funcs": "grpo.grader (FILE.py:FUNCTION, or a list of them)",
     "reward_weights": "grpo.grader_weights",
     "scale_rewards": "grpo.loss (dr_grpo leaves the advantages unscaled)",
+    "load_best_model_at_end": "train.keep_best (the best is the lowest valid_loss)",
+    "early_stopping_patience": "train.early_stopping_patience (validations without a better valid_loss)",
+    "early_stopping_threshold": "train.early_stopping_threshold",
+    "metric_for_best_model": "train.keep_best and train.early_stopping_patience, which judge by valid_loss alone "
+    "(no other metric is offered)",
+    "greater_is_better": "train.keep_best and train.early_stopping_patience, which judge by valid_loss alone "
+    "(lower is better)",
 }
 
 

@@ -211,9 +211,11 @@ def save(
     state: dict,
     keep: int,
     world: distributed.World,
+    keep_also: int | None = None,
 ) -> Path:
-    """Write checkpoint `step-STEP` (every process takes part) and keep the last `keep`; its tokenizer
-    files and generation config are a model folder's, `base_path`'s tokenizer.model among them."""
+    """Write checkpoint `step-STEP` (every process takes part) and keep the last `keep`, and step
+    `keep_also`'s besides (the best one, `train.keep_best`); its tokenizer files and generation config
+    are a model folder's, `base_path`'s tokenizer.model among them."""
     root, phase = Path(root), f"writing checkpoint step-{step}"
     weights = gathered_weights(model, world, phase)
     with distributed.phase(phase, world):
@@ -240,6 +242,7 @@ def save(
         # the run it replaces, so they go (else `latest` would resume them and pruning would keep them instead).
         folders = step_folders(root)
         kept = [folder for folder in folders if step_number(folder) <= step][-keep:]
+        kept += [folder for folder in folders if step_number(folder) == keep_also]
         for old in folders:
             if old not in kept:
                 shutil.rmtree(old, ignore_errors=True)

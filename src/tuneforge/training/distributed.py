@@ -127,6 +127,12 @@ def strategy(cfg, processes: int, *, saves_merged: bool = False) -> str:
             "this run merges its adapter into the base model for the final model, which FSDP's sharded "
             "weights cannot do. Use train.distributed: ddp (or auto) for this run."
         )
+    if t.keep_best:
+        raise TuneforgeError(
+            "train.keep_best loads the best checkpoint's weights into the model for the final model, which FSDP's "
+            "sharded weights cannot take. Use train.distributed: ddp for this run (or auto, for adapters), or "
+            "leave keep_best out and evaluate the best checkpoint (tuneforge eval takes a checkpoint folder)."
+        )
     if cfg.method == "grpo":
         raise TuneforgeError(
             "method: grpo samples answers of different lengths on each process, while a sharded (FSDP) forward "

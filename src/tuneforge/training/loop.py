@@ -60,7 +60,7 @@ from ..models.saving import save_model
 from ..models.system_prompt import record_system_prompt, recorded_system_prompt
 from ..progress import progress_bar
 from ..wording import counted
-from . import batches, checkpoint, distributed
+from . import batches, best, checkpoint, distributed
 from .progress import TrainProgress, print_summary
 
 
@@ -724,6 +724,7 @@ class Run:
             state,
             self.cfg.train.keep_checkpoints,
             self.world,
+            keep_also=self.state.get("best", {}).get("step") if self.cfg.train.keep_best else None,
         )
 
     def validate(self, phase: str, bar: Callable) -> dict:
@@ -982,6 +983,8 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
     cfg, plan = run.cfg, run.plan
     lengths = np.array([len(r.input_ids) for r in run.train_rows])
     started = time.perf_counter() - run.state["elapsed"]
+    if run.state.get("stopped_early"):  # resumed from where it stopped early: only its finish is left
+        return "completed"
     bar = TrainProgress(plan.total_steps, run.state["step"], enabled=progress and run.world.is_main)
     with StopRequest() as stop, bar, run.attention():
         for step in range(run.state["step"], plan.total_steps):
@@ -990,15 +993,22 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
             run.state["elapsed"] = time.perf_counter() - started
             record["elapsed"] = round(run.state["elapsed"], 3)
             is_last = step + 1 == plan.total_steps
-            valid = {}
+            valid, improved = {}, False
             if run.valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
                 valid = run.validate(f"validation at step {step + 1}", bar.phase)
                 record.update({f"valid_{name}": value for name, value in valid.items()})
+                if best.judging(cfg.train):
+                    improved = best.judge(run.state, valid["loss"], step + 1, cfg.train)
+                    run.state["stopped_early"] = best.stop_reason(run.state, cfg.train)
             if (step + 1) % cfg.train.log_every == 0 or is_last or valid:
                 run.metrics_log.write(record)
                 run.state["interval"] = new_interval()
             run.last_metrics = record
             bar.update(record)
+            if run.state.get("stopped_early"):  # the run ends here, as at its last step: finish saves and validates
+                bar.stopped_early(step + 1)
+                log(f"\nstopped early at step {step + 1} of {plan.total_steps}: {run.state['stopped_early']}.")
+                return "completed"
             if stop_requested:
                 path = run.save_checkpoint(step + 1)
                 # The run's own config.yaml holds the command line's overrides too: resuming from it matches.
@@ -1006,24 +1016,46 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
                 where = "" if run.out.is_absolute() else f" in {Path.cwd()}"  # output_dir is relative to it
                 log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `{resume_with}`{where}.")
                 return "interrupted"
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and not is_last:
+            saves = cfg.train.save_every and (step + 1) % cfg.train.save_every == 0
+            # train.keep_best: the final model may be this step's weights, so they are saved.
+            if (saves or (improved and cfg.train.keep_best)) and not is_last:
                 run.save_checkpoint(step + 1)
     return "completed"
 
 
 def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
-    """The final checkpoint, full validation and final model of a completed run, and the summary."""
+    """The final checkpoint, full validation and final model of a completed run (one stopped early too),
+    and the summary. With `train.keep_best`, the final model is the best validation's weights: the last
+    step's, where its validation is the best, else those of the best checkpoint."""
     final_dir = None
     metrics = run.last_metrics
+    step = run.state["step"]  # the last step, or the step the run stopped early at
     if status == "completed":
-        run.save_checkpoint(run.plan.total_steps)
+        run.save_checkpoint(step)
         if run.valid_rows:
-            with run.attention():
-                shown = progress and run.world.is_main
-                valid = run.validate("final validation", lambda what, rows: progress_bar(what, rows, shown))
+            shown = progress and run.world.is_main
+
+            def final_validation(phase: str = "final validation") -> dict:
+                with run.attention():
+                    return run.validate(phase, lambda what, rows: progress_bar(what, rows, shown))
+
+            valid = final_validation()
+            if run.cfg.train.keep_best and not best.judge(run.state, valid["loss"], step, run.cfg.train):
+                best_folder = best.best_checkpoint(run.state, run.cfg.train, run.out / "checkpoints")
+                if not (best_folder / checkpoint.STATE).is_file():  # keep_best turned on by a forced resume
+                    raise RunFailed(
+                        f"train.keep_best: the best validation was at step {run.state['best']['step']}, and its "
+                        f"checkpoint {best_folder} is gone (train.keep_best was off when it was written); the "
+                        f"final model is not written. Turn train.keep_best off and resume to write the last "
+                        "step's weights, or start the run again with it on."
+                    )
+                checkpoint.restore_weights(best_folder, run.model)
+                valid = final_validation(f"final validation of the best checkpoint, {best_folder.name}")
             full_valid = {f"full_valid_{name}": value for name, value in valid.items()}
+            if best.judging(run.cfg.train):
+                full_valid.update(best_step=run.state["best"]["step"], best_valid_loss=run.state["best"]["valid_loss"])
             metrics.update(full_valid)
-            run.metrics_log.write({"step": run.plan.total_steps, **full_valid})
+            run.metrics_log.write({"step": step, **full_valid})
         weights = checkpoint.gathered_weights(run.model, run.world, "writing the final model")
         if run.world.is_main:
             # A run killed while writing its final model (SIGTERM or SIGKILL mid-write) leaves its
@@ -1041,9 +1073,10 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
                 run.out / "summary.json",
                 {
                     "status": status,
-                    "steps": run.plan.total_steps,
+                    "steps": step,
                     "precision": run.precision,
                     "epochs": run.plan.epochs,
+                    **best.summary(run.state, step, run.plan.total_steps),
                     "metrics": metrics,
                     "system_prompt": recorded_system_prompt(run.tokenizer),
                 },

@@ -67,6 +67,10 @@ class TrainProgress:
         if self.lines:
             self.lines.update(record["step"], f" · loss {loss} · {speed} tok/s")
 
+    def stopped_early(self, step: int) -> None:
+        """The bar of a run that stops before its last step says so, instead of looking cut short."""
+        self.progress.update(self.task, description=f"train: stopped early at step {step}")
+
 
 def print_summary(metrics: dict, output_dir: Path) -> None:
     """The run's final metrics as a table on stderr."""
@@ -91,6 +95,8 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
         "trained_share",
         "valid_loss",
         "full_valid_loss",
+        "best_step",
+        "best_valid_loss",
         "full_valid_reward",
         *sorted(key for key in metrics if key.startswith("full_valid_reward/")),
         "full_valid_mean_token_accuracy",
