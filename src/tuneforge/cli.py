@@ -198,7 +198,7 @@ def models_info(
 
 @data_app.command("check")
 def data_check(
-    files: list[Path] = typer.Argument(..., help="Data files (JSONL, JSON, CSV, Parquet)."),
+    files: list[Path] = typer.Argument(..., help="Data files (JSONL, JSON, CSV, each also .gz; Parquet)."),
     model: str | None = typer.Option(None, help="Tokenizer to render with (default: the bundled model)."),
     show: int = typer.Option(0, help="Print N rendered examples, trained tokens highlighted."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
