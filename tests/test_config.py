@@ -227,6 +227,16 @@ def test_axolotl_and_llama_factory_keys_are_named_in_tuneforge_terms(tmp_path):
     )
 
 
+def test_a_model_path_under_model_is_told_to_go_under_base_model(tmp_path):
+    # `model:` holds how the base's weights are held; a path there is the model to tune, which is base_model.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\nmodel: ./my-model\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "model (line 3): model holds how the base's weights are held" in e.value.message
+    assert "the model to fine-tune is base_model: ./my-model" in e.value.message
+
+
 def test_a_per_device_batch_size_is_named_with_what_train_batch_size_counts(tmp_path):
     # Hugging Face's and Axolotl's batch sizes are one device's micro-batch; train.batch_size is the whole step.
     path = tmp_path / "cfg.yaml"

@@ -101,6 +101,17 @@ class ModelConfig(Strict):
         True, description="nf4/fp4: quantize the quantization constants too (QLoRA's double quantization)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_model_name(cls, value):
+        # `model: PATH` is how other tools (and a first guess) name the model to tune; here that is base_model.
+        if isinstance(value, str):
+            raise ValueError(
+                f"model holds how the base's weights are held (dtype, quantize, double_quant); the model to "
+                f"fine-tune is base_model: {value}"
+            )
+        return value
+
 
 class TrainFile(Strict):
     """A `data.train` item with a weight: how many times each of its kept training rows is seen per epoch."""
