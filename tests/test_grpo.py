@@ -166,8 +166,10 @@ def test_uniform_groups_are_skipped_and_the_rewards_still_cover_every_answer(tin
         kept = objective._trained_groups(group)
         assert batch["advantages"].tolist() == group.advantages[kept].tolist()
     # The loop divides each sum by the answers that trained: the rewards come out as the mean of all sampled.
-    reward, *_, share = (sum(b["sampled_sums"] for b in micro) / trained).tolist()
-    assert reward == pytest.approx(sampled.mean().item()) and share == pytest.approx(trained / len(sampled))
+    with torch.no_grad():
+        means = step_means(objective, micro)
+    assert means["reward"] == pytest.approx(sampled.mean().item())
+    assert means["trained_share"] == pytest.approx(trained / len(sampled))
 
 
 def test_sampling_is_seeded_by_step_and_batch(tiny_model_dir, triage_data, tmp_path):
@@ -478,3 +480,66 @@ def test_reward_function_lists_and_weights_that_cannot_work_are_refused(tiny_mod
     cfg = {**tiny_run_config(tiny_model_dir, triage_data, tmp_path / "r"), "grpo": {"grader_weights": [1.0]}}
     with pytest.raises(ConfigError, match="grpo.grader_weights is set, but method: lora"):
         load_config(cfg)
+
+
+# A constant reward (0.1: eight of them have a float std of 7e-9, not 0) beside one that varies by the answer.
+SPREAD_REWARDS = """
+def constant(completions, **kwargs):
+    return [0.1] * len(completions)
+
+
+def length(completions, **kwargs):
+    return [len(c[0]["content"]) / 100 for c in completions]
+"""
+
+
+def step_means(objective, micro):
+    """The step's logged metrics, as the loop makes them: each sum over the answers that trained."""
+    trained = sum(objective.count(b) for b in micro)
+    sums = [objective(**b) for b in micro]
+    return {k: sum(s[k].item() for s in sums) / trained for k in objective.logged_sums}
+
+
+def test_each_reward_function_logs_its_std_and_the_groups_that_scored_alike(tiny_model_dir, triage_data, tmp_path):
+    (tmp_path / "rewards.py").write_text(SPREAD_REWARDS)
+    grader = [f"{tmp_path}/rewards.py:constant", f"{tmp_path}/rewards.py:length"]
+    objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path, grader=grader)
+    objective.options = objective.options.model_copy(update={"group_size": 8, "skip_uniform_groups": True})
+    graded = []  # every answer the step samples, as graded
+    grade = objective._grade
+    objective._grade = lambda prompt_rows, answers: graded.append(grade(prompt_rows, answers)) or graded[-1]
+    micro = objective.make_batches([rows[:2], rows[2:4]], step=0, rank=0, all_sum=lambda t: t)
+    with torch.no_grad():
+        means = step_means(objective, micro)
+    answers = [c for g in graded for c in g.completions]
+    lengths = torch.tensor([len(c.text) / 100 for c in answers]).view(4, 8)
+    assert means["reward/constant"] == pytest.approx(0.1) and means["reward_std/constant"] == 0
+    assert means["reward_std/length"] == pytest.approx(lengths.std(dim=1, unbiased=False).mean().item())
+    alike = (lengths.amax(dim=1) == lengths.amin(dim=1)).float().mean().item()
+    assert means["zero_std_share"] == pytest.approx(alike)
+    # Lengths cover every sampled answer, whether its group trained or not.
+    assert means["completion_length"] == pytest.approx(sum(len(c.token_ids) for c in answers) / 32)
+    assert means["clipped_share"] == pytest.approx(sum(c.finish_reason == "length" for c in answers) / 32)
+    assert 0 < means["clipped_share"] and means["trained_share"] == pytest.approx(1 - alike)
+
+    # A constant reward alone: every group scored alike, none of them teaches.
+    objective, rows, _ = objective_for(tiny_model_dir, triage_data, tmp_path, grader=grader[:1])
+    objective.options = objective.options.model_copy(update={"group_size": 8})
+    with torch.no_grad():
+        means = step_means(objective, objective.make_batches([rows[:2]], step=0, rank=0, all_sum=lambda t: t))
+    assert means["zero_std_share"] == 1 and means["reward_std/constant"] == 0
+
+
+def test_a_grpo_run_logs_reward_spreads_and_answer_lengths(tiny_model_dir, triage_data, tmp_path):
+    (tmp_path / "rewards.py").write_text(SPREAD_REWARDS)
+    grader = ["rewards.py:constant", "rewards.py:length"]
+    cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "run", grader=grader, eval_every=1)
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg))
+    train(load_config(tmp_path / "run.yaml"), progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in logged if "reward" in m]
+    for m in steps:
+        assert m["reward_std/constant"] == 0 and m["reward_std/length"] >= 0
+        assert 0 <= m["zero_std_share"] <= 1 and 0 <= m["clipped_share"] <= 1 and 1 <= m["completion_length"] <= 8
+    assert 1 <= steps[0]["valid_completion_length"] <= 8 and 0 <= steps[0]["valid_clipped_share"] <= 1
+    assert {"full_valid_completion_length", "full_valid_clipped_share"} <= set(logged[-1])

@@ -103,7 +103,8 @@ class PromptRow:
 @dataclass
 class SampledGroups:
     """A micro-batch's prompts, their sampled answers (`group_size` a prompt, in prompt order), and the
-    answers' grades: rewards, per-grader parts, advantages, and each group's reward std."""
+    answers' grades: rewards, per-grader parts, advantages, each group's reward std, each group's std of
+    each part (0 where the part scored alike), and whether each group's answers all scored alike."""
 
     rows: list[PromptRow]
     completions: list
@@ -111,6 +112,8 @@ class SampledGroups:
     parts: torch.Tensor
     advantages: torch.Tensor
     group_std: torch.Tensor
+    part_std: torch.Tensor  # (groups, parts)
+    uniform: torch.Tensor  # (groups,) bool: max reward == min reward
 
 
 def prepare_model(model, cfg):
@@ -313,9 +316,11 @@ def naming_rows(rows: list[PromptRow], answers_per_row: int = 1):
 
 class GRPOObjective(nn.Module):
     """Samples and grades answers (`make_batches`), then returns sums over them: `loss` and, for the
-    logs, `reward` (its mean), `reward_std` (the mean of the groups' stds), `reward/NAME` per
-    grader, `trained_share` (the share of the sampled answers that trained), `kl` (mean per token, per
-    answer) and `completion_length`."""
+    logs, `reward` (its mean), `reward_std` (the mean of the groups' stds), `reward/NAME` and
+    `reward_std/NAME` per grader, `zero_std_share` (the share of groups whose answers all scored alike),
+    `trained_share` (the share of the sampled answers that trained), `kl` (mean per token, per trained
+    answer), `completion_length` (tokens per sampled answer) and `clipped_share` (the share of sampled
+    answers cut at max_new_tokens)."""
 
     train_only_sums = ()
     reported_sums = {"loss": "loss"}
@@ -331,9 +336,12 @@ class GRPOObjective(nn.Module):
             "reward",
             "reward_std",
             *(f"reward/{p}" for p in self.parts),
+            *(f"reward_std/{p}" for p in self.parts),
+            "zero_std_share",
             "trained_share",
             "kl",
             "completion_length",
+            "clipped_share",
         )
         self.frozen = [reference.eval().requires_grad_(False)] if reference is not None else []
 
@@ -385,11 +393,12 @@ class GRPOObjective(nn.Module):
         self, batches: list[list[PromptRow]], advance=lambda rows: None
     ) -> tuple[dict[str, float], float]:
         """The model's greedy answers to validation prompts, graded: ({"reward": total, "reward/NAME":
-        total per grader}, prompts). Greedy, so the figure moves only when the model does. `advance(rows)`
+        total per grader, "completion_length": total tokens, "clipped_share": answers cut at
+        max_new_tokens}, prompts). Greedy, so the figure moves only when the model does. `advance(rows)`
         is called after each batch."""
         lm = causal_lm(self.model)
         was_training = lm.training
-        totals = torch.zeros(1 + len(self.parts), dtype=torch.float64)
+        totals = torch.zeros(3 + len(self.parts), dtype=torch.float64)
         count = 0
         try:
             for rows in batches:
@@ -401,12 +410,19 @@ class GRPOObjective(nn.Module):
                 )
                 with naming_rows(rows):
                     grades = self.grader.grade([rollout_sample(a.text) for a in answers], [r.graded_item for r in rows])
-                totals += torch.tensor([[g.score, *(g.parts[p] for p in self.parts)] for g in grades]).sum(dim=0)
+                totals += torch.tensor(
+                    [
+                        [g.score, *(g.parts[p] for p in self.parts), a.completion_tokens, a.finish_reason == "length"]
+                        for g, a in zip(grades, answers)
+                    ],
+                    dtype=torch.float64,
+                ).sum(dim=0)
                 count += len(rows)
                 advance(rows)
         finally:
             lm.train(was_training)
-        return dict(zip(("reward", *(f"reward/{p}" for p in self.parts)), totals.tolist())), float(count)
+        names = ("reward", *(f"reward/{p}" for p in self.parts), "completion_length", "clipped_share")
+        return dict(zip(names, totals.tolist())), float(count)
 
     def _grade(self, rows: list[PromptRow], completions: list) -> SampledGroups:
         o = self.options
@@ -420,7 +436,12 @@ class GRPOObjective(nn.Module):
         advantages = groups - groups.mean(dim=1, keepdim=True)
         if o.loss != "dr_grpo":
             advantages = advantages / (std + STD_FLOOR)
-        return SampledGroups(rows, completions, rewards, parts, advantages.flatten(), std.flatten())
+        # Alike is equal: the float std of equal rewards need not be 0 (eight of 0.1 give 7e-9).
+        uniform = groups.amax(dim=1) == groups.amin(dim=1)
+        part_groups = parts.view(len(rows), o.group_size, len(self.parts))
+        part_alike = part_groups.amax(dim=1) == part_groups.amin(dim=1)
+        part_std = part_groups.std(dim=1, unbiased=False).masked_fill(part_alike, 0.0)
+        return SampledGroups(rows, completions, rewards, parts, advantages.flatten(), std.flatten(), part_std, uniform)
 
     def _trained_groups(self, group: SampledGroups) -> list[int]:
         """The answers that train: all of them, or with `skip_uniform_groups` those of the groups whose
@@ -469,7 +490,15 @@ class GRPOObjective(nn.Module):
                     group.rewards.sum().view(1),
                     group.group_std.sum().view(1) * o.group_size,
                     group.parts.sum(dim=0),
-                    torch.tensor([float(len(kept))]),
+                    group.part_std.sum(dim=0) * o.group_size,
+                    torch.tensor(
+                        [
+                            float(group.uniform.sum()) * o.group_size,
+                            float(len(kept)),
+                            float(sum(len(c.token_ids) for c in group.completions)),
+                            float(sum(c.finish_reason == "length" for c in group.completions)),
+                        ]
+                    ),
                 ]
             )
             * sampled_scale,
@@ -502,15 +531,21 @@ class GRPOObjective(nn.Module):
             token_loss = token_loss + self.options.beta * kl
         lengths = trained.sum(dim=1).clamp(min=1)
         kl_per_answer = torch.zeros_like(advantages).index_add(0, answer, kl.detach()) / lengths
-        reward, reward_std, *parts, trained_share = sampled_sums
+        n = len(self.parts)
+        reward, reward_std = sampled_sums[:2]
+        parts, part_stds = sampled_sums[2 : 2 + n], sampled_sums[2 + n : 2 + 2 * n]
+        zero_std_share, trained_share, completion_length, clipped_share = sampled_sums[2 + 2 * n :]
         return {
             "loss": (token_loss * token_weights[answer]).sum(),
             "reward": reward,
             "reward_std": reward_std,
             **{f"reward/{p}": parts[k] for k, p in enumerate(self.parts)},
+            **{f"reward_std/{p}": part_stds[k] for k, p in enumerate(self.parts)},
+            "zero_std_share": zero_std_share,
             "trained_share": trained_share,
             "kl": kl_per_answer.sum(),
-            "completion_length": trained.sum(),
+            "completion_length": completion_length,
+            "clipped_share": clipped_share,
         }
 
 

@@ -60,7 +60,8 @@ class TrainProgress:
         if "reward" in record:
             loss += (
                 f" reward {record['reward']:.3f} (std {record['reward_std']:.3f}) kl {record['kl']:.4f} "
-                f"len {record['completion_length']:.0f} trained {record['trained_share']:.0%}"
+                f"len {record['completion_length']:.0f} (cut {record['clipped_share']:.0%}) "
+                f"alike {record['zero_std_share']:.0%} trained {record['trained_share']:.0%}"
             )
         speed = f"{record['tokens_per_s']:.0f}"
         self.progress.update(self.task, completed=record["step"], shown=f"loss {loss} · {speed} tok/s")
@@ -90,8 +91,11 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
         "reward",
         "reward_std",
         *sorted(key for key in metrics if key.startswith("reward/")),
+        *sorted(key for key in metrics if key.startswith("reward_std/")),
+        "zero_std_share",
         "kl",
         "completion_length",
+        "clipped_share",
         "trained_share",
         "valid_loss",
         "full_valid_loss",
@@ -99,6 +103,8 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
         "best_valid_loss",
         "full_valid_reward",
         *sorted(key for key in metrics if key.startswith("full_valid_reward/")),
+        "full_valid_completion_length",
+        "full_valid_clipped_share",
         "full_valid_mean_token_accuracy",
         *(f"full_valid_{name}" for name in REWARDS),
         "tokens",
