@@ -528,6 +528,12 @@ def test_each_reward_function_logs_its_std_and_the_groups_that_scored_alike(tiny
     with torch.no_grad():
         means = step_means(objective, objective.make_batches([rows[:2]], step=0, rank=0, all_sum=lambda t: t))
     assert means["zero_std_share"] == 1 and means["reward_std/constant"] == 0
+    # Eight rewards of 0.1 in a group of its own have a float std of 7e-9, not 0 (torch's reduction over one
+    # row): still alike, they get no advantage, and skip_uniform_groups trains them only as the one group
+    # every micro-batch keeps.
+    objective.options = objective.options.model_copy(update={"skip_uniform_groups": True})
+    group = objective._grade(rows[:1], completions([("{", [5 + i]) for i in range(8)]))
+    assert group.group_std.max() > 0 and group.advantages.abs().max() == 0 and bool(group.uniform.all())
 
 
 def test_a_grpo_run_logs_reward_spreads_and_answer_lengths(tiny_model_dir, triage_data, tmp_path):

@@ -433,11 +433,12 @@ class GRPOObjective(nn.Module):
         parts = torch.tensor([[g.parts[p] for p in self.parts] for g in grades], dtype=torch.float32)
         groups = rewards.view(len(rows), o.group_size)
         std = groups.std(dim=1, keepdim=True, unbiased=False)
-        advantages = groups - groups.mean(dim=1, keepdim=True)
+        # Alike is equal: the float std (and the mean's distance) of equal rewards need not be 0 (eight of
+        # 0.1 give a std of 7e-9), so a group that scored alike gets advantages of exactly 0.
+        uniform = groups.amax(dim=1) == groups.amin(dim=1)
+        advantages = (groups - groups.mean(dim=1, keepdim=True)).masked_fill(uniform[:, None], 0.0)
         if o.loss != "dr_grpo":
             advantages = advantages / (std + STD_FLOOR)
-        # Alike is equal: the float std of equal rewards need not be 0 (eight of 0.1 give 7e-9).
-        uniform = groups.amax(dim=1) == groups.amin(dim=1)
         part_groups = parts.view(len(rows), o.group_size, len(self.parts))
         part_alike = part_groups.amax(dim=1) == part_groups.amin(dim=1)
         part_std = part_groups.std(dim=1, unbiased=False).masked_fill(part_alike, 0.0)
@@ -449,7 +450,7 @@ class GRPOObjective(nn.Module):
         size = self.options.group_size
         groups = range(len(group.rows))
         if self.options.skip_uniform_groups:
-            groups = [g for g in groups if group.group_std[g] > 0] or [0]
+            groups = [g for g in groups if not group.uniform[g]] or [0]
         return [g * size + i for g in groups for i in range(size)]
 
     def _write_samples(self, step: int, group: SampledGroups) -> None:
