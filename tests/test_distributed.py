@@ -165,6 +165,28 @@ def test_a_batch_size_that_does_not_split_among_the_processes_is_refused_before_
     assert not (tmp_path / "run" / "data_report.json").exists()
 
 
+@pytest.mark.parametrize(
+    "refused,said",
+    [
+        ({"model": {"quantize": "nf4"}, "train": {"distributed": "fsdp"}}, "which FSDP cannot shard here"),
+        ({"train": {"batchsize": 4}}, "train.batchsize (line 14): unknown key"),
+    ],
+)
+def test_a_refused_config_is_refused_by_the_launcher_before_torchrun_starts(
+    refused, said, tiny_model_dir, triage_data, tmp_path
+):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2, batch_size=4)
+    for section, values in refused.items():
+        cfg.setdefault(section, {}).update(values)
+    scratch = tmp_path / "tmp"  # where torchrun's agent makes its torchelastic_* folder as it starts
+    scratch.mkdir()
+    res = run_cli(cfg, tmp_path, 2, env={**ENV, "TMPDIR": str(scratch)}, timeout=240)
+    assert res.returncode == 2
+    assert res.stderr.count(said) == 1, res.stderr  # the message one process gives, once
+    assert "torchrun" not in res.stderr and not list(scratch.glob("torchelastic_*"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_error_every_process_reports_reads_once_and_one_only_a_process_hits_still_shows(tmp_path):
     """Under `tuneforge train --nproc N` local rank 0 prints its error; the other processes hand theirs to
     the launcher (torchrun's error file), whose own error adds those that differ."""

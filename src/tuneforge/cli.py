@@ -141,6 +141,9 @@ def train(
             args.append("--force")
         if overwrite:
             args.append("--overwrite")
+        from .pipeline import check_launch
+
+        check_launch(config, overrides, processes=nproc * nnodes, resume=resume, force=force, overwrite=overwrite)
         raise typer.Exit(_launch(args, nproc, nnodes=nnodes, node_rank=node_rank, master=master))
     from .pipeline import train as run_train
 

@@ -15,6 +15,7 @@ from .fsio import write_json
 from .progress import library_bars
 from .training import TrainResult
 from .training import train as train_only
+from .training.loop import check_before_launch
 
 
 def train(
@@ -46,3 +47,15 @@ def train(
     summary_path = result.output_dir / "summary.json"
     write_json(summary_path, {**json.loads(summary_path.read_text()), "metrics": result.metrics})
     return result
+
+
+def check_launch(
+    config, overrides=(), *, processes: int, resume: str | bool | None = None, force: bool = False, overwrite=False
+) -> None:
+    """What `train` checks before any process group, data or model weights, for `tuneforge train --nproc N`
+    (or --nnodes) to run in the launching process before torchrun starts the `processes`: a refused config
+    is refused in seconds, once, with the message and exit code one process gives. The processes check
+    it again as they start."""
+    cfg = load_config(config, overrides)
+    if check_before_launch(cfg, processes, resume=resume, force=force, overwrite=overwrite) is not None:
+        check_eval_inputs(cfg)  # it reads the base model's tokenizer: only one already at hand

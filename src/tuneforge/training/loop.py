@@ -38,7 +38,7 @@ from .. import data as tfdata
 from ..config import Config, LoraConfig, TrainConfig, auto_epochs, dotted, load_config
 from ..data.cache import CACHE_FORMAT, cache_key
 from ..data.prepare import replay_file
-from ..errors import ConfigError, RunFailed, TuneforgeError
+from ..errors import ConfigError, ModelSourceError, RunFailed, TuneforgeError
 from ..fsio import atomic_file, temporary_siblings, write_json
 from ..methods import (
     adapter_on_merged_base,
@@ -777,6 +777,42 @@ def attention(cfg: Config, lms: list):
     return contextlib.nullcontext()
 
 
+def refuse_resume_with_overwrite(cfg: Config, resume: str | bool | None, overwrite: bool) -> None:
+    if resume and overwrite:
+        # One continues the run in output_dir, the other deletes it: neither is guessed.
+        raise TuneforgeError(
+            f"--resume and --overwrite ask for opposite things: --resume continues the run in {cfg.output_dir}, "
+            "--overwrite deletes it and starts over. Pass one of them.",
+            code="bad_option",
+        )
+
+
+def check_before_launch(
+    cfg: Config, processes: int, *, resume: str | bool | None = None, force: bool = False, overwrite: bool = False
+) -> ModelSource | None:
+    """The checks of `train` and `setup` that need no process group, data or model weights, for the
+    launcher of a run of `processes` processes to run before torchrun starts them: a refused config is
+    refused once, as one process refuses it, instead of by every process after each has started.
+    Returns the base model, or None where it is not yet pulled or converted (the processes fetch it,
+    and check it then)."""
+    refuse_resume_with_overwrite(cfg, resume, overwrite)
+    check_output_dir(cfg)
+    resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    resume_point(cfg, resume, force)
+    refuse_earlier_run(Path(cfg.output_dir), resume, overwrite)
+    try:
+        source = resolve(cfg.base_model, pull_missing=False)
+    except ModelSourceError as error:
+        if error.code not in ("model_not_pulled", "model_not_converted"):
+            raise
+        source = None
+    distributed.strategy(cfg, processes, saves_merged=source is not None and adapter_on_merged_base(cfg, source))
+    check_batch_split(cfg, processes)
+    if source is not None:
+        check_inputs(cfg, load_tokenizer(source), source)
+    return source
+
+
 def setup(
     cfg: Config,
     world: distributed.World,
@@ -1099,13 +1135,7 @@ def train(
     """Fine-tune as the config says. `resume` is "latest" (or True) or a checkpoint folder; `overwrite` starts
     afresh in an output_dir that holds an earlier run (`refuse_earlier_run`, `clear_earlier_run`)."""
     cfg = load_config(config, overrides)
-    if resume and overwrite:
-        # One continues the run in output_dir, the other deletes it: neither is guessed.
-        raise TuneforgeError(
-            f"--resume and --overwrite ask for opposite things: --resume continues the run in {cfg.output_dir}, "
-            "--overwrite deletes it and starts over. Pass one of them.",
-            code="bad_option",
-        )
+    refuse_resume_with_overwrite(cfg, resume, overwrite)
     check_output_dir(cfg)
     world = distributed.setup(cfg.train.distributed_timeout)
     log = print if world.is_main else (lambda *a, **k: None)
