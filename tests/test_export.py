@@ -190,7 +190,7 @@ def test_an_adapter_trained_with_added_tokens_exports_with_its_vocabulary(tiny_m
     assert len(load_tokenizer(str(result.out))) == len(load_tokenizer(str(adapter)))
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0", "q4_0"])
 def test_gguf_export_reads_back_in_transformers_within_bounds(run_dir, reference, dtype, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -245,6 +245,50 @@ def test_gguf_metadata_is_what_llama_cpp_expects(adapter_dir, tokenizer, tmp_pat
     assert field("tokenizer.ggml.token_type")[end_of_turn] == TokenType.CONTROL
     names = {t.name for t in reader.tensors}
     assert "blk.1.attn_q.weight" in names and "output.weight" not in names  # tied embeddings
+
+
+def _fields(reader) -> dict:
+    """A GGUF's metadata as key -> (value types, value), without the header's counts."""
+    return {k: (f.types, f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_a_q4_0_gguf_reads_back_within_its_bound_with_llama_quantizes_types_and_the_f16_metadata(adapter_dir, tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+
+    f16 = GGUFReader(export(adapter_dir, "gguf", "f16", tmp_path / "f16", progress=False).files[0])
+    result = export(adapter_dir, "gguf", "q4_0", tmp_path / "q4", progress=False)
+    assert result.files[0].name == "adapter-q4_0.gguf"
+    assert result.checks["max_abs_logit_diff"] <= DTYPE_BOUNDS["q4_0"]
+    q4 = GGUFReader(result.files[0])
+
+    fields, expected = _fields(q4), _fields(f16)
+    assert fields.pop("general.file_type")[1] == LlamaFileType.MOSTLY_Q4_0
+    assert expected.pop("general.file_type")[1] == LlamaFileType.MOSTLY_F16
+    assert fields == expected  # vocabulary, chat template, end-of-turn and BOS keys as the converter wrote them
+
+    types = {t.name: t.tensor_type for t in q4.tensors}
+    assert [t.name for t in q4.tensors] == [t.name for t in f16.tensors]
+    assert types.pop("token_embd.weight") == GGMLQuantizationType.Q8_0  # tied: it is the output layer too
+    one_dimensional = {t.name for t in q4.tensors if len(t.shape) == 1}
+    assert one_dimensional and {types.pop(n) for n in one_dimensional} == {GGMLQuantizationType.F32}
+    assert set(types.values()) == {GGMLQuantizationType.Q4_0}
+    counts = json.loads((result.out / EXPORT_RECORD).read_text())["checks"]["tensor_types"]
+    assert counts == {"Q8_0": 1, "F32": len(one_dimensional), "Q4_0": len(types)}
+    assert result.files[0].stat().st_size < f16.data.size / 2
+
+
+def test_a_4_bit_gguf_of_untied_embeddings_keeps_the_output_layer_at_q8_0_and_quantizes_the_embeddings(tmp_path):
+    from families import FAMILIES, save_family_model
+    from gguf import GGMLQuantizationType, GGUFReader
+    from rich.console import Console
+
+    model = save_family_model(FAMILIES["llama3"], tmp_path / "llama3")
+    f16 = export(model, "gguf", "f16", tmp_path / "f16", progress=False).files[0]
+    llama_cpp.requantize(f16, tmp_path / "q5_1.gguf", "q5_1", Console(quiet=True))
+    types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "q5_1.gguf").tensors}
+    assert types["output.weight"] == GGMLQuantizationType.Q8_0  # llama-quantize: Q6_K, which gguf cannot write
+    assert types["token_embd.weight"] == types["blk.0.ffn_down.weight"] == GGMLQuantizationType.Q5_1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf" or p.name.startswith(".")) == ["q5_1.gguf"]
 
 
 def test_a_gguf_names_the_end_of_turn_token_where_it_is_not_eos(tmp_path):
@@ -407,7 +451,8 @@ def test_a_merge_that_changes_the_logits_fails_with_exit_1(adapter_dir, tmp_path
 @pytest.mark.parametrize(
     ("fmt", "dtype", "ollama", "expected"),
     [
-        ("gguf", "bf16", False, "takes the dtypes f16, f32, q8_0"),
+        ("gguf", "bf16", False, "takes the dtypes f16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, not 'bf16'"),
+        ("gguf", "q4_k_m", False, "K-quants .* llama.cpp's llama-quantize"),
         ("adapter", "f16", False, "takes no --dtype"),
         ("merged", "q8_0", False, "takes the dtypes f32, f16, bf16"),
         ("merged", None, True, "use it with --format gguf"),

@@ -308,7 +308,9 @@ def export_(
     format: str = typer.Option(..., "--format", help="adapter | merged | gguf"),
     out: Path = typer.Option(..., help="Folder to write; must not exist or be empty."),
     dtype: str | None = typer.Option(
-        None, help="merged: f32 | f16 | bf16 (default: the base's stored dtype); gguf: f16 (default) | f32 | q8_0"
+        None,
+        help="merged: f32 | f16 | bf16 (default: the base's stored dtype); "
+        "gguf: f16 (default) | f32 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1",
     ),
     ollama: bool = typer.Option(False, help="Also write an Ollama Modelfile (gguf only)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),

@@ -21,6 +21,7 @@ dtype). Out of bounds, nothing is written and the export fails (exit 1). The fig
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -35,13 +36,22 @@ from ..models import ModelSource, describe_whole_model, load_model, load_tokeniz
 from ..progress import library_bars
 from . import adapter, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
-from .probe import DTYPE_BOUNDS, MERGE_BOUND, ExportFailed, agreement, probe_ids, probe_logits, require_within
+from .probe import (
+    DTYPE_BOUNDS,
+    MERGE_BOUND,
+    ExportFailed,
+    agreement,
+    min_argmax_agreement,
+    probe_ids,
+    probe_logits,
+    require_within,
+)
 
 # The dtypes each format can write; the first is the default (merged: where the base's stored dtype is none of them).
 FORMAT_DTYPES = {
     "adapter": (),
     "merged": ("f32", "f16", "bf16"),
-    "gguf": ("f16", "f32", "q8_0"),
+    "gguf": ("f16", "f32", "q8_0", *llama_cpp.REQUANTIZED_DTYPES),
 }
 EXPORT_RECORD = "export.json"
 
@@ -140,7 +150,13 @@ def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
             if allowed
             else "copies the adapter as it was trained and takes no --dtype"
         )
-        raise TuneforgeError(f"--format {fmt} {what}, not '{dtype}'.", code="bad_export_option")
+        message = f"--format {fmt} {what}, not '{dtype}'."
+        if fmt == "gguf" and re.fullmatch(r"(q\d_k\w*|iq\w+)", dtype.lower()):
+            message += (
+                " K-quants and i-quants are written by llama.cpp's llama-quantize, not here: export --dtype f16 "
+                f"and run `llama-quantize FILE-f16.gguf FILE-{dtype.lower()}.gguf {dtype.upper()}` on that file."
+            )
+        raise TuneforgeError(message, code="bad_export_option")
     if ollama and fmt != "gguf":
         raise TuneforgeError(
             "--ollama writes a Modelfile for a GGUF file: use it with --format gguf.", code="bad_export_option"
@@ -264,6 +280,7 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
         console,
     )
     _check_sliding_window(merged.model.config, path, checks, console)
+    checks["tensor_types"] = llama_cpp.tensor_types(path)
     # The tokens a runtime sees come from the tokenizer rebuilt from the GGUF's metadata.
     checks["tokenizer_roundtrip_identical"] = probe_ids(loaded_tokenizer) == ids
     if not checks["tokenizer_roundtrip_identical"]:
@@ -311,13 +328,13 @@ def _verified(reference, loaded_model, ids, dtype: str, what: str, console) -> d
     """Compare what was written with what it was written from, on the probe batch; print the
     figure, then refuse if it is out of bounds."""
     measured = agreement(reference, probe_logits(loaded_model, ids))
-    bound = DTYPE_BOUNDS[dtype]
+    bound, floor = DTYPE_BOUNDS[dtype], min_argmax_agreement(dtype)
     console.print(
         f"{what}: largest logit difference {measured.max_abs_logit_diff:.3g} "
-        f"(bound {bound:g}), same next token at {measured.argmax_agreement:.1%} of positions"
+        f"(bound {bound:g}), same next token at {measured.argmax_agreement:.1%} of positions (at least {floor:.0%})"
     )
-    require_within(measured, bound, what)
-    return measured.as_dict(bound)
+    require_within(measured, bound, what, floor, lossy=dtype in llama_cpp.REQUANTIZED_DTYPES)
+    return measured.as_dict(bound, floor)
 
 
 _WRITERS = {"adapter": _export_adapter, "merged": _export_merged, "gguf": _export_gguf}

