@@ -436,7 +436,12 @@ def test_overwrite_keeps_the_earlier_run_whole_until_the_new_one_passes_its_chec
     run = tmp_path / "run"
     cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=2)
     train(cfg, progress=False)
-    earlier = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    # The run's files, not its lock (.train.lock: each run that starts there writes its own process and token).
+    def files() -> dict:
+        return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"}
+
+    earlier = files()
     broken = tmp_path / "broken.jsonl"
     broken.write_text("not json\n")
     refused = json.loads(json.dumps(cfg))
@@ -445,7 +450,7 @@ def test_overwrite_keeps_the_earlier_run_whole_until_the_new_one_passes_its_chec
     with pytest.raises(TuneforgeError, match="invalid_json"):
         train(refused, overwrite=True, progress=False)
     # The refused run deleted nothing and wrote nothing: the earlier run's files are all there, as they were.
-    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == earlier
+    assert files() == earlier
     # A run that starts over leaves nothing of the earlier one: no summary of a run that is not there.
     for name in ("eval/report.json", "tensorboard/events.out.tfevents.1"):
         (run / name).parent.mkdir()
