@@ -1,10 +1,8 @@
-"""Training: the loop we own (`loop.py`), its checkpoints, batching and distribution."""
+"""Training: the loop we own (`loop.py`), its run folder (`run_folder.py`), checkpoints, batching and distribution."""
 
 from .loop import (
     StepPlan,
     TrainResult,
-    check_output_dir,
-    earlier_run,
     make_plan,
     plan_warnings,
     rows_made,
@@ -12,6 +10,7 @@ from .loop import (
     to_rows,
     train,
 )
+from .run_folder import check_output_dir, earlier_run
 
 __all__ = [
     "StepPlan",
