@@ -898,3 +898,22 @@ def test_two_pulls_at_once_download_and_convert_once(fake_index, home, capsys):
     assert folders == [home / "models" / "tiny-test"] * 2
     said = capsys.readouterr().err
     assert said.count("verified sha256") == 1 and "already cached" in said
+
+
+def test_a_quantized_cpu_load_keeps_no_map_of_the_checkpoint(tmp_path):
+    """A 4-bit base loaded in its checkpoint's dtype holds its embeddings and norms in memory of its own:
+    a view of the memory-mapped checkpoint would keep the whole file, every page read while quantizing,
+    resident beside the quantized copy."""
+    import gc
+
+    from tiny import save_tiny_model
+
+    from tuneforge.models.quantization import quantization_config
+
+    folder = save_tiny_model(tmp_path / "fp32-model")  # saved in fp32, the dtype it loads in
+    config = quantization_config("nf4", double_quant=True, compute_dtype=torch.float32)
+    model = load_model(str(folder), dtype=torch.float32, quantization=config, device="cpu")
+    gc.collect()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line]
+    assert mapped == []
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()

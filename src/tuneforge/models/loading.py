@@ -142,6 +142,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **placement)
     except LOAD_ERRORS as err:
         raise _load_failed(source.path, err) from err
+    if quantization and torch.device(device).type == "cpu":
+        own_unquantized_weights(model)
     if source.adapter is None:
         return model
     from peft import PeftModel
@@ -156,6 +158,18 @@ def load_model(
         return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies)
     except LOAD_ERRORS as err:
         raise _load_failed(source.adapter, err) from err
+
+
+def own_unquantized_weights(model) -> None:
+    """Gives the weights a quantized CPU load leaves at full precision (embeddings, norms, an untied output
+    layer) their own memory. Loaded in the checkpoint's dtype they are views of its memory-mapped file, and
+    that view keeps the whole file mapped: quantizing read every page of it, so the process's resident
+    memory would keep the full-precision checkpoint (as large as an unquantized base) beside its quantized
+    copy for the whole run."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        # bitsandbytes' quantized weights are subclasses of Parameter and own their memory already.
+        if type(tensor) in (torch.nn.Parameter, torch.Tensor) and tensor.dtype.is_floating_point:
+            tensor.data = tensor.data.clone()
 
 
 def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
