@@ -805,8 +805,10 @@ def test_concurrent_clients_get_their_lone_greedy_answers(server, client, base):
     assert health(server)["largest_batch"] > 1  # and they were decoded together
 
 
-def test_a_client_that_goes_away_stops_its_generation(server):
-    body = {"model": BASE, "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True}
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_goes_away_stops_its_generation(server, n):
+    # With n choices, every one of its rows stops.
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True, "n": n}
     with httpx.stream(
         "POST", f"{server[0]}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
     ) as response:
