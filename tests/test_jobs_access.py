@@ -19,6 +19,7 @@ from tuneforge.jobs.files import FileStorage
 from tuneforge.jobs.mapping import CreateJobBody
 from tuneforge.jobs.store import Store
 from tuneforge.jobs.worker import Workers
+from tuneforge.serve.app import MAX_CHOICES
 from tuneforge.web import owner_of
 
 pytest.importorskip("sqlalchemy")
@@ -67,7 +68,10 @@ def test_a_request_the_server_does_not_do_is_refused_before_its_model_loads(tmp_
     app = _api_serving(tmp_path, tiny_model_dir)
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     with TestClient(app) as http:
-        for extra, param in (({"tools": tools, "tool_choice": "required"}, "tool_choice"), ({"n": 2}, "n")):
+        for extra, param in (
+            ({"tools": tools, "tool_choice": "required"}, "tool_choice"),
+            ({"n": MAX_CHOICES + 1}, "n"),
+        ):
             body = {"model": str(tiny_model_dir), "messages": QUESTION, "max_tokens": 2, **extra}
             response = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
             assert response.status_code == 400 and response.json()["error"]["param"] == param
