@@ -53,6 +53,23 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    """The sharp tiny model (tiny_sharp.py) in a folder named `base`, the name `tuneforge serve` gives it:
+    the base model of the serve, choices and production tests."""
+    from tiny_sharp import save_sharp_tiny_model
+
+    return save_sharp_tiny_model(tmp_path_factory.mktemp("served") / "base")
+
+
+@pytest.fixture(scope="session")
+def base(base_dir):
+    """`base_dir`'s model in eval mode and its tokenizer, loaded as serve loads them."""
+    from tuneforge.models import load_model, load_tokenizer
+
+    return load_model(str(base_dir)).eval(), load_tokenizer(str(base_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama + ChatML tokenizer saved as an HF folder (random weights, seconds to build)."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_jobs import add_job
 from test_serve import PROMPTS, random_adapter, running_server
-from tiny_sharp import save_sharp_tiny_model
 
 from tuneforge.cli import main
 from tuneforge.data.check import check_command
@@ -44,11 +43,6 @@ QUESTION = [
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_sharp_tiny_model(tmp_path_factory.mktemp("production") / BASE)
 
 
 @pytest.fixture(scope="module")

@@ -89,16 +89,6 @@ def alone(model, tokenizer, prompt, max_tokens: int, **sampling):
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_sharp_tiny_model(tmp_path_factory.mktemp("serve") / BASE)
-
-
-@pytest.fixture(scope="module")
-def base(base_dir):
-    return load_model(str(base_dir)).eval(), load_tokenizer(str(base_dir))
-
-
-@pytest.fixture(scope="module")
 def adapters(base_dir, triage_data, tmp_path_factory) -> dict:
     """A finished LoRA run folder (served by its final adapter), two random adapters and a broken one."""
     root = tmp_path_factory.mktemp("adapters")

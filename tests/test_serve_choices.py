@@ -9,25 +9,13 @@ import openai
 import pytest
 import torch
 from test_serve import BASE, KEY, PROMPTS, QUESTION, TRIAGE_FORMAT, alone, running_server
-from tiny_sharp import save_sharp_tiny_model
 
 from tuneforge.generate import Batch, Sampling, encode_prompts
-from tuneforge.models import load_model, load_tokenizer
 from tuneforge.serve import AdapterPool, Engine, create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_sharp_tiny_model(tmp_path_factory.mktemp("choices") / BASE)
-
-
-@pytest.fixture(scope="module")
-def base(base_dir):
-    return load_model(str(base_dir)).eval(), load_tokenizer(str(base_dir))
 
 
 @pytest.fixture(scope="module")
