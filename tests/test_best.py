@@ -53,6 +53,7 @@ def test_a_run_that_overfits_stops_early_and_finishes_as_a_completed_run(
     assert max(losses) == stopped
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == stopped
+    assert summary["epochs"] == stopped  # the epochs trained (one step each), not the 30 planned
     assert summary["stopped_early"]["step"] == stopped and summary["stopped_early"]["of"] == 30
     assert summary["best"] == {"step": best_step, "valid_loss": losses[best_step]}
     assert "full_valid_loss" in summary["metrics"] and (run / "final" / "adapter_model.safetensors").is_file()

@@ -812,7 +812,8 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
                     "status": status,
                     "steps": step,
                     "precision": run.precision,
-                    "epochs": run.plan.epochs,
+                    # The epochs trained, as Hugging Face logs them (0.6 for a run cut or stopped early there).
+                    "epochs": round(step / run.plan.steps_per_epoch, 2),
                     **best.summary(run.state, step, run.plan.total_steps),
                     "metrics": metrics,
                     "system_prompt": recorded_system_prompt(run.tokenizer),
