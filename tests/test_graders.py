@@ -327,6 +327,9 @@ def test_spec_errors():
     refused({"type": "regex"}, "`type` must be one of string_check, text_similarity, python, multi, json_fields")
     refused({"type": "string_check", "input": OUTPUT, "reference": "x", "operation": "eq", "pass": 1}, "unknown field")
     refused({"type": "string_check", "input": OUTPUT, "operation": "eq"}, "`reference` must be a non-empty string")
+    threshold = {"type": "text_similarity", "input": OUTPUT, "reference": "x", "evaluation_metric": "bleu"}
+    refused(threshold | {"pass_threshold": "high"}, "`pass_threshold` must be a number")
+    assert build_grader(threshold | {"pass_threshold": 0.5}).pass_threshold == 0.5  # OpenAI's Evals field
     refused({"type": "json_fields", "input": OUTPUT, "reference": "{{ item.r }}", "fields": "label"}, "`fields`")
     refused({"type": "multi", "graders": {}, "calculate_output": "1"}, "`graders` must be an object")
     with pytest.raises(GraderError):

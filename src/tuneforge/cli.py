@@ -284,6 +284,11 @@ def eval_(
         min=1,
         help="Longest answer scored, in tokens (default 128); a reasoning model's answer follows its reasoning.",
     ),
+    grader: str | None = typer.Option(
+        None,
+        help="Also score each answer against its row with a grader, as grpo.grader takes it: a JSON/YAML file of "
+        "an OpenAI grader, or reward functions as FILE.py:FUNCTION (several comma-separated, summed).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
     """Loss, perplexity and generation metrics of MODEL on DATA."""
@@ -298,6 +303,7 @@ def eval_(
             json_out=json_out,
             limit=limit,
             max_new_tokens=max_new_tokens,
+            grader=grader,
         )
     )
 

@@ -504,6 +504,11 @@ class EvalConfig(Strict):
         description="metric for the base and the final model's answers to the prompts of "
         "the data.validation file, side by side: auto, exact, contains, json_fields or support_triage",
     )
+    grader: dict | str | list[str] | None = Field(
+        None,
+        description="with task: also score the answers with a grader, as grpo.grader takes it (a grader object, a "
+        "JSON/YAML file with one, or reward functions as FILE.py:FUNCTION); a grpo run's default is grpo.grader",
+    )
     forgetting: bool = Field(False, description="measure base vs final model on general data no training touches")
 
 
@@ -621,6 +626,12 @@ class Config(Strict):
                 "train on; set it to 0",
                 "method",
                 "data.general_mix",
+            )
+        if self.eval.grader and not self.eval.task:
+            raise KeysError(
+                "eval.grader scores the answers of the evaluation eval.task asks for; set eval.task too (auto "
+                "picks a metric from the data), or leave eval.grader out",
+                "eval.grader",
             )
         if self.eval.task and not isinstance(self.data.validation, str):
             raise KeysError(
@@ -1063,11 +1074,11 @@ def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
         file, colon, function = p.rpartition(":") if isinstance(p, str) else ("", "", "")
         return f"{fix(file)}:{function}" if colon and file.endswith(".py") else fix(p)
 
-    grpo = raw.get("grpo")
-    if isinstance(grpo, dict) and isinstance(grpo.get("grader"), str):
-        grpo["grader"] = fix_grader(grpo["grader"])
-    elif isinstance(grpo, dict) and isinstance(grpo.get("grader"), list):
-        grpo["grader"] = [fix_grader(p) for p in grpo["grader"]]
+    for section in (raw.get("grpo"), raw.get("eval")):
+        if isinstance(section, dict) and isinstance(section.get("grader"), str):
+            section["grader"] = fix_grader(section["grader"])
+        elif isinstance(section, dict) and isinstance(section.get("grader"), list):
+            section["grader"] = [fix_grader(p) for p in section["grader"]]
 
 
 def auto_epochs(n_examples: int) -> int:

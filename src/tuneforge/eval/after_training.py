@@ -3,6 +3,10 @@
 - `eval.task` (a metric name: exact, contains, json_fields, support_triage, or auto): the base and
   the final model answer the prompts of the `data.validation` file, scored side by side;
   `eval/report.html` holds the tables, the loss curves and examples.
+- `eval.grader` (with `eval.task`; a grader as `grpo.grader` takes it): the answers are scored by the
+  grader too, each against its row, and the table, the report and the metrics (`grader_NAME`,
+  `grader_NAME_passed`) hold its mean score for base vs tuned. A GRPO run's default is `grpo.grader`
+  (weighed by `grpo.grader_weights`): the held-out score of the reward it trained on.
 - `eval.forgetting: true`: base vs final model on the general sets no training touches (`forgetting.py`).
 
 Both land in the run folder's `eval/` and its `report.html` (with the loss curves), are printed as
@@ -18,9 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..graders import load_grader
 from ..models import load_model, load_tokenizer, resolve, source_context_length
 from ..tasks.metrics import METRICS
-from .evaluate import choose_metric, evaluate_loaded, read_eval_examples, render_within_window
+from .evaluate import check_grader, choose_metric, evaluate_loaded, read_eval_examples, render_within_window
 from .forgetting import ModelPair, forgetting_loaded, positions_needed
 from .report import flat_scores, print_tables, report_tables, write_run_report
 
@@ -28,7 +33,8 @@ from .report import flat_scores, print_tables, report_tables, write_run_report
 def check_eval_inputs(cfg) -> None:
     """Before any compute: with `eval.task`, the metric exists, every row of the validation file
     is a conversation that ends in its reference answer that fits the base model's context, and the metric
-    can score against every reference (else an error naming file, line and field); with `eval.forgetting`,
+    can score against every reference (else an error naming file, line and field), and its grader
+    (`eval_grader`) can score the rows (else an error naming the grader and the row); with `eval.forgetting`,
     the general sets fit the base model's context."""
     if cfg.eval.task:
         if cfg.eval.task != "auto" and cfg.eval.task not in METRICS:
@@ -37,6 +43,9 @@ def check_eval_inputs(cfg) -> None:
             )
         examples = read_eval_examples(cfg.data.validation)
         choose_metric(cfg.eval.task, examples)
+        if graded := eval_grader(cfg):
+            spec, weights, key = graded
+            check_grader(spec, examples, key=key, weights=weights)
         source = resolve(cfg.base_model)
         render_within_window(examples, load_tokenizer(source), source_context_length(source), cfg.data.train_on)
     if cfg.eval.forgetting:
@@ -48,6 +57,16 @@ def check_eval_inputs(cfg) -> None:
                 f"tokens (general texts, and general prompts and questions with their answers), more than the "
                 f"{window} positions {source.name} was built for; set eval.forgetting to false for this model."
             )
+
+
+def eval_grader(cfg) -> tuple[dict | str | list, list[float] | None, str] | None:
+    """(spec, weights, the key that gave it) of the grader the after-training evaluation scores with:
+    `eval.grader`, else a GRPO run's `grpo.grader`; None for none."""
+    if cfg.eval.grader:
+        return cfg.eval.grader, None, "eval.grader"
+    if cfg.method == "grpo":
+        return cfg.grpo.grader, cfg.grpo.grader_weights, "grpo.grader"
+    return None
 
 
 def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:
@@ -79,6 +98,8 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
     results = {"base": None, "tuned": None}
     if cfg.eval.task:
         examples = read_eval_examples(cfg.data.validation)
+        graded = eval_grader(cfg)
+        grader = load_grader(graded[0], graded[1], key=graded[2]) if graded else None
         for side in results:
             with getattr(pair, side)() as model:
                 results[side] = {
@@ -92,9 +113,15 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
                         metric=cfg.eval.task,
                         progress=progress,
                         train_on=cfg.data.train_on,
+                        grader=grader,
                     ),
                 }
         metrics.update({f"task_{name}": value for name, value in flat_scores(results["tuned"]["scores"]).items()})
+        if grader is not None:
+            figures = results["tuned"]["grader"]
+            metrics[f"grader_{figures['name']}"] = figures["mean"]
+            if "pass_rate" in figures:
+                metrics[f"grader_{figures['name']}_passed"] = figures["pass_rate"]
     report = write_run_report(run_dir, results["base"], results["tuned"], forgetting)
     if progress:
         # The tables, then where their plots (loss curves, base vs tuned scores) are.

@@ -17,10 +17,14 @@ def eval_command(
     json_out: bool = False,
     limit: int | None = None,
     max_new_tokens: int | None = None,
+    grader: str | None = None,
 ) -> int:
     """Evaluate MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side.
-    `max_new_tokens` None: `evaluate`'s default."""
+    `max_new_tokens` None: `evaluate`'s default. `grader`: a JSON/YAML file of a grader, or reward functions
+    as FILE.py:FUNCTION (comma-separated for several, summed), which scores the answers too."""
     options = {"metric": metric, "limit": limit, "progress": not json_out}
+    if grader is not None:
+        options["grader"] = grader.split(",") if "," in grader and ".py:" in grader else grader
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     if compare:

@@ -8,7 +8,11 @@ Each row of the data is a conversation whose last message is the assistant's ref
 a preference pair, whose chosen reply is the reference (so a DPO run's validation file scores too).
 The loss is the model's cross-entropy on the assistant tokens (the same tokens training trains on,
 so it is comparable with a run's `valid_loss`); the model then answers each conversation without
-its last message, greedily, and a metric from `tuneforge.tasks.metrics.METRICS` scores the answers.
+its last message, greedily, and a metric from `tuneforge.tasks.metrics.METRICS` scores the answers;
+with a grader (`tuneforge.graders`, as `grpo.grader` takes it) the grader scores them too, each
+against its row as GRPO's validation grades it (`item.reference` the reference answer, `item.FIELD`
+the row's other fields): its mean score, its pass rate where it has a `pass_threshold`, and the
+mean of each part of a multi grader or of several reward functions.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from pathlib import Path
 import torch
 
 from ..data import Conversation, Example, PackedRow, Preference, Problem, pack, read_conversations, render_examples
+from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
+from ..graders import Grader, GradeResult, load_grader, rollout_sample
 from ..methods import SFTObjective, sum_over_batches
+from ..methods.grpo import grader_item, naming_rows
 from ..models import causal_lm, load_model, load_tokenizer, model_context_length, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
 from ..progress import library_bars, progress_bar
@@ -53,6 +60,10 @@ class EvalExample:
     def answer(self) -> str:
         """The reference's answer, scored: what follows its reasoning, where it holds any."""
         return split_reasoning(self.reference)[1]
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
     @property
     def input(self) -> str:
@@ -124,6 +135,58 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
             f"{examples[0].file}: {counted(len(problems), 'row')} cannot be scored by {metric}", problems
         )
     return metric
+
+
+def grader_items(examples: Sequence[EvalExample]) -> list[dict]:
+    """What a grader reads for each example, as GRPO gives it for the same row: the row's fields other than
+    its messages, `reference` (the reference answer) and `prompt` (a text prompt's text, else the messages)."""
+    rows: dict[str, dict] = {}
+    for file in {e.file for e in examples}:
+        rows[file] = {line: row for line, row in open_rows(file) if isinstance(row, dict)}
+    items = []
+    for e in examples:
+        row = rows[e.file][e.line]
+        text = "messages" not in row and isinstance(row.get("prompt"), str)
+        items.append({**grader_item(row, e.reference), "prompt": row["prompt"] if text else e.prompt})
+    return items
+
+
+def check_grader(
+    spec: dict | str | list | Grader, examples: Sequence[EvalExample], *, key: str = "--grader", weights=None
+) -> Grader:
+    """The grader `spec` names, tried on the first examples with an empty answer and their reference
+    answers, and the item fields its templates read looked up on every row, as GRPO checks its grader
+    before training: a grader that cannot score this data fails before any model loads, naming the row."""
+    grader = spec if isinstance(spec, Grader) else load_grader(spec, weights, key=key)
+    items = grader_items(examples)
+    with naming_rows(examples[:16]):
+        grader.check(items[:16])
+    with naming_rows(examples):
+        grader.check_items(items)
+    return grader
+
+
+def score_stats(scores: Sequence[float]) -> dict:
+    """The mean and standard deviation of scores, and whether each is 0 or 1 (their mean a share)."""
+    mean = sum(scores) / len(scores)
+    return {
+        "mean": mean,
+        "std": math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)),
+        "all_0_or_1": all(s in (0, 1) for s in scores),
+    }
+
+
+def grader_scores(grader: Grader, results: Sequence[GradeResult]) -> dict:
+    """A grader's figures over the examples: its name, `n`, the mean score (with `std` and `all_0_or_1`),
+    the pass rate where it has a pass threshold, and each part's figures where it has several."""
+    scores = [r.score for r in results]
+    summary = {"name": grader.name, "n": len(results), **score_stats(scores)}
+    if grader.pass_threshold is not None:
+        summary["pass_threshold"] = grader.pass_threshold
+        summary["pass_rate"] = sum(s >= grader.pass_threshold for s in scores) / len(scores)
+    if grader.part_names != [grader.name]:
+        summary["parts"] = {part: score_stats([r.parts[part] for r in results]) for part in grader.part_names}
+    return summary
 
 
 @torch.inference_mode()
@@ -222,9 +285,10 @@ def evaluate_loaded(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     train_on: str = "assistant",
+    grader: Grader | None = None,
 ) -> dict:
     """`evaluate` on a model already in memory; the loss counts the tokens a run with `data.train_on`
-    trains (a run's `valid_loss`)."""
+    trains (a run's `valid_loss`). `grader`: one `check_grader` gave, which scores the answers too."""
     metric = choose_metric(metric, examples)
     started = time.perf_counter()
     rendered = render_within_window(examples, tokenizer, model_context_length(model), train_on)
@@ -240,6 +304,10 @@ def evaluate_loaded(
     references = [e.answer for e in examples]
     score = METRICS[metric]
     headline = HEADLINE[metric]
+    grades = None
+    if grader is not None:
+        with naming_rows(examples):
+            grades = grader.grade([rollout_sample(a.text) for a in answers], grader_items(examples))
     samples = [
         {
             "line": e.line,
@@ -248,14 +316,16 @@ def evaluate_loaded(
             "reference": e.reference,
             "correct": bool(score([prediction], [reference])[headline]),
             "finish_reason": a.finish_reason,
+            **({"grade": grades[i].score} if grades else {}),
         }
-        for e, a, prediction, reference in zip(examples, answers, predictions, references)
+        for i, (e, a, prediction, reference) in enumerate(zip(examples, answers, predictions, references))
     ]
     return {
         "n": len(examples),
         "metric": metric,
         **loss,
         "scores": score(predictions, references),
+        **({"grader": grader_scores(grader, grades)} if grades else {}),
         # How the scored answers were written: a score means little without it.
         "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens},
         "usage": {
@@ -285,6 +355,7 @@ def evaluate(
     limit: int | None = None,
     train_on: str | None = None,
     progress: bool = True,
+    grader: dict | str | list | Grader | None = None,
 ) -> dict:
     """Evaluate `model` (registry name, model folder, adapter, run or checkpoint folder) on a chat data file.
 
@@ -292,10 +363,15 @@ def evaluate(
     `choose_metric`), token usage, timings and per-example `samples` (input, prediction, reference,
     correct). The loss counts the replies `train_on` names (`data.train_on`); None: those the run
     `model` belongs to trained, so that it is the run's `valid_loss`, or every reply for other models.
-    `progress=False` leaves out the progress bars, transformers' own included.
+    `progress=False` leaves out the progress bars, transformers' own included. `grader` (a grader object, a
+    JSON/YAML file of one, or reward functions as FILE.py:FUNCTION, as `grpo.grader` takes them) scores the
+    answers too, each against its row: `grader` in the result (`grader_scores`), `grade` in each sample. A
+    grader that cannot work on this data is refused before the model loads.
     """
     examples = read_eval_examples(data, limit)
     metric = choose_metric(metric, examples)
+    if grader is not None:
+        grader = check_grader(grader, examples)
     source = resolve(model)
     train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
@@ -310,6 +386,7 @@ def evaluate(
         batch_size=batch_size,
         progress=progress,
         train_on=train_on,
+        grader=grader,
     )
     return {"model": source.name, "spec": str(model), "data": str(data), **result}
 
@@ -331,6 +408,7 @@ def side_by_side(base: dict, tuned: dict) -> list[dict]:
             "reference": b["reference"],
             "base_correct": b["correct"],
             "tuned_correct": t["correct"],
+            **({"base_grade": b["grade"], "tuned_grade": t["grade"]} if "grade" in b and "grade" in t else {}),
         }
         for b, t in zip(base["samples"], tuned["samples"])
     ]
@@ -339,6 +417,8 @@ def side_by_side(base: dict, tuned: dict) -> list[dict]:
 def compare(model: str, base: str, data: str | Path, **options) -> dict:
     """`evaluate` for `model` and for `base` on the same data (same options), side by side."""
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation
+    if options.get("grader") is not None:  # a grader that cannot work fails before either model loads
+        options = {**options, "grader": check_grader(options["grader"], read_eval_examples(data, options.get("limit")))}
     # Both losses count the replies the tuned model's run trained on.
     options = {**options, "train_on": options.get("train_on") or trained_replies(resolve(model))}
     tuned_result = evaluate(model, data, **options)

@@ -86,6 +86,51 @@ def share_with_interval(share: float, n: int) -> str:
     return f"{share:.1%} (95% interval {low:.1%}-{high:.1%})"
 
 
+def mean_interval(stats: dict, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% interval of a mean score (`evaluate.score_stats`) over `n` examples: Wilson's where every score
+    is 0 or 1 (the mean is a share), else the normal approximation, mean ± z standard errors."""
+    if stats["all_0_or_1"]:
+        return share_interval(stats["mean"], n, z)
+    half = z * stats["std"] * math.sqrt(1 / max(n - 1, 1))
+    return stats["mean"] - half, stats["mean"] + half
+
+
+def mean_with_interval(stats: dict, n: int) -> str:
+    low, high = mean_interval(stats, n)
+    return f"{stats['mean']:.3f} (95% interval {low:.3f}-{high:.3f})"
+
+
+def grader_rows(results: list[dict]) -> list[tuple[str, list, object, object]]:
+    """The table rows of evaluations' `grader` figures, each (name, values, show, change): the mean score,
+    the pass rate, and each part's mean, with their 95% intervals."""
+    first, n = results[0]["grader"], results[0]["n"]
+    name = f"grader {first['name']}"
+
+    def change(a: dict, b: dict) -> str:
+        return f"{b['mean'] - a['mean']:+.3f}"
+
+    rows = [(f"{name}: mean score", [r["grader"] for r in results], lambda v: mean_with_interval(v, n), change)]
+    if "pass_rate" in first:
+        rows.append(
+            (
+                f"{name}: passed (score >= {first['pass_threshold']:g})",
+                [r["grader"]["pass_rate"] for r in results],
+                lambda v: share_with_interval(v, n),
+                lambda a, b: f"{(b - a) * 100:+.1f} pts",
+            )
+        )
+    for part in first.get("parts", {}):
+        rows.append(
+            (
+                f"{name} > {part}: mean score",
+                [r["grader"]["parts"][part] for r in results],
+                lambda v: mean_with_interval(v, n),
+                change,
+            )
+        )
+    return rows
+
+
 def flat_scores(scores: dict) -> dict[str, float]:
     """Scores with nested per-field dicts flattened (`fields.category`) and the count left out."""
     flat = {}
@@ -142,6 +187,10 @@ def metrics_table(results: dict[str, dict]) -> Table:
     flat = [flat_scores(r["scores"]) for r in results.values()]
     for key in flat[0]:
         add(key, [f.get(key) for f in flat], _share, points)
+    graded = all("grader" in r for r in results.values())
+    if graded:
+        for row in grader_rows(list(results.values())):
+            add(*row)
     add(
         "answers cut at max_new_tokens",
         [r["usage"]["stopped_by_length"] for r in results.values()],
@@ -155,6 +204,11 @@ def metrics_table(results: dict[str, dict]) -> Table:
         f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
         "exact: the whole answer right (every field, for JSON answers)"
     )
+    if graded:
+        caption += (
+            f"; grader {first['grader']['name']}: each answer scored against its row, the mean score's 95% "
+            "interval Wilson's where every score is 0 or 1, else mean ± 1.96 standard errors"
+        )
     if generation := first.get("generation"):  # results written by earlier versions lack it
         caption += (
             f"; answers scored: {generation['decoding']}, at most {generation['max_new_tokens']} new tokens, "

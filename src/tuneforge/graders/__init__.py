@@ -11,7 +11,11 @@ Types: string_check and text_similarity (`text.py`), python (`python.py`, a sepa
 batch), multi (`multi.py`, a formula over sub-graders) and json_fields (ours, `text.py`: the share
 of a JSON output's fields that match a reference object). OpenAI's score_model and label_model
 need a judge model and are refused. `build_grader` checks the whole spec (keys, templates, the
-python source, the formula) and raises `GraderError` naming the grader and the field.
+python source, the formula) and raises `GraderError` naming the grader and the field. A grader may
+hold OpenAI's `pass_threshold` (`Grader.pass_threshold`): the score at or above which an answer
+passes, which evaluation counts (`tuneforge eval --grader`) and training leaves alone.
+`load_grader` takes a spec as `grpo.grader` and `tuneforge eval --grader` do: an object, a JSON/YAML
+file of one, or reward functions.
 
 `reward_functions` builds TRL-style reward functions, FUNCTION(prompts, completions, **columns) in a
 Python file (`python.py`'s RewardFunctionGrader, run by the python grader's process); several are a
@@ -20,8 +24,12 @@ multi grader that sums them, or weighs them as TRL's reward_weights do.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import yaml
+
+from ..errors import ConfigError
 from .base import Grader, GraderError, GradeResult, rollout_sample, sample_of
 from .multi import FUNCTIONS, MultiGrader
 from .python import PythonGrader, PythonLimits, RewardFunctionGrader
@@ -33,6 +41,7 @@ __all__ = [
     "GraderError",
     "PythonLimits",
     "build_grader",
+    "load_grader",
     "reward_functions",
     "rollout_sample",
     "runs_python",
@@ -76,6 +85,72 @@ def reward_functions(
     return MultiGrader({"calculate_output": " + ".join(terms)}, "rewards", '"rewards" (multi)', graders)
 
 
+def load_grader(spec: dict | str | list, weights: list[float] | None = None, *, key: str = "grader") -> Grader:
+    """The grader a spec names, as `grpo.grader` and `tuneforge eval --grader` take it: a grader object, the path
+    of a JSON/YAML file holding one, or TRL-style reward functions as FILE.py:FUNCTION, alone or in a list
+    (`weights` weighs those). Fully checked; an error names `key`, where the spec was given."""
+    where = key
+    if isinstance(spec, list) or (isinstance(spec, str) and _function_ref(spec)):
+        return _reward_functions(spec if isinstance(spec, list) else [spec], weights, key)
+    if weights is not None:
+        raise ConfigError(
+            f"{key}_weights weighs TRL-style reward functions ({key}: [FILE.py:FUNCTION, ...]); a "
+            "grader object weighs its parts in a multi grader's calculate_output"
+        )
+    if isinstance(spec, str):
+        where = f"{key} ({spec})"
+        path = Path(spec)
+        if path.suffix == ".py":
+            # A TRL-style reward file parses as YAML (or fails to) and would be told it lacks a grader `type`.
+            raise ConfigError(
+                f"{key}: {spec} is Python source; name the reward function in it as {spec}:FUNCTION "
+                "(TRL's FUNCTION(prompts, completions, **columns) -> list[float], a list of several to sum), or "
+                "give a python grader, {type: python, name: NAME, source: ...}, whose grade(sample, item) -> float "
+                "scores one answer."
+            )
+        if not path.is_file():
+            raise ConfigError(
+                f"{key}: {spec} is no file. Give a grader object, the path of a JSON/YAML file, or reward "
+                "functions as FILE.py:FUNCTION."
+            )
+        try:
+            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: {path} is not valid JSON or YAML ({err}).") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{key}: {path} must hold one grader object (a mapping with a type).")
+    try:
+        return build_grader(spec)
+    except GraderError as error:
+        raise GraderError(f"{where}: {error.message}", code=error.code) from None
+
+
+def _function_ref(text: str) -> tuple[Path, str] | None:
+    """(file, function) of a `FILE.py:FUNCTION` reference, else None."""
+    file, colon, function = text.rpartition(":")
+    return (Path(file), function) if colon and file.endswith(".py") else None
+
+
+def _reward_functions(refs: list, weights: list[float] | None, key: str) -> Grader:
+    functions = []
+    for index, ref in enumerate(refs):
+        found = _function_ref(ref) if isinstance(ref, str) else None
+        if found is None or not found[1].isidentifier():
+            raise ConfigError(
+                f"{key}[{index}]: {ref!r:.100} is no reward function; name each as FILE.py:FUNCTION, "
+                "as rewards.py:correctness"
+            )
+        if not found[0].is_file():
+            raise ConfigError(f"{key}[{index}]: {found[0]} is no file (from {ref}).")
+        functions.append(found)
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"{key}_weights must be finite numbers, got {weights}")
+    try:
+        return reward_functions(functions, weights)
+    except GraderError as error:
+        raise GraderError(f"{key}: {error.message}", code=error.code) from None
+
+
 def runs_python(spec: dict) -> bool:
     """Whether a grader spec (a multi one through its sub-graders) runs Python code of its author's."""
     if not isinstance(spec, dict):
@@ -101,17 +176,25 @@ def _build(spec: dict, path: tuple[str, ...], limits: PythonLimits) -> Grader:
     if not isinstance(name, str) or not name:
         raise GraderError(f"grader {label}: `name` must be a non-empty string, got {name!r:.100}")
     grader_class = GRADERS[kind]
-    unknown = sorted(set(spec) - {"type", "name", *grader_class.keys})
+    unknown = sorted(set(spec) - {"type", "name", "pass_threshold", *grader_class.keys})
     if unknown:
         raise GraderError(
             f"grader {label}: unknown field(s) {', '.join(unknown)}; a {kind} grader takes "
             f"{', '.join(grader_class.keys)}"
         )
+    threshold = spec.get("pass_threshold")
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+    ):
+        raise GraderError(f"grader {label}: `pass_threshold` must be a number, got {threshold!r:.100}")
     if grader_class is PythonGrader:
-        return PythonGrader(spec, name, label, limits)
-    if grader_class is MultiGrader:
-        return MultiGrader(spec, name, label, _sub_graders(spec, path, label, limits))
-    return grader_class(spec, name, label)
+        grader = PythonGrader(spec, name, label, limits)
+    elif grader_class is MultiGrader:
+        grader = MultiGrader(spec, name, label, _sub_graders(spec, path, label, limits))
+    else:
+        grader = grader_class(spec, name, label)
+    grader.pass_threshold = None if threshold is None else float(threshold)
+    return grader
 
 
 def _sub_graders(spec: dict, path: tuple[str, ...], label: str, limits: PythonLimits) -> dict[str, Grader]:

@@ -112,7 +112,8 @@ class Grader(ABC):
     """
 
     type: ClassVar[str]
-    keys: ClassVar[tuple[str, ...]]  # the spec's fields besides type and name
+    keys: ClassVar[tuple[str, ...]]  # the spec's fields besides type, name and pass_threshold
+    pass_threshold: float | None = None  # OpenAI's: an answer whose score reaches it passes (evaluation counts them)
 
     def __init__(self, name: str, label: str):
         self.name = name

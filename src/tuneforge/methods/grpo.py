@@ -43,7 +43,6 @@ the grader as `item.reference`, and every other field of the row is the item as 
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -51,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from .. import data as tfdata
@@ -61,10 +59,11 @@ from ..data.formats import prompt_messages
 from ..data.prepare import SystemPromptTally
 from ..data.readers import open_rows
 from ..data.schema import Conversation, Problem
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..fsio import write_json
 from ..generate import encode_prompts, generate
-from ..graders import GraderError, build_grader, reward_functions, rollout_sample
+from ..graders import GraderError, rollout_sample
+from ..graders import load_grader as load_grader_spec
 from ..models import causal_lm, load_frozen_model
 from .dpo import prepare_policy
 from .sft import reference_lm, token_cross_entropy, trained_hidden
@@ -121,68 +120,8 @@ def prepare_model(model, cfg):
 
 
 def load_grader(cfg):
-    """The grader the config names (inline, a JSON/YAML file of one, or TRL-style reward functions as
-    FILE.py:FUNCTION, alone or in a list), fully checked; an error in its spec names where it was given."""
-    spec, where = cfg.grpo.grader, "grpo.grader"
-    if isinstance(spec, list) or (isinstance(spec, str) and _function_ref(spec)):
-        return _reward_functions(spec if isinstance(spec, list) else [spec], cfg.grpo.grader_weights)
-    if cfg.grpo.grader_weights is not None:
-        raise ConfigError(
-            "grpo.grader_weights weighs TRL-style reward functions (grpo.grader: [FILE.py:FUNCTION, ...]); a "
-            "grader object weighs its parts in a multi grader's calculate_output"
-        )
-    if isinstance(spec, str):
-        where = f"grpo.grader ({spec})"
-        path = Path(spec)
-        if path.suffix == ".py":
-            # A TRL-style reward file parses as YAML (or fails to) and would be told it lacks a grader `type`.
-            raise ConfigError(
-                f"grpo.grader: {spec} is Python source; name the reward function in it as {spec}:FUNCTION "
-                "(TRL's FUNCTION(prompts, completions, **columns) -> list[float], a list of several to sum), or "
-                "give a python grader, {type: python, name: NAME, source: ...}, whose grade(sample, item) -> float "
-                "scores one answer."
-            )
-        if not path.is_file():
-            raise ConfigError(
-                f"grpo.grader: {spec} is no file. Give a grader object, the path of a JSON/YAML file, or reward "
-                "functions as FILE.py:FUNCTION."
-            )
-        try:
-            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"grpo.grader: {path} is not valid JSON or YAML ({err}).") from None
-        if not isinstance(spec, dict):
-            raise ConfigError(f"grpo.grader: {path} must hold one grader object (a mapping with a type).")
-    try:
-        return build_grader(spec)
-    except GraderError as error:
-        raise GraderError(f"{where}: {error.message}", code=error.code) from None
-
-
-def _function_ref(text: str) -> tuple[Path, str] | None:
-    """(file, function) of a `FILE.py:FUNCTION` reference, else None."""
-    file, colon, function = text.rpartition(":")
-    return (Path(file), function) if colon and file.endswith(".py") else None
-
-
-def _reward_functions(refs: list, weights: list[float] | None):
-    functions = []
-    for index, ref in enumerate(refs):
-        found = _function_ref(ref) if isinstance(ref, str) else None
-        if found is None or not found[1].isidentifier():
-            raise ConfigError(
-                f"grpo.grader[{index}]: {ref!r:.100} is no reward function; name each as FILE.py:FUNCTION, "
-                "as rewards.py:correctness"
-            )
-        if not found[0].is_file():
-            raise ConfigError(f"grpo.grader[{index}]: {found[0]} is no file (from {ref}).")
-        functions.append(found)
-    if weights is not None and not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"grpo.grader_weights must be finite numbers, got {weights}")
-    try:
-        return reward_functions(functions, weights)
-    except GraderError as error:
-        raise GraderError(f"grpo.grader: {error.message}", code=error.code) from None
+    """The grader `grpo.grader` names (`graders.load_grader`), weighed by `grpo.grader_weights`, fully checked."""
+    return load_grader_spec(cfg.grpo.grader, cfg.grpo.grader_weights, key="grpo.grader")
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -208,10 +147,9 @@ def read_prompts(
         problems += row_problems
         if messages is None:
             continue
-        item = {k: v for k, v in row.items() if k not in ("messages", "prompt")}
         key = content_hash(Conversation(messages))
+        item = grader_item(row, messages[-1].content if messages[-1].role == "assistant" else None)
         if messages[-1].role == "assistant":
-            item.setdefault("reference", messages[-1].content)
             messages = messages[:-1]
         if not messages or messages[-1].role not in ("user", "tool"):
             problems.append(_prompt_problem("no_prompt", NO_PROMPT, path, line))
@@ -233,6 +171,15 @@ def read_prompts(
         system_prompts.add(messages)
         rows.append(PromptRow(ids, prompt, item, f"{path}:{line}", key, messages[0].content if text else prompt))
     return rows, problems
+
+
+def grader_item(row: dict, reference: str | None) -> dict:
+    """The item a grader reads for a data row: its fields other than the prompt's, and `reference`, the final
+    assistant message, unless the row has a field of that name (evaluation grades a row as training does)."""
+    item = {k: v for k, v in row.items() if k not in ("messages", "prompt")}
+    if reference is not None:
+        item.setdefault("reference", reference)
+    return item
 
 
 NO_MESSAGES = (

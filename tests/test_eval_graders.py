@@ -1,0 +1,131 @@
+"""Evaluation with graders on the tiny model: `tuneforge eval --grader`, the Python API and `eval.grader`
+score the greedy answers as GRPO's graders score samples, each against its data row."""
+
+import json
+
+import pytest
+from conftest import tiny_run_config
+
+from tuneforge.config import ConfigError, load_config
+from tuneforge.eval import eval_command, evaluate
+from tuneforge.eval.after_training import eval_grader
+from tuneforge.eval.report import metrics_table
+from tuneforge.graders import GraderError
+from tuneforge.pipeline import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SAME_ANSWER = {
+    "type": "string_check",
+    "name": "same",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "operation": "eq",
+    "pass_threshold": 1,
+}
+
+
+def rows_of(path, n: int) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+
+
+def write_rows(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_string_check_graders_score_is_a_hand_count_of_the_answers(tiny_model_dir, triage_data, tmp_path, capsys):
+    """Rows whose `answer` field is the tiny model's own greedy answer pass; the others fail: the mean
+    score and the pass rate are that count, base and tuned side by side, in the table and in JSON."""
+    plain = evaluate(str(tiny_model_dir), triage_data["test"], limit=6, max_new_tokens=4, progress=False)
+    rows = rows_of(triage_data["test"], 6)
+    for index, (row, sample) in enumerate(zip(rows, plain["samples"])):
+        row["answer"] = sample["prediction"] if index % 3 == 0 else sample["prediction"] + " not it"
+    data = write_rows(tmp_path / "test.jsonl", rows)
+    grader = tmp_path / "same.json"
+    grader.write_text(json.dumps(SAME_ANSWER))
+
+    result = evaluate(str(tiny_model_dir), data, max_new_tokens=4, progress=False, grader=str(grader))
+    hand_count = sum(s["prediction"] == row["answer"] for s, row in zip(result["samples"], rows))
+    assert hand_count == 2
+    figures = result["grader"]
+    assert figures["name"] == "same" and figures["n"] == 6
+    assert figures["mean"] == figures["pass_rate"] == pytest.approx(hand_count / 6)
+    assert [s["grade"] for s in result["samples"]] == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+
+    kwargs = {"compare": str(tiny_model_dir), "max_new_tokens": 4, "grader": str(grader)}
+    assert eval_command(str(tiny_model_dir), str(data), json_out=True, **kwargs) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["base"]["grader"]["mean"] == both["tuned"]["grader"]["mean"] == pytest.approx(2 / 6)
+    rows = {row[0]: row[1:] for row in metrics_table({"base": both["base"], "tuned": both["tuned"]}).rows}
+    assert rows["grader same: mean score"] == ["0.333 (95% interval 0.097-0.700)"] * 2 + ["+0.000"]
+    assert rows["grader same: passed (score >= 1)"] == ["33.3% (95% interval 9.7%-70.0%)"] * 2 + ["+0.0 pts"]
+
+
+def test_reward_functions_in_a_python_file_score_with_a_mean_per_function(
+    tiny_model_dir, triage_data, tmp_path, capsys
+):
+    """TRL-style reward functions (FILE.py:FUNCTION; on the command line several comma-separated) score the
+    answers as GRPO runs them, with the row's columns by name; their sum is the score, each has its mean."""
+    rows = rows_of(triage_data["test"], 4)
+    for index, row in enumerate(rows):
+        row["weight"] = index
+    data = write_rows(tmp_path / "test.jsonl", rows)
+    (tmp_path / "rewards.py").write_text(
+        "def by_weight(prompts, completions, weight, **kwargs):\n"
+        "    return [float(w) for w in weight]\n"
+        "def one(completions, **kwargs):\n"
+        "    return [1.0 for _ in completions]\n"
+    )
+    functions = f"{tmp_path}/rewards.py:by_weight,{tmp_path}/rewards.py:one"
+    assert eval_command(str(tiny_model_dir), str(data), max_new_tokens=2, grader=functions, json_out=True) == 0
+    result = json.loads(capsys.readouterr().out)
+    figures = result["grader"]
+    assert [s["grade"] for s in result["samples"]] == [1.0, 2.0, 3.0, 4.0]
+    assert figures["mean"] == 2.5 and not figures["all_0_or_1"] and "pass_rate" not in figures
+    assert figures["parts"]["by_weight"]["mean"] == 1.5 and figures["parts"]["one"]["mean"] == 1.0
+
+
+def test_a_grader_that_cannot_score_the_rows_is_refused_before_any_model_loads(triage_data, tmp_path):
+    """A row without the field the grader reads is named by file and line, with the grader, before the
+    model is even looked up (the model named here does not exist)."""
+    rows = rows_of(triage_data["test"], 3)
+    rows[0]["answer"] = rows[2]["answer"] = "x"
+    data = write_rows(tmp_path / "test.jsonl", rows)
+    with pytest.raises(GraderError) as raised:
+        evaluate("no-such-model", data, grader=SAME_ANSWER, progress=False)
+    assert '"same" (string_check)' in str(raised.value) and "item.answer" in str(raised.value)
+    assert f"{data}:2" in str(raised.value)
+    with pytest.raises(ConfigError, match=r"--grader: .*missing\.yaml is no file"):
+        evaluate("no-such-model", data, grader=str(tmp_path / "missing.yaml"), progress=False)
+
+
+def test_a_configs_eval_grader_scores_base_and_tuned_after_training(tiny_model_dir, triage_data, tmp_path):
+    """`eval.grader` beside `eval.task`: the after-training evaluation scores both models with it, into
+    before/after.json, the report and the run's metrics; a relative grader file is the config's."""
+    (tmp_path / "brace.yaml").write_text(
+        "type: string_check\nname: brace\ninput: '{{ sample.output_text }}'\nreference: '{'\noperation: like\n"
+    )
+    config = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    config["eval"] = {"task": "exact", "grader": "brace.yaml"}
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps(config))
+    result = train(config_file, progress=False)
+    before, after = (
+        json.loads((tmp_path / "run" / "eval" / f"{side}.json").read_text()) for side in ("before", "after")
+    )
+    assert before["grader"]["name"] == after["grader"]["name"] == "brace"
+    assert result.metrics["grader_brace"] == after["grader"]["mean"]
+    assert "grader brace: mean score" in (tmp_path / "run" / "eval" / "report.html").read_text()
+
+
+def test_eval_grader_needs_eval_task_and_defaults_to_a_grpo_runs_grader(tiny_model_dir, triage_data, tmp_path):
+    config = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
+    with pytest.raises(ConfigError, match="eval.grader scores the answers of the evaluation eval.task asks for"):
+        load_config({**config, "eval": {"grader": SAME_ANSWER}})
+    assert eval_grader(load_config({**config, "eval": {"task": "auto"}})) is None
+    grpo = {**config, "method": "grpo", "grpo": {"grader": SAME_ANSWER}, "data": {**config["data"], "packing": False}}
+    grpo["train"] = {**config["train"], "attention": "model"}
+    assert eval_grader(load_config({**grpo, "eval": {"task": "auto"}})) == (SAME_ANSWER, None, "grpo.grader")
+    own = {"type": "string_check", "name": "own", "input": "a", "reference": "a", "operation": "eq"}
+    assert eval_grader(load_config({**grpo, "eval": {"task": "auto", "grader": own}})) == (own, None, "eval.grader")
