@@ -9,7 +9,7 @@ from conftest import tiny_run_config
 from tuneforge.config import ConfigError, load_config
 from tuneforge.eval import eval_command, evaluate
 from tuneforge.eval.after_training import eval_grader
-from tuneforge.eval.report import metrics_table
+from tuneforge.eval.report import examples_table, metrics_table
 from tuneforge.graders import GraderError
 from tuneforge.pipeline import train
 
@@ -57,6 +57,9 @@ def test_a_string_check_graders_score_is_a_hand_count_of_the_answers(tiny_model_
     assert eval_command(str(tiny_model_dir), str(data), json_out=True, **kwargs) == 0
     both = json.loads(capsys.readouterr().out)
     assert both["base"]["grader"]["mean"] == both["tuned"]["grader"]["mean"] == pytest.approx(2 / 6)
+    # Each example shows its grade beside the metric's verdict.
+    first, second = examples_table(both["samples"]).rows[:2]
+    assert first[1].endswith("(grade 1)") and first[2].endswith("(grade 1)") and second[1].endswith("(grade 0)")
     rows = {row[0]: row[1:] for row in metrics_table({"base": both["base"], "tuned": both["tuned"]}).rows}
     assert rows["grader same: mean score"] == ["0.333 (95% interval 0.097-0.700)"] * 2 + ["+0.000"]
     assert rows["grader same: passed (score >= 1)"] == ["33.3% (95% interval 9.7%-70.0%)"] * 2 + ["+0.0 pts"]

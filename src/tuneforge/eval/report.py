@@ -274,16 +274,20 @@ def examples_table(
     n: int = EXAMPLES_SHOWN,
     answers: tuple[tuple[str, str, str], ...] = (("base", "base", "base_correct"), ("tuned", "tuned", "tuned_correct")),
 ) -> Table:
-    """The first `n` samples (file order, not picked): input, each answer marked right or wrong, truth.
+    """The first `n` samples (file order, not picked): input, each answer marked right or wrong (and its
+    grader's score, where a grader scored it), truth.
 
     `answers` names the answer columns: (column title, sample key of the answer, key of its verdict).
     """
+
+    def shown(sample: dict, answer: str, verdict: str) -> str:
+        grade = sample.get(verdict.replace("correct", "grade"))
+        return f"{sample[answer].strip()} {'✓' if sample[verdict] else '✗'}" + (
+            f" (grade {grade:.3g})" if grade is not None else ""
+        )
+
     rows = [
-        [
-            s["input"],
-            *(f"{s[answer].strip()} {'✓' if s[verdict] else '✗'}" for _, answer, verdict in answers),
-            s["reference"],
-        ]
+        [s["input"], *(shown(s, answer, verdict) for _, answer, verdict in answers), s["reference"]]
         for s in samples[:n]
     ]
     return Table(
