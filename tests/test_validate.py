@@ -133,6 +133,13 @@ def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, ca
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "after training" in line)
     assert "support_triage on validation.jsonl" in row and "nothing (see eval" not in out
+    cfg["eval"] = {
+        "task": "exact",
+        "grader": {"type": "string_check", "input": "a", "reference": "a", "operation": "eq"},
+    }
+    assert validate(cfg) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "after training" in line)
+    assert "exact and the grader of eval.grader" in row
 
 
 def test_a_misspelt_key_and_a_bad_row_each_fail_in_seconds_naming_what_to_fix(tiny_model_dir, triage_data, tmp_path):

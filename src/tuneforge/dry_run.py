@@ -24,7 +24,7 @@ from .config import load_config
 from .data.check import describe_system_prompt, highlight
 from .data.prepare import describe_files
 from .errors import TuneforgeError
-from .eval.after_training import check_eval_inputs
+from .eval.after_training import check_eval_inputs, eval_grader
 from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_dtype, prepare_items, prepare_model
 from .methods.sft import LOGITS_AT_ONCE
 from .models import count_parameters, load_tokenizer, resolve, resolve_precision
@@ -377,9 +377,11 @@ def weights_held(cfg, precision: str) -> str:
 
 
 def after_training(cfg) -> str:
-    asked = ([f"{cfg.eval.task} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []) + (
-        ["forgetting, base vs tuned"] if cfg.eval.forgetting else []
-    )
+    graded = eval_grader(cfg) if cfg.eval.task else None
+    grader = f" and the grader of {graded[2]}" if graded else ""
+    asked = (
+        [f"{cfg.eval.task}{grader} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []
+    ) + (["forgetting, base vs tuned"] if cfg.eval.forgetting else [])
     return ", ".join(asked) or "nothing (see eval.task, eval.forgetting)"
 
 
