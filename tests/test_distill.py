@@ -603,6 +603,24 @@ def test_distill_generate_resumes_without_duplicates(teacher_dir, tiny_model_dir
     assert all(isinstance(item, Conversation) for _, item in read_conversations(out))  # SFT data as it is
 
 
+def test_distill_generate_refuses_a_complete_file_of_another_teacher(teacher_dir, tiny_model_dir, tmp_path):
+    # A finished file answers "all rows already there" only for the teacher and answer length that wrote it.
+    from tuneforge.distill import generate_teacher_data
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    write_prompts(prompts_file)
+    out = tmp_path / "teacher.jsonl"
+    options = dict(batch_size=4, progress=False)
+    generate_teacher_data(str(teacher_dir), prompts_file, out, max_new_tokens=6, **options)
+    written = out.read_text()
+    for teacher, length in ((tiny_model_dir, 6), (teacher_dir, 12)):
+        with pytest.raises(TuneforgeError, match="would mix the two") as mixed:
+            generate_teacher_data(str(teacher), prompts_file, out, max_new_tokens=length, **options)
+        assert mixed.value.code == "output_mismatch"
+    assert out.read_text() == written
+    assert generate_teacher_data(str(teacher_dir), prompts_file, out, max_new_tokens=6, **options).resumed_from == 7
+
+
 def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir, tmp_path):
     from tuneforge.distill import generate_teacher_data
 

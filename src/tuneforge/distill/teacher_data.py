@@ -221,8 +221,11 @@ def generate_teacher_data(
     done = rows_already_written(out, prompts)
     target = len(prompts) if limit is None else min(limit, len(prompts))
     stopped_by_length = empty = 0
-    if done < target:
+    if done or target:
+        # Also when no row is left to add: a complete file from another teacher or answer length would
+        # otherwise be taken as this teacher's answers.
         check_same_teacher(out, teacher, max_new_tokens, done)
+    if done < target:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with library_bars(progress):
             model = load_frozen_model(teacher, dtype=compute_dtype(resolve_precision(precision, device)), device=device)
