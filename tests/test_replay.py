@@ -1,10 +1,12 @@
 """General replay against forgetting: a chat file (bundled chit-chat, or a model's own replies written
 by the teacher-data generator) mixed into training by `data.general_mix`."""
 
+import io
 import json
 
 import pytest
 from conftest import tiny_run_config
+from rich.console import Console
 from tiny_sharp import save_sharp_tiny_model
 
 from tuneforge.config import DataConfig
@@ -105,6 +107,16 @@ def test_self_replay_is_the_base_models_greedy_replies_without_the_empty_ones(en
     assert write_self_replay(model_dir, tmp_path, max_new_tokens=12).read_text() == first
     # A rerun finds the answers complete: none is generated (or appended) twice.
     assert (tmp_path / "replay-answers.jsonl").read_text().count("\n") == len(prompts)
+
+
+def test_self_replay_written_by_another_model_is_written_anew(ending_model_dir, tmp_path, one_thread):
+    # A quickstart rerun into the same folder with another --model replays that model's replies, not the first's.
+    sharp = str(save_sharp_tiny_model(tmp_path / "sharp"))
+    write_self_replay(sharp, tmp_path / "data", max_new_tokens=12)
+    printed = io.StringIO()
+    replay = write_self_replay(str(ending_model_dir), tmp_path / "data", 12, Console(file=printed, width=300))
+    assert replay.read_text() == write_self_replay(str(ending_model_dir), tmp_path / "fresh", 12).read_text()
+    assert "does not hold" in printed.getvalue() and "writing them anew" in printed.getvalue()
 
 
 def test_a_training_run_mixes_in_the_replay_file(tiny_model_dir, triage_data, tmp_path, home, one_thread):

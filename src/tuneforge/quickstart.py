@@ -197,7 +197,7 @@ def prepare_data(model: str, out: Path, settings: Settings, phases: Phases) -> d
         "tickets without answers for distillation",
         highlight=False,
     )
-    data["replay"] = write_self_replay(model, folder, settings.replay_tokens)
+    data["replay"] = write_self_replay(model, folder, settings.replay_tokens, phases.console)
     return data
 
 
@@ -322,19 +322,38 @@ def check_targets(targets: Targets, wall_seconds: float, before: dict, after: di
     ]
 
 
-def write_self_replay(model: str, folder: Path, max_new_tokens: int) -> Path:
+def write_self_replay(model: str, folder: Path, max_new_tokens: int, console: Console | None = None) -> Path:
     """The base model's own replies to the bundled general prompts, as a chat file for
-    `data.general_replay` (written once; a rerun finds it complete)."""
-    from .distill.teacher_data import generate_teacher_data
+    `data.general_replay` (written once; a rerun with the same model finds it complete, one with another
+    model or reply length writes them anew, saying so on `console`)."""
+    from .distill.teacher_data import TeacherData, generate_teacher_data
 
-    answers = generate_teacher_data(
-        model,
-        bundled_file("replay_prompts"),
-        folder / "replay-answers.jsonl",
-        max_new_tokens=max_new_tokens,
-        batch_size=64,
-        precision="fp32",
-    )
+    answers_file = folder / "replay-answers.jsonl"
+
+    def answer() -> TeacherData:
+        return generate_teacher_data(
+            model,
+            bundled_file("replay_prompts"),
+            answers_file,
+            max_new_tokens=max_new_tokens,
+            batch_size=64,
+            precision="fp32",
+        )
+
+    try:
+        answers = answer()
+    except TuneforgeError as e:
+        if e.code != "output_mismatch":
+            raise
+        # The quickstart's folder is its own, as its run is: replies another model (or reply length) wrote
+        # are replaced, not refused.
+        if console is not None:
+            console.print(
+                f"{answers_file} does not hold {model}'s replies to the general prompts: writing them anew",
+                highlight=False,
+            )
+        answers_file.unlink()
+        answers = answer()
     rows = [
         row
         for row in answers.out.read_text(encoding="utf-8").splitlines()
