@@ -1,6 +1,9 @@
 """Atomic folder writes: what a write killed midway leaves is recovered or cleared, never mistaken."""
 
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +77,39 @@ def test_every_file_is_on_disk_before_the_rename_that_publishes_it(tmp_path, mon
     with atomic_file(tmp_path / "report.json") as f:
         f.write("{}")
     assert synced[-1] == str(tmp_path) and len(synced) == 2
+
+
+_KILLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+from tuneforge.fsio import atomic_dir, atomic_file
+out = Path(sys.argv[1])
+with atomic_dir(out / "prepared") as tmp, atomic_file(out / "summary.json") as f:
+    (tmp / "train.jsonl").write_text("half")
+    f.write("{")
+    (out / "writing").touch()
+    time.sleep(600)
+"""
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_of_the_same_name(tmp_path):
+    # `data prepare --out`, `distill init`, a report: a process killed mid-write leaves its temporary sibling,
+    # out of sight; the next write of that name removes it, and never a live writer's.
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)])
+    try:
+        while not (tmp_path / "writing").exists():
+            assert writer.poll() is None, "the writer stopped before it wrote"
+            os.sched_yield()
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait()
+    assert len(temporary_siblings(tmp_path / "prepared")) == len(temporary_siblings(tmp_path / "summary.json")) == 1
+    with atomic_dir(tmp_path / "prepared") as first:
+        with pytest.raises(RuntimeError), atomic_dir(tmp_path / "prepared") as second:
+            assert temporary_siblings(tmp_path / "prepared") == sorted([first, second])  # both live
+            raise RuntimeError
+        (first / "train.jsonl").write_text("whole")
+    with atomic_file(tmp_path / "summary.json") as f:
+        f.write("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "summary.json", "writing"]
+    assert (tmp_path / "prepared" / "train.jsonl").read_text() == "whole"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -29,6 +30,47 @@ def temporary_siblings(final: str | os.PathLike) -> list[Path]:
     # tempfile's random part: eight of a-z, 0-9 and "_".
     pattern = re.compile(re.escape(f"{TEMPORARY_PREFIX}{final.name}-") + r"[a-z0-9_]{8}")
     return sorted(p for p in final.parent.glob(f"{TEMPORARY_PREFIX}*") if pattern.fullmatch(p.name))
+
+
+def _held_temporary(make) -> tuple[Path, int]:
+    """A temporary sibling made by `make()` and a descriptor of it that holds an exclusive flock on it while
+    it is written: the lock tells a live writer's sibling from one a killed writer left (the kernel lets a
+    lock go with its process, SIGKILL included). Made again where `_remove_stale_siblings` took it first,
+    between its making and its locking."""
+    while True:
+        tmp = Path(make())
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return tmp, fd
+        os.close(fd)
+
+
+def _remove_stale_siblings(final: Path) -> None:
+    """Remove the temporary siblings of `final` that writers killed midway left (a model's or a data set's
+    size each, out of sight), leaving those a live writer holds."""
+    for stale in temporary_siblings(final):
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live writer's
+        try:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -93,7 +135,8 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _recover_swapped_out(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent))
+    _remove_stale_siblings(final)
+    tmp, lock = _held_temporary(lambda: tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
     try:
         yield tmp
@@ -111,6 +154,8 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
 
 
 @contextlib.contextmanager
@@ -118,10 +163,19 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
     """Open a temporary file beside `final` for writing; rename it over `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent)
+    _remove_stale_siblings(final)
+
+    def make() -> str:
+        made, path = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent)
+        os.close(made)
+        return path
+
+    tmp, fd = _held_temporary(make)
     os.chmod(tmp, 0o666 & ~_umask())
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with os.fdopen(
+            os.open(tmp, os.O_WRONLY | os.O_TRUNC), mode, **({} if "b" in mode else {"encoding": "utf-8"})
+        ) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -131,6 +185,8 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> None:

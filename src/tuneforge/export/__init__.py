@@ -22,7 +22,6 @@ dtype). Out of bounds, nothing is written and the export fails (exit 1). The fig
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import yaml
 from rich.console import Console
 
 from ..errors import TuneforgeError
-from ..fsio import atomic_dir, temporary_siblings, write_json
+from ..fsio import atomic_dir, write_json
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
 from ..progress import library_bars
 from . import adapter, llama_cpp, merge
@@ -109,8 +108,6 @@ def export(
         # Built first: a chat template Ollama cannot take is refused before minutes of work.
         modelfile = ollama_modelfile(tokenizer, llama_cpp.gguf_filename(source.name, dtype)) if ollama else None
         ids = probe_ids(tokenizer)
-        for stale in temporary_siblings(out):  # left by an export to `out` that was killed
-            shutil.rmtree(stale, ignore_errors=True)
         try:
             with atomic_dir(out, replace=out.exists()) as tmp:
                 files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)

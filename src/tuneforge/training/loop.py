@@ -20,7 +20,6 @@ import json
 import math
 import random
 import shlex
-import shutil
 import signal
 import threading
 import time
@@ -35,7 +34,7 @@ from .. import data as tfdata
 from ..config import Config, LoraConfig, TrainConfig, auto_epochs, load_config
 from ..data.cache import CACHE_FORMAT
 from ..errors import ModelSourceError, RunFailed, TuneforgeError
-from ..fsio import atomic_file, temporary_siblings, write_json
+from ..fsio import atomic_file, write_json
 from ..methods import (
     adapter_on_merged_base,
     batch_items,
@@ -795,10 +794,6 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
             run.metrics_log.write({"step": step, **full_valid})
         weights = checkpoint.gathered_weights(run.model, run.world, "writing the final model")
         if run.world.is_main:
-            # A run killed while writing its final model (SIGTERM or SIGKILL mid-write) leaves its
-            # temporary folder, a model's size; the run resumed to redo the final model removes it.
-            for stale in temporary_siblings(run.out / "final"):
-                shutil.rmtree(stale, ignore_errors=True)
             final_dir = save_model(
                 checkpoint.savable(run.model, weights),
                 run.tokenizer,
