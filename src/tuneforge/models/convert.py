@@ -22,7 +22,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -32,7 +31,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..errors import ModelSourceError
-from ..fsio import atomic_dir, tuneforge_home, write_json
+from ..fsio import atomic_dir, scratch_dir, tuneforge_home, write_json
 from ..progress import activity, library_bars, progress_bar
 from .architecture import chat_generation_config, context_length
 from .registry import REGISTRY, RegistryEntry, nearest_registry_name
@@ -499,9 +498,8 @@ def _console(progress: bool) -> Console:
 @contextlib.contextmanager
 def _scratch_dir() -> Iterator[Path]:
     # Beside the cache, not in /tmp: the GGUF can be hundreds of MB and /tmp is often a small tmpfs.
-    models_cache().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=models_cache()) as scratch:
-        yield Path(scratch)
+    with scratch_dir(models_cache(), ".download-") as scratch:
+        yield scratch
 
 
 def pip_download(requirements: tuple[str, ...], dest: Path, console: Console, *, otherwise: str) -> list[Path]:
