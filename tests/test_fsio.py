@@ -1,5 +1,6 @@
 """Atomic folder writes: what a write killed midway leaves is recovered or cleared, never mistaken."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -143,3 +144,46 @@ def test_a_scratch_folder_a_killed_pull_left_is_removed_by_the_next(tmp_path, mo
     with _scratch_dir() as first, _scratch_dir() as second:
         assert not left.exists() and sorted(cache.iterdir()) == sorted([first, second])
     assert list(cache.iterdir()) == []
+
+
+@pytest.fixture
+def file_size_limit():
+    """Writes past 4 KiB are refused (EFBIG, Python ignores SIGXFSZ) as a full disk refuses them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _python_write(path):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("x" * 65536)
+
+
+def _safetensors_write(path):
+    import safetensors.torch
+    import torch
+
+    safetensors.torch.save_file({"w": torch.zeros(16384)}, path)
+
+
+@pytest.mark.parametrize("write", [_python_write, _safetensors_write])
+def test_a_write_the_disk_refuses_names_the_folder_and_keeps_the_earlier_one(tmp_path, write, file_size_limit):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "rows").write_text("earlier")
+    with pytest.raises(OSError) as refused, atomic_dir(tmp_path / "out", replace=True) as tmp:
+        write(tmp / "rows")
+    assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "rows").read_text() == "earlier"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_file_the_disk_refuses_is_named_and_the_earlier_one_kept(tmp_path, file_size_limit):
+    (tmp_path / "report.json").write_text("earlier")
+    with pytest.raises(OSError) as refused, atomic_file(tmp_path / "report.json") as f:
+        f.write("x" * 65536)
+    assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "report.json"))
+    assert (tmp_path / "report.json").read_text() == "earlier"
+    assert os.listdir(tmp_path) == ["report.json"]

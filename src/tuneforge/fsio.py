@@ -115,6 +115,26 @@ def _finish_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
+_REFUSED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""What the machine answers a write it has no room for: a full disk, a used-up quota, a file size limit."""
+
+
+def _naming(error: BaseException, final: Path) -> OSError | None:
+    """A write into `final`'s temporary sibling that the machine refused, as an OSError naming `final`: a
+    file object's write reports a full disk without the file's name, and safetensors as a SafetensorError
+    ending in the OS's `(os error N)`. Named, it is told as a path the user can look at, not as a traceback.
+    None for any other error."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, OSError) and error.filename is None and error.errno in _REFUSED_WRITES:
+        return OSError(error.errno, error.strerror, str(final))
+    if isinstance(error, SafetensorError) and str(error).startswith("Error while serializing"):
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code:
+            return OSError(int(code[1]), os.strerror(int(code[1])), str(final))
+    return None
+
+
 def _recover_swapped_out(final: Path) -> None:
     """A write killed between its two renames left the earlier `final` swapped out and none in its
     place: that folder is put back (a checkpoint would otherwise drop out of sight); beside a
@@ -155,8 +175,11 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        named = _naming(error, final)
+        if named is not None:
+            raise named from error
         raise
     finally:
         os.close(lock)
@@ -185,9 +208,12 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        named = _naming(error, final)
+        if named is not None:
+            raise named from error
         raise
     finally:
         os.close(fd)
