@@ -52,6 +52,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def file_size_limit():
+    """Sets the size past which this process's writes are refused (EFBIG; Python ignores SIGXFSZ), as a
+    full disk refuses them; the limit is lifted when the test ends."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory) -> Path:
     """The sharp tiny model (tiny_sharp.py) in a folder named `base`, the name `tuneforge serve` gives it:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tuneforge.fsio import atomic_dir, atomic_file, temporary_siblings
+from tuneforge.fsio import atomic_dir, atomic_file, temporary_siblings, writing
 
 
 def test_a_folder_swapped_out_by_a_killed_replace_is_put_back(tmp_path):
@@ -171,6 +171,7 @@ def _safetensors_write(path):
 
 @pytest.mark.parametrize("write", [_python_write, _safetensors_write])
 def test_a_write_the_disk_refuses_names_the_folder_and_keeps_the_earlier_one(tmp_path, write, file_size_limit):
+    file_size_limit(4096)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "rows").write_text("earlier")
     with pytest.raises(OSError) as refused, atomic_dir(tmp_path / "out", replace=True) as tmp:
@@ -182,8 +183,18 @@ def test_a_write_the_disk_refuses_names_the_folder_and_keeps_the_earlier_one(tmp
 
 def test_a_file_the_disk_refuses_is_named_and_the_earlier_one_kept(tmp_path, file_size_limit):
     (tmp_path / "report.json").write_text("earlier")
+    file_size_limit(4096)
     with pytest.raises(OSError) as refused, atomic_file(tmp_path / "report.json") as f:
         f.write("x" * 65536)
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "report.json"))
     assert (tmp_path / "report.json").read_text() == "earlier"
     assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_an_append_the_disk_refuses_names_the_file(tmp_path, file_size_limit):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("x" * 4096)
+    file_size_limit(4096)
+    with pytest.raises(OSError) as refused, writing(log), log.open("a") as f:
+        f.write("more\n")
+    assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(log))

@@ -1,5 +1,6 @@
 """The training loop on a tiny model: outputs, loss normalisation, resume, signals, failures."""
 
+import errno
 import json
 import random
 import re
@@ -494,6 +495,23 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_and_a_killed_run_lets
     reached = max(int(folder.name.split("-")[1]) for folder in (run / "checkpoints").glob("step-*"))
     longer = {**cfg, "train": {**cfg["train"], "max_steps": reached + 1}}
     assert train(longer, resume="latest", force=True, progress=False).steps == reached + 1
+
+
+def test_a_full_disk_at_the_run_lock_or_a_metrics_line_names_the_file_and_leaves_no_folder(tmp_path, file_size_limit):
+    from tuneforge.training.distributed import World
+    from tuneforge.training.loop import MetricsLog
+    from tuneforge.training.run_folder import sole_run_in
+
+    run = tmp_path / "run"
+    file_size_limit(8)
+    with pytest.raises(OSError) as refused, sole_run_in(run, World()):
+        pass
+    assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(run / ".train.lock"))
+    assert not run.exists()  # as a run refused before it writes anything leaves it
+    log = MetricsLog(tmp_path / "metrics.jsonl", None, enabled=True)
+    with pytest.raises(OSError) as refused:
+        log.write({"step": 1, "train_loss": 1.0})
+    assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "metrics.jsonl"))
 
 
 def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_model_dir, triage_data, tmp_path):

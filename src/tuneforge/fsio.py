@@ -135,6 +135,19 @@ def _naming(error: BaseException, final: Path) -> OSError | None:
     return None
 
 
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Writes to `path` in place (an appended log, a lock): one the machine refuses (a full disk, a file size
+    limit) is raised as an OSError naming `path`, as `atomic_dir` and `atomic_file` raise theirs."""
+    try:
+        yield
+    except Exception as error:
+        named = _naming(error, Path(path))
+        if named is None:
+            raise
+        raise named from error
+
+
 def _recover_swapped_out(final: Path) -> None:
     """A write killed between its two renames left the earlier `final` swapped out and none in its
     place: that folder is put back (a checkpoint would otherwise drop out of sight); beside a

@@ -24,6 +24,7 @@ from ..data import Problem
 from ..data.formats import prompt_messages
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
+from ..fsio import writing
 from ..wording import counted
 
 
@@ -234,7 +235,11 @@ def generate_teacher_data(
             prompts_file, prompts[done:target], lines[done:target], tokenizer, model_context_length(model)
         )
         out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a", encoding="utf-8") as f, progress_bar("teacher answers", target - done, progress) as advance:
+        with (
+            writing(out),
+            out.open("a", encoding="utf-8") as f,
+            progress_bar("teacher answers", target - done, progress) as advance,
+        ):
             for start in range(done, target, batch_size):
                 batch = prompts[start : min(start + batch_size, target)]
                 answers = generate(model, tokenizer, batch, batch_size=batch_size, max_new_tokens=max_new_tokens)

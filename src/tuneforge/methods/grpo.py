@@ -60,7 +60,7 @@ from ..data.prepare import SystemPromptTally
 from ..data.readers import open_rows
 from ..data.schema import Conversation, Problem
 from ..errors import DataError
-from ..fsio import write_json
+from ..fsio import write_json, writing
 from ..generate import encode_prompts, generate
 from ..graders import GraderError, rollout_sample
 from ..graders import load_grader as load_grader_spec
@@ -413,7 +413,7 @@ class GRPOObjective(nn.Module):
             ],
         }
         self.samples_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.samples_path.open("a", encoding="utf-8") as f:
+        with writing(self.samples_path), self.samples_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _batch(self, group: SampledGroups, kept: list[int], answers_per_token: float, sampled_scale: float) -> dict:

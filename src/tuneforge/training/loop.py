@@ -34,7 +34,7 @@ from .. import data as tfdata
 from ..config import Config, LoraConfig, TrainConfig, auto_epochs, load_config
 from ..data.cache import CACHE_FORMAT
 from ..errors import ModelSourceError, RunFailed, TuneforgeError
-from ..fsio import atomic_file, write_json
+from ..fsio import atomic_file, write_json, writing
 from ..methods import (
     adapter_on_merged_base,
     batch_items,
@@ -298,7 +298,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():

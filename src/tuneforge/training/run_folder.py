@@ -26,7 +26,7 @@ from ..config import Config, dotted, load_config
 from ..data.cache import CACHE_FORMAT, cache_key
 from ..data.prepare import replay_file
 from ..errors import ConfigError, TuneforgeError
-from ..fsio import atomic_file
+from ..fsio import atomic_file, writing
 from ..methods.grpo import ROLLOUTS_FILE
 from . import checkpoint, distributed
 
@@ -241,29 +241,29 @@ def sole_run_in(out: Path, world: distributed.World):
     shards of every checkpoint there, so on machines that do not share it (no network file system, or
     another output_dir in a machine's config) the run is refused here, before any work."""
     lock, holder, made, token = None, None, not out.exists(), uuid.uuid4().hex
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / RUN_LOCK, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.readline().strip() or "unknown"
-            lock.close()
-        else:
-            lock.truncate(0)
-            lock.write(f"{os.getpid()}\n{token}\n")
-            lock.flush()
-            os.fsync(lock.fileno())  # a network file system shows it to the other machines once it has it
-    holder, token = distributed.from_main((holder, token), world, "checking that no other run writes output_dir")
-    if holder is not None:
-        raise TuneforgeError(
-            f"{out} is in use by another training run (process {holder}): two runs there would overwrite each "
-            "other's checkpoints and final model. Wait for it to end (or stop it and continue it with --resume), "
-            "or give this run another output_dir.",
-            code="run_in_progress",
-        )
     try:
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / RUN_LOCK, "a+")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.readline().strip() or "unknown"
+            else:
+                with writing(out / RUN_LOCK):
+                    lock.truncate(0)
+                    lock.write(f"{os.getpid()}\n{token}\n")
+                    lock.flush()
+                    os.fsync(lock.fileno())  # a network file system shows it to the other machines once it has it
+        holder, token = distributed.from_main((holder, token), world, "checking that no other run writes output_dir")
+        if holder is not None:
+            raise TuneforgeError(
+                f"{out} is in use by another training run (process {holder}): two runs there would overwrite each "
+                "other's checkpoints and final model. Wait for it to end (or stop it and continue it with --resume), "
+                "or give this run another output_dir.",
+                code="run_in_progress",
+            )
         sees = world.is_main or sees_lock(out / RUN_LOCK, token)
         every = distributed.from_every_rank(sees, world, "checking that every process shares output_dir")
         blind = [str(rank) for rank, seen in enumerate(every) if not seen]
@@ -281,7 +281,10 @@ def sole_run_in(out: Path, world: distributed.World):
             if made and [p.name for p in out.iterdir()] == [RUN_LOCK]:
                 (out / RUN_LOCK).unlink()
                 out.rmdir()
-            lock.close()
+            # A write the disk refused stays in the file's buffer: close would raise it again over the error
+            # that names the lock file.
+            with contextlib.suppress(OSError):
+                lock.close()
 
 
 def refuse_other_runs_on_other_machines(cfg: Config, tokenizer, world: distributed.World) -> None:
