@@ -198,3 +198,19 @@ def test_an_append_the_disk_refuses_names_the_file(tmp_path, file_size_limit):
     with pytest.raises(OSError) as refused, writing(log), log.open("a") as f:
         f.write("more\n")
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(log))
+
+
+def test_an_error_in_the_temporary_folder_names_the_path_the_user_gave(tmp_path):
+    """The temporary sibling is gone when the error is told: the message names the final path."""
+    with pytest.raises(FileNotFoundError) as refused, atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "sub" / "rows").write_text("x")
+    assert refused.value.filename == str(tmp_path / "out" / "sub" / "rows")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_folder_is_named_not_the_temporary_sibling(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    for atomic in (atomic_dir, atomic_file):
+        with pytest.raises(PermissionError) as refused, atomic(tmp_path / "ro" / "out"):
+            pass
+        assert refused.value.filename == str(tmp_path / "ro" / "out")

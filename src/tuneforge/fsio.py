@@ -27,8 +27,7 @@ def temporary_siblings(final: str | os.PathLike) -> list[Path]:
     """The temporary siblings `atomic_dir` and `atomic_file` make for `final`: those a write killed
     midway leaves behind (not those of another name that starts the same)."""
     final = Path(final)
-    # tempfile's random part: eight of a-z, 0-9 and "_".
-    pattern = re.compile(re.escape(f"{TEMPORARY_PREFIX}{final.name}-") + r"[a-z0-9_]{8}")
+    pattern = _temporary_name(final)
     return sorted(p for p in final.parent.glob(f"{TEMPORARY_PREFIX}*") if pattern.fullmatch(p.name))
 
 
@@ -77,6 +76,11 @@ def _remove_unheld(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def _temporary_name(final: Path) -> re.Pattern:
+    # tempfile's random part: eight of a-z, 0-9 and "_".
+    return re.compile(re.escape(f"{TEMPORARY_PREFIX}{final.name}-") + r"[a-z0-9_]{8}")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -123,11 +127,20 @@ def _naming(error: BaseException, final: Path) -> OSError | None:
     """A write into `final`'s temporary sibling that the machine refused, as an OSError naming `final`: a
     file object's write reports a full disk without the file's name, and safetensors as a SafetensorError
     ending in the OS's `(os error N)`. Named, it is told as a path the user can look at, not as a traceback.
-    None for any other error."""
+    One that names the temporary sibling (or a file in it) names `final` (or that file in it) instead: the
+    sibling is gone when the error is told. None for any other error."""
     from safetensors import SafetensorError
 
-    if isinstance(error, OSError) and error.filename is None and error.errno in _REFUSED_WRITES:
-        return OSError(error.errno, error.strerror, str(final))
+    if isinstance(error, OSError) and error.filename2 is None:
+        if error.filename is None:
+            if error.errno in _REFUSED_WRITES:
+                return OSError(error.errno, error.strerror, str(final))
+            return None
+        parts = Path(os.fsdecode(error.filename)).parts
+        temporary = _temporary_name(final)
+        for at, part in enumerate(parts):
+            if temporary.fullmatch(part):
+                return OSError(error.errno, error.strerror, str(final.joinpath(*parts[at + 1 :])))
     if isinstance(error, SafetensorError) and str(error).startswith("Error while serializing"):
         code = re.search(r"\(os error (\d+)\)", str(error))
         if code:
@@ -173,7 +186,10 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     final.parent.mkdir(parents=True, exist_ok=True)
     _recover_swapped_out(final)
     _remove_stale_siblings(final)
-    tmp, lock = _held_temporary(lambda: tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent))
+    with writing(final):
+        tmp, lock = _held_temporary(
+            lambda: tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{final.name}-", dir=final.parent)
+        )
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
     try:
         yield tmp
@@ -210,7 +226,8 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
         os.close(made)
         return path
 
-    tmp, fd = _held_temporary(make)
+    with writing(final):
+        tmp, fd = _held_temporary(make)
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         with os.fdopen(
