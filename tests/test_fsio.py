@@ -146,17 +146,6 @@ def test_a_scratch_folder_a_killed_pull_left_is_removed_by_the_next(tmp_path, mo
     assert list(cache.iterdir()) == []
 
 
-@pytest.fixture
-def file_size_limit():
-    """Writes past 4 KiB are refused (EFBIG, Python ignores SIGXFSZ) as a full disk refuses them."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
 def _python_write(path):
     with open(path, "w", encoding="utf-8") as f:
         f.write("x" * 65536)
