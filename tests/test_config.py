@@ -172,6 +172,29 @@ def test_a_key_given_twice_names_both_lines(tmp_path):
         load_config(path)
 
 
+def test_a_merge_key_brings_in_keys_that_the_mapping_s_own_keys_override(tmp_path):
+    # YAML's merge key: the second file takes the first's weight and sets its own path.
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text("")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "data:\n  train:\n    - &item\n      path: a.jsonl\n      weight: 2\n    - <<: *item\n      path: b.jsonl\n"
+        "train:\n  max_steps: 2\n  learning_rate: 0\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    # Each key is placed where it is written: the merged weight on the line of the anchored item's.
+    assert "train.learning_rate (line 10)" in e.value.message
+    path.write_text(path.read_text().replace("  learning_rate: 0\n", ""))
+    config = load_config(path)
+    assert [(f.path, f.weight) for f in config.data.train] == [
+        (str(tmp_path / "a.jsonl"), 2.0),
+        (str(tmp_path / "b.jsonl"), 2.0),
+    ]
+    assert config._places["data.train.1.path"] == "line 7"
+    assert config._places["data.train.1.weight"] == "line 5"
+
+
 def test_a_config_from_python_takes_paths_and_refuses_what_is_no_config(tmp_path):
     assert load_config({"data": {"train": tmp_path / "train.jsonl"}}).data.train == str(tmp_path / "train.jsonl")
     with pytest.raises(ConfigError, match="a YAML file's path, a shipped recipe's name, a dict or a Config, not int"):

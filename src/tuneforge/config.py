@@ -979,10 +979,12 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
                 f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them). "
                 "Write one (see `tuneforge validate --help`) or check the path."
             )
-        # One parse: the node tree gives each key's line, and the document is built from it.
+        # One parse: the node tree gives each key's line, and the document is built from it. The lines are
+        # read first: building the document flattens each merge key (`<<: *defaults`) into its mapping.
         loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
         try:
             node = loader.get_single_node()
+            places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
             raw = (loader.construct_document(node) if node is not None else None) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
@@ -990,7 +992,6 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
         finally:
             loader.dispose()
-        places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys (base_model, method, data, ...).")
         name = str(path)
@@ -1020,13 +1021,22 @@ def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str
     """The line of each key in a YAML document, by dotted key (list items by index: `data.train.0`).
 
     YAML reads a key given twice in one mapping as its last value, dropping the first without a word (a
-    second `train:` section replaces the first whole): such a key is refused, naming both lines."""
+    second `train:` section replaces the first whole): such a key is refused, naming both lines. A key that
+    a merge key (`<<: *defaults`) brings in is placed where the merged mapping sets it, and yields to the
+    mapping's own key of that name, as YAML's merge does."""
     lines = {}
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines |= _key_lines(item, path, f"{prefix}{i}.")
     elif isinstance(node, yaml.MappingNode):
+        merged: dict[str, int] = {}
         for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *a` or `<<: [*a, *b]`: of the merged mappings, the first to set a key gives it.
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for source in reversed(sources):
+                    merged |= _key_lines(source, path, prefix)
+                continue
             key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
             if key in lines:
                 raise ConfigError(
@@ -1035,6 +1045,8 @@ def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str
                 )
             lines[key] = line
             lines |= _key_lines(value_node, path, f"{key}.")
+        own = {key.removeprefix(prefix).split(".", 1)[0] for key in lines}
+        lines |= {key: line for key, line in merged.items() if key.removeprefix(prefix).split(".", 1)[0] not in own}
     return lines
 
 
