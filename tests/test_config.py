@@ -378,6 +378,25 @@ def test_a_path_under_the_home_folder_may_be_written_with_a_tilde(tmp_path, monk
     assert cfg.output_dir == str(home / "runs" / "x")  # not a folder named ~ in the working directory
 
 
+def test_environment_variables_in_paths_are_expanded_and_an_unset_one_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    monkeypatch.setenv("TF_DATA", str(tmp_path))
+    monkeypatch.delenv("TF_UNSET", raising=False)
+    path = tmp_path / "config folder" / "cfg.yaml"
+    path.parent.mkdir()
+    path.write_text("data:\n  train: $TF_DATA/d.jsonl\n  validation: ${TF_DATA}/d.jsonl\noutput_dir: $TF_DATA/runs/x\n")
+    cfg = load_config(path)
+    assert cfg.data.train == cfg.data.validation == str(tmp_path / "d.jsonl")
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
+    path.write_text("data:\n  train: d.jsonl\n  validation: $TF_UNSET/v.jsonl\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: data\.validation \(line 3\): \$TF_UNSET/v\.jsonl names the "):
+        load_config(path)
+    with pytest.raises(
+        ConfigError, match=r"data\.train \(override\): \$\{TF_UNSET\}/d\.jsonl names the environment variable TF_UNSET"
+    ):
+        load_config(path, ["data.validation=null", "data.train=${TF_UNSET}/d.jsonl"])
+
+
 def test_the_written_config_holds_non_ascii_paths_as_they_read(tmp_path):
     folder = tmp_path / "données 中文"
     written = load_config({"data": {"train": str(folder / "train.jsonl")}, "output_dir": "runs/é"}).to_yaml()

@@ -24,6 +24,8 @@ from .errors import ConfigError, complaint, key_path
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # A number in exponent form without a dot (1e3): YAML 1.1, which PyYAML reads, leaves it a string.
 _EXPONENT_FORM = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+# An environment variable left in a path once the set ones are expanded: $NAME or ${NAME}.
+_VARIABLE = re.compile(r"\$(?:([A-Za-z_]\w*)|\{([^}]*)\})")
 
 
 class KeysError(ValueError):
@@ -1008,7 +1010,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
     # Overrides and a Python caller's paths are relative to the working directory, where the shell completes
     # them, as are a file's paths not found beside it (a recipe's runs/...): each is stored absolute, so the
     # run's config.yaml runs the same from any folder.
-    _resolve_relative_paths(raw, Path.cwd())
+    _resolve_relative_paths(raw, Path.cwd(), name, places)
     try:
         config = Config.model_validate(raw)
     except ValidationError as e:
@@ -1050,47 +1052,65 @@ def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str
     return lines
 
 
-def _resolve_relative_paths(raw: dict, base_dir: Path) -> None:
-    """The config's paths with `~` expanded, as a shell does, and relative ones that exist under `base_dir`
-    made absolute (`output_dir` stays relative: it names the working directory's folder)."""
+def _expand(p: str, key: str, source: str, places: dict[str, str] | None) -> str:
+    """A path with `~` and environment variables (`$HOME/data`, `${DATA}`) expanded, as a shell does; a
+    variable that is not set is refused (where `places` are given) rather than read as part of a file's name."""
+    p = os.path.expandvars(os.path.expanduser(p))
+    if places is not None and (unset := _VARIABLE.search(p)):
+        raise ConfigError(
+            f"{source}: {_placed(key, places)}: {p} names the environment variable {unset.group(1) or unset.group(2)}, "
+            "which is not set; set it, or write the path out."
+        )
+    return p
 
-    def fix(p):
+
+def _resolve_relative_paths(raw: dict, base_dir: Path, source: str = "config", places: dict | None = None) -> None:
+    """The config's paths with `~` and environment variables expanded, as a shell does, and relative ones
+    that exist under `base_dir` made absolute (`output_dir` stays relative: it names the working directory's
+    folder). With `places`, a path whose variable is not set is refused, naming `source` and the key's place;
+    without, it is left for that check (an override may yet replace it)."""
+
+    def fix(p, key):
         # An empty path is left for validation to refuse: joined to the config's folder, it would name that folder.
         if not isinstance(p, str) or not p:
             return p
-        p = os.path.expanduser(p)
+        p = _expand(p, key, source, places)
         return str((base_dir / p).resolve()) if not Path(p).is_absolute() and (base_dir / p).exists() else p
 
     if isinstance(raw.get("output_dir"), str):
-        raw["output_dir"] = os.path.expanduser(raw["output_dir"])
+        raw["output_dir"] = _expand(raw["output_dir"], "output_dir", source, places)
 
     data = raw.get("data")
     if isinstance(data, dict):
         if isinstance(data.get("train"), list):
             data["train"] = [
-                {**p, "path": fix(p["path"])} if isinstance(p, dict) and "path" in p else fix(p) for p in data["train"]
+                {**p, "path": fix(p["path"], f"data.train.{i}.path")}
+                if isinstance(p, dict) and "path" in p
+                else fix(p, f"data.train.{i}")
+                for i, p in enumerate(data["train"])
             ]
         elif "train" in data:
-            data["train"] = fix(data["train"])
+            data["train"] = fix(data["train"], "data.train")
         for key in ("validation", "general_replay"):
             if isinstance(data.get(key), str):
-                data[key] = fix(data[key])
+                data[key] = fix(data[key], f"data.{key}")
     if isinstance(raw.get("base_model"), str):
-        raw["base_model"] = fix(raw["base_model"])
+        raw["base_model"] = fix(raw["base_model"], "base_model")
     distill = raw.get("distill")
     if isinstance(distill, dict) and isinstance(distill.get("teacher"), str):
-        distill["teacher"] = fix(distill["teacher"])
+        distill["teacher"] = fix(distill["teacher"], "distill.teacher")
 
-    def fix_grader(p):
+    def fix_grader(p, key):
         # A reward function, FILE.py:FUNCTION, has its file read against the config's folder.
         file, colon, function = p.rpartition(":") if isinstance(p, str) else ("", "", "")
-        return f"{fix(file)}:{function}" if colon and file.endswith(".py") else fix(p)
+        return f"{fix(file, key)}:{function}" if colon and file.endswith(".py") else fix(p, key)
 
-    for section in (raw.get("grpo"), raw.get("eval")):
+    for name in ("grpo", "eval"):
+        section = raw.get(name)
         if isinstance(section, dict) and isinstance(section.get("grader"), str):
-            section["grader"] = fix_grader(section["grader"])
+            section["grader"] = fix_grader(section["grader"], f"{name}.grader")
         elif isinstance(section, dict) and isinstance(section.get("grader"), list):
-            section["grader"] = [fix_grader(p) for p in section["grader"]]
+            section["grader"] = [fix_grader(p, f"{name}.grader.{i}") for i, p in enumerate(section["grader"])]
 
 
 def auto_epochs(n_examples: int) -> int:
