@@ -234,6 +234,23 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
             load_config(write(tmp_path, {"data": {"train": "x"}}), [override])
 
 
+def test_an_override_given_twice_is_refused_not_taken_at_its_last_value(tmp_path):
+    path = write(tmp_path, {"data": {"train": "x"}})
+    with pytest.raises(
+        ConfigError, match=r"override 'data\.packing=yes': data\.packing is already given \('data\.packing=no'\)"
+    ):
+        load_config(path, iter(["data.packing=no", "train.seed=3", "data.packing=yes"]))
+    with pytest.raises(
+        ConfigError,
+        match=r"override 'train=\{seed: 3\}': it replaces the section train whole, "
+        r"and with it the earlier 'train\.max_steps=5'",
+    ):
+        load_config(path, ["train.max_steps=5", "train={seed: 3}"])
+    # A section first and a key of it after: the key's value goes into the section.
+    config = load_config(path, ["train={seed: 3}", "train.max_steps=5"])
+    assert (config.train.seed, config.train.max_steps) == (3, 5)
+
+
 def test_axolotl_and_llama_factory_keys_are_named_in_tuneforge_terms(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(

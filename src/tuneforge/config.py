@@ -929,6 +929,7 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
     override may come as a string alone (iterating over it would take each character for an override)."""
     if overrides is None or isinstance(overrides, str):
         overrides = [overrides] if overrides else []
+    overrides = list(overrides)  # read twice: each in turn, and each earlier one again for a key given twice
     parsed = []
     for o in overrides:
         if "=" not in o:
@@ -945,7 +946,18 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
                 f"override '{o}': the value of {key.strip()} is not valid YAML ({getattr(e, 'problem', e)}); "
                 "close its brackets and quotes, or quote it whole as a string"
             ) from None
-        parsed.append((key.strip(), value))
+        key = key.strip()
+        # Applied in turn, a later override replaces an earlier one of its key, or of a key in its section,
+        # whole: given twice, a key would take its last value without a word, as a YAML file's would.
+        for (earlier, _), given in zip(parsed, overrides):
+            if earlier == key:
+                raise ConfigError(f"override '{o}': {key} is already given ('{given}'); give each key once.")
+            if earlier.startswith(f"{key}."):
+                raise ConfigError(
+                    f"override '{o}': it replaces the section {key} whole, and with it the earlier '{given}'; "
+                    f"give {key} first, or each of its keys on its own."
+                )
+        parsed.append((key, value))
     return parsed
 
 
