@@ -260,6 +260,25 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2"]
 
 
+def test_a_runs_own_config_resumed_from_another_folder_names_its_run_folder(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    # output_dir is relative to the working directory: the run's config.yaml holds it as it was given.
+    (tmp_path / "start").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    train(tiny_run_config(tiny_model_dir, triage_data, "runs/r", max_steps=1), progress=False)
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "start" / "runs" / "r"
+    with pytest.raises(TuneforgeError) as e:
+        train(str(own / "config.yaml"), resume="latest", progress=False)
+    assert e.value.message == (
+        f"no checkpoint to resume from at runs/r/checkpoints (output_dir runs/r is read against the working "
+        f"directory, {tmp_path}); the config sits in the run folder {own}, which has checkpoints: resume it "
+        f"with the override output_dir={own}, or from the folder the run started in."
+    )
+    train(str(own / "config.yaml"), [f"output_dir={own}"], resume="latest", progress=False)
+
+
 def test_a_forced_resume_trains_at_the_learning_rate_of_the_changed_config(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(
         tiny_model_dir, triage_data, tmp_path / "run", max_steps=4, save_every=2, scheduler="constant", warmup=0

@@ -75,7 +75,7 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[P
     root = Path(cfg.output_dir) / "checkpoints"
     folder = checkpoint.latest(root) if resume is True or resume == "latest" else Path(resume)
     if folder is None:
-        raise TuneforgeError(f"no checkpoint to resume from at {root}; start without --resume.")
+        raise TuneforgeError(f"no checkpoint to resume from at {root}{_no_checkpoint_advice(cfg)}.")
     if not (folder / checkpoint.STATE).is_file():
         # A folder named by hand that is no checkpoint (the run folder, a step since deleted): the run's own
         # checkpoints are what the user meant to pick from.
@@ -105,6 +105,21 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[P
             f"{folder} was written with a different config (one that changes results){shown}. {advice}"
         )
     return folder, saved
+
+
+def _no_checkpoint_advice(cfg: Config) -> str:
+    """Where a relative output_dir was looked for, and the run folder the config file sits in where that
+    one has checkpoints: a run's own config.yaml, given from another working directory, names a folder there."""
+    if Path(cfg.output_dir).is_absolute():
+        return "; start without --resume"
+    said = f" (output_dir {cfg.output_dir} is read against the working directory, {Path.cwd()})"
+    own = Path(cfg._source).absolute().parent
+    if Path(cfg._source).is_file() and checkpoint.latest(own / "checkpoints") is not None:
+        return (
+            f"{said}; the config sits in the run folder {own}, which has checkpoints: resume it with the "
+            f"override output_dir={shlex.quote(str(own))}, or from the folder the run started in"
+        )
+    return f"{said}; start without --resume"
 
 
 def changes_since(cfg: Config, saved_hash: str) -> list[str]:
