@@ -255,6 +255,8 @@ def test_a_validation_file_with_no_good_row_stops_even_when_skipping(tmp_path, t
         prepare(DataConfig(train=str(train), validation=str(valid), on_error="skip"), tokenizer, use_cache=False)
     [last] = [p for p in err.value.problems if p.code == "no_valid_rows"]
     assert last.file == str(valid) and "no validation rows are left after 2 problem(s)" in last.message
+    # Left out, data.validation would be its default fraction, still validating: null is what leaves it out.
+    assert "give data.validation: null to train without validation" in last.message
 
 
 def test_no_valid_rows_says_they_were_all_in_the_validation_file(tmp_path, tokenizer):

@@ -652,7 +652,10 @@ class _Preparation:
                     "no_valid_rows",
                     "no validation rows are left"
                     + (f" after {rejected} problem(s)" if rejected else "")
-                    + ". Fix the rows listed, or leave data.validation out to train without validation.",
+                    # Left out, data.validation is its default fraction, not none: null is none (YAML reads
+                    # `none` as a file's name).
+                    + ". Fix the rows listed, or give data.validation: null to train without validation (or a "
+                    "fraction, such as 0.1, to hold out of the training rows).",
                     file=validation_file,
                 )
             )
