@@ -221,6 +221,8 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
         ConfigError, match=r"train\.save_steps \(override\): unknown key\. tuneforge calls it train\.save_every\."
     ):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.save_steps=50"])
+    with pytest.raises(ConfigError, match=r"  trian \(override\): unknown key\. Did you mean 'train'\?"):
+        load_config(write(tmp_path, {"data": {"train": "x"}}), ["trian.max_steps=1"])
     known = _known_keys(Config)
     assert all(target.split()[0].rstrip(":") in known for target in KNOWN_ELSEWHERE.values())
     with pytest.raises(

@@ -907,9 +907,11 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
 
 
 def _placed(key: str, places: dict[str, str]) -> str:
-    """`key (where it was set)`: its own place, or its nearest section's; a key set nowhere is left bare."""
+    """`key (where it was set)`: its own place, or its nearest section's, or else that of a key in it (an
+    override `trian.max_steps=1` places the section it misspells); a key set nowhere is left bare."""
     parts = key.split(".")
     placed = next((places[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in places), None)
+    placed = placed or next((place for k, place in places.items() if k.startswith(f"{key}.")), None)
     return f"{key} ({placed})" if placed else key or "(top level)"
 
 
