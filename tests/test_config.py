@@ -223,6 +223,10 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.save_steps=50"])
     with pytest.raises(ConfigError, match=r"  trian \(override\): unknown key\. Did you mean 'train'\?"):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["trian.max_steps=1"])
+    with pytest.raises(ConfigError, match=r"override data\.train\.1\.weight: data\.train is a list, whose items an "):
+        load_config(write(tmp_path, {"data": {"train": ["x", "y"]}}), ["data.train.1.weight=2"])
+    with pytest.raises(ConfigError, match=r"override base_model\.x: base_model is no section; give it whole, as "):
+        load_config(write(tmp_path, {"base_model": "m", "data": {"train": "x"}}), ["base_model.x=2"])
     known = _known_keys(Config)
     assert all(target.split()[0].rstrip(":") in known for target in KNOWN_ELSEWHERE.values())
     with pytest.raises(

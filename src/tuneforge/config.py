@@ -918,10 +918,12 @@ def _placed(key: str, places: dict[str, str]) -> str:
 def _set_dotted(d: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     cur = d
-    for p in parts[:-1]:
+    for n, p in enumerate(parts[:-1], 1):
         nxt = cur.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {key}: '{p}' is not a section")
+            held = ".".join(parts[:n])
+            what = "a list, whose items an override cannot name one by one" if isinstance(nxt, list) else "no section"
+            raise ConfigError(f"override {key}: {held} is {what}; give it whole, as {held}=VALUE.")
         cur = nxt
     cur[parts[-1]] = value
 
