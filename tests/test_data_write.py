@@ -153,6 +153,30 @@ def test_prepare_writes_rows_of_files_in_different_formats_as_chat(tmp_path, tin
     assert_trains_the_same(config, cfg, out, summary, tmp_path)
 
 
+def test_prepare_under_pii_redact_writes_placeholders_and_trains_the_same(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    rows = [chat(f"Ticket {i}: mail me at jane{i}@acme.io", f"Sent to jane{i}@acme.io.") for i in range(8)]
+    rows.append({"messages": [{"role": "robot", "content": "call +1 415-555-0132"}]})  # a row error, left out
+    config, cfg = mixed_config(tmp_path, tiny_model_dir, {"tickets.jsonl": rows})
+    cfg["data"].update(pii="redact", on_error="skip")
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "prepared"
+    code, said, _ = cli(["data", "prepare", str(config), "--out", str(out)], monkeypatch, capsys)
+    assert code == 0 and "typed placeholders" in said
+    written = "".join(
+        (out / name).read_text() for name in ("train.jsonl", "valid.jsonl", "dropped.jsonl", "summary.json")
+    )
+    assert "acme.io" not in written and "415-555" not in written
+    train_rows = read_jsonl(out / "train.jsonl")
+    assert train_rows[0]["messages"][-1] == {"role": "assistant", "content": "Sent to <EMAIL>."}
+    assert read_jsonl(out / "dropped.jsonl")[0]["row"]["messages"][0]["content"] == "call <PHONE>"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["written_as"] == {"train": "chat", "validation": "chat"}
+    assert_trains_the_same(config, cfg, out, summary, tmp_path)
+
+
 def test_prepare_refuses_text_and_conversation_files_that_no_one_file_holds(
     tmp_path, tiny_model_dir, monkeypatch, capsys
 ):

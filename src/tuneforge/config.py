@@ -144,6 +144,11 @@ class DataConfig(Strict):
     dedup: Literal["none", "exact", "near"] = "exact"
     near_dedup_threshold: float = Field(0.85, gt=0, le=1)
     on_error: Literal["strict", "skip"] = "strict"
+    pii: Literal["warn", "refuse", "redact", "off"] = Field(
+        "warn",
+        description="secrets and personal data in the rows: warn of each | refuse the data | redact: train on "
+        "typed placeholders (<EMAIL>, <API_KEY>) in their place | off: do not look",
+    )
     general_mix: float = Field(
         0.0, ge=0, le=0.5, description="share of the training set that is general replay data, against forgetting"
     )

@@ -8,9 +8,10 @@
     loss = cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 Modules, one job each: `schema` (the types), `readers` (files -> rows), `formats` (rows -> records,
-every row checked), `render` (records -> token ids + loss masks via the chat template), `dedup`
-(content keys, exact and near duplicates), `prepare` (the whole pass and its report), `cache`
-(prepared data on disk), `pack` (packing and batching), `check` (the `tuneforge data check` command).
+every row checked), `pii` (secrets and personal data: found, masked, redacted), `render` (records ->
+token ids + loss masks via the chat template), `dedup` (content keys, exact and near duplicates),
+`prepare` (the whole pass and its report), `cache` (prepared data on disk), `pack` (packing and
+batching), `check` (the `tuneforge data check` command).
 """
 
 from ..models.loading import CHATML_TEMPLATE

@@ -119,6 +119,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         ),
         *describe_files(report),
         ("system prompt", describe_system_prompt(report["system_prompt"])),
+        ("secrets, personal data", describe_pii(report["pii"])),
         ("duplicates", f"{counts['duplicates_exact']} exact removed"),
         (
             "validation leak",
@@ -133,7 +134,9 @@ def print_summary(console: Console, report: dict, model: str) -> None:
 
     for warning in report["warnings"]:
         text = f"[{warning['code']}] {warning['message']}"
-        console.print(f"[yellow]warning[/yellow] {escape(text)}")
+        # A secret in a reply is what the model would learn to give away: said louder than the rest.
+        style = "bold red" if warning["code"] == "secret_in_reply" else "yellow"
+        console.print(f"[{style}]warning[/{style}] {escape(text)}")
     if not report["errors_total"]:
         console.print("[green]no errors[/green]: the data is ready to train on.")
         return
@@ -149,6 +152,18 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         console.print(f"[red]error[/red] {escape(str(Problem(**error)))}")
     if report["errors_total"] > _LISTED_ERRORS:
         console.print(f"... and {report['errors_total'] - _LISTED_ERRORS} more (use --json for all of them)")
+
+
+def describe_pii(pii: dict) -> str:
+    """What the report's `pii` says: how many of each kind, in replies and in prompts; one line."""
+    if pii["mode"] == "off":
+        return "not looked for (data.pii: off)"
+    if not pii["kinds"]:
+        return "none found"
+    kinds = ", ".join(f"{n} {kind}" for kind, n in pii["kinds"].items())
+    done = " (replaced by placeholders: data.pii: redact)" if pii["mode"] == "redact" else ""
+    where = f"{pii['in_replies']} in replies, {pii['in_prompts']} in prompts"
+    return f"{kinds} in {counted(pii['rows'], 'row')}: {where}{done}"
 
 
 def describe_system_prompt(system_prompt: dict) -> str:

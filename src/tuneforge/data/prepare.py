@@ -26,7 +26,7 @@ from ..models.system_prompt import recorded_system_prompt
 from ..progress import progress_bar
 from ..tasks.general import BUNDLED_REPLAY, bundled_file
 from ..wording import counted
-from . import cache
+from . import cache, pii
 from .dedup import DuplicateIndex, content_hash, held_out_keys
 from .formats import file_format, read_conversations
 from .readers import extent
@@ -40,8 +40,11 @@ _LISTED_PLACES = 20  # places a warning lists in the report
 FEW_EXAMPLES = 10
 _CHUNK_ROWS = 512
 _SHOWN_IN_ERROR = 20
-DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained", "file_changed"}
-"""Errors with the data set as a whole: they stop `prepare` even under on_error: skip."""
+PII_CODES = ("secret_in_reply", "personal_data_in_reply", "secret_in_prompt", "personal_data_in_prompt")
+"""A row's secrets and personal data, by where they are (most to be feared first); errors under data.pii: refuse."""
+DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained", "file_changed", *PII_CODES}
+"""Errors that stop `prepare` even under on_error: skip: those with the data set as a whole, and the
+secrets and personal data that data.pii: refuse refuses (skipping their rows would train on the rest unasked)."""
 
 
 def refuses(on_error: str, codes) -> bool:
@@ -336,6 +339,9 @@ class _Preparation:
         self.over_length: list[str] = []  # the first places of rows cut or dropped at max_length
         self.system_prompts = SystemPromptTally(tokenizer)
         self.replies = ReplyTally()
+        self.pii_found: list[dict] = []  # each secret or piece of personal data: where, which kind, masked
+        self.pii_kinds: Counter = Counter()
+        self.pii_places: Counter = Counter()  # hits in replies (trained text) and in prompts
         near = cfg.near_dedup_threshold if cfg.dedup == "near" else None
         self.validation_keys = DuplicateIndex(near)  # for the leak check, even without dedup
         self.train_index = DuplicateIndex(near) if cfg.dedup != "none" else None
@@ -396,6 +402,8 @@ class _Preparation:
                     if not self._same_kind(item, path, line):
                         self.counts["rejected_records"] += 1
                         continue
+                    if self.cfg.pii != "off":
+                        item = self._screen(item, str(path), line)
                     key = content_hash(item)
                     signer = index or leaks_from
                     signature = signer.signature(item) if signer else None
@@ -461,6 +469,57 @@ class _Preparation:
             )
             return False
         return True
+
+    def _screen(self, record: Record, path: str, line: int) -> Record:
+        """Find the secrets and personal data in a row's texts (`pii`): each is counted by kind and listed
+        where it is, masked; the row gets a warning for each of secrets and personal data, in replies (what
+        the model learns to say) and in prompts apart (an error under data.pii: refuse). Under redact the
+        row goes on with a typed placeholder in place of each, so rendering, dedup and the cache see that."""
+        trained_roles = frozenset(("system", "user", "assistant", "tool"))
+        trained_roles = trained_roles if self.cfg.train_on == "all" else frozenset(("assistant",))
+        by_code: dict[str, list[tuple[str, pii.Hit]]] = {}
+        for where, attribute, text, trained in pii.record_texts(record, trained_roles):
+            for hit in pii.find(text):
+                field = _text_field(record, where, attribute, self.files[-1]["format"])
+                self.pii_kinds[hit.kind.name] += 1
+                self.pii_places["in_replies" if trained else "in_prompts"] += 1
+                if len(self.pii_found) < MAX_LISTED:
+                    self.pii_found.append(
+                        {"file": path, "line": line, "field": field, "kind": hit.kind.name, "sample": hit.sample}
+                        | {"in_reply": trained}
+                    )
+                category = "secret" if hit.kind.category == pii.SECRET else "personal_data"
+                by_code.setdefault(f"{category}_in_{'reply' if trained else 'prompt'}", []).append((field, hit))
+        if not by_code:
+            return record
+        self.counts["pii_rows"] += 1
+        for code in PII_CODES:
+            if code in by_code:
+                self.problems.append(self._pii_problem(code, by_code[code], path, line))
+        return pii.redact_record(record) if self.cfg.pii == "redact" else record
+
+    def _pii_problem(self, code: str, hits: list[tuple[str, pii.Hit]], path: str, line: int) -> Problem:
+        found = ", ".join(f"{hit.kind.name} {hit.sample}" for _, hit in hits[:3]) + (", ..." if len(hits) > 3 else "")
+        if self.cfg.pii == "redact":
+            said = f"replaced by placeholders in the rows training sees (data.pii: redact): {found}."
+        elif code == "secret_in_reply":
+            said = (
+                f"SECRET IN A REPLY: {found}. The model learns its replies word for word and can give it to anyone; "
+                "remove it (and revoke it: it is in the data), or set data.pii: redact to train on a placeholder."
+            )
+        elif code == "personal_data_in_reply":
+            said = (
+                f"personal data in a reply: {found}. The model can learn it and repeat it; remove it, or set "
+                "data.pii: redact to train on placeholders (<EMAIL>, ...)."
+            )
+        else:
+            what = "a secret" if code == "secret_in_prompt" else "personal data"
+            said = (
+                f"{what} in a prompt: {found}. Prompts are not trained, but the data carries it; remove it, or set "
+                "data.pii: redact."
+            )
+        severity = "error" if self.cfg.pii == "refuse" else "warning"
+        return Problem(code, said, file=path, line=line, field=hits[0][0], severity=severity)
 
     def _repeat(self, path: str, line: int, hit: tuple[str, int], kind: str) -> dict:
         of_file, of_line = self.files[hit[1] >> 32]["path"], hit[1] & 0xFFFFFFFF
@@ -737,6 +796,14 @@ class _Preparation:
                 else None,
             },
             "system_prompt": self.system_prompts.report(),
+            "pii": {
+                "mode": self.cfg.pii,
+                "rows": self.counts["pii_rows"],
+                "kinds": dict(self.pii_kinds.most_common()),
+                "in_replies": self.pii_places["in_replies"],
+                "in_prompts": self.pii_places["in_prompts"],
+                "found": self.pii_found,
+            },
             "warnings": self._warnings(counts),
             "errors": [p.to_dict() for p in errors[:MAX_LISTED]],
             "errors_total": len(errors),
@@ -771,7 +838,7 @@ class _Preparation:
                 )
 
         by_code: dict[str, list[Problem]] = {}
-        for p in self.problems:
+        for p in sorted(self.problems, key=lambda p: p.code != "secret_in_reply"):  # the loudest first
             if not p.is_error:
                 by_code.setdefault(p.code, []).append(p)
         for code, problems in by_code.items():
@@ -935,6 +1002,33 @@ def _part_order(row: _Row) -> tuple[bytes, int]:
     return digest, row.line
 
 
+def _text_field(record: Record, where: int | str, attribute: str, format: str | None) -> str:
+    """The row's field that holds a text of `pii.record_texts`: exact for chat rows, OpenAI's and TRL's
+    preference rows and text rows; for rows whose fields are not one per message (alpaca, ShareGPT), the
+    message of the conversation they read as."""
+    if isinstance(where, str):
+        return where
+    if isinstance(record, Preference):
+        n = len(record.prompt)
+        if record.fields is not None:
+            field = record.fields[where > n][min(where, n)]
+            return f"{field}.{attribute}" if field.endswith("]") else field
+        return "chosen" if where == n else "rejected" if where > n else f"prompt message {where + 1}"
+    if format == "chat":
+        return f"messages[{where}].{attribute}"
+    messages = record.messages
+    if format == "alpaca":  # [system], history pairs, the instruction with its input, the output
+        start = messages[0].role == "system"
+        if where == len(messages) - 1:
+            return "output"
+        if where == len(messages) - 2:
+            return "instruction (with its input)"
+        return "system" if start and where == 0 else f"history[{(where - start) // 2}][{(where - start) % 2}]"
+    if format == "prompt_completion" and len(messages) == 2:
+        return "prompt" if where == 0 else "completion"
+    return f"message {where + 1} ({messages[where].role}){'' if attribute == 'content' else ' ' + attribute}"
+
+
 def _first(places: list[str], total: int | None = None) -> str:
     """The first three places of a list of `total` (its length, if None), then ", ..." if there are more."""
     more = (len(places) if total is None else total) > 3
@@ -976,6 +1070,11 @@ def error_summary(errors: list[Problem], cfg: DataConfig, report_path: Path | No
         lines.append(f"  ... and {len(errors) - _SHOWN_IN_ERROR} more")
     if report_path:
         lines.append(f"The full list is in {report_path}.")
-    if cfg.on_error == "strict" and any(p.line is not None for p in errors):
+    if any(p.code in PII_CODES for p in errors):
+        lines.append(
+            "data.pii: refuse stops at secrets and personal data: remove them from the rows listed (revoke any "
+            "key), or set data.pii: redact to train on typed placeholders (<EMAIL>, <API_KEY>) in their place."
+        )
+    if cfg.on_error == "strict" and any(p.line is not None and p.code not in PII_CODES for p in errors):
         lines.append("Fix these rows, or set data.on_error: skip to leave bad rows out.")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from ..errors import ConfigError, DataError
 from ..fsio import atomic_dir, write_json
 from ..progress import progress_bar
 from ..wording import counted
-from . import cache
+from . import cache, pii
 from .formats import json_rows, read_conversations, record_row
 from .prepare import error_summary, file_state, refuses, replay_file, select_rows
 from .readers import extent
@@ -58,7 +58,8 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
     report = prepared.report
     # A row of a weighted file (data.train's `weight`) is written as many times as an epoch sees it.
     wanted = {"train": Counter(selection.train), "valid": Counter(selection.valid)}
-    written_as = {name: _written_as(report["files"], name) for name in ("train", "valid")}
+    redact = data.pii == "redact"
+    written_as = {name: _written_as(report["files"], name, redact) for name in ("train", "valid")}
     written: Counter = Counter()
     reasons: Counter = Counter()
     with atomic_dir(out, replace=True) as tmp:
@@ -81,13 +82,18 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
                             if (read, line) in wanted[name] and isinstance(row, dict):
                                 as_read = written_as[name] == "as read"
                                 times = wanted[name][(read, line)]
-                                f.write(_jsonl(row if as_read else record_row(records.at(line))) * times)
+                                if as_read:
+                                    f.write(_jsonl(row) * times)
+                                else:
+                                    record = records.at(line)
+                                    record = pii.redact_record(record) if redact else record
+                                    f.write(_jsonl(record_row(record)) * times)
                                 written[name] += times
                         if line in left_out:
                             why = left_out.pop(line)
                             entry = {"file": path, "line": line, **why}
                             if isinstance(row, dict):
-                                entry["row"] = row
+                                entry["row"] = pii.redact_value(row) if redact else row
                             dropped.write(_jsonl(entry))
                             reasons[why["reason"]] += 1
                 for line, why in left_out.items():  # rows the reader gave no line of its own (none expected)
@@ -114,7 +120,13 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
         f"(dropped.jsonl)" + (": " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()) if reasons else "")
     )
     for name, form in written_as.items():
-        if form != "as read":
+        if redact:
+            print(
+                f"data: {name}.jsonl's rows have typed placeholders (<EMAIL>, <API_KEY>, ...) in place of the "
+                f"secrets and personal data found (data.pii: redact), so each is written as the record it reads "
+                f"as, in {form} format; dropped.jsonl's rows have them too"
+            )
+        elif form != "as read":
             print(
                 f"data: {name}.jsonl's rows come from files of different formats, so each is written as the "
                 f"record it reads as, in {form} format (a file of mixed formats is refused)"
@@ -132,12 +144,13 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
 _CANONICAL = {"text": "text", "preference": "preference"}  # every other format reads as a conversation: chat
 
 
-def _written_as(files: list[dict], name: str) -> str:
+def _written_as(files: list[dict], name: str, redact: bool = False) -> str:
     """How the rows of one output file are written: "as read" where they all come from files of one
-    format, else the canonical format of their records (a file of mixed formats is refused)."""
+    format and are not redacted, else the canonical format of their records (a file of mixed formats is
+    refused)."""
     counted = "train_rows" if name == "train" else "validation_rows"
     feeding = [f for f in files if f[counted]]
-    if len({f["format"] for f in feeding}) < 2:
+    if not feeding or (len({f["format"] for f in feeding}) < 2 and not redact):
         return "as read"
     canonical = {f["path"]: _CANONICAL.get(f["format"], "chat") for f in feeding}
     if len(set(canonical.values())) > 1:  # text with conversations: no one format holds both

@@ -1,0 +1,161 @@
+"""Secrets and personal data in training rows (`data.pii`): found by kind, line and field, masked in the
+report, look-alikes left alone, and refused or redacted before training sees them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from data.rows import chat, write_jsonl
+
+from tuneforge.config import DataConfig
+from tuneforge.data import cache, check_data, prepare
+from tuneforge.data.formats import read_conversations
+from tuneforge.data.pii import find, redact, redact_record
+from tuneforge.errors import DataError
+from tuneforge.tasks.support_triage import generate
+
+# (kind, the value, a masked sample the report may show)
+FOUND = [
+    ("email", "jane.doe@acme.io", "j***@a***.io"),
+    ("phone", "+1 415-555-0132", "***32"),
+    ("credit_card", "4111 1111 1111 1111", "***1111"),
+    ("iban", "DE89 3704 0044 0532 0130 00", "DE***"),
+    ("ipv4", "52.14.201.9", "52.***"),
+    ("aws_access_key", "AKIAIOSFODNN7EXAMPLE", "AKIA***"),
+    ("gcp_api_key", "AIzaSyA1234567890abcdefghijklmnopqrstuv", "AIza***"),
+    ("github_token", "ghp_abcdefghijklmnopqrstuvwxyz0123456789", "ghp_***"),
+    ("slack_token", "xoxb-123456789012-abcdefABCDEF", "xoxb***"),
+    ("openai_key", "sk-proj-abcDEF1234567890abcdefghijklmnopqrstuv", "sk-p***"),
+    ("jwt", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "eyJh***"),
+    ("url_password", "s3cr3tPw", "***"),
+    ("private_key", "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\n-----END RSA PRIVATE KEY-----", None),
+]
+
+LOOK_ALIKES = """\
+sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855, commit 1e5c136a9f
+md5 9e107d9d372bb6826bd81d3542a419d6, token 3f2504e0-4f89-11d3-9a0c-0305e82c3301
+request 550e8400-e29b-41d4-a716-446655440000 at 2024-01-15 12:30:05, np.array(['+1980-02-29 01:02:03'])
+pip install torch==2.4.0.1 'numpy>=1.26.4.0'; version 4.19.128.1; v10.2.3.4; see section 2.4.8.19 or 1.2.3.4
+ip 192.168.1.20, 10.0.0.7, 127.0.0.1, 203.0.113.9; mail user@example.com; clone git@github.com:org/repo.git
+postgres://user:password@localhost/db, mysql://scott:tiger@db/app, ${DB_URL}
+rng = np.random.default_rng(235889269872456); x = 476837158203125*p*q; order 1234567890123; pi 3.14159265358979
+sk-learn-is-not-a-key, AKIA-short, eyJ alone, price 1,234,567.89, build 20240115.1"""
+
+
+def rows_with(value: str) -> list[dict]:
+    """A row with `value` in its reply, then one with it in its prompt, among clean rows."""
+    clean = [chat(f"Question {i}?", f"Answer {i}.", system="Be brief.") for i in range(4)]
+    return [
+        clean[0],
+        chat("How do I connect?", f"Use this: {value} and retry.", system="Be brief."),
+        clean[1],
+        chat(f"My details: {value}. Please help.", "Done, thank you.", system="Be brief."),
+        *clean[2:],
+    ]
+
+
+def data_config(path, **settings) -> DataConfig:
+    return DataConfig(train=str(path), validation=None, max_length=256, **settings)
+
+
+@pytest.mark.parametrize(("kind", "value", "sample"), FOUND, ids=[f[0] for f in FOUND])
+def test_each_kind_is_found_by_line_and_field_masked_and_louder_in_replies(tmp_path, tokenizer, kind, value, sample):
+    shown = value if kind != "url_password" else f"postgres://admin:{value}@db.acme.io/app"
+    path = write_jsonl(tmp_path / "rows.jsonl", rows_with(shown))
+    data, errors = check_data(data_config(path), tokenizer, keep_examples=False)
+    assert not errors
+    pii = data.report["pii"]
+    assert pii["kinds"] == {kind: 2} and pii["rows"] == 2 and pii["in_replies"] == pii["in_prompts"] == 1
+    assert [(f["line"], f["field"], f["in_reply"]) for f in pii["found"]] == [
+        (2, "messages[2].content", True),
+        (4, "messages[1].content", False),
+    ]
+    if sample:
+        assert {f["sample"] for f in pii["found"]} == {sample}
+    category = "secret" if kind not in ("email", "phone", "credit_card", "iban", "ipv4") else "personal_data"
+    warnings = {w["code"]: w for w in data.report["warnings"]}
+    assert warnings[f"{category}_in_reply"]["where"] == [f"{path}:2 messages[2].content"]
+    assert warnings[f"{category}_in_prompt"]["where"] == [f"{path}:4 messages[1].content"]
+    if category == "secret":
+        assert data.report["warnings"][0]["code"] == "secret_in_reply"  # the loudest first
+        assert "SECRET IN A REPLY" in warnings["secret_in_reply"]["message"]
+    assert value not in json.dumps(data.report)  # never the value itself
+
+
+def test_look_alikes_in_code_and_prose_are_not_flagged():
+    assert [(h.kind.name, h.text) for h in find(LOOK_ALIKES)] == []
+
+
+def test_the_demo_tasks_data_is_clean(tmp_path, tokenizer):
+    paths = generate(tmp_path, n_train=300, n_valid=20, n_test=20, n_unlabelled=20)
+    data, _ = check_data(data_config(paths["train"]), tokenizer, keep_examples=False)
+    assert data.report["pii"]["kinds"] == {}
+    for path in paths.values():
+        assert not find(path.read_text())
+
+
+def test_refuse_stops_preparation_listing_each_row_even_when_skipping_bad_rows(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", rows_with("AKIAIOSFODNN7EXAMPLE"))
+    for on_error in ("strict", "skip"):
+        with pytest.raises(DataError) as refused:
+            prepare(data_config(path, pii="refuse", on_error=on_error), tokenizer, use_cache=False, log=lambda _: None)
+        said = str(refused.value)
+        assert f"{path}:2 messages[2].content: [secret_in_reply]" in said
+        assert f"{path}:4 messages[1].content: [secret_in_prompt]" in said
+        assert "data.pii: redact" in said and "AKIAIOSFODNN7EXAMPLE" not in said
+
+
+def test_redact_trains_on_placeholders_and_is_part_of_the_cache_key(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", rows_with("jane.doe@acme.io, card 4111 1111 1111 1111"))
+    prepared = prepare(data_config(path, pii="redact"), tokenizer, use_cache=False, log=lambda _: None)
+    texts = [tokenizer.decode(e.input_ids) for e in prepared.train]
+    assert sum("<EMAIL>, card <CARD_NUMBER>" in t for t in texts) == 2
+    assert not any("acme" in t or "4111" in t for t in texts)
+    assert {w["code"] for w in prepared.report["warnings"]} >= {"personal_data_in_reply", "personal_data_in_prompt"}
+    assert "replaced by placeholders" in prepared.report["warnings"][0]["message"]
+    warned = prepare(data_config(path), tokenizer, use_cache=False, log=lambda _: None)
+    assert any("jane.doe@acme.io" in tokenizer.decode(e.input_ids) for e in warned.train)  # warn trains as is
+    keys = {cache.cache_key(data_config(path, pii=mode), tokenizer) for mode in ("warn", "redact")}
+    assert len(keys) == 2
+
+
+def test_redact_leaves_other_text_as_it_is():
+    text = "Mail jane@acme.io from 52.14.201.9; version 1.2.3.4 stays."
+    assert redact(text) == "Mail <EMAIL> from <IP_ADDRESS>; version 1.2.3.4 stays."
+
+
+def test_fields_of_rows_in_other_formats_are_named_as_the_row_has_them(tmp_path, tokenizer):
+    alpaca = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [{"instruction": "Reply to the customer.", "input": "From +49 151 23456789", "output": "Mail ops@acme.io."}],
+    )
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Reach me on 415.555.0123", "completion": "Noted."}])
+    data, _ = check_data(DataConfig(train=[str(alpaca), str(pc)], validation=None), tokenizer, keep_examples=False)
+    found = [(f["file"], f["line"], f["field"], f["kind"]) for f in data.report["pii"]["found"]]
+    assert found == [
+        (str(alpaca), 1, "instruction (with its input)", "phone"),
+        (str(alpaca), 1, "output", "email"),
+        (str(pc), 1, "prompt", "phone"),
+    ]
+
+
+def test_tool_call_arguments_given_as_an_object_are_looked_in_and_redacted(tmp_path, tokenizer):
+    call = {"id": "call_1", "type": "function", "function": {"name": "send", "arguments": {"to": "ops@acme.io"}}}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Tell ops."},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sent"},
+            {"role": "assistant", "content": "Done."},
+        ]
+    }
+    path = write_jsonl(tmp_path / "tools.jsonl", [row])
+    data, _ = check_data(data_config(path), tokenizer, keep_examples=False)
+    assert [(f["field"], f["kind"], f["in_reply"]) for f in data.report["pii"]["found"]] == [
+        ("messages[1].tool_calls[0].function.arguments", "email", True)
+    ]
+    # The tiny model's template writes no tool calls: the record training would render is checked instead.
+    [(_, record)] = read_conversations(path)
+    assert redact_record(record).messages[1].tool_calls[0]["function"]["arguments"] == {"to": "<EMAIL>"}
+    assert record.messages[1].tool_calls[0]["function"]["arguments"] == {"to": "ops@acme.io"}  # not changed in place
