@@ -159,3 +159,16 @@ def test_tool_call_arguments_given_as_an_object_are_looked_in_and_redacted(tmp_p
     [(_, record)] = read_conversations(path)
     assert redact_record(record).messages[1].tool_calls[0]["function"]["arguments"] == {"to": "<EMAIL>"}
     assert record.messages[1].tool_calls[0]["function"]["arguments"] == {"to": "ops@acme.io"}  # not changed in place
+
+
+def test_a_pair_whose_replies_differ_only_in_what_is_redacted_is_warned_of(tmp_path, tokenizer):
+    pairs = [
+        {"prompt": f"Who handles case {i}?", "chosen": f"Case {i}: ask the desk.", "rejected": f"No idea about {i}."}
+        for i in range(4)
+    ]
+    pairs.append({"prompt": "Who do I mail?", "chosen": "Mail ann@acme.io.", "rejected": "Mail bob@corp.io."})
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    data, _ = check_data(data_config(path, pii="redact"), tokenizer, keep_examples=False)
+    identical = [w for w in data.report["warnings"] if w["code"] == "identical_preference"]
+    assert [w["where"] for w in identical] == [[f"{path}:5"]]
+    assert "data.pii: redact" in identical[0]["message"]

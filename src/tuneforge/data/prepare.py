@@ -496,7 +496,21 @@ class _Preparation:
         for code in PII_CODES:
             if code in by_code:
                 self.problems.append(self._pii_problem(code, by_code[code], path, line))
-        return pii.redact_record(record) if self.cfg.pii == "redact" else record
+        if self.cfg.pii != "redact":
+            return record
+        redacted = pii.redact_record(record)
+        if isinstance(record, Preference) and _same_replies(redacted) and not _same_replies(record):
+            self.problems.append(
+                Problem(
+                    "identical_preference",
+                    "the chosen and rejected replies differ only in what data.pii: redact replaces, so with its "
+                    "placeholders they are the same and the pair teaches nothing; fix or remove it.",
+                    file=path,
+                    line=line,
+                    severity="warning",
+                )
+            )
+        return redacted
 
     def _pii_problem(self, code: str, hits: list[tuple[str, pii.Hit]], path: str, line: int) -> Problem:
         found = ", ".join(f"{hit.kind.name} {hit.sample}" for _, hit in hits[:3]) + (", ..." if len(hits) > 3 else "")
@@ -1000,6 +1014,10 @@ def _part_order(row: _Row) -> tuple[bytes, int]:
     that is not the validation split's order (which takes the lowest keys), then by line."""
     digest = hashlib.blake2b(row.key.to_bytes(16, "big"), digest_size=8, person=b"tuneforge-weight").digest()
     return digest, row.line
+
+
+def _same_replies(pair: Preference) -> bool:
+    return pair.chosen.to_template() == pair.rejected.to_template()
 
 
 def _text_field(record: Record, where: int | str, attribute: str, format: str | None) -> str:
