@@ -200,11 +200,24 @@ def test_serve_answers_and_stops_at_the_end_of_turn(name, runs):
             messages = conversation(run["family"], *(QUESTIONS[i] for i in TRAIN_PAIRS[5]))["messages"][:-1]
             body = {"model": "tuned", "messages": messages, "max_tokens": 16, "temperature": 0}
             reply = client.post("/v1/chat/completions", json=body).json()
+            body = {"model": "tuned", "input": messages, "max_output_tokens": 16, "temperature": 0}
+            response = client.post("/v1/responses", json=body).json()
+            with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+                events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
     finally:
         engine.close()
     [choice] = reply["choices"]
     # Every family's answer is the reply it learnt; Qwen 3's (empty) reasoning before it comes apart.
     assert choice["message"]["content"].endswith(REPLY) and choice["finish_reason"] == "stop"
+    # The Responses API's answer, whole and streamed, is the chat route's.
+    assert response["status"] == "completed" and events[-1]["type"] == "response.completed"
+
+    def items(response: dict) -> list[tuple[str, str]]:
+        return [(item["type"], item["content"][0]["text"]) for item in response["output"]]
+
+    # Qwen 3's empty reasoning makes no item: the answer alone, as the chat route's content.
+    assert items(response) == items(events[-1]["response"]) == [("message", choice["message"]["content"])]
+    assert "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta") == REPLY
     assert reply["usage"]["completion_tokens"] < 16
     # What stopped it is the family's end-of-turn token, the last one generated.
     model, tokenizer = load_model(str(run["run"])).eval(), load_tokenizer(str(run["run"]))

@@ -134,6 +134,34 @@ def test_a_reasoning_models_reply_holds_its_reasoning_apart_whole_streamed_and_s
     assert row["messages"][-1] == {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}
 
 
+def test_a_response_holds_the_reasoning_in_an_item_before_the_message_whole_and_streamed(served):
+    client, _ = served
+    whole = client.responses.create(model="qwen3", input="Hi", temperature=0)
+    assert whole.status == "completed" and whole.output_text == ANSWER
+    assert [item.type for item in whole.output] == ["reasoning", "message"]
+    assert whole.output[0].content[0].type == "reasoning_text" and whole.output[0].content[0].text == REASONING
+    assert 0 < whole.usage.output_tokens_details.reasoning_tokens < whole.usage.output_tokens
+
+    events = list(client.responses.create(model="qwen3", input="Hi", temperature=0, stream=True))
+    deltas = {
+        kind: "".join(event.delta for event in events if event.type == kind)
+        for kind in ("response.reasoning_text.delta", "response.output_text.delta")
+    }
+    assert deltas == {"response.reasoning_text.delta": REASONING, "response.output_text.delta": ANSWER}
+    added = [(event.output_index, event.item.type) for event in events if event.type == "response.output_item.added"]
+    assert added == [(0, "reasoning"), (1, "message")]
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == ANSWER
+    assert events[-1].response.output[0].content[0].text == REASONING
+
+    # Cut inside the reasoning: the message is empty, and the response incomplete.
+    cut = client.responses.create(model="qwen3", input="Hi", temperature=0, max_output_tokens=4)
+    assert cut.status == "incomplete" and cut.output_text == "" and cut.usage.output_tokens == 4
+    assert REASONING.startswith(cut.output[0].content[0].text) and [item.type for item in cut.output] == [
+        "reasoning",
+        "message",
+    ]
+
+
 def test_a_request_may_carry_reasoning_and_turn_thinking_off_through_extra_body(served):
     client, _ = served
     earlier = {"role": "assistant", "content": "Hi", "reasoning_content": "say hi"}

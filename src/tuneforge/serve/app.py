@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/health`, `/metrics`.
+"""OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/responses`,
+`/health`, `/metrics`.
 
 Bodies and errors are shaped as OpenAI's, so the official clients work unchanged (errors through
 `tuneforge.web`). Sampling defaults are OpenAI's (temperature 1, top_p 1); `max_tokens` defaults
@@ -20,7 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -184,28 +185,74 @@ class StreamOptions(RequestBody):
     include_obfuscation: bool = False
 
 
-class _GenerationBody(RequestBody):
+class _SampledBody(RequestBody):
+    """What every generating route takes: the model, its sampling and whether the answer streams; `submit`
+    reads a body through these methods."""
+
+    # The parameter that asks for structured output, and where a json_schema's schema sits in it.
+    FORMAT_PARAM: ClassVar[str] = "response_format"
+    SCHEMA_PARAM: ClassVar[str] = "response_format.json_schema.schema"
+
     model: str
-    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+
+    @field_validator("temperature", "top_p", "stream", mode="before")
+    @classmethod
+    def _null_sampling_is_the_default(cls, value, info: ValidationInfo):
+        # OpenAI's API takes null for these as their default, and its SDKs type them Optional.
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    def check_supported(self) -> None:
+        """Refuses, with a 400 naming the parameter, what was sent and is not served."""
+
+    def prompt_field(self, field: str) -> str:
+        """The request's name of a field of the prompt (`messages.0.content`) that the template would write."""
+        return field
+
+    def length_limit(self) -> tuple[str, int | None]:
+        """The parameter that limits the reply's length, and its value (None: not given)."""
+        raise NotImplementedError
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return ()
+
+    def penalties(self) -> tuple[float, float]:
+        """presence_penalty and frequency_penalty."""
+        return 0.0, 0.0
+
+    def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = (), constraint=None) -> Sampling:
+        temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
+        return Sampling(
+            max_new_tokens,
+            temperature,
+            self.top_p,
+            self.seed,
+            self.stop_strings(),
+            keep_tokens,
+            constraint,
+            *self.penalties(),
+        )
+
+
+class _GenerationBody(_SampledBody):
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
     # Several choices of one prompt; with a seed, choice i samples as a request with seed + i (`choice_sampling`).
     # At temperature 0 they are n equal choices, as OpenAI's are.
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     logprobs: bool | int | None = None
     user: str | None = None  # OpenAI's end-user id; accepted and not used
 
-    @field_validator("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", mode="before")
+    @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
     def _null_is_the_default(cls, value, info: ValidationInfo):
-        # OpenAI's API takes null for these as their default, and its SDKs type them Optional.
-        return cls.model_fields[info.field_name].default if value is None else value
+        return cls._null_sampling_is_the_default(value, info)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -245,22 +292,10 @@ class _GenerationBody(RequestBody):
         return tuple(stop)
 
     def length_limit(self) -> tuple[str, int | None]:
-        """The parameter that limits the reply's length, and its value (None: not given)."""
         return "max_tokens", self.max_tokens
 
-    def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = (), constraint=None) -> Sampling:
-        temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
-        return Sampling(
-            max_new_tokens,
-            temperature,
-            self.top_p,
-            self.seed,
-            self.stop_strings(),
-            keep_tokens,
-            constraint,
-            self.presence_penalty,
-            self.frequency_penalty,
-        )
+    def penalties(self) -> tuple[float, float]:
+        return self.presence_penalty, self.frequency_penalty
 
 
 class ChatCompletionBody(_GenerationBody):
@@ -390,6 +425,187 @@ class CompletionBody(_GenerationBody):
             )
 
 
+# OpenAI's Responses API (`POST /v1/responses`): the stateless core, answered as a chat request is.
+# Its fields that this server does not build, refused by name (any other unknown one is refused as unrecognized).
+_TOOLS = "tool calling is served by /v1/chat/completions (`tools`), not by /v1/responses here"
+RESPONSES_NOT_SERVED = {  # what it is not, and the values that ask for nothing, as OpenAI's defaults
+    "previous_response_id": ("this server keeps no responses: send the whole conversation in `input`", ()),
+    "conversation": ("this server keeps no conversations: send the whole conversation in `input`", ()),
+    "tools": (_TOOLS, ([],)),
+    "tool_choice": (_TOOLS, ("auto", "none")),
+    "parallel_tool_calls": (_TOOLS, (True,)),
+    "max_tool_calls": (_TOOLS, ()),
+    "reasoning": ("a reasoning model reasons as its chat template makes it, with no effort or summary set", ()),
+    "include": ("no extra output is included (a reasoning model's reasoning is in the output already)", ([],)),
+    "background": ("a response is answered while the request waits, or streamed", (False,)),
+    "prompt": ("this server keeps no prompt templates: send the instructions and the input themselves", ()),
+    "top_logprobs": ("logprobs are not supported", ()),
+    "truncation": ("the input is never truncated: a prompt past the context window is refused", ("disabled",)),
+    "service_tier": ("this server has one tier", ("auto", "default")),
+}
+
+
+class InputText(RequestBody):
+    type: Literal["input_text", "output_text"]  # output_text: an earlier response's text, sent back
+    text: str
+    annotations: list | None = None  # what an earlier response's output_text part carries; unused
+    logprobs: list | None = None
+
+
+class InputMessage(RequestBody):
+    """A message item of `input`: its content a string or text parts, as OpenAI's API takes them."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: list[InputText]
+    id: str | None = None  # what an earlier response's message item carries, sent back; unused
+    status: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_only(cls, item):
+        # Said here, since pydantic would say "Input should be 'message'" of an item without a role.
+        if isinstance(item, dict) and item.get("type", "message") != "message":
+            raise ValueError(
+                f"an item of type {json.dumps(item.get('type'))[:60]} is not served: this server takes message "
+                'items ({"role": "user", "content": ...}) in input'
+            )
+        return item
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content):
+        if isinstance(content, str):
+            return [{"type": "input_text", "text": content}]
+        for index, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind not in ("input_text", "output_text"):
+                raise ValueError(
+                    f"part {index} is of type {json.dumps(kind)[:60]}: this server serves text models, so a "
+                    'message\'s content is a string or text parts ({"type": "input_text", "text": ...})'
+                )
+        return content
+
+    def as_template_message(self) -> dict:
+        text = "".join(part.text for part in self.content)
+        return ChatMessage(role=self.role, content=text).as_template_message()
+
+
+class ResponseFormat(RequestBody):
+    """`text.format`: "text", "json_object", or "json_schema" with its schema beside its type (not nested, as
+    chat's response_format has it)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(RequestBody):
+    format: ResponseFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # refused unless "medium", OpenAI's default
+
+
+class ResponsesBody(_SampledBody):
+    FORMAT_PARAM: ClassVar[str] = "text.format"
+    SCHEMA_PARAM: ClassVar[str] = "text.format.schema"
+
+    input: list[InputMessage] = Field(min_length=1)
+    instructions: str | None = None  # the system message before the input
+    max_output_tokens: int | None = Field(None, ge=1)
+    text: TextConfig | None = None
+    store: bool | None = None
+    metadata: Metadata | None = None  # echoed in the response
+    user: str | None = None  # OpenAI's end-user ids and cache key: accepted and not used
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    previous_response_id: Any = None  # these and the rest of RESPONSES_NOT_SERVED: refused when set
+    conversation: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    max_tool_calls: Any = None
+    reasoning: Any = None
+    include: Any = None
+    background: Any = None
+    prompt: Any = None
+    top_logprobs: Any = None
+    truncation: Any = None
+    service_tier: Any = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_is_a_user_message(cls, value):
+        # Said here, since pydantic would say "Input should be a valid list" of any other value.
+        if isinstance(value, str):
+            return [{"role": "user", "content": value}]
+        if not isinstance(value, list):
+            raise ValueError(
+                f"input is {json.dumps(value)[:60]}: send the text as a string, or the conversation as a list of "
+                'messages ({"role": "user", "content": ...})'
+            )
+        return value
+
+    @property
+    def n(self) -> int:
+        return 1
+
+    def check_supported(self) -> None:
+        for param, (why, harmless) in RESPONSES_NOT_SERVED.items():
+            value = getattr(self, param)
+            if value is not None and not any(value == same and type(value) is type(same) for same in harmless):
+                raise APIError(400, f"{param} is not supported: {why}.", param=param, code="unsupported_value")
+        if self.store:
+            raise APIError(
+                400,
+                "store: true keeps a response for GET /v1/responses/{id} and previous_response_id, which this server "
+                "does not serve: send store: false (or leave it out). /v1/chat/completions stores completions.",
+                param="store",
+                code="unsupported_value",
+            )
+        if self.text is not None and self.text.verbosity not in (None, "medium"):
+            raise APIError(
+                400,
+                f"text.verbosity {self.text.verbosity!r} is not supported: the model answers as it was tuned to. "
+                'Leave it out or send "medium".',
+                param="text.verbosity",
+                code="unsupported_value",
+            )
+
+    def length_limit(self) -> tuple[str, int | None]:
+        return "max_output_tokens", self.max_output_tokens
+
+    def output_format(self) -> tuple[str, dict | None]:
+        """As `ChatCompletionBody.output_format`, read from `text.format`."""
+        response_format = self.text.format if self.text is not None else None
+        if response_format is None or response_format.type != "json_schema":
+            return (response_format.type if response_format else "text"), None
+        if response_format.schema_ is None:
+            raise APIError(
+                400,
+                'text.format.schema is missing: json_schema takes {"type": "json_schema", "name": ..., "schema": '
+                '{a JSON Schema}, "strict": true}.',
+                param=self.SCHEMA_PARAM,
+                code="invalid_value",
+            )
+        return "json_schema", response_format.schema_
+
+    def prompt_field(self, field: str) -> str:
+        # The prompt's messages are `instructions`' (where given), then `input`'s.
+        if self.instructions is None or not field.startswith("input."):
+            return field
+        _, index, *rest = field.split(".")
+        return "instructions" if index == "0" else ".".join(["input", str(int(index) - 1), *rest])
+
+    def template_messages(self) -> list[dict]:
+        system = [] if self.instructions is None else [{"role": "system", "content": self.instructions}]
+        return [
+            *(ChatMessage(**m).as_template_message() for m in system),
+            *(m.as_template_message() for m in self.input),
+        ]
+
+
 # ---- response bodies -------------------------------------------------------------------------------
 
 
@@ -446,6 +662,10 @@ class _Reply:
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             answer = {"message": message}
         return {"index": index, **answer, "logprobs": None, "finish_reason": finish_reason}
+
+    def events(self, server: Served, request: Request, body: _GenerationBody, generation: Generation):
+        """The answer as a stream of chunks (`_events`)."""
+        return _events(server, request, body, self, generation)
 
     def tool_calls_chunk(self, calls: list[dict], index: int = 0) -> dict:
         delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
@@ -504,6 +724,180 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+@dataclass
+class _ResponseReply:
+    """One answer of /v1/responses as OpenAI's `response` object, whole or as its stream of events.
+
+    Its `output` holds a `message` item with the answer as one `output_text` part; a reasoning model's
+    reasoning (what the chat route gives as `reasoning_content`) comes before it as a `reasoning` item with a
+    `reasoning_text` part, so the SDK's `output_text` is the answer alone.
+    """
+
+    body: ResponsesBody
+    id: str
+    created_at: int
+    reasoning: bool | None  # as `_Reply.reasoning`
+    count_tokens: Any  # the served model's tokenizer's count of a text's tokens: the reasoning's share of usage
+    sequence_number: int = 0
+
+    @classmethod
+    def start(cls, body: ResponsesBody, reasoning: bool | None, tokenizer) -> _ResponseReply:
+        def count_tokens(text: str) -> int:
+            return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+        return cls(body, f"resp_{uuid.uuid4().hex}", int(time.time()), reasoning, count_tokens)
+
+    @property
+    def model(self) -> str:
+        return self.body.model
+
+    def whole(self, completions: list[Completion]) -> dict:
+        [completion] = completions
+        parts = (
+            reasoning.message(completion.text, self.reasoning)
+            if self.reasoning is not None
+            else {reasoning.CONTENT: completion.text}
+        )
+        return self.response(completion, parts.get(reasoning.REASONING), parts[reasoning.CONTENT])
+
+    def response(self, completion: Completion | None, thought: str | None = None, answer: str = "") -> dict:
+        """The `response` object: in progress (no completion yet, no output), or finished with its output."""
+        incomplete = completion is not None and completion.finish_reason == "length"
+        status = "in_progress" if completion is None else "incomplete" if incomplete else "completed"
+        output = []
+        if completion is not None:
+            if thought:  # empty reasoning (Qwen 3's <think></think> without thinking) streams nothing: no item
+                output.append(self._reasoning_item(thought, status))
+            output.append(self._message_item(answer, status))
+        text_format = self.body.text.format if self.body.text is not None else None
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": self.body.instructions,
+            "max_output_tokens": self.body.max_output_tokens,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": False,
+            "previous_response_id": None,
+            "reasoning": None,
+            "store": False,
+            "temperature": self.body.temperature,
+            "text": {
+                "format": text_format.model_dump(exclude_none=True, by_alias=True) if text_format else {"type": "text"}
+            },
+            "tool_choice": "none",
+            "tools": [],
+            "top_p": self.body.top_p,
+            "truncation": "disabled",
+            "usage": self._usage(completion, thought) if completion is not None else None,
+            "metadata": self.body.metadata or {},
+        }
+
+    def _usage(self, completion: Completion, thought: str | None) -> dict:
+        return {
+            "input_tokens": completion.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": self.count_tokens(thought or "")},
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        }
+
+    @property
+    def _message_id(self) -> str:
+        return f"msg_{self.id.removeprefix('resp_')}"
+
+    @property
+    def _reasoning_id(self) -> str:
+        return f"rs_{self.id.removeprefix('resp_')}"
+
+    def _message_item(self, answer: str | None, status: str) -> dict:
+        content = [] if answer is None else [self._text_part(answer)]
+        return {"type": "message", "id": self._message_id, "status": status, "role": "assistant", "content": content}
+
+    def _reasoning_item(self, thought: str | None, status: str) -> dict:
+        content = [] if thought is None else [{"type": "reasoning_text", "text": thought}]
+        return {"type": "reasoning", "id": self._reasoning_id, "summary": [], "content": content, "status": status}
+
+    @staticmethod
+    def _text_part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def event(self, kind: str, **fields) -> str:
+        self.sequence_number += 1
+        return f"event: {kind}\n" + _sse({"type": kind, "sequence_number": self.sequence_number - 1, **fields})
+
+    async def events(self, server: Served, request: Request, body: ResponsesBody, generation: Generation):
+        """The SSE stream as OpenAI's: the response created, each output item added, its text's deltas, the
+        item done, and the response completed (or incomplete); a reasoning item, if any, before the message."""
+        texts: dict[str, str] = {}  # each item's text so far, by field (reasoning.REASONING or CONTENT)
+        try:
+            yield self.event("response.created", response=self.response(None))
+            yield self.event("response.in_progress", response=self.response(None))
+            async for part, text in reasoning.deltas(generation.pieces(), self.reasoning):
+                if part not in texts:
+                    for event in self._item_events(texts, part):
+                        yield event
+                texts[part] += text
+                where = {"item_id": self._item_id(part), "output_index": len(texts) - 1, "content_index": 0}
+                kind = "response.reasoning_text.delta" if part == reasoning.REASONING else "response.output_text.delta"
+                yield self.event(kind, **where, delta=text, **({} if part == reasoning.REASONING else {"logprobs": []}))
+            finished = self.response(
+                generation.completion, texts.get(reasoning.REASONING), texts.get(reasoning.CONTENT, "")
+            )
+            for event in self._item_events(texts, None, finished["status"]):
+                yield event
+            await server.answered(request, body, self, generation)
+            kind = "response.incomplete" if finished["status"] == "incomplete" else "response.completed"
+            yield self.event(kind, response=finished)
+        except EngineError as err:
+            error = engine_error(err)
+            yield self.event("error", code=error.code, message=error.message, param=error.param)
+        finally:
+            generation.cancel()  # a client that disconnected mid-stream ends up here too
+
+    def _item_id(self, part: str) -> str:
+        return self._reasoning_id if part == reasoning.REASONING else self._message_id
+
+    def _item_events(self, texts: dict[str, str], opening: str | None, status: str = "completed"):
+        """The events that end the open item (the last of `texts`, with `status`) and open `opening`'s (None: the
+        stream ends, with the message item, opened first where the reply had no answer)."""
+        if opening is None and reasoning.CONTENT not in texts:
+            yield from self._item_events(texts, reasoning.CONTENT)
+        if texts:
+            part, text = list(texts.items())[-1]
+            where = {"item_id": self._item_id(part), "output_index": len(texts) - 1}
+            if part == reasoning.REASONING:
+                yield self.event("response.reasoning_text.done", **where, content_index=0, text=text)
+                yield self.event(
+                    "response.output_item.done",
+                    output_index=where["output_index"],
+                    item=self._reasoning_item(text, status),
+                )
+            else:
+                yield self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
+                yield self.event("response.content_part.done", **where, content_index=0, part=self._text_part(text))
+                yield self.event(
+                    "response.output_item.done",
+                    output_index=where["output_index"],
+                    item=self._message_item(text, status),
+                )
+        if opening is not None:
+            texts[opening] = ""
+            item = (
+                self._reasoning_item(None, "in_progress")
+                if opening == reasoning.REASONING
+                else self._message_item(None, "in_progress")
+            )
+            yield self.event("response.output_item.added", output_index=len(texts) - 1, item=item)
+            if opening == reasoning.CONTENT:
+                where = {"item_id": self._message_id, "output_index": len(texts) - 1}
+                yield self.event("response.content_part.added", **where, content_index=0, part=self._text_part(""))
+
+
 # ---- the app ---------------------------------------------------------------------------------------
 
 
@@ -542,7 +936,9 @@ class Served:
             )
         return name
 
-    async def answered(self, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation) -> None:
+    async def answered(
+        self, request: Request, body: _SampledBody, reply: _Reply | _ResponseReply, generation: Generation
+    ) -> None:
         """What an answer leaves behind: its metrics, its log line's figures, and its stored completion if asked."""
         completions = generation.completions
         self.metrics.answered(reply.model, generation)
@@ -643,7 +1039,7 @@ def _tool_parser(server: Served, body: ChatCompletionBody) -> ToolCallParser | N
     return parser
 
 
-def _constraint(server: Served, body: ChatCompletionBody):
+def _constraint(server: Served, body: ChatCompletionBody | ResponsesBody):
     """The index a JSON reply is decoded along (`constrain.json_index`); None for a text reply."""
     kind, schema = body.output_format()
     if kind == "text":
@@ -655,10 +1051,23 @@ def _constraint(server: Served, body: ChatCompletionBody):
     except ConstraintError as err:
         if err.code != "invalid_schema":  # this model's tokenizer, or no outlines-core
             raise APIError(
-                400, f"response_format {kind}: {err.message}.", param="response_format", code="unsupported_value"
+                400, f"{body.FORMAT_PARAM} {kind}: {err.message}.", param=body.FORMAT_PARAM, code="unsupported_value"
             ) from err
-        param = "response_format.json_schema.schema"
+        param = body.SCHEMA_PARAM
         raise APIError(400, f"{param}: {err.message}.", param=param, code="invalid_value") from err
+
+
+@v1.post("/responses")
+async def responses(body: ResponsesBody, request: Request, server: Served = Depends(served)):
+    """OpenAI's Responses API, stateless: `instructions` and `input` as a chat request's messages, on the
+    same checks and engine."""
+    constraint = await asyncio.to_thread(_constraint, server, body)
+    generation = await submit(
+        server, request, body, body.template_messages(), server.default_max_tokens, "input", constraint=constraint
+    )
+    tokenizer = server.pool.tokenizer(generation.model)
+    opened = reasoning.reasoning_opened(tokenizer, generation.prompt_ids)
+    return await answer(server, request, body, _ResponseReply.start(body, opened, tokenizer), generation)
 
 
 @v1.post("/completions")
@@ -722,7 +1131,7 @@ def create_app(
 async def submit(
     server: Served,
     request: Request,
-    body: _GenerationBody,
+    body: _SampledBody,
     prompt,
     default_max: int,
     length_param: str,
@@ -735,17 +1144,19 @@ async def submit(
     note(request, model=name, **({"prompt": prompt} if server.observer.log_prompts else {}))
     # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
     template_kwargs = getattr(body, "chat_template_kwargs", None)
-    prompt_ids = await asyncio.to_thread(_encode, server.pool.tokenizer(name), prompt, tools, template_kwargs)
+    prompt_ids = await asyncio.to_thread(
+        _encode, server.pool.tokenizer(name), prompt, tools, template_kwargs, length_param, body.prompt_field
+    )
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param=length_param)
     max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
     if constraint is not None and reasoning.reasoning_opened(server.pool.tokenizer(name), prompt_ids):
         raise APIError(
             400,
-            "response_format: this prompt opens the model's reasoning, which a reply constrained to JSON could not "
-            "write. Leave response_format out, or turn the reasoning off where the template can "
+            f"{body.FORMAT_PARAM}: this prompt opens the model's reasoning, which a reply constrained to JSON could "
+            f"not write. Leave {body.FORMAT_PARAM} out, or turn the reasoning off where the template can "
             "(chat_template_kwargs).",
-            param="response_format",
+            param=body.FORMAT_PARAM,
             code="unsupported_value",
         )
     try:
@@ -754,26 +1165,36 @@ async def submit(
         raise engine_error(err) from err
 
 
-def _encode(tokenizer, prompt, tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
+def _encode(
+    tokenizer,
+    prompt,
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
+    param: str = "messages",
+    field_name=lambda field: field,
+) -> list[int]:
     if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
         fields = [
-            *template_texts(prompt, "messages", brackets=False),
+            *template_texts(prompt, param, brackets=False),
             *template_texts(tools or [], "tools", brackets=False),
         ]
         for problem in renderer_for(tokenizer).special_tokens_in(fields):
-            raise APIError(400, f"{problem.field}: {problem.message}", param=problem.field, code="invalid_value")
+            field = field_name(problem.field)
+            raise APIError(400, f"{field}: {problem.message}", param=field, code="invalid_value")
     try:
         [prompt_ids] = encode_prompts(tokenizer, [prompt], tools=tools, template_kwargs=template_kwargs)
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
-        raise APIError(400, f"The model's chat template cannot render these messages: {err}", param="messages") from err
+        raise APIError(400, f"The model's chat template cannot render these messages: {err}", param=param) from err
     return prompt_ids
 
 
-async def answer(server: Served, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation):
+async def answer(
+    server: Served, request: Request, body: _SampledBody, reply: _Reply | _ResponseReply, generation: Generation
+):
     note(request, id=reply.id)  # in the log line of an answer cut short too
     if body.stream:
         return StreamingResponse(
-            _events(server, request, body, reply, generation),
+            reply.events(server, request, body, generation),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
