@@ -238,6 +238,8 @@ def sdk_flow(server: ApiServer, model_dir: Path) -> None:
             model=model, max_tokens=5, messages=[{"role": "user", "content": "What is two plus two?"}]
         )
         assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
+    response = client.responses.create(model=job.fine_tuned_model, input="What is two plus two?", max_output_tokens=5)
+    assert response.model == job.fine_tuned_model and response.usage.output_tokens >= 1
     listed = [m.id for m in client.models.list()]
     assert job.fine_tuned_model in listed and "smollm2-135m-instruct" in listed
     # What the key can use, it can look up; another key gets for its models what a missing name gets.

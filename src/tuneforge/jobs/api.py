@@ -2,8 +2,8 @@
 
 Routes (one router per resource, in `routes/`): `/v1/files` (upload, list, get, content, delete),
 `/v1/fine_tuning/jobs` (create, list, get, cancel, pause, resume, events, checkpoints),
-`/v1/models`, and through `tuneforge.serve`, `/v1/chat/completions` and `/v1/completions` for
-the models a key may use (`access.py`), and the key's stored chat completions (kept in the job
+`/v1/models`, and through `tuneforge.serve`, `/v1/chat/completions`, `/v1/completions` and
+`/v1/responses` for the models a key may use (`access.py`), and the key's stored chat completions (kept in the job
 store's database). `/metrics` has the requests, generation and jobs (`metrics.py`). The web
 dashboard (`tuneforge.dashboard`, which reads this service) adds its pages under `/ui`. Every
 error is OpenAI's body `{"error": {message, type, param, code}}`, a bad argument a 400 that names

@@ -16,7 +16,7 @@ Errors, keys, the body cap, request metrics and logs are `tuneforge.web`'s, shar
 """
 
 from .adapters import AdapterPool, load_pool
-from .app import ChatCompletionBody, CompletionBody, create_app
+from .app import ChatCompletionBody, CompletionBody, ResponsesBody, create_app
 from .completion_store import CompletionStore, Retention
 from .engine import Engine, EngineError, Generation
 
@@ -24,6 +24,7 @@ __all__ = [
     "AdapterPool",
     "ChatCompletionBody",
     "CompletionBody",
+    "ResponsesBody",
     "CompletionStore",
     "Engine",
     "EngineError",
