@@ -12,10 +12,11 @@ PYTEST_WORKERS ?= 2
 
 install: $(STAMP)
 
+# wandb and mlflow: tests/test_trackers.py runs train.report_to against them offline (W&B's offline mode, a file: store).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[serve,dev]'
+	$(BIN)/python -m pip install -q -e '.[serve,dev,wandb,mlflow]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 quickstart: install

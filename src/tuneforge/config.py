@@ -242,6 +242,27 @@ HF_SCHEDULERS = {
 }
 
 
+class WandbConfig(Strict):
+    """Weights & Biases' run, for train.report_to: [wandb]. A key left out takes its environment variable."""
+
+    project: str | None = Field(None, description="the W&B project (WANDB_PROJECT; else tuneforge)")
+    entity: str | None = Field(None, description="the W&B team or user (WANDB_ENTITY; else your default entity)")
+    name: str | None = Field(None, description="the W&B run's name (WANDB_NAME; else the run folder's name)")
+    tags: list[str] | None = Field(None, description="the W&B run's tags (WANDB_TAGS, comma-separated)")
+
+
+class MlflowConfig(Strict):
+    """MLflow's run, for train.report_to: [mlflow]. A key left out takes its environment variable."""
+
+    tracking_uri: str | None = Field(
+        None, description="the MLflow tracking server (MLFLOW_TRACKING_URI; else MLflow's default)"
+    )
+    experiment: str | None = Field(None, description="the MLflow experiment (MLFLOW_EXPERIMENT_NAME; else tuneforge)")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 class TrainConfig(Strict):
     epochs: Literal["auto"] | int = "auto"
     max_steps: int | None = Field(None, ge=1)
@@ -351,6 +372,25 @@ class TrainConfig(Strict):
         description="fsdp only: keep each process's shards of the weights and optimizer state in CPU memory "
         "and run the optimizer step there (slower; for models whose shards do not fit the devices)",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | None = Field(
+        None,
+        description="experiment trackers that get metrics.jsonl's records and the config (Hugging Face's "
+        "report_to): tensorboard, wandb, mlflow; none or [] for none; unset: tensorboard where it is installed",
+    )
+    wandb: WandbConfig = WandbConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v):
+        # Hugging Face's report_to also takes one name, or "none"; its "all" (whatever is installed) is not offered.
+        if isinstance(v, str):
+            if v == "none":
+                return []
+            if v == "all":
+                raise ValueError(f"name the trackers, such as [{', '.join(TRACKERS)}]")
+            return [v]
+        return v
 
     @field_validator("scheduler", mode="before")
     @classmethod

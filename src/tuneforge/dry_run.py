@@ -37,6 +37,7 @@ from .training import (
     rows_made,
     shares_prefixes,
     to_rows,
+    trackers,
 )
 from .training.distributed import decoder_layers, sharding_plan, strategy
 from .wording import counted
@@ -197,6 +198,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     started = time.perf_counter()
     cfg = load_config(config, overrides)
     check_output_dir(cfg)
+    trackers.check_installed(cfg)
     source = resolve(cfg.base_model)
     n_params, n_trainable, n_linear, n_gathered, hf_config = parameter_counts(source, cfg)
     # Refuses a combination that cannot work.

@@ -54,7 +54,7 @@ from ..models.saving import save_model
 from ..models.system_prompt import record_system_prompt, recorded_system_prompt
 from ..progress import progress_bar
 from ..wording import counted
-from . import batches, best, checkpoint, distributed
+from . import batches, best, checkpoint, distributed, trackers
 from .progress import TrainProgress, print_summary
 from .run_folder import (
     check_output_dir,
@@ -282,29 +282,26 @@ def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per logged step; a resumed run drops lines past its checkpoint."""
+    """metrics.jsonl, one JSON object per logged step, and the experiment trackers that get each record
+    too (`trackers`); a resumed run drops lines past its checkpoint."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, cfg: Config, resume_step: int | None, enabled: bool):
+        self.path, self.enabled = Path(cfg.output_dir) / "metrics.jsonl", enabled
         if not enabled:
             return
-        restart_step_log(path, resume_step)
-        self.tb = None
-        with contextlib.suppress(ImportError):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        restart_step_log(self.path, resume_step)
+        self.trackers = trackers.Trackers(cfg, resume_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-            self.tb.flush()  # live in TensorBoard, and nothing left for exit (cli.leave skips finalizing)
+        self.trackers.log(record)
+
+    def close(self, status: str) -> None:
+        if self.enabled:
+            self.trackers.close(status)
 
     def step_record(self, step: int) -> dict:
         """The record logged for training step `step` ({} if none was): a resumed run's metrics until it
@@ -533,6 +530,8 @@ def setup(
     source = resolve(cfg.base_model)
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     check_batch_split(cfg, world.size)
+    if world.is_main:
+        trackers.check_installed(cfg)
     tokenizer = load_tokenizer(source)
     refuse_other_runs_on_other_machines(cfg, tokenizer, world)
     check_inputs(cfg, tokenizer, source)
@@ -601,9 +600,7 @@ def setup(
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, world)
         log(f"resumed from {resume_from} at step {state['step']}")
-    metrics_log = MetricsLog(
-        Path(cfg.output_dir) / "metrics.jsonl", state["step"] if resume_from else None, world.is_main
-    )
+    metrics_log = MetricsLog(cfg, state["step"] if resume_from else None, world.is_main)
     if world.is_main:  # the files a method writes a record a step to (grpo's rollouts) start as metrics.jsonl does
         for path in getattr(getattr(objective, "module", objective), "step_logs", ()):
             restart_step_log(path, state["step"] if resume_from else None)
@@ -837,13 +834,18 @@ def train(
     world = distributed.setup(cfg.train.distributed_timeout)
     log = print if world.is_main else (lambda *a, **k: None)
     run = None
+    ended = "failed"  # what the trackers' runs are told at the end: an error unless the run gets past finish
     callers_rng = checkpoint.rng_states()
     try:
         with sole_run_in(Path(cfg.output_dir), world):
             run = setup(cfg, world, resume=resume, force=force, overwrite=overwrite, log=log, progress=progress)
             status = fit(run, progress=progress, log=log)
-            return finish(run, status, progress=progress)
+            result = finish(run, status, progress=progress)
+            ended = status
+            return result
     finally:
+        if run is not None:
+            run.metrics_log.close(ended)
         # The run goes before the process group: DDP's reducer holds the group, and were it the last
         # holder it would end the group holding the GIL, which gloo's threads may still wait for.
         del run

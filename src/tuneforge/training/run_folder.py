@@ -29,6 +29,7 @@ from ..errors import ConfigError, TuneforgeError
 from ..fsio import atomic_file, writing
 from ..methods.grpo import ROLLOUTS_FILE
 from . import checkpoint, distributed
+from .trackers import IDS_FILE
 
 if TYPE_CHECKING:
     from .loop import StepPlan
@@ -203,6 +204,8 @@ RUN_FILES = (
     "final",
     "eval",
     "tensorboard",
+    "wandb",
+    IDS_FILE,
     "summary.json",
     "metrics.jsonl",
     "config.yaml",

@@ -1,0 +1,181 @@
+"""Experiment trackers (`train.report_to`): TensorBoard, Weights & Biases and MLflow get each
+metrics.jsonl record at its step, and the run's config as its hyperparameters.
+
+Rank 0 reports alone (`MetricsLog` is enabled there only). A tracker's run is named after the run
+folder and its id is kept in the folder (`trackers.json`), so a resumed run continues the same
+tracker run. A tracker that is not installed is refused before any data or model loads
+(`check_installed`); one that fails mid-run (a network down) warns once and training goes on:
+metrics.jsonl holds every record either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+from ..config import Config, dotted
+from ..errors import TuneforgeError
+from ..fsio import write_json
+
+IDS_FILE = "trackers.json"
+# What to check when a tracker cannot start its run.
+HINTS = {
+    "tensorboard": "check that the run folder is writable",
+    "wandb": "log in (`wandb login`, or WANDB_API_KEY), or set WANDB_MODE=offline to keep the run in the run "
+    "folder's wandb/ and `wandb sync` it later",
+    "mlflow": "set train.mlflow.tracking_uri or MLFLOW_TRACKING_URI to your tracking server (http://HOST:5000)",
+}
+# The module each tracker imports, and the tuneforge extra (pyproject.toml) that installs it.
+MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def chosen(cfg: Config) -> list[str]:
+    """The trackers a run reports to: train.report_to, or where it is unset TensorBoard if it is installed."""
+    if cfg.train.report_to is not None:
+        return list(dict.fromkeys(cfg.train.report_to))
+    return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+
+
+def check_installed(cfg: Config) -> None:
+    """Refuse a train.report_to tracker that is not installed, naming the install."""
+    missing = [name for name in chosen(cfg) if importlib.util.find_spec(MODULES[name]) is None]
+    if missing:
+        extras = ",".join(missing)
+        raise TuneforgeError(
+            f"{cfg.key_at('train.report_to')}: {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed. Install with `pip install 'tuneforge[{extras}]'` "
+            f"(from a clone: `pip install -e '.[{extras}]'`), or leave {' and '.join(missing)} out of train.report_to."
+        )
+
+
+class Trackers:
+    """The run's trackers, started with its run folder's ids (resumed) or new ones (saved there)."""
+
+    def __init__(self, cfg: Config, resume_step: int | None):
+        self.out = Path(cfg.output_dir)
+        self.warned: set[str] = set()
+        ids_path = self.out / IDS_FILE
+        ids = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.is_file() else {}
+        self.writers = {}
+        for name in chosen(cfg):
+            try:
+                self.writers[name] = STARTS[name](cfg, self.out, resume_step, ids)
+            except Exception as e:
+                self.close("failed")
+                raise TuneforgeError(
+                    f"{cfg.key_at('train.report_to')}: {name} could not start its run: {e}; "
+                    f"{HINTS[name]}, or leave {name} out of train.report_to."
+                ) from e
+            write_json(ids_path, ids)  # before any step, so a run killed at any point resumes the same tracker run
+
+    def log(self, record: dict) -> None:
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        for name, writer in self.writers.items():
+            self._guarded(name, lambda w=writer: w.log(scalars, record["step"]))
+
+    def close(self, status: str) -> None:
+        for name, writer in self.writers.items():
+            self._guarded(name, lambda w=writer: w.close(status))
+        self.writers = {}
+
+    def _guarded(self, name: str, call) -> None:
+        try:
+            call()
+        except Exception as e:  # a tracker's failure (its server unreachable) never stops training
+            if name not in self.warned:
+                self.warned.add(name)
+                warnings.warn(
+                    f"{name}: could not report the run's metrics ({type(e).__name__}: {e}); training goes on, and "
+                    f"{self.out / 'metrics.jsonl'} has every record. Later failures of {name} are not reported.",
+                    stacklevel=2,
+                )
+
+
+class TensorBoard:
+    def __init__(self, cfg: Config, out: Path, resume_step: int | None, ids: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A resumed run drops the events past its checkpoint, as metrics.jsonl drops their lines.
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
+        if resume_step is None:
+            self.writer.add_text("config", "```\n" + cfg.to_yaml() + "```")
+
+    def log(self, scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()  # live in TensorBoard, and nothing left for exit (cli.leave skips finalizing)
+
+    def close(self, status: str) -> None:
+        self.writer.close()
+
+
+class Wandb:
+    def __init__(self, cfg: Config, out: Path, resume_step: int | None, ids: dict):
+        import wandb
+
+        w = cfg.train.wandb
+        env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
+        saved = ids.setdefault("wandb", {"id": uuid.uuid4().hex[:16]})  # a W&B run id: letters and digits
+        self.run = wandb.init(
+            project=w.project or os.environ.get("WANDB_PROJECT") or "tuneforge",
+            entity=w.entity or os.environ.get("WANDB_ENTITY") or None,
+            name=w.name or os.environ.get("WANDB_NAME") or out.resolve().name,
+            tags=w.tags if w.tags is not None else env_tags or None,
+            config=cfg.model_dump(mode="json"),
+            id=saved["id"],
+            resume="allow",
+            dir=str(out),
+            reinit="create_new",
+        )
+        # The run's step is metrics.jsonl's: W&B's own step only grows, and a resumed run logs its
+        # checkpoint's later steps again.
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log({"step": step, **scalars})
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "completed" else 1)
+
+
+class Mlflow:
+    def __init__(self, cfg: Config, out: Path, resume_step: int | None, ids: dict):
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        m = cfg.train.mlflow
+        self.client = MlflowClient(m.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
+        saved = ids.get("mlflow", {})
+        if saved.get("tracking_uri") == self.client.tracking_uri:
+            self.run_id = saved["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            name = m.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tuneforge"
+            experiment = self.client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+            self.run_id = self.client.create_run(experiment_id, run_name=out.resolve().name).info.run_id
+            ids["mlflow"] = {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}
+        # MLflow keeps a parameter's first value: a forced resume with a changed config adds only new keys.
+        logged = self.client.get_run(self.run_id).data.params
+        params = [Param(k, str(v)[:6000]) for k, v in dotted(cfg.model_dump(mode="json")).items() if k not in logged]
+        for i in range(0, len(params), 100):  # MLflow takes up to 100 parameters a call
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log(self, scalars: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in scalars.items()])
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "KILLED")
+
+
+STARTS = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow}

@@ -1,0 +1,125 @@
+"""Experiment trackers (train.report_to) on a tiny model: W&B offline and MLflow's file store, read back."""
+
+import json
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_run_config
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.training import train
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wandb_records(run_file: Path) -> list:
+    """The records of an offline W&B run file: a LevelDB-style log of 32 KiB blocks after a 7-byte header."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, pending, records = run_file.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7]) if left >= 7 else (0, 0)
+        if kind == 0:  # a block's padding
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or a record's last piece
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_and_mlflow_get_the_records_and_config_and_a_resumed_run_continues_their_runs(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    pytest.importorskip("wandb", reason="W&B is not installed: pip install -e '.[wandb]'")
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "triage")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it to use a file: store
+    store = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2, eval_every=2, batch_size=4)
+    cfg["train"]["report_to"] = ["wandb", "mlflow"]
+    cfg["train"]["wandb"] = {"tags": ["tiny"]}
+    cfg["train"]["mlflow"] = {"experiment": "triage"}
+    train(cfg, progress=False)
+    train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False)  # steps 3 and 4 again
+    logged = [r for r in metrics(run) if "lr" in r]
+
+    client = MlflowClient(store)
+    (only,) = client.search_runs([client.get_experiment_by_name("triage").experiment_id])
+    assert only.info.run_name == "run" and only.info.status == "FINISHED"
+    assert only.data.params["train.learning_rate"] == "0.001" and only.data.params["train.report_to"]
+    history = client.get_metric_history(only.info.run_id, "train_loss")
+    by_step = {m.step: m.value for m in history}  # the resumed steps' values come last
+    assert sorted(m.step for m in history) == [1, 2, 3, 3, 4, 4]
+    assert by_step == {r["step"]: pytest.approx(r["train_loss"]) for r in logged}
+    assert {m.step for m in client.get_metric_history(only.info.run_id, "valid_loss")} == {2}
+
+    files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len({f.name for f in files}) == 1  # one W&B run id, started then resumed
+    first, resumed = (wandb_records(f) for f in files)
+    (started,) = [r.run for r in first if r.WhichOneof("record_type") == "run"]
+    assert (started.display_name, started.project, list(started.tags)) == ("run", "triage", ["tiny"])
+    config = {item.key: json.loads(item.value_json) for item in started.config.update}
+    assert config["train"]["learning_rate"] == 0.001
+    losses = []
+    for record in first + resumed:
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            if "lr" in items:
+                losses.append((items["step"], items["train_loss"]))
+    assert [step for step, _ in losses] == [1, 2, 3, 4, 3, 4]
+    assert sorted(losses) == sorted((m.step, m.value) for m in history)  # W&B and MLflow got the same values
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_any_data_or_model_loads(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, as where it is not installed
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    cfg["train"]["report_to"] = "wandb"
+    with pytest.raises(TuneforgeError) as e:
+        train(cfg, progress=False)
+    assert "train.report_to" in e.value.message and "pip install 'tuneforge[wandb]'" in e.value.message
+    assert not (tmp_path / "run" / "data_report.json").exists()
+
+
+def test_a_tracker_that_fails_mid_run_warns_once_and_training_goes_on(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
+    from tuneforge.training import loop
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = tmp_path / "mlruns"
+    real_step = loop.train_step
+
+    def store_lost_after_step_1(run, step, *args):
+        if step == 1:
+            shutil.rmtree(store)  # the tracking store is gone, as a server out of reach
+        return real_step(run, step, *args)
+
+    monkeypatch.setattr(loop, "train_step", store_lost_after_step_1)
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=3)
+    cfg["train"]["report_to"] = ["mlflow"]
+    cfg["train"]["mlflow"] = {"tracking_uri": f"file:{store}"}
+    with pytest.warns(UserWarning, match="mlflow: could not report the run's metrics") as said:
+        result = train(cfg, progress=False)
+    assert result.status == "completed" and [r["step"] for r in metrics(tmp_path / "run") if "lr" in r] == [1, 2, 3]
+    assert sum("mlflow" in str(w.message) for w in said) == 1
