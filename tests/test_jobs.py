@@ -7,6 +7,7 @@ tiny random Llama in seconds. PostgreSQL tests start a throwaway cluster with in
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import itertools
 import json
@@ -352,7 +353,10 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     refused("hyperparameters", hyperparameters={"n_epochs": 1}, method={"type": "supervised"})
     assert "Unrecognized" in refused("learning_rate", extra_body={"learning_rate": 0.1}).message
     wandb = [{"type": "wandb", "wandb": {"project": "triage"}}]
-    assert "events and its result file" in refused("integrations", integrations=wandb).message
+    if importlib.util.find_spec("wandb") is None:  # the server runs on this interpreter
+        assert "pip install 'tuneforge[wandb]'" in refused("integrations", integrations=wandb).message
+    refused("integrations.0.wandb.project", integrations=[{"type": "wandb", "wandb": {"project": ""}}])
+    refused("integrations.0.type", integrations=[{"type": "comet", "wandb": {"project": "triage"}}])
     none = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, integrations=[])
     assert none.integrations == []
     client.fine_tuning.jobs.cancel(none.id)
@@ -1147,3 +1151,65 @@ def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_val
     assert "data.max_length: 1024 tokens is more than the 256 positions" in failed.error["message"], failed.error
     assert failed.error["param"] is None and str(tmp_path) not in failed.error["message"]
     assert not any(message.startswith("Files validated") for message in messages)
+
+
+def test_a_wandb_integration_reports_the_job_to_wandb_and_the_job_echoes_it(tmp_path, tiny_model_dir, monkeypatch):
+    from pydantic import ValidationError
+
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.mapping import CreateJobBody
+    from tuneforge.jobs.routes.jobs import job_body
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import Workers
+
+    integrations = [{"type": "wandb", "wandb": {"project": "triage", "tags": ["tiny"]}}]
+    with monkeypatch.context() as absent:
+        absent.setitem(sys.modules, "wandb", None)  # import wandb fails, as where it is not installed
+        with pytest.raises(ValidationError, match=r"pip install 'tuneforge\[wandb\]'"):
+            CreateJobBody(model="m", training_file="file-1", integrations=integrations)
+    pytest.importorskip("wandb", reason="W&B is not installed: pip install -e '.[wandb]'")
+    body = CreateJobBody(model=str(tiny_model_dir), training_file="file-1", integrations=integrations)
+    shown = [{"type": "wandb", "wandb": {"project": "triage", "name": None, "entity": None, "tags": ["tiny"]}}]
+    assert body.integrations_list() == shown
+    store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), FileStorage(tmp_path)
+    upload = storage.save(
+        io.BytesIO(chat_rows(4).encode()), owner="o", filename="t.jsonl", purpose="fine-tune", max_bytes=1 << 20
+    )
+    store.add(upload)
+    job = add_job(
+        store,
+        KEY,
+        owner="o",
+        model=str(tiny_model_dir),
+        training_file=upload.id,
+        status="validating_files",
+        worker_id="w",
+        method=body.method_dict(),
+        integrations=body.integrations_list(),
+    )
+    Workers(store, storage, tmp_path, 0)._validate(job, "w")
+    validated = store.get_job(job.id)
+    assert validated.status == "queued", validated.error
+    assert validated.train_config["train"]["report_to"] == ["wandb"]
+    # The W&B run is named after the run folder, the job's id, as OpenAI names it.
+    assert validated.train_config["train"]["wandb"] == {
+        "project": "triage",
+        "entity": None,
+        "name": None,
+        "tags": ["tiny"],
+    }
+    assert job_body(validated)["integrations"] == shown
+
+
+def test_a_job_store_made_before_jobs_kept_integrations_gets_the_column(tmp_path):
+    import sqlite3
+
+    from tuneforge.jobs.store import Store
+
+    path = tmp_path / "jobs.db"
+    add_job(Store(f"sqlite:///{path}"), KEY)
+    with sqlite3.connect(path) as connection:  # the table as an earlier version made it
+        connection.execute("ALTER TABLE fine_tuning_jobs DROP COLUMN integrations")
+    store = Store(f"sqlite:///{path}")
+    job = add_job(store, KEY, integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
+    assert store.get_job(job.id).integrations == [{"type": "wandb", "wandb": {"project": "p"}}]

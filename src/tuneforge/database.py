@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import JSON, Engine, create_engine, event, text
+from sqlalchemy import JSON, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -100,6 +100,15 @@ class Tables:
             if engine.url.get_backend_name() != "sqlite":
                 connection.execute(text(f"SELECT pg_advisory_xact_lock({_CREATE_TABLES_LOCK})"))
             base.metadata.create_all(connection)
+
+    def add_missing_columns(self, table: str, columns: dict[str, str]) -> None:
+        """The columns (name: SQL type) a table made by an earlier version lacks, added empty for its rows."""
+        with self.engine.begin() as connection:
+            have = {column["name"] for column in inspect(connection).get_columns(table)}
+            exists = "" if self.engine.url.get_backend_name() == "sqlite" else "IF NOT EXISTS "
+            for name, sql_type in columns.items():
+                if name not in have:
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {exists}{name} {sql_type}"))
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -12,6 +12,7 @@ of the worker's machine (torchrun; DDP for LoRA); each step's examples are split
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -142,6 +143,20 @@ class Method(RequestBody):
 FileId = Annotated[str, Field(min_length=1, max_length=40)]
 
 
+class WandbSettings(RequestBody):
+    """OpenAI's wandb integration: the W&B run a job's metrics go to (tuneforge's train.wandb)."""
+
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(None, min_length=1, max_length=128)  # else the job's id, as OpenAI names it
+    entity: str | None = Field(None, min_length=1, max_length=128)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=50)
+
+
+class Integration(RequestBody):
+    type: Literal["wandb"]
+    wandb: WandbSettings
+
+
 class CreateJobBody(RequestBody):
     model: str = Field(min_length=1, max_length=1024)
     training_file: FileId
@@ -151,15 +166,16 @@ class CreateJobBody(RequestBody):
     metadata: Metadata | None = None
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None
-    integrations: list[dict] | None = None
+    integrations: list[Integration] | None = Field(None, max_length=1)
 
     @field_validator("integrations")
     @classmethod
-    def _no_integrations(cls, value):
-        if value:
+    def _wandb_installed(cls, value):
+        if value and importlib.util.find_spec("wandb") is None:
             raise ValueError(
-                "tuneforge sends metrics to no integration (such as wandb); they are in the job's events and its "
-                "result file. Leave integrations out or empty"
+                "this server sends metrics to no integration, since wandb is not installed (its operator installs "
+                "it with `pip install 'tuneforge[wandb]'`); they are in the job's events and its result file. Leave "
+                "integrations out or empty"
             )
         return value
 
@@ -205,6 +221,10 @@ class CreateJobBody(RequestBody):
         given = {"training_file": self.training_file, "validation_file": self.validation_file}
         return {param: file_id for param, file_id in given.items() if file_id is not None}
 
+    def integrations_list(self) -> list[dict]:
+        """The integrations as the job object shows them, every field present."""
+        return [integration.model_dump() for integration in self.integrations or []]
+
     def method_dict(self) -> dict:
         """The method as the job object shows it, with every hyperparameter present ('auto' or a value)."""
         kind = self.method.type if self.method else "supervised"
@@ -230,8 +250,10 @@ def training_config(
     validation_file: Path | None,
     output_dir: Path,
     n_examples: int | None = None,
+    integrations: list[dict] | None = None,
 ) -> Config:
-    """The run's config; with `n_examples` (known once the file is read) every 'auto' is decided.
+    """The run's config; with `n_examples` (known once the file is read) every 'auto' is decided;
+    a wandb integration reports the run to W&B (train.report_to).
 
     Raises `ConfigError` for a combination tuneforge refuses, e.g. a method it does not have.
     """
@@ -268,6 +290,9 @@ def training_config(
         },
         "output_dir": str(output_dir),
     }
+    for integration in integrations or []:
+        wandb = {key: value for key, value in integration["wandb"].items() if value is not None}
+        raw["train"].update(report_to=["wandb"], wandb=wandb)
     if kind == "dpo" and hyper["beta"] != "auto":
         raw["dpo"] = {"beta": hyper["beta"]}
     if kind == "reinforcement":

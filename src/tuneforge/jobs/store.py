@@ -87,6 +87,7 @@ class Job(OwnedObject, Base):
     result_files: Mapped[list] = mapped_column(default=list)
     created_at: Mapped[int] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    integrations: Mapped[list | None]  # OpenAI's integrations (wandb), as the request gave them
     train_config: Mapped[dict | None]  # the tuneforge config, written when the files are validated
     total_steps: Mapped[int | None]
     step: Mapped[int] = mapped_column(default=0)
@@ -158,6 +159,8 @@ class Store(Tables):
 
     def __init__(self, url: str):
         super().__init__(connect(url), Base)
+        # A store made before jobs kept their integrations gets the column (empty for its jobs).
+        self.add_missing_columns(Job.__tablename__, {"integrations": "JSON"})
 
     # ---- files -----------------------------------------------------------------------------------
 

@@ -221,7 +221,9 @@ class Workers:
         paths = self._paths(job)
         spec = training_spec(self.store, self.runs, job.owner, job.model)
         try:
-            config = training_config(spec, job.method, job.seed, *paths.values(), self.runs / job.id)
+            config = training_config(
+                spec, job.method, job.seed, *paths.values(), self.runs / job.id, integrations=job.integrations
+            )
             source = self._base_model(job, config.base_model)
             tokenizer = load_tokenizer(source)
             # What training checks before any compute (data.max_length within the model's positions, preference
@@ -242,7 +244,13 @@ class Workers:
             train_items, _ = batch_items(prepared, config)  # the examples, or for dpo one item per pair
             n_items = len(train_items)
             config = training_config(
-                spec, job.method, job.seed, *paths.values(), self.runs / job.id, n_examples=n_items
+                spec,
+                job.method,
+                job.seed,
+                *paths.values(),
+                self.runs / job.id,
+                n_examples=n_items,
+                integrations=job.integrations,
             )
             total_steps = make_plan(config, n_items, n_items, processes(job.method)).total_steps
         except ModelSourceError as err:

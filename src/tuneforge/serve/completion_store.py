@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import JSON, BigInteger, Engine, String, delete, inspect, select, text
+from sqlalchemy import JSON, BigInteger, Engine, String, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..database import JSON_COLUMNS, Page, Tables, connect, database_url, opening, where_metadata
@@ -88,7 +88,8 @@ class Retention:
 class CompletionStore(Tables):
     def __init__(self, engine: Engine, retention: Retention = Retention()):
         super().__init__(engine, Base)
-        self._add_tools_column()
+        # A store made before completions kept their request's tools gets the column (empty for its rows).
+        self.add_missing_columns(StoredCompletion.__tablename__, {"tools": "JSON"})
         self.retention = retention
         self.prune()
 
@@ -98,14 +99,6 @@ class CompletionStore(Tables):
         url = database_url(spec)
         with opening(url, "--store"):
             return cls(connect(url), retention)
-
-    def _add_tools_column(self) -> None:
-        """A store made before completions kept their request's tools gets the column (empty for its rows)."""
-        table = StoredCompletion.__tablename__
-        with self.engine.begin() as connection:
-            if "tools" not in {column["name"] for column in inspect(connection).get_columns(table)}:
-                exists = "" if self.engine.url.get_backend_name() == "sqlite" else "IF NOT EXISTS "
-                connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {exists}tools JSON"))
 
     def save(
         self, owner: str, messages: list[dict], response: dict, metadata: dict | None, tools: list[dict] | None = None

@@ -39,7 +39,7 @@ def job_body(job: Job) -> dict:
         "training_file": job.training_file,
         "validation_file": job.validation_file,
         "estimated_finish": job.estimated_finish,
-        "integrations": [],
+        "integrations": job.integrations or [],
         "metadata": job.metadata_,
         "method": job.method,
         "user_provided_suffix": job.suffix,
@@ -85,6 +85,7 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
             service.storage.path(stored["training_file"]),
             service.storage.path(validation) if validation else None,
             service.runs / job_id,
+            integrations=body.integrations_list(),
         )
     except ConfigError as err:
         raise APIError(
@@ -103,6 +104,7 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
         seed=seed,
         metadata_=body.metadata,
         method=method,
+        integrations=body.integrations_list(),
         status="validating_files",
         created_at=now(),
         result_files=[],
