@@ -123,3 +123,35 @@ def test_a_tracker_that_fails_mid_run_warns_once_and_training_goes_on(
         result = train(cfg, progress=False)
     assert result.status == "completed" and [r["step"] for r in metrics(tmp_path / "run") if "lr" in r] == [1, 2, 3]
     assert sum("mlflow" in str(w.message) for w in said) == 1
+
+
+def test_an_mlflow_tracking_uri_its_client_cannot_use_is_refused_before_any_data_or_model_loads(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    cfg["train"]["report_to"] = ["mlflow"]
+    cfg["train"]["mlflow"] = {"tracking_uri": "nosuchscheme://host"}
+    with pytest.raises(TuneforgeError) as e:
+        train(cfg, progress=False)
+    assert "train.report_to" in e.value.message and "MLFLOW_TRACKING_URI" in e.value.message
+    assert not (tmp_path / "run" / "data_report.json").exists()
+
+
+def test_tensorboard_gets_the_records_and_a_resumed_run_drops_its_events_past_the_checkpoint(
+    tiny_model_dir, triage_data, tmp_path
+):
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed: pip install -e '.[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2, batch_size=4)
+    cfg["train"]["report_to"] = ["tensorboard"]
+    train(cfg, progress=False)
+    train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False)  # steps 3 and 4 again
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train_loss")]
+    assert losses == [(r["step"], pytest.approx(r["train_loss"])) for r in metrics(run) if "lr" in r]
+    assert "config/text_summary" in events.Tags()["tensors"]

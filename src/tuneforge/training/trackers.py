@@ -28,7 +28,8 @@ HINTS = {
     "tensorboard": "check that the run folder is writable",
     "wandb": "log in (`wandb login`, or WANDB_API_KEY), or set WANDB_MODE=offline to keep the run in the run "
     "folder's wandb/ and `wandb sync` it later",
-    "mlflow": "set train.mlflow.tracking_uri or MLFLOW_TRACKING_URI to your tracking server (http://HOST:5000)",
+    "mlflow": "set train.mlflow.tracking_uri or MLFLOW_TRACKING_URI to your tracking server (http://HOST:5000; "
+    "a file: folder needs MLFLOW_ALLOW_FILE_STORE=true with MLflow 3)",
 }
 # The module each tracker imports, and the tuneforge extra (pyproject.toml) that installs it.
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -42,8 +43,10 @@ def chosen(cfg: Config) -> list[str]:
 
 
 def check_installed(cfg: Config) -> None:
-    """Refuse a train.report_to tracker that is not installed, naming the install."""
-    missing = [name for name in chosen(cfg) if importlib.util.find_spec(MODULES[name]) is None]
+    """Refuse a train.report_to tracker that is not installed, naming the install, and an MLflow tracking
+    URI its client cannot use (it opens no connection: a server's address is taken as given)."""
+    names = chosen(cfg)
+    missing = [name for name in names if importlib.util.find_spec(MODULES[name]) is None]
     if missing:
         extras = ",".join(missing)
         raise TuneforgeError(
@@ -51,6 +54,24 @@ def check_installed(cfg: Config) -> None:
             f"{'is' if len(missing) == 1 else 'are'} not installed. Install with `pip install 'tuneforge[{extras}]'` "
             f"(from a clone: `pip install -e '.[{extras}]'`), or leave {' and '.join(missing)} out of train.report_to."
         )
+    if "mlflow" in names:
+        try:
+            mlflow_client(cfg)
+        except Exception as e:
+            raise cannot_start(cfg, "mlflow", e) from e
+
+
+def cannot_start(cfg: Config, name: str, error: Exception) -> TuneforgeError:
+    return TuneforgeError(
+        f"{cfg.key_at('train.report_to')}: {name} could not start its run: {str(error).rstrip('. ')}; "
+        f"{HINTS[name]}, or leave {name} out of train.report_to."
+    )
+
+
+def mlflow_client(cfg: Config):
+    from mlflow import MlflowClient
+
+    return MlflowClient(cfg.train.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
 
 
 class Trackers:
@@ -67,10 +88,7 @@ class Trackers:
                 self.writers[name] = STARTS[name](cfg, self.out, resume_step, ids)
             except Exception as e:
                 self.close("failed")
-                raise TuneforgeError(
-                    f"{cfg.key_at('train.report_to')}: {name} could not start its run: {e}; "
-                    f"{HINTS[name]}, or leave {name} out of train.report_to."
-                ) from e
+                raise cannot_start(cfg, name, e) from e
             write_json(ids_path, ids)  # before any step, so a run killed at any point resumes the same tracker run
 
     def log(self, record: dict) -> None:
@@ -147,11 +165,10 @@ class Wandb:
 
 class Mlflow:
     def __init__(self, cfg: Config, out: Path, resume_step: int | None, ids: dict):
-        from mlflow import MlflowClient
         from mlflow.entities import Param
 
         m = cfg.train.mlflow
-        self.client = MlflowClient(m.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
+        self.client = mlflow_client(cfg)
         saved = ids.get("mlflow", {})
         if saved.get("tracking_uri") == self.client.tracking_uri:
             self.run_id = saved["run_id"]
