@@ -155,3 +155,24 @@ def test_tensorboard_gets_the_records_and_a_resumed_run_drops_its_events_past_th
     losses = [(e.step, e.value) for e in events.Scalars("train_loss")]
     assert losses == [(r["step"], pytest.approx(r["train_loss"])) for r in metrics(run) if "lr" in r]
     assert "config/text_summary" in events.Tags()["tensors"]
+
+
+def test_tensorboard_that_cannot_start_stops_a_run_that_asked_for_it_and_not_one_that_did_not(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    # An installed TensorBoard is used without being asked for (train.report_to unset); where it cannot
+    # start (a run folder it cannot write), a run that never named it goes on without it.
+    from tuneforge.config import load_config
+    from tuneforge.training import trackers
+
+    def cannot_write(cfg, out, resume_step, ids):
+        raise PermissionError(13, "Permission denied", str(out / "tensorboard"))
+
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: object())  # as if installed
+    monkeypatch.setitem(trackers.STARTS, "tensorboard", cannot_write)
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    with pytest.warns(UserWarning, match="training goes on without it"):
+        assert trackers.Trackers(load_config(cfg), None).writers == {}
+    cfg["train"]["report_to"] = ["tensorboard"]
+    with pytest.raises(TuneforgeError, match="tensorboard could not start its run"):
+        trackers.Trackers(load_config(cfg), None)

@@ -87,6 +87,9 @@ class Trackers:
             try:
                 self.writers[name] = STARTS[name](cfg, self.out, resume_step, ids)
             except Exception as e:
+                if cfg.train.report_to is None:  # TensorBoard by default, not asked for: the run goes on without it
+                    warnings.warn(f"{cannot_start(cfg, name, e).message}; training goes on without it.", stacklevel=2)
+                    continue
                 self.close("failed")
                 raise cannot_start(cfg, name, e) from e
             write_json(ids_path, ids)  # before any step, so a run killed at any point resumes the same tracker run
