@@ -5,6 +5,7 @@ clear errors on the wrong kind of data, and starting from an SFT run."""
 import contextlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,117 @@ def test_dpo_from_a_lora_run_on_a_quantized_base_is_refused_before_the_data_is_r
     with pytest.raises(ConfigError, match=r"^base_model, model\.quantize: dpo from a LoRA run .* set model\.quantize"):
         train(cfg, progress=False)
     assert not (tmp_path / "run").exists()  # no data report: the data was never read
+
+
+def reply_mean_logp(model, ids: list[int], reply: str, tokenizer) -> float:
+    """log p(reply + end of turn | everything before it) per token of it."""
+    return float(reply_logp(model, ids, reply, tokenizer)) / len(
+        tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    )
+
+
+@pytest.mark.parametrize("loss,smoothing", [("simpo", 0.0), ("simpo", 0.2), ("orpo", 0.0)])
+def test_reference_free_losses_equal_a_direct_computation_in_one_forward(tokenizer, loss, smoothing):
+    """SimPO and ORPO from the policy's per-token mean log-probabilities alone: the adapter stays on and
+    the model runs once (no reference forward)."""
+    model = dpo.prepare_model(tiny_llama(tokenizer), load_config({"method": "dpo", "data": {"train": "x"}}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    model.eval()
+    pairs, replies = pairs_for(tokenizer)
+    batch = collate(dpo.rows(pairs), tokenizer.pad_token_id)
+    beta, gamma, lam = 2.0, 0.7, 0.3
+    objective = dpo.DPOObjective(
+        model, beta=beta, loss=loss, label_smoothing=smoothing, simpo_gamma=gamma, orpo_lambda=lam
+    )
+    forwards = []
+    causal_lm(model).get_decoder().register_forward_pre_hook(lambda *args: forwards.append(1))
+    sums = objective(**batch)
+    assert forwards == [1] and objective.frozen == []
+
+    expected, rewards, odds = [], [], []
+    with torch.no_grad():
+        for (chosen, rejected), texts in zip(pairs, replies):
+            m = [reply_mean_logp(model, e.input_ids, text, tokenizer) for e, text in zip((chosen, rejected), texts)]
+            if loss == "simpo":
+                z = beta * m[0] - beta * m[1] - gamma
+                expected.append(
+                    -(1 - smoothing) * math.log(1 / (1 + math.exp(-z))) - smoothing * math.log(1 / (1 + math.exp(z)))
+                )
+                rewards.append([beta * v for v in m])
+            else:
+                o = [v - math.log(1 - math.exp(v)) for v in m]
+                expected.append(-m[0] - lam * math.log(1 / (1 + math.exp(-(o[0] - o[1])))))
+                rewards.append([lam * v for v in m])
+                odds.append((o[0] - o[1], -m[0]))
+    assert sums["loss"].item() == pytest.approx(sum(expected), rel=1e-4)
+    assert float(sums["rewards/chosen"]) == pytest.approx(sum(c for c, _ in rewards), rel=1e-4)
+    assert float(sums["rewards/margins"]) == pytest.approx(sum(c - r for c, r in rewards), rel=1e-4, abs=1e-5)
+    assert float(sums["rewards/accuracies"]) == sum(c > r for c, r in rewards)
+    if loss == "orpo":
+        assert float(sums["log_odds_chosen"]) == pytest.approx(sum(o for o, _ in odds), rel=1e-4, abs=1e-5)
+        assert float(sums["nll_loss"]) == pytest.approx(sum(n for _, n in odds), rel=1e-4)
+    else:
+        assert "nll_loss" not in sums
+
+
+def test_orpo_log_odds_stay_finite_for_a_reply_of_probability_one():
+    logps = torch.tensor([0.0, -1e-9, -0.5], requires_grad=True)
+    losses = dpo.pair_losses(logps, torch.tensor([-2.0, -2.0, -2.0]), beta=1.0, kind="orpo", orpo_lambda=0.1)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(logps.grad).all()
+
+
+def test_reference_free_losses_build_no_reference_even_for_a_full_policy(tokenizer):
+    """base_model names no model: a reference copy would have to load it."""
+    for loss in ("simpo", "orpo"):
+        cfg = load_config({"method": "dpo", "dpo": {"loss": loss, "policy": "full"}, "data": {"train": "x"}})
+        objective = dpo.build_objective(tiny_llama(tokenizer), cfg, dtype=torch.float32, device=torch.device("cpu"))
+        assert objective.frozen == []
+
+
+def test_config_takes_each_loss_with_its_own_keys_only():
+    def dpo_section(**section):
+        return load_config({"method": "dpo", "dpo": section, "data": {"train": "x"}}).dpo
+
+    assert dpo_section(loss="simpo").beta == 2.0 and dpo_section(loss="simpo", beta=2.5).beta == 2.5
+    assert dpo_section().beta == 0.1 and dpo_section(loss="orpo").orpo_lambda == 0.1
+    assert dpo_section(loss="simpo", label_smoothing=0.1).label_smoothing == 0.1
+    for section, keys in (
+        ({"loss": "orpo", "label_smoothing": 0.1}, "label_smoothing is for loss: sigmoid or simpo"),
+        ({"loss": "orpo", "beta": 0.5}, "loss: orpo has no beta.*dpo.orpo_lambda"),
+        ({"loss": "sigmoid", "simpo_gamma": 0.5}, "dpo.simpo_gamma is for loss: simpo, and this run's loss is sigmoid"),
+        ({"loss": "simpo", "orpo_lambda": 0.5}, "dpo.orpo_lambda is for loss: orpo, and this run's loss is simpo"),
+    ):
+        with pytest.raises(ConfigError, match=keys):
+            dpo_section(**section)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_a_tiny_reference_free_run_learns_the_preference_and_resumes_exactly(
+    loss, tiny_model_dir, preference_data, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = dpo_config(
+        tiny_model_dir,
+        preference_data,
+        run,
+        {"loss": loss},
+        max_steps=8,
+        learning_rate=5e-3,
+        eval_every=4,
+        save_every=4,
+    )
+    result = train(cfg, progress=False)
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    first, last = rows[0], result.metrics
+    assert last["rewards/margins"] > first["rewards/margins"] and last["rewards/accuracies"] >= 0.9
+    assert last["full_valid_rewards/accuracies"] >= 0.9
+    assert ("nll_loss" in last and last["nll_loss"] < first["nll_loss"]) == (loss == "orpo")
+    # From the step-4 checkpoint again: steps 5 to 8 repeat to the bit.
+    shutil.rmtree(run / "checkpoints" / "step-8")
+    train(cfg, resume="latest", progress=False)
+    again = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    assert [r["train_loss"] for r in again] == [r["train_loss"] for r in rows]

@@ -304,13 +304,20 @@ def test_the_memory_plan_counts_the_teacher_or_reference_copy_a_run_holds(
     out = " ".join(capsys.readouterr().out.split())
     assert f"teacher or reference copy {teacher_gib:.2f} (GiB)" in out and f"{teacher_gib:.2f}" != "0.00"
 
-    # A full DPO policy's reference is a frozen copy of the starting model; a LoRA policy's is its disabled adapter.
+    # A full DPO policy's reference is a frozen copy of the starting model; a LoRA policy's is its disabled adapter;
+    # simpo and orpo have no reference at all.
     n = sum(p.numel() for p in load_model(resolve(str(tiny_model_dir))).parameters())
-    for policy, copy in (("full", n), ("lora", 0)):
+    for policy, loss, copy in (("full", "sigmoid", n), ("full", "ipo", n), ("lora", "sigmoid", 0)) + tuple(
+        (policy, loss, 0) for policy in ("full", "lora") for loss in ("simpo", "orpo")
+    ):
         dpo = load_config(
-            {**config(tiny_model_dir, triage_data, tmp_path / "dpo"), "method": "dpo", "dpo": {"policy": policy}}
+            {
+                **config(tiny_model_dir, triage_data, tmp_path / "dpo"),
+                "method": "dpo",
+                "dpo": {"policy": policy, "loss": loss},
+            }
         )
-        assert frozen_copy_parameters(dpo, n) == copy
+        assert frozen_copy_parameters(dpo, n) == copy, (policy, loss)
 
 
 def test_the_warning_of_a_plan_that_does_not_fit_offers_only_what_the_config_accepts(

@@ -482,24 +482,60 @@ class DistillConfig(Strict):
 
 
 class DPOConfig(Strict):
-    """`method: dpo`: preference tuning on (chosen, rejected) pairs against a frozen reference model."""
+    """`method: dpo`: preference tuning on (chosen, rejected) pairs, against a frozen reference model
+    (sigmoid, ipo) or without one (simpo, orpo)."""
 
-    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference: higher keeps it closer")
-    loss: Literal["sigmoid", "ipo"] = Field(
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="sigmoid, ipo: how far the policy may move from the reference, higher keeps it closer; simpo: "
+        "the scale of the per-token reward (2.0 when not given, the paper's 2.0-2.5); orpo: unused",
+    )
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
         "sigmoid",
-        description="sigmoid: DPO's logistic loss; ipo: squared distance of the log-ratio margin to 1 / (2 beta)",
+        description="sigmoid: DPO's logistic loss; ipo: squared distance of the log-ratio margin to 1 / (2 beta); "
+        "simpo and orpo need no reference model: simpo: the logistic loss on the per-token mean log-probabilities, "
+        "less a margin simpo_gamma; orpo: the chosen reply's per-token NLL plus orpo_lambda times the odds-ratio loss",
     )
     label_smoothing: float = Field(
         0.0,
         ge=0,
         lt=0.5,
-        description="sigmoid only: the share of pairs assumed to be labelled the wrong way round (conservative DPO)",
+        description="sigmoid and simpo only: the share of pairs assumed to be labelled the wrong way round "
+        "(conservative DPO)",
+    )
+    simpo_gamma: float = Field(
+        1.0,
+        ge=0,
+        description="simpo only: the target reward margin gamma (TRL's CPOConfig.simpo_gamma); the paper's "
+        "gamma / beta is about 0.5",
+    )
+    orpo_lambda: float = Field(
+        0.1,
+        gt=0,
+        description="orpo only: the weight of the odds-ratio loss beside the chosen reply's NLL (TRL's "
+        "ORPOConfig.beta, the paper's lambda)",
     )
     policy: Literal["full", "lora"] = Field(
         "lora",
-        description="what trains; lora uses the lora section and its "
-        "disabled adapter is the reference, full keeps a frozen copy",
+        description="what trains; lora uses the lora section and its disabled adapter is the reference, full keeps "
+        "a frozen copy (sigmoid and ipo; simpo and orpo have no reference)",
     )
+
+    @model_validator(mode="after")
+    def _simpo_beta(self):
+        # SimPO's beta scales a per-token mean, not a sequence log-ratio: DPO's 0.1 would barely train it.
+        if self.loss == "simpo" and "beta" not in self.model_fields_set:
+            self.beta = SIMPO_BETA
+        return self
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the loss compares the policy with a reference model (sigmoid, ipo), which the run holds or runs."""
+        return self.loss in ("sigmoid", "ipo")
+
+
+SIMPO_BETA = 2.0
 
 
 class GRPOConfig(Strict):
@@ -740,13 +776,36 @@ class Config(Strict):
                 *judged,
                 "train.eval_every",
             )
-        if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
+        self._check_dpo_keys()
+        return self
+
+    def _check_dpo_keys(self) -> None:
+        """Refuse a dpo key that the chosen dpo.loss does not read (a value other than its default: a run's
+        saved config.yaml writes every key)."""
+        d, defaults = self.dpo, DPOConfig.model_fields
+        loss = d.loss
+        if loss in ("ipo", "orpo") and d.label_smoothing:
             raise KeysError(
-                "dpo.label_smoothing is for loss: sigmoid (conservative DPO); IPO has none, so set it to 0",
+                f"dpo.label_smoothing is for loss: sigmoid or simpo (conservative DPO); {loss} has none, so set it "
+                "to 0",
                 "dpo.loss",
                 "dpo.label_smoothing",
             )
-        return self
+        if loss == "orpo" and d.beta != defaults["beta"].default:
+            raise KeysError(
+                "loss: orpo has no beta (it compares no reference); its odds-ratio weight is dpo.orpo_lambda "
+                "(TRL's ORPOConfig.beta): set that instead and leave dpo.beta out",
+                "dpo.loss",
+                "dpo.beta",
+            )
+        for key, owner in (("simpo_gamma", "simpo"), ("orpo_lambda", "orpo")):
+            if loss != owner and getattr(d, key) != defaults[key].default:
+                raise KeysError(
+                    f"dpo.{key} is for loss: {owner}, and this run's loss is {loss}; set dpo.loss: {owner}, or "
+                    f"leave dpo.{key} out",
+                    "dpo.loss",
+                    f"dpo.{key}",
+                )
 
     @property
     def trains_adapters(self) -> bool:

@@ -82,7 +82,7 @@ def parameter_counts(source, cfg) -> tuple[int, int, int, int, object]:
 def frozen_copy_parameters(cfg, n: int) -> int:
     """Parameters of the model a run holds frozen beside the one it trains: distill's teacher (merged,
     where it has an adapter), or a copy of the `n`-parameter starting model where every weight trains
-    and the objective compares with the start (dpo and grpo with a KL penalty, train.kl_to_base). An
+    and the objective compares with the start (dpo's sigmoid and ipo, grpo with a KL penalty, train.kl_to_base). An
     adapter method's reference is the trained model with its adapter disabled: no copy."""
     from transformers import AutoConfig
 
@@ -90,7 +90,7 @@ def frozen_copy_parameters(cfg, n: int) -> int:
         return count_parameters(AutoConfig.from_pretrained(resolve(cfg.distill.teacher).path))
     compares_with_start = {
         "full": bool(cfg.train.kl_to_base) or cfg.train.replay_loss == "kl_to_base",
-        "dpo": cfg.dpo.policy == "full",
+        "dpo": cfg.dpo.policy == "full" and cfg.dpo.has_reference,
         "grpo": cfg.grpo.policy == "full" and cfg.grpo.beta > 0,
     }
     return n if compares_with_start.get(cfg.method, False) else 0

@@ -17,13 +17,25 @@ The reward of a reply is beta (log pi - log ref); `rewards/accuracies` is the sh
 chosen reply has the higher reward. At the start the policy is the reference, so h = 0 and the
 sigmoid loss is log 2.
 
+Two losses need no reference model, so none is built, held or run. With the policy's log-probability
+of each reply averaged over its trained tokens, m(y) = log pi(y|x) / |y|:
+
+    simpo    sigmoid's loss with beta h = beta m(c) - beta m(r) - gamma   (Meng et al.; gamma is
+             `simpo_gamma`, the target margin; TRL's CPOTrainer with loss_type: simpo)
+    orpo     -m(c) - lambda log sigmoid(o(c) - o(r)), o(y) = m(y) - log(1 - exp m(y)) the log odds
+             (Hong et al.; lambda is `orpo_lambda`; TRL's ORPOTrainer): SFT on the chosen reply and
+             the preference in one stage
+
+Their reward of a reply is beta m(y) (simpo) or lambda m(y) (orpo), as TRL logs it; orpo also logs
+`nll_loss` (the chosen reply's NLL per token) and `log_odds_chosen` (o(c) - o(r)), per pair.
+
 Pairs arrive as rows (see `rows`): each pair is its chosen example then its rejected example,
 packed like any examples (position ids restart at 0 where each begins), so one forward runs both
 replies of every pair in the batch. The objective returns sums over pairs and `count` says how many
 pairs a batch holds: the loop divides by the pairs of the whole optimizer step, so gradient
 accumulation and the number of processes do not change the loss.
 
-The reference: with `dpo.policy: lora` the same model with its adapter disabled (no second copy);
+The reference of sigmoid and ipo: with `dpo.policy: lora` the same model with its adapter disabled (no second copy);
 with `full` a frozen copy of the starting model, kept outside the module tree. A `base_model` that
 is a LoRA run (an SFT run, say) is merged into its base when loaded, so the policy's fresh adapter
 sits on the SFT model and the reference is the SFT model.
@@ -45,7 +57,8 @@ from ..models.quantization import is_quantized
 from . import full, lora
 from .sft import reference_lm, token_cross_entropy, trained_hidden
 
-LOSSES = ("sigmoid", "ipo")
+LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 def prepare_model(model, cfg):
@@ -101,13 +114,15 @@ def count_pairs(batch: dict) -> int:
     return (int(ids[-1]) + 1) // 2 if ids.numel() else 0
 
 
-def sequence_logps(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
-    """Log-probability of each example's trained tokens, summed per example: [examples]."""
+def sequence_logps(lm, input_ids, labels, position_ids=None, attention_mask=None, *, average=False) -> torch.Tensor:
+    """Log-probability of each example's trained tokens, summed per example (or, with `average`, their
+    mean per token): [examples]."""
     hidden = trained_hidden(lm, input_ids, labels, position_ids, attention_mask)
     token_logps = -token_cross_entropy(lm, hidden, labels[labels != IGNORE_INDEX])[0]
     ids = example_ids(labels, position_ids)
     n = int(ids[-1]) + 1 if ids.numel() else 0
-    return token_logps.new_zeros(n).index_add(0, ids, token_logps)
+    sums = token_logps.new_zeros(n).index_add(0, ids, token_logps)
+    return sums / torch.bincount(ids, minlength=n) if average else sums
 
 
 def pair_losses(
@@ -117,35 +132,63 @@ def pair_losses(
     beta: float,
     kind: str,
     label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.0,
+    orpo_lambda: float = 0.0,
 ) -> torch.Tensor:
-    """The loss of each pair from its policy-to-reference log-ratios (see the module doc)."""
+    """The loss of each pair (see the module doc): from its policy-to-reference log-ratios (sigmoid,
+    ipo), or from the policy's per-token mean log-probabilities (simpo, orpo)."""
     margin = chosen_logratio - rejected_logratio
-    if kind == "sigmoid":
+    if kind == "simpo":
+        margin = margin - simpo_gamma / beta
+    if kind in ("sigmoid", "simpo"):
         return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     if kind == "ipo":
         return (margin - 1 / (2 * beta)) ** 2
+    if kind == "orpo":
+        return -chosen_logratio - orpo_lambda * F.logsigmoid(log_odds(chosen_logratio) - log_odds(rejected_logratio))
     raise ValueError(f"unknown DPO loss {kind!r}; expected one of {', '.join(LOSSES)}")
+
+
+def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(mean_logp), through expm1 for p near 1; a reply of probability 1 per
+    token (a mean log-probability of 0 in floating point) has the largest finite log odds."""
+    return mean_logp - torch.log(-torch.expm1(mean_logp.clamp(max=-torch.finfo(mean_logp.dtype).tiny)))
 
 
 class DPOObjective(nn.Module):
     """One forward returns sums over the batch's pairs: `loss` (what to backpropagate) and, for the
-    logs, `rewards/chosen`, `rewards/rejected`, `rewards/margins` and `rewards/accuracies`.
+    logs, `rewards/chosen`, `rewards/rejected`, `rewards/margins` and `rewards/accuracies` (and, for
+    orpo, `nll_loss` and `log_odds_chosen`).
 
     `reported_sums` maps the loop's metric names (train_loss, valid_loss) to these sums, and
     `count` says what they are sums over (pairs)."""
 
     logged_sums = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    orpo_sums = ("nll_loss", "log_odds_chosen")
     train_only_sums = ()
     reported_sums = {"loss": "loss"}
 
     def __init__(
-        self, model, *, beta: float, loss: str, label_smoothing: float = 0.0, reference: nn.Module | None = None
+        self,
+        model,
+        *,
+        beta: float,
+        loss: str,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.0,
+        orpo_lambda: float = 0.1,
+        reference: nn.Module | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown DPO loss {loss!r}; expected one of {', '.join(LOSSES)}")
+        if loss in REFERENCE_FREE and reference is not None:
+            raise ValueError(f"DPO loss {loss} compares with no reference model; build it without one")
         self.model = model
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
+        self.simpo_gamma, self.orpo_lambda = simpo_gamma, orpo_lambda
+        if loss == "orpo":
+            self.logged_sums = DPOObjective.logged_sums + self.orpo_sums
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
         self.frozen = [reference.eval().requires_grad_(False)] if reference is not None else []
 
@@ -157,31 +200,60 @@ class DPOObjective(nn.Module):
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
-        policy = sequence_logps(causal_lm(self.model), **batch)
+        free = self.loss in REFERENCE_FREE
+        policy = sequence_logps(causal_lm(self.model), **batch, average=free)
         if policy.numel() % 2:
             raise ValueError(
                 f"a DPO batch holds whole (chosen, rejected) pairs, but this one has {policy.numel()} "
                 "examples; build its rows with methods.dpo.rows"
             )
-        logratio = policy - self.reference_logps(**batch)
+        # sigmoid, ipo: log-ratios to the reference; simpo, orpo: the policy's per-token means alone.
+        logratio = policy if free else policy - self.reference_logps(**batch)
         chosen, rejected = logratio[0::2], logratio[1::2]
-        losses = pair_losses(chosen, rejected, beta=self.beta, kind=self.loss, label_smoothing=self.label_smoothing)
-        chosen_reward, rejected_reward = self.beta * chosen.detach(), self.beta * rejected.detach()
-        return {
+        losses = pair_losses(
+            chosen,
+            rejected,
+            beta=self.beta,
+            kind=self.loss,
+            label_smoothing=self.label_smoothing,
+            simpo_gamma=self.simpo_gamma,
+            orpo_lambda=self.orpo_lambda,
+        )
+        scale = self.orpo_lambda if self.loss == "orpo" else self.beta
+        chosen_reward, rejected_reward = scale * chosen.detach(), scale * rejected.detach()
+        out = {
             "loss": losses.sum(),
             "rewards/chosen": chosen_reward.sum(),
             "rewards/rejected": rejected_reward.sum(),
             "rewards/margins": (chosen_reward - rejected_reward).sum(),
             "rewards/accuracies": (chosen_reward > rejected_reward).sum(),
         }
+        if self.loss == "orpo":
+            chosen, rejected = chosen.detach(), rejected.detach()
+            out["nll_loss"] = -chosen.sum()
+            out["log_odds_chosen"] = (log_odds(chosen) - log_odds(rejected)).sum()
+        return out
 
 
 def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> DPOObjective:
     d = cfg.dpo
     # Full fine-tuning changes every weight: the reference is a frozen copy of the starting model
     # (merged, as a LoRA teacher is for distillation). A LoRA policy's reference is its disabled adapter.
-    reference = load_frozen_model(cfg.base_model, dtype=dtype, device=device) if d.policy == "full" else None
-    return DPOObjective(model, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing, reference=reference)
+    # simpo and orpo have none.
+    reference = (
+        load_frozen_model(cfg.base_model, dtype=dtype, device=device)
+        if d.policy == "full" and d.has_reference
+        else None
+    )
+    return DPOObjective(
+        model,
+        beta=d.beta,
+        loss=d.loss,
+        label_smoothing=d.label_smoothing,
+        simpo_gamma=d.simpo_gamma,
+        orpo_lambda=d.orpo_lambda,
+        reference=reference,
+    )
 
 
 def check_data_kind(cfg) -> None:

@@ -156,7 +156,7 @@ def _frozen_model(cfg) -> str | None:
     """The model a run holds whole beside the one it trains, if any (`methods.build_objective`)."""
     if cfg.method == "distill":
         return "the teacher"
-    if cfg.method == "dpo" and cfg.dpo.policy == "full":
+    if cfg.method == "dpo" and cfg.dpo.policy == "full" and cfg.dpo.has_reference:
         return "the reference model"
     if cfg.method == "full" and (cfg.train.kl_to_base or cfg.train.replay_loss == "kl_to_base"):
         return "a frozen copy of the base model"

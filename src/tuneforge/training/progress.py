@@ -13,7 +13,7 @@ from rich.table import Table
 from ..methods.dpo import DPOObjective
 from ..progress import LogLines, bar_columns
 
-REWARDS = DPOObjective.logged_sums  # rewards/chosen, ..., shown in the run's summary table
+REWARDS = DPOObjective.logged_sums + DPOObjective.orpo_sums  # rewards/chosen, ..., shown in the run's summary table
 
 
 class TrainProgress:
@@ -57,6 +57,8 @@ class TrainProgress:
             loss += f" div {record['divergence']:.4f} agree {record['teacher_agreement']:.1%}"
         if "rewards/margins" in record:
             loss += f" margin {record['rewards/margins']:.3f} acc {record['rewards/accuracies']:.0%}"
+        if "nll_loss" in record:
+            loss += f" nll {record['nll_loss']:.4f}"
         if "reward" in record:
             loss += (
                 f" reward {record['reward']:.3f} (std {record['reward_std']:.3f}) kl {record['kl']:.4f} "
