@@ -533,6 +533,35 @@ def test_a_full_disk_at_the_run_lock_or_a_metrics_line_names_the_file_and_leaves
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "metrics.jsonl"))
 
 
+def test_a_run_refused_at_a_new_folder_leaves_the_lock_of_the_run_that_took_it(tmp_path, monkeypatch):
+    import fcntl
+    import types
+
+    from tuneforge.training import run_folder
+    from tuneforge.training.distributed import World
+
+    run, taken = tmp_path / "run", []
+
+    def flock(fd, operation):
+        # Another run takes the lock of the folder this one found missing, just before this one tries it.
+        if not taken:
+            taken.append(open(run / run_folder.RUN_LOCK, "a+"))
+            fcntl.flock(taken[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken[0].write("4242\ntoken\n")
+            taken[0].flush()
+        fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(run_folder, "fcntl", types.SimpleNamespace(**{**vars(fcntl), "flock": flock}))
+    try:
+        with pytest.raises(TuneforgeError, match=r"in use by another training run \(process 4242\)"):
+            with run_folder.sole_run_in(run, World()):
+                pass
+        # The refused run removed neither the lock nor the folder of the run that holds it.
+        assert (run / run_folder.RUN_LOCK).read_text() == "4242\ntoken\n"
+    finally:
+        taken[0].close()
+
+
 def test_a_one_process_run_saves_and_resumes_without_distributed_warnings(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
     with warnings.catch_warnings(record=True) as caught:

@@ -258,7 +258,7 @@ def sole_run_in(out: Path, world: distributed.World):
     The lock also shows that every process sees the folder rank 0 writes: each process writes its
     shards of every checkpoint there, so on machines that do not share it (no network file system, or
     another output_dir in a machine's config) the run is refused here, before any work."""
-    lock, holder, made, token = None, None, not out.exists(), uuid.uuid4().hex
+    lock, holder, made, token, held = None, None, not out.exists(), uuid.uuid4().hex, False
     try:
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +269,7 @@ def sole_run_in(out: Path, world: distributed.World):
                 lock.seek(0)
                 holder = lock.readline().strip() or "unknown"
             else:
+                held = True
                 with writing(out / RUN_LOCK):
                     lock.truncate(0)
                     lock.write(f"{os.getpid()}\n{token}\n")
@@ -296,7 +297,9 @@ def sole_run_in(out: Path, world: distributed.World):
         yield
     finally:
         if lock is not None:
-            if made and [p.name for p in out.iterdir()] == [RUN_LOCK]:
+            # Only the run that holds the lock removes the folder it made: a run refused there may have found
+            # the folder missing just before the holder made it, and the lock file is the holder's.
+            if held and made and [p.name for p in out.iterdir()] == [RUN_LOCK]:
                 (out / RUN_LOCK).unlink()
                 out.rmdir()
             # A write the disk refused stays in the file's buffer: close would raise it again over the error
