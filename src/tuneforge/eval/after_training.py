@@ -6,7 +6,8 @@
 - `eval.grader` (with `eval.task`; a grader as `grpo.grader` takes it): the answers are scored by the
   grader too, each against its row, and the table, the report and the metrics (`grader_NAME`,
   `grader_NAME_passed`) hold its mean score for base vs tuned. A GRPO run's default is `grpo.grader`
-  (weighed by `grpo.grader_weights`): the held-out score of the reward it trained on.
+  (weighed by `grpo.grader_weights`): the held-out score of the reward it trained on. A GRPO run's
+  answers are as long as its validation's (`grpo.max_new_tokens`), so that score is its `full_valid_reward`.
 - `eval.forgetting: true`: base vs final model on the general sets no training touches (`forgetting.py`).
 
 Both land in the run folder's `eval/` and its `report.html` (with the loss curves), are printed as
@@ -25,7 +26,14 @@ from ..errors import ConfigError
 from ..graders import load_grader
 from ..models import load_model, load_tokenizer, resolve, source_context_length
 from ..tasks.metrics import METRICS
-from .evaluate import check_grader, choose_metric, evaluate_loaded, read_eval_examples, render_within_window
+from .evaluate import (
+    DEFAULT_MAX_NEW_TOKENS,
+    check_grader,
+    choose_metric,
+    evaluate_loaded,
+    read_eval_examples,
+    render_within_window,
+)
 from .forgetting import ModelPair, forgetting_loaded, positions_needed
 from .report import flat_scores, print_tables, report_tables, write_run_report
 
@@ -100,6 +108,9 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
         examples = read_eval_examples(cfg.data.validation)
         graded = eval_grader(cfg)
         grader = load_grader(graded[0], graded[1], key=graded[2]) if graded else None
+        # A GRPO run's answers are as long as it sampled and validated them: cut shorter, they would score
+        # otherwise than its valid_reward.
+        max_new_tokens = cfg.grpo.max_new_tokens if cfg.method == "grpo" else DEFAULT_MAX_NEW_TOKENS
         for side in results:
             with getattr(pair, side)() as model:
                 results[side] = {
@@ -111,6 +122,7 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
                         tokenizer,
                         examples,
                         metric=cfg.eval.task,
+                        max_new_tokens=max_new_tokens,
                         progress=progress,
                         train_on=cfg.data.train_on,
                         grader=grader,
