@@ -420,6 +420,22 @@ def test_environment_variables_in_paths_are_expanded_and_an_unset_one_is_refused
         load_config(path, ["data.validation=null", "data.train=${TF_UNSET}/d.jsonl"])
 
 
+def test_a_file_whose_name_holds_a_dollar_sign_is_read_as_named(tmp_path, monkeypatch):
+    """A `$` in a real file's name is no variable: the file, found as written, is read, from the config's
+    folder or from the working directory, as it was before variables were expanded."""
+    monkeypatch.delenv("list", raising=False)
+    folder = tmp_path / "data$list"
+    folder.mkdir()
+    (folder / "d.jsonl").write_text("{}\n")
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: data$list/d.jsonl\n  validation: null\n")
+    assert load_config(path).data.train == str(folder / "d.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert load_config({"data": {"train": "data$list/d.jsonl", "validation": None}}).data.train == str(
+        folder / "d.jsonl"
+    )
+
+
 def test_the_written_config_holds_non_ascii_paths_as_they_read(tmp_path):
     folder = tmp_path / "données 中文"
     written = load_config({"data": {"train": str(folder / "train.jsonl")}, "output_dir": "runs/é"}).to_yaml()

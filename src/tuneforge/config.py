@@ -1174,9 +1174,10 @@ def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str
 
 def _expand(p: str, key: str, source: str, places: dict[str, str] | None) -> str:
     """A path with `~` and environment variables (`$HOME/data`, `${DATA}`) expanded, as a shell does; a
-    variable that is not set is refused (where `places` are given) rather than read as part of a file's name."""
+    variable that is not set is refused (where `places` are given) rather than read as part of a file's name,
+    unless the path names a file or folder as written (a `$` in its name, read against the working directory)."""
     p = os.path.expandvars(os.path.expanduser(p))
-    if places is not None and (unset := _VARIABLE.search(p)):
+    if places is not None and (unset := _VARIABLE.search(p)) and not Path(p).exists():
         raise ConfigError(
             f"{source}: {_placed(key, places)}: {p} names the environment variable {unset.group(1) or unset.group(2)}, "
             "which is not set; set it, or write the path out."
