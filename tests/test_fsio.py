@@ -203,3 +203,29 @@ def test_a_read_only_folder_is_named_not_the_temporary_sibling(tmp_path):
         with pytest.raises(PermissionError) as refused, atomic(tmp_path / "ro" / "out"):
             pass
         assert refused.value.filename == str(tmp_path / "ro" / "out")
+
+
+def test_writes_go_on_where_the_file_system_takes_no_flock(tmp_path, monkeypatch):
+    # NFS takes an exclusive flock only on a descriptor open for writing (EBADF on a read-only one or a folder),
+    # and one without its lock manager answers ENOLCK: the writes go on, and a sibling that cannot be told
+    # from a live writer's is left.
+    import fcntl
+    import types
+
+    from tuneforge import fsio
+
+    def flock(fd, operation):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(fsio, "fcntl", types.SimpleNamespace(**{**vars(fcntl), "flock": flock}))
+    left = tmp_path / f"{fsio.TEMPORARY_PREFIX}summary.json-abcd1234"
+    left.write_text("a killed writer's")
+    with atomic_file(tmp_path / "summary.json") as f:
+        f.write("{}")
+    with atomic_dir(tmp_path / "prepared") as folder:
+        (folder / "train.jsonl").write_text("whole")
+    with fsio.scratch_dir(tmp_path / "cache", ".download-") as scratch:
+        assert scratch.is_dir()
+    assert (tmp_path / "summary.json").read_text() == "{}" and left.exists()
+    assert (tmp_path / "prepared" / "train.jsonl").read_text() == "whole"
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -35,18 +35,31 @@ def _held_temporary(make) -> tuple[Path, int]:
     """A temporary sibling made by `make()` and a descriptor of it that holds an exclusive flock on it while
     it is written: the lock tells a live writer's sibling from one a killed writer left (the kernel lets a
     lock go with its process, SIGKILL included). Made again where `_remove_stale_siblings` took it first,
-    between its making and its locking."""
+    between its making and its locking. Where the file system takes no such lock (NFS takes one only on a
+    descriptor open for writing, and answers ENOLCK without its lock manager) the sibling is written unlocked:
+    `_remove_unheld` cannot lock it either, so it is left as a live writer's."""
     while True:
         tmp = Path(make())
         try:
             fd = os.open(tmp, os.O_RDONLY)
         except FileNotFoundError:
             continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in _NO_FLOCK:
+                os.close(fd)
+                raise
+            return tmp, fd
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(tmp)):
                 return tmp, fd
         os.close(fd)
+
+
+_NO_FLOCK = (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+"""What a file system that takes no flock on a temporary sibling answers (NFS on a read-only descriptor, NFS
+without its lock manager, one without locks)."""
 
 
 def _remove_stale_siblings(final: Path) -> None:
