@@ -68,19 +68,22 @@ def test_a_string_check_graders_score_is_a_hand_count_of_the_answers(tiny_model_
 def test_reward_functions_in_a_python_file_score_with_a_mean_per_function(
     tiny_model_dir, triage_data, tmp_path, capsys
 ):
-    """TRL-style reward functions (FILE.py:FUNCTION; on the command line several comma-separated) score the
-    answers as GRPO runs them, with the row's columns by name; their sum is the score, each has its mean."""
+    """TRL-style reward functions (FILE.py:FUNCTION; on the command line several comma-separated, a comma in
+    a file's path kept) score the answers as GRPO runs them, with the row's columns by name; their sum is the
+    score, each has its mean."""
     rows = rows_of(triage_data["test"], 4)
     for index, row in enumerate(rows):
         row["weight"] = index
     data = write_rows(tmp_path / "test.jsonl", rows)
-    (tmp_path / "rewards.py").write_text(
+    folder = tmp_path / "graders, v2"
+    folder.mkdir()
+    (folder / "rewards.py").write_text(
         "def by_weight(prompts, completions, weight, **kwargs):\n"
         "    return [float(w) for w in weight]\n"
         "def one(completions, **kwargs):\n"
         "    return [1.0 for _ in completions]\n"
     )
-    functions = f"{tmp_path}/rewards.py:by_weight,{tmp_path}/rewards.py:one"
+    functions = f"{folder}/rewards.py:by_weight,{folder}/rewards.py:one"
     assert eval_command(str(tiny_model_dir), str(data), max_new_tokens=2, grader=functions, json_out=True) == 0
     result = json.loads(capsys.readouterr().out)
     figures = result["grader"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from .evaluate import compare as compare_models
 from .evaluate import evaluate
@@ -24,7 +25,7 @@ def eval_command(
     as FILE.py:FUNCTION (comma-separated for several, summed), which scores the answers too."""
     options = {"metric": metric, "limit": limit, "progress": not json_out}
     if grader is not None:
-        options["grader"] = grader.split(",") if "," in grader and ".py:" in grader else grader
+        options["grader"] = grader_spec(grader)
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     if compare:
@@ -45,3 +46,17 @@ def eval_command(
     else:
         print_tables(tables)
     return 0
+
+
+# One FILE.py:FUNCTION of a comma-separated list: a comma that ends no reference belongs to a file's path.
+_FUNCTION_REFERENCE = re.compile(r"(.+?\.py:[A-Za-z_]\w*)(?:,|$)")
+
+
+def grader_spec(grader: str) -> str | list[str]:
+    """`--grader` as `graders.load_grader` takes it: reward functions, FILE.py:FUNCTION comma-separated, as a
+    list (a path's own commas kept; a list that names no function in some part split at every comma, so that
+    its error names that part); anything else (a JSON/YAML file) as given."""
+    references = _FUNCTION_REFERENCE.findall(grader)
+    if references and ",".join(references) == grader:
+        return references
+    return grader.split(",") if "," in grader and ".py:" in grader else grader
