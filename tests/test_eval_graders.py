@@ -7,6 +7,7 @@ import pytest
 from conftest import tiny_run_config
 
 from tuneforge.config import ConfigError, load_config
+from tuneforge.errors import DataError
 from tuneforge.eval import eval_command, evaluate
 from tuneforge.eval.after_training import eval_grader
 from tuneforge.eval.report import examples_table, metrics_table
@@ -151,3 +152,88 @@ def test_a_grpo_runs_eval_grades_answers_as_long_as_its_validation_reward_does(t
     after = json.loads((tmp_path / "run" / "eval" / "after.json").read_text())
     assert after["generation"]["max_new_tokens"] == 8
     assert metrics["grader_lengths"] == pytest.approx(metrics["full_valid_reward"])
+
+
+def prompt_rows(triage_test, n: int) -> list[dict]:
+    """GRPO's own data: each ticket's prompt as a `prompt` (text) or as messages ending in the user's turn,
+    without its reference answer, and the answer in a field the grader reads."""
+    rows = []
+    for index, row in enumerate(rows_of(triage_test, n)):
+        prompt, answer = row["messages"][:-1], row["messages"][-1]["content"]
+        rows.append(
+            {"prompt": prompt[-1]["content"], "answer": answer} if index % 2 else {"messages": prompt, "answer": answer}
+        )
+    return rows
+
+
+def test_a_grader_scores_prompt_rows_without_reference_answers(tiny_model_dir, triage_data, tmp_path, capsys):
+    """GRPO's held-out prompts (no reference answers) evaluate with a grader, base vs tuned: the grader's
+    figures are the evaluation, and the loss and metric are left out with the reason, not zeros."""
+    plain = evaluate(str(tiny_model_dir), triage_data["test"], limit=4, max_new_tokens=4, progress=False)
+    rows = prompt_rows(triage_data["test"], 4)
+    for index, (row, sample) in enumerate(zip(rows, plain["samples"])):
+        row["answer"] = sample["prediction"] if index < 3 else "not it"
+    data = write_rows(tmp_path / "prompts.jsonl", rows)
+    grader = tmp_path / "same.json"
+    grader.write_text(json.dumps(SAME_ANSWER))
+    kwargs = {"compare": str(tiny_model_dir), "max_new_tokens": 4, "grader": str(grader)}
+    assert eval_command(str(tiny_model_dir), str(data), json_out=True, **kwargs) == 0
+    both = json.loads(capsys.readouterr().out)
+    for side in ("base", "tuned"):
+        result = both[side]
+        assert result["grader"]["mean"] == result["grader"]["pass_rate"] == 0.75
+        assert [s["grade"] for s in result["samples"]] == [1.0, 1.0, 1.0, 0.0]
+        assert result["loss"] is result["scores"] is result["metric"] is None
+        assert "no reference answer" in result["left_out"]
+        assert all(s["reference"] is None and s["correct"] is None for s in result["samples"])
+    table = metrics_table({"base": both["base"], "tuned": both["tuned"]})
+    names = [row[0] for row in table.rows]
+    assert names[0] == "grader same: mean score" and not any("loss" in name or "exact" in name for name in names)
+    assert table.title.startswith("grader same on 4 examples") and "no reference answer" in table.caption
+    assert examples_table(both["samples"]).rows[0][3] == "(none)"
+
+
+def test_a_file_mixing_rows_with_and_without_references_is_graded_whole(tiny_model_dir, triage_data, tmp_path):
+    """Rows with a reference answer give it to the grader as `item.reference`; the loss and metric are left
+    out for the whole file, so every figure is over the same rows. A metric named outright is refused."""
+    rows = rows_of(triage_data["test"], 2) + prompt_rows(triage_data["test"], 2)
+    data = write_rows(tmp_path / "mixed.jsonl", rows)
+    (tmp_path / "rewards.py").write_text(
+        "def has(completions, reference, **kwargs):\n    return [float(r is not None) for r in reference]\n"
+    )
+    has_reference = f"{tmp_path}/rewards.py:has"
+    result = evaluate(str(tiny_model_dir), data, max_new_tokens=2, progress=False, grader=has_reference)
+    assert [s["grade"] for s in result["samples"]] == [1.0, 1.0, 0.0, 0.0]
+    assert result["loss"] is None and "2 of the 4 rows have no reference answer" in result["left_out"]
+    with pytest.raises(DataError, match=r"mixed\.jsonl:3 messages: .*no reference answer for exact"):
+        evaluate("no-such-model", data, metric="exact", grader=has_reference, progress=False)
+
+
+def test_without_a_grader_prompt_rows_are_refused_with_a_hint_at_one(triage_data, tmp_path):
+    data = write_rows(tmp_path / "prompts.jsonl", prompt_rows(triage_data["test"], 2))
+    with pytest.raises(DataError) as raised:
+        evaluate("no-such-model", data, progress=False)
+    assert f"{data}:1 messages" in str(raised.value) and f"{data}:2 messages" in str(raised.value)
+    assert "tuneforge eval --grader" in str(raised.value)
+
+
+def test_a_grpo_runs_eval_scores_its_prompt_only_validation_file_with_its_grader(tiny_model_dir, triage_data, tmp_path):
+    """A GRPO run whose data.validation is prompt rows: `eval.task: auto` scores base and tuned with
+    grpo.grader, into before/after.json, the metrics and report.html (the grader's plot, no metric's)."""
+    train_rows = write_rows(tmp_path / "train.jsonl", prompt_rows(triage_data["train"], 8))
+    valid_rows = write_rows(tmp_path / "valid.jsonl", prompt_rows(triage_data["validation"], 4))
+    config = tiny_run_config(tiny_model_dir, {"train": train_rows, "validation": valid_rows}, tmp_path / "run")
+    config.update(method="grpo", eval={"task": "auto"})
+    config["data"]["packing"] = False
+    config["train"].update(attention="model", batch_size=2, max_steps=1)
+    config["grpo"] = {"grader": {**SAME_ANSWER, "name": "brace", "reference": "{", "operation": "like"}}
+    config["grpo"].update(group_size=2, max_new_tokens=4)
+    result = train(config, progress=False)
+    run = tmp_path / "run"
+    after = json.loads((run / "eval" / "after.json").read_text())
+    assert after["grader"]["name"] == "brace" and after["loss"] is None and "left_out" in after
+    assert result.metrics["grader_brace"] == after["grader"]["mean"]
+    assert not any(key.startswith("task_") for key in result.metrics)
+    report = (run / "eval" / "report.html").read_text()
+    assert "Grader brace, base vs tuned" in report and "grader brace: mean score" in report
+    assert "loss on reference answers" not in report and "Scores, base vs tuned" not in report

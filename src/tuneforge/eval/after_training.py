@@ -8,6 +8,8 @@
   `grader_NAME_passed`) hold its mean score for base vs tuned. A GRPO run's default is `grpo.grader`
   (weighed by `grpo.grader_weights`): the held-out score of the reward it trained on. A GRPO run's
   answers are as long as its validation's (`grpo.max_new_tokens`), so that score is its `full_valid_reward`.
+  With a grader the validation file may be GRPO's prompt rows, without reference answers: `eval.task: auto`
+  then leaves the loss and metric out and the grader's scores are the evaluation (`evaluate.evaluate_loaded`).
 - `eval.forgetting: true`: base vs final model on the general sets no training touches (`forgetting.py`).
 
 Both land in the run folder's `eval/` and its `report.html` (with the loss curves), are printed as
@@ -49,13 +51,15 @@ def check_eval_inputs(cfg) -> None:
             raise ConfigError(
                 f"eval.task: unknown metric {cfg.eval.task!r}; choose auto or one of {', '.join(METRICS)}."
             )
-        examples = read_eval_examples(cfg.data.validation)
-        choose_metric(cfg.eval.task, examples)
-        if graded := eval_grader(cfg):
+        graded = eval_grader(cfg)
+        examples = read_eval_examples(cfg.data.validation, prompts=bool(graded))
+        metric = choose_metric(cfg.eval.task, examples)
+        if graded:
             spec, weights, key = graded
             check_grader(spec, examples, key=key, weights=weights)
-        source = resolve(cfg.base_model)
-        render_within_window(examples, load_tokenizer(source), source_context_length(source), cfg.data.train_on)
+        if metric is not None:  # rows without reference answers have no loss (GRPO checks its prompts' length)
+            source = resolve(cfg.base_model)
+            render_within_window(examples, load_tokenizer(source), source_context_length(source), cfg.data.train_on)
     if cfg.eval.forgetting:
         source = resolve(cfg.base_model)
         window, needed = source_context_length(source), positions_needed(load_tokenizer(source))
@@ -105,8 +109,8 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
         )
     results = {"base": None, "tuned": None}
     if cfg.eval.task:
-        examples = read_eval_examples(cfg.data.validation)
         graded = eval_grader(cfg)
+        examples = read_eval_examples(cfg.data.validation, prompts=bool(graded))
         grader = load_grader(graded[0], graded[1], key=graded[2]) if graded else None
         # A GRPO run's answers are as long as it sampled and validated them: cut shorter, they would score
         # otherwise than its valid_reward.
@@ -128,7 +132,8 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
                         grader=grader,
                     ),
                 }
-        metrics.update({f"task_{name}": value for name, value in flat_scores(results["tuned"]["scores"]).items()})
+        scores = results["tuned"]["scores"] or {}  # none for data without reference answers
+        metrics.update({f"task_{name}": value for name, value in flat_scores(scores).items()})
         if grader is not None:
             figures = results["tuned"]["grader"]
             metrics[f"grader_{figures['name']}"] = figures["mean"]

@@ -12,7 +12,9 @@ its last message, greedily, and a metric from `tuneforge.tasks.metrics.METRICS` 
 with a grader (`tuneforge.graders`, as `grpo.grader` takes it) the grader scores them too, each
 against its row as GRPO's validation grades it (`item.reference` the reference answer, `item.FIELD`
 the row's other fields): its mean score, its pass rate where it has a `pass_threshold`, and the
-mean of each part of a multi grader or of several reward functions.
+mean of each part of a multi grader or of several reward functions. With a grader, GRPO's own data
+scores too: rows without a reference answer (a `prompt`, or messages ending in the user's turn, read
+as GRPO reads them), for which the grader's figures are all there is (no loss or metric).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..data import Conversation, Example, PackedRow, Preference, Problem, pack, read_conversations, render_examples
+from ..data.formats import prompt_messages
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
@@ -54,12 +57,12 @@ class EvalExample:
     line: int
     conversation: Conversation
     prompt: list[dict]  # the messages before the reference answer, as a chat template takes them
-    reference: str  # the last assistant message
+    reference: str | None  # the last assistant message; None for a prompt row (GRPO's data) that has none
 
     @property
-    def answer(self) -> str:
+    def answer(self) -> str | None:
         """The reference's answer, scored: what follows its reasoning, where it holds any."""
-        return split_reasoning(self.reference)[1]
+        return None if self.reference is None else split_reasoning(self.reference)[1]
 
     @property
     def where(self) -> str:
@@ -71,35 +74,77 @@ class EvalExample:
         return next((m["content"] for m in reversed(self.prompt) if m["role"] == "user"), "")
 
 
-def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalExample]:
+NO_REFERENCE_HINT = (
+    " To score answers to prompts without reference answers (GRPO's data: a prompt, or messages ending in the "
+    "user's turn, with the fields a grader reads), give a grader: tuneforge eval --grader, or eval.grader "
+    "(a GRPO run's grpo.grader) with eval.task: auto in a run's config."
+)
+
+
+def _prompt_row(row, path: str | Path, line: int, csv: bool) -> Conversation | None:
+    """The row read as GRPO reads a prompt row (`prompt`, or `messages` ending in the user's or a tool's
+    turn, with at most one reference reply after it), or None where it is not one."""
+    if not isinstance(row, dict) or not {"messages", "prompt"} & set(row):
+        return None
+    messages, _ = prompt_messages(row, file=str(path), line=line, csv=csv)
+    if not messages:
+        return None
+    prompt = messages[:-1] if messages[-1].role == "assistant" else messages
+    return Conversation(messages) if prompt and prompt[-1].role in ("user", "tool") else None
+
+
+def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: bool = False) -> list[EvalExample]:
     """The first `limit` (all, if None) conversations of a data file, each ending in its reference answer
-    (a preference pair's is its chosen reply)."""
+    (a preference pair's is its chosen reply). `prompts` (for a grader): a row GRPO reads as a prompt without
+    a reference answer (a `prompt` and the grader's fields, or messages ending in the user's turn) is taken
+    too, its `reference` None; without it such a row is an error that points at a grader."""
     examples: list[EvalExample] = []
     problems: list[Problem] = []
+    rows = open_rows(path)
+    raw = {line: row for line, row in rows}
+    # A row read_conversations refuses or leaves without a reference answer is read again as GRPO reads it.
+    refused: dict[int, list[Problem]] = {}
+    read: dict[int, Conversation] = {}
+    order: list[int] = []
     for line, item in read_conversations(path):
-        if limit is not None and len(examples) >= limit:
-            break
         if isinstance(item, Problem):
             if item.is_error:
-                problems.append(item)
+                if item.line is None or item.line not in raw:
+                    problems.append(item)
+                    continue
+                if item.line not in refused and item.line not in read:
+                    order.append(item.line)
+                refused.setdefault(item.line, []).append(item)
             continue
         if isinstance(item, Preference):
             item = Conversation([*item.prompt, item.chosen], item.tools)
-        messages = item.messages if isinstance(item, Conversation) else None
-        if not messages or messages[-1].role != "assistant" or len(messages) < 2:
-            problems.append(
-                Problem(
-                    "example_missing_assistant_message",
-                    "an evaluation row must be a conversation that ends with the assistant's reference answer, "
-                    "after at least one message for it to answer.",
-                    file=str(path),
-                    line=line,
-                    field="messages",
-                )
+        order.append(line)
+        read[line] = item
+    for line in order:
+        if limit is not None and len(examples) >= limit:
+            break
+        item = read.get(line)
+        if line in refused or not item.messages or item.messages[-1].role != "assistant" or len(item.messages) < 2:
+            as_prompt = _prompt_row(raw[line], path, line, rows.kind == "csv")
+            # A row with a reference answer keeps the checks of its format; only its format may differ from
+            # the file's first row's, as GRPO's rows may.
+            kept = as_prompt is not None and (
+                as_prompt.messages[-1].role != "assistant"
+                or all(p.code == "mixed_formats" for p in refused.get(line, []))
             )
-            continue
-        prompt = [m.to_template() for m in messages[:-1]]
-        examples.append(EvalExample(str(path), line, item, prompt, messages[-1].content))
+            if not kept:
+                problems += refused.get(line) or [_missing_reference(path, line)]
+                continue
+            item = as_prompt
+            if item.messages[-1].role != "assistant" and not prompts:
+                problems.append(_missing_reference(path, line, NO_REFERENCE_HINT))
+                continue
+        messages = item.messages
+        if messages[-1].role == "assistant":
+            prompt, reference = messages[:-1], messages[-1].content
+        else:
+            prompt, reference = messages, None
+        examples.append(EvalExample(str(path), line, item, [m.to_template() for m in prompt], reference))
     if problems:
         rows = sum(problem.line is not None for problem in problems)  # the others are about the file itself
         raise DataError.listing(f"{path}: {counted(rows, 'row') + ' ' if rows else ''}cannot be evaluated", problems)
@@ -108,16 +153,50 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
     return examples
 
 
-def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str:
-    """`auto`: `json_fields` when every reference is a JSON object, otherwise `exact`. A task's own
-    scorer (`support_triage`) is asked for by name. A metric that cannot score against some of the
-    references (`json_fields` on plain text) is a DataError naming their lines, before any compute."""
-    if metric == "auto":
-        return "json_fields" if all(parse_json_object(e.answer) is not None for e in examples) else "exact"
-    if metric not in METRICS:
+def _missing_reference(path: str | Path, line: int, hint: str = "") -> Problem:
+    return Problem(
+        "example_missing_assistant_message",
+        "an evaluation row must be a conversation that ends with the assistant's reference answer, "
+        f"after at least one message for it to answer.{hint}",
+        file=str(path),
+        line=line,
+        field="messages",
+    )
+
+
+def without_reference(examples: Sequence[EvalExample]) -> list[EvalExample]:
+    return [e for e in examples if e.reference is None]
+
+
+def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str | None:
+    """`auto`: `json_fields` when every reference is a JSON object, otherwise `exact`; None (no metric, a
+    grader alone scores) where some rows have no reference answer. A task's own scorer (`support_triage`)
+    is asked for by name. A metric that cannot score against some of the references (`json_fields` on plain
+    text), or rows without one, is a DataError naming their lines, before any compute."""
+    if metric not in METRICS and metric != "auto":
         raise TuneforgeError(
             f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.", code="unknown_metric"
         )
+    if missing := without_reference(examples):
+        if metric == "auto":
+            return None
+        problems = [
+            Problem(
+                "example_missing_assistant_message",
+                f"the row has no reference answer for {metric} to score against: choose metric auto, which "
+                "leaves the metric out for such data and lets the grader score the answers, or end the row with "
+                "its reference answer (an assistant message).",
+                file=e.file,
+                line=e.line,
+                field="messages",
+            )
+            for e in missing
+        ]
+        raise DataError.listing(
+            f"{examples[0].file}: {counted(len(problems), 'row')} cannot be scored by {metric}", problems
+        )
+    if metric == "auto":
+        return "json_fields" if all(parse_json_object(e.answer) is not None for e in examples) else "exact"
     problems = [
         Problem(
             "reference_unfit_for_metric",
@@ -288,12 +367,26 @@ def evaluate_loaded(
     grader: Grader | None = None,
 ) -> dict:
     """`evaluate` on a model already in memory; the loss counts the tokens a run with `data.train_on`
-    trains (a run's `valid_loss`). `grader`: one `check_grader` gave, which scores the answers too."""
+    trains (a run's `valid_loss`). `grader`: one `check_grader` gave, which scores the answers too.
+
+    Where some rows have no reference answer (GRPO's prompt rows), the grader alone scores: the loss,
+    perplexity and metric are None for the whole file (figures over some of its rows would sit beside the
+    grader's over all of them), `left_out` says why, and the rows that have one give it as `item.reference`."""
     metric = choose_metric(metric, examples)
+    missing = without_reference(examples)
+    if missing and grader is None:
+        raise TuneforgeError(
+            f"{missing[0].where}: the row has no reference answer, so only a grader can score the answers to it."
+            + NO_REFERENCE_HINT,
+            code="example_missing_assistant_message",
+        )
     started = time.perf_counter()
-    rendered = render_within_window(examples, tokenizer, model_context_length(model), train_on)
-    with progress_bar("loss", len(rendered), progress) as advance:
-        loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
+    if missing:
+        loss = {"loss": None, "perplexity": None, "mean_token_accuracy": None, "tokens": None}
+    else:
+        rendered = render_within_window(examples, tokenizer, model_context_length(model), train_on)
+        with progress_bar("loss", len(rendered), progress) as advance:
+            loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
     loss_seconds = time.perf_counter() - started
     with progress_bar("answers", len(examples), progress) as advance:
         answers = generate(
@@ -302,8 +395,8 @@ def evaluate_loaded(
     # A reasoning model's reply is scored on its answer, what follows its reasoning (OpenAI's output_text).
     predictions = [split_reasoning(a.text)[1] for a in answers]
     references = [e.answer for e in examples]
-    score = METRICS[metric]
-    headline = HEADLINE[metric]
+    score = METRICS[metric] if metric else None
+    headline = HEADLINE.get(metric)
     grades = None
     if grader is not None:
         with naming_rows(examples):
@@ -314,7 +407,7 @@ def evaluate_loaded(
             "input": e.input,
             "prediction": a.text,
             "reference": e.reference,
-            "correct": bool(score([prediction], [reference])[headline]),
+            "correct": bool(score([prediction], [reference])[headline]) if score else None,
             "finish_reason": a.finish_reason,
             **({"grade": grades[i].score} if grades else {}),
         }
@@ -324,7 +417,8 @@ def evaluate_loaded(
         "n": len(examples),
         "metric": metric,
         **loss,
-        "scores": score(predictions, references),
+        "scores": score(predictions, references) if score else None,
+        **({"left_out": left_out(len(missing), len(examples))} if missing else {}),
         **({"grader": grader_scores(grader, grades)} if grades else {}),
         # How the scored answers were written: a score means little without it.
         "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens},
@@ -343,6 +437,15 @@ def evaluate_loaded(
         },
         "samples": samples,
     }
+
+
+def left_out(missing: int, n: int) -> str:
+    """Why an evaluation has no loss, perplexity or metric: rows without a reference answer."""
+    which = "the rows have" if missing == n else f"{missing} of the {n} rows have"
+    return (
+        f"{which} no reference answer (prompt rows, as GRPO reads them): the loss, perplexity and metric score "
+        "against one, so they are left out for the whole file and the grader alone scores the answers"
+    )
 
 
 def evaluate(
@@ -366,10 +469,11 @@ def evaluate(
     `progress=False` leaves out the progress bars, transformers' own included. `grader` (a grader object, a
     JSON/YAML file of one, or reward functions as FILE.py:FUNCTION, as `grpo.grader` takes them) scores the
     answers too, each against its row: `grader` in the result (`grader_scores`), `grade` in each sample. A
-    grader that cannot work on this data is refused before the model loads.
+    grader that cannot work on this data is refused before the model loads. With a grader, rows without a
+    reference answer (GRPO's prompt rows) are taken too; see `evaluate_loaded` for what is then left out.
     """
-    examples = read_eval_examples(data, limit)
-    metric = choose_metric(metric, examples)
+    examples = read_eval_examples(data, limit, prompts=grader is not None)
+    choose_metric(metric, examples)  # before the model loads; evaluate_loaded chooses it again
     if grader is not None:
         grader = check_grader(grader, examples)
     source = resolve(model)
@@ -418,7 +522,10 @@ def compare(model: str, base: str, data: str | Path, **options) -> dict:
     """`evaluate` for `model` and for `base` on the same data (same options), side by side."""
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation
     if options.get("grader") is not None:  # a grader that cannot work fails before either model loads
-        options = {**options, "grader": check_grader(options["grader"], read_eval_examples(data, options.get("limit")))}
+        options = {
+            **options,
+            "grader": check_grader(options["grader"], read_eval_examples(data, options.get("limit"), prompts=True)),
+        }
     # Both losses count the replies the tuned model's run trained on.
     options = {**options, "train_on": options.get("train_on") or trained_replies(resolve(model))}
     tuned_result = evaluate(model, data, **options)

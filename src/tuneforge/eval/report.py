@@ -169,22 +169,28 @@ def metrics_table(results: dict[str, dict]) -> Table:
     def relative(a, b):
         return f"{b / a - 1:+.1%}" if a else ""
 
-    add(
-        "loss on reference answers",
-        [r["loss"] for r in results.values()],
-        lambda v: f"{v:.4f}",
-        per_token_compares and relative,
-    )
-    add(
-        "perplexity", [r["perplexity"] for r in results.values()], lambda v: f"{v:.2f}", per_token_compares and relative
-    )
-    add(
-        "next-token accuracy",
-        [r["mean_token_accuracy"] for r in results.values()],
-        _share,
-        per_token_compares and points,
-    )
-    flat = [flat_scores(r["scores"]) for r in results.values()]
+    # Data without reference answers (GRPO's prompt rows) has no loss or metric: `left_out` says why.
+    measured = first.get("loss") is not None
+    if measured:
+        add(
+            "loss on reference answers",
+            [r["loss"] for r in results.values()],
+            lambda v: f"{v:.4f}",
+            per_token_compares and relative,
+        )
+        add(
+            "perplexity",
+            [r["perplexity"] for r in results.values()],
+            lambda v: f"{v:.2f}",
+            per_token_compares and relative,
+        )
+        add(
+            "next-token accuracy",
+            [r["mean_token_accuracy"] for r in results.values()],
+            _share,
+            per_token_compares and points,
+        )
+    flat = [flat_scores(r["scores"] or {}) for r in results.values()]
     for key in flat[0]:
         add(key, [f.get(key) for f in flat], _share, points)
     graded = all("grader" in r for r in results.values())
@@ -203,6 +209,8 @@ def metrics_table(results: dict[str, dict]) -> Table:
     caption = (
         f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
         "exact: the whole answer right (every field, for JSON answers)"
+        if first["metric"]
+        else f"no loss, perplexity or metric: {first.get('left_out', 'no reference answers')}"
     )
     if graded:
         caption += (
@@ -213,13 +221,15 @@ def metrics_table(results: dict[str, dict]) -> Table:
         caption += (
             f"; answers scored: {generation['decoding']}, at most {generation['max_new_tokens']} new tokens, "
             "the chat template with the messages before the reference"
+            + ("" if first["metric"] else " (the prompt, where there is none)")
         )
-    if not per_token_compares:
+    if measured and not per_token_compares:
         caption += (
             f"; the models tokenize the references into {' and '.join(map(str, token_counts))} tokens, so their "
             "loss, perplexity and next-token accuracy (per token) do not compare"
         )
-    return Table(f"{first['metric']} on {first['n']} examples of {Path(first['data']).name}", columns, rows, caption)
+    scored_by = first["metric"] or f"grader {first['grader']['name']}"
+    return Table(f"{scored_by} on {first['n']} examples of {Path(first['data']).name}", columns, rows, caption)
 
 
 def _widest_interval(n: int) -> float:
@@ -282,12 +292,15 @@ def examples_table(
 
     def shown(sample: dict, answer: str, verdict: str) -> str:
         grade = sample.get(verdict.replace("correct", "grade"))
-        return f"{sample[answer].strip()} {'✓' if sample[verdict] else '✗'}" + (
-            f" (grade {grade:.3g})" if grade is not None else ""
-        )
+        mark = "" if sample[verdict] is None else f" {'✓' if sample[verdict] else '✗'}"  # None: no metric
+        return f"{sample[answer].strip()}{mark}" + (f" (grade {grade:.3g})" if grade is not None else "")
 
     rows = [
-        [s["input"], *(shown(s, answer, verdict) for _, answer, verdict in answers), s["reference"]]
+        [
+            s["input"],
+            *(shown(s, answer, verdict) for _, answer, verdict in answers),
+            "(none)" if s["reference"] is None else s["reference"],
+        ]
         for s in samples[:n]
     ]
     return Table(
@@ -506,8 +519,42 @@ def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | N
 
 
 def scores_plot(before: dict, after: dict) -> tuple[str, str]:
+    if before["scores"] is None:  # data without reference answers: the grader alone scored
+        caption = f"Grader {after['grader']['name']}, base vs tuned (mean score per answer; error bars: 95% intervals)"
+        return caption, _png(grader_figure(before, after))
     caption = "Scores, base vs tuned (share of test examples; error bars: 95% intervals)"
     return caption, _png(scores_figure(before, after))
+
+
+def grader_figure(before: dict, after: dict):
+    """The grader's figures of the base and the tuned model side by side (the mean score, the pass rate,
+    each part's mean), each with its 95% interval as the table gives it."""
+    n, first = after["n"], after["grader"]
+    keys = ["mean score", *(["passed"] if "pass_rate" in first else []), *first.get("parts", {})]
+
+    def figures(grader: dict) -> list[tuple[float, float, float]]:
+        spans = [(grader["mean"], *mean_interval(grader, n))]
+        if "pass_rate" in grader:
+            spans.append((grader["pass_rate"], *share_interval(grader["pass_rate"], n)))
+        spans += [(part["mean"], *mean_interval(part, n)) for part in grader.get("parts", {}).values()]
+        return spans
+
+    figure, axes = _figure(f"grader {first['name']}: base vs tuned")
+    for offset, result, label in ((-0.2, before, "base"), (0.2, after, "tuned")):
+        spans = figures(result["grader"])
+        below_above = [[max(0.0, v - low) for v, low, _ in spans], [max(0.0, high - v) for v, _, high in spans]]
+        axes.bar(
+            [p + offset for p in range(len(keys))],
+            [v for v, _, _ in spans],
+            width=0.4,
+            label=label,
+            yerr=below_above,
+            capsize=3,
+        )
+    axes.set_xticks(list(range(len(keys))), keys, rotation=30, ha="right")
+    axes.set_ylabel("grader score per answer")
+    axes.legend()
+    return figure
 
 
 def scores_figure(before: dict, after: dict):
