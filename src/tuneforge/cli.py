@@ -391,6 +391,11 @@ def serve(
     store_max_age_days: float | None = typer.Option(None, help=STORE_MAX_AGE_HELP),
     store_max_count: int | None = typer.Option(None, help=STORE_MAX_COUNT_HELP),
     log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
+    allow_adapter_updates: bool = typer.Option(
+        False,
+        help="Let clients with a key load and unload adapters while the server runs (vLLM's /v1/load_lora_adapter "
+        "and /v1/unload_lora_adapter); a restart serves the --adapter ones only.",
+    ),
 ):
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /metrics) for a base and its
     adapters; stores chat completions asked to."""
@@ -415,6 +420,7 @@ def serve(
                 store=store,
                 retention=Retention(store_max_age_days, store_max_count),
                 log_prompts=log_prompts,
+                allow_adapter_updates=allow_adapter_updates,
             )
         )
 

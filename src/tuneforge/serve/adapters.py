@@ -4,7 +4,8 @@ Adapters are PEFT adapters on the one base model in memory (`load_adapter` / `se
 adapter layers disabled for the base), loaded on first use; beyond `max_loaded`, the least
 recently used one is deleted again. Every adapter is resolved (no weights read) when the pool is
 built, or when `add_adapter` adds it, so a wrong path or an adapter for another base is an error
-then, not at the first request.
+then, not at the first request. `retire` stops serving an adapter's name at once; `remove`, on the
+thread that owns the model once no request on it is left, deletes it (`Engine.unload` does both).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from ..models.loading import (
 class AdapterPool:
     """The base model (`model` is what to run: the base, or a `PeftModel` once an adapter is loaded).
 
-    `activate` belongs to the thread that owns the model; `names`, `tokenizer` and `loaded` may be
-    read from any thread.
+    `activate` and `remove` belong to the thread that owns the model; `names`, `tokenizer` and `loaded`
+    may be read from any thread.
     """
 
     def __init__(
@@ -72,6 +73,11 @@ class AdapterPool:
                 self._check_compatible(name, adapter_sources[name], other, adapter_sources[other])
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self._base_names = {self.base_name}
+        # What PEFT calls each adapter: PEFT keys its layers by adapter name in torch ModuleDicts, which
+        # refuse a '.', so a name as a client gives it (a run folder's) is not used there.
+        self._peft_names = {name: f"adapter-{i}" for i, name in enumerate(adapter_sources)}
+        self._added = len(adapter_sources)
+        self._retiring: set[str] = set()  # names no longer served, deleted once their requests are answered
         self._lock = threading.Lock()
 
     def add_adapter(self, name: str, spec: str) -> None:
@@ -86,6 +92,35 @@ class AdapterPool:
         with self._lock:
             self._tokenizers[name] = tokenizer
             self._sources[name] = source
+            self._peft_names[name] = f"adapter-{self._added}"
+            self._added += 1
+
+    def retire(self, name: str) -> None:
+        """Stop serving the adapter `name`: `serves` and `names` leave it out from now on; requests taken
+        already keep it until `remove` deletes it."""
+        if name not in self._sources:
+            raise ConfigError(f"'{name}' is not an adapter served here.", code="model_not_found")
+        with self._lock:
+            self._retiring.add(name)
+
+    def remove(self, name: str) -> None:
+        """Delete the retired adapter `name` (its weights too, if loaded), once no request on it is left."""
+        if name in self._loaded:
+            self.model.delete_adapter(self._peft_name(name))
+            if len(self._loaded) == 1:
+                # A PeftModel without adapters cannot run: the base goes back to its own layers.
+                self.model = self.model.unload()
+        with self._lock:
+            self._loaded.pop(name, None)
+            for held in (self._sources, self._tokenizers, self._peft_names):
+                del held[name]
+            self._retiring.discard(name)
+
+    @property
+    def retiring(self) -> list[str]:
+        """Adapters `retire`d and not yet removed."""
+        with self._lock:
+            return list(self._retiring)
 
     def add_base_name(self, name: str) -> None:
         """Serve the base as `name` too, so answers carry the name their request gave; a name served already stays."""
@@ -95,8 +130,9 @@ class AdapterPool:
                 self._base_names.add(name)
 
     def serves(self, name: str) -> bool:
-        """Whether `name` is the base's, one it was given with `add_base_name`, or an adapter's."""
-        return name in self._tokenizers
+        """Whether `name` is the base's, one it was given with `add_base_name`, or an adapter's (not retired)."""
+        with self._lock:
+            return name in self._tokenizers and name not in self._retiring
 
     def _check(self, name: str, source: ModelSource) -> None:
         _check_name(name, self.base_name)
@@ -149,9 +185,9 @@ class AdapterPool:
 
     @property
     def names(self) -> list[str]:
-        """What the `model` field may name: the base first, then each adapter."""
+        """What the `model` field may name: the base first, then each adapter (not retired)."""
         with self._lock:
-            return [self.base_name, *self._sources]
+            return [self.base_name, *(name for name in self._sources if name not in self._retiring)]
 
     def tokenizer(self, name: str):
         """The tokenizer for `name`: a run's own (its chat template may differ) or the base's."""
@@ -215,10 +251,9 @@ class AdapterPool:
             self.model.delete_adapter(self._peft_name(old))
 
     def _peft_name(self, name: str) -> str:
-        """What PEFT calls the adapter served as `name`: PEFT keys its layers by adapter name in torch
-        ModuleDicts, which refuse a '.', so a name as a client gives it (a run folder's) is not used there."""
+        """What PEFT calls the adapter served as `name` (its own for the pool's life: a removed one's is not reused)."""
         with self._lock:
-            return f"adapter-{list(self._sources).index(name)}"
+            return self._peft_names[name]
 
 
 def load_pool(*args, **kwargs) -> AdapterPool:

@@ -1,5 +1,6 @@
 """OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/responses`,
-`/health`, `/metrics`.
+`/health`, `/metrics`; vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` where the server
+allows adapter updates.
 
 Bodies and errors are shaped as OpenAI's, so the official clients work unchanged (errors through
 `tuneforge.web`). Sampling defaults are OpenAI's (temperature 1, top_p 1); `max_tokens` defaults
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
@@ -33,6 +34,7 @@ from .. import reasoning
 from ..constrain import ConstraintError, json_index
 from ..data.render import renderer_for, template_texts
 from ..data.schema import Message
+from ..errors import TuneforgeError
 from ..generate import Completion, Sampling, encode_prompts
 from ..models import model_context_length
 from ..web import CLIENT_LEFT, APIError, Metadata, Observer, RequestBody, caller, docs_urls, edge, note
@@ -912,6 +914,8 @@ class Served:
     observer: Observer
     metrics: GenerationMetrics
     completions: CompletionStore | None
+    adapter_updates: bool = False
+    updating: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
 
     @property
     def pool(self):
@@ -935,6 +939,13 @@ class Served:
                 code="model_not_found",
             )
         return name
+
+    def tokenizer(self, name: str):
+        """`name`'s tokenizer; a 404 for a name unloaded since `known_model` passed it."""
+        try:
+            return self.pool.tokenizer(name)
+        except KeyError:
+            raise APIError(404, f"The model `{name}` was unloaded.", param="model", code="model_not_found") from None
 
     async def answered(
         self, request: Request, body: _SampledBody, reply: _Reply | _ResponseReply, generation: Generation
@@ -992,6 +1003,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
     constraint = await asyncio.to_thread(_constraint, server, body)
     # The parser's markers stay in the reply's text: where a call starts after some text (Llama 3.1's
     # <|python_tag|>), decoding would drop them and the call would stay text.
+    tokenizer = server.tokenizer(server.known_model(body.model))
     generation = await submit(
         server,
         request,
@@ -1003,7 +1015,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         tools.markers if tools is not None else (),
         constraint,
     )
-    opened = reasoning.reasoning_opened(server.pool.tokenizer(generation.model), generation.prompt_ids)
+    opened = reasoning.reasoning_opened(tokenizer, generation.prompt_ids)
     return await answer(
         server, request, body, _Reply.start(True, body.model, opened, tools, body.parallel_tool_calls), generation
     )
@@ -1015,7 +1027,7 @@ def _tool_parser(server: Served, body: ChatCompletionBody) -> ToolCallParser | N
         return None
     body.check_supported()
     name = server.known_model(body.model)
-    renderer = renderer_for(server.pool.tokenizer(name))
+    renderer = renderer_for(server.tokenizer(name))
     if not renderer.writes_tools:
         raise APIError(
             400,
@@ -1047,7 +1059,7 @@ def _constraint(server: Served, body: ChatCompletionBody | ResponsesBody):
     body.check_supported()
     name = server.known_model(body.model)
     try:
-        return json_index(server.pool.tokenizer(name), schema)
+        return json_index(server.tokenizer(name), schema)
     except ConstraintError as err:
         if err.code != "invalid_schema":  # this model's tokenizer, or no outlines-core
             raise APIError(
@@ -1062,10 +1074,10 @@ async def responses(body: ResponsesBody, request: Request, server: Served = Depe
     """OpenAI's Responses API, stateless: `instructions` and `input` as a chat request's messages, on the
     same checks and engine."""
     constraint = await asyncio.to_thread(_constraint, server, body)
+    tokenizer = server.tokenizer(server.known_model(body.model))
     generation = await submit(
         server, request, body, body.template_messages(), server.default_max_tokens, "input", constraint=constraint
     )
-    tokenizer = server.pool.tokenizer(generation.model)
     opened = reasoning.reasoning_opened(tokenizer, generation.prompt_ids)
     return await answer(server, request, body, _ResponseReply.start(body, opened, tokenizer), generation)
 
@@ -1074,6 +1086,104 @@ async def responses(body: ResponsesBody, request: Request, server: Served = Depe
 async def completions(body: CompletionBody, request: Request, server: Served = Depends(served)):
     generation = await submit(server, request, body, body.prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
     return await answer(server, request, body, _Reply.start(False, body.model), generation)
+
+
+class LoadAdapterBody(RequestBody):
+    """vLLM's `/v1/load_lora_adapter` body."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadAdapterBody(RequestBody):
+    """vLLM's `/v1/unload_lora_adapter` body (`lora_int_id`, vLLM's own number for an adapter, is not used)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+def _updates_allowed(server: Served) -> None:
+    if not server.adapter_updates:
+        raise APIError(
+            404,
+            "This server does not load or unload adapters while it runs. Its operator allows it with "
+            "`tuneforge serve --allow-adapter-updates`; without it, serve adapters with --adapter NAME=PATH.",
+            code="adapter_updates_off",
+        )
+
+
+@v1.post("/load_lora_adapter")
+async def load_adapter(body: LoadAdapterBody, request: Request, server: Served = Depends(served)):
+    """Serve the adapter at `lora_path` as `lora_name` from now on, checked as `--adapter` checks one at start-up
+    (its weights load on its first request); a name served already is refused, as vLLM refuses it."""
+    _updates_allowed(server)
+    name, path = body.lora_name.strip(), body.lora_path.strip()
+    note(request, lora_name=name, lora_path=path)
+    if body.load_inplace:
+        raise APIError(
+            400,
+            "load_inplace: this server does not replace an adapter in place; unload it "
+            "(/v1/unload_lora_adapter), then load the new one.",
+            param="load_inplace",
+            code="unsupported_value",
+        )
+    if not name or not path:
+        field_name = "lora_name" if not name else "lora_path"
+        raise APIError(400, f"{field_name} must not be empty.", param=field_name, code="invalid_value")
+    async with server.updating:
+        if name in server.pool.retiring:
+            raise APIError(
+                409,
+                f"lora_name: the adapter '{name}' is being unloaded, once the requests it took are answered; "
+                "load it again when its unload has answered.",
+                param="lora_name",
+                code="adapter_unloading",
+            )
+        if server.pool.serves(name) or name == server.pool.base_name:
+            raise APIError(
+                400,
+                f"lora_name: the adapter '{name}' has already been loaded"
+                + (" (it is the base model's name)" if name == server.pool.base_name else "")
+                + ". Pick another name, or unload it first (/v1/unload_lora_adapter).",
+                param="lora_name",
+                code="invalid_value",
+            )
+        try:
+            await asyncio.to_thread(server.pool.add_adapter, name, path)
+        except TuneforgeError as err:
+            raise APIError(400, f"lora_path {path}: {err.message}", param="lora_path", code=err.code) from err
+    server.metrics.adapter_updated(server.pool.base_name, name, "load")
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@v1.post("/unload_lora_adapter")
+async def unload_adapter(body: UnloadAdapterBody, request: Request, server: Served = Depends(served)):
+    """Stop serving the adapter `lora_name`: new requests for it are refused at once; the answer comes once
+    the requests it has taken already are answered and its weights are deleted."""
+    _updates_allowed(server)
+    name = body.lora_name.strip()
+    note(request, lora_name=name)
+    if name == server.pool.base_name or (server.pool.serves(name) and name not in server.pool.names):
+        raise APIError(
+            400,
+            f"lora_name: '{name}' is the base model, which is not an adapter and cannot be unloaded.",
+            param="lora_name",
+            code="invalid_value",
+        )
+    async with server.updating:
+        if not server.pool.serves(name):
+            raise APIError(
+                404,
+                f"lora_name: the adapter '{name}' cannot be found. "
+                f"Loaded: {', '.join(server.pool.names[1:]) or 'none'}.",
+                param="lora_name",
+                code="model_not_found",
+            )
+        unloaded = server.engine.unload(name)
+    await asyncio.wrap_future(unloaded)  # loads and unloads of other adapters go on meanwhile
+    server.metrics.adapter_updated(server.pool.base_name, name, "unload")
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def health(request: Request):
@@ -1101,6 +1211,7 @@ def create_app(
     docs: bool = False,
     observer: Observer | None = None,
     completions: CompletionStore | None = None,
+    adapter_updates: bool = False,
 ) -> FastAPI:
     """The routes over `engine` (which the caller starts and closes), behind `tuneforge.web`'s edge.
 
@@ -1108,7 +1219,8 @@ def create_app(
     `observer` records the requests (by default one of the app's own); `completions` is where
     `store: true` keeps them (without it, such a request is refused). The app can be called from
     inside another (the jobs service) as it is, sharing its host's observer and store; a host that caps
-    bodies itself gives `max_body_bytes` None, so its cap is the one.
+    bodies itself gives `max_body_bytes` None, so its cap is the one. With `adapter_updates`, clients with a
+    key may load and unload adapters (vLLM's routes); without it those routes refuse with a 404.
     """
     app = FastAPI(
         title="tuneforge", summary="OpenAI-compatible inference for a base model and its adapters", **docs_urls(docs)
@@ -1117,7 +1229,13 @@ def create_app(
     metrics = observer.metrics(GenerationMetrics)
     metrics.watch(engine)
     app.state.served = Served(
-        engine, model_context_length(engine.pool.model), default_max_tokens, observer, metrics, completions
+        engine,
+        model_context_length(engine.pool.model),
+        default_max_tokens,
+        observer,
+        metrics,
+        completions,
+        adapter_updates,
     )
     app.include_router(v1)
     if completions is not None:
@@ -1145,12 +1263,12 @@ async def submit(
     # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
     template_kwargs = getattr(body, "chat_template_kwargs", None)
     prompt_ids = await asyncio.to_thread(
-        _encode, server.pool.tokenizer(name), prompt, tools, template_kwargs, length_param, body.prompt_field
+        _encode, server.tokenizer(name), prompt, tools, template_kwargs, length_param, body.prompt_field
     )
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param=length_param)
     max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
-    if constraint is not None and reasoning.reasoning_opened(server.pool.tokenizer(name), prompt_ids):
+    if constraint is not None and reasoning.reasoning_opened(server.tokenizer(name), prompt_ids):
         raise APIError(
             400,
             f"{body.FORMAT_PARAM}: this prompt opens the model's reasoning, which a reply constrained to JSON could "

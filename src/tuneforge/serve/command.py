@@ -56,6 +56,7 @@ def serve_command(
     store: str | None = None,
     retention: Retention = Retention(),
     log_prompts: bool = False,
+    allow_adapter_updates: bool = False,
 ) -> int:
     sock = bind(host, port)
     completions = CompletionStore.open(store or default_store(), retention)
@@ -70,6 +71,7 @@ def serve_command(
             docs=docs,
             observer=Observer(log_prompts=log_prompts),
             completions=completions,
+            adapter_updates=allow_adapter_updates,
         )
         if note := untuned_base_note(pool.base_source):
             Console(stderr=True).print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -85,6 +87,11 @@ def serve_command(
             + (f" with adapters {', '.join(pool.names[1:])}" if len(pool.names) > 1 else "")
             + f" at {url}/v1"
             + (" (API key required)" if api_keys else "")
+            + (
+                "; adapters load and unload at /v1/load_lora_adapter and /v1/unload_lora_adapter"
+                if allow_adapter_updates
+                else ""
+            )
             + f"; stored completions in {shown_url(completions.url)}; {limits}",
         )
     finally:

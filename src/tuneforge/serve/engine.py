@@ -9,6 +9,9 @@ served in bounded time and an adapter switch happens only between batches.
 Handlers live on the event loop: `submit` returns a `Generation` whose pieces arrive through an
 asyncio queue fed from the worker thread. At most `max_waiting` requests wait; past that `submit`
 refuses with a 429. A request that cannot join a batch (its own sampling options fail) fails alone.
+
+`unload` stops taking requests for an adapter at once and deletes it between steps, once the
+requests it took already (waiting or running) are answered: it never breaks one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import replace
 
 from ..errors import TuneforgeError
@@ -138,6 +142,7 @@ class Engine:
         self._waiting: deque[Generation] = deque()
         self._wake = threading.Condition()
         self._closing = False
+        self._unloading: dict[str, Future] = {}  # adapters retired, each done once deleted
         self._running = 0
         self._largest_batch = 0
         self._thread = threading.Thread(target=self._work, name="tuneforge-serve-engine", daemon=True)
@@ -158,6 +163,13 @@ class Engine:
         with self._wake:
             if self._closing:
                 raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
+            if not self.pool.serves(model):  # unloaded since the request was checked
+                raise EngineError(
+                    f"The model `{model}` does not exist. Served here: {', '.join(self.pool.names)}.",
+                    status=404,
+                    code="model_not_found",
+                    param="model",
+                )
             if len(self._waiting) >= self.max_waiting:
                 raise EngineError(
                     f"The server is busy: {len(self._waiting)} requests are waiting already. Try "
@@ -168,6 +180,16 @@ class Engine:
             self._waiting.append(generation)
             self._wake.notify()
         return generation
+
+    def unload(self, name: str) -> Future:
+        """Stop serving the adapter `name` now; the future is done once its requests are answered and it is
+        deleted. Call from any thread; `AdapterPool.retire`'s error if `name` is not an adapter served."""
+        with self._wake:
+            if name not in self._unloading:
+                self.pool.retire(name)
+                self._unloading[name] = Future()
+                self._wake.notify()
+            return self._unloading[name]
 
     def stats(self) -> dict:
         with self._wake:
@@ -194,14 +216,18 @@ class Engine:
         while True:
             with self._wake:
                 self._drop_cancelled()
+                self._remove_unloaded(name if rows else None)
                 while not self._waiting and not rows and not self._closing:
                     self._wake.wait()
                     self._drop_cancelled()
+                    self._remove_unloaded(None)
                 if self._closing:
                     stopping = EngineError("The server is shutting down.", status=503, code="server_shutting_down")
                     for generation in {*self._waiting, *(generation for generation, _ in rows.values())}:
                         generation._send(stopping)
                     self._waiting.clear()
+                    for unloaded in self._unloading.values():
+                        unloaded.set_result(None)
                     return
                 if not rows:
                     name = self._waiting[0].model
@@ -263,6 +289,18 @@ class Engine:
         for generation in joining:
             self._waiting.remove(generation)
         return joining
+
+    def _remove_unloaded(self, running: str | None) -> None:
+        """Delete the unloaded adapters no request needs any more: none waits for one, and `running` (the name
+        the running batch decodes for) is not one (call with the lock held)."""
+        for name in list(self._unloading):
+            if name != running and all(generation.model != name for generation in self._waiting):
+                try:
+                    self.pool.remove(name)
+                except Exception as err:  # noqa: BLE001 - a failed delete must not stop the worker
+                    self._unloading.pop(name).set_exception(err)
+                else:
+                    self._unloading.pop(name).set_result(None)
 
     def _drop_cancelled(self) -> None:
         for generation in [g for g in self._waiting if g.cancelled]:

@@ -1,5 +1,6 @@
 """Serving's own metrics, on a server's registry (`tuneforge.web.Observer`): per served model, time to first
-token and tokens in and out; per base model, the engine's waiting requests, batch and loaded adapters.
+token and tokens in and out; per base model, the engine's waiting requests, batch and loaded adapters, and
+the adapters loaded and unloaded while the server runs.
 
 The token counters are totals: Prometheus's `rate()` of `tuneforge_generated_tokens_total` is the
 tokens generated a second. The engine's figures are read when the registry is scraped, from every
@@ -40,12 +41,23 @@ class GenerationMetrics:
             ["model"],
             registry=registry,
         )
+        self.adapter_updates = Counter(
+            "tuneforge_adapter_updates",
+            "Adapters loaded (/v1/load_lora_adapter) and unloaded (/v1/unload_lora_adapter) while the server runs, "
+            "by base model, adapter name and action.",
+            ["base", "adapter", "action"],
+            registry=registry,
+        )
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         registry.register(_EngineCollector(self._engines))
 
     def watch(self, engine: Engine) -> None:
         """Report `engine`'s queue, batch and adapters while it runs."""
         self._engines.add(engine)
+
+    def adapter_updated(self, base: str, adapter: str, action: str) -> None:
+        """`adapter` on `base` was loaded or unloaded (`action`: "load" or "unload")."""
+        self.adapter_updates.labels(base, adapter, action).inc()
 
     def answered(self, model: str, generation: Generation) -> None:
         # The prompt once, however many choices it was answered with (they share its prefill).
