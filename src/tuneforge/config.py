@@ -102,6 +102,26 @@ class ModelConfig(Strict):
     double_quant: bool = Field(
         True, description="nf4/fp4: quantize the quantization constants too (QLoRA's double quantization)"
     )
+    add_tokens: list[str] = Field(
+        default_factory=list,
+        description="tokens to add to the tokenizer, each one id that is never split and stays in decoded answers "
+        "(<tool>, ChatML's <|im_start|> on a base without it); the embeddings grow by a row each, around the mean "
+        "of the others, and the listed tokens' rows train (beside LoRA: those rows alone, saved with the adapter)",
+    )
+
+    @field_validator("add_tokens")
+    @classmethod
+    def _each_token_once(cls, tokens: list[str]) -> list[str]:
+        if repeated := sorted({t for t in tokens if tokens.count(t) > 1}):
+            raise KeysError(
+                f"model.add_tokens lists {', '.join(repeated)} more than once; list each once",
+                "add_tokens",
+            )
+        if blank := [t for t in tokens if not t.strip()]:
+            raise KeysError(
+                f"model.add_tokens holds {blank[0]!r}, which is only whitespace; a token needs text", "add_tokens"
+            )
+        return tokens
 
     @model_validator(mode="before")
     @classmethod
@@ -626,6 +646,8 @@ class Config(Strict):
                 "train.batch_size",
                 "train.grad_accum",
             )
+        if self.model.add_tokens:
+            self._check_added_tokens()
         if self.method == "distill" and not self.distill.teacher:
             raise KeysError(
                 "method: distill needs distill.teacher (a model named like base_model)", "method", "distill.teacher"
@@ -807,6 +829,36 @@ class Config(Strict):
                     f"dpo.{key}",
                 )
 
+    def _check_added_tokens(self) -> None:
+        """model.add_tokens grows the vocabulary, which only the SFT methods train from a plain base."""
+        if self.method in ("distill", "dpo", "grpo"):
+            other = {
+                "distill": "a teacher's vocabulary must be the student's",
+                "dpo": "the reference model would score tokens it has no trained rows for",
+                "grpo": "the reference model would score tokens it has no trained rows for",
+            }[self.method]
+            raise KeysError(
+                f"model.add_tokens grows the vocabulary, which method: {self.method} cannot use ({other}); add the "
+                "tokens in a method: lora, dora or full run first and give that run as base_model here",
+                "model.add_tokens",
+                "method",
+            )
+        if self.model.quantize != "none":
+            raise KeysError(
+                "model.add_tokens needs the embeddings resized, which a quantized base (model.quantize: "
+                f"{self.model.quantize}) cannot be; train with model.quantize: none, or add the tokens in a run "
+                "without quantization and give it as base_model",
+                "model.add_tokens",
+                "model.quantize",
+            )
+        if self.train.freeze_embeddings:
+            raise KeysError(
+                "model.add_tokens adds embedding rows that start at the mean of the others and must train, but "
+                "train.freeze_embeddings: true keeps them frozen; leave one of them out",
+                "model.add_tokens",
+                "train.freeze_embeddings",
+            )
+
     @property
     def trains_adapters(self) -> bool:
         """Whether the trained weights are adapters over a frozen base (LoRA or DoRA), not every weight."""
@@ -949,6 +1001,8 @@ KNOWN_ELSEWHERE = {
     "sample_packing": "data.packing",
     "load_in_4bit": "model.quantize: nf4",
     "load_in_8bit": "model.quantize: int8",
+    "tokens": "model.add_tokens",
+    "new_special_tokens": "model.add_tokens",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",

@@ -25,10 +25,19 @@ from .data.check import describe_system_prompt, highlight
 from .data.prepare import describe_files
 from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs, eval_grader
-from .methods import adapter_on_merged_base, batch_items, check_inputs, frozen_dtype, prepare_items, prepare_model
+from .methods import (
+    adapter_on_merged_base,
+    added_token_ids,
+    batch_items,
+    check_inputs,
+    frozen_dtype,
+    prepare_items,
+    prepare_model,
+)
 from .methods.sft import LOGITS_AT_ONCE
 from .models import count_parameters, load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
+from .models.loading import grow_embeddings, tokens_added
 from .training import (
     check_output_dir,
     earlier_run,
@@ -57,26 +66,46 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 0.
     return 2 * size**3 * n / (time.perf_counter() - start)
 
 
-def parameter_counts(source, cfg) -> tuple[int, int, int, int, object]:
+def parameter_counts(source, cfg, token_ids=()) -> tuple[int, int, int, int, object]:
     """(all, trainable, in the decoder's linear layers, gathered whole under FSDP, hf config), counted
     exactly by building the model and its method on the meta device: no memory, no weights, and DoRA
     magnitudes or modules_to_save count as they should. The decoder's linear weights are what
     `model.quantize` quantizes. FSDP (`training.distributed.shard`) gathers its root unit (everything
     outside the decoder layers: embeddings, final norm, output layer) whole for the forward and keeps it
-    so through the backward, and beside it a decoder layer computing and the next one prefetched."""
+    so through the backward, and beside it a decoder layer computing and the next one prefetched.
+    `token_ids`: the ids of `model.add_tokens`, which the embeddings grow to hold."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+        if token_ids:
+            grow_embeddings(model, max(token_ids) + 1)
         total = sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
         linear = sum(
             m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in name
         )
         layers = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
         gathered = total - sum(layers) + 2 * max(layers, default=0)
-        trainable = sum(p.numel() for p in prepare_model(model, cfg).parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in prepare_model(model, cfg, token_ids).parameters() if p.requires_grad)
     return total, trainable, linear, gathered, config
+
+
+def added_tokens_rows(cfg, tokenizer, token_ids: list[int], hf_config) -> list[tuple[str, str]]:
+    """The plan's lines for model.add_tokens: each token and its id, new or in the vocabulary already, the
+    embedding rows the model has for them (`hf_config`, grown by `parameter_counts`), and the rows that train."""
+    if not token_ids:
+        return []
+    added = tokens_added(tokenizer)
+    tokens = ", ".join(
+        f"{token} (id {id_}, {'new' if token in added else 'in the vocabulary already'})"
+        for token, id_ in zip(cfg.model.add_tokens, token_ids, strict=True)
+    )
+    how = "with every other weight" if not cfg.trains_adapters else "alone beside the adapter, saved with it"
+    return [
+        ("added tokens", f"{tokens}; {hf_config.get_text_config().vocab_size:,} embedding rows"),
+        ("trained token rows", f"{len(token_ids)} (ids {', '.join(map(str, token_ids))}), {how}"),
+    ]
 
 
 def frozen_copy_parameters(cfg, n: int) -> int:
@@ -200,10 +229,11 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     check_output_dir(cfg)
     trackers.check_installed(cfg)
     source = resolve(cfg.base_model)
-    n_params, n_trainable, n_linear, n_gathered, hf_config = parameter_counts(source, cfg)
+    tokenizer = load_tokenizer(source, cfg.model.add_tokens)
+    token_ids = added_token_ids(cfg, tokenizer)
+    n_params, n_trainable, n_linear, n_gathered, hf_config = parameter_counts(source, cfg, token_ids)
     # Refuses a combination that cannot work.
     spread = strategy(cfg, processes, saves_merged=adapter_on_merged_base(cfg, source))
-    tokenizer = load_tokenizer(source)
     check_inputs(cfg, tokenizer, source)
     check_eval_inputs(cfg)
     # Reading a file of many rows takes minutes: its bar (or log lines) shows the rate and what is left.
@@ -262,6 +292,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     facts = [
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
         ("method", f"{cfg.method}: {n_trainable:,} trainable parameters"),
+        *added_tokens_rows(cfg, tokenizer, token_ids, hf_config),
         *data_rows(cfg, prepared.report, train_items, valid_items, rows, plan, processes),
         ("precision", f"{precision}; frozen weights {weights_held(cfg, precision)}"),
         *sharding_plan(cfg, spread, processes, memory),

@@ -48,7 +48,7 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
         raise ConfigError(f"--out {out} is a folder that is not empty; name another, or add --force to replace it.")
     from ..models import load_tokenizer, resolve  # here: the models stage pulls in heavy imports
 
-    tokenizer = load_tokenizer(resolve(cfg.base_model))
+    tokenizer = load_tokenizer(resolve(cfg.base_model), cfg.model.add_tokens)
     data = cfg.data
     files = cache.data_files(data, replay_file(data))
     states = [file_state(str(path)) for path in files]

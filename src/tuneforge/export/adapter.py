@@ -30,5 +30,5 @@ def load_saved(base: Path, folder: Path):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokens = len(AutoTokenizer.from_pretrained(folder))
     if tokens > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(tokens)
+        model.resize_token_embeddings(tokens, mean_resizing=False)  # the adapter's rows replace the new ones
     return PeftModel.from_pretrained(model, folder)

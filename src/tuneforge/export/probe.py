@@ -84,10 +84,23 @@ class Agreement:
         }
 
 
+# The most recent added tokens that are not special (those of model.add_tokens last) that a probe reply holds.
+ADDED_TOKENS_PROBED = 32
+
+
 def probe_ids(tokenizer) -> list[list[int]]:
     """The fixed batch as token ids: each conversation through the chat template, ready to reply;
-    those the template refuses (Gemma 2 takes no system prompt) are left out."""
-    accepted = [list(c) for c in PROBE_CONVERSATIONS if _renders(tokenizer, list(c))]
+    those the template refuses (Gemma 2 takes no system prompt) are left out. A tokenizer with added
+    tokens that text holds (model.add_tokens, Qwen's <tool_call>) gets one more, a reply of those tokens,
+    so the rows an adapter trained for them are on the batch too."""
+    conversations = [list(c) for c in PROBE_CONVERSATIONS]
+    added = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items()) if not t.special]
+    if added:
+        reply = " ".join(added[-ADDED_TOKENS_PROBED:])
+        conversations.append(
+            [*PROBE_CONVERSATIONS[0], {"role": "assistant", "content": reply}, *PROBE_CONVERSATIONS[0]]
+        )
+    accepted = [c for c in conversations if _renders(tokenizer, c)]
     if not accepted:
         raise TuneforgeError(
             "The model's chat template refuses every probe conversation an export is checked on (user turns, "

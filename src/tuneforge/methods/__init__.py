@@ -60,22 +60,30 @@ def frozen_dtype(cfg, precision: str) -> torch.dtype:
     return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
 
 
-def load_for_training(source, cfg, *, precision: str, device: torch.device):
+def load_for_training(source, cfg, *, precision: str, device: torch.device, token_ids=()):
     """The model to train on `device`, what trains marked: adapters (fp32) over a base held in
-    `frozen_dtype`, quantized as `model.quantize` says; or, for full fine-tuning, every weight in fp32."""
+    `frozen_dtype`, quantized as `model.quantize` says; or, for full fine-tuning, every weight in fp32.
+    `token_ids`: `added_token_ids`, whose embedding rows the model grows to and trains."""
     dtype = frozen_dtype(cfg, precision) if cfg.trains_adapters else torch.float32
     quantization = quantization_config(
         cfg.model.quantize, double_quant=cfg.model.double_quant, compute_dtype=compute_dtype(precision)
     )
-    model = prepare_model(load_model(source, dtype=dtype, quantization=quantization, device=device), cfg)
+    model = prepare_model(load_model(source, dtype=dtype, quantization=quantization, device=device), cfg, token_ids)
     if quantization:
         keep_trainable_layout(model)
         return model
     return model.to(device)
 
 
-def prepare_model(model, cfg):
-    return PREPARE[cfg.method](model, cfg)
+def prepare_model(model, cfg, token_ids=()):
+    # The config lets model.add_tokens (`token_ids`) only with full, lora and dora.
+    return PREPARE[cfg.method](model, cfg, token_ids) if token_ids else PREPARE[cfg.method](model, cfg)
+
+
+def added_token_ids(cfg, tokenizer) -> list[int]:
+    """The ids of `model.add_tokens` in `tokenizer` (a `load_tokenizer(source, cfg.model.add_tokens)`): the
+    embedding rows that train beside the method's weights."""
+    return tokenizer.convert_tokens_to_ids(list(cfg.model.add_tokens))
 
 
 def check_inputs(cfg, tokenizer, source) -> None:
@@ -98,7 +106,7 @@ def check_inputs(cfg, tokenizer, source) -> None:
             f"{source.name} was built for; set data.max_length to {window} or less."
         )
     dpo.check_data_kind(cfg)
-    check_trainable(cfg, source)
+    check_trainable(cfg, source, added_token_ids(cfg, tokenizer))
     if cfg.method == "dora" and cfg.model.quantize == "int8" and not torch.cuda.is_available():
         # DoRA's weight norm reads the frozen weight back through bitsandbytes, whose 8-bit layer on a
         # CPU keeps no scales for it: the first step would fail inside bitsandbytes.
@@ -115,14 +123,14 @@ def check_inputs(cfg, tokenizer, source) -> None:
         grpo.load_grader(cfg)
 
 
-def check_trainable(cfg, source) -> None:
+def check_trainable(cfg, source, token_ids=()) -> None:
     """Mark what trains on the model's structure alone, built on the meta device (no weights, no memory): what
     `prepare_model` refuses (a lora.target_modules or modules_to_save name the model lacks) is refused before
     the data is read and the weights load."""
     from transformers import AutoConfig
 
     with torch.device("meta"):  # the adapter's layers too
-        prepare_model(meta_model(AutoConfig.from_pretrained(source.path)), cfg)
+        prepare_model(meta_model(AutoConfig.from_pretrained(source.path)), cfg, token_ids)
 
 
 def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False) -> tfdata.PreparedData:
@@ -219,6 +227,7 @@ def trainable_parameters(model) -> dict:
 
 __all__ = [
     "adapter_on_merged_base",
+    "added_token_ids",
     "prepare_model",
     "check_inputs",
     "build_objective",

@@ -9,6 +9,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from ..errors import ConfigError, TuneforgeError
+from ..models.loading import grow_embeddings
 
 
 def text_decoder(model):
@@ -48,7 +49,26 @@ def outside_the_text_model(model) -> str | None:
     return f"(?:{'|'.join(re.escape(b) for b in sorted(beside))})(?:\\..*)?" if beside else None
 
 
-def peft_config(cfg, model) -> PeftLoraConfig:
+def trained_token_rows(cfg, model, token_ids) -> dict[str, list[int]] | None:
+    """PEFT's trainable_token_indices for `model.add_tokens` (`token_ids`): those rows alone train, and are
+    saved with the adapter, in the input embeddings and, where it has weights of its own (untied), the output
+    layer, so the model also learns to write the tokens. A layer in lora.modules_to_save trains whole instead."""
+    if not token_ids:
+        return None
+    names = {module: name for name, module in model.named_modules()}
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [embeddings]
+    if output is not None and output.weight is not embeddings.weight:
+        layers.append(output)
+    whole = cfg.lora.modules_to_save or []
+    return {
+        name: list(token_ids)
+        for layer in layers
+        if (name := names[layer].rsplit(".", 1)[-1]) not in whole and names[layer] not in whole
+    } or None
+
+
+def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
     lc = cfg.lora
     targets, layers = lc.target_modules, None
     if lc.from_layer:
@@ -66,10 +86,11 @@ def peft_config(cfg, model) -> PeftLoraConfig:
         use_dora=cfg.method == "dora",
         modules_to_save=lc.modules_to_save,
         exclude_modules=outside_the_text_model(model),
+        trainable_token_indices=trained_token_rows(cfg, model, token_ids),
     )
 
 
-def continue_adapter(model, cfg):
+def continue_adapter(model, cfg, token_ids=()):
     """A model loaded with an adapter (`base_model` is a LoRA run) trains that adapter further, so the
     final adapter still sits on the run's base. The adapter keeps its own shape: a lora key set to
     another value than its default and the adapter's is an error, not a silent change."""
@@ -96,20 +117,30 @@ def continue_adapter(model, cfg):
             "keys out to continue the adapter, or merge it first (tuneforge export RUN --format merged) and train "
             "a new adapter on the merged model."
         )
+    if missing := [i for i in token_ids if i >= model.get_input_embeddings().weight.shape[0]]:
+        raise TuneforgeError(
+            f"{cfg.key_at('model.add_tokens')}: adds {len(missing)} token(s) the LoRA adapter of base_model has no "
+            "embedding rows for, and an adapter trains on with the rows it has. Merge it first (tuneforge export "
+            "RUN --format merged) and add the tokens in a new run on the merged model."
+        )
     print(
         f"lora: training the adapter of base_model further (r={loaded.r}, alpha={loaded.lora_alpha}, its own "
         "target modules)"
     )
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or "modules_to_save" in name)
+        # trainable_tokens_delta: the rows of tokens the adapter added (model.add_tokens).
+        p.requires_grad_("lora_" in name or "modules_to_save" in name or "trainable_tokens_delta" in name)
     return model
 
 
-def prepare_model(model, cfg):
+def prepare_model(model, cfg, token_ids=()):
+    """`token_ids`: the ids of `model.add_tokens`, whose embedding rows train beside the adapter."""
     if isinstance(model, PeftModel):
-        model = continue_adapter(model, cfg)
+        model = continue_adapter(model, cfg, token_ids)
     else:
-        config = peft_config(cfg, model)
+        if token_ids:
+            grow_embeddings(model, max(token_ids) + 1)
+        config = peft_config(cfg, model, token_ids)
         # PEFT skips a modules_to_save name that matches no module, and a target_modules name so long as
         # another one matches: a typo would train less than asked, silently.
         names = [name for name, _ in model.named_modules()]

@@ -28,6 +28,8 @@ CHATML_TEMPLATE = (
 )
 # The tokenizers `load_tokenizer` gave `fallback_template`, their model having no template of its own.
 _GIVEN_CHATML: weakref.WeakSet = weakref.WeakSet()
+# The tokens `load_tokenizer` added to each tokenizer for model.add_tokens (those its vocabulary lacked).
+_ADDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _as_source(spec: str | ModelSource) -> ModelSource:
@@ -42,8 +44,9 @@ def source_context_length(spec: str | ModelSource) -> int | None:
     return context_length(AutoConfig.from_pretrained(_as_source(spec).path).get_text_config())
 
 
-def load_tokenizer(spec: str | ModelSource):
-    """The model's fast tokenizer, always with a chat template and a pad token.
+def load_tokenizer(spec: str | ModelSource, add_tokens: list[str] | tuple[str, ...] = ()):
+    """The model's fast tokenizer, always with a chat template and a pad token, and `add_tokens`
+    (`model.add_tokens`) added whole (`add_whole_tokens`).
 
     A tokenizer without a chat template gets ChatML, with a warning. One without a pad token pads
     with end-of-sequence, or without that with the token that ends its template's turns: batching
@@ -52,6 +55,10 @@ def load_tokenizer(spec: str | ModelSource):
     """
     source = _as_source(spec)
     tokenizer = _raw_tokenizer(source)
+    config = _model_config(source.path)
+    _require_embeddings_for_every_token(source, tokenizer, config)
+    # Before the ChatML fallback, which ends its turns with <|im_end|> where the vocabulary has it.
+    add_whole_tokens(tokenizer, add_tokens)
     if not tokenizer.chat_template:
         warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
         tokenizer.chat_template = fallback_template(tokenizer)
@@ -65,10 +72,45 @@ def load_tokenizer(spec: str | ModelSource):
             f"the model's text) in {source.adapter or source.path}/tokenizer_config.json.",
             code="model_load_failed",
         )
-    config = _model_config(source.path)
-    _require_embeddings_for_every_token(source, tokenizer, config)
     warn_if_untested(source.name, config.get("model_type", "unknown"), chat_template(tokenizer))
     return tokenizer
+
+
+def add_whole_tokens(tokenizer, tokens) -> list[str]:
+    """Add `tokens` to `tokenizer` as added tokens that are not special, as Qwen's <tool_call> is: each is
+    one id wherever it appears in text, never split, never normalized, and kept in decoded answers (special
+    tokens are dropped from them, and refused in trained text). A token the vocabulary already holds keeps
+    its id, with a warning naming it; returns the tokens added."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    if present := [t for t in tokens if t in vocab]:
+        warnings.warn(
+            f"model.add_tokens: the vocabulary of {tokenizer.name_or_path or 'the tokenizer'} already holds "
+            f"{', '.join(f'{t} (id {vocab[t]})' for t in present)}, so {'it is' if len(present) == 1 else 'they are'} "
+            f"not added again; {'its row trains' if len(present) == 1 else 'their rows train'} as the new tokens' do.",
+            stacklevel=3,
+        )
+    added = [t for t in tokens if t not in vocab]
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    if added:
+        _ADDED[tokenizer] = added
+    return added
+
+
+def tokens_added(tokenizer) -> list[str]:
+    """The tokens `load_tokenizer` added to `tokenizer` for model.add_tokens (none that it held already)."""
+    return _ADDED.get(tokenizer, [])
+
+
+def grow_embeddings(model, rows: int) -> None:
+    """Give `model` `rows` embedding rows (and output rows), where it has fewer: the new rows start at the
+    mean of the existing ones (`resize_token_embeddings(mean_resizing=True)`), so a new token starts as an
+    average token rather than a random one."""
+    if rows > model.get_input_embeddings().num_embeddings:
+        # On the meta device there are no values to take a mean of.
+        meta = model.get_input_embeddings().weight.is_meta
+        model.resize_token_embeddings(rows, mean_resizing=not meta)
 
 
 def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: dict) -> None:
@@ -78,7 +120,9 @@ def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: 
     rows = _vocab_rows(config)
     if isinstance(rows, int) and len(tokenizer) > rows and source.adapter is not None:
         # An adapter that added tokens saves its embeddings whole; `load_model` resizes the base to them.
-        rows = adapter_embedding_rows(source.adapter, input_embedding_name(source.path)) or rows
+        rows = adapter_embedding_rows(source.adapter, input_embedding_name(source.path)) or max(
+            rows, adapter_token_rows(source.adapter) or 0
+        )
     if isinstance(rows, int) and len(tokenizer) > rows:
         beyond = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 5))))
         raise ModelSourceError(
@@ -154,6 +198,9 @@ def load_model(
             # Tokens added in training (Axolotl, Unsloth and PEFT's own recipe save the resized
             # embeddings with the adapter): the base takes the adapter's vocabulary first, as PEFT asks.
             model.resize_token_embeddings(rows)
+        elif (rows := adapter_token_rows(source.adapter)) and rows > model.get_input_embeddings().num_embeddings:
+            # Rows of added tokens saved alone (model.add_tokens): the adapter's values replace the new rows whole.
+            model.resize_token_embeddings(rows, mean_resizing=False)
         copies, _ = base_weight_copies(model, source.adapter)
         return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies)
     except LOAD_ERRORS as err:
@@ -194,6 +241,19 @@ def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
         if f".{embedding_name}." in f".{key}" and "lora_" not in key and "token_adapter" not in key and len(shape) == 2
     ]
     return max(rows) if rows else None
+
+
+def adapter_token_rows(adapter: Path) -> int | None:
+    """The embedding rows the base needs under the adapter in `adapter` for the rows it trains by token id
+    (PEFT's trainable_token_indices, `model.add_tokens`), which it saves alone: up to the highest id, or
+    None when it trains none."""
+    try:
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    indices = config.get("trainable_token_indices") or {}
+    ids = indices if isinstance(indices, list) else [i for listed in indices.values() for i in listed]
+    return max(ids) + 1 if ids else None
 
 
 def base_weight_copies(model, adapter: Path) -> tuple[dict[str, str], list[str]]:

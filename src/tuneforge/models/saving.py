@@ -24,10 +24,19 @@ def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool =
         if hasattr(model, "peft_config"):
             for pc in model.peft_config.values():
                 pc.base_model_name_or_path = str(base_path)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **save_options(model))
         save_tokenizer(tokenizer, base_path, tmp)
         save_generation_config(model, tokenizer, tmp)
     return folder
+
+
+def save_options(model) -> dict:
+    """`save_pretrained`'s options for `model`: an adapter that trains the rows of added tokens by id
+    (`model.add_tokens`) saves those rows alone, not the resized embeddings whole (PEFT's
+    `save_embedding_layers`, on whenever the vocabulary grew): the loader resizes the base and the saved rows
+    replace its new ones (`loading.adapter_token_rows`)."""
+    configs = getattr(model, "peft_config", {}).values()
+    return {"save_embedding_layers": False} if any(c.trainable_token_indices for c in configs) else {}
 
 
 def save_generation_config(model, tokenizer, folder: Path) -> None:

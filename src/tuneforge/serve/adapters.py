@@ -20,6 +20,7 @@ from ..models import ModelSource, describe_whole_model, load_tokenizer, resolve
 from ..models.loading import (
     LOAD_ERRORS,
     adapter_embedding_rows,
+    adapter_token_rows,
     base_weight_copies,
     input_embedding_name,
     model_vocab_rows,
@@ -154,6 +155,16 @@ class AdapterPool:
                 f"in training), but the server's base model {self.base_path} has {self._base_rows}, and the base "
                 f"is shared by every adapter. Serve its merged model instead: tuneforge export {source.adapter} "
                 "--format merged --out DIR, then tuneforge serve --model DIR.",
+                code="adapter_vocabulary_mismatch",
+            )
+        grown = adapter_token_rows(source.adapter)
+        if grown and self._base_rows and grown > self._base_rows:
+            # Its added tokens' rows are saved alone: the shared base would have to grow to hold them.
+            raise ConfigError(
+                f"Adapter '{name}' ({source.adapter}) trains {grown - self._base_rows} token(s) added in training "
+                f"(model.add_tokens), past the {self._base_rows} embedding rows of the server's base model "
+                f"{self.base_path}, and the base is shared by every adapter. Serve its merged model instead: "
+                f"tuneforge export {source.adapter} --format merged --out DIR, then tuneforge serve --model DIR.",
                 code="adapter_vocabulary_mismatch",
             )
 

@@ -37,6 +37,7 @@ from ..errors import ModelSourceError, RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json, writing
 from ..methods import (
     adapter_on_merged_base,
+    added_token_ids,
     batch_items,
     build_objective,
     check_inputs,
@@ -506,7 +507,7 @@ def check_before_launch(
     distributed.strategy(cfg, processes, saves_merged=source is not None and adapter_on_merged_base(cfg, source))
     check_batch_split(cfg, processes)
     if source is not None:
-        check_inputs(cfg, load_tokenizer(source), source)
+        check_inputs(cfg, load_tokenizer(source, cfg.model.add_tokens), source)
     return source
 
 
@@ -532,7 +533,7 @@ def setup(
     check_batch_split(cfg, world.size)
     if world.is_main:
         trackers.check_installed(cfg)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, cfg.model.add_tokens)
     refuse_other_runs_on_other_machines(cfg, tokenizer, world)
     check_inputs(cfg, tokenizer, source)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
@@ -548,7 +549,11 @@ def setup(
 
     # FSDP moves each process's shards to the device itself, never the whole model.
     model = load_for_training(
-        source, cfg, precision=precision, device=torch.device("cpu") if spread == "fsdp" else world.device
+        source,
+        cfg,
+        precision=precision,
+        device=torch.device("cpu") if spread == "fsdp" else world.device,
+        token_ids=added_token_ids(cfg, tokenizer),
     )
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
