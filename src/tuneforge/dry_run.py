@@ -134,6 +134,11 @@ def training_seconds(n: int, trainable: int, plan, tokens_per_epoch: int, precis
     return {"train_flops": flops, "matmul_peak_flops": peak, "seconds": flops / (peak * ASSUMED_UTILISATION)}
 
 
+# What a training process holds in host memory before its model loads: torch, transformers and peft
+# imported (their code, libraries and first allocations), measured as the RSS of such a process on CPU
+# (docs/LOG.md, "The memory plan against measured memory"). On a GPU it is host memory, not the device's.
+IMPORTED_BYTES = 0.44 * 2**30
+
 # bitsandbytes' bits a weight, the quantization constants included (double quantization stores them in 8 bits).
 QUANTIZED_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.127, ("fp4", False): 4.5}
 
@@ -268,6 +273,8 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         trained_share=trained_share,
         gathered=n_gathered,
     )
+    if device.type == "cpu":  # every process of a CPU run holds its imports in the memory the plan is for
+        memory = {"torch and transformers imported": IMPORTED_BYTES} | memory
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
     console.print(highlight(train_items[0], tokenizer))
