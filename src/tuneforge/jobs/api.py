@@ -1,7 +1,8 @@
 """The OpenAI Fine-Tuning API over the store, the file storage and the workers, plus inference.
 
 Routes (one router per resource, in `routes/`): `/v1/files` (upload, list, get, content, delete),
-`/v1/fine_tuning/jobs` (create, list, get, cancel, pause, resume, events, checkpoints),
+`/v1/fine_tuning/jobs` (create, list, get, cancel, pause, resume, events, checkpoints), `/v1/evals`
+(OpenAI's Evals API: evals with graders as testing criteria, their runs and output items, `evals.py`),
 `/v1/models`, and through `tuneforge.serve`, `/v1/chat/completions`, `/v1/completions` and
 `/v1/responses` for the models a key may use (`access.py`), and the key's stored chat completions (kept in the job
 store's database). `/metrics` has the requests, generation and jobs (`metrics.py`). The web

@@ -1,4 +1,5 @@
-"""The jobs service's state in SQL: files, fine-tuning jobs, their events and checkpoints.
+"""The jobs service's state in SQL: files, fine-tuning jobs, their events and checkpoints, and evals with
+their runs and output items (OpenAI's Evals API).
 
 The database is SQLite (the default, one file under `$TUNEFORGE_HOME/jobs`) or PostgreSQL (given
 by URL, shared by several servers), through `tuneforge.database`. Every change of a job's status is
@@ -14,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, String, func, select, update
+from sqlalchemy import JSON, BigInteger, Float, String, delete, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..database import JSON_COLUMNS, Page, Tables, connect, where_metadata
@@ -154,7 +155,174 @@ class JobCheckpoint(Base):
         }
 
 
-class Store(Tables):
+# ---- evals (OpenAI's Evals API) ------------------------------------------------------------------
+
+RUN_ACTIVE = ("queued", "in_progress")
+RUN_FINISHED = ("completed", "failed", "canceled")
+
+
+class Eval(OwnedObject, Base):
+    __tablename__ = "evals"
+    name: Mapped[str] = mapped_column(String(256))
+    metadata_: Mapped[dict | None] = mapped_column("metadata", JSON)
+    data_source_config: Mapped[dict]  # as shown: {"type": "custom", "schema": {...}}
+    testing_criteria: Mapped[list]  # the graders as the client gave them, checked when created
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class EvalRun(OwnedObject, Base):
+    __tablename__ = "eval_runs"
+    eval_id: Mapped[str] = mapped_column(String(40), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(1300))
+    # What the model's name stood for when the run was created (`ModelAccess.for_inference`): the folder of
+    # its base, or of its adapter, which any worker loads as it is.
+    model_source: Mapped[str] = mapped_column(String(4096))
+    metadata_: Mapped[dict | None] = mapped_column("metadata", JSON)
+    data_source: Mapped[dict]  # as the client gave it, with the sampling params resolved
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[dict | None]
+    result_counts: Mapped[dict | None]
+    per_testing_criteria_results: Mapped[list | None]
+    usage: Mapped[dict | None]  # prompt, completion and total tokens, invocation count
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+
+
+class EvalOutputItem(Base):
+    __tablename__ = "eval_run_output_items"
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    run_id: Mapped[str] = mapped_column(String(40), index=True)
+    eval_id: Mapped[str] = mapped_column(String(40))
+    index: Mapped[int]  # the item's place in the run's data source (datasource_item_id)
+    item: Mapped[dict]
+    sample: Mapped[dict]
+    results: Mapped[list]
+    status: Mapped[str] = mapped_column(String(8))  # pass | fail | error
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+    def to_api(self) -> dict:
+        return {
+            "object": "eval.run.output_item",
+            "id": self.id,
+            "run_id": self.run_id,
+            "eval_id": self.eval_id,
+            "created_at": self.created_at,
+            "status": self.status,
+            "datasource_item_id": self.index,
+            "datasource_item": self.item,
+            "results": self.results,
+            "sample": self.sample,
+        }
+
+
+class EvalStore:
+    """The evals, their runs and their output items, in the job store's database (`Store` holds these methods)."""
+
+    def get_eval(self: Store, owner: str, eval_id: str) -> Eval | None:
+        with self.session() as session:
+            return session.scalar(select(Eval).where(Eval.id == eval_id, Eval.owner == owner))
+
+    def list_evals(self: Store, owner: str, *, after: str | None, limit: int, newest_first: bool) -> Page:
+        return self.page(Eval, select(Eval).where(Eval.owner == owner), after, limit, newest_first)
+
+    def delete_eval(self: Store, owner: str, eval_id: str) -> bool:
+        """Delete the eval with its runs and their output items; a run in progress is canceled by it."""
+        with self.session() as session:
+            row = session.scalar(select(Eval).where(Eval.id == eval_id, Eval.owner == owner))
+            if row is None:
+                return False
+            run_ids = list(session.scalars(select(EvalRun.id).where(EvalRun.eval_id == eval_id)))
+            session.execute(delete(EvalOutputItem).where(EvalOutputItem.run_id.in_(run_ids)))
+            session.execute(delete(EvalRun).where(EvalRun.eval_id == eval_id))
+            session.delete(row)
+            return True
+
+    def delete_run(self: Store, run_id: str) -> None:
+        with self.session() as session:
+            session.execute(delete(EvalOutputItem).where(EvalOutputItem.run_id == run_id))
+            session.execute(delete(EvalRun).where(EvalRun.id == run_id))
+
+    def get_run(self: Store, eval_id: str, run_id: str, owner: str | None = None) -> EvalRun | None:
+        query = select(EvalRun).where(EvalRun.id == run_id, EvalRun.eval_id == eval_id)
+        if owner is not None:
+            query = query.where(EvalRun.owner == owner)
+        with self.session() as session:
+            return session.scalar(query)
+
+    def list_runs(
+        self: Store, eval_id: str, *, status: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> Page:
+        query = select(EvalRun).where(EvalRun.eval_id == eval_id)
+        if status:
+            query = query.where(EvalRun.status == status)
+        return self.page(EvalRun, query, after, limit, newest_first)
+
+    def move_run(
+        self: Store, run_id: str, from_statuses: Iterable[str], *, held_by: str | None = None, **values
+    ) -> bool:
+        """Set `values` if the run is in one of `from_statuses` (and held by `held_by`, if given)."""
+        query = update(EvalRun).where(EvalRun.id == run_id, EvalRun.status.in_(list(from_statuses)))
+        if held_by is not None:
+            query = query.where(EvalRun.worker_id == held_by)
+        with self.session() as session:
+            return session.execute(query.values(**values)).rowcount == 1
+
+    def claim_run(self: Store, worker_id: str) -> EvalRun | None:
+        """The oldest queued run nobody holds, now in progress and held by `worker_id`; None when there is none."""
+        with self.session() as session:
+            run = session.scalar(
+                select(EvalRun)
+                .where(EvalRun.status == "queued", EvalRun.worker_id.is_(None))
+                .order_by(EvalRun.seq)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if run is None:
+                return None
+            taken = session.execute(
+                update(EvalRun)
+                .where(EvalRun.id == run.id, EvalRun.status == "queued", EvalRun.worker_id.is_(None))
+                .values(status="in_progress", worker_id=worker_id, heartbeat_at=time.time())
+            ).rowcount
+            if taken != 1:
+                return None
+            run.status, run.worker_id = "in_progress", worker_id
+            return run
+
+    def held_runs(self: Store) -> list[EvalRun]:
+        with self.session() as session:
+            return list(session.scalars(select(EvalRun).where(EvalRun.worker_id.is_not(None))))
+
+    def list_output_items(
+        self: Store, run_id: str, *, status: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> Page:
+        query = select(EvalOutputItem).where(EvalOutputItem.run_id == run_id)
+        if status:
+            query = query.where(EvalOutputItem.status == status)
+        return self.page(EvalOutputItem, query, after, limit, newest_first)
+
+    def get_output_item(self: Store, run_id: str, item_id: str) -> EvalOutputItem | None:
+        with self.session() as session:
+            return session.scalar(
+                select(EvalOutputItem).where(EvalOutputItem.run_id == run_id, EvalOutputItem.id == item_id)
+            )
+
+    def finish_run(self: Store, run_id: str, held_by: str, items: list[EvalOutputItem], **values) -> bool:
+        """Add the run's output items and set `values` (its status and counts) in one transaction, if the run
+        is still in progress and held by `held_by`: a client that reads the run completed finds its items."""
+        query = update(EvalRun).where(EvalRun.id == run_id, EvalRun.status == "in_progress")
+        with self.session() as session:
+            if session.execute(query.where(EvalRun.worker_id == held_by).values(**values)).rowcount != 1:
+                return False
+            session.execute(delete(EvalOutputItem).where(EvalOutputItem.run_id == run_id))  # an earlier attempt's
+            session.add_all(items)
+            return True
+
+
+class Store(Tables, EvalStore):
     """Queries and guarded updates; every method opens and commits its own short transaction."""
 
     def __init__(self, url: str):
@@ -266,10 +434,12 @@ class Store(Tables):
             return job
 
     def beat(self, process_id: str) -> None:
-        """Mark every job held by a worker of the process `process_id` (worker ids `process_id/thread`) alive now."""
-        query = update(Job).where(Job.worker_id.startswith(f"{process_id}/", autoescape=True))
+        """Mark every job and eval run held by a worker of the process `process_id` (worker ids
+        `process_id/thread`) alive now."""
         with self.session() as session:
-            session.execute(query.values(heartbeat_at=time.time()))
+            for table in (Job, EvalRun):
+                query = update(table).where(table.worker_id.startswith(f"{process_id}/", autoescape=True))
+                session.execute(query.values(heartbeat_at=time.time()))
 
     def held_jobs(self) -> list[Job]:
         with self.session() as session:

@@ -8,6 +8,10 @@ the worker turns its `metrics.jsonl` and checkpoint folders into events and chec
 that fails in a way nobody foresaw fails alone, with an error id for the operator's log; it is not
 retried.
 
+An eval thread beside them runs the queued runs of evals (`evals.EvalRunner`), one at a time, in-process:
+a run answers with the model through `tuneforge.generate` and grades the answers; it is held, beaten and
+recovered as a job is, and a run its server stopped under is queued again from its start.
+
 A job is held by a worker id `host:pid:process start time/thread`. While the process lives, a thread
 of it beats the heartbeat of every job it holds, whatever it is doing with them (validating files
 for minutes, waiting for a stopped run to checkpoint). When a server dies, the jobs it held are
@@ -39,6 +43,7 @@ from ..web import failure_id, scrub_paths
 from ..wording import counted
 from . import runner
 from .access import training_spec
+from .evals import EvalRunner
 from .files import RESULT_COLUMNS, REWARD_COLUMNS, FileStorage
 from .mapping import processes, resolved_method, training_config
 from .store import STATUSES, Job, JobCheckpoint, Store, event, new_id, now
@@ -83,6 +88,7 @@ class Workers:
 
     def __init__(self, store: Store, storage: FileStorage, root: Path, count: int, *, poll_s: float = 0.5):
         self.store, self.storage, self.runs, self.poll_s = store, storage, Path(root) / "runs", poll_s
+        self.evals = EvalRunner(store, storage)
         self._stopping = threading.Event()
         self._last_recovery = 0.0
         self._recovery_lock = threading.Lock()
@@ -95,6 +101,11 @@ class Workers:
             for i, (status, handle) in enumerate(roles)
         ]
         if count:
+            self._threads.append(
+                threading.Thread(
+                    target=self._evaluate, args=(f"{prefix}/evals",), name="tuneforge-eval-worker", daemon=True
+                )
+            )
             self._threads.append(threading.Thread(target=self._beat, name="tuneforge-job-heartbeat", daemon=True))
 
     def start(self) -> None:
@@ -129,6 +140,28 @@ class Workers:
                 log.exception("job worker %s", worker_id)
                 self._stopping.wait(self.poll_s * 4)
 
+    def _evaluate(self, worker_id: str) -> None:
+        """Claim queued eval runs and run each, until the server stops."""
+        while not self._stopping.is_set():
+            try:
+                self._recover_orphans()
+                run = self.store.claim_run(worker_id)
+                if run is None:
+                    self._stopping.wait(self.poll_s)
+                    continue
+                try:
+                    self.evals.run(run, worker_id, self._stopping.is_set)
+                finally:
+                    self.store.move_run(
+                        run.id,
+                        ("queued", "in_progress", "completed", "failed", "canceled"),
+                        held_by=worker_id,
+                        worker_id=None,
+                    )
+            except Exception:  # noqa: BLE001 - a worker must outlive a database hiccup; it retries
+                log.exception("eval worker %s", worker_id)
+                self._stopping.wait(self.poll_s * 4)
+
     def _beat(self) -> None:
         """Beat the heartbeat of the jobs this process holds until the server stops."""
         while not self._stopping.wait(HEARTBEAT_EVERY_S):
@@ -142,6 +175,12 @@ class Workers:
             if time.monotonic() - self._last_recovery < RECOVER_EVERY_S:
                 return
             self._last_recovery = time.monotonic()
+        for run in self.store.held_runs():
+            alive = holder_alive(run.worker_id)
+            if not alive and (alive is not None or time.time() - (run.heartbeat_at or 0) >= STALE_AFTER_S):
+                # Its server died while the model answered: it runs again from the start.
+                self.store.move_run(run.id, ["in_progress"], held_by=run.worker_id, status="queued", worker_id=None)
+                self.store.move_run(run.id, ["canceled"], held_by=run.worker_id, worker_id=None)
         for job in self.store.held_jobs():
             alive = holder_alive(job.worker_id)
             if alive or (alive is None and time.time() - (job.heartbeat_at or 0) < STALE_AFTER_S):

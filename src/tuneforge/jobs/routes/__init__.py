@@ -1,5 +1,5 @@
-"""The jobs API's routes, one router per resource: files, fine-tuning jobs, models, inference."""
+"""The jobs API's routes, one router per resource: files, fine-tuning jobs, evals, models, inference."""
 
-from . import files, inference, jobs, models
+from . import evals, files, inference, jobs, models
 
-ROUTERS = [files.router, jobs.router, models.router, inference.router]
+ROUTERS = [files.router, jobs.router, evals.router, models.router, inference.router]

@@ -27,6 +27,9 @@ def own_file(service: Service, owner: str, file_id: str, param: str = "file_id")
     return row
 
 
+PURPOSES = ("fine-tune", "evals")  # what a client may upload
+
+
 @router.post("")
 def upload_file(
     file: UploadFile = File(...),
@@ -34,10 +37,11 @@ def upload_file(
     owner: str = Depends(caller),
     service: Service = Depends(service_of),
 ):
-    if purpose != "fine-tune":
+    if purpose not in PURPOSES:
         raise APIError(
             400,
-            f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune'.",
+            f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune', and the "
+            "items of an eval run with purpose 'evals'.",
             param="purpose",
             code="invalid_value",
         )

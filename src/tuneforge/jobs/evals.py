@@ -1,0 +1,479 @@
+"""OpenAI's Evals API on the jobs service: evals whose testing criteria are graders, and runs that answer
+each item of a data source with a model and grade the answers.
+
+An eval holds a custom data source config (the item schema) and its testing criteria, graders as OpenAI
+writes them, each built and checked by `tuneforge.graders` when the eval is created. A run's data source
+is a `completions` one: items (a JSONL file uploaded with purpose `evals`, or given inline), an input
+template whose `{{ item.x }}` references are the graders' templates, the model (one the caller may use
+for inference) and sampling params. Runs are queued and run by the workers of the server (`EvalRunner`):
+the model answers every item through `tuneforge.generate`, each testing criterion grades the answers, and
+the run's counts and output items are stored in one transaction when it completes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field
+
+from ..errors import ModelSourceError, TuneforgeError
+from ..graders import Grader, GraderError, build_grader, rollout_sample, runs_python
+from ..graders.templates import Template
+from ..web import APIError, Metadata, RequestBody, failure_id
+from .files import FileStorage
+from .store import Eval, EvalOutputItem, EvalRun, Store, new_id, now
+
+log = logging.getLogger("tuneforge.jobs")
+
+# OpenAI's defaults for a completions run's sampling params.
+DEFAULT_SAMPLING = {"max_completion_tokens": 128, "temperature": 1.0, "top_p": 1.0, "seed": 42}
+MAX_RUN_ITEMS = 10_000
+PASS_SCORE = 1.0  # the score a criterion without a pass_threshold must reach for an answer to pass
+
+
+def _only(allowed: str, what: str):
+    """A `type` field that takes one value; any other is refused saying what is supported here."""
+
+    def check(value: Any):
+        if value != allowed:
+            raise ValueError(f"{value!r:.60} {what} are not supported here; give '{allowed}'")
+        return value
+
+    return Annotated[Literal[allowed], BeforeValidator(check)]  # type: ignore[valid-type]
+
+
+class CustomDataSourceConfig(RequestBody):
+    type: _only("custom", "data source configs")
+    item_schema: dict[str, Any]
+    include_sample_schema: bool = False
+
+
+class CreateEvalBody(RequestBody):
+    data_source_config: CustomDataSourceConfig
+    testing_criteria: list[dict[str, Any]] = Field(min_length=1, max_length=32)
+    name: str | None = Field(None, max_length=256)
+    metadata: Metadata | None = None
+
+
+class ContentRow(RequestBody):
+    item: dict[str, Any]
+    sample: dict[str, Any] | None = None
+
+
+class FileIdSource(RequestBody):
+    type: Literal["file_id"]
+    id: str
+
+
+class FileContentSource(RequestBody):
+    type: Literal["file_content"]
+    content: list[ContentRow] = Field(min_length=1, max_length=MAX_RUN_ITEMS)
+
+
+class TemplateMessage(RequestBody):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+    type: Literal["message"] | None = None
+
+
+class InputTemplate(RequestBody):
+    type: _only("template", "input_messages types")
+    template: list[TemplateMessage] = Field(min_length=1)
+
+
+class SamplingParams(RequestBody):
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+
+
+class CompletionsDataSource(RequestBody):
+    type: _only("completions", "data sources of this type")
+    source: Annotated[FileIdSource | FileContentSource, Field(discriminator="type")]
+    model: str
+    input_messages: InputTemplate
+    sampling_params: SamplingParams | None = None
+
+
+class CreateRunBody(RequestBody):
+    data_source: CompletionsDataSource
+    name: str | None = Field(None, max_length=256)
+    metadata: Metadata | None = None
+
+
+# ---- checks when an eval or a run is created ------------------------------------------------------
+
+
+def testing_criteria(specs: list[dict], *, allow_python: bool) -> list[Grader]:
+    """The graders of an eval, each built by `tuneforge.graders`; a bad one is a 400 naming it."""
+    graders: list[Grader] = []
+    for index, spec in enumerate(specs):
+        param = f"testing_criteria[{index}]"
+        if runs_python(spec) and not allow_python:
+            raise APIError(
+                400,
+                f"{param}: this server does not run python graders (they run your code on its machine); grade "
+                "with string_check, text_similarity, json_fields or multi, or ask its operator to start it with "
+                "--allow-python-graders.",
+                param=param,
+                code="python_grader_not_allowed",
+            )
+        try:
+            grader = build_grader(spec)
+        except GraderError as err:
+            raise APIError(400, f"{param}: {err.message}", param=param, code="invalid_grader") from None
+        if any(g.name == grader.name for g in graders):
+            raise APIError(
+                400,
+                f"{param}: two testing criteria are named {grader.name!r}; give each its own name, as the run's "
+                "results are counted by name.",
+                param=f"{param}.name",
+                code="invalid_value",
+            )
+        graders.append(grader)
+    return graders
+
+
+def input_templates(messages: list[TemplateMessage]) -> list[Template]:
+    """The input template's messages, their `{{ item.x }}` references parsed by the graders' templates."""
+    templates = []
+    for index, message in enumerate(messages):
+        param = f"data_source.input_messages.template[{index}].content"
+        try:
+            template = Template(message.content, label=param, field="content")
+        except GraderError as err:
+            raise APIError(400, err.message.removeprefix("grader "), param=param, code="invalid_value") from None
+        if any(steps[0] == "sample" for steps in template.paths):
+            raise APIError(
+                400,
+                f"{param}: the input is written before the model answers, so it can read only item fields "
+                "({{ item.x }}), not the sample.",
+                param=param,
+                code="invalid_value",
+            )
+        templates.append(template)
+    return templates
+
+
+def file_items(path: Path, file_id: str) -> list[dict]:
+    """The items of an uploaded JSONL file: each line `{"item": {...}}` (or the item itself); a bad line is a
+    400 naming the file and the line."""
+    items = []
+    with open(path, encoding="utf-8", errors="strict") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise _bad_line(file_id, number, f"it is not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise _bad_line(file_id, number, "it is not a JSON object")
+            item = row["item"] if set(row) <= {"item", "sample"} and "item" in row else row
+            if not isinstance(item, dict):
+                raise _bad_line(file_id, number, "its `item` is not a JSON object")
+            items.append(item)
+    if not items:
+        raise APIError(400, f"{file_id} holds no items.", param="data_source.source.id", code="invalid_file_format")
+    if len(items) > MAX_RUN_ITEMS:
+        raise APIError(
+            400,
+            f"{file_id} holds {len(items):,} items; a run takes at most {MAX_RUN_ITEMS:,}.",
+            param="data_source.source.id",
+            code="invalid_file_format",
+        )
+    return items
+
+
+def _bad_line(file_id: str, line: int, what: str) -> APIError:
+    return APIError(
+        400,
+        f'{file_id} line {line}: {what}; each line must be {{"item": {{...}}}}.',
+        param="data_source.source.id",
+        code="invalid_file_format",
+    )
+
+
+def check_items(graders: list[Grader], templates: list[Template], items: list[dict], item_param: str) -> None:
+    """Every item field the input template and the graders read, looked up on each item: a 400 naming the
+    first item that lacks one (`item_param` says where the items were given)."""
+    for template in templates:
+        try:
+            template.check_items(items)
+        except GraderError as err:
+            raise _bad_item(err, item_param) from None
+    for index, grader in enumerate(graders):
+        try:
+            grader.check_items(items)
+        except GraderError as err:
+            raise _bad_item(err, item_param, f"testing_criteria[{index}]: ") from None
+
+
+def _bad_item(err: GraderError, item_param: str, prefix: str = "") -> APIError:
+    param = f"{item_param}[{err.sample}]" if err.sample is not None else item_param
+    message = err.message.split("\non sample", 1)[0].removeprefix("grader ")
+    return APIError(400, f"{param}: {prefix}{message}", param=param, code="invalid_value")
+
+
+def run_items(store: Store, storage: FileStorage, run: EvalRun) -> list[dict]:
+    """The items a run answers: its inline content, or its file's lines."""
+    source = run.data_source["source"]
+    if source["type"] == "file_content":
+        return [row["item"] for row in source["content"]]
+    row = store.get_file(run.owner, source["id"])
+    if row is None:
+        raise RunFailure("file_not_found", f"The file {source['id']} of this run has been deleted.")
+    return file_items(storage.path(row), row.id)
+
+
+# ---- bodies ----------------------------------------------------------------------------------------
+
+
+def eval_body(row: Eval) -> dict:
+    return {
+        "object": "eval",
+        "id": row.id,
+        "name": row.name,
+        "created_at": row.created_at,
+        "metadata": row.metadata_,
+        "data_source_config": row.data_source_config,
+        "testing_criteria": row.testing_criteria,
+    }
+
+
+def data_source_config(config: CustomDataSourceConfig) -> dict:
+    """The config as OpenAI shows it: the JSON schema of the namespaces the templates read."""
+    properties: dict[str, Any] = {"item": config.item_schema}
+    if config.include_sample_schema:
+        properties["sample"] = {
+            "type": "object",
+            "properties": {
+                "model": {"type": "string"},
+                "choices": {"type": "array"},
+                "output_text": {"type": "string"},
+                "output_json": {"type": "object"},
+            },
+            "required": ["model", "choices"],
+        }
+    return {"type": "custom", "schema": {"type": "object", "properties": properties, "required": list(properties)}}
+
+
+def run_body(run: EvalRun) -> dict:
+    counts = run.result_counts or {"total": 0, "passed": 0, "failed": 0, "errored": 0}
+    usage = run.usage
+    return {
+        "object": "eval.run",
+        "id": run.id,
+        "eval_id": run.eval_id,
+        "name": run.name,
+        "model": run.model,
+        "status": run.status,
+        "created_at": run.created_at,
+        "data_source": run.data_source,
+        "error": run.error,
+        "metadata": run.metadata_,
+        "result_counts": counts,
+        "per_testing_criteria_results": run.per_testing_criteria_results or [],
+        "per_model_usage": [{"model_name": run.model, "cached_tokens": 0, **usage}] if usage else [],
+        "report_url": "",
+    }
+
+
+# ---- running -----------------------------------------------------------------------------------------
+
+
+class RunFailure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.error = {"code": code, "message": message}
+
+
+class RunStopped(Exception):
+    """The run was canceled, or its server is stopping, while the model answered."""
+
+
+class EvalRunner:
+    """Answers and grades one claimed run (the workers' eval thread calls `run`)."""
+
+    def __init__(self, store: Store, storage: FileStorage):
+        self.store, self.storage = store, storage
+
+    def run(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]) -> None:
+        try:
+            items, graders, outcome = self._answer_and_grade(run, worker_id, stopping)
+        except RunStopped:
+            # Canceled: it stays canceled. The server stopping: queued again for the next server.
+            self.store.move_run(run.id, ["in_progress"], held_by=worker_id, status="queued", worker_id=None)
+            return
+        except RunFailure as failure:
+            self.store.move_run(run.id, ["in_progress"], held_by=worker_id, status="failed", error=failure.error)
+            return
+        except Exception as err:  # noqa: BLE001 - one run's unforeseen failure fails that run alone
+            error_id = failure_id()
+            log.error("eval run %s failed (error id %s)", run.id, error_id, exc_info=err)
+            message = f"The server failed on this run (error id {error_id}); give the server's operator the error id."
+            self.store.move_run(
+                run.id,
+                ["in_progress"],
+                held_by=worker_id,
+                status="failed",
+                error={"code": "server_error", "message": message},
+            )
+            return
+        rows, counts, per_criterion, usage = outcome
+        self.store.finish_run(
+            run.id,
+            worker_id,
+            rows,
+            status="completed",
+            result_counts=counts,
+            per_testing_criteria_results=per_criterion,
+            usage=usage,
+        )
+
+    def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
+        from ..generate import generate, load_for_inference
+        from ..models import load_tokenizer, resolve
+
+        evaluation = self.store.get_eval(run.owner, run.eval_id)
+        if evaluation is None:
+            raise RunStopped  # deleted with its eval
+        graders = [build_grader(spec) for spec in evaluation.testing_criteria]
+        source = run.data_source
+        templates = [
+            Template(m["content"], label="input", field="content") for m in source["input_messages"]["template"]
+        ]
+        items = run_items(self.store, self.storage, run)
+        check = self.store.get_run
+        try:
+            model_source = resolve(run.model_source, pull_missing=False)
+        except ModelSourceError:
+            raise RunFailure("model_not_found", f"The model `{run.model}` is no longer on this server.") from None
+        tokenizer = load_tokenizer(model_source)
+        model = load_for_inference(model_source)
+
+        def on_progress(_: int) -> None:
+            current = check(run.eval_id, run.id)
+            if stopping() or current is None or current.status != "in_progress" or current.worker_id != worker_id:
+                raise RunStopped
+
+        roles = {"developer": "system"}
+        prompts = [
+            [
+                {"role": roles.get(m["role"], m["role"]), "content": t.render([{}] * len(items), items, i)}
+                for m, t in zip(source["input_messages"]["template"], templates)
+            ]
+            for i in range(len(items))
+        ]
+        sampling = {
+            **DEFAULT_SAMPLING,
+            **{k: v for k, v in (source.get("sampling_params") or {}).items() if v is not None},
+        }
+        answers = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=sampling["max_completion_tokens"],
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            seed=sampling["seed"],
+            on_progress=on_progress,
+        )
+        on_progress(0)
+        samples = [rollout_sample(a.text) for a in answers]
+        grades = {grader.name: _grade(grader, samples, items) for grader in graders}
+        rows, counts = [], {"total": len(items), "passed": 0, "failed": 0, "errored": 0}
+        per_criterion = {g.name: {"testing_criteria": g.name, "passed": 0, "failed": 0} for g in graders}
+        for i, (item, prompt, answer) in enumerate(zip(items, prompts, answers)):
+            results = []
+            for grader, spec in zip(graders, evaluation.testing_criteria):
+                grade = grades[grader.name][i]
+                if isinstance(grade, GraderError):
+                    results.append(
+                        {
+                            "name": grader.name,
+                            "type": spec["type"],
+                            "score": 0.0,
+                            "passed": False,
+                            "sample": None,
+                            "error": grade.message,
+                        }
+                    )
+                    continue
+                threshold = PASS_SCORE if grader.pass_threshold is None else grader.pass_threshold
+                passed = grade >= threshold
+                per_criterion[grader.name]["passed" if passed else "failed"] += 1
+                results.append(
+                    {"name": grader.name, "type": spec["type"], "score": grade, "passed": passed, "sample": None}
+                )
+            status = (
+                "error"
+                if any("error" in r for r in results)
+                else "pass"
+                if all(r["passed"] for r in results)
+                else "fail"
+            )
+            counts[{"pass": "passed", "fail": "failed", "error": "errored"}[status]] += 1
+            usage = {
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+                "cached_tokens": 0,
+            }
+            sample = {
+                "input": prompt,
+                "output": [{"role": "assistant", "content": answer.text}],
+                "finish_reason": answer.finish_reason,
+                "model": run.model,
+                "usage": usage,
+                "error": None,
+                "temperature": sampling["temperature"],
+                "max_completion_tokens": sampling["max_completion_tokens"],
+                "top_p": sampling["top_p"],
+                "seed": sampling["seed"],
+            }
+            rows.append(
+                EvalOutputItem(
+                    id=new_id("outputitem_"),
+                    run_id=run.id,
+                    eval_id=run.eval_id,
+                    index=i,
+                    item=item,
+                    sample=sample,
+                    results=results,
+                    status=status,
+                    created_at=now(),
+                )
+            )
+        prompt_tokens = sum(a.prompt_tokens for a in answers)
+        completion_tokens = sum(a.completion_tokens for a in answers)
+        usage = {
+            "invocation_count": len(answers),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return items, graders, (rows, counts, list(per_criterion.values()), usage)
+
+
+def _grade(grader: Grader, samples: list[dict], items: list[dict]) -> list[float | GraderError]:
+    """The grader's score of each sample; where grading the batch fails, each sample alone, so one item's
+    failure (a python grader raising on it) is that item's error and the others are scored."""
+    try:
+        return [result.score for result in grader.grade(samples, items)]
+    except GraderError:
+        pass
+    scores: list[float | GraderError] = []
+    for sample, item in zip(samples, items):
+        try:
+            scores.append(grader.grade([sample], [item])[0].score)
+        except GraderError as err:
+            scores.append(err)
+        except TuneforgeError as err:
+            scores.append(GraderError(err.message, code="grader_failed"))
+    return scores

@@ -1,0 +1,238 @@
+"""OpenAI's Evals API on `tuneforge api`, through the official OpenAI SDK: evals whose testing criteria are
+graders, runs answered by a tiny model (a base and a fine-tuned one) and graded, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from test_jobs import KEY, OTHER_KEY, ApiServer, chat_rows, create_job, upload, wait_for
+
+from tuneforge.jobs.api import create_api
+from tuneforge.jobs.store import Store
+
+openai = pytest.importorskip("openai")
+# This SDK warns that OpenAI is retiring its own Evals API; the API served here stays.
+pytestmark = pytest.mark.filterwarnings("ignore:The Evals API is deprecated:DeprecationWarning")
+
+ITEMS = [
+    {"question": "What is two plus two?", "answer": "four", "expected": "four"},
+    {"question": "Name a colour.", "answer": "blue", "expected": "red"},
+    {"question": "Say hello.", "answer": "hello", "expected": "hello"},
+]
+# Graders whose outcome does not depend on what a random tiny model says: one compares two item fields,
+# one passes any answer; so the counts are known and the sample namespace is still read.
+SAME_ANSWER = {
+    "type": "string_check",
+    "name": "same answer",
+    "input": "{{ item.answer }}",
+    "reference": "{{ item.expected }}",
+    "operation": "eq",
+}
+ANY_ANSWER = {
+    "type": "string_check",
+    "name": "answered",
+    "input": "{{ sample.output_text }}",
+    "reference": "no model writes this \u2603",
+    "operation": "ne",
+}
+CONFIG = {
+    "type": "custom",
+    "item_schema": {
+        "type": "object",
+        "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+        "required": ["question", "answer"],
+    },
+    "include_sample_schema": True,
+}
+TEMPLATE = {
+    "type": "template",
+    "template": [
+        {"role": "developer", "content": "Answer in one word."},
+        {"role": "user", "content": "Q: {{item.question}}"},
+    ],
+}
+RUN_TIMEOUT_S = 120
+
+
+def data_source(model: str, source: dict, **sampling) -> dict:
+    return {
+        "type": "completions",
+        "model": model,
+        "source": source,
+        "input_messages": TEMPLATE,
+        "sampling_params": {"max_completion_tokens": 4, "temperature": 0.0, "seed": 3, **sampling},
+    }
+
+
+def inline(items=ITEMS) -> dict:
+    return {"type": "file_content", "content": [{"item": item} for item in items]}
+
+
+def wait_run(client, eval_id: str, run_id: str, server: ApiServer | None = None):
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        run = client.evals.runs.retrieve(run_id, eval_id=eval_id)
+        if run.status in ("completed", "failed", "canceled"):
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} is {run.status}\n{server.log() if server else ''}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    api = ApiServer(tmp_path_factory.mktemp("evals-home"), allowed=[tiny_model_dir]).start()
+    yield api
+    api.stop()
+
+
+def test_an_eval_runs_a_base_and_a_fine_tuned_model_and_survives_a_restart(server, tiny_model_dir):
+    client = server.client()
+    train = upload(client, chat_rows(4))
+    job = create_job(client, tiny_model_dir, train.id, n_epochs=1)
+    evaluation = client.evals.create(
+        name="triage", data_source_config=CONFIG, testing_criteria=[SAME_ANSWER, ANY_ANSWER], metadata={"team": "a"}
+    )
+    assert evaluation.object == "eval" and evaluation.name == "triage" and evaluation.metadata == {"team": "a"}
+    assert evaluation.data_source_config.schema_["properties"]["item"] == CONFIG["item_schema"]
+    assert [c.name for c in evaluation.testing_criteria] == ["same answer", "answered"]
+
+    items_file = client.files.create(
+        file=("items.jsonl", "".join(json.dumps({"item": i}) + "\n" for i in ITEMS).encode()), purpose="evals"
+    )
+    base_run = client.evals.runs.create(
+        evaluation.id, name="base", data_source=data_source(str(tiny_model_dir), inline())
+    )
+    assert base_run.status == "queued" and base_run.result_counts.total == 0
+    job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
+    assert job.status == "succeeded", job.error
+    tuned_run = client.evals.runs.create(
+        evaluation.id, data_source=data_source(job.fine_tuned_model, {"type": "file_id", "id": items_file.id})
+    )
+    for run in (base_run, tuned_run):
+        run = wait_run(client, evaluation.id, run.id, server)
+        assert run.status == "completed", run.error
+        counts = run.result_counts
+        assert (counts.total, counts.passed, counts.failed, counts.errored) == (3, 2, 1, 0)
+        per_criterion = {r.testing_criteria: (r.passed, r.failed) for r in run.per_testing_criteria_results}
+        assert per_criterion == {"same answer": (2, 1), "answered": (3, 0)}
+        assert run.per_model_usage[0].invocation_count == 3 and run.per_model_usage[0].completion_tokens >= 3
+
+    items = list(client.evals.runs.output_items.list(tuned_run.id, eval_id=evaluation.id, limit=2))
+    assert [i.datasource_item_id for i in items] == [0, 1, 2]  # the SDK pages through both pages
+    second = items[1]
+    assert second.status == "fail" and second.datasource_item == ITEMS[1]
+    assert {r.name: r.passed for r in second.results} == {"same answer": False, "answered": True}
+    assert second.sample.input[1].content == "Q: Name a colour." and second.sample.input[0].role == "system"
+    assert second.sample.model == job.fine_tuned_model and second.sample.seed == 3
+    assert second.sample.usage.completion_tokens >= 1 and len(second.sample.output) == 1
+    failed = client.evals.runs.output_items.list(tuned_run.id, eval_id=evaluation.id, status="fail")
+    assert [i.datasource_item_id for i in failed] == [1]
+
+    assert [r.id for r in client.evals.runs.list(evaluation.id)] == [base_run.id, tuned_run.id]
+    assert [e.id for e in client.evals.list()] == [evaluation.id]
+    with pytest.raises(openai.NotFoundError):  # another key's eval is not there for it
+        server.client(OTHER_KEY).evals.retrieve(evaluation.id)
+
+    server.stop()
+    server.start()
+    client = server.client()
+    assert client.evals.retrieve(evaluation.id).testing_criteria[0].name == "same answer"
+    run = client.evals.runs.retrieve(tuned_run.id, eval_id=evaluation.id)
+    assert run.status == "completed" and run.result_counts.passed == 2
+    assert len(list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id))) == 3
+
+    assert client.evals.delete(evaluation.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.evals.runs.retrieve(run.id, eval_id=evaluation.id)
+
+
+@pytest.fixture
+def sdk(tmp_path, tiny_model_dir):
+    """The SDK against a jobs service in this process that runs nothing (no workers): its runs stay queued."""
+    app = create_api(
+        tmp_path / "home",
+        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
+        api_keys=[KEY],
+        workers=0,
+        allowed_models=[str(tiny_model_dir)],
+        dashboard=False,
+    )
+    with TestClient(app) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+
+
+def refusal(call) -> tuple[str, str]:
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    return caught.value.body["param"], caught.value.body["message"]
+
+
+def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
+    bad_grader = {**SAME_ANSWER, "name": "bad", "operation": "equals"}
+    param, message = refusal(
+        lambda: sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER, bad_grader])
+    )
+    assert param == "testing_criteria[1]" and '"bad" (string_check)' in message and "operation" in message
+    python = {"type": "python", "name": "py", "source": "def grade(sample, item):\n    return 1.0\n"}
+    assert refusal(lambda: sdk.evals.create(data_source_config=CONFIG, testing_criteria=[python]))[0] == (
+        "testing_criteria[0]"
+    )
+    logs = {"type": "logs", "metadata": {}}
+    param, message = refusal(lambda: sdk.evals.create(data_source_config=logs, testing_criteria=[ANY_ANSWER]))
+    assert param == "data_source_config.type" and "'logs'" in message
+
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    model = str(tiny_model_dir)
+    responses = {"type": "responses", "source": inline(), "model": model}
+    param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=responses))
+    assert param == "data_source.type" and "'responses'" in message
+    reference = {**data_source(model, inline()), "input_messages": {"type": "item_reference", "item_reference": "x"}}
+    assert refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=reference))[0] == (
+        "data_source.input_messages.type"
+    )
+    lacking = [ITEMS[0], {"question": "?", "answer": "a"}]
+    param, message = refusal(
+        lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source(model, inline(lacking)))
+    )
+    assert param == "data_source.source.content[1]" and "item.expected" in message
+    sample_in_input = {"type": "template", "template": [{"role": "user", "content": "{{ sample.output_text }}"}]}
+    param, _ = refusal(
+        lambda: sdk.evals.runs.create(
+            evaluation.id, data_source={**data_source(model, inline()), "input_messages": sample_in_input}
+        )
+    )
+    assert param == "data_source.input_messages.template[0].content"
+    assert refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source("nope", inline())))[0] == (
+        "model"
+    )
+
+
+def test_a_queued_run_is_canceled_and_a_canceled_one_cannot_be_again(sdk, tiny_model_dir):
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))
+    assert sdk.evals.runs.cancel(run.id, eval_id=evaluation.id).status == "canceled"
+    param, message = refusal(lambda: sdk.evals.runs.cancel(run.id, eval_id=evaluation.id))
+    assert param == "run_id" and "canceled" in message
+    assert [r.status for r in sdk.evals.runs.list(evaluation.id, status="canceled")] == ["canceled"]
+    assert sdk.evals.runs.delete(run.id, eval_id=evaluation.id).deleted
+    assert sdk.evals.runs.list(evaluation.id).data == []
+    for number in range(2):
+        sdk.evals.create(name=f"more {number}", data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    page = sdk.evals.list(limit=2)
+    assert page.has_more and [e.name for e in page.data] == ["", "more 0"]
+    assert [e.name for e in sdk.evals.list(limit=2, after=page.data[-1].id).data] == ["more 1"]
+
+
+def test_an_older_job_store_gets_the_eval_tables_when_opened(tmp_path):
+    from tuneforge.jobs import store as jobs_store
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    older = [t for name, t in jobs_store.Base.metadata.tables.items() if not name.startswith("eval")]
+    engine = jobs_store.connect(url)
+    jobs_store.Base.metadata.create_all(engine, tables=older)
+    engine.dispose()
+    store = Store(url)
+    assert store.list_evals("someone", after=None, limit=5, newest_first=False) == []
