@@ -236,3 +236,38 @@ def test_an_older_job_store_gets_the_eval_tables_when_opened(tmp_path):
     engine.dispose()
     store = Store(url)
     assert store.list_evals("someone", after=None, limit=5, newest_first=False) == []
+
+
+def test_a_grader_failing_on_one_item_errors_that_item_alone_naming_it(tmp_path, tiny_model_dir):
+    app = create_api(
+        tmp_path / "home",
+        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
+        api_keys=[KEY],
+        workers=1,
+        allowed_models=[str(tiny_model_dir)],
+        dashboard=False,
+        allow_python_graders=True,
+    )
+    source = (
+        "def grade(sample, item):\n"
+        "    if item['answer'] == 'blue':\n"
+        "        raise ValueError('no blue')\n"
+        "    return 0.5\n"
+    )
+    python = {"type": "python", "name": "py", "source": source, "pass_threshold": 0.5}
+    similar = {"type": "text_similarity", "name": "sim", "input": "{{ sample.output_text }}",
+               "reference": "{{ item.answer }}", "evaluation_metric": "fuzzy_match"}  # fmt: skip
+    with TestClient(app) as http:
+        sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+        param, message = refusal(lambda: sdk.evals.create(data_source_config=CONFIG, testing_criteria=[similar]))
+        assert param == "testing_criteria[0].pass_threshold" and "text_similarity" in message
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[python])
+        run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))
+        run = wait_run(sdk, evaluation.id, run.id)
+        assert run.status == "completed", run.error
+        assert (run.result_counts.passed, run.result_counts.errored) == (2, 1)
+        assert [(r.passed, r.failed) for r in run.per_testing_criteria_results] == [(2, 0)]
+        errored = sdk.evals.runs.output_items.list(run.id, eval_id=evaluation.id, status="error").data
+        [result] = errored[0].results
+        assert errored[0].datasource_item_id == 1 and not result.passed
+        assert "no blue" in result.error and "on item 1, output_text" in result.error

@@ -127,6 +127,15 @@ def testing_criteria(specs: list[dict], *, allow_python: bool) -> list[Grader]:
             grader = build_grader(spec)
         except GraderError as err:
             raise APIError(400, f"{param}: {err.message}", param=param, code="invalid_grader") from None
+        if grader.type == "text_similarity" and grader.pass_threshold is None:
+            # As OpenAI's: a similarity is a fraction, so without a threshold almost no answer would pass.
+            raise APIError(
+                400,
+                f"{param}: a text_similarity testing criterion needs a pass_threshold, the similarity at which "
+                "an answer passes (as 0.8).",
+                param=f"{param}.pass_threshold",
+                code="invalid_grader",
+            )
         if any(g.name == grader.name for g in graders):
             raise APIError(
                 400,
@@ -469,11 +478,14 @@ def _grade(grader: Grader, samples: list[dict], items: list[dict]) -> list[float
     except GraderError:
         pass
     scores: list[float | GraderError] = []
-    for sample, item in zip(samples, items):
+    for index, (sample, item) in enumerate(zip(samples, items)):
         try:
             scores.append(grader.grade([sample], [item])[0].score)
-        except GraderError as err:
-            scores.append(err)
         except TuneforgeError as err:
-            scores.append(GraderError(err.message, code="grader_failed"))
+            # Graded alone, the item is its batch's first: the message names its place in the run instead.
+            message = err.message.replace(_FIRST_OF_BATCH, f"on item {index}", 1)
+            scores.append(GraderError(message, code="grader_failed"))
     return scores
+
+
+_FIRST_OF_BATCH = "on sample 0 of the batch (item 0)"  # as `graders.base.grading_failed` names it
