@@ -221,8 +221,11 @@ def test_a_queued_run_is_canceled_and_a_canceled_one_cannot_be_again(sdk, tiny_m
     assert sdk.evals.runs.list(evaluation.id).data == []
     for number in range(2):
         sdk.evals.create(name=f"more {number}", data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    updated = sdk.evals.update(evaluation.id, name="renamed", metadata={"v": "2"})
+    assert (updated.name, updated.metadata) == ("renamed", {"v": "2"}) and updated.testing_criteria[0].name
+    assert sdk.evals.retrieve(evaluation.id).name == "renamed"
     page = sdk.evals.list(limit=2)
-    assert page.has_more and [e.name for e in page.data] == ["", "more 0"]
+    assert page.has_more and [e.name for e in page.data] == ["renamed", "more 0"]
     assert [e.name for e in sdk.evals.list(limit=2, after=page.data[-1].id).data] == ["more 1"]
 
 

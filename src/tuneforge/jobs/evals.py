@@ -59,6 +59,11 @@ class CreateEvalBody(RequestBody):
     metadata: Metadata | None = None
 
 
+class UpdateEvalBody(RequestBody):
+    name: str | None = Field(None, max_length=256)
+    metadata: Metadata | None = None
+
+
 class ContentRow(RequestBody):
     item: dict[str, Any]
     sample: dict[str, Any] | None = None

@@ -228,6 +228,11 @@ class EvalStore:
     def list_evals(self: Store, owner: str, *, after: str | None, limit: int, newest_first: bool) -> Page:
         return self.page(Eval, select(Eval).where(Eval.owner == owner), after, limit, newest_first)
 
+    def update_eval(self: Store, owner: str, eval_id: str, **values) -> None:
+        if values:
+            with self.session() as session:
+                session.execute(update(Eval).where(Eval.id == eval_id, Eval.owner == owner).values(**values))
+
     def delete_eval(self: Store, owner: str, eval_id: str) -> bool:
         """Delete the eval with its runs and their output items; a run in progress is canceled by it."""
         with self.session() as session:

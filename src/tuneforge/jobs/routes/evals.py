@@ -1,4 +1,4 @@
-"""`/v1/evals`: create, list, get and delete the caller's evals; create, list, get, cancel and delete their
+"""`/v1/evals`: create, list, get, update and delete the caller's evals; create, list, get, cancel and delete their
 runs, and list and get a run's output items (`jobs/evals.py` has the bodies and the checks)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from ...web import APIError, caller, list_body
 from ..evals import (
     CreateEvalBody,
     CreateRunBody,
+    UpdateEvalBody,
     check_items,
     data_source_config,
     eval_body,
@@ -70,6 +71,17 @@ def list_evals(
 
 @router.get("/{eval_id}")
 def get_eval(eval_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
+    return eval_body(own_eval(service, owner, eval_id))
+
+
+@router.post("/{eval_id}")
+def update_eval(
+    eval_id: str, body: UpdateEvalBody, owner: str = Depends(caller), service: Service = Depends(service_of)
+):
+    """Rename the eval or replace its metadata (what is not given stays)."""
+    own_eval(service, owner, eval_id)
+    values = {"name": body.name, "metadata_": body.metadata}
+    service.store.update_eval(owner, eval_id, **{key: value for key, value in values.items() if value is not None})
     return eval_body(own_eval(service, owner, eval_id))
 
 
