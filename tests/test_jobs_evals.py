@@ -3,8 +3,10 @@ graders, runs answered by a tiny model (a base and a fine-tuned one) and graded,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -136,32 +138,32 @@ def test_an_eval_runs_a_base_and_a_fine_tuned_model_and_survives_a_restart(serve
     with pytest.raises(openai.NotFoundError):  # another key's eval is not there for it
         server.client(OTHER_KEY).evals.retrieve(evaluation.id)
 
+    # The service started again on the same store (here in this process: a server's start is the slow part).
     server.stop()
-    server.start()
-    client = server.client()
-    assert client.evals.retrieve(evaluation.id).testing_criteria[0].name == "same answer"
-    run = client.evals.runs.retrieve(tuned_run.id, eval_id=evaluation.id)
-    assert run.status == "completed" and run.result_counts.passed == 2
-    assert len(list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id))) == 3
+    with restarted(server.home / "jobs", allowed_models=[str(tiny_model_dir)], workers=0) as client:
+        assert client.evals.retrieve(evaluation.id).testing_criteria[0].name == "same answer"
+        run = client.evals.runs.retrieve(tuned_run.id, eval_id=evaluation.id)
+        assert run.status == "completed" and run.result_counts.passed == 2
+        assert len(list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id))) == 3
 
-    assert client.evals.delete(evaluation.id).deleted
-    with pytest.raises(openai.NotFoundError):
-        client.evals.runs.retrieve(run.id, eval_id=evaluation.id)
+        assert client.evals.delete(evaluation.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            client.evals.runs.retrieve(run.id, eval_id=evaluation.id)
+
+
+@contextlib.contextmanager
+def restarted(root: Path, **options):
+    """The SDK against a jobs service in this process, on the store and files under `root`."""
+    app = create_api(root, Store(f"sqlite:///{root / 'jobs.db'}"), api_keys=[KEY], dashboard=False, **options)
+    with TestClient(app) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
 
 
 @pytest.fixture
 def sdk(tmp_path, tiny_model_dir):
     """The SDK against a jobs service in this process that runs nothing (no workers): its runs stay queued."""
-    app = create_api(
-        tmp_path / "home",
-        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
-        api_keys=[KEY],
-        workers=0,
-        allowed_models=[str(tiny_model_dir)],
-        dashboard=False,
-    )
-    with TestClient(app) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+    with restarted(tmp_path / "home", workers=0, allowed_models=[str(tiny_model_dir)]) as client:
+        yield client
 
 
 def refusal(call) -> tuple[str, str]:
@@ -242,15 +244,6 @@ def test_an_older_job_store_gets_the_eval_tables_when_opened(tmp_path):
 
 
 def test_a_grader_failing_on_one_item_errors_that_item_alone_naming_it(tmp_path, tiny_model_dir):
-    app = create_api(
-        tmp_path / "home",
-        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
-        api_keys=[KEY],
-        workers=1,
-        allowed_models=[str(tiny_model_dir)],
-        dashboard=False,
-        allow_python_graders=True,
-    )
     source = (
         "def grade(sample, item):\n"
         "    if item['answer'] == 'blue':\n"
@@ -260,8 +253,8 @@ def test_a_grader_failing_on_one_item_errors_that_item_alone_naming_it(tmp_path,
     python = {"type": "python", "name": "py", "source": source, "pass_threshold": 0.5}
     similar = {"type": "text_similarity", "name": "sim", "input": "{{ sample.output_text }}",
                "reference": "{{ item.answer }}", "evaluation_metric": "fuzzy_match"}  # fmt: skip
-    with TestClient(app) as http:
-        sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+    options = {"workers": 1, "allowed_models": [str(tiny_model_dir)], "allow_python_graders": True}
+    with restarted(tmp_path / "home", **options) as sdk:
         param, message = refusal(lambda: sdk.evals.create(data_source_config=CONFIG, testing_criteria=[similar]))
         assert param == "testing_criteria[0].pass_threshold" and "text_similarity" in message
         evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[python])
