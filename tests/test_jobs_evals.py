@@ -200,6 +200,15 @@ def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
         lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source(model, inline(lacking)))
     )
     assert param == "data_source.source.content[1]" and "item.expected" in message
+    latin1 = sdk.files.create(
+        file=("items.jsonl", '{"item": {"answer": "caf\xe9"}}\n'.encode("latin-1")), purpose="evals"
+    )
+    param, message = refusal(
+        lambda: sdk.evals.runs.create(
+            evaluation.id, data_source=data_source(model, {"type": "file_id", "id": latin1.id})
+        )
+    )
+    assert param == "data_source.source.id" and f"{latin1.id} line 1: it is not UTF-8" in message
     sample_in_input = {"type": "template", "template": [{"role": "user", "content": "{{ sample.output_text }}"}]}
     param, _ = refusal(
         lambda: sdk.evals.runs.create(

@@ -178,8 +178,12 @@ def file_items(path: Path, file_id: str) -> list[dict]:
     """The items of an uploaded JSONL file: each line `{"item": {...}}` (or the item itself); a bad line is a
     400 naming the file and the line."""
     items = []
-    with open(path, encoding="utf-8", errors="strict") as lines:
-        for number, line in enumerate(lines, start=1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _bad_line(file_id, number, f"it is not UTF-8 text (byte {err.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
