@@ -252,7 +252,7 @@ def test_an_older_job_store_gets_the_eval_tables_when_opened(tmp_path):
     assert store.list_evals("someone", after=None, limit=5, newest_first=False) == []
 
 
-def test_a_grader_failing_on_one_item_errors_that_item_alone_naming_it(tmp_path, tiny_model_dir):
+def test_an_item_a_grader_fails_on_or_too_long_for_the_model_errors_alone(tmp_path, tiny_model_dir):
     source = (
         "def grade(sample, item):\n"
         "    if item['answer'] == 'blue':\n"
@@ -267,12 +267,16 @@ def test_a_grader_failing_on_one_item_errors_that_item_alone_naming_it(tmp_path,
         param, message = refusal(lambda: sdk.evals.create(data_source_config=CONFIG, testing_criteria=[similar]))
         assert param == "testing_criteria[0].pass_threshold" and "text_similarity" in message
         evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[python])
-        run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))
+        too_long = {"question": "word " * 3000, "answer": "four"}  # past the tiny model's 2048 positions
+        items = inline([*ITEMS, too_long])
+        run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), items))
         run = wait_run(sdk, evaluation.id, run.id)
         assert run.status == "completed", run.error
-        assert (run.result_counts.passed, run.result_counts.errored) == (2, 1)
+        assert (run.result_counts.passed, run.result_counts.errored) == (2, 2)
         assert [(r.passed, r.failed) for r in run.per_testing_criteria_results] == [(2, 0)]
         errored = sdk.evals.runs.output_items.list(run.id, eval_id=evaluation.id, status="error").data
         [result] = errored[0].results
         assert errored[0].datasource_item_id == 1 and not result.passed
         assert "no blue" in result.error and "on item 1, output_text" in result.error
+        assert errored[1].datasource_item_id == 3 and errored[1].results == [] and errored[1].sample.output == []
+        assert errored[1].sample.error.code == "context_length_exceeded" and "2048" in errored[1].sample.error.message

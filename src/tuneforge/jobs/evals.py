@@ -355,8 +355,8 @@ class EvalRunner:
         )
 
     def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
-        from ..generate import generate, load_for_inference
-        from ..models import load_tokenizer, resolve
+        from ..generate import encode_prompts, generate, load_for_inference
+        from ..models import load_tokenizer, model_context_length, resolve
 
         evaluation = self.store.get_eval(run.owner, run.eval_id)
         if evaluation is None:
@@ -392,10 +392,15 @@ class EvalRunner:
             **DEFAULT_SAMPLING,
             **{k: v for k, v in (source.get("sampling_params") or {}).items() if v is not None},
         }
-        answers = generate(
+        # An input longer than the model's context window leaves no room for an answer: that item errors, saying
+        # so, and the others are answered.
+        window = model_context_length(model)
+        lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
+        fits = [i for i, length in enumerate(lengths) if window is None or length < window]
+        answered = generate(
             model,
             tokenizer,
-            prompts,
+            [prompts[i] for i in fits],
             max_new_tokens=sampling["max_completion_tokens"],
             temperature=sampling["temperature"],
             top_p=sampling["top_p"],
@@ -403,13 +408,19 @@ class EvalRunner:
             on_progress=on_progress,
         )
         on_progress(0)
-        samples = [rollout_sample(a.text) for a in answers]
-        grades = {grader.name: _grade(grader, samples, items) for grader in graders}
+        answers: list = [None] * len(items)
+        for i, answer in zip(fits, answered):
+            answers[i] = answer
+        samples = [rollout_sample(a.text) for a in answered]
+        grades = {}
+        for grader in graders:
+            scores = iter(_grade(grader, samples, [items[i] for i in fits]))
+            grades[grader.name] = [next(scores) if answer else None for answer in answers]
         rows, counts = [], {"total": len(items), "passed": 0, "failed": 0, "errored": 0}
         per_criterion = {g.name: {"testing_criteria": g.name, "passed": 0, "failed": 0} for g in graders}
         for i, (item, prompt, answer) in enumerate(zip(items, prompts, answers)):
             results = []
-            for grader, spec in zip(graders, evaluation.testing_criteria):
+            for grader, spec in zip(graders, evaluation.testing_criteria if answer else []):
                 grade = grades[grader.name][i]
                 if isinstance(grade, GraderError):
                     results.append(
@@ -431,25 +442,33 @@ class EvalRunner:
                 )
             status = (
                 "error"
-                if any("error" in r for r in results)
+                if answer is None or any("error" in r for r in results)
                 else "pass"
                 if all(r["passed"] for r in results)
                 else "fail"
             )
             counts[{"pass": "passed", "fail": "failed", "error": "errored"}[status]] += 1
+            prompt_tokens, completion_tokens = (answer.prompt_tokens, answer.completion_tokens) if answer else (0, 0)
             usage = {
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
                 "cached_tokens": 0,
             }
+            error = None
+            if answer is None:
+                error = {
+                    "code": "context_length_exceeded",
+                    "message": f"The input is {lengths[i]} tokens; the model's maximum context length is {window} "
+                    "tokens, which leaves no room for an answer. Shorten this item's input.",
+                }
             sample = {
                 "input": prompt,
-                "output": [{"role": "assistant", "content": answer.text}],
-                "finish_reason": answer.finish_reason,
+                "output": [{"role": "assistant", "content": answer.text}] if answer else [],
+                "finish_reason": answer.finish_reason if answer else "",
                 "model": run.model,
                 "usage": usage,
-                "error": None,
+                "error": error,
                 "temperature": sampling["temperature"],
                 "max_completion_tokens": sampling["max_completion_tokens"],
                 "top_p": sampling["top_p"],
@@ -468,10 +487,10 @@ class EvalRunner:
                     created_at=now(),
                 )
             )
-        prompt_tokens = sum(a.prompt_tokens for a in answers)
-        completion_tokens = sum(a.completion_tokens for a in answers)
+        prompt_tokens = sum(a.prompt_tokens for a in answered)
+        completion_tokens = sum(a.completion_tokens for a in answered)
         usage = {
-            "invocation_count": len(answers),
+            "invocation_count": len(answered),
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
