@@ -274,7 +274,8 @@ def eval_(
     model: str = typer.Argument(..., help="Registry name, model folder, run folder or checkpoint."),
     data: Path = typer.Argument(
         ...,
-        help="Chat JSONL whose last assistant message is the reference answer (a preference pair's: its chosen reply).",
+        help="Chat JSONL whose last assistant message is the reference answer (a preference pair's: its chosen reply); "
+        "with --grader also prompt rows without one, as GRPO reads them.",
     ),
     compare: str | None = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
     metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
@@ -291,7 +292,7 @@ def eval_(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
-    """Loss, perplexity and generation metrics of MODEL on DATA."""
+    """Loss, perplexity and generation metrics of MODEL on DATA, and a grader's scores (--grader)."""
     from .eval.command import eval_command
 
     raise typer.Exit(
@@ -397,8 +398,8 @@ def serve(
         "and /v1/unload_lora_adapter); a restart serves the --adapter ones only.",
     ),
 ):
-    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /metrics) for a base and its
-    adapters; stores chat completions asked to."""
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /metrics) for a
+    base and its adapters; stores chat completions asked to."""
     with serve_extra("serve"):
         from .serve import Retention
         from .serve.command import serve_command
@@ -467,8 +468,8 @@ def api(
     store_max_count: int | None = typer.Option(None, help=STORE_MAX_COUNT_HELP),
     log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
 ):
-    """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, inference for the models made,
-    stored chat completions and /metrics."""
+    """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, evals, inference for the models
+    made, stored chat completions and /metrics."""
     with serve_extra("api"):
         from .jobs.command import api_command
 
