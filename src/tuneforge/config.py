@@ -503,19 +503,20 @@ class DistillConfig(Strict):
 
 class DPOConfig(Strict):
     """`method: dpo`: preference tuning on (chosen, rejected) pairs, against a frozen reference model
-    (sigmoid, ipo) or without one (simpo, orpo)."""
+    (sigmoid, ipo) or without one (simpo, orpo), or on single replies rated desirable or undesirable (kto)."""
 
     beta: float = Field(
         0.1,
         gt=0,
-        description="sigmoid, ipo: how far the policy may move from the reference, higher keeps it closer; simpo: "
+        description="sigmoid, ipo, kto: how far the policy may move from the reference, higher keeps it closer; simpo: "
         "the scale of the per-token reward (2.0 when not given, the paper's 2.0-2.5); orpo: unused",
     )
-    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = Field(
         "sigmoid",
         description="sigmoid: DPO's logistic loss; ipo: squared distance of the log-ratio margin to 1 / (2 beta); "
         "simpo and orpo need no reference model: simpo: the logistic loss on the per-token mean log-probabilities, "
-        "less a margin simpo_gamma; orpo: the chosen reply's per-token NLL plus orpo_lambda times the odds-ratio loss",
+        "less a margin simpo_gamma; orpo: the chosen reply's per-token NLL plus orpo_lambda times the odds-ratio loss; "
+        "kto: KTO on rated replies (data with a true/false label, not pairs), against the reference and a KL estimate",
     )
     label_smoothing: float = Field(
         0.0,
@@ -536,10 +537,21 @@ class DPOConfig(Strict):
         description="orpo only: the weight of the odds-ratio loss beside the chosen reply's NLL (TRL's "
         "ORPOConfig.beta, the paper's lambda)",
     )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="kto only: the weight of a desirable reply's loss (TRL's KTOConfig.desirable_weight); the paper "
+        "keeps desirable_weight x desirable rows / (undesirable_weight x undesirable rows) in [1, 4/3]",
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="kto only: the weight of an undesirable reply's loss (TRL's KTOConfig.undesirable_weight)",
+    )
     policy: Literal["full", "lora"] = Field(
         "lora",
         description="what trains; lora uses the lora section and its disabled adapter is the reference, full keeps "
-        "a frozen copy (sigmoid and ipo; simpo and orpo have no reference)",
+        "a frozen copy (sigmoid, ipo and kto; simpo and orpo have no reference)",
     )
 
     @model_validator(mode="after")
@@ -551,8 +563,9 @@ class DPOConfig(Strict):
 
     @property
     def has_reference(self) -> bool:
-        """Whether the loss compares the policy with a reference model (sigmoid, ipo), which the run holds or runs."""
-        return self.loss in ("sigmoid", "ipo")
+        """Whether the loss compares the policy with a reference model (sigmoid, ipo, kto), which the run holds or
+        runs."""
+        return self.loss in ("sigmoid", "ipo", "kto")
 
 
 SIMPO_BETA = 2.0
@@ -806,7 +819,7 @@ class Config(Strict):
         saved config.yaml writes every key)."""
         d, defaults = self.dpo, DPOConfig.model_fields
         loss = d.loss
-        if loss in ("ipo", "orpo") and d.label_smoothing:
+        if loss in ("ipo", "orpo", "kto") and d.label_smoothing:
             raise KeysError(
                 f"dpo.label_smoothing is for loss: sigmoid or simpo (conservative DPO); {loss} has none, so set it "
                 "to 0",
@@ -820,7 +833,8 @@ class Config(Strict):
                 "dpo.loss",
                 "dpo.beta",
             )
-        for key, owner in (("simpo_gamma", "simpo"), ("orpo_lambda", "orpo")):
+        owners = (("simpo_gamma", "simpo"), ("orpo_lambda", "orpo"), ("desirable_weight", "kto"))
+        for key, owner in (*owners, ("undesirable_weight", "kto")):
             if loss != owner and getattr(d, key) != defaults[key].default:
                 raise KeysError(
                     f"dpo.{key} is for loss: {owner}, and this run's loss is {loss}; set dpo.loss: {owner}, or "

@@ -34,6 +34,7 @@ from .methods import (
     prepare_items,
     prepare_model,
 )
+from .methods.dpo import kto_balance_warning
 from .methods.sft import LOGITS_AT_ONCE
 from .models import count_parameters, load_tokenizer, resolve, resolve_precision
 from .models.attention import supports_per_example_attention
@@ -288,6 +289,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
             "(continue it) or --overwrite (start over)."
         )
     run_warnings += plan_warnings(cfg, plan, len(valid_items))
+    run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report)] if w]
     if needed > free:
         run_warnings.append(
             f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "
@@ -369,9 +371,27 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         ]
         answer_tokens = len(rows) * g.group_size * g.max_new_tokens
         tokens = f"up to {tokens_per_epoch * g.group_size + answer_tokens:,} (up to {answer_tokens:,} trained)"
+    if cfg.method == "dpo" and cfg.dpo.loss == "kto":
+        counts = report["counts"]
+        answers = [
+            (
+                "rated replies (kto)",
+                f"{counts.get('train_desirable', 0):,} desirable (weight {cfg.dpo.desirable_weight:g}), "
+                f"{counts.get('train_undesirable', 0):,} undesirable (weight {cfg.dpo.undesirable_weight:g}) "
+                "in train",
+            ),
+            (
+                "KL estimate",
+                "each rated reply runs beside a mismatched one (its prompt, the previous row's reply) in the same "
+                "forward, policy and reference: about twice the tokens of the replies alone, counted in the tokens "
+                "and the memory plan",
+            ),
+        ]
     return answers + [
         (
-            {"dpo": "pairs", "grpo": "prompts"}.get(cfg.method, "examples"),
+            {"dpo": "pairs" if cfg.dpo.loss != "kto" else "rated replies", "grpo": "prompts"}.get(
+                cfg.method, "examples"
+            ),
             f"{len(train_items):,} train, {len(valid_items):,} validation",
         ),
         (

@@ -102,6 +102,7 @@ def _write_examples(path: Path, examples: list[Example], second: list[Example] |
         "input_ids": pa.array([e.input_ids for e in examples], tokens),
         "labels": pa.array([e.labels for e in examples], tokens),
         "is_replay": pa.array([e.is_replay for e in examples], pa.bool_()),
+        "desirable": pa.array([e.desirable for e in examples], pa.bool_()),  # null but for KTO examples
     }
     if second is not None:  # the rejected half of preference pairs
         columns["rejected_input_ids"] = pa.array([e.input_ids for e in second], tokens)
@@ -133,10 +134,9 @@ def _read_columns(path: Path) -> dict[str, list]:
 
 def _read_examples(path: Path) -> list[Example]:
     columns = _read_columns(path)
-    return [
-        Example(ids, labels, is_replay)
-        for ids, labels, is_replay in zip(columns["input_ids"], columns["labels"], columns["is_replay"])
-    ]
+    desirable = columns.get("desirable") or [None] * len(columns["input_ids"])
+    columns = zip(columns["input_ids"], columns["labels"], columns["is_replay"], desirable)
+    return [Example(ids, labels, is_replay, rated) for ids, labels, is_replay, rated in columns]
 
 
 def _read_pairs(path: Path) -> list[tuple[Example, Example]]:

@@ -110,6 +110,11 @@ def print_summary(console: Console, report: dict, model: str) -> None:
             + (f", {counts['blank_lines']} blank lines skipped" if counts["blank_lines"] else ""),
         ),
         ("examples", f"{counts['train']}" + (f" (+{counts['validation']} validation)" if counts["validation"] else "")),
+        *(
+            [("rated (kto)", f"{counts['train_desirable']} desirable, {counts['train_undesirable']} undesirable")]
+            if "train_desirable" in counts
+            else []
+        ),
         ("tokens per example", f"p50 {length['p50']}, p90 {length['p90']}, p99 {length['p99']}, max {length['max']}"),
         ("trained tokens", f"{tokens['trained']} of {tokens['total']} ({tokens['trained_share']:.1%})"),
         (
@@ -215,6 +220,9 @@ def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int
             try:
                 if isinstance(record, Preference):
                     examples = list(zip((" (chosen)", " (rejected)"), render_preference(record, tokenizer)))
+                elif getattr(record, "label", None) is not None:  # a rated reply (KTO): it alone trains
+                    rating = "desirable" if record.label else "undesirable"
+                    examples = [(f" ({rating})", e) for e in render_examples(record, tokenizer, "last_assistant")]
                 else:
                     # A template that rewrites earlier turns trains each of them as an example of its own.
                     rendered = render_examples(record, tokenizer, train_on)

@@ -18,6 +18,10 @@ Formats (the names `data.format` takes):
                      or Anthropic HH's {"prompt"?, "chosen", "rejected"} transcripts ("\n\nHuman: ...\n\nAssistant:"),
                      or alpaca's prompt {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"},
                      or ShareGPT's {"conversations", "system"?, "chosen": turn, "rejected": turn}
+  kto                TRL's unpaired preference {"prompt", "completion", "label": true|false} (prompt and
+                     completion as text, or lists of chat messages: the completion one assistant message),
+                     or {"messages": [..., the rated assistant reply], "label", "tools"?}; the label rates
+                     the last reply alone (desirable or undesirable), which is all a row trains
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 from .readers import open_rows
 from .schema import ROLES, Conversation, Document, Message, Preference, Problem, Record
 
-FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference")
+FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "kto")
 
 _MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id", "reasoning_content", "reasoning")
 _SHAREGPT_KEYS = ("from", "value", "weight")
@@ -60,7 +64,8 @@ _SHAREGPT_ROLES = {
 _SHAPES = (
     'chat {"messages": [{"role": ..., "content": ...}]}; alpaca {"instruction", "output"}; '
     'sharegpt {"conversations": [{"from", "value"}]}; {"prompt", "completion"}; {"text"}; '
-    'preference {"prompt", "chosen", "rejected"} or OpenAI DPO {"input", "preferred_output", "non_preferred_output"}'
+    'preference {"prompt", "chosen", "rejected"} or OpenAI DPO {"input", "preferred_output", "non_preferred_output"}; '
+    'kto {"prompt", "completion", "label"} or {"messages", "label"}'
 )
 # Columns a CSV or Parquet file must have, per format (preference: either set).
 _REQUIRED_COLUMNS = {
@@ -70,6 +75,7 @@ _REQUIRED_COLUMNS = {
     "prompt_completion": [("prompt", "completion")],
     "text": [("text",)],
     "preference": [("chosen", "rejected"), ("input", "preferred_output", "non_preferred_output")],
+    "kto": [("prompt", "completion", "label"), ("messages", "label")],
 }
 # Fields that hold JSON structures; in a CSV cell they are JSON text.
 _STRUCTURED_FIELDS = ("messages", "tools", "conversations", "preferred_output", "non_preferred_output", "history")
@@ -95,6 +101,8 @@ _ROLE_MARKER = re.compile(
 def detect_format(keys: Iterable[str]) -> str | None:
     """The format a row (or a table header) is in, judged by its keys; None if it fits none."""
     keys = set(keys)
+    if "label" in keys and keys & {"messages", "completion"}:  # a rated reply: TRL's KTO data
+        return "kto"
     if "messages" in keys:
         return "chat"
     if keys & {"preferred_output", "non_preferred_output", "chosen", "rejected"}:
@@ -213,6 +221,8 @@ def record_row(record: Record) -> dict:
     row = {"messages": [_message_row(m) for m in record.messages]}
     if record.tools is not None:
         row["tools"] = record.tools
+    if record.label is not None:  # a KTO row: OpenAI chat with its rating
+        row["label"] = record.label
     return row
 
 
@@ -379,6 +389,9 @@ class _RowCheck:
                     value = json.loads(cell)
                     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
                         row[key] = value
+        label = row.get("label")
+        if format == "kto" and isinstance(label, str) and label.strip().lower() in ("true", "false"):
+            row["label"] = label.strip().lower() == "true"  # a CSV cell's true / false
         openai_preference = format == "preference" and _is_openai_preference(row)
         structured = _STRUCTURED_FIELDS + (_STRUCTURED_PREFERENCE_FIELDS if openai_preference else ())
         for key in structured:
@@ -904,6 +917,50 @@ def _single_reply(check: _RowCheck, messages: list[Message] | None, field: str) 
     return messages[0]
 
 
+def _kto(row: dict, check: _RowCheck) -> Conversation | None:
+    """A rated reply (KTO): its prompt's messages, the reply, and `label`. Only the reply trains: an
+    assistant message of the prompt (an earlier turn) is rendered untrained."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        check.error(
+            "data_type",
+            "label",
+            f"'label' must be true (the reply is desirable) or false (undesirable), got "
+            f"{json.dumps(label)[:40] if label is not None else 'nothing'}; give each row a JSON true or false.",
+        )
+    if "messages" in row:
+        messages = check.messages(row.get("messages"), "messages")
+        tools = check.tools(row)
+        if not messages:
+            return None
+        prompt, reply, field = messages[:-1], messages[-1:], f"messages[{len(messages) - 1}]"
+    else:
+        prompt, reply = _turns(check, row, "prompt", "user"), _turns(check, row, "completion", "assistant")
+        field = "completion"
+        tools = check.tools(row)
+    if reply is not None and not (len(reply) == 1 and reply[0].role == "assistant"):
+        check.error(
+            "invalid_kto",
+            field,
+            "the rated reply must be one assistant message"
+            + (", the last of 'messages'" if field != "completion" else "")
+            + f" (got roles {[m.role for m in reply]}); end the row with the assistant reply its label rates.",
+        )
+    elif reply is not None and reply[0].weight == 0:
+        check.error(
+            "invalid_weight",
+            field,
+            "the rated reply has weight 0, which would leave it untrained, but a KTO row trains exactly its "
+            "rated reply; remove the weight.",
+        )
+    elif not prompt and reply is not None and field != "completion":
+        check.error("invalid_kto", "messages", "the row has a reply but no prompt: put the user's message before it.")
+    if not prompt or not reply or check.errors:
+        return None
+    prompt = [replace(m, weight=0) if m.role == "assistant" else m for m in prompt]
+    return Conversation(prompt + reply, tools=tools, label=label)
+
+
 _NORMALISERS = {
     "chat": _chat,
     "alpaca": _alpaca,
@@ -911,4 +968,5 @@ _NORMALISERS = {
     "prompt_completion": _prompt_completion,
     "text": _text,
     "preference": _preference,
+    "kto": _kto,
 }

@@ -34,6 +34,7 @@ class PackedRow:
     labels: array
     position_ids: array
     is_replay: bool = False  # holds general replay examples only (see `Example.is_replay`)
+    desirable: tuple[bool, ...] = ()  # the ratings of the KTO examples it holds, in order (`Example.desirable`)
 
     def __post_init__(self) -> None:
         self.input_ids = token_array(self.input_ids)
@@ -99,6 +100,7 @@ def _pack_group(examples: Sequence[Example | PackedRow], max_length: int, share_
             replay = all(e.is_replay for e in rest)
             piece = PackedRow(array("i", prefix), token_array([IGNORE_INDEX]) * p, range(p), is_replay=replay)
             for e in rest:
+                piece.desirable += _ratings(e)
                 piece.input_ids += e.input_ids[p:]
                 piece.labels += e.labels[p:]
                 piece.position_ids.extend(range(p, len(e)))
@@ -191,14 +193,23 @@ def join(examples: Sequence[Example | PackedRow]) -> PackedRow:
         input_ids += e.input_ids
         labels += e.labels
         position_ids.extend(e.position_ids if isinstance(e, PackedRow) else range(len(e)))
-    return PackedRow(input_ids, labels, position_ids, is_replay=all(e.is_replay for e in examples))
+    desirable = tuple(rating for e in examples for rating in _ratings(e))
+    return PackedRow(input_ids, labels, position_ids, is_replay=all(e.is_replay for e in examples), desirable=desirable)
+
+
+def _ratings(e: Example | PackedRow) -> tuple[bool, ...]:
+    """The KTO ratings an example or a row holds, in order."""
+    if isinstance(e, PackedRow):
+        return e.desirable
+    return () if e.desirable is None else (e.desirable,)
 
 
 def collate(
     rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8
 ) -> dict[str, torch.Tensor]:
-    """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids, and
-    where a row holds replay, `is_replay` (a bool per row).
+    """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids, where a
+    row holds replay, `is_replay` (a bool per row), and where rows hold KTO examples, `desirable` (their
+    ratings, in the order of the batch's examples, row by row).
 
     `attention_mask` is returned only for a batch of unpacked rows with padding; a batch holding
     packed rows gets none, because transformers then derives the per-example mask from position ids
@@ -226,4 +237,7 @@ def collate(
         batch["attention_mask"] = attention_mask
     if any(r.is_replay for r in rows):
         batch["is_replay"] = torch.tensor([r.is_replay for r in rows])
+    ratings = [rating for r in rows for rating in _ratings(r)]
+    if ratings:
+        batch["desirable"] = torch.tensor(ratings)
     return batch

@@ -71,6 +71,7 @@ class _Row:
     trained: int
     trains_end: bool  # trains an end-of-turn token
     read: int = 0  # which file read it: the index of its file in the report's `files`
+    desirable: bool | None = None  # a KTO row's rating
 
 
 @dataclass
@@ -331,7 +332,7 @@ class _Preparation:
         self.renderer = renderer_for(tokenizer)
         self.problems: list[Problem] = []
         self.counts: Counter = Counter()
-        self.kind: tuple[str, str, int] | None = None  # ("sft" | "preference", file, line) of the first row
+        self.kind: tuple[str, str, int] | None = None  # ("sft" | "preference" | "kto", file, line) of the first row
         self.files: list[dict] = []
         self.duplicates: list[tuple[int, dict]] = []  # (where the row is, as a row id: the order they are listed in)
         self.leaks: list[dict] = []
@@ -453,7 +454,7 @@ class _Preparation:
         return rows
 
     def _same_kind(self, record: Record, path: str, line: int) -> bool:
-        kind = "preference" if isinstance(record, Preference) else "sft"
+        kind = "preference" if isinstance(record, Preference) else "kto" if _rated(record) else "sft"
         if self.kind is None:
             self.kind = (kind, str(path), line)
         elif kind != self.kind[0]:
@@ -461,8 +462,9 @@ class _Preparation:
                 Problem(
                     "mixed_formats",
                     f"this row is {kind} data but {self.kind[1]}:{self.kind[2]} is "
-                    f"{self.kind[0]} data; preference pairs and SFT rows cannot be trained together. "
-                    "Use separate runs (method: dpo for preference data).",
+                    f"{self.kind[0]} data; preference pairs, rated (KTO) replies and SFT rows cannot be trained "
+                    "together. Use separate runs (method: dpo for preference data, with dpo.loss: kto for rated "
+                    "replies).",
                     file=str(path),
                     line=line,
                 )
@@ -570,6 +572,8 @@ class _Preparation:
         records = [record for _, record, _, _ in pending]
         if self.kind and self.kind[0] == "preference":
             return path, pending, self.renderer.start_preferences(records)
+        if self.kind and self.kind[0] == "kto":  # the rated reply alone trains, whatever data.train_on says
+            return path, pending, self.renderer.start(records, "last_assistant")
         return path, pending, self.renderer.start(records, self.cfg.train_on)
 
     def _finish(
@@ -594,6 +598,8 @@ class _Preparation:
                     self.problems.append(problem)
                 self.counts["rejected_records"] += any(p.is_error for p in result)
                 continue
+            if isinstance(result, Example) and _rated(record):
+                result.desirable = record.label
             item = self._fit(result, str(path), line)
             if item is None:
                 continue
@@ -611,6 +617,7 @@ class _Preparation:
                     sum(e.trained_tokens for e in examples),
                     any(not self.renderer.end_ids.isdisjoint(e.labels) for e in examples),
                     len(self.files) - 1,
+                    record.label if _rated(record) else None,
                 )
             )
             self.problems += [replace(p, file=str(path), line=line) for p in self.renderer.unwritten(record)]
@@ -619,7 +626,8 @@ class _Preparation:
                 self.counts["without_system"] += not self.system_prompts.add(
                     record.messages if isinstance(record, Conversation) else record.prompt
                 )
-            if isinstance(record, Conversation) and self.files[-1]["role"] == "train":
+            # An undesirable KTO reply is not learned as a reply: a stock one repeated is what the rows rate down.
+            if isinstance(record, Conversation) and record.label is not False and self.files[-1]["role"] == "train":
                 self.replies.add(record.messages, (len(self.files) - 1) << 32 | line)
         return kept
 
@@ -752,6 +760,19 @@ class _Preparation:
                 )
             )
             return
+        if self.kind and self.kind[0] == "kto" and len({r.desirable for r in self.train}) == 1:
+            # KTO weighs the desirable replies against the undesirable ones; with one kind alone it only
+            # pushes that kind's likelihood one way, with nothing to compare it with.
+            have, lack = ("desirable", "undesirable") if self.train[0].desirable else ("undesirable", "desirable")
+            self.problems.append(
+                Problem(
+                    "kto_one_label",
+                    f"every training row is rated {have} ('label': {str(self.train[0].desirable).lower()}), but "
+                    f"KTO learns from desirable and undesirable replies together: add {lack} rows (label: "
+                    f"{str(not self.train[0].desirable).lower()}), for instance a file of them in data.train.",
+                    file=", ".join(self.cfg.train_files),
+                )
+            )
         if not any(r.trains_end for r in self.train):
             ends = self.renderer.end_ids
             names = ", ".join(repr(self.renderer.tokenizer.convert_ids_to_tokens(i)) for i in sorted(ends))
@@ -789,6 +810,10 @@ class _Preparation:
         }
         if self.kept is not None:  # data.train weights: `train` counts an epoch's examples, repeats included
             counts["train_kept"] = len(self.kept) if self._pairs else sum(r.examples for r in self.kept)
+        if self.kind and self.kind[0] == "kto":  # the ratings, which dpo.desirable_weight and undesirable_weight weigh
+            for split, rows in (("train", self.train), ("validation", self.valid)):
+                counts[f"{split}_desirable"] = sum(r.desirable is True for r in rows)
+                counts[f"{split}_undesirable"] = sum(r.desirable is False for r in rows)
         return {
             "version": REPORT_VERSION,
             "kind": self.kind[0] if self.kind else None,
@@ -1051,6 +1076,11 @@ def _first(places: list[str], total: int | None = None) -> str:
     """The first three places of a list of `total` (its length, if None), then ", ..." if there are more."""
     more = (len(places) if total is None else total) > 3
     return ", ".join(places[:3]) + (", ..." if more else "")
+
+
+def _rated(record: Record) -> bool:
+    """Whether a record is a rated reply (a KTO row)."""
+    return isinstance(record, Conversation) and record.label is not None
 
 
 def _examples(rows: list[_Row]) -> list[Example]:

@@ -1,8 +1,9 @@
 """The data pipeline's own types: what every input format is normalised to, and what comes out.
 
 Readers turn rows of any supported format into a `Conversation` (chat, alpaca, ShareGPT,
-prompt/completion), a `Document` (plain text for continued pretraining) or a `Preference` (a
-prompt with a preferred and a rejected reply). Anything wrong with a row is a `Problem`.
+prompt/completion; a KTO row is one with a `label`), a `Document` (plain text for continued
+pretraining) or a `Preference` (a prompt with a preferred and a rejected reply). Anything wrong
+with a row is a `Problem`.
 Rendering turns records into `Example`s: token ids plus already shifted labels.
 """
 
@@ -66,6 +67,9 @@ def _call_for_template(call: dict) -> dict:
 class Conversation:
     messages: list[Message]
     tools: list[dict] | None = None
+    label: bool | None = None
+    """KTO rows only: whether the last message, the one reply that trains, is desirable (True) or
+    undesirable (False); None for every other conversation."""
 
 
 @dataclass
@@ -147,6 +151,8 @@ class Example:
     `IGNORE_INDEX`. A loss is `cross_entropy(logits[:, i], labels[:, i])` with no further shift, so
     examples can be packed side by side without one predicting the first token of the next.
 
+    `desirable` is a KTO example's rating, None for any other example.
+
     `is_replay` marks a general replay example (`data.general_mix`), not the user's data: with
     `train.replay_loss: kl_to_base` it is learned as the base model's distribution, not as text.
 
@@ -156,6 +162,8 @@ class Example:
     input_ids: array
     labels: array
     is_replay: bool = False
+    desirable: bool | None = None
+    """KTO examples only: the rating of the reply it trains (`Conversation.label`)."""
 
     def __post_init__(self) -> None:
         self.input_ids = token_array(self.input_ids)

@@ -141,7 +141,8 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
     return 0
 
 
-_CANONICAL = {"text": "text", "preference": "preference"}  # every other format reads as a conversation: chat
+# Every other format reads as a conversation: chat.
+_CANONICAL = {"text": "text", "preference": "preference", "kto": "kto"}
 
 
 def _written_as(files: list[dict], name: str, redact: bool = False) -> str:

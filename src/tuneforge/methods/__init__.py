@@ -162,10 +162,26 @@ def build_objective(model, cfg, tokenizer, *, dtype: torch.dtype, device: torch.
 
 def batch_items(prepared, cfg) -> tuple[list, list]:
     """What the loop makes rows of, for training and validation: the examples, or for dpo one item
-    per pair (its chosen and rejected examples end to end, so they always share a forward)."""
+    per pair (its chosen and rejected examples end to end, so they always share a forward), or for
+    dpo.loss: kto one per rated example (it and its mismatched example for the KL estimate)."""
+    if cfg.method == "dpo" and cfg.dpo.loss == "kto":
+        return dpo.kto_rows(prepared.train, cfg.data.max_length), dpo.kto_rows(prepared.valid, cfg.data.max_length)
     if cfg.method == "dpo":
         return dpo.rows(prepared.train_pairs), dpo.rows(prepared.valid_pairs)
     return prepared.train, prepared.valid
+
+
+def per_count(totals: dict[str, float], count: float, objective) -> dict[str, float]:
+    """The logged metrics from their sums: each sum per `count`, or per the sum the objective names as its
+    denominator (KTO's rewards/chosen: per desirable reply), left out where that is 0; the denominators
+    themselves (named _...) are not metrics."""
+    denominators = getattr(objective, "denominators", {})
+    out = {}
+    for name, total in totals.items():
+        n = totals[denominators[name]] if name in denominators else count
+        if not name.startswith("_") and (n or name not in denominators):
+            out[name] = total / (n or 1)
+    return out
 
 
 def trained_tokens(batch: dict) -> int:
@@ -234,6 +250,7 @@ __all__ = [
     "prepare_items",
     "batch_items",
     "loss_count",
+    "per_count",
     "reported_sums",
     "sum_over_batches",
     "trainable_parameters",

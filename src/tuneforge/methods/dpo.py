@@ -29,6 +29,21 @@ of each reply averaged over its trained tokens, m(y) = log pi(y|x) / |y|:
 Their reward of a reply is beta m(y) (simpo) or lambda m(y) (orpo), as TRL logs it; orpo also logs
 `nll_loss` (the chosen reply's NLL per token) and `log_odds_chosen` (o(c) - o(r)), per pair.
 
+KTO (Ethayarajh et al.; TRL's KTOTrainer) trains on single replies rated desirable or undesirable,
+not pairs. With r(y) = log pi(y|x) - log ref(y|x) a reply's log-ratio and z0 the KL estimate, the
+loss of a reply is
+
+    desirable    w_d (1 - sigmoid(beta (r(y) - z0)))
+    undesirable  w_u (1 - sigmoid(beta (z0 - r(y))))
+
+(w_d, w_u are `desirable_weight`, `undesirable_weight`). z0 is TRL's estimate of KL(pi || ref): the
+mean log-ratio, over the batch, of mismatched examples, each rated row's prompt with the reply of
+the row before it in the data (`kto_rows`), detached and clamped at 0. Each rated example and its
+mismatched one are one item, laid end to end as a pair is, so one forward runs both (the mismatched
+ones train nothing). Its metrics are TRL's: `rewards/chosen` and `rewards/rejected` (beta r(y),
+averaged over the desirable and the undesirable replies), `logps/chosen` and `logps/rejected` (log
+pi(y|x), likewise), and `kl` (z0).
+
 Pairs arrive as rows (see `rows`): each pair is its chosen example then its rejected example,
 packed like any examples (position ids restart at 0 where each begins), so one forward runs both
 replies of every pair in the batch. The objective returns sums over pairs and `count` says how many
@@ -51,13 +66,14 @@ from torch import nn
 
 from .. import data as tfdata
 from ..data import IGNORE_INDEX
+from ..data.schema import token_array
 from ..errors import ConfigError, TuneforgeError
 from ..models import causal_lm, load_frozen_model
 from ..models.quantization import is_quantized
 from . import full, lora
 from .sft import reference_lm, token_cross_entropy, trained_hidden
 
-LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+LOSSES = ("sigmoid", "ipo", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
@@ -94,6 +110,48 @@ def refuse_quantized_merge(cfg) -> None:
 def rows(pairs: list[tuple[tfdata.Example, tfdata.Example]]) -> list[tfdata.PackedRow]:
     """Each pair as one row: the chosen example, then the rejected one (packing keeps them whole)."""
     return [tfdata.join(pair) for pair in pairs]
+
+
+def kto_rows(examples: list[tfdata.Example], max_length: int) -> list[tfdata.PackedRow]:
+    """Each rated example as one row: the example, then its mismatched one for the KL estimate (its
+    prompt with the reply of the example before it, the first taking the last's; TRL's KL data), cut
+    to `max_length` by dropping the start of the prompt, as TRL's keep_end truncation does."""
+    starts = [_reply_start(e) for e in examples]
+    rows = []
+    for i, e in enumerate(examples):
+        other, at = examples[i - 1], starts[i - 1]
+        prompt, reply = e.input_ids[: starts[i] + 1], other.input_ids[at + 1 :]
+        keep = max(1, min(len(prompt), max_length - len(reply)))
+        mismatched = tfdata.Example(
+            prompt[len(prompt) - keep :] + reply,
+            token_array([IGNORE_INDEX]) * (keep - 1) + other.labels[at:],
+        ).truncated(max_length)
+        rows.append(tfdata.join((e, mismatched)))
+    return rows
+
+
+def _reply_start(e: tfdata.Example) -> int:
+    """The position whose target is an example's first trained token: its prompt is the tokens up to it."""
+    return next(t for t, label in enumerate(e.labels) if label != IGNORE_INDEX)
+
+
+def kto_balance_warning(cfg, report: dict) -> str | None:
+    """A warning where the weighted share of desirable to undesirable replies is outside the KTO paper's
+    recommended range, [1, 4/3], with the weight that brings it inside."""
+    counts, d = report.get("counts", {}), cfg.dpo
+    good, bad = counts.get("train_desirable", 0), counts.get("train_undesirable", 0)
+    if cfg.method != "dpo" or d.loss != "kto" or not good or not bad:
+        return None
+    ratio = d.desirable_weight * good / (d.undesirable_weight * bad)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    low, high = d.undesirable_weight * bad / good, 4 / 3 * d.undesirable_weight * bad / good
+    return (
+        f"{cfg.key_at('dpo.desirable_weight')}: the training data has {good} desirable and {bad} undesirable "
+        f"replies, so desirable_weight x {good} / (undesirable_weight x {bad}) is {ratio:.2f}, outside the KTO "
+        f"paper's recommended 1 to 4/3; set dpo.desirable_weight between {low:.2f} and {high:.2f} (or adjust "
+        "dpo.undesirable_weight)."
+    )
 
 
 def example_ids(labels: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -155,6 +213,22 @@ def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
     return mean_logp - torch.log(-torch.expm1(mean_logp.clamp(max=-torch.finfo(mean_logp.dtype).tiny)))
 
 
+def kto_losses(
+    logratio: torch.Tensor,
+    kl: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """The KTO loss of each rated reply (see the module doc) from its log-ratio to the reference and the
+    batch's KL estimate `kl` (z0)."""
+    chosen = desirable_weight * (1 - torch.sigmoid(beta * (logratio - kl)))
+    rejected = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratio)))
+    return torch.where(desirable, chosen, rejected)
+
+
 class DPOObjective(nn.Module):
     """One forward returns sums over the batch's pairs: `loss` (what to backpropagate) and, for the
     logs, `rewards/chosen`, `rewards/rejected`, `rewards/margins` and `rewards/accuracies` (and, for
@@ -165,6 +239,16 @@ class DPOObjective(nn.Module):
 
     logged_sums = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
     orpo_sums = ("nll_loss", "log_odds_chosen")
+    kto_sums = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl")
+    # KTO's per-reply metrics are means over the desirable or the undesirable replies, not over every item:
+    # the loop divides them by these sums (`methods.per_count`), which it does not log.
+    kto_denominators = {
+        "rewards/chosen": "_desirable",
+        "logps/chosen": "_desirable",
+        "rewards/rejected": "_undesirable",
+        "logps/rejected": "_undesirable",
+    }
+    denominators: dict[str, str] = {}
     train_only_sums = ()
     reported_sums = {"loss": "loss"}
 
@@ -177,6 +261,8 @@ class DPOObjective(nn.Module):
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.0,
         orpo_lambda: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
         reference: nn.Module | None = None,
     ):
         super().__init__()
@@ -187,8 +273,12 @@ class DPOObjective(nn.Module):
         self.model = model
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
         self.simpo_gamma, self.orpo_lambda = simpo_gamma, orpo_lambda
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         if loss == "orpo":
             self.logged_sums = DPOObjective.logged_sums + self.orpo_sums
+        if loss == "kto":
+            self.logged_sums = self.kto_sums + ("_desirable", "_undesirable")
+            self.denominators = self.kto_denominators
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
         self.frozen = [reference.eval().requires_grad_(False)] if reference is not None else []
 
@@ -198,8 +288,10 @@ class DPOObjective(nn.Module):
         with torch.no_grad(), reference_lm(self.model, self.frozen) as lm:
             return sequence_logps(lm, **batch)
 
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, desirable=None):
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
+        if self.loss == "kto":
+            return self._kto(batch, desirable)
         free = self.loss in REFERENCE_FREE
         policy = sequence_logps(causal_lm(self.model), **batch, average=free)
         if policy.numel() % 2:
@@ -234,6 +326,38 @@ class DPOObjective(nn.Module):
             out["log_odds_chosen"] = (log_odds(chosen) - log_odds(rejected)).sum()
         return out
 
+    def _kto(self, batch: dict, desirable: torch.Tensor | None) -> dict:
+        policy = sequence_logps(causal_lm(self.model), **batch)
+        if desirable is None or policy.numel() != 2 * desirable.numel():
+            raise ValueError(
+                f"a KTO batch holds (rated, mismatched) examples with one rating each, but this one has "
+                f"{policy.numel()} examples and {0 if desirable is None else desirable.numel()} ratings; build its "
+                "rows with methods.dpo.kto_rows"
+            )
+        logratio = policy - self.reference_logps(**batch)
+        rated, mismatched = logratio[0::2], logratio[1::2].detach()
+        # z0: detached, so it only shifts the point each reply's reward is measured from.
+        kl = mismatched.mean().clamp(min=0)
+        losses = kto_losses(
+            rated,
+            kl,
+            desirable,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
+        rewards, logps, good = self.beta * rated.detach(), policy[0::2].detach(), desirable.to(rated.dtype)
+        return {
+            "loss": losses.sum(),
+            "rewards/chosen": (rewards * good).sum(),
+            "rewards/rejected": (rewards * (1 - good)).sum(),
+            "logps/chosen": (logps * good).sum(),
+            "logps/rejected": (logps * (1 - good)).sum(),
+            "kl": kl * rated.numel(),
+            "_desirable": good.sum(),
+            "_undesirable": (1 - good).sum(),
+        }
+
 
 def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> DPOObjective:
     d = cfg.dpo
@@ -252,25 +376,49 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
         label_smoothing=d.label_smoothing,
         simpo_gamma=d.simpo_gamma,
         orpo_lambda=d.orpo_lambda,
+        desirable_weight=d.desirable_weight,
+        undesirable_weight=d.undesirable_weight,
         reference=reference,
     )
 
 
 def check_data_kind(cfg) -> None:
-    """Preference pairs train with method: dpo, and method: dpo trains on pairs only. Reads the
-    first row of each data file, so a mismatch fails before any data is prepared."""
+    """Preference pairs train with method: dpo, rated replies (KTO data) with dpo.loss: kto, and method: dpo
+    trains on one of them only. Reads the first row of each data file, so a mismatch fails before any data is
+    prepared."""
     from ..data.formats import file_format
 
     files = cfg.data.train_files + ([cfg.data.validation] if isinstance(cfg.data.validation, str) else [])
+    kto = cfg.method == "dpo" and cfg.dpo.loss == "kto"
     for path in files:
         if not Path(path).is_file():
             continue  # data preparation reports a missing file with its own error
-        pairs = file_format(path, cfg.data.format) == "preference"
-        if cfg.method == "dpo" and not pairs:
+        found = file_format(path, cfg.data.format)
+        pairs, rated = found == "preference", found == "kto"
+        if kto and not rated:
+            reason = (
+                f"data.format: {cfg.data.format} reads this file's rows as another format; set data.format to "
+                "kto, or leave it out (auto)."
+                if cfg.data.format != "auto"
+                else "this file holds preference pairs: train them with another dpo.loss (sigmoid, the default), "
+                'or give each reply as a row of its own, {"prompt", "completion", "label": true} for the chosen '
+                "and false for the rejected."
+                if pairs
+                else 'this file has no rated replies. Give rows with {"prompt", "completion", "label": true|false} '
+                'or {"messages": [..., the rated assistant reply], "label": true|false}.'
+            )
+            raise TuneforgeError(
+                f"{path}: dpo.loss: kto trains on replies rated desirable or undesirable, but {reason}",
+                code="not_kto_data",
+            )
+        if cfg.method == "dpo" and not kto and not pairs:
             reason = (
                 f"data.format: {cfg.data.format} reads this file's rows as another format; set data.format to "
                 "preference, or leave it out (auto)."
                 if cfg.data.format != "auto"
+                else "this file holds replies rated desirable or undesirable (a 'label' per row, KTO data), not "
+                "pairs; set dpo.loss: kto to train on them."
+                if rated
                 else 'this file is not preference data. Give rows with {"prompt", "chosen", "rejected"} or '
                 'OpenAI\'s {"input", "preferred_output", "non_preferred_output"}, or train these rows with '
                 "method: lora, dora or full."
@@ -284,4 +432,11 @@ def check_data_kind(cfg) -> None:
                 f"method: {cfg.method} cannot train on. Use method: dpo (with a dpo section), or give "
                 "conversations with a single reply.",
                 code="preference_data",
+            )
+        if cfg.method != "dpo" and rated:
+            raise TuneforgeError(
+                f"{path}: this file holds replies rated desirable or undesirable (a 'label' per row: KTO data), "
+                f"which method: {cfg.method} cannot train on. Use method: dpo with dpo.loss: kto, or give the "
+                "desirable rows alone, without their 'label', to train on them as conversations.",
+                code="kto_data",
             )

@@ -44,11 +44,13 @@ from ..methods import (
     frozen_dtype,
     load_for_training,
     loss_count,
+    per_count,
     prepare_items,
     reported_sums,
     sum_over_batches,
     trainable_parameters,
 )
+from ..methods.dpo import kto_balance_warning
 from ..models import ModelSource, causal_lm, load_tokenizer, resolve, resolve_precision
 from ..models.attention import per_example_attention, supports_per_example_attention
 from ..models.saving import save_model
@@ -469,7 +471,7 @@ class Run:
                     sum_over_batches(objective, filler, self.tokenizer.pad_token_id, world.device, sums=sums)
         totals = distributed.sum_across({**totals, "count": count}, world, phase)
         n = max(totals.pop("count"), 1)
-        return {name: total / n for name, total in totals.items()}
+        return per_count(totals, n, objective)
 
 
 def autocast(precision: str, device: torch.device):
@@ -571,8 +573,9 @@ def setup(
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
-    for warning in plan_warnings(cfg, plan, len(valid_items)):
-        log(f"warning: {warning}")
+    for warning in plan_warnings(cfg, plan, len(valid_items)) + [kto_balance_warning(cfg, prepared.report)]:
+        if warning:
+            log(f"warning: {warning}")
     if resume_from is not None:
         check_resumable(resume_from, saved, plan)
     start_run_folder(cfg, world, prepared.report, replaces_earlier)
@@ -696,7 +699,7 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
     interval["count"] += step_count.item()
     interval["tokens"] += int(summed["_tokens"])
     interval["seconds"] += seconds
-    means = {name: total / interval["count"] for name, total in interval["sums"].items()}
+    means = per_count(interval["sums"], interval["count"], getattr(objective, "module", objective))
     reported = reported_sums(getattr(objective, "module", objective))
     record = {
         "step": step + 1,
@@ -706,7 +709,7 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
         "grad_norm": grad_norm,
         "tokens": run.state["tokens"],
         "tokens_per_s": interval["tokens"] / interval["seconds"],
-        **{name: means[name] for name in run.sums if name not in reported},
+        **{name: means[name] for name in run.sums if name not in reported and name in means},
     }
     return record, summed["_stop"] > 0
 

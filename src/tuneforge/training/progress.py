@@ -13,7 +13,8 @@ from rich.table import Table
 from ..methods.dpo import DPOObjective
 from ..progress import LogLines, bar_columns
 
-REWARDS = DPOObjective.logged_sums + DPOObjective.orpo_sums  # rewards/chosen, ..., shown in the run's summary table
+# rewards/chosen, ..., shown in the run's summary table (kto's kl among them, after grpo's)
+REWARDS = DPOObjective.logged_sums + DPOObjective.orpo_sums + ("logps/chosen", "logps/rejected")
 
 
 class TrainProgress:
@@ -57,6 +58,11 @@ class TrainProgress:
             loss += f" div {record['divergence']:.4f} agree {record['teacher_agreement']:.1%}"
         if "rewards/margins" in record:
             loss += f" margin {record['rewards/margins']:.3f} acc {record['rewards/accuracies']:.0%}"
+        if "logps/chosen" in record or "logps/rejected" in record:  # kto: the rewards of each kind of reply
+            for name in ("chosen", "rejected"):
+                if f"rewards/{name}" in record:
+                    loss += f" {name} {record[f'rewards/{name}']:.3f}"
+            loss += f" kl {record['kl']:.4f}"
         if "nll_loss" in record:
             loss += f" nll {record['nll_loss']:.4f}"
         if "reward" in record:
