@@ -172,6 +172,15 @@ def test_kto_rows_are_read_in_trl_and_chat_shapes_and_bad_labels_name_their_fiel
     assert [(p.line, p.field) for p in problems] == [(1, "label"), (2, "messages[0]")]
     assert "must be true" in problems[0].message and '"yes"' in problems[0].message
 
+    # The same reply rated both ways (two users' feedback) is no duplicate: both rows train.
+    from tuneforge.data.dedup import DuplicateIndex, content_hash
+
+    up, down = (check_row({"prompt": "Hi", "completion": "Hello", "label": label}, "kto")[0] for label in (True, False))
+    assert content_hash(up) != content_hash(down)
+    index = DuplicateIndex(0.5)
+    index.add(1, content_hash(up), index.signature(up))
+    assert index.find(content_hash(down), index.signature(down)) is None
+
     csv = tmp_path / "rated.csv"
     csv.write_text("prompt,completion,label\nHi,Hello,true\nHi,Go away,FALSE\n")
     assert [r.label for _, r in read_conversations(csv)] == [True, False]

@@ -56,7 +56,13 @@ def content_text(record: Record) -> str:
             + "<rejected>"
             + _message_text(record.rejected)
         )
-    return _tools_text(record.tools) + "".join(map(_message_text, record.messages))
+    return _tools_text(record.tools) + "".join(map(_message_text, record.messages)) + _rating(record)
+
+
+def _rating(record: Conversation) -> str:
+    """A KTO row's rating: the same reply rated the other way (two users' feedback) teaches the opposite, so
+    it is no repeat of it."""
+    return "" if record.label is None else f"<label={str(record.label).lower()}>"
 
 
 def content_hash(record: Record) -> int:
@@ -135,6 +141,8 @@ class DuplicateIndex:
         shingles = {" ".join(words[i : i + _SHINGLE_WORDS]) for i in range(max(1, len(words) - _SHINGLE_WORDS + 1))}
         if untrained := _untrained_turns(record):  # rows that train other messages share no shingle
             shingles = {f"<weight=0 {untrained}>{s}" for s in shingles}
+        if isinstance(record, Conversation) and record.label is not None:  # rated the other way: no shingle shared
+            shingles = {f"{_rating(record)}{s}" for s in shingles}
         minhash = self._minhash(
             num_perm=NUM_PERM, seed=1, permutations=self._template.permutations, scheme=self._template.scheme
         )
