@@ -140,6 +140,34 @@ def test_the_objective_equals_an_independent_computation_with_the_kl_from_mismat
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
 
 
+def test_the_kl_replies_answer_other_prompts_where_the_data_rates_several_replies_to_one(tokenizer):
+    def rated(prompt: str, reply: str, label: bool):
+        record = Conversation([Message("user", prompt), Message("assistant", reply)], label=label)
+        (example,) = render_examples(record, tokenizer, "last_assistant")
+        return example
+
+    # Two replies to each prompt, side by side, as an A/B feedback log holds them.
+    log = [
+        ("The API is down", '{"category": "outage"}', True),
+        ("The API is down", CHATTY[0], False),
+        ("I was charged twice", '{"category": "billing"}', True),
+        ("I was charged twice", CHATTY[1], False),
+    ]
+    rows = dpo.kto_rows([rated(*entry) for entry in log], 512)
+    for row, (prompt, _, _) in zip(rows, log):
+        # The second example of each row is its prompt with a reply from the other prompt's rows.
+        other = [reply for p, reply, _ in log if p != prompt]
+        halves = row_examples(row)
+        assert tokenizer.decode(halves[1]).count(prompt) == 1
+        assert any(reply in tokenizer.decode(halves[1]) for reply in other)
+
+
+def row_examples(row):
+    """A row's examples' token ids, split where its position ids restart."""
+    starts = [t for t, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+    return [list(row.input_ids[a:b]) for a, b in zip(starts, starts[1:])]
+
+
 def test_kto_rows_are_read_in_trl_and_chat_shapes_and_bad_labels_name_their_field(tmp_path):
     assert detect_format({"prompt", "completion", "label"}) == "kto"
     assert detect_format({"messages", "label"}) == "kto"

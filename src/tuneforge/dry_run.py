@@ -382,9 +382,9 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
             ),
             (
                 "KL estimate",
-                "each rated reply runs beside a mismatched one (its prompt, the previous row's reply) in the same "
-                "forward, policy and reference: about twice the tokens of the replies alone, counted in the tokens "
-                "and the memory plan",
+                "each rated reply runs beside a mismatched one (its prompt, an earlier row's reply to another "
+                "prompt) in the same forward, policy and reference: about twice the tokens of the replies alone, "
+                "counted in the tokens and the memory plan",
             ),
         ]
     return answers + [

@@ -38,9 +38,9 @@ loss of a reply is
 
 (w_d, w_u are `desirable_weight`, `undesirable_weight`). z0 is TRL's estimate of KL(pi || ref): the
 mean log-ratio, over the batch, of mismatched examples, each rated row's prompt with the reply of
-the row before it in the data (`kto_rows`), detached and clamped at 0. Each rated example and its
-mismatched one are one item, laid end to end as a pair is, so one forward runs both (the mismatched
-ones train nothing). Its metrics are TRL's: `rewards/chosen` and `rewards/rejected` (beta r(y),
+a row before it in the data with another prompt (`kto_rows`), detached and clamped at 0. Each rated
+example and its mismatched one are one item, laid end to end as a pair is, so one forward runs both
+(the mismatched ones train nothing). Its metrics are TRL's: `rewards/chosen` and `rewards/rejected` (beta r(y),
 averaged over the desirable and the undesirable replies), `logps/chosen` and `logps/rejected` (log
 pi(y|x), likewise), and `kl` (z0).
 
@@ -115,12 +115,19 @@ def rows(pairs: list[tuple[tfdata.Example, tfdata.Example]]) -> list[tfdata.Pack
 def kto_rows(examples: list[tfdata.Example], max_length: int) -> list[tfdata.PackedRow]:
     """Each rated example as one row: the example, then its mismatched one for the KL estimate (its
     prompt with the reply of the example before it, the first taking the last's; TRL's KL data), cut
-    to `max_length` by dropping the start of the prompt, as TRL's keep_end truncation does."""
+    to `max_length` by dropping the start of the prompt, as TRL's keep_end truncation does.
+
+    Feedback often rates several replies to one prompt, side by side in the data: the reply taken is
+    that of the nearest example before it with another prompt (within `KL_LOOKBACK`), so that it is a
+    reply to some other prompt, as the estimate needs, and not a second answer to the same one."""
     starts = [_reply_start(e) for e in examples]
+    prompts = [e.input_ids[: s + 1] for e, s in zip(examples, starts)]
     rows = []
     for i, e in enumerate(examples):
-        other, at = examples[i - 1], starts[i - 1]
-        prompt, reply = e.input_ids[: starts[i] + 1], other.input_ids[at + 1 :]
+        back = range(i - 1, i - 1 - min(KL_LOOKBACK, len(examples) - 1), -1)
+        j = next((j for j in back if prompts[j] != prompts[i]), i - 1)
+        other, at = examples[j], starts[j]
+        prompt, reply = prompts[i], other.input_ids[at + 1 :]
         keep = max(1, min(len(prompt), max_length - len(reply)))
         mismatched = tfdata.Example(
             prompt[len(prompt) - keep :] + reply,
@@ -128,6 +135,10 @@ def kto_rows(examples: list[tfdata.Example], max_length: int) -> list[tfdata.Pac
         ).truncated(max_length)
         rows.append(tfdata.join((e, mismatched)))
     return rows
+
+
+KL_LOOKBACK = 64
+"""How far back `kto_rows` looks for an example with another prompt before it takes the one before."""
 
 
 def _reply_start(e: tfdata.Example) -> int:
