@@ -35,6 +35,36 @@ def now() -> int:
     return int(time.time())
 
 
+def claim_oldest(session, table, waiting: str, worker_id: str, **values):
+    """The oldest row of `table` in status `waiting` that no worker holds, now held by `worker_id` (and given
+    `values`); None when there is none.
+
+    PostgreSQL skips rows another transaction has locked (`FOR UPDATE SKIP LOCKED`), so
+    concurrent workers each get a different row at once; on SQLite, which has no row locks,
+    the guarded UPDATE alone decides and a worker that lost the race simply tries again.
+    """
+    row = session.scalar(
+        select(table)
+        .where(table.status == waiting, table.worker_id.is_(None))
+        .order_by(table.seq)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if row is None:
+        return None
+    values = {"worker_id": worker_id, **values}
+    taken = session.execute(
+        update(table)
+        .where(table.id == row.id, table.status == waiting, table.worker_id.is_(None))
+        .values(heartbeat_at=time.time(), **values)
+    ).rowcount
+    if taken != 1:
+        return None
+    for key, value in values.items():
+        setattr(row, key, value)
+    return row
+
+
 class Base(DeclarativeBase):
     type_annotation_map = JSON_COLUMNS
 
@@ -278,24 +308,7 @@ class EvalStore:
     def claim_run(self: Store, worker_id: str) -> EvalRun | None:
         """The oldest queued run nobody holds, now in progress and held by `worker_id`; None when there is none."""
         with self.session() as session:
-            run = session.scalar(
-                select(EvalRun)
-                .where(EvalRun.status == "queued", EvalRun.worker_id.is_(None))
-                .order_by(EvalRun.seq)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
-            if run is None:
-                return None
-            taken = session.execute(
-                update(EvalRun)
-                .where(EvalRun.id == run.id, EvalRun.status == "queued", EvalRun.worker_id.is_(None))
-                .values(status="in_progress", worker_id=worker_id, heartbeat_at=time.time())
-            ).rowcount
-            if taken != 1:
-                return None
-            run.status, run.worker_id = "in_progress", worker_id
-            return run
+            return claim_oldest(session, EvalRun, "queued", worker_id, status="in_progress")
 
     def held_runs(self: Store) -> list[EvalRun]:
         with self.session() as session:
@@ -412,31 +425,9 @@ class Store(Tables, EvalStore):
             return session.execute(query.values(stop_request="pause")).rowcount == 1
 
     def claim(self, status: str, worker_id: str) -> Job | None:
-        """The oldest unheld job in `status`, now held by `worker_id`; None when there is none.
-
-        PostgreSQL skips rows another transaction has locked (`FOR UPDATE SKIP LOCKED`), so
-        concurrent workers each get a different job at once; on SQLite, which has no row locks,
-        the guarded UPDATE alone decides and a worker that lost the race simply tries again.
-        """
+        """The oldest unheld job in `status`, now held by `worker_id`; None when there is none."""
         with self.session() as session:
-            job = session.scalar(
-                select(Job)
-                .where(Job.status == status, Job.worker_id.is_(None))
-                .order_by(Job.seq)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
-            if job is None:
-                return None
-            taken = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == status, Job.worker_id.is_(None))
-                .values(worker_id=worker_id, heartbeat_at=time.time())
-            ).rowcount
-            if taken != 1:
-                return None
-            job.worker_id = worker_id
-            return job
+            return claim_oldest(session, Job, status, worker_id)
 
     def beat(self, process_id: str) -> None:
         """Mark every job and eval run held by a worker of the process `process_id` (worker ids
