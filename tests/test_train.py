@@ -516,7 +516,10 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_and_a_killed_run_lets
     assert train(longer, resume="latest", force=True, progress=False).steps == reached + 1
 
 
-def test_a_full_disk_at_the_run_lock_or_a_metrics_line_names_the_file_and_leaves_no_folder(tmp_path, file_size_limit):
+def test_a_full_disk_at_the_run_lock_or_a_metrics_line_names_the_file_and_leaves_no_folder(
+    tmp_path, file_size_limit, tiny_model_dir, triage_data
+):
+    from tuneforge.config import load_config
     from tuneforge.training.distributed import World
     from tuneforge.training.loop import MetricsLog
     from tuneforge.training.run_folder import sole_run_in
@@ -527,7 +530,9 @@ def test_a_full_disk_at_the_run_lock_or_a_metrics_line_names_the_file_and_leaves
         pass
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(run / ".train.lock"))
     assert not run.exists()  # as a run refused before it writes anything leaves it
-    log = MetricsLog(tmp_path / "metrics.jsonl", None, enabled=True)
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path)
+    cfg["train"]["report_to"] = []
+    log = MetricsLog(load_config(cfg), None, enabled=True)
     with pytest.raises(OSError) as refused:
         log.write({"step": 1, "train_loss": 1.0})
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "metrics.jsonl"))
