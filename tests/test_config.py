@@ -125,6 +125,18 @@ def test_true_or_false_is_no_number(tmp_path):
     assert "packing" not in e.value.message
 
 
+def test_off_unquoted_is_read_as_the_word_where_a_choice_offers_it(tmp_path):
+    # YAML 1.1 reads `off` as false: `data.pii: off`, in the file or as an override, is the documented choice.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\n  pii: off\n")
+    assert load_config(path).data.pii == "off"
+    assert load_config(path, ["data.pii=redact"]).data.pii == "redact"
+    path.write_text("data:\n  train: x\n")
+    assert load_config(path, ["data.pii=off"]).data.pii == "off"
+    with pytest.raises(ConfigError, match=r"data\.dedup \(override\): Input should be"):
+        load_config(path, ["data.dedup=off"])
+
+
 def test_an_empty_path_is_refused_not_taken_for_a_folder(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text('base_model: ""\ndata:\n  train: x\n  validation: ""\noutput_dir: ""\n')

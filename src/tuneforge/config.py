@@ -56,6 +56,9 @@ class Strict(BaseModel):
             raise ValueError(
                 "true or false is no number (YAML reads yes, no, on and off as true and false); give a number"
             )
+        # YAML 1.1 reads `off` and `on` as false and true: a choice that offers the word takes it back.
+        if isinstance(value, bool) and (word := "on" if value else "off") in kinds:
+            return word
         if isinstance(value, str) and int in kinds and str not in kinds and _EXPONENT_FORM.fullmatch(value):
             return float(value)
         return value
