@@ -172,3 +172,11 @@ def test_a_pair_whose_replies_differ_only_in_what_is_redacted_is_warned_of(tmp_p
     identical = [w for w in data.report["warnings"] if w["code"] == "identical_preference"]
     assert [w["where"] for w in identical] == [[f"{path}:5"]]
     assert "data.pii: redact" in identical[0]["message"]
+
+
+def test_an_address_is_no_longer_than_its_standard_allows():
+    # A local part of 64 characters is an address; one of 65 is none (RFC 5321), so a long run of letters and
+    # dots before an @ (a blob, minified code) is not matched again from each of its characters.
+    assert [h.text for h in find("mail " + "a" * 64 + "@mail.de")] == ["a" * 64 + "@mail.de"]
+    assert find("mail " + "a" * 65 + "@mail.de") == []
+    assert find("a." * 20_000 + "@" + "b." * 20_000) == []

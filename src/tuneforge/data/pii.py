@@ -178,7 +178,13 @@ KINDS: tuple[Kind, ...] = (
         "email",
         PERSONAL,
         "<EMAIL>",
-        re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+        # A local part holds at most 64 characters, a domain at most 127 labels of 63 (RFC 5321, RFC 1035):
+        # bounded, a long run of such characters around an @ (a blob, minified code) is not read again from
+        # each of its characters.
+        re.compile(
+            r"\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63}){0,126}"
+            r"\.[A-Za-z]{2,63}\b"
+        ),
         _email,
         needs=("@",),
     ),
