@@ -180,3 +180,12 @@ def test_an_address_is_no_longer_than_its_standard_allows():
     assert [h.text for h in find("mail " + "a" * 64 + "@mail.de")] == ["a" * 64 + "@mail.de"]
     assert find("mail " + "a" * 65 + "@mail.de") == []
     assert find("a." * 20_000 + "@" + "b." * 20_000) == []
+
+
+def test_a_text_dense_with_hits_keeps_each_once_and_in_order():
+    # Overlaps are looked up among the kept hits by position, not by going through them all for each match.
+    text = " ".join(f"ana{i}@mail.de 81.{i % 200 + 20}.0.1" for i in range(20_000))
+    hits = find(text)
+    assert [h.kind.name for h in hits[:4]] == ["email", "ipv4", "email", "ipv4"]
+    assert len(hits) == 40_000 and hits[-1].text == "81.219.0.1"
+    assert find("x mail me: postgres://bob:hunter22@db.acme.io/x")[0].kind.name == "url_password"

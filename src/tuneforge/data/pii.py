@@ -15,6 +15,7 @@ values rather than their places, and would be one more dependency for a dozen pa
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 import re
@@ -239,6 +240,7 @@ def find(text: str) -> list[Hit]:
     """Every secret and piece of personal data in `text`, in order; where matches overlap, the kind listed
     first in KINDS keeps its span."""
     hits: list[Hit] = []
+    spans: list[tuple[int, int]] = []  # the kept hits' spans in order: they never overlap, so ends are in order too
     for kind in KINDS:
         if kind.needs and not any(needed in text for needed in kind.needs):
             continue
@@ -249,8 +251,10 @@ def find(text: str) -> list[Hit]:
                 continue
             if kind.not_after and kind.not_after.search(text, max(0, start - 16), start):
                 continue
-            if any(start < h.end and h.start < end for h in hits):
+            at = bisect.bisect_right(spans, (start, end))
+            if (at and spans[at - 1][1] > start) or (at < len(spans) and spans[at][0] < end):
                 continue
+            spans.insert(at, (start, end))
             hits.append(Hit(kind, start, end, value))
     return sorted(hits, key=lambda h: h.start)
 
