@@ -49,14 +49,18 @@ def preference_rows(chat_file: Path) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def preference_data(triage_data, tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("preference")
+def write_splits(triage_data: dict, folder, rows_of) -> dict:
+    """`rows_of` each split of the demo data, written as a JSONL file of its own in `folder`."""
     paths = {}
     for split in ("train", "validation"):
         paths[split] = folder / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in preference_rows(triage_data[split])))
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows_of(triage_data[split])))
     return paths
+
+
+@pytest.fixture(scope="module")
+def preference_data(triage_data, tmp_path_factory) -> dict:
+    return write_splits(triage_data, tmp_path_factory.mktemp("preference"), preference_rows)
 
 
 def dpo_config(model_dir, data: dict, out, dpo_section: dict | None = None, **train_options) -> dict:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_run_config
+from test_dpo import dpo_config, write_splits
 from tiny import tiny_llama
 
 from tuneforge.config import load_config
@@ -46,20 +47,11 @@ def kto_rows(chat_file: Path, *, undesirable: bool = True) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def kto_data(triage_data, tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("kto")
-    paths = {}
-    for split in ("train", "validation"):
-        paths[split] = folder / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in kto_rows(triage_data[split])))
-    return paths
+    return write_splits(triage_data, tmp_path_factory.mktemp("kto"), kto_rows)
 
 
 def kto_config(model_dir, data: dict, out, dpo_section: dict | None = None, **train_options) -> dict:
-    cfg = tiny_run_config(model_dir, data, out, **train_options)
-    cfg["method"] = "dpo"
-    cfg["lora"]["dropout"] = 0.0
-    cfg["dpo"] = {"loss": "kto", **(dpo_section or {})}
-    return cfg
+    return dpo_config(model_dir, data, out, {"loss": "kto", **(dpo_section or {})}, **train_options)
 
 
 def test_kto_losses_equal_a_hand_computation_on_known_log_ratios():
