@@ -280,3 +280,17 @@ def test_an_item_a_grader_fails_on_or_too_long_for_the_model_errors_alone(tmp_pa
         assert "no blue" in result.error and "on item 1, output_text" in result.error
         assert errored[1].datasource_item_id == 3 and errored[1].results == [] and errored[1].sample.output == []
         assert errored[1].sample.error.code == "context_length_exceeded" and "2048" in errored[1].sample.error.message
+
+
+def test_a_run_whose_results_the_store_refuses_fails_and_is_not_left_in_progress(tmp_path, tiny_model_dir, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    def locked(*_, **__):  # SQLite past its busy timeout, say, as the run's results are written
+        raise OperationalError("INSERT INTO eval_output_items", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(Store, "finish_run", locked)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[str(tiny_model_dir)]) as sdk:
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+        run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))
+        run = wait_run(sdk, evaluation.id, run.id)
+        assert run.status == "failed" and run.error.code == "server_error" and "error id" in run.error.message

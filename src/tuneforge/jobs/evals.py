@@ -324,6 +324,18 @@ class EvalRunner:
     def run(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]) -> None:
         try:
             items, graders, outcome = self._answer_and_grade(run, worker_id, stopping)
+            rows, counts, per_criterion, usage = outcome
+            # In the try: a store that refuses the results (locked past its timeout) fails the run, rather
+            # than leaving it in progress with no worker to finish it.
+            self.store.finish_run(
+                run.id,
+                worker_id,
+                rows,
+                status="completed",
+                result_counts=counts,
+                per_testing_criteria_results=per_criterion,
+                usage=usage,
+            )
         except RunStopped:
             # Canceled: it stays canceled. The server stopping: queued again for the next server.
             self.store.move_run(run.id, ["in_progress"], held_by=worker_id, status="queued", worker_id=None)
@@ -343,16 +355,6 @@ class EvalRunner:
                 error={"code": "server_error", "message": message},
             )
             return
-        rows, counts, per_criterion, usage = outcome
-        self.store.finish_run(
-            run.id,
-            worker_id,
-            rows,
-            status="completed",
-            result_counts=counts,
-            per_testing_criteria_results=per_criterion,
-            usage=usage,
-        )
 
     def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
         from ..generate import encode_prompts, generate, load_for_inference
