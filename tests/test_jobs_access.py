@@ -19,7 +19,7 @@ from tuneforge.jobs.files import FileStorage
 from tuneforge.jobs.mapping import CreateJobBody
 from tuneforge.jobs.store import Store
 from tuneforge.jobs.worker import Workers
-from tuneforge.serve.app import MAX_CHOICES
+from tuneforge.serve.bodies import MAX_CHOICES
 from tuneforge.web import owner_of
 
 pytest.importorskip("sqlalchemy")

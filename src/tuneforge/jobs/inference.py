@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..serve import AdapterPool, CompletionStore, Engine, create_app, load_pool
-from ..serve.app import DEFAULT_MAX_TOKENS
+from ..serve.bodies import DEFAULT_MAX_TOKENS
 from ..serve.engine import MAX_BATCH, MAX_WAITING
 from ..web import Observer
 from .access import InferenceTarget

@@ -16,7 +16,8 @@ Errors, keys, the body cap, request metrics and logs are `tuneforge.web`'s, shar
 """
 
 from .adapters import AdapterPool, load_pool
-from .app import ChatCompletionBody, CompletionBody, ResponsesBody, create_app
+from .app import create_app
+from .bodies import ChatCompletionBody, CompletionBody, ResponsesBody
 from .completion_store import CompletionStore, Retention
 from .engine import Engine, EngineError, Generation
 

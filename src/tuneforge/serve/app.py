@@ -16,51 +16,39 @@ a chat request with `store: true` its prompt and answer in the completion store
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import Field, ValidationInfo, field_validator, model_validator
-from transformers import PreTrainedTokenizerBase
 
 from .. import reasoning
 from ..constrain import ConstraintError, json_index
 from ..data.render import renderer_for, template_texts
-from ..data.schema import Message
 from ..errors import TuneforgeError
-from ..generate import Completion, Sampling, encode_prompts
+from ..generate import Completion, encode_prompts
 from ..models import model_context_length
-from ..web import CLIENT_LEFT, APIError, Metadata, Observer, RequestBody, caller, docs_urls, edge, note
+from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
+from .bodies import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_TOKENS,
+    ChatCompletionBody,
+    CompletionBody,
+    GenerationBody,
+    ResponsesBody,
+    SampledBody,
+)
 from .completion_store import CompletionStore
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
 from .metrics import GenerationMetrics
 from .tool_calls import ParsedReply, ToolCallParser, parser_for
-
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-DEFAULT_MAX_TOKENS = 1024  # chat's, unless the server says otherwise
-MAX_STOP_STRINGS = 4  # as OpenAI allows
-MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
-# Choices of one request, which decode together as rows of one batch (and at most the engine's batch size).
-MAX_CHOICES = 16
-# Below this, sampling picks the argmax but for rounding, and dividing the logits by it can overflow.
-MIN_SAMPLING_TEMPERATURE = 1e-4
-DEFAULT_MAX_BODY_BYTES = 4 << 20
-# What the server passes to the chat template itself: apply_chat_template's arguments and the messages.
-_APPLY_CHAT_TEMPLATE = inspect.signature(PreTrainedTokenizerBase.apply_chat_template)
-TEMPLATE_ARGUMENTS = frozenset({"messages", *_APPLY_CHAT_TEMPLATE.parameters} - {"self", "kwargs"})
-FUNCTIONS_ARE_TOOLS = (
-    "is OpenAI's deprecated form of tool calling, which this server does not take: send the functions as "
-    '`tools` ([{"type": "function", "function": ...}]), calls as an assistant message\'s `tool_calls` and their '
-    'results as "tool" messages with a `tool_call_id`.'
-)
 
 
 def engine_error(err: EngineError) -> APIError:
@@ -73,542 +61,6 @@ def engine_error(err: EngineError) -> APIError:
         headers=headers,
         type="server_error" if err.status >= 500 else "invalid_request_error",
     )
-
-
-# ---- request bodies --------------------------------------------------------------------------------
-
-
-class TextPart(RequestBody):
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(RequestBody):
-    name: str
-    arguments: str  # JSON text, as OpenAI's API sends it
-
-
-class ToolCall(RequestBody):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class FunctionDefinition(RequestBody):
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict | None = None
-    strict: bool | None = None
-
-
-class Tool(RequestBody):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class ChatMessage(RequestBody):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    tool_calls: list[ToolCall] | None = None  # before content, whose check reads it
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
-    reasoning_content: str | None = None  # an assistant reply's reasoning, as a reasoning model's answer holds it
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_function_turns(cls, message):
-        # Said here, since pydantic would say that the "function" role is a wrong value.
-        if isinstance(message, dict):
-            if message.get("function_call") is not None:
-                raise ValueError(f"function_call {FUNCTIONS_ARE_TOOLS}")
-            if message.get("role") == "function":
-                raise ValueError(f"the 'function' role {FUNCTIONS_ARE_TOOLS}")
-        return message
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, content, info: ValidationInfo):
-        # Said here, since pydantic would report the union's first branch: "should be a valid string".
-        if content is None and not info.data.get("tool_calls"):
-            raise ValueError(
-                "a message needs content: a string or a list of text parts (only an assistant message with "
-                "tool_calls may have null content)"
-            )
-        for index, part in enumerate(content if isinstance(content, list) else []):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text":
-                raise ValueError(
-                    f"part {index} is of type {kind!r}: this server serves text models, so a message's content "
-                    'is a string or text parts ({"type": "text", "text": ...})'
-                )
-        return content
-
-    @model_validator(mode="after")
-    def _fields_in_their_roles(self):
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError(f"a {self.role!r} message has tool_calls: only assistant messages make tool calls")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a 'tool' message needs the tool_call_id of the call it answers")
-        if self.reasoning_content is not None and self.role != "assistant":
-            raise ValueError(f"only assistant messages have reasoning_content; remove it from this {self.role} message")
-        return self
-
-    def as_data_message(self) -> dict:
-        """The message as a chat training row holds it ("developer" is OpenAI's newer name for "system",
-        which chat templates know)."""
-        text = self.content if isinstance(self.content, str | None) else "".join(part.text for part in self.content)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
-        if self.name is not None:
-            message["name"] = self.name
-        if self.tool_calls:
-            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        if self.reasoning_content is not None:
-            message["reasoning_content"] = self.reasoning_content
-        return message
-
-    def as_template_message(self) -> dict:
-        """The message as training gives it to the chat template (a call's null content as "", its arguments
-        as an object; a reasoning model's template writes reasoning_content, Qwen 3's into the last replies,
-        or leaves it out; a template writes the participant's `name` or leaves it out, as in training)."""
-        data = self.as_data_message()
-        return Message(**{**data, "content": data["content"] or ""}).to_template()
-
-
-def training_messages(messages: list[dict]) -> list[dict]:
-    """Messages as sent (a stored completion's) as a chat training row holds them."""
-    return [ChatMessage.model_validate(message).as_data_message() for message in messages]
-
-
-class StreamOptions(RequestBody):
-    include_usage: bool = False
-    # OpenAI pads its chunks with random `obfuscation` text unless this is false; these chunks carry none.
-    include_obfuscation: bool = False
-
-
-class _SampledBody(RequestBody):
-    """What every generating route takes: the model, its sampling and whether the answer streams; `submit`
-    reads a body through these methods."""
-
-    # The parameter that asks for structured output, and where a json_schema's schema sits in it.
-    FORMAT_PARAM: ClassVar[str] = "response_format"
-    SCHEMA_PARAM: ClassVar[str] = "response_format.json_schema.schema"
-
-    model: str
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool = False
-
-    @field_validator("temperature", "top_p", "stream", mode="before")
-    @classmethod
-    def _null_sampling_is_the_default(cls, value, info: ValidationInfo):
-        # OpenAI's API takes null for these as their default, and its SDKs type them Optional.
-        return cls.model_fields[info.field_name].default if value is None else value
-
-    def check_supported(self) -> None:
-        """Refuses, with a 400 naming the parameter, what was sent and is not served."""
-
-    def prompt_field(self, field: str) -> str:
-        """The request's name of a field of the prompt (`messages.0.content`) that the template would write."""
-        return field
-
-    def length_limit(self) -> tuple[str, int | None]:
-        """The parameter that limits the reply's length, and its value (None: not given)."""
-        raise NotImplementedError
-
-    def stop_strings(self) -> tuple[str, ...]:
-        return ()
-
-    def penalties(self) -> tuple[float, float]:
-        """presence_penalty and frequency_penalty."""
-        return 0.0, 0.0
-
-    def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = (), constraint=None) -> Sampling:
-        temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
-        return Sampling(
-            max_new_tokens,
-            temperature,
-            self.top_p,
-            self.seed,
-            self.stop_strings(),
-            keep_tokens,
-            constraint,
-            *self.penalties(),
-        )
-
-
-class _GenerationBody(_SampledBody):
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    # Several choices of one prompt; with a seed, choice i samples as a request with seed + i (`choice_sampling`).
-    # At temperature 0 they are n equal choices, as OpenAI's are.
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    logprobs: bool | int | None = None
-    user: str | None = None  # OpenAI's end-user id; accepted and not used
-
-    @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
-    @classmethod
-    def _null_is_the_default(cls, value, info: ValidationInfo):
-        return cls._null_sampling_is_the_default(value, info)
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _string_or_strings(cls, stop):
-        # Said here, since pydantic would name the union's branches as parameters: "stop.str", "stop.list[str].0".
-        if stop is None or isinstance(stop, str):
-            return stop
-        if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-            raise ValueError(
-                f"stop is a string or a list of at most {MAX_STOP_STRINGS} strings, got {json.dumps(stop)[:80]}"
-            )
-        return stop
-
-    def check_supported(self) -> None:
-        # `logprobs: 0` asks /v1/completions for the chosen tokens' log probabilities; false or absent for none.
-        if self.logprobs is not None and self.logprobs is not False:
-            raise APIError(400, "logprobs are not supported.", param="logprobs", code="unsupported_value")
-        if self.stream_options is not None and not self.stream:  # as OpenAI: it would go unused
-            raise APIError(
-                400, "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
-            )
-        if self.stream_options is not None and self.stream_options.include_obfuscation:
-            raise APIError(
-                400,
-                "stream_options.include_obfuscation is not supported: this server's chunks carry no obfuscation "
-                "field. Leave it out or false.",
-                param="stream_options.include_obfuscation",
-                code="unsupported_value",
-            )
-
-    def stop_strings(self) -> tuple[str, ...]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", param="stop")
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must not be empty.", param="stop")
-        return tuple(stop)
-
-    def length_limit(self) -> tuple[str, int | None]:
-        return "max_tokens", self.max_tokens
-
-    def penalties(self) -> tuple[float, float]:
-        return self.presence_penalty, self.frequency_penalty
-
-
-class ChatCompletionBody(_GenerationBody):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    store: bool | None = None  # OpenAI's: keep the prompt and the answer (GET /v1/chat/completions lists them)
-    metadata: Metadata | None = None  # kept with a stored completion; listings filter by it
-    # What the SDK now sends in place of `user`: an end-user id and a cache key; accepted and not used.
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    # OpenAI's tool calling: `tools` go to the chat template as training gives a row's tools to it, and
-    # the reply is parsed into `tool_calls` (`tool_calls.py`). `functions` is its deprecated form.
-    tools: list[Tool] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list | None = None
-    function_call: str | dict | None = None
-    top_logprobs: int | None = None  # refused with logprobs, which this server does not return
-    # OpenAI's structured output: {"type": "text"} (the default), "json_object" or "json_schema", whose
-    # reply's decoding is constrained to JSON (`constrain.py`).
-    response_format: dict | None = None
-    # vLLM's: more variables for the chat template (Qwen 3's enable_thinking), which the SDK sends in extra_body.
-    chat_template_kwargs: dict[str, Any] | None = None
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _template_variables_only(cls, kwargs):
-        taken = sorted(set(kwargs or ()) & TEMPLATE_ARGUMENTS)
-        if taken:
-            raise ValueError(
-                f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by the server, not by "
-                "chat_template_kwargs; it takes the chat template's own variables, such as enable_thinking"
-            )
-        return kwargs
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.store and self.n > 1:
-            raise APIError(
-                400,
-                f"store keeps one answer per request, and n={self.n} asks for {self.n}: send n=1 with store, or "
-                "leave store out.",
-                param="n",
-                code="unsupported_value",
-            )
-        for param in ("functions", "function_call"):
-            if getattr(self, param) is not None:
-                raise APIError(400, f"{param} {FUNCTIONS_ARE_TOOLS}", param=param, code="unsupported_value")
-        if self.top_logprobs is not None:
-            raise APIError(400, "logprobs are not supported.", param="top_logprobs", code="unsupported_value")
-        kind, _ = self.output_format()
-        if kind != "text" and self.calls_tools:
-            raise APIError(
-                400,
-                f"response_format {kind} with tools is not supported: the reply is constrained to JSON, so the model "
-                'could not make a tool call. Send tool_choice "none" to constrain the reply, or leave '
-                "response_format out to let the model call the tools.",
-                param="response_format",
-                code="unsupported_value",
-            )
-        if self.tool_choice not in (None, "auto", "none"):
-            raise APIError(
-                400,
-                f"tool_choice {json.dumps(self.tool_choice)[:80]} is not supported: this server does not constrain "
-                'decoding to force a call. Send "auto" (the model decides; a model tuned on tool calls makes '
-                'them as trained) or "none".',
-                param="tool_choice",
-                code="unsupported_value",
-            )
-
-    def output_format(self) -> tuple[str, dict | None]:
-        """The reply's format, "text", "json_object" or "json_schema", and a json_schema's schema."""
-        response_format = self.response_format or {}
-        kind = response_format.get("type", "text")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise APIError(
-                400,
-                f'response_format.type {json.dumps(kind)[:80]} is not one of "text", "json_object", "json_schema".',
-                param="response_format.type",
-                code="invalid_value",
-            )
-        if kind != "json_schema":
-            return kind, None
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise APIError(
-                400,
-                "response_format.json_schema.schema is missing or not an object: json_schema takes "
-                '{"name": ..., "schema": {a JSON Schema}, "strict": true}.',
-                param="response_format.json_schema.schema",
-                code="invalid_value",
-            )
-        return kind, spec["schema"]
-
-    @property
-    def calls_tools(self) -> bool:
-        """Whether the reply is parsed for tool calls: tools are given and `tool_choice` is not "none"."""
-        return bool(self.tools) and self.tool_choice != "none"
-
-    def template_tools(self) -> list[dict] | None:
-        """The tools as the chat template gets them: as sent (with "none" too, as vLLM renders them)."""
-        return [tool.model_dump(exclude_unset=True) for tool in self.tools] if self.tools else None
-
-    def template_messages(self) -> list[dict]:
-        return [message.as_template_message() for message in self.messages]
-
-    def length_limit(self) -> tuple[str, int | None]:
-        # OpenAI's newer name for max_tokens; given both, it wins.
-        if self.max_completion_tokens is not None:
-            return "max_completion_tokens", self.max_completion_tokens
-        return super().length_limit()
-
-
-class CompletionBody(_GenerationBody):
-    # OpenAI's prompt may also be a list of prompts or of token ids; `check_supported` says what is served.
-    prompt: str | list
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if not isinstance(self.prompt, str):
-            raise APIError(
-                400,
-                f"prompt is a list ({len(self.prompt)} items): this server completes one string prompt per "
-                "request, not a list of prompts or of token ids. Send one request per prompt, its text as a string.",
-                param="prompt",
-                code="unsupported_value",
-            )
-
-
-# OpenAI's Responses API (`POST /v1/responses`): the stateless core, answered as a chat request is.
-# Its fields that this server does not build, refused by name (any other unknown one is refused as unrecognized).
-_TOOLS = "tool calling is served by /v1/chat/completions (`tools`), not by /v1/responses here"
-RESPONSES_NOT_SERVED = {  # what it is not, and the values that ask for nothing, as OpenAI's defaults
-    "previous_response_id": ("this server keeps no responses: send the whole conversation in `input`", ()),
-    "conversation": ("this server keeps no conversations: send the whole conversation in `input`", ()),
-    "tools": (_TOOLS, ([],)),
-    "tool_choice": (_TOOLS, ("auto", "none")),
-    "parallel_tool_calls": (_TOOLS, (True,)),
-    "max_tool_calls": (_TOOLS, ()),
-    "reasoning": ("a reasoning model reasons as its chat template makes it, with no effort or summary set", ()),
-    "include": ("no extra output is included (a reasoning model's reasoning is in the output already)", ([],)),
-    "background": ("a response is answered while the request waits, or streamed", (False,)),
-    "prompt": ("this server keeps no prompt templates: send the instructions and the input themselves", ()),
-    "top_logprobs": ("logprobs are not supported", ()),
-    "truncation": ("the input is never truncated: a prompt past the context window is refused", ("disabled",)),
-    "service_tier": ("this server has one tier", ("auto", "default")),
-}
-
-
-class InputText(RequestBody):
-    type: Literal["input_text", "output_text"]  # output_text: an earlier response's text, sent back
-    text: str
-    annotations: list | None = None  # what an earlier response's output_text part carries; unused
-    logprobs: list | None = None
-
-
-class InputMessage(RequestBody):
-    """A message item of `input`: its content a string or text parts, as OpenAI's API takes them."""
-
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
-    content: list[InputText]
-    id: str | None = None  # what an earlier response's message item carries, sent back; unused
-    status: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _messages_only(cls, item):
-        # Said here, since pydantic would say "Input should be 'message'" of an item without a role.
-        if isinstance(item, dict) and item.get("type", "message") != "message":
-            raise ValueError(
-                f"an item of type {json.dumps(item.get('type'))[:60]} is not served: this server takes message "
-                'items ({"role": "user", "content": ...}) in input'
-            )
-        return item
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, content):
-        if isinstance(content, str):
-            return [{"type": "input_text", "text": content}]
-        for index, part in enumerate(content if isinstance(content, list) else []):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind not in ("input_text", "output_text"):
-                raise ValueError(
-                    f"part {index} is of type {json.dumps(kind)[:60]}: this server serves text models, so a "
-                    'message\'s content is a string or text parts ({"type": "input_text", "text": ...})'
-                )
-        return content
-
-    def as_template_message(self) -> dict:
-        text = "".join(part.text for part in self.content)
-        return ChatMessage(role=self.role, content=text).as_template_message()
-
-
-class ResponseFormat(RequestBody):
-    """`text.format`: "text", "json_object", or "json_schema" with its schema beside its type (not nested, as
-    chat's response_format has it)."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None
-    schema_: dict | None = Field(None, alias="schema")
-    description: str | None = None
-    strict: bool | None = None
-
-
-class TextConfig(RequestBody):
-    format: ResponseFormat | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None  # refused unless "medium", OpenAI's default
-
-
-class ResponsesBody(_SampledBody):
-    FORMAT_PARAM: ClassVar[str] = "text.format"
-    SCHEMA_PARAM: ClassVar[str] = "text.format.schema"
-
-    input: list[InputMessage] = Field(min_length=1)
-    instructions: str | None = None  # the system message before the input
-    max_output_tokens: int | None = Field(None, ge=1)
-    text: TextConfig | None = None
-    store: bool | None = None
-    metadata: Metadata | None = None  # echoed in the response
-    user: str | None = None  # OpenAI's end-user ids and cache key: accepted and not used
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    previous_response_id: Any = None  # these and the rest of RESPONSES_NOT_SERVED: refused when set
-    conversation: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    max_tool_calls: Any = None
-    reasoning: Any = None
-    include: Any = None
-    background: Any = None
-    prompt: Any = None
-    top_logprobs: Any = None
-    truncation: Any = None
-    service_tier: Any = None
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _text_is_a_user_message(cls, value):
-        # Said here, since pydantic would say "Input should be a valid list" of any other value.
-        if isinstance(value, str):
-            return [{"role": "user", "content": value}]
-        if not isinstance(value, list):
-            raise ValueError(
-                f"input is {json.dumps(value)[:60]}: send the text as a string, or the conversation as a list of "
-                'messages ({"role": "user", "content": ...})'
-            )
-        return value
-
-    @property
-    def n(self) -> int:
-        return 1
-
-    def check_supported(self) -> None:
-        for param, (why, harmless) in RESPONSES_NOT_SERVED.items():
-            value = getattr(self, param)
-            if value is not None and not any(value == same and type(value) is type(same) for same in harmless):
-                raise APIError(400, f"{param} is not supported: {why}.", param=param, code="unsupported_value")
-        if self.store:
-            raise APIError(
-                400,
-                "store: true keeps a response for GET /v1/responses/{id} and previous_response_id, which this server "
-                "does not serve: send store: false (or leave it out). /v1/chat/completions stores completions.",
-                param="store",
-                code="unsupported_value",
-            )
-        if self.text is not None and self.text.verbosity not in (None, "medium"):
-            raise APIError(
-                400,
-                f"text.verbosity {self.text.verbosity!r} is not supported: the model answers as it was tuned to. "
-                'Leave it out or send "medium".',
-                param="text.verbosity",
-                code="unsupported_value",
-            )
-
-    def length_limit(self) -> tuple[str, int | None]:
-        return "max_output_tokens", self.max_output_tokens
-
-    def output_format(self) -> tuple[str, dict | None]:
-        """As `ChatCompletionBody.output_format`, read from `text.format`."""
-        response_format = self.text.format if self.text is not None else None
-        if response_format is None or response_format.type != "json_schema":
-            return (response_format.type if response_format else "text"), None
-        if response_format.schema_ is None:
-            raise APIError(
-                400,
-                'text.format.schema is missing: json_schema takes {"type": "json_schema", "name": ..., "schema": '
-                '{a JSON Schema}, "strict": true}.',
-                param=self.SCHEMA_PARAM,
-                code="invalid_value",
-            )
-        return "json_schema", response_format.schema_
-
-    def prompt_field(self, field: str) -> str:
-        # The prompt's messages are `instructions`' (where given), then `input`'s.
-        if self.instructions is None or not field.startswith("input."):
-            return field
-        _, index, *rest = field.split(".")
-        return "instructions" if index == "0" else ".".join(["input", str(int(index) - 1), *rest])
-
-    def template_messages(self) -> list[dict]:
-        system = [] if self.instructions is None else [{"role": "system", "content": self.instructions}]
-        return [
-            *(ChatMessage(**m).as_template_message() for m in system),
-            *(m.as_template_message() for m in self.input),
-        ]
-
-
-# ---- response bodies -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -665,7 +117,7 @@ class _Reply:
             answer = {"message": message}
         return {"index": index, **answer, "logprobs": None, "finish_reason": finish_reason}
 
-    def events(self, server: Served, request: Request, body: _GenerationBody, generation: Generation):
+    def events(self, server: Served, request: Request, body: GenerationBody, generation: Generation):
         """The answer as a stream of chunks (`_events`)."""
         return _events(server, request, body, self, generation)
 
@@ -948,7 +400,7 @@ class Served:
             raise APIError(404, f"The model `{name}` was unloaded.", param="model", code="model_not_found") from None
 
     async def answered(
-        self, request: Request, body: _SampledBody, reply: _Reply | _ResponseReply, generation: Generation
+        self, request: Request, body: SampledBody, reply: _Reply | _ResponseReply, generation: Generation
     ) -> None:
         """What an answer leaves behind: its metrics, its log line's figures, and its stored completion if asked."""
         completions = generation.completions
@@ -1249,7 +701,7 @@ def create_app(
 async def submit(
     server: Served,
     request: Request,
-    body: _SampledBody,
+    body: SampledBody,
     prompt,
     default_max: int,
     length_param: str,
@@ -1307,7 +759,7 @@ def _encode(
 
 
 async def answer(
-    server: Served, request: Request, body: _SampledBody, reply: _Reply | _ResponseReply, generation: Generation
+    server: Served, request: Request, body: SampledBody, reply: _Reply | _ResponseReply, generation: Generation
 ):
     note(request, id=reply.id)  # in the log line of an answer cut short too
     if body.stream:
@@ -1366,7 +818,7 @@ def _max_new_tokens(
     return requested
 
 
-async def _events(server: Served, request: Request, body: _GenerationBody, reply: _Reply, generation: Generation):
+async def _events(server: Served, request: Request, body: GenerationBody, reply: _Reply, generation: Generation):
     """The SSE stream: each choice's chunks as they come (`_choice_events`), the usage if asked, `[DONE]`."""
     try:
         async for chunk in _merged([_choice_events(reply, generation, index) for index in range(generation.n)]):

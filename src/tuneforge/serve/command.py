@@ -15,7 +15,8 @@ from ..web import Observer
 from ..web.listen import bind, listen
 from ..web.observe import log_requests_to_stderr
 from .adapters import load_pool
-from .app import COMPLETIONS_DEFAULT_MAX_TOKENS, create_app
+from .app import create_app
+from .bodies import COMPLETIONS_DEFAULT_MAX_TOKENS
 from .completion_store import CompletionStore, Retention, default_store
 from .engine import Engine
 

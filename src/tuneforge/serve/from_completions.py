@@ -24,7 +24,7 @@ from ..data.formats import check_row
 from ..errors import ConfigError, DataError
 from ..fsio import atomic_file
 from ..web import owner_of
-from .app import training_messages
+from .bodies import training_messages
 from .command import parse_pairs
 from .completion_store import CompletionStore, StoredCompletion, default_store
 
