@@ -142,6 +142,32 @@ def add_job(store, key: str, **values):
     return job
 
 
+def validated_job(tmp_path, model: str, method: dict, **values):
+    """A job on 4 uploaded chat rows, validated by a worker as it takes a job: (the store, the job)."""
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import Workers
+
+    store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), FileStorage(tmp_path)
+    upload = storage.save(
+        io.BytesIO(chat_rows(4).encode()), owner="o", filename="t.jsonl", purpose="fine-tune", max_bytes=1 << 20
+    )
+    store.add(upload)
+    job = add_job(
+        store,
+        KEY,
+        owner="o",
+        model=model,
+        training_file=upload.id,
+        status="validating_files",
+        worker_id="w",
+        method=method,
+        **values,
+    )
+    Workers(store, storage, tmp_path, 0)._validate(job, "w")
+    return store, job
+
+
 def chat_rows(n: int, start: int = 0) -> str:
     questions = [
         "What is two plus two?",
@@ -1121,30 +1147,12 @@ def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_check
 def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_validated(tmp_path, tiny_model_dir):
     # The checks training makes before any compute run with the files: a model of fewer positions than
     # the job's data.max_length fails the job at validation, not once it is queued and starts.
-    from tuneforge.jobs.files import FileStorage
     from tuneforge.jobs.mapping import CreateJobBody
-    from tuneforge.jobs.store import Store
-    from tuneforge.jobs.worker import Workers
 
     short = Path(shutil.copytree(tiny_model_dir, tmp_path / "short"))
     config = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
-    store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), FileStorage(tmp_path)
-    upload = storage.save(
-        io.BytesIO(chat_rows(4).encode()), owner="o", filename="t.jsonl", purpose="fine-tune", max_bytes=1 << 20
-    )
-    store.add(upload)
-    job = add_job(
-        store,
-        KEY,
-        owner="o",
-        model=str(short),
-        training_file=upload.id,
-        status="validating_files",
-        worker_id="w",
-        method=CreateJobBody(model=str(short), training_file=upload.id).method_dict(),
-    )
-    Workers(store, storage, tmp_path, 0)._validate(job, "w")
+    store, job = validated_job(tmp_path, str(short), CreateJobBody(model=str(short), training_file="t").method_dict())
     failed = store.get_job(job.id)
     messages = [e.message for e in store.list_events(job.id, after=None, limit=100)]
     assert failed.status == "failed", messages
@@ -1156,11 +1164,8 @@ def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_val
 def test_a_wandb_integration_reports_the_job_to_wandb_and_the_job_echoes_it(tmp_path, tiny_model_dir, monkeypatch):
     from pydantic import ValidationError
 
-    from tuneforge.jobs.files import FileStorage
     from tuneforge.jobs.mapping import CreateJobBody
     from tuneforge.jobs.routes.jobs import job_body
-    from tuneforge.jobs.store import Store
-    from tuneforge.jobs.worker import Workers
 
     integrations = [{"type": "wandb", "wandb": {"project": "triage", "tags": ["tiny"]}}]
     with monkeypatch.context() as absent:
@@ -1171,23 +1176,7 @@ def test_a_wandb_integration_reports_the_job_to_wandb_and_the_job_echoes_it(tmp_
     body = CreateJobBody(model=str(tiny_model_dir), training_file="file-1", integrations=integrations)
     shown = [{"type": "wandb", "wandb": {"project": "triage", "name": None, "entity": None, "tags": ["tiny"]}}]
     assert body.integrations_list() == shown
-    store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), FileStorage(tmp_path)
-    upload = storage.save(
-        io.BytesIO(chat_rows(4).encode()), owner="o", filename="t.jsonl", purpose="fine-tune", max_bytes=1 << 20
-    )
-    store.add(upload)
-    job = add_job(
-        store,
-        KEY,
-        owner="o",
-        model=str(tiny_model_dir),
-        training_file=upload.id,
-        status="validating_files",
-        worker_id="w",
-        method=body.method_dict(),
-        integrations=body.integrations_list(),
-    )
-    Workers(store, storage, tmp_path, 0)._validate(job, "w")
+    store, job = validated_job(tmp_path, str(tiny_model_dir), body.method_dict(), integrations=body.integrations_list())
     validated = store.get_job(job.id)
     assert validated.status == "queued", validated.error
     assert validated.train_config["train"]["report_to"] == ["wandb"]
