@@ -151,6 +151,8 @@ class SampledBody(RequestBody):
     # The parameter that asks for structured output, and where a json_schema's schema sits in it.
     FORMAT_PARAM: ClassVar[str] = "response_format"
     SCHEMA_PARAM: ClassVar[str] = "response_format.json_schema.schema"
+    # The field that limits the reply's length (`length_limit`).
+    LENGTH_PARAM: ClassVar[str]
 
     model: str
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
@@ -173,7 +175,7 @@ class SampledBody(RequestBody):
 
     def length_limit(self) -> tuple[str, int | None]:
         """The parameter that limits the reply's length, and its value (None: not given)."""
-        raise NotImplementedError
+        return self.LENGTH_PARAM, getattr(self, self.LENGTH_PARAM)
 
     def stop_strings(self) -> tuple[str, ...]:
         return ()
@@ -197,6 +199,8 @@ class SampledBody(RequestBody):
 
 
 class GenerationBody(SampledBody):
+    LENGTH_PARAM: ClassVar[str] = "max_tokens"
+
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     # Several choices of one prompt; with a seed, choice i samples as a request with seed + i (`choice_sampling`).
@@ -249,9 +253,6 @@ class GenerationBody(SampledBody):
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty.", param="stop")
         return tuple(stop)
-
-    def length_limit(self) -> tuple[str, int | None]:
-        return "max_tokens", self.max_tokens
 
     def penalties(self) -> tuple[float, float]:
         return self.presence_penalty, self.frequency_penalty
@@ -469,6 +470,7 @@ class TextConfig(RequestBody):
 class ResponsesBody(SampledBody):
     FORMAT_PARAM: ClassVar[str] = "text.format"
     SCHEMA_PARAM: ClassVar[str] = "text.format.schema"
+    LENGTH_PARAM: ClassVar[str] = "max_output_tokens"
 
     input: list[InputMessage] = Field(min_length=1)
     instructions: str | None = None  # the system message before the input
@@ -531,9 +533,6 @@ class ResponsesBody(SampledBody):
                 param="text.verbosity",
                 code="unsupported_value",
             )
-
-    def length_limit(self) -> tuple[str, int | None]:
-        return "max_output_tokens", self.max_output_tokens
 
     def output_format(self) -> tuple[str, dict | None]:
         """As `ChatCompletionBody.output_format`, read from `text.format`."""
