@@ -189,3 +189,11 @@ def test_a_text_dense_with_hits_keeps_each_once_and_in_order():
     assert [h.kind.name for h in hits[:4]] == ["email", "ipv4", "email", "ipv4"]
     assert len(hits) == 40_000 and hits[-1].text == "81.219.0.1"
     assert find("x mail me: postgres://bob:hunter22@db.acme.io/x")[0].kind.name == "url_password"
+
+
+def test_a_url_password_is_redacted_whole_with_an_empty_user_or_a_colon_in_it():
+    # Redis writes its password with no user; a password may hold ':' after the one that ends the user.
+    assert redact("redis://:s3cretPassw0rd@cache.acme.io:6379/0") == "redis://:<PASSWORD>@cache.acme.io:6379/0"
+    assert redact("redis://:s3cretPassw0rd@localhost:6379") == "redis://:<PASSWORD>@localhost:6379"
+    assert redact("postgres://admin:Sup3r:S3cret@db.internal/app") == "postgres://admin:<PASSWORD>@db.internal/app"
+    assert [h.kind.name for h in find("redis://:s3cretPassw0rd@cache.acme.io")] == ["url_password"]

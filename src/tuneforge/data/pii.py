@@ -170,7 +170,9 @@ KINDS: tuple[Kind, ...] = (
         "url_password",
         SECRET,
         "<PASSWORD>",
-        re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+:([^\s:/@]+)@[^\s/@]"),
+        # The user may be empty (redis://:PASSWORD@host) and the password holds every character of a URL's
+        # user information after the first ':', another ':' included (RFC 3986).
+        re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:([^\s/@]+)@[^\s/@]"),
         _url_password,
         group=1,
         needs=("://",),
