@@ -268,18 +268,18 @@ def test_an_item_a_grader_fails_on_or_too_long_for_the_model_errors_alone(tmp_pa
         assert param == "testing_criteria[0].pass_threshold" and "text_similarity" in message
         evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[python])
         too_long = {"question": "word " * 3000, "answer": "four"}  # past the tiny model's 2048 positions
-        items = inline([*ITEMS, too_long])
+        items = inline([too_long, *ITEMS])  # first: the items after it are named by their place in the run
         run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), items))
         run = wait_run(sdk, evaluation.id, run.id)
         assert run.status == "completed", run.error
         assert (run.result_counts.passed, run.result_counts.errored) == (2, 2)
         assert [(r.passed, r.failed) for r in run.per_testing_criteria_results] == [(2, 0)]
         errored = sdk.evals.runs.output_items.list(run.id, eval_id=evaluation.id, status="error").data
-        [result] = errored[0].results
-        assert errored[0].datasource_item_id == 1 and not result.passed
-        assert "no blue" in result.error and "on item 1, output_text" in result.error
-        assert errored[1].datasource_item_id == 3 and errored[1].results == [] and errored[1].sample.output == []
-        assert errored[1].sample.error.code == "context_length_exceeded" and "2048" in errored[1].sample.error.message
+        [result] = errored[1].results
+        assert errored[1].datasource_item_id == 2 and not result.passed
+        assert "no blue" in result.error and "on item 2, output_text" in result.error
+        assert errored[0].datasource_item_id == 0 and errored[0].results == [] and errored[0].sample.output == []
+        assert errored[0].sample.error.code == "context_length_exceeded" and "2048" in errored[0].sample.error.message
 
 
 def test_a_run_whose_results_the_store_refuses_fails_and_is_not_left_in_progress(tmp_path, tiny_model_dir, monkeypatch):

@@ -416,7 +416,7 @@ class EvalRunner:
         samples = [rollout_sample(a.text) for a in answered]
         grades = {}
         for grader in graders:
-            scores = iter(_grade(grader, samples, [items[i] for i in fits]))
+            scores = iter(_grade(grader, samples, [items[i] for i in fits], fits))
             grades[grader.name] = [next(scores) if answer else None for answer in answers]
         rows, counts = [], {"total": len(items), "passed": 0, "failed": 0, "errored": 0}
         per_criterion = {g.name: {"testing_criteria": g.name, "passed": 0, "failed": 0} for g in graders}
@@ -500,20 +500,21 @@ class EvalRunner:
         return items, graders, (rows, counts, list(per_criterion.values()), usage)
 
 
-def _grade(grader: Grader, samples: list[dict], items: list[dict]) -> list[float | GraderError]:
+def _grade(grader: Grader, samples: list[dict], items: list[dict], places: list[int]) -> list[float | GraderError]:
     """The grader's score of each sample; where grading the batch fails, each sample alone, so one item's
-    failure (a python grader raising on it) is that item's error and the others are scored."""
+    failure (a python grader raising on it) is that item's error and the others are scored. `places` are the
+    items' indices in the run (items too long for the model are not graded, so the two can differ)."""
     try:
         return [result.score for result in grader.grade(samples, items)]
     except GraderError:
         pass
     scores: list[float | GraderError] = []
-    for index, (sample, item) in enumerate(zip(samples, items)):
+    for place, sample, item in zip(places, samples, items):
         try:
             scores.append(grader.grade([sample], [item])[0].score)
         except TuneforgeError as err:
             # Graded alone, the item is its batch's first: the message names its place in the run instead.
-            message = err.message.replace(_FIRST_OF_BATCH, f"on item {index}", 1)
+            message = err.message.replace(_FIRST_OF_BATCH, f"on item {place}", 1)
             scores.append(GraderError(message, code="grader_failed"))
     return scores
 
