@@ -111,6 +111,12 @@ class ModelConfig(Strict):
         "(<tool>, ChatML's <|im_start|> on a base without it); the embeddings grow by a row each, around the mean "
         "of the others, and the listed tokens' rows train (beside LoRA: those rows alone, saved with the adapter)",
     )
+    chat_template: str | None = Field(
+        None,
+        description="the chat template the run trains with and saves with the model, instead of the tokenizer's "
+        "own: a .jinja file (relative to the config's folder), Jinja written out (it holds {% or {{), the name of "
+        "one of the tokenizer's named templates, or chatml",
+    )
 
     @field_validator("add_tokens")
     @classmethod
@@ -935,6 +941,8 @@ class Config(Strict):
         ):
             if d["train"][key] == TrainConfig.model_fields[key].default:
                 d["train"].pop(key)  # added later: a run at the defaults resumes a checkpoint from before them
+        if d["model"]["chat_template"] is None:
+            d["model"].pop("chat_template")  # added later: the tokenizer's own template, as before it
         for section in ("distill", "dpo", "grpo"):
             if self.method != section:
                 # Other methods ignore the section, and leaving it out keeps their hashes (and resumes) as they were.
@@ -1020,6 +1028,9 @@ KNOWN_ELSEWHERE = {
     "load_in_8bit": "model.quantize: int8",
     "tokens": "model.add_tokens",
     "new_special_tokens": "model.add_tokens",
+    "chat_template_jinja": "model.chat_template (a .jinja file, or the template written out)",
+    "chat_template": "model.chat_template",
+    "template": "model.chat_template",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
@@ -1288,6 +1299,10 @@ def _resolve_relative_paths(raw: dict, base_dir: Path, source: str = "config", p
                 data[key] = fix(data[key], f"data.{key}")
     if isinstance(raw.get("base_model"), str):
         raw["base_model"] = fix(raw["base_model"], "base_model")
+    model = raw.get("model")
+    # A template written out (Jinja) is no path; a file's name is read against the config's folder.
+    if isinstance(model, dict) and isinstance(template := model.get("chat_template"), str) and not is_jinja(template):
+        model["chat_template"] = fix(template, "model.chat_template")
     distill = raw.get("distill")
     if isinstance(distill, dict) and isinstance(distill.get("teacher"), str):
         distill["teacher"] = fix(distill["teacher"], "distill.teacher")
@@ -1303,6 +1318,11 @@ def _resolve_relative_paths(raw: dict, base_dir: Path, source: str = "config", p
             section["grader"] = fix_grader(section["grader"], f"{name}.grader")
         elif isinstance(section, dict) and isinstance(section.get("grader"), list):
             section["grader"] = [fix_grader(p, f"{name}.grader.{i}") for i, p in enumerate(section["grader"])]
+
+
+def is_jinja(chat_template: str) -> bool:
+    """Whether a model.chat_template is a template written out, rather than a file or a template's name."""
+    return "{%" in chat_template or "{{" in chat_template
 
 
 def auto_epochs(n_examples: int) -> int:

@@ -36,7 +36,7 @@ from .methods import (
 )
 from .methods.dpo import kto_balance_warning
 from .methods.sft import LOGITS_AT_ONCE
-from .models import count_parameters, load_tokenizer, resolve, resolve_precision
+from .models import count_parameters, resolve, resolve_precision, run_tokenizer
 from .models.attention import supports_per_example_attention
 from .models.loading import grow_embeddings, tokens_added
 from .training import (
@@ -235,7 +235,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     check_output_dir(cfg)
     trackers.check_installed(cfg)
     source = resolve(cfg.base_model)
-    tokenizer = load_tokenizer(source, cfg.model.add_tokens)
+    tokenizer = run_tokenizer(cfg, source)
     token_ids = added_token_ids(cfg, tokenizer)
     n_params, n_trainable, n_linear, n_gathered, hf_config = parameter_counts(source, cfg, token_ids)
     # Refuses a combination that cannot work.

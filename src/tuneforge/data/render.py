@@ -43,7 +43,7 @@ from itertools import accumulate, chain
 
 from jinja2.exceptions import TemplateError
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..models.loading import chat_template, fallback_template, given_chatml
 from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem, Record
 
@@ -852,6 +852,79 @@ def renderer_for(tokenizer) -> ChatRenderer:
     if renderer is None or renderer.source_template != chat_template(tokenizer):  # a new template: check it anew
         renderer = _renderers[tokenizer] = ChatRenderer(tokenizer)
     return renderer
+
+
+def check_template(tokenizer, where: str) -> None:
+    """Refuse, before any data is read, a chat template chosen for a run (model.chat_template, which `where`
+    names) that training or generation cannot use: one that does not compile or raises on a plain
+    conversation (naming the template's line), one that leaves an assistant turn's opening out of
+    add_generation_prompt (chat, serve and eval could not prompt a reply), one whose assistant turns
+    end with no token of the vocabulary (the model could not learn to stop, nor generation stop
+    there), and one whose replies' spans cannot be found in its renderings."""
+    import traceback
+
+    from jinja2.exceptions import TemplateSyntaxError
+
+    def render(messages: list[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    failure = None
+    for probe in _PROBES:
+        first_reply = next(i for i, m in enumerate(probe) if m["role"] == "assistant")
+        try:
+            prompt, without = render(probe[:first_reply], True), render(probe[:first_reply], False)
+            replied = render(probe[: first_reply + 1], False)
+        except (*_TEMPLATE_FAILURES, AttributeError, KeyError, IndexError) as err:
+            failure = failure or err
+            continue
+        break
+    else:
+        if isinstance(failure, TemplateSyntaxError):
+            line = failure.lineno
+        else:
+            line = next(
+                (f.lineno for f in reversed(traceback.extract_tb(failure.__traceback__)) if f.filename == "<template>"),
+                None,
+            )
+        how = "does not compile" if isinstance(failure, TemplateSyntaxError) else "fails"
+        raise ConfigError(
+            f"{where}: the chat template {how}{f' at its line {line}' if line else ''} on a plain conversation (a "
+            f"user message and an assistant reply): {type(failure).__name__}: {failure}. Fix the template there."
+        )
+    reply = probe[first_reply]["content"]
+    turn = replied[len(prompt) :] if replied.startswith(prompt) else ""
+    # What the template writes between the prompt and a reply's content: Mistral's reply follows [/INST]
+    # as it is, but an assistant turn's opening (a role, a marker token) left out of the generation prompt
+    # would be trained as the reply's and never be given to the model at inference.
+    opening = turn[: turn.find(reply)] if reply in turn else ""
+    markers = [t for t in tokenizer.get_added_vocab() if t in opening] + (
+        ["assistant"] if "assistant" in opening else []
+    )
+    if prompt == without and markers:
+        raise ConfigError(
+            f"{where}: the chat template writes nothing for add_generation_prompt, but opens an assistant turn "
+            f"with {opening!r}, so chat, serve and evaluation could not prompt the model for a reply. End it with "
+            "{% if add_generation_prompt %}, that opening, {% endif %}."
+        )
+    renderer = renderer_for(tokenizer)
+    ids = renderer._encode_whole([turn])[0] if turn else []
+    if turn and not renderer.end_ids.intersection(ids):
+        ending = turn[turn.find(reply) + len(reply) :] if reply in turn else turn
+        raise ConfigError(
+            f"{where}: the chat template ends an assistant turn with {ending[:40]!r}, which holds no single token of "
+            f"the vocabulary of {tokenizer.name_or_path or 'the model'}, so the model could not learn to stop nor "
+            "generation stop there. Add the token that ends a turn with model.add_tokens (as <|im_end|> for "
+            "ChatML), or end each assistant turn with {{ eos_token }}."
+        )
+    try:
+        # Without a system message: how a template places one (Mistral's, into the last user message) is a
+        # matter of the rows that have one, each refused with its reason.
+        render_examples([m for m in probe if m["role"] != "system"], tokenizer)
+    except DataError as err:
+        raise ConfigError(
+            f"{where}: the chat template's replies cannot be found in its renderings of a plain conversation, so no "
+            f"loss mask could be made: {err}"
+        ) from None
 
 
 def _raise_problems(problems: list[Problem]) -> None:

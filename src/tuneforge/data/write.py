@@ -46,9 +46,9 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
         raise ConfigError(f"--out {out} is a file; name a folder to write.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"--out {out} is a folder that is not empty; name another, or add --force to replace it.")
-    from ..models import load_tokenizer, resolve  # here: the models stage pulls in heavy imports
+    from ..models import resolve, run_tokenizer  # here: the models stage pulls in heavy imports
 
-    tokenizer = load_tokenizer(resolve(cfg.base_model), cfg.model.add_tokens)
+    tokenizer = run_tokenizer(cfg, resolve(cfg.base_model))
     data = cfg.data
     files = cache.data_files(data, replay_file(data))
     states = [file_state(str(path)) for path in files]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..graders import load_grader
-from ..models import load_model, load_tokenizer, resolve, source_context_length
+from ..models import load_model, load_tokenizer, resolve, run_tokenizer, source_context_length
 from ..tasks.metrics import METRICS
 from .evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -59,10 +59,12 @@ def check_eval_inputs(cfg) -> None:
             check_grader(spec, examples, key=key, weights=weights)
         if metric is not None:  # rows without reference answers have no loss (GRPO checks its prompts' length)
             source = resolve(cfg.base_model)
-            render_within_window(examples, load_tokenizer(source), source_context_length(source), cfg.data.train_on)
+            # The final model's tokenizer, which the evaluation renders with: the base's, with the run's template.
+            tokenizer = run_tokenizer(cfg, source)
+            render_within_window(examples, tokenizer, source_context_length(source), cfg.data.train_on)
     if cfg.eval.forgetting:
         source = resolve(cfg.base_model)
-        window, needed = source_context_length(source), positions_needed(load_tokenizer(source))
+        window, needed = source_context_length(source), positions_needed(run_tokenizer(cfg, source))
         if window and needed > window:
             raise ConfigError(
                 f"{cfg.key_at('eval.forgetting')}: the forgetting measure feeds the model rows of up to {needed} "

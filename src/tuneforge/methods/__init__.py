@@ -23,11 +23,14 @@ that validation leaves out. `sum_over_batches` runs an objective over batches wi
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
 from .. import data as tfdata
+from ..config import is_jinja
 from ..data import IGNORE_INDEX, collate
+from ..data.render import check_template
 from ..errors import ConfigError
 from ..models import compute_dtype, load_frozen_model, load_model, meta_model, source_context_length
 from ..models.quantization import keep_trainable_layout, quantization_config
@@ -105,6 +108,8 @@ def check_inputs(cfg, tokenizer, source) -> None:
             f"{cfg.key_at('data.max_length')}: {cfg.data.max_length} tokens is more than the {window} positions "
             f"{source.name} was built for; set data.max_length to {window} or less."
         )
+    if cfg.model.chat_template is not None:
+        check_template(tokenizer, template_where(cfg))
     dpo.check_data_kind(cfg)
     check_trainable(cfg, source, added_token_ids(cfg, tokenizer))
     if cfg.method == "dora" and cfg.model.quantize == "int8" and not torch.cuda.is_available():
@@ -121,6 +126,13 @@ def check_inputs(cfg, tokenizer, source) -> None:
         distill.check_teacher(cfg, tokenizer)
     if cfg.method == "grpo":
         grpo.load_grader(cfg)
+
+
+def template_where(cfg) -> str:
+    """Where the config set model.chat_template, and the file it names, if any: what errors about it name."""
+    template = cfg.model.chat_template
+    path = template if not is_jinja(template) and Path(template).is_file() else None
+    return cfg.key_at("model.chat_template") + (f", the template {path}" if path else "")
 
 
 def check_trainable(cfg, source, token_ids=()) -> None:

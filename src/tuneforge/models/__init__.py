@@ -19,6 +19,7 @@ from .loading import (
     load_tokenizer,
     meta_model,
     model_info,
+    run_tokenizer,
     source_context_length,
 )
 from .precision import bf16_supported, compute_dtype, resolve_precision
@@ -47,6 +48,7 @@ __all__ = [
     "pull",
     "resolve",
     "run_config_of",
+    "run_tokenizer",
     "resolve_precision",
     "source_context_length",
 ]

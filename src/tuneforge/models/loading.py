@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..errors import ModelSourceError
+from ..errors import ConfigError, ModelSourceError
 from .architecture import end_of_turn_token
 from .convert import cached_registry_folder, context_length, read_record
 from .families import family_of, warn_if_untested
@@ -44,14 +44,20 @@ def source_context_length(spec: str | ModelSource) -> int | None:
     return context_length(AutoConfig.from_pretrained(_as_source(spec).path).get_text_config())
 
 
-def load_tokenizer(spec: str | ModelSource, add_tokens: list[str] | tuple[str, ...] = ()):
+def load_tokenizer(
+    spec: str | ModelSource,
+    add_tokens: list[str] | tuple[str, ...] = (),
+    template: str | None = None,
+    key: str = "model.chat_template",
+):
     """The model's fast tokenizer, always with a chat template and a pad token, and `add_tokens`
     (`model.add_tokens`) added whole (`add_whole_tokens`).
 
-    A tokenizer without a chat template gets ChatML, with a warning. One without a pad token pads
-    with end-of-sequence, or without that with the token that ends its template's turns: batching
-    needs a pad id, and loss masks come from the chat rendering, never from padding, so sharing the
-    id costs nothing.
+    `template` (`model.chat_template`, which `key` names in errors) replaces the tokenizer's own
+    template (`chosen_template`). A tokenizer without a chat template gets ChatML, with a warning.
+    One without a pad token pads with end-of-sequence, or without that with the token that ends its
+    template's turns: batching needs a pad id, and loss masks come from the chat rendering, never
+    from padding, so sharing the id costs nothing.
     """
     source = _as_source(spec)
     tokenizer = _raw_tokenizer(source)
@@ -59,6 +65,11 @@ def load_tokenizer(spec: str | ModelSource, add_tokens: list[str] | tuple[str, .
     _require_embeddings_for_every_token(source, tokenizer, config)
     # Before the ChatML fallback, which ends its turns with <|im_end|> where the vocabulary has it.
     add_whole_tokens(tokenizer, add_tokens)
+    if template is not None:
+        chosen = chosen_template(tokenizer, template, key)
+        own = tokenizer.chat_template
+        # Of several named templates, the chosen one is the default the others stay beside.
+        tokenizer.chat_template = {**own, "default": chosen} if isinstance(own, dict) else chosen
     if not tokenizer.chat_template:
         warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
         tokenizer.chat_template = fallback_template(tokenizer)
@@ -74,6 +85,42 @@ def load_tokenizer(spec: str | ModelSource, add_tokens: list[str] | tuple[str, .
         )
     warn_if_untested(source.name, config.get("model_type", "unknown"), chat_template(tokenizer))
     return tokenizer
+
+
+def run_tokenizer(cfg, source: str | ModelSource):
+    """The tokenizer a run trains with: `load_tokenizer` with the config's model.add_tokens and
+    model.chat_template, an error about the template naming where the config set it."""
+    return load_tokenizer(source, cfg.model.add_tokens, cfg.model.chat_template, key=cfg.key_at("model.chat_template"))
+
+
+def chosen_template(tokenizer, template: str, key: str = "model.chat_template") -> str:
+    """The template `template` (a model.chat_template, which `key` names) gives `tokenizer`: Jinja
+    written out, one of the tokenizer's named templates, chatml (`fallback_template`: ChatML ending its
+    turns with a token of the vocabulary), or a template file's text."""
+    from ..config import is_jinja  # here: the config module is the one that tells Jinja from a path
+
+    named = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
+    if is_jinja(template):
+        return template
+    if template in named:
+        return named[template]
+    if template == "chatml":
+        return fallback_template(tokenizer)
+    path = Path(template)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8").removesuffix("\n")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{key}: {path} is not UTF-8 text; a chat template is a Jinja text file.") from None
+        if not text.strip():  # an empty template would be no template: the ChatML fallback, unasked
+            raise ConfigError(f"{key}: {path} is empty; write the chat template into it.")
+        return text
+    names = f"its named templates are {', '.join(sorted(named))}" if named else "it has no named templates"
+    raise ConfigError(
+        f"{key}: {template} is no file, no Jinja (which holds {{% or {{{{), not chatml, and not a named template of "
+        f"the tokenizer of {tokenizer.name_or_path or 'the model'} ({names}). Give the path of a .jinja file "
+        "(relative to the config's folder), the template itself, chatml, or one of those names."
+    )
 
 
 def add_whole_tokens(tokenizer, tokens) -> list[str]:
@@ -438,7 +485,8 @@ def chatml_fallback_warning(tokenizer) -> str:
         f"{folder or 'the tokenizer'} has no chat template; using ChatML "
         f"(<|im_start|>role ... {_chatml_end_of_turn(tokenizer)}), "
         "which the model learns and then needs at inference (tuneforge saves it with the model). If the model "
-        "was trained on another format, put that template in "
+        "was trained on another format, give that template as model.chat_template (a .jinja file, or the "
+        "template written out) or put it in "
         f"{f'{folder}/chat_template.jinja' if folder else 'chat_template.jinja in the model folder'}."
     )
 

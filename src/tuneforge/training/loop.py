@@ -51,7 +51,7 @@ from ..methods import (
     trainable_parameters,
 )
 from ..methods.dpo import kto_balance_warning
-from ..models import ModelSource, causal_lm, load_tokenizer, resolve, resolve_precision
+from ..models import ModelSource, causal_lm, resolve, resolve_precision, run_tokenizer
 from ..models.attention import per_example_attention, supports_per_example_attention
 from ..models.saving import save_model
 from ..models.system_prompt import record_system_prompt, recorded_system_prompt
@@ -509,7 +509,7 @@ def check_before_launch(
     distributed.strategy(cfg, processes, saves_merged=source is not None and adapter_on_merged_base(cfg, source))
     check_batch_split(cfg, processes)
     if source is not None:
-        check_inputs(cfg, load_tokenizer(source, cfg.model.add_tokens), source)
+        check_inputs(cfg, run_tokenizer(cfg, source), source)
     return source
 
 
@@ -535,7 +535,7 @@ def setup(
     check_batch_split(cfg, world.size)
     if world.is_main:
         trackers.check_installed(cfg)
-    tokenizer = load_tokenizer(source, cfg.model.add_tokens)
+    tokenizer = run_tokenizer(cfg, source)
     refuse_other_runs_on_other_machines(cfg, tokenizer, world)
     check_inputs(cfg, tokenizer, source)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
