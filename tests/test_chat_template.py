@@ -50,6 +50,14 @@ def config_file(folder, llama3, template, **train) -> str:
     return str(path)
 
 
+def with_tokenizer(llama3, tokenizer, folder):
+    """The tiny Llama 3 model in `folder`, with `tokenizer` in place of its own."""
+    tokenizer.save_pretrained(folder)
+    (folder / "config.json").write_text((llama3["base"] / "config.json").read_text())
+    (folder / "model.safetensors").symlink_to(llama3["base"] / "model.safetensors")
+    return folder
+
+
 def test_llama3_trained_with_chatml_renders_saves_and_serves_chatml(llama3, tmp_path, capsys):
     from fastapi.testclient import TestClient
 
@@ -100,10 +108,7 @@ def test_a_template_file_beside_the_config_inline_jinja_and_a_named_template_are
     # A tokenizer that ships several templates: the one named is the default, the others stay beside it.
     named = load_tokenizer(str(llama3["base"]))
     named.chat_template = {"default": named.chat_template, "plain": inline}
-    named.save_pretrained(tmp_path / "named")
-    (tmp_path / "named" / "config.json").write_text((llama3["base"] / "config.json").read_text())
-    (tmp_path / "named" / "model.safetensors").symlink_to(llama3["base"] / "model.safetensors")
-    chosen = load_tokenizer(str(tmp_path / "named"), template="plain")
+    chosen = load_tokenizer(str(with_tokenizer(llama3, named, tmp_path / "named")), template="plain")
     assert chosen.chat_template == {"default": inline, "plain": inline}
 
 
@@ -156,3 +161,12 @@ def test_the_template_is_a_setting_that_changes_results_and_runs_without_it_resu
     assert plain.results_hash() == "f600a79de743dece"  # the hash of checkpoints written before the key
     chatml = Config.model_validate({"data": {"train": "x"}, "model": {"chat_template": "chatml"}})
     assert plain.changed_results_settings(chatml) == ["model.chat_template: None -> chatml"]
+
+
+def test_models_info_names_the_token_that_ends_a_turn_of_a_family_format_on_another_vocabulary(llama3, tmp_path):
+    from tuneforge.models import model_info
+
+    # ChatML on Llama 3's vocabulary, which has no <|im_end|>: its turns end with <|eot_id|>.
+    folder = with_tokenizer(llama3, load_tokenizer(str(llama3["base"]), template="chatml"), tmp_path / "chatml")
+    info = model_info(str(folder))
+    assert (info["end_of_turn_tokens"], info["stop_tokens"]) == (["<|eot_id|>"], ["<|eot_id|>"])
