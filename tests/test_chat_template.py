@@ -170,3 +170,11 @@ def test_models_info_names_the_token_that_ends_a_turn_of_a_family_format_on_anot
     folder = with_tokenizer(llama3, load_tokenizer(str(llama3["base"]), template="chatml"), tmp_path / "chatml")
     info = model_info(str(folder))
     assert (info["end_of_turn_tokens"], info["stop_tokens"]) == (["<|eot_id|>"], ["<|eot_id|>"])
+
+
+def test_the_ollama_modelfile_of_chatml_on_llama3_ends_turns_and_stops_at_eot_id(llama3):
+    from tuneforge.export.ollama import modelfile
+
+    written = modelfile(load_tokenizer(str(llama3["base"]), template="chatml"), "model.gguf")
+    assert "{{ .Content }}<|eot_id|>\n" in written and "<|im_start|>assistant\n" in written
+    assert written.endswith('PARAMETER stop "<|eot_id|>"\n')

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from jinja2.exceptions import TemplateError
 
 from ..errors import TuneforgeError
+from ..models.loading import chatml_end_of_turn
 from ..models.system_prompt import recorded_system_prompt, without_recorded_system_prompt
 from .probe import PROBE_CONVERSATIONS
 
@@ -105,13 +106,23 @@ FORMATS = (
 )
 
 
+def formats(tokenizer) -> tuple[TurnFormat, ...]:
+    """FORMATS, and on a vocabulary without <|im_end|> ChatML with its turns ended by the token tuneforge's
+    ChatML ends them with there (`chatml_end_of_turn`: EOS, Llama 3's <|eot_id|>), as a model without a
+    template of its own or trained with model.chat_template: chatml has it."""
+    end = chatml_end_of_turn(tokenizer)
+    if end == "<|im_end|>":
+        return FORMATS
+    return (*FORMATS, TurnFormat("ChatML", _roles("<|im_start|>{}\n", f"{end}\n"), "<|im_start|>assistant\n"))
+
+
 def modelfile(tokenizer, gguf_name: str) -> str:
     """The Modelfile for `gguf_name`, in the first format that renders the probes as the model's own
     template does; refused when none does. The system prompt a fine-tune recorded is its SYSTEM line
     (Ollama's default for a request without one), so the format is matched on the template without it."""
     recorded = recorded_system_prompt(tokenizer)
     with without_recorded_system_prompt(tokenizer):
-        for turn_format in FORMATS:
+        for turn_format in formats(tokenizer):
             system = _system_text(tokenizer, turn_format)
             if _renders_alike(tokenizer, turn_format, system):
                 return _write(turn_format, system, recorded, gguf_name)

@@ -460,7 +460,7 @@ def count_parameters(config) -> int:
     return sum(p.numel() for p in meta_model(config).parameters())
 
 
-def _chatml_end_of_turn(tokenizer) -> str:
+def chatml_end_of_turn(tokenizer) -> str:
     """The token that ends a ChatML turn for this tokenizer: <|im_end|> where its vocabulary has it, else
     end-of-sequence, which generation stops at (text that only reads <|im_end|> is tokens it never stops at)."""
     if "<|im_end|>" in tokenizer.get_vocab() or not tokenizer.eos_token:
@@ -470,7 +470,7 @@ def _chatml_end_of_turn(tokenizer) -> str:
 
 def fallback_template(tokenizer) -> str:
     """ChatML, its turns ended by the tokenizer's own end-of-turn token: the template of a model without one."""
-    return CHATML_TEMPLATE.replace("<|im_end|>", _chatml_end_of_turn(tokenizer))
+    return CHATML_TEMPLATE.replace("<|im_end|>", chatml_end_of_turn(tokenizer))
 
 
 def given_chatml(tokenizer) -> bool:
@@ -483,7 +483,7 @@ def chatml_fallback_warning(tokenizer) -> str:
     folder = tokenizer.name_or_path
     return (
         f"{folder or 'the tokenizer'} has no chat template; using ChatML "
-        f"(<|im_start|>role ... {_chatml_end_of_turn(tokenizer)}), "
+        f"(<|im_start|>role ... {chatml_end_of_turn(tokenizer)}), "
         "which the model learns and then needs at inference (tuneforge saves it with the model). If the model "
         "was trained on another format, give that template as model.chat_template (a .jinja file, or the "
         "template written out) or put it in "
