@@ -1,5 +1,7 @@
 """Generation on tiny models: end of turn, max_new_tokens, stop strings, batching, streaming, sampling."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -231,3 +233,59 @@ def test_a_reply_stops_where_the_models_context_ends(tiny):
     assert (done.prompt_tokens, done.completion_tokens, done.finish_reason) == (window - 5, 5, "length")
     with pytest.raises(ValueError, match=f"maximum context length is {window} tokens"):
         generate(model, tokenizer, [prompt + prompt[:5]], max_new_tokens=1)
+
+
+def test_logprobs_are_the_raw_log_softmax_of_each_token_given_the_prompt_and_the_reply_before_it(tiny):
+    # Rows asking for log probabilities share a batch with one that does not and one whose penalty changes what it
+    # picks: each asking row's are the model's own distribution at each step, as a separate forward pass gives it.
+    from tuneforge.generate import Batch, Sampling
+
+    model, tokenizer = tiny
+    prompts = encode_prompts(tokenizer, [QUESTION, [{"role": "user", "content": "What is two plus two?"}]])
+    batch = Batch(model, tokenizer)
+    plain = batch.add(prompts[0], Sampling(max_new_tokens=8))
+    asking = [
+        batch.add(prompts[0], Sampling(max_new_tokens=8, logprobs=3)),
+        batch.add(prompts[1], Sampling(max_new_tokens=8, logprobs=0, frequency_penalty=2.0)),
+    ]
+    while batch:
+        batch.step()
+    assert plain.completion().logprobs is None
+    for row in asking:
+        completion = row.completion()
+        ids = torch.tensor([row.prompt_ids + list(completion.token_ids)])
+        with torch.no_grad():
+            expected = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)[len(row.prompt_ids) - 1 :]
+        assert len(completion.logprobs) == len(completion.token_ids)  # no end of turn in 8 tokens of a random model
+        for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+            assert entry.logprob == pytest.approx(expected[step, token].item(), abs=1e-4)
+            assert len(entry.top) == row.sampling.logprobs
+            assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+            if entry.top:
+                best = expected[step].topk(3)
+                assert entry.top[0] == replace(entry, top=(), offset=0)  # greedy: the token picked is the likeliest
+                assert [t.logprob for t in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("stop", [(), ("ok",)])
+def test_a_tokens_logprob_text_is_its_piece_of_the_reply_and_a_half_characters_its_own_bytes(tiny, stop):
+    # The byte-level tokenizer spells "é" and "😀" in single bytes: each such token has its raw bytes (written as
+    # \xNN in its text, as OpenAI's API gives them), so the bytes joined are the reply's; a token the stop string
+    # cuts off is not in the reply's log probabilities.
+    from tuneforge.generate import Row, Sampling
+
+    model, tokenizer = tiny
+    ids = tokenizer("café 😀 ok", add_special_tokens=False)["input_ids"]
+    row = Row([1], Sampling(max_new_tokens=len(ids), logprobs=1, stop=stop), None)
+    for token in ids:
+        row.add(token, tokenizer, frozenset(), (-1.0, [(token, -1.0)]))
+    completion = row.completion()
+    text = "café 😀 " if stop else "café 😀 ok"
+    assert completion.text == text
+    entries = completion.logprobs
+    assert [e.token for e in entries][:7] == ["c", "a", "f", "\\xc3", "\\xa9", " ", "\\xf0"]
+    assert b"".join(e.bytes for e in entries).decode() == text
+    assert [e.offset for e in entries] == [0, 1, 2, 3, 3, 4, 5, 5, 5, 5, 6][: len(entries)] + [7, 8][
+        : len(entries) - 11
+    ]
+    assert all(e.top[0].token == e.token and e.top[0].bytes == e.bytes for e in entries)

@@ -89,6 +89,25 @@ def test_a_chat_body_within_max_body_mb_reaches_the_model_whatever_its_character
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_logprobs_asked_of_the_jobs_api_come_back_from_its_model(tmp_path, tiny_model_dir):
+    app = _api_serving(tmp_path, tiny_model_dir)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = {
+        "model": str(tiny_model_dir),
+        "messages": QUESTION,
+        "max_tokens": 3,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    completion = {"model": str(tiny_model_dir), "prompt": "Hi", "max_tokens": 3, "temperature": 0, "logprobs": 1}
+    with TestClient(app) as http:
+        [chat_choice] = http.post("/v1/chat/completions", json=chat, headers=headers).json()["choices"]
+        [completion_choice] = http.post("/v1/completions", json=completion, headers=headers).json()["choices"]
+    assert [len(entry["top_logprobs"]) for entry in chat_choice["logprobs"]["content"]] == [2, 2, 2]
+    assert len(completion_choice["logprobs"]["token_logprobs"]) == 3
+
+
 def test_a_tuned_models_tool_call_comes_back_through_the_jobs_api_as_tool_calls(tmp_path):
     model = str(train_tool_caller(tmp_path))
     app = create_api(

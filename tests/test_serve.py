@@ -616,26 +616,94 @@ def test_a_list_of_prompts_or_token_ids_is_refused_saying_to_send_one_request_a_
     assert caught.value.param == "prompt" and "valid string" in caught.value.message
 
 
-@pytest.mark.parametrize("logprobs", [0, 1])
-def test_completions_asking_for_logprobs_are_refused(client, logprobs):
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model=BASE, prompt="Hi", max_tokens=2, logprobs=logprobs)
-    assert caught.value.param == "logprobs" and caught.value.code == "unsupported_value"
-    # Greedy: two sampled tokens may be the first bytes of a character, and so no text yet.
-    assert (
-        client.completions.create(model=BASE, prompt="Hi", max_tokens=2, logprobs=None, temperature=0).choices[0].text
+def raw_logprobs(model, prompt_ids, token_ids) -> torch.Tensor:
+    """Each generated token's step's log-softmax, from one forward pass of the prompt and the reply."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(prompt_ids) + list(token_ids)])).logits[0].float()
+    return torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1]
+
+
+def test_chat_logprobs_are_the_models_raw_ones_for_each_choice_and_stream_as_they_answer(client, base):
+    from openai.types.chat import ChatCompletionTokenLogprob
+
+    model, tokenizer = base
+    options = {"model": BASE, "messages": QUESTION, "max_tokens": 8, "logprobs": True, "top_logprobs": 3}
+    expected = alone(*base, QUESTION, 8)
+    reply = client.chat.completions.create(**options, temperature=0, n=2)
+    steps = raw_logprobs(model, encode_prompts(tokenizer, [QUESTION])[0], expected.token_ids)
+    for choice in reply.choices:
+        entries = choice.logprobs.content
+        assert all(isinstance(entry, ChatCompletionTokenLogprob) for entry in entries)
+        assert len(entries) == len(expected.token_ids)  # 8 tokens, no end of turn
+        for step, (token, entry) in enumerate(zip(expected.token_ids, entries)):
+            assert entry.logprob == pytest.approx(steps[step, token].item(), abs=1e-4)
+            best = steps[step].topk(3).values.tolist()
+            assert [top.logprob for top in entry.top_logprobs] == pytest.approx(best, abs=1e-4)
+            assert (entry.top_logprobs[0].token, entry.top_logprobs[0].bytes) == (entry.token, entry.bytes)
+        text = bytes(b for entry in entries for b in entry.bytes).decode("utf-8", "replace")
+        assert text == choice.message.content == expected.text
+    streamed = [[], []]
+    for chunk in client.chat.completions.create(**options, temperature=0, n=2, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.logprobs.content if choice.logprobs else []
+    assert streamed == [reply.choices[0].logprobs.content] * 2
+    plain = client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+    sampled = client.chat.completions.create(**{**options, "top_logprobs": 0}, temperature=1.5, seed=3)
+    sampled_ids = alone(*base, QUESTION, 8, temperature=1.5, seed=3).token_ids
+    steps = raw_logprobs(model, encode_prompts(tokenizer, [QUESTION])[0], sampled_ids)
+    # Sampled at a temperature, each token's log probability is still the model's own, before the temperature.
+    assert [entry.logprob for entry in sampled.choices[0].logprobs.content] == pytest.approx(
+        [steps[step, token].item() for step, token in enumerate(sampled_ids)], abs=1e-4
     )
+    assert all(entry.top_logprobs == [] for entry in sampled.choices[0].logprobs.content)
+
+
+def test_completions_logprobs_come_in_openais_legacy_shape_streamed_or_not(client, base):
+    model, tokenizer = base
+    prompt = "The quick brown fox"
+    expected = alone(*base, prompt, 6)
+    steps = raw_logprobs(model, encode_prompts(tokenizer, [prompt])[0], expected.token_ids)
+    [choice] = client.completions.create(model=BASE, prompt=prompt, max_tokens=6, temperature=0, logprobs=2).choices
+    logprobs = choice.logprobs
+    assert choice.text == expected.text and len(logprobs.tokens) == 6
+    assert logprobs.token_logprobs == pytest.approx(
+        [steps[i, t].item() for i, t in enumerate(expected.token_ids)], abs=1e-4
+    )
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) == 2 and top[token] == logprob  # greedy: the token picked is the likeliest
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    options = {"model": BASE, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 2, "stream": True}
+    for chunk in client.completions.create(**options):
+        for field, values in (chunk.choices[0].logprobs.model_dump() if chunk.choices[0].logprobs else {}).items():
+            streamed[field] += values
+    assert streamed == logprobs.model_dump()
+    [alone_token] = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=1, temperature=0, logprobs=0
+    ).choices
+    # logprobs 0: the token picked, with its own log probability, as OpenAI's API always adds it.
+    assert alone_token.logprobs.top_logprobs == [{logprobs.tokens[0]: logprobs.token_logprobs[0]}]
+    assert client.completions.create(model=BASE, prompt=prompt, max_tokens=2, logprobs=None).choices[0].logprobs is None
 
 
 @pytest.mark.parametrize(
-    "options, param", [({"logprobs": True, "top_logprobs": 2}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")]
+    "route, options, param, said",
+    [
+        ("chat", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+        ("chat", {"logprobs": False, "top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ("completions", {"logprobs": 6}, "logprobs", "less than or equal to 5"),
+        ("completions", {"logprobs": True}, "logprobs", "not true: send 0"),
+    ],
 )
-def test_chat_asking_for_logprobs_is_refused_saying_so(named_chatml, options, param):
-    client, _ = named_chatml
+def test_logprobs_beyond_what_openai_takes_are_a_400_naming_the_parameter(client, route, options, param, said):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="named", messages=QUESTION, max_tokens=2, **options)
-    assert (caught.value.param, caught.value.code) == (param, "unsupported_value")
-    assert caught.value.body["message"] == "logprobs are not supported."
+        if route == "chat":
+            client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2, **options)
+        else:
+            client.completions.create(model=BASE, prompt="Hi", max_tokens=2, **options)
+    assert caught.value.param == param and said in caught.value.message
 
 
 def test_a_body_that_is_not_json_is_a_400(server):

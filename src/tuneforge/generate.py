@@ -25,7 +25,10 @@ running batch between steps as well as leave it (continuous batching).
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -41,12 +44,35 @@ already rendered and tokenized (a tuple, used as they are)."""
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model's raw distribution: the log-softmax of its logits,
+    before temperature, top_p, penalties or a constraint change them (vLLM's default "raw logprobs").
+
+    `token` is the token's text as it decodes in the reply, and `bytes` its UTF-8 bytes; a token holding part of a
+    multi-byte character has its own raw bytes, written as `\\xNN` escapes in `token` (as OpenAI's API gives
+    them), so the tokens' bytes joined are the reply's. `offset` is where its text starts in the reply (in
+    characters); `top` are the most likely tokens at that step, most likely first (`top` of each is empty)."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    offset: int = 0
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int  # every token generated, the end-of-turn token that stopped it included
     finish_reason: str  # "stop" (end of turn or a stop string) | "length" (max_new_tokens reached)
     token_ids: tuple[int, ...] = ()  # the generated tokens, as counted in completion_tokens
+    # Each token's log probability where `Sampling.logprobs` asked for them (the end-of-turn token's is left out,
+    # as it is not in the text); None where it did not.
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+MAX_TOP_LOGPROBS = 20  # the most likely tokens a generated token's log probability comes with, at most (OpenAI's)
 
 
 @dataclass(frozen=True)
@@ -69,6 +95,9 @@ class Sampling:
     # (the reply's own tokens, not the prompt's). Negative values encourage repetition.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Each generated token's log probability (`TokenLogprob`) and those of this many most likely tokens beside it
+    # (0 to MAX_TOP_LOGPROBS); None: none, and no log-softmax over the vocabulary is computed for the row.
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -82,6 +111,8 @@ class Sampling:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
     def generator(self, device) -> torch.Generator | None:
         """A seeded random stream for sampling; None for greedy decoding or no seed (torch's global one)."""
@@ -322,6 +353,12 @@ class Row:
         self.finish_reason: str | None = None
         self.cancelled = False  # set by whoever no longer wants the rest; the row leaves at the next step
         self._keep: dict[int, str] | None = None  # sampling.keep_tokens' ids, found at the first token
+        # Where sampling.logprobs asks: each token's log probability, how many went out with a piece, how much of
+        # the text has decoded whole, and whether a half character follows that.
+        self.logprobs: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None
+        self._logprobs_handed_out = 0
+        self._ends: list[int] = []  # where each token's text ends in the text
+        self._whole, self._partial = 0, False
         self.guide = None  # where the reply stands in `sampling.constraint`, if it has one
         if sampling.constraint is not None:
             from outlines_core import Guide
@@ -332,8 +369,9 @@ class Row:
     def done(self) -> bool:
         return self.finish_reason is not None or self.cancelled
 
-    def add(self, token: int, tokenizer, stop_ids: frozenset[int]) -> str:
-        """Take the next token; return the text that is now safe to hand out."""
+    def add(self, token: int, tokenizer, stop_ids: frozenset[int], scored: Scored | None = None) -> str:
+        """Take the next token (with its log probabilities `scored`, where the row asked for them); return the
+        text that is now safe to hand out."""
         stop = self.sampling.stop
         if self._keep is None:
             self._keep = kept_token_ids(tokenizer, self.sampling.keep_tokens)
@@ -345,6 +383,8 @@ class Row:
             self.text = decode(tokenizer, self.tokens[:-1], self._keep)
         else:
             self.text = decode(tokenizer, self.tokens, self._keep)
+            if self.logprobs is not None and scored is not None:
+                self._score(token, scored, tokenizer)
             cut = min((i for i in (self.text.find(s) for s in stop) if i >= 0), default=-1)
             if cut >= 0:
                 self.text, self.finish_reason = self.text[:cut], "stop"
@@ -360,10 +400,111 @@ class Row:
         self.handed_out += len(piece)
         return piece
 
-    def completion(self) -> Completion:
-        return Completion(
-            self.text, len(self.prompt_ids), len(self.tokens), self.finish_reason or "length", tuple(self.tokens)
+    def _score(self, token: int, scored: Scored, tokenizer) -> None:
+        """Record the log probability of `token`, just added to `text`: its text is what it adds to the text
+        decoded whole before it, or its own raw bytes where it holds part of a character."""
+        logprob, top = scored
+        whole = len(self.text.rstrip("\ufffd"))  # a half character decodes as U+FFFD until its last byte comes
+        partial = whole < len(self.text)
+        raw = token_bytes(tokenizer, token) if partial or self._partial else None
+        if raw is not None:
+            text, data = raw.decode("utf-8", "backslashreplace"), raw
+        else:
+            text = self.text[self._whole : whole]
+            data = text.encode()
+        chosen = TokenLogprob(text, data, logprob, self._whole)
+        alternatives = tuple(
+            replace(chosen, offset=0) if other == token else TokenLogprob(*token_text(tokenizer, other), value)
+            for other, value in top
         )
+        self.logprobs.append(replace(chosen, top=alternatives))
+        self._ends.append(whole)
+        self._whole, self._partial = whole, partial
+
+    def with_logprobs(self, piece: str) -> str | Piece:
+        """`piece` as it is handed out: where the row asks for log probabilities, with those of the tokens whose
+        text has now gone out whole (the rest go with a later piece, or with the completion)."""
+        if self.logprobs is None:
+            return piece
+        start = end = self._logprobs_handed_out
+        while end < len(self.logprobs) and self._ends[end] <= self.handed_out:
+            end += 1
+        self._logprobs_handed_out = end
+        return Piece(piece, tuple(self.logprobs[start:end]))
+
+    def completion(self) -> Completion:
+        logprobs = None
+        if self.logprobs is not None:
+            # A token whose text starts past where a stop string cut the reply is not in it.
+            end = len(self.text)
+            logprobs = tuple(
+                entry for entry, entry_end in zip(self.logprobs, self._ends) if entry.offset < end or entry_end <= end
+            )
+        return Completion(
+            self.text,
+            len(self.prompt_ids),
+            len(self.tokens),
+            self.finish_reason or "length",
+            tuple(self.tokens),
+            logprobs,
+        )
+
+
+Scored = tuple[float, list[tuple[int, float]]]
+"""A picked token's raw log probability, and the most likely tokens' ids with theirs, most likely first."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A row's text handed out, with the log probabilities of the tokens taken since the last one."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...]
+
+
+def token_bytes(tokenizer, token: int) -> bytes | None:
+    """A token's own bytes, where the tokenizer writes them in its vocabulary: byte-level BPE (GPT-2's alphabet:
+    Llama 3, Qwen, SmolLM2) or SentencePiece's byte fallback (`<0xE2>`); None for any other tokenizer."""
+    kinds = _decoder_kinds(tokenizer)
+    name = tokenizer.convert_ids_to_tokens(token)
+    if name is None:
+        return None
+    if token in tokenizer.added_tokens_decoder:
+        return name.encode()
+    if "ByteLevel" in kinds:
+        byte_of = _byte_level_bytes()
+        return bytes(byte_of[char] for char in name) if all(char in byte_of for char in name) else name.encode()
+    if "ByteFallback" in kinds:
+        match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", name)
+        return bytes([int(match[1], 16)]) if match else name.replace("\u2581", " ").encode()
+    return None
+
+
+def token_text(tokenizer, token: int) -> tuple[str, bytes]:
+    """A token's text on its own and its bytes: its raw bytes where the tokenizer has them (`token_bytes`), a
+    partial character's written as `\\xNN` escapes; else the token decoded alone."""
+    raw = token_bytes(tokenizer, token)
+    if raw is None:
+        text = tokenizer.decode([token])
+        return text, text.encode()
+    return raw.decode("utf-8", "backslashreplace"), raw
+
+
+@functools.cache
+def _byte_level_bytes() -> dict[str, int]:
+    """The byte each character of GPT-2's byte-level alphabet stands for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def _decoder_kinds(tokenizer) -> set[str]:
+    """The kinds of decoder a fast tokenizer's backend has (`ByteLevel`, `ByteFallback`, ...), nested ones too."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return set()
+    state = json.loads(decoder.__getstate__())
+    return {state.get("type"), *(part.get("type") for part in state.get("decoders") or [])}
 
 
 class Batch:
@@ -460,8 +601,8 @@ class Batch:
         positions = self._mask.sum(-1, keepdim=True)
         logits = self._forward(self._next[:, None], mask, positions, self._cache)
         self._mask = mask
-        self._next = self._pick(logits, self._rows)
-        return self._hand_out(self._rows, self._next)
+        self._next, scored = self._pick(logits, self._rows)
+        return self._hand_out(self._rows, self._next, scored)
 
     def _prefill(self) -> list[tuple[Row, str]]:
         """Run the waiting rows' prompts; a prefix they all share (a system prompt) runs once, and so
@@ -506,9 +647,9 @@ class Batch:
             index = torch.tensor(prompt_of_row, device=device)
             cache.batch_select_indices(index)
             mask, logits = mask[index], logits[index]
-        tokens = self._pick(logits, rows)
+        tokens, scored = self._pick(logits, rows)
         self._merge(rows, cache, mask, tokens)
-        return self._hand_out(rows, tokens)
+        return self._hand_out(rows, tokens, scored)
 
     def _merge(self, rows: list[Row], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
         if not self._rows:
@@ -540,13 +681,16 @@ class Batch:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
             self._mask = self._mask[:, unused:]
 
-    def _pick(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        """The next token of each row: argmax, or a sample; rows sharing options and a random stream
-        are sampled in one draw, so a batch with one seed draws as it always has. A row's penalties lower
-        the logits of the tokens it has generated first; a constrained row picks among the tokens its guide
-        allows."""
+    def _pick(self, logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, list[Scored | None]]:
+        """The next token of each row (argmax, or a sample) and, for a row asking for them, its log
+        probabilities; rows sharing options and a random stream are sampled in one draw, so a batch with one
+        seed draws as it always has. A row's penalties lower the logits of the tokens it has generated first;
+        a constrained row picks among the tokens its guide allows."""
         from .constrain import allowed
 
+        # Rows asking for log probabilities get them from the raw logits, before penalties and a guide change them.
+        asking = [line for line, row in enumerate(rows) if row.sampling.logprobs is not None]
+        raw = torch.log_softmax(logits[asking], dim=-1) if asking else None
         for line, row in enumerate(rows):
             presence, frequency = row.sampling.presence_penalty, row.sampling.frequency_penalty
             if row.tokens and (presence or frequency):
@@ -561,10 +705,21 @@ class Batch:
                 groups.setdefault((row.sampling.temperature, row.sampling.top_p, id(row.generator)), []).append(line)
         for (temperature, top_p, _), lines in groups.items():
             tokens[lines] = _sample(logits[lines], temperature, top_p, rows[lines[0]].generator)
-        return tokens
+        scored: list[Scored | None] = [None] * len(rows)
+        if asking:
+            chosen = raw.gather(-1, tokens[asking][:, None]).squeeze(-1).tolist()
+            values, ids = raw.topk(max(rows[line].sampling.logprobs for line in asking), dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+            for at, line in enumerate(asking):
+                k = rows[line].sampling.logprobs
+                scored[line] = (chosen[at], list(zip(ids[at][:k], values[at][:k])))
+        return tokens, scored
 
-    def _hand_out(self, rows: list[Row], tokens: torch.Tensor) -> list[tuple[Row, str]]:
-        return [(row, row.add(token, self.tokenizer, self.stop_ids)) for row, token in zip(rows, tokens.tolist())]
+    def _hand_out(self, rows: list[Row], tokens: torch.Tensor, scored: list[Scored | None]) -> list[tuple[Row, str]]:
+        return [
+            (row, row.add(token, self.tokenizer, self.stop_ids, score))
+            for row, token, score in zip(rows, tokens.tolist(), scored)
+        ]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from .. import reasoning
 from ..constrain import ConstraintError, json_index
 from ..data.render import renderer_for, template_texts
 from ..errors import TuneforgeError
-from ..generate import Completion, encode_prompts
+from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
@@ -115,7 +115,38 @@ class _Reply:
                 message.update(content=parsed.content, tool_calls=parsed.tool_calls)
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             answer = {"message": message}
-        return {"index": index, **answer, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "index": index,
+            **answer,
+            "logprobs": self.logprobs(completion.logprobs),
+            "finish_reason": finish_reason,
+        }
+
+    def logprobs(self, entries: Sequence[TokenLogprob] | None) -> dict | None:
+        """The `logprobs` of a choice, or of a chunk, with these tokens': chat's `{"content": [...]}`, or the
+        completions' `tokens`, `token_logprobs`, `top_logprobs` and `text_offset`; None where none were asked
+        for (or a chunk adds no token)."""
+        if entries is None:
+            return None
+        if self.chat:
+            return {
+                "content": [
+                    _token_logprob(entry) | {"top_logprobs": [_token_logprob(top) for top in entry.top]}
+                    for entry in entries
+                ],
+                "refusal": None,
+            }
+        # OpenAI's legacy shape: the most likely tokens and the one picked, by their text.
+        return {
+            "tokens": [entry.token for entry in entries],
+            "token_logprobs": [_logprob(entry.logprob) for entry in entries],
+            "top_logprobs": [
+                {top.token: _logprob(top.logprob) for top in entry.top}
+                | ({} if any(top.token == entry.token for top in entry.top) else {entry.token: _logprob(entry.logprob)})
+                for entry in entries
+            ],
+            "text_offset": [entry.offset for entry in entries],
+        }
 
     def events(self, server: Served, request: Request, body: GenerationBody, generation: Generation):
         """The answer as a stream of chunks (`_events`)."""
@@ -135,13 +166,15 @@ class _Reply:
         opening: bool = False,
         field: str = "content",
         index: int = 0,
+        logprobs: Sequence[TokenLogprob] = (),
     ) -> dict:
         if self.chat:
             answer = {"delta": {"role": "assistant", "content": ""} if opening else {field: text} if text else {}}
         else:
             answer = {"text": text}
         return self._envelope(
-            self._chunk_object, [{"index": index, **answer, "logprobs": None, "finish_reason": finish_reason}]
+            self._chunk_object,
+            [{"index": index, **answer, "logprobs": self.logprobs(logprobs or None), "finish_reason": finish_reason}],
         )
 
     def usage_chunk(self, completions: list[Completion]) -> dict:
@@ -161,6 +194,17 @@ class _Reply:
             "choices": choices,
             **extra,
         }
+
+
+LOWEST_LOGPROB = -9999.0  # what a log probability of -inf is sent as (JSON has no infinity), as vLLM sends it
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOWEST_LOGPROB)
+
+
+def _token_logprob(entry: TokenLogprob) -> dict:
+    return {"token": entry.token, "logprob": _logprob(entry.logprob), "bytes": list(entry.bytes)}
 
 
 def _usage(completions: list[Completion]) -> dict:
@@ -840,25 +884,36 @@ async def _choice_events(reply: _Reply, generation: Generation, index: int):
     # A reasoning model's reasoning streams as it comes; its answer (or any other reply) is parsed for tool
     # calls, its text streamed up to where a call may be starting.
     content, sent = "", 0  # a reply parsed for tool calls: its answer so far, and how much of it went out
+    # Each text chunk carries the log probabilities (where asked) of the tokens that came since the last one; the
+    # last chunk the rest, so the chunks' join those of the whole answer.
+    received, logprobs_sent = generation.logprobs[index], 0
+
+    def fresh() -> list:
+        nonlocal logprobs_sent
+        start, logprobs_sent = logprobs_sent, len(received)
+        return received[start:]
+
     async for part, text in reasoning.deltas(generation.pieces(index), reply.reasoning):
         if reply.tools is None or part != reasoning.CONTENT:
-            yield reply.chunk(text, field=part, index=index)
+            yield reply.chunk(text, field=part, index=index, logprobs=fresh())
             continue
         content += text
         held = reply.tools.held_from(content)  # from where a call may be starting, the text waits for the rest
         if (upto := len(content) if held is None else held) > sent:
-            yield reply.chunk(content[sent:upto], index=index)
+            yield reply.chunk(content[sent:upto], index=index, logprobs=fresh())
             sent = upto
-    finish_reason = generation.completions[index].finish_reason
+    completion = generation.completions[index]
+    finish_reason = completion.finish_reason
     if reply.tools is not None:
         parsed = reply.parsed(content)
         upto = reply.tools.held_from(content) if parsed is not None else len(content)
         if upto > sent:
-            yield reply.chunk(content[sent:upto], index=index)
+            yield reply.chunk(content[sent:upto], index=index, logprobs=fresh())
         if parsed is not None:
             yield reply.tool_calls_chunk(parsed.tool_calls, index)
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-    yield reply.chunk(finish_reason=finish_reason, index=index)
+    rest = (completion.logprobs or ())[logprobs_sent:]
+    yield reply.chunk(finish_reason=finish_reason, index=index, logprobs=rest)
 
 
 async def _merged(streams: list):

@@ -13,12 +13,13 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from ..data.schema import Message
-from ..generate import Sampling
+from ..generate import MAX_TOP_LOGPROBS, Sampling
 from ..web import APIError, Metadata, RequestBody
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS = 1024  # chat's, unless the server says otherwise
 MAX_STOP_STRINGS = 4  # as OpenAI allows
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs`, at most (OpenAI's limit)
 MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
 # Choices of one request, which decode together as rows of one batch (and at most the engine's batch size).
 MAX_CHOICES = 16
@@ -184,6 +185,11 @@ class SampledBody(RequestBody):
         """presence_penalty and frequency_penalty."""
         return 0.0, 0.0
 
+    def logprobs_asked(self) -> int | None:
+        """How many most likely tokens each generated token's log probability comes with; None: no log
+        probabilities."""
+        return None
+
     def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = (), constraint=None) -> Sampling:
         temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
         return Sampling(
@@ -195,6 +201,7 @@ class SampledBody(RequestBody):
             keep_tokens,
             constraint,
             *self.penalties(),
+            logprobs=self.logprobs_asked(),
         )
 
 
@@ -209,7 +216,6 @@ class GenerationBody(SampledBody):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    logprobs: bool | int | None = None
     user: str | None = None  # OpenAI's end-user id; accepted and not used
 
     @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
@@ -230,9 +236,6 @@ class GenerationBody(SampledBody):
         return stop
 
     def check_supported(self) -> None:
-        # `logprobs: 0` asks /v1/completions for the chosen tokens' log probabilities; false or absent for none.
-        if self.logprobs is not None and self.logprobs is not False:
-            raise APIError(400, "logprobs are not supported.", param="logprobs", code="unsupported_value")
         if self.stream_options is not None and not self.stream:  # as OpenAI: it would go unused
             raise APIError(
                 400, "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
@@ -273,7 +276,9 @@ class ChatCompletionBody(GenerationBody):
     parallel_tool_calls: bool | None = None
     functions: list | None = None
     function_call: str | dict | None = None
-    top_logprobs: int | None = None  # refused with logprobs, which this server does not return
+    # Each generated token's log probability, with the top_logprobs most likely tokens' (`generate.TokenLogprob`).
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # OpenAI's structured output: {"type": "text"} (the default), "json_object" or "json_schema", whose
     # reply's decoding is constrained to JSON (`constrain.py`).
     response_format: dict | None = None
@@ -304,8 +309,14 @@ class ChatCompletionBody(GenerationBody):
         for param in ("functions", "function_call"):
             if getattr(self, param) is not None:
                 raise APIError(400, f"{param} {FUNCTIONS_ARE_TOOLS}", param=param, code="unsupported_value")
-        if self.top_logprobs is not None:
-            raise APIError(400, "logprobs are not supported.", param="top_logprobs", code="unsupported_value")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(
+                400,
+                f"top_logprobs={self.top_logprobs} needs logprobs: true (the most likely tokens come with each "
+                "token's log probability): send both, or leave top_logprobs out.",
+                param="top_logprobs",
+                code="invalid_value",
+            )
         kind, _ = self.output_format()
         if kind != "text" and self.calls_tools:
             raise APIError(
@@ -362,6 +373,9 @@ class ChatCompletionBody(GenerationBody):
     def template_messages(self) -> list[dict]:
         return [message.as_template_message() for message in self.messages]
 
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def length_limit(self) -> tuple[str, int | None]:
         # OpenAI's newer name for max_tokens; given both, it wins.
         if self.max_completion_tokens is not None:
@@ -372,6 +386,24 @@ class ChatCompletionBody(GenerationBody):
 class CompletionBody(GenerationBody):
     # OpenAI's prompt may also be a list of prompts or of token ids; `check_supported` says what is served.
     prompt: str | list
+    # Each generated token's log probability with this many most likely tokens' (0 to 5); false or absent: none.
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _a_count(cls, logprobs):
+        # Said here, since pydantic would say "Input should be a valid integer" of true.
+        if logprobs is False:
+            return None
+        if logprobs is True:
+            raise ValueError(
+                f"logprobs of /v1/completions is a number of most likely tokens to return with each token's log "
+                f"probability (0 to {MAX_COMPLETION_LOGPROBS}), not true: send 0 for the tokens' own alone"
+            )
+        return logprobs
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -396,10 +428,18 @@ RESPONSES_NOT_SERVED = {  # what it is not, and the values that ask for nothing,
     "parallel_tool_calls": (_TOOLS, (True,)),
     "max_tool_calls": (_TOOLS, ()),
     "reasoning": ("a reasoning model reasons as its chat template makes it, with no effort or summary set", ()),
-    "include": ("no extra output is included (a reasoning model's reasoning is in the output already)", ([],)),
+    "include": (
+        "no extra output is included (a reasoning model's reasoning is in the output already; log probabilities "
+        "are served by /v1/chat/completions)",
+        ([],),
+    ),
     "background": ("a response is answered while the request waits, or streamed", (False,)),
     "prompt": ("this server keeps no prompt templates: send the instructions and the input themselves", ()),
-    "top_logprobs": ("logprobs are not supported", ()),
+    "top_logprobs": (
+        "log probabilities are served by /v1/chat/completions (`logprobs`, `top_logprobs`) and "
+        "/v1/completions, not by /v1/responses here",
+        (),
+    ),
     "truncation": ("the input is never truncated: a prompt past the context window is refused", ("disabled",)),
     "service_tier": ("this server has one tier", ("auto", "default")),
 }

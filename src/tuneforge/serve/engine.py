@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 
 from ..errors import TuneforgeError
-from ..generate import Batch, Completion, Row, Sampling
+from ..generate import Batch, Completion, Piece, Row, Sampling, TokenLogprob
 from ..web import scrub_paths, server_error
 from .adapters import AdapterPool
 
@@ -63,6 +63,8 @@ class Generation:
     ):
         self.model, self.prompt_ids, self.sampling, self.n = model, prompt_ids, sampling, n
         self.completions: list[Completion | None] = [None] * n
+        # Where the sampling asks for log probabilities: each choice's, as they came with its pieces so far.
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.cancelled = False
         self._loop = loop
         self._events: list[asyncio.Queue] = [asyncio.Queue() for _ in range(n)]
@@ -79,7 +81,8 @@ class Generation:
         self.cancelled = True
 
     async def pieces(self, index: int = 0):
-        """Choice `index`'s text as it is generated; `completions[index]` is set once this ends.
+        """Choice `index`'s text as it is generated; `completions[index]` is set once this ends, and
+        `logprobs[index]` holds the log probabilities of the tokens of the text yielded so far (where asked).
 
         Raises `EngineError`."""
         while True:
@@ -88,6 +91,9 @@ class Generation:
                 self._first_output_at = time.monotonic()
             if isinstance(event, str):
                 yield event
+            elif isinstance(event, Piece):
+                self.logprobs[index].extend(event.logprobs)
+                yield event.text
             elif isinstance(event, Completion):
                 self.completions[index] = event
                 return
@@ -106,7 +112,7 @@ class Generation:
                 pass
         return list(self.completions)
 
-    def _send(self, event: str | Completion | EngineError, index: int | None = None) -> None:
+    def _send(self, event: str | Piece | Completion | EngineError, index: int | None = None) -> None:
         """From the worker thread, to choice `index` (None: to every choice); a loop already closed (server
         stopping) has no one left to tell."""
         for queue in self._events if index is None else [self._events[index]]:
@@ -269,7 +275,7 @@ class Engine:
         for row, piece in batch.step():
             if piece and not row.cancelled:
                 generation, index = rows[row]
-                generation._send(piece, index)
+                generation._send(row.with_logprobs(piece), index)
         for row in [row for row in rows if row.done]:
             generation, index = rows.pop(row)
             if not row.cancelled:
