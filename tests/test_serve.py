@@ -684,7 +684,8 @@ def test_completions_logprobs_come_in_openais_legacy_shape_streamed_or_not(clien
     ).choices
     # logprobs 0: the token picked, with its own log probability, as OpenAI's API always adds it.
     assert alone_token.logprobs.top_logprobs == [{logprobs.tokens[0]: logprobs.token_logprobs[0]}]
-    assert client.completions.create(model=BASE, prompt=prompt, max_tokens=2, logprobs=None).choices[0].logprobs is None
+    plain = client.completions.create(model=BASE, prompt=prompt, max_tokens=2, logprobs=None, echo=False)
+    assert plain.choices[0].logprobs is None
 
 
 @pytest.mark.parametrize(
@@ -695,6 +696,7 @@ def test_completions_logprobs_come_in_openais_legacy_shape_streamed_or_not(clien
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ("completions", {"logprobs": 6}, "logprobs", "less than or equal to 5"),
         ("completions", {"logprobs": True}, "logprobs", "not true: send 0"),
+        ("completions", {"logprobs": 1, "echo": True}, "echo", "not of the prompt's"),
     ],
 )
 def test_logprobs_beyond_what_openai_takes_are_a_400_naming_the_parameter(client, route, options, param, said):

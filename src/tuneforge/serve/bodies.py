@@ -388,6 +388,7 @@ class CompletionBody(GenerationBody):
     prompt: str | list
     # Each generated token's log probability with this many most likely tokens' (0 to 5); false or absent: none.
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool | None = None  # OpenAI's: the prompt before the completion; refused unless false
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -407,6 +408,15 @@ class CompletionBody(GenerationBody):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.echo:
+            raise APIError(
+                400,
+                "echo is not supported: this server returns the completion alone, with the log probabilities of the "
+                "tokens it generates, not of the prompt's (which log-likelihood scoring with echo reads). Leave echo "
+                "out or false.",
+                param="echo",
+                code="unsupported_value",
+            )
         if not isinstance(self.prompt, str):
             raise APIError(
                 400,
