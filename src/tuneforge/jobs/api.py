@@ -3,6 +3,8 @@
 Routes (one router per resource, in `routes/`): `/v1/files` (upload, list, get, content, delete),
 `/v1/fine_tuning/jobs` (create, list, get, cancel, pause, resume, events, checkpoints), `/v1/evals`
 (OpenAI's Evals API: evals with graders as testing criteria, their runs and output items, `evals.py`),
+`/v1/batches` (OpenAI's Batch API: files of requests answered in the background by the inference routes,
+`batches.py`),
 `/v1/models`, and through `tuneforge.serve`, `/v1/chat/completions`, `/v1/completions` and
 `/v1/responses` for the models a key may use (`access.py`), and the key's stored chat completions (kept in the job
 store's database). `/metrics` has the requests, generation and jobs (`metrics.py`). The web
@@ -26,6 +28,7 @@ from fastapi.responses import JSONResponse
 from ..serve import CompletionStore, Retention, completion_routes
 from ..web import Observer, docs_urls, edge
 from .access import ModelAccess
+from .batches import BatchRunner
 from .files import FileStorage
 from .inference import InferenceModels
 from .metrics import JobMetrics
@@ -33,7 +36,7 @@ from .routes import ROUTERS
 from .routes.files import UPLOAD_PATH
 from .service import Service
 from .store import Store
-from .worker import Workers
+from .worker import Workers, process_worker_id
 
 MAX_JSON_BODY_BYTES = 4 << 20
 UPLOAD_ENVELOPE_BYTES = 64 << 10  # what multipart adds around an uploaded file
@@ -55,7 +58,8 @@ def create_api(
     retention: Retention = Retention(),
     log_prompts: bool = False,
 ) -> FastAPI:
-    """The app; its lifespan starts `workers` job workers and stops them (jobs queued again) at the end.
+    """The app; its lifespan starts `workers` job workers (and, with any, the batch runner) and stops them
+    (jobs queued again) at the end.
 
     `allowed_models` are the models clients may name besides registry models and their own fine-tuned
     ones; at most `max_models` base models are held in memory for inference. `allow_python_graders`
@@ -76,13 +80,19 @@ def create_api(
         allow_python_graders,
     )
     job_workers = Workers(store, service.storage, root, workers)
+    # Batches answer with this server's inference models, so they run on its event loop, beside the workers.
+    batch_runner = BatchRunner(service, f"{process_worker_id()}/batches") if workers else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         job_workers.start()
+        batches = asyncio.ensure_future(batch_runner.run()) if batch_runner else None
         try:
             yield
         finally:
+            if batches is not None:
+                batch_runner.stop()  # a batch in progress goes back to be resumed by the next server
+                await batches
             await asyncio.to_thread(job_workers.stop)
             await service.inference.close()
 

@@ -20,7 +20,13 @@ from ..fsio import atomic_file
 from .store import StoredFile, new_id, now
 
 CHUNK_BYTES = 1 << 20
-SUFFIXES = {"fine-tune": ".jsonl", "evals": ".jsonl", "fine-tune-results": ".csv"}
+SUFFIXES = {
+    "fine-tune": ".jsonl",
+    "evals": ".jsonl",
+    "batch": ".jsonl",
+    "batch_output": ".jsonl",
+    "fine-tune-results": ".csv",
+}
 RESULT_COLUMNS = (
     "step",
     "train_loss",

@@ -1,5 +1,5 @@
-"""The jobs service's state in SQL: files, fine-tuning jobs, their events and checkpoints, and evals with
-their runs and output items (OpenAI's Evals API).
+"""The jobs service's state in SQL: files, fine-tuning jobs, their events and checkpoints, evals with
+their runs and output items (OpenAI's Evals API), and batches with their answered lines (OpenAI's Batch API).
 
 The database is SQLite (the default, one file under `$TUNEFORGE_HOME/jobs`) or PostgreSQL (given
 by URL, shared by several servers), through `tuneforge.database`. Every change of a job's status is
@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, String, delete, func, select, update
+from sqlalchemy import JSON, BigInteger, Float, String, UniqueConstraint, delete, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..database import JSON_COLUMNS, Page, Tables, connect, where_metadata
@@ -340,7 +340,120 @@ class EvalStore:
             return True
 
 
-class Store(Tables, EvalStore):
+# ---- batches (OpenAI's Batch API) ----------------------------------------------------------------
+
+BATCH_ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+BATCH_FINISHED = ("completed", "failed", "cancelled", "expired")
+
+
+class Batch(OwnedObject, Base):
+    __tablename__ = "batches"
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(8))
+    metadata_: Mapped[dict | None] = mapped_column("metadata", JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    errors: Mapped[list | None]  # the input file's problems, each {code, message, param, line}
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    total: Mapped[int] = mapped_column(default=0)
+    completed: Mapped[int] = mapped_column(default=0)
+    failed: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    in_progress_at: Mapped[int | None] = mapped_column(BigInteger)
+    finalizing_at: Mapped[int | None] = mapped_column(BigInteger)
+    completed_at: Mapped[int | None] = mapped_column(BigInteger)
+    failed_at: Mapped[int | None] = mapped_column(BigInteger)
+    cancelling_at: Mapped[int | None] = mapped_column(BigInteger)
+    cancelled_at: Mapped[int | None] = mapped_column(BigInteger)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+
+
+class BatchLine(Base):
+    """One answered request of a batch: its line as the output or error file holds it."""
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (UniqueConstraint("batch_id", "index"),)
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(String(40), index=True)
+    index: Mapped[int]  # the request's place among the input file's requests
+    ok: Mapped[bool]  # answered 2xx: a line of the output file, else of the error file
+    line: Mapped[dict]
+
+
+class BatchStore:
+    """The batches and their answered lines, in the job store's database (`Store` holds these methods)."""
+
+    def get_batch(self: Store, batch_id: str, owner: str | None = None) -> Batch | None:
+        query = select(Batch).where(Batch.id == batch_id)
+        if owner is not None:
+            query = query.where(Batch.owner == owner)
+        with self.session() as session:
+            return session.scalar(query)
+
+    def list_batches(self: Store, owner: str, *, after: str | None, limit: int) -> Page:
+        return self.page(Batch, select(Batch).where(Batch.owner == owner), after, limit, newest_first=True)
+
+    def move_batch(
+        self: Store, batch_id: str, from_statuses: Iterable[str], *, held_by: str | None = None, **values
+    ) -> bool:
+        """Set `values` if the batch is in one of `from_statuses` (and held by `held_by`, if given)."""
+        query = update(Batch).where(Batch.id == batch_id, Batch.status.in_(list(from_statuses)))
+        if held_by is not None:
+            query = query.where(Batch.worker_id == held_by)
+        with self.session() as session:
+            return session.execute(query.values(**values)).rowcount == 1
+
+    def claim_batch(self: Store, worker_id: str) -> Batch | None:
+        """The oldest unheld batch to finish cancelling, else to validate and run, now held by `worker_id`."""
+        with self.session() as session:
+            return claim_oldest(session, Batch, "cancelling", worker_id) or claim_oldest(
+                session, Batch, "validating", worker_id
+            )
+
+    def held_batches(self: Store) -> list[Batch]:
+        with self.session() as session:
+            return list(session.scalars(select(Batch).where(Batch.worker_id.is_not(None))))
+
+    def answered_indexes(self: Store, batch_id: str) -> set[int]:
+        with self.session() as session:
+            return set(session.scalars(select(BatchLine.index).where(BatchLine.batch_id == batch_id)))
+
+    def batch_lines(self: Store, batch_id: str) -> list[BatchLine]:
+        query = select(BatchLine).where(BatchLine.batch_id == batch_id).order_by(BatchLine.index)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def add_batch_line(self: Store, held_by: str, line: BatchLine) -> bool:
+        """Keep an answered line and count it, in one transaction, if its batch is still running and held by
+        `held_by` (a server that lost the batch writes nothing)."""
+        counter = Batch.completed if line.ok else Batch.failed
+        query = update(Batch).where(
+            Batch.id == line.batch_id, Batch.worker_id == held_by, Batch.status.in_(("in_progress", "cancelling"))
+        )
+        with self.session() as session:
+            if session.execute(query.values({counter: counter + 1})).rowcount != 1:
+                return False
+            session.add(line)
+            return True
+
+    def finish_batch(
+        self: Store, batch_id: str, held_by: str, from_statuses: Iterable[str], files: list[StoredFile], **values
+    ) -> bool:
+        """Add the batch's output files and set `values` (its final status) in one transaction, if it is still
+        in one of `from_statuses` and held by `held_by`: a client that reads it finished finds its files."""
+        query = update(Batch).where(
+            Batch.id == batch_id, Batch.worker_id == held_by, Batch.status.in_(list(from_statuses))
+        )
+        with self.session() as session:
+            if session.execute(query.values(**values)).rowcount != 1:
+                return False
+            session.add_all(files)
+            return True
+
+
+class Store(Tables, EvalStore, BatchStore):
     """Queries and guarded updates; every method opens and commits its own short transaction."""
 
     def __init__(self, url: str):
@@ -366,6 +479,13 @@ class Store(Tables, EvalStore):
             if row is not None:
                 session.delete(row)
             return row
+
+    def file_in_batch(self, file_id: str) -> Batch | None:
+        """A batch not yet finished that reads this file."""
+        with self.session() as session:
+            return session.scalar(
+                select(Batch).where(Batch.status.in_(BATCH_ACTIVE), Batch.input_file_id == file_id).limit(1)
+            )
 
     def file_in_use(self, file_id: str) -> Job | None:
         """A job not yet finished that reads this file."""
@@ -430,10 +550,10 @@ class Store(Tables, EvalStore):
             return claim_oldest(session, Job, status, worker_id)
 
     def beat(self, process_id: str) -> None:
-        """Mark every job and eval run held by a worker of the process `process_id` (worker ids
+        """Mark every job, eval run and batch held by a worker of the process `process_id` (worker ids
         `process_id/thread`) alive now."""
         with self.session() as session:
-            for table in (Job, EvalRun):
+            for table in (Job, EvalRun, Batch):
                 query = update(table).where(table.worker_id.startswith(f"{process_id}/", autoescape=True))
                 session.execute(query.values(heartbeat_at=time.time()))
 

@@ -10,7 +10,8 @@ retried.
 
 An eval thread beside them runs the queued runs of evals (`evals.EvalRunner`), one at a time, in-process:
 a run answers with the model through `tuneforge.generate` and grades the answers; it is held, beaten and
-recovered as a job is, and a run its server stopped under is queued again from its start.
+recovered as a job is, and a run its server stopped under is queued again from its start. Batches run on
+the API's event loop (`batches.BatchRunner`); a batch whose server died is recovered here, to resume.
 
 A job is held by a worker id `host:pid:process start time/thread`. While the process lives, a thread
 of it beats the heartbeat of every job it holds, whatever it is doing with them (validating files
@@ -181,6 +182,13 @@ class Workers:
                 # Its server died while the model answered: it runs again from the start.
                 self.store.move_run(run.id, ["in_progress"], held_by=run.worker_id, status="queued", worker_id=None)
                 self.store.move_run(run.id, ["canceled"], held_by=run.worker_id, worker_id=None)
+        for batch in self.store.held_batches():
+            alive = holder_alive(batch.worker_id)
+            if not alive and (alive is not None or time.time() - (batch.heartbeat_at or 0) >= STALE_AFTER_S):
+                # Its server died while answering: the next server validates it again and answers the rest.
+                held = {"held_by": batch.worker_id, "worker_id": None}
+                self.store.move_batch(batch.id, ["in_progress", "finalizing"], status="validating", **held)
+                self.store.move_batch(batch.id, [batch.status], **held)
         for job in self.store.held_jobs():
             alive = holder_alive(job.worker_id)
             if alive or (alive is None and time.time() - (job.heartbeat_at or 0) < STALE_AFTER_S):

@@ -1,5 +1,5 @@
-"""The jobs API's routes, one router per resource: files, fine-tuning jobs, evals, models, inference."""
+"""The jobs API's routes, one router per resource: files, fine-tuning jobs, evals, batches, models, inference."""
 
-from . import evals, files, inference, jobs, models
+from . import batches, evals, files, inference, jobs, models
 
-ROUTERS = [files.router, jobs.router, evals.router, models.router, inference.router]
+ROUTERS = [files.router, jobs.router, evals.router, batches.router, models.router, inference.router]

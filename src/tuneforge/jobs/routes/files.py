@@ -27,7 +27,7 @@ def own_file(service: Service, owner: str, file_id: str, param: str = "file_id")
     return row
 
 
-PURPOSES = ("fine-tune", "evals")  # what a client may upload
+PURPOSES = ("fine-tune", "evals", "batch")  # what a client may upload
 
 
 @router.post("")
@@ -40,8 +40,8 @@ def upload_file(
     if purpose not in PURPOSES:
         raise APIError(
             400,
-            f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune', and the "
-            "items of an eval run with purpose 'evals'.",
+            f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune', the "
+            "items of an eval run with purpose 'evals', and the requests of a batch with purpose 'batch'.",
             param="purpose",
             code="invalid_value",
         )
@@ -109,6 +109,13 @@ def delete_file(file_id: str, owner: str = Depends(caller), service: Service = D
             400,
             f"{file_id} is in use by fine-tuning job {user.id} ({user.status}); cancel the "
             "job or wait until it finishes.",
+            param="file_id",
+            code="file_in_use",
+        )
+    if (batch := service.store.file_in_batch(file_id)) is not None:
+        raise APIError(
+            400,
+            f"{file_id} is the input of batch {batch.id} ({batch.status}); cancel the batch or wait until it finishes.",
             param="file_id",
             code="file_in_use",
         )

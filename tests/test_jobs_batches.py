@@ -1,0 +1,181 @@
+"""OpenAI's Batch API on `tuneforge api`, through the official OpenAI SDK: a file of requests answered by a tiny
+model in the background, a request the live route refuses as an error line, cancel, a bad input file, and a
+restart mid-batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from test_jobs_evals import restarted
+
+openai = pytest.importorskip("openai")
+
+BATCH_TIMEOUT_S = 120
+
+
+def request(custom_id: str, model: str, *, url: str = "/v1/chat/completions", **body) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": f"Say {custom_id}."}], "max_tokens": 4, **body}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def upload_requests(client, lines: list) -> str:
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    return client.files.create(file=("requests.jsonl", text.encode()), purpose="batch").id
+
+
+def wait_batch(client, batch_id: str, statuses=("completed", "failed", "cancelled")):
+    deadline = time.monotonic() + BATCH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        time.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} is {batch.status}, not one of {statuses}")
+
+
+def lines_of(client, file_id: str | None) -> list[dict]:
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()] if file_id else []
+
+
+def test_a_mixed_batch_answers_each_request_as_the_live_route_does(tmp_path, tiny_model_dir):
+    model = str(tiny_model_dir)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[model]) as client:
+        lines = [
+            request("a", model, temperature=0),
+            request("too-hot", model, temperature=7),  # the route answers 400 naming temperature
+            request("b", model, temperature=0),
+        ]
+        input_file = upload_requests(client, lines)
+        batch = client.batches.create(
+            input_file_id=input_file,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"run": "nightly"},
+        )
+        assert batch.status == "validating" and batch.metadata == {"run": "nightly"}
+        batch = wait_batch(client, batch.id)
+        assert batch.status == "completed", batch.errors
+        assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (3, 2, 1)
+        assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+
+        output, errors = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
+        assert [line["custom_id"] for line in output] == ["a", "b"]
+        answer = output[0]["response"]
+        assert answer["status_code"] == 200 and answer["body"]["object"] == "chat.completion"
+        assert answer["body"]["model"] == model and output[0]["error"] is None
+        # The same request, live: a batch answers with the same engine and sampling.
+        live = client.chat.completions.create(**lines[0]["body"])
+        assert answer["body"]["choices"][0]["message"]["content"] == live.choices[0].message.content
+        [refused] = errors
+        assert refused["custom_id"] == "too-hot" and refused["response"]["status_code"] == 400
+        assert refused["response"]["body"]["error"]["param"] == "temperature"
+
+        files = {f.id: f for f in client.files.list(purpose="batch_output")}
+        assert set(files) == {batch.output_file_id, batch.error_file_id}
+        assert [b.id for b in client.batches.list()] == [batch.id]
+
+
+def test_a_bad_input_file_fails_the_batch_naming_each_line(tmp_path, tiny_model_dir):
+    model = str(tiny_model_dir)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[model]) as client:
+        lines = [
+            request("a", model),
+            "{not json",
+            {"method": "POST", "url": "/v1/chat/completions", "body": {"model": model}},
+            request("a", model),
+            request("c", model, url="/v1/completions"),
+            request("d", "no-such-model"),
+        ]
+        batch = client.batches.create(
+            input_file_id=upload_requests(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        batch = wait_batch(client, batch.id)
+        assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None
+        found = [(e.line, e.code, e.param) for e in batch.errors.data]
+        assert found == [
+            (2, "invalid_json_line", None),
+            (3, "missing_required_parameter", "custom_id"),
+            (4, "duplicate_custom_id", "custom_id"),
+            (5, "invalid_url", "url"),
+            (6, "model_not_found", "body.model"),
+        ]
+        assert "line 4" in batch.errors.data[2].message and "line 1" in batch.errors.data[2].message
+        with pytest.raises(openai.ConflictError, match="failed"):
+            client.batches.cancel(batch.id)
+
+        # Refused at once: an endpoint not served, another window, a file that is not a batch's.
+        with pytest.raises(openai.BadRequestError, match="endpoint"):
+            client.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/embeddings", completion_window="24h")
+        with pytest.raises(openai.BadRequestError, match="completion_window"):
+            client.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/completions", completion_window="1h")
+        other = client.files.create(file=("train.jsonl", b'{"messages": []}\n'), purpose="fine-tune")
+        with pytest.raises(openai.BadRequestError, match="purpose 'batch'"):
+            client.batches.create(input_file_id=other.id, endpoint="/v1/completions", completion_window="24h")
+
+
+def long_batch(client, model: str, count: int) -> str:
+    lines = [request(f"r{i}", model, max_tokens=48, temperature=0) for i in range(count)]
+    return client.batches.create(
+        input_file_id=upload_requests(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+    ).id
+
+
+def wait_answered(client, batch_id: str, at_least: int):
+    deadline = time.monotonic() + BATCH_TIMEOUT_S
+    while (batch := client.batches.retrieve(batch_id)).request_counts.completed < at_least:
+        assert time.monotonic() < deadline and batch.status in ("validating", "in_progress"), batch.status
+        time.sleep(0.02)
+    return batch
+
+
+def test_a_cancelled_batch_keeps_the_lines_answered_before(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("tuneforge.jobs.batches.IN_FLIGHT", 1)
+    model = str(tiny_model_dir)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[model]) as client:
+        batch_id = long_batch(client, model, 40)
+        wait_answered(client, batch_id, 1)
+        assert client.batches.cancel(batch_id).status in ("cancelling", "cancelled")
+        batch = wait_batch(client, batch_id)
+        assert batch.status == "cancelled" and batch.cancelling_at and batch.cancelled_at
+        counts = batch.request_counts
+        assert 1 <= counts.completed < counts.total == 40
+        output = lines_of(client, batch.output_file_id)
+        assert len(output) == counts.completed and all(line["response"]["status_code"] == 200 for line in output)
+        assert client.batches.cancel(batch_id).status == "cancelled"  # again: nothing changes
+
+
+def test_a_batch_resumes_after_a_restart_without_answering_a_line_twice(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("tuneforge.jobs.batches.IN_FLIGHT", 1)
+    model, home = str(tiny_model_dir), tmp_path / "home"
+    with restarted(home, workers=1, allowed_models=[model]) as client:
+        batch_id = long_batch(client, model, 12)
+        wait_answered(client, batch_id, 2)
+    # The server stopped: the batch waits for the next one, its answered lines kept.
+    with restarted(home, workers=0, allowed_models=[model]) as client:
+        stopped = client.batches.retrieve(batch_id)
+        assert stopped.status == "validating" and 2 <= stopped.request_counts.completed < 12
+    with restarted(home, workers=1, allowed_models=[model]) as client:
+        batch = wait_batch(client, batch_id)
+        assert batch.status == "completed" and batch.request_counts.completed == 12
+        output = lines_of(client, batch.output_file_id)
+        assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(12)]
+        assert len({line["id"] for line in output}) == 12
+
+
+def test_a_batch_whose_server_died_is_taken_up_by_the_next(tmp_path, tiny_model_dir):
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import HOST
+
+    model, home = str(tiny_model_dir), tmp_path / "home"
+    with restarted(home, workers=0, allowed_models=[model]) as client:
+        batch_id = long_batch(client, model, 2)
+    # As a server that was killed mid-batch leaves it: in progress, held by a process that is gone.
+    store = Store(f"sqlite:///{home / 'jobs.db'}")
+    dead = f"{HOST}:{os.getpid()}:1.00/batches"
+    assert store.move_batch(batch_id, ["validating"], status="in_progress", total=2, worker_id=dead)
+    with restarted(home, workers=1, allowed_models=[model]) as client:
+        batch = wait_batch(client, batch_id)
+        assert batch.status == "completed" and batch.request_counts.completed == 2
