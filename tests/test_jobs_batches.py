@@ -179,3 +179,12 @@ def test_a_batch_whose_server_died_is_taken_up_by_the_next(tmp_path, tiny_model_
     with restarted(home, workers=1, allowed_models=[model]) as client:
         batch = wait_batch(client, batch_id)
         assert batch.status == "completed" and batch.request_counts.completed == 2
+
+
+def test_an_upload_that_is_no_batch_file_is_refused_saying_what_a_batch_holds(tmp_path):
+    with restarted(tmp_path / "home", workers=0) as client:
+        for name, text in (("requests.jsonl", b""), ("requests.txt", b"{}\n")):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.files.create(file=(name, text), purpose="batch")
+            assert caught.value.param == "file" and "a batch's requests" in caught.value.message
+            assert "fine-tuning" not in caught.value.message

@@ -27,7 +27,8 @@ def own_file(service: Service, owner: str, file_id: str, param: str = "file_id")
     return row
 
 
-PURPOSES = ("fine-tune", "evals", "batch")  # what a client may upload
+# What a client may upload, and what such a file holds (for the messages about a file that holds nothing).
+PURPOSES = {"fine-tune": "fine-tuning examples", "evals": "an eval run's items", "batch": "a batch's requests"}
 
 
 @router.post("")
@@ -55,7 +56,7 @@ def upload_file(
     if not (file.filename or "").lower().endswith(".jsonl"):
         raise APIError(
             400,
-            f"'{file.filename}' is not a .jsonl file; fine-tuning data is JSON Lines.",
+            f"'{file.filename}' is not a .jsonl file; {PURPOSES[purpose]} are JSON Lines, one JSON object a line.",
             param="file",
             code="invalid_file_format",
         )
@@ -69,7 +70,7 @@ def upload_file(
         service.storage.delete(row)
         raise APIError(
             400,
-            f"'{row.filename}' is empty; fine-tuning data needs at least one example, one JSON object a line.",
+            f"'{row.filename}' is empty; upload {PURPOSES[purpose]}, one JSON object a line.",
             param="file",
             code="invalid_file_format",
         )
