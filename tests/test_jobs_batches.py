@@ -59,7 +59,7 @@ def test_a_mixed_batch_answers_each_request_as_the_live_route_does(tmp_path, tin
         batch = wait_batch(client, batch.id)
         assert batch.status == "completed", batch.errors
         assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (3, 2, 1)
-        assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+        assert batch.in_progress_at and batch.finalizing_at and batch.completed_at and batch.model == model
 
         output, errors = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
         assert [line["custom_id"] for line in output] == ["a", "b"]
@@ -72,6 +72,9 @@ def test_a_mixed_batch_answers_each_request_as_the_live_route_does(tmp_path, tin
         [refused] = errors
         assert refused["custom_id"] == "too-hot" and refused["response"]["status_code"] == 400
         assert refused["response"]["body"]["error"]["param"] == "temperature"
+        answered = [line["response"]["body"]["usage"] for line in output]
+        assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in answered) > 0
+        assert batch.usage.total_tokens == sum(u["total_tokens"] for u in answered)
 
         files = {f.id: f for f in client.files.list(purpose="batch_output")}
         assert set(files) == {batch.output_file_id, batch.error_file_id}

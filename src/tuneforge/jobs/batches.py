@@ -93,6 +93,8 @@ def batch_body(row: Batch) -> dict:
         "cancelled_at": row.cancelled_at,
         "request_counts": {"total": row.total, "completed": row.completed, "failed": row.failed},
         "metadata": row.metadata_,
+        "model": row.model,
+        "usage": row.usage,
     }
 
 
@@ -285,6 +287,7 @@ class BatchRunner:
             held_by=self.worker_id,
             status="in_progress",
             total=len(requests),
+            model=next((r.body["model"] for r in requests if isinstance(r.body.get("model"), str)), None),
             in_progress_at=batch.in_progress_at or now(),
         )
         if not started:  # cancelled meanwhile: the next claim finishes it
@@ -392,7 +395,7 @@ class BatchRunner:
         """Write the answered lines into the output and error files and end the batch in `status`."""
         lines = await asyncio.to_thread(self.store.batch_lines, batch.id)
         files = await asyncio.to_thread(self._write_files, batch, lines)
-        values = {"status": status, f"{status}_at": now()}
+        values = {"status": status, f"{status}_at": now(), "usage": _usage(lines)}
         done = await asyncio.to_thread(
             self.store.finish_batch,
             batch.id,
@@ -424,6 +427,27 @@ class BatchRunner:
 
 
 _ALL = ("validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "cancelled", "expired")
+
+
+def _usage(lines: list[BatchLine]) -> dict:
+    """The tokens of the answered requests, as OpenAI's batch `usage` (chat and completions bodies count
+    prompt and completion tokens, responses bodies input and output tokens)."""
+    read = output = reasoning = 0
+    for line in lines:
+        body = line.line["response"]["body"] if line.ok else None
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(usage, dict):
+            read += usage.get("prompt_tokens", usage.get("input_tokens")) or 0
+            output += usage.get("completion_tokens", usage.get("output_tokens")) or 0
+            details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+            reasoning += details.get("reasoning_tokens") or 0
+    return {
+        "input_tokens": read,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": read + output,
+    }
 
 
 def _output_line(request: Request, status: int, body: dict | None) -> dict:

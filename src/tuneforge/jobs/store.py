@@ -356,6 +356,8 @@ class Batch(OwnedObject, Base):
     errors: Mapped[list | None]  # the input file's problems, each {code, message, param, line}
     output_file_id: Mapped[str | None] = mapped_column(String(40))
     error_file_id: Mapped[str | None] = mapped_column(String(40))
+    model: Mapped[str | None] = mapped_column(String(1300))  # the first request's, once validated
+    usage: Mapped[dict | None]  # the answered requests' tokens, once finished
     total: Mapped[int] = mapped_column(default=0)
     completed: Mapped[int] = mapped_column(default=0)
     failed: Mapped[int] = mapped_column(default=0)
