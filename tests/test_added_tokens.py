@@ -169,3 +169,36 @@ def test_an_untied_model_trains_and_saves_the_added_rows_of_its_output_layer_too
     }
     merged = export(tmp_path / "run", "merged", None, tmp_path / "merged", progress=False)
     assert merged.checks["merge"]["max_abs_logit_diff"] <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3"])  # tied embeddings, and an untied output layer
+def test_added_tokens_in_the_spare_rows_of_a_padded_vocabulary_start_at_the_mean(family, tmp_path):
+    from families import FAMILIES, save_family_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods import added_token_ids, load_for_training, new_token_ids
+    from tuneforge.models import resolve
+
+    # Like Qwen's, the vocabulary has rows past its tokenizer's tokens, holding values no token trained.
+    folder = save_family_model(FAMILIES[family], tmp_path / "base")
+    padded = AutoModelForCausalLM.from_pretrained(folder)
+    own = padded.get_input_embeddings().num_embeddings
+    padded.resize_token_embeddings(own + 8, mean_resizing=False)
+    with torch.no_grad():
+        for layer in (padded.get_input_embeddings(), padded.get_output_embeddings()):
+            layer.weight[own:] = 5.0
+    padded.save_pretrained(folder)
+
+    cfg = load_config({"base_model": str(folder), "method": "full", "data": {"train": "x"}})
+    cfg.model.add_tokens = ["<tool>", "</tool>"]
+    tokenizer = load_tokenizer(str(folder), cfg.model.add_tokens)
+    ids = added_token_ids(cfg, tokenizer)
+    assert ids == [own, own + 1]
+    model = load_for_training(
+        resolve(str(folder)), cfg, precision="fp32", device="cpu", token_ids=ids, new_ids=new_token_ids(tokenizer)
+    )
+    assert model.get_input_embeddings().num_embeddings == own + 8  # the spare rows hold the new tokens
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        mean = layer.weight[:own].mean(0)
+        assert torch.allclose(layer.weight[own : own + 2], mean.expand(2, -1), atol=1e-6)
+        assert torch.all(layer.weight[own + 2 :] == 5.0)  # rows no token uses are left as they are

@@ -31,6 +31,7 @@ from .methods import (
     batch_items,
     check_inputs,
     frozen_dtype,
+    new_token_ids,
     prepare_items,
     prepare_model,
 )
@@ -67,28 +68,29 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 0.
     return 2 * size**3 * n / (time.perf_counter() - start)
 
 
-def parameter_counts(source, cfg, token_ids=()) -> tuple[int, int, int, int, object]:
+def parameter_counts(source, cfg, token_ids=(), new_ids=()) -> tuple[int, int, int, int, object]:
     """(all, trainable, in the decoder's linear layers, gathered whole under FSDP, hf config), counted
     exactly by building the model and its method on the meta device: no memory, no weights, and DoRA
     magnitudes or modules_to_save count as they should. The decoder's linear weights are what
     `model.quantize` quantizes. FSDP (`training.distributed.shard`) gathers its root unit (everything
     outside the decoder layers: embeddings, final norm, output layer) whole for the forward and keeps it
     so through the backward, and beside it a decoder layer computing and the next one prefetched.
-    `token_ids`: the ids of `model.add_tokens`, which the embeddings grow to hold."""
+    `token_ids`: the ids of `model.add_tokens`; `new_ids`: those the tokenizer did not hold, which the
+    embeddings grow to hold."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-        if token_ids:
-            grow_embeddings(model, max(token_ids) + 1)
+        grow_embeddings(model, new_ids)
         total = sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
         linear = sum(
             m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in name
         )
         layers = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
         gathered = total - sum(layers) + 2 * max(layers, default=0)
-        trainable = sum(p.numel() for p in prepare_model(model, cfg, token_ids).parameters() if p.requires_grad)
+        prepared = prepare_model(model, cfg, token_ids, new_ids)
+        trainable = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
     return total, trainable, linear, gathered, config
 
 
@@ -237,7 +239,8 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     source = resolve(cfg.base_model)
     tokenizer = run_tokenizer(cfg, source)
     token_ids = added_token_ids(cfg, tokenizer)
-    n_params, n_trainable, n_linear, n_gathered, hf_config = parameter_counts(source, cfg, token_ids)
+    counts = parameter_counts(source, cfg, token_ids, new_token_ids(tokenizer))
+    n_params, n_trainable, n_linear, n_gathered, hf_config = counts
     # Refuses a combination that cannot work.
     spread = strategy(cfg, processes, saves_merged=adapter_on_merged_base(cfg, source))
     check_inputs(cfg, tokenizer, source)

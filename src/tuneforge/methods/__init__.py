@@ -33,6 +33,7 @@ from ..data import IGNORE_INDEX, collate
 from ..data.render import check_template
 from ..errors import ConfigError
 from ..models import compute_dtype, load_frozen_model, load_model, meta_model, source_context_length
+from ..models.loading import tokens_added
 from ..models.quantization import keep_trainable_layout, quantization_config
 from . import distill, dpo, full, grpo, lora
 from .distill import DistillObjective
@@ -63,30 +64,38 @@ def frozen_dtype(cfg, precision: str) -> torch.dtype:
     return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
 
 
-def load_for_training(source, cfg, *, precision: str, device: torch.device, token_ids=()):
+def load_for_training(source, cfg, *, precision: str, device: torch.device, token_ids=(), new_ids=()):
     """The model to train on `device`, what trains marked: adapters (fp32) over a base held in
     `frozen_dtype`, quantized as `model.quantize` says; or, for full fine-tuning, every weight in fp32.
-    `token_ids`: `added_token_ids`, whose embedding rows the model grows to and trains."""
+    `token_ids`: `added_token_ids`, whose embedding rows the model grows to and trains; `new_ids`:
+    `new_token_ids`, whose rows start at the mean."""
     dtype = frozen_dtype(cfg, precision) if cfg.trains_adapters else torch.float32
     quantization = quantization_config(
         cfg.model.quantize, double_quant=cfg.model.double_quant, compute_dtype=compute_dtype(precision)
     )
-    model = prepare_model(load_model(source, dtype=dtype, quantization=quantization, device=device), cfg, token_ids)
+    model = load_model(source, dtype=dtype, quantization=quantization, device=device)
+    model = prepare_model(model, cfg, token_ids, new_ids)
     if quantization:
         keep_trainable_layout(model)
         return model
     return model.to(device)
 
 
-def prepare_model(model, cfg, token_ids=()):
-    # The config lets model.add_tokens (`token_ids`) only with full, lora and dora.
-    return PREPARE[cfg.method](model, cfg, token_ids) if token_ids else PREPARE[cfg.method](model, cfg)
+def prepare_model(model, cfg, token_ids=(), new_ids=()):
+    # The config lets model.add_tokens (`token_ids`, `new_ids`) only with full, lora and dora.
+    return PREPARE[cfg.method](model, cfg, token_ids, new_ids) if token_ids else PREPARE[cfg.method](model, cfg)
 
 
 def added_token_ids(cfg, tokenizer) -> list[int]:
     """The ids of `model.add_tokens` in `tokenizer` (a `load_tokenizer(source, cfg.model.add_tokens)`): the
     embedding rows that train beside the method's weights."""
     return tokenizer.convert_tokens_to_ids(list(cfg.model.add_tokens))
+
+
+def new_token_ids(tokenizer) -> list[int]:
+    """The ids of the tokens of `model.add_tokens` that `tokenizer` did not hold (`tokens_added`): those after
+    its own tokens, whose embedding rows start at the mean of its own."""
+    return tokenizer.convert_tokens_to_ids(tokens_added(tokenizer))
 
 
 def check_inputs(cfg, tokenizer, source) -> None:
@@ -111,7 +120,7 @@ def check_inputs(cfg, tokenizer, source) -> None:
     if cfg.model.chat_template is not None:
         check_template(tokenizer, template_where(cfg))
     dpo.check_data_kind(cfg)
-    check_trainable(cfg, source, added_token_ids(cfg, tokenizer))
+    check_trainable(cfg, source, added_token_ids(cfg, tokenizer), new_token_ids(tokenizer))
     if cfg.method == "dora" and cfg.model.quantize == "int8" and not torch.cuda.is_available():
         # DoRA's weight norm reads the frozen weight back through bitsandbytes, whose 8-bit layer on a
         # CPU keeps no scales for it: the first step would fail inside bitsandbytes.
@@ -135,14 +144,14 @@ def template_where(cfg) -> str:
     return cfg.key_at("model.chat_template") + (f", the template {path}" if path else "")
 
 
-def check_trainable(cfg, source, token_ids=()) -> None:
+def check_trainable(cfg, source, token_ids=(), new_ids=()) -> None:
     """Mark what trains on the model's structure alone, built on the meta device (no weights, no memory): what
     `prepare_model` refuses (a lora.target_modules or modules_to_save name the model lacks) is refused before
     the data is read and the weights load."""
     from transformers import AutoConfig
 
     with torch.device("meta"):  # the adapter's layers too
-        prepare_model(meta_model(AutoConfig.from_pretrained(source.path)), cfg, token_ids)
+        prepare_model(meta_model(AutoConfig.from_pretrained(source.path)), cfg, token_ids, new_ids)
 
 
 def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False) -> tfdata.PreparedData:
@@ -256,6 +265,7 @@ def trainable_parameters(model) -> dict:
 __all__ = [
     "adapter_on_merged_base",
     "added_token_ids",
+    "new_token_ids",
     "prepare_model",
     "check_inputs",
     "build_objective",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from ..models.loading import grow_embeddings
 
 
-def prepare_model(model, cfg, token_ids=()):
-    """`token_ids`: the ids of `model.add_tokens`, which the embeddings grow to hold."""
+def prepare_model(model, cfg, token_ids=(), new_ids=()):
+    """`token_ids`: the ids of `model.add_tokens`, which the embeddings grow to hold; `new_ids`: those of
+    them the tokenizer did not hold, whose rows start at the mean."""
     if hasattr(model, "merge_and_unload"):  # base_model is a LoRA run: its adapter merged, every weight trains
         model = model.merge_and_unload()
-    if token_ids:
-        grow_embeddings(model, max(token_ids) + 1)
+    grow_embeddings(model, new_ids)
     for p in model.parameters():
         p.requires_grad_(True)
     if cfg.train.freeze_embeddings:

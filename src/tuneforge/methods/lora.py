@@ -133,13 +133,13 @@ def continue_adapter(model, cfg, token_ids=()):
     return model
 
 
-def prepare_model(model, cfg, token_ids=()):
-    """`token_ids`: the ids of `model.add_tokens`, whose embedding rows train beside the adapter."""
+def prepare_model(model, cfg, token_ids=(), new_ids=()):
+    """`token_ids`: the ids of `model.add_tokens`, whose embedding rows train beside the adapter; `new_ids`:
+    those of them the tokenizer did not hold, whose rows start at the mean."""
     if isinstance(model, PeftModel):
         model = continue_adapter(model, cfg, token_ids)
     else:
-        if token_ids:
-            grow_embeddings(model, max(token_ids) + 1)
+        grow_embeddings(model, new_ids)
         config = peft_config(cfg, model, token_ids)
         # PEFT skips a modules_to_save name that matches no module, and a target_modules name so long as
         # another one matches: a typo would train less than asked, silently.

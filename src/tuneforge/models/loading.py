@@ -150,14 +150,30 @@ def tokens_added(tokenizer) -> list[str]:
     return _ADDED.get(tokenizer, [])
 
 
-def grow_embeddings(model, rows: int) -> None:
-    """Give `model` `rows` embedding rows (and output rows), where it has fewer: the new rows start at the
-    mean of the existing ones (`resize_token_embeddings(mean_resizing=True)`), so a new token starts as an
-    average token rather than a random one."""
-    if rows > model.get_input_embeddings().num_embeddings:
-        # On the meta device there are no values to take a mean of.
-        meta = model.get_input_embeddings().weight.is_meta
-        model.resize_token_embeddings(rows, mean_resizing=not meta)
+def grow_embeddings(model, new_ids) -> None:
+    """Give the tokens of `new_ids` (those `load_tokenizer` added, after the tokenizer's own) embedding rows
+    (and output rows) that start at the mean of the rows of the tokenizer's own tokens, so a new token starts
+    as an average token rather than a random one. The model grows to hold them where it has fewer rows; where
+    it has spare rows past its tokenizer already (Qwen pads its vocabulary), those rows hold untrained values
+    and are set to the mean too."""
+    if not new_ids:
+        return
+    embeddings = model.get_input_embeddings()
+    if max(new_ids) >= embeddings.num_embeddings:
+        # Every new row is set below: transformers' own mean would take in the spare rows too.
+        model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+    if model.get_input_embeddings().weight.is_meta:  # no values to take a mean of
+        return
+    own, ids = min(new_ids), torch.tensor(sorted(new_ids))
+    output = model.get_output_embeddings()
+    layers = [model.get_input_embeddings()]
+    if output is not None and output.weight is not layers[0].weight:
+        layers.append(output)
+    with torch.no_grad():
+        for layer in layers:
+            for tensor in (layer.weight, getattr(layer, "bias", None)):
+                if tensor is not None:
+                    tensor[ids] = tensor[:own].float().mean(0).to(tensor.dtype)
 
 
 def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: dict) -> None:

@@ -44,6 +44,7 @@ from ..methods import (
     frozen_dtype,
     load_for_training,
     loss_count,
+    new_token_ids,
     per_count,
     prepare_items,
     reported_sums,
@@ -556,6 +557,7 @@ def setup(
         precision=precision,
         device=torch.device("cpu") if spread == "fsdp" else world.device,
         token_ids=added_token_ids(cfg, tokenizer),
+        new_ids=new_token_ids(tokenizer),
     )
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
