@@ -237,3 +237,21 @@ def test_a_grpo_runs_eval_scores_its_prompt_only_validation_file_with_its_grader
     report = (run / "eval" / "report.html").read_text()
     assert "Grader brace, base vs tuned" in report and "grader brace: mean score" in report
     assert "loss on reference answers" not in report and "Scores, base vs tuned" not in report
+
+
+def test_compare_checks_its_grader_once_for_both_models(tiny_model_dir, triage_data, tmp_path, capsys):
+    """`eval --compare --grader` checks its grader once on the rows (grading empty answers), then grades
+    each model's answers with it."""
+    data = write_rows(tmp_path / "test.jsonl", rows_of(triage_data["test"], 2))
+    calls = tmp_path / "calls.txt"
+    (tmp_path / "rewards.py").write_text(
+        "def one(completions, **kwargs):\n"
+        "    texts = [c if isinstance(c, str) else c[0]['content'] for c in completions]\n"
+        f"    open({str(calls)!r}, 'a').write('graded\\n' if any(texts) else 'checked\\n')\n"
+        "    return [1.0 for _ in completions]\n"
+    )
+    kwargs = {"compare": str(tiny_model_dir), "max_new_tokens": 4, "json_out": True}
+    assert eval_command(str(tiny_model_dir), str(data), grader=f"{tmp_path}/rewards.py:one", **kwargs) == 0
+    assert json.loads(capsys.readouterr().out)["base"]["grader"]["mean"] == 1.0
+    said = calls.read_text().splitlines()
+    assert said.count("checked") == 1 and said.count("graded") == 2

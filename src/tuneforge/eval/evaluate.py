@@ -472,10 +472,32 @@ def evaluate(
     grader that cannot work on this data is refused before the model loads. With a grader, rows without a
     reference answer (GRPO's prompt rows) are taken too; see `evaluate_loaded` for what is then left out.
     """
+    examples, grader = _checked_inputs(data, limit, metric, grader)
+    return _evaluate_examples(
+        model,
+        data,
+        examples,
+        metric=metric,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        train_on=train_on,
+        progress=progress,
+        grader=grader,
+    )
+
+
+def _checked_inputs(data, limit, metric, grader) -> tuple[list[EvalExample], Grader | None]:
+    """The examples of `data` and the `Grader` of `grader` (or None), each checked against the other and the
+    metric before any model loads (`evaluate_loaded` chooses the metric again)."""
     examples = read_eval_examples(data, limit, prompts=grader is not None)
-    choose_metric(metric, examples)  # before the model loads; evaluate_loaded chooses it again
-    if grader is not None:
-        grader = check_grader(grader, examples)
+    choose_metric(metric, examples)
+    return examples, None if grader is None else check_grader(grader, examples)
+
+
+def _evaluate_examples(
+    model: str, data, examples, *, metric, max_new_tokens, batch_size, train_on, progress, grader
+) -> dict:
+    """`evaluate` on `examples` read from `data`, their metric and `grader` (a `Grader` or None) checked."""
     source = resolve(model)
     train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
@@ -518,16 +540,32 @@ def side_by_side(base: dict, tuned: dict) -> list[dict]:
     ]
 
 
-def compare(model: str, base: str, data: str | Path, **options) -> dict:
+def compare(
+    model: str,
+    base: str,
+    data: str | Path,
+    *,
+    metric: str = "auto",
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: int | None = None,
+    train_on: str | None = None,
+    progress: bool = True,
+    grader: dict | str | list | Grader | None = None,
+) -> dict:
     """`evaluate` for `model` and for `base` on the same data (same options), side by side."""
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation
-    if options.get("grader") is not None:  # a grader that cannot work fails before either model loads
-        options = {
-            **options,
-            "grader": check_grader(options["grader"], read_eval_examples(data, options.get("limit"), prompts=True)),
-        }
-    # Both losses count the replies the tuned model's run trained on.
-    options = {**options, "train_on": options.get("train_on") or trained_replies(resolve(model))}
-    tuned_result = evaluate(model, data, **options)
-    base_result = evaluate(base, data, **options)
+    # The data is read, and the metric and a grader loaded and checked, once for both models.
+    examples, grader = _checked_inputs(data, limit, metric, grader)
+    options = {
+        "metric": metric,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        # Both losses count the replies the tuned model's run trained on.
+        "train_on": train_on or trained_replies(resolve(model)),
+        "progress": progress,
+        "grader": grader,
+    }
+    tuned_result = _evaluate_examples(model, data, examples, **options)
+    base_result = _evaluate_examples(base, data, examples, **options)
     return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
