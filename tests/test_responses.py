@@ -160,6 +160,22 @@ def test_what_is_not_served_is_refused_naming_the_field(client, request_fields, 
     assert caught.value.body["type"] == "invalid_request_error"
 
 
+def test_each_field_responses_not_served_lists_is_refused_by_name_and_its_harmless_values_pass(monkeypatch):
+    """RESPONSES_NOT_SERVED alone says what /v1/responses refuses by name: a field listed there is taken by the
+    body, refused with its reason when set, and passed at the values that ask for nothing."""
+    from tuneforge.serve.bodies import RESPONSES_NOT_SERVED, ResponsesBody
+    from tuneforge.web import APIError
+
+    monkeypatch.setitem(RESPONSES_NOT_SERVED, "modalities", ("this server answers in text", (["text"],)))
+    for param, (why, harmless) in RESPONSES_NOT_SERVED.items():
+        for value in (None, *harmless):
+            ResponsesBody.model_validate({"model": BASE, "input": "Hi", param: value}).check_supported()
+        body = ResponsesBody.model_validate({"model": BASE, "input": "Hi", param: {"asks": "something"}})
+        with pytest.raises(APIError) as caught:
+            body.check_supported()
+        assert caught.value.param == param and caught.value.message == f"{param} is not supported: {why}."
+
+
 def test_a_streamed_response_whose_client_hangs_up_stops_decoding(server):
     body = {"model": BASE, "input": "Hi", "max_output_tokens": 2000, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server}/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"}) as sent:

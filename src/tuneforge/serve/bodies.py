@@ -9,7 +9,7 @@ import inspect
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from ..data.schema import Message
@@ -531,19 +531,18 @@ class ResponsesBody(SampledBody):
     user: str | None = None  # OpenAI's end-user ids and cache key: accepted and not used
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    previous_response_id: Any = None  # these and the rest of RESPONSES_NOT_SERVED: refused when set
-    conversation: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    max_tool_calls: Any = None
-    reasoning: Any = None
-    include: Any = None
-    background: Any = None
-    prompt: Any = None
-    top_logprobs: Any = None
-    truncation: Any = None
-    service_tier: Any = None
+    # The values sent for RESPONSES_NOT_SERVED's fields, which `check_supported` refuses when set.
+    _not_served: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _set_aside_not_served(cls, data, handler):
+        # They are no fields of the body, so any value passes validation and is refused by name afterwards.
+        if not isinstance(data, dict):
+            return handler(data)
+        body = handler({key: value for key, value in data.items() if key not in RESPONSES_NOT_SERVED})
+        body._not_served = {key: value for key, value in data.items() if key in RESPONSES_NOT_SERVED}
+        return body
 
     @field_validator("input", mode="before")
     @classmethod
@@ -564,7 +563,7 @@ class ResponsesBody(SampledBody):
 
     def check_supported(self) -> None:
         for param, (why, harmless) in RESPONSES_NOT_SERVED.items():
-            value = getattr(self, param)
+            value = self._not_served.get(param)
             if value is not None and not any(value == same and type(value) is type(same) for same in harmless):
                 raise APIError(400, f"{param} is not supported: {why}.", param=param, code="unsupported_value")
         if self.store:
