@@ -294,3 +294,33 @@ def test_a_run_whose_results_the_store_refuses_fails_and_is_not_left_in_progress
         run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))
         run = wait_run(sdk, evaluation.id, run.id)
         assert run.status == "failed" and run.error.code == "server_error" and "error id" in run.error.message
+
+
+def test_an_eval_run_whose_server_dies_once_too_often_fails_counting_every_death(tmp_path):
+    """A run that takes its server down (the model answers in the server's process) is queued again after
+    each death, as a job is, and fails when it is found dead once more than that."""
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import EvalRun, new_id, now
+    from tuneforge.jobs.worker import HOST, MAX_RECOVERIES, Workers
+    from tuneforge.web import owner_of
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    run = EvalRun(
+        id=new_id("evalrun_"),
+        owner=owner_of(KEY),
+        eval_id="eval_x",
+        name="r",
+        model="m",
+        model_source="m",
+        data_source={},
+        status="queued",
+        created_at=now(),
+    )
+    store.add(run)
+    for death in range(MAX_RECOVERIES + 1):
+        assert store.claim_run("x") is not None
+        store.move_run(run.id, ["in_progress"], worker_id=f"{HOST}:999999999:1.00/e")  # a process that is gone
+        Workers(store, FileStorage(tmp_path), tmp_path, 0)._recover_orphans()
+        after = store.get_run(run.eval_id, run.id)
+        assert after.worker_id is None and after.status == ("queued" if death < MAX_RECOVERIES else "failed")
+    assert after.error["code"] == "server_stopped" and f"stopped {MAX_RECOVERIES + 1} times" in after.error["message"]

@@ -218,6 +218,7 @@ class EvalRun(OwnedObject, Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     worker_id: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    recoveries: Mapped[int] = mapped_column(default=0)  # times it was queued again after its server died
 
 
 class EvalOutputItem(Base):
@@ -462,6 +463,8 @@ class Store(Tables, EvalStore, BatchStore):
         super().__init__(connect(url), Base)
         # A store made before jobs kept their integrations gets the column (empty for its jobs).
         self.add_missing_columns(Job.__tablename__, {"integrations": "JSON"})
+        # A store made before eval runs counted their recoveries gets the column (0 for its runs).
+        self.add_missing_columns(EvalRun.__tablename__, {"recoveries": "INTEGER NOT NULL DEFAULT 0"})
 
     # ---- files -----------------------------------------------------------------------------------
 

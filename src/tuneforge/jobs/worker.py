@@ -10,8 +10,9 @@ retried.
 
 An eval thread beside them runs the queued runs of evals (`evals.EvalRunner`), one at a time, in-process:
 a run answers with the model through `tuneforge.generate` and grades the answers; it is held, beaten and
-recovered as a job is, and a run its server stopped under is queued again from its start. Batches run on
-the API's event loop (`batches.BatchRunner`); a batch whose server died is recovered here, to resume.
+recovered as a job is, and a run its server stopped under is queued again from its start (as often as a job).
+Batches run on the API's event loop (`batches.BatchRunner`); a batch whose server died is recovered here,
+to resume.
 
 A job is held by a worker id `host:pid:process start time/thread`. While the process lives, a thread
 of it beats the heartbeat of every job it holds, whatever it is doing with them (validating files
@@ -55,7 +56,7 @@ STALE_AFTER_S = 60.0  # a holder on another host that has not beaten its heartbe
 HEARTBEAT_EVERY_S = 10.0
 RECOVER_EVERY_S = 5.0
 KILL_AFTER_S = 120.0  # a child still running this long after SIGTERM is killed
-MAX_RECOVERIES = 3  # a job queued again this often after its server died fails when one dies again
+MAX_RECOVERIES = 3  # a job or eval run queued again this often after its server died fails when one dies again
 LOG_TAIL_LINES = 20  # of a crashed training process's log, copied into the server's log
 HOST = socket.gethostname()
 
@@ -179,8 +180,26 @@ class Workers:
         for run in self.store.held_runs():
             alive = holder_alive(run.worker_id)
             if not alive and (alive is not None or time.time() - (run.heartbeat_at or 0) >= STALE_AFTER_S):
-                # Its server died while the model answered: it runs again from the start.
-                self.store.move_run(run.id, ["in_progress"], held_by=run.worker_id, status="queued", worker_id=None)
+                if run.recoveries >= MAX_RECOVERIES:
+                    # A run that takes its server down (too large a model, too many items) fails, not again forever.
+                    error = {
+                        "code": "server_stopped",
+                        "message": f"The server running this eval run stopped {run.recoveries + 1} times while the "
+                        "model answered; giving up. Create a new run to try again (fewer items, or a smaller model).",
+                    }
+                    self.store.move_run(
+                        run.id, ["in_progress"], held_by=run.worker_id, status="failed", error=error, worker_id=None
+                    )
+                else:
+                    # Its server died while the model answered: it runs again from the start.
+                    self.store.move_run(
+                        run.id,
+                        ["in_progress"],
+                        held_by=run.worker_id,
+                        status="queued",
+                        worker_id=None,
+                        recoveries=run.recoveries + 1,
+                    )
                 self.store.move_run(run.id, ["canceled"], held_by=run.worker_id, worker_id=None)
         for batch in self.store.held_batches():
             alive = holder_alive(batch.worker_id)
