@@ -221,6 +221,28 @@ def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
     )
 
 
+def test_items_that_do_not_match_the_evals_item_schema_are_refused_naming_the_item_and_field(sdk, tiny_model_dir):
+    not_a_schema = {**CONFIG, "item_schema": {"type": "object", "properties": {"answer": {"type": "text"}}}}
+    param, message = refusal(lambda: sdk.evals.create(data_source_config=not_a_schema, testing_criteria=[ANY_ANSWER]))
+    assert param == 'data_source_config.item_schema["properties"]["answer"]["type"]' and "'text'" in message
+
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER])
+    model = str(tiny_model_dir)
+    schema = "does not match the eval's data_source_config.item_schema"
+    for wrong, said in (
+        ({"question": "Say hi."}, f"item {schema}: 'answer' is a required property"),
+        ({"question": "Say hi.", "answer": 4}, f"item.answer {schema}: 4 is not of type 'string'"),
+    ):
+        items = data_source(model, inline([ITEMS[0], wrong]))
+        param, message = refusal(lambda items=items: sdk.evals.runs.create(evaluation.id, data_source=items))
+        assert param == "data_source.source.content[1]" and said in message, message
+    lines = "".join(json.dumps({"item": item}) + "\n" for item in [ITEMS[0], ITEMS[1], {"question": 1, "answer": "a"}])
+    uploaded = sdk.files.create(file=("items.jsonl", lines.encode()), purpose="evals")
+    source = {"type": "file_id", "id": uploaded.id}
+    param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source(model, source)))
+    assert param == f"{uploaded.id} item[2]" and "item.question does not match" in message, message
+
+
 def test_a_queued_run_is_canceled_and_a_canceled_one_cannot_be_again(sdk, tiny_model_dir):
     evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
     run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))

@@ -217,6 +217,40 @@ def _bad_line(file_id: str, line: int, what: str) -> APIError:
     )
 
 
+def check_item_schema(schema: dict) -> None:
+    """The eval's `data_source_config.item_schema`, checked as a JSON Schema: a 400 naming what is wrong in it."""
+    from jsonschema import SchemaError, validators
+
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as err:
+        where = "".join(f"[{json.dumps(step)}]" for step in err.absolute_path)
+        param = f"data_source_config.item_schema{where}"
+        raise APIError(
+            400, f"{param} is not a valid JSON Schema: {err.message:.300}", param=param, code="invalid_value"
+        ) from None
+
+
+def check_items_match(schema: dict, items: list[dict], item_param: str) -> None:
+    """Every item validated against the eval's item schema (`data_source_config.item_schema`), as OpenAI
+    validates them: a 400 naming the first item that does not match, the field and what is wrong with it."""
+    from jsonschema import validators
+    from jsonschema.exceptions import best_match
+
+    validator = validators.validator_for(schema)(schema)
+    for index, item in enumerate(items):
+        error = best_match(validator.iter_errors(item))
+        if error is not None:
+            field = "".join(f"[{json.dumps(step)}]" if isinstance(step, int) else f".{step}" for step in error.path)
+            param = f"{item_param}[{index}]"
+            raise APIError(
+                400,
+                f"{param}: item{field} does not match the eval's data_source_config.item_schema: {error.message:.300}",
+                param=param,
+                code="invalid_value",
+            )
+
+
 def check_items(graders: list[Grader], templates: list[Template], items: list[dict], item_param: str) -> None:
     """Every item field the input template and the graders read, looked up on each item: a 400 naming the
     first item that lacks one (`item_param` says where the items were given)."""

@@ -12,7 +12,9 @@ from ..evals import (
     CreateEvalBody,
     CreateRunBody,
     UpdateEvalBody,
+    check_item_schema,
     check_items,
+    check_items_match,
     data_source_config,
     eval_body,
     file_items,
@@ -44,6 +46,7 @@ def own_run(service: Service, owner: str, eval_id: str, run_id: str) -> EvalRun:
 @router.post("")
 def create_eval(body: CreateEvalBody, owner: str = Depends(caller), service: Service = Depends(service_of)):
     testing_criteria(body.testing_criteria, allow_python=service.allow_python_graders)
+    check_item_schema(body.data_source_config.item_schema)
     row = Eval(
         id=new_id("eval_"),
         owner=owner,
@@ -107,11 +110,11 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
                 param="data_source.source.id",
                 code="invalid_file_purpose",
             )
-        items = file_items(service.storage.path(row), row.id)
-        check_items(graders, templates, items, f"{row.id} item")
+        items, item_param = file_items(service.storage.path(row), row.id), f"{row.id} item"
     else:
-        items = [row.item for row in source.source.content]
-        check_items(graders, templates, items, "data_source.source.content")
+        items, item_param = [row.item for row in source.source.content], "data_source.source.content"
+    check_items_match(evaluation.data_source_config["schema"]["properties"]["item"], items, item_param)
+    check_items(graders, templates, items, item_param)
     target = service.access.for_inference(owner, source.model)  # a model the caller may not use is refused now
     run = EvalRun(
         id=new_id("evalrun_"),
