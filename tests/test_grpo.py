@@ -549,3 +549,32 @@ def test_a_grpo_run_logs_reward_spreads_and_answer_lengths(tiny_model_dir, triag
         assert 0 <= m["zero_std_share"] <= 1 and 0 <= m["clipped_share"] <= 1 and 1 <= m["completion_length"] <= 8
     assert 1 <= steps[0]["valid_completion_length"] <= 8 and 0 <= steps[0]["valid_clipped_share"] <= 1
     assert {"full_valid_completion_length", "full_valid_clipped_share"} <= set(logged[-1])
+
+
+def test_data_pii_looks_in_prompt_rows_and_their_answers_as_in_other_formats(tiny_model_dir, triage_data, tmp_path):
+    """GRPO's {"prompt", "answer"} rows are screened as the other formats are: a secret in a prompt and personal
+    data in the answer its grader reads (which the rewards steer the model toward) are warned of by file, line
+    and field, refused under data.pii: refuse, and replaced by placeholders under redact."""
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(
+        json.dumps({"prompt": "Log in with key AKIAIOSFODNN7EXAMPLE and say hi", "answer": "hi"})
+        + "\n"
+        + json.dumps({"prompt": "Whose address is it?", "answer": "jane.doe@acme-mail.io"})
+        + "\n"
+    )
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    said = []
+
+    def prepared(mode: str):
+        cfg = grpo_config(tiny_model_dir, {**triage_data, "train": rows}, tmp_path / "r")
+        cfg["data"].update(validation=0.0, pii=mode, on_error="skip")
+        return prepare_items(load_config(cfg), tokenizer, log=said.append)
+
+    warned = prepared("warn")
+    assert [w["code"] for w in warned.report["warnings"]] == ["secret_in_prompt", "personal_data_in_reply"]
+    assert f"{rows}:1 message 1 (user)" in said[0] and f"{rows}:2 answer" in said[1], said
+    assert warned.report["pii"]["kinds"] == {"aws_access_key": 1, "email": 1}
+    with pytest.raises(TuneforgeError, match="personal data in a reply"):
+        prepared("refuse")
+    redacted = prepared("redact").train
+    assert "AKIA" not in redacted[0].messages[-1]["content"] and redacted[1].item == {"answer": "<EMAIL>"}

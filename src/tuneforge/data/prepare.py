@@ -340,9 +340,7 @@ class _Preparation:
         self.over_length: list[str] = []  # the first places of rows cut or dropped at max_length
         self.system_prompts = SystemPromptTally(tokenizer)
         self.replies = ReplyTally()
-        self.pii_found: list[dict] = []  # each secret or piece of personal data: where, which kind, masked
-        self.pii_kinds: Counter = Counter()
-        self.pii_places: Counter = Counter()  # hits in replies (trained text) and in prompts
+        self.pii = PiiScreen(cfg.pii, cfg.train_on, self.problems)
         near = cfg.near_dedup_threshold if cfg.dedup == "near" else None
         self.validation_keys = DuplicateIndex(near)  # for the leak check, even without dedup
         self.train_index = DuplicateIndex(near) if cfg.dedup != "none" else None
@@ -404,7 +402,7 @@ class _Preparation:
                         self.counts["rejected_records"] += 1
                         continue
                     if self.cfg.pii != "off":
-                        item = self._screen(item, str(path), line)
+                        item = self.pii.screen(item, str(path), line, self.files[-1]["format"])
                     key = content_hash(item)
                     signer = index or leaks_from
                     signature = signer.signature(item) if signer else None
@@ -471,71 +469,6 @@ class _Preparation:
             )
             return False
         return True
-
-    def _screen(self, record: Record, path: str, line: int) -> Record:
-        """Find the secrets and personal data in a row's texts (`pii`): each is counted by kind and listed
-        where it is, masked; the row gets a warning for each of secrets and personal data, in replies (what
-        the model learns to say) and in prompts apart (an error under data.pii: refuse). Under redact the
-        row goes on with a typed placeholder in place of each, so rendering, dedup and the cache see that."""
-        trained_roles = frozenset(("system", "user", "assistant", "tool"))
-        trained_roles = trained_roles if self.cfg.train_on == "all" else frozenset(("assistant",))
-        by_code: dict[str, list[tuple[str, pii.Hit]]] = {}
-        for where, attribute, text, trained in pii.record_texts(record, trained_roles):
-            for hit in pii.find(text):
-                field = _text_field(record, where, attribute, self.files[-1]["format"])
-                self.pii_kinds[hit.kind.name] += 1
-                self.pii_places["in_replies" if trained else "in_prompts"] += 1
-                if len(self.pii_found) < MAX_LISTED:
-                    self.pii_found.append(
-                        {"file": path, "line": line, "field": field, "kind": hit.kind.name, "sample": hit.sample}
-                        | {"in_reply": trained}
-                    )
-                category = "secret" if hit.kind.category == pii.SECRET else "personal_data"
-                by_code.setdefault(f"{category}_in_{'reply' if trained else 'prompt'}", []).append((field, hit))
-        if not by_code:
-            return record
-        self.counts["pii_rows"] += 1
-        for code in PII_CODES:
-            if code in by_code:
-                self.problems.append(self._pii_problem(code, by_code[code], path, line))
-        if self.cfg.pii != "redact":
-            return record
-        redacted = pii.redact_record(record)
-        if isinstance(record, Preference) and _same_replies(redacted) and not _same_replies(record):
-            self.problems.append(
-                Problem(
-                    "identical_preference",
-                    "the chosen and rejected replies differ only in what data.pii: redact replaces, so with its "
-                    "placeholders they are the same and the pair teaches nothing; fix or remove it.",
-                    file=path,
-                    line=line,
-                    severity="warning",
-                )
-            )
-        return redacted
-
-    def _pii_problem(self, code: str, hits: list[tuple[str, pii.Hit]], path: str, line: int) -> Problem:
-        found = ", ".join(f"{hit.kind.name} {hit.sample}" for _, hit in hits[:3]) + (", ..." if len(hits) > 3 else "")
-        if self.cfg.pii == "redact":
-            said = f"replaced by placeholders in the rows training sees (data.pii: redact): {found}."
-        elif code == "secret_in_reply":
-            said = (
-                f"SECRET IN A REPLY: {found}. The model learns its replies word for word and can give it to anyone; "
-                "remove it (and revoke it: it is in the data), or set data.pii: redact to train on a placeholder."
-            )
-        elif code == "personal_data_in_reply":
-            said = (
-                f"personal data in a reply: {found}. The model can learn it and repeat it; remove it, or set "
-                "data.pii: redact to train on placeholders (<EMAIL>, ...)."
-            )
-        else:
-            what = "a secret" if code == "secret_in_prompt" else "personal data"
-            said = (
-                f"{what} in a prompt: {found}. Prompts are not trained, but the data carries it; remove it, or set "
-                "data.pii: redact."
-            )
-        severity = "error" if self.cfg.pii == "refuse" else "warning"
-        return Problem(code, said, file=path, line=line, field=hits[0][0], severity=severity)
 
     def _repeat(self, path: str, line: int, hit: tuple[str, int], kind: str) -> dict:
         of_file, of_line = self.files[hit[1] >> 32]["path"], hit[1] & 0xFFFFFFFF
@@ -835,14 +768,7 @@ class _Preparation:
                 else None,
             },
             "system_prompt": self.system_prompts.report(),
-            "pii": {
-                "mode": self.cfg.pii,
-                "rows": self.counts["pii_rows"],
-                "kinds": dict(self.pii_kinds.most_common()),
-                "in_replies": self.pii_places["in_replies"],
-                "in_prompts": self.pii_places["in_prompts"],
-                "found": self.pii_found,
-            },
+            "pii": self.pii.report(),
             "warnings": self._warnings(counts),
             "errors": [p.to_dict() for p in errors[:MAX_LISTED]],
             "errors_total": len(errors),
@@ -876,14 +802,7 @@ class _Preparation:
                     {"code": code, "count": count, "message": message, "where": (where or [])[:_LISTED_PLACES]}
                 )
 
-        by_code: dict[str, list[Problem]] = {}
-        for p in sorted(self.problems, key=lambda p: p.code != "secret_in_reply"):  # the loudest first
-            if not p.is_error:
-                by_code.setdefault(p.code, []).append(p)
-        for code, problems in by_code.items():
-            places = [p.where() for p in problems]
-            said = f"{problems[0].message} ({counted(len(problems), 'row')}: {_first(places)})"
-            warn(code, len(problems), said, places)
+        warnings += problem_warnings(self.problems)
         warn(
             "chat_template_missing",
             int(self.renderer.uses_fallback_template),
@@ -955,6 +874,117 @@ class _Preparation:
                 "left out (data.on_error: skip); see errors in the report.",
             )
         return warnings
+
+
+def problem_warnings(problems: list[Problem]) -> list[dict]:
+    """The report's warnings of the rows' problems that are not errors: one per code, with its count and the
+    first places, secrets in replies first (the loudest)."""
+    by_code: dict[str, list[Problem]] = {}
+    for p in sorted(problems, key=lambda p: p.code != "secret_in_reply"):
+        if not p.is_error:
+            by_code.setdefault(p.code, []).append(p)
+    warnings = []
+    for code, found in by_code.items():
+        places = [p.where() for p in found]
+        said = f"{found[0].message} ({counted(len(found), 'row')}: {_first(places)})"
+        warnings.append({"code": code, "count": len(found), "message": said, "where": places[:_LISTED_PLACES]})
+    return warnings
+
+
+class PiiScreen:
+    """data.pii over the rows of a data set (`screen` each): their secrets and personal data found, counted
+    and listed (`report`), a problem for each row with any (appended to `problems`, in the order of the
+    rows), and under redact the rows with placeholders in their place. `train_on` (data.train_on) says
+    which messages are replies the model learns."""
+
+    def __init__(self, mode: str, train_on: str, problems: list[Problem]):
+        self.mode, self.problems = mode, problems
+        every_role = frozenset(("system", "user", "assistant", "tool"))
+        self.trained_roles = every_role if train_on == "all" else frozenset(("assistant",))
+        self.found: list[dict] = []  # each secret or piece of personal data: where, which kind, masked
+        self.kinds: Counter = Counter()
+        self.places: Counter = Counter()  # hits in replies (trained text) and in prompts
+        self.rows = 0
+
+    def screen(self, record: Record, path: str, line: int, format: str | None, extra=()) -> Record:
+        """Find the secrets and personal data in a row's texts and `extra` ((field, text, whether it is a
+        reply) beside the record's, as a grader's fields): each is counted by kind and listed where it is,
+        masked; the row gets a problem for each of secrets and personal data, in replies (what the model
+        learns to say) and in prompts apart (an error under data.pii: refuse). Under redact the row goes on
+        with a typed placeholder in place of each of the record's (the caller redacts `extra`'s), so rendering,
+        dedup and the cache see that."""
+        texts = [
+            (_text_field(record, where, attribute, format), text, trained)
+            for where, attribute, text, trained in pii.record_texts(record, self.trained_roles)
+        ]
+        by_code: dict[str, list[tuple[str, pii.Hit]]] = {}
+        for field, text, trained in [*texts, *extra]:
+            for hit in pii.find(text):
+                self.kinds[hit.kind.name] += 1
+                self.places["in_replies" if trained else "in_prompts"] += 1
+                if len(self.found) < MAX_LISTED:
+                    self.found.append(
+                        {"file": path, "line": line, "field": field, "kind": hit.kind.name, "sample": hit.sample}
+                        | {"in_reply": trained}
+                    )
+                category = "secret" if hit.kind.category == pii.SECRET else "personal_data"
+                by_code.setdefault(f"{category}_in_{'reply' if trained else 'prompt'}", []).append((field, hit))
+        if not by_code:
+            return record
+        self.rows += 1
+        for code in PII_CODES:
+            if code in by_code:
+                self.problems.append(self._problem(code, by_code[code], path, line))
+        if self.mode != "redact":
+            return record
+        redacted = pii.redact_record(record)
+        if isinstance(record, Preference) and _same_replies(redacted) and not _same_replies(record):
+            self.problems.append(
+                Problem(
+                    "identical_preference",
+                    "the chosen and rejected replies differ only in what data.pii: redact replaces, so with its "
+                    "placeholders they are the same and the pair teaches nothing; fix or remove it.",
+                    file=path,
+                    line=line,
+                    severity="warning",
+                )
+            )
+        return redacted
+
+    def report(self) -> dict:
+        """The data report's `pii`: the rows with any, the count of each kind, in replies and in prompts, and
+        each one found (masked)."""
+        return {
+            "mode": self.mode,
+            "rows": self.rows,
+            "kinds": dict(self.kinds.most_common()),
+            "in_replies": self.places["in_replies"],
+            "in_prompts": self.places["in_prompts"],
+            "found": self.found,
+        }
+
+    def _problem(self, code: str, hits: list[tuple[str, pii.Hit]], path: str, line: int) -> Problem:
+        found = ", ".join(f"{hit.kind.name} {hit.sample}" for _, hit in hits[:3]) + (", ..." if len(hits) > 3 else "")
+        if self.mode == "redact":
+            said = f"replaced by placeholders in the rows training sees (data.pii: redact): {found}."
+        elif code == "secret_in_reply":
+            said = (
+                f"SECRET IN A REPLY: {found}. The model learns its replies word for word and can give it to anyone; "
+                "remove it (and revoke it: it is in the data), or set data.pii: redact to train on a placeholder."
+            )
+        elif code == "personal_data_in_reply":
+            said = (
+                f"personal data in a reply: {found}. The model can learn it and repeat it; remove it, or set "
+                "data.pii: redact to train on placeholders (<EMAIL>, ...)."
+            )
+        else:
+            what = "a secret" if code == "secret_in_prompt" else "personal data"
+            said = (
+                f"{what} in a prompt: {found}. Prompts are not trained, but the data carries it; remove it, or set "
+                "data.pii: redact."
+            )
+        severity = "error" if self.mode == "refuse" else "warning"
+        return Problem(code, said, file=path, line=line, field=hits[0][0], severity=severity)
 
 
 class ReplyTally:

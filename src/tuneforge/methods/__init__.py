@@ -158,7 +158,7 @@ def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False
     """The data the method trains on, checked, its report written to `report_path`: grpo's prompts, or
     the examples (and pairs) of the data pipeline (with `progress`, shown as it goes)."""
     if cfg.method == "grpo":
-        return grpo.prepare(cfg, tokenizer, report_path=report_path)
+        return grpo.prepare(cfg, tokenizer, report_path=report_path, log=log)
     return tfdata.prepare(cfg.data, tokenizer, report_path=report_path, log=log, progress=progress)
 
 

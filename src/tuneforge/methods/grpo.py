@@ -53,10 +53,10 @@ import torch
 from torch import nn
 
 from .. import data as tfdata
-from ..data import IGNORE_INDEX
+from ..data import IGNORE_INDEX, pii
 from ..data.dedup import content_hash, held_out_keys
 from ..data.formats import prompt_messages
-from ..data.prepare import SystemPromptTally
+from ..data.prepare import PiiScreen, SystemPromptTally, problem_warnings, refuses
 from ..data.readers import open_rows
 from ..data.schema import Conversation, Problem
 from ..errors import DataError
@@ -128,10 +128,12 @@ def load_grader(cfg):
 
 
 def read_prompts(
-    path: str, tokenizer, max_length: int, system_prompts: SystemPromptTally
+    path: str, tokenizer, max_length: int, system_prompts: SystemPromptTally, screen: PiiScreen | None = None
 ) -> tuple[list[PromptRow], list[Problem]]:
     """The prompts of a chat file, each problem located by file, line and field; each kept row's
-    system prompt is counted into `system_prompts`."""
+    system prompt is counted into `system_prompts`. `screen` (data.pii) looks for secrets and personal data
+    in each row: in its prompt, and as in replies in its reference answer and the fields its grader reads,
+    which the rewards steer the answers toward; under redact the row goes on with placeholders."""
     # (line, messages, item, key, whether the prompt is text) of the rows that hold a prompt
     found: list[tuple[int, list, dict, int, bool]] = []
     problems: list[Problem] = []
@@ -147,8 +149,15 @@ def read_prompts(
         problems += row_problems
         if messages is None:
             continue
-        key = content_hash(Conversation(messages))
         item = grader_item(row, messages[-1].content if messages[-1].role == "assistant" else None)
+        if screen is not None:
+            fields = [(k, v, True) for k, v in row.items() if k not in ("messages", "prompt") and isinstance(v, str)]
+            before = len(screen.problems)
+            conversation = Conversation(messages)
+            messages = screen.screen(conversation, path, line, "chat" if "messages" in row else None, fields).messages
+            if screen.mode == "redact" and len(screen.problems) > before:
+                item = pii.redact_value(item)
+        key = content_hash(Conversation(messages))
         if messages[-1].role == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1].role not in ("user", "tool"):
@@ -196,19 +205,23 @@ def _prompt_problem(code: str, message: str, path: str, line: int) -> Problem:
     return Problem(code, message, file=path, line=line, field="messages")
 
 
-def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.PreparedData:
+def prepare(cfg, tokenizer, *, report_path: Path | None = None, log=print) -> tfdata.PreparedData:
     """The training and validation prompts, checked; the grader run once on the validation items (or
     the first training ones), and the item fields its templates read looked up on every row, so that a
     grader that cannot score this data fails before any training. A data.validation fraction splits
-    the training prompts by content key, as for the other methods."""
+    the training prompts by content key, as for the other methods. data.pii looks for secrets and personal
+    data in the rows as it does in every other format (`read_prompts`); its warnings go to `log`."""
     rows, problems, system_prompts = [], [], SystemPromptTally(tokenizer)
+    # A prompt is never trained (the policy's own samples are); replies are the rows' answers and fields.
+    screen = PiiScreen(cfg.data.pii, "assistant", problems) if cfg.data.pii != "off" else None
     for path in cfg.data.train_files:
-        found_rows, found = read_prompts(path, tokenizer, cfg.data.max_length, system_prompts)
+        found_rows, found = read_prompts(path, tokenizer, cfg.data.max_length, system_prompts, screen)
         rows += found_rows
         problems += found
     valid: list[PromptRow] = []
     if isinstance(cfg.data.validation, str):
-        valid, found = read_prompts(cfg.data.validation, tokenizer, cfg.data.max_length, SystemPromptTally(tokenizer))
+        tally = SystemPromptTally(tokenizer)
+        valid, found = read_prompts(cfg.data.validation, tokenizer, cfg.data.max_length, tally, screen)
         problems += found
     elif isinstance(cfg.data.validation, float):
         held_out = held_out_keys([r.key for r in rows], cfg.data.validation)
@@ -221,13 +234,17 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None) -> tfdata.Prepar
         "counts": {"train": len(rows), "validation": len(valid), "rejected": len(errors)},
         "rejected_by_code": dict(Counter(p.code for p in errors).most_common()),
         "system_prompt": system_prompts.report(),
-        "warnings": [],
+        **({"pii": screen.report()} if screen else {}),
+        "warnings": problem_warnings(problems),
         "errors": [p.to_dict() for p in errors[:1000]],
         "errors_total": len(errors),
     }
     if report_path is not None:
         write_json(report_path, report)
-    if errors and (cfg.data.on_error == "strict" or not rows):
+    for warning in report["warnings"]:
+        log(f"data: warning: {warning['message']}")
+    # Secrets and personal data that data.pii: refuse refuses stop the run under on_error: skip too.
+    if errors and (refuses(cfg.data.on_error, {p.code for p in errors}) or not rows):
         listed = "\n".join(f"  {p}" for p in errors[:20])
         raise DataError(
             f"the prompts have {len(errors)} error(s):\n{listed}"
