@@ -57,6 +57,7 @@ def test_wandb_and_mlflow_get_the_records_and_config_and_a_resumed_run_continues
     cfg["train"]["report_to"] = ["wandb", "mlflow"]
     cfg["train"]["wandb"] = {"tags": ["tiny"]}
     cfg["train"]["mlflow"] = {"experiment": "triage"}
+    cfg["train"].update(eval_samples=2, eval_max_new_tokens=4)
     train(cfg, progress=False)
     train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False)  # steps 3 and 4 again
     logged = [r for r in metrics(run) if "lr" in r]
@@ -70,6 +71,10 @@ def test_wandb_and_mlflow_get_the_records_and_config_and_a_resumed_run_continues
     assert sorted(m.step for m in history) == [1, 2, 3, 3, 4, 4]
     assert by_step == {r["step"]: pytest.approx(r["train_loss"]) for r in logged}
     assert {m.step for m in client.get_metric_history(only.info.run_id, "valid_loss")} == {2}
+    artifacts = {a.path for a in client.list_artifacts(only.info.run_id, "samples")}
+    assert artifacts == {"samples/step-000002.json", "samples/step-000004.json"}
+    sampled = json.loads(Path(client.download_artifacts(only.info.run_id, "samples/step-000002.json")).read_text())[0]
+    assert sampled["prompt"].endswith("<|im_start|>assistant\n") and sampled["stopped"] is False
 
     files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2 and len({f.name for f in files}) == 1  # one W&B run id, started then resumed
@@ -78,13 +83,16 @@ def test_wandb_and_mlflow_get_the_records_and_config_and_a_resumed_run_continues
     assert (started.display_name, started.project, list(started.tags)) == ("run", "triage", ["tiny"])
     config = {item.key: json.loads(item.value_json) for item in started.config.update}
     assert config["train"]["learning_rate"] == 0.001
-    losses = []
+    losses, tables = [], []
     for record in first + resumed:
         if record.WhichOneof("record_type") == "history":
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             if "lr" in items:
                 losses.append((items["step"], items["train_loss"]))
+            if "samples/_type" in items:  # a table: its rows are an artifact of the run
+                tables.append((items["step"], items["samples/_type"], items["samples/nrows"]))
     assert [step for step, _ in losses] == [1, 2, 3, 4, 3, 4]
+    assert tables == [(2, "table-file", 2), (4, "table-file", 2), (4, "table-file", 2)]  # 4: the resumed run's too
     assert sorted(losses) == sorted((m.step, m.value) for m in history)  # W&B and MLflow got the same values
 
 
@@ -147,14 +155,14 @@ def test_tensorboard_gets_the_records_and_a_resumed_run_drops_its_events_past_th
 
     run = tmp_path / "run"
     cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2, batch_size=4)
-    cfg["train"]["report_to"] = ["tensorboard"]
+    cfg["train"].update(report_to=["tensorboard"], eval_samples=1, eval_max_new_tokens=4)
     train(cfg, progress=False)
     train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False)  # steps 3 and 4 again
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     losses = [(e.step, e.value) for e in events.Scalars("train_loss")]
     assert losses == [(r["step"], pytest.approx(r["train_loss"])) for r in metrics(run) if "lr" in r]
-    assert "config/text_summary" in events.Tags()["tensors"]
+    assert {"config/text_summary", "samples/text_summary"} <= set(events.Tags()["tensors"])
 
 
 def test_tensorboard_that_cannot_start_stops_a_run_that_asked_for_it_and_not_one_that_did_not(

@@ -17,13 +17,15 @@ Right padding is exact as well: `data.collate` restarts the position ids of the 
 padding is an example of its own that no real token attends to.
 
 Only the training loop's forward passes use it (`per_example_attention(model)`): they carry no
-KV cache and no padding mask. Generation (left padding, a cache) keeps the model's own attention.
+KV cache and no padding mask. Generation (left padding, a cache) keeps the model's own attention:
+generation inside the loop's block (its sample answers) runs within `own_attention`.
 A model whose attention is not plain causal softmax attention over the whole example (a sliding
 window shorter than the rows, soft-capped attention logits) keeps its own attention too.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -110,10 +112,30 @@ def per_example_attention(*lms) -> Iterator[None]:
 
     AttentionInterface.register(NAME, per_example_sdpa)
     before = [lm.config._attn_implementation for lm in lms]
-    for lm in lms:
+    for lm, implementation in zip(lms, before):
+        _own[lm] = implementation
         lm.set_attn_implementation(NAME)
     try:
         yield
     finally:
         for lm, implementation in zip(lms, before):
             lm.set_attn_implementation(implementation)
+            _own.pop(lm, None)
+
+
+_own: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Each causal LM inside `per_example_attention`, and the attention implementation it had before."""
+
+
+@contextmanager
+def own_attention(*lms) -> Iterator[None]:
+    """Inside `per_example_attention`, run each of `lms` with its own attention again (generation, which
+    needs a KV cache); an LM outside it is left as it is."""
+    inside = [lm for lm in lms if lm in _own]
+    for lm in inside:
+        lm.set_attn_implementation(_own[lm])
+    try:
+        yield
+    finally:
+        for lm in inside:
+            lm.set_attn_implementation(NAME)

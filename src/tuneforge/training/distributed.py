@@ -133,6 +133,12 @@ def strategy(cfg, processes: int, *, saves_merged: bool = False) -> str:
             "sharded weights cannot take. Use train.distributed: ddp for this run (or auto, for adapters), or "
             "leave keep_best out and evaluate the best checkpoint (tuneforge eval takes a checkpoint folder)."
         )
+    if t.eval_samples:
+        raise TuneforgeError(
+            f"{cfg.key_at('train.eval_samples')}: every process answers the sample prompts with its own copy of "
+            "the weights, while a sharded (FSDP) forward needs every process at each token. Use "
+            "train.distributed: ddp for this run, or leave train.eval_samples out."
+        )
     if cfg.method == "grpo":
         raise TuneforgeError(
             "method: grpo samples answers of different lengths on each process, while a sharded (FSDP) forward "

@@ -4,8 +4,8 @@
                        -> optimizer + schedule -> [resumed optimizer]
     fit(run)           for each step: micro-batches (grpo: sampled and graded by its objective)
                        -> forward/backward (loss / trained tokens, pairs or answers of the whole step)
-                       -> clip -> optimizer step -> log -> validate -> checkpoint
-    finish(run)        final checkpoint + full validation + final model + summary
+                       -> clip -> optimizer step -> log -> validate [+ sample answers] -> checkpoint
+    finish(run)        final checkpoint + full validation [+ sample answers] + final model + summary
 
 The loss of an optimizer step is the mean over its trained tokens (for DPO, its pairs: what the
 objective counts) across all micro-batches and ranks. Each micro-batch therefore backpropagates
@@ -53,12 +53,12 @@ from ..methods import (
 )
 from ..methods.dpo import kto_balance_warning
 from ..models import ModelSource, causal_lm, resolve, resolve_precision, run_tokenizer
-from ..models.attention import per_example_attention, supports_per_example_attention
+from ..models.attention import own_attention, per_example_attention, supports_per_example_attention
 from ..models.saving import save_model
 from ..models.system_prompt import record_system_prompt, recorded_system_prompt
 from ..progress import progress_bar
 from ..wording import counted
-from . import batches, best, checkpoint, distributed, trackers
+from . import batches, best, checkpoint, distributed, samples, trackers
 from .progress import TrainProgress, print_summary
 from .run_folder import (
     check_output_dir,
@@ -398,6 +398,8 @@ class Run:
     state: dict  # step, tokens, elapsed, the unlogged steps' sums: what a checkpoint carries beside the weights
     last_metrics: dict = field(default_factory=dict)
     data_key: str | None = None  # the prepared data's cache key: its files' contents and the tokenizer
+    sample_prompts: list = field(default_factory=list)  # train.eval_samples' prompts (`samples.sample_prompts`)
+    samples_log: samples.SamplesLog | None = None
 
     @property
     def out(self) -> Path:
@@ -437,6 +439,19 @@ class Run:
             self.world,
             keep_also=self.state.get("best", {}).get("step") if self.cfg.train.keep_best else None,
         )
+
+    def take_samples(self, step: int, log, final: bool = False) -> None:
+        """The model's answers to the sample prompts, into samples.jsonl, the trackers and the console.
+        Every process answers (no collective: none waits while another generates); rank 0 writes."""
+        if not self.sample_prompts:
+            return
+        with own_attention(*self.attention_models):  # generation needs the model's own attention (a KV cache)
+            answers = samples.answer(
+                self.model, self.tokenizer, self.sample_prompts, self.cfg.train.eval_max_new_tokens
+            )
+        self.samples_log.write(step, answers, final)
+        for line in samples.console_lines(step, answers, final):
+            log(line)
 
     def validate(self, phase: str, bar: Callable) -> dict:
         """The validation metrics (the reported sums and the method's own, less training-only ones),
@@ -549,6 +564,13 @@ def setup(
     # The model is saved with the system prompt its data shares, so it answers bare requests as trained.
     record_system_prompt(tokenizer, prepared.report["system_prompt"]["shared"])
     train_items, valid_items = batch_items(prepared, cfg)
+    sample_prompts = samples.sample_prompts(valid_items, cfg.train.eval_samples)
+    if cfg.train.eval_samples and not sample_prompts:
+        log(
+            f"warning: {cfg.key_at('train.eval_samples')}: {cfg.train.eval_samples}, but no validation example has "
+            f"a prompt before its reply (data.validation: {cfg.data.validation}; text rows have none), so the run "
+            "answers none; set data.validation to a chat file or fraction, or leave train.eval_samples out."
+        )
 
     # FSDP moves each process's shards to the device itself, never the whole model.
     model = load_for_training(
@@ -611,6 +633,12 @@ def setup(
         state = checkpoint.load(resume_from, model, optimizer, scheduler, world)
         log(f"resumed from {resume_from} at step {state['step']}")
     metrics_log = MetricsLog(cfg, state["step"] if resume_from else None, world.is_main)
+    samples_log = samples.SamplesLog(
+        out,
+        state["step"] if resume_from else None,
+        world.is_main and (bool(sample_prompts) or resume_from is not None),
+        metrics_log.trackers if world.is_main else None,
+    )
     if world.is_main:  # the files a method writes a record a step to (grpo's rollouts) start as metrics.jsonl does
         for path in getattr(getattr(objective, "module", objective), "step_logs", ()):
             restart_step_log(path, state["step"] if resume_from else None)
@@ -633,6 +661,8 @@ def setup(
         state,
         last_metrics=metrics_log.step_record(state["step"]) if resume_from else {},
         data_key=data_key,
+        sample_prompts=sample_prompts,
+        samples_log=samples_log,
     )
 
 
@@ -740,6 +770,7 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
             if run.valid_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not is_last:
                 valid = run.validate(f"validation at step {step + 1}", bar.phase)
                 record.update({f"valid_{name}": value for name, value in valid.items()})
+                run.take_samples(step + 1, log)
                 if best.judging(cfg.train):
                     improved = best.judge(run.state, valid["loss"], step + 1, cfg.train)
                     run.state["stopped_early"] = best.stop_reason(run.state, cfg.train)
@@ -766,7 +797,7 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
     return "completed"
 
 
-def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
+def finish(run: Run, status: str, *, progress: bool = True, log=print) -> TrainResult:
     """The final checkpoint, full validation and final model of a completed run (one stopped early too),
     and the summary. With `train.keep_best`, the final model is the best validation's weights: the last
     step's, where its validation is the best, else those of the best checkpoint."""
@@ -799,6 +830,7 @@ def finish(run: Run, status: str, *, progress: bool = True) -> TrainResult:
                 full_valid.update(best_step=run.state["best"]["step"], best_valid_loss=run.state["best"]["valid_loss"])
             metrics.update(full_valid)
             run.metrics_log.write({"step": step, **full_valid})
+            run.take_samples(step, log, final=True)
         weights = checkpoint.gathered_weights(run.model, run.world, "writing the final model")
         if run.world.is_main:
             final_dir = save_model(
@@ -850,7 +882,7 @@ def train(
         with sole_run_in(Path(cfg.output_dir), world):
             run = setup(cfg, world, resume=resume, force=force, overwrite=overwrite, log=log, progress=progress)
             status = fit(run, progress=progress, log=log)
-            result = finish(run, status, progress=progress)
+            result = finish(run, status, progress=progress, log=log)
             ended = status
             return result
     finally:

@@ -38,9 +38,10 @@ if TYPE_CHECKING:
 def restart_step_log(path: Path, resume_step: int | None) -> None:
     """A JSON-lines file of records by step, as a run starts: emptied for a fresh run; for a resumed
     one, cut to the records up to its checkpoint's step, since the steps after it run again. The full
-    validation's record goes too: it is written after the last checkpoint, and a run resumed there
-    (to redo its final model) writes it again. A last line cut short (a run stopped while writing it, a
-    full disk) goes too: its step runs again."""
+    validation's record (its `full_valid_` metrics, its samples marked `full_valid`) goes too: it is
+    written after the last checkpoint, and a run resumed there (to redo its final model) writes it
+    again. A last line cut short (a run stopped while writing it, a full disk) goes too: its step runs
+    again."""
     if resume_step is None:
         path.write_text("")
     elif path.exists():
@@ -61,7 +62,7 @@ def restart_step_log(path: Path, resume_step: int | None) -> None:
         kept = [
             ln
             for ln, record in lines
-            if record.get("step", 0) <= resume_step and not any(key.startswith("full_valid_") for key in record)
+            if record.get("step", 0) <= resume_step and not any(key.startswith("full_valid") for key in record)
         ]
         with atomic_file(path) as f:
             f.write("".join(ln + "\n" for ln in kept))

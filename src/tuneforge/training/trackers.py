@@ -1,5 +1,6 @@
 """Experiment trackers (`train.report_to`): TensorBoard, Weights & Biases and MLflow get each
-metrics.jsonl record at its step, and the run's config as its hyperparameters.
+metrics.jsonl record at its step, and the run's config as its hyperparameters; the sample answers of
+each validation (`samples.py`) go to TensorBoard as text, to W&B as a table, to MLflow as a text artifact.
 
 Rank 0 reports alone (`MetricsLog` is enabled there only). A tracker's run is named after the run
 folder and its id is kept in the folder (`trackers.json`), so a resumed run continues the same
@@ -99,6 +100,10 @@ class Trackers:
         for name, writer in self.writers.items():
             self._guarded(name, lambda w=writer: w.log(scalars, record["step"]))
 
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        for name, writer in self.writers.items():
+            self._guarded(name, lambda w=writer: w.log_samples(samples, step))
+
     def close(self, status: str) -> None:
         for name, writer in self.writers.items():
             self._guarded(name, lambda w=writer: w.close(status))
@@ -132,6 +137,10 @@ class TensorBoard:
             self.writer.add_scalar(k, v, step)
         self.writer.flush()  # live in TensorBoard, and nothing left for exit (cli.leave skips finalizing)
 
+    def log_samples(self, samples: list[dict], step: int) -> None:
+        self.writer.add_text("samples", samples_markdown(samples), step)
+        self.writer.flush()
+
     def close(self, status: str) -> None:
         self.writer.close()
 
@@ -161,6 +170,14 @@ class Wandb:
 
     def log(self, scalars: dict, step: int) -> None:
         self.run.log({"step": step, **scalars})
+
+    def log_samples(self, samples: list[dict], step: int) -> None:
+        import wandb
+
+        table = wandb.Table(
+            columns=["step", *SAMPLE_COLUMNS], data=[[step, *(s[c] for c in SAMPLE_COLUMNS)] for s in samples]
+        )
+        self.run.log({"step": step, "samples": table})
 
     def close(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == "completed" else 1)
@@ -194,8 +211,29 @@ class Mlflow:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in scalars.items()])
 
+    def log_samples(self, samples: list[dict], step: int) -> None:
+        self.client.log_text(self.run_id, json.dumps(samples, indent=1), f"samples/step-{step:06d}.json")
+
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "KILLED")
+
+
+SAMPLE_COLUMNS = ("example", "prompt", "answer", "reference", "stopped", "tokens")
+
+
+def samples_markdown(samples: list[dict]) -> str:
+    """The samples as Markdown (TensorBoard's text): each one's prompt, answer and reference."""
+    parts = []
+    for i, s in enumerate(samples, 1):
+        stopped = "" if s["stopped"] else f" **did not stop** ({s['tokens']} tokens, no end of turn)"
+        parts.append(
+            f"**{i}.** validation example {s['example']}{stopped}\n\n"
+            + "".join(
+                f"{label}:\n\n```\n{s[key]}\n```\n\n"
+                for label, key in (("prompt", "prompt"), ("answer", "answer"), ("reference", "reference"))
+            )
+        )
+    return "\n".join(parts)
 
 
 STARTS = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow}
