@@ -352,3 +352,21 @@ def test_tuneforge_ui_on_port_0_answers_where_it_says_and_a_port_in_use_is_refus
     finally:
         ui.send_signal(signal.SIGINT)
         ui.wait(timeout=60)
+
+
+def test_a_runs_page_shows_the_sample_answers_of_each_validation_the_latest_open(tmp_path):
+    folder = write_run(tmp_path / "a")
+    sample = {"example": 0, "prompt": "<|im_start|>user\nhi<|im_end|>\n", "reference": "hello", "tokens": 9}
+    records = [
+        {"step": 3, "samples": [{**sample, "answer": "hello hello <b>", "stopped": False, "tokens": 128}]},
+        {"step": 6, "full_valid": True, "samples": [{**sample, "answer": "hello", "stopped": True}]},
+    ]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "sam')
+    with TestClient(create_ui_app(tmp_path)) as client:
+        page = client.get("/ui/runs/a").text
+        live = client.get("/ui/live/a").json()["html"]
+    for shown in (page, live):
+        latest, earlier = shown.index('id="samples-6-final" open'), shown.index('id="samples-3"')
+        assert latest < earlier and 'id="samples-3" open' not in shown
+        assert "1 of 1 did not stop" in shown and "did not stop: 128 tokens, no end of turn" in shown
+        assert "hello hello &lt;b&gt;" in shown  # the model's text is escaped

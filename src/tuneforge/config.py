@@ -361,7 +361,7 @@ class TrainConfig(Strict):
         0,
         ge=0,
         description="validation prompts the model answers greedily at each validation and at the end, beside their "
-        "reference replies (the same prompts each time), into samples.jsonl, the console and the "
+        "reference replies (the same prompts each time), into samples.jsonl, the console, the dashboard and the "
         "trackers; an answer that never ends its turn is flagged 'did not stop'; 0 = off (Axolotl's eval_table_size). "
         "Off by default: on a CPU, 4 answers at each of the quickstart's 2 validations add 3-12% to its time",
     )

@@ -29,11 +29,14 @@ from ..eval.report import (
     reward_figures,
     svg,
 )
+from ..training.samples import FILE as SAMPLES_FILE
+from ..training.samples import read as read_samples
 
 ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
 # A run folder without a summary whose files changed this recently is taken to be training still.
 RUNNING_WITHIN_S = 120.0
 SAMPLES_SHOWN = 50
+SAMPLE_STEPS_SHOWN = 20  # the validations whose sample answers a run's page shows, the latest open
 # The figures the runs list shows, in order, with the first of the keys a run has.
 HEADLINE_METRICS = (
     ("train loss", ("train_loss",)),
@@ -166,6 +169,11 @@ class RunFolder:
 
     def data_report(self) -> dict | None:
         return _json(self.path / "data_report.json")
+
+    def validation_samples(self) -> list[dict]:
+        """The last `SAMPLE_STEPS_SHOWN` records of the run folder's samples.jsonl (`train.eval_samples`; not
+        eval/'s), newest first."""
+        return list(reversed(read_samples(self.path / SAMPLES_FILE)[-SAMPLE_STEPS_SHOWN:]))
 
     def checkpoint_steps(self) -> list[int]:
         folders = (self.path / "checkpoints").glob("step-*")

@@ -64,7 +64,13 @@ function followRun(live) {
     if (!response.ok) return stalled(`The server answers ${await failure(response)}: trying again.`);
     const update = await response.json();
     note.hidden = true;
+    // The sample steps a person opened stay open as the part is drawn again.
+    const opened = [...live.querySelectorAll("details[id]")].filter((d) => d.open).map((d) => d.id);
     live.innerHTML = update.html;
+    for (const id of opened) {
+      const shown = document.getElementById(id);
+      if (shown) shown.open = true;
+    }
     showTimes(live);
     if (update.active) setTimeout(refresh, poll);
     else window.location.reload(); // the finished run's page has its evaluation and report
