@@ -303,6 +303,61 @@ def test_text_rows_for_continued_pretraining(tmp_path, tokenizer):
     assert all(e.trained_tokens == len(e) - 1 for e in prepared.train)
 
 
+def document(i: int, sentences: int) -> dict:
+    return {"text": " ".join(f"Document {i} says the quick brown fox number {j} jumps." for j in range(sentences))}
+
+
+def test_split_cuts_a_long_document_into_windows_that_train_every_token_once(tmp_path, tokenizer):
+    """data.truncation: split trains a document longer than max_length whole, window by window: each
+    token is the target of one window, and the last window trains the EOS after the document."""
+    whole = run(tmp_path, tokenizer, [document(0, 12)], max_length=4096).train[0]
+    limit = len(whole) // 3 + 2
+    split = run(tmp_path, tokenizer, [document(0, 12)], max_length=limit, truncation="split")
+    windows = split.train
+    assert len(windows) == 3 and all(len(w) <= limit for w in windows)
+    targets = [label for w in windows for label in w.labels if label != IGNORE_INDEX]
+    assert targets == [label for label in whole.labels if label != IGNORE_INDEX]
+    assert sum(w.trained_tokens for w in windows) == whole.trained_tokens == len(whole) - 1
+    assert windows[0].input_ids[0] == whole.input_ids[0] and windows[-1].labels[-2] == tokenizer.eos_token_id
+    counts = split.report["counts"]
+    assert (counts["split"], counts["train"], counts["train_documents"], counts["truncated"]) == (1, 3, 1, 0)
+
+
+def test_split_keeps_each_document_whole_on_one_side_of_dedup_and_the_validation_split(tmp_path, tokenizer):
+    docs = [document(i, 4 + i % 5) for i in range(30)] + [document(3, 7)]  # the last repeats document 3
+    whole = run(tmp_path, tokenizer, docs, max_length=4096, validation=0.3)
+    split = run(tmp_path, tokenizer, docs, max_length=40, validation=0.3, truncation="split")
+    counts = split.report["counts"]
+    assert counts["duplicates_exact"] == 1 and counts["split"] > 0
+    assert (counts["train_documents"], counts["validation_documents"]) == (len(whole.train), len(whole.valid))
+    assert counts["train"] > len(whole.train) and counts["validation"] > len(whole.valid)
+
+    def joined(windows) -> list[list[int]]:
+        """The documents the windows are of: a window goes on the one before it (on the token they share)
+        until a window ends with the EOS that ends a document."""
+        documents = []
+        for w in windows:
+            if documents and documents[-1][-1] != tokenizer.eos_token_id:
+                documents[-1] += w.input_ids.tolist()[1:]
+            else:
+                documents.append(w.input_ids.tolist())
+        return documents
+
+    assert joined(split.train) == [e.input_ids.tolist() for e in whole.train]
+    assert joined(split.valid) == [e.input_ids.tolist() for e in whole.valid]
+
+
+def test_split_refuses_conversations_and_says_what_to_use(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="data.format is chat"):
+        DataConfig(train="x.jsonl", format="chat", truncation="split")
+    path = write_jsonl(tmp_path / "chats.jsonl", rows(3))
+    with pytest.raises(DataError) as err:
+        cfg = DataConfig(train=str(path), validation=None, truncation="split", on_error="skip")
+        prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert err.value.code == "split_not_text" and f"{path}:1" in str(err.value)
+    assert "data.truncation: truncate or drop" in str(err.value)
+
+
 def test_the_cache_is_reused_and_says_so(tmp_path, tokenizer, isolated_home):
     path = write_jsonl(tmp_path / "train.jsonl", rows(12))
     cfg = DataConfig(train=str(path), validation=0.25)

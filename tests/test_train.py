@@ -233,6 +233,28 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_losses_bitwise(
     assert losses == reference  # bitwise: exact float equality at every step
 
 
+def test_a_run_on_documents_split_into_windows_resumes_mid_epoch_exactly(tiny_model_dir, tmp_path):
+    """data.truncation: split turns each long document into several examples: a run resumed between two
+    steps of its epoch picks up on the same windows and logs the losses the uninterrupted run logged."""
+    docs = tmp_path / "docs.jsonl"
+    pages = [
+        " ".join(f"Page {i}: the quick brown fox number {j} jumps over the lazy dog." for j in range(6))
+        for i in range(12)
+    ]
+    docs.write_text("".join(json.dumps({"text": page}) + "\n" for page in pages))
+    cfg = tiny_run_config(tiny_model_dir, {"train": docs, "validation": docs}, tmp_path / "run", batch_size=4)
+    cfg["data"] |= {"validation": None, "max_length": 48, "truncation": "split"}
+    cfg["train"] |= {"save_every": 2, "max_steps": 4}
+    cfg["lora"]["dropout"] = 0.0
+    train(cfg, progress=False)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())["counts"]
+    assert report["train_documents"] == 12 and report["train"] > 16  # 4 steps of 4 rows: within the first epoch
+    whole = step_losses(tmp_path / "run")
+    train(cfg, resume=str(tmp_path / "run" / "checkpoints" / "step-2"), progress=False)
+    resumed = step_losses(tmp_path / "run")
+    assert [resumed[s] for s in (3, 4)] == [whole[s] for s in (3, 4)]
+
+
 def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_data, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
     train(cfg, progress=False)

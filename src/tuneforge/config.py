@@ -163,7 +163,11 @@ class DataConfig(Strict):
     format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference"] = "auto"
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     max_length: int = Field(1024, ge=8)
-    truncation: Literal["truncate", "drop"] = "truncate"
+    truncation: Literal["truncate", "drop", "split"] = Field(
+        "truncate",
+        description="a row over max_length: truncate (its end is not trained) | drop | split (text rows only: "
+        "the document is cut into consecutive windows of max_length tokens that train each token once)",
+    )
     packing: bool = True
     share_prefixes: bool = Field(
         True,
@@ -243,6 +247,18 @@ class DataConfig(Strict):
                     "to train on each listing",
                     "train",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _split_text_only(self):
+        # A conversation or a preference pair cut into windows would train replies apart from their prompts.
+        if self.truncation == "split" and self.format not in ("auto", "text"):
+            raise KeysError(
+                f"data.truncation: split cuts text documents into windows, but data.format is {self.format}: "
+                "a window of a conversation would train a reply without its prompt. Use data.truncation: "
+                'truncate or drop for it, or data.format: text for rows of raw text ({"text": ...})',
+                "truncation",
+            )
         return self
 
     @property

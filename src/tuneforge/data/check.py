@@ -22,7 +22,7 @@ from ..errors import EXIT_BAD_INPUT, TuneforgeError, complaint, key_path
 from ..wording import counted
 from .dedup import content_hash
 from .formats import read_conversations
-from .prepare import check_data, cut_to_length, describe_files
+from .prepare import check_data, cut_to_length, describe_files, split_documents
 from .render import render_examples, render_preference
 from .schema import IGNORE_INDEX, Example, Preference, Problem
 
@@ -109,7 +109,12 @@ def print_summary(console: Console, report: dict, model: str) -> None:
             f"{counts['read']} read, {counts['valid']} valid, {counts['rejected']} rejected"
             + (f", {counts['blank_lines']} blank lines skipped" if counts["blank_lines"] else ""),
         ),
-        ("examples", f"{counts['train']}" + (f" (+{counts['validation']} validation)" if counts["validation"] else "")),
+        (
+            "examples",
+            f"{counts['train']}"
+            + (f" (+{counts['validation']} validation)" if counts["validation"] else "")
+            + (f": {split_documents(counts)}" if "train_documents" in counts else ""),
+        ),
         *(
             [("rated (kto)", f"{counts['train_desirable']} desirable, {counts['train_undesirable']} undesirable")]
             if "train_desirable" in counts
@@ -120,7 +125,8 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         (
             "over max_length",
             f"{counted(tokens['over_max_length'], 'row')} over {tokens['max_length']} "
-            f"({counts['truncated']} truncated, {counts['dropped_too_long']} dropped)",
+            f"({counts['truncated']} truncated, {counts['dropped_too_long']} dropped"
+            + (f", {counts['split']} split into windows)" if counts.get("split") else ")"),
         ),
         *describe_files(report),
         ("system prompt", describe_system_prompt(report["system_prompt"])),

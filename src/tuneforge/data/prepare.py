@@ -31,7 +31,7 @@ from .dedup import DuplicateIndex, content_hash, held_out_keys
 from .formats import file_format, read_conversations
 from .readers import extent
 from .render import FATAL_CODES, render_examples, renderer_for
-from .schema import Conversation, Example, Preference, PreparedData, Problem, Record
+from .schema import Conversation, Document, Example, Preference, PreparedData, Problem, Record
 
 REPORT_VERSION = 1
 MAX_LISTED = 1000
@@ -42,7 +42,7 @@ _CHUNK_ROWS = 512
 _SHOWN_IN_ERROR = 20
 PII_CODES = ("secret_in_reply", "personal_data_in_reply", "secret_in_prompt", "personal_data_in_prompt")
 """A row's secrets and personal data, by where they are (most to be feared first); errors under data.pii: refuse."""
-DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained", "file_changed", *PII_CODES}
+DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained", "file_changed", "split_not_text", *PII_CODES}
 """Errors that stop `prepare` even under on_error: skip: those with the data set as a whole, and the
 secrets and personal data that data.pii: refuse refuses (skipping their rows would train on the rest unasked)."""
 
@@ -151,11 +151,21 @@ def _log_report(report: dict, log: Callable[[str], object]) -> None:
     log(
         f"data: {counted(counts['train'], 'training example')} and "
         f"{counted(counts['validation'], 'validation example')} from {counted(counts['read'], 'row')}"
+        + (f" ({split_documents(counts)})" if "train_documents" in counts else "")
     )
     for _, line in describe_files(report):
         log(f"data: {line}")
     for warning in report["warnings"]:
         log(f"data: warning: {warning['message']}")
+
+
+def split_documents(counts: dict) -> str:
+    """What data.truncation: split made of the documents: the windows of each split, of how many documents."""
+    return (
+        f"windows of {counted(counts['train_documents'], 'training document')} and "
+        f"{counted(counts['validation_documents'], 'validation document')}; "
+        f"{counted(counts['split'], 'document')} over max_length cut into windows"
+    )
 
 
 def describe_files(report: dict) -> list[tuple[str, str]]:
@@ -401,6 +411,8 @@ class _Preparation:
                     if not self._same_kind(item, path, line):
                         self.counts["rejected_records"] += 1
                         continue
+                    if self.cfg.truncation == "split" and not isinstance(item, Document):
+                        raise _Stop(self._not_text(path, line))
                     if self.cfg.pii != "off":
                         item = self.pii.screen(item, str(path), line, self.files[-1]["format"])
                     key = content_hash(item)
@@ -469,6 +481,19 @@ class _Preparation:
             )
             return False
         return True
+
+    def _not_text(self, path: str, line: int) -> Problem:
+        """Why data.truncation: split refuses a row that is not raw text: cut into windows, a conversation's
+        or a preference pair's replies would train apart from their prompts."""
+        return Problem(
+            "split_not_text",
+            f"this row is {self.files[-1]['format'] or 'conversation'} data, but data.truncation: split cuts text "
+            'documents ({"text": ...} rows) into windows, and a window of a conversation would train a reply '
+            "without its prompt. Use data.truncation: truncate or drop for conversations and preference pairs "
+            "(train raw text and conversations in separate runs), or give this file text rows.",
+            file=str(path),
+            line=line,
+        )
 
     def _repeat(self, path: str, line: int, hit: tuple[str, int], kind: str) -> dict:
         of_file, of_line = self.files[hit[1] >> 32]["path"], hit[1] & 0xFFFFFFFF
@@ -565,13 +590,16 @@ class _Preparation:
         return kept
 
     def _fit(self, item: Item, path: str, line: int) -> Item | None:
-        """Truncate (or drop) examples over max_length, never silently."""
+        """Truncate (or drop, or split into windows) examples over max_length, never silently."""
         examples = item if isinstance(item, tuple) else (item,)
         self.lengths += [len(e) for e in examples]
         limit = self.cfg.max_length
         if all(len(e) <= limit for e in examples):
             return item
         self.counts["over_max_length"] += 1  # rows: a pair, or a row trained turn by turn, is several examples
+        if self.cfg.truncation == "split":  # only documents get here (`_not_text`): one row of several windows
+            self.counts["split"] += 1
+            return item.windows(limit)
         place = f"{path}:{line}"
         if self.cfg.truncation == "drop":
             self.counts["dropped_too_long"] += 1
@@ -737,10 +765,13 @@ class _Preparation:
             "validation_leak": self.counts["validation_leak"],
             "truncated": self.counts["truncated"],
             "dropped_too_long": self.counts["dropped_too_long"],
+            "split": self.counts["split"],  # documents over max_length cut into windows (data.truncation: split)
             # Examples (a preference pair is one): a row trained turn by turn is several.
             "train": len(self.train) if self._pairs else sum(r.examples for r in self.train),
             "validation": len(self.valid) if self._pairs else sum(r.examples for r in self.valid),
         }
+        if self.cfg.truncation == "split":  # `train` and `validation` count windows: these, the documents they are of
+            counts["train_documents"], counts["validation_documents"] = len(self.train), len(self.valid)
         if self.kept is not None:  # data.train weights: `train` counts an epoch's examples, repeats included
             counts["train_kept"] = len(self.kept) if self._pairs else sum(r.examples for r in self.kept)
         if self.kind and self.kind[0] == "kto":  # the ratings, which dpo.desirable_weight and undesirable_weight weigh

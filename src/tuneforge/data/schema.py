@@ -187,6 +187,20 @@ class Example:
             labels=self.labels[: max_length - 1] + token_array([IGNORE_INDEX]),
         )
 
+    def windows(self, max_length: int) -> tuple[Example, ...]:
+        """The example cut into consecutive windows of at most `max_length` tokens that together train
+        each of its trained tokens once (`data.truncation: split`). A window's last token has no target
+        in it, so the next window starts on that token: there it predicts the first token the window
+        before could not. The first window keeps the example's start (its BOS), the last its end (its EOS)."""
+        if len(self) <= max_length:
+            return (self,)
+        out = []
+        for start in range(0, len(self) - 1, max_length - 1):
+            end = min(start + max_length, len(self))
+            labels = self.labels[start : end - 1] + token_array([IGNORE_INDEX])
+            out.append(replace(self, input_ids=self.input_ids[start:end], labels=labels))
+        return tuple(out)
+
 
 @dataclass
 class PreparedData:
