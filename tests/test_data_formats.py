@@ -599,9 +599,28 @@ def test_missing_and_unknown_files(tmp_path):
     assert "is a folder, not a file. Give the data files by name" in problem.message
     (problem,) = errors(read(tmp_path / "*.jsonl"))
     assert "does not exist: a pattern is not expanded. Give the data files by name" in problem.message
-    odd = tmp_path / "notes.txt"
-    odd.write_text("hello")
-    assert [p.code for p in errors(read(odd))] == ["unknown_file_type"]
+    odd = tmp_path / "scan.pdf"
+    odd.write_bytes(b"%PDF-1.4\n\x00\x01")
+    (problem,) = errors(read(odd))
+    assert problem.code == "unknown_file_type" and ".txt or .md for a document of raw text" in problem.message
+
+
+def test_a_txt_or_md_file_is_one_document_and_a_binary_one_is_refused_by_name(tmp_path):
+    import gzip
+
+    page = "# Runbook\n\nRestart the database.\n\nThen check the replicas.\n"
+    (tmp_path / "runbook.md").write_text(page, encoding="utf-8")
+    (tmp_path / "notes.txt.gz").write_bytes(gzip.compress(page.encode()))
+    for name in ("runbook.md", "notes.txt.gz"):
+        assert [(line, r) for line, r in read(tmp_path / name)] == [(1, Document(page))]
+    (tmp_path / "scan.txt").write_bytes(b"%PDF-1.4\n\x00\x01\x02")
+    (problem,) = errors(read(tmp_path / "scan.txt"))
+    assert (problem.code, problem.file) == ("binary_file", str(tmp_path / "scan.txt"))
+    assert "scan.txt is a binary file" in problem.message
+    (tmp_path / "latin1.txt").write_bytes(b"line one\ncaf\xe9\n")
+    assert [(p.code, p.line) for p in errors(read(tmp_path / "latin1.txt"))] == [("invalid_utf8", 2)]
+    (tmp_path / "blank.md").write_text("\n  \n")
+    assert [p.code for p in errors(read(tmp_path / "blank.md"))] == ["empty_file"]
 
 
 def test_invalid_json_line_says_where_in_the_line_it_breaks(tmp_path):

@@ -1,5 +1,6 @@
 """Reading data files row by row: JSONL, JSON arrays, CSV and Parquet, all streamed; the text kinds also
-gzip-compressed (`train.jsonl.gz`, as Hugging Face datasets reads them).
+gzip-compressed (`train.jsonl.gz`, as Hugging Face datasets reads them). A `.txt` or `.md` file is one
+document: a single text row (`{"text": ...}`) for continued pre-training.
 
 A reader yields `(line, row)` pairs, where `row` is the decoded value (a dict for well-formed data)
 or a `Problem` that says why the line could not be read. Nothing here knows what a chat row looks
@@ -43,6 +44,7 @@ JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (*JSON_LINES_SUFFIXES, ".json")
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
+DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown")
 
 
 @dataclass
@@ -94,6 +96,8 @@ def open_rows(path: str | Path) -> Rows:
         )
     if suffix in CSV_SUFFIXES:
         return _csv_rows(path)
+    if suffix in DOCUMENT_SUFFIXES:
+        return Rows(path, "document", None, _document_items(path))
     first = _first_byte(path)
     if first is None:
         return _failed(path, "empty_file", "the file is empty. Put training rows in it, one JSON object per line.")
@@ -118,7 +122,8 @@ def open_rows(path: str | Path) -> Rows:
         path,
         "unknown_file_type",
         f"cannot tell what kind of file this is from its name ({suffix or 'no extension'}) or its first byte. "
-        "Use .jsonl (one JSON object per line), .json (a JSON array), .csv or .parquet.",
+        "Use .jsonl (one JSON object per line), .json (a JSON array), .csv or .parquet, or .txt or .md for a "
+        "document of raw text (one a file; convert a PDF or Word file to text first).",
     )
 
 
@@ -271,6 +276,36 @@ def _bounded_lines(f) -> Iterator[bytes | None]:
             yield None
         else:
             yield raw
+
+
+def _document_items(path: str) -> Iterator[tuple[int, Any]]:
+    """A text document's one row, `{"text": ...}`: the whole file as UTF-8, refused if it is binary."""
+    with _open_binary(path) as f:
+        data = f.read(MAX_ROW_BYTES + 1).removeprefix(_BOM)
+    if len(data) > MAX_ROW_BYTES:
+        yield 1, _too_large(path, 1)
+        return
+    if b"\0" in data:  # no text holds a NUL byte: a PDF, a Word file, an image renamed .txt
+        yield (
+            None,
+            Problem(
+                "binary_file",
+                f"{Path(path).name} is a binary file, not text (it holds a NUL byte), so it cannot be trained on as "
+                "a document. Convert it to UTF-8 text first (for a PDF, `pdftotext`), or leave it out of data.train.",
+                file=path,
+            ),
+        )
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        yield (line := data[: e.start].count(b"\n") + 1), _not_utf8(path, line, data[e.start], e.start - line_start + 1)
+        return
+    if not text.strip():
+        yield 1, Problem("empty_file", "the document is empty. Put its text in it, or leave it out.", file=path, line=1)
+        return
+    yield 1, {"text": text}
 
 
 def _too_large(path: str, line: int | None) -> Problem:
