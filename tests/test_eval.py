@@ -95,6 +95,29 @@ def test_loss_runs_packed_with_the_shared_system_prompt_once(tiny_model_dir, tri
     assert packed_tokens < 0.8 * sum(run)
 
 
+def test_documents_of_raw_text_get_the_loss_of_every_token_in_the_windows_their_run_trained(
+    tiny_model_dir, tmp_path, capsys
+):
+    """A text file has no answers: eval gives the loss over every token of its documents, cut as the run's
+    data.truncation: split cut them, so on the run's validation file it is the run's valid_loss."""
+    pages = [" ".join(f"Page {i}: the quick brown fox number {j} jumps." for j in range(3 + i)) for i in range(6)]
+    for name, part in (("train", pages[:4]), ("valid", pages[4:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in part))
+    data = {"train": tmp_path / "train.jsonl", "validation": tmp_path / "valid.jsonl"}
+    cfg = tiny_run_config(tiny_model_dir, data, tmp_path / "run", max_steps=2, batch_size=2)
+    cfg["data"] |= {"max_length": 24, "truncation": "split"}
+    valid_loss = train(cfg, progress=False).metrics["full_valid_loss"]
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    result = evaluate(str(tmp_path / "run"), data["validation"], progress=False)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert (result["n"], result["window"], result["windows"]) == (2, 24, report["counts"]["validation"])
+    assert result["tokens"] == sum(len(tokenizer(p)["input_ids"]) for p in pages[4:])  # each token, then the EOS
+    assert result["loss"] == pytest.approx(valid_loss, rel=1e-5)
+    assert eval_command(str(tmp_path / "run"), str(data["validation"])) == 0
+    shown = " ".join(capsys.readouterr().out.split())  # the table's lines wrap at the terminal's width
+    assert "loss on 2 documents of valid.jsonl" in shown and "loss per token" in shown and "Examples" not in shown
+
+
 def test_metrics_on_a_run_folder_and_a_checkpoint(tiny_run, triage_data):
     options = dict(metric="support_triage", limit=6, max_new_tokens=8, progress=False)
     final = evaluate(str(tiny_run), triage_data["test"], **options)

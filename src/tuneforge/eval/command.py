@@ -31,16 +31,14 @@ def eval_command(
     if compare:
         result = compare_models(model, compare, data, **options)
         base, tuned = result["base"], result["tuned"]
-        tables = [
-            metrics_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned}),
-            examples_table(result["samples"]),
-        ]
+        tables = [metrics_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned})]
+        if "windows" not in tuned:  # documents of raw text have a loss and no answers
+            tables.append(examples_table(result["samples"]))
     else:
         result = evaluate(model, data, **options)
-        tables = [
-            metrics_table({result["model"]: result}),
-            examples_table(result["samples"], answers=(("answer", "prediction", "correct"),)),
-        ]
+        tables = [metrics_table({result["model"]: result})]
+        if "windows" not in result:
+            tables.append(examples_table(result["samples"], answers=(("answer", "prediction", "correct"),)))
     if json_out:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:

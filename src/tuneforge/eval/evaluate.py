@@ -15,6 +15,10 @@ the row's other fields): its mean score, its pass rate where it has a `pass_thre
 mean of each part of a multi grader or of several reward functions. With a grader, GRPO's own data
 scores too: rows without a reference answer (a `prompt`, or messages ending in the user's turn, read
 as GRPO reads them), for which the grader's figures are all there is (no loss or metric).
+
+A file of raw text (text rows, `.txt`/`.md` documents) has no answers to score: its result is the
+per-token loss, perplexity and next-token accuracy over every token of its documents, cut into windows
+as `data.truncation: split` cuts them (`evaluate_documents`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,17 @@ from pathlib import Path
 
 import torch
 
-from ..data import Conversation, Example, PackedRow, Preference, Problem, pack, read_conversations, render_examples
-from ..data.formats import prompt_messages
+from ..data import (
+    Conversation,
+    Example,
+    PackedRow,
+    Preference,
+    Problem,
+    pack,
+    read_conversations,
+    render_examples,
+)
+from ..data.formats import file_format, prompt_messages
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
@@ -459,6 +472,7 @@ def evaluate(
     train_on: str | None = None,
     progress: bool = True,
     grader: dict | str | list | Grader | None = None,
+    window: int | None = None,
 ) -> dict:
     """Evaluate `model` (registry name, model folder, adapter, run or checkpoint folder) on a chat data file.
 
@@ -472,6 +486,14 @@ def evaluate(
     grader that cannot work on this data is refused before the model loads. With a grader, rows without a
     reference answer (GRPO's prompt rows) are taken too; see `evaluate_loaded` for what is then left out.
     """
+    if file_format(data) == "text":
+        if grader is not None:
+            raise TuneforgeError(
+                f"{data} holds documents of raw text, which have no answers for a grader to score; leave out "
+                "--grader to get their per-token loss and perplexity, or give a file of prompts.",
+                code="bad_option",
+            )
+        return evaluate_documents(model, data, limit=limit, batch_size=batch_size, progress=progress, window=window)
     examples, grader = _checked_inputs(data, limit, metric, grader)
     return _evaluate_examples(
         model,
@@ -517,6 +539,57 @@ def _evaluate_examples(
     return {"model": source.name, "spec": str(model), "data": str(data), **result}
 
 
+def evaluate_documents(
+    model: str,
+    data: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    window: int | None = None,
+) -> dict:
+    """The per-token loss, perplexity and next-token accuracy of `model` on the first `limit` documents of
+    a file of raw text: every token a target once, in windows of `window` tokens as `data.truncation:
+    split` cuts them (None: the `data.max_length` of the run the model is of, else the model's context)."""
+    documents, problems = [], []
+    for _, item in read_conversations(data, "text"):
+        if isinstance(item, Problem):
+            problems += [item] if item.is_error else []
+        elif limit is None or len(documents) < limit:
+            documents.append(item)
+    if problems:
+        raise DataError.listing(f"{data}: {counted(len(problems), 'problem')} in the documents", problems)
+    source = resolve(model)
+    window = window or trained_window(source)
+    tokenizer = load_tokenizer(source)
+    with library_bars(progress):
+        loaded = load_model(source)
+    window = window or model_context_length(loaded) or EVAL_ROW_TOKENS
+    windows = [w for d in documents for e in render_examples(d, tokenizer) for w in e.windows(window)]
+    started = time.perf_counter()
+    with progress_bar("loss", len(windows), progress) as advance:
+        loss = token_loss(loaded, windows, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
+    return {
+        "model": source.name,
+        "spec": str(model),
+        "data": str(data),
+        "n": len(documents),
+        "windows": len(windows),
+        "window": window,
+        "metric": None,
+        **loss,
+        "scores": None,
+        "seconds": {"loss": round(time.perf_counter() - started, 2)},
+        "samples": [],
+    }
+
+
+def trained_window(source) -> int | None:
+    """The `data.max_length` of the run a model is the final model or a checkpoint of; None otherwise."""
+    data = run_config_of(source.adapter or source.path).get("data")
+    return data.get("max_length") if isinstance(data, dict) else None
+
+
 def trained_replies(source) -> str:
     """The `data.train_on` of the run a model is the final model or a checkpoint of; "assistant" otherwise."""
     data = run_config_of(source.adapter or source.path).get("data")
@@ -552,10 +625,19 @@ def compare(
     train_on: str | None = None,
     progress: bool = True,
     grader: dict | str | list | Grader | None = None,
+    window: int | None = None,
 ) -> dict:
-    """`evaluate` for `model` and for `base` on the same data (same options), side by side."""
+    """`evaluate` for `model` and for `base` on the same data (same options), side by side; documents of raw
+    text in `window`-token windows (None: those the tuned model's run trained in)."""
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation
     # The data is read, and the metric and a grader loaded and checked, once for both models.
+    if file_format(data) == "text":  # documents: per-token loss in the windows the tuned model's run trained
+        window = window or trained_window(resolve(model))
+        tuned_result = evaluate(
+            model, data, limit=limit, batch_size=batch_size, progress=progress, grader=grader, window=window
+        )
+        base_result = evaluate(base, data, limit=limit, batch_size=batch_size, progress=progress, window=window)
+        return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
     examples, grader = _checked_inputs(data, limit, metric, grader)
     options = {
         "metric": metric,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fsio import atomic_dir, atomic_file, write_json
+from ..wording import counted
 from .evaluate import side_by_side
 
 ROLLOUT_STEPS_SHOWN = 3
@@ -171,9 +172,10 @@ def metrics_table(results: dict[str, dict]) -> Table:
 
     # Data without reference answers (GRPO's prompt rows) has no loss or metric: `left_out` says why.
     measured = first.get("loss") is not None
+    documents = "windows" in first  # raw text: the loss on every token, and no answers
     if measured:
         add(
-            "loss on reference answers",
+            "loss per token" if documents else "loss on reference answers",
             [r["loss"] for r in results.values()],
             lambda v: f"{v:.4f}",
             per_token_compares and relative,
@@ -197,15 +199,24 @@ def metrics_table(results: dict[str, dict]) -> Table:
     if graded:
         for row in grader_rows(list(results.values())):
             add(*row)
-    add(
-        "answers cut at max_new_tokens",
-        [r["usage"]["stopped_by_length"] for r in results.values()],
-        lambda v: f"{v} of {first['n']}",
-    )
-    in_reasoning = [r["usage"].get("stopped_in_reasoning", 0) for r in results.values()]
+    if not documents:
+        add(
+            "answers cut at max_new_tokens",
+            [r["usage"]["stopped_by_length"] for r in results.values()],
+            lambda v: f"{v} of {first['n']}",
+        )
+    in_reasoning = [r.get("usage", {}).get("stopped_in_reasoning", 0) for r in results.values()]
     if any(in_reasoning):  # a reasoning model cut off before its answer scores 0 on it
         add("cut inside the reasoning (no answer)", in_reasoning, lambda v: f"{v} of {first['n']}")
     columns = ["metric", *labels] + (["change"] if paired else [])
+    if documents:
+        caption = (
+            f"every token of the documents a target once, in {counted(first['windows'], 'window')} of at most "
+            f"{first['window']} tokens (as data.truncation: split cuts them), each read on its own"
+        )
+        if measured and not per_token_compares:
+            caption += f"; the models tokenize the text into {' and '.join(map(str, token_counts))} tokens"
+        return Table(f"loss on {counted(first['n'], 'document')} of {Path(first['data']).name}", columns, rows, caption)
     caption = (
         f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
         "exact: the whole answer right (every field, for JSON answers)"
