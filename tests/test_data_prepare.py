@@ -347,6 +347,17 @@ def test_split_keeps_each_document_whole_on_one_side_of_dedup_and_the_validation
     assert joined(split.valid) == [e.input_ids.tolist() for e in whole.valid]
 
 
+def test_documents_cut_at_max_length_are_pointed_to_split(tmp_path, tokenizer):
+    """Every document over max_length leaves its EOS untrained: the refusal, and the warning where some
+    fit, name data.truncation: split, which trains them whole."""
+    with pytest.raises(DataError) as err:
+        run(tmp_path, tokenizer, [document(i, 6) for i in range(3)], max_length=32)
+    assert err.value.code == "eos_never_trained" and "data.truncation: split" in str(err.value)
+    cut = run(tmp_path, tokenizer, [document(0, 6), document(1, 1)], max_length=32)
+    (warning,) = [w for w in cut.report["warnings"] if w["code"] == "truncated"]
+    assert "or split to train each text document whole" in warning["message"]
+
+
 def test_split_refuses_conversations_and_says_what_to_use(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="data.format is chat"):
         DataConfig(train="x.jsonl", format="chat", truncation="split")

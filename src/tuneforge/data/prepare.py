@@ -579,6 +579,7 @@ class _Preparation:
                 )
             )
             self.problems += [replace(p, file=str(path), line=line) for p in self.renderer.unwritten(record)]
+            self.counts["documents"] += isinstance(record, Document)
             if isinstance(record, Conversation | Preference):  # only rows that train decide the recorded prompt
                 self.counts["conversations"] += 1
                 self.counts["without_system"] += not self.system_prompts.add(
@@ -742,7 +743,13 @@ class _Preparation:
                     "eos_never_trained",
                     f"no training example is trained on the end-of-turn token ({names}), so the "
                     "model would never learn to stop. Usually max_length cuts every reply short (raise "
-                    "data.max_length) or the chat template puts the end of turn outside the reply.",
+                    "data.max_length"
+                    + (
+                        ", or set data.truncation: split to train each text document whole, window by window"
+                        if self.counts["documents"] and self.cfg.truncation == "truncate"
+                        else ""
+                    )
+                    + ") or the chat template puts the end of turn outside the reply.",
                     file=", ".join(self.cfg.train_files),
                 )
             )
@@ -866,7 +873,8 @@ class _Preparation:
             f"{counted(counts['truncated'], 'row')} longer than max_length {self.cfg.max_length} "
             f"{'was cut (its end is' if counts['truncated'] == 1 else 'were cut (their ends are'} not trained): "
             f"{_first(self.over_length, counts['truncated'])}. "
-            "Raise data.max_length or set data.truncation: drop.",
+            "Raise data.max_length or set data.truncation: drop"
+            + (", or split to train each text document whole, window by window." if self.counts["documents"] else "."),
             self.over_length,
         )
         warn(
