@@ -11,7 +11,7 @@ from data.rows import BAD_INPUTS, chat, write_bad_input, write_jsonl
 
 from tuneforge import progress
 from tuneforge.config import DEFAULT_MODEL
-from tuneforge.data import render_conversation
+from tuneforge.data import Document, render_conversation
 from tuneforge.data.check import TRAINED_STYLE, check_command, highlight
 from tuneforge.errors import ModelSourceError
 
@@ -166,6 +166,19 @@ def test_show_cuts_a_long_row_where_training_cuts_it(tmp_path, capsys, models, t
     assert f"long.jsonl:1 (cut to max_length 32 of its {len(whole)} tokens)" in out
     shown = out[out.index("(cut to max_length") :].split("\n", 1)[1]
     assert shown.rstrip("\n") == tokenizer.decode(whole.input_ids[:32])
+
+
+def test_truncation_split_shows_a_document_in_its_windows_and_counts_them(tmp_path, capsys, models, tokenizer):
+    page = " ".join(f"The quick brown fox number {j} jumps over the lazy dog." for j in range(8))
+    (tmp_path / "page.md").write_text(page)
+    assert check_command([str(tmp_path / "page.md")], max_length=40, truncation="split", show=1) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the summary's lines wrap at the terminal's width
+    windows = render_conversation(Document(page), tokenizer).windows(40)
+    assert len(windows) > 2 and f"page.md:1 (window {len(windows)} of {len(windows)})" in out
+    assert "cut to max_length" not in out and "1 split into windows" in out
+    assert f"{len(windows)}: windows of 1 training document" in out
+    assert check_command([str(tmp_path / "page.md")], format="chat", truncation="split") == 2
+    assert capsys.readouterr().err.startswith("error: --truncation: data.truncation: split cuts text documents")
 
 
 def test_show_leaves_out_a_row_training_refuses_as_too_long(tmp_path, capsys, models):

@@ -201,13 +201,18 @@ def models_info(
 
 @data_app.command("check")
 def data_check(
-    files: list[Path] = typer.Argument(..., help="Data files (JSONL, JSON, CSV, each also .gz; Parquet)."),
+    files: list[Path] = typer.Argument(
+        ..., help="Data files (JSONL, JSON, CSV, each also .gz; Parquet; .txt or .md: one document each)."
+    ),
     model: str | None = typer.Option(None, help="Tokenizer to render with (default: the bundled model)."),
     show: int = typer.Option(0, help="Print N rendered examples, trained tokens highlighted."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
     format: str = typer.Option("auto", help="auto | chat | alpaca | sharegpt | prompt_completion | text | preference"),
     max_length: int = typer.Option(1024, help="Token limit per example."),
     train_on: str = typer.Option("assistant", help="assistant | last_assistant | all"),
+    truncation: str = typer.Option(
+        "truncate", help="A row over --max-length: truncate | drop | split (text documents: windows)."
+    ),
 ):
     """Validate data files and report rows, errors by code and line, lengths, masks, duplicates."""
     from .data.check import check_command
@@ -221,6 +226,7 @@ def data_check(
             format=format,
             max_length=max_length,
             train_on=train_on,
+            truncation=truncation,
         )
     )
 

@@ -24,7 +24,7 @@ from .dedup import content_hash
 from .formats import read_conversations
 from .prepare import check_data, cut_to_length, describe_files, split_documents
 from .render import render_examples, render_preference
-from .schema import IGNORE_INDEX, Example, Preference, Problem
+from .schema import IGNORE_INDEX, Document, Example, Preference, Problem
 
 TRAINED_STYLE = "bold green"
 MASKED_STYLE = "dim"
@@ -39,6 +39,7 @@ def check_command(
     format: str = "auto",
     max_length: int = 1024,
     train_on: str = "assistant",
+    truncation: str = "truncate",
 ) -> int:
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
     console = Console(highlight=False, soft_wrap=True)
@@ -50,6 +51,7 @@ def check_command(
             format=format,
             max_length=max_length,
             train_on=train_on,
+            truncation=truncation,
             dedup="exact",
             on_error="skip",
         )
@@ -60,7 +62,9 @@ def check_command(
         return e.exit_code
     except ValidationError as e:  # the config rejected an option: each complaint, named by its option
         for error in e.errors():
-            option = "--" + "-".join(key_path(error["loc"])).replace("_", "-") if error["loc"] else "files"
+            # A mistake in how options go together names its option (`config.KeysError`'s keys).
+            loc = error["loc"] or getattr(error.get("ctx", {}).get("error"), "keys", ())[:1]
+            option = "--" + "-".join(key_path(loc)).replace("_", "-") if loc else "files"
             option = "files" if option.startswith("--train") else option
             errors_console.print(f"[red]error:[/red] {escape(option)}: {escape(complaint(error))}")
         return EXIT_BAD_INPUT
@@ -71,7 +75,16 @@ def check_command(
     else:
         print_summary(console, report, model or DEFAULT_MODEL)
         if show:
-            show_examples(console, files, tokenizer, show, max_length=max_length, format=format, train_on=train_on)
+            show_examples(
+                console,
+                files,
+                tokenizer,
+                show,
+                max_length=max_length,
+                format=format,
+                train_on=train_on,
+                split=truncation == "split",
+            )
     return EXIT_BAD_INPUT if errors else 0
 
 
@@ -201,19 +214,24 @@ def show_examples(
     max_length: int,
     format: str = "auto",
     train_on: str = "assistant",
+    split: bool = False,
 ) -> None:
-    """Print the first `count` good rows as the model will see them (cut to `max_length`, as training
-    cuts them), trained tokens highlighted."""
+    """Print the first `count` good rows as the model will see them (cut to `max_length`, or with `split` a
+    document in its windows, as training cuts them), trained tokens highlighted."""
     console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
-    rows = _rendered_rows(files, tokenizer, format, train_on, max_length)
+    rows = _rendered_rows(files, tokenizer, format, train_on, max_length, split)
     for path, line, examples in itertools.islice(rows, count):
         for which, example, trained in examples:
-            cut = f" (cut to max_length {max_length} of its {len(example)} tokens)" if len(example) > max_length else ""
+            cut = (
+                f" (cut to max_length {max_length} of its {len(example)} tokens)"
+                if len(example) > max_length and not which.startswith(" (window")
+                else ""
+            )
             console.print(Text(f"--- {path}:{line}{which}{cut}", style="bold"))
             console.print(highlight(trained, tokenizer))
 
 
-def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int):
+def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int, split: bool = False):
     """(file, line, [(which example, example, the example as training cuts it)]) for each row that renders
     and that training keeps: not a duplicate of an earlier row (`check_command` removes exact ones), and
     not refused as too_long (its cut leaves nothing to train)."""
@@ -237,6 +255,11 @@ def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int
                         (f" (example {i} of {n}, one per turn)" if n > 1 else "", e) for i, e in enumerate(rendered, 1)
                     ]
             except TuneforgeError:
+                continue
+            if split and isinstance(record, Document):  # a document in its windows (data.truncation: split)
+                windows = examples[0][1].windows(max_length)
+                n = len(windows)
+                yield path, line, [(f" (window {i} of {n})" if n > 1 else "", w, w) for i, w in enumerate(windows, 1)]
                 continue
             pair = isinstance(record, Preference)
             if cut_to_length(tuple(e for _, e in examples), max_length, pair=pair) is None:
