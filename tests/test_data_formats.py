@@ -596,7 +596,7 @@ def test_missing_and_unknown_files(tmp_path):
     assert [p.code for p in errors(read(tmp_path / "nope.jsonl"))] == ["file_not_found"]
     (folder := tmp_path / "data").mkdir()
     (problem,) = errors(read(folder))
-    assert "is a folder, not a file. Give the data files by name" in problem.message
+    assert "is an empty folder. Give the data files by name" in problem.message
     (problem,) = errors(read(tmp_path / "*.jsonl"))
     assert "does not exist: a pattern is not expanded. Give the data files by name" in problem.message
     odd = tmp_path / "scan.pdf"

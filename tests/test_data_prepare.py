@@ -358,6 +358,23 @@ def test_documents_cut_at_max_length_are_pointed_to_split(tmp_path, tokenizer):
     assert "or split to train each text document whole" in warning["message"]
 
 
+def test_a_folder_in_data_train_is_its_documents_and_a_binary_one_is_refused_by_name(tmp_path, tokenizer):
+    docs = tmp_path / "wiki"
+    (docs / "ops").mkdir(parents=True)
+    (docs / "intro.md").write_text(document(0, 3)["text"])
+    (docs / "ops" / "runbook.txt").write_text(document(1, 4)["text"])
+    (docs / ".notes.md").write_text("a hidden draft")
+    cfg = DataConfig(train=[{"path": str(docs), "weight": 2}], validation=None)
+    assert cfg.train_files == [str(docs / "intro.md"), str(docs / "ops" / "runbook.txt")]
+    assert cfg.train_weights == [2, 2]
+    prepared = prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
+    assert prepared.report["counts"]["train_kept"] == 2 and len(prepared.train) == 4
+    (docs / "scan.pdf").write_bytes(b"%PDF-1.4\n\x00\x01")
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(train=str(docs), validation=None), tokenizer, use_cache=False, log=lambda _: None)
+    assert err.value.code == "unknown_file_type" and str(docs / "scan.pdf") in str(err.value)
+
+
 def test_split_refuses_conversations_and_says_what_to_use(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="data.format is chat"):
         DataConfig(train="x.jsonl", format="chat", truncation="split")

@@ -157,6 +157,21 @@ class TrainFile(Strict):
     )
 
 
+def folder_files(path: str) -> list[str]:
+    """The files a `data.train` entry names: a file itself; a folder's files at any depth in name order (a
+    folder of documents, `.txt`/`.md`, one each), hidden ones (`.git`, `.DS_Store`) left out, so that its
+    other files are refused by name when read. An empty folder stays itself, which reading refuses."""
+    if not os.path.isdir(path):
+        return [path]
+    root = Path(path)
+    files = sorted(
+        str(file)
+        for file in root.rglob("*")
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)
+    )
+    return files or [path]
+
+
 class DataConfig(Strict):
     train: str | list[str | TrainFile]
     validation: str | float | None = 0.1
@@ -263,12 +278,16 @@ class DataConfig(Strict):
 
     @property
     def train_files(self) -> list[str]:
-        return [self.train] if isinstance(self.train, str) else [getattr(f, "path", f) for f in self.train]
+        """The training files, a folder of `data.train` as the files in it (`folder_files`)."""
+        items = [self.train] if isinstance(self.train, str) else [getattr(f, "path", f) for f in self.train]
+        return [file for item in items for file in folder_files(item)]
 
     @property
     def train_weights(self) -> list[float]:
-        """Each training file's weight (`TrainFile.weight`; 1 for a plain path), in the order of `train_files`."""
-        return [1.0] if isinstance(self.train, str) else [getattr(f, "weight", 1.0) for f in self.train]
+        """Each training file's weight (`TrainFile.weight`; 1 for a plain path, a folder's for each of its
+        files), in the order of `train_files`."""
+        items = [self.train] if isinstance(self.train, str) else self.train
+        return [getattr(f, "weight", 1.0) for f in items for _ in folder_files(getattr(f, "path", f))]
 
     @property
     def weighted(self) -> bool:

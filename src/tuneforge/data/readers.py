@@ -65,10 +65,15 @@ def open_rows(path: str | Path) -> Rows:
     path = str(path)
     p = Path(path)
     if not p.is_file():
-        # Folders and patterns are not read for their files: a run's data is the files it names.
+        # Patterns are not read for their files: a run's data is the files it names (data.train names a
+        # folder's files for it: `config.folder_files`).
         by_name = "Give the data files by name, one by one (data.train takes a list of them)."
         if p.is_dir():
-            what = f"is a folder, not a file. {by_name}"
+            what = (
+                "is an empty folder."
+                if not any(p.iterdir())
+                else "is a folder, not a file; data.train alone reads a folder's files (a document each)."
+            ) + f" {by_name}"
         elif any(c in p.name for c in "*?["):
             what = f"does not exist: a pattern is not expanded. {by_name}"
         else:
