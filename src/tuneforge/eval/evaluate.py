@@ -630,7 +630,6 @@ def compare(
     """`evaluate` for `model` and for `base` on the same data (same options), side by side; documents of raw
     text in `window`-token windows (None: those the tuned model's run trained in)."""
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation
-    # The data is read, and the metric and a grader loaded and checked, once for both models.
     if file_format(data) == "text":  # documents: per-token loss in the windows the tuned model's run trained
         window = window or trained_window(resolve(model))
         tuned_result = evaluate(
@@ -638,6 +637,7 @@ def compare(
         )
         base_result = evaluate(base, data, limit=limit, batch_size=batch_size, progress=progress, window=window)
         return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
+    # The data is read, and the metric and a grader loaded and checked, once for both models.
     examples, grader = _checked_inputs(data, limit, metric, grader)
     options = {
         "metric": metric,
