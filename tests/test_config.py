@@ -77,7 +77,7 @@ def test_each_error_names_the_line_or_override_that_set_its_key(tmp_path):
         load_config(path, ["train.max_steps=0"])
     assert e.value.message.splitlines() == [
         f"{path}: invalid config",
-        "  method (line 7): Input should be 'full', 'lora', 'dora', 'distill', 'dpo' or 'grpo' (got 'qlora')",
+        "  method (line 7): Input should be 'full', 'lora', 'dora', 'distill', 'dpo', 'grpo' or 'reward' (got 'qlora')",
         "  train.max_steps (override): Input should be greater than or equal to 1 (got 0)",
         "  train.batch_size (line 5): Input should be a valid integer, unable to parse string as an integer "
         "(got 'two')",
@@ -545,8 +545,8 @@ def test_the_readme_config_block_shows_every_key_with_its_default():
                 assert value == defaults[key], f"README shows {prefix}{key}: {value}, the default is {defaults[key]}"
 
     compare(shown, defaults)
-    for section, keys in defaults.items():  # distill, dpo and grpo have blocks of their own, under their methods
-        if isinstance(keys, dict) and section not in ("distill", "dpo", "grpo"):
+    for section, keys in defaults.items():  # distill, dpo, grpo and reward have blocks of their own
+        if isinstance(keys, dict) and section not in ("distill", "dpo", "grpo", "reward"):
             missing = set(keys) - set(shown[section]) - ({"train"} if section == "data" else set())
             assert not missing, f"README's config block leaves out {section}: {sorted(missing)}"
     method_line = next(line for line in block.splitlines() if line.startswith("method:"))

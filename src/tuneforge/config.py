@@ -667,6 +667,24 @@ class GRPOConfig(Strict):
     )
 
 
+class RewardConfig(Strict):
+    """`method: reward`: a reward model trained on (chosen, rejected) pairs, the base loaded as a sequence
+    classifier with one output (its score at a reply's last token) and the Bradley-Terry loss
+    -log sigmoid(r_chosen - r_rejected) (TRL's RewardTrainer)."""
+
+    trains: Literal["lora", "dora", "full"] = Field(
+        "lora",
+        description="what trains: lora or dora adapters (the lora section) with the score head trained whole, "
+        "or every weight (full)",
+    )
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="weight of the penalty (r_chosen + r_rejected)^2 that keeps the rewards centred on 0 (TRL's "
+        "RewardConfig.center_rewards_coefficient; 0.01 is common); none when not given",
+    )
+
+
 class EvalConfig(Strict):
     """What runs on the final model when training ends (`eval/after_training.py`)."""
 
@@ -686,11 +704,12 @@ class EvalConfig(Strict):
 class Config(Strict):
     base_model: str = DEFAULT_MODEL
     model: ModelConfig = ModelConfig()
-    method: Literal["full", "lora", "dora", "distill", "dpo", "grpo"] = "lora"
+    method: Literal["full", "lora", "dora", "distill", "dpo", "grpo", "reward"] = "lora"
     lora: LoraConfig = LoraConfig()
     distill: DistillConfig = DistillConfig()
     dpo: DPOConfig = DPOConfig()
     grpo: GRPOConfig = GRPOConfig()
+    reward: RewardConfig = RewardConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -726,6 +745,8 @@ class Config(Strict):
             ("distill", "teacher", self.distill.teacher),
             ("grpo", "grader", self.grpo.grader),
             ("grpo", "grader_weights", self.grpo.grader_weights),
+            ("reward", "trains", self.reward.trains if self.reward.trains != "lora" else None),
+            ("reward", "center_rewards_coefficient", self.reward.center_rewards_coefficient),
         ):
             if value and self.method != section:
                 raise KeysError(
@@ -794,11 +815,16 @@ class Config(Strict):
             )
             if on
         ]
-        if sft_only and self.method in ("distill", "dpo", "grpo"):
+        if sft_only and self.method in ("distill", "dpo", "grpo", "reward"):
             raise KeysError(
                 f"method: {self.method} does not take {', '.join(sft_only)}: these shape the SFT "
-                f"objective of methods full, lora and dora, and {self.method} compares the model with a "
-                "teacher or reference already; leave them out",
+                f"objective of methods full, lora and dora, and {self.method} "
+                + (
+                    "scores pairs, not tokens"
+                    if self.method == "reward"
+                    else "compares the model with a teacher or reference already"
+                )
+                + "; leave them out",
                 "method",
                 *(key.split(":")[0] for key in sft_only),
             )
@@ -809,7 +835,7 @@ class Config(Strict):
                 "train.replay_loss",
                 "data.general_mix",
             )
-        if self.method in ("dpo", "grpo") and self.data.general_mix:
+        if self.method in ("dpo", "grpo", "reward") and self.data.general_mix:
             raise KeysError(
                 f"data.general_mix mixes SFT conversations into training, which method: {self.method} does not "
                 "train on; set it to 0",
@@ -829,10 +855,10 @@ class Config(Strict):
                 "eval.task",
                 "data.validation",
             )
-        if self.data.format == "preference" and self.method != "dpo":
+        if self.data.format == "preference" and self.method not in ("dpo", "reward"):
             raise KeysError(
                 f"data.format: preference reads each row as a chosen and a rejected reply, which method: {self.method} "
-                "cannot train on; set method: dpo, or data.format to the format of the rows (or auto)",
+                "cannot train on; set method: dpo or reward, or data.format to the format of the rows (or auto)",
                 "data.format",
                 "method",
             )
@@ -843,10 +869,11 @@ class Config(Strict):
                 "method",
                 "data.train",
             )
-        if self.method == "dpo" and self.data.train_on == "all":
+        if self.method in ("dpo", "reward") and self.data.train_on == "all":
             raise KeysError(
-                "data.train_on: all trains the prompt too, but method: dpo compares the chosen and rejected replies "
-                "alone (each reply and its end of turn), so it would be ignored; leave data.train_on out",
+                f"data.train_on: all trains the prompt too, but method: {self.method} compares the chosen and "
+                "rejected replies alone (each reply and its end of turn), so it would be ignored; leave data.train_on "
+                "out",
                 "method",
                 "data.train_on",
             )
@@ -916,11 +943,12 @@ class Config(Strict):
 
     def _check_added_tokens(self) -> None:
         """model.add_tokens grows the vocabulary, which only the SFT methods train from a plain base."""
-        if self.method in ("distill", "dpo", "grpo"):
+        if self.method in ("distill", "dpo", "grpo", "reward"):
             other = {
                 "distill": "a teacher's vocabulary must be the student's",
                 "dpo": "the reference model would score tokens it has no trained rows for",
                 "grpo": "the reference model would score tokens it has no trained rows for",
+                "reward": "a reward model's score does not train the embeddings of new tokens to mean anything",
             }[self.method]
             raise KeysError(
                 f"model.add_tokens grows the vocabulary, which method: {self.method} cannot use ({other}); add the "
@@ -952,14 +980,18 @@ class Config(Strict):
             or (self.method == "distill" and self.distill.student == "lora")
             or (self.method == "dpo" and self.dpo.policy == "lora")
             or (self.method == "grpo" and self.grpo.policy == "lora")
+            or (self.method == "reward" and self.reward.trains != "full")
         )
 
     @property
     def trained_what(self) -> str:
         """The config key that says every weight trains (for messages)."""
-        return {"distill": "distill.student: full", "dpo": "dpo.policy: full", "grpo": "grpo.policy: full"}.get(
-            self.method, f"method: {self.method}"
-        )
+        return {
+            "distill": "distill.student: full",
+            "dpo": "dpo.policy: full",
+            "grpo": "grpo.policy: full",
+            "reward": "reward.trains: full",
+        }.get(self.method, f"method: {self.method}")
 
     def results_hash(self) -> str:
         """Hash of everything that changes training results (not logging or checkpoint cadence)."""
@@ -1007,7 +1039,7 @@ class Config(Strict):
                 d["train"].pop(key)  # added later: a run at the defaults resumes a checkpoint from before them
         if d["model"]["chat_template"] is None:
             d["model"].pop("chat_template")  # added later: the tokenizer's own template, as before it
-        for section in ("distill", "dpo", "grpo"):
+        for section in ("distill", "dpo", "grpo", "reward"):
             if self.method != section:
                 # Other methods ignore the section, and leaving it out keeps their hashes (and resumes) as they were.
                 d.pop(section)

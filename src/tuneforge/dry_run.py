@@ -37,7 +37,7 @@ from .methods import (
 )
 from .methods.dpo import kto_balance_warning
 from .methods.sft import LOGITS_AT_ONCE
-from .models import count_parameters, resolve, resolve_precision, run_tokenizer
+from .models import count_parameters, meta_model, resolve, resolve_precision, run_tokenizer
 from .models.attention import supports_per_example_attention
 from .models.loading import grow_embeddings, tokens_added
 from .training import (
@@ -77,11 +77,12 @@ def parameter_counts(source, cfg, token_ids=(), new_ids=()) -> tuple[int, int, i
     so through the backward, and beside it a decoder layer computing and the next one prefetched.
     `token_ids`: the ids of `model.add_tokens`; `new_ids`: those the tokenizer did not hold, which the
     embeddings grow to hold."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source.path)
+    # A reward model is the classifier it trains: its score head in place of the output layer.
+    model = meta_model(config, classifier=cfg.method == "reward")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
         grow_embeddings(model, new_ids)
         total = sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
         linear = sum(
@@ -183,6 +184,8 @@ def memory_plan(
     logits = min(tokens * config.vocab_size, LOGITS_AT_ONCE) * 4 * 2  # the logits and their gradient
     if cfg.method == "distill":
         logits = distill_logits_bytes(cfg, tokens, tokens * trained_share, config.vocab_size)
+    if cfg.method == "reward":  # one score per reply, no vocabulary logits
+        logits = 0
     copy_bytes = copy * frozen_bytes
     if cfg.method == "distill" and cfg.distill.teacher_top_k is not None:
         # The teacher is freed once its top-k are cached, before the first step makes gradients, optimizer
@@ -392,7 +395,7 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         ]
     return answers + [
         (
-            {"dpo": "pairs" if cfg.dpo.loss != "kto" else "rated replies", "grpo": "prompts"}.get(
+            {"dpo": "pairs" if cfg.dpo.loss != "kto" else "rated replies", "grpo": "prompts", "reward": "pairs"}.get(
                 cfg.method, "examples"
             ),
             f"{len(train_items):,} train, {len(valid_items):,} validation",

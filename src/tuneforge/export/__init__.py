@@ -32,6 +32,7 @@ from rich.console import Console
 from ..errors import TuneforgeError
 from ..fsio import atomic_dir, write_json
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
+from ..models.loading import is_sequence_classifier
 from ..progress import library_bars
 from . import adapter, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
@@ -100,6 +101,13 @@ def export(
                 code="not_an_adapter",
             )
         tokenizer = load_tokenizer(source)
+        if fmt == "gguf" and is_sequence_classifier(source):
+            raise TuneforgeError(
+                f"{run_or_model} is a reward model (a sequence classifier with a score head, method: reward), which "
+                "a GGUF for llama.cpp and Ollama cannot hold: they run text generators. Export it --format merged "
+                "(loads with transformers' AutoModelForSequenceClassification) or --format adapter.",
+                code="reward_model_gguf",
+            )
         if fmt == "gguf":
             from transformers import AutoConfig
 

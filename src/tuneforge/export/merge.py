@@ -15,6 +15,7 @@ import torch
 
 from ..models import ModelSource, load_model
 from ..models.architecture import chat_generation_config
+from ..models.loading import classifier_folder
 from ..models.saving import SENTENCEPIECE_MODEL
 from .probe import MERGE_BOUND, Agreement, agreement, probe_logits, require_within
 
@@ -64,11 +65,13 @@ def _untie_adapted_weights(model) -> None:
 
 
 def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str, sentencepiece: Path | None) -> list[Path]:
-    """Write a folder that `AutoModelForCausalLM.from_pretrained` loads: safetensors weights in
+    """Write a folder that `AutoModelForCausalLM.from_pretrained` (a reward model's:
+    `AutoModelForSequenceClassification`) loads: safetensors weights in
     `dtype`, config, generation config, tokenizer and chat template, and the source's `sentencepiece`
     tokenizer.model (which transformers does not write and llama.cpp's converter reads), if it has one."""
     model = merged.model
-    model.generation_config = chat_generation_config(model.generation_config, tokenizer)
+    if model.can_generate():  # a reward model (a sequence classifier) writes no text
+        model.generation_config = chat_generation_config(model.generation_config, tokenizer)
     model.to(SAVED_DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     if sentencepiece is not None:
@@ -77,7 +80,9 @@ def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str, senten
 
 
 def load_saved(folder: Path):
-    """The exported folder as a user would load it: plain transformers, upcast to fp32 to compare."""
-    from transformers import AutoModelForCausalLM
+    """The exported folder as a user would load it: plain transformers (a reward model as the sequence classifier
+    it is), upcast to fp32 to compare."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    auto = AutoModelForSequenceClassification if classifier_folder(folder) else AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=torch.float32)

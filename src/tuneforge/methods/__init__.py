@@ -6,14 +6,15 @@ in `sft.py` for full, LoRA and DoRA (cross-entropy, with the `kl_to_base.KLToBas
 `neftune.NEFTune` hook when the config asks), the distillation objective in `distill.py` for
 distill (whose student trains as `distill.student` says), the preference objective in `dpo.py` for
 dpo (its policy trains as `dpo.policy` says), the policy-gradient objective in `grpo.py` for grpo,
-which samples and grades its own batches during the step (`make_batches`). `prepare_items` reads
+which samples and grades its own batches during the step (`make_batches`), the Bradley-Terry objective
+in `reward.py` for reward (a sequence classifier trained as `reward.trains` says). `prepare_items` reads
 the data a method trains on (grpo: prompts with the fields its grader reads). `check_inputs` runs
 the checks a method makes before any compute (data.max_length fits the model's positions; preference
-data for dpo and only for dpo; the lora section names modules the model has; distill: the teacher's
+data for dpo and reward and only for them; the lora section names modules the model has; distill: the teacher's
 vocabulary is the student's and its window holds data.max_length; grpo: the grader is sound).
 
 An objective returns sums. What they are sums over is its `count` of a batch (trained tokens
-unless it says otherwise; DPO counts pairs), and the loop divides by the count of the whole
+unless it says otherwise; DPO and reward count pairs), and the loop divides by the count of the whole
 optimizer step. `reported_sums` names the sums the loop logs as train_/valid_ metrics, and
 `logged_sums` the method's own sums, logged per count beside them; `train_only_sums` those of them
 that validation leaves out. `sum_over_batches` runs an objective over batches without gradients
@@ -35,7 +36,7 @@ from ..errors import ConfigError
 from ..models import compute_dtype, load_frozen_model, load_model, meta_model, source_context_length
 from ..models.loading import tokens_added
 from ..models.quantization import keep_trainable_layout, quantization_config
-from . import distill, dpo, full, grpo, lora
+from . import distill, dpo, full, grpo, lora, reward
 from .distill import DistillObjective
 from .dpo import DPOObjective
 from .kl_to_base import KLToBase
@@ -49,6 +50,7 @@ PREPARE = {
     "distill": distill.prepare_model,
     "dpo": dpo.prepare_model,
     "grpo": grpo.prepare_model,
+    "reward": reward.prepare_model,
 }
 
 TOKEN_SUMS = {"loss": "ce", "mean_token_accuracy": "correct"}
@@ -73,7 +75,7 @@ def load_for_training(source, cfg, *, precision: str, device: torch.device, toke
     quantization = quantization_config(
         cfg.model.quantize, double_quant=cfg.model.double_quant, compute_dtype=compute_dtype(precision)
     )
-    model = load_model(source, dtype=dtype, quantization=quantization, device=device)
+    model = load_model(source, dtype=dtype, quantization=quantization, device=device, classifier=cfg.method == "reward")
     model = prepare_model(model, cfg, token_ids, new_ids)
     if quantization:
         keep_trainable_layout(model)
@@ -129,7 +131,7 @@ def check_inputs(cfg, tokenizer, source) -> None:
             "method: dora on model.quantize: int8 does not run on a CPU (bitsandbytes' 8-bit layer there cannot "
             "give DoRA the weights its norm needs). Use model.quantize: nf4 with DoRA, or method: lora on int8."
         )
-    if cfg.method in ("dpo", "grpo"):
+    if cfg.method in ("dpo", "grpo", "reward"):
         dpo.check_start(cfg, source)
     if cfg.method == "distill":
         distill.check_teacher(cfg, tokenizer)
@@ -151,7 +153,10 @@ def check_trainable(cfg, source, token_ids=(), new_ids=()) -> None:
     from transformers import AutoConfig
 
     with torch.device("meta"):  # the adapter's layers too
-        prepare_model(meta_model(AutoConfig.from_pretrained(source.path)), cfg, token_ids, new_ids)
+        classifier = cfg.method == "reward"
+        prepare_model(
+            meta_model(AutoConfig.from_pretrained(source.path), classifier=classifier), cfg, token_ids, new_ids
+        )
 
 
 def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False) -> tfdata.PreparedData:
@@ -170,6 +175,8 @@ def build_objective(model, cfg, tokenizer, *, dtype: torch.dtype, device: torch.
         return dpo.build_objective(model, cfg, dtype=dtype, device=device)
     if cfg.method == "grpo":
         return grpo.build_objective(model, tokenizer, cfg, dtype=dtype, device=device)
+    if cfg.method == "reward":
+        return reward.build_objective(model, cfg, tokenizer)
     t = cfg.train
     if t.neftune_alpha:
         NEFTune(t.neftune_alpha).attach(model)
@@ -182,12 +189,12 @@ def build_objective(model, cfg, tokenizer, *, dtype: torch.dtype, device: torch.
 
 
 def batch_items(prepared, cfg) -> tuple[list, list]:
-    """What the loop makes rows of, for training and validation: the examples, or for dpo one item
+    """What the loop makes rows of, for training and validation: the examples, or for dpo and reward one item
     per pair (its chosen and rejected examples end to end, so they always share a forward), or for
     dpo.loss: kto one per rated example (it and its mismatched example for the KL estimate)."""
     if cfg.method == "dpo" and cfg.dpo.loss == "kto":
         return dpo.kto_rows(prepared.train, cfg.data.max_length), dpo.kto_rows(prepared.valid, cfg.data.max_length)
-    if cfg.method == "dpo":
+    if cfg.method in ("dpo", "reward"):
         return dpo.rows(prepared.train_pairs), dpo.rows(prepared.valid_pairs)
     return prepared.train, prepared.valid
 
@@ -220,11 +227,11 @@ def reported_sums(objective) -> dict[str, str]:
 
 
 def adapter_on_merged_base(cfg, source) -> bool:
-    """Whether the trained adapter sits on a base that exists only in memory: dpo and grpo merge a LoRA
+    """Whether the trained adapter sits on a base that exists only in memory: dpo, grpo and reward merge a LoRA
     `base_model` before their LoRA policy trains, so that final model is saved merged. (lora and dora
     train such an adapter on; full merges it and trains every weight.)"""
-    policy = {"dpo": cfg.dpo.policy, "grpo": cfg.grpo.policy}.get(cfg.method)
-    return source.adapter is not None and policy == "lora"
+    policy = {"dpo": cfg.dpo.policy, "grpo": cfg.grpo.policy, "reward": cfg.reward.trains}.get(cfg.method)
+    return source.adapter is not None and policy in ("lora", "dora")
 
 
 @torch.no_grad()

@@ -394,13 +394,14 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
 
 
 def check_data_kind(cfg) -> None:
-    """Preference pairs train with method: dpo, rated replies (KTO data) with dpo.loss: kto, and method: dpo
-    trains on one of them only. Reads the first row of each data file, so a mismatch fails before any data is
+    """Preference pairs train with method: dpo or reward, rated replies (KTO data) with dpo.loss: kto, and those
+    methods train on one of them only. Reads the first row of each data file, so a mismatch fails before any data is
     prepared."""
     from ..data.formats import file_format
 
     files = cfg.data.train_files + ([cfg.data.validation] if isinstance(cfg.data.validation, str) else [])
     kto = cfg.method == "dpo" and cfg.dpo.loss == "kto"
+    on_pairs = cfg.method == "reward" or (cfg.method == "dpo" and not kto)
     for path in files:
         if not Path(path).is_file():
             continue  # data preparation reports a missing file with its own error
@@ -422,11 +423,15 @@ def check_data_kind(cfg) -> None:
                 f"{path}: dpo.loss: kto trains on replies rated desirable or undesirable, but {reason}",
                 code="not_kto_data",
             )
-        if cfg.method == "dpo" and not kto and not pairs:
+        if on_pairs and not pairs:
             reason = (
                 f"data.format: {cfg.data.format} reads this file's rows as another format; set data.format to "
                 "preference, or leave it out (auto)."
                 if cfg.data.format != "auto"
+                else "this file holds replies rated desirable or undesirable (a 'label' per row, KTO data), not "
+                "pairs; train them with method: dpo and dpo.loss: kto, or give each prompt's chosen and rejected "
+                'replies as one row, {"prompt", "chosen", "rejected"}.'
+                if rated and cfg.method == "reward"
                 else "this file holds replies rated desirable or undesirable (a 'label' per row, KTO data), not "
                 "pairs; set dpo.loss: kto to train on them."
                 if rated
@@ -435,13 +440,13 @@ def check_data_kind(cfg) -> None:
                 "method: lora, dora or full."
             )
             raise TuneforgeError(
-                f"{path}: method: dpo trains on preference pairs, but {reason}", code="not_preference_data"
+                f"{path}: method: {cfg.method} trains on preference pairs, but {reason}", code="not_preference_data"
             )
-        if cfg.method != "dpo" and pairs:
+        if cfg.method not in ("dpo", "reward") and pairs:
             raise TuneforgeError(
                 f"{path}: this file holds preference pairs (a chosen and a rejected reply per prompt), which "
-                f"method: {cfg.method} cannot train on. Use method: dpo (with a dpo section), or give "
-                "conversations with a single reply.",
+                f"method: {cfg.method} cannot train on. Use method: dpo (with a dpo section) or method: reward (a "
+                "reward model), or give conversations with a single reply.",
                 code="preference_data",
             )
         if cfg.method != "dpo" and rated:

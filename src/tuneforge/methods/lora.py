@@ -75,15 +75,17 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
         depth = model.config.get_text_config().num_hidden_layers
         layers = list(range(int(depth * lc.from_layer), depth))
         targets = decoder_linears(model) if targets == "all-linear" else targets
+    reward = cfg.method == "reward"
     return PeftLoraConfig(
-        task_type="CAUSAL_LM",
+        # A reward model's adapter: PEFT trains and saves its score head whole (modules_to_save).
+        task_type="SEQ_CLS" if reward else "CAUSAL_LM",
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
         target_modules=targets,
         layers_to_transform=layers,
         use_rslora=lc.use_rslora,
-        use_dora=cfg.method == "dora",
+        use_dora=cfg.method == "dora" or (reward and cfg.reward.trains == "dora"),
         modules_to_save=lc.modules_to_save,
         exclude_modules=outside_the_text_model(model),
         trainable_token_indices=trained_token_rows(cfg, model, token_ids),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import logging
 import re
 import warnings
 import weakref
@@ -234,19 +237,31 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     quantization=None,
     device: torch.device | str = "cpu",
+    classifier: bool | None = None,
 ):
-    """An `AutoModelForCausalLM`, wrapped in a `PeftModel` when the source has an adapter.
+    """An `AutoModelForCausalLM`, wrapped in a `PeftModel` when the source has an adapter; with `classifier`
+    an `AutoModelForSequenceClassification` with one output instead (a reward model; its score head is new where
+    the folder is a causal LM). None: a classifier where the source is one (`is_sequence_classifier`).
 
     With `quantization` (`quantization.quantization_config`) the base's linear weights are quantized as
     they load, straight onto `device`: a quantized model cannot move afterwards, and no full-precision
     copy of more than one checkpoint shard is ever held. Without it the model loads on the CPU.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = _as_source(spec)
     placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
+    if classifier is None:
+        classifier = is_sequence_classifier(source)
+    if classifier:
+        placement["num_labels"] = 1
+    # A causal LM's folder loaded as a classifier has no score head: it starts new, as a reward model's does, so
+    # transformers' report of the missing `score.weight` says nothing a user should act on.
+    quiet = classifier and not classifier_folder(source.path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **placement)
+        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        with _quiet_load_report() if quiet else contextlib.nullcontext():
+            model = auto.from_pretrained(source.path, dtype=dtype, **placement)
     except LOAD_ERRORS as err:
         raise _load_failed(source.path, err) from err
     if quantization and torch.device(device).type == "cpu":
@@ -268,6 +283,34 @@ def load_model(
         return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies)
     except LOAD_ERRORS as err:
         raise _load_failed(source.adapter, err) from err
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers' load report (missing and unexpected weights) held back inside the block."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def is_sequence_classifier(source: ModelSource) -> bool:
+    """Whether `source` is a sequence classifier (a reward model): its adapter trained one (PEFT's task_type
+    SEQ_CLS), or, with no adapter, its folder's architecture is one."""
+    return classifier_folder(source.adapter if source.adapter is not None else source.path)
+
+
+def classifier_folder(folder: Path) -> bool:
+    """Whether the adapter or model in `folder` is a sequence classifier (see `is_sequence_classifier`)."""
+    if (folder / "adapter_config.json").is_file():
+        try:
+            return json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+        except (OSError, ValueError, AttributeError):
+            return False
+    return any(name.endswith("ForSequenceClassification") for name in _model_config(folder).get("architectures") or [])
 
 
 def own_unquantized_weights(model) -> None:
@@ -454,13 +497,17 @@ def model_info(spec: str | ModelSource) -> dict:
     return info
 
 
-def meta_model(config):
-    """The causal language model `config` describes, built on the meta device: its structure, with no
-    memory and no weights."""
-    from transformers import AutoModelForCausalLM
+def meta_model(config, *, classifier: bool = False):
+    """The causal language model `config` describes (with `classifier`, the sequence classifier with one output
+    that `load_model` builds on it), built on the meta device: its structure, with no memory and no weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
         with torch.device("meta"):
+            if classifier:
+                config = copy.deepcopy(config)
+                config.num_labels = 1
+                return AutoModelForSequenceClassification.from_config(config)
             return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as err:
         raise ModelSourceError(

@@ -90,11 +90,12 @@ def refuse_more_processes_than_gpus(processes_here: int) -> None:
 
 
 def trains_every_weight(cfg) -> bool:
-    """Full fine-tuning, of the model itself or of a distillation student or DPO policy."""
+    """Full fine-tuning, of the model itself or of a distillation student, DPO policy or reward model."""
     return (
         cfg.method == "full"
         or (cfg.method == "distill" and cfg.distill.student == "full")
         or (cfg.method == "dpo" and cfg.dpo.policy == "full")
+        or (cfg.method == "reward" and cfg.reward.trains == "full")
     )
 
 

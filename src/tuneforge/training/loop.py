@@ -215,14 +215,14 @@ def row_tokens(row) -> int:
 
 def shares_prefixes(cfg: Config, all_per_example: bool) -> bool:
     """Whether packed rows hold a common prefix once (`data.pack`): only where every model of the
-    forward attends per example (`models.attention` reads the shared prefix), not for DPO, whose
-    items are pairs already laid out, and not for distillation at every position
+    forward attends per example (`models.attention` reads the shared prefix), not for DPO or reward
+    models, whose items are pairs already laid out, and not for distillation at every position
     (`distill.positions: all`), whose divergence is taken on the prompt tokens a shared prefix holds
     once: each example's prompt would count once per row instead of once per example."""
     return (
         cfg.data.packing
         and cfg.data.share_prefixes
-        and cfg.method != "dpo"
+        and cfg.method not in ("dpo", "reward")
         and not (cfg.method == "distill" and cfg.distill.positions == "all")
         and cfg.train.attention == "per_example"
         and all_per_example
@@ -271,7 +271,7 @@ def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
             warnings.append(
                 f"{', '.join(lora)}: set, but {cfg.trained_what} trains every weight and adds no adapter, so the "
                 "lora section has no effect; leave it out, or train adapters (method: lora or dora, or "
-                "distill.student, dpo.policy or grpo.policy: lora)."
+                "distill.student, dpo.policy or grpo.policy: lora, reward.trains: lora or dora)."
             )
     if plan.rows < cfg.train.batch_size:
         to = f"{plan.rows}" if plan.rows == 1 else f"{plan.rows} or fewer"

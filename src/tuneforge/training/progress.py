@@ -13,8 +13,9 @@ from rich.table import Table
 from ..methods.dpo import DPOObjective
 from ..progress import LogLines, bar_columns
 
-# rewards/chosen, ..., shown in the run's summary table (kto's kl among them, after grpo's)
-REWARDS = DPOObjective.logged_sums + DPOObjective.orpo_sums + ("logps/chosen", "logps/rejected")
+# rewards/chosen, ..., a reward model's accuracy and margin, shown in the run's summary table (kto's kl among
+# them, after grpo's)
+REWARDS = DPOObjective.logged_sums + DPOObjective.orpo_sums + ("logps/chosen", "logps/rejected", "accuracy", "margin")
 
 
 class TrainProgress:
@@ -58,6 +59,8 @@ class TrainProgress:
             loss += f" div {record['divergence']:.4f} agree {record['teacher_agreement']:.1%}"
         if "rewards/margins" in record:
             loss += f" margin {record['rewards/margins']:.3f} acc {record['rewards/accuracies']:.0%}"
+        if "accuracy" in record:  # a reward model's pairs
+            loss += f" margin {record['margin']:.3f} acc {record['accuracy']:.0%}"
         if "logps/chosen" in record or "logps/rejected" in record:  # kto: the rewards of each kind of reply
             for name in ("chosen", "rejected"):
                 if f"rewards/{name}" in record:

@@ -1,0 +1,154 @@
+"""method: reward on tiny models: the Bradley-Terry loss against the classifier's own scores, a run that
+learns to rank the chosen replies and resumes exactly, a saved model transformers loads as a sequence
+classifier, and clear refusals of data without rejected replies."""
+
+import contextlib
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_run_config
+from test_dpo import pairs_for, preference_rows, write_splits
+
+from tuneforge.config import load_config
+from tuneforge.data import collate
+from tuneforge.errors import TuneforgeError
+from tuneforge.export import export
+from tuneforge.methods import dpo, reward
+from tuneforge.models.attention import per_example_attention
+from tuneforge.training import to_rows, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here runs tiny models, on one thread."""
+
+
+@pytest.fixture(scope="module")
+def preference_data(triage_data, tmp_path_factory) -> dict:
+    return write_splits(triage_data, tmp_path_factory.mktemp("preference"), preference_rows)
+
+
+def reward_config(model_dir, data: dict, out, reward_section: dict | None = None, **train_options) -> dict:
+    cfg = tiny_run_config(model_dir, data, out, **train_options)
+    cfg["method"] = "reward"
+    cfg["lora"]["dropout"] = 0.0
+    cfg["reward"] = reward_section or {}
+    return cfg
+
+
+def tiny_classifier(tokenizer):
+    from tiny import tiny_llama
+    from transformers import LlamaForSequenceClassification
+
+    config = tiny_llama(tokenizer).config
+    config.num_labels = 1
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("attention", ["per_example", "model"])
+@pytest.mark.parametrize("center", [None, 0.5])
+def test_loss_equals_a_hand_computation_from_the_classifiers_two_scores(tokenizer, attention, center):
+    model = tiny_classifier(tokenizer)
+    pairs, _ = pairs_for(tokenizer)
+    # Two pairs packed into one row, the third alone in another: scores are taken per example, not per row.
+    lengths = sorted(len(c) + len(r) for c, r in pairs)
+    rows = to_rows(dpo.rows(pairs), load_config({"data": {"train": "x", "max_length": lengths[0] + lengths[-1]}}))
+    assert len(rows) == 2
+    objective = reward.RewardObjective(model, pad_id=tokenizer.pad_token_id, center_rewards_coefficient=center)
+    batch = collate(rows, tokenizer.pad_token_id)
+    with per_example_attention(model) if attention == "per_example" else contextlib.nullcontext():
+        sums = objective(**batch)
+
+    # Each reply scored on its own by transformers' classifier (its score at the last non-pad token).
+    with torch.no_grad():
+        scores = [
+            [float(model(input_ids=torch.tensor([list(e.input_ids)])).logits[0, 0]) for e in pair] for pair in pairs
+        ]
+    expected = sum(-math.log(torch.sigmoid(torch.tensor(c - r))) + (center or 0) * (c + r) ** 2 for c, r in scores)
+    assert dpo.count_pairs(batch) == 3
+    assert sums["loss"].item() == pytest.approx(expected, rel=1e-4)
+    assert float(sums["margin"]) == pytest.approx(sum(c - r for c, r in scores), rel=1e-4, abs=1e-5)
+    assert float(sums["accuracy"]) == sum(c > r for c, r in scores)
+
+
+def test_a_tiny_reward_model_learns_to_rank_the_chosen_replies_and_resumes_exactly(
+    tiny_model_dir, preference_data, tmp_path
+):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path / "run"
+    cfg = reward_config(
+        tiny_model_dir, preference_data, run, max_steps=8, learning_rate=5e-3, eval_every=4, save_every=4
+    )
+    result = train(cfg, progress=False)
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    first, last = rows[0], result.metrics
+    # The new score head starts near 0 for every reply: the loss starts near log 2, the margin near 0.
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=0.05) and abs(first["margin"]) < 0.1
+    assert last["train_loss"] < 0.5 and last["accuracy"] >= max(0.9, first["accuracy"]) and last["margin"] > 1
+    assert any("valid_accuracy" in r and "valid_margin" in r for r in rows)
+    assert last["full_valid_accuracy"] >= 0.9 and last["full_valid_loss"] < math.log(2)
+
+    # The saved adapter loads as transformers' sequence classifier and ranks the validation pairs as training did.
+    model = AutoPeftModelForSequenceClassification.from_pretrained(run / "final", num_labels=1).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    validation = [json.loads(line) for line in preference_data["validation"].read_text().splitlines()]
+
+    def score(row, reply):
+        ids = tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=True, return_dict=False)
+        with torch.no_grad():
+            return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    ranked = [score(row, row["chosen"]) > score(row, row["rejected"]) for row in validation]
+    assert sum(ranked) / len(ranked) == pytest.approx(last["full_valid_accuracy"])
+    # Exported merged: a plain classifier folder that scores as the adapter does.
+    export(run, "merged", None, tmp_path / "merged", progress=False)
+    adapter_scores = [score(row, row["chosen"]) for row in validation[:2]]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert [score(row, row["chosen"]) for row in validation[:2]] == pytest.approx(adapter_scores, abs=1e-4)
+
+    # From the step-4 checkpoint again: steps 5 to 8 repeat to the bit.
+    shutil.rmtree(run / "checkpoints" / "step-8")
+    train(cfg, resume="latest", progress=False)
+    again = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    assert [r["train_loss"] for r in again] == [r["train_loss"] for r in rows]
+
+
+def test_a_full_reward_model_saves_a_classifier_and_is_refused_as_a_gguf(tiny_model_dir, preference_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / "run"
+    result = train(
+        reward_config(tiny_model_dir, preference_data, run, {"trains": "full"}, max_steps=2, learning_rate=1e-3),
+        progress=False,
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(result.final_dir)
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    with pytest.raises(TuneforgeError, match="is a reward model.*--format merged") as err:
+        export(run, "gguf", None, tmp_path / "gguf", progress=False)
+    assert err.value.code == "reward_model_gguf"
+
+
+def test_data_without_rejected_replies_is_refused_before_any_work(tiny_model_dir, triage_data, tmp_path):
+    with pytest.raises(TuneforgeError, match="method: reward trains on preference pairs") as err:
+        train(reward_config(tiny_model_dir, triage_data, tmp_path / "a"), progress=False)
+    assert err.value.code == "not_preference_data"
+    rated = tmp_path / "rated.jsonl"
+    rated.write_text(json.dumps({"prompt": "hi", "completion": "hello", "label": True}) + "\n")
+    with pytest.raises(TuneforgeError, match='dpo.loss: kto, or give .*"chosen", "rejected"') as err:
+        train(reward_config(tiny_model_dir, {"train": rated, "validation": rated}, tmp_path / "b"), progress=False)
+    assert not any((tmp_path / run).exists() for run in "ab")
+
+
+def test_bradley_terry_loss_is_log_2_for_equal_scores_and_falls_with_the_margin():
+    scores = torch.tensor([0.0, 1.0, 3.0])
+    losses = reward.pair_losses(scores, torch.zeros(3))
+    assert losses.tolist() == pytest.approx((-F.logsigmoid(scores)).tolist())
+    assert losses[0].item() == pytest.approx(math.log(2))
+
