@@ -152,3 +152,42 @@ def test_bradley_terry_loss_is_log_2_for_equal_scores_and_falls_with_the_margin(
     assert losses.tolist() == pytest.approx((-F.logsigmoid(scores)).tolist())
     assert losses[0].item() == pytest.approx(math.log(2))
 
+
+def test_a_reward_model_grader_scores_the_answer_to_the_items_prompt(tokenizer, tiny_model_dir, tmp_path):
+    from tuneforge.graders import GraderError, load_grader, sample_of
+
+    model = tiny_classifier(tokenizer)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    grader = load_grader({"type": "reward_model", "name": "rm", "model": str(tmp_path / "rm")})
+    items = [{"prompt": "My database is down"}, {"prompt": [{"role": "user", "content": "Reset my password"}]}]
+    answers = ['{"category": "outage"}', "Have a nice day!"]
+    scores = [r.score for r in grader.grade([sample_of(a) for a in answers], items)]
+    expected = []
+    for item, answer in zip(items, answers):
+        prompt = [{"role": "user", "content": item["prompt"]}] if isinstance(item["prompt"], str) else item["prompt"]
+        ids = tokenizer.apply_chat_template(
+            [*prompt, {"role": "assistant", "content": answer}], tokenize=True, return_dict=False
+        )
+        with torch.no_grad():
+            expected.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
+    assert scores == pytest.approx(expected, abs=1e-5)
+    # A text generator is no reward model: refused when the spec is built, naming the field.
+    with pytest.raises(GraderError, match=r"`model` .* is not a reward model"):
+        load_grader({"type": "reward_model", "name": "rm", "model": str(tiny_model_dir)})
+
+
+def test_the_api_refuses_reward_model_graders_which_name_a_folder_on_the_server(tmp_path):
+    from pydantic import ValidationError
+
+    from tuneforge.jobs.evals import testing_criteria
+    from tuneforge.jobs.mapping import ReinforcementMethod
+    from tuneforge.web import APIError
+
+    spec = {"type": "reward_model", "name": "rm", "model": str(tmp_path)}
+    inside = {"type": "multi", "name": "m", "graders": {"rm": spec}, "calculate_output": "rm"}
+    for grader in (spec, inside):
+        with pytest.raises(ValidationError, match="cannot name"):
+            ReinforcementMethod(grader=grader)
+        with pytest.raises(APIError, match=r"testing_criteria\[0\]: reward_model graders"):
+            testing_criteria([grader], allow_python=True)

@@ -8,9 +8,10 @@
     [r.score for r in results], results[0].parts          # floats; {"exact": 1.0}
 
 Types: string_check and text_similarity (`text.py`), python (`python.py`, a separate process per
-batch), multi (`multi.py`, a formula over sub-graders) and json_fields (ours, `text.py`: the share
-of a JSON output's fields that match a reference object). OpenAI's score_model and label_model
-need a judge model and are refused. `build_grader` checks the whole spec (keys, templates, the
+batch), multi (`multi.py`, a formula over sub-graders), json_fields (ours, `text.py`: the share
+of a JSON output's fields that match a reference object) and reward_model (ours, `reward_model.py`:
+a `method: reward` model's score of the answer to the item's prompt). OpenAI's score_model and
+label_model need a judge model and are refused. `build_grader` checks the whole spec (keys, templates, the
 python source, the formula) and raises `GraderError` naming the grader and the field. A grader may
 hold OpenAI's `pass_threshold` (`Grader.pass_threshold`): the score at or above which an answer
 passes, which evaluation counts (`tuneforge eval --grader`) and training leaves alone.
@@ -33,6 +34,7 @@ from ..errors import ConfigError
 from .base import Grader, GraderError, GradeResult, rollout_sample, sample_of
 from .multi import FUNCTIONS, MultiGrader
 from .python import PythonGrader, PythonLimits, RewardFunctionGrader
+from .reward_model import RewardModelGrader
 from .text import JsonFieldsGrader, StringCheckGrader, TextSimilarityGrader
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "GraderError",
     "PythonLimits",
     "build_grader",
+    "grader_types",
     "load_grader",
     "reward_functions",
     "rollout_sample",
@@ -50,7 +53,14 @@ __all__ = [
 
 GRADERS: dict[str, type[Grader]] = {
     grader.type: grader
-    for grader in (StringCheckGrader, TextSimilarityGrader, PythonGrader, MultiGrader, JsonFieldsGrader)
+    for grader in (
+        StringCheckGrader,
+        TextSimilarityGrader,
+        PythonGrader,
+        MultiGrader,
+        JsonFieldsGrader,
+        RewardModelGrader,
+    )
 }
 MODEL_GRADERS = ("score_model", "label_model")
 
@@ -153,10 +163,23 @@ def _reward_functions(refs: list, weights: list[float] | None, key: str) -> Grad
 
 def runs_python(spec: dict) -> bool:
     """Whether a grader spec (a multi one through its sub-graders) runs Python code of its author's."""
+    return "python" in grader_types(spec)
+
+
+def grader_types(spec: dict) -> set[str]:
+    """The types of a grader spec and, for a multi one, of its sub-graders: what it would run."""
     if not isinstance(spec, dict):
-        return False
+        return set()
     subs = spec.get("graders") if spec.get("type") == "multi" else None
-    return spec.get("type") == "python" or (isinstance(subs, dict) and any(map(runs_python, subs.values())))
+    inner = set().union(*map(grader_types, subs.values())) if isinstance(subs, dict) else set()
+    return {spec.get("type"), *inner}
+
+
+LOCAL_MODEL_GRADER = (
+    "reward_model graders read a model folder on the machine that grades, which a client of the API cannot name; "
+    "grade with string_check, text_similarity, json_fields, multi or python, or run the reward model's grading "
+    "with tuneforge train or tuneforge eval --grader on that machine"
+)
 
 
 def _build(spec: dict, path: tuple[str, ...], limits: PythonLimits) -> Grader:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 from ..errors import ModelSourceError, TuneforgeError
-from ..graders import Grader, GraderError, build_grader, rollout_sample, runs_python
+from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_sample, runs_python
 from ..graders.templates import Template
 from ..web import APIError, Metadata, RequestBody, failure_id
 from .files import FileStorage
@@ -128,6 +128,8 @@ def testing_criteria(specs: list[dict], *, allow_python: bool) -> list[Grader]:
                 param=param,
                 code="python_grader_not_allowed",
             )
+        if "reward_model" in grader_types(spec):
+            raise APIError(400, f"{param}: {LOCAL_MODEL_GRADER}.", param=param, code="invalid_grader")
         try:
             grader = build_grader(spec)
         except GraderError as err:

@@ -115,8 +115,10 @@ class ReinforcementMethod(RequestBody):
     @field_validator("grader")
     @classmethod
     def _grader(cls, value):
-        from ..graders import GraderError, build_grader
+        from ..graders import LOCAL_MODEL_GRADER, GraderError, build_grader, grader_types
 
+        if "reward_model" in grader_types(value):
+            raise ValueError(LOCAL_MODEL_GRADER)
         try:
             build_grader(value)
         except GraderError as err:
