@@ -191,3 +191,17 @@ def test_the_api_refuses_reward_model_graders_which_name_a_folder_on_the_server(
             ReinforcementMethod(grader=grader)
         with pytest.raises(APIError, match=r"testing_criteria\[0\]: reward_model graders"):
             testing_criteria([grader], allow_python=True)
+
+
+def test_a_reward_model_starts_from_an_sft_runs_merged_adapter(tiny_model_dir, triage_data, preference_data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    sft = tmp_path / "sft"
+    train(tiny_run_config(tiny_model_dir, triage_data, sft, max_steps=2, learning_rate=1e-2), progress=False)
+    cfg = reward_config(sft, preference_data, tmp_path / "rm", max_steps=2, learning_rate=1e-3)
+    cfg["lora"]["target_modules"] = ["v_proj"]  # the MLPs change through the SFT adapter alone
+    result = train(cfg, progress=False)
+    tuned = AutoModelForSequenceClassification.from_pretrained(result.final_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    weight = "layers.0.mlp.down_proj.weight"
+    assert not torch.equal(tuned.model.get_parameter(weight), base.model.get_parameter(weight))
