@@ -178,3 +178,14 @@ def test_the_ollama_modelfile_of_chatml_on_llama3_ends_turns_and_stops_at_eot_id
     written = modelfile(load_tokenizer(str(llama3["base"]), template="chatml"), "model.gguf")
     assert "{{ .Content }}<|eot_id|>\n" in written and "<|im_start|>assistant\n" in written
     assert written.endswith('PARAMETER stop "<|eot_id|>"\n')
+
+
+@pytest.mark.parametrize("bad", ["no generation prompt", "spans not found"])
+def test_data_prepare_refuses_a_template_a_run_would_refuse_before_writing_any_row(llama3, tmp_path, bad):
+    from tuneforge.data.write import prepare_command
+
+    template, reason = BAD[bad]
+    path = config_file(tmp_path, llama3, template)
+    with pytest.raises(ConfigError, match=rf"model.chat_template \(.*run.yaml line \d+\): .*{reason}"):
+        prepare_command(path, out=tmp_path / "prepared", progress=False)
+    assert not (tmp_path / "prepared").exists()

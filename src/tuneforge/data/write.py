@@ -30,6 +30,7 @@ from . import cache, pii
 from .formats import json_rows, read_conversations, record_row
 from .prepare import error_summary, file_state, refuses, replay_file, select_rows
 from .readers import extent
+from .render import check_template
 from .schema import Problem
 
 
@@ -46,9 +47,12 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
         raise ConfigError(f"--out {out} is a file; name a folder to write.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"--out {out} is a folder that is not empty; name another, or add --force to replace it.")
-    from ..models import resolve, run_tokenizer  # here: the models stage pulls in heavy imports
+    from ..methods import template_where  # here: the models stage pulls in heavy imports
+    from ..models import resolve, run_tokenizer
 
     tokenizer = run_tokenizer(cfg, resolve(cfg.base_model))
+    if cfg.model.chat_template is not None:  # refused as validate and train refuse it, before any row is read
+        check_template(tokenizer, template_where(cfg))
     data = cfg.data
     files = cache.data_files(data, replay_file(data))
     states = [file_state(str(path)) for path in files]
