@@ -569,6 +569,57 @@ def test_a_job_with_tuneforge_processes_trains_on_that_many_processes(server, ti
     assert sorted(p.name for p in last.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]  # one per process
 
 
+BRACKETS_TEMPLATE = (
+    "{% for m in messages %}[{{ m.role }}]\n{{ m.content }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("given", ["chatml", "/etc/hostname", "templates/turns.jinja"])
+def test_tuneforge_chat_template_takes_jinja_text_alone_never_a_server_file(tmp_path, given):
+    from pydantic import ValidationError
+
+    from tuneforge.jobs.mapping import CreateJobBody, training_config
+
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"tuneforge_chat_template": given}}}
+    with pytest.raises(ValidationError) as caught:
+        CreateJobBody(model="m", training_file="file-1", method=method)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("method", "supervised", "hyperparameters", "tuneforge_chat_template")
+    assert "Jinja text itself" in error["msg"]
+    body = CreateJobBody(
+        model="m", training_file="file-1", hyperparameters={"tuneforge_chat_template": BRACKETS_TEMPLATE}
+    )
+    config = training_config("m", body.method_dict(), 3, tmp_path / "t.jsonl", None, tmp_path / "run")
+    assert config.model.chat_template == BRACKETS_TEMPLATE
+
+
+def test_a_job_trains_and_saves_its_tuneforge_chat_template_and_fails_on_one_training_cannot_use(
+    server, tiny_model_dir
+):
+    client = server.client()
+    train_file = upload(client, chat_rows(4))
+
+    def job_with(template: str):
+        hyperparameters = {"n_epochs": 1, "batch_size": 4, "tuneforge_chat_template": template}
+        job = client.fine_tuning.jobs.create(
+            model=str(tiny_model_dir),
+            training_file=train_file.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        )
+        return wait_for(client, job.id, {"succeeded", "failed", "cancelled"}, server=server)
+
+    job = job_with(BRACKETS_TEMPLATE)
+    assert job.status == "succeeded", job.error
+    # Saved with the model (after the system prompt it was trained with), so it serves with it.
+    saved = (server.home / "jobs" / "runs" / job.id / "final" / "chat_template.jinja").read_text()
+    assert saved.endswith(BRACKETS_TEMPLATE)
+    no_prompt = "{% for m in messages %}[{{ m.role }}]\n{{ m.content }}{{ eos_token }}{% endfor %}"
+    job = job_with(no_prompt)
+    assert job.status == "failed" and "writes nothing for add_generation_prompt" in job.error.message, job.error
+    assert not any("Files validated" in e.message for e in all_events(client, job.id))  # failed before training
+
+
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     client = server.client()
     bad = upload(client, chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')

@@ -6,8 +6,10 @@ hyperparameters keep OpenAI's meaning: `batch_size` counts examples (so packing 
 scales tuneforge's default learning rate, `n_epochs` "auto" is the same heuristic OpenAI uses. A
 checkpoint is kept at the end of each epoch, the last three of them, as OpenAI does.
 
-One extension: `tuneforge_processes` in the hyperparameters trains the job on that many processes
+Two extensions in the hyperparameters: `tuneforge_processes` trains the job on that many processes
 of the worker's machine (torchrun; DDP for LoRA); each step's examples are split between them.
+`tuneforge_chat_template` is the run's model.chat_template, as Jinja text (a client names no file of the
+server's): the job trains with it and its model is saved and served with it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
-from ..config import Config, GRPOConfig, TrainConfig, auto_epochs, load_config
+from ..config import Config, GRPOConfig, TrainConfig, auto_epochs, is_jinja, load_config
 from ..errors import ConfigError
 from ..training import make_plan
 from ..web import Metadata, RequestBody
@@ -63,6 +65,9 @@ class Hyperparameters(RequestBody):
     tuneforge_processes: int | None = Field(
         None, ge=1, le=64, description="tuneforge's extension: processes to train on, on the worker's machine"
     )
+    tuneforge_chat_template: str | None = Field(
+        None, min_length=1, max_length=65536, description="tuneforge's extension: the chat template to train with"
+    )
 
     @field_validator("learning_rate_multiplier")
     @classmethod
@@ -72,6 +77,17 @@ class Hyperparameters(RequestBody):
             raise ValueError(
                 f"{value!r} times the default learning rate {DEFAULT_LEARNING_RATE} is 0 as a floating-point "
                 "number, so nothing would train; give a larger multiplier"
+            )
+        return value
+
+    @field_validator("tuneforge_chat_template")
+    @classmethod
+    def _jinja_text(cls, value):
+        # model.chat_template also takes a file or a template's name: those name the server's files, not a client's.
+        if value is not None and not is_jinja(value):
+            raise ValueError(
+                "give the chat template's Jinja text itself (with its {% ... %} and {{ ... }}); a file or a "
+                "template's name is not taken from a job"
             )
         return value
 
@@ -295,6 +311,8 @@ def training_config(
     for integration in integrations or []:
         wandb = {key: value for key, value in integration["wandb"].items() if value is not None}
         raw["train"].update(report_to=["wandb"], wandb=wandb)
+    if hyper.get("tuneforge_chat_template") is not None:
+        raw["model"] = {"chat_template": hyper["tuneforge_chat_template"]}
     if kind == "dpo" and hyper["beta"] != "auto":
         raw["dpo"] = {"beta": hyper["beta"]}
     if kind == "reinforcement":

@@ -39,7 +39,7 @@ from ..data import check_data
 from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..fsio import write_json
 from ..methods import batch_items, check_inputs, prepare_items
-from ..models import REGISTRY, ModelSource, load_tokenizer, resolve
+from ..models import REGISTRY, ModelSource, resolve, run_tokenizer
 from ..training import checkpoint, make_plan
 from ..web import failure_id, scrub_paths
 from ..wording import counted
@@ -291,7 +291,7 @@ class Workers:
                 spec, job.method, job.seed, *paths.values(), self.runs / job.id, integrations=job.integrations
             )
             source = self._base_model(job, config.base_model)
-            tokenizer = load_tokenizer(source)
+            tokenizer = run_tokenizer(config, source)  # with the job's tuneforge_chat_template, as training's
             # What training checks before any compute (data.max_length within the model's positions, preference
             # pairs for dpo and only for dpo, ...); none of it depends on the examples counted below.
             try:
