@@ -184,3 +184,24 @@ def test_tensorboard_that_cannot_start_stops_a_run_that_asked_for_it_and_not_one
     cfg["train"]["report_to"] = ["tensorboard"]
     with pytest.raises(TuneforgeError, match="tensorboard could not start its run"):
         trackers.Trackers(load_config(cfg), None)
+
+
+def test_tensorboard_of_a_fresh_run_drops_the_events_a_run_killed_before_its_first_checkpoint_left(
+    tiny_model_dir, triage_data, tmp_path
+):
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed: pip install -e '.[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=3, save_every=0, batch_size=4)
+    cfg["train"]["report_to"] = ["tensorboard"]
+    train(cfg, progress=False)
+    # What a run killed before its first checkpoint leaves: its events and metrics, no checkpoint, no final model.
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    cfg["train"]["max_steps"] = 2
+    train(cfg, progress=False)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]

@@ -126,8 +126,9 @@ class TensorBoard:
     def __init__(self, cfg: Config, out: Path, resume_step: int | None, ids: dict):
         from torch.utils.tensorboard import SummaryWriter
 
-        # A resumed run drops the events past its checkpoint, as metrics.jsonl drops their lines.
-        purge = None if resume_step is None else resume_step + 1
+        # A resumed run drops the events past its checkpoint, as metrics.jsonl drops their lines; a fresh run
+        # drops all earlier ones (those of a run killed before its first checkpoint, in this folder still).
+        purge = 0 if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
         if resume_step is None:
             self.writer.add_text("config", "```\n" + cfg.to_yaml() + "```")
