@@ -168,6 +168,24 @@ def test_a_batch_resumes_after_a_restart_without_answering_a_line_twice(tmp_path
         assert len({line["id"] for line in output}) == 12
 
 
+def test_a_batch_whose_model_goes_away_across_a_restart_keeps_its_answered_lines(tmp_path, tiny_model_dir, monkeypatch):
+    """A batch validated once is not failed whole when its model is gone by the time the next server takes it
+    up: the lines answered before stay in its output file, and the rest are error lines naming the model."""
+    monkeypatch.setattr("tuneforge.jobs.batches.IN_FLIGHT", 1)
+    model, home = str(tiny_model_dir), tmp_path / "home"
+    with restarted(home, workers=1, allowed_models=[model]) as client:
+        batch_id = long_batch(client, model, 12)
+        answered = wait_answered(client, batch_id, 2).request_counts.completed
+    with restarted(home, workers=1, allowed_models=[]) as client:  # the model is no longer served
+        batch = wait_batch(client, batch_id)
+        assert batch.status == "completed" and not batch.errors, batch.errors
+        counts = batch.request_counts
+        assert counts.completed >= answered and counts.completed + counts.failed == counts.total == 12
+        assert len(lines_of(client, batch.output_file_id)) == counts.completed
+        errors = lines_of(client, batch.error_file_id)
+        assert len(errors) == counts.failed and all(e["response"]["status_code"] == 404 for e in errors)
+
+
 def test_a_batch_whose_server_died_is_taken_up_by_the_next(tmp_path, tiny_model_dir):
     from tuneforge.jobs.store import Store
     from tuneforge.jobs.worker import HOST
