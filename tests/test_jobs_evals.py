@@ -243,6 +243,17 @@ def test_items_that_do_not_match_the_evals_item_schema_are_refused_naming_the_it
     assert param == f"{uploaded.id} item[2]" and "item.question does not match" in message, message
 
 
+def test_an_item_schema_whose_ref_cannot_be_resolved_is_a_400_naming_it(sdk, tiny_model_dir):
+    for ref in ("#/$defs/missing", "https://example.invalid/answer.json"):
+        schema = {**CONFIG["item_schema"], "properties": {"question": {"type": "string"}, "answer": {"$ref": ref}}}
+        evaluation = sdk.evals.create(
+            data_source_config={**CONFIG, "item_schema": schema}, testing_criteria=[ANY_ANSWER]
+        )
+        items = data_source(str(tiny_model_dir), inline([ITEMS[0]]))
+        param, message = refusal(lambda items=items, e=evaluation: sdk.evals.runs.create(e.id, data_source=items))
+        assert param == "data_source_config.item_schema" and ref in message and "cannot be resolved" in message
+
+
 def test_a_queued_run_is_canceled_and_a_canceled_one_cannot_be_again(sdk, tiny_model_dir):
     evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
     run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))

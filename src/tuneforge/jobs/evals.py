@@ -238,10 +238,21 @@ def check_items_match(schema: dict, items: list[dict], item_param: str) -> None:
     validates them: a 400 naming the first item that does not match, the field and what is wrong with it."""
     from jsonschema import validators
     from jsonschema.exceptions import best_match
+    from referencing.exceptions import Unresolvable
 
     validator = validators.validator_for(schema)(schema)
     for index, item in enumerate(items):
-        error = best_match(validator.iter_errors(item))
+        try:
+            error = best_match(validator.iter_errors(item))
+        except Unresolvable as err:  # a $ref is looked up only when an item reaches it
+            raise APIError(
+                400,
+                f"the eval's data_source_config.item_schema has a $ref that cannot be resolved ({err}); this server "
+                "resolves references within the schema alone (as #/$defs/name). Create the eval again with the "
+                "schema it refers to inside its item_schema.",
+                param="data_source_config.item_schema",
+                code="invalid_value",
+            ) from None
         if error is not None:
             field = "".join(f"[{json.dumps(step)}]" if isinstance(step, int) else f".{step}" for step in error.path)
             param = f"{item_param}[{index}]"
