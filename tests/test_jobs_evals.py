@@ -254,6 +254,24 @@ def test_an_item_schema_whose_ref_cannot_be_resolved_is_a_400_naming_it(sdk, tin
         assert param == "data_source_config.item_schema" and ref in message and "cannot be resolved" in message
 
 
+def test_an_eval_kept_from_before_item_schemas_were_checked_refuses_its_runs_naming_what_is_wrong(
+    sdk, tiny_model_dir, tmp_path
+):
+    # An eval created before item_schema was checked as a JSON Schema may hold one that is not.
+    from sqlalchemy import update
+
+    from tuneforge.jobs.store import Eval
+
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER])
+    schema = {**CONFIG["item_schema"], "properties": {"question": {"type": "text"}}}
+    shown = {"type": "custom", "schema": {"type": "object", "properties": {"item": schema}, "required": ["item"]}}
+    with Store(f"sqlite:///{tmp_path / 'home' / 'jobs.db'}").session() as session:
+        session.execute(update(Eval).where(Eval.id == evaluation.id).values(data_source_config=shown))
+    items = data_source(str(tiny_model_dir), inline([ITEMS[0]]))
+    param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=items))
+    assert param == 'data_source_config.item_schema["properties"]["question"]["type"]' and "'text'" in message
+
+
 def test_a_queued_run_is_canceled_and_a_canceled_one_cannot_be_again(sdk, tiny_model_dir):
     evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
     run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))

@@ -240,6 +240,7 @@ def check_items_match(schema: dict, items: list[dict], item_param: str) -> None:
     from jsonschema.exceptions import best_match
     from referencing.exceptions import Unresolvable
 
+    check_item_schema(schema)  # an eval created before its item_schema was checked may hold one that is not
     validator = validators.validator_for(schema)(schema)
     for index, item in enumerate(items):
         try:
