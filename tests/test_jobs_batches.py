@@ -202,6 +202,34 @@ def test_a_batch_whose_server_died_is_taken_up_by_the_next(tmp_path, tiny_model_
         assert batch.status == "completed" and batch.request_counts.completed == 2
 
 
+def test_a_batch_whose_server_dies_once_too_often_fails_instead_of_taking_each_next_server_down(tmp_path):
+    """A request that takes its server down (the model answers in the server's process) is answered again by each
+    next server: the batch is taken up again after each death, as a job is, and fails when found dead once more."""
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Batch, Store, new_id, now
+    from tuneforge.jobs.worker import HOST, MAX_RECOVERIES, Workers
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    batch = Batch(
+        id=new_id("batch_"),
+        owner="o",
+        endpoint="/v1/chat/completions",
+        input_file_id="file-x",
+        completion_window="24h",
+        status="validating",
+        created_at=now(),
+    )
+    store.add(batch)
+    for death in range(MAX_RECOVERIES + 1):
+        assert store.claim_batch("x") is not None
+        store.move_batch(batch.id, ["validating"], status="in_progress", worker_id=f"{HOST}:999999999:1.00/b")
+        Workers(store, FileStorage(tmp_path), tmp_path, 0)._recover_orphans()
+        after = store.get_batch(batch.id)
+        assert after.worker_id is None and after.status == ("validating" if death < MAX_RECOVERIES else "failed")
+    assert after.failed_at and after.errors[0]["code"] == "server_stopped"
+    assert f"stopped {MAX_RECOVERIES + 1} times" in after.errors[0]["message"]
+
+
 def test_an_upload_that_is_no_batch_file_is_refused_saying_what_a_batch_holds(tmp_path):
     with restarted(tmp_path / "home", workers=0) as client:
         for name, text in (("requests.jsonl", b""), ("requests.txt", b"{}\n")):

@@ -371,6 +371,7 @@ class Batch(OwnedObject, Base):
     cancelled_at: Mapped[int | None] = mapped_column(BigInteger)
     worker_id: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    recoveries: Mapped[int] = mapped_column(default=0)  # times it was taken up again after its server died
 
 
 class BatchLine(Base):
@@ -465,6 +466,8 @@ class Store(Tables, EvalStore, BatchStore):
         self.add_missing_columns(Job.__tablename__, {"integrations": "JSON"})
         # A store made before eval runs counted their recoveries gets the column (0 for its runs).
         self.add_missing_columns(EvalRun.__tablename__, {"recoveries": "INTEGER NOT NULL DEFAULT 0"})
+        # A store made before batches counted their recoveries gets the column (0 for its batches).
+        self.add_missing_columns(Batch.__tablename__, {"recoveries": "INTEGER NOT NULL DEFAULT 0"})
 
     # ---- files -----------------------------------------------------------------------------------
 

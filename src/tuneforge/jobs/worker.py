@@ -12,7 +12,7 @@ An eval thread beside them runs the queued runs of evals (`evals.EvalRunner`), o
 a run answers with the model through `tuneforge.generate` and grades the answers; it is held, beaten and
 recovered as a job is, and a run its server stopped under is queued again from its start (as often as a job).
 Batches run on the API's event loop (`batches.BatchRunner`); a batch whose server died is recovered here,
-to resume.
+to resume (as often as a job).
 
 A job is held by a worker id `host:pid:process start time/thread`. While the process lives, a thread
 of it beats the heartbeat of every job it holds, whatever it is doing with them (validating files
@@ -204,9 +204,33 @@ class Workers:
         for batch in self.store.held_batches():
             alive = holder_alive(batch.worker_id)
             if not alive and (alive is not None or time.time() - (batch.heartbeat_at or 0) >= STALE_AFTER_S):
-                # Its server died while answering: the next server validates it again and answers the rest.
                 held = {"held_by": batch.worker_id, "worker_id": None}
-                self.store.move_batch(batch.id, ["in_progress", "finalizing"], status="validating", **held)
+                if batch.recoveries >= MAX_RECOVERIES:
+                    # A request that takes its server down is answered again by each next server: it fails.
+                    error = {
+                        "code": "server_stopped",
+                        "message": f"The server running this batch stopped {batch.recoveries + 1} times while it "
+                        "answered; giving up. Create a new batch to try again (shorter requests, or a smaller model).",
+                        "param": None,
+                        "line": None,
+                    }
+                    self.store.move_batch(
+                        batch.id,
+                        ["in_progress", "finalizing"],
+                        status="failed",
+                        failed_at=now(),
+                        errors=[error],
+                        **held,
+                    )
+                else:
+                    # Its server died while answering: the next server validates it again and answers the rest.
+                    self.store.move_batch(
+                        batch.id,
+                        ["in_progress", "finalizing"],
+                        status="validating",
+                        recoveries=batch.recoveries + 1,
+                        **held,
+                    )
                 self.store.move_batch(batch.id, [batch.status], **held)
         for job in self.store.held_jobs():
             alive = holder_alive(job.worker_id)
