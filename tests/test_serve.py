@@ -177,6 +177,14 @@ def test_completions_continue_a_plain_prompt(client, base):
     )
     streamed = client.completions.create(model=BASE, prompt=prompt, max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected.text
+    # The prompt's token ids, alone or in a list of one (as lm-evaluation-harness sends them), answer the same.
+    ids = encode_prompts(base[1], [prompt])[0]
+    for as_ids in (ids, [ids]):
+        assert client.completions.create(model=BASE, prompt=as_ids, max_tokens=10, temperature=0).choices[0].text == (
+            expected.text
+        )
+    with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
+        client.completions.create(model=BASE, prompt=[len(base[1]) + 5], max_tokens=1)
 
 
 def test_a_plain_prompt_is_continued_after_the_tokenizers_bos(tmp_path):
@@ -605,12 +613,12 @@ def test_end_user_ids_are_accepted(client):
     assert reply.usage.completion_tokens == 2
 
 
-@pytest.mark.parametrize("prompt", [["Hi", "Hello"], [[1, 2, 3]], [1, 2, 3]])
-def test_a_list_of_prompts_or_token_ids_is_refused_saying_to_send_one_request_a_prompt(client, prompt):
+@pytest.mark.parametrize("prompt", [["Hi", "Hello"], [[1, 2], [3]], [1, "a"], []])
+def test_a_list_of_prompts_is_refused_saying_to_send_one_request_a_prompt(client, prompt):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2)
     assert caught.value.param == "prompt" and caught.value.code == "unsupported_value"
-    assert "one string prompt per request" in caught.value.message and "one request per prompt" in caught.value.message
+    assert "one prompt per request" in caught.value.message and "one request per prompt" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:  # neither a string nor a list: said as a string is wanted
         client.completions.create(model=BASE, prompt=5, max_tokens=2)
     assert caught.value.param == "prompt" and "valid string" in caught.value.message
@@ -696,7 +704,6 @@ def test_completions_logprobs_come_in_openais_legacy_shape_streamed_or_not(clien
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ("completions", {"logprobs": 6}, "logprobs", "less than or equal to 5"),
         ("completions", {"logprobs": True}, "logprobs", "not true: send 0"),
-        ("completions", {"logprobs": 1, "echo": True}, "echo", "not of the prompt's"),
     ],
 )
 def test_logprobs_beyond_what_openai_takes_are_a_400_naming_the_parameter(client, route, options, param, said):
@@ -1274,3 +1281,85 @@ def test_serve_holds_prompts_to_the_context_window_of_a_model_that_also_reads_im
         assert create_app(engine).state.served.window == 1024
     finally:
         engine.close()
+
+
+def prompt_logprobs(model, prompt_ids) -> list[float | None]:
+    """Each prompt token's log probability given those before it, from one forward pass of the prompt alone."""
+    with torch.no_grad():
+        steps = torch.log_softmax(model(input_ids=torch.tensor([list(prompt_ids)])).logits[0].float(), -1)
+    return [None] + [steps[at, token].item() for at, token in enumerate(prompt_ids[1:])]
+
+
+def test_echo_scores_the_prompt_as_log_likelihood_evaluation_reads_it(server, client, base):
+    model, tokenizer = base
+    prompt = "The quick brown fox jumps over"
+    ids = encode_prompts(tokenizer, [prompt])[0]
+    expected = prompt_logprobs(model, ids)
+    options = {"model": BASE, "prompt": prompt, "temperature": 0, "echo": True, "logprobs": 1}
+    # max_tokens 0: the prompt scored alone, its text as sent, its first token's log probability null.
+    [scored] = client.completions.create(**options, max_tokens=0).choices
+    logprobs = scored.logprobs
+    assert (scored.text, scored.finish_reason) == (prompt, "length")
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
+    assert "".join(logprobs.tokens) == prompt and len(logprobs.tokens) == len(ids)
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:at])) for at in range(len(ids))]
+    assert all(
+        len(top) in (1, 2) and max(top.values()) >= lp for top, lp in zip(logprobs.top_logprobs[1:], expected[1:])
+    )
+    # lm-evaluation-harness's request: token ids in a list, one token generated, read as token_logprobs[ctxlen:-1].
+    response = httpx.post(
+        f"{server[0]}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={**options, "prompt": [ids], "max_tokens": 1, "seed": 1234},
+        timeout=60,
+    )
+    [choice] = response.json()["choices"]
+    generated = alone(*base, tuple(ids), 1)
+    assert choice["text"] == tokenizer.decode(ids, skip_special_tokens=True) + generated.text
+    assert len(choice["logprobs"]["token_logprobs"]) == len(ids) + 1
+    assert choice["logprobs"]["token_logprobs"][2:-1] == pytest.approx(expected[2:], abs=1e-4)
+    assert choice["logprobs"]["text_offset"][-1] == len(prompt)
+    # Streamed, the prompt comes first with its tokens' log probabilities, then the completion's.
+    whole = client.completions.create(**options, max_tokens=3)
+    chunks = list(client.completions.create(**options, max_tokens=3, stream=True))
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.model_dump() == logprobs.model_dump()
+    joined = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for field, values in (chunk.choices[0].logprobs.model_dump() if chunk.choices[0].logprobs else {}).items():
+            joined[field] += values
+    assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
+    assert joined == whole.choices[0].logprobs.model_dump()
+    # Echo without logprobs: the text alone; max_tokens 0 without echo: nothing to answer, a 400.
+    plain = client.completions.create(model=BASE, prompt=prompt, max_tokens=2, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 generates nothing"):
+        client.completions.create(model=BASE, prompt=prompt, max_tokens=0)
+
+
+def test_a_batch_mixing_echo_and_plain_rows_scores_only_the_echo_rows(base):
+    model, tokenizer = base
+    long, short = (encode_prompts(tokenizer, [p])[0] for p in ("The quick brown fox jumps over the lazy dog", "Hi"))
+    batch = Batch(model, tokenizer)
+    echo = batch.add(long, Sampling(max_new_tokens=2, logprobs=2, prompt_logprobs=True))
+    plain = batch.add(short, Sampling(max_new_tokens=2, logprobs=0))
+    scored = batch.add(short, Sampling(max_new_tokens=0, logprobs=0, prompt_logprobs=True))
+    batch.step()  # the rows scoring their prompts prefill apart: every position's logits kept for them alone
+    assert echo.tokens and scored.done and not plain.tokens
+    while batch:
+        batch.step()
+    assert [entry.logprob for entry in echo.prompt_logprobs] == pytest.approx(prompt_logprobs(model, long), abs=1e-4)
+    assert [entry.logprob for entry in scored.completion().prompt_logprobs] == pytest.approx(
+        prompt_logprobs(model, short), abs=1e-4
+    )
+    assert plain.prompt_logprobs is None and scored.completion().completion_tokens == 0
+    assert echo.completion().text == alone(model, tokenizer, tuple(long), 2).text
+    assert plain.completion().text == alone(model, tokenizer, tuple(short), 2).text
+    # A reply ended by the end-of-turn token keeps its entry, so the entries after the prompt's are one a token.
+    ending = Batch(model, tokenizer)
+    ending.stop_ids = frozenset({alone(model, tokenizer, tuple(long), 1).token_ids[0]})
+    row = ending.add(long, Sampling(max_new_tokens=1, logprobs=1, prompt_logprobs=True))
+    while ending:
+        ending.step()
+    assert row.completion().finish_reason == "stop" and len(row.completion().logprobs) == 1

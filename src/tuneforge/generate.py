@@ -70,6 +70,9 @@ class Completion:
     # Each token's log probability where `Sampling.logprobs` asked for them (the end-of-turn token's is left out,
     # as it is not in the text); None where it did not.
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # Where `Sampling.prompt_logprobs` asked: each prompt token's, the first one's None (nothing precedes it), their
+    # texts and offsets in the prompt's text as it decodes.
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 MAX_TOP_LOGPROBS = 20  # the most likely tokens a generated token's log probability comes with, at most (OpenAI's)
@@ -98,10 +101,16 @@ class Sampling:
     # Each generated token's log probability (`TokenLogprob`) and those of this many most likely tokens beside it
     # (0 to MAX_TOP_LOGPROBS); None: none, and no log-softmax over the vocabulary is computed for the row.
     logprobs: int | None = None
+    # The prompt's tokens' log probabilities too (OpenAI's completions `echo`), with `logprobs` most likely tokens
+    # each, from the prefill's logits; with them the end-of-turn token that stops the reply gets its entry (text
+    # empty), so the entries after the prompt's are one per generated token.
+    prompt_logprobs: bool = False
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:  # 0: nothing is generated, the prompt is run (and scored) alone
+            raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (how many most likely tokens come with each)")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -265,6 +274,8 @@ def generate(
     does not depend on the batch it lands in (in bf16 the kernels round differently at different batch
     shapes, so a near-tie may go the other way). `on_progress(n)` is called as each batch of n finishes.
     """
+    if max_new_tokens < 1:  # a completion of nothing: `Batch` takes 0 only to score prompts
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
     ids = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -356,6 +367,7 @@ class Row:
         # Where sampling.logprobs asks: each token's log probability, how many went out with a piece, how much of
         # the text has decoded whole, and whether a half character follows that.
         self.logprobs: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # set by the prefill where sampling asks
         self._logprobs_handed_out = 0
         self._ends: list[int] = []  # where each token's text ends in the text
         self._whole, self._partial = 0, False
@@ -381,6 +393,8 @@ class Row:
         if token in stop_ids:
             self.finish_reason = "stop"
             self.text = decode(tokenizer, self.tokens[:-1], self._keep)
+            if self.sampling.prompt_logprobs and scored is not None:
+                self._score(token, scored, tokenizer)
         else:
             self.text = decode(tokenizer, self.tokens, self._keep)
             if self.logprobs is not None and scored is not None:
@@ -447,7 +461,23 @@ class Row:
             self.finish_reason or "length",
             tuple(self.tokens),
             logprobs,
+            self.prompt_logprobs,
         )
+
+    def finish_unstarted(self) -> None:
+        """End a row that generates nothing (max_new_tokens 0: its prompt scored alone)."""
+        self.finish_reason = "length"
+
+
+def score_tokens(tokenizer, token_ids: Sequence[int], scores: Sequence[Scored]) -> tuple[TokenLogprob, ...]:
+    """The `TokenLogprob`s of a run of tokens (a prompt), each with its score: texts and offsets as a reply's
+    tokens get them, in the text the run decodes to (special tokens' text empty)."""
+    row = Row([], Sampling(logprobs=0), None)
+    for token, scored in zip(token_ids, scores):
+        row.tokens.append(token)
+        row.text = decode(tokenizer, row.tokens, {})
+        row._score(token, scored, tokenizer)
+    return tuple(row.logprobs)
 
 
 Scored = tuple[float, list[tuple[int, float]]]
@@ -584,16 +614,18 @@ class Batch:
         self._leave()
         return produced
 
-    def _forward(self, input_ids, attention_mask, positions, cache) -> torch.Tensor:
+    def _forward(self, input_ids, attention_mask, positions, cache, every_position: bool = False) -> torch.Tensor:
+        """The logits of the last position, [rows, vocabulary] in fp32; with `every_position`, of every
+        position, [rows, positions, vocabulary] in the model's dtype."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=self._last_position,
+            logits_to_keep=0 if every_position else self._last_position,
             **{self._cache_argument: cache},
         )
-        return out.logits[:, -1].float()
+        return out.logits if every_position else out.logits[:, -1].float()
 
     def _decode(self) -> list[tuple[Row, str]]:
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=-1)
@@ -615,14 +647,23 @@ class Batch:
         from .kv_cache import PreallocatedLayer, new_cache
 
         rows, self._waiting = self._waiting, []
+        # Rows scoring their prompt keep every position's logits (rows x positions x vocabulary): they prefill
+        # apart, and the others wait for the next step, so no other prompt's positions are kept with theirs.
+        scoring_rows = [row for row in rows if row.sampling.prompt_logprobs]
+        if scoring_rows and len(scoring_rows) < len(rows):
+            rows, self._waiting = scoring_rows, [row for row in rows if not row.sampling.prompt_logprobs]
         distinct: dict[tuple[int, ...], int] = {}
         prompt_of_row = [distinct.setdefault(tuple(row.prompt_ids), len(distinct)) for row in rows]
         prompts = list(distinct)
         device = self.model.device
         cache = new_cache(self.model.config)
+        # Prompts whose tokens' log probabilities a row asks for: every position's logits are kept, and each runs
+        # whole (no shared prefix), so its positions' logits all come from this one forward pass.
+        scoring = sorted({prompt_of_row[line] for line, row in enumerate(rows) if row.sampling.prompt_logprobs})
         shared = _common_prefix_length(prompts)
         if (
-            len(prompts) < 2
+            scoring
+            or len(prompts) < 2
             or shared < MIN_SHARED_PREFIX
             or any(type(layer) is not PreallocatedLayer for layer in cache.layers)
         ):
@@ -642,7 +683,10 @@ class Batch:
         input_ids, mask = input_ids.to(device), mask.to(device)
         # Positions count a row's real tokens, so padding does not shift them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        logits = self._forward(input_ids, mask, positions, cache)
+        logits = self._forward(input_ids, mask, positions, cache, every_position=bool(scoring))
+        if scoring:
+            self._score_prompts(rows, prompt_of_row, prompts, scoring, logits)
+            logits = logits[:, -1].float()
         if len(prompts) < len(rows):
             index = torch.tensor(prompt_of_row, device=device)
             cache.batch_select_indices(index)
@@ -650,6 +694,27 @@ class Batch:
         tokens, scored = self._pick(logits, rows)
         self._merge(rows, cache, mask, tokens)
         return self._hand_out(rows, tokens, scored)
+
+    def _score_prompts(
+        self, rows: list[Row], prompt_of_row: list[int], prompts: list, scoring: list[int], logits: torch.Tensor
+    ) -> None:
+        """Set `prompt_logprobs` of the rows asking: each prompt token's log probability given those before it
+        (the log-softmax of the logits at the position before it; the first token has none) and the most likely
+        tokens' there. The log-softmax runs over these prompts' positions alone."""
+        width = logits.shape[1]
+        for line in scoring:
+            prompt = prompts[line]
+            asking = [row for row, of in zip(rows, prompt_of_row) if of == line and row.sampling.prompt_logprobs]
+            # Left-padded: the prompt fills the last len(prompt) positions, each predicting the token after it.
+            raw = torch.log_softmax(logits[line, width - len(prompt) : width - 1].float(), dim=-1)
+            targets = torch.tensor(prompt[1:], dtype=torch.long, device=raw.device)
+            chosen = raw.gather(-1, targets[:, None]).squeeze(-1).tolist()
+            values, ids = raw.topk(max(row.sampling.logprobs for row in asking), dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+            for row in asking:
+                k = row.sampling.logprobs
+                scores = [(None, []), *((c, list(zip(i[:k], v[:k]))) for c, i, v in zip(chosen, ids, values))]
+                row.prompt_logprobs = score_tokens(self.tokenizer, prompt, scores)
 
     def _merge(self, rows: list[Row], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
         if not self._rows:
@@ -716,10 +781,14 @@ class Batch:
         return tokens, scored
 
     def _hand_out(self, rows: list[Row], tokens: torch.Tensor, scored: list[Scored | None]) -> list[tuple[Row, str]]:
-        return [
-            (row, row.add(token, self.tokenizer, self.stop_ids, score))
-            for row, token, score in zip(rows, tokens.tolist(), scored)
-        ]
+        produced = []
+        for row, token, score in zip(rows, tokens.tolist(), scored):
+            if row.sampling.max_new_tokens == 0:  # its prompt scored, nothing to generate
+                row.finish_unstarted()
+                produced.append((row, ""))
+            else:
+                produced.append((row, row.add(token, self.tokenizer, self.stop_ids, score)))
+        return produced
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

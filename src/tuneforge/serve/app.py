@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -74,6 +74,7 @@ class _Reply:
     reasoning: bool | None = None  # a reasoning model's reply: whether its prompt opened the reasoning (reasoning.py)
     tools: ToolCallParser | None = None  # parses a chat reply's tool calls; None: the reply is text
     parallel_tool_calls: bool = True  # false: the first call only, as OpenAI's API makes at most one then
+    echo: str | None = None  # a completion's prompt text, which each choice's text and log probabilities start with
     # The reply's calls once parsed: the answer sent and the one stored give each call the same id.
     _parsed: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -106,6 +107,10 @@ class _Reply:
     def _choice(self, index: int, completion: Completion) -> dict:
         finish_reason = completion.finish_reason
         answer = {"text": completion.text}
+        logprobs = self.logprobs(completion.logprobs)
+        if self.echo is not None:
+            answer = {"text": self.echo + completion.text}
+            logprobs = self.logprobs(completion.logprobs, prompt=completion.prompt_logprobs)
         if self.chat:
             # A reasoning model's reply parts into reasoning and answer first; calls come in the answer.
             message = {"role": "assistant", "content": completion.text}
@@ -118,16 +123,23 @@ class _Reply:
         return {
             "index": index,
             **answer,
-            "logprobs": self.logprobs(completion.logprobs),
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }
 
-    def logprobs(self, entries: Sequence[TokenLogprob] | None) -> dict | None:
+    def logprobs(
+        self, entries: Sequence[TokenLogprob] | None, prompt: Sequence[TokenLogprob] | None = None
+    ) -> dict | None:
         """The `logprobs` of a choice, or of a chunk, with these tokens': chat's `{"content": [...]}`, or the
         completions' `tokens`, `token_logprobs`, `top_logprobs` and `text_offset`; None where none were asked
-        for (or a chunk adds no token)."""
+        for (or a chunk adds no token). With `echo`, generated tokens' offsets count from the prompt's text's
+        start, and `prompt`'s entries come first (the first token's log probability and top_logprobs null,
+        as OpenAI gives them)."""
         if entries is None:
             return None
+        if self.echo is not None and not self.chat:
+            shift = len(self.echo)
+            entries = [*(prompt or ()), *(replace(entry, offset=entry.offset + shift) for entry in entries)]
         if self.chat:
             return {
                 "content": [
@@ -141,7 +153,9 @@ class _Reply:
             "tokens": [entry.token for entry in entries],
             "token_logprobs": [_logprob(entry.logprob) for entry in entries],
             "top_logprobs": [
-                {top.token: _logprob(top.logprob) for top in entry.top}
+                None
+                if entry.logprob is None
+                else {top.token: _logprob(top.logprob) for top in entry.top}
                 | ({} if any(top.token == entry.token for top in entry.top) else {entry.token: _logprob(entry.logprob)})
                 for entry in entries
             ],
@@ -167,6 +181,7 @@ class _Reply:
         field: str = "content",
         index: int = 0,
         logprobs: Sequence[TokenLogprob] = (),
+        prompt: Sequence[TokenLogprob] | None = None,
     ) -> dict:
         if self.chat:
             answer = {"delta": {"role": "assistant", "content": ""} if opening else {field: text} if text else {}}
@@ -174,7 +189,14 @@ class _Reply:
             answer = {"text": text}
         return self._envelope(
             self._chunk_object,
-            [{"index": index, **answer, "logprobs": self.logprobs(logprobs or None), "finish_reason": finish_reason}],
+            [
+                {
+                    "index": index,
+                    **answer,
+                    "logprobs": self.logprobs(() if prompt else logprobs or None, prompt),
+                    "finish_reason": finish_reason,
+                }
+            ],
         )
 
     def usage_chunk(self, completions: list[Completion]) -> dict:
@@ -199,8 +221,8 @@ class _Reply:
 LOWEST_LOGPROB = -9999.0  # what a log probability of -inf is sent as (JSON has no infinity), as vLLM sends it
 
 
-def _logprob(value: float) -> float:
-    return max(value, LOWEST_LOGPROB)
+def _logprob(value: float | None) -> float | None:
+    return None if value is None else max(value, LOWEST_LOGPROB)
 
 
 def _token_logprob(entry: TokenLogprob) -> dict:
@@ -580,8 +602,23 @@ async def responses(body: ResponsesBody, request: Request, server: Served = Depe
 
 @v1.post("/completions")
 async def completions(body: CompletionBody, request: Request, server: Served = Depends(served)):
-    generation = await submit(server, request, body, body.prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-    return await answer(server, request, body, _Reply.start(False, body.model), generation)
+    prompt = body.prompt_input()
+    tokenizer = server.tokenizer(server.known_model(body.model))
+    if isinstance(prompt, tuple) and (outside := [t for t in prompt if not 0 <= t < len(tokenizer)]):
+        raise APIError(
+            400,
+            f"prompt has token ids outside this model's vocabulary (0 to {len(tokenizer) - 1}): {outside[:5]}. "
+            "Send ids from this model's tokenizer.",
+            param="prompt",
+            code="invalid_value",
+        )
+    generation = await submit(server, request, body, prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+    reply = _Reply.start(False, body.model)
+    if body.echo:
+        # The prompt as sent; token ids as they decode (special tokens' text left out, as in their entries).
+        echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)
+        reply = replace(reply, echo=echo)
+    return await answer(server, request, body, reply, generation)
 
 
 class LoadAdapterBody(RequestBody):
@@ -893,7 +930,14 @@ async def _choice_events(reply: _Reply, generation: Generation, index: int):
         start, logprobs_sent = logprobs_sent, len(received)
         return received[start:]
 
-    async for part, text in reasoning.deltas(generation.pieces(index), reply.reasoning):
+    pieces = generation.pieces(index)
+    if reply.echo is not None:
+        # The prompt goes first, as OpenAI sends it; its tokens' log probabilities (where asked) come with the
+        # prefill, before the first piece or the completion.
+        first = await anext(pieces, None) if generation.sampling.prompt_logprobs else None
+        yield reply.chunk(reply.echo, index=index, prompt=generation.prompt_logprobs[index])
+        pieces = _after(first, pieces)
+    async for part, text in reasoning.deltas(pieces, reply.reasoning):
         if reply.tools is None or part != reasoning.CONTENT:
             yield reply.chunk(text, field=part, index=index, logprobs=fresh())
             continue
@@ -914,6 +958,14 @@ async def _choice_events(reply: _Reply, generation: Generation, index: int):
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
     rest = (completion.logprobs or ())[logprobs_sent:]
     yield reply.chunk(finish_reason=finish_reason, index=index, logprobs=rest)
+
+
+async def _after(first: str | None, rest):
+    """`first` (where not None), then the items of `rest`."""
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
 
 
 async def _merged(streams: list):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
@@ -388,7 +389,10 @@ class CompletionBody(GenerationBody):
     prompt: str | list
     # Each generated token's log probability with this many most likely tokens' (0 to 5); false or absent: none.
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool | None = None  # OpenAI's: the prompt before the completion; refused unless false
+    # OpenAI's: the prompt's text before the completion's and, with logprobs, its tokens' log probabilities before
+    # the generated ones' (log-likelihood scoring reads them); max_tokens 0 then scores the prompt alone.
+    echo: bool | None = None
+    max_tokens: int | None = Field(None, ge=0)
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -408,23 +412,38 @@ class CompletionBody(GenerationBody):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
+        if self.max_tokens == 0 and not self.echo:  # as OpenAI: it would answer nothing
             raise APIError(
                 400,
-                "echo is not supported: this server returns the completion alone, with the log probabilities of the "
-                "tokens it generates, not of the prompt's (which log-likelihood scoring with echo reads). Leave echo "
-                "out or false.",
-                param="echo",
-                code="unsupported_value",
+                "max_tokens 0 generates nothing: it scores the prompt alone, with echo true (and logprobs). Ask "
+                "for at least 1 token, or send echo: true.",
+                param="max_tokens",
+                code="invalid_value",
             )
-        if not isinstance(self.prompt, str):
-            raise APIError(
-                400,
-                f"prompt is a list ({len(self.prompt)} items): this server completes one string prompt per "
-                "request, not a list of prompts or of token ids. Send one request per prompt, its text as a string.",
-                param="prompt",
-                code="unsupported_value",
-            )
+        self.prompt_input()
+
+    def prompt_input(self) -> str | tuple[int, ...]:
+        """The one prompt, as text or as token ids (a tuple); a list holding one prompt is that prompt, as
+        lm-evaluation-harness sends it."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return prompt
+        if prompt and all(isinstance(token, int) and not isinstance(token, bool) for token in prompt):
+            return tuple(prompt)
+        raise APIError(
+            400,
+            f"prompt is a list of {len(prompt)} items that is not one prompt: this server completes one prompt per "
+            "request, as a string or a list of token ids (or a list holding one of them). Send one request per "
+            "prompt.",
+            param="prompt",
+            code="unsupported_value",
+        )
+
+    def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = (), constraint=None) -> Sampling:
+        sampling = super().sampling(max_new_tokens, keep_tokens, constraint)
+        return replace(sampling, prompt_logprobs=bool(self.echo) and self.logprobs is not None)
 
 
 # OpenAI's Responses API (`POST /v1/responses`): the stateless core, answered as a chat request is.

@@ -65,6 +65,8 @@ class Generation:
         self.completions: list[Completion | None] = [None] * n
         # Where the sampling asks for log probabilities: each choice's, as they came with its pieces so far.
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        # Where the sampling asks for the prompt's (echo): each choice's, set with the prefill, before any piece.
+        self.prompt_logprobs: list[tuple[TokenLogprob, ...] | None] = [None] * n
         self.cancelled = False
         self._loop = loop
         self._events: list[asyncio.Queue] = [asyncio.Queue() for _ in range(n)]
@@ -272,7 +274,11 @@ class Engine:
             row.cancelled = generation.cancelled
         with self._wake:
             self._largest_batch = max(self._largest_batch, len(rows))
-        for row, piece in batch.step():
+        produced = batch.step()
+        for row, (generation, index) in rows.items():
+            if row.prompt_logprobs is not None:
+                generation.prompt_logprobs[index] = row.prompt_logprobs
+        for row, piece in produced:
             if piece and not row.cancelled:
                 generation, index = rows[row]
                 generation._send(row.with_logprobs(piece), index)
