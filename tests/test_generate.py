@@ -157,6 +157,20 @@ def test_sampling_is_repeatable_with_a_seed(tiny):
     assert samples != {greedy[0].text}
 
 
+def test_a_seed_a_prompt_samples_each_as_it_samples_alone(tiny):
+    """Seeds given one a prompt: a prompt's sampled completion is the same alone, beside others or in
+    another batch (best-of-N resumes on it), and equal prompts with other seeds draw apart."""
+    model, tokenizer = tiny
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(3) for _ in range(2)]
+    options = dict(max_new_tokens=8, temperature=1.0)
+    together = generate(model, tokenizer, prompts, seed=[10, 11, 12, 13, 14, 15], batch_size=4, **options)
+    alone = [generate(model, tokenizer, [p], seed=[10 + i], **options)[0] for i, p in enumerate(prompts)]
+    assert together == alone
+    assert all(together[i].token_ids != together[i + 1].token_ids for i in range(0, 6, 2))
+    with pytest.raises(ValueError, match="2 seeds for 6 prompts"):
+        generate(model, tokenizer, prompts, seed=[1, 2], **options)
+
+
 def test_bad_options_are_refused(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -264,7 +264,7 @@ def generate(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     stop: Sequence[str] = (),
     on_progress: Callable[[int], None] | None = None,
 ) -> list[Completion]:
@@ -272,18 +272,27 @@ def generate(
 
     Prompts are batched by length (less padding); with greedy decoding in fp32 a prompt's completion
     does not depend on the batch it lands in (in bf16 the kernels round differently at different batch
-    shapes, so a near-tie may go the other way). `on_progress(n)` is called as each batch of n finishes.
+    shapes, so a near-tie may go the other way). An int `seed` is one random stream for all prompts; a
+    sequence of seeds, one a prompt, gives each its own, so that a sampled completion in fp32 depends on
+    its prompt and seed alone, not on the other prompts or the batch it lands in.
+    `on_progress(n)` is called as each batch of n finishes.
     """
     if max_new_tokens < 1:  # a completion of nothing: `Batch` takes 0 only to score prompts
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
+    seeds = None if seed is None or isinstance(seed, int) else list(seed)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed a prompt")
+    sampling = Sampling(max_new_tokens, temperature, top_p, None if seeds is not None else seed, tuple(stop))
     ids = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    generator = sampling.generator(model.device)  # one random stream for all batches
+    if seeds is None:
+        generators = [sampling.generator(model.device)] * len(ids)  # one random stream for all batches
+    else:
+        generators = [replace(sampling, seed=s).generator(model.device) for s in seeds]
     results: list[Completion | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        decoding = _Decoding(model, tokenizer, [ids[i] for i in chunk], sampling, generator)
+        decoding = _Decoding(model, tokenizer, [ids[i] for i in chunk], sampling, [generators[i] for i in chunk])
         for _ in decoding:
             pass
         for i, completion in zip(chunk, decoding.completions()):
@@ -324,7 +333,7 @@ def stream(
 ) -> Stream:
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
     return Stream(
-        _Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling, sampling.generator(model.device))
+        _Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling, [sampling.generator(model.device)])
     )
 
 
@@ -824,11 +833,17 @@ class _Decoding:
     the new text."""
 
     def __init__(
-        self, model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, generator: torch.Generator | None
+        self,
+        model,
+        tokenizer,
+        prompt_ids: list[list[int]],
+        sampling: Sampling,
+        generators: Sequence[torch.Generator | None],
     ):
+        """`generators[i]` is prompt i's random stream; prompts given the same one draw from it together."""
         self.model = model
         self.batch = Batch(model, tokenizer)
-        self.rows = [self.batch.add(ids, sampling, generator) for ids in prompt_ids]
+        self.rows = [self.batch.add(ids, sampling, generator) for ids, generator in zip(prompt_ids, generators)]
 
     def completions(self) -> list[Completion]:
         return [row.completion() for row in self.rows]
