@@ -783,3 +783,124 @@ def test_distill_generate_refuses_prompts_past_the_teachers_context_before_any_a
     assert "prompts.jsonl:3: [too_long] the prompt is" in err.value.message
     assert "maximum context length is 2048 tokens" in err.value.message
     assert not out.exists() or not out.read_text()  # no answer written
+
+
+# --- distill generate --samples: best-of-N -----------------------------------------------------------
+
+REWARDS = '''
+def length(prompts, completions, **columns):
+    """The answer's length, except for a prompt asking for a tie: 0 for every answer."""
+    return [0.0 if "tie" in p[-1]["content"] else float(len(c[0]["content"])) for p, c in zip(prompts, completions)]
+'''
+
+
+def best_of_n_prompts(tmp_path: Path, ties: int = 0) -> tuple[Path, str]:
+    """Five chat prompts, the last `ties` of them asking for a tie, and a python grader of the answers' length."""
+    prompts = tmp_path / "prompts.jsonl"
+    texts = [f"Question {i}: {'tie' if i >= 5 - ties else 'why'}?" for i in range(5)]
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}) + "\n" for t in texts))
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    return prompts, f"{tmp_path / 'rewards.py'}:length"
+
+
+def test_best_of_n_samples_differ_repeat_with_the_seed_and_resume_as_at_once(tiny_model_dir, tmp_path):
+    from tuneforge.distill import generate_teacher_data
+
+    prompts, grader = best_of_n_prompts(tmp_path)
+    options = dict(max_new_tokens=6, progress=False, samples=4, temperature=1.0, grader=grader)
+    at_once = tmp_path / "at_once.jsonl"
+    result = generate_teacher_data(str(tiny_model_dir), prompts, at_once, seed=3, batch_size=16, **options)
+    assert (result.written, result.rows, result.left_out) == (5, 5, 0)
+    records = [json.loads(line) for line in result.samples_file.read_text().splitlines()]
+    rows = [json.loads(line) for line in at_once.read_text().splitlines()]
+    for record, row in zip(records, rows):
+        texts = [s["text"] for s in record["samples"]]
+        assert len(set(texts)) > 1  # sampled at T=1, not four greedy answers
+        assert [s["score"] for s in record["samples"]] == [float(len(t)) for t in texts]
+        assert row["messages"] == [*record["prompt"], {"role": "assistant", "content": max(texts, key=len)}]
+        assert row["scores"] == {"best": float(len(max(texts, key=len))), "all": [float(len(t)) for t in texts]}
+
+    # Interrupted after two prompts and finished in smaller batches: each answer is sampled from its own seed.
+    resumed = tmp_path / "resumed.jsonl"
+    generate_teacher_data(str(tiny_model_dir), prompts, resumed, seed=3, batch_size=4, limit=2, **options)
+    assert len(resumed.read_text().splitlines()) == 2
+    second = generate_teacher_data(str(tiny_model_dir), prompts, resumed, seed=3, batch_size=4, **options)
+    assert (second.resumed_from, second.written) == (2, 5)
+    assert resumed.read_text() == at_once.read_text()
+    assert second.samples_file.read_text() == result.samples_file.read_text()
+
+    other = generate_teacher_data(str(tiny_model_dir), prompts, tmp_path / "other.jsonl", seed=4, **options)
+    assert other.samples_file.read_text() != result.samples_file.read_text()
+    # Continued with another seed, number of samples or --keep, the file would mix two samplings.
+    for changed in ({"seed": 4}, {"samples": 3}, {"keep": "pairs"}):
+        with pytest.raises(TuneforgeError, match=f"{next(iter(changed))} .* where this call asks for") as mixed:
+            generate_teacher_data(str(tiny_model_dir), prompts, at_once, **{**options, "seed": 3, **changed})
+        assert mixed.value.code == "output_mismatch"
+
+
+def test_best_of_n_pairs_leave_ties_out_and_train_dpo(tiny_model_dir, tmp_path):
+    from tuneforge.distill import generate_teacher_data
+    from tuneforge.training import train
+
+    prompts, grader = best_of_n_prompts(tmp_path, ties=2)
+    out = tmp_path / "pairs.jsonl"
+    options = dict(max_new_tokens=6, progress=False, samples=4, grader=grader, keep="pairs")
+    result = generate_teacher_data(str(tiny_model_dir), prompts, out, **options)
+    assert (result.written, result.rows, result.left_out) == (5, 3, 2)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["prompt"][0]["content"] for row in rows] == [f"Question {i}: why?" for i in range(3)]
+    for row in rows:
+        assert row["scores"]["chosen"] == max(row["scores"]["all"]) > row["scores"]["rejected"]
+        assert row["scores"]["rejected"] == min(row["scores"]["all"])
+        assert len(row["chosen"][0]["content"]) > len(row["rejected"][0]["content"])
+    # A rerun finds every prompt answered and writes the same pairs again from the recorded answers.
+    again = generate_teacher_data(str(tiny_model_dir), prompts, out, **options)
+    assert (again.resumed_from, again.rows, again.left_out) == (5, 3, 0)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+
+    # The pairs are DPO's data as they are.
+    cfg = tiny_run_config(tiny_model_dir, {"train": out, "validation": None}, tmp_path / "run", max_steps=2)
+    cfg["method"], cfg["dpo"], cfg["data"]["validation"] = "dpo", {}, 0
+    assert math.isfinite(train(cfg, progress=False).metrics["train_loss"])
+
+
+def test_best_of_n_refuses_options_that_cannot_work_before_any_model_loads(tmp_path):
+    from tuneforge.distill import generate_teacher_data
+
+    prompts, grader = best_of_n_prompts(tmp_path)
+    missing = str(tmp_path / "no-model")
+    out = tmp_path / "out.jsonl"
+    for options, message in (
+        ({"samples": 4}, "--samples N and --grader SPEC go together"),
+        ({"grader": grader}, "--samples N and --grader SPEC go together"),
+        ({"samples": 1, "grader": grader}, "--samples of at least 2"),
+        ({"samples": 4, "grader": grader, "temperature": 0.0}, "at 0 every answer is the same"),
+        ({"samples": 4, "grader": grader, "keep": "worst"}, "--keep best or pairs"),
+        ({"samples": 4, "grader": f"{tmp_path / 'rewards.py'}:nothing"}, "nothing"),
+    ):
+        with pytest.raises(TuneforgeError, match=message):
+            generate_teacher_data(missing, prompts, out, progress=False, **options)
+    out.write_text(
+        '{"messages": [{"role": "user", "content": "Question 0: why?"}, {"role": "assistant", "content": "a"}]}\n'
+    )
+    with pytest.raises(TuneforgeError, match="rows that best-of-N did not write") as foreign:
+        generate_teacher_data(missing, prompts, out, progress=False, samples=4, grader=grader)
+    assert foreign.value.code == "output_mismatch"
+
+
+def test_best_of_n_best_leaves_out_prompts_whose_best_answer_falls_short_of_the_pass_threshold(
+    tiny_model_dir, tmp_path
+):
+    from tuneforge.distill import generate_teacher_data
+
+    prompts, _ = best_of_n_prompts(tmp_path)
+    source = "def grade(sample, item):\n    return float(len(sample['output_text']))\n"
+    grader = {"type": "python", "name": "length", "source": source, "pass_threshold": 18}
+    out = tmp_path / "best.jsonl"
+    result = generate_teacher_data(str(tiny_model_dir), prompts, out, max_new_tokens=6, samples=3, grader=grader)
+    records = [json.loads(line) for line in result.samples_file.read_text().splitlines()]
+    best = [max(s["score"] for s in r["samples"]) for r in records]
+    assert 0 < result.left_out == sum(b < 18 for b in best) < 5  # some prompts pass, some do not
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["messages"][:-1] for row in rows] == [r["prompt"] for r, b in zip(records, best) if b >= 18]
+    assert all(row["scores"]["best"] >= 18 for row in rows)

@@ -618,9 +618,26 @@ def distill_generate(
     batch_size: int = typer.Option(16, help="Prompts generated together (and written together)."),
     limit: int | None = typer.Option(None, min=1, help="Stop after the first N prompts; rerun without it to finish."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), bf16 or fp32."),
+    samples: int | None = typer.Option(
+        None, help="Best-of-N: sample N answers a prompt and keep what --grader scores best (with --grader)."
+    ),
+    temperature: float = typer.Option(1.0, help="Best-of-N: the sampling temperature (above 0)."),
+    seed: int = typer.Option(0, help="Best-of-N: the seed; each answer is sampled from it and its place."),
+    grader: str | None = typer.Option(
+        None,
+        help="Best-of-N: what scores the answers, as grpo.grader takes it: a JSON/YAML file of a grader "
+        "(a reward model: {type: reward_model, model: RUN}), or reward functions as FILE.py:FUNCTION "
+        "(several comma-separated, summed).",
+    ),
+    keep: str = typer.Option(
+        "best",
+        help="Best-of-N: best (the best answer a prompt, as chat rows for SFT) or pairs (the best against the "
+        "worst, as DPO rows; prompts whose answers tie are left out).",
+    ),
 ):
     """The teacher's answers to PROMPTS as chat data for SFT (sequence-level distillation) or for
-    general replay (data.general_replay); resumable."""
+    general replay (data.general_replay); resumable. With --samples and --grader: the best of N sampled
+    answers (rejection sampling) or best-vs-worst DPO pairs from the model's own answers."""
     from .distill.commands import distill_generate as cmd
 
     raise typer.Exit(
@@ -632,6 +649,11 @@ def distill_generate(
             batch_size=batch_size,
             limit=limit,
             precision=precision,
+            samples=samples,
+            temperature=temperature,
+            seed=seed,
+            grader=grader,
+            keep=keep,
         )
     )
 

@@ -80,9 +80,27 @@ def distill_generate(
     batch_size: int,
     limit: int | None = None,
     precision: str = "auto",
+    samples: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    grader: str | None = None,
+    keep: str = "best",
 ) -> int:
+    from ..eval.command import grader_spec
+
     result = generate_teacher_data(
-        teacher, prompts, out, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, precision=precision
+        teacher,
+        prompts,
+        out,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        limit=limit,
+        precision=precision,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+        grader=grader_spec(grader) if grader is not None else None,
+        keep=keep,
     )
     resumed = f" ({result.resumed_from} were already there)" if result.resumed_from else ""
     cut = (
@@ -95,6 +113,17 @@ def distill_generate(
             f"; {result.empty} answers are empty (data checks reject them as missing_content: "
             "train with data.on_error=skip, or remove them)"
         )
+    if result.samples_file is not None:
+        why = "their answers all scored alike" if keep == "pairs" else "no answer reached the grader's pass_threshold"
+        left_out = f"; {result.left_out} of this call's prompts left out ({why})" if result.left_out else ""
+        kind = "DPO pairs" if keep == "pairs" else "best answers"
+        Console().print(
+            f"{result.written} of {counted(result.prompts, 'prompt')} sampled {samples} times into "
+            f"{result.samples_file}{resumed}; {counted(result.rows, 'row')} ({kind}) in {result.out}{left_out}{cut}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 0
     Console().print(
         f"{result.written} of {counted(result.prompts, 'row')} in {result.out}{resumed}{cut}",
         highlight=False,

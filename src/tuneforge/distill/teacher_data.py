@@ -10,10 +10,21 @@ drops a torn last line (a crash mid-write), checks that every row already writte
 prompt at its position, and continues with the next prompt, so no prompt is answered twice.
 Every prompt gets its row, an empty answer too (rows stay aligned with prompts); the count of
 empty answers is reported, and `data.on_error: skip` leaves them out of training.
+
+Best-of-N (`samples`, with a `grader`): each prompt's `samples` answers are sampled at `temperature`, each
+from its own random stream seeded by `seed` and its place (prompt, answer), and scored by the grader
+(`graders.load_grader`, as GRPO and `tuneforge eval --grader` take it, each answer against its row as
+they grade it). `keep: best` writes the best-scoring answer as a chat row (rejection sampling fine-tuning;
+a grader's pass_threshold leaves out prompts whose best answer falls short of it), `keep: pairs` the best
+and the worst as a DPO pair (prompt/chosen/rejected in chat form; a prompt whose answers all score alike
+is left out). Each row's scores are in its `scores` field, which the data reader ignores. Every prompt's
+answers and scores go to `OUT.samples.jsonl`, one line a prompt in the prompts' order: that file is
+what a rerun checks and continues, and `out` is written again from it first, so the two never disagree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +35,8 @@ from ..data import Problem
 from ..data.formats import prompt_messages
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
-from ..fsio import writing
+from ..fsio import atomic_file, writing
+from ..graders.base import rollout_sample
 from ..wording import counted
 
 
@@ -36,35 +48,52 @@ class TeacherData:
     resumed_from: int  # rows that were already there
     stopped_by_length: int  # answers of this call cut at max_new_tokens
     empty: int  # answers of this call with no text, which SFT data checks reject (missing_content)
+    # Best-of-N only: the file of every prompt's sampled answers and scores, the rows in `out` now, and the
+    # prompts of this call left out (their answers all scored alike for pairs, or below the grader's
+    # pass_threshold for best).
+    samples_file: Path | None = None
+    rows: int = 0
+    left_out: int = 0
 
 
-def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None, list[Problem]]:
+def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None, str | None, list[Problem]]:
+    """The row's prompt as chat messages, the assistant turn dropped from its end (None if none), and its problems."""
     if not isinstance(row, dict) or not ({"messages", "prompt"} & set(row)):
-        return None, [
-            Problem(
-                "unknown_format",
-                'a prompt row needs "messages" (chat) or "prompt" (prompt/completion).',
-                file=path,
-                line=line,
-            )
-        ]
+        return (
+            None,
+            None,
+            [
+                Problem(
+                    "unknown_format",
+                    'a prompt row needs "messages" (chat) or "prompt" (prompt/completion).',
+                    file=path,
+                    line=line,
+                )
+            ],
+        )
     messages, problems = prompt_messages(row, file=path, line=line, csv=csv)
     if messages is None:
-        return None, problems
+        return None, None, problems
+    reference = None
     if "messages" in row and messages[-1].role == "assistant":
+        reference = messages[-1].content
         messages = messages[:-1]
     if not messages or messages[-1].role == "system":
-        return None, [
-            Problem(
-                "missing_prompt",
-                "nothing for the teacher to answer: the row has no user message "
-                "(after dropping its last assistant turn).",
-                file=path,
-                line=line,
-                field="messages" if "messages" in row else "prompt",
-            )
-        ]
-    return [m.to_template() for m in messages], []
+        return (
+            None,
+            None,
+            [
+                Problem(
+                    "missing_prompt",
+                    "nothing for the teacher to answer: the row has no user message "
+                    "(after dropping its last assistant turn).",
+                    file=path,
+                    line=line,
+                    field="messages" if "messages" in row else "prompt",
+                )
+            ],
+        )
+    return [m.to_template() for m in messages], reference, []
 
 
 def read_prompts(path: str | Path) -> list[list[dict]]:
@@ -72,20 +101,26 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
     return _read_prompts(path)[0]
 
 
-def _read_prompts(path: str | Path) -> tuple[list[list[dict]], list[int]]:
-    """`read_prompts`, and the line each prompt is on."""
+def _read_prompts(path: str | Path) -> tuple[list[list[dict]], list[int], list[dict]]:
+    """`read_prompts`, the line each prompt is on, and what a grader reads for each row, as GRPO and
+    `tuneforge eval --grader` give it: the row's fields other than its prompt, `reference` (the dropped
+    assistant turn) and `prompt` (a text prompt's text, else the messages)."""
+    from ..methods.grpo import grader_item
+
     path = str(path)
-    prompts, lines, problems = [], [], []
+    prompts, lines, items, problems = [], [], [], []
     rows = open_rows(path)
     for line, row in rows:
         if isinstance(row, Problem):
             problems.append(row)
             continue
-        messages, row_problems = _row_prompt(row, path, line, rows.kind == "csv")
+        messages, reference, row_problems = _row_prompt(row, path, line, rows.kind == "csv")
         problems += [p for p in row_problems if p.is_error]
         if messages is not None:
             prompts.append(messages)
             lines.append(line)
+            text = "messages" not in row and isinstance(row.get("prompt"), str)
+            items.append({**grader_item(row, reference), "prompt": row["prompt"] if text else messages})
     unreadable = [p for p in problems if p.line is None]  # the file as a whole: missing, empty, unknown
     if unreadable:
         raise DataError.listing(f"--prompts {path} cannot be read", unreadable)
@@ -93,7 +128,7 @@ def _read_prompts(path: str | Path) -> tuple[list[list[dict]], list[int]]:
         raise DataError.listing(f"{path}: {len(problems)} prompt rows cannot be used", problems)
     if not prompts:
         raise DataError(f"{path} holds no prompts.", code="empty_file")
-    return prompts, lines
+    return prompts, lines, items
 
 
 def _check_prompts_fit(path, prompts: list[list[dict]], lines: list[int], tokenizer, window: int | None) -> None:
@@ -121,8 +156,9 @@ def _check_prompts_fit(path, prompts: list[list[dict]], lines: list[int], tokeni
         )
 
 
-def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
-    """How many rows `out` holds, each checked against its prompt; a torn last line is cut off."""
+def rows_already_written(out: Path, prompts: list[list[dict]], prompt_of=lambda row: row["messages"][:-1]) -> int:
+    """How many rows `out` holds, each checked against its prompt (`prompt_of(row)`, a chat row's messages
+    before its answer by default); a torn last line is cut off."""
     if not out.exists():
         return 0
     data = out.read_bytes()
@@ -139,7 +175,7 @@ def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
         )
     for i, (text, prompt) in enumerate(zip(lines, prompts)):
         try:
-            written = json.loads(text)["messages"][:-1]
+            written = prompt_of(json.loads(text))
         except (ValueError, KeyError, TypeError):
             written = None
         if written != prompt:
@@ -151,10 +187,11 @@ def rows_already_written(out: Path, prompts: list[list[dict]]) -> int:
     return len(lines)
 
 
-def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int) -> None:
+def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, sampling: dict | None = None) -> None:
     """Rows added to `out` come from the teacher and answer length that wrote the rows already there, as
     `out`'s record beside it says (written with the first row): a file continued by another teacher,
-    or by the same one retrained in place, would mix two teachers' answers."""
+    or by the same one retrained in place, would mix two teachers' answers. `sampling` (best-of-N: samples,
+    temperature, seed, grader, keep) must match too; greedy answers record samples as None."""
     from ..fsio import write_json
     from ..methods.distill import teacher_files
     from ..models import resolve
@@ -165,6 +202,7 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int) 
         "adapter": str(source.adapter.resolve()) if source.adapter else None,
         "max_new_tokens": max_new_tokens,
         "files": hashlib.sha256(json.dumps(teacher_files(teacher)).encode()).hexdigest(),
+        **(sampling or {"samples": None}),
     }
     record = out.with_name(out.name + ".teacher.json")
     if done and record.is_file():
@@ -176,17 +214,68 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int) 
         differences = [
             "teacher files that have changed since (retrained or replaced)"
             if key == "files"
+            else "grader files that have changed since (edited or replaced)"
+            if key == "grader_files"
             else f"{key} {written[key]} where this call asks for {wanted[key]}"
             for key in changed
         ]
+        answers = f"the sampled answers to {counted(done, 'prompt')}" if sampling else f"{done} answers"
         if changed:
             raise TuneforgeError(
-                f"{out} holds {done} answers written with {'; '.join(differences)}, and the file would mix "
-                "the two. Continue with the same --teacher and --max-new-tokens, or choose another --out.",
+                f"{out} holds {answers} written with {'; '.join(differences)}, and the file would mix "
+                "the two. Continue with the same --teacher, --max-new-tokens and (best-of-N) --samples, --temperature, "
+                "--seed, --grader and --keep, or choose another --out.",
                 code="output_mismatch",
             )
     if not done or not record.is_file():
         write_json(record, wanted)
+
+
+KEEP = ("best", "pairs")
+
+
+def sample_seed(seed: int, prompt: int, answer: int) -> int:
+    """The seed of answer `answer` to prompt `prompt` (places in the prompts file): a rerun, or a resumed
+    call, samples each answer as the first call did, and two seeds share no stream."""
+    digest = hashlib.sha256(f"{seed}:{prompt}:{answer}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def kept_row(record: dict, keep: str, pass_threshold: float | None) -> dict | None:
+    """The training row a prompt's sampled answers give (`keep`: its best answer as a chat row, or its best
+    and worst as a DPO pair), its scores in `scores`; None when the answers all score alike (pairs) or the
+    best falls short of the grader's pass_threshold (best)."""
+    answers = record["samples"]
+    scores = [a["score"] for a in answers]
+    best = max(range(len(scores)), key=scores.__getitem__)
+    prompt = record["prompt"]
+    if keep == "best":
+        if pass_threshold is not None and scores[best] < pass_threshold:
+            return None
+        reply = {"role": "assistant", "content": answers[best]["text"]}
+        return {"messages": [*prompt, reply], "scores": {"best": scores[best], "all": scores}}
+    worst = min(range(len(scores)), key=scores.__getitem__)
+    if scores[best] == scores[worst]:
+        return None
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": answers[best]["text"]}],
+        "rejected": [{"role": "assistant", "content": answers[worst]["text"]}],
+        "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores},
+    }
+
+
+def _grader_record(grader: str | dict | list) -> dict:
+    """What the record beside the output keeps of a grader: its spec, and a hash of the files it names (a
+    grader file or reward functions' source edited between calls would score the rows by two graders)."""
+    parts = grader if isinstance(grader, list) else [grader]
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, str):
+            path = Path(part.rpartition(":")[0] if ".py:" in part else part)
+            if path.is_file():
+                digest.update(path.read_bytes())
+    return {"grader": json.dumps(grader, sort_keys=True), "grader_files": digest.hexdigest()}
 
 
 def generate_teacher_data(
@@ -199,10 +288,17 @@ def generate_teacher_data(
     limit: int | None = None,
     precision: str = "auto",
     progress: bool = True,
+    samples: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    grader: str | dict | list | None = None,
+    keep: str = "best",
 ) -> TeacherData:
     """Append the teacher's greedy answers to `out`, continuing after the rows already there.
     `limit` stops after the first `limit` prompts (a later call without it finishes the file).
-    `precision` is what the teacher computes in: auto (bf16 where the hardware has it), bf16 or fp32."""
+    `precision` is what the teacher computes in: auto (bf16 where the hardware has it), bf16 or fp32.
+    With `samples` and `grader`: best-of-N, `samples` answers a prompt at `temperature` from `seed`, scored
+    by `grader`, `keep` best (chat rows) or pairs (DPO rows); see the module's docstring."""
     import torch
 
     from ..generate import generate
@@ -213,19 +309,64 @@ def generate_teacher_data(
         raise TuneforgeError(
             "--max-new-tokens and --batch-size must be at least 1, --limit at least 0.", code="bad_option"
         )
+    sampled = samples is not None
+    if sampled != (grader is not None):
+        raise TuneforgeError(
+            "--samples N and --grader SPEC go together: N answers a prompt, the grader picks among them "
+            "(without both, each prompt gets one greedy answer).",
+            code="bad_option",
+        )
+    if sampled and (samples < 2 or not temperature > 0 or keep not in KEEP):
+        raise TuneforgeError(
+            f"best-of-N needs --samples of at least 2 (got {samples}), a --temperature above 0 (got {temperature}; "
+            f"at 0 every answer is the same) and --keep best or pairs (got {keep}).",
+            code="bad_option",
+        )
     out = Path(out)
     if out.is_dir():
         raise TuneforgeError(
             f"--out {out} is a folder; give the file to write, e.g. {out / 'teacher.jsonl'}.", code="bad_option"
         )
-    prompts, lines = _read_prompts(prompts_file)
-    done = rows_already_written(out, prompts)
+    prompts, lines, items = _read_prompts(prompts_file)
+    record_file = out.with_name(out.name + ".samples.jsonl") if sampled else out
+    if sampled:
+        from ..graders import load_grader
+        from ..methods.grpo import naming_rows
+
+        judge = load_grader(grader, key="--grader")
+        where = [_Place(f"{prompts_file}:{line}") for line in lines]
+        with naming_rows(where[:16]):
+            judge.check(items[:16])
+        with naming_rows(where):
+            judge.check_items(items)
+        done = rows_already_written(record_file, prompts, lambda row: row["prompt"])
+        if not done and out.exists() and out.stat().st_size:
+            raise TuneforgeError(
+                f"{out} holds rows that best-of-N did not write (there is no {record_file.name} beside it, whose "
+                "answers it is written from). Choose another --out.",
+                code="output_mismatch",
+            )
+    else:
+        done = rows_already_written(out, prompts)
     target = len(prompts) if limit is None else min(limit, len(prompts))
-    stopped_by_length = empty = 0
+    stopped_by_length = empty = left_out = 0
     if done or target:
         # Also when no row is left to add: a complete file from another teacher or answer length would
         # otherwise be taken as this teacher's answers.
-        check_same_teacher(out, teacher, max_new_tokens, done)
+        options = (
+            {"samples": samples, "temperature": temperature, "seed": seed, "keep": keep, **_grader_record(grader)}
+            if sampled
+            else None
+        )
+        check_same_teacher(out, teacher, max_new_tokens, done, options)
+    rows = 0
+    if sampled:
+        # `out` follows from the answers recorded: written again whole, it drops rows of a call cut short.
+        kept = [kept_row(json.loads(line), keep, judge.pass_threshold) for line in _lines(record_file)]
+        rows = sum(row is not None for row in kept)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out) as f:
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept if row is not None))
     if done < target:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with library_bars(progress):
@@ -235,27 +376,77 @@ def generate_teacher_data(
             prompts_file, prompts[done:target], lines[done:target], tokenizer, model_context_length(model)
         )
         out.parent.mkdir(parents=True, exist_ok=True)
+        per_call = max(1, batch_size // samples) if sampled else batch_size  # prompts a generate call decodes
         with (
             writing(out),
+            writing(record_file),
             out.open("a", encoding="utf-8") as f,
-            progress_bar("teacher answers", target - done, progress) as advance,
+            record_file.open("a", encoding="utf-8") if sampled else contextlib.nullcontext() as record,
+            progress_bar("prompts sampled" if sampled else "teacher answers", target - done, progress) as advance,
         ):
-            for start in range(done, target, batch_size):
-                batch = prompts[start : min(start + batch_size, target)]
-                answers = generate(model, tokenizer, batch, batch_size=batch_size, max_new_tokens=max_new_tokens)
-                # One write per batch of whole lines, synced: a crash leaves at most a torn last line.
-                f.write(
-                    "".join(
-                        json.dumps(
-                            {"messages": [*prompt, {"role": "assistant", "content": answer.text}]}, ensure_ascii=False
-                        )
-                        + "\n"
-                        for prompt, answer in zip(batch, answers)
+            for start in range(done, target, per_call):
+                batch = prompts[start : min(start + per_call, target)]
+                if sampled:
+                    answers = generate(
+                        model,
+                        tokenizer,
+                        [prompt for prompt in batch for _ in range(samples)],
+                        batch_size=batch_size,
+                        max_new_tokens=max_new_tokens,
+                        temperature=temperature,
+                        seed=[
+                            sample_seed(seed, i, j) for i in range(start, start + len(batch)) for j in range(samples)
+                        ],
                     )
-                )
-                f.flush()
-                os.fsync(f.fileno())
+                    batch_items = [item for item in items[start : start + len(batch)] for _ in range(samples)]
+                    with naming_rows(where[start : start + len(batch)], samples):
+                        grades = judge.grade([rollout_sample(a.text) for a in answers], batch_items)
+                    records = [
+                        {
+                            "prompt": prompt,
+                            "samples": [
+                                {"text": a.text, "score": g.score, "finish_reason": a.finish_reason}
+                                for a, g in zip(answers[k * samples : (k + 1) * samples], grades[k * samples :])
+                            ],
+                        }
+                        for k, prompt in enumerate(batch)
+                    ]
+                    # The answers first: a crash between the two writes leaves `out` short, which the next
+                    # call writes again from them.
+                    _append(record, records)
+                    kept = [kept_row(r, keep, judge.pass_threshold) for r in records]
+                    _append(f, [row for row in kept if row is not None])
+                    rows += sum(row is not None for row in kept)
+                    left_out += sum(row is None for row in kept)
+                else:
+                    answers = generate(model, tokenizer, batch, batch_size=batch_size, max_new_tokens=max_new_tokens)
+                    _append(
+                        f,
+                        [
+                            {"messages": [*prompt, {"role": "assistant", "content": a.text}]}
+                            for prompt, a in zip(batch, answers)
+                        ],
+                    )
                 stopped_by_length += sum(a.finish_reason == "length" for a in answers)
                 empty += sum(not a.text.strip() for a in answers)
                 advance(len(batch))
-    return TeacherData(out, len(prompts), max(done, target), done, stopped_by_length, empty)
+    written = max(done, target)
+    if sampled:
+        return TeacherData(out, len(prompts), written, done, stopped_by_length, empty, record_file, rows, left_out)
+    return TeacherData(out, len(prompts), written, done, stopped_by_length, empty)
+
+
+@dataclass(frozen=True)
+class _Place:
+    where: str  # file:line of a prompt, as `naming_rows` names the row a grader failed on
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+def _append(f, rows: list[dict]) -> None:
+    """One write of whole lines, flushed and synced: a crash leaves at most a torn last line."""
+    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    f.flush()
+    os.fsync(f.fileno())
