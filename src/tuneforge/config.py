@@ -88,6 +88,54 @@ class LoraConfig(Strict):
     modules_to_save: list[str] | None = None
 
 
+class RopeScaling(Strict):
+    """`model.rope_scaling`: rotary positions stretched past the base's window, as transformers' config
+    (`rope_parameters`), Axolotl and LLaMA-Factory write it."""
+
+    rope_type: Literal["linear", "yarn", "llama3"] = Field(
+        description="linear (position interpolation), yarn, or llama3 (Llama 3.1's); `type:` is read as rope_type"
+    )
+    factor: float = Field(gt=1, description="the new window is the base's times this")
+    original_max_position_embeddings: int | None = Field(
+        None, ge=1, description="yarn, llama3: the window the base was trained for; default: its config's"
+    )
+    attention_factor: float | None = Field(None, gt=0, description="yarn: the attention scale; default from factor")
+    beta_fast: float | None = Field(None, gt=0, description="yarn: where extrapolation ends (32)")
+    beta_slow: float | None = Field(None, gt=0, description="yarn: where interpolation begins (1)")
+    low_freq_factor: float | None = Field(None, gt=0, description="llama3: required, 1 in Llama 3.1")
+    high_freq_factor: float | None = Field(None, gt=0, description="llama3: required, 4 in Llama 3.1")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _type_as_rope_type(cls, value):
+        # transformers 4.x configs, Axolotl and LLaMA-Factory write `type`; transformers 5 writes `rope_type`.
+        if isinstance(value, dict) and "type" in value:
+            if "rope_type" in value:
+                raise ValueError("give the scaling's kind once, as rope_type (type is its older name)")
+            value = {("rope_type" if k == "type" else k): v for k, v in value.items()}
+        if isinstance(value, dict) and value.get("rope_type") == "dynamic":
+            # Dynamic NTK recomputes the frequencies from each input's length: rows of different lengths would
+            # train under different positions, and llama.cpp has no such scaling for the GGUF export.
+            raise ValueError(
+                "rope_type dynamic (NTK) is an inference-time scaling that changes with each input's length, so a "
+                "run does not train with it; use yarn (or linear) with the same factor"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _llama3_frequencies(self):
+        if self.rope_type == "llama3" and (self.low_freq_factor is None or self.high_freq_factor is None):
+            raise ValueError(
+                "rope_type llama3 needs low_freq_factor and high_freq_factor (Llama 3.1 uses 1 and 4); "
+                "or use linear or yarn"
+            )
+        return self
+
+    def parameters(self) -> dict:
+        """The scaling as transformers' `rope_parameters` holds it: the keys set, no others."""
+        return self.model_dump(exclude_none=True)
+
+
 class ModelConfig(Strict):
     """How the frozen weights of `base_model` are held: what lets a large model train on little memory."""
 
@@ -117,6 +165,16 @@ class ModelConfig(Strict):
         "own: a .jinja file (relative to the config's folder), Jinja written out (it holds {% or {{), the name of "
         "one of the tokenizer's named templates, or chatml",
     )
+
+    rope_scaling: RopeScaling | None = Field(
+        None,
+        description="train past the base's window: {rope_type: linear | dynamic | yarn | llama3, factor: F} "
+        "stretches its rotary positions F times (data.max_length up to F times its window); saved with the model",
+    )
+
+    def rope_parameters(self) -> dict | None:
+        """rope_scaling as transformers' `rope_parameters` take it, or None."""
+        return self.rope_scaling.parameters() if self.rope_scaling else None
 
     @field_validator("add_tokens")
     @classmethod

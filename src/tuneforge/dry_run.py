@@ -37,9 +37,17 @@ from .methods import (
 )
 from .methods.dpo import kto_balance_warning
 from .methods.sft import LOGITS_AT_ONCE
-from .models import count_parameters, meta_model, resolve, resolve_precision, run_tokenizer
+from .models import (
+    context_length,
+    count_parameters,
+    meta_model,
+    resolve,
+    resolve_precision,
+    run_tokenizer,
+    source_context_length,
+)
 from .models.attention import supports_per_example_attention
-from .models.loading import grow_embeddings, tokens_added
+from .models.loading import base_config, grow_embeddings, tokens_added
 from .training import (
     check_output_dir,
     earlier_run,
@@ -77,9 +85,7 @@ def parameter_counts(source, cfg, token_ids=(), new_ids=()) -> tuple[int, int, i
     so through the backward, and beside it a decoder layer computing and the next one prefetched.
     `token_ids`: the ids of `model.add_tokens`; `new_ids`: those the tokenizer did not hold, which the
     embeddings grow to hold."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source.path)
+    config = base_config(source, cfg.model.rope_parameters(), cfg.key_at("model.rope_scaling"))
     # A reward model is the classifier it trains: its score head in place of the output layer.
     model = meta_model(config, classifier=cfg.method == "reward")
     with torch.device("meta"):
@@ -93,6 +99,22 @@ def parameter_counts(source, cfg, token_ids=(), new_ids=()) -> tuple[int, int, i
         prepared = prepare_model(model, cfg, token_ids, new_ids)
         trainable = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
     return total, trainable, linear, gathered, config
+
+
+def context_rows(cfg, source, hf_config) -> list[tuple[str, str]]:
+    """The window model.rope_scaling stretches the base to, where it is set."""
+    scaling = cfg.model.rope_scaling
+    if scaling is None:
+        return []
+    window = context_length(hf_config.get_text_config())
+    return [
+        (
+            "context window",
+            f"{window:,} positions: {source.name}'s {source_context_length(source):,} stretched "
+            f"{scaling.factor:g}x ({scaling.rope_type}, model.rope_scaling); memory planned at max_length "
+            f"{cfg.data.max_length:,}",
+        )
+    ]
 
 
 def added_tokens_rows(cfg, tokenizer, token_ids: list[int], hf_config) -> list[tuple[str, str]]:
@@ -306,6 +328,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     table.add_column(justify="right")
     facts = [
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
+        *context_rows(cfg, source, hf_config),
         ("method", f"{cfg.method}: {n_trainable:,} trainable parameters"),
         *added_tokens_rows(cfg, tokenizer, token_ids, hf_config),
         *data_rows(cfg, prepared.report, train_items, valid_items, rows, plan, processes),

@@ -75,7 +75,14 @@ def load_for_training(source, cfg, *, precision: str, device: torch.device, toke
     quantization = quantization_config(
         cfg.model.quantize, double_quant=cfg.model.double_quant, compute_dtype=compute_dtype(precision)
     )
-    model = load_model(source, dtype=dtype, quantization=quantization, device=device, classifier=cfg.method == "reward")
+    model = load_model(
+        source,
+        dtype=dtype,
+        quantization=quantization,
+        device=device,
+        rope_scaling=cfg.model.rope_parameters(),
+        classifier=cfg.method == "reward",
+    )
     model = prepare_model(model, cfg, token_ids, new_ids)
     if quantization:
         keep_trainable_layout(model)
@@ -102,7 +109,9 @@ def new_token_ids(tokenizer) -> list[int]:
 
 def check_inputs(cfg, tokenizer, source) -> None:
     """Fail early, with a clear error, on inputs the method cannot use (`source`: the resolved base model)."""
-    window = source_context_length(source)
+    window = source_context_length(source, cfg.model.rope_parameters(), cfg.key_at("model.rope_scaling"))
+    stretched = cfg.model.rope_scaling is not None
+    built = f"model.rope_scaling stretches {source.name} to" if stretched else f"{source.name} was built for"
     # A model knows positions up to its window only: past it a row fails (learned position embeddings) or
     # trains on positions the model never saw (rotary ones).
     if cfg.method == "grpo":  # a prompt shorter than data.max_length, then an answer of up to max_new_tokens
@@ -111,13 +120,15 @@ def check_inputs(cfg, tokenizer, source) -> None:
             raise ConfigError(
                 f"{cfg.key_at('data.max_length')}, {cfg.key_at('grpo.max_new_tokens')}: a prompt of up to "
                 f"{cfg.data.max_length - 1} tokens and an answer of up to {cfg.grpo.max_new_tokens} make rows of "
-                f"{longest}, more than the {window} positions {source.name} was built for; lower them to sum to "
+                f"{longest}, more than the {window} positions {built}; lower them to sum to "
                 f"{window + 1} or less."
             )
     elif window and cfg.data.max_length > window:
         raise ConfigError(
             f"{cfg.key_at('data.max_length')}: {cfg.data.max_length} tokens is more than the {window} positions "
-            f"{source.name} was built for; set data.max_length to {window} or less."
+            f"{built}; set data.max_length to {window} or less, or stretch its rotary positions "
+            f"{'further ' if stretched else ''}with model.rope_scaling (rope_type: yarn, factor: F for F times "
+            f"{'its base window' if stretched else window})."
         )
     if cfg.model.chat_template is not None:
         check_template(tokenizer, template_where(cfg))
@@ -184,7 +195,11 @@ def build_objective(model, cfg, tokenizer, *, dtype: torch.dtype, device: torch.
     if not (t.kl_to_base or replay):
         return SFTObjective(model)
     # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
-    reference = load_frozen_model(cfg.base_model, dtype=dtype, device=device) if cfg.method == "full" else None
+    reference = None
+    if cfg.method == "full":
+        reference = load_frozen_model(
+            cfg.base_model, dtype=dtype, device=device, rope_scaling=cfg.model.rope_parameters()
+        )
     return SFTObjective(model, terms=(KLToBase(weight=t.kl_to_base, replay=replay, reference=reference),))
 
 

@@ -525,5 +525,9 @@ def build_objective(model, tokenizer, cfg, *, dtype: torch.dtype, device: torch.
     # A full policy changes every weight: its reference is a frozen copy of the start. A LoRA
     # policy's reference is its disabled adapter. Without a KL penalty there is no reference to run.
     needs_copy = cfg.grpo.policy == "full" and cfg.grpo.beta > 0
-    reference = load_frozen_model(cfg.base_model, dtype=dtype, device=device) if needs_copy else None
+    reference = (
+        load_frozen_model(cfg.base_model, dtype=dtype, device=device, rope_scaling=cfg.model.rope_parameters())
+        if needs_copy
+        else None
+    )
     return GRPOObjective(model, tokenizer, load_grader(cfg), cfg, reference=reference)

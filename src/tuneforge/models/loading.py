@@ -19,7 +19,7 @@ from .architecture import end_of_turn_token
 from .convert import cached_registry_folder, context_length, read_record
 from .families import family_of, warn_if_untested
 from .registry import REGISTRY
-from .sources import ModelSource, resolve
+from .sources import ModelSource, resolve, run_config_of
 
 # The fallback for tokenizers without a template. No default system prompt: a model that never
 # saw one should not be handed an invented one.
@@ -39,12 +39,78 @@ def _as_source(spec: str | ModelSource) -> ModelSource:
     return spec if isinstance(spec, ModelSource) else resolve(spec)
 
 
-def source_context_length(spec: str | ModelSource) -> int | None:
+def source_context_length(
+    spec: str | ModelSource, rope_scaling: dict | None = None, key: str = "model.rope_scaling"
+) -> int | None:
     """`context_length` of a model not loaded, read off its config (its text model's, for one that also reads
-    images): how many positions a row, or a prompt and its reply, may fill."""
+    images), with `rope_scaling` (see `base_config`): how many positions a row, or a prompt and its reply, may
+    fill."""
+    return context_length(base_config(spec, rope_scaling, key).get_text_config())
+
+
+def base_config(spec: str | ModelSource, rope_scaling: dict | None = None, key: str = "model.rope_scaling"):
+    """The transformers config the source's model loads with: its base's, with `rope_scaling` (a
+    `RopeScaling.parameters()`, model.rope_scaling) on its rotary positions; for an adapter without it, the
+    scaling its run trained with (an adapter folder holds no model config of its own). `key`: where the
+    scaling was set, which a refusal names."""
     from transformers import AutoConfig
 
-    return context_length(AutoConfig.from_pretrained(_as_source(spec).path).get_text_config())
+    source = _as_source(spec)
+    config = AutoConfig.from_pretrained(source.path)
+    if rope_scaling is None and source.adapter is not None:
+        from ..config import RopeScaling
+
+        recorded = (run_config_of(source.adapter).get("model") or {}).get("rope_scaling")
+        rope_scaling = RopeScaling.model_validate(recorded).parameters() if recorded else None
+    if rope_scaling:
+        scale_rope(config, rope_scaling, source.name, key)
+    return config
+
+
+def scale_rope(config, scaling: dict, name: str, key: str = "model.rope_scaling") -> None:
+    """Stretch `config`'s rotary positions by `scaling` in place, before any weights load: its (text model's)
+    `rope_parameters` take the scaling and `max_position_embeddings` grows by its factor. On Gemma 3 the global
+    layers scale and the sliding-window ones keep their base, as Gemma 3's own long-context releases do."""
+    text = config.get_text_config()
+    window = context_length(text)
+    rope = getattr(text, "rope_parameters", None)
+    if not rope or not window:
+        raise ConfigError(
+            f"{key}: {name} ({text.model_type}) has no rotary position embeddings to scale; "
+            f"remove model.rope_scaling and keep data.max_length to {window or 'its window'} or less."
+        )
+    nested = text.nested_rope_parameter_keys(rope)
+    layers = ["full_attention"] if "full_attention" in rope else nested or [None]
+    for layer in layers:
+        current = rope[layer] if layer else rope
+        if current.get("rope_type", "default") != "default":
+            held = {k: v for k, v in current.items() if k != "rope_theta"}
+            raise ConfigError(
+                f"{key}: {name} already scales its rotary positions ({held}), to {window} positions; "
+                "transformers applies one scaling, so none goes on top of it. Remove model.rope_scaling, or "
+                f"keep data.max_length to {window} or less."
+            )
+        scaled = {"rope_theta": current["rope_theta"], **scaling}
+        if "partial_rotary_factor" in current:
+            scaled["partial_rotary_factor"] = current["partial_rotary_factor"]
+        if scaled["rope_type"] in ("yarn", "llama3"):
+            scaled.setdefault("original_max_position_embeddings", window)
+            if hasattr(text, "original_max_position_embeddings"):
+                # Phi-3's config keeps it beside rope_parameters, and transformers reads that one first.
+                text.original_max_position_embeddings = scaled["original_max_position_embeddings"]
+        if layer:
+            rope[layer] = scaled
+        else:
+            text.rope_parameters = scaled
+    text.max_position_embeddings = int(scaling.get("original_max_position_embeddings", window) * scaling["factor"])
+    try:
+        text.validate_rope()
+    except ValueError as err:  # a family whose transformers config takes only its own kind (Phi-3: longrope)
+        raise ConfigError(
+            f"{key}: transformers' {text.model_type} config takes no rope_type {scaling['rope_type']} ({err}); "
+            f"remove model.rope_scaling and keep data.max_length to {window} or less, or start from a long-context "
+            "release of the model."
+        ) from None
 
 
 def load_tokenizer(
@@ -237,11 +303,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     quantization=None,
     device: torch.device | str = "cpu",
+    rope_scaling: dict | None = None,
     classifier: bool | None = None,
 ):
-    """An `AutoModelForCausalLM`, wrapped in a `PeftModel` when the source has an adapter; with `classifier`
-    an `AutoModelForSequenceClassification` with one output instead (a reward model; its score head is new where
-    the folder is a causal LM). None: a classifier where the source is one (`is_sequence_classifier`).
+    """An `AutoModelForCausalLM`, wrapped in a `PeftModel` when the source has an adapter, its config
+    `base_config(spec, rope_scaling)`; with `classifier` an `AutoModelForSequenceClassification` with one
+    output instead (a reward model; its score head is new where the folder is a causal LM). None: a
+    classifier where the source is one (`is_sequence_classifier`).
 
     With `quantization` (`quantization.quantization_config`) the base's linear weights are quantized as
     they load, straight onto `device`: a quantized model cannot move afterwards, and no full-precision
@@ -253,15 +321,16 @@ def load_model(
     placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
     if classifier is None:
         classifier = is_sequence_classifier(source)
-    if classifier:
-        placement["num_labels"] = 1
     # A causal LM's folder loaded as a classifier has no score head: it starts new, as a reward model's does, so
     # transformers' report of the missing `score.weight` says nothing a user should act on.
     quiet = classifier and not classifier_folder(source.path)
     try:
+        config = base_config(source, rope_scaling)
+        if classifier:
+            config.num_labels = 1
         auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
         with _quiet_load_report() if quiet else contextlib.nullcontext():
-            model = auto.from_pretrained(source.path, dtype=dtype, **placement)
+            model = auto.from_pretrained(source.path, config=config, dtype=dtype, **placement)
     except LOAD_ERRORS as err:
         raise _load_failed(source.path, err) from err
     if quantization and torch.device(device).type == "cpu":
@@ -440,12 +509,16 @@ def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
 
 
 def load_frozen_model(
-    spec: str | ModelSource, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    spec: str | ModelSource,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    rope_scaling: dict | None = None,
 ):
     """A model that runs beside the trained one and never trains (a teacher, a reference, a replay
     writer): a plain causal LM in eval mode with no gradients; an adapter is merged, so it costs one
-    model's forward."""
-    model = load_model(spec, dtype=dtype)
+    model's forward. `rope_scaling`: the trained model's (see `base_config`), which a reference shares."""
+    model = load_model(spec, dtype=dtype, rope_scaling=rope_scaling)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model.to(device).eval().requires_grad_(False)
