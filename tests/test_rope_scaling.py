@@ -164,3 +164,31 @@ def test_rope_scaling_takes_type_or_rope_type_and_refuses_dynamic_and_a_factor_o
         RopeScaling.model_validate({"type": "dynamic", "factor": 2})
     with pytest.raises(ValueError, match="greater than 1"):
         RopeScaling.model_validate({"rope_type": "yarn", "factor": 1})
+
+
+def test_serve_runs_a_lora_run_on_its_scaled_base_and_answers_a_prompt_past_the_old_window(
+    long_run, short_base, tmp_path
+):
+    from fastapi.testclient import TestClient
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    engine = Engine(AdapterPool(str(long_run)), max_batch=2)
+    try:
+        assert model_context_length(engine.pool.model) == 2 * WINDOW
+        prompt = " ".join(["alpha beta gamma"] * 14)  # past the base's 128 positions, within 256
+        with TestClient(create_app(engine)) as client:
+            body = {"model": "long", "prompt": prompt, "max_tokens": 4}
+            answer = client.post("/v1/completions", json=body).json()
+            assert "usage" in answer, answer
+            assert WINDOW < answer["usage"]["prompt_tokens"] < 2 * WINDOW - 4, answer
+            too_long = client.post("/v1/completions", json={**body, "prompt": prompt * 2}).json()
+            assert too_long["error"]["code"] == "context_length_exceeded"
+    finally:
+        engine.close()
+    # The base in memory is shared: an adapter trained on unscaled positions cannot sit beside it.
+    plain = tmp_path / "plain"
+    get_peft_model(load_model(str(short_base)), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(plain)
+    with pytest.raises(ConfigError, match=r"Adapter 'plain' .* trained with model\.rope_scaling None, but the server"):
+        AdapterPool(str(long_run), {"plain": str(plain)})

@@ -58,13 +58,19 @@ def base_config(spec: str | ModelSource, rope_scaling: dict | None = None, key: 
     source = _as_source(spec)
     config = AutoConfig.from_pretrained(source.path)
     if rope_scaling is None and source.adapter is not None:
-        from ..config import RopeScaling
-
-        recorded = (run_config_of(source.adapter).get("model") or {}).get("rope_scaling")
-        rope_scaling = RopeScaling.model_validate(recorded).parameters() if recorded else None
+        rope_scaling = trained_rope_scaling(source.adapter)
     if rope_scaling:
         scale_rope(config, rope_scaling, source.name, key)
     return config
+
+
+def trained_rope_scaling(adapter: Path) -> dict | None:
+    """The model.rope_scaling (as `RopeScaling.parameters()`) the run of `adapter` (its final/ or a checkpoint)
+    trained with, which its base must run with too; None for none, or an adapter from elsewhere."""
+    from ..config import RopeScaling
+
+    recorded = (run_config_of(adapter).get("model") or {}).get("rope_scaling")
+    return RopeScaling.model_validate(recorded).parameters() if recorded else None
 
 
 def scale_rope(config, scaling: dict, name: str, key: str = "model.rope_scaling") -> None:

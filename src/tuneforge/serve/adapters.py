@@ -24,6 +24,7 @@ from ..models.loading import (
     base_weight_copies,
     input_embedding_name,
     model_vocab_rows,
+    trained_rope_scaling,
 )
 
 
@@ -60,13 +61,16 @@ class AdapterPool:
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
         self._embedding_name = input_embedding_name(self.base_path)
         self._base_rows = model_vocab_rows(self.base_path)
+        # The base in memory runs with the rotary scaling its adapters trained with (model.rope_scaling).
+        trained = (trained_rope_scaling(source.adapter) for source in adapter_sources.values())
+        self.rope_scaling = next((scaling for scaling in trained if scaling), None)
         for name, source in adapter_sources.items():
             self._check(name, source)
         self.max_loaded = max_loaded
         self._sources = adapter_sources
         self._tokenizers = {self.base_name: load_tokenizer(base_source)}
         self._tokenizers.update({name: load_tokenizer(source) for name, source in adapter_sources.items()})
-        self.model = load_for_inference(base_source, precision)
+        self.model = load_for_inference(base_source, precision, rope_scaling=self.rope_scaling)
         self._module_names = [n for n, _ in self.model.named_modules()]
         names = list(adapter_sources)
         for i, name in enumerate(names):
@@ -141,6 +145,15 @@ class AdapterPool:
             raise ConfigError(
                 f"Adapter '{name}' ({source.adapter}) was trained on {source.path}, but the server's base "
                 f"model is {self.base_path}. Serve it on its own base: --model {source.path}",
+                code="adapter_base_mismatch",
+            )
+        if (scaling := trained_rope_scaling(source.adapter)) != self.rope_scaling:
+            # One base in memory has one window: an adapter trained on other rotary positions answers wrongly.
+            raise ConfigError(
+                f"Adapter '{name}' ({source.adapter}) trained with model.rope_scaling {scaling}, but the server's "
+                f"base model runs with {self.rope_scaling}, and the base is shared by every adapter. Serve it from "
+                "a server of its own: tuneforge serve --model "
+                f"{source.adapter}.",
                 code="adapter_base_mismatch",
             )
         try:
