@@ -192,3 +192,10 @@ def test_serve_runs_a_lora_run_on_its_scaled_base_and_answers_a_prompt_past_the_
     get_peft_model(load_model(str(short_base)), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(plain)
     with pytest.raises(ConfigError, match=r"Adapter 'plain' .* trained with model\.rope_scaling None, but the server"):
         AdapterPool(str(long_run), {"plain": str(plain)})
+
+
+def test_an_adapter_export_of_a_scaled_run_passes_its_check_and_records_the_scaling(long_run, tmp_path):
+    result = export(long_run, "adapter", None, tmp_path / "adapter", progress=False)
+    assert result.checks  # checked against the base loaded with the scaling, as its user loads it
+    recorded = json.loads((result.out / "export.json").read_text())["source"]["rope_scaling"]
+    assert recorded == YARN

@@ -32,7 +32,7 @@ from rich.console import Console
 from ..errors import TuneforgeError
 from ..fsio import atomic_dir, write_json
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
-from ..models.loading import is_sequence_classifier
+from ..models.loading import is_sequence_classifier, trained_rope_scaling
 from ..progress import library_bars
 from . import adapter, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
@@ -212,6 +212,8 @@ def _describe(source: ModelSource) -> dict:
         "base": str(source.path),
         "adapter": str(source.adapter) if source.adapter else None,
     }
+    if source.adapter is not None and (scaling := trained_rope_scaling(source.adapter)):
+        described["rope_scaling"] = scaling  # what the base runs with under this adapter (model.rope_scaling)
     quantize = _trained_on_quantized_base(source)
     if quantize:
         described["trained_on"] = (
@@ -237,9 +239,16 @@ def _trained_on_quantized_base(source: ModelSource) -> str | None:
 def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, console) -> tuple[list[Path], dict]:
     reference = probe_logits(load_model(source), ids)
     files = adapter.save_adapter(source.adapter, tokenizer, folder)
+    if scaling := trained_rope_scaling(source.adapter):
+        console.print(
+            f"The adapter trained with the base's rotary positions scaled (model.rope_scaling: {scaling}); "
+            "PEFT's adapter files have no place for it, so load the base with it (transformers: those "
+            "rope_parameters and max_position_embeddings times the factor in its config), or export --format "
+            "merged, which keeps it. export.json records it."
+        )
     checks = _verified(
         reference,
-        adapter.load_saved(source.path, folder),
+        adapter.load_saved(source.path, folder, scaling),
         ids,
         "f32",
         "The adapter loaded with PEFT, against the adapter model",

@@ -23,16 +23,24 @@ def save_adapter(adapter: Path, tokenizer, folder: Path) -> list[Path]:
     return sorted(folder.iterdir())
 
 
-def load_saved(base: Path, folder: Path):
+def load_saved(base: Path, folder: Path, rope_scaling: dict | None = None):
     """The exported adapter as a user would load it: plain transformers base + plain PEFT; an adapter
-    trained with added tokens on the base resized to its tokenizer first, as PEFT's documentation does."""
+    trained with added tokens on the base resized to its tokenizer first, as PEFT's documentation does.
+    `rope_scaling`: the rotary scaling the adapter trained with, set on the base's config as its user sets
+    it (an adapter's files have no place for it)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from ..models.loading import scale_rope
+
+    config = AutoConfig.from_pretrained(base)
+    if rope_scaling:
+        scale_rope(config, rope_scaling, str(base))
     if classifier_folder(folder):  # a reward model's adapter: its base as a classifier with one score
-        model = AutoModelForSequenceClassification.from_pretrained(base, dtype=torch.float32, num_labels=1)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32)
     tokens = len(AutoTokenizer.from_pretrained(folder))
     if tokens > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(tokens, mean_resizing=False)  # the adapter's rows replace the new ones
