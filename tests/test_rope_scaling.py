@@ -199,3 +199,9 @@ def test_an_adapter_export_of_a_scaled_run_passes_its_check_and_records_the_scal
     assert result.checks  # checked against the base loaded with the scaling, as its user loads it
     recorded = json.loads((result.out / "export.json").read_text())["source"]["rope_scaling"]
     assert recorded == YARN
+
+
+def test_models_info_of_a_scaled_lora_run_gives_the_window_it_trained_for(long_run):
+    from tuneforge.models import model_info
+
+    assert model_info(str(long_run / "final"))["context_length"] == 2 * WINDOW

@@ -532,14 +532,14 @@ def load_frozen_model(
 
 def model_info(spec: str | ModelSource) -> dict:
     """What the model is, read from its config and tokenizer; weights are never loaded."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     from ..generate import reply_end_ids
     from .system_prompt import recorded_system_prompt  # it reads templates with this module's `chat_template`
 
     source = _as_source(spec)
     try:
-        config = AutoConfig.from_pretrained(source.path)
+        config = base_config(source)  # an adapter's: the window its run trained with (model.rope_scaling)
     except (OSError, ValueError) as err:
         _refuse_broken_config(source.path)
         raise ModelSourceError(
