@@ -205,3 +205,11 @@ def test_models_info_of_a_scaled_lora_run_gives_the_window_it_trained_for(long_r
     from tuneforge.models import model_info
 
     assert model_info(str(long_run / "final"))["context_length"] == 2 * WINDOW
+
+
+def test_a_run_that_goes_on_training_a_scaled_run_s_adapter_keeps_its_scaling(long_run, long_chats, tmp_path):
+    cfg = long_run_config(long_run, long_chats, tmp_path / "more")
+    del cfg["model"]  # the earlier run's adapter loads with its scaling; this run names none
+    cfg["train"]["max_steps"] = 1
+    train(cfg, progress=False)
+    assert model_context_length(load_model(resolve(str(tmp_path / "more" / "final")))) == 2 * WINDOW

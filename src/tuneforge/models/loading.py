@@ -69,8 +69,15 @@ def trained_rope_scaling(adapter: Path) -> dict | None:
     trained with, which its base must run with too; None for none, or an adapter from elsewhere."""
     from ..config import RopeScaling
 
-    recorded = (run_config_of(adapter).get("model") or {}).get("rope_scaling")
-    return RopeScaling.model_validate(recorded).parameters() if recorded else None
+    run = run_config_of(adapter)
+    if recorded := (run.get("model") or {}).get("rope_scaling"):
+        return RopeScaling.model_validate(recorded).parameters()
+    # A run that went on training an earlier run's adapter (base_model: that run) loaded it with its scaling.
+    base = run.get("base_model")
+    if base and Path(base).exists() and (earlier := resolve(str(base), pull_missing=False)).adapter is not None:
+        if earlier.adapter.resolve() != Path(adapter).resolve():
+            return trained_rope_scaling(earlier.adapter)
+    return None
 
 
 def scale_rope(config, scaling: dict, name: str, key: str = "model.rope_scaling") -> None:
