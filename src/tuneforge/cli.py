@@ -327,11 +327,31 @@ def export_(
     ),
     ollama: bool = typer.Option(False, help="Also write an Ollama Modelfile (gguf only)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+    combine: list[str] = typer.Option(
+        [],
+        "--combine",
+        help="Another LoRA adapter on RUN's base, OTHER_RUN[:WEIGHT] (repeatable), combined with RUN[:WEIGHT] "
+        "into one adapter, which is exported.",
+    ),
+    combination: str | None = typer.Option(
+        None, help="How --combine combines: cat (default, exact) | linear | svd | ties | dare_linear | dare_ties"
+    ),
+    density: float | None = typer.Option(None, help="ties, dare_linear, dare_ties: the share of values kept (0-1]."),
 ):
     """Export RUN as a PEFT adapter, a merged safetensors model or a GGUF, checked against the source."""
     from .export import export as run_export
 
-    run_export(run, format, dtype, out, ollama=ollama, overwrite=overwrite)
+    run_export(
+        run,
+        format,
+        dtype,
+        out,
+        ollama=ollama,
+        overwrite=overwrite,
+        combine_with=combine,
+        combination=combination,
+        density=density,
+    )
 
 
 @app.command()

