@@ -59,19 +59,33 @@ def test_linear_with_weights_one_and_zero_is_the_first_adapter(adapters, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folder left
 
 
-def test_cat_of_halves_merges_to_the_mean_of_the_two_merged_models(adapters, tiny_model_dir, tmp_path):
+def _mean_of_merged(base, first, second, out) -> tuple[float, float]:
+    """The largest logit difference between the merged export to `out` of `first`:0.5 + `second`:0.5 (cat)
+    and the mean of the two adapters' merged models, which PEFT's cat combination is; and between it and
+    `first`'s model."""
     from transformers import AutoModelForCausalLM
 
-    # Ranks 4 and 8 on partly different layers: cat takes them as they are.
-    out = tmp_path / "merged"
-    export(f"{adapters['support']}:0.5", "merged", "f32", out, combine_with=[f"{adapters['wide']}:0.5"], progress=False)
-    merged = [load_model(resolve(str(adapters[name]))).merge_and_unload().state_dict() for name in ("support", "wide")]
-    mean = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    export(f"{first}:0.5", "merged", "f32", out, combine_with=[f"{second}:0.5"], progress=False)
+    merged = [load_model(resolve(str(adapter))).merge_and_unload().state_dict() for adapter in (first, second)]
+    mean = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     mean.load_state_dict({key: (merged[0][key] + merged[1][key]) / 2 for key in merged[0]})
-    ids = probe_ids(load_tokenizer(str(tiny_model_dir)))
-    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    assert _max_diff(probe_logits(written, ids), probe_logits(mean, ids)) < 1e-4
-    assert _max_diff(probe_logits(written, ids), _logits(adapters["support"])) > 1e-2
+    ids = probe_ids(load_tokenizer(str(base)))
+    written = probe_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
+    return _max_diff(written, probe_logits(mean, ids)), _max_diff(written, _logits(first))
+
+
+def test_cat_of_halves_merges_to_the_mean_of_the_two_merged_models(adapters, tiny_model_dir, tmp_path):
+    # Ranks 4 and 8 on partly different layers: cat takes them as they are.
+    to_mean, to_first = _mean_of_merged(tiny_model_dir, adapters["support"], adapters["wide"], tmp_path / "out")
+    assert to_mean < 1e-4 and to_first > 1e-2
+
+
+def test_cat_keeps_the_layers_an_adapter_after_the_first_trains_beyond_the_first_ones(tiny_model_dir, tmp_path):
+    """The first adapter trains the last layer alone (lora.from_layer: PEFT's layers_to_transform), the second
+    every layer: the combination keeps the second one's first layer."""
+    top = _adapter(tiny_model_dir, tmp_path / "top", 6, target_modules=["q_proj"], layers_to_transform=[1])
+    every = _adapter(tiny_model_dir, tmp_path / "every", 7, target_modules=["q_proj", "v_proj"])
+    assert _mean_of_merged(tiny_model_dir, top, every, tmp_path / "out")[0] < 1e-4
 
 
 def test_ties_combines_from_the_command_line(adapters, tmp_path, monkeypatch):

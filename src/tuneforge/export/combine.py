@@ -222,6 +222,7 @@ def write(plan: Plan, folder: Path) -> Path:
         copies, _ = base_weight_copies(model, part.source.adapter)
         names.append(f"part-{i}")
         model.load_adapter(str(part.source.adapter), adapter_name=names[-1], key_mapping=copies)
+    _target_adapted_modules(model, names)
     # DARE drops values at random: seeded, so one export gives one adapter.
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -238,3 +239,18 @@ def write(plan: Plan, folder: Path) -> Path:
     model.peft_config[COMBINED].use_rslora = False
     model.save_pretrained(folder, selected_adapters=[COMBINED])
     return folder / COMBINED
+
+
+def _target_adapted_modules(model, names: list[str]) -> None:
+    """Name in each loaded adapter's config the modules it puts LoRA on, one by one. PEFT's combined adapter
+    takes the first adapter's config with the adapters' target_modules joined, so the first one's
+    layers_to_transform (lora.from_layer) and exclude_modules would leave out layers another adapter trains,
+    and joined names would reach modules no adapter trains; named one by one, their union is exactly the
+    modules some adapter trains."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(key, module) for key, module in model.base_model.model.named_modules() if isinstance(module, LoraLayer)]
+    for name in names:
+        config = model.peft_config[name]
+        config.target_modules = {key for key, layer in layers if name in layer.lora_A or name in layer.lora_embedding_A}
+        config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
