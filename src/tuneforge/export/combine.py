@@ -232,6 +232,9 @@ def write(plan: Plan, folder: Path) -> Path:
             COMBINED,
             combination_type=plan.combination,
             density=plan.density,
+            # svd keeps the first r singular vectors: the reduced SVD gives them without the full square
+            # matrices, which for an output layer of a large vocabulary (49152 rows) take 10 GB.
+            svd_full_matrices=False,
         )
     # PEFT folds each adapter's scaling into the combined A and B and gives the combined adapter
     # lora_alpha = r, a scaling of 1; with use_rslora kept from the first adapter that scaling would be
