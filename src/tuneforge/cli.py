@@ -317,7 +317,11 @@ def eval_(
 
 @app.command("export")
 def export_(
-    run: str = typer.Argument(..., help="Run folder, checkpoint folder, or model (registry name, HF folder, .gguf)."),
+    run: str = typer.Argument(
+        ...,
+        help="Run folder, checkpoint folder, or model (registry name, HF folder, .gguf); an adapter as RUN:WEIGHT "
+        "is scaled by WEIGHT (and combined with any --combine).",
+    ),
     format: str = typer.Option(..., "--format", help="adapter | merged | gguf"),
     out: Path = typer.Option(..., help="Folder to write; must not exist or be empty."),
     dtype: str | None = typer.Option(
@@ -338,7 +342,8 @@ def export_(
     ),
     density: float | None = typer.Option(None, help="ties, dare_linear, dare_ties: the share of values kept (0-1]."),
 ):
-    """Export RUN as a PEFT adapter, a merged safetensors model or a GGUF, checked against the source."""
+    """Export RUN (or RUN combined with other adapters: --combine) as a PEFT adapter, a merged safetensors model
+    or a GGUF, checked against the source."""
     from .export import export as run_export
 
     run_export(
