@@ -114,6 +114,75 @@ def save_gemma3_multimodal_config(folder: str | Path) -> Path:
     return folder
 
 
+def save_gemma3_vision_model(folder: str | Path, *, seed: int = 0) -> Path:
+    """A Gemma 3 4B-shaped model that reads images, at tiny sizes and random weights, as the hub has it:
+    `Gemma3ForConditionalGeneration` weights, the Gemma tokenizer with its image tokens, Google's chat
+    template (an image part is `<start_of_image>`) and the processor (a 28x28 image processor, 4 image
+    tokens per image) that `AutoProcessor` loads."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import (
+        AutoTokenizer,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+    )
+
+    folder = Path(folder)
+    tokenizer = family_tokenizer(FAMILIES["gemma3"], folder)
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokens = [AddedToken(t, normalized=False, special=True) for t in names.values()]
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    tokenizer.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens=names)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    processor = Gemma3Processor(image_processor, tokenizer, chat_template=tokenizer.chat_template, image_seq_length=4)
+    processor.save_pretrained(folder)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=256,
+        max_position_embeddings=1024,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    # transformers starts the image projection at zero (every image the same to the text model);
+    # a trained model's is not.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def png_data_url(colour: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> str:
+    """A PNG of one colour as the data URL an OpenAI image part holds."""
+    import base64
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
 # ---- tokenizers ----------------------------------------------------------------------------------
 
 

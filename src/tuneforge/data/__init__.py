@@ -16,7 +16,7 @@ batching), `check` (the `tuneforge data check` command).
 
 from ..models.loading import CHATML_TEMPLATE
 from .formats import FORMATS, read_conversations
-from .pack import PackedRow, collate, join, pack
+from .pack import PackedRow, collate, join, pack, shows_images
 from .prepare import check_data, prepare
 from .render import render_conversation, render_examples, render_preference
 from .schema import (
@@ -46,6 +46,7 @@ __all__ = [
     "collate",
     "join",
     "pack",
+    "shows_images",
     "prepare",
     "read_conversations",
     "render_conversation",

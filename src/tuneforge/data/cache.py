@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..fsio import atomic_dir, tuneforge_home, write_json
-from ..models.loading import given_chatml
+from ..models.loading import given_chatml, image_inputs
 from .schema import Example, PreparedData, token_array
 
 CACHE_FORMAT = 17
@@ -38,6 +38,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
         str(given_chatml(tokenizer) and tokenizer.name_or_path),
         *(str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token")),
     ]
+    if images := image_inputs(tokenizer):  # the tokens and pixels an image becomes
+        parts.append(images.fingerprint())
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
@@ -104,6 +106,8 @@ def _write_examples(path: Path, examples: list[Example], second: list[Example] |
         "is_replay": pa.array([e.is_replay for e in examples], pa.bool_()),
         "desirable": pa.array([e.desirable for e in examples], pa.bool_()),  # null but for KTO examples
     }
+    if any(e.images for e in examples):  # the image files of rows that show images
+        columns["images"] = pa.array([list(e.images) for e in examples], pa.list_(pa.binary()))
     if second is not None:  # the rejected half of preference pairs
         columns["rejected_input_ids"] = pa.array([e.input_ids for e in second], tokens)
         columns["rejected_labels"] = pa.array([e.labels for e in second], tokens)
@@ -120,7 +124,7 @@ def _read_columns(path: Path) -> dict[str, list]:
     columns = {}
     for name in table.column_names:
         column = table.column(name)
-        if not pa.types.is_list(column.type):
+        if not pa.types.is_list(column.type) or name == "images":
             columns[name] = column.to_pylist()
             continue
         lists = column.combine_chunks()
@@ -135,8 +139,9 @@ def _read_columns(path: Path) -> dict[str, list]:
 def _read_examples(path: Path) -> list[Example]:
     columns = _read_columns(path)
     desirable = columns.get("desirable") or [None] * len(columns["input_ids"])
-    columns = zip(columns["input_ids"], columns["labels"], columns["is_replay"], desirable)
-    return [Example(ids, labels, is_replay, rated) for ids, labels, is_replay, rated in columns]
+    images = columns.get("images") or [()] * len(columns["input_ids"])
+    columns = zip(columns["input_ids"], columns["labels"], columns["is_replay"], desirable, images)
+    return [Example(ids, labels, is_replay, rated, tuple(shown)) for ids, labels, is_replay, rated, shown in columns]
 
 
 def _read_pairs(path: Path) -> list[tuple[Example, Example]]:

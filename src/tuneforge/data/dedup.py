@@ -35,7 +35,18 @@ def _message_text(m: Message) -> str:
     # conversation (a common way to write it) are not duplicates.
     untrained = " weight=0" if m.weight == 0 else ""
     reasoning = f"<think>{normalise_text(m.reasoning_content)}</think>" if m.reasoning_content else ""
-    return f"<{m.role}{untrained}>{reasoning}{normalise_text(m.content)}{calls}"
+    return f"<{m.role}{untrained}>{reasoning}{normalise_text(m.content)}{calls}{_images_text(m)}"
+
+
+def _images_text(m: Message) -> str:
+    """The images a message shows, by the hash of their bytes: rows whose text is the same but whose
+    images differ teach different answers, and are never repeats of each other."""
+    return "".join(f"<image {hashlib.blake2b(i.data, digest_size=16).hexdigest()}>" for i in m.images)
+
+
+def _row_images(record: Record) -> str:
+    messages = [*record.prompt, record.chosen] if isinstance(record, Preference) else getattr(record, "messages", ())
+    return "".join(map(_images_text, messages))
 
 
 def _tools_text(tools: list[dict] | None) -> str:
@@ -141,6 +152,8 @@ class DuplicateIndex:
         shingles = {" ".join(words[i : i + _SHINGLE_WORDS]) for i in range(max(1, len(words) - _SHINGLE_WORDS + 1))}
         if untrained := _untrained_turns(record):  # rows that train other messages share no shingle
             shingles = {f"<weight=0 {untrained}>{s}" for s in shingles}
+        if images := _row_images(record):  # other images: no shingle shared
+            shingles = {f"{images}{s}" for s in shingles}
         if isinstance(record, Conversation) and record.label is not None:  # rated the other way: no shingle shared
             shingles = {f"{_rating(record)}{s}" for s in shingles}
         minhash = self._minhash(

@@ -35,8 +35,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .images import read_image
 from .readers import open_rows
-from .schema import ROLES, Conversation, Document, Message, Preference, Problem, Record
+from .schema import ROLES, Conversation, Document, Image, Message, Preference, Problem, Record
 
 FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "kto")
 
@@ -229,6 +230,11 @@ def record_row(record: Record) -> dict:
 def _message_row(message: Message) -> dict:
     """A message as OpenAI's chat data holds it: its tool calls as read (arguments as JSON text, where so)."""
     row = {"role": message.role, "content": message.content}
+    if message.parts is not None:
+        row["content"] = [
+            {"type": "image_url", "image_url": {"url": p.url}} if isinstance(p, Image) else {"type": "text", "text": p}
+            for p in message.parts
+        ]
     for key in ("weight", "name", "tool_calls", "tool_call_id", "reasoning_content"):
         value = getattr(message, key)
         if value is not None:
@@ -479,7 +485,7 @@ class _RowCheck:
                     )
             role = self._role(raw, at, role_key, sharegpt)
             tool_calls = self._tool_calls(raw, at, role)
-            content = self._content(raw, at, content_key, role, tool_calls)
+            content, parts = self._content(raw, at, content_key, role, tool_calls)
             weight = self._weight(raw, at, role)
             name = self._optional_string(raw, at, "name") if "name" in raw else None
             tool_call_id = self._optional_string(raw, at, "tool_call_id") if "tool_call_id" in raw else None
@@ -494,6 +500,7 @@ class _RowCheck:
                         tool_calls=tool_calls,
                         tool_call_id=tool_call_id,
                         reasoning_content=reasoning,
+                        parts=parts,
                     )
                 )
         return out if self.errors == errors_before else None
@@ -519,36 +526,68 @@ class _RowCheck:
             return None
         return mapped
 
-    def _content(self, raw: dict, at: str, key: str, role: str | None, tool_calls: list | None) -> str | None:
+    def _content(
+        self, raw: dict, at: str, key: str, role: str | None, tool_calls: list | None
+    ) -> tuple[str | None, tuple | None]:
+        """The message's text, and its parts in order where it holds images (else None)."""
         value = raw.get(key)
-        if isinstance(value, list):  # OpenAI content parts: only text parts can be trained on here
-            texts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
-            if len(texts) != len(value) or not all(isinstance(t, str) for t in texts):
-                self.error(
-                    "unsupported_content",
-                    f"{at}.{key}",
-                    'only text content parts ({"type": "text", "text": ...}) are supported; remove the others.',
-                )
-                return None
-            value = "".join(texts)
+        parts = None
+        if isinstance(value, list):  # OpenAI content parts: text, and images in user messages
+            parts = self._parts(value, f"{at}.{key}", role)
+            if parts is None:
+                return None, None
+            value = "".join(p for p in parts if isinstance(p, str))
+            if any(isinstance(p, Image) for p in parts):
+                return value, parts  # an image alone is content enough
+            parts = None
         if value is None and role == "assistant" and tool_calls:
-            return ""
+            return "", None
         if value is None:
             self.error("missing_content", f"{at}.{key}", f"the message has no '{key}': give it text.")
-            return None
+            return None, None
         if not isinstance(value, str):
             self.error(
                 "data_type",
                 f"{at}.{key}",
                 f"'{key}' must be a string, got {_json_type(value)}: write it as text (quote it).",
             )
-            return None
+            return None, None
         if not value.strip() and not tool_calls:
             self.error("missing_content", f"{at}.{key}", f"'{key}' is empty: give the message text, or remove it.")
-            return None
+            return None, None
         if role == "assistant":
             self.reply_text(value, f"{at}.{key}")
-        return value
+        return value, parts
+
+    def _parts(self, value: list, at: str, role: str | None) -> tuple | None:
+        """OpenAI content parts as text and `Image`s, in order; None if any is bad (each error by its index)."""
+        out, errors_before = [], self.errors
+        for j, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"])
+            elif kind == "image_url" and role == "user":
+                holder = part.get("image_url")
+                image = read_image(holder.get("url") if isinstance(holder, dict) else None)
+                if isinstance(image, str):
+                    self.error("bad_image", f"{at}[{j}].image_url.url", image)
+                else:
+                    out.append(image)
+            elif kind == "image_url":
+                self.error(
+                    "unsupported_content",
+                    f"{at}[{j}]",
+                    f"images are read in user messages only, not in {role or 'this'} messages; "
+                    "move it to a user message.",
+                )
+            else:
+                self.error(
+                    "unsupported_content",
+                    f"{at}[{j}]",
+                    'a content part is {"type": "text", "text": ...} or, in a user message, {"type": "image_url", '
+                    '"image_url": {"url": "data:image/png;base64,..."}}; remove the others.',
+                )
+        return tuple(out) if self.errors == errors_before else None
 
     def _weight(self, raw: dict, at: str, role: str | None) -> int | None:
         weight = raw.get("weight")

@@ -204,12 +204,19 @@ def _ratings(e: Example | PackedRow) -> tuple[bool, ...]:
     return () if e.desirable is None else (e.desirable,)
 
 
+def shows_images(items: Sequence) -> bool:
+    """Whether any of the examples (or tuples of them, or pairs) shows an image; such examples are not packed.
+    Rows (`PackedRow`) show none: rows with images are never packed."""
+    return any(getattr(e, "images", ()) for item in items for e in (item if isinstance(item, tuple) else (item,)))
+
+
 def collate(
-    rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8
+    rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8, images=None
 ) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids, where a
     row holds replay, `is_replay` (a bool per row), and where rows hold KTO examples, `desirable` (their
-    ratings, in the order of the batch's examples, row by row).
+    ratings, in the order of the batch's examples, row by row), and where rows show images, `pixel_values`
+    (from `images`, the model's `models.images.ImageInputs`) and `token_type_ids` (1 at image tokens).
 
     `attention_mask` is returned only for a batch of unpacked rows with padding; a batch holding
     packed rows gets none, because transformers then derives the per-example mask from position ids
@@ -240,4 +247,10 @@ def collate(
     ratings = [rating for r in rows for rating in _ratings(r)]
     if ratings:
         batch["desirable"] = torch.tensor(ratings)
+    shown = [image for r in rows if isinstance(r, Example) for image in r.images]
+    if shown:  # `images` (`models.images.ImageInputs`): the pixels, and where the image tokens are
+        if images is None:
+            raise ValueError("rows show images: collate needs the model's `images` (models.loading.image_inputs)")
+        batch["pixel_values"] = images.pixel_values(shown)
+        batch["token_type_ids"] = images.token_type_ids(input_ids)
     return batch

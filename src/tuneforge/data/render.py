@@ -44,7 +44,7 @@ from itertools import accumulate, chain
 from jinja2.exceptions import TemplateError
 
 from ..errors import ConfigError, DataError
-from ..models.loading import chat_template, fallback_template, given_chatml
+from ..models.loading import chat_template, fallback_template, given_chatml, image_inputs
 from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem, Record
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
@@ -53,8 +53,8 @@ Rendered = Example | tuple[Example, ...] | list[Problem]
 """What a record renders to: one Example, one Example per turn (a template that rewrites earlier
 turns, see the module doc), or the problems that keep it from training."""
 
-FATAL_CODES = frozenset({"template_not_prefix"})
-"""Problems that say the template, not a row, is at fault: data preparation stops at once."""
+FATAL_CODES = frozenset({"template_not_prefix", "images_not_read"})
+"""Problems that say the template or the model, not a row, is at fault: data preparation stops at once."""
 
 _PROBE = [
     {"role": "system", "content": "Be brief."},
@@ -153,6 +153,9 @@ class ChatRenderer:
         self.writes_reasoning = self._writes(None, None, _PROBE_REASONING, reasoning=_PROBE_REASONING)
         # The end-of-turn tokens as the template writes them, to find where a reply ends in a rendering.
         self._end_marks = tuple(added[i].content for i in self.end_ids if i in added)
+        # A model that reads images: each image marker the template writes becomes the image's tokens.
+        self.images = image_inputs(tokenizer)
+        self._marker_id = tokenizer.convert_tokens_to_ids(self.images.marker) if self.images else None
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -186,7 +189,9 @@ class ChatRenderer:
                 return self.render(records, train_on)
             tokens_of = iter(tokens)
             for i, plans in planned:
-                out[i] = _one_or_turns([self._mask(plan, next(tokens_of)) for plan in plans])
+                out[i] = _one_or_turns(
+                    [self._with_images(self._mask(plan, next(tokens_of)), records[i]) for plan in plans]
+                )
             for i, ids in zip(documents, document_ids_later()):
                 out[i] = self._document_example(ids)
             return out
@@ -278,7 +283,9 @@ class ChatRenderer:
         for conversation in conversations:
             span_at = _span_messages(conversation.messages, train_on)
             messages, tools = [m.to_template() for m in conversation.messages], conversation.tools
-            problems = self._reply_problems(conversation, messages, span_at, train_on)
+            problems = self._reply_problems(conversation, messages, span_at, train_on) or self._image_problems(
+                conversation
+            )
             if problems:
                 wanted.append(problems)
                 continue
@@ -400,8 +407,36 @@ class ChatRenderer:
                     except _TEMPLATE_FAILURES as e:
                         texts.append(e)
             for n, text in zip(members, texts):
-                out[n] = text
+                out[n] = self.images.expand(text) if self.images and isinstance(text, str) else text
         return out
+
+    def _image_problems(self, conversation: Conversation) -> list[Problem]:
+        """A row with images for a model that reads none: the whole data set is for another model."""
+        if self.images is not None:
+            return []
+        at = next((i for i, m in enumerate(conversation.messages) if m.images), None)
+        if at is None:
+            return []
+        name = self.tokenizer.name_or_path or "the model"
+        return [
+            Problem(
+                "images_not_read",
+                f"the row holds images, but {name} reads text only (it has no image processor). Train image rows "
+                "on a model that reads images (Gemma 3 4B and up, architecture gemma3, with its "
+                "processor_config.json), "
+                "or remove the image parts.",
+                field=f"messages[{at}].content",
+            )
+        ]
+
+    def _with_images(self, result: Example | list[Problem], record: Conversation) -> Example | list[Problem]:
+        """The example with the images its tokens show (the first ones of the conversation: a turn's
+        example shows those of the messages up to it)."""
+        images = [image.data for m in record.messages for image in m.images]
+        if not images or not isinstance(result, Example):
+            return result
+        shown = result.input_ids.count(self._marker_id) if self._marker_id is not None else 0
+        return replace(result, images=tuple(images[:shown]))
 
     def special_tokens_in(self, fields) -> list[Problem]:
         """Problems for the (field, text) pairs whose text holds a special token the template or the

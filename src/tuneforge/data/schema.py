@@ -21,6 +21,14 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 
 
+@dataclass(frozen=True)
+class Image:
+    """An image part of a message: the file's bytes (PNG, JPEG, ...) and the URL it was given as."""
+
+    data: bytes
+    url: str
+
+
 @dataclass
 class Message:
     role: str
@@ -33,10 +41,21 @@ class Message:
     reasoning_content: str | None = None
     """Assistant messages only: the reply's reasoning, apart from its answer (as DeepSeek's and Qwen's
     APIs return it); chat templates of reasoning models (Qwen 3's) write it inside `<think>`."""
+    parts: tuple[str | Image, ...] | None = None
+    """User messages with images only: the content's parts in order, text and images; `content` is
+    then its text parts joined (what dedup, the PII scan and the reports read)."""
+
+    @property
+    def images(self) -> tuple[Image, ...]:
+        return tuple(p for p in self.parts or () if isinstance(p, Image))
 
     def to_template(self) -> dict:
         """The message as a chat template expects it (the loss weight is ours, not the template's)."""
         out = {"role": self.role, "content": self.content}
+        if self.parts is not None:  # the template writes its image marker for each image part
+            out["content"] = [
+                {"type": "image"} if isinstance(p, Image) else {"type": "text", "text": p} for p in self.parts
+            ]
         for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             value = getattr(self, key)
             if value is not None:
@@ -164,6 +183,8 @@ class Example:
     is_replay: bool = False
     desirable: bool | None = None
     """KTO examples only: the rating of the reply it trains (`Conversation.label`)."""
+    images: tuple[bytes, ...] = ()
+    """The image files its image tokens stand for, in order (a model that reads images)."""
 
     def __post_init__(self) -> None:
         self.input_ids = token_array(self.input_ids)

@@ -260,17 +260,18 @@ def sum_over_batches(
     count=None,
     autocast=contextlib.nullcontext,
     advance=lambda rows: None,
+    images=None,
 ) -> tuple[dict[str, float], float]:
     """Run `objective` in eval mode over `batches` (lists of rows) and add up the sums it returns:
     ({metric name: total of the objective's sum named in `sums`}, total count). `advance(rows)` is
-    called after each batch."""
+    called after each batch; `images` collates rows that show images (`models.loading.image_inputs`)."""
     count = count or loss_count(objective)
     was_training = objective.training
     objective.eval()
     totals = torch.zeros(len(sums) + 1, dtype=torch.float64)
     try:
         for rows in batches:
-            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id, images=images).items()}
             with autocast():
                 out = objective(**batch)
             totals += torch.tensor([*(out[key].item() for key in sums.values()), count(batch)], dtype=torch.float64)

@@ -57,10 +57,13 @@ def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def trained_hidden(lm, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
-    """The decoder's last hidden states at the positions that carry a label, in order (row-major): [n_trained, d]."""
-    hidden = lm.get_decoder()(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+def trained_hidden(lm, input_ids, labels, position_ids=None, attention_mask=None, **images) -> torch.Tensor:
+    """The decoder's last hidden states at the positions that carry a label, in order (row-major): [n_trained, d].
+    A batch that shows images (`images`: `pixel_values`, `token_type_ids`) runs through the model that
+    reads them (the vision encoder's features in place of the image tokens), not the text decoder alone."""
+    body = lm.model if images else lm.get_decoder()
+    hidden = body(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **images
     ).last_hidden_state
     return hidden[labels != IGNORE_INDEX]
 
@@ -157,10 +160,10 @@ class SFTObjective(nn.Module):
         # A term's frozen reference copy, kept outside the module tree so DDP and the optimizer never see it.
         self.frozen = [copy for term in terms for copy in term.frozen]
 
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, is_replay=None):
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, is_replay=None, **images):
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
         lm = causal_lm(self.model)
-        hidden = trained_hidden(lm, **batch)
+        hidden = trained_hidden(lm, **batch, **images)
         targets = labels[labels != IGNORE_INDEX]
         token_ce, correct = token_cross_entropy(lm, hidden, targets)
         out = label_sums(token_ce, correct, targets)

@@ -18,6 +18,7 @@ from ..errors import ConfigError, ModelSourceError
 from .architecture import end_of_turn_token
 from .convert import cached_registry_folder, context_length, read_record
 from .families import family_of, warn_if_untested
+from .images import ImageInputs, load_image_inputs
 from .registry import REGISTRY
 from .sources import ModelSource, resolve, run_config_of
 
@@ -33,6 +34,8 @@ CHATML_TEMPLATE = (
 _GIVEN_CHATML: weakref.WeakSet = weakref.WeakSet()
 # The tokens `load_tokenizer` added to each tokenizer for model.add_tokens (those its vocabulary lacked).
 _ADDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The image side (`images.ImageInputs`) of each tokenizer whose model reads images.
+_IMAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _as_source(spec: str | ModelSource) -> ModelSource:
@@ -166,7 +169,15 @@ def load_tokenizer(
             code="model_load_failed",
         )
     warn_if_untested(source.name, config.get("model_type", "unknown"), chat_template(tokenizer))
+    images = load_image_inputs(source.path, tokenizer)
+    if images is not None:
+        _IMAGES[tokenizer] = images
     return tokenizer
+
+
+def image_inputs(tokenizer) -> ImageInputs | None:
+    """The image side of the model `tokenizer` was loaded for by `load_tokenizer`; None where it reads no images."""
+    return _IMAGES.get(tokenizer)
 
 
 def run_tokenizer(cfg, source: str | ModelSource):

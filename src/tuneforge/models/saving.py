@@ -12,6 +12,10 @@ SENTENCEPIECE_MODEL = "tokenizer.model"
 """A SentencePiece vocabulary (Gemma, Phi-3, Mistral), which llama.cpp's converter reads."""
 
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+"""The processor settings of a model that reads images (its image processor, the image tokens per image)."""
+
+
 def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool = False) -> Path:
     """The adapter or full model, the tokenizer with its chat template (and the base's
     tokenizer.model, if it has one), and a generation config that stops at the end-of-turn token,
@@ -51,7 +55,9 @@ def save_generation_config(model, tokenizer, folder: Path) -> None:
 
 def save_tokenizer(tokenizer, base_path: Path, folder: Path) -> None:
     """The tokenizer with its chat template, and the base's tokenizer.model if it has one: transformers
-    does not write it, and a GGUF export of the folder (a SentencePiece vocabulary) needs it."""
+    does not write it, and a GGUF export of the folder (a SentencePiece vocabulary) needs it. A model that
+    reads images also gets the base's processor settings, so `AutoProcessor` loads the folder."""
     tokenizer.save_pretrained(folder)
-    if (Path(base_path) / SENTENCEPIECE_MODEL).is_file():
-        shutil.copyfile(Path(base_path) / SENTENCEPIECE_MODEL, Path(folder) / SENTENCEPIECE_MODEL)
+    for name in (SENTENCEPIECE_MODEL, *PROCESSOR_FILES):
+        if (Path(base_path) / name).is_file():
+            shutil.copyfile(Path(base_path) / name, Path(folder) / name)

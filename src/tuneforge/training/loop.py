@@ -54,6 +54,7 @@ from ..methods import (
 from ..methods.dpo import kto_balance_warning
 from ..models import ModelSource, causal_lm, resolve, resolve_precision, run_tokenizer
 from ..models.attention import own_attention, per_example_attention, supports_per_example_attention
+from ..models.loading import image_inputs
 from ..models.saving import save_model
 from ..models.system_prompt import record_system_prompt, recorded_system_prompt
 from ..progress import progress_bar
@@ -231,7 +232,8 @@ def shares_prefixes(cfg: Config, all_per_example: bool) -> bool:
 
 def to_rows(items, cfg: Config, share_prefixes: bool = False):
     # Rows are max_length long, or as long as the longest item (a DPO pair is two examples end to end).
-    if not cfg.data.packing:
+    # Rows with images are not packed: the model's image attention reads a row as one sequence.
+    if not cfg.data.packing or tfdata.shows_images(items):
         return items
     return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)]), share_prefixes=share_prefixes)
 
@@ -480,11 +482,19 @@ class Run:
                     sums=sums,
                     autocast=self.autocast,
                     advance=lambda rows: advance(len(rows)),
+                    images=image_inputs(self.tokenizer),
                 )
                 if distributed.is_sharded(objective):
                     busiest = math.ceil(len(self.valid_rows) / (per_batch * world.size))
                     filler = [self.valid_rows[:per_batch]] * (busiest - len(shard))
-                    sum_over_batches(objective, filler, self.tokenizer.pad_token_id, world.device, sums=sums)
+                    sum_over_batches(
+                        objective,
+                        filler,
+                        self.tokenizer.pad_token_id,
+                        world.device,
+                        sums=sums,
+                        images=image_inputs(self.tokenizer),
+                    )
         totals = distributed.sum_across({**totals, "count": count}, world, phase)
         n = max(totals.pop("count"), 1)
         return per_count(totals, n, objective)
@@ -596,6 +606,8 @@ def setup(
     # A shared prefix needs every model of the forward to run per-example attention.
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
+    if cfg.data.packing and tfdata.shows_images(train_items + valid_items):
+        log(f"data: {cfg.key_at('data.packing')} is on, but rows with images are not packed: each example is a row")
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
     for warning in plan_warnings(cfg, plan, len(valid_items)) + [kto_balance_warning(cfg, prepared.report)]:
         if warning:
@@ -684,7 +696,8 @@ def train_step(run: Run, step: int, stop: StopRequest, lengths: np.ndarray) -> t
         )
     else:
         real_tokens = sum(row_tokens(row) for batch_rows in rows for row in batch_rows)
-        micro = [tfdata.collate(batch_rows, run.tokenizer.pad_token_id) for batch_rows in rows]
+        images = image_inputs(run.tokenizer)
+        micro = [tfdata.collate(batch_rows, run.tokenizer.pad_token_id, images=images) for batch_rows in rows]
     count = loss_count(module)
     # The step's count (trained tokens, or pairs), over all micro-batches and ranks: the loss denominator.
     step_count = distributed.all_sum(torch.tensor([float(sum(count(b) for b in micro))]), world, phase)

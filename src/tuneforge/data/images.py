@@ -1,0 +1,57 @@
+"""Images in chat rows, as OpenAI's vision fine-tuning data gives them: a user message's content part
+`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`.
+
+Each is decoded here, when the row is read, and checked: the URL is a base64 data URL (an http URL
+would need the network; a file path is not part of the data file, so the data cache could not tell
+when it changed), the base64 decodes, the bytes are an image PIL reads, within `MAX_IMAGE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from .schema import Image
+
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+"""The largest image file a row may hold (OpenAI's limit for vision fine-tuning: 10 MB)."""
+
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
+"""The image formats read (OpenAI's: PNG, JPEG, non-animated GIF, WEBP)."""
+
+_EMBED = "embed the image as a data URL: data:image/png;base64,<the file's bytes in base64>"
+
+
+def read_image(url: object) -> Image | str:
+    """The image an image part's URL holds, or what is wrong with it (a message saying what to do)."""
+    if not isinstance(url, str) or not url.strip():
+        return f"the image's url must be a data URL; {_EMBED}."
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        return f"images are not downloaded (training reads no network); download {url[:80]} and {_EMBED}."
+    if scheme != "data":
+        return f"{url[:80]!r} is not a data URL (a file path or other URL is not read); {_EMBED}."
+    header, sep, payload = url.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        return f"the data URL must be base64 ('data:image/png;base64,...'), got {header[:60]!r}."
+    if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
+        return f"the image is over {MAX_IMAGE_BYTES // 2**20} MB; resize or recompress it."
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        return f"the data URL's base64 does not decode ({e}); encode the image file's bytes in base64."
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
+
+    try:
+        with PILImage.open(io.BytesIO(data)) as picture:
+            kind = picture.format
+            picture.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return (
+            f"the data URL's bytes are not an image PIL reads ({type(e).__name__}: {str(e)[:80]}); give a PNG or JPEG."
+        )
+    if kind not in FORMATS:
+        return f"the image is {kind}; give {', '.join(FORMATS)}."
+    return Image(data, url)

@@ -1,0 +1,153 @@
+"""Fine-tuning on images and text: a tiny Gemma 3 that reads images (tests/families.py), trained on
+OpenAI-style chat rows whose user messages hold image parts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from families import FAMILIES, png_data_url, save_family_model, save_gemma3_vision_model
+
+from tuneforge.config import DataConfig
+from tuneforge.data import IGNORE_INDEX, collate, prepare, read_conversations
+from tuneforge.errors import DataError
+from tuneforge.methods import SFTObjective
+from tuneforge.models import load_model, load_tokenizer
+from tuneforge.models.loading import image_inputs
+
+RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 220)
+
+
+def image_row(colour, answer: str, size=(20, 16)) -> dict:
+    image = {"type": "image_url", "image_url": {"url": png_data_url(colour, size)}}
+    question = {"type": "text", "text": "What colour is this?"}
+    return {"messages": [{"role": "user", "content": [image, question]}, {"role": "assistant", "content": answer}]}
+
+
+def write_rows(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def vision_model(tmp_path_factory) -> Path:
+    return save_gemma3_vision_model(tmp_path_factory.mktemp("vision") / "model")
+
+
+def test_labels_mask_image_tokens_and_examples_carry_their_images(vision_model, tmp_path):
+    tokenizer = load_tokenizer(str(vision_model))
+    images = image_inputs(tokenizer)
+    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
+    cfg = DataConfig(train=str(rows), validation=0.0, dedup="exact")
+    data = prepare(cfg, tokenizer, use_cache=False, log=lambda *_: None)
+    assert len(data.train) == 2  # the same text with other images is no duplicate
+    for example in data.train:
+        ids, labels = example.input_ids.tolist(), example.labels.tolist()
+        soft = [i for i, t in enumerate(ids) if t == images.image_token_id]
+        assert len(soft) == 4 and len(example.images) == 1  # the processor's tokens per image
+        assert all(labels[i] == IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX for i in soft)
+        trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+        assert trained.startswith("It is") and trained.endswith("<end_of_turn>")
+    # As the processor itself tokenizes the rendered conversation with its image.
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(vision_model)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]}]
+    messages.append({"role": "assistant", "content": "It is red."})
+    from PIL import Image
+
+    text = processor.apply_chat_template(messages, tokenize=False)
+    picture = Image.new("RGB", (20, 16), RED)
+    # The template writes BOS itself.
+    expected = processor(text=text, images=[picture], add_special_tokens=False)["input_ids"][0]
+    assert data.train[0].input_ids.tolist() == list(expected) or data.train[1].input_ids.tolist() == list(expected)
+
+
+def test_the_image_reaches_the_model(vision_model, tmp_path):
+    tokenizer = load_tokenizer(str(vision_model))
+    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(GREEN, "It is red.")])
+    data = prepare(DataConfig(train=str(rows), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
+    model = load_model(str(vision_model), dtype=torch.float32)
+    objective = SFTObjective(model).eval()
+    losses = []
+    with torch.no_grad():
+        for example in data.train:
+            batch = collate([example], tokenizer.pad_token_id, images=image_inputs(tokenizer))
+            assert batch["pixel_values"].shape == (1, 3, 28, 28) and int(batch["token_type_ids"].sum()) == 4
+            losses.append(objective(**batch)["ce"].item())
+    assert data.train[0].input_ids == data.train[1].input_ids
+    assert abs(losses[0] - losses[1]) > 1e-4  # same tokens, other image: another loss
+
+
+def test_lora_trains_on_image_rows_and_final_loads_with_its_processor(vision_model, tmp_path, capsys):
+    from transformers import AutoProcessor
+
+    from tuneforge.training.loop import train
+
+    rows = [image_row(c, f"It is {n}.", (20 + i, 16)) for i in range(8) for c, n in ((RED, "red"), (BLUE, "blue"))]
+    config = {
+        "base_model": str(vision_model),
+        "data": {"train": str(write_rows(tmp_path / "train.jsonl", rows)), "validation": 0.25, "max_length": 64},
+        "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "eval_every": 3},
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = train(config, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0] - 0.3
+    assert "rows with images are not packed" in capsys.readouterr().out
+    assert "full_valid_loss" in result.metrics
+    final = result.final_dir
+    processor = AutoProcessor.from_pretrained(final)
+    assert processor.image_seq_length == 4
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    trained = set(load_model(str(tmp_path / "run"), dtype=torch.float32).state_dict())
+    assert not any("vision_tower" in name and "lora_" in name for name in trained), adapter["target_modules"]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("data:image/png;base64,@@@not-base64", "base64 does not decode"),
+        ("data:image/png;base64,aGVsbG8gd29ybGQ=", "not an image"),
+        ("https://example.com/cat.png", "not downloaded"),
+        ("cat.png", "not a data URL"),
+    ],
+)
+def test_bad_images_are_refused_by_line_and_field(tmp_path, url, says):
+    good = image_row(RED, "It is red.")
+    bad = image_row(RED, "It is red.")
+    bad["messages"][0]["content"][0]["image_url"]["url"] = url
+    problems = [
+        p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", [good, bad])) if hasattr(p, "code")
+    ]
+    assert [(p.code, p.line, p.field) for p in problems] == [("bad_image", 2, "messages[0].content[0].image_url.url")]
+    assert says in problems[0].message
+
+
+def test_an_image_in_a_reply_is_refused(tmp_path):
+    row = image_row(RED, "x")
+    row["messages"][1]["content"] = [{"type": "image_url", "image_url": {"url": png_data_url(RED)}}]
+    problems = [p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", [row])) if hasattr(p, "code")]
+    assert [(p.code, p.field) for p in problems] == [("unsupported_content", "messages[1].content[0]")]
+
+
+def test_a_text_only_model_refuses_image_rows_naming_the_first(tmp_path):
+    model = save_family_model(FAMILIES["gemma3"], tmp_path / "text-model")
+    rows = write_rows(
+        tmp_path / "rows.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+            image_row(RED, "It is red."),
+        ],
+    )
+    with pytest.raises(DataError) as error:
+        prepare(
+            DataConfig(train=str(rows), validation=0.0),
+            load_tokenizer(str(model)),
+            use_cache=False,
+            log=lambda *_: None,
+        )
+    assert "rows.jsonl:2 messages[0].content" in str(error.value) and "reads text only" in str(error.value)
