@@ -151,3 +151,20 @@ def test_a_text_only_model_refuses_image_rows_naming_the_first(tmp_path):
             log=lambda *_: None,
         )
     assert "rows.jsonl:2 messages[0].content" in str(error.value) and "reads text only" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [({"method": "dpo"}, "method"), ({"train": {"kl_to_base": 0.1}}, "train.kl_to_base")],
+)
+def test_methods_that_would_run_without_the_images_are_refused(vision_model, tmp_path, settings, key):
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import batch_items
+
+    tokenizer = load_tokenizer(str(vision_model))
+    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red.")])
+    data = prepare(DataConfig(train=str(rows), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
+    cfg = load_config({"base_model": str(vision_model), "data": {"train": str(rows)}, **settings})
+    with pytest.raises(ConfigError, match=key):
+        batch_items(data, cfg)

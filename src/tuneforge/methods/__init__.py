@@ -207,11 +207,31 @@ def batch_items(prepared, cfg) -> tuple[list, list]:
     """What the loop makes rows of, for training and validation: the examples, or for dpo and reward one item
     per pair (its chosen and rejected examples end to end, so they always share a forward), or for
     dpo.loss: kto one per rated example (it and its mismatched example for the KL estimate)."""
+    refuse_images(prepared, cfg)
     if cfg.method == "dpo" and cfg.dpo.loss == "kto":
         return dpo.kto_rows(prepared.train, cfg.data.max_length), dpo.kto_rows(prepared.valid, cfg.data.max_length)
     if cfg.method in ("dpo", "reward"):
         return dpo.rows(prepared.train_pairs), dpo.rows(prepared.valid_pairs)
     return prepared.train, prepared.valid
+
+
+def refuse_images(prepared, cfg) -> None:
+    """Rows with images train with the supervised objective alone: another method's forwards (a teacher,
+    a reference, sampled answers) and the KL terms would run without the images, on their bare tokens."""
+    pairs = [e for pair in (*prepared.train_pairs, *prepared.valid_pairs) for e in pair]
+    if not tfdata.shows_images([*prepared.train, *prepared.valid, *pairs]):
+        return
+    if cfg.method not in ("full", "lora", "dora"):
+        raise ConfigError(
+            f"{cfg.key_at('method')}: {cfg.method} does not train on rows with images yet; train them with "
+            "method: lora, dora or full, or remove the image parts."
+        )
+    if cfg.train.kl_to_base or (cfg.data.general_mix and cfg.train.replay_loss == "kl_to_base"):
+        key = "train.kl_to_base" if cfg.train.kl_to_base else "train.replay_loss"
+        raise ConfigError(
+            f"{cfg.key_at(key)}: the KL to the base model does not run on rows with images yet; "
+            "leave it out for this data."
+        )
 
 
 def per_count(totals: dict[str, float], count: float, objective) -> dict[str, float]:
