@@ -168,3 +168,13 @@ def test_methods_that_would_run_without_the_images_are_refused(vision_model, tmp
     cfg = load_config({"base_model": str(vision_model), "data": {"train": str(rows)}, **settings})
     with pytest.raises(ConfigError, match=key):
         batch_items(data, cfg)
+
+
+def test_evaluation_refuses_image_rows_by_line_instead_of_scoring_answers_without_the_images(tmp_path):
+    from tuneforge.eval.evaluate import read_eval_examples
+
+    text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    rows = write_rows(tmp_path / "test.jsonl", [text, image_row(RED, "It is red.")])
+    with pytest.raises(DataError) as error:
+        read_eval_examples(rows)
+    assert "test.jsonl:2 messages[0].content" in str(error.value) and "images_not_evaluated" in str(error.value)

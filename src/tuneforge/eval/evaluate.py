@@ -155,6 +155,10 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
                 problems.append(_missing_reference(path, line, NO_REFERENCE_HINT))
                 continue
         messages = item.messages
+        if any(m.images for m in messages):  # answers come from text prompts: they would be scored without the images
+            at = next(i for i, m in enumerate(messages) if m.images)
+            problems.append(_images_not_evaluated(path, line, at))
+            continue
         if messages[-1].role == "assistant":
             prompt, reference = messages[:-1], messages[-1].content
         else:
@@ -166,6 +170,18 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
     if not examples:
         raise DataError(f"{path} holds no conversations to evaluate.", code="empty_file")
     return examples
+
+
+def _images_not_evaluated(path: str | Path, line: int, message_index: int) -> Problem:
+    return Problem(
+        "images_not_evaluated",
+        "the row holds images, and evaluation answers text prompts only (its answer would be scored without "
+        "them). Image rows are measured by a training run's valid_loss (data.validation); remove them from "
+        "this file.",
+        file=str(path),
+        line=line,
+        field=f"messages[{message_index}].content",
+    )
 
 
 def _missing_reference(path: str | Path, line: int, hint: str = "") -> Problem:
