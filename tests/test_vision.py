@@ -178,3 +178,12 @@ def test_evaluation_refuses_image_rows_by_line_instead_of_scoring_answers_withou
     with pytest.raises(DataError) as error:
         read_eval_examples(rows)
     assert "test.jsonl:2 messages[0].content" in str(error.value) and "images_not_evaluated" in str(error.value)
+
+
+def test_prompt_rows_answered_by_generation_refuse_images(tmp_path):
+    from tuneforge.distill.teacher_data import read_prompts
+
+    rows = write_rows(tmp_path / "prompts.jsonl", [{"messages": image_row(RED, "x")["messages"][:1]}])
+    with pytest.raises(DataError) as error:
+        read_prompts(rows)
+    assert "prompts.jsonl:1 messages[0].content" in str(error.value) and "images_in_prompt" in str(error.value)

@@ -265,7 +265,8 @@ def prompt_messages(
 ) -> tuple[list[Message] | None, list[Problem]]:
     """The messages of an unlabelled row, checked as a file's row is: a chat row's `messages`, or a
     prompt/completion row's `prompt` (text, or a list of messages), its completion ignored. A `csv`
-    row's cells are text: the ones that hold JSON structures are parsed first."""
+    row's cells are text: the ones that hold JSON structures are parsed first. Such a row is answered by
+    generation (GRPO, a teacher, evaluation), which reads text prompts only: images are refused."""
     check = _RowCheck(file, line)
     if csv:
         row = check.decode_json_cells(row)
@@ -274,6 +275,14 @@ def prompt_messages(
     messages = (
         check.messages(row.get("messages"), "messages") if "messages" in row else _turns(check, row, "prompt", "user")
     )
+    shows = next((i for i, m in enumerate(messages or ()) if m.images), None)
+    if shows is not None:
+        check.error(
+            "images_in_prompt",
+            f"messages[{shows}].content",
+            "the prompt holds images, and answers are generated from text prompts only (they would be made "
+            "without the images). Train rows with images with method: lora, dora or full; remove them here.",
+        )
     return (None if check.errors else messages), check.problems
 
 

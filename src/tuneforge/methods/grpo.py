@@ -149,9 +149,6 @@ def read_prompts(
         problems += row_problems
         if messages is None:
             continue
-        if any(m.images for m in messages):  # its answers would be sampled without the images
-            problems.append(_prompt_problem("images_not_trained", IMAGES_NOT_TRAINED, path, line))
-            continue
         item = grader_item(row, messages[-1].content if messages[-1].role == "assistant" else None)
         if screen is not None:
             fields = [(k, v, True) for k, v in row.items() if k not in ("messages", "prompt") and isinstance(v, str)]
@@ -201,11 +198,6 @@ NO_MESSAGES = (
 NO_PROMPT = (
     "the messages must end with the user's turn (and may be followed by one reference assistant reply): the policy "
     "samples the next assistant turn."
-)
-
-IMAGES_NOT_TRAINED = (
-    "the prompt holds images; grpo samples its answers from text prompts only. Train rows with images with "
-    "method: lora, dora or full, or remove the image parts."
 )
 
 
