@@ -187,3 +187,12 @@ def test_prompt_rows_answered_by_generation_refuse_images(tmp_path):
     with pytest.raises(DataError) as error:
         read_prompts(rows)
     assert "prompts.jsonl:1 messages[0].content" in str(error.value) and "images_in_prompt" in str(error.value)
+
+
+def test_validate_says_rows_with_images_are_not_packed(vision_model, tmp_path, capsys):
+    from tuneforge.dry_run import validate
+
+    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
+    validate({"base_model": str(vision_model), "data": {"train": str(rows), "validation": 0.0}})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 (unpacked: rows with images are not packed, max_length" in out.replace("│ ", "").replace(" │", "")

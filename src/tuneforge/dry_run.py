@@ -431,7 +431,7 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         ),
         (
             "rows",
-            f"{len(rows):,} ({'packed' if cfg.data.packing else 'unpacked'}, max_length {cfg.data.max_length}{shared})",
+            f"{len(rows):,} ({packing_said(cfg, train_items)}, max_length {cfg.data.max_length}{shared})",
         ),
         *describe_files(report),
         ("system prompt", describe_system_prompt(report["system_prompt"])),
@@ -489,3 +489,10 @@ def memory_rows(memory: dict, available: int, sharing: int = 1) -> list[tuple[st
     shared = f", {sharing} processes sharing this machine's memory, each {each / 2**30:.1f} GiB" if sharing > 1 else ""
     plan = f"{each * sharing / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free{shared}: {parts} (GiB)"
     return [("memory plan (estimate)", plan)]
+
+
+def packing_said(cfg, train_items) -> str:
+    """How the plan's rows hold the examples: packed, or not (data.packing off, or rows with images)."""
+    if not cfg.data.packing:
+        return "unpacked"
+    return "unpacked: rows with images are not packed" if tfdata.shows_images(train_items) else "packed"
