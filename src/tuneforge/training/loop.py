@@ -604,9 +604,10 @@ def setup(
             "(sliding window or soft-capping); it keeps its own attention with a block mask"
         )
     # A shared prefix needs every model of the forward to run per-example attention.
-    share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
+    images_shown = tfdata.shows_images(train_items + valid_items)
+    share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms)) and not images_shown  # unpacked
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
-    if cfg.data.packing and tfdata.shows_images(train_items + valid_items):
+    if cfg.data.packing and images_shown:
         log(f"data: {cfg.key_at('data.packing')} is on, but rows with images are not packed: each example is a row")
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
     for warning in plan_warnings(cfg, plan, len(valid_items)) + [kto_balance_warning(cfg, prepared.report)]:
