@@ -44,7 +44,6 @@ from ..data import (
     render_examples,
 )
 from ..data.formats import file_format, prompt_messages
-from ..data.pack import shows_images
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
@@ -53,7 +52,6 @@ from ..methods import SFTObjective, sum_over_batches
 from ..methods.grpo import grader_item, naming_rows
 from ..models import causal_lm, load_model, load_tokenizer, model_context_length, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
-from ..models.loading import image_inputs
 from ..progress import library_bars, progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
 from ..wording import counted
@@ -307,7 +305,6 @@ def token_loss(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     advance: Callable[[int], None] = lambda n: None,
-    images=None,
 ) -> dict:
     """Mean cross-entropy and next-token accuracy over the trained tokens of `examples`, weighted by
     token (as training's loss is), with the objective training uses.
@@ -316,11 +313,10 @@ def token_loss(
     `EVAL_ROW_TOKENS` that hold a prefix all their examples share (a system prompt) once, each
     example attending to itself alone (`models.attention`). The loss is that of the examples run
     one by one, for less work: the test tickets' shared system prompt is about half their tokens.
-    Examples that show images (`images`: the model's `models.images.ImageInputs`) are not packed.
     """
     lm = causal_lm(model)
     longest = max(map(len, examples), default=0)
-    if supports_per_example_attention(lm.config, longest) and not shows_images(examples):
+    if supports_per_example_attention(lm.config, longest):
         batches = [[row] for row in pack(examples, max(EVAL_ROW_TOKENS, longest), share_prefixes=True)]
         attention = per_example_attention(lm)
     else:  # unpacked, similar lengths together (less padding)
@@ -335,7 +331,6 @@ def token_loss(
             model.device,
             sums={"ce": "ce", "correct": "correct"},
             advance=lambda rows: advance(_examples_in(rows)),
-            images=images,
         )
     loss = sums["ce"] / max(tokens, 1)
     return {
@@ -420,14 +415,7 @@ def evaluate_loaded(
     else:
         rendered = render_within_window(examples, tokenizer, model_context_length(model), train_on)
         with progress_bar("loss", len(rendered), progress) as advance:
-            loss = token_loss(
-                model,
-                rendered,
-                tokenizer.pad_token_id,
-                batch_size=batch_size,
-                advance=advance,
-                images=image_inputs(tokenizer),
-            )
+            loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
     loss_seconds = time.perf_counter() - started
     with progress_bar("answers", len(examples), progress) as advance:
         answers = generate(
