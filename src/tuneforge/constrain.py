@@ -81,42 +81,29 @@ def _index(tokenizer, regex: str):
 
 @functools.lru_cache(maxsize=8)
 def _vocabulary(tokenizer):
-    """outlines-core's `Vocabulary` of a Hugging Face fast tokenizer: `token_bytes`, and `end_id` as its end."""
-    return _outlines_core().Vocabulary(end_id(tokenizer), token_bytes(tokenizer))
+    """outlines-core's `Vocabulary` of a Hugging Face fast tokenizer: `tokens_by_bytes`, and `end_id` as its end."""
+    return _outlines_core().Vocabulary(end_id(tokenizer), tokens_by_bytes(tokenizer))
 
 
-def token_bytes(tokenizer) -> dict[bytes, list[int]]:
-    """The ids of every token of `tokenizer` that is not special nor `end_id`, by the bytes it decodes to.
-    Byte-level BPE (SmolLM2, Llama 3, Qwen) maps each character of a token back to its byte; SentencePiece
-    with byte fallback (Llama 2, Mistral, Gemma) writes a space as "▁" and a byte as "<0xAB>". These are the
-    two token processors of outlines-core's own `Vocabulary.from_pretrained`, which reads the Hub only."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+def tokens_by_bytes(tokenizer) -> dict[bytes, list[int]]:
+    """The ids of every token of `tokenizer` that is not special nor `end_id`, by the bytes it decodes to
+    (`vocabulary_bytes`: byte-level BPE and SentencePiece with byte fallback, the two token processors of
+    outlines-core's own `Vocabulary.from_pretrained`, which reads the Hub only)."""
+    from .generate import decoder_kinds, vocabulary_bytes
 
-    decoder = json.loads(tokenizer.backend_tokenizer.to_str())["decoder"] if tokenizer.is_fast else None
-    kinds = {d["type"] for d in (decoder or {}).get("decoders", [decoder] if decoder else [])}
-    if "ByteLevel" in kinds:
-        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-
-        def bytes_of(token: str) -> bytes:
-            return bytes(byte_of[char] for char in token)
-    elif "ByteFallback" in kinds:
-
-        def bytes_of(token: str) -> bytes:
-            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-                return bytes([int(token[3:5], 16)])
-            return token.replace("\u2581", " ").encode()
-    else:
+    by_id = vocabulary_bytes(tokenizer)
+    if by_id is None:
+        kinds = sorted(kind for kind in decoder_kinds(tokenizer) if kind)
         raise ConstraintError(
-            f"this model's tokenizer ({type(tokenizer).__name__}, decoder {sorted(kinds) or 'none'}) is neither "
+            f"this model's tokenizer ({type(tokenizer).__name__}, decoder {kinds or 'none'}) is neither "
             "byte-level BPE nor SentencePiece with byte fallback, the kinds structured output reads"
         )
     end, special = end_id(tokenizer), set(tokenizer.all_special_ids)
     added = tokenizer.added_tokens_decoder
     tokens: dict[bytes, list[int]] = {}
-    for token, token_id in tokenizer.get_vocab().items():
+    for token_id, text in by_id.items():
         if token_id == end or token_id in special or (token_id in added and added[token_id].special):
             continue
-        text = token.encode() if token_id in added else bytes_of(token)
         tokens.setdefault(text, []).append(token_id)
     return tokens
 

@@ -503,21 +503,33 @@ class Piece:
 
 
 def token_bytes(tokenizer, token: int) -> bytes | None:
-    """A token's own bytes, where the tokenizer writes them in its vocabulary: byte-level BPE (GPT-2's alphabet:
-    Llama 3, Qwen, SmolLM2) or SentencePiece's byte fallback (`<0xE2>`); None for any other tokenizer."""
-    kinds = _decoder_kinds(tokenizer)
-    name = tokenizer.convert_ids_to_tokens(token)
-    if name is None:
-        return None
-    if token in tokenizer.added_tokens_decoder:
-        return name.encode()
+    """A token's own bytes, where the tokenizer writes them in its vocabulary (`vocabulary_bytes`); None for any
+    other tokenizer, or an id past its vocabulary."""
+    by_id = vocabulary_bytes(tokenizer)
+    return None if by_id is None else by_id.get(token)
+
+
+@functools.lru_cache(maxsize=8)
+def vocabulary_bytes(tokenizer) -> dict[int, bytes] | None:
+    """The bytes each token of `tokenizer` stands for, by id, where its vocabulary writes them: byte-level BPE
+    (GPT-2's alphabet: SmolLM2, Llama 3, Qwen) maps each character of a token back to its byte; SentencePiece
+    with byte fallback (Llama 2, Mistral, Gemma) writes a space as "\u2581" and a byte as "<0xAB>"; an added
+    token is its own text. None for any other tokenizer. Log probabilities and structured output read these."""
+    kinds = decoder_kinds(tokenizer)
     if "ByteLevel" in kinds:
         byte_of = _byte_level_bytes()
-        return bytes(byte_of[char] for char in name) if all(char in byte_of for char in name) else name.encode()
-    if "ByteFallback" in kinds:
-        match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", name)
-        return bytes([int(match[1], 16)]) if match else name.replace("\u2581", " ").encode()
-    return None
+
+        def bytes_of(name: str) -> bytes:
+            return bytes(byte_of[char] for char in name) if all(char in byte_of for char in name) else name.encode()
+    elif "ByteFallback" in kinds:
+
+        def bytes_of(name: str) -> bytes:
+            match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", name)
+            return bytes([int(match[1], 16)]) if match else name.replace("\u2581", " ").encode()
+    else:
+        return None
+    added = tokenizer.added_tokens_decoder
+    return {token: name.encode() if token in added else bytes_of(name) for name, token in tokenizer.get_vocab().items()}
 
 
 def token_text(tokenizer, token: int) -> tuple[str, bytes]:
@@ -538,7 +550,7 @@ def _byte_level_bytes() -> dict[str, int]:
     return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
-def _decoder_kinds(tokenizer) -> set[str]:
+def decoder_kinds(tokenizer) -> set[str]:
     """The kinds of decoder a fast tokenizer's backend has (`ByteLevel`, `ByteFallback`, ...), nested ones too."""
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     if decoder is None:
