@@ -205,3 +205,39 @@ def test_a_reward_model_starts_from_an_sft_runs_merged_adapter(tiny_model_dir, t
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     weight = "layers.0.mlp.down_proj.weight"
     assert not torch.equal(tuned.model.get_parameter(weight), base.model.get_parameter(weight))
+
+
+def test_a_reward_model_is_refused_up_front_by_chat_serve_and_eval_naming_the_grader(
+    tokenizer, tiny_model_dir, tmp_path
+):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneforge.chat import chat_command
+    from tuneforge.eval.evaluate import evaluate
+    from tuneforge.serve.adapters import AdapterPool
+
+    full = tmp_path / "rm_full"
+    tiny_classifier(tokenizer).save_pretrained(full)
+    tokenizer.save_pretrained(full)
+    adapter = tmp_path / "rm_lora"
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    get_peft_model(classifier, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    data = tmp_path / "eval.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(row) + "\n")
+    sampling = {"system": None, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0}
+    attempts = {
+        "chat": lambda model: chat_command(str(model), **sampling),
+        "eval": lambda model: evaluate(str(model), data, progress=False),
+        "serve": lambda model: AdapterPool(str(model)),
+    }
+    for model in (full, adapter):
+        for command, attempt in attempts.items():
+            with pytest.raises(TuneforgeError, match=f"reward model.*tuneforge {command}.*--grader") as err:
+                attempt(model)
+            assert err.value.code == "reward_model_not_generator"
+            assert '"type": "reward_model"' in str(err.value)
+    with pytest.raises(TuneforgeError, match="reward model") as err:
+        AdapterPool(str(tiny_model_dir), {"rm": str(adapter)})
+    assert err.value.code == "reward_model_not_generator"

@@ -52,6 +52,7 @@ from ..methods import SFTObjective, sum_over_batches
 from ..methods.grpo import grader_item, naming_rows
 from ..models import causal_lm, load_model, load_tokenizer, model_context_length, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
+from ..models.loading import refuse_reward_model
 from ..progress import library_bars, progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
 from ..wording import counted
@@ -537,6 +538,7 @@ def _evaluate_examples(
 ) -> dict:
     """`evaluate` on `examples` read from `data`, their metric and `grader` (a `Grader` or None) checked."""
     source = resolve(model)
+    refuse_reward_model(source, "eval")
     train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
     with library_bars(progress):
@@ -576,6 +578,7 @@ def evaluate_documents(
     if problems:
         raise DataError.listing(f"{data}: {counted(len(problems), 'problem')} in the documents", problems)
     source = resolve(model)
+    refuse_reward_model(source, "eval")
     window = window or trained_window(source)
     tokenizer = load_tokenizer(source)
     with library_bars(progress):

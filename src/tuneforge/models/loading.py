@@ -405,6 +405,18 @@ def is_sequence_classifier(source: ModelSource) -> bool:
     return classifier_folder(source.adapter if source.adapter is not None else source.path)
 
 
+def refuse_reward_model(source: ModelSource, command: str) -> None:
+    """Refuses a reward model (`is_sequence_classifier`) where `command` (chat, serve, eval) generates text,
+    before it loads: a classifier scores a conversation and writes no reply."""
+    if is_sequence_classifier(source):
+        raise ModelSourceError(
+            f"{source.spec} is a reward model (a sequence classifier with a score head, method: reward): it scores "
+            f"replies and writes none, so `tuneforge {command}` cannot run it. Score answers with it as a grader: "
+            f'tuneforge eval DATA --grader \'{{"type": "reward_model", "model": "{source.spec}"}}\'',
+            code="reward_model_not_generator",
+        )
+
+
 def classifier_folder(folder: Path) -> bool:
     """Whether the adapter or model in `folder` is a sequence classifier (see `is_sequence_classifier`)."""
     if (folder / "adapter_config.json").is_file():

@@ -24,6 +24,7 @@ from ..models.loading import (
     base_weight_copies,
     input_embedding_name,
     model_vocab_rows,
+    refuse_reward_model,
     trained_rope_scaling,
 )
 
@@ -57,6 +58,7 @@ class AdapterPool:
                 )
             adapter_sources = {base_source.name: base_source, **adapter_sources}
             base_source = resolve(str(base_source.path))
+        refuse_reward_model(base_source, "serve")
         self.base_source = base_source
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
         self._embedding_name = input_embedding_name(self.base_path)
@@ -141,6 +143,7 @@ class AdapterPool:
 
     def _check(self, name: str, source: ModelSource) -> None:
         _check_name(name, self.base_name)
+        refuse_reward_model(source, "serve")
         if source.path.resolve() != self.base_path:
             raise ConfigError(
                 f"Adapter '{name}' ({source.adapter}) was trained on {source.path}, but the server's base "
