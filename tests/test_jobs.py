@@ -594,6 +594,25 @@ def test_tuneforge_chat_template_takes_jinja_text_alone_never_a_server_file(tmp_
     assert config.model.chat_template == BRACKETS_TEMPLATE
 
 
+@pytest.mark.parametrize("kind", ["supervised", "dpo"])
+def test_a_tuneforge_chat_template_training_refuses_is_named_by_the_jobs_field(tmp_path, tiny_model_dir, kind):
+    from tuneforge.errors import ConfigError
+    from tuneforge.jobs.mapping import CreateJobBody, training_config
+    from tuneforge.methods import check_inputs
+    from tuneforge.models import resolve
+    from tuneforge.models.loading import run_tokenizer
+
+    field = f"method.{kind}.hyperparameters.tuneforge_chat_template"
+    no_prompt = "{% for m in messages %}[{{ m.role }}]\n{{ m.content }}{{ eos_token }}{% endfor %}"
+    method = {"type": kind, kind: {"hyperparameters": {"tuneforge_chat_template": no_prompt}}}
+    body = CreateJobBody(model=str(tiny_model_dir), training_file="file-1", method=method)
+    config = training_config(str(tiny_model_dir), body.method_dict(), 3, tmp_path / "t.jsonl", None, tmp_path / "r")
+    source = resolve(str(tiny_model_dir))
+    with pytest.raises(ConfigError, match="writes nothing for add_generation_prompt") as err:
+        check_inputs(config, run_tokenizer(config, source), source)
+    assert err.value.message.startswith(f"{field}:") and "model.chat_template" not in err.value.message
+
+
 def test_a_job_trains_and_saves_its_tuneforge_chat_template_and_fails_on_one_training_cannot_use(
     server, tiny_model_dir
 ):
@@ -617,6 +636,7 @@ def test_a_job_trains_and_saves_its_tuneforge_chat_template_and_fails_on_one_tra
     no_prompt = "{% for m in messages %}[{{ m.role }}]\n{{ m.content }}{{ eos_token }}{% endfor %}"
     job = job_with(no_prompt)
     assert job.status == "failed" and "writes nothing for add_generation_prompt" in job.error.message, job.error
+    assert job.error.message.startswith("method.supervised.hyperparameters.tuneforge_chat_template:"), job.error
     assert not any("Files validated" in e.message for e in all_events(client, job.id))  # failed before training
 
 

@@ -776,9 +776,14 @@ class Config(Strict):
     # fills them in, and keeps them for a Config loaded again.
     _source: str = PrivateAttr("config")
     _places: dict[str, str] = PrivateAttr(default_factory=dict)
+    # The name a key has where it was written under another one (a fine-tuning job's field), by dotted key.
+    _names: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def key_at(self, key: str) -> str:
-        """`key (where it was set)`, for a mistake found after loading, against the model or the data."""
+        """`key (where it was set)`, for a mistake found after loading, against the model or the data; a key
+        written under another name (`_names`) is named as it was written."""
+        if key in self._names:
+            return self._names[key]
         return _placed(key, {k: p if p == "override" else f"{self._source} {p}" for k, p in self._places.items()})
 
     @model_validator(mode="after")
@@ -1320,9 +1325,9 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
     Relative data and model paths in a YAML file are resolved against the file's folder, so a config runs
     the same from any working directory; those of overrides and dicts against the working directory.
     """
-    name, places = "config", {}
+    name, places, names = "config", {}, {}
     if isinstance(source, Config):
-        name, places, source = source._source, source._places, source.model_dump()
+        name, places, names, source = source._source, source._places, source._names, source.model_dump()
     if isinstance(source, dict):
         # A deep copy, with paths as the strings a YAML file would hold (Python callers pass Path objects).
         raw = json.loads(json.dumps(source, default=_as_yaml_value))
@@ -1373,7 +1378,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         config = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, name, places)) from None
-    config._source, config._places = name, places
+    config._source, config._places, config._names = name, places, names
     return config
 
 

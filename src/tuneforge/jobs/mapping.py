@@ -322,7 +322,10 @@ def training_config(
         raw["train"].update(save_every=steps_per_epoch, eval_every=steps_per_epoch)
     if kind == "reinforcement" and hyper["eval_interval"] != "auto":
         raw["train"]["eval_every"] = hyper["eval_interval"]
-    return load_config(raw)
+    config = load_config(raw)
+    # An error about the template names the job's field, which the client wrote, not the config's key.
+    config._names = {"model.chat_template": f"method.{kind}.hyperparameters.tuneforge_chat_template"}
+    return config
 
 
 def resolved_method(method: dict, config: Config) -> dict:
