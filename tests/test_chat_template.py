@@ -132,8 +132,14 @@ BAD = {
     ),
     "spans not found": (
         "{{ messages | length }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
-        "{% if add_generation_prompt %}[assistant] {% endif %}",
+        "{% if add_generation_prompt %}[assistant]{% endif %}",
         r"replies cannot be found in its renderings .*template_not_prefix",
+    ),
+    "generation prompt ends in a space": (
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}",
+        r"generation prompt ends in a space \('\[assistant\] '\), which the tokenizer .* joins to the first word "
+        r".*without the trailing space",
     ),
     "unknown name": ("llama3", r"llama3 is no file, no Jinja .* not a named template .*it has no named templates"),
 }

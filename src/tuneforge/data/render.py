@@ -64,6 +64,7 @@ _PROBE = [
     {"role": "assistant", "content": " 4"},
 ]
 _PROBES = (_PROBE, _PROBE[1:])  # the second for templates that refuse a system message (Gemma 2)
+_REPLY_STARTS = ("The", "I", "A", "Hello", "Paris", "4")  # words a reply may start with, after a generation prompt
 _PROBE_TOOL = {"type": "function", "function": {"name": "tuneforge_probe_tool", "parameters": {"type": "object"}}}
 _PROBE_NAME = "tuneforge_probe_name"
 _PROBE_REASONING = "tuneforge_probe_reasoning"
@@ -893,7 +894,8 @@ def check_template(tokenizer, where: str) -> None:
     """Refuse, before any data is read, a chat template chosen for a run (model.chat_template, which `where`
     names) that training or generation cannot use: one that does not compile or raises on a plain
     conversation (naming the template's line), one that leaves an assistant turn's opening out of
-    add_generation_prompt (chat, serve and eval could not prompt a reply), one whose assistant turns
+    add_generation_prompt (chat, serve and eval could not prompt a reply), one whose generation prompt ends
+    in a space the tokenizer joins to a reply's first word, one whose assistant turns
     end with no token of the vocabulary (the model could not learn to stop, nor generation stop
     there), and one whose replies' spans cannot be found in its renderings."""
     import traceback
@@ -942,6 +944,20 @@ def check_template(tokenizer, where: str) -> None:
             "{% if add_generation_prompt %}, that opening, {% endif %}."
         )
     renderer = renderer_for(tokenizer)
+    # A generation prompt ending in a space ("[assistant] ") leaves the space a token of its own, where a reply
+    # tokenizes it with the reply's first word (byte-level BPE's " Paris"): no reply starting with such a word
+    # could be trained as the model is prompted.
+    if prompt.endswith((" ", "\t")):
+        prompt_ids, *followed = renderer._encode_whole([prompt, *(prompt + word for word in _REPLY_STARTS)])
+        if any(ids[: len(prompt_ids)] != prompt_ids for ids in followed):
+            raise ConfigError(
+                f"{where}: the chat template's generation prompt ends in a space "
+                f"({(prompt[len(without) :] if prompt.startswith(without) else '') or prompt[-30:]!r}), which the "
+                f"tokenizer of {tokenizer.name_or_path or 'the model'} joins to the first word of a reply, so rows "
+                "would be refused (template_not_prefix) and the model would be prompted with a space it never "
+                "trained after. End the generation prompt without the trailing space (the reply's first token "
+                "then holds it), or end the role with a newline instead, in the generation prompt and the turns alike."
+            )
     ids = renderer._encode_whole([turn])[0] if turn else []
     if turn and not renderer.end_ids.intersection(ids):
         ending = turn[turn.find(reply) + len(reply) :] if reply in turn else turn
