@@ -241,3 +241,16 @@ def test_a_reward_model_is_refused_up_front_by_chat_serve_and_eval_naming_the_gr
     with pytest.raises(TuneforgeError, match="reward model") as err:
         AdapterPool(str(tiny_model_dir), {"rm": str(adapter)})
     assert err.value.code == "reward_model_not_generator"
+
+
+def test_an_exports_check_of_a_reward_model_compares_its_scores_not_next_tokens(tokenizer):
+    from tuneforge.export.probe import ExportFailed, agreement, probe_ids, probe_logits, require_within
+
+    reference = probe_logits(tiny_classifier(tokenizer), probe_ids(tokenizer))
+    measured = agreement(reference, [scores + 0.5 for scores in reference])
+    assert measured.described(1e-3, 0.9) == "largest score difference 0.5 (bound 0.001)"
+    with pytest.raises(
+        ExportFailed, match=r"merged model: the largest score difference is 0.5 \(bound 0.001\)\. "
+    ) as err:
+        require_within(measured, 1e-3, "The merged model", 0.9)
+    assert "next token" not in str(err.value)

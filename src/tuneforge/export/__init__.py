@@ -354,10 +354,7 @@ def _merged(source: ModelSource, ids, console) -> merge.MergedModel:
     with console.status("Loading the model" + (" and merging its adapter" if source.adapter else "")):
         merged = merge.merged_model(source, ids)
     if merged.merge is not None:
-        console.print(
-            f"The merged fp32 model, against the adapter model: largest logit difference "
-            f"{merged.merge.max_abs_logit_diff:.3g} (bound {MERGE_BOUND:g})"
-        )
+        console.print(f"The merged fp32 model, against the adapter model: {merged.merge.described(MERGE_BOUND)}")
     return merged
 
 
@@ -370,10 +367,7 @@ def _verified(reference, loaded_model, ids, dtype: str, what: str, console) -> d
     figure, then refuse if it is out of bounds."""
     measured = agreement(reference, probe_logits(loaded_model, ids))
     bound, floor = DTYPE_BOUNDS[dtype], min_argmax_agreement(dtype)
-    console.print(
-        f"{what}: largest logit difference {measured.max_abs_logit_diff:.3g} "
-        f"(bound {bound:g}), same next token at {measured.argmax_agreement:.1%} of positions (at least {floor:.0%})"
-    )
+    console.print(f"{what}: {measured.described(bound, floor)}")
     require_within(measured, bound, what, floor, lossy=dtype in llama_cpp.REQUANTIZED_DTYPES)
     return measured.as_dict(bound, floor)
 

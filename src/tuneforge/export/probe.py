@@ -74,6 +74,16 @@ class ExportFailed(TuneforgeError):
 class Agreement:
     max_abs_logit_diff: float
     argmax_agreement: float  # share of positions whose most likely next token is the same
+    scores: bool = False  # a sequence classifier's (a reward model's) scores, one per prompt: no next token
+
+    def described(self, bound: float, min_agreement: float | None = None) -> str:
+        """The figures, in words: a language model's logits and next tokens, or a classifier's scores."""
+        if self.scores:
+            return f"largest score difference {self.max_abs_logit_diff:.3g} (bound {bound:g})"
+        text = f"largest logit difference {self.max_abs_logit_diff:.3g} (bound {bound:g})"
+        if min_agreement is None:
+            return text
+        return f"{text}, same next token at {self.argmax_agreement:.1%} of positions (at least {min_agreement:.0%})"
 
     def as_dict(self, bound: float, min_agreement: float = MIN_ARGMAX_AGREEMENT) -> dict:
         return {
@@ -131,7 +141,8 @@ def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> A
     diffs = torch.stack([(r - c).abs().max() for r, c in zip(reference, candidate, strict=True)])
     same = sum(int((r.argmax(-1) == c.argmax(-1)).sum()) for r, c in zip(reference, candidate))
     positions = sum(r.shape[0] for r in reference)
-    return Agreement(diffs.max().item(), same / positions)
+    # A classifier's output for a prompt is its scores (one row), a language model's the logits of each position.
+    return Agreement(diffs.max().item(), same / positions, scores=reference[0].dim() == 1)
 
 
 def require_within(
@@ -148,9 +159,13 @@ def require_within(
             if lossy
             else "This is a bug in the export or a damaged model: please report it with the run's config.yaml."
         )
+        figures = (
+            f"the largest score difference is {measured.max_abs_logit_diff:.3g} (bound {bound:g})"
+            if measured.scores
+            else f"the largest logit difference is {measured.max_abs_logit_diff:.3g} (bound {bound:g}) and the same "
+            f"next token comes at {measured.argmax_agreement:.1%} of positions (at least {min_agreement:.0%} required)"
+        )
         raise ExportFailed(
-            f"{what}: the largest logit difference is {measured.max_abs_logit_diff:.3g} (bound {bound:g}) "
-            f"and the same next token comes at {measured.argmax_agreement:.1%} of positions (at least "
-            f"{min_agreement:.0%} required). Nothing was written. {why}",
+            f"{what}: {figures}. Nothing was written. {why}",
             code="export_mismatch",
         )
