@@ -499,8 +499,8 @@ def api(
     store_max_count: int | None = typer.Option(None, help=STORE_MAX_COUNT_HELP),
     log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
 ):
-    """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, evals, inference for the models
-    made, stored chat completions and /metrics."""
+    """OpenAI-compatible fine-tuning service: files, jobs, events, checkpoints, evals, batches, inference for the
+    models made, stored chat completions and /metrics."""
     with serve_extra("api"):
         from .jobs.command import api_command
 
