@@ -281,7 +281,8 @@ def eval_(
     data: Path = typer.Argument(
         ...,
         help="Chat JSONL whose last assistant message is the reference answer (a preference pair's: its chosen reply); "
-        "with --grader also prompt rows without one, as GRPO reads them.",
+        "with --grader also prompt rows without one, as GRPO reads them; or raw text (text rows, a .txt or .md "
+        "document), scored by per-token loss, perplexity and accuracy.",
     ),
     compare: str | None = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
     metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
@@ -638,9 +639,13 @@ def distill_init(
 def distill_generate(
     teacher: str = typer.Option(..., help="Teacher model: registry name, HF folder, .gguf, run or adapter folder."),
     prompts: Path = typer.Option(..., help="Chat JSONL (a last assistant turn is dropped) or prompt/completion rows."),
-    out: Path = typer.Option(..., help="Chat JSONL to write; a rerun continues where it stopped."),
+    out: Path = typer.Option(
+        ..., help="Chat JSONL to write (DPO pairs with --keep pairs); a rerun continues where it stopped."
+    ),
     max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
-    batch_size: int = typer.Option(16, help="Prompts generated together (and written together)."),
+    batch_size: int = typer.Option(
+        16, help="Prompts generated together (and written together); with --samples, answers decoded together."
+    ),
     limit: int | None = typer.Option(None, min=1, help="Stop after the first N prompts; rerun without it to finish."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), bf16 or fp32."),
     samples: int | None = typer.Option(
