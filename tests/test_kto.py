@@ -236,6 +236,17 @@ def test_validate_explains_the_kl_forward_and_warns_of_an_unbalanced_weight(tiny
     assert "outside the KTO paper's recommended 1 to 4/3; set dpo.desirable_weight between 2.00 and 2.67" in out
 
 
+def test_data_format_kto_names_the_rated_replies_format(tiny_model_dir, kto_data, tmp_path, capsys):
+    from tuneforge.dry_run import validate
+
+    cfg = kto_config(tiny_model_dir, kto_data, tmp_path / "run")
+    cfg["data"]["format"] = "kto"
+    assert validate(cfg) == 0
+    assert "96 desirable (weight 1), 96 undesirable (weight 1)" in " ".join(capsys.readouterr().out.split()).replace(
+        "│ │", ""
+    )
+
+
 def test_kto_data_needs_dpo_loss_kto_and_kto_needs_it(tiny_model_dir, kto_data, tmp_path, triage_data):
     source = resolve(str(tiny_model_dir))
     tokenizer = load_tokenizer(str(tiny_model_dir))

@@ -128,6 +128,7 @@ BRACE = {
     [
         ({"method": "grpo", "grpo": {"grader": BRACE}}, "method"),
         ({"method": "dpo"}, "method"),
+        ({"method": "reward"}, "method"),
         ({"data": {"train_on": "all"}}, "data.train_on"),
     ],
 )

@@ -233,7 +233,7 @@ def folder_files(path: str) -> list[str]:
 class DataConfig(Strict):
     train: str | list[str | TrainFile]
     validation: str | float | None = 0.1
-    format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference"] = "auto"
+    format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "kto"] = "auto"
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     max_length: int = Field(1024, ge=8)
     truncation: Literal["truncate", "drop", "split"] = Field(
@@ -842,6 +842,7 @@ class Config(Strict):
             "grpo": "method: grpo writes its sampled answers to rollouts.jsonl and grades its validation answers "
             "(valid_reward)",
             "dpo": "method: dpo validates on preference pairs, whose rewards/* metrics show the replies it prefers",
+            "reward": "method: reward scores replies and writes none (its accuracy and margin show how it ranks them)",
         }.get(self.method)
         if self.data.train_on == "all" and not no_samples:
             no_samples = (
@@ -852,7 +853,7 @@ class Config(Strict):
                 f"train.eval_samples answers the validation prompts of SFT and distill runs, and {no_samples}; "
                 "leave train.eval_samples out (or 0)",
                 "train.eval_samples",
-                "method" if self.method in ("dpo", "grpo") else "data.train_on",
+                "method" if self.method in ("dpo", "grpo", "reward") else "data.train_on",
             )
         if self.model.quantize != "none" and not self.trains_adapters:
             raise KeysError(
