@@ -817,6 +817,17 @@ def test_a_job_fine_tunes_from_its_owners_fine_tuned_model(server, tiny_model_di
     assert reply.usage.completion_tokens >= 1
 
 
+def test_the_jobs_api_answers_a_list_of_prompts_as_serve_does(server, tiny_model_dir):
+    # lm-evaluation-harness pointed at the jobs API sends its batch as one list of prompts.
+    client = server.client()
+    options = {"model": str(tiny_model_dir), "max_tokens": 3, "temperature": 0}
+    prompts = ["Hello", "What is two plus two?", "Once upon a time"]
+    together = client.completions.create(prompt=prompts, n=2, **options)
+    alone = [client.completions.create(prompt=prompt, **options).choices[0].text for prompt in prompts]
+    assert [choice.index for choice in together.choices] == list(range(6))
+    assert [choice.text for choice in together.choices] == [text for text in alone for _ in range(2)]
+
+
 def assert_no_server_details(message: str, server: ApiServer):
     assert "Traceback" not in message and 'File "' not in message and str(server.home) not in message, message
     assert "/site-packages/" not in message and "/tuneforge/" not in message, message

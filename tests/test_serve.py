@@ -31,6 +31,7 @@ from tuneforge.generate import Batch, PackedLinear, Sampling, encode_prompts, ge
 from tuneforge.models import load_model, load_tokenizer, resolve
 from tuneforge.models.precision import bf16_supported
 from tuneforge.serve import AdapterPool, CompletionStore, Engine, EngineError, create_app, load_pool
+from tuneforge.serve.bodies import MAX_PROMPTS
 from tuneforge.serve.command import parse_adapters
 from tuneforge.serve.from_completions import from_completions
 from tuneforge.tasks.support_triage import SYSTEM_PROMPT
@@ -613,15 +614,68 @@ def test_end_user_ids_are_accepted(client):
     assert reply.usage.completion_tokens == 2
 
 
-@pytest.mark.parametrize("prompt", [["Hi", "Hello"], [[1, 2], [3]], [1, "a"], []])
-def test_a_list_of_prompts_is_refused_saying_to_send_one_request_a_prompt(client, prompt):
+TEXTS = ["The quick brown fox", "Once upon a time", "Two plus two is"]
+
+
+def test_a_list_of_prompts_is_answered_as_that_many_requests(client, base):
+    # lm-evaluation-harness and offline scoring scripts send their batch as one list; prompt i's choices are
+    # i * n to i * n + n - 1, as OpenAI orders them; each prompt counts once in the usage.
+    _, tokenizer = base
+    prompts = [TEXTS[0], encode_prompts(tokenizer, [TEXTS[1]])[0], TEXTS[2]]
+    options = {"model": BASE, "max_tokens": 5, "temperature": 0}
+    alone = [client.completions.create(prompt=prompt, **options) for prompt in prompts]
+    together = client.completions.create(prompt=prompts, **options)
+    assert [choice.index for choice in together.choices] == [0, 1, 2]
+    assert [choice.text for choice in together.choices] == [reply.choices[0].text for reply in alone]
+    assert together.usage.prompt_tokens == sum(reply.usage.prompt_tokens for reply in alone)
+    assert together.usage.completion_tokens == sum(reply.usage.completion_tokens for reply in alone)
+    twice = client.completions.create(prompt=prompts, n=2, **options)
+    assert [choice.index for choice in twice.choices] == list(range(6))
+    assert [choice.text for choice in twice.choices] == [c.text for c in together.choices for _ in range(2)]
+    assert twice.usage.prompt_tokens == together.usage.prompt_tokens
+    # Streamed, each chunk's index says whose text it carries; each choice's chunks join to its whole text.
+    texts = ["" for _ in range(6)]
+    for chunk in client.completions.create(prompt=prompts, n=2, stream=True, **options):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [choice.text for choice in twice.choices]
+
+
+def test_echo_and_logprobs_with_a_list_of_prompts_score_each_prompt(client, base):
+    # lm-evaluation-harness's loglikelihood batch: token ids of several prompts, echo, logprobs, one token.
+    _, tokenizer = base
+    prompts = [encode_prompts(tokenizer, [text])[0] for text in TEXTS]
+    options = {"model": BASE, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    together = client.completions.create(prompt=prompts, **options).choices
+    for prompt, choice in zip(prompts, together, strict=True):
+        [alone] = client.completions.create(prompt=prompt, **options).choices
+        assert choice.text == alone.text and choice.text.startswith(tokenizer.decode(prompt))
+        assert choice.logprobs.tokens == alone.logprobs.tokens and len(choice.logprobs.tokens) == len(prompt) + 1
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(alone.logprobs.token_logprobs[1:], abs=1e-4)
+        assert choice.logprobs.text_offset == alone.logprobs.text_offset
+
+
+@pytest.mark.parametrize("prompt", [[1, "a"], [], [[]], [["a"]], ["a", [1, "b"]]])
+def test_a_list_that_is_not_prompts_is_refused_saying_what_a_prompt_is(client, prompt):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2)
-    assert caught.value.param == "prompt" and caught.value.code == "unsupported_value"
-    assert "one prompt per request" in caught.value.message and "one request per prompt" in caught.value.message
+    assert caught.value.param == "prompt" and caught.value.code == "invalid_value"
+    assert "a list of prompts that are each a string or a non-empty list of token ids" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:  # neither a string nor a list: said as a string is wanted
         client.completions.create(model=BASE, prompt=5, max_tokens=2)
     assert caught.value.param == "prompt" and "valid string" in caught.value.message
+
+
+def test_a_request_takes_at_most_max_prompts_and_names_the_prompt_it_refuses(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=BASE, prompt=["Hi"] * (MAX_PROMPTS + 1), max_tokens=2)
+    assert caught.value.param == "prompt" and f"at most {MAX_PROMPTS}" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=BASE, prompt=["Hi", [1, 10**9]], max_tokens=2)
+    assert caught.value.body["message"].startswith("prompt 1 has token ids outside this model's vocabulary")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=BASE, prompt=["Hi", ""], max_tokens=2)
+    assert caught.value.body["message"] == "prompt 1: The prompt is empty."
 
 
 def raw_logprobs(model, prompt_ids, token_ids) -> torch.Tensor:
@@ -872,12 +926,16 @@ def test_concurrent_clients_get_their_lone_greedy_answers(server, client, base):
     assert health(server)["largest_batch"] > 1  # and they were decoded together
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_a_client_that_goes_away_stops_its_generation(server, n):
-    # With n choices, every one of its rows stops.
-    body = {"model": BASE, "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True, "n": n}
+@pytest.mark.parametrize(
+    ("route", "asked"),
+    [("chat/completions", {"messages": QUESTION}), ("chat/completions", {"messages": QUESTION, "n": 3})]
+    + [("completions", {"prompt": TEXTS, "n": 2})],
+)
+def test_a_client_that_goes_away_stops_its_generation(server, route, asked):
+    # With n choices, or several prompts, every one of its rows stops.
+    body = {"model": BASE, "max_tokens": 2000, "temperature": 0, "stream": True, **asked}
     with httpx.stream(
-        "POST", f"{server[0]}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        "POST", f"{server[0]}/v1/{route}", json=body, headers={"Authorization": f"Bearer {KEY}"}
     ) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
@@ -958,6 +1016,38 @@ def test_a_full_queue_answers_429_with_retry_after(base_dir):
         loop.call_soon_threadsafe(loop.stop)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "server_busy"
+
+
+def test_a_list_of_prompts_is_queued_whole_or_refused_whole(base_dir):
+    engine = Engine(AdapterPool(str(base_dir)), max_batch=1, max_waiting=2)
+    prompt_ids = engine.pool.tokenizer(BASE).encode("What is two plus two?")
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def occupy():
+        return engine.submit(BASE, prompt_ids, Sampling(max_new_tokens=100_000))
+
+    body = {"model": BASE, "max_tokens": 8, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with running_server(create_app(engine, api_keys=[KEY])) as url:
+            # More prompts than the queue holds could never be taken: a 400 that says how many it takes.
+            too_many = httpx.post(f"{url}/v1/completions", json={**body, "prompt": TEXTS}, headers=headers)
+            for running_and_waiting in [(1, 0), (1, 1)]:
+                asyncio.run_coroutine_threadsafe(occupy(), loop).result()
+                deadline = time.monotonic() + 10
+                while (engine.stats()["running"], engine.stats()["waiting"]) != running_and_waiting:
+                    assert time.monotonic() < deadline, engine.stats()
+                    time.sleep(0.01)
+            # Two prompts where one place is free: neither is queued.
+            busy = httpx.post(f"{url}/v1/completions", json={**body, "prompt": TEXTS[:2]}, headers=headers)
+            assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 1)
+    finally:
+        engine.close()
+        loop.call_soon_threadsafe(loop.stop)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt"
+    assert "this server queues at most 2 requests" in too_many.json()["error"]["message"]
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
 
 
 def test_a_request_counts_as_running_while_its_first_step_decodes(base_dir):

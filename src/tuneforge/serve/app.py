@@ -46,7 +46,7 @@ from .bodies import (
     SampledBody,
 )
 from .completion_store import CompletionStore
-from .engine import RETRY_AFTER_S, Engine, EngineError, Generation
+from .engine import RETRY_AFTER_S, Engine, EngineError, Generation, Generations
 from .metrics import GenerationMetrics
 from .tool_calls import ParsedReply, ToolCallParser, parser_for
 
@@ -74,7 +74,9 @@ class _Reply:
     reasoning: bool | None = None  # a reasoning model's reply: whether its prompt opened the reasoning (reasoning.py)
     tools: ToolCallParser | None = None  # parses a chat reply's tool calls; None: the reply is text
     parallel_tool_calls: bool = True  # false: the first call only, as OpenAI's API makes at most one then
-    echo: str | None = None  # a completion's prompt text, which each choice's text and log probabilities start with
+    # A completion's prompts' texts, which each of their choices' text and log probabilities start with.
+    echo: tuple[str, ...] | None = None
+    per_prompt: int = 1  # choices of each prompt: choice k answers prompt k // per_prompt
     # The reply's calls once parsed: the answer sent and the one stored give each call the same id.
     _parsed: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -102,15 +104,20 @@ class _Reply:
 
     def whole(self, completions: list[Completion]) -> dict:
         choices = [self._choice(index, completion) for index, completion in enumerate(completions)]
-        return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=_usage(completions))
+        usage = _usage(completions, self.per_prompt)
+        return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=usage)
+
+    def echoed(self, index: int) -> str | None:
+        """The prompt text that choice `index` starts with (None: no echo)."""
+        return None if self.echo is None else self.echo[index // self.per_prompt]
 
     def _choice(self, index: int, completion: Completion) -> dict:
         finish_reason = completion.finish_reason
         answer = {"text": completion.text}
-        logprobs = self.logprobs(completion.logprobs)
+        logprobs = self.logprobs(completion.logprobs, index=index)
         if self.echo is not None:
-            answer = {"text": self.echo + completion.text}
-            logprobs = self.logprobs(completion.logprobs, prompt=completion.prompt_logprobs)
+            answer = {"text": self.echoed(index) + completion.text}
+            logprobs = self.logprobs(completion.logprobs, prompt=completion.prompt_logprobs, index=index)
         if self.chat:
             # A reasoning model's reply parts into reasoning and answer first; calls come in the answer.
             message = {"role": "assistant", "content": completion.text}
@@ -128,17 +135,17 @@ class _Reply:
         }
 
     def logprobs(
-        self, entries: Sequence[TokenLogprob] | None, prompt: Sequence[TokenLogprob] | None = None
+        self, entries: Sequence[TokenLogprob] | None, prompt: Sequence[TokenLogprob] | None = None, index: int = 0
     ) -> dict | None:
         """The `logprobs` of a choice, or of a chunk, with these tokens': chat's `{"content": [...]}`, or the
         completions' `tokens`, `token_logprobs`, `top_logprobs` and `text_offset`; None where none were asked
         for (or a chunk adds no token). With `echo`, generated tokens' offsets count from the prompt's text's
         start, and `prompt`'s entries come first (the first token's log probability and top_logprobs null,
-        as OpenAI gives them)."""
+        as OpenAI gives them); `index` is the choice's, whose prompt's text is echoed."""
         if entries is None:
             return None
         if self.echo is not None and not self.chat:
-            shift = len(self.echo)
+            shift = len(self.echoed(index))
             entries = [*(prompt or ()), *(replace(entry, offset=entry.offset + shift) for entry in entries)]
         if self.chat:
             return {
@@ -162,7 +169,7 @@ class _Reply:
             "text_offset": [entry.offset for entry in entries],
         }
 
-    def events(self, server: Served, request: Request, body: GenerationBody, generation: Generation):
+    def events(self, server: Served, request: Request, body: GenerationBody, generation: Generation | Generations):
         """The answer as a stream of chunks (`_events`)."""
         return _events(server, request, body, self, generation)
 
@@ -193,14 +200,14 @@ class _Reply:
                 {
                     "index": index,
                     **answer,
-                    "logprobs": self.logprobs(() if prompt else logprobs or None, prompt),
+                    "logprobs": self.logprobs(() if prompt else logprobs or None, prompt, index),
                     "finish_reason": finish_reason,
                 }
             ],
         )
 
     def usage_chunk(self, completions: list[Completion]) -> dict:
-        return self._envelope(self._chunk_object, [], usage=_usage(completions))
+        return self._envelope(self._chunk_object, [], usage=_usage(completions, self.per_prompt))
 
     @property
     def _chunk_object(self) -> str:
@@ -229,9 +236,10 @@ def _token_logprob(entry: TokenLogprob) -> dict:
     return {"token": entry.token, "logprob": _logprob(entry.logprob), "bytes": list(entry.bytes)}
 
 
-def _usage(completions: list[Completion]) -> dict:
-    """Token counts as OpenAI gives them: the prompt once, the tokens of every choice."""
-    prompt_tokens = completions[0].prompt_tokens
+def _usage(completions: list[Completion], per_prompt: int = 1) -> dict:
+    """Token counts as OpenAI gives them: each prompt once (its choices are `per_prompt` in a row), the tokens of
+    every choice."""
+    prompt_tokens = sum(completion.prompt_tokens for completion in completions[::per_prompt])
     completion_tokens = sum(completion.completion_tokens for completion in completions)
     return {
         "prompt_tokens": prompt_tokens,
@@ -466,12 +474,12 @@ class Served:
             raise APIError(404, f"The model `{name}` was unloaded.", param="model", code="model_not_found") from None
 
     async def answered(
-        self, request: Request, body: SampledBody, reply: _Reply | _ResponseReply, generation: Generation
+        self, request: Request, body: SampledBody, reply: _Reply | _ResponseReply, generation: Generation | Generations
     ) -> None:
         """What an answer leaves behind: its metrics, its log line's figures, and its stored completion if asked."""
         completions = generation.completions
         self.metrics.answered(reply.model, generation)
-        usage = _usage(completions)
+        usage = _usage(completions, generation.per_prompt)
         finish_reasons = [completion.finish_reason for completion in completions]
         note(
             request,
@@ -526,7 +534,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         server,
         request,
         body,
-        body.template_messages(),
+        [body.template_messages()],
         server.default_max_tokens,
         "messages",
         body.template_tools(),
@@ -594,7 +602,7 @@ async def responses(body: ResponsesBody, request: Request, server: Served = Depe
     constraint = await asyncio.to_thread(_constraint, server, body)
     tokenizer = server.tokenizer(server.known_model(body.model))
     generation = await submit(
-        server, request, body, body.template_messages(), server.default_max_tokens, "input", constraint=constraint
+        server, request, body, [body.template_messages()], server.default_max_tokens, "input", constraint=constraint
     )
     opened = reasoning.reasoning_opened(tokenizer, generation.prompt_ids)
     return await answer(server, request, body, _ResponseReply.start(body, opened, tokenizer), generation)
@@ -602,22 +610,26 @@ async def responses(body: ResponsesBody, request: Request, server: Served = Depe
 
 @v1.post("/completions")
 async def completions(body: CompletionBody, request: Request, server: Served = Depends(served)):
-    prompt = body.prompt_input()
+    """One prompt or a list of them (`CompletionBody.prompt_inputs`), each queued as a request of its own, so their
+    rows decode together; prompt i's choices are i * n to i * n + n - 1, as OpenAI orders them."""
+    prompts = body.prompt_inputs()
     tokenizer = server.tokenizer(server.known_model(body.model))
-    if isinstance(prompt, tuple) and (outside := [t for t in prompt if not 0 <= t < len(tokenizer)]):
-        raise APIError(
-            400,
-            f"prompt has token ids outside this model's vocabulary (0 to {len(tokenizer) - 1}): {outside[:5]}. "
-            "Send ids from this model's tokenizer.",
-            param="prompt",
-            code="invalid_value",
-        )
-    generation = await submit(server, request, body, prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-    reply = _Reply.start(False, body.model)
+    for number, prompt in enumerate(prompts):
+        if isinstance(prompt, tuple) and (outside := [t for t in prompt if not 0 <= t < len(tokenizer)]):
+            raise APIError(
+                400,
+                ("prompt" if len(prompts) == 1 else f"prompt {number}")
+                + f" has token ids outside this model's vocabulary (0 to {len(tokenizer) - 1}): {outside[:5]}. "
+                "Send ids from this model's tokenizer.",
+                param="prompt",
+                code="invalid_value",
+            )
+    generation = await submit(server, request, body, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+    reply = replace(_Reply.start(False, body.model), per_prompt=body.n)
     if body.echo:
-        # The prompt as sent; token ids as they decode (special tokens' text left out, as in their entries).
-        echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)
-        reply = replace(reply, echo=echo)
+        # The prompts as sent; token ids as they decode (special tokens' text left out, as in their entries).
+        echo = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        reply = replace(reply, echo=tuple(echo))
     return await answer(server, request, body, reply, generation)
 
 
@@ -783,25 +795,28 @@ async def submit(
     server: Served,
     request: Request,
     body: SampledBody,
-    prompt,
+    prompts: list,
     default_max: int,
     length_param: str,
     tools: list[dict] | None = None,
     keep_tokens: tuple[str, ...] = (),
     constraint=None,
-) -> Generation:
+) -> Generation | Generations:
+    """Queue `prompts` (chat's messages, or a completion's prompts), each with `body.n` choices: a `Generation`
+    for one prompt, `Generations` for several, whose errors name the prompt (`prompt 2: ...`)."""
     body.check_supported()
     name = server.known_model(body.model)
-    note(request, model=name, **({"prompt": prompt} if server.observer.log_prompts else {}))
-    # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
-    template_kwargs = getattr(body, "chat_template_kwargs", None)
-    prompt_ids = await asyncio.to_thread(
-        _encode, server.tokenizer(name), prompt, tools, template_kwargs, length_param, body.prompt_field
-    )
-    if not prompt_ids:
-        raise APIError(400, "The prompt is empty.", param=length_param)
-    max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
-    if constraint is not None and reasoning.reasoning_opened(server.tokenizer(name), prompt_ids):
+    logged = prompts[0] if len(prompts) == 1 else prompts
+    note(request, model=name, **({"prompt": logged} if server.observer.log_prompts else {}))
+    queued = []
+    for number, prompt in enumerate(prompts):
+        try:
+            queued.append(await _prepared(server, body, name, prompt, default_max, length_param, tools))
+        except APIError as err:
+            if len(prompts) > 1:
+                err.message = f"{length_param} {number}: {err.message}"
+            raise
+    if constraint is not None and reasoning.reasoning_opened(server.tokenizer(name), queued[0][0]):
         raise APIError(
             400,
             f"{body.FORMAT_PARAM}: this prompt opens the model's reasoning, which a reply constrained to JSON could "
@@ -811,9 +826,29 @@ async def submit(
             code="unsupported_value",
         )
     try:
-        return server.engine.submit(name, prompt_ids, body.sampling(max_new_tokens, keep_tokens, constraint), body.n)
+        generations = server.engine.submit_all(
+            name,
+            [(ids, body.sampling(max_new_tokens, keep_tokens, constraint)) for ids, max_new_tokens in queued],
+            body.n,
+        )
     except EngineError as err:
         raise engine_error(err) from err
+    return generations.parts[0] if len(prompts) == 1 else generations
+
+
+async def _prepared(
+    server: Served, body: SampledBody, name: str, prompt, default_max: int, length_param: str, tools: list[dict] | None
+) -> tuple[list[int], int]:
+    """One prompt's token ids, and the most tokens its completion may have."""
+    # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
+    template_kwargs = getattr(body, "chat_template_kwargs", None)
+    prompt_ids = await asyncio.to_thread(
+        _encode, server.tokenizer(name), prompt, tools, template_kwargs, length_param, body.prompt_field
+    )
+    if not prompt_ids:
+        raise APIError(400, "The prompt is empty.", param=length_param)
+    max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
+    return prompt_ids, max_new_tokens
 
 
 def _encode(
@@ -840,7 +875,11 @@ def _encode(
 
 
 async def answer(
-    server: Served, request: Request, body: SampledBody, reply: _Reply | _ResponseReply, generation: Generation
+    server: Served,
+    request: Request,
+    body: SampledBody,
+    reply: _Reply | _ResponseReply,
+    generation: Generation | Generations,
 ):
     note(request, id=reply.id)  # in the log line of an answer cut short too
     if body.stream:
@@ -899,7 +938,9 @@ def _max_new_tokens(
     return requested
 
 
-async def _events(server: Served, request: Request, body: GenerationBody, reply: _Reply, generation: Generation):
+async def _events(
+    server: Served, request: Request, body: GenerationBody, reply: _Reply, generation: Generation | Generations
+):
     """The SSE stream: each choice's chunks as they come (`_choice_events`), the usage if asked, `[DONE]`."""
     try:
         async for chunk in _merged([_choice_events(reply, generation, index) for index in range(generation.n)]):
@@ -914,7 +955,7 @@ async def _events(server: Served, request: Request, body: GenerationBody, reply:
         generation.cancel()  # a client that disconnected mid-stream ends up here too
 
 
-async def _choice_events(reply: _Reply, generation: Generation, index: int):
+async def _choice_events(reply: _Reply, generation: Generation | Generations, index: int):
     """Choice `index`'s chunks: its opening (chat), a chunk per piece, the tool calls, the finish reason."""
     if reply.chat:
         yield reply.chunk(opening=True, index=index)
@@ -935,7 +976,7 @@ async def _choice_events(reply: _Reply, generation: Generation, index: int):
         # The prompt goes first, as OpenAI sends it; its tokens' log probabilities (where asked) come with the
         # prefill, before the first piece or the completion.
         first = await anext(pieces, None) if generation.sampling.prompt_logprobs else None
-        yield reply.chunk(reply.echo, index=index, prompt=generation.prompt_logprobs[index])
+        yield reply.chunk(reply.echoed(index), index=index, prompt=generation.prompt_logprobs[index])
         pieces = _after(first, pieces)
     async for part, text in reasoning.deltas(pieces, reply.reasoning):
         if reply.tools is None or part != reasoning.CONTENT:

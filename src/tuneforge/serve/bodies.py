@@ -22,6 +22,9 @@ DEFAULT_MAX_TOKENS = 1024  # chat's, unless the server says otherwise
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs`, at most (OpenAI's limit)
 MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
+# Prompts of one /v1/completions request (`prompt` as a list). Each waits in the engine's queue as a request of its
+# own, so one request takes at most half of the queue it has by default (engine.MAX_WAITING, 256).
+MAX_PROMPTS = 128
 # Choices of one request, which decode together as rows of one batch (and at most the engine's batch size).
 MAX_CHOICES = 16
 # Below this, sampling picks the argmax but for rounding, and dividing the logits by it can overflow.
@@ -385,7 +388,7 @@ class ChatCompletionBody(GenerationBody):
 
 
 class CompletionBody(GenerationBody):
-    # OpenAI's prompt may also be a list of prompts or of token ids; `check_supported` says what is served.
+    # A string, token ids, or a list of prompts (`prompt_inputs`), each answered with n choices.
     prompt: str | list
     # Each generated token's log probability with this many most likely tokens' (0 to 5); false or absent: none.
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -420,30 +423,44 @@ class CompletionBody(GenerationBody):
                 param="max_tokens",
                 code="invalid_value",
             )
-        self.prompt_input()
+        self.prompt_inputs()
 
-    def prompt_input(self) -> str | tuple[int, ...]:
-        """The one prompt, as text or as token ids (a tuple); a list holding one prompt is that prompt, as
-        lm-evaluation-harness sends it."""
+    def prompt_inputs(self) -> list[str | tuple[int, ...]]:
+        """The prompts, each as text or as token ids (a tuple), as OpenAI takes them: a string, a list of token ids,
+        or a list of either (lm-evaluation-harness sends its batch as one); at most MAX_PROMPTS."""
         prompt = self.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return prompt
-        if prompt and all(isinstance(token, int) and not isinstance(token, bool) for token in prompt):
-            return tuple(prompt)
+        if isinstance(prompt, str) or _token_ids(prompt):
+            return [_one_prompt(prompt)]
+        if prompt and all(isinstance(item, str) or _token_ids(item) for item in prompt):
+            if len(prompt) > MAX_PROMPTS:
+                raise APIError(
+                    400,
+                    f"prompt is a list of {len(prompt)} prompts; one request takes at most {MAX_PROMPTS}. Send the "
+                    "rest in more requests.",
+                    param="prompt",
+                    code="invalid_value",
+                )
+            return [_one_prompt(item) for item in prompt]
         raise APIError(
             400,
-            f"prompt is a list of {len(prompt)} items that is not one prompt: this server completes one prompt per "
-            "request, as a string or a list of token ids (or a list holding one of them). Send one request per "
-            "prompt.",
+            f"prompt is a list of {len(prompt)} items that are not all prompts: send a string, a list of token ids, "
+            "or a list of prompts that are each a string or a non-empty list of token ids.",
             param="prompt",
-            code="unsupported_value",
+            code="invalid_value",
         )
 
     def sampling(self, max_new_tokens: int, keep_tokens: tuple[str, ...] = (), constraint=None) -> Sampling:
         sampling = super().sampling(max_new_tokens, keep_tokens, constraint)
         return replace(sampling, prompt_logprobs=bool(self.echo) and self.logprobs is not None)
+
+
+def _token_ids(prompt) -> bool:
+    """Whether `prompt` is one prompt as token ids: a non-empty list of integers."""
+    return isinstance(prompt, list) and bool(prompt) and all(type(token) is int for token in prompt)
+
+
+def _one_prompt(prompt: str | list[int]) -> str | tuple[int, ...]:
+    return prompt if isinstance(prompt, str) else tuple(prompt)
 
 
 # OpenAI's Responses API (`POST /v1/responses`): the stateless core, answered as a chat request is.

@@ -103,6 +103,16 @@ class Generation:
                 raise event
 
     @property
+    def per_prompt(self) -> int:
+        """Choices of each prompt (this one's all)."""
+        return self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens, once however many choices answer it (they share its prefill); once answered."""
+        return self.completions[0].prompt_tokens
+
+    @property
     def time_to_first_token(self) -> float:
         """Seconds from joining the queue to the first text (to the answer, for an empty one)."""
         return (self._first_output_at or time.monotonic()) - self._queued_at
@@ -122,6 +132,55 @@ class Generation:
                 self._loop.call_soon_threadsafe(queue.put_nowait, event)
             except RuntimeError:
                 pass
+
+
+class Generations:
+    """Several prompts' generations answered as one request, read as one `Generation`: choice k is prompt
+    k // per_prompt's choice k % per_prompt, as OpenAI orders a list of prompts' choices."""
+
+    def __init__(self, parts: list[Generation]):
+        self.parts = parts
+        self.per_prompt = parts[0].n
+        self.n = self.per_prompt * len(parts)
+        self.sampling = parts[0].sampling  # what the prompts share: all but each one's max_new_tokens
+        self.logprobs = [received for part in parts for received in part.logprobs]
+
+    def _part(self, index: int) -> tuple[Generation, int]:
+        return self.parts[index // self.per_prompt], index % self.per_prompt
+
+    @property
+    def completions(self) -> list[Completion | None]:
+        return [completion for part in self.parts for completion in part.completions]
+
+    @property
+    def prompt_logprobs(self) -> list[tuple[TokenLogprob, ...] | None]:
+        return [entries for part in self.parts for entries in part.prompt_logprobs]
+
+    @property
+    def completion(self) -> Completion | None:
+        return self.parts[0].completion
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompts' tokens, each prompt once however many choices answer it."""
+        return sum(part.prompt_tokens for part in self.parts)
+
+    @property
+    def time_to_first_token(self) -> float:
+        return min(part.time_to_first_token for part in self.parts)
+
+    def cancel(self) -> None:
+        for part in self.parts:
+            part.cancel()
+
+    def pieces(self, index: int = 0):
+        part, choice = self._part(index)
+        return part.pieces(choice)
+
+    async def result(self) -> list[Completion]:
+        for part in self.parts:
+            await part.result()
+        return self.completions
 
 
 SEED_RANGE = 2**63  # torch's generator takes a 64-bit seed; seeds are in [0, 2**63)
@@ -159,6 +218,12 @@ class Engine:
     def submit(self, model: str, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> Generation:
         """Queue a request for `n` choices (at most `max_batch`: they decode together); call from a running
         event loop (a request handler)."""
+        [generation] = self.submit_all(model, [(prompt_ids, sampling)], n).parts
+        return generation
+
+    def submit_all(self, model: str, prompts: list[tuple[list[int], Sampling]], n: int = 1) -> Generations:
+        """Queue several prompts of one request, each with its sampling and `n` choices, as requests of their own
+        (so they join the running batch as `submit`'s do), all of them or none; call from a running event loop."""
         if not 1 <= n <= self.max_batch:
             raise EngineError(
                 f"n={n} asks for more choices than this server decodes together ({self.max_batch}, its batch "
@@ -167,7 +232,16 @@ class Engine:
                 code="invalid_value",
                 param="n",
             )
-        generation = Generation(model, prompt_ids, sampling, asyncio.get_running_loop(), n)
+        if len(prompts) > self.max_waiting:
+            raise EngineError(
+                f"prompt is a list of {len(prompts)} prompts, and this server queues at most {self.max_waiting} "
+                f"requests (each prompt waits as one): send at most {self.max_waiting} prompts a request.",
+                status=400,
+                code="invalid_value",
+                param="prompt",
+            )
+        loop = asyncio.get_running_loop()
+        generations = Generations([Generation(model, ids, sampling, loop, n) for ids, sampling in prompts])
         with self._wake:
             if self._closing:
                 raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
@@ -178,16 +252,16 @@ class Engine:
                     code="model_not_found",
                     param="model",
                 )
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) + len(prompts) > self.max_waiting:
                 raise EngineError(
                     f"The server is busy: {len(self._waiting)} requests are waiting already. Try "
                     f"again in {RETRY_AFTER_S} s.",
                     status=429,
                     code="server_busy",
                 )
-            self._waiting.append(generation)
+            self._waiting.extend(generations.parts)
             self._wake.notify()
-        return generation
+        return generations
 
     def unload(self, name: str) -> Future:
         """Stop serving the adapter `name` now; the future is done once its requests are answered and it is

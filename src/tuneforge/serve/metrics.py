@@ -15,7 +15,7 @@ import weakref
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from .engine import Engine, Generation
+from .engine import Engine, Generation, Generations
 
 TIME_TO_FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -59,11 +59,11 @@ class GenerationMetrics:
         """`adapter` on `base` was loaded or unloaded (`action`: "load" or "unload")."""
         self.adapter_updates.labels(base, adapter, action).inc()
 
-    def answered(self, model: str, generation: Generation) -> None:
-        # The prompt once, however many choices it was answered with (they share its prefill).
+    def answered(self, model: str, generation: Generation | Generations) -> None:
+        # Each prompt once, however many choices it was answered with (they share its prefill).
         completions = generation.completions
         self.time_to_first_token.labels(model).observe(generation.time_to_first_token)
-        self.prompt_tokens.labels(model).inc(completions[0].prompt_tokens)
+        self.prompt_tokens.labels(model).inc(generation.prompt_tokens)
         self.generated_tokens.labels(model).inc(sum(completion.completion_tokens for completion in completions))
 
 
