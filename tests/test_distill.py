@@ -803,63 +803,93 @@ def best_of_n_prompts(tmp_path: Path, ties: int = 0) -> tuple[Path, str]:
     return prompts, f"{tmp_path / 'rewards.py'}:length"
 
 
-def test_best_of_n_samples_differ_repeat_with_the_seed_and_resume_as_at_once(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def stopping_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with 30 more stop tokens in its generation config: sampled at T=1 (near uniform over 512
+    tokens), a third or so of its answers end within 6 tokens and the others are cut there."""
+    from transformers import GenerationConfig
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("stopping") / "model")
+    config = GenerationConfig.from_pretrained(folder)
+    config.eos_token_id = [config.eos_token_id, *range(100, 130)]
+    config.save_pretrained(folder)
+    return folder
+
+
+def ended(record: dict) -> list[str]:
+    """The texts of a best-of-N record's answers that ended before max_new_tokens: those rows are made of."""
+    return [s["text"] for s in record["samples"] if s["finish_reason"] != "length"]
+
+
+def test_best_of_n_samples_differ_repeat_with_the_seed_and_resume_as_at_once(stopping_model_dir, tmp_path):
     from tuneforge.distill import generate_teacher_data
 
     prompts, grader = best_of_n_prompts(tmp_path)
     options = dict(max_new_tokens=6, progress=False, samples=4, temperature=1.0, grader=grader)
     at_once = tmp_path / "at_once.jsonl"
-    result = generate_teacher_data(str(tiny_model_dir), prompts, at_once, seed=3, batch_size=16, **options)
-    assert (result.written, result.rows, result.left_out) == (5, 5, 0)
+    result = generate_teacher_data(str(stopping_model_dir), prompts, at_once, seed=3, batch_size=16, **options)
     records = [json.loads(line) for line in result.samples_file.read_text().splitlines()]
+    kept = [record for record in records if ended(record)]
+    assert (result.written, result.rows, result.left_out) == (5, len(kept), 5 - len(kept))
     rows = [json.loads(line) for line in at_once.read_text().splitlines()]
-    for record, row in zip(records, rows):
+    assert len(rows) == len(kept) >= 3
+    for record, row in zip(kept, rows):
         texts = [s["text"] for s in record["samples"]]
         assert len(set(texts)) > 1  # sampled at T=1, not four greedy answers
         assert [s["score"] for s in record["samples"]] == [float(len(t)) for t in texts]
-        assert row["messages"] == [*record["prompt"], {"role": "assistant", "content": max(texts, key=len)}]
-        assert row["scores"] == {"best": float(len(max(texts, key=len))), "all": [float(len(t)) for t in texts]}
+        # The longest answer that ended is kept, not a longer one cut at max_new_tokens.
+        best = max(ended(record), key=len)
+        assert row["messages"] == [*record["prompt"], {"role": "assistant", "content": best}]
+        assert row["scores"] == {"best": float(len(best)), "all": [float(len(t)) for t in texts]}
+    # To some prompt, a longer answer was cut at max_new_tokens: it is not the one kept.
+    assert any(max((s["text"] for s in r["samples"]), key=len) != max(ended(r), key=len) for r in kept)
 
     # Interrupted after two prompts and finished in smaller batches: each answer is sampled from its own seed.
     resumed = tmp_path / "resumed.jsonl"
-    generate_teacher_data(str(tiny_model_dir), prompts, resumed, seed=3, batch_size=4, limit=2, **options)
+    generate_teacher_data(str(stopping_model_dir), prompts, resumed, seed=3, batch_size=4, limit=2, **options)
     assert len(resumed.read_text().splitlines()) == 2
-    second = generate_teacher_data(str(tiny_model_dir), prompts, resumed, seed=3, batch_size=4, **options)
+    second = generate_teacher_data(str(stopping_model_dir), prompts, resumed, seed=3, batch_size=4, **options)
     assert (second.resumed_from, second.written) == (2, 5)
     assert resumed.read_text() == at_once.read_text()
     assert second.samples_file.read_text() == result.samples_file.read_text()
 
-    other = generate_teacher_data(str(tiny_model_dir), prompts, tmp_path / "other.jsonl", seed=4, **options)
+    other = generate_teacher_data(str(stopping_model_dir), prompts, tmp_path / "other.jsonl", seed=4, **options)
     assert other.samples_file.read_text() != result.samples_file.read_text()
     # Continued with another seed, number of samples or --keep, the file would mix two samplings.
     for changed in ({"seed": 4}, {"samples": 3}, {"keep": "pairs"}):
         with pytest.raises(TuneforgeError, match=f"{next(iter(changed))} .* where this call asks for") as mixed:
-            generate_teacher_data(str(tiny_model_dir), prompts, at_once, **{**options, "seed": 3, **changed})
+            generate_teacher_data(str(stopping_model_dir), prompts, at_once, **{**options, "seed": 3, **changed})
         assert mixed.value.code == "output_mismatch"
 
 
-def test_best_of_n_pairs_leave_ties_out_and_train_dpo(tiny_model_dir, tmp_path):
+def test_best_of_n_pairs_leave_ties_and_cut_answers_out_and_train_dpo(stopping_model_dir, tmp_path):
     from tuneforge.distill import generate_teacher_data
     from tuneforge.training import train
 
     prompts, grader = best_of_n_prompts(tmp_path, ties=2)
     out = tmp_path / "pairs.jsonl"
-    options = dict(max_new_tokens=6, progress=False, samples=4, grader=grader, keep="pairs")
-    result = generate_teacher_data(str(tiny_model_dir), prompts, out, **options)
-    assert (result.written, result.rows, result.left_out) == (5, 3, 2)
+    options = dict(max_new_tokens=6, progress=False, samples=4, seed=3, grader=grader, keep="pairs")
+    result = generate_teacher_data(str(stopping_model_dir), prompts, out, **options)
+    records = [json.loads(line) for line in result.samples_file.read_text().splitlines()]
+    # A pair needs two answers that ended, of different lengths; the prompts asking for a tie give none.
+    paired = [r for r in records[:3] if len({len(t) for t in ended(r)}) > 1]
+    assert (result.written, result.rows, result.left_out) == (5, len(paired), 5 - len(paired))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["prompt"][0]["content"] for row in rows] == [f"Question {i}: why?" for i in range(3)]
-    for row in rows:
-        assert row["scores"]["chosen"] == max(row["scores"]["all"]) > row["scores"]["rejected"]
-        assert row["scores"]["rejected"] == min(row["scores"]["all"])
-        assert len(row["chosen"][0]["content"]) > len(row["rejected"][0]["content"])
+    assert [row["prompt"] for row in rows] == [r["prompt"] for r in paired] and len(rows) >= 2
+    for record, row in zip(paired, rows):
+        assert row["chosen"][0]["content"] == max(ended(record), key=len)
+        assert row["rejected"][0]["content"] == min(ended(record), key=len)
+        assert row["scores"]["chosen"] > row["scores"]["rejected"]
+        assert row["scores"]["all"] == [s["score"] for s in record["samples"]]
+    # The longest answer to some prompt was cut at max_new_tokens: it is not the chosen one.
+    assert any(max(r["samples"], key=lambda s: len(s["text"]))["finish_reason"] == "length" for r in paired)
     # A rerun finds every prompt answered and writes the same pairs again from the recorded answers.
-    again = generate_teacher_data(str(tiny_model_dir), prompts, out, **options)
-    assert (again.resumed_from, again.rows, again.left_out) == (5, 3, 0)
+    again = generate_teacher_data(str(stopping_model_dir), prompts, out, **options)
+    assert (again.resumed_from, again.rows, again.left_out) == (5, len(paired), 0)
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
     # The pairs are DPO's data as they are.
-    cfg = tiny_run_config(tiny_model_dir, {"train": out, "validation": None}, tmp_path / "run", max_steps=2)
+    cfg = tiny_run_config(stopping_model_dir, {"train": out, "validation": None}, tmp_path / "run", max_steps=2)
     cfg["method"], cfg["dpo"], cfg["data"]["validation"] = "dpo", {}, 0
     assert math.isfinite(train(cfg, progress=False).metrics["train_loss"])
 
@@ -889,18 +919,18 @@ def test_best_of_n_refuses_options_that_cannot_work_before_any_model_loads(tmp_p
 
 
 def test_best_of_n_best_leaves_out_prompts_whose_best_answer_falls_short_of_the_pass_threshold(
-    tiny_model_dir, tmp_path
+    stopping_model_dir, tmp_path
 ):
     from tuneforge.distill import generate_teacher_data
 
     prompts, _ = best_of_n_prompts(tmp_path)
     source = "def grade(sample, item):\n    return float(len(sample['output_text']))\n"
-    grader = {"type": "python", "name": "length", "source": source, "pass_threshold": 18}
+    grader = {"type": "python", "name": "length", "source": source, "pass_threshold": 10}
     out = tmp_path / "best.jsonl"
-    result = generate_teacher_data(str(tiny_model_dir), prompts, out, max_new_tokens=6, samples=3, grader=grader)
+    result = generate_teacher_data(str(stopping_model_dir), prompts, out, max_new_tokens=6, samples=3, grader=grader)
     records = [json.loads(line) for line in result.samples_file.read_text().splitlines()]
-    best = [max(s["score"] for s in r["samples"]) for r in records]
-    assert 0 < result.left_out == sum(b < 18 for b in best) < 5  # some prompts pass, some do not
+    best = [max(map(len, ended(r)), default=-1) for r in records]
+    assert 0 < result.left_out == sum(b < 10 for b in best) < 5  # some prompts pass, some do not
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["messages"][:-1] for row in rows] == [r["prompt"] for r, b in zip(records, best) if b >= 18]
-    assert all(row["scores"]["best"] >= 18 for row in rows)
+    assert [row["messages"][:-1] for row in rows] == [r["prompt"] for r, b in zip(records, best) if b >= 10]
+    assert all(row["scores"]["best"] >= 10 for row in rows)

@@ -114,7 +114,11 @@ def distill_generate(
             "train with data.on_error=skip, or remove them)"
         )
     if result.samples_file is not None:
-        why = "their answers all scored alike" if keep == "pairs" else "no answer reached the grader's pass_threshold"
+        why = (
+            "their answers that ended within --max-new-tokens all scored alike, or were fewer than two"
+            if keep == "pairs"
+            else "no answer ended within --max-new-tokens and reached the grader's pass_threshold"
+        )
         left_out = f"; {result.left_out} of this call's prompts left out ({why})" if result.left_out else ""
         kind = "DPO pairs" if keep == "pairs" else "best answers"
         Console().print(

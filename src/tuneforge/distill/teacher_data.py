@@ -17,9 +17,12 @@ from its own random stream seeded by `seed` and its place (prompt, answer), and 
 they grade it). `keep: best` writes the best-scoring answer as a chat row (rejection sampling fine-tuning;
 a grader's pass_threshold leaves out prompts whose best answer falls short of it), `keep: pairs` the best
 and the worst as a DPO pair (prompt/chosen/rejected in chat form; a prompt whose answers all score alike
-is left out). Each row's scores are in its `scores` field, which the data reader ignores. Every prompt's
-answers and scores go to `OUT.samples.jsonl`, one line a prompt in the prompts' order: that file is
-what a rerun checks and continues, and `out` is written again from it first, so the two never disagree.
+is left out). Answers cut at max_new_tokens are neither kept nor paired (trained, a cut answer teaches
+ending the turn mid-answer, and its score may be the cut's): a prompt with no answer that ended is left
+out, and one with a single ended answer gives no pair. Each row's scores are in its `scores` field,
+which the data reader ignores. Every prompt's answers and scores go to `OUT.samples.jsonl`, one line a
+prompt in the prompts' order: that file is what a rerun checks and continues, and `out` is written again
+from it first, so the two never disagree.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ class TeacherData:
     stopped_by_length: int  # answers of this call cut at max_new_tokens
     empty: int  # answers of this call with no text, which SFT data checks reject (missing_content)
     # Best-of-N only: the file of every prompt's sampled answers and scores, the rows in `out` now, and the
-    # prompts of this call left out (their answers all scored alike for pairs, or below the grader's
-    # pass_threshold for best).
+    # prompts of this call left out (their answers that ended before max_new_tokens, if any, all scored alike
+    # for pairs, or below the grader's pass_threshold for best).
     samples_file: Path | None = None
     rows: int = 0
     left_out: int = 0
@@ -244,17 +247,23 @@ def sample_seed(seed: int, prompt: int, answer: int) -> int:
 def kept_row(record: dict, keep: str, pass_threshold: float | None) -> dict | None:
     """The training row a prompt's sampled answers give (`keep`: its best answer as a chat row, or its best
     and worst as a DPO pair), its scores in `scores`; None when the answers all score alike (pairs) or the
-    best falls short of the grader's pass_threshold (best)."""
+    best falls short of the grader's pass_threshold (best). Only answers that ended before max_new_tokens
+    (finish_reason other than length) are chosen from; None when there are none."""
     answers = record["samples"]
     scores = [a["score"] for a in answers]
-    best = max(range(len(scores)), key=scores.__getitem__)
+    # An answer cut at max_new_tokens takes no part: the model did not end it, so kept as the best or chosen
+    # reply it would train ending the turn mid-answer, and as the rejected one its score may be the cut's.
+    whole = [i for i, a in enumerate(answers) if a["finish_reason"] != "length"]
+    if not whole:
+        return None
+    best = max(whole, key=scores.__getitem__)
     prompt = record["prompt"]
     if keep == "best":
         if pass_threshold is not None and scores[best] < pass_threshold:
             return None
         reply = {"role": "assistant", "content": answers[best]["text"]}
         return {"messages": [*prompt, reply], "scores": {"best": scores[best], "all": scores}}
-    worst = min(range(len(scores)), key=scores.__getitem__)
+    worst = min(whole, key=scores.__getitem__)
     if scores[best] == scores[worst]:
         return None
     return {
