@@ -254,3 +254,42 @@ def test_an_exports_check_of_a_reward_model_compares_its_scores_not_next_tokens(
     ) as err:
         require_within(measured, 1e-3, "The merged model", 0.9)
     assert "next token" not in str(err.value)
+
+
+def test_a_lora_reward_model_on_a_base_without_a_config_pad_token_scores_where_training_did(preference_data, tmp_path):
+    """Llama 3's config has no pad token and its tokenizer pads with <|eot_id|>, the token each reply ends with:
+    training scores a reply at its last token that is not the pad token, and so do the grader and the export."""
+    from families import FAMILIES, save_family_model
+    from transformers import AutoConfig
+
+    from tuneforge.data import Message, Preference, render_preference
+    from tuneforge.graders import load_grader, sample_of
+    from tuneforge.models import load_model, load_tokenizer, resolve
+
+    base = save_family_model(FAMILIES["llama3"], tmp_path / "llama3")
+    assert AutoConfig.from_pretrained(base).pad_token_id is None
+    run = tmp_path / "rm"
+    train(reward_config(base, preference_data, run, max_steps=2, learning_rate=1e-2), progress=False)
+    tokenizer = load_tokenizer(run / "final")
+    assert tokenizer.pad_token == "<|eot_id|>"
+
+    prompt, answer = "My database is down", '{"category": "outage"}'
+    chosen, _ = render_preference(
+        Preference([Message("user", prompt)], Message("assistant", answer), Message("assistant", "Hello!")), tokenizer
+    )
+    assert chosen.input_ids[-1] == tokenizer.pad_token_id  # the reply ends with the pad token
+    model = load_model(resolve(str(run / "final"))).eval()
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    with torch.no_grad():
+        trained = reward.example_rewards(
+            model,
+            torch.tensor([list(chosen.input_ids)]),
+            torch.tensor([list(chosen.labels)]),
+            pad_id=tokenizer.pad_token_id,
+        )
+    grader = load_grader({"type": "reward_model", "name": "rm", "model": str(run / "final")})
+    (graded,) = grader.grade([sample_of(answer)], [{"prompt": prompt}])
+    assert graded.score == pytest.approx(float(trained[0]), abs=1e-5)
+    # The merged export keeps the pad token, so transformers (TRL, vLLM) score it there too.
+    export(run, "merged", None, tmp_path / "merged", progress=False)
+    assert AutoConfig.from_pretrained(tmp_path / "merged").pad_token_id == tokenizer.pad_token_id

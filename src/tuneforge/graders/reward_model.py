@@ -6,8 +6,8 @@
 export, or any sequence classifier with one output that `models.resolve` finds. The item's `prompt`
 (a text prompt, or its messages, as GRPO and `tuneforge eval --grader` give it) and the sample's
 output_text as the assistant's reply are rendered with the reward model's chat template, and the score
-is its output at the last token, as `method: reward` trained it. The spec is checked without loading
-the weights; they load on the first grade, on the GPU where there is one.
+is its output at the last token that is not the pad token, as `method: reward` trained it. The spec is
+checked without loading the weights; they load on the first grade, on the GPU where there is one.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class RewardModelGrader(Grader):
                 )
             conversation = [*prompt, {"role": "assistant", "content": sample["output_text"]}]
             ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
-            # One conversation a forward: no padding, so the score is at its own last token.
+            # One conversation a forward: the score is at its last token that is not the pad token (the
+            # config's, which `load_model` sets as training had it), as `method: reward` trained it.
             with torch.no_grad():
                 score = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, 0].float().item()
             scores.append(checked_score(score, self.label, samples, index))

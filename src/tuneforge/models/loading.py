@@ -160,7 +160,7 @@ def load_tokenizer(
         tokenizer.chat_template = fallback_template(tokenizer)
         _GIVEN_CHATML.add(tokenizer)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or end_of_turn_token(tokenizer)
+        tokenizer.pad_token = _pad_token(tokenizer)
     if tokenizer.pad_token is None:
         raise ModelSourceError(
             f"The tokenizer of {source.name} has no pad token, no end-of-sequence token and no end-of-turn "
@@ -291,6 +291,12 @@ def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: 
         )
 
 
+def _pad_token(tokenizer) -> str | None:
+    """The token `load_tokenizer` pads with: the tokenizer's own, else end-of-sequence, else the token that ends
+    its template's turns."""
+    return tokenizer.pad_token or tokenizer.eos_token or end_of_turn_token(tokenizer)
+
+
 def _raw_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
@@ -352,6 +358,12 @@ def load_model(
         config = base_config(source, rope_scaling)
         if classifier:
             config.num_labels = 1
+            if quiet and config.get_text_config().pad_token_id is None:
+                # The classifier scores a row at its last token that is not the pad token, where `methods.reward`
+                # trains it; a language model's config that names none (Llama 3's) takes the pad token training
+                # used, the tokenizer's, which a LoRA run's adapter does not save in any config.
+                tokenizer = _raw_tokenizer(source)
+                config.get_text_config().pad_token_id = tokenizer.convert_tokens_to_ids(_pad_token(tokenizer))
         auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
         with _quiet_load_report() if quiet else contextlib.nullcontext():
             model = auto.from_pretrained(source.path, config=config, dtype=dtype, **placement)
