@@ -207,13 +207,14 @@ def test_a_reward_model_starts_from_an_sft_runs_merged_adapter(tiny_model_dir, t
     assert not torch.equal(tuned.model.get_parameter(weight), base.model.get_parameter(weight))
 
 
-def test_a_reward_model_is_refused_up_front_by_chat_serve_and_eval_naming_the_grader(
+def test_a_reward_model_is_refused_up_front_by_chat_serve_eval_and_distill_generate_naming_the_grader(
     tokenizer, tiny_model_dir, tmp_path
 ):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     from tuneforge.chat import chat_command
+    from tuneforge.distill.teacher_data import generate_teacher_data
     from tuneforge.eval.evaluate import evaluate
     from tuneforge.serve.adapters import AdapterPool
 
@@ -231,6 +232,9 @@ def test_a_reward_model_is_refused_up_front_by_chat_serve_and_eval_naming_the_gr
         "chat": lambda model: chat_command(str(model), **sampling),
         "eval": lambda model: evaluate(str(model), data, progress=False),
         "serve": lambda model: AdapterPool(str(model)),
+        "distill generate": lambda model: generate_teacher_data(
+            str(model), data, tmp_path / "out.jsonl", progress=False
+        ),
     }
     for model in (full, adapter):
         for command, attempt in attempts.items():

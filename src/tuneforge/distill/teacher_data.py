@@ -311,7 +311,15 @@ def generate_teacher_data(
     import torch
 
     from ..generate import generate
-    from ..models import compute_dtype, load_frozen_model, load_tokenizer, model_context_length, resolve_precision
+    from ..models import (
+        compute_dtype,
+        load_frozen_model,
+        load_tokenizer,
+        model_context_length,
+        resolve,
+        resolve_precision,
+    )
+    from ..models.loading import refuse_reward_model
     from ..progress import library_bars, progress_bar
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 0):
@@ -331,6 +339,7 @@ def generate_teacher_data(
             f"at 0 every answer is the same) and --keep best or pairs (got {keep}).",
             code="bad_option",
         )
+    refuse_reward_model(resolve(teacher), "distill generate")  # a classifier writes no answers
     out = Path(out)
     if out.is_dir():
         raise TuneforgeError(

@@ -418,8 +418,8 @@ def is_sequence_classifier(source: ModelSource) -> bool:
 
 
 def refuse_reward_model(source: ModelSource, command: str) -> None:
-    """Refuses a reward model (`is_sequence_classifier`) where `command` (chat, serve, eval) generates text,
-    before it loads: a classifier scores a conversation and writes no reply."""
+    """Refuses a reward model (`is_sequence_classifier`) where `command` (chat, serve, eval, distill generate)
+    generates text, before it loads: a classifier scores a conversation and writes no reply."""
     if is_sequence_classifier(source):
         raise ModelSourceError(
             f"{source.spec} is a reward model (a sequence classifier with a score head, method: reward): it scores "
