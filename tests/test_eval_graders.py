@@ -93,6 +93,27 @@ def test_reward_functions_in_a_python_file_score_with_a_mean_per_function(
     assert figures["parts"]["by_weight"]["mean"] == 1.5 and figures["parts"]["one"]["mean"] == 1.0
 
 
+def test_a_grader_object_written_inline_on_the_command_line_scores_as_its_file_does(
+    tiny_model_dir, triage_data, tmp_path, capsys
+):
+    """`--grader '{"type": "reward_model", "model": "runs/rm"}'`, as the README writes a grader: an object
+    given inline, in JSON or in YAML's flow style, is that grader, not the name of a missing file."""
+    data = write_rows(tmp_path / "test.jsonl", rows_of(triage_data["test"], 2))
+    spec = {"type": "string_check", "name": "brace", "input": "{{ sample.output_text }}", "reference": "{"}
+    spec["operation"] = "like"
+    (tmp_path / "brace.json").write_text(json.dumps(spec))
+    inline_yaml = (
+        "{type: string_check, name: brace, input: '{{ sample.output_text }}', reference: '{', operation: like}"
+    )
+    figures = []
+    for grader in (str(tmp_path / "brace.json"), json.dumps(spec), inline_yaml):
+        assert eval_command(str(tiny_model_dir), str(data), max_new_tokens=2, grader=grader, json_out=True) == 0
+        figures.append(json.loads(capsys.readouterr().out)["grader"])
+    assert figures[0]["name"] == "brace" and figures[1] == figures[0] and figures[2] == figures[0]
+    with pytest.raises(ConfigError, match=r"--grader: .* is not a valid JSON or YAML object"):
+        eval_command(str(tiny_model_dir), str(data), grader='{"type": "string_check",', json_out=True)
+
+
 def test_a_grader_that_cannot_score_the_rows_is_refused_before_any_model_loads(triage_data, tmp_path):
     """A row without the field the grader reads is named by file and line, with the grader, before the
     model is even looked up (the model named here does not exist)."""

@@ -294,8 +294,9 @@ def eval_(
     ),
     grader: str | None = typer.Option(
         None,
-        help="Also score each answer against its row with a grader, as grpo.grader takes it: a JSON/YAML file of "
-        "an OpenAI grader, or reward functions as FILE.py:FUNCTION (several comma-separated, summed).",
+        help="Also score each answer against its row with a grader, as grpo.grader takes it: an OpenAI grader "
+        "inline ('{type: reward_model, model: runs/rm}') or in a JSON/YAML file, or reward functions as "
+        "FILE.py:FUNCTION (several comma-separated, summed).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
@@ -655,8 +656,8 @@ def distill_generate(
     seed: int = typer.Option(0, help="Best-of-N: the seed; each answer is sampled from it and its place."),
     grader: str | None = typer.Option(
         None,
-        help="Best-of-N: what scores the answers, as grpo.grader takes it: a JSON/YAML file of a grader "
-        "(a reward model: {type: reward_model, model: RUN}), or reward functions as FILE.py:FUNCTION "
+        help="Best-of-N: what scores the answers, as grpo.grader takes it: a grader inline (a reward model: "
+        "'{type: reward_model, model: RUN}') or in a JSON/YAML file, or reward functions as FILE.py:FUNCTION "
         "(several comma-separated, summed).",
     ),
     keep: str = typer.Option(

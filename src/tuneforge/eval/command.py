@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+import yaml
+
+from ..errors import ConfigError
 from .evaluate import compare as compare_models
 from .evaluate import evaluate
 from .report import examples_table, metrics_table, print_tables
@@ -21,8 +24,9 @@ def eval_command(
     grader: str | None = None,
 ) -> int:
     """Evaluate MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side.
-    `max_new_tokens` None: `evaluate`'s default. `grader`: a JSON/YAML file of a grader, or reward functions
-    as FILE.py:FUNCTION (comma-separated for several, summed), which scores the answers too."""
+    `max_new_tokens` None: `evaluate`'s default. `grader`: a grader object inline, a JSON/YAML file of one,
+    or reward functions as FILE.py:FUNCTION (comma-separated for several, summed), which scores the answers
+    too."""
     options = {"metric": metric, "limit": limit, "progress": not json_out}
     if grader is not None:
         options["grader"] = grader_spec(grader)
@@ -50,10 +54,19 @@ def eval_command(
 _FUNCTION_REFERENCE = re.compile(r"(.+?\.py:[A-Za-z_]\w*)(?:,|$)")
 
 
-def grader_spec(grader: str) -> str | list[str]:
-    """`--grader` as `graders.load_grader` takes it: reward functions, FILE.py:FUNCTION comma-separated, as a
-    list (a path's own commas kept; a list that names no function in some part split at every comma, so that
-    its error names that part); anything else (a JSON/YAML file) as given."""
+def grader_spec(grader: str) -> str | dict | list[str]:
+    """`--grader` as `graders.load_grader` takes it: a grader object written inline (JSON, or YAML's
+    `{type: ..., ...}`) as that object; reward functions, FILE.py:FUNCTION comma-separated, as a list (a
+    path's own commas kept; a list that names no function in some part split at every comma, so that its
+    error names that part); anything else (a JSON/YAML file) as given."""
+    if grader.lstrip().startswith("{"):
+        try:
+            spec = yaml.safe_load(grader)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--grader: {grader} is not a valid JSON or YAML object ({err}).") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(f"--grader: {grader} must be one grader object (a mapping with a type).")
+        return spec
     references = _FUNCTION_REFERENCE.findall(grader)
     if references and ",".join(references) == grader:
         return references
