@@ -862,6 +862,38 @@ def test_best_of_n_samples_differ_repeat_with_the_seed_and_resume_as_at_once(sto
         assert mixed.value.code == "output_mismatch"
 
 
+def test_best_of_n_with_a_reward_model_retrained_in_place_is_refused_rather_than_mixing_its_scores(
+    tiny_model_dir, tmp_path
+):
+    import torch
+    from tiny import tiny_llama, tiny_tokenizer
+    from transformers import LlamaForSequenceClassification
+
+    from tuneforge.distill import generate_teacher_data
+
+    def save_reward_model(seed: int) -> Path:
+        tokenizer = tiny_tokenizer()
+        config = tiny_llama(tokenizer).config
+        config.num_labels = 1
+        torch.manual_seed(seed)
+        LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+        tokenizer.save_pretrained(tmp_path / "rm")
+        return tmp_path / "rm"
+
+    prompts, _ = best_of_n_prompts(tmp_path)
+    grader = {"type": "reward_model", "name": "rm", "model": str(save_reward_model(0))}
+    out = tmp_path / "pairs.jsonl"
+    options = dict(max_new_tokens=4, progress=False, samples=2, grader=grader, keep="pairs")
+    generate_teacher_data(str(tiny_model_dir), prompts, out, limit=1, **options)
+    # The same reward model continues the file; one retrained in place (new weights, same folder) would give
+    # the remaining prompts' answers scores from another model.
+    assert generate_teacher_data(str(tiny_model_dir), prompts, out, limit=2, **options).resumed_from == 1
+    save_reward_model(1)
+    with pytest.raises(TuneforgeError, match="reward models that have changed since") as mixed:
+        generate_teacher_data(str(tiny_model_dir), prompts, out, **options)
+    assert mixed.value.code == "output_mismatch"
+
+
 def test_best_of_n_pairs_leave_ties_and_cut_answers_out_and_train_dpo(stopping_model_dir, tmp_path):
     from tuneforge.distill import generate_teacher_data
     from tuneforge.training import train

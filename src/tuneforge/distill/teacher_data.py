@@ -217,7 +217,7 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
         differences = [
             "teacher files that have changed since (retrained or replaced)"
             if key == "files"
-            else "grader files that have changed since (edited or replaced)"
+            else "grader files or reward models that have changed since (edited, replaced or retrained)"
             if key == "grader_files"
             else f"{key} {written[key]} where this call asks for {wanted[key]}"
             for key in changed
@@ -274,11 +274,15 @@ def kept_row(record: dict, keep: str, pass_threshold: float | None) -> dict | No
     }
 
 
-def _grader_record(grader: str | dict | list) -> dict:
-    """What the record beside the output keeps of a grader: its spec, and a hash of the files it names (a
-    grader file or reward functions' source edited between calls would score the rows by two graders)."""
+def _grader_record(grader: str | dict | list, judge) -> dict:
+    """What the record beside the output keeps of a grader: its spec, and a hash of the files it names and
+    of the models it scores with (`judge`, the loaded grader): a grader file or reward functions' source
+    edited, or a reward model retrained, between calls would score the rows by two graders."""
     parts = grader if isinstance(grader, list) else [grader]
     digest = hashlib.sha256()
+    models = judge.model_files()
+    if models:  # a grader without models: the hash of its files alone
+        digest.update(json.dumps(models).encode())
     for part in parts:
         if isinstance(part, str):
             path = Path(part.rpartition(":")[0] if ".py:" in part else part)
@@ -372,7 +376,13 @@ def generate_teacher_data(
         # Also when no row is left to add: a complete file from another teacher or answer length would
         # otherwise be taken as this teacher's answers.
         options = (
-            {"samples": samples, "temperature": temperature, "seed": seed, "keep": keep, **_grader_record(grader)}
+            {
+                "samples": samples,
+                "temperature": temperature,
+                "seed": seed,
+                "keep": keep,
+                **_grader_record(grader, judge),
+            }
             if sampled
             else None
         )

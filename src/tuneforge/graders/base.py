@@ -161,6 +161,11 @@ class Grader(ABC):
         """The grader's `Template`s, those of its sub-graders included."""
         return []
 
+    def model_files(self) -> list[tuple[str, int, int]]:
+        """The files of the models this grader scores with (a reward model's), sub-graders' included, as
+        (path, size, modification time): a model retrained in place makes it another grader."""
+        return []
+
     def reference_texts(self, samples: Sequence[dict], items: Sequence[dict]) -> list[str] | None:
         """The text this grader compares each sample's output with, for `check`; None when it has no reference."""
         return None

@@ -141,6 +141,9 @@ class MultiGrader(Grader):
     def templates(self) -> list:
         return [template for grader in self.graders.values() for template in grader.templates()]
 
+    def model_files(self) -> list[tuple[str, int, int]]:
+        return [file for grader in self.graders.values() for file in grader.model_files()]
+
     def reference_texts(self, samples: Sequence[dict], items: Sequence[dict]) -> list[str] | None:
         for grader in self.graders.values():
             texts = grader.reference_texts(samples, items)

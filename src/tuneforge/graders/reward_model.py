@@ -41,6 +41,11 @@ class RewardModelGrader(Grader):
             )
         self._loaded = None
 
+    def model_files(self) -> list[tuple[str, int, int]]:
+        from ..methods.distill import source_files
+
+        return source_files(self.source)
+
     def _model(self):
         from ..models import load_model, load_tokenizer
 

@@ -346,8 +346,12 @@ def cache_dir() -> Path:
 def teacher_files(teacher_name: str) -> list[tuple[str, int, int]]:
     """The teacher's files, its base's and its adapter's, as (path, size, modification time): a
     teacher retrained or replaced in place is another teacher."""
-    source = resolve(teacher_name)
-    # An adapter teacher (a LoRA run) is its base and its adapter: a retrained adapter is another teacher.
+    return source_files(resolve(teacher_name))
+
+
+def source_files(source) -> list[tuple[str, int, int]]:
+    """A resolved model's files, its base's and its adapter's, as (path, size, modification time)."""
+    # An adapter model (a LoRA run) is its base and its adapter: a retrained adapter is another model.
     folders = [Path(source.path)] + ([Path(source.adapter)] if source.adapter else [])
     return [
         (str(p), p.stat().st_size, p.stat().st_mtime_ns)
