@@ -343,7 +343,6 @@ def generate_teacher_data(
             f"at 0 every answer is the same) and --keep best or pairs (got {keep}).",
             code="bad_option",
         )
-    refuse_reward_model(resolve(teacher), "distill generate")  # a classifier writes no answers
     out = Path(out)
     if out.is_dir():
         raise TuneforgeError(
@@ -396,6 +395,7 @@ def generate_teacher_data(
         with atomic_file(out) as f:
             f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept if row is not None))
     if done < target:
+        refuse_reward_model(resolve(teacher), "distill generate")  # a classifier writes no answers
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with library_bars(progress):
             model = load_frozen_model(teacher, dtype=compute_dtype(resolve_precision(precision, device)), device=device)
