@@ -297,3 +297,18 @@ def test_a_lora_reward_model_on_a_base_without_a_config_pad_token_scores_where_t
     # The merged export keeps the pad token, so transformers (TRL, vLLM) score it there too.
     export(run, "merged", None, tmp_path / "merged", progress=False)
     assert AutoConfig.from_pretrained(tmp_path / "merged").pad_token_id == tokenizer.pad_token_id
+
+
+def test_a_reward_model_as_the_base_of_a_run_that_trains_a_language_model_is_refused_naming_base_model(
+    tokenizer, preference_data, tmp_path
+):
+    """A reward model's folder has a score head and no output layer: a DPO policy started from it would train
+    from a new or tied output layer without a word."""
+    from test_dpo import dpo_config
+
+    rm = tmp_path / "rm"
+    tiny_classifier(tokenizer).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    with pytest.raises(TuneforgeError, match=r"^base_model\b.*is a reward model .*reward_model") as err:
+        train(dpo_config(rm, preference_data, tmp_path / "dpo", max_steps=1), progress=False)
+    assert err.value.code == "reward_model_not_generator" and not (tmp_path / "dpo" / "final").exists()

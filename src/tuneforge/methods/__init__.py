@@ -34,7 +34,7 @@ from ..data import IGNORE_INDEX, collate
 from ..data.render import check_template
 from ..errors import ConfigError
 from ..models import compute_dtype, load_frozen_model, load_model, meta_model, source_context_length
-from ..models.loading import tokens_added
+from ..models.loading import refuse_reward_model, tokens_added
 from ..models.quantization import keep_trainable_layout, quantization_config
 from . import distill, dpo, full, grpo, lora, reward
 from .distill import DistillObjective
@@ -109,6 +109,8 @@ def new_token_ids(tokenizer) -> list[int]:
 
 def check_inputs(cfg, tokenizer, source) -> None:
     """Fail early, with a clear error, on inputs the method cannot use (`source`: the resolved base model)."""
+    if cfg.method != "reward":  # every other method trains a language model, which a reward model's folder lacks
+        refuse_reward_model(source, "train", cfg.key_at("base_model"))
     window = source_context_length(source, cfg.model.rope_parameters(), cfg.key_at("model.rope_scaling"))
     stretched = cfg.model.rope_scaling is not None
     built = f"model.rope_scaling stretches {source.name} to" if stretched else f"{source.name} was built for"

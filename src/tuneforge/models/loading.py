@@ -417,13 +417,16 @@ def is_sequence_classifier(source: ModelSource) -> bool:
     return classifier_folder(source.adapter if source.adapter is not None else source.path)
 
 
-def refuse_reward_model(source: ModelSource, command: str) -> None:
-    """Refuses a reward model (`is_sequence_classifier`) where `command` (chat, serve, eval, distill generate)
-    generates text, before it loads: a classifier scores a conversation and writes no reply."""
+def refuse_reward_model(source: ModelSource, command: str, where: str | None = None) -> None:
+    """Refuses a reward model (`is_sequence_classifier`) where `command` (chat, serve, eval, distill generate,
+    train for a method that trains a language model from it) needs text, before it loads: a classifier scores a
+    conversation and writes no reply, and its folder holds no output layer to start a language model from.
+    `where`: the config key that named it, to begin the message."""
     if is_sequence_classifier(source):
         raise ModelSourceError(
-            f"{source.spec} is a reward model (a sequence classifier with a score head, method: reward): it scores "
-            f"replies and writes none, so `tuneforge {command}` cannot run it. Score answers with it as a grader: "
+            f"{where + ': ' if where else ''}{source.spec} is a reward model (a sequence classifier with a score head, "
+            f"method: reward): it scores replies and writes none, so `tuneforge {command}` cannot run it. Score "
+            "answers with it as a grader: "
             f'tuneforge eval DATA --grader \'{{"type": "reward_model", "model": "{source.spec}"}}\'',
             code="reward_model_not_generator",
         )
