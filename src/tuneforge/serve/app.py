@@ -543,7 +543,11 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
     )
     opened = reasoning.reasoning_opened(tokenizer, generation.prompt_ids)
     return await answer(
-        server, request, body, _Reply.start(True, body.model, opened, tools, body.parallel_tool_calls), generation
+        server,
+        request,
+        body,
+        replace(_Reply.start(True, body.model, opened, tools, body.parallel_tool_calls), per_prompt=body.n),
+        generation,
     )
 
 
