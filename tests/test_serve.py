@@ -321,7 +321,7 @@ def test_bad_requests_get_openai_errors(client, options, error, param, code):
     assert caught.value.param == param and caught.value.code == code
     assert caught.value.body["message"] and "Value error" not in caught.value.body["message"]
     if param == "messages.0.content":  # said of the content, not of the first type the field could take
-        assert "text models" in caught.value.body["message"] or "needs content" in caught.value.body["message"]
+        assert "text model" in caught.value.body["message"] or "needs content" in caught.value.body["message"]
     # The server is none the worse for it.
     assert client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2).choices[0].message.content
 

@@ -197,3 +197,158 @@ def test_validate_says_rows_with_images_are_not_packed(vision_model, tmp_path, c
     validate({"base_model": str(vision_model), "data": {"train": str(rows), "validation": 0.0}})
     out = " ".join(capsys.readouterr().out.split())
     assert "2 (unpacked: rows with images are not packed, max_length" in out.replace("│ ", "").replace(" │", "")
+
+
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]}]
+
+
+def png(colour, size=(20, 16)) -> bytes:
+    import base64
+
+    return base64.b64decode(png_data_url(colour, size).split(",", 1)[1])
+
+
+def answer(model, tokenizer, rows, max_new_tokens=8, **options) -> list:
+    """Each (prompt, images) of `rows` answered greedily in one batch: the rows' completions."""
+    from tuneforge.generate import Batch, Sampling, encode_prompts
+
+    batch = Batch(model, tokenizer)
+    added = [
+        batch.add(encode_prompts(tokenizer, [prompt])[0], Sampling(max_new_tokens, **options), images=images)
+        for prompt, images in rows
+    ]
+    while batch:
+        batch.step()
+    return [row.completion() for row in added]
+
+
+@pytest.fixture(scope="module")
+def vision(vision_model):
+    tokenizer = load_tokenizer(str(vision_model))
+    return load_model(str(vision_model), dtype=torch.float32).eval(), tokenizer
+
+
+def test_a_prompt_with_an_image_is_answered_as_transformers_generates_from_the_processors_inputs(vision, vision_model):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    model, tokenizer = vision
+    [ours] = answer(model, tokenizer, [(QUESTION, [png(RED)])], max_new_tokens=12)
+    processor = AutoProcessor.from_pretrained(vision_model)
+    text = processor.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    picture = Image.new("RGB", (20, 16), RED)
+    inputs = processor(text=text, images=[picture], add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    theirs = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert ours.prompt_tokens == inputs["input_ids"].shape[1]
+    assert list(ours.token_ids) == theirs[: len(ours.token_ids)] and len(ours.token_ids) >= 2
+
+
+def test_another_image_changes_the_first_answer_tokens_logits(vision):
+    model, tokenizer = vision
+    red, green = answer(model, tokenizer, [(QUESTION, [png(RED)]), (QUESTION, [png(GREEN)])], 1, logprobs=5)
+    assert abs(red.logprobs[0].top[0].logprob - green.logprobs[0].top[0].logprob) > 1e-4
+
+
+def test_text_and_image_prompts_in_one_batch_answer_as_they_do_alone(vision):
+    model, tokenizer = vision
+    rows = [
+        ([{"role": "user", "content": "Hello there, how are you?"}], []),
+        (QUESTION, [png(RED)]),
+        ([{"role": "user", "content": "Hi"}], []),
+        (QUESTION, [png(GREEN, (12, 30))]),
+    ]
+    together = answer(model, tokenizer, rows)
+    assert [c.token_ids for c in together] == [answer(model, tokenizer, [row])[0].token_ids for row in rows]
+
+
+def test_a_prompt_whose_images_do_not_match_its_image_tokens_is_refused(vision):
+    from tuneforge.generate import Batch, Sampling, encode_prompts
+
+    model, tokenizer = vision
+    with pytest.raises(ValueError, match="tokens of 1 images and 0 images"):
+        Batch(model, tokenizer).add(encode_prompts(tokenizer, [QUESTION])[0], Sampling(4))
+
+
+@pytest.fixture(scope="module")
+def vision_server(vision_model):
+    from test_serve import running_server
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    engine = Engine(AdapterPool(str(vision_model)), max_batch=8)
+    with running_server(create_app(engine)) as url:
+        yield url
+    engine.close()
+
+
+def ask(url: str, content, **options):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": content}]
+    return client.chat.completions.create(model="model", messages=messages, temperature=0, **options)
+
+
+def image_content(url: str) -> list:
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour is this?"}]
+
+
+def test_serve_answers_image_and_text_requests_sent_together_as_each_is_answered_alone(vision_server, vision):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tokenizer = vision
+    requests = [
+        (image_content(png_data_url(RED)), (QUESTION, [png(RED)])),
+        ("Hello there, how are you?", ([{"role": "user", "content": "Hello there, how are you?"}], [])),
+        (image_content(png_data_url(GREEN, (12, 30))), (QUESTION, [png(GREEN, (12, 30))])),
+    ]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        replies = list(pool.map(lambda r: ask(vision_server, r[0], max_tokens=6), requests))
+    for reply, (_, row) in zip(replies, requests):
+        [alone] = answer(model, tokenizer, [row], max_new_tokens=6)
+        assert reply.choices[0].message.content == alone.text
+        assert reply.usage.prompt_tokens == alone.prompt_tokens  # the image's tokens counted
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("https://example.com/cat.png", "not downloaded"),
+        ("data:image/png;base64,@@@not-base64", "base64 does not decode"),
+        ("data:image/png;base64,aGVsbG8gd29ybGQ=", "not an image"),
+    ],
+)
+def test_serve_refuses_a_bad_image_naming_its_field(vision_server, url, says):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(vision_server, image_content(url), max_tokens=2)
+    assert caught.value.param == "messages.0.content.0.image_url.url" and says in caught.value.body["message"]
+
+
+def test_a_text_model_served_refuses_image_parts_as_before(tmp_path):
+    import openai
+    from test_serve import running_server
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    model = save_family_model(FAMILIES["gemma3"], tmp_path / "model")
+    engine = Engine(AdapterPool(str(model)))
+    try:
+        with running_server(create_app(engine)) as url, pytest.raises(openai.BadRequestError) as caught:
+            ask(url, image_content(png_data_url(RED)), max_tokens=2)
+    finally:
+        engine.close()
+    assert caught.value.param == "messages.0.content" and "text model" in caught.value.body["message"]
+
+
+def test_a_stored_chat_with_an_image_becomes_a_training_row_with_the_image(tmp_path):
+    from tuneforge.serve.bodies import training_messages
+
+    messages = training_messages([{"role": "user", "content": image_content(png_data_url(RED))}])
+    row = {"messages": [*messages, {"role": "assistant", "content": "It is red."}]}
+    [(_, record)] = list(read_conversations(write_rows(tmp_path / "rows.jsonl", [row])))
+    assert [image.data for image in record.messages[0].images] == [png(RED)]
+    assert record.messages[0].content == "What colour is this?"

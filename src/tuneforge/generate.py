@@ -9,7 +9,10 @@
 
 A prompt is a list of chat messages, rendered with the tokenizer's chat template and its
 generation prompt, or a plain string (completion style), encoded as a training document is: the
-tokenizer's BOS, if it adds one, then the text.
+tokenizer's BOS, if it adds one, then the text. For a model that reads images, each image marker the
+template writes is expanded into the image's tokens as training expands it, and `Batch.add` takes the
+image files a prompt shows: its prefill passes their `pixel_values` (the image then sits in the KV
+cache, so decoding steps need nothing more).
 
 The decoding loop is our own rather than `model.generate`, for three reasons: streaming is a
 plain iterator (no thread feeding a queue); every row knows why it finished ("stop" at an
@@ -205,9 +208,14 @@ def render_prompt(
     (given `template_kwargs`, such as Qwen 3's enable_thinking), a string as it is."""
     if isinstance(prompt, str):
         return prompt
-    return tokenizer.apply_chat_template(
+    from .models.loading import image_inputs
+
+    text = tokenizer.apply_chat_template(
         prompt, tools=tools, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
     )
+    # A model that reads images: each image marker becomes the image's tokens, as in training (data.render).
+    images = image_inputs(tokenizer)
+    return images.expand(text) if images is not None else text
 
 
 def encode_prompts(
@@ -365,8 +373,11 @@ class Row:
     Each row has its own sampling options and random stream, so rows of different requests can share a batch.
     """
 
-    def __init__(self, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None):
+    def __init__(
+        self, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None, images: tuple = ()
+    ):
         self.prompt_ids = prompt_ids
+        self.images: tuple[bytes, ...] = images  # the image files the prompt's image tokens show, in order
         self.sampling, self.generator = sampling, generator
         self.tokens: list[int] = []
         self.text = ""
@@ -577,7 +588,10 @@ class Batch:
     """
 
     def __init__(self, model, tokenizer):
+        from .models.loading import image_inputs
+
         self.model, self.tokenizer = model, tokenizer
+        self.images = image_inputs(tokenizer)  # the model's image side; None where it reads no images
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.window = model_context_length(model)
         pad = tokenizer.pad_token_id
@@ -607,10 +621,23 @@ class Batch:
             type(layer) is PreallocatedLayer and layer.is_initialized for layer in self._cache.layers
         )
 
-    def add(self, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> Row:
-        """Queue a prompt; `generator` is its random stream (None: greedy, or torch's global one)."""
+    def add(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        generator: torch.Generator | None = None,
+        images: Sequence[bytes] = (),
+    ) -> Row:
+        """Queue a prompt; `generator` is its random stream (None: greedy, or torch's global one); `images` are
+        the image files (PNG, JPEG, ...) its image tokens show, in order (`render_prompt` expanded them)."""
         if not prompt_ids:
             raise ValueError("a prompt rendered to no tokens; give it some text")
+        shown = self._images_shown(prompt_ids)
+        if len(images) != shown:
+            raise ValueError(
+                f"the prompt holds the tokens of {shown} images and {len(images)} images were given"
+                + ("" if self.images is not None else "; this model reads text only (it has no image processor)")
+            )
         if self.window is not None:
             # Past the positions the model was built for it writes noise: a reply stops where the window ends.
             room = self.window - len(prompt_ids)
@@ -621,9 +648,16 @@ class Batch:
                 )
             if sampling.max_new_tokens > room:
                 sampling = replace(sampling, max_new_tokens=room)
-        row = Row(list(prompt_ids), sampling, generator)
+        row = Row(list(prompt_ids), sampling, generator, tuple(images))
         self._waiting.append(row)
         return row
+
+    def _images_shown(self, prompt_ids: Sequence[int]) -> int:
+        """How many images' tokens the prompt holds: each image is one run of the image token."""
+        if self.images is None:
+            return 0
+        soft = self.images.image_token_id
+        return sum(token == soft and (at == 0 or prompt_ids[at - 1] != soft) for at, token in enumerate(prompt_ids))
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Row, str]]:
@@ -636,9 +670,12 @@ class Batch:
         self._leave()
         return produced
 
-    def _forward(self, input_ids, attention_mask, positions, cache, every_position: bool = False) -> torch.Tensor:
+    def _forward(
+        self, input_ids, attention_mask, positions, cache, every_position: bool = False, images: dict | None = None
+    ) -> torch.Tensor:
         """The logits of the last position, [rows, vocabulary] in fp32; with `every_position`, of every
-        position, [rows, positions, vocabulary] in the model's dtype."""
+        position, [rows, positions, vocabulary] in the model's dtype. `images`: a prefill's `pixel_values` and
+        `token_type_ids` (`_image_inputs`)."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -646,6 +683,7 @@ class Batch:
             use_cache=True,
             logits_to_keep=0 if every_position else self._last_position,
             **{self._cache_argument: cache},
+            **(images or {}),
         )
         return out.logits if every_position else out.logits[:, -1].float()
 
@@ -674,9 +712,11 @@ class Batch:
         scoring_rows = [row for row in rows if row.sampling.prompt_logprobs]
         if scoring_rows and len(scoring_rows) < len(rows):
             rows, self._waiting = scoring_rows, [row for row in rows if not row.sampling.prompt_logprobs]
-        distinct: dict[tuple[int, ...], int] = {}
-        prompt_of_row = [distinct.setdefault(tuple(row.prompt_ids), len(distinct)) for row in rows]
-        prompts = list(distinct)
+        # A prompt is its tokens and the images they show: the same tokens with other images are another prompt.
+        distinct: dict[tuple[tuple[int, ...], tuple[bytes, ...]], int] = {}
+        prompt_of_row = [distinct.setdefault((tuple(row.prompt_ids), row.images), len(distinct)) for row in rows]
+        prompts = [ids for ids, _ in distinct]
+        shown = [image for _, images in distinct for image in images]
         device = self.model.device
         cache = new_cache(self.model.config)
         # Prompts whose tokens' log probabilities a row asks for: every position's logits are kept, and each runs
@@ -685,6 +725,7 @@ class Batch:
         shared = _common_prefix_length(prompts)
         if (
             scoring
+            or shown  # a prefix would run its image tokens without the image; prompts with images run whole
             or len(prompts) < 2
             or shared < MIN_SHARED_PREFIX
             or any(type(layer) is not PreallocatedLayer for layer in cache.layers)
@@ -705,7 +746,8 @@ class Batch:
         input_ids, mask = input_ids.to(device), mask.to(device)
         # Positions count a row's real tokens, so padding does not shift them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        logits = self._forward(input_ids, mask, positions, cache, every_position=bool(scoring))
+        images = self._image_inputs(shown, input_ids) if shown else None
+        logits = self._forward(input_ids, mask, positions, cache, every_position=bool(scoring), images=images)
         if scoring:
             self._score_prompts(rows, prompt_of_row, prompts, scoring, logits)
             logits = logits[:, -1].float()
@@ -716,6 +758,14 @@ class Batch:
         tokens, scored = self._pick(logits, rows)
         self._merge(rows, cache, mask, tokens)
         return self._hand_out(rows, tokens, scored)
+
+    def _image_inputs(self, shown: list[bytes], input_ids: torch.Tensor) -> dict:
+        """What a prefill whose prompts show images passes beside their tokens, as training's batches do: the
+        images' pixels (in the order their tokens come, row by row) and where their tokens are. Rows without
+        images beside them have no image tokens, and attend as they do alone."""
+        weights = self.model.get_input_embeddings().weight
+        pixel_values = self.images.pixel_values(shown).to(weights.device, weights.dtype)
+        return {"pixel_values": pixel_values, "token_type_ids": self.images.token_type_ids(input_ids)}
 
     def _score_prompts(
         self, rows: list[Row], prompt_of_row: list[int], prompts: list, scoring: list[int], logits: torch.Tensor

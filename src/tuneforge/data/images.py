@@ -29,7 +29,7 @@ def read_image(url: object) -> Image | str:
         return f"the image's url must be a data URL; {_EMBED}."
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme in ("http", "https"):
-        return f"images are not downloaded (training reads no network); download {url[:80]} and {_EMBED}."
+        return f"images are not downloaded (tuneforge reads no network); download {url[:80]} and {_EMBED}."
     if scheme != "data":
         return f"{url[:80]!r} is not a data URL (a file path or other URL is not read); {_EMBED}."
     header, sep, payload = url.partition(",")

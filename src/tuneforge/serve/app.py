@@ -6,7 +6,9 @@ Bodies and errors are shaped as OpenAI's, so the official clients work unchanged
 `tuneforge.web`). Sampling defaults are OpenAI's (temperature 1, top_p 1); `max_tokens` defaults
 to 16 for completions, as OpenAI's does, and for chat to the server's `default_max_tokens`, within
 the context window either way. Every value is checked here, before the engine sees it; a prompt is
-encoded off the event loop; a client that hangs up stops its generation, streamed or not.
+encoded off the event loop; a client that hangs up stops its generation, streamed or not. A chat
+message's images (base64 data URLs) are read as training reads an image row's, for a model that reads
+images; a text model refuses them.
 
 An answered request leaves its figures in the metrics (`metrics.py`) and its request log line, and
 a chat request with `store: true` its prompt and answer in the completion store
@@ -29,10 +31,12 @@ from jinja2 import TemplateError
 
 from .. import reasoning
 from ..constrain import ConstraintError, json_index
+from ..data.images import read_image
 from ..data.render import renderer_for, template_texts
 from ..errors import TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
+from ..models.loading import image_inputs
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
 from .bodies import (
@@ -530,6 +534,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
     # The parser's markers stay in the reply's text: where a call starts after some text (Llama 3.1's
     # <|python_tag|>), decoding would drop them and the call would stay text.
     tokenizer = server.tokenizer(server.known_model(body.model))
+    images = await asyncio.to_thread(_image_files, server, body)
     generation = await submit(
         server,
         request,
@@ -540,6 +545,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         body.template_tools(),
         tools.markers if tools is not None else (),
         constraint,
+        images,
     )
     opened = reasoning.reasoning_opened(tokenizer, generation.prompt_ids)
     return await answer(
@@ -549,6 +555,34 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         replace(_Reply.start(True, body.model, opened, tools, body.parallel_tool_calls), per_prompt=body.n),
         generation,
     )
+
+
+def _image_files(server: Served, body: ChatCompletionBody) -> tuple[bytes, ...]:
+    """The image files the messages show, in order, each checked as training checks an image row's (a base64 data
+    URL of a PNG, JPEG, GIF or WEBP within 10 MB); a 400 for a bad one, or for any where the model reads none."""
+    parts = [(at, index, part) for at, message in enumerate(body.messages) for index, part in message.image_parts]
+    if not parts:
+        return ()
+    body.check_supported()
+    name = server.known_model(body.model)
+    if image_inputs(server.tokenizer(name)) is None:
+        at, index, _ = parts[0]
+        raise APIError(
+            400,
+            f"part {index} is of type 'image_url', and `{name}` is a text model (it has no image processor): send "
+            'the content as a string or text parts ({"type": "text", "text": ...}), or ask a model that reads '
+            "images (Gemma 3 4B and up).",
+            param=f"messages.{at}.content",
+            code="invalid_value",
+        )
+    files = []
+    for at, index, part in parts:
+        image = read_image(part.image_url.url)
+        if isinstance(image, str):
+            param = f"messages.{at}.content.{index}.image_url.url"
+            raise APIError(400, f"{param}: {image}", param=param, code="invalid_value")
+        files.append(image.data)
+    return tuple(files)
 
 
 def _tool_parser(server: Served, body: ChatCompletionBody) -> ToolCallParser | None:
@@ -805,9 +839,11 @@ async def submit(
     tools: list[dict] | None = None,
     keep_tokens: tuple[str, ...] = (),
     constraint=None,
+    images: tuple[bytes, ...] = (),
 ) -> Generation | Generations:
     """Queue `prompts` (chat's messages, or a completion's prompts), each with `body.n` choices: a `Generation`
-    for one prompt, `Generations` for several, whose errors name the prompt (`prompt 2: ...`)."""
+    for one prompt, `Generations` for several, whose errors name the prompt (`prompt 2: ...`). `images`: the
+    image files a chat prompt shows (`_image_files`)."""
     body.check_supported()
     name = server.known_model(body.model)
     logged = prompts[0] if len(prompts) == 1 else prompts
@@ -834,6 +870,7 @@ async def submit(
             name,
             [(ids, body.sampling(max_new_tokens, keep_tokens, constraint)) for ids, max_new_tokens in queued],
             body.n,
+            images,
         )
     except EngineError as err:
         raise engine_error(err) from err

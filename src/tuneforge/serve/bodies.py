@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
-from ..data.schema import Message
+from ..data.schema import Image, Message
 from ..generate import MAX_TOP_LOGPROBS, Sampling
 from ..web import APIError, Metadata, RequestBody
 
@@ -45,6 +45,19 @@ class TextPart(RequestBody):
     text: str
 
 
+class ImageURL(RequestBody):
+    url: str  # a base64 data URL, read as training reads an image row's (`data.images.read_image`)
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's; the processor sizes every image alike
+
+
+class ImagePart(RequestBody):
+    """An image in a user message, as OpenAI's API and its vision fine-tuning data give it; read by a model that
+    reads images (`app._image_files`), refused by a text model."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(RequestBody):
     name: str
     arguments: str  # JSON text, as OpenAI's API sends it
@@ -71,7 +84,7 @@ class Tool(RequestBody):
 class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: list[ToolCall] | None = None  # before content, whose check reads it
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None  # an assistant reply's reasoning, as a reasoning model's answer holds it
@@ -96,12 +109,26 @@ class ChatMessage(RequestBody):
                 "a message needs content: a string or a list of text parts (only an assistant message with "
                 "tool_calls may have null content)"
             )
+        role = info.data.get("role")
         for index, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text":
+            if kind == "image_url" and role == "user":
+                holder = part.get("image_url")
+                if not isinstance(holder, dict) or not isinstance(holder.get("url"), str):
+                    raise ValueError(
+                        f'part {index} is an image without its url: send {{"type": "image_url", "image_url": '
+                        '{"url": "data:image/png;base64,<the file\'s bytes in base64>"}}'
+                    )
+            elif kind == "image_url":
                 raise ValueError(
-                    f"part {index} is of type {kind!r}: this server serves text models, so a message's content "
-                    'is a string or text parts ({"type": "text", "text": ...})'
+                    f"part {index} is an image in a {role} message: images are read in user messages only, as "
+                    "in training; send the image in a user message"
+                )
+            elif kind != "text":
+                raise ValueError(
+                    f"part {index} is of type {kind!r}: a message's content is a string or text parts "
+                    '({"type": "text", "text": ...}) and, in a user message to a model that reads images, image '
+                    'parts ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}})'
                 )
         return content
 
@@ -115,10 +142,21 @@ class ChatMessage(RequestBody):
             raise ValueError(f"only assistant messages have reasoning_content; remove it from this {self.role} message")
         return self
 
+    @property
+    def image_parts(self) -> list[tuple[int, ImagePart]]:
+        """The content's image parts, with their index among its parts."""
+        parts = self.content if isinstance(self.content, list) else []
+        return [(index, part) for index, part in enumerate(parts) if isinstance(part, ImagePart)]
+
     def as_data_message(self) -> dict:
         """The message as a chat training row holds it ("developer" is OpenAI's newer name for "system",
-        which chat templates know)."""
-        text = self.content if isinstance(self.content, str | None) else "".join(part.text for part in self.content)
+        which chat templates know; a message with images keeps its parts, as image rows hold them)."""
+        if isinstance(self.content, str | None):
+            text = self.content
+        elif self.image_parts:
+            text = [part.model_dump(exclude_none=True) for part in self.content]
+        else:
+            text = "".join(part.text for part in self.content)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.name is not None:
             message["name"] = self.name
@@ -135,7 +173,14 @@ class ChatMessage(RequestBody):
         as an object; a reasoning model's template writes reasoning_content, Qwen 3's into the last replies,
         or leaves it out; a template writes the participant's `name` or leaves it out, as in training)."""
         data = self.as_data_message()
-        return Message(**{**data, "content": data["content"] or ""}).to_template()
+        if not self.image_parts:
+            return Message(**{**data, "content": data["content"] or ""}).to_template()
+        # The template writes an image's marker for each image part; the image files go to the model apart.
+        parts = tuple(
+            Image(b"", part.image_url.url) if isinstance(part, ImagePart) else part.text for part in self.content
+        )
+        text = "".join(part for part in parts if isinstance(part, str))
+        return Message(**{**data, "content": text, "parts": parts}).to_template()
 
 
 def training_messages(messages: list[dict]) -> list[dict]:

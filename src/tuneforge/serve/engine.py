@@ -59,9 +59,16 @@ class Generation:
     """
 
     def __init__(
-        self, model: str, prompt_ids: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop, n: int = 1
+        self,
+        model: str,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        loop: asyncio.AbstractEventLoop,
+        n: int = 1,
+        images: tuple[bytes, ...] = (),
     ):
         self.model, self.prompt_ids, self.sampling, self.n = model, prompt_ids, sampling, n
+        self.images = images  # the image files the prompt's image tokens show (`Batch.add`)
         self.completions: list[Completion | None] = [None] * n
         # Where the sampling asks for log probabilities: each choice's, as they came with its pieces so far.
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
@@ -215,15 +222,22 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="tuneforge-serve-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, model: str, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> Generation:
+    def submit(
+        self, model: str, prompt_ids: list[int], sampling: Sampling, n: int = 1, images: tuple[bytes, ...] = ()
+    ) -> Generation:
         """Queue a request for `n` choices (at most `max_batch`: they decode together); call from a running
-        event loop (a request handler)."""
-        [generation] = self.submit_all(model, [(prompt_ids, sampling)], n).parts
+        event loop (a request handler). `images`: the image files the prompt's image tokens show."""
+        [generation] = self.submit_all(model, [(prompt_ids, sampling)], n, images).parts
         return generation
 
-    def submit_all(self, model: str, prompts: list[tuple[list[int], Sampling]], n: int = 1) -> Generations:
+    def submit_all(
+        self, model: str, prompts: list[tuple[list[int], Sampling]], n: int = 1, images: tuple[bytes, ...] = ()
+    ) -> Generations:
         """Queue several prompts of one request, each with its sampling and `n` choices, as requests of their own
-        (so they join the running batch as `submit`'s do), all of them or none; call from a running event loop."""
+        (so they join the running batch as `submit`'s do), all of them or none; call from a running event loop.
+        `images` are those of a single prompt (a chat request's)."""
+        if images and len(prompts) != 1:
+            raise ValueError(f"images are given for one prompt, and there are {len(prompts)}")
         if not 1 <= n <= self.max_batch:
             raise EngineError(
                 f"n={n} asks for more choices than this server decodes together ({self.max_batch}, its batch "
@@ -241,7 +255,7 @@ class Engine:
                 param="prompt",
             )
         loop = asyncio.get_running_loop()
-        generations = Generations([Generation(model, ids, sampling, loop, n) for ids, sampling in prompts])
+        generations = Generations([Generation(model, ids, sampling, loop, n, images) for ids, sampling in prompts])
         with self._wake:
             if self._closing:
                 raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
@@ -336,7 +350,8 @@ class Engine:
                 added = []
                 for index in range(generation.n):
                     sampling = choice_sampling(generation.sampling, index)
-                    added.append(batch.add(generation.prompt_ids, sampling, sampling.generator(batch.model.device)))
+                    generator = sampling.generator(batch.model.device)
+                    added.append(batch.add(generation.prompt_ids, sampling, generator, generation.images))
             except Exception as err:  # noqa: BLE001 - a request whose options fail fails alone
                 for row in added:
                     row.cancelled = True
