@@ -352,3 +352,12 @@ def test_a_stored_chat_with_an_image_becomes_a_training_row_with_the_image(tmp_p
     [(_, record)] = list(read_conversations(write_rows(tmp_path / "rows.jsonl", [row])))
     assert [image.data for image in record.messages[0].images] == [png(RED)]
     assert record.messages[0].content == "What colour is this?"
+
+
+def test_responses_refuses_an_image_pointing_at_chat_completions_which_reads_it(vision_server):
+    import httpx
+
+    item = {"role": "user", "content": [{"type": "input_image", "image_url": png_data_url(RED)}]}
+    reply = httpx.post(f"{vision_server}/v1/responses", json={"model": "model", "input": [item]}, timeout=60)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "input.0.content"
+    assert "/v1/chat/completions" in reply.json()["error"]["message"]

@@ -572,8 +572,9 @@ class InputMessage(RequestBody):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             if kind not in ("input_text", "output_text"):
                 raise ValueError(
-                    f"part {index} is of type {json.dumps(kind)[:60]}: this server serves text models, so a "
-                    'message\'s content is a string or text parts ({"type": "input_text", "text": ...})'
+                    f"part {index} is of type {json.dumps(kind)[:60]}: /v1/responses takes a string or text parts "
+                    '({"type": "input_text", "text": ...}); a model that reads images reads them in '
+                    '/v1/chat/completions, as {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}'
                 )
         return content
 
