@@ -1101,8 +1101,9 @@ class Config(Strict):
         ):
             if d["train"][key] == TrainConfig.model_fields[key].default:
                 d["train"].pop(key)  # added later: a run at the defaults resumes a checkpoint from before them
-        if d["model"]["chat_template"] is None:
-            d["model"].pop("chat_template")  # added later: the tokenizer's own template, as before it
+        for key in ("chat_template", "rope_scaling"):
+            if d["model"][key] is None:
+                d["model"].pop(key)  # added later: the tokenizer's own template, the base's positions, as before
         for section in ("distill", "dpo", "grpo", "reward"):
             if self.method != section:
                 # Other methods ignore the section, and leaving it out keeps their hashes (and resumes) as they were.
