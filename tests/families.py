@@ -89,16 +89,10 @@ def save_family_model(family: TinyFamily, folder: str | Path, *, seed: int = 0) 
     return folder
 
 
-def save_gemma3_multimodal_config(folder: str | Path) -> Path:
-    """A Gemma 3 4B-shaped folder at tiny sizes: a model that also reads images, its text settings under
-    `text_config`, with the Gemma tokenizer and chat template; no weights (the dry run reads none)."""
-    from transformers import Gemma3Config
-
-    folder = Path(folder)
-    tokenizer = family_tokenizer(FAMILIES["gemma3"], folder)
-    tokenizer.save_pretrained(folder)
-    text = dict(
-        vocab_size=len(tokenizer),
+def gemma3_tiny_text_config(vocab_size: int) -> dict:
+    """The text settings of the tiny Gemma 3 4B-shaped models below."""
+    return dict(
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -109,6 +103,17 @@ def save_gemma3_multimodal_config(folder: str | Path) -> Path:
         sliding_window=256,
         max_position_embeddings=1024,
     )
+
+
+def save_gemma3_multimodal_config(folder: str | Path) -> Path:
+    """A Gemma 3 4B-shaped folder at tiny sizes: a model that also reads images, its text settings under
+    `text_config`, with the Gemma tokenizer and chat template; no weights (the dry run reads none)."""
+    from transformers import Gemma3Config
+
+    folder = Path(folder)
+    tokenizer = family_tokenizer(FAMILIES["gemma3"], folder)
+    tokenizer.save_pretrained(folder)
+    text = gemma3_tiny_text_config(len(tokenizer))
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28)
     Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4).save_pretrained(folder)
     return folder
@@ -139,18 +144,7 @@ def save_gemma3_vision_model(folder: str | Path, *, seed: int = 0) -> Path:
     image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
     processor = Gemma3Processor(image_processor, tokenizer, chat_template=tokenizer.chat_template, image_seq_length=4)
     processor.save_pretrained(folder)
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=256,
-        max_position_embeddings=1024,
-    )
+    text = gemma3_tiny_text_config(len(tokenizer))
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
     )
