@@ -989,10 +989,12 @@ def test_non_streamed_requests_whose_clients_hang_up_stop_decoding(server):
         time.sleep(0.02)
 
 
-def test_a_full_queue_answers_429_with_retry_after(base_dir):
-    engine = Engine(AdapterPool(str(base_dir)), max_batch=1, max_waiting=1)
-    # One generation runs and one waits, each far too long to finish during the test, so the third
-    # request meets a full queue however slowly it arrives.
+@contextmanager
+def engine_with_one_running_and_one_waiting(base_dir, max_waiting: int):
+    """An engine with one batch place and `max_waiting` queue places, served; `fill()` then makes one
+    generation run and one wait, each far too long to finish during the test, however slowly requests
+    arrive. Yields (engine, url, fill)."""
+    engine = Engine(AdapterPool(str(base_dir)), max_batch=1, max_waiting=max_waiting)
     prompt_ids = engine.pool.tokenizer(BASE).encode("What is two plus two?")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
@@ -1000,51 +1002,42 @@ def test_a_full_queue_answers_429_with_retry_after(base_dir):
     async def occupy():
         return engine.submit(BASE, prompt_ids, Sampling(max_new_tokens=100_000))
 
-    body = {"model": BASE, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
-    try:
+    def fill():
         for running_and_waiting in [(1, 0), (1, 1)]:
             asyncio.run_coroutine_threadsafe(occupy(), loop).result()
             deadline = time.monotonic() + 10
             while (engine.stats()["running"], engine.stats()["waiting"]) != running_and_waiting:
                 assert time.monotonic() < deadline, engine.stats()
                 time.sleep(0.01)
+
+    try:
         with running_server(create_app(engine, api_keys=[KEY])) as url:
-            refused = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
-        assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 1)
+            yield engine, url, fill
     finally:
         engine.close()
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_a_full_queue_answers_429_with_retry_after(base_dir):
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    with engine_with_one_running_and_one_waiting(base_dir, max_waiting=1) as (engine, url, fill):
+        fill()
+        refused = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 1)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "server_busy"
 
 
 def test_a_list_of_prompts_is_queued_whole_or_refused_whole(base_dir):
-    engine = Engine(AdapterPool(str(base_dir)), max_batch=1, max_waiting=2)
-    prompt_ids = engine.pool.tokenizer(BASE).encode("What is two plus two?")
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    async def occupy():
-        return engine.submit(BASE, prompt_ids, Sampling(max_new_tokens=100_000))
-
     body = {"model": BASE, "max_tokens": 8, "temperature": 0}
     headers = {"Authorization": f"Bearer {KEY}"}
-    try:
-        with running_server(create_app(engine, api_keys=[KEY])) as url:
-            # More prompts than the queue holds could never be taken: a 400 that says how many it takes.
-            too_many = httpx.post(f"{url}/v1/completions", json={**body, "prompt": TEXTS}, headers=headers)
-            for running_and_waiting in [(1, 0), (1, 1)]:
-                asyncio.run_coroutine_threadsafe(occupy(), loop).result()
-                deadline = time.monotonic() + 10
-                while (engine.stats()["running"], engine.stats()["waiting"]) != running_and_waiting:
-                    assert time.monotonic() < deadline, engine.stats()
-                    time.sleep(0.01)
-            # Two prompts where one place is free: neither is queued.
-            busy = httpx.post(f"{url}/v1/completions", json={**body, "prompt": TEXTS[:2]}, headers=headers)
-            assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 1)
-    finally:
-        engine.close()
-        loop.call_soon_threadsafe(loop.stop)
+    with engine_with_one_running_and_one_waiting(base_dir, max_waiting=2) as (engine, url, fill):
+        # More prompts than the queue holds could never be taken: a 400 that says how many it takes.
+        too_many = httpx.post(f"{url}/v1/completions", json={**body, "prompt": TEXTS}, headers=headers)
+        fill()
+        # Two prompts where one place is free: neither is queued.
+        busy = httpx.post(f"{url}/v1/completions", json={**body, "prompt": TEXTS[:2]}, headers=headers)
+        assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 1)
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt"
     assert "this server queues at most 2 requests" in too_many.json()["error"]["message"]
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
