@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from ..errors import TuneforgeError
 from .base import Grader, GraderError, checked_score, grading_failed, spec_text
 
@@ -47,6 +45,8 @@ class RewardModelGrader(Grader):
         return source_files(self.source)
 
     def _model(self):
+        import torch  # here: the graders load without torch (the jobs API, a python grader's child process)
+
         from ..models import load_model, load_tokenizer
 
         if self._loaded is None:
@@ -57,6 +57,8 @@ class RewardModelGrader(Grader):
         return self._loaded
 
     def _grade(self, samples: Sequence[dict], items: Sequence[dict]) -> list[float]:
+        import torch
+
         model, tokenizer = self._model()
         scores = []
         for index, (sample, item) in enumerate(zip(samples, items)):
