@@ -24,7 +24,12 @@ import tuneforge  # noqa: E402
 # wherever the installed one points) and these test helpers.
 SUBPROCESS_ENV = {
     **os.environ,
-    "PYTHONPATH": os.pathsep.join([str(Path(tuneforge.__file__).resolve().parents[1]), str(Path(__file__).parent)]),
+    # This checkout's tuneforge and test helpers first, then whatever the environment's own path holds (a
+    # device machine's extra site folder, where the packages its image lacks are installed).
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(tuneforge.__file__).resolve().parents[1]), str(Path(__file__).parent)]
+        + [part for part in os.environ.get("PYTHONPATH", "").split(os.pathsep) if part]
+    ),
     "TOKENIZERS_PARALLELISM": "false",
 }
 
