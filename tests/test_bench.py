@@ -225,8 +225,12 @@ def test_the_step_profile_sorts_a_whole_training_step_into_parts(tiny_model_dir,
     assert profile["step_tokens_per_s_own"] > 0
 
 
-def test_the_memory_bench_refuses_unknown_shapes_and_modes_and_a_merge_without_a_file_before_any_run(capsys):
+def test_the_memory_bench_refuses_unknown_shapes_and_modes_and_a_merge_without_a_file_before_any_run(
+    capsys, monkeypatch, tmp_path
+):
     import memory
+
+    monkeypatch.setattr(memory, "HERE", tmp_path)  # a results folder without today's file, whatever bench/ holds
 
     # int8 would otherwise run as bf16 and be filed as int8; a misspelt shape would fail after the shapes before it ran.
     for argv, message in (
