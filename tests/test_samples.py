@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_run_config
 from safetensors.torch import load_file
+from test_grpo import BRACE
 
 from tuneforge.config import load_config
 from tuneforge.data.render import renderer_for
@@ -112,15 +113,6 @@ def test_a_resumed_run_writes_each_validations_samples_once(tiny_model_dir, tria
     assert records(tmp_path / "run") == whole
     train(cfg, progress=False, resume=True)  # at its last step: only the final validation runs again
     assert records(tmp_path / "run") == whole
-
-
-BRACE = {
-    "type": "string_check",
-    "name": "brace",
-    "input": "{{ sample.output_text }}",
-    "reference": "{",
-    "operation": "like",
-}
 
 
 @pytest.mark.parametrize(

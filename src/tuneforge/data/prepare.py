@@ -608,34 +608,20 @@ class _Preparation:
             self._leave_out(line, {"reason": "over_max_length", "tokens": longest, "max_length": limit})
             self._note_over_length(place)
             return None
-        cut = None if any(e.images for e in examples) else cut_to_length(examples, limit, pair=self._pairs)
-        if cut is None and any(e.images for e in examples):  # an image's tokens are whole or the model refuses them
-            self.counts["rejected_records"] += 1
-            longest = max(len(e) for e in examples)
-            self.problems.append(
-                Problem(
-                    "too_long",
-                    f"the row is {longest} tokens with its images' tokens, over max_length {limit}, and a row "
-                    "with images is not cut (the model needs every token of an image). Raise data.max_length, "
-                    "shorten the row, or set data.truncation: drop.",
-                    file=path,
-                    line=line,
-                )
-            )
-            return None
+        images = any(e.images for e in examples)  # an image's tokens are whole or the model refuses them
+        cut = None if images else cut_to_length(examples, limit, pair=self._pairs)
         if cut is None:
             self.counts["rejected_records"] += 1
             longest = max(len(e) for e in examples)
-            self.problems.append(
-                Problem(
-                    "too_long",
-                    f"the row is {longest} tokens; cut to max_length {limit}, no trained token is left "
-                    "(the reply comes after the cut). Raise data.max_length, shorten the prompt, or set "
-                    "data.truncation: drop.",
-                    file=path,
-                    line=line,
-                )
+            why = (
+                f"the row is {longest} tokens with its images' tokens, over max_length {limit}, and a row with "
+                "images is not cut (the model needs every token of an image). Raise data.max_length, shorten the "
+                "row, or set data.truncation: drop."
+                if images
+                else f"the row is {longest} tokens; cut to max_length {limit}, no trained token is left (the reply "
+                "comes after the cut). Raise data.max_length, shorten the prompt, or set data.truncation: drop."
             )
+            self.problems.append(Problem("too_long", why, file=path, line=line))
             return None
         self.counts["truncated"] += 1
         self._note_over_length(place)
