@@ -142,7 +142,6 @@ def test_text_format_constrains_the_answer_to_the_schema(client):
         ({"reasoning": {"effort": "low"}}, "reasoning"),
         ({"store": True}, "store"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "{}"}]}, "input.0"),
-        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content"),
         (
             {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}},
             "text.format.schema",
@@ -151,6 +150,10 @@ def test_text_format_constrains_the_answer_to_the_schema(client):
         ({"instructions": "Be <|im_end|> brief."}, "instructions"),  # a structure token of the chat template
         ({"instructions": "Be brief.", "input": [{"role": "user", "content": "Hi <|im_end|>"}]}, "input.0.content"),
         ({"stop": ["."]}, "stop"),
+        # The served model is a text model; an image part outside a user message is refused whatever the model.
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content"),
+        ({"input": [{"role": "system", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}, "input.0.content"),
     ],
 )
 def test_what_is_not_served_is_refused_naming_the_field(client, request_fields, param):

@@ -354,10 +354,21 @@ def test_a_stored_chat_with_an_image_becomes_a_training_row_with_the_image(tmp_p
     assert record.messages[0].content == "What colour is this?"
 
 
-def test_responses_refuses_an_image_pointing_at_chat_completions_which_reads_it(vision_server):
-    import httpx
+def test_responses_reads_input_images_as_chat_completions_reads_image_parts(vision_server):
+    import openai
 
-    item = {"role": "user", "content": [{"type": "input_image", "image_url": png_data_url(RED)}]}
-    reply = httpx.post(f"{vision_server}/v1/responses", json={"model": "model", "input": [item]}, timeout=60)
-    assert reply.status_code == 400 and reply.json()["error"]["param"] == "input.0.content"
-    assert "/v1/chat/completions" in reply.json()["error"]["message"]
+    client = openai.OpenAI(base_url=f"{vision_server}/v1", api_key="none", max_retries=0, timeout=60)
+    chat = ask(vision_server, image_content(png_data_url(RED)), max_tokens=6)
+    parts = [
+        {"type": "input_image", "image_url": png_data_url(RED), "detail": "auto"},
+        {"type": "input_text", "text": "What colour is this?"},
+    ]
+    response = client.responses.create(
+        model="model", input=[{"role": "user", "content": parts}], max_output_tokens=6, temperature=0
+    )
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens  # the image's tokens counted
+    http = [{"type": "input_image", "image_url": "https://example.com/cat.png"}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="model", input=[{"role": "user", "content": http}])
+    assert caught.value.param == "input.0.content.0.image_url" and "not downloaded" in caught.value.body["message"]

@@ -557,30 +557,28 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
     )
 
 
-def _image_files(server: Served, body: ChatCompletionBody) -> tuple[bytes, ...]:
+def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tuple[bytes, ...]:
     """The image files the messages show, in order, each checked as training checks an image row's (a base64 data
     URL of a PNG, JPEG, GIF or WEBP within 10 MB); a 400 for a bad one, or for any where the model reads none."""
-    parts = [(at, index, part) for at, message in enumerate(body.messages) for index, part in message.image_parts]
-    if not parts:
+    images = body.images_sent()
+    if not images:
         return ()
     body.check_supported()
     name = server.known_model(body.model)
     if image_inputs(server.tokenizer(name)) is None:
-        at, index, _ = parts[0]
+        first = images[0]
         raise APIError(
             400,
-            f"part {index} is of type 'image_url', and `{name}` is a text model (it has no image processor): send "
-            'the content as a string or text parts ({"type": "text", "text": ...}), or ask a model that reads '
-            "images (Gemma 3 4B and up).",
-            param=f"messages.{at}.content",
+            f"part {first.index} is of type {first.type!r}, and `{name}` is a text model (it has no image processor): "
+            "send the content as a string or text parts, or ask a model that reads images (Gemma 3 4B and up).",
+            param=first.content_param,
             code="invalid_value",
         )
     files = []
-    for at, index, part in parts:
-        image = read_image(part.image_url.url)
+    for sent in images:
+        image = read_image(sent.url)
         if isinstance(image, str):
-            param = f"messages.{at}.content.{index}.image_url.url"
-            raise APIError(400, f"{param}: {image}", param=param, code="invalid_value")
+            raise APIError(400, f"{sent.url_param}: {image}", param=sent.url_param, code="invalid_value")
         files.append(image.data)
     return tuple(files)
 
@@ -639,8 +637,16 @@ async def responses(body: ResponsesBody, request: Request, server: Served = Depe
     same checks and engine."""
     constraint = await asyncio.to_thread(_constraint, server, body)
     tokenizer = server.tokenizer(server.known_model(body.model))
+    images = await asyncio.to_thread(_image_files, server, body)
     generation = await submit(
-        server, request, body, [body.template_messages()], server.default_max_tokens, "input", constraint=constraint
+        server,
+        request,
+        body,
+        [body.template_messages()],
+        server.default_max_tokens,
+        "input",
+        constraint=constraint,
+        images=images,
     )
     opened = reasoning.reasoning_opened(tokenizer, generation.prompt_ids)
     return await answer(server, request, body, _ResponseReply.start(body, opened, tokenizer), generation)

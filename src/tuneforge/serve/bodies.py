@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import replace
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
@@ -79,6 +79,16 @@ class FunctionDefinition(RequestBody):
 class Tool(RequestBody):
     type: Literal["function"]
     function: FunctionDefinition
+
+
+class SentImage(NamedTuple):
+    """An image part of a request's messages, with the names of its fields as the request gives them."""
+
+    content_param: str  # the content it is a part of: "messages.0.content"
+    index: int  # its index among the content's parts
+    type: str  # its type as sent: "image_url" (chat) or "input_image" (responses)
+    url_param: str  # its url's field: "messages.0.content.1.image_url.url"
+    url: str
 
 
 class ChatMessage(RequestBody):
@@ -425,6 +435,20 @@ class ChatCompletionBody(GenerationBody):
     def logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def images_sent(self) -> list[SentImage]:
+        """The messages' images, in order."""
+        return [
+            SentImage(
+                f"messages.{at}.content",
+                index,
+                "image_url",
+                f"messages.{at}.content.{index}.image_url.url",
+                part.image_url.url,
+            )
+            for at, message in enumerate(self.messages)
+            for index, part in message.image_parts
+        ]
+
     def length_limit(self) -> tuple[str, int | None]:
         # OpenAI's newer name for max_tokens; given both, it wins.
         if self.max_completion_tokens is not None:
@@ -536,6 +560,12 @@ RESPONSES_NOT_SERVED = {  # what it is not, and the values that ask for nothing,
 }
 
 
+INPUT_PARTS = (
+    '{"type": "input_text", "text": ...} and, in a user message to a model that reads images, '
+    '{"type": "input_image", "image_url": "data:image/png;base64,<the file\'s bytes in base64>"}'
+)
+
+
 class InputText(RequestBody):
     type: Literal["input_text", "output_text"]  # output_text: an earlier response's text, sent back
     text: str
@@ -543,12 +573,22 @@ class InputText(RequestBody):
     logprobs: list | None = None
 
 
+class InputImage(RequestBody):
+    """An image in a user message, as OpenAI's Responses API gives it; read as chat's `ImagePart` is."""
+
+    type: Literal["input_image"]
+    image_url: str  # a base64 data URL
+    file_id: str | None = None  # refused when set (`InputMessage._text_parts`): this server keeps no files
+    detail: Literal["auto", "low", "high", "original"] | None = None  # OpenAI's; the processor sizes every image alike
+
+
 class InputMessage(RequestBody):
-    """A message item of `input`: its content a string or text parts, as OpenAI's API takes them."""
+    """A message item of `input`: its content a string or parts (text, and images in a user message), as OpenAI's
+    API takes them."""
 
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: list[InputText]
+    content: list[Annotated[InputText | InputImage, Field(discriminator="type")]]
     id: str | None = None  # what an earlier response's message item carries, sent back; unused
     status: str | None = None
 
@@ -565,22 +605,45 @@ class InputMessage(RequestBody):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts(cls, content):
+    def _text_parts(cls, content, info: ValidationInfo):
         if isinstance(content, str):
             return [{"type": "input_text", "text": content}]
+        role = info.data.get("role")
         for index, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind not in ("input_text", "output_text"):
+            if kind == "input_image" and role == "user":
+                if part.get("file_id") is not None or not isinstance(part.get("image_url"), str):
+                    raise ValueError(
+                        f"part {index} is an image without its image_url (this server keeps no files, so a file_id "
+                        'is not read): send {"type": "input_image", "image_url": "data:image/png;base64,<the '
+                        "file's bytes in base64>\"}"
+                    )
+            elif kind == "input_image":
                 raise ValueError(
-                    f"part {index} is of type {json.dumps(kind)[:60]}: /v1/responses takes a string or text parts "
-                    '({"type": "input_text", "text": ...}); a model that reads images reads them in '
-                    '/v1/chat/completions, as {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}'
+                    f"part {index} is an image in a {role} message: images are read in user messages only, as "
+                    "in training; send the image in a user message"
+                )
+            elif kind not in ("input_text", "output_text"):
+                raise ValueError(
+                    f"part {index} is of type {json.dumps(kind)[:60]}: /v1/responses takes a string or parts: "
+                    f"{INPUT_PARTS}"
                 )
         return content
 
+    def as_chat_message(self) -> ChatMessage:
+        """The message as chat's, its images as `image_url` parts."""
+        if not any(isinstance(part, InputImage) for part in self.content):
+            return ChatMessage(role=self.role, content="".join(part.text for part in self.content))
+        parts = [
+            {"type": "image_url", "image_url": {"url": part.image_url}}
+            if isinstance(part, InputImage)
+            else {"type": "text", "text": part.text}
+            for part in self.content
+        ]
+        return ChatMessage(role=self.role, content=parts)
+
     def as_template_message(self) -> dict:
-        text = "".join(part.text for part in self.content)
-        return ChatMessage(role=self.role, content=text).as_template_message()
+        return self.as_chat_message().as_template_message()
 
 
 class ResponseFormat(RequestBody):
@@ -664,6 +727,17 @@ class ResponsesBody(SampledBody):
                 param="text.verbosity",
                 code="unsupported_value",
             )
+
+    def images_sent(self) -> list[SentImage]:
+        """The input's images, in order (`instructions` is text)."""
+        return [
+            SentImage(
+                f"input.{at}.content", index, "input_image", f"input.{at}.content.{index}.image_url", part.image_url
+            )
+            for at, message in enumerate(self.input)
+            for index, part in enumerate(message.content)
+            if isinstance(part, InputImage)
+        ]
 
     def output_format(self) -> tuple[str, dict | None]:
         """As `ChatCompletionBody.output_format`, read from `text.format`."""
