@@ -106,6 +106,32 @@ def test_streamed_deltas_join_to_the_answer(client, server):
     assert 'route="/v1/responses"' in metrics
 
 
+def test_logprobs_are_the_chat_routes_whole_and_streamed(client):
+    chat = chat_answer(client, BASE, 8, logprobs=True, top_logprobs=3).logprobs.content
+    options = {"model": BASE, "instructions": SYSTEM, "input": QUESTION, "max_output_tokens": 8, "temperature": 0}
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 3}
+    response = client.responses.create(**options, **asked)
+    entries = response.output[0].content[0].logprobs
+    assert response.top_logprobs == 3 and len(entries) == len(chat) == 8
+    for ours, theirs in zip(entries, chat):
+        assert (ours.token, ours.bytes, ours.logprob) == (theirs.token, theirs.bytes, theirs.logprob)
+        assert [(top.token, top.bytes, top.logprob) for top in ours.top_logprobs] == [
+            (top.token, top.bytes, top.logprob) for top in theirs.top_logprobs
+        ]
+    # Streamed: each text delta carries its tokens', the done events the answer's, as the whole response has them.
+    events = list(client.responses.create(**options, **asked, stream=True))
+    deltas = [event for event in events if event.type == "response.output_text.delta"]
+    assert [entry.token for event in deltas for entry in event.logprobs] == [entry.token for entry in entries]
+    assert all(len(event.logprobs) >= 1 for event in deltas)
+    [done] = [event for event in events if event.type == "response.output_text.done"]
+    whole = [entry.to_dict() for entry in entries]
+    assert [entry.to_dict() for entry in done.logprobs] == whole
+    assert [entry.to_dict() for entry in events[-1].response.output[0].content[0].logprobs] == whole
+    # Not asked: empty, as OpenAI gives them.
+    plain = client.responses.create(**options)
+    assert plain.output[0].content[0].logprobs == [] and plain.output_text == response.output_text
+
+
 def json_format() -> dict:
     return {"type": "json_schema", "name": "triage", "schema": TRIAGE_SCHEMA, "strict": True}
 
@@ -150,6 +176,9 @@ def test_text_format_constrains_the_answer_to_the_schema(client):
         ({"instructions": "Be <|im_end|> brief."}, "instructions"),  # a structure token of the chat template
         ({"instructions": "Be brief.", "input": [{"role": "user", "content": "Hi <|im_end|>"}]}, "input.0.content"),
         ({"stop": ["."]}, "stop"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without include's "message.output_text.logprobs"
+        ({"include": ["reasoning.encrypted_content"]}, "include.0"),
+        ({"top_logprobs": 21, "include": ["message.output_text.logprobs"]}, "top_logprobs"),
         # The served model is a text model; an image part outside a user message is refused whatever the model.
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content"),
         ({"input": [{"role": "system", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content"),

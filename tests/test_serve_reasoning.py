@@ -162,6 +162,20 @@ def test_a_response_holds_the_reasoning_in_an_item_before_the_message_whole_and_
     ]
 
 
+def test_a_responses_logprobs_are_its_answers_tokens_whole_and_streamed(served):
+    client, _ = served
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    whole = client.responses.create(model="qwen3", input="Hi", temperature=0, **asked)
+    entries = [entry.to_dict() for entry in whole.output[1].content[0].logprobs]
+    # The answer's tokens, the last of the chat reply's, whose first ones write the reasoning.
+    chat = [entry.to_dict() for entry in ask(client, logprobs=True, top_logprobs=2).choices[0].logprobs.content]
+    assert bytes(b for entry in entries for b in entry["bytes"]).decode() == ANSWER == whole.output_text
+    assert entries == chat[len(chat) - len(entries) :]
+    events = list(client.responses.create(model="qwen3", input="Hi", temperature=0, stream=True, **asked))
+    streamed = [entry.to_dict() for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    assert streamed == entries
+
+
 def test_a_request_may_carry_reasoning_and_turn_thinking_off_through_extra_body(served):
     client, _ = served
     earlier = {"role": "assistant", "content": "Hi", "reasoning_content": "say hi"}

@@ -152,13 +152,7 @@ class _Reply:
             shift = len(self.echoed(index))
             entries = [*(prompt or ()), *(replace(entry, offset=entry.offset + shift) for entry in entries)]
         if self.chat:
-            return {
-                "content": [
-                    _token_logprob(entry) | {"top_logprobs": [_token_logprob(top) for top in entry.top]}
-                    for entry in entries
-                ],
-                "refusal": None,
-            }
+            return {"content": _logprob_entries(entries), "refusal": None}
         # OpenAI's legacy shape: the most likely tokens and the one picked, by their text.
         return {
             "tokens": [entry.token for entry in entries],
@@ -240,6 +234,23 @@ def _token_logprob(entry: TokenLogprob) -> dict:
     return {"token": entry.token, "logprob": _logprob(entry.logprob), "bytes": list(entry.bytes)}
 
 
+def _logprob_entries(entries: Sequence[TokenLogprob]) -> list[dict]:
+    """Tokens' log probabilities as chat's `logprobs.content` and a response's `output_text.logprobs` give them."""
+    return [_token_logprob(entry) | {"top_logprobs": [_token_logprob(top) for top in entry.top]} for entry in entries]
+
+
+class _Unsent:
+    """The log probabilities received (a `Generation`'s, of one choice) that no streamed chunk has carried yet:
+    each chunk carries those of the tokens that came since the one before."""
+
+    def __init__(self, received: list[TokenLogprob]):
+        self.received, self.sent = received, 0
+
+    def __call__(self) -> list[TokenLogprob]:
+        start, self.sent = self.sent, len(self.received)
+        return self.received[start:]
+
+
 def _usage(completions: list[Completion], per_prompt: int = 1) -> dict:
     """Token counts as OpenAI gives them: each prompt once (its choices are `per_prompt` in a row), the tokens of
     every choice."""
@@ -262,7 +273,8 @@ class _ResponseReply:
 
     Its `output` holds a `message` item with the answer as one `output_text` part; a reasoning model's
     reasoning (what the chat route gives as `reasoning_content`) comes before it as a `reasoning` item with a
-    `reasoning_text` part, so the SDK's `output_text` is the answer alone.
+    `reasoning_text` part, so the SDK's `output_text` is the answer alone. Where `include` asks for them, the
+    `output_text` part's `logprobs` are those of the answer's tokens, in chat's entries' shape.
     """
 
     body: ResponsesBody
@@ -300,7 +312,8 @@ class _ResponseReply:
         if completion is not None:
             if thought:  # empty reasoning (Qwen 3's <think></think> without thinking) streams nothing: no item
                 output.append(self._reasoning_item(thought, status))
-            output.append(self._message_item(answer, status))
+            logprobs = _answer_logprobs(completion.logprobs or [], completion.text, answer)
+            output.append(self._message_item(answer, status, logprobs))
         text_format = self.body.text.format if self.body.text is not None else None
         return {
             "id": self.id,
@@ -323,6 +336,7 @@ class _ResponseReply:
             },
             "tool_choice": "none",
             "tools": [],
+            "top_logprobs": self.body.top_logprobs,
             "top_p": self.body.top_p,
             "truncation": "disabled",
             "usage": self._usage(completion, thought) if completion is not None else None,
@@ -346,8 +360,8 @@ class _ResponseReply:
     def _reasoning_id(self) -> str:
         return f"rs_{self.id.removeprefix('resp_')}"
 
-    def _message_item(self, answer: str | None, status: str) -> dict:
-        content = [] if answer is None else [self._text_part(answer)]
+    def _message_item(self, answer: str | None, status: str, logprobs: Sequence[TokenLogprob] = ()) -> dict:
+        content = [] if answer is None else [self._text_part(answer, logprobs)]
         return {"type": "message", "id": self._message_id, "status": status, "role": "assistant", "content": content}
 
     def _reasoning_item(self, thought: str | None, status: str) -> dict:
@@ -355,8 +369,8 @@ class _ResponseReply:
         return {"type": "reasoning", "id": self._reasoning_id, "summary": [], "content": content, "status": status}
 
     @staticmethod
-    def _text_part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def _text_part(text: str, logprobs: Sequence[TokenLogprob] = ()) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": _logprob_entries(logprobs)}
 
     def event(self, kind: str, **fields) -> str:
         self.sequence_number += 1
@@ -366,21 +380,34 @@ class _ResponseReply:
         """The SSE stream as OpenAI's: the response created, each output item added, its text's deltas, the
         item done, and the response completed (or incomplete); a reasoning item, if any, before the message."""
         texts: dict[str, str] = {}  # each item's text so far, by field (reasoning.REASONING or CONTENT)
+        # A text delta carries the log probabilities (where asked) of the answer's tokens that came since the last
+        # delta; those of the reasoning's go unsent, as reasoning text has none.
+        fresh, reply = _Unsent(generation.logprobs[0]), []  # reply: the pieces received, the reply's text so far
+
+        async def received():
+            async for piece in generation.pieces():
+                reply.append(piece)
+                yield piece
+
         try:
             yield self.event("response.created", response=self.response(None))
             yield self.event("response.in_progress", response=self.response(None))
-            async for part, text in reasoning.deltas(generation.pieces(), self.reasoning):
+            async for part, text in reasoning.deltas(received(), self.reasoning):
                 if part not in texts:
                     for event in self._item_events(texts, part):
                         yield event
                 texts[part] += text
                 where = {"item_id": self._item_id(part), "output_index": len(texts) - 1, "content_index": 0}
                 kind = "response.reasoning_text.delta" if part == reasoning.REASONING else "response.output_text.delta"
-                yield self.event(kind, **where, delta=text, **({} if part == reasoning.REASONING else {"logprobs": []}))
-            finished = self.response(
-                generation.completion, texts.get(reasoning.REASONING), texts.get(reasoning.CONTENT, "")
-            )
-            for event in self._item_events(texts, None, finished["status"]):
+                logprobs = _logprob_entries(_answer_logprobs(fresh(), "".join(reply), texts[part]))
+                yield self.event(
+                    kind, **where, delta=text, **({} if part == reasoning.REASONING else {"logprobs": logprobs})
+                )
+            answer = texts.get(reasoning.CONTENT, "")
+            finished = self.response(generation.completion, texts.get(reasoning.REASONING), answer)
+            completion = generation.completion
+            logprobs = _answer_logprobs(completion.logprobs or [], completion.text, answer)
+            for event in self._item_events(texts, None, finished["status"], logprobs):
                 yield event
             await server.answered(request, body, self, generation)
             kind = "response.incomplete" if finished["status"] == "incomplete" else "response.completed"
@@ -394,9 +421,16 @@ class _ResponseReply:
     def _item_id(self, part: str) -> str:
         return self._reasoning_id if part == reasoning.REASONING else self._message_id
 
-    def _item_events(self, texts: dict[str, str], opening: str | None, status: str = "completed"):
-        """The events that end the open item (the last of `texts`, with `status`) and open `opening`'s (None: the
-        stream ends, with the message item, opened first where the reply had no answer)."""
+    def _item_events(
+        self,
+        texts: dict[str, str],
+        opening: str | None,
+        status: str = "completed",
+        logprobs: Sequence[TokenLogprob] = (),
+    ):
+        """The events that end the open item (the last of `texts`, with `status`, and the answer's `logprobs`) and
+        open `opening`'s (None: the stream ends, with the message item, opened first where the reply had no
+        answer)."""
         if opening is None and reasoning.CONTENT not in texts:
             yield from self._item_events(texts, reasoning.CONTENT)
         if texts:
@@ -410,12 +444,14 @@ class _ResponseReply:
                     item=self._reasoning_item(text, status),
                 )
             else:
-                yield self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
-                yield self.event("response.content_part.done", **where, content_index=0, part=self._text_part(text))
+                entries = _logprob_entries(logprobs)
+                yield self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=entries)
+                part = self._text_part(text, logprobs)
+                yield self.event("response.content_part.done", **where, content_index=0, part=part)
                 yield self.event(
                     "response.output_item.done",
                     output_index=where["output_index"],
-                    item=self._message_item(text, status),
+                    item=self._message_item(text, status, logprobs),
                 )
         if opening is not None:
             texts[opening] = ""
@@ -428,6 +464,17 @@ class _ResponseReply:
             if opening == reasoning.CONTENT:
                 where = {"item_id": self._message_id, "output_index": len(texts) - 1}
                 yield self.event("response.content_part.added", **where, content_index=0, part=self._text_part(""))
+
+
+def _answer_logprobs(entries: Sequence[TokenLogprob], text: str, answer: str) -> list[TokenLogprob]:
+    """Of `entries` (tokens of the reply `text`, whole or so far, in order), those of the tokens that write
+    `answer`: all, or where the reply is a reasoning model's, those from its answer on (the answer, stripped as
+    `reasoning.message` and the streamed deltas part it, ends the text but for whitespace)."""
+    if answer == text:
+        return list(entries)
+    start = len(text.rstrip()) - len(answer)
+    ends = [entry.offset for entry in entries[1:]] + [len(text) + 1]
+    return [entry for entry, end in zip(entries, ends) if end > start]
 
 
 # ---- the app ---------------------------------------------------------------------------------------
@@ -1011,12 +1058,7 @@ async def _choice_events(reply: _Reply, generation: Generation | Generations, in
     content, sent = "", 0  # a reply parsed for tool calls: its answer so far, and how much of it went out
     # Each text chunk carries the log probabilities (where asked) of the tokens that came since the last one; the
     # last chunk the rest, so the chunks' join those of the whole answer.
-    received, logprobs_sent = generation.logprobs[index], 0
-
-    def fresh() -> list:
-        nonlocal logprobs_sent
-        start, logprobs_sent = logprobs_sent, len(received)
-        return received[start:]
+    fresh = _Unsent(generation.logprobs[index])
 
     pieces = generation.pieces(index)
     if reply.echo is not None:
@@ -1044,7 +1086,7 @@ async def _choice_events(reply: _Reply, generation: Generation | Generations, in
         if parsed is not None:
             yield reply.tool_calls_chunk(parsed.tool_calls, index)
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-    rest = (completion.logprobs or ())[logprobs_sent:]
+    rest = (completion.logprobs or ())[fresh.sent :]
     yield reply.chunk(finish_reason=finish_reason, index=index, logprobs=rest)
 
 

@@ -543,23 +543,15 @@ RESPONSES_NOT_SERVED = {  # what it is not, and the values that ask for nothing,
     "parallel_tool_calls": (_TOOLS, (True,)),
     "max_tool_calls": (_TOOLS, ()),
     "reasoning": ("a reasoning model reasons as its chat template makes it, with no effort or summary set", ()),
-    "include": (
-        "no extra output is included (a reasoning model's reasoning is in the output already; log probabilities "
-        "are served by /v1/chat/completions)",
-        ([],),
-    ),
     "background": ("a response is answered while the request waits, or streamed", (False,)),
     "prompt": ("this server keeps no prompt templates: send the instructions and the input themselves", ()),
-    "top_logprobs": (
-        "log probabilities are served by /v1/chat/completions (`logprobs`, `top_logprobs`) and "
-        "/v1/completions, not by /v1/responses here",
-        (),
-    ),
     "truncation": ("the input is never truncated: a prompt past the context window is refused", ("disabled",)),
     "service_tier": ("this server has one tier", ("auto", "default")),
 }
 
 
+# What `include` may ask for: each answer token's log probability (`ResponsesBody.logprobs_asked`).
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 INPUT_PARTS = (
     '{"type": "input_text", "text": ...} and, in a user message to a model that reads images, '
     '{"type": "input_image", "image_url": "data:image/png;base64,<the file\'s bytes in base64>"}'
@@ -676,6 +668,10 @@ class ResponsesBody(SampledBody):
     user: str | None = None  # OpenAI's end-user ids and cache key: accepted and not used
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    # include [LOGPROBS_INCLUDE] asks for each answer token's log probability, with the top_logprobs most likely
+    # tokens' (`generate.TokenLogprob`), as chat's logprobs and top_logprobs do.
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # The values sent for RESPONSES_NOT_SERVED's fields, which `check_supported` refuses when set.
     _not_served: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -711,6 +707,24 @@ class ResponsesBody(SampledBody):
             value = self._not_served.get(param)
             if value is not None and not any(value == same and type(value) is type(same) for same in harmless):
                 raise APIError(400, f"{param} is not supported: {why}.", param=param, code="unsupported_value")
+        for index, item in enumerate(self.include or []):
+            if item != LOGPROBS_INCLUDE:
+                raise APIError(
+                    400,
+                    f"include.{index} {json.dumps(item)[:80]} is not supported: this server includes the answer's log "
+                    f"probabilities ({json.dumps(LOGPROBS_INCLUDE)}) and nothing else (a reasoning model's reasoning "
+                    "is in the output already).",
+                    param=f"include.{index}",
+                    code="unsupported_value",
+                )
+        if self.top_logprobs and self.logprobs_asked() is None:
+            raise APIError(
+                400,
+                f"top_logprobs={self.top_logprobs} needs include [{json.dumps(LOGPROBS_INCLUDE)}] (the most likely "
+                "tokens come with each token's log probability): send both, or leave top_logprobs out.",
+                param="top_logprobs",
+                code="invalid_value",
+            )
         if self.store:
             raise APIError(
                 400,
@@ -727,6 +741,9 @@ class ResponsesBody(SampledBody):
                 param="text.verbosity",
                 code="unsupported_value",
             )
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if LOGPROBS_INCLUDE in (self.include or ()) else None
 
     def images_sent(self) -> list[SentImage]:
         """The input's images, in order (`instructions` is text)."""
