@@ -8,7 +8,7 @@ import torch
 from tuneforge.data import Example, collate, pack
 from tuneforge.methods.sft import trained_logits
 from tuneforge.models import load_model, resolve
-from tuneforge.models.attention import per_example_attention, supports_per_example_attention
+from tuneforge.models.attention import per_example_attention, segments, supports_per_example_attention
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,21 @@ def test_shared_prefix_rows_give_the_losses_and_gradients_of_the_examples_one_by
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-5)
     for a, b in zip(grads, reference_grads):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_a_forward_pass_reads_its_rows_segments_once_not_once_per_layer(model, monkeypatch):
+    """Reading the position ids on the host waits, on a GPU, for all the work queued before it: once per
+    forward pass, not once per layer."""
+    import tuneforge.models.attention as attention
+
+    assert model.config.num_hidden_layers > 1
+    reads = []
+    monkeypatch.setattr(attention, "segments", lambda positions: reads.append(1) or segments(positions))
+    batch = collate(pack(examples(model.config.vocab_size, [17, 5, 30]), max_length=64), pad_id=0)
+    with per_example_attention(model):
+        logits_and_grads(model, batch)
+    assert len(reads) == len(batch["input_ids"])
+    batch["position_ids"][0, 5:] = torch.arange(batch["input_ids"].shape[1] - 5)  # changed in place: read again
+    with per_example_attention(model):
+        logits_and_grads(model, batch)
+    assert len(reads) == 2 * len(batch["input_ids"])

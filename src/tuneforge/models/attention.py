@@ -67,13 +67,12 @@ def per_example_sdpa(
         raise RuntimeError("per-example attention serves training rows only (no KV cache, no padding mask)")
     if position_ids is None:
         position_ids = torch.zeros(1, length, dtype=torch.long)
-    positions = position_ids.expand(batch, length).tolist()  # one host sync per layer
     dropout = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
     rows = []
-    for b in range(batch):
+    for b, row_segments in enumerate(_batch_segments(position_ids, batch, length)):
         parts = []
-        for start, end, first, owner in segments(positions[b]):
+        for start, end, first, owner in row_segments:
             q, k, v = query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end]
             if first == 0:
                 parts.append(
@@ -94,6 +93,25 @@ def per_example_sdpa(
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if batch > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+_last_segments: tuple[weakref.ref, int, list] | None = None
+"""The position ids `_batch_segments` last read, their version (an in-place change moves it), and their rows'
+segments."""
+
+
+def _batch_segments(position_ids: torch.Tensor, batch: int, length: int) -> list[list[tuple[int, int, int, int]]]:
+    """Each row's `segments`. Every layer of a forward pass (and its recomputation under gradient
+    checkpointing) gets the same position-id tensor, so its segments are read once: reading them moves the
+    ids to the host, and on a GPU each such read waits for all the work queued before it."""
+    global _last_segments
+    if _last_segments is not None:
+        read, version, found = _last_segments
+        if read() is position_ids and version == position_ids._version:
+            return found
+    found = [segments(row) for row in position_ids.expand(batch, length).tolist()]
+    _last_segments = (weakref.ref(position_ids), position_ids._version, found)
+    return found
 
 
 def supports_per_example_attention(config, max_length: int) -> bool:
