@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh fetch   # here: the wheels that image lacks, and a tokenizer, into .whl/ (git-ignored)
 #   bash bench/gpu_check.sh run     # there (device `run`, carry [".whl"], timeout_s 600): writes to $OUT
+#   bash bench/gpu_check.sh profile # there: one step of each candidate profiled (1B shape, bf16), into $OUT
 #
 # `run` installs the wheels into /tmp/site, runs the tiny-model tests of training and memory on the GPU
 # (tests/test_memory.py, tests/test_train.py; the two-process test needs two GPUs and is left out), then
@@ -50,12 +51,16 @@ AutoTokenizer.from_pretrained(pull('smollm2-135m-instruct')).save_pretrained('.w
   du -sh .whl
 }
 
-run() {
-  local out="${OUT:-/tmp/gpu_check}"
-  mkdir -p "$out"
+install() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/site:$PWD/src:$PWD/tests" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+}
+
+run() {
+  local out="${OUT:-/tmp/gpu_check}"
+  mkdir -p "$out"
+  install
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers, peft, bitsandbytes as b
@@ -69,8 +74,19 @@ print('transformers', transformers.__version__, 'peft', peft.__version__, 'bitsa
   cp bench/results/memory_cuda-*.json "$out/" 2>/dev/null
 }
 
+# Where a tuneforge step's time goes that HF Trainer's does not: the operators of step 4 of 6, by GPU time.
+profile() {
+  local out="${OUT:-/tmp/gpu_check}"
+  mkdir -p "$out"
+  install
+  timeout 500 python3 bench/memory.py --device cuda --shapes llama-3.2-1b --modes bf16 --steps 6 --profile 4 \
+    --tokenizer .whl/tokenizer 2>&1 | tee "$out/profile.txt"
+  cp bench/results/memory_cuda-*.json bench/results/profile_*cuda*.txt "$out/" 2>/dev/null
+}
+
 case "${1:-}" in
   fetch) fetch ;;
   run) run ;;
-  *) echo "usage: bash bench/gpu_check.sh fetch|run" >&2; exit 2 ;;
+  profile) profile ;;
+  *) echo "usage: bash bench/gpu_check.sh fetch|run|profile" >&2; exit 2 ;;
 esac

