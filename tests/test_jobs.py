@@ -790,6 +790,19 @@ def test_a_fine_tuned_model_is_deleted_by_its_owner_only(server, tiny_model_dir)
     assert client.models.retrieve(checkpoint.fine_tuned_model_checkpoint).id == checkpoint.fine_tuned_model_checkpoint
 
 
+def test_a_model_deleted_after_it_answered_leaves_the_other_models_of_its_base_served(server, tiny_model_dir):
+    client = server.client()
+    job = create_job(client, tiny_model_dir, upload(client, chat_rows(4)).id, n_epochs=1)
+    job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
+    [checkpoint] = client.fine_tuning.jobs.checkpoints.list(job.id)
+    hello = [{"role": "user", "content": "Hello"}]
+    assert client.chat.completions.create(model=job.fine_tuned_model, max_tokens=2, messages=hello).usage
+    client.models.delete(job.fine_tuned_model)
+    # Its checkpoint, another adapter on the same base in memory, joins the base the deleted model was served on.
+    reply = client.chat.completions.create(model=checkpoint.fine_tuned_model_checkpoint, max_tokens=2, messages=hello)
+    assert reply.model == checkpoint.fine_tuned_model_checkpoint and reply.usage.completion_tokens >= 1
+
+
 def refusal_of(name: str) -> str:
     return (
         f"The model `{name}` is not available for fine-tuning here. Name a registry model (smollm2-135m-instruct, "

@@ -74,10 +74,13 @@ class AdapterPool:
         self._tokenizers.update({name: load_tokenizer(source) for name, source in adapter_sources.items()})
         self.model = load_for_inference(base_source, precision, rope_scaling=self.rope_scaling)
         self._module_names = [n for n, _ in self.model.named_modules()]
+        # Each adapter's PEFT config, read once as it joins: later checks compare with the adapters as served,
+        # whose folders may have gone from disk meanwhile (a fine-tuned model deleted through the jobs API).
+        self._configs = {name: _peft_config(source) for name, source in adapter_sources.items()}
         names = list(adapter_sources)
         for i, name in enumerate(names):
             for other in names[:i]:
-                self._check_compatible(name, adapter_sources[name], other, adapter_sources[other])
+                self._check_compatible(name, adapter_sources[name], self._configs[name], other)
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self._base_names = {self.base_name}
         # What PEFT calls each adapter: PEFT keys its layers by adapter name in torch ModuleDicts, which
@@ -93,12 +96,14 @@ class AdapterPool:
             return
         source = _adapter_source(name, spec)
         self._check(name, source)
-        for other, other_source in list(self._sources.items()):
-            self._check_compatible(name, source, other, other_source)
+        config = _peft_config(source)
+        for other in list(self._sources):
+            self._check_compatible(name, source, config, other)
         tokenizer = load_tokenizer(source)
         with self._lock:
             self._tokenizers[name] = tokenizer
             self._sources[name] = source
+            self._configs[name] = config
             self._peft_names[name] = f"adapter-{self._added}"
             self._added += 1
 
@@ -119,7 +124,7 @@ class AdapterPool:
                 self.model = self.model.unload()
         with self._lock:
             self._loaded.pop(name, None)
-            for held in (self._sources, self._tokenizers, self._peft_names):
+            for held in (self._sources, self._tokenizers, self._peft_names, self._configs):
                 del held[name]
             self._retiring.discard(name)
 
@@ -184,14 +189,14 @@ class AdapterPool:
                 code="adapter_vocabulary_mismatch",
             )
 
-    def _check_compatible(self, name: str, source: ModelSource, other: str, other_source: ModelSource) -> None:
+    def _check_compatible(self, name: str, source: ModelSource, config, other: str) -> None:
         """PEFT holds one kind of adapter layer per module of the shared base: a layer one adapter trains whole
-        (modules_to_save) cannot take another adapter's LoRA, so the two cannot be served side by side."""
-        from peft import PeftConfig
+        (modules_to_save) cannot take another adapter's LoRA, so the two cannot be served side by side. `other`
+        is served already; `name` (`source`, its PEFT `config`) is served already or joins now."""
         from peft.tuners.tuners_utils import check_target_module_exists
 
-        sources = {name: source, other: other_source}
-        configs = {key: PeftConfig.from_pretrained(value.adapter) for key, value in sources.items()}
+        sources = {name: source, other: self._sources[other]}
+        configs = {name: config, other: self._configs[other]}
         for saver, adapted in ((name, other), (other, name)):
             saved = configs[saver].modules_to_save or []
             clash = sorted(
@@ -305,6 +310,12 @@ def load_pool(*args, **kwargs) -> AdapterPool:
     if "error" in built:
         raise built["error"]
     return built["pool"]
+
+
+def _peft_config(source: ModelSource):
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(source.adapter)
 
 
 def _adapter_source(name: str, spec: str) -> ModelSource:
