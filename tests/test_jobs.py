@@ -949,6 +949,19 @@ def test_hostile_bodies_and_pages_get_4xx(server):
         assert httpx.get(f"http://127.0.0.1:{server.port}{path}", headers=headers).status_code == 404
 
 
+def test_an_endpoint_the_server_does_not_have_is_a_404_saying_so_not_that_an_object_is_missing(server):
+    # A call of OpenAI's SDK this server does not serve reads as the URL being unknown, not the checkpoint.
+    with pytest.raises(openai.NotFoundError) as caught:
+        server.client().fine_tuning.checkpoints.permissions.retrieve("ft:m:tuneforge::abc:ckpt-step-1")
+    path = "/v1/fine_tuning/checkpoints/ft:m:tuneforge::abc:ckpt-step-1/permissions"
+    assert caught.value.body == {
+        "message": f"Invalid URL (GET {path}): this server has no endpoint at that path.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "unknown_url",
+    }
+
+
 # ---- a crash mid-job ------------------------------------------------------------------------------------
 
 

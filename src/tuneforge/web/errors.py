@@ -117,6 +117,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return unreadable_form(err.__context__).response()
         if err.status_code == 405:
             return method_not_allowed(request).response()
+        if err.status_code == 404:
+            # The router's: no route has this path (routes answer a missing object with an APIError naming it).
+            # Starlette's "Not Found" reads as the object named in the path being missing.
+            return APIError(
+                404,
+                f"Invalid URL ({request.method} {request.url.path}): this server has no endpoint at that path.",
+                code="unknown_url",
+            ).response()
         return APIError(err.status_code, str(err.detail), headers=err.headers).response()
 
     app.add_middleware(AnswerUnexpected)
