@@ -30,15 +30,19 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 
 def __getattr__(name: str):
-    # `tuneforge.train` is `pipeline.train` itself, so help() and a notebook's completion show its
-    # arguments; it is imported on first use, so importing the package (the CLI, `tuneforge.errors`)
-    # does not load torch.
+    # `tuneforge.train` is `pipeline.train` itself (and `tuneforge.sweep` is `sweeps.sweep`), so help() and a
+    # notebook's completion show its arguments; it is imported on first use, so importing the package (the
+    # CLI, `tuneforge.errors`) does not load torch.
     if name == "train":
         from .pipeline import train
 
         return train
+    if name == "sweep":
+        from .sweeps import sweep
+
+        return sweep
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "train"])
+    return sorted([*globals(), "train", "sweep"])

@@ -151,6 +151,34 @@ def train(
     raise typer.Exit(0 if result.status == "completed" else 130)
 
 
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="YAML config file, or a shipped recipe's name (tuneforge recipes)."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted overrides every run shares, e.g. train.max_steps=200"
+    ),
+    set_: list[str] = typer.Option(
+        ...,
+        "--set",
+        help="KEY=V1,V2,...: the values of a key to try, e.g. train.learning_rate=1e-4,2e-4; repeatable (every "
+        "combination is a run). A list value goes in brackets: lora.target_modules=[q_proj,v_proj],[q_proj,o_proj].",
+    ),
+    out: Path | None = typer.Option(
+        None, help="Folder of the sweep's runs (default: the config's output_dir + -sweep)."
+    ),
+    metric: str = typer.Option(
+        "eval_loss", help="What ranks the runs, lower first: eval_loss (final validation), best_eval_loss, train_loss."
+    ),
+):
+    """Train CONFIG once for each combination of the --set values, one run after another, each a resumable run
+    folder under --out; then rank them by --metric (table, OUT/sweep.json, OUT/sweep.png). A rerun skips finished
+    runs and resumes an interrupted one."""
+    from .sweeps import sweep as run_sweep
+
+    result = run_sweep(config, set_, overrides, out=out, metric=metric)
+    raise typer.Exit({"completed": 0, "failed": EXIT_RUN_FAILED}.get(result.status, 130))
+
+
 def _launch(args: list[str], nproc: int, **machines) -> int:
     from .training.distributed import launch
 

@@ -1,0 +1,414 @@
+"""`tuneforge sweep`: one config trained over a grid of settings, one run after another, compared.
+
+`--set KEY=V1,V2` gives a key's values; the grid is every combination. Every point is checked before the
+first run starts (its config as `load_config` refuses it, the checks `train` makes before loading weights,
+its data rows), so a bad point costs seconds, not the runs before it. Each point is an ordinary run folder,
+OUT/<its values>/: a rerun of the sweep skips the finished runs and resumes an interrupted one from its
+latest checkpoint. After each run, OUT/sweep.json and OUT/sweep.png (the runs' validation losses) are
+written again and the table is printed, sorted by the metric.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from .config import Config, load_config, parse_overrides
+from .errors import ConfigError, TuneforgeError
+from .fsio import atomic_file, write_json
+
+# What a sweep ranks its runs by, lower first: the validation loss of the final model (the full
+# validation at the end), the lowest validation loss seen during the run, or the last logged training loss.
+METRICS = {
+    "eval_loss": "final validation loss",
+    "best_eval_loss": "best validation loss",
+    "train_loss": "last training loss",
+}
+SWEEP_FILE, PLOT_FILE = "sweep.json", "sweep.png"
+
+
+@dataclass
+class SweepRun:
+    name: str
+    values: dict
+    output_dir: Path
+    status: str = "pending"  # pending | completed | interrupted | failed
+    eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    train_loss: float | None = None
+    steps: int | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict:
+        return {**self.__dict__, "output_dir": str(self.output_dir)}
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    metric: str
+    runs: list[SweepRun] = field(default_factory=list)
+    best: SweepRun | None = None
+    status: str = "completed"  # completed | interrupted | failed
+
+
+def parse_grid(sets: Iterable[str]) -> dict[str, list]:
+    """`--set train.learning_rate=1e-4,2e-4` -> {"train.learning_rate": [1e-4, 2e-4]}: the values are one YAML
+    flow list, so a value that is itself a list is written in brackets (`lora.target_modules=[q_proj],[v_proj]`)."""
+    grid: dict[str, list] = {}
+    for given in sets:
+        if "=" not in given:
+            raise ConfigError(
+                f"--set '{given}': expected KEY=V1,V2,..., for example --set train.learning_rate=1e-4,2e-4"
+            )
+        key, raw = (part.strip() for part in given.split("=", 1))
+        try:
+            values = yaml.safe_load(f"[{raw}]")
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"--set '{given}': the values of {key} are no comma-separated YAML list "
+                f"({getattr(e, 'problem', e)}); close brackets and quotes"
+            ) from None
+        if not values or any(v is None for v in values):
+            raise ConfigError(f"--set '{given}': give {key} one or more values, comma-separated, none of them empty.")
+        if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
+            raise ConfigError(f"--set '{given}': a value of {key} is given twice; give each once.")
+        if key in grid:
+            raise ConfigError(f"--set '{given}': {key} is already swept; give all its values in one --set.")
+        if key == "output_dir":
+            raise ConfigError("--set output_dir: each run of a sweep has its own folder under --out; sweep other keys.")
+        grid[key] = values
+    if not grid:
+        raise ConfigError(
+            "a sweep needs at least one --set KEY=V1,V2,..., for example --set train.learning_rate=1e-4,2e-4"
+        )
+    return grid
+
+
+def _override(key: str, value) -> str:
+    # JSON is YAML: the override reads back as the value the --set list gave.
+    return f"{key}={json.dumps(value)}"
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def run_name(values: dict, grid: dict[str, list]) -> str:
+    """A run's folder name from its values, `learning_rate-0.0001_r-8`: each key by its last part (its whole
+    dotted name where two swept keys share a last part), characters other than letters, digits, `._+-` as `-`.
+    No `=`: `tuneforge train CONFIG --resume PATH` would take a path with one for an override."""
+    leaves = [key.rsplit(".", 1)[-1] for key in grid]
+    parts = []
+    for key, value in values.items():
+        label = key.rsplit(".", 1)[-1] if leaves.count(key.rsplit(".", 1)[-1]) == 1 else key
+        parts.append(re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{label}-{_shown(value)}"))
+    return "_".join(parts)
+
+
+def _setting(cfg: Config, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _points(grid: dict[str, list]) -> list[dict]:
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def _resume_mode(out: Path) -> str | None:
+    """ "finished", "latest" (a checkpoint to continue from) or None (start afresh) for a run folder."""
+    from .training import checkpoint
+
+    summary = out / "summary.json"
+    if summary.is_file() and (out / "final").is_dir():
+        try:
+            if json.loads(summary.read_text()).get("status") == "completed":
+                return "finished"
+        except (OSError, json.JSONDecodeError):
+            pass
+    return "latest" if checkpoint.latest(out / "checkpoints") is not None else None
+
+
+def _check_finished_run(cfg: Config, out: Path, name: str, sweep_out: Path) -> None:
+    """A finished run is kept only where its config is the one this sweep would train: another (the base
+    config edited since) would rank a run of other settings as this point's."""
+    try:
+        earlier = load_config(out / "config.yaml")
+    except TuneforgeError:
+        return
+    if earlier.results_hash() == cfg.results_hash():
+        return
+    changes = ", ".join(earlier.changed_results_settings(cfg)) or "settings that change results"
+    raise ConfigError(
+        f"{out} holds a finished run of another config ({changes}): this sweep would compare it as {name}. "
+        f"Sweep into another --out, or delete {out} (or all of {sweep_out}) to train it again."
+    )
+
+
+def check_points(config, overrides, grid: dict[str, list], out: Path, metric: str) -> list[tuple[SweepRun, Config]]:
+    """Every point's config, checked before any run starts: each swept value alone against the config (so an
+    error names its key and value), then each combination, then what `train` checks before loading weights,
+    then each distinct data setting's rows, which must hold validation rows where the metric needs them."""
+    from .eval.after_training import check_eval_inputs
+    from .methods import batch_items, prepare_items
+    from .models import resolve, run_tokenizer
+    from .training.loop import check_before_launch
+
+    base = list(parse_overrides(overrides))
+    if any(key == "output_dir" for key, _ in base):
+        raise ConfigError(
+            "override output_dir: each run of a sweep has its own folder under --out; give --out instead."
+        )
+    for key, _ in base:
+        if key in grid:
+            raise ConfigError(f"{key} is both overridden and swept (--set); give it in one place.")
+    base_strings = [_override(key, value) for key, value in base]
+    load_config(config, base_strings)
+    for key, values in grid.items():
+        for value in values:
+            try:
+                load_config(config, [*base_strings, _override(key, value)])
+            except ConfigError as e:
+                raise ConfigError(f"--set {key}={_shown(value)}: {e.message}") from None
+    points = []
+    for values in _points(grid):
+        name = run_name(values, grid)
+        run_dir = out / name
+        point = [*base_strings, f"output_dir={json.dumps(str(run_dir))}", *(_override(k, v) for k, v in values.items())]
+        said = ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
+        try:
+            cfg = load_config(config, point)
+            if metric != "train_loss" and cfg.data.validation in (None, 0, 0.0):
+                raise ConfigError(
+                    f"--metric {metric} ranks the runs by their validation loss, and data.validation is "
+                    f"{'unset' if cfg.data.validation is None else cfg.data.validation}: no validation rows. Set "
+                    "data.validation to a share of the training rows (0.1) or a validation file, or rank by "
+                    "--metric train_loss."
+                )
+            mode = _resume_mode(run_dir)
+            if mode == "finished":
+                _check_finished_run(cfg, run_dir, name, out)
+            else:
+                check_eval_inputs(cfg)
+                check_before_launch(cfg, 1, resume=mode)
+        except TuneforgeError as e:
+            raise type(e)(f"sweep run {name} ({said}): {e.message}", code=e.code) from None
+        # The values as the config holds them (1e-4 written on the command line is the number 0.0001).
+        typed = {k: _setting(cfg, k) for k in values}
+        points.append((SweepRun(name, typed, run_dir), cfg))
+    # The data rows, once for each data setting the points train on: a bad row or no validation rows is found now.
+    checked: set[str] = set()
+    for run, cfg in points:
+        key = json.dumps(
+            [cfg.base_model, cfg.method, cfg.model.model_dump(), cfg.data.model_dump(), cfg.grpo.model_dump()],
+            sort_keys=True,
+            default=str,
+        )
+        if key in checked or _resume_mode(run.output_dir) == "finished":
+            continue
+        checked.add(key)
+        try:
+            tokenizer = run_tokenizer(cfg, resolve(cfg.base_model))
+            train_items, valid_items = batch_items(prepare_items(cfg, tokenizer, log=lambda *a, **k: None), cfg)
+        except TuneforgeError as e:
+            raise type(e)(f"sweep run {run.name}: {e.message}", code=e.code) from None
+        if not train_items:
+            raise TuneforgeError(f"sweep run {run.name}: {', '.join(cfg.data.train_files)}: no usable training rows.")
+        if metric != "train_loss" and not valid_items:
+            raise ConfigError(
+                f"sweep run {run.name}: --metric {metric} ranks the runs by their validation loss, and data.validation "
+                f"({cfg.data.validation!r}) leaves no validation rows. Give a validation file or a larger share, or "
+                "rank by --metric train_loss."
+            )
+    return points
+
+
+def read_run(run: SweepRun) -> None:
+    """The run's figures from its folder: metrics.jsonl, and summary.json where it finished."""
+    from .eval.report import curve, read_metrics
+
+    metrics = read_metrics(run.output_dir)
+    valid = [v for _, v in curve(metrics, "valid_loss") + curve(metrics, "full_valid_loss")]
+    final = curve(metrics, "full_valid_loss")
+    train = curve(metrics, "train_loss")
+    run.eval_loss = final[-1][1] if final else None
+    run.best_eval_loss = min(valid) if valid else None
+    run.train_loss = train[-1][1] if train else None
+    run.steps = max((m["step"] for m in metrics), default=None)
+    summary = run.output_dir / "summary.json"
+    if summary.is_file():
+        try:
+            run.steps = json.loads(summary.read_text()).get("steps", run.steps)
+        except json.JSONDecodeError:
+            pass
+
+
+def _ranked(runs: list[SweepRun], metric: str) -> list[SweepRun]:
+    # Runs without the figure yet (pending, failed early) go last, in grid order.
+    return sorted(runs, key=lambda r: (getattr(r, metric) is None, getattr(r, metric) or 0.0))
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def sweep_table(result: SweepResult, grid: dict[str, list]) -> Table:
+    table = Table(title=f"sweep {result.out} (by {METRICS[result.metric]}, lower first)")
+    # The folder's name whole, to copy: the other columns give way first.
+    table.add_column("run (folder)", no_wrap=True, min_width=max((len(run.name) for run in result.runs), default=3))
+    for key in grid:
+        table.add_column(key, justify="right", overflow="fold")
+    for name in ("valid loss (final)", "valid loss (best)", "train loss", "steps", "time"):
+        table.add_column(name, justify="right")
+    table.add_column("status", no_wrap=True)
+    for run in _ranked(result.runs, result.metric):
+        table.add_row(
+            ("[bold]" if run is result.best else "") + run.name,
+            *(_shown(run.values[key]) for key in grid),
+            _loss(run.eval_loss),
+            _loss(run.best_eval_loss),
+            _loss(run.train_loss),
+            "-" if run.steps is None else str(run.steps),
+            "-" if run.seconds is None else f"{run.seconds:.0f} s",
+            run.status,
+        )
+    return table
+
+
+def _typed_values(runs: list[SweepRun], key: str) -> list:
+    """`key`'s swept values as the runs' configs hold them, in grid order."""
+    return list({json.dumps(run.values[key], sort_keys=True): run.values[key] for run in runs}.values())
+
+
+def write_outputs(result: SweepResult, grid: dict[str, list], config) -> None:
+    """OUT/sweep.json (written whole, atomically) and OUT/sweep.png: each run's validation losses on one chart."""
+    from .eval.report import loss_figure, read_metrics
+
+    ranked = _ranked(result.runs, result.metric)
+    done = [r for r in ranked if r.status == "completed" and getattr(r, result.metric) is not None]
+    result.best = done[0] if done else None
+    write_json(
+        result.out / SWEEP_FILE,
+        {
+            "config": str(config) if isinstance(config, (str, Path)) else None,
+            "metric": result.metric,
+            "grid": {key: _typed_values(result.runs, key) for key in grid},
+            "status": result.status,
+            "best": None
+            if result.best is None
+            else {
+                "name": result.best.name,
+                "output_dir": str(result.best.output_dir),
+                "config": str(result.best.output_dir / "config.yaml"),
+            },
+            "runs": [run.as_json() for run in ranked],
+        },
+    )
+    # Validation alone: each run's training loss beside them would hide the comparison in a grid of several.
+    curves = {
+        run.name: [{k: v for k, v in m.items() if k != "train_loss"} for m in read_metrics(run.output_dir)]
+        for run in ranked
+    }
+    curves = {name: m for name, m in curves.items() if any("valid_loss" in r or "full_valid_loss" in r for r in m)}
+    if curves:
+        figure = loss_figure(curves)
+        figure.axes[0].set_title("validation loss")
+        with atomic_file(result.out / PLOT_FILE, "wb") as f:
+            figure.savefig(f, format="png", dpi=110, bbox_inches="tight")
+
+
+def _earlier_seconds(out: Path) -> dict[str, float]:
+    """Each run's training time as an earlier sweep into `out` recorded it: a resumed run's time adds to it."""
+    try:
+        runs = json.loads((out / SWEEP_FILE).read_text())["runs"]
+        return {r["name"]: r["seconds"] for r in runs if r.get("seconds") is not None}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def sweep(
+    config,
+    grid: dict[str, list] | Iterable[str],
+    overrides=(),
+    *,
+    out: str | Path | None = None,
+    metric: str = "eval_loss",
+    progress: bool = True,
+) -> SweepResult:
+    """Train `config` (a YAML path, a shipped recipe's name, a dict or a Config) with `overrides` once for each
+    combination of `grid`'s values ({"train.learning_rate": [1e-4, 2e-4], "lora.r": [8, 16]}, or the CLI's
+    "KEY=V1,V2" strings), one run after another, each into its own run folder under `out` (default: the
+    config's output_dir with "-sweep"); returns the runs ranked by `metric` (eval_loss, best_eval_loss or
+    train_loss; lower first) and the best. A rerun skips finished runs and resumes an interrupted one."""
+    from .pipeline import train
+
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {metric}: unknown; choose one of {', '.join(METRICS)}.")
+    if not isinstance(grid, dict):
+        grid = parse_grid(grid)
+    elif not grid or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise ConfigError("a sweep's grid maps each key to a list of one or more values.")
+    out = Path(out) if out is not None else Path(f"{load_config(config, overrides).output_dir}-sweep")
+    console = Console()
+    points = check_points(config, overrides, grid, out, metric)
+    sizes = " x ".join(f"{len(v)} {k}" for k, v in grid.items())
+    console.print(f"sweep: {len(points)} runs ({sizes}), each checked; into {out}")
+    result = SweepResult(out, metric, [run for run, _ in points])
+    earlier = _earlier_seconds(out)
+    for run in result.runs:
+        run.seconds = earlier.get(run.name)
+        if _resume_mode(run.output_dir) == "finished":
+            run.status = "completed"
+            read_run(run)
+    table_shown = False  # whether the table as it stands is on screen
+    for run, cfg in points:
+        if run.status == "completed":
+            console.print(f"sweep: {run.name} finished earlier; kept")
+            continue
+        mode = _resume_mode(run.output_dir)
+        console.rule(f"sweep run {run.name}" + (" (resumed)" if mode else ""))
+        started, table_shown = time.perf_counter() - (run.seconds or 0.0), True
+        try:
+            trained = train(cfg, resume=mode, progress=progress)
+            run.status = trained.status
+        except TuneforgeError as e:
+            run.status, run.error, result.status = "failed", e.message, "failed"
+            console.print(f"[red]sweep run {run.name} failed:[/] {e.message}", highlight=False)
+        except BaseException:
+            # Ctrl-C or SIGTERM outside training's own handling: what is done so far is kept and shown.
+            run.status, result.status = "interrupted", "interrupted"
+            run.seconds = time.perf_counter() - started
+            read_run(run)
+            write_outputs(result, grid, config)
+            raise
+        run.seconds = time.perf_counter() - started
+        read_run(run)
+        if run.status == "interrupted":
+            result.status = "interrupted"
+        write_outputs(result, grid, config)
+        console.print(sweep_table(result, grid))
+        if result.status == "interrupted":
+            console.print("sweep: interrupted; run the same command again to resume it (finished runs are kept).")
+            return result
+    write_outputs(result, grid, config)
+    if not table_shown:
+        console.print(sweep_table(result, grid))
+    if result.best is not None:
+        console.print(
+            f"best ({METRICS[metric]} {getattr(result.best, metric):.4f}): {result.best.name}; "
+            f"its config is {result.best.output_dir / 'config.yaml'}"
+        )
+    console.print(f"wrote {out / SWEEP_FILE}" + (f" and {out / PLOT_FILE}" if (out / PLOT_FILE).is_file() else ""))
+    return result

@@ -1,0 +1,117 @@
+"""`tuneforge sweep`: a grid of settings trained one run after another on the tiny model, ranked, resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from conftest import tiny_run_config
+from test_cli import run_cli
+
+from tuneforge import sweep
+from tuneforge.errors import ConfigError
+from tuneforge.sweeps import parse_grid
+
+
+@pytest.fixture
+def config(tiny_model_dir, triage_data, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2, eval_every=1, save_every=1)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_sweep_trains_each_point_ranks_them_and_a_rerun_keeps_them(config, tmp_path, one_thread, capsys):
+    out = tmp_path / "sweep"
+    result = sweep(config, ["train.learning_rate=1e-2,1e-5", "lora.r=4"], out=out, progress=False)
+    names = ["learning_rate-1e-2_r-4", "learning_rate-1e-5_r-4"]
+    assert sorted(run.name for run in result.runs) == names
+    for name in names:  # ordinary run folders
+        assert (out / name / "final").is_dir() and (out / name / "config.yaml").is_file()
+    written = json.loads((out / "sweep.json").read_text())
+    losses = [run["eval_loss"] for run in written["runs"]]
+    assert losses == sorted(losses) and None not in losses
+    # The values as the config holds them, not as typed.
+    assert written["grid"] == {"train.learning_rate": [0.01, 1e-05], "lora.r": [4]}
+    assert written["best"]["name"] == written["runs"][0]["name"] == result.best.name
+    assert yaml.safe_load((out / result.best.name / "config.yaml").read_text())["train"]["learning_rate"] in (
+        0.01,
+        1e-5,
+    )
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    said = capsys.readouterr().out
+    assert "sweep: 2 runs (2 train.learning_rate x 1 lora.r)" in said and "best (final validation loss" in said
+
+    # A rerun trains nothing again: the finished runs are kept, with the same figures.
+    metrics = {name: (out / name / "metrics.jsonl").stat().st_mtime_ns for name in names}
+    again = sweep(config, ["train.learning_rate=1e-2,1e-5", "lora.r=4"], out=out, progress=False)
+    assert {name: (out / name / "metrics.jsonl").stat().st_mtime_ns for name in names} == metrics
+    assert [(r.name, r.eval_loss) for r in again.runs] == [(r["name"], r["eval_loss"]) for r in written["runs"]]
+    assert "finished earlier; kept" in capsys.readouterr().out
+
+
+def test_a_rerun_resumes_an_interrupted_run_and_refuses_a_finished_run_of_another_config(
+    config, tmp_path, one_thread, capsys
+):
+    out = tmp_path / "sweep"
+    sweep(config, {"train.learning_rate": [1e-3]}, out=out, progress=False)
+    run = out / "learning_rate-0.001"
+    # As a run killed after its last checkpoint leaves it: no final model, no summary.
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    result = sweep(config, {"train.learning_rate": [1e-3]}, out=out, progress=False)
+    assert "sweep run learning_rate-0.001 (resumed)" in capsys.readouterr().out
+    assert result.runs[0].status == "completed" and result.runs[0].steps == 2
+    assert (run / "final").is_dir()
+    # The base config changed since: the finished run is no run of this sweep's point.
+    with pytest.raises(ConfigError, match=r"holds a finished run of another config \(train.max_steps: 2 -> 3\)"):
+        sweep(config, {"train.learning_rate": [1e-3]}, ["train.max_steps=3"], out=out, progress=False)
+
+
+@pytest.mark.parametrize(
+    "sets, overrides, message",
+    [
+        (
+            ["train.lr=1e-3,1e-4"],
+            [],
+            r"(?s)--set train.lr=1e-3: .*train.lr \(override\): unknown key. tuneforge calls it ",
+        ),
+        (["train.learning_rate=1e-3,fast"], [], r"(?s)--set train.learning_rate=fast: .*valid number.*\(got 'fast'\)"),
+        (["lora.r=4,0"], [], r"(?s)--set lora.r=0: .*lora.r \(override\): Input should be greater than or equal to 1"),
+        (
+            ["lora.r=4,8"],
+            ["data.validation=null"],
+            r"--metric eval_loss ranks the runs by their validation loss, and "
+            r"data.validation is unset: no validation rows. Set data.validation",
+        ),
+    ],
+)
+def test_every_point_is_checked_before_any_run(config, tmp_path, sets, overrides, message):
+    out = tmp_path / "sweep"
+    with pytest.raises(ConfigError, match=message):
+        sweep(config, sets, overrides, out=out, progress=False)
+    assert not out.exists()
+
+
+def test_grid_values_parse_as_a_yaml_list():
+    grid = parse_grid(["train.learning_rate=1e-4, 2e-4", "lora.target_modules=[q_proj,v_proj],[q_proj]"])
+    assert grid == {"train.learning_rate": ["1e-4", "2e-4"], "lora.target_modules": [["q_proj", "v_proj"], ["q_proj"]]}
+    with pytest.raises(ConfigError, match="a value of lora.r is given twice"):
+        parse_grid(["lora.r=8,8"])
+    with pytest.raises(ConfigError, match="each run of a sweep has its own folder"):
+        parse_grid(["output_dir=a,b"])
+
+
+def test_the_cli_refuses_a_bad_point_with_exit_2(config, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(["sweep", str(config), "--set", "train.lr=1e-3,1e-4"], monkeypatch, capsys)
+    assert code == 2 and "unknown key. tuneforge calls it train.learning_rate" in err
+
+
+def test_the_python_api_is_the_sweep_function_even_once_the_cli_has_loaded_it():
+    import tuneforge
+    import tuneforge.cli  # noqa: F401
+
+    assert "sweep" in dir(tuneforge) and callable(tuneforge.sweep) and tuneforge.sweep.__name__ == "sweep"
