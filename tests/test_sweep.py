@@ -66,6 +66,15 @@ def test_a_rerun_resumes_an_interrupted_run_and_refuses_a_finished_run_of_anothe
     assert "sweep run learning_rate-0.001 (resumed)" in capsys.readouterr().out
     assert result.runs[0].status == "completed" and result.runs[0].steps == 2
     assert (run / "final").is_dir()
+    # Interrupted again, then the sweep run with another base config: the run is not continued as this point's.
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    with pytest.raises(
+        ConfigError, match=r"holds an interrupted run of another config \(train.max_steps: 2 -> 3\)"
+    ) as e:
+        sweep(config, {"train.learning_rate": [1e-3]}, ["train.max_steps=3"], out=out, progress=False)
+    assert "--force" not in e.value.message  # the sweep has no such option
+    sweep(config, {"train.learning_rate": [1e-3]}, out=out, progress=False)
     # The base config changed since: the finished run is no run of this sweep's point.
     with pytest.raises(ConfigError, match=r"holds a finished run of another config \(train.max_steps: 2 -> 3\)"):
         sweep(config, {"train.learning_rate": [1e-3]}, ["train.max_steps=3"], out=out, progress=False)

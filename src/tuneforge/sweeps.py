@@ -141,9 +141,10 @@ def _resume_mode(out: Path) -> str | None:
     return "latest" if checkpoint.latest(out / "checkpoints") is not None else None
 
 
-def _check_finished_run(cfg: Config, out: Path, name: str, sweep_out: Path) -> None:
-    """A finished run is kept only where its config is the one this sweep would train: another (the base
-    config edited since) would rank a run of other settings as this point's."""
+def _check_earlier_run(cfg: Config, out: Path, name: str, sweep_out: Path, finished: bool) -> None:
+    """A run folder of this point is kept (finished) or resumed (interrupted) only where its config is the one
+    this sweep would train: another (the base config or overrides edited since) would rank, or continue, a
+    run of other settings as this point's."""
     try:
         earlier = load_config(out / "config.yaml")
     except TuneforgeError:
@@ -151,9 +152,15 @@ def _check_finished_run(cfg: Config, out: Path, name: str, sweep_out: Path) -> N
     if earlier.results_hash() == cfg.results_hash():
         return
     changes = ", ".join(earlier.changed_results_settings(cfg)) or "settings that change results"
+    if finished:
+        raise ConfigError(
+            f"{out} holds a finished run of another config ({changes}): this sweep would compare it as {name}. "
+            f"Sweep into another --out, or delete {out} (or all of {sweep_out}) to train it again."
+        )
     raise ConfigError(
-        f"{out} holds a finished run of another config ({changes}): this sweep would compare it as {name}. "
-        f"Sweep into another --out, or delete {out} (or all of {sweep_out}) to train it again."
+        f"{out} holds an interrupted run of another config ({changes}): this sweep would continue it as {name}. "
+        f"Give the sweep the settings it started with to resume it, sweep into another --out, or delete {out} "
+        "to train it afresh."
     )
 
 
@@ -198,9 +205,9 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
                     "--metric train_loss."
                 )
             mode = _resume_mode(run_dir)
-            if mode == "finished":
-                _check_finished_run(cfg, run_dir, name, out)
-            else:
+            if mode is not None:
+                _check_earlier_run(cfg, run_dir, name, out, finished=mode == "finished")
+            if mode != "finished":
                 check_eval_inputs(cfg)
                 check_before_launch(cfg, 1, resume=mode)
         except TuneforgeError as e:
