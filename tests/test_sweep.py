@@ -124,3 +124,16 @@ def test_the_python_api_is_the_sweep_function_even_once_the_cli_has_loaded_it():
     import tuneforge.cli  # noqa: F401
 
     assert "sweep" in dir(tuneforge) and callable(tuneforge.sweep) and tuneforge.sweep.__name__ == "sweep"
+
+
+def test_each_point_has_its_own_folder_and_one_setting_given_twice_is_refused(config, tmp_path, triage_data):
+    from tuneforge.sweeps import check_points
+
+    # Two files whose paths differ only where a folder name has no room for the characters: two folders.
+    spaced, dashed = tmp_path / "v a.jsonl", tmp_path / "v-a.jsonl"
+    for path in (spaced, dashed):
+        shutil.copy(triage_data["validation"], path)
+    points = check_points(config, [], {"data.validation": [str(spaced), str(dashed)]}, tmp_path / "s", "eval_loss")
+    assert len({run.output_dir for run, _ in points}) == 2
+    with pytest.raises(ConfigError, match=r"train the same settings \(train.learning_rate=0.001\)"):
+        check_points(config, [], {"train.learning_rate": ["1e-3", 0.001]}, tmp_path / "s", "eval_loss")

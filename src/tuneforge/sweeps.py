@@ -189,9 +189,16 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
                 load_config(config, [*base_strings, _override(key, value)])
             except ConfigError as e:
                 raise ConfigError(f"--set {key}={_shown(value)}: {e.message}") from None
-    points = []
+    points: list[tuple[SweepRun, Config]] = []
     for values in _points(grid):
-        name = run_name(values, grid)
+        # Values whose names differ only in the characters a folder name leaves out (`a b`, `a-b`) get folders
+        # of their own: in one, the second would take the first's finished run for its own.
+        name = named = run_name(values, grid)
+        taken = {run.name for run, _ in points}
+        for n in itertools.count(2):
+            if name not in taken:
+                break
+            name = f"{named}-{n}"
         run_dir = out / name
         point = [*base_strings, f"output_dir={json.dumps(str(run_dir))}", *(_override(k, v) for k, v in values.items())]
         said = ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
@@ -214,6 +221,12 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
             raise type(e)(f"sweep run {name} ({said}): {e.message}", code=e.code) from None
         # The values as the config holds them (1e-4 written on the command line is the number 0.0001).
         typed = {k: _setting(cfg, k) for k in values}
+        for run, _ in points:
+            if run.values == typed:
+                raise ConfigError(
+                    f"sweep runs {run.name} and {name} train the same settings ({said}): a value is given twice in "
+                    "two spellings (1e-4 and 0.0001). Give each value once."
+                )
         points.append((SweepRun(name, typed, run_dir), cfg))
     # The data rows, once for each data setting the points train on: a bad row or no validation rows is found now.
     checked: set[str] = set()
