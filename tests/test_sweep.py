@@ -134,6 +134,16 @@ def test_each_point_has_its_own_folder_and_one_setting_given_twice_is_refused(co
     for path in (spaced, dashed):
         shutil.copy(triage_data["validation"], path)
     points = check_points(config, [], {"data.validation": [str(spaced), str(dashed)]}, tmp_path / "s", "eval_loss")
-    assert len({run.output_dir for run, _ in points}) == 2
+    assert [run.name for run, _ in points] == ["validation-v-a.jsonl", "validation-v-a.jsonl-2"]
     with pytest.raises(ConfigError, match=r"train the same settings \(train.learning_rate=0.001\)"):
         check_points(config, [], {"train.learning_rate": ["1e-3", 0.001]}, tmp_path / "s", "eval_loss")
+
+
+def test_a_long_value_makes_a_short_folder_name(config, tmp_path, tiny_model_dir):
+    from tuneforge.sweeps import check_points
+
+    template = (tiny_model_dir / "chat_template.jinja").read_text()
+    points = check_points(config, [], {"model.chat_template": ["chatml", template]}, tmp_path / "s", "eval_loss")
+    names = [run.name for run, _ in points]
+    # A template written out (hundreds of characters) would be a name the file system refuses past 255 bytes.
+    assert names[0] == "chat_template-chatml" and len(template) > 255 and len(names[1]) < 60

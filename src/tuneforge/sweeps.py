@@ -10,6 +10,7 @@ written again and the table is printed, sorted by the metric.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -104,6 +105,24 @@ def _shown(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+# The longest a value takes in a run's folder name: a file system refuses a name over 255 bytes, and a value
+# can be a chat template written out.
+NAME_VALUE_CHARS = 40
+
+
+def _name_value(value) -> str:
+    """A value as a folder name shows it: a path by its file name, a long value cut short with a hash of it
+    whole (the same on every rerun, so a resumed sweep finds its folder)."""
+    shown = _shown(value)
+    if isinstance(value, str) and "/" in value.rstrip("/"):
+        shown = Path(value).name
+    shown = re.sub(r"[^A-Za-z0-9._+-]+", "-", shown)
+    if len(shown) > NAME_VALUE_CHARS:
+        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+        shown = f"{shown[: NAME_VALUE_CHARS - 9]}-{digest}"
+    return shown
+
+
 def run_name(values: dict, grid: dict[str, list]) -> str:
     """A run's folder name from its values, `learning_rate-0.0001_r-8`: each key by its last part (its whole
     dotted name where two swept keys share a last part), characters other than letters, digits, `._+-` as `-`.
@@ -112,7 +131,7 @@ def run_name(values: dict, grid: dict[str, list]) -> str:
     parts = []
     for key, value in values.items():
         label = key.rsplit(".", 1)[-1] if leaves.count(key.rsplit(".", 1)[-1]) == 1 else key
-        parts.append(re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{label}-{_shown(value)}"))
+        parts.append(f"{re.sub(r'[^A-Za-z0-9._+-]+', '-', label)}-{_name_value(value)}")
     return "_".join(parts)
 
 
