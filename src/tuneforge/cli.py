@@ -161,7 +161,7 @@ def sweep(
         ...,
         "--set",
         help="KEY=V1,V2,...: the values of a key to try, e.g. train.learning_rate=1e-4,2e-4; repeatable (every "
-        "combination is a run). A list value goes in brackets: lora.target_modules=[q_proj,v_proj],[q_proj,o_proj].",
+        "combination is a run). A list goes in brackets, quoted: 'lora.target_modules=[q_proj,v_proj],[v_proj]'.",
     ),
     out: Path | None = typer.Option(
         None, help="Folder of the sweep's runs (default: the config's output_dir + -sweep)."
