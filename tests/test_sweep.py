@@ -147,3 +147,9 @@ def test_a_long_value_makes_a_short_folder_name(config, tmp_path, tiny_model_dir
     names = [run.name for run, _ in points]
     # A template written out (hundreds of characters) would be a name the file system refuses past 255 bytes.
     assert names[0] == "chat_template-chatml" and len(template) > 255 and len(names[1]) < 60
+
+
+def test_the_help_shows_the_brackets_of_a_list_value(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(["sweep", "--help"], monkeypatch, capsys)
+    assert code == 0 and "'lora.target_modules=[q_proj,v_proj],[v_proj]'" in out

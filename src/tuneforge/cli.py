@@ -157,11 +157,12 @@ def sweep(
     overrides: list[str] | None = typer.Argument(
         None, help="Dotted overrides every run shares, e.g. train.max_steps=200"
     ),
+    # The help is rich markup: `\\[` shows a bracket that would otherwise open a markup tag and vanish.
     set_: list[str] = typer.Option(
         ...,
         "--set",
         help="KEY=V1,V2,...: the values of a key to try, e.g. train.learning_rate=1e-4,2e-4; repeatable (every "
-        "combination is a run). A list goes in brackets, quoted: 'lora.target_modules=[q_proj,v_proj],[v_proj]'.",
+        "combination is a run). A list goes in brackets, quoted: 'lora.target_modules=\\[q_proj,v_proj],\\[v_proj]'.",
     ),
     out: Path | None = typer.Option(
         None, help="Folder of the sweep's runs (default: the config's output_dir + -sweep)."
