@@ -312,3 +312,59 @@ def test_a_reward_model_as_the_base_of_a_run_that_trains_a_language_model_is_ref
     with pytest.raises(TuneforgeError, match=r"^base_model\b.*is a reward model .*reward_model") as err:
         train(dpo_config(rm, preference_data, tmp_path / "dpo", max_steps=1), progress=False)
     assert err.value.code == "reward_model_not_generator" and not (tmp_path / "dpo" / "final").exists()
+
+
+def test_a_rows_margin_is_subtracted_inside_the_loss_and_rows_without_one_train_as_before(
+    tiny_model_dir, preference_data, tokenizer, tmp_path
+):
+    from tuneforge.data import prepare
+
+    rows = [json.loads(line) for line in preference_data["train"].read_text().splitlines()][:3]
+    margins = [1.5, 0, -0.25]
+    with_margins = tmp_path / "margins.jsonl"
+    with_margins.write_text("".join(json.dumps({**r, "margin": m}) + "\n" for r, m in zip(rows, margins)))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tiny_classifier(tokenizer)
+    objective = reward.RewardObjective(model, pad_id=tokenizer.pad_token_id)
+
+    def sums_and_scores(path):
+        cfg = load_config(reward_config(tiny_model_dir, {**preference_data, "train": path}, tmp_path / "rm"))
+        pairs = prepare(cfg.data, tokenizer, use_cache=False, log=lambda *a: None).train_pairs
+        batch = collate(to_rows(dpo.rows(pairs), cfg), tokenizer.pad_token_id)
+        with torch.no_grad():
+            scores = [
+                [float(model(input_ids=torch.tensor([list(e.input_ids)])).logits[0, 0]) for e in pair] for pair in pairs
+            ]
+            return pairs, batch, objective(**batch), scores
+
+    pairs, batch, sums, scores = sums_and_scores(with_margins)
+    assert [chosen.margin for chosen, _ in pairs] == margins  # each pair's, carried through packing's order
+    cfg = load_config(reward_config(tiny_model_dir, {**preference_data, "train": with_margins}, tmp_path / "rm"))
+    for _ in range(2):  # written to the data cache, then read back from it
+        cached = prepare(cfg.data, tokenizer, log=lambda *a: None).train_pairs
+        assert [chosen.margin for chosen, _ in cached] == margins
+    assert sorted(batch["margin"].tolist()) == sorted(margins)
+    expected = sum(-F.logsigmoid(torch.tensor(c - r - m)).item() for (c, r), m in zip(scores, margins))
+    assert sums["loss"].item() == pytest.approx(expected, rel=1e-4)
+    # The logged margin is the pair's reward difference, not less the row's margin.
+    assert float(sums["margin"]) == pytest.approx(sum(c - r for c, r in scores), rel=1e-4, abs=1e-5)
+
+    _, batch, sums, scores = sums_and_scores(plain)
+    assert "margin" not in batch
+    assert sums["loss"].item() == pytest.approx(sum(-F.logsigmoid(torch.tensor(c - r)).item() for c, r in scores))
+
+
+@pytest.mark.parametrize("margin", ["wide", True, None, [1.0]])
+def test_a_margin_that_is_no_number_is_refused_with_its_file_line_and_field(tmp_path, margin):
+    from tuneforge.data import read_conversations
+
+    path = tmp_path / "pairs.jsonl"
+    row = {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "margin": margin}) + "\n")
+    problems = [item for _, item in read_conversations(path) if not hasattr(item, "chosen")]
+    if margin is None:  # null: the row gives no margin
+        assert problems == []
+        return
+    assert [(p.line, p.field, p.code) for p in problems] == [(2, "margin", "data_type")]
+    assert "'margin' must be a finite number" in problems[0].message

@@ -17,7 +17,7 @@ from ..fsio import atomic_dir, tuneforge_home, write_json
 from ..models.loading import given_chatml, image_inputs
 from .schema import Example, PreparedData, token_array
 
-CACHE_FORMAT = 17
+CACHE_FORMAT = 18
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
 
 _SPLITS = ("train", "valid")
@@ -105,6 +105,7 @@ def _write_examples(path: Path, examples: list[Example], second: list[Example] |
         "labels": pa.array([e.labels for e in examples], tokens),
         "is_replay": pa.array([e.is_replay for e in examples], pa.bool_()),
         "desirable": pa.array([e.desirable for e in examples], pa.bool_()),  # null but for KTO examples
+        "margin": pa.array([e.margin for e in examples], pa.float64()),  # null but for preference pairs
     }
     if any(e.images for e in examples):  # the image files of rows that show images
         columns["images"] = pa.array([list(e.images) for e in examples], pa.list_(pa.binary()))
@@ -146,7 +147,8 @@ def _read_examples(path: Path) -> list[Example]:
 
 def _read_pairs(path: Path) -> list[tuple[Example, Example]]:
     c = _read_columns(path)
+    margins = c.get("margin") or [0.0] * len(c["input_ids"])
     return [
-        (Example(a, b), Example(x, y))
-        for a, b, x, y in zip(c["input_ids"], c["labels"], c["rejected_input_ids"], c["rejected_labels"])
+        (Example(a, b, margin=m), Example(x, y))
+        for a, b, x, y, m in zip(c["input_ids"], c["labels"], c["rejected_input_ids"], c["rejected_labels"], margins)
     ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -407,6 +408,10 @@ class _RowCheck:
         label = row.get("label")
         if format == "kto" and isinstance(label, str) and label.strip().lower() in ("true", "false"):
             row["label"] = label.strip().lower() == "true"  # a CSV cell's true / false
+        margin = row.get("margin")
+        if format == "preference" and isinstance(margin, str):  # a CSV cell's number, or empty: no margin
+            with contextlib.suppress(ValueError):
+                row["margin"] = float(margin) if margin.strip() else None
         openai_preference = format == "preference" and _is_openai_preference(row)
         structured = _STRUCTURED_FIELDS + (_STRUCTURED_PREFERENCE_FIELDS if openai_preference else ())
         for key in structured:
@@ -822,7 +827,9 @@ def _preference(row: dict, check: _RowCheck) -> Preference | None:
     else:
         prompt, chosen, rejected = _trl_preference(row, check)
         tools = _sharegpt_tools(row, check) if "conversations" in row else check.tools(row)
-    if prompt is None or chosen is None or rejected is None:
+    errors = check.errors
+    margin = _margin(row, check)
+    if prompt is None or chosen is None or rejected is None or check.errors > errors:
         return None
     if chosen.to_template() == rejected.to_template():
         check.warn(
@@ -830,7 +837,25 @@ def _preference(row: dict, check: _RowCheck) -> Preference | None:
             None,
             "the chosen and rejected replies are the same, so the pair teaches nothing; fix or remove it.",
         )
-    return Preference(prompt, chosen, rejected, tools=tools, fields=_preference_fields(row, len(prompt)))
+    return Preference(prompt, chosen, rejected, tools=tools, fields=_preference_fields(row, len(prompt)), margin=margin)
+
+
+def _margin(row: dict, check: _RowCheck) -> float | None:
+    """A preference row's optional `margin` (Llama 2's margin loss; TRL's RewardTrainer reads a `margin`
+    column): a finite number, which `method: reward` subtracts from the pair's reward difference."""
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        check.error(
+            "data_type",
+            "margin",
+            f"'margin' must be a finite number (how far the chosen reply's reward should exceed the rejected's), "
+            f"got {json.dumps(value)[:40] if not isinstance(value, float) else value}; give a JSON number or leave "
+            "the field out.",
+        )
+        return None
+    return float(value)
 
 
 def _preference_fields(row: dict, n_prompt: int) -> tuple[list[str], list[str]] | None:

@@ -35,6 +35,7 @@ class PackedRow:
     position_ids: array
     is_replay: bool = False  # holds general replay examples only (see `Example.is_replay`)
     desirable: tuple[bool, ...] = ()  # the ratings of the KTO examples it holds, in order (`Example.desirable`)
+    margins: tuple[float, ...] = ()  # the margins of the preference pairs it holds, in order (`Example.margin`)
 
     def __post_init__(self) -> None:
         self.input_ids = token_array(self.input_ids)
@@ -101,6 +102,7 @@ def _pack_group(examples: Sequence[Example | PackedRow], max_length: int, share_
             piece = PackedRow(array("i", prefix), token_array([IGNORE_INDEX]) * p, range(p), is_replay=replay)
             for e in rest:
                 piece.desirable += _ratings(e)
+                piece.margins += _margins(e)
                 piece.input_ids += e.input_ids[p:]
                 piece.labels += e.labels[p:]
                 piece.position_ids.extend(range(p, len(e)))
@@ -194,7 +196,9 @@ def join(examples: Sequence[Example | PackedRow]) -> PackedRow:
         labels += e.labels
         position_ids.extend(e.position_ids if isinstance(e, PackedRow) else range(len(e)))
     desirable = tuple(rating for e in examples for rating in _ratings(e))
-    return PackedRow(input_ids, labels, position_ids, is_replay=all(e.is_replay for e in examples), desirable=desirable)
+    margins = tuple(margin for e in examples for margin in _margins(e))
+    replay = all(e.is_replay for e in examples)
+    return PackedRow(input_ids, labels, position_ids, is_replay=replay, desirable=desirable, margins=margins)
 
 
 def _ratings(e: Example | PackedRow) -> tuple[bool, ...]:
@@ -202,6 +206,13 @@ def _ratings(e: Example | PackedRow) -> tuple[bool, ...]:
     if isinstance(e, PackedRow):
         return e.desirable
     return () if e.desirable is None else (e.desirable,)
+
+
+def _margins(e: Example | PackedRow) -> tuple[float, ...]:
+    """The margins of the preference pairs an example (a pair's chosen one) or a row holds, in order."""
+    if isinstance(e, PackedRow):
+        return e.margins
+    return () if e.margin is None else (e.margin,)
 
 
 def shows_images(items: Sequence) -> bool:
@@ -215,7 +226,8 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids, where a
     row holds replay, `is_replay` (a bool per row), and where rows hold KTO examples, `desirable` (their
-    ratings, in the order of the batch's examples, row by row), and where rows show images, `pixel_values`
+    ratings, in the order of the batch's examples, row by row), where rows hold preference pairs with a `margin`,
+    `margin` (one a pair, 0.0 for a pair without, in the batch's order), and where rows show images, `pixel_values`
     (from `images`, the model's `models.images.ImageInputs`) and `token_type_ids` (1 at image tokens).
 
     `attention_mask` is returned only for a batch of unpacked rows with padding; a batch holding
@@ -247,6 +259,9 @@ def collate(
     ratings = [rating for r in rows for rating in _ratings(r)]
     if ratings:
         batch["desirable"] = torch.tensor(ratings)
+    margins = [margin for r in rows for margin in _margins(r)]
+    if any(margins):  # pairs without a margin (0.0) alone leave the batch, and the loss, as they are
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)
     shown = [image for r in rows if isinstance(r, Example) for image in r.images]
     if shown:  # `images` (`models.images.ImageInputs`): the pixels, and where the image tokens are
         if images is None:

@@ -558,6 +558,8 @@ class _Preparation:
                 continue
             if isinstance(result, Example) and _rated(record):
                 result.desirable = record.label
+            if isinstance(record, Preference) and isinstance(result, tuple):
+                result[0].margin = record.margin or 0.0  # the pair's, carried by its chosen example
             item = self._fit(result, str(path), line)
             if item is None:
                 continue

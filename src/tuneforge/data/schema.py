@@ -109,6 +109,9 @@ class Preference:
     fields: tuple[list[str], list[str]] | None = None
     """Where each message of the chosen and of the rejected conversation (the prompt, then the reply)
     sits in its row, for problems found when rendering; None: the row's fields are not one per message."""
+    margin: float | None = None
+    """The row's `margin`: how far the chosen reply's reward should exceed the rejected's (Llama 2's margin
+    loss, TRL's RewardTrainer `margin` column); None where the row gives none."""
 
 
 Record = Conversation | Document | Preference
@@ -185,6 +188,9 @@ class Example:
     """KTO examples only: the rating of the reply it trains (`Conversation.label`)."""
     images: tuple[bytes, ...] = ()
     """The image files its image tokens stand for, in order (a model that reads images)."""
+    margin: float | None = None
+    """The chosen example of a preference pair only: its row's `margin` (`Preference.margin`, 0.0 where the
+    row gives none), so that each pair's chosen example carries one and a row's margins follow its pairs."""
 
     def __post_init__(self) -> None:
         self.input_ids = token_array(self.input_ids)

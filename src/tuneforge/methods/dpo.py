@@ -299,7 +299,9 @@ class DPOObjective(nn.Module):
         with torch.no_grad(), reference_lm(self.model, self.frozen) as lm:
             return sequence_logps(lm, **batch)
 
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, desirable=None):
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, desirable=None, margin=None):
+        # `margin` (a pair's, from its row) is the reward model's (methods.reward); DPO's losses read none, as
+        # TRL's DPOTrainer reads no margin column.
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
         if self.loss == "kto":
             return self._kto(batch, desirable)

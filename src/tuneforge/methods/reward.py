@@ -7,8 +7,10 @@ the example's last token that is not the pad token, the token transformers' clas
 the saved model scores a rendered conversation as training scored it. For a pair (chosen c, rejected r)
 the loss is Bradley-Terry's
 
-    -log sigmoid(r(c) - r(r))   [+ center_rewards_coefficient (r(c) + r(r))^2, TRL's centring term]
+    -log sigmoid(r(c) - r(r) - m)   [+ center_rewards_coefficient (r(c) + r(r))^2, TRL's centring term]
 
+where m is the row's `margin` (Llama 2's margin loss, TRL's RewardTrainer `margin` column), 0 where the row
+gives none
 and the metrics are TRL's: `accuracy`, the share of pairs whose chosen reply scores higher, and
 `margin`, the mean r(c) - r(r). The data are DPO's preference pairs, rendered as DPO renders them
 and laid out as its rows (`dpo.rows`: each pair its chosen example then its rejected one, position ids
@@ -58,9 +60,16 @@ def example_rewards(model, input_ids, labels, position_ids=None, attention_mask=
     return classifier.score(hidden.flatten(0, 1)[at]).squeeze(-1).float()
 
 
-def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float | None = None):
-    """Bradley-Terry's loss of each pair from its two rewards, with TRL's centring term where asked."""
-    losses = -F.logsigmoid(chosen - rejected)
+def pair_losses(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    center_rewards_coefficient: float | None = None,
+    margin: torch.Tensor | None = None,
+):
+    """Bradley-Terry's loss of each pair from its two rewards, less each pair's `margin` where the rows give
+    one (Llama 2's margin loss, as TRL's RewardTrainer computes it), with TRL's centring term where asked."""
+    difference = chosen - rejected
+    losses = -F.logsigmoid(difference if margin is None else difference - margin.to(difference))
     if center_rewards_coefficient:
         losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
     return losses
@@ -81,7 +90,7 @@ class RewardObjective(nn.Module):
         self.center_rewards_coefficient = center_rewards_coefficient
         self.frozen = []
 
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, margin=None):
         rewards = example_rewards(self.model, input_ids, labels, position_ids, attention_mask, pad_id=self.pad_id)
         if rewards.numel() % 2:
             raise ValueError(
@@ -89,11 +98,16 @@ class RewardObjective(nn.Module):
                 "examples; build its rows with methods.dpo.rows"
             )
         chosen, rejected = rewards[0::2], rewards[1::2]
-        margin = (chosen - rejected).detach()
+        if margin is not None and margin.numel() != chosen.numel():
+            raise ValueError(
+                f"a reward model's batch has {chosen.numel()} pairs but {margin.numel()} margins; collate rows "
+                "that hold whole pairs (methods.dpo.rows)"
+            )
+        difference = (chosen - rejected).detach()
         return {
-            "loss": pair_losses(chosen, rejected, self.center_rewards_coefficient).sum(),
-            "accuracy": (margin > 0).sum(),
-            "margin": margin.sum(),
+            "loss": pair_losses(chosen, rejected, self.center_rewards_coefficient, margin).sum(),
+            "accuracy": (difference > 0).sum(),
+            "margin": difference.sum(),
         }
 
 
