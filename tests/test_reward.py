@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -368,3 +369,54 @@ def test_a_margin_that_is_no_number_is_refused_with_its_file_line_and_field(tmp_
         return
     assert [(p.line, p.field, p.code) for p in problems] == [(2, "margin", "data_type")]
     assert "'margin' must be a finite number" in problems[0].message
+
+
+def test_eval_of_a_reward_model_measures_its_ranking_of_held_out_pairs_as_its_run_did(
+    tiny_model_dir, preference_data, tmp_path, capsys
+):
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval import eval_command
+
+    run = tmp_path / "run"
+    cfg = reward_config(tiny_model_dir, preference_data, run, max_steps=2, learning_rate=5e-3, save_every=2)
+    summary = train(cfg, progress=False).metrics
+    export(run, "merged", None, tmp_path / "merged", progress=False)
+    validation = preference_data["validation"]
+    capsys.readouterr()  # what training and the export printed
+
+    def measured(model, **options):
+        assert eval_command(str(model), str(validation), json_out=True, **options) == 0
+        return json.loads(capsys.readouterr().out)
+
+    result = measured(run, out=str(tmp_path / "scores"))
+    # The run's own validation figures: the same pairs, scored where training scored them.
+    assert result["accuracy"] == pytest.approx(summary["full_valid_accuracy"])
+    assert result["margin"]["mean"] == pytest.approx(summary["full_valid_margin"], rel=1e-4, abs=1e-6)
+    assert result["loss"] == pytest.approx(summary["full_valid_loss"], rel=1e-4)
+    margins = [s["margin"] for s in result["samples"]]
+    assert result["margin"]["median"] == pytest.approx(statistics.median(margins))
+    assert result["ties"] == sum(m == 0 for m in margins)
+    lines = [json.loads(line) for line in (tmp_path / "scores" / "scores.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["chosen_score"], s["rejected_score"]) for s in lines] == [
+        (s["line"], s["chosen_score"], s["rejected_score"]) for s in result["samples"]
+    ]
+    assert (tmp_path / "scores" / "margins.png").read_bytes()[:4] == b"\x89PNG"
+    # A checkpoint and the merged export score the pairs as the run's final model does.
+    for model in (run / "checkpoints" / "step-2", tmp_path / "merged"):
+        other = measured(model)
+        assert [s["chosen_score"] for s in other["samples"]] == pytest.approx(
+            [s["chosen_score"] for s in result["samples"]], abs=1e-4
+        )
+
+    # A bad row is refused with its file, line and field; chat rows and the options of answers are refused.
+    rows = validation.read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(rows[0] + "\n" + json.dumps({**json.loads(rows[1]), "chosen": 3}) + "\n")
+    with pytest.raises(TuneforgeError, match=r"bad\.jsonl:2 chosen"):
+        eval_command(str(run), str(bad), json_out=True)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": json.loads(rows[0])["prompt"] + json.loads(rows[0])["chosen"]}) + "\n")
+    with pytest.raises(TuneforgeError, match="evaluated on preference pairs, but this file holds chat data"):
+        eval_command(str(run), str(chat), json_out=True)
+    with pytest.raises(ConfigError, match="--compare, --grader do not apply"):
+        eval_command(str(run), str(validation), compare=str(tiny_model_dir), grader="g.yaml", json_out=True)

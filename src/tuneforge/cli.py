@@ -311,7 +311,7 @@ def eval_(
         ...,
         help="Chat JSONL whose last assistant message is the reference answer (a preference pair's: its chosen reply); "
         "with --grader also prompt rows without one, as GRPO reads them; or raw text (text rows, a .txt or .md "
-        "document), scored by per-token loss, perplexity and accuracy.",
+        "document), scored by per-token loss, perplexity and accuracy; for a reward model, preference pairs.",
     ),
     compare: str | None = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
     metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
@@ -327,9 +327,15 @@ def eval_(
         "inline ('{type: reward_model, model: runs/rm}') or in a JSON/YAML file, or reward functions as "
         "FILE.py:FUNCTION (several comma-separated, summed).",
     ),
+    out: Path | None = typer.Option(
+        None,
+        help="A reward model as MODEL: the folder that gets each pair's two scores (scores.jsonl) and a histogram "
+        "of the margins (margins.png).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
-    """Loss, perplexity and generation metrics of MODEL on DATA, and a grader's scores (--grader)."""
+    """Loss, perplexity and generation metrics of MODEL on DATA, and a grader's scores (--grader); for a reward
+    model, its accuracy and margins on DATA's preference pairs."""
     from .eval.command import eval_command
 
     raise typer.Exit(
@@ -342,6 +348,7 @@ def eval_(
             limit=limit,
             max_new_tokens=max_new_tokens,
             grader=grader,
+            out=None if out is None else str(out),
         )
     )
 

@@ -22,11 +22,30 @@ def eval_command(
     limit: int | None = None,
     max_new_tokens: int | None = None,
     grader: str | None = None,
+    out: str | None = None,
 ) -> int:
     """Evaluate MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side.
     `max_new_tokens` None: `evaluate`'s default. `grader`: a grader object inline, a JSON/YAML file of one,
     or reward functions as FILE.py:FUNCTION (comma-separated for several, summed), which scores the answers
-    too."""
+    too. A reward model (a sequence classifier) as MODEL is measured on DATA's preference pairs instead
+    (`eval.reward`); `out`, a folder for its per-pair scores and histogram of margins."""
+    if reward_model(model):
+        return _reward_command(
+            model,
+            data,
+            compare=compare,
+            metric=metric,
+            json_out=json_out,
+            limit=limit,
+            grader=grader,
+            out=out,
+            max_new_tokens=max_new_tokens,
+        )
+    if out is not None:
+        raise ConfigError(
+            f"--out writes a reward model's per-pair scores, but {model} is a text model; leave out --out (--json "
+            "gives every answer and its score)."
+        )
     options = {"metric": metric, "limit": limit, "progress": not json_out}
     if grader is not None:
         options["grader"] = grader_spec(grader)
@@ -47,6 +66,40 @@ def eval_command(
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print_tables(tables)
+    return 0
+
+
+def reward_model(model: str) -> bool:
+    """Whether MODEL is a reward model (a sequence classifier with one output): a run, checkpoint or export of
+    `method: reward`, or another such classifier."""
+    from ..models import resolve
+    from ..models.loading import is_sequence_classifier
+
+    return is_sequence_classifier(resolve(model))
+
+
+def _reward_command(model, data, *, compare, metric, json_out, limit, grader, out, max_new_tokens) -> int:
+    """`tuneforge eval` of a reward model: the options that concern answers are refused, naming each."""
+    from .reward import evaluate_reward_model, reward_table
+
+    given = {
+        "--compare": compare is not None,
+        "--metric": metric != "auto",
+        "--grader": grader is not None,
+        "--max-new-tokens": max_new_tokens is not None,
+    }
+    refused = [name for name, set_ in given.items() if set_]
+    if refused:
+        raise ConfigError(
+            f"{model} is a reward model: eval scores the chosen and rejected replies of each pair of {data} and "
+            f"writes no answers, so {', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply; leave "
+            f"{'it' if len(refused) == 1 else 'them'} out (to compare two reward models, evaluate each)."
+        )
+    result = evaluate_reward_model(model, data, limit=limit, progress=not json_out, out=out)
+    if json_out:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print_tables([reward_table(result)])
     return 0
 
 

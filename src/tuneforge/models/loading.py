@@ -427,7 +427,8 @@ def refuse_reward_model(source: ModelSource, command: str, where: str | None = N
             f"{where + ': ' if where else ''}{source.spec} is a reward model (a sequence classifier with a score head, "
             f"method: reward): it scores replies and writes none, so `tuneforge {command}` cannot run it. Score "
             "answers with it as a grader: "
-            f'tuneforge eval DATA --grader \'{{"type": "reward_model", "model": "{source.spec}"}}\'',
+            f'tuneforge eval MODEL DATA --grader \'{{"type": "reward_model", "model": "{source.spec}"}}\', or '
+            f"measure it on preference pairs: tuneforge eval {source.spec} PAIRS.jsonl",
             code="reward_model_not_generator",
         )
 
