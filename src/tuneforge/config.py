@@ -86,6 +86,33 @@ class LoraConfig(Strict):
         "multiple of train.learning_rate; 1 is plain LoRA",
     )
     modules_to_save: list[str] | None = None
+    init: str = Field(
+        "default",
+        description="how the adapter starts, as PEFT's init_lora_weights: default (B = 0), gaussian (A drawn from a "
+        "normal of std 1/r, B = 0), pissa (A and B the base weight's top singular vectors, the base keeping the "
+        "rest), pissa_niter_N (the same by a randomized SVD of N iterations, faster on large layers) or olora (A and "
+        "B from a QR decomposition of the base weight); pissa and olora subtract their start from the base while "
+        "training, and every adapter the run writes is converted to one on the original base (rank 2r)",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        if value not in LORA_INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", value):
+            raise ValueError(
+                f"{value!r} is no LoRA initialisation; use one of default, gaussian, pissa, pissa_niter_N "
+                "(N iterations of a randomized SVD, such as pissa_niter_4) or olora"
+            )
+        return value
+
+    @property
+    def changes_base(self) -> bool:
+        """PiSSA and OLoRA: the adapter starts as a part of each base weight, which leaves the base while training."""
+        return self.init != "default" and self.init != "gaussian"
+
+
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+"""`lora.init`'s values besides pissa_niter_N."""
 
 
 class RopeScaling(Strict):
@@ -974,7 +1001,56 @@ class Config(Strict):
                 "train.eval_every",
             )
         self._check_dpo_keys()
+        self._check_lora_init()
         return self
+
+    def _check_lora_init(self) -> None:
+        """PiSSA and OLoRA train on a base with the adapter's start taken out: refuse what needs the base as it
+        was, or cannot hold the residual, before any weights load."""
+        init = self.lora.init
+        if not self.lora.changes_base:
+            return
+        if self.method in ("dpo", "grpo"):
+            raise KeysError(
+                f"lora.init: {init} takes the adapter's start out of the base weights while training, and method: "
+                f"{self.method} takes its reference from the policy with the adapter switched off, which would be "
+                "that residual, not the starting model; use lora.init: default or gaussian",
+                "lora.init",
+                "method",
+            )
+        if self.method not in ("lora", "dora"):
+            raise KeysError(
+                f"lora.init: {init} is offered for method: lora and dora, whose written adapters are converted to "
+                f"the original base and checked; method: {self.method} is not; use lora.init: default or gaussian",
+                "lora.init",
+                "method",
+            )
+        if self.model.quantize != "none":
+            raise KeysError(
+                f"lora.init: {init} takes the adapter's start out of each base weight, which a "
+                f"model.quantize: {self.model.quantize} base cannot hold exactly (the quantized residual is another "
+                "model than the quantized base, so the adapter on the original base would not be the one trained); "
+                "set model.quantize: none, or lora.init: default or gaussian",
+                "lora.init",
+                "model.quantize",
+            )
+        on_base = [
+            key
+            for key, on in (
+                ("train.kl_to_base", self.train.kl_to_base),
+                ("train.replay_loss", self.train.replay_loss == "kl_to_base"),
+            )
+            if on
+        ]
+        if on_base:
+            raise KeysError(
+                f"lora.init: {init} takes the adapter's start out of the base weights while training, and "
+                f"{' and '.join(on_base)} compare the model with the base as the adapter switched off leaves it, "
+                "which would be that residual, not the base; use lora.init: default or gaussian, or leave "
+                f"{' and '.join(on_base)} out",
+                "lora.init",
+                *on_base,
+            )
 
     def _check_dpo_keys(self) -> None:
         """Refuse a dpo key that the chosen dpo.loss does not read (a value other than its default: a run's
@@ -1104,6 +1180,8 @@ class Config(Strict):
         for key in ("chat_template", "rope_scaling"):
             if d["model"][key] is None:
                 d["model"].pop(key)  # added later: the tokenizer's own template, the base's positions, as before
+        if d["lora"]["init"] == "default":
+            d["lora"].pop("init")  # added later: an adapter started as before resumes a checkpoint from before it
         for section in ("distill", "dpo", "grpo", "reward"):
             if self.method != section:
                 # Other methods ignore the section, and leaving it out keeps their hashes (and resumes) as they were.
@@ -1200,6 +1278,9 @@ KNOWN_ELSEWHERE = {
     "lora_target_modules": "lora.target_modules",
     "target_modules": "lora.target_modules",
     "use_dora": "method: dora",
+    "init_lora_weights": "lora.init (default | gaussian | pissa | pissa_niter_N | olora)",
+    "peft_init_lora_weights": "lora.init (default | gaussian | pissa | pissa_niter_N | olora)",
+    "pissa_init": "lora.init: pissa (pissa_niter_N for pissa_iter: N)",
     "num_generations": "grpo.group_size",
     "max_completion_length": "grpo.max_new_tokens",
     "reward_funcs": "grpo.grader (FILE.py:FUNCTION, or a list of them)",

@@ -254,6 +254,18 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def adapter_start(cfg) -> str:
+    """How the adapter starts (lora.init), where it is not PEFT's default."""
+    if not cfg.trains_adapters or cfg.lora.init == "default":
+        return ""
+    if not cfg.lora.changes_base:
+        return f"; lora.init: {cfg.lora.init}"
+    return (
+        f"; lora.init: {cfg.lora.init}, the adapter's start taken out of the base while training, the adapters the "
+        f"run writes on the original base (r {cfg.lora.r * 2})"
+    )
+
+
 def validate(config, overrides: list[str] = (), processes: int = 1, machines: int = 1) -> int:
     """The dry run of a run on `processes` processes (all `machines` together)."""
     console = Console()
@@ -329,7 +341,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     facts = [
         ("model", f"{source.name} ({n_params:,} parameters, {hf_config.model_type})"),
         *context_rows(cfg, source, hf_config),
-        ("method", f"{cfg.method}: {n_trainable:,} trainable parameters"),
+        ("method", f"{cfg.method}: {n_trainable:,} trainable parameters{adapter_start(cfg)}"),
         *added_tokens_rows(cfg, tokenizer, token_ids, hf_config),
         *data_rows(cfg, prepared.report, train_items, valid_items, rows, plan, processes),
         ("precision", f"{precision}; frozen weights {weights_held(cfg, precision)}"),

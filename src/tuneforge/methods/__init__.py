@@ -135,6 +135,14 @@ def check_inputs(cfg, tokenizer, source) -> None:
     if cfg.model.chat_template is not None:
         check_template(tokenizer, template_where(cfg))
     dpo.check_data_kind(cfg)
+    if cfg.method in ("lora", "dora") and source.adapter is not None and cfg.lora.init != "default":
+        # lora and dora train base_model's adapter on from where it is: there is no new adapter to start.
+        raise ConfigError(
+            f"{cfg.key_at('lora.init')}: {cfg.lora.init} sets how a new adapter starts, and base_model "
+            f"{source.name} is a LoRA adapter that trains on from its weights as they are. Leave lora.init out to "
+            "continue it, or merge it first (tuneforge export RUN --format merged) and start a new adapter on the "
+            "merged model."
+        )
     check_trainable(cfg, source, added_token_ids(cfg, tokenizer), new_token_ids(tokenizer))
     if cfg.method == "dora" and cfg.model.quantize == "int8" and not torch.cuda.is_available():
         # DoRA's weight norm reads the frozen weight back through bitsandbytes, whose 8-bit layer on a

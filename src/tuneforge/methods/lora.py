@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 from ..errors import ConfigError, TuneforgeError
@@ -89,7 +89,15 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
         modules_to_save=lc.modules_to_save,
         exclude_modules=outside_the_text_model(model),
         trainable_token_indices=trained_token_rows(cfg, model, token_ids),
+        init_lora_weights=True if lc.init == "default" else lc.init,
     )
+
+
+def keep_start(model) -> None:
+    """Keep the start of a PiSSA or OLoRA adapter (its A and B as PEFT set them, taken out of the base weights)
+    beside the model, so that what the run saves is an adapter on the original base (`saving.on_original_base`)."""
+    start = get_peft_model_state_dict(model)
+    model.adapter_start = {k: v.detach().clone() for k, v in start.items() if ".lora_A." in k or ".lora_B." in k}
 
 
 def continue_adapter(model, cfg, token_ids=()):
@@ -163,6 +171,8 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
                 f"lora.target_modules does not fit this model: {e} The model's linear layers "
                 f"are {', '.join(decoder_linears(model))}: give target_modules a list of those, or all-linear."
             ) from None
+        if cfg.lora.changes_base:
+            keep_start(model)
     if cfg.train.freeze_embeddings:
         for name, p in model.named_parameters():
             if "embed_tokens" in name:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
+from ..errors import TuneforgeError
 from ..fsio import atomic_dir
 from .architecture import chat_generation_config
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""The file PEFT's save_pretrained writes an adapter's weights to."""
 
 SENTENCEPIECE_MODEL = "tokenizer.model"
 """A SentencePiece vocabulary (Gemma, Phi-3, Mistral), which llama.cpp's converter reads."""
@@ -28,10 +34,61 @@ def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool =
         if hasattr(model, "peft_config"):
             for pc in model.peft_config.values():
                 pc.base_model_name_or_path = str(base_path)
-        model.save_pretrained(tmp, safe_serialization=True, **save_options(model))
+        save_weights(model, tmp)
         save_tokenizer(tokenizer, base_path, tmp)
         save_generation_config(model, tokenizer, tmp)
     return folder
+
+
+def save_weights(model, folder: Path, state_dict: dict | None = None) -> None:
+    """`model.save_pretrained` into `folder`; a PiSSA or OLoRA adapter (`methods.lora.keep_start`) is written as
+    the adapter it is on the original base, which is what every reader of the folder loads it on."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict, **save_options(model))
+    start = getattr(model, "adapter_start", None)
+    if start:
+        on_original_base(Path(folder), start)
+
+
+def on_original_base(folder: Path, start: dict) -> None:
+    """Rewrite the adapter in `folder`, trained on a base with its start (A0, B0) taken out, as PEFT's
+    `save_pretrained(path_initial_model_for_weight_conversion=...)` does: W_res + s·BA = W + s·(BA - B0A0), so
+    A' = [A; A0] and B' = [B, -B0], of rank 2r, on the original weights W (alpha doubles, or grows by sqrt 2 under
+    rsLoRA, to keep s). The other weights (DoRA's magnitudes, layers trained whole, token rows) stay as saved."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / ADAPTER_WEIGHTS)
+    for key, first in start.items():
+        weights[key] = torch.cat(
+            [weights[key], first.to(weights[key].device, weights[key].dtype)]
+            if ".lora_A." in key
+            else [weights[key], -first.to(weights[key].device, weights[key].dtype)],
+            dim=0 if ".lora_A." in key else 1,
+        )
+    save_file(weights, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config = LoraConfig.from_pretrained(folder)
+    config.r *= 2
+    config.lora_alpha *= 2**0.5 if config.use_rslora else 2
+    config.init_lora_weights = True
+    config.save_pretrained(folder)
+
+
+def on_residual_base(weights: dict, start: dict, folder: Path) -> dict:
+    """The adapter `on_original_base` wrote back as it trains (A and B of rank r, on the residual base), for a
+    resume: its second halves must be this run's start again, else the start was not reproduced (another seed,
+    base or library version) and the run would go on from another model than the one it saved."""
+    weights = dict(weights)
+    for key, first in start.items():
+        dim, r = (0, first.shape[0]) if ".lora_A." in key else (1, first.shape[1])
+        trained, saved_start = weights[key].split([r, weights[key].shape[dim] - r], dim=dim)
+        if not torch.equal(saved_start, first if ".lora_A." in key else -first):
+            raise TuneforgeError(
+                f"{folder}: the adapter's start (lora.init) differs from the one this run makes again on its base "
+                f"({key}): the base, the seed or the torch version changed since the checkpoint was written. "
+                "Resume where the run started, or start it again."
+            )
+        weights[key] = trained.contiguous()
+    return weights
 
 
 def save_options(model) -> dict:

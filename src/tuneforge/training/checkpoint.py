@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import RunFailed, TuneforgeError
 from ..fsio import atomic_dir, write_json
-from ..models.saving import save_generation_config, save_options, save_tokenizer
+from ..models.saving import on_residual_base, save_generation_config, save_tokenizer, save_weights
 from . import distributed
 
 STATE = "trainer_state.json"
@@ -123,6 +123,8 @@ def restore_weights(folder: Path, model) -> None:
 
         with _reading(folder, "adapter_model.safetensors"):
             weights = load_file(folder / "adapter_model.safetensors")
+        if start := getattr(model, "adapter_start", None):  # PiSSA or OLoRA, saved on the original base
+            weights = on_residual_base(weights, start, folder)
         result = set_peft_model_state_dict(model, weights)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
     else:
@@ -231,7 +233,7 @@ def save(
             with _one_process_quietly(), _machine_refusal_names(root / f"step-{step}"):
                 dcp.save(optimizer_state, checkpoint_id=tmp / OPTIMIZER, no_dist=world.size == 1)
         if world.is_main:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights, **save_options(model))
+            save_weights(model, tmp, weights)
             save_tokenizer(tokenizer, base_path, tmp)
             save_generation_config(model, tokenizer, tmp)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
