@@ -1,6 +1,7 @@
 """`n` choices per request and OpenAI's presence and frequency penalties, served by a real uvicorn server
 and checked against single requests and `tuneforge.generate` on the same prompt."""
 
+import asyncio
 import collections
 import json
 
@@ -141,3 +142,32 @@ def test_penalties_lower_the_logits_as_openai_documents_them(base):
 
 def health(server) -> dict:
     return httpx.get(f"{server[0]}/health").json()
+
+
+def test_a_reply_counts_each_prompt_once_as_its_generation_groups_the_choices():
+    """Usage reads the choices per prompt from the generation, so no route has to restate them on its reply."""
+    from tuneforge.generate import Completion
+    from tuneforge.serve.app import _Reply
+    from tuneforge.serve.engine import Generation, Generations
+
+    loop = asyncio.new_event_loop()
+    try:
+
+        def answered(prompt_tokens: int, n: int) -> Generation:
+            generation = Generation(BASE, [1] * prompt_tokens, Sampling(), loop, n=n)
+            generation.completions = [Completion("ok", prompt_tokens, 2, "stop") for _ in range(n)]
+            return generation
+
+        chat = _Reply.start(True, BASE).whole(answered(7, 3))
+        assert chat["usage"] == {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13}
+        prompts = Generations([answered(5, 2), answered(9, 2)])
+        completions = _Reply.start(False, BASE).usage_chunk(prompts)
+        assert completions["usage"] == {"prompt_tokens": 14, "completion_tokens": 8, "total_tokens": 22}
+    finally:
+        loop.close()
+
+
+def test_echoed_choices_of_a_list_of_prompts_start_with_their_own_prompt(client):
+    reply = client.completions.create(model=BASE, prompt=["The fox", "A cat"], max_tokens=1, n=2, echo=True, seed=1)
+    assert [choice.text[: len("The fox")] for choice in reply.choices[:2]] == ["The fox"] * 2
+    assert [choice.text[: len("A cat")] for choice in reply.choices[2:]] == ["A cat"] * 2

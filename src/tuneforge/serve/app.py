@@ -78,9 +78,8 @@ class _Reply:
     reasoning: bool | None = None  # a reasoning model's reply: whether its prompt opened the reasoning (reasoning.py)
     tools: ToolCallParser | None = None  # parses a chat reply's tool calls; None: the reply is text
     parallel_tool_calls: bool = True  # false: the first call only, as OpenAI's API makes at most one then
-    # A completion's prompts' texts, which each of their choices' text and log probabilities start with.
+    # A completion's echo: each choice's prompt text, which its text and log probabilities start with.
     echo: tuple[str, ...] | None = None
-    per_prompt: int = 1  # choices of each prompt: choice k answers prompt k // per_prompt
     # The reply's calls once parsed: the answer sent and the one stored give each call the same id.
     _parsed: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -106,14 +105,15 @@ class _Reply:
             self._parsed[answer] = parsed
         return self._parsed[answer]
 
-    def whole(self, completions: list[Completion]) -> dict:
-        choices = [self._choice(index, completion) for index, completion in enumerate(completions)]
-        usage = _usage(completions, self.per_prompt)
+    def whole(self, generation: Generation | Generations) -> dict:
+        """The answer of a generation whose choices are all complete."""
+        choices = [self._choice(index, completion) for index, completion in enumerate(generation.completions)]
+        usage = _usage(generation)
         return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=usage)
 
     def echoed(self, index: int) -> str | None:
         """The prompt text that choice `index` starts with (None: no echo)."""
-        return None if self.echo is None else self.echo[index // self.per_prompt]
+        return None if self.echo is None else self.echo[index]
 
     def _choice(self, index: int, completion: Completion) -> dict:
         finish_reason = completion.finish_reason
@@ -204,8 +204,8 @@ class _Reply:
             ],
         )
 
-    def usage_chunk(self, completions: list[Completion]) -> dict:
-        return self._envelope(self._chunk_object, [], usage=_usage(completions, self.per_prompt))
+    def usage_chunk(self, generation: Generation | Generations) -> dict:
+        return self._envelope(self._chunk_object, [], usage=_usage(generation))
 
     @property
     def _chunk_object(self) -> str:
@@ -251,11 +251,11 @@ class _Unsent:
         return self.received[start:]
 
 
-def _usage(completions: list[Completion], per_prompt: int = 1) -> dict:
-    """Token counts as OpenAI gives them: each prompt once (its choices are `per_prompt` in a row), the tokens of
-    every choice."""
-    prompt_tokens = sum(completion.prompt_tokens for completion in completions[::per_prompt])
-    completion_tokens = sum(completion.completion_tokens for completion in completions)
+def _usage(generation: Generation | Generations) -> dict:
+    """Token counts as OpenAI gives them, of a generation whose choices are all complete: each prompt once
+    however many choices answer it (as the generation counts them), the tokens of every choice."""
+    prompt_tokens = generation.prompt_tokens
+    completion_tokens = sum(completion.completion_tokens for completion in generation.completions)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -295,8 +295,8 @@ class _ResponseReply:
     def model(self) -> str:
         return self.body.model
 
-    def whole(self, completions: list[Completion]) -> dict:
-        [completion] = completions
+    def whole(self, generation: Generation) -> dict:
+        [completion] = generation.completions
         parts = (
             reasoning.message(completion.text, self.reasoning)
             if self.reasoning is not None
@@ -530,7 +530,7 @@ class Served:
         """What an answer leaves behind: its metrics, its log line's figures, and its stored completion if asked."""
         completions = generation.completions
         self.metrics.answered(reply.model, generation)
-        usage = _usage(completions, generation.per_prompt)
+        usage = _usage(generation)
         finish_reasons = [completion.finish_reason for completion in completions]
         note(
             request,
@@ -546,7 +546,7 @@ class Served:
                 self.completions.save,
                 caller(request),
                 sent,
-                reply.whole(completions),
+                reply.whole(generation),
                 body.metadata,
                 body.template_tools(),
             )
@@ -599,7 +599,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         server,
         request,
         body,
-        replace(_Reply.start(True, body.model, opened, tools, body.parallel_tool_calls), per_prompt=body.n),
+        _Reply.start(True, body.model, opened, tools, body.parallel_tool_calls),
         generation,
     )
 
@@ -716,11 +716,12 @@ async def completions(body: CompletionBody, request: Request, server: Served = D
                 code="invalid_value",
             )
     generation = await submit(server, request, body, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-    reply = replace(_Reply.start(False, body.model), per_prompt=body.n)
+    reply = _Reply.start(False, body.model)
     if body.echo:
-        # The prompts as sent; token ids as they decode (special tokens' text left out, as in their entries).
+        # The prompts as sent; token ids as they decode (special tokens' text left out, as in their entries); each
+        # prompt's choices in a row, as the generation orders them.
         echo = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-        reply = replace(reply, echo=tuple(echo))
+        reply = replace(reply, echo=tuple(text for text in echo for _ in range(generation.per_prompt)))
     return await answer(server, request, body, reply, generation)
 
 
@@ -993,7 +994,8 @@ async def answer(
         result.cancel()
         return Response(status_code=CLIENT_LEFT)  # nobody reads it: the client has gone
     try:
-        whole = reply.whole(result.result())
+        result.result()  # raises the generation's failure, if it failed
+        whole = reply.whole(generation)
     except EngineError as err:
         raise engine_error(err) from err
     await server.answered(request, body, reply, generation)
@@ -1041,7 +1043,7 @@ async def _events(
             yield _sse(chunk)
         await server.answered(request, body, reply, generation)
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse(reply.usage_chunk(generation.completions))
+            yield _sse(reply.usage_chunk(generation))
         yield _sse("[DONE]")
     except EngineError as err:
         yield _sse(engine_error(err).body())
