@@ -230,7 +230,7 @@ def test_a_prompt_batch_never_copies_the_output_layer_per_row(tiny_model_dir):
 
     from tuneforge.models import load_frozen_model
 
-    model = load_frozen_model(str(tiny_model_dir), dtype=torch.bfloat16, device=torch.device("cpu"))
+    model = load_frozen_model(str(tiny_model_dir), "test", dtype=torch.bfloat16, device=torch.device("cpu"))
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prompts = [[{"role": "user", "content": f"Question number {i}: is it {'very ' * i}long?"}] for i in range(16)]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -208,13 +208,16 @@ def test_a_reward_model_starts_from_an_sft_runs_merged_adapter(tiny_model_dir, t
     assert not torch.equal(tuned.model.get_parameter(weight), base.model.get_parameter(weight))
 
 
-def test_a_reward_model_is_refused_up_front_by_chat_serve_eval_and_distill_generate_naming_the_grader(
+def test_a_reward_model_is_refused_by_every_command_that_loads_a_language_model_naming_the_grader(
     tokenizer, tiny_model_dir, tmp_path
 ):
+    """chat, serve, eval, distill generate and distill init refuse it where they load their model, in the loader they
+    share (`load_text_model`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     from tuneforge.chat import chat_command
+    from tuneforge.distill.student import init_student
     from tuneforge.distill.teacher_data import generate_teacher_data
     from tuneforge.eval.evaluate import evaluate
     from tuneforge.serve.adapters import AdapterPool
@@ -236,6 +239,7 @@ def test_a_reward_model_is_refused_up_front_by_chat_serve_eval_and_distill_gener
         "distill generate": lambda model: generate_teacher_data(
             str(model), data, tmp_path / "out.jsonl", progress=False
         ),
+        "distill init": lambda model: init_student(str(model), tmp_path / "student", every=2),
     }
     for model in (full, adapter):
         for command, attempt in attempts.items():

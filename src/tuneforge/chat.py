@@ -24,7 +24,6 @@ from jinja2 import TemplateError
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
-from .models.loading import refuse_reward_model
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
 from .reasoning import REASONING, ReasoningSplitter, message, reasoning_opened
@@ -131,9 +130,8 @@ def chat_command(
     except ValueError as err:
         raise ConfigError(str(err), code="invalid_value") from err
     source = resolve(spec)
-    refuse_reward_model(source, "chat")
     tokenizer = load_tokenizer(source)
-    model = load_for_inference(source, precision)
+    model = load_for_inference(source, "chat", precision)
     sys.stdout.write(
         f"chatting with {source.name}"
         + (f" (adapter {source.adapter} on {source.path})" if source.adapter else "")

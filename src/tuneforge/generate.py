@@ -151,13 +151,14 @@ def inference_dtype(precision: str = "fp32") -> torch.dtype:
     return compute_dtype(resolve_precision(precision, inference_device()))
 
 
-def load_for_inference(source, precision: str = "fp32", rope_scaling: dict | None = None):
+def load_for_inference(source, command: str, precision: str = "fp32", rope_scaling: dict | None = None):
     """`source`'s model (a `ModelSource`, with its adapter if it has one) on `inference_device()` in
     `inference_dtype(precision)`, in eval mode, its linear weights packed for decoding where that pays
-    (`pack_linear_weights`): what `chat` and `serve` generate with. `rope_scaling`: see `load_model`."""
-    from .models import load_model
+    (`pack_linear_weights`): what `chat` and `serve` generate with. `command`: see `load_text_model`;
+    `rope_scaling`: see `load_model`."""
+    from .models import load_text_model
 
-    model = load_model(source, dtype=inference_dtype(precision), rope_scaling=rope_scaling)
+    model = load_text_model(source, command, dtype=inference_dtype(precision), rope_scaling=rope_scaling)
     model = model.to(inference_device()).eval()
     pack_linear_weights(model)
     return model

@@ -192,7 +192,7 @@ def init_student(
     source = resolve(teacher)
     tokenizer = load_tokenizer(source)
     rows = influence_rows(most_influential_of[1], tokenizer) if most_influential_of is not None else None
-    model = load_frozen_model(source)
+    model = load_frozen_model(source, "distill init")
     n_layers = len(decoder_layers(model))
     influence = None
     if rows is not None:

@@ -320,10 +320,8 @@ def generate_teacher_data(
         load_frozen_model,
         load_tokenizer,
         model_context_length,
-        resolve,
         resolve_precision,
     )
-    from ..models.loading import refuse_reward_model
     from ..progress import library_bars, progress_bar
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 0):
@@ -395,10 +393,11 @@ def generate_teacher_data(
         with atomic_file(out) as f:
             f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept if row is not None))
     if done < target:
-        refuse_reward_model(resolve(teacher), "distill generate")  # a classifier writes no answers
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with library_bars(progress):
-            model = load_frozen_model(teacher, dtype=compute_dtype(resolve_precision(precision, device)), device=device)
+            model = load_frozen_model(
+                teacher, "distill generate", dtype=compute_dtype(resolve_precision(precision, device)), device=device
+            )
         tokenizer = load_tokenizer(teacher)
         _check_prompts_fit(
             prompts_file, prompts[done:target], lines[done:target], tokenizer, model_context_length(model)

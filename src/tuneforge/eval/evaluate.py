@@ -50,9 +50,8 @@ from ..generate import generate
 from ..graders import Grader, GradeResult, load_grader, rollout_sample
 from ..methods import SFTObjective, sum_over_batches
 from ..methods.grpo import grader_item, naming_rows
-from ..models import causal_lm, load_model, load_tokenizer, model_context_length, resolve, run_config_of
+from ..models import causal_lm, load_text_model, load_tokenizer, model_context_length, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
-from ..models.loading import refuse_reward_model
 from ..progress import library_bars, progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
 from ..wording import counted
@@ -538,11 +537,10 @@ def _evaluate_examples(
 ) -> dict:
     """`evaluate` on `examples` read from `data`, their metric and `grader` (a `Grader` or None) checked."""
     source = resolve(model)
-    refuse_reward_model(source, "eval")
     train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
     with library_bars(progress):
-        loaded = load_model(source)
+        loaded = load_text_model(source, "eval")
     result = evaluate_loaded(
         loaded,
         tokenizer,
@@ -578,11 +576,10 @@ def evaluate_documents(
     if problems:
         raise DataError.listing(f"{data}: {counted(len(problems), 'problem')} in the documents", problems)
     source = resolve(model)
-    refuse_reward_model(source, "eval")
     window = window or trained_window(source)
     tokenizer = load_tokenizer(source)
     with library_bars(progress):
-        loaded = load_model(source)
+        loaded = load_text_model(source, "eval")
     window = window or model_context_length(loaded) or EVAL_ROW_TOKENS
     windows = [w for d in documents for e in render_examples(d, tokenizer) for w in e.windows(window)]
     started = time.perf_counter()

@@ -423,7 +423,7 @@ class EvalRunner:
         except ModelSourceError:
             raise RunFailure("model_not_found", f"The model `{run.model}` is no longer on this server.") from None
         tokenizer = load_tokenizer(model_source)
-        model = load_for_inference(model_source)
+        model = load_for_inference(model_source, "eval")
 
         def on_progress(_: int) -> None:
             current = check(run.eval_id, run.id)

@@ -208,7 +208,12 @@ def build_objective(model, cfg, tokenizer, *, dtype: torch.dtype, device: torch.
     reference = None
     if cfg.method == "full":
         reference = load_frozen_model(
-            cfg.base_model, dtype=dtype, device=device, rope_scaling=cfg.model.rope_parameters()
+            cfg.base_model,
+            "train",
+            where=cfg.key_at("base_model"),
+            dtype=dtype,
+            device=device,
+            rope_scaling=cfg.model.rope_parameters(),
         )
     return SFTObjective(model, terms=(KLToBase(weight=t.kl_to_base, replay=replay, reference=reference),))
 

@@ -375,7 +375,7 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
     d = cfg.distill
     return DistillObjective(
         model,
-        load_frozen_model(d.teacher, dtype=dtype, device=device),
+        load_frozen_model(d.teacher, "train", where=cfg.key_at("distill.teacher"), dtype=dtype, device=device),
         alpha=d.alpha,
         temperature=d.temperature,
         kind=d.divergence,

@@ -378,7 +378,14 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
     # (merged, as a LoRA teacher is for distillation). A LoRA policy's reference is its disabled adapter.
     # simpo and orpo have none.
     reference = (
-        load_frozen_model(cfg.base_model, dtype=dtype, device=device, rope_scaling=cfg.model.rope_parameters())
+        load_frozen_model(
+            cfg.base_model,
+            "train",
+            where=cfg.key_at("base_model"),
+            dtype=dtype,
+            device=device,
+            rope_scaling=cfg.model.rope_parameters(),
+        )
         if d.policy == "full" and d.has_reference
         else None
     )

@@ -526,7 +526,14 @@ def build_objective(model, tokenizer, cfg, *, dtype: torch.dtype, device: torch.
     # policy's reference is its disabled adapter. Without a KL penalty there is no reference to run.
     needs_copy = cfg.grpo.policy == "full" and cfg.grpo.beta > 0
     reference = (
-        load_frozen_model(cfg.base_model, dtype=dtype, device=device, rope_scaling=cfg.model.rope_parameters())
+        load_frozen_model(
+            cfg.base_model,
+            "train",
+            where=cfg.key_at("base_model"),
+            dtype=dtype,
+            device=device,
+            rope_scaling=cfg.model.rope_parameters(),
+        )
         if needs_copy
         else None
     )

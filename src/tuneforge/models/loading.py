@@ -560,17 +560,29 @@ def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
     return ModelSourceError(f"Could not load the model in {folder}: {err}{damaged}", code="model_load_failed")
 
 
+def load_text_model(spec: str | ModelSource, command: str, *, where: str | None = None, **options):
+    """The language model that `command` generates or scores text with: `load_model(spec, **options)` as a causal
+    LM, a reward model refused first (`refuse_reward_model`, its message naming `command` and `where`). Every
+    loader of a model for text goes through here, so none loads a classifier where it needs a language model."""
+    source = _as_source(spec)
+    refuse_reward_model(source, command, where)
+    return load_model(source, classifier=False, **options)
+
+
 def load_frozen_model(
     spec: str | ModelSource,
+    command: str,
     *,
+    where: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     rope_scaling: dict | None = None,
 ):
     """A model that runs beside the trained one and never trains (a teacher, a reference, a replay
     writer): a plain causal LM in eval mode with no gradients; an adapter is merged, so it costs one
-    model's forward. `rope_scaling`: the trained model's (see `base_config`), which a reference shares."""
-    model = load_model(spec, dtype=dtype, rope_scaling=rope_scaling)
+    model's forward. `command` and `where`: see `load_text_model`. `rope_scaling`: the trained model's (see
+    `base_config`), which a reference shares."""
+    model = load_text_model(spec, command, where=where, dtype=dtype, rope_scaling=rope_scaling)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model.to(device).eval().requires_grad_(False)

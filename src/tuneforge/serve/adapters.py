@@ -58,7 +58,6 @@ class AdapterPool:
                 )
             adapter_sources = {base_source.name: base_source, **adapter_sources}
             base_source = resolve(str(base_source.path))
-        refuse_reward_model(base_source, "serve")
         self.base_source = base_source
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
         self._embedding_name = input_embedding_name(self.base_path)
@@ -72,7 +71,7 @@ class AdapterPool:
         self._sources = adapter_sources
         self._tokenizers = {self.base_name: load_tokenizer(base_source)}
         self._tokenizers.update({name: load_tokenizer(source) for name, source in adapter_sources.items()})
-        self.model = load_for_inference(base_source, precision, rope_scaling=self.rope_scaling)
+        self.model = load_for_inference(base_source, "serve", precision, rope_scaling=self.rope_scaling)
         self._module_names = [n for n, _ in self.model.named_modules()]
         # Each adapter's PEFT config, read once as it joins: later checks compare with the adapters as served,
         # whose folders may have gone from disk meanwhile (a fine-tuned model deleted through the jobs API).
