@@ -13,12 +13,12 @@ milliseconds (a flat schema) to seconds (SmolLM2's any-object: about 2 s), so in
 
 from __future__ import annotations
 
-import functools
 import json
 
 import torch
 
 from .errors import TuneforgeError
+from .generate import per_tokenizer
 
 # What `{"type": "json_object"}` allows: an object whose values are strings, numbers, booleans, null, or
 # arrays and objects of those. A regular expression nests only as deep as it is written, and outlines-core's
@@ -65,7 +65,7 @@ def end_id(tokenizer) -> int:
     return reply_end_ids(None, tokenizer)[0]
 
 
-@functools.lru_cache(maxsize=32)
+@per_tokenizer(maxsize=32)
 def _index(tokenizer, regex: str):
     outlines_core = _outlines_core()
     try:
@@ -79,7 +79,7 @@ def _index(tokenizer, regex: str):
     return index
 
 
-@functools.lru_cache(maxsize=8)
+@per_tokenizer(maxsize=8)
 def _vocabulary(tokenizer):
     """outlines-core's `Vocabulary` of a Hugging Face fast tokenizer: `tokens_by_bytes`, and `end_id` as its end."""
     return _outlines_core().Vocabulary(end_id(tokenizer), tokens_by_bytes(tokenizer))

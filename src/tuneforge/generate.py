@@ -29,9 +29,14 @@ running batch between steps as well as leave it (continuous batching).
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import itertools
 import json
 import re
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -521,7 +526,58 @@ def token_bytes(tokenizer, token: int) -> bytes | None:
     return None if by_id is None else by_id.get(token)
 
 
-@functools.lru_cache(maxsize=8)
+_TOKENIZER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNKEYED = itertools.count()
+
+
+def tokenizer_key(tokenizer) -> str:
+    """What `tokenizer` is, for the caches of its tables (`per_tokenizer`): a digest of its fast tokenizer's whole
+    definition (vocabulary, added tokens, decoder), its chat template and its special tokens, so a tokenizer loaded
+    again from the same files has the same key. Worked out once per tokenizer object, which it does not keep
+    alive; a tokenizer with no fast backend has a key of its own."""
+    if (key := _TOKENIZER_KEYS.get(tokenizer)) is not None:
+        return key
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        key = f"object {next(_UNKEYED)}"
+    else:
+        definition = json.dumps([backend.to_str(), tokenizer.chat_template, tokenizer.special_tokens_map], default=str)
+        key = hashlib.sha256(definition.encode()).hexdigest()
+    _TOKENIZER_KEYS[tokenizer] = key
+    return key
+
+
+def per_tokenizer(maxsize: int):
+    """Caches a function of a tokenizer (and hashable arguments after it) by `tokenizer_key`, not by the object: a
+    tokenizer loaded again (serve reloading an adapter, each adapter's own copy of the base's tokenizer) reads the
+    entry of the first, and no entry keeps a tokenizer alive; the `maxsize` entries used last are kept. The
+    entries are the function's `entries`."""
+
+    def wrap(function):
+        entries: OrderedDict = OrderedDict()
+        lock = threading.Lock()
+
+        @functools.wraps(function)
+        def cached(tokenizer, *args):
+            key = (tokenizer_key(tokenizer), *args)
+            with lock:
+                if key in entries:
+                    entries.move_to_end(key)
+                    return entries[key]
+            value = function(tokenizer, *args)
+            with lock:
+                entries[key] = value
+                while len(entries) > maxsize:
+                    entries.popitem(last=False)
+            return value
+
+        cached.entries = entries
+        return cached
+
+    return wrap
+
+
+@per_tokenizer(maxsize=8)
 def vocabulary_bytes(tokenizer) -> dict[int, bytes] | None:
     """The bytes each token of `tokenizer` stands for, by id, where its vocabulary writes them: byte-level BPE
     (GPT-2's alphabet: SmolLM2, Llama 3, Qwen) maps each character of a token back to its byte; SentencePiece
