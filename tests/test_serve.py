@@ -1421,6 +1421,40 @@ def test_echo_scores_the_prompt_as_log_likelihood_evaluation_reads_it(server, cl
         client.completions.create(model=BASE, prompt=prompt, max_tokens=0)
 
 
+def test_prompts_scored_in_chunks_of_positions_score_as_in_one_forward(base, monkeypatch):
+    """A prefill scoring its prompts runs their positions a few at a time (`SCORED_LOGITS`), so its logits never
+    span every position of the vocabulary: the log probabilities (to 1e-6, fp32 sums in another order) and the most
+    likely tokens are those of one forward."""
+    import tuneforge.generate
+
+    model, tokenizer = base
+    texts = ("The quick brown fox jumps over the lazy dog", "Hi", "A longer prompt: one two three four five six")
+    prompts = [encode_prompts(tokenizer, [text])[0] for text in texts]
+
+    def scored(logits_at_once: int) -> list:
+        monkeypatch.setattr(tuneforge.generate, "SCORED_LOGITS", logits_at_once)
+        batch = Batch(model, tokenizer)
+        rows = [batch.add(ids, Sampling(max_new_tokens=3, logprobs=3, prompt_logprobs=True)) for ids in prompts]
+        while batch:
+            batch.step()
+        return [(row.completion().prompt_logprobs, row.completion().text) for row in rows]
+
+    vocabulary = model.config.vocab_size
+    whole, chunked = scored(2**40), scored(3 * len(prompts) * vocabulary)  # 3 positions a forward
+    for (entries, text), (chunk_entries, chunk_text) in zip(whole, chunked):
+        assert [e.token for e in entries] == [e.token for e in chunk_entries] and text == chunk_text
+        assert entries[0].logprob is chunk_entries[0].logprob is None  # nothing precedes the first token
+        assert [e.logprob for e in chunk_entries[1:]] == pytest.approx(
+            [e.logprob for e in entries[1:]], rel=1e-6, abs=1e-6
+        )
+        for entry, chunk_entry in zip(entries, chunk_entries):
+            assert [top.token for top in chunk_entry.top] == [top.token for top in entry.top]
+            assert [top.logprob for top in chunk_entry.top] == pytest.approx(
+                [top.logprob for top in entry.top], rel=1e-6, abs=1e-6
+            )
+    assert [e.logprob for e in whole[0][0]] == pytest.approx(prompt_logprobs(model, prompts[0]), abs=1e-4)
+
+
 def test_a_batch_mixing_echo_and_plain_rows_scores_only_the_echo_rows(base):
     model, tokenizer = base
     long, short = (encode_prompts(tokenizer, [p])[0] for p in ("The quick brown fox jumps over the lazy dog", "Hi"))

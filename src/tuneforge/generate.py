@@ -265,6 +265,10 @@ def reply_end_ids(config_eos_ids: int | list[int] | None, tokenizer) -> list[int
 MIN_SHARED_PREFIX = 16
 """A prompt prefix that every row of a prefill shares is run once from this many tokens on."""
 
+SCORED_LOGITS = 2**25
+"""The most logits (positions x vocabulary; 128 MB in fp32) a prefill that scores its prompts' tokens holds at once:
+its positions run in chunks of that many (`Batch._prefill_scoring`)."""
+
 BATCH_SIZE = 64
 """Rows decoded together. On a CPU a small model's decoding step is far from compute-bound at 16
 rows, so 64 rows decode nearly twice the tokens a second (docs/LOG.md, "Generation")."""
@@ -764,8 +768,8 @@ class Batch:
         from .kv_cache import PreallocatedLayer, new_cache
 
         rows, self._waiting = self._waiting, []
-        # Rows scoring their prompt keep every position's logits (rows x positions x vocabulary): they prefill
-        # apart, and the others wait for the next step, so no other prompt's positions are kept with theirs.
+        # Rows scoring their prompt read every position's logits (`_prefill_scoring`): they prefill apart, and the
+        # others wait for the next step, so no other prompt's positions are run and scored with theirs.
         scoring_rows = [row for row in rows if row.sampling.prompt_logprobs]
         if scoring_rows and len(scoring_rows) < len(rows):
             rows, self._waiting = scoring_rows, [row for row in rows if not row.sampling.prompt_logprobs]
@@ -776,8 +780,8 @@ class Batch:
         shown = [image for _, images in distinct for image in images]
         device = self.model.device
         cache = new_cache(self.model.config)
-        # Prompts whose tokens' log probabilities a row asks for: every position's logits are kept, and each runs
-        # whole (no shared prefix), so its positions' logits all come from this one forward pass.
+        # Prompts whose tokens' log probabilities a row asks for: every position's logits are read, so each runs
+        # whole (no shared prefix), its positions' logits all from this prefill.
         scoring = sorted({prompt_of_row[line] for line, row in enumerate(rows) if row.sampling.prompt_logprobs})
         shared = _common_prefix_length(prompts)
         if (
@@ -804,10 +808,12 @@ class Batch:
         # Positions count a row's real tokens, so padding does not shift them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         images = self._image_inputs(shown, input_ids) if shown else None
-        logits = self._forward(input_ids, mask, positions, cache, every_position=bool(scoring), images=images)
         if scoring:
-            self._score_prompts(rows, prompt_of_row, prompts, scoring, logits)
-            logits = logits[:, -1].float()
+            logits = self._prefill_scoring(
+                rows, prompt_of_row, prompts, scoring, input_ids, mask, positions, cache, images
+            )
+        else:
+            logits = self._forward(input_ids, mask, positions, cache, images=images)
         if len(prompts) < len(rows):
             index = torch.tensor(prompt_of_row, device=device)
             cache.batch_select_indices(index)
@@ -824,26 +830,62 @@ class Batch:
         pixel_values = self.images.pixel_values(shown).to(weights.device, weights.dtype)
         return {"pixel_values": pixel_values, "token_type_ids": self.images.token_type_ids(input_ids)}
 
-    def _score_prompts(
-        self, rows: list[Row], prompt_of_row: list[int], prompts: list, scoring: list[int], logits: torch.Tensor
-    ) -> None:
-        """Set `prompt_logprobs` of the rows asking: each prompt token's log probability given those before it
-        (the log-softmax of the logits at the position before it; the first token has none) and the most likely
-        tokens' there. The log-softmax runs over these prompts' positions alone."""
-        width = logits.shape[1]
+    def _prefill_scoring(
+        self,
+        rows: list[Row],
+        prompt_of_row: list[int],
+        prompts: list,
+        scoring: list[int],
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache,
+        images: dict | None,
+    ) -> torch.Tensor:
+        """The prefill of prompts of which rows score the tokens, `prompt_logprobs` set as it goes: each
+        prompt token's log probability given those before it (the log-softmax of the logits at the position before
+        it; the first token has none) and the most likely tokens' there. The positions run in chunks of at most
+        `SCORED_LOGITS` logits in all, each chunk's scored as it comes, so memory does not grow with positions x
+        vocabulary (4k positions of a 262k vocabulary are 4 GB of fp32 logits); prompts with `images`
+        (`_image_inputs`) run whole, their image tokens in one forward with the pixels. Returns the last position's
+        logits, [prompts, vocabulary] in fp32."""
+        width = input_ids.shape[1]
+        vocabulary = self.model.config.get_text_config().vocab_size
+        chunk = width if images else max(1, SCORED_LOGITS // (len(prompts) * vocabulary))
+        asking = {
+            line: [row for row, of in zip(rows, prompt_of_row) if of == line and row.sampling.prompt_logprobs]
+            for line in scoring
+        }
+        scored: dict[int, tuple[list, list, list]] = {line: ([], [], []) for line in scoring}
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            logits = self._forward(
+                input_ids[:, start:end],
+                mask[:, :end],
+                positions[:, start:end],
+                cache,
+                every_position=True,
+                images=images,
+            )
+            for line in scoring:
+                # Left-padded: the prompt fills the last len(prompt) columns, each predicting the token after it.
+                first, last = max(start, width - len(prompts[line])), min(end, width - 1)
+                if first >= last:
+                    continue
+                raw = torch.log_softmax(logits[line, first - start : last - start].float(), dim=-1)
+                targets = input_ids[line, first + 1 : last + 1]
+                top = raw.topk(max(row.sampling.logprobs for row in asking[line]), dim=-1)
+                chosen, values, ids = scored[line]
+                chosen += raw.gather(-1, targets[:, None]).squeeze(-1).tolist()
+                values += top.values.tolist()
+                ids += top.indices.tolist()
         for line in scoring:
-            prompt = prompts[line]
-            asking = [row for row, of in zip(rows, prompt_of_row) if of == line and row.sampling.prompt_logprobs]
-            # Left-padded: the prompt fills the last len(prompt) positions, each predicting the token after it.
-            raw = torch.log_softmax(logits[line, width - len(prompt) : width - 1].float(), dim=-1)
-            targets = torch.tensor(prompt[1:], dtype=torch.long, device=raw.device)
-            chosen = raw.gather(-1, targets[:, None]).squeeze(-1).tolist()
-            values, ids = raw.topk(max(row.sampling.logprobs for row in asking), dim=-1)
-            values, ids = values.tolist(), ids.tolist()
-            for row in asking:
+            prompt, (chosen, values, ids) = prompts[line], scored[line]
+            for row in asking[line]:
                 k = row.sampling.logprobs
                 scores = [(None, []), *((c, list(zip(i[:k], v[:k]))) for c, i, v in zip(chosen, ids, values))]
                 row.prompt_logprobs = score_tokens(self.tokenizer, prompt, scores)
+        return logits[:, -1].float()
 
     def _merge(self, rows: list[Row], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
         if not self._rows:
