@@ -4,9 +4,11 @@ each validation (`samples.py`) go to TensorBoard as text, to W&B as a table, to 
 
 Rank 0 reports alone (`MetricsLog` is enabled there only). A tracker's run is named after the run
 folder and its id is kept in the folder (`trackers.json`), so a resumed run continues the same
-tracker run. A tracker that is not installed is refused before any data or model loads
-(`check_installed`); one that fails mid-run (a network down) warns once and training goes on:
-metrics.jsonl holds every record either way.
+tracker run, from its checkpoint's step on: TensorBoard drops its events past the checkpoint, and W&B and
+MLflow, which keep every value they are sent, are not sent again the steps they got before the run
+stopped (the values an exact resume repeats), so no step shows twice. A tracker that is not installed
+is refused before any data or model loads (`check_installed`); one that fails mid-run (a network down)
+warns once and training goes on: metrics.jsonl holds every record either way.
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ def mlflow_client(cfg: Config):
 class Trackers:
     """The run's trackers, started with its run folder's ids (resumed) or new ones (saved there)."""
 
-    def __init__(self, cfg: Config, resume_step: int | None):
+    def __init__(self, cfg: Config, resume_step: int | None, reported: list[dict] = ()):
+        """`reported`: the metrics.jsonl records a resumed run dropped (past its checkpoint), which the trackers
+        got before it stopped."""
         self.out = Path(cfg.output_dir)
+        self.reported = {(record["step"], key) for record in reported for key in _scalars(record)}
         self.warned: set[str] = set()
         ids_path = self.out / IDS_FILE
         ids = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.is_file() else {}
@@ -96,13 +101,18 @@ class Trackers:
             write_json(ids_path, ids)  # before any step, so a run killed at any point resumes the same tracker run
 
     def log(self, record: dict) -> None:
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        step, scalars = record["step"], _scalars(record)
+        new = {k: v for k, v in scalars.items() if (step, k) not in self.reported}
         for name, writer in self.writers.items():
-            self._guarded(name, lambda w=writer: w.log(scalars, record["step"]))
+            sent = new if writer.continued else scalars
+            if sent:
+                self._guarded(name, lambda w=writer, sent=sent: w.log(sent, step))
 
-    def log_samples(self, step: int, samples: list[dict]) -> None:
+    def log_samples(self, step: int, samples: list[dict], again: bool = False) -> None:
+        """`again`: this validation's samples were reported before the run stopped (`log`)."""
         for name, writer in self.writers.items():
-            self._guarded(name, lambda w=writer: w.log_samples(samples, step))
+            if not (again and writer.continued):
+                self._guarded(name, lambda w=writer: w.log_samples(samples, step))
 
     def close(self, status: str) -> None:
         for name, writer in self.writers.items():
@@ -122,7 +132,13 @@ class Trackers:
                 )
 
 
+def _scalars(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+
+
 class TensorBoard:
+    continued = False  # a resumed run's events past its checkpoint are dropped: it gets those steps again
+
     def __init__(self, cfg: Config, out: Path, resume_step: int | None, ids: dict):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -152,6 +168,8 @@ class Wandb:
 
         w = cfg.train.wandb
         env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
+        # A W&B run that goes on from the run's checkpoint, not sent again the steps it has (`Trackers.log`).
+        self.continued = "wandb" in ids
         saved = ids.setdefault("wandb", {"id": uuid.uuid4().hex[:16]})  # a W&B run id: letters and digits
         self.run = wandb.init(
             project=w.project or os.environ.get("WANDB_PROJECT") or "tuneforge",
@@ -164,8 +182,7 @@ class Wandb:
             dir=str(out),
             reinit="create_new",
         )
-        # The run's step is metrics.jsonl's: W&B's own step only grows, and a resumed run logs its
-        # checkpoint's later steps again.
+        # The run's step is metrics.jsonl's: W&B's own step only grows.
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
@@ -191,7 +208,9 @@ class Mlflow:
         m = cfg.train.mlflow
         self.client = mlflow_client(cfg)
         saved = ids.get("mlflow", {})
-        if saved.get("tracking_uri") == self.client.tracking_uri:
+        # An MLflow run that goes on from the run's checkpoint, not sent again the steps it has (`Trackers.log`).
+        self.continued = saved.get("tracking_uri") == self.client.tracking_uri
+        if self.continued:
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
