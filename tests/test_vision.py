@@ -328,6 +328,21 @@ def test_serve_refuses_a_bad_image_naming_its_field(vision_server, url, says):
     assert caught.value.param == "messages.0.content.0.image_url.url" and says in caught.value.body["message"]
 
 
+def test_completions_token_ids_holding_image_tokens_are_a_400_naming_the_prompt(vision_server, vision):
+    """An image's soft tokens sent as ids come with no image: a 400 that says where images go, not a server error."""
+    import httpx
+
+    _, tokenizer = vision
+    soft = tokenizer.image_token_id
+    body = {"model": "model", "prompt": [[5, 6, 7], [5, soft, soft, 7]], "max_tokens": 2}
+    response = httpx.post(f"{vision_server}/v1/completions", json=body, timeout=60)
+    error = response.json()["error"]
+    assert response.status_code == 400 and (error["param"], error["code"]) == ("prompt", "invalid_value")
+    assert (
+        error["message"].startswith(f"prompt 1 holds the image token (id {soft})") and "image_url" in error["message"]
+    )
+
+
 def test_a_text_model_served_refuses_image_parts_as_before(tmp_path):
     import openai
     from test_serve import running_server

@@ -705,6 +705,7 @@ async def completions(body: CompletionBody, request: Request, server: Served = D
     rows decode together; prompt i's choices are i * n to i * n + n - 1, as OpenAI orders them."""
     prompts = body.prompt_inputs()
     tokenizer = server.tokenizer(server.known_model(body.model))
+    images = image_inputs(tokenizer)
     for number, prompt in enumerate(prompts):
         if isinstance(prompt, tuple) and (outside := [t for t in prompt if not 0 <= t < len(tokenizer)]):
             raise APIError(
@@ -712,6 +713,17 @@ async def completions(body: CompletionBody, request: Request, server: Served = D
                 ("prompt" if len(prompts) == 1 else f"prompt {number}")
                 + f" has token ids outside this model's vocabulary (0 to {len(tokenizer) - 1}): {outside[:5]}. "
                 "Send ids from this model's tokenizer.",
+                param="prompt",
+                code="invalid_value",
+            )
+        # An image's soft tokens stand for its pixels, which only a chat message's image part brings.
+        if isinstance(prompt, tuple) and images is not None and images.image_token_id in prompt:
+            raise APIError(
+                400,
+                ("prompt" if len(prompts) == 1 else f"prompt {number}")
+                + f" holds the image token (id {images.image_token_id}), which stands for an image's pixels, and "
+                "/v1/completions takes no images. Send the image as an image_url part of a /v1/chat/completions "
+                "message.",
                 param="prompt",
                 code="invalid_value",
             )
