@@ -119,11 +119,11 @@ def save_gemma3_multimodal_config(folder: str | Path) -> Path:
     return folder
 
 
-def save_gemma3_vision_model(folder: str | Path, *, seed: int = 0) -> Path:
+def save_gemma3_vision_model(folder: str | Path, *, seed: int = 0, **text_settings) -> Path:
     """A Gemma 3 4B-shaped model that reads images, at tiny sizes and random weights, as the hub has it:
     `Gemma3ForConditionalGeneration` weights, the Gemma tokenizer with its image tokens, Google's chat
     template (an image part is `<start_of_image>`) and the processor (a 28x28 image processor, 4 image
-    tokens per image) that `AutoProcessor` loads."""
+    tokens per image) that `AutoProcessor` loads. `text_settings` change the text model's config."""
     import torch
     from tokenizers import AddedToken
     from transformers import (
@@ -144,7 +144,7 @@ def save_gemma3_vision_model(folder: str | Path, *, seed: int = 0) -> Path:
     image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
     processor = Gemma3Processor(image_processor, tokenizer, chat_template=tokenizer.chat_template, image_seq_length=4)
     processor.save_pretrained(folder)
-    text = gemma3_tiny_text_config(len(tokenizer))
+    text = {**gemma3_tiny_text_config(len(tokenizer)), **text_settings}
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
     )

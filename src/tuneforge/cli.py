@@ -442,6 +442,12 @@ def serve(
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
     max_batch: int = typer.Option(32, min=1, help="Most rows decoded together; a request takes one per choice (n)."),
     max_waiting: int = typer.Option(256, min=1, help="Most requests waiting for a place; beyond it a 429."),
+    prefix_cache_mb: int = typer.Option(
+        1024,
+        min=0,
+        help="Memory, in MiB, for the keys and values of prompts seen before, so a prompt starting as one did "
+        "(a system prompt, a conversation's earlier turns) runs only the rest; 0 turns it off.",
+    ),
     max_tokens: int = typer.Option(
         1024,
         min=1,
@@ -483,6 +489,7 @@ def serve(
                 max_adapters=max_adapters,
                 max_batch=max_batch,
                 max_waiting=max_waiting,
+                prefix_cache_mb=prefix_cache_mb,
                 default_max_tokens=max_tokens,
                 max_body_mb=max_body_mb,
                 docs=docs,

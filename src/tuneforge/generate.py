@@ -37,7 +37,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -81,6 +81,7 @@ class Completion:
     # Where `Sampling.prompt_logprobs` asked: each prompt token's, the first one's None (nothing precedes it), their
     # texts and offsets in the prompt's text as it decodes.
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    cached_tokens: int = 0  # leading prompt tokens whose keys and values came from a `PrefixCache`, not run again
 
 
 MAX_TOP_LOGPROBS = 20  # the most likely tokens a generated token's log probability comes with, at most (OpenAI's)
@@ -399,6 +400,7 @@ class Row:
         # the text has decoded whole, and whether a half character follows that.
         self.logprobs: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # set by the prefill where sampling asks
+        self.cached_tokens = 0  # set by the prefill: its prompt's leading tokens a `PrefixCache` held
         self._logprobs_handed_out = 0
         self._ends: list[int] = []  # where each token's text ends in the text
         self._whole, self._partial = 0, False
@@ -493,6 +495,7 @@ class Row:
             tuple(self.tokens),
             logprobs,
             self.prompt_logprobs,
+            self.cached_tokens,
         )
 
     def finish_unstarted(self) -> None:
@@ -646,12 +649,19 @@ class Batch:
     columns that only they used go with them. Merging needs a plain full-attention cache
     (`PreallocatedLayer` on every layer); with any other (sliding windows) `can_join` is False and
     added rows wait until the running ones have finished.
+
+    With a `prefix_cache` (`kv_cache.PrefixCache`), a prefill starts from the keys and values of the longest
+    prefix of its prompts seen before, and leaves its prompts' own there; `cache_model` names the model as it
+    runs (the base, or one loading of an adapter), so no prompt starts from another model's keys. Prompts
+    scored whole (`Sampling.prompt_logprobs`) and models with layers other than `PreallocatedLayer` (sliding
+    windows) run without it.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, prefix_cache=None, cache_model: Hashable = None):
         from .models.loading import image_inputs
 
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_cache, self.cache_model = prefix_cache, cache_model
         self.images = image_inputs(tokenizer)  # the model's image side; None where it reads no images
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.window = model_context_length(model)
@@ -784,17 +794,25 @@ class Batch:
         # whole (no shared prefix), its positions' logits all from this prefill.
         scoring = sorted({prompt_of_row[line] for line, row in enumerate(rows) if row.sampling.prompt_logprobs})
         shared = _common_prefix_length(prompts)
+        plain = all(type(layer) is PreallocatedLayer for layer in cache.layers)
+        # The prefix cache serves prompts run as they come; with images, one prompt whose images it keys by.
+        scope = None
+        if self.prefix_cache is not None and plain and not scoring and (not shown or len(prompts) == 1):
+            scope = (self.cache_model, hashlib.sha256(b"".join(shown)).digest() if shown else None)
+        cached = self._start_from_prefix_cache(scope, prompts[0], shared, cache, len(prompts)) if scope else 0
         if (
             scoring
             or shown  # a prefix would run its image tokens without the image; prompts with images run whole
             or len(prompts) < 2
             or shared < MIN_SHARED_PREFIX
-            or any(type(layer) is not PreallocatedLayer for layer in cache.layers)
+            or not plain
         ):
-            shared = 0
+            shared = cached
+        if shared > cached:
+            prefix = torch.tensor([prompts[0][cached:shared]], device=device)
+            positions = torch.arange(cached, shared, device=device)[None]
+            self._forward(prefix, prefix.new_ones(1, shared), positions, cache)
         if shared:
-            prefix = torch.tensor([prompts[0][:shared]], device=device)
-            self._forward(prefix, torch.ones_like(prefix), torch.arange(shared, device=device)[None], cache)
             cache.batch_repeat_interleave(len(prompts))
         width = max(len(prompt) for prompt in prompts) - shared
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -807,13 +825,28 @@ class Batch:
         input_ids, mask = input_ids.to(device), mask.to(device)
         # Positions count a row's real tokens, so padding does not shift them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        images = self._image_inputs(shown, input_ids) if shown else None
+        # Images whose tokens came from the prefix cache sit in its keys already: the rest shows none.
+        images = self._image_inputs(shown, input_ids) if shown and not cached else None
         if scoring:
             logits = self._prefill_scoring(
                 rows, prompt_of_row, prompts, scoring, input_ids, mask, positions, cache, images
             )
         else:
             logits = self._forward(input_ids, mask, positions, cache, images=images)
+        if scope:
+            for line, prompt in enumerate(prompts):
+                # The prompt's columns: the shared prefix, then its own tokens after its padding.
+                start = shared + width - (len(prompt) - shared)
+                own = [
+                    tuple(
+                        torch.cat([side[line : line + 1, :, :shared], side[line : line + 1, :, start:]], dim=-2)
+                        for side in (layer.keys, layer.values)
+                    )
+                    for layer in cache.layers
+                ]
+                self.prefix_cache.store(scope, prompt, own)
+        for row in rows:
+            row.cached_tokens = cached
         if len(prompts) < len(rows):
             index = torch.tensor(prompt_of_row, device=device)
             cache.batch_select_indices(index)
@@ -821,6 +854,22 @@ class Batch:
         tokens, scored = self._pick(logits, rows)
         self._merge(rows, cache, mask, tokens)
         return self._hand_out(rows, tokens, scored)
+
+    def _start_from_prefix_cache(self, scope: tuple, prompt: list[int], limit: int, cache, prompts: int) -> int:
+        """Fill `cache` (empty) with the keys and values of the longest start of `prompt`, up to `limit` tokens,
+        that the prefix cache holds for `scope`: at least `MIN_SHARED_PREFIX` tokens and, for a prompt with
+        images, past its last image token (the rest then runs without images); how many tokens that is.
+        `prompts`: how many prompts of the prefill start so (they all share those tokens)."""
+        least = MIN_SHARED_PREFIX
+        if scope[1] is not None:
+            soft = self.images.image_token_id
+            least = max(least, 1 + max(at for at, token in enumerate(prompt) if token == soft))
+        cached, layers = self.prefix_cache.lookup(scope, prompt[:limit], least, prompts)
+        for layer, (keys, values) in zip(cache.layers, layers or ()):
+            # The layer reads the entry's tensors and copies them when it first grows: the entry stays as it is.
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        return cached
 
     def _image_inputs(self, shown: list[bytes], input_ids: torch.Tensor) -> dict:
         """What a prefill whose prompts show images passes beside their tokens, as training's batches do: the

@@ -10,6 +10,10 @@ or replaces them (`Batch` merging rows in, trimming columns no row uses) works a
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
 import torch
 from transformers import DynamicCache, DynamicLayer
 
@@ -90,3 +94,86 @@ def new_cache(config) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+class PrefixCache:
+    """Keys and values of prompts run before, so a later prompt that starts with the same tokens (a shared system
+    prompt, the earlier turns of a conversation a chat client sends again) runs only the rest: automatic prefix
+    caching, as vLLM's and llama.cpp's servers do it. `Batch` looks up and stores; `serve`'s engine owns one.
+
+    An entry is one prompt's keys and values, every layer's [1, heads, tokens, dim], under a scope: what else
+    they depend on, a tuple of the model as served (the base, or one loading of an adapter) and the prompt's
+    images. A lookup
+    finds the longest run of leading tokens that any entry of its scope shares with the prompt; the keys and
+    values of those positions depend on those tokens alone, so they are the prompt's own. Entries are kept least
+    recently used first and dropped from that end past `max_bytes`; an entry whose tokens start a newer one is
+    dropped for it, since the newer holds all it holds.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0  # prompts that started from an entry
+        self.misses = 0  # prompts looked up that found none
+        self.cached_tokens = 0  # prompt tokens that were not run again
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def lookup(self, scope, tokens: Sequence[int], least: int = 1, prompts: int = 1) -> tuple[int, list | None]:
+        """The longest prefix of `tokens` (at least `least` tokens) that an entry of `scope` holds, and its keys
+        and values (views of the entry's: read them, do not write into them); (0, None) where none does. The
+        lookup counts as `prompts` hits or misses (the prompts of a prefill that start from it)."""
+        best, found = 0, None
+        for key in self._entries:
+            if key[0] == scope and (shared := _shared_length(key[1], tokens)) > best:
+                best, found = shared, key
+        if best < least:
+            self.misses += prompts
+            return 0, None
+        self._entries.move_to_end(found)
+        self.hits += prompts
+        self.cached_tokens += best * prompts
+        return best, [(keys[:, :, :best], values[:, :, :best]) for keys, values in self._entries[found]]
+
+    def store(self, scope, tokens: Sequence[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep `layers` (each layer's keys and values of `tokens`, [1, heads, len(tokens), dim], owned by the
+        cache from now on) for prompts that start with `tokens`."""
+        tokens = tuple(tokens)
+        size = sum(keys.nbytes + values.nbytes for keys, values in layers)
+        if size > self.max_bytes:
+            return
+        for key in list(self._entries):
+            entry_scope, entry_tokens = key
+            if entry_scope != scope:
+                continue
+            shared = _shared_length(entry_tokens, tokens)
+            if shared == len(tokens):  # an entry holds these tokens already
+                self._entries.move_to_end(key)
+                return
+            if shared == len(entry_tokens):  # these tokens hold all the entry holds
+                self._drop(key)
+        self._entries[(scope, tokens)] = layers
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def forget(self, keep: Callable[[object], bool]) -> None:
+        """Drop the entries whose model (a scope's first part) `keep` refuses: an adapter unloaded or evicted,
+        whose weights may differ when it loads again."""
+        for key in [key for key in self._entries if not keep(key[0][0])]:
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        self._bytes -= sum(keys.nbytes + values.nbytes for keys, values in self._entries.pop(key))
+
+
+def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    if not n:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n

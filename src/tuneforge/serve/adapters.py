@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 
 from ..config import DEFAULT_MODEL
 from ..errors import ConfigError, ModelSourceError
@@ -86,6 +87,8 @@ class AdapterPool:
         # refuse a '.', so a name as a client gives it (a run folder's) is not used there.
         self._peft_names = {name: f"adapter-{i}" for i, name in enumerate(adapter_sources)}
         self._added = len(adapter_sources)
+        self._loads = 0  # adapter weights loaded so far: each loading's number tells it from the others
+        self._loading: dict[str, int] = {}  # each adapter in memory: the number of its loading
         self._retiring: set[str] = set()  # names no longer served, deleted once their requests are answered
         self._lock = threading.Lock()
 
@@ -123,6 +126,7 @@ class AdapterPool:
                 self.model = self.model.unload()
         with self._lock:
             self._loaded.pop(name, None)
+            self._loading.pop(name, None)
             for held in (self._sources, self._tokenizers, self._peft_names, self._configs):
                 del held[name]
             self._retiring.discard(name)
@@ -275,11 +279,23 @@ class AdapterPool:
             ).eval()
         with self._lock:
             self._loaded[name] = None
+            self._loads += 1
+            self._loading[name] = self._loads
             evicted = list(self._loaded)[: -self.max_loaded] if len(self._loaded) > self.max_loaded else []
             for old in evicted:
                 del self._loaded[old]
         for old in evicted:
             self.model.delete_adapter(self._peft_name(old))
+
+    def cache_model(self, name: str) -> Hashable:
+        """What the model runs as for `name` (activated), for a `PrefixCache`'s scope: the base for all of its
+        names, each loading of an adapter apart (weights loaded again after an eviction may be new files)."""
+        return "base" if name in self._base_names else self._loading[name]
+
+    def cache_models(self) -> set[Hashable]:
+        """The `cache_model`s of the base and every adapter in memory now."""
+        with self._lock:
+            return {"base", *(self._loading[name] for name in self._loaded)}
 
     def _peft_name(self, name: str) -> str:
         """What PEFT calls the adapter served as `name` (its own for the pool's life: a removed one's is not reused)."""

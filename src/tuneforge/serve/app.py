@@ -260,6 +260,10 @@ def _usage(generation: Generation | Generations) -> dict:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # The prompt tokens whose keys and values the prefix cache held (each prompt once, as prompt_tokens).
+        "prompt_tokens_details": {
+            "cached_tokens": sum(completion.cached_tokens for completion in completions[::per_prompt])
+        },
     }
 
 
@@ -346,7 +350,7 @@ class _ResponseReply:
     def _usage(self, completion: Completion, thought: str | None) -> dict:
         return {
             "input_tokens": completion.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": completion.cached_tokens},
             "output_tokens": completion.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": self.count_tokens(thought or "")},
             "total_tokens": completion.prompt_tokens + completion.completion_tokens,

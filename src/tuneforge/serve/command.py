@@ -18,7 +18,7 @@ from .adapters import load_pool
 from .app import create_app
 from .bodies import COMPLETIONS_DEFAULT_MAX_TOKENS
 from .completion_store import CompletionStore, Retention, default_store
-from .engine import Engine
+from .engine import PREFIX_CACHE_MB, Engine
 
 
 def parse_pairs(specs: Sequence[str], option: str, form: str, example: str) -> dict[str, str]:
@@ -58,11 +58,12 @@ def serve_command(
     retention: Retention = Retention(),
     log_prompts: bool = False,
     allow_adapter_updates: bool = False,
+    prefix_cache_mb: int = PREFIX_CACHE_MB,
 ) -> int:
     sock = bind(host, port)
     completions = CompletionStore.open(store or default_store(), retention)
     pool = load_pool(model, parse_adapters(adapter_specs), max_loaded=max_adapters, precision=precision)
-    engine = Engine(pool, max_batch=max_batch, max_waiting=max_waiting)
+    engine = Engine(pool, max_batch=max_batch, max_waiting=max_waiting, prefix_cache_mb=prefix_cache_mb)
     try:
         app = create_app(
             engine,

@@ -1,6 +1,6 @@
 """Serving's own metrics, on a server's registry (`tuneforge.web.Observer`): per served model, time to first
-token and tokens in and out; per base model, the engine's waiting requests, batch and loaded adapters, and
-the adapters loaded and unloaded while the server runs.
+token and tokens in and out; per base model, the engine's waiting requests, batch, loaded adapters and prefix
+cache (hits, misses, memory), and the adapters loaded and unloaded while the server runs.
 
 The token counters are totals: Prometheus's `rate()` of `tuneforge_generated_tokens_total` is the
 tokens generated a second. The engine's figures are read when the registry is scraped, from every
@@ -13,7 +13,7 @@ import collections
 import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .engine import Engine, Generation, Generations
 
@@ -79,14 +79,28 @@ class _EngineCollector:
             stats = engine.stats()
             if stats["alive"]:
                 totals.setdefault(engine.pool.base_name, collections.Counter()).update(
-                    waiting=stats["waiting"], running=stats["running"], adapters=len(engine.pool.loaded)
+                    waiting=stats["waiting"],
+                    running=stats["running"],
+                    adapters=len(engine.pool.loaded),
+                    hits=stats["prefix_cache_hits"],
+                    misses=stats["prefix_cache_misses"],
+                    cache_bytes=stats["prefix_cache_bytes"],
                 )
         for name, documentation, figure in (
             ("tuneforge_requests_waiting", "Requests queued for a place in a batch.", "waiting"),
             ("tuneforge_batch_size", "Rows (a request's choices) decoding together now.", "running"),
             ("tuneforge_adapters_loaded", "Adapters held in memory.", "adapters"),
+            ("tuneforge_prefix_cache_bytes", "Memory held by the prefix cache's keys and values.", "cache_bytes"),
         ):
             gauge = GaugeMetricFamily(name, documentation, labels=["base"])
             for base, figures in totals.items():
                 gauge.add_metric([base], figures[figure])
             yield gauge
+        for name, documentation, figure in (
+            ("tuneforge_prefix_cache_hits", "Prompts that started from keys and values cached before.", "hits"),
+            ("tuneforge_prefix_cache_misses", "Prompts looked up in the prefix cache that found none.", "misses"),
+        ):
+            counter = CounterMetricFamily(name, documentation, labels=["base"])
+            for base, figures in totals.items():
+                counter.add_metric([base], figures[figure])
+            yield counter

@@ -1,0 +1,193 @@
+"""Prefix caching in `serve`: a prompt that starts as one seen before (a long system prompt, a conversation's
+earlier turns) starts from that prefix's keys and values, and answers token for token as without the cache."""
+
+import httpx
+import openai
+import pytest
+from families import FAMILIES, save_family_model, save_gemma3_vision_model
+from test_serve import BASE, KEY, random_adapter, running_server
+
+from tuneforge.generate import Batch, Sampling, encode_prompts
+from tuneforge.kv_cache import PrefixCache
+from tuneforge.models import load_model, load_tokenizer
+from tuneforge.serve import AdapterPool, Engine, create_app
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SYSTEM = {"role": "system", "content": "You are the support desk of a web console. Answer briefly and kindly. " * 4}
+QUESTIONS = ["Hi", "What is two plus two?", "How do I reset my password for the web console?"]
+
+
+def chat(question: str) -> list[dict]:
+    return [SYSTEM, {"role": "user", "content": question}]
+
+
+def decode(model, tokenizer, requests, cache=None, scope="base") -> list:
+    """Each (prompt ids, sampling) added to one batch before its first step: the rows' completions."""
+    batch = Batch(model, tokenizer, cache, scope)
+    rows = [batch.add(ids, sampling) for ids, sampling in requests]
+    while batch:
+        batch.step()
+    return [row.completion() for row in rows]
+
+
+def test_greedy_answers_are_token_for_token_those_without_the_cache(base):
+    """Rows of several lengths left-padded in one prefill, n rows of one prompt, log probabilities and a
+    conversation's next turn, in fp32: the cache changes what runs, not what comes out."""
+    model, tokenizer = base
+    ids = encode_prompts(tokenizer, [chat(q) for q in QUESTIONS])
+    cache = PrefixCache(64 << 20)
+    first = decode(model, tokenizer, [(ids[0], Sampling(8))], cache)
+    assert first[0].cached_tokens == 0 and (cache.hits, cache.misses) == (0, 1)
+
+    greedy, scored = Sampling(12), Sampling(12, logprobs=3)
+    requests = [(ids[1], greedy), (ids[2], greedy), (ids[2], greedy), (ids[1], scored)]
+    on, off = decode(model, tokenizer, requests, cache), decode(model, tokenizer, requests)
+    assert [c.token_ids for c in on] == [c.token_ids for c in off]
+    system_tokens = next(t for t in range(len(ids[0])) if ids[0][t] != ids[1][t])
+    assert [c.cached_tokens for c in on] == [system_tokens] * 4 and cache.hits == 2  # two distinct prompts
+    for cached, plain in zip(on[3].logprobs, off[3].logprobs):
+        assert cached.token == plain.token and cached.logprob == pytest.approx(plain.logprob, abs=1e-4)
+
+    # The next turn resends the first: all of its prompt comes from the cache.
+    turn = encode_prompts(tokenizer, [[*chat(QUESTIONS[2]), {"role": "assistant", "content": on[1].text}]])[0]
+    turn += encode_prompts(tokenizer, [[{"role": "user", "content": "And then?"}]])[0]
+    [again], [alone] = decode(model, tokenizer, [(turn, greedy)], cache), decode(model, tokenizer, [(turn, greedy)])
+    assert again.token_ids == alone.token_ids and again.cached_tokens == len(ids[2])
+
+
+def test_a_row_joining_a_running_batch_starts_from_the_cache_and_answers_as_alone(base):
+    model, tokenizer = base
+    ids = encode_prompts(tokenizer, [chat(q) for q in QUESTIONS])
+    cache = PrefixCache(64 << 20)
+    batch = Batch(model, tokenizer, cache, "base")
+    running = batch.add(ids[0], Sampling(10))
+    batch.step()
+    batch.step()
+    joining = batch.add(ids[2], Sampling(10))
+    while batch:
+        batch.step()
+    assert joining.completion().cached_tokens > 16
+    assert [running.completion().token_ids, joining.completion().token_ids] == [
+        c.token_ids for c in decode(model, tokenizer, [(ids[0], Sampling(10)), (ids[2], Sampling(10))])
+    ]
+
+
+def test_a_prompt_scored_whole_runs_without_the_cache(base):
+    """echo: every prompt token's log probability comes from one forward pass over the whole prompt."""
+    model, tokenizer = base
+    [prompt] = encode_prompts(tokenizer, [chat(QUESTIONS[1])])
+    cache = PrefixCache(64 << 20)
+    decode(model, tokenizer, [(prompt, Sampling(4))], cache)
+    echo = Sampling(4, logprobs=2, prompt_logprobs=True)
+    [on], [off] = decode(model, tokenizer, [(prompt, echo)], cache), decode(model, tokenizer, [(prompt, echo)])
+    assert on.cached_tokens == 0 and on.token_ids == off.token_ids
+    assert [e.logprob for e in on.prompt_logprobs[1:]] == [e.logprob for e in off.prompt_logprobs[1:]]
+
+
+def test_a_model_with_sliding_window_layers_runs_without_the_cache(tmp_path):
+    folder = save_family_model(FAMILIES["gemma3"], tmp_path / "gemma3")
+    model, tokenizer = load_model(str(folder)).eval(), load_tokenizer(str(folder))
+    ids = encode_prompts(tokenizer, [chat(q) for q in QUESTIONS])
+    cache = PrefixCache(64 << 20)
+    requests = [(prompt, Sampling(6)) for prompt in ids]
+    decode(model, tokenizer, requests[:1], cache)
+    on, off = decode(model, tokenizer, requests, cache), decode(model, tokenizer, requests)
+    assert [c.token_ids for c in on] == [c.token_ids for c in off]
+    assert [c.cached_tokens for c in on] == [0, 0, 0] and cache.size_bytes == 0
+
+
+def test_the_cache_keeps_to_its_memory_dropping_the_least_recently_used(base):
+    model, tokenizer = base
+    ids = encode_prompts(tokenizer, [chat(q) for q in QUESTIONS])
+    one = PrefixCache(1 << 30)
+    decode(model, tokenizer, [(ids[0], Sampling(1))], one)
+    cache = PrefixCache(one.size_bytes * 3 // 2)  # room for one prompt's keys and values, not two
+    decode(model, tokenizer, [(ids[0], Sampling(1))], cache)
+    decode(model, tokenizer, [(ids[1][:-3] + [ids[1][-3] + 1, *ids[1][-2:]], Sampling(1))], cache)
+    assert cache.size_bytes <= cache.max_bytes
+    assert len(cache._entries) == 1
+    assert PrefixCache(one.size_bytes - 1).lookup("base", ids[0]) == (0, None)
+
+
+@pytest.fixture(scope="module")
+def served(base_dir, tmp_path_factory):
+    """A server with the prefix cache, one without, and two adapters with different weights."""
+    root = tmp_path_factory.mktemp("prefix-adapters")
+    adapters = {name: random_adapter(base_dir, root / name, seed) for name, seed in (("alpha", 1), ("beta", 2))}
+    cached = Engine(AdapterPool(str(base_dir), {"alpha": str(adapters["alpha"])}), max_batch=8)
+    plain = Engine(AdapterPool(str(base_dir), {"alpha": str(adapters["alpha"])}), max_batch=8, prefix_cache_mb=0)
+    with running_server(create_app(cached, api_keys=[KEY])) as url, running_server(create_app(plain)) as plain_url:
+        yield url, plain_url, cached, adapters
+    cached.close()
+    plain.close()
+
+
+def ask(url: str, model: str, question: str, **options):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    return client.chat.completions.create(model=model, messages=chat(question), max_tokens=8, temperature=0, **options)
+
+
+def test_usage_reports_the_cached_tokens_and_metrics_count_hits_and_misses(served):
+    url, plain_url, engine, _ = served
+    first, second = ask(url, BASE, QUESTIONS[0]), ask(url, BASE, QUESTIONS[1], n=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 16 < second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    plain = ask(plain_url, BASE, QUESTIONS[1], n=2)
+    assert [c.message.content for c in second.choices] == [c.message.content for c in plain.choices]
+    assert plain.usage.prompt_tokens_details.cached_tokens == 0
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    response = client.responses.create(model=BASE, instructions=SYSTEM["content"], input="Hi", max_output_tokens=4)
+    assert response.usage.input_tokens_details.cached_tokens > 16
+    text = client.completions.create(model=BASE, prompt=SYSTEM["content"] + " Hello", max_tokens=4)
+    assert text.usage.prompt_tokens_details.cached_tokens == 0  # no chat template: another start
+    metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] >= 2 and stats["prefix_cache_misses"] >= 2
+    assert f'tuneforge_prefix_cache_hits_total{{base="{BASE}"}} {float(stats["prefix_cache_hits"])}' in metrics
+    assert f'tuneforge_prefix_cache_misses_total{{base="{BASE}"}} {float(stats["prefix_cache_misses"])}' in metrics
+
+
+def test_an_adapter_never_starts_from_keys_another_model_computed(served):
+    """Not from the base's, and not from those of the weights an adapter's name had before it was unloaded."""
+    url, plain_url, engine, adapters = served
+    ask(url, BASE, QUESTIONS[2])
+    assert ask(url, "alpha", QUESTIONS[2]).usage.prompt_tokens_details.cached_tokens == 0
+    assert ask(url, "alpha", QUESTIONS[1]).usage.prompt_tokens_details.cached_tokens > 16
+    engine.unload("alpha").result(timeout=60)
+    engine.pool.add_adapter("alpha", str(adapters["beta"]))  # the name again, other weights
+    reloaded = ask(url, "alpha", QUESTIONS[1])
+    assert reloaded.usage.prompt_tokens_details.cached_tokens == 0
+    beta = Engine(AdapterPool(str(engine.pool.base_path), {"alpha": str(adapters["beta"])}), prefix_cache_mb=0)
+    try:
+        with running_server(create_app(beta)) as beta_url:
+            expected = ask(beta_url, "alpha", QUESTIONS[1]).choices[0].message.content
+    finally:
+        beta.close()
+    assert reloaded.choices[0].message.content == expected
+
+
+def test_a_prompt_with_images_starts_only_from_keys_computed_with_the_same_images(tmp_path):
+    """A conversation's next turn about the same image starts past it; the same words about another image
+    run whole. (Gemma 3's sliding window layers are made full attention here, so the cache serves it.)"""
+    from test_vision import GREEN, RED, png
+
+    folder = save_gemma3_vision_model(tmp_path / "vision", layer_types=["full_attention"] * 2)
+    model, tokenizer = load_model(str(folder)).eval(), load_tokenizer(str(folder))
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this? " * 4}]}]
+    cache = PrefixCache(64 << 20)
+
+    def answer(prompt, images, with_cache=True):
+        batch = Batch(model, tokenizer, cache if with_cache else None, "base")
+        row = batch.add(encode_prompts(tokenizer, [prompt])[0], Sampling(8), images=images)
+        while batch:
+            batch.step()
+        return row.completion()
+
+    first = answer(question, [png(RED)])
+    turn = [*question, {"role": "assistant", "content": first.text}, {"role": "user", "content": "Are you sure?"}]
+    again = answer(turn, [png(RED)])
+    assert again.cached_tokens == first.prompt_tokens and again.token_ids == answer(turn, [png(RED)], False).token_ids
+    other = answer(turn, [png(GREEN)])
+    assert other.cached_tokens == 0 and other.token_ids == answer(turn, [png(GREEN)], False).token_ids
+    assert other.token_ids != again.token_ids
