@@ -169,7 +169,8 @@ class LlamaCpp:
 class Server:
     """(c), (d) and (e): `tuneforge serve` in its own process."""
 
-    def __init__(self, model_dir: Path, threads: int, precision: str, log_file: Path):
+    def __init__(self, model_dir: Path, threads: int, precision: str, log_file: Path, options: tuple[str, ...] = ()):
+        """`options`: more of `tuneforge serve`'s options."""
         import httpx
 
         with socket.socket() as probe:
@@ -180,7 +181,7 @@ class Server:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.log = log_file.open("w")
         command = [sys.executable, "-m", "tuneforge", "serve", "--model", str(model_dir), "--port", str(port)]
-        command += ["--max-batch", str(max(CONCURRENCY)), "--precision", precision]
+        command += ["--max-batch", str(max(CONCURRENCY)), "--precision", precision, *options]
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = httpx.Client(timeout=900)
         deadline = time.monotonic() + 600
@@ -196,10 +197,12 @@ class Server:
                 raise SystemExit(f"the server did not start within 10 minutes; see {log_file}")
             time.sleep(0.5)
 
-    def run(self, prompt: str, max_tokens: int) -> dict:
+    def run(self, prompt: str | list[dict], max_tokens: int) -> dict:
+        """One streamed chat request: a user message or the messages; its times, tokens, text and the prompt
+        tokens that came from the prefix cache (`cached_tokens`)."""
         body = {
             "model": self.model,
-            "messages": chat(prompt),
+            "messages": chat(prompt) if isinstance(prompt, str) else prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True,
@@ -219,7 +222,8 @@ class Server:
                         first = first or time.perf_counter()
                         pieces.append(choice["delta"]["content"])
         finished = time.perf_counter()
-        return timed(started, first or finished, finished, usage["completion_tokens"], "".join(pieces))
+        run = timed(started, first or finished, finished, usage["completion_tokens"], "".join(pieces))
+        return {**run, "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
 
     def concurrent(self, prompts: list[str], max_tokens: int) -> dict:
         with ThreadPoolExecutor(len(prompts)) as pool:
