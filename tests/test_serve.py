@@ -1240,10 +1240,12 @@ def test_the_startup_line_gives_the_limits_an_operator_sizes_a_deployment_by(bas
     announced = []
     monkeypatch.setattr(command, "listen", lambda app, sock, announce: announced.append(announce("http://here")))
     options = dict(host="127.0.0.1", port=0, api_keys=[], max_adapters=1, max_batch=3, max_waiting=7)
-    assert command.serve_command(str(base_dir), [], **options, default_max_tokens=50, max_body_mb=2, docs=False) == 0
+    options |= dict(default_max_tokens=50, max_body_mb=2, docs=False, prefix_cache_mb=5)
+    assert command.serve_command(str(base_dir), [], **options) == 0
     [line] = announced
     window = AutoConfig.from_pretrained(base_dir).max_position_embeddings
     assert " in float32 at http://here/v1;" in line or " in bfloat16 at http://here/v1;" in line
+    assert "; prefix cache up to 5 MiB; stored completions in " in line
     assert line.endswith(
         "; limits: 3 rows decoded at once, 7 waiting (then 429), max_tokens 50 by default for chat and 16 for "
         f"completions, prompt and reply within the {window}-token context window, bodies up to 2 MiB, no request "

@@ -94,6 +94,7 @@ def serve_command(
                 if allow_adapter_updates
                 else ""
             )
+            + (f"; prefix cache up to {prefix_cache_mb} MiB" if prefix_cache_mb else "; prefix cache off")
             + f"; stored completions in {shown_url(completions.url)}; {limits}",
         )
     finally:
