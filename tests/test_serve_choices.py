@@ -153,16 +153,26 @@ def test_a_reply_counts_each_prompt_once_as_its_generation_groups_the_choices():
     loop = asyncio.new_event_loop()
     try:
 
-        def answered(prompt_tokens: int, n: int) -> Generation:
+        def answered(prompt_tokens: int, n: int, cached: int = 0) -> Generation:
             generation = Generation(BASE, [1] * prompt_tokens, Sampling(), loop, n=n)
-            generation.completions = [Completion("ok", prompt_tokens, 2, "stop") for _ in range(n)]
+            generation.completions = [
+                Completion("ok", prompt_tokens, 2, "stop", cached_tokens=cached) for _ in range(n)
+            ]
             return generation
 
-        chat = _Reply.start(True, BASE).whole(answered(7, 3))
-        assert chat["usage"] == {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13}
-        prompts = Generations([answered(5, 2), answered(9, 2)])
+        def usage(prompt: int, completion: int, cached: int) -> dict:
+            return {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached},
+            }
+
+        chat = _Reply.start(True, BASE).whole(answered(7, 3, cached=4))
+        assert chat["usage"] == usage(7, 6, 4)
+        prompts = Generations([answered(5, 2), answered(9, 2, cached=8)])
         completions = _Reply.start(False, BASE).usage_chunk(prompts)
-        assert completions["usage"] == {"prompt_tokens": 14, "completion_tokens": 8, "total_tokens": 22}
+        assert completions["usage"] == usage(14, 8, 8)
     finally:
         loop.close()
 

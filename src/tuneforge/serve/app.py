@@ -262,7 +262,7 @@ def _usage(generation: Generation | Generations) -> dict:
         "total_tokens": prompt_tokens + completion_tokens,
         # The prompt tokens whose keys and values the prefix cache held (each prompt once, as prompt_tokens).
         "prompt_tokens_details": {
-            "cached_tokens": sum(completion.cached_tokens for completion in completions[::per_prompt])
+            "cached_tokens": sum(c.cached_tokens for c in generation.completions[:: generation.per_prompt])
         },
     }
 
