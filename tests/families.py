@@ -166,6 +166,76 @@ def save_gemma3_vision_model(folder: str | Path, *, seed: int = 0, **text_settin
     return folder
 
 
+def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0) -> Path:
+    """A Qwen2.5-VL-shaped model at tiny sizes and random weights, as the hub has it:
+    `Qwen2_5_VLForConditionalGeneration` weights with M-RoPE (3-D positions), a Qwen tokenizer with
+    its vision tokens, Qwen2-VL's chat template (an image part is
+    `<|vision_start|><|image_pad|><|vision_end|>`) and the processor `AutoProcessor` loads: an image
+    processor of 4-pixel patches merged 2x2, so an image's token count follows its size (20x16: 6)."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = byte_level_bpe(
+        QWEN2_SPLIT,
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *vision],
+        [],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = (TEMPLATES / "qwen2-vl.jinja").read_text(encoding="utf-8").removesuffix("\n")
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32}, patch_size=4, merge_size=2, temporal_patch_size=2
+    )
+    # As the hub's folders hold it: the image processor's settings, the processor's class beside them
+    # (the video processor needs torchvision, which is not installed, so the processor is not built here).
+    image_processor.save_pretrained(folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    settings["processor_class"] = "Qwen2_5_VLProcessor"
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
+    tokenizer.save_pretrained(folder)
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "image_pad", "video_pad")}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            **_SHAPE,
+            vocab_size=len(tokenizer),
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    return folder
+
+
 def png_data_url(colour: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> str:
     """A PNG of one colour as the data URL an OpenAI image part holds."""
     import base64

@@ -387,3 +387,65 @@ def test_responses_reads_input_images_as_chat_completions_reads_image_parts(visi
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model="model", input=[{"role": "user", "content": http}])
     assert caught.value.param == "input.0.content.0.image_url" and "not downloaded" in caught.value.body["message"]
+
+
+@pytest.fixture(scope="module")
+def qwen_vl_model(tmp_path_factory) -> Path:
+    from families import save_qwen2_5_vl_model
+
+    return save_qwen2_5_vl_model(tmp_path_factory.mktemp("qwen-vl") / "model")
+
+
+def test_qwen_vl_rows_get_as_many_image_tokens_as_the_processor_gives_each_image(qwen_vl_model, tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    tokenizer = load_tokenizer(str(qwen_vl_model))
+    images = image_inputs(tokenizer)
+    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 32))]
+    data = prepare(
+        DataConfig(train=str(write_rows(tmp_path / "rows.jsonl", rows)), validation=0.0),
+        tokenizer,
+        use_cache=False,
+        log=lambda *_: None,
+    )
+    # The processor's expansion (Qwen2VLProcessor.replace_image_token): one <|image_pad|> per merged patch.
+    processor = AutoImageProcessor.from_pretrained(qwen_vl_model)
+    by_answer = {"red": (RED, (20, 16)), "blue": (BLUE, (40, 32))}
+    for example in data.train:
+        answer = "red" if example.images[0] == png(RED) else "blue"
+        colour, size = by_answer[answer]
+        [grid] = processor(images=[Image.new("RGB", size, colour)], return_tensors="pt")["image_grid_thw"]
+        pads = "<|image_pad|>" * int(grid.prod() // processor.merge_size**2)
+        question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]}]
+        text = tokenizer.apply_chat_template(
+            [*question, {"role": "assistant", "content": f"It is {answer}."}], tokenize=False
+        )
+        expected = tokenizer(text.replace("<|image_pad|>", pads), add_special_tokens=False)["input_ids"]
+        assert example.input_ids.tolist() == expected and len(example.images) == 1
+        trained = tokenizer.decode([t for t in example.labels.tolist() if t != IGNORE_INDEX])
+        assert trained == f"It is {answer}.<|im_end|>\n" or trained == f"It is {answer}.<|im_end|>"
+    counts = sorted(example.input_ids.tolist().count(images.image_token_id) for example in data.train)
+    assert counts == [4, 12]  # the image's size sets its token count
+
+
+def test_qwen_vl_batches_place_image_tokens_by_the_models_3d_positions(qwen_vl_model, tmp_path):
+    tokenizer = load_tokenizer(str(qwen_vl_model))
+    images = image_inputs(tokenizer)
+    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 32))]
+    data = prepare(
+        DataConfig(train=str(write_rows(tmp_path / "rows.jsonl", rows)), validation=0.0),
+        tokenizer,
+        use_cache=False,
+        log=lambda *_: None,
+    )
+    batch = collate(data.train, tokenizer.pad_token_id, images=images)
+    assert "position_ids" not in batch and batch["image_grid_thw"].tolist() in (
+        [[1, 4, 4], [1, 6, 8]],
+        [[1, 6, 8], [1, 4, 4]],
+    )
+    objective = SFTObjective(load_model(str(qwen_vl_model), dtype=torch.float32)).eval()
+    with torch.no_grad():
+        together = objective(**batch)["ce"].item()
+        alone = [objective(**collate([e], tokenizer.pad_token_id, images=images))["ce"].item() for e in data.train]
+    assert together == pytest.approx(sum(alone), rel=1e-5)

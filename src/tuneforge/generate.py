@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .models.architecture import model_context_length
+from .models.images import QWEN2_VL_ANSWERS
 
 Messages = list[dict]
 TokenIds = tuple[int, ...]
@@ -222,7 +223,7 @@ def render_prompt(
     )
     # A model that reads images: each image marker becomes the image's tokens, as in training (data.render).
     images = image_inputs(tokenizer)
-    return images.expand(text) if images is not None else text
+    return images.expand(text, ()) if images is not None else text
 
 
 def encode_prompts(
@@ -703,6 +704,8 @@ class Batch:
         the image files (PNG, JPEG, ...) its image tokens show, in order (`render_prompt` expanded them)."""
         if not prompt_ids:
             raise ValueError("a prompt rendered to no tokens; give it some text")
+        if images and self.images is not None and self.images.rope_from_images:
+            raise ValueError(QWEN2_VL_ANSWERS)
         shown = self._images_shown(prompt_ids)
         if len(images) != shown:
             raise ValueError(
@@ -725,10 +728,7 @@ class Batch:
 
     def _images_shown(self, prompt_ids: Sequence[int]) -> int:
         """How many images' tokens the prompt holds: each image is one run of the image token."""
-        if self.images is None:
-            return 0
-        soft = self.images.image_token_id
-        return sum(token == soft and (at == 0 or prompt_ids[at - 1] != soft) for at, token in enumerate(prompt_ids))
+        return 0 if self.images is None else self.images.shown(prompt_ids)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Row, str]]:
@@ -876,8 +876,9 @@ class Batch:
         images' pixels (in the order their tokens come, row by row) and where their tokens are. Rows without
         images beside them have no image tokens, and attend as they do alone."""
         weights = self.model.get_input_embeddings().weight
-        pixel_values = self.images.pixel_values(shown).to(weights.device, weights.dtype)
-        return {"pixel_values": pixel_values, "token_type_ids": self.images.token_type_ids(input_ids)}
+        inputs = self.images.model_inputs(shown, input_ids)
+        inputs["pixel_values"] = inputs["pixel_values"].to(weights.device, weights.dtype)
+        return inputs
 
     def _prefill_scoring(
         self,

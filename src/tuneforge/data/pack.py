@@ -266,6 +266,7 @@ def collate(
     if shown:  # `images` (`models.images.ImageInputs`): the pixels, and where the image tokens are
         if images is None:
             raise ValueError("rows show images: collate needs the model's `images` (models.loading.image_inputs)")
-        batch["pixel_values"] = images.pixel_values(shown)
-        batch["token_type_ids"] = images.token_type_ids(input_ids)
+        batch.update(images.model_inputs(shown, input_ids))
+        if images.rope_from_images:  # M-RoPE: the model places the tokens in 3-D from the ids and the image grids
+            del batch["position_ids"]
     return batch

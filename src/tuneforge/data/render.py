@@ -107,6 +107,7 @@ class _Request:
     messages: list[dict]
     tools: list[dict] | None
     generation_prompt: bool
+    images: tuple[bytes, ...] = ()  # the conversation's image files, in order (a beginning shows the first ones)
 
 
 class RenderJob:
@@ -156,7 +157,6 @@ class ChatRenderer:
         self._end_marks = tuple(added[i].content for i in self.end_ids if i in added)
         # A model that reads images: each image marker the template writes becomes the image's tokens.
         self.images = image_inputs(tokenizer)
-        self._marker_id = tokenizer.convert_tokens_to_ids(self.images.marker) if self.images else None
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -291,11 +291,12 @@ class ChatRenderer:
                 wanted.append(problems)
                 continue
             first = len(requests)
-            requests.append(_Request(messages, tools, False))
+            shown = tuple(image.data for m in conversation.messages for image in m.images)
+            requests.append(_Request(messages, tools, False, shown))
             for i in span_at:
-                requests.append(_Request(messages[:i], tools, True))
+                requests.append(_Request(messages[:i], tools, True, shown))
                 if i < len(messages) - 1:
-                    requests.append(_Request(messages[: i + 1], tools, False))
+                    requests.append(_Request(messages[: i + 1], tools, False, shown))
             wanted.append((first, len(requests), span_at))
         texts = self._render_texts(requests)
         return [
@@ -408,7 +409,8 @@ class ChatRenderer:
                     except _TEMPLATE_FAILURES as e:
                         texts.append(e)
             for n, text in zip(members, texts):
-                out[n] = self.images.expand(text) if self.images and isinstance(text, str) else text
+                images = requests[n].images
+                out[n] = self.images.expand(text, images) if self.images and isinstance(text, str) else text
         return out
 
     def _image_problems(self, conversation: Conversation) -> list[Problem]:
@@ -436,7 +438,7 @@ class ChatRenderer:
         images = [image.data for m in record.messages for image in m.images]
         if not images or not isinstance(result, Example):
             return result
-        shown = result.input_ids.count(self._marker_id) if self._marker_id is not None else 0
+        shown = self.images.shown(result.input_ids) if self.images is not None else 0
         return replace(result, images=tuple(images[:shown]))
 
     def special_tokens_in(self, fields) -> list[Problem]:
@@ -688,7 +690,8 @@ def _chatml_shortcut(jinja_render: Callable) -> Callable | None:
         return None
 
     def render(messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
-        if tools is None and all(len(m) == 2 for m in messages):  # role and content only
+        # Role and text content only: content parts (an image beside text) go through the template itself.
+        if tools is None and all(len(m) == 2 and isinstance(m["content"], str) for m in messages):
             return chatml(messages, generation_prompt)
         return jinja_render(messages, tools, generation_prompt)
 

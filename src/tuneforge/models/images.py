@@ -1,17 +1,20 @@
 """What a model that reads images needs beside its tokenizer: the processor's image side.
 
-A model folder with a processor (`processor_config.json`, as Gemma 3 4B and up ship it) reads images.
-Its chat template writes one marker per image part (Gemma 3: `<start_of_image>`); the processor
-replaces each marker with the image's full token sequence (Gemma 3: `\\n\\n<start_of_image>`, the
-image's soft tokens, `<end_of_image>\\n\\n`) and turns each image into `pixel_values`. `ImageInputs`
-does both for the data pipeline and the batches, exactly as the processor does at inference: the
-text is expanded before it is tokenized, the pixels come from the processor's own image processor.
+A model folder with a processor (`processor_config.json` or `preprocessor_config.json`, as Gemma 3 4B
+and up and Qwen2-VL / Qwen2.5-VL ship it) reads images. Its chat template writes one marker per image
+part (Gemma 3: `<start_of_image>`; Qwen2-VL: `<|image_pad|>` between `<|vision_start|>` and
+`<|vision_end|>`); the processor replaces each marker with the image's tokens (Gemma 3: a fixed
+sequence of soft tokens; Qwen2-VL: one `<|image_pad|>` per 2x2 merged patch, so as many as the image's
+size gives) and turns each image into the model's pixel inputs. `ImageInputs` does both for the data
+pipeline and the batches, exactly as the processor does at inference: the text is expanded before it
+is tokenized, the pixels come from the processor's own image processor.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,33 +23,68 @@ import torch
 
 @dataclass(frozen=True)
 class ImageInputs:
-    """A model's image side: the marker its template writes per image, the text that replaces it
-    (`sequence`), the id of the soft tokens the vision features take the place of, and the image processor."""
+    """A model's image side: the marker its template writes per image, the tokens that replace it (`tokens_of`:
+    the image processor's outputs and an image's index -> its text), the id of the tokens the vision features
+    take the place of, the image processor, the name under which the model takes where the image tokens are
+    (`type_ids`), and whether the model computes its positions itself from the tokens and the images' grids
+    (`rope_from_images`: Qwen2-VL's 3-D M-RoPE; a batch then carries no position_ids)."""
 
     marker: str
-    sequence: str
+    tokens_of: Callable[[dict, int], str]
     image_token_id: int
     image_processor: object
-    image_size: tuple[int, int]
+    type_ids: str = "token_type_ids"
+    rope_from_images: bool = False
+    sized: bool = False  # whether an image's tokens depend on the image (its size): Qwen2-VL's do, Gemma 3's do not
+    settings: str = ""  # what else changes the tokens an image becomes (for the data cache's key)
 
-    def expand(self, text: str) -> str:
-        """A rendered conversation with each image marker replaced by the image's token sequence."""
-        return text.replace(self.marker, self.sequence)
+    def expand(self, text: str, images: Sequence[bytes]) -> str:
+        """A rendered conversation with its image markers replaced, in order, by the tokens of `images` (the
+        first ones of a conversation: a rendering of its beginning shows those its markers stand for)."""
+        parts = text.split(self.marker)
+        if len(parts) == 1:
+            return text
+        shown = len(parts) - 1
+        if self.sized and len(images) < shown:
+            raise ValueError(f"the text holds {shown} image markers and {len(images)} images were given")
+        processed = self._processed(images[:shown]) if self.sized else {}
+        out = [parts[0]]
+        for i, part in enumerate(parts[1:]):
+            out += [self.tokens_of(processed, i), part]
+        return "".join(out)
 
-    def pixel_values(self, images: list[bytes]) -> torch.Tensor:
-        """The images (encoded files: PNG, JPEG, ...) as the vision encoder's input, [n, 3, H, W]."""
+    def _processed(self, images: Sequence[bytes]) -> dict:
         from PIL import Image
 
         pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
-        return self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+        return self.image_processor(images=pictures, return_tensors="pt")
+
+    def model_inputs(self, images: Sequence[bytes], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a forward of `input_ids` whose image tokens show `images` (in order, row by row) takes beside
+        them: the pixels (and, for Qwen2-VL, each image's grid), and where the image tokens are."""
+        processed = self._processed(images)
+        out = {key: processed[key] for key in ("pixel_values", "image_grid_thw") if key in processed}
+        out[self.type_ids] = self.token_type_ids(input_ids)
+        return out
+
+    def pixel_values(self, images: list[bytes]) -> torch.Tensor:
+        """The images (encoded files: PNG, JPEG, ...) as the vision encoder's input."""
+        return self._processed(images)["pixel_values"]
 
     def token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """1 at image soft tokens, 0 elsewhere: the model attends within an image both ways."""
+        """1 at image tokens, 0 elsewhere (Gemma 3 attends within an image both ways; Qwen2-VL places them in 3-D)."""
         return (input_ids == self.image_token_id).long()
+
+    def shown(self, input_ids: Sequence[int]) -> int:
+        """How many images' tokens `input_ids` holds: each image is one run of the image token."""
+        ids = list(input_ids)
+        return sum(1 for i, t in enumerate(ids) if t == self.image_token_id and (i == 0 or ids[i - 1] != t))
 
     def fingerprint(self) -> str:
         """What changes the tokens or pixels a row becomes (for the data cache's key)."""
-        return json.dumps([self.sequence, self.image_token_id, self.image_processor.to_dict()], sort_keys=True)
+        return json.dumps(
+            [self.marker, self.settings, self.image_token_id, self.image_processor.to_dict()], default=str
+        )
 
 
 def load_image_inputs(folder: str | Path, tokenizer) -> ImageInputs | None:
@@ -55,6 +93,9 @@ def load_image_inputs(folder: str | Path, tokenizer) -> ImageInputs | None:
     folder = Path(folder)
     if not (folder / "processor_config.json").is_file() and not (folder / "preprocessor_config.json").is_file():
         return None
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if config.get("model_type") in QWEN2_VL:
+        return _qwen2_vl(folder, tokenizer, config)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder, tokenizer=tokenizer)
@@ -62,11 +103,41 @@ def load_image_inputs(folder: str | Path, tokenizer) -> ImageInputs | None:
     sequence = getattr(processor, "full_image_sequence", None)
     if image_processor is None or sequence is None:  # a processor of another family: its images are not read yet
         return None
-    size = image_processor.size
     return ImageInputs(
         marker=processor.boi_token,
-        sequence=sequence,
+        tokens_of=lambda processed, i: sequence,
         image_token_id=tokenizer.image_token_id,
         image_processor=image_processor,
-        image_size=(size["height"], size["width"]),
+        settings=sequence,
+    )
+
+
+QWEN2_VL_ANSWERS = (
+    "answering a prompt with images on Qwen2-VL / Qwen2.5-VL is not supported yet (its 3-D M-RoPE positions are "
+    "not kept across a running batch's steps): send text only, or answer with transformers' `generate` on the "
+    "merged export (`tuneforge export`), which loads with AutoModelForImageTextToText"
+)
+"""Why tuneforge's generation (serve, chat) refuses images on a model whose images set its positions."""
+
+QWEN2_VL = ("qwen2_vl", "qwen2_5_vl")
+"""The model types whose images are read the Qwen2-VL way (`_qwen2_vl`)."""
+
+
+def _qwen2_vl(folder: Path, tokenizer, config: dict) -> ImageInputs:
+    """Qwen2-VL's and Qwen2.5-VL's image side, from the image processor alone: their processor also builds a
+    video processor, which needs torchvision. An image's tokens are its processor's
+    (`Qwen2VLProcessor.replace_image_token`): one `<|image_pad|>` per merged patch of its grid."""
+    from transformers import AutoImageProcessor
+
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    marker = "<|image_pad|>"
+    merged = image_processor.merge_size**2
+    return ImageInputs(
+        marker=marker,
+        tokens_of=lambda processed, i: marker * int(processed["image_grid_thw"][i].prod() // merged),
+        image_token_id=config.get("image_token_id", tokenizer.convert_tokens_to_ids(marker)),
+        image_processor=image_processor,
+        type_ids="mm_token_type_ids",
+        rope_from_images=True,
+        sized=True,
     )

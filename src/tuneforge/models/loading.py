@@ -175,6 +175,15 @@ def load_tokenizer(
     return tokenizer
 
 
+def _generating_class(config):
+    """AutoModelForCausalLM, or for a model that reads images and has no causal LM class (Qwen2-VL,
+    Qwen2.5-VL) AutoModelForImageTextToText: the same model with its vision encoder."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
+
+
 def image_inputs(tokenizer) -> ImageInputs | None:
     """The image side of the model `tokenizer` was loaded for by `load_tokenizer`; None where it reads no images."""
     return _IMAGES.get(tokenizer)
@@ -345,7 +354,7 @@ def load_model(
     they load, straight onto `device`: a quantized model cannot move afterwards, and no full-precision
     copy of more than one checkpoint shard is ever held. Without it the model loads on the CPU.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     source = _as_source(spec)
     placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
@@ -364,7 +373,7 @@ def load_model(
                 # used, the tokenizer's, which a LoRA run's adapter does not save in any config.
                 tokenizer = _raw_tokenizer(source)
                 config.get_text_config().pad_token_id = tokenizer.convert_tokens_to_ids(_pad_token(tokenizer))
-        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        auto = AutoModelForSequenceClassification if classifier else _generating_class(config)
         with _quiet_load_report() if quiet else contextlib.nullcontext():
             model = auto.from_pretrained(source.path, config=config, dtype=dtype, **placement)
     except LOAD_ERRORS as err:

@@ -36,6 +36,7 @@ from ..data.render import renderer_for, template_texts
 from ..errors import TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
+from ..models.images import QWEN2_VL_ANSWERS
 from ..models.loading import image_inputs
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
@@ -616,8 +617,11 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
         return ()
     body.check_supported()
     name = server.known_model(body.model)
-    if image_inputs(server.tokenizer(name)) is None:
-        first = images[0]
+    reads = image_inputs(server.tokenizer(name))
+    first = images[0]
+    if reads is not None and reads.rope_from_images:
+        raise APIError(400, f"part {first.index}: {QWEN2_VL_ANSWERS}.", param=first.content_param, code="invalid_value")
+    if reads is None:
         raise APIError(
             400,
             f"part {first.index} is of type {first.type!r}, and `{name}` is a text model (it has no image processor): "
