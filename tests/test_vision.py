@@ -106,6 +106,10 @@ def test_lora_trains_on_image_rows_and_final_loads_with_its_processor(vision_mod
     adapter = json.loads((final / "adapter_config.json").read_text())
     trained = set(load_model(str(tmp_path / "run"), dtype=torch.float32).state_dict())
     assert not any("vision_tower" in name and "lora_" in name for name in trained), adapter["target_modules"]
+    from tuneforge.export import export
+
+    merged = export(tmp_path / "run", "merged", None, tmp_path / "merged", progress=False).out
+    assert AutoProcessor.from_pretrained(merged).image_seq_length == 4  # the merged model still reads images
 
 
 @pytest.mark.parametrize(
@@ -449,3 +453,46 @@ def test_qwen_vl_batches_place_image_tokens_by_the_models_3d_positions(qwen_vl_m
         together = objective(**batch)["ce"].item()
         alone = [objective(**collate([e], tokenizer.pad_token_id, images=images))["ce"].item() for e in data.train]
     assert together == pytest.approx(sum(alone), rel=1e-5)
+
+
+def test_qwen_vl_lora_trains_the_language_model_resumes_exactly_and_exports_merged_with_its_processor(
+    qwen_vl_model, tmp_path
+):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from tuneforge.export import export
+    from tuneforge.training.loop import train
+
+    rows = [image_row(c, f"It is {n}.", (20 + 4 * i, 16)) for i in range(8) for c, n in ((RED, "red"), (BLUE, "blue"))]
+    config = {
+        "base_model": str(qwen_vl_model),
+        "data": {"train": str(write_rows(tmp_path / "train.jsonl", rows)), "validation": 0.25, "max_length": 96},
+        "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "save_every": 3},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+    def losses() -> list[float]:
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        return [r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r]
+
+    final = train(config, progress=False).final_dir
+    uninterrupted = losses()
+    assert uninterrupted[-1] < uninterrupted[0] - 0.3
+    train(config, resume=str(tmp_path / "run" / "checkpoints" / "step-3"), progress=False)
+    assert losses() == uninterrupted
+
+    adapted = load_model(str(tmp_path / "run"), dtype=torch.float32).eval()
+    trained = [name for name, _ in adapted.named_parameters() if "lora_" in name]
+    assert trained and all(".language_model." in name for name in trained)  # the vision tower stays frozen
+
+    merged = export(tmp_path / "run", "merged", None, tmp_path / "merged", progress=False).out
+    assert image_inputs(load_tokenizer(str(merged))) is not None  # it still reads images
+    AutoImageProcessor.from_pretrained(merged)
+    plain = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(final))
+    data = prepare(DataConfig(train=config["data"]["train"], validation=0.0), tokenizer, use_cache=False, log=print)
+    batch = collate(data.train[:4], tokenizer.pad_token_id, images=image_inputs(tokenizer))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, theirs = adapted(**inputs).logits, plain(**inputs).logits
+    assert (ours - theirs).abs().max().item() < 1e-3

@@ -286,7 +286,7 @@ def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, co
 
 def _export_merged(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:
     merged = _merged(source, ids, console)
-    files = merge.save_merged(merged, tokenizer, folder, dtype, llama_cpp.sentencepiece_model(source))
+    files = merge.save_merged(merged, tokenizer, folder, dtype, merge.beside_the_weights(source))
     checks = _verified(
         merged.logits,
         merge.load_saved(folder),
@@ -308,7 +308,7 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
     with tempfile.TemporaryDirectory(prefix=".gguf-source-", dir=folder) as staging:
         model_dir = Path(staging) / path.name.removesuffix(f"-{dtype}.gguf")
         model_dir.mkdir()
-        merge.save_merged(merged, tokenizer, model_dir, "f32", llama_cpp.sentencepiece_model(source))
+        merge.save_merged(merged, tokenizer, model_dir, "f32", merge.beside_the_weights(source))
         llama_cpp.write_gguf(model_dir, source, tokenizer, path, dtype, console)
     with console.status(f"Loading {path.name} back with transformers to check it"):
         loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name, merged.model.config)

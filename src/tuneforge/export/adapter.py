@@ -29,9 +29,9 @@ def load_saved(base: Path, folder: Path, rope_scaling: dict | None = None):
     `rope_scaling`: the rotary scaling the adapter trained with, set on the base's config as its user sets
     it (an adapter's files have no place for it)."""
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..models.loading import scale_rope
+    from ..models.loading import generating_class, scale_rope
 
     config = AutoConfig.from_pretrained(base)
     if rope_scaling:
@@ -40,7 +40,7 @@ def load_saved(base: Path, folder: Path, rope_scaling: dict | None = None):
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32)
+        model = generating_class(config).from_pretrained(base, config=config, dtype=torch.float32)
     tokens = len(AutoTokenizer.from_pretrained(folder))
     if tokens > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(tokens, mean_resizing=False)  # the adapter's rows replace the new ones

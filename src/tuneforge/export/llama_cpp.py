@@ -128,8 +128,14 @@ def _untied_output(config, source: ModelSource) -> str | None:
 
 def sentencepiece_model(source: ModelSource) -> Path | None:
     """The source's tokenizer.model: beside a run's adapter (saved there from its base) or in the base."""
+    return source_file(source, SENTENCEPIECE_MODEL)
+
+
+def source_file(source: ModelSource, name: str) -> Path | None:
+    """The source's file `name` that transformers' save_pretrained of the model and tokenizer does not write
+    (tokenizer.model, a processor's settings): beside a run's adapter (saved there from its base) or in the base."""
     folders = [source.adapter, source.path] if source.adapter else [source.path]
-    return next((f / SENTENCEPIECE_MODEL for f in folders if (f / SENTENCEPIECE_MODEL).is_file()), None)
+    return next((f / name for f in folders if (f / name).is_file()), None)
 
 
 def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype: str, console: Console) -> None:

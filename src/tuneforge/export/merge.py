@@ -16,7 +16,7 @@ import torch
 from ..models import ModelSource, load_model
 from ..models.architecture import chat_generation_config
 from ..models.loading import classifier_folder
-from ..models.saving import SENTENCEPIECE_MODEL
+from ..models.saving import PROCESSOR_FILES, SENTENCEPIECE_MODEL
 from .probe import MERGE_BOUND, Agreement, agreement, probe_logits, require_within
 
 SAVED_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -64,25 +64,36 @@ def _untie_adapted_weights(model) -> None:
             part.tie_word_embeddings = False
 
 
-def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str, sentencepiece: Path | None) -> list[Path]:
+def beside_the_weights(source: ModelSource) -> list[Path]:
+    """The source's files that save_pretrained does not write: its tokenizer.model (llama.cpp's converter reads
+    it) and, for a model that reads images, its processor's settings (`AutoProcessor` and tuneforge read them)."""
+    from .llama_cpp import source_file
+
+    return [path for name in (SENTENCEPIECE_MODEL, *PROCESSOR_FILES) if (path := source_file(source, name))]
+
+
+def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str, beside: list[Path]) -> list[Path]:
     """Write a folder that `AutoModelForCausalLM.from_pretrained` (a reward model's:
-    `AutoModelForSequenceClassification`) loads: safetensors weights in
-    `dtype`, config, generation config, tokenizer and chat template, and the source's `sentencepiece`
-    tokenizer.model (which transformers does not write and llama.cpp's converter reads), if it has one."""
+    `AutoModelForSequenceClassification`; one that reads images with no causal LM class, Qwen2-VL's:
+    `AutoModelForImageTextToText`) loads: safetensors weights in `dtype`, config, generation config,
+    tokenizer and chat template, and the source's files `beside` them (`beside_the_weights`)."""
     model = merged.model
     if model.can_generate():  # a reward model (a sequence classifier) writes no text
         model.generation_config = chat_generation_config(model.generation_config, tokenizer)
     model.to(SAVED_DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    if sentencepiece is not None:
-        shutil.copyfile(sentencepiece, folder / SENTENCEPIECE_MODEL)
+    for path in beside:
+        shutil.copyfile(path, folder / path.name)
     return sorted(folder.iterdir())
 
 
 def load_saved(folder: Path):
     """The exported folder as a user would load it: plain transformers (a reward model as the sequence classifier
     it is), upcast to fp32 to compare."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if classifier_folder(folder) else AutoModelForCausalLM
-    return auto.from_pretrained(folder, dtype=torch.float32)
+    from ..models.loading import generating_class
+
+    if classifier_folder(folder):
+        return AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    return generating_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=torch.float32)

@@ -175,7 +175,7 @@ def load_tokenizer(
     return tokenizer
 
 
-def _generating_class(config):
+def generating_class(config):
     """AutoModelForCausalLM, or for a model that reads images and has no causal LM class (Qwen2-VL,
     Qwen2.5-VL) AutoModelForImageTextToText: the same model with its vision encoder."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -373,7 +373,7 @@ def load_model(
                 # used, the tokenizer's, which a LoRA run's adapter does not save in any config.
                 tokenizer = _raw_tokenizer(source)
                 config.get_text_config().pad_token_id = tokenizer.convert_tokens_to_ids(_pad_token(tokenizer))
-        auto = AutoModelForSequenceClassification if classifier else _generating_class(config)
+        auto = AutoModelForSequenceClassification if classifier else generating_class(config)
         with _quiet_load_report() if quiet else contextlib.nullcontext():
             model = auto.from_pretrained(source.path, config=config, dtype=dtype, **placement)
     except LOAD_ERRORS as err:
@@ -655,7 +655,7 @@ def model_info(spec: str | ModelSource) -> dict:
 def meta_model(config, *, classifier: bool = False):
     """The causal language model `config` describes (with `classifier`, the sequence classifier with one output
     that `load_model` builds on it), built on the meta device: its structure, with no memory and no weights."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     try:
         with torch.device("meta"):
@@ -663,7 +663,7 @@ def meta_model(config, *, classifier: bool = False):
                 config = copy.deepcopy(config)
                 config.num_labels = 1
                 return AutoModelForSequenceClassification.from_config(config)
-            return AutoModelForCausalLM.from_config(config)
+            return generating_class(config).from_config(config)
     except (ValueError, KeyError) as err:
         raise ModelSourceError(
             f"{config.model_type} is not a causal language model transformers can build ({err}); "
