@@ -496,3 +496,69 @@ def test_qwen_vl_lora_trains_the_language_model_resumes_exactly_and_exports_merg
     with torch.no_grad():
         ours, theirs = adapted(**inputs).logits, plain(**inputs).logits
     assert (ours - theirs).abs().max().item() < 1e-3
+
+
+@pytest.fixture(scope="module")
+def qwen_vl(qwen_vl_model):
+    return load_model(str(qwen_vl_model), dtype=torch.float32).eval(), load_tokenizer(str(qwen_vl_model))
+
+
+def qwen_vl_answers(model, tokenizer, rows, max_new_tokens=8) -> list:
+    """Each (prompt, images) of `rows` answered greedily in one batch, the images' tokens expanded by size."""
+    from tuneforge.generate import Batch, Sampling, encode_prompts
+
+    batch = Batch(model, tokenizer)
+    added = [
+        batch.add(encode_prompts(tokenizer, [prompt], images=images)[0], Sampling(max_new_tokens), images=images)
+        for prompt, images in rows
+    ]
+    while batch:
+        batch.step()
+    return [row.completion() for row in added]
+
+
+def test_qwen_vl_prompts_with_images_are_answered_as_transformers_generates_them_alone_or_batched(qwen_vl):
+    from tuneforge.generate import encode_prompts
+
+    model, tokenizer = qwen_vl
+    images = image_inputs(tokenizer)
+    rows = [
+        (QUESTION, [png(RED)]),
+        ([{"role": "user", "content": "Hello there, how are you?"}], []),
+        (QUESTION, [png(GREEN, (40, 32))]),
+    ]
+    for (prompt, shown), ours in zip(rows, qwen_vl_answers(model, tokenizer, rows, 10)):
+        [ids] = encode_prompts(tokenizer, [prompt], images=shown)
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if shown:  # as the processor gives them: pixels, grids and where the image tokens are
+            inputs.update(images.model_inputs(shown, inputs["input_ids"]))
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        theirs = out[0, len(ids) :].tolist()
+        assert list(ours.token_ids) == theirs[: len(ours.token_ids)] and len(ours.token_ids) >= 2
+        assert ours.prompt_tokens == len(ids)
+
+
+def test_serve_answers_qwen_vl_image_requests_as_each_is_answered_alone(qwen_vl_model, qwen_vl):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import running_server
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    model, tokenizer = qwen_vl
+    requests = [
+        (image_content(png_data_url(RED)), (QUESTION, [png(RED)])),
+        ("Hello there, how are you?", ([{"role": "user", "content": "Hello there, how are you?"}], [])),
+        (image_content(png_data_url(GREEN, (40, 32))), (QUESTION, [png(GREEN, (40, 32))])),
+    ]
+    engine = Engine(AdapterPool(str(qwen_vl_model)), max_batch=8)
+    try:
+        with running_server(create_app(engine)) as url, ThreadPoolExecutor(len(requests)) as pool:
+            replies = list(pool.map(lambda r: ask(url, r[0], max_tokens=6), requests))
+    finally:
+        engine.close()
+    for reply, (_, row) in zip(replies, requests):
+        [alone] = qwen_vl_answers(model, tokenizer, [row], max_new_tokens=6)
+        assert reply.choices[0].message.content == alone.text
+        assert reply.usage.prompt_tokens == alone.prompt_tokens  # the image's tokens, by its size, counted

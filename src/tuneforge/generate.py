@@ -43,7 +43,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from .models.architecture import model_context_length
-from .models.images import QWEN2_VL_ANSWERS
 
 Messages = list[dict]
 TokenIds = tuple[int, ...]
@@ -210,10 +209,15 @@ def pack_linear_weights(model) -> int:
 
 
 def render_prompt(
-    tokenizer, prompt: Messages | str, tools: list[dict] | None = None, template_kwargs: dict | None = None
+    tokenizer,
+    prompt: Messages | str,
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
+    images: Sequence[bytes] = (),
 ) -> str:
     """The text the model continues: chat messages (and the tools they may call) through the chat template
-    (given `template_kwargs`, such as Qwen 3's enable_thinking), a string as it is."""
+    (given `template_kwargs`, such as Qwen 3's enable_thinking), a string as it is. `images`: the image files
+    the messages show, in order, whose sizes set how many tokens each becomes (Qwen2-VL)."""
     if isinstance(prompt, str):
         return prompt
     from .models.loading import image_inputs
@@ -222,19 +226,27 @@ def render_prompt(
         prompt, tools=tools, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
     )
     # A model that reads images: each image marker becomes the image's tokens, as in training (data.render).
-    images = image_inputs(tokenizer)
-    return images.expand(text, ()) if images is not None else text
+    image_side = image_inputs(tokenizer)
+    return image_side.expand(text, images) if image_side is not None else text
 
 
 def encode_prompts(
-    tokenizer, prompts: Sequence[Prompt], tools: list[dict] | None = None, template_kwargs: dict | None = None
+    tokenizer,
+    prompts: Sequence[Prompt],
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
+    images: Sequence[bytes] = (),
 ) -> list[list[int]]:
     """Each prompt's token ids: messages rendered through the template (with `tools` and `template_kwargs`,
     if given), text with the tokenizer's special tokens (its BOS, as a document is encoded for training and as
-    vLLM's completions encode a prompt), token ids as they are."""
+    vLLM's completions encode a prompt), token ids as they are. `images`: those of a single chat prompt."""
+    if images and len(prompts) != 1:
+        raise ValueError(f"images are given for one prompt, and there are {len(prompts)}")
     # The template writes any BOS token itself; adding special tokens to its text would double it.
     chats = {
-        i: render_prompt(tokenizer, p, tools, template_kwargs) for i, p in enumerate(prompts) if isinstance(p, list)
+        i: render_prompt(tokenizer, p, tools, template_kwargs, images)
+        for i, p in enumerate(prompts)
+        if isinstance(p, list)
     }
     texts = {i: p for i, p in enumerate(prompts) if isinstance(p, str)}
     by_index = {i: list(p) for i, p in enumerate(prompts) if isinstance(p, tuple)}
@@ -390,6 +402,9 @@ class Row:
     ):
         self.prompt_ids = prompt_ids
         self.images: tuple[bytes, ...] = images  # the image files the prompt's image tokens show, in order
+        # M-RoPE (Qwen2-VL): how far the next text position is from the count of tokens before it, once images
+        # (placed in 3-D, fewer positions than tokens) come before it; 0 elsewhere.
+        self.rope_delta = 0
         self.sampling, self.generator = sampling, generator
         self.tokens: list[int] = []
         self.text = ""
@@ -704,8 +719,6 @@ class Batch:
         the image files (PNG, JPEG, ...) its image tokens show, in order (`render_prompt` expanded them)."""
         if not prompt_ids:
             raise ValueError("a prompt rendered to no tokens; give it some text")
-        if images and self.images is not None and self.images.rope_from_images:
-            raise ValueError(QWEN2_VL_ANSWERS)
         shown = self._images_shown(prompt_ids)
         if len(images) != shown:
             raise ValueError(
@@ -762,6 +775,8 @@ class Batch:
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=-1)
         # A row's next position is the number of real tokens before it, whatever padding sits on its left.
         positions = self._mask.sum(-1, keepdim=True)
+        if self.images is not None and self.images.rope_from_images:
+            positions = positions + torch.tensor([[row.rope_delta] for row in self._rows], device=positions.device)
         logits = self._forward(self._next[:, None], mask, positions, self._cache)
         self._mask = mask
         self._next, scored = self._pick(logits, self._rows)
@@ -797,7 +812,13 @@ class Batch:
         plain = all(type(layer) is PreallocatedLayer for layer in cache.layers)
         # The prefix cache serves prompts run as they come; with images, one prompt whose images it keys by.
         scope = None
-        if self.prefix_cache is not None and plain and not scoring and (not shown or len(prompts) == 1):
+        # Not for M-RoPE prompts with images (Qwen2-VL): the text after an image sits at positions the images set.
+        if (
+            self.prefix_cache is not None
+            and plain
+            and not scoring
+            and (not shown or (len(prompts) == 1 and not self.images.rope_from_images))
+        ):
             scope = (self.cache_model, hashlib.sha256(b"".join(shown)).digest() if shown else None)
         cached = self._start_from_prefix_cache(scope, prompts[0], shared, cache, len(prompts)) if scope else 0
         if (
@@ -827,6 +848,8 @@ class Batch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         # Images whose tokens came from the prefix cache sit in its keys already: the rest shows none.
         images = self._image_inputs(shown, input_ids) if shown and not cached else None
+        if images is not None and self.images.rope_from_images:
+            positions = self._rope_positions(rows, prompt_of_row, input_ids, mask, images)
         if scoring:
             logits = self._prefill_scoring(
                 rows, prompt_of_row, prompts, scoring, input_ids, mask, positions, cache, images
@@ -870,6 +893,21 @@ class Batch:
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
         return cached
+
+    def _rope_positions(self, rows, prompt_of_row, input_ids, mask, images: dict) -> torch.Tensor:
+        """The prompts' 3-D M-RoPE positions [3, prompts, tokens], as the model computes them from the tokens and
+        the images' grids (padding left out); each row keeps its prompt's offset for the positions it decodes."""
+        from .models import causal_lm
+
+        positions, deltas = causal_lm(self.model).model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=images[self.images.type_ids],
+            image_grid_thw=images["image_grid_thw"],
+            attention_mask=mask,
+        )
+        for row, prompt in zip(rows, prompt_of_row):
+            row.rope_delta = int(deltas[prompt])
+        return positions
 
     def _image_inputs(self, shown: list[bytes], input_ids: torch.Tensor) -> dict:
         """What a prefill whose prompts show images passes beside their tokens, as training's batches do: the

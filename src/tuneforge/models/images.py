@@ -112,13 +112,6 @@ def load_image_inputs(folder: str | Path, tokenizer) -> ImageInputs | None:
     )
 
 
-QWEN2_VL_ANSWERS = (
-    "answering a prompt with images on Qwen2-VL / Qwen2.5-VL is not supported yet (its 3-D M-RoPE positions are "
-    "not kept across a running batch's steps): send text only, or answer with transformers' `generate` on the "
-    "merged export (`tuneforge export`), which loads with AutoModelForImageTextToText"
-)
-"""Why tuneforge's generation (serve, chat) refuses images on a model whose images set its positions."""
-
 QWEN2_VL = ("qwen2_vl", "qwen2_5_vl")
 """The model types whose images are read the Qwen2-VL way (`_qwen2_vl`)."""
 

@@ -36,7 +36,6 @@ from ..data.render import renderer_for, template_texts
 from ..errors import TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
-from ..models.images import QWEN2_VL_ANSWERS
 from ..models.loading import image_inputs
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
@@ -617,15 +616,13 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
         return ()
     body.check_supported()
     name = server.known_model(body.model)
-    reads = image_inputs(server.tokenizer(name))
-    first = images[0]
-    if reads is not None and reads.rope_from_images:
-        raise APIError(400, f"part {first.index}: {QWEN2_VL_ANSWERS}.", param=first.content_param, code="invalid_value")
-    if reads is None:
+    if image_inputs(server.tokenizer(name)) is None:
+        first = images[0]
         raise APIError(
             400,
             f"part {first.index} is of type {first.type!r}, and `{name}` is a text model (it has no image processor): "
-            "send the content as a string or text parts, or ask a model that reads images (Gemma 3 4B and up).",
+            "send the content as a string or text parts, or ask a model that reads images (Gemma 3 4B and up, "
+            "Qwen2-VL, Qwen2.5-VL).",
             param=first.content_param,
             code="invalid_value",
         )
@@ -925,7 +922,7 @@ async def submit(
     queued = []
     for number, prompt in enumerate(prompts):
         try:
-            queued.append(await _prepared(server, body, name, prompt, default_max, length_param, tools))
+            queued.append(await _prepared(server, body, name, prompt, default_max, length_param, tools, images))
         except APIError as err:
             if len(prompts) > 1:
                 err.message = f"{length_param} {number}: {err.message}"
@@ -952,13 +949,20 @@ async def submit(
 
 
 async def _prepared(
-    server: Served, body: SampledBody, name: str, prompt, default_max: int, length_param: str, tools: list[dict] | None
+    server: Served,
+    body: SampledBody,
+    name: str,
+    prompt,
+    default_max: int,
+    length_param: str,
+    tools: list[dict] | None,
+    images: tuple[bytes, ...] = (),
 ) -> tuple[list[int], int]:
-    """One prompt's token ids, and the most tokens its completion may have."""
+    """One prompt's token ids (its images' tokens among them), and the most tokens its completion may have."""
     # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
     template_kwargs = getattr(body, "chat_template_kwargs", None)
     prompt_ids = await asyncio.to_thread(
-        _encode, server.tokenizer(name), prompt, tools, template_kwargs, length_param, body.prompt_field
+        _encode, server.tokenizer(name), prompt, tools, template_kwargs, length_param, body.prompt_field, images
     )
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param=length_param)
@@ -973,6 +977,7 @@ def _encode(
     template_kwargs: dict | None = None,
     param: str = "messages",
     field_name=lambda field: field,
+    images: tuple[bytes, ...] = (),
 ) -> list[int]:
     if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
         fields = [
@@ -983,7 +988,7 @@ def _encode(
             field = field_name(problem.field)
             raise APIError(400, f"{field}: {problem.message}", param=field, code="invalid_value")
     try:
-        [prompt_ids] = encode_prompts(tokenizer, [prompt], tools=tools, template_kwargs=template_kwargs)
+        [prompt_ids] = encode_prompts(tokenizer, [prompt], tools, template_kwargs, images)
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
         raise APIError(400, f"The model's chat template cannot render these messages: {err}", param=param) from err
     return prompt_ids
