@@ -562,3 +562,29 @@ def test_serve_answers_qwen_vl_image_requests_as_each_is_answered_alone(qwen_vl_
         [alone] = qwen_vl_answers(model, tokenizer, [row], max_new_tokens=6)
         assert reply.choices[0].message.content == alone.text
         assert reply.usage.prompt_tokens == alone.prompt_tokens  # the image's tokens, by its size, counted
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2.5-vl"])
+def test_a_run_measures_image_rows_with_the_models_own_attention(family, vision_model, qwen_vl_model, tmp_path):
+    from tuneforge.training.loop import train
+
+    base = vision_model if family == "gemma3" else qwen_vl_model
+    train_rows = write_rows(tmp_path / "train.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
+    valid_rows = [image_row(GREEN, "It is green.", (28, 20)), image_row(BLUE, "It is blue.", (16, 24))]
+    valid = write_rows(tmp_path / "valid.jsonl", valid_rows)
+    config = {
+        "base_model": str(base),
+        # Rows within Gemma 3's sliding window, where text rows would run per-example attention.
+        "data": {"train": str(train_rows), "validation": str(valid), "max_length": 128},
+        # The adapter starts at zero and barely moves: the run measures the base model.
+        "train": {"max_steps": 1, "batch_size": 2, "learning_rate": 1e-12, "precision": "fp32"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    measured = train(config, progress=False).metrics["full_valid_loss"]
+    # Gemma 3 attends within an image both ways, Qwen2-VL by 3-D positions: as the model's own forward does.
+    tokenizer = load_tokenizer(str(base))
+    data = prepare(DataConfig(train=str(valid), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
+    batch = collate(data.train, tokenizer.pad_token_id, images=image_inputs(tokenizer))
+    with torch.no_grad():
+        out = SFTObjective(load_model(str(base), dtype=torch.float32).eval())(**batch)
+    assert measured == pytest.approx(out["ce"].item() / int((batch["labels"] != IGNORE_INDEX).sum()), abs=1e-5)

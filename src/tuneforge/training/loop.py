@@ -597,14 +597,21 @@ def setup(
 
     # Every model a training forward runs: the trained one, and a teacher or reference copy if any.
     lms = [causal_lm(m) for m in (model, *objective.frozen)]
-    per_example = [lm for lm in lms if supports_per_example_attention(lm.config, cfg.data.max_length)]
+    # Rows with images run the model's own attention: per-example attention is causal over 1-D positions, and
+    # Gemma 3 attends within an image both ways, Qwen2-VL places an image's tokens by 3-D positions.
+    images_shown = tfdata.shows_images(train_items + valid_items)
+    per_example = [
+        lm for lm in lms if not images_shown and supports_per_example_attention(lm.config, cfg.data.max_length)
+    ]
     if cfg.train.attention == "per_example" and len(per_example) < len(lms):
         log(
-            "attention: a model's attention is not plain causal attention over a whole row "
+            "attention: rows with images keep the model's own attention (within an image both ways, or by 3-D "
+            "positions), with a padding mask"
+            if images_shown
+            else "attention: a model's attention is not plain causal attention over a whole row "
             "(sliding window or soft-capping); it keeps its own attention with a block mask"
         )
     # A shared prefix needs every model of the forward to run per-example attention.
-    images_shown = tfdata.shows_images(train_items + valid_items)
     share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms)) and not images_shown  # unpacked
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     if cfg.data.packing and images_shown:
