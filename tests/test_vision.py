@@ -588,3 +588,32 @@ def test_a_run_measures_image_rows_with_the_models_own_attention(family, vision_
     with torch.no_grad():
         out = SFTObjective(load_model(str(base), dtype=torch.float32).eval())(**batch)
     assert measured == pytest.approx(out["ce"].item() / int((batch["labels"] != IGNORE_INDEX).sum()), abs=1e-5)
+
+
+@pytest.mark.parametrize(("share_prefixes", "per_example"), [(False, False), (False, True), (True, True)])
+def test_qwen_vl_packed_text_rows_score_as_each_example_alone(qwen_vl_model, tmp_path, share_prefixes, per_example):
+    import contextlib
+
+    from tuneforge.data import pack
+    from tuneforge.models.attention import per_example_attention
+
+    tokenizer = load_tokenizer(str(qwen_vl_model))
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(4)
+    ]
+    rows = write_rows(tmp_path / "rows.jsonl", chats)
+    data = prepare(DataConfig(train=str(rows), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
+    model = load_model(str(qwen_vl_model), dtype=torch.float32).eval()
+    objective = SFTObjective(model)
+    [row] = pack(data.train, 512, share_prefixes=share_prefixes)
+    with torch.no_grad():
+        alone = sum(objective(**collate([e], tokenizer.pad_token_id))["ce"].item() for e in data.train)
+        with per_example_attention(model) if per_example else contextlib.nullcontext():
+            packed = objective(**collate([row], tokenizer.pad_token_id))["ce"].item()
+    assert packed == pytest.approx(alone, rel=1e-5)

@@ -48,7 +48,9 @@ class NEFTune:
         lm.get_input_embeddings().register_forward_hook(self._add_noise)
 
     def _remember_positions(self, module, args, kwargs) -> None:
-        self.position_ids = kwargs.get("position_ids")
+        positions = kwargs.get("position_ids")
+        # M-RoPE's [4, rows, tokens] (`sft.trained_hidden`): the text positions lead.
+        self.position_ids = positions[0] if positions is not None and positions.ndim == 3 else positions
 
     def _add_noise(self, module, args, embeddings: torch.Tensor) -> torch.Tensor:
         if not module.training:

@@ -57,11 +57,20 @@ def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def reads_3d_positions(lm) -> bool:
+    """Whether the model places tokens by M-RoPE's 3-D positions (Qwen2-VL, Qwen2.5-VL)."""
+    return "mrope_section" in (getattr(lm.config.get_text_config(), "rope_parameters", None) or {})
+
+
 def trained_hidden(lm, input_ids, labels, position_ids=None, attention_mask=None, **images) -> torch.Tensor:
     """The decoder's last hidden states at the positions that carry a label, in order (row-major): [n_trained, d].
     A batch that shows images (`images`: `pixel_values`, `token_type_ids`) runs through the model that
     reads them (the vision encoder's features in place of the image tokens), not the text decoder alone."""
     body = lm.model if images else lm.get_decoder()
+    if position_ids is not None and position_ids.ndim == 2 and reads_3d_positions(lm):
+        # M-RoPE (Qwen2-VL) reads 2-D position ids as 3-D ones and then derives no per-example mask from them:
+        # transformers takes text positions first, [4, rows, tokens], so packed examples stay apart.
+        position_ids = position_ids.expand(4, *position_ids.shape)
     hidden = body(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **images
     ).last_hidden_state
