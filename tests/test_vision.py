@@ -617,3 +617,20 @@ def test_qwen_vl_packed_text_rows_score_as_each_example_alone(qwen_vl_model, tmp
         with per_example_attention(model) if per_example else contextlib.nullcontext():
             packed = objective(**collate([row], tokenizer.pad_token_id))["ce"].item()
     assert packed == pytest.approx(alone, rel=1e-5)
+
+
+def test_a_qwen_vl_row_longer_than_max_length_is_never_cut_inside_its_image(qwen_vl_model, tmp_path):
+    tokenizer = load_tokenizer(str(qwen_vl_model))
+    # The 20x16 image is 4 tokens, the 64x64 one 16 (resized to the processor's largest, 32x32): 47 and 57 tokens.
+    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "Blue.", (64, 64))])
+    with pytest.raises(DataError) as error:
+        prepare(DataConfig(train=str(rows), validation=0.0, max_length=48), tokenizer, use_cache=False, log=print)
+    assert "rows.jsonl:2" in str(error.value) and "with its images' tokens" in str(error.value)
+    dropped = prepare(
+        DataConfig(train=str(rows), validation=0.0, max_length=48, truncation="drop"),
+        tokenizer,
+        use_cache=False,
+        log=lambda *_: None,
+    )
+    assert dropped.report["counts"]["dropped_too_long"] == 1 and len(dropped.train) == 1
+    assert dropped.train[0].input_ids.tolist().count(image_inputs(tokenizer).image_token_id) == 4

@@ -425,8 +425,8 @@ class ChatRenderer:
             Problem(
                 "images_not_read",
                 f"the row holds images, but {name} reads text only (it has no image processor). Train image rows "
-                "on a model that reads images (Gemma 3 4B and up, architecture gemma3, with its "
-                "processor_config.json), "
+                "on a model that reads images (Gemma 3 4B and up, Qwen2-VL, Qwen2.5-VL, with the processor "
+                "settings their folders ship), "
                 "or remove the image parts.",
                 field=f"messages[{at}].content",
             )
