@@ -126,6 +126,27 @@ def test_a_lora_init_on_an_adapter_that_trains_on_is_refused_before_its_weights_
         validate(cfg)
 
 
+def test_a_pissa_start_on_an_output_layer_tied_to_the_embeddings_is_refused_at_its_line(
+    tiny_model_dir, triage_data, tmp_path
+):
+    # The tiny model ties lm_head to embed_tokens: PiSSA's residual written into lm_head would change the input
+    # embeddings while training, and the adapter converted to the original base would not be the model trained.
+    from tuneforge.dry_run import validate
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
+    cfg["lora"] |= {"init": "pissa", "target_modules": ["q_proj", "lm_head"]}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "target_modules:" in text)
+    with pytest.raises(ConfigError) as e:
+        validate(str(path))
+    message = " ".join(e.value.message.split())
+    assert f"lora.target_modules ({path} line {line})" in message
+    assert "lm_head shares its weight with model.embed_tokens" in message and "lora.init: default" in message
+    cfg["lora"]["init"] = "default"  # plain LoRA leaves the shared weight as it is
+    assert validate(cfg) == 0
+
+
 def test_the_validate_plan_says_how_the_adapter_starts(tiny_model_dir, triage_data, tmp_path, capsys):
     from tuneforge.dry_run import validate
 

@@ -93,6 +93,29 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
     )
 
 
+def refuse_tied_targets(model, cfg, config) -> None:
+    """PiSSA and OLoRA write the residual into each target's weight; a weight another module shares (an output
+    layer tied to the input embeddings) would change there too, so the run would train on other input embeddings
+    than the adapter, converted to the original base, is written for."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    for names in owners.values():
+        targeted = [name for name in names if len(names) > 1 and check_target_module_exists(config, name)]
+        if targeted:
+            others = [name for name in names if name != targeted[0]]
+            raise ConfigError(
+                f"{cfg.key_at('lora.target_modules')}: {targeted[0]} shares its weight with {', '.join(others)} "
+                f"(tied word embeddings), and lora.init: {cfg.lora.init} takes the adapter's start out of that "
+                f"weight, which would change {', '.join(others)} too while training. Leave {targeted[0]} out of "
+                "target_modules, or use lora.init: default or gaussian."
+            )
+
+
 def keep_start(model) -> None:
     """Keep the start of a PiSSA or OLoRA adapter (its A and B as PEFT set them, taken out of the base weights)
     beside the model, so that what the run saves is an adapter on the original base (`saving.on_original_base`)."""
@@ -164,6 +187,8 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
                     f"{cfg.key_at(f'lora.{key}')}: names {', '.join(missing)}, which this model has no module called. "
                     f"Name {remedy}, or leave {key} out."
                 )
+        if cfg.lora.changes_base:
+            refuse_tied_targets(model, cfg, config)
         try:
             model = get_peft_model(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
