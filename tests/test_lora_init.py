@@ -90,6 +90,21 @@ def test_a_randomized_pissa_run_resumes_with_the_uninterrupted_losses_and_refuse
         train(cfg, resume=str(checkpoint), force=True, progress=False)
 
 
+@pytest.mark.parametrize(("written", "resumed"), [("pissa", "default"), ("default", "olora")])
+def test_a_forced_resume_into_another_lora_init_is_refused_with_the_shapes_that_differ(
+    written, resumed, tiny_model_dir, triage_data, tmp_path
+):
+    # A PiSSA or OLoRA checkpoint holds rank 2r (the start beside the trained adapter), a default one rank r.
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1, save_every=1, batch_size=2)
+    cfg["lora"]["init"] = written
+    train(cfg, progress=False)
+    cfg["lora"]["init"] = resumed
+    cfg["train"]["max_steps"] = 2
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-1"
+    with pytest.raises(TuneforgeError, match="the checkpoint was written with another lora.r or lora.init"):
+        train(cfg, resume=str(checkpoint), force=True, progress=False)
+
+
 @pytest.mark.parametrize(
     ("setting", "named"),
     [

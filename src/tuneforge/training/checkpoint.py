@@ -119,11 +119,29 @@ def restore_weights(folder: Path, model) -> None:
     """Load a checkpoint's weights into the model, before it is wrapped (DDP) or sharded (FSDP)."""
     folder = Path(folder)
     if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         with _reading(folder, "adapter_model.safetensors"):
             weights = load_file(folder / "adapter_model.safetensors")
-        if start := getattr(model, "adapter_start", None):  # PiSSA or OLoRA, saved on the original base
+        own = get_peft_model_state_dict(model)
+        start = getattr(model, "adapter_start", None)  # PiSSA or OLoRA, saved on the original base (rank 2r)
+        # A forced resume of another lora.r or lora.init: the adapter's shapes say so before torch's size errors.
+        wrong = next(
+            (
+                key
+                for key, value in weights.items()
+                if key in own and value.shape != _as_saved(own[key], (start or {}).get(key), key)
+            ),
+            None,
+        )
+        if wrong is not None:
+            raise RunFailed(
+                f"{folder}: the checkpoint's adapter weight {wrong} is {list(weights[wrong].shape)}, and this run's "
+                f"adapter writes it as {list(_as_saved(own[wrong], (start or {}).get(wrong), wrong))}: the "
+                "checkpoint was written with another lora.r or lora.init. Resume with the settings it was written "
+                "with, or start the run afresh."
+            )
+        if start:
             weights = on_residual_base(weights, start, folder)
         result = set_peft_model_state_dict(model, weights)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
@@ -146,6 +164,17 @@ def restore_weights(folder: Path, model) -> None:
             f"{folder}: checkpoint has weights this model lacks ({unexpected[:3]}...); "
             "was it written by another method?"
         )
+
+
+def _as_saved(weight: torch.Tensor, first: torch.Tensor | None, key: str) -> torch.Size:
+    """The shape `weight` of the model's adapter is saved in: a PiSSA or OLoRA A or B (`first`, its start) with
+    its start beside it (`models.saving.on_original_base`)."""
+    if first is None:
+        return weight.shape
+    dim = 0 if ".lora_A." in key else 1
+    shape = list(weight.shape)
+    shape[dim] += first.shape[dim]
+    return torch.Size(shape)
 
 
 # --- saving and resuming ---------------------------------------------------------------------------
