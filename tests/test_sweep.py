@@ -80,6 +80,18 @@ def test_a_rerun_resumes_an_interrupted_run_and_refuses_a_finished_run_of_anothe
         sweep(config, {"train.learning_rate": [1e-3]}, ["train.max_steps=3"], out=out, progress=False)
 
 
+def test_a_rerun_refuses_a_finished_run_trained_on_data_edited_since(config, tmp_path, triage_data, one_thread):
+    # The sweep's data file, edited after its run finished: the kept run would rank as one on the new rows.
+    data = tmp_path / "train.jsonl"
+    shutil.copyfile(triage_data["train"], data)
+    out, overrides = tmp_path / "sweep", [f"data.train={data}"]
+    sweep(config, {"train.learning_rate": [1e-3]}, overrides, out=out, progress=False)
+    rows = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(rows[: len(rows) // 2]))
+    with pytest.raises(ConfigError, match=r"learning_rate-0.001 holds a finished run on other data \(the contents"):
+        sweep(config, {"train.learning_rate": [1e-3]}, overrides, out=out, progress=False)
+
+
 @pytest.mark.parametrize(
     "sets, overrides, message",
     [

@@ -247,20 +247,22 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
                     "two spellings (1e-4 and 0.0001). Give each value once."
                 )
         points.append((SweepRun(name, typed, run_dir), cfg))
-    # The data rows, once for each data setting the points train on: a bad row or no validation rows is found now.
-    checked: set[str] = set()
+    # The data rows, once for each data setting the points train on: a bad row or no validation rows is found now,
+    # and a kept or resumed run whose data files changed since it trained.
+    data_keys: dict[str, str | None] = {}  # each data setting's prepared data's cache key
     for run, cfg in points:
         key = json.dumps(
             [cfg.base_model, cfg.method, cfg.model.model_dump(), cfg.data.model_dump(), cfg.grpo.model_dump()],
             sort_keys=True,
             default=str,
         )
-        if key in checked or _resume_mode(run.output_dir) == "finished":
+        if key in data_keys:
+            _check_earlier_data(run, data_keys[key], out)
             continue
-        checked.add(key)
         try:
             tokenizer = run_tokenizer(cfg, resolve(cfg.base_model))
-            train_items, valid_items = batch_items(prepare_items(cfg, tokenizer, log=lambda *a, **k: None), cfg)
+            prepared = prepare_items(cfg, tokenizer, log=lambda *a, **k: None)
+            train_items, valid_items = batch_items(prepared, cfg)
         except TuneforgeError as e:
             raise type(e)(f"sweep run {run.name}: {e.message}", code=e.code) from None
         if not train_items:
@@ -271,7 +273,31 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
                 f"({cfg.data.validation!r}) leaves no validation rows. Give a validation file or a larger share, or "
                 "rank by --metric train_loss."
             )
+        data_keys[key] = prepared.report.get("cache", {}).get("key")
+        _check_earlier_data(run, data_keys[key], out)
     return points
+
+
+def _check_earlier_data(run: SweepRun, data_key: str | None, sweep_out: Path) -> None:
+    """A run folder of this point is kept (finished) or resumed (interrupted) only where it trained on the data as
+    it is now (`data_key`, the prepared data's cache key, as its data_report.json records it): a run on data
+    edited since would rank, or continue, as a run on today's."""
+    mode = _resume_mode(run.output_dir)
+    if mode is None or data_key is None:
+        return
+    try:
+        earlier = json.loads((run.output_dir / "data_report.json").read_text())["cache"]["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if earlier == data_key:
+        return
+    finished = mode == "finished"
+    raise ConfigError(
+        f"{run.output_dir} holds {'a finished' if finished else 'an interrupted'} run on other data (the contents of "
+        "data.train, data.validation or the replay file, or the base model's tokenizer, changed since it trained): "
+        f"this sweep would {'compare' if finished else 'continue'} it as {run.name}. Sweep into another --out, or "
+        f"delete {run.output_dir} (or all of {sweep_out}) to train it on the data as it is now."
+    )
 
 
 def read_run(run: SweepRun) -> None:
