@@ -165,3 +165,23 @@ def test_the_help_shows_the_brackets_of_a_list_value(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run_cli(["sweep", "--help"], monkeypatch, capsys)
     assert code == 0 and "'lora.target_modules=[q_proj,v_proj],[v_proj]'" in out
+
+
+def test_a_run_whose_validation_loss_is_nan_ranks_last_and_is_never_the_best(tmp_path):
+    # A high learning rate can leave a run completed with a NaN validation loss, which sorts anywhere.
+    from tuneforge.sweeps import SweepResult, SweepRun, read_run, write_outputs
+
+    losses = {"lr-0.1": float("nan"), "lr-0.001": 1.2, "lr-0.0001": 0.8}
+    runs = []
+    for name, loss in losses.items():
+        (tmp_path / name).mkdir()
+        records = [{"step": 1, "train_loss": 2.0, "valid_loss": loss}, {"step": 2, "full_valid_loss": loss}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        runs.append(SweepRun(name, {"train.learning_rate": float(name[3:])}, tmp_path / name, status="completed"))
+        read_run(runs[-1])
+    for metric in ("eval_loss", "best_eval_loss"):
+        result = SweepResult(tmp_path, metric, runs)
+        write_outputs(result, {"train.learning_rate": [0.1, 0.001, 0.0001]}, None)
+        written = json.loads((tmp_path / "sweep.json").read_text())
+        assert [run["name"] for run in written["runs"]] == ["lr-0.0001", "lr-0.001", "lr-0.1"]
+        assert result.best.name == written["best"]["name"] == "lr-0.0001"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -305,7 +306,8 @@ def read_run(run: SweepRun) -> None:
     from .eval.report import curve, read_metrics
 
     metrics = read_metrics(run.output_dir)
-    valid = [v for _, v in curve(metrics, "valid_loss") + curve(metrics, "full_valid_loss")]
+    # A validation loss that is no number (a run diverging at its end) is no figure to rank by, nor the best.
+    valid = [v for _, v in curve(metrics, "valid_loss") + curve(metrics, "full_valid_loss") if math.isfinite(v)]
     final = curve(metrics, "full_valid_loss")
     train = curve(metrics, "train_loss")
     run.eval_loss = final[-1][1] if final else None
@@ -320,9 +322,15 @@ def read_run(run: SweepRun) -> None:
             pass
 
 
+def _figure(run: SweepRun, metric: str) -> float | None:
+    """The run's `metric`, where it is a number (a diverged run's NaN loss is none: it would sort anywhere)."""
+    value = getattr(run, metric)
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _ranked(runs: list[SweepRun], metric: str) -> list[SweepRun]:
-    # Runs without the figure yet (pending, failed early) go last, in grid order.
-    return sorted(runs, key=lambda r: (getattr(r, metric) is None, getattr(r, metric) or 0.0))
+    # Runs without the figure (pending, failed early, diverged) go last, in grid order.
+    return sorted(runs, key=lambda r: (_figure(r, metric) is None, _figure(r, metric) or 0.0))
 
 
 def _loss(value: float | None) -> str:
@@ -362,7 +370,7 @@ def write_outputs(result: SweepResult, grid: dict[str, list], config) -> None:
     from .eval.report import loss_figure, read_metrics
 
     ranked = _ranked(result.runs, result.metric)
-    done = [r for r in ranked if r.status == "completed" and getattr(r, result.metric) is not None]
+    done = [r for r in ranked if r.status == "completed" and _figure(r, result.metric) is not None]
     result.best = done[0] if done else None
     write_json(
         result.out / SWEEP_FILE,
