@@ -174,6 +174,15 @@ def test_a_responses_logprobs_are_its_answers_tokens_whole_and_streamed(served):
     events = list(client.responses.create(model="qwen3", input="Hi", temperature=0, stream=True, **asked))
     streamed = [entry.to_dict() for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
     assert streamed == entries
+    # Cut while reasoning: no answer, so none of its tokens' log probabilities (the reasoning's last is none).
+    cut = client.responses.create(model="qwen3", input="Hi", temperature=0, max_output_tokens=3, **asked)
+    assert cut.status == "incomplete" and cut.output_text == ""
+    assert [part.logprobs for item in cut.output if item.type == "message" for part in item.content] == [[]]
+    events = list(
+        client.responses.create(model="qwen3", input="Hi", temperature=0, max_output_tokens=3, stream=True, **asked)
+    )
+    [done] = [event for event in events if event.type == "response.output_item.done" and event.item.type == "message"]
+    assert [part.logprobs for part in done.item.content] == [[]]
 
 
 def test_a_request_may_carry_reasoning_and_turn_thinking_off_through_extra_body(served):

@@ -476,6 +476,8 @@ def _answer_logprobs(entries: Sequence[TokenLogprob], text: str, answer: str) ->
     `reasoning.message` and the streamed deltas part it, ends the text but for whitespace)."""
     if answer == text:
         return list(entries)
+    if not answer:  # a reply cut while reasoning: its last token is the reasoning's
+        return []
     start = len(text.rstrip()) - len(answer)
     ends = [entry.offset for entry in entries[1:]] + [len(text) + 1]
     return [entry for entry, end in zip(entries, ends) if end > start]
