@@ -482,3 +482,38 @@ def test_the_memory_plan_of_a_model_that_also_reads_images_uses_its_text_setting
     both = memory_plan((1, 1, 1, 0), hf_config, load_config(cfg), plan, 64, "fp32")
     text = memory_plan((1, 1, 1, 0), hf_config.text_config, load_config(cfg), plan, 64, "fp32")
     assert both == text and both["activations"] > 0
+
+
+def test_the_memory_plan_counts_the_checkpoint_file_a_quantized_load_reads_whole(
+    triage_data, tmp_path, capsys, monkeypatch
+):
+    from tiny import tiny_llama, tiny_tokenizer
+
+    from tuneforge import dry_run
+    from tuneforge.models.loading import largest_shard_bytes
+
+    monkeypatch.setenv("COLUMNS", "400")  # one table row a line
+    base = tmp_path / "sharded"
+    tiny_llama(hidden=2048, layers=1).save_pretrained(base, max_shard_size="100MB")
+    tiny_tokenizer().save_pretrained(base)
+    files = sorted(base.glob("model-*.safetensors"))
+    assert len(files) > 1 and largest_shard_bytes(base) == max(f.stat().st_size for f in files)
+    cfg = config(base, triage_data, tmp_path / "run", quantize="nf4", gradient_checkpointing=True, batch_size=1)
+    assert dry_run.validate(cfg) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "memory plan (estimate)" in line]
+    gib = 2**30
+    shard = largest_shard_bytes(base) / gib
+    if torch.cuda.is_available():  # the shard is read into host memory, the device holds the quantized weights
+        assert "loading" not in row
+        return
+    # On a CPU the load holds the largest file in fp32 beside the quantized weights: more than training holds here.
+    assert "peak while the quantized base loads" in row and f"checkpoint file read whole {shard:.2f}" in row
+    loading = float(row.split("loading ")[1].split(":")[0])
+    training = float(row.split("training ")[1].split(":")[0])
+    assert training < loading
+    # Memory enough for training but not for the load is no "ok": the warning says the load is the peak.
+    monkeypatch.setattr(dry_run, "available_memory", lambda device: (training + loading) / 2 * gib)
+    assert dry_run.validate(cfg) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ok, but: run it where its memory plan fits" in out
+    assert "its peak is the load, which reads the checkpoint's largest file" in out and "max_shard_size" in out

@@ -47,7 +47,7 @@ from .models import (
     source_context_length,
 )
 from .models.attention import supports_per_example_attention
-from .models.loading import base_config, grow_embeddings, tokens_added
+from .models.loading import base_config, grow_embeddings, largest_shard_bytes, tokens_added
 from .training import (
     check_output_dir,
     earlier_run,
@@ -224,6 +224,19 @@ def memory_plan(
     return parts | {"activations": activations, "logits": logits, "teacher or reference copy": copy_bytes}
 
 
+def loading_plan(cfg, memory: dict, shard: int, shards: int, device: torch.device) -> dict:
+    """Bytes a process holds at the peak of its model's load, by part, where that load quantizes the base
+    (`model.quantize`) on a CPU: each checkpoint file is read whole in its own precision before its linear
+    weights are quantized, so the largest (`shard` bytes, `largest_shard_bytes`) sits beside the frozen
+    weights of the whole model (loaded whole on every process, `shards` of them under FSDP). Empty where the
+    load holds no more than the weights it keeps: an unquantized base maps its files, and on a GPU the shard
+    is read into host memory while the device holds the quantized weights."""
+    if cfg.model.quantize == "none" or device.type != "cpu":
+        return {}
+    imported = {k: v for k, v in memory.items() if k == "torch and transformers imported"}
+    return imported | {"frozen weights": memory["frozen weights"] * shards, "checkpoint file read whole": shard}
+
+
 def layer_activations(config, cfg) -> float:
     """Hidden-sized tensors a decoder layer keeps per token for the backward, without gradient
     checkpointing: about 10 (norm inputs and outputs, queries, keys, values, attention output) and 4
@@ -303,6 +316,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         tokens_per_epoch = (tokens_per_epoch + len(rows) * g.max_new_tokens) * g.group_size
         longest += g.max_new_tokens
         trained_plan = replace(plan, micro_batch_rows=plan.micro_batch_rows * g.group_size)
+    shards = processes if spread == "fsdp" else 1
     memory = memory_plan(
         (n_params, n_trainable, n_linear, frozen_copy_parameters(cfg, n_params)),
         hf_config,
@@ -310,18 +324,19 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         trained_plan,
         longest,
         precision,
-        shards=processes if spread == "fsdp" else 1,
+        shards=shards,
         trained_share=trained_share,
         gathered=n_gathered,
     )
     if device.type == "cpu":  # every process of a CPU run holds its imports in the memory the plan is for
         memory = {"torch and transformers imported": IMPORTED_BYTES} | memory
+    loading = loading_plan(cfg, memory, largest_shard_bytes(source.path), shards, device)
 
     console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
     console.print(highlight(train_items[0], tokenizer))
     data_warnings = prepared.report.get("warnings", [])
     held = earlier_run(Path(cfg.output_dir))
-    needed, free = sum(memory.values()) * sharing, available_memory(device)
+    needed, free = max(sum(memory.values()), sum(loading.values())) * sharing, available_memory(device)
     run_warnings = []  # counted in the table with the data's, printed after them
     if held:
         run_warnings.append(
@@ -331,9 +346,17 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     run_warnings += plan_warnings(cfg, plan, len(valid_items))
     run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report)] if w]
     if needed > free:
+        loads = sum(loading.values()) > sum(memory.values())
+        remedies = (
+            f"its peak is the load, which reads the checkpoint's largest file "
+            f"({loading.get('checkpoint file read whole', 0) / 2**30:.1f} GiB) whole before quantizing it: save the "
+            "base in smaller shards (save_pretrained(..., max_shard_size='1GB')) and point base_model at that folder"
+            if loads
+            else memory_remedies(cfg)
+        )
         run_warnings.append(
             f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "
-            f"({free / 2**30:.1f} GiB): {memory_remedies(cfg)}."
+            f"({free / 2**30:.1f} GiB): {remedies}."
         )
     table = Table(title=f"plan for {cfg.output_dir}", show_header=False)
     table.add_column(style="bold")
@@ -348,7 +371,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         *sharding_plan(cfg, spread, processes, memory),
         ("after training", after_training(cfg)),
         ("time (estimate)", time_row(training_seconds(n_params, n_trainable, plan, tokens_per_epoch, precision))),
-        *memory_rows(memory, free, sharing),
+        *memory_rows(memory, free, sharing, loading),
         ("warnings", str(len(data_warnings) + len(run_warnings))),
         ("checked in", f"{time.perf_counter() - started:.1f} s"),
     ]
@@ -493,11 +516,20 @@ def time_row(estimate: dict) -> str:
     )
 
 
-def memory_rows(memory: dict, available: int, sharing: int = 1) -> list[tuple[str, str]]:
-    """The memory plan's row: what a process holds, by part, times the `sharing` processes that share
-    the `available` memory."""
-    each = sum(memory.values())
+def memory_rows(memory: dict, available: int, sharing: int = 1, loading: dict | None = None) -> list[tuple[str, str]]:
+    """The memory plan's row: what a process holds at its peak, by part, times the `sharing` processes that
+    share the `available` memory. With `loading` (`loading_plan`) the peak is the larger of the load's and
+    training's, and the row says which it is and gives both by part."""
+    trains = sum(memory.values())
+    each = max(trains, sum(loading.values())) if loading else trains
     parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in memory.items())
+    if loading:
+        load_parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in loading.items())
+        peak = "while the quantized base loads" if each > trains else "while training"
+        parts = (
+            f"peak {peak}; loading {sum(loading.values()) / 2**30:.2f}: {load_parts}; "
+            f"training {trains / 2**30:.2f}: {parts}"
+        )
     shared = f", {sharing} processes sharing this machine's memory, each {each / 2**30:.1f} GiB" if sharing > 1 else ""
     plan = f"{each * sharing / 2**30:.1f} GiB of {available / 2**30:.1f} GiB free{shared}: {parts} (GiB)"
     return [("memory plan (estimate)", plan)]

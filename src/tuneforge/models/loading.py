@@ -464,6 +464,22 @@ def own_unquantized_weights(model) -> None:
             tensor.data = tensor.data.clone()
 
 
+def largest_shard_bytes(folder: Path) -> int:
+    """Bytes of the largest weights file of the checkpoint in `folder` (its shards as its index names them, or
+    its single file): what a quantizing load (`load_model` with `quantization`) reads whole, in the checkpoint's
+    own precision, before it quantizes that file's linear weights. 0 where the folder holds no weights file."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    for index_name, single in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
+        index = folder / index_name
+        if index.is_file():
+            files = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            return max(((folder / name).stat().st_size for name in files if (folder / name).is_file()), default=0)
+        if (folder / single).is_file():
+            return (folder / single).stat().st_size
+    return 0
+
+
 def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
     """How many input-embedding rows the adapter in `adapter` saves whole (the base's embeddings,
     `embedding_name` in the model, resized to tokens added in training and saved by PEFT as
