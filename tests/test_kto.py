@@ -296,3 +296,26 @@ def train_quietly(cfg, **options):
     from tuneforge.training import train
 
     return train(cfg, progress=False, **options)
+
+
+def test_two_processes_estimate_the_kl_over_both_and_match_one_process_on_the_same_batch(
+    tiny_model_dir, triage_data, tmp_path
+):
+    from test_distributed import metrics, run_cli
+
+    def chatty_first(chat_file: Path) -> list[dict]:
+        # Each prompt's chatty reply before its JSON one: every mismatched reply is another prompt's JSON answer,
+        # which the policy learns to like, so the KL estimate rises above 0 within a few steps.
+        rows = kto_rows(chat_file)
+        return [row for i in range(0, len(rows), 2) for row in (rows[i + 1], rows[i])]
+
+    kto_data = write_splits(triage_data, tmp_path, chatty_first)
+    records = {}
+    for nproc in (1, 2):  # one process runs the 4 rows at once, two processes 2 each: the same global micro-batch
+        run = tmp_path / f"run{nproc}"
+        cfg = kto_config(tiny_model_dir, kto_data, run, max_steps=2, batch_size=4, learning_rate=5e-2)
+        res = run_cli(cfg, tmp_path, nproc)
+        assert res.returncode == 0, res.stderr[-3000:]
+        records[nproc] = [r[key] for r in metrics(run) if "train_loss" in r for key in ("train_loss", "kl")]
+    assert records[1][-1] > 0  # the policy has moved from the reference, so the estimate counts
+    assert records[2] == pytest.approx(records[1], rel=1e-5)

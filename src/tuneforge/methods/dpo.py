@@ -38,7 +38,8 @@ loss of a reply is
 
 (w_d, w_u are `desirable_weight`, `undesirable_weight`). z0 is TRL's estimate of KL(pi || ref): the
 mean log-ratio, over the batch, of mismatched examples, each rated row's prompt with the reply of
-a row before it in the data with another prompt (`kto_rows`), detached and clamped at 0. Each rated
+a row before it in the data with another prompt (`kto_rows`), detached and clamped at 0; on several
+processes the mean is over every process's micro-batch of the moment (TRL gathers it so). Each rated
 example and its mismatched one are one item, laid end to end as a pair is, so one forward runs both
 (the mismatched ones train nothing). Its metrics are TRL's: `rewards/chosen` and `rewards/rejected` (beta r(y),
 averaged over the desirable and the undesirable replies), `logps/chosen` and `logps/rejected` (log
@@ -61,6 +62,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -339,6 +341,17 @@ class DPOObjective(nn.Module):
             out["log_odds_chosen"] = (log_odds(chosen) - log_odds(rejected)).sum()
         return out
 
+    def kl_estimate(self, mismatched: torch.Tensor) -> torch.Tensor:
+        """KTO's z0 from the mismatched replies' log-ratios: their mean, clamped at 0. In training on several
+        processes the mean is over the micro-batch every process runs at once (each runs as many a step), as
+        TRL's KTOTrainer gathers it, so N processes estimate it from the rows one process with N times their
+        micro-batch would. Validation, where the processes run different numbers of batches, takes each
+        batch's own."""
+        total = torch.stack([mismatched.sum(), mismatched.new_tensor(float(mismatched.numel()))])
+        if self.training and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return (total[0] / total[1]).clamp(min=0)
+
     def _kto(self, batch: dict, desirable: torch.Tensor | None) -> dict:
         policy = sequence_logps(causal_lm(self.model), **batch)
         if desirable is None or policy.numel() != 2 * desirable.numel():
@@ -350,7 +363,7 @@ class DPOObjective(nn.Module):
         logratio = policy - self.reference_logps(**batch)
         rated, mismatched = logratio[0::2], logratio[1::2].detach()
         # z0: detached, so it only shifts the point each reply's reward is measured from.
-        kl = mismatched.mean().clamp(min=0)
+        kl = self.kl_estimate(mismatched)
         losses = kto_losses(
             rated,
             kl,
