@@ -358,3 +358,34 @@ def test_a_machine_whose_others_never_start_stops_after_the_join_timeout_saying_
         launch(["train", str(tmp_path / "cfg.yaml")], 1, nnodes=2, node_rank=0, master=master)
     assert f"machine 0 of 2: the machines did not all meet at --master {master} within 2 s" in unmet.value.message
     assert "each with its own --node-rank from 0 to 1" in unmet.value.message
+
+
+def _train_counting_data_hashes(folder: str, data_files: list[str]) -> None:
+    """A process's work for `launch_function`: train `folder`/cfg.yaml, writing to `folder`/hashed-RANK the
+    data files it read to hash (for the data's cache key)."""
+    import hashlib
+
+    from tuneforge.training import train
+
+    digest, hashed = hashlib.file_digest, []
+
+    def counting(f, name):
+        if f.name in data_files:
+            hashed.append(f.name)
+        return digest(f, name)
+
+    hashlib.file_digest = counting  # this forked process's own
+    train(str(Path(folder, "cfg.yaml")), progress=False)
+    Path(folder, f"hashed-{os.environ['RANK']}").write_text(json.dumps(hashed))
+
+
+def test_one_process_hashes_the_data_files_once_and_the_others_read_its_key(tiny_model_dir, triage_data, tmp_path):
+    """The cache key hashes every data file whole (gigabytes, for a large data set): the first process of a
+    machine hashes them, once, and the others prepare the data from rank 0's key."""
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1, batch_size=2)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    files = [str(triage_data["train"]), str(triage_data["validation"])]
+    launch_function(_train_counting_data_hashes, (str(tmp_path), files), 2)
+    hashed = [json.loads((tmp_path / f"hashed-{rank}").read_text()) for rank in (0, 1)]
+    assert sorted(hashed[0]) == sorted(files) and hashed[1] == []
+    assert json.loads((tmp_path / "run" / "data_report.json").read_text())["cache"]["key"]

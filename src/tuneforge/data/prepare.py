@@ -101,6 +101,7 @@ def prepare(
     use_cache: bool = True,
     log: Callable[[str], object] = print,
     progress: bool = False,
+    key: str | None = None,
 ) -> PreparedData:
     """Read, check, render, dedup, split and fit the data; raise DataError if it is not fit to train on.
 
@@ -109,10 +110,11 @@ def prepare(
     under `tuneforge_home()/data-cache/` and reused by a later run with the same files, tokenizer
     and data config. With `general_mix`, conversations of the `general_replay` file are mixed into
     training (`replay_file`). With `progress`, a bar (or log lines) follows each file through the pass.
+    `key`: the cache key (`cache.cache_key`) where a caller has computed it, so the files are not hashed again.
     """
     replay = replay_file(cfg)
     hashed = [file_state(str(path)) for path in cache.data_files(cfg, replay)]
-    key = cache.cache_key(cfg, tokenizer, replay) if use_cache else None
+    key = (key or cache.cache_key(cfg, tokenizer, replay)) if use_cache else None
     try:
         cached = cache.load(key) if key else None
     except (OSError, ValueError, KeyError) as e:
