@@ -73,6 +73,27 @@ def test_a_row_joining_a_running_batch_starts_from_the_cache_and_answers_as_alon
     ]
 
 
+def test_conversations_prefilled_together_each_start_from_their_own_earlier_turns(base):
+    """Two clients' next turns arrive together (one prefill), their system prompts unlike: each starts from the
+    keys and values of its own conversation so far, beside a prompt the cache has nothing of, and every row
+    answers as alone."""
+    model, tokenizer = base
+    systems = ["You answer questions about cooking pasta and sauces in detail. ", "Reply as a terse Unix expert. "]
+    first = encode_prompts(
+        tokenizer, [[{"role": "system", "content": s * 3}, {"role": "user", "content": "Hi"}] for s in systems]
+    )
+    cache = PrefixCache(64 << 20)
+    for prompt in first:
+        decode(model, tokenizer, [(prompt, Sampling(2))], cache)
+    follow_up = encode_prompts(tokenizer, [[{"role": "user", "content": "And then?"}]])[0]
+    unseen = encode_prompts(tokenizer, [[{"role": "user", "content": "Something else entirely"}]])[0]
+    requests = [(first[0] + follow_up, Sampling(8)), (unseen, Sampling(8)), (first[1] + follow_up, Sampling(8))]
+    on, off = decode(model, tokenizer, requests, cache), decode(model, tokenizer, requests)
+    assert [c.cached_tokens for c in on] == [len(first[0]), 0, len(first[1])]
+    assert [c.token_ids for c in on] == [c.token_ids for c in off]
+    assert (cache.hits, cache.misses) == (2, 3)
+
+
 def test_a_prompt_scored_whole_runs_without_the_cache(base):
     """echo: every prompt token's log probability comes from one forward pass over the whole prompt."""
     model, tokenizer = base

@@ -820,34 +820,41 @@ class Batch:
             and (not shown or (len(prompts) == 1 and not self.images.rope_from_images))
         ):
             scope = (self.cache_model, hashlib.sha256(b"".join(shown)).digest() if shown else None)
-        cached = self._start_from_prefix_cache(scope, prompts[0], shared, cache, len(prompts)) if scope else 0
-        if (
-            scoring
-            or shown  # a prefix would run its image tokens without the image; prompts with images run whole
-            or len(prompts) < 2
-            or shared < MIN_SHARED_PREFIX
-            or not plain
-        ):
-            shared = cached
-        if shared > cached:
-            prefix = torch.tensor([prompts[0][cached:shared]], device=device)
-            positions = torch.arange(cached, shared, device=device)[None]
-            self._forward(prefix, prefix.new_ones(1, shared), positions, cache)
-        if shared:
-            cache.batch_repeat_interleave(len(prompts))
-        width = max(len(prompt) for prompt in prompts) - shared
+        cached = self._start_from_prefix_cache(scope, prompts, shared, cache) if scope else [0] * len(prompts)
+        if len(set(cached)) == 1 and cached[0] <= shared:
+            # The cache holds one row, the prompts' common start: a prefix they share runs once after it.
+            if (
+                scoring
+                or shown  # a prefix would run its image tokens without the image; prompts with images run whole
+                or len(prompts) < 2
+                or shared < MIN_SHARED_PREFIX
+                or not plain
+            ):
+                shared = cached[0]
+            if shared > cached[0]:
+                prefix = torch.tensor([prompts[0][cached[0] : shared]], device=device)
+                positions = torch.arange(cached[0], shared, device=device)[None]
+                self._forward(prefix, prefix.new_ones(1, shared), positions, cache)
+            if shared:
+                cache.batch_repeat_interleave(len(prompts))
+            before = [shared] * len(prompts)
+        else:
+            before = cached  # the cache holds each prompt's own start, left-padded to the longest
+        # A prompt's columns: padding, the tokens in the cache before this forward, padding, its own rest.
+        front = max(before)
+        rests = [prompt[start:] for prompt, start in zip(prompts, before)]
+        width = max(len(rest) for rest in rests)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        for line, prompt in enumerate(prompts):
-            rest = prompt[shared:]
+        mask = torch.zeros((len(prompts), front + width), dtype=torch.long)
+        for line, (start, rest) in enumerate(zip(before, rests)):
+            mask[line, front - start : front] = 1
             input_ids[line, width - len(rest) :] = torch.tensor(rest)
-            mask[line, shared + width - len(rest) :] = 1
+            mask[line, front + width - len(rest) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         # Positions count a row's real tokens, so padding does not shift them.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, front:]
         # Images whose tokens came from the prefix cache sit in its keys already: the rest shows none.
-        images = self._image_inputs(shown, input_ids) if shown and not cached else None
+        images = self._image_inputs(shown, input_ids) if shown and not any(cached) else None
         if images is not None and self.images.rope_from_images:
             positions = self._rope_positions(rows, prompt_of_row, input_ids, mask, images)
         if scoring:
@@ -857,19 +864,15 @@ class Batch:
         else:
             logits = self._forward(input_ids, mask, positions, cache, images=images)
         if scope:
-            for line, prompt in enumerate(prompts):
-                # The prompt's columns: the shared prefix, then its own tokens after its padding.
-                start = shared + width - (len(prompt) - shared)
+            for line, (prompt, start, rest) in enumerate(zip(prompts, before, rests)):
+                columns = (slice(front - start, front), slice(front + width - len(rest), None))
                 own = [
-                    tuple(
-                        torch.cat([side[line : line + 1, :, :shared], side[line : line + 1, :, start:]], dim=-2)
-                        for side in (layer.keys, layer.values)
-                    )
-                    for layer in cache.layers
+                    tuple(torch.cat([side[line : line + 1, :, at] for at in columns], dim=-2) for side in layer_sides)
+                    for layer_sides in ((layer.keys, layer.values) for layer in cache.layers)
                 ]
                 self.prefix_cache.store(scope, prompt, own)
-        for row in rows:
-            row.cached_tokens = cached
+        for row, prompt in zip(rows, prompt_of_row):
+            row.cached_tokens = cached[prompt]
         if len(prompts) < len(rows):
             index = torch.tensor(prompt_of_row, device=device)
             cache.batch_select_indices(index)
@@ -878,21 +881,43 @@ class Batch:
         self._merge(rows, cache, mask, tokens)
         return self._hand_out(rows, tokens, scored)
 
-    def _start_from_prefix_cache(self, scope: tuple, prompt: list[int], limit: int, cache, prompts: int) -> int:
-        """Fill `cache` (empty) with the keys and values of the longest start of `prompt`, up to `limit` tokens,
-        that the prefix cache holds for `scope`: at least `MIN_SHARED_PREFIX` tokens and, for a prompt with
-        images, past its last image token (the rest then runs without images); how many tokens that is.
-        `prompts`: how many prompts of the prefill start so (they all share those tokens)."""
-        least = MIN_SHARED_PREFIX
-        if scope[1] is not None:
-            soft = self.images.image_token_id
-            least = max(least, 1 + max(at for at, token in enumerate(prompt) if token == soft))
-        cached, layers = self.prefix_cache.lookup(scope, prompt[:limit], least, prompts)
-        for layer, (keys, values) in zip(cache.layers, layers or ()):
-            # The layer reads the entry's tensors and copies them when it first grows: the entry stays as it is.
+    def _start_from_prefix_cache(self, scope: tuple, prompts: list[list[int]], shared: int, cache) -> list[int]:
+        """Fill `cache` (empty) with the keys and values of each prompt's longest start that the prefix cache holds
+        for `scope` (each leaves its last token to run): at least `MIN_SHARED_PREFIX` tokens and, for a prompt with
+        images, past its last image token (the rest then runs without images); how many tokens that is, per prompt.
+        Where every prompt starts from as many tokens within the `shared` ones they all have (a shared system
+        prompt), those are the same keys: the cache holds them once, a row the prefill copies to each prompt; else
+        a row per prompt, left-padded to the longest."""
+        found = []
+        for prompt in prompts:
+            least = MIN_SHARED_PREFIX
+            if scope[1] is not None:
+                soft = self.images.image_token_id
+                least = max(least, 1 + max(at for at, token in enumerate(prompt) if token == soft))
+            found.append(self.prefix_cache.lookup(scope, prompt[: len(prompt) - 1], least))
+        starts = [start for start, _ in found]
+        if not any(starts):
+            return starts
+        if len(set(starts)) == 1 and starts[0] <= shared:
+            layers = found[0][1]
+        else:
+            held = next(layers for _, layers in found if layers)
+            width = max(starts)
+            # Each layer's keys and values of every prompt in one tensor made here (a miss's row all padding).
+            layers = [
+                tuple(
+                    torch.cat(
+                        [_left_pad(one[at][side] if one else held[at][side][:, :, :0], width, -2) for _, one in found]
+                    )
+                    for side in (0, 1)
+                )
+                for at in range(len(held))
+            ]
+        for layer, (keys, values) in zip(cache.layers, layers):
+            # The layer reads these tensors and copies them when it first grows: an entry stays as it is.
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
-        return cached
+        return starts
 
     def _rope_positions(self, rows, prompt_of_row, input_ids, mask, images: dict) -> torch.Tensor:
         """The prompts' 3-D M-RoPE positions [3, prompts, tokens], as the model computes them from the tokens and

@@ -122,20 +122,20 @@ class PrefixCache:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def lookup(self, scope, tokens: Sequence[int], least: int = 1, prompts: int = 1) -> tuple[int, list | None]:
+    def lookup(self, scope, tokens: Sequence[int], least: int = 1) -> tuple[int, list | None]:
         """The longest prefix of `tokens` (at least `least` tokens) that an entry of `scope` holds, and its keys
         and values (views of the entry's: read them, do not write into them); (0, None) where none does. The
-        lookup counts as `prompts` hits or misses (the prompts of a prefill that start from it)."""
+        lookup counts as one prompt's hit or miss."""
         best, found = 0, None
         for key in self._entries:
             if key[0] == scope and (shared := _shared_length(key[1], tokens)) > best:
                 best, found = shared, key
         if best < least:
-            self.misses += prompts
+            self.misses += 1
             return 0, None
         self._entries.move_to_end(found)
-        self.hits += prompts
-        self.cached_tokens += best * prompts
+        self.hits += 1
+        self.cached_tokens += best
         return best, [(keys[:, :, :best], values[:, :, :best]) for keys, values in self._entries[found]]
 
     def store(self, scope, tokens: Sequence[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
