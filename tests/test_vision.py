@@ -634,3 +634,25 @@ def test_a_qwen_vl_row_longer_than_max_length_is_never_cut_inside_its_image(qwen
     )
     assert dropped.report["counts"]["dropped_too_long"] == 1 and len(dropped.train) == 1
     assert dropped.train[0].input_ids.tolist().count(image_inputs(tokenizer).image_token_id) == 4
+
+
+def test_qwen_vl_prompt_with_an_image_scores_its_tokens_as_one_forward_pass_does(qwen_vl):
+    """Prompt scoring (echo's log probabilities) of a prompt with an image: M-RoPE's 3-D positions go through the
+    scoring prefill whole, and each prompt token's log probability is the model's own forward pass's."""
+    from tuneforge.generate import Batch, Sampling, encode_prompts
+
+    model, tokenizer = qwen_vl
+    shown = [png(RED)]
+    [ids] = encode_prompts(tokenizer, [QUESTION], images=shown)
+    batch = Batch(model, tokenizer)
+    row = batch.add(ids, Sampling(1, logprobs=0, prompt_logprobs=True), images=shown)
+    while batch:
+        batch.step()
+    scored = row.completion().prompt_logprobs
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    inputs.update(image_inputs(tokenizer).model_inputs(shown, inputs["input_ids"]))
+    with torch.no_grad():
+        expected = torch.log_softmax(model(**inputs).logits[0, :-1].float(), dim=-1)
+    expected = expected.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+    assert scored[0].logprob is None and len(scored) == len(ids)
+    torch.testing.assert_close(torch.tensor([entry.logprob for entry in scored[1:]]), expected, atol=1e-4, rtol=1e-4)

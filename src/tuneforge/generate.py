@@ -975,7 +975,7 @@ class Batch:
             logits = self._forward(
                 input_ids[:, start:end],
                 mask[:, :end],
-                positions[:, start:end],
+                positions[..., start:end],  # [prompts, tokens], or [3, prompts, tokens] for M-RoPE
                 cache,
                 every_position=True,
                 images=images,
