@@ -175,14 +175,83 @@ def test_methods_that_would_run_without_the_images_are_refused(vision_model, tmp
         batch_items(data, cfg)
 
 
-def test_evaluation_refuses_image_rows_by_line_instead_of_scoring_answers_without_the_images(tmp_path):
-    from tuneforge.eval.evaluate import read_eval_examples
+def processor_answer(model, folder, messages, pictures, max_new_tokens) -> str:
+    """transformers' greedy `generate` on the processor's inputs for a prompt and its images: the reply's text."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=pictures or None, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_eval_answers_image_and_text_rows_as_transformers_generates_from_the_processors_inputs(
+    vision, vision_model, tmp_path
+):
+    from PIL import Image
+
+    from tuneforge.eval import evaluate
 
     text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    rows = [text, image_row(RED, "It is red."), image_row(GREEN, "It is green.", (12, 30))]
+    result = evaluate(str(vision_model), write_rows(tmp_path / "test.jsonl", rows), max_new_tokens=6, progress=False)
+    model, _ = vision
+    expected = [
+        processor_answer(model, vision_model, [{"role": "user", "content": "Hi"}], [], 6),
+        processor_answer(model, vision_model, QUESTION, [Image.new("RGB", (20, 16), RED)], 6),
+        processor_answer(model, vision_model, QUESTION, [Image.new("RGB", (12, 30), GREEN)], 6),
+    ]
+    assert [s["prediction"] for s in result["samples"]] == expected
+    assert expected[1] != expected[2]  # the images reach the answers
+    assert [s["input"] for s in result["samples"]] == [
+        "Hi",
+        "[image]What colour is this?",
+        "[image]What colour is this?",
+    ]
+    assert result["scores"]["exact"] == 0.0 and result["loss"] > 0
+
+
+def test_eval_loss_on_image_rows_is_the_validation_loss_of_their_batches(vision, vision_model, tmp_path):
+    from tuneforge.eval.evaluate import read_eval_examples, render_within_window, token_loss
+
+    model, tokenizer = vision
+    rows = write_rows(tmp_path / "test.jsonl", [image_row(RED, "It is red."), image_row(GREEN, "It is red.")])
+    examples = read_eval_examples(rows)
+    losses = []
+    for example in render_within_window(examples, tokenizer, None):
+        batch = collate([example], tokenizer.pad_token_id, images=image_inputs(tokenizer))
+        with torch.no_grad():
+            losses.append(SFTObjective(model).eval()(**batch)["ce"].item())
+    figures = token_loss(
+        model, render_within_window(examples, tokenizer, None), tokenizer.pad_token_id, images=image_inputs(tokenizer)
+    )
+    assert figures["loss"] == pytest.approx(sum(losses) / figures["tokens"], rel=1e-5)
+
+
+def test_eval_of_image_rows_by_a_text_model_is_refused_by_line_and_field_before_its_weights_load(
+    vision_model, tmp_path, monkeypatch
+):
+    import importlib
+
+    from tuneforge.eval import evaluate
+
+    evaluate_module = importlib.import_module("tuneforge.eval.evaluate")
+    model = save_family_model(FAMILIES["gemma3"], tmp_path / "text")
+    text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
     rows = write_rows(tmp_path / "test.jsonl", [text, image_row(RED, "It is red.")])
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded")
+
+    monkeypatch.setattr(evaluate_module, "load_model", no_weights)
     with pytest.raises(DataError) as error:
-        read_eval_examples(rows)
-    assert "test.jsonl:2 messages[0].content" in str(error.value) and "images_not_evaluated" in str(error.value)
+        evaluate(str(model), rows, progress=False)
+    assert "test.jsonl:2 messages[0].content" in str(error.value) and "images_not_read" in str(error.value)
+    assert "reads text only" in str(error.value)
+    with pytest.raises(DataError, match="images_not_read"):  # a text base, before the tuned model loads
+        evaluate_module.compare(str(vision_model), str(model), rows, progress=False)
 
 
 def test_prompt_rows_answered_by_generation_refuse_images(tmp_path):
@@ -656,3 +725,30 @@ def test_qwen_vl_prompt_with_an_image_scores_its_tokens_as_one_forward_pass_does
     expected = expected.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
     assert scored[0].logprob is None and len(scored) == len(ids)
     torch.testing.assert_close(torch.tensor([entry.logprob for entry in scored[1:]]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_eval_after_training_scores_a_vision_runs_answers_to_image_rows(vision_model, tmp_path):
+    from tuneforge.pipeline import train
+
+    rows = [image_row(c, f"It is {n}.", (20 + i, 16)) for i in range(4) for c, n in ((RED, "red"), (BLUE, "blue"))]
+    valid = write_rows(
+        tmp_path / "valid.jsonl",
+        rows[:2] + [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}],
+    )
+    config = {
+        "base_model": str(vision_model),
+        "data": {"train": str(write_rows(tmp_path / "train.jsonl", rows)), "validation": str(valid), "max_length": 64},
+        "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32"},
+        "eval": {"task": "contains"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = train(config, progress=False)
+    from tuneforge.eval import evaluate
+
+    after = json.loads((tmp_path / "run" / "eval" / "after.json").read_text())
+    assert after["loss"] == pytest.approx(result.metrics["full_valid_loss"], rel=1e-4)  # the run's own figure
+    assert result.metrics["task_contains"] == after["scores"]["contains"]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "eval" / "samples.jsonl").read_text().splitlines()]
+    alone = evaluate(str(tmp_path / "run"), valid, progress=False)  # `tuneforge eval` of the run, the same answers
+    assert [s["tuned"] for s in samples] == [s["prediction"] for s in alone["samples"]]
+    assert samples[0]["input"] == "[image]What colour is this?"

@@ -300,6 +300,7 @@ def generate(
     seed: int | Sequence[int] | None = None,
     stop: Sequence[str] = (),
     on_progress: Callable[[int], None] | None = None,
+    images: Sequence[Sequence[bytes]] | None = None,
 ) -> list[Completion]:
     """One completion per prompt, in the order given.
 
@@ -308,13 +309,17 @@ def generate(
     shapes, so a near-tie may go the other way). An int `seed` is one random stream for all prompts; a
     sequence of seeds, one a prompt, gives each its own, so that a sampled completion in fp32 depends on
     its prompt and seed alone, not on the other prompts or the batch it lands in.
-    `on_progress(n)` is called as each batch of n finishes.
+    `on_progress(n)` is called as each batch of n finishes. `images`, one sequence a prompt: the image files
+    (PNG, JPEG, ...) each prompt's image parts show, in order, for a model that reads images.
     """
     if max_new_tokens < 1:  # a completion of nothing: `Batch` takes 0 only to score prompts
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     seeds = None if seed is None or isinstance(seed, int) else list(seed)
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed a prompt")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images for {len(images)} prompts, and there are {len(prompts)}; give them per prompt")
+    images = [tuple(shown) for shown in images] if images is not None else [()] * len(prompts)
     sampling = Sampling(max_new_tokens, temperature, top_p, None if seeds is not None else seed, tuple(stop))
     ids = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -325,7 +330,14 @@ def generate(
     results: list[Completion | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        decoding = _Decoding(model, tokenizer, [ids[i] for i in chunk], sampling, [generators[i] for i in chunk])
+        decoding = _Decoding(
+            model,
+            tokenizer,
+            [ids[i] for i in chunk],
+            sampling,
+            [generators[i] for i in chunk],
+            [images[i] for i in chunk],
+        )
         for _ in decoding:
             pass
         for i, completion in zip(chunk, decoding.completions()):
@@ -363,10 +375,13 @@ def stream(
     top_p: float = 1.0,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    images: Sequence[bytes] = (),
 ) -> Stream:
+    """The completion of one prompt, streamed; `images`: the image files its image parts show, in order."""
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
+    generators = [sampling.generator(model.device)]
     return Stream(
-        _Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling, [sampling.generator(model.device)])
+        _Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling, generators, [tuple(images)])
     )
 
 
@@ -1114,11 +1129,16 @@ class _Decoding:
         prompt_ids: list[list[int]],
         sampling: Sampling,
         generators: Sequence[torch.Generator | None],
+        images: Sequence[tuple[bytes, ...]],
     ):
-        """`generators[i]` is prompt i's random stream; prompts given the same one draw from it together."""
+        """`generators[i]` is prompt i's random stream; prompts given the same one draw from it together.
+        `images[i]`: the image files prompt i shows (`Batch.add`)."""
         self.model = model
         self.batch = Batch(model, tokenizer)
-        self.rows = [self.batch.add(ids, sampling, generator) for ids, generator in zip(prompt_ids, generators)]
+        self.rows = [
+            self.batch.add(ids, sampling, generator, shown)
+            for ids, generator, shown in zip(prompt_ids, generators, images)
+        ]
 
     def completions(self) -> list[Completion]:
         return [row.completion() for row in self.rows]

@@ -16,6 +16,11 @@ mean of each part of a multi grader or of several reward functions. With a grade
 scores too: rows without a reference answer (a `prompt`, or messages ending in the user's turn, read
 as GRPO reads them), for which the grader's figures are all there is (no loss or metric).
 
+Rows whose user messages hold images, for a model that reads them (Gemma 3 4B and up), are rendered and
+their images expanded into the image's tokens as training does: the loss batches carry their pixels, and
+the answers are generated with the images in the prompt's prefill, as `serve` answers them; a model that
+reads text only refuses such rows, naming each, before its weights load (`refuse_images_unread`).
+
 A file of raw text (text rows, `.txt`/`.md` documents) has no answers to score: its result is the
 per-token loss, perplexity and next-token accuracy over every token of its documents, cut into windows
 as `data.truncation: split` cuts them (`evaluate_documents`).
@@ -42,6 +47,7 @@ from ..data import (
     pack,
     read_conversations,
     render_examples,
+    shows_images,
 )
 from ..data.formats import file_format, prompt_messages
 from ..data.readers import open_rows
@@ -52,6 +58,7 @@ from ..methods import SFTObjective, sum_over_batches
 from ..methods.grpo import grader_item, naming_rows
 from ..models import causal_lm, load_text_model, load_tokenizer, model_context_length, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
+from ..models.loading import image_inputs
 from ..progress import library_bars, progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
 from ..wording import counted
@@ -83,8 +90,21 @@ class EvalExample:
 
     @property
     def input(self) -> str:
-        """What a person reads as the question: the last user message."""
-        return next((m["content"] for m in reversed(self.prompt) if m["role"] == "user"), "")
+        """What a person reads as the question: the last user message, each image in it shown as `[image]`."""
+        content = next((m["content"] for m in reversed(self.prompt) if m["role"] == "user"), "")
+        if isinstance(content, str):
+            return content
+        return "".join("[image]" if part["type"] == "image" else part["text"] for part in content)
+
+    @property
+    def images(self) -> tuple[bytes, ...]:
+        """The image files the prompt shows, in order (user messages' image parts)."""
+        return tuple(image.data for m in self.conversation.messages for image in m.images)
+
+    def image_field(self) -> str | None:
+        """The field of the first message that holds images (`messages[I].content`), None where none does."""
+        at = next((i for i, m in enumerate(self.conversation.messages) if m.images), None)
+        return None if at is None else f"messages[{at}].content"
 
 
 NO_REFERENCE_HINT = (
@@ -153,10 +173,6 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
                 problems.append(_missing_reference(path, line, NO_REFERENCE_HINT))
                 continue
         messages = item.messages
-        if any(m.images for m in messages):  # answers come from text prompts: they would be scored without the images
-            at = next(i for i, m in enumerate(messages) if m.images)
-            problems.append(_images_not_evaluated(path, line, at))
-            continue
         if messages[-1].role == "assistant":
             prompt, reference = messages[:-1], messages[-1].content
         else:
@@ -170,16 +186,30 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
     return examples
 
 
-def _images_not_evaluated(path: str | Path, line: int, message_index: int) -> Problem:
-    return Problem(
-        "images_not_evaluated",
-        "the row holds images, and evaluation answers text prompts only (its answer would be scored without "
-        "them). Image rows are measured by a training run's valid_loss (data.validation); remove them from "
-        "this file.",
-        file=str(path),
-        line=line,
-        field=f"messages[{message_index}].content",
-    )
+def refuse_images_unread(examples: Sequence[EvalExample], tokenizer, name: str) -> None:
+    """Rows with images, for a model that reads text only (`tokenizer` loaded without an image processor): an
+    error naming each row and its field, before the model's weights load."""
+    from ..models.loading import image_inputs
+
+    if image_inputs(tokenizer) is not None:
+        return
+    problems = [
+        Problem(
+            "images_not_read",
+            f"the row holds images, but {name} reads text only (it has no image processor): its answers would be "
+            "made without them. Evaluate image rows with a model that reads images (Gemma 3 4B and up, "
+            "architecture gemma3, with its processor_config.json), or remove them from this file.",
+            file=e.file,
+            line=e.line,
+            field=field,
+        )
+        for e in examples
+        if (field := e.image_field())
+    ]
+    if problems:
+        raise DataError.listing(
+            f"{examples[0].file}: {counted(len(problems), 'row')} with images cannot be evaluated by {name}", problems
+        )
 
 
 def _missing_reference(path: str | Path, line: int, hint: str = "") -> Problem:
@@ -305,9 +335,11 @@ def token_loss(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     advance: Callable[[int], None] = lambda n: None,
+    images=None,
 ) -> dict:
     """Mean cross-entropy and next-token accuracy over the trained tokens of `examples`, weighted by
-    token (as training's loss is), with the objective training uses.
+    token (as training's loss is), with the objective training uses. `images` (the model's
+    `models.images.ImageInputs`) collates examples that show images, whose batches carry their pixels.
 
     Where the model's attention allows it, the examples are packed as training packs them: rows of
     `EVAL_ROW_TOKENS` that hold a prefix all their examples share (a system prompt) once, each
@@ -316,7 +348,8 @@ def token_loss(
     """
     lm = causal_lm(model)
     longest = max(map(len, examples), default=0)
-    if supports_per_example_attention(lm.config, longest):
+    # Examples with images are not packed, as training packs none: the image attention reads a row as one sequence.
+    if supports_per_example_attention(lm.config, longest) and not shows_images(examples):
         batches = [[row] for row in pack(examples, max(EVAL_ROW_TOKENS, longest), share_prefixes=True)]
         attention = per_example_attention(lm)
     else:  # unpacked, similar lengths together (less padding)
@@ -331,6 +364,7 @@ def token_loss(
             model.device,
             sums={"ce": "ce", "correct": "correct"},
             advance=lambda rows: advance(_examples_in(rows)),
+            images=images,
         )
     loss = sums["ce"] / max(tokens, 1)
     return {
@@ -415,11 +449,23 @@ def evaluate_loaded(
     else:
         rendered = render_within_window(examples, tokenizer, model_context_length(model), train_on)
         with progress_bar("loss", len(rendered), progress) as advance:
-            loss = token_loss(model, rendered, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
+            loss = token_loss(
+                model,
+                rendered,
+                tokenizer.pad_token_id,
+                batch_size=batch_size,
+                advance=advance,
+                images=image_inputs(tokenizer),
+            )
     loss_seconds = time.perf_counter() - started
     with progress_bar("answers", len(examples), progress) as advance:
         answers = generate(
-            model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens, on_progress=advance
+            model,
+            tokenizer,
+            [e.prompt for e in examples],
+            max_new_tokens=max_new_tokens,
+            on_progress=advance,
+            images=[e.images for e in examples],
         )
     # A reasoning model's reply is scored on its answer, what follows its reasoning (OpenAI's output_text).
     predictions = [split_reasoning(a.text)[1] for a in answers]
@@ -539,6 +585,7 @@ def _evaluate_examples(
     source = resolve(model)
     train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
+    refuse_images_unread(examples, tokenizer, source.name)
     with library_bars(progress):
         loaded = load_text_model(source, "eval")
     result = evaluate_loaded(
@@ -655,6 +702,10 @@ def compare(
         return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
     # The data is read, and the metric and a grader loaded and checked, once for both models.
     examples, grader = _checked_inputs(data, limit, metric, grader)
+    if any(e.images for e in examples):  # image rows for a text model fail before either model's weights load
+        for spec in (model, base):
+            source = resolve(spec)
+            refuse_images_unread(examples, load_tokenizer(source), source.name)
     options = {
         "metric": metric,
         "max_new_tokens": max_new_tokens,
