@@ -752,3 +752,41 @@ def test_eval_after_training_scores_a_vision_runs_answers_to_image_rows(vision_m
     alone = evaluate(str(tmp_path / "run"), valid, progress=False)  # `tuneforge eval` of the run, the same answers
     assert [s["tuned"] for s in samples] == [s["prediction"] for s in alone["samples"]]
     assert samples[0]["input"] == "[image]What colour is this?"
+
+
+def test_chat_image_attaches_a_file_to_the_next_message_answered_as_transformers_generates(
+    vision, vision_model, tmp_path
+):
+    import io
+
+    from PIL import Image
+
+    from tuneforge.chat import chat_session
+
+    model, tokenizer = vision
+    (tmp_path / "red.png").write_bytes(png(RED))
+    (tmp_path / "notes.png").write_text("not an image")
+    script = f"/image {tmp_path / 'notes.png'}\n/image {tmp_path / 'red.png'}\nWhat colour is this?\n/exit\n"
+    output = io.StringIO()
+    conversation = chat_session(model, tokenizer, input=io.StringIO(script), output=output, max_new_tokens=6)
+    shown = output.getvalue()
+    assert f"/image: the bytes of {tmp_path / 'notes.png'} are not an image PIL reads" in shown
+    assert "1 image attached to your next message" in shown
+    expected = processor_answer(model, vision_model, QUESTION, [Image.new("RGB", (20, 16), RED)], 6)
+    assert conversation[1]["content"] == expected
+    assert conversation[0]["content"][0] == {"type": "image", "image": png(RED)}
+
+
+def test_chat_image_on_a_text_model_is_refused_naming_it(tmp_path):
+    import io
+
+    from tuneforge.chat import chat_session
+
+    folder = save_family_model(FAMILIES["gemma3"], tmp_path / "text")
+    (tmp_path / "red.png").write_bytes(png(RED))
+    output = io.StringIO()
+    tokenizer = load_tokenizer(str(folder))
+    model = load_model(str(folder), dtype=torch.float32)
+    script = f"/image {tmp_path / 'red.png'}\n/exit\n"
+    assert chat_session(model, tokenizer, input=io.StringIO(script), output=output, max_new_tokens=2) == []
+    assert f"/image: {folder} reads text only (it has no image processor)" in output.getvalue()

@@ -9,7 +9,9 @@ end of the model's turn or at `max_new_tokens`. When the conversation outgrows t
 window, the oldest exchanges are dropped. With no system message of the user's, the template's own
 applies: for a fine-tuned model, the system prompt its training data shared (`models.system_prompt`).
 A reasoning model's reasoning is shown apart from its answer (dimmed on a terminal) and kept apart in
-the history, as `serve` returns it (`reasoning`).
+the history, as `serve` returns it (`reasoning`). On a model that reads images (Gemma 3 4B and up),
+`/image PATH` attaches a local image file to the next message, checked as an image row's is; the
+prompt's images go into its prefill as `serve` passes them, and leave with their exchange.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from typing import TextIO
 
 from jinja2 import TemplateError
 
+from .data.images import read_image_file
+from .data.schema import Image
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
+from .models.loading import image_inputs
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
 from .reasoning import REASONING, ReasoningSplitter, message, reasoning_opened
+from .wording import counted
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -34,6 +40,7 @@ HELP = """commands:
   /system TEXT    start a new conversation with this system message
   /system         start a new conversation with the model's own (its fine-tuning's, if recorded)
   /show           print the system message in force
+  /image PATH     attach a local image file (PNG, JPEG, GIF, WEBP) to your next message (a model that reads images)
   /exit           leave (so do Ctrl-D and end of input); Ctrl-C stops a reply, or drops the line typed
   /help           this list"""
 
@@ -55,6 +62,7 @@ def chat_session(
     read = _line_reader(input, output)
     window = model_context_length(model)
     history: list[dict] = []
+    attached: list[Image] = []  # /image files for the next user message
 
     def note(text: str) -> None:
         output.write(f"({text})\n")
@@ -73,11 +81,20 @@ def chat_session(
                 break
             if command == "/reset":
                 history.clear()
+                attached.clear()
                 note("conversation cleared")
             elif command == "/system":
                 system = argument.strip() or None
                 history.clear()  # earlier replies were written under the old prompt and would steer the new ones
+                attached.clear()
                 note(f"new conversation; {_system_in_force(tokenizer, system)}")
+            elif command == "/image":
+                image = _attach(tokenizer, argument.strip())
+                if isinstance(image, str):
+                    note(f"{image}; not attached")
+                else:
+                    attached.append(image)
+                    note(f"{counted(len(attached), 'image')} attached to your next message")
             elif command == "/show":
                 note(_system_in_force(tokenizer, system))
             elif command == "/help":
@@ -85,11 +102,11 @@ def chat_session(
             else:
                 note(f"unknown command {command}; /help lists the commands")
             continue
-        history.append({"role": "user", "content": text})
+        history.append(_user_message(text, attached))
         try:
             prompt_ids, budget = _fit(tokenizer, system, history, window, max_new_tokens, note)
         except (TemplateError, ValueError) as err:  # a template that refuses these messages (Gemma 2: a system one)
-            history.pop()
+            history.pop()  # its images stay attached for the next message
             note(
                 f"the model's chat template refuses this conversation: {err}; not sent"
                 + (" (/system with no text drops your system message)" if system else "")
@@ -97,10 +114,18 @@ def chat_session(
             continue
         if budget < 1:
             history.pop()
-            note(f"that message alone fills the model's {window}-token context; send a shorter one")
+            note(
+                f"that message alone fills the model's {window}-token context"
+                + (" with its images' tokens" if attached else "")
+                + "; send a shorter one"
+            )
             continue
+        images = _images_of(history)
+        attached.clear()
         opened = reasoning_opened(tokenizer, prompt_ids)
-        reply = stream(model, tokenizer, prompt_ids, max_new_tokens=budget, temperature=temperature, top_p=top_p)
+        reply = stream(
+            model, tokenizer, prompt_ids, max_new_tokens=budget, temperature=temperature, top_p=top_p, images=images
+        )
         shown = _ReplyWriter(output, opened)
         try:
             for piece in reply:
@@ -192,6 +217,40 @@ def _system_in_force(tokenizer, system: str | None) -> str:
     if (recorded := recorded_system_prompt(tokenizer)) is not None:
         return f"system message (the one the model was fine-tuned with): {recorded}"
     return "no system message (the chat template may add its own)"
+
+
+def _attach(tokenizer, path: str) -> Image | str:
+    """The image file at `path` for `/image`, checked as an image row's is, or why it is not attached."""
+    if image_inputs(tokenizer) is None:
+        name = tokenizer.name_or_path or "this model"
+        return (
+            f"/image: {name} reads text only (it has no image processor); chat with a model that reads images "
+            "(Gemma 3 4B and up) to send one"
+        )
+    if not path:
+        return "/image needs the path of an image file: /image PATH"
+    image = read_image_file(path)
+    return f"/image: {image.rstrip('.')}" if isinstance(image, str) else image
+
+
+def _user_message(text: str, images: list[Image]) -> dict:
+    """A user message; with images, content parts as the chat template reads them (an image part first, as
+    OpenAI's vision data puts it), each image's file under `image`, as transformers' processors take it."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image", "image": image.data} for image in images]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def _images_of(history: list[dict]) -> list[bytes]:
+    """The image files the conversation shows, in order."""
+    return [
+        part["image"]
+        for m in history
+        if isinstance(m["content"], list)
+        for part in m["content"]
+        if part.get("type") == "image"
+    ]
 
 
 def _with_system(system: str | None, history: list[dict]) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from pathlib import Path
 
 from .schema import Image
 
@@ -41,6 +42,31 @@ def read_image(url: object) -> Image | str:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         return f"the data URL's base64 does not decode ({e}); encode the image file's bytes in base64."
+    kind = _image_format(data, "the data URL's bytes")
+    return Image(data, url) if kind in FORMATS else kind
+
+
+def read_image_file(path: str | Path) -> Image | str:
+    """The image in a local file (`tuneforge chat`'s /image), checked as a row's image is, or what is wrong
+    with it; its URL is the data URL a row or a request would hold it as."""
+    path = Path(path).expanduser()
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            return f"{path} is not a file; give an image file (PNG, JPEG, GIF or WEBP)."
+        if size > MAX_IMAGE_BYTES:
+            return f"{path} is over {MAX_IMAGE_BYTES // 2**20} MB; resize or recompress it."
+        data = path.read_bytes()
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})."
+    kind = _image_format(data, f"the bytes of {path}")
+    if kind not in FORMATS:
+        return kind
+    return Image(data, f"data:image/{kind.lower()};base64,{base64.b64encode(data).decode()}")
+
+
+def _image_format(data: bytes, what: str) -> str:
+    """The format of an image file's bytes (`what` names them), one of `FORMATS`, or else what is wrong with them."""
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
@@ -49,9 +75,7 @@ def read_image(url: object) -> Image | str:
             kind = picture.format
             picture.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return (
-            f"the data URL's bytes are not an image PIL reads ({type(e).__name__}: {str(e)[:80]}); give a PNG or JPEG."
-        )
+        return f"{what} are not an image PIL reads ({type(e).__name__}: {str(e)[:80]}); give a PNG or JPEG."
     if kind not in FORMATS:
         return f"the image is {kind}; give {', '.join(FORMATS)}."
-    return Image(data, url)
+    return kind
