@@ -790,3 +790,20 @@ def test_chat_image_on_a_text_model_is_refused_naming_it(tmp_path):
     script = f"/image {tmp_path / 'red.png'}\n/exit\n"
     assert chat_session(model, tokenizer, input=io.StringIO(script), output=output, max_new_tokens=2) == []
     assert f"/image: {folder} reads text only (it has no image processor)" in output.getvalue()
+
+
+def test_eval_with_a_grader_answers_image_prompt_rows_without_reference_answers_with_their_images(
+    vision_model, tmp_path
+):
+    from tuneforge.eval import evaluate
+
+    rows = [image_row(RED, "It is red."), image_row(GREEN, "It is green.", (12, 30))]
+    graded = tmp_path / "grader.py"
+    graded.write_text("def seen(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"messages": r["messages"][:1]} for r in rows])
+    answered = evaluate(str(vision_model), prompts, max_new_tokens=6, progress=False, grader=[f"{graded}:seen"])
+    referenced = evaluate(
+        str(vision_model), write_rows(tmp_path / "rows.jsonl", rows), max_new_tokens=6, progress=False
+    )
+    assert [s["prediction"] for s in answered["samples"]] == [s["prediction"] for s in referenced["samples"]]
+    assert answered["grader"]["mean"] == 1.0 and answered["loss"] is None

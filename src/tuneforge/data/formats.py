@@ -262,12 +262,13 @@ def check_row(
 
 
 def prompt_messages(
-    row: dict, *, file: str = "", line: int | None = None, csv: bool = False
+    row: dict, *, file: str = "", line: int | None = None, csv: bool = False, images: bool = False
 ) -> tuple[list[Message] | None, list[Problem]]:
     """The messages of an unlabelled row, checked as a file's row is: a chat row's `messages`, or a
     prompt/completion row's `prompt` (text, or a list of messages), its completion ignored. A `csv`
     row's cells are text: the ones that hold JSON structures are parsed first. Such a row is answered by
-    generation (GRPO, a teacher, evaluation), which reads text prompts only: images are refused."""
+    generation; GRPO and a teacher read text prompts only, so images are refused unless `images` (evaluation,
+    which generates with them)."""
     check = _RowCheck(file, line)
     if csv:
         row = check.decode_json_cells(row)
@@ -277,7 +278,7 @@ def prompt_messages(
         check.messages(row.get("messages"), "messages") if "messages" in row else _turns(check, row, "prompt", "user")
     )
     shows = next((i for i, m in enumerate(messages or ()) if m.images), None)
-    if shows is not None:
+    if shows is not None and not images:
         check.error(
             "images_in_prompt",
             f"messages[{shows}].content",

@@ -119,7 +119,7 @@ def _prompt_row(row, path: str | Path, line: int, csv: bool) -> Conversation | N
     turn, with at most one reference reply after it), or None where it is not one."""
     if not isinstance(row, dict) or not {"messages", "prompt"} & set(row):
         return None
-    messages, _ = prompt_messages(row, file=str(path), line=line, csv=csv)
+    messages, _ = prompt_messages(row, file=str(path), line=line, csv=csv, images=True)
     if not messages:
         return None
     prompt = messages[:-1] if messages[-1].role == "assistant" else messages
