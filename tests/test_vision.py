@@ -807,3 +807,28 @@ def test_eval_with_a_grader_answers_image_prompt_rows_without_reference_answers_
     )
     assert [s["prediction"] for s in answered["samples"]] == [s["prediction"] for s in referenced["samples"]]
     assert answered["grader"]["mean"] == 1.0 and answered["loss"] is None
+
+
+def test_exports_of_a_vision_run_keep_its_processor_so_their_images_are_read(vision_model, tmp_path):
+    from transformers import AutoProcessor
+
+    from tuneforge.eval import evaluate
+    from tuneforge.export import export
+    from tuneforge.training.loop import train
+
+    rows = [image_row(c, f"It is {n}.", (20 + i, 16)) for i in range(2) for c, n in ((RED, "red"), (BLUE, "blue"))]
+    config = {
+        "base_model": str(vision_model),
+        "data": {"train": str(write_rows(tmp_path / "train.jsonl", rows)), "validation": 0.0, "max_length": 64},
+        "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    train(config, progress=False)
+    test = write_rows(tmp_path / "test.jsonl", rows[:2])
+    of_run = evaluate(str(tmp_path / "run"), test, max_new_tokens=4, progress=False)
+    for fmt in ("merged", "adapter"):
+        export(tmp_path / "run", fmt, None, tmp_path / fmt, progress=False)
+        assert AutoProcessor.from_pretrained(tmp_path / fmt).image_seq_length == 4
+    of_merged = evaluate(str(tmp_path / "merged"), test, max_new_tokens=4, progress=False)
+    assert [s["prediction"] for s in of_merged["samples"]] == [s["prediction"] for s in of_run["samples"]]
+    assert of_merged["loss"] == pytest.approx(of_run["loss"], rel=1e-5)

@@ -38,6 +38,7 @@ from ..errors import TuneforgeError
 from ..fsio import atomic_dir, scratch_dir, write_json
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
 from ..models.loading import is_sequence_classifier, trained_rope_scaling
+from ..models.saving import PROCESSOR_FILES
 from ..progress import library_bars
 from . import adapter, combine, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
@@ -265,7 +266,8 @@ def _trained_on_quantized_base(source: ModelSource) -> str | None:
 
 def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, console) -> tuple[list[Path], dict]:
     reference = probe_logits(load_model(source), ids)
-    files = adapter.save_adapter(source.adapter, tokenizer, folder)
+    processor = [path for path in merge.beside_the_weights(source) if path.name in PROCESSOR_FILES]
+    files = adapter.save_adapter(source.adapter, tokenizer, folder, processor)
     if scaling := trained_rope_scaling(source.adapter):
         console.print(
             f"The adapter trained with the base's rotary positions scaled (model.rope_scaling: {scaling}); "

@@ -4,6 +4,7 @@ base by plain `peft.PeftModel.from_pretrained`."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,11 +16,15 @@ from ..models.loading import classifier_folder
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def save_adapter(adapter: Path, tokenizer, folder: Path) -> list[Path]:
+def save_adapter(adapter: Path, tokenizer, folder: Path, processor: Sequence[Path] = ()) -> list[Path]:
+    """The adapter's files and its tokenizer, with the `processor` settings of a model that reads images
+    (`merge.beside_the_weights`), so that `AutoProcessor` loads the folder beside its base."""
     for name in ADAPTER_FILES:
         if (adapter / name).is_file():
             shutil.copyfile(adapter / name, folder / name)
     tokenizer.save_pretrained(folder)
+    for settings in processor:
+        shutil.copyfile(settings, folder / settings.name)
     return sorted(folder.iterdir())
 
 
