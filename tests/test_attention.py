@@ -135,3 +135,14 @@ def test_a_forward_pass_reads_its_rows_segments_once_not_once_per_layer(model, m
     with per_example_attention(model):
         logits_and_grads(model, batch)
     assert len(reads) == 2 * len(batch["input_ids"])
+
+
+def test_per_example_attention_runs_under_inference_mode_as_outside_it(model):
+    """Evaluation's loss runs packed rows under torch.inference_mode, whose tensors have no version counter."""
+    batch = collate(pack(examples(model.config.vocab_size, [17, 5, 30]), max_length=64), pad_id=0)
+    with per_example_attention(model), torch.no_grad():
+        expected = trained_logits(model, **batch)
+    with per_example_attention(model), torch.inference_mode():
+        batch = {k: v.clone() for k, v in batch.items()}  # made under inference_mode, as evaluation's are
+        got = trained_logits(model, **batch)
+    torch.testing.assert_close(got, expected)

@@ -95,9 +95,9 @@ def per_example_sdpa(
     return out.transpose(1, 2).contiguous(), None
 
 
-_last_segments: tuple[weakref.ref, int, list] | None = None
-"""The position ids `_batch_segments` last read, their version (an in-place change moves it), and their rows'
-segments."""
+_last_segments: tuple[weakref.ref, int | None, list] | None = None
+"""The position ids `_batch_segments` last read, their version (an in-place change moves it; None for an
+inference tensor, which has none), and their rows' segments."""
 
 
 def _batch_segments(position_ids: torch.Tensor, batch: int, length: int) -> list[list[tuple[int, int, int, int]]]:
@@ -105,12 +105,15 @@ def _batch_segments(position_ids: torch.Tensor, batch: int, length: int) -> list
     checkpointing) gets the same position-id tensor, so its segments are read once: reading them moves the
     ids to the host, and on a GPU each such read waits for all the work queued before it."""
     global _last_segments
+    # A tensor made under torch.inference_mode (evaluation's forward passes) has no version counter, and is
+    # not changed in place while the passes that read it run: it is known by its identity alone.
+    current = None if position_ids.is_inference() else position_ids._version
     if _last_segments is not None:
         read, version, found = _last_segments
-        if read() is position_ids and version == position_ids._version:
+        if read() is position_ids and version == current:
             return found
     found = [segments(row) for row in position_ids.expand(batch, length).tolist()]
-    _last_segments = (weakref.ref(position_ids), position_ids._version, found)
+    _last_segments = (weakref.ref(position_ids), current, found)
     return found
 
 
