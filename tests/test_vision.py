@@ -832,3 +832,19 @@ def test_exports_of_a_vision_run_keep_its_processor_so_their_images_are_read(vis
     of_merged = evaluate(str(tmp_path / "merged"), test, max_new_tokens=4, progress=False)
     assert [s["prediction"] for s in of_merged["samples"]] == [s["prediction"] for s in of_run["samples"]]
     assert of_merged["loss"] == pytest.approx(of_run["loss"], rel=1e-5)
+
+
+def test_chat_image_on_qwen_vl_is_answered_as_the_batch_answers_it(qwen_vl, tmp_path):
+    """Qwen2-VL's image tokens count by the image's size: chat encodes the conversation with its images."""
+    import io
+
+    from tuneforge.chat import chat_session
+
+    model, tokenizer = qwen_vl
+    (tmp_path / "green.png").write_bytes(png(GREEN, (40, 32)))
+    script = f"/image {tmp_path / 'green.png'}\nWhat colour is this?\n/exit\n"
+    output = io.StringIO()
+    conversation = chat_session(model, tokenizer, input=io.StringIO(script), output=output, max_new_tokens=6)
+    [expected] = qwen_vl_answers(model, tokenizer, [(QUESTION, [png(GREEN, (40, 32))])], 6)
+    assert len(conversation) == 2, output.getvalue()
+    assert conversation[1]["content"] == expected.text

@@ -268,7 +268,8 @@ def _fit(
     """The prompt's token ids, oldest exchanges dropped while they and the reply overflow the window,
     and how many tokens the reply may have."""
     while True:
-        prompt_ids = tuple(encode_prompts(tokenizer, [_with_system(system, history)])[0])
+        # The images too: Qwen2-VL's image tokens count by each image's size.
+        prompt_ids = tuple(encode_prompts(tokenizer, [_with_system(system, history)], images=_images_of(history))[0])
         if window is None:
             return prompt_ids, max_new_tokens
         room = window - len(prompt_ids)
