@@ -848,3 +848,14 @@ def test_chat_image_on_qwen_vl_is_answered_as_the_batch_answers_it(qwen_vl, tmp_
     [expected] = qwen_vl_answers(model, tokenizer, [(QUESTION, [png(GREEN, (40, 32))])], 6)
     assert len(conversation) == 2, output.getvalue()
     assert conversation[1]["content"] == expected.text
+
+
+def test_generate_answers_qwen_vl_image_prompts_as_the_batch_does(qwen_vl):
+    """`generate` (eval's answers, distill's teacher) encodes each prompt with its images, whose sizes set
+    Qwen2-VL's image token counts."""
+    from tuneforge.generate import generate
+
+    model, tokenizer = qwen_vl
+    rows = [(QUESTION, [png(GREEN, (40, 32))]), ([{"role": "user", "content": "Hello there"}], [])]
+    ours = generate(model, tokenizer, [p for p, _ in rows], max_new_tokens=6, images=[i for _, i in rows])
+    assert [c.text for c in ours] == [c.text for c in qwen_vl_answers(model, tokenizer, rows, 6)]

@@ -321,7 +321,12 @@ def generate(
         raise ValueError(f"images for {len(images)} prompts, and there are {len(prompts)}; give them per prompt")
     images = [tuple(shown) for shown in images] if images is not None else [()] * len(prompts)
     sampling = Sampling(max_new_tokens, temperature, top_p, None if seeds is not None else seed, tuple(stop))
-    ids = encode_prompts(tokenizer, prompts)
+    # A prompt with images is encoded with them: Qwen2-VL's image tokens count by each image's size.
+    ids = (
+        [encode_prompts(tokenizer, [prompt], images=shown)[0] for prompt, shown in zip(prompts, images)]
+        if any(images)
+        else encode_prompts(tokenizer, prompts)
+    )
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     if seeds is None:
         generators = [sampling.generator(model.device)] * len(ids)  # one random stream for all batches
@@ -381,7 +386,9 @@ def stream(
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
     generators = [sampling.generator(model.device)]
     return Stream(
-        _Decoding(model, tokenizer, encode_prompts(tokenizer, [prompt]), sampling, generators, [tuple(images)])
+        _Decoding(
+            model, tokenizer, encode_prompts(tokenizer, [prompt], images=images), sampling, generators, [tuple(images)]
+        )
     )
 
 
