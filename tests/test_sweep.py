@@ -43,6 +43,10 @@ def test_a_sweep_trains_each_point_ranks_them_and_a_rerun_keeps_them(config, tmp
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     said = capsys.readouterr().out
     assert "sweep: 2 runs (2 train.learning_rate x 1 lora.r)" in said and "best (final validation loss" in said
+    # Captured output is no terminal, as a log file: each run's row is one line with its figures whole.
+    for run in result.runs:
+        (row,) = [line for line in said.splitlines() if line.startswith(f"│ {run.name} ")][-1:]
+        assert all(f"{figure:.4f}" in row for figure in (run.eval_loss, run.best_eval_loss, run.train_loss))
 
     # A rerun trains nothing again: the finished runs are kept, with the same figures.
     metrics = {name: (out / name / "metrics.jsonl").stat().st_mtime_ns for name in names}

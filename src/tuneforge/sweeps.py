@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from .config import Config, load_config, parse_overrides
@@ -360,6 +361,18 @@ def sweep_table(result: SweepResult, grid: dict[str, list]) -> Table:
     return table
 
 
+def print_table(console: Console, result: SweepResult, grid: dict[str, list]) -> None:
+    """The table on a terminal at its width; into a log file or a pipe, which have no width to fit (rich takes
+    80 columns there, and cut every figure to "0…"), at the table's own width: each run one line, figures whole."""
+    table = sweep_table(result, grid)
+    if console.is_terminal:
+        console.print(table)
+        return
+    # print(width=) only narrows a console: a console of the table's width writes it.
+    width = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    Console(file=console.file, width=max(width, console.width)).print(table)
+
+
 def _typed_values(runs: list[SweepRun], key: str) -> list:
     """`key`'s swept values as the runs' configs hold them, in grid order."""
     return list({json.dumps(run.values[key], sort_keys=True): run.values[key] for run in runs}.values())
@@ -471,13 +484,13 @@ def sweep(
         if run.status == "interrupted":
             result.status = "interrupted"
         write_outputs(result, grid, config)
-        console.print(sweep_table(result, grid))
+        print_table(console, result, grid)
         if result.status == "interrupted":
             console.print("sweep: interrupted; run the same command again to resume it (finished runs are kept).")
             return result
     write_outputs(result, grid, config)
     if not table_shown:
-        console.print(sweep_table(result, grid))
+        print_table(console, result, grid)
     if result.best is not None:
         console.print(
             f"best ({METRICS[metric]} {getattr(result.best, metric):.4f}): {result.best.name}; "
