@@ -130,6 +130,16 @@ def test_grid_values_parse_as_a_yaml_list():
         parse_grid(["output_dir=a,b"])
 
 
+def test_the_python_api_takes_one_key_as_a_string_and_names_a_key_given_no_list(config, tmp_path):
+    # One "KEY=V1,V2" string is that key's values (not one key per character), checked as the CLI's --set.
+    assert parse_grid("train.learning_rate=1e-4,2e-4") == {"train.learning_rate": ["1e-4", "2e-4"]}
+    with pytest.raises(ConfigError, match="(?s)--set train.learning_rate=zero: .*valid number"):
+        sweep(config, "train.learning_rate=1e-4,zero", out=tmp_path / "s", progress=False)
+    with pytest.raises(ConfigError, match="gives lora.r 8: give it a list"):
+        sweep(config, {"lora.r": 8}, out=tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_the_cli_refuses_a_bad_point_with_exit_2(config, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["sweep", str(config), "--set", "train.lr=1e-3,1e-4"], monkeypatch, capsys)
     assert code == 2 and "unknown key. tuneforge calls it train.learning_rate" in err

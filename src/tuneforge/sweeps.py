@@ -65,9 +65,11 @@ class SweepResult:
     status: str = "completed"  # completed | interrupted | failed
 
 
-def parse_grid(sets: Iterable[str]) -> dict[str, list]:
+def parse_grid(sets: str | Iterable[str]) -> dict[str, list]:
     """`--set train.learning_rate=1e-4,2e-4` -> {"train.learning_rate": [1e-4, 2e-4]}: the values are one YAML
     flow list, so a value that is itself a list is written in brackets (`lora.target_modules=[q_proj],[v_proj]`)."""
+    if isinstance(sets, str):  # one key's values as a string alone: iterating over it would take each character
+        sets = [sets]
     grid: dict[str, list] = {}
     for given in sets:
         if "=" not in given:
@@ -426,7 +428,7 @@ def _earlier_seconds(out: Path) -> dict[str, float]:
 
 def sweep(
     config,
-    grid: dict[str, list] | Iterable[str],
+    grid: dict[str, list] | str | Iterable[str],
     overrides=(),
     *,
     out: str | Path | None = None,
@@ -435,8 +437,8 @@ def sweep(
 ) -> SweepResult:
     """Train `config` (a YAML path, a shipped recipe's name, a dict or a Config) with `overrides` once for each
     combination of `grid`'s values ({"train.learning_rate": [1e-4, 2e-4], "lora.r": [8, 16]}, or the CLI's
-    "KEY=V1,V2" strings), one run after another, each into its own run folder under `out` (default: the
-    config's output_dir with "-sweep"); returns the runs ranked by `metric` (eval_loss, best_eval_loss or
+    "KEY=V1,V2" strings, or one such string), one run after another, each into its own run folder under `out`
+    (default: the config's output_dir with "-sweep"); returns the runs ranked by `metric` (eval_loss, best_eval_loss or
     train_loss; lower first) and the best. A rerun skips finished runs and resumes an interrupted one."""
     from .pipeline import train
 
@@ -444,8 +446,18 @@ def sweep(
         raise ConfigError(f"--metric {metric}: unknown; choose one of {', '.join(METRICS)}.")
     if not isinstance(grid, dict):
         grid = parse_grid(grid)
-    elif not grid or any(not isinstance(v, list) or not v for v in grid.values()):
-        raise ConfigError("a sweep's grid maps each key to a list of one or more values.")
+    else:
+        if not grid:
+            raise ConfigError(
+                "a sweep's grid is empty: give it a key and its values, {'train.learning_rate': [1e-4, 2e-4]}."
+            )
+        for key, values in grid.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(
+                    f"the sweep's grid gives {key} {values!r}: give it a list of one or more values to try, "
+                    f"{{{key!r}: [{values!r}, ...]}}."
+                )
+        grid = {key: list(values) for key, values in grid.items()}
     out = Path(out) if out is not None else Path(f"{load_config(config, overrides).output_dir}-sweep")
     console = Console()
     points = check_points(config, overrides, grid, out, metric)
