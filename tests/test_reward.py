@@ -424,3 +424,22 @@ def test_eval_of_a_reward_model_measures_its_ranking_of_held_out_pairs_as_its_ru
         eval_command(str(run), str(chat), json_out=True)
     with pytest.raises(ConfigError, match="--compare, --grader do not apply"):
         eval_command(str(run), str(validation), compare=str(tiny_model_dir), grader="g.yaml", json_out=True)
+
+
+def test_loading_a_reward_model_logs_no_tensor_parallel_plan(tiny_model_dir):
+    """transformers checks a model's tensor-parallel plan where its load report is quieted and names the layers
+    it would not shard (the new score head among them): a multi-GPU fact, for a model tuneforge loads whole."""
+    import logging
+
+    from tuneforge.models import load_model, resolve
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = said.append
+    logger = logging.getLogger("transformers.distributed.tensor_parallel")
+    logger.addHandler(handler)
+    try:
+        load_model(resolve(str(tiny_model_dir)), classifier=True)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in said if "not sharded" in r.getMessage()]

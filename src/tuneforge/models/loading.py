@@ -410,14 +410,18 @@ def load_model(
 
 @contextlib.contextmanager
 def _quiet_load_report():
-    """transformers' load report (missing and unexpected weights) held back inside the block."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """transformers' load report (missing and unexpected weights) held back inside the block. With its logger
+    quieted, transformers checks the model's tensor-parallel plan and names every layer it would not shard (the
+    new score head, the norms): a multi-GPU sharding fact, for a model loaded whole, so that is held back too."""
+    loggers = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def is_sequence_classifier(source: ModelSource) -> bool:
