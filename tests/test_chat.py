@@ -123,6 +123,16 @@ def test_commands_and_limits_are_explained(tiny):
     assert len(conversation) == 2
 
 
+def test_the_help_of_chat_names_every_command_the_chat_takes():
+    import re
+
+    from tuneforge.chat import HELP
+
+    commands = re.findall(r"^  (/[a-z]+)", HELP, flags=re.M)
+    shown = CliRunner().invoke(app, ["chat", "--help"], env={"COLUMNS": "200"}).output
+    assert "/image" in commands and [c for c in commands if c not in shown] == []
+
+
 def test_the_oldest_exchange_goes_when_the_context_is_full(tiny, monkeypatch):
     model, tokenizer = tiny
     hi = {"role": "user", "content": "Hi"}

@@ -408,7 +408,8 @@ def chat(
         "auto", help="Weights for decoding: auto (bf16 where native, else fp32) | bf16 | fp32 (exact)."
     ),
 ):
-    """Chat with MODEL in the terminal, replies streamed; /system TEXT, /show, /reset, /exit."""
+    """Chat with MODEL in the terminal, replies streamed; /system TEXT, /show, /reset, /image PATH (a model that
+    reads images), /exit, /help."""
     from .chat import chat_command
 
     raise typer.Exit(
