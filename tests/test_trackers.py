@@ -205,3 +205,50 @@ def test_tensorboard_of_a_fresh_run_drops_the_events_a_run_killed_before_its_fir
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+
+
+def test_a_tracker_run_gets_each_step_once_over_several_resumes_and_an_attempt_without_it(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    # Each tracker's own mark of what it got decides what it is sent, not the log lines a resume drops: a
+    # second resume from the same checkpoint (the first dying before the last step) sends no step again,
+    # and the steps an attempt without the tracker trained go to it when a later attempt has it again.
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
+    from mlflow import MlflowClient
+
+    from tuneforge.training import loop
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file:{tmp_path / 'mlruns'}"
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=6, save_every=2, batch_size=2, keep_checkpoints=5)
+    cfg["train"]["report_to"] = ["mlflow"]
+    cfg["train"]["mlflow"] = {"tracking_uri": store}
+    real_step = loop.train_step
+
+    def dies_at(last):
+        def step(run, step, *args):
+            if step == last:
+                raise RuntimeError("killed")
+            return real_step(run, step, *args)
+
+        return step
+
+    def sent() -> list[int]:
+        client = MlflowClient(store)
+        (only,) = client.search_runs([client.get_experiment_by_name("tuneforge").experiment_id])
+        return sorted(m.step for m in client.get_metric_history(only.info.run_id, "train_loss"))
+
+    train(cfg, progress=False)  # steps 1-6
+    monkeypatch.setattr(loop, "train_step", dies_at(5))
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False)  # steps 3 and 4 again, then dies
+    monkeypatch.setattr(loop, "train_step", real_step)
+    train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False)  # steps 3-6 again
+    assert sent() == [1, 2, 3, 4, 5, 6]
+
+    without = {**cfg, "train": {**cfg["train"], "report_to": [], "max_steps": 8}}
+    train(without, resume=str(run / "checkpoints" / "step-6"), force=True, progress=False)  # steps 7, 8
+    longer = {**cfg, "train": {**cfg["train"], "max_steps": 8}}
+    train(longer, resume=str(run / "checkpoints" / "step-6"), force=True, progress=False)  # steps 7, 8 again
+    assert sent() == [1, 2, 3, 4, 5, 6, 7, 8]

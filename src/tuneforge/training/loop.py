@@ -295,8 +295,8 @@ class MetricsLog:
         self.path, self.enabled = Path(cfg.output_dir) / "metrics.jsonl", enabled
         if not enabled:
             return
-        reported = restart_step_log(self.path, resume_step)
-        self.trackers = trackers.Trackers(cfg, resume_step, reported)
+        restart_step_log(self.path, resume_step)
+        self.trackers = trackers.Trackers(cfg, resume_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

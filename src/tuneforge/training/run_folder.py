@@ -35,18 +35,16 @@ if TYPE_CHECKING:
     from .loop import StepPlan
 
 
-def restart_step_log(path: Path, resume_step: int | None) -> list[dict]:
+def restart_step_log(path: Path, resume_step: int | None) -> None:
     """A JSON-lines file of records by step, as a run starts: emptied for a fresh run; for a resumed
     one, cut to the records up to its checkpoint's step, since the steps after it run again. The full
     validation's record (its `full_valid_` metrics, its samples marked `full_valid`) goes too: it is
     written after the last checkpoint, and a run resumed there (to redo its final model) writes it
     again. A last line cut short (a run stopped while writing it, a full disk) goes too: its step runs
-    again. Returns the whole records a resumed run dropped (written before it stopped, and reported
-    then: `trackers.Trackers`)."""
+    again."""
     if resume_step is None:
         path.write_text("")
-        return []
-    dropped = []
+        return
     if path.exists():
         text = path.read_text()
         lines = []
@@ -62,15 +60,13 @@ def restart_step_log(path: Path, resume_step: int | None) -> list[dict]:
                         "the file, or delete the line and resume again.",
                         code="metrics_damaged",
                     ) from None
-        kept = []
-        for ln, record in lines:
-            if record.get("step", 0) <= resume_step and not any(key.startswith("full_valid") for key in record):
-                kept.append(ln)
-            else:
-                dropped.append(record)
+        kept = [
+            ln
+            for ln, record in lines
+            if record.get("step", 0) <= resume_step and not any(key.startswith("full_valid") for key in record)
+        ]
         with atomic_file(path) as f:
             f.write("".join(ln + "\n" for ln in kept))
-    return dropped
 
 
 def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[Path, dict] | tuple[None, None]:

@@ -120,11 +120,8 @@ class SamplesLog:
 
     def __init__(self, out: Path, resume_step: int | None, enabled: bool, trackers=None):
         self.path, self.enabled, self.trackers = out / FILE, enabled, trackers
-        # The validations past the checkpoint whose samples went to the trackers before the run stopped.
-        self.reported: set[tuple[int, bool]] = set()
         if enabled:
-            dropped = restart_step_log(self.path, resume_step)
-            self.reported = {(record["step"], bool(record.get("full_valid"))) for record in dropped}
+            restart_step_log(self.path, resume_step)
 
     def write(self, step: int, samples: list[dict], final: bool = False) -> None:
         if not self.enabled:
@@ -133,7 +130,7 @@ class SamplesLog:
         with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.trackers is not None:
-            self.trackers.log_samples(step, samples, again=(step, final) in self.reported)
+            self.trackers.log_samples(step, samples, final)
 
 
 def read(path: Path) -> list[dict]:

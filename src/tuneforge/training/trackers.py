@@ -5,8 +5,10 @@ each validation (`samples.py`) go to TensorBoard as text, to W&B as a table, to 
 Rank 0 reports alone (`MetricsLog` is enabled there only). A tracker's run is named after the run
 folder and its id is kept in the folder (`trackers.json`), so a resumed run continues the same
 tracker run, from its checkpoint's step on: TensorBoard drops its events past the checkpoint, and W&B and
-MLflow, which keep every value they are sent, are not sent again the steps they got before the run
-stopped (the values an exact resume repeats), so no step shows twice. A tracker that is not installed
+MLflow, which keep every value they are sent, are not sent again what they got before (the values an exact
+resume repeats), so no step shows twice: `trackers.json` keeps, per tracker run, the last step it was sent
+and that step's keys, as they are sent, whichever attempts (resumed from whichever checkpoint, with or
+without that tracker) wrote them. A tracker that is not installed
 is refused before any data or model loads (`check_installed`); one that fails mid-run (a network down)
 warns once and training goes on: metrics.jsonl holds every record either way.
 """
@@ -80,14 +82,12 @@ def mlflow_client(cfg: Config):
 class Trackers:
     """The run's trackers, started with its run folder's ids (resumed) or new ones (saved there)."""
 
-    def __init__(self, cfg: Config, resume_step: int | None, reported: list[dict] = ()):
-        """`reported`: the metrics.jsonl records a resumed run dropped (past its checkpoint), which the trackers
-        got before it stopped."""
+    def __init__(self, cfg: Config, resume_step: int | None):
         self.out = Path(cfg.output_dir)
-        self.reported = {(record["step"], key) for record in reported for key in _scalars(record)}
         self.warned: set[str] = set()
-        ids_path = self.out / IDS_FILE
+        self.ids_path = ids_path = self.out / IDS_FILE
         ids = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.is_file() else {}
+        self.ids, self.changed = ids, False
         self.writers = {}
         for name in chosen(cfg):
             try:
@@ -102,26 +102,51 @@ class Trackers:
 
     def log(self, record: dict) -> None:
         step, scalars = record["step"], _scalars(record)
-        new = {k: v for k, v in scalars.items() if (step, k) not in self.reported}
         for name, writer in self.writers.items():
-            sent = new if writer.continued else scalars
-            if sent:
-                self._guarded(name, lambda w=writer, sent=sent: w.log(sent, step))
+            sent = {k: scalars[k] for k in self._unsent(name, step, list(scalars))}
+            if sent and self._guarded(name, lambda w=writer, sent=sent: w.log(sent, step)):
+                self._mark_sent(name, step, list(sent))
+        self._save_marks()
 
-    def log_samples(self, step: int, samples: list[dict], again: bool = False) -> None:
-        """`again`: this validation's samples were reported before the run stopped (`log`)."""
+    def log_samples(self, step: int, samples: list[dict], final: bool = False) -> None:
+        """`final`: the samples of the full validation after training."""
+        key = "samples:full_valid" if final else "samples:valid"  # no metric's name: a key of the marks only
         for name, writer in self.writers.items():
-            if not (again and writer.continued):
-                self._guarded(name, lambda w=writer: w.log_samples(samples, step))
+            if self._unsent(name, step, [key]) and self._guarded(name, lambda w=writer: w.log_samples(samples, step)):
+                self._mark_sent(name, step, [key])
+        self._save_marks()
+
+    def _unsent(self, name: str, step: int, keys: list[str]) -> list[str]:
+        """The keys at `step` that tracker `name`'s run has not got: all for one that keeps no mark (TensorBoard,
+        which gets a resumed run's steps again; a new W&B or MLflow run), none before its last step sent."""
+        mark = self.ids.get(name, {}).get("sent")
+        if mark is None or step > mark["step"]:
+            return keys
+        return [] if step < mark["step"] else [k for k in keys if k not in mark["keys"]]
+
+    def _mark_sent(self, name: str, step: int, keys: list[str]) -> None:
+        if name in self.ids:  # a tracker run that keeps what it is sent (W&B, MLflow)
+            mark = self.ids[name].get("sent")
+            earlier = mark["keys"] if mark is not None and mark["step"] == step else []
+            self.ids[name]["sent"] = {"step": step, "keys": earlier + keys}
+            self.changed = True
+
+    def _save_marks(self) -> None:
+        # As the steps go, so that a run killed at any point resumes each tracker from what it got.
+        if self.changed:
+            write_json(self.ids_path, self.ids)
+            self.changed = False
 
     def close(self, status: str) -> None:
         for name, writer in self.writers.items():
             self._guarded(name, lambda w=writer: w.close(status))
         self.writers = {}
 
-    def _guarded(self, name: str, call) -> None:
+    def _guarded(self, name: str, call) -> bool:
+        """Whether `call` went through."""
         try:
             call()
+            return True
         except Exception as e:  # a tracker's failure (its server unreachable) never stops training
             if name not in self.warned:
                 self.warned.add(name)
@@ -130,6 +155,7 @@ class Trackers:
                     f"{self.out / 'metrics.jsonl'} has every record. Later failures of {name} are not reported.",
                     stacklevel=2,
                 )
+            return False
 
 
 def _scalars(record: dict) -> dict:
@@ -137,7 +163,7 @@ def _scalars(record: dict) -> dict:
 
 
 class TensorBoard:
-    continued = False  # a resumed run's events past its checkpoint are dropped: it gets those steps again
+    # A resumed run's events past its checkpoint are dropped: it gets those steps again (it keeps no mark in ids).
 
     def __init__(self, cfg: Config, out: Path, resume_step: int | None, ids: dict):
         from torch.utils.tensorboard import SummaryWriter
@@ -168,8 +194,7 @@ class Wandb:
 
         w = cfg.train.wandb
         env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
-        # A W&B run that goes on from the run's checkpoint, not sent again the steps it has (`Trackers.log`).
-        self.continued = "wandb" in ids
+        # A W&B run that goes on from the run's checkpoint keeps its mark of what it got (`Trackers.log`).
         saved = ids.setdefault("wandb", {"id": uuid.uuid4().hex[:16]})  # a W&B run id: letters and digits
         self.run = wandb.init(
             project=w.project or os.environ.get("WANDB_PROJECT") or "tuneforge",
@@ -208,9 +233,9 @@ class Mlflow:
         m = cfg.train.mlflow
         self.client = mlflow_client(cfg)
         saved = ids.get("mlflow", {})
-        # An MLflow run that goes on from the run's checkpoint, not sent again the steps it has (`Trackers.log`).
-        self.continued = saved.get("tracking_uri") == self.client.tracking_uri
-        if self.continued:
+        # An MLflow run that goes on from the run's checkpoint keeps its mark of what it got (`Trackers.log`); a
+        # new one (another tracking URI) starts without.
+        if saved.get("tracking_uri") == self.client.tracking_uri:
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
