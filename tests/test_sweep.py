@@ -199,3 +199,42 @@ def test_a_run_whose_validation_loss_is_nan_ranks_last_and_is_never_the_best(tmp
         written = json.loads((tmp_path / "sweep.json").read_text())
         assert [run["name"] for run in written["runs"]] == ["lr-0.0001", "lr-0.001", "lr-0.1"]
         assert result.best.name == written["best"]["name"] == "lr-0.0001"
+
+
+def test_a_grpo_sweep_ranks_by_validation_reward_higher_first_and_refuses_the_loss_metrics(
+    config, tiny_model_dir, triage_data, tmp_path, one_thread
+):
+    # A grpo run validates by the reward of its answers (valid_reward) and logs no validation loss.
+    from test_grpo import grpo_config
+
+    from tuneforge.sweeps import SweepResult, SweepRun, read_run, write_outputs
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(grpo_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)))
+    for metric in ("eval_loss", "best_eval_loss", "train_loss"):
+        with pytest.raises(ConfigError, match="method: grpo grades its validation answers.*--metric eval_reward"):
+            sweep(path, ["train.learning_rate=1e-3"], out=tmp_path / "refused", metric=metric, progress=False)
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ConfigError, match="method: lora logs losses, and no reward; rank by --metric eval_loss"):
+        sweep(config, ["train.learning_rate=1e-3"], out=tmp_path / "refused", metric="eval_reward", progress=False)
+
+    result = sweep(path, ["train.learning_rate=1e-3"], out=tmp_path / "sweep", progress=False)
+    (run,) = result.runs
+    assert result.metric == "eval_reward" and run.eval_reward is not None and result.best is run
+
+    rewards = {"lr-0.1": 0.25, "lr-0.001": 0.75, "lr-0.0001": 0.5}
+    runs = []
+    for name, reward in rewards.items():
+        (tmp_path / name).mkdir()
+        records = [{"step": 1, "train_loss": 0.1, "valid_reward": reward}, {"step": 2, "full_valid_reward": reward}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        runs.append(SweepRun(name, {"train.learning_rate": float(name[3:])}, tmp_path / name, status="completed"))
+        read_run(runs[-1])
+    for metric in ("eval_reward", "best_eval_reward"):
+        result = SweepResult(tmp_path, metric, runs)
+        write_outputs(result, {"train.learning_rate": [0.1, 0.001, 0.0001]}, None)
+        assert [run["name"] for run in json.loads((tmp_path / "sweep.json").read_text())["runs"]] == [
+            "lr-0.001",
+            "lr-0.0001",
+            "lr-0.1",
+        ]

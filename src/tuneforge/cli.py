@@ -167,8 +167,10 @@ def sweep(
     out: Path | None = typer.Option(
         None, help="Folder of the sweep's runs (default: the config's output_dir + -sweep)."
     ),
-    metric: str = typer.Option(
-        "eval_loss", help="What ranks the runs, lower first: eval_loss (final validation), best_eval_loss, train_loss."
+    metric: str | None = typer.Option(
+        None,
+        help="What ranks the runs, lower first: eval_loss (final validation; the default), best_eval_loss, "
+        "train_loss; for method: grpo, higher first: eval_reward (final validation; its default), best_eval_reward.",
     ),
 ):
     """Train CONFIG once for each combination of the --set values, one run after another, each a resumable run

@@ -5,7 +5,8 @@ first run starts (its config as `load_config` refuses it, the checks `train` mak
 its data rows), so a bad point costs seconds, not the runs before it. Each point is an ordinary run folder,
 OUT/<its values>/: a rerun of the sweep skips the finished runs and resumes an interrupted one from its
 latest checkpoint. After each run, OUT/sweep.json and OUT/sweep.png (the runs' validation losses) are
-written again and the table is printed, sorted by the metric.
+written again and the table is printed, sorted by the metric. A grpo run validates by the reward of its answers
+(valid_reward, higher is better) and has no validation loss: its sweep ranks by reward.
 """
 
 from __future__ import annotations
@@ -29,13 +30,50 @@ from .config import Config, load_config, parse_overrides
 from .errors import ConfigError, TuneforgeError
 from .fsio import atomic_file, write_json
 
-# What a sweep ranks its runs by, lower first: the validation loss of the final model (the full
-# validation at the end), the lowest validation loss seen during the run, or the last logged training loss.
+# What a sweep ranks its runs by: the validation loss of the final model (the full validation at the end), the
+# lowest validation loss seen during the run, or the last logged training loss, lower first; for method: grpo,
+# whose validation grades answers (valid_reward) and whose training loss is no measure of them, the final or the
+# highest validation reward, higher first.
 METRICS = {
     "eval_loss": "final validation loss",
     "best_eval_loss": "best validation loss",
     "train_loss": "last training loss",
+    "eval_reward": "final validation reward",
+    "best_eval_reward": "best validation reward",
 }
+HIGHER_FIRST = {"eval_reward", "best_eval_reward"}
+GRPO_METRICS = HIGHER_FIRST  # the metrics of a grpo run; the others are the other methods'
+
+
+def default_metric(cfg: Config) -> str:
+    return "eval_reward" if cfg.method == "grpo" else "eval_loss"
+
+
+def _validation_figure(metric: str) -> str:
+    return "validation reward" if metric in HIGHER_FIRST else "validation loss"
+
+
+def _or_train_loss(metric: str) -> str:
+    return "" if metric in HIGHER_FIRST else ", or rank by --metric train_loss"
+
+
+def _check_metric(cfg: Config, metric: str) -> None:
+    """A metric the run's method logs: grpo's rewards, every other method's losses."""
+    grpo = cfg.method == "grpo"
+    if (metric in GRPO_METRICS) != grpo:
+        choices = [m for m in METRICS if (m in GRPO_METRICS) == grpo]
+        what = (
+            "grades its validation answers (valid_reward, higher is better), with no validation loss, and its "
+            "training loss is no measure of its answers"
+            if grpo
+            else "logs losses, and no reward"
+        )
+        raise ConfigError(
+            f"--metric {metric}: method: {cfg.method} {what}; rank by --metric {' or '.join(choices)} "
+            f"(default: {default_metric(cfg)})."
+        )
+
+
 SWEEP_FILE, PLOT_FILE = "sweep.json", "sweep.png"
 
 
@@ -48,6 +86,8 @@ class SweepRun:
     eval_loss: float | None = None
     best_eval_loss: float | None = None
     train_loss: float | None = None
+    eval_reward: float | None = None
+    best_eval_reward: float | None = None
     steps: int | None = None
     seconds: float | None = None
     error: str | None = None
@@ -227,12 +267,13 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
         said = ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
         try:
             cfg = load_config(config, point)
+            _check_metric(cfg, metric)
             if metric != "train_loss" and cfg.data.validation in (None, 0, 0.0):
                 raise ConfigError(
-                    f"--metric {metric} ranks the runs by their validation loss, and data.validation is "
-                    f"{'unset' if cfg.data.validation is None else cfg.data.validation}: no validation rows. Set "
-                    "data.validation to a share of the training rows (0.1) or a validation file, or rank by "
-                    "--metric train_loss."
+                    f"--metric {metric} ranks the runs by their {_validation_figure(metric)}, and data.validation "
+                    f"is {'unset' if cfg.data.validation is None else cfg.data.validation}: no validation rows. Set "
+                    "data.validation to a share of the training rows (0.1) or a validation file"
+                    f"{_or_train_loss(metric)}."
                 )
             mode = _resume_mode(run_dir)
             if mode is not None:
@@ -273,9 +314,9 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
             raise TuneforgeError(f"sweep run {run.name}: {', '.join(cfg.data.train_files)}: no usable training rows.")
         if metric != "train_loss" and not valid_items:
             raise ConfigError(
-                f"sweep run {run.name}: --metric {metric} ranks the runs by their validation loss, and data.validation "
-                f"({cfg.data.validation!r}) leaves no validation rows. Give a validation file or a larger share, or "
-                "rank by --metric train_loss."
+                f"sweep run {run.name}: --metric {metric} ranks the runs by their {_validation_figure(metric)}, and "
+                f"data.validation ({cfg.data.validation!r}) leaves no validation rows. Give a validation file or a "
+                f"larger share{_or_train_loss(metric)}."
             )
         data_keys[key] = prepared.report.get("cache", {}).get("key")
         _check_earlier_data(run, data_keys[key], out)
@@ -316,6 +357,10 @@ def read_run(run: SweepRun) -> None:
     run.eval_loss = final[-1][1] if final else None
     run.best_eval_loss = min(valid) if valid else None
     run.train_loss = train[-1][1] if train else None
+    rewards = [v for _, v in curve(metrics, "valid_reward") + curve(metrics, "full_valid_reward") if math.isfinite(v)]
+    final_reward = curve(metrics, "full_valid_reward")
+    run.eval_reward = final_reward[-1][1] if final_reward else None
+    run.best_eval_reward = max(rewards) if rewards else None
     run.steps = max((m["step"] for m in metrics), default=None)
     summary = run.output_dir / "summary.json"
     if summary.is_file():
@@ -333,7 +378,8 @@ def _figure(run: SweepRun, metric: str) -> float | None:
 
 def _ranked(runs: list[SweepRun], metric: str) -> list[SweepRun]:
     # Runs without the figure (pending, failed early, diverged) go last, in grid order.
-    return sorted(runs, key=lambda r: (_figure(r, metric) is None, _figure(r, metric) or 0.0))
+    sign = -1.0 if metric in HIGHER_FIRST else 1.0
+    return sorted(runs, key=lambda r: (_figure(r, metric) is None, sign * (_figure(r, metric) or 0.0)))
 
 
 def _loss(value: float | None) -> str:
@@ -341,20 +387,22 @@ def _loss(value: float | None) -> str:
 
 
 def sweep_table(result: SweepResult, grid: dict[str, list]) -> Table:
-    table = Table(title=f"sweep {result.out} (by {METRICS[result.metric]}, lower first)")
+    order = "higher" if result.metric in HIGHER_FIRST else "lower"
+    table = Table(title=f"sweep {result.out} (by {METRICS[result.metric]}, {order} first)")
+    figure = "reward" if result.metric in HIGHER_FIRST else "loss"
     # The folder's name whole, to copy: the other columns give way first.
     table.add_column("run (folder)", no_wrap=True, min_width=max((len(run.name) for run in result.runs), default=3))
     for key in grid:
         table.add_column(key, justify="right", overflow="fold")
-    for name in ("valid loss (final)", "valid loss (best)", "train loss", "steps", "time"):
+    for name in (f"valid {figure} (final)", f"valid {figure} (best)", "train loss", "steps", "time"):
         table.add_column(name, justify="right")
     table.add_column("status", no_wrap=True)
     for run in _ranked(result.runs, result.metric):
         table.add_row(
             ("[bold]" if run is result.best else "") + run.name,
             *(_shown(run.values[key]) for key in grid),
-            _loss(run.eval_loss),
-            _loss(run.best_eval_loss),
+            _loss(getattr(run, f"eval_{figure}")),
+            _loss(getattr(run, f"best_eval_{figure}")),
             _loss(run.train_loss),
             "-" if run.steps is None else str(run.steps),
             "-" if run.seconds is None else f"{run.seconds:.0f} s",
@@ -432,16 +480,20 @@ def sweep(
     overrides=(),
     *,
     out: str | Path | None = None,
-    metric: str = "eval_loss",
+    metric: str | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Train `config` (a YAML path, a shipped recipe's name, a dict or a Config) with `overrides` once for each
     combination of `grid`'s values ({"train.learning_rate": [1e-4, 2e-4], "lora.r": [8, 16]}, or the CLI's
     "KEY=V1,V2" strings, or one such string), one run after another, each into its own run folder under `out`
-    (default: the config's output_dir with "-sweep"); returns the runs ranked by `metric` (eval_loss, best_eval_loss or
-    train_loss; lower first) and the best. A rerun skips finished runs and resumes an interrupted one."""
+    (default: the config's output_dir with "-sweep"); returns the runs ranked by `metric` (eval_loss,
+    best_eval_loss or train_loss, lower first; for method: grpo eval_reward or best_eval_reward, higher first;
+    default: eval_loss, grpo's eval_reward) and the best. A rerun skips finished runs and resumes an interrupted
+    one."""
     from .pipeline import train
 
+    if metric is None:
+        metric = default_metric(load_config(config, overrides))
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric}: unknown; choose one of {', '.join(METRICS)}.")
     if not isinstance(grid, dict):
