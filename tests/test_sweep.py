@@ -238,3 +238,30 @@ def test_a_grpo_sweep_ranks_by_validation_reward_higher_first_and_refuses_the_lo
             "lr-0.0001",
             "lr-0.1",
         ]
+
+
+def test_a_rerun_evaluates_a_run_stopped_during_its_evaluation_after_training(
+    tiny_model_dir, triage_data, tmp_path, one_thread, monkeypatch
+):
+    from tuneforge import pipeline
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    cfg["eval"] = {"task": "support_triage"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out, real = tmp_path / "sweep", pipeline.evaluate_after_training
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C once training finished and wrote its final model and summary.json
+
+    monkeypatch.setattr(pipeline, "evaluate_after_training", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(path, ["lora.r=4"], out=out, progress=False)
+    run = out / "r-4"
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    monkeypatch.setattr(pipeline, "evaluate_after_training", real)
+    trained = (run / "final" / "adapter_model.safetensors").stat().st_mtime_ns
+    (result,) = sweep(path, ["lora.r=4"], out=out, progress=False).runs
+    assert result.status == "completed" and (run / "eval" / "report.html").is_file()
+    assert "task_exact" in json.loads((run / "summary.json").read_text())["metrics"]
+    assert (run / "final" / "adapter_model.safetensors").stat().st_mtime_ns == trained  # evaluated, not trained again

@@ -8,6 +8,7 @@ this module, the CLI, the quickstart and the jobs service put the two together.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .config import load_config
 from .eval.after_training import check_eval_inputs, evaluate_after_training
@@ -43,10 +44,26 @@ def train(
         result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
         if result.final_dir is None or not (cfg.eval.task or cfg.eval.forgetting):
             return result  # interrupted, or a process other than rank 0, or nothing asked
-        result.metrics.update(evaluate_after_training(cfg, result.output_dir, result.final_dir, progress=progress))
-    summary_path = result.output_dir / "summary.json"
-    write_json(summary_path, {**json.loads(summary_path.read_text()), "metrics": result.metrics})
+        evaluate_run(cfg, result.metrics, progress=progress)
     return result
+
+
+def evaluation_missing(cfg) -> bool:
+    """Whether cfg's completed run lacks the evaluation its `eval:` asks for: one stopped while it ran left no
+    eval/report.html, which it writes last, with its folder whole."""
+    return bool(cfg.eval.task or cfg.eval.forgetting) and not (Path(cfg.output_dir) / "eval" / "report.html").is_file()
+
+
+def evaluate_run(cfg, metrics: dict | None = None, *, progress: bool = True) -> dict:
+    """The evaluation cfg's `eval:` asks for, on its completed run's final model; its headline figures join
+    `metrics` (default: summary.json's) and summary.json's. Returns them all."""
+    out = Path(cfg.output_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = summary.get("metrics", {}) if metrics is None else metrics
+    with library_bars(progress):
+        metrics.update(evaluate_after_training(cfg, out, out / "final", progress=progress))
+    write_json(out / "summary.json", {**summary, "metrics": metrics})
+    return metrics
 
 
 def check_launch(

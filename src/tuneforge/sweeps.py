@@ -3,9 +3,10 @@
 `--set KEY=V1,V2` gives a key's values; the grid is every combination. Every point is checked before the
 first run starts (its config as `load_config` refuses it, the checks `train` makes before loading weights,
 its data rows), so a bad point costs seconds, not the runs before it. Each point is an ordinary run folder,
-OUT/<its values>/: a rerun of the sweep skips the finished runs and resumes an interrupted one from its
-latest checkpoint. After each run, OUT/sweep.json and OUT/sweep.png (the runs' validation losses) are
-written again and the table is printed, sorted by the metric. A grpo run validates by the reward of its answers
+OUT/<its values>/: a rerun of the sweep skips the finished runs, resumes an interrupted one from its
+latest checkpoint, and evaluates one that finished training but not its `eval:` (stopped during it). After
+each run, OUT/sweep.json and OUT/sweep.png (the runs' validation losses) are written again and the table is
+printed, sorted by the metric. A grpo run validates by the reward of its answers
 (valid_reward, higher is better) and has no validation loss: its sweep ranks by reward.
 """
 
@@ -234,6 +235,7 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
     from .eval.after_training import check_eval_inputs
     from .methods import batch_items, prepare_items
     from .models import resolve, run_tokenizer
+    from .pipeline import evaluation_missing
     from .training.loop import check_before_launch
 
     base = list(parse_overrides(overrides))
@@ -278,8 +280,9 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
             mode = _resume_mode(run_dir)
             if mode is not None:
                 _check_earlier_run(cfg, run_dir, name, out, finished=mode == "finished")
-            if mode != "finished":
+            if mode != "finished" or evaluation_missing(cfg):
                 check_eval_inputs(cfg)
+            if mode != "finished":
                 check_before_launch(cfg, 1, resume=mode)
         except TuneforgeError as e:
             raise type(e)(f"sweep run {name} ({said}): {e.message}", code=e.code) from None
@@ -490,7 +493,7 @@ def sweep(
     best_eval_loss or train_loss, lower first; for method: grpo eval_reward or best_eval_reward, higher first;
     default: eval_loss, grpo's eval_reward) and the best. A rerun skips finished runs and resumes an interrupted
     one."""
-    from .pipeline import train
+    from .pipeline import evaluate_run, evaluation_missing, train
 
     if metric is None:
         metric = default_metric(load_config(config, overrides))
@@ -524,15 +527,19 @@ def sweep(
             read_run(run)
     table_shown = False  # whether the table as it stands is on screen
     for run, cfg in points:
-        if run.status == "completed":
+        # A run that finished training but was stopped during its `eval:` has that evaluation run now.
+        unevaluated = run.status == "completed" and evaluation_missing(cfg)
+        if run.status == "completed" and not unevaluated:
             console.print(f"sweep: {run.name} finished earlier; kept")
             continue
         mode = _resume_mode(run.output_dir)
-        console.rule(f"sweep run {run.name}" + (" (resumed)" if mode else ""))
+        console.rule(f"sweep run {run.name}" + (" (its evaluation)" if unevaluated else " (resumed)" if mode else ""))
         started, table_shown = time.perf_counter() - (run.seconds or 0.0), True
         try:
-            trained = train(cfg, resume=mode, progress=progress)
-            run.status = trained.status
+            if unevaluated:
+                evaluate_run(cfg, progress=progress)
+            else:
+                run.status = train(cfg, resume=mode, progress=progress).status
         except TuneforgeError as e:
             run.status, run.error, result.status = "failed", e.message, "failed"
             console.print(f"[red]sweep run {run.name} failed:[/] {e.message}", highlight=False)
