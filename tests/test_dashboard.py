@@ -155,6 +155,16 @@ def test_pages_of_tuneforge_ui(tmp_path):
         assert refused.status_code == 404 and "nope" in refused.json()["error"]["message"]
         static = client.get("/ui/static/dashboard.js")
         assert static.status_code == 200 and "fetch(" in static.text
+        # A file the static folder lacks is named as such, not as a URL the server has no endpoint at.
+        gone = client.get("/ui/static/nosuch.js")
+        assert gone.status_code == 404 and gone.json()["error"] == {
+            "message": "File not found (GET /ui/static/nosuch.js): no file of this server's static files has that "
+            "name.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "not_found",
+        }
+        assert client.get("/v1/nosuch").json()["error"]["code"] == "unknown_url"  # the router's own 404
 
 
 def test_links_to_a_run_whose_folder_name_has_url_characters_open_its_pages(tmp_path):

@@ -117,6 +117,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return unreadable_form(err.__context__).response()
         if err.status_code == 405:
             return method_not_allowed(request).response()
+        if err.status_code == 404 and isinstance(request.scope.get("endpoint"), StaticFiles):
+            # A static mount (the dashboard's /ui/static/) has the path, and no file there has this name.
+            return APIError(
+                404,
+                f"File not found ({request.method} {request.url.path}): no file of this server's static files has "
+                "that name.",
+                code="not_found",
+            ).response()
         if err.status_code == 404:
             # The router's: no route has this path (routes answer a missing object with an APIError naming it).
             # Starlette's "Not Found" reads as the object named in the path being missing.
