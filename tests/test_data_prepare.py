@@ -17,6 +17,7 @@ from tiny import tiny_tokenizer
 from tuneforge import progress
 from tuneforge.config import DataConfig
 from tuneforge.data import IGNORE_INDEX, collate, pack, prepare
+from tuneforge.data.prepare import hash_data
 from tuneforge.errors import DataError
 
 TICKETS = [f"My database number {i} is down and production is affected, please help!" for i in range(40)]
@@ -697,6 +698,22 @@ def test_a_file_saved_over_before_it_is_read_is_not_cached_under_its_earlier_con
     assert len(prepare(cfg, tokenizer, log=lambda _: None).train) == 20
     monkeypatch.undo()
     monkeypatch.setenv("TUNEFORGE_HOME", str(isolated_home))
+    write_jsonl(path, earlier)
+    again = prepare(cfg, tokenizer, log=lambda _: None)
+    assert len(again.train) == 12 and again.report["cache"]["reused"] is False
+
+
+def test_a_file_saved_over_after_a_process_hashed_it_for_the_run_is_not_cached_under_its_earlier_contents(
+    tmp_path, tokenizer, isolated_home
+):
+    """Several processes hash the data once, before they compare it across machines, and prepare it from that
+    key: rows of a version saved after the hashing must not be cached under the earlier version's key."""
+    earlier = rows(12)
+    path = write_jsonl(tmp_path / "train.jsonl", earlier)
+    cfg = DataConfig(train=str(path), validation=None)
+    hashed = hash_data(cfg, tokenizer)  # refuse_other_runs_on_other_machines, as the run starts
+    write_jsonl(path, rows(20))  # another terminal saves the file while the other machines start
+    assert len(prepare(cfg, tokenizer, log=lambda _: None, hashed=hashed).train) == 20
     write_jsonl(path, earlier)
     again = prepare(cfg, tokenizer, log=lambda _: None)
     assert len(again.train) == 12 and again.report["cache"]["reused"] is False

@@ -101,7 +101,7 @@ def prepare(
     use_cache: bool = True,
     log: Callable[[str], object] = print,
     progress: bool = False,
-    key: str | None = None,
+    hashed: tuple[str | None, list] | None = None,
 ) -> PreparedData:
     """Read, check, render, dedup, split and fit the data; raise DataError if it is not fit to train on.
 
@@ -110,11 +110,11 @@ def prepare(
     under `tuneforge_home()/data-cache/` and reused by a later run with the same files, tokenizer
     and data config. With `general_mix`, conversations of the `general_replay` file are mixed into
     training (`replay_file`). With `progress`, a bar (or log lines) follows each file through the pass.
-    `key`: the cache key (`cache.cache_key`) where a caller has computed it, so the files are not hashed again.
+    `hashed`: the cache key and file states `hash_data` gave where a caller has hashed the files, so they are
+    not hashed again.
     """
     replay = replay_file(cfg)
-    hashed = [file_state(str(path)) for path in cache.data_files(cfg, replay)]
-    key = (key or cache.cache_key(cfg, tokenizer, replay)) if use_cache else None
+    key, states = (hashed or hash_data(cfg, tokenizer)) if use_cache else (None, None)
     try:
         cached = cache.load(key) if key else None
     except (OSError, ValueError, KeyError) as e:
@@ -136,7 +136,7 @@ def prepare(
     _log_report(data.report, log)
     # A data file saved over after its hashing holds other rows than the key says: that entry would hand
     # them to a later run on the earlier file, so it is not written. Its size and time tell, without hashing again.
-    if key and hashed == [file_state(str(path)) for path in cache.data_files(cfg, replay)]:
+    if key and states == [file_state(str(path)) for path in cache.data_files(cfg, replay)]:
         try:
             data.report["cache"] = {"key": key, "reused": False, "path": str(cache.save(key, data))}
             log(f"data: tokenized data set cached in {cache.cache_dir() / key}")
@@ -144,6 +144,15 @@ def prepare(
             log(f"data: warning: could not cache the tokenized data set in {cache.cache_dir()}: {e}")
     _write_report(report_path, data.report)
     return data
+
+
+def hash_data(cfg: DataConfig, tokenizer, *, contents: bool = True) -> tuple[str | None, list]:
+    """The data's cache key (`cache.cache_key`; None where a file is missing, or without `contents`, which
+    hashes nothing) and its files' states (`file_state`) taken before they are hashed: `prepare` caches no
+    rows of a file saved over since, whose rows are not those the key was hashed from."""
+    replay = replay_file(cfg)
+    states = [file_state(str(path)) for path in cache.data_files(cfg, replay)]
+    return (cache.cache_key(cfg, tokenizer, replay) if contents else None), states
 
 
 def _log_report(report: dict, log: Callable[[str], object]) -> None:

@@ -350,23 +350,23 @@ def prepare_data(
     report_path: Path | None,
     log,
     progress: bool = False,
-    key: str | None = None,
+    hashed: tuple[str | None, list] | None = None,
 ) -> tfdata.PreparedData:
     """Rank 0 prepares the data (and caches it under $TUNEFORGE_HOME, and writes the report to
     `report_path`, if any). On several machines, the first process of each other machine then prepares
     it too: it reads rank 0's cache where $TUNEFORGE_HOME is shared, and tokenizes the data files again
     where it is not. The other processes then read their machine's cache. Rank 0 shows its progress.
-    `key`: the data's cache key where `refuse_other_runs_on_other_machines` hashed it already, so no
-    process hashes the data files again."""
+    `hashed`: the data's cache key and file states where `refuse_other_runs_on_other_machines` hashed the
+    files already, so no process hashes them again."""
     if world.is_main:
-        prepared = prepare_items(cfg, tokenizer, report_path=report_path, log=log, progress=progress, key=key)
+        prepared = prepare_items(cfg, tokenizer, report_path=report_path, log=log, progress=progress, hashed=hashed)
     distributed.barrier(world, "preparing data (rank 0 prepares it while the others wait)")
     if world.machines > 1:
         if world.local_rank == 0 and not world.is_main:
-            prepared = prepare_items(cfg, tokenizer, log=log, key=key)
+            prepared = prepare_items(cfg, tokenizer, log=log, hashed=hashed)
         distributed.barrier(world, "preparing data (the first process of each machine prepares it for the machine)")
     if world.local_rank != 0:
-        prepared = prepare_items(cfg, tokenizer, log=log, key=key)
+        prepared = prepare_items(cfg, tokenizer, log=log, hashed=hashed)
     return prepared
 
 
@@ -570,12 +570,12 @@ def setup(
     if world.is_main:
         trackers.check_installed(cfg)
     tokenizer = run_tokenizer(cfg, source)
-    checked_key = refuse_other_runs_on_other_machines(cfg, tokenizer, world)
+    hashed = refuse_other_runs_on_other_machines(cfg, tokenizer, world)
     check_inputs(cfg, tokenizer, source)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
     keeps_earlier = resume or replaces_earlier
     report_path = None if keeps_earlier else out / "data_report.json"
-    prepared = prepare_data(cfg, tokenizer, world, report_path, log, progress, key=checked_key)
+    prepared = prepare_data(cfg, tokenizer, world, report_path, log, progress, hashed=hashed)
     data_key = prepared.report.get("cache", {}).get("key")
     if resume_from is not None and not force:
         check_same_data(resume_from, saved, data_key)

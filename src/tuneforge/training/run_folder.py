@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config, dotted, load_config
-from ..data.cache import CACHE_FORMAT, cache_key
-from ..data.prepare import replay_file
+from ..data.cache import CACHE_FORMAT
+from ..data.prepare import hash_data
 from ..errors import ConfigError, TuneforgeError
 from ..fsio import atomic_file, writing
 from ..methods.grpo import ROLLOUTS_FILE
@@ -310,18 +310,21 @@ def sole_run_in(out: Path, world: distributed.World):
                 lock.close()
 
 
-def refuse_other_runs_on_other_machines(cfg: Config, tokenizer, world: distributed.World) -> str | None:
+def refuse_other_runs_on_other_machines(
+    cfg: Config, tokenizer, world: distributed.World
+) -> tuple[str | None, list] | None:
     """Every process must run the same config on the same data: a machine started with another config
     file, or with data files or a tokenizer of other contents, would train its rows otherwise than the
     others (a silent mix, or ranks whose steps diverge and wait on each other). Each process's settings
     that change results and its data's cache key (the files' paths and contents, the tokenizer) are
     compared with rank 0's, and any difference is refused on every process before the data is prepared. The
     first process of each machine hashes its data, which the others on that machine read from the same files.
-    Rank 0's data key, which every machine's data then matches, is returned for `prepare_data` (None on one
-    process, which hashes its data as it prepares it)."""
+    Rank 0's data key, which every machine's data then matches, is returned for `prepare_data` with this
+    process's data files' states taken before the hashing (`hash_data`), so that rows of a file saved over
+    since are not cached under it (None on one process, which hashes its data as it prepares it)."""
     if world.size == 1:
         return None
-    key = cache_key(cfg.data, tokenizer, replay_file(cfg.data)) if world.local_rank == 0 else None
+    key, states = hash_data(cfg.data, tokenizer, contents=world.local_rank == 0)
     mine = {"settings": dotted(cfg.results_settings()), "data": key}
     every = distributed.from_every_rank(mine, world, "checking that every process runs the same config and data")
     main = every[0]
@@ -345,7 +348,7 @@ def refuse_other_runs_on_other_machines(cfg: Config, tokenizer, world: distribut
             "same data and base model at the same paths (pull a registry model on each: tuneforge models pull NAME).",
             code="machines_differ",
         )
-    return main["data"]
+    return main["data"], states
 
 
 def sees_lock(path: Path, token: str, wait_s: float = 2.0) -> bool:
