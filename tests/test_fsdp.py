@@ -147,6 +147,20 @@ def test_a_2_process_checkpoint_killed_with_sigkill_resumes_on_1_2_and_4_with_th
         assert_same_losses(step_losses(resumed), runs[2]["losses"], 1e-5)
 
 
+def test_a_sharded_model_s_final_save_writes_its_gathered_weights(tiny_model_dir, tmp_path):
+    """`loop.finish` saves a sharded model through `checkpoint.savable`: the gathered weights are those written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.models.saving import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    weights = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    save_model(checkpoint.savable(model, weights), tokenizer, tiny_model_dir, tmp_path / "final")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert all(not value.any() for value in saved.state_dict().values())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -107,7 +107,8 @@ class GatheredModel:
         return getattr(self._model, name)
 
     def save_pretrained(self, folder, **kwargs):
-        return self._model.save_pretrained(folder, state_dict=self._weights, **kwargs)
+        # The gathered weights in place of any state_dict the caller passes (`save_weights` passes None).
+        return self._model.save_pretrained(folder, **{**kwargs, "state_dict": self._weights})
 
 
 def savable(model, weights: dict | None):
