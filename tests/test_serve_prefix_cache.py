@@ -56,6 +56,35 @@ def test_greedy_answers_are_token_for_token_those_without_the_cache(base):
     assert again.token_ids == alone.token_ids and again.cached_tokens == len(ids[2])
 
 
+def test_the_next_turn_starts_from_the_keys_and_values_of_the_previous_reply(base):
+    """A chat client sends the assistant's reply back with its next turn: that turn runs only what it adds, for
+    rows prefilled together (a shared system prompt, left padding between it and their own tokens) and for a row
+    cancelled mid-reply, and answers token for token as without the cache (fp32)."""
+    model, tokenizer = base
+    ids = encode_prompts(tokenizer, [chat(q) for q in QUESTIONS])
+    cache = PrefixCache(64 << 20)
+    batch = Batch(model, tokenizer, cache, "base")
+    rows = [batch.add(prompt, Sampling(120)) for prompt in ids]
+    for _ in range(30):
+        batch.step()
+    rows[0].cancelled = True
+    while batch:
+        batch.step()
+    replies = [row.completion().token_ids for row in rows]
+    assert len(replies[0]) == 30 and [len(reply) for reply in replies[1:]] == [120, 120]
+    end = tokenizer.encode("<|im_end|>\n", add_special_tokens=False)
+    follow_up = encode_prompts(tokenizer, [[{"role": "user", "content": "And then?"}]])[0]
+    turns = [prompt + list(reply) + end + follow_up for prompt, reply in zip(ids, replies)]
+    for turn, prompt, reply in zip(turns, ids, replies):
+        [on], [off] = (
+            decode(model, tokenizer, [(turn, Sampling(12))], cache),
+            decode(model, tokenizer, [(turn, Sampling(12))]),
+        )
+        assert on.token_ids == off.token_ids
+        assert on.cached_tokens == len(prompt) + len(reply) - 1  # the reply's last token was picked, never run
+    assert cache.size_bytes <= cache.max_bytes
+
+
 def test_a_row_joining_a_running_batch_starts_from_the_cache_and_answers_as_alone(base):
     model, tokenizer = base
     ids = encode_prompts(tokenizer, [chat(q) for q in QUESTIONS])

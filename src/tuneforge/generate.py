@@ -439,6 +439,7 @@ class Row:
         self.logprobs: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # set by the prefill where sampling asks
         self.cached_tokens = 0  # set by the prefill: its prompt's leading tokens a `PrefixCache` held
+        self.cache_scope = None  # set by the prefill: the `PrefixCache` scope its keys and values go under, if any
         self._logprobs_handed_out = 0
         self._ends: list[int] = []  # where each token's text ends in the text
         self._whole, self._partial = 0, False
@@ -689,7 +690,8 @@ class Batch:
     added rows wait until the running ones have finished.
 
     With a `prefix_cache` (`kv_cache.PrefixCache`), a prefill starts from the keys and values of the longest
-    prefix of its prompts seen before, and leaves its prompts' own there; `cache_model` names the model as it
+    prefix of its prompts seen before, and leaves its prompts' own there, then each row's prompt and reply as it
+    leaves (finished or cancelled), which a conversation's next turn sends back; `cache_model` names the model as it
     runs (the base, or one loading of an adapter), so no prompt starts from another model's keys. Prompts
     scored whole (`Sampling.prompt_logprobs`) and models with layers other than `PreallocatedLayer` (sliding
     windows) run without it.
@@ -894,7 +896,7 @@ class Batch:
                 ]
                 self.prefix_cache.store(scope, prompt, own)
         for row, prompt in zip(rows, prompt_of_row):
-            row.cached_tokens = cached[prompt]
+            row.cached_tokens, row.cache_scope = cached[prompt], scope
         if len(prompts) < len(rows):
             index = torch.tensor(prompt_of_row, device=device)
             cache.batch_select_indices(index)
@@ -1035,10 +1037,14 @@ class Batch:
         self._rows = self._rows + rows
 
     def _leave(self) -> None:
-        """Drop finished and cancelled rows from the running cache."""
+        """Drop finished and cancelled rows from the running cache, leaving the keys and values of each one's prompt
+        and reply in the prefix cache first."""
         keep = [line for line, row in enumerate(self._rows) if not row.done]
         if len(keep) == len(self._rows):
             return
+        for line, row in enumerate(self._rows):
+            if row.done and row.cache_scope is not None:
+                self._store_reply(line, row)
         if not keep:
             self._rows, self._cache, self._mask, self._next = [], None, None, None
             return
@@ -1051,6 +1057,17 @@ class Batch:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
             self._mask = self._mask[:, unused:]
+
+    def _store_reply(self, line: int, row: Row) -> None:
+        """Keep the keys and values of `row` (line `line` of the running cache) in the prefix cache: its prompt and
+        the tokens it generated but the last (picked, not yet run), its own columns without the padding. A chat
+        client's next turn sends the reply back, so that turn runs only what it adds."""
+        columns = self._mask[line].nonzero().squeeze(-1)
+        own = [
+            (layer.keys[line : line + 1, :, columns], layer.values[line : line + 1, :, columns])
+            for layer in self._cache.layers
+        ]
+        self.prefix_cache.store(row.cache_scope, row.prompt_ids + row.tokens[:-1], own)
 
     def _pick(self, logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, list[Scored | None]]:
         """The next token of each row (argmax, or a sample) and, for a row asking for them, its log

@@ -97,17 +97,17 @@ def new_cache(config) -> DynamicCache:
 
 
 class PrefixCache:
-    """Keys and values of prompts run before, so a later prompt that starts with the same tokens (a shared system
-    prompt, the earlier turns of a conversation a chat client sends again) runs only the rest: automatic prefix
-    caching, as vLLM's and llama.cpp's servers do it. `Batch` looks up and stores; `serve`'s engine owns one.
+    """Keys and values of prompts run before and of their replies, so a later prompt that starts with the same
+    tokens (a shared system prompt, the earlier turns of a conversation a chat client sends again, replies included)
+    runs only the rest: automatic prefix caching, as vLLM's and llama.cpp's servers do it. `Batch` looks up and
+    stores (a prompt as it is prefilled, then the prompt and its reply as the row leaves); `serve`'s engine owns one.
 
-    An entry is one prompt's keys and values, every layer's [1, heads, tokens, dim], under a scope: what else
-    they depend on, a tuple of the model as served (the base, or one loading of an adapter) and the prompt's
-    images. A lookup
-    finds the longest run of leading tokens that any entry of its scope shares with the prompt; the keys and
-    values of those positions depend on those tokens alone, so they are the prompt's own. Entries are kept least
-    recently used first and dropped from that end past `max_bytes`; an entry whose tokens start a newer one is
-    dropped for it, since the newer holds all it holds.
+    An entry is one prompt's (and reply's) keys and values, every layer's [1, heads, tokens, dim], under a scope:
+    what else they depend on, a tuple of the model as served (the base, or one loading of an adapter) and the
+    prompt's images. A lookup finds the longest run of leading tokens that any entry of its scope shares with the
+    prompt; the keys and values of those positions depend on those tokens alone, so they are the prompt's own.
+    Entries are kept least recently used first and dropped from that end past `max_bytes`; an entry whose tokens
+    start a newer one is dropped for it, since the newer holds all it holds.
     """
 
     def __init__(self, max_bytes: int):
