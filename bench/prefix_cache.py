@@ -11,6 +11,11 @@ fills the cache; the second is what is timed: time to first token from sending i
 prefill, to its first text. Each server's `usage.prompt_tokens_details.cached_tokens` says what the
 cache held. Replies are short (`--max-tokens`), since it is the prefill that the cache saves.
 
+Then a conversation's next turn: a third request with the system prompt asks for a long reply (up to
+`--reply-tokens`), and a fourth sends that conversation back, the reply included, with one more question;
+the fourth's time to first token is what is timed, and its cached tokens say whether the reply's came from
+the cache too.
+
 The ratio is off / on of the second request's time to first token, per round, and its median. Writes
 bench/results/prefix_cache-<date>.json, then rewrites BENCHMARKS.md through report.py.
 """
@@ -41,6 +46,7 @@ RULES = [
     "a ticket stays open until the customer confirms that the problem is solved",
 ]
 QUESTIONS = ["My invoice is missing, what do I do?", "How do I reset my password?"]
+TURNS = ["Explain in detail, step by step, how a customer gets a refund.", "And if the receipt is lost?"]
 SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -64,6 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--system-tokens", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--reply-tokens", type=int, default=200, help="the longest first reply of the conversation")
     args = parser.parse_args()
 
     from tuneforge.generate import encode_prompts
@@ -88,23 +95,45 @@ def main() -> None:
             for name in order:
                 first = servers[name].run(conversation(system, QUESTIONS[0]), args.max_tokens)
                 second = servers[name].run(conversation(system, QUESTIONS[1]), args.max_tokens)
-                runs[name] = {"first": first, "second": second}
+                # The next turn sends this server's own reply back, as its client would.
+                reply = servers[name].run(conversation(system, TURNS[0]), args.reply_tokens)
+                turn = [
+                    *conversation(system, TURNS[0]),
+                    {"role": "assistant", "content": reply["text"]},
+                    {"role": "user", "content": TURNS[1]},
+                ]
+                runs[name] = {
+                    "first": first,
+                    "second": second,
+                    "reply": reply,
+                    "turn": servers[name].run(turn, args.max_tokens),
+                }
             rounds.append(
                 {
                     "prompt_tokens": len(encode_prompts(tokenizer, [conversation(system, QUESTIONS[1])])[0]),
                     "order": order,
                     **{
                         name: {
-                            which: {key: run[which][key] for key in ("first_token_seconds", "cached_tokens", "text")}
-                            for which in ("first", "second")
+                            which: {
+                                key: run[which][key]
+                                for key in ("first_token_seconds", "prompt_tokens", "cached_tokens", "text")
+                            }
+                            for which in ("first", "second", "reply", "turn")
                         }
+                        | {"reply_tokens": run["reply"]["tokens"]}
                         for name, run in runs.items()
                     },
                     "ratio": runs["off"]["second"]["first_token_seconds"] / runs["on"]["second"]["first_token_seconds"],
                     "same_text": runs["on"]["second"]["text"] == runs["off"]["second"]["text"],
+                    "turn_ratio": runs["off"]["turn"]["first_token_seconds"]
+                    / runs["on"]["turn"]["first_token_seconds"],
+                    "turn_same_text": runs["on"]["turn"]["text"] == runs["off"]["turn"]["text"],
                 }
             )
-            print(f"round {round_}: off/on {rounds[-1]['ratio']:.2f}x", flush=True)
+            print(
+                f"round {round_}: off/on {rounds[-1]['ratio']:.2f}x, next turn {rounds[-1]['turn_ratio']:.2f}x",
+                flush=True,
+            )
     finally:
         for server in servers.values():
             server.close()
@@ -116,6 +145,7 @@ def main() -> None:
             "threads": args.threads,
             "system_tokens": args.system_tokens,
             "max_tokens": args.max_tokens,
+            "reply_tokens": args.reply_tokens,
             "rounds": args.rounds,
             "lscpu_flags": sorted(flags),
             "simd_flags": [flag for flag in SIMD if flag in flags],
@@ -128,8 +158,12 @@ def main() -> None:
             name: median([r[name]["first"]["first_token_seconds"] for r in rounds]) for name in ("on", "off")
         },
         "ratio": median([r["ratio"] for r in rounds]),
+        "turn_first_token_seconds": {
+            name: median([r[name]["turn"]["first_token_seconds"] for r in rounds]) for name in ("on", "off")
+        },
+        "turn_ratio": median([r["turn_ratio"] for r in rounds]),
     }
-    print(f"wrote {write_result(result)}; median off/on {result['ratio']:.2f}x")
+    print(f"wrote {write_result(result)}; median off/on {result['ratio']:.2f}x, next turn {result['turn_ratio']:.2f}x")
     subprocess.run([sys.executable, str(HERE / "report.py")], check=True)
 
 

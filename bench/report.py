@@ -372,6 +372,39 @@ def prefix_cache_section(path: Path, r: dict) -> list[str]:
         f"same with and without the cache in {same} of {len(r['rounds'])} rounds (bf16 rounds differently at other "
         "prefill shapes, so a near-tie may go the other way; in fp32 greedy answers are equal, tested).",
     ]
+    if "turn_ratio" in r:
+        turns = {
+            name: {
+                key: median_of([x[name]["turn"][key] for x in r["rounds"]])
+                for key in ("prompt_tokens", "cached_tokens")
+            }
+            for name in ("on", "off")
+        }
+        replies = median_of([x[name]["reply_tokens"] for x in r["rounds"] for name in ("on", "off")])
+        # The reply's tokens the next turn took from the cache: past the first turn's prompt, all of which it holds.
+        reused = median_of([x["on"]["turn"]["cached_tokens"] - x["on"]["reply"]["prompt_tokens"] for x in r["rounds"]])
+        lines += [
+            "",
+            f"A conversation's next turn, in the same rounds: a request with the same system prompt asks for a long "
+            f"reply (at most {s['reply_tokens']} tokens; {replies:g} generated, median), then the next sends the "
+            "conversation back, that server's reply included, with one more question, timed to its first streamed "
+            f"text. Of the reply's tokens, {reused:g} (median) came from the cache: a reply is reused up to the first "
+            "token where encoding its text again gives other tokens than the model generated (a tokenizer may split "
+            "a token the model picked, as SmolLM2's encodes the one '\\n\\n' before a list as two), and the rest "
+            "runs again.",
+            "",
+            "| prefix cache | next turn's time to first token (s) | prompt tokens | of them from the cache |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {f(r['turn_first_token_seconds'][name], '.3f')} | {turns[name]['prompt_tokens']} "
+                f"| {turns[name]['cached_tokens']} |"
+                for name in ("on", "off")
+            ),
+            "",
+            f"Off / on, the median of the rounds' ratios: **{f(r['turn_ratio'], '.2f')}x**. The next turn's text was "
+            f"the same with and without the cache in {sum(x['turn_same_text'] for x in r['rounds'])} of "
+            f"{len(r['rounds'])} rounds.",
+        ]
     return lines
 
 

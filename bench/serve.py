@@ -199,7 +199,7 @@ class Server:
 
     def run(self, prompt: str | list[dict], max_tokens: int) -> dict:
         """One streamed chat request: a user message or the messages; its times, tokens, text and the prompt
-        tokens that came from the prefix cache (`cached_tokens`)."""
+        tokens (`prompt_tokens`) and those of them that came from the prefix cache (`cached_tokens`)."""
         body = {
             "model": self.model,
             "messages": chat(prompt) if isinstance(prompt, str) else prompt,
@@ -223,7 +223,8 @@ class Server:
                         pieces.append(choice["delta"]["content"])
         finished = time.perf_counter()
         run = timed(started, first or finished, finished, usage["completion_tokens"], "".join(pieces))
-        return {**run, "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
+        details = usage["prompt_tokens_details"]
+        return {**run, "prompt_tokens": usage["prompt_tokens"], "cached_tokens": details["cached_tokens"]}
 
     def concurrent(self, prompts: list[str], max_tokens: int) -> dict:
         with ThreadPoolExecutor(len(prompts)) as pool:
