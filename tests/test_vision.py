@@ -245,7 +245,7 @@ def test_eval_of_image_rows_by_a_text_model_is_refused_by_line_and_field_before_
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights loaded")
 
-    monkeypatch.setattr(evaluate_module, "load_model", no_weights)
+    monkeypatch.setattr(evaluate_module, "load_text_model", no_weights)
     with pytest.raises(DataError) as error:
         evaluate(str(model), rows, progress=False)
     assert "test.jsonl:2 messages[0].content" in str(error.value) and "images_not_read" in str(error.value)

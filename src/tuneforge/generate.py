@@ -1067,7 +1067,7 @@ class Batch:
             (layer.keys[line : line + 1, :, columns], layer.values[line : line + 1, :, columns])
             for layer in self._cache.layers
         ]
-        self.prefix_cache.store(row.cache_scope, row.prompt_ids + row.tokens[:-1], own)
+        self.prefix_cache.store(row.cache_scope, [*row.prompt_ids, *row.tokens[:-1]], own)
 
     def _pick(self, logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, list[Scored | None]]:
         """The next token of each row (argmax, or a sample) and, for a row asking for them, its log
