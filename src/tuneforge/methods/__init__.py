@@ -33,7 +33,7 @@ from ..config import is_jinja
 from ..data import IGNORE_INDEX, collate
 from ..data.render import check_template
 from ..errors import ConfigError
-from ..models import compute_dtype, load_frozen_model, load_model, meta_model, source_context_length
+from ..models import compute_dtype, frozen_base, load_model, meta_model, source_context_length
 from ..models.loading import refuse_reward_model, tokens_added
 from ..models.quantization import keep_trainable_layout, quantization_config
 from . import distill, dpo, full, grpo, lora, reward
@@ -208,14 +208,7 @@ def build_objective(model, cfg, tokenizer, *, dtype: torch.dtype, device: torch.
     # Full fine-tuning changes every weight: the base distribution needs its own frozen copy.
     reference = None
     if cfg.method == "full":
-        reference = load_frozen_model(
-            cfg.base_model,
-            "train",
-            where=cfg.key_at("base_model"),
-            dtype=dtype,
-            device=device,
-            rope_scaling=cfg.model.rope_parameters(),
-        )
+        reference = frozen_base(cfg, dtype=dtype, device=device)
     return SFTObjective(model, terms=(KLToBase(weight=t.kl_to_base, replay=replay, reference=reference),))
 
 

@@ -70,7 +70,7 @@ from .. import data as tfdata
 from ..data import IGNORE_INDEX
 from ..data.schema import token_array
 from ..errors import ConfigError, TuneforgeError
-from ..models import causal_lm, load_frozen_model
+from ..models import causal_lm, frozen_base
 from ..models.quantization import is_quantized
 from . import full, lora
 from .sft import reference_lm, token_cross_entropy, trained_hidden
@@ -390,18 +390,7 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
     # Full fine-tuning changes every weight: the reference is a frozen copy of the starting model
     # (merged, as a LoRA teacher is for distillation). A LoRA policy's reference is its disabled adapter.
     # simpo and orpo have none.
-    reference = (
-        load_frozen_model(
-            cfg.base_model,
-            "train",
-            where=cfg.key_at("base_model"),
-            dtype=dtype,
-            device=device,
-            rope_scaling=cfg.model.rope_parameters(),
-        )
-        if d.policy == "full" and d.has_reference
-        else None
-    )
+    reference = frozen_base(cfg, dtype=dtype, device=device) if d.policy == "full" and d.has_reference else None
     return DPOObjective(
         model,
         beta=d.beta,

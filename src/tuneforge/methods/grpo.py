@@ -64,7 +64,7 @@ from ..fsio import write_json, writing
 from ..generate import encode_prompts, generate
 from ..graders import GraderError, rollout_sample
 from ..graders import load_grader as load_grader_spec
-from ..models import causal_lm, load_frozen_model
+from ..models import causal_lm, frozen_base
 from .dpo import prepare_policy
 from .sft import reference_lm, token_cross_entropy, trained_hidden
 
@@ -525,16 +525,5 @@ def build_objective(model, tokenizer, cfg, *, dtype: torch.dtype, device: torch.
     # A full policy changes every weight: its reference is a frozen copy of the start. A LoRA
     # policy's reference is its disabled adapter. Without a KL penalty there is no reference to run.
     needs_copy = cfg.grpo.policy == "full" and cfg.grpo.beta > 0
-    reference = (
-        load_frozen_model(
-            cfg.base_model,
-            "train",
-            where=cfg.key_at("base_model"),
-            dtype=dtype,
-            device=device,
-            rope_scaling=cfg.model.rope_parameters(),
-        )
-        if needs_copy
-        else None
-    )
+    reference = frozen_base(cfg, dtype=dtype, device=device) if needs_copy else None
     return GRPOObjective(model, tokenizer, load_grader(cfg), cfg, reference=reference)

@@ -13,6 +13,7 @@ from .convert import pull
 from .loading import (
     CHATML_TEMPLATE,
     count_parameters,
+    frozen_base,
     list_models,
     load_frozen_model,
     load_model,
@@ -41,6 +42,7 @@ __all__ = [
     "meta_model",
     "describe_whole_model",
     "end_of_turn_token",
+    "frozen_base",
     "list_models",
     "load_frozen_model",
     "load_model",

@@ -617,6 +617,19 @@ def load_frozen_model(
     return model.to(device).eval().requires_grad_(False)
 
 
+def frozen_base(cfg, *, dtype: torch.dtype, device: torch.device | str):
+    """The run's `base_model` frozen (`load_frozen_model`), scaled as the trained model is: the reference that full
+    fine-tuning keeps beside the policy (DPO, GRPO, the KL to the base)."""
+    return load_frozen_model(
+        cfg.base_model,
+        "train",
+        where=cfg.key_at("base_model"),
+        dtype=dtype,
+        device=device,
+        rope_scaling=cfg.model.rope_parameters(),
+    )
+
+
 def model_info(spec: str | ModelSource) -> dict:
     """What the model is, read from its config and tokenizer; weights are never loaded."""
     from transformers import GenerationConfig
