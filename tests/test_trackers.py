@@ -252,3 +252,27 @@ def test_a_tracker_run_gets_each_step_once_over_several_resumes_and_an_attempt_w
     longer = {**cfg, "train": {**cfg["train"], "max_steps": 8}}
     train(longer, resume=str(run / "checkpoints" / "step-6"), force=True, progress=False)  # steps 7, 8 again
     assert sent() == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_tracker_run_gets_the_steps_an_attempt_without_it_trained_up_to_the_checkpoint_resumed(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    # An attempt without MLflow trains steps 5-6 and checkpoints them: a later `--resume` (latest) with MLflow
+    # again starts past them, and sends them from metrics.jsonl, as it sends no step MLflow got before.
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file:{tmp_path / 'mlruns'}"
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2, batch_size=2, keep_checkpoints=5)
+    cfg["train"]["report_to"] = ["mlflow"]
+    cfg["train"]["mlflow"] = {"tracking_uri": store}
+    train(cfg, progress=False)  # steps 1-4
+    without = {**cfg, "train": {**cfg["train"], "report_to": [], "max_steps": 6}}
+    train(without, resume="latest", force=True, progress=False)  # steps 5, 6
+    longer = {**cfg, "train": {**cfg["train"], "max_steps": 8}}
+    train(longer, resume="latest", force=True, progress=False)  # steps 7, 8
+    client = MlflowClient(store)
+    (only,) = client.search_runs([client.get_experiment_by_name("tuneforge").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(only.info.run_id, "train_loss")) == list(range(1, 9))

@@ -295,8 +295,9 @@ class MetricsLog:
         self.path, self.enabled = Path(cfg.output_dir) / "metrics.jsonl", enabled
         if not enabled:
             return
-        restart_step_log(self.path, resume_step)
+        kept = restart_step_log(self.path, resume_step)
         self.trackers = trackers.Trackers(cfg, resume_step)
+        self.trackers.catch_up(kept)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -35,16 +35,17 @@ if TYPE_CHECKING:
     from .loop import StepPlan
 
 
-def restart_step_log(path: Path, resume_step: int | None) -> None:
+def restart_step_log(path: Path, resume_step: int | None) -> list[dict]:
     """A JSON-lines file of records by step, as a run starts: emptied for a fresh run; for a resumed
     one, cut to the records up to its checkpoint's step, since the steps after it run again. The full
     validation's record (its `full_valid_` metrics, its samples marked `full_valid`) goes too: it is
     written after the last checkpoint, and a run resumed there (to redo its final model) writes it
     again. A last line cut short (a run stopped while writing it, a full disk) goes too: its step runs
-    again."""
+    again. Returns the records kept."""
     if resume_step is None:
         path.write_text("")
-        return
+        return []
+    kept = []
     if path.exists():
         text = path.read_text()
         lines = []
@@ -61,12 +62,13 @@ def restart_step_log(path: Path, resume_step: int | None) -> None:
                         code="metrics_damaged",
                     ) from None
         kept = [
-            ln
+            (ln, record)
             for ln, record in lines
             if record.get("step", 0) <= resume_step and not any(key.startswith("full_valid") for key in record)
         ]
         with atomic_file(path) as f:
-            f.write("".join(ln + "\n" for ln in kept))
+            f.write("".join(ln + "\n" for ln, _ in kept))
+    return [record for _, record in kept]
 
 
 def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[Path, dict] | tuple[None, None]:

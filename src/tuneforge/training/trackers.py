@@ -101,12 +101,25 @@ class Trackers:
             write_json(ids_path, ids)  # before any step, so a run killed at any point resumes the same tracker run
 
     def log(self, record: dict) -> None:
+        self._send(record, self.writers)
+        self._save_marks()
+
+    def catch_up(self, records: list[dict]) -> None:
+        """Send each tracker run with a mark of what it got (W&B, MLflow) the records of a resumed run's steps up
+        to its checkpoint (metrics.jsonl's) past that mark: those an attempt without it trained (left out of
+        report_to, out of reach). TensorBoard keeps its events up to the checkpoint; a tracker run without a mark
+        (new to this attempt, or marked by no earlier attempt) starts from the checkpoint."""
+        marked = {name: writer for name, writer in self.writers.items() if "sent" in self.ids.get(name, {})}
+        for record in records:
+            self._send(record, marked)
+        self._save_marks()
+
+    def _send(self, record: dict, writers: dict) -> None:
         step, scalars = record["step"], _scalars(record)
-        for name, writer in self.writers.items():
+        for name, writer in writers.items():
             sent = {k: scalars[k] for k in self._unsent(name, step, list(scalars))}
             if sent and self._guarded(name, lambda w=writer, sent=sent: w.log(sent, step)):
                 self._mark_sent(name, step, list(sent))
-        self._save_marks()
 
     def log_samples(self, step: int, samples: list[dict], final: bool = False) -> None:
         """`final`: the samples of the full validation after training."""
