@@ -207,23 +207,44 @@ def test_tensorboard_of_a_fresh_run_drops_the_events_a_run_killed_before_its_fir
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
 
 
+def mlflow_run(tiny_model_dir, triage_data, tmp_path, monkeypatch, max_steps: int):
+    """A tiny run's config reporting to an MLflow file store under tmp_path (checkpoints every 2 steps, all kept),
+    and a function giving the steps of train_loss that store holds, in order."""
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file:{tmp_path / 'mlruns'}"
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        triage_data,
+        tmp_path / "run",
+        max_steps=max_steps,
+        save_every=2,
+        batch_size=2,
+        keep_checkpoints=5,
+    )
+    cfg["train"]["report_to"] = ["mlflow"]
+    cfg["train"]["mlflow"] = {"tracking_uri": store}
+
+    def sent() -> list[int]:
+        client = MlflowClient(store)
+        (only,) = client.search_runs([client.get_experiment_by_name("tuneforge").experiment_id])
+        return sorted(m.step for m in client.get_metric_history(only.info.run_id, "train_loss"))
+
+    return cfg, sent
+
+
 def test_a_tracker_run_gets_each_step_once_over_several_resumes_and_an_attempt_without_it(
     tiny_model_dir, triage_data, tmp_path, monkeypatch
 ):
     # Each tracker's own mark of what it got decides what it is sent, not the log lines a resume drops: a
     # second resume from the same checkpoint (the first dying before the last step) sends no step again,
     # and the steps an attempt without the tracker trained go to it when a later attempt has it again.
-    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
-    from mlflow import MlflowClient
-
     from tuneforge.training import loop
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    store = f"file:{tmp_path / 'mlruns'}"
     run = tmp_path / "run"
-    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=6, save_every=2, batch_size=2, keep_checkpoints=5)
-    cfg["train"]["report_to"] = ["mlflow"]
-    cfg["train"]["mlflow"] = {"tracking_uri": store}
+    cfg, sent = mlflow_run(tiny_model_dir, triage_data, tmp_path, monkeypatch, max_steps=6)
     real_step = loop.train_step
 
     def dies_at(last):
@@ -233,11 +254,6 @@ def test_a_tracker_run_gets_each_step_once_over_several_resumes_and_an_attempt_w
             return real_step(run, step, *args)
 
         return step
-
-    def sent() -> list[int]:
-        client = MlflowClient(store)
-        (only,) = client.search_runs([client.get_experiment_by_name("tuneforge").experiment_id])
-        return sorted(m.step for m in client.get_metric_history(only.info.run_id, "train_loss"))
 
     train(cfg, progress=False)  # steps 1-6
     monkeypatch.setattr(loop, "train_step", dies_at(5))
@@ -259,20 +275,10 @@ def test_a_tracker_run_gets_the_steps_an_attempt_without_it_trained_up_to_the_ch
 ):
     # An attempt without MLflow trains steps 5-6 and checkpoints them: a later `--resume` (latest) with MLflow
     # again starts past them, and sends them from metrics.jsonl, as it sends no step MLflow got before.
-    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
-    from mlflow import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    store = f"file:{tmp_path / 'mlruns'}"
-    run = tmp_path / "run"
-    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2, batch_size=2, keep_checkpoints=5)
-    cfg["train"]["report_to"] = ["mlflow"]
-    cfg["train"]["mlflow"] = {"tracking_uri": store}
+    cfg, sent = mlflow_run(tiny_model_dir, triage_data, tmp_path, monkeypatch, max_steps=4)
     train(cfg, progress=False)  # steps 1-4
     without = {**cfg, "train": {**cfg["train"], "report_to": [], "max_steps": 6}}
     train(without, resume="latest", force=True, progress=False)  # steps 5, 6
     longer = {**cfg, "train": {**cfg["train"], "max_steps": 8}}
     train(longer, resume="latest", force=True, progress=False)  # steps 7, 8
-    client = MlflowClient(store)
-    (only,) = client.search_runs([client.get_experiment_by_name("tuneforge").experiment_id])
-    assert sorted(m.step for m in client.get_metric_history(only.info.run_id, "train_loss")) == list(range(1, 9))
+    assert sent() == list(range(1, 9))

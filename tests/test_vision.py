@@ -469,12 +469,9 @@ def qwen_vl_model(tmp_path_factory) -> Path:
     return save_qwen2_5_vl_model(tmp_path_factory.mktemp("qwen-vl") / "model")
 
 
-def test_qwen_vl_rows_get_as_many_image_tokens_as_the_processor_gives_each_image(qwen_vl_model, tmp_path):
-    from PIL import Image
-    from transformers import AutoImageProcessor
-
+def qwen_vl_red_and_blue(qwen_vl_model, tmp_path):
+    """The tokenizer, its image side and the prepared data of two Qwen2.5-VL rows whose images differ in size."""
     tokenizer = load_tokenizer(str(qwen_vl_model))
-    images = image_inputs(tokenizer)
     rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 32))]
     data = prepare(
         DataConfig(train=str(write_rows(tmp_path / "rows.jsonl", rows)), validation=0.0),
@@ -482,6 +479,14 @@ def test_qwen_vl_rows_get_as_many_image_tokens_as_the_processor_gives_each_image
         use_cache=False,
         log=lambda *_: None,
     )
+    return tokenizer, image_inputs(tokenizer), data
+
+
+def test_qwen_vl_rows_get_as_many_image_tokens_as_the_processor_gives_each_image(qwen_vl_model, tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    tokenizer, images, data = qwen_vl_red_and_blue(qwen_vl_model, tmp_path)
     # The processor's expansion (Qwen2VLProcessor.replace_image_token): one <|image_pad|> per merged patch.
     processor = AutoImageProcessor.from_pretrained(qwen_vl_model)
     by_answer = {"red": (RED, (20, 16)), "blue": (BLUE, (40, 32))}
@@ -503,15 +508,7 @@ def test_qwen_vl_rows_get_as_many_image_tokens_as_the_processor_gives_each_image
 
 
 def test_qwen_vl_batches_place_image_tokens_by_the_models_3d_positions(qwen_vl_model, tmp_path):
-    tokenizer = load_tokenizer(str(qwen_vl_model))
-    images = image_inputs(tokenizer)
-    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 32))]
-    data = prepare(
-        DataConfig(train=str(write_rows(tmp_path / "rows.jsonl", rows)), validation=0.0),
-        tokenizer,
-        use_cache=False,
-        log=lambda *_: None,
-    )
+    tokenizer, images, data = qwen_vl_red_and_blue(qwen_vl_model, tmp_path)
     batch = collate(data.train, tokenizer.pad_token_id, images=images)
     assert "position_ids" not in batch and batch["image_grid_thw"].tolist() in (
         [[1, 4, 4], [1, 6, 8]],
