@@ -228,8 +228,10 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
-    """Open a temporary file beside `final` for writing; rename it over `final` on success."""
+def atomic_file(final: str | os.PathLike, mode: str = "w", *, durable: bool = True) -> Iterator:
+    """Open a temporary file beside `final` for writing; rename it over `final` on success. `durable`: synced to
+    disk before and after the rename, so it survives the machine's crash too; without, a killed process still
+    leaves the old file or the new one whole (what a file rewritten every training step needs)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(final)
@@ -248,9 +250,11 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
         ) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -278,8 +282,8 @@ def scratch_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
         os.close(lock)
 
 
-def write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> None:
-    with atomic_file(path) as f:
+def write_json(path: str | os.PathLike, obj, *, indent: int = 2, durable: bool = True) -> None:
+    with atomic_file(path, durable=durable) as f:
         json.dump(obj, f, indent=indent, default=str)
         f.write("\n")
 

@@ -145,9 +145,10 @@ class Trackers:
             self.changed = True
 
     def _save_marks(self) -> None:
-        # As the steps go, so that a run killed at any point resumes each tracker from what it got.
+        # As the steps go, so that a run killed at any point resumes each tracker from what it got; not synced to
+        # disk (two fsyncs a step), as metrics.jsonl's records, which the marks follow, are not.
         if self.changed:
-            write_json(self.ids_path, self.ids)
+            write_json(self.ids_path, self.ids, durable=False)
             self.changed = False
 
     def close(self, status: str) -> None:
