@@ -195,7 +195,7 @@ class ModelConfig(Strict):
 
     rope_scaling: RopeScaling | None = Field(
         None,
-        description="train past the base's window: {rope_type: linear | dynamic | yarn | llama3, factor: F} "
+        description="train past the base's window: {rope_type: linear | yarn | llama3, factor: F} "
         "stretches its rotary positions F times (data.max_length up to F times its window); saved with the model",
     )
 

@@ -42,8 +42,7 @@ METRICS = {
     "eval_reward": "final validation reward",
     "best_eval_reward": "best validation reward",
 }
-HIGHER_FIRST = {"eval_reward", "best_eval_reward"}
-GRPO_METRICS = HIGHER_FIRST  # the metrics of a grpo run; the others are the other methods'
+HIGHER_FIRST = {"eval_reward", "best_eval_reward"}  # a grpo run's; the others are the other methods'
 
 
 def default_metric(cfg: Config) -> str:
@@ -61,8 +60,8 @@ def _or_train_loss(metric: str) -> str:
 def _check_metric(cfg: Config, metric: str) -> None:
     """A metric the run's method logs: grpo's rewards, every other method's losses."""
     grpo = cfg.method == "grpo"
-    if (metric in GRPO_METRICS) != grpo:
-        choices = [m for m in METRICS if (m in GRPO_METRICS) == grpo]
+    if (metric in HIGHER_FIRST) != grpo:
+        choices = [m for m in METRICS if (m in HIGHER_FIRST) == grpo]
         what = (
             "grades its validation answers (valid_reward, higher is better), with no validation loss, and its "
             "training loss is no measure of its answers"

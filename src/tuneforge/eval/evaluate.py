@@ -189,8 +189,6 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
 def refuse_images_unread(examples: Sequence[EvalExample], tokenizer, name: str) -> None:
     """Rows with images, for a model that reads text only (`tokenizer` loaded without an image processor): an
     error naming each row and its field, before the model's weights load."""
-    from ..models.loading import image_inputs
-
     if image_inputs(tokenizer) is not None:
         return
     problems = [

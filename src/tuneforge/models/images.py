@@ -67,10 +67,6 @@ class ImageInputs:
         out[self.type_ids] = self.token_type_ids(input_ids)
         return out
 
-    def pixel_values(self, images: list[bytes]) -> torch.Tensor:
-        """The images (encoded files: PNG, JPEG, ...) as the vision encoder's input."""
-        return self._processed(images)["pixel_values"]
-
     def token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """1 at image tokens, 0 elsewhere (Gemma 3 attends within an image both ways; Qwen2-VL places them in 3-D)."""
         return (input_ids == self.image_token_id).long()

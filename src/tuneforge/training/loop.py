@@ -621,7 +621,8 @@ def setup(
             "(sliding window or soft-capping); it keeps its own attention with a block mask"
         )
     # A shared prefix needs every model of the forward to run per-example attention.
-    share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms)) and not images_shown  # unpacked
+    # Rows with images run no per-example attention, so they share no prefix either.
+    share = shares_prefixes(cfg, all_per_example=len(per_example) == len(lms))
     train_rows, valid_rows = to_rows(train_items, cfg, share), to_rows(valid_items, cfg, share)
     if cfg.data.packing and images_shown:
         log(f"data: {cfg.key_at('data.packing')} is on, but rows with images are not packed: each example is a row")
