@@ -4,6 +4,7 @@ earlier turns) starts from that prefix's keys and values, and answers token for 
 import httpx
 import openai
 import pytest
+import torch
 from families import FAMILIES, save_family_model, save_gemma3_vision_model
 from test_serve import BASE, KEY, random_adapter, running_server
 
@@ -241,3 +242,18 @@ def test_a_prompt_with_images_starts_only_from_keys_computed_with_the_same_image
     other = answer(turn, [png(GREEN)])
     assert other.cached_tokens == 0 and other.token_ids == answer(turn, [png(GREEN)], False).token_ids
     assert other.token_ids != again.token_ids
+
+
+def test_storing_tokens_an_entry_holds_copies_no_keys_and_values():
+    """A prompt (or reply) the cache holds already is not copied out of the batch's cache for nothing."""
+    cache = PrefixCache(1 << 20)
+    layer = (torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))
+    cache.store("base", [5, 6, 7, 8], lambda: [layer])
+    held = cache.size_bytes
+
+    def copied():
+        raise AssertionError("the keys and values were copied")
+
+    cache.store("base", [5, 6, 7], copied)  # a start of the entry's tokens
+    cache.store("base", [5, 6, 7, 8], copied)
+    assert cache.size_bytes == held and cache.lookup("base", [5, 6, 7, 8, 9])[0] == 4

@@ -890,10 +890,13 @@ class Batch:
         if scope:
             for line, (prompt, start, rest) in enumerate(zip(prompts, before, rests)):
                 columns = (slice(front - start, front), slice(front + width - len(rest), None))
-                own = [
-                    tuple(torch.cat([side[line : line + 1, :, at] for at in columns], dim=-2) for side in layer_sides)
-                    for layer_sides in ((layer.keys, layer.values) for layer in cache.layers)
-                ]
+
+                def own(line=line, columns=columns):
+                    return [
+                        tuple(torch.cat([side[line : line + 1, :, at] for at in columns], dim=-2) for side in sides)
+                        for sides in ((layer.keys, layer.values) for layer in cache.layers)
+                    ]
+
                 self.prefix_cache.store(scope, prompt, own)
         for row, prompt in zip(rows, prompt_of_row):
             row.cached_tokens, row.cache_scope = cached[prompt], scope
@@ -1062,11 +1065,14 @@ class Batch:
         """Keep the keys and values of `row` (line `line` of the running cache) in the prefix cache: its prompt and
         the tokens it generated but the last (picked, not yet run), its own columns without the padding. A chat
         client's next turn sends the reply back, so that turn runs only what it adds."""
-        columns = self._mask[line].nonzero().squeeze(-1)
-        own = [
-            (layer.keys[line : line + 1, :, columns], layer.values[line : line + 1, :, columns])
-            for layer in self._cache.layers
-        ]
+
+        def own():
+            columns = self._mask[line].nonzero().squeeze(-1)
+            return [
+                (layer.keys[line : line + 1, :, columns], layer.values[line : line + 1, :, columns])
+                for layer in self._cache.layers
+            ]
+
         self.prefix_cache.store(row.cache_scope, [*row.prompt_ids, *row.tokens[:-1]], own)
 
     def _pick(self, logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, list[Scored | None]]:

@@ -112,7 +112,9 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        # (scope, tokens) -> the tokens as an array (compared at every lookup: converted once) and every layer's
+        # keys and values.
+        self._entries: OrderedDict[tuple, tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
         self._bytes = 0
         self.hits = 0  # prompts that started from an entry
         self.misses = 0  # prompts looked up that found none
@@ -126,9 +128,9 @@ class PrefixCache:
         """The longest prefix of `tokens` (at least `least` tokens) that an entry of `scope` holds, and its keys
         and values (views of the entry's: read them, do not write into them); (0, None) where none does. The
         lookup counts as one prompt's hit or miss."""
-        best, found = 0, None
-        for key in self._entries:
-            if key[0] == scope and (shared := _shared_length(key[1], tokens)) > best:
+        best, found, tokens = 0, None, np.asarray(tokens)
+        for key, (held, _) in self._entries.items():
+            if key[0] == scope and (shared := _shared_length(held, tokens)) > best:
                 best, found = shared, key
         if best < least:
             self.misses += 1
@@ -136,26 +138,29 @@ class PrefixCache:
         self._entries.move_to_end(found)
         self.hits += 1
         self.cached_tokens += best
-        return best, [(keys[:, :, :best], values[:, :, :best]) for keys, values in self._entries[found]]
+        return best, [(keys[:, :, :best], values[:, :, :best]) for keys, values in self._entries[found][1]]
 
-    def store(self, scope, tokens: Sequence[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep `layers` (each layer's keys and values of `tokens`, [1, heads, len(tokens), dim], owned by the
-        cache from now on) for prompts that start with `tokens`."""
-        tokens = tuple(tokens)
-        size = sum(keys.nbytes + values.nbytes for keys, values in layers)
-        if size > self.max_bytes:
-            return
-        for key in list(self._entries):
-            entry_scope, entry_tokens = key
-            if entry_scope != scope:
+    def store(
+        self, scope, tokens: Sequence[int], layers: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> None:
+        """Keep the keys and values of `tokens` for prompts that start with them: `layers()` gives them (each
+        layer's [1, heads, len(tokens), dim], owned by the cache from then on), called only where no entry holds
+        these tokens already, so a prompt or reply the cache has costs no copy."""
+        held = np.asarray(tokens)
+        for key, (entry_tokens, _) in list(self._entries.items()):
+            if key[0] != scope:
                 continue
-            shared = _shared_length(entry_tokens, tokens)
-            if shared == len(tokens):  # an entry holds these tokens already
+            shared = _shared_length(entry_tokens, held)
+            if shared == len(held):  # an entry holds these tokens already
                 self._entries.move_to_end(key)
                 return
             if shared == len(entry_tokens):  # these tokens hold all the entry holds
                 self._drop(key)
-        self._entries[(scope, tokens)] = layers
+        built = layers()
+        size = sum(keys.nbytes + values.nbytes for keys, values in built)
+        if size > self.max_bytes:
+            return
+        self._entries[(scope, tuple(tokens))] = (held, built)
         self._bytes += size
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
@@ -167,13 +172,11 @@ class PrefixCache:
             self._drop(key)
 
     def _drop(self, key: tuple) -> None:
-        self._bytes -= sum(keys.nbytes + values.nbytes for keys, values in self._entries.pop(key))
+        self._bytes -= sum(keys.nbytes + values.nbytes for keys, values in self._entries.pop(key)[1])
 
 
-def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+def _shared_length(a: np.ndarray, b: np.ndarray) -> int:
     """How many leading tokens `a` and `b` share."""
     n = min(len(a), len(b))
-    if not n:
-        return 0
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
