@@ -18,7 +18,7 @@ import json
 import torch
 
 from .errors import TuneforgeError
-from .generate import per_tokenizer
+from .generate import decoder_kinds, per_tokenizer, vocabulary_bytes
 
 # What `{"type": "json_object"}` allows: an object whose values are strings, numbers, booleans, null, or
 # arrays and objects of those. A regular expression nests only as deep as it is written, and outlines-core's
@@ -89,8 +89,6 @@ def tokens_by_bytes(tokenizer) -> dict[bytes, list[int]]:
     """The ids of every token of `tokenizer` that is not special nor `end_id`, by the bytes it decodes to
     (`vocabulary_bytes`: byte-level BPE and SentencePiece with byte fallback, the two token processors of
     outlines-core's own `Vocabulary.from_pretrained`, which reads the Hub only)."""
-    from .generate import decoder_kinds, vocabulary_bytes
-
     by_id = vocabulary_bytes(tokenizer)
     if by_id is None:
         kinds = sorted(kind for kind in decoder_kinds(tokenizer) if kind)

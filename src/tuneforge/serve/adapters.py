@@ -81,14 +81,15 @@ class AdapterPool:
         for i, name in enumerate(names):
             for other in names[:i]:
                 self._check_compatible(name, adapter_sources[name], self._configs[name], other)
-        self._loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
+        # Adapters in memory, least recently used first, each with the number of its loading (weights loaded again
+        # after an eviction may be new files: `cache_model`).
+        self._loaded: OrderedDict[str, int] = OrderedDict()
         self._base_names = {self.base_name}
         # What PEFT calls each adapter: PEFT keys its layers by adapter name in torch ModuleDicts, which
         # refuse a '.', so a name as a client gives it (a run folder's) is not used there.
         self._peft_names = {name: f"adapter-{i}" for i, name in enumerate(adapter_sources)}
         self._added = len(adapter_sources)
         self._loads = 0  # adapter weights loaded so far: each loading's number tells it from the others
-        self._loading: dict[str, int] = {}  # each adapter in memory: the number of its loading
         self._retiring: set[str] = set()  # names no longer served, deleted once their requests are answered
         self._lock = threading.Lock()
 
@@ -126,7 +127,6 @@ class AdapterPool:
                 self.model = self.model.unload()
         with self._lock:
             self._loaded.pop(name, None)
-            self._loading.pop(name, None)
             for held in (self._sources, self._tokenizers, self._peft_names, self._configs):
                 del held[name]
             self._retiring.discard(name)
@@ -278,9 +278,8 @@ class AdapterPool:
                 self.model, path, adapter_name=self._peft_name(name), is_trainable=False, key_mapping=copies
             ).eval()
         with self._lock:
-            self._loaded[name] = None
             self._loads += 1
-            self._loading[name] = self._loads
+            self._loaded[name] = self._loads
             evicted = list(self._loaded)[: -self.max_loaded] if len(self._loaded) > self.max_loaded else []
             for old in evicted:
                 del self._loaded[old]
@@ -290,12 +289,12 @@ class AdapterPool:
     def cache_model(self, name: str) -> Hashable:
         """What the model runs as for `name` (activated), for a `PrefixCache`'s scope: the base for all of its
         names, each loading of an adapter apart (weights loaded again after an eviction may be new files)."""
-        return "base" if name in self._base_names else self._loading[name]
+        return "base" if name in self._base_names else self._loaded[name]
 
     def cache_models(self) -> set[Hashable]:
         """The `cache_model`s of the base and every adapter in memory now."""
         with self._lock:
-            return {"base", *(self._loading[name] for name in self._loaded)}
+            return {"base", *self._loaded.values()}
 
     def _peft_name(self, name: str) -> str:
         """What PEFT calls the adapter served as `name` (its own for the pool's life: a removed one's is not reused)."""

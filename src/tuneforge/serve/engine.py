@@ -165,10 +165,6 @@ class Generations:
         return [entries for part in self.parts for entries in part.prompt_logprobs]
 
     @property
-    def completion(self) -> Completion | None:
-        return self.parts[0].completion
-
-    @property
     def prompt_tokens(self) -> int:
         """The prompts' tokens, each prompt once however many choices answer it."""
         return sum(part.prompt_tokens for part in self.parts)
@@ -238,12 +234,10 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="tuneforge-serve-engine", daemon=True)
         self._thread.start()
 
-    def submit(
-        self, model: str, prompt_ids: list[int], sampling: Sampling, n: int = 1, images: tuple[bytes, ...] = ()
-    ) -> Generation:
+    def submit(self, model: str, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> Generation:
         """Queue a request for `n` choices (at most `max_batch`: they decode together); call from a running
-        event loop (a request handler). `images`: the image files the prompt's image tokens show."""
-        [generation] = self.submit_all(model, [(prompt_ids, sampling)], n, images).parts
+        event loop (a request handler)."""
+        [generation] = self.submit_all(model, [(prompt_ids, sampling)], n).parts
         return generation
 
     def submit_all(
