@@ -34,13 +34,11 @@ def load_saved(base: Path, folder: Path, rope_scaling: dict | None = None):
     `rope_scaling`: the rotary scaling the adapter trained with, set on the base's config as its user sets
     it (an adapter's files have no place for it)."""
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..models.loading import generating_class, scale_rope
+    from ..models.loading import base_config, generating_class
 
-    config = AutoConfig.from_pretrained(base)
-    if rope_scaling:
-        scale_rope(config, rope_scaling, str(base))
+    config = base_config(str(base), rope_scaling)
     if classifier_folder(folder):  # a reward model's adapter: its base as a classifier with one score
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=torch.float32)

@@ -16,7 +16,7 @@ import torch
 from ..models import ModelSource, load_model
 from ..models.architecture import chat_generation_config
 from ..models.loading import classifier_folder
-from ..models.saving import PROCESSOR_FILES, SENTENCEPIECE_MODEL
+from ..models.saving import UNSAVED_FILES
 from .probe import MERGE_BOUND, Agreement, agreement, probe_logits, require_within
 
 SAVED_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -69,7 +69,7 @@ def beside_the_weights(source: ModelSource) -> list[Path]:
     it) and, for a model that reads images, its processor's settings (`AutoProcessor` and tuneforge read them)."""
     from .llama_cpp import source_file
 
-    return [path for name in (SENTENCEPIECE_MODEL, *PROCESSOR_FILES) if (path := source_file(source, name))]
+    return [path for name in UNSAVED_FILES if (path := source_file(source, name))]
 
 
 def save_merged(merged: MergedModel, tokenizer, folder: Path, dtype: str, beside: list[Path]) -> list[Path]:

@@ -159,13 +159,7 @@ def require_within(
             if lossy
             else "This is a bug in the export or a damaged model: please report it with the run's config.yaml."
         )
-        figures = (
-            f"the largest score difference is {measured.max_abs_logit_diff:.3g} (bound {bound:g})"
-            if measured.scores
-            else f"the largest logit difference is {measured.max_abs_logit_diff:.3g} (bound {bound:g}) and the same "
-            f"next token comes at {measured.argmax_agreement:.1%} of positions (at least {min_agreement:.0%} required)"
-        )
         raise ExportFailed(
-            f"{what}: {figures}. Nothing was written. {why}",
+            f"{what}: {measured.described(bound, min_agreement)}. Nothing was written. {why}",
             code="export_mismatch",
         )

@@ -21,6 +21,10 @@ SENTENCEPIECE_MODEL = "tokenizer.model"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 """The processor settings of a model that reads images (its image processor, the image tokens per image)."""
 
+UNSAVED_FILES = (SENTENCEPIECE_MODEL, *PROCESSOR_FILES)
+"""A model folder's files that transformers' save_pretrained of the model and tokenizer does not write: a run's
+folders and every export copy them from the source."""
+
 
 def save_model(model, tokenizer, base_path: Path, folder: Path, *, merge: bool = False) -> Path:
     """The adapter or full model, the tokenizer with its chat template (and the base's
@@ -115,6 +119,6 @@ def save_tokenizer(tokenizer, base_path: Path, folder: Path) -> None:
     does not write it, and a GGUF export of the folder (a SentencePiece vocabulary) needs it. A model that
     reads images also gets the base's processor settings, so `AutoProcessor` loads the folder."""
     tokenizer.save_pretrained(folder)
-    for name in (SENTENCEPIECE_MODEL, *PROCESSOR_FILES):
+    for name in UNSAVED_FILES:
         if (Path(base_path) / name).is_file():
             shutil.copyfile(Path(base_path) / name, Path(folder) / name)
