@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from common import median
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT = HERE.parent / "BENCHMARKS.md"
@@ -345,8 +347,8 @@ def decode_step_section(path: Path, r: dict) -> list[str]:
 def prefix_cache_section(path: Path, r: dict) -> list[str]:
     s, m = r["setup"], r["machine"]
     on, off = r["second_first_token_seconds"]["on"], r["second_first_token_seconds"]["off"]
-    prompt = median_of([x["prompt_tokens"] for x in r["rounds"]])
-    cached = median_of([x["on"]["second"]["cached_tokens"] for x in r["rounds"]])
+    prompt = median([x["prompt_tokens"] for x in r["rounds"]])
+    cached = median([x["on"]["second"]["cached_tokens"] for x in r["rounds"]])
     same = sum(x["same_text"] for x in r["rounds"])
     lines = [
         "## Prefix caching: time to first token of a request sharing a long system prompt",
@@ -375,14 +377,13 @@ def prefix_cache_section(path: Path, r: dict) -> list[str]:
     if "turn_ratio" in r:
         turns = {
             name: {
-                key: median_of([x[name]["turn"][key] for x in r["rounds"]])
-                for key in ("prompt_tokens", "cached_tokens")
+                key: median([x[name]["turn"][key] for x in r["rounds"]]) for key in ("prompt_tokens", "cached_tokens")
             }
             for name in ("on", "off")
         }
-        replies = median_of([x[name]["reply_tokens"] for x in r["rounds"] for name in ("on", "off")])
+        replies = median([x[name]["reply_tokens"] for x in r["rounds"] for name in ("on", "off")])
         # The reply's tokens the next turn took from the cache: past the first turn's prompt, all of which it holds.
-        reused = median_of([x["on"]["turn"]["cached_tokens"] - x["on"]["reply"]["prompt_tokens"] for x in r["rounds"]])
+        reused = median([x["on"]["turn"]["cached_tokens"] - x["on"]["reply"]["prompt_tokens"] for x in r["rounds"]])
         lines += [
             "",
             f"A conversation's next turn, in the same rounds: a request with the same system prompt asks for a long "
@@ -406,12 +407,6 @@ def prefix_cache_section(path: Path, r: dict) -> list[str]:
             f"{len(r['rounds'])} rounds.",
         ]
     return lines
-
-
-def median_of(values: list) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def notes(r: dict) -> list[str]:
