@@ -282,12 +282,15 @@ def png(colour, size=(20, 16)) -> bytes:
 
 
 def answer(model, tokenizer, rows, max_new_tokens=8, **options) -> list:
-    """Each (prompt, images) of `rows` answered greedily in one batch: the rows' completions."""
+    """Each (prompt, images) of `rows` answered greedily in one batch (each prompt encoded with its images, whose
+    sizes set Qwen2-VL's token counts): the rows' completions."""
     from tuneforge.generate import Batch, Sampling, encode_prompts
 
     batch = Batch(model, tokenizer)
     added = [
-        batch.add(encode_prompts(tokenizer, [prompt])[0], Sampling(max_new_tokens, **options), images=images)
+        batch.add(
+            encode_prompts(tokenizer, [prompt], images=images)[0], Sampling(max_new_tokens, **options), images=images
+        )
         for prompt, images in rows
     ]
     while batch:
@@ -569,20 +572,6 @@ def qwen_vl(qwen_vl_model):
     return load_model(str(qwen_vl_model), dtype=torch.float32).eval(), load_tokenizer(str(qwen_vl_model))
 
 
-def qwen_vl_answers(model, tokenizer, rows, max_new_tokens=8) -> list:
-    """Each (prompt, images) of `rows` answered greedily in one batch, the images' tokens expanded by size."""
-    from tuneforge.generate import Batch, Sampling, encode_prompts
-
-    batch = Batch(model, tokenizer)
-    added = [
-        batch.add(encode_prompts(tokenizer, [prompt], images=images)[0], Sampling(max_new_tokens), images=images)
-        for prompt, images in rows
-    ]
-    while batch:
-        batch.step()
-    return [row.completion() for row in added]
-
-
 def test_qwen_vl_prompts_with_images_are_answered_as_transformers_generates_them_alone_or_batched(qwen_vl):
     from tuneforge.generate import encode_prompts
 
@@ -593,7 +582,7 @@ def test_qwen_vl_prompts_with_images_are_answered_as_transformers_generates_them
         ([{"role": "user", "content": "Hello there, how are you?"}], []),
         (QUESTION, [png(GREEN, (40, 32))]),
     ]
-    for (prompt, shown), ours in zip(rows, qwen_vl_answers(model, tokenizer, rows, 10)):
+    for (prompt, shown), ours in zip(rows, answer(model, tokenizer, rows, 10)):
         [ids] = encode_prompts(tokenizer, [prompt], images=shown)
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         if shown:  # as the processor gives them: pixels, grids and where the image tokens are
@@ -625,7 +614,7 @@ def test_serve_answers_qwen_vl_image_requests_as_each_is_answered_alone(qwen_vl_
     finally:
         engine.close()
     for reply, (_, row) in zip(replies, requests):
-        [alone] = qwen_vl_answers(model, tokenizer, [row], max_new_tokens=6)
+        [alone] = answer(model, tokenizer, [row], max_new_tokens=6)
         assert reply.choices[0].message.content == alone.text
         assert reply.usage.prompt_tokens == alone.prompt_tokens  # the image's tokens, by its size, counted
 
@@ -842,7 +831,7 @@ def test_chat_image_on_qwen_vl_is_answered_as_the_batch_answers_it(qwen_vl, tmp_
     script = f"/image {tmp_path / 'green.png'}\nWhat colour is this?\n/exit\n"
     output = io.StringIO()
     conversation = chat_session(model, tokenizer, input=io.StringIO(script), output=output, max_new_tokens=6)
-    [expected] = qwen_vl_answers(model, tokenizer, [(QUESTION, [png(GREEN, (40, 32))])], 6)
+    [expected] = answer(model, tokenizer, [(QUESTION, [png(GREEN, (40, 32))])], 6)
     assert len(conversation) == 2, output.getvalue()
     assert conversation[1]["content"] == expected.text
 
@@ -855,4 +844,4 @@ def test_generate_answers_qwen_vl_image_prompts_as_the_batch_does(qwen_vl):
     model, tokenizer = qwen_vl
     rows = [(QUESTION, [png(GREEN, (40, 32))]), ([{"role": "user", "content": "Hello there"}], [])]
     ours = generate(model, tokenizer, [p for p, _ in rows], max_new_tokens=6, images=[i for _, i in rows])
-    assert [c.text for c in ours] == [c.text for c in qwen_vl_answers(model, tokenizer, rows, 6)]
+    assert [c.text for c in ours] == [c.text for c in answer(model, tokenizer, rows, 6)]
