@@ -845,3 +845,16 @@ def test_generate_answers_qwen_vl_image_prompts_as_the_batch_does(qwen_vl):
     rows = [(QUESTION, [png(GREEN, (40, 32))]), ([{"role": "user", "content": "Hello there"}], [])]
     ours = generate(model, tokenizer, [p for p, _ in rows], max_new_tokens=6, images=[i for _, i in rows])
     assert [c.text for c in ours] == [c.text for c in answer(model, tokenizer, rows, 6)]
+
+
+def test_qwen_vl_decodes_an_image_once_however_many_renderings_of_its_row_expand_it(qwen_vl_model, monkeypatch):
+    from tuneforge.models.images import ImageInputs
+
+    images = image_inputs(load_tokenizer(str(qwen_vl_model)))
+    processed = []
+    real = ImageInputs._processed
+    monkeypatch.setattr(ImageInputs, "_processed", lambda self, shown: processed.append(1) or real(self, shown))
+    text = f"<|vision_start|>{images.marker}<|vision_end|>What colour is this?"
+    expanded = {images.expand(text, [png(GREEN, (40, 32))]) for _ in range(3)}
+    assert len(expanded) == 1 and len(processed) == 1
+    assert next(iter(expanded)).count(images.marker) == 12  # the image's size sets its token count

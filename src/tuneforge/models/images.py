@@ -12,13 +12,17 @@ is tokenized, the pixels come from the processor's own image processor.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+MAX_KEPT_IMAGES = 4096
+"""The most images whose tokens `ImageInputs` keeps (a few KB each)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class ImageInputs:
     rope_from_images: bool = False
     sized: bool = False  # whether an image's tokens depend on the image (its size): Qwen2-VL's do, Gemma 3's do not
     settings: str = ""  # what else changes the tokens an image becomes (for the data cache's key)
+    # The tokens of the images seen, by their bytes' digest, where they depend on the image (`sized`): a row's
+    # image is expanded once for each rendering of the row's parts (`data.render`), and decoding and resizing it
+    # costs more than the digest.
+    _sized_tokens: dict = field(default_factory=dict, compare=False, repr=False)
 
     def expand(self, text: str, images: Sequence[bytes]) -> str:
         """A rendered conversation with its image markers replaced, in order, by the tokens of `images` (the
@@ -47,11 +55,21 @@ class ImageInputs:
         shown = len(parts) - 1
         if self.sized and len(images) < shown:
             raise ValueError(f"the text holds {shown} image markers and {len(images)} images were given")
-        processed = self._processed(images[:shown]) if self.sized else {}
+        tokens = [self._tokens_of_image(data) for data in images[:shown]] if self.sized else None
         out = [parts[0]]
         for i, part in enumerate(parts[1:]):
-            out += [self.tokens_of(processed, i), part]
+            out += [tokens[i] if tokens else self.tokens_of({}, i), part]
         return "".join(out)
+
+    def _tokens_of_image(self, data: bytes) -> str:
+        key = hashlib.sha256(data).digest()
+        found = self._sized_tokens.get(key)
+        if found is None:
+            found = self.tokens_of(self._processed([data]), 0)
+            if len(self._sized_tokens) >= MAX_KEPT_IMAGES:
+                self._sized_tokens.clear()
+            self._sized_tokens[key] = found
+        return found
 
     def _processed(self, images: Sequence[bytes]) -> dict:
         from PIL import Image
