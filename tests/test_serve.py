@@ -678,6 +678,26 @@ def test_a_request_takes_at_most_max_prompts_and_names_the_prompt_it_refuses(cli
     assert caught.value.body["message"] == "prompt 1: The prompt is empty."
 
 
+def test_a_list_of_prompts_is_encoded_in_one_hop_off_the_event_loop_as_each_alone(client, base, monkeypatch):
+    from tuneforge.serve import app
+
+    _, tokenizer = base
+    encoded = []
+
+    def encode(tokenizer, prompts, *rest):
+        encoded.append(len(prompts))
+        return app_encode(tokenizer, prompts, *rest)
+
+    app_encode = app._encode
+    monkeypatch.setattr(app, "_encode", encode)
+    prompts = [TEXTS[0], encode_prompts(tokenizer, [TEXTS[1]])[0], TEXTS[2]]
+    reply = client.completions.create(model=BASE, prompt=prompts, max_tokens=1, echo=True, logprobs=0)
+    assert encoded == [3]
+    for prompt, choice in zip(prompts, reply.choices, strict=True):
+        alone = encode_prompts(tokenizer, [prompt])[0] if isinstance(prompt, str) else prompt
+        assert choice.logprobs.tokens[:-1] == [tokenizer.decode([i]) for i in alone]
+
+
 def raw_logprobs(model, prompt_ids, token_ids) -> torch.Tensor:
     """Each generated token's step's log-softmax, from one forward pass of the prompt and the reply."""
     with torch.no_grad():

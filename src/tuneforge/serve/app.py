@@ -921,10 +921,15 @@ async def submit(
     name = server.known_model(body.model)
     logged = prompts[0] if len(prompts) == 1 else prompts
     note(request, model=name, **({"prompt": logged} if server.observer.log_prompts else {}))
+    # Long prompts take a while to render and encode: off the event loop, so other requests go on, all in one hop.
+    template_kwargs = getattr(body, "chat_template_kwargs", None)
+    encoded = await asyncio.to_thread(
+        _encode, server.tokenizer(name), prompts, tools, template_kwargs, length_param, body.prompt_field, images
+    )
     queued = []
-    for number, prompt in enumerate(prompts):
+    for number, prompt_ids in enumerate(encoded):
         try:
-            queued.append(await _prepared(server, body, name, prompt, default_max, length_param, tools, images))
+            queued.append((prompt_ids, _reply_limit(body, prompt_ids, server.window, default_max, length_param)))
         except APIError as err:
             if len(prompts) > 1:
                 err.message = f"{length_param} {number}: {err.message}"
@@ -950,50 +955,38 @@ async def submit(
     return generations.parts[0] if len(prompts) == 1 else generations
 
 
-async def _prepared(
-    server: Served,
-    body: SampledBody,
-    name: str,
-    prompt,
-    default_max: int,
-    length_param: str,
-    tools: list[dict] | None,
-    images: tuple[bytes, ...] = (),
-) -> tuple[list[int], int]:
-    """One prompt's token ids (its images' tokens among them), and the most tokens its completion may have."""
-    # A long prompt takes a while to render and encode: off the event loop, so other requests go on.
-    template_kwargs = getattr(body, "chat_template_kwargs", None)
-    prompt_ids = await asyncio.to_thread(
-        _encode, server.tokenizer(name), prompt, tools, template_kwargs, length_param, body.prompt_field, images
-    )
+def _reply_limit(
+    body: SampledBody, prompt_ids: list[int], window: int | None, default_max: int, length_param: str
+) -> int:
+    """The most tokens the completion of a prompt of `prompt_ids` may have."""
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param=length_param)
-    max_new_tokens = _max_new_tokens(body.length_limit(), len(prompt_ids), server.window, default_max, length_param)
-    return prompt_ids, max_new_tokens
+    return _max_new_tokens(body.length_limit(), len(prompt_ids), window, default_max, length_param)
 
 
 def _encode(
     tokenizer,
-    prompt,
+    prompts: list,
     tools: list[dict] | None = None,
     template_kwargs: dict | None = None,
     param: str = "messages",
     field_name=lambda field: field,
     images: tuple[bytes, ...] = (),
-) -> list[int]:
-    if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
-        fields = [
-            *template_texts(prompt, param, brackets=False),
-            *template_texts(tools or [], "tools", brackets=False),
-        ]
-        for problem in renderer_for(tokenizer).special_tokens_in(fields):
-            field = field_name(problem.field)
-            raise APIError(400, f"{field}: {problem.message}", param=field, code="invalid_value")
+) -> list[list[int]]:
+    """Each prompt's token ids (its images' tokens among them), the texts in one batch of the tokenizer's."""
+    for prompt in prompts:
+        if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
+            fields = [
+                *template_texts(prompt, param, brackets=False),
+                *template_texts(tools or [], "tools", brackets=False),
+            ]
+            for problem in renderer_for(tokenizer).special_tokens_in(fields):
+                field = field_name(problem.field)
+                raise APIError(400, f"{field}: {problem.message}", param=field, code="invalid_value")
     try:
-        [prompt_ids] = encode_prompts(tokenizer, [prompt], tools, template_kwargs, images)
+        return encode_prompts(tokenizer, prompts, tools, template_kwargs, images)
     except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
         raise APIError(400, f"The model's chat template cannot render these messages: {err}", param=param) from err
-    return prompt_ids
 
 
 async def answer(
