@@ -173,3 +173,17 @@ def test_adapter_updates_are_refused_unless_the_server_allows_them(base_dir, ada
             assert [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]] == [BASE]
     finally:
         engine.close()
+
+
+def test_each_adapter_s_trained_rope_scaling_is_read_once_as_it_joins(base_dir, adapters, monkeypatch):
+    # Reading it opens the adapter's run config (and an earlier run's, for a run that went on from one).
+    from tuneforge.serve import adapters as pool_module
+
+    read = []
+    trained_rope_scaling = pool_module.trained_rope_scaling
+    monkeypatch.setattr(
+        pool_module, "trained_rope_scaling", lambda path: read.append(path) or trained_rope_scaling(path)
+    )
+    pool = AdapterPool(str(base_dir), {"alpha": str(adapters["alpha"])})
+    pool.add_adapter("beta", str(adapters["beta"]))
+    assert sorted(read) == sorted(pool._sources[name].adapter for name in ("alpha", "beta"))

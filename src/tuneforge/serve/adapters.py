@@ -63,11 +63,12 @@ class AdapterPool:
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
         self._embedding_name = input_embedding_name(self.base_path)
         self._base_rows = model_vocab_rows(self.base_path)
-        # The base in memory runs with the rotary scaling its adapters trained with (model.rope_scaling).
-        trained = (trained_rope_scaling(source.adapter) for source in adapter_sources.values())
-        self.rope_scaling = next((scaling for scaling in trained if scaling), None)
+        # The base in memory runs with the rotary scaling its adapters trained with (model.rope_scaling), each
+        # adapter's read once from its run.
+        trained = {name: trained_rope_scaling(source.adapter) for name, source in adapter_sources.items()}
+        self.rope_scaling = next((scaling for scaling in trained.values() if scaling), None)
         for name, source in adapter_sources.items():
-            self._check(name, source)
+            self._check(name, source, trained[name])
         self.max_loaded = max_loaded
         self._sources = adapter_sources
         self._tokenizers = {self.base_name: load_tokenizer(base_source)}
@@ -98,7 +99,7 @@ class AdapterPool:
         if name in self._tokenizers:
             return
         source = _adapter_source(name, spec)
-        self._check(name, source)
+        self._check(name, source, trained_rope_scaling(source.adapter))
         config = _peft_config(source)
         for other in list(self._sources):
             self._check_compatible(name, source, config, other)
@@ -149,7 +150,8 @@ class AdapterPool:
         with self._lock:
             return name in self._tokenizers and name not in self._retiring
 
-    def _check(self, name: str, source: ModelSource) -> None:
+    def _check(self, name: str, source: ModelSource, scaling: dict | None) -> None:
+        """Refuses an adapter the shared base cannot serve; `scaling`: the model.rope_scaling it trained with."""
         _check_name(name, self.base_name)
         refuse_reward_model(source, "serve")
         if source.path.resolve() != self.base_path:
@@ -158,7 +160,7 @@ class AdapterPool:
                 f"model is {self.base_path}. Serve it on its own base: --model {source.path}",
                 code="adapter_base_mismatch",
             )
-        if (scaling := trained_rope_scaling(source.adapter)) != self.rope_scaling:
+        if scaling != self.rope_scaling:
             # One base in memory has one window: an adapter trained on other rotary positions answers wrongly.
             raise ConfigError(
                 f"Adapter '{name}' ({source.adapter}) trained with model.rope_scaling {scaling}, but the server's "
