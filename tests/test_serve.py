@@ -567,6 +567,16 @@ def test_a_json_object_reply_is_a_json_object(client):
     assert reply.finish_reason == "stop" and isinstance(json.loads(reply.message.content), dict)
 
 
+def test_a_chat_request_is_checked_for_what_is_not_served_once(client, monkeypatch):
+    from tuneforge.serve import ChatCompletionBody
+
+    checked = []
+    check_supported = ChatCompletionBody.check_supported
+    monkeypatch.setattr(ChatCompletionBody, "check_supported", lambda body: checked.append(1) or check_supported(body))
+    client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2, response_format={"type": "json_object"})
+    assert len(checked) == 1
+
+
 @pytest.mark.parametrize(
     "response_format, param",
     [

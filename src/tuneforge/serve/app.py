@@ -581,6 +581,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         raise APIError(
             400, "This server does not store completions: leave `store` out.", param="store", code="unsupported_value"
         )
+    body.check_supported()  # once, before the checks of its tools, format and images
     tools = await asyncio.to_thread(_tool_parser, server, body)
     # Building a schema's index takes up to seconds: off the event loop, and before the request queues.
     constraint = await asyncio.to_thread(_constraint, server, body)
@@ -616,7 +617,6 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
     images = body.images_sent()
     if not images:
         return ()
-    body.check_supported()
     name = server.known_model(body.model)
     if image_inputs(server.tokenizer(name)) is None:
         first = images[0]
@@ -641,7 +641,6 @@ def _tool_parser(server: Served, body: ChatCompletionBody) -> ToolCallParser | N
     """What parses the reply's tool calls (None: the reply is text), once the model's chat template can take them."""
     if not body.tools:
         return None
-    body.check_supported()
     name = server.known_model(body.model)
     renderer = renderer_for(server.tokenizer(name))
     if not renderer.writes_tools:
@@ -672,7 +671,6 @@ def _constraint(server: Served, body: ChatCompletionBody | ResponsesBody):
     kind, schema = body.output_format()
     if kind == "text":
         return None
-    body.check_supported()
     name = server.known_model(body.model)
     try:
         return json_index(server.tokenizer(name), schema)
@@ -689,6 +687,7 @@ def _constraint(server: Served, body: ChatCompletionBody | ResponsesBody):
 async def responses(body: ResponsesBody, request: Request, server: Served = Depends(served)):
     """OpenAI's Responses API, stateless: `instructions` and `input` as a chat request's messages, on the
     same checks and engine."""
+    body.check_supported()
     constraint = await asyncio.to_thread(_constraint, server, body)
     tokenizer = server.tokenizer(server.known_model(body.model))
     images = await asyncio.to_thread(_image_files, server, body)
@@ -710,6 +709,7 @@ async def responses(body: ResponsesBody, request: Request, server: Served = Depe
 async def completions(body: CompletionBody, request: Request, server: Served = Depends(served)):
     """One prompt or a list of them (`CompletionBody.prompt_inputs`), each queued as a request of its own, so their
     rows decode together; prompt i's choices are i * n to i * n + n - 1, as OpenAI orders them."""
+    body.check_supported()
     prompts = body.prompt_inputs()
     tokenizer = server.tokenizer(server.known_model(body.model))
     images = image_inputs(tokenizer)
@@ -916,8 +916,7 @@ async def submit(
 ) -> Generation | Generations:
     """Queue `prompts` (chat's messages, or a completion's prompts), each with `body.n` choices: a `Generation`
     for one prompt, `Generations` for several, whose errors name the prompt (`prompt 2: ...`). `images`: the
-    image files a chat prompt shows (`_image_files`)."""
-    body.check_supported()
+    image files a chat prompt shows (`_image_files`). Its route has checked `body` (`check_supported`)."""
     name = server.known_model(body.model)
     logged = prompts[0] if len(prompts) == 1 else prompts
     note(request, model=name, **({"prompt": logged} if server.observer.log_prompts else {}))
