@@ -1085,14 +1085,18 @@ def test_the_api_startup_line_gives_the_limits_its_inference_uses(tmp_path, monk
     announced = []
     monkeypatch.setattr(listen, "listen", lambda app, sock, announce: announced.append(announce("http://here")))
     options = dict(host="127.0.0.1", port=0, db=None, workers=1, api_keys=[], allowed_models=[], docs=False)
-    assert command.api_command(**options, max_upload_mb=64, max_body_mb=3, max_models=2) == 0
-    [line] = announced
-    assert line.startswith("tuneforge api at http://here/v1 with 1 job worker(s); ")
-    assert line.endswith(
+    options.update(max_upload_mb=64, max_body_mb=3, max_models=2)
+    assert command.api_command(**options, prefix_cache_mb=512) == 0
+    assert command.api_command(**options, prefix_cache_mb=0) == 0
+    cached, uncached = announced
+    assert cached.startswith("tuneforge api at http://here/v1 with 1 job worker(s); ")
+    assert cached.endswith(
         "; inference on up to 2 base model(s) at once, each with its own limits: 32 rows decoded at once, 256 "
         "waiting (then 429), max_tokens 1024 by default for chat and 16 for completions, prompt and reply within "
-        "each model's context window, bodies up to 3 MiB, no request timeout; files uploaded up to 64 MiB"
+        "each model's context window, bodies up to 3 MiB, no request timeout; prefix cache up to 512 MiB per base "
+        "model; files uploaded up to 64 MiB"
     )
+    assert uncached.endswith("no request timeout; prefix cache off; files uploaded up to 64 MiB")
 
 
 def test_a_finished_jobs_events_are_there_as_soon_as_its_status_is(tmp_path):

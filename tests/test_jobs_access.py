@@ -58,6 +58,23 @@ def test_one_model_under_several_names_loads_once_and_bases_are_bounded(tmp_path
         assert not first.engine.stats()["alive"]
 
 
+@pytest.mark.parametrize("prefix_cache_mb", [0, 1])
+def test_the_inference_models_keep_the_prefix_cache_the_operator_sized(tmp_path, tiny_model_dir, prefix_cache_mb):
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    model = str(tiny_model_dir)
+    app = create_api(
+        tmp_path, store, api_keys=[KEY], workers=0, allowed_models=[model], prefix_cache_mb=prefix_cache_mb
+    )
+    with TestClient(app) as http:
+        chat(http, model)
+        again = chat(http, model).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        cache = app.state.service.inference._served[str(tiny_model_dir.resolve())].engine.prefix_cache
+    if prefix_cache_mb:  # the question asked again starts from its keys and values
+        assert again > 0 and cache.max_bytes == 1 << 20
+    else:
+        assert again == 0 and cache is None
+
+
 def _api_serving(tmp_path, model_dir):
     """A jobs service under tmp_path that trains nothing and serves `model_dir` to KEY."""
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")

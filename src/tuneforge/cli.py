@@ -427,6 +427,10 @@ STORE_MAX_COUNT_HELP = (
     "Keep at most this many stored chat completions, all keys together; the oldest go first (default: no bound)."
 )
 LOG_PROMPTS_HELP = "Put prompts' text in the request log (JSON lines on stderr); left out by default."
+PREFIX_CACHE_HELP = (
+    "Memory, in MiB, for the keys and values of prompts seen before, so a prompt starting as one did (a system "
+    "prompt, a conversation's earlier turns) runs only the rest; 0 turns it off."
+)
 
 
 @app.command()
@@ -445,12 +449,7 @@ def serve(
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
     max_batch: int = typer.Option(32, min=1, help="Most rows decoded together; a request takes one per choice (n)."),
     max_waiting: int = typer.Option(256, min=1, help="Most requests waiting for a place; beyond it a 429."),
-    prefix_cache_mb: int = typer.Option(
-        1024,
-        min=0,
-        help="Memory, in MiB, for the keys and values of prompts seen before, so a prompt starting as one did "
-        "(a system prompt, a conversation's earlier turns) runs only the rest; 0 turns it off.",
-    ),
+    prefix_cache_mb: int = typer.Option(1024, min=0, help=PREFIX_CACHE_HELP),
     max_tokens: int = typer.Option(
         1024,
         min=1,
@@ -537,6 +536,7 @@ def api(
     max_models: int = typer.Option(
         2, min=1, help="Base models held in memory for inference; the least recently used go beyond it."
     ),
+    prefix_cache_mb: int = typer.Option(1024, min=0, help=PREFIX_CACHE_HELP + " Each base model held has its own."),
     docs: bool = typer.Option(False, help="Serve /docs and /openapi.json (without a key)."),
     allow_python_graders: bool = typer.Option(
         False,
@@ -563,6 +563,7 @@ def api(
                 max_body_mb=max_body_mb,
                 allowed_models=allow_model or [],
                 max_models=max_models,
+                prefix_cache_mb=prefix_cache_mb,
                 docs=docs,
                 allow_python_graders=allow_python_graders,
                 store_max_age_days=store_max_age_days,

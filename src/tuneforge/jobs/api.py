@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from ..serve import CompletionStore, Retention, completion_routes
+from ..serve.engine import PREFIX_CACHE_MB
 from ..web import Observer, docs_urls, edge
 from .access import ModelAccess
 from .batches import BatchRunner
@@ -57,12 +58,14 @@ def create_api(
     dashboard: bool = True,
     retention: Retention = Retention(),
     log_prompts: bool = False,
+    prefix_cache_mb: int = PREFIX_CACHE_MB,
 ) -> FastAPI:
     """The app; its lifespan starts `workers` job workers (and, with any, the batch runner) and stops them
     (jobs queued again) at the end.
 
     `allowed_models` are the models clients may name besides registry models and their own fine-tuned
-    ones; at most `max_models` base models are held in memory for inference. `allow_python_graders`
+    ones; at most `max_models` base models are held in memory for inference, each with a prefix cache of
+    `prefix_cache_mb` MiB (0: none). `allow_python_graders`
     accepts reinforcement jobs whose grader runs the client's code here. `dashboard` serves the web
     dashboard (`tuneforge.dashboard`) under /ui. Stored chat completions live in the store's database,
     kept as `retention` says; `log_prompts` puts prompts in the request log.
@@ -75,7 +78,9 @@ def create_api(
         store,
         FileStorage(root),
         ModelAccess(store, root / "runs", allowed_models),
-        InferenceModels(max_bases=max_models, observer=observer, completions=completions),
+        InferenceModels(
+            max_bases=max_models, observer=observer, completions=completions, prefix_cache_mb=prefix_cache_mb
+        ),
         max_upload_bytes,
         allow_python_graders,
     )

@@ -40,6 +40,7 @@ def api_command(
     store_max_age_days: float | None = None,
     store_max_count: int | None = None,
     log_prompts: bool = False,
+    prefix_cache_mb: int,
 ) -> int:
     from ..web.listen import bind, listen
     from . import runner
@@ -48,7 +49,7 @@ def api_command(
     runner.start_process_server()  # early: it imports torch and the training code while this process does the rest
     store, root = open_store(db)
     from ..serve import Retention
-    from ..serve.command import served_limits
+    from ..serve.command import prefix_cache_note, served_limits
     from ..web.observe import log_requests_to_stderr
     from .api import create_api
 
@@ -65,6 +66,7 @@ def api_command(
         allow_python_graders=allow_python_graders,
         retention=Retention(store_max_age_days, store_max_count),
         log_prompts=log_prompts,
+        prefix_cache_mb=prefix_cache_mb,
     )
     log_requests_to_stderr()
     inference = app.state.service.inference
@@ -75,14 +77,15 @@ def api_command(
         max_body_mb,
         "within each model's context window",
     )
+    prefix_cache = prefix_cache_note(prefix_cache_mb) + (" per base model" if prefix_cache_mb else "")
     listen(
         app,
         sock,
         lambda url: f"tuneforge api at {url}/v1 with {workers} job worker(s); store {shown_url(store.url)}; files and "
         f"runs under {root}"
         + (" (API key required)" if api_keys else "")
-        + f"; inference on up to {max_models} base model(s) at once, each with its own {limits}; files uploaded up "
-        f"to {max_upload_mb} MiB",
+        + f"; inference on up to {max_models} base model(s) at once, each with its own {limits}; {prefix_cache}; "
+        f"files uploaded up to {max_upload_mb} MiB",
     )
     return 0
 

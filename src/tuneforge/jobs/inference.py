@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..serve import AdapterPool, CompletionStore, Engine, create_app, load_pool
 from ..serve.bodies import DEFAULT_MAX_TOKENS
-from ..serve.engine import MAX_BATCH, MAX_WAITING
+from ..serve.engine import MAX_BATCH, MAX_WAITING, PREFIX_CACHE_MB
 from ..web import Observer
 from .access import InferenceTarget
 
@@ -44,8 +44,10 @@ class InferenceModels:
         *,
         observer: Observer | None = None,
         completions: CompletionStore | None = None,
+        prefix_cache_mb: int = PREFIX_CACHE_MB,
     ):
         self.max_bases, self.max_adapters = max_bases, max_adapters
+        self.prefix_cache_mb = prefix_cache_mb  # each base model's engine's (`Engine`; 0: none)
         # serve's defaults, for each base model's engine and app
         self.max_batch, self.max_waiting, self.default_max_tokens = MAX_BATCH, MAX_WAITING, DEFAULT_MAX_TOKENS
         self.observer, self.completions = observer, completions
@@ -88,7 +90,9 @@ class InferenceModels:
 
     def _build(self, base: str) -> ServedBase:
         pool = load_pool(base, max_loaded=self.max_adapters)
-        engine = Engine(pool, max_batch=self.max_batch, max_waiting=self.max_waiting)
+        engine = Engine(
+            pool, max_batch=self.max_batch, max_waiting=self.max_waiting, prefix_cache_mb=self.prefix_cache_mb
+        )
         # The host has read the body within its own cap (`--max-body-mb`); re-encoded here, it may be longer.
         app = create_app(
             engine,

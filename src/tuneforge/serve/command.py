@@ -94,12 +94,17 @@ def serve_command(
                 if allow_adapter_updates
                 else ""
             )
-            + (f"; prefix cache up to {prefix_cache_mb} MiB" if prefix_cache_mb else "; prefix cache off")
+            + f"; {prefix_cache_note(prefix_cache_mb)}"
             + f"; stored completions in {shown_url(completions.url)}; {limits}",
         )
     finally:
         engine.close()
     return 0
+
+
+def prefix_cache_note(prefix_cache_mb: int) -> str:
+    """The prefix cache's size (`--prefix-cache-mb`), for the startup line."""
+    return f"prefix cache up to {prefix_cache_mb} MiB" if prefix_cache_mb else "prefix cache off"
 
 
 def context_room(window: int | None) -> str:
