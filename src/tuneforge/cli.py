@@ -313,7 +313,8 @@ def eval_(
         ...,
         help="Chat JSONL whose last assistant message is the reference answer (a preference pair's: its chosen reply); "
         "with --grader also prompt rows without one, as GRPO reads them; or raw text (text rows, a .txt or .md "
-        "document), scored by per-token loss, perplexity and accuracy; for a reward model, preference pairs.",
+        "document), scored by per-token loss, perplexity and accuracy; for a reward model, preference pairs; "
+        "multiple-choice questions (MMLU, ARC, HellaSwag, PIQA layouts), scored by each choice's log-likelihood.",
     ),
     compare: str | None = typer.Option(None, help="Also evaluate this model (e.g. the base) side by side."),
     metric: str = typer.Option("auto", help="auto | exact | contains | json_fields | support_triage"),
@@ -332,12 +333,12 @@ def eval_(
     out: Path | None = typer.Option(
         None,
         help="A reward model as MODEL: the folder that gets each pair's two scores (scores.jsonl) and a histogram "
-        "of the margins (margins.png).",
+        "of the margins (margins.png); multiple-choice DATA: each question's results (results.jsonl).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
     """Loss, perplexity and generation metrics of MODEL on DATA, and a grader's scores (--grader); for a reward
-    model, its accuracy and margins on DATA's preference pairs."""
+    model, its accuracy and margins on DATA's preference pairs; on multiple-choice questions, acc and acc_norm."""
     from .eval.command import eval_command
 
     raise typer.Exit(

@@ -6,7 +6,8 @@ data no training touched), and the run report with plots.
     after = evaluate("runs/my-run", "data/test.jsonl")
     write_run_report("runs/my-run", before, after, measure_forgetting("runs/my-run"))
 
-Modules: `evaluate` (data, loss, generation metrics), `forgetting`, `report` (tables, plots, files),
+Modules: `evaluate` (data, loss, generation metrics), `choices` (multiple-choice benchmarks by
+log-likelihood), `forgetting`, `report` (tables, plots, files),
 `command` (the `tuneforge eval` command), `after_training` (a training config's `eval:` section, run
 when training ends).
 """

@@ -8,6 +8,14 @@ import re
 import yaml
 
 from ..errors import ConfigError
+from .choices import (
+    choices_table,
+    compare_choices,
+    evaluate_choices,
+    is_choice_file,
+    refuse_generation_options,
+    write_choice_results,
+)
 from .evaluate import compare as compare_models
 from .evaluate import evaluate
 from .report import examples_table, metrics_table, print_tables
@@ -28,7 +36,8 @@ def eval_command(
     `max_new_tokens` None: `evaluate`'s default. `grader`: a grader object inline, a JSON/YAML file of one,
     or reward functions as FILE.py:FUNCTION (comma-separated for several, summed), which scores the answers
     too. A reward model (a sequence classifier) as MODEL is measured on DATA's preference pairs instead
-    (`eval.reward`); `out`, a folder for its per-pair scores and histogram of margins."""
+    (`eval.reward`); `out`, a folder for its per-pair scores and histogram of margins. Multiple-choice rows
+    (`eval.choices`) are scored by each choice's log-likelihood; `out`, a folder for each question's results."""
     if reward_model(model):
         return _reward_command(
             model,
@@ -41,10 +50,24 @@ def eval_command(
             out=out,
             max_new_tokens=max_new_tokens,
         )
+    if is_choice_file(data):
+        return _choices_command(
+            model,
+            data,
+            compare=compare,
+            json_out=json_out,
+            limit=limit,
+            out=out,
+            given={
+                "--metric": metric != "auto",
+                "--grader": grader is not None,
+                "--max-new-tokens": max_new_tokens is not None,
+            },
+        )
     if out is not None:
         raise ConfigError(
-            f"--out writes a reward model's per-pair scores, but {model} is a text model; leave out --out (--json "
-            "gives every answer and its score)."
+            f"--out writes a reward model's per-pair scores, or each multiple-choice question's results, but "
+            f"{data} holds neither for {model}; leave out --out (--json gives every answer and its score)."
         )
     options = {"metric": metric, "limit": limit, "progress": not json_out}
     if grader is not None:
@@ -66,6 +89,27 @@ def eval_command(
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print_tables(tables)
+    return 0
+
+
+def _choices_command(model, data, *, compare, json_out, limit, out, given) -> int:
+    """`tuneforge eval` on multiple-choice rows: acc and acc_norm, base vs tuned with the paired change."""
+    refuse_generation_options(data, **given)
+    if compare:
+        result = compare_choices(model, compare, data, limit=limit, progress=not json_out)
+        base, tuned = result["base"], result["tuned"]
+        table = choices_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned}, result["difference"])
+    else:
+        result = evaluate_choices(model, data, limit=limit, progress=not json_out)
+        table = choices_table({result["model"]: result})
+    if out is not None:
+        result["files"] = {"results": write_choice_results(out, result)}
+    if json_out:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print_tables([table])
+        if out is not None:
+            print(f"each question's results: {result['files']['results']}")
     return 0
 
 

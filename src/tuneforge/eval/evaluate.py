@@ -546,6 +546,8 @@ def evaluate(
     grader that cannot work on this data is refused before the model loads. With a grader, rows without a
     reference answer (GRPO's prompt rows) are taken too; see `evaluate_loaded` for what is then left out.
     """
+    if choices := _choice_evaluation(data, metric=metric, grader=grader, max_new_tokens=max_new_tokens):
+        return choices.evaluate_choices(model, data, limit=limit, batch_size=batch_size, progress=progress)
     if file_format(data) == "text":
         if grader is not None:
             raise TuneforgeError(
@@ -566,6 +568,22 @@ def evaluate(
         progress=progress,
         grader=grader,
     )
+
+
+def _choice_evaluation(data, *, metric, grader, max_new_tokens):
+    """The `choices` module where `data` holds multiple-choice rows (scored by log-likelihood, so the options
+    of generated answers are refused, naming each); None otherwise."""
+    from . import choices  # it builds on the report's tables, which build on this module
+
+    if not choices.is_choice_file(data):
+        return None
+    choices.refuse_generation_options(
+        str(data),
+        metric=metric != "auto",
+        grader=grader is not None,
+        max_new_tokens=max_new_tokens != DEFAULT_MAX_NEW_TOKENS,
+    )
+    return choices
 
 
 def _checked_inputs(data, limit, metric, grader) -> tuple[list[EvalExample], Grader | None]:
@@ -690,6 +708,8 @@ def compare(
 ) -> dict:
     """`evaluate` for `model` and for `base` on the same data (same options), side by side; documents of raw
     text in `window`-token windows (None: those the tuned model's run trained in)."""
+    if choices := _choice_evaluation(data, metric=metric, grader=grader, max_new_tokens=max_new_tokens):
+        return choices.compare_choices(model, base, data, limit=limit, batch_size=batch_size, progress=progress)
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation
     if file_format(data) == "text":  # documents: per-token loss in the windows the tuned model's run trained
         window = window or trained_window(resolve(model))

@@ -1,0 +1,532 @@
+"""Multiple-choice benchmarks scored by log-likelihood, as lm-evaluation-harness scores them.
+
+    from tuneforge.eval.choices import evaluate_choices
+    result = evaluate_choices("runs/my-run", "mmlu_anatomy.jsonl")
+    result["scores"]["acc"], result["scores"]["acc_norm"], result["samples"][0]["loglikelihoods"]
+
+Each row is a question and its choices; each choice is scored by the log-probability of " CHOICE" as a
+continuation of the question rendered as the harness renders it by default, as raw text (no chat template):
+"Question: QUESTION\\nAnswer:" (its ARC, PIQA and `mmlu_continuation` tasks), HellaSwag's context as its
+task cleans it. `acc` is the share of rows whose most likely choice is the answer; `acc_norm` ranks the
+choices by log-likelihood over the choice's length in characters (the harness's `len(choice)`).
+
+The continuation's tokens are the harness's: the context and context + continuation are encoded, and the
+continuation is what the whole encoding holds past the context's tokens (a trailing space of the context
+moves to the continuation first), so a choice whose first token merges with the context's last character is
+scored on the tokens the model reads.
+
+The layouts read, with no download: `{"question", "choices": [...], "answer": index or the choice's text}`
+(MMLU's too); MMLU's CSV (question, A, B, C, D, answer letter; with that header or none); ARC's
+(`question` as `{stem, choices}` or `question` and `choices` as `{text, label}`, `answerKey`); HellaSwag's
+(`ctx` or `ctx_a`/`ctx_b`, `endings`, `label`); PIQA's (`goal`, `sol1`, `sol2`, `label`); in JSON Lines, a
+JSON array or Parquet (the Hugging Face datasets' files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import Problem
+from ..data.readers import open_rows
+from ..errors import ConfigError, DataError
+from ..fsio import atomic_file
+from ..models import causal_lm, load_text_model, load_tokenizer, resolve, source_context_length
+from ..progress import library_bars, progress_bar
+from ..wording import counted
+from .report import Table, share_interval, share_with_interval
+
+DEFAULT_BATCH_SIZE = 16  # (context, choice) requests per forward
+LETTERS = "ABCDEFGHIJ"
+# MMLU's CSV: the question, a column per choice, the answer's letter.
+MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
+LAYOUTS = (
+    '{"question", "choices": [...], "answer": index or the choice\'s text} (MMLU\'s too); MMLU\'s CSV (question, '
+    'A, B, C, D, answer letter); ARC\'s {"question": {"stem", "choices"}, "answerKey"} or {"question", "choices": '
+    '{"text", "label"}, "answerKey"}; HellaSwag\'s {"ctx", "endings", "label"}; PIQA\'s {"goal", "sol1", "sol2", '
+    '"label"}'
+)
+
+
+@dataclass(frozen=True)
+class ChoiceRow:
+    file: str
+    line: int
+    context: str  # the question as the model reads it
+    choices: tuple[str, ...]
+    answer: int
+    question: str  # the question as the row gives it, for tables
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def choice_layout(row) -> str | None:
+    """The multiple-choice layout a row (or a CSV header's columns) is in; None where it is none."""
+    if isinstance(row, list):
+        return "mmlu_csv" if _mmlu_header(row) or _headerless_mmlu(row) else None
+    if not isinstance(row, dict):
+        return None
+    keys = set(row)
+    if "endings" in keys and keys & {"ctx", "ctx_a"}:
+        return "hellaswag"
+    if {"goal", "sol1", "sol2"} <= keys:
+        return "piqa"
+    if "answerKey" in keys or isinstance(row.get("question"), dict):
+        return "arc"
+    if "question" in keys and "choices" in keys:
+        return "choices"
+    return None
+
+
+def _mmlu_header(columns: list[str]) -> bool:
+    return [c.lower() for c in columns] == [c.lower() for c in MMLU_COLUMNS]
+
+
+def _headerless_mmlu(columns: list[str]) -> bool:
+    """MMLU's own CSV files have no header: a first line of six fields whose last is a letter A-D."""
+    return len(columns) == 6 and columns[-1].strip() in tuple("ABCD")
+
+
+def is_choice_file(path: str | Path) -> bool:
+    """Whether a data file holds multiple-choice rows (judged by its header or first row)."""
+    rows = open_rows(path)
+    if rows.kind == "csv":  # a Parquet file's rows are read whole, as JSON's are
+        return choice_layout(rows.columns) is not None
+    return next((choice_layout(row) is not None for _, row in rows if isinstance(row, dict)), False)
+
+
+def _hellaswag_text(text: str) -> str:
+    """HellaSwag's text as the harness's task cleans it: WikiHow's `[title]` marks and other brackets out."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _label_index(value, labels: list[str], field: str, bad: Callable[[str, str], None]) -> int | None:
+    """The index of `value` among `labels` (ARC's answerKey); None after `bad` is told where it is not."""
+    if str(value) in labels:
+        return labels.index(str(value))
+    bad(field, f"{value!r} is none of the choices' labels ({', '.join(labels)}); give one of them.")
+    return None
+
+
+def _index(value, count: int, field: str, bad: Callable[[str, str], None]) -> int | None:
+    """A 0-based answer index (an int, or a string of digits as HellaSwag's `label`) within `count` choices."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        bad(field, f"must be the answer's index among the choices (0 to {count - 1}), got {value!r}.")
+        return None
+    if not 0 <= value < count:
+        bad(field, f"{value} is out of range: the row has {count} choices, so the answer is 0 to {count - 1}.")
+        return None
+    return value
+
+
+def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list[Problem]:
+    """One row in `layout` as a `ChoiceRow`, or its problems, each naming the file, line and field."""
+    problems: list[Problem] = []
+
+    def bad(field: str, message: str) -> None:
+        problems.append(Problem("bad_choice_row", message, file=file, line=line, field=field))
+
+    def text(field: str, value) -> str:
+        if not isinstance(value, str) or not value.strip():
+            bad(field, f"must be non-empty text, got {value!r}.")
+            return ""
+        return value
+
+    if not isinstance(row, dict) or choice_layout(row) != layout:
+        found = choice_layout(row) if isinstance(row, dict) else None
+        bad(
+            None,
+            f"the row is not in the file's layout ({layout}{f'; it is in {found}' if found else ''}); "
+            f"give every row in one layout: {LAYOUTS}.",
+        )
+        return problems
+    labels: list[str] | None = None
+    if layout == "hellaswag":
+        if "ctx_a" in row:
+            context = f"{text('ctx_a', row['ctx_a'])} {str(row.get('ctx_b', '')).capitalize()}"
+        else:
+            context = text("ctx", row["ctx"])
+        question = context
+        if row.get("activity_label"):
+            context = f"{row['activity_label']}: {context}"
+        context = _hellaswag_text(context)
+        choices_field, choices = "endings", row["endings"]
+        answer_field = "label"
+    elif layout == "piqa":
+        question = text("goal", row["goal"])
+        context = f"Question: {question}\nAnswer:"
+        choices_field, choices = "sol1", [row["sol1"], row["sol2"]]
+        answer_field = "label"
+    elif layout == "arc":
+        stem = row.get("question")
+        choices_field = "question.choices" if isinstance(stem, dict) else "choices"
+        if isinstance(stem, dict):
+            stem, choices = stem.get("stem"), stem.get("choices")
+            question = text("question.stem", stem)
+        else:
+            question, choices = text("question", stem), row.get("choices")
+        if isinstance(choices, list) and all(isinstance(c, dict) for c in choices):  # AI2's [{text, label}]
+            choices = {"text": [c.get("text") for c in choices], "label": [c.get("label") for c in choices]}
+        if not isinstance(choices, dict) or not isinstance(choices.get("text"), list):
+            bad(
+                choices_field,
+                f'must be {{"text": [...], "label": [...]}} or a list of {{text, label}}, got {choices!r}.',
+            )
+            return problems
+        labels = [str(label) for label in choices.get("label") or LETTERS[: len(choices["text"])]]
+        choices = choices["text"]
+        context = f"Question: {question}\nAnswer:"
+        answer_field = "answerKey"
+    else:
+        question = text("question", row["question"])
+        context = f"Question: {question}\nAnswer:"
+        choices_field, choices = "choices", row["choices"]
+        answer_field = "answer"
+    if not isinstance(choices, list) or len(choices) < 2:
+        bad(choices_field, f"must be a list of at least two choices, got {choices!r}.")
+        return problems
+    for i, choice in enumerate(choices):
+        text(f"{choices_field}[{i}]" if layout != "piqa" else f"sol{i + 1}", choice)
+    if answer_field not in row:
+        bad(answer_field, "is missing: give the right choice.")
+        return problems
+    value = row[answer_field]
+    if labels is not None:
+        if len(labels) != len(choices):
+            bad(f"{choices_field}.label", f"has {len(labels)} labels for {len(choices)} choices; give one each.")
+            return problems
+        answer = _label_index(value, labels, answer_field, bad)
+    elif layout == "choices" and isinstance(value, str) and not value.strip().isdigit():
+        # The answer given as the right choice's text.
+        answer = choices.index(value) if value in choices else None
+        if answer is None:
+            bad(answer_field, f"{value!r} is none of the choices; give the right choice's text or its index.")
+    else:
+        answer = _index(value, len(choices), answer_field, bad)
+    if problems:
+        return problems
+    if layout == "hellaswag":
+        choices = [_hellaswag_text(c) for c in choices]
+    return ChoiceRow(file, line, context, tuple(choices), answer, question)
+
+
+def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceRow]:
+    """The first `limit` (all, if None) multiple-choice rows of a file; a bad row is an error that names
+    its file, line and field, all of them listed, before any model loads."""
+    file = str(path)
+    rows = open_rows(path)
+    items = iter(rows)
+    layout = None
+    if rows.kind == "csv":
+        layout = choice_layout(rows.columns)
+        if layout is None:
+            raise DataError(
+                f"{file}: the CSV's columns ({', '.join(rows.columns)}) are not a multiple-choice layout; give "
+                f"MMLU's: {', '.join(MMLU_COLUMNS)} (or its header-less files, six fields a line).",
+                code="bad_choice_row",
+            )
+        if not _mmlu_header(rows.columns):  # MMLU's own files: the first line is a question
+            first = [(1, dict(zip(MMLU_COLUMNS, rows.columns)))]
+            items = iter([*first, *items])
+        items = ((line, _mmlu_row(row, file, line)) for line, row in items)
+    parsed: list[ChoiceRow] = []
+    problems: list[Problem] = []
+    for line, row in items:
+        if isinstance(row, Problem):
+            problems += [row] if row.is_error else []
+            continue
+        if limit is not None and len(parsed) >= limit:
+            break
+        layout = layout or choice_layout(row)
+        result = parse_choice_row(row, "choices" if layout == "mmlu_csv" else layout, file, line)
+        if isinstance(result, ChoiceRow):
+            parsed.append(result)
+        else:
+            problems += result
+    if problems:
+        raise DataError.listing(f"{file}: {counted(len(problems), 'problem')} in the multiple-choice rows", problems)
+    if not parsed:
+        raise DataError(f"{file} has no multiple-choice rows. Give rows in one of: {LAYOUTS}.", code="empty_file")
+    return parsed
+
+
+def _mmlu_row(row, file: str, line: int):
+    """A row of MMLU's CSV as the generic layout (the answer's letter as its index), or its problem."""
+    if isinstance(row, Problem):
+        return row
+    cells = list(row.values())
+    letter = cells[5].strip().upper()
+    if len(letter) != 1 or letter not in "ABCD":
+        return Problem(
+            "bad_choice_row",
+            f"the answer must be the right choice's letter, A, B, C or D, got {cells[5]!r}.",
+            file=file,
+            line=line,
+            field="answer",
+        )
+    return {"question": cells[0], "choices": cells[1:5], "answer": LETTERS.index(letter)}
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The context's and the continuation's tokens as the harness takes them: a trailing space of the context
+    moves to the continuation, and the continuation's tokens are those of the whole past the context's. The
+    context starts with the BOS token where the tokenizer puts one before text by itself (Llama, Gemma)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    with_specials = tokenizer("a")["input_ids"]
+    prefix = [bos] if bos is not None and with_specials and with_specials[0] == bos else []
+    return prefix + context_ids, whole[len(context_ids) :]
+
+
+@torch.inference_mode()
+def loglikelihoods(
+    model,
+    requests: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    advance: Callable[[int], None] = lambda n: None,
+) -> list[float]:
+    """The summed log-probability of each request's continuation tokens after its context tokens, in batches
+    of similar lengths (right-padded)."""
+    lm = causal_lm(model)
+    lm.eval()
+    device = lm.device
+    order = sorted(range(len(requests)), key=lambda i: -sum(map(len, requests[i])))
+    scores = [0.0] * len(requests)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rows = [(requests[i][0] + requests[i][1])[:-1] for i in batch]
+        longest = max(map(len, rows))
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for r, i in enumerate(batch):
+            context, continuation = requests[i]
+            at = len(context) - 1
+            log_probs = logits[r, at : at + len(continuation)].float().log_softmax(-1)
+            targets = torch.tensor(continuation, device=log_probs.device).unsqueeze(-1)
+            scores[i] = log_probs.gather(-1, targets).sum().item()
+        advance(len(batch))
+    return scores
+
+
+def score_rows(
+    model, tokenizer, rows: list[ChoiceRow], *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
+) -> dict:
+    """`acc` and `acc_norm` of a loaded model on `rows`, with their 95% intervals, and each row's result."""
+    requests = [encode_pair(tokenizer, row.context, f" {choice}") for row in rows for choice in row.choices]
+    started = time.perf_counter()
+    with progress_bar("choices", len(requests), progress) as advance:
+        scores = loglikelihoods(model, requests, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
+    samples, at = [], 0
+    for row in rows:
+        lls = scores[at : at + len(row.choices)]
+        at += len(row.choices)
+        normed = [ll / len(choice) for ll, choice in zip(lls, row.choices)]
+        pred, pred_norm = max(range(len(lls)), key=lls.__getitem__), max(range(len(lls)), key=normed.__getitem__)
+        samples.append(
+            {
+                "line": row.line,
+                "input": row.question,
+                "choices": list(row.choices),
+                "answer": row.answer,
+                "loglikelihoods": lls,
+                "prediction": pred,
+                "prediction_norm": pred_norm,
+                "correct": pred == row.answer,
+                "correct_norm": pred_norm == row.answer,
+            }
+        )
+    n = len(samples)
+    figures = {
+        key: sum(s[f"correct{suffix}"] for s in samples) / n for key, suffix in (("acc", ""), ("acc_norm", "_norm"))
+    }
+    return {
+        "n": n,
+        "task": "multiple_choice",
+        "scores": figures,
+        "intervals": {key: list(share_interval(value, n)) for key, value in figures.items()},
+        "seconds": {"scoring": round(time.perf_counter() - started, 2)},
+        "samples": samples,
+    }
+
+
+def _refuse_unscorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> None:
+    """Before the model loads, a question with a choice longer than the model's context (past its window a
+    log-likelihood means nothing), or a choice that leaves no token of its own past the question's (it would
+    score 0, the most likely), is refused, naming its line."""
+    problems = []
+    for row in rows:
+        pairs = [encode_pair(tokenizer, row.context, f" {c}") for c in row.choices]
+        empty = [c for c, (_, continuation) in zip(row.choices, pairs) if not continuation]
+        if empty:
+            problems.append(
+                Problem(
+                    "bad_choice_row",
+                    f"the choice {empty[0]!r} encodes into no token past the question's; reword it.",
+                    file=row.file,
+                    line=row.line,
+                )
+            )
+        longest = max(sum(map(len, pair)) for pair in pairs)
+        if window and longest > window:
+            problems.append(
+                Problem(
+                    "too_long",
+                    f"the question with its longest choice is {longest} tokens, more than the model's context of "
+                    f"{window} tokens; shorten the row or leave it out.",
+                    file=row.file,
+                    line=row.line,
+                )
+            )
+    if problems:
+        raise DataError.listing(
+            f"{rows[0].file}: {counted(len(problems), 'row')} cannot be scored",
+            problems,
+        )
+
+
+def evaluate_choices(
+    model: str,
+    data: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    rows: list[ChoiceRow] | None = None,
+) -> dict:
+    """`acc` and `acc_norm` of `model` (registry name, model folder, adapter, run or checkpoint folder) on the
+    multiple-choice rows of `data`, with their 95% (Wilson) intervals and each row's log-likelihoods."""
+    rows = rows or read_choice_rows(data, limit)
+    source = resolve(model)
+    tokenizer = load_tokenizer(source)
+    _refuse_unscorable(rows, tokenizer, source_context_length(source))
+    with library_bars(progress):
+        loaded = load_text_model(source, "eval")
+    result = score_rows(loaded, tokenizer, rows, batch_size=batch_size, progress=progress)
+    return {"model": source.name, "spec": str(model), "data": str(data), **result}
+
+
+def paired_difference(base: dict, tuned: dict) -> dict:
+    """Per score, tuned minus base over the same rows, with the 95% interval of the paired difference (mean ±
+    1.96 standard errors of each row's difference) and how many rows the tuned model got right that the base
+    got wrong (`gained`) and the reverse (`lost`)."""
+    figures = {}
+    for key, suffix in (("acc", ""), ("acc_norm", "_norm")):
+        pairs = [(b[f"correct{suffix}"], t[f"correct{suffix}"]) for b, t in zip(base["samples"], tuned["samples"])]
+        differences = [int(t) - int(b) for b, t in pairs]
+        n = len(differences)
+        mean = sum(differences) / n
+        spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / max(n - 1, 1))
+        half = 1.96 * spread / math.sqrt(n)
+        figures[key] = {
+            "change": mean,
+            "interval": [mean - half, mean + half],
+            "gained": sum(t and not b for b, t in pairs),
+            "lost": sum(b and not t for b, t in pairs),
+        }
+    return figures
+
+
+def compare_choices(
+    model: str,
+    base: str,
+    data: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict:
+    """`evaluate_choices` for `model` and `base` on the same rows, side by side, and the paired difference."""
+    resolve(base)  # a base that cannot be found fails now, not after the first evaluation
+    rows = read_choice_rows(data, limit)
+    options = {"batch_size": batch_size, "progress": progress, "rows": rows}
+    tuned_result = evaluate_choices(model, data, **options)
+    base_result = evaluate_choices(base, data, **options)
+    samples = [
+        {
+            "line": b["line"],
+            "input": b["input"],
+            "choices": b["choices"],
+            "answer": b["answer"],
+            "base": {k: b[k] for k in ("loglikelihoods", "prediction", "prediction_norm", "correct", "correct_norm")},
+            "tuned": {k: t[k] for k in ("loglikelihoods", "prediction", "prediction_norm", "correct", "correct_norm")},
+        }
+        for b, t in zip(base_result["samples"], tuned_result["samples"])
+    ]
+    return {
+        "base": base_result,
+        "tuned": tuned_result,
+        "difference": paired_difference(base_result, tuned_result),
+        "samples": samples,
+    }
+
+
+def choices_table(results: dict[str, dict], difference: dict | None = None) -> Table:
+    """`acc` and `acc_norm` of one or two evaluations with their 95% intervals; with two, the paired change."""
+    first = next(iter(results.values()))
+    n = first["n"]
+    rows = []
+    for key in ("acc", "acc_norm"):
+        row = [key, *(share_with_interval(r["scores"][key], n) for r in results.values())]
+        if difference:
+            d = difference[key]
+            low, high = d["interval"]
+            row.append(
+                f"{d['change'] * 100:+.1f} pts ({low * 100:+.1f} to {high * 100:+.1f}); "
+                f"{d['gained']} gained, {d['lost']} lost"
+            )
+        rows.append(row)
+    columns = ["metric", *results] + (["change (paired)"] if difference else [])
+    caption = (
+        "log-likelihood of each choice after the question (raw text, as lm-evaluation-harness scores it); acc: "
+        "the most likely choice is right; acc_norm: the same, each log-likelihood over the choice's length in "
+        "characters; 95% intervals Wilson's"
+        + ("; change: tuned minus base on the same rows, mean ± 1.96 standard errors" if difference else "")
+    )
+    return Table(f"multiple choice on {counted(n, 'question')} of {Path(first['data']).name}", columns, rows, caption)
+
+
+def write_choice_results(folder: str | Path, result: dict) -> str:
+    """`results.jsonl` in `folder` (each row: its line, choices, answer, and each model's log-likelihoods and
+    predictions), written atomically; its path."""
+    path = Path(folder) / "results.jsonl"
+    with atomic_file(path) as f:
+        for sample in result["samples"]:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def refuse_generation_options(data: str, **given: bool) -> None:
+    """The options that concern generated answers do not apply to multiple-choice rows: refused, naming each."""
+    refused = [name for name, set_ in given.items() if set_]
+    if refused:
+        raise ConfigError(
+            f"{data} holds multiple-choice questions, scored by each choice's log-likelihood with no answer "
+            f"generated, so {', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply; leave "
+            f"{'it' if len(refused) == 1 else 'them'} out."
+        )

@@ -1,0 +1,201 @@
+"""Multiple-choice benchmarks in `tuneforge eval`: the layouts read, bad rows refused, and the scores against
+each choice's summed log-probabilities computed here with transformers, as lm-evaluation-harness computes them."""
+
+import json
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+import torch
+
+from tuneforge.errors import ConfigError, DataError
+from tuneforge.eval import compare, eval_command, evaluate
+from tuneforge.eval.choices import encode_pair, is_choice_file, loglikelihoods, read_choice_rows
+from tuneforge.models import load_model, load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUESTIONS = [
+    {"question": "What is two plus two?", "choices": ["four", "five", "the lazy dog"], "answer": 0},
+    {"question": "How do I reset my password?", "choices": ["web console", "brown fox"], "answer": "web console"},
+    {"question": "Hello, how are you?", "choices": ["fine, thank you", "urgent", "database", "outage"], "answer": 3},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """The harness's log-likelihood, from plain logits: the continuation's tokens are those of the whole
+    encoding past the context's, read after the context's own tokens."""
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ids = context_ids + whole[len(context_ids) :]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    log_probs = logits.log_softmax(-1)
+    return sum(log_probs[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids)))
+
+
+def test_scores_equal_summed_log_probabilities(tiny_model_dir, tmp_path):
+    """Each choice's log-likelihood is " CHOICE" after "Question: ...\\nAnswer:", batched as one; acc takes the
+    most likely choice, acc_norm divides by the choice's length in characters."""
+    data = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    result = evaluate(str(tiny_model_dir), data, progress=False)
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    right = right_norm = 0
+    for row, sample in zip(QUESTIONS, result["samples"]):
+        context = f"Question: {row['question']}\nAnswer:"
+        expected = [direct_loglikelihood(model, tokenizer, context, f" {c}") for c in row["choices"]]
+        assert sample["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+        answer = row["answer"] if isinstance(row["answer"], int) else row["choices"].index(row["answer"])
+        assert sample["answer"] == answer
+        right += max(range(len(expected)), key=expected.__getitem__) == answer
+        normed = [ll / len(c) for ll, c in zip(expected, row["choices"])]
+        right_norm += max(range(len(normed)), key=normed.__getitem__) == answer
+    assert result["scores"] == {"acc": right / 3, "acc_norm": right_norm / 3}
+    low, high = result["intervals"]["acc"]
+    assert low <= result["scores"]["acc"] <= high
+
+
+def test_a_choice_merged_with_the_context_is_scored_on_the_whole_encoding(tiny_model_dir):
+    """ "The qu" + "ick brown" encodes as "The quick brown": the continuation is what the whole encoding holds
+    past the context's tokens (" brown"), read after the context's own tokens, as the harness takes it; a
+    trailing space of the context moves to the continuation."""
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    context, continuation = "The qu", "ick brown"
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    assert len(whole) == len(context_ids) + 1 and whole[len(context_ids) - 1] != context_ids[-1]  # "Ġquick"
+    pairs = [encode_pair(tokenizer, context, continuation), encode_pair(tokenizer, "What is two plus ", "two")]
+    assert pairs[0] == (context_ids, tokenizer(" brown", add_special_tokens=False)["input_ids"])
+    assert pairs[1][1] == tokenizer(" two", add_special_tokens=False)["input_ids"]
+    scores = loglikelihoods(model, pairs, tokenizer.pad_token_id, batch_size=2)
+    assert scores[0] == pytest.approx(direct_loglikelihood(model, tokenizer, context, continuation), abs=1e-4)
+    assert scores[1] == pytest.approx(direct_loglikelihood(model, tokenizer, "What is two plus", " two"), abs=1e-4)
+
+
+def test_layouts_read_as_the_benchmarks_ship_them(tmp_path):
+    """MMLU's JSON and its header-less CSV, ARC's two shapes, HellaSwag's and PIQA's rows, each rendered as
+    the harness renders its task."""
+    mmlu_csv = tmp_path / "anatomy_test.csv"
+    mmlu_csv.write_text('"What is 2+2?",3,4,5,6,B\nWhich bone?,femur,skull,rib,ulna,A\n')
+    rows = read_choice_rows(mmlu_csv)
+    assert [(r.line, r.choices, r.answer) for r in rows] == [
+        (1, ("3", "4", "5", "6"), 1),
+        (2, ("femur", "skull", "rib", "ulna"), 0),
+    ]
+    assert rows[0].context == "Question: What is 2+2?\nAnswer:"
+    headed = tmp_path / "headed.csv"
+    headed.write_text('question,A,B,C,D,answer\n"What is 2+2?",3,4,5,6,B\n')
+    assert read_choice_rows(headed)[0].answer == 1
+    arc = write_jsonl(
+        tmp_path / "arc.jsonl",
+        [
+            {
+                "question": {
+                    "stem": "Which is a gas?",
+                    "choices": [{"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}],
+                },
+                "answerKey": "B",
+            },
+            {
+                "question": "Which is a metal?",
+                "choices": {"text": ["iron", "wood"], "label": ["1", "2"]},
+                "answerKey": "1",
+            },
+        ],
+    )
+    assert [(r.context, r.choices, r.answer) for r in read_choice_rows(arc)] == [
+        ("Question: Which is a gas?\nAnswer:", ("ice", "steam"), 1),
+        ("Question: Which is a metal?\nAnswer:", ("iron", "wood"), 0),
+    ]
+    hellaswag = write_jsonl(
+        tmp_path / "hellaswag.jsonl",
+        [
+            {
+                "activity_label": "Baking cookies",
+                "ctx_a": "A woman mixes flour.",
+                "ctx_b": "she",
+                "ctx": "A woman mixes flour. she",
+                "endings": ["bakes the dough [title] Step two.", "swims."],
+                "label": "0",
+            }
+        ],
+    )
+    row = read_choice_rows(hellaswag)[0]
+    assert (row.context, row.choices, row.answer) == (
+        "Baking cookies: A woman mixes flour. She",
+        ("bakes the dough. Step two.", "swims."),
+        0,
+    )
+    parquet = tmp_path / "mmlu_anatomy.parquet"  # the Hugging Face dataset's file, a column of lists
+    pyarrow.parquet.write_table(
+        pyarrow.Table.from_pylist(
+            [{"question": "Which bone?", "subject": "anatomy", "choices": ["femur", "rib"], "answer": 1}]
+        ),
+        parquet,
+    )
+    assert is_choice_file(parquet) and read_choice_rows(parquet)[0].choices == ("femur", "rib")
+    piqa = write_jsonl(tmp_path / "piqa.jsonl", [{"goal": "Open a jar", "sol1": "twist", "sol2": "sing", "label": 0}])
+    assert read_choice_rows(piqa)[0].choices == ("twist", "sing")
+
+
+def test_bad_rows_are_refused_with_file_line_and_field(tmp_path):
+    data = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            QUESTIONS[0],
+            {"question": "Q?", "choices": ["a"], "answer": 0},
+            {"question": "Q?", "choices": ["a", "b"], "answer": 2},
+            {"question": "Q?", "choices": ["a", "b"], "answer": "c"},
+            {"question": "Q?", "choices": ["a", "b"]},
+        ],
+    )
+    with pytest.raises(DataError) as err:
+        read_choice_rows(data)
+    message = str(err.value)
+    assert f"{data}:2" in message
+    for line, field in ((2, "choices"), (3, "answer"), (4, "answer"), (5, "answer")):
+        assert any(p.line == line and p.field == field for p in err.value.problems), (line, field, message)
+    assert "out of range" in message and "none of the choices" in message and "is missing" in message
+
+
+def test_command_compares_with_paired_difference_and_writes_rows(tiny_model_dir, tmp_path, capsys):
+    """--compare gives both models and the paired change; --out each question's results; --limit; and the
+    options of generated answers are refused, named."""
+    from peft import LoraConfig, get_peft_model
+
+    adapter = tmp_path / "adapter"
+    torch.manual_seed(1)
+    peft_model = get_peft_model(
+        load_model(str(tiny_model_dir)),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, lora_alpha=64),
+    )
+    peft_model.save_pretrained(adapter)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(adapter)
+    data = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    result = compare(str(adapter), str(tiny_model_dir), data, limit=2, progress=False)
+    assert result["base"]["n"] == result["tuned"]["n"] == 2
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    context = f"Question: {QUESTIONS[0]['question']}\nAnswer:"
+    expected = direct_loglikelihood(peft_model.eval(), tokenizer, context, " four")
+    assert result["tuned"]["samples"][0]["loglikelihoods"][0] == pytest.approx(expected, abs=1e-4)
+    assert result["tuned"]["samples"][0]["loglikelihoods"] != result["base"]["samples"][0]["loglikelihoods"]
+    base_right = [s["correct"] for s in result["base"]["samples"]]
+    tuned_right = [s["correct"] for s in result["tuned"]["samples"]]
+    assert result["difference"]["acc"]["change"] == (sum(tuned_right) - sum(base_right)) / 2
+    assert result["difference"]["acc"]["gained"] == sum(t and not b for b, t in zip(base_right, tuned_right))
+
+    out = tmp_path / "out"
+    assert eval_command(str(adapter), str(data), compare=str(tiny_model_dir), out=str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "acc_norm" in printed and "change (paired)" in printed and "results.jsonl" in printed
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["line"] for row in lines] == [1, 2, 3]
+    assert set(lines[0]["base"]) >= {"loglikelihoods", "correct", "correct_norm"}
+
+    with pytest.raises(ConfigError, match="--metric, --max-new-tokens do not apply"):
+        eval_command(str(tiny_model_dir), str(data), metric="exact", max_new_tokens=4)
