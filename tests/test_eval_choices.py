@@ -7,11 +7,13 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
+from conftest import tiny_run_config
 
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import compare, eval_command, evaluate
 from tuneforge.eval.choices import encode_pair, is_choice_file, loglikelihoods, read_choice_rows
 from tuneforge.models import load_model, load_tokenizer
+from tuneforge.pipeline import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,3 +201,22 @@ def test_command_compares_with_paired_difference_and_writes_rows(tiny_model_dir,
 
     with pytest.raises(ConfigError, match="--metric, --max-new-tokens do not apply"):
         eval_command(str(tiny_model_dir), str(data), metric="exact", max_new_tokens=4)
+
+
+def test_after_training_scores_benchmarks_base_vs_tuned(tiny_model_dir, triage_data, tmp_path):
+    """eval.benchmarks: a bad row is refused before training, naming file, line and field; a good file is scored
+    on the base and the final model into the metrics, the report's tables and eval/benchmark_NAME.*."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [QUESTIONS[0], {"question": "Q?", "choices": ["a", "b"], "answer": 7}])
+    config = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    with pytest.raises(DataError, match=r"bad.jsonl:2 answer: .*out of range"):
+        train({**config, "eval": {"benchmarks": [str(bad)]}}, progress=False)
+    assert not (tmp_path / "run").exists()
+    quiz = write_jsonl(tmp_path / "house-quiz.jsonl", QUESTIONS)
+    result = train({**config, "eval": {"benchmarks": [str(quiz)]}}, progress=False)
+    figures = json.loads((tmp_path / "run" / "eval" / "benchmark_house_quiz.json").read_text())
+    assert result.metrics["benchmark_house_quiz_acc"] == figures["tuned"]["scores"]["acc"]
+    assert result.metrics["benchmark_house_quiz_acc_norm"] == figures["tuned"]["scores"]["acc_norm"]
+    assert set(figures["difference"]) == {"acc", "acc_norm"}
+    rows = (tmp_path / "run" / "eval" / "benchmark_house_quiz.jsonl").read_text().splitlines()
+    assert [json.loads(r)["line"] for r in rows] == [1, 2, 3]
+    assert "change (paired)" in (tmp_path / "run" / "eval" / "report.html").read_text()

@@ -784,6 +784,11 @@ class EvalConfig(Strict):
         "JSON/YAML file with one, or reward functions as FILE.py:FUNCTION); a grpo run's default is grpo.grader",
     )
     forgetting: bool = Field(False, description="measure base vs final model on general data no training touches")
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="multiple-choice benchmark files (MMLU, ARC, HellaSwag, PIQA layouts, or your own quiz) the base "
+        "and the final model are scored on by log-likelihood, side by side: acc, acc_norm and the paired change",
+    )
 
 
 class Config(Strict):
@@ -1555,6 +1560,9 @@ def _resolve_relative_paths(raw: dict, base_dir: Path, source: str = "config", p
         # A reward function, FILE.py:FUNCTION, has its file read against the config's folder.
         file, colon, function = p.rpartition(":") if isinstance(p, str) else ("", "", "")
         return f"{fix(file, key)}:{function}" if colon and file.endswith(".py") else fix(p, key)
+
+    if isinstance(raw.get("eval"), dict) and isinstance(raw["eval"].get("benchmarks"), list):
+        raw["eval"]["benchmarks"] = [fix(p, f"eval.benchmarks.{i}") for i, p in enumerate(raw["eval"]["benchmarks"])]
 
     for name in ("grpo", "eval"):
         section = raw.get(name)

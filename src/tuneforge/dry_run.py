@@ -506,7 +506,8 @@ def after_training(cfg) -> str:
     asked = (
         [f"{cfg.eval.task}{grader} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []
     ) + (["forgetting, base vs tuned"] if cfg.eval.forgetting else [])
-    return ", ".join(asked) or "nothing (see eval.task, eval.forgetting)"
+    asked += [f"multiple choice on {Path(b).name}, base vs tuned" for b in cfg.eval.benchmarks]
+    return ", ".join(asked) or "nothing (see eval.task, eval.forgetting, eval.benchmarks)"
 
 
 def time_row(estimate: dict) -> str:

@@ -11,6 +11,8 @@
   With a grader the validation file may be GRPO's prompt rows, without reference answers: `eval.task: auto`
   then leaves the loss and metric out and the grader's scores are the evaluation (`evaluate.evaluate_loaded`).
 - `eval.forgetting: true`: base vs final model on the general sets no training touches (`forgetting.py`).
+- `eval.benchmarks` (multiple-choice files): base vs final model scored by each choice's log-likelihood
+  (`choices.py`), acc and acc_norm with the paired change; metrics `benchmark_NAME_acc`, `benchmark_NAME_acc_norm`.
 
 Both land in the run folder's `eval/` and its `report.html` (with the loss curves), are printed as
 tables, and their headline figures join the run's final metrics (`summary.json`,
@@ -28,6 +30,7 @@ from ..errors import ConfigError
 from ..graders import load_grader
 from ..models import load_model, load_tokenizer, resolve, run_tokenizer, source_context_length
 from ..tasks.metrics import METRICS
+from .choices import benchmark_name, check_scorable, read_choice_rows, score_rows, side_by_side
 from .evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     check_grader,
@@ -45,7 +48,8 @@ def check_eval_inputs(cfg) -> None:
     is a conversation that ends in its reference answer that fits the base model's context, and the metric
     can score against every reference (else an error naming file, line and field), and its grader
     (`eval_grader`) can score the rows (else an error naming the grader and the row); with `eval.forgetting`,
-    the general sets fit the base model's context."""
+    the general sets fit the base model's context; with `eval.benchmarks`, each file's rows are multiple-choice
+    questions that fit it (else an error naming file, line and field), no two files under one metric name."""
     if cfg.eval.task:
         if cfg.eval.task != "auto" and cfg.eval.task not in METRICS:
             raise ConfigError(
@@ -62,6 +66,15 @@ def check_eval_inputs(cfg) -> None:
             # The final model's tokenizer, which the evaluation renders with: the base's, with the run's template.
             tokenizer = run_tokenizer(cfg, source)
             render_within_window(examples, tokenizer, source_context_length(source), cfg.data.train_on)
+    names = [benchmark_name(path) for path in cfg.eval.benchmarks]
+    for i, (path, name) in enumerate(zip(cfg.eval.benchmarks, names)):
+        if names.index(name) != i:
+            raise ConfigError(
+                f"{cfg.key_at(f'eval.benchmarks.{i}')}: {path} and {cfg.eval.benchmarks[names.index(name)]} would "
+                f"both report as benchmark_{name}; rename one of the files."
+            )
+        source = resolve(cfg.base_model)
+        check_scorable(read_choice_rows(path), run_tokenizer(cfg, source), source_context_length(source))
     if cfg.eval.forgetting:
         source = resolve(cfg.base_model)
         window, needed = source_context_length(source), positions_needed(run_tokenizer(cfg, source))
@@ -141,9 +154,24 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
             metrics[f"grader_{figures['name']}"] = figures["mean"]
             if "pass_rate" in figures:
                 metrics[f"grader_{figures['name']}_passed"] = figures["pass_rate"]
-    report = write_run_report(run_dir, results["base"], results["tuned"], forgetting)
+    benchmarks = []
+    for path in cfg.eval.benchmarks:
+        rows = read_choice_rows(path)
+        sides = {}
+        for side in ("base", "tuned"):
+            with getattr(pair, side)() as model:
+                sides[side] = {
+                    "model": names[side],
+                    "spec": specs[side],
+                    "data": str(path),
+                    **score_rows(model, tokenizer, rows, progress=progress),
+                }
+        benchmarks.append({"name": benchmark_name(path), **side_by_side(sides["base"], sides["tuned"])})
+        for score, value in sides["tuned"]["scores"].items():
+            metrics[f"benchmark_{benchmark_name(path)}_{score}"] = value
+    report = write_run_report(run_dir, results["base"], results["tuned"], forgetting, benchmarks=benchmarks)
     if progress:
         # The tables, then where their plots (loss curves, base vs tuned scores) are.
-        print_tables(report_tables(results["base"], results["tuned"], forgetting))
+        print_tables(report_tables(results["base"], results["tuned"], forgetting, benchmarks=benchmarks))
         print(f"report with plots: {report}")
     return metrics

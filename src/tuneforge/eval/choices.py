@@ -41,7 +41,7 @@ from ..fsio import atomic_file
 from ..models import causal_lm, load_text_model, load_tokenizer, resolve, source_context_length
 from ..progress import library_bars, progress_bar
 from ..wording import counted
-from .report import Table, share_interval, share_with_interval
+from .report import share_interval
 
 DEFAULT_BATCH_SIZE = 16  # (context, choice) requests per forward
 LETTERS = "ABCDEFGHIJ"
@@ -375,7 +375,7 @@ def score_rows(
     }
 
 
-def _refuse_unscorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> None:
+def check_scorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> None:
     """Before the model loads, a question with a choice longer than the model's context (past its window a
     log-likelihood means nothing), or a choice that leaves no token of its own past the question's (it would
     score 0, the most likely), is refused, naming its line."""
@@ -424,7 +424,7 @@ def evaluate_choices(
     rows = rows or read_choice_rows(data, limit)
     source = resolve(model)
     tokenizer = load_tokenizer(source)
-    _refuse_unscorable(rows, tokenizer, source_context_length(source))
+    check_scorable(rows, tokenizer, source_context_length(source))
     with library_bars(progress):
         loaded = load_text_model(source, "eval")
     result = score_rows(loaded, tokenizer, rows, batch_size=batch_size, progress=progress)
@@ -466,49 +466,30 @@ def compare_choices(
     rows = read_choice_rows(data, limit)
     options = {"batch_size": batch_size, "progress": progress, "rows": rows}
     tuned_result = evaluate_choices(model, data, **options)
-    base_result = evaluate_choices(base, data, **options)
+    return side_by_side(evaluate_choices(base, data, **options), tuned_result)
+
+
+def side_by_side(base: dict, tuned: dict) -> dict:
+    """Two evaluations of the same rows: both, the paired difference, and each row's results joined."""
+    keys = ("loglikelihoods", "prediction", "prediction_norm", "correct", "correct_norm")
     samples = [
         {
             "line": b["line"],
             "input": b["input"],
             "choices": b["choices"],
             "answer": b["answer"],
-            "base": {k: b[k] for k in ("loglikelihoods", "prediction", "prediction_norm", "correct", "correct_norm")},
-            "tuned": {k: t[k] for k in ("loglikelihoods", "prediction", "prediction_norm", "correct", "correct_norm")},
+            "base": {k: b[k] for k in keys},
+            "tuned": {k: t[k] for k in keys},
         }
-        for b, t in zip(base_result["samples"], tuned_result["samples"])
+        for b, t in zip(base["samples"], tuned["samples"])
     ]
-    return {
-        "base": base_result,
-        "tuned": tuned_result,
-        "difference": paired_difference(base_result, tuned_result),
-        "samples": samples,
-    }
+    return {"base": base, "tuned": tuned, "difference": paired_difference(base, tuned), "samples": samples}
 
 
-def choices_table(results: dict[str, dict], difference: dict | None = None) -> Table:
-    """`acc` and `acc_norm` of one or two evaluations with their 95% intervals; with two, the paired change."""
-    first = next(iter(results.values()))
-    n = first["n"]
-    rows = []
-    for key in ("acc", "acc_norm"):
-        row = [key, *(share_with_interval(r["scores"][key], n) for r in results.values())]
-        if difference:
-            d = difference[key]
-            low, high = d["interval"]
-            row.append(
-                f"{d['change'] * 100:+.1f} pts ({low * 100:+.1f} to {high * 100:+.1f}); "
-                f"{d['gained']} gained, {d['lost']} lost"
-            )
-        rows.append(row)
-    columns = ["metric", *results] + (["change (paired)"] if difference else [])
-    caption = (
-        "log-likelihood of each choice after the question (raw text, as lm-evaluation-harness scores it); acc: "
-        "the most likely choice is right; acc_norm: the same, each log-likelihood over the choice's length in "
-        "characters; 95% intervals Wilson's"
-        + ("; change: tuned minus base on the same rows, mean ± 1.96 standard errors" if difference else "")
-    )
-    return Table(f"multiple choice on {counted(n, 'question')} of {Path(first['data']).name}", columns, rows, caption)
+def benchmark_name(path: str | Path) -> str:
+    """A benchmark file's name in metrics (`benchmark_NAME_acc`) and the run's eval/ folder: its stem, each run of
+    other characters than letters, digits and _ as one _."""
+    return re.sub(r"\W+", "_", Path(path).name.split(".")[0]).strip("_") or "file"
 
 
 def write_choice_results(folder: str | Path, result: dict) -> str:

@@ -9,7 +9,6 @@ import yaml
 
 from ..errors import ConfigError
 from .choices import (
-    choices_table,
     compare_choices,
     evaluate_choices,
     is_choice_file,
@@ -18,7 +17,7 @@ from .choices import (
 )
 from .evaluate import compare as compare_models
 from .evaluate import evaluate
-from .report import examples_table, metrics_table, print_tables
+from .report import choices_table, examples_table, metrics_table, print_tables
 
 
 def eval_command(

@@ -243,6 +243,31 @@ def metrics_table(results: dict[str, dict]) -> Table:
     return Table(f"{scored_by} on {first['n']} examples of {Path(first['data']).name}", columns, rows, caption)
 
 
+def choices_table(results: dict[str, dict], difference: dict | None = None) -> Table:
+    """`acc` and `acc_norm` of one or two evaluations with their 95% intervals; with two, the paired change."""
+    first = next(iter(results.values()))
+    n = first["n"]
+    rows = []
+    for key in ("acc", "acc_norm"):
+        row = [key, *(share_with_interval(r["scores"][key], n) for r in results.values())]
+        if difference:
+            d = difference[key]
+            low, high = d["interval"]
+            row.append(
+                f"{d['change'] * 100:+.1f} pts ({low * 100:+.1f} to {high * 100:+.1f}); "
+                f"{d['gained']} gained, {d['lost']} lost"
+            )
+        rows.append(row)
+    columns = ["metric", *results] + (["change (paired)"] if difference else [])
+    caption = (
+        "log-likelihood of each choice after the question (raw text, as lm-evaluation-harness scores it); acc: "
+        "the most likely choice is right; acc_norm: the same, each log-likelihood over the choice's length in "
+        "characters; 95% intervals Wilson's"
+        + ("; change: tuned minus base on the same rows, mean ± 1.96 standard errors" if difference else "")
+    )
+    return Table(f"multiple choice on {counted(n, 'question')} of {Path(first['data']).name}", columns, rows, caption)
+
+
 def _widest_interval(n: int) -> float:
     """Half the width of the 95% interval of a share of `n` examples at 50%, where it is widest."""
     low, high = share_interval(0.5, n)
@@ -331,8 +356,11 @@ def report_tables(
     forgetting: dict | None = None,
     targets: list[dict] | None = None,
     facts: dict[str, str] | None = None,
+    *,
+    benchmarks: list[dict] | None = None,
 ) -> list[Table]:
-    """Every table of the report, in order; the terminal prints the same list."""
+    """Every table of the report, in order; the terminal prints the same list. `benchmarks`: multiple-choice
+    evaluations, base vs tuned (`choices.side_by_side`, with the benchmark's `name`)."""
     tables = [facts_table(facts)] if facts else []
     if targets:
         tables.append(targets_table(targets))
@@ -340,6 +368,8 @@ def report_tables(
         tables.append(metrics_table({"base": before, "tuned": after}))
     if forgetting:
         tables.append(forgetting_table(forgetting))
+    for b in benchmarks or []:
+        tables.append(choices_table({"base": b["base"], "tuned": b["tuned"]}, b["difference"]))
     if before:
         tables.append(examples_table(side_by_side(before, after)))
     return tables
@@ -638,11 +668,15 @@ def write_run_report(
     forgetting: dict | None = None,
     targets: list[dict] | None = None,
     facts: dict[str, str] | None = None,
+    *,
+    benchmarks: list[dict] | None = None,
 ) -> Path:
-    """Write the evaluation files and report of a run (see the module doc); returns report.html."""
+    """Write the evaluation files and report of a run (see the module doc); returns report.html. Each of
+    `benchmarks` (multiple choice, base vs tuned) writes `benchmark_NAME.json` (figures and paired change) and
+    `benchmark_NAME.jsonl` (each question's results)."""
     run_dir = Path(run_dir)
     plots = training_plots(read_metrics(run_dir))
-    tables = report_tables(before, after, forgetting, targets, facts)
+    tables = report_tables(before, after, forgetting, targets, facts, benchmarks=benchmarks)
     if (rollouts := rollouts_table(run_dir)) is not None:
         tables.append(rollouts)
     # The folder is replaced whole: an evaluation killed midway, or one that measures less, leaves none
@@ -657,6 +691,12 @@ def write_run_report(
             plots.append(scores_plot(before, after))
         if forgetting:
             write_json(out / "forgetting.json", forgetting)
+        for b in benchmarks or []:
+            name = b["name"]
+            figures = {side: _without_samples(b[side]) for side in ("base", "tuned")}
+            write_json(out / f"benchmark_{name}.json", {**figures, "difference": b["difference"]})
+            with atomic_file(out / f"benchmark_{name}.jsonl") as f:
+                f.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in b["samples"])
         with atomic_file(out / "report.html") as f:
             f.write(render_html(f"tuneforge report: {run_dir.name}", tables, plots))
     return run_dir / "eval" / "report.html"
