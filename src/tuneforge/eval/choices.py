@@ -36,8 +36,10 @@ import torch
 
 from ..data import Problem
 from ..data.readers import open_rows
+from ..data.schema import IGNORE_INDEX
 from ..errors import ConfigError, DataError
 from ..fsio import atomic_file
+from ..methods.sft import trained_logits
 from ..models import causal_lm, load_text_model, load_tokenizer, resolve, source_context_length
 from ..progress import library_bars, progress_bar
 from ..wording import counted
@@ -308,7 +310,8 @@ def loglikelihoods(
     advance: Callable[[int], None] = lambda n: None,
 ) -> list[float]:
     """The summed log-probability of each request's continuation tokens after its context tokens, in batches
-    of similar lengths (right-padded)."""
+    of similar lengths (right-padded). The output layer runs at the continuation's positions alone, so a batch
+    holds logits for those tokens, not for every position times the vocabulary."""
     lm = causal_lm(model)
     lm.eval()
     device = lm.device
@@ -320,16 +323,20 @@ def loglikelihoods(
         longest = max(map(len, rows))
         ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for r, row in enumerate(rows):
+        # The token each position predicts, where it is a continuation's; IGNORE_INDEX elsewhere.
+        targets = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        for r, (row, i) in enumerate(zip(rows, batch)):
+            context, continuation = requests[i]
             ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
-        logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for r, i in enumerate(batch):
-            context, continuation = requests[i]
-            at = len(context) - 1
-            log_probs = logits[r, at : at + len(continuation)].float().log_softmax(-1)
-            targets = torch.tensor(continuation, device=log_probs.device).unsqueeze(-1)
-            scores[i] = log_probs.gather(-1, targets).sum().item()
+            targets[r, len(context) - 1 : len(row)] = torch.tensor(continuation)
+        logits = trained_logits(lm, ids.to(device), targets.to(device), attention_mask=mask.to(device))
+        picked = logits.log_softmax(-1).gather(-1, targets[targets != IGNORE_INDEX].to(device).unsqueeze(-1))
+        at = 0
+        for i in batch:
+            length = len(requests[i][1])
+            scores[i] = picked[at : at + length].sum().item()
+            at += length
         advance(len(batch))
     return scores
 
