@@ -132,6 +132,17 @@ def test_bad_images_are_refused_by_line_and_field(tmp_path, url, says):
     assert says in problems[0].message
 
 
+@pytest.mark.parametrize("side", [40, 100])  # Pillow warns from its limit and refuses to open from twice it
+def test_an_image_over_pillows_pixel_limit_is_refused_by_line_and_field(tmp_path, monkeypatch, side):
+    import PIL.Image
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb's size, at small sizes
+    rows = [image_row(RED, "It is red.", (30, 30)), image_row(RED, "It is red.", (side, side))]
+    problems = [p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", rows)) if hasattr(p, "code")]
+    assert [(p.code, p.line, p.field) for p in problems] == [("bad_image", 2, "messages[0].content[0].image_url.url")]
+    assert "over 1000 pixels (Pillow's limit); resize it" in problems[0].message
+
+
 def test_an_image_in_a_reply_is_refused(tmp_path):
     row = image_row(RED, "x")
     row["messages"][1]["content"] = [{"type": "image_url", "image_url": {"url": png_data_url(RED)}}]
@@ -402,6 +413,18 @@ def test_serve_refuses_a_bad_image_naming_its_field(vision_server, url, says):
     with pytest.raises(openai.BadRequestError) as caught:
         ask(vision_server, image_content(url), max_tokens=2)
     assert caught.value.param == "messages.0.content.0.image_url.url" and says in caught.value.body["message"]
+
+
+def test_serve_refuses_an_image_over_pillows_pixel_limit_naming_its_field(vision_server, monkeypatch):
+    import openai
+    import PIL.Image
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb's size, at small sizes
+    for side in (40, 100):  # Pillow warns from its limit and refuses to open from twice it
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(vision_server, image_content(png_data_url(RED, (side, side))), max_tokens=2)
+        assert caught.value.param == "messages.0.content.0.image_url.url"
+        assert "over 1000 pixels (Pillow's limit)" in caught.value.body["message"]
 
 
 def test_completions_token_ids_holding_image_tokens_are_a_400_naming_the_prompt(vision_server, vision):

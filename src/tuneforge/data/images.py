@@ -3,7 +3,8 @@
 
 Each is decoded here, when the row is read, and checked: the URL is a base64 data URL (an http URL
 would need the network; a file path is not part of the data file, so the data cache could not tell
-when it changed), the base64 decodes, the bytes are an image PIL reads, within `MAX_IMAGE_BYTES`.
+when it changed), the base64 decodes, the bytes are an image PIL reads, within `MAX_IMAGE_BYTES` and
+Pillow's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`: a small file of a huge image takes GBs to decode).
 """
 
 from __future__ import annotations
@@ -70,12 +71,18 @@ def _image_format(data: bytes, what: str) -> str:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
+    # Pillow opens an image up to twice its pixel limit with a warning only; one that size takes GBs to decode.
+    too_large = f"{what} are an image of over {PILImage.MAX_IMAGE_PIXELS} pixels (Pillow's limit); resize it."
     try:
         with PILImage.open(io.BytesIO(data)) as picture:
-            kind = picture.format
+            kind, pixels = picture.format, picture.width * picture.height
             picture.verify()
+    except PILImage.DecompressionBombError:
+        return too_large
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"{what} are not an image PIL reads ({type(e).__name__}: {str(e)[:80]}); give a PNG or JPEG."
+    if PILImage.MAX_IMAGE_PIXELS and pixels > PILImage.MAX_IMAGE_PIXELS:
+        return too_large
     if kind not in FORMATS:
         return f"the image is {kind}; give {', '.join(FORMATS)}."
     return kind
