@@ -427,19 +427,23 @@ def test_serve_refuses_an_image_over_pillows_pixel_limit_naming_its_field(vision
         assert "over 1000 pixels (Pillow's limit)" in caught.value.body["message"]
 
 
-def test_completions_token_ids_holding_image_tokens_are_a_400_naming_the_prompt(vision_server, vision):
-    """An image's soft tokens sent as ids come with no image: a 400 that says where images go, not a server error."""
+@pytest.mark.parametrize("as_text", [False, True])
+def test_completions_prompts_holding_image_tokens_are_a_400_naming_the_prompt(vision_server, vision, as_text):
+    """An image's soft tokens sent as ids, or as their text (which the tokenizer reads as the token), come with no
+    image: a 400 that says where images go, not a server error."""
     import httpx
 
     _, tokenizer = vision
     soft = tokenizer.image_token_id
-    body = {"model": "model", "prompt": [[5, 6, 7], [5, soft, soft, 7]], "max_tokens": 2}
+    prompts = [[5, 6, 7], [5, soft, soft, 7]]
+    if as_text:
+        prompts = ["Hello", f"Hello {tokenizer.image_token}{tokenizer.image_token} there"]
+    body = {"model": "model", "prompt": prompts, "max_tokens": 2}
     response = httpx.post(f"{vision_server}/v1/completions", json=body, timeout=60)
     error = response.json()["error"]
     assert response.status_code == 400 and (error["param"], error["code"]) == ("prompt", "invalid_value")
-    assert (
-        error["message"].startswith(f"prompt 1 holds the image token (id {soft})") and "image_url" in error["message"]
-    )
+    assert error["message"].startswith(f"prompt 1 holds the image token (id {soft}, '{tokenizer.image_token}' in text)")
+    assert "image_url" in error["message"]
 
 
 def test_a_text_model_served_refuses_image_parts_as_before(tmp_path):

@@ -713,6 +713,7 @@ async def completions(body: CompletionBody, request: Request, server: Served = D
     prompts = body.prompt_inputs()
     tokenizer = server.tokenizer(server.known_model(body.model))
     images = image_inputs(tokenizer)
+    image_token = tokenizer.convert_ids_to_tokens(images.image_token_id) if images is not None else None
     for number, prompt in enumerate(prompts):
         if isinstance(prompt, tuple) and (outside := [t for t in prompt if not 0 <= t < len(tokenizer)]):
             raise APIError(
@@ -723,14 +724,15 @@ async def completions(body: CompletionBody, request: Request, server: Served = D
                 param="prompt",
                 code="invalid_value",
             )
-        # An image's soft tokens stand for its pixels, which only a chat message's image part brings.
-        if isinstance(prompt, tuple) and images is not None and images.image_token_id in prompt:
+        # An image's soft tokens stand for its pixels, which only a chat message's image part brings; a text
+        # prompt is encoded with the tokenizer's special tokens, so the token's text there is the token.
+        if images is not None and (images.image_token_id if isinstance(prompt, tuple) else image_token) in prompt:
             raise APIError(
                 400,
                 ("prompt" if len(prompts) == 1 else f"prompt {number}")
-                + f" holds the image token (id {images.image_token_id}), which stands for an image's pixels, and "
-                "/v1/completions takes no images. Send the image as an image_url part of a /v1/chat/completions "
-                "message.",
+                + f" holds the image token (id {images.image_token_id}, {image_token!r} in text), which stands for an "
+                "image's pixels, and /v1/completions takes no images. Send the image as an image_url part of a "
+                "/v1/chat/completions message.",
                 param="prompt",
                 code="invalid_value",
             )
