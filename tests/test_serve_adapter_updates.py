@@ -151,6 +151,35 @@ def test_a_bad_load_is_a_400_naming_the_field(
     assert "gamma" in served(client) and "new" not in served(client)
 
 
+def test_a_load_downloads_nothing_and_lists_no_folder_of_the_server(gamma, adapters, tmp_path, monkeypatch):
+    """lora_path is a folder on the server: a hub id, a registry model, or an adapter whose base is one (not here)
+    is refused without a download, and a path that is not there without the listing of the folder above it."""
+    import json
+    import shutil
+
+    import tuneforge.models.sources as sources
+
+    def pull(name, *args, **kwargs):
+        raise AssertionError(f"a client's load pulled {name}")
+
+    monkeypatch.setattr(sources, "pull", pull)
+    elsewhere = shutil.copytree(adapters["alpha"], tmp_path / "elsewhere")
+    config = json.loads((elsewhere / "adapter_config.json").read_text())
+    (elsewhere / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "gemma3-270m"}))
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "key.pem").write_text("secret")
+    monkeypatch.chdir(tmp_path)
+    for path, says in [
+        (elsewhere, "gemma3-270m has not been pulled yet"),
+        ("gemma3-270m", "no such file or folder on this server"),
+        ("private/missing", "no such file or folder on this server"),
+    ]:
+        refused = load(gamma, "new", path)
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and error["param"] == "lora_path" and says in error["message"], error
+        assert "key.pem" not in error["message"]
+
+
 def test_the_base_cannot_be_unloaded_and_an_unknown_name_is_not_found(server):
     server = server[0]
     refused = unload(server, BASE)

@@ -94,11 +94,12 @@ class AdapterPool:
         self._retiring: set[str] = set()  # names no longer served, deleted once their requests are answered
         self._lock = threading.Lock()
 
-    def add_adapter(self, name: str, spec: str) -> None:
-        """Serve the adapter at `spec` as `name` too (its weights load on first use); a name served already stays."""
+    def add_adapter(self, name: str, spec: str, *, pull_missing: bool = True) -> None:
+        """Serve the adapter at `spec` as `name` too (its weights load on first use); a name served already stays.
+        Without `pull_missing`, nothing is downloaded or converted for it (`models.resolve`)."""
         if name in self._tokenizers:
             return
-        source = _adapter_source(name, spec)
+        source = _adapter_source(name, spec, pull_missing=pull_missing)
         self._check(name, source, trained_rope_scaling(source.adapter))
         config = _peft_config(source)
         for other in list(self._sources):
@@ -334,8 +335,8 @@ def _peft_config(source: ModelSource):
     return PeftConfig.from_pretrained(source.adapter)
 
 
-def _adapter_source(name: str, spec: str) -> ModelSource:
-    source = resolve(spec)
+def _adapter_source(name: str, spec: str, *, pull_missing: bool = True) -> ModelSource:
+    source = resolve(spec, pull_missing=pull_missing)
     if source.adapter is None:
         raise ConfigError(
             f"--adapter {name}={spec} holds a full model, not an adapter: {describe_whole_model(source)}. Serve it "

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -807,8 +808,19 @@ async def load_adapter(body: LoadAdapterBody, request: Request, server: Served =
                 param="lora_name",
                 code="invalid_value",
             )
+        # A client names a folder on this machine: nothing is downloaded or converted for it (a hub id, a
+        # registry model, a GGUF file, an adapter's base missing here), and a path that is not there is refused
+        # without the listing of its parent folder that `models.resolve` gives a user at the command line.
+        if not Path(path).expanduser().exists():
+            raise APIError(
+                400,
+                f"lora_path {path}: no such file or folder on this server. Give the folder of a LoRA adapter or a "
+                "tuneforge run on the served base, as a path on the server.",
+                param="lora_path",
+                code="model_not_found",
+            )
         try:
-            await asyncio.to_thread(server.pool.add_adapter, name, path)
+            await asyncio.to_thread(server.pool.add_adapter, name, path, pull_missing=False)
         except TuneforgeError as err:
             raise APIError(400, f"lora_path {path}: {err.message}", param="lora_path", code=err.code) from err
     server.metrics.adapter_updated(server.pool.base_name, name, "load")
