@@ -91,6 +91,8 @@ def test_a_bad_input_file_fails_the_batch_naming_each_line(tmp_path, tiny_model_
             request("a", model),
             request("c", model, url="/v1/completions"),
             request("d", "no-such-model"),
+            "[" * 100_000 + "]" * 100_000,  # JSON that Python's reader gives up on: nested too deeply
+            "9" * 5000,  # an integer of more digits than it converts
         ]
         batch = client.batches.create(
             input_file_id=upload_requests(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
@@ -104,7 +106,11 @@ def test_a_bad_input_file_fails_the_batch_naming_each_line(tmp_path, tiny_model_
             (4, "duplicate_custom_id", "custom_id"),
             (5, "invalid_url", "url"),
             (6, "model_not_found", "body.model"),
+            (7, "invalid_json_line", None),
+            (8, "invalid_json_line", None),
         ]
+        assert "line 7: it nests arrays or objects too deeply" in batch.errors.data[5].message
+        assert "line 8: it has an integer of more than" in batch.errors.data[6].message
         assert "line 4" in batch.errors.data[2].message and "line 1" in batch.errors.data[2].message
         with pytest.raises(openai.ConflictError, match="failed"):
             client.batches.cancel(batch.id)

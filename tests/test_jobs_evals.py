@@ -221,6 +221,16 @@ def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
     )
 
 
+def test_an_items_file_line_json_cannot_read_is_a_400_naming_the_line(sdk, tiny_model_dir):
+    """Well-formed JSON that Python's reader gives up on (nested too deeply, an integer of too many digits)."""
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    for line, says in [("[" * 100_000 + "]" * 100_000, "nests arrays or objects too deeply"), ("9" * 5000, "has an")]:
+        items = sdk.files.create(file=("items.jsonl", f'{{"item": {{}}}}\n{line}\n'.encode()), purpose="evals")
+        run = data_source(str(tiny_model_dir), {"type": "file_id", "id": items.id})
+        param, message = refusal(lambda run=run: sdk.evals.runs.create(evaluation.id, data_source=run))
+        assert param == "data_source.source.id" and f"{items.id} line 2: it {says}" in message
+
+
 def test_items_that_do_not_match_the_evals_item_schema_are_refused_naming_the_item_and_field(sdk, tiny_model_dir):
     not_a_schema = {**CONFIG, "item_schema": {"type": "object", "properties": {"answer": {"type": "text"}}}}
     param, message = refusal(lambda: sdk.evals.create(data_source_config=not_a_schema, testing_criteria=[ANY_ANSWER]))

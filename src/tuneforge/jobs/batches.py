@@ -28,7 +28,7 @@ from starlette.authentication import SimpleUser
 
 from ..serve import ChatCompletionBody, CompletionBody, ResponsesBody
 from ..web import APIError, Metadata, RequestBody, server_error
-from ..web.errors import validation_error
+from ..web.errors import unreadable_json, validation_error
 from .files import FileStorage
 from .service import Service
 from .store import Batch, BatchLine, StoredFile, now
@@ -141,8 +141,9 @@ def read_requests(service: Service, batch: Batch) -> list[Request]:
             break
         try:
             request = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            problem(number, "invalid_json_line", f"it is not a JSON object ({err}); each line must be one request.")
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            what = unreadable_json(err) or f"is not a JSON object ({err})"
+            problem(number, "invalid_json_line", f"it {what}; each line must be one request.")
             continue
         if not isinstance(request, dict):
             problem(number, "invalid_json_line", "it is not a JSON object; each line must be one request.")

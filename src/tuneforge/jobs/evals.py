@@ -24,6 +24,7 @@ from ..errors import ModelSourceError, TuneforgeError
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_sample, runs_python
 from ..graders.templates import Template
 from ..web import APIError, Metadata, RequestBody, failure_id
+from ..web.errors import unreadable_json
 from .files import FileStorage
 from .store import Eval, EvalOutputItem, EvalRun, Store, new_id, now
 
@@ -192,6 +193,8 @@ def file_items(path: Path, file_id: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise _bad_line(file_id, number, f"it is not JSON ({err.msg})") from None
+            except (ValueError, RecursionError) as err:
+                raise _bad_line(file_id, number, f"it {unreadable_json(err) or f'is not JSON ({err})'}") from None
             if not isinstance(row, dict):
                 raise _bad_line(file_id, number, "it is not a JSON object")
             item = row["item"] if set(row) <= {"item", "sample"} and "item" in row else row

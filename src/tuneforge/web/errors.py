@@ -197,18 +197,25 @@ def unreadable_body(cause: BaseException | None) -> APIError | None:
     says no more, so the reason comes from its cause (None for a cause this does not know)."""
     if isinstance(cause, UnicodeDecodeError):
         return not_utf8(cause)
-    if isinstance(cause, RecursionError):
-        message = (
-            "The request body nests arrays or objects too deeply to be read; send the parameters less deeply nested."
-        )
-    elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):
-        message = (
-            f"The request body has an integer of more than {sys.get_int_max_str_digits():,} digits, more than this "
-            "server reads; send numbers with fewer digits."
-        )
-    else:
+    if (what := unreadable_json(cause)) is None:
         return None
-    return APIError(400, message, code="invalid_value")
+    advice = (
+        "send the parameters less deeply nested"
+        if isinstance(cause, RecursionError)
+        else "send numbers with fewer digits"
+    )
+    return APIError(400, f"The request body {what}; {advice}.", code="invalid_value")
+
+
+def unreadable_json(cause: BaseException | None) -> str | None:
+    """What made Python's JSON reader give up on well-formed JSON (a request body's, an uploaded file line's), as
+    the end of a sentence about it: nesting too deep for its recursion, or an integer of more digits than it
+    converts (None for another cause)."""
+    if isinstance(cause, RecursionError):
+        return "nests arrays or objects too deeply to be read"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"has an integer of more than {sys.get_int_max_str_digits():,} digits, more than this server reads"
+    return None
 
 
 def unreadable_form(err: MultiPartException) -> APIError:
