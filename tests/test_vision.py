@@ -646,6 +646,24 @@ def test_serve_answers_qwen_vl_image_requests_as_each_is_answered_alone(qwen_vl_
         assert reply.usage.prompt_tokens == alone.prompt_tokens  # the image's tokens, by its size, counted
 
 
+def test_serve_refuses_an_image_qwen_vls_processor_does_not_take_naming_its_field(qwen_vl_model):
+    """Qwen2-VL's image processor takes no image with a side over 200 times the other: a 400 at the image's url,
+    not one that blames the chat template."""
+    import openai
+    from test_serve import running_server
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    engine = Engine(AdapterPool(str(qwen_vl_model)))
+    try:
+        with running_server(create_app(engine)) as url, pytest.raises(openai.BadRequestError) as caught:
+            ask(url, image_content(png_data_url(RED, (1, 250))), max_tokens=2)
+    finally:
+        engine.close()
+    assert caught.value.param == "messages.0.content.0.image_url.url" and caught.value.code == "invalid_value"
+    assert "image processor does not take this image (absolute aspect ratio" in caught.value.body["message"]
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen2.5-vl"])
 def test_a_run_measures_image_rows_with_the_models_own_attention(family, vision_model, qwen_vl_model, tmp_path):
     from tuneforge.training.loop import train

@@ -61,6 +61,18 @@ class ImageInputs:
             out += [tokens[i] if tokens else self.tokens_of({}, i), part]
         return "".join(out)
 
+    def refusal(self, data: bytes) -> str | None:
+        """What the image processor says against an image it cannot take (Qwen2-VL's: a side over 200 times the
+        other), None where it takes it. An image whose tokens depend on it is processed here (its tokens kept for
+        `expand`); the others' processors (Gemma 3's: a resize to its square) take any image."""
+        if not self.sized:
+            return None
+        try:
+            self._tokens_of_image(data)
+        except ValueError as err:
+            return str(err)
+        return None
+
     def _tokens_of_image(self, data: bytes) -> str:
         key = hashlib.sha256(data).digest()
         found = self._sized_tokens.get(key)

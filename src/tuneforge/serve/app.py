@@ -619,7 +619,8 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
     if not images:
         return ()
     name = server.known_model(body.model)
-    if image_inputs(server.tokenizer(name)) is None:
+    side = image_inputs(server.tokenizer(name))
+    if side is None:
         first = images[0]
         raise APIError(
             400,
@@ -634,6 +635,13 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
         image = read_image(sent.url)
         if isinstance(image, str):
             raise APIError(400, f"{sent.url_param}: {image}", param=sent.url_param, code="invalid_value")
+        if refused := side.refusal(image.data):
+            raise APIError(
+                400,
+                f"{sent.url_param}: the model's image processor does not take this image ({refused}); crop or pad it.",
+                param=sent.url_param,
+                code="invalid_value",
+            )
         files.append(image.data)
     return tuple(files)
 
