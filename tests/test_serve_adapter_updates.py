@@ -163,6 +163,9 @@ def test_a_load_downloads_nothing_and_lists_no_folder_of_the_server(gamma, adapt
         raise AssertionError(f"a client's load pulled {name}")
 
     monkeypatch.setattr(sources, "pull", pull)
+    monkeypatch.setenv(
+        "TUNEFORGE_HOME", str(tmp_path / "home")
+    )  # no registry model pulled yet, whatever this machine has
     elsewhere = shutil.copytree(adapters["alpha"], tmp_path / "elsewhere")
     config = json.loads((elsewhere / "adapter_config.json").read_text())
     (elsewhere / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "gemma3-270m"}))
