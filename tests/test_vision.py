@@ -903,3 +903,58 @@ def test_qwen_vl_decodes_an_image_once_however_many_renderings_of_its_row_expand
     expanded = {images.expand(text, [png(GREEN, (40, 32))]) for _ in range(3)}
     assert len(expanded) == 1 and len(processed) == 1
     assert next(iter(expanded)).count(images.marker) == 12  # the image's size sets its token count
+
+
+@pytest.fixture(scope="module")
+def vision_gguf(tmp_path_factory):
+    """A Gemma 3 4B-shaped model with Gemma 3's attention sizes (head width and query scale 256, which
+    transformers' GGUF reader assumes), exported --format gguf."""
+    from tuneforge.export import export
+
+    folder = tmp_path_factory.mktemp("vision-gguf")
+    base = save_gemma3_vision_model(folder / "tuned", head_dim=256, query_pre_attn_scalar=256)
+    return base, export(base, "gguf", "q8_0", folder / "gguf", progress=False)
+
+
+def test_gguf_export_of_a_vision_model_writes_the_text_model_and_its_mmproj_checked(vision_gguf):
+    import gguf
+
+    base, result = vision_gguf
+    assert sorted(p.name for p in result.out.iterdir()) == ["export.json", "mmproj-tuned-q8_0.gguf", "tuned-q8_0.gguf"]
+    record = json.loads((result.out / "export.json").read_text())
+    assert record["files"] == ["tuned-q8_0.gguf", "mmproj-tuned-q8_0.gguf"]
+    assert record["checks"]["max_abs_logit_diff"] <= 5.0  # the text model, checked as every GGUF is
+    mmproj = record["checks"]["mmproj"]
+    assert mmproj["clip.projector_type"] == "gemma3" and mmproj["image_tokens"] == 4
+    assert mmproj["tensors"] == 39 and 0 < mmproj["max_diff_of_rounding"] <= 1
+    # llama.cpp's names and layout: the vision tower's patch embedding (kept f32) and the projection (f16).
+    reader = gguf.GGUFReader(str(result.out / "mmproj-tuned-q8_0.gguf"))
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    source = load_model(str(base), dtype=torch.float32)
+    patches = source.model.vision_tower.embeddings.patch_embedding.weight.detach().numpy()
+    assert (tensors["v.patch_embd.weight"].data == patches).all()
+    projection = source.model.multi_modal_projector.mm_input_projection_weight.detach().numpy()
+    assert tensors["mm.input_projection.weight"].data == pytest.approx(projection, rel=1e-3, abs=1e-7)
+    assert reader.fields["general.type"].contents() == "mmproj"
+
+
+def test_an_mmproj_unlike_the_models_vision_encoder_is_refused_naming_the_tensor(vision_gguf, tmp_path):
+    from tuneforge.export import ExportFailed, llama_cpp
+
+    base, result = vision_gguf
+    model = load_model(str(base), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.vision_tower.encoder.layers[1].mlp.fc2.weight[0, 0] += 0.01
+    (tmp_path / "processor_config.json").write_text((base / "processor_config.json").read_text())
+    with pytest.raises(ExportFailed, match=r"v\.blk\.1\.ffn_down\.weight differs from the model's weight"):
+        llama_cpp.check_mmproj(result.out / "mmproj-tuned-q8_0.gguf", model, tmp_path)
+
+
+def test_gguf_export_of_a_vision_model_for_ollama_is_refused_before_any_work(vision_model, tmp_path):
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.export import export
+
+    with pytest.raises(TuneforgeError, match="Ollama runs Gemma 3 on its own engine") as refused:
+        export(vision_model, "gguf", None, tmp_path / "gguf", ollama=True, progress=False)
+    assert "llama-server -m model-f16.gguf --mmproj mmproj-model-f16.gguf" in str(refused.value)
+    assert not (tmp_path / "gguf").exists()

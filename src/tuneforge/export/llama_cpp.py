@@ -17,6 +17,10 @@ What the converter cannot find in a folder, tuneforge hands it:
 - the end-of-turn token training labels (`tokenizer.ggml.eot_token_id`), where a chat reply ends and
   llama.cpp stops: Gemma's `<end_of_turn>` and Phi-3's `<|end|>` are not their EOS.
 
+A model that reads images (Gemma 3 4B and larger) runs in llama.cpp as two files: the text model's GGUF and its
+vision encoder and projector in an mmproj GGUF (the converter's `--mmproj`), which `llama-server --mmproj` and
+`llama-mtmd-cli` load beside it (`write_mmproj`, checked weight by weight by `check_mmproj`).
+
 The converter writes no 4- or 5-bit types (llama.cpp's compiled `llama-quantize` does). For those,
 the converter's f16 file is quantized again with the `gguf` package (`requantize`), tensor by tensor
 as llama-quantize chooses for Q4_0, Q4_1, Q5_0 and Q5_1, and its metadata is copied as it is.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -43,7 +48,7 @@ from ..models import ModelSource, end_of_turn_token
 from ..models.convert import pip_download, sha256_file, transformers_gguf_architectures
 from ..models.families import Family, covered_titles, family_of, gguf_architecture
 from ..models.loading import LOAD_ERRORS
-from ..models.saving import SENTENCEPIECE_MODEL
+from ..models.saving import PROCESSOR_FILES, SENTENCEPIECE_MODEL
 from ..progress import progress_bar
 from .probe import ExportFailed
 
@@ -66,10 +71,34 @@ _KEPT_WEIGHTS = (
     "shortconv.conv.weight",
     "attn_rel_b.weight",
 )
+# Models that read images whose vision encoder and projector the converter writes as an mmproj GGUF, by
+# model_type: the projector type it names there (`clip.projector_type`), which tells llama.cpp how to run it.
+MMPROJ_PROJECTORS = {"gemma3": "gemma3"}
+# The image tokens llama.cpp's Gemma 3 projector pools an image into per side: the patches per side divided by
+# `clip.vision.projector.scale_factor`, 4 where the file names none (llama.cpp's clip.cpp).
+_GEMMA3_DEFAULT_SCALE_FACTOR = 4
+# Weights the converter writes as llama.cpp computes with them: Gemma 3's projector norm scales by 1 + its weight.
+_WRITTEN_AS = {"mm.soft_emb_norm.weight": lambda weight: weight + 1}
 
 
 def gguf_filename(name: str, dtype: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'model'}-{dtype}.gguf"
+
+
+def reads_images(config) -> bool:
+    """Whether the model of `config` reads images (has a vision encoder): its GGUF export writes an mmproj file too."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def mmproj_dtype(dtype: str) -> str:
+    """The type the mmproj file is written in for a text GGUF of `dtype`: the same, but f16 beside a 4- or 5-bit
+    file, whose types llama-quantize gives language models' weights, not a vision encoder's."""
+    return "f16" if dtype in REQUANTIZED_DTYPES else dtype
+
+
+def mmproj_filename(name: str, dtype: str) -> str:
+    """The mmproj file's name beside the text model's GGUF, as the converter and the hub's GGUF repos name it."""
+    return f"mmproj-{gguf_filename(name, mmproj_dtype(dtype))}"
 
 
 def check_supported(config, tokenizer, source: ModelSource) -> None:
@@ -149,12 +178,61 @@ def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype
     # A 4- or 5-bit file is quantized from the converter's f16 one, written beside the model folder.
     requantized = dtype in REQUANTIZED_DTYPES
     converted, converted_dtype = (model_dir.with_name(f"{out.stem}-f16.gguf"), "f16") if requantized else (out, dtype)
+    name = model_name(source.name, model_dir, tokenizer)
+    arguments = [pre_tokenizer, end_of_turn_id, str(model_dir), "--outtype", converted_dtype, "--model-name", name]
+    _convert(arguments, converted, model_dir, tokenizer, console)
+    if requantized:
+        requantize(converted, out, dtype, console)
+        converted.unlink()
+
+
+def write_mmproj(
+    model, model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype: str, console: Console
+) -> None:
+    """Write the vision encoder and projector of `model` (the merged model, saved in `model_dir` for the text GGUF)
+    as the mmproj GGUF `out`, in `mmproj_dtype(dtype)`, with the converter's --mmproj. The converter reads them
+    from a folder beside `model_dir` that holds those weights alone, named as the hub's checkpoints name them
+    (`converter_name`), with the model's config and processor settings (image size, mean and deviation)."""
+    from safetensors.torch import save_file
+
+    folder = model_dir.with_name(f"{model_dir.name}-vision")
+    folder.mkdir()
+    for path in model_dir.iterdir():
+        if path.name == "config.json" or path.name in PROCESSOR_FILES:
+            shutil.copyfile(path, folder / path.name)
+    weights = {converter_name(name): weight for name, weight in model.state_dict().items() if converter_name(name)}
+    save_file(
+        {name: weight.detach().float().contiguous() for name, weight in weights.items()}, folder / "model.safetensors"
+    )
+    arguments = ["", "", str(folder), "--mmproj", "--outtype", mmproj_dtype(dtype)]
+    _convert(
+        [*arguments, "--model-name", model_name(source.name, model_dir, tokenizer)], out, model_dir, tokenizer, console
+    )
+
+
+def converter_name(name: str) -> str | None:
+    """The name llama.cpp's converter reads the vision encoder's or projector's weight `name` (a transformers
+    model's) by: the hub's, whose Gemma 3 vision tower holds its weights under `vision_model.`, which
+    transformers 5 leaves out; None for the text model's weights."""
+    name = name.removeprefix("model.")
+    if name.startswith("multi_modal_projector."):
+        return name
+    if not name.startswith("vision_tower."):
+        return None
+    return (
+        name
+        if name.startswith("vision_tower.vision_model.")
+        else name.replace("vision_tower.", "vision_tower.vision_model.", 1)
+    )
+
+
+def _convert(arguments: list[str], out: Path, model_dir: Path, tokenizer, console: Console) -> None:
+    """Run the converter (`llama_cpp_main.py`) with `arguments` (its own and the converter's) to write `out`."""
     command = [sys.executable, str(Path(__file__).with_name("llama_cpp_main.py")), str(converter_folder(console))]
-    command += [pre_tokenizer, end_of_turn_id, str(model_dir), "--outfile", str(converted)]
-    command += ["--outtype", converted_dtype, "--model-name", model_name(source.name, model_dir, tokenizer)]
-    with console.status(f"Writing {converted.name} with llama.cpp's converter"):
+    command += [*arguments, "--outfile", str(out)]
+    with console.status(f"Writing {out.name} with llama.cpp's converter"):
         done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0 or not converted.is_file():
+    if done.returncode != 0 or not out.is_file():
         model_type, family = _family(model_dir, tokenizer)
         # The converter's own errors on a family the matrix does not cover are its gaps, not the user's to fix.
         untested = (
@@ -164,15 +242,138 @@ def write_gguf(model_dir: Path, source: ModelSource, tokenizer, out: Path, dtype
             "llama.cpp's converter does not handle every model of the others."
         )
         raise ExportFailed(
-            f"llama.cpp's converter could not write the GGUF (exit code {done.returncode}): {_why(done.stderr)}."
+            f"llama.cpp's converter could not write {out.name} (exit code {done.returncode}): {_why(done.stderr)}."
             f"{untested} Nothing was written. Export it --format merged (a Hugging Face folder that transformers and "
             "`tuneforge serve` load) and, for a GGUF, convert that folder with llama.cpp's own "
             "convert_hf_to_gguf.py, or report this with the run's config.yaml.",
             code="gguf_conversion_failed",
         )
-    if requantized:
-        requantize(converted, out, dtype, console)
-        converted.unlink()
+
+
+def check_mmproj(path: Path, model, model_dir: Path) -> dict:
+    """Read the mmproj GGUF at `path` back with the gguf package and compare it with `model` (the merged model,
+    saved in `model_dir`): it holds each weight of the vision encoder and projector (but SigLIP's pooling head,
+    which Gemma 3 does not run) and nothing else, each equal to the model's within the rounding of the type it is
+    stored in; its metadata names the model's projector type, vision sizes and image mean and deviation, and
+    pools an image into as many tokens as the model's processor gives it. The figures, for export.json; an
+    mmproj that differs is `ExportFailed`."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    config = model.config
+    vision = config.vision_config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.num_hidden_layers)
+    expected = {}
+    for name, weight in model.state_dict().items():
+        hub = converter_name(name)
+        if hub is None or hub.startswith("vision_tower.vision_model.head."):
+            continue
+        hub = hub.replace("_weight", ".weight")  # Gemma 3's mm_input_projection_weight
+        written = names.get_name(hub, try_suffixes=(".weight", ".bias")) or hub
+        expected[written] = _WRITTEN_AS.get(written, lambda w: w)(weight.detach().double()).numpy()
+    stored = {tensor.name: tensor for tensor in reader.tensors}
+    problems = [f"{name} is missing" for name in sorted(expected.keys() - stored.keys())]
+    problems += [f"{name} is not a weight of the model" for name in sorted(stored.keys() - expected.keys())]
+    worst = 0.0  # the largest difference, as a share of the rounding its type allows
+    for name in sorted(expected.keys() & stored.keys()):
+        tensor, want = stored[name], expected[name]
+        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
+        if got.size != want.size:
+            problems.append(f"{name} holds {got.size} numbers, the model's weight {want.size}")
+            continue
+        share = float(np.max(np.abs(got.reshape(want.shape) - want) / _rounding(want, tensor.tensor_type)))
+        worst = max(worst, share)
+        if share > 1:
+            problems.append(f"{name} differs from the model's weight by {share:.3g} times its type's rounding")
+    fields = reader.fields
+    settings = _processor_settings(model_dir)
+    scale_key = gguf.Keys.ClipVision.Projector.SCALE_FACTOR
+    scale = fields[scale_key].contents() if scale_key in fields else _GEMMA3_DEFAULT_SCALE_FACTOR
+    wanted = {
+        gguf.Keys.Clip.PROJECTOR_TYPE: MMPROJ_PROJECTORS[config.model_type],
+        gguf.Keys.ClipVision.IMAGE_SIZE: vision.image_size,
+        gguf.Keys.ClipVision.PATCH_SIZE: vision.patch_size,
+        gguf.Keys.ClipVision.BLOCK_COUNT: vision.num_hidden_layers,
+        gguf.Keys.ClipVision.EMBEDDING_LENGTH: vision.hidden_size,
+        gguf.Keys.ClipVision.PROJECTION_DIM: config.get_text_config().hidden_size,
+        gguf.Keys.ClipVision.IMAGE_MEAN: settings.get("image_mean"),
+        gguf.Keys.ClipVision.IMAGE_STD: settings.get("image_std"),
+    }
+    found = {key: fields[key].contents() if key in fields else None for key in wanted}
+    for key, value in wanted.items():
+        if not _same(found[key], value):
+            problems.append(f"{key} is {found[key]!r}, the model's {value!r}")
+    tokens = (vision.image_size // vision.patch_size // scale) ** 2
+    if tokens != config.mm_tokens_per_image:
+        problems.append(
+            f"llama.cpp pools an image into {tokens} tokens ({vision.image_size} // {vision.patch_size} // {scale}, "
+            "squared), "
+            f"the model into {config.mm_tokens_per_image} (mm_tokens_per_image)"
+        )
+    if problems:
+        raise ExportFailed(
+            f"The mmproj file llama.cpp's converter wrote ({path.name}) does not hold the model's vision encoder and "
+            f"projector: {'; '.join(problems)}. Nothing was written. Export it --format merged, and please report "
+            "this with the run's config.yaml.",
+            code="gguf_mismatch",
+        )
+    return {
+        "file": path.name,
+        "tensors": len(stored),
+        "tensor_types": tensor_types(path),
+        "max_diff_of_rounding": worst,
+        "image_tokens": tokens,
+        **{
+            key: found[key]
+            for key in (gguf.Keys.Clip.PROJECTOR_TYPE, gguf.Keys.ClipVision.IMAGE_SIZE, gguf.Keys.ClipVision.PATCH_SIZE)
+        },
+    }
+
+
+def _rounding(weight: np.ndarray, ggml_type) -> np.ndarray:
+    """The most each number of `weight` may move written in `ggml_type` (F32, F16, BF16 or Q8_0), with a
+    margin of a tenth: half a step of the type at the number's size; for Q8_0, half a step of the block's scale
+    (its largest magnitude over 127, itself stored in f16)."""
+    import gguf
+
+    size = np.abs(weight)
+    kinds = gguf.GGMLQuantizationType
+    if ggml_type == kinds.F32:
+        step = size * 2.0**-23 + 2.0**-149
+    elif ggml_type == kinds.F16:
+        step = size * 2.0**-10 + 2.0**-24
+    elif ggml_type == kinds.BF16:
+        step = size * 2.0**-7 + 2.0**-133
+    elif ggml_type == kinds.Q8_0:
+        blocks = size.reshape(-1, gguf.GGML_QUANT_SIZES[ggml_type][0])
+        largest = np.repeat(blocks.max(axis=1), blocks.shape[1]).reshape(weight.shape)
+        step = largest / 127 * (1 + 2.0**-10) + largest * 2.0**-10 + 2.0**-24
+    else:
+        raise ExportFailed(
+            f"The mmproj holds a tensor of type {ggml_type.name}, which is not checked here.", code="gguf_mismatch"
+        )
+    return step / 2 * 1.1
+
+
+def _processor_settings(folder: Path) -> dict:
+    """The image processor's settings in `folder` (preprocessor_config.json, or processor_config.json's
+    `image_processor`), as the converter reads them."""
+    settings = {}
+    for name in PROCESSOR_FILES[::-1]:  # preprocessor_config.json first, as the converter reads them
+        if (folder / name).is_file():
+            read = json.loads((folder / name).read_text(encoding="utf-8"))
+            settings = {**settings, **read, **read.get("image_processor", {})}
+    return settings
+
+
+def _same(found, wanted) -> bool:
+    if isinstance(wanted, list | tuple):
+        return (
+            found is not None
+            and len(found) == len(wanted)
+            and all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(found, wanted, strict=True))
+        )
+    return found == wanted
 
 
 def requantize(source: Path, out: Path, dtype: str, console: Console) -> None:
