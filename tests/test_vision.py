@@ -958,3 +958,12 @@ def test_gguf_export_of_a_vision_model_for_ollama_is_refused_before_any_work(vis
         export(vision_model, "gguf", None, tmp_path / "gguf", ollama=True, progress=False)
     assert "llama-server -m model-f16.gguf --mmproj mmproj-model-f16.gguf" in str(refused.value)
     assert not (tmp_path / "gguf").exists()
+
+
+def test_gguf_export_of_a_gemma3_whose_attention_is_not_scaled_by_256_reads_back_within_bounds(vision_model, tmp_path):
+    """transformers' GGUF reader takes Gemma's query_pre_attn_scalar as 256 whatever the file; llama.cpp scales by
+    the head width (here 32), and so does the model."""
+    from tuneforge.export import export
+
+    result = export(vision_model, "gguf", "f16", tmp_path / "gguf", progress=False)
+    assert result.checks["max_abs_logit_diff"] <= 0.15 and result.checks["argmax_agreement"] == 1.0

@@ -77,6 +77,9 @@ MMPROJ_PROJECTORS = {"gemma3": "gemma3"}
 # The image tokens llama.cpp's Gemma 3 projector pools an image into per side: the patches per side divided by
 # `clip.vision.projector.scale_factor`, 4 where the file names none (llama.cpp's clip.cpp).
 _GEMMA3_DEFAULT_SCALE_FACTOR = 4
+# The layer counts of the Gemma models llama.cpp scales attention by hidden size / heads rather than by the head
+# width (its 27B: Gemma 2 27B and Gemma 3 27B), by GGUF architecture.
+_SCALED_BY_HIDDEN_SIZE = {"gemma2": 46, "gemma3": 62}
 # Weights the converter writes as llama.cpp computes with them: Gemma 3's projector norm scales by 1 + its weight.
 _WRITTEN_AS = {"mm.soft_emb_norm.weight": lambda weight: weight + 1}
 
@@ -566,6 +569,7 @@ def load_gguf(folder: Path, filename: str, source_config):
         written = gguf.GGUFReader(str(folder / filename))  # what transformers' reader leaves out, read once
         _restore_rope_freqs(config, source_config, written)
         _restore_rope_scaling(config, source_config, written)
+        _restore_attention_scale(config, source_config, written)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, config=config, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     except LOAD_ERRORS as err:
@@ -626,6 +630,24 @@ def _restore_rope_freqs(config, source_config, written) -> None:
         "was written. Please report it with the run's config.yaml.",
         code="gguf_mismatch",
     )
+
+
+def _restore_attention_scale(config, source_config, written) -> None:
+    """Give `config` (read from the GGUF that `written`, a `gguf.GGUFReader`, reads) the source's
+    `query_pre_attn_scalar` (Gemma 2 and 3 scale attention by its inverse square root) where it is what
+    llama.cpp scales the file's attention by: transformers' GGUF reader takes 256, its default, whatever the
+    file holds, so a Gemma 3 27B (168) or a head width other than 256 would read back as another model.
+    llama.cpp takes the head width, but hidden size / heads for its 27B models, which it knows by their layer
+    count. Where the source's differs, nothing is put back and the check compares the file as llama.cpp runs it."""
+    architecture = written.fields["general.architecture"].contents()
+    if architecture not in _SCALED_BY_HIDDEN_SIZE or not hasattr(config, "query_pre_attn_scalar"):
+        return
+    if config.num_hidden_layers == _SCALED_BY_HIDDEN_SIZE[architecture]:
+        scale = config.hidden_size // config.num_attention_heads
+    else:
+        scale = config.head_dim
+    if getattr(source_config.get_text_config(), "query_pre_attn_scalar", None) == scale:
+        config.query_pre_attn_scalar = scale
 
 
 def _restore_rope_scaling(config, source_config, written) -> None:
