@@ -967,3 +967,17 @@ def test_gguf_export_of_a_gemma3_whose_attention_is_not_scaled_by_256_reads_back
 
     result = export(vision_model, "gguf", "f16", tmp_path / "gguf", progress=False)
     assert result.checks["max_abs_logit_diff"] <= 0.15 and result.checks["argmax_agreement"] == 1.0
+
+
+def test_gguf_export_of_qwen_vl_is_refused_before_its_weights_load_naming_llama_cpps_architecture(
+    qwen_vl_model, tmp_path
+):
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.export import export
+
+    with pytest.raises(TuneforgeError) as refused:
+        export(qwen_vl_model, "gguf", None, tmp_path / "gguf", progress=False)
+    assert refused.value.code == "unsupported_architecture" and not (tmp_path / "gguf").exists()
+    assert "This model is qwen2_5_vl (qwen2vl in GGUF)" in str(refused.value) and "--format merged" in str(
+        refused.value
+    )
