@@ -265,3 +265,34 @@ def test_a_rerun_evaluates_a_run_stopped_during_its_evaluation_after_training(
     assert result.status == "completed" and (run / "eval" / "report.html").is_file()
     assert "task_exact" in json.loads((run / "summary.json").read_text())["metrics"]
     assert (run / "final" / "adapter_model.safetensors").stat().st_mtime_ns == trained  # evaluated, not trained again
+
+
+@pytest.mark.parametrize("stopped_at", ["summary", "report"])
+def test_an_evaluation_stopped_between_its_metrics_and_its_report_is_run_again(
+    tiny_model_dir, triage_data, tmp_path, one_thread, monkeypatch, stopped_at
+):
+    # summary.json's metrics are written first, report.html last: a kill anywhere before the report leaves the
+    # evaluation missing, so a rerun completes it; no report stands beside a summary that lacks its figures.
+    from tuneforge import pipeline
+    from tuneforge.config import load_config
+    from tuneforge.eval import after_training
+
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    cfg["eval"] = {"task": "support_triage"}
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if stopped_at == "summary":
+        monkeypatch.setattr(pipeline, "write_json", killed)  # summary.json's, with the evaluation's metrics
+    else:
+        monkeypatch.setattr(after_training, "write_run_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(cfg, progress=False)
+    monkeypatch.undo()
+    loaded = load_config(cfg)
+    assert pipeline.evaluation_missing(loaded)
+    pipeline.evaluate_run(loaded, progress=False)
+    assert not pipeline.evaluation_missing(loaded) and (run / "eval" / "report.html").is_file()
+    assert "task_exact" in json.loads((run / "summary.json").read_text())["metrics"]

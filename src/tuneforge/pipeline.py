@@ -50,7 +50,7 @@ def train(
 
 def evaluation_missing(cfg) -> bool:
     """Whether cfg's completed run lacks the evaluation its `eval:` asks for: one stopped while it ran left no
-    eval/report.html, which it writes last, with its folder whole."""
+    eval/report.html, which it writes last (after summary.json's metrics), with its folder whole."""
     asked = cfg.eval.task or cfg.eval.forgetting or cfg.eval.benchmarks
     return bool(asked) and not (Path(cfg.output_dir) / "eval" / "report.html").is_file()
 
@@ -62,8 +62,12 @@ def evaluate_run(cfg, metrics: dict | None = None, *, progress: bool = True) -> 
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary.get("metrics", {}) if metrics is None else metrics
     with library_bars(progress):
-        metrics.update(evaluate_after_training(cfg, out, out / "final", progress=progress))
+        evaluation = evaluate_after_training(cfg, out, out / "final", progress=progress)
+    metrics.update(evaluation.metrics)
+    # The metrics before the report: a run stopped between the two has no report.html, so `evaluation_missing`
+    # has the evaluation run again, and a report never shows figures summary.json lacks.
     write_json(out / "summary.json", {**summary, "metrics": metrics})
+    evaluation.write_report(out, progress=progress)
     return metrics
 
 

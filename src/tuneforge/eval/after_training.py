@@ -24,6 +24,7 @@ LoRA run) `base_model` loaded beside it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -96,8 +97,29 @@ def eval_grader(cfg) -> tuple[dict | str | list, list[float] | None, str] | None
     return None
 
 
-def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> dict:
-    """Run what `cfg.eval` asks for on `final_dir`; returns the headline metrics.
+@dataclass
+class Evaluation:
+    """What `evaluate_after_training` measured: the headline `metrics`, and the results its report shows."""
+
+    metrics: dict
+    base: dict | None
+    tuned: dict | None
+    forgetting: dict | None
+    benchmarks: list[dict]  # each multiple-choice file's base and tuned scores (`eval.benchmarks`)
+
+    def write_report(self, run_dir: Path, *, progress: bool = True) -> Path:
+        """The run folder's `eval/` (report.html last), and the tables printed; returns report.html."""
+        report = write_run_report(run_dir, self.base, self.tuned, self.forgetting, benchmarks=self.benchmarks)
+        if progress:
+            # The tables, then where their plots (loss curves, base vs tuned scores) are.
+            print_tables(report_tables(self.base, self.tuned, self.forgetting, benchmarks=self.benchmarks))
+            print(f"report with plots: {report}")
+        return report
+
+
+def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bool = True) -> Evaluation:
+    """Run what `cfg.eval` asks for on `final_dir`; returns its headline metrics and results, whose report
+    (`Evaluation.write_report`) the caller writes once it has kept the metrics.
 
     The final model is loaded once; where `base_model` is a plain model and the final model an
     adapter on it, the base is that adapter switched off, so no second copy is loaded."""
@@ -169,9 +191,4 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
         benchmarks.append({"name": benchmark_name(path), **side_by_side(sides["base"], sides["tuned"])})
         for score, value in sides["tuned"]["scores"].items():
             metrics[f"benchmark_{benchmark_name(path)}_{score}"] = value
-    report = write_run_report(run_dir, results["base"], results["tuned"], forgetting, benchmarks=benchmarks)
-    if progress:
-        # The tables, then where their plots (loss curves, base vs tuned scores) are.
-        print_tables(report_tables(results["base"], results["tuned"], forgetting, benchmarks=benchmarks))
-        print(f"report with plots: {report}")
-    return metrics
+    return Evaluation(metrics, results["base"], results["tuned"], forgetting, benchmarks)
