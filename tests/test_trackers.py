@@ -282,3 +282,25 @@ def test_a_tracker_run_gets_the_steps_an_attempt_without_it_trained_up_to_the_ch
     longer = {**cfg, "train": {**cfg["train"], "max_steps": 8}}
     train(longer, resume="latest", force=True, progress=False)  # steps 7, 8
     assert sent() == list(range(1, 9))
+
+
+def test_a_tracker_run_gets_the_sample_answers_an_attempt_without_it_wrote_up_to_the_checkpoint_resumed(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    # The sample answers follow the metrics' rule: those of the validation at step 5, which an attempt without
+    # MLflow wrote to samples.jsonl before its checkpoint at step 6, go to MLflow when a later attempt has it again.
+    from mlflow import MlflowClient
+
+    cfg, sent = mlflow_run(tiny_model_dir, triage_data, tmp_path, monkeypatch, max_steps=4)
+    cfg["train"].update(eval_every=1, eval_samples=1, eval_max_new_tokens=2)
+    train(cfg, progress=False)  # samples at steps 1-4
+    without = {**cfg, "train": {**cfg["train"], "report_to": [], "max_steps": 6}}
+    train(without, resume="latest", force=True, progress=False)  # samples at steps 5 and 6
+    longer = {**cfg, "train": {**cfg["train"], "max_steps": 8}}
+    train(longer, resume="latest", force=True, progress=False)  # samples at steps 7 and 8
+    assert sent() == list(range(1, 9))
+    client = MlflowClient(cfg["train"]["mlflow"]["tracking_uri"])
+    (only,) = client.search_runs([client.get_experiment_by_name("tuneforge").experiment_id])
+    artifacts = {a.path for a in client.list_artifacts(only.info.run_id, "samples")}
+    # Step 6's are the final validation's of that attempt, which a run resumed past it does not keep.
+    assert artifacts == {f"samples/step-{step:06d}.json" for step in (1, 2, 3, 4, 5, 7, 8)}

@@ -289,15 +289,15 @@ def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
 
 class MetricsLog:
     """metrics.jsonl, one JSON object per logged step, and the experiment trackers that get each record
-    too (`trackers`); a resumed run drops lines past its checkpoint."""
+    too (`trackers`); a resumed run drops lines past its checkpoint, and keeps the others (`kept`) for the
+    trackers' catch-up with the sample answers (`Trackers.catch_up`)."""
 
     def __init__(self, cfg: Config, resume_step: int | None, enabled: bool):
         self.path, self.enabled = Path(cfg.output_dir) / "metrics.jsonl", enabled
         if not enabled:
             return
-        kept = restart_step_log(self.path, resume_step)
+        self.kept = restart_step_log(self.path, resume_step)
         self.trackers = trackers.Trackers(cfg, resume_step)
-        self.trackers.catch_up(kept)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -669,6 +669,8 @@ def setup(
         world.is_main and (bool(sample_prompts) or resume_from is not None),
         metrics_log.trackers if world.is_main else None,
     )
+    if world.is_main:
+        metrics_log.trackers.catch_up(metrics_log.kept, samples_log.kept)
     if world.is_main:  # the files a method writes a record a step to (grpo's rollouts) start as metrics.jsonl does
         for path in getattr(getattr(objective, "module", objective), "step_logs", ()):
             restart_step_log(path, state["step"] if resume_from else None)

@@ -120,8 +120,9 @@ class SamplesLog:
 
     def __init__(self, out: Path, resume_step: int | None, enabled: bool, trackers=None):
         self.path, self.enabled, self.trackers = out / FILE, enabled, trackers
+        self.kept: list[dict] = []  # the records up to a resumed run's checkpoint, for the trackers' catch-up
         if enabled:
-            restart_step_log(self.path, resume_step)
+            self.kept = restart_step_log(self.path, resume_step)
 
     def write(self, step: int, samples: list[dict], final: bool = False) -> None:
         if not self.enabled:

@@ -104,14 +104,20 @@ class Trackers:
         self._send(record, self.writers)
         self._save_marks()
 
-    def catch_up(self, records: list[dict]) -> None:
+    def catch_up(self, records: list[dict], samples: list[dict] = ()) -> None:
         """Send each tracker run with a mark of what it got (W&B, MLflow) the records of a resumed run's steps up
-        to its checkpoint (metrics.jsonl's) past that mark: those an attempt without it trained (left out of
-        report_to, out of reach). TensorBoard keeps its events up to the checkpoint; a tracker run without a mark
-        (new to this attempt, or marked by no earlier attempt) starts from the checkpoint."""
+        to its checkpoint (metrics.jsonl's, and samples.jsonl's sample answers) past that mark: those an attempt
+        without it trained (left out of report_to, out of reach). TensorBoard keeps its events up to the
+        checkpoint; a tracker run without a mark (new to this attempt, or marked by no earlier attempt) starts
+        from the checkpoint."""
         marked = {name: writer for name, writer in self.writers.items() if "sent" in self.ids.get(name, {})}
-        for record in records:
-            self._send(record, marked)
+        # In step order, as training sent them: a tracker marked past a step is sent nothing of it.
+        sends = [(record["step"], 0, record) for record in records] + [(r["step"], 1, r) for r in samples]
+        for _, is_samples, record in sorted(sends, key=lambda send: send[:2]):
+            if is_samples:
+                self._send_samples(record["step"], record["samples"], bool(record.get("full_valid")), marked)
+            else:
+                self._send(record, marked)
         self._save_marks()
 
     def _send(self, record: dict, writers: dict) -> None:
@@ -123,11 +129,14 @@ class Trackers:
 
     def log_samples(self, step: int, samples: list[dict], final: bool = False) -> None:
         """`final`: the samples of the full validation after training."""
+        self._send_samples(step, samples, final, self.writers)
+        self._save_marks()
+
+    def _send_samples(self, step: int, samples: list[dict], final: bool, writers: dict) -> None:
         key = "samples:full_valid" if final else "samples:valid"  # no metric's name: a key of the marks only
-        for name, writer in self.writers.items():
+        for name, writer in writers.items():
             if self._unsent(name, step, [key]) and self._guarded(name, lambda w=writer: w.log_samples(samples, step)):
                 self._mark_sent(name, step, [key])
-        self._save_marks()
 
     def _unsent(self, name: str, step: int, keys: list[str]) -> list[str]:
         """The keys at `step` that tracker `name`'s run has not got: all for one that keeps no mark (TensorBoard,
