@@ -207,6 +207,7 @@ def test_a_grpo_sweep_ranks_by_validation_reward_higher_first_and_refuses_the_lo
     # A grpo run validates by the reward of its answers (valid_reward) and logs no validation loss.
     from test_grpo import grpo_config
 
+    from tuneforge.eval.report import loss_figure, read_metrics
     from tuneforge.sweeps import SweepResult, SweepRun, read_run, write_outputs
 
     path = tmp_path / "grpo.yaml"
@@ -221,6 +222,7 @@ def test_a_grpo_sweep_ranks_by_validation_reward_higher_first_and_refuses_the_lo
     result = sweep(path, ["train.learning_rate=1e-3"], out=tmp_path / "sweep", progress=False)
     (run,) = result.runs
     assert result.metric == "eval_reward" and run.eval_reward is not None and result.best is run
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the rewards drawn
 
     rewards = {"lr-0.1": 0.25, "lr-0.001": 0.75, "lr-0.0001": 0.5}
     runs = []
@@ -238,6 +240,12 @@ def test_a_grpo_sweep_ranks_by_validation_reward_higher_first_and_refuses_the_lo
             "lr-0.0001",
             "lr-0.1",
         ]
+    # Each run's validation rewards, on an axis that says higher is better, and no training loss.
+    figure = loss_figure({run.name: read_metrics(run.output_dir) for run in runs}, "reward")
+    assert "higher is better" in figure.axes[0].get_ylabel()
+    assert sorted(line.get_gid() for line in figure.axes[0].lines) == sorted(
+        f"{curve}-{i}" for i in range(3) for curve in ("valid-curve", "final-valid")
+    )
 
 
 def test_a_rerun_evaluates_a_run_stopped_during_its_evaluation_after_training(

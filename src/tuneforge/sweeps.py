@@ -7,7 +7,7 @@ OUT/<its values>/: a rerun of the sweep skips the finished runs, resumes an inte
 latest checkpoint, and evaluates one that finished training but not its `eval:` (stopped during it). After
 each run, OUT/sweep.json and OUT/sweep.png (the runs' validation losses) are written again and the table is
 printed, sorted by the metric. A grpo run validates by the reward of its answers
-(valid_reward, higher is better) and has no validation loss: its sweep ranks by reward.
+(valid_reward, higher is better) and has no validation loss: its sweep ranks, and draws, its rewards.
 """
 
 from __future__ import annotations
@@ -431,7 +431,8 @@ def _typed_values(runs: list[SweepRun], key: str) -> list:
 
 
 def write_outputs(result: SweepResult, grid: dict[str, list], config) -> None:
-    """OUT/sweep.json (written whole, atomically) and OUT/sweep.png: each run's validation losses on one chart."""
+    """OUT/sweep.json (written whole, atomically) and OUT/sweep.png: each run's validation losses (a grpo
+    sweep's: rewards) on one chart."""
     from .eval.report import loss_figure, read_metrics
 
     ranked = _ranked(result.runs, result.metric)
@@ -459,10 +460,13 @@ def write_outputs(result: SweepResult, grid: dict[str, list], config) -> None:
         run.name: [{k: v for k, v in m.items() if k != "train_loss"} for m in read_metrics(run.output_dir)]
         for run in ranked
     }
-    curves = {name: m for name, m in curves.items() if any("valid_loss" in r or "full_valid_loss" in r for r in m)}
+    measure = "reward" if result.metric in HIGHER_FIRST else "loss"
+    curves = {
+        name: m for name, m in curves.items() if any(f"valid_{measure}" in r or f"full_valid_{measure}" in r for r in m)
+    }
     if curves:
-        figure = loss_figure(curves)
-        figure.axes[0].set_title("validation loss")
+        figure = loss_figure(curves, measure)
+        figure.axes[0].set_title(_validation_figure(result.metric))
         with atomic_file(result.out / PLOT_FILE, "wb") as f:
             figure.savefig(f, format="png", dpi=110, bbox_inches="tight")
 

@@ -437,20 +437,22 @@ def curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:
     return [(m["step"], m[key]) for m in metrics if key in m]
 
 
-def loss_figure(runs: dict[str, list[dict]]):
+def loss_figure(runs: dict[str, list[dict]], measure: str = "loss"):
     """The loss curves of one run, or of several on one chart to compare them: training loss as a line,
-    validation loss as points on it, the full validation at the end as a square.
+    validation loss as points on it, the full validation at the end as a square. `measure="reward"`: a
+    grpo run's validation rewards (valid_reward, full_valid_reward) instead, higher is better, and no
+    training loss (a policy-gradient loss, no measure of the answers).
 
     `runs` maps a run's name to its metrics; with one run the name is left out of the legend. Each
     line's SVG group id is `train-curve`, `valid-curve` or `final-valid` (suffixed `-N` for the N-th
     run of several), so a page can find what was drawn."""
-    figure, axes = _figure("loss")
+    figure, axes = _figure(measure)
     several = len(runs) > 1
     for i, (name, metrics) in enumerate(runs.items()):
         suffix, label = (f"-{i}", f"{name}: ") if several else ("", "")
         colour = f"C{i}" if several else None
-        train, valid = curve(metrics, "train_loss"), curve(metrics, "valid_loss")
-        final = curve(metrics, "full_valid_loss")
+        train = curve(metrics, "train_loss") if measure == "loss" else []
+        valid, final = curve(metrics, f"valid_{measure}"), curve(metrics, f"full_valid_{measure}")
         if train:
             line = _line(axes, *zip(*train), label=f"{label}train", linewidth=1, color=colour or "C0")
             line.set_gid(f"train-curve{suffix}")
@@ -461,7 +463,7 @@ def loss_figure(runs: dict[str, list[dict]]):
             line = axes.plot(*zip(*final), "s", color=colour or "black", label=f"{label}full validation (end)")[0]
             line.set_gid(f"final-valid{suffix}")
     axes.set_xlabel("step")
-    axes.set_ylabel(loss_label(runs))
+    axes.set_ylabel(loss_label(runs) if measure == "loss" else "grader score per answer (higher is better)")
     if axes.lines:
         # Beside the chart when several runs' entries would cover their curves.
         place = {"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if several else {}
