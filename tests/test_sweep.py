@@ -57,8 +57,10 @@ def test_a_sweep_trains_each_point_ranks_them_and_a_rerun_keeps_them(config, tmp
 
 
 def test_a_rerun_resumes_an_interrupted_run_and_refuses_a_finished_run_of_another_config(
-    config, tmp_path, one_thread, capsys
+    config, tmp_path, one_thread, capsys, monkeypatch
 ):
+    from tuneforge import sweeps
+
     out = tmp_path / "sweep"
     sweep(config, {"train.learning_rate": [1e-3]}, out=out, progress=False)
     run = out / "learning_rate-0.001"
@@ -66,7 +68,15 @@ def test_a_rerun_resumes_an_interrupted_run_and_refuses_a_finished_run_of_anothe
     shutil.rmtree(run / "final")
     (run / "summary.json").unlink()
     capsys.readouterr()
+    # The point's config is loaded once, and its folder's state (finished, to resume, new) read once.
+    loaded, found = [], []
+    real_load, real_found = sweeps.load_config, sweeps._resume_mode
+    monkeypatch.setattr(sweeps, "load_config", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(sweeps, "_resume_mode", lambda folder: found.append(folder) or real_found(folder))
     result = sweep(config, {"train.learning_rate": [1e-3]}, out=out, progress=False)
+    monkeypatch.undo()
+    assert len([given for given in loaded if len(given) > 1 and "train.learning_rate=0.001" in given[1]]) == 1
+    assert found == [run]
     assert "sweep run learning_rate-0.001 (resumed)" in capsys.readouterr().out
     assert result.runs[0].status == "completed" and result.runs[0].steps == 2
     assert (run / "final").is_dir()

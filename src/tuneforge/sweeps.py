@@ -91,9 +91,11 @@ class SweepRun:
     steps: int | None = None
     seconds: float | None = None
     error: str | None = None
+    # Its folder as the sweep's checks found it (`_resume_mode`): "finished", "latest" or None; read once.
+    found: str | None = None
 
     def as_json(self) -> dict:
-        return {**self.__dict__, "output_dir": str(self.output_dir)}
+        return {**{k: v for k, v in self.__dict__.items() if k != "found"}, "output_dir": str(self.output_dir)}
 
 
 @dataclass
@@ -247,7 +249,9 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
             raise ConfigError(f"{key} is both overridden and swept (--set); give it in one place.")
     base_strings = [_override(key, value) for key, value in base]
     load_config(config, base_strings)
-    for key, values in grid.items():
+    # Each value alone, where a point sets more than it: with one key swept, each point is its value alone,
+    # loaded once below.
+    for key, values in grid.items() if len(grid) > 1 else ():
         for value in values:
             try:
                 load_config(config, [*base_strings, _override(key, value)])
@@ -268,6 +272,11 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
         said = ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
         try:
             cfg = load_config(config, point)
+        except ConfigError as e:
+            if len(grid) == 1:  # the value alone, named as the checks of each value above name theirs
+                raise ConfigError(f"--set {said}: {e.message}") from None
+            raise ConfigError(f"sweep run {name} ({said}): {e.message}", code=e.code) from None
+        try:
             _check_metric(cfg, metric)
             if metric != "train_loss" and cfg.data.validation in (None, 0, 0.0):
                 raise ConfigError(
@@ -293,7 +302,7 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
                     f"sweep runs {run.name} and {name} train the same settings ({said}): a value is given twice in "
                     "two spellings (1e-4 and 0.0001). Give each value once."
                 )
-        points.append((SweepRun(name, typed, run_dir), cfg))
+        points.append((SweepRun(name, typed, run_dir, found=mode), cfg))
     # The data rows, once for each data setting the points train on: a bad row or no validation rows is found now,
     # and a kept or resumed run whose data files changed since it trained.
     data_keys: dict[str, str | None] = {}  # each data setting's prepared data's cache key
@@ -329,7 +338,7 @@ def _check_earlier_data(run: SweepRun, data_key: str | None, sweep_out: Path) ->
     """A run folder of this point is kept (finished) or resumed (interrupted) only where it trained on the data as
     it is now (`data_key`, the prepared data's cache key, as its data_report.json records it): a run on data
     edited since would rank, or continue, as a run on today's."""
-    mode = _resume_mode(run.output_dir)
+    mode = run.found
     if mode is None or data_key is None:
         return
     try:
@@ -498,8 +507,9 @@ def sweep(
     one."""
     from .pipeline import evaluate_run, evaluation_missing, train
 
+    base = load_config(config, overrides) if metric is None or out is None else None
     if metric is None:
-        metric = default_metric(load_config(config, overrides))
+        metric = default_metric(base)
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric}: unknown; choose one of {', '.join(METRICS)}.")
     if not isinstance(grid, dict):
@@ -516,7 +526,7 @@ def sweep(
                     f"{{{key!r}: [{values!r}, ...]}}."
                 )
         grid = {key: list(values) for key, values in grid.items()}
-    out = Path(out) if out is not None else Path(f"{load_config(config, overrides).output_dir}-sweep")
+    out = Path(out) if out is not None else Path(f"{base.output_dir}-sweep")
     console = Console()
     points = check_points(config, overrides, grid, out, metric)
     sizes = " x ".join(f"{len(v)} {k}" for k, v in grid.items())
@@ -525,7 +535,7 @@ def sweep(
     earlier = _earlier_seconds(out)
     for run in result.runs:
         run.seconds = earlier.get(run.name)
-        if _resume_mode(run.output_dir) == "finished":
+        if run.found == "finished":
             run.status = "completed"
             read_run(run)
     table_shown = False  # whether the table as it stands is on screen
@@ -535,7 +545,7 @@ def sweep(
         if run.status == "completed" and not unevaluated:
             console.print(f"sweep: {run.name} finished earlier; kept")
             continue
-        mode = _resume_mode(run.output_dir)
+        mode = run.found
         console.rule(f"sweep run {run.name}" + (" (its evaluation)" if unevaluated else " (resumed)" if mode else ""))
         started, table_shown = time.perf_counter() - (run.seconds or 0.0), True
         try:
