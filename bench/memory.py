@@ -424,11 +424,13 @@ def measure_in_turns(
 ) -> list[dict]:
     """Each candidate `repeats` times, taking turns; with more than one, every figure is the median of
     the runs and `repeats` keeps each run's (the allocated peak moves from run to run with what the
-    allocator keeps or gives back)."""
+    allocator keeps or gives back). `profile`'s step is profiled in the first turn only: the later turns would
+    write the same table again, and the profiler's overhead would slow each of their steps measured."""
     figures = {candidate: [] for candidate in CANDIDATES}
-    for _ in range(repeats):
+    for turn in range(repeats):
         for candidate in CANDIDATES:
-            figures[candidate].append(measure(candidate, shape, mode, steps, allocator, device, profile))
+            profiled = profile if turn == 0 else None
+            figures[candidate].append(measure(candidate, shape, mode, steps, allocator, device, profiled))
             print(json.dumps({"shape": shape, "mode": mode, "candidate": candidate, **figures[candidate][-1]}))
     results = []
     for candidate, runs in figures.items():
@@ -437,7 +439,7 @@ def measure_in_turns(
         if not good:
             results.append({**result, **runs[-1]})
             continue
-        result.update({key: median(run[key] for run in good) for key in good[0]})
+        result.update({key: median(run.get(key) for run in good) for key in good[0]})
         if repeats > 1:
             result["repeats"] = good
         results.append(result)

@@ -50,13 +50,19 @@ TURNS = ["Explain in detail, step by step, how a customer gets a refund.", "And 
 SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-def system_prompt(round_: int, tokens: int, tokenizer) -> str:
-    """A support desk's rules, numbered, about `tokens` tokens long; the round's number first, so each round's
-    prompt is its own from the first tokens on."""
-    lines = [f"Shift {round_}. You are the support desk of a web console. Follow these rules."]
-    while len(tokenizer("\n".join(lines))["input_ids"]) < tokens:
-        lines.append(f"Rule {len(lines)}: {RULES[len(lines) % len(RULES)]}.")
-    return "\n".join(lines)
+def system_prompt(round_: int, rules: list[str]) -> str:
+    """A support desk's `rules` (`rule_lines`); the round's number first, so each round's prompt is its own from
+    the first tokens on."""
+    return "\n".join([f"Shift {round_}. You are the support desk of a web console. Follow these rules.", *rules])
+
+
+def rule_lines(tokens: int, tokenizer) -> list[str]:
+    """The numbered rules that make a system prompt about `tokens` tokens long: the same lines every round (only
+    the round's number differs), so counted once."""
+    rules = []
+    while len(tokenizer(system_prompt(0, rules))["input_ids"]) < tokens:
+        rules.append(f"Rule {len(rules) + 1}: {RULES[(len(rules) + 1) % len(RULES)]}.")
+    return rules
 
 
 def conversation(system: str, question: str) -> list[dict]:
@@ -87,9 +93,10 @@ def main() -> None:
     rounds = []
     try:
         for server in servers.values():  # warm-up: first calls of every kernel, not timed
-            server.run(conversation(system_prompt(-1, 64, tokenizer), QUESTIONS[0]), args.max_tokens)
+            server.run(conversation(system_prompt(-1, rule_lines(64, tokenizer)), QUESTIONS[0]), args.max_tokens)
+        rules = rule_lines(args.system_tokens, tokenizer)
         for round_ in range(args.rounds):
-            system = system_prompt(round_, args.system_tokens, tokenizer)
+            system = system_prompt(round_, rules)
             order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
             runs = {}
             for name in order:
