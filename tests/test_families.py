@@ -309,6 +309,33 @@ def test_openai_tool_call_arguments_are_trained_as_an_object_not_a_string(tmp_pa
     assert trained_runs(example, tokenizer)[0] == call
 
 
+@pytest.mark.parametrize(("name", "call_id"), [("qwen2.5", "call_1"), ("mistral", "abcDEF123")])
+def test_a_request_with_the_rows_tools_and_calls_is_prompted_as_the_row_trained(tmp_path, name, call_id):
+    # The row's tool definition has its keys in another order than a request's body gives them to the
+    # template: Qwen writes each definition with tojson, Mistral key by key.
+    from tuneforge.data import read_conversations
+    from tuneforge.serve.bodies import ChatCompletionBody
+
+    tokenizer = family_tokenizer(FAMILIES[name], tmp_path)
+    order = {"type": "object", "properties": {"order_id": {"type": "string"}}}
+    tool = {"function": {"name": "get_order", "parameters": order, "description": "An order"}, "type": "function"}
+    call = {"id": call_id, "type": "function", "function": {"name": "get_order", "arguments": '{"order_id":"42"}'}}
+    messages = [
+        {"role": "user", "content": "Where is order 42?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "paid", "tool_call_id": call_id},
+        {"role": "assistant", "content": "It is paid."},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": [tool]}) + "\n", encoding="utf-8")
+    [(_, row)] = list(read_conversations(path))
+    [example] = render_examples(row, tokenizer, "last_assistant")
+    body = ChatCompletionBody.model_validate({"model": "m", "messages": messages[:-1], "tools": [tool]})
+    [prompt] = encode_prompts(tokenizer, [body.template_messages()], body.template_tools())
+    assert list(example.input_ids[: len(prompt)]) == prompt
+    assert tokenizer.decode(example.input_ids[len(prompt) :]).strip() == f"It is paid.{FAMILIES[name].end_of_turn}"
+
+
 @pytest.mark.parametrize(
     ("field", "message"),
     [

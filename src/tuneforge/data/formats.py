@@ -464,7 +464,7 @@ class _RowCheck:
         # A bare function definition ({"name", "description", "parameters"}, as LLaMA-Factory and some chat
         # data write them) becomes {"type": "function", "function": definition}, the shape OpenAI's clients
         # send at inference and chat templates read.
-        return [tool if "type" in tool else {"type": "function", "function": tool} for tool in value]
+        return [_in_openai_order(tool if "type" in tool else {"type": "function", "function": tool}) for tool in value]
 
     def messages(self, value: Any, field: str, *, sharegpt: bool = False) -> list[Message] | None:
         """A list of chat messages (OpenAI keys, or ShareGPT's from/value); None if any is bad."""
@@ -751,6 +751,22 @@ def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
     check.require_assistant(messages, "conversations")
     tools = _sharegpt_tools(row, check)
     return Conversation(messages, tools=tools) if messages else None
+
+
+# The order of a tool definition's keys as the server gives a request's tools to the chat template (its
+# request body's fields, as vLLM's): templates write the definitions with `tojson` or key by key, so a row
+# whose keys come in another order would train on a prompt that serving never shows.
+_TOOL_KEYS = ("type", "function")
+_FUNCTION_KEYS = ("name", "description", "parameters", "strict")
+
+
+def _in_openai_order(tool: dict) -> dict:
+    """`tool` with its keys, and its function's, in OpenAI's order (`_TOOL_KEYS`, `_FUNCTION_KEYS`); any
+    other key after them, as written."""
+    function = tool.get("function")
+    if isinstance(function, dict):
+        tool = {**tool, "function": {**{k: function[k] for k in _FUNCTION_KEYS if k in function}, **function}}
+    return {**{k: tool[k] for k in _TOOL_KEYS if k in tool}, **tool}
 
 
 def _sharegpt_tools(row: dict, check: _RowCheck) -> list[dict] | None:
