@@ -63,6 +63,10 @@ def test_mistral_calls_keep_their_id_and_read_without_the_marker_decoding_drops(
         (LLAMA3_JSON, '{"name": "f", "parameters": {}} is what I would call'),
         (MISTRAL, "[1, 2, 3]"),
         (MISTRAL, '[TOOL_CALLS] [{"name": "f", "arguments": {}'),  # cut short
+        # An answer in JSON whose objects have a name: calls always carry their arguments.
+        (LLAMA3_JSON, '{"name": "Alice", "email": "alice@example.com"}'),
+        (MISTRAL, '[{"name": "Alice", "role": "admin"}, {"name": "Bob", "role": "user"}]'),
+        (HERMES, '<tool_call>\n{"name": "f"}\n</tool_call>'),
     ],
 )
 def test_text_that_is_not_a_call_stays_text(parser, text):

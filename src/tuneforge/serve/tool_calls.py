@@ -104,11 +104,15 @@ def parser_for(template: str | None) -> ToolCallParser | None:
 
 
 def _call(value, arguments_keys: tuple[str, ...]) -> dict | None:
-    """A call object as the model wrote it, with its arguments under "arguments"; None if it is not one."""
+    """A call object as the model wrote it, with its arguments under "arguments"; None if it is not one. The
+    templates write every call's arguments (`{}` for none): an object with a name and no arguments is the
+    model's answer in JSON (`[{"name": "Alice", "role": "admin"}]`), not a call."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
     key = next((k for k in arguments_keys if k in value), None)
-    arguments = value[key] if key else {}
+    if key is None:
+        return None
+    arguments = value[key]
     if not isinstance(arguments, dict | str):
         return None
     return {"name": value["name"], "arguments": arguments, "id": value.get("id")}
