@@ -447,6 +447,29 @@ def test_bare_function_definitions_in_chat_tools_are_read_as_openais_tools(tmp_p
     assert conversation.tools == [{"type": "function", "function": weather}] * 2
 
 
+def test_the_responses_apis_flat_tools_are_read_as_openais_chat_tools(tmp_path):
+    # Kept flat, Qwen and Llama 3.1 would train on tools unlike a request's, and Mistral's template fails on them.
+    weather = {"name": "weather", "parameters": {"type": "object"}}
+    row = {**chat("Weather?", "Sunny."), "tools": [{"type": "function", **weather}]}
+    [(_, conversation)] = read(write_jsonl(tmp_path / "t.jsonl", [row]))
+    assert conversation.tools == [{"type": "function", "function": weather}]
+
+
+@pytest.mark.parametrize(
+    "tool, field",
+    [
+        ({"type": "function", "function": {"description": "Weather."}}, "tools[1].function.name"),
+        ({"type": "function", "function": "weather"}, "tools[1].function.name"),
+        ({"type": "code_interpreter"}, "tools[1].type"),
+    ],
+)
+def test_a_tool_that_is_not_a_named_function_is_an_error(tmp_path, tool, field):
+    weather = {"type": "function", "function": {"name": "weather"}}
+    row = {**chat("Weather?", "Sunny."), "tools": [weather, tool]}
+    [problem] = errors(read(write_jsonl(tmp_path / "t.jsonl", [row])))
+    assert (problem.line, problem.field) == (1, field)
+
+
 def test_json_array_is_streamed_with_element_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("[\n" + ",\n".join(json.dumps(chat(f"q{i}", f"a{i}"), indent=1) for i in range(3)) + "\n]\n")

@@ -461,10 +461,34 @@ class _RowCheck:
             return None
         if not value:
             return value
-        # A bare function definition ({"name", "description", "parameters"}, as LLaMA-Factory and some chat
-        # data write them) becomes {"type": "function", "function": definition}, the shape OpenAI's clients
-        # send at inference and chat templates read.
-        return [_in_openai_order(tool if "type" in tool else {"type": "function", "function": tool}) for tool in value]
+        tools = [self._tool(tool, f"tools[{i}]") for i, tool in enumerate(value)]
+        return None if None in tools else tools
+
+    def _tool(self, tool: dict, at: str) -> dict | None:
+        """A tool definition as OpenAI's clients send it at inference and chat templates read it:
+        {"type": "function", "function": {"name", ...}}. A bare function definition ({"name", "description",
+        "parameters"}, as LLaMA-Factory and some chat data write them) and the Responses API's flat one
+        ({"type": "function", "name", ...}) become that; None (an error) for any other."""
+        if "function" not in tool and tool.get("type", "function") == "function":
+            tool = {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+        if tool.get("type") != "function":
+            self.error(
+                "data_type",
+                f"{at}.type",
+                f'a tool\'s type must be "function" (the tools chat templates write), got '
+                f"{json.dumps(tool.get('type'))}; leave other tools out.",
+            )
+            return None
+        function = tool["function"]
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"].strip()):
+            self.error(
+                "data_type",
+                f"{at}.function.name",
+                'a tool is {"type": "function", "function": {"name": ..., "description": ..., "parameters": '
+                "{...}}}: give its function a name, the one the replies' tool_calls call it by.",
+            )
+            return None
+        return _in_openai_order(tool)
 
     def messages(self, value: Any, field: str, *, sharegpt: bool = False) -> list[Message] | None:
         """A list of chat messages (OpenAI keys, or ShareGPT's from/value); None if any is bad."""
