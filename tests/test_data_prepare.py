@@ -627,6 +627,30 @@ def test_tools_a_template_does_not_write_are_a_warning_naming_the_rows(tmp_path,
     assert "tools_not_rendered" not in warnings
 
 
+@pytest.mark.parametrize(("name", "call_id", "warned"), [("llama3", "call_1", True), ("qwen2.5", "call_1", False)])
+def test_content_beside_tool_calls_a_template_drops_is_a_warning_naming_the_reply(tmp_path, name, call_id, warned):
+    # Llama 3.1's template writes a call alone: "Let me look." would not be trained, and nothing said so.
+    tool = {"type": "function", "function": {"name": "get_order", "parameters": {"type": "object"}}}
+    call = {"id": call_id, "type": "function", "function": {"name": "get_order", "arguments": "{}"}}
+    data = rows(12)
+    data[5] = {
+        "tools": [tool],
+        "messages": [
+            {"role": "user", "content": "Where is my order?"},
+            {"role": "assistant", "content": "Let me look.", "tool_calls": [call]},
+            {"role": "tool", "content": "shipped", "tool_call_id": call_id},
+            {"role": "assistant", "content": "It has shipped."},
+        ],
+    }
+    (tmp_path / name).mkdir()
+    prepared = run(tmp_path / name, family_tokenizer(FAMILIES[name], tmp_path / name), data)
+    warnings = {w["code"]: w for w in prepared.report["warnings"]}
+    assert ("content_beside_calls_not_rendered" in warnings) is warned
+    if warned:
+        where = [f"{tmp_path / name / 'train.jsonl'}:6 messages[1].content"]
+        assert warnings["content_beside_calls_not_rendered"]["where"] == where
+
+
 def test_message_names_a_template_does_not_write_are_a_warning_naming_the_rows(tmp_path, tokenizer):
     data = rows(12)
     data[2]["messages"][1]["name"] = "alice"

@@ -68,6 +68,9 @@ _REPLY_STARTS = ("The", "I", "A", "Hello", "Paris", "4")  # words a reply may st
 _PROBE_TOOL = {"type": "function", "function": {"name": "tuneforge_probe_tool", "parameters": {"type": "object"}}}
 _PROBE_NAME = "tuneforge_probe_name"
 _PROBE_REASONING = "tuneforge_probe_reasoning"
+_PROBE_CONTENT = "tuneforge_probe_content"
+# Mistral's template takes only call ids of 9 letters and digits.
+_PROBE_CALL = {"id": "probe0001", "type": "function", "function": {"name": "tuneforge_probe_tool", "arguments": {}}}
 _SHORT_PIECE_CHARS = 64  # piece beginnings up to this long are cached ("assistant\n", "\n")
 _TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError)  # what a template can raise on odd input
 
@@ -153,6 +156,7 @@ class ChatRenderer:
         self.writes_names = self._writes(None, _PROBE_NAME, _PROBE_NAME)
         # A reasoning model's template (Qwen 3's) writes an assistant message's reasoning_content inside <think>.
         self.writes_reasoning = self._writes(None, None, _PROBE_REASONING, reasoning=_PROBE_REASONING)
+        self.writes_content_with_calls = self._writes_content_with_calls()
         # The end-of-turn tokens as the template writes them, to find where a reply ends in a rendering.
         self._end_marks = tuple(added[i].content for i in self.end_ids if i in added)
         # A model that reads images: each image marker the template writes becomes the image's tokens.
@@ -598,6 +602,22 @@ class ChatRenderer:
                     severity="warning",
                 )
             )
+        beside_calls = next(
+            (i for i, m in enumerate(messages) if m.tool_calls and isinstance(m.content, str) and m.content.strip()),
+            None,
+        )
+        if beside_calls is not None and not self.writes_content_with_calls:
+            problems.append(
+                Problem(
+                    "content_beside_calls_not_rendered",
+                    "the chat template writes a reply's tool calls alone (Llama 3.1's and Mistral's do): the "
+                    f"content beside them ({messages[beside_calls].content[:60]!r}) is left out, so the model "
+                    "learns to call without it. Use a model whose chat template writes both (Qwen 2.5 and 3), "
+                    "or leave the content out of replies that call tools.",
+                    field=f"messages[{beside_calls}].content" if isinstance(record, Conversation) else None,
+                    severity="warning",
+                )
+            )
         if any(m.name for m in messages) and not self.writes_names:
             problems.append(
                 Problem(
@@ -609,6 +629,20 @@ class ChatRenderer:
                 )
             )
         return problems
+
+    def _writes_content_with_calls(self) -> bool:
+        """Whether the template writes a reply's content beside its tool calls; True where it writes no
+        calls at all (`tool_calls_not_rendered` says so of each such reply) or the probe does not render."""
+        if self._probe_messages is None:
+            return True
+        prompt = self._probe_messages[:-1]
+        reply = {"role": "assistant", "content": _PROBE_CONTENT, "tool_calls": [_PROBE_CALL]}
+        try:
+            before, text = self._apply_template([prompt, [*prompt, reply]], [_PROBE_TOOL], False)
+        except _TEMPLATE_FAILURES:
+            return True
+        written = text.removeprefix(before)  # the reply as written (the tools' definitions are before it)
+        return _PROBE_CONTENT in written or _PROBE_CALL["function"]["name"] not in written
 
     def _writes(self, tools: list[dict] | None, name: str | None, mark: str, *, reasoning: str | None = None) -> bool:
         """Whether the template writes `mark` into the probe conversation rendered with `tools`, its
