@@ -169,6 +169,25 @@ def test_a_text_only_model_refuses_image_rows_naming_the_first(tmp_path):
     assert "rows.jsonl:2 messages[0].content" in str(error.value) and "reads text only" in str(error.value)
 
 
+def test_preference_pairs_read_back_from_the_data_cache_keep_their_prompts_images(vision_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    image = {"type": "image_url", "image_url": {"url": png_data_url(RED)}}
+    pair = {
+        "prompt": [{"role": "user", "content": [image, {"type": "text", "text": "What colour is this?"}]}],
+        "chosen": [{"role": "assistant", "content": "It is red."}],
+        "rejected": [{"role": "assistant", "content": "It is blue."}],
+    }
+    rows = write_rows(tmp_path / "pairs.jsonl", [pair])
+    tokenizer = load_tokenizer(str(vision_model))
+    logged = []
+    fresh, cached = (
+        prepare(DataConfig(train=str(rows), validation=0.0), tokenizer, log=logged.append) for _ in range(2)
+    )
+    assert any("reusing the tokenized data set" in line for line in logged)
+    assert cached.train_pairs == fresh.train_pairs
+    assert [len(e.images) for e in cached.train_pairs[0]] == [1, 1]
+
+
 @pytest.mark.parametrize(
     ("settings", "key"),
     [({"method": "dpo"}, "method"), ({"train": {"kl_to_base": 0.1}}, "train.kl_to_base")],

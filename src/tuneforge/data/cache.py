@@ -17,7 +17,7 @@ from ..fsio import atomic_dir, tuneforge_home, write_json
 from ..models.loading import given_chatml, image_inputs
 from .schema import Example, PreparedData, token_array
 
-CACHE_FORMAT = 18
+CACHE_FORMAT = 19
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
 
 _SPLITS = ("train", "valid")
@@ -112,6 +112,8 @@ def _write_examples(path: Path, examples: list[Example], second: list[Example] |
     if second is not None:  # the rejected half of preference pairs
         columns["rejected_input_ids"] = pa.array([e.input_ids for e in second], tokens)
         columns["rejected_labels"] = pa.array([e.labels for e in second], tokens)
+        if any(e.images for e in second):  # the prompt's images, which the rejected reply is read with too
+            columns["rejected_images"] = pa.array([list(e.images) for e in second], pa.list_(pa.binary()))
     pq.write_table(pa.table(columns), path)
 
 
@@ -125,7 +127,7 @@ def _read_columns(path: Path) -> dict[str, list]:
     columns = {}
     for name in table.column_names:
         column = table.column(name)
-        if not pa.types.is_list(column.type) or name == "images":
+        if not pa.types.is_list(column.type) or name in ("images", "rejected_images"):
             columns[name] = column.to_pylist()
             continue
         lists = column.combine_chunks()
@@ -147,8 +149,19 @@ def _read_examples(path: Path) -> list[Example]:
 
 def _read_pairs(path: Path) -> list[tuple[Example, Example]]:
     c = _read_columns(path)
-    margins = c.get("margin") or [0.0] * len(c["input_ids"])
+    n = len(c["input_ids"])
+    margins = c.get("margin") or [0.0] * n
+    chosen_images, rejected_images = c.get("images") or [()] * n, c.get("rejected_images") or [()] * n
+    columns = zip(
+        c["input_ids"],
+        c["labels"],
+        c["rejected_input_ids"],
+        c["rejected_labels"],
+        margins,
+        chosen_images,
+        rejected_images,
+    )
     return [
-        (Example(a, b, margin=m), Example(x, y))
-        for a, b, x, y, m in zip(c["input_ids"], c["labels"], c["rejected_input_ids"], c["rejected_labels"], margins)
+        (Example(a, b, margin=m, images=tuple(shown)), Example(x, y, images=tuple(rejected_shown)))
+        for a, b, x, y, m, shown, rejected_shown in columns
     ]
