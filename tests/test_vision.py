@@ -190,7 +190,7 @@ def test_preference_pairs_read_back_from_the_data_cache_keep_their_prompts_image
 
 @pytest.mark.parametrize(
     ("settings", "key"),
-    [({"method": "dpo"}, "method"), ({"train": {"kl_to_base": 0.1}}, "train.kl_to_base")],
+    [({"method": "reward"}, "method"), ({"train": {"kl_to_base": 0.1}}, "train.kl_to_base")],
 )
 def test_methods_that_would_run_without_the_images_are_refused(vision_model, tmp_path, settings, key):
     from tuneforge.config import load_config

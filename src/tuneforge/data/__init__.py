@@ -16,7 +16,7 @@ batching), `check` (the `tuneforge data check` command).
 
 from ..models.loading import CHATML_TEMPLATE
 from .formats import FORMATS, read_conversations
-from .pack import PackedRow, collate, join, pack, shows_images
+from .pack import PackedRow, RowGroup, collate, join, pack, shows_images
 from .prepare import check_data, prepare
 from .render import render_conversation, render_examples, render_preference
 from .schema import (
@@ -39,6 +39,7 @@ __all__ = [
     "Example",
     "Message",
     "PackedRow",
+    "RowGroup",
     "Preference",
     "PreparedData",
     "Problem",

@@ -52,6 +52,34 @@ class PackedRow:
         return len(p) + sum(p[t] for t in range(1, len(p)) if p[t] != p[t - 1] + 1)
 
 
+@dataclass(frozen=True, slots=True)
+class RowGroup:
+    """Examples that are one item to the loop (one row to `train.batch_size` and the epoch's order) but run as
+    rows of their own in a batch, each with its images: a preference pair (chosen, rejected), or a KTO example
+    and its mismatched one, whose prompt shows images. The model's image attention (Gemma 3 attends within an
+    image both ways) and Qwen2-VL's 3-D positions read a row as one sequence, so such examples are not laid end
+    to end; each runs with the prompt's pixels, as TRL's DPOTrainer repeats them for the chosen and the rejected
+    reply. `collate` lays each example out as a row of the batch, in order."""
+
+    examples: tuple[Example, ...]
+    is_replay = False
+
+    @property
+    def input_ids(self) -> array:
+        return token_array(t for e in self.examples for t in e.input_ids)
+
+    @property
+    def labels(self) -> array:
+        return token_array(t for e in self.examples for t in e.labels)
+
+    @property
+    def images(self) -> tuple[bytes, ...]:
+        return tuple(image for e in self.examples for image in e.images)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.examples))
+
+
 def pack(examples: Sequence[Example | PackedRow], max_length: int, *, share_prefixes: bool = False) -> list[PackedRow]:
     """Best-fit-decreasing: longest examples first, each into the fullest row it still fits in.
 
@@ -222,13 +250,14 @@ def shows_images(items: Sequence) -> bool:
 
 
 def collate(
-    rows: Sequence[Example | PackedRow], pad_id: int, *, pad_to_multiple_of: int = 8, images=None
+    rows: Sequence[Example | PackedRow | RowGroup], pad_id: int, *, pad_to_multiple_of: int = 8, images=None
 ) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch: input_ids, labels (IGNORE_INDEX on padding), position_ids, where a
     row holds replay, `is_replay` (a bool per row), and where rows hold KTO examples, `desirable` (their
     ratings, in the order of the batch's examples, row by row), where rows hold preference pairs with a `margin`,
     `margin` (one a pair, 0.0 for a pair without, in the batch's order), and where rows show images, `pixel_values`
-    (from `images`, the model's `models.images.ImageInputs`) and `token_type_ids` (1 at image tokens).
+    (from `images`, the model's `models.images.ImageInputs`) and `token_type_ids` (1 at image tokens). A
+    `RowGroup` is its examples, each a row of the batch.
 
     `attention_mask` is returned only for a batch of unpacked rows with padding; a batch holding
     packed rows gets none, because transformers then derives the per-example mask from position ids
@@ -236,6 +265,7 @@ def collate(
     """
     if not rows:
         raise ValueError("collate needs at least one row")
+    rows = [e for r in rows for e in (r.examples if isinstance(r, RowGroup) else (r,))]
     longest = max(len(r) for r in rows)
     width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of > 1 else longest
     packed = any(isinstance(r, PackedRow) for r in rows)

@@ -109,33 +109,42 @@ def refuse_quantized_merge(cfg) -> None:
     )
 
 
-def rows(pairs: list[tuple[tfdata.Example, tfdata.Example]]) -> list[tfdata.PackedRow]:
-    """Each pair as one row: the chosen example, then the rejected one (packing keeps them whole)."""
+def rows(pairs: list[tuple[tfdata.Example, tfdata.Example]]) -> list[tfdata.PackedRow | tfdata.RowGroup]:
+    """Each pair as one row: the chosen example, then the rejected one (packing keeps them whole). Where the
+    pairs' prompts show images, each pair is a `RowGroup` instead: its chosen and rejected examples run as two
+    rows of the batch, each with the prompt's images."""
+    if tfdata.shows_images(pairs):
+        return [tfdata.RowGroup(pair) for pair in pairs]
     return [tfdata.join(pair) for pair in pairs]
 
 
-def kto_rows(examples: list[tfdata.Example], max_length: int) -> list[tfdata.PackedRow]:
+def kto_rows(examples: list[tfdata.Example], max_length: int) -> list[tfdata.PackedRow | tfdata.RowGroup]:
     """Each rated example as one row: the example, then its mismatched one for the KL estimate (its
     prompt with the reply of the example before it, the first taking the last's; TRL's KL data), cut
-    to `max_length` by dropping the start of the prompt, as TRL's keep_end truncation does.
+    to `max_length` by dropping the start of the prompt, as TRL's keep_end truncation does. A prompt that
+    shows images keeps them and is never cut (the model needs every token of an image): its mismatched
+    example loses the end of the borrowed reply instead, and the two are a `RowGroup`, each run with the images.
 
     Feedback often rates several replies to one prompt, side by side in the data: the reply taken is
     that of the nearest example before it with another prompt (within `KL_LOOKBACK`), so that it is a
     reply to some other prompt, as the estimate needs, and not a second answer to the same one."""
     starts = [_reply_start(e) for e in examples]
-    prompts = [e.input_ids[: s + 1] for e, s in zip(examples, starts)]
+    # A prompt is its tokens and its images: the same question about another image is another prompt.
+    prompts = [(e.input_ids[: s + 1], e.images) for e, s in zip(examples, starts)]
+    grouped = tfdata.shows_images(examples)
     rows = []
     for i, e in enumerate(examples):
         back = range(i - 1, i - 1 - min(KL_LOOKBACK, len(examples) - 1), -1)
         j = next((j for j in back if prompts[j] != prompts[i]), i - 1)
         other, at = examples[j], starts[j]
-        prompt, reply = prompts[i], other.input_ids[at + 1 :]
-        keep = max(1, min(len(prompt), max_length - len(reply)))
+        prompt, reply = prompts[i][0], other.input_ids[at + 1 :]
+        keep = len(prompt) if e.images else max(1, min(len(prompt), max_length - len(reply)))
         mismatched = tfdata.Example(
             prompt[len(prompt) - keep :] + reply,
             token_array([IGNORE_INDEX]) * (keep - 1) + other.labels[at:],
+            images=e.images,
         ).truncated(max_length)
-        rows.append(tfdata.join((e, mismatched)))
+        rows.append(tfdata.RowGroup((e, mismatched)) if grouped else tfdata.join((e, mismatched)))
     return rows
 
 
@@ -185,10 +194,13 @@ def count_pairs(batch: dict) -> int:
     return (int(ids[-1]) + 1) // 2 if ids.numel() else 0
 
 
-def sequence_logps(lm, input_ids, labels, position_ids=None, attention_mask=None, *, average=False) -> torch.Tensor:
+def sequence_logps(
+    lm, input_ids, labels, position_ids=None, attention_mask=None, *, average=False, **images
+) -> torch.Tensor:
     """Log-probability of each example's trained tokens, summed per example (or, with `average`, their
-    mean per token): [examples]."""
-    hidden = trained_hidden(lm, input_ids, labels, position_ids, attention_mask)
+    mean per token): [examples]. A batch that shows images runs with them (`images`: the batch's
+    `pixel_values` and the model's other image inputs)."""
+    hidden = trained_hidden(lm, input_ids, labels, position_ids, attention_mask, **images)
     token_logps = -token_cross_entropy(lm, hidden, labels[labels != IGNORE_INDEX])[0]
     ids = example_ids(labels, position_ids)
     n = int(ids[-1]) + 1 if ids.numel() else 0
@@ -301,10 +313,13 @@ class DPOObjective(nn.Module):
         with torch.no_grad(), reference_lm(self.model, self.frozen) as lm:
             return sequence_logps(lm, **batch)
 
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, desirable=None, margin=None):
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, desirable=None, margin=None, **images):
         # `margin` (a pair's, from its row) is the reward model's (methods.reward); DPO's losses read none, as
-        # TRL's DPOTrainer reads no margin column.
-        batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
+        # TRL's DPOTrainer reads no margin column. `images`: the pixels (and image inputs) of rows that show
+        # images, which the policy and the reference both read.
+        batch = dict(
+            input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask, **images
+        )
         if self.loss == "kto":
             return self._kto(batch, desirable)
         free = self.loss in REFERENCE_FREE
