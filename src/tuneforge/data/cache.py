@@ -17,7 +17,7 @@ from ..fsio import atomic_dir, tuneforge_home, write_json
 from ..models.loading import given_chatml, image_inputs
 from .schema import Example, PreparedData, token_array
 
-CACHE_FORMAT = 19
+CACHE_FORMAT = 20
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
 
 _SPLITS = ("train", "valid")

@@ -177,6 +177,7 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
                 f"this row is {row_format} data but the file's first row (line {first[1]}) is {first[0]}. "
                 "Keep one format per file, or set data.format to read every row as one format.",
             )
+        _refuse_image_columns(row, check)
         if check.problems:
             yield from ((line, p) for p in check.problems)
             continue
@@ -189,6 +190,25 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
         yield from ((line, p) for p in check.problems)
         if record is not None and not check.errors:
             yield line, record
+
+
+IMAGE_COLUMNS = ("images", "image")
+"""Where TRL's, LLaMA-Factory's and Hugging Face's vision data sets keep a row's images, beside its text."""
+
+
+def _refuse_image_columns(row: dict, check: _RowCheck) -> None:
+    """A row's images in a column of their own are refused: no format reads them there, so the row would train
+    on its text alone (DPO would learn its preferences blind to the images)."""
+    for key in IMAGE_COLUMNS:
+        if row.get(key):
+            check.error(
+                "image_column",
+                key,
+                f"the row's images are in its '{key}' field, which is not read: it would train on its text alone. "
+                'Put each image in the user message that shows it, as {"type": "image_url", "image_url": {"url": '
+                '"data:image/png;base64,..."}} in place of its {"type": "image"} part or <image> marker (see README, '
+                f"Images), and remove '{key}'.",
+            )
 
 
 def json_rows(path: str | Path, format: str = "auto") -> Iterator[tuple[int | None, dict | Problem]]:
