@@ -68,14 +68,17 @@ def family_tokenizer(family: TinyFamily, folder: str | Path):
     return tokenizer
 
 
-def save_family_model(family: TinyFamily, folder: str | Path, *, seed: int = 0) -> Path:
-    """Write `family`'s tiny model, tokenizer, chat template and generation config as a hub folder."""
+def save_family_model(family: TinyFamily, folder: str | Path, *, seed: int = 0, **settings) -> Path:
+    """Write `family`'s tiny model, tokenizer, chat template and generation config as a hub folder; `settings`
+    change its config (a small `sliding_window`, `layer_types`)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     folder = Path(folder)
     tokenizer = family_tokenizer(family, folder)
     config = family.build_config(tokenizer)
+    for name, value in settings.items():
+        setattr(config, name, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     stops = [tokenizer.convert_tokens_to_ids(family.end_of_turn), tokenizer.eos_token_id]

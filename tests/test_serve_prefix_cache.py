@@ -136,16 +136,96 @@ def test_a_prompt_scored_whole_runs_without_the_cache(base):
     assert [e.logprob for e in on.prompt_logprobs[1:]] == [e.logprob for e in off.prompt_logprobs[1:]]
 
 
-def test_a_model_with_sliding_window_layers_runs_without_the_cache(tmp_path):
-    folder = save_family_model(FAMILIES["gemma3"], tmp_path / "gemma3")
-    model, tokenizer = load_model(str(folder)).eval(), load_tokenizer(str(folder))
-    ids = encode_prompts(tokenizer, [chat(q) for q in QUESTIONS])
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def sliding(request, tmp_path_factory):
+    """A tiny Gemma 2 or 3 whose sliding-window layer attends to the last 4 positions (prompts and replies run far
+    past it) beside a full-attention one, its output layer apart from its embeddings so that greedy replies vary."""
+    folder = save_family_model(
+        FAMILIES[request.param],
+        tmp_path_factory.mktemp(request.param),
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
+    return load_model(str(folder)).eval(), load_tokenizer(str(folder))
+
+
+def transformers_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """What transformers' own `generate` answers alone, with its default cache (the window's columns only)."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def sliding_prompts(tokenizer) -> list[list[int]]:
+    # Gemma's templates take no system role: the shared instructions open the user's turn.
+    return encode_prompts(tokenizer, [[{"role": "user", "content": SYSTEM["content"] + q}] for q in QUESTIONS])
+
+
+def test_a_sliding_window_model_lets_rows_join_and_answers_as_transformers(sliding):
+    """Rows of several lengths left-padded in one prefill (one a start of another, so they share all but its last
+    token), two rows of one prompt, and rows joining mid-decode all answer token for token as transformers'
+    `generate` does alone (fp32)."""
+    model, tokenizer = sliding
+    ids = sliding_prompts(tokenizer)
+    expected = [transformers_greedy(model, prompt, 12) for prompt in ids]
+    start = ids[2][:-30]
+    together = decode(model, tokenizer, [(start, Sampling(12)), (ids[2], Sampling(12)), (ids[2], Sampling(12))])
+    assert [list(c.token_ids) for c in together] == [transformers_greedy(model, start, 12), expected[2], expected[2]]
+
+    batch = Batch(model, tokenizer)
+    running = batch.add(ids[2], Sampling(20))
+    for _ in range(3):
+        batch.step()
+    assert batch.can_join
+    joining = [batch.add(ids[0], Sampling(12))]
+    batch.step()
+    assert len(batch._rows) == 2  # it joined the running row rather than waiting for it to finish
+    joining.append(batch.add(ids[1], Sampling(12)))
+    while batch:
+        batch.step()
+    assert list(running.completion().token_ids) == transformers_greedy(model, ids[2], 20)
+    assert [list(row.completion().token_ids) for row in joining] == expected[:2]
+
+
+def test_a_sliding_window_model_starts_from_the_prefix_cache_and_answers_as_transformers(sliding):
+    """A second request sharing the first's long start, two rows of one prompt and a row joining mid-decode start
+    from the cache; a conversation's next turn starts past the reply it sends back; every answer is transformers'
+    own, and log probabilities are those without the cache (fp32)."""
+    model, tokenizer = sliding
+    ids = sliding_prompts(tokenizer)
     cache = PrefixCache(64 << 20)
-    requests = [(prompt, Sampling(6)) for prompt in ids]
-    decode(model, tokenizer, requests[:1], cache)
+    decode(model, tokenizer, [(ids[0], Sampling(2))], cache)
+    scored = Sampling(12, logprobs=3)
+    # The first request again (all but its last token cached) beside others that run more of theirs.
+    requests = [(ids[0], scored), (ids[1], scored), (ids[2], scored), (ids[2], scored)]
     on, off = decode(model, tokenizer, requests, cache), decode(model, tokenizer, requests)
-    assert [c.token_ids for c in on] == [c.token_ids for c in off]
-    assert [c.cached_tokens for c in on] == [0, 0, 0] and cache.size_bytes == 0
+    expected = [transformers_greedy(model, prompt, 12) for prompt in ids]
+    assert [list(c.token_ids) for c in on] == [*expected, expected[2]]
+    shared = next(t for t in range(len(ids[0])) if ids[0][t] != ids[1][t])
+    assert on[0].cached_tokens == len(ids[0]) - 1 and all(c.cached_tokens >= shared > 100 for c in on)
+    for cached, plain in zip(on, off):
+        assert [e.token for e in cached.logprobs] == [e.token for e in plain.logprobs]
+        assert [e.logprob for e in cached.logprobs] == pytest.approx([e.logprob for e in plain.logprobs], abs=1e-4)
+
+    batch = Batch(model, tokenizer, cache, "base")
+    running = batch.add(ids[0], Sampling(10))
+    batch.step()
+    joining = batch.add(ids[2], Sampling(10))
+    while batch:
+        batch.step()
+    assert joining.completion().cached_tokens > shared
+    assert [list(running.completion().token_ids), list(joining.completion().token_ids)] == [
+        expected[0][:10],
+        expected[2][:10],
+    ]
+
+    end = tokenizer.encode("<end_of_turn>\n<start_of_turn>user\nAnd then?", add_special_tokens=False)
+    turn = ids[1] + list(on[1].token_ids) + end + tokenizer.encode("<end_of_turn>\n", add_special_tokens=False)
+    [again] = decode(model, tokenizer, [(turn, Sampling(12))], cache)
+    assert again.cached_tokens == len(ids[1]) + len(on[1].token_ids) - 1
+    assert list(again.token_ids) == transformers_greedy(model, turn, 12)
 
 
 def test_the_cache_keeps_to_its_memory_dropping_the_least_recently_used(base):

@@ -685,19 +685,21 @@ class Batch:
 
     Rows added while others decode are prefilled on their own at the next step and merged into the
     running KV cache, both sides left-padded to a common width; finished rows leave, and the cache
-    columns that only they used go with them. Merging needs a plain full-attention cache
-    (`PreallocatedLayer` on every layer); with any other (sliding windows) `can_join` is False and
-    added rows wait until the running ones have finished.
+    columns that only they used go with them. Merging needs `PreallocatedLayer` on every layer, full attention and
+    sliding windows alike (`kv_cache.new_cache`); with any other `can_join` is False and added rows wait until the
+    running ones have finished. A sliding window's mask counts cache columns, so with one a prefill keeps each row's
+    tokens in adjacent columns: no shared prefix run once before the prompts' padding, and with a prefix cache one
+    prompt at a time (the others start at the next steps).
 
     With a `prefix_cache` (`kv_cache.PrefixCache`), a prefill starts from the keys and values of the longest
     prefix of its prompts seen before, and leaves its prompts' own there, then each row's prompt and reply as it
     leaves (finished or cancelled), which a conversation's next turn sends back; `cache_model` names the model as it
     runs (the base, or one loading of an adapter), so no prompt starts from another model's keys. Prompts
-    scored whole (`Sampling.prompt_logprobs`) and models with layers other than `PreallocatedLayer` (sliding
-    windows) run without it.
+    scored whole (`Sampling.prompt_logprobs`) and models with layers other than `PreallocatedLayer` run without it.
     """
 
     def __init__(self, model, tokenizer, prefix_cache=None, cache_model: Hashable = None):
+        from .kv_cache import has_sliding_window
         from .models.loading import image_inputs
 
         self.model, self.tokenizer = model, tokenizer
@@ -708,6 +710,7 @@ class Batch:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.stop_ids))
         self._cache_argument = _cache_argument(model)
+        self._sliding = has_sliding_window(model.config)
         # The last position as an index tensor, not `logits_to_keep=1`: the model then gathers it into a
         # contiguous [rows, 1, hidden] tensor. The int's slice is a strided view, which torch's matmul
         # meets, for a weight that needs no gradient, by copying the weight once per row: 5 GB and 11x the
@@ -822,6 +825,12 @@ class Batch:
         scoring_rows = [row for row in rows if row.sampling.prompt_logprobs]
         if scoring_rows and len(scoring_rows) < len(rows):
             rows, self._waiting = scoring_rows, [row for row in rows if not row.sampling.prompt_logprobs]
+        if self._sliding and self.prefix_cache is not None:
+            # Prompts starting from cached prefixes of other lengths would leave padding between each one's prefix
+            # and its rest, inside the sliding window's count of columns: one prompt prefills, the others wait.
+            first = (rows[0].prompt_ids, rows[0].images)
+            later = [row for row in rows if (row.prompt_ids, row.images) != first]
+            rows, self._waiting = [row for row in rows if (row.prompt_ids, row.images) == first], later + self._waiting
         # A prompt is its tokens and the images they show: the same tokens with other images are another prompt.
         distinct: dict[tuple[tuple[int, ...], tuple[bytes, ...]], int] = {}
         prompt_of_row = [distinct.setdefault((tuple(row.prompt_ids), row.images), len(distinct)) for row in rows]
@@ -853,6 +862,7 @@ class Batch:
                 or len(prompts) < 2
                 or shared < MIN_SHARED_PREFIX
                 or not plain
+                or self._sliding  # padding between the prefix and each rest would count in the window
             ):
                 shared = cached[0]
             if shared > cached[0]:

@@ -1,11 +1,20 @@
-"""The KV cache `generate.Batch` decodes with: transformers' `DynamicCache` whose full-attention
-layers write into columns allocated ahead instead of concatenating.
+"""The KV cache `generate.Batch` decodes with: transformers' `DynamicCache` whose attention layers, full and
+sliding-window alike, write into columns allocated ahead instead of concatenating.
 
 `DynamicLayer` grows by `torch.cat`, which copies every row's whole cache at every step: at 32
 rows of a few hundred tokens that copy costs more than the step's matmuls. `PreallocatedLayer`
 writes a step's keys and values into the next free columns and doubles its storage when full, so a
 step costs its own tokens. Its `keys` and `values` are views of the used columns, so code that reads
 or replaces them (`Batch` merging rows in, trimming columns no row uses) works as on `DynamicLayer`.
+
+A sliding-window layer (Gemma 2 and 3, Mistral's and Qwen's with a window set) is a `PreallocatedLayer` too, not
+transformers' `DynamicSlidingWindowLayer`, which keeps only its window's last columns: it keeps every column, and
+the model still attends over the window alone, since transformers builds the sliding mask from the layer's length
+(`get_mask_sizes`) whatever it keeps. Rows then merge, leave and start from `PrefixCache` entries as on full layers;
+the cost is memory: those layers hold every token's keys and values, as full ones do, rather than the window's
+(Gemma 3, five sliding layers to one full: up to six times the keys and values of a long context). The mask counts
+columns, not positions, so a row's tokens must sit in adjacent columns (padding only on their left): `Batch`
+prefills such models so.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from transformers import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 MIN_COLUMNS = 256
 """Columns a layer first allocates: a usual prompt and reply fit without growing."""
@@ -90,10 +100,19 @@ class _Columns:
 
 
 def new_cache(config) -> DynamicCache:
-    """A cache for one prefill: `PreallocatedLayer` in place of every plain full-attention layer."""
+    """A cache for one prefill: `PreallocatedLayer` in place of every full-attention and sliding-window layer."""
     cache = DynamicCache(config=config)
-    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [
+        PreallocatedLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+        for layer in cache.layers
+    ]
     return cache
+
+
+def has_sliding_window(config) -> bool:
+    """Whether any of the model's layers attends over a sliding window (the layers transformers' `DynamicCache`
+    makes `DynamicSlidingWindowLayer` for)."""
+    return any(DynamicCache(config=config).is_sliding)
 
 
 class PrefixCache:
