@@ -206,6 +206,7 @@ def result_header(kind: str, command: str, load_before: float) -> dict:
     return {
         "kind": kind,
         "date": datetime.date.today().isoformat(),
+        "time": datetime.datetime.now().strftime("%H:%M:%S"),
         "command": command,
         "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
         "versions": versions(),
@@ -213,10 +214,15 @@ def result_header(kind: str, command: str, load_before: float) -> dict:
 
 
 def write_result(result: dict) -> Path:
-    """The result as bench/results/KIND-DATE.json, where `report.py` reads it."""
+    """The result as bench/results/KIND-DATE.json, where `report.py` reads it; a second result of the same kind
+    and day goes to KIND-DATE-2.json (and so on), never over the first."""
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
-    path = results / f"{result['kind']}-{result['date']}.json"
+    stem = f"{result['kind']}-{result['date']}"
+    path, n = results / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = results / f"{stem}-{n}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
 

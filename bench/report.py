@@ -29,7 +29,8 @@ def load(kind: str) -> list[tuple[Path, dict]]:
             runs.append((path, json.loads(path.read_text())))
         except (OSError, json.JSONDecodeError):
             continue
-    return sorted(runs, key=lambda r: (r[1].get("date", ""), r[0].name))
+    # Oldest first; results of one day by the time they were written (files from before it kept none).
+    return sorted(runs, key=lambda r: (r[1].get("date", ""), r[1].get("time", ""), r[0].name))
 
 
 def f(x, spec=".1f", none="–") -> str:
