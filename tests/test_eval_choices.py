@@ -145,6 +145,21 @@ def test_layouts_read_as_the_benchmarks_ship_them(tmp_path):
     assert read_choice_rows(piqa)[0].choices == ("twist", "sing")
 
 
+def test_a_headerless_mmlu_csv_whose_first_line_repeats_a_cell_is_read_cell_by_cell(tmp_path):
+    """MMLU's CSV files have no header: the first line is a question, whose cells may repeat (two equal choices,
+    or the answer's letter as a choice) and keep their spaces; each is read where it stands."""
+    data = tmp_path / "quiz_test.csv"
+    data.write_text("Which two are equal?, 1 ,1,B,A,C\nWhich bone?,femur,skull,rib,ulna,A\nWhat is 2+2?,3,4,5,6\n")
+    with pytest.raises(DataError) as err:
+        read_choice_rows(data)
+    assert [(p.line, p.code) for p in err.value.problems] == [(3, "csv_field_count")]
+    data.write_text("Which two are equal?, 1 ,1,B,A,C\nWhich bone?,femur,skull,rib,ulna,A\n")
+    assert [(r.line, r.question, r.choices, r.answer) for r in read_choice_rows(data)] == [
+        (1, "Which two are equal?", (" 1 ", "1", "B", "A"), 2),
+        (2, "Which bone?", ("femur", "skull", "rib", "ulna"), 0),
+    ]
+
+
 def test_bad_rows_are_refused_with_file_line_and_field(tmp_path):
     data = write_jsonl(
         tmp_path / "bad.jsonl",

@@ -60,8 +60,9 @@ class Rows:
         return self.items
 
 
-def open_rows(path: str | Path) -> Rows:
-    """Open a data file of any supported kind; problems with the file come out as `Problem` rows."""
+def open_rows(path: str | Path, *, header: bool = True) -> Rows:
+    """Open a data file of any supported kind; problems with the file come out as `Problem` rows. A CSV file
+    without a `header` line (MMLU's) has its first line read as a row, its columns named by position, 0 on."""
     path = str(path)
     p = Path(path)
     if not p.is_file():
@@ -100,7 +101,7 @@ def open_rows(path: str | Path) -> Rows:
             line=1,
         )
     if suffix in CSV_SUFFIXES:
-        return _csv_rows(path)
+        return _csv_rows(path, header)
     if suffix in DOCUMENT_SUFFIXES:
         return Rows(path, "document", None, _document_items(path))
     first = _first_byte(path)
@@ -487,7 +488,7 @@ def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, 
 # --- CSV -----------------------------------------------------------------------------------------
 
 
-def _csv_rows(path: str) -> Rows:
+def _csv_rows(path: str, header_line: bool = True) -> Rows:
     # Undecodable bytes survive as lone surrogates, so each bad row is reported on its own line.
     f = (gzip.open if _compressed(path) else open)(
         path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline=""
@@ -502,6 +503,10 @@ def _csv_rows(path: str) -> Rows:
         f.close()
         return _failed(path, "empty_file", "the file is empty. Put a header line and training rows in it.")
     columns = [name.strip() for name in header]
+    if not header_line:  # the first line is a row: read again from it, each cell kept under its position
+        columns = [str(i) for i in range(len(header))]
+        f.seek(0)
+        reader = csv.reader(f, delimiter=reader.dialect.delimiter)
     return Rows(path, "csv", columns, _csv_items(path, f, reader, columns))
 
 

@@ -240,9 +240,9 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
                 f"MMLU's: {', '.join(MMLU_COLUMNS)} (or its header-less files, six fields a line).",
                 code="bad_choice_row",
             )
-        if not _mmlu_header(rows.columns):  # MMLU's own files: the first line is a question
-            first = [(1, dict(zip(MMLU_COLUMNS, rows.columns)))]
-            items = iter([*first, *items])
+        if not _mmlu_header(rows.columns):  # MMLU's own files: the first line is a question, its cells as given
+            rows = open_rows(path, header=False)
+            items = iter(rows)
         items = ((line, _mmlu_row(row, file, line)) for line, row in items)
     parsed: list[ChoiceRow] = []
     problems: list[Problem] = []
