@@ -380,3 +380,31 @@ def test_a_runs_page_shows_the_sample_answers_of_each_validation_the_latest_open
         assert latest < earlier and 'id="samples-3" open' not in shown
         assert "1 of 1 did not stop" in shown and "did not stop: 128 tokens, no end of turn" in shown
         assert "hello hello &lt;b&gt;" in shown  # the model's text is escaped
+
+
+def test_a_runs_page_shows_its_multiple_choice_benchmarks_as_its_report_does(tmp_path):
+    """eval.benchmarks: the run page's evaluation holds each benchmark's table (acc and acc_norm, base vs tuned,
+    the paired change) from eval/benchmark_NAME.json, as report.html does."""
+    from tuneforge.eval.choices import side_by_side
+    from tuneforge.eval.report import write_run_report
+
+    folder = write_run(tmp_path / "quizzed")
+
+    def scored(correct: list[bool]) -> dict:
+        samples = [
+            {"line": i + 1, "input": "Q?", "choices": ["a", "b"], "answer": 0, "loglikelihoods": [-1.0, -2.0]}
+            | {"prediction": 1 - ok, "prediction_norm": 1 - ok, "correct": ok, "correct_norm": ok}
+            for i, ok in enumerate(correct)
+        ]
+        share = sum(correct) / len(correct)
+        return {"n": len(correct), "data": "house-quiz.jsonl", "scores": {"acc": share, "acc_norm": share}} | {
+            "intervals": {"acc": [0.0, 1.0], "acc_norm": [0.0, 1.0]},
+            "samples": samples,
+        }
+
+    benchmark = {"name": "house_quiz", **side_by_side(scored([False, False]), scored([True, False]))}
+    write_run_report(folder, None, None, benchmarks=[benchmark])
+    with TestClient(create_ui_app(tmp_path)) as client:
+        page = client.get("/ui/runs/quizzed").text
+    assert "multiple choice on 2 questions of house-quiz.jsonl" in page
+    assert "change (paired)" in page and "1 gained, 0 lost" in page

@@ -20,6 +20,7 @@ import yaml
 from ..config import dotted
 from ..data.prepare import refuses
 from ..eval.report import (
+    choices_table,
     examples_table,
     forgetting_table,
     learning_rate_figure,
@@ -183,6 +184,12 @@ class RunFolder:
         eval_dir = self.path / "eval"
         return {name: _json(eval_dir / f"{name}.json") for name in ("before", "after", "forgetting")}
 
+    def benchmarks(self) -> list[dict]:
+        """The multiple-choice benchmarks of the run's evaluation (`eval.benchmarks`): each file's base and tuned
+        figures and their paired change, as eval/benchmark_NAME.json holds them, by name."""
+        found = (_json(path) for path in sorted((self.path / "eval").glob("benchmark_*.json")))
+        return [b for b in found if b and {"base", "tuned", "difference"} <= set(b)]
+
     def samples(self) -> list[dict]:
         path = self.path / "eval" / "samples.jsonl"
         if not path.is_file():
@@ -237,13 +244,16 @@ def reward_chart(metrics: list[dict]) -> str:
 
 
 def evaluation_tables(folder: RunFolder) -> list:
-    """The report's tables (base vs tuned, forgetting, answers side by side), as eval/report.py builds them."""
+    """The report's tables (base vs tuned, forgetting, multiple-choice benchmarks, answers side by side), as
+    eval/report.py builds them."""
     found = folder.evaluation()
     tables = []
     if found["before"] and found["after"]:
         tables.append(metrics_table({"base": found["before"], "tuned": found["after"]}))
     if found["forgetting"]:
         tables.append(forgetting_table(found["forgetting"]))
+    for b in folder.benchmarks():
+        tables.append(choices_table({"base": b["base"], "tuned": b["tuned"]}, b["difference"]))
     samples = folder.samples()
     if samples:
         tables.append(examples_table(samples, n=SAMPLES_SHOWN))
