@@ -180,6 +180,23 @@ def test_bad_rows_are_refused_with_file_line_and_field(tmp_path):
     assert "out of range" in message and "none of the choices" in message and "is missing" in message
 
 
+def test_an_answer_in_digits_is_the_choice_with_that_text_and_refused_where_it_is_another_choices_index(tmp_path):
+    """A quiz of numbers gives its answer as the right choice's text ("4" of "3", "4", "5"), as the layout reads
+    text answers; digits that are one choice's text and another's index ("2" among "1", "2", "3") are refused."""
+    data = write_jsonl(
+        tmp_path / "sums.jsonl",
+        [
+            {"question": "What is 2+2?", "choices": ["3", "4", "5"], "answer": "4"},
+            {"question": "What is 1+1?", "choices": ["1", "2", "3"], "answer": 1},
+            {"question": "What is 9-8?", "choices": ["0", "1", "2"], "answer": "1"},
+        ],
+    )
+    assert [r.answer for r in read_choice_rows(data)] == [1, 1, 1]
+    data = write_jsonl(tmp_path / "ambiguous.jsonl", [{"question": "1+1?", "choices": ["1", "2", "3"], "answer": "2"}])
+    with pytest.raises(DataError, match=r"ambiguous.jsonl:1 answer: .*'2' is the text of choice 1 and the index of"):
+        read_choice_rows(data)
+
+
 def test_command_compares_with_paired_difference_and_writes_rows(tiny_model_dir, tmp_path, capsys):
     """--compare gives both models and the paired change; --out each question's results; --limit; and the
     options of generated answers are refused, named."""

@@ -123,7 +123,7 @@ def _label_index(value, labels: list[str], field: str, bad: Callable[[str, str],
 
 def _index(value, count: int, field: str, bad: Callable[[str, str], None]) -> int | None:
     """A 0-based answer index (an int, or a string of digits as HellaSwag's `label`) within `count` choices."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdecimal():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         bad(field, f"must be the answer's index among the choices (0 to {count - 1}), got {value!r}.")
@@ -211,11 +211,19 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
             bad(f"{choices_field}.label", f"has {len(labels)} labels for {len(choices)} choices; give one each.")
             return problems
         answer = _label_index(value, labels, answer_field, bad)
-    elif layout == "choices" and isinstance(value, str) and not value.strip().isdigit():
-        # The answer given as the right choice's text.
-        answer = choices.index(value) if value in choices else None
-        if answer is None:
-            bad(answer_field, f"{value!r} is none of the choices; give the right choice's text or its index.")
+    elif layout == "choices" and isinstance(value, str) and value in choices:
+        # The answer given as the right choice's text; digits that are one choice's text and another's index
+        # ("2" among the choices "1", "2", "3") could mean either.
+        answer = choices.index(value)
+        if value.strip().isdecimal() and answer != int(value) < len(choices):
+            bad(
+                answer_field,
+                f"{value!r} is the text of choice {answer} and the index of choice {int(value)} "
+                f"({choices[int(value)]!r}); give the index as a JSON number ({answer} or {int(value)}).",
+            )
+    elif layout == "choices" and isinstance(value, str) and not value.strip().isdecimal():
+        bad(answer_field, f"{value!r} is none of the choices; give the right choice's text or its index.")
+        answer = None
     else:
         answer = _index(value, len(choices), answer_field, bad)
     if problems:
