@@ -77,3 +77,15 @@ class RunFailed(TuneforgeError):
     """Training started but could not go on (NaN loss, a crashed worker, ...)."""
 
     exit_code = EXIT_RUN_FAILED
+
+
+def refuse_options(why: str, given: dict[str, bool], aside: str = "") -> None:
+    """Refuse, naming each, the options of `given` (name: whether it was set) that `why` says do not apply;
+    `aside` ends the message (what to do instead)."""
+    refused = [name for name, set_ in given.items() if set_]
+    if refused:
+        one = len(refused) == 1
+        raise ConfigError(
+            f"{why}, so {', '.join(refused)} {'does' if one else 'do'} not apply; leave {'it' if one else 'them'} "
+            f"out{aside}."
+        )

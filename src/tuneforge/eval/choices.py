@@ -37,7 +37,7 @@ import torch
 from ..data import Problem
 from ..data.readers import open_rows
 from ..data.schema import IGNORE_INDEX
-from ..errors import ConfigError, DataError
+from ..errors import DataError, refuse_options
 from ..fsio import atomic_file
 from ..methods.sft import trained_logits
 from ..models import causal_lm, load_text_model, load_tokenizer, resolve, source_context_length
@@ -519,10 +519,5 @@ def write_choice_results(folder: str | Path, result: dict) -> str:
 
 def refuse_generation_options(data: str, **given: bool) -> None:
     """The options that concern generated answers do not apply to multiple-choice rows: refused, naming each."""
-    refused = [name for name, set_ in given.items() if set_]
-    if refused:
-        raise ConfigError(
-            f"{data} holds multiple-choice questions, scored by each choice's log-likelihood with no answer "
-            f"generated, so {', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply; leave "
-            f"{'it' if len(refused) == 1 else 'them'} out."
-        )
+    why = f"{data} holds multiple-choice questions, scored by each choice's log-likelihood with no answer generated"
+    refuse_options(why, given)

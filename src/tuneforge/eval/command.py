@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse_options
 from .choices import (
     compare_choices,
     evaluate_choices,
@@ -131,13 +131,12 @@ def _reward_command(model, data, *, compare, metric, json_out, limit, grader, ou
         "--grader": grader is not None,
         "--max-new-tokens": max_new_tokens is not None,
     }
-    refused = [name for name, set_ in given.items() if set_]
-    if refused:
-        raise ConfigError(
-            f"{model} is a reward model: eval scores the chosen and rejected replies of each pair of {data} and "
-            f"writes no answers, so {', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply; leave "
-            f"{'it' if len(refused) == 1 else 'them'} out (to compare two reward models, evaluate each)."
-        )
+    refuse_options(
+        f"{model} is a reward model: eval scores the chosen and rejected replies of each pair of {data} and writes "
+        "no answers",
+        given,
+        " (to compare two reward models, evaluate each)",
+    )
     result = evaluate_reward_model(model, data, limit=limit, progress=not json_out, out=out)
     if json_out:
         print(json.dumps(result, indent=2, ensure_ascii=False))
