@@ -698,6 +698,20 @@ def test_serve_refuses_an_image_qwen_vls_processor_does_not_take_naming_its_fiel
     assert "image processor does not take this image (absolute aspect ratio" in caught.value.body["message"]
 
 
+def test_qwen_vl_rows_with_an_image_its_processor_does_not_take_are_refused_by_line_and_field(qwen_vl_model, tmp_path):
+    """The image the server refuses (a side over 200 times the other) is a bad_image at its url as the data is read,
+    not the processor's error as the row renders."""
+    tokenizer = load_tokenizer(str(qwen_vl_model))
+    rows = [image_row(RED, "It is red."), image_row(RED, "It is red.", (1, 250))]
+    rows[1]["messages"][0]["content"].reverse()  # the image as the second part
+    cfg = DataConfig(train=str(write_rows(tmp_path / "rows.jsonl", rows)), validation=0.0)
+    with pytest.raises(DataError) as error:
+        prepare(cfg, tokenizer, use_cache=False, log=lambda *_: None)
+    problems = [(p.code, p.line, p.field) for p in error.value.problems]
+    assert problems == [("bad_image", 2, "messages[0].content[1].image_url.url")]
+    assert "image processor does not take this image (absolute aspect ratio" in error.value.problems[0].message
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen2.5-vl"])
 def test_a_run_measures_image_rows_with_the_models_own_attention(family, vision_model, qwen_vl_model, tmp_path):
     from tuneforge.training.loop import train

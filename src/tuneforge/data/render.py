@@ -45,7 +45,7 @@ from jinja2.exceptions import TemplateError
 
 from ..errors import ConfigError, DataError
 from ..models.loading import chat_template, fallback_template, given_chatml, image_inputs
-from .schema import IGNORE_INDEX, Conversation, Document, Example, Message, Preference, Problem, Record
+from .schema import IGNORE_INDEX, Conversation, Document, Example, Image, Message, Preference, Problem, Record
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
 
@@ -418,9 +418,20 @@ class ChatRenderer:
         return out
 
     def _image_problems(self, conversation: Conversation) -> list[Problem]:
-        """A row with images for a model that reads none: the whole data set is for another model."""
+        """A row with images for a model that reads none: the whole data set is for another model. For a model that
+        reads images, each image its image processor refuses (Qwen2-VL's: a side over 200 times the other), by its
+        part's url, as serve refuses it: rendering would raise the processor's error, and training would stop on it."""
         if self.images is not None:
-            return []
+            return [
+                Problem(
+                    "bad_image",
+                    f"the model's image processor does not take this image ({refused}); crop or pad it.",
+                    field=f"messages[{i}].content[{j}].image_url.url",
+                )
+                for i, m in enumerate(conversation.messages)
+                for j, part in enumerate(m.parts or ())
+                if isinstance(part, Image) and (refused := self.images.refusal(part.data))
+            ]
         at = next((i for i, m in enumerate(conversation.messages) if m.images), None)
         if at is None:
             return []
