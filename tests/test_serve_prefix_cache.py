@@ -324,6 +324,32 @@ def test_a_prompt_with_images_starts_only_from_keys_computed_with_the_same_image
     assert other.token_ids != again.token_ids
 
 
+def test_image_files_that_join_to_the_same_bytes_are_other_images_to_the_cache(tmp_path):
+    """[red + green, blue] and [red, green + blue] join to the same bytes (a PNG is read to its end chunk, the bytes
+    after it left alone, so they show red and blue, then red and green): the second starts from no keys of the
+    first's."""
+    from test_vision import BLUE, GREEN, RED, png
+
+    folder = save_gemma3_vision_model(tmp_path / "vision", layer_types=["full_attention"] * 2)
+    model, tokenizer = load_model(str(folder)).eval(), load_tokenizer(str(folder))
+    image = {"type": "image"}
+    question = [{"role": "user", "content": [image, image, {"type": "text", "text": "Which colours are these? " * 4}]}]
+    ids = encode_prompts(tokenizer, [question])[0]
+    cache = PrefixCache(64 << 20)
+
+    def answer(images, with_cache=True):
+        batch = Batch(model, tokenizer, cache if with_cache else None, "base")
+        row = batch.add(ids, Sampling(8), images=images)
+        while batch:
+            batch.step()
+        return row.completion()
+
+    answer([png(RED) + png(GREEN), png(BLUE)])
+    other = [png(RED), png(GREEN) + png(BLUE)]
+    second = answer(other)
+    assert second.cached_tokens == 0 and second.token_ids == answer(other, False).token_ids
+
+
 def test_storing_tokens_an_entry_holds_copies_no_keys_and_values():
     """A prompt (or reply) the cache holds already is not copied out of the batch's cache for nothing."""
     cache = PrefixCache(1 << 20)

@@ -852,7 +852,10 @@ class Batch:
             and not scoring
             and (not shown or (len(prompts) == 1 and not self.images.rope_from_images))
         ):
-            scope = (self.cache_model, hashlib.sha256(b"".join(shown)).digest() if shown else None)
+            # The images by each one's digest: their files joined would be the same bytes for other files (a PNG
+            # is read to its end chunk, and bytes after it move to the next file unseen).
+            digests = b"".join(hashlib.sha256(image).digest() for image in shown)
+            scope = (self.cache_model, hashlib.sha256(digests).digest() if shown else None)
         cached = self._start_from_prefix_cache(scope, prompts, shared, cache) if scope else [0] * len(prompts)
         if len(set(cached)) == 1 and cached[0] <= shared:
             # The cache holds one row, the prompts' common start: a prefix they share runs once after it.
