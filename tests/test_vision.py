@@ -712,6 +712,34 @@ def test_qwen_vl_rows_with_an_image_its_processor_does_not_take_are_refused_by_l
     assert "image processor does not take this image (absolute aspect ratio" in error.value.problems[0].message
 
 
+@pytest.mark.parametrize("fixture", ["vision_model", "qwen_vl_model"])
+def test_images_are_decoded_one_at_a_time_into_the_processors_inputs_for_all_of_them(fixture, request):
+    """A request's or a batch's images take the memory of one decoded image at a time, not of all of them (a
+    decoded image is up to ~270 MB), and give the pixels (and grids) the processor gives them all together."""
+    import io
+    import tracemalloc
+
+    from PIL import Image
+
+    side = image_inputs(load_tokenizer(str(request.getfixturevalue(fixture))))
+    files = [png(colour, size) for colour, size in [(RED, (900, 700)), (GREEN, (700, 900)), (BLUE, (800, 800))]]
+    ids = torch.tensor([[side.image_token_id] * 4])
+
+    def peak(images) -> tuple[dict, int]:
+        tracemalloc.start()
+        try:
+            return side.model_inputs(images, ids), tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    (_, one), (inputs, three) = peak(files[:1]), peak(files)
+    assert three < 1.5 * one
+    pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in files]
+    together = side.image_processor(images=pictures, return_tensors="pt")
+    for key in ("pixel_values", "image_grid_thw"):
+        assert (key in inputs) == (key in together) and (key not in inputs or torch.equal(inputs[key], together[key]))
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen2.5-vl"])
 def test_a_run_measures_image_rows_with_the_models_own_attention(family, vision_model, qwen_vl_model, tmp_path):
     from tuneforge.training.loop import train

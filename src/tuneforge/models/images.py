@@ -84,10 +84,21 @@ class ImageInputs:
         return found
 
     def _processed(self, images: Sequence[bytes]) -> dict:
+        """The image processor's outputs for `images`, in order. Each image is decoded and processed alone and only
+        its outputs (the model's size) kept: a decoded image is up to Pillow's pixel limit, ~270 MB, and the
+        images of a request or a batch decoded together would take that many times over. Each output is
+        per image along its first dimension (Gemma 3's pixels per image, Qwen2-VL's patches and grids), so
+        the images' outputs joined are those of the images processed together."""
         from PIL import Image
 
-        pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
-        return self.image_processor(images=pictures, return_tensors="pt")
+        parts = []
+        for data in images:
+            picture = Image.open(io.BytesIO(data)).convert("RGB")
+            parts.append(self.image_processor(images=[picture], return_tensors="pt"))
+            del picture
+        if len(parts) == 1:
+            return parts[0]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
 
     def model_inputs(self, images: Sequence[bytes], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """What a forward of `input_ids` whose image tokens show `images` (in order, row by row) takes beside
