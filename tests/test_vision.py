@@ -899,6 +899,24 @@ def test_chat_image_on_a_text_model_is_refused_naming_it(tmp_path):
     assert f"/image: {folder} reads text only (it has no image processor)" in output.getvalue()
 
 
+def test_chat_image_qwen_vls_processor_does_not_take_is_not_attached(qwen_vl, tmp_path):
+    """An image Qwen2-VL's processor refuses (a side over 200 times the other) is refused at /image, naming the
+    processor, and the next message is sent without it."""
+    import io
+
+    from tuneforge.chat import chat_session
+
+    model, tokenizer = qwen_vl
+    (tmp_path / "thin.png").write_bytes(png(RED, (1, 250)))
+    script = f"/image {tmp_path / 'thin.png'}\nHi\n/exit\n"
+    output = io.StringIO()
+    conversation = chat_session(model, tokenizer, input=io.StringIO(script), output=output, max_new_tokens=2)
+    shown = output.getvalue()
+    assert f"/image: the model's image processor does not take {tmp_path / 'thin.png'} (absolute aspect" in shown
+    assert "not attached" in shown and [m["role"] for m in conversation] == ["user", "assistant"]
+    assert conversation[0]["content"] == "Hi"
+
+
 def test_eval_with_a_grader_answers_image_prompt_rows_without_reference_answers_with_their_images(
     vision_model, tmp_path
 ):

@@ -220,8 +220,10 @@ def _system_in_force(tokenizer, system: str | None) -> str:
 
 
 def _attach(tokenizer, path: str) -> Image | str:
-    """The image file at `path` for `/image`, checked as an image row's is, or why it is not attached."""
-    if image_inputs(tokenizer) is None:
+    """The image file at `path` for `/image`, checked as an image row's is (and taken by the model's image
+    processor: Qwen2-VL's takes no side over 200 times the other), or why it is not attached."""
+    side = image_inputs(tokenizer)
+    if side is None:
         name = tokenizer.name_or_path or "this model"
         return (
             f"/image: {name} reads text only (it has no image processor); chat with a model that reads images "
@@ -230,7 +232,11 @@ def _attach(tokenizer, path: str) -> Image | str:
     if not path:
         return "/image needs the path of an image file: /image PATH"
     image = read_image_file(path)
-    return f"/image: {image.rstrip('.')}" if isinstance(image, str) else image
+    if isinstance(image, str):
+        return f"/image: {image.rstrip('.')}"
+    if refused := side.refusal(image.data):
+        return f"/image: the model's image processor does not take {path} ({refused}); crop or pad it"
+    return image
 
 
 def _user_message(text: str, images: list[Image]) -> dict:
