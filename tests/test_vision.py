@@ -740,6 +740,31 @@ def test_images_are_decoded_one_at_a_time_into_the_processors_inputs_for_all_of_
         assert (key in inputs) == (key in together) and (key not in inputs or torch.equal(inputs[key], together[key]))
 
 
+def test_a_photo_is_read_upright_as_its_exif_orientation_shows_it(vision_model):
+    """A phone photo's pixels are stored sideways with an EXIF tag saying how to turn them (6: 90 degrees
+    clockwise): the model sees it as viewers show it and transformers' `load_image` reads it, upright."""
+    import io
+
+    from PIL import Image
+
+    side = image_inputs(load_tokenizer(str(vision_model)))
+    stored = Image.new("RGB", (20, 16), RED)
+    stored.paste(BLUE, (10, 0, 20, 16))  # red left, blue right as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6
+
+    def file(picture, **options) -> bytes:
+        out = io.BytesIO()
+        picture.save(out, "PNG", **options)
+        return out.getvalue()
+
+    upright = file(stored.transpose(Image.Transpose.ROTATE_270))  # red on top, blue below
+    ids = torch.tensor([[side.image_token_id] * 4])
+    seen = side.model_inputs([file(stored, exif=exif)], ids)["pixel_values"]
+    assert torch.equal(seen, side.model_inputs([upright], ids)["pixel_values"])
+    assert not torch.equal(seen, side.model_inputs([file(stored)], ids)["pixel_values"])
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen2.5-vl"])
 def test_a_run_measures_image_rows_with_the_models_own_attention(family, vision_model, qwen_vl_model, tmp_path):
     from tuneforge.training.loop import train

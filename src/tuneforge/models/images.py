@@ -90,10 +90,13 @@ class ImageInputs:
         per image along its first dimension (Gemma 3's pixels per image, Qwen2-VL's patches and grids), so
         the images' outputs joined are those of the images processed together."""
         from PIL import Image
+        from transformers.image_utils import load_image
 
         parts = []
         for data in images:
-            picture = Image.open(io.BytesIO(data)).convert("RGB")
+            # Upright as a viewer shows it (a phone photo's EXIF orientation applied) and in RGB, as transformers'
+            # processors load an image file.
+            picture = load_image(Image.open(io.BytesIO(data)))
             parts.append(self.image_processor(images=[picture], return_tensors="pt"))
             del picture
         if len(parts) == 1:
@@ -120,7 +123,8 @@ class ImageInputs:
     def fingerprint(self) -> str:
         """What changes the tokens or pixels a row becomes (for the data cache's key)."""
         return json.dumps(
-            [self.marker, self.settings, self.image_token_id, self.image_processor.to_dict()], default=str
+            [self.marker, self.settings, self.image_token_id, self.image_processor.to_dict(), "exif upright"],
+            default=str,
         )
 
 
