@@ -158,6 +158,26 @@ def test_images_in_a_column_beside_the_text_are_refused_by_line_and_field(tmp_pa
     assert "image_url" in problems[0].message
 
 
+@pytest.mark.parametrize("kind", ["GIF", "WEBP"])
+def test_an_animated_image_is_refused_by_line_and_field(tmp_path, kind):
+    """The model would see an animation's first frame alone: it is refused, as OpenAI's vision data refuses it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    frames = [Image.new("RGB", (20, 16), colour) for colour in (RED, BLUE)]
+    out = io.BytesIO()
+    frames[0].save(out, kind, save_all=True, append_images=frames[1:])
+    row = image_row(RED, "It is red.")
+    row["messages"][0]["content"][0]["image_url"]["url"] = (
+        f"data:image/{kind.lower()};base64," + base64.b64encode(out.getvalue()).decode()
+    )
+    problems = [p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", [row])) if hasattr(p, "code")]
+    assert [(p.code, p.line, p.field) for p in problems] == [("bad_image", 1, "messages[0].content[0].image_url.url")]
+    assert f"are an animated {kind} (the model reads one frame); give a still image" in problems[0].message
+
+
 def test_an_image_in_a_reply_is_refused(tmp_path):
     row = image_row(RED, "x")
     row["messages"][1]["content"] = [{"type": "image_url", "image_url": {"url": png_data_url(RED)}}]

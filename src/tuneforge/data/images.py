@@ -76,6 +76,7 @@ def _image_format(data: bytes, what: str) -> str:
     try:
         with PILImage.open(io.BytesIO(data)) as picture:
             kind, pixels = picture.format, picture.width * picture.height
+            animated = getattr(picture, "is_animated", False)
             picture.verify()
     except PILImage.DecompressionBombError:
         return too_large
@@ -85,4 +86,6 @@ def _image_format(data: bytes, what: str) -> str:
         return too_large
     if kind not in FORMATS:
         return f"the image is {kind}; give {', '.join(FORMATS)}."
+    if animated:  # the model would see its first frame alone; OpenAI takes no animated GIF either
+        return f"{what} are an animated {kind} (the model reads one frame); give a still image (PNG or JPEG)."
     return kind
