@@ -578,3 +578,89 @@ def test_data_pii_looks_in_prompt_rows_and_their_answers_as_in_other_formats(tin
         prepared("refuse")
     redacted = prepared("redact").train
     assert "AKIA" not in redacted[0].messages[-1]["content"] and redacted[1].item == {"answer": "<EMAIL>"}
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3"])
+def test_grpo_prompts_carry_their_rows_tools_as_serve_renders_them(tmp_path, family):
+    """Each prompt holds its own row's tools, token for token as `tuneforge serve` encodes a request with the
+    same messages and tools, rows with different tools (or none) in one file."""
+    from families import FAMILIES, family_tokenizer
+
+    from tuneforge.data.prepare import SystemPromptTally
+    from tuneforge.methods.grpo import read_prompts
+    from tuneforge.serve.app import _encode
+    from tuneforge.serve.bodies import ChatCompletionBody
+
+    tokenizer = family_tokenizer(FAMILIES[family], tmp_path / "tok")
+    rows = [
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]},
+        {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK, WEATHER]},
+        {"messages": [{"role": "user", "content": "Hello"}], "answer": "hi"},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, problems = read_prompts(str(path), tokenizer, 4096, SystemPromptTally(tokenizer))
+    assert not [p for p in problems if p.is_error]
+    for row, prompt in zip(rows, prompts):
+        body = ChatCompletionBody(model="m", messages=row["messages"], tools=row.get("tools"))
+        [served] = _encode(tokenizer, [body.template_messages()], body.template_tools())
+        assert prompt.input_ids == served
+    assert "get_weather" in tokenizer.decode(prompts[0].input_ids)
+    assert "get_weather" not in tokenizer.decode(prompts[2].input_ids)
+
+
+def test_grpo_refuses_tools_a_template_does_not_write(tiny_model_dir, tmp_path):
+    """Rows with tools for a model whose template leaves tools out are refused at their line and field."""
+    from tuneforge.data.prepare import SystemPromptTally
+    from tuneforge.methods.grpo import read_prompts
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "x"}], "tools": [CLOCK]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, problems = read_prompts(str(path), tokenizer, 4096, SystemPromptTally(tokenizer))
+    assert len(prompts) == 1
+    [problem] = [p for p in problems if p.is_error]
+    assert (problem.code, problem.line, problem.field) == ("tools_not_rendered", 2, "tools")
+
+
+def test_grpo_samples_a_batch_of_rows_with_different_tools(tmp_path):
+    """Rows with different tools share a micro-batch: each group's answers are sampled after its own prompt,
+    tools included, and train after it."""
+    from families import FAMILIES, save_family_model
+
+    folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
+    rows = [
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]},
+        {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK, WEATHER]},
+        {"messages": [{"role": "user", "content": "Hello"}]},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = grpo_config(folder, {"train": path, "validation": path}, tmp_path / "run", max_steps=1)
+    raw["data"]["max_length"] = 2048  # the tiny tokenizer spells the tools' definitions out in many tokens
+    cfg = load_config(raw)
+    tokenizer = load_tokenizer(str(folder))
+    model = prepare_model(load_model(str(folder)), cfg)
+    objective = build_objective(model, cfg, tokenizer, dtype=torch.float32, device=torch.device("cpu"))
+    prompts = prepare_items(cfg, tokenizer).train
+    [batch] = objective.make_batches([prompts], step=0, rank=0, all_sum=lambda t: t)
+    group = objective.options.group_size
+    for i, row in enumerate(prompts):
+        for answer in batch["input_ids"][i * group : (i + 1) * group]:
+            assert answer[: len(row.input_ids)].tolist() == row.input_ids
+    assert "get_time" in objective.tokenizer.decode(prompts[1].input_ids)

@@ -257,6 +257,33 @@ def encode_prompts(
     return [by_index[i] for i in range(len(prompts))]
 
 
+def encode_each(
+    tokenizer,
+    prompts: Sequence[Prompt],
+    tools: Sequence[list[dict] | None] | None = None,
+    images: Sequence[Sequence[bytes]] | None = None,
+) -> list[list[int]]:
+    """Each prompt's token ids as `encode_prompts` gives a request's (the server's), with the prompt's own
+    `tools` and `images` (one entry a prompt, if given): prompts that share their tools and show no images
+    are encoded together."""
+    tools = list(tools) if tools is not None else [None] * len(prompts)
+    images = list(images) if images is not None else [()] * len(prompts)
+    if len(tools) != len(prompts) or len(images) != len(prompts):
+        raise ValueError(f"tools for {len(tools)} and images for {len(images)} of {len(prompts)} prompts")
+    ids: list[list[int] | None] = [None] * len(prompts)
+    shared: dict[str, list[int]] = {}
+    for i, (prompt, shown) in enumerate(zip(prompts, images)):
+        if shown:  # Qwen2-VL's image tokens count by each image's size: the prompt is encoded with them
+            ids[i] = encode_prompts(tokenizer, [prompt], tools[i], images=shown)[0]
+        else:
+            shared.setdefault(json.dumps(tools[i]), []).append(i)
+    for members in shared.values():
+        encoded = encode_prompts(tokenizer, [prompts[i] for i in members], tools[members[0]])
+        for i, prompt_ids in zip(members, encoded):
+            ids[i] = prompt_ids
+    return ids
+
+
 def stop_token_ids(model, tokenizer) -> frozenset[int]:
     """Token ids that end a reply (`reply_end_ids` of the model's generation config)."""
     return frozenset(reply_end_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer))
@@ -301,6 +328,7 @@ def generate(
     stop: Sequence[str] = (),
     on_progress: Callable[[int], None] | None = None,
     images: Sequence[Sequence[bytes]] | None = None,
+    tools: Sequence[list[dict] | None] | None = None,
 ) -> list[Completion]:
     """One completion per prompt, in the order given.
 
@@ -310,7 +338,9 @@ def generate(
     sequence of seeds, one a prompt, gives each its own, so that a sampled completion in fp32 depends on
     its prompt and seed alone, not on the other prompts or the batch it lands in.
     `on_progress(n)` is called as each batch of n finishes. `images`, one sequence a prompt: the image files
-    (PNG, JPEG, ...) each prompt's image parts show, in order, for a model that reads images.
+    (PNG, JPEG, ...) each prompt's image parts show, in order, for a model that reads images. `tools`, one a
+    prompt (None where it has none): the tools its chat prompt is rendered with, as the server renders a
+    request's.
     """
     if max_new_tokens < 1:  # a completion of nothing: `Batch` takes 0 only to score prompts
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -321,12 +351,7 @@ def generate(
         raise ValueError(f"images for {len(images)} prompts, and there are {len(prompts)}; give them per prompt")
     images = [tuple(shown) for shown in images] if images is not None else [()] * len(prompts)
     sampling = Sampling(max_new_tokens, temperature, top_p, None if seeds is not None else seed, tuple(stop))
-    # A prompt with images is encoded with them: Qwen2-VL's image tokens count by each image's size.
-    ids = (
-        [encode_prompts(tokenizer, [prompt], images=shown)[0] for prompt, shown in zip(prompts, images)]
-        if any(images)
-        else encode_prompts(tokenizer, prompts)
-    )
+    ids = encode_each(tokenizer, prompts, tools, images)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     if seeds is None:
         generators = [sampling.generator(model.device)] * len(ids)  # one random stream for all batches

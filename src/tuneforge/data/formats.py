@@ -281,11 +281,12 @@ def check_row(
     return (None if check.errors else record), check.problems
 
 
-def prompt_messages(
+def prompt_conversation(
     row: dict, *, file: str = "", line: int | None = None, csv: bool = False, images: bool = False
-) -> tuple[list[Message] | None, list[Problem]]:
-    """The messages of an unlabelled row, checked as a file's row is: a chat row's `messages`, or a
-    prompt/completion row's `prompt` (text, or a list of messages), its completion ignored. A `csv`
+) -> tuple[Conversation | None, list[Problem]]:
+    """The messages and tools of an unlabelled row, checked as a file's row is: a chat row's `messages`, or a
+    prompt/completion row's `prompt` (text, or a list of messages), its completion ignored, and its `tools`
+    (OpenAI's format, which the prompt is rendered with as the server renders a request's). A `csv`
     row's cells are text: the ones that hold JSON structures are parsed first. Such a row is answered by
     generation; GRPO and a teacher read text prompts only, so images are refused unless `images` (evaluation,
     which generates with them)."""
@@ -305,7 +306,8 @@ def prompt_messages(
             "the prompt holds images, and answers are generated from text prompts only (they would be made "
             "without the images). Train rows with images with method: lora, dora or full; remove them here.",
         )
-    return (None if check.errors else messages), check.problems
+    tools = check.tools(row)
+    return (None if check.errors else Conversation(messages, tools=tools)), check.problems
 
 
 def _with_format_hint(problem: Problem, given: str, detected: str | None) -> Problem:

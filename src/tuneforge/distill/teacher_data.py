@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import Problem
-from ..data.formats import prompt_messages
+from ..data.formats import prompt_conversation
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 from ..fsio import atomic_file, writing
@@ -74,9 +74,10 @@ def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None
                 )
             ],
         )
-    messages, problems = prompt_messages(row, file=path, line=line, csv=csv)
-    if messages is None:
+    conversation, problems = prompt_conversation(row, file=path, line=line, csv=csv)
+    if conversation is None:
         return None, None, problems
+    messages = conversation.messages
     reference = None
     if "messages" in row and messages[-1].role == "assistant":
         reference = messages[-1].content

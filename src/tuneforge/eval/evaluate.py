@@ -49,7 +49,7 @@ from ..data import (
     render_examples,
     shows_images,
 )
-from ..data.formats import file_format, prompt_messages
+from ..data.formats import file_format, prompt_conversation
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
@@ -119,11 +119,12 @@ def _prompt_row(row, path: str | Path, line: int, csv: bool) -> Conversation | N
     turn, with at most one reference reply after it), or None where it is not one."""
     if not isinstance(row, dict) or not {"messages", "prompt"} & set(row):
         return None
-    messages, _ = prompt_messages(row, file=str(path), line=line, csv=csv, images=True)
-    if not messages:
+    conversation, _ = prompt_conversation(row, file=str(path), line=line, csv=csv, images=True)
+    if conversation is None or not conversation.messages:
         return None
+    messages = conversation.messages
     prompt = messages[:-1] if messages[-1].role == "assistant" else messages
-    return Conversation(messages) if prompt and prompt[-1].role in ("user", "tool") else None
+    return conversation if prompt and prompt[-1].role in ("user", "tool") else None
 
 
 def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: bool = False) -> list[EvalExample]:

@@ -55,13 +55,14 @@ from torch import nn
 from .. import data as tfdata
 from ..data import IGNORE_INDEX, pii
 from ..data.dedup import content_hash, held_out_keys
-from ..data.formats import prompt_messages
+from ..data.formats import prompt_conversation
 from ..data.prepare import PiiScreen, SystemPromptTally, problem_warnings, refuses
 from ..data.readers import open_rows
+from ..data.render import renderer_for
 from ..data.schema import Conversation, Problem
 from ..errors import DataError
 from ..fsio import write_json, writing
-from ..generate import encode_prompts, generate
+from ..generate import encode_each, generate
 from ..graders import GraderError, rollout_sample
 from ..graders import load_grader as load_grader_spec
 from ..models import causal_lm, frozen_base
@@ -85,6 +86,7 @@ class PromptRow:
     where: str  # file:line, for messages about this row
     key: int  # the row's content key, which decides its side of a data.validation fraction
     prompt: str | list[dict] = ""  # the prompt as TRL gives it: a text prompt's text, else its messages
+    tools: list[dict] | None = None  # the row's tools, which `input_ids` render as the server renders a request's
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -133,9 +135,12 @@ def read_prompts(
     """The prompts of a chat file, each problem located by file, line and field; each kept row's
     system prompt is counted into `system_prompts`. `screen` (data.pii) looks for secrets and personal data
     in each row: in its prompt, and as in replies in its reference answer and the fields its grader reads,
-    which the rewards steer the answers toward; under redact the row goes on with placeholders."""
-    # (line, messages, item, key, whether the prompt is text) of the rows that hold a prompt
-    found: list[tuple[int, list, dict, int, bool]] = []
+    which the rewards steer the answers toward; under redact the row goes on with placeholders. A row's
+    `tools` are rendered into its prompt as `tuneforge serve` renders a request's; a chat template that
+    does not write tools refuses such rows."""
+    # (line, messages, tools, item, key, whether the prompt is text) of the rows that hold a prompt
+    found: list[tuple[int, list, list | None, dict, int, bool]] = []
+    writes_tools = None
     problems: list[Problem] = []
     rows = open_rows(path)
     for line, row in rows:
@@ -145,9 +150,15 @@ def read_prompts(
         if not isinstance(row, dict) or not {"messages", "prompt"} & set(row):
             problems.append(_prompt_problem("no_messages", NO_MESSAGES, path, line))
             continue
-        messages, row_problems = prompt_messages(row, file=path, line=line, csv=rows.kind == "csv")
+        conversation, row_problems = prompt_conversation(row, file=path, line=line, csv=rows.kind == "csv")
         problems += row_problems
-        if messages is None:
+        if conversation is None:
+            continue
+        messages, tools = conversation.messages, conversation.tools
+        if tools and writes_tools is None:
+            writes_tools = renderer_for(tokenizer).writes_tools
+        if tools and not writes_tools:
+            problems.append(Problem("tools_not_rendered", TOOLS_NOT_RENDERED, file=path, line=line, field="tools"))
             continue
         item = grader_item(row, messages[-1].content if messages[-1].role == "assistant" else None)
         if screen is not None:
@@ -157,7 +168,7 @@ def read_prompts(
             messages = screen.screen(conversation, path, line, "chat" if "messages" in row else None, fields).messages
             if screen.mode == "redact" and len(screen.problems) > before:
                 item = pii.redact_value(item)
-        key = content_hash(Conversation(messages))
+        key = content_hash(Conversation(messages, tools))
         if messages[-1].role == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1].role not in ("user", "tool"):
@@ -165,10 +176,11 @@ def read_prompts(
             continue
         # A text prompt row is one user turn of the prompt's text: TRL gives its reward functions that text.
         text = "messages" not in row and len(messages) == 1 and messages[0].content == row.get("prompt")
-        found.append((line, messages, item, key, text))
-    prompts = [[m.to_template() for m in messages] for _, messages, _, _, _ in found]
+        found.append((line, messages, tools, item, key, text))
+    prompts = [[m.to_template() for m in messages] for _, messages, _, _, _, _ in found]
+    encoded = encode_each(tokenizer, prompts, [tools for _, _, tools, _, _, _ in found])
     rows = []
-    for (line, messages, item, key, text), prompt, ids in zip(found, prompts, encode_prompts(tokenizer, prompts)):
+    for (line, messages, tools, item, key, text), prompt, ids in zip(found, prompts, encoded):
         if len(ids) >= max_length:
             too_long = (
                 f"the prompt is {len(ids)} tokens, and GRPO prompts must be shorter than data.max_length "
@@ -178,7 +190,7 @@ def read_prompts(
             problems.append(_prompt_problem("too_long", too_long, path, line))
             continue
         system_prompts.add(messages)
-        rows.append(PromptRow(ids, prompt, item, f"{path}:{line}", key, messages[0].content if text else prompt))
+        rows.append(PromptRow(ids, prompt, item, f"{path}:{line}", key, messages[0].content if text else prompt, tools))
     return rows, problems
 
 
@@ -194,6 +206,11 @@ def grader_item(row: dict, reference: str | None) -> dict:
 NO_MESSAGES = (
     'method: grpo reads chat rows, {"messages": [...], ...any fields the grader reads}, or prompt rows, '
     '{"prompt": "..." or [...], ...}; this row has neither.'
+)
+TOOLS_NOT_RENDERED = (
+    "the row gives 'tools', and the model's chat template does not write tool definitions: the policy would "
+    "answer without seeing the functions it is to call. Use a model whose chat template takes tools (Qwen 2.5 "
+    "and 3, Llama 3.1, Mistral, ...), or remove 'tools' from the row."
 )
 NO_PROMPT = (
     "the messages must end with the user's turn (and may be followed by one reference assistant reply): the policy "
