@@ -966,3 +966,64 @@ def test_best_of_n_best_leaves_out_prompts_whose_best_answer_falls_short_of_the_
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["messages"][:-1] for row in rows] == [r["prompt"] for r, b in zip(records, best) if b >= 10]
     assert all(row["scores"]["best"] >= 10 for row in rows)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TOOL_ROWS = [
+    {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]},
+    {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK, WEATHER]},
+    {"messages": [{"role": "user", "content": "Hello"}]},
+]
+
+
+def test_distill_generate_answers_with_each_rows_tools_as_serve_renders_them(tmp_path):
+    """The teacher answers each prompt rendered with its row's tools, as `tuneforge serve` encodes a request
+    with the same messages and tools (rows with different tools in one batch), and each row keeps its tools."""
+    from families import FAMILIES, save_family_model
+
+    from tuneforge.distill import generate_teacher_data
+    from tuneforge.generate import generate
+    from tuneforge.models import load_model, load_tokenizer
+    from tuneforge.serve.app import _encode
+    from tuneforge.serve.bodies import ChatCompletionBody
+
+    teacher = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    out = tmp_path / "teacher.jsonl"
+    generate_teacher_data(
+        str(teacher), prompts_file, out, max_new_tokens=8, batch_size=4, precision="fp32", progress=False
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("tools") for r in rows] == [r.get("tools") for r in TOOL_ROWS]
+
+    model, tokenizer = load_model(str(teacher)), load_tokenizer(str(teacher))
+    for row, written in zip(TOOL_ROWS, rows):
+        body = ChatCompletionBody(model="m", messages=row["messages"], tools=row.get("tools"))
+        [served] = _encode(tokenizer, [body.template_messages()], body.template_tools())
+        [answer] = generate(model, tokenizer, [tuple(served)], max_new_tokens=8)
+        assert written["messages"][-1]["content"] == answer.text
+
+
+def test_distill_generate_refuses_tools_the_teacher_cannot_read(tiny_model_dir, tmp_path):
+    """Rows with tools, for a teacher whose template writes none: refused at their line and field, before
+    any answer is generated."""
+    from tuneforge.distill import generate_teacher_data
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    with pytest.raises(DataError) as err:
+        generate_teacher_data(str(tiny_model_dir), prompts_file, tmp_path / "out.jsonl", progress=False)
+    assert [(p.line, p.field, p.code) for p in err.value.problems] == [
+        (1, "tools", "tools_not_rendered"),
+        (2, "tools", "tools_not_rendered"),
+    ]
+    assert not (tmp_path / "out.jsonl").exists()

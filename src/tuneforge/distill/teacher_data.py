@@ -3,7 +3,9 @@
 Sequence-level distillation: the student learns from the teacher's text, not its distributions, so
 teacher and student may have different tokenizers. Prompts are chat rows (a last assistant turn,
 if any, is dropped: the teacher answers in its place) or prompt/completion rows (the completion is
-ignored). The output is OpenAI chat JSONL, one row per prompt, in the prompts' order.
+ignored). A row's `tools` are rendered into the teacher's prompt as `tuneforge serve` renders a request's,
+and kept in its output row, so the student trains on the prompt the teacher answered. The output is OpenAI
+chat JSONL, one row per prompt, in the prompts' order.
 
 Resumable: rows are appended a batch at a time, whole lines only, flushed and synced. A rerun
 drops a torn last line (a crash mid-write), checks that every row already written answers the
@@ -59,10 +61,14 @@ class TeacherData:
     left_out: int = 0
 
 
-def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None, str | None, list[Problem]]:
-    """The row's prompt as chat messages, the assistant turn dropped from its end (None if none), and its problems."""
+def _row_prompt(
+    row, path: str, line: int, csv: bool
+) -> tuple[list[dict] | None, list[dict] | None, str | None, list[Problem]]:
+    """The row's prompt as chat messages, the assistant turn dropped from its end (None if none), its tools,
+    and its problems."""
     if not isinstance(row, dict) or not ({"messages", "prompt"} & set(row)):
         return (
+            None,
             None,
             None,
             [
@@ -76,7 +82,7 @@ def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None
         )
     conversation, problems = prompt_conversation(row, file=path, line=line, csv=csv)
     if conversation is None:
-        return None, None, problems
+        return None, None, None, problems
     messages = conversation.messages
     reference = None
     if "messages" in row and messages[-1].role == "assistant":
@@ -84,6 +90,7 @@ def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None
         messages = messages[:-1]
     if not messages or messages[-1].role == "system":
         return (
+            None,
             None,
             None,
             [
@@ -97,7 +104,7 @@ def _row_prompt(row, path: str, line: int, csv: bool) -> tuple[list[dict] | None
                 )
             ],
         )
-    return [m.to_template() for m in messages], reference, []
+    return [m.to_template() for m in messages], conversation.tools, reference, []
 
 
 def read_prompts(path: str | Path) -> list[list[dict]]:
@@ -105,24 +112,25 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
     return _read_prompts(path)[0]
 
 
-def _read_prompts(path: str | Path) -> tuple[list[list[dict]], list[int], list[dict]]:
-    """`read_prompts`, the line each prompt is on, and what a grader reads for each row, as GRPO and
+def _read_prompts(path: str | Path) -> tuple[list[list[dict]], list[int], list[dict], list[list[dict] | None]]:
+    """`read_prompts`, the line each prompt is on, what a grader reads for each row, as GRPO and
     `tuneforge eval --grader` give it: the row's fields other than its prompt, `reference` (the dropped
-    assistant turn) and `prompt` (a text prompt's text, else the messages)."""
+    assistant turn) and `prompt` (a text prompt's text, else the messages), and each row's tools."""
     from ..methods.grpo import grader_item
 
     path = str(path)
-    prompts, lines, items, problems = [], [], [], []
+    prompts, lines, items, tools, problems = [], [], [], [], []
     rows = open_rows(path)
     for line, row in rows:
         if isinstance(row, Problem):
             problems.append(row)
             continue
-        messages, reference, row_problems = _row_prompt(row, path, line, rows.kind == "csv")
+        messages, row_tools, reference, row_problems = _row_prompt(row, path, line, rows.kind == "csv")
         problems += [p for p in row_problems if p.is_error]
         if messages is not None:
             prompts.append(messages)
             lines.append(line)
+            tools.append(row_tools)
             text = "messages" not in row and isinstance(row.get("prompt"), str)
             items.append({**grader_item(row, reference), "prompt": row["prompt"] if text else messages})
     unreadable = [p for p in problems if p.line is None]  # the file as a whole: missing, empty, unknown
@@ -132,12 +140,40 @@ def _read_prompts(path: str | Path) -> tuple[list[list[dict]], list[int], list[d
         raise DataError.listing(f"{path}: {len(problems)} prompt rows cannot be used", problems)
     if not prompts:
         raise DataError(f"{path} holds no prompts.", code="empty_file")
-    return prompts, lines, items
+    return prompts, lines, items, tools
 
 
-def _check_prompts_fit(path, prompts: list[list[dict]], lines: list[int], tokenizer, window: int | None) -> None:
-    """Every prompt leaves the teacher room for an answer in its context (else an error naming the lines)."""
-    from ..generate import encode_prompts
+def _check_tools_written(path, tools: list[list[dict] | None], lines: list[int], tokenizer) -> None:
+    """Rows that give tools are for a teacher whose chat template writes them (else an error naming the lines):
+    without them in its prompt the teacher answers without seeing the functions it is to call."""
+    from ..data.render import renderer_for
+
+    if not any(tools) or renderer_for(tokenizer).writes_tools:
+        return
+    problems = [
+        Problem(
+            "tools_not_rendered",
+            "the row gives 'tools', and the teacher's chat template does not write tool definitions: it would "
+            "answer without seeing the functions it is to call. Use a teacher whose chat template takes tools "
+            "(Qwen 2.5 and 3, Llama 3.1, Mistral, ...), or remove 'tools' from the row.",
+            file=str(path),
+            line=line,
+            field="tools",
+        )
+        for line, row_tools in zip(lines, tools)
+        if row_tools
+    ]
+    raise DataError.listing(
+        f"{path}: {counted(len(problems), 'prompt row')} with tools the teacher cannot read", problems
+    )
+
+
+def _check_prompts_fit(
+    path, prompts: list[list[dict]], tools: list[list[dict] | None], lines: list[int], tokenizer, window: int | None
+) -> None:
+    """Every prompt, with its tools, leaves the teacher room for an answer in its context (else an error naming
+    the lines)."""
+    from ..generate import encode_each
 
     if window is None:
         return
@@ -149,7 +185,7 @@ def _check_prompts_fit(path, prompts: list[list[dict]], lines: list[int], tokeni
             file=str(path),
             line=line,
         )
-        for line, ids in zip(lines, encode_prompts(tokenizer, prompts))
+        for line, ids in zip(lines, encode_each(tokenizer, prompts, tools))
         if len(ids) >= window
     ]
     if problems:
@@ -259,11 +295,12 @@ def kept_row(record: dict, keep: str, pass_threshold: float | None) -> dict | No
         return None
     best = max(whole, key=scores.__getitem__)
     prompt = record["prompt"]
+    tools = {"tools": record["tools"]} if record.get("tools") else {}  # the student trains with the teacher's prompt
     if keep == "best":
         if pass_threshold is not None and scores[best] < pass_threshold:
             return None
         reply = {"role": "assistant", "content": answers[best]["text"]}
-        return {"messages": [*prompt, reply], "scores": {"best": scores[best], "all": scores}}
+        return {"messages": [*prompt, reply], **tools, "scores": {"best": scores[best], "all": scores}}
     worst = min(whole, key=scores.__getitem__)
     if scores[best] == scores[worst]:
         return None
@@ -271,6 +308,7 @@ def kept_row(record: dict, keep: str, pass_threshold: float | None) -> dict | No
         "prompt": prompt,
         "chosen": [{"role": "assistant", "content": answers[best]["text"]}],
         "rejected": [{"role": "assistant", "content": answers[worst]["text"]}],
+        **tools,
         "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores},
     }
 
@@ -347,7 +385,9 @@ def generate_teacher_data(
         raise TuneforgeError(
             f"--out {out} is a folder; give the file to write, e.g. {out / 'teacher.jsonl'}.", code="bad_option"
         )
-    prompts, lines, items = _read_prompts(prompts_file)
+    prompts, lines, items, tools = _read_prompts(prompts_file)
+    if any(tools):
+        _check_tools_written(prompts_file, tools, lines, load_tokenizer(teacher))
     record_file = out.with_name(out.name + ".samples.jsonl") if sampled else out
     if sampled:
         from ..graders import load_grader
@@ -401,7 +441,12 @@ def generate_teacher_data(
             )
         tokenizer = load_tokenizer(teacher)
         _check_prompts_fit(
-            prompts_file, prompts[done:target], lines[done:target], tokenizer, model_context_length(model)
+            prompts_file,
+            prompts[done:target],
+            tools[done:target],
+            lines[done:target],
+            tokenizer,
+            model_context_length(model),
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         per_call = max(1, batch_size // samples) if sampled else batch_size  # prompts a generate call decodes
@@ -414,6 +459,7 @@ def generate_teacher_data(
         ):
             for start in range(done, target, per_call):
                 batch = prompts[start : min(start + per_call, target)]
+                batch_tools = tools[start : start + len(batch)]
                 if sampled:
                     answers = generate(
                         model,
@@ -425,6 +471,7 @@ def generate_teacher_data(
                         seed=[
                             sample_seed(seed, i, j) for i in range(start, start + len(batch)) for j in range(samples)
                         ],
+                        tools=[row_tools for row_tools in batch_tools for _ in range(samples)],
                     )
                     batch_items = [item for item in items[start : start + len(batch)] for _ in range(samples)]
                     with naming_rows(where[start : start + len(batch)], samples):
@@ -432,12 +479,13 @@ def generate_teacher_data(
                     records = [
                         {
                             "prompt": prompt,
+                            **({"tools": row_tools} if row_tools else {}),
                             "samples": [
                                 {"text": a.text, "score": g.score, "finish_reason": a.finish_reason}
                                 for a, g in zip(answers[k * samples : (k + 1) * samples], grades[k * samples :])
                             ],
                         }
-                        for k, prompt in enumerate(batch)
+                        for k, (prompt, row_tools) in enumerate(zip(batch, batch_tools))
                     ]
                     # The answers first: a crash between the two writes leaves `out` short, which the next
                     # call writes again from them.
@@ -447,12 +495,17 @@ def generate_teacher_data(
                     rows += sum(row is not None for row in kept)
                     left_out += sum(row is None for row in kept)
                 else:
-                    answers = generate(model, tokenizer, batch, batch_size=batch_size, max_new_tokens=max_new_tokens)
+                    answers = generate(
+                        model, tokenizer, batch, batch_size=batch_size, max_new_tokens=max_new_tokens, tools=batch_tools
+                    )
                     _append(
                         f,
                         [
-                            {"messages": [*prompt, {"role": "assistant", "content": a.text}]}
-                            for prompt, a in zip(batch, answers)
+                            {
+                                "messages": [*prompt, {"role": "assistant", "content": a.text}],
+                                **({"tools": row_tools} if row_tools else {}),
+                            }
+                            for prompt, row_tools, a in zip(batch, batch_tools, answers)
                         ],
                     )
                 stopped_by_length += sum(a.finish_reason == "length" for a in answers)
