@@ -678,3 +678,54 @@ def test_forgetting_on_a_model_whose_context_the_general_sets_overflow_is_refuse
         check_eval_inputs(load_config(run))
     run["eval"] = {"forgetting": False}
     check_eval_inputs(load_config(run))
+
+
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {"type": "object"}},
+}
+TOOL_ROWS = [
+    {
+        "messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny."}],
+        "tools": [WEATHER_TOOL],
+    },
+    {
+        "messages": [{"role": "user", "content": "What time is it?"}, {"role": "assistant", "content": "Noon."}],
+        "tools": [CLOCK_TOOL, WEATHER_TOOL],
+    },
+    {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]},
+]
+
+
+def test_eval_answers_rows_with_their_tools_as_serve_renders_them(tmp_path):
+    """Each answer is generated from the prompt with its row's tools, as `tuneforge serve` encodes a request with
+    the same messages and tools."""
+    from families import FAMILIES, save_family_model
+
+    from tuneforge.generate import generate
+    from tuneforge.models import load_model, load_tokenizer
+    from tuneforge.serve.app import _encode
+    from tuneforge.serve.bodies import ChatCompletionBody
+
+    folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    result = evaluate(str(folder), data, max_new_tokens=6, progress=False)
+    model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
+    for row, sample in zip(TOOL_ROWS, result["samples"]):
+        body = ChatCompletionBody(model="m", messages=row["messages"][:-1], tools=row.get("tools"))
+        [served] = _encode(tokenizer, [body.template_messages()], body.template_tools())
+        [answer] = generate(model, tokenizer, [tuple(served)], max_new_tokens=6)
+        assert sample["prediction"] == answer.text
+
+
+def test_eval_refuses_tools_a_template_does_not_write(tiny_model_dir, tmp_path):
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    with pytest.raises(DataError) as err:
+        evaluate(str(tiny_model_dir), data, max_new_tokens=2, progress=False)
+    assert [(p.line, p.field, p.code) for p in err.value.problems] == [
+        (1, "tools", "tools_not_rendered"),
+        (2, "tools", "tools_not_rendered"),
+    ]

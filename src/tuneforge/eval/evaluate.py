@@ -19,7 +19,9 @@ as GRPO reads them), for which the grader's figures are all there is (no loss or
 Rows whose user messages hold images, for a model that reads them (Gemma 3 4B and up), are rendered and
 their images expanded into the image's tokens as training does: the loss batches carry their pixels, and
 the answers are generated with the images in the prompt's prefill, as `serve` answers them; a model that
-reads text only refuses such rows, naming each, before its weights load (`refuse_images_unread`).
+reads text only refuses such rows, naming each, before its weights load (`refuse_unread`). A row's `tools`
+go into its prompt as `serve` renders a request's; a model whose chat template writes no tools refuses
+such rows the same way.
 
 A file of raw text (text rows, `.txt`/`.md` documents) has no answers to score: its result is the
 per-token loss, perplexity and next-token accuracy over every token of its documents, cut into windows
@@ -51,6 +53,7 @@ from ..data import (
 )
 from ..data.formats import file_format, prompt_conversation
 from ..data.readers import open_rows
+from ..data.render import renderer_for
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
 from ..graders import Grader, GradeResult, load_grader, rollout_sample
@@ -187,9 +190,27 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
     return examples
 
 
-def refuse_images_unread(examples: Sequence[EvalExample], tokenizer, name: str) -> None:
-    """Rows with images, for a model that reads text only (`tokenizer` loaded without an image processor): an
-    error naming each row and its field, before the model's weights load."""
+def refuse_unread(examples: Sequence[EvalExample], tokenizer, name: str) -> None:
+    """Rows with images, for a model that reads text only (`tokenizer` loaded without an image processor), and
+    rows with tools, for a model whose chat template writes none: an error naming each row and its field,
+    before the model's weights load."""
+    if any(e.conversation.tools for e in examples) and not renderer_for(tokenizer).writes_tools:
+        problems = [
+            Problem(
+                "tools_not_rendered",
+                f"the row gives 'tools', and {name}'s chat template does not write tool definitions: its answers "
+                "would be made without seeing them. Evaluate rows with tools with a model whose chat template "
+                "takes tools (Qwen 2.5 and 3, Llama 3.1, Mistral, ...), or remove 'tools' from them.",
+                file=e.file,
+                line=e.line,
+                field="tools",
+            )
+            for e in examples
+            if e.conversation.tools
+        ]
+        raise DataError.listing(
+            f"{examples[0].file}: {counted(len(problems), 'row')} with tools cannot be evaluated by {name}", problems
+        )
     if image_inputs(tokenizer) is not None:
         return
     problems = [
@@ -465,6 +486,7 @@ def evaluate_loaded(
             max_new_tokens=max_new_tokens,
             on_progress=advance,
             images=[e.images for e in examples],
+            tools=[e.conversation.tools for e in examples],
         )
     # A reasoning model's reply is scored on its answer, what follows its reasoning (OpenAI's output_text).
     predictions = [split_reasoning(a.text)[1] for a in answers]
@@ -602,7 +624,7 @@ def _evaluate_examples(
     source = resolve(model)
     train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
-    refuse_images_unread(examples, tokenizer, source.name)
+    refuse_unread(examples, tokenizer, source.name)
     with library_bars(progress):
         loaded = load_text_model(source, "eval")
     result = evaluate_loaded(
@@ -721,10 +743,11 @@ def compare(
         return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
     # The data is read, and the metric and a grader loaded and checked, once for both models.
     examples, grader = _checked_inputs(data, limit, metric, grader)
-    if any(e.images for e in examples):  # image rows for a text model fail before either model's weights load
+    # Image rows for a text model, and tool rows for a template without tools, fail before either model loads.
+    if any(e.images or e.conversation.tools for e in examples):
         for spec in (model, base):
             source = resolve(spec)
-            refuse_images_unread(examples, load_tokenizer(source), source.name)
+            refuse_unread(examples, load_tokenizer(source), source.name)
     options = {
         "metric": metric,
         "max_new_tokens": max_new_tokens,
