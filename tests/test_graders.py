@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -369,3 +370,47 @@ def test_graders_read_a_reasoning_models_answer_without_its_reasoning():
     assert [s["output_text"] for s in samples] == ["Four", "Four", ""]
     assert [r.score for r in grader.grade(samples, [{"answer": "Four"}] * 3)] == [1.0, 1.0, 0.0]
     assert sample_of('<think>\n{"a": 1}?\n</think>\n{"a": 2}')["output_json"] == {"a": 2}
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "reply"),
+    [
+        ("qwen2.5", 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+        ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
+    ],
+)
+def test_a_reply_that_calls_tools_reaches_graders_as_output_tools(tmp_path, family, reply):
+    """An answer to a prompt with tools gives graders its calls as `sample.output_tools` (OpenAI's chat
+    completion tool_calls, read by the model's own call form) and the text beside them as output_text, as
+    serve replies; without tools the reply is text."""
+    from families import FAMILIES, family_tokenizer
+
+    from tuneforge.graders import rollout_samples
+
+    tokenizer = family_tokenizer(FAMILIES[family], tmp_path)
+    grader = build_grader(
+        {
+            "type": "string_check",
+            "name": "called",
+            "input": "{{ sample.output_tools.0.function.name }}",
+            "reference": "get_weather",
+            "operation": "eq",
+        }
+    )
+    with_tools, without = rollout_samples([reply, reply], [[WEATHER_TOOL], None], tokenizer)
+    [call] = with_tools["output_tools"]
+    assert (call["type"], call["function"]["name"], json.loads(call["function"]["arguments"])) == (
+        "function",
+        "get_weather",
+        {"city": "Paris"},
+    )
+    assert with_tools["output_text"] == ("Let me look." if family == "qwen2.5" else "")
+    assert with_tools["completion"] == reply
+    assert [r.score for r in grader.grade([with_tools], [{}])] == [1.0]
+    assert (without["output_tools"], without["output_text"]) == ([], reply)

@@ -41,7 +41,7 @@ from ..data.formats import prompt_conversation
 from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 from ..fsio import atomic_file, writing
-from ..graders.base import rollout_sample
+from ..graders.base import rollout_samples
 from ..wording import counted
 
 
@@ -475,7 +475,9 @@ def generate_teacher_data(
                     )
                     batch_items = [item for item in items[start : start + len(batch)] for _ in range(samples)]
                     with naming_rows(where[start : start + len(batch)], samples):
-                        grades = judge.grade([rollout_sample(a.text) for a in answers], batch_items)
+                        tools_asked = [row_tools for row_tools in batch_tools for _ in range(samples)]
+                        samples_given = rollout_samples([a.text for a in answers], tools_asked, tokenizer)
+                        grades = judge.grade(samples_given, batch_items)
                     records = [
                         {
                             "prompt": prompt,

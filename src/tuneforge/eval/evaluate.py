@@ -56,7 +56,7 @@ from ..data.readers import open_rows
 from ..data.render import renderer_for
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
-from ..graders import Grader, GradeResult, load_grader, rollout_sample
+from ..graders import Grader, GradeResult, load_grader, rollout_samples
 from ..methods import SFTObjective, sum_over_batches
 from ..methods.grpo import grader_item, naming_rows
 from ..models import causal_lm, load_text_model, load_tokenizer, model_context_length, resolve, run_config_of
@@ -496,7 +496,8 @@ def evaluate_loaded(
     grades = None
     if grader is not None:
         with naming_rows(examples):
-            grades = grader.grade([rollout_sample(a.text) for a in answers], grader_items(examples))
+            answered = rollout_samples([a.text for a in answers], [e.conversation.tools for e in examples], tokenizer)
+            grades = grader.grade(answered, grader_items(examples))
     samples = [
         {
             "line": e.line,

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
-from .base import Grader, GraderError, GradeResult, rollout_sample, sample_of
+from .base import Grader, GraderError, GradeResult, rollout_sample, rollout_samples, sample_of
 from .multi import FUNCTIONS, MultiGrader
 from .python import PythonGrader, PythonLimits, RewardFunctionGrader
 from .reward_model import RewardModelGrader
@@ -47,6 +47,7 @@ __all__ = [
     "load_grader",
     "reward_functions",
     "rollout_sample",
+    "rollout_samples",
     "runs_python",
     "sample_of",
 ]

@@ -49,17 +49,35 @@ def parse_output_json(text: str) -> dict | None:
     return parse_json_object(fenced.group(1) if fenced else text)
 
 
-def sample_of(text: str) -> dict:
+def sample_of(text: str, calls=None) -> dict:
     """The sample dict graders read for one completion, as OpenAI's graders see it: a reasoning model's
-    output_text is its answer, without the reasoning before it."""
+    output_text is its answer, without the reasoning before it. `calls`, a `serve.tool_calls.ToolCallParser`
+    (for an answer to a prompt with tools): an answer that calls tools has them as `output_tools`, OpenAI's
+    chat completion `tool_calls`, and the text beside them as output_text, as `tuneforge serve` replies."""
     text = split_reasoning(text)[1]
+    parsed = calls.parse(text) if calls is not None else None
+    if parsed is not None:
+        content = parsed.content or ""
+        return {"output_text": content, "output_json": parse_output_json(content), "output_tools": parsed.tool_calls}
     return {"output_text": text, "output_json": parse_output_json(text), "output_tools": []}
 
 
-def rollout_sample(text: str) -> dict:
+def rollout_sample(text: str, calls=None) -> dict:
     """The sample of a sampled completion: `sample_of`'s, and the `completion` as it was sampled, reasoning
     included, which TRL-style reward functions read (a format reward looks for the <think> block)."""
-    return {**sample_of(text), "completion": text}
+    return {**sample_of(text, calls), "completion": text}
+
+
+def rollout_samples(texts: Sequence[str], tools: Sequence[list[dict] | None], tokenizer) -> list[dict]:
+    """`rollout_sample` of each completion; one to a prompt given tools (`tools[i]`) has its tool calls read as
+    the server reads a reply's, by the parser of the model's chat template (`tokenizer`'s)."""
+    calls = None
+    if any(tools):
+        from ..data.render import renderer_for
+        from ..serve.tool_calls import parser_for
+
+        calls = parser_for(renderer_for(tokenizer).template)
+    return [rollout_sample(text, calls if given else None) for text, given in zip(texts, tools)]
 
 
 def shorten(text: str) -> str:

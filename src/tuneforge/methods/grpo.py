@@ -63,7 +63,7 @@ from ..data.schema import Conversation, Problem
 from ..errors import DataError
 from ..fsio import write_json, writing
 from ..generate import encode_each, generate
-from ..graders import GraderError, rollout_sample
+from ..graders import GraderError, rollout_samples
 from ..graders import load_grader as load_grader_spec
 from ..models import causal_lm, frozen_base
 from .dpo import prepare_policy
@@ -390,7 +390,8 @@ class GRPOObjective(nn.Module):
                     max_new_tokens=self.options.max_new_tokens,
                 )
                 with naming_rows(rows):
-                    grades = self.grader.grade([rollout_sample(a.text) for a in answers], [r.graded_item for r in rows])
+                    samples = rollout_samples([a.text for a in answers], [r.tools for r in rows], self.tokenizer)
+                    grades = self.grader.grade(samples, [r.graded_item for r in rows])
                 totals += torch.tensor(
                     [
                         [g.score, *(g.parts[p] for p in self.parts), a.completion_tokens, a.finish_reason == "length"]
@@ -409,7 +410,8 @@ class GRPOObjective(nn.Module):
         o = self.options
         items = [r.graded_item for r in rows for _ in range(o.group_size)]
         with naming_rows(rows, o.group_size):
-            grades = self.grader.grade([rollout_sample(c.text) for c in completions], items)
+            tools = [r.tools for r in rows for _ in range(o.group_size)]
+            grades = self.grader.grade(rollout_samples([c.text for c in completions], tools, self.tokenizer), items)
         rewards = torch.tensor([g.score for g in grades], dtype=torch.float32)
         parts = torch.tensor([[g.parts[p] for p in self.parts] for g in grades], dtype=torch.float32)
         groups = rewards.view(len(rows), o.group_size)
