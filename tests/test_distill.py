@@ -1027,3 +1027,24 @@ def test_distill_generate_refuses_tools_the_teacher_cannot_read(tiny_model_dir, 
         (2, "tools", "tools_not_rendered"),
     ]
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_distill_generate_does_not_continue_rows_written_for_other_tools(tmp_path):
+    """A rerun after the rows' tools changed refuses to continue: the rows already written answer prompts
+    rendered without (or with other) tools."""
+    from families import FAMILIES, save_family_model
+
+    from tuneforge.distill import generate_teacher_data
+
+    teacher = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
+    prompts_file = tmp_path / "prompts.jsonl"
+    untooled = [{"messages": row["messages"]} for row in TOOL_ROWS]
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in untooled))
+    out = tmp_path / "teacher.jsonl"
+    options = dict(max_new_tokens=4, progress=False)
+    generate_teacher_data(str(teacher), prompts_file, out, limit=2, **options)
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    with pytest.raises(TuneforgeError, match="line 1 does not answer prompt 1") as mixed:
+        generate_teacher_data(str(teacher), prompts_file, out, **options)
+    assert mixed.value.code == "output_mismatch"
+    assert len(out.read_text().splitlines()) == 2

@@ -196,9 +196,11 @@ def _check_prompts_fit(
         )
 
 
-def rows_already_written(out: Path, prompts: list[list[dict]], prompt_of=lambda row: row["messages"][:-1]) -> int:
+def rows_already_written(
+    out: Path, prompts: list, prompt_of=lambda row: [row["messages"][:-1], row.get("tools")]
+) -> int:
     """How many rows `out` holds, each checked against its prompt (`prompt_of(row)`, a chat row's messages
-    before its answer by default); a torn last line is cut off."""
+    before its answer and its tools by default); a torn last line is cut off."""
     if not out.exists():
         return 0
     data = out.read_bytes()
@@ -221,7 +223,7 @@ def rows_already_written(out: Path, prompts: list[list[dict]], prompt_of=lambda 
         if written != prompt:
             raise TuneforgeError(
                 f"{out} line {i + 1} does not answer prompt {i + 1} of the prompts file: it was written "
-                "for other prompts, or by hand. Choose another --out (or remove the file).",
+                "for other prompts (their messages or tools), or by hand. Choose another --out (or remove the file).",
                 code="output_mismatch",
             )
     return len(lines)
@@ -399,7 +401,9 @@ def generate_teacher_data(
             judge.check(items[:16])
         with naming_rows(where):
             judge.check_items(items)
-        done = rows_already_written(record_file, prompts, lambda row: row["prompt"])
+        done = rows_already_written(
+            record_file, [[p, t] for p, t in zip(prompts, tools)], lambda row: [row["prompt"], row.get("tools")]
+        )
         if not done and out.exists() and out.stat().st_size:
             raise TuneforgeError(
                 f"{out} holds rows that best-of-N did not write (there is no {record_file.name} beside it, whose "
@@ -407,7 +411,7 @@ def generate_teacher_data(
                 code="output_mismatch",
             )
     else:
-        done = rows_already_written(out, prompts)
+        done = rows_already_written(out, [[p, t] for p, t in zip(prompts, tools)])
     target = len(prompts) if limit is None else min(limit, len(prompts))
     stopped_by_length = empty = left_out = 0
     if done or target:
