@@ -52,6 +52,8 @@ class TinyFamily:
     # Phi-3: a GGUF cannot say that its chat tokens swallow the whitespace after them (llama.cpp
     # knows it from the model's name, transformers' reader does not).
     gguf_tokenizer_roundtrip: bool = True
+    # model -> None: sets weights that the random init leaves degenerate (every prompt answered alike).
+    init_weights: Callable[[object], None] | None = None
 
     def trained_reply(self, content: str) -> str:
         """The text a reply trains on: what the model writes, up to and including its end of turn."""
@@ -81,6 +83,8 @@ def save_family_model(family: TinyFamily, folder: str | Path, *, seed: int = 0, 
         setattr(config, name, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if family.init_weights:
+        family.init_weights(model)
     stops = [tokenizer.convert_tokens_to_ids(family.end_of_turn), tokenizer.eos_token_id]
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -433,6 +437,22 @@ def _config(class_name: str, **kwargs) -> Callable[[object], object]:
     return build
 
 
+def _lift_gemma_norms(model) -> None:
+    """Gemma scales each input embedding by sqrt(hidden_size) and starts every (1 + weight) norm at 1, so
+    the last prompt token's embedding outweighs what two random layers add to it and the tied head
+    predicts that token again whatever the prompt (a newline, forever). Scaling what each sublayer adds
+    (post-attention and post-feedforward norms: x3) and sharpening Gemma 3's attention (query and key
+    norms: x2) lets the prompt, its positions and its mask decide the answer."""
+    import torch
+
+    lifts = {"post_attention_layernorm": 2.0, "post_feedforward_layernorm": 2.0, "q_norm": 1.0, "k_norm": 1.0}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            lift = next((value for key, value in lifts.items() if f".{key}." in name), None)
+            if lift is not None:
+                param.fill_(lift)
+
+
 def _smollm2_tokenizer(folder: Path):
     from tiny import tiny_tokenizer
 
@@ -493,6 +513,7 @@ FAMILIES: dict[str, TinyFamily] = {
             "gemma2.jinja",
             "<end_of_turn>",
             system_prompt=False,
+            init_weights=_lift_gemma_norms,
         ),
         TinyFamily(
             "gemma3",
@@ -501,6 +522,7 @@ FAMILIES: dict[str, TinyFamily] = {
             _gemma_tokenizer,
             "gemma3.jinja",
             "<end_of_turn>",
+            init_weights=_lift_gemma_norms,
         ),
         TinyFamily(
             "phi3",

@@ -54,6 +54,32 @@ def by_family(*names):
     )
 
 
+@by_family()
+def test_the_tiny_model_answers_each_prompt_its_own_way(name, tmp_path):
+    """A model that answers every prompt alike, or ignores where its tokens sit, would let a wrong
+    prompt, position, mask or cache in serve, merge, export or resume pass a comparison of answers."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_family_model(FAMILIES[name], tmp_path)
+    tokenizer = load_tokenizer(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    answers, moved = set(), 0
+    for question in QUESTIONS[:4]:
+        messages = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        ids = ids["input_ids"]
+        with torch.no_grad():
+            answer = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :].tolist()
+            positions = torch.arange(ids.shape[1])[None]
+            positions[0, -1] += 1  # the last prompt token one place too far, as an off-by-one cache would put it
+            last = model(ids, position_ids=positions).logits[0, -1].argmax().item()
+        answers.add(tuple(answer))
+        moved += last != answer[0]
+        assert len(set(answer)) > 1, f"{name} answers {question!r} with one token over and over: {answer}"
+    assert len(answers) == 4, f"{name} answers different prompts alike: {answers}"
+    assert moved, f"{name}'s next token ignores a misplaced position"
+
+
 def conversation(family, first: str, second: str) -> dict:
     system = [{"role": "system", "content": "Be brief."}] if family.system_prompt else []
     turns = [("user", first), ("assistant", REPLY), ("user", second), ("assistant", REPLY)]

@@ -139,14 +139,12 @@ def test_a_prompt_scored_whole_runs_without_the_cache(base):
 @pytest.fixture(scope="module", params=["gemma2", "gemma3"])
 def sliding(request, tmp_path_factory):
     """A tiny Gemma 2 or 3 whose sliding-window layer attends to the last 4 positions (prompts and replies run far
-    past it) beside a full-attention one, its output layer apart from its embeddings so that greedy replies vary."""
+    past it) beside a full-attention one, its output layer tied to its embeddings as Gemma's is."""
     folder = save_family_model(
         FAMILIES[request.param],
         tmp_path_factory.mktemp(request.param),
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
-        tie_word_embeddings=False,
-        initializer_range=0.3,
     )
     return load_model(str(folder)).eval(), load_tokenizer(str(folder))
 
