@@ -536,3 +536,15 @@ FAMILIES: dict[str, TinyFamily] = {
         ),
     )
 }
+
+
+# Tool definitions as OpenAI's clients send them, for the tests of tool-calling prompts and replies.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_run_config
+from families import CLOCK_TOOL, WEATHER_TOOL
 from tiny import save_tiny_model, tiny_llama, tiny_tokenizer
 
 from tuneforge.config import load_config
@@ -968,18 +969,9 @@ def test_best_of_n_best_leaves_out_prompts_whose_best_answer_falls_short_of_the_
     assert all(row["scores"]["best"] >= 10 for row in rows)
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 TOOL_ROWS = [
-    {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]},
-    {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK, WEATHER]},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER_TOOL]},
+    {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK_TOOL, WEATHER_TOOL]},
     {"messages": [{"role": "user", "content": "Hello"}]},
 ]
 

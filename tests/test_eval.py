@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_run_config
+from families import CLOCK_TOOL, WEATHER_TOOL
 from matplotlib.container import BarContainer
 
 from tuneforge.errors import DataError
@@ -680,11 +681,6 @@ def test_forgetting_on_a_model_whose_context_the_general_sets_overflow_is_refuse
     check_eval_inputs(load_config(run))
 
 
-CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {"type": "object"}},
-}
 TOOL_ROWS = [
     {
         "messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny."}],

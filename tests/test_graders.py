@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from families import WEATHER_TOOL
 
 from tuneforge.graders import GraderError, PythonLimits, build_grader, sample_of
 from tuneforge.graders.text import lcs_length
@@ -370,12 +371,6 @@ def test_graders_read_a_reasoning_models_answer_without_its_reasoning():
     assert [s["output_text"] for s in samples] == ["Four", "Four", ""]
     assert [r.score for r in grader.grade(samples, [{"answer": "Four"}] * 3)] == [1.0, 1.0, 0.0]
     assert sample_of('<think>\n{"a": 1}?\n</think>\n{"a": 2}')["output_json"] == {"a": 2}
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
-}
 
 
 @pytest.mark.parametrize(

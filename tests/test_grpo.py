@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_run_config
+from families import CLOCK_TOOL, WEATHER_TOOL
 
 from tuneforge.config import load_config
 from tuneforge.dashboard.runs import reward_chart
@@ -580,17 +581,6 @@ def test_data_pii_looks_in_prompt_rows_and_their_answers_as_in_other_formats(tin
     assert "AKIA" not in redacted[0].messages[-1]["content"] and redacted[1].item == {"answer": "<EMAIL>"}
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-
-
 @pytest.mark.parametrize("family", ["qwen2.5", "llama3"])
 def test_grpo_prompts_carry_their_rows_tools_as_serve_renders_them(tmp_path, family):
     """Each prompt holds its own row's tools, token for token as `tuneforge serve` encodes a request with the
@@ -604,8 +594,8 @@ def test_grpo_prompts_carry_their_rows_tools_as_serve_renders_them(tmp_path, fam
 
     tokenizer = family_tokenizer(FAMILIES[family], tmp_path / "tok")
     rows = [
-        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]},
-        {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK, WEATHER]},
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER_TOOL]},
+        {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK_TOOL, WEATHER_TOOL]},
         {"messages": [{"role": "user", "content": "Hello"}], "answer": "hi"},
     ]
     path = tmp_path / "prompts.jsonl"
@@ -629,7 +619,7 @@ def test_grpo_refuses_tools_a_template_does_not_write(tiny_model_dir, tmp_path):
     path = tmp_path / "prompts.jsonl"
     rows = [
         {"messages": [{"role": "user", "content": "hi"}]},
-        {"messages": [{"role": "user", "content": "x"}], "tools": [CLOCK]},
+        {"messages": [{"role": "user", "content": "x"}], "tools": [CLOCK_TOOL]},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts, problems = read_prompts(str(path), tokenizer, 4096, SystemPromptTally(tokenizer))
@@ -645,8 +635,8 @@ def test_grpo_samples_a_batch_of_rows_with_different_tools(tmp_path):
 
     folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
     rows = [
-        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]},
-        {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK, WEATHER]},
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER_TOOL]},
+        {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [CLOCK_TOOL, WEATHER_TOOL]},
         {"messages": [{"role": "user", "content": "Hello"}]},
     ]
     path = tmp_path / "prompts.jsonl"
