@@ -654,3 +654,26 @@ def test_grpo_samples_a_batch_of_rows_with_different_tools(tmp_path):
         for answer in batch["input_ids"][i * group : (i + 1) * group]:
             assert answer[: len(row.input_ids)].tolist() == row.input_ids
     assert "get_time" in objective.tokenizer.decode(prompts[1].input_ids)
+
+
+def test_grpo_prompt_of_a_row_with_empty_tools_is_the_prompt_without_tools(tmp_path):
+    """A row's `"tools": []` (as datasets with a tools column write for rows that offer none) offers no tools:
+    its prompt is the row's without tools, as the server encodes a request with an empty tools list, not
+    Llama 3's tool-use preamble."""
+    from families import FAMILIES, family_tokenizer
+
+    from tuneforge.data.prepare import SystemPromptTally
+    from tuneforge.methods.grpo import read_prompts
+    from tuneforge.serve.app import _encode
+    from tuneforge.serve.bodies import ChatCompletionBody
+
+    tokenizer = family_tokenizer(FAMILIES["llama3"], tmp_path / "tok")
+    messages = [{"role": "user", "content": "Hello"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": []}) + "\n" + json.dumps({"messages": messages}) + "\n")
+    prompts, problems = read_prompts(str(path), tokenizer, 4096, SystemPromptTally(tokenizer))
+    assert not [p for p in problems if p.is_error]
+    body = ChatCompletionBody(model="m", messages=messages, tools=[])
+    [served] = _encode(tokenizer, [body.template_messages()], body.template_tools())
+    assert prompts[0].input_ids == prompts[1].input_ids == served
+    assert prompts[0].tools is None

@@ -481,8 +481,8 @@ class _RowCheck:
                 "data_type", "tools", f"'tools' must be a list of tool definitions (objects), got {_json_type(value)}."
             )
             return None
-        if not value:
-            return value
+        if not value:  # an empty list offers no tools: rendered as none, as the server renders a request's
+            return None
         tools = [self._tool(tool, f"tools[{i}]") for i, tool in enumerate(value)]
         return None if None in tools else tools
 
