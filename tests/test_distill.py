@@ -1040,3 +1040,38 @@ def test_distill_generate_does_not_continue_rows_written_for_other_tools(tmp_pat
         generate_teacher_data(str(teacher), prompts_file, out, **options)
     assert mixed.value.code == "output_mismatch"
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_distill_generate_writes_a_teachers_tool_calls_as_openai_tool_calls_a_student_trains_on(tmp_path, capsys):
+    """A teacher's answer that calls tools is written as serve replies, an assistant message with `tool_calls`,
+    not the teacher's call syntax: a Llama 3 student's `data check --show` renders the call in Llama's form,
+    and a rerun continues the file."""
+    from families import FAMILIES, save_family_model
+    from test_serve import TOOLS, WEATHER, train_tool_caller
+
+    from tuneforge.data.check import check_command
+    from tuneforge.distill import generate_teacher_data
+
+    teacher = train_tool_caller(tmp_path)  # a Qwen 2.5 that answers WEATHER with TOOLS by calling get_weather
+    prompts_file = tmp_path / "prompts.jsonl"
+    rows = [{"messages": WEATHER, "tools": TOOLS}, {"messages": [{"role": "user", "content": "Hello"}]}]
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "teacher.jsonl"
+    options = dict(max_new_tokens=60, precision="fp32", progress=False)
+    generate_teacher_data(str(teacher), prompts_file, out, limit=1, **options)
+    result = generate_teacher_data(str(teacher), prompts_file, out, **options)
+    assert (result.resumed_from, result.written) == (1, 2)
+
+    [called, answered] = [json.loads(line) for line in out.read_text().splitlines()]
+    reply = called["messages"][-1]
+    assert reply["content"] is None and "tool_call" not in json.dumps(reply["content"])
+    [call] = reply["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", {"city": "Paris"})
+    assert "tool_calls" not in answered["messages"][-1]  # a row without tools: its answer is text
+
+    student = save_family_model(FAMILIES["llama3"], tmp_path / "llama")
+    capsys.readouterr()
+    assert check_command([str(out)], model=str(student), show=1) == 0
+    shown = capsys.readouterr().out
+    assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in shown and "<tool_call>" not in shown

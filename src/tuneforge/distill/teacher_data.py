@@ -4,7 +4,10 @@ Sequence-level distillation: the student learns from the teacher's text, not its
 teacher and student may have different tokenizers. Prompts are chat rows (a last assistant turn,
 if any, is dropped: the teacher answers in its place) or prompt/completion rows (the completion is
 ignored). A row's `tools` are rendered into the teacher's prompt as `tuneforge serve` renders a request's,
-and kept in its output row, so the student trains on the prompt the teacher answered. The output is OpenAI
+and kept in its output row, so the student trains on the prompt the teacher answered. An answer to such a row
+that calls tools is written as `tuneforge serve` replies: an assistant message with OpenAI's `tool_calls`
+(parsed by the teacher's template's parser, `serve.tool_calls`) and the text before them as its content, so
+the student's own template writes the calls in training, whatever the teacher's family. The output is OpenAI
 chat JSONL, one row per prompt, in the prompts' order.
 
 Resumable: rows are appended a batch at a time, whole lines only, flushed and synced. A rerun
@@ -283,11 +286,22 @@ def sample_seed(seed: int, prompt: int, answer: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def kept_row(record: dict, keep: str, pass_threshold: float | None) -> dict | None:
+def reply_message(text: str, calls=None) -> dict:
+    """The assistant message of a teacher's answer. `calls`, a `serve.tool_calls.ToolCallParser` (for an answer
+    to a prompt with tools): an answer that calls tools has them as OpenAI's `tool_calls` and the text before
+    them as content (None when there is none), as `tuneforge serve` replies, not as the teacher's call syntax."""
+    parsed = calls.parse(text) if calls is not None else None
+    if parsed is None:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
+
+
+def kept_row(record: dict, keep: str, pass_threshold: float | None, calls=None) -> dict | None:
     """The training row a prompt's sampled answers give (`keep`: its best answer as a chat row, or its best
     and worst as a DPO pair), its scores in `scores`; None when the answers all score alike (pairs) or the
     best falls short of the grader's pass_threshold (best). Only answers that ended before max_new_tokens
-    (finish_reason other than length) are chosen from; None when there are none."""
+    (finish_reason other than length) are chosen from; None when there are none. `calls`: as `reply_message`
+    takes it, for a record with tools."""
     answers = record["samples"]
     scores = [a["score"] for a in answers]
     # An answer cut at max_new_tokens takes no part: the model did not end it, so kept as the best or chosen
@@ -298,18 +312,19 @@ def kept_row(record: dict, keep: str, pass_threshold: float | None) -> dict | No
     best = max(whole, key=scores.__getitem__)
     prompt = record["prompt"]
     tools = {"tools": record["tools"]} if record.get("tools") else {}  # the student trains with the teacher's prompt
+    calls = calls if tools else None
     if keep == "best":
         if pass_threshold is not None and scores[best] < pass_threshold:
             return None
-        reply = {"role": "assistant", "content": answers[best]["text"]}
+        reply = reply_message(answers[best]["text"], calls)
         return {"messages": [*prompt, reply], **tools, "scores": {"best": scores[best], "all": scores}}
     worst = min(whole, key=scores.__getitem__)
     if scores[best] == scores[worst]:
         return None
     return {
         "prompt": prompt,
-        "chosen": [{"role": "assistant", "content": answers[best]["text"]}],
-        "rejected": [{"role": "assistant", "content": answers[worst]["text"]}],
+        "chosen": [reply_message(answers[best]["text"], calls)],
+        "rejected": [reply_message(answers[worst]["text"], calls)],
         **tools,
         "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores},
     }
@@ -388,8 +403,14 @@ def generate_teacher_data(
             f"--out {out} is a folder; give the file to write, e.g. {out / 'teacher.jsonl'}.", code="bad_option"
         )
     prompts, lines, items, tools = _read_prompts(prompts_file)
+    calls = None  # the parser of the teacher's tool calls, where a row gives tools
     if any(tools):
-        _check_tools_written(prompts_file, tools, lines, load_tokenizer(teacher))
+        from ..data.render import renderer_for
+        from ..serve.tool_calls import parser_for
+
+        teacher_tokenizer = load_tokenizer(teacher)
+        _check_tools_written(prompts_file, tools, lines, teacher_tokenizer)
+        calls = parser_for(renderer_for(teacher_tokenizer).template)
     record_file = out.with_name(out.name + ".samples.jsonl") if sampled else out
     if sampled:
         from ..graders import load_grader
@@ -432,7 +453,7 @@ def generate_teacher_data(
     rows = 0
     if sampled:
         # `out` follows from the answers recorded: written again whole, it drops rows of a call cut short.
-        kept = [kept_row(json.loads(line), keep, judge.pass_threshold) for line in _lines(record_file)]
+        kept = [kept_row(json.loads(line), keep, judge.pass_threshold, calls) for line in _lines(record_file)]
         rows = sum(row is not None for row in kept)
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out) as f:
@@ -496,7 +517,7 @@ def generate_teacher_data(
                     # The answers first: a crash between the two writes leaves `out` short, which the next
                     # call writes again from them.
                     _append(record, records)
-                    kept = [kept_row(r, keep, judge.pass_threshold) for r in records]
+                    kept = [kept_row(r, keep, judge.pass_threshold, calls) for r in records]
                     _append(f, [row for row in kept if row is not None])
                     rows += sum(row is not None for row in kept)
                     left_out += sum(row is None for row in kept)
@@ -508,7 +529,7 @@ def generate_teacher_data(
                         f,
                         [
                             {
-                                "messages": [*prompt, {"role": "assistant", "content": a.text}],
+                                "messages": [*prompt, reply_message(a.text, calls if row_tools else None)],
                                 **({"tools": row_tools} if row_tools else {}),
                             }
                             for prompt, row_tools, a in zip(batch, batch_tools, answers)
