@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import json
 import os
 import pty
 import select
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from tuneforge.chat import PROMPT, chat_session
 from tuneforge.cli import app
+from tuneforge.errors import TuneforgeError
 from tuneforge.generate import encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer
 
@@ -306,3 +308,98 @@ def test_chat_keeps_to_the_context_window_of_a_model_that_also_reads_images(tmp_
     output = RecordingOutput()
     chat_session(model, load_tokenizer(str(folder)), input=io.StringIO("Hello " * 20 + "\n"), output=output)
     assert "that message alone fills the model's 16-token context" in output.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tool_caller(tmp_path_factory):
+    """`test_serve.train_tool_caller`'s tiny Qwen 2.5, which calls get_weather when asked the weather with TOOLS."""
+    from test_serve import train_tool_caller
+
+    folder = train_tool_caller(tmp_path_factory.mktemp("tools"))
+    return folder, load_model(str(folder)).eval(), load_tokenizer(str(folder))
+
+
+CALL_TOKENS = 60  # room for the tiny tool caller's whole call
+
+
+def call_chat(model, tokenizer, script: str, **options) -> tuple[list[dict], RecordingOutput]:
+    output = RecordingOutput()
+    conversation = chat_session(
+        model, tokenizer, input=io.StringIO(script), output=output, max_new_tokens=CALL_TOKENS, **options
+    )
+    return conversation, output
+
+
+def test_a_reply_that_calls_a_tool_is_shown_as_a_call_and_answered_with_tool(tool_caller, tmp_path):
+    """With --tools, the prompt is rendered with them as serve renders a request's, the reply's call shows as
+    name, arguments and id (not the template's call syntax), and /tool answers it with a tool message."""
+    from test_serve import TOOLS, WEATHER
+
+    folder, model, tokenizer = tool_caller
+    conversation, output = call_chat(
+        model, tokenizer, "Weather in Paris?\n/tool get_weather sunny, 22 C\n", tools=TOOLS
+    )
+    [user, called, result, answered] = conversation
+    assert user == WEATHER[0] and called["content"] is None
+    [call] = called["tool_calls"]
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", {"city": "Paris"})
+    assert result == {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 22 C"}
+    text = output.getvalue()
+    assert f'[call get_weather {{"city": "Paris"}}  id {call["id"]}]' in text and "<tool_call>" not in text
+    # The reply to the result answers the conversation with its call and result, rendered with the tools.
+    [expected] = generate(model, tokenizer, [conversation[:3]], max_new_tokens=CALL_TOKENS, tools=[TOOLS])
+    assert answered.get("content") == expected.text or "tool_calls" in answered
+
+    # Without the tools the same question is a prompt the model never saw them in: no call is parsed.
+    plain, _ = call_chat(model, tokenizer, "Weather in Paris?\n/tool get_weather sunny\n")
+    assert len(plain) == 2 and "tool_calls" not in plain[1]
+
+
+def test_tool_commands_that_cannot_answer_a_call_say_why(tool_caller):
+    from test_serve import TOOLS
+
+    _, model, tokenizer = tool_caller
+    script = "/tool get_weather sunny\nWeather in Paris?\n/tool nope x\n/tool\nHi\n"
+    conversation, output = call_chat(model, tokenizer, script, tools=TOOLS)
+    text = output.getvalue()
+    assert "(no tool call awaits a result" in text
+    assert (
+        "/tool nope: no waiting call has that tool name or id; 1 call of the reply awaits a result: get_weather" in text
+    )
+    assert "/tool needs the call's tool name or id and its result" in text
+    assert "awaits a result: get_weather (id call_" in text and "; not sent)" in text  # "Hi" waits for the result
+    assert len(conversation) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "tools.json",
+            '[{"type": "function", "function": {"name": "a"}},\n {"type": "function"',
+            "tools.json:2: not JSON",
+        ),
+        ("tools.yaml", "type: function\n", "must hold a list of tool definitions"),
+        (
+            "tools.yaml",
+            "- type: function\n  function: {name: a}\n- type: function\n  function: {description: b}\n",
+            "tools[1].function.name",
+        ),
+        ("missing.json", None, "missing.json cannot be read"),
+    ],
+)
+def test_a_tools_file_that_cannot_be_used_is_refused_naming_file_and_field(model_dir, tmp_path, name, text, message):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    result = CliRunner().invoke(app, ["chat", str(model_dir), "--tools", str(path)], input="/exit\n")
+    assert isinstance(result.exception, TuneforgeError) and message in str(result.exception)
+    assert "chatting with" not in result.output
+
+
+def test_tools_for_a_model_whose_template_writes_none_are_refused_before_it_loads(model_dir, tmp_path):
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([{"type": "function", "function": {"name": "get_weather"}}]))
+    result = CliRunner().invoke(app, ["chat", str(model_dir), "--tools", str(path)], input="/exit\n")
+    assert isinstance(result.exception, TuneforgeError) and "does not write tool definitions" in str(result.exception)
+    assert "chatting with" not in result.output

@@ -12,27 +12,38 @@ A reasoning model's reasoning is shown apart from its answer (dimmed on a termin
 the history, as `serve` returns it (`reasoning`). On a model that reads images (Gemma 3 4B and up),
 `/image PATH` attaches a local image file to the next message, checked as an image row's is; the
 prompt's images go into its prefill as `serve` passes them, and leave with their exchange.
+With `--tools FILE` (OpenAI tool definitions), every prompt is rendered with the tools as `serve` renders a
+request's, and a reply that calls them is parsed as `serve` parses it (`serve.tool_calls`): each call is
+shown by name, arguments and id, and kept in the history as OpenAI's `tool_calls`; `/tool NAME_OR_ID RESULT`
+answers one with a `tool` message, and once every call of the reply has its result the model answers.
 """
 
 from __future__ import annotations
 
 import builtins
+import json
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from jinja2 import TemplateError
 
+from .data.formats import tool_definitions
 from .data.images import read_image_file
+from .data.render import renderer_for
 from .data.schema import Image
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
 from .models.loading import image_inputs
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
-from .reasoning import REASONING, ReasoningSplitter, message, reasoning_opened
+from .reasoning import CONTENT, REASONING, ReasoningSplitter, message, reasoning_opened
 from .wording import counted
+
+if TYPE_CHECKING:
+    from .serve.tool_calls import ParsedReply, ToolCallParser
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -41,6 +52,8 @@ HELP = """commands:
   /system         start a new conversation with the model's own (its fine-tuning's, if recorded)
   /show           print the system message in force
   /image PATH     attach a local image file (PNG, JPEG, GIF, WEBP) to your next message (a model that reads images)
+  /tool NAME_OR_ID RESULT
+                  answer the reply's call of that tool (or that call id) with RESULT (chat --tools)
   /exit           leave (so do Ctrl-D and end of input); Ctrl-C stops a reply, or drops the line typed
   /help           this list"""
 
@@ -55,10 +68,13 @@ def chat_session(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    tools: list[dict] | None = None,
 ) -> list[dict]:
     """Read turns from `input` (None: the terminal, with line editing) and stream replies to `output`
-    until /exit or end of input; returns the conversation as it stands then, system message first."""
+    until /exit or end of input; returns the conversation as it stands then, system message first. `tools`:
+    OpenAI tool definitions (`read_tools`) every prompt is rendered with."""
     output = output or sys.stdout
+    calls = tool_call_parser(tokenizer) if tools else None
     read = _line_reader(input, output)
     window = model_context_length(model)
     history: list[dict] = []
@@ -67,6 +83,57 @@ def chat_session(
     def note(text: str) -> None:
         output.write(f"({text})\n")
         output.flush()
+
+    def respond() -> None:
+        """Answer the conversation's last message (the user's, or a tool's result), the reply streamed; the
+        message leaves the history where it is not sent or its reply is interrupted."""
+        try:
+            prompt_ids, budget = _fit(tokenizer, system, history, window, max_new_tokens, note, tools)
+        except (TemplateError, ValueError) as err:  # a template that refuses these messages (Gemma 2: a system one)
+            history.pop()  # its images stay attached for the next message
+            note(
+                f"the model's chat template refuses this conversation: {err}; not sent"
+                + (" (/system with no text drops your system message)" if system else "")
+            )
+            return
+        if budget < 1:
+            history.pop()
+            note(
+                f"that message alone fills the model's {window}-token context"
+                + (" with its images' tokens" if attached else "")
+                + "; send a shorter one"
+            )
+            return
+        images = _images_of(history)
+        attached.clear()
+        opened = reasoning_opened(tokenizer, prompt_ids)
+        reply = stream(
+            model, tokenizer, prompt_ids, max_new_tokens=budget, temperature=temperature, top_p=top_p, images=images
+        )
+        shown = _ReplyWriter(output, opened, calls)
+        try:
+            for piece in reply:
+                shown.write(piece)
+            parsed = shown.finish()
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the unanswered turn is dropped
+            shown.close()
+            history.pop()
+            output.write("\n")
+            note("reply interrupted")
+            return
+        output.write("\n")
+        parts = {"content": reply.completion.text} if opened is None else message(reply.completion.text, opened)
+        # The reasoning goes back to the template apart, which keeps or drops it by its own rules (as in serve).
+        answer = {"role": "assistant", **{k: v for k, v in parts.items() if v is not None}}
+        if parsed is not None:  # as serve replies: the text before the calls (None if none) and OpenAI's calls
+            answer.update(content=parsed.content, tool_calls=parsed.tool_calls)
+            for call in parsed.tool_calls:
+                function = call["function"]
+                output.write(f"[call {function['name']} {function['arguments']}  id {call['id']}]\n")
+            note("answer each call with /tool NAME_OR_ID RESULT")
+        history.append(answer)
+        if reply.completion.finish_reason == "length":
+            note(f"cut at {budget} tokens" + (" while reasoning" if shown.reasoning_only else ""))
 
     while (line := read(PROMPT)) is not None:
         text = line.strip()
@@ -95,6 +162,16 @@ def chat_session(
                 else:
                     attached.append(image)
                     note(f"{counted(len(attached), 'image')} attached to your next message")
+            elif command == "/tool":
+                answered = _tool_result(history, argument.strip(), tools)
+                if isinstance(answered, str):
+                    note(answered)
+                    continue
+                history.append(answered)
+                if waiting := _awaiting(history):
+                    note(f"{_waiting(waiting)}; the reply follows the last result")
+                else:
+                    respond()
             elif command == "/show":
                 note(_system_in_force(tokenizer, system))
             elif command == "/help":
@@ -102,60 +179,35 @@ def chat_session(
             else:
                 note(f"unknown command {command}; /help lists the commands")
             continue
+        if waiting := _awaiting(history):
+            note(f"{_waiting(waiting)}; not sent")
+            continue
         history.append(_user_message(text, attached))
-        try:
-            prompt_ids, budget = _fit(tokenizer, system, history, window, max_new_tokens, note)
-        except (TemplateError, ValueError) as err:  # a template that refuses these messages (Gemma 2: a system one)
-            history.pop()  # its images stay attached for the next message
-            note(
-                f"the model's chat template refuses this conversation: {err}; not sent"
-                + (" (/system with no text drops your system message)" if system else "")
-            )
-            continue
-        if budget < 1:
-            history.pop()
-            note(
-                f"that message alone fills the model's {window}-token context"
-                + (" with its images' tokens" if attached else "")
-                + "; send a shorter one"
-            )
-            continue
-        images = _images_of(history)
-        attached.clear()
-        opened = reasoning_opened(tokenizer, prompt_ids)
-        reply = stream(
-            model, tokenizer, prompt_ids, max_new_tokens=budget, temperature=temperature, top_p=top_p, images=images
-        )
-        shown = _ReplyWriter(output, opened)
-        try:
-            for piece in reply:
-                shown.write(piece)
-            shown.finish()
-        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the unanswered turn is dropped
-            shown.close()
-            history.pop()
-            output.write("\n")
-            note("reply interrupted")
-            continue
-        output.write("\n")
-        parts = {"content": reply.completion.text} if opened is None else message(reply.completion.text, opened)
-        # The reasoning goes back to the template apart, which keeps or drops it by its own rules (as in serve).
-        history.append({"role": "assistant", **{k: v for k, v in parts.items() if v is not None}})
-        if reply.completion.finish_reason == "length":
-            note(f"cut at {budget} tokens" + (" while reasoning" if shown.reasoning_only else ""))
+        respond()
     return _with_system(system, history)
 
 
 def chat_command(
-    spec: str, *, system: str | None, max_new_tokens: int, temperature: float, top_p: float, precision: str = "auto"
+    spec: str,
+    *,
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    precision: str = "auto",
+    tools: str | Path | None = None,
 ) -> int:
-    """Load MODEL (registry name, folder, run folder, .gguf) and chat with it in the terminal."""
+    """Load MODEL (registry name, folder, run folder, .gguf) and chat with it in the terminal; `tools`, a file of
+    OpenAI tool definitions, checked (and the model's chat template for them) before the model loads."""
     try:
         Sampling(max_new_tokens, temperature, top_p)
     except ValueError as err:
         raise ConfigError(str(err), code="invalid_value") from err
+    definitions = read_tools(tools) if tools is not None else None
     source = resolve(spec)
     tokenizer = load_tokenizer(source)
+    if definitions:
+        tool_call_parser(tokenizer)
     model = load_for_inference(source, "chat", precision)
     sys.stdout.write(
         f"chatting with {source.name}"
@@ -165,8 +217,83 @@ def chat_command(
     )
     if note := untuned_base_note(source):
         sys.stdout.write(f"({note})\n")
-    chat_session(model, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if definitions:
+        names = ", ".join(tool["function"]["name"] for tool in definitions)
+        sys.stdout.write(f"(tools: {names}; /tool NAME_OR_ID RESULT answers a call)\n")
+    chat_session(
+        model,
+        tokenizer,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        tools=definitions,
+    )
     return 0
+
+
+def read_tools(path: str | Path) -> list[dict] | None:
+    """The tool definitions of a JSON or YAML file (a list of OpenAI's `{"type": "function", "function": {...}}`),
+    checked as a data row's `tools` are; a `ConfigError` or `DataError` naming the file (its line, for text that
+    does not parse) and the field, for any problem. An empty list: None, no tools."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else (err.strerror or str(err))
+        raise ConfigError(f"--tools {path} cannot be read: {reason}.", code="bad_option") from err
+    try:
+        if path.suffix.lower() == ".json":
+            value = json.loads(text)
+        else:
+            value = yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"--tools {path}:{err.lineno}: not JSON ({err.msg}, column {err.colno}).", code="invalid_json"
+        ) from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"--tools {path}{where}: not YAML ({getattr(err, 'problem', None) or err}).", code="invalid_yaml"
+        ) from err
+    if not isinstance(value, list):
+        got = "nothing" if value is None else type(value).__name__
+        raise ConfigError(
+            f'--tools {path} must hold a list of tool definitions, [{{"type": "function", "function": {{"name": ..., '
+            f'"description": ..., "parameters": {{...}}}}}}, ...], got {got}.',
+            code="invalid_value",
+        )
+    definitions, problems = tool_definitions(value, file=str(path))
+    if problems:
+        raise DataError.listing(f"--tools {path}: {counted(len(problems), 'tool definition')} cannot be used", problems)
+    return definitions
+
+
+def tool_call_parser(tokenizer) -> ToolCallParser:
+    """The parser of the model's tool calls, as serve picks it; a `ConfigError` where the model's chat template
+    writes no tool definitions, or its calls in a form serve does not parse."""
+    from .serve.tool_calls import parser_for
+
+    renderer = renderer_for(tokenizer)
+    name = tokenizer.name_or_path or "the model"
+    if not renderer.writes_tools:
+        raise ConfigError(
+            f"--tools: the chat template of {name} does not write tool definitions, so the model would never see "
+            "them. Chat with a model whose chat template takes tools (Qwen 2.5 and 3, Llama 3.1, Mistral, ...), or "
+            "leave --tools out.",
+            code="invalid_value",
+        )
+    parser = parser_for(renderer.template)
+    if parser is None:
+        raise ConfigError(
+            f"--tools: the chat template of {name} writes tool calls in a form that is not parsed (Qwen's and "
+            "Hermes' <tool_call> blocks, Llama 3.1's JSON and Mistral's [TOOL_CALLS] are). Leave --tools out.",
+            code="invalid_value",
+        )
+    return parser
 
 
 class _ReplyWriter:
@@ -175,27 +302,50 @@ class _ReplyWriter:
 
     DIM, NORMAL = "\x1b[2m", "\x1b[22m"
 
-    def __init__(self, output: TextIO, opened: bool | None):
+    def __init__(self, output: TextIO, opened: bool | None, calls: ToolCallParser | None = None):
         self.output = output
+        # A reply parsed for tool calls: its answer so far and how much of it is written; the text from where a
+        # call may start waits for the rest, as serve streams it.
+        self.calls, self.answer, self.sent = calls, "", 0
         self.splitter = ReasoningSplitter(opened) if opened is not None else None
         self.terminal = output.isatty()
         self.field: str | None = None  # the part being written
         self.reasoning_only = opened is not None  # until the answer starts
 
     def write(self, piece: str) -> None:
-        for field, text in self.splitter.feed(piece) if self.splitter else [("content", piece)]:
-            self._write(field, text)
+        for field, text in self.splitter.feed(piece) if self.splitter else [(CONTENT, piece)]:
+            self._held(field, text)
 
-    def finish(self) -> None:
+    def finish(self) -> ParsedReply | None:
+        """Write the rest of the reply; its tool calls (written by the caller), if it is parsed for them and makes
+        some, its text before them written here."""
         for field, text in self.splitter.finish() if self.splitter else []:
-            self._write(field, text)
+            self._held(field, text)
+        parsed = self.calls.parse(self.answer) if self.calls is not None else None
+        upto = self.calls.held_from(self.answer) if parsed is not None else len(self.answer)
+        if upto > self.sent:
+            self._write(CONTENT, self.answer[self.sent : upto].rstrip() if parsed else self.answer[self.sent : upto])
+            self.sent = upto
         self.close()
+        return parsed
 
     def close(self) -> None:
         """Leave the terminal's text normal, whatever part the reply stopped in."""
         if self.field == REASONING and self.terminal:
             self.output.write(self.NORMAL)
             self.output.flush()
+
+    def _held(self, field: str, text: str) -> None:
+        """Write `text`, of the reply's `field`; an answer parsed for tool calls up to where a call may start."""
+        if self.calls is None or field == REASONING:
+            self._write(field, text)
+            return
+        self.answer += text
+        held = self.calls.held_from(self.answer)
+        upto = len(self.answer) if held is None else held
+        if upto > self.sent:
+            self._write(field, self.answer[self.sent : upto])
+            self.sent = upto
 
     def _write(self, field: str, text: str) -> None:
         if field != self.field:
@@ -259,6 +409,42 @@ def _images_of(history: list[dict]) -> list[bytes]:
     ]
 
 
+def _awaiting(history: list[dict]) -> list[dict]:
+    """The tool calls of the last reply that no `tool` message after it answers yet."""
+    for at in range(len(history) - 1, -1, -1):
+        if history[at]["role"] == "assistant":
+            answered = {m.get("tool_call_id") for m in history[at + 1 :] if m["role"] == "tool"}
+            return [call for call in history[at].get("tool_calls") or () if call["id"] not in answered]
+        if history[at]["role"] != "tool":
+            return []
+    return []
+
+
+def _waiting(calls: list[dict]) -> str:
+    listed = ", ".join(f"{call['function']['name']} (id {call['id']})" for call in calls)
+    return f"{counted(len(calls), 'call')} of the reply await{'s' if len(calls) == 1 else ''} a result: {listed}"
+
+
+def _tool_result(history: list[dict], argument: str, tools: list[dict] | None) -> dict | str:
+    """`/tool NAME_OR_ID RESULT`'s `tool` message, answering the call of the last reply with that id, or the one
+    not yet answered with that name; or why there is none."""
+    if not tools:
+        return "/tool answers a tool call, and this chat has no tools: start it with --tools FILE"
+    waiting = _awaiting(history)
+    if not waiting:
+        return "no tool call awaits a result: /tool answers a call of the model's last reply"
+    key, _, result = argument.partition(" ")
+    if not key or not result.strip():
+        return f"/tool needs the call's tool name or id and its result: /tool NAME_OR_ID RESULT; {_waiting(waiting)}"
+    matches = [call for call in waiting if call["id"] == key] or [
+        call for call in waiting if call["function"]["name"] == key
+    ]
+    if len(matches) != 1:
+        why = "no waiting call has that tool name or id" if not matches else "several waiting calls have that name"
+        return f"/tool {key}: {why}; {_waiting(waiting)} (give its id)"
+    return {"role": "tool", "tool_call_id": matches[0]["id"], "content": result.strip()}
+
+
 def _with_system(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
@@ -270,18 +456,21 @@ def _fit(
     window: int | None,
     max_new_tokens: int,
     note: Callable[[str], None],
+    tools: list[dict] | None = None,
 ) -> tuple[tuple[int, ...], int]:
-    """The prompt's token ids, oldest exchanges dropped while they and the reply overflow the window,
-    and how many tokens the reply may have."""
+    """The prompt's token ids (rendered with `tools`), oldest exchanges dropped while they and the reply
+    overflow the window, and how many tokens the reply may have."""
     while True:
         # The images too: Qwen2-VL's image tokens count by each image's size.
-        prompt_ids = tuple(encode_prompts(tokenizer, [_with_system(system, history)], images=_images_of(history))[0])
+        messages = _with_system(system, history)
+        prompt_ids = tuple(encode_prompts(tokenizer, [messages], tools, images=_images_of(history))[0])
         if window is None:
             return prompt_ids, max_new_tokens
         room = window - len(prompt_ids)
-        if room >= max_new_tokens or len(history) <= 1:
+        users = [i for i, m in enumerate(history) if m["role"] == "user"]
+        if room >= max_new_tokens or len(users) <= 1:
             return prompt_ids, min(room, max_new_tokens)
-        del history[:2]  # the oldest user message and the reply to it
+        del history[: users[1]]  # the oldest user message and what answered it: replies, calls and their results
         note("oldest exchange dropped to fit the context window")
 
 

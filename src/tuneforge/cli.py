@@ -410,14 +410,25 @@ def chat(
     precision: str = typer.Option(
         "auto", help="Weights for decoding: auto (bf16 where native, else fp32) | bf16 | fp32 (exact)."
     ),
+    tools: Path | None = typer.Option(
+        None,
+        help="JSON or YAML file of OpenAI tool definitions the model may call, rendered as serve renders a "
+        "request's; answer a call with /tool NAME_OR_ID RESULT.",
+    ),
 ):
     """Chat with MODEL in the terminal, replies streamed; /system TEXT, /show, /reset, /image PATH (a model that
-    reads images), /exit, /help."""
+    reads images), /tool NAME_OR_ID RESULT (with --tools), /exit, /help."""
     from .chat import chat_command
 
     raise typer.Exit(
         chat_command(
-            model, system=system, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, precision=precision
+            model,
+            system=system,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            precision=precision,
+            tools=tools,
         )
     )
 

@@ -310,6 +310,15 @@ def prompt_conversation(
     return (None if check.errors else Conversation(messages, tools=tools)), check.problems
 
 
+def tool_definitions(value: Any, *, file: str = "") -> tuple[list[dict] | None, list[Problem]]:
+    """A list of tool definitions (a file of them, as `tuneforge chat --tools` reads it) checked as a row's
+    `tools` are, in the order of keys the server gives a request's tools to the chat template; None (an empty
+    list too: no tools) and the problems, each naming its field (`tools[1].function.name`)."""
+    check = _RowCheck(file, None)
+    tools = check.tools({"tools": value})
+    return (None if check.errors else tools), check.problems
+
+
 def _with_format_hint(problem: Problem, given: str, detected: str | None) -> Problem:
     """A problem of a row read in the format the config gives, where the row itself is of another
     format: the cause is the format setting (which applies to every file), not the row."""
