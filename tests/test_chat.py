@@ -294,6 +294,29 @@ def test_the_chat_runs_without_the_serve_extra():
     assert run.returncode == 0, run.stderr
 
 
+def test_tool_calls_are_parsed_without_the_serve_extra(tmp_path):
+    """`chat --tools`, and the graders that GRPO, eval and distill best-of-N give a reply's calls to, parse tool
+    calls without FastAPI."""
+    code = f"""
+import sys
+class NoServeExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette'):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoServeExtra())
+from families import FAMILIES, WEATHER_TOOL, family_tokenizer
+from tuneforge.chat import tool_call_parser
+from tuneforge.graders.base import rollout_samples
+tokenizer = family_tokenizer(FAMILIES["qwen2.5"], {str(tmp_path)!r})
+call = '<tool_call>\\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}\\n</tool_call>'
+assert tool_call_parser(tokenizer).parse(call).tool_calls[0]["function"]["name"] == "get_weather"
+[sample] = rollout_samples([call], [[WEATHER_TOOL]], tokenizer)
+assert sample["output_tools"][0]["function"]["arguments"] == '{{"city": "Paris"}}'
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
 def test_chat_keeps_to_the_context_window_of_a_model_that_also_reads_images(tmp_path):
     """Gemma 3 4B and up keep their context window under `text_config`: chat holds a prompt to it."""
     import torch

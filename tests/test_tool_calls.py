@@ -5,7 +5,7 @@ import json
 import pytest
 from families import FAMILIES, TEMPLATES
 
-from tuneforge.serve.tool_calls import HERMES, LLAMA3_JSON, MISTRAL, parser_for
+from tuneforge.tool_calls import HERMES, LLAMA3_JSON, MISTRAL, parser_for
 
 
 def calls(parsed) -> list[tuple[str, dict]]:

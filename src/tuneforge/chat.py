@@ -13,7 +13,7 @@ the history, as `serve` returns it (`reasoning`). On a model that reads images (
 `/image PATH` attaches a local image file to the next message, checked as an image row's is; the
 prompt's images go into its prefill as `serve` passes them, and leave with their exchange.
 With `--tools FILE` (OpenAI tool definitions), every prompt is rendered with the tools as `serve` renders a
-request's, and a reply that calls them is parsed as `serve` parses it (`serve.tool_calls`): each call is
+request's, and a reply that calls them is parsed as `serve` parses it (`tool_calls`): each call is
 shown by name, arguments and id, and kept in the history as OpenAI's `tool_calls`; `/tool NAME_OR_ID RESULT`
 answers one with a `tool` message, and once every call of the reply has its result the model answers.
 """
@@ -25,7 +25,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from jinja2 import TemplateError
 
@@ -40,10 +40,8 @@ from .models.loading import image_inputs
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
 from .reasoning import CONTENT, REASONING, ReasoningSplitter, message, reasoning_opened
+from .tool_calls import ParsedReply, ToolCallParser, parser_for
 from .wording import counted
-
-if TYPE_CHECKING:
-    from .serve.tool_calls import ParsedReply, ToolCallParser
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -275,8 +273,6 @@ def read_tools(path: str | Path) -> list[dict] | None:
 def tool_call_parser(tokenizer) -> ToolCallParser:
     """The parser of the model's tool calls, as serve picks it; a `ConfigError` where the model's chat template
     writes no tool definitions, or its calls in a form serve does not parse."""
-    from .serve.tool_calls import parser_for
-
     renderer = renderer_for(tokenizer)
     name = tokenizer.name_or_path or "the model"
     if not renderer.writes_tools:

@@ -6,7 +6,7 @@ if any, is dropped: the teacher answers in its place) or prompt/completion rows 
 ignored). A row's `tools` are rendered into the teacher's prompt as `tuneforge serve` renders a request's,
 and kept in its output row, so the student trains on the prompt the teacher answered. An answer to such a row
 that calls tools is written as `tuneforge serve` replies: an assistant message with OpenAI's `tool_calls`
-(parsed by the teacher's template's parser, `serve.tool_calls`) and the text before them as its content, so
+(parsed by the teacher's template's parser, `tool_calls`) and the text before them as its content, so
 the student's own template writes the calls in training, whatever the teacher's family. The output is OpenAI
 chat JSONL, one row per prompt, in the prompts' order.
 
@@ -287,7 +287,7 @@ def sample_seed(seed: int, prompt: int, answer: int) -> int:
 
 
 def reply_message(text: str, calls=None) -> dict:
-    """The assistant message of a teacher's answer. `calls`, a `serve.tool_calls.ToolCallParser` (for an answer
+    """The assistant message of a teacher's answer. `calls`, a `tool_calls.ToolCallParser` (for an answer
     to a prompt with tools): an answer that calls tools has them as OpenAI's `tool_calls` and the text before
     them as content (None when there is none), as `tuneforge serve` replies, not as the teacher's call syntax."""
     parsed = calls.parse(text) if calls is not None else None
@@ -406,7 +406,7 @@ def generate_teacher_data(
     calls = None  # the parser of the teacher's tool calls, where a row gives tools
     if any(tools):
         from ..data.render import renderer_for
-        from ..serve.tool_calls import parser_for
+        from ..tool_calls import parser_for
 
         teacher_tokenizer = load_tokenizer(teacher)
         _check_tools_written(prompts_file, tools, lines, teacher_tokenizer)

@@ -51,7 +51,7 @@ def parse_output_json(text: str) -> dict | None:
 
 def sample_of(text: str, calls=None) -> dict:
     """The sample dict graders read for one completion, as OpenAI's graders see it: a reasoning model's
-    output_text is its answer, without the reasoning before it. `calls`, a `serve.tool_calls.ToolCallParser`
+    output_text is its answer, without the reasoning before it. `calls`, a `tool_calls.ToolCallParser`
     (for an answer to a prompt with tools): an answer that calls tools has them as `output_tools`, OpenAI's
     chat completion `tool_calls`, and the text beside them as output_text, as `tuneforge serve` replies."""
     text = split_reasoning(text)[1]
@@ -74,7 +74,7 @@ def rollout_samples(texts: Sequence[str], tools: Sequence[list[dict] | None], to
     calls = None
     if any(tools):
         from ..data.render import renderer_for
-        from ..serve.tool_calls import parser_for
+        from ..tool_calls import parser_for
 
         calls = parser_for(renderer_for(tokenizer).template)
     return [rollout_sample(text, calls if given else None) for text, given in zip(texts, tools)]

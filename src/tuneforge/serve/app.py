@@ -38,6 +38,7 @@ from ..errors import TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
 from ..models.loading import image_inputs
+from ..tool_calls import ParsedReply, ToolCallParser, parser_for
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
 from .bodies import (
@@ -53,7 +54,6 @@ from .bodies import (
 from .completion_store import CompletionStore
 from .engine import RETRY_AFTER_S, Engine, EngineError, Generation, Generations
 from .metrics import GenerationMetrics
-from .tool_calls import ParsedReply, ToolCallParser, parser_for
 
 
 def engine_error(err: EngineError) -> APIError:

@@ -329,7 +329,7 @@ class ChatCompletionBody(GenerationBody):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     # OpenAI's tool calling: `tools` go to the chat template as training gives a row's tools to it, and
-    # the reply is parsed into `tool_calls` (`tool_calls.py`). `functions` is its deprecated form.
+    # the reply is parsed into `tool_calls` (`tuneforge/tool_calls.py`). `functions` is its deprecated form.
     tools: list[Tool] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
