@@ -1,7 +1,9 @@
 """Multiple-choice benchmarks in `tuneforge eval`: the layouts read, bad rows refused, and the scores against
 each choice's summed log-probabilities computed here with transformers, as lm-evaluation-harness computes them."""
 
+import gc
 import json
+import warnings
 
 import pyarrow
 import pyarrow.parquet
@@ -158,6 +160,20 @@ def test_a_headerless_mmlu_csv_whose_first_line_repeats_a_cell_is_read_cell_by_c
         (1, "Which two are equal?", (" 1 ", "1", "B", "A"), 2),
         (2, "Which bone?", ("femur", "skull", "rib", "ulna"), 0),
     ]
+
+
+def test_reading_a_csv_closes_its_file(tmp_path):
+    """Judging a CSV by its header and reading some of its rows (MMLU's header-less files are opened twice)
+    leave no file open."""
+    headerless, headed = tmp_path / "mmlu_test.csv", tmp_path / "quiz.csv"
+    headerless.write_text("Which bone?,femur,skull,rib,ulna,A\nWhat is 2+2?,3,4,5,6,B\n")
+    headed.write_text("question,A,B,C,D,answer\nWhich bone?,femur,skull,rib,ulna,A\nWhat is 2+2?,3,4,5,6,B\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for data in (headerless, headed):
+            assert is_choice_file(data) and len(read_choice_rows(data, limit=1)) == 1
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 def test_bad_rows_are_refused_with_file_line_and_field(tmp_path):

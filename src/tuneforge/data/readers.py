@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .schema import Problem
 
@@ -55,9 +55,22 @@ class Rows:
     kind: str
     columns: list[str] | None
     items: Iterator[tuple[int, Any]]
+    file: IO | None = None  # the open file a CSV's rows are read from
 
     def __iter__(self):
         return self.items
+
+    def close(self) -> None:
+        """Close the file, its rows read or not (rows never started leave a CSV's file open to the collector)."""
+        getattr(self.items, "close", lambda: None)()
+        if self.file is not None:
+            self.file.close()
+
+    def __enter__(self) -> Rows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def open_rows(path: str | Path, *, header: bool = True) -> Rows:
@@ -507,7 +520,7 @@ def _csv_rows(path: str, header_line: bool = True) -> Rows:
         columns = [str(i) for i in range(len(header))]
         f.seek(0)
         reader = csv.reader(f, delimiter=reader.dialect.delimiter)
-    return Rows(path, "csv", columns, _csv_items(path, f, reader, columns))
+    return Rows(path, "csv", columns, _csv_items(path, f, reader, columns), f)
 
 
 _DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}

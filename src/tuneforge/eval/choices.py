@@ -100,10 +100,10 @@ def _headerless_mmlu(columns: list[str]) -> bool:
 
 def is_choice_file(path: str | Path) -> bool:
     """Whether a data file holds multiple-choice rows (judged by its header or first row)."""
-    rows = open_rows(path)
-    if rows.kind == "csv":  # a Parquet file's rows are read whole, as JSON's are
-        return choice_layout(rows.columns) is not None
-    return next((choice_layout(row) is not None for _, row in rows if isinstance(row, dict)), False)
+    with open_rows(path) as rows:
+        if rows.kind == "csv":  # a Parquet file's rows are read whole, as JSON's are
+            return choice_layout(rows.columns) is not None
+        return next((choice_layout(row) is not None for _, row in rows if isinstance(row, dict)), False)
 
 
 def _hellaswag_text(text: str) -> str:
@@ -237,35 +237,37 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
     """The first `limit` (all, if None) multiple-choice rows of a file; a bad row is an error that names
     its file, line and field, all of them listed, before any model loads."""
     file = str(path)
-    rows = open_rows(path)
-    items = iter(rows)
     layout = None
-    if rows.kind == "csv":
-        layout = choice_layout(rows.columns)
+    with open_rows(path) as rows:
+        columns = rows.columns if rows.kind == "csv" else None
+    if columns is not None:
+        layout = choice_layout(columns)
         if layout is None:
             raise DataError(
-                f"{file}: the CSV's columns ({', '.join(rows.columns)}) are not a multiple-choice layout; give "
+                f"{file}: the CSV's columns ({', '.join(columns)}) are not a multiple-choice layout; give "
                 f"MMLU's: {', '.join(MMLU_COLUMNS)} (or its header-less files, six fields a line).",
                 code="bad_choice_row",
             )
-        if not _mmlu_header(rows.columns):  # MMLU's own files: the first line is a question, its cells as given
-            rows = open_rows(path, header=False)
-            items = iter(rows)
+    # MMLU's own files have no header: the first line is a question, its cells as given.
+    rows = open_rows(path, header=columns is None or _mmlu_header(columns))
+    items = iter(rows)
+    if columns is not None:
         items = ((line, _mmlu_row(row, file, line)) for line, row in items)
     parsed: list[ChoiceRow] = []
     problems: list[Problem] = []
-    for line, row in items:
-        if isinstance(row, Problem):
-            problems += [row] if row.is_error else []
-            continue
-        if limit is not None and len(parsed) >= limit:
-            break
-        layout = layout or choice_layout(row)
-        result = parse_choice_row(row, "choices" if layout == "mmlu_csv" else layout, file, line)
-        if isinstance(result, ChoiceRow):
-            parsed.append(result)
-        else:
-            problems += result
+    with rows:
+        for line, row in items:
+            if isinstance(row, Problem):
+                problems += [row] if row.is_error else []
+                continue
+            if limit is not None and len(parsed) >= limit:
+                break
+            layout = layout or choice_layout(row)
+            result = parse_choice_row(row, "choices" if layout == "mmlu_csv" else layout, file, line)
+            if isinstance(result, ChoiceRow):
+                parsed.append(result)
+            else:
+                problems += result
     if problems:
         raise DataError.listing(f"{file}: {counted(len(problems), 'problem')} in the multiple-choice rows", problems)
     if not parsed:
