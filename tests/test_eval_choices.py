@@ -247,6 +247,13 @@ def test_command_compares_with_paired_difference_and_writes_rows(tiny_model_dir,
     assert [row["line"] for row in lines] == [1, 2, 3]
     assert set(lines[0]["base"]) >= {"loglikelihoods", "correct", "correct_norm"}
 
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    for given in (taken, taken / "arc"):  # refused before scoring, the file kept
+        with pytest.raises(ConfigError, match=f"--out {given}: {taken} is a file, not a folder"):
+            eval_command(str(tiny_model_dir), str(data), out=str(given))
+    assert taken.read_text() == "mine"
+
     with pytest.raises(ConfigError, match="--metric, --max-new-tokens do not apply"):
         eval_command(str(tiny_model_dir), str(data), metric="exact", max_new_tokens=4)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import yaml
 
@@ -94,6 +95,8 @@ def eval_command(
 def _choices_command(model, data, *, compare, json_out, limit, out, given) -> int:
     """`tuneforge eval` on multiple-choice rows: acc and acc_norm, base vs tuned with the paired change."""
     refuse_generation_options(data, **given)
+    if out is not None:
+        check_out_folder(out)
     if compare:
         result = compare_choices(model, compare, data, limit=limit, progress=not json_out)
         base, tuned = result["base"], result["tuned"]
@@ -110,6 +113,18 @@ def _choices_command(model, data, *, compare, json_out, limit, out, given) -> in
         if out is not None:
             print(f"each question's results: {result['files']['results']}")
     return 0
+
+
+def check_out_folder(out: str) -> None:
+    """`--out`, a folder written into after scoring, checked before any model loads: it, or the nearest of its
+    parents that exists, must be a folder."""
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"--out {out}: {existing} is a file, not a folder; give a folder to write results.jsonl into (a new "
+            "one is made)."
+        )
 
 
 def reward_model(model: str) -> bool:
