@@ -176,6 +176,18 @@ def test_reading_a_csv_closes_its_file(tmp_path):
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
+def test_a_file_in_no_known_layout_is_told_the_multiple_choice_layouts_too(tiny_model_dir, tmp_path):
+    """A CSV or JSON Lines file that is neither chat data nor multiple choice: its message names both."""
+    (tmp_path / "quiz.csv").write_text("prompt_text,right\nWhich bone?,femur\n")
+    write_jsonl(tmp_path / "quiz.jsonl", [{"q": "Which bone?", "options": ["femur", "rib"], "answer": 0}])
+    for name in ("quiz.csv", "quiz.jsonl"):
+        with pytest.raises(DataError) as err:
+            eval_command(str(tiny_model_dir), str(tmp_path / name))
+        assert [p.code for p in err.value.problems] == ["unknown_format"]
+        message = err.value.problems[0].message
+        assert "alpaca" in message and "MMLU's CSV (question, A, B, C, D, answer letter)" in message
+
+
 def test_bad_rows_are_refused_with_file_line_and_field(tmp_path):
     data = write_jsonl(
         tmp_path / "bad.jsonl",

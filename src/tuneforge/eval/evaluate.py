@@ -183,11 +183,22 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
             prompt, reference = messages, None
         examples.append(EvalExample(str(path), line, item, [m.to_template() for m in prompt], reference))
     if problems:
+        problems = [_with_choice_layouts(problem) for problem in problems]
         rows = sum(problem.line is not None for problem in problems)  # the others are about the file itself
         raise DataError.listing(f"{path}: {counted(rows, 'row') + ' ' if rows else ''}cannot be evaluated", problems)
     if not examples:
         raise DataError(f"{path} holds no conversations to evaluate.", code="empty_file")
     return examples
+
+
+def _with_choice_layouts(problem: Problem) -> Problem:
+    """A row in no known format may be meant as a multiple-choice question: its problem names those layouts too."""
+    if problem.code != "unknown_format":
+        return problem
+    from .choices import LAYOUTS  # it builds on the report's tables, which build on this module
+
+    message = f"{problem.message} Multiple-choice questions, scored by log-likelihood, take one of: {LAYOUTS}."
+    return dataclasses.replace(problem, message=message)
 
 
 def refuse_unread(examples: Sequence[EvalExample], tokenizer, name: str) -> None:
