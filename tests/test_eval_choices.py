@@ -3,6 +3,7 @@ each choice's summed log-probabilities computed here with transformers, as lm-ev
 
 import gc
 import json
+import random
 import warnings
 
 import pyarrow
@@ -11,9 +12,18 @@ import pytest
 import torch
 from conftest import tiny_run_config
 
+from tuneforge.config import load_config
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import compare, eval_command, evaluate
-from tuneforge.eval.choices import encode_pair, is_choice_file, loglikelihoods, read_choice_rows
+from tuneforge.eval.choices import (
+    check_scorable,
+    encode_pair,
+    evaluate_choices,
+    is_choice_file,
+    loglikelihoods,
+    read_benchmark,
+    read_choice_rows,
+)
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.pipeline import train
 
@@ -62,6 +72,66 @@ def test_scores_equal_summed_log_probabilities(tiny_model_dir, tmp_path):
     assert result["scores"] == {"acc": right / 3, "acc_norm": right_norm / 3}
     low, high = result["intervals"]["acc"]
     assert low <= result["scores"]["acc"] <= high
+
+
+FEWSHOT_QUESTIONS = [
+    *QUESTIONS,
+    {"question": "Which is a colour?", "choices": ["blue", "seven"], "answer": 0},
+    {"question": "Which is a fruit?", "choices": ["chair", "apple"], "answer": 1},
+    {"question": "Which is an animal?", "choices": ["cat", "stone"], "answer": 0},
+]
+
+
+def harness_contexts(questions, shots, pool, seed=1234):
+    """The harness's few-shot contexts: one generator seeded once, a sample per question (one more drawn where
+    the pool is the question's own file, the question itself left out), each example "Question: Q\nAnswer: A",
+    joined by blank lines."""
+    rng, contexts = random.Random(seed), []
+    for question in questions:
+        drawn = rng.sample(pool, shots + (question in pool))
+        examples = [e for e in drawn if e is not question][:shots]
+        texts = [f"Question: {e['question']}\nAnswer: {e['choices'][e['answer']]}" for e in examples]
+        contexts.append("\n\n".join([*texts, f"Question: {question['question']}\nAnswer:"]))
+    return contexts
+
+
+def test_few_shot_contexts_are_the_harness_s_and_scored_after_the_examples(tiny_model_dir, tmp_path):
+    """--num-fewshot N: each question after N solved examples drawn, seeded, from the file less the question
+    itself, or from --fewshot-file; the scores are the choices' log-likelihoods after that whole context; a
+    context past the model's window is refused before it loads."""
+    questions = [
+        {**q, "answer": q["choices"].index(q["answer"])} if isinstance(q["answer"], str) else q
+        for q in FEWSHOT_QUESTIONS
+    ]
+    data = write_jsonl(tmp_path / "quiz.jsonl", questions)
+    dev = write_jsonl(tmp_path / "quiz_dev.jsonl", questions[3:])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir)).eval()
+
+    result = evaluate_choices(str(tiny_model_dir), data, limit=3, num_fewshot=2, progress=False)
+    assert result["num_fewshot"] == 2 and result["n"] == 3
+    for context, question, sample in zip(harness_contexts(questions[:3], 2, questions), questions, result["samples"]):
+        assert context.count("Question:") == 3 and f"Question: {question['question']}\nAnswer: " not in context
+        expected = [direct_loglikelihood(model, tokenizer, context, f" {c}") for c in question["choices"]]
+        assert sample["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+
+    rows = read_benchmark(data, num_fewshot=2)
+    assert [r.context for r in rows] == harness_contexts(questions, 2, questions)
+    assert read_benchmark(data, num_fewshot=2) == rows  # the same seed, the same contexts
+    assert [r.context for r in read_benchmark(data, num_fewshot=2, seed=7)] != [r.context for r in rows]
+    from_dev = read_benchmark(data, limit=3, num_fewshot=3, fewshot_file=dev)
+    assert [r.context for r in from_dev] == harness_contexts(questions[:3], 3, questions[3:])
+
+    zero_shot = max(
+        sum(map(len, encode_pair(tokenizer, r.context, f" {c}"))) for r in read_choice_rows(data) for c in r.choices
+    )
+    check_scorable(read_choice_rows(data), tokenizer, zero_shot)
+    with pytest.raises(DataError, match="more than the model's context"):
+        check_scorable(rows, tokenizer, zero_shot)
+    with pytest.raises(DataError, match="has 6 questions, too few to draw 6 examples besides the question asked"):
+        read_benchmark(data, num_fewshot=6)
+    with pytest.raises(ConfigError, match="--num-fewshot is 0"):
+        eval_command(str(tiny_model_dir), str(data), fewshot_file=str(dev))
 
 
 def test_a_choice_merged_with_the_context_is_scored_on_the_whole_encoding(tiny_model_dir):
@@ -270,6 +340,30 @@ def test_command_compares_with_paired_difference_and_writes_rows(tiny_model_dir,
         eval_command(str(tiny_model_dir), str(data), metric="exact", max_new_tokens=4)
 
 
+def test_benchmarks_take_a_path_or_a_file_with_its_few_shot_examples(tmp_path):
+    """eval.benchmarks: a plain path, or {file, num_fewshot, fewshot_file}, each read against the config's folder;
+    a fewshot_file without num_fewshot is refused, named."""
+    write_jsonl(tmp_path / "arc.jsonl", QUESTIONS)
+    write_jsonl(tmp_path / "arc_dev.jsonl", QUESTIONS)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data: {train: arc.jsonl}\neval:\n  benchmarks:\n    - arc.jsonl\n"
+        "    - {file: arc.jsonl, num_fewshot: 25, fewshot_file: arc_dev.jsonl}\n"
+    )
+    plain, shots = load_config(config).eval.benchmarks
+    assert (plain.file, plain.num_fewshot, plain.fewshot_file) == (str(tmp_path / "arc.jsonl"), 0, None)
+    assert (shots.file, shots.num_fewshot, shots.fewshot_file) == (
+        str(tmp_path / "arc.jsonl"),
+        25,
+        str(tmp_path / "arc_dev.jsonl"),
+    )
+    config.write_text(
+        "data: {train: arc.jsonl}\neval:\n  benchmarks:\n    - {file: arc.jsonl, fewshot_file: arc_dev.jsonl}\n"
+    )
+    with pytest.raises(ConfigError, match="eval.benchmarks.0.*num_fewshot is 0"):
+        load_config(config)
+
+
 def test_after_training_scores_benchmarks_base_vs_tuned(tiny_model_dir, triage_data, tmp_path):
     """eval.benchmarks: a bad row is refused before training, naming file, line and field; a good file is scored
     on the base and the final model into the metrics, the report's tables and eval/benchmark_NAME.*."""
@@ -279,7 +373,11 @@ def test_after_training_scores_benchmarks_base_vs_tuned(tiny_model_dir, triage_d
         train({**config, "eval": {"benchmarks": [str(bad)]}}, progress=False)
     assert not (tmp_path / "run").exists()
     quiz = write_jsonl(tmp_path / "house-quiz.jsonl", QUESTIONS)
-    result = train({**config, "eval": {"benchmarks": [str(quiz)]}}, progress=False)
+    one_shot = {"file": str(quiz), "num_fewshot": 1}  # the same file few-shot reports under its own name
+    result = train({**config, "eval": {"benchmarks": [str(quiz), one_shot]}}, progress=False)
+    assert set(result.metrics) >= {"benchmark_house_quiz_1shot_acc", "benchmark_house_quiz_1shot_acc_norm"}
+    shot = json.loads((tmp_path / "run" / "eval" / "benchmark_house_quiz_1shot.json").read_text())
+    assert shot["tuned"]["num_fewshot"] == 1 and "1-shot" in (tmp_path / "run" / "eval" / "report.html").read_text()
     figures = json.loads((tmp_path / "run" / "eval" / "benchmark_house_quiz.json").read_text())
     assert result.metrics["benchmark_house_quiz_acc"] == figures["tuned"]["scores"]["acc"]
     assert result.metrics["benchmark_house_quiz_acc_norm"] == figures["tuned"]["scores"]["acc_norm"]

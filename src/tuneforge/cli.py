@@ -335,6 +335,16 @@ def eval_(
         help="A reward model as MODEL: the folder that gets each pair's two scores (scores.jsonl) and a histogram "
         "of the margins (margins.png); multiple-choice DATA: each question's results (results.jsonl).",
     ),
+    num_fewshot: int = typer.Option(
+        0,
+        min=0,
+        help="Multiple-choice DATA: solved examples before each question, as lm-evaluation-harness's few-shot "
+        "prompts (MMLU's published figures are 5-shot, ARC's 25-shot); drawn from --fewshot-file, else from DATA "
+        "without the question itself.",
+    ),
+    fewshot_file: Path | None = typer.Option(
+        None, help="The file --num-fewshot draws its solved examples from (the benchmark's dev or train split)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
     """Loss, perplexity and generation metrics of MODEL on DATA, and a grader's scores (--grader); for a reward
@@ -352,6 +362,8 @@ def eval_(
             max_new_tokens=max_new_tokens,
             grader=grader,
             out=None if out is None else str(out),
+            num_fewshot=num_fewshot,
+            fewshot_file=None if fewshot_file is None else str(fewshot_file),
         )
     )
 

@@ -770,6 +770,35 @@ class RewardConfig(Strict):
     )
 
 
+class BenchmarkConfig(Strict):
+    """One multiple-choice file of `eval.benchmarks`; a plain path is `{file: PATH}`."""
+
+    file: str = Field(description="the multiple-choice file (MMLU, ARC, HellaSwag, PIQA layouts, or your own quiz)")
+    num_fewshot: int = Field(
+        0,
+        ge=0,
+        description="solved examples before each question, as lm-evaluation-harness's few-shot prompts (MMLU's "
+        "published figures are 5-shot, ARC's 25-shot)",
+    )
+    fewshot_file: str | None = Field(
+        None, description="the file the examples are drawn from (a dev or train split); default: file, less the row"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_as_file(cls, value):
+        return {"file": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _examples_asked(self):
+        if self.fewshot_file is not None and not self.num_fewshot:
+            raise ValueError(
+                f"fewshot_file {self.fewshot_file} gives the solved examples shown before each question, but "
+                "num_fewshot is 0; set num_fewshot (5 for MMLU's published figures, 25 for ARC's)"
+            )
+        return self
+
+
 class EvalConfig(Strict):
     """What runs on the final model when training ends (`eval/after_training.py`)."""
 
@@ -784,10 +813,11 @@ class EvalConfig(Strict):
         "JSON/YAML file with one, or reward functions as FILE.py:FUNCTION); a grpo run's default is grpo.grader",
     )
     forgetting: bool = Field(False, description="measure base vs final model on general data no training touches")
-    benchmarks: list[str] = Field(
+    benchmarks: list[BenchmarkConfig] = Field(
         default_factory=list,
         description="multiple-choice benchmark files (MMLU, ARC, HellaSwag, PIQA layouts, or your own quiz) the base "
-        "and the final model are scored on by log-likelihood, side by side: acc, acc_norm and the paired change",
+        "and the final model are scored on by log-likelihood, side by side: acc, acc_norm and the paired change; "
+        "each a path, or {file, num_fewshot, fewshot_file} for few-shot prompts",
     )
 
 
@@ -1562,7 +1592,14 @@ def _resolve_relative_paths(raw: dict, base_dir: Path, source: str = "config", p
         return f"{fix(file, key)}:{function}" if colon and file.endswith(".py") else fix(p, key)
 
     if isinstance(raw.get("eval"), dict) and isinstance(raw["eval"].get("benchmarks"), list):
-        raw["eval"]["benchmarks"] = [fix(p, f"eval.benchmarks.{i}") for i, p in enumerate(raw["eval"]["benchmarks"])]
+        benchmarks = raw["eval"]["benchmarks"]
+        for i, entry in enumerate(benchmarks):
+            if isinstance(entry, dict):  # {file, num_fewshot, fewshot_file}
+                for key in ("file", "fewshot_file"):
+                    if key in entry:
+                        entry[key] = fix(entry[key], f"eval.benchmarks.{i}.{key}")
+            else:
+                benchmarks[i] = fix(entry, f"eval.benchmarks.{i}")
 
     for name in ("grpo", "eval"):
         section = raw.get(name)

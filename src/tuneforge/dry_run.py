@@ -506,7 +506,10 @@ def after_training(cfg) -> str:
     asked = (
         [f"{cfg.eval.task}{grader} on {Path(cfg.data.validation).name}, base vs tuned"] if cfg.eval.task else []
     ) + (["forgetting, base vs tuned"] if cfg.eval.forgetting else [])
-    asked += [f"multiple choice on {Path(b).name}, base vs tuned" for b in cfg.eval.benchmarks]
+    asked += [
+        f"multiple choice on {Path(b.file).name}{f' ({b.num_fewshot}-shot)' if b.num_fewshot else ''}, base vs tuned"
+        for b in cfg.eval.benchmarks
+    ]
     return ", ".join(asked) or "nothing (see eval.task, eval.forgetting, eval.benchmarks)"
 
 

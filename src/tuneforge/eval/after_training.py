@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..graders import load_grader
 from ..models import load_model, load_tokenizer, resolve, run_tokenizer, source_context_length
 from ..tasks.metrics import METRICS
-from .choices import benchmark_name, check_scorable, read_choice_rows, score_rows, side_by_side
+from .choices import benchmark_name, check_scorable, read_benchmark, score_rows, side_by_side
 from .evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     check_grader,
@@ -67,15 +67,17 @@ def check_eval_inputs(cfg) -> None:
             # The final model's tokenizer, which the evaluation renders with: the base's, with the run's template.
             tokenizer = run_tokenizer(cfg, source)
             render_within_window(examples, tokenizer, source_context_length(source), cfg.data.train_on)
-    names = [benchmark_name(path) for path in cfg.eval.benchmarks]
-    for i, (path, name) in enumerate(zip(cfg.eval.benchmarks, names)):
+    names = [benchmark_name(b.file, b.num_fewshot) for b in cfg.eval.benchmarks]
+    for i, (benchmark, name) in enumerate(zip(cfg.eval.benchmarks, names)):
         if names.index(name) != i:
             raise ConfigError(
-                f"{cfg.key_at(f'eval.benchmarks.{i}')}: {path} and {cfg.eval.benchmarks[names.index(name)]} would "
-                f"both report as benchmark_{name}; rename one of the files."
+                f"{cfg.key_at(f'eval.benchmarks.{i}')}: {benchmark.file} and "
+                f"{cfg.eval.benchmarks[names.index(name)].file} would both report as benchmark_{name}; rename one "
+                "of the files."
             )
         source = resolve(cfg.base_model)
-        check_scorable(read_choice_rows(path), run_tokenizer(cfg, source), source_context_length(source))
+        rows = read_benchmark(benchmark.file, num_fewshot=benchmark.num_fewshot, fewshot_file=benchmark.fewshot_file)
+        check_scorable(rows, run_tokenizer(cfg, source), source_context_length(source))
     if cfg.eval.forgetting:
         source = resolve(cfg.base_model)
         window, needed = source_context_length(source), positions_needed(run_tokenizer(cfg, source))
@@ -177,8 +179,9 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
             if "pass_rate" in figures:
                 metrics[f"grader_{figures['name']}_passed"] = figures["pass_rate"]
     benchmarks = []
-    for path in cfg.eval.benchmarks:
-        rows = read_choice_rows(path)
+    for benchmark in cfg.eval.benchmarks:
+        path, name = benchmark.file, benchmark_name(benchmark.file, benchmark.num_fewshot)
+        rows = read_benchmark(path, num_fewshot=benchmark.num_fewshot, fewshot_file=benchmark.fewshot_file)
         sides = {}
         for side in ("base", "tuned"):
             with getattr(pair, side)() as model:
@@ -186,9 +189,10 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
                     "model": names[side],
                     "spec": specs[side],
                     "data": str(path),
+                    "num_fewshot": benchmark.num_fewshot,
                     **score_rows(model, tokenizer, rows, progress=progress),
                 }
-        benchmarks.append({"name": benchmark_name(path), **side_by_side(sides["base"], sides["tuned"])})
+        benchmarks.append({"name": name, **side_by_side(sides["base"], sides["tuned"])})
         for score, value in sides["tuned"]["scores"].items():
-            metrics[f"benchmark_{benchmark_name(path)}_{score}"] = value
+            metrics[f"benchmark_{name}_{score}"] = value
     return Evaluation(metrics, results["base"], results["tuned"], forgetting, benchmarks)

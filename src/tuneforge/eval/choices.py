@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from .report import share_interval
 
 DEFAULT_BATCH_SIZE = 16  # (context, choice) requests per forward
 LETTERS = "ABCDEFGHIJ"
+FEWSHOT_SEED = 1234  # lm-evaluation-harness's default seed for drawing few-shot examples
 # MMLU's CSV: the question, a column per choice, the answer's letter.
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 LAYOUTS = (
@@ -275,6 +277,50 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
     return parsed
 
 
+def with_fewshot(
+    rows: list[ChoiceRow], pool: list[ChoiceRow], num_fewshot: int, *, seed: int = FEWSHOT_SEED
+) -> list[ChoiceRow]:
+    """Each row with `num_fewshot` solved examples of `pool` before its question, as the harness's continuation
+    tasks write them: each example's context, a space and its right choice ("Question: ...\nAnswer: CHOICE"),
+    joined by a blank line and followed by one. The examples are drawn as the harness draws them: one generator
+    seeded with `seed`, a sample per row in turn; where `pool` holds the row itself (its own file), one more is
+    drawn and the row left out."""
+    members = set(pool)
+    needed = num_fewshot + any(row in members for row in rows)
+    if len(pool) < needed:
+        raise DataError(
+            f"{pool[0].file} has {counted(len(pool), 'question')}, too few to draw {num_fewshot} examples"
+            f"{' besides the question asked' if needed > num_fewshot else ''}; lower the number of few-shot "
+            "examples or give a file with more (--fewshot-file, fewshot_file).",
+            code="too_few_examples",
+        )
+    rng = random.Random(seed)
+    shown = []
+    for row in rows:
+        drawn = rng.sample(pool, num_fewshot + (row in members))
+        examples = [example for example in drawn if example != row][:num_fewshot]
+        solved = [f"{example.context} {example.choices[example.answer]}" for example in examples]
+        shown.append(replace(row, context="\n\n".join([*solved, row.context])))
+    return shown
+
+
+def read_benchmark(
+    path: str | Path,
+    limit: int | None = None,
+    *,
+    num_fewshot: int = 0,
+    fewshot_file: str | Path | None = None,
+    seed: int = FEWSHOT_SEED,
+) -> list[ChoiceRow]:
+    """The first `limit` rows of a multiple-choice file (`read_choice_rows`), each after `num_fewshot` solved
+    examples drawn from `fewshot_file` (the harness's dev or train split), else from the whole file without the
+    row itself (`with_fewshot`)."""
+    rows = read_choice_rows(path, limit)
+    if not num_fewshot:
+        return rows
+    return with_fewshot(rows, read_choice_rows(fewshot_file or path), num_fewshot, seed=seed)
+
+
 def _mmlu_row(row, file: str, line: int):
     """A row of MMLU's CSV as the generic layout (the answer's letter as its index), or its problem."""
     if isinstance(row, Problem):
@@ -434,18 +480,21 @@ def evaluate_choices(
     limit: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    num_fewshot: int = 0,
+    fewshot_file: str | Path | None = None,
     rows: list[ChoiceRow] | None = None,
 ) -> dict:
     """`acc` and `acc_norm` of `model` (registry name, model folder, adapter, run or checkpoint folder) on the
-    multiple-choice rows of `data`, with their 95% (Wilson) intervals and each row's log-likelihoods."""
-    rows = rows or read_choice_rows(data, limit)
+    multiple-choice rows of `data`, each after `num_fewshot` solved examples (`read_benchmark`), with their 95%
+    (Wilson) intervals and each row's log-likelihoods."""
+    rows = rows or read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
     source = resolve(model)
     tokenizer = load_tokenizer(source)
     check_scorable(rows, tokenizer, source_context_length(source))
     with library_bars(progress):
         loaded = load_text_model(source, "eval")
     result = score_rows(loaded, tokenizer, rows, batch_size=batch_size, progress=progress)
-    return {"model": source.name, "spec": str(model), "data": str(data), **result}
+    return {"model": source.name, "spec": str(model), "data": str(data), "num_fewshot": num_fewshot, **result}
 
 
 def paired_difference(base: dict, tuned: dict) -> dict:
@@ -477,11 +526,14 @@ def compare_choices(
     limit: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    num_fewshot: int = 0,
+    fewshot_file: str | Path | None = None,
 ) -> dict:
-    """`evaluate_choices` for `model` and `base` on the same rows, side by side, and the paired difference."""
+    """`evaluate_choices` for `model` and `base` on the same rows (and few-shot examples), side by side, and the
+    paired difference."""
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation
-    rows = read_choice_rows(data, limit)
-    options = {"batch_size": batch_size, "progress": progress, "rows": rows}
+    rows = read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
+    options = {"batch_size": batch_size, "progress": progress, "num_fewshot": num_fewshot, "rows": rows}
     tuned_result = evaluate_choices(model, data, **options)
     return side_by_side(evaluate_choices(base, data, **options), tuned_result)
 
@@ -503,10 +555,12 @@ def side_by_side(base: dict, tuned: dict) -> dict:
     return {"base": base, "tuned": tuned, "difference": paired_difference(base, tuned), "samples": samples}
 
 
-def benchmark_name(path: str | Path) -> str:
+def benchmark_name(path: str | Path, num_fewshot: int = 0) -> str:
     """A benchmark file's name in metrics (`benchmark_NAME_acc`) and the run's eval/ folder: its stem, each run of
-    other characters than letters, digits and _ as one _."""
-    return re.sub(r"\W+", "_", Path(path).name.split(".")[0]).strip("_") or "file"
+    other characters than letters, digits and _ as one _, and `_Nshot` after it for N few-shot examples (so one
+    file may be scored zero-shot and few-shot)."""
+    name = re.sub(r"\W+", "_", Path(path).name.split(".")[0]).strip("_") or "file"
+    return f"{name}_{num_fewshot}shot" if num_fewshot else name
 
 
 def write_choice_results(folder: str | Path, result: dict) -> str:

@@ -31,13 +31,22 @@ def eval_command(
     max_new_tokens: int | None = None,
     grader: str | None = None,
     out: str | None = None,
+    num_fewshot: int = 0,
+    fewshot_file: str | None = None,
 ) -> int:
     """Evaluate MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side.
     `max_new_tokens` None: `evaluate`'s default. `grader`: a grader object inline, a JSON/YAML file of one,
     or reward functions as FILE.py:FUNCTION (comma-separated for several, summed), which scores the answers
     too. A reward model (a sequence classifier) as MODEL is measured on DATA's preference pairs instead
     (`eval.reward`); `out`, a folder for its per-pair scores and histogram of margins. Multiple-choice rows
-    (`eval.choices`) are scored by each choice's log-likelihood; `out`, a folder for each question's results."""
+    (`eval.choices`) are scored by each choice's log-likelihood, each after `num_fewshot` solved examples (from
+    `fewshot_file`, else from DATA); `out`, a folder for each question's results."""
+    if fewshot_file is not None and not num_fewshot:
+        raise ConfigError(
+            f"--fewshot-file {fewshot_file} gives the solved examples shown before each question, but --num-fewshot "
+            "is 0; set --num-fewshot N (5 for MMLU's published figures, 25 for ARC's)."
+        )
+    fewshot = {"--num-fewshot": num_fewshot > 0, "--fewshot-file": fewshot_file is not None}
     if reward_model(model):
         return _reward_command(
             model,
@@ -49,6 +58,7 @@ def eval_command(
             grader=grader,
             out=out,
             max_new_tokens=max_new_tokens,
+            fewshot=fewshot,
         )
     if is_choice_file(data):
         return _choices_command(
@@ -58,6 +68,7 @@ def eval_command(
             json_out=json_out,
             limit=limit,
             out=out,
+            fewshot={"num_fewshot": num_fewshot, "fewshot_file": fewshot_file},
             given={
                 "--metric": metric != "auto",
                 "--grader": grader is not None,
@@ -69,6 +80,7 @@ def eval_command(
             f"--out writes a reward model's per-pair scores, or each multiple-choice question's results, but "
             f"{data} holds neither for {model}; leave out --out (--json gives every answer and its score)."
         )
+    refuse_options(f"{data} holds no multiple-choice questions, which few-shot examples precede", fewshot)
     options = {"metric": metric, "limit": limit, "progress": not json_out}
     if grader is not None:
         options["grader"] = grader_spec(grader)
@@ -92,17 +104,17 @@ def eval_command(
     return 0
 
 
-def _choices_command(model, data, *, compare, json_out, limit, out, given) -> int:
+def _choices_command(model, data, *, compare, json_out, limit, out, fewshot, given) -> int:
     """`tuneforge eval` on multiple-choice rows: acc and acc_norm, base vs tuned with the paired change."""
     refuse_generation_options(data, **given)
     if out is not None:
         check_out_folder(out)
     if compare:
-        result = compare_choices(model, compare, data, limit=limit, progress=not json_out)
+        result = compare_choices(model, compare, data, limit=limit, progress=not json_out, **fewshot)
         base, tuned = result["base"], result["tuned"]
         table = choices_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned}, result["difference"])
     else:
-        result = evaluate_choices(model, data, limit=limit, progress=not json_out)
+        result = evaluate_choices(model, data, limit=limit, progress=not json_out, **fewshot)
         table = choices_table({result["model"]: result})
     if out is not None:
         result["files"] = {"results": write_choice_results(out, result)}
@@ -136,11 +148,12 @@ def reward_model(model: str) -> bool:
     return is_sequence_classifier(resolve(model))
 
 
-def _reward_command(model, data, *, compare, metric, json_out, limit, grader, out, max_new_tokens) -> int:
+def _reward_command(model, data, *, compare, metric, json_out, limit, grader, out, max_new_tokens, fewshot) -> int:
     """`tuneforge eval` of a reward model: the options that concern answers are refused, naming each."""
     from .reward import evaluate_reward_model, reward_table
 
     given = {
+        **fewshot,
         "--compare": compare is not None,
         "--metric": metric != "auto",
         "--grader": grader is not None,

@@ -265,7 +265,9 @@ def choices_table(results: dict[str, dict], difference: dict | None = None) -> T
         "characters; 95% intervals Wilson's"
         + ("; change: tuned minus base on the same rows, mean ± 1.96 standard errors" if difference else "")
     )
-    return Table(f"multiple choice on {counted(n, 'question')} of {Path(first['data']).name}", columns, rows, caption)
+    shots = f", {first['num_fewshot']}-shot," if first.get("num_fewshot") else ""
+    title = f"multiple choice{shots} on {counted(n, 'question')} of {Path(first['data']).name}"
+    return Table(title, columns, rows, caption)
 
 
 def _widest_interval(n: int) -> float:
