@@ -226,6 +226,34 @@ def test_a_sliding_window_model_starts_from_the_prefix_cache_and_answers_as_tran
     assert list(again.token_ids) == transformers_greedy(model, turn, 12)
 
 
+def test_a_sliding_window_model_prefills_together_prompts_that_leave_no_padding_inside(sliding):
+    """With the prefix cache on, prompts that all miss it prefill in one step (each left-padded whole), as do prompts
+    whose rests past the same cached start are as long; a prompt whose rest is longer waits a step, since padding
+    would sit between another's prefix and rest. Answers are transformers' own (fp32)."""
+    model, tokenizer = sliding
+    ids = sliding_prompts(tokenizer)
+    cache = PrefixCache(64 << 20)
+    batch = Batch(model, tokenizer, cache, "base")
+    missing = [batch.add(prompt, Sampling(8)) for prompt in ids]
+    batch.step()
+    assert len(batch._rows) == 3 and not batch._waiting and cache.misses == 3
+    while batch:
+        batch.step()
+    assert [list(row.completion().token_ids) for row in missing] == [transformers_greedy(model, p, 8) for p in ids]
+
+    start = ids[2][:-30]
+    decode(model, tokenizer, [(start, Sampling(1))], cache)
+    turns = [start + ids[0][-2:], start + ids[1][-2:], start + ids[2][-3:]]
+    batch = Batch(model, tokenizer, cache, "base")
+    rows = [batch.add(prompt, Sampling(8)) for prompt in turns]
+    batch.step()
+    assert len(batch._rows) == 2 and batch._waiting == rows[2:]
+    while batch:
+        batch.step()
+    assert all(row.completion().cached_tokens == len(start) for row in rows)
+    assert [list(row.completion().token_ids) for row in rows] == [transformers_greedy(model, p, 8) for p in turns]
+
+
 def test_the_cache_keeps_to_its_memory_dropping_the_least_recently_used(base):
     model, tokenizer = base
     ids = encode_prompts(tokenizer, [chat(q) for q in QUESTIONS])

@@ -713,8 +713,9 @@ class Batch:
     columns that only they used go with them. Merging needs `PreallocatedLayer` on every layer, full attention and
     sliding windows alike (`kv_cache.new_cache`); with any other `can_join` is False and added rows wait until the
     running ones have finished. A sliding window's mask counts cache columns, so with one a prefill keeps each row's
-    tokens in adjacent columns: no shared prefix run once before the prompts' padding, and with a prefix cache one
-    prompt at a time (the others start at the next steps).
+    tokens in adjacent columns: no shared prefix run once before the prompts' padding, and with a prefix cache
+    together only prompts that miss it or whose rests past their cached starts are as long (the others start at
+    the next steps).
 
     With a `prefix_cache` (`kv_cache.PrefixCache`), a prefill starts from the keys and values of the longest
     prefix of its prompts seen before, and leaves its prompts' own there, then each row's prompt and reply as it
@@ -850,12 +851,13 @@ class Batch:
         scoring_rows = [row for row in rows if row.sampling.prompt_logprobs]
         if scoring_rows and len(scoring_rows) < len(rows):
             rows, self._waiting = scoring_rows, [row for row in rows if not row.sampling.prompt_logprobs]
-        if self._sliding and self.prefix_cache is not None:
-            # Prompts starting from cached prefixes of other lengths would leave padding between each one's prefix
-            # and its rest, inside the sliding window's count of columns: one prompt prefills, the others wait.
-            first = (rows[0].prompt_ids, rows[0].images)
-            later = [row for row in rows if (row.prompt_ids, row.images) != first]
-            rows, self._waiting = [row for row in rows if (row.prompt_ids, row.images) == first], later + self._waiting
+        if self._sliding and self.prefix_cache is not None and not scoring_rows:
+            # The sliding window counts cache columns, so each row's tokens sit in adjacent columns: prompts prefill
+            # together where none starts from the cache (each left-padded whole) or where each one's rest past its
+            # cached start is as long (no padding between the two). The first row's group prefills, the others wait.
+            group = [self._sliding_group(row) for row in rows]
+            later = [row for row, key in zip(rows, group) if key != group[0]]
+            rows, self._waiting = [row for row, key in zip(rows, group) if key == group[0]], later + self._waiting
         # A prompt is its tokens and the images they show: the same tokens with other images are another prompt.
         distinct: dict[tuple[tuple[int, ...], tuple[bytes, ...]], int] = {}
         prompt_of_row = [distinct.setdefault((tuple(row.prompt_ids), row.images), len(distinct)) for row in rows]
@@ -946,20 +948,32 @@ class Batch:
         self._merge(rows, cache, mask, tokens)
         return self._hand_out(rows, tokens, scored)
 
+    def _sliding_group(self, row: Row) -> Hashable:
+        """Which rows a sliding-window model's prefill with the prefix cache runs together: rows whose prompts miss
+        the cache, rows whose prompts' rests past their cached starts are as long, and a prompt with images alone
+        (the cache serves such prompts one at a time). Looking up counts no hit or miss: the prefill does."""
+        if row.images:
+            return (tuple(row.prompt_ids), row.images)
+        start = self._cached_length((self.cache_model, None), row.prompt_ids, count=False)[0]
+        return len(row.prompt_ids) - start if start else 0
+
+    def _cached_length(self, scope: tuple, prompt: list[int], count: bool = True) -> tuple[int, list | None]:
+        """The prompt's longest start the prefix cache holds for `scope` and its keys and values (`lookup`), leaving
+        its last token to run: at least `MIN_SHARED_PREFIX` tokens and, for a prompt with images, past its last
+        image token (the rest then runs without images)."""
+        least = MIN_SHARED_PREFIX
+        if scope[1] is not None:
+            soft = self.images.image_token_id
+            least = max(least, 1 + max(at for at, token in enumerate(prompt) if token == soft))
+        return self.prefix_cache.lookup(scope, prompt[: len(prompt) - 1], least, count=count)
+
     def _start_from_prefix_cache(self, scope: tuple, prompts: list[list[int]], shared: int, cache) -> list[int]:
         """Fill `cache` (empty) with the keys and values of each prompt's longest start that the prefix cache holds
-        for `scope` (each leaves its last token to run): at least `MIN_SHARED_PREFIX` tokens and, for a prompt with
-        images, past its last image token (the rest then runs without images); how many tokens that is, per prompt.
+        for `scope` (`_cached_length`); how many tokens that is, per prompt.
         Where every prompt starts from as many tokens within the `shared` ones they all have (a shared system
         prompt), those are the same keys: the cache holds them once, a row the prefill copies to each prompt; else
         a row per prompt, left-padded to the longest."""
-        found = []
-        for prompt in prompts:
-            least = MIN_SHARED_PREFIX
-            if scope[1] is not None:
-                soft = self.images.image_token_id
-                least = max(least, 1 + max(at for at, token in enumerate(prompt) if token == soft))
-            found.append(self.prefix_cache.lookup(scope, prompt[: len(prompt) - 1], least))
+        found = [self._cached_length(scope, prompt) for prompt in prompts]
         starts = [start for start, _ in found]
         if not any(starts):
             return starts

@@ -143,20 +143,21 @@ class PrefixCache:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def lookup(self, scope, tokens: Sequence[int], least: int = 1) -> tuple[int, list | None]:
+    def lookup(self, scope, tokens: Sequence[int], least: int = 1, count: bool = True) -> tuple[int, list | None]:
         """The longest prefix of `tokens` (at least `least` tokens) that an entry of `scope` holds, and its keys
-        and values (views of the entry's: read them, do not write into them); (0, None) where none does. The
-        lookup counts as one prompt's hit or miss."""
+        and values (views of the entry's: read them, do not write into them); (0, None) where none does. With
+        `count` the lookup counts as one prompt's hit or miss and keeps the entry it found as recently used."""
         best, found, tokens = 0, None, np.asarray(tokens)
         for key, (held, _) in self._entries.items():
             if key[0] == scope and (shared := _shared_length(held, tokens)) > best:
                 best, found = shared, key
         if best < least:
-            self.misses += 1
+            self.misses += count
             return 0, None
-        self._entries.move_to_end(found)
-        self.hits += 1
-        self.cached_tokens += best
+        if count:
+            self._entries.move_to_end(found)
+            self.hits += 1
+            self.cached_tokens += best
         return best, [(keys[:, :, :best], values[:, :, :best]) for keys, values in self._entries[found][1]]
 
     def store(
