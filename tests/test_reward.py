@@ -441,3 +441,31 @@ def test_loading_a_reward_model_logs_no_tensor_parallel_plan(tiny_model_dir):
     finally:
         logger.removeHandler(handler)
     assert not [r for r in said if "not sharded" in r.getMessage()]
+
+
+def test_eval_of_a_reward_model_refuses_pairs_with_images_by_line_and_field(tmp_path):
+    """A reward model on a vision model (its tokenizer renders image parts) scores tokens alone: a pair whose prompt
+    holds an image is refused with its file, line and field before any weights load, not run as bare image tokens."""
+    from families import png_data_url, save_gemma3_vision_model
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneforge.eval import eval_command
+
+    base = save_gemma3_vision_model(tmp_path / "base")
+    rm = tmp_path / "rm"
+    shutil.copytree(base, rm)
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(rm)
+    image = {"type": "image_url", "image_url": {"url": png_data_url((220, 20, 20))}}
+    rows = [
+        {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."},
+        {
+            "prompt": [{"role": "user", "content": [{"type": "text", "text": "Colour?"}, image]}],
+            "chosen": [{"role": "assistant", "content": "Red."}],
+            "rejected": [{"role": "assistant", "content": "Blue."}],
+        },
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (rm / "model.safetensors").write_bytes(b"")  # a refusal before loading never reads the weights
+    with pytest.raises(TuneforgeError, match=r"pairs\.jsonl:2 prompt\[0\]\.content: \[images_not_read\] .*text only"):
+        eval_command(str(rm), str(pairs), json_out=True)

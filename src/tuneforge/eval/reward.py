@@ -41,7 +41,8 @@ HISTOGRAM_BINS = 30
 
 def read_pairs(path: str | Path, limit: int | None = None, model: str = "RM") -> list[tuple[int, Preference]]:
     """The first `limit` (all, if None) preference pairs of a data file, with their lines; a file that holds
-    no pairs, or any bad row among them, is refused with its file, line and field."""
+    no pairs, or any bad row among them (one with images too: a reward model scores text only, as `method:
+    reward` trains it), is refused with its file, line and field."""
     found = file_format(path)
     if found != "preference":
         raise TuneforgeError(
@@ -58,11 +59,33 @@ def read_pairs(path: str | Path, limit: int | None = None, model: str = "RM") ->
             problems += [item] if item.is_error else []
         elif limit is None or len(pairs) < limit:
             pairs.append((line, item))
+            problems += _images_in_pair(item, str(path), line)
     if problems:
         raise DataError.listing(f"{path}: {counted(len(problems), 'problem')} in the pairs", problems)
     if not pairs:
         raise TuneforgeError(f"{path}: the file holds no preference pairs to score.", code="no_valid_rows")
     return pairs
+
+
+def _images_in_pair(pair: Preference, file: str, line: int) -> list[Problem]:
+    """The pair's first message with images, refused: a reward model's score reads the tokens alone, so an image
+    would be scored as its bare image tokens."""
+    sides = (pair.prompt + [pair.chosen], pair.prompt + [pair.rejected])
+    for side, messages, fields in zip(("chosen", "rejected"), sides, pair.fields or (None, None)):
+        at = next((i for i, m in enumerate(messages) if m.images), None)
+        if at is not None:
+            where = f"{fields[at]}.content" if fields else f"{side} messages[{at}].content"
+            return [
+                Problem(
+                    "images_not_read",
+                    "the pair holds images, and a reward model scores text only (method: reward trains no rows "
+                    "with images either); remove the image parts or leave the pair out.",
+                    file=file,
+                    line=line,
+                    field=where,
+                )
+            ]
+    return []
 
 
 def evaluate_reward_model(
