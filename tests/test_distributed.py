@@ -389,3 +389,37 @@ def test_one_process_hashes_the_data_files_once_and_the_others_read_its_key(tiny
     hashed = [json.loads((tmp_path / f"hashed-{rank}").read_text()) for rank in (0, 1)]
     assert sorted(hashed[0]) == sorted(files) and hashed[1] == []
     assert json.loads((tmp_path / "run" / "data_report.json").read_text())["cache"]["key"]
+
+
+def test_full_fine_tuning_of_a_vision_model_on_rows_with_and_without_images_runs_ddp_as_one_process(tmp_path):
+    """A micro-batch without images leaves the vision tower out of its forward: DDP runs on (the tower's gradients
+    those of the processes that ran it) and matches one process; FSDP is refused before the model loads."""
+    from families import save_gemma3_vision_model
+    from test_vision import image_row
+
+    from tuneforge.training import train
+
+    model = save_gemma3_vision_model(tmp_path / "model")
+    rows = []
+    for i in range(8):
+        rows.append(image_row((220, 20, 20), "It is red.", (20 + i, 16)))
+        rows.append({"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]})
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def config(run: str, spread: str) -> dict:
+        return {
+            "base_model": str(model),
+            "method": "full",
+            "data": {"train": str(tmp_path / "mixed.jsonl"), "validation": 0.25, "max_length": 64},
+            "train": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "precision": "fp32"}
+            | {"eval_every": 0, "save_every": 0, "distributed": spread},
+            "output_dir": str(tmp_path / run),
+        }
+
+    res = run_cli(config("ddp", "ddp"), tmp_path, 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    alone = train(config("alone", "auto"), progress=False).metrics["full_valid_loss"]
+    assert metrics(tmp_path / "ddp")[-1]["full_valid_loss"] == pytest.approx(alone, rel=1e-4)
+    res = run_cli(config("fsdp", "auto"), tmp_path, 2)
+    assert res.returncode != 0 and "some show images and some do not" in res.stderr
+    assert "train.distributed: ddp" in res.stderr and not (tmp_path / "fsdp" / "final").exists()

@@ -220,16 +220,60 @@ def shard(objective: torch.nn.Module, model: torch.nn.Module, world: World, *, b
     return objective
 
 
-def wrap(objective: torch.nn.Module, model: torch.nn.Module, cfg, world: World, *, spread: str, bf16: bool):
+def skips_vision(model: torch.nn.Module, cfg, train_items) -> bool:
+    """Whether the run trains a vision tower that some micro-batches leave out: a full fine-tune of a model that
+    reads images, on training rows of which some show no image (the tower runs only on images)."""
+    from ..data import shows_images
+
+    return (
+        trains_every_weight(cfg)
+        and getattr(model.config, "vision_config", None) is not None
+        and not all(shows_images([item]) for item in train_items)
+    )
+
+
+def refuse_skipped_vision(cfg, spread: str, train_items) -> None:
+    """Refuse, before the model loads, FSDP on rows with images and rows without under full fine-tuning: a process
+    whose micro-batch shows no image has no gradients for the vision tower, and FSDP reduces every process's same
+    gradients at once."""
+    from ..data import shows_images
+
+    if spread == "fsdp" and trains_every_weight(cfg) and shows_images(train_items):
+        if not all(shows_images([item]) for item in train_items):
+            raise TuneforgeError(
+                f"{cfg.key_at('train.distributed')}: fsdp (auto picks it for full fine-tuning) with training rows "
+                "of which some show images and some do not: a process whose micro-batch shows none computes no "
+                "gradients for the vision tower, while FSDP reduces the same gradients on every process. Use "
+                "train.distributed: ddp for this run, or train the text rows and the image rows in runs of their "
+                "own."
+            )
+
+
+def wrap(
+    objective: torch.nn.Module,
+    model: torch.nn.Module,
+    cfg,
+    world: World,
+    *,
+    spread: str,
+    bf16: bool,
+    skipped_vision: bool = False,
+):
     """The objective as the steps run it, as `strategy` chose (`spread`): as it is on one process,
-    in DDP, or sharded by FSDP."""
+    in DDP, or sharded by FSDP. `skipped_vision`: a trained vision tower some micro-batches leave out
+    (`skips_vision`)."""
     if spread == "single":
         return objective
     with phase("setting up the model on every process", world):
         if spread == "fsdp":
             return shard(objective, model, world, bf16=bf16, cpu_offload=cfg.train.cpu_offload)
+        # DDP waits for every trained parameter's gradient unless it looks for the ones a forward left out: the
+        # vision tower's, on a micro-batch without images. A parameter no process used keeps no gradient, as on
+        # one process.
         return torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[world.device.index] if world.device.type == "cuda" else None
+            objective,
+            device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            find_unused_parameters=skipped_vision,
         )
 
 

@@ -583,6 +583,7 @@ def setup(
     # The model is saved with the system prompt its data shares, so it answers bare requests as trained.
     record_system_prompt(tokenizer, prepared.report["system_prompt"]["shared"])
     train_items, valid_items = batch_items(prepared, cfg)
+    distributed.refuse_skipped_vision(cfg, spread, train_items)
     sample_prompts = samples.sample_prompts(valid_items, cfg.train.eval_samples)
     if cfg.train.eval_samples and not sample_prompts:
         log(
@@ -652,7 +653,15 @@ def setup(
 
     if resume_from is not None:
         checkpoint.restore_weights(resume_from, model)
-    objective = distributed.wrap(objective, model, cfg, world, spread=spread, bf16=precision == "bf16")
+    objective = distributed.wrap(
+        objective,
+        model,
+        cfg,
+        world,
+        spread=spread,
+        bf16=precision == "bf16",
+        skipped_vision=distributed.skips_vision(model, cfg, train_items),
+    )
     # After sharding, which replaces the model's parameters with its shards.
     optimizer = make_optimizer(trainable_parameters(model), cfg, world.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
