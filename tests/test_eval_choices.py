@@ -121,6 +121,9 @@ def test_few_shot_contexts_are_the_harness_s_and_scored_after_the_examples(tiny_
     assert [r.context for r in read_benchmark(data, num_fewshot=2, seed=7)] != [r.context for r in rows]
     from_dev = read_benchmark(data, limit=3, num_fewshot=3, fewshot_file=dev)
     assert [r.context for r in from_dev] == harness_contexts(questions[:3], 3, questions[3:])
+    # The file itself under another spelling: each question still left out of its own examples.
+    respelled = tmp_path / ".." / tmp_path.name / "quiz.jsonl"
+    assert read_benchmark(data, num_fewshot=2, fewshot_file=respelled) == rows
 
     zero_shot = max(
         sum(map(len, encode_pair(tokenizer, r.context, f" {c}"))) for r in read_choice_rows(data) for c in r.choices

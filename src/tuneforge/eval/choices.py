@@ -314,10 +314,13 @@ def read_benchmark(
 ) -> list[ChoiceRow]:
     """The first `limit` rows of a multiple-choice file (`read_choice_rows`), each after `num_fewshot` solved
     examples drawn from `fewshot_file` (the harness's dev or train split), else from the whole file without the
-    row itself (`with_fewshot`)."""
+    row itself (`with_fewshot`). A `fewshot_file` that is `path` under another spelling (./quiz.jsonl) is the
+    file itself: its rows are the questions asked, left out of their own examples."""
     rows = read_choice_rows(path, limit)
     if not num_fewshot:
         return rows
+    if fewshot_file is not None and Path(fewshot_file).resolve() == Path(path).resolve():
+        fewshot_file = None
     return with_fewshot(rows, read_choice_rows(fewshot_file or path), num_fewshot, seed=seed)
 
 
