@@ -84,12 +84,13 @@ FEWSHOT_QUESTIONS = [
 
 def harness_contexts(questions, shots, pool, seed=1234):
     """The harness's few-shot contexts: one generator seeded once, a sample per question (one more drawn where
-    the pool is the question's own file, the question itself left out), each example "Question: Q\nAnswer: A",
+    the pool is the question's own file, any example equal to the question left out), each example
+    "Question: Q\nAnswer: A",
     joined by blank lines."""
     rng, contexts = random.Random(seed), []
     for question in questions:
         drawn = rng.sample(pool, shots + (question in pool))
-        examples = [e for e in drawn if e is not question][:shots]
+        examples = [e for e in drawn if e != question][:shots]
         texts = [f"Question: {e['question']}\nAnswer: {e['choices'][e['answer']]}" for e in examples]
         contexts.append("\n\n".join([*texts, f"Question: {question['question']}\nAnswer:"]))
     return contexts
@@ -121,6 +122,13 @@ def test_few_shot_contexts_are_the_harness_s_and_scored_after_the_examples(tiny_
     assert [r.context for r in read_benchmark(data, num_fewshot=2, seed=7)] != [r.context for r in rows]
     from_dev = read_benchmark(data, limit=3, num_fewshot=3, fewshot_file=dev)
     assert [r.context for r in from_dev] == harness_contexts(questions[:3], 3, questions[3:])
+    # A question on two lines is never shown solved before itself, as the harness compares the drawn documents.
+    twice = write_jsonl(tmp_path / "twice.jsonl", [questions[0], *questions])
+    solved = f"Question: {questions[0]['question']}\nAnswer: {questions[0]['choices'][questions[0]['answer']]}"
+    for seed in range(8):
+        contexts = [r.context for r in read_benchmark(twice, limit=2, num_fewshot=4, seed=seed)]
+        assert contexts == harness_contexts([questions[0], questions[0]], 4, [questions[0], *questions], seed)
+        assert not any(solved in context for context in contexts)
     # The file itself under another spelling: each question still left out of its own examples.
     respelled = tmp_path / ".." / tmp_path.name / "quiz.jsonl"
     assert read_benchmark(data, num_fewshot=2, fewshot_file=respelled) == rows

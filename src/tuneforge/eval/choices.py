@@ -284,7 +284,8 @@ def with_fewshot(
     tasks write them: each example's context, a space and its right choice ("Question: ...\nAnswer: CHOICE"),
     joined by a blank line and followed by one. The examples are drawn as the harness draws them: one generator
     seeded with `seed`, a sample per row in turn; where `pool` holds the row itself (its own file), one more is
-    drawn and the row left out."""
+    drawn. An example that is the row's question (the row itself, or another line with the same question,
+    choices and answer) is left out, as the harness leaves out a drawn document equal to the one asked."""
     members = set(pool)
     needed = num_fewshot + any(row in members for row in rows)
     if len(pool) < needed:
@@ -298,7 +299,8 @@ def with_fewshot(
     shown = []
     for row in rows:
         drawn = rng.sample(pool, num_fewshot + (row in members))
-        examples = [example for example in drawn if example != row][:num_fewshot]
+        asked = (row.context, row.choices, row.answer)
+        examples = [e for e in drawn if (e.context, e.choices, e.answer) != asked][:num_fewshot]
         solved = [f"{example.context} {example.choices[example.answer]}" for example in examples]
         shown.append(replace(row, context="\n\n".join([*solved, row.context])))
     return shown
