@@ -193,16 +193,16 @@ def test_the_help_shows_the_brackets_of_a_list_value(monkeypatch, capsys):
 
 def test_a_run_whose_validation_loss_is_nan_ranks_last_and_is_never_the_best(tmp_path):
     # A high learning rate can leave a run completed with a NaN validation loss, which sorts anywhere.
-    from tuneforge.sweeps import SweepResult, SweepRun, read_run, write_outputs
+    from tuneforge.sweeps import SweepResult, write_outputs
 
     losses = {"lr-0.1": float("nan"), "lr-0.001": 1.2, "lr-0.0001": 0.8}
-    runs = []
-    for name, loss in losses.items():
-        (tmp_path / name).mkdir()
-        records = [{"step": 1, "train_loss": 2.0, "valid_loss": loss}, {"step": 2, "full_valid_loss": loss}]
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        runs.append(SweepRun(name, {"train.learning_rate": float(name[3:])}, tmp_path / name, status="completed"))
-        read_run(runs[-1])
+    runs = completed_runs(
+        tmp_path,
+        {
+            name: [{"step": 1, "train_loss": 2.0, "valid_loss": loss}, {"step": 2, "full_valid_loss": loss}]
+            for name, loss in losses.items()
+        },
+    )
     for metric in ("eval_loss", "best_eval_loss"):
         result = SweepResult(tmp_path, metric, runs)
         write_outputs(result, {"train.learning_rate": [0.1, 0.001, 0.0001]}, None)
@@ -218,7 +218,7 @@ def test_a_grpo_sweep_ranks_by_validation_reward_higher_first_and_refuses_the_lo
     from test_grpo import grpo_config
 
     from tuneforge.eval.report import loss_figure, read_metrics
-    from tuneforge.sweeps import SweepResult, SweepRun, read_run, write_outputs
+    from tuneforge.sweeps import SweepResult, write_outputs
 
     path = tmp_path / "grpo.yaml"
     path.write_text(yaml.safe_dump(grpo_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)))
@@ -235,13 +235,13 @@ def test_a_grpo_sweep_ranks_by_validation_reward_higher_first_and_refuses_the_lo
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the rewards drawn
 
     rewards = {"lr-0.1": 0.25, "lr-0.001": 0.75, "lr-0.0001": 0.5}
-    runs = []
-    for name, reward in rewards.items():
-        (tmp_path / name).mkdir()
-        records = [{"step": 1, "train_loss": 0.1, "valid_reward": reward}, {"step": 2, "full_valid_reward": reward}]
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        runs.append(SweepRun(name, {"train.learning_rate": float(name[3:])}, tmp_path / name, status="completed"))
-        read_run(runs[-1])
+    runs = completed_runs(
+        tmp_path,
+        {
+            name: [{"step": 1, "train_loss": 0.1, "valid_reward": reward}, {"step": 2, "full_valid_reward": reward}]
+            for name, reward in rewards.items()
+        },
+    )
     for metric in ("eval_reward", "best_eval_reward"):
         result = SweepResult(tmp_path, metric, runs)
         write_outputs(result, {"train.learning_rate": [0.1, 0.001, 0.0001]}, None)
@@ -314,3 +314,16 @@ def test_an_evaluation_stopped_between_its_metrics_and_its_report_is_run_again(
     pipeline.evaluate_run(loaded, progress=False)
     assert not pipeline.evaluation_missing(loaded) and (run / "eval" / "report.html").is_file()
     assert "task_exact" in json.loads((run / "summary.json").read_text())["metrics"]
+
+
+def completed_runs(folder, metrics: dict[str, list[dict]]) -> list:
+    """A completed sweep run per name (`lr-VALUE`), each under `folder` with the metrics.jsonl records given."""
+    from tuneforge.sweeps import SweepRun, read_run
+
+    runs = []
+    for name, records in metrics.items():
+        (folder / name).mkdir()
+        (folder / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        runs.append(SweepRun(name, {"train.learning_rate": float(name[3:])}, folder / name, status="completed"))
+        read_run(runs[-1])
+    return runs
