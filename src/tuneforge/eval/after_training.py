@@ -75,9 +75,15 @@ def check_eval_inputs(cfg) -> None:
                 f"{cfg.eval.benchmarks[names.index(name)].file} would both report as benchmark_{name}; rename one "
                 "of the files."
             )
+    if cfg.eval.benchmarks:
+        # One tokenizer for every file: the final model's, which the benchmarks are scored with.
         source = resolve(cfg.base_model)
-        rows = read_benchmark(benchmark.file, num_fewshot=benchmark.num_fewshot, fewshot_file=benchmark.fewshot_file)
-        check_scorable(rows, run_tokenizer(cfg, source), source_context_length(source))
+        tokenizer, window = run_tokenizer(cfg, source), source_context_length(source)
+        for benchmark in cfg.eval.benchmarks:
+            rows = read_benchmark(
+                benchmark.file, num_fewshot=benchmark.num_fewshot, fewshot_file=benchmark.fewshot_file
+            )
+            check_scorable(rows, tokenizer, window)
     if cfg.eval.forgetting:
         source = resolve(cfg.base_model)
         window, needed = source_context_length(source), positions_needed(run_tokenizer(cfg, source))
