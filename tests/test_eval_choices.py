@@ -17,7 +17,8 @@ from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import compare, eval_command, evaluate
 from tuneforge.eval.choices import (
     check_scorable,
-    encode_pair,
+    choice_requests,
+    encode_choices,
     evaluate_choices,
     is_choice_file,
     loglikelihoods,
@@ -133,9 +134,7 @@ def test_few_shot_contexts_are_the_harness_s_and_scored_after_the_examples(tiny_
     respelled = tmp_path / ".." / tmp_path.name / "quiz.jsonl"
     assert read_benchmark(data, num_fewshot=2, fewshot_file=respelled) == rows
 
-    zero_shot = max(
-        sum(map(len, encode_pair(tokenizer, r.context, f" {c}"))) for r in read_choice_rows(data) for c in r.choices
-    )
+    zero_shot = max(sum(map(len, pair)) for r in read_choice_rows(data) for pair in choice_requests(tokenizer, r))
     check_scorable(read_choice_rows(data), tokenizer, zero_shot)
     with pytest.raises(DataError, match="more than the model's context"):
         check_scorable(rows, tokenizer, zero_shot)
@@ -154,7 +153,10 @@ def test_a_choice_merged_with_the_context_is_scored_on_the_whole_encoding(tiny_m
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     assert len(whole) == len(context_ids) + 1 and whole[len(context_ids) - 1] != context_ids[-1]  # "Ġquick"
-    pairs = [encode_pair(tokenizer, context, continuation), encode_pair(tokenizer, "What is two plus ", "two")]
+    pairs = [
+        *encode_choices(tokenizer, context, [continuation]),
+        *encode_choices(tokenizer, "What is two plus ", ["two"]),
+    ]
     assert pairs[0] == (context_ids, tokenizer(" brown", add_special_tokens=False)["input_ids"])
     assert pairs[1][1] == tokenizer(" two", add_special_tokens=False)["input_ids"]
     scores = loglikelihoods(model, pairs, tokenizer.pad_token_id, batch_size=2)

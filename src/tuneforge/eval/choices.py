@@ -40,6 +40,7 @@ from ..data.readers import open_rows
 from ..data.schema import IGNORE_INDEX
 from ..errors import DataError, refuse_options
 from ..fsio import atomic_file
+from ..generate import per_tokenizer
 from ..methods.sft import trained_logits
 from ..models import causal_lm, load_text_model, load_tokenizer, resolve, source_context_length
 from ..progress import library_bars, progress_bar
@@ -346,19 +347,33 @@ def _mmlu_row(row, file: str, line: int):
 # --- scoring ---------------------------------------------------------------------------------------
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The context's and the continuation's tokens as the harness takes them: a trailing space of the context
-    moves to the continuation, and the continuation's tokens are those of the whole past the context's. The
-    context starts with the BOS token where the tokenizer puts one before text by itself (Llama, Gemma)."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+def encode_choices(tokenizer, context: str, continuations: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Each continuation's (context tokens, continuation tokens) as the harness takes them: a trailing space of the
+    context moves to the continuation, and the continuation's tokens are those of the whole past the context's.
+    The context, encoded once for all its continuations, starts with the BOS token where the tokenizer puts one
+    before text by itself (Llama, Gemma)."""
+    stripped = context.rstrip()
+    moved = context[len(stripped) :]
+    context_ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+    prefixed = _bos_prefix(tokenizer) + context_ids
+    pairs = []
+    for continuation in continuations:
+        whole = tokenizer(stripped + moved + continuation, add_special_tokens=False)["input_ids"]
+        pairs.append((prefixed, whole[len(context_ids) :]))
+    return pairs
+
+
+def choice_requests(tokenizer, row: ChoiceRow) -> list[tuple[list[int], list[int]]]:
+    """The row's choices as `encode_choices` requests, each choice the continuation " CHOICE" of its context."""
+    return encode_choices(tokenizer, row.context, [f" {choice}" for choice in row.choices])
+
+
+@per_tokenizer(maxsize=8)
+def _bos_prefix(tokenizer) -> list[int]:
+    """[BOS] where the tokenizer puts it before text by itself, else []."""
     bos = tokenizer.bos_token_id
     with_specials = tokenizer("a")["input_ids"]
-    prefix = [bos] if bos is not None and with_specials and with_specials[0] == bos else []
-    return prefix + context_ids, whole[len(context_ids) :]
+    return [bos] if bos is not None and with_specials and with_specials[0] == bos else []
 
 
 @torch.inference_mode()
@@ -406,7 +421,7 @@ def score_rows(
     model, tokenizer, rows: list[ChoiceRow], *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
 ) -> dict:
     """`acc` and `acc_norm` of a loaded model on `rows`, with their 95% intervals, and each row's result."""
-    requests = [encode_pair(tokenizer, row.context, f" {choice}") for row in rows for choice in row.choices]
+    requests = [pair for row in rows for pair in choice_requests(tokenizer, row)]
     started = time.perf_counter()
     with progress_bar("choices", len(requests), progress) as advance:
         scores = loglikelihoods(model, requests, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
@@ -449,7 +464,7 @@ def check_scorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> None
     score 0, the most likely), is refused, naming its line."""
     problems = []
     for row in rows:
-        pairs = [encode_pair(tokenizer, row.context, f" {c}") for c in row.choices]
+        pairs = choice_requests(tokenizer, row)
         empty = [c for c, (_, continuation) in zip(row.choices, pairs) if not continuation]
         if empty:
             problems.append(
