@@ -389,3 +389,13 @@ def test_storing_tokens_an_entry_holds_copies_no_keys_and_values():
     cache.store("base", [5, 6, 7], copied)  # a start of the entry's tokens
     cache.store("base", [5, 6, 7, 8], copied)
     assert cache.size_bytes == held and cache.lookup("base", [5, 6, 7, 8, 9])[0] == 4
+
+
+def test_a_reply_too_big_to_keep_leaves_the_entry_of_its_prompt():
+    """A prompt and reply past the cache's memory are not kept, and the prompt's own entry stays for its next turn."""
+    layer = (torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))
+    cache = PrefixCache(layer[0].nbytes + layer[1].nbytes)
+    cache.store("base", [5, 6, 7, 8], lambda: [layer])
+    longer = (torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8))
+    cache.store("base", [5, 6, 7, 8, 9, 10], lambda: [longer])
+    assert cache.lookup("base", [5, 6, 7, 8, 9, 10, 11])[0] == 4

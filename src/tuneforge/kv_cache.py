@@ -167,19 +167,22 @@ class PrefixCache:
         layer's [1, heads, len(tokens), dim], owned by the cache from then on), called only where no entry holds
         these tokens already, so a prompt or reply the cache has costs no copy."""
         held = np.asarray(tokens)
-        for key, (entry_tokens, _) in list(self._entries.items()):
+        covered = []  # entries whose tokens these start with: dropped for the new one, once it is kept
+        for key, (entry_tokens, _) in self._entries.items():
             if key[0] != scope:
                 continue
             shared = _shared_length(entry_tokens, held)
             if shared == len(held):  # an entry holds these tokens already
                 self._entries.move_to_end(key)
                 return
-            if shared == len(entry_tokens):  # these tokens hold all the entry holds
-                self._drop(key)
+            if shared == len(entry_tokens):
+                covered.append(key)
         built = layers()
         size = sum(keys.nbytes + values.nbytes for keys, values in built)
-        if size > self.max_bytes:
+        if size > self.max_bytes:  # too big to keep: the entries it would cover stay
             return
+        for key in covered:
+            self._drop(key)
         self._entries[(scope, tuple(tokens))] = (held, built)
         self._bytes += size
         while self._bytes > self.max_bytes:
