@@ -820,6 +820,11 @@ class EvalConfig(Strict):
         "each a path, or {file, num_fewshot, fewshot_file} for few-shot prompts",
     )
 
+    @property
+    def asked(self) -> bool:
+        """Whether the run is evaluated after training (a task, forgetting or multiple-choice benchmarks)."""
+        return bool(self.task or self.forgetting or self.benchmarks)
+
 
 class Config(Strict):
     base_model: str = DEFAULT_MODEL

@@ -42,7 +42,7 @@ def train(
     check_eval_inputs(cfg)
     with library_bars(progress):
         result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
-        if result.final_dir is None or not (cfg.eval.task or cfg.eval.forgetting or cfg.eval.benchmarks):
+        if result.final_dir is None or not cfg.eval.asked:
             return result  # interrupted, or a process other than rank 0, or nothing asked
         evaluate_run(cfg, result.metrics, progress=progress)
     return result
@@ -51,8 +51,7 @@ def train(
 def evaluation_missing(cfg) -> bool:
     """Whether cfg's completed run lacks the evaluation its `eval:` asks for: one stopped while it ran left no
     eval/report.html, which it writes last (after summary.json's metrics), with its folder whole."""
-    asked = cfg.eval.task or cfg.eval.forgetting or cfg.eval.benchmarks
-    return bool(asked) and not (Path(cfg.output_dir) / "eval" / "report.html").is_file()
+    return cfg.eval.asked and not (Path(cfg.output_dir) / "eval" / "report.html").is_file()
 
 
 def evaluate_run(cfg, metrics: dict | None = None, *, progress: bool = True) -> dict:
