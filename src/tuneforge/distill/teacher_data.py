@@ -486,6 +486,7 @@ def generate_teacher_data(
                 batch = prompts[start : min(start + per_call, target)]
                 batch_tools = tools[start : start + len(batch)]
                 if sampled:
+                    tools_asked = [row_tools for row_tools in batch_tools for _ in range(samples)]
                     answers = generate(
                         model,
                         tokenizer,
@@ -496,11 +497,10 @@ def generate_teacher_data(
                         seed=[
                             sample_seed(seed, i, j) for i in range(start, start + len(batch)) for j in range(samples)
                         ],
-                        tools=[row_tools for row_tools in batch_tools for _ in range(samples)],
+                        tools=tools_asked,
                     )
                     batch_items = [item for item in items[start : start + len(batch)] for _ in range(samples)]
                     with naming_rows(where[start : start + len(batch)], samples):
-                        tools_asked = [row_tools for row_tools in batch_tools for _ in range(samples)]
                         samples_given = rollout_samples([a.text for a in answers], tools_asked, tokenizer)
                         grades = judge.grade(samples_given, batch_items)
                     records = [
