@@ -140,7 +140,6 @@ def read_prompts(
     does not write tools refuses such rows."""
     # (line, messages, tools, item, key, whether the prompt is text) of the rows that hold a prompt
     found: list[tuple[int, list, list | None, dict, int, bool]] = []
-    writes_tools = None
     problems: list[Problem] = []
     rows = open_rows(path)
     for line, row in rows:
@@ -155,9 +154,7 @@ def read_prompts(
         if conversation is None:
             continue
         messages, tools = conversation.messages, conversation.tools
-        if tools and writes_tools is None:
-            writes_tools = renderer_for(tokenizer).writes_tools
-        if tools and not writes_tools:
+        if tools and not renderer_for(tokenizer).writes_tools:
             problems.append(Problem("tools_not_rendered", TOOLS_NOT_RENDERED, file=path, line=line, field="tools"))
             continue
         item = grader_item(row, messages[-1].content if messages[-1].role == "assistant" else None)
