@@ -404,13 +404,14 @@ def generate_teacher_data(
         )
     prompts, lines, items, tools = _read_prompts(prompts_file)
     calls = None  # the parser of the teacher's tool calls, where a row gives tools
+    tokenizer = None  # the teacher's: loaded here where rows give tools, else when answers are generated
     if any(tools):
         from ..data.render import renderer_for
         from ..tool_calls import parser_for
 
-        teacher_tokenizer = load_tokenizer(teacher)
-        _check_tools_written(prompts_file, tools, lines, teacher_tokenizer)
-        calls = parser_for(renderer_for(teacher_tokenizer).template)
+        tokenizer = load_tokenizer(teacher)
+        _check_tools_written(prompts_file, tools, lines, tokenizer)
+        calls = parser_for(renderer_for(tokenizer).template)
     record_file = out.with_name(out.name + ".samples.jsonl") if sampled else out
     if sampled:
         from ..graders import load_grader
@@ -464,7 +465,8 @@ def generate_teacher_data(
             model = load_frozen_model(
                 teacher, "distill generate", dtype=compute_dtype(resolve_precision(precision, device)), device=device
             )
-        tokenizer = load_tokenizer(teacher)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(teacher)
         _check_prompts_fit(
             prompts_file,
             prompts[done:target],
