@@ -223,13 +223,17 @@ def shard(objective: torch.nn.Module, model: torch.nn.Module, world: World, *, b
 def skips_vision(model: torch.nn.Module, cfg, train_items) -> bool:
     """Whether the run trains a vision tower that some micro-batches leave out: a full fine-tune of a model that
     reads images, on training rows of which some show no image (the tower runs only on images)."""
-    from ..data import shows_images
-
     return (
         trains_every_weight(cfg)
         and getattr(model.config, "vision_config", None) is not None
-        and not all(shows_images([item]) for item in train_items)
+        and _some_without_images(train_items)
     )
+
+
+def _some_without_images(train_items) -> bool:
+    from ..data import shows_images
+
+    return not all(shows_images([item]) for item in train_items)
 
 
 def refuse_skipped_vision(cfg, spread: str, train_items) -> None:
@@ -238,15 +242,15 @@ def refuse_skipped_vision(cfg, spread: str, train_items) -> None:
     gradients at once."""
     from ..data import shows_images
 
-    if spread == "fsdp" and trains_every_weight(cfg) and shows_images(train_items):
-        if not all(shows_images([item]) for item in train_items):
-            raise TuneforgeError(
-                f"{cfg.key_at('train.distributed')}: fsdp (auto picks it for full fine-tuning) with training rows "
-                "of which some show images and some do not: a process whose micro-batch shows none computes no "
-                "gradients for the vision tower, while FSDP reduces the same gradients on every process. Use "
-                "train.distributed: ddp for this run, or train the text rows and the image rows in runs of their "
-                "own."
-            )
+    fsdp_full = spread == "fsdp" and trains_every_weight(cfg)
+    if fsdp_full and shows_images(train_items) and _some_without_images(train_items):
+        raise TuneforgeError(
+            f"{cfg.key_at('train.distributed')}: fsdp (auto picks it for full fine-tuning) with training rows "
+            "of which some show images and some do not: a process whose micro-batch shows none computes no "
+            "gradients for the vision tower, while FSDP reduces the same gradients on every process. Use "
+            "train.distributed: ddp for this run, or train the text rows and the image rows in runs of their "
+            "own."
+        )
 
 
 def wrap(
