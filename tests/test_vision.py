@@ -143,21 +143,6 @@ def test_an_image_over_pillows_pixel_limit_is_refused_by_line_and_field(tmp_path
     assert "over 1000 pixels (Pillow's limit); resize it" in problems[0].message
 
 
-def test_images_in_a_column_beside_the_text_are_refused_by_line_and_field(tmp_path):
-    """TRL's and LLaMA-Factory's vision rows keep their images in an `images` field that no format reads: the row
-    would train on its text alone."""
-    pair = {"images": [png_data_url(RED)], "prompt": "What colour is this?", "chosen": "Red.", "rejected": "Blue."}
-    chat = {**image_row(RED, "It is red."), "image": png_data_url(RED)}
-    problems = [p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", [pair])) if hasattr(p, "code")] + [
-        p for _, p in read_conversations(write_rows(tmp_path / "chat.jsonl", [chat])) if hasattr(p, "code")
-    ]
-    assert [(p.code, p.line, p.field) for p in problems] == [
-        ("image_column", 1, "images"),
-        ("image_column", 1, "image"),
-    ]
-    assert "image_url" in problems[0].message
-
-
 @pytest.mark.parametrize("kind", ["GIF", "WEBP"])
 def test_an_animated_image_is_refused_by_line_and_field(tmp_path, kind):
     """The model would see an animation's first frame alone: it is refused, as OpenAI's vision data refuses it."""

@@ -1,9 +1,9 @@
 """The cache of prepared (tokenized) data sets, under `tuneforge_home()/data-cache/<key>/`.
 
-The key hashes everything the prepared data depends on: the data files' paths and contents, the tokenizer
-(vocabulary, merges, added tokens, chat template) and the data config. Entries are Parquet files
-written atomically (a folder renamed into place), so a crash never leaves a half entry that a
-later run would trust.
+The key hashes everything the prepared data depends on: the data files' paths and contents (and those of the
+image files their rows name), the tokenizer (vocabulary, merges, added tokens, chat template) and the data
+config. Entries are Parquet files written atomically (a folder renamed into place), so a crash never leaves a
+half entry that a later run would trust.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import DataConfig
 from ..fsio import atomic_dir, tuneforge_home, write_json
 from ..models.loading import given_chatml, image_inputs
+from .formats import image_files
 from .schema import Example, PreparedData, token_array
 
 CACHE_FORMAT = 20
@@ -70,6 +71,13 @@ def cache_key(cfg: DataConfig, tokenizer, replay_file: Path | None = None) -> st
                 h.update(hashlib.file_digest(f, "sha256").digest())
         except OSError:
             return None
+        for image in image_files(path):  # the images its rows name by path: a row trains on their bytes
+            h.update(str(image).encode())
+            try:
+                with open(image, "rb") as f:
+                    h.update(hashlib.file_digest(f, "sha256").digest())
+            except OSError:  # the row is refused; once the file is there, the key changes
+                h.update(b"missing")
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:32]
 

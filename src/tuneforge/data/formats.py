@@ -22,6 +22,9 @@ Formats (the names `data.format` takes):
                      completion as text, or lists of chat messages: the completion one assistant message),
                      or {"messages": [..., the rated assistant reply], "label", "tools"?}; the label rates
                      the last reply alone (desirable or undesirable), which is all a row trains
+A row's images may sit in an `images` (or `image`) field beside its text, as TRL's and LLaMA-Factory's vision
+rows hold them, each shown where its placeholder is: they become image parts of their user messages
+(`_place_images`).
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import contextlib
 import difflib
 import json
 import math
+import mmap
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .images import read_image
+from .images import column_image, column_image_path, read_image
 from .readers import open_rows
 from .schema import ROLES, Conversation, Document, Image, Message, Preference, Problem, Record
 
@@ -177,12 +181,13 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
                 f"this row is {row_format} data but the file's first row (line {first[1]}) is {first[0]}. "
                 "Keep one format per file, or set data.format to read every row as one format.",
             )
-        _refuse_image_columns(row, check)
         if check.problems:
             yield from ((line, p) for p in check.problems)
             continue
         if rows.kind == "csv":
             row = check.decode_json_cells(row, row_format)
+        if not check.problems:
+            row = _place_images(row, check, Path(rows.path).parent)
         record = _NORMALISERS[row_format](row, check) if not check.problems else None
         if check.errors and format != "auto":
             first_error = next(i for i, p in enumerate(check.problems) if p.is_error)
@@ -195,20 +200,160 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
 IMAGE_COLUMNS = ("images", "image")
 """Where TRL's, LLaMA-Factory's and Hugging Face's vision data sets keep a row's images, beside its text."""
 
+IMAGE_PLACEHOLDER = "<image>"
+"""LLaMA-Factory's marker of where an image of the row's `images` is shown, in a user message's text."""
 
-def _refuse_image_columns(row: dict, check: _RowCheck) -> None:
-    """A row's images in a column of their own are refused: no format reads them there, so the row would train
-    on its text alone (DPO would learn its preferences blind to the images)."""
-    for key in IMAGE_COLUMNS:
-        if row.get(key):
+# The fields whose placeholders take a row's images in turn; each reply of a pair (`chosen`, `rejected`: in
+# TRL's pairs without a prompt, whole conversations that repeat it) takes them on from where those left off.
+_SHARED_IMAGE_FIELDS = ("messages", "conversations", "prompt", "completion")
+_REPLY_IMAGE_FIELDS = ("chosen", "rejected")
+_PLACEHOLDERS = (
+    f'an {IMAGE_PLACEHOLDER} in a user message\'s text (LLaMA-Factory\'s layout) or a {{"type": "image"}} content part '
+    "(TRL's)"
+)
+
+
+def image_files(path: str | Path) -> list[Path]:
+    """The image files a data file's rows name in their `images` (or `image`) fields, which the data cache's
+    key hashes beside the data file."""
+    rows = open_rows(path)
+    if not _may_name_images(rows):
+        rows.close()
+        return []
+    folder, files = Path(rows.path).parent, []
+    with rows:
+        for _, row in rows:
+            for key in IMAGE_COLUMNS if isinstance(row, dict) else ():
+                files += [f for entry in _image_entries(row.get(key)) if (f := column_image_path(entry, folder))]
+    return list(dict.fromkeys(files))  # each file once, however many rows show it
+
+
+def _may_name_images(rows) -> bool:
+    """Whether a file's rows may have an `images` field: a table's header names it, a JSON file's bytes hold
+    the name, found without parsing the rows (a text data set's cache key costs no second read of them)."""
+    if rows.columns is not None:
+        return bool(set(IMAGE_COLUMNS) & set(rows.columns))
+    if rows.kind not in ("json", "jsonl"):
+        return False
+    if str(rows.path).endswith(".gz"):
+        return True
+    if Path(rows.path).stat().st_size == 0:
+        return False
+    with open(rows.path, "rb") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(b'"image') >= 0
+
+
+def _image_entries(value: Any) -> list:
+    """The entries of an `images` field: a list, or one image; a CSV cell holds the list as JSON text."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+    if value is None or value == "":
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _place_images(row: dict, check: _RowCheck, folder: Path) -> dict:
+    """The row with the images of its `images` (or `image`) field, read from the data file's `folder`, in place
+    of their placeholders (`_PLACEHOLDERS`) in order: each an image part of its user message, as OpenAI's
+    layout holds it."""
+    given = [key for key in IMAGE_COLUMNS if _image_entries(row.get(key))]
+    if len(given) > 1:
+        check.error("image_column", "image", "the row has both 'images' and 'image'; keep its images in one of them.")
+    if len(given) != 1:
+        return row
+    key = given[0]
+    images = []
+    for i, entry in enumerate(_image_entries(row[key])):
+        image = column_image(entry, folder)
+        if isinstance(image, str):
+            check.error("bad_image", f"{key}[{i}]" if isinstance(row[key], list) else key, image)
+        images.append(image)
+    if check.errors:
+        return row
+    placed, shared = dict(row), 0
+    for field in _SHARED_IMAGE_FIELDS:
+        if field in row:
+            placed[field], shared = _place_in(row[field], field, images, shared, check)
+    replies = {}
+    for field in _REPLY_IMAGE_FIELDS:
+        if field in row:
+            placed[field], replies[field] = _place_in(row[field], field, images, shared, check)
+    shown = [(f"its prompt and '{field}' show", end) for field, end in replies.items()]
+    shown = shown or [("its messages show", shared)]
+    wrong = next(((said, end) for said, end in shown if end != len(images)), None)
+    if wrong is not None:
+        check.error(
+            "image_count",
+            key,
+            f"'{key}' holds {len(images)} image(s) but {wrong[0]} {wrong[1]}: each image is shown where its "
+            f"placeholder is, {_PLACEHOLDERS}, the images in order. Put one placeholder where each image is shown.",
+        )
+    return placed
+
+
+def _place_in(value: Any, field: str, images: list[Image], start: int, check: _RowCheck) -> tuple[Any, int]:
+    """A field's messages (a list, one ShareGPT turn, or a prompt's text) with the `images` from `start` on in
+    place of their placeholders, and where the next placeholder's image is; a field of another type comes back
+    as it is, for the normaliser to refuse."""
+    if isinstance(value, str) and field in ("prompt", "completion", *_REPLY_IMAGE_FIELDS):
+        # A prompt's text is one user message; a completion's or a reply's, an assistant's.
+        parts, end = _place_in_content(value, images, start)
+        if end > start and field != "prompt":
             check.error(
-                "image_column",
-                key,
-                f"the row's images are in its '{key}' field, which is not read: it would train on its text alone. "
-                'Put each image in the user message that shows it, as {"type": "image_url", "image_url": {"url": '
-                '"data:image/png;base64,..."}} in place of its {"type": "image"} part or <image> marker (see README, '
-                f"Images), and remove '{key}'.",
+                "unsupported_content",
+                field,
+                f"'{field}' is a reply, and images are shown in user messages only; move the placeholder to the "
+                "prompt.",
             )
+        return ([{"role": "user", "content": parts}] if end > start else value), end
+    if not isinstance(value, list | dict):
+        return value, start
+    turns = value if isinstance(value, list) else [value]
+    placed, end = [], start
+    for i, turn in enumerate(turns):
+        at = f"{field}[{i}]" if isinstance(value, list) else field
+        content_key = "value" if isinstance(turn, dict) and "from" in turn else "content"
+        if not isinstance(turn, dict) or content_key not in turn:
+            placed.append(turn)  # the normaliser says what is wrong with it
+            continue
+        role = _SHAREGPT_ROLES.get(str(turn["from"])) if content_key == "value" else turn.get("role")
+        content, next_image = _place_in_content(turn[content_key], images, end)
+        if next_image > end and role != "user":
+            check.error(
+                "unsupported_content",
+                f"{at}.{content_key}",
+                f"an image placeholder is in a {role or 'roleless'} message, and images are shown in user messages "
+                "only; move it to the user message that shows the image.",
+            )
+        placed.append({**turn, content_key: content})
+        end = next_image
+    return (placed if isinstance(value, list) else placed[0]), end
+
+
+def _place_in_content(content: Any, images: list[Image], start: int) -> tuple[Any, int]:
+    """A message's content with `images` from `start` on in place of its placeholders (as content parts), and
+    where the next placeholder's image is; content without placeholders comes back as it is."""
+    end = start
+    if isinstance(content, str) and IMAGE_PLACEHOLDER in content:
+        parts = []
+        for k, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
+            if k:
+                parts.append(images[end] if end < len(images) else {"type": "image"})
+                end += 1
+            if text:
+                parts.append({"type": "text", "text": text})
+        return parts, end
+    if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image":
+                part = images[end] if end < len(images) else part
+                end += 1
+            parts.append(part)
+        return parts, end
+    return content, end
 
 
 def json_rows(path: str | Path, format: str = "auto") -> Iterator[tuple[int | None, dict | Problem]]:
@@ -634,11 +779,14 @@ class _RowCheck:
         out, errors_before = [], self.errors
         for j, part in enumerate(value):
             kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(part, Image):  # an image of the row's `images` field, read and checked there
+                kind = "image_url"
             if kind == "text" and isinstance(part.get("text"), str):
                 out.append(part["text"])
             elif kind == "image_url" and role == "user":
-                holder = part.get("image_url")
-                image = read_image(holder.get("url") if isinstance(holder, dict) else None)
+                holder = None if isinstance(part, Image) else part.get("image_url")
+                url = holder.get("url") if isinstance(holder, dict) else None
+                image = part if isinstance(part, Image) else read_image(url)
                 if isinstance(image, str):
                     self.error("bad_image", f"{at}[{j}].image_url.url", image)
                 else:
@@ -649,6 +797,14 @@ class _RowCheck:
                     f"{at}[{j}]",
                     f"images are read in user messages only, not in {role or 'this'} messages; "
                     "move it to a user message.",
+                )
+            elif kind == "image":
+                self.error(
+                    "image_count",
+                    f"{at}[{j}]",
+                    'a {"type": "image"} part shows an image of the row\'s \'images\' field, and the row has none: '
+                    "give the row its images there (file paths from the data file's folder), or put the image in the "
+                    'part as {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}.',
                 )
             else:
                 self.error(

@@ -5,6 +5,8 @@ Each is decoded here, when the row is read, and checked: the URL is a base64 dat
 would need the network; a file path is not part of the data file, so the data cache could not tell
 when it changed), the base64 decodes, the bytes are an image PIL reads, within `MAX_IMAGE_BYTES` and
 Pillow's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`: a small file of a huge image takes GBs to decode).
+A row's `images` field (TRL's and LLaMA-Factory's layouts) names its images by file path too
+(`column_image`): the data cache's key hashes the files it names.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from pathlib import Path
 
 from .schema import Image
@@ -60,7 +63,52 @@ def read_image_file(path: str | Path) -> Image | str:
         data = path.read_bytes()
     except OSError as e:
         return f"{path} cannot be read ({e.strerror or e})."
-    kind = _image_format(data, f"the bytes of {path}")
+    return _image_bytes(data, f"the bytes of {path}")
+
+
+def column_image(value: object, folder: Path) -> Image | str:
+    """One image of a row's `images` field (TRL's and LLaMA-Factory's layout), or what is wrong with it: a
+    file path, relative to the data file's `folder` (LLaMA-Factory's), a data URL, or Hugging Face's image
+    value `{"bytes", "path"}` (a data set's Parquet files hold it)."""
+    if isinstance(value, dict) and isinstance(value.get("bytes"), bytes):
+        if len(value["bytes"]) > MAX_IMAGE_BYTES:
+            return f"the image is over {MAX_IMAGE_BYTES // 2**20} MB; resize or recompress it."
+        return _image_bytes(value["bytes"], "the image's bytes")
+    path = column_image_path(value, folder)
+    if path is not None:
+        if not path.exists():
+            return (
+                f"{path} does not exist (an image's path is read from the data file's folder, {folder}); "
+                "fix the path or add the file."
+            )
+        return read_image_file(path)
+    if isinstance(value, str) and value.split(":", 1)[0].lower() == "data":
+        return read_image(value)
+    if isinstance(value, str) and value.split(":", 1)[0].lower() in ("http", "https"):
+        return (
+            f"images are not downloaded (tuneforge reads no network); download {value[:80]} and give the "
+            "file's path, from the data file's folder."
+        )
+    return (
+        'an image is given as a file path (from the data file\'s folder), a data URL or {"bytes": ..., "path": ...}; '
+        "give it as one of them."
+    )
+
+
+def column_image_path(value: object, folder: Path) -> Path | None:
+    """The file an `images` field's entry names (a path, or a `{"path"}` without bytes), relative to the data
+    file's `folder`; None for an entry that names no file (a URL, a data URL, bytes)."""
+    if isinstance(value, dict) and value.get("bytes") is None:
+        value = value.get("path")
+    if not isinstance(value, str) or not value.strip() or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", value):
+        return None
+    return folder / Path(value).expanduser()
+
+
+def _image_bytes(data: bytes, what: str) -> Image | str:
+    """The image in a file's bytes (`what` names them), checked, with the data URL it is held as; or what is
+    wrong with them."""
+    kind = _image_format(data, what)
     if kind not in FORMATS:
         return kind
     return Image(data, f"data:image/{kind.lower()};base64,{base64.b64encode(data).decode()}")
