@@ -377,6 +377,15 @@ def test_another_image_changes_the_first_answer_tokens_logits(vision):
     assert abs(red.logprobs[0].top[0].logprob - green.logprobs[0].top[0].logprob) > 1e-4
 
 
+def test_a_reply_never_holds_the_image_token(vision):
+    # Sampled near uniformly over the tiny vocabulary, over eight tokens an entry: replies would hold it several times.
+    model, tokenizer = vision
+    torch.manual_seed(0)
+    replies = answer(model, tokenizer, [(QUESTION, [png(RED)])] * 32, 256, temperature=100.0)
+    tokens = [t for reply in replies for t in reply.token_ids]
+    assert len(tokens) > 8 * len(tokenizer) and image_inputs(tokenizer).image_token_id not in tokens
+
+
 def test_text_and_image_prompts_in_one_batch_answer_as_they_do_alone(vision):
     model, tokenizer = vision
     rows = [

@@ -731,6 +731,9 @@ class Batch:
         self.model, self.tokenizer = model, tokenizer
         self.prefix_cache, self.cache_model = prefix_cache, cache_model
         self.images = image_inputs(tokenizer)  # the model's image side; None where it reads no images
+        # The token an image's features take the place of is never picked: a reply holding it shows no image (sent
+        # back in the next turn it is refused; a GRPO answer holding it cannot run beside its prompt's pixels).
+        self._unpicked = self.images.image_token_id if self.images is not None else None
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.window = model_context_length(model)
         pad = tokenizer.pad_token_id
@@ -1131,12 +1134,14 @@ class Batch:
         """The next token of each row (argmax, or a sample) and, for a row asking for them, its log
         probabilities; rows sharing options and a random stream are sampled in one draw, so a batch with one
         seed draws as it always has. A row's penalties lower the logits of the tokens it has generated first;
-        a constrained row picks among the tokens its guide allows."""
+        a constrained row picks among the tokens its guide allows; no row picks the image token."""
         from .constrain import allowed
 
         # Rows asking for log probabilities get them from the raw logits, before penalties and a guide change them.
         asking = [line for line, row in enumerate(rows) if row.sampling.logprobs is not None]
         raw = torch.log_softmax(logits[asking], dim=-1) if asking else None
+        if self._unpicked is not None and self._unpicked < logits.shape[-1]:
+            logits[:, self._unpicked] = float("-inf")
         for line, row in enumerate(rows):
             presence, frequency = row.sampling.presence_penalty, row.sampling.frequency_penalty
             if row.tokens and (presence or frequency):
