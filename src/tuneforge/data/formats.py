@@ -433,8 +433,8 @@ def prompt_conversation(
     prompt/completion row's `prompt` (text, or a list of messages), its completion ignored, and its `tools`
     (OpenAI's format, which the prompt is rendered with as the server renders a request's). A `csv`
     row's cells are text: the ones that hold JSON structures are parsed first. Such a row is answered by
-    generation; GRPO and a teacher read text prompts only, so images are refused unless `images` (evaluation,
-    which generates with them)."""
+    generation; a teacher reads text prompts only, so images are refused unless `images` (GRPO and evaluation,
+    which generate with them)."""
     check = _RowCheck(file, line)
     if csv:
         row = check.decode_json_cells(row)
@@ -448,8 +448,9 @@ def prompt_conversation(
         check.error(
             "images_in_prompt",
             f"messages[{shows}].content",
-            "the prompt holds images, and answers are generated from text prompts only (they would be made "
-            "without the images). Train rows with images with method: lora, dora or full; remove them here.",
+            "the prompt holds images, and the teacher answers text prompts only (its answers would be made "
+            "without the images). Train rows with images with method: lora, dora, full, dpo or grpo; remove them "
+            "here.",
         )
     tools = check.tools(row)
     return (None if check.errors else Conversation(messages, tools=tools)), check.problems

@@ -288,7 +288,7 @@ class ChatRenderer:
         for conversation in conversations:
             span_at = _span_messages(conversation.messages, train_on)
             messages, tools = [m.to_template() for m in conversation.messages], conversation.tools
-            problems = self._reply_problems(conversation, messages, span_at, train_on) or self._image_problems(
+            problems = self._reply_problems(conversation, messages, span_at, train_on) or self.image_problems(
                 conversation
             )
             if problems:
@@ -417,7 +417,7 @@ class ChatRenderer:
                 out[n] = self.images.expand(text, images) if self.images and isinstance(text, str) else text
         return out
 
-    def _image_problems(self, conversation: Conversation) -> list[Problem]:
+    def image_problems(self, conversation: Conversation) -> list[Problem]:
         """A row with images for a model that reads none: the whole data set is for another model. For a model that
         reads images, each image its image processor refuses (Qwen2-VL's: a side over 200 times the other), by its
         part's url, as serve refuses it: rendering would raise the processor's error, and training would stop on it."""

@@ -65,6 +65,13 @@ class Message:
         return out
 
 
+def shown_text(content: str | list[dict]) -> str:
+    """A template message's content (`Message.to_template`) as a person reads it: its text, each image as `[image]`."""
+    if isinstance(content, str):
+        return content
+    return "".join("[image]" if part["type"] == "image" else part["text"] for part in content)
+
+
 def _call_for_template(call: dict) -> dict:
     """A tool call with its arguments as an object: OpenAI's data holds them as JSON text
     (`"arguments": "{\\"city\\": \\"Paris\\"}"`), chat templates write them with `tojson` and expect an

@@ -54,6 +54,7 @@ from ..data import (
 from ..data.formats import file_format, prompt_conversation
 from ..data.readers import open_rows
 from ..data.render import renderer_for
+from ..data.schema import shown_text
 from ..errors import DataError, TuneforgeError
 from ..generate import generate
 from ..graders import Grader, GradeResult, load_grader, rollout_samples
@@ -94,10 +95,7 @@ class EvalExample:
     @property
     def input(self) -> str:
         """What a person reads as the question: the last user message, each image in it shown as `[image]`."""
-        content = next((m["content"] for m in reversed(self.prompt) if m["role"] == "user"), "")
-        if isinstance(content, str):
-            return content
-        return "".join("[image]" if part["type"] == "image" else part["text"] for part in content)
+        return shown_text(next((m["content"] for m in reversed(self.prompt) if m["role"] == "user"), ""))
 
     @property
     def images(self) -> tuple[bytes, ...]:

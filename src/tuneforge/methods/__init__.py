@@ -225,16 +225,17 @@ def batch_items(prepared, cfg) -> tuple[list, list]:
 
 
 def refuse_images(prepared, cfg) -> None:
-    """Rows with images train with the supervised objective and with dpo (every loss, kto too: its policy and
-    reference forwards read the images): another method's forwards (a teacher, sampled answers, a reward model's
-    scores) and the KL terms would run without the images, on their bare tokens."""
+    """Rows with images train with the supervised objective, with dpo (every loss, kto too: its policy and
+    reference forwards read the images) and with grpo (its sampling, policy and reference read them): another
+    method's forwards (a teacher, a reward model's scores) and the KL terms would run without the images, on
+    their bare tokens."""
     pairs = [e for pair in (*prepared.train_pairs, *prepared.valid_pairs) for e in pair]
     if not tfdata.shows_images([*prepared.train, *prepared.valid, *pairs]):
         return
-    if cfg.method not in ("full", "lora", "dora", "dpo"):
+    if cfg.method not in ("full", "lora", "dora", "dpo", "grpo"):
         raise ConfigError(
             f"{cfg.key_at('method')}: {cfg.method} does not train on rows with images yet; train them with "
-            "method: lora, dora, full or dpo, or remove the image parts."
+            "method: lora, dora, full, dpo or grpo, or remove the image parts."
         )
     if cfg.train.kl_to_base or (cfg.data.general_mix and cfg.train.replay_loss == "kl_to_base"):
         key = "train.kl_to_base" if cfg.train.kl_to_base else "train.replay_loss"

@@ -38,6 +38,12 @@ the messages up to the last user turn; a final assistant message is not sampled 
 the grader as `item.reference`, and every other field of the row is the item as it stands
 (`{{ item.answer }}`). Graders also see `item.prompt`, the prompt as TRL gives it, and each sample's
 `completion`, the answer as sampled: what TRL-style reward functions (FILE.py:FUNCTION) are given.
+
+On a model that reads images (Gemma 3, Qwen2-VL), a prompt's user messages may show images (`image_url`
+parts): the prompt is expanded into the images' tokens as training expands a row's, its answers are sampled
+with the images' pixels in the prefill (`generate`'s `images`), and each answer runs as a row of its own (no
+packing) with the pixels through the policy and the reference. Graders read the answer's text as for a text
+prompt; `item.prompt` holds the messages with an `{"type": "image"}` part for each image.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import json
 import zlib
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,13 +65,14 @@ from ..data.formats import prompt_conversation
 from ..data.prepare import PiiScreen, SystemPromptTally, problem_warnings, refuses
 from ..data.readers import open_rows
 from ..data.render import renderer_for
-from ..data.schema import Conversation, Problem
-from ..errors import DataError
+from ..data.schema import Conversation, Problem, shown_text
+from ..errors import ConfigError, DataError
 from ..fsio import write_json, writing
 from ..generate import encode_each, generate
 from ..graders import GraderError, rollout_samples
 from ..graders import load_grader as load_grader_spec
 from ..models import causal_lm, frozen_base
+from ..models.loading import image_inputs
 from .dpo import prepare_policy
 from .sft import reference_lm, token_cross_entropy, trained_hidden
 
@@ -87,6 +94,7 @@ class PromptRow:
     key: int  # the row's content key, which decides its side of a data.validation fraction
     prompt: str | list[dict] = ""  # the prompt as TRL gives it: a text prompt's text, else its messages
     tools: list[dict] | None = None  # the row's tools, which `input_ids` render as the server renders a request's
+    images: tuple[bytes, ...] = ()  # the image files the prompt's image tokens show, in order
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -137,10 +145,13 @@ def read_prompts(
     in each row: in its prompt, and as in replies in its reference answer and the fields its grader reads,
     which the rewards steer the answers toward; under redact the row goes on with placeholders. A row's
     `tools` are rendered into its prompt as `tuneforge serve` renders a request's; a chat template that
-    does not write tools refuses such rows."""
+    does not write tools refuses such rows. A prompt's images (`image_url` parts of its user messages) are
+    expanded into their tokens as training's are, for a model that reads images; a model that reads text
+    only refuses such rows, and its image processor an image it does not take (`Renderer.image_problems`)."""
     # (line, messages, tools, item, key, whether the prompt is text) of the rows that hold a prompt
     found: list[tuple[int, list, list | None, dict, int, bool]] = []
     problems: list[Problem] = []
+    renderer = renderer_for(tokenizer)
     rows = open_rows(path)
     for line, row in rows:
         if isinstance(row, Problem):
@@ -149,12 +160,16 @@ def read_prompts(
         if not isinstance(row, dict) or not {"messages", "prompt"} & set(row):
             problems.append(_prompt_problem("no_messages", NO_MESSAGES, path, line))
             continue
-        conversation, row_problems = prompt_conversation(row, file=path, line=line, csv=rows.kind == "csv")
+        conversation, row_problems = prompt_conversation(row, file=path, line=line, csv=rows.kind == "csv", images=True)
         problems += row_problems
         if conversation is None:
             continue
+        unread = [replace(p, file=path, line=line) for p in renderer.image_problems(conversation)]
+        if unread:
+            problems += unread
+            continue
         messages, tools = conversation.messages, conversation.tools
-        if tools and not renderer_for(tokenizer).writes_tools:
+        if tools and not renderer.writes_tools:
             problems.append(Problem("tools_not_rendered", TOOLS_NOT_RENDERED, file=path, line=line, field="tools"))
             continue
         item = grader_item(row, messages[-1].content if messages[-1].role == "assistant" else None)
@@ -175,9 +190,10 @@ def read_prompts(
         text = "messages" not in row and len(messages) == 1 and messages[0].content == row.get("prompt")
         found.append((line, messages, tools, item, key, text))
     prompts = [[m.to_template() for m in messages] for _, messages, _, _, _, _ in found]
-    encoded = encode_each(tokenizer, prompts, [tools for _, _, tools, _, _, _ in found])
+    shown = [tuple(image.data for m in messages for image in m.images) for _, messages, _, _, _, _ in found]
+    encoded = encode_each(tokenizer, prompts, [tools for _, _, tools, _, _, _ in found], shown)
     rows = []
-    for (line, messages, tools, item, key, text), prompt, ids in zip(found, prompts, encoded):
+    for (line, messages, tools, item, key, text), prompt, ids, images in zip(found, prompts, encoded, shown):
         if len(ids) >= max_length:
             too_long = (
                 f"the prompt is {len(ids)} tokens, and GRPO prompts must be shorter than data.max_length "
@@ -187,7 +203,9 @@ def read_prompts(
             problems.append(_prompt_problem("too_long", too_long, path, line))
             continue
         system_prompts.add(messages)
-        rows.append(PromptRow(ids, prompt, item, f"{path}:{line}", key, messages[0].content if text else prompt, tools))
+        rows.append(
+            PromptRow(ids, prompt, item, f"{path}:{line}", key, messages[0].content if text else prompt, tools, images)
+        )
     return rows, problems
 
 
@@ -267,6 +285,14 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None, log=print) -> tf
             problems=errors,
         )
     checked, grader = (valid or rows)[:16], load_grader(cfg)
+    shows = next((r for r in rows + valid if r.images), None)
+    if shows is not None and grader.model_files():
+        raise ConfigError(
+            f"{cfg.key_at('grpo.grader')}: it scores with a reward model, which reads text only, and the prompt at "
+            f"{shows.where} shows images: the answers would be scored without them. Grade answers to image prompts "
+            "with string_check, text_similarity, json_fields, python or TRL reward functions, or remove the image "
+            "rows."
+        )
     with naming_rows(checked):
         grader.check([r.graded_item for r in checked])
     with naming_rows(rows + valid):
@@ -347,6 +373,7 @@ class GRPOObjective(nn.Module):
                     temperature=o.temperature,
                     top_p=o.top_p,
                     seed=seed,
+                    images=[r.images for r in rows for _ in range(o.group_size)],
                 )
                 graded.append(self._grade(rows, completions))
         finally:
@@ -385,6 +412,7 @@ class GRPOObjective(nn.Module):
                     self.tokenizer,
                     [tuple(r.input_ids) for r in rows],
                     max_new_tokens=self.options.max_new_tokens,
+                    images=[r.images for r in rows],
                 )
                 with naming_rows(rows):
                     samples = rollout_samples([a.text for a in answers], [r.tools for r in rows], self.tokenizer)
@@ -438,7 +466,7 @@ class GRPOObjective(nn.Module):
         row, size = group.rows[0], self.options.group_size
         record = {
             "step": step + 1,
-            "prompt": row.messages[-1]["content"],
+            "prompt": shown_text(row.messages[-1]["content"]),
             "item": row.where,
             "answers": [
                 {"text": c.text, "reward": float(r), "advantage": float(a)}
@@ -459,11 +487,10 @@ class GRPOObjective(nn.Module):
             "dapo": torch.full_like(lengths, answers_per_token),
         }[o.loss]
         examples = [
-            _answer_example(group.rows[i // o.group_size].input_ids, list(c.token_ids))
-            for i, c in zip(kept, completions)
+            _answer_example(group.rows[i // o.group_size], list(c.token_ids)) for i, c in zip(kept, completions)
         ]
         return {
-            **tfdata.collate(examples, self.tokenizer.pad_token_id),
+            **tfdata.collate(examples, self.tokenizer.pad_token_id, images=image_inputs(self.tokenizer)),
             "advantages": group.advantages[kept],
             "token_weights": weights,
             "sampled_sums": torch.cat(
@@ -494,8 +521,13 @@ class GRPOObjective(nn.Module):
         sampled_sums,
         position_ids=None,
         attention_mask=None,
+        **images,
     ):
-        batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask)
+        # `images`: the pixels (and image inputs) of answers whose prompts show images, which the policy and the
+        # reference both read.
+        batch = dict(
+            input_ids=input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask, **images
+        )
         trained = labels != IGNORE_INDEX
         answer = trained.nonzero()[:, 0]  # the answer (row) of each trained token
         targets = labels[trained]
@@ -530,11 +562,12 @@ class GRPOObjective(nn.Module):
         }
 
 
-def _answer_example(prompt_ids: list[int], answer_ids: list[int]) -> tfdata.Example:
-    """The prompt and its sampled answer as one example that trains the answer's tokens (labels shifted)."""
-    ids = prompt_ids + answer_ids
-    labels = [IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids + [IGNORE_INDEX]
-    return tfdata.Example(ids, labels)
+def _answer_example(row: PromptRow, answer_ids: list[int]) -> tfdata.Example:
+    """The prompt and its sampled answer as one example that trains the answer's tokens (labels shifted), with the
+    prompt's images."""
+    ids = row.input_ids + answer_ids
+    labels = [IGNORE_INDEX] * (len(row.input_ids) - 1) + answer_ids + [IGNORE_INDEX]
+    return tfdata.Example(ids, labels, images=row.images)
 
 
 def build_objective(model, tokenizer, cfg, *, dtype: torch.dtype, device: torch.device) -> GRPOObjective:
