@@ -5,6 +5,7 @@ with an error that names the rank and the phase."""
 import atexit
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -423,3 +424,38 @@ def test_full_fine_tuning_of_a_vision_model_on_rows_with_and_without_images_runs
     res = run_cli(config("fsdp", "auto"), tmp_path, 2)
     assert res.returncode != 0 and "some show images and some do not" in res.stderr
     assert "train.distributed: ddp" in res.stderr and not (tmp_path / "fsdp" / "final").exists()
+
+
+def test_grpo_with_a_full_policy_on_prompts_with_and_without_images_runs_under_ddp(tmp_path):
+    """A micro-batch of text prompts leaves the vision tower out of its forward, as in full fine-tuning: DDP looks
+    for the parameters a forward leaves out and runs on."""
+    from families import save_gemma3_vision_model
+    from test_grpo_vision import image_prompt
+
+    model = save_gemma3_vision_model(tmp_path / "model")
+    rows = []
+    for i in range(4):
+        rows.append(image_prompt((220, 20 * i, 20), "red"))
+        rows.append({"prompt": f"Say {i}.", "answer": str(i)})
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def config(run: str) -> dict:
+        grader = {
+            "type": "python",
+            "name": "length",
+            "source": "def grade(sample, item):\n    return len(sample['output_text']) % 5 / 4\n",
+        }
+        return {
+            "base_model": str(model),
+            "method": "grpo",
+            "grpo": {"policy": "full", "grader": grader, "group_size": 2, "max_new_tokens": 4},
+            "data": {"train": str(tmp_path / "mixed.jsonl"), "validation": 0.0, "max_length": 64},
+            "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "precision": "fp32"}
+            | {"eval_every": 0, "save_every": 0, "distributed": "ddp"},
+            "output_dir": str(tmp_path / run),
+        }
+
+    res = run_cli(config("ddp"), tmp_path, 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [r for r in metrics(tmp_path / "ddp") if "train_loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r[k]) for r in steps for k in ("train_loss", "kl", "reward"))
