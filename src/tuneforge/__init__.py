@@ -29,20 +29,23 @@ except PackageNotFoundError:
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+# The Python API: each name is the function its CLI command runs, imported on first use, so importing the
+# package (the CLI, `tuneforge.errors`) does not load torch; help() and a notebook's completion show its arguments.
+_API = {
+    "train": ("pipeline", "train"),
+    "sweep": ("sweeps", "sweep"),
+    "evaluate": ("eval.command", "evaluate_model"),
+}
+
+
 def __getattr__(name: str):
-    # `tuneforge.train` is `pipeline.train` itself (and `tuneforge.sweep` is `sweeps.sweep`), so help() and a
-    # notebook's completion show its arguments; it is imported on first use, so importing the package (the
-    # CLI, `tuneforge.errors`) does not load torch.
-    if name == "train":
-        from .pipeline import train
+    if name in _API:
+        from importlib import import_module
 
-        return train
-    if name == "sweep":
-        from .sweeps import sweep
-
-        return sweep
+        module, function = _API[name]
+        return getattr(import_module(f".{module}", __name__), function)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "train", "sweep"])
+    return sorted([*globals(), *_API])

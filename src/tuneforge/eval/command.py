@@ -34,13 +34,70 @@ def eval_command(
     num_fewshot: int = 0,
     fewshot_file: str | None = None,
 ) -> int:
-    """Evaluate MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side.
-    `max_new_tokens` None: `evaluate`'s default. `grader`: a grader object inline, a JSON/YAML file of one,
-    or reward functions as FILE.py:FUNCTION (comma-separated for several, summed), which scores the answers
-    too. A reward model (a sequence classifier) as MODEL is measured on DATA's preference pairs instead
-    (`eval.reward`); `out`, a folder for its per-pair scores and histogram of margins. Multiple-choice rows
-    (`eval.choices`) are scored by each choice's log-likelihood, each after `num_fewshot` solved examples (from
-    `fewshot_file`, else from DATA); `out`, a folder for each question's results."""
+    """`tuneforge eval`: `evaluate_model`'s result printed as tables, or as JSON with `json_out`."""
+    result, tables = _evaluated(
+        model,
+        data,
+        compare=compare,
+        metric=metric,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        grader=grader,
+        out=out,
+        num_fewshot=num_fewshot,
+        fewshot_file=fewshot_file,
+        progress=not json_out,
+    )
+    if json_out:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print_tables(tables)
+        if "results" in result.get("files", {}):
+            print(f"each question's results: {result['files']['results']}")
+    return 0
+
+
+def evaluate_model(
+    model: str,
+    data: str | Path,
+    *,
+    compare: str | None = None,
+    metric: str = "auto",
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    grader: str | dict | list[str] | None = None,
+    out: str | Path | None = None,
+    num_fewshot: int = 0,
+    fewshot_file: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """MODEL on DATA (a chat JSONL); with `compare`, also the model named there, side by side: the result
+    `tuneforge eval --json` prints, as a dict. `max_new_tokens` None: `evaluate`'s default. `grader`: a grader
+    object (a dict, or one written inline as JSON/YAML), a JSON/YAML file of one, or reward functions as
+    FILE.py:FUNCTION (a list, or comma-separated; summed), which scores the answers too. A reward model (a
+    sequence classifier) as MODEL is measured on DATA's preference pairs instead (`eval.reward`); `out`, a
+    folder for its per-pair scores and histogram of margins. Multiple-choice rows (`eval.choices`) are scored by
+    each choice's log-likelihood, each after `num_fewshot` solved examples (from `fewshot_file`, else from
+    DATA); `out`, a folder for each question's results. `progress=False` leaves out the progress bars."""
+    return _evaluated(
+        model,
+        str(data),
+        compare=compare,
+        metric=metric,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        grader=grader,
+        out=None if out is None else str(out),
+        num_fewshot=num_fewshot,
+        fewshot_file=None if fewshot_file is None else str(fewshot_file),
+        progress=progress,
+    )[0]
+
+
+def _evaluated(
+    model, data, *, compare, metric, limit, max_new_tokens, grader, out, num_fewshot, fewshot_file, progress
+) -> tuple[dict, list]:
+    """The evaluation's result and the tables that show it."""
     if fewshot_file is not None and not num_fewshot:
         raise ConfigError(
             f"--fewshot-file {fewshot_file} gives the solved examples shown before each question, but --num-fewshot "
@@ -48,24 +105,23 @@ def eval_command(
         )
     fewshot = {"--num-fewshot": num_fewshot > 0, "--fewshot-file": fewshot_file is not None}
     if reward_model(model):
-        return _reward_command(
+        return _reward_evaluated(
             model,
             data,
             compare=compare,
             metric=metric,
-            json_out=json_out,
             limit=limit,
             grader=grader,
             out=out,
             max_new_tokens=max_new_tokens,
             fewshot=fewshot,
+            progress=progress,
         )
     if is_choice_file(data):
-        return _choices_command(
+        return _choices_evaluated(
             model,
             data,
             compare=compare,
-            json_out=json_out,
             limit=limit,
             out=out,
             fewshot={"num_fewshot": num_fewshot, "fewshot_file": fewshot_file},
@@ -74,6 +130,7 @@ def eval_command(
                 "--grader": grader is not None,
                 "--max-new-tokens": max_new_tokens is not None,
             },
+            progress=progress,
         )
     if out is not None:
         raise ConfigError(
@@ -81,9 +138,9 @@ def eval_command(
             f"{data} holds neither for {model}; leave out --out (--json gives every answer and its score)."
         )
     refuse_options(f"{data} holds no multiple-choice questions, which few-shot examples precede", fewshot)
-    options = {"metric": metric, "limit": limit, "progress": not json_out}
+    options = {"metric": metric, "limit": limit, "progress": progress}
     if grader is not None:
-        options["grader"] = grader_spec(grader)
+        options["grader"] = grader_spec(grader) if isinstance(grader, str) else grader
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     if compare:
@@ -97,34 +154,24 @@ def eval_command(
         tables = [metrics_table({result["model"]: result})]
         if "windows" not in result:
             tables.append(examples_table(result["samples"], answers=(("answer", "prediction", "correct"),)))
-    if json_out:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        print_tables(tables)
-    return 0
+    return result, tables
 
 
-def _choices_command(model, data, *, compare, json_out, limit, out, fewshot, given) -> int:
-    """`tuneforge eval` on multiple-choice rows: acc and acc_norm, base vs tuned with the paired change."""
+def _choices_evaluated(model, data, *, compare, limit, out, fewshot, given, progress) -> tuple[dict, list]:
+    """Multiple-choice rows: acc and acc_norm, base vs tuned with the paired change."""
     refuse_generation_options(data, **given)
     if out is not None:
         check_out_folder(out)
     if compare:
-        result = compare_choices(model, compare, data, limit=limit, progress=not json_out, **fewshot)
+        result = compare_choices(model, compare, data, limit=limit, progress=progress, **fewshot)
         base, tuned = result["base"], result["tuned"]
         table = choices_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned}, result["difference"])
     else:
-        result = evaluate_choices(model, data, limit=limit, progress=not json_out, **fewshot)
+        result = evaluate_choices(model, data, limit=limit, progress=progress, **fewshot)
         table = choices_table({result["model"]: result})
     if out is not None:
         result["files"] = {"results": write_choice_results(out, result)}
-    if json_out:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        print_tables([table])
-        if out is not None:
-            print(f"each question's results: {result['files']['results']}")
-    return 0
+    return result, [table]
 
 
 def check_out_folder(out: str) -> None:
@@ -148,8 +195,10 @@ def reward_model(model: str) -> bool:
     return is_sequence_classifier(resolve(model))
 
 
-def _reward_command(model, data, *, compare, metric, json_out, limit, grader, out, max_new_tokens, fewshot) -> int:
-    """`tuneforge eval` of a reward model: the options that concern answers are refused, naming each."""
+def _reward_evaluated(
+    model, data, *, compare, metric, limit, grader, out, max_new_tokens, fewshot, progress
+) -> tuple[dict, list]:
+    """A reward model: the options that concern answers are refused, naming each."""
     from .reward import evaluate_reward_model, reward_table
 
     given = {
@@ -165,12 +214,8 @@ def _reward_command(model, data, *, compare, metric, json_out, limit, grader, ou
         given,
         " (to compare two reward models, evaluate each)",
     )
-    result = evaluate_reward_model(model, data, limit=limit, progress=not json_out, out=out)
-    if json_out:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        print_tables([reward_table(result)])
-    return 0
+    result = evaluate_reward_model(model, data, limit=limit, progress=progress, out=out)
+    return result, [reward_table(result)]
 
 
 # One FILE.py:FUNCTION of a comma-separated list: a comma that ends no reference belongs to a file's path.
