@@ -35,6 +35,7 @@ _API = {
     "train": ("pipeline", "train"),
     "sweep": ("sweeps", "sweep"),
     "evaluate": ("eval.command", "evaluate_model"),
+    "check_data": ("data.check", "check"),
 }
 
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import DEFAULT_MODEL, DataConfig
-from ..errors import EXIT_BAD_INPUT, TuneforgeError, complaint, key_path
+from ..errors import EXIT_BAD_INPUT, ConfigError, TuneforgeError, complaint, key_path, refuse_options
 from ..wording import counted
 from .dedup import content_hash
 from .formats import read_conversations
@@ -43,33 +43,13 @@ def check_command(
 ) -> int:
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
     console = Console(highlight=False, soft_wrap=True)
-    errors_console = Console(highlight=False, soft_wrap=True, stderr=True)
     try:
-        cfg = DataConfig(
-            train=list(files),
-            validation=None,
-            format=format,
-            max_length=max_length,
-            train_on=train_on,
-            truncation=truncation,
-            dedup="exact",
-            on_error="skip",
-        )
-        tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
-        _check_max_length(model or DEFAULT_MODEL, max_length)
-    except TuneforgeError as e:
-        errors_console.print(f"[red]error:[/red] {escape(e.message)}")
+        report, tokenizer = _files_report(files, model, format, max_length, train_on, truncation, progress=True)
+    except TuneforgeError as e:  # a refused option: each complaint on a line of its own
+        errors_console = Console(highlight=False, soft_wrap=True, stderr=True)
+        for line in e.message.splitlines():
+            errors_console.print(f"[red]error:[/red] {escape(line)}")
         return e.exit_code
-    except ValidationError as e:  # the config rejected an option: each complaint, named by its option
-        for error in e.errors():
-            # A mistake in how options go together names its option (`config.KeysError`'s keys).
-            loc = error["loc"] or getattr(error.get("ctx", {}).get("error"), "keys", ())[:1]
-            option = "--" + "-".join(key_path(loc)).replace("_", "-") if loc else "files"
-            option = "files" if option.startswith("--train") else option
-            errors_console.print(f"[red]error:[/red] {escape(option)}: {escape(complaint(error))}")
-        return EXIT_BAD_INPUT
-    data, errors = check_data(cfg, tokenizer, progress=True, keep_examples=False)  # the report is all it shows
-    report = data.report
     if json_out:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -85,7 +65,81 @@ def check_command(
                 train_on=train_on,
                 split=truncation == "split",
             )
-    return EXIT_BAD_INPUT if errors else 0
+    return EXIT_BAD_INPUT if report["errors_total"] else 0
+
+
+def check(
+    config_or_data,
+    overrides: str | list[str] = (),
+    *,
+    model: str | None = None,
+    format: str | None = None,
+    max_length: int | None = None,
+    train_on: str | None = None,
+    truncation: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """The report `tuneforge data check --json` prints, as a dict: rows, errors (`errors`, each with its file,
+    line and code), lengths, trained share, duplicates, warnings. `config_or_data` is data files (a path or a
+    list of them), checked with `model`'s tokenizer and chat template (default: the bundled model) and the
+    options `tuneforge data check` takes; or a training config (a YAML file's path, a dict or a Config, with
+    `overrides`), whose `data:` section is checked with its model's tokenizer as training renders it. A row's
+    problem is in the report; an option or file that cannot be checked at all raises a `TuneforgeError`."""
+    given = {"model": model, "format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
+    if not _is_config(config_or_data):
+        refuse_options("data files have no config to override", {"overrides": bool(overrides)}, " (or pass a config)")
+        files = [config_or_data] if isinstance(config_or_data, (str, Path)) else list(config_or_data)
+        defaults = {"format": "auto", "max_length": 1024, "train_on": "assistant", "truncation": "truncate"}
+        options = {name: defaults[name] if value is None else value for name, value in given.items() if name != "model"}
+        return _files_report([str(f) for f in files], model, **options, progress=progress)[0]
+    from ..config import load_config
+    from ..models.loading import run_tokenizer
+
+    refuse_options(
+        "a config's data: section sets how its rows are read, with the tokenizer of its base_model",
+        {name: value is not None for name, value in given.items()},
+        " (the config sets them, or overrides such as data.max_length=512)",
+    )
+    cfg = load_config(config_or_data, overrides)
+    data, _ = check_data(cfg.data, run_tokenizer(cfg, cfg.base_model), progress=progress, keep_examples=False)
+    return data.report
+
+
+def _is_config(value) -> bool:
+    """Whether `check`'s `config_or_data` is a training config: a dict, a Config, or a YAML file's path."""
+    from ..config import Config
+
+    return isinstance(value, (dict, Config)) or (
+        isinstance(value, (str, Path)) and Path(value).suffix.lower() in (".yaml", ".yml")
+    )
+
+
+def _files_report(files, model, format, max_length, train_on, truncation, *, progress) -> tuple[dict, object]:
+    """`check`'s report of data files, and the tokenizer it rendered them with."""
+    try:
+        cfg = DataConfig(
+            train=list(files),
+            validation=None,
+            format=format,
+            max_length=max_length,
+            train_on=train_on,
+            truncation=truncation,
+            dedup="exact",
+            on_error="skip",
+        )
+    except ValidationError as e:  # the config rejected an option: each complaint, named by its option
+        complaints = []
+        for error in e.errors():
+            # A mistake in how options go together names its option (`config.KeysError`'s keys).
+            loc = error["loc"] or getattr(error.get("ctx", {}).get("error"), "keys", ())[:1]
+            option = "--" + "-".join(key_path(loc)).replace("_", "-") if loc else "files"
+            option = "files" if option.startswith("--train") else option
+            complaints.append(f"{option}: {complaint(error)}")
+        raise ConfigError("\n".join(complaints), code="bad_option") from None
+    tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
+    _check_max_length(model or DEFAULT_MODEL, max_length)
+    data, _ = check_data(cfg, tokenizer, progress=progress, keep_examples=False)  # the report is all it shows
+    return data.report, tokenizer
 
 
 def _load_tokenizer(spec: str):
