@@ -3,12 +3,14 @@ Python values, and raises `tuneforge.errors` where the command exits."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
 import pytest
 import yaml
 from data.rows import chat, write_jsonl
+from families import WEATHER_TOOL
 
 import tuneforge
 from tuneforge.cli import main
@@ -73,3 +75,63 @@ def test_check_data_raises_what_data_check_refuses(tiny_model_dir, tmp_path):
         tuneforge.check_data(data, model=str(tiny_model_dir), max_length=2)
     with pytest.raises(ConfigError, match="so max_length does not apply"):
         tuneforge.check_data({"base_model": str(tiny_model_dir), "data": {"train": str(data)}}, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def served(base_dir):
+    """`base_dir`'s model served as `tuneforge serve` serves it (fp32), and its client."""
+    from fastapi.testclient import TestClient
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    engine = Engine(AdapterPool(str(base_dir)))
+    with TestClient(create_app(engine)) as client:
+        yield client
+    engine.close()
+
+
+PROMPTS = ["What is two plus two?", "How do I reset my password for the web console?"]
+
+
+def test_a_loaded_model_answers_as_serve_and_chat_answer_the_same_prompt(base_dir, served):
+    from tuneforge.chat import chat_session
+    from tuneforge.generate import load_for_inference
+    from tuneforge.models import load_tokenizer, resolve
+
+    llm = tuneforge.load(base_dir, precision="fp32")
+    chat_model = load_for_inference(resolve(str(base_dir)), "chat", "fp32")
+    answers = []
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        body = {"model": "base", "messages": messages, "max_tokens": 12, "temperature": 0}
+        from_serve = served.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        said = io.StringIO(f"{prompt}\n/exit\n")
+        from_chat = chat_session(
+            chat_model, load_tokenizer(str(base_dir)), input=said, output=io.StringIO(), max_new_tokens=12
+        )
+        answer = llm.generate(prompt, max_new_tokens=12)
+        assert answer == from_serve["content"] == from_chat[-1]["content"]
+        assert llm.chat(messages, max_new_tokens=12) == from_serve
+        answers.append(answer)
+    assert answers[0] != answers[1]  # each prompt's own answer
+
+
+def test_a_loaded_model_raises_what_it_cannot_answer(base_dir):
+    llm = tuneforge.load(base_dir, precision="fp32")
+    with pytest.raises(ConfigError, match="does not write tool definitions"):
+        llm.chat([{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL])
+    with pytest.raises(ConfigError) as refused:
+        llm.generate("Hi", max_new_tokens=10**6)
+    assert refused.value.code == "context_length_exceeded"
+    with pytest.raises(ConfigError, match="temperature"):
+        llm.generate("Hi", temperature=-1)
+
+
+def test_a_loaded_model_s_tool_calls_come_back_as_serve_gives_them(tmp_path):
+    from test_serve import TOOLS, WEATHER, train_tool_caller
+
+    llm = tuneforge.load(train_tool_caller(tmp_path), precision="fp32")
+    reply = llm.chat(WEATHER, tools=TOOLS, max_new_tokens=60)
+    [call] = reply["tool_calls"]
+    assert reply["content"] is None and call["id"].startswith("call_") and call["type"] == "function"
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", {"city": "Paris"})

@@ -36,6 +36,7 @@ _API = {
     "sweep": ("sweeps", "sweep"),
     "evaluate": ("eval.command", "evaluate_model"),
     "check_data": ("data.check", "check"),
+    "load": ("llm", "load"),
 }
 
 

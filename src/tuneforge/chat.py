@@ -264,9 +264,15 @@ def read_tools(path: str | Path) -> list[dict] | None:
             f'"description": ..., "parameters": {{...}}}}}}, ...], got {got}.',
             code="invalid_value",
         )
-    definitions, problems = tool_definitions(value, file=str(path))
+    return checked_tools(value, f"--tools {path}", str(path))
+
+
+def checked_tools(value, where: str, file: str = "") -> list[dict] | None:
+    """`value`, a list of OpenAI tool definitions, checked as a data row's `tools` are; a `DataError` that begins
+    with `where` and names each bad field. An empty list: None, no tools."""
+    definitions, problems = tool_definitions(value, file=file)
     if problems:
-        raise DataError.listing(f"--tools {path}: {counted(len(problems), 'tool definition')} cannot be used", problems)
+        raise DataError.listing(f"{where}: {counted(len(problems), 'tool definition')} cannot be used", problems)
     return definitions
 
 

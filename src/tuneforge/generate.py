@@ -406,9 +406,11 @@ def stream(
     seed: int | None = None,
     stop: Sequence[str] = (),
     images: Sequence[bytes] = (),
+    keep_tokens: Sequence[str] = (),
 ) -> Stream:
-    """The completion of one prompt, streamed; `images`: the image files its image parts show, in order."""
-    sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop))
+    """The completion of one prompt, streamed; `images`: the image files its image parts show, in order;
+    `keep_tokens`: special tokens kept in the text (`Sampling.keep_tokens`)."""
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed, tuple(stop), tuple(keep_tokens))
     generators = [sampling.generator(model.device)]
     return Stream(
         _Decoding(

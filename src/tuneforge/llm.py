@@ -1,0 +1,126 @@
+"""`tuneforge.load(MODEL)`: a model held in memory that answers from Python as `tuneforge serve` and `chat` do.
+
+    llm = tuneforge.load("runs/my-run")
+    llm.generate("What is two plus two?", max_new_tokens=40)            # the reply's text
+    llm.chat(messages, tools=TOOLS)                                      # serve's message: content, tool_calls
+
+A prompt goes through the model's chat template (with `tools`, rendered as serve renders a request's) and
+`generate.py`'s decoding, greedy unless a temperature is given; the weights are held as `precision` says
+(`auto`, as serve and chat hold them: bf16 where the hardware computes it natively, else fp32). A reply is
+OpenAI's assistant message as serve's chat completions give it: a reasoning model's reasoning apart in
+`reasoning_content`, and where tools are given, the calls it makes in `tool_calls`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jinja2 import TemplateError
+
+from . import reasoning
+from .chat import checked_tools, tool_call_parser
+from .errors import ConfigError
+from .generate import Sampling, encode_prompts, load_for_inference, stream
+from .models import load_tokenizer, model_context_length, resolve
+
+DEFAULT_MAX_NEW_TOKENS = 256  # the reply length limit where a call sets none, within the context window
+
+
+class LLM:
+    """A model and its tokenizer, loaded once (`load`), answering prompts one at a time."""
+
+    def __init__(self, source, model, tokenizer):
+        self.source, self.model, self.tokenizer = source, model, tokenizer
+
+    @classmethod
+    def load(cls, model: str | Path, *, precision: str = "auto") -> LLM:
+        """MODEL (a registry name, model folder, run folder, checkpoint or .gguf file), with its adapter if it has
+        one, on the GPU where there is one."""
+        source = resolve(str(model))
+        tokenizer = load_tokenizer(source)
+        return cls(source, load_for_inference(source, "chat", precision), tokenizer)
+
+    def __repr__(self) -> str:
+        adapter = f", adapter {self.source.adapter}" if self.source.adapter else ""
+        return f"LLM({self.source.name}{adapter})"
+
+    def generate(
+        self,
+        prompt: str | list[dict],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+    ) -> str:
+        """The reply to `prompt` (a user message's text, or chat messages) as text: for a reasoning model the
+        answer after its reasoning."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        reply = self.chat(
+            messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
+        )
+        return reply[reasoning.CONTENT]
+
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+    ) -> dict:
+        """The assistant message answering `messages` (OpenAI's chat messages, a reply's `tool_calls` and `tool`
+        results among them), as serve's chat completions give it: `content`, a reasoning model's
+        `reasoning_content`, and with `tools` (OpenAI tool definitions) the `tool_calls` it makes (content then
+        the text before them, None if none). Decoding stops at the end of the turn, a `stop` string or
+        `max_new_tokens` (None: 256, or what the model's context window leaves after the prompt if less)."""
+        try:
+            Sampling(max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature, top_p, seed, tuple(stop))
+        except ValueError as err:
+            raise ConfigError(str(err), code="invalid_value") from err
+        definitions = checked_tools(tools, "tools") if tools else None
+        parser = tool_call_parser(self.tokenizer) if definitions else None
+        try:
+            prompt_ids = encode_prompts(self.tokenizer, [messages], definitions)[0]
+        except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
+            raise ConfigError(f"The model's chat template cannot render these messages: {err}") from err
+        window = model_context_length(self.model)
+        room = window - len(prompt_ids) if window else None
+        if max_new_tokens is None:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
+        if room is not None and (room < 1 or max_new_tokens > room):
+            raise ConfigError(
+                f"The model's context window is {window} tokens and the prompt has {len(prompt_ids)}, which leaves "
+                f"{max(room, 0)} for the reply; max_new_tokens asks for {max_new_tokens}. Lower it or shorten the "
+                "messages.",
+                code="context_length_exceeded",
+            )
+        reply = stream(
+            self.model,
+            self.tokenizer,
+            tuple(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            keep_tokens=parser.markers if parser is not None else (),
+        )
+        for _ in reply:
+            pass
+        text = reply.completion.text
+        message = {"role": "assistant", reasoning.CONTENT: text}
+        if (opened := reasoning.reasoning_opened(self.tokenizer, prompt_ids)) is not None:
+            message.update(reasoning.message(text, opened))
+        if parser is not None and (parsed := parser.parse(message[reasoning.CONTENT])) is not None:
+            message.update(content=parsed.content, tool_calls=parsed.tool_calls)
+        return message
+
+
+def load(model: str | Path, *, precision: str = "auto") -> LLM:
+    """`LLM.load`: MODEL loaded to answer prompts (`LLM.generate`, `LLM.chat`)."""
+    return LLM.load(model, precision=precision)
