@@ -14,7 +14,7 @@ from families import WEATHER_TOOL
 
 import tuneforge
 from tuneforge.cli import main
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, TuneforgeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,3 +135,22 @@ def test_a_loaded_model_s_tool_calls_come_back_as_serve_gives_them(tmp_path):
     [call] = reply["tool_calls"]
     assert reply["content"] is None and call["id"].startswith("call_") and call["type"] == "function"
     assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", {"city": "Paris"})
+
+
+def test_export_returns_what_export_json_holds_as_the_cli_writes_it(base_dir, tmp_path, monkeypatch, capsys):
+    from test_serve import random_adapter
+
+    adapter = random_adapter(base_dir, tmp_path / "adapter", 1)
+    monkeypatch.setattr(sys, "argv", ["tuneforge", "export", str(adapter), "--format", "merged", "--out", "cli"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as leaving:
+        main()
+    assert leaving.value.code == 0, capsys.readouterr().err
+    written = json.loads((tmp_path / "cli" / "export.json").read_text())
+    result = tuneforge.export(adapter, format="merged", out=tmp_path / "api", progress=False)
+    assert result == written == json.loads((tmp_path / "api" / "export.json").read_text())
+    assert result["source"]["adapter"] == str(adapter) and "model.safetensors" in result["files"]
+    assert result["checks"]["merge"]["max_abs_logit_diff"] <= result["checks"]["merge"]["bound"]
+    with pytest.raises(TuneforgeError) as refused:
+        tuneforge.export(adapter, format="merged", out=tmp_path / "api")
+    assert refused.value.code == "out_exists"

@@ -37,6 +37,8 @@ _API = {
     "evaluate": ("eval.command", "evaluate_model"),
     "check_data": ("data.check", "check"),
     "load": ("llm", "load"),
+    # The export package itself, which, called, is its `export_run` (see there: the package has this name too).
+    "export": ("export", None),
 }
 
 
@@ -45,7 +47,8 @@ def __getattr__(name: str):
         from importlib import import_module
 
         module, function = _API[name]
-        return getattr(import_module(f".{module}", __name__), function)
+        imported = import_module(f".{module}", __name__)
+        return imported if function is None else getattr(imported, function)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -397,16 +397,16 @@ def export_(
 ):
     """Export RUN (or RUN combined with other adapters: --combine) as a PEFT adapter, a merged safetensors model
     or a GGUF, checked against the source."""
-    from .export import export as run_export
+    from .export import export_run
 
-    run_export(
+    export_run(
         run,
         format,
-        dtype,
         out,
+        dtype=dtype,
         ollama=ollama,
         overwrite=overwrite,
-        combine_with=combine,
+        combine=combine,
         combination=combination,
         density=density,
     )

@@ -4,6 +4,9 @@
     result = export("runs/my-run", "gguf", "q8_0", "exports/my-run-gguf", ollama=True)
     result.files, result.checks["max_abs_logit_diff"]
 
+`tuneforge.export(run, format=..., out=...)` (`export_run`) is the command's: the options by their names, and
+export.json's content returned.
+
 Formats:
 - `adapter`: the PEFT adapter and tokenizer, for `peft.PeftModel.from_pretrained` on the base;
 - `merged`: the adapter folded into the base (`merge.py`), a safetensors folder for plain
@@ -28,8 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import re
+import sys
 import tempfile
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +69,7 @@ FORMAT_DTYPES = {
 }
 EXPORT_RECORD = "export.json"
 
-__all__ = ["EXPORT_RECORD", "FORMAT_DTYPES", "ExportFailed", "ExportResult", "export"]
+__all__ = ["EXPORT_RECORD", "FORMAT_DTYPES", "ExportFailed", "ExportResult", "export", "export_run"]
 
 
 @dataclass
@@ -73,6 +79,7 @@ class ExportResult:
     dtype: str | None
     files: list[Path]
     checks: dict = field(default_factory=dict)  # the figures written to export.json
+    record: dict = field(default_factory=dict)  # all export.json holds: format, dtype, source, files, checks
 
 
 def export(
@@ -179,7 +186,50 @@ def export(
             ) from None
         what = " + ".join(f"{p.spec}:{p.weight:g}" for p in combined.parts) if combined else source.name
         console.print(f"[green]✓[/] exported {what} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
-        return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks)
+        return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks, record)
+
+
+def export_run(
+    run: str | Path,
+    format: str,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    ollama: bool = False,
+    overwrite: bool = False,
+    combine: list[str] | tuple[str, ...] = (),
+    combination: str | None = None,
+    density: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """`tuneforge export RUN --format FORMAT --out OUT`, its options by their names (`combine`: the --combine
+    adapters, each `OTHER_RUN[:WEIGHT]`): writes the export and returns what its export.json holds, the files
+    written (`files`, in OUT) and the checks they passed (`checks`). Raises as `export` does."""
+    return export(
+        run,
+        format,
+        dtype,
+        out,
+        ollama=ollama,
+        overwrite=overwrite,
+        progress=progress,
+        combine_with=combine,
+        combination=combination,
+        density=density,
+    ).record
+
+
+class _CallableModule(types.ModuleType):
+    """`tuneforge.export` is the Python API's `export_run`, and the name of this package too, which importing
+    it puts in tuneforge's namespace: the package, called, is `export_run`, so `tuneforge.export(...)` works
+    before and after anything imports it."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return export_run(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(export_run)  # what help() and a notebook's completion show for the call
 
 
 def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
