@@ -75,6 +75,8 @@ def test_check_data_raises_what_data_check_refuses(tiny_model_dir, tmp_path):
         tuneforge.check_data(data, model=str(tiny_model_dir), max_length=2)
     with pytest.raises(ConfigError, match="so max_length does not apply"):
         tuneforge.check_data({"base_model": str(tiny_model_dir), "data": {"train": str(data)}}, max_length=64)
+    with pytest.raises(ConfigError, match="so max_length does not apply"):  # a shipped recipe is a config too
+        tuneforge.check_data("quickstart", max_length=64)
 
 
 @pytest.fixture(scope="module")

@@ -82,9 +82,10 @@ def check(
     """The report `tuneforge data check --json` prints, as a dict: rows, errors (`errors`, each with its file,
     line and code), lengths, trained share, duplicates, warnings. `config_or_data` is data files (a path or a
     list of them), checked with `model`'s tokenizer and chat template (default: the bundled model) and the
-    options `tuneforge data check` takes; or a training config (a YAML file's path, a dict or a Config, with
-    `overrides`), whose `data:` section is checked with its model's tokenizer as training renders it. A row's
-    problem is in the report; an option or file that cannot be checked at all raises a `TuneforgeError`."""
+    options `tuneforge data check` takes; or a training config (a YAML file's path, a shipped recipe's name, a
+    dict or a Config, with `overrides`), whose `data:` section is checked with its model's tokenizer as training
+    renders it. A row's problem is in the report; an option or file that cannot be checked at all raises a
+    `TuneforgeError`."""
     given = {"model": model, "format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
     if not _is_config(config_or_data):
         refuse_options("data files have no config to override", {"overrides": bool(overrides)}, " (or pass a config)")
@@ -106,11 +107,13 @@ def check(
 
 
 def _is_config(value) -> bool:
-    """Whether `check`'s `config_or_data` is a training config: a dict, a Config, or a YAML file's path."""
+    """Whether `check`'s `config_or_data` is a training config: a dict, a Config, a YAML file's path or a shipped
+    recipe's name."""
     from ..config import Config
+    from ..recipes import config_file
 
     return isinstance(value, (dict, Config)) or (
-        isinstance(value, (str, Path)) and Path(value).suffix.lower() in (".yaml", ".yml")
+        isinstance(value, (str, Path)) and config_file(value).suffix.lower() in (".yaml", ".yml")
     )
 
 
