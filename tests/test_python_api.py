@@ -118,8 +118,9 @@ def test_a_loaded_model_answers_as_serve_and_chat_answer_the_same_prompt(base_di
     assert answers[0] != answers[1]  # each prompt's own answer
 
 
-def test_a_loaded_model_raises_what_it_cannot_answer(base_dir):
-    llm = tuneforge.load(base_dir, precision="fp32")
+def test_a_loaded_model_raises_what_it_cannot_answer(base_dir, capfd):
+    llm = tuneforge.load(base_dir, precision="fp32", progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
     with pytest.raises(ConfigError, match="does not write tool definitions"):
         llm.chat([{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL])
     with pytest.raises(ConfigError) as refused:

@@ -22,6 +22,7 @@ from .chat import checked_tools, tool_call_parser
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
+from .progress import library_bars
 
 DEFAULT_MAX_NEW_TOKENS = 256  # the reply length limit where a call sets none, within the context window
 
@@ -33,12 +34,13 @@ class LLM:
         self.source, self.model, self.tokenizer = source, model, tokenizer
 
     @classmethod
-    def load(cls, model: str | Path, *, precision: str = "auto") -> LLM:
+    def load(cls, model: str | Path, *, precision: str = "auto", progress: bool = True) -> LLM:
         """MODEL (a registry name, model folder, run folder, checkpoint or .gguf file), with its adapter if it has
-        one, on the GPU where there is one."""
+        one, on the GPU where there is one; `progress=False` leaves out transformers' bar of the weights' load."""
         source = resolve(str(model))
-        tokenizer = load_tokenizer(source)
-        return cls(source, load_for_inference(source, "chat", precision), tokenizer)
+        with library_bars(progress):
+            tokenizer = load_tokenizer(source)
+            return cls(source, load_for_inference(source, "chat", precision), tokenizer)
 
     def __repr__(self) -> str:
         adapter = f", adapter {self.source.adapter}" if self.source.adapter else ""
@@ -121,6 +123,6 @@ class LLM:
         return message
 
 
-def load(model: str | Path, *, precision: str = "auto") -> LLM:
+def load(model: str | Path, *, precision: str = "auto", progress: bool = True) -> LLM:
     """`LLM.load`: MODEL loaded to answer prompts (`LLM.generate`, `LLM.chat`)."""
-    return LLM.load(model, precision=precision)
+    return LLM.load(model, precision=precision, progress=progress)
