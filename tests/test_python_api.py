@@ -157,3 +157,20 @@ def test_export_returns_what_export_json_holds_as_the_cli_writes_it(base_dir, tm
     with pytest.raises(TuneforgeError) as refused:
         tuneforge.export(adapter, format="merged", out=tmp_path / "api")
     assert refused.value.code == "out_exists"
+
+
+def test_importing_tuneforge_loads_no_torch_and_export_is_the_function_whichever_is_imported_first():
+    import subprocess
+
+    from conftest import SUBPROCESS_ENV
+
+    script = """
+import sys, inspect, tuneforge
+assert "torch" not in sys.modules, "import tuneforge loaded torch"
+assert {"train", "sweep", "evaluate", "check_data", "export", "load"} <= set(dir(tuneforge))
+import tuneforge.export.probe  # the package, imported as a module, is what `tuneforge.export` names
+assert callable(tuneforge.export)
+assert list(inspect.signature(tuneforge.export).parameters)[:3] == ["run", "format", "out"]
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
