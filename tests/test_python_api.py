@@ -128,6 +128,8 @@ def test_a_loaded_model_raises_what_it_cannot_answer(base_dir, capfd):
     assert refused.value.code == "context_length_exceeded"
     with pytest.raises(ConfigError, match="temperature"):
         llm.generate("Hi", temperature=-1)
+    with pytest.raises(ConfigError, match="max_new_tokens must be at least 1, got 0"):
+        llm.generate("Hi", max_new_tokens=0)
 
 
 def test_a_loaded_model_s_tool_calls_come_back_as_serve_gives_them(tmp_path):

@@ -80,6 +80,8 @@ class LLM:
         `reasoning_content`, and with `tools` (OpenAI tool definitions) the `tool_calls` it makes (content then
         the text before them, None if none). Decoding stops at the end of the turn, a `stop` string or
         `max_new_tokens` (None: 256, or what the model's context window leaves after the prompt if less)."""
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}.", code="invalid_value")
         try:
             Sampling(max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature, top_p, seed, tuple(stop))
         except ValueError as err:
@@ -92,13 +94,18 @@ class LLM:
             raise ConfigError(f"The model's chat template cannot render these messages: {err}") from err
         window = model_context_length(self.model)
         room = window - len(prompt_ids) if window else None
-        if max_new_tokens is None:
-            max_new_tokens = DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
-        if room is not None and (room < 1 or max_new_tokens > room):
+        if room is not None and room < 1:
             raise ConfigError(
                 f"The model's context window is {window} tokens and the prompt has {len(prompt_ids)}, which leaves "
-                f"{max(room, 0)} for the reply; max_new_tokens asks for {max_new_tokens}. Lower it or shorten the "
-                "messages.",
+                "none for the reply. Shorten the messages.",
+                code="context_length_exceeded",
+            )
+        if max_new_tokens is None:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
+        if room is not None and max_new_tokens > room:
+            raise ConfigError(
+                f"The model's context window is {window} tokens and the prompt has {len(prompt_ids)}, which leaves "
+                f"{room} for the reply; max_new_tokens asks for {max_new_tokens}. Lower it or shorten the messages.",
                 code="context_length_exceeded",
             )
         reply = stream(
