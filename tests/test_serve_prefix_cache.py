@@ -264,7 +264,7 @@ def test_the_cache_keeps_to_its_memory_dropping_the_least_recently_used(base):
     decode(model, tokenizer, [(ids[1][:-3] + [ids[1][-3] + 1, *ids[1][-2:]], Sampling(1))], cache)
     assert cache.size_bytes <= cache.max_bytes
     assert len(cache._entries) == 1
-    assert PrefixCache(one.size_bytes - 1).lookup("base", ids[0]) == (0, None)
+    assert PrefixCache(one.size_bytes - 1).find("base", ids[0]) == (0, None)
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +388,7 @@ def test_storing_tokens_an_entry_holds_copies_no_keys_and_values():
 
     cache.store("base", [5, 6, 7], copied)  # a start of the entry's tokens
     cache.store("base", [5, 6, 7, 8], copied)
-    assert cache.size_bytes == held and cache.lookup("base", [5, 6, 7, 8, 9])[0] == 4
+    assert cache.size_bytes == held and cache.find("base", [5, 6, 7, 8, 9])[0] == 4
 
 
 def test_a_reply_too_big_to_keep_leaves_the_entry_of_its_prompt():
@@ -398,4 +398,33 @@ def test_a_reply_too_big_to_keep_leaves_the_entry_of_its_prompt():
     cache.store("base", [5, 6, 7, 8], lambda: [layer])
     longer = (torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8))
     cache.store("base", [5, 6, 7, 8, 9, 10], lambda: [longer])
-    assert cache.lookup("base", [5, 6, 7, 8, 9, 10, 11])[0] == 4
+    assert cache.find("base", [5, 6, 7, 8, 9, 10, 11])[0] == 4
+
+
+def test_a_sliding_window_model_looks_each_prompt_up_once_per_prefill(sliding, monkeypatch):
+    """Grouping the rows that prefill together and starting them from the cache read one lookup per prompt: the
+    cache's entries are compared with each distinct prompt once, however many rows ask for it."""
+    import tuneforge.kv_cache as kv_cache
+
+    model, tokenizer = sliding
+    ids = sliding_prompts(tokenizer)
+    start = ids[2][:-30]
+    cache = PrefixCache(64 << 20)
+    decode(model, tokenizer, [(start, Sampling(1))], cache)
+    turns = [start + [token, *ids[2][-2:]] for token in ids[2][-30:-28]]  # two prompts, each 3 tokens past it
+    assert turns[0] != turns[1]
+    looked_up = []
+    compare = kv_cache._shared_length
+
+    def counting(held, tokens):
+        if len(tokens) == len(start) + 2:  # a lookup compares a prompt less its last token
+            looked_up.append(tuple(tokens))
+        return compare(held, tokens)
+
+    monkeypatch.setattr(kv_cache, "_shared_length", counting)
+    batch = Batch(model, tokenizer, cache, "base")
+    rows = [batch.add(prompt, Sampling(4)) for prompt in [turns[0], *turns]]
+    batch.step()
+    assert len(batch._rows) == 3
+    assert sorted(looked_up) == sorted(tuple(turn[:-1]) for turn in turns)
+    assert (cache.hits, cache.misses) == (2, 1) and all(row.cached_tokens == len(start) for row in rows)

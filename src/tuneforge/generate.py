@@ -856,11 +856,13 @@ class Batch:
         scoring_rows = [row for row in rows if row.sampling.prompt_logprobs]
         if scoring_rows and len(scoring_rows) < len(rows):
             rows, self._waiting = scoring_rows, [row for row in rows if not row.sampling.prompt_logprobs]
+        # Each prompt's `PrefixCache.find` answer, by scope and tokens: looked up once per prefill.
+        found: dict[tuple, tuple[int, tuple | None]] = {}
         if self._sliding and self.prefix_cache is not None and not scoring_rows:
             # The sliding window counts cache columns, so each row's tokens sit in adjacent columns: prompts prefill
             # together where none starts from the cache (each left-padded whole) or where each one's rest past its
             # cached start is as long (no padding between the two). The first row's group prefills, the others wait.
-            group = [self._sliding_group(row) for row in rows]
+            group = [self._sliding_group(row, found) for row in rows]
             later = [row for row, key in zip(rows, group) if key != group[0]]
             rows, self._waiting = [row for row, key in zip(rows, group) if key == group[0]], later + self._waiting
         # A prompt is its tokens and the images they show: the same tokens with other images are another prompt.
@@ -888,7 +890,7 @@ class Batch:
             # is read to its end chunk, and bytes after it move to the next file unseen).
             digests = b"".join(hashlib.sha256(image).digest() for image in shown)
             scope = (self.cache_model, hashlib.sha256(digests).digest() if shown else None)
-        cached = self._start_from_prefix_cache(scope, prompts, shared, cache) if scope else [0] * len(prompts)
+        cached = self._start_from_prefix_cache(scope, prompts, shared, cache, found) if scope else [0] * len(prompts)
         if len(set(cached)) == 1 and cached[0] <= shared:
             # The cache holds one row, the prompts' common start: a prefix they share runs once after it.
             if (
@@ -953,45 +955,51 @@ class Batch:
         self._merge(rows, cache, mask, tokens)
         return self._hand_out(rows, tokens, scored)
 
-    def _sliding_group(self, row: Row) -> Hashable:
+    def _sliding_group(self, row: Row, found: dict) -> Hashable:
         """Which rows a sliding-window model's prefill with the prefix cache runs together: rows whose prompts miss
         the cache, rows whose prompts' rests past their cached starts are as long, and a prompt with images alone
-        (the cache serves such prompts one at a time). Looking up counts no hit or miss: the prefill does."""
+        (the cache serves such prompts one at a time). Each prompt's lookup lands in `found` for the prefill."""
         if row.images:
             return (tuple(row.prompt_ids), row.images)
-        start = self._cached_length((self.cache_model, None), row.prompt_ids, count=False)[0]
+        start = self._cached_length((self.cache_model, None), row.prompt_ids, found)[0]
         return len(row.prompt_ids) - start if start else 0
 
-    def _cached_length(self, scope: tuple, prompt: list[int], count: bool = True) -> tuple[int, list | None]:
-        """The prompt's longest start the prefix cache holds for `scope` and its keys and values (`lookup`), leaving
-        its last token to run: at least `MIN_SHARED_PREFIX` tokens and, for a prompt with images, past its last
-        image token (the rest then runs without images)."""
-        least = MIN_SHARED_PREFIX
-        if scope[1] is not None:
-            soft = self.images.image_token_id
-            least = max(least, 1 + max(at for at, token in enumerate(prompt) if token == soft))
-        return self.prefix_cache.lookup(scope, prompt[: len(prompt) - 1], least, count=count)
+    def _cached_length(self, scope: tuple, prompt: list[int], found: dict) -> tuple[int, tuple | None]:
+        """The prompt's longest start the prefix cache holds for `scope` (`PrefixCache.find`), leaving its last token
+        to run: at least `MIN_SHARED_PREFIX` tokens and, for a prompt with images, past its last image token (the
+        rest then runs without images). Kept in `found` under the scope and tokens, where it is read from again."""
+        key = (scope, tuple(prompt))
+        if key not in found:
+            least = MIN_SHARED_PREFIX
+            if scope[1] is not None:
+                soft = self.images.image_token_id
+                least = max(least, 1 + max(at for at, token in enumerate(prompt) if token == soft))
+            found[key] = self.prefix_cache.find(scope, prompt[: len(prompt) - 1], least)
+        return found[key]
 
-    def _start_from_prefix_cache(self, scope: tuple, prompts: list[list[int]], shared: int, cache) -> list[int]:
+    def _start_from_prefix_cache(
+        self, scope: tuple, prompts: list[list[int]], shared: int, cache, found: dict
+    ) -> list[int]:
         """Fill `cache` (empty) with the keys and values of each prompt's longest start that the prefix cache holds
-        for `scope` (`_cached_length`); how many tokens that is, per prompt.
+        for `scope` (`_cached_length`, reading the lookups `found` holds already); how many tokens that is, per prompt.
         Where every prompt starts from as many tokens within the `shared` ones they all have (a shared system
         prompt), those are the same keys: the cache holds them once, a row the prefill copies to each prompt; else
         a row per prompt, left-padded to the longest."""
-        found = [self._cached_length(scope, prompt) for prompt in prompts]
-        starts = [start for start, _ in found]
+        answers = [self._cached_length(scope, prompt, found) for prompt in prompts]
+        starts = [start for start, _ in answers]
+        taken = [self.prefix_cache.take(answer) for answer in answers]
         if not any(starts):
             return starts
         if len(set(starts)) == 1 and starts[0] <= shared:
-            layers = found[0][1]
+            layers = taken[0]
         else:
-            held = next(layers for _, layers in found if layers)
+            held = next(layers for layers in taken if layers)
             width = max(starts)
             # Each layer's keys and values of every prompt in one tensor made here (a miss's row all padding).
             layers = [
                 tuple(
                     torch.cat(
-                        [_left_pad(one[at][side] if one else held[at][side][:, :, :0], width, -2) for _, one in found]
+                        [_left_pad(one[at][side] if one else held[at][side][:, :, :0], width, -2) for one in taken]
                     )
                     for side in (0, 1)
                 )

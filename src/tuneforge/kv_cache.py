@@ -143,22 +143,27 @@ class PrefixCache:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def lookup(self, scope, tokens: Sequence[int], least: int = 1, count: bool = True) -> tuple[int, list | None]:
-        """The longest prefix of `tokens` (at least `least` tokens) that an entry of `scope` holds, and its keys
-        and values (views of the entry's: read them, do not write into them); (0, None) where none does. With
-        `count` the lookup counts as one prompt's hit or miss and keeps the entry it found as recently used."""
+    def find(self, scope, tokens: Sequence[int], least: int = 1) -> tuple[int, tuple | None]:
+        """The longest prefix of `tokens` (at least `least` tokens) that an entry of `scope` holds, and that entry's
+        key; (0, None) where none does. Finding counts nothing: `take` does, for the prompts that run."""
         best, found, tokens = 0, None, np.asarray(tokens)
         for key, (held, _) in self._entries.items():
             if key[0] == scope and (shared := _shared_length(held, tokens)) > best:
                 best, found = shared, key
-        if best < least:
-            self.misses += count
-            return 0, None
-        if count:
-            self._entries.move_to_end(found)
-            self.hits += 1
-            self.cached_tokens += best
-        return best, [(keys[:, :, :best], values[:, :, :best]) for keys, values in self._entries[found][1]]
+        return (best, found) if best >= least else (0, None)
+
+    def take(self, found: tuple[int, tuple | None]) -> list | None:
+        """Count `find`'s answer as one prompt's hit or miss, keep the entry it found as recently used, and give the
+        keys and values of its prefix (views of the entry's: read them, do not write into them); None for a miss.
+        Nothing may be stored between the `find` and its `take`, since a store can drop the entry."""
+        length, key = found
+        if key is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        self.cached_tokens += length
+        return [(keys[:, :, :length], values[:, :, :length]) for keys, values in self._entries[key][1]]
 
     def store(
         self, scope, tokens: Sequence[int], layers: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]
