@@ -48,3 +48,23 @@ main()
     assert done.returncode == 143 and done.stdout == ""
     assert done.stderr.strip() == "terminated (SIGTERM)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_api_and_the_ui_playground_keep_the_engines_prefix_cache_by_default(monkeypatch, capsys):
+    """`--prefix-cache-mb` left out, `serve` and `api` size the prefix cache as the engine does by default, and so
+    does `ui`'s playground (its inference models take no such option)."""
+    import inspect
+
+    import tuneforge.jobs.command
+    import tuneforge.serve.command
+    from tuneforge.jobs.inference import InferenceModels
+    from tuneforge.serve.engine import Engine
+
+    engine_default = inspect.signature(Engine).parameters["prefix_cache_mb"].default
+    given = {}
+    monkeypatch.setattr(tuneforge.serve.command, "serve_command", lambda *_, **kw: given.setdefault("serve", kw) and 0)
+    monkeypatch.setattr(tuneforge.jobs.command, "api_command", lambda *_, **kw: given.setdefault("api", kw) and 0)
+    assert run_cli(["serve", "--model", "some-model"], monkeypatch, capsys)[0] == 0
+    assert run_cli(["api"], monkeypatch, capsys)[0] == 0
+    assert given["serve"]["prefix_cache_mb"] == given["api"]["prefix_cache_mb"] == engine_default > 0
+    assert InferenceModels().prefix_cache_mb == engine_default

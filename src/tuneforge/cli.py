@@ -23,6 +23,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .errors import EXIT_RUN_FAILED, LAUNCHER_SHOWS_ERRORS, TuneforgeError
+from .serve_defaults import PREFIX_CACHE_MB
 
 
 class _Interrupted(Exception):
@@ -473,7 +474,7 @@ def serve(
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
     max_batch: int = typer.Option(32, min=1, help="Most rows decoded together; a request takes one per choice (n)."),
     max_waiting: int = typer.Option(256, min=1, help="Most requests waiting for a place; beyond it a 429."),
-    prefix_cache_mb: int = typer.Option(1024, min=0, help=PREFIX_CACHE_HELP),
+    prefix_cache_mb: int = typer.Option(PREFIX_CACHE_MB, min=0, help=PREFIX_CACHE_HELP),
     max_tokens: int = typer.Option(
         1024,
         min=1,
@@ -560,7 +561,9 @@ def api(
     max_models: int = typer.Option(
         2, min=1, help="Base models held in memory for inference; the least recently used go beyond it."
     ),
-    prefix_cache_mb: int = typer.Option(1024, min=0, help=PREFIX_CACHE_HELP + " Each base model held has its own."),
+    prefix_cache_mb: int = typer.Option(
+        PREFIX_CACHE_MB, min=0, help=PREFIX_CACHE_HELP + " Each base model held has its own."
+    ),
     docs: bool = typer.Option(False, help="Serve /docs and /openapi.json (without a key)."),
     allow_python_graders: bool = typer.Option(
         False,

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from ..serve import CompletionStore, Retention, completion_routes
-from ..serve.engine import PREFIX_CACHE_MB
+from ..serve_defaults import PREFIX_CACHE_MB
 from ..web import Observer, docs_urls, edge
 from .access import ModelAccess
 from .batches import BatchRunner

@@ -11,6 +11,7 @@ from rich.markup import escape
 from ..database import shown_url
 from ..errors import ConfigError
 from ..models.sources import untuned_base_note
+from ..serve_defaults import PREFIX_CACHE_MB
 from ..web import Observer
 from ..web.listen import bind, listen
 from ..web.observe import log_requests_to_stderr
@@ -18,7 +19,7 @@ from .adapters import load_pool
 from .app import create_app
 from .bodies import COMPLETIONS_DEFAULT_MAX_TOKENS
 from .completion_store import CompletionStore, Retention, default_store
-from .engine import PREFIX_CACHE_MB, Engine
+from .engine import Engine
 
 
 def parse_pairs(specs: Sequence[str], option: str, form: str, example: str) -> dict[str, str]:
