@@ -694,6 +694,26 @@ def test_serve_answers_qwen_vl_image_requests_as_each_is_answered_alone(qwen_vl_
         assert reply.usage.prompt_tokens == alone.prompt_tokens  # the image's tokens, by its size, counted
 
 
+def test_serve_decodes_each_qwen_vl_image_once(qwen_vl_model, monkeypatch):
+    """A request's image is checked and its tokens counted from its size, as the processor sizes it (an EXIF
+    rotation swaps the sides and keeps the count); only the prefill decodes it, for its pixels."""
+    import transformers.image_utils
+    from test_serve import running_server
+
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    decoded = []
+    real = transformers.image_utils.load_image
+    monkeypatch.setattr(transformers.image_utils, "load_image", lambda image: decoded.append(1) or real(image))
+    engine = Engine(AdapterPool(str(qwen_vl_model)))
+    try:
+        with running_server(create_app(engine)) as url:
+            reply = ask(url, image_content(png_data_url(GREEN, (40, 32))), max_tokens=2)
+    finally:
+        engine.close()
+    assert reply.usage.prompt_tokens > 12 and len(decoded) == 1
+
+
 def test_serve_refuses_an_image_qwen_vls_processor_does_not_take_naming_its_field(qwen_vl_model):
     """Qwen2-VL's image processor takes no image with a side over 200 times the other: a 400 at the image's url,
     not one that blames the chat template."""
@@ -1025,17 +1045,34 @@ def test_generate_answers_qwen_vl_image_prompts_as_the_batch_does(qwen_vl):
     assert [c.text for c in ours] == [c.text for c in answer(model, tokenizer, rows, 6)]
 
 
-def test_qwen_vl_decodes_an_image_once_however_many_renderings_of_its_row_expand_it(qwen_vl_model, monkeypatch):
+@pytest.mark.parametrize("size", [(40, 32), (36, 12), (300, 40)])
+def test_qwen_vl_counts_an_images_tokens_from_its_size_as_the_processor_does_without_decoding_it(
+    qwen_vl_model, monkeypatch, size
+):
+    """However many renderings of a row expand its image, none decodes it; the count is the grid the processor
+    gives the decoded image, upright or stored sideways with an EXIF rotation (which swaps its sides)."""
+    import io
+
+    from PIL import Image
+
     from tuneforge.models.images import ImageInputs
 
     images = image_inputs(load_tokenizer(str(qwen_vl_model)))
-    processed = []
-    real = ImageInputs._processed
-    monkeypatch.setattr(ImageInputs, "_processed", lambda self, shown: processed.append(1) or real(self, shown))
+    stored = Image.new("RGB", size, GREEN)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    sideways = io.BytesIO()
+    stored.save(sideways, "PNG", exif=exif)
+    counts = {}
+    for name, data in [("upright", png(GREEN, size)), ("sideways", sideways.getvalue())]:
+        [grid] = images.model_inputs([data], torch.tensor([[images.image_token_id]]))["image_grid_thw"]
+        counts[name] = int(grid.prod()) // images.image_processor.merge_size**2
+    monkeypatch.setattr(ImageInputs, "_processed", lambda *_: pytest.fail("an image was decoded to count its tokens"))
     text = f"<|vision_start|>{images.marker}<|vision_end|>What colour is this?"
-    expanded = {images.expand(text, [png(GREEN, (40, 32))]) for _ in range(3)}
-    assert len(expanded) == 1 and len(processed) == 1
-    assert next(iter(expanded)).count(images.marker) == 12  # the image's size sets its token count
+    for name, data in [("upright", png(GREEN, size)), ("sideways", sideways.getvalue())]:
+        expanded = {images.expand(text, [data]) for _ in range(3)}
+        assert len(expanded) == 1 and next(iter(expanded)).count(images.marker) == counts[name]
+    assert counts["upright"] == counts["sideways"] and (size != (40, 32) or counts["upright"] == 12)
 
 
 @pytest.fixture(scope="module")

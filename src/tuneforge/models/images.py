@@ -12,39 +12,31 @@ is tokenized, the pixels come from the processor's own image processor.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-MAX_KEPT_IMAGES = 4096
-"""The most images whose tokens `ImageInputs` keeps (a few KB each)."""
 
 
 @dataclass(frozen=True)
 class ImageInputs:
     """A model's image side: the marker its template writes per image, the tokens that replace it (`tokens_of`:
-    the image processor's outputs and an image's index -> its text), the id of the tokens the vision features
+    an image's height and width -> its text), the id of the tokens the vision features
     take the place of, the image processor, the name under which the model takes where the image tokens are
     (`type_ids`), and whether the model computes its positions itself from the tokens and the images' grids
     (`rope_from_images`: Qwen2-VL's 3-D M-RoPE; a batch then carries no position_ids)."""
 
     marker: str
-    tokens_of: Callable[[dict, int], str]
+    tokens_of: Callable[[int, int], str]
     image_token_id: int
     image_processor: object
     type_ids: str = "token_type_ids"
     rope_from_images: bool = False
     sized: bool = False  # whether an image's tokens depend on the image (its size): Qwen2-VL's do, Gemma 3's do not
     settings: str = ""  # what else changes the tokens an image becomes (for the data cache's key)
-    # The tokens of the images seen, by their bytes' digest, where they depend on the image (`sized`): a row's
-    # image is expanded once for each rendering of the row's parts (`data.render`), and decoding and resizing it
-    # costs more than the digest.
-    _sized_tokens: dict = field(default_factory=dict, compare=False, repr=False)
 
     def expand(self, text: str, images: Sequence[bytes]) -> str:
         """A rendered conversation with its image markers replaced, in order, by the tokens of `images` (the
@@ -58,13 +50,13 @@ class ImageInputs:
         tokens = [self._tokens_of_image(data) for data in images[:shown]] if self.sized else None
         out = [parts[0]]
         for i, part in enumerate(parts[1:]):
-            out += [tokens[i] if tokens else self.tokens_of({}, i), part]
+            out += [tokens[i] if tokens else self.tokens_of(0, 0), part]
         return "".join(out)
 
     def refusal(self, data: bytes) -> str | None:
         """What the image processor says against an image it cannot take (Qwen2-VL's: a side over 200 times the
-        other), None where it takes it. An image whose tokens depend on it is processed here (its tokens kept for
-        `expand`); the others' processors (Gemma 3's: a resize to its square) take any image."""
+        other), None where it takes it. An image whose tokens depend on it is sized here as `expand` sizes it; the
+        others' processors (Gemma 3's: a resize to its square) take any image."""
         if not self.sized:
             return None
         try:
@@ -74,14 +66,13 @@ class ImageInputs:
         return None
 
     def _tokens_of_image(self, data: bytes) -> str:
-        key = hashlib.sha256(data).digest()
-        found = self._sized_tokens.get(key)
-        if found is None:
-            found = self.tokens_of(self._processed([data]), 0)
-            if len(self._sized_tokens) >= MAX_KEPT_IMAGES:
-                self._sized_tokens.clear()
-            self._sized_tokens[key] = found
-        return found
+        """The tokens of an image whose tokens depend on its size, from the size its file's header gives: the
+        pixels are decoded once, for the model's inputs (`_processed`), not for counting tokens."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as picture:
+            width, height = picture.size
+        return self.tokens_of(height, width)
 
     def _processed(self, images: Sequence[bytes]) -> dict:
         """The image processor's outputs for `images`, in order. Each image is decoded and processed alone and only
@@ -146,7 +137,7 @@ def load_image_inputs(folder: str | Path, tokenizer) -> ImageInputs | None:
         return None
     return ImageInputs(
         marker=processor.boi_token,
-        tokens_of=lambda processed, i: sequence,
+        tokens_of=lambda height, width: sequence,
         image_token_id=tokenizer.image_token_id,
         image_processor=image_processor,
         settings=sequence,
@@ -160,7 +151,9 @@ QWEN2_VL = ("qwen2_vl", "qwen2_5_vl")
 def _qwen2_vl(folder: Path, tokenizer, config: dict) -> ImageInputs:
     """Qwen2-VL's and Qwen2.5-VL's image side, from the image processor alone: their processor also builds a
     video processor, which needs torchvision. An image's tokens are its processor's
-    (`Qwen2VLProcessor.replace_image_token`): one `<|image_pad|>` per merged patch of its grid."""
+    (`Qwen2VLProcessor.replace_image_token`): one `<|image_pad|>` per merged patch of the grid its size gives
+    (`get_number_of_image_patches`, as the processor counts them without the pixels). The grid's sides follow the
+    image's, so an EXIF rotation, which swaps them, keeps the count: the size as stored is the size counted."""
     from transformers import AutoImageProcessor
 
     image_processor = AutoImageProcessor.from_pretrained(folder)
@@ -168,7 +161,7 @@ def _qwen2_vl(folder: Path, tokenizer, config: dict) -> ImageInputs:
     merged = image_processor.merge_size**2
     return ImageInputs(
         marker=marker,
-        tokens_of=lambda processed, i: marker * int(processed["image_grid_thw"][i].prod() // merged),
+        tokens_of=lambda height, width: marker * (image_processor.get_number_of_image_patches(height, width) // merged),
         image_token_id=config.get("image_token_id", tokenizer.convert_tokens_to_ids(marker)),
         image_processor=image_processor,
         type_ids="mm_token_type_ids",
