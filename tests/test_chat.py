@@ -305,11 +305,11 @@ class NoServeExtra:
             raise ModuleNotFoundError(name)
 sys.meta_path.insert(0, NoServeExtra())
 from families import FAMILIES, WEATHER_TOOL, family_tokenizer
-from tuneforge.chat import tool_call_parser
+from tuneforge.tool_calls import tool_call_parser
 from tuneforge.graders.base import rollout_samples
 tokenizer = family_tokenizer(FAMILIES["qwen2.5"], {str(tmp_path)!r})
 call = '<tool_call>\\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}\\n</tool_call>'
-assert tool_call_parser(tokenizer).parse(call).tool_calls[0]["function"]["name"] == "get_weather"
+assert tool_call_parser(tokenizer, "qwen", "--tools").parse(call).tool_calls[0]["function"]["name"] == "get_weather"
 [sample] = rollout_samples([call], [[WEATHER_TOOL]], tokenizer)
 assert sample["output_tools"][0]["function"]["arguments"] == '{{"city": "Paris"}}'
 """

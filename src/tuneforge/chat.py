@@ -31,7 +31,6 @@ from jinja2 import TemplateError
 
 from .data.formats import tool_definitions
 from .data.images import read_image_file
-from .data.render import renderer_for
 from .data.schema import Image
 from .errors import ConfigError, DataError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
@@ -40,7 +39,7 @@ from .models.loading import image_inputs
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
 from .reasoning import CONTENT, REASONING, ReasoningSplitter, message, reasoning_opened
-from .tool_calls import ParsedReply, ToolCallParser, parser_for
+from .tool_calls import ParsedReply, ToolCallParser, tool_call_parser
 from .wording import counted
 
 PROMPT = ">>> "
@@ -72,7 +71,7 @@ def chat_session(
     until /exit or end of input; returns the conversation as it stands then, system message first. `tools`:
     OpenAI tool definitions (`read_tools`) every prompt is rendered with."""
     output = output or sys.stdout
-    calls = tool_call_parser(tokenizer) if tools else None
+    calls = _tools_parser(tokenizer) if tools else None
     read = _line_reader(input, output)
     window = model_context_length(model)
     history: list[dict] = []
@@ -205,7 +204,7 @@ def chat_command(
     source = resolve(spec)
     tokenizer = load_tokenizer(source)
     if definitions:
-        tool_call_parser(tokenizer)
+        _tools_parser(tokenizer)
     model = load_for_inference(source, "chat", precision)
     sys.stdout.write(
         f"chatting with {source.name}"
@@ -276,26 +275,9 @@ def checked_tools(value, where: str, file: str = "") -> list[dict] | None:
     return definitions
 
 
-def tool_call_parser(tokenizer) -> ToolCallParser:
-    """The parser of the model's tool calls, as serve picks it; a `ConfigError` where the model's chat template
-    writes no tool definitions, or its calls in a form serve does not parse."""
-    renderer = renderer_for(tokenizer)
-    name = tokenizer.name_or_path or "the model"
-    if not renderer.writes_tools:
-        raise ConfigError(
-            f"--tools: the chat template of {name} does not write tool definitions, so the model would never see "
-            "them. Chat with a model whose chat template takes tools (Qwen 2.5 and 3, Llama 3.1, Mistral, ...), or "
-            "leave --tools out.",
-            code="invalid_value",
-        )
-    parser = parser_for(renderer.template)
-    if parser is None:
-        raise ConfigError(
-            f"--tools: the chat template of {name} writes tool calls in a form that is not parsed (Qwen's and "
-            "Hermes' <tool_call> blocks, Llama 3.1's JSON and Mistral's [TOOL_CALLS] are). Leave --tools out.",
-            code="invalid_value",
-        )
-    return parser
+def _tools_parser(tokenizer) -> ToolCallParser:
+    """The parser of the model's tool calls for `--tools`, as serve picks it (`tool_calls.tool_call_parser`)."""
+    return tool_call_parser(tokenizer, tokenizer.name_or_path or "the model", "--tools")
 
 
 class _ReplyWriter:

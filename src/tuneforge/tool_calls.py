@@ -90,6 +90,36 @@ class ToolCallParser:
         return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def tool_call_parser(
+    tokenizer, name: str, given: str, *, parses: bool = True, as_text: str = ""
+) -> ToolCallParser | None:
+    """The parser of the tool calls in the replies of the model `name` (whose tokenizer is `tokenizer`) to prompts
+    rendered with the tools `given` names (`--tools`, a request's `tools`), as `serve` and `chat --tools` pick it;
+    None where `parses` is False (the tools are rendered, the reply stays text). A `ConfigError` where the model's
+    chat template writes no tool definitions, or writes its calls in a form not parsed (`as_text`: another way
+    to the reply as text, where the caller has one)."""
+    from .data.render import renderer_for  # here: rendering loads Jinja and the models, which parsing needs not
+    from .errors import ConfigError
+
+    renderer = renderer_for(tokenizer)
+    if not renderer.writes_tools:
+        raise ConfigError(
+            f"{given}: the chat template of {name} does not write tool definitions, so the model would never see "
+            "the tools. Use a model whose chat template takes tools (Qwen 2.5 and 3, Llama 3.1, Mistral, ...) "
+            f"tuned on tool calls, or leave {given} out.",
+            code="unsupported_value",
+        )
+    parser = parser_for(renderer.template) if parses else None
+    if parses and parser is None:
+        raise ConfigError(
+            f"{given}: the chat template of {name} writes tool calls in a form that is not parsed (these are "
+            '<tool_call>{"name": ..., "arguments": ...}</tool_call> as Qwen and Hermes write them, Llama 3.1\'s '
+            f'{{"name": ..., "parameters": ...}} and Mistral\'s [TOOL_CALLS][...]). Leave {given} out{as_text}.',
+            code="unsupported_value",
+        )
+    return parser
+
+
 def parser_for(template: str | None) -> ToolCallParser | None:
     """The parser for replies of a model with this chat template; None when it writes no known call form."""
     if not template:

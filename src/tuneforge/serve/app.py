@@ -34,11 +34,11 @@ from .. import reasoning
 from ..constrain import ConstraintError, json_index
 from ..data.images import read_image
 from ..data.render import renderer_for, template_texts
-from ..errors import TuneforgeError
+from ..errors import ConfigError, TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
 from ..models.loading import image_inputs
-from ..tool_calls import ParsedReply, ToolCallParser, parser_for
+from ..tool_calls import ParsedReply, ToolCallParser, tool_call_parser
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
 from .bodies import (
@@ -651,28 +651,16 @@ def _tool_parser(server: Served, body: ChatCompletionBody) -> ToolCallParser | N
     if not body.tools:
         return None
     name = server.known_model(body.model)
-    renderer = renderer_for(server.tokenizer(name))
-    if not renderer.writes_tools:
-        raise APIError(
-            400,
-            f"The chat template of `{name}` does not write tool definitions, so the model would never see these "
-            "tools. Serve a model whose chat template takes tools (Qwen 2.5 and 3, Llama 3.1, Mistral, ...) and "
-            "tune it on tool calls, or send the request without tools.",
-            param="tools",
-            code="unsupported_value",
+    try:
+        return tool_call_parser(
+            server.tokenizer(name),
+            f"`{name}`",
+            "tools",
+            parses=body.calls_tools,
+            as_text=', or send tool_choice "none" to get the reply as text',
         )
-    parser = parser_for(renderer.template) if body.calls_tools else None
-    if body.calls_tools and parser is None:
-        raise APIError(
-            400,
-            f"The chat template of `{name}` writes tool calls in a form this server does not parse (it parses "
-            '<tool_call>{"name": ..., "arguments": ...}</tool_call> as Qwen and Hermes write them, Llama 3.1\'s '
-            '{"name": ..., "parameters": ...} and Mistral\'s [TOOL_CALLS][...]). Send tool_choice "none" to get '
-            "the reply as text.",
-            param="tools",
-            code="unsupported_value",
-        )
-    return parser
+    except ConfigError as err:
+        raise APIError(400, err.message, param="tools", code=err.code) from None
 
 
 def _constraint(server: Served, body: ChatCompletionBody | ResponsesBody):
