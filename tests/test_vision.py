@@ -1120,6 +1120,21 @@ def test_an_mmproj_unlike_the_models_vision_encoder_is_refused_naming_the_tensor
         llama_cpp.check_mmproj(result.out / "mmproj-tuned-q8_0.gguf", model, tmp_path)
 
 
+def test_the_mmproj_check_reads_the_file_once(vision_gguf, tmp_path, monkeypatch):
+    """Its tensors, their types and its metadata all come from one reading of the mmproj GGUF."""
+    import gguf
+
+    from tuneforge.export import llama_cpp
+
+    base, result = vision_gguf
+    model = load_model(str(base), dtype=torch.float32)
+    (tmp_path / "processor_config.json").write_text((base / "processor_config.json").read_text())
+    opened, real = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **kw: opened.append(path) or real(path, *a, **kw))
+    checks = llama_cpp.check_mmproj(result.out / "mmproj-tuned-q8_0.gguf", model, tmp_path)
+    assert len(opened) == 1 and sum(checks["tensor_types"].values()) == checks["tensors"] > 0
+
+
 def test_gguf_export_of_a_vision_model_for_ollama_is_refused_before_any_work(vision_model, tmp_path):
     from tuneforge.errors import TuneforgeError
     from tuneforge.export import export

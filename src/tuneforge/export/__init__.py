@@ -363,6 +363,8 @@ def _export_merged(source: ModelSource, tokenizer, ids, folder: Path, dtype: str
 
 
 def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:
+    import gguf
+
     merged = _merged(source, ids, console)
     path = folder / llama_cpp.gguf_filename(source.name, dtype)
     # The converter reads a Hugging Face folder: the merged model, written inside the unfinished
@@ -396,7 +398,7 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
         console,
     )
     _check_sliding_window(merged.model.config, path, checks, console)
-    checks["tensor_types"] = llama_cpp.tensor_types(path)
+    checks["tensor_types"] = llama_cpp.tensor_types(gguf.GGUFReader(str(path)))
     # The tokens a runtime sees come from the tokenizer rebuilt from the GGUF's metadata.
     checks["tokenizer_roundtrip_identical"] = probe_ids(loaded_tokenizer) == ids
     if not checks["tokenizer_roundtrip_identical"]:

@@ -323,7 +323,7 @@ def check_mmproj(path: Path, model, model_dir: Path) -> dict:
     return {
         "file": path.name,
         "tensors": len(stored),
-        "tensor_types": tensor_types(path),
+        "tensor_types": tensor_types(reader),
         "max_diff_of_rounding": worst,
         "image_tokens": tokens,
         **{
@@ -440,11 +440,10 @@ def quantized_type(tensor, qtype, has_output: bool):
     return qtype if row % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else tensor.tensor_type
 
 
-def tensor_types(path: Path) -> dict[str, int]:
-    """How many tensors of each GGML type the GGUF at `path` holds, by the type's name."""
-    import gguf
-
-    return dict(Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors))
+def tensor_types(reader) -> dict[str, int]:
+    """How many tensors of each GGML type the GGUF that `reader` (a `gguf.GGUFReader`) reads holds, by the type's
+    name."""
+    return dict(Counter(tensor.tensor_type.name for tensor in reader.tensors))
 
 
 def model_name(name: str, model_dir: Path, tokenizer) -> str:
