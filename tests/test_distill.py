@@ -1045,7 +1045,7 @@ def test_distill_generate_does_not_continue_rows_written_for_other_tools(tmp_pat
 def test_distill_generate_writes_a_teachers_tool_calls_as_openai_tool_calls_a_student_trains_on(tmp_path, capsys):
     """A teacher's answer that calls tools is written as serve replies, an assistant message with `tool_calls`,
     not the teacher's call syntax: a Llama 3 student's `data check --show` renders the call in Llama's form,
-    and a rerun continues the file."""
+    a rerun continues the file, and one from the start writes it byte for byte."""
     from families import FAMILIES, save_family_model
     from test_serve import TOOLS, WEATHER, train_tool_caller
 
@@ -1061,6 +1061,8 @@ def test_distill_generate_writes_a_teachers_tool_calls_as_openai_tool_calls_a_st
     generate_teacher_data(str(teacher), prompts_file, out, limit=1, **options)
     result = generate_teacher_data(str(teacher), prompts_file, out, **options)
     assert (result.resumed_from, result.written) == (1, 2)
+    again = generate_teacher_data(str(teacher), prompts_file, tmp_path / "again.jsonl", **options)
+    assert again.out.read_bytes() == out.read_bytes()  # the calls' ids too: a rerun writes the same file
 
     [called, answered] = [json.loads(line) for line in out.read_text().splitlines()]
     reply = called["messages"][-1]
@@ -1075,3 +1077,27 @@ def test_distill_generate_writes_a_teachers_tool_calls_as_openai_tool_calls_a_st
     assert check_command([str(out)], model=str(student), show=1) == 0
     shown = capsys.readouterr().out
     assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in shown and "<tool_call>" not in shown
+
+
+def test_best_of_n_rows_give_their_tool_calls_the_same_ids_each_time_they_are_written():
+    """A resumed call writes the output again from the recorded answers: each call's id derives from its prompt's
+    place and answer, so the rows come out as before, and the chosen and rejected answers' calls differ."""
+    from tuneforge.distill.teacher_data import kept_row
+    from tuneforge.tool_calls import HERMES
+
+    def call(city: str) -> str:
+        return f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+
+    record = {
+        "prompt": [{"role": "user", "content": "Weather?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+        "samples": [
+            {"text": call("Paris"), "score": 1.0, "finish_reason": "stop"},
+            {"text": call("Rome"), "score": 0.0, "finish_reason": "stop"},
+        ],
+    }
+    first, second = (kept_row(record, 3, "pairs", None, HERMES) for _ in range(2))
+    assert json.dumps(first) == json.dumps(second)
+    [chosen], [rejected] = first["chosen"][0]["tool_calls"], first["rejected"][0]["tool_calls"]
+    assert chosen["id"].startswith("call_") and chosen["id"] != rejected["id"]
+    assert kept_row(record, 4, "pairs", None, HERMES)["chosen"][0]["tool_calls"][0]["id"] != chosen["id"]

@@ -16,11 +16,11 @@ call may be starting, so that the text from there on is held back until the repl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
 import string
-import uuid
 from dataclasses import dataclass
 
 _DECODER = json.JSONDecoder()
@@ -39,8 +39,10 @@ class ToolCallParser:
     markers: tuple[str, ...]  # text that opens the calls wherever it appears
     leading: str = ""  # characters that open the calls when the reply starts with one
 
-    def parse(self, text: str) -> ParsedReply | None:
-        """The reply's calls and the text before them; None when it holds no call that parses."""
+    def parse(self, text: str, ids_from: str | None = None) -> ParsedReply | None:
+        """The reply's calls and the text before them; None when it holds no call that parses. The calls' ids
+        are random, as OpenAI's replies' are, or, with `ids_from` (what names the reply in a file written, its
+        row), derived from it and each call's index, so a rerun writes the same bytes."""
         start = self._start(text)
         if start is None:
             return None
@@ -48,7 +50,7 @@ class ToolCallParser:
         if not calls:
             return None
         content = text[:start].strip()
-        return ParsedReply(content or None, [self._openai_call(call) for call in calls])
+        return ParsedReply(content or None, [self._openai_call(call, ids_from, i) for i, call in enumerate(calls)])
 
     def held_from(self, text: str) -> int | None:
         """Where in `text`, a reply so far, a call may begin (the rest is held back); None: nowhere yet."""
@@ -71,10 +73,10 @@ class ToolCallParser:
             return len(text) - len(stripped)
         return None
 
-    def _openai_call(self, call: dict) -> dict:
+    def _openai_call(self, call: dict, ids_from: str | None, index: int) -> dict:
         arguments = call["arguments"]
         return {
-            "id": self._call_id(call.get("id")),
+            "id": self._call_id(call.get("id"), ids_from, index),
             "type": "function",
             "function": {
                 "name": call["name"],
@@ -82,12 +84,13 @@ class ToolCallParser:
             },
         }
 
-    def _call_id(self, given) -> str:
+    def _call_id(self, given, ids_from: str | None, index: int) -> str:
+        if self.name == "mistral" and isinstance(given, str) and len(given) == 9 and given.isalnum():
+            return given
+        drawn = secrets.token_bytes(12) if ids_from is None else hashlib.sha256(f"{ids_from}:{index}".encode()).digest()
         if self.name == "mistral":  # Mistral's template refuses any id but 9 letters and digits in the history
-            if isinstance(given, str) and len(given) == 9 and given.isalnum():
-                return given
-            return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
-        return f"call_{uuid.uuid4().hex[:24]}"
+            return "".join(_ALPHANUMERIC[byte % len(_ALPHANUMERIC)] for byte in drawn[:9])
+        return f"call_{drawn[:12].hex()}"
 
 
 def tool_call_parser(

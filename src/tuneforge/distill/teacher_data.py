@@ -286,22 +286,24 @@ def sample_seed(seed: int, prompt: int, answer: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def reply_message(text: str, calls=None) -> dict:
+def reply_message(text: str, calls, answer: str) -> dict:
     """The assistant message of a teacher's answer. `calls`, a `tool_calls.ToolCallParser` (for an answer
     to a prompt with tools): an answer that calls tools has them as OpenAI's `tool_calls` and the text before
-    them as content (None when there is none), as `tuneforge serve` replies, not as the teacher's call syntax."""
-    parsed = calls.parse(text) if calls is not None else None
+    them as content (None when there is none), as `tuneforge serve` replies, not as the teacher's call syntax.
+    The calls' ids derive from `answer`, which answer it is (its prompt's place, and of best-of-N's the
+    sample's), so a rerun or a resumed call writes the same bytes."""
+    parsed = calls.parse(text, answer) if calls is not None else None
     if parsed is None:
         return {"role": "assistant", "content": text}
     return {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
 
 
-def kept_row(record: dict, keep: str, pass_threshold: float | None, calls=None) -> dict | None:
+def kept_row(record: dict, place: int, keep: str, pass_threshold: float | None, calls=None) -> dict | None:
     """The training row a prompt's sampled answers give (`keep`: its best answer as a chat row, or its best
     and worst as a DPO pair), its scores in `scores`; None when the answers all score alike (pairs) or the
     best falls short of the grader's pass_threshold (best). Only answers that ended before max_new_tokens
-    (finish_reason other than length) are chosen from; None when there are none. `calls`: as `reply_message`
-    takes it, for a record with tools."""
+    (finish_reason other than length) are chosen from; None when there are none. `place`: its prompt's in the
+    prompts file; `calls`: as `reply_message` takes it, for a record with tools."""
     answers = record["samples"]
     scores = [a["score"] for a in answers]
     # An answer cut at max_new_tokens takes no part: the model did not end it, so kept as the best or chosen
@@ -316,15 +318,15 @@ def kept_row(record: dict, keep: str, pass_threshold: float | None, calls=None) 
     if keep == "best":
         if pass_threshold is not None and scores[best] < pass_threshold:
             return None
-        reply = reply_message(answers[best]["text"], calls)
+        reply = reply_message(answers[best]["text"], calls, f"{place}:{best}")
         return {"messages": [*prompt, reply], **tools, "scores": {"best": scores[best], "all": scores}}
     worst = min(whole, key=scores.__getitem__)
     if scores[best] == scores[worst]:
         return None
     return {
         "prompt": prompt,
-        "chosen": [reply_message(answers[best]["text"], calls)],
-        "rejected": [reply_message(answers[worst]["text"], calls)],
+        "chosen": [reply_message(answers[best]["text"], calls, f"{place}:{best}")],
+        "rejected": [reply_message(answers[worst]["text"], calls, f"{place}:{worst}")],
         **tools,
         "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores},
     }
@@ -454,7 +456,10 @@ def generate_teacher_data(
     rows = 0
     if sampled:
         # `out` follows from the answers recorded: written again whole, it drops rows of a call cut short.
-        kept = [kept_row(json.loads(line), keep, judge.pass_threshold, calls) for line in _lines(record_file)]
+        kept = [
+            kept_row(json.loads(line), place, keep, judge.pass_threshold, calls)
+            for place, line in enumerate(_lines(record_file))
+        ]
         rows = sum(row is not None for row in kept)
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out) as f:
@@ -519,7 +524,7 @@ def generate_teacher_data(
                     # The answers first: a crash between the two writes leaves `out` short, which the next
                     # call writes again from them.
                     _append(record, records)
-                    kept = [kept_row(r, keep, judge.pass_threshold, calls) for r in records]
+                    kept = [kept_row(r, start + k, keep, judge.pass_threshold, calls) for k, r in enumerate(records)]
                     _append(f, [row for row in kept if row is not None])
                     rows += sum(row is not None for row in kept)
                     left_out += sum(row is None for row in kept)
@@ -531,10 +536,13 @@ def generate_teacher_data(
                         f,
                         [
                             {
-                                "messages": [*prompt, reply_message(a.text, calls if row_tools else None)],
+                                "messages": [
+                                    *prompt,
+                                    reply_message(a.text, calls if row_tools else None, str(start + k)),
+                                ],
                                 **({"tools": row_tools} if row_tools else {}),
                             }
-                            for prompt, row_tools, a in zip(batch, batch_tools, answers)
+                            for k, (prompt, row_tools, a) in enumerate(zip(batch, batch_tools, answers))
                         ],
                     )
                 stopped_by_length += sum(a.finish_reason == "length" for a in answers)
