@@ -18,11 +18,12 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from . import reasoning
-from .chat import checked_tools, tool_call_parser
+from .chat import checked_tools
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
 from .progress import library_bars
+from .tool_calls import tool_call_parser
 
 DEFAULT_MAX_NEW_TOKENS = 256  # the reply length limit where a call sets none, within the context window
 
@@ -87,7 +88,7 @@ class LLM:
         except ValueError as err:
             raise ConfigError(str(err), code="invalid_value") from err
         definitions = checked_tools(tools, "tools") if tools else None
-        parser = tool_call_parser(self.tokenizer) if definitions else None
+        parser = tool_call_parser(self.tokenizer, self.source.name, "tools") if definitions else None
         try:
             prompt_ids = encode_prompts(self.tokenizer, [messages], definitions)[0]
         except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
