@@ -23,7 +23,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .errors import EXIT_RUN_FAILED, LAUNCHER_SHOWS_ERRORS, TuneforgeError
-from .serve_defaults import PREFIX_CACHE_MB
+from .serve_defaults import MAX_BATCH, MAX_WAITING, PREFIX_CACHE_MB
 
 
 class _Interrupted(Exception):
@@ -472,8 +472,10 @@ def serve(
         help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated).",
     ),
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
-    max_batch: int = typer.Option(32, min=1, help="Most rows decoded together; a request takes one per choice (n)."),
-    max_waiting: int = typer.Option(256, min=1, help="Most requests waiting for a place; beyond it a 429."),
+    max_batch: int = typer.Option(
+        MAX_BATCH, min=1, help="Most rows decoded together; a request takes one per choice (n)."
+    ),
+    max_waiting: int = typer.Option(MAX_WAITING, min=1, help="Most requests waiting for a place; beyond it a 429."),
     prefix_cache_mb: int = typer.Option(PREFIX_CACHE_MB, min=0, help=PREFIX_CACHE_HELP),
     max_tokens: int = typer.Option(
         1024,

@@ -21,8 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..serve import AdapterPool, CompletionStore, Engine, create_app, load_pool
 from ..serve.bodies import DEFAULT_MAX_TOKENS
-from ..serve.engine import MAX_BATCH, MAX_WAITING
-from ..serve_defaults import PREFIX_CACHE_MB
+from ..serve_defaults import MAX_BATCH, MAX_WAITING, PREFIX_CACHE_MB
 from ..web import Observer
 from .access import InferenceTarget
 

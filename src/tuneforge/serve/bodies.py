@@ -23,7 +23,7 @@ MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs`, at most (OpenAI's limit)
 MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
 # Prompts of one /v1/completions request (`prompt` as a list). Each waits in the engine's queue as a request of its
-# own, so one request takes at most half of the queue it has by default (engine.MAX_WAITING, 256).
+# own, so one request takes at most half of the queue it has by default (serve_defaults.MAX_WAITING, 256).
 MAX_PROMPTS = 128
 # Choices of one request, which decode together as rows of one batch (and at most the engine's batch size).
 MAX_CHOICES = 16

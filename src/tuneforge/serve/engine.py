@@ -27,7 +27,7 @@ from dataclasses import replace
 from ..errors import TuneforgeError
 from ..generate import Batch, Completion, Piece, Row, Sampling, TokenLogprob
 from ..kv_cache import PrefixCache
-from ..serve_defaults import PREFIX_CACHE_MB
+from ..serve_defaults import MAX_BATCH, MAX_WAITING, PREFIX_CACHE_MB
 from ..web import scrub_paths, server_error
 from .adapters import AdapterPool
 
@@ -198,9 +198,6 @@ def choice_sampling(sampling: Sampling, index: int) -> Sampling:
         return sampling
     return replace(sampling, seed=(sampling.seed + index) % SEED_RANGE)
 
-
-MAX_BATCH = 32  # rows decoded together, unless the caller says otherwise
-MAX_WAITING = 256  # requests waiting for a place before a 429, unless the caller says otherwise
 
 
 class Engine:
