@@ -71,7 +71,7 @@ def file_size_limit():
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory) -> Path:
     """The sharp tiny model (tiny_sharp.py) in a folder named `base`, the name `tuneforge serve` gives it:
-    the base model of the serve, choices and production tests."""
+    the base model of the generation, serve, choices and production tests."""
     from tiny_sharp import save_sharp_tiny_model
 
     return save_sharp_tiny_model(tmp_path_factory.mktemp("served") / "base")

@@ -16,11 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
 def parrot(tiny_model_dir):
     """The tiny model trained until it answers every chat with REPLY and then ends its turn."""
     model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
@@ -68,8 +63,8 @@ def test_stop_strings_end_the_answer_before_them(parrot):
     assert pieces.completion.finish_reason == "stop"
 
 
-def test_stream_pieces_join_to_the_batch_answer(tiny):
-    model, tokenizer = tiny
+def test_stream_pieces_join_to_the_batch_answer(base):
+    model, tokenizer = base
     [done] = generate(model, tokenizer, [QUESTION], max_new_tokens=20)
     pieces = stream(model, tokenizer, QUESTION, max_new_tokens=20)
     assert len(streamed := list(pieces)) > 1
@@ -77,10 +72,10 @@ def test_stream_pieces_join_to_the_batch_answer(tiny):
     assert pieces.completion == done
 
 
-def test_batched_generation_equals_one_by_one(tiny):
+def test_batched_generation_equals_one_by_one(base):
     """Left padding with position ids counted from each row's first token: a prompt's greedy
     answer does not depend on the other prompts in its batch."""
-    model, tokenizer = tiny
+    model, tokenizer = base
     prompts = [
         [{"role": "user", "content": "Hi"}],
         [
@@ -94,6 +89,7 @@ def test_batched_generation_equals_one_by_one(tiny):
     together = generate(model, tokenizer, prompts, batch_size=5, max_new_tokens=12)
     alone = [generate(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
     assert together == alone
+    assert len({c.token_ids for c in alone}) == len(prompts)  # the answers tell the prompts apart
     assert len({c.prompt_tokens for c in together}) > 1  # the batch really was padded
     # The same prompts as token ids (rendered and tokenized already), some mixed with messages: the same answers.
     ids = [tuple(row) for row in encode_prompts(tokenizer, prompts)]
@@ -117,38 +113,40 @@ def generate_recording_forwards(model, tokenizer, prompts):
         hook.remove()
 
 
-def test_a_shared_system_prompt_runs_once_and_changes_no_answer(tiny):
+def test_a_shared_system_prompt_runs_once_and_changes_no_answer(base):
     """Prompts that open with the same system prompt: the batch runs it once, and each answer is the
     one the prompt gets alone."""
-    model, tokenizer = tiny
+    model, tokenizer = base
     tickets = ["Our database is down!", "How do I resize a VM?", "I was charged twice this month, please refund one."]
     prompts = [[TRIAGE_SYSTEM, {"role": "user", "content": ticket}] for ticket in tickets]
     together, run = generate_recording_forwards(model, tokenizer, prompts)
     alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
     assert together == alone
+    assert len({c.token_ids for c in alone}) == len(prompts)  # the answers tell the tickets apart
     prompt_tokens = sum(c.prompt_tokens for c in together)
     prefilled = run[0][0] * run[0][1] + run[1][0] * run[1][1]  # the shared prefix once, then the rows' rests
     assert run[0][0] == 1 and run[1][0] == len(prompts)
     assert prefilled < prompt_tokens - (len(prompts) - 1) * 16
 
 
-def test_a_repeated_prompt_runs_once_and_its_rows_sample_apart(tiny):
+def test_a_repeated_prompt_runs_once_and_its_rows_sample_apart(base):
     """A group of rows with one prompt (GRPO's answers to a ticket): the prompt is prefilled once, the
     greedy answers are the prompt's own, and sampled rows draw apart."""
-    model, tokenizer = tiny
+    model, tokenizer = base
     tickets = ["Our database is down!", "How do I resize a VM?"]
     prompts = [[TRIAGE_SYSTEM, {"role": "user", "content": ticket}] for ticket in tickets for _ in range(3)]
     together, run = generate_recording_forwards(model, tokenizer, prompts)
     alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts[::3]]
     assert together == [c for c in alone for _ in range(3)]
+    assert alone[0].token_ids != alone[1].token_ids  # the answers tell the tickets apart
     assert run[0][0] == 1 and run[1][0] == len(tickets)  # the system prompt once, then each ticket once
     sampled = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3)
     assert len({c.token_ids for c in sampled[:3]}) > 1
     assert generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3) == sampled
 
 
-def test_sampling_is_repeatable_with_a_seed(tiny):
-    model, tokenizer = tiny
+def test_sampling_is_repeatable_with_a_seed(base):
+    model, tokenizer = base
     options = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
     first = generate(model, tokenizer, [QUESTION], **options)
     assert generate(model, tokenizer, [QUESTION], **options) == first
@@ -157,10 +155,10 @@ def test_sampling_is_repeatable_with_a_seed(tiny):
     assert samples != {greedy[0].text}
 
 
-def test_a_seed_a_prompt_samples_each_as_it_samples_alone(tiny):
+def test_a_seed_a_prompt_samples_each_as_it_samples_alone(base):
     """Seeds given one a prompt: a prompt's sampled completion is the same alone, beside others or in
     another batch (best-of-N resumes on it), and equal prompts with other seeds draw apart."""
-    model, tokenizer = tiny
+    model, tokenizer = base
     prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(3) for _ in range(2)]
     options = dict(max_new_tokens=8, temperature=1.0)
     together = generate(model, tokenizer, prompts, seed=[10, 11, 12, 13, 14, 15], batch_size=4, **options)
@@ -171,8 +169,8 @@ def test_a_seed_a_prompt_samples_each_as_it_samples_alone(tiny):
         generate(model, tokenizer, prompts, seed=[1, 2], **options)
 
 
-def test_bad_options_are_refused(tiny):
-    model, tokenizer = tiny
+def test_bad_options_are_refused(base):
+    model, tokenizer = base
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, tokenizer, [QUESTION], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
@@ -200,14 +198,14 @@ FIXED_PROMPTS = [
 
 
 @pytest.mark.parametrize("first_columns", [256, 1], ids=["room-to-spare", "growing-every-doubling"])
-def test_greedy_tokens_equal_transformers_generate_in_fp32(tiny, first_columns, monkeypatch):
+def test_greedy_tokens_equal_transformers_generate_in_fp32(base, first_columns, monkeypatch):
     """The decoding loop (pre-allocated cache, own batching) picks the tokens transformers' `generate` picks,
     alone and batched, whether the cache has room from the start or grows."""
     from tuneforge import kv_cache
     from tuneforge.generate import encode_prompts, stop_token_ids
 
     monkeypatch.setattr(kv_cache, "MIN_COLUMNS", first_columns)
-    model, tokenizer = tiny
+    model, tokenizer = base
     stops = sorted(stop_token_ids(model, tokenizer))
     expected = []
     for ids in encode_prompts(tokenizer, FIXED_PROMPTS):
@@ -239,8 +237,8 @@ def test_a_prompt_batch_never_copies_the_output_layer_per_row(tiny_model_dir):
     assert largest < len(prompts) * model.get_output_embeddings().weight.nbytes
 
 
-def test_a_reply_stops_where_the_models_context_ends(tiny):
-    model, tokenizer = tiny
+def test_a_reply_stops_where_the_models_context_ends(base):
+    model, tokenizer = base
     window = model.config.max_position_embeddings
     prompt = tuple(tokenizer("Hi", add_special_tokens=False)["input_ids"] * (window - 5))[: window - 5]
     [done] = generate(model, tokenizer, [prompt], max_new_tokens=50)
@@ -249,12 +247,12 @@ def test_a_reply_stops_where_the_models_context_ends(tiny):
         generate(model, tokenizer, [prompt + prompt[:5]], max_new_tokens=1)
 
 
-def test_logprobs_are_the_raw_log_softmax_of_each_token_given_the_prompt_and_the_reply_before_it(tiny):
+def test_logprobs_are_the_raw_log_softmax_of_each_token_given_the_prompt_and_the_reply_before_it(base):
     # Rows asking for log probabilities share a batch with one that does not and one whose penalty changes what it
     # picks: each asking row's are the model's own distribution at each step, as a separate forward pass gives it.
     from tuneforge.generate import Batch, Sampling
 
-    model, tokenizer = tiny
+    model, tokenizer = base
     prompts = encode_prompts(tokenizer, [QUESTION, [{"role": "user", "content": "What is two plus two?"}]])
     batch = Batch(model, tokenizer)
     plain = batch.add(prompts[0], Sampling(max_new_tokens=8))
@@ -282,13 +280,13 @@ def test_logprobs_are_the_raw_log_softmax_of_each_token_given_the_prompt_and_the
 
 
 @pytest.mark.parametrize("stop", [(), ("ok",)])
-def test_a_tokens_logprob_text_is_its_piece_of_the_reply_and_a_half_characters_its_own_bytes(tiny, stop):
+def test_a_tokens_logprob_text_is_its_piece_of_the_reply_and_a_half_characters_its_own_bytes(base, stop):
     # The byte-level tokenizer spells "é" and "😀" in single bytes: each such token has its raw bytes (written as
     # \xNN in its text, as OpenAI's API gives them), so the bytes joined are the reply's; a token the stop string
     # cuts off is not in the reply's log probabilities.
     from tuneforge.generate import Row, Sampling
 
-    model, tokenizer = tiny
+    model, tokenizer = base
     ids = tokenizer("café 😀 ok", add_special_tokens=False)["input_ids"]
     row = Row([1], Sampling(max_new_tokens=len(ids), logprobs=1, stop=stop), None)
     for token in ids:
