@@ -278,13 +278,14 @@ def test_kept_questions_are_those_the_base_model_knows_firmly():
     assert record["greedy_right"] > record["correct"]
 
 
-def test_questions_are_answered_per_question_greedily_or_sampled(tiny_model_dir):
-    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+def test_questions_are_answered_per_question_greedily_or_sampled(base):
+    model, tokenizer = base  # the sharp tiny model: each question gets its own greedy answer
     questions = [{"question": f"What is {n} plus {n}?", "answers": [str(2 * n)]} for n in (1, 22, 333)]
     options = dict(progress=False)
     greedy = answer_questions(model, tokenizer, questions, samples=2, **options)
     alone = [answer_questions(model, tokenizer, [q], **options)[0][0] for q in questions]
     assert greedy == [[a, a] for a in alone]
+    assert len(set(alone)) == len(questions)
     sampled = answer_questions(model, tokenizer, questions, samples=4, temperature=1.0, seed=3, **options)
     assert [len(answers) for answers in sampled] == [4, 4, 4]
     assert sampled == answer_questions(model, tokenizer, questions, samples=4, temperature=1.0, seed=3, **options)
