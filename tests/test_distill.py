@@ -570,35 +570,37 @@ def write_prompts(path: Path) -> list[list[dict]]:
     return prompts
 
 
-def test_distill_generate_resumes_without_duplicates(teacher_dir, tiny_model_dir, tmp_path, capfd):
+def test_distill_generate_resumes_without_duplicates(base_dir, tiny_model_dir, tmp_path, capfd):
     from tuneforge.data import Conversation, read_conversations
     from tuneforge.distill import generate_teacher_data
 
+    # The teacher is the sharp tiny model: a call that answered other prompts than its rows' writes other answers.
     prompts_file = tmp_path / "prompts.jsonl"
     prompts = write_prompts(prompts_file)
     out = tmp_path / "teacher.jsonl"
     options = dict(max_new_tokens=6, batch_size=2, progress=False)
-    first = generate_teacher_data(str(teacher_dir), prompts_file, out, limit=3, **options)
+    first = generate_teacher_data(str(base_dir), prompts_file, out, limit=3, **options)
     assert (first.written, first.resumed_from) == (3, 0) and len(out.read_text().splitlines()) == 3
     assert "Loading weights" not in capfd.readouterr().err  # progress=False: transformers' bar too
     # Continued by another teacher, or with another answer length, the file would mix two teachers' answers.
-    for teacher, length in ((tiny_model_dir, 6), (teacher_dir, 12)):
+    for teacher, length in ((tiny_model_dir, 6), (base_dir, 12)):
         with pytest.raises(TuneforgeError, match="would mix the two") as mixed:
             generate_teacher_data(str(teacher), prompts_file, out, **{**options, "max_new_tokens": length})
         assert mixed.value.code == "output_mismatch"
     assert len(out.read_text().splitlines()) == 3  # nothing added
     with out.open("a") as f:
         f.write('{"messages": [{"role": "user", "cont')  # killed in the middle of a line
-    second = generate_teacher_data(str(teacher_dir), prompts_file, out, **options)
+    second = generate_teacher_data(str(base_dir), prompts_file, out, **options)
     assert (second.written, second.resumed_from, second.prompts) == (7, 3, 7)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["messages"][:-1] for r in rows] == prompts
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert len({r["messages"][-1]["content"] for r in rows}) > 1  # the answers tell the prompts apart
 
     at_once = tmp_path / "at_once.jsonl"
-    generate_teacher_data(str(teacher_dir), prompts_file, at_once, **options)
+    generate_teacher_data(str(base_dir), prompts_file, at_once, **options)
     assert out.read_text() == at_once.read_text()  # greedy answers do not depend on the interruption
-    assert generate_teacher_data(str(teacher_dir), prompts_file, out, **options).resumed_from == 7
+    assert generate_teacher_data(str(base_dir), prompts_file, out, **options).resumed_from == 7
 
     assert first.empty == second.empty == 0
     assert all(isinstance(item, Conversation) for _, item in read_conversations(out))  # SFT data as it is
