@@ -224,19 +224,21 @@ def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data
     assert (cut / "rollouts.jsonl").read_text() == (tmp_path / "ref" / "rollouts.jsonl").read_text()
 
 
-def test_validation_grades_the_greedy_answers_to_every_validation_prompt(tiny_model_dir, triage_data, tmp_path):
-    # A grader whose scores vary with the answer and the item, so the mean checks what was graded.
+def test_validation_grades_the_greedy_answers_to_every_validation_prompt(base_dir, triage_data, tmp_path):
+    # A grader whose scores vary with the answer and the item, so the mean checks what was graded; the sharp tiny
+    # model's answers differ in length from prompt to prompt, so the score depends on the item each is graded on.
     source = "def grade(sample, item):\n    return (len(sample['output_text']) + len(item['reference'])) % 7 / 6\n"
     lengths = {"type": "python", "name": "lengths", "source": source}
-    cfg = grpo_config(tiny_model_dir, triage_data, tmp_path / "run", grader=lengths, max_steps=1)
+    cfg = grpo_config(base_dir, triage_data, tmp_path / "run", grader=lengths, max_steps=1)
     metrics = train(cfg, progress=False).metrics
-    rows = prepare_items(load_config(cfg), load_tokenizer(str(tiny_model_dir))).valid
+    rows = prepare_items(load_config(cfg), load_tokenizer(str(base_dir))).valid
     assert len(rows) > 1
     final = tmp_path / "run" / "final"
     prompts = [tuple(r.input_ids) for r in rows]
     answers = generate(load_model(str(final)), load_tokenizer(str(final)), prompts, max_new_tokens=8)
     expected = sum((len(a.text) + len(r.item["reference"])) % 7 / 6 for a, r in zip(answers, rows)) / len(rows)
     assert 0 < expected < 1
+    assert len({len(a.text) for a in answers}) > 1
     assert (
         metrics["full_valid_reward"] == pytest.approx(expected) == pytest.approx(metrics["full_valid_reward/lengths"])
     )
