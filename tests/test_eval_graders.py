@@ -159,12 +159,13 @@ def test_eval_grader_needs_eval_task_and_defaults_to_a_grpo_runs_grader(tiny_mod
     assert eval_grader(load_config({**grpo, "eval": {"task": "auto", "grader": own}})) == (own, None, "eval.grader")
 
 
-def test_a_grpo_runs_eval_grades_answers_as_long_as_its_validation_reward_does(tiny_model_dir, triage_data, tmp_path):
+def test_a_grpo_runs_eval_grades_answers_as_long_as_its_validation_reward_does(base_dir, triage_data, tmp_path):
     """A GRPO run's after-training evaluation answers within grpo.max_new_tokens, as its validation does, so
     the grader's held-out score of the final model is the run's own full_valid_reward."""
-    # Scores that vary with the answer's length: answers cut at another length would score otherwise.
+    # Scores that vary with the answer's length: answers cut at another length would score otherwise. The sharp
+    # tiny model's answers differ in length from prompt to prompt, so the score depends on the item each is graded on.
     source = "def grade(sample, item):\n    return (len(sample['output_text']) + len(item['reference'])) % 7 / 6\n"
-    config = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=4, max_steps=1)
+    config = tiny_run_config(base_dir, triage_data, tmp_path / "run", batch_size=4, max_steps=1)
     config["method"] = "grpo"
     config["grpo"] = {"grader": {"type": "python", "name": "lengths", "source": source}, "group_size": 4}
     config["grpo"]["max_new_tokens"] = 8
@@ -172,6 +173,8 @@ def test_a_grpo_runs_eval_grades_answers_as_long_as_its_validation_reward_does(t
     metrics = train(config, progress=False).metrics
     after = json.loads((tmp_path / "run" / "eval" / "after.json").read_text())
     assert after["generation"]["max_new_tokens"] == 8
+    samples = [json.loads(line) for line in (tmp_path / "run" / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len({len(sample["tuned"]) for sample in samples}) > 1
     assert metrics["grader_lengths"] == pytest.approx(metrics["full_valid_reward"])
 
 
