@@ -71,7 +71,7 @@ def chat(prompt: str) -> list[dict]:
 
 def exported(spec: str) -> tuple[Path, Path]:
     """The merged folder and the f16 GGUF of `spec`, made once by tuneforge's export."""
-    from tuneforge.export import export
+    from tuneforge.exporting import export
 
     folder = WORK / Path(spec).name
     merged, gguf = folder / "merged", folder / "gguf"

@@ -13,7 +13,7 @@ from tuneforge.data.render import ChatRenderer
 from tuneforge.data.schema import Conversation, Message
 from tuneforge.dry_run import validate
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.export import export
+from tuneforge.exporting import export
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.serve.adapters import AdapterPool
 from tuneforge.training import train
@@ -101,7 +101,7 @@ def test_a_lora_run_trains_and_saves_the_added_rows_alone_resumes_exactly_and_ex
     merged = export(tmp_path / "run", "merged", None, tmp_path / "merged", progress=False)
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 444
     assert merged.checks["merge"]["max_abs_logit_diff"] <= 1e-3
-    from tuneforge.export.probe import probe_ids
+    from tuneforge.exporting.probe import probe_ids
 
     probed = probe_ids(load_tokenizer(str(final)))
     assert any(442 in row and 443 in row for row in probed)  # the merge check runs on the added rows

@@ -179,7 +179,7 @@ def test_models_info_names_the_token_that_ends_a_turn_of_a_family_format_on_anot
 
 
 def test_the_ollama_modelfile_of_chatml_on_llama3_ends_turns_and_stops_at_eot_id(llama3):
-    from tuneforge.export.ollama import modelfile
+    from tuneforge.exporting.ollama import modelfile
 
     written = modelfile(load_tokenizer(str(llama3["base"]), template="chatml"), "model.gguf")
     assert "{{ .Content }}<|eot_id|>\n" in written and "<|im_start|>assistant\n" in written

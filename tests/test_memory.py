@@ -237,7 +237,7 @@ def test_gradient_checkpointing_gives_the_same_losses(quantize, optimizer, tiny_
 def test_the_merged_export_of_a_quantized_run_folds_the_adapter_into_the_full_precision_base(
     tiny_model_dir, triage_data, tmp_path
 ):
-    from tuneforge.export import export
+    from tuneforge.exporting import export
 
     result = train(config(tiny_model_dir, triage_data, tmp_path / "run", quantize="nf4"), progress=False)
     exported = export(str(result.output_dir), "merged", None, tmp_path / "merged")

@@ -85,7 +85,7 @@ def test_a_sentencepiece_gguf_converts_into_a_folder_that_exports_the_same_vocab
     from gguf import GGUFReader
     from rich.console import Console
 
-    from tuneforge.export import export, llama_cpp
+    from tuneforge.exporting import export, llama_cpp
     from tuneforge.models.convert import convert_local_gguf
 
     converter = llama_cpp.converter_folder(Console(quiet=True))

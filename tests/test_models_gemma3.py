@@ -56,8 +56,8 @@ def test_gemma3_chats_in_its_own_single_token_turn_markers(gemma3_dir):
 def test_gemma3_exports_a_gguf_with_the_original_vocabulary(gemma3_dir, registry_gguf, tmp_path):
     from transformers.integrations.gguf.reader import read_gguf_metadata
 
-    from tuneforge.export import export
-    from tuneforge.export.probe import DTYPE_BOUNDS
+    from tuneforge.exporting import export
+    from tuneforge.exporting.probe import DTYPE_BOUNDS
 
     result = export(NAME, "gguf", "q8_0", tmp_path / "gguf", ollama=True, progress=False)
     assert (

@@ -161,7 +161,7 @@ def test_export_returns_what_export_json_holds_as_the_cli_writes_it(base_dir, tm
     assert refused.value.code == "out_exists"
 
 
-def test_importing_tuneforge_loads_no_torch_and_export_is_the_function_whichever_is_imported_first():
+def test_importing_tuneforge_loads_no_torch_and_export_is_the_function_after_the_export_package_is_imported():
     import subprocess
 
     from conftest import SUBPROCESS_ENV
@@ -170,7 +170,7 @@ def test_importing_tuneforge_loads_no_torch_and_export_is_the_function_whichever
 import sys, inspect, tuneforge
 assert "torch" not in sys.modules, "import tuneforge loaded torch"
 assert {"train", "sweep", "evaluate", "check_data", "export", "load"} <= set(dir(tuneforge))
-import tuneforge.export.probe  # the package, imported as a module, is what `tuneforge.export` names
+import tuneforge.exporting.probe  # the export package, imported first, leaves `tuneforge.export` the function
 assert callable(tuneforge.export)
 assert list(inspect.signature(tuneforge.export).parameters)[:3] == ["run", "format", "out"]
 """

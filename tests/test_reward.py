@@ -17,7 +17,7 @@ from test_dpo import pairs_for, preference_rows, write_splits
 from tuneforge.config import load_config
 from tuneforge.data import collate
 from tuneforge.errors import TuneforgeError
-from tuneforge.export import export
+from tuneforge.exporting import export
 from tuneforge.methods import dpo, reward
 from tuneforge.models.attention import per_example_attention
 from tuneforge.training import to_rows, train
@@ -253,7 +253,7 @@ def test_a_reward_model_is_refused_by_every_command_that_loads_a_language_model_
 
 
 def test_an_exports_check_of_a_reward_model_compares_its_scores_not_next_tokens(tokenizer):
-    from tuneforge.export.probe import ExportFailed, agreement, probe_ids, probe_logits, require_within
+    from tuneforge.exporting.probe import ExportFailed, agreement, probe_ids, probe_logits, require_within
 
     reference = probe_logits(tiny_classifier(tokenizer), probe_ids(tokenizer))
     measured = agreement(reference, [scores + 0.5 for scores in reference])

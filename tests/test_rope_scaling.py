@@ -14,7 +14,7 @@ from tiny import save_tiny_model
 
 from tuneforge.dry_run import validate
 from tuneforge.errors import ConfigError
-from tuneforge.export import export
+from tuneforge.exporting import export
 from tuneforge.models import load_model, model_context_length, resolve
 from tuneforge.models.loading import scale_rope
 from tuneforge.training import train

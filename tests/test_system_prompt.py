@@ -15,7 +15,7 @@ from tuneforge.cli import app
 from tuneforge.config import DataConfig
 from tuneforge.data import check_data
 from tuneforge.eval.evaluate import evaluate
-from tuneforge.export import export
+from tuneforge.exporting import export
 from tuneforge.generate import encode_prompts
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.system_prompt import (

@@ -106,7 +106,7 @@ def test_lora_trains_on_image_rows_and_final_loads_with_its_processor(vision_mod
     adapter = json.loads((final / "adapter_config.json").read_text())
     trained = set(load_model(str(tmp_path / "run"), dtype=torch.float32).state_dict())
     assert not any("vision_tower" in name and "lora_" in name for name in trained), adapter["target_modules"]
-    from tuneforge.export import export
+    from tuneforge.exporting import export
 
     merged = export(tmp_path / "run", "merged", None, tmp_path / "merged", progress=False).out
     assert AutoProcessor.from_pretrained(merged).image_seq_length == 4  # the merged model still reads images
@@ -604,7 +604,7 @@ def test_qwen_vl_lora_trains_the_language_model_resumes_exactly_and_exports_merg
 ):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    from tuneforge.export import export
+    from tuneforge.exporting import export
     from tuneforge.training.loop import train
 
     rows = [image_row(c, f"It is {n}.", (20 + 4 * i, 16)) for i in range(8) for c, n in ((RED, "red"), (BLUE, "blue"))]
@@ -997,7 +997,7 @@ def test_exports_of_a_vision_run_keep_its_processor_so_their_images_are_read(vis
     from transformers import AutoProcessor
 
     from tuneforge.eval import evaluate
-    from tuneforge.export import export
+    from tuneforge.exporting import export
     from tuneforge.training.loop import train
 
     rows = [image_row(c, f"It is {n}.", (20 + i, 16)) for i in range(2) for c, n in ((RED, "red"), (BLUE, "blue"))]
@@ -1079,7 +1079,7 @@ def test_qwen_vl_counts_an_images_tokens_from_its_size_as_the_processor_does_wit
 def vision_gguf(tmp_path_factory):
     """A Gemma 3 4B-shaped model with Gemma 3's attention sizes (head width and query scale 256, which
     transformers' GGUF reader assumes), exported --format gguf."""
-    from tuneforge.export import export
+    from tuneforge.exporting import export
 
     folder = tmp_path_factory.mktemp("vision-gguf")
     base = save_gemma3_vision_model(folder / "tuned", head_dim=256, query_pre_attn_scalar=256)
@@ -1109,7 +1109,7 @@ def test_gguf_export_of_a_vision_model_writes_the_text_model_and_its_mmproj_chec
 
 
 def test_an_mmproj_unlike_the_models_vision_encoder_is_refused_naming_the_tensor(vision_gguf, tmp_path):
-    from tuneforge.export import ExportFailed, llama_cpp
+    from tuneforge.exporting import ExportFailed, llama_cpp
 
     base, result = vision_gguf
     model = load_model(str(base), dtype=torch.float32)
@@ -1124,7 +1124,7 @@ def test_the_mmproj_check_reads_the_file_once(vision_gguf, tmp_path, monkeypatch
     """Its tensors, their types and its metadata all come from one reading of the mmproj GGUF."""
     import gguf
 
-    from tuneforge.export import llama_cpp
+    from tuneforge.exporting import llama_cpp
 
     base, result = vision_gguf
     model = load_model(str(base), dtype=torch.float32)
@@ -1137,7 +1137,7 @@ def test_the_mmproj_check_reads_the_file_once(vision_gguf, tmp_path, monkeypatch
 
 def test_gguf_export_of_a_vision_model_for_ollama_is_refused_before_any_work(vision_model, tmp_path):
     from tuneforge.errors import TuneforgeError
-    from tuneforge.export import export
+    from tuneforge.exporting import export
 
     with pytest.raises(TuneforgeError, match="Ollama runs Gemma 3 on its own engine") as refused:
         export(vision_model, "gguf", None, tmp_path / "gguf", ollama=True, progress=False)
@@ -1148,7 +1148,7 @@ def test_gguf_export_of_a_vision_model_for_ollama_is_refused_before_any_work(vis
 def test_gguf_export_of_a_gemma3_whose_attention_is_not_scaled_by_256_reads_back_within_bounds(vision_model, tmp_path):
     """transformers' GGUF reader takes Gemma's query_pre_attn_scalar as 256 whatever the file; llama.cpp scales by
     the head width (here 32), and so does the model."""
-    from tuneforge.export import export
+    from tuneforge.exporting import export
 
     result = export(vision_model, "gguf", "f16", tmp_path / "gguf", progress=False)
     assert result.checks["max_abs_logit_diff"] <= 0.15 and result.checks["argmax_agreement"] == 1.0
@@ -1158,7 +1158,7 @@ def test_gguf_export_of_qwen_vl_is_refused_before_its_weights_load_naming_llama_
     qwen_vl_model, tmp_path
 ):
     from tuneforge.errors import TuneforgeError
-    from tuneforge.export import export
+    from tuneforge.exporting import export
 
     with pytest.raises(TuneforgeError) as refused:
         export(qwen_vl_model, "gguf", None, tmp_path / "gguf", progress=False)

@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_run_config
 from safetensors import safe_open
 
-from tuneforge.export import export
+from tuneforge.exporting import export
 from tuneforge.models import load_tokenizer
 from tuneforge.models.architecture import end_of_turn_token
 from tuneforge.training import train

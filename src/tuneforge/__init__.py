@@ -37,8 +37,7 @@ _API = {
     "evaluate": ("eval.command", "evaluate_model"),
     "check_data": ("data.check", "check"),
     "load": ("llm", "load"),
-    # The export package itself, which, called, is its `export_run` (see there: the package has this name too).
-    "export": ("export", None),
+    "export": ("exporting", "export_run"),
 }
 
 
@@ -48,7 +47,7 @@ def __getattr__(name: str):
 
         module, function = _API[name]
         imported = import_module(f".{module}", __name__)
-        return imported if function is None else getattr(imported, function)
+        return getattr(imported, function)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -398,7 +398,7 @@ def export_(
 ):
     """Export RUN (or RUN combined with other adapters: --combine) as a PEFT adapter, a merged safetensors model
     or a GGUF, checked against the source."""
-    from .export import export_run
+    from .exporting import export_run
 
     export_run(
         run,

@@ -199,7 +199,6 @@ def choice_sampling(sampling: Sampling, index: int) -> Sampling:
     return replace(sampling, seed=(sampling.seed + index) % SEED_RANGE)
 
 
-
 class Engine:
     """Owns `pool`'s model in one worker thread; at most `max_batch` rows decode together and at most
     `max_waiting` requests wait for a place. A prompt starts from the keys and values of the longest prefix

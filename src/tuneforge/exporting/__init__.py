@@ -1,6 +1,6 @@
 """Export: a run, checkpoint or model as files other tools load, each one checked before it lands.
 
-    from tuneforge.export import export
+    from tuneforge.exporting import export
     result = export("runs/my-run", "gguf", "q8_0", "exports/my-run-gguf", ollama=True)
     result.files, result.checks["max_abs_logit_diff"]
 
@@ -31,11 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import re
-import sys
 import tempfile
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,19 +214,6 @@ def export_run(
         combination=combination,
         density=density,
     ).record
-
-
-class _CallableModule(types.ModuleType):
-    """`tuneforge.export` is the Python API's `export_run`, and the name of this package too, which importing
-    it puts in tuneforge's namespace: the package, called, is `export_run`, so `tuneforge.export(...)` works
-    before and after anything imports it."""
-
-    def __call__(self, *args, **kwargs) -> dict:
-        return export_run(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-__signature__ = inspect.signature(export_run)  # what help() and a notebook's completion show for the call
 
 
 def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
