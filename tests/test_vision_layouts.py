@@ -274,3 +274,44 @@ def test_the_data_cache_sees_a_changed_image_file(models, tmp_path, pictures, mo
     changed = prepare(cfg, tokenizer, log=logged.append)
     assert not any("reusing the tokenized data set" in line for line in logged)
     assert changed.train[0].images == (base64.b64decode(png_data_url(BLUE).split(",", 1)[1]),)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_5_vl"])
+def test_llama_factory_alpaca_rows_train_as_their_openai_rows(models, tmp_path, pictures, family):
+    red, blue = pictures
+    tokenizer = load_tokenizer(str(models[family]))
+    openai = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [url(red), text("Hi")]},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": [text("Compare "), url(red), text(" and\n\n"), url(blue)]},
+                {"role": "assistant", "content": "Red, then blue."},
+            ]
+        }
+    ]
+    alpaca = [  # the history's images first, then the instruction's, then its input's
+        {
+            "system": "Answer briefly.",
+            "history": [["<image>Hi", "Hello."]],
+            "instruction": "Compare <image> and",
+            "input": "<image>",
+            "output": "Red, then blue.",
+            "images": ["imgs/red.png", "imgs/red.png", "imgs/blue.png"],
+        }
+    ]
+    expected = prepared(write_rows(tmp_path / "openai.jsonl", openai), tokenizer).train
+    assert [len(e.images) for e in expected] == [3]
+    same_examples(prepared(write_rows(tmp_path / "alpaca.jsonl", alpaca), tokenizer).train, expected)
+    pair = {"instruction": f"<image>{QUESTION}", "chosen": "Red.", "rejected": "Blue.", "images": ["imgs/red.png"]}
+    as_openai = {
+        "input": {"messages": [{"role": "user", "content": [url(red), text(QUESTION)]}]},
+        "preferred_output": [{"role": "assistant", "content": "Red."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Blue."}],
+    }
+    pairs = [
+        prepared(write_rows(tmp_path / f"{n}.jsonl", [r]), tokenizer).train_pairs
+        for n, r in (("a", pair), ("o", as_openai))
+    ]
+    same_examples(*([e for p in pairs_ for e in p] for pairs_ in pairs))

@@ -203,9 +203,10 @@ IMAGE_COLUMNS = ("images", "image")
 IMAGE_PLACEHOLDER = "<image>"
 """LLaMA-Factory's marker of where an image of the row's `images` is shown, in a user message's text."""
 
-# The fields whose placeholders take a row's images in turn; each reply of a pair (`chosen`, `rejected`: in
-# TRL's pairs without a prompt, whole conversations that repeat it) takes them on from where those left off.
-_SHARED_IMAGE_FIELDS = ("messages", "conversations", "prompt", "completion")
+# The fields whose placeholders take a row's images in turn (alpaca's in the order its messages take: history,
+# instruction, input); each reply of a pair (`chosen`, `rejected`: in TRL's pairs without a prompt, whole
+# conversations that repeat it) takes them on from where those left off.
+_SHARED_IMAGE_FIELDS = ("messages", "conversations", "history", "instruction", "input", "prompt", "completion")
 _REPLY_IMAGE_FIELDS = ("chosen", "rejected")
 _PLACEHOLDERS = (
     f'an {IMAGE_PLACEHOLDER} in a user message\'s text (LLaMA-Factory\'s layout) or a {{"type": "image"}} content part '
@@ -308,6 +309,11 @@ def _place_in(value: Any, field: str, images: list[Image], start: int, check: _R
                 "prompt.",
             )
         return ([{"role": "user", "content": parts}] if end > start else value), end
+    if isinstance(value, str) and field in ("instruction", "input"):  # alpaca's user message, in two fields
+        parts, end = _place_in_content(value, images, start)
+        return (parts if end > start else value), end
+    if field == "history":
+        return _place_in_history(value, images, start, check)
     if not isinstance(value, list | dict):
         return value, start
     turns = value if isinstance(value, list) else [value]
@@ -330,6 +336,31 @@ def _place_in(value: Any, field: str, images: list[Image], start: int, check: _R
         placed.append({**turn, content_key: content})
         end = next_image
     return (placed if isinstance(value, list) else placed[0]), end
+
+
+def _place_in_history(value: Any, images: list[Image], start: int, check: _RowCheck) -> tuple[Any, int]:
+    """An alpaca row's `history` ([[user, assistant], ...]) with the `images` from `start` on in place of its user
+    turns' placeholders, and where the next placeholder's image is; a malformed turn comes back as it is, for the
+    normaliser to refuse."""
+    if not isinstance(value, list):
+        return value, start
+    placed, end = [], start
+    for i, turn in enumerate(value):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            placed.append(turn)
+            continue
+        user, end = _place_in_content(turn[0], images, end)
+        reply, next_image = _place_in_content(turn[1], images, end)
+        if next_image > end:
+            check.error(
+                "unsupported_content",
+                f"history[{i}][1]",
+                "an image placeholder is in an assistant turn, and images are shown in user messages only; move it "
+                "to the user turn that shows the image.",
+            )
+        placed.append([user, reply])
+        end = next_image
+    return placed, end
 
 
 def _place_in_content(content: Any, images: list[Image], start: int) -> tuple[Any, int]:
@@ -924,15 +955,42 @@ def _alpaca(row: dict, check: _RowCheck) -> Conversation | None:
 def _alpaca_prompt(row: dict, check: _RowCheck) -> list[Message] | None:
     """The messages before an alpaca row's reply: its system prompt, its `history`, then the
     instruction with its input; None if a field is bad."""
-    instruction = check.text(row, "instruction")
-    extra, system = check.text(row, "input", required=False), check.text(row, "system", required=False)
+    instruction = _user_text(check, row, "instruction")
+    extra = _user_text(check, row, "input", required=False)
+    system = check.text(row, "system", required=False)
     if instruction is None:
         return None
     history = _alpaca_history(row, check)
     if history is None:
         return None
-    prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return ([Message("system", system)] if system else []) + history + [Message("user", prompt)]
+    prompt = (*instruction, "\n\n", *extra) if extra else instruction
+    return ([Message("system", system)] if system else []) + history + [_user_message(prompt)]
+
+
+def _user_text(check: _RowCheck, row: dict, field: str, *, required: bool = True) -> tuple | None:
+    """A user message's text field as its parts: the text alone, or the text and the images `_place_images` put in
+    place of its placeholders; None if the field is bad (or, not `required`, absent or empty)."""
+    if _placed(row.get(field)):
+        return check._parts(row[field], field, "user")
+    text = check.text(row, field, required=required)
+    return None if text is None else (text,)
+
+
+def _placed(value: Any) -> bool:
+    """Whether a text field's value is its text with images put in place of its placeholders (`_place_images`)."""
+    return isinstance(value, list) and any(isinstance(p, Image) for p in value)
+
+
+def _user_message(parts: tuple) -> Message:
+    """A user message of text and images (`_user_text`'s parts, joined): its text parts next to each other as one."""
+    merged: list = []
+    for part in parts:
+        if isinstance(part, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += part
+        elif part != "":
+            merged.append(part)
+    text = "".join(p for p in merged if isinstance(p, str))
+    return Message("user", text, parts=tuple(merged) if any(isinstance(p, Image) for p in merged) else None)
 
 
 def _alpaca_history(row: dict, check: _RowCheck) -> list[Message] | None:
@@ -946,15 +1004,19 @@ def _alpaca_history(row: dict, check: _RowCheck) -> list[Message] | None:
         return None
     messages = []
     for i, turn in enumerate(history):
-        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) and t.strip() for t in turn)):
+        placed = isinstance(turn, list) and len(turn) == 2 and _placed(turn[0]) and isinstance(turn[1], str)
+        user = check._parts(turn[0], f"history[{i}][0]", "user") if placed and turn[1].strip() else None
+        if user is None and not (
+            isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) and t.strip() for t in turn)
+        ):
             check.error(
                 "data_type",
                 f"history[{i}]",
                 "each turn of 'history' must be a [user, assistant] pair of non-empty strings, "
-                f"got {json.dumps(turn)[:80]}.",
+                f"got {json.dumps(turn, default=str)[:80]}.",
             )
             return None
-        messages += [Message("user", turn[0]), Message("assistant", turn[1])]
+        messages += [_user_message(user or (turn[0],)), Message("assistant", turn[1])]
     return messages
 
 
