@@ -315,3 +315,24 @@ def test_llama_factory_alpaca_rows_train_as_their_openai_rows(models, tmp_path, 
         for n, r in (("a", pair), ("o", as_openai))
     ]
     same_examples(*([e for p in pairs_ for e in p] for pairs_ in pairs))
+
+
+def test_teacher_prompts_read_the_images_field_as_training_does(tmp_path, pictures):
+    from tuneforge.distill import read_prompts
+
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": f"<image>{QUESTION}"}], "images": ["imgs/red.png"]},
+        {"prompt": [{"role": "user", "content": [{"type": "image"}, text(QUESTION)]}], "images": ["imgs/red.png"]},
+        {"messages": [{"role": "user", "content": f"<image>{QUESTION}"}], "images": ["imgs/green.png"]},
+        {"messages": [{"role": "user", "content": QUESTION}], "images": ["imgs/red.png"]},
+    ]
+    with pytest.raises(DataError) as error:
+        read_prompts(write_rows(tmp_path / "prompts.jsonl", rows))
+    found = [(p.line, p.code, p.field) for p in error.value.problems]
+    assert found == [
+        (2, "images_in_prompt", "messages[0].content"),
+        (3, "images_in_prompt", "messages[0].content"),
+        (4, "bad_image", "images[0]"),
+        (5, "image_count", "images"),
+    ]

@@ -463,14 +463,17 @@ def prompt_conversation(
     """The messages and tools of an unlabelled row, checked as a file's row is: a chat row's `messages`, or a
     prompt/completion row's `prompt` (text, or a list of messages), its completion ignored, and its `tools`
     (OpenAI's format, which the prompt is rendered with as the server renders a request's). A `csv`
-    row's cells are text: the ones that hold JSON structures are parsed first. Such a row is answered by
-    generation; a teacher reads text prompts only, so images are refused unless `images` (GRPO and evaluation,
-    which generate with them)."""
+    row's cells are text: the ones that hold JSON structures are parsed first. The images of an `images` field
+    take their placeholders' places, read from `file`'s folder, as a training row's (`_place_images`). Such a
+    row is answered by generation; a teacher reads text prompts only, so images are refused unless `images`
+    (GRPO and evaluation, which generate with them)."""
     check = _RowCheck(file, line)
     if csv:
         row = check.decode_json_cells(row)
-        if check.errors:
-            return None, check.problems
+    if not check.errors:
+        row = _place_images(row, check, Path(file).parent)
+    if check.errors:
+        return None, check.problems
     messages = (
         check.messages(row.get("messages"), "messages") if "messages" in row else _turns(check, row, "prompt", "user")
     )
