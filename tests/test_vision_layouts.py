@@ -161,6 +161,7 @@ def test_trl_and_llama_factory_vision_pairs_train_as_their_openai_pairs(models, 
         "chosen": [trl["prompt"][0], trl["chosen"][0]],
         "rejected": [trl["prompt"][0], trl["rejected"][0]],
     }
+    ultrafeedback = {**whole, "prompt": trl["prompt"]}  # a prompt beside whole conversations that repeat it
     sharegpt = {
         "conversations": [{"from": "human", "value": f"<image>{QUESTION}"}],
         "chosen": {"from": "gpt", "value": "Red."},
@@ -168,7 +169,7 @@ def test_trl_and_llama_factory_vision_pairs_train_as_their_openai_pairs(models, 
         "images": ["imgs/red.png"],
     }
     expected = prepared(write_rows(tmp_path / "openai.jsonl", [openai]), tokenizer).train_pairs
-    for name, row in (("trl", trl), ("whole", whole), ("sharegpt", sharegpt)):
+    for name, row in (("trl", trl), ("whole", whole), ("ultrafeedback", ultrafeedback), ("sharegpt", sharegpt)):
         pairs = prepared(write_rows(tmp_path / f"{name}.jsonl", [row]), tokenizer).train_pairs
         same_examples([e for pair in pairs for e in pair], [e for pair in expected for e in pair])
 
@@ -213,11 +214,11 @@ def test_trl_and_llama_factory_vision_pairs_train_as_their_openai_pairs(models, 
         ),
         (
             {"prompt": [{"role": "user", "content": [{"type": "image"}, text("Hi")]}]}
-            | {"chosen": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "Red."}]}
+            | {"chosen": [{"role": "user", "content": [{"type": "image"}] * 2}, {"role": "assistant", "content": "R"}]}
             | {"rejected": [{"role": "assistant", "content": "Blue."}], "images": ["imgs/red.png"]},
             "image_count",
             "images",
-            "but its prompt and 'chosen' show 2",
+            "but 'chosen' shows 2",
         ),
         (
             {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Red."}]}

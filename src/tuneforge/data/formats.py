@@ -204,8 +204,9 @@ IMAGE_PLACEHOLDER = "<image>"
 """LLaMA-Factory's marker of where an image of the row's `images` is shown, in a user message's text."""
 
 # The fields whose placeholders take a row's images in turn (alpaca's in the order its messages take: history,
-# instruction, input); each reply of a pair (`chosen`, `rejected`: in TRL's pairs without a prompt, whole
-# conversations that repeat it) takes them on from where those left off.
+# instruction, input); each reply of a pair (`chosen`, `rejected`) takes them on from where those left off, and a
+# pair's whole conversation (TRL's and UltraFeedback's pairs), which repeats the prompt, takes them all from the
+# first.
 _SHARED_IMAGE_FIELDS = ("messages", "conversations", "history", "instruction", "input", "prompt", "completion")
 _REPLY_IMAGE_FIELDS = ("chosen", "rejected")
 _PLACEHOLDERS = (
@@ -277,12 +278,15 @@ def _place_images(row: dict, check: _RowCheck, folder: Path) -> dict:
     for field in _SHARED_IMAGE_FIELDS:
         if field in row:
             placed[field], shared = _place_in(row[field], field, images, shared, check)
-    replies = {}
+    shown, whole = [], False
     for field in _REPLY_IMAGE_FIELDS:
         if field in row:
-            placed[field], replies[field] = _place_in(row[field], field, images, shared, check)
-    shown = [(f"its prompt and '{field}' show", end) for field, end in replies.items()]
-    shown = shown or [("its messages show", shared)]
+            conversation = isinstance(row[field], list) and len(row[field]) > 1  # as `_trl_preference` reads it
+            placed[field], end = _place_in(row[field], field, images, 0 if conversation else shared, check)
+            shown.append((f"'{field}' shows" if conversation else f"its prompt and '{field}' show", end))
+            whole |= conversation
+    if not shown or (whole and set(_SHARED_IMAGE_FIELDS) & row.keys()):
+        shown.insert(0, ("its prompt shows" if shown else "its messages show", shared))
     wrong = next(((said, end) for said, end in shown if end != len(images)), None)
     if wrong is not None:
         check.error(
