@@ -337,3 +337,18 @@ def test_teacher_prompts_read_the_images_field_as_training_does(tmp_path, pictur
         (4, "bad_image", "images[0]"),
         (5, "image_count", "images"),
     ]
+
+
+def test_an_images_entry_the_processor_does_not_take_is_refused_at_that_entry(models, tmp_path, pictures):
+    save_png(
+        tmp_path / "imgs" / "thin.png", RED, (1, 250)
+    )  # Qwen2-VL's processor takes no side over 200 times the other
+    row = {
+        "messages": [{"role": "user", "content": "<image> and <image>"}, {"role": "assistant", "content": "Red."}],
+        "images": ["imgs/red.png", "imgs/thin.png"],
+    }
+    rows = [{**row, "images": ["imgs/red.png", "imgs/red.png"]}, row]
+    with pytest.raises(DataError) as error:
+        prepared(write_rows(tmp_path / "rows.jsonl", rows), load_tokenizer(str(models["qwen2_5_vl"])))
+    assert [(p.code, p.line, p.field) for p in error.value.problems] == [("bad_image", 2, "images[1]")]
+    assert "image processor does not take this image" in error.value.problems[0].message

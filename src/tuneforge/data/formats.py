@@ -268,10 +268,12 @@ def _place_images(row: dict, check: _RowCheck, folder: Path) -> dict:
     key = given[0]
     images = []
     for i, entry in enumerate(_image_entries(row[key])):
+        at = f"{key}[{i}]" if isinstance(row[key], list) else key
         image = column_image(entry, folder)
         if isinstance(image, str):
-            check.error("bad_image", f"{key}[{i}]" if isinstance(row[key], list) else key, image)
-        images.append(image)
+            check.error("bad_image", at, image)
+        else:
+            images.append(replace(image, field=at))
     if check.errors:
         return row
     placed, shared = dict(row), 0

@@ -420,13 +420,14 @@ class ChatRenderer:
     def image_problems(self, conversation: Conversation) -> list[Problem]:
         """A row with images for a model that reads none: the whole data set is for another model. For a model that
         reads images, each image its image processor refuses (Qwen2-VL's: a side over 200 times the other), by its
-        part's url, as serve refuses it: rendering would raise the processor's error, and training would stop on it."""
+        part's url (or the row's field that gave it), as serve refuses it: rendering would raise the processor's
+        error, and training would stop on it."""
         if self.images is not None:
             return [
                 Problem(
                     "bad_image",
                     f"the model's image processor does not take this image ({refused}); crop or pad it.",
-                    field=f"messages[{i}].content[{j}].image_url.url",
+                    field=part.field or f"messages[{i}].content[{j}].image_url.url",
                 )
                 for i, m in enumerate(conversation.messages)
                 for j, part in enumerate(m.parts or ())

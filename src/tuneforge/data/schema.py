@@ -27,6 +27,8 @@ class Image:
 
     data: bytes
     url: str
+    field: str | None = field(default=None, compare=False)
+    """The row's field that gave it where that is not its message's part: an `images` field's entry (`images[1]`)."""
 
 
 @dataclass
