@@ -118,7 +118,8 @@ def test_lora_trains_on_image_rows_and_final_loads_with_its_processor(vision_mod
         ("data:image/png;base64,@@@not-base64", "base64 does not decode"),
         ("data:image/png;base64,aGVsbG8gd29ybGQ=", "not an image"),
         ("https://example.com/cat.png", "not downloaded"),
-        ("cat.png", "not a data URL"),
+        # OpenAI's layout takes a data URL; a path is read from the images field, which the data cache sees
+        ("cat.png", "name the file in the row's 'images' field and put {\"type\": \"image\"} in this part's place"),
     ],
 )
 def test_bad_images_are_refused_by_line_and_field(tmp_path, url, says):

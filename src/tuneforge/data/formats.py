@@ -828,6 +828,14 @@ class _RowCheck:
                 holder = None if isinstance(part, Image) else part.get("image_url")
                 url = holder.get("url") if isinstance(holder, dict) else None
                 image = part if isinstance(part, Image) else read_image(url)
+                if isinstance(image, str) and column_image_path(url, Path()) is not None:
+                    # A file path: the `images` field reads it (and the data cache's key sees it); an image_url part
+                    # takes what OpenAI's takes, so a file in OpenAI's layout stays one.
+                    image = (
+                        f"{url[:80]!r} is a file path, and an image_url part takes a data URL, as OpenAI's data does: "
+                        "name the file in the row's 'images' field and put {\"type\": \"image\"} in this part's "
+                        "place (see README, Images), or embed the image as a data URL."
+                    )
                 if isinstance(image, str):
                     self.error("bad_image", f"{at}[{j}].image_url.url", image)
                 else:

@@ -2,9 +2,9 @@
 `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`.
 
 Each is decoded here, when the row is read, and checked: the URL is a base64 data URL (an http URL
-would need the network; a file path is not part of the data file, so the data cache could not tell
-when it changed), the base64 decodes, the bytes are an image PIL reads, within `MAX_IMAGE_BYTES` and
-Pillow's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`: a small file of a huge image takes GBs to decode).
+would need the network; a file path is read from a row's `images` field instead, below), the base64
+decodes, the bytes are an image PIL reads, within `MAX_IMAGE_BYTES` and Pillow's pixel limit
+(`PIL.Image.MAX_IMAGE_PIXELS`: a small file of a huge image takes GBs to decode).
 A row's `images` field (TRL's and LLaMA-Factory's layouts) names its images by file path too
 (`column_image`): the data cache's key hashes the files it names.
 """
