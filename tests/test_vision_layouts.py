@@ -352,3 +352,20 @@ def test_an_images_entry_the_processor_does_not_take_is_refused_at_that_entry(mo
         prepared(write_rows(tmp_path / "rows.jsonl", rows), load_tokenizer(str(models["qwen2_5_vl"])))
     assert [(p.code, p.line, p.field) for p in error.value.problems] == [("bad_image", 2, "images[1]")]
     assert "image processor does not take this image" in error.value.problems[0].message
+
+
+def test_the_cache_key_parses_no_rows_of_a_file_whose_images_are_data_urls(tmp_path, pictures, monkeypatch):
+    """Every run (a cache hit too) keys the data: OpenAI's rows, their images in their `image_url` parts, name no
+    image file, and parsing them all for an `images` field would cost a second read of every data URL."""
+    from tuneforge.data import formats
+
+    red, _ = pictures
+    parsed = []
+    entries = formats._image_entries
+    monkeypatch.setattr(formats, "_image_entries", lambda value: parsed.append(value) or entries(value))
+    openai = {
+        "messages": [{"role": "user", "content": [url(red), text(QUESTION)]}, {"role": "assistant", "content": "R"}]
+    }
+    assert formats.image_files(write_rows(tmp_path / "openai.jsonl", [openai])) == [] and parsed == []
+    trl = {"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": ["imgs/red.png"]}
+    assert formats.image_files(write_rows(tmp_path / "trl.jsonl", [trl])) == [tmp_path / "imgs" / "red.png"]

@@ -200,6 +200,9 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[tuple
 IMAGE_COLUMNS = ("images", "image")
 """Where TRL's, LLaMA-Factory's and Hugging Face's vision data sets keep a row's images, beside its text."""
 
+# `IMAGE_COLUMNS` as a JSON file's bytes hold a key (or TRL's {"type": "image"}); not `"image_url"`.
+_IMAGE_COLUMN_NAME = re.compile(rb'"images?"')
+
 IMAGE_PLACEHOLDER = "<image>"
 """LLaMA-Factory's marker of where an image of the row's `images` is shown, in a user message's text."""
 
@@ -232,7 +235,8 @@ def image_files(path: str | Path) -> list[Path]:
 
 def _may_name_images(rows) -> bool:
     """Whether a file's rows may have an `images` field: a table's header names it, a JSON file's bytes hold
-    the name, found without parsing the rows (a text data set's cache key costs no second read of them)."""
+    the name, found without parsing the rows (a data set without that field, text or OpenAI's rows with their
+    images as data URLs, costs its cache key no second read of them)."""
     if rows.columns is not None:
         return bool(set(IMAGE_COLUMNS) & set(rows.columns))
     if rows.kind not in ("json", "jsonl"):
@@ -243,7 +247,7 @@ def _may_name_images(rows) -> bool:
         return False
     with open(rows.path, "rb") as f:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return data.find(b'"image') >= 0
+            return _IMAGE_COLUMN_NAME.search(data) is not None
 
 
 def _image_entries(value: Any) -> list:
