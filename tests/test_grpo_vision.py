@@ -229,3 +229,33 @@ def test_a_reward_model_grader_on_image_prompts_is_refused_before_it_loads(model
     ) as error:
         prepare_items(load_config(raw), tokenizer)
     assert "prompts.jsonl:2 shows images" in str(error.value)
+
+
+def test_prompt_rows_with_an_images_field_read_as_the_same_rows_in_openais_layout(models, tmp_path):
+    """LLaMA-Factory's `<image>` placeholder and TRL's `{"type": "image"}` part, their files named in an `images`
+    field beside the data file, give the prompt tokens and image bytes of the image written into the message."""
+    for colour, name in ((RED, "red.png"), (BLUE, "blue.png")):
+        (tmp_path / name).write_bytes(png_bytes(colour))
+    question = "What colour is this?"
+    layouts = {
+        "openai": [image_prompt(RED, "red"), image_prompt(BLUE, "blue")],
+        "llama_factory": [
+            {"messages": [{"role": "user", "content": f"<image>{question}"}], "images": [name], "answer": answer}
+            for name, answer in (("red.png", "red"), ("blue.png", "blue"))
+        ],
+        "trl": [
+            {
+                "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                "images": [name],
+                "answer": answer,
+            }
+            for name, answer in (("red.png", "red"), ("blue.png", "blue"))
+        ],
+    }
+    read = {}
+    for layout, rows in layouts.items():
+        cfg = load_config(grpo_config(models["qwen2_5_vl"], write_rows(tmp_path / f"{layout}.jsonl", rows), tmp_path))
+        prompts = prepare_items(cfg, load_tokenizer(str(models["qwen2_5_vl"]))).train
+        read[layout] = [(r.input_ids, r.images) for r in prompts]
+    assert [images for _, images in read["openai"]] == [(png_bytes(RED),), (png_bytes(BLUE),)]
+    assert read["llama_factory"] == read["openai"] and read["trl"] == read["openai"]
