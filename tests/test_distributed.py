@@ -459,3 +459,37 @@ def test_grpo_with_a_full_policy_on_prompts_with_and_without_images_runs_under_d
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [r for r in metrics(tmp_path / "ddp") if "train_loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r[k]) for r in steps for k in ("train_loss", "kl", "reward"))
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["train_loss"] for m in metrics(run) if "train_loss" in m}
+
+
+@pytest.mark.parametrize("architecture,spread", [("MixtralConfig", "ddp"), ("Qwen2MoeConfig", "fsdp")])
+def test_full_fine_tuning_of_a_mixture_of_experts_on_two_processes_gives_the_one_process_losses(
+    architecture, spread, triage_data, tmp_path
+):
+    """Each token takes one of 32 experts, so a process's micro-batch routes no token to some of them: their
+    gradients are zeros there (transformers holds a layer's experts in one weight), never missing, and DDP's
+    and FSDP's reductions give the one-process step."""
+    from tiny import save_tiny_model, tiny_moe
+
+    from tuneforge.training import train
+
+    model = save_tiny_model(tmp_path / "model", build=tiny_moe, architecture=architecture)
+
+    def config(run: str) -> dict:
+        cfg = tiny_run_config(model, triage_data, tmp_path / run, max_steps=3, batch_size=4, learning_rate=1e-2)
+        cfg["method"] = "full"
+        cfg["train"]["distributed"] = spread
+        del cfg["lora"]
+        return cfg
+
+    res = run_cli(config("two"), tmp_path, 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train(config("one"), progress=False)
+    two, one = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
+    assert two.keys() == one.keys() == {1, 2, 3}
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    assert one[3] < one[1] - 0.1  # the experts trained: a matching loss that stood still would prove nothing

@@ -79,13 +79,43 @@ def tiny_llama(tokenizer=None, *, hidden: int = 64, layers: int = 2, heads: int 
     return LlamaForCausalLM(cfg)
 
 
-def save_tiny_model(folder: str | Path, **kw) -> Path:
-    """Write a tiny model + tokenizer as a normal HF folder, usable as `base_model:`."""
+def tiny_moe(tokenizer=None, *, architecture: str = "MixtralConfig", experts: int = 32, seed: int = 0):
+    """A tiny mixture-of-experts model of `architecture` (a transformers config class: MixtralConfig,
+    Qwen2MoeConfig, Qwen3MoeConfig) whose tokens each take one of `experts` experts, so that a micro-batch of a
+    few hundred tokens routes none to some of them."""
+    import torch
+    import transformers
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    experts_key = "num_local_experts" if architecture == "MixtralConfig" else "num_experts"
+    cfg = getattr(transformers, architecture)(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=32,  # Mixtral's expert width
+        moe_intermediate_size=32,  # Qwen's expert width
+        shared_expert_intermediate_size=32,  # Qwen2-MoE's shared expert
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=1,
+        **{experts_key: experts},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def save_tiny_model(folder: str | Path, build=tiny_llama, **kw) -> Path:
+    """Write a tiny model (`build(tokenizer, **kw)`: `tiny_llama` or `tiny_moe`) + tokenizer as a normal HF
+    folder, usable as `base_model:`."""
     from transformers import GenerationConfig
 
     folder = Path(folder)
     tok = tiny_tokenizer()
-    model = tiny_llama(tok, **kw)
+    model = build(tok, **kw)
     model.generation_config = GenerationConfig(
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id
     )
