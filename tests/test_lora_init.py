@@ -90,6 +90,41 @@ def test_a_randomized_pissa_run_resumes_with_the_uninterrupted_losses_and_refuse
         train(cfg, resume=str(checkpoint), force=True, progress=False)
 
 
+@pytest.mark.parametrize(("init", "spread"), [("pissa_niter_2", "fsdp"), ("olora", "ddp")])
+def test_a_pissa_or_olora_run_on_two_processes_starts_every_process_alike_and_gives_the_one_process_run(
+    init, spread, tiny_model_dir, triage_data, tmp_path
+):
+    """FSDP keeps each process's own shard of the weights it starts from, DDP takes rank 0's: every process makes
+    the same start (pissa_niter_N's randomized SVD from the same seed), so both give one process's losses and
+    adapter."""
+    from safetensors.torch import load_file
+    from test_distributed import metrics, run_cli
+
+    runs = {}
+    for nproc in (1, 2):
+        cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / f"run{nproc}", max_steps=3, batch_size=4)
+        cfg["lora"].update(init=init, dropout=0.0)
+        cfg["train"].update(learning_rate=1e-2, distributed=spread)
+        if nproc == 1:
+            train(cfg, progress=False)
+        else:
+            res = run_cli(cfg, tmp_path, nproc)
+            assert res.returncode == 0, res.stderr[-3000:]
+        run = tmp_path / f"run{nproc}"
+        runs[nproc] = (
+            {m["step"]: m["train_loss"] for m in metrics(run) if "train_loss" in m},
+            load_file(run / "final" / "adapter_model.safetensors"),
+        )
+    (losses, adapter), (alone, adapter_alone) = runs[2], runs[1]
+    assert losses.keys() == alone.keys() == {1, 2, 3}
+    for step in alone:
+        assert losses[step] == pytest.approx(alone[step], abs=1e-5), step
+    assert adapter.keys() == adapter_alone.keys()
+    for name, weight in adapter_alone.items():
+        assert weight.shape[0] == 8 or weight.shape[1] == 8, name  # rank 2r: on the original base
+        assert torch.allclose(adapter[name], weight, atol=1e-5), name
+
+
 @pytest.mark.parametrize(("written", "resumed"), [("pissa", "default"), ("default", "olora")])
 def test_a_forced_resume_into_another_lora_init_is_refused_with_the_shapes_that_differ(
     written, resumed, tiny_model_dir, triage_data, tmp_path
