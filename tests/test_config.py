@@ -582,7 +582,7 @@ def test_a_data_train_item_takes_a_path_and_a_weight_read_beside_the_config(tmp_
         ("{path: b.jsonl, weight: -1}", "data.train.1.weight (line 4): data.train item 1 (b.jsonl): weight -1 is not"),
         ("{path: b.jsonl, weight: two}", "data.train.1.weight (line 4): data.train item 1 (b.jsonl): weight 'two'"),
         ("{path: b.jsonl, wieght: 2}", "data.train.1.wieght (line 4): data.train item 1 (b.jsonl): unknown key wieght"),
-        ("{weight: 2}", "data.train.1.path (line 2): data.train item 1: path is required"),
+        ("{weight: 2}", "data.train.1.path (line 4): data.train item 1: path is required"),
     ],
 )
 def test_a_bad_data_train_item_is_refused_naming_its_file_place_and_field(tmp_path, item, said):
@@ -603,3 +603,26 @@ def test_grpo_refuses_data_train_weights_it_would_ignore(tmp_path):
     assert "method: grpo samples its prompts from the files as they are, so a weight would be ignored" in str(e.value)
     path.write_text(f"method: grpo\n{grpo}\ndata:\n  train:\n    - a.jsonl\n    - {{path: b.jsonl, weight: 1}}\n")
     assert load_config(path).data.train_weights == [1, 1]
+
+
+def test_missing_data_files_are_refused_by_key_and_line_before_any_model_loads(tmp_path, monkeypatch):
+    from tuneforge.dry_run import validate
+    from tuneforge.training.loop import train
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path.resolve() / "configs" / "run.yaml"
+    path.parent.mkdir()
+    # base_model names no model: a run that resolved it before looking at its data would fail on that.
+    path.write_text(
+        "base_model: no-such-model\ndata:\n  train:\n    - data/train.jsonl\n  validation: /nowhere/valid.jsonl\n"
+    )
+    for run in (validate, train):
+        with pytest.raises(ConfigError) as e:
+            run(path, ["data.general_replay=replay.jsonl"])
+        assert e.value.message.splitlines() == [
+            f"data.train.0 ({path} line 4): data/train.jsonl is neither in {path.parent} (the config's folder) nor "
+            f"in the working directory {tmp_path.resolve()}",
+            f"data.validation ({path} line 5): /nowhere/valid.jsonl does not exist",
+            f"data.general_replay (override): replay.jsonl is not in the working directory {tmp_path.resolve()}",
+            "Correct the path, or give it absolute.",
+        ]

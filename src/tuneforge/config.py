@@ -1152,6 +1152,39 @@ class Config(Strict):
                 "train.freeze_embeddings",
             )
 
+    def check_data_files(self) -> None:
+        """Refuse data files that do not exist before a tokenizer, model or row is loaded: each named by its
+        key, the line that sets it, and the folders a relative path was looked for in."""
+        d = self.data
+        given = [("data.train", d.train)] if isinstance(d.train, str) else []
+        for i, item in enumerate([] if isinstance(d.train, str) else d.train):
+            given.append(
+                (f"data.train.{i}.path", item.path) if isinstance(item, TrainFile) else (f"data.train.{i}", item)
+            )
+        if isinstance(d.validation, str):
+            given.append(("data.validation", d.validation))
+        if d.general_replay != "chitchat":
+            given.append(("data.general_replay", d.general_replay))
+        # A YAML file's relative path left relative was not found beside the file (`load_config` makes a found
+        # one absolute), and is read against the working directory, as an override's is.
+        beside = Path(self._source).parent.resolve() if Path(self._source).is_file() else None
+        missing = []
+        for key, path in given:
+            if os.path.exists(path):
+                continue
+            parts = key.split(".")
+            overridden = any(self._places.get(".".join(parts[:n])) == "override" for n in range(1, len(parts) + 1))
+            if Path(path).is_absolute():
+                where = "does not exist"
+            elif beside and not overridden:
+                where = f"is neither in {beside} (the config's folder) nor in the working directory {Path.cwd()}"
+            else:
+                where = f"is not in the working directory {Path.cwd()}"
+            pattern = " (a pattern is not expanded: list the files one by one)" if set("*?[") & set(path) else ""
+            missing.append(f"{self.key_at(key)}: {path} {where}{pattern}")
+        if missing:
+            raise ConfigError("\n".join(missing) + "\nCorrect the path, or give it absolute.")
+
     @property
     def trains_adapters(self) -> bool:
         """Whether the trained weights are adapters over a frozen base (LoRA or DoRA), not every weight."""
@@ -1506,7 +1539,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
 
 
 def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str, int]:
-    """The line of each key in a YAML document, by dotted key (list items by index: `data.train.0`).
+    """The line of each key and list item in a YAML document, by dotted key (list items by index: `data.train.0`).
 
     YAML reads a key given twice in one mapping as its last value, dropping the first without a word (a
     second `train:` section replaces the first whole): such a key is refused, naming both lines. A key that
@@ -1515,6 +1548,7 @@ def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str
     lines = {}
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
+            lines[f"{prefix}{i}"] = item.start_mark.line + 1
             lines |= _key_lines(item, path, f"{prefix}{i}.")
     elif isinstance(node, yaml.MappingNode):
         merged: dict[str, int] = {}

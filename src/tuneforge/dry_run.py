@@ -284,6 +284,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     console = Console()
     started = time.perf_counter()
     cfg = load_config(config, overrides)
+    cfg.check_data_files()
     check_output_dir(cfg)
     trackers.check_installed(cfg)
     source = resolve(cfg.base_model)

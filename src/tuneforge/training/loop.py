@@ -913,6 +913,7 @@ def train(
     """Fine-tune as the config says. `resume` is "latest" (or True) or a checkpoint folder; `overwrite` starts
     afresh in an output_dir that holds an earlier run (`refuse_earlier_run`, `clear_earlier_run`)."""
     cfg = load_config(config, overrides)
+    cfg.check_data_files()
     refuse_resume_with_overwrite(cfg, resume, overwrite)
     check_output_dir(cfg)
     world = distributed.setup(cfg.train.distributed_timeout)
