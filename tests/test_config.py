@@ -626,3 +626,16 @@ def test_missing_data_files_are_refused_by_key_and_line_before_any_model_loads(t
             f"data.general_replay (override): replay.jsonl is not in the working directory {tmp_path.resolve()}",
             "Correct the path, or give it absolute.",
         ]
+
+
+def test_a_key_left_without_a_value_is_refused_as_empty(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train:\nlora:\ntrain:\n  learning_rate:\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    empty = "has no value (YAML reads a key with nothing after it as null); give it one"
+    assert e.value.message.splitlines()[1:] == [
+        f"  lora (line 3): {empty}, or leave the key out for its default.",
+        f"  data.train (line 2): {empty}.",
+        f"  train.learning_rate (line 5): {empty}, or leave the key out for its default.",
+    ]

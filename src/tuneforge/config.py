@@ -1399,6 +1399,11 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
             what = f"unknown key.{_suggest(loc)}"
         elif e["type"] == "missing":
             what = "required, but not set."
+        elif e.get("input", ...) is None and e["type"] != "value_error":
+            # `learning_rate:` with nothing after it (or a section whose keys are all commented out) is null.
+            what = "has no value (YAML reads a key with nothing after it as null); give it one" + (
+                "." if _required(parts) else ", or leave the key out for its default."
+            )
         else:
             what = complaint(e)
             if (got := e.get("input")) is not None and not isinstance(got, dict):
@@ -1407,6 +1412,17 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
     lines = [f"{source}: invalid config"]
     lines += [f"  {key}: {' or '.join(dict.fromkeys(c))}{shown.get(key, '')}" for key, c in said.items()]
     return "\n".join(lines)
+
+
+def _required(parts: list[str]) -> bool:
+    """Whether the config key of these parts must be given (a key outside the config's sections is not)."""
+    model, field = Config, None
+    for part in parts:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        model = field.annotation
+    return field is not None and field.is_required()
 
 
 def _placed(key: str, places: dict[str, str]) -> str:
