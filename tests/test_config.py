@@ -66,7 +66,7 @@ def test_eval_section_is_checked_before_training(tmp_path):
 def test_not_yaml_names_the_line(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data:\n  train: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"cfg\.yaml line \d+: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"cfg\.yaml line \d+, column \d+: not valid YAML"):
         load_config(path)
 
 
@@ -639,3 +639,23 @@ def test_a_key_left_without_a_value_is_refused_as_empty(tmp_path):
         f"  data.train (line 2): {empty}.",
         f"  train.learning_rate (line 5): {empty}, or leave the key out for its default.",
     ]
+
+
+def test_a_yaml_mistake_names_its_place_and_what_to_fix(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: a.jsonl\ntrain:\n  max_steps: 2\n\tbatch_size: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message == (
+        f"{path} line 5, column 1: not valid YAML (found character '\\t' that cannot start any token); YAML "
+        "indents with spaces, never tabs: replace the tab there with spaces."
+    )
+    path.write_text("data:\n  train: a.jsonl\n train:\n  max_steps: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.startswith(f"{path} line 3, column 2: not valid YAML (")
+    assert e.value.message.endswith(
+        "; check the indentation there and on the line above (a section's keys line up, "
+        "indented by spaces under it), that each key has ': ' after it, and that "
+        "brackets and quotes close."
+    )

@@ -1525,8 +1525,16 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             raw = (loader.construct_document(node) if node is not None else None) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = str(getattr(e, "problem", e))
+            if "'\\t'" in problem:
+                do = "YAML indents with spaces, never tabs: replace the tab there with spaces"
+            else:
+                do = (
+                    "check the indentation there and on the line above (a section's keys line up, indented by "
+                    "spaces under it), that each key has ': ' after it, and that brackets and quotes close"
+                )
+            raise ConfigError(f"{path}{where}: not valid YAML ({problem}); {do}.") from None
         finally:
             loader.dispose()
         if not isinstance(raw, dict):
