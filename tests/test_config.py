@@ -659,3 +659,15 @@ def test_a_yaml_mistake_names_its_place_and_what_to_fix(tmp_path):
         "indented by spaces under it), that each key has ': ' after it, and that "
         "brackets and quotes close."
     )
+
+
+@pytest.mark.parametrize("text", ["", "# base_model: smollm2-135m-instruct\n\n"])
+def test_an_empty_config_file_is_refused_as_empty(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message == (
+        f"{path}: the file holds no keys (it is empty, or all comments); write the run's config in it "
+        "(`tuneforge recipes show quickstart` prints one to start from)."
+    )

@@ -1522,7 +1522,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         try:
             node = loader.get_single_node()
             places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
-            raw = (loader.construct_document(node) if node is not None else None) or {}
+            raw = loader.construct_document(node) if node is not None else None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -1537,6 +1537,11 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             raise ConfigError(f"{path}{where}: not valid YAML ({problem}); {do}.") from None
         finally:
             loader.dispose()
+        if raw is None:
+            raise ConfigError(
+                f"{path}: the file holds no keys (it is empty, or all comments); write the run's config in it "
+                "(`tuneforge recipes show quickstart` prints one to start from)."
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys (base_model, method, data, ...).")
         name = str(path)
