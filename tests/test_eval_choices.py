@@ -75,6 +75,28 @@ def test_scores_equal_summed_log_probabilities(tiny_model_dir, tmp_path):
     assert low <= result["scores"]["acc"] <= high
 
 
+def test_each_question_is_encoded_once_for_its_check_and_its_scores(tiny_model_dir, tmp_path, monkeypatch):
+    """The check before the model loads hands its encodings on to scoring: each question's choices are encoded
+    once per model, and the scores are those of the encodings checked."""
+    from tuneforge.eval import choices
+
+    encoded = []
+
+    def counted_encode(tokenizer, context, continuations):
+        encoded.append(context)
+        return encode_choices(tokenizer, context, continuations)
+
+    monkeypatch.setattr(choices, "encode_choices", counted_encode)
+    data = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    result = evaluate_choices(str(tiny_model_dir), data, progress=False)
+    assert encoded == [f"Question: {q['question']}\nAnswer:" for q in QUESTIONS]
+    assert result["n"] == 3
+    encoded.clear()
+    compared = choices.compare_choices(str(tiny_model_dir), str(tiny_model_dir), data, progress=False)
+    assert len(encoded) == 2 * len(QUESTIONS)  # once for each model's tokenizer
+    assert compared["base"]["samples"] == compared["tuned"]["samples"] == result["samples"]
+
+
 FEWSHOT_QUESTIONS = [
     *QUESTIONS,
     {"question": "Which is a colour?", "choices": ["blue", "seven"], "answer": 0},

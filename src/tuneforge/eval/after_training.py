@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..graders import load_grader
 from ..models import load_model, load_tokenizer, resolve, run_tokenizer, source_context_length
 from ..tasks.metrics import METRICS
-from .choices import benchmark_name, check_scorable, read_benchmark, score_rows, side_by_side
+from .choices import benchmark_name, check_scorable, choice_requests, read_benchmark, score_rows, side_by_side
 from .evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     check_grader,
@@ -188,6 +188,7 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
     for benchmark in cfg.eval.benchmarks:
         path, name = benchmark.file, benchmark_name(benchmark.file, benchmark.num_fewshot)
         rows = read_benchmark(path, num_fewshot=benchmark.num_fewshot, fewshot_file=benchmark.fewshot_file)
+        encoded = [choice_requests(tokenizer, row) for row in rows]  # once, for both sides
         sides = {}
         for side in ("base", "tuned"):
             with getattr(pair, side)() as model:
@@ -196,7 +197,7 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
                     "spec": specs[side],
                     "data": str(path),
                     "num_fewshot": benchmark.num_fewshot,
-                    **score_rows(model, tokenizer, rows, progress=progress),
+                    **score_rows(model, tokenizer, rows, encoded, progress=progress),
                 }
         benchmarks.append({"name": name, **side_by_side(sides["base"], sides["tuned"])})
         for score, value in sides["tuned"]["scores"].items():

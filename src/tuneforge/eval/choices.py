@@ -418,10 +418,17 @@ def loglikelihoods(
 
 
 def score_rows(
-    model, tokenizer, rows: list[ChoiceRow], *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
+    model,
+    tokenizer,
+    rows: list[ChoiceRow],
+    encoded: list[list[tuple[list[int], list[int]]]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
 ) -> dict:
-    """`acc` and `acc_norm` of a loaded model on `rows`, with their 95% intervals, and each row's result."""
-    requests = [pair for row in rows for pair in choice_requests(tokenizer, row)]
+    """`acc` and `acc_norm` of a loaded model on `rows`, with their 95% intervals, and each row's result;
+    `encoded` holds each row's requests as `check_scorable` returns them, encoded with `tokenizer`."""
+    requests = [pair for pairs in encoded for pair in pairs]
     started = time.perf_counter()
     with progress_bar("choices", len(requests), progress) as advance:
         scores = loglikelihoods(model, requests, tokenizer.pad_token_id, batch_size=batch_size, advance=advance)
@@ -458,13 +465,14 @@ def score_rows(
     }
 
 
-def check_scorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> None:
+def check_scorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> list[list[tuple[list[int], list[int]]]]:
     """Before the model loads, a question with a choice longer than the model's context (past its window a
     log-likelihood means nothing), or a choice that leaves no token of its own past the question's (it would
-    score 0, the most likely), is refused, naming its line."""
+    score 0, the most likely), is refused, naming its line. Returns each row's requests (`choice_requests`),
+    which `score_rows` scores, so each row is encoded once."""
     problems = []
-    for row in rows:
-        pairs = choice_requests(tokenizer, row)
+    encoded = [choice_requests(tokenizer, row) for row in rows]
+    for row, pairs in zip(rows, encoded):
         empty = [c for c, (_, continuation) in zip(row.choices, pairs) if not continuation]
         if empty:
             problems.append(
@@ -491,6 +499,7 @@ def check_scorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> None
             f"{rows[0].file}: {counted(len(problems), 'row')} cannot be scored",
             problems,
         )
+    return encoded
 
 
 def evaluate_choices(
@@ -510,10 +519,10 @@ def evaluate_choices(
     rows = rows or read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
     source = resolve(model)
     tokenizer = load_tokenizer(source)
-    check_scorable(rows, tokenizer, source_context_length(source))
+    encoded = check_scorable(rows, tokenizer, source_context_length(source))
     with library_bars(progress):
         loaded = load_text_model(source, "eval")
-    result = score_rows(loaded, tokenizer, rows, batch_size=batch_size, progress=progress)
+    result = score_rows(loaded, tokenizer, rows, encoded, batch_size=batch_size, progress=progress)
     return {"model": source.name, "spec": str(model), "data": str(data), "num_fewshot": num_fewshot, **result}
 
 
