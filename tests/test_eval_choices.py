@@ -166,6 +166,47 @@ def test_few_shot_contexts_are_the_harness_s_and_scored_after_the_examples(tiny_
         eval_command(str(tiny_model_dir), str(data), fewshot_file=str(dev))
 
 
+MMLU_ROWS = [
+    {
+        "question": "Which bone is in the thigh?",
+        "subject": "anatomy",
+        "choices": ["femur", "skull", "rib"],
+        "answer": 0,
+    },
+    {"question": "What is 2+2?", "subject": "high_school_mathematics", "choices": ["3", "4", "5"], "answer": 1},
+    {"question": "Which gas do plants take in?", "subject": "college_biology", "choices": ["CO2", "neon"], "answer": 0},
+]
+
+
+def test_mmlu_questions_start_with_the_harness_s_subject_header(tiny_model_dir, tmp_path):
+    """A row or a CSV file that names MMLU's subject: the question starts with `mmlu_continuation`'s header
+    ("The following are questions (with answers) about SUBJECT.\n\n", _ as spaces), zero-shot and before the
+    few-shot examples, which leave their own out; the scores are the choices' log-likelihoods after it."""
+    data = write_jsonl(tmp_path / "mmlu.jsonl", MMLU_ROWS)
+    header = "The following are questions (with answers) about high school mathematics.\n\n"
+    assert read_choice_rows(data)[1].prompt == f"{header}Question: What is 2+2?\nAnswer:"
+    shots = read_benchmark(data, num_fewshot=2)[1].prompt
+    assert shots == (
+        f"{header}Question: Which bone is in the thigh?\nAnswer: femur\n\n"
+        "Question: Which gas do plants take in?\nAnswer: CO2\n\nQuestion: What is 2+2?\nAnswer:"
+    )
+    csv = tmp_path / "high_school_us_history_dev.csv"
+    csv.write_text('"Who was the first president?",Washington,Lincoln,Adams,Grant,A\n')
+    assert read_choice_rows(csv)[0].prompt == (
+        "The following are questions (with answers) about high school us history.\n\n"
+        "Question: Who was the first president?\nAnswer:"
+    )
+    assert read_choice_rows(write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS))[0].prompt.startswith("Question:")
+
+    model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    for shown, num_fewshot in ((f"{header}Question: What is 2+2?\nAnswer:", 0), (shots, 2)):
+        result = evaluate_choices(str(tiny_model_dir), data, num_fewshot=num_fewshot, progress=False)
+        expected = [direct_loglikelihood(model, tokenizer, shown, f" {c}") for c in MMLU_ROWS[1]["choices"]]
+        assert result["samples"][1]["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(DataError, match=r"mmlu.jsonl:1 subject: .*must be non-empty text"):
+        read_choice_rows(write_jsonl(tmp_path / "mmlu.jsonl", [{**MMLU_ROWS[0], "subject": None}]))
+
+
 def test_a_choice_merged_with_the_context_is_scored_on_the_whole_encoding(tiny_model_dir):
     """ "The qu" + "ick brown" encodes as "The quick brown": the continuation is what the whole encoding holds
     past the context's tokens (" brown"), read after the context's own tokens, as the harness takes it; a

@@ -7,7 +7,10 @@
 Each row is a question and its choices; each choice is scored by the log-probability of " CHOICE" as a
 continuation of the question rendered as the harness renders it by default, as raw text (no chat template):
 "Question: QUESTION\\nAnswer:" (its ARC, PIQA and `mmlu_continuation` tasks), HellaSwag's context as its
-task cleans it. `acc` is the share of rows whose most likely choice is the answer; `acc_norm` ranks the
+task cleans it. An MMLU question whose row (`subject`, as the Hugging Face dataset's) or file name
+(SUBJECT_test.csv, _dev, _val, as MMLU ships them) names its subject starts with `mmlu_continuation`'s header,
+"The following are questions (with answers) about SUBJECT.\\n\\n" (the subject's _ as spaces), before any
+few-shot example. `acc` is the share of rows whose most likely choice is the answer; `acc_norm` ranks the
 choices by log-likelihood over the choice's length in characters (the harness's `len(choice)`).
 
 The continuation's tokens are the harness's: the context and context + continuation are encoded, and the
@@ -50,6 +53,10 @@ from .report import share_interval
 DEFAULT_BATCH_SIZE = 16  # (context, choice) requests per forward
 LETTERS = "ABCDEFGHIJ"
 FEWSHOT_SEED = 1234  # lm-evaluation-harness's default seed for drawing few-shot examples
+# `mmlu_continuation`'s header before a question on SUBJECT (its _ as spaces), few-shot or not.
+MMLU_DESCRIPTION = "The following are questions (with answers) about {}.\n\n"
+# MMLU's CSV files are named for their subject and split: SUBJECT_test.csv, SUBJECT_dev.csv, SUBJECT_val.csv.
+MMLU_FILE_NAME = re.compile(r"(?P<subject>\w+?)_(?:test|dev|val)")
 # MMLU's CSV: the question, a column per choice, the answer's letter.
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 LAYOUTS = (
@@ -68,6 +75,12 @@ class ChoiceRow:
     choices: tuple[str, ...]
     answer: int
     question: str  # the question as the row gives it, for tables
+    description: str = ""  # the text before any few-shot example and the question: MMLU's subject header
+
+    @property
+    def prompt(self) -> str:
+        """The whole text the choices continue: the description, then the context."""
+        return self.description + self.context
 
     @property
     def where(self) -> str:
@@ -159,6 +172,7 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         )
         return problems
     labels: list[str] | None = None
+    description = ""
     if layout == "hellaswag":
         if "ctx_a" in row:
             context = f"{text('ctx_a', row['ctx_a'])} {str(row.get('ctx_b', '')).capitalize()}"
@@ -200,6 +214,8 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         context = f"Question: {question}\nAnswer:"
         choices_field, choices = "choices", row["choices"]
         answer_field = "answer"
+        if "subject" in row:  # MMLU's rows name their subject
+            description = MMLU_DESCRIPTION.format(text("subject", row["subject"]).replace("_", " "))
     if not isinstance(choices, list) or len(choices) < 2:
         bad(choices_field, f"must be a list of at least two choices, got {choices!r}.")
         return problems
@@ -233,7 +249,7 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         return problems
     if layout == "hellaswag":
         choices = [_hellaswag_text(c) for c in choices]
-    return ChoiceRow(file, line, context, tuple(choices), answer, question)
+    return ChoiceRow(file, line, context, tuple(choices), answer, question, description)
 
 
 def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceRow]:
@@ -283,7 +299,8 @@ def with_fewshot(
 ) -> list[ChoiceRow]:
     """Each row with `num_fewshot` solved examples of `pool` before its question, as the harness's continuation
     tasks write them: each example's context, a space and its right choice ("Question: ...\nAnswer: CHOICE"),
-    joined by a blank line and followed by one. The examples are drawn as the harness draws them: one generator
+    joined by a blank line and followed by one, after the row's description (MMLU's header), which the
+    examples' own leave out. The examples are drawn as the harness draws them: one generator
     seeded with `seed`, a sample per row in turn; where `pool` holds the row itself (its own file), one more is
     drawn. An example that is the row's question (the row itself, or another line with the same question,
     choices and answer) is left out, as the harness leaves out a drawn document equal to the one asked."""
@@ -341,7 +358,9 @@ def _mmlu_row(row, file: str, line: int):
             line=line,
             field="answer",
         )
-    return {"question": cells[0], "choices": cells[1:5], "answer": LETTERS.index(letter)}
+    named = MMLU_FILE_NAME.fullmatch(Path(file).name.split(".")[0])
+    subject = {"subject": named["subject"]} if named else {}
+    return {"question": cells[0], "choices": cells[1:5], "answer": LETTERS.index(letter), **subject}
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -365,7 +384,7 @@ def encode_choices(tokenizer, context: str, continuations: list[str]) -> list[tu
 
 def choice_requests(tokenizer, row: ChoiceRow) -> list[tuple[list[int], list[int]]]:
     """The row's choices as `encode_choices` requests, each choice the continuation " CHOICE" of its context."""
-    return encode_choices(tokenizer, row.context, [f" {choice}" for choice in row.choices])
+    return encode_choices(tokenizer, row.prompt, [f" {choice}" for choice in row.choices])
 
 
 @per_tokenizer(maxsize=8)
