@@ -4,6 +4,7 @@ graders, runs answered by a tiny model (a base and a fine-tuned one) and graded,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -385,3 +386,73 @@ def test_an_eval_run_whose_server_dies_once_too_often_fails_counting_every_death
         after = store.get_run(run.eval_id, run.id)
         assert after.worker_id is None and after.status == ("queued" if death < MAX_RECOVERIES else "failed")
     assert after.error["code"] == "server_stopped" and f"stopped {MAX_RECOVERIES + 1} times" in after.error["message"]
+
+
+def test_a_run_renders_each_items_tools_and_returns_the_calls_as_a_chat_completion_does(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """An item's `tools`, else the sampling params' (OpenAI's `sampling_params.tools`), are in its prompt as
+    `tuneforge serve` renders a request's; a reply that calls one has the calls in the sample's assistant message
+    with finish_reason tool_calls, and the graders read them as `sample.output_tools`. Bad tools are a 400 naming
+    the field, and a model whose chat template writes no tools fails the run, saying so."""
+    from families import CLOCK_TOOL, FAMILIES, WEATHER_TOOL, save_family_model
+
+    from tuneforge import generate as generate_module
+    from tuneforge.models import load_tokenizer
+    from tuneforge.serve.app import _encode
+    from tuneforge.serve.bodies import ChatCompletionBody
+
+    folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
+    sampled, generate = [], generate_module.generate
+
+    def calling(model, tokenizer, prompts, **options):
+        """The model's real answers (their prompts' lengths as it encoded them), each a finished call of its first
+        tool."""
+        sampled.extend(options["tools"])
+        answers = generate(model, tokenizer, prompts, **options)
+        calls = [f'<tool_call>\n{{"name": "{tools[0]["function"]["name"]}", "arguments": {{}}}}\n</tool_call>'
+                 for tools in options["tools"]]  # fmt: skip
+        return [dataclasses.replace(answer, text=call, finish_reason="stop") for answer, call in zip(answers, calls)]
+
+    monkeypatch.setattr(generate_module, "generate", calling)
+    called = {
+        "type": "string_check",
+        "name": "called",
+        "input": "{{ sample.output_tools.0.function.name }}",
+        "reference": "{{ item.answer }}",
+        "operation": "eq",
+    }
+    items = [
+        {"question": "Weather in Paris?", "answer": "get_weather", "tools": [WEATHER_TOOL]},
+        {"question": "What time is it?", "answer": "get_time"},
+    ]
+    with restarted(tmp_path / "home", workers=1, allowed_models=[str(folder), str(tiny_model_dir)]) as sdk:
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[called])
+        source = data_source(str(folder), inline(items), tools=[CLOCK_TOOL, WEATHER_TOOL])
+        bad = data_source(str(folder), inline(items), tools=[{"type": "function", "function": {}}])
+        param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=bad))
+        assert param.startswith("data_source.sampling_params.tools[0].function") and "name" in message
+        bad = data_source(str(folder), inline([{**items[0], "tools": "get_weather"}]))
+        param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=bad))
+        assert param == "data_source.source.content[0]" and "item.tools" in message
+
+        run = wait_run(sdk, evaluation.id, sdk.evals.runs.create(evaluation.id, data_source=source).id)
+        assert run.status == "completed", run.error
+        assert (run.result_counts.passed, run.result_counts.total) == (2, 2)
+        outputs = sdk.evals.runs.output_items.list(run.id, eval_id=evaluation.id, order="asc").data
+        unwritten = {**source, "model": str(tiny_model_dir)}  # its ChatML template has no place for tools
+        run = wait_run(sdk, evaluation.id, sdk.evals.runs.create(evaluation.id, data_source=unwritten).id)
+        assert run.status == "failed" and run.error.code == "tools_not_rendered"
+    assert sampled == [[WEATHER_TOOL], [CLOCK_TOOL, WEATHER_TOOL]]
+    tokenizer = load_tokenizer(str(folder))
+    for output, tools, name in zip(outputs, sampled, ["get_weather", "get_time"]):
+        sample = output.sample.model_dump()
+        body = ChatCompletionBody(model="m", messages=sample["input"], tools=tools)
+        [served] = _encode(tokenizer, [body.template_messages()], body.template_tools())
+        assert sample["usage"]["prompt_tokens"] == len(served)
+        [message] = sample["output"]
+        assert message["role"] == "assistant" and message["content"] == ""
+        assert [(c["type"], c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [
+            ("function", name, "{}")
+        ]
+        assert sample["finish_reason"] == "tool_calls" and output.results[0].passed

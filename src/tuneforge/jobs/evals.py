@@ -5,9 +5,12 @@ An eval holds a custom data source config (the item schema) and its testing crit
 writes them, each built and checked by `tuneforge.graders` when the eval is created. A run's data source
 is a `completions` one: items (a JSONL file uploaded with purpose `evals`, or given inline), an input
 template whose `{{ item.x }}` references are the graders' templates, the model (one the caller may use
-for inference) and sampling params. Runs are queued and run by the workers of the server (`EvalRunner`):
-the model answers every item through `tuneforge.generate`, each testing criterion grades the answers, and
-the run's counts and output items are stored in one transaction when it completes.
+for inference) and sampling params. The tools an item's prompt offers, its own `tools` or else the sampling
+params' `tools` (OpenAI's chat completion tools), are rendered into the prompt as `tuneforge serve` renders a
+request's; an answer that calls them has its calls in the sample's assistant message (`tool_calls`, as a chat
+completion's) and in the graders' `sample.output_tools`. Runs are queued and run by the workers of the server
+(`EvalRunner`): the model answers every item through `tuneforge.generate`, each testing criterion grades the
+answers, and the run's counts and output items are stored in one transaction when it completes.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
+from ..data.formats import tool_definitions
 from ..errors import ModelSourceError, TuneforgeError
-from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_sample, runs_python
+from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
 from ..web import APIError, Metadata, RequestBody, failure_id
 from ..web.errors import unreadable_json
@@ -96,6 +100,7 @@ class SamplingParams(RequestBody):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class CompletionsDataSource(RequestBody):
@@ -289,6 +294,27 @@ def _bad_item(err: GraderError, item_param: str, prefix: str = "") -> APIError:
     return APIError(400, f"{param}: {prefix}{message}", param=param, code="invalid_value")
 
 
+def check_tools(sampling_tools: list[dict] | None, items: list[dict], item_param: str) -> None:
+    """The sampling params' tools and each item's own `tools`, checked as a data row's are: a 400 naming the
+    first bad definition and its field."""
+    if sampling_tools is not None:
+        problem = next(iter(tool_definitions(sampling_tools)[1]), None)
+        if problem is not None:
+            param = f"data_source.sampling_params.{problem.field}"
+            raise APIError(400, f"{param}: {problem.message}", param=param, code="invalid_value")
+    for index, item in enumerate(items):
+        problem = next(iter(tool_definitions(item.get("tools"))[1]), None)
+        if problem is not None:
+            param = f"{item_param}[{index}]"
+            raise APIError(400, f"{param}: item.{problem.field}: {problem.message}", param=param, code="invalid_value")
+
+
+def item_tools(sampling_tools: list[dict] | None, items: list[dict]) -> list[list[dict] | None]:
+    """The tools each item's prompt offers (`check_tools` has checked them): its own, else the sampling params'."""
+    fallback = tool_definitions(sampling_tools)[0]
+    return [tool_definitions(item["tools"])[0] if item.get("tools") else fallback for item in items]
+
+
 def run_items(store: Store, storage: FileStorage, run: EvalRun) -> list[dict]:
     """The items a run answers: its inline content, or its file's lines."""
     source = run.data_source["source"]
@@ -408,7 +434,8 @@ class EvalRunner:
             return
 
     def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
-        from ..generate import encode_prompts, generate, load_for_inference
+        from ..data.render import renderer_for
+        from ..generate import encode_each, generate, load_for_inference
         from ..models import load_tokenizer, model_context_length, resolve
 
         evaluation = self.store.get_eval(run.owner, run.eval_id)
@@ -426,6 +453,18 @@ class EvalRunner:
         except ModelSourceError:
             raise RunFailure("model_not_found", f"The model `{run.model}` is no longer on this server.") from None
         tokenizer = load_tokenizer(model_source)
+        sampling = {
+            **DEFAULT_SAMPLING,
+            **{k: v for k, v in (source.get("sampling_params") or {}).items() if v is not None},
+        }
+        tools = item_tools(sampling.get("tools"), items)
+        if any(tools) and not renderer_for(tokenizer).writes_tools:
+            raise RunFailure(
+                "tools_not_rendered",
+                f"The items offer tools, and the chat template of `{run.model}` does not write tool definitions: its "
+                "answers would be made without seeing them. Run this eval with a model whose chat template takes "
+                "tools (Qwen 2.5 and 3, Llama 3.1, Mistral, ...), or give the items no tools.",
+            )
         model = load_for_inference(model_source, "eval")
 
         def on_progress(_: int) -> None:
@@ -441,14 +480,10 @@ class EvalRunner:
             ]
             for i in range(len(items))
         ]
-        sampling = {
-            **DEFAULT_SAMPLING,
-            **{k: v for k, v in (source.get("sampling_params") or {}).items() if v is not None},
-        }
         # An input longer than the model's context window leaves no room for an answer: that item errors, saying
         # so, and the others are answered.
         window = model_context_length(model)
-        lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
+        lengths = [len(ids) for ids in encode_each(tokenizer, prompts, tools)]
         fits = [i for i, length in enumerate(lengths) if window is None or length < window]
         answered = generate(
             model,
@@ -459,12 +494,16 @@ class EvalRunner:
             top_p=sampling["top_p"],
             seed=sampling["seed"],
             on_progress=on_progress,
+            tools=[tools[i] for i in fits],
         )
         on_progress(0)
         answers: list = [None] * len(items)
         for i, answer in zip(fits, answered):
             answers[i] = answer
-        samples = [rollout_sample(a.text) for a in answered]
+        samples = rollout_samples([a.text for a in answered], [tools[i] for i in fits], tokenizer)
+        replies: list = [None] * len(items)
+        for i, sample in zip(fits, samples):
+            replies[i] = sample
         grades = {}
         for grader in graders:
             scores = iter(_grade(grader, samples, [items[i] for i in fits], fits))
@@ -515,10 +554,16 @@ class EvalRunner:
                     "message": f"The input is {lengths[i]} tokens; the model's maximum context length is {window} "
                     "tokens, which leaves no room for an answer. Shorten this item's input.",
                 }
+            output, finish_reason = [], ""
+            if answer is not None:
+                output, finish_reason = [{"role": "assistant", "content": answer.text}], answer.finish_reason
+                if calls := replies[i]["output_tools"]:  # as a chat completion's message and finish_reason show them
+                    output[0].update(content=replies[i]["output_text"], tool_calls=calls)
+                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             sample = {
                 "input": prompt,
-                "output": [{"role": "assistant", "content": answer.text}] if answer else [],
-                "finish_reason": answer.finish_reason if answer else "",
+                "output": output,
+                "finish_reason": finish_reason,
                 "model": run.model,
                 "usage": usage,
                 "error": error,

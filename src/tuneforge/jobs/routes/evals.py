@@ -15,6 +15,7 @@ from ..evals import (
     check_item_schema,
     check_items,
     check_items_match,
+    check_tools,
     data_source_config,
     eval_body,
     file_items,
@@ -115,6 +116,7 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
         items, item_param = [row.item for row in source.source.content], "data_source.source.content"
     check_items_match(evaluation.data_source_config["schema"]["properties"]["item"], items, item_param)
     check_items(graders, templates, items, item_param)
+    check_tools(source.sampling_params.tools if source.sampling_params else None, items, item_param)
     target = service.access.for_inference(owner, source.model)  # a model the caller may not use is refused now
     run = EvalRun(
         id=new_id("evalrun_"),
