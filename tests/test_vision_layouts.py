@@ -233,6 +233,13 @@ def test_trl_and_llama_factory_vision_pairs_train_as_their_openai_pairs(models, 
             "messages[0].content[0]",
             "and the row has none",
         ),
+        (
+            {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Red."}]}
+            | {"images": []},
+            "image_count",
+            "images",
+            "'images' holds 0 image(s) but its messages show 1",
+        ),
     ],
 )
 def test_rows_whose_images_do_not_fit_are_refused_by_line_and_field(tmp_path, pictures, row, code, field, says):

@@ -263,13 +263,14 @@ def _image_entries(value: Any) -> list:
 def _place_images(row: dict, check: _RowCheck, folder: Path) -> dict:
     """The row with the images of its `images` (or `image`) field, read from the data file's `folder`, in place
     of their placeholders (`_PLACEHOLDERS`) in order: each an image part of its user message, as OpenAI's
-    layout holds it."""
+    layout holds it. An empty field counts too: its row's placeholders show no image."""
     given = [key for key in IMAGE_COLUMNS if _image_entries(row.get(key))]
     if len(given) > 1:
         check.error("image_column", "image", "the row has both 'images' and 'image'; keep its images in one of them.")
-    if len(given) != 1:
         return row
-    key = given[0]
+    key = given[0] if given else next((key for key in IMAGE_COLUMNS if key in row), None)
+    if key is None:
+        return row
     images = []
     for i, entry in enumerate(_image_entries(row[key])):
         at = f"{key}[{i}]" if isinstance(row[key], list) else key
