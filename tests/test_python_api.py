@@ -176,3 +176,34 @@ assert list(inspect.signature(tuneforge.export).parameters)[:3] == ["run", "form
 """
     done = subprocess.run([sys.executable, "-c", script], env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_loaded_model_reads_a_user_message_s_images_as_serve_does(base_dir, tmp_path, monkeypatch):
+    import base64
+
+    from families import png_data_url, save_gemma3_vision_model
+
+    from tuneforge import llm as llm_module
+    from tuneforge.generate import generate
+
+    red = png_data_url((220, 20, 20), (20, 16))
+    sent = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": red}}, {"type": "text", "text": "Hi"}]}
+    ]
+    shown = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    vision = tuneforge.load(save_gemma3_vision_model(tmp_path / "gemma3"), precision="fp32", progress=False)
+    given = []
+    streamed = llm_module.stream
+    monkeypatch.setattr(llm_module, "stream", lambda *a, **k: given.append(k.get("images", ())) or streamed(*a, **k))
+    [expected] = generate(
+        vision.model, vision.tokenizer, [shown], images=[(base64.b64decode(red.split(",", 1)[1]),)], max_new_tokens=4
+    )
+    assert vision.chat(sent, max_new_tokens=4)["content"] == expected.text
+    assert given == [(base64.b64decode(red.split(",", 1)[1]),)]
+    text_parts = [{"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}]
+    text_model = tuneforge.load(base_dir, precision="fp32", progress=False)
+    assert text_model.chat(text_parts, max_new_tokens=6) == text_model.chat(
+        [{"role": "user", "content": "Hi"}], max_new_tokens=6
+    )
+    with pytest.raises(ConfigError, match=r"messages\[0\]\.content\[0\]: an image part, and .* reads text only"):
+        text_model.chat(sent, max_new_tokens=4)

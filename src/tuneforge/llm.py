@@ -16,12 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from jinja2 import TemplateError
+from pydantic import ValidationError
 
 from . import reasoning
 from .chat import checked_tools
+from .data.images import read_image
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
+from .models.loading import image_inputs
 from .progress import library_bars
 from .tool_calls import tool_call_parser
 
@@ -89,8 +92,9 @@ class LLM:
             raise ConfigError(str(err), code="invalid_value") from err
         definitions = checked_tools(tools, "tools") if tools else None
         parser = tool_call_parser(self.tokenizer, self.source.name, "tools") if definitions else None
+        messages, images = self._template_messages(messages)
         try:
-            prompt_ids = encode_prompts(self.tokenizer, [messages], definitions)[0]
+            prompt_ids = encode_prompts(self.tokenizer, [messages], definitions, images=images)[0]
         except (TemplateError, ValueError) as err:  # a template that refuses these messages (roles, order)
             raise ConfigError(f"The model's chat template cannot render these messages: {err}") from err
         window = model_context_length(self.model)
@@ -119,6 +123,7 @@ class LLM:
             seed=seed,
             stop=stop,
             keep_tokens=parser.markers if parser is not None else (),
+            images=images,
         )
         for _ in reply:
             pass
@@ -129,6 +134,40 @@ class LLM:
         if parser is not None and (parsed := parser.parse(message[reasoning.CONTENT])) is not None:
             message.update(content=parsed.content, tool_calls=parsed.tool_calls)
         return message
+
+    def _template_messages(self, messages: list[dict]) -> tuple[list[dict], tuple[bytes, ...]]:
+        """`messages` as serve gives a request's to the chat template (text parts joined; each `image_url` part of a
+        user message the image's marker), and the image files they show, in order, each checked as serve checks
+        one; a ConfigError naming the message and part of one it refuses."""
+        from .serve.bodies import ChatMessage
+
+        side, shown, files = image_inputs(self.tokenizer), [], []
+        for i, raw in enumerate(messages):
+            try:
+                message = ChatMessage.model_validate(raw)
+            except ValidationError as err:
+                said = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in err.errors())
+                raise ConfigError(f"messages[{i}]: {said}", code="invalid_value") from None
+            for j, part in message.image_parts:
+                at = f"messages[{i}].content[{j}]"
+                if side is None:
+                    raise ConfigError(
+                        f"{at}: an image part, and {self.source.name} reads text only (it has no image processor); "
+                        "give the content as text, or load a model that reads images.",
+                        code="invalid_value",
+                    )
+                image = read_image(part.image_url.url)
+                if isinstance(image, str):
+                    raise ConfigError(f"{at}.image_url.url: {image}", code="invalid_value")
+                if refused := side.refusal(image.data):
+                    raise ConfigError(
+                        f"{at}.image_url.url: the model's image processor does not take this image ({refused}); "
+                        "crop or pad it.",
+                        code="invalid_value",
+                    )
+                files.append(image.data)
+            shown.append(message.as_template_message())
+        return shown, tuple(files)
 
 
 def load(model: str | Path, *, precision: str = "auto", progress: bool = True) -> LLM:
