@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
@@ -342,16 +342,21 @@ def _qwen_tokenizer(plain_added: list[str]):
     return build
 
 
-def _mistral_tokenizer(folder: Path):
-    return sentencepiece_bpe(
-        folder,
-        tokenizer_class="LlamaTokenizer",
-        dummy_prefix=True,
-        control=["[INST]", "[/INST]"],
-        user_defined=[],
-        roles={"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"},
-        add_bos=True,
-    )
+def _mistral_tokenizer(*control: str) -> Callable[[Path], object]:
+    """Mistral's tokenizer with [INST] and [/INST] and these `control` tokens."""
+
+    def build(folder: Path):
+        return sentencepiece_bpe(
+            folder,
+            tokenizer_class="LlamaTokenizer",
+            dummy_prefix=True,
+            control=["[INST]", "[/INST]", *control],
+            user_defined=[],
+            roles={"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"},
+            add_bos=True,
+        )
+
+    return build
 
 
 def _gemma_tokenizer(folder: Path):
@@ -499,7 +504,7 @@ FAMILIES: dict[str, TinyFamily] = {
             "mistral",
             "Mistral",
             _config("MistralConfig", tie_word_embeddings=False, sliding_window=None),
-            _mistral_tokenizer,
+            _mistral_tokenizer(),
             "mistral.jinja",
             "</s>",
             reply_prefix=" ",
@@ -537,6 +542,15 @@ FAMILIES: dict[str, TinyFamily] = {
     )
 }
 
+
+# Mistral v0.3's tokenizer, whose tool-call tokens are control tokens as well: decoding drops [TOOL_CALLS].
+MISTRAL_V3 = replace(
+    FAMILIES["mistral"],
+    name="mistral-v3",
+    build_tokenizer=_mistral_tokenizer(
+        "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"
+    ),
+)
 
 # Tool definitions as OpenAI's clients send them, for the tests of tool-calling prompts and replies.
 WEATHER_TOOL = {

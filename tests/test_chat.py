@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import SUBPROCESS_ENV, pulled_as
@@ -426,3 +427,55 @@ def test_tools_for_a_model_whose_template_writes_none_are_refused_before_it_load
     result = CliRunner().invoke(app, ["chat", str(model_dir), "--tools", str(path)], input="/exit\n")
     assert isinstance(result.exception, TuneforgeError) and "does not write tool definitions" in str(result.exception)
     assert "chatting with" not in result.output
+
+
+def trained_to_say(family, reply: str, folder) -> Path:
+    """`family`'s tiny model, saved in `folder`, trained until it answers test_serve's WEATHER, asked with its
+    TOOLS, with `reply` (text with the template's special tokens, its end of turn included)."""
+    import torch
+    from families import save_family_model
+    from test_serve import TOOLS, WEATHER
+
+    save_family_model(family, folder)
+    model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
+    [prompt] = encode_prompts(tokenizer, [WEATHER], TOOLS)
+    ids = torch.tensor([[*prompt, *tokenizer.encode(reply, add_special_tokens=False)]])
+    labels = ids.clone()
+    labels[:, : len(prompt)] = -100
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    model.save_pretrained(folder)
+    return folder
+
+
+MARKED_CALLS = [
+    ("llama3", 'Let me look.<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'),
+    ("mistral-v3", ' Let me look.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>'),
+]
+
+
+@pytest.mark.parametrize(("family", "reply"), MARKED_CALLS)
+def test_a_call_after_some_text_keeps_its_special_marker_and_is_parsed(tmp_path, family, reply):
+    """Llama 3.1's <|python_tag|> and Mistral's [TOOL_CALLS] are special tokens, which decoding drops; a call
+    after some text is found by its marker, which stays in the reply's text."""
+    from families import FAMILIES, MISTRAL_V3
+    from test_serve import TOOLS
+
+    folder = trained_to_say(MISTRAL_V3 if family == "mistral-v3" else FAMILIES[family], reply, tmp_path / family)
+    model, tokenizer = load_model(str(folder)).eval(), load_tokenizer(str(folder))
+    output = RecordingOutput()
+    script = io.StringIO("Weather in Paris?\n")
+    conversation = chat_session(model, tokenizer, input=script, output=output, max_new_tokens=120, tools=TOOLS)
+    called = conversation[-1]
+    [call] = called["tool_calls"]
+    assert called["content"] == "Let me look." and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    text = output.getvalue()
+    assert "Let me look." in text and f"[call get_weather {call['function']['arguments']}  id {call['id']}]" in text
+    assert '"name"' not in text  # the call shows as a call, not as the template's syntax

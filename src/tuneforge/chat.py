@@ -104,8 +104,17 @@ def chat_session(
         images = _images_of(history)
         attached.clear()
         opened = reasoning_opened(tokenizer, prompt_ids)
+        # The parser's markers stay in the reply's text (as serve keeps them): where a call starts after some
+        # text (Llama 3.1's <|python_tag|>, Mistral's [TOOL_CALLS]), decoding would drop them and the call stay text.
         reply = stream(
-            model, tokenizer, prompt_ids, max_new_tokens=budget, temperature=temperature, top_p=top_p, images=images
+            model,
+            tokenizer,
+            prompt_ids,
+            max_new_tokens=budget,
+            temperature=temperature,
+            top_p=top_p,
+            images=images,
+            keep_tokens=calls.markers if calls is not None else (),
         )
         shown = _ReplyWriter(output, opened, calls)
         try:
