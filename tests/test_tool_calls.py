@@ -112,3 +112,30 @@ def test_a_llama3_call_after_some_text_is_decoded_with_its_python_tag_and_parsed
         )
         == ""
     )
+
+
+CALL_BLOCK = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(
+    ("text", "opened", "reasoning", "content", "called"),
+    [
+        # A reasoning model's calls are those of its answer; a call written while reasoning is its reasoning.
+        (f"<think>\nlook it up\n</think>\n\n{CALL_BLOCK}", False, "look it up", None, True),
+        (f"maybe {CALL_BLOCK}\n</think>\n\nIt is sunny.", True, f"maybe {CALL_BLOCK}", "It is sunny.", False),
+        ("It is sunny.", False, None, "It is sunny.", False),  # a reasoning model's reply that opens no reasoning
+        (f"Let me look.\n{CALL_BLOCK}", None, "absent", "Let me look.", True),  # a model that does not reason
+    ],
+)
+def test_an_assistant_message_parts_the_reasoning_then_parses_the_answer_s_calls(
+    text, opened, reasoning, content, called
+):
+    from tuneforge.reasoning import assistant_message
+
+    message = assistant_message(text, opened, HERMES.parse)
+    assert message["role"] == "assistant" and message.get("reasoning_content", "absent") == reasoning
+    assert message["content"] == content and ("tool_calls" in message) == called
+    if called:
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+            ("get_weather", {"city": "Paris"})
+        ]

@@ -38,8 +38,8 @@ from .models import load_tokenizer, model_context_length, resolve
 from .models.loading import image_inputs
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
-from .reasoning import CONTENT, REASONING, ReasoningSplitter, message, reasoning_opened
-from .tool_calls import ParsedReply, ToolCallParser, tool_call_parser
+from .reasoning import CONTENT, REASONING, ReasoningSplitter, assistant_message, reasoning_opened
+from .tool_calls import ToolCallParser, tool_call_parser
 from .wording import counted
 
 PROMPT = ">>> "
@@ -120,7 +120,8 @@ def chat_session(
         try:
             for piece in reply:
                 shown.write(piece)
-            parsed = shown.finish()
+            answer = assistant_message(reply.completion.text, opened, calls.parse if calls is not None else None)
+            shown.finish(called="tool_calls" in answer)
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the unanswered turn is dropped
             shown.close()
             history.pop()
@@ -128,12 +129,12 @@ def chat_session(
             note("reply interrupted")
             return
         output.write("\n")
-        parts = {"content": reply.completion.text} if opened is None else message(reply.completion.text, opened)
-        # The reasoning goes back to the template apart, which keeps or drops it by its own rules (as in serve).
-        answer = {"role": "assistant", **{k: v for k, v in parts.items() if v is not None}}
-        if parsed is not None:  # as serve replies: the text before the calls (None if none) and OpenAI's calls
-            answer.update(content=parsed.content, tool_calls=parsed.tool_calls)
-            for call in parsed.tool_calls:
+        # The reasoning goes back to the template apart, which keeps or drops it by its own rules (as in serve);
+        # a reply that opens none has none.
+        if answer.get(REASONING, "") is None:
+            del answer[REASONING]
+        if "tool_calls" in answer:
+            for call in answer["tool_calls"]:
                 function = call["function"]
                 output.write(f"[call {function['name']} {function['arguments']}  id {call['id']}]\n")
             note("answer each call with /tool NAME_OR_ID RESULT")
@@ -309,18 +310,17 @@ class _ReplyWriter:
         for field, text in self.splitter.feed(piece) if self.splitter else [(CONTENT, piece)]:
             self._held(field, text)
 
-    def finish(self) -> ParsedReply | None:
-        """Write the rest of the reply; its tool calls (written by the caller), if it is parsed for them and makes
-        some, its text before them written here."""
+    def finish(self, called: bool) -> None:
+        """Write the rest of the reply; where it makes tool calls (`called`, written by the caller), its text
+        before them."""
         for field, text in self.splitter.finish() if self.splitter else []:
             self._held(field, text)
-        parsed = self.calls.parse(self.answer) if self.calls is not None else None
-        upto = self.calls.held_from(self.answer) if parsed is not None else len(self.answer)
+        held = self.calls.held_from(self.answer) if called else None
+        upto = len(self.answer) if held is None else held
         if upto > self.sent:
-            self._write(CONTENT, self.answer[self.sent : upto].rstrip() if parsed else self.answer[self.sent : upto])
+            self._write(CONTENT, self.answer[self.sent : upto].rstrip() if called else self.answer[self.sent : upto])
             self.sent = upto
         self.close()
-        return parsed
 
     def close(self) -> None:
         """Leave the terminal's text normal, whatever part the reply stopped in."""

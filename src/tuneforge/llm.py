@@ -127,13 +127,8 @@ class LLM:
         )
         for _ in reply:
             pass
-        text = reply.completion.text
-        message = {"role": "assistant", reasoning.CONTENT: text}
-        if (opened := reasoning.reasoning_opened(self.tokenizer, prompt_ids)) is not None:
-            message.update(reasoning.message(text, opened))
-        if parser is not None and (parsed := parser.parse(message[reasoning.CONTENT])) is not None:
-            message.update(content=parsed.content, tool_calls=parsed.tool_calls)
-        return message
+        opened = reasoning.reasoning_opened(self.tokenizer, prompt_ids)
+        return reasoning.assistant_message(reply.completion.text, opened, parser.parse if parser is not None else None)
 
     def _template_messages(self, messages: list[dict]) -> tuple[list[dict], tuple[bytes, ...]]:
         """`messages` as serve gives a request's to the chat template (text parts joined; each `image_url` part of a

@@ -17,8 +17,14 @@ the last, as eval does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from .data.render import renderer_for
 from .tasks.metrics import THINK_CLOSE, THINK_OPEN, split_reasoning
+
+if TYPE_CHECKING:
+    from .tool_calls import ParsedReply
 
 REASONING, CONTENT = "reasoning_content", "content"
 # Enough of the prompt's last tokens to hold its `<think>` and what follows it, where `<think>` is no token of its own.
@@ -38,6 +44,19 @@ def message(text: str, opened: bool) -> dict:
         return {REASONING: None, CONTENT: text}
     reasoning, answer = split_reasoning(THINK_OPEN + text if opened else text)
     return {REASONING: reasoning, CONTENT: answer}
+
+
+def assistant_message(text: str, opened: bool | None, calls: Callable[[str], ParsedReply | None] | None = None) -> dict:
+    """OpenAI's assistant message of a reply's `text`, as serve's chat completions give it (and `chat`,
+    `tuneforge.load`): a reasoning model's (`opened` not None, see `reasoning_opened`) reasoning apart in
+    `reasoning_content`; then, where `calls` (a tool-call parser's `parse`) finds calls in the answer, the text
+    before them in `content` (None if none) and the calls in `tool_calls`."""
+    reply = {"role": "assistant", CONTENT: text}
+    if opened is not None:
+        reply.update(message(text, opened))
+    if calls is not None and (parsed := calls(reply[CONTENT])) is not None:
+        reply.update(content=parsed.content, tool_calls=parsed.tool_calls)
+    return reply
 
 
 class ReasoningSplitter:

@@ -124,12 +124,8 @@ class _Reply:
             answer = {"text": self.echoed(index) + completion.text}
             logprobs = self.logprobs(completion.logprobs, prompt=completion.prompt_logprobs, index=index)
         if self.chat:
-            # A reasoning model's reply parts into reasoning and answer first; calls come in the answer.
-            message = {"role": "assistant", "content": completion.text}
-            if self.reasoning is not None:
-                message.update(reasoning.message(completion.text, self.reasoning))
-            if (parsed := self.parsed(message["content"])) is not None:
-                message.update(content=parsed.content, tool_calls=parsed.tool_calls)
+            message = reasoning.assistant_message(completion.text, self.reasoning, self.parsed)
+            if "tool_calls" in message:
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             answer = {"message": message}
         return {
@@ -302,11 +298,7 @@ class _ResponseReply:
 
     def whole(self, generation: Generation) -> dict:
         [completion] = generation.completions
-        parts = (
-            reasoning.message(completion.text, self.reasoning)
-            if self.reasoning is not None
-            else {reasoning.CONTENT: completion.text}
-        )
+        parts = reasoning.assistant_message(completion.text, self.reasoning)
         return self.response(completion, parts.get(reasoning.REASONING), parts[reasoning.CONTENT])
 
     def response(self, completion: Completion | None, thought: str | None = None, answer: str = "") -> dict:
