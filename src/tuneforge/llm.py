@@ -4,7 +4,8 @@
     llm.generate("What is two plus two?", max_new_tokens=40)            # the reply's text
     llm.chat(messages, tools=TOOLS)                                      # serve's message: content, tool_calls
 
-A prompt goes through the model's chat template (with `tools`, rendered as serve renders a request's) and
+A prompt goes through the model's chat template (with `tools`, rendered as serve renders a request's; a text
+holding the template's special tokens refused, as serve refuses it) and
 `generate.py`'s decoding, greedy unless a temperature is given; the weights are held as `precision` says
 (`auto`, as serve and chat hold them: bf16 where the hardware computes it natively, else fp32). A reply is
 OpenAI's assistant message as serve's chat completions give it: a reasoning model's reasoning apart in
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 from . import reasoning
 from .chat import checked_tools
 from .data.images import read_image
+from .data.render import renderer_for
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
@@ -62,6 +64,7 @@ class LLM:
     ) -> str:
         """The reply to `prompt` (a user message's text, or chat messages) as text: for a reasoning model the
         answer after its reasoning."""
+        self._refuse_special_tokens(prompt, "prompt")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         reply = self.chat(
             messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
@@ -91,6 +94,7 @@ class LLM:
         except ValueError as err:
             raise ConfigError(str(err), code="invalid_value") from err
         definitions = checked_tools(tools, "tools") if tools else None
+        self._refuse_special_tokens(messages, "messages", definitions)
         parser = tool_call_parser(self.tokenizer, self.source.name, "tools") if definitions else None
         messages, images = self._template_messages(messages)
         try:
@@ -163,6 +167,13 @@ class LLM:
                 files.append(image.data)
             shown.append(message.as_template_message())
         return shown, tuple(files)
+
+    def _refuse_special_tokens(self, prompt: str | list[dict], path: str, tools: list[dict] | None = None) -> None:
+        """A `ConfigError` naming the field where a text of `prompt` (named `path`) or `tools` holds a special
+        token of the model's chat template, which it would read as structure (a turn's end, a new turn), not
+        text: serve refuses such a request, and training such a row."""
+        if problems := renderer_for(self.tokenizer).special_tokens_in_prompt(prompt, tools, path=path):
+            raise ConfigError(f"{problems[0].field}: {problems[0].message}", code="invalid_value")
 
 
 def load(model: str | Path, *, precision: str = "auto", progress: bool = True) -> LLM:

@@ -473,6 +473,19 @@ class ChatRenderer:
             if (found := self._special_text.search(text))
         ]
 
+    def special_tokens_in_prompt(
+        self, messages: str | list, tools: list | None, *, path: str = "messages", brackets: bool = True
+    ) -> list[Problem]:
+        """`special_tokens_in` for a chat prompt sent to the model (a serve request's, `tuneforge.load`'s): every
+        text of its messages (`path`) and tool definitions the template writes, as training checks a row's;
+        fields named as `template_texts` names them."""
+        return self.special_tokens_in(
+            [
+                *template_texts(messages, path, brackets=brackets),
+                *template_texts(tools or [], "tools", brackets=brackets),
+            ]
+        )
+
     # --- tokens ----------------------------------------------------------------------------------
 
     def _pieces(self, text: str) -> list[str]:

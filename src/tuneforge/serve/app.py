@@ -33,7 +33,7 @@ from jinja2 import TemplateError
 from .. import reasoning
 from ..constrain import ConstraintError, json_index
 from ..data.images import read_image
-from ..data.render import renderer_for, template_texts
+from ..data.render import renderer_for
 from ..errors import ConfigError, TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
@@ -977,11 +977,7 @@ def _encode(
     """Each prompt's token ids (its images' tokens among them), the texts in one batch of the tokenizer's."""
     for prompt in prompts:
         if isinstance(prompt, list):  # as training refuses such rows: text that would end a turn or open one
-            fields = [
-                *template_texts(prompt, param, brackets=False),
-                *template_texts(tools or [], "tools", brackets=False),
-            ]
-            for problem in renderer_for(tokenizer).special_tokens_in(fields):
+            for problem in renderer_for(tokenizer).special_tokens_in_prompt(prompt, tools, path=param, brackets=False):
                 field = field_name(problem.field)
                 raise APIError(400, f"{field}: {problem.message}", param=field, code="invalid_value")
     try:
