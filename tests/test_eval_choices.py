@@ -185,10 +185,15 @@ def test_mmlu_questions_start_with_the_harness_s_subject_header(tiny_model_dir, 
     data = write_jsonl(tmp_path / "mmlu.jsonl", MMLU_ROWS)
     header = "The following are questions (with answers) about high school mathematics.\n\n"
     assert read_choice_rows(data)[1].prompt == f"{header}Question: What is 2+2?\nAnswer:"
-    shots = read_benchmark(data, num_fewshot=2)[1].prompt
+    sums = [
+        {"question": f"What is {n}+1?", "subject": "high_school_mathematics", "choices": ["2", "3"], "answer": n - 1}
+        for n in (1, 2)
+    ]
+    dev, math = write_jsonl(tmp_path / "dev.jsonl", sums), write_jsonl(tmp_path / "math.jsonl", [MMLU_ROWS[1]])
+    shots = read_benchmark(math, num_fewshot=2, fewshot_file=dev)[0].prompt
     assert shots == (
-        f"{header}Question: Which bone is in the thigh?\nAnswer: femur\n\n"
-        "Question: Which gas do plants take in?\nAnswer: CO2\n\nQuestion: What is 2+2?\nAnswer:"
+        f"{header}Question: What is 1+1?\nAnswer: 2\n\n"
+        "Question: What is 2+1?\nAnswer: 3\n\nQuestion: What is 2+2?\nAnswer:"
     )
     csv = tmp_path / "high_school_us_history_dev.csv"
     csv.write_text('"Who was the first president?",Washington,Lincoln,Adams,Grant,A\n')
@@ -200,11 +205,79 @@ def test_mmlu_questions_start_with_the_harness_s_subject_header(tiny_model_dir, 
 
     model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
     for shown, num_fewshot in ((f"{header}Question: What is 2+2?\nAnswer:", 0), (shots, 2)):
-        result = evaluate_choices(str(tiny_model_dir), data, num_fewshot=num_fewshot, progress=False)
+        options = {"num_fewshot": num_fewshot, "fewshot_file": dev if num_fewshot else None, "progress": False}
+        result = evaluate_choices(str(tiny_model_dir), math, **options)
         expected = [direct_loglikelihood(model, tokenizer, shown, f" {c}") for c in MMLU_ROWS[1]["choices"]]
-        assert result["samples"][1]["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+        assert result["samples"][0]["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
     with pytest.raises(DataError, match=r"mmlu.jsonl:1 subject: .*must be non-empty text"):
         read_choice_rows(write_jsonl(tmp_path / "mmlu.jsonl", [{**MMLU_ROWS[0], "subject": None}]))
+
+
+ANATOMY_DEV = (
+    "Which bone is in the thigh?,femur,skull,rib,ulna,A\n"
+    "Which organ pumps blood?,lung,heart,liver,skin,B\n"
+    "Which bone guards the brain?,femur,rib,skull,ulna,C\n"
+    "Where is the tibia?,arm,neck,back,leg,D\n"
+    "Which muscle bends the elbow?,biceps,calf,jaw,tongue,A\n"
+    "Which organ filters blood?,heart,kidney,lung,ear,B\n"
+)
+ANATOMY_TEST = "Which bone is in the arm?,humerus,pelvis,skull,rib,A\nWhich organ breathes?,kidney,lung,heart,eye,B\n"
+
+
+def test_mmlu_few_shot_examples_are_the_first_of_the_subject_s_dev_split(tiny_model_dir, tmp_path):
+    """MMLU follows the harness's `mmlu_continuation` task (fewshot_split dev, sampler first_n): question k's N
+    examples are the first N of the dev file, in order, whatever k; from the question's own file, the first N
+    other than itself; from rows naming their subjects, the first N on the question's subject. The score is the
+    choices' log-likelihoods after that prompt."""
+    dev, test = tmp_path / "anatomy_dev.csv", tmp_path / "anatomy_test.csv"
+    dev.write_text(ANATOMY_DEV)
+    test.write_text(ANATOMY_TEST)
+    header = "The following are questions (with answers) about anatomy.\n\n"
+    first_five = (
+        "Question: Which bone is in the thigh?\nAnswer: femur\n\n"
+        "Question: Which organ pumps blood?\nAnswer: heart\n\n"
+        "Question: Which bone guards the brain?\nAnswer: skull\n\n"
+        "Question: Where is the tibia?\nAnswer: leg\n\n"
+        "Question: Which muscle bends the elbow?\nAnswer: biceps\n\n"
+    )
+    rows = read_benchmark(test, num_fewshot=5, fewshot_file=dev)
+    assert [r.prompt for r in rows] == [
+        f"{header}{first_five}Question: Which bone is in the arm?\nAnswer:",
+        f"{header}{first_five}Question: Which organ breathes?\nAnswer:",
+    ]
+    # The dev file scored on its own: its question 2 is shown the first 2 questions other than itself.
+    assert read_benchmark(dev, num_fewshot=2)[1].prompt == (
+        f"{header}Question: Which bone is in the thigh?\nAnswer: femur\n\n"
+        "Question: Which bone guards the brain?\nAnswer: skull\n\n"
+        "Question: Which organ pumps blood?\nAnswer:"
+    )
+    # The Hugging Face dataset's rows, subjects interleaved: each question's examples are on its subject.
+    mixed = [
+        {"question": "Which planet is red?", "subject": "astronomy", "choices": ["Mars", "Venus"], "answer": 0},
+        {"question": "Which bone is in the thigh?", "subject": "anatomy", "choices": ["femur", "rib"], "answer": 0},
+        {"question": "What orbits Earth?", "subject": "astronomy", "choices": ["the Sun", "the Moon"], "answer": 1},
+        {"question": "Which organ pumps blood?", "subject": "anatomy", "choices": ["lung", "heart"], "answer": 1},
+    ]
+    asked = [
+        {"question": "Which star is nearest?", "subject": "astronomy", "choices": ["Sirius", "the Sun"], "answer": 1}
+    ]
+    mixed_dev, mixed_test = write_jsonl(tmp_path / "dev.jsonl", mixed), write_jsonl(tmp_path / "test.jsonl", asked)
+    shown = read_benchmark(mixed_test, num_fewshot=2, fewshot_file=mixed_dev)[0].prompt
+    assert shown == (
+        "The following are questions (with answers) about astronomy.\n\n"
+        "Question: Which planet is red?\nAnswer: Mars\n\nQuestion: What orbits Earth?\nAnswer: the Moon\n\n"
+        "Question: Which star is nearest?\nAnswer:"
+    )
+    with pytest.raises(DataError, match="has 2 questions on astronomy, too few to draw 3 examples"):
+        read_benchmark(mixed_test, num_fewshot=3, fewshot_file=mixed_dev)
+
+    model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    result = evaluate_choices(str(tiny_model_dir), test, num_fewshot=5, fewshot_file=dev, progress=False)
+    expected = [direct_loglikelihood(model, tokenizer, rows[1].prompt, f" {c}") for c in rows[1].choices]
+    assert result["samples"][1]["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+    assert result["scores"]["acc"] == sum(s["prediction"] == s["answer"] for s in result["samples"]) / 2 and result[
+        "samples"
+    ][1]["prediction"] == max(range(4), key=expected.__getitem__)
 
 
 def test_a_choice_merged_with_the_context_is_scored_on_the_whole_encoding(tiny_model_dir):

@@ -340,11 +340,11 @@ def eval_(
         0,
         min=0,
         help="Multiple-choice DATA: solved examples before each question, as lm-evaluation-harness's few-shot "
-        "prompts (MMLU's published figures are 5-shot, ARC's 25-shot); drawn from --fewshot-file, else from DATA "
-        "without the question itself.",
+        "prompts (MMLU's published figures are 5-shot, ARC's 25-shot); taken from --fewshot-file, else from DATA "
+        "without the question itself, as the harness's task for the layout takes them (MMLU: the first N).",
     ),
     fewshot_file: Path | None = typer.Option(
-        None, help="The file --num-fewshot draws its solved examples from (the benchmark's dev or train split)."
+        None, help="The file --num-fewshot takes its solved examples from (the benchmark's dev or train split)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):

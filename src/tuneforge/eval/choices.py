@@ -10,8 +10,11 @@ continuation of the question rendered as the harness renders it by default, as r
 task cleans it. An MMLU question whose row (`subject`, as the Hugging Face dataset's) or file name
 (SUBJECT_test.csv, _dev, _val, as MMLU ships them) names its subject starts with `mmlu_continuation`'s header,
 "The following are questions (with answers) about SUBJECT.\\n\\n" (the subject's _ as spaces), before any
-few-shot example. `acc` is the share of rows whose most likely choice is the answer; `acc_norm` ranks the
-choices by log-likelihood over the choice's length in characters (the harness's `len(choice)`).
+few-shot example. Few-shot examples are chosen as the harness's task for the layout chooses them: MMLU's
+(`mmlu_continuation`) are the first N of the examples' file on the question's subject, the others' drawn
+at random with a seeded generator. `acc` is the share of rows whose most likely choice is the answer;
+`acc_norm` ranks the choices by log-likelihood over the choice's length in characters (the harness's
+`len(choice)`).
 
 The continuation's tokens are the harness's: the context and context + continuation are encoded, and the
 continuation is what the whole encoding holds past the context's tokens (a trailing space of the context
@@ -53,6 +56,9 @@ from .report import share_interval
 DEFAULT_BATCH_SIZE = 16  # (context, choice) requests per forward
 LETTERS = "ABCDEFGHIJ"
 FEWSHOT_SEED = 1234  # lm-evaluation-harness's default seed for drawing few-shot examples
+# The layouts whose harness task takes the first N examples in order (its fewshot_config's sampler first_n):
+# MMLU's `mmlu_continuation`, from each subject's dev split.
+FIRST_N = frozenset({"mmlu"})
 # `mmlu_continuation`'s header before a question on SUBJECT (its _ as spaces), few-shot or not.
 MMLU_DESCRIPTION = "The following are questions (with answers) about {}.\n\n"
 # MMLU's CSV files are named for their subject and split: SUBJECT_test.csv, SUBJECT_dev.csv, SUBJECT_val.csv.
@@ -75,7 +81,13 @@ class ChoiceRow:
     choices: tuple[str, ...]
     answer: int
     question: str  # the question as the row gives it, for tables
-    description: str = ""  # the text before any few-shot example and the question: MMLU's subject header
+    task: str = "choices"  # whose few-shot rules the row follows: mmlu, arc, hellaswag, piqa, or choices
+    subject: str = ""  # MMLU's subject, as its row or file names it
+
+    @property
+    def description(self) -> str:
+        """The text before any few-shot example and the question: MMLU's subject header, where it names one."""
+        return MMLU_DESCRIPTION.format(self.subject.replace("_", " ")) if self.subject else ""
 
     @property
     def prompt(self) -> str:
@@ -163,7 +175,8 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
             return ""
         return value
 
-    if not isinstance(row, dict) or choice_layout(row) != layout:
+    # MMLU's CSV rows come as the generic layout's (`_mmlu_row`).
+    if not isinstance(row, dict) or choice_layout(row) != ("choices" if layout == "mmlu_csv" else layout):
         found = choice_layout(row) if isinstance(row, dict) else None
         bad(
             None,
@@ -172,7 +185,7 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         )
         return problems
     labels: list[str] | None = None
-    description = ""
+    subject = ""
     if layout == "hellaswag":
         if "ctx_a" in row:
             context = f"{text('ctx_a', row['ctx_a'])} {str(row.get('ctx_b', '')).capitalize()}"
@@ -215,7 +228,7 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         choices_field, choices = "choices", row["choices"]
         answer_field = "answer"
         if "subject" in row:  # MMLU's rows name their subject
-            description = MMLU_DESCRIPTION.format(text("subject", row["subject"]).replace("_", " "))
+            subject = text("subject", row["subject"])
     if not isinstance(choices, list) or len(choices) < 2:
         bad(choices_field, f"must be a list of at least two choices, got {choices!r}.")
         return problems
@@ -249,7 +262,8 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         return problems
     if layout == "hellaswag":
         choices = [_hellaswag_text(c) for c in choices]
-    return ChoiceRow(file, line, context, tuple(choices), answer, question, description)
+    task = "mmlu" if layout == "mmlu_csv" or subject else layout
+    return ChoiceRow(file, line, context, tuple(choices), answer, question, task, subject)
 
 
 def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceRow]:
@@ -282,7 +296,7 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
             if limit is not None and len(parsed) >= limit:
                 break
             layout = layout or choice_layout(row)
-            result = parse_choice_row(row, "choices" if layout == "mmlu_csv" else layout, file, line)
+            result = parse_choice_row(row, layout, file, line)
             if isinstance(result, ChoiceRow):
                 parsed.append(result)
             else:
@@ -300,23 +314,32 @@ def with_fewshot(
     """Each row with `num_fewshot` solved examples of `pool` before its question, as the harness's continuation
     tasks write them: each example's context, a space and its right choice ("Question: ...\nAnswer: CHOICE"),
     joined by a blank line and followed by one, after the row's description (MMLU's header), which the
-    examples' own leave out. The examples are drawn as the harness draws them: one generator
-    seeded with `seed`, a sample per row in turn; where `pool` holds the row itself (its own file), one more is
-    drawn. An example that is the row's question (the row itself, or another line with the same question,
-    choices and answer) is left out, as the harness leaves out a drawn document equal to the one asked."""
+    examples' own leave out. The examples are chosen as the harness task the row's layout follows chooses them
+    (`FIRST_N`, else one generator seeded with `seed`, a sample per row in turn); where `pool` holds the row
+    itself (its own file), one more is drawn. An example that is the row's question (the row itself, or another
+    line with the same question, choices and answer) is left out, as the harness leaves out a drawn document
+    equal to the one asked. An MMLU row's examples are those of `pool` on its subject, where `pool` names
+    subjects, as the harness reads each subject's own dev split."""
     members = set(pool)
-    needed = num_fewshot + any(row in members for row in rows)
-    if len(pool) < needed:
-        raise DataError(
-            f"{pool[0].file} has {counted(len(pool), 'question')}, too few to draw {num_fewshot} examples"
-            f"{' besides the question asked' if needed > num_fewshot else ''}; lower the number of few-shot "
-            "examples or give a file with more (--fewshot-file, fewshot_file).",
-            code="too_few_examples",
-        )
+    on_subject: dict[str, list[ChoiceRow]] = {}
+    for example in pool:
+        on_subject.setdefault(example.subject, []).append(example)
     rng = random.Random(seed)
     shown = []
     for row in rows:
-        drawn = rng.sample(pool, num_fewshot + (row in members))
+        by_subject = row.task == "mmlu" and bool(row.subject) and bool(on_subject.keys() - {""})
+        candidates = on_subject.get(row.subject, []) if by_subject else pool
+        own = row in members
+        needed = num_fewshot + own
+        if len(candidates) < needed:
+            raise DataError(
+                f"{pool[0].file} has {counted(len(candidates), 'question')}"
+                f"{f' on {row.subject}' if by_subject else ''}, too few to draw {num_fewshot} examples"
+                f"{' besides the question asked' if own else ''}; lower the number of few-shot examples or give a "
+                "file with more (--fewshot-file, fewshot_file).",
+                code="too_few_examples",
+            )
+        drawn = candidates if row.task in FIRST_N else rng.sample(candidates, needed)
         asked = (row.context, row.choices, row.answer)
         examples = [e for e in drawn if (e.context, e.choices, e.answer) != asked][:num_fewshot]
         solved = [f"{example.context} {example.choices[example.answer]}" for example in examples]
