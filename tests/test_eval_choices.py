@@ -280,6 +280,24 @@ def test_mmlu_few_shot_examples_are_the_first_of_the_subject_s_dev_split(tiny_mo
     ][1]["prediction"] == max(range(4), key=expected.__getitem__)
 
 
+def test_mmlu_questions_are_stripped_as_mmlu_continuation_strips_them(tmp_path):
+    """`mmlu_continuation` writes "Question: {{question.strip()}}\nAnswer:": an MMLU question's spaces and line
+    breaks around it are dropped, in the question asked and in its examples; other layouts keep theirs."""
+    dev, test = tmp_path / "anatomy_dev.csv", tmp_path / "anatomy_test.csv"
+    dev.write_text('"  Which bone is in the thigh?\n",femur,skull,rib,ulna,A\n')
+    test.write_text('" Which organ breathes? ",kidney,lung,heart,eye,B\n')
+    assert read_benchmark(test, num_fewshot=1, fewshot_file=dev)[0].prompt == (
+        "The following are questions (with answers) about anatomy.\n\n"
+        "Question: Which bone is in the thigh?\nAnswer: femur\n\nQuestion: Which organ breathes?\nAnswer:"
+    )
+    row = {"question": "Which bone? ", "subject": "anatomy", "choices": ["femur", "rib"], "answer": 0}
+    assert read_choice_rows(write_jsonl(tmp_path / "mmlu.jsonl", [row]))[0].context == "Question: Which bone?\nAnswer:"
+    quiz = write_jsonl(
+        tmp_path / "quiz.jsonl", [{"question": "Which bone? ", "choices": ["femur", "rib"], "answer": 0}]
+    )
+    assert read_choice_rows(quiz)[0].context == "Question: Which bone? \nAnswer:"
+
+
 def test_a_choice_merged_with_the_context_is_scored_on_the_whole_encoding(tiny_model_dir):
     """ "The qu" + "ick brown" encodes as "The quick brown": the continuation is what the whole encoding holds
     past the context's tokens (" brown"), read after the context's own tokens, as the harness takes it; a

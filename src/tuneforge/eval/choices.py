@@ -6,9 +6,10 @@
 
 Each row is a question and its choices; each choice is scored by the log-probability of " CHOICE" as a
 continuation of the question rendered as the harness renders it by default, as raw text (no chat template):
-"Question: QUESTION\\nAnswer:" (its ARC, PIQA and `mmlu_continuation` tasks), HellaSwag's context as its
-task cleans it. An MMLU question whose row (`subject`, as the Hugging Face dataset's) or file name
-(SUBJECT_test.csv, _dev, _val, as MMLU ships them) names its subject starts with `mmlu_continuation`'s header,
+"Question: QUESTION\\nAnswer:" (its ARC, PIQA and `mmlu_continuation` tasks, the last with MMLU's question
+stripped), HellaSwag's context as its task cleans it. An MMLU question whose row (`subject`, as the Hugging
+Face dataset's) or file name (SUBJECT_test.csv, _dev, _val, as MMLU ships them) names its subject starts with
+`mmlu_continuation`'s header,
 "The following are questions (with answers) about SUBJECT.\\n\\n" (the subject's _ as spaces), before any
 few-shot example. Few-shot examples are chosen as the harness's task for the layout chooses them: MMLU's
 (`mmlu_continuation`) are the first N of the examples' file on the question's subject, the others' drawn
@@ -185,7 +186,7 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         )
         return problems
     labels: list[str] | None = None
-    subject = ""
+    subject, task = "", layout
     if layout == "hellaswag":
         if "ctx_a" in row:
             context = f"{text('ctx_a', row['ctx_a'])} {str(row.get('ctx_b', '')).capitalize()}"
@@ -224,11 +225,13 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         answer_field = "answerKey"
     else:
         question = text("question", row["question"])
-        context = f"Question: {question}\nAnswer:"
-        choices_field, choices = "choices", row["choices"]
-        answer_field = "answer"
         if "subject" in row:  # MMLU's rows name their subject
             subject = text("subject", row["subject"])
+        task = "mmlu" if layout == "mmlu_csv" or "subject" in row else layout
+        # `mmlu_continuation` strips the question (its doc_to_text); the harness's other tasks keep it as given.
+        context = f"Question: {question.strip() if task == 'mmlu' else question}\nAnswer:"
+        choices_field, choices = "choices", row["choices"]
+        answer_field = "answer"
     if not isinstance(choices, list) or len(choices) < 2:
         bad(choices_field, f"must be a list of at least two choices, got {choices!r}.")
         return problems
@@ -262,7 +265,6 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         return problems
     if layout == "hellaswag":
         choices = [_hellaswag_text(c) for c in choices]
-    task = "mmlu" if layout == "mmlu_csv" or subject else layout
     return ChoiceRow(file, line, context, tuple(choices), answer, question, task, subject)
 
 
