@@ -298,6 +298,92 @@ def test_mmlu_questions_are_stripped_as_mmlu_continuation_strips_them(tmp_path):
     assert read_choice_rows(quiz)[0].context == "Question: Which bone? \nAnswer:"
 
 
+def test_hellaswag_and_piqa_draw_one_example_more_as_their_harness_tasks_do(tiny_model_dir, tmp_path):
+    """HellaSwag's and PIQA's harness tasks name no test split, so the harness draws N + 1 examples from the
+    train split for each question and keeps the first N; ARC's (test split named) draws N. Over 6 examples, the
+    generator seeded with 1234 draws [3, 0, 4] then [0, 4, 5] three at a time, [3, 0] then [0, 5] two at a
+    time: question 2's examples are 0 and 4 for HellaSwag and PIQA, 0 and 5 for ARC."""
+    rng, pairs = random.Random(1234), random.Random(1234)
+    assert [rng.sample(range(6), 3) for _ in range(2)] == [[3, 0, 4], [0, 4, 5]]
+    assert [pairs.sample(range(6), 2) for _ in range(2)] == [[3, 0], [0, 5]]
+
+    def hellaswag(label, ctx_a, ctx_b, endings, answer):
+        return {"activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b, "endings": endings, "label": answer}
+
+    train = [
+        hellaswag("Baking", "A woman mixes flour.", "she", ["bakes bread.", "swims."], "0"),
+        hellaswag("Running", "A man ties his shoes.", "he", ["flies.", "runs off."], "1"),
+        hellaswag("Painting", "A girl dips a brush.", "she", ["paints a wall.", "eats it."], "0"),
+        hellaswag("Fishing", "A boy casts a line.", "he", ["sleeps.", "catches a fish."], "1"),
+        hellaswag("Skiing", "A woman waxes skis.", "she", ["skis downhill.", "cooks."], "0"),
+        hellaswag("Gardening", "A man digs a hole.", "he", ["sings.", "plants a tree."], "1"),
+    ]
+    asked = [
+        hellaswag("Swimming", "A boy jumps in a pool.", "he", ["swims a lap.", "reads."], "0"),
+        hellaswag("Cycling", "A girl mounts a bike.", "she", ["rides away.", "bakes."], "0"),
+    ]
+    train_file, data = write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "val.jsonl", asked)
+    rows = read_benchmark(data, num_fewshot=2, fewshot_file=train_file)
+    assert [r.prompt for r in rows] == [
+        "Fishing: A boy casts a line. He catches a fish.\n\nBaking: A woman mixes flour. She bakes bread.\n\n"
+        "Swimming: A boy jumps in a pool. He",
+        "Baking: A woman mixes flour. She bakes bread.\n\nSkiing: A woman waxes skis. She skis downhill.\n\n"
+        "Cycling: A girl mounts a bike. She",
+    ]
+    with pytest.raises(DataError, match="has 6 questions, too few to draw 6 examples and the one more the harness"):
+        read_benchmark(data, num_fewshot=6, fewshot_file=train_file)
+
+    solutions = [
+        ("Open a jar", "twist the lid", "sing to it", 0),
+        ("Dry wet hair", "use a fork", "use a towel", 1),
+        ("Boil water", "heat it", "freeze it", 0),
+        ("Cut paper", "use a spoon", "use scissors", 1),
+        ("Light a room", "switch on a lamp", "close your eyes", 0),
+        ("Cool soup", "add ice", "boil it", 0),
+    ]
+    piqa_train = [{"goal": g, "sol1": a, "sol2": b, "label": label} for g, a, b, label in solutions]
+    piqa_asked = [
+        {"goal": "Tie a shoe", "sol1": "loop the laces", "sol2": "glue it", "label": 0},
+        {"goal": "Wake up early", "sol1": "set an alarm", "sol2": "stay up late", "label": 0},
+    ]
+    piqa = read_benchmark(
+        write_jsonl(tmp_path / "piqa_val.jsonl", piqa_asked),
+        num_fewshot=2,
+        fewshot_file=write_jsonl(tmp_path / "piqa_train.jsonl", piqa_train),
+    )
+    assert [r.prompt for r in piqa] == [
+        "Question: Cut paper\nAnswer: use scissors\n\nQuestion: Open a jar\nAnswer: twist the lid\n\n"
+        "Question: Tie a shoe\nAnswer:",
+        "Question: Open a jar\nAnswer: twist the lid\n\nQuestion: Light a room\nAnswer: switch on a lamp\n\n"
+        "Question: Wake up early\nAnswer:",
+    ]
+
+    facts = [("gas", "ice", "steam", "B"), ("metal", "iron", "wood", "A"), ("liquid", "water", "rock", "A")]
+    facts += [("planet", "Mars", "Moon", "A"), ("mammal", "whale", "shark", "A"), ("star", "Sun", "Earth", "A")]
+    arc_train = [
+        {"question": f"Which is a {kind}?", "choices": {"text": [a, b], "label": ["A", "B"]}, "answerKey": key}
+        for kind, a, b, key in facts
+    ]
+    arc_asked = [
+        {"question": "Which is hot?", "choices": {"text": ["fire", "snow"], "label": ["A", "B"]}, "answerKey": "A"},
+        {"question": "Which is cold?", "choices": {"text": ["fire", "ice"], "label": ["A", "B"]}, "answerKey": "B"},
+    ]
+    arc = read_benchmark(
+        write_jsonl(tmp_path / "arc_test.jsonl", arc_asked),
+        num_fewshot=2,
+        fewshot_file=write_jsonl(tmp_path / "arc_train.jsonl", arc_train),
+    )
+    assert arc[1].prompt == (
+        "Question: Which is a gas?\nAnswer: steam\n\nQuestion: Which is a star?\nAnswer: Sun\n\n"
+        "Question: Which is cold?\nAnswer:"
+    )
+
+    model, tokenizer = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    result = evaluate_choices(str(tiny_model_dir), data, num_fewshot=2, fewshot_file=train_file, progress=False)
+    expected = [direct_loglikelihood(model, tokenizer, rows[1].prompt, f" {c}") for c in rows[1].choices]
+    assert result["samples"][1]["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_a_choice_merged_with_the_context_is_scored_on_the_whole_encoding(tiny_model_dir):
     """ "The qu" + "ick brown" encodes as "The quick brown": the continuation is what the whole encoding holds
     past the context's tokens (" brown"), read after the context's own tokens, as the harness takes it; a

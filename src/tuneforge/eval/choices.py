@@ -9,13 +9,12 @@ continuation of the question rendered as the harness renders it by default, as r
 "Question: QUESTION\\nAnswer:" (its ARC, PIQA and `mmlu_continuation` tasks, the last with MMLU's question
 stripped), HellaSwag's context as its task cleans it. An MMLU question whose row (`subject`, as the Hugging
 Face dataset's) or file name (SUBJECT_test.csv, _dev, _val, as MMLU ships them) names its subject starts with
-`mmlu_continuation`'s header,
-"The following are questions (with answers) about SUBJECT.\\n\\n" (the subject's _ as spaces), before any
-few-shot example. Few-shot examples are chosen as the harness's task for the layout chooses them: MMLU's
-(`mmlu_continuation`) are the first N of the examples' file on the question's subject, the others' drawn
-at random with a seeded generator. `acc` is the share of rows whose most likely choice is the answer;
-`acc_norm` ranks the choices by log-likelihood over the choice's length in characters (the harness's
-`len(choice)`).
+`mmlu_continuation`'s header, "The following are questions (with answers) about SUBJECT.\\n\\n" (the
+subject's _ as spaces), before any few-shot example. Few-shot examples are chosen as the harness's task for
+the layout chooses them: MMLU's (`mmlu_continuation`) are the first N of the examples' file on the question's
+subject, the others' drawn at random with a seeded generator (HellaSwag's and PIQA's N + 1, the first N kept).
+`acc` is the share of rows whose most likely choice is the answer; `acc_norm` ranks the choices by
+log-likelihood over the choice's length in characters (the harness's `len(choice)`).
 
 The continuation's tokens are the harness's: the context and context + continuation are encoded, and the
 continuation is what the whole encoding holds past the context's tokens (a trailing space of the context
@@ -60,6 +59,10 @@ FEWSHOT_SEED = 1234  # lm-evaluation-harness's default seed for drawing few-shot
 # The layouts whose harness task takes the first N examples in order (its fewshot_config's sampler first_n):
 # MMLU's `mmlu_continuation`, from each subject's dev split.
 FIRST_N = frozenset({"mmlu"})
+# The layouts whose harness task names no test split (HellaSwag's and PIQA's, scored on validation): the harness
+# takes their few-shot split (none named either) for the split asked, so it draws N + 1 examples and keeps the
+# first N other than the question asked, even from the train split.
+ONE_MORE = frozenset({"hellaswag", "piqa"})
 # `mmlu_continuation`'s header before a question on SUBJECT (its _ as spaces), few-shot or not.
 MMLU_DESCRIPTION = "The following are questions (with answers) about {}.\n\n"
 # MMLU's CSV files are named for their subject and split: SUBJECT_test.csv, SUBJECT_dev.csv, SUBJECT_val.csv.
@@ -318,10 +321,10 @@ def with_fewshot(
     joined by a blank line and followed by one, after the row's description (MMLU's header), which the
     examples' own leave out. The examples are chosen as the harness task the row's layout follows chooses them
     (`FIRST_N`, else one generator seeded with `seed`, a sample per row in turn); where `pool` holds the row
-    itself (its own file), one more is drawn. An example that is the row's question (the row itself, or another
-    line with the same question, choices and answer) is left out, as the harness leaves out a drawn document
-    equal to the one asked. An MMLU row's examples are those of `pool` on its subject, where `pool` names
-    subjects, as the harness reads each subject's own dev split."""
+    itself (its own file) or the task draws one more (`ONE_MORE`), one more is drawn. An example that is the
+    row's question (the row itself, or another line with the same question, choices and answer) is left out,
+    as the harness leaves out a drawn document equal to the one asked. An MMLU row's examples are those of
+    `pool` on its subject, where `pool` names subjects, as the harness reads each subject's own dev split."""
     members = set(pool)
     on_subject: dict[str, list[ChoiceRow]] = {}
     for example in pool:
@@ -332,13 +335,17 @@ def with_fewshot(
         by_subject = row.task == "mmlu" and bool(row.subject) and bool(on_subject.keys() - {""})
         candidates = on_subject.get(row.subject, []) if by_subject else pool
         own = row in members
-        needed = num_fewshot + own
+        needed = num_fewshot + (own or row.task in ONE_MORE)
         if len(candidates) < needed:
+            why = ""
+            if own:
+                why = " besides the question asked"
+            elif needed > num_fewshot:
+                why = f" and the one more the harness's {row.task} task draws"
             raise DataError(
                 f"{pool[0].file} has {counted(len(candidates), 'question')}"
-                f"{f' on {row.subject}' if by_subject else ''}, too few to draw {num_fewshot} examples"
-                f"{' besides the question asked' if own else ''}; lower the number of few-shot examples or give a "
-                "file with more (--fewshot-file, fewshot_file).",
+                f"{f' on {row.subject}' if by_subject else ''}, too few to draw {num_fewshot} examples{why}; lower "
+                "the number of few-shot examples or give a file with more (--fewshot-file, fewshot_file).",
                 code="too_few_examples",
             )
         drawn = candidates if row.task in FIRST_N else rng.sample(candidates, needed)
