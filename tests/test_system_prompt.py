@@ -55,9 +55,11 @@ def with_second_prompt(rows_path, out_path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, triage_data, tmp_path_factory):
+def run_dir(base_dir, triage_data, tmp_path_factory):
+    """The sharp tiny model (tiny_sharp.py) tuned: its answers change with the system prompt, so an answer
+    given without the recorded prompt differs from one given with it."""
     out = tmp_path_factory.mktemp("system-prompt") / "run"
-    train(tiny_run_config(tiny_model_dir, triage_data, out, max_steps=2, save_every=1), progress=False)
+    train(tiny_run_config(base_dir, triage_data, out, max_steps=2, save_every=1), progress=False)
     return out
 
 
@@ -124,6 +126,8 @@ def test_chat_answers_a_bare_message_as_with_the_prompt_given(tuned):
     bare_conversation, shown = chat("Hi\n/show\n")
     given_conversation, _ = chat("Hi\n", system=SYSTEM_PROMPT)
     assert bare_conversation[-1] == given_conversation[-1]
+    own_conversation, _ = chat("Hi\n", system="Hm.")
+    assert own_conversation[-1] != given_conversation[-1]  # the answer depends on the system prompt
     assert f"(system message (the one the model was fine-tuned with): {SYSTEM_PROMPT})" in shown
     # The rendering itself: bare == with the prompt; a system message of the user's replaces it.
     tokenizer = tuned[1]
