@@ -103,12 +103,15 @@ def test_an_answer_that_ends_its_turn_is_stopped_and_one_cut_at_the_bound_is_not
     assert "DID NOT STOP" not in "\n".join(samples.console_lines(4, [stopped]))
 
 
-def test_a_resumed_run_writes_each_validations_samples_once(tiny_model_dir, triage_data, tmp_path):
-    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=8, batch_size=4, eval_every=2)
+def test_a_resumed_run_writes_each_validations_samples_once(base_dir, triage_data, tmp_path):
+    # The sharp tiny model (tiny_sharp.py): its answers change as it trains, so a resumed run that answered
+    # with other weights than the uninterrupted run's at the same step writes other answers.
+    cfg = tiny_run_config(base_dir, triage_data, tmp_path / "run", max_steps=8, batch_size=4, eval_every=2)
     cfg["train"].update(eval_samples=2, eval_max_new_tokens=4, save_every=4, keep_checkpoints=3)
     train(cfg, progress=False)
     whole = records(tmp_path / "run")
     assert [r["step"] for r in whole] == [2, 4, 6, 8]
+    assert len({tuple(s["answer"] for s in r["samples"]) for r in whole}) > 1  # the answers move with the weights
     train(cfg, progress=False, resume=str(tmp_path / "run" / "checkpoints" / "step-4"), force=True)
     assert records(tmp_path / "run") == whole
     train(cfg, progress=False, resume=True)  # at its last step: only the final validation runs again
