@@ -85,16 +85,17 @@ def wait_run(client, eval_id: str, run_id: str, server: ApiServer | None = None)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir):
-    api = ApiServer(tmp_path_factory.mktemp("evals-home"), allowed=[tiny_model_dir]).start()
+def server(tmp_path_factory, base_dir):
+    """The service allowed the sharp tiny model (tiny_sharp.py), whose answers tell the items' prompts apart."""
+    api = ApiServer(tmp_path_factory.mktemp("evals-home"), allowed=[base_dir]).start()
     yield api
     api.stop()
 
 
-def test_an_eval_runs_a_base_and_a_fine_tuned_model_and_survives_a_restart(server, tiny_model_dir):
+def test_an_eval_runs_a_base_and_a_fine_tuned_model_and_survives_a_restart(server, base_dir):
     client = server.client()
     train = upload(client, chat_rows(4))
-    job = create_job(client, tiny_model_dir, train.id, n_epochs=1)
+    job = create_job(client, base_dir, train.id, n_epochs=1)
     evaluation = client.evals.create(
         name="triage", data_source_config=CONFIG, testing_criteria=[SAME_ANSWER, ANY_ANSWER], metadata={"team": "a"}
     )
@@ -105,9 +106,7 @@ def test_an_eval_runs_a_base_and_a_fine_tuned_model_and_survives_a_restart(serve
     items_file = client.files.create(
         file=("items.jsonl", "".join(json.dumps({"item": i}) + "\n" for i in ITEMS).encode()), purpose="evals"
     )
-    base_run = client.evals.runs.create(
-        evaluation.id, name="base", data_source=data_source(str(tiny_model_dir), inline())
-    )
+    base_run = client.evals.runs.create(evaluation.id, name="base", data_source=data_source(str(base_dir), inline()))
     assert base_run.status == "queued" and base_run.result_counts.total == 0
     job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
     assert job.status == "succeeded", job.error
@@ -122,6 +121,16 @@ def test_an_eval_runs_a_base_and_a_fine_tuned_model_and_survives_a_restart(serve
         per_criterion = {r.testing_criteria: (r.passed, r.failed) for r in run.per_testing_criteria_results}
         assert per_criterion == {"same answer": (2, 1), "answered": (3, 0)}
         assert run.per_model_usage[0].invocation_count == 3 and run.per_model_usage[0].completion_tokens >= 3
+        # Each item's output is the model's answer to its own prompt: the live route's, with the same sampling.
+        outputs, live = [], []
+        for item in client.evals.runs.output_items.list(run.id, eval_id=evaluation.id):
+            outputs.append(item.sample.output[0].content)
+            messages = [{"role": m.role, "content": m.content} for m in item.sample.input]
+            answer = client.chat.completions.create(
+                model=item.sample.model, messages=messages, max_completion_tokens=4, temperature=0.0, seed=3
+            )
+            live.append(answer.choices[0].message.content)
+        assert outputs == live and len(set(live)) == 3
 
     items = list(client.evals.runs.output_items.list(tuned_run.id, eval_id=evaluation.id, limit=2))
     assert [i.datasource_item_id for i in items] == [0, 1, 2]  # the SDK pages through both pages
@@ -141,7 +150,7 @@ def test_an_eval_runs_a_base_and_a_fine_tuned_model_and_survives_a_restart(serve
 
     # The service started again on the same store (here in this process: a server's start is the slow part).
     server.stop()
-    with restarted(server.home / "jobs", allowed_models=[str(tiny_model_dir)], workers=0) as client:
+    with restarted(server.home / "jobs", allowed_models=[str(base_dir)], workers=0) as client:
         assert client.evals.retrieve(evaluation.id).testing_criteria[0].name == "same answer"
         run = client.evals.runs.retrieve(tuned_run.id, eval_id=evaluation.id)
         assert run.status == "completed" and run.result_counts.passed == 2
