@@ -1,4 +1,4 @@
-"""Evaluation with graders on the tiny model: `tuneforge eval --grader`, the Python API and `eval.grader`
+"""Evaluation with graders on the tiny models: `tuneforge eval --grader`, the Python API and `eval.grader`
 score the greedy answers as GRPO's graders score samples, each against its data row."""
 
 import json
@@ -35,18 +35,29 @@ def write_rows(path, rows: list[dict]):
     return path
 
 
-def test_a_string_check_graders_score_is_a_hand_count_of_the_answers(tiny_model_dir, triage_data, tmp_path, capsys):
-    """Rows whose `answer` field is the tiny model's own greedy answer pass; the others fail: the mean
+def lone_answers(base, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Each prompt's greedy answer from the sharp tiny model (`base`), generated alone: what an evaluation
+    should give each row, found without the evaluation under test. Its answers differ from prompt to prompt."""
+    from tuneforge.generate import generate
+
+    answers = [generate(*base, [prompt], max_new_tokens=max_new_tokens)[0].text for prompt in prompts]
+    assert len(set(answers)) == len(answers)
+    return answers
+
+
+def test_a_string_check_graders_score_is_a_hand_count_of_the_answers(base, base_dir, triage_data, tmp_path, capsys):
+    """Rows whose `answer` field is the model's own greedy answer to that row pass; the others fail: the mean
     score and the pass rate are that count, base and tuned side by side, in the table and in JSON."""
-    plain = evaluate(str(tiny_model_dir), triage_data["test"], limit=6, max_new_tokens=4, progress=False)
     rows = rows_of(triage_data["test"], 6)
-    for index, (row, sample) in enumerate(zip(rows, plain["samples"])):
-        row["answer"] = sample["prediction"] if index % 3 == 0 else sample["prediction"] + " not it"
+    answers = lone_answers(base, [row["messages"][:-1] for row in rows], 4)
+    for index, (row, answer) in enumerate(zip(rows, answers)):
+        row["answer"] = answer if index % 3 == 0 else answer + " not it"
     data = write_rows(tmp_path / "test.jsonl", rows)
     grader = tmp_path / "same.json"
     grader.write_text(json.dumps(SAME_ANSWER))
 
-    result = evaluate(str(tiny_model_dir), data, max_new_tokens=4, progress=False, grader=str(grader))
+    result = evaluate(str(base_dir), data, max_new_tokens=4, progress=False, grader=str(grader))
+    assert [s["prediction"] for s in result["samples"]] == answers  # each row's own answer
     hand_count = sum(s["prediction"] == row["answer"] for s, row in zip(result["samples"], rows))
     assert hand_count == 2
     figures = result["grader"]
@@ -54,8 +65,8 @@ def test_a_string_check_graders_score_is_a_hand_count_of_the_answers(tiny_model_
     assert figures["mean"] == figures["pass_rate"] == pytest.approx(hand_count / 6)
     assert [s["grade"] for s in result["samples"]] == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
 
-    kwargs = {"compare": str(tiny_model_dir), "max_new_tokens": 4, "grader": str(grader)}
-    assert eval_command(str(tiny_model_dir), str(data), json_out=True, **kwargs) == 0
+    kwargs = {"compare": str(base_dir), "max_new_tokens": 4, "grader": str(grader)}
+    assert eval_command(str(base_dir), str(data), json_out=True, **kwargs) == 0
     both = json.loads(capsys.readouterr().out)
     assert both["base"]["grader"]["mean"] == both["tuned"]["grader"]["mean"] == pytest.approx(2 / 6)
     # Each example shows its grade beside the metric's verdict.
@@ -190,18 +201,18 @@ def prompt_rows(triage_test, n: int) -> list[dict]:
     return rows
 
 
-def test_a_grader_scores_prompt_rows_without_reference_answers(tiny_model_dir, triage_data, tmp_path, capsys):
+def test_a_grader_scores_prompt_rows_without_reference_answers(base, base_dir, triage_data, tmp_path, capsys):
     """GRPO's held-out prompts (no reference answers) evaluate with a grader, base vs tuned: the grader's
     figures are the evaluation, and the loss and metric are left out with the reason, not zeros."""
-    plain = evaluate(str(tiny_model_dir), triage_data["test"], limit=4, max_new_tokens=4, progress=False)
     rows = prompt_rows(triage_data["test"], 4)
-    for index, (row, sample) in enumerate(zip(rows, plain["samples"])):
-        row["answer"] = sample["prediction"] if index < 3 else "not it"
+    prompts = [[{"role": "user", "content": row["prompt"]}] if "prompt" in row else row["messages"] for row in rows]
+    for index, (row, answer) in enumerate(zip(rows, lone_answers(base, prompts, 4))):
+        row["answer"] = answer if index < 3 else "not it"
     data = write_rows(tmp_path / "prompts.jsonl", rows)
     grader = tmp_path / "same.json"
     grader.write_text(json.dumps(SAME_ANSWER))
-    kwargs = {"compare": str(tiny_model_dir), "max_new_tokens": 4, "grader": str(grader)}
-    assert eval_command(str(tiny_model_dir), str(data), json_out=True, **kwargs) == 0
+    kwargs = {"compare": str(base_dir), "max_new_tokens": 4, "grader": str(grader)}
+    assert eval_command(str(base_dir), str(data), json_out=True, **kwargs) == 0
     both = json.loads(capsys.readouterr().out)
     for side in ("base", "tuned"):
         result = both[side]
