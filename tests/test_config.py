@@ -1,5 +1,6 @@
 """The strict config: misspelt keys, overrides, relative paths, epochs: auto."""
 
+import functools
 import re
 
 import pytest
@@ -607,16 +608,21 @@ def test_grpo_refuses_data_train_weights_it_would_ignore(tmp_path):
 
 def test_missing_data_files_are_refused_by_key_and_line_before_any_model_loads(tmp_path, monkeypatch):
     from tuneforge.dry_run import validate
+    from tuneforge.pipeline import check_launch
+    from tuneforge.pipeline import train as train_and_evaluate
     from tuneforge.training.loop import train
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path.resolve() / "configs" / "run.yaml"
     path.parent.mkdir()
-    # base_model names no model: a run that resolved it before looking at its data would fail on that.
+    # base_model names no model: a run that resolved it before looking at its data would fail on that. eval.task
+    # reads the validation file before training: it is refused by key there too, not as a file of no key.
     path.write_text(
         "base_model: no-such-model\ndata:\n  train:\n    - data/train.jsonl\n  validation: /nowhere/valid.jsonl\n"
+        "eval:\n  task: auto\n"
     )
-    for run in (validate, train):
+    launch = functools.partial(check_launch, processes=2)
+    for run in (validate, train, train_and_evaluate, launch):
         with pytest.raises(ConfigError) as e:
             run(path, ["data.general_replay=replay.jsonl"])
         assert e.value.message.splitlines() == [

@@ -39,6 +39,8 @@ def train(
     their checks.
     `progress=False` leaves out the progress line, the closing table of metrics and transformers' bars."""
     cfg = load_config(config, overrides)
+    # The data files first: the evaluation's checks read the validation file and the base model's tokenizer.
+    cfg.check_data_files()
     check_eval_inputs(cfg)
     with library_bars(progress):
         result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)

@@ -530,6 +530,7 @@ def check_before_launch(
     refused once, as one process refuses it, instead of by every process after each has started.
     Returns the base model, or None where it is not yet pulled or converted (the processes fetch it,
     and check it then)."""
+    cfg.check_data_files()
     refuse_resume_with_overwrite(cfg, resume, overwrite)
     check_output_dir(cfg)
     resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
