@@ -624,7 +624,7 @@ def test_missing_data_files_are_refused_by_key_and_line_before_any_model_loads(t
     launch = functools.partial(check_launch, processes=2)
     for run in (validate, train, train_and_evaluate, launch):
         with pytest.raises(ConfigError) as e:
-            run(path, ["data.general_replay=replay.jsonl"])
+            run(path, ["data.general_mix=0.2", "data.general_replay=replay.jsonl"])
         assert e.value.message.splitlines() == [
             f"data.train.0 ({path} line 4): data/train.jsonl is neither in {path.parent} (the config's folder) nor "
             f"in the working directory {tmp_path.resolve()}",
@@ -677,3 +677,12 @@ def test_an_empty_config_file_is_refused_as_empty(tmp_path, text):
         f"{path}: the file holds no keys (it is empty, or all comments); write the run's config in it "
         "(`tuneforge recipes show quickstart` prints one to start from)."
     )
+
+
+def test_a_replay_file_is_checked_only_where_general_mix_reads_it(tmp_path):
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  train: train.jsonl\n  general_replay: replay.jsonl\n")
+    load_config(path).check_data_files()  # general_mix 0: the replay file is never read
+    with pytest.raises(ConfigError, match=r"data.general_replay \(.*run.yaml line 3\): replay.jsonl is neither in"):
+        load_config(path, ["data.general_mix=0.2"]).check_data_files()

@@ -1163,7 +1163,7 @@ class Config(Strict):
             )
         if isinstance(d.validation, str):
             given.append(("data.validation", d.validation))
-        if d.general_replay != "chitchat":
+        if d.general_mix and d.general_replay != "chitchat":  # without general_mix, the replay file is not read
             given.append(("data.general_replay", d.general_replay))
         # A YAML file's relative path left relative was not found beside the file (`load_config` makes a found
         # one absolute), and is read against the working directory, as an override's is.
