@@ -686,3 +686,22 @@ def test_a_replay_file_is_checked_only_where_general_mix_reads_it(tmp_path):
     load_config(path).check_data_files()  # general_mix 0: the replay file is never read
     with pytest.raises(ConfigError, match=r"data.general_replay \(.*run.yaml line 3\): replay.jsonl is neither in"):
         load_config(path, ["data.general_mix=0.2"]).check_data_files()
+
+
+def test_a_datasets_save_to_disk_folder_is_refused_by_key_saying_how_to_write_it_out(tmp_path):
+    # The files `datasets.Dataset.save_to_disk` writes: read as a folder of data files, each would be refused
+    # on its own (an .arrow file of no known kind, two JSON files of no known format).
+    saved = tmp_path / "tickets"
+    saved.mkdir()
+    (saved / "data-00000-of-00001.arrow").write_bytes(b"\xff\xff\xff\xff")
+    (saved / "dataset_info.json").write_text('{"features": {}}')
+    (saved / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  train: tickets\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path).check_data_files()
+    assert e.value.message == (
+        f"data.train ({path} line 2): {saved} is a folder of Hugging Face datasets' save_to_disk, which is not "
+        f"read as data; write its rows to a JSON Lines file (datasets.load_from_disk('{saved}').to_json('FILE.jsonl')) "
+        "and name that file."
+    )

@@ -1154,7 +1154,9 @@ class Config(Strict):
 
     def check_data_files(self) -> None:
         """Refuse data files that do not exist before a tokenizer, model or row is loaded: each named by its
-        key, the line that sets it, and the folders a relative path was looked for in."""
+        key, the line that sets it, and the folders a relative path was looked for in. A folder that Hugging Face
+        datasets' `save_to_disk` wrote is refused too, saying how to write its rows out: read as a folder of data
+        files, its Arrow and JSON files would each be refused as files of no known kind."""
         d = self.data
         given = [("data.train", d.train)] if isinstance(d.train, str) else []
         for i, item in enumerate([] if isinstance(d.train, str) else d.train):
@@ -1167,6 +1169,15 @@ class Config(Strict):
             given.append(("data.general_replay", d.general_replay))
         # A YAML file's relative path left relative was not found beside the file (`load_config` makes a found
         # one absolute), and is read against the working directory, as an override's is.
+        saved = [
+            f"{self.key_at(key)}: {path} is a folder of Hugging Face datasets' save_to_disk, which is not read as "
+            f"data; write its rows to a JSON Lines file (datasets.load_from_disk('{path}').to_json('FILE.jsonl')) "
+            "and name that file."
+            for key, path in given
+            if (Path(path) / "dataset_info.json").is_file() and (Path(path) / "state.json").is_file()
+        ]
+        if saved:
+            raise ConfigError("\n".join(saved))
         beside = Path(self._source).parent.resolve() if Path(self._source).is_file() else None
         missing = []
         for key, path in given:
