@@ -178,6 +178,20 @@ MMLU_ROWS = [
 ]
 
 
+def test_a_subject_that_is_not_mmlu_s_gives_no_mmlu_header(tmp_path):
+    """ScienceQA's rows name a subject too, and a CSV of MMLU's columns may be named NAME_test.csv: the header
+    is mmlu_continuation's, for MMLU's own subjects only."""
+    science = {"question": "Which is a mammal?", "choices": ["whale", "shark"], "answer": 0, "subject": "biology"}
+    rows = read_choice_rows(write_jsonl(tmp_path / "scienceqa.jsonl", [science, {**science, "subject": "virology"}]))
+    assert [row.prompt for row in rows] == [
+        "Question: Which is a mammal?\nAnswer:",
+        "The following are questions (with answers) about virology.\n\nQuestion: Which is a mammal?\nAnswer:",
+    ]
+    csv = tmp_path / "support_test.csv"
+    csv.write_text('"Which queue takes billing tickets?",billing,network,storage,auth,A\n')
+    assert read_choice_rows(csv)[0].prompt == "Question: Which queue takes billing tickets?\nAnswer:"
+
+
 def test_mmlu_questions_start_with_the_harness_s_subject_header(tiny_model_dir, tmp_path):
     """A row or a CSV file that names MMLU's subject: the question starts with `mmlu_continuation`'s header
     ("The following are questions (with answers) about SUBJECT.\n\n", _ as spaces), zero-shot and before the

@@ -8,8 +8,8 @@ Each row is a question and its choices; each choice is scored by the log-probabi
 continuation of the question rendered as the harness renders it by default, as raw text (no chat template):
 "Question: QUESTION\\nAnswer:" (its ARC, PIQA and `mmlu_continuation` tasks, the last with MMLU's question
 stripped), HellaSwag's context as its task cleans it. An MMLU question whose row (`subject`, as the Hugging
-Face dataset's) or file name (SUBJECT_test.csv, _dev, _val, as MMLU ships them) names its subject starts with
-`mmlu_continuation`'s header, "The following are questions (with answers) about SUBJECT.\\n\\n" (the
+Face dataset's) or file name (SUBJECT_test.csv, _dev, _val, as MMLU ships them) names one of MMLU's 57 subjects
+starts with `mmlu_continuation`'s header, "The following are questions (with answers) about SUBJECT.\\n\\n" (the
 subject's _ as spaces), before any few-shot example. Few-shot examples are chosen as the harness's task for
 the layout chooses them: MMLU's (`mmlu_continuation`) are the first N of the examples' file on the question's
 subject, the others' drawn at random with a seeded generator (HellaSwag's and PIQA's N + 1, the first N kept).
@@ -67,6 +67,21 @@ ONE_MORE = frozenset({"hellaswag", "piqa"})
 MMLU_DESCRIPTION = "The following are questions (with answers) about {}.\n\n"
 # MMLU's CSV files are named for their subject and split: SUBJECT_test.csv, SUBJECT_dev.csv, SUBJECT_val.csv.
 MMLU_FILE_NAME = re.compile(r"(?P<subject>\w+?)_(?:test|dev|val)")
+# MMLU's 57 subjects, as its rows and files name them: the header is for these only (ScienceQA's rows name a
+# subject too, "natural science", and a file of MMLU's columns may be named NAME_test.csv).
+MMLU_SUBJECTS = frozenset(
+    """abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology college_chemistry
+    college_computer_science college_mathematics college_medicine college_physics computer_security
+    conceptual_physics econometrics electrical_engineering elementary_mathematics formal_logic global_facts
+    high_school_biology high_school_chemistry high_school_computer_science high_school_european_history
+    high_school_geography high_school_government_and_politics high_school_macroeconomics high_school_mathematics
+    high_school_microeconomics high_school_physics high_school_psychology high_school_statistics
+    high_school_us_history high_school_world_history human_aging human_sexuality international_law jurisprudence
+    logical_fallacies machine_learning management marketing medical_genetics miscellaneous moral_disputes
+    moral_scenarios nutrition philosophy prehistory professional_accounting professional_law professional_medicine
+    professional_psychology public_relations security_studies sociology us_foreign_policy virology
+    world_religions""".split()
+)
 # MMLU's CSV: the question, a column per choice, the answer's letter.
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 LAYOUTS = (
@@ -228,9 +243,9 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
         answer_field = "answerKey"
     else:
         question = text("question", row["question"])
-        if "subject" in row:  # MMLU's rows name their subject
-            subject = text("subject", row["subject"])
-        task = "mmlu" if layout == "mmlu_csv" or "subject" in row else layout
+        if "subject" in row and (named := text("subject", row["subject"])) in MMLU_SUBJECTS:  # MMLU's rows name theirs
+            subject = named
+        task = "mmlu" if layout == "mmlu_csv" or subject else layout
         # `mmlu_continuation` strips the question (its doc_to_text); the harness's other tasks keep it as given.
         context = f"Question: {question.strip() if task == 'mmlu' else question}\nAnswer:"
         choices_field, choices = "choices", row["choices"]
@@ -391,7 +406,7 @@ def _mmlu_row(row, file: str, line: int):
             field="answer",
         )
     named = MMLU_FILE_NAME.fullmatch(Path(file).name.split(".")[0])
-    subject = {"subject": named["subject"]} if named else {}
+    subject = {"subject": named["subject"]} if named and named["subject"] in MMLU_SUBJECTS else {}
     return {"question": cells[0], "choices": cells[1:5], "answer": LETTERS.index(letter), **subject}
 
 
