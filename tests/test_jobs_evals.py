@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -412,6 +413,11 @@ def test_a_run_renders_each_items_tools_and_returns_the_calls_as_a_chat_completi
     from tuneforge.serve.bodies import ChatCompletionBody
 
     folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
+    # A template that writes tools, and its calls in a form no parser reads (<function_call>): serve refuses its
+    # tools, so a run does too, rather than hand the graders calls left in the text.
+    unparsed = Path(shutil.copytree(folder, tmp_path / "unparsed"))
+    template = unparsed / "chat_template.jinja"
+    template.write_text(template.read_text().replace("tool_call>", "function_call>"))
     sampled, generate = [], generate_module.generate
 
     def calling(model, tokenizer, prompts, **options):
@@ -435,7 +441,8 @@ def test_a_run_renders_each_items_tools_and_returns_the_calls_as_a_chat_completi
         {"question": "Weather in Paris?", "answer": "get_weather", "tools": [WEATHER_TOOL]},
         {"question": "What time is it?", "answer": "get_time"},
     ]
-    with restarted(tmp_path / "home", workers=1, allowed_models=[str(folder), str(tiny_model_dir)]) as sdk:
+    models = [str(folder), str(tiny_model_dir), str(unparsed)]
+    with restarted(tmp_path / "home", workers=1, allowed_models=models) as sdk:
         evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[called])
         source = data_source(str(folder), inline(items), tools=[CLOCK_TOOL, WEATHER_TOOL])
         bad = data_source(str(folder), inline(items), tools=[{"type": "function", "function": {}}])
@@ -451,7 +458,12 @@ def test_a_run_renders_each_items_tools_and_returns_the_calls_as_a_chat_completi
         outputs = sdk.evals.runs.output_items.list(run.id, eval_id=evaluation.id, order="asc").data
         unwritten = {**source, "model": str(tiny_model_dir)}  # its ChatML template has no place for tools
         run = wait_run(sdk, evaluation.id, sdk.evals.runs.create(evaluation.id, data_source=unwritten).id)
-        assert run.status == "failed" and run.error.code == "tools_not_rendered"
+        assert run.status == "failed" and run.error.code == "unsupported_value"
+        assert "does not write tool definitions" in run.error.message
+        unparsed_run = sdk.evals.runs.create(evaluation.id, data_source={**source, "model": str(unparsed)})
+        run = wait_run(sdk, evaluation.id, unparsed_run.id)
+        assert run.status == "failed" and run.error.code == "unsupported_value"
+        assert "writes tool calls in a form that is not parsed" in run.error.message
     assert sampled == [[WEATHER_TOOL], [CLOCK_TOOL, WEATHER_TOOL]]
     tokenizer = load_tokenizer(str(folder))
     for output, tools, name in zip(outputs, sampled, ["get_weather", "get_time"]):

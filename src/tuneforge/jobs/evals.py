@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 from ..data.formats import tool_definitions
-from ..errors import ModelSourceError, TuneforgeError
+from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
 from ..web import APIError, Metadata, RequestBody, failure_id
@@ -434,9 +434,9 @@ class EvalRunner:
             return
 
     def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
-        from ..data.render import renderer_for
         from ..generate import encode_each, generate, load_for_inference
         from ..models import load_tokenizer, model_context_length, resolve
+        from ..tool_calls import tool_call_parser
 
         evaluation = self.store.get_eval(run.owner, run.eval_id)
         if evaluation is None:
@@ -458,13 +458,11 @@ class EvalRunner:
             **{k: v for k, v in (source.get("sampling_params") or {}).items() if v is not None},
         }
         tools = item_tools(sampling.get("tools"), items)
-        if any(tools) and not renderer_for(tokenizer).writes_tools:
-            raise RunFailure(
-                "tools_not_rendered",
-                f"The items offer tools, and the chat template of `{run.model}` does not write tool definitions: its "
-                "answers would be made without seeing them. Run this eval with a model whose chat template takes "
-                "tools (Qwen 2.5 and 3, Llama 3.1, Mistral, ...), or give the items no tools.",
-            )
+        if any(tools):  # the model's template must write the tools, and its calls be read, as serve requires
+            try:
+                tool_call_parser(tokenizer, f"`{run.model}`", "the items' tools or data_source.sampling_params.tools")
+            except ConfigError as err:
+                raise RunFailure(err.code, err.message) from None
         model = load_for_inference(model_source, "eval")
 
         def on_progress(_: int) -> None:
