@@ -1167,3 +1167,16 @@ def test_gguf_export_of_qwen_vl_is_refused_before_its_weights_load_naming_llama_
     assert "This model is qwen2_5_vl (qwen2vl in GGUF)" in str(refused.value) and "--format merged" in str(
         refused.value
     )
+
+
+def test_a_data_check_that_stops_at_an_image_row_counts_each_row_once(tmp_path, tiny_model_dir):
+    """A text-only model stops the check at the first image row: that row is read once and rejected, not counted
+    valid and again rejected."""
+    from tuneforge.data.check import check
+
+    text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    rows = write_rows(tmp_path / "train.jsonl", [text, image_row(RED, "It is red."), text])
+    report = check(str(rows), model=str(tiny_model_dir), progress=False)
+    counts = report["counts"]
+    assert counts["rejected_by_code"] == {"images_not_read": 1}
+    assert (counts["read"], counts["valid"], counts["rejected"]) == (3, 2, 1)

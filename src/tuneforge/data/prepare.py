@@ -560,12 +560,13 @@ class _Preparation:
             if drop_repeats and index and self._repeats_kept(path, line, key, signature, index):
                 continue
             if isinstance(result, list):
+                # Counted before a fatal problem stops the check: the row is read, and rejected, once.
+                self.counts["rejected_records"] += any(p.is_error for p in result)
                 for problem in result:
                     problem = replace(problem, file=str(path), line=line)
                     if problem.code in FATAL_CODES:
                         raise _Stop(problem)
                     self.problems.append(problem)
-                self.counts["rejected_records"] += any(p.is_error for p in result)
                 continue
             if isinstance(result, Example) and _rated(record):
                 result.desirable = record.label
