@@ -647,6 +647,18 @@ def test_a_key_left_without_a_value_is_refused_as_empty(tmp_path):
     ]
 
 
+def test_an_empty_list_item_is_refused_as_one_to_fill_or_delete(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train:\n    - a.jsonl\n    -\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    # An item takes a path or {path, weight}: it is named once, not again under the second type's name.
+    assert [line for line in e.value.message.splitlines() if "data.train.1" in line] == [
+        "  data.train.1 (line 4): is an empty list item (a '-' with nothing after it); give it a value or delete "
+        "the line."
+    ]
+
+
 def test_a_yaml_mistake_names_its_place_and_what_to_fix(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data:\n  train: a.jsonl\ntrain:\n  max_steps: 2\n\tbatch_size: 2\n")

@@ -1401,6 +1401,8 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
     shown: dict[str, str] = {}  # the value the key was given, said once after its complaints
     for e in err.errors():
         parts = key_path(e["loc"])
+        if e["type"] != "extra_forbidden" and e.get("input", ...) is None and parts and _names_model(parts[-1]):
+            parts = parts[:-1]  # a null tried as a union's model (data.train's TrainFile) is the key's own null
         loc = ".".join(parts)
         # A mistake in how keys go together is told at each of its keys (below the section that found it).
         keys = getattr(e.get("ctx", {}).get("error"), "keys", ())
@@ -1410,6 +1412,8 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
             what = f"unknown key.{_suggest(loc)}"
         elif e["type"] == "missing":
             what = "required, but not set."
+        elif e.get("input", ...) is None and e["type"] != "value_error" and parts and parts[-1].isdigit():
+            what = "is an empty list item (a '-' with nothing after it); give it a value or delete the line."
         elif e.get("input", ...) is None and e["type"] != "value_error":
             # `learning_rate:` with nothing after it (or a section whose keys are all commented out) is null.
             what = "has no value (YAML reads a key with nothing after it as null); give it one" + (
@@ -1423,6 +1427,13 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
     lines = [f"{source}: invalid config"]
     lines += [f"  {key}: {' or '.join(dict.fromkeys(c))}{shown.get(key, '')}" for key, c in said.items()]
     return "\n".join(lines)
+
+
+def _names_model(part: str) -> bool:
+    """Whether a pydantic error's location part is the name of a model of this module: the tag of a union's
+    member that is a model, as `data.train`'s items are a path or a `TrainFile`."""
+    named = globals().get(part)
+    return isinstance(named, type) and issubclass(named, BaseModel)
 
 
 def _required(parts: list[str]) -> bool:
