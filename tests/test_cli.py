@@ -68,3 +68,26 @@ def test_serve_api_and_the_ui_playground_keep_the_engines_prefix_cache_by_defaul
     assert run_cli(["api"], monkeypatch, capsys)[0] == 0
     assert given["serve"]["prefix_cache_mb"] == given["api"]["prefix_cache_mb"] == engine_default > 0
     assert InferenceModels().prefix_cache_mb == engine_default
+
+
+@pytest.mark.parametrize(
+    ("args", "written"),
+    [
+        (["train", "cfg.yaml", "--train.max_steps=3"], "train.max_steps=3"),
+        (["validate", "cfg.yaml", "--train.learning_rate", "1e-4"], "train.learning_rate=1e-4"),
+    ],
+)
+def test_an_override_written_as_an_option_says_how_overrides_are_written(args, written, monkeypatch, capsys):
+    """Axolotl takes `--train.max_steps=3`; tuneforge's overrides have no dashes, which click's own
+    'No such option' does not say."""
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    dashed = args[2].split("=")[0]
+    said = " ".join(err.split())
+    assert code == 2 and out == ""
+    assert said.startswith(f"error: {dashed}: no such option;") and f"write it {written}" in said
+    assert "Usage:" not in err
+
+
+def test_an_unknown_option_without_a_dot_keeps_clicks_message(monkeypatch, capsys):
+    code, _, err = run_cli(["train", "cfg.yaml", "--max-steps=3"], monkeypatch, capsys)
+    assert code == 2 and "No such option: --max-steps" in err

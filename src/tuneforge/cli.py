@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from .errors import EXIT_RUN_FAILED, LAUNCHER_SHOWS_ERRORS, TuneforgeError
+from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, LAUNCHER_SHOWS_ERRORS, TuneforgeError
 from .serve_defaults import MAX_BATCH, MAX_WAITING, PREFIX_CACHE_MB
 
 
@@ -827,6 +827,23 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
     return tuple(types)
 
 
+def _dashed_override(error: Exception, argv: list[str]) -> str | None:
+    """For an override written as an option (`--train.max_steps=3`, as Axolotl takes them), which click
+    refuses as no such option: how tuneforge writes it. None for any other usage error."""
+    name, ctx = getattr(error, "option_name", None) or "", getattr(error, "ctx", None)
+    key = name.lstrip("-")
+    takes_overrides = ctx is not None and any(p.name == "overrides" for p in ctx.command.params)
+    if type(error).__name__ != "NoSuchOption" or not takes_overrides or "." not in key:
+        return None
+    at = next((i for i, a in enumerate(argv) if a == name or a.startswith(f"{name}=")), None)
+    value = "VALUE"
+    if at is not None and "=" in argv[at]:
+        value = argv[at].split("=", 1)[1]
+    elif at is not None and at + 1 < len(argv) and not argv[at + 1].startswith("-"):
+        value = argv[at + 1]
+    return f"{name}: no such option; an override is KEY=VALUE without dashes, after the config: write it {key}={value}"
+
+
 _PATH_ERROR_ADVICE = {
     errno.EEXIST: "Something of that name is in the way (a file where a folder goes?): move it, or use another path.",
     errno.ENOTDIR: "A part of the path is a file, not a folder: choose another path.",
@@ -875,6 +892,9 @@ def main() -> None:
         leave(128 + signal.SIGTERM)
     except Exception as e:  # click usage errors
         if isinstance(e, _click_exceptions()):
+            if dashed := _dashed_override(e, sys.argv[1:]):
+                _show_error(dashed)
+                leave(EXIT_BAD_INPUT)
             e.show()
             sys.exit(2)
         raise
