@@ -717,3 +717,28 @@ def test_a_datasets_save_to_disk_folder_is_refused_by_key_saying_how_to_write_it
         f"read as data; write its rows to a JSON Lines file (datasets.load_from_disk('{saved}').to_json('FILE.jsonl')) "
         "and name that file."
     )
+
+
+def test_target_modules_as_a_string_of_names_with_commas_is_the_list_of_them(tmp_path):
+    """LLaMA-Factory writes `lora_target: q_proj,v_proj`; a module name holds no comma, so it is a list."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: x\nlora:\n  target_modules: q_proj, v_proj,o_proj\n")
+    assert load_config(path).lora.target_modules == ["q_proj", "v_proj", "o_proj"]
+    assert load_config(path, ["lora.target_modules=k_proj,v_proj"]).lora.target_modules == ["k_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("written", "said"),
+    [
+        ("q_proj", "a string here is all-linear alone; write the modules as a list: [q_proj]"),
+        ("q_proj,", "a string here is all-linear alone; write the modules as a list: [q_proj, v_proj]"),
+        ("all", "every linear layer is written all-linear here"),  # LLaMA-Factory's lora_target: all
+    ],
+)
+def test_target_modules_as_another_string_says_to_write_a_list(tmp_path, written, said):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  train: x\nlora:\n  target_modules: {written}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    [line] = [line for line in e.value.message.splitlines() if "lora.target_modules" in line]
+    assert line == f"  lora.target_modules (line 4): {said} (got {written!r})"

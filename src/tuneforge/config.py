@@ -95,6 +95,23 @@ class LoraConfig(Strict):
         "training, and every adapter the run writes is converted to one on the original base (rank 2r)",
     )
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names_with_commas(cls, value):
+        # LLaMA-Factory writes its lora_target as one string of names with commas (q_proj,v_proj). A module name
+        # is a Python attribute name, which holds no comma, so such a string is a list of names. Any other string
+        # is refused: PEFT would read it as a regular expression, which tuneforge does not take.
+        if not isinstance(value, str) or value == "all-linear":
+            return value
+        names = [name.strip() for name in value.split(",")]
+        plain = all(re.fullmatch(r"[A-Za-z_][\w.]*", name) for name in names)
+        if plain and len(names) > 1:
+            return names
+        if value == "all":
+            raise ValueError("every linear layer is written all-linear here")
+        listed = f"[{names[0]}]" if plain else "[q_proj, v_proj]"
+        raise ValueError(f"a string here is all-linear alone; write the modules as a list: {listed}")
+
     @field_validator("init")
     @classmethod
     def _known_init(cls, value: str) -> str:
