@@ -75,6 +75,29 @@ def test_a_lora_section_where_every_weight_trains_is_a_warning_at_its_lines(
     assert f"line {line}): set, but {trained} trains every weight and adds no adapter" in out
 
 
+@pytest.mark.parametrize(
+    ("method", "rate", "warned"),
+    [("lora", 5, "5, far above the rates adapter training uses (1e-5 to 1e-3"), ("lora", 1e-2, None)]
+    + [("full", 2e-3, "0.002, far above the rates full fine-tuning uses (1e-6 to 1e-4"), ("full", 1e-3, None)],
+)
+def test_a_learning_rate_far_above_fine_tunings_is_a_warning_at_its_line(
+    method, rate, warned, tiny_model_dir, triage_data, tmp_path, capsys
+):
+    """An Axolotl user's `learning_rate: 5` (or a full fine-tune at LoRA's rates) is let through, as tiny test
+    models train at high rates, but said."""
+    cfg = {**tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", learning_rate=rate), "method": method}
+    if method == "full":
+        del cfg["lora"]
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "learning_rate:" in text)
+    assert validate(path) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    if warned:
+        assert "warning: train.learning_rate (" in out and f"line {line}): {warned}" in out
+    else:
+        assert "learning_rate (" not in out
+
+
 def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_dir, triage_data, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=512)
     path = write_config(tmp_path / "cfg.yaml", cfg)

@@ -238,14 +238,33 @@ def to_rows(items, cfg: Config, share_prefixes: bool = False):
     return tfdata.pack(items, max([cfg.data.max_length, *map(len, items)]), share_prefixes=share_prefixes)
 
 
+# The rates fine-tuning uses, and the rate above which it is warned of (a loss that diverges, or pretrained
+# weights overwritten), for adapters and for every weight. Tiny test models train well above them: a warning,
+# not a refusal.
+USUAL_RATES = {True: ("adapter training", "1e-5 to 1e-3", 1e-2), False: ("full fine-tuning", "1e-6 to 1e-4", 1e-3)}
+
+
+def learning_rate_warning(cfg: Config) -> str | None:
+    """The warning for a train.learning_rate far above the rates its kind of training uses (Axolotl's
+    `learning_rate: 5`, or a full fine-tune at LoRA's rate), or None."""
+    what, usual, most = USUAL_RATES[cfg.trains_adapters]
+    rate = cfg.train.learning_rate
+    if rate <= most:
+        return None
+    return (
+        f"{cfg.key_at('train.learning_rate')}: {rate:g}, far above the rates {what} uses ({usual}); above "
+        f"{most:g} the loss usually diverges or the base model's knowledge is lost; set it in that range."
+    )
+
+
 def plan_warnings(cfg: Config, plan: StepPlan, n_valid: int) -> list[str]:
     """The warnings for settings the run's plan leaves without effect: train.eval_every with no validation
     examples to evaluate on, train.eval_every or save_every past its last step (it evaluates or saves at its
     end alone, with no checkpoint to resume from before it), and a train.batch_size beyond the rows of the
     data (every step trains on fewer rows than it says), and a lora section where every weight trains (no
     adapter reads it). Only a value other than the default counts as set: a run's saved config.yaml writes
-    every key."""
-    warnings, eval_every = [], cfg.train.eval_every
+    every key. And a train.learning_rate far above what fine-tuning uses (`learning_rate_warning`)."""
+    warnings, eval_every = [w for w in [learning_rate_warning(cfg)] if w], cfg.train.eval_every
     cadences = [("save_every", "saves a checkpoint")]
     if n_valid:
         cadences.append(("eval_every", "evaluates"))
