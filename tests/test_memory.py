@@ -408,7 +408,7 @@ def test_the_fsdp_plan_counts_what_each_process_gathers_whole_to_compute(
     model = load_model(resolve(str(tiny_model_dir)))
     layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
     root = sum(p.numel() for p in model.parameters()) - sum(layers)
-    n, trainable, linear, gathered, hf_config = parameter_counts(resolve(str(tiny_model_dir)), load_config(cfg))
+    n, trainable, linear, gathered, hf_config, _ = parameter_counts(resolve(str(tiny_model_dir)), load_config(cfg))
     assert gathered == root + 2 * max(layers)
     plan = SimpleNamespace(micro_batch_rows=1)
     whole = memory_plan((n, trainable, linear, 0), hf_config, load_config(cfg), plan, 64, "fp32")

@@ -98,6 +98,33 @@ def test_a_learning_rate_far_above_fine_tunings_is_a_warning_at_its_line(
         assert "learning_rate (" not in out
 
 
+@pytest.mark.parametrize(
+    ("architecture", "left"),
+    [("Qwen2MoeConfig", "mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate"), ("MixtralConfig", None)],
+)
+def test_all_linear_that_leaves_a_mixture_of_experts_models_routed_experts_is_a_warning_naming_them(
+    architecture, left, triage_data, tmp_path, capsys
+):
+    """PEFT adapts Mixtral's fused experts and router under all-linear, and Qwen2-MoE's not (its linear layers
+    alone: attention, the shared expert and its gate)."""
+    from tiny import save_tiny_model, tiny_moe
+
+    model = save_tiny_model(tmp_path / "model", build=tiny_moe, architecture=architecture, experts=4)
+    cfg = tiny_run_config(model, triage_data, tmp_path / "run")
+    cfg["lora"]["dropout"] = 0.0  # PEFT's adapters on fused experts take no dropout
+    assert validate(write_config(tmp_path / "cfg.yaml", cfg)) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    if left:
+        linears = "down_proj, gate_proj, k_proj, o_proj, q_proj, shared_expert_gate, up_proj, v_proj"  # Qwen2-MoE's
+        assert "warning: lora.target_modules (" in out  # at the lora section's line; the console wraps the path
+        assert (
+            "): all-linear adapts the linear layers of this mixture-of-experts model "
+            f"({linears}), but not {left}, which keep the base's weights" in out
+        )
+    else:
+        assert "warning: lora.target_modules" not in out and "mixture-of-experts" not in out
+
+
 def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_dir, triage_data, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=512)
     path = write_config(tmp_path / "cfg.yaml", cfg)

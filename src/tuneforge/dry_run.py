@@ -36,6 +36,7 @@ from .methods import (
     prepare_model,
 )
 from .methods.dpo import kto_balance_warning
+from .methods.lora import experts_warning
 from .methods.sft import LOGITS_AT_ONCE
 from .models import (
     context_length,
@@ -76,8 +77,9 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 0.
     return 2 * size**3 * n / (time.perf_counter() - start)
 
 
-def parameter_counts(source, cfg, token_ids=(), new_ids=()) -> tuple[int, int, int, int, object]:
-    """(all, trainable, in the decoder's linear layers, gathered whole under FSDP, hf config), counted
+def parameter_counts(source, cfg, token_ids=(), new_ids=()) -> tuple[int, int, int, int, object, str | None]:
+    """(all, trainable, in the decoder's linear layers, gathered whole under FSDP, hf config, the warning for
+    routed experts the adapter leaves, `experts_warning`), counted
     exactly by building the model and its method on the meta device: no memory, no weights, and DoRA
     magnitudes or modules_to_save count as they should. The decoder's linear weights are what
     `model.quantize` quantizes. FSDP (`training.distributed.shard`) gathers its root unit (everything
@@ -98,7 +100,7 @@ def parameter_counts(source, cfg, token_ids=(), new_ids=()) -> tuple[int, int, i
         gathered = total - sum(layers) + 2 * max(layers, default=0)
         prepared = prepare_model(model, cfg, token_ids, new_ids)
         trainable = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
-    return total, trainable, linear, gathered, config
+    return total, trainable, linear, gathered, config, experts_warning(cfg, prepared)
 
 
 def context_rows(cfg, source, hf_config) -> list[tuple[str, str]]:
@@ -291,7 +293,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     tokenizer = run_tokenizer(cfg, source)
     token_ids = added_token_ids(cfg, tokenizer)
     counts = parameter_counts(source, cfg, token_ids, new_token_ids(tokenizer))
-    n_params, n_trainable, n_linear, n_gathered, hf_config = counts
+    n_params, n_trainable, n_linear, n_gathered, hf_config, experts = counts
     # Refuses a combination that cannot work.
     spread = strategy(cfg, processes, saves_merged=adapter_on_merged_base(cfg, source))
     check_inputs(cfg, tokenizer, source)
@@ -345,7 +347,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
             "(continue it) or --overwrite (start over)."
         )
     run_warnings += plan_warnings(cfg, plan, len(valid_items))
-    run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report)] if w]
+    run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report), experts] if w]
     if needed > free:
         loads = sum(loading.values()) > sum(memory.values())
         remedies = (

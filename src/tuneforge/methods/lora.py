@@ -6,6 +6,7 @@ import re
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import ParamWrapper
 from torch import nn
 
 from ..errors import ConfigError, TuneforgeError
@@ -21,12 +22,48 @@ def text_decoder(model):
 def decoder_linears(model) -> list[str]:
     """The names of the linear layers inside the text decoder's layers (q_proj, ..., down_proj): what
     "all-linear" means there, spelt out because PEFT picks layers only from a list of names."""
+    # On a model PEFT has wrapped, a layer's own Linear is its base_layer, and its lora_A and lora_B are no layers
+    # of the model.
     return sorted(
         {
-            name.rsplit(".", 1)[-1]
+            name.replace(".base_layer", "").rsplit(".", 1)[-1]
             for name, module in text_decoder(model).named_modules()
-            if isinstance(module, nn.Linear) and ".layers." in f".{name}"
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}" and ".lora_" not in name
         }
+    )
+
+
+def unadapted_experts(model) -> list[str]:
+    """The routed experts' fused weights (a mixture-of-experts layer holds each of its projections for all its
+    experts in one 3-D parameter) and the routers' weights in the text decoder that no adapter of `model` reads,
+    named within a layer (mlp.experts.down_proj, mlp.gate). Under all-linear PEFT adapts them for the models it
+    maps from transformers 4's layout, where they were linear layers (Mixtral, Qwen3-MoE, ...); elsewhere
+    (Qwen2-MoE) it reaches the linear layers alone: attention, and a shared expert where there is one."""
+    adapted = {(id(m.get_base_layer()), m.parameter_name) for m in model.modules() if isinstance(m, ParamWrapper)}
+    left = set()
+    for name, module in text_decoder(model).named_modules():
+        # transformers 5's MixtralExperts, Qwen2MoeExperts, ... and TopKRouter: no Linear layers (a 3-D weight of
+        # another module, a convolution's, is no expert).
+        experts, router = "Experts" in type(module).__name__, type(module).__name__.endswith("Router")
+        for key, p in module.named_parameters(recurse=False):
+            if ((experts and p.ndim == 3) or (router and key == "weight")) and (id(module), key) not in adapted:
+                within = re.sub(r"^(.*\.)?layers\.\d+\.", "", name).replace(".base_layer", "")
+                left.add(f"{within}.{key}" if p.ndim == 3 else within)
+    return sorted(left)
+
+
+def experts_warning(cfg, model) -> str | None:
+    """The warning for an all-linear adapter that leaves a mixture-of-experts model's routed experts or router
+    as the base has them (`unadapted_experts`), or None."""
+    if not cfg.trains_adapters or cfg.lora.target_modules != "all-linear" or not (left := unadapted_experts(model)):
+        return None
+    return (
+        f"{cfg.key_at('lora.target_modules')}: all-linear adapts the linear layers of this mixture-of-experts "
+        f"model ({', '.join(decoder_linears(model))}), but not {', '.join(left)}, which keep the base's weights: "
+        "PEFT adapts fused expert weights under all-linear itself, and only for the models it maps from "
+        "transformers 4 (Mixtral, Qwen3-MoE)"
+        + (", and lora.from_layer spells all-linear out as the layers' names" if cfg.lora.from_layer else "")
+        + "; to train the experts, use method: full."
     )
 
 

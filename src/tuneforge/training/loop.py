@@ -52,6 +52,7 @@ from ..methods import (
     trainable_parameters,
 )
 from ..methods.dpo import kto_balance_warning
+from ..methods.lora import experts_warning
 from ..models import ModelSource, causal_lm, resolve, resolve_precision, run_tokenizer
 from ..models.attention import own_attention, per_example_attention, supports_per_example_attention
 from ..models.loading import image_inputs
@@ -648,7 +649,10 @@ def setup(
     if cfg.data.packing and images_shown:
         log(f"data: {cfg.key_at('data.packing')} is on, but rows with images are not packed: each example is a row")
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
-    for warning in plan_warnings(cfg, plan, len(valid_items)) + [kto_balance_warning(cfg, prepared.report)]:
+    for warning in plan_warnings(cfg, plan, len(valid_items)) + [
+        kto_balance_warning(cfg, prepared.report),
+        experts_warning(cfg, model),
+    ]:
         if warning:
             log(f"warning: {warning}")
     if resume_from is not None:
