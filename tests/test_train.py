@@ -779,6 +779,19 @@ def test_lora_modules_the_model_lacks_are_refused_before_the_data_is_read(tiny_m
     assert not (tmp_path / "run").exists()  # no data report: the data was never read
 
 
+def test_lora_dropout_on_a_mixture_of_experts_models_fused_experts_is_refused_naming_it(triage_data, tmp_path):
+    """Under all-linear PEFT adapts Mixtral's fused expert weights, with adapters that take no dropout."""
+    from tiny import save_tiny_model, tiny_moe
+
+    from tuneforge.errors import ConfigError
+
+    model = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
+    cfg = tiny_run_config(model, triage_data, tmp_path / "run", max_steps=1)  # lora.dropout: 0.1
+    with pytest.raises(ConfigError, match=r"^lora\.dropout: 0\.1, but PEFT's adapters on this mixture-of-experts "):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the data is read
+
+
 def test_loraplus_moves_the_b_matrices_ratio_times_as_far(tiny_model_dir, triage_data, tmp_path):
     """One step from the same start: LoRA's B matrices start at zero, so A gets no gradient yet and
     Adam moves each B entry by the learning rate; with LoRA+ B's learning rate is ratio times larger."""

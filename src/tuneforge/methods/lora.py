@@ -229,6 +229,13 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
         try:
             model = get_peft_model(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
+            if "ParamWrapper does not work with lora_dropout" in str(e):
+                raise ConfigError(
+                    f"{cfg.key_at('lora.dropout')}: {cfg.lora.dropout:g}, but PEFT's adapters on this "
+                    "mixture-of-experts model's fused expert weights (and router), which all-linear adapts, take no "
+                    "dropout; set lora.dropout to 0, or list target_modules without them (such as "
+                    "[q_proj, k_proj, v_proj, o_proj])."
+                ) from None
             raise ConfigError(
                 f"lora.target_modules does not fit this model: {e} The model's linear layers "
                 f"are {', '.join(decoder_linears(model))}: give target_modules a list of those, or all-linear."
