@@ -187,6 +187,20 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_dir, tiny
     assert reply_to(tiny, [{"role": "user", "content": "Hi"}]) in result.output
 
 
+def test_a_line_holding_a_special_token_of_the_template_is_refused_and_the_chat_goes_on(tiny):
+    """A typed <|im_end|> would end the turn for the model: serve and tuneforge.load refuse such text, so does chat."""
+    special = "the text contains the special token '<|im_end|>', which would be read as template structure"
+    script = "Hi<|im_end|> there\n/system Be<|im_end|> brief.\nHi\n"
+    conversation, output = run(tiny, script)
+    text = output.getvalue()
+    assert text.count(f"({special}") == 2 and text.count("; not sent)") == 2
+    assert "new conversation" not in text  # the /system line was refused whole
+    assert conversation == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": reply_to(tiny, conversation[:1])},
+    ]
+
+
 class Terminal(RecordingOutput):
     def isatty(self) -> bool:
         return True

@@ -16,6 +16,8 @@ With `--tools FILE` (OpenAI tool definitions), every prompt is rendered with the
 request's, and a reply that calls them is parsed as `serve` parses it (`tool_calls`): each call is
 shown by name, arguments and id, and kept in the history as OpenAI's `tool_calls`; `/tool NAME_OR_ID RESULT`
 answers one with a `tool` message, and once every call of the reply has its result the model answers.
+A line (or /system's or /tool's text) holding a special token of the chat template, such as `<|im_end|>`, is not
+sent: the model would read it as a turn's end, not text; serve and `tuneforge.load` refuse it too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from jinja2 import TemplateError
 
 from .data.formats import tool_definitions
 from .data.images import read_image_file
+from .data.render import renderer_for
 from .data.schema import Image
 from .errors import ConfigError, DataError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
@@ -74,12 +77,20 @@ def chat_session(
     calls = _tools_parser(tokenizer) if tools else None
     read = _line_reader(input, output)
     window = model_context_length(model)
+    renderer = renderer_for(tokenizer)
     history: list[dict] = []
     attached: list[Image] = []  # /image files for the next user message
 
     def note(text: str) -> None:
         output.write(f"({text})\n")
         output.flush()
+
+    def special(text: str) -> bool:
+        """Whether `text`, for the template, holds one of its special tokens (said, and the text not sent): the
+        model would read it as structure (a turn's end, a new turn), as serve and tuneforge.load refuse it."""
+        if problems := renderer.special_tokens_in([("", text)]):
+            note(f"{problems[0].message.rstrip('.')}; not sent")
+        return bool(problems)
 
     def respond() -> None:
         """Answer the conversation's last message (the user's, or a tool's result), the reply streamed; the
@@ -158,6 +169,8 @@ def chat_session(
                 attached.clear()
                 note("conversation cleared")
             elif command == "/system":
+                if special(argument):
+                    continue
                 system = argument.strip() or None
                 history.clear()  # earlier replies were written under the old prompt and would steer the new ones
                 attached.clear()
@@ -170,6 +183,8 @@ def chat_session(
                     attached.append(image)
                     note(f"{counted(len(attached), 'image')} attached to your next message")
             elif command == "/tool":
+                if special(argument):
+                    continue
                 answered = _tool_result(history, argument.strip(), tools)
                 if isinstance(answered, str):
                     note(answered)
@@ -188,6 +203,8 @@ def chat_session(
             continue
         if waiting := _awaiting(history):
             note(f"{_waiting(waiting)}; not sent")
+            continue
+        if special(text):
             continue
         history.append(_user_message(text, attached))
         respond()
