@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..data import Problem
@@ -45,6 +46,7 @@ from ..data.readers import open_rows
 from ..errors import DataError, TuneforgeError
 from ..fsio import atomic_file, writing
 from ..graders.base import rollout_samples
+from ..reasoning import assistant_message
 from ..wording import counted
 
 
@@ -292,10 +294,7 @@ def reply_message(text: str, calls, answer: str) -> dict:
     them as content (None when there is none), as `tuneforge serve` replies, not as the teacher's call syntax.
     The calls' ids derive from `answer`, which answer it is (its prompt's place, and of best-of-N's the
     sample's), so a rerun or a resumed call writes the same bytes."""
-    parsed = calls.parse(text, answer) if calls is not None else None
-    if parsed is None:
-        return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
+    return assistant_message(text, None, partial(calls.parse, ids_from=answer) if calls is not None else None)
 
 
 def kept_row(record: dict, place: int, keep: str, pass_threshold: float | None, calls=None) -> dict | None:
