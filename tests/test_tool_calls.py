@@ -90,6 +90,17 @@ def test_a_stream_holds_back_the_text_from_where_a_call_may_start(parser, text, 
     assert parser.held_from(text) == held
 
 
+def test_a_held_stream_sends_the_text_before_a_call_and_the_rest_once_the_reply_is_whole():
+    from tuneforge.tool_calls import HeldStream
+
+    stream = HeldStream(HERMES)
+    sent = [stream.feed(piece) for piece in ["Let me ", "look. <tool", '_call>\n{"name": "a", "arguments": {}}']]
+    assert sent == ["Let me ", "look. ", ""] and stream.finish(called=True) == ""
+    plain = HeldStream(HERMES)
+    assert plain.feed("a <tool") == "a " and plain.finish(called=False) == "<tool"
+    assert plain.finish(called=False) == ""  # sent once
+
+
 def test_a_llama3_call_after_some_text_is_decoded_with_its_python_tag_and_parsed(tmp_path):
     # Decoding drops special tokens; without <|python_tag|> the text before the call makes the reply plain text.
     from families import save_family_model

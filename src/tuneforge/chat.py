@@ -42,7 +42,7 @@ from .models.loading import image_inputs
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
 from .reasoning import CONTENT, REASONING, ReasoningSplitter, assistant_message, reasoning_opened
-from .tool_calls import ToolCallParser, tool_call_parser
+from .tool_calls import HeldStream, ToolCallParser, tool_call_parser
 from .wording import counted
 
 PROMPT = ">>> "
@@ -315,9 +315,8 @@ class _ReplyWriter:
 
     def __init__(self, output: TextIO, opened: bool | None, calls: ToolCallParser | None = None):
         self.output = output
-        # A reply parsed for tool calls: its answer so far and how much of it is written; the text from where a
-        # call may start waits for the rest, as serve streams it.
-        self.calls, self.answer, self.sent = calls, "", 0
+        # A reply parsed for tool calls: the text from where a call may start waits for the rest, as serve streams it.
+        self.held = HeldStream(calls) if calls is not None else None
         self.splitter = ReasoningSplitter(opened) if opened is not None else None
         self.terminal = output.isatty()
         self.field: str | None = None  # the part being written
@@ -332,11 +331,8 @@ class _ReplyWriter:
         before them."""
         for field, text in self.splitter.finish() if self.splitter else []:
             self._held(field, text)
-        held = self.calls.held_from(self.answer) if called else None
-        upto = len(self.answer) if held is None else held
-        if upto > self.sent:
-            self._write(CONTENT, self.answer[self.sent : upto].rstrip() if called else self.answer[self.sent : upto])
-            self.sent = upto
+        if self.held is not None and (text := self.held.finish(called)):
+            self._write(CONTENT, text.rstrip() if called else text)
         self.close()
 
     def close(self) -> None:
@@ -347,15 +343,10 @@ class _ReplyWriter:
 
     def _held(self, field: str, text: str) -> None:
         """Write `text`, of the reply's `field`; an answer parsed for tool calls up to where a call may start."""
-        if self.calls is None or field == REASONING:
+        if self.held is None or field == REASONING:
             self._write(field, text)
-            return
-        self.answer += text
-        held = self.calls.held_from(self.answer)
-        upto = len(self.answer) if held is None else held
-        if upto > self.sent:
-            self._write(field, self.answer[self.sent : upto])
-            self.sent = upto
+        elif text := self.held.feed(text):
+            self._write(field, text)
 
     def _write(self, field: str, text: str) -> None:
         if field != self.field:

@@ -11,7 +11,8 @@ A model tuned on tool calls writes them in the form its chat template renders th
 
 The parser is picked by what the template writes (`parser_for`), as vLLM's `--tool-call-parser` names
 them. Text that does not parse as calls stays the reply's content. `held_from` tells a stream where a
-call may be starting, so that the text from there on is held back until the reply is whole.
+call may be starting, so that the text from there on is held back until the reply is whole; `HeldStream` streams
+an answer so (serve's streamed replies, `chat --tools`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,32 @@ class ToolCallParser:
         if self.name == "mistral":  # Mistral's template refuses any id but 9 letters and digits in the history
             return "".join(_ALPHANUMERIC[byte % len(_ALPHANUMERIC)] for byte in drawn[:9])
         return f"call_{drawn[:12].hex()}"
+
+
+class HeldStream:
+    """The text of a streamed answer parsed for tool calls, sent up to where a call may be starting: `feed` takes
+    each piece and gives the text to send now, `finish` the rest once the reply is whole."""
+
+    def __init__(self, parser: ToolCallParser):
+        self.parser = parser
+        self.text = ""  # the answer so far
+        self._sent = 0  # how much of it was given to send
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        held = self.parser.held_from(self.text)
+        return self._send(len(self.text) if held is None else held)
+
+    def finish(self, called: bool) -> str:
+        """The text not yet sent: where the reply makes calls (`called`, as the caller parsed it), the text before
+        them, else all of it."""
+        return self._send(self.parser.held_from(self.text) if called else len(self.text))
+
+    def _send(self, upto: int) -> str:
+        if upto <= self._sent:
+            return ""
+        text, self._sent = self.text[self._sent : upto], upto
+        return text
 
 
 def tool_call_parser(

@@ -38,7 +38,7 @@ from ..errors import ConfigError, TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
 from ..models.loading import image_inputs
-from ..tool_calls import ParsedReply, ToolCallParser, tool_call_parser
+from ..tool_calls import HeldStream, ParsedReply, ToolCallParser, tool_call_parser
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
 from .bodies import (
@@ -1074,7 +1074,7 @@ async def _choice_events(reply: _Reply, generation: Generation | Generations, in
         yield reply.chunk(opening=True, index=index)
     # A reasoning model's reasoning streams as it comes; its answer (or any other reply) is parsed for tool
     # calls, its text streamed up to where a call may be starting.
-    content, sent = "", 0  # a reply parsed for tool calls: its answer so far, and how much of it went out
+    held = HeldStream(reply.tools) if reply.tools is not None else None
     # Each text chunk carries the log probabilities (where asked) of the tokens that came since the last one; the
     # last chunk the rest, so the chunks' join those of the whole answer.
     fresh = _Unsent(generation.logprobs[index])
@@ -1087,21 +1087,16 @@ async def _choice_events(reply: _Reply, generation: Generation | Generations, in
         yield reply.chunk(reply.echoed(index), index=index, prompt=generation.prompt_logprobs[index])
         pieces = _after(first, pieces)
     async for part, text in reasoning.deltas(pieces, reply.reasoning):
-        if reply.tools is None or part != reasoning.CONTENT:
+        if held is None or part != reasoning.CONTENT:
             yield reply.chunk(text, field=part, index=index, logprobs=fresh())
-            continue
-        content += text
-        held = reply.tools.held_from(content)  # from where a call may be starting, the text waits for the rest
-        if (upto := len(content) if held is None else held) > sent:
-            yield reply.chunk(content[sent:upto], index=index, logprobs=fresh())
-            sent = upto
+        elif text := held.feed(text):
+            yield reply.chunk(text, index=index, logprobs=fresh())
     completion = generation.completions[index]
     finish_reason = completion.finish_reason
-    if reply.tools is not None:
-        parsed = reply.parsed(content)
-        upto = reply.tools.held_from(content) if parsed is not None else len(content)
-        if upto > sent:
-            yield reply.chunk(content[sent:upto], index=index, logprobs=fresh())
+    if held is not None:
+        parsed = reply.parsed(held.text)
+        if text := held.finish(called=parsed is not None):
+            yield reply.chunk(text, index=index, logprobs=fresh())
         if parsed is not None:
             yield reply.tool_calls_chunk(parsed.tool_calls, index)
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
