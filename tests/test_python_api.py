@@ -14,7 +14,8 @@ from families import WEATHER_TOOL
 
 import tuneforge
 from tuneforge.cli import main
-from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.data.check import check_command
+from tuneforge.errors import ConfigError, DataError, TuneforgeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +70,7 @@ def test_check_data_returns_the_report_data_check_json_prints(tiny_model_dir, tm
     assert tuneforge.check_data(config, "data.max_length=8", progress=False)["tokens"]["max_length"] == 8
 
 
-def test_check_data_raises_what_data_check_refuses(tiny_model_dir, tmp_path):
+def test_check_data_raises_what_data_check_refuses(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "rows.jsonl", [chat("What is two plus two?", "Four.")])
     with pytest.raises(ConfigError, match="^--max-length: Input should be greater than or equal to 8$"):
         tuneforge.check_data(data, model=str(tiny_model_dir), max_length=2)
@@ -77,6 +78,16 @@ def test_check_data_raises_what_data_check_refuses(tiny_model_dir, tmp_path):
         tuneforge.check_data({"base_model": str(tiny_model_dir), "data": {"train": str(data)}}, max_length=64)
     with pytest.raises(ConfigError, match="so max_length does not apply"):  # a shipped recipe is a config too
         tuneforge.check_data("quickstart", max_length=64)
+    # A file that is not there has no rows to report: raised, as data check says it and exits 2, with no report.
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(DataError, match=f"1 data file cannot be checked:\n{missing}: \\[file_not_found\\]") as caught:
+        tuneforge.check_data([data, missing], model=str(tiny_model_dir), max_length=64, progress=False)
+    assert caught.value.code == "file_not_found" and "does not exist. Check the path." in caught.value.message
+    with pytest.raises(ConfigError, match=f"data.train: {missing} does not exist"):
+        tuneforge.check_data({"base_model": str(tiny_model_dir), "data": {"train": str(missing)}}, progress=False)
+    assert check_command([str(missing)], model=str(tiny_model_dir), json_out=True) == 2
+    out, err = capsys.readouterr()
+    assert "does not exist. Check the path." in err and not out
 
 
 @pytest.fixture(scope="module")

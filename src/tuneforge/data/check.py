@@ -18,11 +18,12 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import DEFAULT_MODEL, DataConfig
-from ..errors import EXIT_BAD_INPUT, ConfigError, TuneforgeError, complaint, key_path, refuse_options
+from ..errors import EXIT_BAD_INPUT, ConfigError, DataError, TuneforgeError, complaint, key_path, refuse_options
 from ..wording import counted
 from .dedup import content_hash
 from .formats import read_conversations
 from .prepare import check_data, cut_to_length, describe_files, split_documents
+from .readers import not_a_file
 from .render import render_examples, render_preference
 from .schema import IGNORE_INDEX, Document, Example, Preference, Problem
 
@@ -84,8 +85,8 @@ def check(
     list of them), checked with `model`'s tokenizer and chat template (default: the bundled model) and the
     options `tuneforge data check` takes; or a training config (a YAML file's path, a shipped recipe's name, a
     dict or a Config, with `overrides`), whose `data:` section is checked with its model's tokenizer as training
-    renders it. A row's problem is in the report; an option or file that cannot be checked at all raises a
-    `TuneforgeError`."""
+    renders it. A row's problem is in the report; an option or file that cannot be checked at all (a data file
+    that is not there) raises a `TuneforgeError`."""
     given = {"model": model, "format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
     if not _is_config(config_or_data):
         refuse_options("data files have no config to override", {"overrides": bool(overrides)}, " (or pass a config)")
@@ -102,6 +103,7 @@ def check(
         " (the config sets them, or overrides such as data.max_length=512)",
     )
     cfg = load_config(config_or_data, overrides)
+    cfg.check_data_files()
     data, _ = check_data(cfg.data, run_tokenizer(cfg, cfg.base_model), progress=progress, keep_examples=False)
     return data.report
 
@@ -139,6 +141,8 @@ def _files_report(files, model, format, max_length, train_on, truncation, *, pro
             option = "files" if option.startswith("--train") else option
             complaints.append(f"{option}: {complaint(error)}")
         raise ConfigError("\n".join(complaints), code="bad_option") from None
+    if missing := [problem for f in files if (problem := not_a_file(f)) is not None]:
+        raise DataError.listing(f"{counted(len(missing), 'data file')} cannot be checked", missing)
     tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
     _check_max_length(model or DEFAULT_MODEL, max_length)
     data, _ = check_data(cfg, tokenizer, progress=progress, keep_examples=False)  # the report is all it shows

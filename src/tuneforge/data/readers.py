@@ -78,21 +78,8 @@ def open_rows(path: str | Path, *, header: bool = True) -> Rows:
     without a `header` line (MMLU's) has its first line read as a row, its columns named by position, 0 on."""
     path = str(path)
     p = Path(path)
-    if not p.is_file():
-        # Patterns are not read for their files: a run's data is the files it names (data.train names a
-        # folder's files for it: `config.folder_files`).
-        by_name = "Give the data files by name, one by one (data.train takes a list of them)."
-        if p.is_dir():
-            what = (
-                "is an empty folder."
-                if not any(p.iterdir())
-                else "is a folder, not a file; data.train alone reads a folder's files (a document each)."
-            ) + f" {by_name}"
-        elif any(c in p.name for c in "*?["):
-            what = f"does not exist: a pattern is not expanded. {by_name}"
-        else:
-            what = "does not exist. Check the path."
-        return _failed(path, "file_not_found", f"{path} {what}")
+    if (missing := not_a_file(path)) is not None:
+        return _failed(path, missing.code, missing.message)
     suffix = _suffix(path)
     if suffix in PARQUET_SUFFIXES:
         return _parquet_rows(path)
@@ -182,6 +169,27 @@ def _is_gzip(path: str) -> bool:
 def _open_binary(path: str):
     """A text data file's bytes, decompressed if it is gzip-compressed."""
     return gzip.open(path, "rb") if _compressed(path) else open(path, "rb")
+
+
+def not_a_file(path: str) -> Problem | None:
+    """The problem of a data file's path that names no file (nothing, a folder, a pattern); None for a file."""
+    p = Path(path)
+    if p.is_file():
+        return None
+    # Patterns are not read for their files: a run's data is the files it names (data.train names a
+    # folder's files for it: `config.folder_files`).
+    by_name = "Give the data files by name, one by one (data.train takes a list of them)."
+    if p.is_dir():
+        what = (
+            "is an empty folder."
+            if not any(p.iterdir())
+            else "is a folder, not a file; data.train alone reads a folder's files (a document each)."
+        ) + f" {by_name}"
+    elif any(c in p.name for c in "*?["):
+        what = f"does not exist: a pattern is not expanded. {by_name}"
+    else:
+        what = "does not exist. Check the path."
+    return Problem("file_not_found", f"{path} {what}", file=path)
 
 
 def _failed(path: str, code: str, message: str, line: int | None = None) -> Rows:
