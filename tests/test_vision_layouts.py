@@ -252,6 +252,18 @@ def test_rows_whose_images_do_not_fit_are_refused_by_line_and_field(tmp_path, pi
     assert says in problems[0].message
 
 
+def test_a_missing_image_of_a_data_file_given_by_a_relative_path_names_the_folder_it_was_looked_for_in(
+    tmp_path, monkeypatch
+):
+    row = {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Red."}]}
+    write_rows(tmp_path / "rows.jsonl", [row | {"images": ["green.png"]}])
+    monkeypatch.chdir(tmp_path)
+    [problem] = [p for _, p in read_conversations("rows.jsonl") if hasattr(p, "code")]
+    assert f"green.png does not exist (an image's path is read from the data file's folder, {tmp_path})" in (
+        problem.message
+    )
+
+
 def test_a_text_only_model_refuses_rows_with_an_images_field_naming_the_first(tmp_path, pictures):
     model = save_family_model(FAMILIES["gemma3"], tmp_path / "text-model")
     rows = [

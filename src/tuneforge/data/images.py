@@ -78,7 +78,7 @@ def column_image(value: object, folder: Path) -> Image | str:
     if path is not None:
         if not path.exists():
             return (
-                f"{path} does not exist (an image's path is read from the data file's folder, {folder}); "
+                f"{path} does not exist (an image's path is read from the data file's folder, {folder.absolute()}); "
                 "fix the path or add the file."
             )
         return read_image_file(path)
