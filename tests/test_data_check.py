@@ -225,3 +225,25 @@ def test_a_max_length_past_the_models_context_is_refused_as_training_refuses_it(
     out, err = capsys.readouterr()
     assert "--max-length 4096 is more than the 2048 positions" in err and not out
     assert check_command([str(good_file)], model=str(tiny_model_dir), max_length=2048) == 0
+
+
+def test_a_row_that_stops_the_check_is_counted_once(tmp_path, capsys, models):
+    """The first image row for a text-only model (or a conversation under --truncation split) stops the check: it
+    is one row read and rejected, as each row after it that was read with a problem."""
+    from families import png_data_url
+
+    shown = {"type": "image_url", "image_url": {"url": png_data_url((255, 0, 0))}}
+    rows = [
+        {"messages": [{"role": "user", "content": [shown]}, {"role": "assistant", "content": "Red."}]},
+        {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Red."}]}
+        | {"images": ["green.png"]},
+    ]
+    for path, truncation, codes in (
+        (write_jsonl(tmp_path / "images.jsonl", rows), "truncate", {"images_not_read": 1, "bad_image": 1}),
+        (write_jsonl(tmp_path / "chat.jsonl", [chat("Hi", "Hello.")]), "split", {"split_not_text": 1}),
+    ):
+        assert check_command([str(path)], json_out=True, truncation=truncation) == 2
+        counts = json.loads(capsys.readouterr().out)["counts"]
+        read = len(rows) if truncation == "truncate" else 1
+        assert (counts["read"], counts["valid"], counts["rejected"]) == (read, 0, read)
+        assert counts["rejected_by_code"] == codes

@@ -423,6 +423,7 @@ class _Preparation:
                         self.counts["rejected_records"] += 1
                         continue
                     if self.cfg.truncation == "split" and not isinstance(item, Document):
+                        self.counts["rejected_records"] += 1  # the row it stops at is read, and rejected
                         raise _Stop(self._not_text(path, line))
                     if self.cfg.pii != "off":
                         item = self.pii.screen(item, str(path), line, self.files[-1]["format"])
@@ -565,6 +566,7 @@ class _Preparation:
                 for problem in result:
                     problem = replace(problem, file=str(path), line=line)
                     if problem.code in FATAL_CODES:
+                        self.counts["rejected_records"] += 1  # the row it stops at is read, and rejected
                         raise _Stop(problem)
                     self.problems.append(problem)
                 continue
