@@ -566,7 +566,6 @@ class _Preparation:
                 for problem in result:
                     problem = replace(problem, file=str(path), line=line)
                     if problem.code in FATAL_CODES:
-                        self.counts["rejected_records"] += 1  # the row it stops at is read, and rejected
                         raise _Stop(problem)
                     self.problems.append(problem)
                 continue
