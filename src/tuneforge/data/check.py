@@ -45,7 +45,8 @@ def check_command(
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
     console = Console(highlight=False, soft_wrap=True)
     try:
-        report, tokenizer = _files_report(files, model, format, max_length, train_on, truncation, progress=True)
+        options = {"format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
+        report, tokenizer = _files_report(files, model, options, progress=True)
     except TuneforgeError as e:  # a refused option: each complaint on a line of its own
         errors_console = Console(highlight=False, soft_wrap=True, stderr=True)
         for line in e.message.splitlines():
@@ -91,9 +92,8 @@ def check(
     if not _is_config(config_or_data):
         refuse_options("data files have no config to override", {"overrides": bool(overrides)}, " (or pass a config)")
         files = [config_or_data] if isinstance(config_or_data, (str, Path)) else list(config_or_data)
-        defaults = {"format": "auto", "max_length": 1024, "train_on": "assistant", "truncation": "truncate"}
-        options = {name: defaults[name] if value is None else value for name, value in given.items() if name != "model"}
-        return _files_report([str(f) for f in files], model, **options, progress=progress)[0]
+        options = {name: value for name, value in given.items() if name != "model" and value is not None}
+        return _files_report([str(f) for f in files], model, options, progress=progress)[0]
     from ..config import load_config
     from ..models.loading import run_tokenizer
 
@@ -119,19 +119,11 @@ def _is_config(value) -> bool:
     )
 
 
-def _files_report(files, model, format, max_length, train_on, truncation, *, progress) -> tuple[dict, object]:
-    """`check`'s report of data files, and the tokenizer it rendered them with."""
+def _files_report(files, model, options: dict, *, progress) -> tuple[dict, object]:
+    """`check`'s report of data files read with `options` (format, max_length, train_on, truncation; one left out
+    takes data:'s default), and the tokenizer it rendered them with."""
     try:
-        cfg = DataConfig(
-            train=list(files),
-            validation=None,
-            format=format,
-            max_length=max_length,
-            train_on=train_on,
-            truncation=truncation,
-            dedup="exact",
-            on_error="skip",
-        )
+        cfg = DataConfig(train=list(files), validation=None, dedup="exact", on_error="skip", **options)
     except ValidationError as e:  # the config rejected an option: each complaint, named by its option
         complaints = []
         for error in e.errors():
@@ -144,7 +136,7 @@ def _files_report(files, model, format, max_length, train_on, truncation, *, pro
     if missing := [problem for f in files if (problem := not_a_file(f)) is not None]:
         raise DataError.listing(f"{counted(len(missing), 'data file')} cannot be checked", missing)
     tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
-    _check_max_length(model or DEFAULT_MODEL, max_length)
+    _check_max_length(model or DEFAULT_MODEL, cfg.max_length)
     data, _ = check_data(cfg, tokenizer, progress=progress, keep_examples=False)  # the report is all it shows
     return data.report, tokenizer
 
