@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from . import reasoning
 from .chat import checked_tools
-from .data.images import read_image
+from .data.images import read_shown_image
 from .data.render import renderer_for
 from .errors import ConfigError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
@@ -155,16 +155,10 @@ class LLM:
                         "give the content as text, or load a model that reads images.",
                         code="invalid_value",
                     )
-                image = read_image(part.image_url.url)
+                image = read_shown_image(part.image_url.url, side)
                 if isinstance(image, str):
                     raise ConfigError(f"{at}.image_url.url: {image}", code="invalid_value")
-                if refused := side.refusal(image.data):
-                    raise ConfigError(
-                        f"{at}.image_url.url: the model's image processor does not take this image ({refused}); "
-                        "crop or pad it.",
-                        code="invalid_value",
-                    )
-                files.append(image.data)
+                files.append(image)
             shown.append(message.as_template_message())
         return shown, tuple(files)
 

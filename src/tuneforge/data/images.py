@@ -50,6 +50,18 @@ def read_image(url: object) -> Image | str:
     return Image(data, url) if kind in FORMATS else kind
 
 
+def read_shown_image(url: object, side) -> bytes | str:
+    """The bytes of the image a request's (or `tuneforge.load`'s) image part shows, for the model whose image side
+    (`models.images.ImageInputs`) is `side`; or what is wrong with it: the URL (`read_image`), or an image the
+    model's processor does not take."""
+    image = read_image(url)
+    if isinstance(image, str):
+        return image
+    if refused := side.refusal(image.data):
+        return f"the model's image processor does not take this image ({refused}); crop or pad it."
+    return image.data
+
+
 def read_image_file(path: str | Path) -> Image | str:
     """The image in a local file (`tuneforge chat`'s /image), checked as a row's image is, or what is wrong
     with it; its URL is the data URL a row or a request would hold it as."""

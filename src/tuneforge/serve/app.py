@@ -32,7 +32,7 @@ from jinja2 import TemplateError
 
 from .. import reasoning
 from ..constrain import ConstraintError, json_index
-from ..data.images import read_image
+from ..data.images import read_shown_image
 from ..data.render import renderer_for
 from ..errors import ConfigError, TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
@@ -624,17 +624,10 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
         )
     files = []
     for sent in images:
-        image = read_image(sent.url)
+        image = read_shown_image(sent.url, side)
         if isinstance(image, str):
             raise APIError(400, f"{sent.url_param}: {image}", param=sent.url_param, code="invalid_value")
-        if refused := side.refusal(image.data):
-            raise APIError(
-                400,
-                f"{sent.url_param}: the model's image processor does not take this image ({refused}); crop or pad it.",
-                param=sent.url_param,
-                code="invalid_value",
-            )
-        files.append(image.data)
+        files.append(image)
     return tuple(files)
 
 
