@@ -221,11 +221,11 @@ def shard(objective: torch.nn.Module, model: torch.nn.Module, world: World, *, b
 
 
 def skips_vision(model: torch.nn.Module, cfg, train_items) -> bool:
-    """Whether the run trains a vision tower that some micro-batches leave out: a full fine-tune (a full GRPO policy
-    too, which runs under DDP alone) of a model that reads images, on training rows of which some show no image (the
-    tower runs only on images)."""
+    """Whether the run trains a vision tower that some micro-batches leave out: every weight trains (a full GRPO
+    policy too, which `trains_every_weight` leaves out as it runs under DDP alone) on a model that reads images, and
+    some training rows show no image (the tower runs only on images)."""
     return (
-        (trains_every_weight(cfg) or (cfg.method == "grpo" and cfg.grpo.policy == "full"))
+        not cfg.trains_adapters
         and getattr(model.config, "vision_config", None) is not None
         and _some_without_images(train_items)
     )
