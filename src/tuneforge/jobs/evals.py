@@ -556,7 +556,7 @@ class EvalRunner:
             if answer is not None:
                 output, finish_reason = [{"role": "assistant", "content": answer.text}], answer.finish_reason
                 if calls := replies[i]["output_tools"]:  # as a chat completion's message and finish_reason show them
-                    output[0].update(content=replies[i]["output_text"], tool_calls=calls)
+                    output[0].update(content=replies[i]["output_text"] or None, tool_calls=calls)
                     finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             sample = {
                 "input": prompt,
