@@ -21,33 +21,10 @@ from .evaluate import evaluate
 from .report import choices_table, examples_table, metrics_table, print_tables
 
 
-def eval_command(
-    model: str,
-    data: str,
-    compare: str | None = None,
-    metric: str = "auto",
-    json_out: bool = False,
-    limit: int | None = None,
-    max_new_tokens: int | None = None,
-    grader: str | None = None,
-    out: str | None = None,
-    num_fewshot: int = 0,
-    fewshot_file: str | None = None,
-) -> int:
-    """`tuneforge eval`: `evaluate_model`'s result printed as tables, or as JSON with `json_out`."""
-    result, tables = _evaluated(
-        model,
-        data,
-        compare=compare,
-        metric=metric,
-        limit=limit,
-        max_new_tokens=max_new_tokens,
-        grader=grader,
-        out=out,
-        num_fewshot=num_fewshot,
-        fewshot_file=fewshot_file,
-        progress=not json_out,
-    )
+def eval_command(model: str, data: str, *, json_out: bool = False, **options) -> int:
+    """`tuneforge eval`: `evaluate_model`'s result (its `options` by name) printed as tables, or as JSON with
+    `json_out`."""
+    result, tables = _evaluated(model, data, progress=not json_out, **options)
     if json_out:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
@@ -95,9 +72,20 @@ def evaluate_model(
 
 
 def _evaluated(
-    model, data, *, compare, metric, limit, max_new_tokens, grader, out, num_fewshot, fewshot_file, progress
+    model,
+    data,
+    *,
+    compare=None,
+    metric="auto",
+    limit=None,
+    max_new_tokens=None,
+    grader=None,
+    out=None,
+    num_fewshot=0,
+    fewshot_file=None,
+    progress=True,
 ) -> tuple[dict, list]:
-    """The evaluation's result and the tables that show it."""
+    """The evaluation's result and the tables that show it (`evaluate_model`'s options, its defaults)."""
     if fewshot_file is not None and not num_fewshot:
         raise ConfigError(
             f"--fewshot-file {fewshot_file} gives the solved examples shown before each question, but --num-fewshot "
