@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data.rows import write_jsonl
 from families import png_data_url, save_gemma3_vision_model, save_qwen2_5_vl_model
 
 from tuneforge.config import DataConfig, load_config
@@ -40,11 +41,6 @@ def trl_pair(colour, size, chosen: str, rejected: str) -> dict:
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
     }
-
-
-def write_rows(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +77,7 @@ def test_image_pairs_log_probabilities_are_transformers_forward_with_the_pixels(
     folder = models[family]
     tokenizer = load_tokenizer(str(folder))
     pairs = [row(RED, (20, 16), "It is red.", "It is blue."), row(BLUE, (40, 32), "Blue.", "Red, I think.")]
-    data_file = write_rows(tmp_path / "pairs.jsonl", pairs)
+    data_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     data = prepare(DataConfig(train=str(data_file), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
     cfg = load_config({"base_model": str(folder), "method": "dpo", "data": {"train": str(data_file)}})
     items, _ = batch_items(data, cfg)
@@ -135,7 +131,7 @@ def test_a_dpo_run_on_image_pairs_learns_resumes_exactly_and_its_final_model_rea
     from tuneforge.training.loop import train
 
     run = tmp_path / "run"
-    data_file = write_rows(tmp_path / "pairs.jsonl", colour_pairs(8))
+    data_file = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(8))
     cfg = dpo_run(models["gemma3"], data_file, run, loss, max_steps=6, eval_every=3, save_every=3)
     result = train(cfg, progress=False)
     rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
@@ -184,7 +180,7 @@ def test_kto_on_image_rows_keeps_each_prompts_images_with_its_mismatched_reply(m
             for answer, label in ((f"It is {name} ({name} {i}).", True), (f"It is {other} ({name} {i}).", False)):
                 messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
                 rated.append({"messages": messages, "label": label})
-    data_file = write_rows(tmp_path / "rated.jsonl", rated)
+    data_file = write_jsonl(tmp_path / "rated.jsonl", rated)
     tokenizer = load_tokenizer(str(models["gemma3"]))
     data = prepare(DataConfig(train=str(data_file), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
     items = dpo.kto_rows(data.train, 64)

@@ -11,6 +11,7 @@ import pyarrow.parquet
 import pytest
 import torch
 from conftest import tiny_run_config
+from data.rows import write_jsonl
 
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError, DataError
@@ -35,11 +36,6 @@ QUESTIONS = [
     {"question": "How do I reset my password?", "choices": ["web console", "brown fox"], "answer": "web console"},
     {"question": "Hello, how are you?", "choices": ["fine, thank you", "urgent", "database", "outage"], "answer": 3},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 from conftest import tiny_run_config
+from data.rows import write_jsonl
 
 from tuneforge.config import ConfigError, load_config
 from tuneforge.errors import DataError
@@ -30,11 +31,6 @@ def rows_of(path, n: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()[:n]]
 
 
-def write_rows(path, rows: list[dict]):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def lone_answers(base, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
     """Each prompt's greedy answer from the sharp tiny model (`base`), generated alone: what an evaluation
     should give each row, found without the evaluation under test. Its answers differ from prompt to prompt."""
@@ -52,7 +48,7 @@ def test_a_string_check_graders_score_is_a_hand_count_of_the_answers(base, base_
     answers = lone_answers(base, [row["messages"][:-1] for row in rows], 4)
     for index, (row, answer) in enumerate(zip(rows, answers)):
         row["answer"] = answer if index % 3 == 0 else answer + " not it"
-    data = write_rows(tmp_path / "test.jsonl", rows)
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
     grader = tmp_path / "same.json"
     grader.write_text(json.dumps(SAME_ANSWER))
 
@@ -86,7 +82,7 @@ def test_reward_functions_in_a_python_file_score_with_a_mean_per_function(
     rows = rows_of(triage_data["test"], 4)
     for index, row in enumerate(rows):
         row["weight"] = index
-    data = write_rows(tmp_path / "test.jsonl", rows)
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
     folder = tmp_path / "graders, v2"
     folder.mkdir()
     (folder / "rewards.py").write_text(
@@ -109,7 +105,7 @@ def test_a_grader_object_written_inline_on_the_command_line_scores_as_its_file_d
 ):
     """`--grader '{"type": "reward_model", "model": "runs/rm"}'`, as the README writes a grader: an object
     given inline, in JSON or in YAML's flow style, is that grader, not the name of a missing file."""
-    data = write_rows(tmp_path / "test.jsonl", rows_of(triage_data["test"], 2))
+    data = write_jsonl(tmp_path / "test.jsonl", rows_of(triage_data["test"], 2))
     spec = {"type": "string_check", "name": "brace", "input": "{{ sample.output_text }}", "reference": "{"}
     spec["operation"] = "like"
     (tmp_path / "brace.json").write_text(json.dumps(spec))
@@ -130,7 +126,7 @@ def test_a_grader_that_cannot_score_the_rows_is_refused_before_any_model_loads(t
     model is even looked up (the model named here does not exist)."""
     rows = rows_of(triage_data["test"], 3)
     rows[0]["answer"] = rows[2]["answer"] = "x"
-    data = write_rows(tmp_path / "test.jsonl", rows)
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
     with pytest.raises(GraderError) as raised:
         evaluate("no-such-model", data, grader=SAME_ANSWER, progress=False)
     assert '"same" (string_check)' in str(raised.value) and "item.answer" in str(raised.value)
@@ -208,7 +204,7 @@ def test_a_grader_scores_prompt_rows_without_reference_answers(base, base_dir, t
     prompts = [[{"role": "user", "content": row["prompt"]}] if "prompt" in row else row["messages"] for row in rows]
     for index, (row, answer) in enumerate(zip(rows, lone_answers(base, prompts, 4))):
         row["answer"] = answer if index < 3 else "not it"
-    data = write_rows(tmp_path / "prompts.jsonl", rows)
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
     grader = tmp_path / "same.json"
     grader.write_text(json.dumps(SAME_ANSWER))
     kwargs = {"compare": str(base_dir), "max_new_tokens": 4, "grader": str(grader)}
@@ -232,7 +228,7 @@ def test_a_file_mixing_rows_with_and_without_references_is_graded_whole(tiny_mod
     """Rows with a reference answer give it to the grader as `item.reference`; the loss and metric are left
     out for the whole file, so every figure is over the same rows. A metric named outright is refused."""
     rows = rows_of(triage_data["test"], 2) + prompt_rows(triage_data["test"], 2)
-    data = write_rows(tmp_path / "mixed.jsonl", rows)
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
     (tmp_path / "rewards.py").write_text(
         "def has(completions, reference, **kwargs):\n    return [float(r is not None) for r in reference]\n"
     )
@@ -245,7 +241,7 @@ def test_a_file_mixing_rows_with_and_without_references_is_graded_whole(tiny_mod
 
 
 def test_without_a_grader_prompt_rows_are_refused_with_a_hint_at_one(triage_data, tmp_path):
-    data = write_rows(tmp_path / "prompts.jsonl", prompt_rows(triage_data["test"], 2))
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(triage_data["test"], 2))
     with pytest.raises(DataError) as raised:
         evaluate("no-such-model", data, progress=False)
     assert f"{data}:1 messages" in str(raised.value) and f"{data}:2 messages" in str(raised.value)
@@ -255,8 +251,8 @@ def test_without_a_grader_prompt_rows_are_refused_with_a_hint_at_one(triage_data
 def test_a_grpo_runs_eval_scores_its_prompt_only_validation_file_with_its_grader(tiny_model_dir, triage_data, tmp_path):
     """A GRPO run whose data.validation is prompt rows: `eval.task: auto` scores base and tuned with
     grpo.grader, into before/after.json, the metrics and report.html (the grader's plot, no metric's)."""
-    train_rows = write_rows(tmp_path / "train.jsonl", prompt_rows(triage_data["train"], 8))
-    valid_rows = write_rows(tmp_path / "valid.jsonl", prompt_rows(triage_data["validation"], 4))
+    train_rows = write_jsonl(tmp_path / "train.jsonl", prompt_rows(triage_data["train"], 8))
+    valid_rows = write_jsonl(tmp_path / "valid.jsonl", prompt_rows(triage_data["validation"], 4))
     config = tiny_run_config(tiny_model_dir, {"train": train_rows, "validation": valid_rows}, tmp_path / "run")
     config.update(method="grpo", eval={"task": "auto"})
     config["data"]["packing"] = False
@@ -277,7 +273,7 @@ def test_a_grpo_runs_eval_scores_its_prompt_only_validation_file_with_its_grader
 def test_compare_checks_its_grader_once_for_both_models(tiny_model_dir, triage_data, tmp_path, capsys):
     """`eval --compare --grader` checks its grader once on the rows (grading empty answers), then grades
     each model's answers with it."""
-    data = write_rows(tmp_path / "test.jsonl", rows_of(triage_data["test"], 2))
+    data = write_jsonl(tmp_path / "test.jsonl", rows_of(triage_data["test"], 2))
     calls = tmp_path / "calls.txt"
     (tmp_path / "rewards.py").write_text(
         "def one(completions, **kwargs):\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data.rows import write_jsonl
 from families import FAMILIES, png_data_url, save_family_model, save_gemma3_vision_model, save_qwen2_5_vl_model
 
 from tuneforge.config import load_config
@@ -44,11 +45,6 @@ def image_prompt(colour, answer: str) -> dict:
 
 def png_bytes(colour) -> bytes:
     return base64.b64decode(png_data_url(colour, SIZE).split(",", 1)[1])
-
-
-def write_rows(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +98,7 @@ def test_the_objectives_log_probabilities_are_transformers_forward_with_the_pixe
     models, family, tmp_path, monkeypatch
 ):
     folder = models[family]
-    data_file = write_rows(tmp_path / "prompts.jsonl", [image_prompt(RED, "red"), image_prompt(BLUE, "blue")])
+    data_file = write_jsonl(tmp_path / "prompts.jsonl", [image_prompt(RED, "red"), image_prompt(BLUE, "blue")])
     objective, rows, tokenizer = objective_for(folder, data_file, tmp_path)
     assert [r.images for r in rows] == [(png_bytes(RED),), (png_bytes(BLUE),)]
     with torch.no_grad():  # an adapter away from the reference, so that the KL compares two distributions
@@ -151,7 +147,7 @@ def test_the_objectives_log_probabilities_are_transformers_forward_with_the_pixe
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2_5_vl"])
 def test_answers_are_sampled_with_the_prompts_image(models, family, tmp_path):
-    data_file = write_rows(tmp_path / "prompts.jsonl", [image_prompt(RED, "red"), image_prompt(BLUE, "blue")])
+    data_file = write_jsonl(tmp_path / "prompts.jsonl", [image_prompt(RED, "red"), image_prompt(BLUE, "blue")])
     objective, rows, _ = objective_for(models[family], data_file, tmp_path)
     assert rows[0].input_ids == rows[1].input_ids  # the same tokens: only the pixels tell the prompts apart
 
@@ -167,7 +163,7 @@ def test_answers_are_sampled_with_the_prompts_image(models, family, tmp_path):
 def test_a_grpo_run_on_image_prompts_is_finite_and_resumes_exactly(models, family, tmp_path):
     rows = [image_prompt(colour, name) for colour, name in ((RED, "red"), (BLUE, "blue"))]
     rows += [{"messages": [{"role": "user", "content": "Name a colour."}], "answer": "red"}]  # a text prompt beside
-    data_file = write_rows(tmp_path / "prompts.jsonl", rows)
+    data_file = write_jsonl(tmp_path / "prompts.jsonl", rows)
     ref = tmp_path / "ref"
     cfg = grpo_config(models[family], data_file, ref, max_steps=4, save_every=2)
     train(cfg, progress=False)
@@ -196,7 +192,7 @@ def test_a_grpo_run_on_image_prompts_is_finite_and_resumes_exactly(models, famil
 def test_image_prompts_for_a_model_that_reads_text_only_are_refused_by_line_and_field(tmp_path):
     text_model = save_family_model(FAMILIES["gemma3"], tmp_path / "text")
     rows = [{"prompt": "Name a colour.", "answer": "red"}, image_prompt(RED, "red")]
-    data_file = write_rows(tmp_path / "prompts.jsonl", rows)
+    data_file = write_jsonl(tmp_path / "prompts.jsonl", rows)
     cfg = load_config(grpo_config(text_model, data_file, tmp_path / "run"))
     with pytest.raises(DataError) as error:
         prepare_items(cfg, load_tokenizer(str(text_model)))
@@ -216,7 +212,7 @@ def test_a_reward_model_grader_on_image_prompts_is_refused_before_it_loads(model
     config.num_labels = 1
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    data_file = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "Hi", "answer": "x"}, image_prompt(RED, "red")])
+    data_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi", "answer": "x"}, image_prompt(RED, "red")])
     raw = grpo_config(models["gemma3"], data_file, tmp_path / "run")
     raw["grpo"]["grader"] = {"type": "reward_model", "name": "rm", "model": str(tmp_path / "rm")}
 
@@ -254,7 +250,7 @@ def test_prompt_rows_with_an_images_field_read_as_the_same_rows_in_openais_layou
     }
     read = {}
     for layout, rows in layouts.items():
-        cfg = load_config(grpo_config(models["qwen2_5_vl"], write_rows(tmp_path / f"{layout}.jsonl", rows), tmp_path))
+        cfg = load_config(grpo_config(models["qwen2_5_vl"], write_jsonl(tmp_path / f"{layout}.jsonl", rows), tmp_path))
         prompts = prepare_items(cfg, load_tokenizer(str(models["qwen2_5_vl"]))).train
         read[layout] = [(r.input_ids, r.images) for r in prompts]
     assert [images for _, images in read["openai"]] == [(png_bytes(RED),), (png_bytes(BLUE),)]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data.rows import write_jsonl
 from families import FAMILIES, png_data_url, save_family_model, save_gemma3_vision_model
 
 from tuneforge.config import DataConfig
@@ -26,11 +27,6 @@ def image_row(colour, answer: str, size=(20, 16)) -> dict:
     return {"messages": [{"role": "user", "content": [image, question]}, {"role": "assistant", "content": answer}]}
 
 
-def write_rows(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory) -> Path:
     return save_gemma3_vision_model(tmp_path_factory.mktemp("vision") / "model")
@@ -39,7 +35,7 @@ def vision_model(tmp_path_factory) -> Path:
 def test_labels_mask_image_tokens_and_examples_carry_their_images(vision_model, tmp_path):
     tokenizer = load_tokenizer(str(vision_model))
     images = image_inputs(tokenizer)
-    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
     cfg = DataConfig(train=str(rows), validation=0.0, dedup="exact")
     data = prepare(cfg, tokenizer, use_cache=False, log=lambda *_: None)
     assert len(data.train) == 2  # the same text with other images is no duplicate
@@ -67,7 +63,7 @@ def test_labels_mask_image_tokens_and_examples_carry_their_images(vision_model, 
 
 def test_the_image_reaches_the_model(vision_model, tmp_path):
     tokenizer = load_tokenizer(str(vision_model))
-    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(GREEN, "It is red.")])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(GREEN, "It is red.")])
     data = prepare(DataConfig(train=str(rows), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
     model = load_model(str(vision_model), dtype=torch.float32)
     objective = SFTObjective(model).eval()
@@ -89,7 +85,7 @@ def test_lora_trains_on_image_rows_and_final_loads_with_its_processor(vision_mod
     rows = [image_row(c, f"It is {n}.", (20 + i, 16)) for i in range(8) for c, n in ((RED, "red"), (BLUE, "blue"))]
     config = {
         "base_model": str(vision_model),
-        "data": {"train": str(write_rows(tmp_path / "train.jsonl", rows)), "validation": 0.25, "max_length": 64},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "validation": 0.25, "max_length": 64},
         "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "eval_every": 3},
         "output_dir": str(tmp_path / "run"),
     }
@@ -127,7 +123,7 @@ def test_bad_images_are_refused_by_line_and_field(tmp_path, url, says):
     bad = image_row(RED, "It is red.")
     bad["messages"][0]["content"][0]["image_url"]["url"] = url
     problems = [
-        p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", [good, bad])) if hasattr(p, "code")
+        p for _, p in read_conversations(write_jsonl(tmp_path / "rows.jsonl", [good, bad])) if hasattr(p, "code")
     ]
     assert [(p.code, p.line, p.field) for p in problems] == [("bad_image", 2, "messages[0].content[0].image_url.url")]
     assert says in problems[0].message
@@ -139,7 +135,7 @@ def test_an_image_over_pillows_pixel_limit_is_refused_by_line_and_field(tmp_path
 
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb's size, at small sizes
     rows = [image_row(RED, "It is red.", (30, 30)), image_row(RED, "It is red.", (side, side))]
-    problems = [p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", rows)) if hasattr(p, "code")]
+    problems = [p for _, p in read_conversations(write_jsonl(tmp_path / "rows.jsonl", rows)) if hasattr(p, "code")]
     assert [(p.code, p.line, p.field) for p in problems] == [("bad_image", 2, "messages[0].content[0].image_url.url")]
     assert "over 1000 pixels (Pillow's limit); resize it" in problems[0].message
 
@@ -159,7 +155,7 @@ def test_an_animated_image_is_refused_by_line_and_field(tmp_path, kind):
     row["messages"][0]["content"][0]["image_url"]["url"] = (
         f"data:image/{kind.lower()};base64," + base64.b64encode(out.getvalue()).decode()
     )
-    problems = [p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", [row])) if hasattr(p, "code")]
+    problems = [p for _, p in read_conversations(write_jsonl(tmp_path / "rows.jsonl", [row])) if hasattr(p, "code")]
     assert [(p.code, p.line, p.field) for p in problems] == [("bad_image", 1, "messages[0].content[0].image_url.url")]
     assert f"are an animated {kind} (the model reads one frame); give a still image" in problems[0].message
 
@@ -167,13 +163,13 @@ def test_an_animated_image_is_refused_by_line_and_field(tmp_path, kind):
 def test_an_image_in_a_reply_is_refused(tmp_path):
     row = image_row(RED, "x")
     row["messages"][1]["content"] = [{"type": "image_url", "image_url": {"url": png_data_url(RED)}}]
-    problems = [p for _, p in read_conversations(write_rows(tmp_path / "rows.jsonl", [row])) if hasattr(p, "code")]
+    problems = [p for _, p in read_conversations(write_jsonl(tmp_path / "rows.jsonl", [row])) if hasattr(p, "code")]
     assert [(p.code, p.field) for p in problems] == [("unsupported_content", "messages[1].content[0]")]
 
 
 def test_a_text_only_model_refuses_image_rows_naming_the_first(tmp_path):
     model = save_family_model(FAMILIES["gemma3"], tmp_path / "text-model")
-    rows = write_rows(
+    rows = write_jsonl(
         tmp_path / "rows.jsonl",
         [
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
@@ -198,7 +194,7 @@ def test_preference_pairs_read_back_from_the_data_cache_keep_their_prompts_image
         "chosen": [{"role": "assistant", "content": "It is red."}],
         "rejected": [{"role": "assistant", "content": "It is blue."}],
     }
-    rows = write_rows(tmp_path / "pairs.jsonl", [pair])
+    rows = write_jsonl(tmp_path / "pairs.jsonl", [pair])
     tokenizer = load_tokenizer(str(vision_model))
     logged = []
     fresh, cached = (
@@ -219,7 +215,7 @@ def test_methods_that_would_run_without_the_images_are_refused(vision_model, tmp
     from tuneforge.methods import batch_items
 
     tokenizer = load_tokenizer(str(vision_model))
-    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red.")])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [image_row(RED, "It is red.")])
     data = prepare(DataConfig(train=str(rows), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
     cfg = load_config({"base_model": str(vision_model), "data": {"train": str(rows)}, **settings})
     with pytest.raises(ConfigError, match=key):
@@ -247,7 +243,7 @@ def test_eval_answers_image_and_text_rows_as_transformers_generates_from_the_pro
 
     text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
     rows = [text, image_row(RED, "It is red."), image_row(GREEN, "It is green.", (12, 30))]
-    result = evaluate(str(vision_model), write_rows(tmp_path / "test.jsonl", rows), max_new_tokens=6, progress=False)
+    result = evaluate(str(vision_model), write_jsonl(tmp_path / "test.jsonl", rows), max_new_tokens=6, progress=False)
     model, _ = vision
     expected = [
         processor_answer(model, vision_model, [{"role": "user", "content": "Hi"}], [], 6),
@@ -268,7 +264,7 @@ def test_eval_loss_on_image_rows_is_the_validation_loss_of_their_batches(vision,
     from tuneforge.eval.evaluate import read_eval_examples, render_within_window, token_loss
 
     model, tokenizer = vision
-    rows = write_rows(tmp_path / "test.jsonl", [image_row(RED, "It is red."), image_row(GREEN, "It is red.")])
+    rows = write_jsonl(tmp_path / "test.jsonl", [image_row(RED, "It is red."), image_row(GREEN, "It is red.")])
     examples = read_eval_examples(rows)
     losses = []
     for example in render_within_window(examples, tokenizer, None):
@@ -291,7 +287,7 @@ def test_eval_of_image_rows_by_a_text_model_is_refused_by_line_and_field_before_
     evaluate_module = importlib.import_module("tuneforge.eval.evaluate")
     model = save_family_model(FAMILIES["gemma3"], tmp_path / "text")
     text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
-    rows = write_rows(tmp_path / "test.jsonl", [text, image_row(RED, "It is red.")])
+    rows = write_jsonl(tmp_path / "test.jsonl", [text, image_row(RED, "It is red.")])
 
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights loaded")
@@ -308,7 +304,7 @@ def test_eval_of_image_rows_by_a_text_model_is_refused_by_line_and_field_before_
 def test_prompt_rows_answered_by_generation_refuse_images(tmp_path):
     from tuneforge.distill.teacher_data import read_prompts
 
-    rows = write_rows(tmp_path / "prompts.jsonl", [{"messages": image_row(RED, "x")["messages"][:1]}])
+    rows = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": image_row(RED, "x")["messages"][:1]}])
     with pytest.raises(DataError) as error:
         read_prompts(rows)
     assert "prompts.jsonl:1 messages[0].content" in str(error.value) and "images_in_prompt" in str(error.value)
@@ -317,7 +313,7 @@ def test_prompt_rows_answered_by_generation_refuse_images(tmp_path):
 def test_validate_says_rows_with_images_are_not_packed(vision_model, tmp_path, capsys):
     from tuneforge.dry_run import validate
 
-    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
     validate({"base_model": str(vision_model), "data": {"train": str(rows), "validation": 0.0}})
     out = " ".join(capsys.readouterr().out.split())
     assert "2 (unpacked: rows with images are not packed, max_length" in out.replace("│ ", "").replace(" │", "")
@@ -516,7 +512,7 @@ def test_a_stored_chat_with_an_image_becomes_a_training_row_with_the_image(tmp_p
 
     messages = training_messages([{"role": "user", "content": image_content(png_data_url(RED))}])
     row = {"messages": [*messages, {"role": "assistant", "content": "It is red."}]}
-    [(_, record)] = list(read_conversations(write_rows(tmp_path / "rows.jsonl", [row])))
+    [(_, record)] = list(read_conversations(write_jsonl(tmp_path / "rows.jsonl", [row])))
     assert [image.data for image in record.messages[0].images] == [png(RED)]
     assert record.messages[0].content == "What colour is this?"
 
@@ -553,7 +549,7 @@ def qwen_vl_red_and_blue(qwen_vl_model, tmp_path):
     tokenizer = load_tokenizer(str(qwen_vl_model))
     rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 32))]
     data = prepare(
-        DataConfig(train=str(write_rows(tmp_path / "rows.jsonl", rows)), validation=0.0),
+        DataConfig(train=str(write_jsonl(tmp_path / "rows.jsonl", rows)), validation=0.0),
         tokenizer,
         use_cache=False,
         log=lambda *_: None,
@@ -611,7 +607,7 @@ def test_qwen_vl_lora_trains_the_language_model_resumes_exactly_and_exports_merg
     rows = [image_row(c, f"It is {n}.", (20 + 4 * i, 16)) for i in range(8) for c, n in ((RED, "red"), (BLUE, "blue"))]
     config = {
         "base_model": str(qwen_vl_model),
-        "data": {"train": str(write_rows(tmp_path / "train.jsonl", rows)), "validation": 0.25, "max_length": 96},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "validation": 0.25, "max_length": 96},
         "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "save_every": 3},
         "output_dir": str(tmp_path / "run"),
     }
@@ -739,7 +735,7 @@ def test_qwen_vl_rows_with_an_image_its_processor_does_not_take_are_refused_by_l
     tokenizer = load_tokenizer(str(qwen_vl_model))
     rows = [image_row(RED, "It is red."), image_row(RED, "It is red.", (1, 250))]
     rows[1]["messages"][0]["content"].reverse()  # the image as the second part
-    cfg = DataConfig(train=str(write_rows(tmp_path / "rows.jsonl", rows)), validation=0.0)
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "rows.jsonl", rows)), validation=0.0)
     with pytest.raises(DataError) as error:
         prepare(cfg, tokenizer, use_cache=False, log=lambda *_: None)
     problems = [(p.code, p.line, p.field) for p in error.value.problems]
@@ -805,9 +801,9 @@ def test_a_run_measures_image_rows_with_the_models_own_attention(family, vision_
     from tuneforge.training.loop import train
 
     base = vision_model if family == "gemma3" else qwen_vl_model
-    train_rows = write_rows(tmp_path / "train.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
+    train_rows = write_jsonl(tmp_path / "train.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "It is blue.")])
     valid_rows = [image_row(GREEN, "It is green.", (28, 20)), image_row(BLUE, "It is blue.", (16, 24))]
-    valid = write_rows(tmp_path / "valid.jsonl", valid_rows)
+    valid = write_jsonl(tmp_path / "valid.jsonl", valid_rows)
     config = {
         "base_model": str(base),
         # Rows within Gemma 3's sliding window, where text rows would run per-example attention.
@@ -843,7 +839,7 @@ def test_qwen_vl_packed_text_rows_score_as_each_example_alone(qwen_vl_model, tmp
         }
         for i in range(4)
     ]
-    rows = write_rows(tmp_path / "rows.jsonl", chats)
+    rows = write_jsonl(tmp_path / "rows.jsonl", chats)
     data = prepare(DataConfig(train=str(rows), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
     model = load_model(str(qwen_vl_model), dtype=torch.float32).eval()
     objective = SFTObjective(model)
@@ -858,7 +854,7 @@ def test_qwen_vl_packed_text_rows_score_as_each_example_alone(qwen_vl_model, tmp
 def test_a_qwen_vl_row_longer_than_max_length_is_never_cut_inside_its_image(qwen_vl_model, tmp_path):
     tokenizer = load_tokenizer(str(qwen_vl_model))
     # The 20x16 image is 4 tokens, the 64x64 one 16 (resized to the processor's largest, 32x32): 47 and 57 tokens.
-    rows = write_rows(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "Blue.", (64, 64))])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [image_row(RED, "It is red."), image_row(BLUE, "Blue.", (64, 64))])
     with pytest.raises(DataError) as error:
         prepare(DataConfig(train=str(rows), validation=0.0, max_length=48), tokenizer, use_cache=False, log=print)
     assert "rows.jsonl:2" in str(error.value) and "with its images' tokens" in str(error.value)
@@ -898,13 +894,13 @@ def test_eval_after_training_scores_a_vision_runs_answers_to_image_rows(vision_m
     from tuneforge.pipeline import train
 
     rows = [image_row(c, f"It is {n}.", (20 + i, 16)) for i in range(4) for c, n in ((RED, "red"), (BLUE, "blue"))]
-    valid = write_rows(
+    valid = write_jsonl(
         tmp_path / "valid.jsonl",
         rows[:2] + [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}],
     )
     config = {
         "base_model": str(vision_model),
-        "data": {"train": str(write_rows(tmp_path / "train.jsonl", rows)), "validation": str(valid), "max_length": 64},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "validation": str(valid), "max_length": 64},
         "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32"},
         "eval": {"task": "contains"},
         "output_dir": str(tmp_path / "run"),
@@ -985,10 +981,10 @@ def test_eval_with_a_grader_answers_image_prompt_rows_without_reference_answers_
     rows = [image_row(RED, "It is red."), image_row(GREEN, "It is green.", (12, 30))]
     graded = tmp_path / "grader.py"
     graded.write_text("def seen(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
-    prompts = write_rows(tmp_path / "prompts.jsonl", [{"messages": r["messages"][:1]} for r in rows])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": r["messages"][:1]} for r in rows])
     answered = evaluate(str(vision_model), prompts, max_new_tokens=6, progress=False, grader=[f"{graded}:seen"])
     referenced = evaluate(
-        str(vision_model), write_rows(tmp_path / "rows.jsonl", rows), max_new_tokens=6, progress=False
+        str(vision_model), write_jsonl(tmp_path / "rows.jsonl", rows), max_new_tokens=6, progress=False
     )
     assert [s["prediction"] for s in answered["samples"]] == [s["prediction"] for s in referenced["samples"]]
     assert answered["grader"]["mean"] == 1.0 and answered["loss"] is None
@@ -1004,12 +1000,12 @@ def test_exports_of_a_vision_run_keep_its_processor_so_their_images_are_read(vis
     rows = [image_row(c, f"It is {n}.", (20 + i, 16)) for i in range(2) for c, n in ((RED, "red"), (BLUE, "blue"))]
     config = {
         "base_model": str(vision_model),
-        "data": {"train": str(write_rows(tmp_path / "train.jsonl", rows)), "validation": 0.0, "max_length": 64},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "validation": 0.0, "max_length": 64},
         "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32"},
         "output_dir": str(tmp_path / "run"),
     }
     train(config, progress=False)
-    test = write_rows(tmp_path / "test.jsonl", rows[:2])
+    test = write_jsonl(tmp_path / "test.jsonl", rows[:2])
     of_run = evaluate(str(tmp_path / "run"), test, max_new_tokens=4, progress=False)
     for fmt in ("merged", "adapter"):
         export(tmp_path / "run", fmt, None, tmp_path / fmt, progress=False)
@@ -1175,7 +1171,7 @@ def test_a_data_check_that_stops_at_an_image_row_counts_each_row_once(tmp_path, 
     from tuneforge.data.check import check
 
     text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
-    rows = write_rows(tmp_path / "train.jsonl", [text, image_row(RED, "It is red."), text])
+    rows = write_jsonl(tmp_path / "train.jsonl", [text, image_row(RED, "It is red."), text])
     report = check(str(rows), model=str(tiny_model_dir), progress=False)
     counts = report["counts"]
     assert counts["rejected_by_code"] == {"images_not_read": 1}

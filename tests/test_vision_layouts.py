@@ -5,10 +5,10 @@ their placeholders are) train as the same rows in OpenAI's layout, on tiny Gemma
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 import pytest
+from data.rows import write_jsonl
 from families import FAMILIES, png_data_url, save_family_model, save_gemma3_vision_model, save_qwen2_5_vl_model
 
 from tuneforge.config import DataConfig
@@ -18,11 +18,6 @@ from tuneforge.models import load_tokenizer
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 QUESTION = "What colour is this?"
-
-
-def write_rows(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def save_png(path: Path, colour, size=(20, 16)) -> str:
@@ -126,10 +121,10 @@ def test_llama_factory_and_trl_chat_rows_train_as_their_openai_rows(models, tmp_
             ],
         },
     ]
-    expected = prepared(write_rows(tmp_path / "openai.jsonl", openai), tokenizer).train
+    expected = prepared(write_jsonl(tmp_path / "openai.jsonl", openai), tokenizer).train
     assert [len(e.images) for e in expected] == [1, 2]
     for name, rows in (("llama_factory", llama_factory), ("sharegpt", sharegpt), ("trl", trl)):
-        same_examples(prepared(write_rows(tmp_path / f"{name}.jsonl", rows), tokenizer).train, expected)
+        same_examples(prepared(write_jsonl(tmp_path / f"{name}.jsonl", rows), tokenizer).train, expected)
     # A Hugging Face data set's Parquet file holds each image as {"bytes", "path"}.
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -168,9 +163,9 @@ def test_trl_and_llama_factory_vision_pairs_train_as_their_openai_pairs(models, 
         "rejected": {"from": "gpt", "value": "Blue."},
         "images": ["imgs/red.png"],
     }
-    expected = prepared(write_rows(tmp_path / "openai.jsonl", [openai]), tokenizer).train_pairs
+    expected = prepared(write_jsonl(tmp_path / "openai.jsonl", [openai]), tokenizer).train_pairs
     for name, row in (("trl", trl), ("whole", whole), ("ultrafeedback", ultrafeedback), ("sharegpt", sharegpt)):
-        pairs = prepared(write_rows(tmp_path / f"{name}.jsonl", [row]), tokenizer).train_pairs
+        pairs = prepared(write_jsonl(tmp_path / f"{name}.jsonl", [row]), tokenizer).train_pairs
         same_examples([e for pair in pairs for e in pair], [e for pair in expected for e in pair])
 
 
@@ -246,7 +241,7 @@ def test_rows_whose_images_do_not_fit_are_refused_by_line_and_field(tmp_path, pi
     good = {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Red."}]}
     if "chosen" in row:  # a pair, after a good pair
         good = {"prompt": "<image>Hi", "chosen": "Red.", "rejected": "Blue."}
-    path = write_rows(tmp_path / "rows.jsonl", [good | {"images": ["imgs/red.png"]}, row])
+    path = write_jsonl(tmp_path / "rows.jsonl", [good | {"images": ["imgs/red.png"]}, row])
     problems = [p for _, p in read_conversations(path) if hasattr(p, "code")]
     assert [(p.code, p.line, p.field) for p in problems] == [(code, 2, field)]
     assert says in problems[0].message
@@ -256,7 +251,7 @@ def test_a_missing_image_of_a_data_file_given_by_a_relative_path_names_the_folde
     tmp_path, monkeypatch
 ):
     row = {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Red."}]}
-    write_rows(tmp_path / "rows.jsonl", [row | {"images": ["green.png"]}])
+    write_jsonl(tmp_path / "rows.jsonl", [row | {"images": ["green.png"]}])
     monkeypatch.chdir(tmp_path)
     [problem] = [p for _, p in read_conversations("rows.jsonl") if hasattr(p, "code")]
     assert f"green.png does not exist (an image's path is read from the data file's folder, {tmp_path})" in (
@@ -274,7 +269,7 @@ def test_a_text_only_model_refuses_rows_with_an_images_field_naming_the_first(tm
         },
     ]
     with pytest.raises(DataError) as error:
-        prepared(write_rows(tmp_path / "rows.jsonl", rows), load_tokenizer(str(model)))
+        prepared(write_jsonl(tmp_path / "rows.jsonl", rows), load_tokenizer(str(model)))
     assert "rows.jsonl:2 messages[0].content" in str(error.value) and "reads text only" in str(error.value)
 
 
@@ -285,7 +280,7 @@ def test_the_data_cache_sees_a_changed_image_file(models, tmp_path, pictures, mo
         "messages": [{"role": "user", "content": f"<image>{QUESTION}"}, {"role": "assistant", "content": "Red."}],
         "images": ["imgs/red.png"],
     }
-    cfg = DataConfig(train=str(write_rows(tmp_path / "rows.jsonl", [row])), validation=0.0)
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "rows.jsonl", [row])), validation=0.0)
     logged = []
     first, again = (prepare(cfg, tokenizer, log=logged.append) for _ in range(2))
     assert sum("reusing the tokenized data set" in line for line in logged) == 1 and again.train == first.train
@@ -321,9 +316,9 @@ def test_llama_factory_alpaca_rows_train_as_their_openai_rows(models, tmp_path, 
             "images": ["imgs/red.png", "imgs/red.png", "imgs/blue.png"],
         }
     ]
-    expected = prepared(write_rows(tmp_path / "openai.jsonl", openai), tokenizer).train
+    expected = prepared(write_jsonl(tmp_path / "openai.jsonl", openai), tokenizer).train
     assert [len(e.images) for e in expected] == [3]
-    same_examples(prepared(write_rows(tmp_path / "alpaca.jsonl", alpaca), tokenizer).train, expected)
+    same_examples(prepared(write_jsonl(tmp_path / "alpaca.jsonl", alpaca), tokenizer).train, expected)
     pair = {"instruction": f"<image>{QUESTION}", "chosen": "Red.", "rejected": "Blue.", "images": ["imgs/red.png"]}
     as_openai = {
         "input": {"messages": [{"role": "user", "content": [url(red), text(QUESTION)]}]},
@@ -331,7 +326,7 @@ def test_llama_factory_alpaca_rows_train_as_their_openai_rows(models, tmp_path, 
         "non_preferred_output": [{"role": "assistant", "content": "Blue."}],
     }
     pairs = [
-        prepared(write_rows(tmp_path / f"{n}.jsonl", [r]), tokenizer).train_pairs
+        prepared(write_jsonl(tmp_path / f"{n}.jsonl", [r]), tokenizer).train_pairs
         for n, r in (("a", pair), ("o", as_openai))
     ]
     same_examples(*([e for p in pairs_ for e in p] for pairs_ in pairs))
@@ -348,7 +343,7 @@ def test_teacher_prompts_read_the_images_field_as_training_does(tmp_path, pictur
         {"messages": [{"role": "user", "content": QUESTION}], "images": ["imgs/red.png"]},
     ]
     with pytest.raises(DataError) as error:
-        read_prompts(write_rows(tmp_path / "prompts.jsonl", rows))
+        read_prompts(write_jsonl(tmp_path / "prompts.jsonl", rows))
     found = [(p.line, p.code, p.field) for p in error.value.problems]
     assert found == [
         (2, "images_in_prompt", "messages[0].content"),
@@ -368,7 +363,7 @@ def test_an_images_entry_the_processor_does_not_take_is_refused_at_that_entry(mo
     }
     rows = [{**row, "images": ["imgs/red.png", "imgs/red.png"]}, row]
     with pytest.raises(DataError) as error:
-        prepared(write_rows(tmp_path / "rows.jsonl", rows), load_tokenizer(str(models["qwen2_5_vl"])))
+        prepared(write_jsonl(tmp_path / "rows.jsonl", rows), load_tokenizer(str(models["qwen2_5_vl"])))
     assert [(p.code, p.line, p.field) for p in error.value.problems] == [("bad_image", 2, "images[1]")]
     assert "image processor does not take this image" in error.value.problems[0].message
 
@@ -385,6 +380,6 @@ def test_the_cache_key_parses_no_rows_of_a_file_whose_images_are_data_urls(tmp_p
     openai = {
         "messages": [{"role": "user", "content": [url(red), text(QUESTION)]}, {"role": "assistant", "content": "R"}]
     }
-    assert formats.image_files(write_rows(tmp_path / "openai.jsonl", [openai])) == [] and parsed == []
+    assert formats.image_files(write_jsonl(tmp_path / "openai.jsonl", [openai])) == [] and parsed == []
     trl = {"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": ["imgs/red.png"]}
-    assert formats.image_files(write_rows(tmp_path / "trl.jsonl", [trl])) == [tmp_path / "imgs" / "red.png"]
+    assert formats.image_files(write_jsonl(tmp_path / "trl.jsonl", [trl])) == [tmp_path / "imgs" / "red.png"]
