@@ -4,6 +4,7 @@ sampling inside the step, exact resume, and graders that fail before any trainin
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,19 +210,25 @@ def test_a_grpo_run_logs_rewards_and_resumes_exactly(tiny_model_dir, triage_data
     assert len(rollouts_table(tmp_path / "ref").rows) == 12  # the last three steps
     assert reward_chart(records).count("<svg") == 2  # the dashboard's reward and KL curves
 
-    # Cut after step 2: its checkpoint, the config and the log up to there; the rest trains again.
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "ref", cut)
+    assert_resumes_exactly(cfg, tmp_path / "ref", tmp_path / "cut")
+
+
+def assert_resumes_exactly(cfg: dict, ref: Path, cut: Path) -> None:
+    """A copy of the finished 4-step run `ref` cut after step 2 (its checkpoint, the config and the log up to
+    there) and resumed logs the same metrics and writes the same rollouts: the steps after the checkpoint sample
+    again, in place of the cut run's records of them."""
+    shutil.copytree(ref, cut)
     shutil.rmtree(cut / "checkpoints" / "step-4")
     shutil.rmtree(cut / "final")
     train({**cfg, "output_dir": str(cut)}, resume="latest", progress=False)
-    resumed = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     drop = ("tokens_per_s", "elapsed")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
-        {k: v for k, v in r.items() if k not in drop} for r in records
-    ]
-    # The steps after the checkpoint sampled again, in place of the cut run's records of them.
-    assert (cut / "rollouts.jsonl").read_text() == (tmp_path / "ref" / "rollouts.jsonl").read_text()
+
+    def logged(run: Path) -> list[dict]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
+
+    assert logged(cut) == logged(ref)
+    assert (cut / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
 
 
 def test_validation_grades_the_greedy_answers_to_every_validation_prompt(base_dir, triage_data, tmp_path):

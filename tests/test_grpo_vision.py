@@ -6,13 +6,13 @@ from __future__ import annotations
 import base64
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from data.rows import write_jsonl
 from families import FAMILIES, png_data_url, save_family_model, save_gemma3_vision_model, save_qwen2_5_vl_model
+from test_grpo import assert_resumes_exactly
 
 from tuneforge.config import load_config
 from tuneforge.data import IGNORE_INDEX
@@ -176,17 +176,7 @@ def test_a_grpo_run_on_image_prompts_is_finite_and_resumes_exactly(models, famil
     rollouts = [json.loads(line) for line in (ref / "rollouts.jsonl").read_text().splitlines()]
     assert any(r["prompt"] == "[image]What colour is this?" for r in rollouts)
 
-    cut = tmp_path / "cut"
-    shutil.copytree(ref, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-4")
-    shutil.rmtree(cut / "final")
-    train({**cfg, "output_dir": str(cut)}, resume="latest", progress=False)
-    resumed = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    drop = ("tokens_per_s", "elapsed")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
-        {k: v for k, v in r.items() if k not in drop} for r in records
-    ]
-    assert (cut / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
+    assert_resumes_exactly(cfg, ref, tmp_path / "cut")
 
 
 def test_image_prompts_for_a_model_that_reads_text_only_are_refused_by_line_and_field(tmp_path):
