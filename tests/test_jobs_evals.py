@@ -116,7 +116,7 @@ def test_an_eval_runs_a_base_and_a_fine_tuned_model_and_survives_a_restart(serve
     )
     for run in (base_run, tuned_run):
         run = wait_run(client, evaluation.id, run.id, server)
-        assert run.status == "completed", run.error
+        assert run.status == "completed", f"{run.error}\n{server.log()}"
         counts = run.result_counts
         assert (counts.total, counts.passed, counts.failed, counts.errored) == (3, 2, 1, 0)
         per_criterion = {r.testing_criteria: (r.passed, r.failed) for r in run.per_testing_criteria_results}

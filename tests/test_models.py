@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -221,6 +222,33 @@ def test_hf_folder(tiny_model_dir):
         None,
         "model",
     )
+
+
+def test_models_loaded_at_once_in_threads_each_hold_the_weights_of_one_loaded_alone(tiny_model_dir):
+    """transformers switches module-wide functions off while it builds a model; the jobs service's eval thread
+    and its inference route load at once, and without one build at a time a model came back with meta tensors."""
+    alone = load_model(str(tiny_model_dir)).state_dict()
+    models, errors = [None] * 4, []
+
+    def load(i: int) -> None:
+        try:
+            models[i] = load_model(str(tiny_model_dir))
+        except Exception as err:  # noqa: BLE001 - the test reports what any thread raised
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(len(models))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for model in models:
+        weights = model.state_dict()
+        assert not any(w.is_meta for w in weights.values())
+        assert all(torch.equal(weights[name], alone[name]) for name in alone)
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr() or (
+            not model.config.tie_word_embeddings
+        )
 
 
 def _with_config(src: Path, folder: Path, **changes) -> Path:

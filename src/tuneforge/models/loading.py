@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import re
+import threading
 import warnings
 import weakref
 from pathlib import Path
@@ -335,7 +337,25 @@ def _raw_tokenizer(source: ModelSource):
 # What transformers and PEFT raise for a folder whose files cannot be loaded.
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
+# transformers builds a model by swapping module-wide functions for the length of the build (weight
+# initialisation and tying switched off, parameters made on the meta device), so two builds in threads
+# of one process (the jobs service's eval thread and its inference, serve's adapter pool) break each
+# other: a model comes back with meta tensors or an untied head. One build at a time, process-wide.
+MODEL_BUILDING = threading.RLock()
 
+
+def one_build_at_a_time(build):
+    """`build`, holding `MODEL_BUILDING` while it runs."""
+
+    @functools.wraps(build)
+    def serialized(*args, **kwargs):
+        with MODEL_BUILDING:
+            return build(*args, **kwargs)
+
+    return serialized
+
+
+@one_build_at_a_time
 def load_model(
     spec: str | ModelSource,
     *,
@@ -685,6 +705,7 @@ def model_info(spec: str | ModelSource) -> dict:
     return info
 
 
+@one_build_at_a_time
 def meta_model(config, *, classifier: bool = False):
     """The causal language model `config` describes (with `classifier`, the sequence classifier with one output
     that `load_model` builds on it), built on the meta device: its structure, with no memory and no weights."""

@@ -20,6 +20,7 @@ from ..generate import load_for_inference
 from ..models import ModelSource, describe_whole_model, load_tokenizer, resolve
 from ..models.loading import (
     LOAD_ERRORS,
+    MODEL_BUILDING,
     adapter_embedding_rows,
     adapter_token_rows,
     base_weight_copies,
@@ -274,12 +275,15 @@ class AdapterPool:
                 f"instead: tuneforge export {path} --format merged --out DIR, then tuneforge serve --model DIR.",
                 code="adapter_base_mismatch",
             )
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=self._peft_name(name), is_trainable=False, key_mapping=copies)
-        else:
-            self.model = PeftModel.from_pretrained(
-                self.model, path, adapter_name=self._peft_name(name), is_trainable=False, key_mapping=copies
-            ).eval()
+        with MODEL_BUILDING:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(
+                    path, adapter_name=self._peft_name(name), is_trainable=False, key_mapping=copies
+                )
+            else:
+                self.model = PeftModel.from_pretrained(
+                    self.model, path, adapter_name=self._peft_name(name), is_trainable=False, key_mapping=copies
+                ).eval()
         with self._lock:
             self._loads += 1
             self._loaded[name] = self._loads
