@@ -160,6 +160,21 @@ def test_a_loaded_model_refuses_text_holding_its_templates_special_tokens_as_ser
     assert llm.generate("Hi <im_end>", max_new_tokens=4)  # text like a special token is text
 
 
+def test_a_loaded_model_looks_for_special_tokens_once_a_prompt(base_dir, monkeypatch):
+    """`generate` answers through `chat`'s path; the prompt's texts are searched once, not once by each."""
+    from tuneforge.data.render import ChatRenderer
+
+    searched = []
+    search = ChatRenderer.special_tokens_in_prompt
+    monkeypatch.setattr(
+        ChatRenderer, "special_tokens_in_prompt", lambda self, *a, **k: searched.append(a) or search(self, *a, **k)
+    )
+    llm = tuneforge.load(base_dir, precision="fp32", progress=False)
+    llm.generate("Hi", max_new_tokens=2)
+    llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2)
+    assert searched == [("Hi", None), ([{"role": "user", "content": "Hi"}], None)]
+
+
 def test_a_loaded_model_s_tool_calls_come_back_as_serve_gives_them(tmp_path):
     from test_serve import TOOLS, WEATHER, train_tool_caller
 

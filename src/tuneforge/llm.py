@@ -64,11 +64,8 @@ class LLM:
     ) -> str:
         """The reply to `prompt` (a user message's text, or chat messages) as text: for a reasoning model the
         answer after its reasoning."""
-        self._refuse_special_tokens(prompt, "prompt")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        reply = self.chat(
-            messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
-        )
+        reply = self._answer(messages, None, (prompt, "prompt"), max_new_tokens, temperature, top_p, seed, stop)
         return reply[reasoning.CONTENT]
 
     def chat(
@@ -87,6 +84,21 @@ class LLM:
         `reasoning_content`, and with `tools` (OpenAI tool definitions) the `tool_calls` it makes (content then
         the text before them, None if none). Decoding stops at the end of the turn, a `stop` string or
         `max_new_tokens` (None: 256, or what the model's context window leaves after the prompt if less)."""
+        return self._answer(messages, tools, (messages, "messages"), max_new_tokens, temperature, top_p, seed, stop)
+
+    def _answer(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None,
+        asked: tuple[str | list[dict], str],
+        max_new_tokens: int | None,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: list[str] | tuple[str, ...],
+    ) -> dict:
+        """`chat`'s reply to `messages`; `asked`, the prompt as the caller gave it (`generate`'s text, or the
+        messages) and its name, whose fields a refusal of a special token names."""
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}.", code="invalid_value")
         try:
@@ -94,7 +106,7 @@ class LLM:
         except ValueError as err:
             raise ConfigError(str(err), code="invalid_value") from err
         definitions = checked_tools(tools, "tools") if tools else None
-        self._refuse_special_tokens(messages, "messages", definitions)
+        self._refuse_special_tokens(*asked, definitions)
         parser = tool_call_parser(self.tokenizer, self.source.name, "tools") if definitions else None
         messages, images = self._template_messages(messages)
         try:
