@@ -17,7 +17,8 @@ request's, and a reply that calls them is parsed as `serve` parses it (`tool_cal
 shown by name, arguments and id, and kept in the history as OpenAI's `tool_calls`; `/tool NAME_OR_ID RESULT`
 answers one with a `tool` message, and once every call of the reply has its result the model answers.
 A line (or /system's or /tool's text) holding a special token of the chat template, such as `<|im_end|>`, is not
-sent: the model would read it as a turn's end, not text; serve and `tuneforge.load` refuse it too.
+sent: the model would read it as a turn's end, not text; serve and `tuneforge.load` refuse it too, and so does
+`--tools` a file whose definitions hold one, before the model loads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import builtins
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -232,6 +234,7 @@ def chat_command(
     tokenizer = load_tokenizer(source)
     if definitions:
         _tools_parser(tokenizer)
+        _refuse_special_tokens(tokenizer, definitions, tools)
     model = load_for_inference(source, "chat", precision)
     sys.stdout.write(
         f"chatting with {source.name}"
@@ -300,6 +303,17 @@ def checked_tools(value, where: str, file: str = "") -> list[dict] | None:
     if problems:
         raise DataError.listing(f"{where}: {counted(len(problems), 'tool definition')} cannot be used", problems)
     return definitions
+
+
+def _refuse_special_tokens(tokenizer, definitions: list[dict], path: str | Path) -> None:
+    """A `DataError` naming the file and each field of the tool definitions whose text holds a special token of
+    the model's chat template, which it would read as structure (a turn's end, a new turn), not text: serve
+    refuses such a request's tools, and training such a row's."""
+    if problems := renderer_for(tokenizer).special_tokens_in_prompt([], definitions):
+        raise DataError.listing(
+            f"--tools {path}: {counted(len(problems), 'text')} of the tool definitions cannot be sent",
+            [replace(problem, file=str(path)) for problem in problems],
+        )
 
 
 def _tools_parser(tokenizer) -> ToolCallParser:
