@@ -461,24 +461,14 @@ def test_a_tools_file_holding_the_templates_special_tokens_is_refused_naming_fil
 def trained_to_say(family, reply: str, folder) -> Path:
     """`family`'s tiny model, saved in `folder`, trained until it answers test_serve's WEATHER, asked with its
     TOOLS, with `reply` (text with the template's special tokens, its end of turn included)."""
-    import torch
     from families import save_family_model
     from test_serve import TOOLS, WEATHER
+    from tiny import train_to_say
 
     save_family_model(family, folder)
     model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
     [prompt] = encode_prompts(tokenizer, [WEATHER], TOOLS)
-    ids = torch.tensor([[*prompt, *tokenizer.encode(reply, add_special_tokens=False)]])
-    labels = ids.clone()
-    labels[:, : len(prompt)] = -100
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.05
+    train_to_say(model, prompt, tokenizer.encode(reply, add_special_tokens=False), lr=1e-2, steps=40)
     model.save_pretrained(folder)
     return folder
 

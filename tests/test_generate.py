@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny import train_to_say
 
 from tuneforge.generate import encode_prompts, generate, stream
 from tuneforge.models import load_model, load_tokenizer
@@ -19,20 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def parrot(tiny_model_dir):
     """The tiny model trained until it answers every chat with REPLY and then ends its turn."""
     model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt + REPLY + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
-    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    labels = ids.clone()
-    labels[:, :n_prompt] = -100
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 0.05
-    return model.eval(), tokenizer
+    [prompt] = encode_prompts(tokenizer, [QUESTION])
+    reply = tokenizer.encode(REPLY + "<|im_end|>", add_special_tokens=False)
+    return train_to_say(model, prompt, reply, lr=3e-3, steps=60).eval(), tokenizer
 
 
 def test_generation_stops_at_end_of_turn(parrot):

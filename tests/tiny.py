@@ -146,3 +146,22 @@ def save_adapter_with_added_tokens(base: str | Path, folder: str | Path, tokens=
     adapted.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def train_to_say(model, prompt_ids: list[int], reply_ids: list[int], *, lr: float, steps: int):
+    """`model`, trained in place (Adam at `lr` for `steps` steps, from seed 0) on the one sequence `prompt_ids`
+    then `reply_ids`, the loss on the reply alone, until greedy it answers the prompt with that reply."""
+    import torch
+
+    ids = torch.tensor([[*prompt_ids, *reply_ids]])
+    labels = ids.clone()
+    labels[:, : len(prompt_ids)] = -100
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, f"the reply's loss is {loss.item():.3f} after {steps} steps; it is not learnt"
+    return model
