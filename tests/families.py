@@ -243,6 +243,71 @@ def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def save_smolvlm_model(folder: str | Path, *, seed: int = 0) -> Path:
+    """A SmolVLM-shaped model (SmolVLM and SmolVLM2 are `Idefics3ForConditionalGeneration`) at tiny sizes and
+    random weights, as the hub has it: a Llama text model behind a SigLIP vision encoder whose patches a pixel
+    shuffle (scale_factor 2) merges, SmolLM2's tokenizer with the image tokens (`<fake_token_around_image>`,
+    `<image>`, `<global-img>`, `<row_i_col_j>`), SmolVLM's chat template (an image part is `<image>`) and the
+    processor `AutoProcessor` loads: an image is resized to a longest side of 64, split into 32x32 tiles and
+    shown as each tile's 4 `<image>` tokens and the whole image's (20x16: 2x2 tiles; 40x16: 1x2)."""
+    import torch
+    from tiny import tiny_tokenizer
+    from tokenizers import AddedToken
+    from transformers import (
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer()
+    image = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+    tiles = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    tokens = [AddedToken(t, normalized=False, special=True) for t in image + tiles]
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    tokenizer.eos_token = "<end_of_utterance>"
+    tokenizer.chat_template = (TEMPLATES / "smolvlm.jinja").read_text(encoding="utf-8").removesuffix("\n")
+    tokenizer.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32}, do_image_splitting=True
+    )
+    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template)
+    processor.save_pretrained(folder)
+    config = Idefics3Config(
+        text_config=dict(
+            model_type="llama",
+            **_SHAPE,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    return folder
+
+
 def png_data_url(colour: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> str:
     """A PNG of one colour as the data URL an OpenAI image part holds."""
     import base64

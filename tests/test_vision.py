@@ -1176,3 +1176,184 @@ def test_a_data_check_that_stops_at_an_image_row_counts_each_row_once(tmp_path, 
     counts = report["counts"]
     assert counts["rejected_by_code"] == {"images_not_read": 1}
     assert (counts["read"], counts["valid"], counts["rejected"]) == (3, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def smolvlm_model(tmp_path_factory) -> Path:
+    from families import save_smolvlm_model
+
+    return save_smolvlm_model(tmp_path_factory.mktemp("smolvlm") / "model")
+
+
+@pytest.fixture(scope="module")
+def smolvlm(smolvlm_model):
+    return load_model(str(smolvlm_model), dtype=torch.float32).eval(), load_tokenizer(str(smolvlm_model))
+
+
+def as_parts(messages: list[dict]) -> list[dict]:
+    """Messages with each string content as one text part, as SmolVLM's template (which leaves a string's text out)
+    is given them."""
+    text = {"type": "text"}
+    return [
+        {**m, "content": [{**text, "text": m["content"]}]} if isinstance(m["content"], str) else m for m in messages
+    ]
+
+
+def test_smolvlm_rows_hold_the_image_tokens_its_processor_expands_and_train_on_the_reply_alone(smolvlm_model, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    tokenizer = load_tokenizer(str(smolvlm_model))
+    images = image_inputs(tokenizer)
+    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 16))]
+    data = prepare(
+        DataConfig(train=str(write_jsonl(tmp_path / "rows.jsonl", rows)), validation=0.0),
+        tokenizer,
+        use_cache=False,
+        log=lambda *_: None,
+    )
+    processor = AutoProcessor.from_pretrained(smolvlm_model)
+    by_answer = {"red": (RED, (20, 16)), "blue": (BLUE, (40, 16))}
+    counts = []
+    for example in data.train:
+        answer = "red" if example.images[0] == png(RED) else "blue"
+        colour, size = by_answer[answer]
+        text = processor.apply_chat_template(
+            as_parts([*QUESTION, {"role": "assistant", "content": f"It is {answer}."}]), tokenize=False
+        )
+        expected = processor(text=text, images=[Image.new("RGB", size, colour)], add_special_tokens=False)
+        assert example.input_ids.tolist() == expected["input_ids"][0] and len(example.images) == 1
+        ids, labels = example.input_ids.tolist(), example.labels.tolist()
+        assert all(label == IGNORE_INDEX for t, label in zip(ids, labels) if t == images.image_token_id)
+        trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+        assert trained == f" It is {answer}.<end_of_utterance>"
+        counts.append(ids.count(images.image_token_id))
+    assert sorted(counts) == [12, 20]  # 1x2 tiles and the whole image, 2x2 and the whole: 4 tokens each
+
+
+@pytest.mark.parametrize("size", [(20, 16), (40, 16), (16, 40), (300, 40), (33, 33), (65, 20), (7, 90)])
+def test_smolvlm_counts_an_images_tiles_from_its_size_as_its_processor_splits_the_upright_image(smolvlm_model, size):
+    """The tiles an image's tokens show are those the processor splits the decoded image into, upright or stored
+    sideways with an EXIF rotation (which swaps its sides, and so its rows and columns of tiles)."""
+    import io
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    images = image_inputs(load_tokenizer(str(smolvlm_model)))
+    processor = AutoProcessor.from_pretrained(smolvlm_model)
+    stored = Image.new("RGB", size, GREEN)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    sideways = io.BytesIO()
+    stored.save(sideways, "PNG", exif=exif)
+    for data, upright in [(png(GREEN, size), size), (sideways.getvalue(), size[::-1])]:
+        expected = processor(text="<image>", images=[Image.new("RGB", upright, GREEN)])["input_ids"][0]
+        ours = processor.tokenizer(images.expand("<image>", [data]), add_special_tokens=False)["input_ids"]
+        assert ours == list(expected) and images.shown(ours) == 1
+        pixels = images.model_inputs([data], torch.tensor([ours]))["pixel_values"]
+        assert pixels.shape[1] == ours.count(images.image_token_id) // 4  # a tile's pixels for each tile's tokens
+
+
+def test_smolvlm_lora_trains_the_language_model_resumes_exactly_and_exports_merged_with_its_processor(
+    smolvlm_model, tmp_path
+):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tuneforge.exporting import export
+    from tuneforge.training.loop import train
+
+    rows = [image_row(c, f"It is {n}.", (20 + 8 * i, 16)) for i in range(8) for c, n in ((RED, "red"), (BLUE, "blue"))]
+    config = {
+        "base_model": str(smolvlm_model),
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "validation": 0.25, "max_length": 96},
+        "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "save_every": 3},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+    def losses() -> list[float]:
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        return [r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r]
+
+    final = train(config, progress=False).final_dir
+    uninterrupted = losses()
+    assert uninterrupted[-1] < uninterrupted[0] - 0.3
+    train(config, resume=str(tmp_path / "run" / "checkpoints" / "step-3"), progress=False)
+    assert losses() == uninterrupted
+
+    adapted = load_model(str(tmp_path / "run"), dtype=torch.float32).eval()
+    trained = [name for name, _ in adapted.named_parameters() if "lora_" in name]
+    assert trained and all(".text_model." in name for name in trained)  # the vision encoder stays frozen
+
+    merged = export(tmp_path / "run", "merged", None, tmp_path / "merged", progress=False).out
+    assert image_inputs(load_tokenizer(str(merged))) is not None  # it still reads images
+    assert AutoProcessor.from_pretrained(merged).image_seq_len == 4
+    plain = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(final))
+    data = prepare(DataConfig(train=config["data"]["train"], validation=0.0), tokenizer, use_cache=False, log=print)
+    batch = collate(data.train[:4], tokenizer.pad_token_id, images=image_inputs(tokenizer))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, theirs = adapted(**inputs).logits, plain(**inputs).logits
+    assert (ours - theirs).abs().max().item() < 1e-3
+
+
+SMOLVLM_PROMPTS = [
+    (QUESTION, [png(RED)]),
+    ([{"role": "user", "content": "Hello there, how are you?"}], []),
+    (QUESTION, [png(GREEN, (40, 16))]),
+]
+
+
+def smolvlm_processor_answers(model, folder, max_new_tokens) -> list[str]:
+    """transformers' greedy `generate` on SmolVLM's processor's inputs for each of `SMOLVLM_PROMPTS`."""
+    import io
+
+    from PIL import Image
+
+    pictures = [[Image.open(io.BytesIO(data)) for data in shown] for _, shown in SMOLVLM_PROMPTS]
+    return [
+        processor_answer(model, folder, as_parts(prompt), shown, max_new_tokens)
+        for (prompt, _), shown in zip(SMOLVLM_PROMPTS, pictures)
+    ]
+
+
+def test_smolvlm_prompts_with_images_are_answered_as_transformers_generates_from_the_processors_inputs(
+    smolvlm, smolvlm_model
+):
+    model, tokenizer = smolvlm
+    ours = answer(model, tokenizer, SMOLVLM_PROMPTS, 8)
+    expected = smolvlm_processor_answers(model, smolvlm_model, 8)
+    assert [c.text for c in ours] == expected and [len(c.token_ids) for c in ours] == [8, 8, 8]
+    assert expected[0] != expected[2]  # the images reach the answers
+    alone = [answer(model, tokenizer, [row], 8)[0].text for row in SMOLVLM_PROMPTS]
+    assert alone == expected
+
+
+def test_serve_and_a_loaded_smolvlm_answer_image_messages_as_transformers_generates(smolvlm, smolvlm_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import running_server
+
+    import tuneforge
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    model, tokenizer = smolvlm
+    expected = smolvlm_processor_answers(model, smolvlm_model, 6)
+    requests = [
+        image_content(png_data_url(RED)),
+        "Hello there, how are you?",
+        image_content(png_data_url(GREEN, (40, 16))),
+    ]
+    engine = Engine(AdapterPool(str(smolvlm_model)), max_batch=8)
+    try:
+        with running_server(create_app(engine)) as url, ThreadPoolExecutor(len(requests)) as pool:
+            replies = list(pool.map(lambda content: ask(url, content, max_tokens=6), requests))
+    finally:
+        engine.close()
+    assert [reply.choices[0].message.content for reply in replies] == expected
+    prompt_tokens = [c.prompt_tokens for c in answer(model, tokenizer, SMOLVLM_PROMPTS, 1)]
+    assert [reply.usage.prompt_tokens for reply in replies] == prompt_tokens  # each image's tiles counted
+    loaded = tuneforge.load(smolvlm_model, precision="fp32", progress=False)
+    chats = [loaded.chat([{"role": "user", "content": content}], max_new_tokens=6) for content in requests]
+    assert [c["content"] for c in chats] == expected

@@ -160,6 +160,8 @@ def load_tokenizer(
     if not tokenizer.chat_template:
         warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
         tokenizer.chat_template = fallback_template(tokenizer)
+    if isinstance(tokenizer.chat_template, str):
+        tokenizer.chat_template = text_as_parts(tokenizer)
         _GIVEN_CHATML.add(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = _pad_token(tokenizer)
@@ -175,6 +177,41 @@ def load_tokenizer(
     if images is not None:
         _IMAGES[tokenizer] = images
     return tokenizer
+
+
+TEXT_AS_PARTS = (
+    "{%- set text_as_parts = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set text_as_parts.messages = text_as_parts.messages"
+    " + [dict(message, content=[{'type': 'text', 'text': message['content']}])] -%}"
+    "{%- else -%}{%- set text_as_parts.messages = text_as_parts.messages + [message] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = text_as_parts.messages %}"
+)
+"""What a chat template that reads a message's content only as parts gets before it: each message whose content is
+a string is given to it as one text part."""
+
+
+def text_as_parts(tokenizer) -> str:
+    """The tokenizer's chat template, and before it `TEXT_AS_PARTS` where it reads a message's content only as
+    parts (SmolVLM's: a string's text is left out, so a reply would train on nothing): tuneforge, serve and chat
+    give text as a string, and the template then writes it as the same text in a part; content given as parts
+    renders as the template alone renders it."""
+    from jinja2 import TemplateError
+
+    template = tokenizer.chat_template
+    probe = "tuneforge probe text"
+    try:
+        as_string = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+        as_part = tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": probe}]}], tokenize=False
+        )
+    except (TemplateError, TypeError, ValueError):  # a template that refuses the probe is refused where it renders
+        return template
+    if probe in as_string or probe not in as_part or template.startswith(TEXT_AS_PARTS):
+        return template
+    return TEXT_AS_PARTS + template
 
 
 def generating_class(config):
