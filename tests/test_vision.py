@@ -1357,3 +1357,16 @@ def test_serve_and_a_loaded_smolvlm_answer_image_messages_as_transformers_genera
     loaded = tuneforge.load(smolvlm_model, precision="fp32", progress=False)
     chats = [loaded.chat([{"role": "user", "content": content}], max_new_tokens=6) for content in requests]
     assert [c["content"] for c in chats] == expected
+
+
+def test_gguf_export_of_smolvlm_is_refused_before_its_weights_load_naming_the_mmproj_it_would_need(
+    smolvlm_model, tmp_path
+):
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.exporting import export
+
+    with pytest.raises(TuneforgeError) as refused:
+        export(smolvlm_model, "gguf", None, tmp_path / "gguf", progress=False)
+    assert refused.value.code == "unsupported_architecture" and not (tmp_path / "gguf").exists()
+    assert "This model is idefics3 and reads images" in str(refused.value)
+    assert "mmproj file for gemma3 alone. Export it --format merged" in str(refused.value)

@@ -114,6 +114,13 @@ def check_supported(config, tokenizer, source: ModelSource) -> None:
             f"{config.model_type} ({architecture} in GGUF). Export it --format merged instead.",
             code="unsupported_architecture",
         )
+    if reads_images(config) and config.model_type not in MMPROJ_PROJECTORS:
+        raise TuneforgeError(
+            f"This model is {config.model_type} and reads images: its GGUF for llama.cpp is the text model "
+            f"({architecture}) and an mmproj file of its vision encoder and projector, and tuneforge writes and checks "
+            f"an mmproj file for {', '.join(MMPROJ_PROJECTORS)} alone. Export it --format merged instead.",
+            code="unsupported_architecture",
+        )
     if not _has_output_layer(architecture) and (untied := _untied_output(config, source)):
         raise TuneforgeError(
             f"{architecture} GGUF files hold one matrix for the input embeddings and the output layer (llama.cpp reads "
