@@ -160,9 +160,9 @@ def load_tokenizer(
     if not tokenizer.chat_template:
         warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
         tokenizer.chat_template = fallback_template(tokenizer)
+        _GIVEN_CHATML.add(tokenizer)
     if isinstance(tokenizer.chat_template, str):
         tokenizer.chat_template = text_as_parts(tokenizer)
-        _GIVEN_CHATML.add(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = _pad_token(tokenizer)
     if tokenizer.pad_token is None:
