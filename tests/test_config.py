@@ -634,6 +634,33 @@ def test_missing_data_files_are_refused_by_key_and_line_before_any_model_loads(t
         ]
 
 
+def test_a_training_run_checks_its_data_files_once_before_its_evaluation_checks(tmp_path, monkeypatch):
+    from tuneforge import pipeline
+    from tuneforge.training import loop
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"base_model: no-such-model\noutput_dir: {tmp_path / 'run'}\ndata:\n  train: train.jsonl\n")
+    calls, checked = [], Config.check_data_files
+
+    def check_data_files(cfg):
+        calls.append("data files")
+        checked(cfg)
+
+    class Stop(Exception):
+        pass
+
+    def setup(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(Config, "check_data_files", check_data_files)
+    monkeypatch.setattr(pipeline, "check_eval_inputs", lambda cfg: calls.append("evaluation"))
+    monkeypatch.setattr(loop, "setup", setup)  # where the model would load: the checks are done by then
+    with pytest.raises(Stop):
+        pipeline.train(path, progress=False)
+    assert calls == ["data files", "evaluation"]
+
+
 def test_a_key_left_without_a_value_is_refused_as_empty(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data:\n  train:\nlora:\ntrain:\n  learning_rate:\n")

@@ -39,11 +39,12 @@ def train(
     their checks.
     `progress=False` leaves out the progress line, the closing table of metrics and transformers' bars."""
     cfg = load_config(config, overrides)
-    # The data files first: the evaluation's checks read the validation file and the base model's tokenizer.
-    cfg.check_data_files()
-    check_eval_inputs(cfg)
     with library_bars(progress):
-        result = train_only(cfg, resume=resume, force=force, overwrite=overwrite, progress=progress)
+        # The evaluation's checks come after training's check of the data files: they read the validation file
+        # and the base model's tokenizer.
+        result = train_only(
+            cfg, resume=resume, force=force, overwrite=overwrite, progress=progress, checks=check_eval_inputs
+        )
         if result.final_dir is None or not cfg.eval.asked:
             return result  # interrupted, or a process other than rank 0, or nothing asked
         evaluate_run(cfg, result.metrics, progress=progress)

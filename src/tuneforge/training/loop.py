@@ -933,11 +933,16 @@ def train(
     force: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    checks: Callable[[Config], object] | None = None,
 ) -> TrainResult:
     """Fine-tune as the config says. `resume` is "latest" (or True) or a checkpoint folder; `overwrite` starts
-    afresh in an output_dir that holds an earlier run (`refuse_earlier_run`, `clear_earlier_run`)."""
+    afresh in an output_dir that holds an earlier run (`refuse_earlier_run`, `clear_earlier_run`).
+    `checks`: a caller's own checks of the config (`pipeline.train`'s of its evaluation), run once its data
+    files are found and before any process group, data or model."""
     cfg = load_config(config, overrides)
     cfg.check_data_files()
+    if checks is not None:
+        checks(cfg)
     refuse_resume_with_overwrite(cfg, resume, overwrite)
     check_output_dir(cfg)
     world = distributed.setup(cfg.train.distributed_timeout)
