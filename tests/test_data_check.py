@@ -141,6 +141,20 @@ def test_a_model_that_cannot_be_loaded_exits_2(good_file, capsys, models):
     assert "no model called missing-model" in err and not out
 
 
+@pytest.mark.parametrize("name", ["run.yaml", "run.yml"])
+def test_a_config_given_as_data_names_the_command_that_checks_its_data(tmp_path, capsys, models, good_file, name):
+    config = tmp_path / name
+    config.write_text(f"data:\n  train: {good_file}\n")
+    assert check_command([str(good_file), str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert " ".join(err.split()) == (
+        f"error: {config} is a YAML file, which tuneforge data check does not read as data: a training config's "
+        "data is checked, every row with its base_model's tokenizer as training reads it, by `tuneforge validate "
+        f"{config}`; give data check the data files themselves."
+    )
+    assert not out and not models  # refused before a tokenizer loads
+
+
 def test_options_reach_the_checks(tmp_path, capsys, models):
     path = write_jsonl(tmp_path / "long.jsonl", [chat("Hi", "Hello."), chat("Hi", "A long answer. " * 40)])
     assert check_command([str(path)], max_length=32, json_out=True) == 0

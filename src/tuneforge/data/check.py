@@ -45,6 +45,7 @@ def check_command(
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
     console = Console(highlight=False, soft_wrap=True)
     try:
+        _refuse_configs(files)
         options = {"format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
         report, tokenizer = _files_report(files, model, options, progress=True)
     except TuneforgeError as e:  # a refused option: each complaint on a line of its own
@@ -117,6 +118,19 @@ def _is_config(value) -> bool:
     return isinstance(value, (dict, Config)) or (
         isinstance(value, (str, Path)) and config_file(value).suffix.lower() in (".yaml", ".yml")
     )
+
+
+def _refuse_configs(files: list[str]) -> None:
+    """A YAML file among the data files, before any tokenizer loads: it is no data format, but a training config,
+    whose data `tuneforge validate` checks."""
+    for path in files:
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
+            raise ConfigError(
+                f"{path} is a YAML file, which tuneforge data check does not read as data: a training config's data "
+                f"is checked, every row with its base_model's tokenizer as training reads it, by `tuneforge validate "
+                f"{path}`; give data check the data files themselves.",
+                code="bad_option",
+            )
 
 
 def _files_report(files, model, options: dict, *, progress) -> tuple[dict, object]:
