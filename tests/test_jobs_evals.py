@@ -403,8 +403,9 @@ def test_a_run_renders_each_items_tools_and_returns_the_calls_as_a_chat_completi
 ):
     """An item's `tools`, else the sampling params' (OpenAI's `sampling_params.tools`), are in its prompt as
     `tuneforge serve` renders a request's; a reply that calls one has the calls in the sample's assistant message
-    with finish_reason tool_calls, and the graders read them as `sample.output_tools`. Bad tools are a 400 naming
-    the field, and a model whose chat template writes no tools fails the run, saying so."""
+    with finish_reason tool_calls, and the graders read them as `sample.output_tools`. Bad tools, and tools for a
+    model whose chat template writes none or whose calls are not parsed, are a 400 naming the field when the run is
+    created (serve refuses such a request's tools), not a run queued to fail."""
     from families import CLOCK_TOOL, FAMILIES, WEATHER_TOOL, save_family_model
 
     from tuneforge import generate as generate_module
@@ -457,13 +458,20 @@ def test_a_run_renders_each_items_tools_and_returns_the_calls_as_a_chat_completi
         assert (run.result_counts.passed, run.result_counts.total) == (2, 2)
         outputs = sdk.evals.runs.output_items.list(run.id, eval_id=evaluation.id, order="asc").data
         unwritten = {**source, "model": str(tiny_model_dir)}  # its ChatML template has no place for tools
-        run = wait_run(sdk, evaluation.id, sdk.evals.runs.create(evaluation.id, data_source=unwritten).id)
-        assert run.status == "failed" and run.error.code == "unsupported_value"
-        assert "does not write tool definitions" in run.error.message
-        unparsed_run = sdk.evals.runs.create(evaluation.id, data_source={**source, "model": str(unparsed)})
-        run = wait_run(sdk, evaluation.id, unparsed_run.id)
-        assert run.status == "failed" and run.error.code == "unsupported_value"
-        assert "writes tool calls in a form that is not parsed" in run.error.message
+        param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=unwritten))
+        assert param == "data_source.source.content[0]" and "item.tools" in message
+        assert "does not write tool definitions" in message
+        unparsed_source = {**source, "model": str(unparsed), "source": inline(items[1:])}  # the sampling params'
+        param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=unparsed_source))
+        assert param == "data_source.sampling_params.tools"
+        assert "writes tool calls in a form that is not parsed" in message
+        uploaded = sdk.files.create(
+            file=("items.jsonl", "".join(json.dumps({"item": i}) + "\n" for i in items).encode()), purpose="evals"
+        )
+        from_file = {**source, "model": str(unparsed), "source": {"type": "file_id", "id": uploaded.id}}
+        param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=from_file))
+        assert param == f"{uploaded.id} item[0]" and "item.tools" in message
+        assert [r.model for r in sdk.evals.runs.list(evaluation.id)] == [str(folder)]  # none of them queued
     assert sampled == [[WEATHER_TOOL], [CLOCK_TOOL, WEATHER_TOOL]]
     tokenizer = load_tokenizer(str(folder))
     for output, tools, name in zip(outputs, sampled, ["get_weather", "get_time"]):
@@ -477,3 +485,22 @@ def test_a_run_renders_each_items_tools_and_returns_the_calls_as_a_chat_completi
             ("function", name, "{}")
         ]
         assert sample["finish_reason"] == "tool_calls" and output.results[0].passed
+
+
+def test_a_queued_run_whose_models_template_no_longer_parses_its_calls_fails_when_it_starts(tmp_path):
+    """The model's folder may change between a run's creation and its start (an allowed model replaced): a run
+    whose model no longer has its calls parsed fails when it starts, saying so, rather than grade calls left in
+    the text."""
+    from families import FAMILIES, WEATHER_TOOL, save_family_model
+
+    folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
+    items = [{"question": "Weather in Paris?", "answer": "get_weather", "tools": [WEATHER_TOOL]}]
+    with restarted(tmp_path / "home", workers=0, allowed_models=[str(folder)]) as sdk:
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER])
+        run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(folder), inline(items)))
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text().replace("tool_call>", "function_call>"))
+    with restarted(tmp_path / "home", workers=1, allowed_models=[str(folder)]) as sdk:
+        run = wait_run(sdk, evaluation.id, run.id)
+    assert run.status == "failed" and run.error.code == "unsupported_value"
+    assert "item.tools" in run.error.message and "writes tool calls in a form that is not parsed" in run.error.message

@@ -315,6 +315,32 @@ def item_tools(sampling_tools: list[dict] | None, items: list[dict]) -> list[lis
     return [tool_definitions(item["tools"])[0] if item.get("tools") else fallback for item in items]
 
 
+def check_tools_read(
+    tokenizer: Callable[[], Any], model: str, sampling_tools: list[dict] | None, items: list[dict], item_param: str
+) -> list[list[dict] | None]:
+    """The tools each item's prompt offers (`item_tools`), once the chat template of `model` (whose tokenizer
+    `tokenizer()` gives, asked only where a prompt offers tools) writes them and its calls are parsed, as serve
+    requires of a request's tools: else a 400 naming where the first item's tools were given."""
+    from ..tool_calls import tool_call_parser
+
+    tools = item_tools(sampling_tools, items)
+    first = next((index for index, offered in enumerate(tools) if offered), None)
+    if first is None:
+        return tools
+    own = bool(items[first].get("tools"))
+    param = f"{item_param}[{first}]" if own else "data_source.sampling_params.tools"
+    try:
+        tool_call_parser(tokenizer(), f"`{model}`", "item.tools" if own else param)
+    except ConfigError as err:
+        raise APIError(400, f"{param}: {err.message}" if own else err.message, param=param, code=err.code) from None
+    return tools
+
+
+def items_param(source: dict) -> str:
+    """How the refusals name a run's items: by its file's id, or as its inline content."""
+    return f"{source['id']} item" if source["type"] == "file_id" else "data_source.source.content"
+
+
 def run_items(store: Store, storage: FileStorage, run: EvalRun) -> list[dict]:
     """The items a run answers: its inline content, or its file's lines."""
     source = run.data_source["source"]
@@ -436,7 +462,6 @@ class EvalRunner:
     def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
         from ..generate import encode_each, generate, load_for_inference
         from ..models import load_tokenizer, model_context_length, resolve
-        from ..tool_calls import tool_call_parser
 
         evaluation = self.store.get_eval(run.owner, run.eval_id)
         if evaluation is None:
@@ -457,12 +482,13 @@ class EvalRunner:
             **DEFAULT_SAMPLING,
             **{k: v for k, v in (source.get("sampling_params") or {}).items() if v is not None},
         }
-        tools = item_tools(sampling.get("tools"), items)
-        if any(tools):  # the model's template must write the tools, and its calls be read, as serve requires
-            try:
-                tool_call_parser(tokenizer, f"`{run.model}`", "the items' tools or data_source.sampling_params.tools")
-            except ConfigError as err:
-                raise RunFailure(err.code, err.message) from None
+        # Checked when the run was created; checked again, as the model's folder may have changed since.
+        try:
+            tools = check_tools_read(
+                lambda: tokenizer, run.model, sampling.get("tools"), items, items_param(source["source"])
+            )
+        except APIError as err:
+            raise RunFailure(err.code, err.message) from None
         model = load_for_inference(model_source, "eval")
 
         def on_progress(_: int) -> None:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
 
+from ...models import load_tokenizer, resolve
 from ...web import APIError, caller, list_body
 from ..evals import (
     CreateEvalBody,
@@ -16,10 +17,12 @@ from ..evals import (
     check_items,
     check_items_match,
     check_tools,
+    check_tools_read,
     data_source_config,
     eval_body,
     file_items,
     input_templates,
+    items_param,
     run_body,
     testing_criteria,
 )
@@ -111,20 +114,30 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
                 param="data_source.source.id",
                 code="invalid_file_purpose",
             )
-        items, item_param = file_items(service.storage.path(row), row.id), f"{row.id} item"
+        items = file_items(service.storage.path(row), row.id)
     else:
-        items, item_param = [row.item for row in source.source.content], "data_source.source.content"
+        items = [row.item for row in source.source.content]
+    item_param = items_param(source.source.model_dump(include={"type", "id"}))
     check_items_match(evaluation.data_source_config["schema"]["properties"]["item"], items, item_param)
     check_items(graders, templates, items, item_param)
-    check_tools(source.sampling_params.tools if source.sampling_params else None, items, item_param)
+    sampling_tools = source.sampling_params.tools if source.sampling_params else None
+    check_tools(sampling_tools, items, item_param)
     target = service.access.for_inference(owner, source.model)  # a model the caller may not use is refused now
+    model_source = str(target.adapter or target.base)
+    check_tools_read(
+        lambda: load_tokenizer(resolve(model_source, pull_missing=False)),
+        source.model,
+        sampling_tools,
+        items,
+        item_param,
+    )
     run = EvalRun(
         id=new_id("evalrun_"),
         owner=owner,
         eval_id=evaluation.id,
         name=body.name or f"{source.model} run",
         model=source.model,
-        model_source=str(target.adapter or target.base),
+        model_source=model_source,
         metadata_=body.metadata,
         data_source=source.model_dump(mode="json", exclude_none=True),
         status="queued",
