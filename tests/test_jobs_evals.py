@@ -504,3 +504,44 @@ def test_a_queued_run_whose_models_template_no_longer_parses_its_calls_fails_whe
         run = wait_run(sdk, evaluation.id, run.id)
     assert run.status == "failed" and run.error.code == "unsupported_value"
     assert "item.tools" in run.error.message and "writes tool calls in a form that is not parsed" in run.error.message
+
+
+def test_a_reasoning_models_sample_is_the_message_a_chat_completion_gives(tmp_path, monkeypatch):
+    """A reasoning model's answer is its sample's assistant message as serve's chat completion gives it: the
+    reasoning in `reasoning_content`, the answer after it in `content`, the calls after it in `tool_calls` (content
+    null, finish_reason tool_calls); one cut while reasoning has an empty answer and finish_reason length."""
+    from families import FAMILIES, WEATHER_TOOL, save_family_model
+
+    from tuneforge import generate as generate_module
+    from tuneforge.generate import Completion
+
+    folder = save_family_model(FAMILIES["qwen3"], tmp_path / "qwen3")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    replies = [
+        ("<think>\nadding\n</think>\n\nfour", "stop"),
+        (f"<think>\nask the tool\n</think>\n\n{call}", "stop"),
+        ("<think>\nstill thin", "length"),
+    ]
+    monkeypatch.setattr(
+        generate_module, "generate", lambda *_, **__: [Completion(text, 9, 4, reason) for text, reason in replies]
+    )
+    items = [
+        {"question": "What is two plus two?", "answer": "four"},
+        {"question": "Weather in Paris?", "answer": "get_weather", "tools": [WEATHER_TOOL]},
+        {"question": "Why is the sky blue?", "answer": "light"},
+    ]
+    with restarted(tmp_path / "home", workers=1, allowed_models=[str(folder)]) as sdk:
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER])
+        run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(folder), inline(items)))
+        run = wait_run(sdk, evaluation.id, run.id)
+        assert run.status == "completed", run.error
+        outputs = sdk.evals.runs.output_items.list(run.id, eval_id=evaluation.id, order="asc").data
+    samples = [output.sample.model_dump() for output in outputs]
+    assert [sample["finish_reason"] for sample in samples] == ["stop", "tool_calls", "length"]
+    messages = [sample["output"][0] for sample in samples]
+    assert messages[0] == {"role": "assistant", "reasoning_content": "adding", "content": "four"}
+    assert messages[2] == {"role": "assistant", "reasoning_content": "still thin", "content": ""}
+    assert (messages[1]["reasoning_content"], messages[1]["content"]) == ("ask the tool", None)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in messages[1]["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"})
+    ]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .data.render import renderer_for
 from .tasks.metrics import THINK_CLOSE, THINK_OPEN, split_reasoning
+from .tool_calls import reply_finish_reason
 
 if TYPE_CHECKING:
     from .tool_calls import ParsedReply
@@ -57,6 +58,15 @@ def assistant_message(text: str, opened: bool | None, calls: Callable[[str], Par
     if calls is not None and (parsed := calls(reply[CONTENT])) is not None:
         reply.update(content=parsed.content, tool_calls=parsed.tool_calls)
     return reply
+
+
+def assistant_reply(
+    text: str, generated: str, opened: bool | None, calls: Callable[[str], ParsedReply | None] | None = None
+) -> tuple[dict, str]:
+    """A reply's `assistant_message` and its finish_reason (`generated`, the generation's, as
+    `tool_calls.reply_finish_reason` gives it), as serve's chat completions and an Evals run's samples give them."""
+    reply = assistant_message(text, opened, calls)
+    return reply, reply_finish_reason(generated, "tool_calls" in reply)
 
 
 class ReasoningSplitter:

@@ -94,6 +94,12 @@ class ToolCallParser:
         return f"call_{drawn[:12].hex()}"
 
 
+def reply_finish_reason(generated: str, called: bool) -> str:
+    """A reply's finish_reason as a chat completion gives it: "tool_calls" where it ended by itself ("stop") and
+    makes calls (`called`), else the generation's ("stop", or "length" where it was cut, calls or not)."""
+    return "tool_calls" if called and generated == "stop" else generated
+
+
 class HeldStream:
     """The text of a streamed answer parsed for tool calls, sent up to where a call may be starting: `feed` takes
     each piece and gives the text to send now, `finish` the rest once the reply is whole."""

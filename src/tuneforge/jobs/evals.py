@@ -7,8 +7,9 @@ is a `completions` one: items (a JSONL file uploaded with purpose `evals`, or gi
 template whose `{{ item.x }}` references are the graders' templates, the model (one the caller may use
 for inference) and sampling params. The tools an item's prompt offers, its own `tools` or else the sampling
 params' `tools` (OpenAI's chat completion tools), are rendered into the prompt as `tuneforge serve` renders a
-request's; an answer that calls them has its calls in the sample's assistant message (`tool_calls`, as a chat
-completion's) and in the graders' `sample.output_tools`. Runs are queued and run by the workers of the server
+request's; an answer that calls them has its calls in the graders' `sample.output_tools`. A sample's assistant
+message and finish_reason are a chat completion's (`reasoning.assistant_reply`, as serve's): a reasoning model's
+reasoning apart in `reasoning_content`, the calls in `tool_calls`. Runs are queued and run by the workers of the server
 (`EvalRunner`): the model answers every item through `tuneforge.generate`, each testing criterion grades the
 answers, and the run's counts and output items are stored in one transaction when it completes.
 """
@@ -27,6 +28,7 @@ from ..data.formats import tool_definitions
 from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
+from ..tool_calls import ToolCallParser
 from ..web import APIError, Metadata, RequestBody, failure_id
 from ..web.errors import unreadable_json
 from .files import FileStorage
@@ -317,23 +319,24 @@ def item_tools(sampling_tools: list[dict] | None, items: list[dict]) -> list[lis
 
 def check_tools_read(
     tokenizer: Callable[[], Any], model: str, sampling_tools: list[dict] | None, items: list[dict], item_param: str
-) -> list[list[dict] | None]:
-    """The tools each item's prompt offers (`item_tools`), once the chat template of `model` (whose tokenizer
-    `tokenizer()` gives, asked only where a prompt offers tools) writes them and its calls are parsed, as serve
-    requires of a request's tools: else a 400 naming where the first item's tools were given."""
+) -> tuple[list[list[dict] | None], ToolCallParser | None]:
+    """The tools each item's prompt offers (`item_tools`) and the parser of the calls in the answers (None where no
+    prompt offers tools), once the chat template of `model` (whose tokenizer `tokenizer()` gives, asked only where a
+    prompt offers tools) writes them and its calls are parsed, as serve requires of a request's tools: else a 400
+    naming where the first item's tools were given."""
     from ..tool_calls import tool_call_parser
 
     tools = item_tools(sampling_tools, items)
     first = next((index for index, offered in enumerate(tools) if offered), None)
     if first is None:
-        return tools
+        return tools, None
     own = bool(items[first].get("tools"))
     param = f"{item_param}[{first}]" if own else "data_source.sampling_params.tools"
     try:
-        tool_call_parser(tokenizer(), f"`{model}`", "item.tools" if own else param)
+        parser = tool_call_parser(tokenizer(), f"`{model}`", "item.tools" if own else param)
     except ConfigError as err:
         raise APIError(400, f"{param}: {err.message}" if own else err.message, param=param, code=err.code) from None
-    return tools
+    return tools, parser
 
 
 def items_param(source: dict) -> str:
@@ -462,6 +465,7 @@ class EvalRunner:
     def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
         from ..generate import encode_each, generate, load_for_inference
         from ..models import load_tokenizer, model_context_length, resolve
+        from ..reasoning import assistant_reply, reasoning_opened
 
         evaluation = self.store.get_eval(run.owner, run.eval_id)
         if evaluation is None:
@@ -484,7 +488,7 @@ class EvalRunner:
         }
         # Checked when the run was created; checked again, as the model's folder may have changed since.
         try:
-            tools = check_tools_read(
+            tools, parser = check_tools_read(
                 lambda: tokenizer, run.model, sampling.get("tools"), items, items_param(source["source"])
             )
         except APIError as err:
@@ -507,7 +511,8 @@ class EvalRunner:
         # An input longer than the model's context window leaves no room for an answer: that item errors, saying
         # so, and the others are answered.
         window = model_context_length(model)
-        lengths = [len(ids) for ids in encode_each(tokenizer, prompts, tools)]
+        prompt_ids = encode_each(tokenizer, prompts, tools)
+        lengths = [len(ids) for ids in prompt_ids]
         fits = [i for i, length in enumerate(lengths) if window is None or length < window]
         answered = generate(
             model,
@@ -525,9 +530,6 @@ class EvalRunner:
         for i, answer in zip(fits, answered):
             answers[i] = answer
         samples = rollout_samples([a.text for a in answered], [tools[i] for i in fits], tokenizer)
-        replies: list = [None] * len(items)
-        for i, sample in zip(fits, samples):
-            replies[i] = sample
         grades = {}
         for grader in graders:
             scores = iter(_grade(grader, samples, [items[i] for i in fits], fits))
@@ -579,11 +581,11 @@ class EvalRunner:
                     "tokens, which leaves no room for an answer. Shorten this item's input.",
                 }
             output, finish_reason = [], ""
-            if answer is not None:
-                output, finish_reason = [{"role": "assistant", "content": answer.text}], answer.finish_reason
-                if calls := replies[i]["output_tools"]:  # as a chat completion's message and finish_reason show them
-                    output[0].update(content=replies[i]["output_text"] or None, tool_calls=calls)
-                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            if answer is not None:  # the message and finish_reason a chat completion gives for the answer
+                opened = reasoning_opened(tokenizer, prompt_ids[i])
+                calls = parser.parse if parser is not None and tools[i] else None
+                message, finish_reason = assistant_reply(answer.text, answer.finish_reason, opened, calls)
+                output = [message]
             sample = {
                 "input": prompt,
                 "output": output,

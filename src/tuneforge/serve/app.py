@@ -38,7 +38,7 @@ from ..errors import ConfigError, TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
 from ..models.loading import image_inputs
-from ..tool_calls import HeldStream, ParsedReply, ToolCallParser, tool_call_parser
+from ..tool_calls import HeldStream, ParsedReply, ToolCallParser, reply_finish_reason, tool_call_parser
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
 from . import completion_routes
 from .bodies import (
@@ -124,9 +124,9 @@ class _Reply:
             answer = {"text": self.echoed(index) + completion.text}
             logprobs = self.logprobs(completion.logprobs, prompt=completion.prompt_logprobs, index=index)
         if self.chat:
-            message = reasoning.assistant_message(completion.text, self.reasoning, self.parsed)
-            if "tool_calls" in message:
-                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            message, finish_reason = reasoning.assistant_reply(
+                completion.text, finish_reason, self.reasoning, self.parsed
+            )
             answer = {"message": message}
         return {
             "index": index,
@@ -1085,15 +1085,13 @@ async def _choice_events(reply: _Reply, generation: Generation | Generations, in
         elif text := held.feed(text):
             yield reply.chunk(text, index=index, logprobs=fresh())
     completion = generation.completions[index]
-    finish_reason = completion.finish_reason
-    if held is not None:
-        parsed = reply.parsed(held.text)
-        if text := held.finish(called=parsed is not None):
-            yield reply.chunk(text, index=index, logprobs=fresh())
-        if parsed is not None:
-            yield reply.tool_calls_chunk(parsed.tool_calls, index)
-            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    parsed = reply.parsed(held.text) if held is not None else None
+    if held is not None and (text := held.finish(called=parsed is not None)):
+        yield reply.chunk(text, index=index, logprobs=fresh())
+    if parsed is not None:
+        yield reply.tool_calls_chunk(parsed.tool_calls, index)
     rest = (completion.logprobs or ())[fresh.sent :]
+    finish_reason = reply_finish_reason(completion.finish_reason, called=parsed is not None)
     yield reply.chunk(finish_reason=finish_reason, index=index, logprobs=rest)
 
 
