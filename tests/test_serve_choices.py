@@ -100,7 +100,12 @@ def test_streamed_n_choices_join_to_the_whole_ones(server, route):
             finish[choice["index"]] = choice["finish_reason"]
     assert [texts[i] for i in (0, 1)] == [c["message"]["content"] if chat else c["text"] for c in whole["choices"]]
     assert [finish[i] for i in (0, 1)] == [c["finish_reason"] for c in whole["choices"]]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    # The streamed request's prompt was just answered, so the prefix cache may hold it where the whole one's
+    # depended on the tests before: the counts agree, the cached share of the prompt is at least as large.
+    usage, whole_usage = chunks[-1]["usage"], whole["usage"]
+    cached = usage.pop("prompt_tokens_details")["cached_tokens"]
+    assert cached >= whole_usage.pop("prompt_tokens_details")["cached_tokens"]
+    assert chunks[-1]["choices"] == [] and usage == whole_usage
 
 
 def test_more_choices_than_the_batch_is_a_400_naming_n(client):
