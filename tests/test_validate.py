@@ -98,20 +98,22 @@ def test_a_learning_rate_far_above_fine_tunings_is_a_warning_at_its_line(
         assert "learning_rate (" not in out
 
 
+@pytest.mark.parametrize("from_layer", [0.0, 0.5])
 @pytest.mark.parametrize(
     ("architecture", "left"),
     [("Qwen2MoeConfig", "mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate"), ("MixtralConfig", None)],
 )
 def test_all_linear_that_leaves_a_mixture_of_experts_models_routed_experts_is_a_warning_naming_them(
-    architecture, left, triage_data, tmp_path, capsys
+    architecture, left, from_layer, triage_data, tmp_path, capsys
 ):
     """PEFT adapts Mixtral's fused experts and router under all-linear, and Qwen2-MoE's not (its linear layers
-    alone: attention, the shared expert and its gate)."""
+    alone: attention, the shared expert and its gate); from_layer adapts what all-linear does in the layers it
+    keeps, and the layers below it are no experts left out."""
     from tiny import save_tiny_model, tiny_moe
 
     model = save_tiny_model(tmp_path / "model", build=tiny_moe, architecture=architecture, experts=4)
     cfg = tiny_run_config(model, triage_data, tmp_path / "run")
-    cfg["lora"]["dropout"] = 0.0  # PEFT's adapters on fused experts take no dropout
+    cfg["lora"] |= {"dropout": 0.0, "from_layer": from_layer}  # PEFT's adapters on fused experts take no dropout
     assert validate(write_config(tmp_path / "cfg.yaml", cfg)) == 0
     out = " ".join(capsys.readouterr().out.split())
     if left:
@@ -119,7 +121,9 @@ def test_all_linear_that_leaves_a_mixture_of_experts_models_routed_experts_is_a_
         assert "warning: lora.target_modules (" in out  # at the lora section's line; the console wraps the path
         assert (
             "): all-linear adapts the linear layers of this mixture-of-experts model "
-            f"({linears}), but not {left}, which keep the base's weights" in out
+            f"({linears}), but not {left}, which keep the base's weights: PEFT adapts fused expert weights under "
+            "all-linear itself, and only for the models it maps from transformers 4 (Mixtral, Qwen3-MoE); to train "
+            "the experts, use method: full." in out
         )
     else:
         assert "warning: lora.target_modules" not in out and "mixture-of-experts" not in out

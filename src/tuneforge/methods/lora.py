@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import ParamWrapper
+from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
 from torch import nn
 
 from ..errors import ConfigError, TuneforgeError
@@ -33,18 +35,21 @@ def decoder_linears(model) -> list[str]:
     )
 
 
-def unadapted_experts(model) -> list[str]:
+def unadapted_experts(model, first: int) -> list[str]:
     """The routed experts' fused weights (a mixture-of-experts layer holds each of its projections for all its
-    experts in one 3-D parameter) and the routers' weights in the text decoder that no adapter of `model` reads,
-    named within a layer (mlp.experts.down_proj, mlp.gate). Under all-linear PEFT adapts them for the models it
-    maps from transformers 4's layout, where they were linear layers (Mixtral, Qwen3-MoE, ...); elsewhere
-    (Qwen2-MoE) it reaches the linear layers alone: attention, and a shared expert where there is one."""
+    experts in one 3-D parameter) and the routers' weights in the text decoder's layers from `first` up that no
+    adapter of `model` reads, named within a layer (mlp.experts.down_proj, mlp.gate). Under all-linear PEFT adapts
+    them for the models it maps from transformers 4's layout, where they were linear layers (Mixtral, Qwen3-MoE,
+    ...); elsewhere (Qwen2-MoE) it reaches the linear layers alone: attention, and a shared expert where there is
+    one."""
     adapted = {(id(m.get_base_layer()), m.parameter_name) for m in model.modules() if isinstance(m, ParamWrapper)}
     left = set()
     for name, module in text_decoder(model).named_modules():
         # transformers 5's MixtralExperts, Qwen2MoeExperts, ... and TopKRouter: no Linear layers (a 3-D weight of
         # another module, a convolution's, is no expert).
         experts, router = "Experts" in type(module).__name__, type(module).__name__.endswith("Router")
+        if (layer := re.match(r"(.*\.)?layers\.(\d+)\.", name)) and int(layer[2]) < first:
+            continue
         for key, p in module.named_parameters(recurse=False):
             if ((experts and p.ndim == 3) or (router and key == "weight")) and (id(module), key) not in adapted:
                 within = re.sub(r"^(.*\.)?layers\.\d+\.", "", name).replace(".base_layer", "")
@@ -54,16 +59,16 @@ def unadapted_experts(model) -> list[str]:
 
 def experts_warning(cfg, model) -> str | None:
     """The warning for an all-linear adapter that leaves a mixture-of-experts model's routed experts or router
-    as the base has them (`unadapted_experts`), or None."""
-    if not cfg.trains_adapters or cfg.lora.target_modules != "all-linear" or not (left := unadapted_experts(model)):
+    as the base has them (`unadapted_experts`) in the layers it adapts (lora.from_layer), or None."""
+    if not cfg.trains_adapters or cfg.lora.target_modules != "all-linear":
+        return None
+    if not (left := unadapted_experts(model, first_adapted_layer(model, cfg.lora.from_layer))):
         return None
     return (
         f"{cfg.key_at('lora.target_modules')}: all-linear adapts the linear layers of this mixture-of-experts "
         f"model ({', '.join(decoder_linears(model))}), but not {', '.join(left)}, which keep the base's weights: "
         "PEFT adapts fused expert weights under all-linear itself, and only for the models it maps from "
-        "transformers 4 (Mixtral, Qwen3-MoE)"
-        + (", and lora.from_layer spells all-linear out as the layers' names" if cfg.lora.from_layer else "")
-        + "; to train the experts, use method: full."
+        "transformers 4 (Mixtral, Qwen3-MoE); to train the experts, use method: full."
     )
 
 
@@ -105,22 +110,50 @@ def trained_token_rows(cfg, model, token_ids) -> dict[str, list[int]] | None:
     } or None
 
 
+def first_adapted_layer(model, fraction: float) -> int:
+    """The lowest text decoder layer that lora.from_layer (`fraction` of the depth) adapts."""
+    return int(model.config.get_text_config().num_hidden_layers * fraction)
+
+
+# The index of the layer a module or parameter sits in, as PEFT's layers_to_transform reads it: the first
+# number in its name.
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<index>\d+)\.")
+
+
+def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
+    """Limit `config` to the text decoder's layers from `fraction` of its depth up (lora.from_layer). PEFT takes
+    layers_to_transform with a list of module names alone, and applies it to modules alone, so all-linear is spelt
+    out as PEFT resolves it: the decoder's linear layers by name, and, on the mixture-of-experts models whose fused
+    expert weights and routers PEFT adapts as parameters under all-linear (Mixtral, Qwen3-MoE), those parameters
+    by their full names in these layers, with the ranks PEFT gives them."""
+    first = first_adapted_layer(model, fraction)
+    config.layers_to_transform = list(range(first, model.config.get_text_config().num_hidden_layers))
+    if config.target_modules != "all-linear":
+        return
+    resolved = copy.deepcopy(config)
+    convert_peft_config_for_transformers(resolved, model, get_model_conversion_mapping(model))
+    config.target_modules = set(decoder_linears(model))
+    if resolved.target_parameters:
+        config.target_parameters = sorted(
+            name
+            for name, _ in model.named_parameters()
+            if any(name.endswith(f".{target}") for target in resolved.target_parameters)
+            and (layer := _LAYER_INDEX.match(name))
+            and int(layer["index"]) >= first
+        )
+        config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
+
+
 def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
     lc = cfg.lora
-    targets, layers = lc.target_modules, None
-    if lc.from_layer:
-        depth = model.config.get_text_config().num_hidden_layers
-        layers = list(range(int(depth * lc.from_layer), depth))
-        targets = decoder_linears(model) if targets == "all-linear" else targets
     reward = cfg.method == "reward"
-    return PeftLoraConfig(
+    config = PeftLoraConfig(
         # A reward model's adapter: PEFT trains and saves its score head whole (modules_to_save).
         task_type="SEQ_CLS" if reward else "CAUSAL_LM",
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
-        target_modules=targets,
-        layers_to_transform=layers,
+        target_modules=lc.target_modules,
         use_rslora=lc.use_rslora,
         use_dora=cfg.method == "dora" or (reward and cfg.reward.trains == "dora"),
         modules_to_save=lc.modules_to_save,
@@ -128,6 +161,9 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
         trainable_token_indices=trained_token_rows(cfg, model, token_ids),
         init_lora_weights=True if lc.init == "default" else lc.init,
     )
+    if lc.from_layer:
+        from_layer_up(config, model, lc.from_layer)
+    return config
 
 
 def refuse_tied_targets(model, cfg, config) -> None:
