@@ -769,3 +769,20 @@ def test_target_modules_as_another_string_says_to_write_a_list(tmp_path, written
         load_config(path)
     [line] = [line for line in e.value.message.splitlines() if "lora.target_modules" in line]
     assert line == f"  lora.target_modules (line 4): {said} (got {written!r})"
+
+
+def test_target_modules_as_an_empty_list_is_refused_saying_what_to_write(tmp_path):
+    """PEFT reads an empty target_modules as no module to adapt: the run would train nothing."""
+    said = (
+        "an empty list adapts no layer; write all-linear for every linear layer, or list the layers to adapt, "
+        "such as [q_proj, v_proj] (got [])"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: x\nlora:\n  target_modules: []\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"  lora.target_modules (line 4): {said}" in e.value.message.splitlines()
+    path.write_text("data:\n  train: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["lora.target_modules=[]"])
+    assert f"  lora.target_modules (override): {said}" in e.value.message.splitlines()

@@ -112,6 +112,17 @@ class LoraConfig(Strict):
         listed = f"[{names[0]}]" if plain else "[q_proj, v_proj]"
         raise ValueError(f"a string here is all-linear alone; write the modules as a list: {listed}")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_names(cls, value):
+        # PEFT reads an empty list as no module to adapt (for an adapter on parameters alone): nothing would train.
+        if value == []:
+            raise ValueError(
+                "an empty list adapts no layer; write all-linear for every linear layer, or list the layers to "
+                "adapt, such as [q_proj, v_proj]"
+            )
+        return value
+
     @field_validator("init")
     @classmethod
     def _known_init(cls, value: str) -> str:
