@@ -800,6 +800,31 @@ def test_lora_modules_the_model_lacks_are_refused_before_the_data_is_read(tiny_m
     assert not (tmp_path / "run").exists()  # no data report: the data was never read
 
 
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("mlp", "a LlamaMLP, which holds linear layers but is none: name those (down_proj, gate_proj, up_proj)"),
+        (
+            "input_layernorm",
+            "a LlamaRMSNorm, no linear layer: name linear layers it has "
+            "(down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)",
+        ),
+    ],
+)
+def test_lora_target_modules_naming_no_linear_layer_are_refused_saying_which_to_name(
+    name, said, tiny_model_dir, triage_data, tmp_path
+):
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.target_modules = ["q_proj", name]
+    with pytest.raises(ConfigError) as e:
+        prepare_model(load_model(resolve(str(tiny_model_dir))), cfg)
+    assert e.value.message == f"lora.target_modules: names {name}, which is {said}, or write all-linear."
+
+
 def test_lora_dropout_on_a_mixture_of_experts_models_fused_experts_is_refused_naming_it(triage_data, tmp_path):
     """Under all-linear PEFT adapts Mixtral's fused expert weights, with adapters that take no dropout."""
     from tiny import save_tiny_model, tiny_moe

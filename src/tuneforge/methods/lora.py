@@ -166,6 +166,28 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
     return config
 
 
+def refuse_unadaptable_targets(model, cfg) -> None:
+    """Refuse a lora.target_modules name whose modules are neither linear layers nor embeddings, the layers LoRA
+    adapts here: a block that holds layers (mlp, self_attn) or a norm, which PEFT refuses printing the module whole."""
+    modules = dict(model.named_modules())
+    for wanted in [] if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules:
+        matched = [m for name, m in modules.items() if name == wanted or name.endswith(f".{wanted}")]
+        if any(isinstance(m, nn.Linear | nn.Embedding) for m in matched):
+            continue
+        layers = (name for m in matched for name, c in m.named_modules() if isinstance(c, nn.Linear))
+        inside = sorted({name.rsplit(".", 1)[-1] for name in layers})
+        kind = f"a {type(matched[0]).__name__}"
+        raise ConfigError(
+            f"{cfg.key_at('lora.target_modules')}: names {wanted}, which is "
+            + (
+                f"{kind}, which holds linear layers but is none: name those ({', '.join(inside)})"
+                if inside
+                else f"{kind}, no linear layer: name linear layers it has ({', '.join(decoder_linears(model))})"
+            )
+            + ", or write all-linear."
+        )
+
+
 def refuse_tied_targets(model, cfg, config) -> None:
     """PiSSA and OLoRA write the residual into each target's weight; a weight another module shares (an output
     layer tied to the input embeddings) would change there too, so the run would train on other input embeddings
@@ -260,6 +282,7 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
                     f"{cfg.key_at(f'lora.{key}')}: names {', '.join(missing)}, which this model has no module called. "
                     f"Name {remedy}, or leave {key} out."
                 )
+        refuse_unadaptable_targets(model, cfg)
         if cfg.lora.changes_base:
             refuse_tied_targets(model, cfg, config)
         try:
