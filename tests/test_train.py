@@ -825,6 +825,25 @@ def test_lora_target_modules_naming_no_linear_layer_are_refused_saying_which_to_
     assert e.value.message == f"lora.target_modules: names {name}, which is {said}, or write all-linear."
 
 
+def test_lora_target_modules_outside_the_layers_from_layer_adapts_are_refused(tiny_model_dir, triage_data, tmp_path):
+    """PEFT matches layers_to_transform against a layer number in the module's name: embed_tokens has none."""
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.target_modules, cfg.lora.from_layer = ["q_proj", "embed_tokens"], 0.5
+    with pytest.raises(ConfigError) as e:
+        prepare_model(load_model(resolve(str(tiny_model_dir))), cfg)
+    assert e.value.message == (
+        "lora.target_modules: names embed_tokens, which sits outside the decoder's layers, and lora.from_layer "
+        "adapts those from layer 1 up alone: PEFT would leave it untrained. Leave embed_tokens out, or "
+        "lora.from_layer out to adapt it."
+    )
+    cfg.lora.target_modules = ["q_proj", "lm_head"]  # PEFT adapts a name that is a module's whole name
+    assert prepare_model(load_model(resolve(str(tiny_model_dir))), cfg).lm_head.lora_A
+
+
 def test_lora_dropout_on_a_mixture_of_experts_models_fused_experts_is_refused_naming_it(triage_data, tmp_path):
     """Under all-linear PEFT adapts Mixtral's fused expert weights, with adapters that take no dropout."""
     from tiny import save_tiny_model, tiny_moe

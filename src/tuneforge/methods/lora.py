@@ -8,6 +8,7 @@ import re
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import ParamWrapper
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
 from torch import nn
 
@@ -188,12 +189,29 @@ def refuse_unadaptable_targets(model, cfg) -> None:
         )
 
 
+def refuse_targets_below_from_layer(model, cfg, config) -> None:
+    """Refuse a lora.target_modules name that, under lora.from_layer, PEFT adapts nowhere: a module outside the
+    decoder's layers (embed_tokens), which PEFT's layers_to_transform leaves out without a word, unless the name
+    is the module's whole name (lm_head)."""
+    if not cfg.lora.from_layer or cfg.lora.target_modules == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    for wanted in cfg.lora.target_modules:
+        if not any(
+            (name == wanted or name.endswith(f".{wanted}")) and check_target_module_exists(config, name) is True
+            for name in names
+        ):
+            raise ConfigError(
+                f"{cfg.key_at('lora.target_modules')}: names {wanted}, which sits outside the decoder's layers, and "
+                f"{cfg.key_at('lora.from_layer')} adapts those from layer {config.layers_to_transform[0]} up alone: "
+                f"PEFT would leave it untrained. Leave {wanted} out, or lora.from_layer out to adapt it."
+            )
+
+
 def refuse_tied_targets(model, cfg, config) -> None:
     """PiSSA and OLoRA write the residual into each target's weight; a weight another module shares (an output
     layer tied to the input embeddings) would change there too, so the run would train on other input embeddings
     than the adapter, converted to the original base, is written for."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -283,6 +301,7 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
                     f"Name {remedy}, or leave {key} out."
                 )
         refuse_unadaptable_targets(model, cfg)
+        refuse_targets_below_from_layer(model, cfg, config)
         if cfg.lora.changes_base:
             refuse_tied_targets(model, cfg, config)
         try:
