@@ -760,6 +760,8 @@ def test_target_modules_as_a_string_of_names_with_commas_is_the_list_of_them(tmp
         ("q_proj", "a string here is all-linear alone; write the modules as a list: [q_proj]"),
         ("q_proj,", "a string here is all-linear alone; write the modules as a list: [q_proj, v_proj]"),
         ("all", "every linear layer is written all-linear here"),  # LLaMA-Factory's lora_target: all
+        ("all_linear", "every linear layer is written all-linear here"),
+        ("All-Linear", "every linear layer is written all-linear here"),
     ],
 )
 def test_target_modules_as_another_string_says_to_write_a_list(tmp_path, written, said):

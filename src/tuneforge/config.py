@@ -107,7 +107,8 @@ class LoraConfig(Strict):
         plain = all(re.fullmatch(r"[A-Za-z_][\w.]*", name) for name in names)
         if plain and len(names) > 1:
             return names
-        if value == "all":
+        # LLaMA-Factory's `all`, and all-linear in another case or with another separator (all_linear, All-Linear).
+        if re.sub(r"[\W_]", "", value.lower()) in ("all", "alllinear"):
             raise ValueError("every linear layer is written all-linear here")
         listed = f"[{names[0]}]" if plain else "[q_proj, v_proj]"
         raise ValueError(f"a string here is all-linear alone; write the modules as a list: {listed}")
