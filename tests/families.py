@@ -243,13 +243,16 @@ def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def save_smolvlm_model(folder: str | Path, *, seed: int = 0) -> Path:
-    """A SmolVLM-shaped model (SmolVLM and SmolVLM2 are `Idefics3ForConditionalGeneration`) at tiny sizes and
-    random weights, as the hub has it: a Llama text model behind a SigLIP vision encoder whose patches a pixel
-    shuffle (scale_factor 2) merges, SmolLM2's tokenizer with the image tokens (`<fake_token_around_image>`,
-    `<image>`, `<global-img>`, `<row_i_col_j>`), SmolVLM's chat template (an image part is `<image>`) and the
-    processor `AutoProcessor` loads: an image is resized to a longest side of 64, split into 32x32 tiles and
-    shown as each tile's 4 `<image>` tokens and the whole image's (20x16: 2x2 tiles; 40x16: 1x2)."""
+def save_smolvlm_model(folder: str | Path, *, seed: int = 0, smolvlm2: bool = False) -> Path:
+    """A SmolVLM-shaped model at tiny sizes and random weights, as the hub has it: a Llama text model behind a
+    SigLIP vision encoder whose patches a pixel shuffle (scale_factor 2) merges, SmolLM2's tokenizer with the image
+    tokens (`<fake_token_around_image>`, `<image>`, `<global-img>`, `<row_i_col_j>`), the chat template (an image
+    part is `<image>`) and the processor settings: an image is resized to a longest side of 64, split into 32x32
+    tiles and shown as each tile's 4 `<image>` tokens and the whole image's (20x16: 2x2 tiles; 40x16: 1x2).
+    SmolVLM is `Idefics3ForConditionalGeneration` with `Idefics3Processor`; `smolvlm2` builds SmolVLM2 instead,
+    `SmolVLMForConditionalGeneration` with SmolVLM2's chat template (which also writes `<video>`) and the
+    `SmolVLMProcessor` settings its folders ship (written here as `SmolVLMProcessor.save_pretrained` writes them:
+    the processor itself needs num2words and, for its video side, torchvision)."""
     import torch
     from tiny import tiny_tokenizer
     from tokenizers import AddedToken
@@ -259,7 +262,11 @@ def save_smolvlm_model(folder: str | Path, *, seed: int = 0) -> Path:
         Idefics3ForConditionalGeneration,
         Idefics3ImageProcessorPil,
         Idefics3Processor,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessorPil,
     )
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -269,15 +276,26 @@ def save_smolvlm_model(folder: str | Path, *, seed: int = 0) -> Path:
     tokens = [AddedToken(t, normalized=False, special=True) for t in image + tiles]
     tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
     tokenizer.eos_token = "<end_of_utterance>"
-    tokenizer.chat_template = (TEMPLATES / "smolvlm.jinja").read_text(encoding="utf-8").removesuffix("\n")
+    if smolvlm2:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    else:
+        tokenizer.chat_template = (TEMPLATES / "smolvlm.jinja").read_text(encoding="utf-8").removesuffix("\n")
     tokenizer.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32}, do_image_splitting=True
-    )
-    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template)
-    processor.save_pretrained(folder)
-    config = Idefics3Config(
+    sizes = dict(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    if smolvlm2:
+        settings = {
+            "image_processor": SmolVLMImageProcessorPil(**sizes).to_dict(),
+            "image_seq_len": 4,
+            "processor_class": "SmolVLMProcessor",
+        }
+        (folder / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    else:
+        processor = Idefics3Processor(
+            Idefics3ImageProcessorPil(**sizes), tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
+        )
+        processor.save_pretrained(folder)
+    config = (SmolVLMConfig if smolvlm2 else Idefics3Config)(
         text_config=dict(
             model_type="llama",
             **_SHAPE,
@@ -301,7 +319,7 @@ def save_smolvlm_model(folder: str | Path, *, seed: int = 0) -> Path:
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    model = (SmolVLMForConditionalGeneration if smolvlm2 else Idefics3ForConditionalGeneration)(config)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)

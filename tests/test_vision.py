@@ -1321,14 +1321,168 @@ def test_serve_and_a_loaded_smolvlm_answer_image_messages_as_transformers_genera
     assert [c["content"] for c in chats] == expected
 
 
+@pytest.mark.parametrize("model_type", ["idefics3", "smolvlm"])
 def test_gguf_export_of_smolvlm_is_refused_before_its_weights_load_naming_the_mmproj_it_would_need(
-    smolvlm_model, tmp_path
+    model_type, request, tmp_path
 ):
     from tuneforge.errors import TuneforgeError
     from tuneforge.exporting import export
 
+    folder = request.getfixturevalue({"idefics3": "smolvlm_model", "smolvlm": "smolvlm2_model"}[model_type])
     with pytest.raises(TuneforgeError) as refused:
-        export(smolvlm_model, "gguf", None, tmp_path / "gguf", progress=False)
+        export(folder, "gguf", None, tmp_path / "gguf", progress=False)
     assert refused.value.code == "unsupported_architecture" and not (tmp_path / "gguf").exists()
-    assert "This model is idefics3 and reads images" in str(refused.value)
+    assert f"This model is {model_type} and reads images" in str(refused.value)
     assert "mmproj file for gemma3 alone. Export it --format merged" in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def smolvlm2_model(tmp_path_factory) -> Path:
+    from families import save_smolvlm_model
+
+    return save_smolvlm_model(tmp_path_factory.mktemp("smolvlm2") / "model", smolvlm2=True)
+
+
+@pytest.fixture(scope="module")
+def smolvlm2(smolvlm2_model):
+    return load_model(str(smolvlm2_model), dtype=torch.float32).eval(), load_tokenizer(str(smolvlm2_model))
+
+
+def smolvlm2_processor_inputs(folder, messages, pictures, generation_prompt: bool) -> dict:
+    """What `SmolVLMProcessor` gives for a conversation and its images, as its `__call__` builds it: the image
+    processor's pixels and each image's rows and columns of tiles, each `<image>` of the template's text replaced by
+    `get_image_prompt_string` of them (`replace_image_token`), then tokenized. The processor itself cannot be built
+    here: it needs num2words and, for its video side, torchvision."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(as_parts(messages), add_generation_prompt=generation_prompt, tokenize=False)
+    inputs = {}
+    if pictures:
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+        inputs = image_processor(images=[pictures], return_row_col_info=True, return_tensors="pt")
+        parts = text.split("<image>")
+        tokens = [
+            get_image_prompt_string(rows, cols, 4, "<fake_token_around_image>", "<image>", "<global-img>")
+            for rows, cols in zip(inputs.pop("rows")[0], inputs.pop("cols")[0])
+        ]
+        text = parts[0] + "".join(t + part for t, part in zip(tokens, parts[1:]))
+    return {**tokenizer(text, add_special_tokens=False, return_tensors="pt"), **inputs}
+
+
+def test_smolvlm2_rows_hold_the_image_tokens_its_processor_expands_and_train_on_the_reply_alone(
+    smolvlm2_model, tmp_path
+):
+    from PIL import Image
+
+    tokenizer = load_tokenizer(str(smolvlm2_model))
+    images = image_inputs(tokenizer)
+    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 16))]
+    data = prepare(
+        DataConfig(train=str(write_jsonl(tmp_path / "rows.jsonl", rows)), validation=0.0),
+        tokenizer,
+        use_cache=False,
+        log=lambda *_: None,
+    )
+    by_answer = {"red": (RED, (20, 16)), "blue": (BLUE, (40, 16))}
+    counts = []
+    for example in data.train:
+        answer = "red" if example.images[0] == png(RED) else "blue"
+        colour, size = by_answer[answer]
+        messages = [*QUESTION, {"role": "assistant", "content": f"It is {answer}."}]
+        expected = smolvlm2_processor_inputs(smolvlm2_model, messages, [Image.new("RGB", size, colour)], False)
+        assert example.input_ids.tolist() == expected["input_ids"][0].tolist() and len(example.images) == 1
+        pixels = images.model_inputs(list(example.images), torch.tensor([example.input_ids.tolist()]))
+        assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
+        assert torch.equal(pixels["pixel_attention_mask"], expected["pixel_attention_mask"])
+        ids, labels = example.input_ids.tolist(), example.labels.tolist()
+        assert all(label == IGNORE_INDEX for t, label in zip(ids, labels) if t == images.image_token_id)
+        trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+        assert trained == f" It is {answer}.<end_of_utterance>"
+        counts.append(ids.count(images.image_token_id))
+    assert sorted(counts) == [12, 20]  # 1x2 tiles and the whole image, 2x2 and the whole: 4 tokens each
+
+
+def test_smolvlm2_rows_with_a_video_are_refused_naming_the_part_and_what_a_part_may_be(smolvlm2_model, tmp_path):
+    from tuneforge.data.check import check
+
+    video = {"type": "video", "path": "clip.mp4"}
+    row = {"messages": [{"role": "user", "content": [video, {"type": "text", "text": "What happens?"}]}]}
+    row["messages"].append({"role": "assistant", "content": "A ball rolls."})
+    data = write_jsonl(tmp_path / "train.jsonl", [row, image_row(RED, "It is red.")])
+    report = check(str(data), model=str(smolvlm2_model), progress=False)
+    assert report["counts"]["rejected_by_code"] == {"unsupported_content": 1}
+    assert (report["counts"]["read"], report["counts"]["valid"]) == (2, 1)
+    problem = json.dumps(report)
+    assert "messages[0].content[0]" in problem and '{\\"type\\": \\"image_url\\"' in problem
+
+
+def test_smolvlm2_lora_trains_the_language_model_and_resumes_exactly(smolvlm2_model, tmp_path):
+    from tuneforge.training.loop import train
+
+    rows = [image_row(c, f"It is {n}.", (20 + 8 * i, 16)) for i in range(8) for c, n in ((RED, "red"), (BLUE, "blue"))]
+    config = {
+        "base_model": str(smolvlm2_model),
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "validation": 0.25, "max_length": 96},
+        "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "save_every": 3},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+    def losses() -> list[float]:
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        return [r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r]
+
+    train(config, progress=False)
+    uninterrupted = losses()
+    assert uninterrupted[-1] < uninterrupted[0] - 0.3
+    train(config, resume=str(tmp_path / "run" / "checkpoints" / "step-3"), progress=False)
+    assert losses() == uninterrupted
+
+    adapted = load_model(str(tmp_path / "run"), dtype=torch.float32).eval()
+    trained = [name for name, _ in adapted.named_parameters() if "lora_" in name]
+    assert trained and all(".text_model." in name for name in trained)  # the vision encoder stays frozen
+
+
+def smolvlm2_processor_answers(model, folder, max_new_tokens) -> list[str]:
+    """transformers' greedy `generate` on SmolVLM2's processor's inputs for each of `SMOLVLM_PROMPTS`."""
+    import io
+
+    from PIL import Image
+
+    replies = []
+    for prompt, shown in SMOLVLM_PROMPTS:
+        pictures = [Image.open(io.BytesIO(data)) for data in shown]
+        inputs = smolvlm2_processor_inputs(folder, prompt, pictures, True)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        reply = out[0, inputs["input_ids"].shape[1] :]
+        replies.append(load_tokenizer(str(folder)).decode(reply, skip_special_tokens=True))
+    return replies
+
+
+def test_smolvlm2_prompts_served_loaded_and_batched_are_answered_as_transformers_generates(smolvlm2, smolvlm2_model):
+    from test_serve import running_server
+
+    import tuneforge
+    from tuneforge.serve import AdapterPool, Engine, create_app
+
+    model, tokenizer = smolvlm2
+    expected = smolvlm2_processor_answers(model, smolvlm2_model, 6)
+    assert expected[0] != expected[2]  # the images reach the answers
+    assert [c.text for c in answer(model, tokenizer, SMOLVLM_PROMPTS, 6)] == expected
+    requests = [
+        image_content(png_data_url(RED)),
+        "Hello there, how are you?",
+        image_content(png_data_url(GREEN, (40, 16))),
+    ]
+    engine = Engine(AdapterPool(str(smolvlm2_model)), max_batch=8)
+    try:
+        with running_server(create_app(engine)) as url:
+            replies = [ask(url, content, max_tokens=6) for content in requests]
+    finally:
+        engine.close()
+    assert [reply.choices[0].message.content for reply in replies] == expected
+    loaded = tuneforge.load(smolvlm2_model, precision="fp32", progress=False)
+    chats = [loaded.chat([{"role": "user", "content": content}], max_new_tokens=6) for content in requests]
+    assert [c["content"] for c in chats] == expected

@@ -392,7 +392,7 @@ def _attach(tokenizer, path: str) -> Image | str:
         name = tokenizer.name_or_path or "this model"
         return (
             f"/image: {name} reads text only (it has no image processor); chat with a model that reads images "
-            "(Gemma 3 4B and up, Qwen2-VL, Qwen2.5-VL, SmolVLM) to send one"
+            "(Gemma 3 4B and up, Qwen2-VL, Qwen2.5-VL, SmolVLM, SmolVLM2) to send one"
         )
     if not path:
         return "/image needs the path of an image file: /image PATH"

@@ -441,8 +441,8 @@ class ChatRenderer:
             Problem(
                 "images_not_read",
                 f"the row holds images, but {name} reads text only (it has no image processor). Train image rows "
-                "on a model that reads images (Gemma 3 4B and up, Qwen2-VL, Qwen2.5-VL, SmolVLM, with the processor "
-                "settings their folders ship), "
+                "on a model that reads images (Gemma 3 4B and up, Qwen2-VL, Qwen2.5-VL, SmolVLM, SmolVLM2, with the "
+                "processor settings their folders ship), "
                 "or remove the image parts.",
                 field=f"messages[{at}].content",
             )

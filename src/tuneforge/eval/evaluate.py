@@ -227,7 +227,8 @@ def refuse_unread(examples: Sequence[EvalExample], tokenizer, name: str) -> None
             "images_not_read",
             f"the row holds images, but {name} reads text only (it has no image processor): its answers would be "
             "made without them. Evaluate image rows with a model that reads images (Gemma 3 4B and up, Qwen2-VL, "
-            "Qwen2.5-VL, SmolVLM, with the processor settings their folders ship), or remove them from this file.",
+            "Qwen2.5-VL, SmolVLM, SmolVLM2, with the processor settings their folders ship), or remove them from this "
+            "file.",
             file=e.file,
             line=e.line,
             field=field,

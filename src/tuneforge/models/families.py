@@ -35,10 +35,11 @@ FAMILIES = (
 )
 
 # The GGUF architecture llama.cpp's converter writes for a model_type, where it is not the model_type
-# itself: Mistral and Idefics3's (SmolVLM's) text model are written as Llama, the text-only Gemma 3 as Gemma 3.
+# itself: Mistral and Idefics3's and SmolVLM2's text models are written as Llama, the text-only Gemma 3 as Gemma 3.
 _GGUF_ARCHITECTURES = {
     "mistral": "llama",
     "idefics3": "llama",
+    "smolvlm": "llama",
     "gemma3_text": "gemma3",
     "qwen2_vl": "qwen2vl",
     "qwen2_5_vl": "qwen2vl",

@@ -146,7 +146,7 @@ def load_image_inputs(folder: str | Path, tokenizer) -> ImageInputs | None:
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     if config.get("model_type") in QWEN2_VL:
         return _qwen2_vl(folder, tokenizer, config)
-    if config.get("model_type") == "idefics3":
+    if config.get("model_type") in IDEFICS3:
         return _idefics3(folder, tokenizer, config)
     from transformers import AutoProcessor
 
@@ -173,6 +173,12 @@ _QUARTER_TURNS = (5, 6, 7, 8)
 QWEN2_VL = ("qwen2_vl", "qwen2_5_vl")
 """The model types whose images are read the Qwen2-VL way (`_qwen2_vl`)."""
 
+IDEFICS3 = ("idefics3", "smolvlm")
+"""The model types whose images are read the Idefics3 way (`_idefics3`): SmolVLM and SmolVLM2."""
+
+IDEFICS3_IMAGE_SEQ_LEN = 169
+"""The `<image>` tokens per tile where a folder's processor settings name none (both processors' default)."""
+
 
 def _qwen2_vl(folder: Path, tokenizer, config: dict) -> ImageInputs:
     """Qwen2-VL's and Qwen2.5-VL's image side, from the image processor alone: their processor also builds a
@@ -197,28 +203,36 @@ def _qwen2_vl(folder: Path, tokenizer, config: dict) -> ImageInputs:
 
 
 def _idefics3(folder: Path, tokenizer, config: dict) -> ImageInputs:
-    """Idefics3's (SmolVLM's) image side. Its image processor resizes an image, splits it into tiles of the vision
-    encoder's size and adds the whole image resized to one; its processor writes each tile's `<image>` tokens after
-    `<fake_token_around_image><row_R_col_C>` and the whole image's after `<global-img>`
-    (`Idefics3Processor.replace_image_token`), for the rows and columns of tiles the image's size gives
+    """Idefics3's (SmolVLM's) and SmolVLM2's image side, from the image processor alone: SmolVLM2's processor also
+    builds a video processor, which needs torchvision. The image processor resizes an image, splits it into tiles of
+    the vision encoder's size and adds the whole image resized to one; the processor writes each tile's
+    `image_seq_len` `<image>` tokens after `<fake_token_around_image><row_R_col_C>` and the whole image's after
+    `<global-img>` (`get_image_prompt_string`, which `SmolVLMProcessor.replace_image_token` calls and
+    `Idefics3Processor.replace_image_token` writes out), for the rows and columns of tiles the image's size gives
     (`get_number_of_image_patches`, as the processor counts them without the pixels)."""
-    from transformers import AutoProcessor
+    from transformers import AutoImageProcessor
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+    from transformers.processing_utils import ProcessorMixin
 
-    processor = AutoProcessor.from_pretrained(folder, tokenizer=tokenizer)
-    image_processor = processor.image_processor
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    image_seq_len = ProcessorMixin.get_processor_dict(folder)[0].get("image_seq_len", IDEFICS3_IMAGE_SEQ_LEN)
+    # The tokens as SmolVLMProcessor takes them: those its tokenizer names, else the ones Idefics3Processor writes.
+    marker = getattr(tokenizer, "image_token", None) or "<image>"
+    around = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
+    whole = getattr(tokenizer, "global_image_token", None) or "<global-img>"
 
     def tokens_of(height: int, width: int) -> str:
         _, rows, cols = image_processor.get_number_of_image_patches(height, width)
-        return processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
+        return get_image_prompt_string(rows, cols, image_seq_len, around, marker, whole)
 
     return ImageInputs(
-        marker=processor.image_token,
+        marker=marker,
         tokens_of=tokens_of,
-        image_token_id=config.get("image_token_id", processor.image_token_id),
+        image_token_id=config.get("image_token_id", tokenizer.convert_tokens_to_ids(marker)),
         image_processor=image_processor,
         type_ids=None,
         sized=True,
-        settings=f"image_seq_len={processor.image_seq_len}",
-        once_per_image=tokenizer.convert_tokens_to_ids(processor.global_image_tag),
+        settings=f"image_seq_len={image_seq_len}",
+        once_per_image=tokenizer.convert_tokens_to_ids(whole),
         images_dim=1,
     )

@@ -618,7 +618,7 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
             400,
             f"part {first.index} is of type {first.type!r}, and `{name}` is a text model (it has no image processor): "
             "send the content as a string or text parts, or ask a model that reads images (Gemma 3 4B and up, "
-            "Qwen2-VL, Qwen2.5-VL, SmolVLM).",
+            "Qwen2-VL, Qwen2.5-VL, SmolVLM, SmolVLM2).",
             param=first.content_param,
             code="invalid_value",
         )
