@@ -40,6 +40,7 @@ from .data.schema import Image
 from .errors import ConfigError, DataError
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
+from .models.images import VISION_MODELS
 from .models.loading import image_inputs
 from .models.sources import untuned_base_note
 from .models.system_prompt import recorded_system_prompt
@@ -392,7 +393,7 @@ def _attach(tokenizer, path: str) -> Image | str:
         name = tokenizer.name_or_path or "this model"
         return (
             f"/image: {name} reads text only (it has no image processor); chat with a model that reads images "
-            "(Gemma 3 4B and up, Qwen2-VL, Qwen2.5-VL, SmolVLM, SmolVLM2) to send one"
+            f"({VISION_MODELS}) to send one"
         )
     if not path:
         return "/image needs the path of an image file: /image PATH"

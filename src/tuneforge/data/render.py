@@ -44,6 +44,7 @@ from itertools import accumulate, chain
 from jinja2.exceptions import TemplateError
 
 from ..errors import ConfigError, DataError
+from ..models.images import VISION_MODELS
 from ..models.loading import chat_template, fallback_template, given_chatml, image_inputs
 from .schema import IGNORE_INDEX, Conversation, Document, Example, Image, Message, Preference, Problem, Record
 
@@ -441,8 +442,7 @@ class ChatRenderer:
             Problem(
                 "images_not_read",
                 f"the row holds images, but {name} reads text only (it has no image processor). Train image rows "
-                "on a model that reads images (Gemma 3 4B and up, Qwen2-VL, Qwen2.5-VL, SmolVLM, SmolVLM2, with the "
-                "processor settings their folders ship), "
+                f"on a model that reads images ({VISION_MODELS}, with the processor settings their folders ship), "
                 "or remove the image parts.",
                 field=f"messages[{at}].content",
             )

@@ -62,6 +62,7 @@ from ..methods import SFTObjective, sum_over_batches
 from ..methods.grpo import grader_item, naming_rows
 from ..models import causal_lm, load_text_model, load_tokenizer, model_context_length, resolve, run_config_of
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
+from ..models.images import VISION_MODELS
 from ..models.loading import image_inputs
 from ..progress import library_bars, progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
@@ -226,9 +227,8 @@ def refuse_unread(examples: Sequence[EvalExample], tokenizer, name: str) -> None
         Problem(
             "images_not_read",
             f"the row holds images, but {name} reads text only (it has no image processor): its answers would be "
-            "made without them. Evaluate image rows with a model that reads images (Gemma 3 4B and up, Qwen2-VL, "
-            "Qwen2.5-VL, SmolVLM, SmolVLM2, with the processor settings their folders ship), or remove them from this "
-            "file.",
+            f"made without them. Evaluate image rows with a model that reads images ({VISION_MODELS}, with the "
+            "processor settings their folders ship), or remove them from this file.",
             file=e.file,
             line=e.line,
             field=field,

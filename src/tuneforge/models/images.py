@@ -170,6 +170,9 @@ _ORIENTATION = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)
 """The EXIF orientations that store an image turned by a quarter (its stored sides swapped)."""
 
+VISION_MODELS = "Gemma 3 4B and up, Qwen2-VL, Qwen2.5-VL, SmolVLM, SmolVLM2"
+"""The models tuneforge reads images for, as the refusals of images sent to a text model name them."""
+
 QWEN2_VL = ("qwen2_vl", "qwen2_5_vl")
 """The model types whose images are read the Qwen2-VL way (`_qwen2_vl`)."""
 

@@ -37,6 +37,7 @@ from ..data.render import renderer_for
 from ..errors import ConfigError, TuneforgeError
 from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
+from ..models.images import VISION_MODELS
 from ..models.loading import image_inputs
 from ..tool_calls import HeldStream, ParsedReply, ToolCallParser, reply_finish_reason, tool_call_parser
 from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
@@ -617,8 +618,7 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
         raise APIError(
             400,
             f"part {first.index} is of type {first.type!r}, and `{name}` is a text model (it has no image processor): "
-            "send the content as a string or text parts, or ask a model that reads images (Gemma 3 4B and up, "
-            "Qwen2-VL, Qwen2.5-VL, SmolVLM, SmolVLM2).",
+            f"send the content as a string or text parts, or ask a model that reads images ({VISION_MODELS}).",
             param=first.content_param,
             code="invalid_value",
         )
