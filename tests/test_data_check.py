@@ -12,8 +12,8 @@ from data.rows import BAD_INPUTS, chat, write_bad_input, write_jsonl
 from tuneforge import progress
 from tuneforge.config import DEFAULT_MODEL
 from tuneforge.data import Document, render_conversation
-from tuneforge.data.check import TRAINED_STYLE, check_command, highlight
-from tuneforge.errors import ModelSourceError
+from tuneforge.data.check import TRAINED_STYLE, check, check_command, highlight
+from tuneforge.errors import ConfigError, ModelSourceError
 
 REPLIES = ["The answer is four.", '{"category": "outage", "priority": "urgent", "product": "database"}']
 
@@ -153,6 +153,14 @@ def test_a_config_given_as_data_names_the_command_that_checks_its_data(tmp_path,
         f"{config}`; give data check the data files themselves."
     )
     assert not out and not models  # refused before a tokenizer loads
+
+
+def test_a_config_among_data_files_given_to_check_is_refused_before_a_tokenizer_loads(tmp_path, models, good_file):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  train: {good_file}\n")
+    with pytest.raises(ConfigError, match=f"by `tuneforge validate {config}`"):
+        check([good_file, config])
+    assert not models
 
 
 def test_options_reach_the_checks(tmp_path, capsys, models):

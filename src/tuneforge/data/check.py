@@ -45,7 +45,6 @@ def check_command(
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
     console = Console(highlight=False, soft_wrap=True)
     try:
-        _refuse_configs(files)
         options = {"format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
         report, tokenizer = _files_report(files, model, options, progress=True)
     except TuneforgeError as e:  # a refused option: each complaint on a line of its own
@@ -136,6 +135,7 @@ def _refuse_configs(files: list[str]) -> None:
 def _files_report(files, model, options: dict, *, progress) -> tuple[dict, object]:
     """`check`'s report of data files read with `options` (format, max_length, train_on, truncation; one left out
     takes data:'s default), and the tokenizer it rendered them with."""
+    _refuse_configs(files)
     try:
         cfg = DataConfig(train=list(files), validation=None, dedup="exact", on_error="skip", **options)
     except ValidationError as e:  # the config rejected an option: each complaint, named by its option
