@@ -825,6 +825,21 @@ def test_lora_target_modules_naming_no_linear_layer_are_refused_saying_which_to_
     assert e.value.message == f"lora.target_modules: names {name}, which is {said}, or write all-linear."
 
 
+def test_lora_target_modules_naming_a_layer_peft_adapts_that_is_not_linear_is_taken(
+    tiny_model_dir, triage_data, tmp_path
+):
+    """GPT-2's attention is a transformers Conv1D, which PEFT adapts as it does a linear layer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tuneforge.config import load_config
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.target_modules = ["c_attn"]
+    model = prepare_model(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2)), cfg)
+    assert all(block.attn.c_attn.lora_A for block in model.base_model.model.transformer.h)
+
+
 def test_lora_target_modules_outside_the_layers_from_layer_adapts_are_refused(tiny_model_dir, triage_data, tmp_path):
     """PEFT matches layers_to_transform against a layer number in the module's name: embed_tokens has none."""
     from tuneforge.config import load_config

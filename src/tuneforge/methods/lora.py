@@ -11,6 +11,7 @@ from peft.tuners.lora import ParamWrapper
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError, TuneforgeError
 from ..models.loading import grow_embeddings
@@ -167,13 +168,18 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
     return config
 
 
+# The layers PEFT's LoRA adapts (peft.tuners.lora.layer.dispatch_default; quantized linear layers are nn.Linear's
+# subclasses): GPT-2's attention and MLP are transformers' Conv1D.
+ADAPTABLE_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+
+
 def refuse_unadaptable_targets(model, cfg) -> None:
-    """Refuse a lora.target_modules name whose modules are neither linear layers nor embeddings, the layers LoRA
-    adapts here: a block that holds layers (mlp, self_attn) or a norm, which PEFT refuses printing the module whole."""
+    """Refuse a lora.target_modules name whose modules are none of the layers LoRA adapts (`ADAPTABLE_LAYERS`): a
+    block that holds layers (mlp, self_attn) or a norm, which PEFT refuses printing the module whole."""
     modules = dict(model.named_modules())
     for wanted in [] if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules:
         matched = [m for name, m in modules.items() if name == wanted or name.endswith(f".{wanted}")]
-        if any(isinstance(m, nn.Linear | nn.Embedding) for m in matched):
+        if any(isinstance(m, ADAPTABLE_LAYERS) for m in matched):
             continue
         layers = (name for m in matched for name, c in m.named_modules() if isinstance(c, nn.Linear))
         inside = sorted({name.rsplit(".", 1)[-1] for name in layers})
