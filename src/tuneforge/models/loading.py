@@ -209,7 +209,7 @@ def text_as_parts(tokenizer) -> str:
         )
     except (TemplateError, TypeError, ValueError):  # a template that refuses the probe is refused where it renders
         return template
-    if probe in as_string or probe not in as_part or template.startswith(TEXT_AS_PARTS):
+    if probe in as_string or probe not in as_part:
         return template
     return TEXT_AS_PARTS + template
 
