@@ -187,8 +187,7 @@ def _qwen2_vl(folder: Path, tokenizer, config: dict) -> ImageInputs:
     """Qwen2-VL's and Qwen2.5-VL's image side, from the image processor alone: their processor also builds a
     video processor, which needs torchvision. An image's tokens are its processor's
     (`Qwen2VLProcessor.replace_image_token`): one `<|image_pad|>` per merged patch of the grid its size gives
-    (`get_number_of_image_patches`, as the processor counts them without the pixels). The grid's sides follow the
-    image's, so an EXIF rotation, which swaps them, keeps the count: the size as stored is the size counted."""
+    (`get_number_of_image_patches`, as the processor counts them without the pixels)."""
     from transformers import AutoImageProcessor
 
     image_processor = AutoImageProcessor.from_pretrained(folder)
