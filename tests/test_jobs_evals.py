@@ -514,8 +514,16 @@ def test_a_reasoning_models_sample_is_the_message_a_chat_completion_gives(tmp_pa
 
     from tuneforge import generate as generate_module
     from tuneforge.generate import Completion
+    from tuneforge.tool_calls import ToolCallParser
 
     folder = save_family_model(FAMILIES["qwen3"], tmp_path / "qwen3")
+    parsed, parse = [], ToolCallParser.parse
+
+    def parse_noted(parser, text, ids_from=None):
+        parsed.append(reply := parse(parser, text, ids_from))
+        return reply
+
+    monkeypatch.setattr(ToolCallParser, "parse", parse_noted)
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     replies = [
         ("<think>\nadding\n</think>\n\nfour", "stop"),
@@ -545,3 +553,5 @@ def test_a_reasoning_models_sample_is_the_message_a_chat_completion_gives(tmp_pa
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in messages[1]["tool_calls"]] == [
         ("get_weather", {"city": "Paris"})
     ]
+    # The answer is parsed once: the message holds the calls the graders read, with the same (random) ids.
+    assert [c["id"] for c in messages[1]["tool_calls"]] == [c["id"] for reply in parsed for c in reply.tool_calls]

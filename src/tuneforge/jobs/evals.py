@@ -28,7 +28,7 @@ from ..data.formats import tool_definitions
 from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
-from ..tool_calls import ToolCallParser
+from ..tool_calls import ParsedReply
 from ..web import APIError, Metadata, RequestBody, failure_id
 from ..web.errors import unreadable_json
 from .files import FileStorage
@@ -319,24 +319,30 @@ def item_tools(sampling_tools: list[dict] | None, items: list[dict]) -> list[lis
 
 def check_tools_read(
     tokenizer: Callable[[], Any], model: str, sampling_tools: list[dict] | None, items: list[dict], item_param: str
-) -> tuple[list[list[dict] | None], ToolCallParser | None]:
-    """The tools each item's prompt offers (`item_tools`) and the parser of the calls in the answers (None where no
-    prompt offers tools), once the chat template of `model` (whose tokenizer `tokenizer()` gives, asked only where a
-    prompt offers tools) writes them and its calls are parsed, as serve requires of a request's tools: else a 400
-    naming where the first item's tools were given."""
+) -> list[list[dict] | None]:
+    """The tools each item's prompt offers (`item_tools`), once the chat template of `model` (whose tokenizer
+    `tokenizer()` gives, asked only where a prompt offers tools) writes them and its calls are parsed, as serve
+    requires of a request's tools: else a 400 naming where the first item's tools were given."""
     from ..tool_calls import tool_call_parser
 
     tools = item_tools(sampling_tools, items)
     first = next((index for index, offered in enumerate(tools) if offered), None)
     if first is None:
-        return tools, None
+        return tools
     own = bool(items[first].get("tools"))
     param = f"{item_param}[{first}]" if own else "data_source.sampling_params.tools"
     try:
-        parser = tool_call_parser(tokenizer(), f"`{model}`", "item.tools" if own else param)
+        tool_call_parser(tokenizer(), f"`{model}`", "item.tools" if own else param)
     except ConfigError as err:
         raise APIError(400, f"{param}: {err.message}" if own else err.message, param=param, code=err.code) from None
-    return tools, parser
+    return tools
+
+
+def _read(sample: dict) -> Callable[[str], ParsedReply | None]:
+    """The calls of an answer as its graders read them (`sample`'s `output_tools`, with the text before them), for
+    its stored message: parsed once, so the message's call ids are those the graders saw."""
+    calls = sample["output_tools"]
+    return lambda _: ParsedReply(sample["output_text"] or None, calls) if calls else None
 
 
 def items_param(source: dict) -> str:
@@ -488,7 +494,7 @@ class EvalRunner:
         }
         # Checked when the run was created; checked again, as the model's folder may have changed since.
         try:
-            tools, parser = check_tools_read(
+            tools = check_tools_read(
                 lambda: tokenizer, run.model, sampling.get("tools"), items, items_param(source["source"])
             )
         except APIError as err:
@@ -530,6 +536,9 @@ class EvalRunner:
         for i, answer in zip(fits, answered):
             answers[i] = answer
         samples = rollout_samples([a.text for a in answered], [tools[i] for i in fits], tokenizer)
+        graded: list = [None] * len(items)  # the sample each answer's graders read
+        for i, sample in zip(fits, samples):
+            graded[i] = sample
         grades = {}
         for grader in graders:
             scores = iter(_grade(grader, samples, [items[i] for i in fits], fits))
@@ -583,8 +592,7 @@ class EvalRunner:
             output, finish_reason = [], ""
             if answer is not None:  # the message and finish_reason a chat completion gives for the answer
                 opened = reasoning_opened(tokenizer, prompt_ids[i])
-                calls = parser.parse if parser is not None and tools[i] else None
-                message, finish_reason = assistant_reply(answer.text, answer.finish_reason, opened, calls)
+                message, finish_reason = assistant_reply(answer.text, answer.finish_reason, opened, _read(graded[i]))
                 output = [message]
             sample = {
                 "input": prompt,
