@@ -1156,38 +1156,6 @@ def as_parts(messages: list[dict]) -> list[dict]:
     ]
 
 
-def test_smolvlm_rows_hold_the_image_tokens_its_processor_expands_and_train_on_the_reply_alone(smolvlm_model, tmp_path):
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    tokenizer = load_tokenizer(str(smolvlm_model))
-    images = image_inputs(tokenizer)
-    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 16))]
-    data = prepare(
-        DataConfig(train=str(write_jsonl(tmp_path / "rows.jsonl", rows)), validation=0.0),
-        tokenizer,
-        use_cache=False,
-        log=lambda *_: None,
-    )
-    processor = AutoProcessor.from_pretrained(smolvlm_model)
-    by_answer = {"red": (RED, (20, 16)), "blue": (BLUE, (40, 16))}
-    counts = []
-    for example in data.train:
-        answer = "red" if example.images[0] == png(RED) else "blue"
-        colour, size = by_answer[answer]
-        text = processor.apply_chat_template(
-            as_parts([*QUESTION, {"role": "assistant", "content": f"It is {answer}."}]), tokenize=False
-        )
-        expected = processor(text=text, images=[Image.new("RGB", size, colour)], add_special_tokens=False)
-        assert example.input_ids.tolist() == expected["input_ids"][0] and len(example.images) == 1
-        ids, labels = example.input_ids.tolist(), example.labels.tolist()
-        assert all(label == IGNORE_INDEX for t, label in zip(ids, labels) if t == images.image_token_id)
-        trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
-        assert trained == f" It is {answer}.<end_of_utterance>"
-        counts.append(ids.count(images.image_token_id))
-    assert sorted(counts) == [12, 20]  # 1x2 tiles and the whole image, 2x2 and the whole: 4 tokens each
-
-
 @pytest.mark.parametrize("size", [(20, 16), (40, 16), (16, 40), (300, 40), (33, 33), (65, 20), (7, 90)])
 def test_smolvlm_counts_an_images_tiles_from_its_size_as_its_processor_splits_the_upright_image(smolvlm_model, size):
     """The tiles an image's tokens show are those the processor splits the decoded image into, upright or stored
@@ -1372,12 +1340,26 @@ def smolvlm2_processor_inputs(folder, messages, pictures, generation_prompt: boo
     return {**tokenizer(text, add_special_tokens=False, return_tensors="pt"), **inputs}
 
 
-def test_smolvlm2_rows_hold_the_image_tokens_its_processor_expands_and_train_on_the_reply_alone(
-    smolvlm2_model, tmp_path
+def smolvlm_processor_inputs(folder, messages, pictures) -> dict:
+    """What SmolVLM's processor gives for a conversation and its images (SmolVLM2's as `smolvlm2_processor_inputs`
+    builds it)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    if AutoConfig.from_pretrained(folder).model_type == "smolvlm":
+        return smolvlm2_processor_inputs(folder, messages, pictures, False)
+    processor = AutoProcessor.from_pretrained(folder)
+    text = processor.apply_chat_template(as_parts(messages), tokenize=False)
+    return processor(text=text, images=pictures, add_special_tokens=False, return_tensors="pt")
+
+
+@pytest.mark.parametrize("family", ["smolvlm_model", "smolvlm2_model"])
+def test_smolvlm_rows_hold_the_image_tokens_its_processor_expands_and_train_on_the_reply_alone(
+    family, request, tmp_path
 ):
     from PIL import Image
 
-    tokenizer = load_tokenizer(str(smolvlm2_model))
+    folder = request.getfixturevalue(family)
+    tokenizer = load_tokenizer(str(folder))
     images = image_inputs(tokenizer)
     rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 16))]
     data = prepare(
@@ -1392,7 +1374,7 @@ def test_smolvlm2_rows_hold_the_image_tokens_its_processor_expands_and_train_on_
         answer = "red" if example.images[0] == png(RED) else "blue"
         colour, size = by_answer[answer]
         messages = [*QUESTION, {"role": "assistant", "content": f"It is {answer}."}]
-        expected = smolvlm2_processor_inputs(smolvlm2_model, messages, [Image.new("RGB", size, colour)], False)
+        expected = smolvlm_processor_inputs(folder, messages, [Image.new("RGB", size, colour)])
         assert example.input_ids.tolist() == expected["input_ids"][0].tolist() and len(example.images) == 1
         pixels = images.model_inputs(list(example.images), torch.tensor([example.input_ids.tolist()]))
         assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
