@@ -1236,32 +1236,19 @@ SMOLVLM_PROMPTS = [
 ]
 
 
-def smolvlm_processor_answers(model, folder, max_new_tokens) -> list[str]:
-    """transformers' greedy `generate` on SmolVLM's processor's inputs for each of `SMOLVLM_PROMPTS`."""
-    import io
-
-    from PIL import Image
-
-    pictures = [[Image.open(io.BytesIO(data)) for data in shown] for _, shown in SMOLVLM_PROMPTS]
-    return [
-        processor_answer(model, folder, as_parts(prompt), shown, max_new_tokens)
-        for (prompt, _), shown in zip(SMOLVLM_PROMPTS, pictures)
-    ]
-
-
-def test_smolvlm_prompts_with_images_are_answered_as_transformers_generates_from_the_processors_inputs(
-    smolvlm, smolvlm_model
-):
-    model, tokenizer = smolvlm
+@pytest.mark.parametrize("family", ["smolvlm", "smolvlm2"])
+def test_smolvlm_prompts_with_images_are_answered_as_transformers_generates_from_the_processors_inputs(family, request):
+    model, tokenizer = request.getfixturevalue(family)
     ours = answer(model, tokenizer, SMOLVLM_PROMPTS, 8)
-    expected = smolvlm_processor_answers(model, smolvlm_model, 8)
+    expected = smolvlm_processor_answers(model, request.getfixturevalue(f"{family}_model"), 8)
     assert [c.text for c in ours] == expected and [len(c.token_ids) for c in ours] == [8, 8, 8]
     assert expected[0] != expected[2]  # the images reach the answers
     alone = [answer(model, tokenizer, [row], 8)[0].text for row in SMOLVLM_PROMPTS]
     assert alone == expected
 
 
-def test_serve_and_a_loaded_smolvlm_answer_image_messages_as_transformers_generates(smolvlm, smolvlm_model):
+@pytest.mark.parametrize("family", ["smolvlm", "smolvlm2"])
+def test_serve_and_a_loaded_smolvlm_answer_image_messages_as_transformers_generates(family, request):
     from concurrent.futures import ThreadPoolExecutor
 
     from test_serve import running_server
@@ -1269,7 +1256,8 @@ def test_serve_and_a_loaded_smolvlm_answer_image_messages_as_transformers_genera
     import tuneforge
     from tuneforge.serve import AdapterPool, Engine, create_app
 
-    model, tokenizer = smolvlm
+    model, tokenizer = request.getfixturevalue(family)
+    smolvlm_model = request.getfixturevalue(f"{family}_model")
     expected = smolvlm_processor_answers(model, smolvlm_model, 6)
     requests = [
         image_content(png_data_url(RED)),
@@ -1340,16 +1328,16 @@ def smolvlm2_processor_inputs(folder, messages, pictures, generation_prompt: boo
     return {**tokenizer(text, add_special_tokens=False, return_tensors="pt"), **inputs}
 
 
-def smolvlm_processor_inputs(folder, messages, pictures) -> dict:
+def smolvlm_processor_inputs(folder, messages, pictures, generation_prompt: bool = False) -> dict:
     """What SmolVLM's processor gives for a conversation and its images (SmolVLM2's as `smolvlm2_processor_inputs`
     builds it)."""
     from transformers import AutoConfig, AutoProcessor
 
     if AutoConfig.from_pretrained(folder).model_type == "smolvlm":
-        return smolvlm2_processor_inputs(folder, messages, pictures, False)
+        return smolvlm2_processor_inputs(folder, messages, pictures, generation_prompt)
     processor = AutoProcessor.from_pretrained(folder)
-    text = processor.apply_chat_template(as_parts(messages), tokenize=False)
-    return processor(text=text, images=pictures, add_special_tokens=False, return_tensors="pt")
+    text = processor.apply_chat_template(as_parts(messages), add_generation_prompt=generation_prompt, tokenize=False)
+    return processor(text=text, images=pictures or None, add_special_tokens=False, return_tensors="pt")
 
 
 @pytest.mark.parametrize("family", ["smolvlm_model", "smolvlm2_model"])
@@ -1401,8 +1389,9 @@ def test_smolvlm2_rows_with_a_video_are_refused_naming_the_part_and_what_a_part_
     assert "messages[0].content[0]" in problem and '{\\"type\\": \\"image_url\\"' in problem
 
 
-def smolvlm2_processor_answers(model, folder, max_new_tokens) -> list[str]:
-    """transformers' greedy `generate` on SmolVLM2's processor's inputs for each of `SMOLVLM_PROMPTS`."""
+def smolvlm_processor_answers(model, folder, max_new_tokens) -> list[str]:
+    """transformers' greedy `generate` on SmolVLM's (or SmolVLM2's) processor's inputs for each of
+    `SMOLVLM_PROMPTS`."""
     import io
 
     from PIL import Image
@@ -1410,36 +1399,9 @@ def smolvlm2_processor_answers(model, folder, max_new_tokens) -> list[str]:
     replies = []
     for prompt, shown in SMOLVLM_PROMPTS:
         pictures = [Image.open(io.BytesIO(data)) for data in shown]
-        inputs = smolvlm2_processor_inputs(folder, prompt, pictures, True)
+        inputs = smolvlm_processor_inputs(folder, prompt, pictures, True)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         reply = out[0, inputs["input_ids"].shape[1] :]
         replies.append(load_tokenizer(str(folder)).decode(reply, skip_special_tokens=True))
     return replies
-
-
-def test_smolvlm2_prompts_served_loaded_and_batched_are_answered_as_transformers_generates(smolvlm2, smolvlm2_model):
-    from test_serve import running_server
-
-    import tuneforge
-    from tuneforge.serve import AdapterPool, Engine, create_app
-
-    model, tokenizer = smolvlm2
-    expected = smolvlm2_processor_answers(model, smolvlm2_model, 6)
-    assert expected[0] != expected[2]  # the images reach the answers
-    assert [c.text for c in answer(model, tokenizer, SMOLVLM_PROMPTS, 6)] == expected
-    requests = [
-        image_content(png_data_url(RED)),
-        "Hello there, how are you?",
-        image_content(png_data_url(GREEN, (40, 16))),
-    ]
-    engine = Engine(AdapterPool(str(smolvlm2_model)), max_batch=8)
-    try:
-        with running_server(create_app(engine)) as url:
-            replies = [ask(url, content, max_tokens=6) for content in requests]
-    finally:
-        engine.close()
-    assert [reply.choices[0].message.content for reply in replies] == expected
-    loaded = tuneforge.load(smolvlm2_model, precision="fp32", progress=False)
-    chats = [loaded.chat([{"role": "user", "content": content}], max_new_tokens=6) for content in requests]
-    assert [c["content"] for c in chats] == expected
