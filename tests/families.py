@@ -179,7 +179,6 @@ def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0) -> Path:
     its vision tokens, Qwen2-VL's chat template (an image part is
     `<|vision_start|><|image_pad|><|vision_end|>`) and the processor `AutoProcessor` loads: an image
     processor of 4-pixel patches merged 2x2, so an image's token count follows its size (20x16: 6)."""
-    import torch
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -235,12 +234,7 @@ def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0) -> Path:
         vision_start_token_id=ids["vision_start"],
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    return folder
+    return _save_image_text_model(Qwen2_5_VLForConditionalGeneration, config, tokenizer, folder, seed)
 
 
 def save_smolvlm_model(folder: str | Path, *, seed: int = 0, smolvlm2: bool = False) -> Path:
@@ -253,7 +247,6 @@ def save_smolvlm_model(folder: str | Path, *, seed: int = 0, smolvlm2: bool = Fa
     `SmolVLMForConditionalGeneration` with SmolVLM2's chat template (which also writes `<video>`) and the
     `SmolVLMProcessor` settings its folders ship (written here as `SmolVLMProcessor.save_pretrained` writes them:
     the processor itself needs num2words and, for its video side, torchvision)."""
-    import torch
     from tiny import tiny_tokenizer
     from tokenizers import AddedToken
     from transformers import (
@@ -318,8 +311,17 @@ def save_smolvlm_model(folder: str | Path, *, seed: int = 0, smolvlm2: bool = Fa
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=True,
     )
+    model_class = SmolVLMForConditionalGeneration if smolvlm2 else Idefics3ForConditionalGeneration
+    return _save_image_text_model(model_class, config, tokenizer, folder, seed)
+
+
+def _save_image_text_model(model_class, config, tokenizer, folder: Path, seed: int) -> Path:
+    """`model_class` built from `config` with weights drawn from `seed`, stopping at the tokenizer's end of sequence
+    and padding with its pad token, saved to `folder`."""
+    import torch
+
     torch.manual_seed(seed)
-    model = (SmolVLMForConditionalGeneration if smolvlm2 else Idefics3ForConditionalGeneration)(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
