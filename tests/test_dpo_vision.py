@@ -75,18 +75,24 @@ def direct_logps(model, folder: Path, example, pictures, *, with_pixels: bool) -
     return float(logps[trained].gather(-1, labels[trained][:, None]).sum())
 
 
+def pair_items(folder: Path, pairs: list[dict], tmp_path: Path) -> tuple:
+    """The model's tokenizer and the batch items a DPO run on it makes of `pairs` (written to a file in
+    `tmp_path`)."""
+    tokenizer = load_tokenizer(str(folder))
+    data_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    data = prepare(DataConfig(train=str(data_file), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
+    cfg = load_config({"base_model": str(folder), "method": "dpo", "data": {"train": str(data_file)}})
+    return tokenizer, batch_items(data, cfg)[0]
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen2_5_vl", "smolvlm"])
 @pytest.mark.parametrize("row", [openai_pair, trl_pair])
 def test_image_pairs_log_probabilities_are_transformers_forward_with_the_pixels(models, family, row, tmp_path):
     from PIL import Image
 
     folder = models[family]
-    tokenizer = load_tokenizer(str(folder))
     pairs = [row(RED, (20, 16), "It is red.", "It is blue."), row(BLUE, (40, 32), "Blue.", "Red, I think.")]
-    data_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    data = prepare(DataConfig(train=str(data_file), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
-    cfg = load_config({"base_model": str(folder), "method": "dpo", "data": {"train": str(data_file)}})
-    items, _ = batch_items(data, cfg)
+    tokenizer, items = pair_items(folder, pairs, tmp_path)
     assert all(isinstance(item, RowGroup) and len(item.examples) == 2 for item in items)
     model = load_model(str(folder), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -115,12 +121,8 @@ def test_an_image_pairs_dpo_loss_is_computed_from_transformers_forward_of_policy
     from PIL import Image
 
     folder = models[family]
-    tokenizer = load_tokenizer(str(folder))
     pairs = [openai_pair(RED, (20, 16), "It is red.", "It is blue."), openai_pair(BLUE, (40, 32), "Blue.", "Red.")]
-    data_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    data = prepare(DataConfig(train=str(data_file), validation=0.0), tokenizer, use_cache=False, log=lambda *_: None)
-    cfg = load_config({"base_model": str(folder), "method": "dpo", "data": {"train": str(data_file)}})
-    items, _ = batch_items(data, cfg)
+    tokenizer, items = pair_items(folder, pairs, tmp_path)
     torch.manual_seed(0)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     policy = get_peft_model(load_model(str(folder), dtype=torch.float32), lora).eval()
