@@ -555,3 +555,20 @@ def test_a_reasoning_models_sample_is_the_message_a_chat_completion_gives(tmp_pa
     ]
     # The answer is parsed once: the message holds the calls the graders read, with the same (random) ids.
     assert [c["id"] for c in messages[1]["tool_calls"]] == [c["id"] for reply in parsed for c in reply.tool_calls]
+
+
+def test_a_run_with_tools_on_a_model_folder_without_a_tokenizer_is_refused_naming_the_folders_fault(
+    tmp_path, tiny_model_dir
+):
+    from families import WEATHER_TOOL
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "untokenized")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    items = [{"question": "Weather in Paris?", "answer": "get_weather", "tools": [WEATHER_TOOL]}]
+    with restarted(tmp_path / "home", workers=0, allowed_models=[str(folder)]) as sdk:
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER])
+        param, message = refusal(
+            lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source(str(folder), inline(items)))
+        )
+    assert param == "data_source.model" and "holds no tokenizer" in message and str(folder) in message

@@ -7,6 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
 
+from ...errors import ModelSourceError
 from ...models import load_tokenizer, resolve
 from ...web import APIError, caller, list_body
 from ..evals import (
@@ -124,8 +125,21 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
     check_tools(sampling_tools, items, item_param)
     target = service.access.for_inference(owner, source.model)  # a model the caller may not use is refused now
     model_source = str(target.adapter or target.base)
+
+    def tokenizer():
+        try:
+            return load_tokenizer(resolve(model_source, pull_missing=False))
+        except ModelSourceError as err:  # a folder the operator allowed that holds no usable tokenizer
+            raise APIError(
+                400,
+                f"`{source.model}`'s tokenizer, whose chat template renders the items' tools, cannot be loaded: "
+                f"{err.message}",
+                param="data_source.model",
+                code=err.code,
+            ) from None
+
     check_tools_read(
-        lambda: load_tokenizer(resolve(model_source, pull_missing=False)),
+        tokenizer,
         source.model,
         sampling_tools,
         items,
