@@ -19,8 +19,8 @@ SYSTEM = {"role": "system", "content": "You are the support desk of a web consol
 QUESTIONS = ["Hi", "What is two plus two?", "How do I reset my password for the web console?"]
 
 
-def chat(question: str) -> list[dict]:
-    return [SYSTEM, {"role": "user", "content": question}]
+def chat(question: str, system: dict = SYSTEM) -> list[dict]:
+    return [system, {"role": "user", "content": question}]
 
 
 def decode(model, tokenizer, requests, cache=None, scope="base") -> list:
@@ -280,23 +280,27 @@ def served(base_dir, tmp_path_factory):
     plain.close()
 
 
-def ask(url: str, model: str, question: str, **options):
+def ask(url: str, model: str, question: str, system: dict = SYSTEM, **options):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-    return client.chat.completions.create(model=model, messages=chat(question), max_tokens=8, temperature=0, **options)
+    return client.chat.completions.create(
+        model=model, messages=chat(question, system), max_tokens=8, temperature=0, **options
+    )
 
 
 def test_usage_reports_the_cached_tokens_and_metrics_count_hits_and_misses(served):
     url, plain_url, engine, _ = served
-    first, second = ask(url, BASE, QUESTIONS[0]), ask(url, BASE, QUESTIONS[1], n=2)
+    # A system message no other test sends: the server's cache holds SYSTEM's keys once a test before asked with it.
+    system = {"role": "system", "content": "The usage desk counts what each reply costs, briefly and kindly. " * 4}
+    first, second = ask(url, BASE, QUESTIONS[0], system), ask(url, BASE, QUESTIONS[1], system, n=2)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert 16 < second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
-    plain = ask(plain_url, BASE, QUESTIONS[1], n=2)
+    plain = ask(plain_url, BASE, QUESTIONS[1], system, n=2)
     assert [c.message.content for c in second.choices] == [c.message.content for c in plain.choices]
     assert plain.usage.prompt_tokens_details.cached_tokens == 0
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-    response = client.responses.create(model=BASE, instructions=SYSTEM["content"], input="Hi", max_output_tokens=4)
+    response = client.responses.create(model=BASE, instructions=system["content"], input="Hi", max_output_tokens=4)
     assert response.usage.input_tokens_details.cached_tokens > 16
-    text = client.completions.create(model=BASE, prompt=SYSTEM["content"] + " Hello", max_tokens=4)
+    text = client.completions.create(model=BASE, prompt=system["content"] + " Hello", max_tokens=4)
     assert text.usage.prompt_tokens_details.cached_tokens == 0  # no chat template: another start
     metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     stats = engine.stats()
