@@ -67,13 +67,16 @@ def tuned(path):
 
 def test_a_loaded_adapter_answers_as_served_from_the_start_until_unloaded(server, client, base, adapters):
     server = server[0]
+    # The adapters other tests left on this module's server (gamma, delta) stay as they are.
+    before, in_memory = served(client), httpx.get(f"{server}/health").json()["loaded_adapters"]
+    assert "alpha" not in before
     loaded = load(server, "alpha", adapters["alpha"])
     assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'alpha' added successfully."
-    assert served(client) == [BASE, "alpha"]
+    assert served(client) == [*before, "alpha"]
     assert answer(client, "alpha") == alone(*tuned(adapters["alpha"]), QUESTION, 10).text
     assert unload(server, "alpha").text == "Success: LoRA adapter 'alpha' removed successfully."
-    assert served(client) == [BASE]
-    assert httpx.get(f"{server}/health").json()["loaded_adapters"] == []
+    assert served(client) == before
+    assert httpx.get(f"{server}/health").json()["loaded_adapters"] == in_memory
     with pytest.raises(openai.NotFoundError):
         answer(client, "alpha")
     # The base answers as the base with its only adapter gone; the name can take another adapter.
