@@ -108,6 +108,26 @@ def test_lora_trains_on_image_rows_and_final_loads_with_its_processor(vision_mod
     assert AutoProcessor.from_pretrained(merged).image_seq_length == 4  # the merged model still reads images
 
 
+@pytest.mark.parametrize("from_layer", [0.0, 0.5])
+def test_lora_target_modules_only_the_vision_encoder_has_are_refused(vision_model, from_layer):
+    """fc1 is a layer of Gemma 3's vision encoder alone; LoRA leaves that encoder out (exclude_modules), so a list
+    naming fc1 would train q_proj alone, with or without lora.from_layer."""
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    lora = {"target_modules": ["q_proj", "fc1"], "from_layer": from_layer}
+    cfg = load_config({"base_model": str(vision_model), "data": {"train": "rows.jsonl"}, "lora": lora})
+    with pytest.raises(ConfigError) as caught:
+        prepare_model(load_model(str(vision_model), dtype=torch.float32), cfg)
+    assert str(caught.value) == (
+        "lora.target_modules: names fc1, which only the vision encoder and projector beside the text decoder have "
+        "(model.vision_tower.encoder.layers.0.mlp.fc1, ...), and LoRA adapts the text decoder alone: "
+        "PEFT would leave it untrained. Name linear layers the decoder has (down_proj, gate_proj, k_proj, o_proj, "
+        "q_proj, up_proj, v_proj), or leave fc1 out."
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [

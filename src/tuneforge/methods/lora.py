@@ -195,6 +195,22 @@ def refuse_unadaptable_targets(model, cfg) -> None:
         )
 
 
+def refuse_targets_beside_the_decoder(model, cfg, config) -> None:
+    """Refuse a lora.target_modules name that only the modules beside the text decoder have (a vision encoder's
+    fc1), which PEFT's exclude_modules (`outside_the_text_model`) leaves out without a word."""
+    if not config.exclude_modules or cfg.lora.target_modules == "all-linear":
+        return
+    for wanted in cfg.lora.target_modules:
+        names = [name for name, _ in model.named_modules() if name == wanted or name.endswith(f".{wanted}")]
+        if names and all(re.fullmatch(config.exclude_modules, name) for name in names):
+            raise ConfigError(
+                f"{cfg.key_at('lora.target_modules')}: names {wanted}, which only the vision encoder and projector "
+                f"beside the text decoder have ({names[0]}, ...), and LoRA adapts the text decoder alone: PEFT would "
+                f"leave it untrained. Name linear layers the decoder has ({', '.join(decoder_linears(model))}), or "
+                f"leave {wanted} out."
+            )
+
+
 def refuse_targets_below_from_layer(model, cfg, config) -> None:
     """Refuse a lora.target_modules name that, under lora.from_layer, PEFT adapts nowhere: a module outside the
     decoder's layers (embed_tokens), which PEFT's layers_to_transform leaves out without a word, unless the name
@@ -307,6 +323,7 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
                     f"Name {remedy}, or leave {key} out."
                 )
         refuse_unadaptable_targets(model, cfg)
+        refuse_targets_beside_the_decoder(model, cfg, config)
         refuse_targets_below_from_layer(model, cfg, config)
         if cfg.lora.changes_base:
             refuse_tied_targets(model, cfg, config)
