@@ -173,12 +173,17 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
 ADAPTABLE_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
 
 
+def modules_named(model, wanted: str) -> list[tuple[str, nn.Module]]:
+    """The modules, with their names, that a lora.target_modules or modules_to_save name matches as PEFT matches
+    it: by the module's whole name or its last parts (q_proj, self_attn.q_proj)."""
+    return [(name, m) for name, m in model.named_modules() if name == wanted or name.endswith(f".{wanted}")]
+
+
 def refuse_unadaptable_targets(model, cfg) -> None:
     """Refuse a lora.target_modules name whose modules are none of the layers LoRA adapts (`ADAPTABLE_LAYERS`): a
     block that holds layers (mlp, self_attn) or a norm, which PEFT refuses printing the module whole."""
-    modules = dict(model.named_modules())
     for wanted in [] if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules:
-        matched = [m for name, m in modules.items() if name == wanted or name.endswith(f".{wanted}")]
+        matched = [m for _, m in modules_named(model, wanted)]
         if any(isinstance(m, ADAPTABLE_LAYERS) for m in matched):
             continue
         layers = (name for m in matched for name, c in m.named_modules() if isinstance(c, nn.Linear))
@@ -201,7 +206,7 @@ def refuse_targets_beside_the_decoder(model, cfg, config) -> None:
     if not config.exclude_modules or cfg.lora.target_modules == "all-linear":
         return
     for wanted in cfg.lora.target_modules:
-        names = [name for name, _ in model.named_modules() if name == wanted or name.endswith(f".{wanted}")]
+        names = [name for name, _ in modules_named(model, wanted)]
         if names and all(re.fullmatch(config.exclude_modules, name) for name in names):
             raise ConfigError(
                 f"{cfg.key_at('lora.target_modules')}: names {wanted}, which only the vision encoder and projector "
@@ -217,12 +222,8 @@ def refuse_targets_below_from_layer(model, cfg, config) -> None:
     is the module's whole name (lm_head)."""
     if not cfg.lora.from_layer or cfg.lora.target_modules == "all-linear":
         return
-    names = [name for name, _ in model.named_modules()]
     for wanted in cfg.lora.target_modules:
-        if not any(
-            (name == wanted or name.endswith(f".{wanted}")) and check_target_module_exists(config, name) is True
-            for name in names
-        ):
+        if not any(check_target_module_exists(config, name) is True for name, _ in modules_named(model, wanted)):
             raise ConfigError(
                 f"{cfg.key_at('lora.target_modules')}: names {wanted}, which sits outside the decoder's layers, and "
                 f"{cfg.key_at('lora.from_layer')} adapts those from layer {config.layers_to_transform[0]} up alone: "
@@ -311,13 +312,12 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
         config = peft_config(cfg, model, token_ids)
         # PEFT skips a modules_to_save name that matches no module, and a target_modules name so long as
         # another one matches: a typo would train less than asked, silently.
-        names = [name for name, _ in model.named_modules()]
         for key, wanted, remedy in (
             ("modules_to_save", cfg.lora.modules_to_save, "modules it has (e.g. lm_head, embed_tokens)"),
             ("target_modules", cfg.lora.target_modules, f"linear layers it has ({', '.join(decoder_linears(model))})"),
         ):
             listed = [] if wanted == "all-linear" else wanted or []
-            if missing := [m for m in listed if not any(n == m or n.endswith(f".{m}") for n in names)]:
+            if missing := [m for m in listed if not modules_named(model, m)]:
                 raise ConfigError(
                     f"{cfg.key_at(f'lora.{key}')}: names {', '.join(missing)}, which this model has no module called. "
                     f"Name {remedy}, or leave {key} out."
