@@ -28,7 +28,7 @@ from ..data.formats import tool_definitions
 from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
-from ..tool_calls import ParsedReply
+from ..tool_calls import ParsedReply, tool_call_parser
 from ..web import APIError, Metadata, RequestBody, failure_id
 from ..web.errors import unreadable_json
 from .files import FileStorage
@@ -323,8 +323,6 @@ def check_tools_read(
     """The tools each item's prompt offers (`item_tools`), once the chat template of `model` (whose tokenizer
     `tokenizer()` gives, asked only where a prompt offers tools) writes them and its calls are parsed, as serve
     requires of a request's tools: else a 400 naming where the first item's tools were given."""
-    from ..tool_calls import tool_call_parser
-
     tools = item_tools(sampling_tools, items)
     first = next((index for index, offered in enumerate(tools) if offered), None)
     if first is None:
@@ -338,7 +336,7 @@ def check_tools_read(
     return tools
 
 
-def _read(sample: dict) -> Callable[[str], ParsedReply | None]:
+def _graded_calls(sample: dict) -> Callable[[str], ParsedReply | None]:
     """The calls of an answer as its graders read them (`sample`'s `output_tools`, with the text before them), for
     its stored message: parsed once, so the message's call ids are those the graders saw."""
     calls = sample["output_tools"]
@@ -592,7 +590,8 @@ class EvalRunner:
             output, finish_reason = [], ""
             if answer is not None:  # the message and finish_reason a chat completion gives for the answer
                 opened = reasoning_opened(tokenizer, prompt_ids[i])
-                message, finish_reason = assistant_reply(answer.text, answer.finish_reason, opened, _read(graded[i]))
+                calls = _graded_calls(graded[i])
+                message, finish_reason = assistant_reply(answer.text, answer.finish_reason, opened, calls)
                 output = [message]
             sample = {
                 "input": prompt,

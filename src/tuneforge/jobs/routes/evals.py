@@ -138,13 +138,7 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
                 code=err.code,
             ) from None
 
-    check_tools_read(
-        tokenizer,
-        source.model,
-        sampling_tools,
-        items,
-        item_param,
-    )
+    check_tools_read(tokenizer, source.model, sampling_tools, items, item_param)
     run = EvalRun(
         id=new_id("evalrun_"),
         owner=owner,
