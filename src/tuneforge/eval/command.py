@@ -24,11 +24,11 @@ from .report import choices_table, examples_table, metrics_table, print_tables
 def eval_command(model: str, data: str, *, json_out: bool = False, **options) -> int:
     """`tuneforge eval`: `evaluate_model`'s result (its `options` by name) printed as tables, or as JSON with
     `json_out`."""
-    result, tables = _evaluated(model, data, progress=not json_out, **options)
+    result = evaluate_model(model, data, progress=not json_out, **options)
     if json_out:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
-        print_tables(tables)
+        print_tables(result_tables(result))
         if "results" in result.get("files", {}):
             print(f"each question's results: {result['files']['results']}")
     return 0
@@ -56,36 +56,9 @@ def evaluate_model(
     folder for its per-pair scores and histogram of margins. Multiple-choice rows (`eval.choices`) are scored by
     each choice's log-likelihood, each after `num_fewshot` solved examples (from `fewshot_file`, else from
     DATA); `out`, a folder for each question's results. `progress=False` leaves out the progress bars."""
-    return _evaluated(
-        model,
-        str(data),
-        compare=compare,
-        metric=metric,
-        limit=limit,
-        max_new_tokens=max_new_tokens,
-        grader=grader,
-        out=None if out is None else str(out),
-        num_fewshot=num_fewshot,
-        fewshot_file=None if fewshot_file is None else str(fewshot_file),
-        progress=progress,
-    )[0]
-
-
-def _evaluated(
-    model,
-    data,
-    *,
-    compare=None,
-    metric="auto",
-    limit=None,
-    max_new_tokens=None,
-    grader=None,
-    out=None,
-    num_fewshot=0,
-    fewshot_file=None,
-    progress=True,
-) -> tuple[dict, list]:
-    """The evaluation's result and the tables that show it (`evaluate_model`'s options, its defaults)."""
+    data = str(data)
+    out = None if out is None else str(out)
+    fewshot_file = None if fewshot_file is None else str(fewshot_file)
     if fewshot_file is not None and not num_fewshot:
         raise ConfigError(
             f"--fewshot-file {fewshot_file} gives the solved examples shown before each question, but --num-fewshot "
@@ -132,34 +105,44 @@ def _evaluated(
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     if compare:
-        result = compare_models(model, compare, data, **options)
+        return compare_models(model, compare, data, **options)
+    return evaluate(model, data, **options)
+
+
+def result_tables(result: dict) -> list:
+    """The tables that show `evaluate_model`'s result, by what it measured: a reward model's ranking; acc and
+    acc_norm of multiple-choice questions (their results carry `num_fewshot`); otherwise loss and scores, and the
+    answers beside their references (documents of raw text have a loss and no answers: `windows`)."""
+    if result.get("kind") == "reward_model":
+        from .reward import reward_table
+
+        return [reward_table(result)]
+    if "tuned" in result:
         base, tuned = result["base"], result["tuned"]
-        tables = [metrics_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned})]
-        if "windows" not in tuned:  # documents of raw text have a loss and no answers
-            tables.append(examples_table(result["samples"]))
+        measured, models = tuned, {f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned}
+        answers = {}
     else:
-        result = evaluate(model, data, **options)
-        tables = [metrics_table({result["model"]: result})]
-        if "windows" not in result:
-            tables.append(examples_table(result["samples"], answers=(("answer", "prediction", "correct"),)))
-    return result, tables
+        measured, models = result, {result["model"]: result}
+        answers = {"answers": (("answer", "prediction", "correct"),)}
+    if "num_fewshot" in measured:
+        return [choices_table(models, result.get("difference"))]
+    if "windows" in measured:
+        return [metrics_table(models)]
+    return [metrics_table(models), examples_table(result["samples"], **answers)]
 
 
-def _choices_evaluated(model, data, *, compare, limit, out, fewshot, given, progress) -> tuple[dict, list]:
+def _choices_evaluated(model, data, *, compare, limit, out, fewshot, given, progress) -> dict:
     """Multiple-choice rows: acc and acc_norm, base vs tuned with the paired change."""
     refuse_generation_options(data, **given)
     if out is not None:
         check_out_folder(out)
     if compare:
         result = compare_choices(model, compare, data, limit=limit, progress=progress, **fewshot)
-        base, tuned = result["base"], result["tuned"]
-        table = choices_table({f"base: {base['model']}": base, f"tuned: {tuned['model']}": tuned}, result["difference"])
     else:
         result = evaluate_choices(model, data, limit=limit, progress=progress, **fewshot)
-        table = choices_table({result["model"]: result})
     if out is not None:
         result["files"] = {"results": write_choice_results(out, result)}
-    return result, [table]
+    return result
 
 
 def check_out_folder(out: str) -> None:
@@ -183,11 +166,9 @@ def reward_model(model: str) -> bool:
     return is_sequence_classifier(resolve(model))
 
 
-def _reward_evaluated(
-    model, data, *, compare, metric, limit, grader, out, max_new_tokens, fewshot, progress
-) -> tuple[dict, list]:
+def _reward_evaluated(model, data, *, compare, metric, limit, grader, out, max_new_tokens, fewshot, progress) -> dict:
     """A reward model: the options that concern answers are refused, naming each."""
-    from .reward import evaluate_reward_model, reward_table
+    from .reward import evaluate_reward_model
 
     given = {
         **fewshot,
@@ -202,8 +183,7 @@ def _reward_evaluated(
         given,
         " (to compare two reward models, evaluate each)",
     )
-    result = evaluate_reward_model(model, data, limit=limit, progress=progress, out=out)
-    return result, [reward_table(result)]
+    return evaluate_reward_model(model, data, limit=limit, progress=progress, out=out)
 
 
 # One FILE.py:FUNCTION of a comma-separated list: a comma that ends no reference belongs to a file's path.
