@@ -173,15 +173,19 @@ def save_gemma3_vision_model(folder: str | Path, *, seed: int = 0, **text_settin
     return folder
 
 
-def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0) -> Path:
+def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0, qwen2_vl: bool = False, **vision_settings) -> Path:
     """A Qwen2.5-VL-shaped model at tiny sizes and random weights, as the hub has it:
     `Qwen2_5_VLForConditionalGeneration` weights with M-RoPE (3-D positions), a Qwen tokenizer with
     its vision tokens, Qwen2-VL's chat template (an image part is
     `<|vision_start|><|image_pad|><|vision_end|>`) and the processor `AutoProcessor` loads: an image
-    processor of 4-pixel patches merged 2x2, so an image's token count follows its size (20x16: 6)."""
+    processor of 4-pixel patches merged 2x2, so an image's token count follows its size (20x16: 6).
+    `qwen2_vl` builds Qwen2-VL instead (`Qwen2VLForConditionalGeneration`: a LayerNorm vision encoder
+    without window attention); `vision_settings` change the vision encoder's config."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessorPil,
     )
 
@@ -203,11 +207,23 @@ def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0) -> Path:
     # (the video processor needs torchvision, which is not installed, so the processor is not built here).
     image_processor.save_pretrained(folder)
     settings = json.loads((folder / "preprocessor_config.json").read_text())
-    settings["processor_class"] = "Qwen2_5_VLProcessor"
+    settings["processor_class"] = "Qwen2VLProcessor" if qwen2_vl else "Qwen2_5_VLProcessor"
     (folder / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
     tokenizer.save_pretrained(folder)
     ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "image_pad", "video_pad")}
-    config = Qwen2_5_VLConfig(
+    vision = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if qwen2_vl:
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+    else:
+        vision.update(
+            hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16, fullatt_block_indexes=[1]
+        )
+    config_class, model_class = (
+        (Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+        if qwen2_vl
+        else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+    )
+    config = config_class(
         text_config=dict(
             **_SHAPE,
             vocab_size=len(tokenizer),
@@ -217,24 +233,13 @@ def save_qwen2_5_vl_model(folder: str | Path, *, seed: int = 0) -> Path:
             tie_word_embeddings=True,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
         ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=16,
-            fullatt_block_indexes=[1],
-        ),
+        vision_config={**vision, **vision_settings},
         image_token_id=ids["image_pad"],
         video_token_id=ids["video_pad"],
         vision_start_token_id=ids["vision_start"],
         tie_word_embeddings=True,
     )
-    return _save_image_text_model(Qwen2_5_VLForConditionalGeneration, config, tokenizer, folder, seed)
+    return _save_image_text_model(model_class, config, tokenizer, folder, seed)
 
 
 def save_smolvlm_model(folder: str | Path, *, seed: int = 0, smolvlm2: bool = False) -> Path:

@@ -4,12 +4,13 @@ OpenAI-style chat rows whose user messages hold image parts."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from data.rows import write_jsonl
-from families import FAMILIES, png_data_url, save_family_model, save_gemma3_vision_model
+from families import FAMILIES, png_data_url, save_family_model, save_gemma3_vision_model, save_qwen2_5_vl_model
 
 from tuneforge.config import DataConfig
 from tuneforge.data import IGNORE_INDEX, collate, prepare, read_conversations
@@ -1050,48 +1051,127 @@ def test_qwen_vl_counts_an_images_tokens_from_its_size_as_the_processor_does_wit
 
 
 @pytest.fixture(scope="module")
-def vision_gguf(tmp_path_factory):
-    """A Gemma 3 4B-shaped model with Gemma 3's attention sizes (head width and query scale 256, which
-    transformers' GGUF reader assumes), exported --format gguf."""
+def vision_gguf_of(tmp_path_factory):
+    """A model that reads images of a family GGUF export writes an mmproj for, exported --format gguf (q8_0), once
+    per family: Gemma 3 4B-shaped with Gemma 3's attention sizes (head width and query scale 256, which transformers'
+    GGUF reader assumes); Qwen2-VL and Qwen2.5-VL with three vision blocks (the converter maps the projector's
+    `mlp.2` by block number) and Qwen2.5-VL's 112-pixel attention windows (llama.cpp's)."""
     from tuneforge.exporting import export
 
-    folder = tmp_path_factory.mktemp("vision-gguf")
-    base = save_gemma3_vision_model(folder / "tuned", head_dim=256, query_pre_attn_scalar=256)
-    return base, export(base, "gguf", "q8_0", folder / "gguf", progress=False)
+    exported = {}
+
+    def of(family: str):
+        if family not in exported:
+            folder = tmp_path_factory.mktemp(f"{family}-gguf")
+            if family == "gemma3":
+                base = save_gemma3_vision_model(folder / "tuned", head_dim=256, query_pre_attn_scalar=256)
+            elif family == "qwen2_vl":
+                base = save_qwen2_5_vl_model(folder / "tuned", qwen2_vl=True, depth=3)
+            else:
+                base = save_qwen2_5_vl_model(folder / "tuned", depth=3, fullatt_block_indexes=[2], window_size=112)
+            exported[family] = base, export(base, "gguf", "q8_0", folder / "gguf", progress=False)
+        return exported[family]
+
+    return of
 
 
-def test_gguf_export_of_a_vision_model_writes_the_text_model_and_its_mmproj_checked(vision_gguf):
+@pytest.fixture(scope="module")
+def vision_gguf(vision_gguf_of):
+    return vision_gguf_of("gemma3")
+
+
+@pytest.mark.parametrize(
+    ("family", "projector", "tensors", "figures"),
+    [
+        ("gemma3", "gemma3", 39, {"image_tokens": 4}),
+        ("qwen2_vl", "qwen2vl_merger", 56, {"spatial_merge_size": 2}),
+        (
+            "qwen2_5_vl",
+            "qwen2.5vl_merger",
+            55,
+            {"spatial_merge_size": 2, "window_size": 112, "full_attention_blocks": [2]},
+        ),
+    ],
+)
+def test_gguf_export_of_a_vision_model_writes_the_text_model_and_its_mmproj_checked(
+    vision_gguf_of, family, projector, tensors, figures
+):
     import gguf
 
-    base, result = vision_gguf
+    base, result = vision_gguf_of(family)
     assert sorted(p.name for p in result.out.iterdir()) == ["export.json", "mmproj-tuned-q8_0.gguf", "tuned-q8_0.gguf"]
     record = json.loads((result.out / "export.json").read_text())
     assert record["files"] == ["tuned-q8_0.gguf", "mmproj-tuned-q8_0.gguf"]
     assert record["checks"]["max_abs_logit_diff"] <= 5.0  # the text model, checked as every GGUF is
     mmproj = record["checks"]["mmproj"]
-    assert mmproj["clip.projector_type"] == "gemma3" and mmproj["image_tokens"] == 4
-    assert mmproj["tensors"] == 39 and 0 < mmproj["max_diff_of_rounding"] <= 1
-    # llama.cpp's names and layout: the vision tower's patch embedding (kept f32) and the projection (f16).
+    assert mmproj["clip.projector_type"] == projector and figures.items() <= mmproj.items()
+    assert mmproj["tensors"] == tensors and 0 < mmproj["max_diff_of_rounding"] <= 1
+    # llama.cpp's names and layout: the vision tower's patch embedding (Qwen2-VL's two frames, one tensor each).
     reader = gguf.GGUFReader(str(result.out / "mmproj-tuned-q8_0.gguf"))
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    written = {tensor.name: tensor for tensor in reader.tensors}
     source = load_model(str(base), dtype=torch.float32)
-    patches = source.model.vision_tower.embeddings.patch_embedding.weight.detach().numpy()
-    assert (tensors["v.patch_embd.weight"].data == patches).all()
-    projection = source.model.multi_modal_projector.mm_input_projection_weight.detach().numpy()
-    assert tensors["mm.input_projection.weight"].data == pytest.approx(projection, rel=1e-3, abs=1e-7)
+    if family == "gemma3":
+        frames = {"v.patch_embd.weight": source.model.vision_tower.embeddings.patch_embedding.weight}
+    else:
+        both = source.model.visual.patch_embed.proj.weight
+        frames = {"v.patch_embd.weight": both[:, :, 0], "v.patch_embd.weight.1": both[:, :, 1]}
+    for name, weight in frames.items():
+        got = gguf.quants.dequantize(written[name].data, written[name].tensor_type)
+        assert got == pytest.approx(weight.detach().numpy(), rel=1e-3, abs=1e-7)
     assert reader.fields["general.type"].contents() == "mmproj"
+    if family != "gemma3":  # the text model as llama.cpp reads it: M-RoPE's sections
+        text = gguf.GGUFReader(str(result.out / "tuned-q8_0.gguf")).fields
+        assert text["general.architecture"].contents() == "qwen2vl"
+        assert text["qwen2vl.rope.dimension_sections"].contents() == [2, 3, 3, 0]
 
 
-def test_an_mmproj_unlike_the_models_vision_encoder_is_refused_naming_the_tensor(vision_gguf, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "weight", "index", "written"),
+    [
+        ("gemma3", "model.vision_tower.encoder.layers.1.mlp.fc2.weight", (0, 0), "v.blk.1.ffn_down.weight"),
+        # Qwen2-VL's fused attention input is written as three tensors, its two-frame patch embedding as two.
+        ("qwen2_5_vl", "model.visual.blocks.1.attn.qkv.weight", (40, 0), "v.blk.1.attn_k.weight"),
+        ("qwen2_vl", "model.visual.patch_embed.proj.weight", (0, 0, 1, 0, 0), "v.patch_embd.weight.1"),
+    ],
+)
+def test_an_mmproj_unlike_the_models_vision_encoder_is_refused_naming_the_tensor(
+    vision_gguf_of, family, weight, index, written
+):
     from tuneforge.exporting import ExportFailed, llama_cpp
 
-    base, result = vision_gguf
+    base, result = vision_gguf_of(family)
     model = load_model(str(base), dtype=torch.float32)
     with torch.no_grad():
-        model.model.vision_tower.encoder.layers[1].mlp.fc2.weight[0, 0] += 0.01
-    (tmp_path / "processor_config.json").write_text((base / "processor_config.json").read_text())
-    with pytest.raises(ExportFailed, match=r"v\.blk\.1\.ffn_down\.weight differs from the model's weight"):
-        llama_cpp.check_mmproj(result.out / "mmproj-tuned-q8_0.gguf", model, tmp_path)
+        model.get_parameter(weight)[index] += 0.01
+    with pytest.raises(ExportFailed, match=rf"{re.escape(written)} differs from the model's weight"):
+        llama_cpp.check_mmproj(result.out / "mmproj-tuned-q8_0.gguf", model, base)
+
+
+def test_a_qwen2_5_vl_mmproj_llama_cpp_would_run_with_other_windows_is_refused_naming_the_setting(
+    vision_gguf_of, tmp_path
+):
+    """llama.cpp runs Qwen2.5-VL's window attention over 112-pixel windows, which the mmproj does not record."""
+    from tuneforge.exporting import ExportFailed, llama_cpp
+
+    base, result = vision_gguf_of("qwen2_5_vl")
+    model = load_model(str(base), dtype=torch.float32)
+    model.config.vision_config.window_size = 56
+    with pytest.raises(ExportFailed, match=r"within windows of 112 pixels, the model within 56 \(vision_config"):
+        llama_cpp.check_mmproj(result.out / "mmproj-tuned-q8_0.gguf", model, base)
+
+
+def test_a_qwen2_vl_gguf_whose_m_rope_sections_differ_from_the_models_is_refused(vision_gguf_of):
+    """Read back as Qwen 2, the text model's logits on text cannot show M-RoPE's sections: they are compared."""
+    from transformers import AutoConfig
+
+    from tuneforge.exporting import ExportFailed, llama_cpp
+
+    base, result = vision_gguf_of("qwen2_vl")
+    config = AutoConfig.from_pretrained(base)
+    config.text_config.rope_parameters["mrope_section"] = [2, 2, 4]
+    with pytest.raises(ExportFailed, match=r"M-RoPE the sections \[2, 3, 3, 0\].*the model \[2, 2, 4\]"):
+        llama_cpp.load_gguf(result.out, "tuned-q8_0.gguf", config)
+    assert sorted(p.name for p in result.out.iterdir()) == ["export.json", "mmproj-tuned-q8_0.gguf", "tuned-q8_0.gguf"]
 
 
 def test_the_mmproj_check_reads_the_file_once(vision_gguf, tmp_path, monkeypatch):
@@ -1113,7 +1193,7 @@ def test_gguf_export_of_a_vision_model_for_ollama_is_refused_before_any_work(vis
     from tuneforge.errors import TuneforgeError
     from tuneforge.exporting import export
 
-    with pytest.raises(TuneforgeError, match="Ollama runs Gemma 3 on its own engine") as refused:
+    with pytest.raises(TuneforgeError, match="Ollama runs Gemma 3 and Qwen2.5-VL on its own engine") as refused:
         export(vision_model, "gguf", None, tmp_path / "gguf", ollama=True, progress=False)
     assert "llama-server -m model-f16.gguf --mmproj mmproj-model-f16.gguf" in str(refused.value)
     assert not (tmp_path / "gguf").exists()
@@ -1126,20 +1206,6 @@ def test_gguf_export_of_a_gemma3_whose_attention_is_not_scaled_by_256_reads_back
 
     result = export(vision_model, "gguf", "f16", tmp_path / "gguf", progress=False)
     assert result.checks["max_abs_logit_diff"] <= 0.15 and result.checks["argmax_agreement"] == 1.0
-
-
-def test_gguf_export_of_qwen_vl_is_refused_before_its_weights_load_naming_llama_cpps_architecture(
-    qwen_vl_model, tmp_path
-):
-    from tuneforge.errors import TuneforgeError
-    from tuneforge.exporting import export
-
-    with pytest.raises(TuneforgeError) as refused:
-        export(qwen_vl_model, "gguf", None, tmp_path / "gguf", progress=False)
-    assert refused.value.code == "unsupported_architecture" and not (tmp_path / "gguf").exists()
-    assert "This model is qwen2_5_vl (qwen2vl in GGUF)" in str(refused.value) and "--format merged" in str(
-        refused.value
-    )
 
 
 def test_a_data_check_that_stops_at_an_image_row_counts_each_row_once(tmp_path, tiny_model_dir):
@@ -1310,7 +1376,7 @@ def test_gguf_export_of_smolvlm_is_refused_before_its_weights_load_naming_the_mm
         export(folder, "gguf", None, tmp_path / "gguf", progress=False)
     assert refused.value.code == "unsupported_architecture" and not (tmp_path / "gguf").exists()
     assert f"This model is {model_type} and reads images" in str(refused.value)
-    assert "mmproj file for gemma3 alone. Export it --format merged" in str(refused.value)
+    assert "mmproj file for gemma3, qwen2_vl, qwen2_5_vl alone. Export it --format merged" in str(refused.value)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ Formats:
   `dtype` names another; a full fine-tune or a plain model is saved as is;
 - `gguf`: one GGUF file for llama.cpp, written by llama.cpp's own converter (`llama_cpp.py`) for
   every family it knows; `--ollama` adds a Modelfile with the family's chat template (`ollama.py`).
-  A model that reads images (Gemma 3 4B+) gets a second file beside it, its vision encoder and
+  A model that reads images (Gemma 3 4B+, Qwen2-VL, Qwen2.5-VL) gets a second file beside it, its vision encoder and
   projector as llama.cpp's mmproj GGUF, checked weight by weight.
 
 Several LoRA adapters on one base, each weighted, export as one in any format: `combine.py` combines them
@@ -138,10 +138,11 @@ def export(
                 llama_cpp.check_supported(config, tokenizer, checked)
             if ollama and llama_cpp.reads_images(config):
                 raise TuneforgeError(
-                    f"{run_or_model} reads images ({config.model_type}), and Ollama runs Gemma 3 on its own engine, "
-                    "which reads the vision encoder from its own single-file GGUF, not from llama.cpp's mmproj file "
-                    "beside the text model (a Modelfile naming both gives a model that answers text and ignores "
-                    "images). Export --format gguf without --ollama and run the two files with llama.cpp "
+                    f"{run_or_model} reads images ({config.model_type}), and Ollama runs Gemma 3 and Qwen2.5-VL on "
+                    "its own engine, which reads the vision encoder from its own single-file GGUF, not from "
+                    "llama.cpp's mmproj file beside the text model (a Modelfile naming both gives a model that "
+                    "answers text and ignores images). Export --format gguf without --ollama and run the two files "
+                    "with llama.cpp "
                     f"(`llama-server -m {llama_cpp.gguf_filename(source.name, dtype)} --mmproj "
                     f"{llama_cpp.mmproj_filename(source.name, dtype)}`).",
                     code="bad_export_option",

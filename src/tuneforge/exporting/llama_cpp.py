@@ -17,9 +17,12 @@ What the converter cannot find in a folder, tuneforge hands it:
 - the end-of-turn token training labels (`tokenizer.ggml.eot_token_id`), where a chat reply ends and
   llama.cpp stops: Gemma's `<end_of_turn>` and Phi-3's `<|end|>` are not their EOS.
 
-A model that reads images (Gemma 3 4B and larger) runs in llama.cpp as two files: the text model's GGUF and its
-vision encoder and projector in an mmproj GGUF (the converter's `--mmproj`), which `llama-server --mmproj` and
-`llama-mtmd-cli` load beside it (`write_mmproj`, checked weight by weight by `check_mmproj`).
+A model that reads images (Gemma 3 4B and larger, Qwen2-VL, Qwen2.5-VL) runs in llama.cpp as two files: the text
+model's GGUF and its vision encoder and projector in an mmproj GGUF (the converter's `--mmproj`), which
+`llama-server --mmproj` and `llama-mtmd-cli` load beside it (`write_mmproj`, checked weight by weight by
+`check_mmproj`). Qwen2-VL's text model is written as llama.cpp's `qwen2vl`, which transformers does not read: it is
+Qwen 2's with M-RoPE, whose three position ids are equal on text, where it is Qwen 2's rotary, so the file is read
+back as `qwen2` (`READ_AS`) and its M-RoPE sections are checked against the model's.
 
 The converter writes no 4- or 5-bit types (llama.cpp's compiled `llama-quantize` does). For those,
 the converter's f16 file is quantized again with the `gguf` package (`requantize`), tensor by tensor
@@ -73,7 +76,13 @@ _KEPT_WEIGHTS = (
 )
 # Models that read images whose vision encoder and projector the converter writes as an mmproj GGUF, by
 # model_type: the projector type it names there (`clip.projector_type`), which tells llama.cpp how to run it.
-MMPROJ_PROJECTORS = {"gemma3": "gemma3"}
+MMPROJ_PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
+# The GGUF architectures transformers does not read whose text files it reads as another one, the same on text.
+READ_AS = {"qwen2vl": "qwen2"}
+# What llama.cpp's Qwen2-VL projectors run with and the converter does not write (llama.cpp's clip.cpp): patches
+# merged 2x2, and Qwen2.5-VL's window attention over windows of 112 pixels a side.
+_QWEN_VL_MERGE_SIZE = 2
+_QWEN_VL_WINDOW_SIZE = 112
 # The image tokens llama.cpp's Gemma 3 projector pools an image into per side: the patches per side divided by
 # `clip.vision.projector.scale_factor`, 4 where the file names none (llama.cpp's clip.cpp).
 _GEMMA3_DEFAULT_SCALE_FACTOR = 4
@@ -107,7 +116,7 @@ def mmproj_filename(name: str, dtype: str) -> str:
 def check_supported(config, tokenizer, source: ModelSource) -> None:
     """Refuse, before any weights load, a model whose GGUF could not be written or checked."""
     architecture = gguf_architecture(config.model_type)
-    if architecture not in transformers_gguf_architectures():
+    if READ_AS.get(architecture, architecture) not in transformers_gguf_architectures():
         raise TuneforgeError(
             f"GGUF export writes a file and checks it by loading it back with transformers, which reads GGUF "
             f"files of these architectures: {', '.join(transformers_gguf_architectures())}. This model is "
@@ -223,9 +232,9 @@ def write_mmproj(
 def converter_name(name: str) -> str | None:
     """The name llama.cpp's converter reads the vision encoder's or projector's weight `name` (a transformers
     model's) by: the hub's, whose Gemma 3 vision tower holds its weights under `vision_model.`, which
-    transformers 5 leaves out; None for the text model's weights."""
+    transformers 5 leaves out (Qwen2-VL's, under `visual.`, are named alike); None for the text model's weights."""
     name = name.removeprefix("model.")
-    if name.startswith("multi_modal_projector."):
+    if name.startswith(("multi_modal_projector.", "visual.")):
         return name
     if not name.startswith("vision_tower."):
         return None
@@ -265,22 +274,23 @@ def check_mmproj(path: Path, model, model_dir: Path) -> dict:
     saved in `model_dir`): it holds each weight of the vision encoder and projector (but SigLIP's pooling head,
     which Gemma 3 does not run) and nothing else, each equal to the model's within the rounding of the type it is
     stored in; its metadata names the model's projector type, vision sizes and image mean and deviation, and
-    pools an image into as many tokens as the model's processor gives it. The figures, for export.json; an
-    mmproj that differs is `ExportFailed`."""
+    llama.cpp turns an image into tokens as the model does (`_image_tokens`). The figures, for
+    export.json; an mmproj that differs is `ExportFailed`."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
     config = model.config
     vision = config.vision_config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.num_hidden_layers)
+    layers = _vision_layers(vision)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, layers)
     expected = {}
     for name, weight in model.state_dict().items():
         hub = converter_name(name)
         if hub is None or hub.startswith("vision_tower.vision_model.head."):
             continue
-        hub = hub.replace("_weight", ".weight")  # Gemma 3's mm_input_projection_weight
-        written = names.get_name(hub, try_suffixes=(".weight", ".bias")) or hub
-        expected[written] = _WRITTEN_AS.get(written, lambda w: w)(weight.detach().double()).numpy()
+        for piece, value in _written_pieces(hub.replace("_weight", ".weight"), weight.detach().double()):
+            written = names.get_name(piece, try_suffixes=(".weight", ".bias")) or piece
+            expected[written] = _WRITTEN_AS.get(written, lambda w: w)(value).numpy()
     stored = {tensor.name: tensor for tensor in reader.tensors}
     problems = [f"{name} is missing" for name in sorted(expected.keys() - stored.keys())]
     problems += [f"{name} is not a weight of the model" for name in sorted(stored.keys() - expected.keys())]
@@ -297,29 +307,24 @@ def check_mmproj(path: Path, model, model_dir: Path) -> dict:
             problems.append(f"{name} differs from the model's weight by {share:.3g} times its type's rounding")
     fields = reader.fields
     settings = _processor_settings(model_dir)
-    scale_key = gguf.Keys.ClipVision.Projector.SCALE_FACTOR
-    scale = fields[scale_key].contents() if scale_key in fields else _GEMMA3_DEFAULT_SCALE_FACTOR
     wanted = {
         gguf.Keys.Clip.PROJECTOR_TYPE: MMPROJ_PROJECTORS[config.model_type],
-        gguf.Keys.ClipVision.IMAGE_SIZE: vision.image_size,
         gguf.Keys.ClipVision.PATCH_SIZE: vision.patch_size,
-        gguf.Keys.ClipVision.BLOCK_COUNT: vision.num_hidden_layers,
-        gguf.Keys.ClipVision.EMBEDDING_LENGTH: vision.hidden_size,
+        gguf.Keys.ClipVision.BLOCK_COUNT: layers,
+        # Qwen2-VL's vision width is its `embed_dim`, and its `hidden_size` the merger's output.
+        gguf.Keys.ClipVision.EMBEDDING_LENGTH: getattr(vision, "embed_dim", None) or vision.hidden_size,
         gguf.Keys.ClipVision.PROJECTION_DIM: config.get_text_config().hidden_size,
         gguf.Keys.ClipVision.IMAGE_MEAN: settings.get("image_mean"),
         gguf.Keys.ClipVision.IMAGE_STD: settings.get("image_std"),
     }
+    if config.model_type == "gemma3":  # Qwen2-VL's images keep their size; the converter writes a default there
+        wanted[gguf.Keys.ClipVision.IMAGE_SIZE] = vision.image_size
     found = {key: fields[key].contents() if key in fields else None for key in wanted}
     for key, value in wanted.items():
         if not _same(found[key], value):
             problems.append(f"{key} is {found[key]!r}, the model's {value!r}")
-    tokens = (vision.image_size // vision.patch_size // scale) ** 2
-    if tokens != config.mm_tokens_per_image:
-        problems.append(
-            f"llama.cpp pools an image into {tokens} tokens ({vision.image_size} // {vision.patch_size} // {scale}, "
-            "squared), "
-            f"the model into {config.mm_tokens_per_image} (mm_tokens_per_image)"
-        )
+    image_tokens, token_problems = _image_tokens(config, fields)
+    problems += token_problems
     if problems:
         raise ExportFailed(
             f"The mmproj file llama.cpp's converter wrote ({path.name}) does not hold the model's vision encoder and "
@@ -332,12 +337,75 @@ def check_mmproj(path: Path, model, model_dir: Path) -> dict:
         "tensors": len(stored),
         "tensor_types": tensor_types(reader),
         "max_diff_of_rounding": worst,
-        "image_tokens": tokens,
+        **image_tokens,
         **{
             key: found[key]
             for key in (gguf.Keys.Clip.PROJECTOR_TYPE, gguf.Keys.ClipVision.IMAGE_SIZE, gguf.Keys.ClipVision.PATCH_SIZE)
+            if key in wanted
         },
     }
+
+
+def _vision_layers(vision) -> int:
+    """How many blocks the vision encoder has (Qwen2-VL's config calls them `depth`)."""
+    return getattr(vision, "depth", None) or vision.num_hidden_layers
+
+
+def _written_pieces(hub: str, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The tensors the converter writes for the vision weight `hub`, each by a name the tensor map reads or by the
+    name written: Qwen2-VL's fused attention input as its query, key and value, and its patch embedding, a 3-D
+    convolution over two frames, as one 2-D convolution per frame; any other weight as it is."""
+    import gguf
+
+    if ".attn.qkv." in hub:
+        return [(hub.replace(".qkv.", f".{part}."), chunk) for part, chunk in zip("qkv", weight.chunk(3), strict=True)]
+    if hub.endswith("patch_embed.proj.weight") and weight.dim() == 5:
+        patch = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH]
+        return [(f"{patch}.weight", weight[:, :, 0]), (f"{patch}.weight.1", weight[:, :, 1])]
+    return [(hub, weight)]
+
+
+def _image_tokens(config, fields) -> tuple[dict, list[str]]:
+    """How llama.cpp turns an image into tokens, for export.json, and where that differs from the model: Gemma 3's
+    projector pools an image into (patches per side // `clip.vision.projector.scale_factor`) squared tokens;
+    Qwen2-VL's merge 2x2 patches (`_QWEN_VL_MERGE_SIZE`) and Qwen2.5-VL's attend within windows of
+    `_QWEN_VL_WINDOW_SIZE` pixels, with a full-attention block every `clip.vision.n_wa_pattern`."""
+    import gguf
+
+    vision = config.vision_config
+    if config.model_type == "gemma3":
+        key = gguf.Keys.ClipVision.Projector.SCALE_FACTOR
+        scale = fields[key].contents() if key in fields else _GEMMA3_DEFAULT_SCALE_FACTOR
+        tokens = (vision.image_size // vision.patch_size // scale) ** 2
+        if tokens == config.mm_tokens_per_image:
+            return {"image_tokens": tokens}, []
+        return {}, [
+            f"llama.cpp pools an image into {tokens} tokens ({vision.image_size} // {vision.patch_size} // {scale}, "
+            f"squared), the model into {config.mm_tokens_per_image} (mm_tokens_per_image)"
+        ]
+    problems = []
+    if vision.spatial_merge_size != _QWEN_VL_MERGE_SIZE:
+        problems.append(
+            f"llama.cpp merges {_QWEN_VL_MERGE_SIZE}x{_QWEN_VL_MERGE_SIZE} patches into an image token, the model "
+            f"{vision.spatial_merge_size}x{vision.spatial_merge_size} (vision_config.spatial_merge_size)"
+        )
+    figures = {"spatial_merge_size": _QWEN_VL_MERGE_SIZE}
+    if config.model_type == "qwen2_5_vl":
+        if vision.window_size != _QWEN_VL_WINDOW_SIZE:
+            problems.append(
+                f"llama.cpp attends within windows of {_QWEN_VL_WINDOW_SIZE} pixels, the model within "
+                f"{vision.window_size} (vision_config.window_size)"
+            )
+        key = gguf.Keys.ClipVision.N_WA_PATTERN
+        pattern = fields[key].contents() if key in fields else None
+        full = [i for i in range(vision.depth) if pattern and (i + 1) % pattern == 0]
+        if full != list(vision.fullatt_block_indexes):
+            problems.append(
+                f"llama.cpp attends fully in blocks {full} ({key} {pattern}), the model in "
+                f"{list(vision.fullatt_block_indexes)} (vision_config.fullatt_block_indexes)"
+            )
+        figures |= {"window_size": _QWEN_VL_WINDOW_SIZE, "full_attention_blocks": full}
+    return figures, problems
 
 
 def _rounding(weight: np.ndarray, ggml_type) -> np.ndarray:
@@ -394,22 +462,37 @@ def requantize(source: Path, out: Path, dtype: str, console: Console) -> None:
 
     reader = gguf.GGUFReader(str(source))
     qtype = gguf.GGMLQuantizationType[dtype.upper()]
-    file_type = gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"]
     names = {tensor.name for tensor in reader.tensors}
+    types = [quantized_type(tensor, qtype, "output.weight" in names) for tensor in reader.tensors]
+    file_type = int(gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"])
+    architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    values = {gguf.Keys.General.FILE_TYPE: file_type}
+    _rewrite(reader, out, architecture, types, values, f"Quantizing {out.name} to {dtype}", not console.quiet)
+
+
+def _rewrite(reader, out: Path, architecture: str, types: list, values: dict, what: str, progress: bool) -> None:
+    """Write the GGUF that `reader` (a `gguf.GGUFReader`) reads again as `out`, of `architecture` (its keys named
+    after it): each metadata key and value as it is but those `values` gives (added where the file has none), and
+    each tensor in the GGML type of `types` (in the file's order), quantized where that is not its own. Written to
+    a temporary file beside `out` and renamed."""
+    import gguf
+
+    old = f"{reader.fields[gguf.Keys.General.ARCHITECTURE].contents()}."
     partial = out.with_name(f".{out.name}.partial")
-    writer = gguf.GGUFWriter(partial, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    writer = gguf.GGUFWriter(partial, architecture)
     for field in reader.fields.values():
         # The header's counts (GGUF.*) and the architecture are the writer's own.
         if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
             continue
-        value = int(file_type) if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        value = values.get(field.name, field.contents())
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+        name = f"{architecture}.{field.name.removeprefix(old)}" if field.name.startswith(old) else field.name
+        writer.add_key_value(name, value, field.types[0], sub_type=sub_type)
         if field.name == gguf.Keys.General.ALIGNMENT:
             writer.data_alignment = value
-    if gguf.Keys.General.FILE_TYPE not in reader.fields:
-        writer.add_file_type(file_type)
-    types = [quantized_type(tensor, qtype, "output.weight" in names) for tensor in reader.tensors]
+    for key, value in values.items():
+        if key not in reader.fields:
+            writer.add_uint32(key, value)
     for tensor, new_type in zip(reader.tensors, types, strict=True):
         if new_type == tensor.tensor_type:
             writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, new_type)
@@ -419,7 +502,7 @@ def requantize(source: Path, out: Path, dtype: str, console: Console) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    with progress_bar(f"Quantizing {out.name} to {dtype}, tensors", len(types), not console.quiet) as advance:
+    with progress_bar(f"{what}, tensors", len(types), progress) as advance:
         for tensor, new_type in zip(reader.tensors, types, strict=True):
             data = tensor.data
             if new_type != tensor.tensor_type:
@@ -566,13 +649,29 @@ def pre_tokenizer_name(tokenizer) -> str | None:
 def load_gguf(folder: Path, filename: str, source_config):
     """The GGUF as transformers reads it (dequantised to fp32), and the tokenizer it rebuilds. A file
     transformers cannot read is refused: unread, it is unchecked. `source_config` is the config of
-    the model the file was written from."""
+    the model the file was written from. A file of an architecture in `READ_AS` is read from a copy beside it
+    that names the architecture transformers reads, removed once read."""
     import gguf
+
+    written = gguf.GGUFReader(str(folder / filename))  # what transformers' reader leaves out, read once
+    architecture = written.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    if architecture not in READ_AS:
+        return _read_gguf(folder, filename, source_config, written)
+    _check_rope_sections(written, source_config)
+    readable = f".{filename.removesuffix('.gguf')}-{READ_AS[architecture]}.gguf"
+    types = [tensor.tensor_type for tensor in written.tensors]
+    _rewrite(written, folder / readable, READ_AS[architecture], types, {}, f"Copying {filename}", False)
+    try:
+        return _read_gguf(folder, readable, source_config, written)
+    finally:
+        (folder / readable).unlink()
+
+
+def _read_gguf(folder: Path, filename: str, source_config, written):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=filename)
-        written = gguf.GGUFReader(str(folder / filename))  # what transformers' reader leaves out, read once
         _restore_rope_freqs(config, source_config, written)
         _restore_rope_scaling(config, source_config, written)
         _restore_attention_scale(config, source_config, written)
@@ -587,6 +686,25 @@ def load_gguf(folder: Path, filename: str, source_config):
             "folder with llama.cpp's own convert_hf_to_gguf.py, unchecked.",
             code="gguf_unreadable",
         ) from err
+
+
+def _check_rope_sections(written, source_config) -> None:
+    """Refuse a GGUF (that `written`, a `gguf.GGUFReader`, reads) whose M-RoPE sections
+    (`{arch}.rope.dimension_sections`, the rotary pairs llama.cpp gives the time, height and width positions)
+    are not the model's `mrope_section`: read back as Qwen 2, text alone does not show them."""
+    fields = written.fields
+    key = f"{fields['general.architecture'].contents()}.rope.dimension_sections"
+    stored = [int(n) for n in fields[key].contents()] if key in fields else None
+    rope = getattr(source_config.get_text_config(), "rope_parameters", None) or {}
+    wanted = list(rope.get("mrope_section") or [])
+    if stored is None or stored[: len(wanted)] != wanted or any(stored[len(wanted) :]):
+        raise ExportFailed(
+            f"The GGUF llama.cpp's converter wrote gives M-RoPE the sections {stored} ({key}), the model "
+            f"{wanted} (rope_parameters.mrope_section in config.json), so llama.cpp would place image tokens "
+            "as another model. Nothing was written. Export it --format merged, and please report this with the "
+            "run's config.yaml.",
+            code="gguf_mismatch",
+        )
 
 
 def sliding_window(config) -> int | None:
