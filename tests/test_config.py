@@ -773,6 +773,20 @@ def test_target_modules_as_another_string_says_to_write_a_list(tmp_path, written
     assert line == f"  lora.target_modules (line 4): {said} (got {written!r})"
 
 
+@pytest.mark.parametrize("written", ["[all-linear]", "[q_proj, all-linear]"])
+def test_target_modules_listing_all_linear_says_to_write_it_without_brackets(tmp_path, written):
+    """all-linear is target_modules' keyword for every linear layer; inside a list it would be a module's name."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  train: x\nlora:\n  target_modules: {written}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    [line] = [line for line in e.value.message.splitlines() if "lora.target_modules" in line]
+    assert line.startswith(
+        "  lora.target_modules (line 4): all-linear is written alone, without brackets (target_modules: all-linear), "
+        "for every linear layer; a list names modules, such as [q_proj, v_proj] (got "
+    )
+
+
 def test_target_modules_as_an_empty_list_is_refused_saying_what_to_write(tmp_path):
     """PEFT reads an empty target_modules as no module to adapt: the run would train nothing."""
     said = (

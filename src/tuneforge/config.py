@@ -122,6 +122,12 @@ class LoraConfig(Strict):
                 "an empty list adapts no layer; write all-linear for every linear layer, or list the layers to "
                 "adapt, such as [q_proj, v_proj]"
             )
+        # PEFT would read all-linear inside a list as the name of a module, which no model has.
+        if isinstance(value, list) and "all-linear" in value:
+            raise ValueError(
+                "all-linear is written alone, without brackets (target_modules: all-linear), for every linear layer; "
+                "a list names modules, such as [q_proj, v_proj]"
+            )
         return value
 
     @field_validator("init")
