@@ -790,6 +790,62 @@ def test_lora_from_layer_adapts_what_all_linear_adapts_in_the_upper_layers_exper
     assert upper and trained[0.5] == upper
 
 
+@pytest.mark.parametrize("architecture", ["MixtralConfig", "Qwen3MoeConfig"])
+def test_lora_target_modules_naming_fused_expert_weights_adapts_them_as_all_linear_does(
+    architecture, tiny_model_dir, triage_data, tmp_path
+):
+    """transformers 5 holds each expert projection of a layer in one 3-D parameter (mlp.experts.gate_up_proj), no
+    module: naming it adapts it as all-linear does, with all-linear's rank, in the layers from_layer keeps."""
+    from tiny import tiny_moe
+
+    from tuneforge.methods import prepare_model
+
+    def trained(targets, from_layer=0.0):
+        cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+        cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.from_layer = 0.0, targets, from_layer
+        model = prepare_model(tiny_moe(architecture=architecture, experts=4), cfg)
+        return {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+
+    # PEFT names an adapter on a parameter by its module (mlp.experts.lora_A, mlp.experts.base_layer.lora_A).
+    experts = {name: shape for name, shape in trained("all-linear").items() if ".mlp." in name}
+    assert len(experts) == 12  # A and B of down_proj, gate_up_proj and the router (mlp.gate) in both layers
+    listed = trained(["q_proj", "gate", "down_proj", "gate_up_proj"])
+    assert {name: shape for name, shape in listed.items() if ".mlp." in name} == experts
+    assert {name for name in listed if ".mlp." not in name} == {
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.default.weight" for i in (0, 1) for ab in "AB"
+    }
+    upper = trained(["q_proj", "gate", "down_proj", "gate_up_proj"], from_layer=0.5)
+    assert upper == {name: shape for name, shape in listed.items() if ".layers.0." not in name}
+
+
+def test_lora_target_modules_naming_fused_expert_weights_peft_does_not_adapt_are_refused_saying_so(
+    tiny_model_dir, triage_data, tmp_path
+):
+    """PEFT adapts Qwen2-MoE's routed experts under no name; its down_proj is the shared expert's, and adapted."""
+    from tiny import tiny_moe
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.dropout, cfg.lora.target_modules = 0.0, ["q_proj", "gate_up_proj"]
+    with pytest.raises(ConfigError) as e:
+        prepare_model(tiny_moe(architecture="Qwen2MoeConfig", experts=4), cfg)
+    assert e.value.message == (
+        "lora.target_modules: names gate_up_proj, the routed experts' fused weight (mlp.experts.gate_up_proj), which "
+        "PEFT adapts only on the mixture-of-experts models it maps from transformers 4 (Mixtral, Qwen3-MoE), not "
+        "this one. Name linear layers it has (down_proj, gate_proj, k_proj, o_proj, q_proj, shared_expert_gate, "
+        "up_proj, v_proj), or use method: full to train the experts."
+    )
+    cfg.lora.target_modules = ["down_proj"]
+    model = prepare_model(tiny_moe(architecture="Qwen2MoeConfig", experts=4), cfg)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {
+        f"base_model.model.model.layers.{i}.mlp.shared_expert.down_proj.lora_{ab}.default.weight"
+        for i in (0, 1)
+        for ab in "AB"
+    }
+
+
 def test_lora_modules_the_model_lacks_are_refused_before_the_data_is_read(tiny_model_dir, triage_data, tmp_path):
     from tuneforge.errors import ConfigError
 

@@ -37,6 +37,11 @@ def decoder_linears(model) -> list[str]:
     )
 
 
+def within_layer(name: str) -> str:
+    """A module's name within its decoder layer (model.layers.3.mlp.experts -> mlp.experts)."""
+    return re.sub(r"^(.*\.)?layers\.\d+\.", "", name)
+
+
 def unadapted_experts(model, first: int) -> list[str]:
     """The routed experts' fused weights (a mixture-of-experts layer holds each of its projections for all its
     experts in one 3-D parameter) and the routers' weights in the text decoder's layers from `first` up that no
@@ -54,7 +59,7 @@ def unadapted_experts(model, first: int) -> list[str]:
             continue
         for key, p in module.named_parameters(recurse=False):
             if ((experts and p.ndim == 3) or (router and key == "weight")) and (id(module), key) not in adapted:
-                within = re.sub(r"^(.*\.)?layers\.\d+\.", "", name).replace(".base_layer", "")
+                within = within_layer(name).replace(".base_layer", "")
                 left.add(f"{within}.{key}" if p.ndim == 3 else within)
     return sorted(left)
 
@@ -122,28 +127,57 @@ def first_adapted_layer(model, fraction: float) -> int:
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<index>\d+)\.")
 
 
+def all_linear_as_peft_resolves_it(config: PeftLoraConfig, model) -> PeftLoraConfig:
+    """A copy of `config` with target_modules all-linear as PEFT resolves it on `model`: on the mixture-of-experts
+    models it maps from transformers 4's layout (Mixtral, Qwen3-MoE), the linear layers by name, and the fused
+    expert weights and routers as parameters (target_parameters), gate_up_proj with the rank and alpha of the two
+    projections it fuses (rank_pattern, alpha_pattern); elsewhere all-linear as it is."""
+    resolved = copy.deepcopy(config)
+    resolved.target_modules = "all-linear"
+    convert_peft_config_for_transformers(resolved, model, get_model_conversion_mapping(model))
+    return resolved
+
+
+def parameters_named(model, targets) -> list[str]:
+    """The full names of `model`'s parameters that PEFT's target_parameters `targets` name (by their last parts)."""
+    return [name for name, _ in model.named_parameters() if any(name.endswith(f".{t}") for t in targets)]
+
+
+def expert_weights_listed(config: PeftLoraConfig, model) -> None:
+    """Hand PEFT the fused expert weights and routers that a lora.target_modules list names (down_proj,
+    gate_up_proj, gate) as the parameters all-linear adapts, with the ranks it gives them: transformers 5 holds
+    them in no module of that name, and PEFT maps only transformers 4's names (Mixtral's w1, w2, w3) to them."""
+    resolved = all_linear_as_peft_resolves_it(config, model)
+    listed = {t for t in resolved.target_parameters or () if t.removesuffix(".weight") in config.target_modules}
+    if not listed:
+        return
+    config.target_modules = config.target_modules - {t.removesuffix(".weight") for t in listed}
+    config.target_parameters = sorted(listed)
+    names = parameters_named(model, listed)
+    config.rank_pattern, config.alpha_pattern = (
+        {key: value for key, value in pattern.items() if any(re.match(rf"(.*\.)?({key})$", n) for n in names)}
+        for pattern in (resolved.rank_pattern, resolved.alpha_pattern)
+    )
+
+
 def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
     """Limit `config` to the text decoder's layers from `fraction` of its depth up (lora.from_layer). PEFT takes
     layers_to_transform with a list of module names alone, and applies it to modules alone, so all-linear is spelt
-    out as PEFT resolves it: the decoder's linear layers by name, and, on the mixture-of-experts models whose fused
-    expert weights and routers PEFT adapts as parameters under all-linear (Mixtral, Qwen3-MoE), those parameters
-    by their full names in these layers, with the ranks PEFT gives them."""
+    out as PEFT resolves it (`all_linear_as_peft_resolves_it`), and the parameters it adapts (fused expert weights
+    and routers, under all-linear or listed) are named in full in these layers."""
     first = first_adapted_layer(model, fraction)
     config.layers_to_transform = list(range(first, model.config.get_text_config().num_hidden_layers))
-    if config.target_modules != "all-linear":
-        return
-    resolved = copy.deepcopy(config)
-    convert_peft_config_for_transformers(resolved, model, get_model_conversion_mapping(model))
-    config.target_modules = set(decoder_linears(model))
-    if resolved.target_parameters:
+    if config.target_modules == "all-linear":
+        resolved = all_linear_as_peft_resolves_it(config, model)
+        config.target_modules = set(decoder_linears(model))
+        config.target_parameters = resolved.target_parameters
+        config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
+    if config.target_parameters:
         config.target_parameters = sorted(
             name
-            for name, _ in model.named_parameters()
-            if any(name.endswith(f".{target}") for target in resolved.target_parameters)
-            and (layer := _LAYER_INDEX.match(name))
-            and int(layer["index"]) >= first
+            for name in parameters_named(model, config.target_parameters)
+            if (layer := _LAYER_INDEX.match(name)) and int(layer["index"]) >= first
         )
-        config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
 
 
 def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
@@ -163,6 +197,8 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
         trainable_token_indices=trained_token_rows(cfg, model, token_ids),
         init_lora_weights=True if lc.init == "default" else lc.init,
     )
+    if lc.target_modules != "all-linear":
+        expert_weights_listed(config, model)
     if lc.from_layer:
         from_layer_up(config, model, lc.from_layer)
     return config
@@ -179,10 +215,54 @@ def modules_named(model, wanted: str) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if name == wanted or name.endswith(f".{wanted}")]
 
 
-def refuse_unadaptable_targets(model, cfg) -> None:
+def listed_modules(cfg, config) -> list[str]:
+    """The names of a lora.target_modules list that `config` hands PEFT as modules' (not the fused expert weights
+    and routers `expert_weights_listed` hands it as parameters), in the list's order; none under all-linear."""
+    return (
+        []
+        if cfg.lora.target_modules == "all-linear"
+        else [n for n in cfg.lora.target_modules if n in config.target_modules]
+    )
+
+
+def fused_expert_weight(model, wanted: str) -> str | None:
+    """The name within a layer (mlp.experts.gate_up_proj) of the routed experts' fused weight that `wanted` names
+    (a 3-D parameter of transformers 5's MixtralExperts, Qwen2MoeExperts, ...), or None."""
+    for name, module in text_decoder(model).named_modules():
+        weight = getattr(module, wanted, None)
+        if "Experts" in type(module).__name__ and isinstance(weight, nn.Parameter) and weight.ndim == 3:
+            return f"{within_layer(name)}.{wanted}"
+    return None
+
+
+def refuse_missing_targets(model, cfg, config) -> None:
+    """PEFT skips a modules_to_save name that matches no module, and a target_modules name so long as another one
+    matches: a typo would train less than asked, silently. A fused expert weight PEFT does not adapt on this model
+    (Qwen2-MoE's) is named as such."""
+    linears = ", ".join(decoder_linears(model))
+    for wanted in listed_modules(cfg, config):
+        if not modules_named(model, wanted) and (weight := fused_expert_weight(model, wanted)):
+            raise ConfigError(
+                f"{cfg.key_at('lora.target_modules')}: names {wanted}, the routed experts' fused weight ({weight}), "
+                "which PEFT adapts only on the mixture-of-experts models it maps from transformers 4 (Mixtral, "
+                f"Qwen3-MoE), not this one. Name linear layers it has ({linears}), or use method: full to train the "
+                "experts."
+            )
+    for key, listed, remedy in (
+        ("modules_to_save", cfg.lora.modules_to_save or [], "modules it has (e.g. lm_head, embed_tokens)"),
+        ("target_modules", listed_modules(cfg, config), f"linear layers it has ({linears})"),
+    ):
+        if missing := [m for m in listed if not modules_named(model, m)]:
+            raise ConfigError(
+                f"{cfg.key_at(f'lora.{key}')}: names {', '.join(missing)}, which this model has no module called. "
+                f"Name {remedy}, or leave {key} out."
+            )
+
+
+def refuse_unadaptable_targets(model, cfg, config) -> None:
     """Refuse a lora.target_modules name whose modules are none of the layers LoRA adapts (`ADAPTABLE_LAYERS`): a
     block that holds layers (mlp, self_attn) or a norm, which PEFT refuses printing the module whole."""
-    for wanted in [] if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules:
+    for wanted in listed_modules(cfg, config):
         matched = [m for _, m in modules_named(model, wanted)]
         if any(isinstance(m, ADAPTABLE_LAYERS) for m in matched):
             continue
@@ -203,9 +283,9 @@ def refuse_unadaptable_targets(model, cfg) -> None:
 def refuse_targets_beside_the_decoder(model, cfg, config) -> None:
     """Refuse a lora.target_modules name that only the modules beside the text decoder have (a vision encoder's
     fc1), which PEFT's exclude_modules (`outside_the_text_model`) leaves out without a word."""
-    if not config.exclude_modules or cfg.lora.target_modules == "all-linear":
+    if not config.exclude_modules:
         return
-    for wanted in cfg.lora.target_modules:
+    for wanted in listed_modules(cfg, config):
         names = [name for name, _ in modules_named(model, wanted)]
         if names and all(re.fullmatch(config.exclude_modules, name) for name in names):
             raise ConfigError(
@@ -220,9 +300,9 @@ def refuse_targets_below_from_layer(model, cfg, config) -> None:
     """Refuse a lora.target_modules name that, under lora.from_layer, PEFT adapts nowhere: a module outside the
     decoder's layers (embed_tokens), which PEFT's layers_to_transform leaves out without a word, unless the name
     is the module's whole name (lm_head)."""
-    if not cfg.lora.from_layer or cfg.lora.target_modules == "all-linear":
+    if not cfg.lora.from_layer:
         return
-    for wanted in cfg.lora.target_modules:
+    for wanted in listed_modules(cfg, config):
         if not any(check_target_module_exists(config, name) is True for name, _ in modules_named(model, wanted)):
             raise ConfigError(
                 f"{cfg.key_at('lora.target_modules')}: names {wanted}, which sits outside the decoder's layers, and "
@@ -310,19 +390,8 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
     else:
         grow_embeddings(model, new_ids)
         config = peft_config(cfg, model, token_ids)
-        # PEFT skips a modules_to_save name that matches no module, and a target_modules name so long as
-        # another one matches: a typo would train less than asked, silently.
-        for key, wanted, remedy in (
-            ("modules_to_save", cfg.lora.modules_to_save, "modules it has (e.g. lm_head, embed_tokens)"),
-            ("target_modules", cfg.lora.target_modules, f"linear layers it has ({', '.join(decoder_linears(model))})"),
-        ):
-            listed = [] if wanted == "all-linear" else wanted or []
-            if missing := [m for m in listed if not modules_named(model, m)]:
-                raise ConfigError(
-                    f"{cfg.key_at(f'lora.{key}')}: names {', '.join(missing)}, which this model has no module called. "
-                    f"Name {remedy}, or leave {key} out."
-                )
-        refuse_unadaptable_targets(model, cfg)
+        refuse_missing_targets(model, cfg, config)
+        refuse_unadaptable_targets(model, cfg, config)
         refuse_targets_beside_the_decoder(model, cfg, config)
         refuse_targets_below_from_layer(model, cfg, config)
         if cfg.lora.changes_base:
