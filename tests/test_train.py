@@ -846,6 +846,38 @@ def test_lora_target_modules_naming_fused_expert_weights_peft_does_not_adapt_are
     }
 
 
+@pytest.mark.parametrize("from_layer", [0.0, 0.5])
+@pytest.mark.parametrize("architecture", ["MixtralConfig", "Qwen3MoeConfig"])
+def test_lora_on_fused_experts_gives_gate_up_proj_twice_the_rank_without_a_warning_that_its_pattern_matched_nothing(
+    architecture, from_layer, tiny_model_dir, triage_data, tmp_path
+):
+    """PEFT gives the fused gate_up_proj the rank and alpha of the two projections it holds by a rank_pattern and
+    alpha_pattern key, and checks such keys against the modules it adapts alone, not the parameters."""
+    from peft.tuners.lora import ParamWrapper
+    from tiny import tiny_moe
+
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.dropout, cfg.lora.from_layer = 0.0, from_layer
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        model = prepare_model(tiny_moe(architecture=architecture, experts=4), cfg)
+    assert not [str(w.message) for w in heard if "pattern" in str(w.message)]
+    ranks = {
+        (name.split(".mlp.")[0], m.parameter_name): (m.r["default"], m.scaling["default"])
+        for name, m in model.named_modules()
+        if isinstance(m, ParamWrapper) and m.parameter_name != "weight"  # the router's weight
+    }
+    scaling = cfg.lora.alpha / cfg.lora.r
+    layers = ["base_model.model.model.layers.1"] + ([] if from_layer else ["base_model.model.model.layers.0"])
+    assert ranks == {
+        (layer, weight): (cfg.lora.r * (2 if weight == "gate_up_proj" else 1), scaling)
+        for layer in layers
+        for weight in ("gate_up_proj", "down_proj")
+    }
+
+
 def test_lora_modules_the_model_lacks_are_refused_before_the_data_is_read(tiny_model_dir, triage_data, tmp_path):
     from tuneforge.errors import ConfigError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
@@ -139,8 +140,9 @@ def all_linear_as_peft_resolves_it(config: PeftLoraConfig, model) -> PeftLoraCon
 
 
 def parameters_named(model, targets) -> list[str]:
-    """The full names of `model`'s parameters that PEFT's target_parameters `targets` name (by their last parts)."""
-    return [name for name, _ in model.named_parameters() if any(name.endswith(f".{t}") for t in targets)]
+    """The full names of `model`'s parameters that PEFT's target_parameters `targets` name (whole or by their last
+    parts)."""
+    return [name for name, _ in model.named_parameters() if any(name == t or name.endswith(f".{t}") for t in targets)]
 
 
 def expert_weights_listed(config: PeftLoraConfig, model) -> None:
@@ -178,6 +180,35 @@ def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
             for name in parameters_named(model, config.target_parameters)
             if (layer := _LAYER_INDEX.match(name)) and int(layer["index"]) >= first
         )
+
+
+def patterns_on_parameters(config: PeftLoraConfig, model) -> list[str]:
+    """The warnings PEFT prints for `config` on `model` that rank_pattern / alpha_pattern keys matched no module it
+    adapts, where those keys match the parameters it adapts instead (target_parameters: a fused gate_up_proj, at
+    twice the rank) and no module: PEFT sets those parameters' ranks by the keys, but checks them against the
+    modules it adapts alone."""
+    resolved = all_linear_as_peft_resolves_it(config, model) if config.target_modules == "all-linear" else config
+    parameters = parameters_named(model, resolved.target_parameters or ())
+    modules = [name for name, _ in model.named_modules()]
+
+    def matches(key, names):  # as PEFT's get_pattern_key matches a key
+        return any(re.match(rf"(.*\.)?({key})$", name) for name in names)
+
+    said = []
+    for attr in ("rank_pattern", "alpha_pattern"):
+        if keys := sorted(
+            k for k in getattr(resolved, attr) or {} if matches(k, parameters) and not matches(k, modules)
+        ):
+            said.append(f"The following {attr} keys did not match any targeted module and were ignored: {keys}.")
+    return said
+
+
+def adapted(model, config: PeftLoraConfig):
+    """`model` with PEFT's adapters of `config`, without PEFT's warnings that `patterns_on_parameters` names."""
+    with warnings.catch_warnings():
+        for said in patterns_on_parameters(config, model):
+            warnings.filterwarnings("ignore", message=f"{re.escape(said)}$", category=RuntimeWarning)
+        return get_peft_model(model, config)
 
 
 def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
@@ -397,7 +428,7 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
         if cfg.lora.changes_base:
             refuse_tied_targets(model, cfg, config)
         try:
-            model = get_peft_model(model, config)
+            model = adapted(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
             if "ParamWrapper does not work with lora_dropout" in str(e):
                 raise ConfigError(
