@@ -23,7 +23,7 @@ from conftest import SUBPROCESS_ENV, tiny_run_config
 from tuneforge.config import load_config
 from tuneforge.dry_run import validate
 from tuneforge.errors import RunFailed, TuneforgeError
-from tuneforge.models import load_model, resolve
+from tuneforge.models import load_model, load_tokenizer, resolve
 from tuneforge.training import train
 
 ENV = SUBPROCESS_ENV
@@ -876,6 +876,34 @@ def test_lora_on_fused_experts_gives_gate_up_proj_twice_the_rank_without_a_warni
         for layer in layers
         for weight in ("gate_up_proj", "down_proj")
     }
+
+
+def test_a_mixture_of_experts_adapter_loads_without_a_warning_that_its_rank_pattern_matched_nothing(
+    triage_data, tmp_path
+):
+    """The saved adapter keeps the rank_pattern and alpha_pattern key of the fused gate_up_proj, which PEFT checks
+    again, against the modules alone, wherever the adapter loads: for export, eval, chat and as a user loads it."""
+    from peft.tuners.lora import ParamWrapper
+    from tiny import save_tiny_model, tiny_moe
+
+    from tuneforge.exporting.adapter import load_saved
+    from tuneforge.methods import prepare_model
+
+    base = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
+    cfg = load_config(tiny_run_config(base, triage_data, tmp_path / "run"))
+    cfg.lora.dropout = 0.0
+    prepare_model(load_model(resolve(str(base))), cfg).save_pretrained(tmp_path / "adapter")
+    load_tokenizer(resolve(str(base))).save_pretrained(tmp_path / "adapter")
+    for load in (
+        lambda: load_model(resolve(str(tmp_path / "adapter"))),
+        lambda: load_saved(base, tmp_path / "adapter"),
+    ):
+        with warnings.catch_warnings(record=True) as heard:
+            warnings.simplefilter("always")
+            model = load()
+        assert not [str(w.message) for w in heard if "pattern" in str(w.message)]
+        ranks = {m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj"}
+        assert ranks == {2 * cfg.lora.r} and any(isinstance(m, ParamWrapper) for m in model.modules())
 
 
 def test_lora_modules_the_model_lacks_are_refused_before_the_data_is_read(tiny_model_dir, triage_data, tmp_path):

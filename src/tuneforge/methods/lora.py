@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -182,13 +183,17 @@ def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
         )
 
 
-def patterns_on_parameters(config: PeftLoraConfig, model) -> list[str]:
-    """The warnings PEFT prints for `config` on `model` that rank_pattern / alpha_pattern keys matched no module it
-    adapts, where those keys match the parameters it adapts instead (target_parameters: a fused gate_up_proj, at
-    twice the rank) and no module: PEFT sets those parameters' ranks by the keys, but checks them against the
-    modules it adapts alone."""
-    resolved = all_linear_as_peft_resolves_it(config, model) if config.target_modules == "all-linear" else config
-    parameters = parameters_named(model, resolved.target_parameters or ())
+def patterns_on_parameters(config, model) -> list[str]:
+    """The warnings PEFT prints for `config` (a LoRA config) on `model` that rank_pattern / alpha_pattern keys
+    matched no module it adapts, where those keys match the parameters it adapts instead (target_parameters: a
+    fused gate_up_proj, at twice the rank) and no module: PEFT sets those parameters' ranks by the keys, but checks
+    them against the modules it adapts alone."""
+    if isinstance(model, PeftModel):  # another adapter is on it already: the base's names
+        model = model.get_base_model()
+    all_linear = getattr(config, "target_modules", None) == "all-linear"
+    resolved = all_linear_as_peft_resolves_it(config, model) if all_linear else config
+    targets = getattr(resolved, "target_parameters", None) or ()
+    parameters = [name.replace(".base_layer", "") for name in parameters_named(model, targets)]
     modules = [name for name, _ in model.named_modules()]
 
     def matches(key, names):  # as PEFT's get_pattern_key matches a key
@@ -203,12 +208,14 @@ def patterns_on_parameters(config: PeftLoraConfig, model) -> list[str]:
     return said
 
 
-def adapted(model, config: PeftLoraConfig):
-    """`model` with PEFT's adapters of `config`, without PEFT's warnings that `patterns_on_parameters` names."""
+@contextlib.contextmanager
+def patterns_on_parameters_unsaid(model, config):
+    """A block in which PEFT puts the adapter of `config` on `model` (get_peft_model, PeftModel.from_pretrained)
+    without the warnings `patterns_on_parameters` names."""
     with warnings.catch_warnings():
         for said in patterns_on_parameters(config, model):
             warnings.filterwarnings("ignore", message=f"{re.escape(said)}$", category=RuntimeWarning)
-        return get_peft_model(model, config)
+        yield
 
 
 def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
@@ -428,7 +435,8 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
         if cfg.lora.changes_base:
             refuse_tied_targets(model, cfg, config)
         try:
-            model = adapted(model, config)
+            with patterns_on_parameters_unsaid(model, config):
+                model = get_peft_model(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
             if "ParamWrapper does not work with lora_dropout" in str(e):
                 raise ConfigError(

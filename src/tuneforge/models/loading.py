@@ -439,7 +439,9 @@ def load_model(
         own_unquantized_weights(model)
     if source.adapter is None:
         return model
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
+
+    from ..methods.lora import patterns_on_parameters_unsaid
 
     try:
         rows = adapter_embedding_rows(source.adapter, _module_name(model, model.get_input_embeddings()))
@@ -451,16 +453,14 @@ def load_model(
             # Rows of added tokens saved alone (model.add_tokens): the adapter's values replace the new rows whole.
             model.resize_token_embeddings(rows, mean_resizing=False)
         copies, _ = base_weight_copies(model, source.adapter)
-        config = None
+        config = PeftConfig.from_pretrained(source.adapter)
         if classifier and not classifier_folder(source.adapter):
             # A language model's adapter (an SFT run that a reward model starts from) on its base loaded as a
             # classifier: PEFT's causal-LM wrapper needs generation the classifier lacks, so its generic model
             # holds the adapter, for `methods.reward` to merge.
-            from peft import PeftConfig
-
-            config = PeftConfig.from_pretrained(source.adapter)
             config.task_type = None
-        return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies, config=config)
+        with patterns_on_parameters_unsaid(model, config):
+            return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies, config=config)
     except LOAD_ERRORS as err:
         raise _load_failed(source.adapter, err) from err
 
