@@ -129,6 +129,30 @@ def test_all_linear_that_leaves_a_mixture_of_experts_models_routed_experts_is_a_
         assert "warning: lora.target_modules" not in out and "mixture-of-experts" not in out
 
 
+@pytest.mark.parametrize(
+    ("architecture", "warned"), [("Qwen2MoeConfig", True), ("MixtralConfig", False), ("Qwen3MoeConfig", False)]
+)
+def test_a_target_modules_list_naming_routed_experts_peft_leaves_is_a_warning_naming_them(
+    architecture, warned, triage_data, tmp_path, capsys
+):
+    """Qwen2-MoE's down_proj is the shared expert's linear layer and the routed experts' fused weight: PEFT adapts
+    the first alone. On Mixtral and Qwen3-MoE the list adapts the fused weight as all-linear does."""
+    from tiny import save_tiny_model, tiny_moe
+
+    model = save_tiny_model(tmp_path / "model", build=tiny_moe, architecture=architecture, experts=4)
+    cfg = tiny_run_config(model, triage_data, tmp_path / "run")
+    cfg["lora"] |= {"dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}
+    assert validate(write_config(tmp_path / "cfg.yaml", cfg)) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    said = (
+        "): names down_proj, which PEFT adapts in this mixture-of-experts model's linear layers of that name "
+        "(mlp.shared_expert.down_proj) but not in its routed experts (mlp.experts.down_proj), which keep the base's "
+        "weights: PEFT adapts fused expert weights only for the models it maps from transformers 4 (Mixtral, "
+        "Qwen3-MoE); to train the experts, use method: full."
+    )
+    assert (said in out) == warned and ("mixture-of-experts" in out) == warned
+
+
 def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_dir, triage_data, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=512)
     path = write_config(tmp_path / "cfg.yaml", cfg)

@@ -67,17 +67,32 @@ def unadapted_experts(model, first: int) -> list[str]:
 
 
 def experts_warning(cfg, model) -> str | None:
-    """The warning for an all-linear adapter that leaves a mixture-of-experts model's routed experts or router
-    as the base has them (`unadapted_experts`) in the layers it adapts (lora.from_layer), or None."""
-    if not cfg.trains_adapters or cfg.lora.target_modules != "all-linear":
+    """The warning for an adapter that leaves a mixture-of-experts model's routed experts or router as the base has
+    them (`unadapted_experts`) in the layers it adapts (lora.from_layer): under all-linear, or where a
+    target_modules list names them, and PEFT adapts only linear layers of that name (Qwen2-MoE's shared expert's
+    down_proj); or None."""
+    if not cfg.trains_adapters:
         return None
     if not (left := unadapted_experts(model, first_adapted_layer(model, cfg.lora.from_layer))):
         return None
+    why = (
+        "only for the models it maps from transformers 4 (Mixtral, Qwen3-MoE); to train the experts, use method: full."
+    )
+    if cfg.lora.target_modules == "all-linear":
+        return (
+            f"{cfg.key_at('lora.target_modules')}: all-linear adapts the linear layers of this mixture-of-experts "
+            f"model ({', '.join(decoder_linears(model))}), but not {', '.join(left)}, which keep the base's weights: "
+            f"PEFT adapts fused expert weights under all-linear itself, and {why}"
+        )
+    named = [wanted for wanted in cfg.lora.target_modules if any(w.endswith(f".{wanted}") for w in left)]
+    if not named:
+        return None
+    linears = sorted({within_layer(name) for wanted in named for name, _ in modules_named(text_decoder(model), wanted)})
+    experts = [w for w in left if any(w.endswith(f".{wanted}") for wanted in named)]
     return (
-        f"{cfg.key_at('lora.target_modules')}: all-linear adapts the linear layers of this mixture-of-experts "
-        f"model ({', '.join(decoder_linears(model))}), but not {', '.join(left)}, which keep the base's weights: "
-        "PEFT adapts fused expert weights under all-linear itself, and only for the models it maps from "
-        "transformers 4 (Mixtral, Qwen3-MoE); to train the experts, use method: full."
+        f"{cfg.key_at('lora.target_modules')}: names {', '.join(named)}, which PEFT adapts in this mixture-of-experts "
+        f"model's linear layers of that name ({', '.join(linears)}) but not in its routed experts "
+        f"({', '.join(experts)}), which keep the base's weights: PEFT adapts fused expert weights {why}"
     )
 
 
