@@ -882,27 +882,33 @@ def test_a_mixture_of_experts_adapter_loads_without_a_warning_that_its_rank_patt
     triage_data, tmp_path
 ):
     """The saved adapter keeps the rank_pattern and alpha_pattern key of the fused gate_up_proj, which PEFT checks
-    again, against the modules alone, wherever the adapter loads: for export, eval, chat and as a user loads it."""
+    again, against the modules alone, wherever the adapter loads: for export, eval, chat, serve and as a user loads
+    it."""
     from peft.tuners.lora import ParamWrapper
     from tiny import save_tiny_model, tiny_moe
 
     from tuneforge.exporting.adapter import load_saved
     from tuneforge.methods import prepare_model
+    from tuneforge.serve import AdapterPool
 
     base = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
     cfg = load_config(tiny_run_config(base, triage_data, tmp_path / "run"))
     cfg.lora.dropout = 0.0
     prepare_model(load_model(resolve(str(base))), cfg).save_pretrained(tmp_path / "adapter")
     load_tokenizer(resolve(str(base))).save_pretrained(tmp_path / "adapter")
+    served = AdapterPool(str(base), {"one": str(tmp_path / "adapter"), "two": str(tmp_path / "adapter")})
     for load in (
         lambda: load_model(resolve(str(tmp_path / "adapter"))),
         lambda: load_saved(base, tmp_path / "adapter"),
+        lambda: served.activate("one"),  # onto the base
+        lambda: served.activate("two"),  # onto the PeftModel that holds "one"
     ):
         with warnings.catch_warnings(record=True) as heard:
             warnings.simplefilter("always")
             model = load()
         assert not [str(w.message) for w in heard if "pattern" in str(w.message)]
-        ranks = {m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj"}
+        wrappers = [m for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj"]
+        ranks = {r for m in wrappers for r in m.r.values()}
         assert ranks == {2 * cfg.lora.r} and any(isinstance(m, ParamWrapper) for m in model.modules())
 
 
