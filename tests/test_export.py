@@ -145,6 +145,30 @@ def test_an_adapter_on_one_of_the_tied_embeddings_merges_into_that_layer_alone(t
     assert _max_diff(adapted, probe_logits(merged, probe_ids(load_tokenizer(result.out)))) <= MERGE_BOUND
 
 
+def test_an_adapter_on_a_mixture_of_experts_models_fused_experts_merges(tmp_path):
+    """PEFT adapts Mixtral's fused expert weights and router under all-linear as parameters, on modules with no
+    weight of their own (mlp.experts)."""
+    from peft import LoraConfig, get_peft_model
+    from tiny import save_tiny_model, tiny_moe
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert model.peft_config["default"].target_parameters  # the experts' down_proj, gate_up_proj and the router
+    model.save_pretrained(tmp_path / "adapter")
+    load_tokenizer(str(base_dir)).save_pretrained(tmp_path / "adapter")
+    source = resolve(str(tmp_path / "adapter"))
+    adapted = probe_logits(load_model(source), probe_ids(load_tokenizer(source)))
+
+    result = export(tmp_path / "adapter", "merged", None, tmp_path / "merged", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(result.out)
+    assert _max_diff(adapted, probe_logits(merged, probe_ids(load_tokenizer(result.out)))) <= MERGE_BOUND
+    before = AutoModelForCausalLM.from_pretrained(base_dir).model.layers[0].mlp.experts.down_proj
+    assert not torch.equal(merged.model.layers[0].mlp.experts.down_proj, before)
+
+
 def test_merged_export_writes_the_requested_dtype(adapter_dir, tmp_path):
     from safetensors import safe_open
 

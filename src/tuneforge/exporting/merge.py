@@ -54,8 +54,10 @@ def _untie_adapted_weights(model) -> None:
     untied = False
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
+            # An adapter on a parameter (a mixture-of-experts model's fused expert weights) sits on a module with
+            # no weight of its own.
             layer = module.get_base_layer()
-            if uses[layer.weight.data_ptr()] > 1:
+            if isinstance(getattr(layer, "weight", None), torch.nn.Parameter) and uses[layer.weight.data_ptr()] > 1:
                 layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
                 untied = True
     if untied:
