@@ -33,10 +33,10 @@ def load_saved(base: Path, folder: Path, rope_scaling: dict | None = None):
     trained with added tokens on the base resized to its tokenizer first, as PEFT's documentation does.
     `rope_scaling`: the rotary scaling the adapter trained with, set on the base's config as its user sets
     it (an adapter's files have no place for it)."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..methods.lora import patterns_on_parameters_unsaid
+    from ..methods.lora import gate_up_pattern_warning_unsaid
     from ..models.loading import base_config, generating_class
 
     config = base_config(str(base), rope_scaling)
@@ -49,5 +49,5 @@ def load_saved(base: Path, folder: Path, rope_scaling: dict | None = None):
     if tokens > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(tokens, mean_resizing=False)  # the adapter's rows replace the new ones
     # PEFT's false warning on a mixture-of-experts adapter's rank_pattern is left out, as in `load_model`.
-    with patterns_on_parameters_unsaid(model, PeftConfig.from_pretrained(folder)):
+    with gate_up_pattern_warning_unsaid():
         return PeftModel.from_pretrained(model, folder)

@@ -198,38 +198,21 @@ def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
         )
 
 
-def patterns_on_parameters(config, model) -> list[str]:
-    """The warnings PEFT prints for `config` (a LoRA config) on `model` that rank_pattern / alpha_pattern keys
-    matched no module it adapts, where those keys match the parameters it adapts instead (target_parameters: a
-    fused gate_up_proj, at twice the rank) and no module: PEFT sets those parameters' ranks by the keys, but checks
-    them against the modules it adapts alone."""
-    if isinstance(model, PeftModel):  # another adapter is on it already: the base's names
-        model = model.get_base_model()
-    all_linear = getattr(config, "target_modules", None) == "all-linear"
-    resolved = all_linear_as_peft_resolves_it(config, model) if all_linear else config
-    targets = getattr(resolved, "target_parameters", None) or ()
-    parameters = [name.replace(".base_layer", "") for name in parameters_named(model, targets)]
-    modules = [name for name, _ in model.named_modules()]
-
-    def matches(key, names):  # as PEFT's get_pattern_key matches a key
-        return any(re.match(rf"(.*\.)?({key})$", name) for name in names)
-
-    said = []
-    for attr in ("rank_pattern", "alpha_pattern"):
-        if keys := sorted(
-            k for k in getattr(resolved, attr) or {} if matches(k, parameters) and not matches(k, modules)
-        ):
-            said.append(f"The following {attr} keys did not match any targeted module and were ignored: {keys}.")
-    return said
+# PEFT's warning that the rank and alpha pattern keys it gives a mixture-of-experts model's fused gate_up_proj
+# (twice the rank: it holds two projections) matched nothing: it checks those keys against the modules it adapts,
+# not the parameters (target_parameters), and applies them to the parameters all the same.
+_GATE_UP_PATTERN_WARNING = (
+    r"The following (rank|alpha)_pattern keys did not match any targeted module and were ignored: "
+    r"\[('[^']*gate_up_proj', )*'[^']*gate_up_proj'\]\.?$"
+)
 
 
 @contextlib.contextmanager
-def patterns_on_parameters_unsaid(model, config):
-    """A block in which PEFT puts the adapter of `config` on `model` (get_peft_model, PeftModel.from_pretrained)
-    without the warnings `patterns_on_parameters` names."""
+def gate_up_pattern_warning_unsaid():
+    """A block in which PEFT puts an adapter on a model (get_peft_model, PeftModel.from_pretrained) without its
+    false warning about the fused gate_up_proj's rank pattern (`_GATE_UP_PATTERN_WARNING`)."""
     with warnings.catch_warnings():
-        for said in patterns_on_parameters(config, model):
-            warnings.filterwarnings("ignore", message=f"{re.escape(said)}$", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=_GATE_UP_PATTERN_WARNING, category=RuntimeWarning)
         yield
 
 
@@ -450,7 +433,7 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
         if cfg.lora.changes_base:
             refuse_tied_targets(model, cfg, config)
         try:
-            with patterns_on_parameters_unsaid(model, config):
+            with gate_up_pattern_warning_unsaid():
                 model = get_peft_model(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
             if "ParamWrapper does not work with lora_dropout" in str(e):

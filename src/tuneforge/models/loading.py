@@ -441,7 +441,7 @@ def load_model(
         return model
     from peft import PeftConfig, PeftModel
 
-    from ..methods.lora import patterns_on_parameters_unsaid
+    from ..methods.lora import gate_up_pattern_warning_unsaid
 
     try:
         rows = adapter_embedding_rows(source.adapter, _module_name(model, model.get_input_embeddings()))
@@ -459,7 +459,7 @@ def load_model(
             # classifier: PEFT's causal-LM wrapper needs generation the classifier lacks, so its generic model
             # holds the adapter, for `methods.reward` to merge.
             config.task_type = None
-        with patterns_on_parameters_unsaid(model, config):
+        with gate_up_pattern_warning_unsaid():
             return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies, config=config)
     except LOAD_ERRORS as err:
         raise _load_failed(source.adapter, err) from err

@@ -256,7 +256,7 @@ class AdapterPool:
         from peft import PeftModel
         from peft.utils import load_peft_weights
 
-        from ..methods.lora import patterns_on_parameters_unsaid
+        from ..methods.lora import gate_up_pattern_warning_unsaid
 
         path = str(self._sources[name].adapter)
         # PEFT injects the adapter's layers before it reads the weights: read them first, so a broken
@@ -277,7 +277,7 @@ class AdapterPool:
                 f"instead: tuneforge export {path} --format merged --out DIR, then tuneforge serve --model DIR.",
                 code="adapter_base_mismatch",
             )
-        with MODEL_BUILDING, patterns_on_parameters_unsaid(self.model, self._configs[name]):
+        with MODEL_BUILDING, gate_up_pattern_warning_unsaid():
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(
                     path, adapter_name=self._peft_name(name), is_trainable=False, key_mapping=copies
