@@ -572,3 +572,28 @@ def test_a_run_with_tools_on_a_model_folder_without_a_tokenizer_is_refused_namin
             lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source(str(folder), inline(items)))
         )
     assert param == "data_source.model" and "holds no tokenizer" in message and str(folder) in message
+
+
+def test_runs_with_tools_read_the_models_tokenizer_once_and_again_when_its_folder_changes(tmp_path, monkeypatch):
+    """runs.create reads a model's chat template to check a run's tools: the tokenizer is loaded once for the
+    requests that follow, and loaded again once a file in the model's folder has changed."""
+    from families import FAMILIES, WEATHER_TOOL, save_family_model
+
+    from tuneforge.models import loading
+
+    folder = save_family_model(FAMILIES["qwen2.5"], tmp_path / "qwen")
+    loads, raw_tokenizer = [], loading._raw_tokenizer
+    monkeypatch.setattr(loading, "_raw_tokenizer", lambda source: loads.append(source) or raw_tokenizer(source))
+    items = [{"question": "Weather in Paris?", "answer": "get_weather", "tools": [WEATHER_TOOL]}]
+    with restarted(tmp_path / "home", workers=0, allowed_models=[str(folder)]) as sdk:
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER])
+        for _ in range(3):
+            sdk.evals.runs.create(evaluation.id, data_source=data_source(str(folder), inline(items)))
+        assert len(loads) == 1
+        template = folder / "chat_template.jinja"
+        template.write_text(template.read_text().replace("tool_call>", "function_call>"))
+        param, message = refusal(
+            lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source(str(folder), inline(items)))
+        )
+        assert param == "data_source.source.content[0]" and "writes tool calls in a form that is not parsed" in message
+        assert len(loads) == 2

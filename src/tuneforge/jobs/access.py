@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelSourceError
-from ..models import REGISTRY, resolve
+from ..models import REGISTRY, ModelSource, resolve
 from ..web import APIError
 from .store import Store
 
@@ -24,10 +24,12 @@ _CHECKPOINT = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,12})")
 
 @dataclass(frozen=True)
 class InferenceTarget:
-    """A model to answer with: its base folder (the key of the loaded app) and the adapter on it, if any."""
+    """A model to answer with: its base folder (the key of the loaded app) and the adapter on it, if any, and
+    the source they were resolved as."""
 
     base: Path
     adapter: Path | None
+    source: ModelSource
 
 
 def fine_tuned_folder(store: Store, runs: Path, owner: str, name: str) -> Path | None:
@@ -85,7 +87,7 @@ class ModelAccess:
                 param="model",
                 code="model_not_found",
             ) from err
-        return InferenceTarget(source.path.resolve(), source.adapter)
+        return InferenceTarget(source.path.resolve(), source.adapter, source)
 
     def _short_name(self, spec: str) -> str:
         try:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
@@ -33,6 +35,9 @@ from ..web import APIError, Metadata, RequestBody, failure_id
 from ..web.errors import unreadable_json
 from .files import FileStorage
 from .store import Eval, EvalOutputItem, EvalRun, Store, new_id, now
+
+if TYPE_CHECKING:
+    from ..models import ModelSource
 
 log = logging.getLogger("tuneforge.jobs")
 
@@ -334,6 +339,36 @@ def check_tools_read(
     except ConfigError as err:
         raise APIError(400, f"{param}: {err.message}" if own else err.message, param=param, code=err.code) from None
     return tools
+
+
+class TemplateTokenizers:
+    """The tokenizers whose chat templates `runs.create` checks a run's tools with (`check_tools_read`): each
+    model's loaded once and loaded again when a file in its folders changes (an allowed model replaced in
+    place), the `size` most recently used kept."""
+
+    def __init__(self, size: int = 4):
+        self._size, self._lock = size, threading.Lock()
+        self._held: OrderedDict[tuple, tuple[list, Any]] = OrderedDict()
+
+    def get(self, source: ModelSource):
+        from ..data.prepare import file_state
+        from ..data.render import renderer_for
+        from ..models import load_tokenizer
+
+        key = (source.path, source.adapter)
+        folders = [folder for folder in key if folder is not None]
+        state = [(path, file_state(str(path))) for folder in folders for path in sorted(folder.iterdir())]
+        # Under the lock, so requests for one model load it once and share a tokenizer none of them changes.
+        with self._lock:
+            held = self._held.get(key)
+            if held is None or held[0] != state:
+                tokenizer = load_tokenizer(source)
+                renderer_for(tokenizer)  # the template's checks, made once for the requests that read it
+                held = self._held[key] = (state, tokenizer)
+            self._held.move_to_end(key)
+            while len(self._held) > self._size:
+                self._held.popitem(last=False)
+            return held[1]
 
 
 def _graded_calls(sample: dict) -> Callable[[str], ParsedReply | None]:

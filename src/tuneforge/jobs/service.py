@@ -1,13 +1,15 @@
-"""What the routes of the jobs API share: the store, the file storage, model access and inference."""
+"""What the routes of the jobs API share: the store, the file storage, model access, inference and the
+tokenizers runs.create reads chat templates from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
 
 from .access import ModelAccess
+from .evals import TemplateTokenizers
 from .files import FileStorage
 from .inference import InferenceModels
 from .store import Store
@@ -24,6 +26,7 @@ class Service:
     inference: InferenceModels
     max_upload_bytes: int
     allow_python_graders: bool = False
+    tokenizers: TemplateTokenizers = field(default_factory=TemplateTokenizers)
 
     @property
     def runs(self) -> Path:

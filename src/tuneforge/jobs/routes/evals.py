@@ -8,7 +8,6 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query
 
 from ...errors import ModelSourceError
-from ...models import load_tokenizer, resolve
 from ...web import APIError, caller, list_body
 from ..evals import (
     CreateEvalBody,
@@ -128,7 +127,7 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
 
     def tokenizer():
         try:
-            return load_tokenizer(resolve(model_source, pull_missing=False))
+            return service.tokenizers.get(target.source)
         except ModelSourceError as err:  # a folder the operator allowed that holds no usable tokenizer
             raise APIError(
                 400,
