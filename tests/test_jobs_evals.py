@@ -193,6 +193,12 @@ def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
     assert refusal(lambda: sdk.evals.create(data_source_config=CONFIG, testing_criteria=[python]))[0] == (
         "testing_criteria[0]"
     )
+    for kind in (["string_check"], {"string_check": 1}):  # not a name: the grader's type, refused as any other
+        typed = {**SAME_ANSWER, "type": kind}
+        param, message = refusal(
+            lambda typed=typed: sdk.evals.create(data_source_config=CONFIG, testing_criteria=[typed])
+        )
+        assert param == "testing_criteria[0]" and "`type` must be one of" in message
     logs = {"type": "logs", "metadata": {}}
     param, message = refusal(lambda: sdk.evals.create(data_source_config=logs, testing_criteria=[ANY_ANSWER]))
     assert param == "data_source_config.type" and "'logs'" in message

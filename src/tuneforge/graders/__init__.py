@@ -168,12 +168,14 @@ def runs_python(spec: dict) -> bool:
 
 
 def grader_types(spec: dict) -> set[str]:
-    """The types of a grader spec and, for a multi one, of its sub-graders: what it would run."""
+    """The types of a grader spec and, for a multi one, of its sub-graders: what it would run (a `type` that is not
+    a string names none, and `build_grader` refuses it)."""
     if not isinstance(spec, dict):
         return set()
     subs = spec.get("graders") if spec.get("type") == "multi" else None
     inner = set().union(*map(grader_types, subs.values())) if isinstance(subs, dict) else set()
-    return {spec.get("type"), *inner}
+    kind = spec.get("type")
+    return {kind, *inner} if isinstance(kind, str) else inner
 
 
 LOCAL_MODEL_GRADER = (
@@ -189,12 +191,13 @@ def _build(spec: dict, path: tuple[str, ...], limits: PythonLimits) -> Grader:
     label = " > ".join(f'"{step}"' for step in path) + f" ({kind})"
     if not isinstance(spec, dict):
         raise GraderError(f"grader {label}: a grader must be a JSON object with a `type`, got {spec!r:.100}")
-    if kind in MODEL_GRADERS:
+    named = isinstance(kind, str)  # a list or object names no type (and cannot be looked up as one)
+    if named and kind in MODEL_GRADERS:
         raise GraderError(
             f"grader {label}: {kind} graders need a judge model, which tuneforge does not run; score with a python "
             "grader, or combine graders with multi"
         )
-    if kind not in GRADERS:
+    if not named or kind not in GRADERS:
         raise GraderError(f"grader {label}: `type` must be one of {', '.join(GRADERS)}; got {kind!r:.100}")
     name = spec.get("name", kind)
     if not isinstance(name, str) or not name:
