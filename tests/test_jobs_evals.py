@@ -603,3 +603,28 @@ def test_runs_with_tools_read_the_models_tokenizer_once_and_again_when_its_folde
         )
         assert param == "data_source.source.content[0]" and "writes tool calls in a form that is not parsed" in message
         assert len(loads) == 2
+
+
+def test_schemas_and_items_too_deep_to_check_are_a_400_naming_them(sdk, tiny_model_dir):
+    """jsonschema checks by recursion: a schema nested deeper, or an item nested deeper under a recursive schema,
+    than Python's stack allows is refused naming it, as is a schema that refers to itself without end."""
+    nested = {}
+    for _ in range(300):
+        nested = {"anyOf": [nested]}
+    param, message = refusal(
+        lambda: sdk.evals.create(data_source_config={**CONFIG, "item_schema": nested}, testing_criteria=[ANY_ANSWER])
+    )
+    assert param == "data_source_config.item_schema" and "too deeply" in message
+
+    tree = {"type": "object", "properties": {"question": {"type": ["string", "array"], "items": {"$ref": "#/$defs/q"}}}}
+    tree["$defs"] = {"q": tree["properties"]["question"]}
+    deep = {"question": json.loads("[" * 400 + "]" * 400), "answer": "a"}
+    for schema, items in ((tree, [ITEMS[0], deep]), ({"$ref": "#"}, [ITEMS[0]])):
+        evaluation = sdk.evals.create(
+            data_source_config={**CONFIG, "item_schema": schema}, testing_criteria=[ANY_ANSWER]
+        )
+        run = data_source(str(tiny_model_dir), inline(items))
+        param, message = refusal(
+            lambda run=run, evaluation=evaluation: sdk.evals.runs.create(evaluation.id, data_source=run)
+        )
+        assert param == f"data_source.source.content[{len(items) - 1}]" and "too deeply" in message

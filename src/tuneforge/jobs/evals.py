@@ -246,6 +246,14 @@ def check_item_schema(schema: dict) -> None:
         raise APIError(
             400, f"{param} is not a valid JSON Schema: {err.message:.300}", param=param, code="invalid_value"
         ) from None
+    except RecursionError:  # jsonschema checks a subschema by recursing into it
+        raise APIError(
+            400,
+            "data_source_config.item_schema nests its subschemas too deeply for this server to check; give a "
+            "flatter schema.",
+            param="data_source_config.item_schema",
+            code="invalid_value",
+        ) from None
 
 
 def check_items_match(schema: dict, items: list[dict], item_param: str) -> None:
@@ -258,8 +266,19 @@ def check_items_match(schema: dict, items: list[dict], item_param: str) -> None:
     check_item_schema(schema)  # an eval created before its item_schema was checked may hold one that is not
     validator = validators.validator_for(schema)(schema)
     for index, item in enumerate(items):
+        param = f"{item_param}[{index}]"
         try:
             error = best_match(validator.iter_errors(item))
+        except RecursionError:  # jsonschema follows the item and the schema's references by recursion
+            raise APIError(
+                400,
+                f"{param}: the item cannot be checked against the eval's data_source_config.item_schema, as the "
+                "check recurses too deeply: the item nests arrays or objects too deeply, or the schema refers to "
+                'itself without end (as {"$ref": "#"}). Nest the item less, or create the eval again with a '
+                "schema whose references end.",
+                param=param,
+                code="invalid_value",
+            ) from None
         except Unresolvable as err:  # a $ref is looked up only when an item reaches it
             raise APIError(
                 400,
@@ -271,7 +290,6 @@ def check_items_match(schema: dict, items: list[dict], item_param: str) -> None:
             ) from None
         if error is not None:
             field = "".join(f"[{json.dumps(step)}]" if isinstance(step, int) else f".{step}" for step in error.path)
-            param = f"{item_param}[{index}]"
             raise APIError(
                 400,
                 f"{param}: item{field} does not match the eval's data_source_config.item_schema: {error.message:.300}",
