@@ -236,6 +236,10 @@ def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
     assert refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source("nope", inline())))[0] == (
         "model"
     )
+    for seed in (2**64, -1):  # past what torch's generator takes, which the run would fail on when it starts
+        seeded = data_source(model, inline(), seed=seed)
+        param, _ = refusal(lambda seeded=seeded: sdk.evals.runs.create(evaluation.id, data_source=seeded))
+        assert param == "data_source.sampling_params.seed"
 
 
 def test_an_items_file_line_json_cannot_read_is_a_400_naming_the_line(sdk, tiny_model_dir):

@@ -30,6 +30,7 @@ from ..data.formats import tool_definitions
 from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
+from ..serve.bodies import MAX_SEED
 from ..tool_calls import ParsedReply, tool_call_parser
 from ..web import APIError, Metadata, RequestBody, failure_id
 from ..web.errors import unreadable_json
@@ -106,7 +107,7 @@ class SamplingParams(RequestBody):
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # as serve's requests take it
     tools: list[dict[str, Any]] | None = None
 
 
