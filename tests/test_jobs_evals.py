@@ -610,8 +610,8 @@ def test_runs_with_tools_read_the_models_tokenizer_once_and_again_when_its_folde
 
 
 def test_schemas_and_items_too_deep_to_check_are_a_400_naming_them(sdk, tiny_model_dir):
-    """jsonschema checks by recursion: a schema nested deeper, or an item nested deeper under a recursive schema,
-    than Python's stack allows is refused naming it, as is a schema that refers to itself without end."""
+    """jsonschema checks by recursion: a schema nested deeper than Python's stack allows is refused naming it, and
+    one that refers to itself without end is refused naming the first item it cannot check."""
     nested = {}
     for _ in range(300):
         nested = {"anyOf": [nested]}
@@ -620,15 +620,28 @@ def test_schemas_and_items_too_deep_to_check_are_a_400_naming_them(sdk, tiny_mod
     )
     assert param == "data_source_config.item_schema" and "too deeply" in message
 
-    tree = {"type": "object", "properties": {"question": {"type": ["string", "array"], "items": {"$ref": "#/$defs/q"}}}}
-    tree["$defs"] = {"q": tree["properties"]["question"]}
-    deep = {"question": json.loads("[" * 400 + "]" * 400), "answer": "a"}
-    for schema, items in ((tree, [ITEMS[0], deep]), ({"$ref": "#"}, [ITEMS[0]])):
-        evaluation = sdk.evals.create(
-            data_source_config={**CONFIG, "item_schema": schema}, testing_criteria=[ANY_ANSWER]
-        )
-        run = data_source(str(tiny_model_dir), inline(items))
-        param, message = refusal(
-            lambda run=run, evaluation=evaluation: sdk.evals.runs.create(evaluation.id, data_source=run)
-        )
-        assert param == f"data_source.source.content[{len(items) - 1}]" and "too deeply" in message
+    looped = {**CONFIG, "item_schema": {"$ref": "#"}}
+    evaluation = sdk.evals.create(data_source_config=looped, testing_criteria=[ANY_ANSWER])
+    run = data_source(str(tiny_model_dir), inline())
+    param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=run))
+    assert param == "data_source.source.content[0]" and "refers to itself without end" in message
+
+
+def test_items_nested_too_deeply_to_store_are_a_400_naming_the_item(sdk, tiny_model_dir):
+    """An item's arrays and objects, one inside another, deeper than a run's data source can be stored: refused at
+    runs.create naming the item, inline or in a file, rather than a server error."""
+    evaluation = sdk.evals.create(
+        data_source_config={**CONFIG, "item_schema": {"type": "object"}}, testing_criteria=[SAME_ANSWER]
+    )
+    deep = {**ITEMS[0], "context": json.loads("[" * 300 + "]" * 300)}
+    lines = "".join(json.dumps({"item": item}) + "\n" for item in (ITEMS[0], deep))
+    uploaded = sdk.files.create(file=("items.jsonl", lines.encode()), purpose="evals")
+    for source, where in (
+        (inline([ITEMS[0], deep]), "data_source.source.content[1]"),
+        ({"type": "file_id", "id": uploaded.id}, f"{uploaded.id} item[1]"),
+    ):
+        run = data_source(str(tiny_model_dir), source)
+        param, message = refusal(lambda run=run: sdk.evals.runs.create(evaluation.id, data_source=run))
+        assert param == where and "nests arrays or objects" in message and "at most 64" in message
+    shallow = {**ITEMS[0], "context": json.loads("[" * 62 + "]" * 62)}  # the item's object and 62 inside it
+    assert sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline([shallow])))

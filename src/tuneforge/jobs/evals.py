@@ -45,6 +45,9 @@ log = logging.getLogger("tuneforge.jobs")
 # OpenAI's defaults for a completions run's sampling params.
 DEFAULT_SAMPLING = {"max_completion_tokens": 128, "temperature": 1.0, "top_p": 1.0, "seed": 42}
 MAX_RUN_ITEMS = 10_000
+# Arrays and objects one inside another in an item, the item's own object counted: a run's data source holding
+# deeper ones cannot be stored (pydantic's serializer stops at about 250).
+MAX_ITEM_DEPTH = 64
 PASS_SCORE = 1.0  # the score a criterion without a pass_threshold must reach for an answer to pass
 
 
@@ -255,6 +258,33 @@ def check_item_schema(schema: dict) -> None:
             param="data_source_config.item_schema",
             code="invalid_value",
         ) from None
+
+
+def check_items_depth(items: list[dict], item_param: str) -> None:
+    """Every item nested at most `MAX_ITEM_DEPTH` deep: a 400 naming the first that is not."""
+    for index, item in enumerate(items):
+        if nesting(item) > MAX_ITEM_DEPTH:
+            param = f"{item_param}[{index}]"
+            raise APIError(
+                400,
+                f"{param}: the item nests arrays or objects more than {MAX_ITEM_DEPTH} deep; a run takes items "
+                f"nested at most {MAX_ITEM_DEPTH} deep (the item's own object counted).",
+                param=param,
+                code="invalid_value",
+            )
+
+
+def nesting(value: Any) -> int:
+    """How many arrays and objects `value` holds one inside another, walked without recursion (which a deep
+    value would run out of)."""
+    deepest, unseen = 0, [(value, 1)]
+    while unseen:
+        value, depth = unseen.pop()
+        inside = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if inside is not None:
+            deepest = max(deepest, depth)
+            unseen.extend((child, depth + 1) for child in inside)
+    return deepest
 
 
 def check_items_match(schema: dict, items: list[dict], item_param: str) -> None:

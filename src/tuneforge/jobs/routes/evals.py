@@ -15,6 +15,7 @@ from ..evals import (
     UpdateEvalBody,
     check_item_schema,
     check_items,
+    check_items_depth,
     check_items_match,
     check_tools,
     check_tools_read,
@@ -118,6 +119,7 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
     else:
         items = [row.item for row in source.source.content]
     item_param = items_param(source.source.model_dump(include={"type", "id"}))
+    check_items_depth(items, item_param)
     check_items_match(evaluation.data_source_config["schema"]["properties"]["item"], items, item_param)
     check_items(graders, templates, items, item_param)
     sampling_tools = source.sampling_params.tools if source.sampling_params else None
