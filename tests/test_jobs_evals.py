@@ -242,6 +242,26 @@ def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
         assert param == "data_source.sampling_params.seed"
 
 
+def test_text_that_is_not_unicode_is_a_400_naming_where_it_is(tmp_path):
+    """JSON's \\u escapes can spell one half of a UTF-16 surrogate pair alone, in a value or in an object's key (an
+    item's field): a 400 whose param says where, as the message does."""
+    app = create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0, dashboard=False)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    config, criteria = json.dumps(CONFIG), json.dumps([ANY_ANSWER])
+    with TestClient(app) as http:
+        for body, where in (
+            (f'{{"name": "\\ud800", "data_source_config": {config}, "testing_criteria": {criteria}}}', "name"),
+            (
+                f'{{"data_source_config": {config}, "testing_criteria": {criteria}, "metadata": {{"\\udc00": "a"}}}}',
+                "metadata.\\udc00",
+            ),
+        ):
+            response = http.post("/v1/evals", content=body.encode(), headers=headers)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == where and error["message"].startswith(f"'{where}' is not Unicode text")
+
+
 def test_an_items_file_line_json_cannot_read_is_a_400_naming_the_line(sdk, tiny_model_dir):
     """Well-formed JSON that Python's reader gives up on (nested too deeply, an integer of too many digits)."""
     evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])

@@ -266,6 +266,8 @@ def validation_error(first: dict, content_type: str | None = None) -> APIError:
     elif kind == "json_invalid":
         reason = first.get("ctx", {}).get("error", "it cannot be parsed")
         message, param = f"The request body is not valid JSON: {reason}", None
+    elif kind == "not_unicode":  # the body's check of its text (`RequestBody`) says where the text is
+        message, param = complaint(first), first["ctx"]["path"]
     else:
         said = complaint(first)
         message = f"Invalid value for '{param}': {said}" if param else said or "Invalid request"

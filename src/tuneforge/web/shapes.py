@@ -63,7 +63,12 @@ class RequestBody(BaseModel):
                     "'{path}' is not Unicode text: character {position} ({character}) is one half of a UTF-16 "
                     "surrogate pair alone. Send the text as UTF-8; a \\u escape of a character beyond U+FFFF "
                     "needs both halves.",
-                    {"path": path or "body", "position": err.start, "character": ascii(text[err.start])},
+                    # The path escaped: a key that is not Unicode is in it, and pydantic's message must be.
+                    {
+                        "path": (path or "body").encode("utf-8", "backslashreplace").decode(),
+                        "position": err.start,
+                        "character": ascii(text[err.start]),
+                    },
                 ) from None
         return data
 
