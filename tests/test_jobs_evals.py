@@ -265,11 +265,17 @@ def test_text_that_is_not_unicode_is_a_400_naming_where_it_is(tmp_path):
 def test_an_items_file_line_json_cannot_read_is_a_400_naming_the_line(sdk, tiny_model_dir):
     """Well-formed JSON that Python's reader gives up on (nested too deeply, an integer of too many digits)."""
     evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
-    for line, says in [("[" * 100_000 + "]" * 100_000, "nests arrays or objects too deeply"), ("9" * 5000, "has an")]:
+    cases = [
+        ("[" * 100_000 + "]" * 100_000, "it nests arrays or objects too deeply"),
+        ("9" * 5000, "it has an"),
+        # Text no tokenizer encodes: the run would fail when it starts.
+        ('{"item": {"question": "Hi \\ud83d", "answer": "a"}}', "item.question is not Unicode text"),
+    ]
+    for line, says in cases:
         items = sdk.files.create(file=("items.jsonl", f'{{"item": {{}}}}\n{line}\n'.encode()), purpose="evals")
         run = data_source(str(tiny_model_dir), {"type": "file_id", "id": items.id})
         param, message = refusal(lambda run=run: sdk.evals.runs.create(evaluation.id, data_source=run))
-        assert param == "data_source.source.id" and f"{items.id} line 2: it {says}" in message
+        assert param == "data_source.source.id" and f"{items.id} line 2: {says}" in message
 
 
 def test_items_that_do_not_match_the_evals_item_schema_are_refused_naming_the_item_and_field(sdk, tiny_model_dir):

@@ -34,6 +34,7 @@ from ..serve.bodies import MAX_SEED
 from ..tool_calls import ParsedReply, tool_call_parser
 from ..web import APIError, Metadata, RequestBody, failure_id
 from ..web.errors import unreadable_json
+from ..web.shapes import not_unicode
 from .files import FileStorage
 from .store import Eval, EvalOutputItem, EvalRun, Store, new_id, now
 
@@ -216,6 +217,11 @@ def file_items(path: Path, file_id: str) -> list[dict]:
             item = row["item"] if set(row) <= {"item", "sample"} and "item" in row else row
             if not isinstance(item, dict):
                 raise _bad_line(file_id, number, "its `item` is not a JSON object")
+            found = not_unicode(item)
+            if found is not None:  # no tokenizer encodes it
+                where, position, character = found
+                what = f"item.{where} is not Unicode text: character {position} ({character}) is one half of a UTF-16 "
+                raise _bad_line(file_id, number, what + "surrogate pair alone")
             items.append(item)
     if not items:
         raise APIError(400, f"{file_id} holds no items.", param="data_source.source.id", code="invalid_file_format")

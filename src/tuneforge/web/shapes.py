@@ -54,23 +54,29 @@ class RequestBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _text_is_unicode(cls, data: Any) -> Any:
-        for path, text in _strings(data):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise PydanticCustomError(
-                    "not_unicode",
-                    "'{path}' is not Unicode text: character {position} ({character}) is one half of a UTF-16 "
-                    "surrogate pair alone. Send the text as UTF-8; a \\u escape of a character beyond U+FFFF "
-                    "needs both halves.",
-                    # The path escaped: a key that is not Unicode is in it, and pydantic's message must be.
-                    {
-                        "path": (path or "body").encode("utf-8", "backslashreplace").decode(),
-                        "position": err.start,
-                        "character": ascii(text[err.start]),
-                    },
-                ) from None
+        found = not_unicode(data)
+        if found is not None:
+            path, position, character = found
+            raise PydanticCustomError(
+                "not_unicode",
+                "'{path}' is not Unicode text: character {position} ({character}) is one half of a UTF-16 "
+                "surrogate pair alone. Send the text as UTF-8; a \\u escape of a character beyond U+FFFF "
+                "needs both halves.",
+                {"path": path or "body", "position": position, "character": character},
+            )
         return data
+
+
+def not_unicode(value: Any) -> tuple[str, int, str] | None:
+    """The first text in parsed JSON that is not Unicode (one half of a UTF-16 surrogate pair alone, which JSON's
+    `\\u` escapes can spell): where it is (`messages.0.content`, a key that is not Unicode escaped in it), the
+    position of the character in the text and the character as an escape; None where all text is Unicode."""
+    for path, text in _strings(value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return path.encode("utf-8", "backslashreplace").decode(), err.start, ascii(text[err.start])
+    return None
 
 
 def _strings(value: Any, path: str = ""):
