@@ -653,6 +653,22 @@ def test_schemas_and_items_too_deep_to_check_are_a_400_naming_them(sdk, tiny_mod
     assert param == "data_source.source.content[0]" and "refers to itself without end" in message
 
 
+def test_an_items_file_of_more_items_than_a_run_takes_is_refused_once_its_count_is_passed(
+    sdk, tiny_model_dir, monkeypatch
+):
+    """The file is read only until it holds one item more than a run takes: the lines after are not parsed (a
+    file of up to the upload limit would otherwise be read whole into memory)."""
+    from tuneforge.jobs import evals
+
+    monkeypatch.setattr(evals, "MAX_RUN_ITEMS", 3)
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    lines = "".join(json.dumps({"item": ITEMS[0]}) + "\n" for _ in range(4)) + "not JSON\n"
+    uploaded = sdk.files.create(file=("items.jsonl", lines.encode()), purpose="evals")
+    run = data_source(str(tiny_model_dir), {"type": "file_id", "id": uploaded.id})
+    param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=run))
+    assert param == "data_source.source.id" and f"{uploaded.id} holds more than 3 items" in message
+
+
 def test_items_nested_too_deeply_to_store_are_a_400_naming_the_item(sdk, tiny_model_dir):
     """An item's arrays and objects, one inside another, deeper than a run's data source can be stored: refused at
     runs.create naming the item, inline or in a file, rather than a server error."""

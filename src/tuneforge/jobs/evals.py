@@ -196,7 +196,7 @@ def input_templates(messages: list[TemplateMessage]) -> list[Template]:
 
 def file_items(path: Path, file_id: str) -> list[dict]:
     """The items of an uploaded JSONL file: each line `{"item": {...}}` (or the item itself); a bad line is a
-    400 naming the file and the line."""
+    400 naming the file and the line, and so is a file of more items than a run takes, read only that far."""
     items = []
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
@@ -223,15 +223,15 @@ def file_items(path: Path, file_id: str) -> list[dict]:
                 what = f"item.{where} is not Unicode text: character {position} ({character}) is one half of a UTF-16 "
                 raise _bad_line(file_id, number, what + "surrogate pair alone")
             items.append(item)
+            if len(items) > MAX_RUN_ITEMS:
+                raise APIError(
+                    400,
+                    f"{file_id} holds more than {MAX_RUN_ITEMS:,} items; a run takes at most {MAX_RUN_ITEMS:,}.",
+                    param="data_source.source.id",
+                    code="invalid_file_format",
+                )
     if not items:
         raise APIError(400, f"{file_id} holds no items.", param="data_source.source.id", code="invalid_file_format")
-    if len(items) > MAX_RUN_ITEMS:
-        raise APIError(
-            400,
-            f"{file_id} holds {len(items):,} items; a run takes at most {MAX_RUN_ITEMS:,}.",
-            param="data_source.source.id",
-            code="invalid_file_format",
-        )
     return items
 
 
