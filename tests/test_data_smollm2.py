@@ -1,4 +1,4 @@
-"""Masks with the real SmolLM2 tokenizer and template, when the model is in the cache (integration)."""
+"""Masks with the real SmolLM2 tokenizer and template (integration: the model is pulled once into the cache)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from data.rows import trained_runs
 
 from tuneforge.data import Conversation, Message, render_conversation
 from tuneforge.data.render import renderer_for
-from tuneforge.fsio import tuneforge_home
 
 pytestmark = pytest.mark.integration
 
@@ -20,15 +19,11 @@ TRIAGE_SYSTEM = (
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    folder = tuneforge_home() / "models" / "smollm2-135m-instruct"
-    if not (folder / "tokenizer.json").is_file():
-        pytest.skip(
-            f"SmolLM2 is not in the cache ({folder}); `tuneforge models pull smollm2-135m-instruct` puts it there"
-        )
+def smollm2(smollm2_dir):
+    """The real bundled model's tokenizer, pulled once into the cache as the other integration tests pull it."""
     from tuneforge.models import load_tokenizer
 
-    return load_tokenizer("smollm2-135m-instruct")
+    return load_tokenizer(str(smollm2_dir))
 
 
 def test_replies_and_end_of_turn_are_trained_and_ids_match_the_template(smollm2):
