@@ -4,6 +4,7 @@ registry Gemma's chat template, and SentencePiece vocabularies kept through GGUF
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -50,12 +51,15 @@ def test_a_template_of_another_family_is_no_tested_family():
     assert family_of("llama", None) is None
 
 
-def test_an_untested_family_warns_once_and_models_info_says_not_tested(untested_model, capsys):
+def test_an_untested_family_warns_once_and_models_info_says_not_tested(untested_model, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"gpt2-chat \(gpt2\) is not a model family tuneforge is tested on"):
         load_tokenizer(str(untested_model))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_tokenizer(str(untested_model))  # once per model, not at every load
+    namesake = shutil.copytree(untested_model, tmp_path / "elsewhere" / untested_model.name)
+    with pytest.warns(UserWarning, match=r"gpt2-chat \(gpt2\) is not a model family"):
+        load_tokenizer(str(namesake))  # another model of the same name
     assert models_info(str(untested_model)) == 0
     out = capsys.readouterr().out
     assert "not tested:" in out and "gpt2 with this chat template" in out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,12 @@ def covered_titles() -> str:
     return ", ".join(f.title for f in FAMILIES)
 
 
-def warn_if_untested(name: str, model_type: str, chat_template: str | None) -> None:
-    """Warn, once per model, when its architecture and chat template are no family the matrix covers."""
-    if family_of(model_type, chat_template) is not None or name in _warned:
+def warn_if_untested(name: str, folder: Path, model_type: str, chat_template: str | None) -> None:
+    """Warn, once per model (by its folder: two models of one name are two), when its architecture and chat
+    template are no family the matrix covers."""
+    if family_of(model_type, chat_template) is not None or str(folder) in _warned:
         return
-    _warned.add(name)
+    _warned.add(str(folder))
     warnings.warn(
         f"{name} ({model_type}) is not a model family tuneforge is tested on ({covered_titles()}): its loss masks, "
         "exports and serving were not checked for it. Look at `tuneforge data check --show` before training, "

@@ -172,7 +172,12 @@ def load_tokenizer(
             f"the model's text) in {source.adapter or source.path}/tokenizer_config.json.",
             code="model_load_failed",
         )
-    warn_if_untested(source.name, config.get("model_type", "unknown"), chat_template(tokenizer))
+    warn_if_untested(
+        source.name,
+        (source.adapter or source.path).resolve(),
+        config.get("model_type", "unknown"),
+        chat_template(tokenizer),
+    )
     images = load_image_inputs(source.path, tokenizer)
     if images is not None:
         _IMAGES[tokenizer] = images
