@@ -994,6 +994,27 @@ def test_lora_dropout_on_a_mixture_of_experts_models_fused_experts_is_refused_na
     assert not (tmp_path / "run").exists()  # refused before the data is read
 
 
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "down_proj"]])
+def test_dora_on_a_mixture_of_experts_models_fused_experts_is_refused_naming_the_method(
+    targets, tiny_model_dir, triage_data, tmp_path
+):
+    """PEFT's adapters on Mixtral's fused expert weights (all-linear, or a list naming them) have no DoRA."""
+    from tiny import tiny_moe
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config({**tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"), "method": "dora"})
+    cfg.lora.dropout, cfg.lora.target_modules = 0.0, targets
+    with pytest.raises(ConfigError) as e:
+        prepare_model(tiny_moe(experts=4), cfg)
+    assert e.value.message == (
+        "method: dora, but PEFT's adapters on this mixture-of-experts model's fused expert weights (and router), "
+        "which lora.target_modules adapts, have no DoRA; use method: lora, or list target_modules without them "
+        "(such as [q_proj, k_proj, v_proj, o_proj])."
+    )
+
+
 def test_loraplus_moves_the_b_matrices_ratio_times_as_far(tiny_model_dir, triage_data, tmp_path):
     """One step from the same start: LoRA's B matrices start at zero, so A gets no gradient yet and
     Adam moves each B entry by the learning rate; with LoRA+ B's learning rate is ratio times larger."""

@@ -443,6 +443,12 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
                     "dropout; set lora.dropout to 0, or list target_modules without them (such as "
                     "[q_proj, k_proj, v_proj, o_proj])."
                 ) from None
+            if "ParamWrapper does not work with use_dora" in str(e):
+                raise ConfigError(
+                    f"{cfg.key_at('method')}: dora, but PEFT's adapters on this mixture-of-experts model's fused "
+                    "expert weights (and router), which lora.target_modules adapts, have no DoRA; use method: lora, or "
+                    "list target_modules without them (such as [q_proj, k_proj, v_proj, o_proj])."
+                ) from None
             raise ConfigError(
                 f"lora.target_modules does not fit this model: {e} The model's linear layers "
                 f"are {', '.join(decoder_linears(model))}: give target_modules a list of those, or all-linear."
