@@ -1220,6 +1220,31 @@ def test_lora_from_a_lora_run_trains_that_adapter_on(tiny_model_dir, triage_data
         train(reshaped, progress=False)
 
 
+@pytest.mark.parametrize("from_layer", [0.0, 0.5])
+def test_a_mixture_of_experts_adapter_trained_on_with_other_expert_weights_listed_is_refused(
+    from_layer, triage_data, tmp_path
+):
+    """A list naming fused expert weights hands them to PEFT as parameters (target_parameters), not modules: an
+    adapter on [q_proj, down_proj] is another shape than one on [q_proj]."""
+    from tiny import save_tiny_model, tiny_moe
+
+    from tuneforge.methods import prepare_model
+
+    base = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
+    cfg = load_config(tiny_run_config(base, triage_data, tmp_path / "run"))
+    cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.from_layer = 0.0, ["q_proj", "down_proj"], from_layer
+    prepare_model(load_model(resolve(str(base))), cfg).save_pretrained(tmp_path / "adapter")
+    load_tokenizer(resolve(str(base))).save_pretrained(tmp_path / "adapter")
+    on = load_config(tiny_run_config(tmp_path / "adapter", triage_data, tmp_path / "on"))
+    on.lora.dropout, on.lora.from_layer = 0.0, from_layer
+    for targets in (["q_proj", "down_proj"], "all-linear"):  # the adapter's list, and the default: it trains on
+        on.lora.target_modules = targets
+        prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
+    on.lora.target_modules = ["q_proj"]
+    with pytest.raises(TuneforgeError, match=r"another target_modules "):
+        prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
+
+
 def test_too_few_rows_for_a_step_says_how_many_it_needs_and_why():
     from tuneforge.config import load_config
     from tuneforge.training import make_plan

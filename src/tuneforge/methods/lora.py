@@ -157,8 +157,10 @@ def all_linear_as_peft_resolves_it(config: PeftLoraConfig, model) -> PeftLoraCon
 
 def parameters_named(model, targets) -> list[str]:
     """The full names of `model`'s parameters that PEFT's target_parameters `targets` name (whole or by their last
-    parts)."""
-    return [name for name, _ in model.named_parameters() if any(name == t or name.endswith(f".{t}") for t in targets)]
+    parts), as on the model before PEFT wraps it (without its base_layer parts), so that an adapter's own
+    target_parameters compare with them."""
+    names = [name.replace(".base_layer", "") for name, _ in model.named_parameters()]
+    return [name for name in names if any(name == t or name.endswith(f".{t}") for t in targets)]
 
 
 def expert_weights_listed(config: PeftLoraConfig, model) -> None:
@@ -388,7 +390,11 @@ def continue_adapter(model, cfg, token_ids=()):
         "r": (loaded.r, wanted.r),
         "alpha": (loaded.lora_alpha, wanted.lora_alpha),
         "use_rslora": (loaded.use_rslora, wanted.use_rslora),
-        "target_modules": (sorted(loaded.target_modules), sorted(targets)),
+        # A listed fused expert weight is a parameter PEFT adapts (`expert_weights_listed`), not a module.
+        "target_modules": (
+            [sorted(loaded.target_modules), sorted(loaded.target_parameters or ())],
+            [sorted(targets), sorted(wanted.target_parameters or ())],
+        ),
         "from_layer": (loaded.layers_to_transform, wanted.layers_to_transform),
     }
     defaults = {key: type(cfg.lora).model_fields[key].default for key in shape}
