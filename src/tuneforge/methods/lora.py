@@ -265,12 +265,8 @@ def listed_modules(cfg, config) -> list[str]:
 
 def fused_expert_weight(model, wanted: str) -> str | None:
     """The name within a layer (mlp.experts.gate_up_proj) of the routed experts' fused weight that `wanted` names
-    (a 3-D parameter of transformers 5's MixtralExperts, Qwen2MoeExperts, ...), or None."""
-    for name, module in text_decoder(model).named_modules():
-        weight = getattr(module, wanted, None)
-        if "Experts" in type(module).__name__ and isinstance(weight, nn.Parameter) and weight.ndim == 3:
-            return f"{within_layer(name)}.{wanted}"
-    return None
+    on a model PEFT has not wrapped (`unadapted_experts`), or None."""
+    return next((w for w in unadapted_experts(model, 0) if w.endswith(f".{wanted}")), None)
 
 
 def refuse_missing_targets(model, cfg, config) -> None:
