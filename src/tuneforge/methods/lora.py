@@ -441,8 +441,8 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
             if "ParamWrapper does not work with lora_dropout" in str(e):
                 raise ConfigError(
                     f"{cfg.key_at('lora.dropout')}: {cfg.lora.dropout:g}, but PEFT's adapters on this "
-                    "mixture-of-experts model's fused expert weights (and router), which all-linear adapts, take no "
-                    "dropout; set lora.dropout to 0, or list target_modules without them (such as "
+                    "mixture-of-experts model's fused expert weights (and router), which lora.target_modules "
+                    "adapts, take no dropout; set lora.dropout to 0, or list target_modules without them (such as "
                     "[q_proj, k_proj, v_proj, o_proj])."
                 ) from None
             if "ParamWrapper does not work with use_dora" in str(e):
