@@ -148,7 +148,7 @@ class FolderRuns:
             source = resolve(str(spec), pull_missing=False)
         except ModelSourceError as err:
             raise APIError(404, f"The model `{name}` cannot be loaded: {err.message}", param="model") from err
-        return InferenceTarget(source.path.resolve(), source.adapter)
+        return InferenceTarget(source)
 
 
 class JobRuns:

@@ -24,12 +24,18 @@ _CHECKPOINT = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,12})")
 
 @dataclass(frozen=True)
 class InferenceTarget:
-    """A model to answer with: its base folder (the key of the loaded app) and the adapter on it, if any, and
-    the source they were resolved as."""
+    """A model to answer with, as its name resolved: its base folder (the key of the loaded app) and the adapter
+    on it, if any."""
 
-    base: Path
-    adapter: Path | None
     source: ModelSource
+
+    @property
+    def base(self) -> Path:
+        return self.source.path.resolve()
+
+    @property
+    def adapter(self) -> Path | None:
+        return self.source.adapter
 
 
 def fine_tuned_folder(store: Store, runs: Path, owner: str, name: str) -> Path | None:
@@ -87,7 +93,7 @@ class ModelAccess:
                 param="model",
                 code="model_not_found",
             ) from err
-        return InferenceTarget(source.path.resolve(), source.adapter, source)
+        return InferenceTarget(source)
 
     def _short_name(self, spec: str) -> str:
         try:
