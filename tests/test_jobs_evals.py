@@ -671,7 +671,7 @@ def test_an_items_file_of_more_items_than_a_run_takes_is_refused_once_its_count_
 
 def test_items_nested_too_deeply_to_store_are_a_400_naming_the_item(sdk, tiny_model_dir):
     """An item's arrays and objects, one inside another, deeper than a run's data source can be stored: refused at
-    runs.create naming the item, inline or in a file, rather than a server error."""
+    runs.create naming the item, inline or in a file, or the sampling params' tool, rather than a server error."""
     evaluation = sdk.evals.create(
         data_source_config={**CONFIG, "item_schema": {"type": "object"}}, testing_criteria=[SAME_ANSWER]
     )
@@ -685,5 +685,12 @@ def test_items_nested_too_deeply_to_store_are_a_400_naming_the_item(sdk, tiny_mo
         run = data_source(str(tiny_model_dir), source)
         param, message = refusal(lambda run=run: sdk.evals.runs.create(evaluation.id, data_source=run))
         assert param == where and "nests arrays or objects" in message and "at most 64" in message
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "examples": deep["context"]}},
+    }
+    run = data_source(str(tiny_model_dir), inline(), tools=[tool])  # stored with the run as the items are
+    param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=run))
+    assert param == "data_source.sampling_params.tools[0]" and "the tool nests arrays or objects" in message
     shallow = {**ITEMS[0], "context": json.loads("[" * 62 + "]" * 62)}  # the item's object and 62 inside it
     assert sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline([shallow])))

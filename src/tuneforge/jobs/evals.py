@@ -46,9 +46,9 @@ log = logging.getLogger("tuneforge.jobs")
 # OpenAI's defaults for a completions run's sampling params.
 DEFAULT_SAMPLING = {"max_completion_tokens": 128, "temperature": 1.0, "top_p": 1.0, "seed": 42}
 MAX_RUN_ITEMS = 10_000
-# Arrays and objects one inside another in an item, the item's own object counted: a run's data source holding
+# Arrays and objects one inside another in an item or a tool, its own object counted: a run's data source holding
 # deeper ones cannot be stored (pydantic's serializer stops at about 250).
-MAX_ITEM_DEPTH = 64
+MAX_DEPTH = 64
 PASS_SCORE = 1.0  # the score a criterion without a pass_threshold must reach for an answer to pass
 
 
@@ -266,15 +266,19 @@ def check_item_schema(schema: dict) -> None:
         ) from None
 
 
-def check_items_depth(items: list[dict], item_param: str) -> None:
-    """Every item nested at most `MAX_ITEM_DEPTH` deep: a 400 naming the first that is not."""
-    for index, item in enumerate(items):
-        if nesting(item) > MAX_ITEM_DEPTH:
-            param = f"{item_param}[{index}]"
+def check_nesting(items: list[dict], item_param: str, sampling_tools: list[dict] | None) -> None:
+    """Every item, and each of the sampling params' tools, nested at most `MAX_DEPTH` deep (both are stored with
+    the run): a 400 naming the first that is not."""
+    named = [(f"{item_param}[{index}]", "item", item) for index, item in enumerate(items)]
+    named += [
+        (f"data_source.sampling_params.tools[{index}]", "tool", tool) for index, tool in enumerate(sampling_tools or [])
+    ]
+    for param, what, value in named:
+        if nesting(value) > MAX_DEPTH:
             raise APIError(
                 400,
-                f"{param}: the item nests arrays or objects more than {MAX_ITEM_DEPTH} deep; a run takes items "
-                f"nested at most {MAX_ITEM_DEPTH} deep (the item's own object counted).",
+                f"{param}: the {what} nests arrays or objects more than {MAX_DEPTH} deep; a run takes items and tools "
+                f"nested at most {MAX_DEPTH} deep (the {what}'s own object counted).",
                 param=param,
                 code="invalid_value",
             )

@@ -15,8 +15,8 @@ from ..evals import (
     UpdateEvalBody,
     check_item_schema,
     check_items,
-    check_items_depth,
     check_items_match,
+    check_nesting,
     check_tools,
     check_tools_read,
     data_source_config,
@@ -119,10 +119,10 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
     else:
         items = [row.item for row in source.source.content]
     item_param = items_param(source.source.model_dump(include={"type", "id"}))
-    check_items_depth(items, item_param)
+    sampling_tools = source.sampling_params.tools if source.sampling_params else None
+    check_nesting(items, item_param, sampling_tools)
     check_items_match(evaluation.data_source_config["schema"]["properties"]["item"], items, item_param)
     check_items(graders, templates, items, item_param)
-    sampling_tools = source.sampling_params.tools if source.sampling_params else None
     check_tools(sampling_tools, items, item_param)
     target = service.access.for_inference(owner, source.model)  # a model the caller may not use is refused now
     model_source = str(target.adapter or target.base)
