@@ -369,3 +369,12 @@ def test_the_plan_of_a_one_row_run_counts_in_the_singular(tiny_model_dir, triage
     out = " ".join(re.sub("[│┃┌┐└┘├┤─┬┴┼]", " ", capsys.readouterr().out).split())
     assert "batch 1 row per step = 1 x 1 (train.batch_size is 8, but the 1 training example packs into 1 row" in out
     assert "only 1 training example; fine-tuning needs at least" in out
+
+
+def test_the_plan_of_a_run_cut_by_max_steps_gives_the_epochs_it_trains(tiny_model_dir, triage_data, tmp_path, capsys):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", batch_size=1, max_steps=3)
+    assert validate(cfg, ["data.packing=false"]) == 0
+    table = " ".join(re.sub("[│┃┌┐└┘├┤─┬┴┼]", " ", capsys.readouterr().out).split())
+    per_epoch = int(re.search(r"steps 3 \((\d+) per epoch", table)[1])
+    # 3 steps of an epoch's 96: the run's summary gives the epochs so trained, and so does the plan.
+    assert f"epochs {round(3 / per_epoch, 2):g} (from train.max_steps)" in table

@@ -474,7 +474,8 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
         *describe_files(report),
         ("system prompt", describe_system_prompt(report["system_prompt"])),
         ("tokens per epoch", tokens),
-        ("epochs", f"{plan.epochs}{epochs}"),
+        # The epochs the steps train, fractional where train.max_steps ends one part-way, as the summary gives them.
+        ("epochs", f"{round(plan.total_steps / plan.steps_per_epoch, 2):g}{epochs}"),
         ("steps", f"{plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch, warmup {plan.warmup_steps})"),
         ("batch", batch_row(cfg, plan, processes)),
     ]
