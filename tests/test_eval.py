@@ -626,6 +626,19 @@ def test_a_reasoning_model_is_scored_on_its_answer_after_the_reasoning(tiny_mode
     assert choose_metric("auto", read_eval_examples(path)) == "json_fields"
 
 
+def test_the_tables_caption_says_what_its_metric_counts(tiny_model_dir, triage_data):
+    """The caption explains the metric the table scores by: `contains` is not `exact`."""
+    for metric, said in [
+        ("contains", "contains: the answer holds the reference as whole words, case and punctuation aside"),
+        ("exact", "exact: the whole answer right (every field, for JSON answers)"),
+    ]:
+        result = evaluate(
+            str(tiny_model_dir), triage_data["test"], limit=1, max_new_tokens=2, metric=metric, progress=False
+        )
+        caption = metrics_table({"tuned": result}).caption
+        assert said in caption and ("exact:" in caption) == (metric == "exact")
+
+
 def test_the_table_states_how_the_scored_answers_were_generated(tiny_model_dir, triage_data):
     result = evaluate(str(tiny_model_dir), triage_data["test"], limit=2, max_new_tokens=3, progress=False)
     assert result["generation"] == {"decoding": "greedy", "max_new_tokens": 3}
