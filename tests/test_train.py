@@ -769,12 +769,23 @@ def test_lora_from_layer_adapts_only_the_upper_decoder_layers(tiny_model_dir, tr
     assert per_layer >= {"self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"}  # every linear of those layers
 
 
-@pytest.mark.parametrize("architecture", ["MixtralConfig", "Qwen3MoeConfig", "Qwen2MoeConfig"])
+# Qwen3-MoE's mlp_only_layers: decoder layers with a dense MLP (gate_proj, up_proj, down_proj linear layers).
+MOE_MODELS = [
+    pytest.param("MixtralConfig", {}, id="Mixtral"),
+    pytest.param("Qwen3MoeConfig", {}, id="Qwen3-MoE"),
+    pytest.param("Qwen2MoeConfig", {}, id="Qwen2-MoE"),
+    pytest.param("Qwen3MoeConfig", {"mlp_only_layers": [0]}, id="Qwen3-MoE-dense-layer-0"),
+    pytest.param("Qwen3MoeConfig", {"mlp_only_layers": [1]}, id="Qwen3-MoE-dense-layer-1"),
+]
+
+
+@pytest.mark.parametrize(("architecture", "dense"), MOE_MODELS)
 def test_lora_from_layer_adapts_what_all_linear_adapts_in_the_upper_layers_experts_included(
-    architecture, tiny_model_dir, triage_data, tmp_path
+    architecture, dense, tiny_model_dir, triage_data, tmp_path
 ):
     """Under all-linear PEFT adapts Mixtral's and Qwen3-MoE's fused expert weights and routers as parameters
-    (Qwen2-MoE's not): from_layer keeps them, in the upper layers, with the ranks all-linear gives them."""
+    (Qwen2-MoE's not): from_layer keeps them, in the upper layers, with the ranks all-linear gives them, and leaves
+    the lower layers whole, dense or not."""
     from tiny import tiny_moe
 
     from tuneforge.methods import prepare_model
@@ -783,7 +794,7 @@ def test_lora_from_layer_adapts_what_all_linear_adapts_in_the_upper_layers_exper
     for from_layer in (0.0, 0.5):
         cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
         cfg.lora.dropout, cfg.lora.from_layer = 0.0, from_layer  # PEFT's adapters on fused experts take no dropout
-        model = prepare_model(tiny_moe(architecture=architecture, experts=4), cfg)
+        model = prepare_model(tiny_moe(architecture=architecture, experts=4, **dense), cfg)
         trained[from_layer] = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     assert any(".mlp.experts." in name for name in trained[0.0]) == (architecture != "Qwen2MoeConfig")
     upper = {name: shape for name, shape in trained[0.0].items() if ".layers.0." not in name}

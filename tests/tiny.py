@@ -79,10 +79,10 @@ def tiny_llama(tokenizer=None, *, hidden: int = 64, layers: int = 2, heads: int 
     return LlamaForCausalLM(cfg)
 
 
-def tiny_moe(tokenizer=None, *, architecture: str = "MixtralConfig", experts: int = 32, seed: int = 0):
+def tiny_moe(tokenizer=None, *, architecture: str = "MixtralConfig", experts: int = 32, seed: int = 0, **config):
     """A tiny mixture-of-experts model of `architecture` (a transformers config class: MixtralConfig,
     Qwen2MoeConfig, Qwen3MoeConfig) whose tokens each take one of `experts` experts, so that a micro-batch of a
-    few hundred tokens routes none to some of them."""
+    few hundred tokens routes none to some of them; `config`: further settings of the config (mlp_only_layers)."""
     import torch
     import transformers
 
@@ -103,6 +103,7 @@ def tiny_moe(tokenizer=None, *, architecture: str = "MixtralConfig", experts: in
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **config,
     )
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(cfg)

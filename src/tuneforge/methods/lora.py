@@ -189,7 +189,10 @@ def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
     config.layers_to_transform = list(range(first, model.config.get_text_config().num_hidden_layers))
     if config.target_modules == "all-linear":
         resolved = all_linear_as_peft_resolves_it(config, model)
-        config.target_modules = set(decoder_linears(model))
+        # Only the linear layers PEFT keeps as modules: it would map a name of the fused expert weights (a dense
+        # layer's down_proj) to those weights in every layer, the layers below from_layer too.
+        kept, linears = resolved.target_modules, set(decoder_linears(model))
+        config.target_modules = linears if isinstance(kept, str) else linears & kept
         config.target_parameters = resolved.target_parameters
         config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
     if config.target_parameters:
