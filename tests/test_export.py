@@ -145,18 +145,31 @@ def test_an_adapter_on_one_of_the_tied_embeddings_merges_into_that_layer_alone(t
     assert _max_diff(adapted, probe_logits(merged, probe_ids(load_tokenizer(result.out)))) <= MERGE_BOUND
 
 
-def test_an_adapter_on_a_mixture_of_experts_models_fused_experts_merges(tmp_path):
+@pytest.mark.parametrize(
+    ("architecture", "dense"),
+    [("MixtralConfig", {}), ("Qwen3MoeConfig", {"mlp_only_layers": [0]})],
+    ids=["Mixtral", "Qwen3-MoE-dense-layer-0"],
+)
+def test_an_adapter_on_a_mixture_of_experts_models_fused_experts_merges(architecture, dense, triage_data, tmp_path):
     """PEFT adapts Mixtral's fused expert weights and router under all-linear as parameters, on modules with no
-    weight of their own (mlp.experts)."""
-    from peft import LoraConfig, get_peft_model
+    weight of their own (mlp.experts), and a dense layer's linear layers (Qwen3-MoE's mlp_only_layers) as
+    parameters too."""
+    from conftest import tiny_run_config
     from tiny import save_tiny_model, tiny_moe
     from transformers import AutoModelForCausalLM
 
-    base_dir = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    from tuneforge.config import load_config
+    from tuneforge.methods import prepare_model
+
+    base_dir = save_tiny_model(tmp_path / "model", build=tiny_moe, architecture=architecture, experts=4, **dense)
+    cfg = load_config(tiny_run_config(base_dir, triage_data, tmp_path / "run"))
+    cfg.lora.dropout = 0.0
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), cfg)
     assert model.peft_config["default"].target_parameters  # the experts' down_proj, gate_up_proj and the router
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: an adapter that changes nothing would merge trivially
+            torch.nn.init.normal_(p, std=0.1)
     model.save_pretrained(tmp_path / "adapter")
     load_tokenizer(str(base_dir)).save_pretrained(tmp_path / "adapter")
     source = resolve(str(tmp_path / "adapter"))
@@ -165,8 +178,12 @@ def test_an_adapter_on_a_mixture_of_experts_models_fused_experts_merges(tmp_path
     result = export(tmp_path / "adapter", "merged", None, tmp_path / "merged", progress=False)
     merged = AutoModelForCausalLM.from_pretrained(result.out)
     assert _max_diff(adapted, probe_logits(merged, probe_ids(load_tokenizer(result.out)))) <= MERGE_BOUND
-    before = AutoModelForCausalLM.from_pretrained(base_dir).model.layers[0].mlp.experts.down_proj
-    assert not torch.equal(merged.model.layers[0].mlp.experts.down_proj, before)
+    layer = 1 if dense else 0  # a sparse layer
+    before = AutoModelForCausalLM.from_pretrained(base_dir).model.layers[layer].mlp.experts.down_proj
+    assert not torch.equal(merged.model.layers[layer].mlp.experts.down_proj, before)
+    if dense:
+        before = AutoModelForCausalLM.from_pretrained(base_dir).model.layers[0].mlp.down_proj.weight
+        assert not torch.equal(merged.model.layers[0].mlp.down_proj.weight, before)
 
 
 def test_merged_export_writes_the_requested_dtype(adapter_dir, tmp_path):

@@ -829,6 +829,37 @@ def test_lora_target_modules_naming_fused_expert_weights_adapts_them_as_all_line
     assert upper == {name: shape for name, shape in listed.items() if ".layers.0." not in name}
 
 
+@pytest.mark.parametrize("from_layer", [0.0, 0.5])
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "down_proj"]])
+@pytest.mark.parametrize("dense", [[0], [1]])
+def test_lora_adapts_the_linear_layers_of_a_mixture_of_experts_models_dense_layers(
+    dense, targets, from_layer, tiny_model_dir, triage_data, tmp_path
+):
+    """Qwen3-MoE's dense layers (mlp_only_layers) hold their MLP in linear layers named as the fused expert weights
+    (gate_proj, up_proj, down_proj) that PEFT maps those names to: all-linear, or a list naming them, adapts them
+    too, in the layers from_layer keeps."""
+    from tiny import tiny_moe
+
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.from_layer = 0.0, targets, from_layer
+    base = tiny_moe(architecture="Qwen3MoeConfig", experts=4, mlp_only_layers=dense)
+    linears = {name for name, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name}
+    model = prepare_model(base, cfg)
+    trained = {
+        name.removeprefix("base_model.model.").split(".lora_")[0]
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    assert trained & linears == {
+        name
+        for name in linears
+        if int(name.split(".layers.")[1].split(".")[0]) >= from_layer * 2
+        and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)
+    }
+
+
 def test_lora_target_modules_naming_fused_expert_weights_peft_does_not_adapt_are_refused_saying_so(
     tiny_model_dir, triage_data, tmp_path
 ):
@@ -1232,16 +1263,19 @@ def test_lora_from_a_lora_run_trains_that_adapter_on(tiny_model_dir, triage_data
 
 
 @pytest.mark.parametrize("from_layer", [0.0, 0.5])
+@pytest.mark.parametrize("dense", [{}, {"mlp_only_layers": [1]}], ids=["sparse", "dense-layer-1"])
 def test_a_mixture_of_experts_adapter_trained_on_with_other_expert_weights_listed_is_refused(
-    from_layer, triage_data, tmp_path
+    from_layer, dense, triage_data, tmp_path
 ):
-    """A list naming fused expert weights hands them to PEFT as parameters (target_parameters), not modules: an
-    adapter on [q_proj, down_proj] is another shape than one on [q_proj]."""
+    """A list naming fused expert weights hands them to PEFT as parameters (target_parameters), not modules, and a
+    dense layer's linear layers of that name too (Qwen3-MoE's mlp_only_layers): an adapter on [q_proj, down_proj]
+    is another shape than one on [q_proj]."""
     from tiny import save_tiny_model, tiny_moe
 
     from tuneforge.methods import prepare_model
 
-    base = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
+    architecture = "Qwen3MoeConfig" if dense else "MixtralConfig"
+    base = save_tiny_model(tmp_path / "model", build=tiny_moe, architecture=architecture, experts=4, **dense)
     cfg = load_config(tiny_run_config(base, triage_data, tmp_path / "run"))
     cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.from_layer = 0.0, ["q_proj", "down_proj"], from_layer
     prepare_model(load_model(resolve(str(base))), cfg).save_pretrained(tmp_path / "adapter")

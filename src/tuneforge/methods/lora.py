@@ -180,6 +180,29 @@ def expert_weights_listed(config: PeftLoraConfig, model) -> None:
     )
 
 
+def dense_linears_listed(config: PeftLoraConfig, model, targets) -> None:
+    """Hand PEFT, as parameters (target_parameters), the weights of the linear layers that lora.target_modules
+    (`targets`: all-linear or a list) names but PEFT would adapt nowhere: on the mixture-of-experts models it maps
+    from transformers 4's layout it takes the experts' old names (gate_proj, up_proj, down_proj) out of
+    target_modules for the fused expert weights, the names of a dense layer's MLP too (Qwen3-MoE's mlp_only_layers).
+    It saves, loads and merges their adapters as other linear layers'."""
+    resolved = all_linear_as_peft_resolves_it(config, model)
+    if isinstance(resolved.target_modules, str):
+        return
+    taken = set(decoder_linears(model)) - resolved.target_modules
+    wanted = taken if targets == "all-linear" else [t for t in targets if t.rsplit(".", 1)[-1] in taken]
+    names = {module: name for name, module in model.named_modules()}
+    # On a model PEFT has wrapped (an adapter trained on), a layer's own Linear is its base_layer.
+    linears = (
+        names[m].replace(".base_layer", "")
+        for within, m in text_decoder(model).named_modules()
+        if isinstance(m, nn.Linear) and ".lora_" not in within
+    )
+    weights = {f"{name}.weight" for name in linears if any(name == w or name.endswith(f".{w}") for w in wanted)}
+    if weights:
+        config.target_parameters = sorted(set(config.target_parameters or ()) | weights)
+
+
 def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
     """Limit `config` to the text decoder's layers from `fraction` of its depth up (lora.from_layer). PEFT takes
     layers_to_transform with a list of module names alone, and applies it to modules alone, so all-linear is spelt
@@ -193,7 +216,9 @@ def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
         # layer's down_proj) to those weights in every layer, the layers below from_layer too.
         kept, linears = resolved.target_modules, set(decoder_linears(model))
         config.target_modules = linears if isinstance(kept, str) else linears & kept
-        config.target_parameters = resolved.target_parameters
+        # The dense layers' linear weights (`dense_linears_listed`) stay beside the ones all-linear adapts.
+        adapted = {*(config.target_parameters or ()), *(resolved.target_parameters or ())}
+        config.target_parameters = sorted(adapted) or None
         config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
     if config.target_parameters:
         config.target_parameters = sorted(
@@ -240,6 +265,7 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
     )
     if lc.target_modules != "all-linear":
         expert_weights_listed(config, model)
+    dense_linears_listed(config, model, lc.target_modules)
     if lc.from_layer:
         from_layer_up(config, model, lc.from_layer)
     return config
