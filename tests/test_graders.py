@@ -121,6 +121,11 @@ def test_text_similarity_refuses_metrics_it_does_not_compute():
         {"type": "text_similarity", "input": OUTPUT, "reference": "x", "evaluation_metric": "wer"},
         "`evaluation_metric` must be one of fuzzy_match, bleu",
     )
+    for metric in (["bleu"], {"bleu": 1}):  # not a name: refused as an unknown metric, not looked up as a key
+        refused(
+            {"type": "text_similarity", "input": OUTPUT, "reference": "x", "evaluation_metric": metric},
+            "`evaluation_metric` must be one of fuzzy_match, bleu",
+        )
 
 
 def test_json_fields_exact_partial_fenced_and_not_json():

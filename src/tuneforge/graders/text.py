@@ -189,7 +189,7 @@ class TextSimilarityGrader(_ComparesToReference):
     def __init__(self, spec: dict, name: str, label: str):
         super().__init__(spec, name, label)
         metric = spec.get("evaluation_metric")
-        if metric in REFUSED_METRICS:
+        if isinstance(metric, str) and metric in REFUSED_METRICS:  # a list or object is no name (nor a key)
             raise GraderError(
                 f"grader {label}: evaluation_metric {metric} is not supported here: {REFUSED_METRICS[metric]}. "
                 f"Use one of {', '.join(METRICS)}, or a python grader"
