@@ -437,6 +437,42 @@ def test_tool_requests_the_server_cannot_answer_as_asked_are_refused_saying_why(
     assert caught.value.param == param and "Value error" not in caught.value.body["message"]
 
 
+@pytest.fixture(scope="module")
+def qwen_client(tmp_path_factory):
+    """A client of a server of an untrained tiny Qwen 2.5 (served as `qwen`), whose chat template writes tools and
+    tool calls."""
+    folder = save_family_model(FAMILIES["qwen2.5"], tmp_path_factory.mktemp("qwen") / "qwen")
+    engine = Engine(AdapterPool(str(folder)))
+    with running_server(create_app(engine)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    engine.close()
+
+
+def test_tool_parameters_and_template_variables_nested_too_deeply_are_a_400_naming_them(qwen_client):
+    """A tool's parameters and chat_template_kwargs go to the chat template, which walks them by recursion: nested
+    more than 64 deep (their own object counted) they are refused naming them, not a 500; 64 deep they are served."""
+
+    def nested(depth: int) -> dict:
+        return {"type": "object", "examples": json.loads("[" * (depth - 1) + "]" * (depth - 1))}
+
+    def ask(depth: int) -> dict:  # both fields `depth` deep
+        return {
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": nested(depth)}}],
+            "extra_body": {"chat_template_kwargs": {"context": nested(depth - 1)}},
+        }
+
+    for options, param in (
+        ({"tools": ask(500)["tools"]}, "tools.0.function.parameters"),
+        ({"extra_body": ask(500)["extra_body"]}, "chat_template_kwargs"),
+        ({"tools": ask(65)["tools"]}, "tools.0.function.parameters"),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            qwen_client.chat.completions.create(model="qwen", messages=QUESTION, max_tokens=2, **options)
+        message = caught.value.body["message"]
+        assert caught.value.param == param and "nests arrays or objects" in message and "at most 64" in message, message
+    assert qwen_client.chat.completions.create(model="qwen", messages=QUESTION, max_tokens=2, **ask(64)).choices
+
+
 def test_tools_for_a_model_whose_template_writes_none_are_refused(client):
     # SmolLM2's ChatML template has no place for tools: the model would answer as if it had none.
     with pytest.raises(openai.BadRequestError) as caught:

@@ -32,7 +32,7 @@ from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, gra
 from ..graders.templates import Template
 from ..serve.bodies import MAX_SEED
 from ..tool_calls import ParsedReply, tool_call_parser
-from ..web import APIError, Metadata, RequestBody, failure_id
+from ..web import MAX_NESTING, APIError, Metadata, RequestBody, failure_id, nesting
 from ..web.errors import unreadable_json
 from ..web.shapes import not_unicode
 from .files import FileStorage
@@ -46,9 +46,6 @@ log = logging.getLogger("tuneforge.jobs")
 # OpenAI's defaults for a completions run's sampling params.
 DEFAULT_SAMPLING = {"max_completion_tokens": 128, "temperature": 1.0, "top_p": 1.0, "seed": 42}
 MAX_RUN_ITEMS = 10_000
-# Arrays and objects one inside another in an item or a tool, its own object counted: a run's data source holding
-# deeper ones cannot be stored (pydantic's serializer stops at about 250).
-MAX_DEPTH = 64
 PASS_SCORE = 1.0  # the score a criterion without a pass_threshold must reach for an answer to pass
 
 
@@ -267,34 +264,21 @@ def check_item_schema(schema: dict) -> None:
 
 
 def check_nesting(items: list[dict], item_param: str, sampling_tools: list[dict] | None) -> None:
-    """Every item, and each of the sampling params' tools, nested at most `MAX_DEPTH` deep (both are stored with
+    """Every item, and each of the sampling params' tools, nested at most `MAX_NESTING` deep (both are stored with
     the run): a 400 naming the first that is not."""
     named = [(f"{item_param}[{index}]", "item", item) for index, item in enumerate(items)]
     named += [
         (f"data_source.sampling_params.tools[{index}]", "tool", tool) for index, tool in enumerate(sampling_tools or [])
     ]
     for param, what, value in named:
-        if nesting(value) > MAX_DEPTH:
+        if nesting(value) > MAX_NESTING:
             raise APIError(
                 400,
-                f"{param}: the {what} nests arrays or objects more than {MAX_DEPTH} deep; a run takes items and tools "
-                f"nested at most {MAX_DEPTH} deep (the {what}'s own object counted).",
+                f"{param}: the {what} nests arrays or objects more than {MAX_NESTING} deep; a run takes items and "
+                f"tools nested at most {MAX_NESTING} deep (the {what}'s own object counted).",
                 param=param,
                 code="invalid_value",
             )
-
-
-def nesting(value: Any) -> int:
-    """How many arrays and objects `value` holds one inside another, walked without recursion (which a deep
-    value would run out of)."""
-    deepest, unseen = 0, [(value, 1)]
-    while unseen:
-        value, depth = unseen.pop()
-        inside = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
-        if inside is not None:
-            deepest = max(deepest, depth)
-            unseen.extend((child, depth + 1) for child in inside)
-    return deepest
 
 
 def check_items_match(schema: dict, items: list[dict], item_param: str) -> None:

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.schema import Image, Message
 from ..generate import MAX_TOP_LOGPROBS, Sampling
-from ..web import APIError, Metadata, RequestBody
+from ..web import APIError, Metadata, RequestBody, Shallow
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS = 1024  # chat's, unless the server says otherwise
@@ -72,7 +72,7 @@ class ToolCall(RequestBody):
 class FunctionDefinition(RequestBody):
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict | None = None
+    parameters: Annotated[dict | None, Shallow] = None  # written by the chat template
     strict: bool | None = None
 
 
@@ -342,7 +342,7 @@ class ChatCompletionBody(GenerationBody):
     # reply's decoding is constrained to JSON (`constrain.py`).
     response_format: dict | None = None
     # vLLM's: more variables for the chat template (Qwen 3's enable_thinking), which the SDK sends in extra_body.
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: Annotated[dict[str, Any] | None, Shallow] = None
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -13,7 +13,16 @@ from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
 from .limits import docs_urls, edge
 from .observe import CLIENT_LEFT, Observer, note
-from .shapes import MAX_FILENAME_CHARS, Metadata, RequestBody, list_body, metadata_filter
+from .shapes import (
+    MAX_FILENAME_CHARS,
+    MAX_NESTING,
+    Metadata,
+    RequestBody,
+    Shallow,
+    list_body,
+    metadata_filter,
+    nesting,
+)
 
 __all__ = [
     "CLIENT_LEFT",
@@ -21,16 +30,19 @@ __all__ = [
     "KEY_COOKIE",
     "LOCAL_OWNER",
     "MAX_FILENAME_CHARS",
+    "MAX_NESTING",
     "Metadata",
     "Observer",
     "Pages",
     "RequestBody",
+    "Shallow",
     "caller",
     "docs_urls",
     "edge",
     "failure_id",
     "list_body",
     "metadata_filter",
+    "nesting",
     "note",
     "owner_of",
     "scrub_paths",

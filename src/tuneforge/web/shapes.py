@@ -4,7 +4,8 @@ A request body (`RequestBody`) refuses an argument it does not know, naming it, 
 value of the wrong JSON type (`"max_tokens": "5"`, `"stream": "yes"`, `true` for a count), where
 pydantic's lax mode would convert it; and text that is not Unicode: JSON's `\\u` escapes can spell
 one half of a UTF-16 surrogate pair alone, which Python's JSON reader accepts but no tokenizer,
-database or UTF-8 response can hold.
+database or UTF-8 response can hold. A field a body takes as free-form JSON (a tool's parameters, a chat
+template's variables) is annotated `Shallow`: nested more than `MAX_NESTING` deep, it is refused naming it.
 
 `metadata` is string pairs on an object (a job, a stored completion), within OpenAI's limits: at
 most 16 pairs, keys of at most 64 characters, values of at most 512. Listings filter by it with
@@ -25,6 +26,10 @@ MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 MAX_FILENAME_CHARS = 255
 """The longest name an uploaded file may have (its name alone, without a folder)."""
+MAX_NESTING = 64
+"""The most arrays and objects one inside another (the value's own counted) that a JSON value a request gives in
+free form may hold (a tool's parameters, a chat template's variables, an eval's item): chat templates walk such
+values by recursion, and stores serialize them so (pydantic's serializer stops at about 250)."""
 
 
 def _within_limits(metadata: dict[str, str]) -> dict[str, str]:
@@ -43,6 +48,32 @@ def _within_limits(metadata: dict[str, str]) -> dict[str, str]:
 
 
 Metadata = Annotated[dict[str, str], AfterValidator(_within_limits)]
+
+
+def nesting(value: Any) -> int:
+    """How many arrays and objects `value` holds one inside another, its own counted, walked without recursion
+    (which a deep value would run out of)."""
+    deepest, unseen = 0, [(value, 1)]
+    while unseen:
+        value, depth = unseen.pop()
+        inside = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if inside is not None:
+            deepest = max(deepest, depth)
+            unseen.extend((child, depth + 1) for child in inside)
+    return deepest
+
+
+def _shallow(value: Any) -> Any:
+    if (depth := nesting(value)) > MAX_NESTING:
+        raise ValueError(
+            f"it nests arrays or objects {depth} deep; send at most {MAX_NESTING} (its own object counted)"
+        )
+    return value
+
+
+Shallow = AfterValidator(_shallow)
+"""Annotates a body's field of free-form JSON (`Annotated[dict | None, Shallow]`): nested more than `MAX_NESTING`
+deep, the request is a 400 naming the field."""
 
 
 class RequestBody(BaseModel):
