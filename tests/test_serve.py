@@ -473,6 +473,32 @@ def test_tool_parameters_and_template_variables_nested_too_deeply_are_a_400_nami
     assert qwen_client.chat.completions.create(model="qwen", messages=QUESTION, max_tokens=2, **ask(64)).choices
 
 
+def test_tool_call_arguments_the_chat_template_cannot_take_are_a_400_naming_them(qwen_client):
+    """A sent call's arguments (JSON text) go to the chat template as an object: text nested too deeply, with an
+    integer of too many digits or with text that is not Unicode is refused naming the arguments, not a 500;
+    arguments that are not JSON go to the template as the text they are."""
+
+    def history(arguments: str) -> list[dict]:
+        call = {**CALL, "function": {**CALL["function"], "arguments": arguments}}
+        answer = {"role": "tool", "tool_call_id": CALL["id"], "content": "18C"}
+        return [*WEATHER, {"role": "assistant", "content": None, "tool_calls": [call]}, answer]
+
+    for arguments, said in (
+        (json.dumps({"city": json.loads("[" * 900 + "]" * 900)}), "nests arrays or objects"),
+        (json.dumps({"city": json.loads("[" * 64 + "]" * 64)}), "at most 64"),
+        ('{"days": 1' + "0" * 5000 + "}", "digits"),
+        ('{"city": "\\ud800"}', "not Unicode"),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            qwen_client.chat.completions.create(model="qwen", messages=history(arguments), tools=TOOLS, max_tokens=2)
+        assert caught.value.param == "messages.1.tool_calls.0.function.arguments", caught.value.body
+        assert said in caught.value.body["message"], caught.value.body["message"]
+    for arguments in ('{"city": "Paris"}', "Paris"):
+        assert qwen_client.chat.completions.create(
+            model="qwen", messages=history(arguments), tools=TOOLS, max_tokens=2
+        ).choices
+
+
 def test_tools_for_a_model_whose_template_writes_none_are_refused(client):
     # SmolLM2's ChatML template has no place for tools: the model would answer as if it had none.
     with pytest.raises(openai.BadRequestError) as caught:

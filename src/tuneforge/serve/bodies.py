@@ -15,7 +15,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.schema import Image, Message
 from ..generate import MAX_TOP_LOGPROBS, Sampling
-from ..web import APIError, Metadata, RequestBody, Shallow
+from ..web import MAX_NESTING, APIError, Metadata, RequestBody, Shallow, nesting
+from ..web.errors import unreadable_json
+from ..web.shapes import not_unicode
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS = 1024  # chat's, unless the server says otherwise
@@ -61,6 +63,28 @@ class ImagePart(RequestBody):
 class FunctionCall(RequestBody):
     name: str
     arguments: str  # JSON text, as OpenAI's API sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _template_takes_them(cls, arguments: str) -> str:
+        # The chat template is given JSON arguments as the object they spell (`data.schema.Message.to_template`), and
+        # text that is not JSON as it is: the object must be one that Python reads, the template walks and the
+        # tokenizer encodes.
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+        except (RecursionError, ValueError) as err:
+            raise ValueError(f"the JSON text {unreadable_json(err)}; send arguments this server can read") from None
+        if (depth := nesting(parsed)) > MAX_NESTING:
+            raise ValueError(f"the JSON text nests arrays or objects {depth} deep; send at most {MAX_NESTING}")
+        if (found := not_unicode(parsed)) is not None:
+            path, position, character = found
+            raise ValueError(
+                f"the JSON text's {path or 'value'} is not Unicode text: character {position} ({character}) is one "
+                "half of a UTF-16 surrogate pair alone; a \\u escape of a character beyond U+FFFF needs both halves"
+            )
+        return arguments
 
 
 class ToolCall(RequestBody):
