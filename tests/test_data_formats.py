@@ -429,6 +429,9 @@ def test_legacy_functions_are_an_error_even_on_a_row_that_calls_none(tmp_path):
         ('{"city": "Paris"', "not JSON"),
         ('["Paris"]', "holds a list"),
         (None, "missing"),
+        # JSON that Python's reader gives up on is said, not a traceback.
+        ('{"days": 1' + "0" * 5000 + "}", "more than 4,300 digits"),
+        ('{"city": ' + "[" * 5000 + "]" * 5000 + "}", "too deeply"),
     ],
 )
 def test_tool_call_arguments_that_are_not_a_json_object_are_an_error(tmp_path, arguments, said):

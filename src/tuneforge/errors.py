@@ -8,6 +8,7 @@ Every error a user can cause is a `TuneforgeError`: the CLI prints its message o
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 
 EXIT_BAD_INPUT = 2
@@ -22,6 +23,17 @@ LAUNCHER_SHOWS_ERRORS = "TUNEFORGE_LAUNCHER_SHOWS_ERRORS"
 # What pydantic puts in an error's location for a member of a union rather than a key: `str`,
 # `list[str]`, `constrained-str`, `function-after[...]`, `literal['a']`.
 _TYPE_TAG = re.compile(r"str|int|float|bool|none|constrained-[a-z]+|[a-z-]+\[.*\]")
+
+
+def unreadable_json(cause: BaseException | None) -> str | None:
+    """What made Python's JSON reader give up on well-formed JSON (a request body's, an uploaded file line's, a tool
+    call's arguments), as the end of a sentence about it: nesting too deep for its recursion, or an integer of more
+    digits than it converts (None for another cause)."""
+    if isinstance(cause, RecursionError):
+        return "nests arrays or objects too deeply to be read"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"has an integer of more than {sys.get_int_max_str_digits():,} digits, more than Python reads"
+    return None
 
 
 def key_path(loc: Sequence) -> list[str]:

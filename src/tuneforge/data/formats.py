@@ -40,6 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import unreadable_json
 from .images import column_image, column_image_path, read_image
 from .readers import open_rows
 from .schema import ROLES, Conversation, Document, Image, Message, Preference, Problem, Record
@@ -927,6 +928,8 @@ class _RowCheck:
                 parsed = json.loads(arguments)
             except json.JSONDecodeError as e:
                 said = f"the text is not JSON ({e.msg} at character {e.pos + 1})"
+            except (RecursionError, ValueError) as e:  # well-formed JSON that Python's reader gives up on
+                said = f"the text {unreadable_json(e)}"
             else:
                 said = None if isinstance(parsed, dict) else f"the text holds {_json_type(parsed)}"
         elif not isinstance(arguments, dict):

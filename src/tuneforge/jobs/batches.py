@@ -26,9 +26,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.authentication import SimpleUser
 
+from ..errors import unreadable_json
 from ..serve import ChatCompletionBody, CompletionBody, ResponsesBody
 from ..web import APIError, Metadata, RequestBody, server_error
-from ..web.errors import unreadable_json, validation_error
+from ..web.errors import validation_error
 from .files import FileStorage
 from .service import Service
 from .store import Batch, BatchLine, StoredFile, now

@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 from ..data.formats import tool_definitions
-from ..errors import ConfigError, ModelSourceError, TuneforgeError
+from ..errors import ConfigError, ModelSourceError, TuneforgeError, unreadable_json
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
 from ..serve.bodies import MAX_SEED
 from ..tool_calls import ParsedReply, tool_call_parser
 from ..web import MAX_NESTING, APIError, Metadata, RequestBody, failure_id, nesting
-from ..web.errors import unreadable_json
 from ..web.shapes import not_unicode
 from .files import FileStorage
 from .store import Eval, EvalOutputItem, EvalRun, Store, new_id, now

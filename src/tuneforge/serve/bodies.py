@@ -14,9 +14,9 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from transformers import PreTrainedTokenizerBase
 
 from ..data.schema import Image, Message
+from ..errors import unreadable_json
 from ..generate import MAX_TOP_LOGPROBS, Sampling
 from ..web import MAX_NESTING, APIError, Metadata, RequestBody, Shallow, nesting
-from ..web.errors import unreadable_json
 from ..web.shapes import not_unicode
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import sys
 from http import HTTPMethod
 
 from fastapi import FastAPI, Request
@@ -22,7 +21,7 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.staticfiles import StaticFiles
 
 from ..database import UnknownCursor
-from ..errors import complaint, key_path
+from ..errors import complaint, key_path, unreadable_json
 from .shapes import MAX_FILENAME_CHARS
 
 log = logging.getLogger("tuneforge.web")
@@ -205,17 +204,6 @@ def unreadable_body(cause: BaseException | None) -> APIError | None:
         else "send numbers with fewer digits"
     )
     return APIError(400, f"The request body {what}; {advice}.", code="invalid_value")
-
-
-def unreadable_json(cause: BaseException | None) -> str | None:
-    """What made Python's JSON reader give up on well-formed JSON (a request body's, an uploaded file line's), as
-    the end of a sentence about it: nesting too deep for its recursion, or an integer of more digits than it
-    converts (None for another cause)."""
-    if isinstance(cause, RecursionError):
-        return "nests arrays or objects too deeply to be read"
-    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
-        return f"has an integer of more than {sys.get_int_max_str_digits():,} digits, more than this server reads"
-    return None
 
 
 def unreadable_form(err: MultiPartException) -> APIError:
