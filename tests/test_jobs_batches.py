@@ -94,6 +94,7 @@ def test_a_bad_input_file_fails_the_batch_naming_each_line(tmp_path, tiny_model_
             request("d", "no-such-model"),
             "[" * 100_000 + "]" * 100_000,  # JSON that Python's reader gives up on: nested too deeply
             "9" * 5000,  # an integer of more digits than it converts
+            json.dumps(request("\ud800", model)),  # half of a UTF-16 surrogate pair alone, which no output file holds
         ]
         batch = client.batches.create(
             input_file_id=upload_requests(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
@@ -109,9 +110,11 @@ def test_a_bad_input_file_fails_the_batch_naming_each_line(tmp_path, tiny_model_
             (6, "model_not_found", "body.model"),
             (7, "invalid_json_line", None),
             (8, "invalid_json_line", None),
+            (9, "invalid_value", "custom_id"),
         ]
         assert "line 7: it nests arrays or objects too deeply" in batch.errors.data[5].message
         assert "line 8: it has an integer of more than" in batch.errors.data[6].message
+        assert "line 9: custom_id is not Unicode text" in batch.errors.data[7].message
         assert "line 4" in batch.errors.data[2].message and "line 1" in batch.errors.data[2].message
         with pytest.raises(openai.ConflictError, match="failed"):
             client.batches.cancel(batch.id)

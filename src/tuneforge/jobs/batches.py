@@ -30,6 +30,7 @@ from ..errors import unreadable_json
 from ..serve import ChatCompletionBody, CompletionBody, ResponsesBody
 from ..web import APIError, Metadata, RequestBody, server_error
 from ..web.errors import validation_error
+from ..web.shapes import not_unicode
 from .files import FileStorage
 from .service import Service
 from .store import Batch, BatchLine, StoredFile, now
@@ -152,6 +153,14 @@ def read_requests(service: Service, batch: Batch) -> list[Request]:
         custom_id = request.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             problem(number, "missing_required_parameter", "custom_id must be a non-empty string.", "custom_id")
+        elif (found := not_unicode(custom_id)) is not None:  # the output and error files, UTF-8, echo it
+            problem(
+                number,
+                "invalid_value",
+                f"custom_id is not Unicode text: character {found[1]} ({found[2]}) is one half of a UTF-16 "
+                "surrogate pair alone; a \\u escape of a character beyond U+FFFF needs both halves.",
+                "custom_id",
+            )
         elif custom_id in first_line:
             problem(
                 number,
