@@ -594,6 +594,25 @@ def test_tuneforge_chat_template_takes_jinja_text_alone_never_a_server_file(tmp_
     assert config.model.chat_template == BRACKETS_TEMPLATE
 
 
+@pytest.mark.parametrize(
+    "template, line", [("{% for m in messages %}{{ m.content }}", 1), ("{{ bos_token }}\n{% for %}", 2)]
+)
+def test_a_tuneforge_chat_template_that_does_not_compile_is_refused_when_the_job_is_created(template, line):
+    """Jinja's syntax is checked as transformers compiles a template, so the job is not queued to fail."""
+    from pydantic import ValidationError
+
+    from tuneforge.jobs.mapping import CreateJobBody
+
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"tuneforge_chat_template": template}}}
+    with pytest.raises(ValidationError) as caught:
+        CreateJobBody(model="m", training_file="file-1", method=method)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("method", "dpo", "hyperparameters", "tuneforge_chat_template")
+    assert f"does not compile at its line {line}" in error["msg"], error["msg"]
+    generation = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+    assert CreateJobBody(model="m", training_file="file-1", hyperparameters={"tuneforge_chat_template": generation})
+
+
 @pytest.mark.parametrize("kind", ["supervised", "dpo"])
 def test_a_tuneforge_chat_template_training_refuses_is_named_by_the_jobs_field(tmp_path, tiny_model_dir, kind):
     from tuneforge.errors import ConfigError

@@ -89,6 +89,17 @@ class Hyperparameters(RequestBody):
                 "give the chat template's Jinja text itself (with its {% ... %} and {{ ... }}); a file or a "
                 "template's name is not taken from a job"
             )
+        if value is not None:
+            from jinja2.exceptions import TemplateSyntaxError
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            try:  # as transformers compiles it for training: its environment takes {% generation %} blocks
+                _compile_jinja_template(value)
+            except TemplateSyntaxError as err:
+                raise ValueError(
+                    f"the chat template does not compile at its line {err.lineno}: {err.message}. Fix the template "
+                    "there"
+                ) from None
         return value
 
 
