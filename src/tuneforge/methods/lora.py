@@ -216,9 +216,8 @@ def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
         # layer's down_proj) to those weights in every layer, the layers below from_layer too.
         kept, linears = resolved.target_modules, set(decoder_linears(model))
         config.target_modules = linears if isinstance(kept, str) else linears & kept
-        # The dense layers' linear weights (`dense_linears_listed`) stay beside the ones all-linear adapts.
-        adapted = {*(config.target_parameters or ()), *(resolved.target_parameters or ())}
-        config.target_parameters = sorted(adapted) or None
+        # PEFT's resolution keeps the parameters already listed (a dense layer's, `dense_linears_listed`).
+        config.target_parameters = resolved.target_parameters
         config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
     if config.target_parameters:
         config.target_parameters = sorted(
