@@ -595,9 +595,14 @@ def test_tuneforge_chat_template_takes_jinja_text_alone_never_a_server_file(tmp_
 
 
 @pytest.mark.parametrize(
-    "template, line", [("{% for m in messages %}{{ m.content }}", 1), ("{{ bos_token }}\n{% for %}", 2)]
+    "template, said",
+    [
+        ("{% for m in messages %}{{ m.content }}", "does not compile at its line 1"),
+        ("{{ bos_token }}\n{% for %}", "does not compile at its line 2"),
+        ("{{ " + "[" * 300 + "]" * 300 + " }}", "does not compile: it nests more deeply than Jinja's compiler reads"),
+    ],
 )
-def test_a_tuneforge_chat_template_that_does_not_compile_is_refused_when_the_job_is_created(template, line):
+def test_a_tuneforge_chat_template_that_does_not_compile_is_refused_when_the_job_is_created(template, said):
     """Jinja's syntax is checked as transformers compiles a template, so the job is not queued to fail."""
     from pydantic import ValidationError
 
@@ -608,7 +613,7 @@ def test_a_tuneforge_chat_template_that_does_not_compile_is_refused_when_the_job
         CreateJobBody(model="m", training_file="file-1", method=method)
     [error] = caught.value.errors()
     assert error["loc"] == ("method", "dpo", "hyperparameters", "tuneforge_chat_template")
-    assert f"does not compile at its line {line}" in error["msg"], error["msg"]
+    assert said in error["msg"], error["msg"]
     generation = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
     assert CreateJobBody(model="m", training_file="file-1", hyperparameters={"tuneforge_chat_template": generation})
 

@@ -100,6 +100,11 @@ class Hyperparameters(RequestBody):
                     f"the chat template does not compile at its line {err.lineno}: {err.message}. Fix the template "
                     "there"
                 ) from None
+            except RecursionError:  # Jinja's parser and code generator recurse per nested block or bracket
+                raise ValueError(
+                    "the chat template does not compile: it nests more deeply than Jinja's compiler reads. Nest its "
+                    "blocks and brackets less deeply"
+                ) from None
         return value
 
 
