@@ -117,6 +117,10 @@ BAD = {
         "{% for m in messages %}\n{{ m.content }\n{% endfor %}",
         r"does not compile at its line 2 on a plain conversation",
     ),
+    "nested too deeply": (
+        "{% for m in messages %}{{ m.content }}{% endfor %}" + "{% if x %}" * 300 + "{% endif %}" * 300,
+        r"fails on a plain conversation .*RecursionError",
+    ),
     "raises": (
         "{% for m in messages %}\n{{ m.content }}\n{{ raise_exception('no system turn') }}{% endfor %}",
         r"fails at its line 3 .*no system turn",

@@ -973,7 +973,8 @@ def check_template(tokenizer, where: str) -> None:
         try:
             prompt, without = render(probe[:first_reply], True), render(probe[:first_reply], False)
             replied = render(probe[: first_reply + 1], False)
-        except (*_TEMPLATE_FAILURES, AttributeError, KeyError, IndexError) as err:
+        # RecursionError: Jinja compiles and renders nested blocks, brackets and macros by recursion.
+        except (*_TEMPLATE_FAILURES, AttributeError, KeyError, IndexError, RecursionError) as err:
             failure = failure or err
             continue
         break

@@ -212,7 +212,8 @@ def text_as_parts(tokenizer) -> str:
         as_part = tokenizer.apply_chat_template(
             [{"role": "user", "content": [{"type": "text", "text": probe}]}], tokenize=False
         )
-    except (TemplateError, TypeError, ValueError):  # a template that refuses the probe is refused where it renders
+    # A template that refuses the probe, or nests too deeply for Jinja, is refused where it renders.
+    except (TemplateError, TypeError, ValueError, RecursionError):
         return template
     if probe in as_string or probe not in as_part:
         return template
