@@ -123,6 +123,15 @@ def read_requests(service: Service, batch: Batch) -> list[Request]:
         where = f"{batch.input_file_id} line {line}: " if line else f"{batch.input_file_id}: "
         errors.append({"code": code, "message": where + message, "param": param, "line": line})
 
+    def not_text(line: int, param: str, found: tuple[str, int, str]) -> None:
+        problem(
+            line,
+            "invalid_value",
+            f"{param} is not Unicode text: character {found[1]} ({found[2]}) is one half of a UTF-16 surrogate pair "
+            "alone; a \\u escape of a character beyond U+FFFF needs both halves.",
+            param,
+        )
+
     row = service.store.get_file(batch.owner, batch.input_file_id)
     if row is None:
         raise InvalidInput(
@@ -154,13 +163,7 @@ def read_requests(service: Service, batch: Batch) -> list[Request]:
         if not isinstance(custom_id, str) or not custom_id:
             problem(number, "missing_required_parameter", "custom_id must be a non-empty string.", "custom_id")
         elif (found := not_unicode(custom_id)) is not None:  # the output and error files, UTF-8, echo it
-            problem(
-                number,
-                "invalid_value",
-                f"custom_id is not Unicode text: character {found[1]} ({found[2]}) is one half of a UTF-16 "
-                "surrogate pair alone; a \\u escape of a character beyond U+FFFF needs both halves.",
-                "custom_id",
-            )
+            not_text(number, "custom_id", found)
         elif custom_id in first_line:
             problem(
                 number,
@@ -184,7 +187,9 @@ def read_requests(service: Service, batch: Batch) -> list[Request]:
         body = request.get("body")
         if not isinstance(body, dict):
             problem(number, "invalid_request", "body must be the request's parameters, a JSON object.", "body")
-        elif isinstance(model := body.get("model"), str) and not batch.in_progress_at:
+        elif isinstance(model := body.get("model"), str) and (found := not_unicode(model)) is not None:
+            not_text(number, "body.model", found)  # the batch's errors, UTF-8, echo it
+        elif isinstance(model, str) and not batch.in_progress_at:
             # A batch taken up again after a restart was checked when it started: a model gone since fails the
             # lines still to answer (the live route's 404), not the lines already answered with the batch.
             if model not in models:
