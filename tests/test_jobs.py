@@ -575,47 +575,45 @@ BRACKETS_TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("given", ["chatml", "/etc/hostname", "templates/turns.jinja"])
-def test_tuneforge_chat_template_takes_jinja_text_alone_never_a_server_file(tmp_path, given):
-    from pydantic import ValidationError
-
-    from tuneforge.jobs.mapping import CreateJobBody, training_config
-
-    method = {"type": "supervised", "supervised": {"hyperparameters": {"tuneforge_chat_template": given}}}
-    with pytest.raises(ValidationError) as caught:
-        CreateJobBody(model="m", training_file="file-1", method=method)
-    [error] = caught.value.errors()
-    assert error["loc"] == ("method", "supervised", "hyperparameters", "tuneforge_chat_template")
-    assert "Jinja text itself" in error["msg"]
-    body = CreateJobBody(
-        model="m", training_file="file-1", hyperparameters={"tuneforge_chat_template": BRACKETS_TEMPLATE}
-    )
-    config = training_config("m", body.method_dict(), 3, tmp_path / "t.jsonl", None, tmp_path / "run")
-    assert config.model.chat_template == BRACKETS_TEMPLATE
-
-
+@pytest.mark.parametrize("kind", ["supervised", "dpo"])
 @pytest.mark.parametrize(
     "template, said",
     [
+        ("chatml", "Jinja text itself"),
+        ("/etc/hostname", "Jinja text itself"),
+        ("templates/turns.jinja", "Jinja text itself"),
         ("{% for m in messages %}{{ m.content }}", "does not compile at its line 1"),
         ("{{ bos_token }}\n{% for %}", "does not compile at its line 2"),
         ("{{ " + "[" * 300 + "]" * 300 + " }}", "does not compile: it nests more deeply than Jinja's compiler reads"),
     ],
 )
-def test_a_tuneforge_chat_template_that_does_not_compile_is_refused_when_the_job_is_created(template, said):
-    """Jinja's syntax is checked as transformers compiles a template, so the job is not queued to fail."""
+def test_a_tuneforge_chat_template_is_refused_when_the_job_is_created_unless_it_is_jinja_text_that_compiles(
+    kind, template, said
+):
+    """Never a name or a server file; Jinja's syntax is checked as transformers compiles a template, so the job is
+    not queued to fail."""
     from pydantic import ValidationError
 
     from tuneforge.jobs.mapping import CreateJobBody
 
-    method = {"type": "dpo", "dpo": {"hyperparameters": {"tuneforge_chat_template": template}}}
+    method = {"type": kind, kind: {"hyperparameters": {"tuneforge_chat_template": template}}}
     with pytest.raises(ValidationError) as caught:
         CreateJobBody(model="m", training_file="file-1", method=method)
     [error] = caught.value.errors()
-    assert error["loc"] == ("method", "dpo", "hyperparameters", "tuneforge_chat_template")
+    assert error["loc"] == ("method", kind, "hyperparameters", "tuneforge_chat_template")
     assert said in error["msg"], error["msg"]
-    generation = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
-    assert CreateJobBody(model="m", training_file="file-1", hyperparameters={"tuneforge_chat_template": generation})
+
+
+@pytest.mark.parametrize(
+    "template",
+    [BRACKETS_TEMPLATE, "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"],
+)
+def test_a_tuneforge_chat_template_is_the_runs_chat_template(tmp_path, template):
+    from tuneforge.jobs.mapping import CreateJobBody, training_config
+
+    body = CreateJobBody(model="m", training_file="file-1", hyperparameters={"tuneforge_chat_template": template})
+    config = training_config("m", body.method_dict(), 3, tmp_path / "t.jsonl", None, tmp_path / "run")
+    assert config.model.chat_template == template
 
 
 @pytest.mark.parametrize("kind", ["supervised", "dpo"])
