@@ -565,10 +565,11 @@ def qwen_vl_model(tmp_path_factory) -> Path:
     return save_qwen2_5_vl_model(tmp_path_factory.mktemp("qwen-vl") / "model")
 
 
-def qwen_vl_red_and_blue(qwen_vl_model, tmp_path):
-    """The tokenizer, its image side and the prepared data of two Qwen2.5-VL rows whose images differ in size."""
-    tokenizer = load_tokenizer(str(qwen_vl_model))
-    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 32))]
+def red_and_blue(model: Path, tmp_path, blue_size=(40, 32)):
+    """The tokenizer, its image side and the prepared data of two rows of `model` whose images differ in size (red
+    20x16, blue `blue_size`)."""
+    tokenizer = load_tokenizer(str(model))
+    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", blue_size)]
     data = prepare(
         DataConfig(train=str(write_jsonl(tmp_path / "rows.jsonl", rows)), validation=0.0),
         tokenizer,
@@ -582,7 +583,7 @@ def test_qwen_vl_rows_get_as_many_image_tokens_as_the_processor_gives_each_image
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    tokenizer, images, data = qwen_vl_red_and_blue(qwen_vl_model, tmp_path)
+    tokenizer, images, data = red_and_blue(qwen_vl_model, tmp_path)
     # The processor's expansion (Qwen2VLProcessor.replace_image_token): one <|image_pad|> per merged patch.
     processor = AutoImageProcessor.from_pretrained(qwen_vl_model)
     by_answer = {"red": (RED, (20, 16)), "blue": (BLUE, (40, 32))}
@@ -604,7 +605,7 @@ def test_qwen_vl_rows_get_as_many_image_tokens_as_the_processor_gives_each_image
 
 
 def test_qwen_vl_batches_place_image_tokens_by_the_models_3d_positions(qwen_vl_model, tmp_path):
-    tokenizer, images, data = qwen_vl_red_and_blue(qwen_vl_model, tmp_path)
+    tokenizer, images, data = red_and_blue(qwen_vl_model, tmp_path)
     batch = collate(data.train, tokenizer.pad_token_id, images=images)
     assert "position_ids" not in batch and batch["image_grid_thw"].tolist() in (
         [[1, 4, 4], [1, 6, 8]],
@@ -1433,15 +1434,7 @@ def test_smolvlm_rows_hold_the_image_tokens_its_processor_expands_and_train_on_t
     from PIL import Image
 
     folder = request.getfixturevalue(family)
-    tokenizer = load_tokenizer(str(folder))
-    images = image_inputs(tokenizer)
-    rows = [image_row(RED, "It is red."), image_row(BLUE, "It is blue.", (40, 16))]
-    data = prepare(
-        DataConfig(train=str(write_jsonl(tmp_path / "rows.jsonl", rows)), validation=0.0),
-        tokenizer,
-        use_cache=False,
-        log=lambda *_: None,
-    )
+    tokenizer, images, data = red_and_blue(folder, tmp_path, blue_size=(40, 16))
     by_answer = {"red": (RED, (20, 16)), "blue": (BLUE, (40, 16))}
     counts = []
     for example in data.train:
