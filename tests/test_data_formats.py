@@ -11,6 +11,7 @@ from data.rows import BAD_INPUTS, GOOD_ROW, chat, write_bad_input, write_jsonl
 
 from tuneforge.data import Conversation, Document, Preference, Problem, read_conversations
 from tuneforge.data.formats import check_row, detect_format, record_row
+from tuneforge.lone_surrogates import LoneSurrogate, lone_surrogate
 
 
 def read(path, format="auto"):
@@ -608,6 +609,28 @@ def test_a_lone_surrogate_is_a_row_problem_in_a_json_array_too(tmp_path):
     items = read(path)
     assert [(p.code, p.field) for p in errors(items)] == [("invalid_unicode", "messages[1].content")]
     assert [m.content for r in records(items) for m in r.messages][-1] == "\U0001f600"  # a whole pair is fine
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"messages": [{"role": "user", "content": "Hi", "\udc00": 1}]}, "messages[0]"),  # in a key: its object
+        ({"messages": [{"role": "user", "content": ["Hi", {"text": "\ud800"}]}]}, "messages[0].content[1].text"),
+        ({"\ud800": "Hi", "messages": []}, None),  # a key of the row itself
+    ],
+)
+def test_a_lone_surrogate_names_the_field_it_is_in(tmp_path, row, field):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    assert [(p.code, p.field) for p in errors(read(path))] == [("invalid_unicode", field)]
+
+
+def test_the_lone_surrogate_walk_gives_the_keys_down_to_it_whether_it_is_a_key_and_where_in_the_text():
+    assert lone_surrogate({"a": [1, "fine \U0001f600", {"b": "x \ud83d"}]}) == LoneSurrogate(
+        ("a", 2, "b"), False, 2, "\ud83d"
+    )
+    assert lone_surrogate([{"ok": 1, "k\udc00": 2}]) == LoneSurrogate((0, "k\udc00"), True, 1, "\udc00")
+    assert lone_surrogate({"a": ["\U0001f600", None, 3.5]}) is None
 
 
 def test_csv_row_with_invalid_utf8(tmp_path):

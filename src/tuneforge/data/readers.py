@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from ..lone_surrogates import lone_surrogate
 from .schema import Problem
 
 MAX_ROW_BYTES = 2 * 1024 * 1024
@@ -38,7 +39,6 @@ _WIDE_BOMS = (
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _LONE_SURROGATE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under surrogateescape
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of half a UTF-16 pair
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (*JSON_LINES_SUFFIXES, ".json")
@@ -350,8 +350,8 @@ def _without_lone_surrogates(path: str, line: int | None, text: str, value: Any)
     two): valid JSON, but text that no tokenizer can encode."""
     if not _SURROGATE_ESCAPE.search(text):  # a pair decodes to one character: only a lone half is left
         return value
-    field = _surrogate_at(value)
-    if field is None:
+    found = lone_surrogate(value)
+    if found is None:
         return value
     return Problem(
         "invalid_unicode",
@@ -359,27 +359,13 @@ def _without_lone_surrogates(path: str, line: int | None, text: str, value: Any)
         "emoji or other character cut in two), which cannot be encoded as text. Fix or remove it.",
         file=path,
         line=line,
-        field=field or None,
+        field=_field(found.keys[:-1] if found.in_key else found.keys) or None,
     )
 
 
-def _surrogate_at(value: Any, at: str = "") -> str | None:
-    """Where in a decoded JSON value a lone surrogate is ("messages[1].content"); None if nowhere."""
-    if isinstance(value, str):
-        return at if _SURROGATE.search(value) else None
-    if isinstance(value, dict):
-        items = ((f"{at}.{k}" if at else str(k), v) for k, v in value.items())
-    elif isinstance(value, list):
-        items = ((f"{at}[{i}]", v) for i, v in enumerate(value))
-    else:
-        return None
-    for where, item in items:
-        if _SURROGATE.search(where):  # in a key
-            return at
-        found = _surrogate_at(item, where)
-        if found is not None:
-            return found
-    return None
+def _field(keys: tuple[str | int, ...]) -> str:
+    """A row's field as data problems name it: `messages[1].content`."""
+    return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" if i else key for i, key in enumerate(keys))
 
 
 def _not_utf8(path: str, line: int | None, byte: int, column: int | None = None) -> Problem:

@@ -21,6 +21,8 @@ from fastapi import Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..lone_surrogates import lone_surrogate
+
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
@@ -102,27 +104,11 @@ def not_unicode(value: Any) -> tuple[str, int, str] | None:
     """The first text in parsed JSON that is not Unicode (one half of a UTF-16 surrogate pair alone, which JSON's
     `\\u` escapes can spell): where it is (`messages.0.content`, a key that is not Unicode escaped in it), the
     position of the character in the text and the character as an escape; None where all text is Unicode."""
-    for path, text in _strings(value):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            return path.encode("utf-8", "backslashreplace").decode(), err.start, ascii(text[err.start])
-    return None
-
-
-def _strings(value: Any, path: str = ""):
-    """Every string in parsed JSON (object keys too), with where it is: `messages.0.content`."""
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            inner = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str):
-                yield inner, key
-            yield from _strings(item, inner)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _strings(item, f"{path}.{i}" if path else str(i))
+    found = lone_surrogate(value)
+    if found is None:
+        return None
+    path = ".".join(str(key) for key in found.keys)
+    return path.encode("utf-8", "backslashreplace").decode(), found.position, ascii(found.character)
 
 
 def metadata_filter(request: Request) -> dict[str, str]:
