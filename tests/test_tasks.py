@@ -294,7 +294,7 @@ def test_score_on_hand_made_answers():
         "product": 6 / 8,
         "exact": 3 / 8,  # the extra key does not spoil the three fields; it does spoil valid_labels
     }
-    assert METRICS["support_triage"](predictions, [REF] * 8) == result
+    assert METRICS["support_triage"].score(predictions, [REF] * 8) == result
 
 
 def test_score_perfect_and_empty_answers():
@@ -358,8 +358,11 @@ def test_metrics_registry():
     assert set(METRICS) == {"exact", "contains", "json_fields", "support_triage"}
     for name, metric in METRICS.items():
         reference = REF
-        result = metric([reference], [reference])
+        result = metric.score([reference], [reference])
         assert result["n"] == 1, name
+        # The share that says an answer is right is in the metric's result, and the table's caption names it.
+        assert result[metric.headline] == 1 and metric.said.startswith(f"{metric.headline}: "), name
+        assert metric.reference_fault(reference) is None, name
 
 
 # --- general sets ------------------------------------------------------------------------------

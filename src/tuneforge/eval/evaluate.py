@@ -72,9 +72,6 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16  # unpacked rows per forward, where the loss cannot run on packed rows
 EVAL_ROW_TOKENS = 2048
 
-# The score that says whether one answer is right, per metric (the per-sample `correct`).
-HEADLINE = {"exact": "exact", "contains": "contains", "json_fields": "exact", "support_triage": "exact"}
-
 
 @dataclass(frozen=True)
 class EvalExample:
@@ -501,8 +498,8 @@ def evaluate_loaded(
     # A reasoning model's reply is scored on its answer, what follows its reasoning (OpenAI's output_text).
     predictions = [split_reasoning(a.text)[1] for a in answers]
     references = [e.answer for e in examples]
-    score = METRICS[metric] if metric else None
-    headline = HEADLINE.get(metric)
+    score = METRICS[metric].score if metric else None
+    headline = METRICS[metric].headline if metric else None
     grades = None
     if grader is not None:
         with naming_rows(examples):

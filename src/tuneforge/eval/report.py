@@ -23,19 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fsio import atomic_dir, atomic_file, write_json
+from ..tasks.metrics import METRICS
 from ..wording import counted
 from .evaluate import side_by_side
 
 ROLLOUT_STEPS_SHOWN = 3
 EXAMPLES_SHOWN = 12
-# What the headline score of each --metric counts, for the table's caption.
-_EXACT_SAID = "exact: the whole answer right (every field, for JSON answers)"
-METRIC_SAID = {
-    "exact": _EXACT_SAID,
-    "contains": "contains: the answer holds the reference as whole words, case and punctuation aside",
-    "json_fields": _EXACT_SAID,
-    "support_triage": _EXACT_SAID,
-}
 
 
 @dataclass
@@ -227,7 +220,7 @@ def metrics_table(results: dict[str, dict]) -> Table:
         return Table(f"loss on {counted(first['n'], 'document')} of {Path(first['data']).name}", columns, rows, caption)
     caption = (
         f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
-        f"{METRIC_SAID[first['metric']]}"
+        f"{METRICS[first['metric']].said}"
         if first["metric"]
         else f"no loss, perplexity or metric: {first.get('left_out', 'no reference answers')}"
     )

@@ -2,8 +2,9 @@
 
 Every metric is `score(predictions, references) -> dict`: two lists of the same length, one
 reference per prediction; the dict holds `n` and shares in [0, 1]. `METRICS` maps the names that
-`eval.task` accepts to these functions; `reference_fault(metric, reference)` says why a metric
-cannot score against a reference answer (one that is no JSON object, for `json_fields`);
+`eval.task` accepts to a `Metric`: the function, the share that says an answer is right and what it counts;
+`reference_fault(metric, reference)` says why a metric cannot score against a reference answer (one
+that is no JSON object, for `json_fields`);
 `split_reasoning(text)` parts a reasoning model's reply into its reasoning and the answer scored.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 _JSON = json.JSONDecoder()
 
@@ -149,14 +151,6 @@ def _support_triage(predictions: Sequence[str], references: Sequence[str]) -> di
     return score(predictions, references)
 
 
-METRICS: dict[str, Callable[[Sequence, Sequence], dict]] = {
-    "exact": exact,
-    "contains": contains,
-    "json_fields": json_fields,
-    "support_triage": _support_triage,
-}
-
-
 def _contains_fault(reference: str) -> str | None:
     return None if normalize_text(reference) else "holds no letter or digit, so no answer can contain it"
 
@@ -171,15 +165,36 @@ def _support_triage_fault(reference: str) -> str | None:
     return triage_fault(reference)
 
 
-# What each metric needs of a reference answer; `exact` takes any.
-_REFERENCE_FAULTS: dict[str, Callable[[str], str | None]] = {
-    "contains": _contains_fault,
-    "json_fields": _json_fields_fault,
-    "support_triage": _support_triage_fault,
+def _any_reference(reference: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric `eval.task` names: `score(predictions, references) -> dict`; `headline`, the key of that dict that
+    says whether one answer is right (a sample's `correct`), and `said`, what it counts (the eval table's caption);
+    `reference_fault(reference)`, why it cannot score answers against a reference, or None when it can."""
+
+    score: Callable[[Sequence, Sequence], dict]
+    headline: str
+    said: str
+    reference_fault: Callable[[str], str | None] = _any_reference
+
+
+_EXACT_SAID = "exact: the whole answer right (every field, for JSON answers)"
+METRICS: dict[str, Metric] = {
+    "exact": Metric(exact, "exact", _EXACT_SAID),
+    "contains": Metric(
+        contains,
+        "contains",
+        "contains: the answer holds the reference as whole words, case and punctuation aside",
+        _contains_fault,
+    ),
+    "json_fields": Metric(json_fields, "exact", _EXACT_SAID, _json_fields_fault),
+    "support_triage": Metric(_support_triage, "exact", _EXACT_SAID, _support_triage_fault),
 }
 
 
 def reference_fault(metric: str, reference: str) -> str | None:
     """Why `metric` cannot score answers against `reference` ("is not a JSON object"), or None when it can."""
-    fault = _REFERENCE_FAULTS.get(metric)
-    return fault(reference) if fault else None
+    return METRICS[metric].reference_fault(reference)
