@@ -332,6 +332,22 @@ def test_a_4_bit_gguf_of_untied_embeddings_keeps_the_output_layer_at_q8_0_and_qu
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf" or p.name.startswith(".")) == ["q5_1.gguf"]
 
 
+def test_requantizing_shows_its_progress_and_a_copy_for_reading_shows_none(tmp_path, capfd):
+    from families import FAMILIES, save_family_model
+    from gguf import GGUFReader
+    from rich.console import Console
+
+    model = save_family_model(FAMILIES["llama3"], tmp_path / "llama3")
+    f16 = export(model, "gguf", "f16", tmp_path / "f16", progress=False).files[0]
+    capfd.readouterr()
+    llama_cpp.requantize(f16, tmp_path / "q4_0.gguf", "q4_0", Console())
+    assert "Quantizing q4_0.gguf to q4_0, tensors" in capfd.readouterr().err
+    reader = GGUFReader(f16)
+    llama_cpp._rewrite(reader, tmp_path / "copy.gguf", "llama", [t.tensor_type for t in reader.tensors], {})
+    assert capfd.readouterr().err == ""
+    assert [t.name for t in GGUFReader(tmp_path / "copy.gguf").tensors] == [t.name for t in reader.tensors]
+
+
 def test_a_gguf_names_the_end_of_turn_token_where_it_is_not_eos(tmp_path):
     """Gemma ends a reply with <end_of_turn>, its EOS is <eos>: llama.cpp stops a turn at the GGUF's EOT."""
     from families import FAMILIES, save_family_model

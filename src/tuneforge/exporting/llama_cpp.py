@@ -467,14 +467,15 @@ def requantize(source: Path, out: Path, dtype: str, console: Console) -> None:
     file_type = int(gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"])
     architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     values = {gguf.Keys.General.FILE_TYPE: file_type}
-    _rewrite(reader, out, architecture, types, values, f"Quantizing {out.name} to {dtype}", not console.quiet)
+    shown = None if console.quiet else f"Quantizing {out.name} to {dtype}"
+    _rewrite(reader, out, architecture, types, values, shown)
 
 
-def _rewrite(reader, out: Path, architecture: str, types: list, values: dict, what: str, progress: bool) -> None:
+def _rewrite(reader, out: Path, architecture: str, types: list, values: dict, progress: str | None = None) -> None:
     """Write the GGUF that `reader` (a `gguf.GGUFReader`) reads again as `out`, of `architecture` (its keys named
     after it): each metadata key and value as it is but those `values` gives (added where the file has none), and
-    each tensor in the GGML type of `types` (in the file's order), quantized where that is not its own. Written to
-    a temporary file beside `out` and renamed."""
+    each tensor in the GGML type of `types` (in the file's order), quantized where that is not its own, under a
+    progress bar labelled `progress` where it is given. Written to a temporary file beside `out` and renamed."""
     import gguf
 
     old = f"{reader.fields[gguf.Keys.General.ARCHITECTURE].contents()}."
@@ -502,7 +503,7 @@ def _rewrite(reader, out: Path, architecture: str, types: list, values: dict, wh
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    with progress_bar(f"{what}, tensors", len(types), progress) as advance:
+    with progress_bar(f"{progress}, tensors", len(types), progress is not None) as advance:
         for tensor, new_type in zip(reader.tensors, types, strict=True):
             data = tensor.data
             if new_type != tensor.tensor_type:
@@ -660,7 +661,7 @@ def load_gguf(folder: Path, filename: str, source_config):
     _check_rope_sections(written, source_config)
     readable = f".{filename.removesuffix('.gguf')}-{READ_AS[architecture]}.gguf"
     types = [tensor.tensor_type for tensor in written.tensors]
-    _rewrite(written, folder / readable, READ_AS[architecture], types, {}, f"Copying {filename}", False)
+    _rewrite(written, folder / readable, READ_AS[architecture], types, {})
     try:
         return _read_gguf(folder, readable, source_config, written)
     finally:
