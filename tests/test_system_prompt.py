@@ -8,6 +8,7 @@ import pytest
 import yaml
 from conftest import tiny_run_config
 from families import TEMPLATES
+from tiny import tiny_tokenizer
 from typer.testing import CliRunner
 
 from tuneforge.chat import chat_session
@@ -16,7 +17,7 @@ from tuneforge.config import DataConfig
 from tuneforge.data import check_data
 from tuneforge.eval.evaluate import evaluate
 from tuneforge.exporting import export
-from tuneforge.generate import encode_prompts
+from tuneforge.generate import encode_prompts, tokenizer_key
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.system_prompt import (
     record_system_prompt,
@@ -99,6 +100,18 @@ def test_the_recorded_prompt_reads_back_exactly_and_is_replaced_not_stacked(toke
         assert tokenizer.chat_template == original
     finally:
         tokenizer.chat_template = original
+
+
+def test_a_tokenizers_key_follows_its_recorded_prompt():
+    # The caches of a tokenizer's tables (generate.per_tokenizer) hold what its template gives apart.
+    tokenizer = tiny_tokenizer()
+    bare = tokenizer_key(tokenizer)
+    record_system_prompt(tokenizer, "Answer in French.")
+    prompted = tokenizer_key(tokenizer)
+    assert prompted != bare
+    with without_recorded_system_prompt(tokenizer):
+        assert tokenizer_key(tokenizer) == bare
+    assert tokenizer_key(tokenizer) == prompted
 
 
 def test_the_run_records_the_prompt_its_data_shares(run_dir, tuned):

@@ -599,7 +599,7 @@ def token_bytes(tokenizer, token: int) -> bytes | None:
     return None if by_id is None else by_id.get(token)
 
 
-_TOKENIZER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENIZER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (chat template, key)
 _UNKEYED = itertools.count()
 
 
@@ -607,16 +607,18 @@ def tokenizer_key(tokenizer) -> str:
     """What `tokenizer` is, for the caches of its tables (`per_tokenizer`): a digest of its fast tokenizer's whole
     definition (vocabulary, added tokens, decoder), its chat template and its special tokens, so a tokenizer loaded
     again from the same files has the same key. Worked out once per tokenizer object, which it does not keep
-    alive; a tokenizer with no fast backend has a key of its own."""
-    if (key := _TOKENIZER_KEYS.get(tokenizer)) is not None:
-        return key
+    alive, and again when its chat template is replaced (a recorded system prompt, `models.system_prompt`); a
+    tokenizer with no fast backend has a key of its own."""
+    template = tokenizer.chat_template
+    if (known := _TOKENIZER_KEYS.get(tokenizer)) is not None and known[0] is template:
+        return known[1]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         key = f"object {next(_UNKEYED)}"
     else:
-        definition = json.dumps([backend.to_str(), tokenizer.chat_template, tokenizer.special_tokens_map], default=str)
+        definition = json.dumps([backend.to_str(), template, tokenizer.special_tokens_map], default=str)
         key = hashlib.sha256(definition.encode()).hexdigest()
-    _TOKENIZER_KEYS[tokenizer] = key
+    _TOKENIZER_KEYS[tokenizer] = (template, key)
     return key
 
 
