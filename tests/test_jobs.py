@@ -478,6 +478,37 @@ def test_reinforcement_jobs_refuse_bad_graders_and_options_when_created(server, 
     assert "method.reinforcement" in refused({}).param
 
 
+def nested_multi(grader: dict, depth: int) -> dict:
+    """`grader` inside `depth` multi graders, one inside the next."""
+    for level in range(depth):
+        grader = {"type": "multi", "name": f"level{level}", "graders": {"inner": grader}, "calculate_output": "inner"}
+    return grader
+
+
+def test_a_multi_grader_nested_past_the_apis_depth_is_refused_when_the_job_is_created(server, tiny_model_dir):
+    """Each multi level nests two objects (the grader and its `graders`); a job's grader nested deeper than
+    MAX_NESTING is refused naming it, as the API's other free-form JSON is."""
+    from tuneforge.web import MAX_NESTING
+
+    client = server.client()
+    train = upload(client, chat_rows(8))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.create(
+            model=str(tiny_model_dir),
+            training_file=train.id,
+            method={"type": "reinforcement", "reinforcement": {"grader": nested_multi(ANSWER_GRADER, 200)}},
+        )
+    assert caught.value.param == "method.reinforcement.grader", caught.value
+    assert f"at most {MAX_NESTING}" in caught.value.message
+    deepest = nested_multi(ANSWER_GRADER, (MAX_NESTING - 1) // 2)
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=train.id,
+        method={"type": "reinforcement", "reinforcement": {"grader": deepest}},
+    )
+    client.fine_tuning.jobs.cancel(job.id)
+
+
 def test_openai_hyperparameters_map_onto_the_config(tmp_path):
     from tuneforge.jobs.mapping import CreateJobBody, resolved_method, training_config
 

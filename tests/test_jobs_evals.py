@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_jobs import KEY, OTHER_KEY, ApiServer, chat_rows, create_job, upload, wait_for
+from test_jobs import KEY, OTHER_KEY, ApiServer, chat_rows, create_job, nested_multi, upload, wait_for
 
 from tuneforge.jobs.api import create_api
 from tuneforge.jobs.store import Store
@@ -181,6 +181,16 @@ def refusal(call) -> tuple[str, str]:
     with pytest.raises(openai.APIStatusError) as caught:
         call()
     return caught.value.body["param"], caught.value.body["message"]
+
+
+def test_a_multi_grader_nested_past_the_apis_depth_is_refused_when_the_eval_is_created(sdk):
+    from tuneforge.web import MAX_NESTING
+
+    deep = nested_multi(SAME_ANSWER, 200)
+    param, message = refusal(lambda: sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER, deep]))
+    assert param == "testing_criteria[1]" and f"at most {MAX_NESTING}" in message, (param, message)
+    deepest = nested_multi(SAME_ANSWER, (MAX_NESTING - 1) // 2)
+    assert sdk.evals.create(data_source_config=CONFIG, testing_criteria=[deepest]).testing_criteria[0].name
 
 
 def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):

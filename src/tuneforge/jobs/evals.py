@@ -133,6 +133,14 @@ def testing_criteria(specs: list[dict], *, allow_python: bool) -> list[Grader]:
     graders: list[Grader] = []
     for index, spec in enumerate(specs):
         param = f"testing_criteria[{index}]"
+        if nesting(spec) > MAX_NESTING:  # stored with the eval, and serialized with its runs' results
+            raise APIError(
+                400,
+                f"{param}: the grader nests arrays or objects more than {MAX_NESTING} deep (a multi grader nests two "
+                f"a level); send graders nested at most {MAX_NESTING} deep (the grader's own object counted).",
+                param=param,
+                code="invalid_grader",
+            )
         if runs_python(spec) and not allow_python:
             raise APIError(
                 400,

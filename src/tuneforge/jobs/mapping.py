@@ -25,7 +25,7 @@ from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, mo
 from ..config import Config, GRPOConfig, TrainConfig, auto_epochs, is_jinja, load_config
 from ..errors import ConfigError
 from ..training import make_plan
-from ..web import Metadata, RequestBody
+from ..web import Metadata, RequestBody, Shallow
 
 GROUP_SIZE = GRPOConfig.model_fields["group_size"].default
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
@@ -141,7 +141,7 @@ class DpoMethod(RequestBody):
 
 
 class ReinforcementMethod(RequestBody):
-    grader: dict
+    grader: Annotated[dict, Shallow]  # stored, and serialized into the run's config, with the job
     hyperparameters: ReinforcementHyperparameters = ReinforcementHyperparameters()
 
     @field_validator("grader")
