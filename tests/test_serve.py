@@ -678,6 +678,36 @@ def test_a_response_format_that_cannot_be_served_is_a_400_naming_its_field(clien
     assert caught.value.body["message"].startswith(field)
 
 
+def test_a_schema_nested_past_the_apis_depth_is_a_400_naming_its_field_and_the_limit(client):
+    """outlines-core reads a schema nested past 128 as 'Expected a valid JSON string'; the API takes free-form JSON
+    nested at most MAX_NESTING deep, and says so."""
+    from tuneforge.web import MAX_NESTING
+
+    schema = {"type": "string"}
+    for _ in range(64):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    asked = (
+        (
+            "response_format.json_schema.schema",
+            client.chat.completions.create,
+            {"messages": QUESTION},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+        ),
+        (
+            "text.format.schema",
+            client.responses.create,
+            {"input": "Hi"},
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}},
+        ),
+    )
+    for field, create, prompt, output in asked:
+        with pytest.raises(openai.BadRequestError) as caught:
+            create(model=BASE, **prompt, **output)
+        assert (caught.value.param, caught.value.code) == (field, "invalid_value")
+        message = caught.value.body["message"]
+        assert message.startswith(field) and f"at most {MAX_NESTING}" in message, message
+
+
 def test_a_text_response_format_is_served_as_no_response_format(named_chatml):
     client, _ = named_chatml
     request = {"model": "named", "messages": QUESTION, "max_tokens": 2, "temperature": 0}

@@ -40,7 +40,7 @@ from ..models import model_context_length
 from ..models.images import VISION_MODELS
 from ..models.loading import image_inputs
 from ..tool_calls import HeldStream, ParsedReply, ToolCallParser, reply_finish_reason, tool_call_parser
-from ..web import CLIENT_LEFT, APIError, Observer, RequestBody, caller, docs_urls, edge, note
+from ..web import CLIENT_LEFT, MAX_NESTING, APIError, Observer, RequestBody, caller, docs_urls, edge, nesting, note
 from . import completion_routes
 from .bodies import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -653,6 +653,16 @@ def _constraint(server: Served, body: ChatCompletionBody | ResponsesBody):
     kind, schema = body.output_format()
     if kind == "text":
         return None
+    # outlines-core reads the schema as JSON text, which it refuses past 128 levels as "not a valid JSON string".
+    if schema is not None and (depth := nesting(schema)) > MAX_NESTING:
+        param = body.SCHEMA_PARAM
+        raise APIError(
+            400,
+            f"{param}: the schema nests arrays or objects {depth} deep; send a schema nested at most {MAX_NESTING} "
+            "deep (its own object counted).",
+            param=param,
+            code="invalid_value",
+        )
     name = server.known_model(body.model)
     try:
         return json_index(server.tokenizer(name), schema)
