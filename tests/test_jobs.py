@@ -693,6 +693,50 @@ def test_a_job_trains_and_saves_its_tuneforge_chat_template_and_fails_on_one_tra
     assert not any("Files validated" in e.message for e in all_events(client, job.id))  # failed before training
 
 
+RENDER_FAILURES = [  # each compiles; rendering the training file's rows fails at the template's line 2
+    (
+        "{% for m in messages %}\n{% if m.role == 'system' %}{{ raise_exception('no system turn') }}{% endif %}",
+        "no system turn",
+    ),
+    ("{% for m in messages %}\n{{ messages[5].content }}", "no element 5"),
+    (
+        "{% for m in messages %}\n{% if m.role == 'system' %}{{ m.content | shout }}{% endif %}",
+        "No filter named 'shout'",
+    ),
+]
+
+
+@pytest.mark.parametrize("kind", ["supervised", "dpo"])
+def test_a_tuneforge_chat_template_that_fails_on_the_training_files_rows_is_refused_when_the_job_is_created(
+    server, tiny_model_dir, kind
+):
+    """Rendered on the file's first rows when the job is created, so the job is not queued to fail validating."""
+    client = server.client()
+    pair = {
+        "input": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+    }
+    rows = chat_rows(4) if kind == "supervised" else (json.dumps(pair) + "\n") * 4
+    train = upload(client, rows)
+    field = f"method.{kind}.hyperparameters.tuneforge_chat_template"
+    rest = "[{{ m.role }}]\n{{ m.content }}{{ eos_token }}{% endfor %}"
+    rest += "{% if add_generation_prompt %}[assistant]\n{% endif %}"
+    for failing, said in RENDER_FAILURES:
+        hyperparameters = {"tuneforge_chat_template": failing + rest}
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.fine_tuning.jobs.create(
+                model=str(tiny_model_dir),
+                training_file=train.id,
+                method={"type": kind, kind: {"hyperparameters": hyperparameters}},
+            )
+        message = caught.value.body["message"]
+        assert caught.value.param == field, message
+        assert message.startswith(f"{field}: ") and f"{train.id} line 1" in message, message
+        assert "at its line 2" in message and said in message, message
+    assert not [job for job in client.fine_tuning.jobs.list() if job.training_file == train.id]
+
+
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     client = server.client()
     bad = upload(client, chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')

@@ -313,6 +313,30 @@ def check_data(
     return _checked(cfg, tokenizer, progress, keep_examples).result()
 
 
+def render_first_rows(cfg: DataConfig, tokenizer, rows: int) -> list[Problem]:
+    """The problems of rendering the first `rows` rows of the first training file as training renders them: a
+    quick check of the chat template on real rows, where `check_data` reads every row. Rows that cannot be read,
+    or of another kind than the first, are `check_data`'s to report."""
+    path = cfg.train_files[0]
+    read: list[tuple[int, Record]] = []
+    for line, item in read_conversations(path, cfg.format):
+        if isinstance(item, Problem) or (read and _kind(item) != _kind(read[0][1])):
+            continue
+        read.append((line, item))
+        if len(read) == rows:
+            break
+    if not read:
+        return []
+    records = [record for _, record in read]
+    results = _start_rendering(renderer_for(tokenizer), _kind(records[0]), records, cfg).finish()
+    return [
+        replace(problem, file=str(path), line=line)
+        for (line, _), result in zip(read, results)
+        if isinstance(result, list)
+        for problem in result
+    ]
+
+
 def select_rows(
     cfg: DataConfig, tokenizer, *, progress: bool = False
 ) -> tuple[PreparedData, list[Problem], RowSelection]:
@@ -476,7 +500,7 @@ class _Preparation:
         return rows
 
     def _same_kind(self, record: Record, path: str, line: int) -> bool:
-        kind = "preference" if isinstance(record, Preference) else "kto" if _rated(record) else "sft"
+        kind = _kind(record)
         if self.kind is None:
             self.kind = (kind, str(path), line)
         elif kind != self.kind[0]:
@@ -540,11 +564,7 @@ class _Preparation:
 
     def _start(self, path: str, pending: list[tuple[int, Record, int, object]]):
         records = [record for _, record, _, _ in pending]
-        if self.kind and self.kind[0] == "preference":
-            return path, pending, self.renderer.start_preferences(records)
-        if self.kind and self.kind[0] == "kto":  # the rated reply alone trains, whatever data.train_on says
-            return path, pending, self.renderer.start(records, "last_assistant")
-        return path, pending, self.renderer.start(records, self.cfg.train_on)
+        return path, pending, _start_rendering(self.renderer, self.kind[0] if self.kind else "sft", records, self.cfg)
 
     def _finish(
         self,
@@ -1160,6 +1180,20 @@ def _first(places: list[str], total: int | None = None) -> str:
     """The first three places of a list of `total` (its length, if None), then ", ..." if there are more."""
     more = (len(places) if total is None else total) > 3
     return ", ".join(places[:3]) + (", ..." if more else "")
+
+
+def _kind(record: Record) -> str:
+    """What a record trains as: "preference" (a pair), "kto" (a rated reply) or "sft"."""
+    return "preference" if isinstance(record, Preference) else "kto" if _rated(record) else "sft"
+
+
+def _start_rendering(renderer, kind: str, records: list[Record], cfg: DataConfig):
+    """Start rendering records of one `kind` as training renders them; `finish()` gives each one's result."""
+    if kind == "preference":
+        return renderer.start_preferences(records)
+    if kind == "kto":  # the rated reply alone trains, whatever data.train_on says
+        return renderer.start(records, "last_assistant")
+    return renderer.start(records, cfg.train_on)
 
 
 def _rated(record: Record) -> bool:

@@ -41,7 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import accumulate, chain
 
-from jinja2.exceptions import TemplateError
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+from jinja2.utils import internal_code
 
 from ..errors import ConfigError, DataError
 from ..models.images import VISION_MODELS
@@ -781,10 +782,37 @@ def _span_messages(messages: list[Message], train_on: str) -> list[int]:
     return [i for i in candidates if messages[i].weight != 0]
 
 
+def template_line(error: BaseException) -> int | None:
+    """The chat template's line that `error` was raised at (where it does not compile, or the last of its
+    lines rendering went through), or None when the error did not come from the template's text. Rendering
+    through jinja's `render` leaves frames named <template> at the template's lines; rendering the compiled
+    code directly (`ChatRenderer`'s direct renderer) leaves the code's own frames, mapped back as jinja does."""
+    if isinstance(error, TemplateSyntaxError):
+        return error.lineno
+    line, frame = None, error.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        template = frame.tb_frame.f_globals.get("__jinja_template__")
+        if code in internal_code:  # jinja's own helpers (a filter it has not raises from one): no template line
+            pass
+        elif template is not None:
+            line = template.get_corresponding_lineno(frame.tb_lineno)
+        elif code.co_filename == "<template>":
+            line = frame.tb_lineno
+        frame = frame.tb_next
+    return line
+
+
+def _refusal(error: Exception) -> str:
+    """Where and why the template refused a conversation: " at its line N: what it raised" (no closing period)."""
+    line = template_line(error)
+    return f"{f' at its line {line}' if line else ''}: {str(error).rstrip('.')}"
+
+
 def _template_error(error: Exception) -> Problem:
     return Problem(
         "template_error",
-        f"the chat template refused this conversation: {error}. Fix the "
+        f"the chat template refused this conversation{_refusal(error)}. Fix the "
         "conversation to suit the model's template (for example, alternate user and assistant).",
         field="messages",
     )
@@ -793,7 +821,7 @@ def _template_error(error: Exception) -> Problem:
 def _system_refused(error: Exception, message_index: int) -> Problem:
     return Problem(
         "template_error",
-        f"the chat template has no system turn and refused this conversation's system message: {error}. "
+        f"the chat template has no system turn and refused this conversation's system message{_refusal(error)}. "
         "Fold the system prompt into the first user message, or remove it.",
         field=f"messages[{message_index}]",
     )
@@ -960,9 +988,6 @@ def check_template(tokenizer, where: str) -> None:
     in a space the tokenizer joins to a reply's first word, one whose assistant turns
     end with no token of the vocabulary (the model could not learn to stop, nor generation stop
     there), and one whose replies' spans cannot be found in its renderings."""
-    import traceback
-
-    from jinja2.exceptions import TemplateSyntaxError
 
     def render(messages: list[dict], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -979,13 +1004,7 @@ def check_template(tokenizer, where: str) -> None:
             continue
         break
     else:
-        if isinstance(failure, TemplateSyntaxError):
-            line = failure.lineno
-        else:
-            line = next(
-                (f.lineno for f in reversed(traceback.extract_tb(failure.__traceback__)) if f.filename == "<template>"),
-                None,
-            )
+        line = template_line(failure)
         how = "does not compile" if isinstance(failure, TemplateSyntaxError) else "fails"
         raise ConfigError(
             f"{where}: the chat template {how}{f' at its line {line}' if line else ''} on a plain conversation (a "

@@ -6,8 +6,11 @@ import random
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from ...errors import ConfigError
+from ...config import Config
+from ...data.prepare import render_first_rows
+from ...errors import ConfigError, ModelSourceError
 from ...graders import runs_python
+from ...models import resolve, run_tokenizer
 from ...training import checkpoint
 from ...web import APIError, caller, list_body, metadata_filter
 from ..access import training_spec
@@ -15,6 +18,8 @@ from ..mapping import CreateJobBody, training_config
 from ..service import ORGANIZATION, Service, service_of
 from ..store import ACTIVE, FINISHED, Job, event, new_id, now
 from .files import own_file
+
+FIRST_ROWS = 8  # the training file's rows a job's chat template is rendered on when the job is created
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", dependencies=[Depends(caller)])
 
@@ -78,7 +83,7 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
     seed = body.seed if body.seed is not None else random.randrange(2**31)
     validation = stored.get("validation_file")
     try:
-        training_config(
+        config = training_config(
             training_spec(service.store, service.runs, owner, model),
             method,
             seed,
@@ -94,6 +99,8 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
             param="method",
             code="unsupported_value",
         ) from err
+    if config.model.chat_template is not None:
+        render_first_rows_with_template(config, body.training_file, f"method.{method['type']}")
     job = Job(
         id=job_id,
         owner=owner,
@@ -113,6 +120,31 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
     service.store.add(job)
     service.store.add_event(job.id, f"Created fine-tuning job: {job.id}")
     return job_body(job)
+
+
+def render_first_rows_with_template(config: Config, training_file: str, method_param: str) -> None:
+    """A 400 naming the template's line and the row, where the job's tuneforge_chat_template fails on one of the
+    training file's first rows: a template that compiles may still raise when it renders (raise_exception, an
+    index past the messages, a filter Jinja has not), which validating the files would find only after the job
+    is queued. A base model not yet on this server has no tokenizer here; its job's rows are all rendered while
+    validating."""
+    param = f"{method_param}.hyperparameters.tuneforge_chat_template"
+    try:
+        source = resolve(config.base_model, pull_missing=False)
+    except ModelSourceError:
+        return
+    try:
+        tokenizer = run_tokenizer(config, source)
+    except ConfigError as err:  # the job's template is the tokenizer's only setting a job gives
+        raise APIError(400, err.message, param=param, code="invalid_value") from err
+    failed = [p for p in render_first_rows(config.data, tokenizer, FIRST_ROWS) if p.code == "template_error"]
+    if failed:
+        raise APIError(
+            400,
+            f"{param}: on {training_file} line {failed[0].line}, {failed[0].message}",
+            param=param,
+            code="invalid_value",
+        )
 
 
 @router.get("")
