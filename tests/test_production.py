@@ -299,6 +299,32 @@ def test_stored_messages_are_listed_as_sent_and_train_as_the_chat_template_saw_t
     ]
 
 
+def test_rows_from_completions_hold_the_system_prompt_the_served_models_template_added(base_dir, tmp_path):
+    """A tuned model's template adds the system prompt it was trained with to a conversation that brings none: the
+    row trains with it, as the model saw the prompt; a conversation's own system message is kept instead."""
+    from tuneforge.models import load_tokenizer
+    from tuneforge.models.system_prompt import record_system_prompt
+
+    adapter = random_adapter(base_dir, tmp_path / "prompted", seed=3)
+    tokenizer = load_tokenizer(str(base_dir))
+    record_system_prompt(tokenizer, "You triage tickets.")
+    tokenizer.save_pretrained(adapter)
+    engine = Engine(AdapterPool(str(base_dir), {"prompted": str(adapter)}))
+    path = tmp_path / "completions.db"
+    user = {"role": "user", "content": "Where is my parcel?"}
+    own = {"role": "system", "content": "You answer in French."}
+    try:
+        with running_server(create_app(engine, api_keys=[KEY], completions=CompletionStore.open(str(path)))) as url:
+            client = sdk(url)
+            for model, messages in (("prompted", [user]), ("prompted", [own, user]), (BASE, [user])):
+                client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0, store=True)
+    finally:
+        engine.close()
+    made = from_completions(str(path), tmp_path / "rows.jsonl", keep_truncated=True)
+    rows = [json.loads(line)["messages"][:-1] for line in made.out.read_text().splitlines()]
+    assert rows == [[{"role": "system", "content": "You triage tickets."}, user], [own, user], [user]]
+
+
 def test_a_key_never_sees_another_keys_stored_completions(served):
     alice, bob = sdk(served.url), sdk(served.url, OTHER_KEY)
     kept = ask(alice, store=True, metadata={"test": "isolation"}).id

@@ -39,6 +39,7 @@ from ..generate import Completion, TokenLogprob, encode_prompts
 from ..models import model_context_length
 from ..models.images import VISION_MODELS
 from ..models.loading import image_inputs
+from ..models.system_prompt import recorded_system_prompt
 from ..tool_calls import HeldStream, ParsedReply, ToolCallParser, reply_finish_reason, tool_call_parser
 from ..web import CLIENT_LEFT, MAX_NESTING, APIError, Observer, RequestBody, caller, docs_urls, edge, nesting, note
 from . import completion_routes
@@ -549,6 +550,7 @@ class Served:
                 reply.whole(generation),
                 body.metadata,
                 body.template_tools(),
+                recorded_system_prompt(self.tokenizer(body.model)),
             )
 
 

@@ -1,6 +1,7 @@
 """Stored chat completions: what a request with `store: true` asked and got, kept per API key.
 
-Each row holds the prompt's messages as they were sent (role, content, name, tool calls), its tools, the whole
+Each row holds the prompt's messages as they were sent (role, content, name, tool calls), its tools, the system
+prompt the model's chat template adds to a conversation without one (a fine-tune's recorded one), the whole
 `chat.completion` answer (reply, model, usage, created time) and the request's `metadata`. The
 database is `tuneforge.database`'s: SQLite by default (`tuneforge serve`: a file under
 $TUNEFORGE_HOME/serve; `tuneforge api`: its job store's database), PostgreSQL by URL. Every query
@@ -14,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import JSON, BigInteger, Engine, String, delete, select
+from sqlalchemy import JSON, BigInteger, Engine, String, Text, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..database import JSON_COLUMNS, Page, Tables, connect, database_url, opening, where_metadata
@@ -44,6 +45,9 @@ class StoredCompletion(Base):
     response: Mapped[dict]  # the `chat.completion` object as it was answered
     metadata_: Mapped[dict | None] = mapped_column("metadata", JSON)
     tools: Mapped[list | None] = mapped_column(JSON)  # the request's tools, as sent (None: it gave none)
+    # The system prompt the model's chat template adds to a conversation that brings none (a fine-tune's
+    # recorded one, `models.system_prompt`), as it answered; None: its template adds none.
+    system_prompt: Mapped[str | None] = mapped_column(Text)
 
     @property
     def reply(self) -> dict:
@@ -89,7 +93,7 @@ class CompletionStore(Tables):
     def __init__(self, engine: Engine, retention: Retention = Retention()):
         super().__init__(engine, Base)
         # A store made before completions kept their request's tools gets the column (empty for its rows).
-        self.add_missing_columns(StoredCompletion.__tablename__, {"tools": "JSON"})
+        self.add_missing_columns(StoredCompletion.__tablename__, {"tools": "JSON", "system_prompt": "TEXT"})
         self.retention = retention
         self.prune()
 
@@ -101,7 +105,13 @@ class CompletionStore(Tables):
             return cls(connect(url), retention)
 
     def save(
-        self, owner: str, messages: list[dict], response: dict, metadata: dict | None, tools: list[dict] | None = None
+        self,
+        owner: str,
+        messages: list[dict],
+        response: dict,
+        metadata: dict | None,
+        tools: list[dict] | None = None,
+        system_prompt: str | None = None,
     ) -> None:
         row = StoredCompletion(
             id=response["id"],
@@ -112,6 +122,7 @@ class CompletionStore(Tables):
             response=response,
             metadata_=metadata,
             tools=tools,
+            system_prompt=system_prompt,
         )
         self.add(row)
         self.prune()
