@@ -83,6 +83,9 @@ class _Reply:
     parallel_tool_calls: bool = True  # false: the first call only, as OpenAI's API makes at most one then
     # A completion's echo: each choice's prompt text, which its text and log probabilities start with.
     echo: tuple[str, ...] | None = None
+    # The system prompt the model's template adds to a conversation that brings none (a fine-tune's recorded one),
+    # as it was when the prompt was rendered: a stored completion keeps it.
+    system_prompt: str | None = None
     # The reply's calls once parsed: the answer sent and the one stored give each call the same id.
     _parsed: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -94,9 +97,19 @@ class _Reply:
         reasoning: bool | None = None,
         tools: ToolCallParser | None = None,
         parallel_tool_calls: bool | None = None,
+        system_prompt: str | None = None,
     ) -> _Reply:
         reply_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return cls(chat, model, reply_id, int(time.time()), reasoning, tools, parallel_tool_calls is not False)
+        return cls(
+            chat,
+            model,
+            reply_id,
+            int(time.time()),
+            reasoning,
+            tools,
+            parallel_tool_calls is not False,
+            system_prompt=system_prompt,
+        )
 
     def parsed(self, answer: str) -> ParsedReply | None:
         """The tool calls of the reply's answer (what follows a reasoning model's reasoning), if it is parsed
@@ -550,7 +563,7 @@ class Served:
                 reply.whole(generation),
                 body.metadata,
                 body.template_tools(),
-                recorded_system_prompt(self.tokenizer(body.model)),
+                reply.system_prompt,
             )
 
 
@@ -602,7 +615,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, server: S
         server,
         request,
         body,
-        _Reply.start(True, body.model, opened, tools, body.parallel_tool_calls),
+        _Reply.start(True, body.model, opened, tools, body.parallel_tool_calls, recorded_system_prompt(tokenizer)),
         generation,
     )
 
