@@ -860,6 +860,83 @@ def test_lora_adapts_the_linear_layers_of_a_mixture_of_experts_models_dense_laye
     }
 
 
+def adapted_weights(model) -> set[str]:
+    """The base weights of `model` that carry an adapter, by their names on the base (model.layers.1.mlp.gate.weight,
+    model.layers.1.mlp.experts.gate_up_proj)."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    # PEFT nests the wrappers of one module's parameters (mlp.experts, mlp.experts.base_layer).
+    return {
+        f"{name.removeprefix('base_model.model.').replace('.base_layer', '')}."
+        + (m.parameter_name if isinstance(m, ParamWrapper) else "weight")
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+
+
+@pytest.mark.parametrize("from_layer", [0.0, 0.5])
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["q_proj", "gate_proj", "up_proj"],
+        ["q_proj", "gate_proj"],
+        ["q_proj", "mlp.down_proj"],
+        ["q_proj", "down_proj", "gate"],
+        ["q_proj", "gate_up_proj"],
+    ],
+)
+@pytest.mark.parametrize(("architecture", "dense"), MOE_MODELS)
+def test_lora_target_modules_list_adapts_what_the_model_holds_under_each_name_from_from_layer_up(
+    architecture, dense, targets, from_layer, tiny_model_dir, triage_data, tmp_path
+):
+    """A name adapts what the decoder's layers that from_layer keeps hold under it, whole or by its last parts: linear
+    layers (a dense layer's gate_proj), the routed experts' fused weights (gate_up_proj) and the router (gate) where
+    PEFT adapts those (not Qwen2-MoE's), and nothing below from_layer; a name that holds nothing there is refused."""
+    from tiny import tiny_moe
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.from_layer = 0.0, targets, from_layer
+    base = tiny_moe(architecture=architecture, experts=4, **dense)
+    held = {}
+    for name, p in base.named_parameters():
+        owner, key = name.rsplit(".", 1)
+        named = owner if key == "weight" else name  # a layer's weight by its module, a fused expert weight by itself
+        experts_or_router = p.ndim == 3 or owner.endswith(".mlp.gate")
+        if int(name.split(".layers.")[1].split(".")[0]) >= from_layer * 2 if ".layers." in name else False:
+            if not (architecture == "Qwen2MoeConfig" and experts_or_router):
+                for wanted in targets:
+                    if named == wanted or named.endswith(f".{wanted}"):
+                        held.setdefault(wanted, set()).add(name)
+    if set(held) != set(targets):
+        with pytest.raises(ConfigError):
+            prepare_model(base, cfg)
+        return
+    assert adapted_weights(prepare_model(base, cfg)) == set().union(*held.values())
+
+
+def test_lora_target_modules_naming_what_only_the_layers_below_from_layer_hold_are_refused_saying_so(
+    tiny_model_dir, triage_data, tmp_path
+):
+    """Qwen3-MoE's dense layer 0 alone holds an mlp.down_proj linear layer (the others' experts mlp.experts)."""
+    from tiny import tiny_moe
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.from_layer = 0.0, ["q_proj", "mlp.down_proj"], 0.5
+    with pytest.raises(ConfigError) as e:
+        prepare_model(tiny_moe(architecture="Qwen3MoeConfig", experts=4, mlp_only_layers=[0]), cfg)
+    assert e.value.message == (
+        "lora.target_modules: names mlp.down_proj, which only the layers below layer 1 hold "
+        "(model.layers.0.mlp.down_proj, ...), and lora.from_layer adapts those from layer 1 up alone: PEFT would "
+        "leave it untrained. Leave mlp.down_proj out, or lora.from_layer out to adapt it."
+    )
+
+
 def test_lora_target_modules_naming_fused_expert_weights_peft_does_not_adapt_are_refused_saying_so(
     tiny_model_dir, triage_data, tmp_path
 ):
@@ -1288,6 +1365,31 @@ def test_a_mixture_of_experts_adapter_trained_on_with_other_expert_weights_liste
     on.lora.target_modules = ["q_proj"]
     with pytest.raises(TuneforgeError, match=r"another target_modules "):
         prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
+
+
+def test_a_mixture_of_experts_adapter_naming_its_expert_weights_by_their_last_parts_trains_on_with_that_list(
+    triage_data, tmp_path
+):
+    """PEFT takes target_parameters by their last parts (down_proj) as well as in full, as tuneforge names them."""
+    from tiny import save_tiny_model, tiny_moe
+
+    from tuneforge.methods import prepare_model
+
+    base = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
+    cfg = load_config(tiny_run_config(base, triage_data, tmp_path / "run"))
+    cfg.lora.dropout, cfg.lora.target_modules = 0.0, ["q_proj", "down_proj"]
+    prepare_model(load_model(resolve(str(base))), cfg).save_pretrained(tmp_path / "adapter")
+    load_tokenizer(resolve(str(base))).save_pretrained(tmp_path / "adapter")
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(written["target_parameters"]) == [f"model.layers.{i}.mlp.experts.down_proj" for i in (0, 1)]
+    written["target_parameters"] = ["down_proj"]
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(written))
+    on = load_config(tiny_run_config(tmp_path / "adapter", triage_data, tmp_path / "on"))
+    on.lora.dropout, on.lora.target_modules = 0.0, ["q_proj", "down_proj"]
+    model = prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
+    assert {name for name in adapted_weights(model) if ".mlp." in name} == {
+        f"model.layers.{i}.mlp.experts.down_proj" for i in (0, 1)
+    }
 
 
 def test_too_few_rows_for_a_step_says_how_many_it_needs_and_why():

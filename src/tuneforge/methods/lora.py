@@ -163,34 +163,13 @@ def parameters_named(model, targets) -> list[str]:
     return [name for name in names if any(name == t or name.endswith(f".{t}") for t in targets)]
 
 
-def expert_weights_listed(config: PeftLoraConfig, model) -> None:
-    """Hand PEFT the fused expert weights and routers that a lora.target_modules list names (down_proj,
-    gate_up_proj, gate) as the parameters all-linear adapts, with the ranks it gives them: transformers 5 holds
-    them in no module of that name, and PEFT maps only transformers 4's names (Mixtral's w1, w2, w3) to them."""
-    resolved = all_linear_as_peft_resolves_it(config, model)
-    listed = {t for t in resolved.target_parameters or () if t.removesuffix(".weight") in config.target_modules}
-    if not listed:
-        return
-    config.target_modules = config.target_modules - {t.removesuffix(".weight") for t in listed}
-    config.target_parameters = sorted(listed)
-    names = parameters_named(model, listed)
-    config.rank_pattern, config.alpha_pattern = (
-        {key: value for key, value in pattern.items() if any(re.match(rf"(.*\.)?({key})$", n) for n in names)}
-        for pattern in (resolved.rank_pattern, resolved.alpha_pattern)
-    )
-
-
-def dense_linears_listed(config: PeftLoraConfig, model, targets) -> None:
-    """Hand PEFT, as parameters (target_parameters), the weights of the linear layers that lora.target_modules
-    (`targets`: all-linear or a list) names but PEFT would adapt nowhere: on the mixture-of-experts models it maps
-    from transformers 4's layout it takes the experts' old names (gate_proj, up_proj, down_proj) out of
-    target_modules for the fused expert weights, the names of a dense layer's MLP too (Qwen3-MoE's mlp_only_layers).
-    It saves, loads and merges their adapters as other linear layers'."""
-    resolved = all_linear_as_peft_resolves_it(config, model)
+def linears_peft_takes(model, resolved: PeftLoraConfig) -> list[str]:
+    """The full names, as on the model before PEFT wraps it, of the text decoder's linear layers that PEFT would adapt
+    nowhere (`resolved`: all-linear as PEFT resolves it): on the mixture-of-experts models it maps from transformers
+    4's layout it takes the experts' old names (gate_proj, up_proj, down_proj) out of target_modules for the fused
+    expert weights, the names of a dense layer's MLP too (Qwen3-MoE's mlp_only_layers)."""
     if isinstance(resolved.target_modules, str):
-        return
-    taken = set(decoder_linears(model)) - resolved.target_modules
-    wanted = taken if targets == "all-linear" else [t for t in targets if t.rsplit(".", 1)[-1] in taken]
+        return []
     names = {module: name for name, module in model.named_modules()}
     # On a model PEFT has wrapped (an adapter trained on), a layer's own Linear is its base_layer.
     linears = (
@@ -198,9 +177,44 @@ def dense_linears_listed(config: PeftLoraConfig, model, targets) -> None:
         for within, m in text_decoder(model).named_modules()
         if isinstance(m, nn.Linear) and ".lora_" not in within
     )
-    weights = {f"{name}.weight" for name in linears if any(name == w or name.endswith(f".{w}") for w in wanted)}
-    if weights:
+    return [name for name in linears if name.rsplit(".", 1)[-1] not in resolved.target_modules]
+
+
+def dense_linears_all_linear(config: PeftLoraConfig, model) -> None:
+    """Hand PEFT, as parameters (target_parameters), the weights of the linear layers all-linear names but PEFT would
+    adapt nowhere (`linears_peft_takes`). It saves, loads and merges their adapters as other linear layers'."""
+    resolved = all_linear_as_peft_resolves_it(config, model)
+    if weights := {f"{name}.weight" for name in linears_peft_takes(model, resolved)}:
         config.target_parameters = sorted(set(config.target_parameters or ()) | weights)
+
+
+def parameters_listed(config: PeftLoraConfig, model) -> None:
+    """Hand PEFT, as parameters (target_parameters, named in full), what a lora.target_modules list names that PEFT
+    would not adapt as the module it names, with the ranks all-linear gives it: the fused expert weights and routers
+    (mlp.experts.gate_up_proj, mlp.gate), which transformers 5 holds in no module of that name, and the linear
+    layers of `linears_peft_takes` (a dense layer's mlp.gate_proj). A name adapts what the model holds under it,
+    whole or by its last parts, as PEFT matches names: gate_proj and up_proj name linear layers, the experts' two
+    projections being one fused weight, gate_up_proj. Those names leave target_modules, where PEFT would map the
+    experts' old names among them (down_proj, gate_proj with up_proj) to the fused expert weights of every layer,
+    below from_layer too, and refuse gate_proj without up_proj."""
+    resolved = all_linear_as_peft_resolves_it(config, model)
+    weights = parameters_named(model, resolved.target_parameters or ()) + [
+        f"{name}.weight" for name in linears_peft_takes(model, resolved)
+    ]
+    listed = {
+        wanted: named
+        for wanted in config.target_modules
+        if (named := [w for w in weights if (n := w.removesuffix(".weight")) == wanted or n.endswith(f".{wanted}")])
+    }
+    if not listed:
+        return
+    config.target_modules = config.target_modules - listed.keys()
+    names = sorted({w for named in listed.values() for w in named})
+    config.target_parameters = names
+    config.rank_pattern, config.alpha_pattern = (
+        {key: value for key, value in pattern.items() if any(re.match(rf"(.*\.)?({key})$", n) for n in names)}
+        for pattern in (resolved.rank_pattern, resolved.alpha_pattern)
+    )
 
 
 def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
@@ -216,7 +230,7 @@ def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
         # layer's down_proj) to those weights in every layer, the layers below from_layer too.
         kept, linears = resolved.target_modules, set(decoder_linears(model))
         config.target_modules = linears if isinstance(kept, str) else linears & kept
-        # PEFT's resolution keeps the parameters already listed (a dense layer's, `dense_linears_listed`).
+        # PEFT's resolution keeps the parameters already listed (a dense layer's, `dense_linears_all_linear`).
         config.target_parameters = resolved.target_parameters
         config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
     if config.target_parameters:
@@ -262,9 +276,10 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
         trainable_token_indices=trained_token_rows(cfg, model, token_ids),
         init_lora_weights=True if lc.init == "default" else lc.init,
     )
-    if lc.target_modules != "all-linear":
-        expert_weights_listed(config, model)
-    dense_linears_listed(config, model, lc.target_modules)
+    if lc.target_modules == "all-linear":
+        dense_linears_all_linear(config, model)
+    else:
+        parameters_listed(config, model)
     if lc.from_layer:
         from_layer_up(config, model, lc.from_layer)
     return config
@@ -282,8 +297,8 @@ def modules_named(model, wanted: str) -> list[tuple[str, nn.Module]]:
 
 
 def listed_modules(cfg, config) -> list[str]:
-    """The names of a lora.target_modules list that `config` hands PEFT as modules' (not the fused expert weights
-    and routers `expert_weights_listed` hands it as parameters), in the list's order; none under all-linear."""
+    """The names of a lora.target_modules list that `config` hands PEFT as modules' (not those `parameters_listed`
+    hands it as parameters), in the list's order; none under all-linear."""
     return (
         []
         if cfg.lora.target_modules == "all-linear"
@@ -361,16 +376,29 @@ def refuse_targets_beside_the_decoder(model, cfg, config) -> None:
 def refuse_targets_below_from_layer(model, cfg, config) -> None:
     """Refuse a lora.target_modules name that, under lora.from_layer, PEFT adapts nowhere: a module outside the
     decoder's layers (embed_tokens), which PEFT's layers_to_transform leaves out without a word, unless the name
-    is the module's whole name (lm_head)."""
-    if not cfg.lora.from_layer:
+    is the module's whole name (lm_head), or what only the layers below from_layer hold (a dense layer's gate_proj,
+    `parameters_listed`)."""
+    if not cfg.lora.from_layer or cfg.lora.target_modules == "all-linear":
         return
-    for wanted in listed_modules(cfg, config):
-        if not any(check_target_module_exists(config, name) is True for name, _ in modules_named(model, wanted)):
-            raise ConfigError(
-                f"{cfg.key_at('lora.target_modules')}: names {wanted}, which sits outside the decoder's layers, and "
-                f"{cfg.key_at('lora.from_layer')} adapts those from layer {config.layers_to_transform[0]} up alone: "
-                f"PEFT would leave it untrained. Leave {wanted} out, or lora.from_layer out to adapt it."
-            )
+    first = config.layers_to_transform[0]
+    for wanted in cfg.lora.target_modules:
+        # The modules it names, and the parameters (fused expert weights, the weights `parameters_listed` hands PEFT).
+        modules, parameters = modules_named(model, wanted), parameters_named(model, [wanted, f"{wanted}.weight"])
+        held = sorted({name for name, _ in modules} | set(parameters))
+        if any(check_target_module_exists(config, name) is True for name in held) or any(
+            w in held for w in config.target_parameters or ()
+        ):
+            continue
+        where = (
+            f"which only the layers below layer {first} hold ({held[0]}, ...), and"
+            if any(_LAYER_INDEX.match(f"{name}.") for name in held)
+            else "which sits outside the decoder's layers, and"
+        )
+        raise ConfigError(
+            f"{cfg.key_at('lora.target_modules')}: names {wanted}, {where} {cfg.key_at('lora.from_layer')} adapts "
+            f"those from layer {first} up alone: PEFT would leave it untrained. Leave {wanted} out, or lora.from_layer "
+            "out to adapt it."
+        )
 
 
 def refuse_tied_targets(model, cfg, config) -> None:
@@ -414,10 +442,11 @@ def continue_adapter(model, cfg, token_ids=()):
         "r": (loaded.r, wanted.r),
         "alpha": (loaded.lora_alpha, wanted.lora_alpha),
         "use_rslora": (loaded.use_rslora, wanted.use_rslora),
-        # A listed fused expert weight is a parameter PEFT adapts (`expert_weights_listed`), not a module.
+        # A listed fused expert weight is a parameter PEFT adapts (`parameters_listed`), not a module; compared by
+        # the parameters named, as an adapter may name them by their last parts (down_proj) or in full.
         "target_modules": (
-            [sorted(loaded.target_modules), sorted(loaded.target_parameters or ())],
-            [sorted(targets), sorted(wanted.target_parameters or ())],
+            [sorted(loaded.target_modules), parameters_named(model, loaded.target_parameters or ())],
+            [sorted(targets), parameters_named(model, wanted.target_parameters or ())],
         ),
         "from_layer": (loaded.layers_to_transform, wanted.layers_to_transform),
     }
