@@ -937,6 +937,29 @@ def test_lora_target_modules_naming_what_only_the_layers_below_from_layer_hold_a
     )
 
 
+@pytest.mark.parametrize("architecture", ["MixtralConfig", "Qwen3MoeConfig"])
+def test_lora_target_modules_naming_the_experts_gate_and_up_projections_apart_are_refused_naming_the_fused_weight(
+    architecture, tiny_model_dir, triage_data, tmp_path
+):
+    """gate_proj and up_proj name linear layers alone (a dense layer's, adapted): a model without them holds its
+    experts' two as one weight, gate_up_proj."""
+    from tiny import tiny_moe
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.dropout, cfg.lora.target_modules = 0.0, ["q_proj", "gate_proj", "up_proj"]
+    with pytest.raises(ConfigError) as e:
+        prepare_model(tiny_moe(architecture=architecture, experts=4), cfg)
+    assert e.value.message == (
+        "lora.target_modules: names gate_proj, up_proj, which this model has no module called. Name linear layers it "
+        "has (k_proj, o_proj, q_proj, v_proj) or its routed experts' fused weights and router (down_proj, gate, "
+        "gate_up_proj; the experts hold their gate and up projections as one weight, gate_up_proj), or leave "
+        "target_modules out."
+    )
+
+
 def test_lora_target_modules_naming_fused_expert_weights_peft_does_not_adapt_are_refused_saying_so(
     tiny_model_dir, triage_data, tmp_path
 ):

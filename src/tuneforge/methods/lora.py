@@ -315,8 +315,17 @@ def fused_expert_weight(model, wanted: str) -> str | None:
 def refuse_missing_targets(model, cfg, config) -> None:
     """PEFT skips a modules_to_save name that matches no module, and a target_modules name so long as another one
     matches: a typo would train less than asked, silently. A fused expert weight PEFT does not adapt on this model
-    (Qwen2-MoE's) is named as such."""
+    (Qwen2-MoE's) is named as such; where it adapts them, the remedy names them, and gate_up_proj for the experts'
+    gate_proj and up_proj, which name linear layers alone (`parameters_listed`)."""
     linears = ", ".join(decoder_linears(model))
+    layers = f"linear layers it has ({linears})"
+    if not isinstance(all_linear_as_peft_resolves_it(config, model).target_modules, str):
+        fused = sorted({name.rsplit(".", 1)[-1] for name in unadapted_experts(model, 0)})
+        layers += f" or its routed experts' fused weights and router ({', '.join(fused)}" + (
+            "; the experts hold their gate and up projections as one weight, gate_up_proj)"
+            if "gate_up_proj" in fused
+            else ")"
+        )
     for wanted in listed_modules(cfg, config):
         if not modules_named(model, wanted) and (weight := fused_expert_weight(model, wanted)):
             raise ConfigError(
@@ -327,7 +336,7 @@ def refuse_missing_targets(model, cfg, config) -> None:
             )
     for key, listed, remedy in (
         ("modules_to_save", cfg.lora.modules_to_save or [], "modules it has (e.g. lm_head, embed_tokens)"),
-        ("target_modules", listed_modules(cfg, config), f"linear layers it has ({linears})"),
+        ("target_modules", listed_modules(cfg, config), layers),
     ):
         if missing := [m for m in listed if not modules_named(model, m)]:
             raise ConfigError(
