@@ -25,18 +25,23 @@ def text_decoder(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model
 
 
+def decoder_linear_names(model) -> list[str]:
+    """The full names of the linear layers inside the text decoder's layers (model.layers.0.self_attn.q_proj, ...), as
+    on the model before PEFT wraps it."""
+    names = {module: name for name, module in model.named_modules()}
+    # On a model PEFT has wrapped, a layer's own Linear is its base_layer, and its lora_A and lora_B are no layers
+    # of the model.
+    return [
+        names[module].replace(".base_layer", "")
+        for name, module in text_decoder(model).named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in f".{name}" and ".lora_" not in name
+    ]
+
+
 def decoder_linears(model) -> list[str]:
     """The names of the linear layers inside the text decoder's layers (q_proj, ..., down_proj): what
     "all-linear" means there, spelt out because PEFT picks layers only from a list of names."""
-    # On a model PEFT has wrapped, a layer's own Linear is its base_layer, and its lora_A and lora_B are no layers
-    # of the model.
-    return sorted(
-        {
-            name.replace(".base_layer", "").rsplit(".", 1)[-1]
-            for name, module in text_decoder(model).named_modules()
-            if isinstance(module, nn.Linear) and ".layers." in f".{name}" and ".lora_" not in name
-        }
-    )
+    return sorted({name.rsplit(".", 1)[-1] for name in decoder_linear_names(model)})
 
 
 def within_layer(name: str) -> str:
@@ -170,14 +175,7 @@ def linears_peft_takes(model, resolved: PeftLoraConfig) -> list[str]:
     expert weights, the names of a dense layer's MLP too (Qwen3-MoE's mlp_only_layers)."""
     if isinstance(resolved.target_modules, str):
         return []
-    names = {module: name for name, module in model.named_modules()}
-    # On a model PEFT has wrapped (an adapter trained on), a layer's own Linear is its base_layer.
-    linears = (
-        names[m].replace(".base_layer", "")
-        for within, m in text_decoder(model).named_modules()
-        if isinstance(m, nn.Linear) and ".lora_" not in within
-    )
-    return [name for name in linears if name.rsplit(".", 1)[-1] not in resolved.target_modules]
+    return [name for name in decoder_linear_names(model) if name.rsplit(".", 1)[-1] not in resolved.target_modules]
 
 
 def dense_linears_all_linear(config: PeftLoraConfig, model) -> None:
