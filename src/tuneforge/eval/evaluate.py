@@ -65,7 +65,7 @@ from ..models.attention import per_example_attention, segments, supports_per_exa
 from ..models.images import VISION_MODELS
 from ..models.loading import image_inputs
 from ..progress import library_bars, progress_bar
-from ..tasks.metrics import METRICS, parse_json_object, reference_fault, split_reasoning
+from ..tasks.metrics import METRICS, parse_json_object, split_reasoning
 from ..wording import counted
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -293,7 +293,7 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str | None:
             field="messages",
         )
         for e in examples
-        if (fault := reference_fault(metric, e.answer))
+        if (fault := METRICS[metric].reference_fault(e.answer))
     ]
     if problems:
         raise DataError.listing(
@@ -498,8 +498,7 @@ def evaluate_loaded(
     # A reasoning model's reply is scored on its answer, what follows its reasoning (OpenAI's output_text).
     predictions = [split_reasoning(a.text)[1] for a in answers]
     references = [e.answer for e in examples]
-    score = METRICS[metric].score if metric else None
-    headline = METRICS[metric].headline if metric else None
+    scorer = METRICS[metric] if metric else None
     grades = None
     if grader is not None:
         with naming_rows(examples):
@@ -511,7 +510,7 @@ def evaluate_loaded(
             "input": e.input,
             "prediction": a.text,
             "reference": e.reference,
-            "correct": bool(score([prediction], [reference])[headline]) if score else None,
+            "correct": bool(scorer.score([prediction], [reference])[scorer.headline]) if scorer else None,
             "finish_reason": a.finish_reason,
             **({"grade": grades[i].score} if grades else {}),
         }
@@ -521,7 +520,7 @@ def evaluate_loaded(
         "n": len(examples),
         "metric": metric,
         **loss,
-        "scores": score(predictions, references) if score else None,
+        "scores": scorer.score(predictions, references) if scorer else None,
         **({"left_out": left_out(len(missing), len(examples))} if missing else {}),
         **({"grader": grader_scores(grader, grades)} if grades else {}),
         # How the scored answers were written: a score means little without it.

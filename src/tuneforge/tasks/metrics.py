@@ -2,9 +2,8 @@
 
 Every metric is `score(predictions, references) -> dict`: two lists of the same length, one
 reference per prediction; the dict holds `n` and shares in [0, 1]. `METRICS` maps the names that
-`eval.task` accepts to a `Metric`: the function, the share that says an answer is right and what it counts;
-`reference_fault(metric, reference)` says why a metric cannot score against a reference answer (one
-that is no JSON object, for `json_fields`);
+`eval.task` accepts to a `Metric`: the function, the share that says an answer is right, what it counts and
+why it cannot score against a reference answer (one that is no JSON object, for `json_fields`);
 `split_reasoning(text)` parts a reasoning model's reply into its reasoning and the answer scored.
 """
 
@@ -193,8 +192,3 @@ METRICS: dict[str, Metric] = {
     "json_fields": Metric(json_fields, "exact", _EXACT_SAID, _json_fields_fault),
     "support_triage": Metric(_support_triage, "exact", _EXACT_SAID, _support_triage_fault),
 }
-
-
-def reference_fault(metric: str, reference: str) -> str | None:
-    """Why `metric` cannot score answers against `reference` ("is not a JSON object"), or None when it can."""
-    return METRICS[metric].reference_fault(reference)
