@@ -218,10 +218,11 @@ def metrics_table(results: dict[str, dict]) -> Table:
         if measured and not per_token_compares:
             caption += f"; the models tokenize the text into {' and '.join(map(str, token_counts))} tokens"
         return Table(f"loss on {counted(first['n'], 'document')} of {Path(first['data']).name}", columns, rows, caption)
+    scored_by = METRICS[first["metric"]] if first["metric"] else None
     caption = (
         f"shares of all examples, 95% interval ±{_widest_interval(first['n']) * 100:.1f} pts at most; "
-        f"{METRICS[first['metric']].said}"
-        if first["metric"]
+        f"{scored_by.headline}: {scored_by.said}"
+        if scored_by
         else f"no loss, perplexity or metric: {first.get('left_out', 'no reference answers')}"
     )
     if graded:

@@ -171,7 +171,8 @@ def _any_reference(reference: str) -> None:
 @dataclass(frozen=True)
 class Metric:
     """A metric `eval.task` names: `score(predictions, references) -> dict`; `headline`, the key of that dict that
-    says whether one answer is right (a sample's `correct`), and `said`, what it counts (the eval table's caption);
+    says whether one answer is right (a sample's `correct`), and `said`, what it counts (the eval table's caption
+    writes it after the headline's name);
     `reference_fault(reference)`, why it cannot score answers against a reference, or None when it can."""
 
     score: Callable[[Sequence, Sequence], dict]
@@ -180,13 +181,13 @@ class Metric:
     reference_fault: Callable[[str], str | None] = _any_reference
 
 
-_EXACT_SAID = "exact: the whole answer right (every field, for JSON answers)"
+_EXACT_SAID = "the whole answer right (every field, for JSON answers)"
 METRICS: dict[str, Metric] = {
     "exact": Metric(exact, "exact", _EXACT_SAID),
     "contains": Metric(
         contains,
         "contains",
-        "contains: the answer holds the reference as whole words, case and punctuation aside",
+        "the answer holds the reference as whole words, case and punctuation aside",
         _contains_fault,
     ),
     "json_fields": Metric(json_fields, "exact", _EXACT_SAID, _json_fields_fault),
