@@ -1131,7 +1131,9 @@ def test_lora_dropout_on_a_mixture_of_experts_models_fused_experts_is_refused_na
 
     model = save_tiny_model(tmp_path / "model", build=tiny_moe, experts=4)
     cfg = tiny_run_config(model, triage_data, tmp_path / "run", max_steps=1)  # lora.dropout: 0.1
-    with pytest.raises(ConfigError, match=r"^lora\.dropout: 0\.1, but PEFT's adapters on this mixture-of-experts "):
+    with pytest.raises(
+        ConfigError, match=r"^lora\.dropout: 0\.1, but PEFT's adapters on the weights of this mixture-of-experts model "
+    ):
         train(cfg, progress=False)
     assert not (tmp_path / "run").exists()  # refused before the data is read
 
@@ -1151,9 +1153,32 @@ def test_dora_on_a_mixture_of_experts_models_fused_experts_is_refused_naming_the
     with pytest.raises(ConfigError) as e:
         prepare_model(tiny_moe(experts=4), cfg)
     assert e.value.message == (
-        "method: dora, but PEFT's adapters on this mixture-of-experts model's fused expert weights (and router), "
-        "which lora.target_modules adapts, have no DoRA; use method: lora, or list target_modules without them "
-        "(such as [q_proj, k_proj, v_proj, o_proj])."
+        "method: dora, but PEFT's adapters on the weights of this mixture-of-experts model that lora.target_modules "
+        "adapts as parameters (mlp.experts.down_proj"
+        + (", mlp.experts.gate_up_proj, mlp.gate.weight" if targets == "all-linear" else "")
+        + ") have no DoRA; use method: lora, or list target_modules without them (such as [q_proj, k_proj, v_proj, "
+        "o_proj])."
+    )
+
+
+def test_dora_on_a_mixture_of_experts_models_dense_layer_named_by_a_list_is_refused_naming_its_weights(
+    tiny_model_dir, triage_data, tmp_path
+):
+    """A dense layer's mlp.gate_proj goes to PEFT as a parameter (`parameters_listed`), whose adapters have no DoRA:
+    the refusal names that weight, not the experts, which the list leaves alone."""
+    from tiny import tiny_moe
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config({**tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"), "method": "dora"})
+    cfg.lora.dropout, cfg.lora.target_modules = 0.0, ["q_proj", "mlp.gate_proj"]
+    with pytest.raises(ConfigError) as e:
+        prepare_model(tiny_moe(architecture="Qwen3MoeConfig", experts=4, mlp_only_layers=[1]), cfg)
+    assert e.value.message == (
+        "method: dora, but PEFT's adapters on the weights of this mixture-of-experts model that lora.target_modules "
+        "adapts as parameters (mlp.gate_proj.weight) have no DoRA; use method: lora, or list target_modules without "
+        "them (such as [q_proj, k_proj, v_proj, o_proj])."
     )
 
 

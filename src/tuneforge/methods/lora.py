@@ -215,6 +215,15 @@ def parameters_listed(config: PeftLoraConfig, model) -> None:
     )
 
 
+def adapted_as_parameters(config: PeftLoraConfig, model) -> list[str]:
+    """The weights `config` hands PEFT as parameters (target_parameters, under all-linear as PEFT resolves it), named
+    within a layer: the fused expert weights and routers (mlp.experts.gate_up_proj, mlp.gate.weight), and a dense
+    layer's linear layers (mlp.gate_proj.weight, `parameters_listed`)."""
+    if config.target_modules == "all-linear":
+        config = all_linear_as_peft_resolves_it(config, model)
+    return sorted({within_layer(name) for name in parameters_named(model, config.target_parameters or ())})
+
+
 def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
     """Limit `config` to the text decoder's layers from `fraction` of its depth up (lora.from_layer). PEFT takes
     layers_to_transform with a list of module names alone, and applies it to modules alone, so all-linear is spelt
@@ -502,18 +511,20 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
             with gate_up_pattern_warning_unsaid():
                 model = get_peft_model(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
+            weights = (
+                f"the weights of this mixture-of-experts model that lora.target_modules adapts as parameters "
+                f"({', '.join(adapted_as_parameters(config, model))})"
+            )
             if "ParamWrapper does not work with lora_dropout" in str(e):
                 raise ConfigError(
-                    f"{cfg.key_at('lora.dropout')}: {cfg.lora.dropout:g}, but PEFT's adapters on this "
-                    "mixture-of-experts model's fused expert weights (and router), which lora.target_modules "
-                    "adapts, take no dropout; set lora.dropout to 0, or list target_modules without them (such as "
-                    "[q_proj, k_proj, v_proj, o_proj])."
+                    f"{cfg.key_at('lora.dropout')}: {cfg.lora.dropout:g}, but PEFT's adapters on {weights} take no "
+                    "dropout; set lora.dropout to 0, or list target_modules without them (such as [q_proj, k_proj, "
+                    "v_proj, o_proj])."
                 ) from None
             if "ParamWrapper does not work with use_dora" in str(e):
                 raise ConfigError(
-                    f"{cfg.key_at('method')}: dora, but PEFT's adapters on this mixture-of-experts model's fused "
-                    "expert weights (and router), which lora.target_modules adapts, have no DoRA; use method: lora, or "
-                    "list target_modules without them (such as [q_proj, k_proj, v_proj, o_proj])."
+                    f"{cfg.key_at('method')}: dora, but PEFT's adapters on {weights} have no DoRA; use method: lora, "
+                    "or list target_modules without them (such as [q_proj, k_proj, v_proj, o_proj])."
                 ) from None
             raise ConfigError(
                 f"lora.target_modules does not fit this model: {e} The model's linear layers "
