@@ -242,6 +242,21 @@ def test_template_errors_are_row_problems():
     assert [p.code for p in results[1]] == ["template_error"] and "no tools here" in results[1][0].message
 
 
+def test_a_template_that_recurses_without_end_on_a_row_is_that_rows_problem():
+    """Jinja renders a macro's call by recursion: a template that calls one without end on some rows refuses
+    those rows, as a template that raises does, and renders the others."""
+    recurse = (
+        "{% macro again() %}{{ again() }}{% endmacro %}"
+        "{% for m in messages if m.role == 'tool' %}{{ again() }}{% endfor %}"
+    )
+    renderer = ChatRenderer(tokenizer_with_template(recurse + TINY_TEMPLATE))
+    good = Conversation([Message("user", "Hi"), Message("assistant", "Hello")])
+    bad = Conversation([Message("user", "Hi"), Message("tool", "42"), Message("assistant", "Hello")])
+    results = renderer.render([good, bad])
+    assert not isinstance(results[0], list)
+    assert [p.code for p in results[1]] == ["template_error"] and "recursion" in results[1][0].message
+
+
 def test_a_tokenizer_without_chat_template_gets_chatml():
     tok = tokenizer_with_template(None)
     renderer = ChatRenderer(tok)

@@ -74,7 +74,9 @@ _PROBE_CONTENT = "tuneforge_probe_content"
 # Mistral's template takes only call ids of 9 letters and digits.
 _PROBE_CALL = {"id": "probe0001", "type": "function", "function": {"name": "tuneforge_probe_tool", "arguments": {}}}
 _SHORT_PIECE_CHARS = 64  # piece beginnings up to this long are cached ("assistant\n", "\n")
-_TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError)  # what a template can raise on odd input
+# What a template can raise on odd input; RecursionError: Jinja compiles and renders nested blocks, brackets and
+# macros by recursion.
+_TEMPLATE_FAILURES = (TemplateError, TypeError, ValueError, RecursionError)
 
 _tokenizing: tuple[int, ThreadPoolExecutor] | None = None  # (process id, its tokenizing thread)
 
@@ -998,8 +1000,7 @@ def check_template(tokenizer, where: str) -> None:
         try:
             prompt, without = render(probe[:first_reply], True), render(probe[:first_reply], False)
             replied = render(probe[: first_reply + 1], False)
-        # RecursionError: Jinja compiles and renders nested blocks, brackets and macros by recursion.
-        except (*_TEMPLATE_FAILURES, AttributeError, KeyError, IndexError, RecursionError) as err:
+        except (*_TEMPLATE_FAILURES, AttributeError, KeyError, IndexError) as err:
             failure = failure or err
             continue
         break
