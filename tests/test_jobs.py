@@ -737,6 +737,31 @@ def test_a_tuneforge_chat_template_that_fails_on_the_training_files_rows_is_refu
     assert not [job for job in client.fine_tuning.jobs.list() if job.training_file == train.id]
 
 
+def test_a_tuneforge_chat_template_that_rewrites_earlier_turns_is_refused_when_the_job_is_created(
+    server, tiny_model_dir
+):
+    """A template that writes the system prompt only where the conversation ends with a user message renders the
+    prompt one way when asked for the reply and another once it follows: no reply of the file could train."""
+    client = server.client()
+    train = upload(client, chat_rows(4))
+    template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{% if messages[-1].role == 'user' %}"
+        "[system]\n{{ m.content }}{{ eos_token }}{% endif %}{% else %}[{{ m.role }}]\n{{ m.content }}{{ eos_token }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}[assistant]\n{% endif %}"
+    )
+    field = "method.supervised.hyperparameters.tuneforge_chat_template"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.create(
+            model=str(tiny_model_dir),
+            training_file=train.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"tuneforge_chat_template": template}}},
+        )
+    message = caught.value.body["message"]
+    assert caught.value.param == field, message
+    assert message.startswith(f"{field}: on {train.id} line 1, ") and "one way when asked for that reply" in message
+    assert not [job for job in client.fine_tuning.jobs.list() if job.training_file == train.id]
+
+
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     client = server.client()
     bad = upload(client, chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')

@@ -20,6 +20,7 @@ from ..store import ACTIVE, FINISHED, Job, event, new_id, now
 from .files import own_file
 
 FIRST_ROWS = 8  # the training file's rows a job's chat template is rendered on when the job is created
+TEMPLATE_FAULTS = ("template_error", "template_not_prefix")  # the rendering problems a job's template causes
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", dependencies=[Depends(caller)])
 
@@ -125,9 +126,9 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
 def render_first_rows_with_template(config: Config, training_file: str, method_param: str) -> None:
     """A 400 naming the template's line and the row, where the job's tuneforge_chat_template fails on one of the
     training file's first rows: a template that compiles may still raise when it renders (raise_exception, an
-    index past the messages, a filter Jinja has not), which validating the files would find only after the job
-    is queued. A base model not yet on this server has no tokenizer here; its job's rows are all rendered while
-    validating."""
+    index past the messages, a filter Jinja has not), or rewrite a conversation's earlier turns once a reply
+    follows (template_not_prefix), which validating the files would find only after the job is queued. A base
+    model not yet on this server has no tokenizer here; its job's rows are all rendered while validating."""
     param = f"{method_param}.hyperparameters.tuneforge_chat_template"
     try:
         source = resolve(config.base_model, pull_missing=False)
@@ -137,7 +138,7 @@ def render_first_rows_with_template(config: Config, training_file: str, method_p
         tokenizer = run_tokenizer(config, source)
     except ConfigError as err:  # the job's template is the tokenizer's only setting a job gives
         raise APIError(400, err.message, param=param, code="invalid_value") from err
-    failed = [p for p in render_first_rows(config.data, tokenizer, FIRST_ROWS) if p.code == "template_error"]
+    failed = [p for p in render_first_rows(config.data, tokenizer, FIRST_ROWS) if p.code in TEMPLATE_FAULTS]
     if failed:
         raise APIError(
             400,
