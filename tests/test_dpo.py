@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from conftest import tiny_run_config
 from tiny import tiny_llama
 
@@ -420,17 +419,6 @@ def test_config_takes_each_loss_with_its_own_keys_only():
     ):
         with pytest.raises(ConfigError, match=keys):
             dpo_section(**section)
-
-
-def test_orpo_refuses_a_beta_written_at_its_default_and_loads_a_saved_config():
-    """Whether dpo.beta was written decides, not its value: 0.1 is also the default."""
-    with pytest.raises(ConfigError, match="loss: orpo has no beta"):
-        load_config({"method": "dpo", "dpo": {"loss": "orpo", "beta": 0.1}, "data": {"train": "x"}})
-    # A run's saved config.yaml writes every key, beta at its default among them.
-    saved = load_config({"method": "dpo", "dpo": {"loss": "orpo"}, "data": {"train": "x"}}).to_yaml()
-    assert load_config(yaml.safe_load(saved)).dpo.loss == "orpo"
-    with pytest.raises(ConfigError, match="loss: orpo has no beta"):
-        load_config({**yaml.safe_load(saved), "dpo": {**yaml.safe_load(saved)["dpo"], "beta": 0.5}})
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])

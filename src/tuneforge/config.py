@@ -1128,15 +1128,10 @@ class Config(Strict):
             )
 
     def _check_dpo_keys(self) -> None:
-        """Refuse a dpo key that the chosen dpo.loss does not read, when the config wrote it."""
+        """Refuse a dpo key that the chosen dpo.loss does not read (a value other than its default: a run's
+        saved config.yaml writes every key)."""
         d, defaults = self.dpo, DPOConfig.model_fields
         loss = d.loss
-        # A run's saved config.yaml writes every key of the section: there a key at its default is not the user's.
-        saved = d.model_fields_set >= defaults.keys()
-
-        def written(key: str) -> bool:
-            return key in d.model_fields_set and not (saved and getattr(d, key) == defaults[key].default)
-
         if loss in ("ipo", "orpo", "kto") and d.label_smoothing:
             raise KeysError(
                 f"dpo.label_smoothing is for loss: sigmoid or simpo (conservative DPO); {loss} has none, so set it "
@@ -1144,7 +1139,7 @@ class Config(Strict):
                 "dpo.loss",
                 "dpo.label_smoothing",
             )
-        if loss == "orpo" and written("beta"):
+        if loss == "orpo" and d.beta != defaults["beta"].default:
             raise KeysError(
                 "loss: orpo has no beta (it compares no reference); its odds-ratio weight is dpo.orpo_lambda "
                 "(TRL's ORPOConfig.beta): set that instead and leave dpo.beta out",
@@ -1153,7 +1148,7 @@ class Config(Strict):
             )
         owners = (("simpo_gamma", "simpo"), ("orpo_lambda", "orpo"), ("desirable_weight", "kto"))
         for key, owner in (*owners, ("undesirable_weight", "kto")):
-            if loss != owner and written(key):
+            if loss != owner and getattr(d, key) != defaults[key].default:
                 raise KeysError(
                     f"dpo.{key} is for loss: {owner}, and this run's loss is {loss}; set dpo.loss: {owner}, or "
                     f"leave dpo.{key} out",
