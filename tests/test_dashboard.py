@@ -408,3 +408,40 @@ def test_a_runs_page_shows_its_multiple_choice_benchmarks_as_its_report_does(tmp
         page = client.get("/ui/runs/quizzed").text
     assert "multiple choice on 2 questions of house-quiz.jsonl" in page
     assert "change (paired)" in page and "1 gained, 0 lost" in page
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b'{"step": 2, "tra', "not JSON"),  # a line cut short, with whole lines after it
+        (b"[1, 2]", "not a JSON object"),
+        (b"null", "not a JSON object"),
+        (b'{"train_loss": 2.0}', "`step` is not an integer"),
+        (b'{"step": "2", "train_loss": 2.0}', "`step` is not an integer"),
+        (b'{"step": 2, "train_loss": "<b>low</b>"}', "`train_loss` is not a number"),
+        (b'{"step": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests arrays or objects too deeply"),
+        (b'{"step": 2, "train_loss": ' + b"9" * 5000 + b"}", "more than 4,300 digits"),
+        (b'{"step": 2, "train_loss": 1.0}\xff', "not UTF-8"),
+    ],
+)
+def test_a_metrics_line_that_is_not_a_step_record_is_noted_on_its_run_and_the_others_still_show(
+    tmp_path, line, problem
+):
+    write_run(tmp_path / "good")
+    folder = write_run(tmp_path / "bad", finished=False)
+    with open(folder / "metrics.jsonl", "ab") as f:  # after six whole records, and before a seventh
+        f.write(line + b'\n{"step": 7, "train_loss": 2.2}\n')
+    with TestClient(create_ui_app(tmp_path)) as client:
+        listing = client.get("/ui/")
+        assert listing.status_code == 200 and 'href="/ui/runs/good"' in listing.text
+        [bad_row] = re.findall(r'<tr data-run="bad">.*?</tr>', listing.text, re.S)
+        assert "<td>7</td>" in bad_row  # the step of the last whole record
+        if len(line) < 4096:  # the list reads the last 8 KiB of the file: here all of it
+            assert "metrics.jsonl line 7" in bad_row and html.escape(problem, quote=False) in bad_row
+        for url in ("/ui/runs/bad", "/ui/live/bad", "/ui/compare?run=good&run=bad"):
+            page = client.get(url)
+            assert page.status_code == 200, (url, page.text[:300])
+            assert "<b>low</b>" not in page.text
+        run = client.get("/ui/runs/bad").text
+        assert "metrics.jsonl line 7" in run and html.escape(problem, quote=False) in run
+        assert 'id="train-curve"' in run  # the whole records still draw their curve

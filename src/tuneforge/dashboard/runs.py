@@ -19,6 +19,7 @@ import yaml
 
 from ..config import dotted
 from ..data.prepare import refuses
+from ..errors import unreadable_json
 from ..eval.report import (
     choices_table,
     examples_table,
@@ -26,7 +27,6 @@ from ..eval.report import (
     learning_rate_figure,
     loss_figure,
     metrics_table,
-    read_metrics,
     reward_figures,
     svg,
 )
@@ -80,6 +80,7 @@ class RunRow:
     step: int = 0
     total_steps: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # what its folder's files hold that the views left out
 
     @property
     def active(self) -> bool:
@@ -117,7 +118,7 @@ def number(value) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or (isinstance(seconds, float) and not math.isfinite(seconds)):
         return "-"
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
@@ -125,10 +126,17 @@ def duration(seconds: float | None) -> str:
 
 
 class RunFolder:
-    """Read-only views of one run folder; nothing here trusts a file to exist or be whole."""
+    """Read-only views of one run folder; nothing here trusts a file to exist or be whole. What a view finds
+    in a file that is not as its writer writes it, it leaves out and describes in `problems`, which the run's
+    row and page show."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.problems: list[str] = []
+
+    def _note(self, problem: str) -> None:
+        if problem not in self.problems:
+            self.problems.append(problem)
 
     def config(self) -> dict:
         path = self.path / "config.yaml"
@@ -143,7 +151,12 @@ class RunFolder:
         return _json(self.path / "summary.json")
 
     def metrics(self) -> list[dict]:
-        return read_metrics(self.path)
+        """The records of metrics.jsonl; a last line still being written (no newline yet) is left out."""
+        try:
+            data = (self.path / "metrics.jsonl").read_bytes()
+        except OSError:
+            return []
+        return self._records(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], lambda i: f"line {i + 1}")
 
     def last_metrics(self) -> dict:
         """The last step's record, read from the end of metrics.jsonl (a long run's file is not read whole)."""
@@ -152,21 +165,34 @@ class RunFolder:
             with open(path, "rb") as f:
                 start = max(0, f.seek(0, 2) - 8192)
                 f.seek(start)
-                lines = f.read().decode("utf-8", errors="replace").split("\n")
+                lines = f.read().split(b"\n")
         except OSError:
             return {}
         # A read from inside the file starts mid-line; the last line is empty or still being written.
         lines = lines[1 if start else 0 : -1]
         merged: dict = {}
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("step") != merged.get("step"):
+        for record in self._records(
+            lines, lambda i: f"line {len(lines) - i} from its end" if start else f"line {i + 1}"
+        ):
+            if record["step"] != merged.get("step"):
                 merged = {}
             merged.update(record)
         return merged
+
+    def _records(self, lines: list[bytes], where) -> list[dict]:
+        """The step records of metrics.jsonl's `lines`; a line that is not one is noted, naming it by `where(i)`."""
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            record, wrong = step_record(line)
+            if wrong is None:
+                records.append(record)
+            else:
+                self._note(
+                    f"metrics.jsonl {where(i)} is not a step's record: {wrong}. The curves and figures leave it out."
+                )
+        return records
 
     def data_report(self) -> dict | None:
         return _json(self.path / "data_report.json")
@@ -280,6 +306,25 @@ def metric_events(metrics: list[dict], checkpoint_steps: list[int], summary: dic
     if summary:
         found.append((math.inf, f"Run {summary.get('status', 'completed')} after {summary.get('steps', '?')} steps"))
     return [Event(None, message) for _, message in sorted(found, key=lambda event: event[0], reverse=True)]
+
+
+def step_record(line: bytes) -> tuple[dict | None, str | None]:
+    """A line of metrics.jsonl as the training loop writes it (a JSON object with an integer `step` and figures
+    that are numbers or null), or why it is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return None, f"byte {err.start + 1} is not UTF-8"
+    except (ValueError, RecursionError) as err:
+        return None, f"it {unreadable_json(err) or f'is not JSON ({err})'}"
+    if not isinstance(record, dict):
+        return None, "it is not a JSON object"
+    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        return None, "its `step` is not an integer"
+    for key, value in record.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return None, f"its `{key}` is not a number"
+    return record, None
 
 
 def _json(path: Path):

@@ -50,6 +50,7 @@ def _row_from_folder(folder: RunFolder, **fields) -> RunRow:
     row.elapsed_s = metrics.get("elapsed", row.elapsed_s)
     row.step = metrics.get("step", row.step) or row.step
     row.total_steps = summary.get("steps", row.total_steps)
+    row.problems = folder.problems
     return row
 
 
