@@ -445,3 +445,48 @@ def test_a_metrics_line_that_is_not_a_step_record_is_noted_on_its_run_and_the_ot
         run = client.get("/ui/runs/bad").text
         assert "metrics.jsonl line 7" in run and html.escape(problem, quote=False) in run
         assert 'id="train-curve"' in run  # the whole records still draw their curve
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("config.yaml", b"base_model: \xff\n", "config.yaml is not UTF-8"),
+        ("config.yaml", b"train: [\n: b", "config.yaml line 2 is not YAML"),
+        ("config.yaml", b"- 1\n- 2\n", "config.yaml is not a mapping of settings"),
+        ("summary.json", b"[1]", "summary.json is not a JSON object"),
+        (
+            "summary.json",
+            b'{"status": "completed", "steps": 6, "metrics": "low"}',
+            "summary.json is not as tuneforge writes it: its `metrics` is not an object",
+        ),
+        ("summary.json", b'{"status": {"a": 1}, "steps": "six"}', "its `status` is not a text"),
+        ("summary.json", b'{"status": "completed", "metrics": {"step": 6, "elapsed": 1e400}}', None),
+        ("summary.json", b'{"metrics": {"step": 6, "elapsed": "long"}}', "in its `metrics`, `elapsed` is not a number"),
+        ("data_report.json", b"[1]", "data_report.json is not a JSON object"),
+        (
+            "data_report.json",
+            b'{"errors": [1, "x"], "counts": [1], "files": 5}',
+            "data_report.json is not as tuneforge writes it: its `counts` is not an object",
+        ),
+        ("data_report.json", b'{"errors": [{"code": ["x"]}]}', "its `errors.0.code` is not a text"),
+        ("data_report.json", b'{"counts": {"rejected_by_code": 5}}', "its `counts.rejected_by_code` is not an object"),
+    ],
+)
+def test_a_run_file_of_the_wrong_shape_is_noted_on_its_run_and_the_others_still_show(tmp_path, name, content, problem):
+    write_run(tmp_path / "good")
+    folder = write_run(tmp_path / "bad")
+    (folder / name).write_bytes(content)
+    if name == "data_report.json":  # the list reads the report of a run that stopped at its data check
+        for written in ("config.yaml", "metrics.jsonl", "summary.json"):
+            (folder / written).unlink()
+    with TestClient(create_ui_app(tmp_path)) as client:
+        listing = client.get("/ui/")
+        assert listing.status_code == 200 and 'href="/ui/runs/good"' in listing.text
+        [bad_row] = re.findall(r'<tr data-run="bad">.*?</tr>', listing.text, re.S)
+        assert problem is None or html.escape(problem, quote=False) in bad_row
+        for url in ("/ui/runs/bad", "/ui/live/bad", "/ui/compare?run=good&run=bad", "/ui/playground", "/ui/api/models"):
+            page = client.get(url)
+            assert page.status_code == 200, (url, page.text[:300])
+        assert problem is None or html.escape(problem, quote=False) in client.get("/ui/runs/bad").text
+        hello = [{"role": "user", "content": "hi"}]
+        assert client.post("/v1/chat/completions", json={"model": "nope", "messages": hello}).status_code == 404

@@ -145,10 +145,35 @@ class RunFolder:
         except OSError:
             return {}
         # Parsed again only when the file changes: the list reads every run's config on each load.
-        return dict(_config(str(path), stat.st_mtime_ns, stat.st_size) or {})
+        config, problem = _config(str(path), stat.st_mtime_ns, stat.st_size)
+        if problem is not None:
+            self._note(problem)
+        return dict(config)
 
     def summary(self) -> dict | None:
-        return _json(self.path / "summary.json")
+        summary = self._object("summary.json", SUMMARY_SHAPE)
+        if summary and (wrong := _figures_problem(summary.get("metrics") or {})):
+            self._note(f"summary.json is not as tuneforge writes it: in its `metrics`, {wrong}; the file is left out.")
+            return None
+        return summary
+
+    def _object(self, name: str, shape: dict) -> dict | None:
+        """The JSON object in the folder's file `name`, None without one; a file that holds something else, or
+        an object not of its writer's `shape` (`_misshapen`), is noted and left out."""
+        try:
+            data = (self.path / name).read_bytes()
+        except OSError:
+            return None
+        found, wrong = _parsed(data)
+        if wrong is None and not isinstance(found, dict):
+            wrong = "is not a JSON object"
+        if wrong is None:
+            wrong = _misshapen(found, shape)
+            wrong = wrong and f"is not as tuneforge writes it: its {wrong}"
+        if wrong is not None:
+            self._note(f"{name} {wrong}; the file is left out.")
+            return None
+        return found
 
     def metrics(self) -> list[dict]:
         """The records of metrics.jsonl; a last line still being written (no newline yet) is left out."""
@@ -195,7 +220,7 @@ class RunFolder:
         return records
 
     def data_report(self) -> dict | None:
-        return _json(self.path / "data_report.json")
+        return self._object("data_report.json", DATA_REPORT_SHAPE)
 
     def validation_samples(self) -> list[dict]:
         """The last `SAMPLE_STEPS_SHOWN` records of the run folder's samples.jsonl (`train.eval_samples`; not
@@ -308,23 +333,66 @@ def metric_events(metrics: list[dict], checkpoint_steps: list[int], summary: dic
     return [Event(None, message) for _, message in sorted(found, key=lambda event: event[0], reverse=True)]
 
 
+def _parsed(data: bytes):
+    """The JSON value in `data` and None, or None and why it cannot be read (the end of a sentence about it)."""
+    try:
+        return json.loads(data.decode("utf-8")), None
+    except UnicodeDecodeError as err:
+        return None, f"is not UTF-8 (byte {err.start + 1})"
+    except (ValueError, RecursionError) as err:
+        return None, unreadable_json(err) or f"is not JSON ({err})"
+
+
+# What the dashboard reads of summary.json and data_report.json, in the shapes their writers give it: a type, an
+# object's keys with their shapes, or a list of items of one shape. A key may be missing or null.
+SUMMARY_SHAPE = {"status": str, "steps": int, "metrics": dict}
+DATA_REPORT_SHAPE = {
+    "counts": {"rejected_by_code": dict},
+    "tokens": dict,
+    "config": {"on_error": str},
+    "files": [dict],
+    "warnings": [dict],
+    "errors": [{"code": str}],
+}
+_KINDS = {dict: "an object", list: "a list", str: "a text", int: "an integer"}
+
+
+def _misshapen(value, shape, where: str = "") -> str | None:
+    """Where `value` is not of `shape` (see SUMMARY_SHAPE), in words (`errors.0.code` is not a text); None where
+    it is."""
+    kind = dict if isinstance(shape, dict) else list if isinstance(shape, list) else shape
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        return f"`{where}` is not {_KINDS[kind]}"
+    if isinstance(shape, dict):
+        inner = [(key, value.get(key), item_shape) for key, item_shape in shape.items()]
+    else:
+        inner = [(i, item, shape[0]) for i, item in enumerate(value)] if isinstance(shape, list) else []
+    for key, item, item_shape in inner:
+        if item is not None and (wrong := _misshapen(item, item_shape, f"{where}.{key}" if where else str(key))):
+            return wrong
+    return None
+
+
 def step_record(line: bytes) -> tuple[dict | None, str | None]:
     """A line of metrics.jsonl as the training loop writes it (a JSON object with an integer `step` and figures
     that are numbers or null), or why it is not one."""
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        return None, f"byte {err.start + 1} is not UTF-8"
-    except (ValueError, RecursionError) as err:
-        return None, f"it {unreadable_json(err) or f'is not JSON ({err})'}"
+    record, wrong = _parsed(line)
+    if wrong is not None:
+        return None, f"it {wrong}"
     if not isinstance(record, dict):
         return None, "it is not a JSON object"
     if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
         return None, "its `step` is not an integer"
+    wrong = _figures_problem(record)
+    return (None, f"its {wrong}") if wrong else (record, None)
+
+
+def _figures_problem(record: dict) -> str | None:
+    """Which of a step's figures is not a number or null, in words; None when all are."""
     for key, value in record.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return None, f"its `{key}` is not a number"
-    return record, None
+            return f"`{key}` is not a number"
+    return None
 
 
 def _json(path: Path):
@@ -335,9 +403,21 @@ def _json(path: Path):
 
 
 @lru_cache(maxsize=1024)
-def _config(path: str, mtime_ns: int, size: int) -> dict | None:
+def _config(path: str, mtime_ns: int, size: int) -> tuple[dict, str | None]:
+    """config.yaml's settings and None, or {} and why it has none."""
+    unused = "the run's settings are not shown"
     try:
         loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YAML_LOADER)
-    except (OSError, yaml.YAMLError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
+    except OSError:
+        return {}, None
+    except UnicodeDecodeError as err:
+        return {}, f"config.yaml is not UTF-8 (byte {err.start + 1}); {unused}."
+    except RecursionError:
+        return {}, f"config.yaml nests lists or mappings too deeply to be read; {unused}."
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        return {}, f"config.yaml{where} is not YAML ({getattr(err, 'problem', None) or err}); {unused}."
+    if not isinstance(loaded, dict):
+        return {}, f"config.yaml is not a mapping of settings; {unused}."
+    return loaded, None
