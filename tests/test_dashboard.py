@@ -490,3 +490,26 @@ def test_a_run_file_of_the_wrong_shape_is_noted_on_its_run_and_the_others_still_
         assert problem is None or html.escape(problem, quote=False) in client.get("/ui/runs/bad").text
         hello = [{"role": "user", "content": "hi"}]
         assert client.post("/v1/chat/completions", json={"model": "nope", "messages": hello}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        ({"before.json": "[1]", "after.json": "[2]"}, "eval/before.json is not a JSON object"),
+        ({"before.json": '{"loss": 1}', "after.json": '{"loss": {"a": 1}}'}, "eval/before.json and eval/after.json"),
+        ({"forgetting.json": '{"kl": 1}'}, "eval/forgetting.json"),
+        ({"benchmark_arc.json": '{"base": 1, "tuned": [1], "difference": "x"}'}, "eval/benchmark_arc.json"),
+        ({"samples.jsonl": '{"input": "q"}\n{"cut'}, "eval/samples.jsonl line 2"),
+        ({"samples.jsonl": '{"input": "<b>q</b>"}\n'}, "eval/samples.jsonl"),
+    ],
+)
+def test_evaluation_files_of_the_wrong_shape_are_noted_on_the_runs_page(tmp_path, files, problem):
+    folder = write_run(tmp_path / "run")
+    (folder / "eval").mkdir()
+    for name, text in files.items():
+        (folder / "eval" / name).write_text(text)
+    with TestClient(create_ui_app(tmp_path)) as client:
+        page = client.get("/ui/runs/run")
+        assert page.status_code == 200, page.text[:300]
+        assert html.escape(problem, quote=False) in page.text and "<b>q</b>" not in page.text
+        assert 'id="train-curve"' in page.text  # the rest of the page is there

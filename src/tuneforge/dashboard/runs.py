@@ -134,7 +134,7 @@ class RunFolder:
         self.path = Path(path)
         self.problems: list[str] = []
 
-    def _note(self, problem: str) -> None:
+    def note(self, problem: str) -> None:
         if problem not in self.problems:
             self.problems.append(problem)
 
@@ -147,13 +147,13 @@ class RunFolder:
         # Parsed again only when the file changes: the list reads every run's config on each load.
         config, problem = _config(str(path), stat.st_mtime_ns, stat.st_size)
         if problem is not None:
-            self._note(problem)
+            self.note(problem)
         return dict(config)
 
     def summary(self) -> dict | None:
         summary = self._object("summary.json", SUMMARY_SHAPE)
         if summary and (wrong := _figures_problem(summary.get("metrics") or {})):
-            self._note(f"summary.json is not as tuneforge writes it: in its `metrics`, {wrong}; the file is left out.")
+            self.note(f"summary.json is not as tuneforge writes it: in its `metrics`, {wrong}; the file is left out.")
             return None
         return summary
 
@@ -171,7 +171,7 @@ class RunFolder:
             wrong = _misshapen(found, shape)
             wrong = wrong and f"is not as tuneforge writes it: its {wrong}"
         if wrong is not None:
-            self._note(f"{name} {wrong}; the file is left out.")
+            self.note(f"{name} {wrong}; the file is left out.")
             return None
         return found
 
@@ -214,7 +214,7 @@ class RunFolder:
             if wrong is None:
                 records.append(record)
             else:
-                self._note(
+                self.note(
                     f"metrics.jsonl {where(i)} is not a step's record: {wrong}. The curves and figures leave it out."
                 )
         return records
@@ -232,20 +232,30 @@ class RunFolder:
         return sorted(int(f.name[5:]) for f in folders if f.name[5:].isdigit() and f.is_dir())
 
     def evaluation(self) -> dict[str, dict | None]:
-        eval_dir = self.path / "eval"
-        return {name: _json(eval_dir / f"{name}.json") for name in ("before", "after", "forgetting")}
+        return {name: self._object(f"eval/{name}.json", {}) for name in ("before", "after", "forgetting")}
 
-    def benchmarks(self) -> list[dict]:
+    def benchmarks(self) -> dict[str, dict]:
         """The multiple-choice benchmarks of the run's evaluation (`eval.benchmarks`): each file's base and tuned
-        figures and their paired change, as eval/benchmark_NAME.json holds them, by name."""
-        found = (_json(path) for path in sorted((self.path / "eval").glob("benchmark_*.json")))
-        return [b for b in found if b and {"base", "tuned", "difference"} <= set(b)]
+        figures and their paired change, as eval/benchmark_NAME.json holds them, by file."""
+        found = {f"eval/{path.name}": path for path in sorted((self.path / "eval").glob("benchmark_*.json"))}
+        return {name: b for name in found if (b := self._object(name, {})) is not None}
 
     def samples(self) -> list[dict]:
-        path = self.path / "eval" / "samples.jsonl"
-        if not path.is_file():
+        """eval/samples.jsonl's answers side by side; a line that is not a JSON object is noted and left out."""
+        try:
+            lines = (self.path / "eval" / "samples.jsonl").read_bytes().split(b"\n")
+        except OSError:
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        samples = []
+        for i, line in enumerate(lines):
+            if line.strip():
+                sample, wrong = _parsed(line)
+                wrong = wrong or (None if isinstance(sample, dict) else "is not a JSON object")
+                if wrong is None:
+                    samples.append(sample)
+                else:
+                    self.note(f"eval/samples.jsonl line {i + 1} {wrong}; the line is left out.")
+        return samples
 
     def changed_at(self) -> float | None:
         # data_report.json alone: the data is checked and the model is loading.
@@ -299,15 +309,27 @@ def evaluation_tables(folder: RunFolder) -> list:
     eval/report.py builds them."""
     found = folder.evaluation()
     tables = []
+
+    def add(files: str, table) -> None:
+        try:
+            tables.append(table())
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration):
+            # A figure is missing or of another type than `tuneforge eval` writes (a file edited, or another
+            # program's): the page shows the rest.
+            folder.note(f"{files} do not hold the figures `tuneforge eval` writes; their table is left out.")
+
     if found["before"] and found["after"]:
-        tables.append(metrics_table({"base": found["before"], "tuned": found["after"]}))
+        add(
+            "eval/before.json and eval/after.json",
+            lambda: metrics_table({"base": found["before"], "tuned": found["after"]}),
+        )
     if found["forgetting"]:
-        tables.append(forgetting_table(found["forgetting"]))
-    for b in folder.benchmarks():
-        tables.append(choices_table({"base": b["base"], "tuned": b["tuned"]}, b["difference"]))
+        add("eval/forgetting.json", lambda: forgetting_table(found["forgetting"]))
+    for name, b in folder.benchmarks().items():
+        add(name, lambda b=b: choices_table({"base": b["base"], "tuned": b["tuned"]}, b["difference"]))
     samples = folder.samples()
     if samples:
-        tables.append(examples_table(samples, n=SAMPLES_SHOWN))
+        add("eval/samples.jsonl", lambda: examples_table(samples, n=SAMPLES_SHOWN))
     return tables
 
 
@@ -393,13 +415,6 @@ def _figures_problem(record: dict) -> str | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"`{key}` is not a number"
     return None
-
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 @lru_cache(maxsize=1024)
