@@ -513,3 +513,17 @@ def test_evaluation_files_of_the_wrong_shape_are_noted_on_the_runs_page(tmp_path
         assert page.status_code == 200, page.text[:300]
         assert html.escape(problem, quote=False) in page.text and "<b>q</b>" not in page.text
         assert 'id="train-curve"' in page.text  # the rest of the page is there
+
+
+def test_a_config_whose_aliases_expand_to_millions_of_values_is_noted_not_expanded(tmp_path):
+    folder = write_run(tmp_path / "bomb")
+    # Nine lines of YAML: each alias list holds nine of the one before, 9**8 values in all once expanded.
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    (folder / "config.yaml").write_text("base_model: tiny-base\n" + "\n".join(lines) + "\n")
+    with TestClient(create_ui_app(tmp_path)) as client:
+        started = time.perf_counter()
+        page = client.get("/ui/runs/bomb")
+        assert page.status_code == 200 and time.perf_counter() - started < 5
+        assert len(page.text) < 1_000_000 and "config.yaml holds more than 10,000 values" in page.text
+        assert "config.yaml holds more than" in client.get("/ui/").text

@@ -48,6 +48,8 @@ HEADLINE_METRICS = (
 # libyaml's parser where PyYAML has it: a run's whole config.yaml takes ~60 ms to parse in pure Python,
 # seconds for a list of 200 runs.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# The most values a config.yaml may hold, counted as its aliases expand: a run's whole config holds a few hundred.
+MAX_CONFIG_VALUES = 10_000
 # What a validation logs, and its name in the run's events.
 VALIDATION_FIGURES = (("valid_loss", "validation loss"), ("valid_reward", "validation reward"))
 
@@ -435,4 +437,25 @@ def _config(path: str, mtime_ns: int, size: int) -> tuple[dict, str | None]:
         return {}, f"config.yaml{where} is not YAML ({getattr(err, 'problem', None) or err}); {unused}."
     if not isinstance(loaded, dict):
         return {}, f"config.yaml is not a mapping of settings; {unused}."
+    if _holds_more_than(loaded, MAX_CONFIG_VALUES):
+        return {}, (
+            f"config.yaml holds more than {MAX_CONFIG_VALUES:,} values once its aliases (*name) are expanded, more "
+            f"than a run's settings; {unused}."
+        )
     return loaded, None
+
+
+def _holds_more_than(value, limit: int) -> bool:
+    """Whether `value` holds more than `limit` lists, mappings and values, counted only up to the limit (YAML's
+    aliases can make a few lines stand for billions of values)."""
+    count, unseen = 0, [value]
+    while unseen:
+        value = unseen.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(value, dict):
+            unseen.extend(value.values())
+        elif isinstance(value, list):
+            unseen.extend(value)
+    return False
