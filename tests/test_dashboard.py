@@ -527,3 +527,26 @@ def test_a_config_whose_aliases_expand_to_millions_of_values_is_noted_not_expand
         assert page.status_code == 200 and time.perf_counter() - started < 5
         assert len(page.text) < 1_000_000 and "config.yaml holds more than 10,000 values" in page.text
         assert "config.yaml holds more than" in client.get("/ui/").text
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "said"),
+    [
+        (b'{"file_id": "\\ud800", "model": "tiny"}', "file_id", "'file_id' is not Unicode text"),
+        (b'{"file_id": "file-1", "model": "tiny", "\\udc00": 1}', "\\udc00", "is not Unicode text"),
+        (b'{"file_id": "file-1", "model": "tiny", "method": 1}', "method", "Invalid value for 'method'"),
+    ],
+)
+def test_the_check_of_a_file_refuses_a_body_that_is_not_unicode_or_of_the_wrong_type_naming_it(
+    tmp_path, body, param, said
+):
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    app = create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=["key-a"], workers=0)
+    with TestClient(app) as client:
+        headers = {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
+        refused = client.post("/ui/api/check", content=body, headers=headers)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == param and said in error["message"]

@@ -22,9 +22,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
-from pydantic import BaseModel, ConfigDict
 
-from ..web import Pages, caller
+from ..web import Pages, RequestBody, caller
 from .runs import (
     HEADLINE_METRICS,
     RunFolder,
@@ -46,8 +45,7 @@ _templates = Environment(loader=PackageLoader("tuneforge.dashboard"), autoescape
 _templates.filters.update(number=number, duration=duration)
 
 
-class CheckBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CheckBody(RequestBody):
     file_id: str
     model: str
     method: Literal["supervised", "dpo"] = "supervised"
