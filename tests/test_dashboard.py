@@ -550,3 +550,13 @@ def test_the_check_of_a_file_refuses_a_body_that_is_not_unicode_or_of_the_wrong_
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert error["param"] == param and said in error["message"]
+
+
+@pytest.mark.parametrize("report", [{"tokens": {"trained": 1}}, {"errors_total": 1, "errors": [{}]}, {}])
+def test_a_data_report_missing_fields_shows_what_it_has(tmp_path, report):
+    folder = write_run(tmp_path / "run")
+    (folder / "data_report.json").write_text(json.dumps(report))
+    with TestClient(create_ui_app(tmp_path)) as client:
+        page = client.get("/ui/runs/run")
+    assert page.status_code == 200, page.text[:300]
+    assert 'id="data-report"' in page.text and 'id="train-curve"' in page.text

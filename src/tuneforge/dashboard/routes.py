@@ -20,7 +20,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import ChainableUndefined, Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from ..web import Pages, RequestBody, caller
@@ -41,7 +41,12 @@ PAGES = Pages(PREFIX, f"{PREFIX}/login", [f"{PREFIX}/static/"])
 POLL_MS = 2000
 MAX_COMPARED = 8
 
-_templates = Environment(loader=PackageLoader("tuneforge.dashboard"), autoescape=select_autoescape(default=True))
+# A field a run's file lacks (a data report without token counts) shows as blank, however deep the template reaches.
+_templates = Environment(
+    loader=PackageLoader("tuneforge.dashboard"),
+    autoescape=select_autoescape(default=True),
+    undefined=ChainableUndefined,
+)
 _templates.filters.update(number=number, duration=duration)
 
 
