@@ -560,3 +560,25 @@ def test_a_data_report_missing_fields_shows_what_it_has(tmp_path, report):
         page = client.get("/ui/runs/run")
     assert page.status_code == 200, page.text[:300]
     assert 'id="data-report"' in page.text and 'id="train-curve"' in page.text
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        (
+            '{"step": 1, "samples": 5}',
+            "samples.jsonl record 2 is not as tuneforge writes it: its `samples` is not a list",
+        ),
+        ('{"step": 1, "samples": [5]}', "its `samples.0` is not an object"),
+        ("[1, 2]", "samples.jsonl record 2 is not a JSON object"),
+    ],
+)
+def test_a_validation_samples_record_of_the_wrong_shape_is_noted_and_the_others_shown(tmp_path, record, problem):
+    folder = write_run(tmp_path / "run")
+    shown = {"step": 3, "samples": [{"example": 0, "answer": "kept answer", "reference": "r", "stopped": True}]}
+    (folder / "samples.jsonl").write_text(json.dumps(shown) + "\n" + record + "\n")
+    with TestClient(create_ui_app(tmp_path)) as client:
+        page = client.get("/ui/runs/run")
+        assert page.status_code == 200, page.text[:300]
+        assert "kept answer" in page.text and html.escape(problem, quote=False) in page.text
+        assert client.get("/ui/live/run").status_code == 200

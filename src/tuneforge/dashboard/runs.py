@@ -167,12 +167,7 @@ class RunFolder:
         except OSError:
             return None
         found, wrong = _parsed(data)
-        if wrong is None and not isinstance(found, dict):
-            wrong = "is not a JSON object"
-        if wrong is None:
-            wrong = _misshapen(found, shape)
-            wrong = wrong and f"is not as tuneforge writes it: its {wrong}"
-        if wrong is not None:
+        if (wrong := wrong or _unlike(found, shape)) is not None:
             self.note(f"{name} {wrong}; the file is left out.")
             return None
         return found
@@ -226,8 +221,15 @@ class RunFolder:
 
     def validation_samples(self) -> list[dict]:
         """The last `SAMPLE_STEPS_SHOWN` records of the run folder's samples.jsonl (`train.eval_samples`; not
-        eval/'s), newest first."""
-        return list(reversed(read_samples(self.path / SAMPLES_FILE)[-SAMPLE_STEPS_SHOWN:]))
+        eval/'s), newest first; a record not as training writes it is noted and left out."""
+        records = read_samples(self.path / SAMPLES_FILE)
+        first, shown = max(len(records) - SAMPLE_STEPS_SHOWN, 0), []
+        for number, record in enumerate(records[first:], start=first + 1):
+            if (wrong := _unlike(record, SAMPLES_SHAPE)) is None:
+                shown.append(record)
+            else:
+                self.note(f"{SAMPLES_FILE} record {number} {wrong}; it is left out.")
+        return list(reversed(shown))
 
     def checkpoint_steps(self) -> list[int]:
         folders = (self.path / "checkpoints").glob("step-*")
@@ -367,9 +369,10 @@ def _parsed(data: bytes):
         return None, unreadable_json(err) or f"is not JSON ({err})"
 
 
-# What the dashboard reads of summary.json and data_report.json, in the shapes their writers give it: a type, an
-# object's keys with their shapes, or a list of items of one shape. A key may be missing or null.
+# What the dashboard reads of summary.json, samples.jsonl and data_report.json, in the shapes their writers give
+# it: a type, an object's keys with their shapes, or a list of items of one shape. A key may be missing or null.
 SUMMARY_SHAPE = {"status": str, "steps": int, "metrics": dict}
+SAMPLES_SHAPE = {"step": int, "samples": [dict]}  # a record of samples.jsonl (`training/samples.py`)
 DATA_REPORT_SHAPE = {
     "counts": {"rejected_by_code": dict},
     "tokens": dict,
@@ -379,6 +382,15 @@ DATA_REPORT_SHAPE = {
     "errors": [{"code": str}],
 }
 _KINDS = {dict: "an object", list: "a list", str: "a text", int: "an integer"}
+
+
+def _unlike(found, shape: dict) -> str | None:
+    """How a JSON value read from a file is not an object of `shape`, as the end of a sentence about the file;
+    None where it is one."""
+    if not isinstance(found, dict):
+        return "is not a JSON object"
+    wrong = _misshapen(found, shape)
+    return wrong and f"is not as tuneforge writes it: its {wrong}"
 
 
 def _misshapen(value, shape, where: str = "") -> str | None:
