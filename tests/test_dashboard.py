@@ -582,3 +582,21 @@ def test_a_validation_samples_record_of_the_wrong_shape_is_noted_and_the_others_
         assert page.status_code == 200, page.text[:300]
         assert "kept answer" in page.text and html.escape(problem, quote=False) in page.text
         assert client.get("/ui/live/run").status_code == 200
+
+
+def test_a_jobs_page_notes_what_its_run_folder_holds_that_training_does_not_write(tmp_path):
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    app = create_api(tmp_path, store, api_keys=["key-a"], workers=0)
+    job = supervised_job("key-a", status="running", fine_tuned_model="ft:tiny:tuneforge::abc")
+    store.add(job)
+    folder = tmp_path / "runs" / job.id
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('[1]\n{"step": 1, "train_loss": 1.0}\n')
+    with TestClient(app) as client:
+        headers = {"Authorization": "Bearer key-a"}
+        for url in ("/ui/", f"/ui/runs/{job.id}", f"/ui/live/{job.id}"):
+            page = client.get(url, headers=headers)
+            assert page.status_code == 200 and "metrics.jsonl line 1 is not a step" in page.text, url

@@ -167,10 +167,10 @@ class JobRuns:
         job = self._job(owner, run_id)
         return RunFolder(self.service.runs / job.id) if job else None
 
-    def _row(self, job: Job) -> RunRow:
+    def _row(self, job: Job, folder: RunFolder | None = None) -> RunRow:
         end = job.finished_at or (time.time() if job.status == "running" else None)
         return _row_from_folder(
-            RunFolder(self.service.runs / job.id),
+            folder or RunFolder(self.service.runs / job.id),
             id=job.id,
             name=job.suffix or job.id,
             status=job.status,
@@ -204,7 +204,7 @@ class JobRuns:
         report = folder.data_report()
         names = {str(self.service.storage.path(row)): f"{row.id} ({row.filename})" for row in files.values() if row}
         return RunPage(
-            row=self._row(job),
+            row=self._row(job, folder),  # the page's folder: what its views note shows on the page
             folder=folder,
             events=[Event(e.created_at, e.message, e.level) for e in events],
             checkpoints=[Checkpoint(c.step, c.metrics, c.model) for c in checkpoints],
