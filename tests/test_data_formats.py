@@ -823,3 +823,23 @@ def test_a_raw_control_character_is_named_with_what_to_do(tmp_path):
     assert (problem.line, problem.code) == (1, "invalid_json")
     assert "a raw control character (0x00), which JSON strings take only escaped" in problem.message
     assert "at at" not in problem.message
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_too_deep_or_with_too_long_an_integer_is_a_problem_of_its_row(tmp_path, suffix):
+    big = json.dumps({**chat("Hi", "Hello"), "n": 0}).replace('"n": 0', '"n": ' + "9" * 5_000)
+    lines = ["[" * 10_000 + "]" * 10_000, json.dumps(chat("Hi", "Hello")), big]
+    path = tmp_path / f"train{suffix}"
+    path.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[\n" + ",\n".join(lines) + "\n]\n")
+    problems = errors(read(path))
+    said = [p.message.split(";")[0] for p in problems]
+    if suffix == ".jsonl":
+        assert [(p.line, p.code) for p in problems] == [(1, "invalid_json"), (3, "invalid_json")]
+        assert said == [
+            "the JSON nests arrays or objects too deeply to be read",
+            "the JSON has an integer of more than 4,300 digits, more than Python reads",
+        ]
+    else:  # the array's reader cannot tell where an element it gave up on ends, so it stops there
+        assert [(p.line, p.code) for p in problems] == [(2, "invalid_json")]
+        assert said == ["the JSON nests arrays or objects too deeply to be read"]
+        assert "The rest of the file was not read" in problems[0].message

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import unreadable_json
 from ..lone_surrogates import lone_surrogate
 from .schema import Problem
 
@@ -219,8 +220,10 @@ def _first_line_is_json(path: str) -> bool:
         return False
     try:
         json.loads(line)
-    except ValueError:  # not JSON, or not UTF-8
+    except json.JSONDecodeError:
         return False
+    except (RecursionError, ValueError) as e:  # JSON too deep or with too long an integer, or not UTF-8
+        return unreadable_json(e) is not None
     return True
 
 
@@ -274,6 +277,9 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
                         line=line_no,
                     ),
                 )
+                continue
+            except (RecursionError, ValueError) as e:  # well-formed JSON that Python's reader gives up on
+                yield line_no, _beyond_reading(path, line_no, unreadable_json(e), "Fix or delete this line.")
                 continue
             yield line_no, _without_lone_surrogates(path, line_no, text, value)
     if not seen_row:
@@ -333,6 +339,17 @@ def _document_items(path: str) -> Iterator[tuple[int, Any]]:
         yield 1, Problem("empty_file", "the document is empty. Put its text in it, or leave it out.", file=path, line=1)
         return
     yield 1, {"text": text}
+
+
+def _beyond_reading(path: str, line: int, what: str | None, what_to_do: str) -> Problem:
+    """The problem of a row that is JSON but that Python's JSON reader gives up on (`what`, from
+    `errors.unreadable_json`): nested deeper than its recursion goes, or an integer of more digits than it converts."""
+    return Problem(
+        "invalid_json",
+        f"the JSON {what or 'cannot be read'}; no training row needs that. {what_to_do}",
+        file=path,
+        line=line,
+    )
 
 
 def _too_large(path: str, line: int | None) -> Problem:
@@ -484,6 +501,17 @@ def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, 
                 if not window.read_more(at_least=len(window.text) - pos):
                     yield broken(e.pos, f"not valid JSON: {_json_error(e)}.")
                     return
+            except (RecursionError, ValueError) as e:
+                if (what := unreadable_json(e)) is None:  # bytes that are not UTF-8: _json_array_items says so
+                    raise
+                # Well-formed JSON that Python's reader gives up on; where the element ends is not known.
+                yield (
+                    start_line,
+                    _beyond_reading(
+                        path, start_line, what, "The rest of the file was not read; fix or remove this element."
+                    ),
+                )
+                return
         yield start_line, _without_lone_surrogates(path, start_line, window.text[pos:end], value)
         pos, count = end, count + 1
     if window.skip_whitespace(pos + 1) is not None:
