@@ -808,6 +808,17 @@ def test_gzip_compressed_files_are_read_as_the_kind_under_the_gz(tmp_path):
     assert problem.code == "unreadable_file" and "Rename it to plain.jsonl" in problem.message
 
 
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json", "train.csv", "notes.txt"])
+def test_a_gzip_file_without_the_gz_in_its_name_is_told_to_take_it(tmp_path, name):
+    import gzip
+
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(json.dumps(chat("Hi", "Hello")).encode() + b"\n"))
+    [(line, problem)] = read(path)
+    assert (line, problem.code, problem.file) == (None, "unreadable_file", str(path))
+    assert f"the file is gzip-compressed, but its name does not end in .gz. Rename it to {name}.gz" in problem.message
+
+
 def test_a_pretty_printed_json_lines_file_is_one_error_that_says_how_to_fix_it(tmp_path):
     path = tmp_path / "pretty.jsonl"
     path.write_text("\n" + "".join(json.dumps(chat(f"Q{i}?", f"A{i}."), indent=2) + "\n" for i in range(5)))

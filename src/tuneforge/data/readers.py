@@ -91,6 +91,13 @@ def open_rows(path: str | Path, *, header: bool = True) -> Rows:
             f"the name ends in .gz but the file is not gzip-compressed. Rename it to {p.stem}, or compress it with "
             f"`gzip {p.stem}`.",
         )
+    if not _compressed(path) and _is_gzip(path):
+        return _failed(
+            path,
+            "unreadable_file",
+            f"the file is gzip-compressed, but its name does not end in .gz. Rename it to {p.name}.gz, which is "
+            f"read decompressed (or decompress it: `gunzip -c {p.name} > plain-{p.name}`).",
+        )
     encoding = _wide_encoding(path)
     if encoding:
         return _failed(
