@@ -808,6 +808,30 @@ def test_gzip_compressed_files_are_read_as_the_kind_under_the_gz(tmp_path):
     assert problem.code == "unreadable_file" and "Rename it to plain.jsonl" in problem.message
 
 
+@pytest.mark.parametrize("name", ["train.jsonl.gz", "train.json.gz", "train.csv.gz", "notes.txt.gz"])
+@pytest.mark.parametrize("damage", ["cut short", "corrupt"])
+def test_a_damaged_gzip_file_is_a_problem_that_names_it(tmp_path, name, damage):
+    import gzip
+
+    rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(2000)]
+    if name.startswith("train.csv"):
+        text = "instruction,output\n" + "".join(f"Question {i}?,Answer {i}.\n" for i in range(2000))
+    elif name.startswith("train.jsonl"):
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        text = json.dumps(rows if name.startswith("train") else "A document. " * 2000)
+    data = gzip.compress(text.encode())
+    path = tmp_path / name
+    # Cut short: half the stream. Corrupt: the stream whole, its checksum wrong (gzip's trailer).
+    path.write_bytes(data[: len(data) // 2] if damage == "cut short" else data[:-8] + bytes(8))
+    items = read(path)
+    *_, (line, problem) = items
+    assert (line, problem.code, problem.file) == (None, "unreadable_file", str(path))
+    assert problem.message.startswith("the gzip data is damaged or cut short (")
+    assert f"`gzip -t {name}` tests a file" in problem.message
+    assert errors(items) == [problem]
+
+
 @pytest.mark.parametrize("name", ["train.jsonl", "train.json", "train.csv", "notes.txt"])
 def test_a_gzip_file_without_the_gz_in_its_name_is_told_to_take_it(tmp_path, name):
     import gzip

@@ -15,6 +15,7 @@ import csv
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,6 +79,16 @@ def open_rows(path: str | Path, *, header: bool = True) -> Rows:
     """Open a data file of any supported kind; problems with the file come out as `Problem` rows. A CSV file
     without a `header` line (MMLU's) has its first line read as a row, its columns named by position, 0 on."""
     path = str(path)
+    if not _compressed(path):
+        return _open_rows(path, header)
+    try:
+        rows = _open_rows(path, header)
+    except _DAMAGED_GZIP as e:
+        return _failed(path, "unreadable_file", _damaged_gzip(path, e, None))
+    return replace(rows, items=_until_damaged(path, rows.items))
+
+
+def _open_rows(path: str, header: bool) -> Rows:
     p = Path(path)
     if (missing := not_a_file(path)) is not None:
         return _failed(path, missing.code, missing.message)
@@ -172,6 +183,30 @@ def _suffix(path: str) -> str:
 def _is_gzip(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
+
+
+# What reading a gzip file raises where its data is cut short or corrupt.
+_DAMAGED_GZIP = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _until_damaged(path: str, items: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    """A gzip file's rows, ending in a Problem where its data turns out damaged."""
+    line = None
+    try:
+        for line, row in items:
+            yield line, row
+    except _DAMAGED_GZIP as e:
+        yield None, Problem("unreadable_file", _damaged_gzip(path, e, line), file=path)
+    finally:
+        getattr(items, "close", lambda: None)()
+
+
+def _damaged_gzip(path: str, cause: Exception, line: int | None) -> str:
+    unread = f"the rest of the file, after its row at line {line}," if line is not None else "the file"
+    return (
+        f"the gzip data is damaged or cut short ({cause}); {unread} was not read. Compress it again "
+        f"from the original, or download it again (`gzip -t {Path(path).name}` tests a file)."
+    )
 
 
 def _open_binary(path: str):
