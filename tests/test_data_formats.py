@@ -878,3 +878,20 @@ def test_json_too_deep_or_with_too_long_an_integer_is_a_problem_of_its_row(tmp_p
         assert [(p.line, p.code) for p in problems] == [(2, "invalid_json")]
         assert said == ["the JSON nests arrays or objects too deeply to be read"]
         assert "The rest of the file was not read" in problems[0].message
+
+
+def test_a_csv_line_longer_than_a_row_may_be_is_refused_without_reading_it_whole(tmp_path):
+    import tracemalloc
+
+    from tuneforge.data.readers import MAX_ROW_BYTES
+
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"prompt,completion\nSay hi,hi\nSay hi," + b"x" * (10 * MAX_ROW_BYTES) + b"\nSay ho,ho\n")
+    tracemalloc.start()
+    try:
+        items = read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(p.line, p.code) for p in errors(items)] == [(3, "row_too_large")]
+    assert peak < 4 * MAX_ROW_BYTES  # the line's 20 MiB never held at once

@@ -570,9 +570,12 @@ def _csv_rows(path: str, header_line: bool = True) -> Rows:
     f = (gzip.open if _compressed(path) else open)(
         path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline=""
     )
-    reader = csv.reader(f, delimiter=_delimiter(f))
+    reader = csv.reader(_csv_lines(f), delimiter=_delimiter(f))
     try:
         header = next(reader, None)
+    except _LineTooLong:
+        f.close()
+        return _failed(path, "row_too_large", _too_large(path, 1).message, line=1)
     except csv.Error as e:
         f.close()
         return _failed(path, "invalid_csv", f"cannot read the CSV header: {e}.", line=1)
@@ -583,8 +586,21 @@ def _csv_rows(path: str, header_line: bool = True) -> Rows:
     if not header_line:  # the first line is a row: read again from it, each cell kept under its position
         columns = [str(i) for i in range(len(header))]
         f.seek(0)
-        reader = csv.reader(f, delimiter=reader.dialect.delimiter)
+        reader = csv.reader(_csv_lines(f), delimiter=reader.dialect.delimiter)
     return Rows(path, "csv", columns, _csv_items(path, f, reader, columns), f)
+
+
+class _LineTooLong(Exception):
+    """A CSV line over MAX_ROW_BYTES, met before all of it is read."""
+
+
+def _csv_lines(f) -> Iterator[str]:
+    """A CSV file's lines for csv.reader, which reads a line whole: one line of gigabytes would be held in
+    memory, so a line is read MAX_ROW_BYTES at most, and a longer one raises _LineTooLong."""
+    while line := f.readline(MAX_ROW_BYTES + 1):
+        if len(line) > MAX_ROW_BYTES:
+            raise _LineTooLong
+        yield line
 
 
 _DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
@@ -610,8 +626,9 @@ def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, 
             line = next_line
             try:
                 cells = next(reader, None)
-            except csv.Error as e:
-                if "field larger than field limit" in str(e):  # csv's only sign of a field over MAX_ROW_BYTES
+            except (csv.Error, _LineTooLong) as e:
+                # "field larger than field limit" is csv's only sign of a field over MAX_ROW_BYTES.
+                if isinstance(e, _LineTooLong) or "field larger than field limit" in str(e):
                     problem = _too_large(path, line)
                     problem = replace(problem, message=f"{problem.message} The rest of the file was not read.")
                 else:
