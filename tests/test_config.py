@@ -706,6 +706,25 @@ def test_a_yaml_mistake_names_its_place_and_what_to_fix(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (
+            b"data:\n  train: a.jsonl\noutput_dir: caf\xe9\n",
+            "line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8",
+        ),
+        (b"data:\n  train: a.jsonl\r\noutput_dir: o\x00ut\n", "line 3: a control character (U+0000), which YAML"),
+        ("data:\n  train: a.jsonl\n".encode("utf-16"), "line 1: not UTF-8 text (byte 0xff)"),
+    ],
+)
+def test_a_config_file_that_is_not_utf8_text_is_refused_by_line(tmp_path, text, said):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.startswith(f"{path} {said}")
+
+
 @pytest.mark.parametrize("text", ["", "# base_model: smollm2-135m-instruct\n\n"])
 def test_an_empty_config_file_is_refused_as_empty(tmp_path, text):
     path = tmp_path / "cfg.yaml"

@@ -1575,7 +1575,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             )
         # One parse: the node tree gives each key's line, and the document is built from it. The lines are
         # read first: building the document flattens each merge key (`<<: *defaults`) into its mapping.
-        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        loader = yaml.SafeLoader(_config_text(path))
         try:
             node = loader.get_single_node()
             places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
@@ -1622,6 +1622,26 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         raise ConfigError(_format_validation_error(e, name, places)) from None
     config._source, config._places, config._names = name, places, names
     return config
+
+
+def _config_text(path: Path) -> str:
+    """A config file's text, refused by line where it is not UTF-8 or holds a character YAML does not take
+    (a NUL byte or another control character, as a binary or a UTF-16 file holds)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8 (for example "
+            f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`)."
+        ) from None
+    if bad := yaml.reader.Reader.NON_PRINTABLE.search(text):
+        raise ConfigError(
+            f"{path} line {text.count(chr(10), 0, bad.start()) + 1}: a control character (U+{ord(bad.group()):04X}), "
+            "which YAML does not take; remove it (NUL bytes mean a binary or a UTF-16 file: save it as UTF-8 text)."
+        )
+    return text
 
 
 def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str, int]:
