@@ -725,6 +725,24 @@ def test_a_config_file_that_is_not_utf8_text_is_refused_by_line(tmp_path, text, 
     assert e.value.message.startswith(f"{path} {said}")
 
 
+def test_aliases_that_never_end_or_multiply_past_reason_are_refused_by_line(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    laughs = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else '0'] * 9)}]\n" for i in range(9))
+    path.write_text("data:\n  train: a.jsonl\n" + laughs)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)  # 9 ** 9 items: never reached
+    assert e.value.message == (
+        f"{path} line 8: l5, with its aliases (*name), holds over 100,000 keys and list items, which no run needs "
+        "(aliases of aliases multiply); write the values out, or alias each once."
+    )
+    path.write_text("data: &d\n  train: a.jsonl\n  more: [*d]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.startswith(f"{path} line 1: data.more.0 holds an alias (*name) of the list or mapping it")
+    path.write_text("data:\n  train: a.jsonl\nlora:\n  target_modules: &m [q_proj, v_proj]\n  modules_to_save: *m\n")
+    assert load_config(path).lora.modules_to_save == ["q_proj", "v_proj"]  # an alias of a list, not of itself
+
+
 @pytest.mark.parametrize("text", ["", "# base_model: smollm2-135m-instruct\n\n"])
 def test_an_empty_config_file_is_refused_as_empty(tmp_path, text):
     path = tmp_path / "cfg.yaml"

@@ -1644,38 +1644,65 @@ def _config_text(path: Path) -> str:
     return text
 
 
-def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str, int]:
+def _key_lines(node: yaml.Node | None, path: Path) -> dict[str, int]:
     """The line of each key and list item in a YAML document, by dotted key (list items by index: `data.train.0`).
 
     YAML reads a key given twice in one mapping as its last value, dropping the first without a word (a
     second `train:` section replaces the first whole): such a key is refused, naming both lines. A key that
     a merge key (`<<: *defaults`) brings in is placed where the merged mapping sets it, and yields to the
-    mapping's own key of that name, as YAML's merge does."""
-    lines = {}
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[f"{prefix}{i}"] = item.start_mark.line + 1
-            lines |= _key_lines(item, path, f"{prefix}{i}.")
-    elif isinstance(node, yaml.MappingNode):
-        merged: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                # `<<: *a` or `<<: [*a, *b]`: of the merged mappings, the first to set a key gives it.
-                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-                for source in reversed(sources):
-                    merged |= _key_lines(source, path, prefix)
-                continue
-            key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
-            if key in lines:
-                raise ConfigError(
-                    f"{path} line {line}: {key} is given twice (also on line {lines[key]}), and YAML would keep "
-                    "only this one; merge the two into one."
-                )
-            lines[key] = line
-            lines |= _key_lines(value_node, path, f"{key}.")
-        own = {key.removeprefix(prefix).split(".", 1)[0] for key in lines}
-        lines |= {key: line for key, line in merged.items() if key.removeprefix(prefix).split(".", 1)[0] not in own}
-    return lines
+    mapping's own key of that name, as YAML's merge does.
+
+    An alias (`*name`) stands for its anchor's whole list or mapping: one inside the anchor's own value
+    makes the document endless, and aliases of aliases multiply (nine of nine, nine deep, are a "billion
+    laughs", hundreds of millions of items): both are refused, a document past MOST_KEYS keys and items."""
+    count = 0
+
+    def walk(node: yaml.Node | None, prefix: str, within: tuple[yaml.Node, ...], top: str) -> dict[str, int]:
+        """`top` is the top-level key the node is under, with its line."""
+        nonlocal count
+        if any(node is outer for outer in within):
+            raise ConfigError(
+                f"{path} line {node.start_mark.line + 1}: {prefix.rstrip('.')} holds an alias (*name) of the list "
+                "or mapping it is in, which never ends; write the value out instead."
+            )
+        within = (*within, node)
+        count += len(node.value) if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else 0
+        if count > MOST_KEYS:
+            raise ConfigError(
+                f"{path} {top}, with its aliases (*name), holds over {MOST_KEYS:,} keys and list items, which no "
+                "run needs (aliases of aliases multiply); write the values out, or alias each once."
+            )
+        lines = {}
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[f"{prefix}{i}"] = item.start_mark.line + 1
+                lines |= walk(item, f"{prefix}{i}.", within, top)
+        elif isinstance(node, yaml.MappingNode):
+            merged: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    # `<<: *a` or `<<: [*a, *b]`: of the merged mappings, the first to set a key gives it.
+                    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    for source in reversed(sources):
+                        merged |= walk(source, prefix, within, top)
+                    continue
+                key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(
+                        f"{path} line {line}: {key} is given twice (also on line {lines[key]}), and YAML would keep "
+                        "only this one; merge the two into one."
+                    )
+                lines[key] = line
+                lines |= walk(value_node, f"{key}.", within, top if prefix else f"line {line}: {key}")
+            own = {key.removeprefix(prefix).split(".", 1)[0] for key in lines}
+            lines |= {key: line for key, line in merged.items() if key.removeprefix(prefix).split(".", 1)[0] not in own}
+        return lines
+
+    return walk(node, "", (), "line 1: the config")
+
+
+MOST_KEYS = 100_000
+"""Keys and list items a config may hold, its aliases expanded: thousands of times what a run's config holds."""
 
 
 def _expand(p: str, key: str, source: str, places: dict[str, str] | None) -> str:
