@@ -725,6 +725,27 @@ def test_a_config_file_that_is_not_utf8_text_is_refused_by_line(tmp_path, text, 
     assert e.value.message.startswith(f"{path} {said}")
 
 
+def test_yaml_too_deep_or_with_too_long_an_integer_is_refused_by_line(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: a.jsonl\ntrain:\n  max_steps: " + "9" * 5_000 + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message == (
+        f"{path} line 4: the YAML has an integer of more than 4,300 digits, more than Python reads, which no "
+        "config needs; fix the value there."
+    )
+    path.write_text("data:\n  train: a.jsonl\nlora:\n  target_modules: " + "[" * 5_000 + "]" * 5_000 + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message.startswith(f"{path} line 4: the YAML nests arrays or objects too deeply to be read")
+    with pytest.raises(ConfigError) as e:
+        load_config({"data": {"train": "a.jsonl"}}, [f"train.max_steps={'9' * 5_000}"])
+    assert e.value.message.endswith(
+        "': the value of train.max_steps has an integer of more than 4,300 digits, more than Python reads; fix the "
+        "value."
+    )
+
+
 def test_aliases_that_never_end_or_multiply_past_reason_are_refused_by_line(tmp_path):
     path = tmp_path / "cfg.yaml"
     laughs = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else '0'] * 9)}]\n" for i in range(9))

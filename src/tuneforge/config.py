@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, complaint, key_path
+from .errors import ConfigError, complaint, key_path, unreadable_json
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # A number in exponent form without a dot (1e3): YAML 1.1, which PyYAML reads, leaves it a string.
@@ -1520,12 +1520,16 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
                 f"override '{o}': '{key}' is no key; give a dotted KEY=VALUE, for example train.learning_rate=1e-4"
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(
                 f"override '{o}': the value of {key.strip()} is not valid YAML ({getattr(e, 'problem', e)}); "
                 "close its brackets and quotes, or quote it whole as a string"
             ) from None
+        except (RecursionError, ValueError) as e:
+            if (what := unreadable_json(e)) is None:
+                raise
+            raise ConfigError(f"override '{o}': the value of {key.strip()} {what}; fix the value.") from None
         key = key.strip()
         # Applied in turn, a later override replaces an earlier one of its key, or of a key in its section,
         # whole: given twice, a key would take its last value without a word, as a YAML file's would.
@@ -1575,7 +1579,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             )
         # One parse: the node tree gives each key's line, and the document is built from it. The lines are
         # read first: building the document flattens each merge key (`<<: *defaults`) into its mapping.
-        loader = yaml.SafeLoader(_config_text(path))
+        loader = _Loader(_config_text(path))
         try:
             node = loader.get_single_node()
             places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
@@ -1592,6 +1596,14 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
                     "spaces under it), that each key has ': ' after it, and that brackets and quotes close"
                 )
             raise ConfigError(f"{path}{where}: not valid YAML ({problem}); {do}.") from None
+        except (RecursionError, ValueError) as e:
+            if (what := unreadable_json(e)) is None:
+                raise
+            # Well-formed YAML that Python gives up on: an integer's line is known, the rest stop where read.
+            line = getattr(e, "line", None) or loader.get_mark().line + 1
+            raise ConfigError(
+                f"{path} line {line}: the YAML {what}, which no config needs; fix the value there."
+            ) from None
         finally:
             loader.dispose()
         if raw is None:
@@ -1622,6 +1634,20 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         raise ConfigError(_format_validation_error(e, name, places)) from None
     config._source, config._places, config._names = name, places, names
     return config
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader; an integer of more digits than Python converts (its ValueError) says its line."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError as e:
+            e.line = node.start_mark.line + 1
+            raise
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _config_text(path: Path) -> str:
