@@ -121,6 +121,16 @@ def test_a_grader_object_written_inline_on_the_command_line_scores_as_its_file_d
         eval_command(str(tiny_model_dir), str(data), grader='{"type": "string_check",', json_out=True)
 
 
+def test_a_grader_file_that_is_not_utf8_text_is_refused_by_file_and_line(tmp_path):
+    from tuneforge.graders import load_grader
+
+    path = tmp_path / "grader.yaml"
+    path.write_bytes(b"type: string_check\nname: caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        load_grader(str(path), key="--grader")
+    assert e.value.message.startswith(f"{path} line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8")
+
+
 def test_a_grader_that_cannot_score_the_rows_is_refused_before_any_model_loads(triage_data, tmp_path):
     """A row without the field the grader reads is named by file and line, with the grader, before the
     model is even looked up (the model named here does not exist)."""

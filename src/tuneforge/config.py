@@ -1579,7 +1579,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             )
         # One parse: the node tree gives each key's line, and the document is built from it. The lines are
         # read first: building the document flattens each merge key (`<<: *defaults`) into its mapping.
-        loader = _Loader(_config_text(path))
+        loader = _Loader(yaml_text(path))
         try:
             node = loader.get_single_node()
             places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
@@ -1650,9 +1650,9 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
-def _config_text(path: Path) -> str:
-    """A config file's text, refused by line where it is not UTF-8 or holds a character YAML does not take
-    (a NUL byte or another control character, as a binary or a UTF-16 file holds)."""
+def yaml_text(path: Path) -> str:
+    """A YAML (or JSON) file's text, refused by file and line where it is not UTF-8 or holds a character YAML
+    does not take (a NUL byte or another control character, as a binary or a UTF-16 file holds)."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
