@@ -764,6 +764,16 @@ def test_aliases_that_never_end_or_multiply_past_reason_are_refused_by_line(tmp_
     assert load_config(path).lora.modules_to_save == ["q_proj", "v_proj"]  # an alias of a list, not of itself
 
 
+def test_a_folder_given_as_the_config_is_refused_as_a_folder(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path)
+    assert e.value.message == f"{tmp_path} is a folder, not a config file; give the YAML file."
+    (tmp_path / "config.yaml").write_text("data:\n  train: a.jsonl\n")  # a run's folder
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path)
+    assert e.value.message.endswith(f"give the YAML file (a run's folder holds its config: {tmp_path}/config.yaml).")
+
+
 @pytest.mark.parametrize("text", ["", "# base_model: smollm2-135m-instruct\n\n"])
 def test_an_empty_config_file_is_refused_as_empty(tmp_path, text):
     path = tmp_path / "cfg.yaml"

@@ -1572,6 +1572,12 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         from .recipes import config_file  # imported here: the recipes module checks its configs with this one
 
         path = config_file(source)
+        if path.is_dir():
+            inside = path / "config.yaml"
+            raise ConfigError(
+                f"{path} is a folder, not a config file; give the YAML file"
+                + (f" (a run's folder holds its config: {inside})." if inside.is_file() else ".")
+            )
         if not path.is_file():
             raise ConfigError(
                 f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them). "
