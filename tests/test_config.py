@@ -764,6 +764,17 @@ def test_aliases_that_never_end_or_multiply_past_reason_are_refused_by_line(tmp_
     assert load_config(path).lora.modules_to_save == ["q_proj", "v_proj"]  # an alias of a list, not of itself
 
 
+def test_a_key_that_yaml_reads_as_null_is_refused_by_line(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: a.jsonl\ntrain:\n  max_steps: 2\n  ~: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message == (
+        f"{path} line 5: a key under train written as ~, which YAML reads as no name (null); name the key, or "
+        "delete the line."
+    )
+
+
 def test_a_folder_given_as_the_config_is_refused_as_a_folder(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path)

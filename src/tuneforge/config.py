@@ -1719,6 +1719,12 @@ def _key_lines(node: yaml.Node | None, path: Path) -> dict[str, int]:
                         merged |= walk(source, prefix, within, top)
                     continue
                 key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+                if key_node.tag == "tag:yaml.org,2002:null":  # `~:`, `null:`, `? ` with nothing after it
+                    raise ConfigError(
+                        f"{path} line {line}: a key{f' under {prefix[:-1]}' if prefix else ''} written as "
+                        f"{key_node.value or 'nothing'}, which YAML reads as no name (null); name the key, or delete "
+                        "the line."
+                    )
                 if key in lines:
                     raise ConfigError(
                         f"{path} line {line}: {key} is given twice (also on line {lines[key]}), and YAML would keep "
