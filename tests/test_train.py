@@ -1164,7 +1164,7 @@ def test_dora_on_a_mixture_of_experts_models_fused_experts_is_refused_naming_the
 def test_dora_on_a_mixture_of_experts_models_dense_layer_named_by_a_list_is_refused_naming_its_weights(
     tiny_model_dir, triage_data, tmp_path
 ):
-    """A dense layer's mlp.gate_proj goes to PEFT as a parameter (`parameters_listed`), whose adapters have no DoRA:
+    """A dense layer's mlp.gate_proj goes to PEFT as a parameter (`parameters_for_peft`), whose adapters have no DoRA:
     the refusal names that weight, not the experts, which the list leaves alone."""
     from tiny import tiny_moe
 

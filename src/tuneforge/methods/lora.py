@@ -168,37 +168,26 @@ def parameters_named(model, targets) -> list[str]:
     return [name for name in names if any(name == t or name.endswith(f".{t}") for t in targets)]
 
 
-def linears_peft_takes(model, resolved: PeftLoraConfig) -> list[str]:
-    """The full names, as on the model before PEFT wraps it, of the text decoder's linear layers that PEFT would adapt
-    nowhere (`resolved`: all-linear as PEFT resolves it): on the mixture-of-experts models it maps from transformers
-    4's layout it takes the experts' old names (gate_proj, up_proj, down_proj) out of target_modules for the fused
-    expert weights, the names of a dense layer's MLP too (Qwen3-MoE's mlp_only_layers)."""
-    if isinstance(resolved.target_modules, str):
-        return []
-    return [name for name in decoder_linear_names(model) if name.rsplit(".", 1)[-1] not in resolved.target_modules]
-
-
-def dense_linears_all_linear(config: PeftLoraConfig, model) -> None:
-    """Hand PEFT, as parameters (target_parameters), the weights of the linear layers all-linear names but PEFT would
-    adapt nowhere (`linears_peft_takes`). It saves, loads and merges their adapters as other linear layers'."""
-    resolved = all_linear_as_peft_resolves_it(config, model)
-    if weights := {f"{name}.weight" for name in linears_peft_takes(model, resolved)}:
-        config.target_parameters = sorted(set(config.target_parameters or ()) | weights)
-
-
-def parameters_listed(config: PeftLoraConfig, model) -> None:
-    """Hand PEFT, as parameters (target_parameters, named in full), what a lora.target_modules list names that PEFT
-    would not adapt as the module it names, with the ranks all-linear gives it: the fused expert weights and routers
-    (mlp.experts.gate_up_proj, mlp.gate), which transformers 5 holds in no module of that name, and the linear
-    layers of `linears_peft_takes` (a dense layer's mlp.gate_proj). A name adapts what the model holds under it,
-    whole or by its last parts, as PEFT matches names: gate_proj and up_proj name linear layers, the experts' two
-    projections being one fused weight, gate_up_proj. Those names leave target_modules, where PEFT would map the
-    experts' old names among them (down_proj, gate_proj with up_proj) to the fused expert weights of every layer,
-    below from_layer too, and refuse gate_proj without up_proj."""
-    resolved = all_linear_as_peft_resolves_it(config, model)
-    weights = parameters_named(model, resolved.target_parameters or ()) + [
-        f"{name}.weight" for name in linears_peft_takes(model, resolved)
-    ]
+def parameters_for_peft(config: PeftLoraConfig, model, resolved: PeftLoraConfig) -> None:
+    """Hand PEFT, as parameters (target_parameters, named in full), what `config` adapts that PEFT would not adapt as
+    a module of the name it is given (`resolved`: all-linear as PEFT resolves it on `model`). On the mixture-of-experts
+    models PEFT maps from transformers 4's layout, it takes the experts' old names (gate_proj, up_proj, down_proj) out
+    of target_modules for the fused expert weights, so the linear layers of those names (a dense layer's MLP, Qwen3-
+    MoE's mlp_only_layers) go as parameters, whose adapters PEFT saves, loads and merges as other linear layers'.
+    Under all-linear those alone: PEFT adds the fused expert weights and routers itself. A list also hands it the
+    fused expert weights and routers it names (mlp.experts.gate_up_proj, mlp.gate), which transformers 5 holds in no
+    module of that name, with the ranks all-linear gives them. A name adapts what the model holds under it, whole or
+    by its last parts, as PEFT matches names: gate_proj and up_proj name linear layers, the experts' two projections
+    being one fused weight, gate_up_proj. Those names leave target_modules, where PEFT would map the experts' old
+    names among them (down_proj, gate_proj with up_proj) to the fused expert weights of every layer, below from_layer
+    too, and refuse gate_proj without up_proj."""
+    kept = resolved.target_modules
+    linears = [] if isinstance(kept, str) else decoder_linear_names(model)
+    weights = sorted(f"{name}.weight" for name in linears if name.rsplit(".", 1)[-1] not in kept)
+    if config.target_modules == "all-linear":
+        config.target_parameters = weights or None
+        return
+    weights = parameters_named(model, resolved.target_parameters or ()) + weights
     listed = {
         wanted: named
         for wanted in config.target_modules
@@ -218,27 +207,26 @@ def parameters_listed(config: PeftLoraConfig, model) -> None:
 def adapted_as_parameters(config: PeftLoraConfig, model) -> list[str]:
     """The weights `config` hands PEFT as parameters (target_parameters, under all-linear as PEFT resolves it), named
     within a layer: the fused expert weights and routers (mlp.experts.gate_up_proj, mlp.gate.weight), and a dense
-    layer's linear layers (mlp.gate_proj.weight, `parameters_listed`)."""
+    layer's linear layers (mlp.gate_proj.weight, `parameters_for_peft`)."""
     if config.target_modules == "all-linear":
         config = all_linear_as_peft_resolves_it(config, model)
     return sorted({within_layer(name) for name in parameters_named(model, config.target_parameters or ())})
 
 
-def from_layer_up(config: PeftLoraConfig, model, fraction: float) -> None:
+def from_layer_up(config: PeftLoraConfig, model, fraction: float, resolved: PeftLoraConfig) -> None:
     """Limit `config` to the text decoder's layers from `fraction` of its depth up (lora.from_layer). PEFT takes
     layers_to_transform with a list of module names alone, and applies it to modules alone, so all-linear is spelt
-    out as PEFT resolves it (`all_linear_as_peft_resolves_it`), and the parameters it adapts (fused expert weights
-    and routers, under all-linear or listed) are named in full in these layers."""
+    out as PEFT resolves it (`resolved`), and the parameters it adapts (fused expert weights and routers, under
+    all-linear or listed) are named in full in these layers."""
     first = first_adapted_layer(model, fraction)
     config.layers_to_transform = list(range(first, model.config.get_text_config().num_hidden_layers))
     if config.target_modules == "all-linear":
-        resolved = all_linear_as_peft_resolves_it(config, model)
         # Only the linear layers PEFT keeps as modules: it would map a name of the fused expert weights (a dense
         # layer's down_proj) to those weights in every layer, the layers below from_layer too.
         kept, linears = resolved.target_modules, set(decoder_linears(model))
         config.target_modules = linears if isinstance(kept, str) else linears & kept
-        # PEFT's resolution keeps the parameters already listed (a dense layer's, `dense_linears_all_linear`).
-        config.target_parameters = resolved.target_parameters
+        # Beside a dense layer's linear layers (`parameters_for_peft`), the fused expert weights and routers.
+        config.target_parameters = [*(config.target_parameters or ()), *(resolved.target_parameters or ())] or None
         config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
     if config.target_parameters:
         config.target_parameters = sorted(
@@ -283,12 +271,10 @@ def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
         trainable_token_indices=trained_token_rows(cfg, model, token_ids),
         init_lora_weights=True if lc.init == "default" else lc.init,
     )
-    if lc.target_modules == "all-linear":
-        dense_linears_all_linear(config, model)
-    else:
-        parameters_listed(config, model)
+    resolved = all_linear_as_peft_resolves_it(config, model)
+    parameters_for_peft(config, model, resolved)
     if lc.from_layer:
-        from_layer_up(config, model, lc.from_layer)
+        from_layer_up(config, model, lc.from_layer, resolved)
     return config
 
 
@@ -304,7 +290,7 @@ def modules_named(model, wanted: str) -> list[tuple[str, nn.Module]]:
 
 
 def listed_modules(cfg, config) -> list[str]:
-    """The names of a lora.target_modules list that `config` hands PEFT as modules' (not those `parameters_listed`
+    """The names of a lora.target_modules list that `config` hands PEFT as modules' (not those `parameters_for_peft`
     hands it as parameters), in the list's order; none under all-linear."""
     return (
         []
@@ -323,29 +309,33 @@ def refuse_missing_targets(model, cfg, config) -> None:
     """PEFT skips a modules_to_save name that matches no module, and a target_modules name so long as another one
     matches: a typo would train less than asked, silently. A fused expert weight PEFT does not adapt on this model
     (Qwen2-MoE's) is named as such; where it adapts them, the remedy names them, and gate_up_proj for the experts'
-    gate_proj and up_proj, which name linear layers alone (`parameters_listed`)."""
+    gate_proj and up_proj, which name linear layers alone (`parameters_for_peft`)."""
     linears = ", ".join(decoder_linears(model))
-    layers = f"linear layers it has ({linears})"
-    if not isinstance(all_linear_as_peft_resolves_it(config, model).target_modules, str):
-        fused = sorted({name.rsplit(".", 1)[-1] for name in unadapted_experts(model, 0)})
-        layers += f" or its routed experts' fused weights and router ({', '.join(fused)}" + (
-            "; the experts hold their gate and up projections as one weight, gate_up_proj)"
-            if "gate_up_proj" in fused
-            else ")"
-        )
-    for wanted in listed_modules(cfg, config):
-        if not modules_named(model, wanted) and (weight := fused_expert_weight(model, wanted)):
+    listed = listed_modules(cfg, config)
+    unmatched = [m for m in listed if not modules_named(model, m)]
+    for wanted in unmatched:
+        if weight := fused_expert_weight(model, wanted):
             raise ConfigError(
                 f"{cfg.key_at('lora.target_modules')}: names {wanted}, the routed experts' fused weight ({weight}), "
                 "which PEFT adapts only on the mixture-of-experts models it maps from transformers 4 (Mixtral, "
                 f"Qwen3-MoE), not this one. Name linear layers it has ({linears}), or use method: full to train the "
                 "experts."
             )
-    for key, listed, remedy in (
+    layers = f"linear layers it has ({linears})"
+    # Where PEFT maps the fused expert weights (it takes their old names out of target_modules), the remedy for a
+    # missing name names them: resolved for that refusal alone.
+    if unmatched and not isinstance(all_linear_as_peft_resolves_it(config, model).target_modules, str):
+        fused = sorted({name.rsplit(".", 1)[-1] for name in unadapted_experts(model, 0)})
+        layers += f" or its routed experts' fused weights and router ({', '.join(fused)}" + (
+            "; the experts hold their gate and up projections as one weight, gate_up_proj)"
+            if "gate_up_proj" in fused
+            else ")"
+        )
+    for key, names, remedy in (
         ("modules_to_save", cfg.lora.modules_to_save or [], "modules it has (e.g. lm_head, embed_tokens)"),
-        ("target_modules", listed_modules(cfg, config), layers),
+        ("target_modules", listed, layers),
     ):
-        if missing := [m for m in listed if not modules_named(model, m)]:
+        if missing := [m for m in names if not modules_named(model, m)]:
             raise ConfigError(
                 f"{cfg.key_at(f'lora.{key}')}: names {', '.join(missing)}, which this model has no module called. "
                 f"Name {remedy}, or leave {key} out."
@@ -393,12 +383,12 @@ def refuse_targets_below_from_layer(model, cfg, config) -> None:
     """Refuse a lora.target_modules name that, under lora.from_layer, PEFT adapts nowhere: a module outside the
     decoder's layers (embed_tokens), which PEFT's layers_to_transform leaves out without a word, unless the name
     is the module's whole name (lm_head), or what only the layers below from_layer hold (a dense layer's gate_proj,
-    `parameters_listed`)."""
+    `parameters_for_peft`)."""
     if not cfg.lora.from_layer or cfg.lora.target_modules == "all-linear":
         return
     first = config.layers_to_transform[0]
     for wanted in cfg.lora.target_modules:
-        # The modules it names, and the parameters (fused expert weights, the weights `parameters_listed` hands PEFT).
+        # The modules it names, and the parameters (fused expert weights, the weights `parameters_for_peft` hands PEFT).
         modules, parameters = modules_named(model, wanted), parameters_named(model, [wanted, f"{wanted}.weight"])
         held = sorted({name for name, _ in modules} | set(parameters))
         if any(check_target_module_exists(config, name) is True for name in held) or any(
@@ -458,7 +448,7 @@ def continue_adapter(model, cfg, token_ids=()):
         "r": (loaded.r, wanted.r),
         "alpha": (loaded.lora_alpha, wanted.lora_alpha),
         "use_rslora": (loaded.use_rslora, wanted.use_rslora),
-        # A listed fused expert weight is a parameter PEFT adapts (`parameters_listed`), not a module; compared by
+        # A listed fused expert weight is a parameter PEFT adapts (`parameters_for_peft`), not a module; compared by
         # the parameters named, as an adapter may name them by their last parts (down_proj) or in full.
         "target_modules": (
             [sorted(loaded.target_modules), parameters_named(model, loaded.target_parameters or ())],
