@@ -1411,8 +1411,41 @@ def test_a_mixture_of_experts_adapter_trained_on_with_other_expert_weights_liste
         on.lora.target_modules = targets
         prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
     on.lora.target_modules = ["q_proj"]
-    with pytest.raises(TuneforgeError, match=r"another target_modules "):
+    with pytest.raises(
+        TuneforgeError, match=r"target_modules adapts other weights than it: [^(]*down_proj[^(]*, which it adapts \("
+    ):
         prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
+
+
+def test_a_mixture_of_experts_adapter_trained_on_with_its_own_list_but_other_weights_is_refused_naming_them(
+    triage_data, tmp_path
+):
+    """An adapter saved with [q_proj, gate_proj, up_proj] as PEFT alone resolves the list adapts the fused experts'
+    gate_up_proj of every layer but not a dense layer's gate_proj and up_proj; the same list adapts those now: the
+    refusal names the weights that differ, not another list."""
+    from peft import LoraConfig, get_peft_model
+    from tiny import save_tiny_model, tiny_moe
+
+    from tuneforge.methods import prepare_model
+
+    base = save_tiny_model(
+        tmp_path / "model", build=tiny_moe, architecture="Qwen3MoeConfig", experts=4, mlp_only_layers=[1]
+    )
+    targets = ["q_proj", "gate_proj", "up_proj"]
+    get_peft_model(
+        load_model(resolve(str(base))), LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    ).save_pretrained(tmp_path / "adapter")
+    load_tokenizer(resolve(str(base))).save_pretrained(tmp_path / "adapter")
+    on = load_config(tiny_run_config(tmp_path / "adapter", triage_data, tmp_path / "on"))
+    on.lora.dropout, on.lora.target_modules = 0.0, targets
+    with pytest.raises(TuneforgeError) as e:
+        prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
+    assert e.value.message.startswith(
+        "base_model is a LoRA adapter that trains on as it is, but lora.target_modules adapts other weights than it: "
+        "mlp.gate_proj.weight, mlp.up_proj.weight, which the adapter leaves as the base has them, and not "
+        "mlp.experts.gate_up_proj, which it adapts (the adapter has r=4, alpha=8, "
+        "dora=False). Leave those keys out"
+    )
 
 
 def test_a_mixture_of_experts_adapter_naming_its_expert_weights_by_their_last_parts_trains_on_with_that_list(

@@ -9,7 +9,7 @@ import warnings
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
-from peft.tuners.lora import ParamWrapper
+from peft.tuners.lora import LoraLayer, ParamWrapper
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
 from torch import nn
@@ -435,6 +435,27 @@ def keep_start(model) -> None:
     model.adapter_start = {k: v.detach().clone() for k, v in start.items() if ".lora_A." in k or ".lora_B." in k}
 
 
+def weights_apart(model, wanted: PeftLoraConfig) -> str:
+    """What the adapter of `model` (a PeftModel) and `wanted` (a target_modules list as `peft_config` gives it) adapt
+    apart, by the weights' names within a layer (mlp.experts.gate_up_proj); "" where those are the same."""
+    has, asked = set(), set(parameters_named(model.get_base_model(), wanted.target_parameters or ()))
+    for name, m in model.get_base_model().named_modules():
+        name = name.replace(".base_layer", "")
+        if isinstance(m, LoraLayer):
+            has.add(f"{name}.{m.parameter_name if isinstance(m, ParamWrapper) else 'weight'}")
+        elif isinstance(m, ADAPTABLE_LAYERS) and ".lora_" not in name and check_target_module_exists(wanted, name):
+            asked.add(f"{name}.weight")
+    has, asked = {within_layer(n) for n in has}, {within_layer(n) for n in asked}
+    return ", and not ".join(
+        f"{', '.join(sorted(names))}, {which}"
+        for names, which in (
+            (asked - has, "which the adapter leaves as the base has them"),
+            (has - asked, "which it adapts"),
+        )
+        if names
+    )
+
+
 def continue_adapter(model, cfg, token_ids=()):
     """A model loaded with an adapter (`base_model` is a LoRA run) trains that adapter further, so the
     final adapter still sits on the run's base. The adapter keeps its own shape: a lora key set to
@@ -460,9 +481,17 @@ def continue_adapter(model, cfg, token_ids=()):
     clashes = [key for key, (has, asked) in shape.items() if has != asked and getattr(cfg.lora, key) != defaults[key]]
     if cfg.method in ("lora", "dora") and (cfg.method == "dora") != bool(loaded.use_dora):
         clashes.append("method (lora or dora)")
-    if clashes:
+    # A target_modules clash is told by the weights that differ: the adapter's own list adapts other weights where PEFT
+    # alone resolved it for the adapter (gate_proj and up_proj: the experts' gate_up_proj there, a dense layer's here).
+    apart = weights_apart(model, wanted) if "target_modules" in clashes else ""
+    if apart:
+        clashes.remove("target_modules")
+    said = [f"the config sets another {', '.join(clashes)}"] if clashes else []
+    if apart:
+        said.append(f"{cfg.key_at('lora.target_modules')} adapts other weights than it: {apart}")
+    if said:
         raise TuneforgeError(
-            f"base_model is a LoRA adapter that trains on as it is, but the config sets another {', '.join(clashes)} "
+            f"base_model is a LoRA adapter that trains on as it is, but {' and '.join(said)} "
             f"(the adapter has r={loaded.r}, alpha={loaded.lora_alpha}, dora={bool(loaded.use_dora)}). Leave those "
             "keys out to continue the adapter, or merge it first (tuneforge export RUN --format merged) and train "
             "a new adapter on the merged model."
