@@ -739,3 +739,14 @@ def test_eval_refuses_tools_a_template_does_not_write(tiny_model_dir, tmp_path):
         (1, "tools", "tools_not_rendered"),
         (2, "tools", "tools_not_rendered"),
     ]
+
+
+def test_a_run_reports_curves_leave_out_a_metrics_line_that_is_not_a_step_record_and_say_so(tmp_path):
+    from tuneforge.eval.report import read_metrics, training_plots
+
+    lines = [b'{"step": 1, "train_loss": 2.0, "lr": 0.001}', b'{"step": 2, "tra', b'{"step": 3, "train_loss": 1.5}']
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.warns(UserWarning, match="metrics.jsonl line 2 is not a step's record: it is not JSON"):
+        metrics = read_metrics(tmp_path)  # as write_run_report and a sweep read it
+    assert [m["step"] for m in metrics] == [1, 3]
+    assert len(training_plots(metrics)) == 2  # the loss curve and learning rate

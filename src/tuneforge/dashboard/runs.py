@@ -19,15 +19,18 @@ import yaml
 
 from ..config import dotted
 from ..data.prepare import refuses
-from ..errors import unreadable_json
 from ..eval.report import (
     choices_table,
     examples_table,
+    figures_problem,
     forgetting_table,
+    json_value,
     learning_rate_figure,
     loss_figure,
     metrics_table,
+    read_metrics,
     reward_figures,
+    step_records,
     svg,
 )
 from ..training.samples import FILE as SAMPLES_FILE
@@ -154,7 +157,7 @@ class RunFolder:
 
     def summary(self) -> dict | None:
         summary = self._object("summary.json", SUMMARY_SHAPE)
-        if summary and (wrong := _figures_problem(summary.get("metrics") or {})):
+        if summary and (wrong := figures_problem(summary.get("metrics") or {})):
             self.note(f"summary.json is not as tuneforge writes it: in its `metrics`, {wrong}; the file is left out.")
             return None
         return summary
@@ -166,19 +169,14 @@ class RunFolder:
             data = (self.path / name).read_bytes()
         except OSError:
             return None
-        found, wrong = _parsed(data)
+        found, wrong = json_value(data)
         if (wrong := wrong or _unlike(found, shape)) is not None:
             self.note(f"{name} {wrong}; the file is left out.")
             return None
         return found
 
     def metrics(self) -> list[dict]:
-        """The records of metrics.jsonl; a last line still being written (no newline yet) is left out."""
-        try:
-            data = (self.path / "metrics.jsonl").read_bytes()
-        except OSError:
-            return []
-        return self._records(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], lambda i: f"line {i + 1}")
+        return read_metrics(self.path, self.note)
 
     def last_metrics(self) -> dict:
         """The last step's record, read from the end of metrics.jsonl (a long run's file is not read whole)."""
@@ -193,28 +191,12 @@ class RunFolder:
         # A read from inside the file starts mid-line; the last line is empty or still being written.
         lines = lines[1 if start else 0 : -1]
         merged: dict = {}
-        for record in self._records(
-            lines, lambda i: f"line {len(lines) - i} from its end" if start else f"line {i + 1}"
-        ):
+        where = (lambda i: f"line {len(lines) - i} from its end") if start else (lambda i: f"line {i + 1}")
+        for record in step_records(lines, where, self.note):
             if record["step"] != merged.get("step"):
                 merged = {}
             merged.update(record)
         return merged
-
-    def _records(self, lines: list[bytes], where) -> list[dict]:
-        """The step records of metrics.jsonl's `lines`; a line that is not one is noted, naming it by `where(i)`."""
-        records = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            record, wrong = step_record(line)
-            if wrong is None:
-                records.append(record)
-            else:
-                self.note(
-                    f"metrics.jsonl {where(i)} is not a step's record: {wrong}. The curves and figures leave it out."
-                )
-        return records
 
     def data_report(self) -> dict | None:
         return self._object("data_report.json", DATA_REPORT_SHAPE)
@@ -253,7 +235,7 @@ class RunFolder:
         samples = []
         for i, line in enumerate(lines):
             if line.strip():
-                sample, wrong = _parsed(line)
+                sample, wrong = json_value(line)
                 wrong = wrong or (None if isinstance(sample, dict) else "is not a JSON object")
                 if wrong is None:
                     samples.append(sample)
@@ -359,16 +341,6 @@ def metric_events(metrics: list[dict], checkpoint_steps: list[int], summary: dic
     return [Event(None, message) for _, message in sorted(found, key=lambda event: event[0], reverse=True)]
 
 
-def _parsed(data: bytes):
-    """The JSON value in `data` and None, or None and why it cannot be read (the end of a sentence about it)."""
-    try:
-        return json.loads(data.decode("utf-8")), None
-    except UnicodeDecodeError as err:
-        return None, f"is not UTF-8 (byte {err.start + 1})"
-    except (ValueError, RecursionError) as err:
-        return None, unreadable_json(err) or f"is not JSON ({err})"
-
-
 # What the dashboard reads of summary.json, samples.jsonl and data_report.json, in the shapes their writers give
 # it: a type, an object's keys with their shapes, or a list of items of one shape. A key may be missing or null.
 SUMMARY_SHAPE = {"status": str, "steps": int, "metrics": dict}
@@ -406,28 +378,6 @@ def _misshapen(value, shape, where: str = "") -> str | None:
     for key, item, item_shape in inner:
         if item is not None and (wrong := _misshapen(item, item_shape, f"{where}.{key}" if where else str(key))):
             return wrong
-    return None
-
-
-def step_record(line: bytes) -> tuple[dict | None, str | None]:
-    """A line of metrics.jsonl as the training loop writes it (a JSON object with an integer `step` and figures
-    that are numbers or null), or why it is not one."""
-    record, wrong = _parsed(line)
-    if wrong is not None:
-        return None, f"it {wrong}"
-    if not isinstance(record, dict):
-        return None, "it is not a JSON object"
-    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
-        return None, "its `step` is not an integer"
-    wrong = _figures_problem(record)
-    return (None, f"its {wrong}") if wrong else (record, None)
-
-
-def _figures_problem(record: dict) -> str | None:
-    """Which of a step's figures is not a number or null, in words; None when all are."""
-    for key, value in record.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"`{key}` is not a number"
     return None
 
 

@@ -19,9 +19,12 @@ import html
 import io
 import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import unreadable_json
 from ..fsio import atomic_dir, atomic_file, write_json
 from ..tasks.metrics import METRICS
 from ..wording import counted
@@ -427,13 +430,65 @@ def _figure(title: str):
     return figure, axes
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl; a last line still being written (no newline yet) is left out."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+def read_metrics(run_dir: Path, note: Callable[[str], None] | None = None) -> list[dict]:
+    """The step records of a run's metrics.jsonl; a last line still being written (no newline yet) is left out,
+    and so is a line that is not a step's record (`step_record`), said to `note` (by default, a warning)."""
+    try:
+        data = (Path(run_dir) / "metrics.jsonl").read_bytes()
+    except OSError:
         return []
-    text = path.read_text(encoding="utf-8")
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+    return step_records(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], lambda i: f"line {i + 1}", note)
+
+
+def step_records(lines: list[bytes], where: Callable[[int], str], note: Callable[[str], None] | None = None):
+    """The step records of metrics.jsonl's `lines`; a line that is not one is said to `note` (by default, a
+    warning), naming it by `where(i)`."""
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        record, wrong = step_record(line)
+        if wrong is None:
+            records.append(record)
+        else:
+            said = f"metrics.jsonl {where(i)} is not a step's record: {wrong}. The curves and figures leave it out."
+            if note is None:
+                warnings.warn(said, stacklevel=3)
+            else:
+                note(said)
+    return records
+
+
+def step_record(line: bytes) -> tuple[dict | None, str | None]:
+    """A line of metrics.jsonl as the training loop writes it (a JSON object with an integer `step` and figures
+    that are numbers or null), or why it is not one."""
+    record, wrong = json_value(line)
+    if wrong is not None:
+        return None, f"it {wrong}"
+    if not isinstance(record, dict):
+        return None, "it is not a JSON object"
+    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        return None, "its `step` is not an integer"
+    wrong = figures_problem(record)
+    return (None, f"its {wrong}") if wrong else (record, None)
+
+
+def figures_problem(record: dict) -> str | None:
+    """Which of a step's figures is not a number or null, in words; None when all are."""
+    for key, value in record.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"`{key}` is not a number"
+    return None
+
+
+def json_value(data: bytes):
+    """The JSON value in `data` and None, or None and why it cannot be read (the end of a sentence about it)."""
+    try:
+        return json.loads(data.decode("utf-8")), None
+    except UnicodeDecodeError as err:
+        return None, f"is not UTF-8 (byte {err.start + 1})"
+    except (ValueError, RecursionError) as err:
+        return None, unreadable_json(err) or f"is not JSON ({err})"
 
 
 def curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:
