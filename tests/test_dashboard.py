@@ -567,20 +567,24 @@ def test_a_data_report_missing_fields_shows_what_it_has(tmp_path, report):
     [
         (
             '{"step": 1, "samples": 5}',
-            "samples.jsonl record 2 is not as tuneforge writes it: its `samples` is not a list",
+            "samples.jsonl line 2 is not as tuneforge writes it: its `samples` is not a list",
         ),
         ('{"step": 1, "samples": [5]}', "its `samples.0` is not an object"),
-        ("[1, 2]", "samples.jsonl record 2 is not a JSON object"),
+        ("[1, 2]", "samples.jsonl line 2 is not a JSON object"),
+        ('{"step": 4, "samples": [{"answer": "\xff"}]}', "samples.jsonl line 2 is not UTF-8"),
+        ('{"step": 4, "sampl', "samples.jsonl line 2 is not JSON"),  # cut short, with a whole line after it
     ],
 )
 def test_a_validation_samples_record_of_the_wrong_shape_is_noted_and_the_others_shown(tmp_path, record, problem):
     folder = write_run(tmp_path / "run")
     shown = {"step": 3, "samples": [{"example": 0, "answer": "kept answer", "reference": "r", "stopped": True}]}
-    (folder / "samples.jsonl").write_text(json.dumps(shown) + "\n" + record + "\n")
+    lines = [json.dumps(shown).encode(), record.encode("latin-1"), b'{"step": 5, "samples": []}', b'{"step": 6, "sa']
+    (folder / "samples.jsonl").write_bytes(b"\n".join(lines))  # the last line still being written
     with TestClient(create_ui_app(tmp_path)) as client:
         page = client.get("/ui/runs/run")
         assert page.status_code == 200, page.text[:300]
         assert "kept answer" in page.text and html.escape(problem, quote=False) in page.text
+        assert "samples.jsonl line 4" not in page.text  # still being written: left out unsaid
         assert client.get("/ui/live/run").status_code == 200
 
 

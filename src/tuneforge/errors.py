@@ -7,6 +7,7 @@ Every error a user can cause is a `TuneforgeError`: the CLI prints its message o
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,16 @@ def unreadable_json(cause: BaseException | None) -> str | None:
     if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
         return f"has an integer of more than {sys.get_int_max_str_digits():,} digits, more than Python reads"
     return None
+
+
+def json_value(data: bytes):
+    """The JSON value in `data` and None, or None and why it cannot be read (the end of a sentence about it)."""
+    try:
+        return json.loads(data.decode("utf-8")), None
+    except UnicodeDecodeError as err:
+        return None, f"is not UTF-8 (byte {err.start + 1})"
+    except (ValueError, RecursionError) as err:
+        return None, unreadable_json(err) or f"is not JSON ({err})"
 
 
 def key_path(loc: Sequence) -> list[str]:

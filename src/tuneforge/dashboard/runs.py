@@ -19,12 +19,12 @@ import yaml
 
 from ..config import dotted
 from ..data.prepare import refuses
+from ..errors import json_value
 from ..eval.report import (
     choices_table,
     examples_table,
     figures_problem,
     forgetting_table,
-    json_value,
     learning_rate_figure,
     loss_figure,
     metrics_table,
@@ -204,13 +204,12 @@ class RunFolder:
     def validation_samples(self) -> list[dict]:
         """The last `SAMPLE_STEPS_SHOWN` records of the run folder's samples.jsonl (`train.eval_samples`; not
         eval/'s), newest first; a record not as training writes it is noted and left out."""
-        records = read_samples(self.path / SAMPLES_FILE)
-        first, shown = max(len(records) - SAMPLE_STEPS_SHOWN, 0), []
-        for number, record in enumerate(records[first:], start=first + 1):
+        shown = []
+        for line, record in read_samples(self.path / SAMPLES_FILE, self.note)[-SAMPLE_STEPS_SHOWN:]:
             if (wrong := _unlike(record, SAMPLES_SHAPE)) is None:
                 shown.append(record)
             else:
-                self.note(f"{SAMPLES_FILE} record {number} {wrong}; it is left out.")
+                self.note(f"{SAMPLES_FILE} line {line} {wrong}; it is left out.")
         return list(reversed(shown))
 
     def checkpoint_steps(self) -> list[int]:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import unreadable_json
+from ..errors import json_value
 from ..fsio import atomic_dir, atomic_file, write_json
 from ..tasks.metrics import METRICS
 from ..wording import counted
@@ -479,16 +479,6 @@ def figures_problem(record: dict) -> str | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"`{key}` is not a number"
     return None
-
-
-def json_value(data: bytes):
-    """The JSON value in `data` and None, or None and why it cannot be read (the end of a sentence about it)."""
-    try:
-        return json.loads(data.decode("utf-8")), None
-    except UnicodeDecodeError as err:
-        return None, f"is not UTF-8 (byte {err.start + 1})"
-    except (ValueError, RecursionError) as err:
-        return None, unreadable_json(err) or f"is not JSON ({err})"
 
 
 def curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:

@@ -16,6 +16,7 @@ another), and rank 0 alone writes them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ..data import IGNORE_INDEX
+from ..errors import json_value
 from ..fsio import writing
 from ..generate import generate
 from .run_folder import restart_step_log
@@ -134,13 +136,19 @@ class SamplesLog:
             self.trackers.log_samples(step, samples, final)
 
 
-def read(path: Path) -> list[dict]:
-    """samples.jsonl's records, in order; a last line cut short (a run writing it) is left out."""
+def read(path: Path, note: Callable[[str], None]) -> list[tuple[int, object]]:
+    """samples.jsonl's JSON values with their line numbers, in order; a last line still being written (no newline
+    yet) is left out, and a line that is not JSON is said to `note` and left out."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
     records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for number, line in enumerate(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], start=1):
+        if line.strip():
+            record, wrong = json_value(line)
+            if wrong is None:
+                records.append((number, record))
+            else:
+                note(f"{FILE} line {number} {wrong}; it is left out.")
     return records
