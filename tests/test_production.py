@@ -263,6 +263,32 @@ def test_stored_completions_are_listed_retrieved_and_deleted_with_the_sdk(served
     assert [c.id for c in client.chat.completions.list(metadata={"test": "sdk"})] == every[1:]
 
 
+def test_a_stored_completions_metadata_is_replaced_whole_with_the_sdk(served):
+    client = sdk(served.url)
+    kept = ask(client, store=True, metadata={"test": "update", "team": "support"})
+
+    updated = client.chat.completions.update(kept.id, metadata={"test": "update", "stage": "reviewed"})
+    assert updated.object == "chat.completion" and updated.id == kept.id
+    assert updated.metadata == {"test": "update", "stage": "reviewed"}  # replaced, not merged: "team" is gone
+    assert updated.choices[0].message.content == kept.choices[0].message.content and updated.usage == kept.usage
+    assert client.chat.completions.retrieve(kept.id).metadata == {"test": "update", "stage": "reviewed"}
+    assert [c.id for c in client.chat.completions.list(metadata={"stage": "reviewed"})] == [kept.id]
+    assert list(client.chat.completions.list(metadata={"team": "support", "test": "update"})) == []
+
+    with pytest.raises(openai.BadRequestError) as caught:  # as `create` checks it
+        client.chat.completions.update(kept.id, metadata={str(i): "v" for i in range(17)})
+    assert caught.value.param == "metadata" and "16" in caught.value.message
+    assert client.chat.completions.retrieve(kept.id).metadata == {"test": "update", "stage": "reviewed"}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.update(kept.id, metadata={"test": "update"}, extra_body={"model": BASE})
+    assert caught.value.param == "model"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.update("chatcmpl-no-such-id", metadata={})
+    assert caught.value.param == "completion_id"
+
+    assert client.chat.completions.update(kept.id, metadata=None).metadata == {}
+
+
 def test_stored_messages_are_listed_as_sent_and_train_as_the_chat_template_saw_them(served, tmp_path):
     client = sdk(served.url)
     sent = [
@@ -333,6 +359,7 @@ def test_a_key_never_sees_another_keys_stored_completions(served):
     for action in (
         lambda id_: bob.chat.completions.retrieve(id_),
         lambda id_: bob.chat.completions.messages.list(id_),
+        lambda id_: bob.chat.completions.update(id_, metadata={"test": "isolation", "by": "bob"}),
         lambda id_: bob.chat.completions.delete(id_),
     ):
         with pytest.raises(openai.NotFoundError) as theirs:
@@ -343,6 +370,7 @@ def test_a_key_never_sees_another_keys_stored_completions(served):
             **absent.value.body,
             "message": absent.value.body["message"].replace(missing, kept),
         }
+    assert alice.chat.completions.retrieve(kept).metadata == {"test": "isolation"}
     assert alice.chat.completions.retrieve(kept).id == kept
 
 
@@ -530,7 +558,7 @@ SERVE_PATHS = {
     "/v1/models": ["GET"],
     f"/v1/models/{BASE}": ["GET"],
     "/v1/chat/completions": ["GET", "POST"],
-    "/v1/chat/completions/chatcmpl-x": ["DELETE", "GET"],
+    "/v1/chat/completions/chatcmpl-x": ["DELETE", "GET", "POST"],
     "/v1/chat/completions/chatcmpl-x/messages": ["GET"],
     "/v1/completions": ["POST"],
     "/health": ["GET"],

@@ -1,7 +1,8 @@
-"""Stored chat completions over HTTP, as OpenAI's API has them: list, retrieve, list messages, delete.
+"""Stored chat completions over HTTP, as OpenAI's API has them: list, retrieve, update, list messages, delete.
 
 `GET /v1/chat/completions` (filters `model`, `metadata[KEY]=VALUE`; paging `after`, `limit`,
-`order`), `GET /v1/chat/completions/{id}`, `GET /v1/chat/completions/{id}/messages` and
+`order`), `GET /v1/chat/completions/{id}`, `POST /v1/chat/completions/{id}` (`{"metadata": ...}`
+replaces the metadata whole; null clears it), `GET /v1/chat/completions/{id}/messages` and
 `DELETE /v1/chat/completions/{id}`, each on the caller's own completions: another key's id is a
 404 exactly as a missing one is. Both servers include `router`; the store is the app's
 `state.completions`.
@@ -14,11 +15,15 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 
 from ..database import UnknownCursor
-from ..web import APIError, caller, list_body, metadata_filter
+from ..web import APIError, Metadata, RequestBody, caller, list_body, metadata_filter
 from .completion_store import CompletionStore, StoredCompletion
 
 router = APIRouter(prefix="/v1/chat/completions", dependencies=[Depends(caller)])
 Order = Literal["asc", "desc"]
+
+
+class UpdateCompletionBody(RequestBody):
+    metadata: Metadata | None  # required, as OpenAI's; null clears it
 
 
 def completion_store(request: Request) -> CompletionStore:
@@ -59,6 +64,19 @@ def get_completion(
     completion_id: str, owner: str = Depends(caller), store: CompletionStore = Depends(completion_store)
 ):
     return own_completion(store, owner, completion_id).to_api()
+
+
+@router.post("/{completion_id}")
+def update_completion(
+    completion_id: str,
+    body: UpdateCompletionBody,
+    owner: str = Depends(caller),
+    store: CompletionStore = Depends(completion_store),
+):
+    row = store.update_metadata(owner, completion_id, body.metadata)
+    if row is None:
+        raise not_found(completion_id)
+    return row.to_api()
 
 
 @router.get("/{completion_id}/messages")

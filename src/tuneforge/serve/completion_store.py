@@ -128,9 +128,17 @@ class CompletionStore(Tables):
         self.prune()
 
     def get(self, owner: str, completion_id: str) -> StoredCompletion | None:
-        query = select(StoredCompletion).where(StoredCompletion.id == completion_id, StoredCompletion.owner == owner)
         with self.session() as session:
-            return session.scalar(query)
+            return session.scalar(self._own(owner, completion_id))
+
+    def update_metadata(self, owner: str, completion_id: str, metadata: dict | None) -> StoredCompletion | None:
+        """Replace the completion's metadata whole and return the completion; None where the owner has none by
+        that id."""
+        with self.session() as session:
+            row = session.scalar(self._own(owner, completion_id))
+            if row is not None:
+                row.metadata_ = metadata
+            return row
 
     def list_completions(
         self,
@@ -169,6 +177,10 @@ class CompletionStore(Tables):
                     .scalar_subquery()
                 )
                 session.execute(delete(StoredCompletion).where(StoredCompletion.seq <= newest_dropped))
+
+    @staticmethod
+    def _own(owner: str, completion_id: str):
+        return select(StoredCompletion).where(StoredCompletion.id == completion_id, StoredCompletion.owner == owner)
 
     @staticmethod
     def _matching(model: str | None, metadata: dict[str, str], owner: str | None):
