@@ -1378,6 +1378,59 @@ def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_check
     assert "Job resumed: queued to continue from step 9." in messages, messages
 
 
+def test_text_the_store_keeps_holding_a_nul_character_is_refused_naming_its_field(tmp_path):
+    """PostgreSQL keeps no NUL in a text column (psycopg2 will not send one) nor reads one out of JSON text
+    (`metadata ->> 'key'` fails on `\\u0000`), where SQLite takes both: a file's name, an eval's or a run's name,
+    or metadata's key or value that holds one is a 400 naming it, on either database."""
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    grader = {"type": "string_check", "name": "same", "input": "a", "reference": "a", "operation": "eq"}
+    config = {"type": "custom", "item_schema": {"type": "object", "properties": {}}}
+    with TestClient(
+        create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0)
+    ) as http:
+
+        def refused(path: str, param: str, says: str, **request):
+            answer = http.post(path, **{"headers": headers, **request})
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["param"] == param and says in error["message"] and "NUL" in error["message"], error
+
+        # Written by hand: httpx, as browsers, sends a NUL in a file's name as %00.
+        form = (
+            b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b\r\nContent-Disposition: '
+            b'form-data; name="file"; filename="batch\x00.jsonl"\r\n\r\n{}\n\r\n--b--\r\n'
+        )
+        multipart = {**headers, "Content-Type": "multipart/form-data; boundary=b"}
+        refused("/v1/files", "file", "'batch\\x00.jsonl'", content=form, headers=multipart)
+        assert http.get("/v1/files", headers=headers).json()["data"] == []
+        batch_input = http.post(
+            "/v1/files", headers=headers, data={"purpose": "batch"}, files={"file": ("batch.jsonl", b"{}\n")}
+        ).json()["id"]
+        batch = {"input_file_id": batch_input, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        refused("/v1/batches", "metadata", "the value of 'team'", json={**batch, "metadata": {"team": "a\0b"}})
+        job = {"model": "smollm2-135m-instruct", "training_file": batch_input}
+        refused("/v1/fine_tuning/jobs", "metadata", "the key 'te\\x00am'", json={**job, "metadata": {"te\0am": "a"}})
+        created = http.post(
+            "/v1/evals", headers=headers, json={"data_source_config": config, "testing_criteria": [grader]}
+        )
+        eval_id = created.raise_for_status().json()["id"]
+        evaluation = {"data_source_config": config, "testing_criteria": [grader]}
+        refused("/v1/evals", "name", "a NUL (\\u0000) at character 6", json={**evaluation, "name": "triage\0"})
+        refused(f"/v1/evals/{eval_id}", "metadata", "the value of 'n'", json={"metadata": {"n": "\0"}})
+        source = {
+            "type": "completions",
+            "source": {"type": "file_content", "content": [{"item": {}}]},
+            "model": "smollm2-135m-instruct",
+            "input_messages": {"type": "template", "template": [{"role": "user", "content": "Hi"}]},
+        }
+        refused(f"/v1/evals/{eval_id}/runs", "name", "at character 0", json={"name": "\0", "data_source": source})
+
+
 def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_validated(tmp_path, tiny_model_dir):
     # The checks training makes before any compute run with the files: a model of fewer positions than
     # the job's data.max_length fails the job at validation, not once it is queued and starts.

@@ -380,6 +380,8 @@ def test_a_key_never_sees_another_keys_stored_completions(served):
         ({f"k{i}": "v" for i in range(17)}, "17 pairs given; keep at most 16"),
         ({"k" * 65: "v"}, "has 65 characters; keep keys to 64"),
         ({"team": "v" * 513}, "the value of 'team' has 513 characters; keep values to 512"),
+        ({"team": "a\0b"}, "the value of 'team' holds a NUL (\\u0000) at character 1"),
+        ({"te\0am": "v"}, "the key 'te\\x00am' holds a NUL (\\u0000) at character 2"),
     ],
 )
 def test_metadata_beyond_openais_limits_is_a_400_that_says_what_to_keep(served, metadata, says):

@@ -22,7 +22,9 @@ from .errors import ConfigError
 
 # Several servers may start on one fresh PostgreSQL database: one creates the tables, the others wait on this lock.
 _CREATE_TABLES_LOCK = 2026112808
-JSON_COLUMNS = {dict: JSON, list: JSON}  # a declarative base's `type_annotation_map`: dicts and lists as JSON
+# A declarative base's `type_annotation_map`: dicts and lists as JSON; on PostgreSQL its `json` type, which keeps a
+# `\u0000` escape (a stored prompt may hold a NUL) where `jsonb` refuses it.
+JSON_COLUMNS = {dict: JSON, list: JSON}
 
 
 class UnknownCursor(LookupError):

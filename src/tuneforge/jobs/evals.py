@@ -32,7 +32,7 @@ from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, gra
 from ..graders.templates import Template
 from ..serve.bodies import MAX_SEED
 from ..tool_calls import ParsedReply, tool_call_parser
-from ..web import MAX_NESTING, APIError, Metadata, RequestBody, failure_id, nesting
+from ..web import MAX_NESTING, APIError, Metadata, RequestBody, StoredText, failure_id, nesting
 from ..web.shapes import not_unicode
 from .files import FileStorage
 from .store import Eval, EvalOutputItem, EvalRun, Store, new_id, now
@@ -68,12 +68,12 @@ class CustomDataSourceConfig(RequestBody):
 class CreateEvalBody(RequestBody):
     data_source_config: CustomDataSourceConfig
     testing_criteria: list[dict[str, Any]] = Field(min_length=1, max_length=32)
-    name: str | None = Field(None, max_length=256)
+    name: StoredText | None = Field(None, max_length=256)
     metadata: Metadata | None = None
 
 
 class UpdateEvalBody(RequestBody):
-    name: str | None = Field(None, max_length=256)
+    name: StoredText | None = Field(None, max_length=256)
     metadata: Metadata | None = None
 
 
@@ -121,7 +121,7 @@ class CompletionsDataSource(RequestBody):
 
 class CreateRunBody(RequestBody):
     data_source: CompletionsDataSource
-    name: str | None = Field(None, max_length=256)
+    name: StoredText | None = Field(None, max_length=256)
     metadata: Metadata | None = None
 
 

@@ -19,9 +19,11 @@ from .shapes import (
     Metadata,
     RequestBody,
     Shallow,
+    StoredText,
     list_body,
     metadata_filter,
     nesting,
+    nul_fault,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "Pages",
     "RequestBody",
     "Shallow",
+    "StoredText",
     "caller",
     "docs_urls",
     "edge",
@@ -43,6 +46,7 @@ __all__ = [
     "list_body",
     "metadata_filter",
     "nesting",
+    "nul_fault",
     "note",
     "owner_of",
     "scrub_paths",

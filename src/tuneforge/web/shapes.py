@@ -8,9 +8,13 @@ database or UTF-8 response can hold. A field a body takes as free-form JSON (a t
 template's variables) is annotated `Shallow`: nested more than `MAX_NESTING` deep, it is refused naming it.
 
 `metadata` is string pairs on an object (a job, a stored completion), within OpenAI's limits: at
-most 16 pairs, keys of at most 64 characters, values of at most 512. Listings filter by it with
-query parameters `metadata[KEY]=VALUE` (as the SDKs send it), and answer one page in OpenAI's
-envelope, `list_body`.
+most 16 pairs, keys of at most 64 characters, values of at most 512. Neither it nor other text a store keeps
+as text (an eval's name, annotated `StoredText`; an upload's file name) may hold a NUL character: PostgreSQL
+keeps none in a text column, and its JSON operators (a listing's `metadata[KEY]` filter) fail on a `\\u0000`
+they read out, where SQLite takes both; such text is a 400 naming it on either database. Other JSON a store
+keeps (a stored completion's messages) may hold one: PostgreSQL's `json` type (not `jsonb`) keeps the escape
+as written, and no query reads it out. Listings filter by metadata with query parameters
+`metadata[KEY]=VALUE` (as the SDKs send it), and answer one page in OpenAI's envelope, `list_body`.
 """
 
 from __future__ import annotations
@@ -34,10 +38,31 @@ free form may hold (a tool's parameters, a chat template's variables, an eval's 
 values by recursion, and stores serialize them so (pydantic's serializer stops at about 250)."""
 
 
+def nul_fault(text: str) -> str | None:
+    """Where `text` holds a NUL character, which no stored text may (see above), said for a message; None: none."""
+    at = text.find("\0")
+    if at < 0:
+        return None
+    return f"a NUL (\\u0000) at character {at}, which stored text may not hold (PostgreSQL keeps none)"
+
+
+def _storable(text: str) -> str:
+    if (fault := nul_fault(text)) is not None:
+        raise ValueError(f"it holds {fault}; leave it out")
+    return text
+
+
+StoredText = Annotated[str, AfterValidator(_storable)]
+"""Annotates a body's text that a store keeps as text (an eval's name): holding a NUL, it is a 400 naming it."""
+
+
 def _within_limits(metadata: dict[str, str]) -> dict[str, str]:
     if len(metadata) > MAX_METADATA_PAIRS:
         raise ValueError(f"{len(metadata)} pairs given; keep at most {MAX_METADATA_PAIRS}")
     for key, value in metadata.items():
+        for text, what in ((key, f"the key {key!r}"), (value, f"the value of {key!r}")):
+            if (fault := nul_fault(text)) is not None:
+                raise ValueError(f"{what} holds {fault}; leave it out")
         if len(key) > MAX_METADATA_KEY_CHARS:
             raise ValueError(
                 f"the key '{key[:20]}...' has {len(key)} characters; keep keys to {MAX_METADATA_KEY_CHARS}"

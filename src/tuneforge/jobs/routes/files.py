@@ -8,7 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
-from ...web import MAX_FILENAME_CHARS, APIError, caller, list_body
+from ...web import MAX_FILENAME_CHARS, APIError, caller, list_body, nul_fault
 from ..files import FileTooLarge
 from ..service import Service, service_of
 from ..store import StoredFile
@@ -50,6 +50,13 @@ def upload_file(
         raise APIError(
             400,
             f"The file's name is {len(name):,} characters long; name it with at most {MAX_FILENAME_CHARS} characters.",
+            param="file",
+            code="invalid_value",
+        )
+    if (fault := nul_fault(name)) is not None:
+        raise APIError(
+            400,
+            f"The file's name {name!r} holds {fault}; name the file without it.",
             param="file",
             code="invalid_value",
         )
