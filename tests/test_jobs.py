@@ -1431,6 +1431,40 @@ def test_text_the_store_keeps_holding_a_nul_character_is_refused_naming_its_fiel
         refused(f"/v1/evals/{eval_id}/runs", "name", "at character 0", json={"name": "\0", "data_source": source})
 
 
+def test_a_path_or_query_parameter_holding_a_nul_character_is_refused_naming_it(tmp_path):
+    """No id or name a store keeps holds a NUL, and PostgreSQL refuses to look one up (a 500 there, where SQLite
+    answers that nothing matches): every route refuses one in its path or query, after the key is checked."""
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(
+        create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0)
+    ) as http:
+        for url, param, says in (
+            ("/v1/files/file-%00", None, "The URL's path '/v1/files/file-\\x00' holds a NUL (\\u0000) at character 15"),
+            ("/v1/chat/completions/chatcmpl-1%00", None, "at character 31"),
+            (
+                "/v1/files?after=file-%00",
+                "after",
+                "The value of query parameter 'after' holds a NUL (\\u0000) at character 5",
+            ),
+            ("/v1/fine_tuning/jobs?metadata[team]=a%00", "metadata[team]", "at character 1"),
+            (
+                "/v1/chat/completions?metadata[te%00am]=a",
+                "metadata[te\0am]",
+                "The name of query parameter 'metadata[te",
+            ),
+        ):
+            answer = http.get(url, headers=headers)
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["param"] == param and says in error["message"], error
+        assert http.get("/v1/files/file-%00").status_code == 401
+
+
 def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_validated(tmp_path, tiny_model_dir):
     # The checks training makes before any compute run with the files: a model of fewer positions than
     # the job's data.max_length fails the job at validation, not once it is queued and starts.

@@ -1,15 +1,18 @@
-"""The body cap, and `edge`: what every app of both servers puts in front of its routes."""
+"""The body cap, the refusal of a NUL in a URL, and `edge`: what every app of both servers puts in front of its
+routes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from fastapi import FastAPI
+from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Pages, require_keys
 from .errors import APIError, BodyReadError, install_error_handlers
 from .observe import Observer, observe
+from .shapes import nul_fault
 
 HEALTH_PATH = "/health"
 
@@ -49,6 +52,38 @@ def _too_large(limit: int) -> APIError:
     )
 
 
+class NoNulInURL:
+    """Refuses a request whose path or query parameters hold a NUL (`%00`), naming where: no id or name a store
+    keeps holds one (`shapes.py`), and PostgreSQL refuses to look one up, which would be a 500."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = _nul_in_url(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _nul_in_url(scope: Scope) -> APIError | None:
+    if (fault := nul_fault(scope["path"])) is not None:
+        return APIError(
+            400, f"The URL's path {scope['path']!r} holds {fault}; no id or name holds one.", code="invalid_value"
+        )
+    for name, value in QueryParams(scope["query_string"]).multi_items():
+        for text, what in ((name, "name"), (value, "value")):
+            if (fault := nul_fault(text)) is not None:
+                return APIError(
+                    400,
+                    f"The {what} of query parameter {name!r} holds {fault}; leave it out.",
+                    param=name,
+                    code="invalid_value",
+                )
+    return None
+
+
 def docs_urls(docs: bool) -> dict:
     """FastAPI's arguments for its /docs, /redoc and /openapi.json pages: none of them unless `docs`."""
     return {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -63,8 +98,8 @@ def edge(
     pages: Pages | None = None,
     observer: Observer | None = None,
 ) -> None:
-    """OpenAI-shaped errors, the body cap, and the key checked first; around them all, `observer`'s
-    metrics and request log, and its /metrics route (`observe.py`).
+    """OpenAI-shaped errors, the body cap, a NUL in the URL refused, and the key checked first; around them all,
+    `observer`'s metrics and request log, and its /metrics route (`observe.py`).
 
     /health and the documentation pages, when the app has them (`docs_urls`), need no key; browser
     `pages` may carry it in a cookie (`auth.py`). `max_body_bytes` None puts no cap: an app that a host
@@ -73,6 +108,7 @@ def edge(
     install_error_handlers(app)
     if max_body_bytes is not None:
         app.add_middleware(BodyLimit, max_bytes=max_body_bytes, per_path=per_path)
+    app.add_middleware(NoNulInURL)
     documentation = [app.docs_url, app.redoc_url, app.openapi_url]
     if app.docs_url:
         documentation.append(app.swagger_ui_oauth2_redirect_url)
