@@ -1465,6 +1465,48 @@ def test_a_path_or_query_parameter_holding_a_nul_character_is_refused_naming_it(
         assert http.get("/v1/files/file-%00").status_code == 401
 
 
+def test_an_id_or_model_name_in_a_body_holding_a_nul_character_is_refused_naming_it(tmp_path):
+    """A body's file id or model name is looked up in the store, which PostgreSQL refuses to do for text holding a
+    NUL (a 500 there, where SQLite answers that nothing matches): it is a 400 naming the field."""
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    grader = {"type": "string_check", "name": "same", "input": "a", "reference": "a", "operation": "eq"}
+    config = {"type": "custom", "item_schema": {"type": "object", "properties": {}}}
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    template = {"type": "template", "template": [{"role": "user", "content": "Hi"}]}
+    source = {"type": "completions", "source": {"type": "file_id", "id": "file-1"}, "input_messages": template}
+    with TestClient(
+        create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0)
+    ) as http:
+        eval_id = (
+            http.post("/v1/evals", headers=headers, json={"data_source_config": config, "testing_criteria": [grader]})
+            .raise_for_status()
+            .json()["id"]
+        )
+        batch = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        for path, body, param in (
+            ("/v1/fine_tuning/jobs", {"model": "ft:base:org::x\0", "training_file": "file-1"}, "model"),
+            ("/v1/fine_tuning/jobs", {"model": "smollm2-135m-instruct", "training_file": "file-\0"}, "training_file"),
+            ("/v1/batches", {**batch, "input_file_id": "file-\0"}, "input_file_id"),
+            ("/v1/chat/completions", {**chat, "model": "ft:base:org::x\0"}, "model"),
+            ("/v1/completions", {"prompt": "Hi", "model": "ft:base:org::x\0"}, "model"),
+            (f"/v1/evals/{eval_id}/runs", {"data_source": {**source, "model": "ft:x\0"}}, "data_source.model"),
+            (
+                f"/v1/evals/{eval_id}/runs",
+                {"data_source": {**source, "model": "m", "source": {"type": "file_id", "id": "file-\0"}}},
+                "data_source.source.file_id.id",  # pydantic names the union's member by its tag
+            ),
+        ):
+            answer = http.post(path, headers=headers, json=body)
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["param"] == param and "holds a NUL (\\u0000) at character" in error["message"], error
+
+
 def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_validated(tmp_path, tiny_model_dir):
     # The checks training makes before any compute run with the files: a model of fewer positions than
     # the job's data.max_length fails the job at validation, not once it is queued and starts.

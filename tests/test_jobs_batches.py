@@ -96,6 +96,7 @@ def test_a_bad_input_file_fails_the_batch_naming_each_line(tmp_path, tiny_model_
             "9" * 5000,  # an integer of more digits than it converts
             json.dumps(request("\ud800", model)),  # half of a UTF-16 surrogate pair alone, which no output file holds
             json.dumps(request("e", "no-such-\ud800")),  # echoed by the error, which the batch's JSON holds
+            request("f", "no-such-\0"),  # no model's name holds a NUL, and PostgreSQL cannot look one up
         ]
         batch = client.batches.create(
             input_file_id=upload_requests(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
@@ -113,11 +114,13 @@ def test_a_bad_input_file_fails_the_batch_naming_each_line(tmp_path, tiny_model_
             (8, "invalid_json_line", None),
             (9, "invalid_value", "custom_id"),
             (10, "invalid_value", "body.model"),
+            (11, "invalid_value", "body.model"),
         ]
         assert "line 7: it nests arrays or objects too deeply" in batch.errors.data[5].message
         assert "line 8: it has an integer of more than" in batch.errors.data[6].message
         assert "line 9: custom_id is not Unicode text" in batch.errors.data[7].message
         assert "line 10: body.model is not Unicode text: character 8 ('\\ud800')" in batch.errors.data[8].message
+        assert "line 11: body.model holds a NUL (\\u0000) at character 8" in batch.errors.data[9].message
         assert "line 4" in batch.errors.data[2].message and "line 1" in batch.errors.data[2].message
         with pytest.raises(openai.ConflictError, match="failed"):
             client.batches.cancel(batch.id)

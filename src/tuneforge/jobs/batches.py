@@ -28,7 +28,7 @@ from starlette.authentication import SimpleUser
 
 from ..errors import unreadable_json
 from ..serve import ChatCompletionBody, CompletionBody, ResponsesBody
-from ..web import APIError, Metadata, RequestBody, server_error
+from ..web import APIError, Metadata, RequestBody, StoredText, nul_fault, server_error
 from ..web.errors import validation_error
 from ..web.shapes import not_unicode
 from .files import FileStorage
@@ -50,7 +50,7 @@ COMPLETION_WINDOW_S = 24 * 3600
 
 
 class CreateBatchBody(RequestBody):
-    input_file_id: str
+    input_file_id: StoredText
     endpoint: str
     completion_window: str
     metadata: Metadata | None = None
@@ -189,6 +189,8 @@ def read_requests(service: Service, batch: Batch) -> list[Request]:
             problem(number, "invalid_request", "body must be the request's parameters, a JSON object.", "body")
         elif isinstance(model := body.get("model"), str) and (found := not_unicode(model)) is not None:
             not_text(number, "body.model", found)  # the batch's errors, UTF-8, echo it
+        elif isinstance(model, str) and (fault := nul_fault(model)) is not None:  # no store looks a NUL up
+            problem(number, "invalid_value", f"body.model holds {fault}; leave it out.", "body.model")
         elif isinstance(model, str) and not batch.in_progress_at:
             # A batch taken up again after a restart was checked when it started: a model gone since fails the
             # lines still to answer (the live route's 404), not the lines already answered with the batch.

@@ -84,7 +84,7 @@ class ContentRow(RequestBody):
 
 class FileIdSource(RequestBody):
     type: Literal["file_id"]
-    id: str
+    id: StoredText
 
 
 class FileContentSource(RequestBody):
@@ -114,7 +114,7 @@ class SamplingParams(RequestBody):
 class CompletionsDataSource(RequestBody):
     type: _only("completions", "data sources of this type")
     source: Annotated[FileIdSource | FileContentSource, Field(discriminator="type")]
-    model: str
+    model: StoredText
     input_messages: InputTemplate
     sampling_params: SamplingParams | None = None
 

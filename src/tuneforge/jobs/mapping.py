@@ -25,7 +25,7 @@ from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, mo
 from ..config import Config, GRPOConfig, TrainConfig, auto_epochs, is_jinja, load_config
 from ..errors import ConfigError
 from ..training import make_plan
-from ..web import Metadata, RequestBody, Shallow
+from ..web import Metadata, RequestBody, Shallow, StoredText
 
 GROUP_SIZE = GRPOConfig.model_fields["group_size"].default
 AUTO_BATCH_SIZE = 8  # tuneforge's default; fewer when the file has fewer examples
@@ -174,7 +174,7 @@ class Method(RequestBody):
         return self
 
 
-FileId = Annotated[str, Field(min_length=1, max_length=40)]
+FileId = Annotated[StoredText, Field(min_length=1, max_length=40)]
 
 
 class WandbSettings(RequestBody):
@@ -192,7 +192,7 @@ class Integration(RequestBody):
 
 
 class CreateJobBody(RequestBody):
-    model: str = Field(min_length=1, max_length=1024)
+    model: StoredText = Field(min_length=1, max_length=1024)
     training_file: FileId
     validation_file: FileId | None = None
     suffix: str | None = None

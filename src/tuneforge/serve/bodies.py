@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.schema import Image, Message
 from ..errors import unreadable_json
 from ..generate import MAX_TOP_LOGPROBS, Sampling
-from ..web import MAX_NESTING, APIError, Metadata, RequestBody, Shallow, nesting
+from ..web import MAX_NESTING, APIError, Metadata, RequestBody, Shallow, StoredText, nesting
 from ..web.shapes import not_unicode
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -238,7 +238,7 @@ class SampledBody(RequestBody):
     # The field that limits the reply's length (`length_limit`).
     LENGTH_PARAM: ClassVar[str]
 
-    model: str
+    model: StoredText  # the jobs service looks a fine-tuned model up by it
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

@@ -9,12 +9,13 @@ template's variables) is annotated `Shallow`: nested more than `MAX_NESTING` dee
 
 `metadata` is string pairs on an object (a job, a stored completion), within OpenAI's limits: at
 most 16 pairs, keys of at most 64 characters, values of at most 512. Neither it nor other text a store keeps
-as text (an eval's name, annotated `StoredText`; an upload's file name) may hold a NUL character: PostgreSQL
-keeps none in a text column, and its JSON operators (a listing's `metadata[KEY]` filter) fail on a `\\u0000`
-they read out, where SQLite takes both; such text is a 400 naming it on either database. Other JSON a store
-keeps (a stored completion's messages) may hold one: PostgreSQL's `json` type (not `jsonb`) keeps the escape
-as written, and no query reads it out. Listings filter by metadata with query parameters
-`metadata[KEY]=VALUE` (as the SDKs send it), and answer one page in OpenAI's envelope, `list_body`.
+as text or looks a row up by (an eval's name, a file's id or a model's name, annotated `StoredText`; an upload's
+file name) may hold a NUL character: PostgreSQL keeps and compares none in a text column, and its JSON operators
+(a listing's `metadata[KEY]` filter) fail on a `\\u0000` they read out, where SQLite takes both; such text is a
+400 naming it on either database. Other JSON a store keeps (a stored completion's messages) may hold one:
+PostgreSQL's `json` type (not `jsonb`) keeps the escape as written, and no query reads it out. Listings filter
+by metadata with query parameters `metadata[KEY]=VALUE` (as the SDKs send it), and answer one page in OpenAI's
+envelope, `list_body`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def _storable(text: str) -> str:
 
 
 StoredText = Annotated[str, AfterValidator(_storable)]
-"""Annotates a body's text that a store keeps as text (an eval's name): holding a NUL, it is a 400 naming it."""
+"""Annotates a body's text that a store keeps as text (an eval's name) or looks a row up by (a file's id, a model's
+name): holding a NUL, it is a 400 naming it."""
 
 
 def _within_limits(metadata: dict[str, str]) -> dict[str, str]:
