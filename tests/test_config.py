@@ -741,8 +741,8 @@ def test_yaml_too_deep_or_with_too_long_an_integer_is_refused_by_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config({"data": {"train": "a.jsonl"}}, [f"train.max_steps={'9' * 5_000}"])
     assert e.value.message.endswith(
-        "': the value of train.max_steps has an integer of more than 4,300 digits, more than Python reads; fix the "
-        "value."
+        "': the value of train.max_steps: the YAML has an integer of more than 4,300 digits, more than Python reads, "
+        "which no config needs; fix the value there."
     )
 
 
@@ -753,13 +753,13 @@ def test_aliases_that_never_end_or_multiply_past_reason_are_refused_by_line(tmp_
     with pytest.raises(ConfigError) as e:
         load_config(path)  # 9 ** 9 items: never reached
     assert e.value.message == (
-        f"{path} line 8: l5, with its aliases (*name), holds over 100,000 keys and list items, which no run needs "
-        "(aliases of aliases multiply); write the values out, or alias each once."
+        f"{path} line 8: the list or mapping there, with its aliases (*name), holds over 100,000 keys and list "
+        "items, which no config needs (aliases of aliases multiply); write the values out, or alias each once."
     )
     path.write_text("data: &d\n  train: a.jsonl\n  more: [*d]\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert e.value.message.startswith(f"{path} line 1: data.more.0 holds an alias (*name) of the list or mapping it")
+    assert e.value.message.startswith(f"{path} line 1: the list or mapping there holds an alias (*name) of itself")
     path.write_text("data:\n  train: a.jsonl\nlora:\n  target_modules: &m [q_proj, v_proj]\n  modules_to_save: *m\n")
     assert load_config(path).lora.modules_to_save == ["q_proj", "v_proj"]  # an alias of a list, not of itself
 

@@ -23,6 +23,7 @@ pytest.importorskip("sqlalchemy")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from tuneforge.dashboard import FolderRuns  # noqa: E402
+from tuneforge.dashboard import runs as runs_module  # noqa: E402
 from tuneforge.dashboard.app import create_ui_app  # noqa: E402
 from tuneforge.dashboard.runs import RunFolder  # noqa: E402
 from tuneforge.dashboard.sources import public_report  # noqa: E402
@@ -116,8 +117,10 @@ def test_the_runs_list_parses_a_run_config_again_only_once_it_changes(tmp_path, 
     for name in ("a", "b"):
         write_run(tmp_path / name)
     parsed = []
-    load = yaml.load
-    monkeypatch.setattr(yaml, "load", lambda text, Loader: parsed.append(text) or load(text, Loader=Loader))
+    load = runs_module.load_yaml
+    monkeypatch.setattr(
+        runs_module, "load_yaml", lambda text, *args, **kw: parsed.append(text) or load(text, *args, **kw)
+    )
     runs = FolderRuns(tmp_path)
     assert [row.model for row in runs.list_runs("local")] == ["tiny-base", "tiny-base"] and len(parsed) == 2
     runs.list_runs("local")
@@ -525,8 +528,18 @@ def test_a_config_whose_aliases_expand_to_millions_of_values_is_noted_not_expand
         started = time.perf_counter()
         page = client.get("/ui/runs/bomb")
         assert page.status_code == 200 and time.perf_counter() - started < 5
-        assert len(page.text) < 1_000_000 and "config.yaml holds more than 10,000 values" in page.text
-        assert "config.yaml holds more than" in client.get("/ui/").text
+        said = "config.yaml line 6: the list or mapping there, with its aliases (*name), holds over 10,000 keys"
+        assert len(page.text) < 1_000_000 and said in page.text
+        assert said in client.get("/ui/").text
+
+
+def test_a_config_with_an_integer_too_long_for_python_is_noted_not_a_server_error(tmp_path):
+    folder = write_run(tmp_path / "run")
+    (folder / "config.yaml").write_text("base_model: tiny-base\nseed: " + "9" * 5_000 + "\n")
+    with TestClient(create_ui_app(tmp_path)) as client:
+        page = client.get("/ui/runs/run")
+        assert page.status_code == 200, page.text[:300]
+        assert "config.yaml: the YAML has an integer of more than 4,300 digits" in page.text
 
 
 @pytest.mark.parametrize(

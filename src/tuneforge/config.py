@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -1520,16 +1520,12 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
                 f"override '{o}': '{key}' is no key; give a dotted KEY=VALUE, for example train.learning_rate=1e-4"
             )
         try:
-            value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+            value = load_yaml(raw, f"override '{o}': the value of {key.strip()}") if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(
                 f"override '{o}': the value of {key.strip()} is not valid YAML ({getattr(e, 'problem', e)}); "
                 "close its brackets and quotes, or quote it whole as a string"
             ) from None
-        except (RecursionError, ValueError) as e:
-            if (what := unreadable_json(e)) is None:
-                raise
-            raise ConfigError(f"override '{o}': the value of {key.strip()} {what}; fix the value.") from None
         key = key.strip()
         # Applied in turn, a later override replaces an earlier one of its key, or of a key in its section,
         # whole: given twice, a key would take its last value without a word, as a YAML file's would.
@@ -1583,13 +1579,9 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
                 f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them). "
                 "Write one (see `tuneforge validate --help`) or check the path."
             )
-        # One parse: the node tree gives each key's line, and the document is built from it. The lines are
-        # read first: building the document flattens each merge key (`<<: *defaults`) into its mapping.
-        loader = _Loader(yaml_text(path))
+        # One parse: the node tree gives each key's line, and the document is built from it.
         try:
-            node = loader.get_single_node()
-            places = {key: f"line {line}" for key, line in _key_lines(node, path).items()}
-            raw = loader.construct_document(node) if node is not None else None
+            raw, lines = load_yaml(yaml_text(path), str(path), lines=True)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -1602,16 +1594,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
                     "spaces under it), that each key has ': ' after it, and that brackets and quotes close"
                 )
             raise ConfigError(f"{path}{where}: not valid YAML ({problem}); {do}.") from None
-        except (RecursionError, ValueError) as e:
-            if (what := unreadable_json(e)) is None:
-                raise
-            # Well-formed YAML that Python gives up on: an integer's line is known, the rest stop where read.
-            line = getattr(e, "line", None) or loader.get_mark().line + 1
-            raise ConfigError(
-                f"{path} line {line}: the YAML {what}, which no config needs; fix the value there."
-            ) from None
-        finally:
-            loader.dispose()
+        places = {key: f"line {line}" for key, line in lines.items()}
         if raw is None:
             raise ConfigError(
                 f"{path}: the file holds no keys (it is empty, or all comments); write the run's config in it "
@@ -1640,6 +1623,10 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         raise ConfigError(_format_validation_error(e, name, places)) from None
     config._source, config._places, config._names = name, places, names
     return config
+
+
+MOST_KEYS = 100_000
+"""Keys and list items a config may hold, its aliases expanded: thousands of times what a run's config holds."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -1676,39 +1663,83 @@ def yaml_text(path: Path) -> str:
     return text
 
 
-def _key_lines(node: yaml.Node | None, path: Path) -> dict[str, int]:
-    """The line of each key and list item in a YAML document, by dotted key (list items by index: `data.train.0`).
+def load_yaml(text: str, where: str, *, loader: type = _Loader, most: int = MOST_KEYS, lines: bool = False):
+    """A user's YAML text as Python values, and with `lines` the line of each of its keys (`_key_lines`). What
+    YAML reads but Python gives up on (nesting too deep, an integer of too many digits), and aliases that never
+    end or expand past `most` keys and list items, are a ConfigError naming `where` and the line; a syntax error
+    is PyYAML's YAMLError, which each caller words for its input."""
+    reader = loader(text)
+
+    def at(line: int | None) -> str:
+        """`where` with the line; text of no lines (an override, an option's value) is named without one."""
+        return f"{where} line {line}" if line and "\n" in text else where
+
+    try:
+        node = reader.get_single_node()
+        _check_aliases(node, at, most)
+        # The lines are read first: building the document flattens each merge key (`<<: *defaults`) into its mapping.
+        places = _key_lines(node, where) if lines else None
+        value = reader.construct_document(node) if node is not None else None
+    except (RecursionError, ValueError) as e:
+        if (what := unreadable_json(e)) is None:
+            raise
+        # An integer's line is known; nesting stops where it is read (libyaml's reader gives no mark).
+        line = getattr(e, "line", None) or (reader.get_mark().line + 1 if hasattr(reader, "get_mark") else None)
+        raise ConfigError(f"{at(line)}: the YAML {what}, which no config needs; fix the value there.") from None
+    finally:
+        reader.dispose()
+    return (value, places) if lines else value
+
+
+def _check_aliases(root: yaml.Node | None, at: Callable[[int], str], most: int) -> None:
+    """Refuse a document whose aliases (`*name`) never end (one inside its anchor's own value) or multiply past
+    `most` keys and list items (nine of nine, nine deep, are a "billion laughs", hundreds of millions of items).
+    An alias is its anchor's node again, so each node's expanded size is counted once and reused."""
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)] if isinstance(root, (yaml.SequenceNode, yaml.MappingNode)) else []
+    while stack:
+        node, done = stack.pop()
+        inner = [v for _, v in node.value] if isinstance(node, yaml.MappingNode) else node.value
+        inner = [n for n in inner if isinstance(n, (yaml.SequenceNode, yaml.MappingNode))]
+        if done:
+            open_nodes.discard(id(node))
+            size[id(node)] = len(node.value) + sum(size[id(n)] for n in inner)
+            if size[id(node)] > most:
+                raise ConfigError(
+                    f"{at(node.start_mark.line + 1)}: the list or mapping there, with its aliases (*name), "
+                    f"holds over {most:,} keys and list items, which no config needs (aliases of aliases multiply); "
+                    "write the values out, or alias each once."
+                )
+            continue
+        if id(node) in size:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for n in inner:
+            if id(n) in open_nodes:
+                raise ConfigError(
+                    f"{at(n.start_mark.line + 1)}: the list or mapping there holds an alias (*name) of "
+                    "itself, which never ends; write the value out instead."
+                )
+            stack.append((n, False))
+
+
+def _key_lines(node: yaml.Node | None, path: Path | str) -> dict[str, int]:
+    """The line of each key and list item in a YAML document whose aliases `_check_aliases` has bounded, by
+    dotted key (list items by index: `data.train.0`).
 
     YAML reads a key given twice in one mapping as its last value, dropping the first without a word (a
     second `train:` section replaces the first whole): such a key is refused, naming both lines. A key that
     a merge key (`<<: *defaults`) brings in is placed where the merged mapping sets it, and yields to the
-    mapping's own key of that name, as YAML's merge does.
+    mapping's own key of that name, as YAML's merge does."""
 
-    An alias (`*name`) stands for its anchor's whole list or mapping: one inside the anchor's own value
-    makes the document endless, and aliases of aliases multiply (nine of nine, nine deep, are a "billion
-    laughs", hundreds of millions of items): both are refused, a document past MOST_KEYS keys and items."""
-    count = 0
-
-    def walk(node: yaml.Node | None, prefix: str, within: tuple[yaml.Node, ...], top: str) -> dict[str, int]:
-        """`top` is the top-level key the node is under, with its line."""
-        nonlocal count
-        if any(node is outer for outer in within):
-            raise ConfigError(
-                f"{path} line {node.start_mark.line + 1}: {prefix.rstrip('.')} holds an alias (*name) of the list "
-                "or mapping it is in, which never ends; write the value out instead."
-            )
-        within = (*within, node)
-        count += len(node.value) if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else 0
-        if count > MOST_KEYS:
-            raise ConfigError(
-                f"{path} {top}, with its aliases (*name), holds over {MOST_KEYS:,} keys and list items, which no "
-                "run needs (aliases of aliases multiply); write the values out, or alias each once."
-            )
+    def walk(node: yaml.Node | None, prefix: str) -> dict[str, int]:
         lines = {}
         if isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 lines[f"{prefix}{i}"] = item.start_mark.line + 1
-                lines |= walk(item, f"{prefix}{i}.", within, top)
+                lines |= walk(item, f"{prefix}{i}.")
         elif isinstance(node, yaml.MappingNode):
             merged: dict[str, int] = {}
             for key_node, value_node in node.value:
@@ -1716,7 +1747,7 @@ def _key_lines(node: yaml.Node | None, path: Path) -> dict[str, int]:
                     # `<<: *a` or `<<: [*a, *b]`: of the merged mappings, the first to set a key gives it.
                     sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
                     for source in reversed(sources):
-                        merged |= walk(source, prefix, within, top)
+                        merged |= walk(source, prefix)
                     continue
                 key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
                 if key_node.tag == "tag:yaml.org,2002:null":  # `~:`, `null:`, `? ` with nothing after it
@@ -1731,16 +1762,12 @@ def _key_lines(node: yaml.Node | None, path: Path) -> dict[str, int]:
                         "only this one; merge the two into one."
                     )
                 lines[key] = line
-                lines |= walk(value_node, f"{key}.", within, top if prefix else f"line {line}: {key}")
+                lines |= walk(value_node, f"{key}.")
             own = {key.removeprefix(prefix).split(".", 1)[0] for key in lines}
             lines |= {key: line for key, line in merged.items() if key.removeprefix(prefix).split(".", 1)[0] not in own}
         return lines
 
-    return walk(node, "", (), "line 1: the config")
-
-
-MOST_KEYS = 100_000
-"""Keys and list items a config may hold, its aliases expanded: thousands of times what a run's config holds."""
+    return walk(node, "")
 
 
 def _expand(p: str, key: str, source: str, places: dict[str, str] | None) -> str:

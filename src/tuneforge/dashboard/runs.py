@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import dotted
+from ..config import dotted, load_yaml
 from ..data.prepare import refuses
-from ..errors import json_value
+from ..errors import ConfigError, json_value
 from ..eval.report import (
     choices_table,
     examples_table,
@@ -51,7 +51,8 @@ HEADLINE_METRICS = (
 # libyaml's parser where PyYAML has it: a run's whole config.yaml takes ~60 ms to parse in pure Python,
 # seconds for a list of 200 runs.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-# The most values a config.yaml may hold, counted as its aliases expand: a run's whole config holds a few hundred.
+# The most keys and list items a config.yaml may hold, counted as its aliases expand: a run's whole config holds a
+# few hundred, and the page lists each (load_config's bound, MOST_KEYS, is ten times this).
 MAX_CONFIG_VALUES = 10_000
 # What a validation logs, and its name in the run's events.
 VALIDATION_FIGURES = (("valid_loss", "validation loss"), ("valid_reward", "validation reward"))
@@ -385,38 +386,18 @@ def _config(path: str, mtime_ns: int, size: int) -> tuple[dict, str | None]:
     """config.yaml's settings and None, or {} and why it has none."""
     unused = "the run's settings are not shown"
     try:
-        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        text = Path(path).read_text(encoding="utf-8")
+        loaded = load_yaml(text, "config.yaml", loader=_YAML_LOADER, most=MAX_CONFIG_VALUES)
     except OSError:
         return {}, None
     except UnicodeDecodeError as err:
         return {}, f"config.yaml is not UTF-8 (byte {err.start + 1}); {unused}."
-    except RecursionError:
-        return {}, f"config.yaml nests lists or mappings too deeply to be read; {unused}."
+    except ConfigError as err:  # nested too deep, an integer too long, aliases that expand past the bound
+        return {}, f"{err.message} {unused.capitalize()}."
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         return {}, f"config.yaml{where} is not YAML ({getattr(err, 'problem', None) or err}); {unused}."
     if not isinstance(loaded, dict):
         return {}, f"config.yaml is not a mapping of settings; {unused}."
-    if _holds_more_than(loaded, MAX_CONFIG_VALUES):
-        return {}, (
-            f"config.yaml holds more than {MAX_CONFIG_VALUES:,} values once its aliases (*name) are expanded, more "
-            f"than a run's settings; {unused}."
-        )
     return loaded, None
-
-
-def _holds_more_than(value, limit: int) -> bool:
-    """Whether `value` holds more than `limit` lists, mappings and values, counted only up to the limit (YAML's
-    aliases can make a few lines stand for billions of values)."""
-    count, unseen = 0, [value]
-    while unseen:
-        value = unseen.pop()
-        count += 1
-        if count > limit:
-            return True
-        if isinstance(value, dict):
-            unseen.extend(value.values())
-        elif isinstance(value, list):
-            unseen.extend(value)
-    return False
