@@ -6,8 +6,12 @@ import re
 import pytest
 import yaml
 
+from tuneforge.chat import read_tools
 from tuneforge.config import KNOWN_ELSEWHERE, Config, _known_keys, auto_epochs, load_config
 from tuneforge.errors import ConfigError
+from tuneforge.eval.command import grader_spec
+from tuneforge.graders import load_grader
+from tuneforge.sweeps import parse_grid
 
 
 def write(tmp_path, cfg: dict):
@@ -881,3 +885,39 @@ def test_target_modules_as_an_empty_list_is_refused_saying_what_to_write(tmp_pat
     with pytest.raises(ConfigError) as e:
         load_config(path, ["lora.target_modules=[]"])
     assert f"  lora.target_modules (override): {said}" in e.value.message.splitlines()
+
+
+BIG = "9" * 5_000  # more digits than Python converts to an int
+
+
+@pytest.mark.parametrize(
+    ("read", "said"),
+    [
+        (lambda d: read_tools(_written(d / "t.yaml", f"- {BIG}\n")), "t.yaml"),
+        (lambda d: grader_spec(f"{{a: {BIG}}}"), "--grader"),
+        (lambda d: parse_grid(f"train.seed={BIG}"), "--set 'train.seed="),
+        (lambda d: parse_grid("train.seed=" + "[" * 3_000 + "]" * 3_000), "--set"),
+        (lambda d: load_grader(str(_written(d / "g.yaml", f"type: x\nn: {BIG}\n"))), "g.yaml line 2"),
+    ],
+)
+def test_every_reader_of_a_user_s_yaml_refuses_what_python_gives_up_on_naming_the_input(tmp_path, read, said):
+    with pytest.raises(ConfigError) as e:
+        read(tmp_path)
+    assert said in e.value.message and "which no config needs" in e.value.message
+
+
+def test_every_reader_of_a_user_s_yaml_bounds_its_aliases(tmp_path):
+    nested = "x0: &x0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]\n" for i in range(1, 7)
+    )
+    with pytest.raises(ConfigError) as e:
+        load_grader(str(_written(tmp_path / "g.yaml", "type: x\n" + nested)))
+    assert "holds over 100,000 keys and list items" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        parse_grid("train.seed=&a [*a]")
+    assert e.value.message.startswith("--set 'train.seed=&a [*a]': the list or mapping there holds an alias")
+
+
+def _written(path, text):
+    path.write_text(text)
+    return path

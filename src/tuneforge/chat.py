@@ -266,6 +266,8 @@ def read_tools(path: str | Path) -> list[dict] | None:
     does not parse) and the field, for any problem. An empty list: None, no tools."""
     import yaml
 
+    from .config import load_yaml
+
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -276,7 +278,7 @@ def read_tools(path: str | Path) -> list[dict] | None:
         if path.suffix.lower() == ".json":
             value = json.loads(text)
         else:
-            value = yaml.safe_load(text)
+            value = load_yaml(text, f"--tools {path}")
     except json.JSONDecodeError as err:
         raise ConfigError(
             f"--tools {path}:{err.lineno}: not JSON ({err.msg}, column {err.colno}).", code="invalid_json"

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from .config import Config, load_config, parse_overrides
+from .config import Config, load_config, load_yaml, parse_overrides
 from .errors import ConfigError, TuneforgeError
 from .fsio import atomic_file, write_json
 
@@ -120,7 +120,7 @@ def parse_grid(sets: str | Iterable[str]) -> dict[str, list]:
             )
         key, raw = (part.strip() for part in given.split("=", 1))
         try:
-            values = yaml.safe_load(f"[{raw}]")
+            values = load_yaml(f"[{raw}]", f"--set '{given}'")
         except yaml.YAMLError as e:
             raise ConfigError(
                 f"--set '{given}': the values of {key} are no comma-separated YAML list "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import load_yaml
 from ..errors import ConfigError, refuse_options
 from .choices import (
     compare_choices,
@@ -197,7 +198,7 @@ def grader_spec(grader: str) -> str | dict | list[str]:
     error names that part); anything else (a JSON/YAML file) as given."""
     if grader.lstrip().startswith("{"):
         try:
-            spec = yaml.safe_load(grader)
+            spec = load_yaml(grader, "--grader")
         except yaml.YAMLError as err:
             raise ConfigError(f"--grader: {grader} is not a valid JSON or YAML object ({err}).") from None
         if not isinstance(spec, dict):

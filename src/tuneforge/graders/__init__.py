@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import yaml_text
+from ..config import load_yaml, yaml_text
 from ..errors import ConfigError
 from .base import Grader, GraderError, GradeResult, rollout_sample, rollout_samples, sample_of
 from .multi import FUNCTIONS, MultiGrader
@@ -126,7 +126,7 @@ def load_grader(spec: dict | str | list, weights: list[float] | None = None, *, 
                 "functions as FILE.py:FUNCTION."
             )
         try:
-            spec = yaml.safe_load(yaml_text(path))
+            spec = load_yaml(yaml_text(path), str(path))
         except yaml.YAMLError as err:
             raise ConfigError(f"{key}: {path} is not valid JSON or YAML ({err}).") from None
         if not isinstance(spec, dict):
