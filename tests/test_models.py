@@ -943,3 +943,18 @@ def test_a_quantized_cpu_load_keeps_no_map_of_the_checkpoint(tmp_path):
     mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line]
     assert mapped == []
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["1" * 5000, "[" * 5000, "&a [1, *a]"],  # past Python's int conversion, past its recursion, an endless alias
+    ids=["long integer", "deep nesting", "self alias"],
+)
+def test_a_run_config_yaml_python_cannot_read_is_no_run_config_not_a_traceback(tmp_path, value):
+    from tuneforge.models import run_config_of
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "config.yaml").write_text(f"base_model: some/model\nseed: {value}\n", encoding="utf-8")
+    assert run_config_of(tmp_path / "final") == {}
+    (tmp_path / "config.yaml").write_text("base_model: some/model\nseed: 3\n", encoding="utf-8")
+    assert run_config_of(tmp_path / "final") == {"base_model": "some/model", "seed": 3}

@@ -36,12 +36,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
 from ..errors import TuneforgeError
 from ..fsio import atomic_dir, scratch_dir, write_json
-from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
+from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve, run_config_of
 from ..models.loading import is_sequence_classifier, trained_rope_scaling
 from ..models.saving import PROCESSOR_FILES
 from ..progress import library_bars
@@ -303,12 +302,9 @@ def _trained_on_quantized_base(source: ModelSource) -> str | None:
     or above `checkpoints/step-N`), if it was quantized."""
     if source.adapter is None:
         return None
-    for folder in (source.adapter.parent, source.adapter.parent.parent):
-        if (folder / "config.yaml").is_file():
-            recorded = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
-            quantize = (recorded.get("model") or {}).get("quantize", "none")
-            return None if quantize == "none" else quantize
-    return None
+    model = run_config_of(source.adapter).get("model")
+    quantize = model.get("quantize", "none") if isinstance(model, dict) else "none"
+    return None if quantize == "none" else quantize
 
 
 def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, console) -> tuple[list[Path], dict]:

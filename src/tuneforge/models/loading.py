@@ -875,6 +875,8 @@ def _readme_licence(folder: Path) -> str | None:
     """The `license:` of a hub model card's front matter, if the folder has one."""
     import yaml
 
+    from ..config import load_yaml
+
     readme = folder / "README.md"
     if not readme.is_file():
         return None
@@ -882,8 +884,8 @@ def _readme_licence(folder: Path) -> str | None:
     if not text.startswith("---"):
         return None
     try:
-        front_matter = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
+        front_matter = load_yaml(text.split("---", 2)[1], str(readme)) or {}
+    except (yaml.YAMLError, IndexError, ConfigError):
         return None
     licence = front_matter.get("license") if isinstance(front_matter, dict) else None
     return str(licence) if licence else None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from ..errors import ModelSourceError
+from ..errors import ConfigError, ModelSourceError
 from .convert import cached_registry_folder, convert_local_gguf, pull, unknown_registry_name
 from .registry import REGISTRY
 
@@ -259,6 +259,8 @@ def run_config_of(model_dir: Path) -> dict:
     is; {} for any other folder, or a config that cannot be read."""
     import yaml
 
+    from ..config import load_yaml
+
     model_dir = Path(model_dir).resolve()
     if model_dir.name == "final":
         run = model_dir.parent
@@ -267,8 +269,9 @@ def run_config_of(model_dir: Path) -> dict:
     else:
         return {}
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        path = run / "config.yaml"
+        config = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
         return {}
     return config if isinstance(config, dict) else {}
 
