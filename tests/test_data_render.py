@@ -229,32 +229,30 @@ def test_a_prompt_that_splits_a_token_is_caught_at_token_level():
     assert err.value.code == "template_not_prefix" and "tokenizes differently" in str(err.value)
 
 
-def test_template_errors_are_row_problems():
-    refuse_tools = (
-        "{% if messages | selectattr('role', 'equalto', 'tool') | list %}"
-        "{{ raise_exception('no tools here') }}{% endif %}"
-    )
-    renderer = ChatRenderer(tokenizer_with_template(refuse_tools + TINY_TEMPLATE))
+@pytest.mark.parametrize(
+    ("refusal", "said"),
+    [
+        (
+            "{% if messages | selectattr('role', 'equalto', 'tool') | list %}"
+            "{{ raise_exception('no tools here') }}{% endif %}",
+            "no tools here",
+        ),
+        # Jinja renders a macro's call by recursion: one called without end on some rows refuses those rows alone.
+        (
+            "{% macro again() %}{{ again() }}{% endmacro %}"
+            "{% for m in messages if m.role == 'tool' %}{{ again() }}{% endfor %}",
+            "recursion",
+        ),
+    ],
+    ids=["raises", "recurses without end"],
+)
+def test_template_errors_are_row_problems(refusal, said):
+    renderer = ChatRenderer(tokenizer_with_template(refusal + TINY_TEMPLATE))
     good = Conversation([Message("user", "Hi"), Message("assistant", "Hello")])
     bad = Conversation([Message("user", "Hi"), Message("tool", "42"), Message("assistant", "Hello")])
     results = renderer.render([good, bad, good])
     assert not isinstance(results[0], list) and not isinstance(results[2], list)
-    assert [p.code for p in results[1]] == ["template_error"] and "no tools here" in results[1][0].message
-
-
-def test_a_template_that_recurses_without_end_on_a_row_is_that_rows_problem():
-    """Jinja renders a macro's call by recursion: a template that calls one without end on some rows refuses
-    those rows, as a template that raises does, and renders the others."""
-    recurse = (
-        "{% macro again() %}{{ again() }}{% endmacro %}"
-        "{% for m in messages if m.role == 'tool' %}{{ again() }}{% endfor %}"
-    )
-    renderer = ChatRenderer(tokenizer_with_template(recurse + TINY_TEMPLATE))
-    good = Conversation([Message("user", "Hi"), Message("assistant", "Hello")])
-    bad = Conversation([Message("user", "Hi"), Message("tool", "42"), Message("assistant", "Hello")])
-    results = renderer.render([good, bad])
-    assert not isinstance(results[0], list)
-    assert [p.code for p in results[1]] == ["template_error"] and "recursion" in results[1][0].message
+    assert [p.code for p in results[1]] == ["template_error"] and said in results[1][0].message
 
 
 def test_a_tokenizer_without_chat_template_gets_chatml():
