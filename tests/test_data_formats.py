@@ -895,3 +895,24 @@ def test_a_csv_line_longer_than_a_row_may_be_is_refused_without_reading_it_whole
         tracemalloc.stop()
     assert [(p.line, p.code) for p in errors(items)] == [(3, "row_too_large")]
     assert peak < 4 * MAX_ROW_BYTES  # the line's 20 MiB never held at once
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_row_s_limit_counts_bytes_however_many_characters_hold_them(tmp_path, suffix):
+    from tuneforge.data.readers import MAX_ROW_BYTES
+
+    def line(completion: str) -> str:
+        return (
+            f"Say hi,{completion}\n"
+            if suffix == ".csv"
+            else json.dumps({"prompt": "Say hi", "completion": completion}, ensure_ascii=False) + "\n"
+        )
+
+    # "é" is two bytes of UTF-8: the first row is under the limit, the second over it with half as many characters.
+    under, over = "é" * (MAX_ROW_BYTES // 2 - 100), "é" * (MAX_ROW_BYTES // 2 + 1)
+    head = "prompt,completion\n" if suffix == ".csv" else ""
+    path = tmp_path / f"train{suffix}"
+    path.write_text(head + line(under) + line(over), encoding="utf-8")
+    items = read(path)
+    assert [r.messages[-1].content for r in records(items)] == [under]
+    assert [p.code for p in errors(items)] == ["row_too_large"]

@@ -596,9 +596,11 @@ class _LineTooLong(Exception):
 
 def _csv_lines(f) -> Iterator[str]:
     """A CSV file's lines for csv.reader, which reads a line whole: one line of gigabytes would be held in
-    memory, so a line is read MAX_ROW_BYTES at most, and a longer one raises _LineTooLong."""
+    memory, so a line is read MAX_ROW_BYTES characters at most, and one over MAX_ROW_BYTES bytes of UTF-8
+    raises _LineTooLong. A character is at most 4 bytes, so only a line over a quarter of that is encoded to
+    count them."""
     while line := f.readline(MAX_ROW_BYTES + 1):
-        if len(line) > MAX_ROW_BYTES:
+        if len(line) > MAX_ROW_BYTES // 4 and len(line.encode("utf-8", "surrogateescape")) > MAX_ROW_BYTES:
             raise _LineTooLong
         yield line
 
