@@ -424,6 +424,8 @@ def test_tool_commands_that_cannot_answer_a_call_say_why(tool_caller):
             "tools[1].function.name",
         ),
         ("missing.json", None, "missing.json cannot be read"),
+        ("deep.json", "[" * 10_000 + "]" * 10_000, "deep.json: the JSON nests arrays or objects too deeply to be read"),
+        ("digits.json", "[" + "9" * 5_000 + "]", "digits.json: the JSON has an integer of more than 4,300 digits"),
     ],
 )
 def test_a_tools_file_that_cannot_be_used_is_refused_naming_file_and_field(model_dir, tmp_path, name, text, message):

@@ -37,7 +37,7 @@ from .data.formats import tool_definitions
 from .data.images import read_image_file
 from .data.render import renderer_for
 from .data.schema import Image
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, unreadable_json
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
 from .models.images import VISION_MODELS
@@ -283,6 +283,12 @@ def read_tools(path: str | Path) -> list[dict] | None:
         raise ConfigError(
             f"--tools {path}:{err.lineno}: not JSON ({err.msg}, column {err.colno}).", code="invalid_json"
         ) from err
+    except (RecursionError, ValueError) as err:  # well-formed JSON that Python's reader gives up on
+        if (what := unreadable_json(err)) is None:
+            raise
+        raise ConfigError(
+            f"--tools {path}: the JSON {what}; no tool definition needs that.", code="invalid_json"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
