@@ -245,6 +245,18 @@ def supervised_job(key: str, **fields):
     )
 
 
+def test_a_page_link_holding_a_nul_sends_a_browser_to_the_login_page_without_it(tmp_path):
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    app = create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=["key-a"], workers=0)
+    with TestClient(app) as client:
+        to_login = client.get("/ui/runs/x%00", follow_redirects=False)
+        assert to_login.status_code == 303 and to_login.headers["location"] == "/ui/login"
+        login = client.get(to_login.headers["location"])
+        assert login.status_code == 200 and 'data-next="/ui/"' in login.text
+
+
 def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path):
     from tuneforge.jobs.api import create_api
     from tuneforge.jobs.store import Store

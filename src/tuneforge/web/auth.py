@@ -79,7 +79,9 @@ class BearerKeys(AuthenticationBackend):
 def require_keys(app: FastAPI, keys: Sequence[str], public: Iterable[str], pages: Pages | None = None) -> None:
     def refused(conn: HTTPConnection, err: AuthenticationError):
         if pages and pages.is_page_request(conn):
-            return RedirectResponse(f"{pages.login}?next={quote(conn.url.path)}", status_code=303)
+            # A path holding a NUL is no page, and `limits.NoNulInURL` would refuse it as the login page's `next`.
+            back = "" if "\0" in conn.url.path else f"?next={quote(conn.url.path)}"
+            return RedirectResponse(pages.login + back, status_code=303)
         return APIError(401, str(err), code="invalid_api_key").response()
 
     app.add_middleware(AuthenticationMiddleware, backend=BearerKeys(keys, public, pages), on_error=refused)
