@@ -205,11 +205,9 @@ def parameters_for_peft(config: PeftLoraConfig, model, resolved: PeftLoraConfig)
 
 
 def adapted_as_parameters(config: PeftLoraConfig, model) -> list[str]:
-    """The weights `config` hands PEFT as parameters (target_parameters, under all-linear as PEFT resolves it), named
-    within a layer: the fused expert weights and routers (mlp.experts.gate_up_proj, mlp.gate.weight), and a dense
-    layer's linear layers (mlp.gate_proj.weight, `parameters_for_peft`)."""
-    if config.target_modules == "all-linear":
-        config = all_linear_as_peft_resolves_it(config, model)
+    """The weights `config` hands PEFT as parameters (target_parameters; under all-linear, as `get_peft_model` has
+    resolved them in it), named within a layer: the fused expert weights and routers (mlp.experts.gate_up_proj,
+    mlp.gate.weight), and a dense layer's linear layers (mlp.gate_proj.weight, `parameters_for_peft`)."""
     return sorted({within_layer(name) for name in parameters_named(model, config.target_parameters or ())})
 
 
