@@ -1387,6 +1387,35 @@ def test_lora_from_a_lora_run_trains_that_adapter_on(tiny_model_dir, triage_data
         train(reshaped, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("saved", "listed"),
+    [
+        (["q_proj", "v_proj"], ["self_attn.q_proj", "model.layers.0.self_attn.v_proj", "layers.1.self_attn.v_proj"]),
+        ("all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+    ],
+    ids=["list", "all-linear"],
+)
+def test_a_lora_adapter_trained_on_with_target_modules_spelt_otherwise_for_the_same_weights_trains_on(
+    saved, listed, tiny_model_dir, triage_data, tmp_path
+):
+    """lora.target_modules is compared with the adapter's by the weights each adapts, not by how they are named."""
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.target_modules = saved
+    prepare_model(load_model(resolve(str(tiny_model_dir))), cfg).save_pretrained(tmp_path / "adapter")
+    load_tokenizer(resolve(str(tiny_model_dir))).save_pretrained(tmp_path / "adapter")
+    on = load_config(tiny_run_config(tmp_path / "adapter", triage_data, tmp_path / "on"))
+    on.lora.target_modules = listed
+    before = adapted_weights(load_model(resolve(str(tmp_path / "adapter"))))
+    assert adapted_weights(prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)) == before
+    on.lora.target_modules = listed[1:]
+    with pytest.raises(
+        TuneforgeError, match=r"adapts other weights than it: self_attn\.q_proj\.weight, which it adapts"
+    ):
+        prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
+
+
 @pytest.mark.parametrize("from_layer", [0.0, 0.5])
 @pytest.mark.parametrize("dense", [{}, {"mlp_only_layers": [1]}], ids=["sparse", "dense-layer-1"])
 def test_a_mixture_of_experts_adapter_trained_on_with_other_expert_weights_listed_is_refused(

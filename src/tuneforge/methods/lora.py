@@ -460,30 +460,23 @@ def continue_adapter(model, cfg, token_ids=()):
     another value than its default and the adapter's is an error, not a silent change."""
     loaded = model.peft_config[model.active_adapter]
     wanted = peft_config(cfg, model.get_base_model())
-    targets = wanted.target_modules
-    if targets == "all-linear":
-        targets = decoder_linears(model.get_base_model())
     shape = {
         "r": (loaded.r, wanted.r),
         "alpha": (loaded.lora_alpha, wanted.lora_alpha),
         "use_rslora": (loaded.use_rslora, wanted.use_rslora),
-        # A listed fused expert weight is a parameter PEFT adapts (`parameters_for_peft`), not a module; compared by
-        # the parameters named, as an adapter may name them by their last parts (down_proj) or in full.
-        "target_modules": (
-            [sorted(loaded.target_modules), parameters_named(model, loaded.target_parameters or ())],
-            [sorted(targets), parameters_named(model, wanted.target_parameters or ())],
-        ),
         "from_layer": (loaded.layers_to_transform, wanted.layers_to_transform),
     }
-    defaults = {key: type(cfg.lora).model_fields[key].default for key in shape}
-    clashes = [key for key, (has, asked) in shape.items() if has != asked and getattr(cfg.lora, key) != defaults[key]]
+    fields = type(cfg.lora).model_fields
+    clashes = [
+        key for key, (has, asked) in shape.items() if has != asked and getattr(cfg.lora, key) != fields[key].default
+    ]
     if cfg.method in ("lora", "dora") and (cfg.method == "dora") != bool(loaded.use_dora):
         clashes.append("method (lora or dora)")
-    # A target_modules clash is told by the weights that differ: the adapter's own list adapts other weights where PEFT
-    # alone resolved it for the adapter (gate_proj and up_proj: the experts' gate_up_proj there, a dense layer's here).
-    apart = weights_apart(model, wanted) if "target_modules" in clashes else ""
-    if apart:
-        clashes.remove("target_modules")
+    # A target_modules list is compared by the weights each side adapts, not by how it names them: q_proj and
+    # self_attn.q_proj, or the list all-linear resolved to, name the same weights; and the adapter's own list may
+    # adapt other weights where PEFT alone resolved it for the adapter (gate_proj and up_proj: the experts'
+    # gate_up_proj there, a dense layer's here).
+    apart = "" if cfg.lora.target_modules == fields["target_modules"].default else weights_apart(model, wanted)
     said = [f"the config sets another {', '.join(clashes)}"] if clashes else []
     if apart:
         said.append(f"{cfg.key_at('lora.target_modules')} adapts other weights than it: {apart}")
