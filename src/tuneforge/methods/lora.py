@@ -521,21 +521,22 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
             with gate_up_pattern_warning_unsaid():
                 model = get_peft_model(model, config)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its unsupported-module errors
-            weights = (
-                f"the weights of this mixture-of-experts model that lora.target_modules adapts as parameters "
-                f"({', '.join(adapted_as_parameters(config, model))})"
-            )
-            if "ParamWrapper does not work with lora_dropout" in str(e):
-                raise ConfigError(
-                    f"{cfg.key_at('lora.dropout')}: {cfg.lora.dropout:g}, but PEFT's adapters on {weights} take no "
-                    "dropout; set lora.dropout to 0, or list target_modules without them (such as [q_proj, k_proj, "
-                    "v_proj, o_proj])."
-                ) from None
-            if "ParamWrapper does not work with use_dora" in str(e):
-                raise ConfigError(
-                    f"{cfg.key_at('method')}: dora, but PEFT's adapters on {weights} have no DoRA; use method: lora, "
-                    "or list target_modules without them (such as [q_proj, k_proj, v_proj, o_proj])."
-                ) from None
+            if "ParamWrapper does not work with" in str(e):  # PEFT's adapters on parameters: no dropout, no DoRA
+                weights = (
+                    f"the weights of this mixture-of-experts model that lora.target_modules adapts as parameters "
+                    f"({', '.join(adapted_as_parameters(config, model))})"
+                )
+                if "with lora_dropout" in str(e):
+                    raise ConfigError(
+                        f"{cfg.key_at('lora.dropout')}: {cfg.lora.dropout:g}, but PEFT's adapters on {weights} take "
+                        "no dropout; set lora.dropout to 0, or list target_modules without them (such as [q_proj, "
+                        "k_proj, v_proj, o_proj])."
+                    ) from None
+                if "with use_dora" in str(e):
+                    raise ConfigError(
+                        f"{cfg.key_at('method')}: dora, but PEFT's adapters on {weights} have no DoRA; use method: "
+                        "lora, or list target_modules without them (such as [q_proj, k_proj, v_proj, o_proj])."
+                    ) from None
             raise ConfigError(
                 f"lora.target_modules does not fit this model: {e} The model's linear layers "
                 f"are {', '.join(decoder_linears(model))}: give target_modules a list of those, or all-linear."
