@@ -238,6 +238,31 @@ def test_an_empty_suffix_names_the_model_as_no_suffix_does(tmp_path, tiny_model_
         assert "'a:b'" in refused.json()["error"]["message"]
 
 
+def test_jobs_with_a_tuneforge_chat_template_load_the_base_models_tokenizer_once(tmp_path, tiny_model_dir, monkeypatch):
+    """Each job's template is rendered on the training file's first rows when it is created; the tokenizer it
+    renders with is loaded once per model and template, not on every request."""
+    from test_jobs import BRACKETS_TEMPLATE
+
+    from tuneforge.models import loading
+
+    loads = []
+    raw_tokenizer = loading._raw_tokenizer
+    monkeypatch.setattr(loading, "_raw_tokenizer", lambda source: loads.append(source) or raw_tokenizer(source))
+    root, store, _, upload = _store_with_upload(tmp_path)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    fails = "{% for m in messages %}{{ m.content }}{% endfor %}\n{{ raise_exception('unrenderable') }}"
+    with TestClient(create_api(root, store, api_keys=[KEY], workers=0, allowed_models=[str(tiny_model_dir)])) as http:
+        for template, status in ((BRACKETS_TEMPLATE, 200), (BRACKETS_TEMPLATE, 200), (fails, 400), (fails, 400)):
+            hyperparameters = {"tuneforge_chat_template": template}
+            body = {"model": str(tiny_model_dir), "training_file": upload.id, "hyperparameters": hyperparameters}
+            response = http.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+            assert response.status_code == status, response.text
+    assert len(loads) == 2  # one per template
+    error = response.json()["error"]  # the cached tokenizer's rendering still refuses the template
+    assert error["param"] == "method.supervised.hyperparameters.tuneforge_chat_template"
+    assert "at its line 2" in error["message"] and "unrenderable" in error["message"], error
+
+
 def test_every_checkpoint_reports_its_validation_and_the_last_one_its_full_validation(tmp_path):
     """The final checkpoint is saved before the full validation is written; its row takes it when it comes.
     Every validation is over the whole file, so each checkpoint's is its full validation too."""

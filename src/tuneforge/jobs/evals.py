@@ -392,30 +392,32 @@ def check_tools_read(
 
 
 class TemplateTokenizers:
-    """The tokenizers whose chat templates `runs.create` checks a run's tools with (`check_tools_read`): each
-    model's loaded once and loaded again when a file in its folders changes (an allowed model replaced in
-    place), the `size` most recently used kept."""
+    """The tokenizers whose chat templates `runs.create` checks a run's tools with (`check_tools_read`) and
+    `jobs.create` renders a job's first rows with (its tuneforge_chat_template in place of the model's): each
+    model's, with each template, loaded once and loaded again when a file in its folders changes (an allowed model
+    replaced in place), the `size` most recently used kept."""
 
     def __init__(self, size: int = 4):
         self._size, self._lock = size, threading.Lock()
         self._held: OrderedDict[tuple, tuple[list, Any]] = OrderedDict()
 
-    def get(self, source: ModelSource):
+    def get(self, source: ModelSource, template: str | None = None, key: str = "model.chat_template"):
+        """`template` (Jinja), which `key` names in a refusal, replaces the model's own chat template."""
         from ..data.prepare import file_state
         from ..data.render import renderer_for
         from ..models import load_tokenizer
 
-        key = (source.path, source.adapter)
-        folders = [folder for folder in key if folder is not None]
+        folders = [folder for folder in (source.path, source.adapter) if folder is not None]
         state = [(path, file_state(str(path))) for folder in folders for path in sorted(folder.iterdir())]
+        held_as = (source.path, source.adapter, template)
         # Under the lock, so requests for one model load it once and share a tokenizer none of them changes.
         with self._lock:
-            held = self._held.get(key)
+            held = self._held.get(held_as)
             if held is None or held[0] != state:
-                tokenizer = load_tokenizer(source)
+                tokenizer = load_tokenizer(source, template=template, key=key)
                 renderer_for(tokenizer)  # the template's checks, made once for the requests that read it
-                held = self._held[key] = (state, tokenizer)
-            self._held.move_to_end(key)
+                held = self._held[held_as] = (state, tokenizer)
+            self._held.move_to_end(held_as)
             while len(self._held) > self._size:
                 self._held.popitem(last=False)
             return held[1]

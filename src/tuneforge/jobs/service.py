@@ -1,5 +1,5 @@
 """What the routes of the jobs API share: the store, the file storage, model access, inference and the
-tokenizers runs.create reads chat templates from."""
+tokenizers runs.create reads chat templates from and jobs.create renders a job's chat template with."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from ...config import Config
 from ...data.prepare import render_first_rows
 from ...errors import ConfigError, ModelSourceError
 from ...graders import runs_python
-from ...models import resolve, run_tokenizer
+from ...models import resolve
 from ...training import checkpoint
 from ...web import APIError, caller, list_body, metadata_filter
 from ..access import training_spec
@@ -101,7 +101,7 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
             code="unsupported_value",
         ) from err
     if config.model.chat_template is not None:
-        render_first_rows_with_template(config, body.training_file, f"method.{method['type']}")
+        render_first_rows_with_template(service, config, body.training_file, f"method.{method['type']}")
     job = Job(
         id=job_id,
         owner=owner,
@@ -123,19 +123,20 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
     return job_body(job)
 
 
-def render_first_rows_with_template(config: Config, training_file: str, method_param: str) -> None:
+def render_first_rows_with_template(service: Service, config: Config, training_file: str, method_param: str) -> None:
     """A 400 naming the template's line and the row, where the job's tuneforge_chat_template fails on one of the
     training file's first rows: a template that compiles may still raise when it renders (raise_exception, an
     index past the messages, a filter Jinja has not), or rewrite a conversation's earlier turns once a reply
     follows (template_not_prefix), which validating the files would find only after the job is queued. A base
-    model not yet on this server has no tokenizer here; its job's rows are all rendered while validating."""
+    model not yet on this server has no tokenizer here; its job's rows are all rendered while validating. The
+    tokenizer with the template is the service's (`TemplateTokenizers`), loaded once for the jobs that send it."""
     param = f"{method_param}.hyperparameters.tuneforge_chat_template"
     try:
         source = resolve(config.base_model, pull_missing=False)
     except ModelSourceError:
         return
     try:
-        tokenizer = run_tokenizer(config, source)
+        tokenizer = service.tokenizers.get(source, config.model.chat_template, config.key_at("model.chat_template"))
     except ConfigError as err:  # the job's template is the tokenizer's only setting a job gives
         raise APIError(400, err.message, param=param, code="invalid_value") from err
     failed = [p for p in render_first_rows(config.data, tokenizer, FIRST_ROWS) if p.code in TEMPLATE_FAULTS]
