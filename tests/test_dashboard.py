@@ -66,7 +66,7 @@ def test_a_run_folder_is_read_as_it_is_being_written(tmp_path):
         os.utime(folder / name, (stale, stale))
     assert view.status() == "stopped"
     assert RunFolder(write_run(tmp_path / "done")).status() == "completed"
-    assert RunFolder(tmp_path / "missing").metrics() == [] and RunFolder(tmp_path / "missing").summary() is None
+    assert RunFolder(tmp_path / "missing").metrics() == [] and RunFolder(tmp_path / "missing").summary is None
 
 
 def test_a_run_that_has_logged_only_its_first_step_shows_that_step(tmp_path):
@@ -129,6 +129,21 @@ def test_the_runs_list_parses_a_run_config_again_only_once_it_changes(tmp_path, 
     (tmp_path / "b" / "config.yaml").write_text(yaml.safe_dump({"base_model": "other-base", "method": "dpo"}))
     rows = {row.id: row for row in runs.list_runs("local")}
     assert (rows["b"].model, rows["b"].method) == ("other-base", "dpo") and len(parsed) == 3
+
+
+def test_the_runs_list_and_a_runs_page_read_each_summary_once(tmp_path, monkeypatch):
+    """A summary gives a run's status, its row's figures and its page's last event: one read serves them all."""
+    for name in ("a", "b"):
+        write_run(tmp_path / name)
+    read = []
+    own = RunFolder._object
+    monkeypatch.setattr(RunFolder, "_object", lambda folder, name, shape: read.append(name) or own(folder, name, shape))
+    runs = FolderRuns(tmp_path)
+    assert [row.status for row in runs.list_runs("local")] == ["completed", "completed"]
+    assert read.count("summary.json") == 2
+    read.clear()
+    assert runs.run_page("local", "a").events[0].message == "Run completed after 6 steps"
+    assert read.count("summary.json") == 1
 
 
 def test_pages_of_tuneforge_ui(tmp_path):

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import yaml
@@ -156,7 +156,9 @@ class RunFolder:
             self.note(problem)
         return dict(config)
 
+    @cached_property
     def summary(self) -> dict | None:
+        """summary.json's object, read once for the view: a run's status, its row and its page's events read it."""
         summary = self._object("summary.json", SUMMARY_SHAPE)
         if summary and (wrong := figures_problem(summary.get("metrics") or {})):
             self.note(f"summary.json is not as tuneforge writes it: in its `metrics`, {wrong}; the file is left out.")
@@ -261,7 +263,7 @@ class RunFolder:
 
     def status(self) -> str:
         """completed (or what the summary says), failed (its data refused), running (changed lately), or stopped."""
-        summary = self.summary()
+        summary = self.summary
         if summary:
             return summary.get("status", "completed")
         if self.data_refused():

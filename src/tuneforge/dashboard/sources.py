@@ -43,7 +43,7 @@ class RunSource(Protocol):
 
 def _row_from_folder(folder: RunFolder, **fields) -> RunRow:
     """A list row with what the folder says about progress and final figures; `fields` as the caller knows them."""
-    summary = folder.summary() or {}
+    summary = folder.summary or {}
     metrics = summary.get("metrics") or folder.last_metrics()
     row = RunRow(**fields)
     row.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -111,7 +111,7 @@ class FolderRuns:
         return RunPage(
             row=self._row(run_id, folder),
             folder=folder,
-            events=metric_events(metrics, steps, folder.summary()),
+            events=metric_events(metrics, steps, folder.summary),
             checkpoints=[Checkpoint(step, at.get(step, {}), f"{run_id}:ckpt-step-{step}") for step in reversed(steps)],
             hyperparameters=flat_config(config),
             data_report=folder.data_report(),
