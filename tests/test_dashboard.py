@@ -272,6 +272,28 @@ def test_a_page_link_holding_a_nul_sends_a_browser_to_the_login_page_without_it(
         assert login.status_code == 200 and 'data-next="/ui/"' in login.text
 
 
+@pytest.mark.parametrize("keys", [["key-a"], []], ids=["logged-in", "no-keys"])
+def test_a_page_link_holding_a_nul_shows_a_browser_the_dashboards_error_page(tmp_path, keys):
+    """A browser opening the page gets the refusal as a page; the dashboard's JavaScript, which reads JSON from
+    under /ui too, gets it as the API's JSON."""
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+    from tuneforge.web import KEY_COOKIE
+
+    app = create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=keys, workers=0)
+    browser = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    with TestClient(app, cookies={KEY_COOKIE: "key-a"} if keys else None) as client:
+        page = client.get("/ui/runs/x%00", headers=browser)
+        assert page.status_code == 400 and page.headers["content-type"].startswith("text/html"), page.text
+        said = html.unescape(re.search(r'<p id="error">(.*?)</p>', page.text, re.S)[1])
+        assert said == client.get("/ui/runs/x%00").json()["error"]["message"]
+        assert said.startswith("The URL's path '/ui/runs/x\\x00' holds a NUL") and 'href="/ui/"' in page.text
+        fetched = client.get("/ui/live/x%00")
+        assert fetched.status_code == 400 and fetched.json()["error"]["code"] == "invalid_value"
+        api = client.get("/v1/fine_tuning/jobs/x%00", headers={**browser, "Authorization": "Bearer key-a"})
+        assert api.status_code == 400 and api.json()["error"]["code"] == "invalid_value"  # the API's is JSON
+
+
 def test_with_api_keys_each_key_sees_only_its_own_jobs_in_the_dashboard(tmp_path):
     from tuneforge.jobs.api import create_api
     from tuneforge.jobs.store import Store

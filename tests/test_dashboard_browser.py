@@ -172,7 +172,7 @@ def test_a_key_sees_only_its_own_jobs_in_the_dashboard(browser, server, tiny_mod
         assert not all_css(browser, f'tr[data-run="{job.id}"]')
         shots.take("other-key-list")
         browser.get(f"{base}/ui/runs/{job.id}")
-        assert by_css(browser, "#missing").text.startswith("There is no run")
+        assert by_css(browser, "#error").text.startswith("There is no run")
         playground_models = [o.get_attribute("value") for o in all_css(browser, "#model-left option")]
         assert job.fine_tuned_model not in playground_models
         by_css(browser, "#logout").click()

@@ -7,7 +7,7 @@ playground and run comparison, served by `tuneforge api` (its jobs, per API key)
 Templates and static files ship inside the package: nothing is fetched from elsewhere.
 """
 
-from .routes import PAGES, PREFIX, install_dashboard
+from .routes import PREFIX, install_dashboard
 from .sources import FolderRuns, JobRuns
 
-__all__ = ["PAGES", "PREFIX", "FolderRuns", "JobRuns", "install_dashboard"]
+__all__ = ["PREFIX", "FolderRuns", "JobRuns", "install_dashboard"]

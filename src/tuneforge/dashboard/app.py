@@ -20,7 +20,7 @@ from ..jobs.routes.inference import answer
 from ..serve import ChatCompletionBody
 from ..web import edge
 from ..web.listen import bind, listen
-from .routes import PAGES, PREFIX, install_dashboard
+from .routes import PREFIX, install_dashboard
 from .sources import FolderRuns
 
 MAX_BODY_BYTES = 4 << 20
@@ -38,7 +38,7 @@ def create_ui_app(root: Path, *, max_models: int = 1) -> FastAPI:
             await models.close()
 
     app = FastAPI(title="tuneforge ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    install_dashboard(app, runs, keys_required=False)
+    pages = install_dashboard(app, runs, keys_required=False)
 
     @app.get("/", include_in_schema=False)
     def root_page():
@@ -49,7 +49,7 @@ def create_ui_app(root: Path, *, max_models: int = 1) -> FastAPI:
         target = await asyncio.to_thread(runs.chat_target, body.model)
         return await answer(models, target, body)
 
-    edge(app, api_keys=[], max_body_bytes=MAX_BODY_BYTES, pages=PAGES)
+    edge(app, api_keys=[], max_body_bytes=MAX_BODY_BYTES, pages=pages)
     return app
 
 

@@ -13,6 +13,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable
 from functools import lru_cache
+from http import HTTPStatus
 from importlib.resources import files
 from pathlib import Path
 from typing import Literal
@@ -37,7 +38,6 @@ from .runs import (
 from .sources import RunSource
 
 PREFIX = "/ui"
-PAGES = Pages(PREFIX, f"{PREFIX}/login", [f"{PREFIX}/static/"])
 POLL_MS = 2000
 MAX_COMPARED = 8
 
@@ -74,16 +74,24 @@ def run_chart(folder: RunFolder, kind: str) -> Markup:
     return Markup(_cached_chart(kind, str(folder.path), stat.st_mtime_ns, stat.st_size))
 
 
-def install_dashboard(app: FastAPI, source: RunSource, *, keys_required: bool) -> None:
-    """The dashboard's routes under /ui and its static files; `edge(..., pages=PAGES)` lets browsers in."""
+def install_dashboard(app: FastAPI, source: RunSource, *, keys_required: bool) -> Pages:
+    """The dashboard's routes under /ui and its static files, and the `Pages` they are: `edge(..., pages=...)`
+    lets browsers in, and shows them a request it refuses before any route as the dashboard's error page."""
     # The static files first: the router ends with a page for every other path under /ui.
     app.mount(f"{PREFIX}/static", StaticFiles(directory=str(files("tuneforge.dashboard") / "static")), name="static")
-    app.include_router(dashboard_router(source, keys_required))
+    page = page_renderer(source.kind == "jobs", keys_required)
+    app.include_router(dashboard_router(source, page))
+    return Pages(
+        PREFIX,
+        f"{PREFIX}/login",
+        [f"{PREFIX}/static/"],
+        error_page=lambda status, message: page("error.html", status, title=HTTPStatus(status).phrase, message=message),
+    )
 
 
-def dashboard_router(source: RunSource, keys_required: bool) -> APIRouter:
-    router = APIRouter(prefix=PREFIX, include_in_schema=False)
-    jobs = source.kind == "jobs"
+def page_renderer(jobs: bool, keys_required: bool) -> Callable[..., HTMLResponse]:
+    """The dashboard's pages: a template rendered with what its frame shows (the jobs service's links, the
+    log-out button where keys are required)."""
 
     def page(name: str, status: int = 200, **context) -> HTMLResponse:
         html = _templates.get_template(name).render(
@@ -91,8 +99,15 @@ def dashboard_router(source: RunSource, keys_required: bool) -> APIRouter:
         )
         return HTMLResponse(html, status_code=status)
 
+    return page
+
+
+def dashboard_router(source: RunSource, page: Callable[..., HTMLResponse]) -> APIRouter:
+    router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
     def not_found(what: str) -> HTMLResponse:
-        return page("missing.html", status=404, what=what)
+        message = f"There is no {what} here, or it is not yours to see."
+        return page("error.html", status=404, title="Not found", message=message)
 
     @router.get("/login")
     def login(next: str = PREFIX + "/"):
@@ -173,7 +188,7 @@ def dashboard_router(source: RunSource, keys_required: bool) -> APIRouter:
     async def chat_models(owner: str = Depends(caller)):
         return {"data": await asyncio.to_thread(source.chat_models, owner)}
 
-    if jobs:
+    if source.kind == "jobs":
         add_job_routes(router, source, page)
 
     @router.get("/{path:path}")

@@ -119,16 +119,17 @@ def create_api(
         return JSONResponse({"status": "unavailable", "reason": "the job store's database does not answer"}, 503)
 
     app.add_api_route("/health", health, methods=["GET"])
+    pages = None
     if dashboard:
-        from ..dashboard import PAGES, JobRuns, install_dashboard
+        from ..dashboard import JobRuns, install_dashboard
 
-        install_dashboard(app, JobRuns(service), keys_required=bool(api_keys))
+        pages = install_dashboard(app, JobRuns(service), keys_required=bool(api_keys))
     edge(
         app,
         api_keys=api_keys,
         max_body_bytes=max_body_bytes,
         per_path={UPLOAD_PATH: max_upload_bytes + UPLOAD_ENVELOPE_BYTES},
-        pages=PAGES if dashboard else None,
+        pages=pages,
         observer=observer,
     )
     return app

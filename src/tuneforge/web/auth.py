@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import quote, unquote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
@@ -32,16 +32,31 @@ KEY_COOKIE = "tuneforge_key"
 
 
 class Pages:
-    """Where browser pages live (`prefix`), the page that asks for a key, and paths under `prefix` open to all."""
+    """Where browser pages live (`prefix`), the page that asks for a key, paths under `prefix` open to all, and
+    `error_page`, which answers a browser's request refused before any route (status, message) as a page."""
 
-    def __init__(self, prefix: str, login: str, public_prefixes: Iterable[str] = ()):
+    def __init__(
+        self,
+        prefix: str,
+        login: str,
+        public_prefixes: Iterable[str] = (),
+        error_page: Callable[[int, str], Response] | None = None,
+    ):
         self.prefix, self.login, self.public_prefixes = prefix, login, tuple(public_prefixes)
+        self.error_page = error_page
 
     def is_public(self, path: str) -> bool:
         return path == self.login or path.startswith(self.public_prefixes)
 
     def is_page_request(self, conn: HTTPConnection) -> bool:
         return conn.url.path.startswith(self.prefix) and conn.scope.get("method") in ("GET", "HEAD")
+
+    def refusal(self, conn: HTTPConnection, error: APIError) -> Response:
+        """`error` as a page for a browser opening a page (it accepts HTML), as the API's JSON for the rest (the
+        pages' JavaScript, which reads JSON from under `prefix` too)."""
+        if self.error_page and self.is_page_request(conn) and "text/html" in conn.headers.get("accept", ""):
+            return self.error_page(error.status, error.message)
+        return error.response()
 
 
 def owner_of(api_key: str) -> str:

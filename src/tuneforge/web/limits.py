@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from fastapi import FastAPI
 from starlette.datastructures import QueryParams
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Pages, require_keys
@@ -54,15 +55,17 @@ def _too_large(limit: int) -> APIError:
 
 class NoNulInURL:
     """Refuses a request whose path or query parameters hold a NUL (`%00`), naming where: no id or name a store
-    keeps holds one (`shapes.py`), and PostgreSQL refuses to look one up, which would be a 500."""
+    keeps holds one (`shapes.py`), and PostgreSQL refuses to look one up, which would be a 500. A browser opening
+    one of `pages` gets the refusal as a page."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
+    def __init__(self, app: ASGIApp, pages: Pages | None = None):
+        self.app, self.pages = app, pages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = _nul_in_url(scope) if scope["type"] == "http" else None
         if refusal is not None:
-            await refusal.response()(scope, receive, send)
+            response = self.pages.refusal(HTTPConnection(scope), refusal) if self.pages else refusal.response()
+            await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -108,7 +111,7 @@ def edge(
     install_error_handlers(app)
     if max_body_bytes is not None:
         app.add_middleware(BodyLimit, max_bytes=max_body_bytes, per_path=per_path)
-    app.add_middleware(NoNulInURL)
+    app.add_middleware(NoNulInURL, pages=pages)
     documentation = [app.docs_url, app.redoc_url, app.openapi_url]
     if app.docs_url:
         documentation.append(app.swagger_ui_oauth2_redirect_url)
