@@ -147,6 +147,28 @@ def test_add_tokens_where_it_cannot_work_is_refused_naming_the_keys(tiny_model_d
     assert "model.add_tokens" in error.value.message
 
 
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3"])  # tied embeddings, and an untied output layer
+@pytest.mark.parametrize("layer", ["embed_tokens", "lm_head"])
+def test_add_tokens_with_target_modules_naming_a_layer_whose_rows_train_is_refused_naming_both(
+    family, layer, tool_data, tmp_path
+):
+    """The added tokens' rows train in the input embeddings, and in an untied output layer, beside the adapter: PEFT
+    puts no LoRA adapter on a layer whose rows it trains."""
+    from families import FAMILIES, save_family_model
+
+    base = save_family_model(FAMILIES[family], tmp_path / "base")
+    cfg = tool_run(base, tool_data, tmp_path / "run")
+    cfg["model"]["add_tokens"] = ["<tool>"]
+    cfg["lora"]["target_modules"] = ["q_proj", layer]
+    if family == "qwen2.5" and layer == "lm_head":  # the tied output layer: its rows are the embeddings', no others
+        assert validate(cfg) == 0
+        return
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert error.value.message.startswith(f"lora.target_modules: names {layer}, "), error.value.message
+    assert "model.add_tokens" in error.value.message and "lora.modules_to_save" in error.value.message
+
+
 def test_add_tokens_is_named_for_axolotl_and_llama_factory_keys(tiny_model_dir, tool_data, tmp_path):
     for key in ("tokens", "new_special_tokens"):
         cfg = {**tiny_run_config(tiny_model_dir, tool_data, tmp_path / "run"), key: ["<tool>"]}

@@ -405,6 +405,24 @@ def refuse_targets_below_from_layer(model, cfg, config) -> None:
         )
 
 
+def refuse_targets_whose_rows_train(model, cfg, config) -> None:
+    """Refuse a lora.target_modules name of a layer whose rows of the tokens model.add_tokens adds train beside the
+    adapter (`trained_token_rows`: the input embeddings, an untied output layer): PEFT puts no LoRA adapter on a
+    layer it trains rows of, and stops with a TypeError."""
+    rows = config.trainable_token_indices or {}
+    names = {module: name for name, module in model.named_modules()}
+    layers = [layer for layer in (model.get_input_embeddings(), model.get_output_embeddings()) if layer is not None]
+    trained = {names[layer] for layer in layers if names[layer].rsplit(".", 1)[-1] in rows}
+    for wanted in listed_modules(cfg, config):
+        if held := [name for name, _ in modules_named(model, wanted) if name in trained]:
+            raise ConfigError(
+                f"{cfg.key_at('lora.target_modules')}: names {wanted}, the layer ({held[0]}) whose rows of the "
+                f"tokens {cfg.key_at('model.add_tokens')} adds train beside the adapter, and PEFT puts no adapter on "
+                f"a layer it trains rows of. Leave {wanted} out of target_modules (the added rows train all the "
+                "same), or move it to lora.modules_to_save to train the whole layer."
+            )
+
+
 def refuse_tied_targets(model, cfg, config) -> None:
     """PiSSA and OLoRA write the residual into each target's weight; a weight another module shares (an output
     layer tied to the input embeddings) would change there too, so the run would train on other input embeddings
@@ -515,6 +533,7 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
         refuse_unadaptable_targets(model, cfg, config)
         refuse_targets_beside_the_decoder(model, cfg, config)
         refuse_targets_below_from_layer(model, cfg, config)
+        refuse_targets_whose_rows_train(model, cfg, config)
         if cfg.lora.changes_base:
             refuse_tied_targets(model, cfg, config)
         try:
