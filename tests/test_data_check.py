@@ -75,6 +75,17 @@ def test_show_highlights_exactly_the_replies_and_their_end_of_turn(good_file, ca
         assert trained == [reply + "<|im_end|>"]
 
 
+def test_show_without_colour_marks_the_trained_text(good_file, capsys, models):
+    # capsys is no terminal, so the output has no colour (as piped or in a log): the marks carry the mask.
+    assert check_command([str(good_file)], model="some-model", show=2) == 0
+    out = capsys.readouterr().out
+    assert "legend: ⟦trained⟧ / not trained" in out
+    assert out.count("⟦") == out.count("⟧") == 3  # the legend's and each reply's with its end of turn
+    for reply in REPLIES:
+        assert f"⟦{reply}<|im_end|>⟧" in out
+    assert "⟦What is two plus two?" not in out
+
+
 def test_json_prints_only_the_report(good_file, tmp_path, capsys, models):
     other = write_jsonl(tmp_path / "other.jsonl", [chat("Hello, how are you?", "I am fine, thank you.")])
     assert check_command([str(good_file), str(other)], json_out=True) == 0
@@ -187,7 +198,7 @@ def test_show_cuts_a_long_row_where_training_cuts_it(tmp_path, capsys, models, t
     whole = render_conversation(row["messages"], tokenizer)
     assert f"long.jsonl:1 (cut to max_length 32 of its {len(whole)} tokens)" in out
     shown = out[out.index("(cut to max_length") :].split("\n", 1)[1]
-    assert shown.rstrip("\n") == tokenizer.decode(whole.input_ids[:32])
+    assert shown.rstrip("\n").replace("⟦", "").replace("⟧", "") == tokenizer.decode(whole.input_ids[:32])
 
 
 def test_truncation_split_shows_a_document_in_its_windows_and_counts_them(tmp_path, capsys, models, tokenizer):

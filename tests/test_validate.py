@@ -209,6 +209,9 @@ def test_a_good_config_prints_the_plan(tiny_model_dir, triage_data, tmp_path, ca
     assert "plan for" in out and "steps" in out and "time (estimate)" in out
     cells = re.sub(r"[│\s]+", " ", out)  # the plan's table wraps a long cell over lines
     assert "nothing (see eval.task, eval.forgetting, eval.benchmarks)" in cells
+    # capsys has no colour: the example's trained reply is marked, its prompt is not.
+    example = out[out.index("legend: ⟦trained⟧ / not trained") : out.index("plan for")].split("\n", 1)[1]
+    assert example.count("⟦") == 1 and "<|im_start|>assistant\n⟦{" in example and "}<|im_end|>⟧" in example
     assert not (tmp_path / "run").exists()  # a dry run writes no run folder
     cfg["eval"] = {"task": "support_triage", "forgetting": True}
     assert validate(cfg) == 0

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import data as tfdata
 from .config import load_config
-from .data.check import describe_system_prompt, highlight
+from .data.check import describe_system_prompt, highlight, legend
 from .data.prepare import describe_files
 from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs, eval_grader
@@ -335,8 +335,9 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         memory = {"torch and transformers imported": IMPORTED_BYTES} | memory
     loading = loading_plan(cfg, memory, largest_shard_bytes(source.path), shards, device)
 
-    console.rule("one training example, as the model sees it ([bold green]trained[/], [dim]masked[/])")
-    console.print(highlight(train_items[0], tokenizer))
+    console.rule("one training example, as the model sees it")
+    console.print(legend(console))
+    console.print(highlight(train_items[0], tokenizer, marked=not console.color_system))
     data_warnings = prepared.report.get("warnings", [])
     held = earlier_run(Path(cfg.output_dir))
     needed, free = max(sum(memory.values()), sum(loading.values())) * sharing, available_memory(device)

@@ -29,6 +29,8 @@ from .schema import IGNORE_INDEX, Document, Example, Preference, Problem
 
 TRAINED_STYLE = "bold green"
 MASKED_STYLE = "dim"
+# Around trained text where the output has no colour to show TRAINED_STYLE (piped, a log file).
+TRAINED_MARKS = ("⟦", "⟧")
 _LISTED_ERRORS = 20
 
 
@@ -285,7 +287,7 @@ def show_examples(
 ) -> None:
     """Print the first `count` good rows as the model will see them (cut to `max_length`, or with `split` a
     document in its windows, as training cuts them), trained tokens highlighted."""
-    console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE)))
+    console.print(legend(console))
     rows = _rendered_rows(files, tokenizer, format, train_on, max_length, split)
     for path, line, examples in itertools.islice(rows, count):
         for which, example, trained in examples:
@@ -295,7 +297,7 @@ def show_examples(
                 else ""
             )
             console.print(Text(f"--- {path}:{line}{which}{cut}", style="bold"))
-            console.print(highlight(trained, tokenizer))
+            console.print(highlight(trained, tokenizer, marked=not console.color_system))
 
 
 def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int, split: bool = False):
@@ -335,8 +337,16 @@ def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int
             yield path, line, [(which, e, cut) for (which, e), cut in zip(examples, cuts) if cut.trained_tokens]
 
 
-def highlight(example: Example, tokenizer) -> Text:
-    """The example's text, each token styled by whether it is trained (a target of the loss)."""
+def legend(console: Console) -> Text:
+    """What tells trained text from the rest in `highlight`'s output on `console`: its styles, and where the
+    console shows no colour (piped, a log file) the marks around trained text."""
+    trained = "trained" if console.color_system else f"{TRAINED_MARKS[0]}trained{TRAINED_MARKS[1]}"
+    return Text.assemble("legend: ", (trained, TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE))
+
+
+def highlight(example: Example, tokenizer, *, marked: bool = False) -> Text:
+    """The example's text, each token styled by whether it is trained (a target of the loss); `marked` also puts
+    each run of trained text between TRAINED_MARKS, for output without colour."""
     is_target = [False] + [label != IGNORE_INDEX for label in example.labels[:-1]]
     text, shown, end = Text(), "", 0
     # Each run of tokens is what decoding up to its end adds to decoding up to its start: that keeps
@@ -344,6 +354,9 @@ def highlight(example: Example, tokenizer) -> Text:
     for trained, run in itertools.groupby(is_target):
         end += len(list(run))
         decoded = tokenizer.decode(example.input_ids[:end])
-        text.append(decoded[len(shown) :], style=TRAINED_STYLE if trained else MASKED_STYLE)
+        piece = decoded[len(shown) :]
+        if trained and marked:
+            piece = f"{TRAINED_MARKS[0]}{piece}{TRAINED_MARKS[1]}"
+        text.append(piece, style=TRAINED_STYLE if trained else MASKED_STYLE)
         shown = decoded
     return text
