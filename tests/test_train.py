@@ -1417,6 +1417,37 @@ def test_a_lora_adapter_trained_on_with_target_modules_spelt_otherwise_for_the_s
 
 
 @pytest.mark.parametrize("from_layer", [0.0, 0.5])
+def test_a_lora_adapter_trained_on_with_target_modules_naming_its_weights_in_fewer_layers_is_refused(
+    from_layer, tiny_model_dir, triage_data, tmp_path
+):
+    """A list naming the adapter's weights in one layer of the two it adapts names fewer weights; the same names
+    without a layer name the adapter's, from_layer left out keeping the adapter's layers."""
+    from tuneforge.methods import prepare_model
+
+    cfg = load_config(tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run"))
+    cfg.lora.target_modules = ["q_proj", "v_proj"]
+    prepare_model(load_model(resolve(str(tiny_model_dir))), cfg).save_pretrained(tmp_path / "adapter")
+    load_tokenizer(resolve(str(tiny_model_dir))).save_pretrained(tmp_path / "adapter")
+    on = load_config(tiny_run_config(tmp_path / "adapter", triage_data, tmp_path / "on"))
+    on.lora.target_modules = ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj"]
+    with pytest.raises(TuneforgeError) as e:
+        prepare_model(load_model(resolve(str(tmp_path / "adapter"))), on)
+    assert (
+        "adapts other weights than it: model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.v_proj.weight, "
+        "which it adapts (" in e.value.message
+    ), e.value.message
+    # An adapter of the upper layer alone trains on with the names alone.
+    cfg.lora.from_layer = 0.5
+    prepare_model(load_model(resolve(str(tiny_model_dir))), cfg).save_pretrained(tmp_path / "upper")
+    load_tokenizer(resolve(str(tiny_model_dir))).save_pretrained(tmp_path / "upper")
+    on = load_config(tiny_run_config(tmp_path / "upper", triage_data, tmp_path / "on"))
+    on.lora.target_modules, on.lora.from_layer = ["q_proj", "self_attn.v_proj"], from_layer
+    before = adapted_weights(load_model(resolve(str(tmp_path / "upper"))))
+    assert all(".layers.1." in name for name in before)
+    assert adapted_weights(prepare_model(load_model(resolve(str(tmp_path / "upper"))), on)) == before
+
+
+@pytest.mark.parametrize("from_layer", [0.0, 0.5])
 @pytest.mark.parametrize("dense", [{}, {"mlp_only_layers": [1]}], ids=["sparse", "dense-layer-1"])
 def test_a_mixture_of_experts_adapter_trained_on_with_other_expert_weights_listed_is_refused(
     from_layer, dense, triage_data, tmp_path

@@ -451,9 +451,10 @@ def keep_start(model) -> None:
     model.adapter_start = {k: v.detach().clone() for k, v in start.items() if ".lora_A." in k or ".lora_B." in k}
 
 
-def weights_apart(model, wanted: PeftLoraConfig) -> str:
-    """What the adapter of `model` (a PeftModel) and `wanted` (a target_modules list as `peft_config` gives it) adapt
-    apart, by the weights' names within a layer (mlp.experts.gate_up_proj); "" where those are the same."""
+def weights_apart(model, wanted: PeftLoraConfig, layers: list[int] | None = None) -> str:
+    """What the adapter of `model` (a PeftModel) and `wanted` (a target_modules list as `peft_config` gives it, in the
+    decoder `layers` alone where given) adapt apart, "" where those are the same: a weight named within a layer
+    (mlp.experts.gate_up_proj) where the other side adapts it in no layer, else in full."""
     has, asked = set(), set(parameters_named(model.get_base_model(), wanted.target_parameters or ()))
     for name, m in model.get_base_model().named_modules():
         name = name.replace(".base_layer", "")
@@ -461,12 +462,18 @@ def weights_apart(model, wanted: PeftLoraConfig) -> str:
             has.add(f"{name}.{m.parameter_name if isinstance(m, ParamWrapper) else 'weight'}")
         elif isinstance(m, ADAPTABLE_LAYERS) and ".lora_" not in name and check_target_module_exists(wanted, name):
             asked.add(f"{name}.weight")
-    has, asked = {within_layer(n) for n in has}, {within_layer(n) for n in asked}
+    if layers is not None:
+        asked = {n for n in asked if not (layer := _LAYER_INDEX.match(n)) or int(layer["index"]) in layers}
+
+    def named(names: set[str], other: set[str]) -> str:
+        within = {within_layer(n) for n in other}
+        return ", ".join(sorted({within_layer(n) if within_layer(n) not in within else n for n in names}))
+
     return ", and not ".join(
-        f"{', '.join(sorted(names))}, {which}"
-        for names, which in (
-            (asked - has, "which the adapter leaves as the base has them"),
-            (has - asked, "which it adapts"),
+        f"{named(names, other)}, {which}"
+        for names, other, which in (
+            (asked - has, has, "which the adapter leaves as the base has them"),
+            (has - asked, asked, "which it adapts"),
         )
         if names
     )
@@ -490,11 +497,12 @@ def continue_adapter(model, cfg, token_ids=()):
     ]
     if cfg.method in ("lora", "dora") and (cfg.method == "dora") != bool(loaded.use_dora):
         clashes.append("method (lora or dora)")
-    # A target_modules list is compared by the weights each side adapts, not by how it names them: q_proj and
-    # self_attn.q_proj, or the list all-linear resolved to, name the same weights; and the adapter's own list may
-    # adapt other weights where PEFT alone resolved it for the adapter (gate_proj and up_proj: the experts'
-    # gate_up_proj there, a dense layer's here).
-    apart = "" if cfg.lora.target_modules == fields["target_modules"].default else weights_apart(model, wanted)
+    # A target_modules list is compared by the weights each side adapts, layer by layer, not by how it names them:
+    # q_proj and self_attn.q_proj, or the list all-linear resolved to, name the same weights; and the adapter's own
+    # list may adapt other weights where PEFT alone resolved it for the adapter (gate_proj and up_proj: the experts'
+    # gate_up_proj there, a dense layer's here). With from_layer left out, the list is read in the adapter's layers.
+    layers = loaded.layers_to_transform if cfg.lora.from_layer == fields["from_layer"].default else None
+    apart = "" if cfg.lora.target_modules == fields["target_modules"].default else weights_apart(model, wanted, layers)
     said = [f"the config sets another {', '.join(clashes)}"] if clashes else []
     if apart:
         said.append(f"{cfg.key_at('lora.target_modules')} adapts other weights than it: {apart}")
