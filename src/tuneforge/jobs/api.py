@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from ..serve import CompletionStore, Retention, completion_routes
 from ..serve_defaults import PREFIX_CACHE_MB
-from ..web import Observer, docs_urls, edge
+from ..web import Observer, docs_urls, edge, form_fields
 from .access import ModelAccess
 from .batches import BatchRunner
 from .files import FileStorage
@@ -129,6 +129,7 @@ def create_api(
         api_keys=api_keys,
         max_body_bytes=max_body_bytes,
         per_path={UPLOAD_PATH: max_upload_bytes + UPLOAD_ENVELOPE_BYTES},
+        forms=form_fields(ROUTERS),
         pages=pages,
         observer=observer,
     )

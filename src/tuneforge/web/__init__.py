@@ -11,7 +11,7 @@ Importing this package is cheap: no torch.
 
 from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
 from .errors import APIError, failure_id, scrub_paths, server_error
-from .limits import docs_urls, edge
+from .limits import docs_urls, edge, form_fields
 from .observe import CLIENT_LEFT, Observer, note
 from .shapes import (
     MAX_FILENAME_CHARS,
@@ -43,6 +43,7 @@ __all__ = [
     "docs_urls",
     "edge",
     "failure_id",
+    "form_fields",
     "list_body",
     "metadata_filter",
     "nesting",

@@ -1,11 +1,13 @@
-"""The body cap, the refusal of a NUL in a URL, and `edge`: what every app of both servers puts in front of its
-routes."""
+"""The body cap, the cap on a form's parts, the refusal of a NUL in a URL, and `edge`: what every app of both servers
+puts in front of its routes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from email.message import Message
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, params
+from fastapi.routing import APIRoute
 from starlette.datastructures import QueryParams
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -45,6 +47,67 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class PartLimit:
+    """Refuses a multipart body of more parts than its route takes (`fields`: path -> the names of its form
+    fields), counting the boundary's delimiters as the body is read. Starlette keeps each part of up to 1 MiB in
+    memory, so a body cut into many parts would be held whole; and a field given twice (two files, two
+    purposes) would reach the route as its last one."""
+
+    def __init__(self, app: ASGIApp, *, fields: dict[str, tuple[str, ...]]):
+        self.app, self.fields = app, fields
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        names = self.fields.get(scope["path"]) if scope["type"] == "http" else None
+        boundary = _boundary(dict(scope["headers"]).get(b"content-type", b"")) if names else None
+        if boundary is None:
+            await self.app(scope, receive, send)
+            return
+        delimiter = b"\r\n--" + boundary
+        seen, tail = 0, b"\r\n"  # the body's first delimiter comes without a line break before it
+
+        async def counted() -> dict:
+            nonlocal seen, tail
+            message = await receive()
+            data = tail + message.get("body", b"")
+            seen += data.count(delimiter)
+            tail = data[-(len(delimiter) - 1) :]  # too short to hold a whole delimiter, so none is counted twice
+            if seen > len(names) + 1:  # one delimiter before each part, and the closing one
+                raise BodyReadError(_too_many_parts(names))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _boundary(content_type: bytes) -> bytes | None:
+    """The boundary of a multipart/form-data Content-Type; None for any other type."""
+    header = Message()
+    header["content-type"] = content_type.decode("latin-1")
+    boundary = header.get_boundary() if header.get_content_type() == "multipart/form-data" else None
+    return boundary.encode("latin-1") if boundary else None
+
+
+def _too_many_parts(names: tuple[str, ...]) -> APIError:
+    listed = " and ".join(f"'{name}'" for name in names)
+    return APIError(
+        400,
+        f"The multipart body holds more than {len(names)} parts; send {listed}, each once.",
+        code="invalid_value",
+    )
+
+
+def form_fields(routers: Sequence[APIRouter]) -> dict[str, tuple[str, ...]]:
+    """The form fields (FastAPI's `Form` and `File`) of each route of `routers` that reads a form, by path: what
+    `edge`'s `forms` takes."""
+    return {
+        route.path: tuple(field.alias for field in route.dependant.body_params)
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute)
+        and route.body_field is not None
+        and isinstance(route.body_field.field_info, params.Form)
+    }
 
 
 def _too_large(limit: int) -> APIError:
@@ -98,17 +161,21 @@ def edge(
     api_keys: Sequence[str],
     max_body_bytes: int | None,
     per_path: dict[str, int] | None = None,
+    forms: dict[str, tuple[str, ...]] | None = None,
     pages: Pages | None = None,
     observer: Observer | None = None,
 ) -> None:
-    """OpenAI-shaped errors, the body cap, a NUL in the URL refused, and the key checked first; around them all,
-    `observer`'s metrics and request log, and its /metrics route (`observe.py`).
+    """OpenAI-shaped errors, the body cap, a form's parts capped at its fields, a NUL in the URL refused, and the key
+    checked first; around them all, `observer`'s metrics and request log, and its /metrics route (`observe.py`).
 
     /health and the documentation pages, when the app has them (`docs_urls`), need no key; browser
     `pages` may carry it in a cookie (`auth.py`). `max_body_bytes` None puts no cap: an app that a host
-    calls with a body the host has capped already.
+    calls with a body the host has capped already. `forms` are the form fields of each path that reads a form
+    (`form_fields`): a multipart body there holds at most one part for each.
     """
     install_error_handlers(app)
+    if forms:
+        app.add_middleware(PartLimit, fields=forms)
     if max_body_bytes is not None:
         app.add_middleware(BodyLimit, max_bytes=max_body_bytes, per_path=per_path)
     app.add_middleware(NoNulInURL, pages=pages)

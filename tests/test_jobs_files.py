@@ -1,0 +1,87 @@
+"""`POST /v1/files` with hostile multipart bodies, in-process (FastAPI's TestClient): each is a 4xx in OpenAI's
+shape that names what to send, and none leaves a file behind or holds the body in memory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tuneforge.jobs.api import create_api
+from tuneforge.jobs.store import Store
+
+pytest.importorskip("sqlalchemy")
+KEY = "key-alice"
+BOUNDARY = "b0undary"
+ROW = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
+
+@pytest.fixture
+def http(tmp_path) -> Iterator[TestClient]:
+    app = create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0, dashboard=False)
+    with TestClient(app) as client:
+        yield client
+
+
+def field(name: str, value: bytes, filename: str | None = None) -> bytes:
+    named = f'; filename="{filename}"' if filename is not None else ""
+    return f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"{named}\r\n\r\n'.encode() + value + b"\r\n"
+
+
+PURPOSE = field("purpose", b"fine-tune")
+FILE = field("file", ROW, "train.jsonl")
+END = f"--{BOUNDARY}--\r\n".encode()
+
+
+def post(http: TestClient, body, content_type: str | None = f"multipart/form-data; boundary={BOUNDARY}"):
+    headers = {"Authorization": f"Bearer {KEY}"} | ({"Content-Type": content_type} if content_type else {})
+    return http.post("/v1/files", content=body, headers=headers)
+
+
+def refusal(response, status: int = 400) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    return error
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [PURPOSE, FILE, field("file", ROW, "other.jsonl")],
+        [PURPOSE, field("purpose", b"batch"), FILE],
+        [PURPOSE, FILE, field("notes", b"mine")],
+    ],
+    ids=["two files", "two purposes", "a third field"],
+)
+def test_an_upload_of_more_parts_than_file_and_purpose_is_refused_naming_them(http, tmp_path, parts):
+    error = refusal(post(http, b"".join(parts) + END))
+    assert "holds more than 2 parts" in error["message"] and "'file' and 'purpose', each once" in error["message"]
+    assert http.get("/v1/files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
+
+
+def test_an_upload_cut_into_many_parts_is_refused_before_it_is_read_whole(tmp_path):
+    """Starlette keeps each part of up to 1 MiB in memory: a body of many parts would be held whole. The app is
+    called as the server calls it, one chunk of the body at a time, to see how many it reads."""
+    app = create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0, dashboard=False)
+    chunks = [PURPOSE] + [field("file", b"x" * (1 << 16), "train.jsonl") for _ in range(64)] + [END]
+    read, answer = [], []
+
+    async def receive() -> dict:
+        read.append(chunks[len(read)])
+        return {"type": "http.request", "body": read[-1], "more_body": len(read) < len(chunks)}
+
+    async def send(message: dict) -> None:
+        answer.append(message)
+
+    headers = [
+        (b"authorization", f"Bearer {KEY}".encode()),
+        (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
+    ]
+    scope = {"type": "http", "http_version": "1.1", "scheme": "http", "method": "POST", "root_path": ""}
+    scope |= {"path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"", "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    assert answer[0]["status"] == 400 and b"holds more than 2 parts" in answer[1]["body"]
+    assert len(read) == 4
