@@ -58,7 +58,9 @@ def refusal(response, status: int = 400) -> dict:
 )
 def test_an_upload_of_more_parts_than_file_and_purpose_is_refused_naming_them(http, tmp_path, parts):
     error = refusal(post(http, b"".join(parts) + END))
-    assert "holds more than 2 parts" in error["message"] and "'file' and 'purpose', each once" in error["message"]
+    assert (
+        "holds more than 2 parts" in error["message"] and "'file' (a file) and 'purpose', each once" in error["message"]
+    )
     assert http.get("/v1/files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
 
 
@@ -85,3 +87,44 @@ def test_an_upload_cut_into_many_parts_is_refused_before_it_is_read_whole(tmp_pa
     asyncio.run(app(scope, receive, send))
     assert answer[0]["status"] == 400 and b"holds more than 2 parts" in answer[1]["body"]
     assert len(read) == 4
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (b'{"purpose": "fine-tune", "file": "train.jsonl"}', "application/json"),
+        (ROW, "text/plain"),
+        (b"purpose=fine-tune&file=train.jsonl", "application/x-www-form-urlencoded"),
+        (ROW, None),
+    ],
+    ids=["json", "text", "urlencoded", "no content type"],
+)
+def test_an_upload_that_is_not_multipart_is_refused_saying_how_to_send_it(http, body, content_type):
+    error = refusal(post(http, body, content_type))
+    sent = f"as Content-Type {content_type!r}" if content_type else "without a Content-Type"
+    assert error["message"] == (
+        f"The request body was sent {sent}, not as multipart/form-data: send 'file' (a file) and 'purpose' as the "
+        "parts of a multipart/form-data body."
+    )
+
+
+def test_a_file_sent_as_a_text_field_is_refused_saying_to_send_a_file(http):
+    error = refusal(post(http, PURPOSE + field("file", ROW) + END))
+    assert error["param"] == "file"
+    assert "'file' was sent as a text field: send it as a file" in error["message"], error["message"]
+
+
+@pytest.mark.parametrize(
+    "body, content_type, said",
+    [
+        (PURPOSE + FILE + END, "multipart/form-data; boundary=other", "Expected boundary character"),
+        (PURPOSE + FILE + END, "multipart/form-data", "its Content-Type names no boundary"),
+        (PURPOSE + b"--" + BOUNDARY.encode() + b"\r\nno colon here\r\n\r\nx\r\n" + END, None, "invalid character"),
+        (PURPOSE + b"--" + BOUNDARY.encode() + b"\r\nContent-Type: text/plain\r\n\r\nx\r\n" + END, None, '"name"'),
+    ],
+    ids=["wrong boundary", "no boundary", "header without a colon", "part without a name"],
+)
+def test_a_multipart_body_that_cannot_be_read_is_refused_saying_why_and_what_to_send(http, body, content_type, said):
+    error = refusal(post(http, body, content_type or f"multipart/form-data; boundary={BOUNDARY}"))
+    assert said in error["message"] and "multipart/form-data" in error["message"], error["message"]
+    assert error["message"].startswith("The multipart body cannot be read"), error["message"]

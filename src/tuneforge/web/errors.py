@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..database import UnknownCursor
 from ..errors import complaint, key_path, unreadable_json
-from .shapes import MAX_FILENAME_CHARS
+from .shapes import MAX_FILENAME_CHARS, FormFields, multipart_boundary
 
 log = logging.getLogger("tuneforge.web")
 
@@ -85,8 +85,9 @@ def server_error(err: BaseException, what: str = "The server failed on this requ
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error as OpenAI's body: APIError, validation (400 naming the parameter), HTTP errors, the unexpected."""
+def install_error_handlers(app: FastAPI, forms: dict[str, FormFields]) -> None:
+    """Every error as OpenAI's body: APIError, validation (400 naming the parameter; on the paths of `forms`, saying
+    how to send the form), HTTP errors, the unexpected."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -102,7 +103,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
-        return validation_error(err.errors()[0], request.headers.get("content-type")).response()
+        content_type = request.headers.get("content-type")
+        if (fields := forms.get(request.scope["path"])) is not None:
+            return form_error(err.errors()[0], fields, content_type).response()
+        return validation_error(err.errors()[0], content_type).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -207,7 +211,8 @@ def unreadable_body(cause: BaseException | None) -> APIError | None:
 
 
 def unreadable_form(err: MultiPartException) -> APIError:
-    """The 400 for a multipart body Starlette could not read. A part's header line past python-multipart's
+    """The 400 for a multipart body Starlette could not read, with python-multipart's reason where it gave one
+    (Starlette's own message, "Invalid multipart data.", says none). A part's header line past python-multipart's
     limit is, in practice, the Content-Disposition of a file with a very long name."""
     if "Maximum header size exceeded" in str(err.__cause__):
         return APIError(
@@ -217,7 +222,44 @@ def unreadable_form(err: MultiPartException) -> APIError:
             param="file",
             code="invalid_value",
         )
-    return APIError(400, err.message, code="invalid_value")
+    if err.message == "Missing boundary in multipart.":
+        reason = "its Content-Type names no boundary"
+    else:
+        reason = str(err.__cause__ or err.message).rstrip(".")
+    return APIError(
+        400,
+        f"The multipart body cannot be read: {reason}. Send it as multipart/form-data, its parts separated by the "
+        'boundary its Content-Type names, each headed by Content-Disposition: form-data; name="...".',
+        code="invalid_value",
+    )
+
+
+def form_listing(fields: FormFields) -> str:
+    """A form's fields for a message: "'file' (a file) and 'purpose'"."""
+    return " and ".join(f"'{name}'" + " (a file)" * takes_file for name, takes_file in fields.items())
+
+
+def form_error(first: dict, fields: FormFields, content_type: str | None) -> APIError:
+    """The 400 for pydantic's first complaint about a form: a body that is not multipart is said to be, and a
+    file sent as a text field; any other complaint as `validation_error` says it."""
+    if multipart_boundary(content_type) is None:
+        sent = f"as Content-Type {content_type!r}" if content_type else "without a Content-Type"
+        return APIError(
+            400,
+            f"The request body was sent {sent}, not as multipart/form-data: send {form_listing(fields)} as the "
+            "parts of a multipart/form-data body.",
+            code="invalid_value",
+        )
+    name = first.get("loc", (None, None))[-1]
+    if fields.get(name) and isinstance(first.get("input"), str):
+        return APIError(
+            400,
+            f"'{name}' was sent as a text field: send it as a file, a part whose Content-Disposition gives its "
+            f'filename (form-data; name="{name}"; filename="...").',
+            param=name,
+            code="invalid_value",
+        )
+    return validation_error(first, content_type)
 
 
 def not_utf8(err: UnicodeDecodeError) -> APIError:

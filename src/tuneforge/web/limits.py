@@ -4,7 +4,6 @@ puts in front of its routes."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from email.message import Message
 
 from fastapi import APIRouter, FastAPI, params
 from fastapi.routing import APIRoute
@@ -13,9 +12,9 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Pages, require_keys
-from .errors import APIError, BodyReadError, install_error_handlers
+from .errors import APIError, BodyReadError, form_listing, install_error_handlers
 from .observe import Observer, observe
-from .shapes import nul_fault
+from .shapes import FormFields, multipart_boundary, nul_fault
 
 HEALTH_PATH = "/health"
 
@@ -50,21 +49,21 @@ class BodyLimit:
 
 
 class PartLimit:
-    """Refuses a multipart body of more parts than its route takes (`fields`: path -> the names of its form
-    fields), counting the boundary's delimiters as the body is read. Starlette keeps each part of up to 1 MiB in
-    memory, so a body cut into many parts would be held whole; and a field given twice (two files, two
-    purposes) would reach the route as its last one."""
+    """Refuses a multipart body of more parts than its route takes (`fields`: path -> its form fields), counting
+    the boundary's delimiters as the body is read. Starlette keeps each part of up to 1 MiB in memory, so a body
+    cut into many parts would be held whole; and a field given twice (two files, two purposes) would reach the
+    route as its last one."""
 
-    def __init__(self, app: ASGIApp, *, fields: dict[str, tuple[str, ...]]):
+    def __init__(self, app: ASGIApp, *, fields: dict[str, FormFields]):
         self.app, self.fields = app, fields
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        names = self.fields.get(scope["path"]) if scope["type"] == "http" else None
-        boundary = _boundary(dict(scope["headers"]).get(b"content-type", b"")) if names else None
-        if boundary is None:
+        fields = self.fields.get(scope["path"]) if scope["type"] == "http" else None
+        content_type = dict(scope["headers"]).get(b"content-type", b"") if fields else b""
+        if not (boundary := multipart_boundary(content_type.decode("latin-1"))):
             await self.app(scope, receive, send)
             return
-        delimiter = b"\r\n--" + boundary
+        delimiter = b"\r\n--" + boundary.encode("latin-1")
         seen, tail = 0, b"\r\n"  # the body's first delimiter comes without a line break before it
 
         async def counted() -> dict:
@@ -73,35 +72,26 @@ class PartLimit:
             data = tail + message.get("body", b"")
             seen += data.count(delimiter)
             tail = data[-(len(delimiter) - 1) :]  # too short to hold a whole delimiter, so none is counted twice
-            if seen > len(names) + 1:  # one delimiter before each part, and the closing one
-                raise BodyReadError(_too_many_parts(names))
+            if seen > len(fields) + 1:  # one delimiter before each part, and the closing one
+                raise BodyReadError(_too_many_parts(fields))
             return message
 
         await self.app(scope, counted, send)
 
 
-def _boundary(content_type: bytes) -> bytes | None:
-    """The boundary of a multipart/form-data Content-Type; None for any other type."""
-    header = Message()
-    header["content-type"] = content_type.decode("latin-1")
-    boundary = header.get_boundary() if header.get_content_type() == "multipart/form-data" else None
-    return boundary.encode("latin-1") if boundary else None
-
-
-def _too_many_parts(names: tuple[str, ...]) -> APIError:
-    listed = " and ".join(f"'{name}'" for name in names)
+def _too_many_parts(fields: FormFields) -> APIError:
     return APIError(
         400,
-        f"The multipart body holds more than {len(names)} parts; send {listed}, each once.",
+        f"The multipart body holds more than {len(fields)} parts; send {form_listing(fields)}, each once.",
         code="invalid_value",
     )
 
 
-def form_fields(routers: Sequence[APIRouter]) -> dict[str, tuple[str, ...]]:
+def form_fields(routers: Sequence[APIRouter]) -> dict[str, FormFields]:
     """The form fields (FastAPI's `Form` and `File`) of each route of `routers` that reads a form, by path: what
     `edge`'s `forms` takes."""
     return {
-        route.path: tuple(field.alias for field in route.dependant.body_params)
+        route.path: {field.alias: isinstance(field.field_info, params.File) for field in route.dependant.body_params}
         for router in routers
         for route in router.routes
         if isinstance(route, APIRoute)
@@ -161,7 +151,7 @@ def edge(
     api_keys: Sequence[str],
     max_body_bytes: int | None,
     per_path: dict[str, int] | None = None,
-    forms: dict[str, tuple[str, ...]] | None = None,
+    forms: dict[str, FormFields] | None = None,
     pages: Pages | None = None,
     observer: Observer | None = None,
 ) -> None:
@@ -171,9 +161,10 @@ def edge(
     /health and the documentation pages, when the app has them (`docs_urls`), need no key; browser
     `pages` may carry it in a cookie (`auth.py`). `max_body_bytes` None puts no cap: an app that a host
     calls with a body the host has capped already. `forms` are the form fields of each path that reads a form
-    (`form_fields`): a multipart body there holds at most one part for each.
+    (`form_fields`): a multipart body there holds at most one part for each, and a body that is not multipart is
+    refused naming them.
     """
-    install_error_handlers(app)
+    install_error_handlers(app, forms or {})
     if forms:
         app.add_middleware(PartLimit, fields=forms)
     if max_body_bytes is not None:

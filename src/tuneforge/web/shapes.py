@@ -15,11 +15,12 @@ file name) may hold a NUL character: PostgreSQL keeps and compares none in a tex
 400 naming it on either database. Other JSON a store keeps (a stored completion's messages) may hold one:
 PostgreSQL's `json` type (not `jsonb`) keeps the escape as written, and no query reads it out. Listings filter
 by metadata with query parameters `metadata[KEY]=VALUE` (as the SDKs send it), and answer one page in OpenAI's
-envelope, `list_body`.
+envelope, `list_body`. A route that takes a form (an upload) has its `FormFields`, sent as multipart/form-data.
 """
 
 from __future__ import annotations
 
+from email.message import Message
 from typing import Annotated, Any
 
 from fastapi import Request
@@ -136,6 +137,19 @@ def not_unicode(value: Any) -> tuple[str, int, str] | None:
         return None
     path = ".".join(str(key) for key in found.keys)
     return path.encode("utf-8", "backslashreplace").decode(), found.position, ascii(found.character)
+
+
+def multipart_boundary(content_type: str | None) -> str | None:
+    """The boundary a multipart/form-data Content-Type names ('' where it names none); None for any other type."""
+    header = Message()
+    header["content-type"] = content_type or ""
+    if header.get_content_type() != "multipart/form-data":
+        return None
+    return header.get_boundary() or ""
+
+
+FormFields = dict[str, bool]
+"""A route's form fields (FastAPI's `Form` and `File`): each name, and whether it takes a file."""
 
 
 def metadata_filter(request: Request) -> dict[str, str]:
