@@ -704,3 +704,18 @@ def test_items_nested_too_deeply_to_store_are_a_400_naming_the_item(sdk, tiny_mo
     assert param == "data_source.sampling_params.tools[0]" and "the tool nests arrays or objects" in message
     shallow = {**ITEMS[0], "context": json.loads("[" * 62 + "]" * 62)}  # the item's object and 62 inside it
     assert sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline([shallow])))
+
+
+def test_an_items_file_line_longer_than_a_row_is_refused_unread_naming_the_line(sdk, tiny_model_dir):
+    """A line is read only up to the data readers' MAX_ROW_BYTES: one JSON array of the upload limit would
+    otherwise be parsed whole, to several times its size in memory."""
+    from tuneforge.data.readers import MAX_ROW_BYTES
+
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    huge = b'{"item": {"question": [' + b"0," * (MAX_ROW_BYTES // 2) + b'0], "answer": "a"}}\n'
+    uploaded = sdk.files.create(
+        file=("items.jsonl", json.dumps({"item": ITEMS[0]}).encode() + b"\n" + huge), purpose="evals"
+    )
+    run = data_source(str(tiny_model_dir), {"type": "file_id", "id": uploaded.id})
+    param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=run))
+    assert param == "data_source.source.id" and f"{uploaded.id} line 2: it is over 2 MiB" in message, message

@@ -250,7 +250,7 @@ def _first_line(path: str) -> tuple[int, bytes | None]:
     """The number and text (without a byte-order mark) of the first line that is not blank; its text is
     None if it is over MAX_ROW_BYTES. The file has one: `_first_byte` found it."""
     with _open_binary(path) as f:
-        lines = enumerate(_bounded_lines(f), start=1)
+        lines = enumerate(bounded_lines(f), start=1)
         number, line = next((n, raw) for n, raw in lines if raw is None or raw.removeprefix(_BOM).strip())
     return number, line.removeprefix(_BOM) if line is not None else None
 
@@ -287,7 +287,7 @@ def _first_byte(path: str) -> bytes | None:
 def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
     seen_row = False
     with _open_binary(path) as f:
-        for line_no, raw in enumerate(_bounded_lines(f), start=1):
+        for line_no, raw in enumerate(bounded_lines(f), start=1):
             if raw is None:
                 yield line_no, _too_large(path, line_no)
                 continue
@@ -339,7 +339,7 @@ def _json_error(e: json.JSONDecodeError) -> str:
     return e.msg
 
 
-def _bounded_lines(f) -> Iterator[bytes | None]:
+def bounded_lines(f) -> Iterator[bytes | None]:
     """Lines of a binary file; None stands for a line over MAX_ROW_BYTES, which is skipped unread."""
     while True:
         raw = f.readline(MAX_ROW_BYTES + 1)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 from ..data.formats import tool_definitions
+from ..data.readers import MAX_ROW_BYTES, bounded_lines
 from ..errors import ConfigError, ModelSourceError, TuneforgeError, unreadable_json
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
@@ -200,10 +201,15 @@ def input_templates(messages: list[TemplateMessage]) -> list[Template]:
 
 def file_items(path: Path, file_id: str) -> list[dict]:
     """The items of an uploaded JSONL file: each line `{"item": {...}}` (or the item itself); a bad line is a
-    400 naming the file and the line, and so is a file of more items than a run takes, read only that far."""
+    400 naming the file and the line (one over the data readers' MAX_ROW_BYTES is not read), and so is a file of
+    more items than a run takes, read only that far."""
     items = []
     with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, start=1):
+        for number, raw in enumerate(bounded_lines(lines), start=1):
+            if raw is None:  # left unread: parsed, it would take several times its size in memory
+                raise _bad_line(
+                    file_id, number, f"it is over {MAX_ROW_BYTES // (1 << 20)} MiB, more than any item holds"
+                )
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
