@@ -719,3 +719,14 @@ def test_an_items_file_line_longer_than_a_row_is_refused_unread_naming_the_line(
     run = data_source(str(tiny_model_dir), {"type": "file_id", "id": uploaded.id})
     param, message = refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=run))
     assert param == "data_source.source.id" and f"{uploaded.id} line 2: it is over 2 MiB" in message, message
+
+
+def test_an_items_file_saved_with_a_byte_order_mark_is_read_as_training_files_are(sdk, tiny_model_dir):
+    """Editors on Windows start UTF-8 files with one; the data readers skip it, and so do a run's items."""
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    lines = "".join(json.dumps({"item": item}) + "\r\n" for item in ITEMS)
+    uploaded = sdk.files.create(file=("items.jsonl", b"\xef\xbb\xbf" + lines.encode()), purpose="evals")
+    run = sdk.evals.runs.create(
+        evaluation.id, data_source=data_source(str(tiny_model_dir), {"type": "file_id", "id": uploaded.id})
+    )
+    assert run.status == "queued"
