@@ -4,6 +4,9 @@ shape that names what to send, and none leaves a file behind or holds the body i
 from __future__ import annotations
 
 import asyncio
+import gzip
+import io
+import zipfile
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +31,13 @@ def http(tmp_path) -> Iterator[TestClient]:
 def field(name: str, value: bytes, filename: str | None = None) -> bytes:
     named = f'; filename="{filename}"' if filename is not None else ""
     return f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"{named}\r\n\r\n'.encode() + value + b"\r\n"
+
+
+def zip_of(content: bytes) -> bytes:
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as archive:
+        archive.writestr("train.jsonl", content)
+    return packed.getvalue()
 
 
 PURPOSE = field("purpose", b"fine-tune")
@@ -128,3 +138,17 @@ def test_a_multipart_body_that_cannot_be_read_is_refused_saying_why_and_what_to_
     error = refusal(post(http, body, content_type or f"multipart/form-data; boundary={BOUNDARY}"))
     assert said in error["message"] and "multipart/form-data" in error["message"], error["message"]
     assert error["message"].startswith("The multipart body cannot be read"), error["message"]
+
+
+@pytest.mark.parametrize(
+    "content, said",
+    [(gzip.compress(ROW), "gzip-compressed"), (zip_of(ROW), "a zip archive")],
+    ids=["gzip", "zip"],
+)
+def test_a_compressed_upload_is_refused_saying_to_upload_the_text(http, tmp_path, content, said):
+    """No reader of an upload decompresses it (its name ends .jsonl): a job would fail saying to rename a file the
+    client cannot rename, and an eval run that line 1 is not UTF-8."""
+    error = refusal(post(http, PURPOSE + field("file", content, "train.jsonl") + END))
+    assert error["param"] == "file" and error["code"] == "invalid_file_format"
+    assert f"'train.jsonl' is {said}" in error["message"] and "decompressed" in error["message"], error["message"]
+    assert list((tmp_path / "files").iterdir()) == []

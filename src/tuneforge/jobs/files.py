@@ -3,7 +3,8 @@
 The client's filename is only a label in the database, so no upload can write outside the folder.
 The stored name keeps the kind (`.jsonl` uploads, `.csv` results) so the data readers know the
 file by its name, as they would the client's. Bytes are copied in chunks into a temporary sibling
-and renamed (`fsio.atomic_file`), with the size cap checked as they arrive.
+and renamed (`fsio.atomic_file`), with the size cap checked as they arrive; a compressed file (gzip, zip) is
+refused, since no reader of a stored file decompresses it.
 """
 
 from __future__ import annotations
@@ -41,8 +42,16 @@ REWARD_COLUMNS = ("reward", "reward_std", "kl", "completion_length", "valid_rewa
 sampled answers' rewards, and the greedy answers' to the validation prompts."""
 
 
+PACKED = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}
+"""What a file that starts with these bytes is: no reader of a stored file decompresses one."""
+
+
 class FileTooLarge(Exception):
     pass
+
+
+class FilePacked(Exception):
+    """The file is compressed (`PACKED`), where the store keeps JSON Lines text."""
 
 
 class FileStorage:
@@ -57,7 +66,8 @@ class FileStorage:
         return bare if not named.exists() and bare.exists() else named
 
     def save(self, source: BinaryIO, *, owner: str, filename: str, purpose: str, max_bytes: int) -> StoredFile:
-        """Copy `source` into the store; raises `FileTooLarge` past `max_bytes` (nothing is left behind)."""
+        """Copy `source` into the store; raises `FileTooLarge` past `max_bytes`, and `FilePacked` for a compressed
+        file (nothing is left behind)."""
         row = StoredFile(
             id=new_id("file-"),
             owner=owner,
@@ -68,6 +78,8 @@ class FileStorage:
         )
         with atomic_file(self.path(row), "wb") as out:
             while chunk := source.read(CHUNK_BYTES):
+                if not row.bytes and (packed := _packed(chunk)) is not None:
+                    raise FilePacked(f"'{row.filename}' is {packed}; upload the JSON Lines text itself, decompressed.")
                 row.bytes += len(chunk)
                 if row.bytes > max_bytes:
                     raise FileTooLarge(f"The file is larger than this server's limit of {max_bytes:,} bytes.")
@@ -93,3 +105,8 @@ class FileStorage:
     def delete(self, row: StoredFile) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(row))
+
+
+def _packed(head: bytes) -> str | None:
+    """What compressed file `head` starts (`PACKED`); None for any other."""
+    return next((what for magic, what in PACKED.items() if head.startswith(magic)), None)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
 from ...web import MAX_FILENAME_CHARS, APIError, caller, list_body, nul_fault
-from ..files import FileTooLarge
+from ..files import FilePacked, FileTooLarge
 from ..service import Service, service_of
 from ..store import StoredFile
 
@@ -73,6 +73,8 @@ def upload_file(
         )
     except FileTooLarge as err:
         raise APIError(413, str(err), param="file", code="file_too_large") from err
+    except FilePacked as err:
+        raise APIError(400, str(err), param="file", code="invalid_file_format") from err
     if row.bytes == 0:
         service.storage.delete(row)
         raise APIError(
