@@ -152,3 +152,13 @@ def test_a_compressed_upload_is_refused_saying_to_upload_the_text(http, tmp_path
     assert error["param"] == "file" and error["code"] == "invalid_file_format"
     assert f"'train.jsonl' is {said}" in error["message"] and "decompressed" in error["message"], error["message"]
     assert list((tmp_path / "files").iterdir()) == []
+
+
+@pytest.mark.parametrize("character", ["\x1b", "\t", "\x7f", "\x85"])
+def test_a_file_name_holding_a_control_character_is_refused_naming_it(http, character):
+    """A name is echoed to whoever lists the files: a terminal escape in it would act on their terminal.
+    (httpx and browsers send some as %XX; a client writing the header by hand sends them raw.)"""
+    name = f"train{character}[31m.jsonl"
+    error = refusal(post(http, PURPOSE + field("file", ROW, name) + END))
+    assert error["param"] == "file" and f"control character {character!r} at character 5" in error["message"]
+    assert http.get("/v1/files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,14 @@ def upload_file(
         raise APIError(
             400,
             f"The file's name {name!r} holds {fault}; name the file without it.",
+            param="file",
+            code="invalid_value",
+        )
+    if (control := next((ch for ch in name if unicodedata.category(ch) == "Cc"), None)) is not None:
+        raise APIError(
+            400,
+            f"The file's name {name!r} holds the control character {control!r} at character {name.index(control)}, "
+            "which would act on the terminal of whoever lists the files; name the file without it.",
             param="file",
             code="invalid_value",
         )
