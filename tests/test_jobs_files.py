@@ -162,3 +162,25 @@ def test_a_file_name_holding_a_control_character_is_refused_naming_it(http, char
     error = refusal(post(http, PURPOSE + field("file", ROW, name) + END))
     assert error["param"] == "file" and f"control character {character!r} at character 5" in error["message"]
     assert http.get("/v1/files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
+
+
+def test_a_file_of_another_purpose_is_refused_by_every_route_saying_which_purpose_to_upload_with(http):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def upload(purpose: str) -> str:
+        form = field("purpose", purpose.encode()) + FILE + END
+        return post(http, form).json()["id"]
+
+    batch, training = upload("batch"), upload("fine-tune")
+    job = http.post("/v1/fine_tuning/jobs", headers=headers, json={"model": "m", "training_file": batch})
+    error = refusal(job)
+    assert error["param"] == "training_file" and error["code"] == "invalid_file_purpose"
+    assert error["message"] == (
+        f"{batch} was uploaded with purpose 'batch'; upload fine-tuning examples with purpose 'fine-tune'."
+    )
+    request = {"input_file_id": training, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    error = refusal(http.post("/v1/batches", headers=headers, json=request))
+    assert error["param"] == "input_file_id" and error["code"] == "invalid_file_purpose"
+    assert error["message"] == (
+        f"{training} was uploaded with purpose 'fine-tune'; upload a batch's requests with purpose 'batch'."
+    )

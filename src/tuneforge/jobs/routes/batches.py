@@ -24,15 +24,7 @@ def own_batch(service: Service, owner: str, batch_id: str) -> Batch:
 @router.post("")
 def create_batch(body: CreateBatchBody, owner: str = Depends(caller), service: Service = Depends(service_of)):
     body.check()
-    source = own_file(service, owner, body.input_file_id, param="input_file_id")
-    if source.purpose != "batch":
-        raise APIError(
-            400,
-            f"{source.id} was uploaded with purpose '{source.purpose}'; upload a batch's requests with purpose "
-            "'batch'.",
-            param="input_file_id",
-            code="invalid_value",
-        )
+    source = own_file(service, owner, body.input_file_id, "input_file_id", "batch")
     row = Batch(
         id=new_id("batch_"),
         owner=owner,

@@ -107,14 +107,7 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
     templates = input_templates(source.input_messages.template)
     graders = testing_criteria(evaluation.testing_criteria, allow_python=service.allow_python_graders)
     if source.source.type == "file_id":
-        row = own_file(service, owner, source.source.id, "data_source.source.id")
-        if row.purpose != "evals":
-            raise APIError(
-                400,
-                f"{row.id} was not uploaded with purpose 'evals'.",
-                param="data_source.source.id",
-                code="invalid_file_purpose",
-            )
+        row = own_file(service, owner, source.source.id, "data_source.source.id", "evals")
         items = file_items(service.storage.path(row), row.id)
     else:
         items = [row.item for row in source.source.content]

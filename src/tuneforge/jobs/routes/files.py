@@ -18,18 +18,28 @@ UPLOAD_PATH = "/v1/files"
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(caller)])
 
 
-def own_file(service: Service, owner: str, file_id: str, param: str = "file_id") -> StoredFile:
-    """The caller's file; a 404 (a 400 naming `param` in another request's body) for any other id."""
+# What a client may upload, and what such a file holds (for the messages about a file that holds nothing).
+PURPOSES = {"fine-tune": "fine-tuning examples", "evals": "an eval run's items", "batch": "a batch's requests"}
+
+
+def own_file(
+    service: Service, owner: str, file_id: str, param: str = "file_id", purpose: str | None = None
+) -> StoredFile:
+    """The caller's file; a 404 (a 400 naming `param` in another request's body) for any other id, and a 400
+    naming `param` for a file uploaded with another purpose than `purpose` (when given)."""
     row = service.store.get_file(owner, file_id)
     if row is None:
         raise APIError(
             404 if param == "file_id" else 400, f"No such File object: {file_id}", param=param, code="file_not_found"
         )
+    if purpose is not None and row.purpose != purpose:
+        raise APIError(
+            400,
+            f"{row.id} was uploaded with purpose '{row.purpose}'; upload {PURPOSES[purpose]} with purpose '{purpose}'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
     return row
-
-
-# What a client may upload, and what such a file holds (for the messages about a file that holds nothing).
-PURPOSES = {"fine-tune": "fine-tuning examples", "evals": "an eval run's items", "batch": "a batch's requests"}
 
 
 @router.post("")

@@ -63,12 +63,7 @@ def own_job(service: Service, owner: str, job_id: str) -> Job:
 
 @router.post("")
 def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Service = Depends(service_of)):
-    stored = {param: own_file(service, owner, file_id, param) for param, file_id in body.files().items()}
-    for param, row in stored.items():
-        if row.purpose != "fine-tune":
-            raise APIError(
-                400, f"{row.id} was not uploaded with purpose 'fine-tune'.", param=param, code="invalid_file_purpose"
-            )
+    stored = {param: own_file(service, owner, file_id, param, "fine-tune") for param, file_id in body.files().items()}
     grader = body.method.reinforcement.grader if body.method and body.method.reinforcement else None
     if grader and runs_python(grader) and not service.allow_python_graders:
         raise APIError(
