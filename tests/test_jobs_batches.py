@@ -253,3 +253,23 @@ def test_an_upload_that_is_no_batch_file_is_refused_saying_what_a_batch_holds(tm
                 client.files.create(file=(name, text), purpose="batch")
             assert caught.value.param == "file" and "a batch's requests" in caught.value.message
             assert "fine-tuning" not in caught.value.message
+
+
+def test_a_request_line_longer_than_the_servers_body_limit_fails_the_batch_naming_the_line_unread(
+    tmp_path, tiny_model_dir
+):
+    """Sent alone, such a request would be a 413; in a file it is not read, where parsed whole it would take
+    several times its size in memory."""
+    model = str(tiny_model_dir)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[model], max_body_bytes=1 << 16) as client:
+        huge = request("b", model, stop=["x" * (1 << 16)])
+        batch = client.batches.create(
+            input_file_id=upload_requests(client, [request("a", model), huge]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        batch = wait_batch(client, batch.id)
+        assert batch.status == "failed"
+        [error] = batch.errors.data
+        assert (error.line, error.code) == (2, "request_too_large")
+        assert "over this server's limit of 65,536 bytes on a request body" in error.message, error.message

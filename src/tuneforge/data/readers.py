@@ -339,13 +339,13 @@ def _json_error(e: json.JSONDecodeError) -> str:
     return e.msg
 
 
-def bounded_lines(f) -> Iterator[bytes | None]:
-    """Lines of a binary file; None stands for a line over MAX_ROW_BYTES, which is skipped unread."""
+def bounded_lines(f, limit: int = MAX_ROW_BYTES) -> Iterator[bytes | None]:
+    """Lines of a binary file; None stands for a line over `limit` bytes, which is skipped unread."""
     while True:
-        raw = f.readline(MAX_ROW_BYTES + 1)
+        raw = f.readline(limit + 1)
         if not raw:
             return
-        if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+        if len(raw) > limit and not raw.endswith(b"\n"):
             while raw and not raw.endswith(b"\n"):  # skip the rest of the line, a buffer at a time
                 raw = f.readline(_CHUNK_BYTES)
             yield None

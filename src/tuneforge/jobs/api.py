@@ -82,6 +82,7 @@ def create_api(
             max_bases=max_models, observer=observer, completions=completions, prefix_cache_mb=prefix_cache_mb
         ),
         max_upload_bytes,
+        max_body_bytes,
         allow_python_graders,
     )
     job_workers = Workers(store, service.storage, root, workers)

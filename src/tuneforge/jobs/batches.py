@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.authentication import SimpleUser
 
+from ..data.readers import bounded_lines
 from ..errors import unreadable_json
 from ..serve import ChatCompletionBody, CompletionBody, ResponsesBody
 from ..web import APIError, Metadata, RequestBody, StoredText, nul_fault, server_error
@@ -147,9 +148,17 @@ def read_requests(service: Service, batch: Batch) -> list[Request]:
     requests: list[Request] = []
     first_line: dict[str, int] = {}
     models: dict[str, APIError | None] = {}
-    for number, raw in _lines(service.storage, row):
+    for number, raw in _lines(service.storage, row, service.max_body_bytes):
         if len(errors) >= MAX_ERRORS:
             break
+        if raw is None:
+            problem(
+                number,
+                "request_too_large",
+                f"it is over this server's limit of {service.max_body_bytes:,} bytes on a request body, so it is "
+                "not read; send a shorter request.",
+            )
+            continue
         try:
             request = json.loads(raw)
         except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -216,11 +225,12 @@ def read_requests(service: Service, batch: Batch) -> list[Request]:
     return requests
 
 
-def _lines(storage: FileStorage, row: StoredFile) -> Iterator[tuple[int, bytes]]:
-    """The file's non-blank lines, numbered from 1 (json.loads reads their UTF-8, saying where it is not)."""
+def _lines(storage: FileStorage, row: StoredFile, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """The file's non-blank lines, numbered from 1 (json.loads reads their UTF-8, saying where it is not); None
+    stands for a line over `limit` bytes, left unread: parsed whole, it would take several times its size."""
     with open(storage.path(row), "rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if raw.strip():
+        for number, raw in enumerate(bounded_lines(lines, limit), start=1):
+            if raw is None or raw.strip():
                 yield number, raw
 
 

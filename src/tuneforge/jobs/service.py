@@ -25,6 +25,7 @@ class Service:
     access: ModelAccess
     inference: InferenceModels
     max_upload_bytes: int
+    max_body_bytes: int
     allow_python_graders: bool = False
     tokenizers: TemplateTokenizers = field(default_factory=TemplateTokenizers)
 
