@@ -33,12 +33,14 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import re
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from numbers import Integral, Real
 
 import torch
 
@@ -84,6 +86,7 @@ class Completion:
     cached_tokens: int = 0  # leading prompt tokens whose keys and values came from a `PrefixCache`, not run again
 
 
+MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
 MAX_TOP_LOGPROBS = 20  # the most likely tokens a generated token's log probability comes with, at most (OpenAI's)
 
 
@@ -116,16 +119,31 @@ class Sampling:
     prompt_logprobs: bool = False
 
     def __post_init__(self):
+        # The types first: a Python caller's str or None would fail the comparisons below with a TypeError, and a
+        # float or bool token count would be taken as a count.
+        for name, kind, wanted in (
+            ("max_new_tokens", Integral, "a whole number"),
+            ("temperature", Real, "a number"),
+            ("top_p", Real, "a number"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (2**63 - 1) or None, got {self.seed!r}")
         if self.max_new_tokens < 0:  # 0: nothing is generated, the prompt is run (and scored) alone
             raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
         if self.prompt_logprobs and self.logprobs is None:
             raise ValueError("prompt_logprobs needs logprobs (how many most likely tokens come with each)")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # nan too
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise ValueError(f"stop must be strings, none of them empty, got {stop!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

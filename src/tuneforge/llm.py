@@ -60,7 +60,7 @@ class LLM:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: list[str] | tuple[str, ...] = (),
+        stop: str | list[str] | tuple[str, ...] | None = (),
     ) -> str:
         """The reply to `prompt` (a user message's text, or chat messages) as text: for a reasoning model the
         answer after its reasoning."""
@@ -77,7 +77,7 @@ class LLM:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: list[str] | tuple[str, ...] = (),
+        stop: str | list[str] | tuple[str, ...] | None = (),
     ) -> dict:
         """The assistant message answering `messages` (OpenAI's chat messages, a reply's `tool_calls` and `tool`
         results among them), as serve's chat completions give it: `content`, a reasoning model's
@@ -95,14 +95,20 @@ class LLM:
         temperature: float,
         top_p: float,
         seed: int | None,
-        stop: list[str] | tuple[str, ...],
+        stop: str | list[str] | tuple[str, ...] | None,
     ) -> dict:
         """`chat`'s reply to `messages`; `asked`, the prompt as the caller gave it (`generate`'s text, or the
         messages) and its name, whose fields a refusal of a special token names."""
-        if max_new_tokens is not None and max_new_tokens < 1:
+        stop = () if stop is None else (stop,) if isinstance(stop, str) else stop  # one string: as serve reads it
+        if not isinstance(stop, list | tuple):
+            raise ConfigError(
+                f"stop must be a string or a list of strings, got {type(stop).__name__}.", code="invalid_value"
+            )
+        if isinstance(max_new_tokens, int) and max_new_tokens < 1:  # another type: Sampling names it
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}.", code="invalid_value")
         try:
-            Sampling(max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature, top_p, seed, tuple(stop))
+            length = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+            Sampling(length, temperature, top_p, seed, tuple(stop))
         except ValueError as err:
             raise ConfigError(str(err), code="invalid_value") from err
         definitions = checked_tools(tools, "tools") if tools else None

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.schema import Image, Message
 from ..errors import unreadable_json
-from ..generate import MAX_TOP_LOGPROBS, Sampling
+from ..generate import MAX_SEED, MAX_TOP_LOGPROBS, Sampling
 from ..web import MAX_NESTING, APIError, Metadata, RequestBody, Shallow, StoredText, nesting
 from ..web.shapes import not_unicode
 
@@ -23,7 +23,6 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS = 1024  # chat's, unless the server says otherwise
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs`, at most (OpenAI's limit)
-MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
 # Prompts of one /v1/completions request (`prompt` as a list). Each waits in the engine's queue as a request of its
 # own, so one request takes at most half of the queue it has by default (serve_defaults.MAX_WAITING, 256).
 MAX_PROMPTS = 128
