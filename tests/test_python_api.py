@@ -167,6 +167,25 @@ def test_a_loaded_model_refuses_a_sampling_value_of_the_wrong_type_or_range_nami
     assert said in str(refused.value) and refused.value.code == "invalid_value"
 
 
+@pytest.mark.parametrize(
+    ("method", "given", "said"),
+    [
+        ("generate", None, "prompt must be a user message's text or a list of chat messages (.*), got NoneType None."),
+        ("generate", 5, "prompt must be .*, got int 5."),
+        ("generate", {"role": "user", "content": "Hi"}, "prompt must be .*, got dict {'role': 'user'"),
+        ("generate", [], "prompt must be .*, got an empty list."),
+        ("chat", "Hi", r"messages must be a list of chat messages \(.*\), got str 'Hi'."),
+        ("chat", None, "messages must be a list of chat messages .*, got NoneType None."),
+        ("chat", [], "messages must be a list of chat messages .*, got an empty list."),
+    ],
+)
+def test_a_loaded_model_refuses_a_prompt_that_is_not_text_or_messages_naming_it(base_dir, method, given, said):
+    llm = tuneforge.load(base_dir, precision="fp32", progress=False)
+    with pytest.raises(ConfigError, match=f"^{said}") as refused:
+        getattr(llm, method)(given, max_new_tokens=2)
+    assert refused.value.code == "invalid_value"
+
+
 def test_a_loaded_model_reads_one_stop_string_as_serve_does(base_dir):
     llm = tuneforge.load(base_dir, precision="fp32", progress=False)
     whole = llm.generate("Hi", max_new_tokens=8)

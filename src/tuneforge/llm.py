@@ -99,6 +99,15 @@ class LLM:
     ) -> dict:
         """`chat`'s reply to `messages`; `asked`, the prompt as the caller gave it (`generate`'s text, or the
         messages) and its name, whose fields a refusal of a special token names."""
+        given, name = asked
+        if not isinstance(messages, list | tuple) or not messages:
+            wanted = (
+                "a user message's text or a list of chat messages" if name == "prompt" else "a list of chat messages"
+            )
+            got = "an empty list" if isinstance(messages, list | tuple) else f"{type(given).__name__} {given!r:.60}"
+            raise ConfigError(
+                f"{name} must be {wanted} ([{{'role': 'user', 'content': 'Hi'}}]), got {got}.", code="invalid_value"
+            )
         stop = () if stop is None else (stop,) if isinstance(stop, str) else stop  # one string: as serve reads it
         if not isinstance(stop, list | tuple):
             raise ConfigError(
