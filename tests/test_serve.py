@@ -305,6 +305,7 @@ def test_a_wrong_or_missing_key_is_refused(server):
             "messages.0.content",
             "invalid_value",
         ),
+        ({"messages": [{"role": "user"}]}, openai.BadRequestError, "messages.0.content", "invalid_value"),
         ({"stream_options": {"include_usage": True}}, openai.BadRequestError, "stream_options", "invalid_value"),
         (
             {"stream": True, "stream_options": {"include_obfuscation": True}},

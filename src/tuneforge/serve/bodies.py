@@ -117,7 +117,8 @@ class SentImage(NamedTuple):
 class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: list[ToolCall] | None = None  # before content, whose check reads it
-    content: str | list[TextPart | ImagePart] | None = None
+    # Checked when left out too: only an assistant message with tool_calls goes without content.
+    content: str | list[TextPart | ImagePart] | None = Field(None, validate_default=True)
     name: str | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None  # an assistant reply's reasoning, as a reasoning model's answer holds it
