@@ -177,9 +177,15 @@ def test_a_loaded_model_refuses_a_sampling_value_of_the_wrong_type_or_range_nami
         ("chat", "Hi", r"messages must be a list of chat messages \(.*\), got str 'Hi'."),
         ("chat", None, "messages must be a list of chat messages .*, got NoneType None."),
         ("chat", [], "messages must be a list of chat messages .*, got an empty list."),
+        ("chat", [{"role": "user"}], r"messages\[0\]: content: a message needs content: a string or a list"),
+        (
+            "chat",
+            [{"role": "user", "content": 5}],
+            r"messages\[0\]: content: Input should be a valid string; content: ",
+        ),
     ],
 )
-def test_a_loaded_model_refuses_a_prompt_that_is_not_text_or_messages_naming_it(base_dir, method, given, said):
+def test_a_loaded_model_refuses_a_prompt_or_message_of_the_wrong_shape_naming_it(base_dir, method, given, said):
     llm = tuneforge.load(base_dir, precision="fp32", progress=False)
     with pytest.raises(ConfigError, match=f"^{said}") as refused:
         getattr(llm, method)(given, max_new_tokens=2)

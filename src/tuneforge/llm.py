@@ -23,7 +23,7 @@ from . import reasoning
 from .chat import checked_tools
 from .data.images import read_shown_image
 from .data.render import renderer_for
-from .errors import ConfigError
+from .errors import ConfigError, complaint, key_path
 from .generate import Sampling, encode_prompts, load_for_inference, stream
 from .models import load_tokenizer, model_context_length, resolve
 from .models.loading import image_inputs
@@ -172,7 +172,7 @@ class LLM:
             try:
                 message = ChatMessage.model_validate(raw)
             except ValidationError as err:
-                said = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in err.errors())
+                said = "; ".join(f"{'.'.join(key_path(e['loc'])) or 'message'}: {complaint(e)}" for e in err.errors())
                 raise ConfigError(f"messages[{i}]: {said}", code="invalid_value") from None
             for j, part in message.image_parts:
                 at = f"messages[{i}].content[{j}]"
