@@ -45,6 +45,18 @@ def test_evaluate_raises_the_cli_s_refusal_as_an_error(tiny_model_dir, triage_da
         tuneforge.evaluate(tiny_model_dir, triage_data["test"], fewshot_file=triage_data["test"])
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("limit", 0), ("limit", -1), ("limit", "2"), ("max_new_tokens", 0), ("max_new_tokens", 2.5), ("num_fewshot", -1)],
+)
+def test_evaluate_refuses_an_option_the_cli_would_refuse_naming_it(tiny_model_dir, triage_data, option, value):
+    with pytest.raises(ConfigError, match=f"^--{option.replace('_', '-')} takes a whole number of at least") as refused:
+        tuneforge.evaluate(tiny_model_dir, triage_data["test"], **{option: value}, progress=False)
+    assert refused.value.code == "bad_option"
+    with pytest.raises(ConfigError, match=r"^--metric takes one metric's name .*, got \['exact'\]"):
+        tuneforge.evaluate(tiny_model_dir, triage_data["test"], metric=["exact"], progress=False)
+
+
 def test_check_data_returns_the_report_data_check_json_prints(tiny_model_dir, tmp_path, monkeypatch, capsys):
     rows = [chat("What is two plus two?", "Four."), chat("Hello?", "Hi."), {"messages": [{"role": "user"}]}]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)

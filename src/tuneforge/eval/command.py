@@ -57,6 +57,17 @@ def evaluate_model(
     folder for its per-pair scores and histogram of margins. Multiple-choice rows (`eval.choices`) are scored by
     each choice's log-likelihood, each after `num_fewshot` solved examples (from `fewshot_file`, else from
     DATA); `out`, a folder for each question's results. `progress=False` leaves out the progress bars."""
+    # The CLI's option types and bounds, which a Python caller's values have not been through.
+    counts = {"--limit": (limit, 1), "--max-new-tokens": (max_new_tokens, 1), "--num-fewshot": (num_fewshot, 0)}
+    for option, (value, least) in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigError(
+                f"{option} takes a whole number of at least {least}, got {value!r}; give one, or leave it out.",
+                code="bad_option",
+            )
+    if not isinstance(metric, str):
+        raise ConfigError(f"--metric takes one metric's name (auto, exact, ...), got {metric!r}.", code="bad_option")
+    num_fewshot = num_fewshot or 0
     data = str(data)
     out = None if out is None else str(out)
     fewshot_file = None if fewshot_file is None else str(fewshot_file)
