@@ -369,6 +369,8 @@ def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
         tuneforge.train(path, "train.max_stepz=3")
     with pytest.raises(ConfigError, match=r"data: required"):
         tuneforge.train({"base_model": "x"}, None)
+    with pytest.raises(ConfigError, match=r"^override 3 is int: give each override as a KEY=VALUE string"):
+        load_config(path, ["train.max_steps=3", 3])
 
 
 def test_the_python_api_shows_its_keyword_arguments_in_help():

@@ -147,6 +147,10 @@ def test_the_python_api_takes_one_key_as_a_string_and_names_a_key_given_no_list(
         sweep(config, "train.learning_rate=1e-4,zero", out=tmp_path / "s", progress=False)
     with pytest.raises(ConfigError, match="gives lora.r 8: give it a list"):
         sweep(config, {"lora.r": 8}, out=tmp_path / "s", progress=False)
+    with pytest.raises(ConfigError, match=r"^a sweep's grid is a dict of each key's values .*, not NoneType\.$"):
+        sweep(config, None, out=tmp_path / "s", progress=False)
+    with pytest.raises(ConfigError, match=r"^--set 8 is int: give KEY=V1,V2,\.\.\. as a string\.$"):
+        sweep(config, ["train.learning_rate=1e-4", 8], out=tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
 
 

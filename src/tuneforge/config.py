@@ -1512,6 +1512,11 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
     overrides = list(overrides)  # read twice: each in turn, and each earlier one again for a key given twice
     parsed = []
     for o in overrides:
+        if not isinstance(o, str):
+            raise ConfigError(
+                f"override {o!r} is {type(o).__name__}: give each override as a KEY=VALUE string, for example "
+                "train.learning_rate=1e-4"
+            )
         if "=" not in o:
             raise ConfigError(f"override '{o}': expected KEY=VALUE, for example train.learning_rate=1e-4")
         key, raw = o.split("=", 1)

@@ -112,8 +112,15 @@ def parse_grid(sets: str | Iterable[str]) -> dict[str, list]:
     flow list, so a value that is itself a list is written in brackets (`lora.target_modules=[q_proj],[v_proj]`)."""
     if isinstance(sets, str):  # one key's values as a string alone: iterating over it would take each character
         sets = [sets]
+    if not isinstance(sets, Iterable):
+        raise ConfigError(
+            f"a sweep's grid is a dict of each key's values ({{'train.learning_rate': [1e-4, 2e-4]}}) or KEY=V1,V2,... "
+            f"strings, not {type(sets).__name__}."
+        )
     grid: dict[str, list] = {}
     for given in sets:
+        if not isinstance(given, str):
+            raise ConfigError(f"--set {given!r} is {type(given).__name__}: give KEY=V1,V2,... as a string.")
         if "=" not in given:
             raise ConfigError(
                 f"--set '{given}': expected KEY=V1,V2,..., for example --set train.learning_rate=1e-4,2e-4"
