@@ -98,6 +98,14 @@ def test_check_data_raises_what_data_check_refuses(tiny_model_dir, tmp_path, cap
     with pytest.raises(ConfigError, match=f"data.train: {missing} does not exist"):
         tuneforge.check_data({"base_model": str(tiny_model_dir), "data": {"train": str(missing)}}, progress=False)
     assert check_command([str(missing)], model=str(tiny_model_dir), json_out=True) == 2
+    for given, said in (
+        (None, "None"),
+        ([], "an empty list"),
+        (b"rows.jsonl", "b'rows.jsonl'"),
+        ([data, 3], "3.$"),
+    ):
+        with pytest.raises(ConfigError, match=f"^files: give a data file's path or a list of them .*, got {said}"):
+            tuneforge.check_data(given, model=str(tiny_model_dir), progress=False)
     out, err = capsys.readouterr()
     assert "does not exist. Check the path." in err and not out
 

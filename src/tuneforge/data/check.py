@@ -93,7 +93,16 @@ def check(
     given = {"model": model, "format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
     if not _is_config(config_or_data):
         refuse_options("data files have no config to override", {"overrides": bool(overrides)}, " (or pass a config)")
-        files = [config_or_data] if isinstance(config_or_data, (str, Path)) else list(config_or_data)
+        files = [config_or_data] if isinstance(config_or_data, (str, Path)) else config_or_data
+        listed = isinstance(files, list | tuple)
+        odd = [f for f in files if not isinstance(f, (str, Path))] if listed else [files]
+        if odd or not files:
+            got = f"{odd[0]!r:.80}" if odd else "an empty list"
+            raise ConfigError(
+                "files: give a data file's path or a list of them (or a training config: a YAML file's path, a "
+                f"shipped recipe's name, a dict or a Config), got {got}.",
+                code="bad_option",
+            )
         options = {name: value for name, value in given.items() if name != "model" and value is not None}
         return _files_report([str(f) for f in files], model, options, progress=progress)[0]
     from ..config import load_config
