@@ -30,6 +30,17 @@ def cli_json(args: list[str], monkeypatch, capsys) -> dict:
     return json.loads(said.out)
 
 
+def test_train_refuses_a_resume_that_is_no_checkpoint_or_true_naming_it(tiny_model_dir, triage_data, tmp_path):
+    from conftest import tiny_run_config
+
+    config = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    for resume in (1, ["latest"]):
+        with pytest.raises(TuneforgeError, match=r'^--resume takes True or "latest" .*, got ') as refused:
+            tuneforge.train(config, resume=resume, progress=False)
+        assert refused.value.code == "bad_option"
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_returns_the_metrics_eval_json_prints(tiny_model_dir, triage_data, monkeypatch, capsys):
     args = [str(tiny_model_dir), str(triage_data["test"]), "--limit", "2", "--max-new-tokens", "4"]
     printed = cli_json(["eval", *args, "--json"], monkeypatch, capsys)

@@ -75,6 +75,11 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[P
     """The checkpoint to resume from and the loop state saved in it: the latest for "latest" or True (the
     Python spelling of a bare `--resume`), else the folder `resume` names; a refused resume fails here,
     before any heavy work."""
+    if resume is not None and not isinstance(resume, str | Path | bool):
+        raise TuneforgeError(
+            f'--resume takes True or "latest" (the latest checkpoint) or a checkpoint folder\'s path, got {resume!r}.',
+            code="bad_option",
+        )
     if not resume:
         return None, None
     root = Path(cfg.output_dir) / "checkpoints"
