@@ -292,6 +292,22 @@ def test_export_returns_what_export_json_holds_as_the_cli_writes_it(base_dir, tm
     assert refused.value.code == "out_exists"
 
 
+def test_export_takes_one_combine_adapter_as_a_string_and_refuses_what_is_no_spec_or_folder(base_dir, tmp_path):
+    from test_serve import random_adapter
+
+    adapter, other = (random_adapter(base_dir, tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2)))
+    one = tuneforge.export(adapter, format="adapter", out=tmp_path / "one", combine=f"{other}:0.5", progress=False)
+    listed = tuneforge.export(adapter, format="adapter", out=tmp_path / "list", combine=[other], progress=False)
+    assert [part["weight"] for part in one["combined"]["adapters"]] == [1.0, 0.5]
+    assert [part["adapter"] for part in one["combined"]["adapters"]] == [
+        part["adapter"] for part in listed["combined"]["adapters"]
+    ]
+    with pytest.raises(TuneforgeError, match=r"^--combine 1: give each adapter as OTHER_RUN\[:WEIGHT\], a string"):
+        tuneforge.export(adapter, format="adapter", out=tmp_path / "int", combine=[1], progress=False)
+    with pytest.raises(TuneforgeError, match="^--out: give the folder to write the export into, got None"):
+        tuneforge.export(adapter, format="adapter", out=None, progress=False)
+
+
 def test_importing_tuneforge_loads_no_torch_and_export_is_the_function_after_the_export_package_is_imported():
     import subprocess
 

@@ -104,7 +104,16 @@ def export(
     console = Console(stderr=True, quiet=not progress, soft_wrap=True)
     asked_dtype = dtype
     dtype = _checked_options(fmt, dtype, ollama)
-    combined = combine.plan(str(run_or_model), list(combine_with), combination, density)
+    if isinstance(combine_with, str | Path):  # one adapter alone: iterating over a string would take each character
+        combine_with = [combine_with]
+    for spec in combine_with:
+        if not isinstance(spec, str | Path):
+            raise TuneforgeError(
+                f"--combine {spec!r}: give each adapter as OTHER_RUN[:WEIGHT], a string.", code="bad_export_option"
+            )
+    combined = combine.plan(str(run_or_model), [str(spec) for spec in combine_with], combination, density)
+    if not isinstance(out, str | Path):
+        raise TuneforgeError(f"--out: give the folder to write the export into, got {out!r}.", code="bad_export_option")
     out = Path(out)
     _check_out(out, overwrite)
     # transformers draws a bar for each model it loads or saves: off with the rest of the export's progress.
