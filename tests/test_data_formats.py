@@ -465,6 +465,7 @@ def test_the_responses_apis_flat_tools_are_read_as_openais_chat_tools(tmp_path):
         ({"type": "function", "function": {"description": "Weather."}}, "tools[1].function.name"),
         ({"type": "function", "function": "weather"}, "tools[1].function.name"),
         ({"type": "code_interpreter"}, "tools[1].type"),
+        ("weather", "tools[1]"),
     ],
 )
 def test_a_tool_that_is_not_a_named_function_is_an_error(tmp_path, tool, field):

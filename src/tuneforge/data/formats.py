@@ -677,11 +677,20 @@ class _RowCheck:
                 '\'tools\': [{"type": "function", "function": <each function>}].',
             )
         value = row.get("tools")
-        if value is not None and not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
+        if value is not None and not isinstance(value, list):
             self.error(
                 "data_type", "tools", f"'tools' must be a list of tool definitions (objects), got {_json_type(value)}."
             )
             return None
+        for i, tool in enumerate(value or []):
+            if not isinstance(tool, dict):
+                self.error(
+                    "data_type",
+                    f"tools[{i}]",
+                    f'a tool definition is an object, {{"type": "function", "function": {{"name": ...}}}}, got '
+                    f"{_json_type(tool)}.",
+                )
+                return None
         if not value:  # an empty list offers no tools: rendered as none, as the server renders a request's
             return None
         tools = [self._tool(tool, f"tools[{i}]") for i, tool in enumerate(value)]
