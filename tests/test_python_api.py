@@ -223,6 +223,14 @@ def test_a_loaded_model_refuses_a_prompt_or_message_of_the_wrong_shape_naming_it
     assert refused.value.code == "invalid_value"
 
 
+def test_a_loaded_model_samples_with_a_numpy_seed_as_with_the_int(base_dir):
+    import numpy as np
+
+    llm = tuneforge.load(base_dir, precision="fp32", progress=False)
+    sampled = {llm.generate("Hi", max_new_tokens=6, temperature=1.0, seed=seed) for seed in (7, np.int64(7))}
+    assert len(sampled) == 1
+
+
 def test_a_loaded_model_reads_one_stop_string_as_serve_does(base_dir):
     llm = tuneforge.load(base_dir, precision="fp32", progress=False)
     whole = llm.generate("Hi", max_new_tokens=8)

@@ -154,7 +154,7 @@ class Sampling:
         """A seeded random stream for sampling; None for greedy decoding or no seed (torch's global one)."""
         if self.temperature == 0 or self.seed is None:
             return None
-        return torch.Generator(device=device).manual_seed(self.seed)
+        return torch.Generator(device=device).manual_seed(int(self.seed))  # a NumPy integer too
 
 
 def inference_device() -> torch.device:
