@@ -316,6 +316,24 @@ def test_export_takes_one_combine_adapter_as_a_string_and_refuses_what_is_no_spe
         tuneforge.export(adapter, format="adapter", out=None, progress=False)
 
 
+def test_a_model_given_as_none_or_a_list_is_refused_as_no_model_name_not_looked_for_as_a_path(
+    tiny_model_dir, triage_data, tmp_path
+):
+    calls = [
+        lambda: tuneforge.load(None),
+        lambda: tuneforge.load([tiny_model_dir]),
+        lambda: tuneforge.evaluate(None, triage_data["test"], progress=False),
+        lambda: tuneforge.check_data(triage_data["test"], model=5, progress=False),
+        lambda: tuneforge.export(None, format="merged", out=tmp_path / "out", progress=False),
+    ]
+    for call in calls:
+        with pytest.raises(
+            TuneforgeError, match="^a model is a registry model's name .*, as a str or Path; got "
+        ) as no:
+            call()
+        assert no.value.code == "unknown_model"
+
+
 def test_importing_tuneforge_loads_no_torch_and_export_is_the_function_after_the_export_package_is_imported():
     import subprocess
 

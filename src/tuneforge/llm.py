@@ -43,7 +43,7 @@ class LLM:
     def load(cls, model: str | Path, *, precision: str = "auto", progress: bool = True) -> LLM:
         """MODEL (a registry name, model folder, run folder, checkpoint or .gguf file), with its adapter if it has
         one, on the GPU where there is one; `progress=False` leaves out transformers' bar of the weights' load."""
-        source = resolve(str(model))
+        source = resolve(model)
         with library_bars(progress):
             tokenizer = load_tokenizer(source)
             return cls(source, load_for_inference(source, "chat", precision), tokenizer)

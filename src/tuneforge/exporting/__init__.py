@@ -118,7 +118,7 @@ def export(
     _check_out(out, overwrite)
     # transformers draws a bar for each model it loads or saves: off with the rest of the export's progress.
     with library_bars(progress):
-        source = combine.check(combined, console) if combined else resolve(str(run_or_model))
+        source = combine.check(combined, console) if combined else resolve(run_or_model)
         for part in combined.parts if combined else ():
             _check_out_spares_source(out, part.source)
         _check_out_spares_source(out, source)

@@ -57,12 +57,18 @@ def untuned_base_note(source: ModelSource) -> str | None:
     )
 
 
-def resolve(spec: str, *, pull_missing: bool = True) -> ModelSource:
+def resolve(spec: str | os.PathLike, *, pull_missing: bool = True) -> ModelSource:
     """Turn a `base_model` string into a `ModelSource`, pulling or converting it when needed.
 
     With `pull_missing=False` nothing is downloaded or converted: a model not yet in the cache is a
     `ModelSourceError` that says how to fetch it.
     """
+    if not isinstance(spec, str | os.PathLike):  # str() would make a name of None or a list, looked for as a path
+        raise ModelSourceError(
+            f"a model is a registry model's name ({', '.join(REGISTRY)}), a folder's or .gguf file's path or a hub "
+            f"id (org/name), as a str or Path; got {type(spec).__name__} {spec!r:.60}.",
+            code="unknown_model",
+        )
     text = str(spec).strip()
     if not text:
         raise ModelSourceError(
