@@ -64,8 +64,13 @@ def test_evaluate_refuses_an_option_the_cli_would_refuse_naming_it(tiny_model_di
     with pytest.raises(ConfigError, match=f"^--{option.replace('_', '-')} takes a whole number of at least") as refused:
         tuneforge.evaluate(tiny_model_dir, triage_data["test"], **{option: value}, progress=False)
     assert refused.value.code == "bad_option"
+
+
+def test_evaluate_refuses_a_metric_or_data_that_is_no_name_or_path(tiny_model_dir, triage_data):
     with pytest.raises(ConfigError, match=r"^--metric takes one metric's name .*, got \['exact'\]"):
         tuneforge.evaluate(tiny_model_dir, triage_data["test"], metric=["exact"], progress=False)
+    with pytest.raises(ConfigError, match=r"^DATA is one data file's path, as a str or Path .*, got list \["):
+        tuneforge.evaluate(tiny_model_dir, [triage_data["test"]], progress=False)
 
 
 def test_check_data_returns_the_report_data_check_json_prints(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -65,6 +65,12 @@ def evaluate_model(
                 f"{option} takes a whole number of at least {least}, got {value!r}; give one, or leave it out.",
                 code="bad_option",
             )
+    if not isinstance(data, str | Path):  # str() would make a path of None or a list, reported as missing
+        raise ConfigError(
+            f"DATA is one data file's path, as a str or Path (evaluate one file a call), got {type(data).__name__} "
+            f"{data!r:.60}.",
+            code="bad_option",
+        )
     if not isinstance(metric, str):
         raise ConfigError(f"--metric takes one metric's name (auto, exact, ...), got {metric!r}.", code="bad_option")
     num_fewshot = num_fewshot or 0
