@@ -492,6 +492,21 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     return leaving.value.code, capsys.readouterr().err
 
 
+def test_a_stored_message_the_request_checks_refuse_leaves_its_row_out_naming_it(tmp_path):
+    # A store keeps what a server took when it answered; a message that today's checks refuse (content left out)
+    # is one row's problem, as a row failing the data checks is, not the end of the command.
+    path = tmp_path / "completions.db"
+    store = CompletionStore.open(str(path))
+    reply = {"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}
+    for i, messages in enumerate([[{"role": "user"}], [{"role": "user", "content": "The capital of France?"}]]):
+        store.save("local", messages, {"id": f"chatcmpl-{i}", "model": "m", "created": i, "choices": [reply]}, None)
+    result = from_completions(str(path), tmp_path / "rows.jsonl")
+    assert result.written == 1
+    [problem] = result.problems
+    assert (problem.file, problem.field) == ("chatcmpl-0", "messages[0].content")
+    assert "a message needs content" in problem.message
+
+
 def test_from_completions_refuses_bad_input_saying_what_to_do(served, tmp_path, monkeypatch, capsys):
     out = tmp_path / "train.jsonl"
     ask(sdk(served.url), store=True, metadata={"set": "cut"})  # 6 tokens of 6: cut at its length limit

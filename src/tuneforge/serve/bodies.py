@@ -10,7 +10,7 @@ import json
 from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, TypeAdapter, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from ..data.schema import Image, Message
@@ -217,9 +217,13 @@ class ChatMessage(RequestBody):
         return Message(**{**data, "content": text, "parts": parts}).to_template()
 
 
+SENT_MESSAGES = TypeAdapter(list[ChatMessage])  # a refusal's location starts with the message's index
+
+
 def training_messages(messages: list[dict]) -> list[dict]:
-    """Messages as sent (a stored completion's) as a chat training row holds them."""
-    return [ChatMessage.model_validate(message).as_data_message() for message in messages]
+    """Messages as sent (a stored completion's) as a chat training row holds them; one that the request checks
+    refuse is a pydantic `ValidationError` located at its index."""
+    return [message.as_data_message() for message in SENT_MESSAGES.validate_python(messages)]
 
 
 class StreamOptions(RequestBody):

@@ -5,9 +5,10 @@ trains on: the prompt's messages, then the reply as the last assistant message. 
 answers train a small one, and `tuneforge eval SMALL OUT` scores the small one on the same prompts
 with the big one's replies as references. Completions are picked by model, metadata and
 (optionally) the API key that made them, oldest first. Each row goes through the checks of a chat
-training file's rows (`data.formats.check_row`); a row that fails them (an empty reply) is left out
-and reported, and so is a reply cut at its length limit (`finish_reason: length`) unless kept. The
-file is written whole or not at all (`fsio.atomic_file`).
+training file's rows (`data.formats.check_row`); a row that fails them (an empty reply), or whose
+prompt holds a message the chat request checks refuse, is left out and reported, and so is a reply
+cut at its length limit (`finish_reason: length`) unless kept. The file is written whole or not at
+all (`fsio.atomic_file`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 
 from ..data import Problem
 from ..data.formats import check_row
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, complaint, key_path
 from ..fsio import atomic_file
 from ..web import owner_of
 from .bodies import training_messages
@@ -83,7 +85,11 @@ def from_completions(
         if completion.reply["finish_reason"] == "length" and not keep_truncated:
             truncated += 1
             continue
-        row = training_row(completion)
+        try:
+            row = training_row(completion)
+        except ValidationError as err:  # a stored message the request checks refuse: its row is left out, named
+            problems.append(_refused_message(completion.id, err))
+            continue
         record, row_problems = check_row(row, "chat", file=completion.id)
         if record is None:
             problems.append(next(problem for problem in row_problems if problem.is_error))
@@ -101,6 +107,15 @@ def from_completions(
         for row in kept:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return TrainingRows(Path(out), len(kept), truncated, problems)
+
+
+def _refused_message(completion_id: str, err: ValidationError) -> Problem:
+    """The first of a stored prompt's refusals (`training_messages`), located as a training row's problems are."""
+    first = err.errors()[0]
+    index, *field = key_path(first["loc"])
+    return Problem(
+        "invalid_message", complaint(first), file=completion_id, field=".".join([f"messages[{index}]", *field])
+    )
 
 
 def _describe(model: str | None, metadata: dict[str, str] | None, api_key: str | None) -> str:
