@@ -29,9 +29,9 @@ from pydantic import BeforeValidator, Field
 from ..data.formats import tool_definitions
 from ..data.readers import MAX_ROW_BYTES, bounded_lines
 from ..errors import ConfigError, ModelSourceError, TuneforgeError, unreadable_json
+from ..generate import MAX_SEED
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
-from ..serve.bodies import MAX_SEED
 from ..tool_calls import ParsedReply, tool_call_parser
 from ..web import MAX_NESTING, APIError, Metadata, RequestBody, StoredText, failure_id, nesting
 from ..web.shapes import not_unicode

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 
 from ..errors import TuneforgeError
-from ..generate import Batch, Completion, Piece, Row, Sampling, TokenLogprob
+from ..generate import MAX_SEED, Batch, Completion, Piece, Row, Sampling, TokenLogprob
 from ..kv_cache import PrefixCache
 from ..serve_defaults import MAX_BATCH, MAX_WAITING, PREFIX_CACHE_MB
 from ..web import scrub_paths, server_error
@@ -188,15 +188,12 @@ class Generations:
         return self.completions
 
 
-SEED_RANGE = 2**63  # torch's generator takes a 64-bit seed; seeds are in [0, 2**63)
-
-
 def choice_sampling(sampling: Sampling, index: int) -> Sampling:
     """Choice `index`'s options: with a seed, its own random stream, seeded `(seed + index) mod 2**63`, so
     choice i of a request with seed s samples as a single request with seed s + i does (choice 0 as before)."""
     if sampling.seed is None or index == 0:
         return sampling
-    return replace(sampling, seed=(sampling.seed + index) % SEED_RANGE)
+    return replace(sampling, seed=(sampling.seed + index) % (MAX_SEED + 1))
 
 
 class Engine:
