@@ -7,6 +7,7 @@ import io
 import json
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from data.rows import chat, write_jsonl
@@ -175,8 +176,9 @@ def test_a_loaded_model_raises_what_it_cannot_answer(base_dir, capfd):
     assert refused.value.code == "context_length_exceeded"
     with pytest.raises(ConfigError, match="temperature"):
         llm.generate("Hi", temperature=-1)
-    with pytest.raises(ConfigError, match="max_new_tokens must be at least 1, got 0"):
-        llm.generate("Hi", max_new_tokens=0)
+    for nothing in (0, np.int64(0)):  # a NumPy count too, which Sampling takes as a whole number
+        with pytest.raises(ConfigError, match="max_new_tokens must be at least 1, got 0"):
+            llm.generate("Hi", max_new_tokens=nothing)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ OpenAI's assistant message as serve's chat completions give it: a reasoning mode
 
 from __future__ import annotations
 
+from numbers import Integral
 from pathlib import Path
 
 from jinja2 import TemplateError
@@ -113,7 +114,7 @@ class LLM:
             raise ConfigError(
                 f"stop must be a string or a list of strings, got {type(stop).__name__}.", code="invalid_value"
             )
-        if isinstance(max_new_tokens, int) and max_new_tokens < 1:  # another type: Sampling names it
+        if isinstance(max_new_tokens, Integral) and max_new_tokens < 1:  # NumPy ints too; Sampling names other types
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}.", code="invalid_value")
         try:
             length = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
