@@ -247,12 +247,10 @@ def _wide_encoding(path: str) -> str | None:
 
 
 def _first_line(path: str) -> tuple[int, bytes | None]:
-    """The number and text (without a byte-order mark) of the first line that is not blank; its text is
-    None if it is over MAX_ROW_BYTES. The file has one: `_first_byte` found it."""
+    """The number and text of the first line that is not blank; its text is None if it is over MAX_ROW_BYTES.
+    The file has one: `_first_byte` found it."""
     with _open_binary(path) as f:
-        lines = enumerate(bounded_lines(f), start=1)
-        number, line = next((n, raw) for n, raw in lines if raw is None or raw.removeprefix(_BOM).strip())
-    return number, line.removeprefix(_BOM) if line is not None else None
+        return next((n, raw) for n, raw in enumerate(bounded_lines(f), start=1) if raw is None or raw.strip())
 
 
 def _first_line_is_json(path: str) -> bool:
@@ -291,8 +289,6 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
             if raw is None:
                 yield line_no, _too_large(path, line_no)
                 continue
-            if line_no == 1:
-                raw = raw.removeprefix(_BOM)
             if not raw.strip():
                 yield line_no, Problem("blank_line", "blank line skipped", file=path, line=line_no, severity="warning")
                 continue
@@ -340,7 +336,9 @@ def _json_error(e: json.JSONDecodeError) -> str:
 
 
 def bounded_lines(f, limit: int = MAX_ROW_BYTES) -> Iterator[bytes | None]:
-    """Lines of a binary file; None stands for a line over `limit` bytes, which is skipped unread."""
+    """Lines of a binary file, the first without a UTF-8 byte-order mark (editors on Windows start files with one);
+    None stands for a line over `limit` bytes, which is skipped unread."""
+    bom = _BOM
     while True:
         raw = f.readline(limit + 1)
         if not raw:
@@ -350,7 +348,8 @@ def bounded_lines(f, limit: int = MAX_ROW_BYTES) -> Iterator[bytes | None]:
                 raw = f.readline(_CHUNK_BYTES)
             yield None
         else:
-            yield raw
+            yield raw.removeprefix(bom)
+        bom = b""
 
 
 def _document_items(path: str) -> Iterator[tuple[int, Any]]:

@@ -211,7 +211,7 @@ def file_items(path: Path, file_id: str) -> list[dict]:
                     file_id, number, f"it is over {MAX_ROW_BYTES // (1 << 20)} MiB, more than any item holds"
                 )
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # skips a byte-order mark, as readers do
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise _bad_line(file_id, number, f"it is not UTF-8 text (byte {err.start + 1} of the line)") from None
             if not line.strip():
