@@ -958,3 +958,25 @@ def test_a_run_config_yaml_python_cannot_read_is_no_run_config_not_a_traceback(t
     assert run_config_of(tmp_path / "final") == {}
     (tmp_path / "config.yaml").write_text("base_model: some/model\nseed: 3\n", encoding="utf-8")
     assert run_config_of(tmp_path / "final") == {"base_model": "some/model", "seed": 3}
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda c: [1, 2], r"config.json: it holds a JSON array, not an object"),
+        (lambda c: {**c, "hidden_size": "x"}, r"config.json: .*'hidden_size' expected int, got str"),
+        (lambda c: {**c, "num_attention_heads": 3}, r"config.json: .*hidden size \(64\) .* heads \(3\)"),
+        (lambda c: {**c, "vocab_size": 0}, r"config.json: vocab_size is 0; it must be a whole number of at least 1"),
+        (lambda c: {**c, "num_hidden_layers": -2}, r"config.json: num_hidden_layers is -2; it must be"),
+    ],
+)
+def test_a_config_json_no_model_can_be_built_from_is_named_with_its_field(tiny_model_dir, tmp_path, damage, named):
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(damage(config)))
+    # The tokenizer loads through the config too, where transformers cannot read it.
+    refused_by_transformers = "must be" not in named
+    for load in (model_info, load_model, *([load_tokenizer] if refused_by_transformers else [])):
+        with pytest.raises(ModelSourceError, match=rf"edited/{named}.*Copy config.json again"):
+            load(str(folder))

@@ -14,6 +14,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from ..errors import ConfigError, ModelSourceError
@@ -58,15 +59,46 @@ def base_config(spec: str | ModelSource, rope_scaling: dict | None = None, key: 
     `RopeScaling.parameters()`, model.rope_scaling) on its rotary positions; for an adapter without it, the
     scaling its run trained with (an adapter folder holds no model config of its own). `key`: where the
     scaling was set, which a refusal names."""
-    from transformers import AutoConfig
-
     source = _as_source(spec)
-    config = AutoConfig.from_pretrained(source.path)
+    config = model_config(source.path)
     if rope_scaling is None and source.adapter is not None:
         rope_scaling = trained_rope_scaling(source.adapter)
     if rope_scaling:
         scale_rope(config, rope_scaling, source.name, key)
     return config
+
+
+# Sizes a config gives that no model has fewer than one of; transformers builds a model with none (layers) or
+# fails inside torch (a vocabulary of none) instead of saying so.
+_COUNTED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def model_config(folder: Path):
+    """The transformers config of the model in `folder`, refused naming its config.json and the field where
+    transformers cannot build a model from it (a field of the wrong type, heads that do not divide the hidden
+    size, a size below one)."""
+    from transformers import AutoConfig
+
+    _refuse_broken_config(folder)
+    path = folder / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
+        raise _config_refused(path, " ".join(str(err).split())) from err
+    text = config.get_text_config()
+    prefix = "" if text is config else "text_config."
+    for field in _COUNTED_SIZES:
+        value = getattr(text, field, None)
+        if isinstance(value, int) and value < 1:
+            raise _config_refused(path, f"{prefix}{field} is {value}; it must be a whole number of at least 1")
+    return config
+
+
+def _config_refused(path: Path, reason: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"{path}: {reason}. Copy config.json again from where the model came from, or correct that field.",
+        code="model_load_failed",
+    )
 
 
 def trained_rope_scaling(adapter: Path) -> dict | None:
@@ -358,8 +390,8 @@ def _raw_tokenizer(source: ModelSource):
     folder = source.adapter if source.adapter and (source.adapter / "tokenizer_config.json").is_file() else source.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        _refuse_broken_config(source.path)  # transformers reads it first, and blames the tokenizer
+    except (OSError, ValueError, TypeError, StrictDataclassError) as err:
+        model_config(source.path)  # transformers reads it first, and blames the tokenizer
         if not any(folder.glob("tokenizer*")):
             # transformers' own message then blames sentencepiece or tiktoken, which are not the problem.
             raise ModelSourceError(
@@ -703,8 +735,7 @@ def model_info(spec: str | ModelSource) -> dict:
     source = _as_source(spec)
     try:
         config = base_config(source)  # an adapter's: the window its run trained with (model.rope_scaling)
-    except (OSError, ValueError) as err:
-        _refuse_broken_config(source.path)
+    except OSError as err:
         raise ModelSourceError(
             f"Could not read the model config in {source.path}: {err}", code="model_load_failed"
         ) from err
@@ -815,22 +846,32 @@ def chat_template(tokenizer) -> str | None:
 
 
 def _refuse_broken_config(folder: Path) -> None:
-    """Raise, saying where, if the model's config.json is there but not JSON (a copy cut short, most often)."""
+    """Raise, saying where, if the model's config.json is there but not a JSON object (a copy cut short, most
+    often)."""
     path = folder / "config.json"
     try:
-        json.loads(path.read_text(encoding="utf-8"))
-        return
+        config = json.loads(path.read_text(encoding="utf-8"))
     except OSError:
         return
     except json.JSONDecodeError as err:
         detail = f"{err.msg}: line {err.lineno}, column {err.colno}"
     except UnicodeDecodeError:
         detail = "not UTF-8"
+    else:
+        if isinstance(config, dict):
+            return
+        raise _config_refused(path, f"it holds {_json_kind(config)}, not an object")
     raise ModelSourceError(
         f"{path} is not valid JSON ({detail}); a copy cut short looks like this. Copy config.json again "
         "from where the model came from.",
         code="model_load_failed",
     )
+
+
+def _json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: 'a JSON array', 'a JSON string'."""
+    kinds = ((bool, "true or false"), (list, "a JSON array"), (str, "a JSON string"), ((int, float), "a number"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), "null")
 
 
 def _model_config(folder: Path) -> dict:
