@@ -980,3 +980,18 @@ def test_a_config_json_no_model_can_be_built_from_is_named_with_its_field(tiny_m
     for load in (model_info, load_model, *([load_tokenizer] if refused_by_transformers else [])):
         with pytest.raises(ModelSourceError, match=rf"edited/{named}.*Copy config.json again"):
             load(str(folder))
+
+
+def test_a_weight_missing_from_the_checkpoint_is_refused_not_started_at_random(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ModelSourceError,
+        match=r"partial: its weights files hold no model.layers.1.mlp.down_proj.weight, which .* copy the model again",
+    ):
+        load_model(str(folder))

@@ -470,9 +470,15 @@ def load_model(
                 config.get_text_config().pad_token_id = tokenizer.convert_tokens_to_ids(_pad_token(tokenizer))
         auto = AutoModelForSequenceClassification if classifier else generating_class(config)
         with _quiet_load_report() if quiet else contextlib.nullcontext():
-            model = auto.from_pretrained(source.path, config=config, dtype=dtype, **placement)
+            model, report = auto.from_pretrained(
+                source.path, config=config, dtype=dtype, output_loading_info=True, **placement
+            )
     except LOAD_ERRORS as err:
         raise _load_failed(source.path, err) from err
+    # transformers starts a weight the checkpoint lacks at random and goes on; only a new score head may be.
+    _refuse_missing_weights(
+        source.path, [key for key in report["missing_keys"] if not (quiet and key.startswith("score."))]
+    )
     if quantization and torch.device(device).type == "cpu":
         own_unquantized_weights(model)
     if source.adapter is None:
@@ -682,6 +688,18 @@ def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
         else ""
     )
     return ModelSourceError(f"Could not load the model in {folder}: {err}{damaged}", code="model_load_failed")
+
+
+def _refuse_missing_weights(folder: Path, missing: list[str]) -> None:
+    if not missing:
+        return
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    raise ModelSourceError(
+        f"Could not load the model in {folder}: its weights files hold no {sorted(missing)[0]}{more}, which its "
+        "config.json's model needs (transformers would start them at random). A weights file there was not written "
+        "whole or belongs to another model: copy the model again from where it came from.",
+        code="model_load_failed",
+    )
 
 
 def load_text_model(spec: str | ModelSource, command: str, *, where: str | None = None, **options):
