@@ -995,3 +995,20 @@ def test_a_weight_missing_from_the_checkpoint_is_refused_not_started_at_random(t
         match=r"partial: its weights files hold no model.layers.1.mlp.down_proj.weight, which .* copy the model again",
     ):
         load_model(str(folder))
+
+
+@pytest.mark.parametrize("sizes", [{"vocab_size": 10**9}, {"num_hidden_layers": 10**5, "hidden_size": 4096}])
+def test_a_config_json_far_larger_than_its_weights_is_refused_before_the_model_is_built(
+    tiny_model_dir, tmp_path, sizes
+):
+    folder = tmp_path / "inflated"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **sizes}))
+    started = time.monotonic()
+    for load in (model_info, load_model):
+        with pytest.raises(
+            ModelSourceError, match=r"inflated/config.json: its sizes \(vocab_size .*\) make a model of"
+        ):
+            load(str(folder))
+    assert time.monotonic() - started < 10  # refused from the sizes, not after building 100,000 layers

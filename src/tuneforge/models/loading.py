@@ -71,6 +71,8 @@ def base_config(spec: str | ModelSource, rope_scaling: dict | None = None, key: 
 # Sizes a config gives that no model has fewer than one of; transformers builds a model with none (layers) or
 # fails inside torch (a vocabulary of none) instead of saying so.
 _COUNTED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# The files a folder's weights are kept in (safetensors, or PyTorch's pickles), shards included.
+_WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
 def model_config(folder: Path):
@@ -91,7 +93,43 @@ def model_config(folder: Path):
         value = getattr(text, field, None)
         if isinstance(value, int) and value < 1:
             raise _config_refused(path, f"{prefix}{field} is {value}; it must be a whole number of at least 1")
+    _refuse_sizes_past_weights(folder, text)
     return config
+
+
+def _refuse_sizes_past_weights(folder: Path, text) -> None:
+    """Refuse a config whose sizes make a model far larger than the weights files beside it, before a model is
+    built from it: transformers takes minutes and gigabytes to build 100,000 layers, and would start weights the
+    files lack at random at full size. The bound is the embedding and one weight of `hidden_size` per layer (every
+    decoder has at least that), at one bit each (the smallest any quantization stores)."""
+    stored = _weights_bytes(folder)
+    sizes = {field: getattr(text, field, None) for field in ("vocab_size", "hidden_size", "num_hidden_layers")}
+    if not stored or not all(isinstance(size, int) for size in sizes.values()):
+        return  # no whole weights to compare with: the loader says what is missing or damaged
+    least = sizes["hidden_size"] * (sizes["vocab_size"] + sizes["num_hidden_layers"])
+    if least > 8 * stored:
+        given = ", ".join(f"{field} {size:,}" for field, size in sizes.items())
+        raise _config_refused(
+            folder / "config.json",
+            f"its sizes ({given}) make a model of at least {least:,} weights, far more than the {stored:,} bytes "
+            "of weights files beside it hold; it is from another model or was edited",
+        )
+
+
+def _weights_bytes(folder: Path) -> int | None:
+    """The bytes of the weights files in `folder`; None where a safetensors file among them is not whole (cut
+    short, its header damaged), whose size says nothing of the model's."""
+    from safetensors import safe_open
+
+    files = [f for pattern in _WEIGHT_FILES for f in folder.glob(pattern) if f.is_file()]
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                return None
+    return sum(file.stat().st_size for file in files)
 
 
 def _config_refused(path: Path, reason: str) -> ModelSourceError:
