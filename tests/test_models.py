@@ -1012,3 +1012,21 @@ def test_a_config_json_far_larger_than_its_weights_is_refused_before_the_model_i
         ):
             load(str(folder))
     assert time.monotonic() - started < 10  # refused from the sizes, not after building 100,000 layers
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "named"),
+    [
+        ("tokenizer_config.json", "[]", r"tokenizer_config.json: it holds a JSON array, not an object"),
+        ("tokenizer_config.json", "{ not json", r"tokenizer_config.json is not valid JSON \(.*line 1, column 3\)"),
+        ("tokenizer.json", '{"version": "1.0", "trunc', r"tokenizer.json is not valid JSON \(.*line 1, column 20\)"),
+        ("special_tokens_map.json", '"<|im_end|>"', r"special_tokens_map.json: it holds a JSON string, not an object"),
+    ],
+)
+def test_a_damaged_tokenizer_file_is_named_with_where_it_breaks(tiny_model_dir, tmp_path, file, text, named):
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / file).write_text(text)
+    for load in (load_tokenizer, model_info):
+        with pytest.raises(ModelSourceError, match=rf"tok/{named}.*Copy {file} again from where the model came from"):
+            load(str(folder))

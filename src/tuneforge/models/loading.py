@@ -81,8 +81,8 @@ def model_config(folder: Path):
     size, a size below one)."""
     from transformers import AutoConfig
 
-    _refuse_broken_config(folder)
     path = folder / "config.json"
+    _refuse_broken_json(path)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
@@ -421,6 +421,10 @@ def _pad_token(tokenizer) -> str | None:
     return tokenizer.pad_token or tokenizer.eos_token or end_of_turn_token(tokenizer)
 
 
+# The JSON files transformers reads a tokenizer from, whose damage it reports without naming the file.
+_TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+
+
 def _raw_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
@@ -428,8 +432,10 @@ def _raw_tokenizer(source: ModelSource):
     folder = source.adapter if source.adapter and (source.adapter / "tokenizer_config.json").is_file() else source.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, StrictDataclassError) as err:
+    except (OSError, ValueError, TypeError, AttributeError, StrictDataclassError) as err:
         model_config(source.path)  # transformers reads it first, and blames the tokenizer
+        for name in _TOKENIZER_JSON:
+            _refuse_broken_json(folder / name)
         if not any(folder.glob("tokenizer*")):
             # transformers' own message then blames sentencepiece or tiktoken, which are not the problem.
             raise ModelSourceError(
@@ -901,26 +907,25 @@ def chat_template(tokenizer) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _refuse_broken_config(folder: Path) -> None:
-    """Raise, saying where, if the model's config.json is there but not a JSON object (a copy cut short, most
-    often)."""
-    path = folder / "config.json"
+def _refuse_broken_json(path: Path) -> None:
+    """Raise, saying where, if the model's JSON file `path` (config.json, a tokenizer's) is there but not a JSON
+    object (a copy cut short, most often)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except OSError:
         return
     except json.JSONDecodeError as err:
-        detail = f"{err.msg}: line {err.lineno}, column {err.colno}"
+        problem = (
+            f" is not valid JSON ({err.msg}: line {err.lineno}, column {err.colno}); a copy cut short looks like this"
+        )
     except UnicodeDecodeError:
-        detail = "not UTF-8"
+        problem = " is not valid JSON (not UTF-8); a copy cut short looks like this"
     else:
-        if isinstance(config, dict):
+        if isinstance(value, dict):
             return
-        raise _config_refused(path, f"it holds {_json_kind(config)}, not an object")
+        problem = f": it holds {_json_kind(value)}, not an object"
     raise ModelSourceError(
-        f"{path} is not valid JSON ({detail}); a copy cut short looks like this. Copy config.json again "
-        "from where the model came from.",
-        code="model_load_failed",
+        f"{path}{problem}. Copy {path.name} again from where the model came from.", code="model_load_failed"
     )
 
 
