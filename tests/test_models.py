@@ -1030,3 +1030,15 @@ def test_a_damaged_tokenizer_file_is_named_with_where_it_breaks(tiny_model_dir, 
     for load in (load_tokenizer, model_info):
         with pytest.raises(ModelSourceError, match=rf"tok/{named}.*Copy {file} again from where the model came from"):
             load(str(folder))
+
+
+def test_a_chat_template_that_does_not_compile_is_named_with_its_file_and_line(tiny_model_dir, tmp_path):
+    folder = tmp_path / "templated"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with pytest.raises(
+        ModelSourceError,
+        match=r"templated/chat_template.jinja: the chat template does not compile at its line 2: .*Fix the template",
+    ):
+        load_tokenizer(str(folder))
+    assert load_tokenizer(str(folder), template="chatml").chat_template  # a template chosen instead stands in

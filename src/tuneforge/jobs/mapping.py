@@ -90,21 +90,10 @@ class Hyperparameters(RequestBody):
                 "template's name is not taken from a job"
             )
         if value is not None:
-            from jinja2.exceptions import TemplateSyntaxError
-            from transformers.utils.chat_template_utils import _compile_jinja_template
+            from ..models.loading import template_compile_problem
 
-            try:  # as transformers compiles it for training: its environment takes {% generation %} blocks
-                _compile_jinja_template(value)
-            except TemplateSyntaxError as err:
-                raise ValueError(
-                    f"the chat template does not compile at its line {err.lineno}: {err.message}. Fix the template "
-                    "there"
-                ) from None
-            except RecursionError:  # Jinja's parser and code generator recurse per nested block or bracket
-                raise ValueError(
-                    "the chat template does not compile: it nests more deeply than Jinja's compiler reads. Nest its "
-                    "blocks and brackets less deeply"
-                ) from None
+            if (problem := template_compile_problem(value)) is not None:
+                raise ValueError(f"the chat template {problem}")
         return value
 
 

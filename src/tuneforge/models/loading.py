@@ -227,6 +227,8 @@ def load_tokenizer(
         own = tokenizer.chat_template
         # Of several named templates, the chosen one is the default the others stay beside.
         tokenizer.chat_template = {**own, "default": chosen} if isinstance(own, dict) else chosen
+    elif (own := chat_template(tokenizer)) is not None:
+        _refuse_uncompilable_template(own, _tokenizer_folder(source))
     if not tokenizer.chat_template:
         warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
         tokenizer.chat_template = fallback_template(tokenizer)
@@ -421,6 +423,45 @@ def _pad_token(tokenizer) -> str | None:
     return tokenizer.pad_token or tokenizer.eos_token or end_of_turn_token(tokenizer)
 
 
+def _tokenizer_folder(source: ModelSource) -> Path:
+    """The folder the source's tokenizer loads from: a run's final/ saves its tokenizer beside the adapter (its
+    chat template may have changed), else the base's."""
+    adapter = source.adapter
+    return adapter if adapter and (adapter / "tokenizer_config.json").is_file() else source.path
+
+
+def template_compile_problem(template: str) -> str | None:
+    """Why Jinja cannot compile the chat template `template` as transformers compiles one (its environment takes
+    {% generation %} blocks), with what to do; None where it compiles."""
+    from jinja2.exceptions import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as err:
+        return f"does not compile at its line {err.lineno}: {err.message}. Fix the template there"
+    except RecursionError:  # Jinja's parser and code generator recurse per nested block or bracket
+        return (
+            "does not compile: it nests more deeply than Jinja's compiler reads. Nest its blocks and brackets less "
+            "deeply"
+        )
+    return None
+
+
+def _refuse_uncompilable_template(template: str, folder: Path) -> None:
+    """Refuse the model's own chat template where Jinja cannot compile it, naming the file it is kept in: every
+    conversation would fail."""
+    problem = template_compile_problem(template)
+    if problem is not None:
+        kept = next((folder / name for name in _TEMPLATE_FILES if (folder / name).is_file()), folder)
+        raise ModelSourceError(
+            f"{kept}: the chat template {problem}, or choose another with model.chat_template (chatml, a .jinja file).",
+            code="model_load_failed",
+        )
+
+
+# Where a tokenizer keeps its chat template, in the order transformers reads them.
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 # The JSON files transformers reads a tokenizer from, whose damage it reports without naming the file.
 _TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
 
@@ -428,8 +469,7 @@ _TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_ma
 def _raw_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    # A run's final/ saves its tokenizer beside the adapter (its chat template may have changed).
-    folder = source.adapter if source.adapter and (source.adapter / "tokenizer_config.json").is_file() else source.path
+    folder = _tokenizer_folder(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError, AttributeError, StrictDataclassError) as err:
