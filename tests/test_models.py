@@ -7,6 +7,7 @@ download, extraction, checksum and conversion are all exercised without a networ
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -1042,3 +1043,21 @@ def test_a_chat_template_that_does_not_compile_is_named_with_its_file_and_line(t
     ):
         load_tokenizer(str(folder))
     assert load_tokenizer(str(folder), template="chatml").chat_template  # a template chosen instead stands in
+
+
+def test_a_weight_of_another_shape_than_config_json_gives_is_told_without_transformers_option(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "reshaped"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights[name] = weights[name].reshape(32, 128).contiguous()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelSourceError) as error:
+        load_model(str(folder))
+    assert "ignore_mismatched_sizes" not in error.value.message
+    assert re.search(
+        r"reshaped: a weight in its weights files has another shape than config.json gives it .*copy the model again",
+        error.value.message,
+    )

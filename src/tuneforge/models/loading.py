@@ -766,6 +766,14 @@ def input_embedding_name(folder: Path) -> str:
 
 def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
     """The error for a base or adapter folder that would not load, naming that folder."""
+    if "ignore_mismatched_sizes" in str(err):
+        # transformers names the weight in its load report, and as the remedy an option tuneforge does not pass.
+        return ModelSourceError(
+            f"Could not load the model in {folder}: a weight in its weights files has another shape than config.json "
+            "gives it (transformers' load report names it). The weights and config.json are of different models, or "
+            "config.json was edited: copy the model again from where it came from.",
+            code="model_load_failed",
+        )
     damaged = (
         ". A weights file there is damaged or was not written whole: copy it again, or use another checkpoint"
         if isinstance(err, SafetensorError)
