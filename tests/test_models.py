@@ -1061,3 +1061,18 @@ def test_a_weight_of_another_shape_than_config_json_gives_is_told_without_transf
         r"reshaped: a weight in its weights files has another shape than config.json gives it .*copy the model again",
         error.value.message,
     )
+
+
+def test_a_config_json_describing_a_model_far_larger_than_its_weights_is_refused_before_loading(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "deeper"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 200}))
+    # Loaded, the layers the weights lack would be made at full size (gigabytes for a real model's width).
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ModelSourceError, match=r"deeper/config.json: it describes a model of [\d,]+ weights, far more"):
+        load_model(str(folder))

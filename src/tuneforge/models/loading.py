@@ -116,6 +116,19 @@ def _refuse_sizes_past_weights(folder: Path, text) -> None:
         )
 
 
+def _refuse_model_past_weights(folder: Path, config) -> None:
+    """Refuse, before its weights load, a model that `config` (its folder's config.json) makes far larger than the
+    weights files beside it, at one bit a weight: transformers would make every weight the files lack at full
+    size, gigabytes for layers a config.json edited or from another model adds."""
+    stored = _weights_bytes(folder)
+    if stored and (weights := count_parameters(config)) > 8 * stored:
+        raise _config_refused(
+            folder / "config.json",
+            f"it describes a model of {weights:,} weights, far more than the {stored:,} bytes of weights files "
+            "beside it hold; it is from another model or was edited",
+        )
+
+
 def _weights_bytes(folder: Path) -> int | None:
     """The bytes of the weights files in `folder`; None where a safetensors file among them is not whole (cut
     short, its header damaged), whose size says nothing of the model's."""
@@ -553,6 +566,7 @@ def load_model(
                 tokenizer = _raw_tokenizer(source)
                 config.get_text_config().pad_token_id = tokenizer.convert_tokens_to_ids(_pad_token(tokenizer))
         auto = AutoModelForSequenceClassification if classifier else generating_class(config)
+        _refuse_model_past_weights(source.path, config)
         with _quiet_load_report() if quiet else contextlib.nullcontext():
             model, report = auto.from_pretrained(
                 source.path, config=config, dtype=dtype, output_loading_info=True, **placement
