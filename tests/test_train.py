@@ -410,6 +410,37 @@ def test_a_damaged_checkpoint_is_refused_naming_its_file_and_the_one_before_it(
     assert train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False).steps == 4
 
 
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (
+            lambda state: state.update(step="four"),
+            """trainer_state.json's field 'step' is "four", not a whole number""",
+        ),
+        (lambda state: state.pop("config_hash"), "trainer_state.json has no field 'config_hash'"),
+        (lambda state: state.update(elapsed=None), "trainer_state.json's field 'elapsed' is null, not a number"),
+        (lambda state: state.clear(), "trainer_state.json has no field 'step'"),
+    ],
+)
+def test_a_loop_state_without_a_field_or_with_one_of_another_type_is_refused_naming_it(
+    edit, named, tiny_model_dir, triage_data, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=2, save_every=1)
+    train(cfg, progress=False)
+    saved = run / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(saved.read_text())
+    edit(state)
+    saved.write_text(json.dumps(state))
+    with pytest.raises(TuneforgeError) as e:
+        train(cfg, resume="latest", progress=False)
+    assert e.value.code == "checkpoint_damaged" and f"step-2: {named}" in e.value.message
+    assert f"--resume {run / 'checkpoints' / 'step-1'}" in e.value.message
+    saved.write_text("[2]")
+    with pytest.raises(TuneforgeError, match="trainer_state.json holds a JSON list, not the object of the loop state"):
+        train(cfg, resume="latest", progress=False)
+
+
 def test_a_checkpoint_the_disk_refuses_is_an_error_naming_it_and_leaves_nothing_half_written(
     tiny_model_dir, triage_data, tmp_path
 ):

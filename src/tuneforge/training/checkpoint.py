@@ -330,7 +330,31 @@ def read_state(folder: Path) -> dict:
     if missing:
         raise _damaged(folder, f"files are missing: {', '.join(missing[:3])}")
     with _reading(folder, STATE):
-        return json.loads((folder / STATE).read_text())
+        state = json.loads((folder / STATE).read_text())
+    _check_state(folder, state)
+    return state
+
+
+# The loop state's fields a resume reads, and what each holds; the others (data_key, best, ...) are optional.
+_STATE_FIELDS = {
+    "step": (int, "a whole number, 0 or more"),
+    "tokens": (int, "a whole number, 0 or more"),
+    "elapsed": ((int, float), "a number of seconds"),
+    "config_hash": (str, "a string"),
+}
+
+
+def _check_state(folder: Path, state) -> None:
+    """A trainer_state.json an edit or another program left without a field the resume reads, or with one of
+    another type, is refused naming the field, as a damaged checkpoint."""
+    if not isinstance(state, dict):
+        raise _damaged(folder, f"{STATE} holds a JSON {type(state).__name__}, not the object of the loop state")
+    for key, (kind, what) in _STATE_FIELDS.items():
+        if key not in state:
+            raise _damaged(folder, f"{STATE} has no field {key!r}")
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+            raise _damaged(folder, f"{STATE}'s field {key!r} is {json.dumps(value)}, not {what}")
 
 
 def _check_parameter_groups(folder: Path, optimizer) -> None:
