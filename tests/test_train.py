@@ -410,6 +410,26 @@ def test_a_damaged_checkpoint_is_refused_naming_its_file_and_the_one_before_it(
     assert train(cfg, resume=str(run / "checkpoints" / "step-2"), progress=False).steps == 4
 
 
+def test_resume_of_the_latest_refuses_a_newer_step_folder_it_cannot_read_instead_of_passing_over_it(
+    tiny_model_dir, triage_data, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2)
+    train(cfg, progress=False)
+    newest = run / "checkpoints" / "step-4"
+    (newest / "trainer_state.json").unlink()
+    with pytest.raises(TuneforgeError) as e:
+        train(cfg, resume="latest", progress=False)
+    assert e.value.code == "checkpoint_damaged" and f"{newest}: trainer_state.json is missing" in e.value.message
+    assert f"--resume {run / 'checkpoints' / 'step-2'}" in e.value.message
+    shutil.rmtree(newest)
+    newest.write_text("")
+    with pytest.raises(TuneforgeError, match="step-4: it is a file, not a checkpoint folder"):
+        train(cfg, resume="latest", progress=False)
+    newest.unlink()
+    assert train(cfg, resume="latest", progress=False).steps == 4
+
+
 @pytest.mark.parametrize(
     "edit, named",
     [

@@ -80,6 +80,23 @@ def latest(root: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
+def latest_to_resume(root: Path) -> Path | None:
+    """The latest checkpoint, once no step past it is left unreadable: a `step-N` without trainer_state.json (its
+    last file, so a copy cut short or a file deleted since), or a file of that name, is refused as damaged rather
+    than passed over for an earlier checkpoint the user did not choose."""
+    found = latest(root)
+    after = step_number(found) if found else -1
+    unreadable = [
+        path
+        for path in Path(root).glob("step-*")
+        if path.name.removeprefix("step-").isdigit() and step_number(path) > after and not (path / STATE).is_file()
+    ]
+    if unreadable:
+        newest = max(unreadable, key=step_number)
+        raise _damaged(newest, "it is a file, not a checkpoint folder" if newest.is_file() else f"{STATE} is missing")
+    return found
+
+
 # --- the model's weights ---------------------------------------------------------------------------
 
 

@@ -83,7 +83,7 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[P
     if not resume:
         return None, None
     root = Path(cfg.output_dir) / "checkpoints"
-    folder = checkpoint.latest(root) if resume is True or resume == "latest" else Path(resume)
+    folder = checkpoint.latest_to_resume(root) if resume is True or resume == "latest" else Path(resume)
     if folder is None:
         raise TuneforgeError(f"no checkpoint to resume from at {root}{_no_checkpoint_advice(cfg)}.")
     if not (folder / checkpoint.STATE).is_file():
