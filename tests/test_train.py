@@ -347,6 +347,24 @@ def test_a_run_resumed_from_an_earlier_checkpoint_drops_the_later_ones_it_replac
     assert f"resumed from {run / 'checkpoints' / 'step-3'} at step 3" in capsys.readouterr().out
 
 
+def test_a_forced_resume_from_a_checkpoint_of_the_other_kind_full_or_lora_says_which_it_holds(
+    tiny_model_dir, triage_data, tmp_path
+):
+    runs = {}
+    for method in ("full", "lora"):
+        runs[method] = tiny_run_config(tiny_model_dir, triage_data, tmp_path / method, max_steps=2, save_every=2)
+        runs[method]["method"] = method
+        train(runs[method], progress=False)
+    for method, other, holds in (
+        ("lora", "full", "holds a full model's weights"),
+        ("full", "lora", "holds a LoRA adapter"),
+    ):
+        cfg = {**runs[method], "output_dir": str(tmp_path / f"{method}-from-{other}")}
+        with pytest.raises(RunFailed) as e:
+            train(cfg, resume=str(tmp_path / other / "checkpoints" / "step-2"), force=True, progress=False)
+        assert f"{tmp_path / other / 'checkpoints' / 'step-2'} {holds}" in e.value.message, e.value.message
+
+
 def test_resume_refuses_training_data_that_changed_unless_forced(tiny_model_dir, triage_data, tmp_path):
     data = tmp_path / "train.jsonl"
     shutil.copy(triage_data["train"], data)

@@ -136,6 +136,19 @@ def savable(model, weights: dict | None):
 def restore_weights(folder: Path, model) -> None:
     """Load a checkpoint's weights into the model, before it is wrapped (DDP) or sharded (FSDP)."""
     folder = Path(folder)
+    adapter, full = (folder / "adapter_model.safetensors").is_file(), any(folder.glob("model*.safetensors"))
+    if hasattr(model, "peft_config") and full and not adapter:
+        raise RunFailed(
+            f"{folder} holds a full model's weights (model.safetensors: a run that trains every weight wrote it), "
+            "and this run trains a LoRA adapter. Resume from a checkpoint of this run, or start a new run with "
+            f"the checkpoint as base_model ({shlex.quote(str(folder))})."
+        )
+    if not hasattr(model, "peft_config") and adapter and not full:
+        raise RunFailed(
+            f"{folder} holds a LoRA adapter (adapter_model.safetensors), and this run trains every weight. Resume "
+            "from a checkpoint of this run, or start a new run with the checkpoint as base_model "
+            f"({shlex.quote(str(folder))})."
+        )
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
