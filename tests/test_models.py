@@ -770,6 +770,29 @@ def test_a_config_json_cut_short_is_named_with_where_it_breaks(tiny_model_dir, t
             load(str(folder))
 
 
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (lambda f: (f / "tokenizer_config.json").unlink(), "holds tokenizer.json but not tokenizer_config.json"),
+        (lambda f: (f / "tokenizer.json").unlink(), "holds tokenizer_config.json but not the tokenizer itself"),
+        (lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "trunc'), "tokenizer.json is not valid JSON"),
+        (lambda f: (f / "tokenizer_config.json").write_text(""), "tokenizer_config.json is not valid JSON"),
+    ],
+)
+def test_an_adapter_whose_own_tokenizer_files_are_damaged_is_refused_naming_the_file(
+    damage, said, tiny_adapter, tiny_model_dir, tmp_path
+):
+    """A run's checkpoint saves its tokenizer beside the adapter: one lost or cut short since is named, not
+    replaced by the base's tokenizer or blamed on sentencepiece."""
+    folder = shutil.copytree(tiny_adapter, tmp_path / "step-4")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(folder)
+    assert load_tokenizer(str(folder)).eos_token == "<|im_end|>"
+    damage(folder)
+    with pytest.raises(ModelSourceError) as e:
+        load_tokenizer(str(folder))
+    assert str(folder) in e.value.message and said in e.value.message and "again" in e.value.message, e.value.message
+
+
 def test_model_info_of_an_hf_folder(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

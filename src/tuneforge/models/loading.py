@@ -437,10 +437,19 @@ def _pad_token(tokenizer) -> str | None:
 
 
 def _tokenizer_folder(source: ModelSource) -> Path:
-    """The folder the source's tokenizer loads from: a run's final/ saves its tokenizer beside the adapter (its
-    chat template may have changed), else the base's."""
+    """The folder the source's tokenizer loads from: a run's final/ and checkpoints save their tokenizer beside the
+    adapter (its chat template may have changed), else the base's; one whose tokenizer there has lost
+    tokenizer_config.json since is refused."""
     adapter = source.adapter
-    return adapter if adapter and (adapter / "tokenizer_config.json").is_file() else source.path
+    own = [name for name in ("tokenizer_config.json", "tokenizer.json") if adapter and (adapter / name).is_file()]
+    if own == ["tokenizer.json"]:  # a tokenizer saved beside the adapter that has lost part of its files since
+        raise ModelSourceError(
+            f"{adapter} holds tokenizer.json but not tokenizer_config.json (its special tokens and chat "
+            "template): a copy cut short or a file deleted looks like this. Copy the tokenizer files again from "
+            "where the model came from, or use another checkpoint.",
+            code="model_load_failed",
+        )
+    return adapter if own else source.path
 
 
 def template_compile_problem(template: str) -> str | None:
@@ -494,6 +503,13 @@ def _raw_tokenizer(source: ModelSource):
             raise ModelSourceError(
                 f"{folder} holds no tokenizer (no tokenizer.json, tokenizer_config.json or tokenizer.model): "
                 "copy the tokenizer files from where the model came from into it.",
+                code="model_load_failed",
+            ) from err
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise ModelSourceError(
+                f"{folder} holds tokenizer_config.json but not the tokenizer itself (tokenizer.json or "
+                "tokenizer.model): a copy cut short or a file deleted looks like this. Copy the tokenizer files "
+                "again from where the model came from, or use another checkpoint.",
                 code="model_load_failed",
             ) from err
         raise ModelSourceError(f"Could not load the tokenizer in {folder}: {err}", code="model_load_failed") from err
