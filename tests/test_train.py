@@ -458,6 +458,7 @@ def test_resume_of_the_latest_refuses_a_newer_step_folder_it_cannot_read_instead
         (lambda state: state.pop("config_hash"), "trainer_state.json has no field 'config_hash'"),
         (lambda state: state.update(elapsed=None), "trainer_state.json's field 'elapsed' is null, not a number"),
         (lambda state: state.clear(), "trainer_state.json has no field 'step'"),
+        (lambda state: state.update(step=1), "trainer_state.json is step 1's, not step-2's"),
     ],
 )
 def test_a_loop_state_without_a_field_or_with_one_of_another_type_is_refused_naming_it(

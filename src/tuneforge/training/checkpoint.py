@@ -385,6 +385,11 @@ def _check_state(folder: Path, state) -> None:
         value = state[key]
         if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
             raise _damaged(folder, f"{STATE}'s field {key!r} is {json.dumps(value)}, not {what}")
+    # A checkpoint is written as step-STEP: a state of another step was copied in from another checkpoint.
+    if folder.name.removeprefix("step-").isdigit() and state["step"] != step_number(folder):
+        raise _damaged(
+            folder, f"{STATE} is step {state['step']}'s, not {folder.name}'s (copied from another checkpoint)"
+        )
 
 
 def _check_parameter_groups(folder: Path, optimizer) -> None:
