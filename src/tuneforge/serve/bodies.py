@@ -41,6 +41,10 @@ FUNCTIONS_ARE_TOOLS = (
 )
 
 
+# The fields of the SDK's message object (`ChatCompletionMessage`) that this server's replies hold as null.
+SDK_NULL_FIELDS = ("function_call", "refusal", "audio")
+
+
 class TextPart(RequestBody):
     type: Literal["text"]
     text: str
@@ -122,17 +126,34 @@ class ChatMessage(RequestBody):
     name: str | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None  # an assistant reply's reasoning, as a reasoning model's answer holds it
+    # A reply's URL citations, as the SDK's message object holds them when a client sends it back; they describe the
+    # content, which the template writes, and are not read.
+    annotations: Annotated[list | None, Shallow] = None
+    # What this server's replies never hold, refused when not null (`_never_answered`).
+    refusal: str | None = None
+    audio: dict | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _no_function_turns(cls, message):
         # Said here, since pydantic would say that the "function" role is a wrong value.
-        if isinstance(message, dict):
-            if message.get("function_call") is not None:
-                raise ValueError(f"function_call {FUNCTIONS_ARE_TOOLS}")
-            if message.get("role") == "function":
-                raise ValueError(f"the 'function' role {FUNCTIONS_ARE_TOOLS}")
-        return message
+        if not isinstance(message, dict):
+            return message
+        if message.get("function_call") is not None:
+            raise ValueError(f"function_call {FUNCTIONS_ARE_TOOLS}")
+        if message.get("role") == "function":
+            raise ValueError(f"the 'function' role {FUNCTIONS_ARE_TOOLS}")
+        # The SDK's message object (a reply's, sent back in a multi-turn loop) holds these as null: taken as left out.
+        return {key: value for key, value in message.items() if key not in SDK_NULL_FIELDS or value is not None}
+
+    @field_validator("refusal", "audio", mode="before")
+    @classmethod
+    def _never_answered(cls, value, info: ValidationInfo):
+        what = "a refusal" if info.field_name == "refusal" else "audio"
+        raise ValueError(
+            f"this server's models answer with no {info.field_name} and the chat template has no place for "
+            f"{what}: send the assistant's reply as text content, and {info.field_name} null or left out"
+        )
 
     @field_validator("content", mode="before")
     @classmethod
