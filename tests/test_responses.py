@@ -74,6 +74,26 @@ def test_a_response_is_the_chat_routes_greedy_answer_and_cut_short_is_incomplete
     assert adapted.output_text == chat_answer(client, "alpha", 12).message.content != response.output_text
 
 
+def test_an_earlier_responses_output_sent_back_in_input_is_its_assistant_turn(client):
+    """`input` holding an earlier response's `output` as the SDK gives it back (its objects, `model_dump()` with the
+    message's null `phase`, or `to_dict()`) is answered as the chat route answers that reply as an assistant turn."""
+    first = client.responses.create(model=BASE, input=QUESTION[0]["content"], max_output_tokens=4, temperature=0)
+    follow = {"role": "user", "content": "And three plus three?"}
+    turn = {"role": "assistant", "content": first.output_text}
+    chat = client.chat.completions.create(
+        model=BASE, messages=[*QUESTION, turn, follow], max_tokens=4, temperature=0
+    ).choices[0]
+    for output in (
+        first.output,
+        [item.model_dump() for item in first.output],
+        [item.to_dict() for item in first.output],
+    ):
+        again = client.responses.create(
+            model=BASE, input=[*QUESTION, *output, follow], max_output_tokens=4, temperature=0
+        )
+        assert again.output_text == chat.message.content
+
+
 def test_streamed_deltas_join_to_the_answer(client, server):
     chat = chat_answer(client, BASE, 12)
     events = list(

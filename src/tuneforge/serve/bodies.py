@@ -632,6 +632,7 @@ class InputMessage(RequestBody):
     content: list[Annotated[InputText | InputImage, Field(discriminator="type")]]
     id: str | None = None  # what an earlier response's message item carries, sent back; unused
     status: str | None = None
+    phase: Literal["commentary", "final_answer"] | None = None
 
     @model_validator(mode="before")
     @classmethod
