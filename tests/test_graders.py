@@ -197,6 +197,18 @@ def test_python_grader_failures_name_the_grader_the_error_and_the_sample():
     assert "python_child" not in huge  # the child's own frames, with the server's paths, stay out
 
 
+def test_a_python_result_whose_repr_fails_is_named_by_its_type():
+    # A list nested past the recursion limit, and an object whose __repr__ raises: neither can be shown.
+    nested = "def grade(sample, item):\n    x = []\n    for _ in range(100000):\n        x = [x]\n    return x\n"
+    unshown = (
+        "class Odd:\n    def __repr__(self):\n        raise ValueError\n\ndef grade(sample, item):\n    return Odd()\n"
+    )
+    for source, kind in ((nested, "list"), (unshown, "Odd")):
+        message = failure(python(source, name="odd"), ["a"], [{}], 'grader "odd" (python)', "on sample 0")
+        assert f"returned a value ({kind}) whose repr() fails, not a number" in message
+        assert "python_child" not in message
+
+
 def test_python_grader_limits_time_memory_network_and_environment(monkeypatch):
     monkeypatch.setenv("TUNEFORGE_TEST_SECRET", "s3cret")
     environment = python(

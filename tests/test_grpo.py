@@ -452,7 +452,7 @@ def test_trl_reward_functions_see_text_prompts_as_text(tiny_model_dir, triage_da
         ),
         ("f", "def f(completions, answer, **kwargs):\n    return [1.0] * len(completions)\n", "columns: reference"),
         ("f", "def f(completions, **kwargs):\n    return [1.0]\n", "returned a list of 1, not a list of 16"),
-        ("f", "def f(completions, **kwargs):\n    [1.0] * len(completions)\n", "returned None, not a list of 16"),
+        ("f", "def f(completions, **kwargs):\n    [1.0] * len(completions)\n", "returned None (NoneType), not a list"),
         ("f", "def f(completions, **kwargs):\n    return [None] * len(completions)\n", "f() gave None"),
         (
             "f",

@@ -61,6 +61,14 @@ def _failure(error: BaseException, what: str, filename: str = GRADER_FILE) -> di
     }
 
 
+def _shown(value) -> str:
+    """`value` as a reply names a result that is not a number: its repr, cut short, and its type."""
+    try:
+        return f"{value!r:.100} ({type(value).__name__})"
+    except BaseException:  # nested past the recursion limit, or a __repr__ of the user's that raises
+        return f"a value ({type(value).__name__}) whose repr() fails"
+
+
 def main() -> None:
     request = json.load(sys.stdin.buffer)
     replies = os.fdopen(os.dup(1), "w")
@@ -92,7 +100,7 @@ def main() -> None:
             reply(_failure(error, "grade() raised"))
             return
         if not isinstance(value, numbers.Real):
-            reply({"returned": f"{value!r:.100} ({type(value).__name__})"})
+            reply({"returned": _shown(value)})
             continue
         try:
             score = float(value)
@@ -115,7 +123,7 @@ def _reward_function(function, name: str, request: dict, filename: str, reply) -
         reply(failure)
         return
     if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-        got = f"a list of {len(values)}" if isinstance(values, (list, tuple)) else f"{values!r:.100}"
+        got = f"a list of {len(values)}" if isinstance(values, (list, tuple)) else _shown(values)
         reply(
             {
                 "error": f"{name}() returned {got}, not a list of {len(completions)} rewards (one per completion)",
@@ -130,7 +138,7 @@ def _reward_function(function, name: str, request: dict, filename: str, reply) -
             reply({"score": None})
             continue
         if not isinstance(value, numbers.Real):
-            reply({"returned": f"{value!r:.100} ({type(value).__name__})"})
+            reply({"returned": _shown(value)})
             continue
         try:
             reply({"score": float(value)})
