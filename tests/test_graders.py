@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 from families import WEATHER_TOOL
@@ -235,6 +236,18 @@ def test_python_grader_limits_time_memory_network_and_environment(monkeypatch):
         network = python(f"import socket\n\ndef grade(sample, item):\n    {call}\n    return 1.0\n")
         failure(network, ["a"], [{}], "PermissionError: network access is disabled")
     failure(python("import os\n\ndef grade(sample, item):\n    os._exit(3)\n"), ["a"], [{}], "ended (exit code 3)")
+
+
+def test_a_python_grader_ends_with_its_last_score_not_with_the_threads_it_left_running():
+    # A thread that is not a daemon would hold the interpreter's exit, and the batch, until the time limit.
+    lingering = python(
+        "import threading, time\n\ndef grade(sample, item):\n"
+        "    threading.Thread(target=time.sleep, args=(60,)).start()\n    return 1.0\n",
+        limits=PythonLimits(timeout_s=8.0, memory_bytes=256 << 20),
+    )
+    started = time.monotonic()
+    assert scores(lingering, ["a", "b"], [{}, {}]) == [1.0, 1.0]
+    assert time.monotonic() - started < 6
 
 
 LOUD_GRADER = """
