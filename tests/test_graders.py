@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -248,6 +249,36 @@ def test_a_python_grader_ends_with_its_last_score_not_with_the_threads_it_left_r
     started = time.monotonic()
     assert scores(lingering, ["a", "b"], [{}, {}]) == [1.0, 1.0]
     assert time.monotonic() - started < 6
+
+
+def _ended(pid: int) -> bool:
+    """Whether process `pid` is gone (or a zombie waiting for its parent), after up to 5 s."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_processes_a_python_grader_starts_end_with_it():
+    # Started apart from the grader's output, so nothing of theirs keeps the grading waiting.
+    spawner = python(
+        "import subprocess\n\ndef grade(sample, item):\n"
+        "    return subprocess.Popen(['sleep', '60'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid\n"
+    )
+    pids = [int(pid) for pid in scores(spawner, ["a", "b"], [{}, {}])]
+    try:
+        assert all(_ended(pid) for pid in pids)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
 
 
 LOUD_GRADER = """

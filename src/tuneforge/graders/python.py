@@ -41,7 +41,6 @@ GRADER_FILE = "<grader>"  # the file name tracebacks show for the user's source 
 STDERR_LINES = 8
 STDERR_KEPT_CHARS = 64 << 10  # of what the grader printed, enough for its last STDERR_LINES lines
 CHUNK_CHARS = 64 << 10
-ORPHAN_WAIT_S = 1.0  # for the processes the grader started to let go of its output once it has ended
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,8 @@ def _size(n: int) -> str:
 
 
 def _kill(child: subprocess.Popen) -> None:
-    """Stop the child and every process it started."""
+    """Stop the child and every process it started (its process group: the child's id, which no new
+    process is given while a process of the group is left, so it names none but them)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGKILL)
     child.wait()
@@ -125,7 +125,7 @@ class PythonGrader(Grader):
             request_path, replies_path = Path(folder, "request.json"), Path(folder, "replies.jsonl")
             request_path.write_text(request, encoding="utf-8")
             with open(request_path, "rb") as stdin, open(replies_path, "wb") as stdout:
-                # A session of its own, so a timeout kills whatever processes the user's code started too.
+                # A session of its own, so that whatever processes the user's code starts end with the child.
                 child = subprocess.Popen(
                     [sys.executable, "-I", str(CHILD)],
                     stdin=stdin,
@@ -144,14 +144,10 @@ class PythonGrader(Grader):
                 timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True
+            finally:
+                # Ended or not, the child goes with every process its user's code started and left running.
                 _kill(child)
-            except BaseException:
-                _kill(child)
-                raise
-            err.join(ORPHAN_WAIT_S)
-            if err.is_alive():  # a process the user's code started still holds the pipe
-                _kill(child)
-                err.join()
+            err.join()
             child.stderr.close()
             out = replies_path.read_text(encoding="utf-8", errors="replace")
         return self._read_replies(out, err.text, timed_out, child.returncode, samples)
