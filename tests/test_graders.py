@@ -281,6 +281,21 @@ def test_the_processes_a_python_grader_starts_end_with_it():
                 os.kill(pid, 9)
 
 
+def test_a_process_a_python_grader_starts_in_a_session_of_its_own_does_not_hold_the_grading():
+    # It escapes the kill of the grader's process group, and holds the grader's stderr for 60 s.
+    escaper = python(
+        "import subprocess\n\ndef grade(sample, item):\n"
+        "    print('before')\n    return subprocess.Popen(['sleep', '60'], start_new_session=True).pid\n",
+        limits=PythonLimits(timeout_s=20.0, memory_bytes=256 << 20),
+    )
+    started = time.monotonic()
+    [pid] = scores(escaper, ["a"], [{}])
+    try:
+        assert time.monotonic() - started < 10
+    finally:
+        os.kill(int(pid), 9)
+
+
 LOUD_GRADER = """
 import os, sys
 

@@ -41,6 +41,7 @@ GRADER_FILE = "<grader>"  # the file name tracebacks show for the user's source 
 STDERR_LINES = 8
 STDERR_KEPT_CHARS = 64 << 10  # of what the grader printed, enough for its last STDERR_LINES lines
 CHUNK_CHARS = 64 << 10
+ORPHAN_WAIT_S = 1.0  # for the grader's output to end once its process group is killed
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ class _Tail(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        while chunk := self.stream.read(CHUNK_CHARS):
-            self.text = (self.text + chunk)[-self.keep :]
+        with self.stream:
+            while chunk := self.stream.read(CHUNK_CHARS):
+                self.text = (self.text + chunk)[-self.keep :]
 
 
 class PythonGrader(Grader):
@@ -147,8 +149,8 @@ class PythonGrader(Grader):
             finally:
                 # Ended or not, the child goes with every process its user's code started and left running.
                 _kill(child)
-            err.join()
-            child.stderr.close()
+            # A process started in a session of its own outlives the kill and may hold the pipe: what was read is kept.
+            err.join(ORPHAN_WAIT_S)
             out = replies_path.read_text(encoding="utf-8", errors="replace")
         return self._read_replies(out, err.text, timed_out, child.returncode, samples)
 
