@@ -296,6 +296,15 @@ def test_a_process_a_python_grader_starts_in_a_session_of_its_own_does_not_hold_
         os.kill(int(pid), 9)
 
 
+def test_a_python_grader_that_writes_into_its_replies_fails_naming_the_grader():
+    for written in (b"not json\n", b"[1]\n", b'{"memory": true}\n'):
+        forger = python(  # fd 3: the child's replies, the first file it opens
+            f"import os\n\ndef grade(sample, item):\n    os.write(3, {written!r})\n    return 1.0\n",
+            name="forger",
+        )
+        failure(forger, ["a"], [{}], 'grader "forger" (python)', "is no reply of the grader's", "on sample 0")
+
+
 LOUD_GRADER = """
 import os, sys
 

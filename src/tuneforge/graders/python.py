@@ -162,7 +162,15 @@ class PythonGrader(Grader):
     ) -> list[float]:
         scores = []
         for index, line in enumerate(out.splitlines()):
-            reply = json.loads(line)
+            reply = _reply(line)
+            if reply is None:  # the user's code wrote to the file the child replies in
+                raise grading_failed(
+                    self.label,
+                    f"its process wrote {line!r:.100}, which is no reply of the grader's; {self.call} must leave the "
+                    "process's open files alone",
+                    samples,
+                    index,
+                )
             if reply.get("score", 0) is None:
                 scores.append(self._none_score(samples, index))
             elif "score" in reply:
@@ -276,6 +284,20 @@ class RewardFunctionGrader(PythonGrader):
             samples,
             index,
         )
+
+
+def _reply(line: str) -> dict | None:
+    """One of the child's reply lines (python_child.main), or None for a line that is none of them."""
+    try:
+        reply = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(reply, dict):
+        return None
+    if "score" in reply or "returned" in reply:
+        return reply
+    failure = isinstance(reply.get("error"), str) and isinstance(reply.get("traceback"), str) and "memory" in reply
+    return reply if failure else None
 
 
 def _top_level_names(tree: ast.Module) -> set[str]:
