@@ -199,6 +199,19 @@ def test_python_grader_failures_name_the_grader_the_error_and_the_sample():
     assert "python_child" not in huge  # the child's own frames, with the server's paths, stay out
 
 
+def test_a_python_graders_long_exception_is_cut_short_in_its_message():
+    # A message of 1 MiB would otherwise come whole into the error, twice (the error and its traceback's last line).
+    message = failure(
+        python("def grade(sample, item):\n    raise ValueError('x' * (1 << 20))\n", name="loud"),
+        ["a"],
+        [{}],
+        'grader "loud" (python): grade() raised ValueError: xxx',
+        "(1048576 characters)",
+        "on sample 0",
+    )
+    assert len(message) < 4000
+
+
 def test_a_python_result_whose_repr_fails_is_named_by_its_type():
     # A list nested past the recursion limit, and an object whose __repr__ raises: neither can be shown.
     nested = "def grade(sample, item):\n    x = []\n    for _ in range(100000):\n        x = [x]\n    return x\n"

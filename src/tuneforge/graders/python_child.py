@@ -30,6 +30,7 @@ import traceback
 
 GRADER_FILE = "<grader>"
 TRACEBACK_LINES = 12
+SHOWN_CHARS = 500  # of an exception's message and of each traceback line, so one error is a few KiB at most
 
 
 class _NoNetworkSocket(socket.socket):
@@ -49,14 +50,18 @@ def _limit(memory_bytes: int) -> None:
     socket.create_connection = _refuse_connection
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 def _failure(error: BaseException, what: str, filename: str = GRADER_FILE) -> dict:
     # Only the frames of the user's code: the others are this script's or the library's, and would show server paths.
     frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == filename]
     formatted = traceback.format_list(frames) + traceback.format_exception_only(type(error), error)
     lines = "".join(["Traceback (most recent call last):\n", *formatted]).rstrip().splitlines()
     return {
-        "error": f"{what} {type(error).__name__}" + (f": {error}" if str(error) else ""),
-        "traceback": "\n".join(lines[-TRACEBACK_LINES:]),
+        "error": f"{what} {type(error).__name__}" + (f": {_cut(str(error))}" if str(error) else ""),
+        "traceback": "\n".join(_cut(line) for line in lines[-TRACEBACK_LINES:]),
         "memory": isinstance(error, MemoryError),
     }
 
