@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -1565,3 +1566,31 @@ def test_a_job_store_made_before_jobs_kept_integrations_gets_the_column(tmp_path
     store = Store(f"sqlite:///{path}")
     job = add_job(store, KEY, integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
     assert store.get_job(job.id).integrations == [{"type": "wandb", "wandb": {"project": "p"}}]
+
+
+def test_an_upload_the_servers_disk_has_no_room_for_is_a_507_saying_so(tmp_path, file_size_limit, caplog):
+    """A write the machine refuses (a full disk; here a file size limit, which refuses it the same way) is
+    the server's state, not a defect: the client gets a 507 saying the server has no room, the log one line
+    naming the path and what to do (no traceback), and no half-written file stays or is listed."""
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(
+        create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0)
+    ) as http:
+        file_size_limit(2 * len(chat_rows(12)))  # the database's pages fit, not the upload
+        form = {"file": ("train.jsonl", chat_rows(12).encode() * 4)}
+        answer = http.post("/v1/files", headers=headers, data={"purpose": "fine-tune"}, files=form)
+        file_size_limit(resource.RLIM_INFINITY)
+        assert answer.status_code == 507, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "insufficient_storage" and "no room" in error["message"], error
+        assert "/" not in error["message"], error  # no server path
+        assert http.get("/v1/files", headers=headers).json()["data"] == []
+    assert list((tmp_path / "files").iterdir()) == []
+    (record,) = [r for r in caplog.records if r.name == "tuneforge.web"]
+    assert str(tmp_path / "files") in record.getMessage() and "(ulimit -f)" in record.getMessage()
+    assert record.exc_info is None

@@ -23,6 +23,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, LAUNCHER_SHOWS_ERRORS, TuneforgeError
+from .fsio import REFUSED_WRITE_ADVICE
 from .serve_defaults import MAX_BATCH, MAX_WAITING, PREFIX_CACHE_MB
 
 
@@ -851,9 +852,7 @@ _PATH_ERROR_ADVICE = {
     errno.ENOENT: "Check the path.",
     errno.EACCES: "This user may not use it: choose another path, or change its permissions.",
     errno.EPERM: "This user may not use it: choose another path, or change its permissions.",
-    errno.ENOSPC: "The disk is full: free some space, or write somewhere else.",
-    errno.EDQUOT: "The disk quota is used up: free some space, or write somewhere else.",
-    errno.EFBIG: "A file grew past the size this process may write (ulimit -f) or the file system allows.",
+    **REFUSED_WRITE_ADVICE,
     errno.EROFS: "It is on a read-only file system: write somewhere else.",
 }
 

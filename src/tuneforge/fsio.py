@@ -132,8 +132,14 @@ def _finish_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-_REFUSED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-"""What the machine answers a write it has no room for: a full disk, a used-up quota, a file size limit."""
+REFUSED_WRITE_ADVICE = {
+    errno.ENOSPC: "The disk is full: free some space, or write somewhere else.",
+    errno.EDQUOT: "The disk quota is used up: free some space, or write somewhere else.",
+    errno.EFBIG: "A file grew past the size this process may write (ulimit -f) or the file system allows.",
+}
+"""What the machine answers a write it has no room for (a full disk, a used-up quota, a file size limit), and
+what the user does about it."""
+_REFUSED_WRITES = tuple(REFUSED_WRITE_ADVICE)
 
 
 def _naming(error: BaseException, final: Path) -> OSError | None:

@@ -8,6 +8,7 @@ id, and the client gets the id.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 from http import HTTPMethod
@@ -22,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..database import UnknownCursor
 from ..errors import complaint, key_path, unreadable_json
+from ..fsio import REFUSED_WRITE_ADVICE
 from .shapes import MAX_FILENAME_CHARS, FormFields, multipart_boundary
 
 log = logging.getLogger("tuneforge.web")
@@ -85,6 +87,26 @@ def server_error(err: BaseException, what: str = "The server failed on this requ
     )
 
 
+def no_room(err: OSError) -> APIError:
+    """A 507 for a write the machine refused (a full disk, a used-up quota, a file size limit): the server's
+    state, which its operator mends, not a defect. The log has one line naming the path and what to do; the
+    client, without the path, is told to try again later."""
+    log.error("%s: %s. %s", os.fsdecode(err.filename), err.strerror, REFUSED_WRITE_ADVICE[err.errno])
+    return APIError(
+        507,
+        "The server has no room to store this. Try again later; the server's operator frees space.",
+        type="server_error",
+        code="insufficient_storage",
+    )
+
+
+def unexpected(err: Exception) -> APIError:
+    """The answer to an exception no route foresaw: `no_room` for a write the machine refused, else `server_error`."""
+    if isinstance(err, OSError) and err.errno in REFUSED_WRITE_ADVICE and err.filename is not None:
+        return no_room(err)
+    return server_error(err)
+
+
 def install_error_handlers(app: FastAPI, forms: dict[str, FormFields]) -> None:
     """Every error as OpenAI's body: APIError, validation (400 naming the parameter; on the paths of `forms`, saying
     how to send the form), HTTP errors, the unexpected."""
@@ -142,8 +164,8 @@ def install_error_handlers(app: FastAPI, forms: dict[str, FormFields]) -> None:
 
 
 class AnswerUnexpected:
-    """ASGI middleware: an unexpected exception becomes the 500 of `server_error`, logged once under its
-    id. (Starlette's handler for `Exception` answers the client but raises again, so the server would
+    """ASGI middleware: an unexpected exception becomes the answer of `unexpected` (a 500 logged once under
+    its id). (Starlette's handler for `Exception` answers the client but raises again, so the server would
     log the traceback a second time, without the id.) One raised after the answer has started goes on up.
     """
 
@@ -165,7 +187,7 @@ class AnswerUnexpected:
         except Exception as err:
             if started:
                 raise
-            await server_error(err).response()(scope, receive, send)
+            await unexpected(err).response()(scope, receive, send)
 
 
 def method_not_allowed(request: Request) -> APIError:
