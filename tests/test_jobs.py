@@ -1594,3 +1594,26 @@ def test_an_upload_the_servers_disk_has_no_room_for_is_a_507_saying_so(tmp_path,
     (record,) = [r for r in caplog.records if r.name == "tuneforge.web"]
     assert str(tmp_path / "files") in record.getMessage() and "(ulimit -f)" in record.getMessage()
     assert record.exc_info is None
+
+
+def test_a_job_whose_run_the_servers_disk_has_no_room_for_fails_saying_so(tmp_path, monkeypatch):
+    """A job whose checkpoint the disk refuses fails as out of disk space, naming the file in the run without
+    the server's path (which the operator's log line has, with what to do), not as a crash to quote an id for."""
+    import errno
+
+    import tuneforge.training
+    from tuneforge.fsio import REFUSED_WRITE_ADVICE
+    from tuneforge.jobs import runner
+
+    step = tmp_path / "checkpoints" / "step-24"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step))
+
+    monkeypatch.setattr(tuneforge.training, "train", full_disk)
+    (tmp_path / runner.CONFIG).write_text("{}")
+    outcome = runner.run(tmp_path)
+    assert (outcome["status"], outcome["code"]) == ("failed", "out_of_disk_space"), outcome
+    assert "checkpoints/step-24" in outcome["message"] and str(tmp_path) not in outcome["message"], outcome
+    assert "no room" in outcome["message"] and "operator" in outcome["message"], outcome
+    assert outcome["log"] == f"{step}: No space left on device. {REFUSED_WRITE_ADVICE[errno.ENOSPC]}"

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..errors import DataError, TuneforgeError
-from ..fsio import write_json
+from ..fsio import REFUSED_WRITE_ADVICE, write_json
 
 CONFIG = "job.json"
 OUTCOME = "outcome.json"
@@ -67,7 +67,27 @@ def run(run_dir: Path) -> dict:
             "message": err.message,
             "file": next((p.file for p in problems if p.is_error and p.file), None),
         }
+    except OSError as err:
+        if err.errno not in REFUSED_WRITE_ADVICE or err.filename is None:
+            raise
+        return _no_room(err, run_dir)
     return {"status": result.status, "steps": result.steps, "metrics": result.metrics}
+
+
+def _no_room(err: OSError, run_dir: Path) -> dict:
+    """The outcome of a run whose write the machine refused (a full disk, a quota, a file size limit): the
+    server's state, not the job's fault. The client's message names the file within the run, never the
+    server's path; `log`, the line for the server's log, names the path and what to do."""
+    where = Path(os.fsdecode(err.filename))
+    shown = where.relative_to(run_dir) if where.is_relative_to(run_dir) else where.name
+    return {
+        "status": "failed",
+        "code": "out_of_disk_space",
+        "message": f"The server has no room to write this job's {shown} ({err.strerror}). Once the server's "
+        "operator frees space, start a new job to try again.",
+        "file": None,
+        "log": f"{where}: {err.strerror}. {REFUSED_WRITE_ADVICE[err.errno]}",
+    }
 
 
 def train_process(run_dir: str) -> dict:

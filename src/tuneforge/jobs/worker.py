@@ -421,6 +421,8 @@ class Workers:
         if outcome and outcome["status"] == "completed":
             self._succeed(job, worker_id, progress)
         elif outcome and outcome["status"] == "failed":
+            if "log" in outcome:
+                log.error("job %s: %s", job.id, outcome["log"])
             self._fail(job, worker_id, self._failure(job, outcome["code"], outcome["message"], outcome["file"]))
         elif stop_reason:
             self._stopped(job, worker_id, stop_reason, progress)
