@@ -1617,3 +1617,26 @@ def test_a_job_whose_run_the_servers_disk_has_no_room_for_fails_saying_so(tmp_pa
     assert "checkpoints/step-24" in outcome["message"] and str(tmp_path) not in outcome["message"], outcome
     assert "no room" in outcome["message"] and "operator" in outcome["message"], outcome
     assert outcome["log"] == f"{step}: No space left on device. {REFUSED_WRITE_ADVICE[errno.ENOSPC]}"
+
+
+def test_a_store_the_disk_has_no_room_for_is_told_as_a_full_disk_naming_its_file(tmp_path):
+    """SQLite's "database or disk is full" reads as any other write the disk refuses: an OSError naming the
+    database's file (which the command line and the servers tell in one line), and what was stored stays."""
+    import errno
+
+    from sqlalchemy import event
+
+    from tuneforge.jobs.store import Store, StoredFile, now
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    # SQLite answers a database grown past max_page_count as it answers a full disk (SQLITE_FULL).
+    event.listen(store.engine, "connect", lambda connection, _: connection.execute("PRAGMA max_page_count=8"))
+    store.engine.dispose()  # the connections made from here on take it
+    kept = StoredFile(id="file-0", owner="o", filename="a.jsonl", purpose="fine-tune", bytes=1, created_at=now())
+    store.add(kept)
+    with pytest.raises(OSError) as refused:
+        for n in range(1, 1000):
+            name = "x" * 4000
+            store.add(StoredFile(id=f"file-{n}", owner="o", filename=name, purpose="fine-tune", bytes=1, created_at=0))
+    assert (refused.value.errno, refused.value.filename) == (errno.ENOSPC, str(tmp_path / "jobs.db"))
+    assert store.get_file("o", "file-0").filename == "a.jsonl"

@@ -9,6 +9,9 @@ on one fresh database, short transactions, and listings paged the way OpenAI's a
 
 from __future__ import annotations
 
+import errno
+import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +55,21 @@ def connect(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {}, pool_pre_ping=not is_sqlite)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+        if url.database:
+            event.listen(engine, "handle_error", _full_disk_naming(Path(url.database)))
     return engine
+
+
+def _full_disk_naming(database: Path):
+    """SQLite's "database or disk is full" (SQLITE_FULL) as the OSError of a full disk naming `database`'s
+    file, as every other write the disk refuses is told: one line on the command line, a 507 from a server."""
+
+    def handle_error(context) -> OSError | None:
+        if getattr(context.original_exception, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(database))
+        return None
+
+    return handle_error
 
 
 def shown_url(url) -> str:
