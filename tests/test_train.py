@@ -24,7 +24,7 @@ from tuneforge.config import load_config
 from tuneforge.dry_run import validate
 from tuneforge.errors import RunFailed, TuneforgeError
 from tuneforge.models import load_model, load_tokenizer, resolve
-from tuneforge.training import train
+from tuneforge.training import checkpoint, train
 
 ENV = SUBPROCESS_ENV
 
@@ -1632,3 +1632,11 @@ def test_a_warmup_as_long_as_the_run_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(TuneforgeError, match=rf"^train\.warmup \({re.escape(str(path))} line 5\): 5 steps, but"):
         make_plan(load_config(path), 10, 10, world_size=1)
     assert make_plan(load_config(cfg, "train.warmup=4"), 10, 10, world_size=1).warmup_steps == 4
+
+
+def test_only_step_n_folders_count_as_checkpoints_not_a_copy_the_user_keeps_beside_them(tmp_path):
+    for name in ("step-2", "step-4", "step-4.bak", "step-9-copy"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint.STATE).write_text("{}")
+    assert [folder.name for folder in checkpoint.step_folders(tmp_path)] == ["step-2", "step-4"]
+    assert checkpoint.latest_to_resume(tmp_path) == tmp_path / "step-4"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import shlex
 import shutil
 import warnings
@@ -70,8 +71,14 @@ def step_number(folder: Path) -> int:
     return int(folder.name.split("-")[1])
 
 
+def is_step(path: Path) -> bool:
+    """Whether `path` is named as a checkpoint is written, `step-N`: a copy kept beside them (`step-40.bak`,
+    `step-40-copy`) is none, so it is neither resumed nor pruned."""
+    return re.fullmatch(r"step-\d+", path.name) is not None
+
+
 def step_folders(root: Path) -> list[Path]:
-    folders = [p for p in Path(root).glob("step-*") if p.is_dir() and (p / STATE).is_file()]
+    folders = [p for p in Path(root).glob("step-*") if is_step(p) and p.is_dir() and (p / STATE).is_file()]
     return sorted(folders, key=step_number)
 
 
@@ -89,7 +96,7 @@ def latest_to_resume(root: Path) -> Path | None:
     unreadable = [
         path
         for path in Path(root).glob("step-*")
-        if path.name.removeprefix("step-").isdigit() and step_number(path) > after and not (path / STATE).is_file()
+        if is_step(path) and step_number(path) > after and not (path / STATE).is_file()
     ]
     if unreadable:
         newest = max(unreadable, key=step_number)
@@ -386,7 +393,7 @@ def _check_state(folder: Path, state) -> None:
         if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
             raise _damaged(folder, f"{STATE}'s field {key!r} is {json.dumps(value)}, not {what}")
     # A checkpoint is written as step-STEP: a state of another step was copied in from another checkpoint.
-    if folder.name.removeprefix("step-").isdigit() and state["step"] != step_number(folder):
+    if is_step(folder) and state["step"] != step_number(folder):
         raise _damaged(
             folder, f"{STATE} is step {state['step']}'s, not {folder.name}'s (copied from another checkpoint)"
         )
