@@ -143,20 +143,20 @@ def savable(model, weights: dict | None):
 def restore_weights(folder: Path, model) -> None:
     """Load a checkpoint's weights into the model, before it is wrapped (DDP) or sharded (FSDP)."""
     folder = Path(folder)
+    lora = hasattr(model, "peft_config")
     adapter, full = (folder / "adapter_model.safetensors").is_file(), any(folder.glob("model*.safetensors"))
-    if hasattr(model, "peft_config") and full and not adapter:
-        raise RunFailed(
-            f"{folder} holds a full model's weights (model.safetensors: a run that trains every weight wrote it), "
-            "and this run trains a LoRA adapter. Resume from a checkpoint of this run, or start a new run with "
-            f"the checkpoint as base_model ({shlex.quote(str(folder))})."
+    if adapter != full and adapter != lora:  # the weights of the other kind only, full or LoRA
+        holds = (
+            "a full model's weights (model.safetensors: a run that trains every weight wrote it)"
+            if full
+            else "a LoRA adapter (adapter_model.safetensors)"
         )
-    if not hasattr(model, "peft_config") and adapter and not full:
         raise RunFailed(
-            f"{folder} holds a LoRA adapter (adapter_model.safetensors), and this run trains every weight. Resume "
+            f"{folder} holds {holds}, and this run trains {'a LoRA adapter' if lora else 'every weight'}. Resume "
             "from a checkpoint of this run, or start a new run with the checkpoint as base_model "
             f"({shlex.quote(str(folder))})."
         )
-    if hasattr(model, "peft_config"):
+    if lora:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         with _reading(folder, "adapter_model.safetensors"):
