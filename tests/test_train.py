@@ -331,16 +331,20 @@ def test_a_loraplus_run_resumes_with_the_uninterrupted_losses(tiny_model_dir, tr
     assert step_losses(tmp_path / "run") == reference
 
 
+@pytest.mark.parametrize("damaged", [False, True])
 def test_a_run_resumed_from_an_earlier_checkpoint_drops_the_later_ones_it_replaces(
-    tiny_model_dir, triage_data, tmp_path, capsys
+    damaged, tiny_model_dir, triage_data, tmp_path, capsys
 ):
     run = tmp_path / "run"
     cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=4, save_every=2)
     train(cfg, progress=False)
+    if damaged:  # a resume of the latest refuses step-4 and names step-2 to resume from instead
+        (run / "checkpoints" / "step-4" / "trainer_state.json").unlink()
     shorter = json.loads(json.dumps(cfg))
     shorter["train"].update(max_steps=3, learning_rate=5e-3)
     train(shorter, resume=str(run / "checkpoints" / "step-2"), force=True, progress=False)
-    # step-4 continued the run this one replaced: kept, it would be `latest` and outrank step-3 in pruning.
+    # step-4 continued the run this one replaced: kept, it would be `latest` and outrank step-3 in pruning, or,
+    # damaged, be refused by every later resume of the latest.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-3"]
     capsys.readouterr()
     assert train(cfg, resume="latest", force=True, progress=False).steps == 4

@@ -308,13 +308,17 @@ def save(
             write_json(tmp / STATE, state)
     if world.is_main:
         # Checkpoints past this step were written before this run resumed from an earlier one: they continue
-        # the run it replaces, so they go (else `latest` would resume them and pruning would keep them instead).
+        # the run it replaces, so they go, damaged ones too (else `latest` would resume them and pruning would
+        # keep them instead, and `latest_to_resume` would refuse a damaged one).
         folders = step_folders(root)
         kept = [folder for folder in folders if step_number(folder) <= step][-keep:]
         kept += [folder for folder in folders if step_number(folder) == keep_also]
-        for old in folders:
-            if old not in kept:
+        later = [path for path in root.glob("step-*") if is_step(path) and step_number(path) > step]
+        for old in {*folders, *later} - set(kept):
+            if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
+            else:  # a file of a checkpoint's name, which `latest_to_resume` refuses
+                old.unlink(missing_ok=True)
     distributed.barrier(world, f"{phase} (rank 0 completes it while the others wait)")
     return root / f"step-{step}"
 
