@@ -1099,3 +1099,21 @@ def test_a_config_json_describing_a_model_far_larger_than_its_weights_is_refused
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ModelSourceError, match=r"deeper/config.json: it describes a model of [\d,]+ weights, far more"):
         load_model(str(folder))
+
+
+def test_a_model_type_this_transformers_lacks_is_told_as_such_not_as_a_config_json_to_copy_again(
+    tiny_model_dir, tmp_path
+):
+    folder = tmp_path / "newer"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama9"}))
+    for load in (model_info, load_model):
+        with pytest.raises(ModelSourceError) as error:
+            load(str(folder))
+        assert re.search(
+            r"newer/config.json: model_type 'llama9' is not an architecture transformers [\d.]+ has.*"
+            r"pip install --upgrade transformers",
+            error.value.message,
+        )
+        assert "Copy config.json again" not in error.value.message

@@ -78,14 +78,24 @@ _WEIGHT_FILES = ("*.safetensors", "*.bin")
 def model_config(folder: Path):
     """The transformers config of the model in `folder`, refused naming its config.json and the field where
     transformers cannot build a model from it (a field of the wrong type, heads that do not divide the hidden
-    size, a size below one)."""
-    from transformers import AutoConfig
+    size, a size below one, a model_type it does not have)."""
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     path = folder / "config.json"
     _refuse_broken_json(path)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
+        model_type = _model_config(folder).get("model_type")
+        if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+            # Most often a model newer than the installed transformers, which a copy of config.json does not mend.
+            raise ModelSourceError(
+                f"{path}: model_type {model_type!r} is not an architecture transformers {transformers.__version__} "
+                "has. A model newer than this transformers needs a release that has it (pip install --upgrade "
+                "transformers); otherwise config.json's model_type was edited: correct it.",
+                code="model_load_failed",
+            ) from err
         raise _config_refused(path, " ".join(str(err).split())) from err
     text = config.get_text_config()
     prefix = "" if text is config else "text_config."
