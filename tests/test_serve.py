@@ -502,15 +502,17 @@ def test_tool_call_arguments_the_chat_template_cannot_take_are_a_400_naming_them
 
 def test_the_sdks_own_message_objects_sent_back_are_served_as_openai_serves_them(qwen_client):
     """The multi-turn loop appends the reply's message as the SDK holds it (`ChatCompletionMessage`, dumped with its
-    null refusal, annotations, audio and function_call): served, with the tool loop's call and answer too; a
-    refusal or audio in it, which this server never answers with, is a 400 naming the field and saying why."""
+    null refusal, annotations, audio and function_call; an empty refusal as some compatible servers send it): served,
+    with the tool loop's call and answer too; a refusal or audio in it, which this server never answers with, is a
+    400 naming the field and saying why."""
     from openai.types.chat import ChatCompletionMessage
 
     reply = qwen_client.chat.completions.create(model="qwen", messages=QUESTION, max_tokens=3, temperature=0)
     calling = ChatCompletionMessage(role="assistant", content=None, tool_calls=[CALL])
     answer = {"role": "tool", "tool_call_id": CALL["id"], "content": "18C"}
     for message in (reply.choices[0].message, calling):
-        for sent in (message.model_dump(), {**message.model_dump(), "annotations": []}, message.to_dict(), message):
+        dumped = message.model_dump()
+        for sent in (dumped, {**dumped, "annotations": []}, {**dumped, "refusal": ""}, message.to_dict(), message):
             history = [*QUESTION, sent, answer if message is calling else {"role": "user", "content": "And 3+3?"}]
             assert qwen_client.chat.completions.create(model="qwen", messages=history, tools=TOOLS, max_tokens=2)
     for field, value, said in (("refusal", "I can't.", "no refusal"), ("audio", {"id": "audio_1"}, "no audio")):

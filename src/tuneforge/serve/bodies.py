@@ -129,7 +129,7 @@ class ChatMessage(RequestBody):
     # A reply's URL citations, as the SDK's message object holds them when a client sends it back; they describe the
     # content, which the template writes, and are not read.
     annotations: Annotated[list | None, Shallow] = None
-    # What this server's replies never hold, refused when not null (`_never_answered`).
+    # What this server's replies never hold, refused when not null or empty (`_never_answered`).
     refusal: str | None = None
     audio: dict | None = None
 
@@ -143,8 +143,9 @@ class ChatMessage(RequestBody):
             raise ValueError(f"function_call {FUNCTIONS_ARE_TOOLS}")
         if message.get("role") == "function":
             raise ValueError(f"the 'function' role {FUNCTIONS_ARE_TOOLS}")
-        # The SDK's message object (a reply's, sent back in a multi-turn loop) holds these as null: taken as left out.
-        return {key: value for key, value in message.items() if key not in SDK_NULL_FIELDS or value is not None}
+        # The SDK's message object (a reply's, sent back in a multi-turn loop) holds these as null, and some compatible
+        # servers' replies the refusal as "": taken as left out.
+        return {key: value for key, value in message.items() if key not in SDK_NULL_FIELDS or value not in (None, "")}
 
     @field_validator("refusal", "audio", mode="before")
     @classmethod
