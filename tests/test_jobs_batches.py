@@ -4,6 +4,7 @@ restart mid-batch."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -273,3 +274,29 @@ def test_a_request_line_longer_than_the_servers_body_limit_fails_the_batch_namin
         [error] = batch.errors.data
         assert (error.line, error.code) == (2, "request_too_large")
         assert "over this server's limit of 65,536 bytes on a request body" in error.message, error.message
+
+
+def test_a_batch_whose_output_the_servers_disk_has_no_room_for_fails_saying_so(
+    tmp_path, tiny_model_dir, monkeypatch, caplog
+):
+    """A batch whose output file the disk refuses fails as a write the server has no room for, as an upload is a
+    507: its error says so (no error id to quote) and the log has one line naming the path, no traceback."""
+    from tuneforge.jobs.files import FileStorage
+
+    save = FileStorage.save
+
+    def full_disk(self, source, **kwargs):
+        if kwargs["purpose"] == "batch_output":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "full" / "out.jsonl"))
+        return save(self, source, **kwargs)
+
+    monkeypatch.setattr(FileStorage, "save", full_disk)
+    model = str(tiny_model_dir)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[model]) as client:
+        batch = wait_batch(client, long_batch(client, model, 1))
+    assert batch.status == "failed", batch
+    (error,) = batch.errors.data
+    assert error.code == "insufficient_storage" and "no room" in error.message, error
+    assert "error id" not in error.message and "/" not in error.message, error
+    (record,) = [r for r in caplog.records if r.name == "tuneforge.web"]
+    assert str(tmp_path / "full" / "out.jsonl") in record.getMessage() and record.exc_info is None

@@ -29,7 +29,7 @@ from starlette.authentication import SimpleUser
 from ..data.readers import bounded_lines
 from ..errors import unreadable_json
 from ..serve import ChatCompletionBody, CompletionBody, ResponsesBody
-from ..web import APIError, Metadata, RequestBody, StoredText, nul_fault, server_error
+from ..web import APIError, Metadata, RequestBody, StoredText, nul_fault, unexpected
 from ..web.errors import validation_error
 from ..web.shapes import not_unicode
 from .files import FileStorage
@@ -263,7 +263,7 @@ class BatchRunner:
                 except Stopped:
                     await asyncio.to_thread(self._release, batch, "validating")
                 except Exception as err:  # noqa: BLE001 - one batch's unforeseen failure fails that batch alone
-                    failure = server_error(err, f"The server failed on batch {batch.id}")
+                    failure = unexpected(err, f"The server failed on batch {batch.id}")
                     await asyncio.to_thread(
                         self.store.move_batch,
                         batch.id,
@@ -271,7 +271,7 @@ class BatchRunner:
                         held_by=self.worker_id,
                         status="failed",
                         failed_at=now(),
-                        errors=[{"code": "server_error", "message": failure.message, "param": None, "line": None}],
+                        errors=[{"code": failure.code, "message": failure.message, "param": None, "line": None}],
                     )
                 finally:
                     await asyncio.to_thread(self._release, batch, None)
@@ -412,7 +412,7 @@ class BatchRunner:
             except APIError as err:
                 status, answer = err.status, err.body()
             except Exception as err:  # noqa: BLE001 - one request's unforeseen failure fails that line alone
-                failure = server_error(err, f"The server failed on request {request.custom_id!r} of {batch.id}")
+                failure = unexpected(err, f"The server failed on request {request.custom_id!r} of {batch.id}")
                 status, answer = failure.status, failure.body()
             if status != 429 or hang_up.is_set():
                 return status, answer

@@ -10,7 +10,7 @@ Importing this package is cheap: no torch.
 """
 
 from .auth import KEY_COOKIE, LOCAL_OWNER, Pages, caller, owner_of
-from .errors import APIError, failure_id, scrub_paths, server_error
+from .errors import APIError, failure_id, scrub_paths, server_error, unexpected
 from .limits import docs_urls, edge, form_fields
 from .observe import CLIENT_LEFT, Observer, note
 from .shapes import (
@@ -52,4 +52,5 @@ __all__ = [
     "owner_of",
     "scrub_paths",
     "server_error",
+    "unexpected",
 ]

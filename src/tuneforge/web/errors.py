@@ -100,11 +100,12 @@ def no_room(err: OSError) -> APIError:
     )
 
 
-def unexpected(err: Exception) -> APIError:
-    """The answer to an exception no route foresaw: `no_room` for a write the machine refused, else `server_error`."""
+def unexpected(err: Exception, what: str = "The server failed on this request") -> APIError:
+    """The answer to an exception no route foresaw: `no_room` for a write the machine refused, else `server_error`
+    saying `what`."""
     if isinstance(err, OSError) and err.errno in REFUSED_WRITE_ADVICE and err.filename is not None:
         return no_room(err)
-    return server_error(err)
+    return server_error(err, what)
 
 
 def install_error_handlers(app: FastAPI, forms: dict[str, FormFields]) -> None:
