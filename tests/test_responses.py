@@ -192,6 +192,21 @@ def test_text_format_constrains_the_answer_to_the_schema(client):
         ({"reasoning": {"effort": "low"}}, "reasoning"),
         ({"store": True}, "store"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "{}"}]}, "input.0"),
+        # An earlier response's reasoning item: before its assistant message, its reasoning as text, in its shape.
+        ({"input": [{"type": "reasoning", "summary": [], "content": []}, *QUESTION]}, "input.0"),
+        (
+            {
+                "input": [
+                    {"type": "reasoning", "summary": [], "encrypted_content": "gAAA"},
+                    {"role": "assistant", "content": "Hi"},
+                ]
+            },
+            "input.0.encrypted_content",
+        ),
+        (
+            {"input": [*QUESTION, {"type": "reasoning", "summary": "x"}, {"role": "assistant", "content": "Hi"}]},
+            "input.1.summary",
+        ),
         (
             {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}},
             "text.format.schema",

@@ -162,6 +162,35 @@ def test_a_response_holds_the_reasoning_in_an_item_before_the_message_whole_and_
     ]
 
 
+def test_a_responses_output_sent_back_in_input_is_its_assistant_turn_with_its_reasoning(served):
+    """A reasoning model's `response.output` ([reasoning item, message item]) appended to the next `input` as the SDK
+    gives it back (its objects, `model_dump()` or `to_dict()`) is the assistant turn the chat route takes with its
+    `reasoning_content`: Qwen 3's template writes that reasoning into a turn after the last user message, and drops
+    it from an earlier one."""
+    client, _ = served
+    first = client.responses.create(model="qwen3", input="Hi", temperature=0)
+    turn = {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}
+    unreasoned = {"role": "assistant", "content": ANSWER}
+    prompt_tokens = {}
+    for name, after in (("last", []), ("earlier", QUESTION)):
+        chat = client.chat.completions.create(
+            model="qwen3", messages=[*QUESTION, turn, *after], temperature=0, max_tokens=4
+        )
+        without = client.chat.completions.create(model="qwen3", messages=[*QUESTION, unreasoned, *after], max_tokens=1)
+        prompt_tokens[name] = chat.usage.prompt_tokens - without.usage.prompt_tokens
+        for output in (
+            first.output,
+            [item.model_dump() for item in first.output],
+            [item.to_dict() for item in first.output],
+        ):
+            again = client.responses.create(
+                model="qwen3", input=[*QUESTION, *output, *after], temperature=0, max_output_tokens=4
+            )
+            assert again.usage.input_tokens == chat.usage.prompt_tokens
+            assert again.output_text == chat.choices[0].message.content
+    assert prompt_tokens["last"] > 0 and prompt_tokens["earlier"] == 0
+
+
 def test_a_responses_logprobs_are_its_answers_tokens_whole_and_streamed(served):
     client, _ = served
     asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}

@@ -10,7 +10,7 @@ import json
 from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import Field, PrivateAttr, TypeAdapter, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PlainValidator, PrivateAttr, TypeAdapter, ValidationInfo, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from ..data.schema import Image, Message
@@ -642,7 +642,7 @@ class InputMessage(RequestBody):
         if isinstance(item, dict) and item.get("type", "message") != "message":
             raise ValueError(
                 f"an item of type {json.dumps(item.get('type'))[:60]} is not served: this server takes message "
-                'items ({"role": "user", "content": ...}) in input'
+                'items ({"role": "user", "content": ...}) in input, and an earlier response\'s reasoning items'
             )
         return item
 
@@ -673,20 +673,63 @@ class InputMessage(RequestBody):
                 )
         return content
 
-    def as_chat_message(self) -> ChatMessage:
-        """The message as chat's, its images as `image_url` parts."""
+    def as_chat_message(self, reasoning: str | None = None) -> ChatMessage:
+        """The message as chat's, its images as `image_url` parts and `reasoning` (an assistant message's, from the
+        reasoning item before it) as its `reasoning_content`."""
         if not any(isinstance(part, InputImage) for part in self.content):
-            return ChatMessage(role=self.role, content="".join(part.text for part in self.content))
-        parts = [
-            {"type": "image_url", "image_url": {"url": part.image_url}}
-            if isinstance(part, InputImage)
-            else {"type": "text", "text": part.text}
-            for part in self.content
-        ]
-        return ChatMessage(role=self.role, content=parts)
+            content = "".join(part.text for part in self.content)
+        else:
+            content = [
+                {"type": "image_url", "image_url": {"url": part.image_url}}
+                if isinstance(part, InputImage)
+                else {"type": "text", "text": part.text}
+                for part in self.content
+            ]
+        return ChatMessage(role=self.role, content=content, reasoning_content=reasoning)
 
-    def as_template_message(self) -> dict:
-        return self.as_chat_message().as_template_message()
+
+class ReasoningText(RequestBody):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class SummaryText(RequestBody):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningItem(RequestBody):
+    """A reasoning item of `input`: an earlier response's reasoning sent back before its message item, as the SDK's
+    multi-turn pattern appends `response.output`. Its `reasoning_text` parts are that assistant message's
+    `reasoning_content`, which the chat template writes or drops by its own rules, as the chat route's."""
+
+    type: Literal["reasoning"]
+    summary: list[SummaryText] = []  # OpenAI's abridgment of the reasoning, which the content holds whole; unused
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None  # refused when set (`_not_encrypted`)
+    id: str | None = None  # unused, as a message item's
+    status: str | None = None
+
+    @field_validator("encrypted_content")
+    @classmethod
+    def _not_encrypted(cls, encrypted: str | None) -> None:
+        if encrypted is not None:
+            raise ValueError(
+                "this server writes no encrypted reasoning and cannot read OpenAI's: send the reasoning as "
+                "reasoning_text parts in content (as this server's responses give it) with encrypted_content null, "
+                "or leave the item out"
+            )
+
+    @property
+    def text(self) -> str | None:
+        return None if self.content is None else "".join(part.text for part in self.content)
+
+
+def _input_item(item: Any) -> InputMessage | ReasoningItem:
+    """An item of `input` as its `type` says; a complaint is located in the item (`input.0.content`), with no name
+    of a union's member."""
+    kind = ReasoningItem if isinstance(item, dict) and item.get("type") == "reasoning" else InputMessage
+    return kind.model_validate(item)
 
 
 class ResponseFormat(RequestBody):
@@ -710,7 +753,12 @@ class ResponsesBody(SampledBody):
     SCHEMA_PARAM: ClassVar[str] = "text.format.schema"
     LENGTH_PARAM: ClassVar[str] = "max_output_tokens"
 
-    input: list[InputMessage] = Field(min_length=1)
+    input: list[
+        Annotated[
+            InputMessage | ReasoningItem,
+            PlainValidator(_input_item, json_schema_input_type=InputMessage | ReasoningItem),
+        ]
+    ] = Field(min_length=1)
     instructions: str | None = None  # the system message before the input
     max_output_tokens: int | None = Field(None, ge=1)
     text: TextConfig | None = None
@@ -784,6 +832,15 @@ class ResponsesBody(SampledBody):
                 param="store",
                 code="unsupported_value",
             )
+        for at, item in enumerate(self.input):
+            if isinstance(item, ReasoningItem) and self._reasoning_of(at + 1) is not item:
+                raise APIError(
+                    400,
+                    f"input.{at} is a reasoning item without the assistant message item it comes before: send an "
+                    "earlier response's output as it was given, each reasoning item followed by its message.",
+                    param=f"input.{at}",
+                    code="invalid_value",
+                )
         if self.text is not None and self.text.verbosity not in (None, "medium"):
             raise APIError(
                 400,
@@ -803,6 +860,7 @@ class ResponsesBody(SampledBody):
                 f"input.{at}.content", index, "input_image", f"input.{at}.content.{index}.image_url", part.image_url
             )
             for at, message in enumerate(self.input)
+            if isinstance(message, InputMessage)
             for index, part in enumerate(message.content)
             if isinstance(part, InputImage)
         ]
@@ -833,5 +891,17 @@ class ResponsesBody(SampledBody):
         system = [] if self.instructions is None else [{"role": "system", "content": self.instructions}]
         return [
             *(ChatMessage(**m).as_template_message() for m in system),
-            *(m.as_template_message() for m in self.input),
+            *(
+                item.as_chat_message(reasoning.text if reasoning else None).as_template_message()
+                for at, item in enumerate(self.input)
+                if isinstance(item, InputMessage)
+                for reasoning in [self._reasoning_of(at)]
+            ),
         ]
+
+    def _reasoning_of(self, at: int) -> ReasoningItem | None:
+        """The reasoning item just before input item `at` where that item is an assistant message: its reasoning."""
+        item, before = self.input[at] if at < len(self.input) else None, self.input[at - 1] if at else None
+        if isinstance(item, InputMessage) and item.role == "assistant" and isinstance(before, ReasoningItem):
+            return before
+        return None
