@@ -391,13 +391,29 @@ def test_metadata_beyond_openais_limits_is_a_400_that_says_what_to_keep(served, 
     assert caught.value.param == "metadata" and says in caught.value.body["message"]
 
 
-def test_a_server_without_a_store_refuses_store_true(engine):
+def test_a_server_without_a_store_refuses_store_true_and_says_it_stores_none(engine):
+    """Made without a completion store, the app refuses store: true, and answers the SDK's list, retrieve, update,
+    messages and delete of stored completions with a 404 saying it stores none (not that a method or path is
+    unknown)."""
     with TestClient(create_app(engine)) as http:
         response = http.post(
             "/v1/chat/completions", json={"model": BASE, "messages": QUESTION, "max_tokens": 2, "store": True}
         )
         assert response.status_code == 400 and response.json()["error"]["param"] == "store"
-        assert http.get("/v1/chat/completions").status_code in (404, 405)
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        completions = client.chat.completions
+        for call in (
+            lambda: completions.list(),
+            lambda: completions.retrieve("chatcmpl-1"),
+            lambda: completions.update("chatcmpl-1", metadata={"run": "a"}),
+            lambda: completions.messages.list("chatcmpl-1"),
+            lambda: completions.delete("chatcmpl-1"),
+        ):
+            with pytest.raises(openai.NotFoundError) as caught:
+                call()
+            error = caught.value.body
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == "not_found"
+            assert error["message"].startswith("This server stores no chat completions")
 
 
 def store_by_http(http: TestClient, n: int = 1) -> list[str]:

@@ -893,8 +893,9 @@ def create_app(
 
     With `api_keys`, every route but `/health` wants `Authorization: Bearer KEY` with one of them.
     `observer` records the requests (by default one of the app's own); `completions` is where
-    `store: true` keeps them (without it, such a request is refused). The app can be called from
-    inside another (the jobs service) as it is, sharing its host's observer and store; a host that caps
+    `store: true` keeps them (without it, such a request is refused, and the stored completions' routes say
+    that none are stored). The app can be called from inside another (the jobs service) as it is, sharing its
+    host's observer and store; a host that caps
     bodies itself gives `max_body_bytes` None, so its cap is the one. With `adapter_updates`, clients with a
     key may load and unload adapters (vLLM's routes); without it those routes refuse with a 404.
     """
@@ -914,9 +915,8 @@ def create_app(
         adapter_updates,
     )
     app.include_router(v1)
-    if completions is not None:
-        app.state.completions = completions
-        app.include_router(completion_routes.router)
+    app.state.completions = completions  # without one, its routes say that none are stored (`completion_store`)
+    app.include_router(completion_routes.router)
     app.add_api_route("/health", health, methods=["GET"])
     edge(app, api_keys=api_keys, max_body_bytes=max_body_bytes, observer=observer)
     return app

@@ -5,7 +5,7 @@
 replaces the metadata whole; null clears it), `GET /v1/chat/completions/{id}/messages` and
 `DELETE /v1/chat/completions/{id}`, each on the caller's own completions: another key's id is a
 404 exactly as a missing one is. Both servers include `router`; the store is the app's
-`state.completions`.
+`state.completions`, and where that is None every route is a 404 saying that none are stored.
 """
 
 from __future__ import annotations
@@ -27,7 +27,18 @@ class UpdateCompletionBody(RequestBody):
 
 
 def completion_store(request: Request) -> CompletionStore:
-    return request.app.state.completions
+    """The app's store; an app made without one answers every route here with a 404 saying so (as OpenAI answers a
+    path or a stored completion it does not have: the SDK's NotFoundError), since no change to the request helps."""
+    store = request.app.state.completions
+    if store is None:
+        raise APIError(
+            404,
+            "This server stores no chat completions, so there are none to list, retrieve, update or delete (and "
+            "store: true is refused): it was made without a completion store. `tuneforge serve` keeps them (in its "
+            "--store database); an app of `create_app` keeps them given completions=CompletionStore.open(PATH).",
+            code="not_found",
+        )
+    return store
 
 
 def own_completion(store: CompletionStore, owner: str, completion_id: str) -> StoredCompletion:
