@@ -86,6 +86,8 @@ def test_check_data_returns_the_report_data_check_json_prints(tiny_model_dir, tm
     report = tuneforge.check_data(data, model=str(tiny_model_dir), max_length=64, progress=False)
     assert report == printed
     assert report["counts"]["valid"] == 2 and [(e["line"], e["file"]) for e in report["errors"]] == [(3, str(data))]
+    for files in ({data}, (f for f in [str(data)]), {str(data): None}.keys()):  # any iterable of paths
+        assert tuneforge.check_data(files, model=str(tiny_model_dir), max_length=64, progress=False) == printed
     assert capsys.readouterr().out == ""
 
     # A training config's data: section, read with its model's tokenizer, as the same files and options are.
@@ -120,6 +122,8 @@ def test_check_data_raises_what_data_check_refuses(tiny_model_dir, tmp_path, cap
         ([], "an empty list"),
         (b"rows.jsonl", "b'rows.jsonl'"),
         ([data, 3], "3.$"),
+        (set(), "an empty set"),
+        ((f for f in [data, 3]), "3.$"),
     ):
         with pytest.raises(ConfigError, match=f"^files: give a data file's path or a list of them .*, got {said}"):
             tuneforge.check_data(given, model=str(tiny_model_dir), progress=False)

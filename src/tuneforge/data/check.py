@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -84,8 +85,8 @@ def check(
     progress: bool = True,
 ) -> dict:
     """The report `tuneforge data check --json` prints, as a dict: rows, errors (`errors`, each with its file,
-    line and code), lengths, trained share, duplicates, warnings. `config_or_data` is data files (a path or a
-    list of them), checked with `model`'s tokenizer and chat template (default: the bundled model) and the
+    line and code), lengths, trained share, duplicates, warnings. `config_or_data` is data files (a path or any
+    iterable of them), checked with `model`'s tokenizer and chat template (default: the bundled model) and the
     options `tuneforge data check` takes; or a training config (a YAML file's path, a shipped recipe's name, a
     dict or a Config, with `overrides`), whose `data:` section is checked with its model's tokenizer as training
     renders it. A row's problem is in the report; an option or file that cannot be checked at all (a data file
@@ -93,11 +94,16 @@ def check(
     given = {"model": model, "format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
     if not _is_config(config_or_data):
         refuse_options("data files have no config to override", {"overrides": bool(overrides)}, " (or pass a config)")
-        files = [config_or_data] if isinstance(config_or_data, (str, Path)) else config_or_data
-        listed = isinstance(files, list | tuple)
-        odd = [f for f in files if not isinstance(f, (str, Path))] if listed else [files]
+        given_files = config_or_data
+        if isinstance(given_files, (str, Path)):  # one file
+            files = [given_files]
+        elif isinstance(given_files, Iterable) and not isinstance(given_files, (bytes, bytearray)):
+            files = list(given_files)  # a list, tuple, set, generator, ... of paths
+        else:
+            files = None
+        odd = [f for f in files if not isinstance(f, (str, Path))] if files is not None else [given_files]
         if odd or not files:
-            got = f"{odd[0]!r:.80}" if odd else "an empty list"
+            got = f"{odd[0]!r:.80}" if odd else f"an empty {type(given_files).__name__}"
             raise ConfigError(
                 "files: give a data file's path or a list of them (or a training config: a YAML file's path, a "
                 f"shipped recipe's name, a dict or a Config), got {got}.",
