@@ -321,8 +321,11 @@ def test_export_takes_one_combine_adapter_as_a_string_and_refuses_what_is_no_spe
     assert [part["adapter"] for part in one["combined"]["adapters"]] == [
         part["adapter"] for part in listed["combined"]["adapters"]
     ]
-    with pytest.raises(TuneforgeError, match=r"^--combine 1: give each adapter as OTHER_RUN\[:WEIGHT\], a string"):
-        tuneforge.export(adapter, format="adapter", out=tmp_path / "int", combine=[1], progress=False)
+    alone = tuneforge.export(adapter, format="adapter", out=tmp_path / "none", combine=None, progress=False)
+    assert "combined" not in alone and alone["source"]["adapter"] == str(adapter)  # None: no adapters combined
+    for given in ([1], 1):
+        with pytest.raises(TuneforgeError, match=r"^--combine 1: give each adapter as OTHER_RUN\[:WEIGHT\], a string"):
+            tuneforge.export(adapter, format="adapter", out=tmp_path / "int", combine=given, progress=False)
     with pytest.raises(TuneforgeError, match="^--out: give the folder to write the export into, got None"):
         tuneforge.export(adapter, format="adapter", out=None, progress=False)
 

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def export(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    combine_with: list[str] | tuple[str, ...] = (),
+    combine_with: list[str] | tuple[str, ...] | None = (),
     combination: str | None = None,
     density: float | None = None,
 ) -> ExportResult:
@@ -104,8 +105,10 @@ def export(
     console = Console(stderr=True, quiet=not progress, soft_wrap=True)
     asked_dtype = dtype
     dtype = _checked_options(fmt, dtype, ollama)
-    if isinstance(combine_with, str | Path):  # one adapter alone: iterating over a string would take each character
-        combine_with = [combine_with]
+    if combine_with is None:  # no adapters combined
+        combine_with = ()
+    elif isinstance(combine_with, str | Path) or not isinstance(combine_with, Iterable):
+        combine_with = [combine_with]  # one adapter alone: iterating over a string would take each character
     for spec in combine_with:
         if not isinstance(spec, str | Path):
             raise TuneforgeError(
@@ -203,7 +206,7 @@ def export_run(
     dtype: str | None = None,
     ollama: bool = False,
     overwrite: bool = False,
-    combine: list[str] | tuple[str, ...] = (),
+    combine: list[str] | tuple[str, ...] | None = (),
     combination: str | None = None,
     density: float | None = None,
     progress: bool = True,
