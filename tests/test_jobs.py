@@ -1346,6 +1346,21 @@ def test_a_job_whose_server_dies_once_too_often_fails_counting_every_death(tmp_p
     failed = store.get_job(job.id)
     assert failed.status == "failed" and failed.error["code"] == "server_stopped"
     assert f"stopped {MAX_RECOVERIES + 1} times" in failed.error["message"], failed.error
+    assert "checkpoint" not in failed.error["message"]  # its run wrote none
+
+
+def test_a_crashed_training_says_its_last_checkpoint_is_kept_only_when_it_wrote_one(tmp_path):
+    from tuneforge.jobs import runner
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import _crashed
+    from tuneforge.training.checkpoint import STATE
+
+    job = add_job(Store(f"sqlite:///{tmp_path / 'jobs.db'}"), KEY, status="running")
+    (tmp_path / runner.LOG).write_text("step 3\n")
+    assert "checkpoint" not in _crashed(job, tmp_path, -9, 3).error["message"]
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-2" / STATE).write_text("{}")
+    assert "Its last checkpoint (step 2) is kept." in _crashed(job, tmp_path, -9, 3).error["message"]
 
 
 def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_checkpoint(tmp_path):

@@ -245,7 +245,7 @@ class Workers:
                     JobFailure(
                         "server_stopped",
                         f"The server running this job stopped {job.recoveries + 1} times while it trained; "
-                        "giving up. Its last checkpoint is kept; start a new job to try again.",
+                        f"giving up.{_kept_checkpoint(self.runs / job.id)} Start a new job to try again.",
                     ),
                 )
             else:
@@ -571,9 +571,15 @@ def _crashed(job: Job, run_dir: Path, exit_code: int | None, step: int) -> JobFa
     return JobFailure(
         "training_crashed",
         f"The training process stopped (exit code {exit_code}) before it "
-        f"finished, at step {step} (error id {error_id}). Its last checkpoint is kept; give the "
+        f"finished, at step {step} (error id {error_id}).{_kept_checkpoint(run_dir)} Give the "
         "server's operator the error id for the details.",
     )
+
+
+def _kept_checkpoint(run_dir: Path) -> str:
+    """The sentence (after a space) that tells a failed job's last checkpoint is kept; none when its run wrote none."""
+    last = checkpoint.latest(run_dir / "checkpoints")
+    return f" Its last checkpoint (step {checkpoint.step_number(last)}) is kept." if last else ""
 
 
 def _unforeseen(job: Job, err: Exception) -> JobFailure:
