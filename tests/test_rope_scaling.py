@@ -213,3 +213,16 @@ def test_a_run_that_goes_on_training_a_scaled_run_s_adapter_keeps_its_scaling(lo
     cfg["train"]["max_steps"] = 1
     train(cfg, progress=False)
     assert model_context_length(load_model(resolve(str(tmp_path / "more" / "final")))) == 2 * WINDOW
+
+
+def test_models_info_refuses_a_bad_rope_scaling_in_a_run_s_config_naming_the_file_and_key(short_base, tmp_path):
+    from test_serve import random_adapter
+
+    from tuneforge.errors import ModelSourceError
+    from tuneforge.models import model_info
+
+    random_adapter(short_base, tmp_path / "run" / "final", seed=1)
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(f"base_model: {short_base}\nmodel:\n  rope_scaling: {{type: yarn, factor: 0.5}}\n")
+    with pytest.raises(ModelSourceError, match=f"^{config}: model.rope_scaling.factor: Input should be greater than 1"):
+        model_info(str(tmp_path / "run" / "final"))

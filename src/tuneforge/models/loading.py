@@ -17,13 +17,13 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
-from ..errors import ConfigError, ModelSourceError
+from ..errors import ConfigError, ModelSourceError, complaint, key_path
 from .architecture import end_of_turn_token
 from .convert import cached_registry_folder, context_length, read_record
 from .families import family_of, warn_if_untested
 from .images import ImageInputs, load_image_inputs
 from .registry import REGISTRY
-from .sources import ModelSource, resolve, run_config_of
+from .sources import ModelSource, resolve, run_config_of, run_config_path
 
 # The fallback for tokenizers without a template. No default system prompt: a model that never
 # saw one should not be handed an invented one.
@@ -165,11 +165,22 @@ def _config_refused(path: Path, reason: str) -> ModelSourceError:
 def trained_rope_scaling(adapter: Path) -> dict | None:
     """The model.rope_scaling (as `RopeScaling.parameters()`) the run of `adapter` (its final/ or a checkpoint)
     trained with, which its base must run with too; None for none, or an adapter from elsewhere."""
+    from pydantic import ValidationError
+
     from ..config import RopeScaling
 
     run = run_config_of(adapter)
     if recorded := (run.get("model") or {}).get("rope_scaling"):
-        return RopeScaling.model_validate(recorded).parameters()
+        try:
+            return RopeScaling.model_validate(recorded).parameters()
+        except ValidationError as err:  # the run's config.yaml edited since it trained
+            said = "; ".join(
+                f"{'.'.join(['model.rope_scaling', *key_path(e['loc'])])}: {complaint(e)}" for e in err.errors()
+            )
+            raise ModelSourceError(
+                f"{run_config_path(adapter)}: {said}. Correct it to the scaling the run trained with.",
+                code="model_load_failed",
+            ) from None
     # A run that went on training an earlier run's adapter (base_model: that run) loaded it with its scaling.
     base = run.get("base_model")
     if base and Path(base).exists() and (earlier := resolve(str(base), pull_missing=False)).adapter is not None:

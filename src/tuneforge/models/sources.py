@@ -260,6 +260,17 @@ def _run_config_base_model(adapter_dir: Path) -> str | None:
     return str(base_model) if base_model else None
 
 
+def run_config_path(model_dir: Path) -> Path | None:
+    """The config.yaml of the run whose `final/` or `checkpoints/step-N/` `model_dir` is; None for any other
+    folder."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.name == "final":
+        return model_dir.parent / "config.yaml"
+    if model_dir.parent.name == "checkpoints":
+        return model_dir.parent.parent / "config.yaml"
+    return None
+
+
 def run_config_of(model_dir: Path) -> dict:
     """The config.yaml, as written, of the run whose `final/` or `checkpoints/step-N/` `model_dir`
     is; {} for any other folder, or a config that cannot be read."""
@@ -267,15 +278,10 @@ def run_config_of(model_dir: Path) -> dict:
 
     from ..config import load_yaml
 
-    model_dir = Path(model_dir).resolve()
-    if model_dir.name == "final":
-        run = model_dir.parent
-    elif model_dir.parent.name == "checkpoints":
-        run = model_dir.parent.parent
-    else:
+    path = run_config_path(model_dir)
+    if path is None:
         return {}
     try:
-        path = run / "config.yaml"
         config = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
         return {}
