@@ -154,13 +154,18 @@ def test_a_compressed_upload_is_refused_saying_to_upload_the_text(http, tmp_path
     assert list((tmp_path / "files").iterdir()) == []
 
 
-@pytest.mark.parametrize("character", ["\x1b", "\t", "\x7f", "\x85"])
-def test_a_file_name_holding_a_control_character_is_refused_naming_it(http, character):
-    """A name is echoed to whoever lists the files: a terminal escape in it would act on their terminal.
+@pytest.mark.parametrize(
+    "character, kind",
+    [("\x1b", "control"), ("\t", "control"), ("\x7f", "control"), ("\x85", "control")]
+    + [("\u202e", "format"), ("\u200b", "format")],
+)
+def test_a_file_name_holding_a_control_or_format_character_is_refused_naming_it(http, character, kind):
+    """A name is echoed to whoever lists the files: a terminal escape in it would act on their terminal, and a
+    right-to-left override or an invisible character makes it look like another name.
     (httpx and browsers send some as %XX; a client writing the header by hand sends them raw.)"""
     name = f"train{character}[31m.jsonl"
     error = refusal(post(http, PURPOSE + field("file", ROW, name) + END))
-    assert error["param"] == "file" and f"control character {character!r} at character 5" in error["message"]
+    assert error["param"] == "file" and f"{kind} character {character!r} at character 5" in error["message"]
     assert http.get("/v1/files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
 
 

@@ -42,6 +42,15 @@ def own_file(
     return row
 
 
+# The Unicode categories of characters a file's name may not hold, and what each does to a listed name: a control
+# character (Cc, a terminal escape) acts on a terminal; a format one (Cf: a right-to-left override, a zero-width
+# space) hides or reorders what is shown.
+_HIDDEN_HARM = {
+    "Cc": ("control character", "which would act on the terminal of whoever lists the files"),
+    "Cf": ("format character", "which makes the name look like another where the files are listed"),
+}
+
+
 @router.post("")
 def upload_file(
     file: UploadFile = File(...),
@@ -71,11 +80,12 @@ def upload_file(
             param="file",
             code="invalid_value",
         )
-    if (control := next((ch for ch in name if unicodedata.category(ch) == "Cc"), None)) is not None:
+    if (odd := next((ch for ch in name if unicodedata.category(ch) in _HIDDEN_HARM), None)) is not None:
+        kind, harm = _HIDDEN_HARM[unicodedata.category(odd)]
         raise APIError(
             400,
-            f"The file's name {name!r} holds the control character {control!r} at character {name.index(control)}, "
-            "which would act on the terminal of whoever lists the files; name the file without it.",
+            f"The file's name {name!r} holds the {kind} {odd!r} at character {name.index(odd)}, {harm}; name the "
+            "file without it.",
             param="file",
             code="invalid_value",
         )
