@@ -169,6 +169,12 @@ def test_a_file_name_holding_a_control_or_format_character_is_refused_naming_it(
     assert http.get("/v1/files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
 
 
+def test_an_unknown_purpose_is_refused_echoing_no_more_than_its_start(http):
+    error = refusal(post(http, field("purpose", b"x" * 100_000) + FILE + END))
+    assert error["param"] == "purpose" and error["message"].startswith("purpose 'xxxx"), error["message"]
+    assert "is not supported here" in error["message"] and len(error["message"]) < 400, len(error["message"])
+
+
 def test_a_file_of_another_purpose_is_refused_by_every_route_saying_which_purpose_to_upload_with(http):
     headers = {"Authorization": f"Bearer {KEY}"}
 

@@ -61,7 +61,7 @@ def upload_file(
     if purpose not in PURPOSES:
         raise APIError(
             400,
-            f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune', the "
+            f"purpose {purpose!r:.80} is not supported here; upload training data with purpose 'fine-tune', the "
             "items of an eval run with purpose 'evals', and the requests of a batch with purpose 'batch'.",
             param="purpose",
             code="invalid_value",
