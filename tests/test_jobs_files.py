@@ -169,6 +169,15 @@ def test_a_file_name_holding_a_control_or_format_character_is_refused_naming_it(
     assert http.get("/v1/files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
 
 
+@pytest.mark.parametrize("name", ["می‌خواهم.jsonl", "team-👩‍💻.jsonl"])
+def test_a_file_name_whose_letters_need_a_joiner_is_taken(http, name):
+    """The zero-width non-joiner shapes Persian words and the joiner builds emoji sequences: format characters a
+    name's own letters need, not ones that disguise it."""
+    answer = post(http, PURPOSE + field("file", ROW, name) + END)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["filename"] == name
+
+
 def test_an_unknown_purpose_is_refused_echoing_no_more_than_its_start(http):
     error = refusal(post(http, field("purpose", b"x" * 100_000) + FILE + END))
     assert error["param"] == "purpose" and error["message"].startswith("purpose 'xxxx"), error["message"]

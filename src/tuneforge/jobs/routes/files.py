@@ -49,6 +49,14 @@ _HIDDEN_HARM = {
     "Cc": ("control character", "which would act on the terminal of whoever lists the files"),
     "Cf": ("format character", "which makes the name look like another where the files are listed"),
 }
+# The format characters that a name's own letters need: the zero-width non-joiner and joiner shape Persian and
+# Indic words and join emoji sequences.
+_JOINERS = {"\u200c", "\u200d"}
+
+
+def _hidden_harm(ch: str) -> tuple[str, str] | None:
+    """What `ch` does to a listed name, where it is a character a name may not hold (`_HIDDEN_HARM`)."""
+    return None if ch in _JOINERS else _HIDDEN_HARM.get(unicodedata.category(ch))
 
 
 @router.post("")
@@ -80,8 +88,8 @@ def upload_file(
             param="file",
             code="invalid_value",
         )
-    if (odd := next((ch for ch in name if unicodedata.category(ch) in _HIDDEN_HARM), None)) is not None:
-        kind, harm = _HIDDEN_HARM[unicodedata.category(odd)]
+    if (odd := next((ch for ch in name if _hidden_harm(ch)), None)) is not None:
+        kind, harm = _hidden_harm(odd)
         raise APIError(
             400,
             f"The file's name {name!r} holds the {kind} {odd!r} at character {name.index(odd)}, {harm}; name the "
