@@ -889,19 +889,17 @@ class ResponsesBody(SampledBody):
 
     def template_messages(self) -> list[dict]:
         system = [] if self.instructions is None else [{"role": "system", "content": self.instructions}]
-        return [
-            *(ChatMessage(**m).as_template_message() for m in system),
-            *(
-                item.as_chat_message(reasoning.text if reasoning else None).as_template_message()
-                for at, item in enumerate(self.input)
-                if isinstance(item, InputMessage)
-                for reasoning in [self._reasoning_of(at)]
-            ),
-        ]
+        messages = [ChatMessage(**m).as_template_message() for m in system]
+        for at, item in enumerate(self.input):
+            if isinstance(item, InputMessage):
+                reasoning = self._reasoning_of(at)
+                messages.append(item.as_chat_message(reasoning and reasoning.text).as_template_message())
+        return messages
 
     def _reasoning_of(self, at: int) -> ReasoningItem | None:
         """The reasoning item just before input item `at` where that item is an assistant message: its reasoning."""
-        item, before = self.input[at] if at < len(self.input) else None, self.input[at - 1] if at else None
-        if isinstance(item, InputMessage) and item.role == "assistant" and isinstance(before, ReasoningItem):
-            return before
-        return None
+        if not 0 < at < len(self.input):
+            return None
+        item, before = self.input[at], self.input[at - 1]
+        answers = isinstance(item, InputMessage) and item.role == "assistant"
+        return before if answers and isinstance(before, ReasoningItem) else None
