@@ -1029,13 +1029,12 @@ def test_a_config_json_far_larger_than_its_weights_is_refused_before_the_model_i
     shutil.copytree(tiny_model_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **sizes}))
-    started = time.monotonic()
+    # The sizes' bound refuses it, before a model is built ("its sizes"; counting the built model says "describes").
     for load in (model_info, load_model):
         with pytest.raises(
             ModelSourceError, match=r"inflated/config.json: its sizes \(vocab_size .*\) make a model of"
         ):
             load(str(folder))
-    assert time.monotonic() - started < 10  # refused from the sizes, not after building 100,000 layers
 
 
 @pytest.mark.parametrize(
