@@ -94,16 +94,12 @@ def check(
     given = {"model": model, "format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
     if not _is_config(config_or_data):
         refuse_options("data files have no config to override", {"overrides": bool(overrides)}, " (or pass a config)")
-        given_files = config_or_data
-        if isinstance(given_files, (str, Path)):  # one file
-            files = [given_files]
-        elif isinstance(given_files, Iterable) and not isinstance(given_files, (bytes, bytearray)):
-            files = list(given_files)  # a list, tuple, set, generator, ... of paths
-        else:
-            files = None
-        odd = [f for f in files if not isinstance(f, (str, Path))] if files is not None else [given_files]
+        # One file, or a list, tuple, set, generator, ... of them; anything else is one odd value, refused below.
+        one = isinstance(config_or_data, (str, Path, bytes, bytearray)) or not isinstance(config_or_data, Iterable)
+        files = [config_or_data] if one else list(config_or_data)
+        odd = [f for f in files if not isinstance(f, (str, Path))]
         if odd or not files:
-            got = f"{odd[0]!r:.80}" if odd else f"an empty {type(given_files).__name__}"
+            got = f"{odd[0]!r:.80}" if odd else f"an empty {type(config_or_data).__name__}"
             raise ConfigError(
                 "files: give a data file's path or a list of them (or a training config: a YAML file's path, a "
                 f"shipped recipe's name, a dict or a Config), got {got}.",
