@@ -294,6 +294,16 @@ def write_json(path: str | os.PathLike, obj, *, indent: int = 2, durable: bool =
         f.write("\n")
 
 
+def complete_lines(path: str | os.PathLike) -> list[bytes]:
+    """The lines of a file that a run appends to, each without its newline; a last line still being written (no
+    newline yet) is left out, and a file that cannot be read has none."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return []
+    return data[: data.rfind(b"\n") + 1].split(b"\n")[:-1]
+
+
 def tuneforge_home() -> Path:
     """Cache root: `$TUNEFORGE_HOME`, default `~/.cache/tuneforge`."""
     return Path(os.environ.get("TUNEFORGE_HOME") or Path.home() / ".cache" / "tuneforge")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import json_value
-from ..fsio import atomic_dir, atomic_file, write_json
+from ..fsio import atomic_dir, atomic_file, complete_lines, write_json
 from ..tasks.metrics import METRICS
 from ..wording import counted
 from .evaluate import side_by_side
@@ -433,11 +433,7 @@ def _figure(title: str):
 def read_metrics(run_dir: Path, note: Callable[[str], None] | None = None) -> list[dict]:
     """The step records of a run's metrics.jsonl; a last line still being written (no newline yet) is left out,
     and so is a line that is not a step's record (`step_record`), said to `note` (by default, a warning)."""
-    try:
-        data = (Path(run_dir) / "metrics.jsonl").read_bytes()
-    except OSError:
-        return []
-    return step_records(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], lambda i: f"line {i + 1}", note)
+    return step_records(complete_lines(Path(run_dir) / "metrics.jsonl"), lambda i: f"line {i + 1}", note)
 
 
 def step_records(lines: list[bytes], where: Callable[[int], str], note: Callable[[str], None] | None = None):

@@ -25,7 +25,7 @@ import torch
 
 from ..data import IGNORE_INDEX
 from ..errors import json_value
-from ..fsio import writing
+from ..fsio import complete_lines, writing
 from ..generate import generate
 from .run_folder import restart_step_log
 
@@ -139,12 +139,8 @@ class SamplesLog:
 def read(path: Path, note: Callable[[str], None]) -> list[tuple[int, object]]:
     """samples.jsonl's JSON values with their line numbers, in order; a last line still being written (no newline
     yet) is left out, and a line that is not JSON is said to `note` and left out."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return []
     records = []
-    for number, line in enumerate(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], start=1):
+    for number, line in enumerate(complete_lines(path), start=1):
         if line.strip():
             record, wrong = json_value(line)
             if wrong is None:
