@@ -987,7 +987,7 @@ def test_a_run_config_yaml_python_cannot_read_is_no_run_config_not_a_traceback(t
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
-        (lambda c: [1, 2], r"config.json: it holds a JSON array, not an object"),
+        (lambda c: [1, 2], r"config.json: it holds an array, not an object"),
         (lambda c: {**c, "hidden_size": "x"}, r"config.json: .*'hidden_size' expected int, got str"),
         (lambda c: {**c, "num_attention_heads": 3}, r"config.json: .*hidden size \(64\) .* heads \(3\)"),
         (lambda c: {**c, "vocab_size": 0}, r"config.json: vocab_size is 0; it must be a whole number of at least 1"),
@@ -1040,10 +1040,10 @@ def test_a_config_json_far_larger_than_its_weights_is_refused_before_the_model_i
 @pytest.mark.parametrize(
     ("file", "text", "named"),
     [
-        ("tokenizer_config.json", "[]", r"tokenizer_config.json: it holds a JSON array, not an object"),
+        ("tokenizer_config.json", "[]", r"tokenizer_config.json: it holds an array, not an object"),
         ("tokenizer_config.json", "{ not json", r"tokenizer_config.json is not valid JSON \(.*line 1, column 3\)"),
         ("tokenizer.json", '{"version": "1.0", "trunc', r"tokenizer.json is not valid JSON \(.*line 1, column 20\)"),
-        ("special_tokens_map.json", '"<|im_end|>"', r"special_tokens_map.json: it holds a JSON string, not an object"),
+        ("special_tokens_map.json", '"<|im_end|>"', r"special_tokens_map.json: it holds a string, not an object"),
     ],
 )
 def test_a_damaged_tokenizer_file_is_named_with_where_it_breaks(tiny_model_dir, tmp_path, file, text, named):

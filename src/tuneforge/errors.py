@@ -47,6 +47,15 @@ def json_value(data: bytes):
         return None, unreadable_json(err) or f"is not JSON ({err})"
 
 
+def json_kind(value) -> str:
+    """What a parsed JSON value that is no object is, in JSON's words: 'an array', 'null'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {list: "an array", str: "a string"}.get(type(value), "a number")
+
+
 def key_path(loc: Sequence) -> list[str]:
     """A pydantic error's location as the keys it names. A value that fits none of a union's types gets a
     complaint per type, each located under the type's name (`data.train.list[str]`, `logprobs.bool`)."""

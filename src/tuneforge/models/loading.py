@@ -17,7 +17,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
-from ..errors import ConfigError, ModelSourceError, complaint, key_path
+from ..errors import ConfigError, ModelSourceError, complaint, json_kind, key_path
 from .architecture import end_of_turn_token
 from .convert import cached_registry_folder, context_length, read_record
 from .families import family_of, warn_if_untested
@@ -1022,16 +1022,10 @@ def _refuse_broken_json(path: Path) -> None:
     else:
         if isinstance(value, dict):
             return
-        problem = f": it holds {_json_kind(value)}, not an object"
+        problem = f": it holds {json_kind(value)}, not an object"
     raise ModelSourceError(
         f"{path}{problem}. Copy {path.name} again from where the model came from.", code="model_load_failed"
     )
-
-
-def _json_kind(value) -> str:
-    """What a JSON value is, in JSON's words: 'a JSON array', 'a JSON string'."""
-    kinds = ((bool, "true or false"), (list, "a JSON array"), (str, "a JSON string"), ((int, float), "a number"))
-    return next((kind for types, kind in kinds if isinstance(value, types)), "null")
 
 
 def _model_config(folder: Path) -> dict:

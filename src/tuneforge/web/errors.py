@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.staticfiles import StaticFiles
 
 from ..database import UnknownCursor
-from ..errors import complaint, key_path, unreadable_json
+from ..errors import complaint, json_kind, key_path, unreadable_json
 from ..fsio import REFUSED_WRITE_ADVICE
 from .shapes import MAX_FILENAME_CHARS, FormFields, multipart_boundary
 
@@ -311,7 +311,7 @@ def validation_error(first: dict, content_type: str | None = None) -> APIError:
             "as a JSON object with Content-Type: application/json."
         )
     elif param is None and not isinstance(first.get("input"), dict):
-        message = f"The request body is {_json_kind(first.get('input'))}: send the parameters as a JSON object."
+        message = f"The request body is {json_kind(first.get('input'))}: send the parameters as a JSON object."
     elif kind == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif kind == "missing":
@@ -325,12 +325,3 @@ def validation_error(first: dict, content_type: str | None = None) -> APIError:
         said = complaint(first)
         message = f"Invalid value for '{param}': {said}" if param else said or "Invalid request"
     return APIError(400, message, param=param, code="invalid_value")
-
-
-def _json_kind(value) -> str:
-    """What a parsed JSON value is, in JSON's words: 'an array', 'null'."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return {list: "an array", str: "a string"}.get(type(value), "a number")
