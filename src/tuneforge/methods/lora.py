@@ -309,8 +309,7 @@ def refuse_missing_targets(model, cfg, config) -> None:
     (Qwen2-MoE's) is named as such; where it adapts them, the remedy names them, and gate_up_proj for the experts'
     gate_proj and up_proj, which name linear layers alone (`parameters_for_peft`)."""
     linears = ", ".join(decoder_linears(model))
-    listed = listed_modules(cfg, config)
-    unmatched = [m for m in listed if not modules_named(model, m)]
+    unmatched = [m for m in listed_modules(cfg, config) if not modules_named(model, m)]
     for wanted in unmatched:
         if weight := fused_expert_weight(model, wanted):
             raise ConfigError(
@@ -329,11 +328,12 @@ def refuse_missing_targets(model, cfg, config) -> None:
             if "gate_up_proj" in fused
             else ")"
         )
-    for key, names, remedy in (
-        ("modules_to_save", cfg.lora.modules_to_save or [], "modules it has (e.g. lm_head, embed_tokens)"),
-        ("target_modules", listed, layers),
+    unsaved = [m for m in cfg.lora.modules_to_save or [] if not modules_named(model, m)]
+    for key, missing, remedy in (
+        ("modules_to_save", unsaved, "modules it has (e.g. lm_head, embed_tokens)"),
+        ("target_modules", unmatched, layers),
     ):
-        if missing := [m for m in names if not modules_named(model, m)]:
+        if missing:
             raise ConfigError(
                 f"{cfg.key_at(f'lora.{key}')}: names {', '.join(missing)}, which this model has no module called. "
                 f"Name {remedy}, or leave {key} out."
