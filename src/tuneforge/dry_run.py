@@ -337,7 +337,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
 
     console.rule("one training example, as the model sees it")
     console.print(legend(console))
-    console.print(highlight(train_items[0], tokenizer, marked=not console.color_system))
+    console.print(highlight(train_items[0], tokenizer, console))
     data_warnings = prepared.report.get("warnings", [])
     held = earlier_run(Path(cfg.output_dir))
     needed, free = max(sum(memory.values()), sum(loading.values())) * sharing, available_memory(device)

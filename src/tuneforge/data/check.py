@@ -308,7 +308,7 @@ def show_examples(
                 else ""
             )
             console.print(Text(f"--- {path}:{line}{which}{cut}", style="bold"))
-            console.print(highlight(trained, tokenizer, marked=not console.color_system))
+            console.print(highlight(trained, tokenizer, console))
 
 
 def _rendered_rows(files, tokenizer, format: str, train_on: str, max_length: int, split: bool = False):
@@ -355,9 +355,10 @@ def legend(console: Console) -> Text:
     return Text.assemble("legend: ", (trained, TRAINED_STYLE), " / ", ("not trained", MASKED_STYLE))
 
 
-def highlight(example: Example, tokenizer, *, marked: bool = False) -> Text:
-    """The example's text, each token styled by whether it is trained (a target of the loss); `marked` also puts
-    each run of trained text between TRAINED_MARKS, for output without colour."""
+def highlight(example: Example, tokenizer, console: Console | None = None) -> Text:
+    """The example's text, each token styled by whether it is trained (a target of the loss); for a `console`
+    that shows no colour, each run of trained text also sits between TRAINED_MARKS."""
+    marked = console is not None and not console.color_system
     is_target = [False] + [label != IGNORE_INDEX for label in example.labels[:-1]]
     text, shown, end = Text(), "", 0
     # Each run of tokens is what decoding up to its end adds to decoding up to its start: that keeps
