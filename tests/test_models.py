@@ -1116,3 +1116,18 @@ def test_a_model_type_this_transformers_lacks_is_told_as_such_not_as_a_config_js
             error.value.message,
         )
         assert "Copy config.json again" not in error.value.message
+
+
+def test_a_folder_holding_safetensors_and_bin_weights_is_sized_by_the_safetensors_transformers_loads(
+    tiny_model_dir, tmp_path
+):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 10**9}))
+    with pytest.raises(ModelSourceError) as error:
+        model_info(str(folder))
+    assert f"far more than the {(folder / 'model.safetensors').stat().st_size:,} bytes" in error.value.message

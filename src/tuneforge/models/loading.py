@@ -71,8 +71,6 @@ def base_config(spec: str | ModelSource, rope_scaling: dict | None = None, key: 
 # Sizes a config gives that no model has fewer than one of; transformers builds a model with none (layers) or
 # fails inside torch (a vocabulary of none) instead of saying so.
 _COUNTED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-# The files a folder's weights are kept in (safetensors, or PyTorch's pickles), shards included.
-_WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
 def model_config(folder: Path):
@@ -140,11 +138,12 @@ def _refuse_model_past_weights(folder: Path, config) -> None:
 
 
 def _weights_bytes(folder: Path) -> int | None:
-    """The bytes of the weights files in `folder`; None where a safetensors file among them is not whole (cut
-    short, its header damaged), whose size says nothing of the model's."""
+    """The bytes of the weights files transformers loads from `folder` (`loaded_weight_files`); None where a
+    safetensors file among them is not whole (cut short, its header damaged), whose size says nothing of the
+    model's."""
     from safetensors import safe_open
 
-    files = [f for pattern in _WEIGHT_FILES for f in folder.glob(pattern) if f.is_file()]
+    files = loaded_weight_files(folder)
     for file in files:
         if file.suffix == ".safetensors":
             try:
@@ -153,6 +152,23 @@ def _weights_bytes(folder: Path) -> int | None:
             except (SafetensorError, OSError):
                 return None
     return sum(file.stat().st_size for file in files)
+
+
+def loaded_weight_files(folder: Path) -> list[Path]:
+    """The weights files transformers loads the model in `folder` from, picked as it picks them: model.safetensors,
+    else the shards its index names, else pytorch_model.bin, else the shards its index names (a folder holding
+    both kinds loads only the first found). Only the files there are listed; none where it holds no weights."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    for single, index_name in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        if (folder / single).is_file():
+            return [folder / single]
+        index = folder / index_name
+        if index.is_file():
+            _refuse_broken_json(index)
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+            return [folder / name for name in shards if (folder / name).is_file()]
+    return []
 
 
 def _config_refused(path: Path, reason: str) -> ModelSourceError:
@@ -708,16 +724,7 @@ def largest_shard_bytes(folder: Path) -> int:
     """Bytes of the largest weights file of the checkpoint in `folder` (its shards as its index names them, or
     its single file): what a quantizing load (`load_model` with `quantization`) reads whole, in the checkpoint's
     own precision, before it quantizes that file's linear weights. 0 where the folder holds no weights file."""
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-
-    for index_name, single in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
-        index = folder / index_name
-        if index.is_file():
-            files = set(json.loads(index.read_text()).get("weight_map", {}).values())
-            return max(((folder / name).stat().st_size for name in files if (folder / name).is_file()), default=0)
-        if (folder / single).is_file():
-            return (folder / single).stat().st_size
-    return 0
+    return max((file.stat().st_size for file in loaded_weight_files(folder)), default=0)
 
 
 def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
