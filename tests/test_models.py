@@ -1131,3 +1131,27 @@ def test_a_folder_holding_safetensors_and_bin_weights_is_sized_by_the_safetensor
     with pytest.raises(ModelSourceError) as error:
         model_info(str(folder))
     assert f"far more than the {(folder / 'model.safetensors').stat().st_size:,} bytes" in error.value.message
+
+
+@pytest.mark.parametrize("kept", ["all but one", "the smallest alone"])
+def test_a_sharded_model_missing_shards_its_index_names_is_refused_naming_them(tmp_path, kept):
+    from tiny import tiny_llama, tiny_tokenizer
+
+    folder = tmp_path / "sharded"
+    tiny_llama(hidden=256, layers=1).save_pretrained(folder, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(folder)
+    shards = sorted(folder.glob("model-*.safetensors"), key=lambda file: file.stat().st_size)
+    gone = shards[-1:] if kept == "all but one" else shards[1:]
+    for shard in gone:
+        shard.unlink()
+    # With the smallest shard alone, the weights left are far fewer than config.json's sizes: not a config to blame.
+    for load in (model_info, load_model):
+        with pytest.raises(ModelSourceError) as error:
+            load(str(folder))
+        message = error.value.message
+        assert f"sharded/model.safetensors.index.json names {len(gone)} " in message
+        assert (
+            all(name in message for name in sorted(shard.name for shard in gone)[:3])
+            and "copy or download them again" in message
+        )
+        assert "another model" not in message

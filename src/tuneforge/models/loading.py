@@ -157,7 +157,8 @@ def _weights_bytes(folder: Path) -> int | None:
 def loaded_weight_files(folder: Path) -> list[Path]:
     """The weights files transformers loads the model in `folder` from, picked as it picks them: model.safetensors,
     else the shards its index names, else pytorch_model.bin, else the shards its index names (a folder holding
-    both kinds loads only the first found). Only the files there are listed; none where it holds no weights."""
+    both kinds loads only the first found); none where it holds no weights. An index naming shards the folder
+    lacks (a download or copy cut short) is refused naming them."""
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     for single, index_name in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
@@ -167,7 +168,15 @@ def loaded_weight_files(folder: Path) -> list[Path]:
         if index.is_file():
             _refuse_broken_json(index)
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
-            return [folder / name for name in shards if (folder / name).is_file()]
+            if missing := [name for name in shards if not (folder / name).is_file()]:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise ModelSourceError(
+                    f"{index} names {len(missing)} of its {len(shards)} shards that {folder} lacks: "
+                    f"{', '.join(missing[:3])}{more}. A download or copy cut short looks like this: copy or download "
+                    "them again from where the model came from.",
+                    code="model_load_failed",
+                )
+            return [folder / name for name in shards]
     return []
 
 
