@@ -107,33 +107,27 @@ def model_config(folder: Path):
 
 def _refuse_sizes_past_weights(folder: Path, text) -> None:
     """Refuse a config whose sizes make a model far larger than the weights files beside it, before a model is
-    built from it: transformers takes minutes and gigabytes to build 100,000 layers, and would start weights the
-    files lack at random at full size. The bound is the embedding and one weight of `hidden_size` per layer (every
-    decoder has at least that), at one bit each (the smallest any quantization stores)."""
-    stored = _weights_bytes(folder)
+    built from it: transformers takes minutes and gigabytes to build 100,000 layers. The bound is the embedding and
+    one weight of `hidden_size` per layer (every decoder has at least that); `load_model` counts the built model's
+    weights exactly (`_refuse_past_weights`) before any load."""
     sizes = {field: getattr(text, field, None) for field in ("vocab_size", "hidden_size", "num_hidden_layers")}
-    if not stored or not all(isinstance(size, int) for size in sizes.values()):
-        return  # no whole weights to compare with: the loader says what is missing or damaged
-    least = sizes["hidden_size"] * (sizes["vocab_size"] + sizes["num_hidden_layers"])
-    if least > 8 * stored:
+    if all(isinstance(size, int) for size in sizes.values()):
+        least = sizes["hidden_size"] * (sizes["vocab_size"] + sizes["num_hidden_layers"])
         given = ", ".join(f"{field} {size:,}" for field, size in sizes.items())
-        raise _config_refused(
-            folder / "config.json",
-            f"its sizes ({given}) make a model of at least {least:,} weights, far more than the {stored:,} bytes "
-            "of weights files beside it hold; it is from another model or was edited",
-        )
+        _refuse_past_weights(folder, least, f"its sizes ({given}) make a model of at least {least:,} weights")
 
 
-def _refuse_model_past_weights(folder: Path, config) -> None:
-    """Refuse, before its weights load, a model that `config` (its folder's config.json) makes far larger than the
-    weights files beside it, at one bit a weight: transformers would make every weight the files lack at full
-    size, gigabytes for layers a config.json edited or from another model adds."""
+def _refuse_past_weights(folder: Path, weights: int, described: str) -> None:
+    """Refuse a model of `weights` weights (`described` so in the message) that its folder's config.json makes far
+    larger than the weights files beside it, at one bit a weight (the smallest any quantization stores):
+    transformers would make every weight the files lack at full size, gigabytes for layers a config.json edited or
+    from another model adds."""
     stored = _weights_bytes(folder)
-    if stored and (weights := count_parameters(config)) > 8 * stored:
+    if stored and weights > 8 * stored:  # no whole weights to compare with: the loader says what is damaged
         raise _config_refused(
             folder / "config.json",
-            f"it describes a model of {weights:,} weights, far more than the {stored:,} bytes of weights files "
-            "beside it hold; it is from another model or was edited",
+            f"{described}, far more than the {stored:,} bytes of weights files beside it hold; it is from another "
+            "model or was edited",
         )
 
 
@@ -628,7 +622,8 @@ def load_model(
                 tokenizer = _raw_tokenizer(source)
                 config.get_text_config().pad_token_id = tokenizer.convert_tokens_to_ids(_pad_token(tokenizer))
         auto = AutoModelForSequenceClassification if classifier else generating_class(config)
-        _refuse_model_past_weights(source.path, config)
+        weights = count_parameters(config)
+        _refuse_past_weights(source.path, weights, f"it describes a model of {weights:,} weights")
         with _quiet_load_report() if quiet else contextlib.nullcontext():
             model, report = auto.from_pretrained(
                 source.path, config=config, dtype=dtype, output_loading_info=True, **placement
