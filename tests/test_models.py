@@ -1155,3 +1155,25 @@ def test_a_sharded_model_missing_shards_its_index_names_is_refused_naming_them(t
             and "copy or download them again" in message
         )
         assert "another model" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('{"eos_token_id": [2, ', r"generation_config.json is not valid JSON \(.*line 1, column 22\)"),
+        ("[2, 3]", r"generation_config.json: it holds an array, not an object"),
+        ('{"eos_token_id": "<|im_end|>"}', r"generation_config.json: eos_token_id is \"<\|im_end\|>\", not a token id"),
+        ('{"eos_token_id": [2, "x"]}', r"generation_config.json: eos_token_id is \[2, \"x\"\], not a token id"),
+        ('{"max_new_tokens": "x"}', r"generation_config.json: .*max_new_tokens"),
+    ],
+)
+def test_a_damaged_generation_config_is_refused_naming_it_not_taken_for_none(tiny_model_dir, tmp_path, text, named):
+    """The EOS ids a reply stops at are often the generation config's alone (Llama 3's end of turn): one ignored for
+    damage would let replies run on past their end."""
+    folder = tmp_path / "gen"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text(text)
+    for load in (model_info, load_model):
+        with pytest.raises(ModelSourceError, match=rf"gen/{named}.*generation_config.json again") as error:
+            load(str(folder))
+        assert error.value.code == "model_load_failed"

@@ -102,7 +102,58 @@ def model_config(folder: Path):
         if isinstance(value, int) and value < 1:
             raise _config_refused(path, f"{prefix}{field} is {value}; it must be a whole number of at least 1")
     _refuse_sizes_past_weights(folder, text)
+    _refuse_broken_generation_config(folder)
     return config
+
+
+# The token ids of a generation config, which transformers takes unchecked (a token's text given for its id).
+_GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _refuse_broken_generation_config(folder: Path) -> None:
+    """Refuse the generation_config.json in `folder` where it is there but not a generation config (a copy cut
+    short, a field of the wrong type), naming it and the field: transformers would load the model without it, or
+    fail later, and the ids a reply stops at are often its eos_token_id alone (Llama 3's end of turn), so replies
+    would run on past their end."""
+    from transformers import GenerationConfig
+
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return
+    _refuse_broken_json(path)
+    fields = json.loads(path.read_text(encoding="utf-8"))
+    for key in _GENERATION_IDS:
+        value = fields.get(key)
+        ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            listed = " or a list of them" if key == "eos_token_id" else ""
+            raise _generation_config_refused(path, f"{key} is {json.dumps(value)}, not a token id{listed}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers warns of odd settings again as it loads the model
+        try:
+            GenerationConfig.from_dict(fields)
+        except (ValueError, TypeError) as err:
+            refused = next((key for key in fields if not _generation_field_taken(key, fields[key])), None)
+            said = f"{refused} is {json.dumps(fields[refused])}" if refused else "its fields"
+            raise _generation_config_refused(path, f"{said}, which transformers refuses ({err})") from None
+
+
+def _generation_field_taken(key: str, value) -> bool:
+    """Whether transformers takes a generation config of the one field `key` set to `value`."""
+    from transformers import GenerationConfig
+
+    try:
+        GenerationConfig.from_dict({key: value})
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _generation_config_refused(path: Path, reason: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"{path}: {reason}. Copy generation_config.json again from where the model came from, or correct that field.",
+        code="model_load_failed",
+    )
 
 
 def _refuse_sizes_past_weights(folder: Path, text) -> None:
