@@ -1080,7 +1080,8 @@ def test_a_weight_of_another_shape_than_config_json_gives_is_told_without_transf
         load_model(str(folder))
     assert "ignore_mismatched_sizes" not in error.value.message
     assert re.search(
-        r"reshaped: a weight in its weights files has another shape than config.json gives it .*copy the model again",
+        r"reshaped: its weights files hold model.layers.0.self_attn.q_proj.weight of shape \[32, 128\], where "
+        r"config.json's model has \[64, 64\]\. .*copy the model again",
         error.value.message,
     )
 
@@ -1177,3 +1178,30 @@ def test_a_damaged_generation_config_is_refused_naming_it_not_taken_for_none(tin
         with pytest.raises(ModelSourceError, match=rf"gen/{named}.*generation_config.json again") as error:
             load(str(folder))
         assert error.value.code == "model_load_failed"
+
+
+def test_a_refused_load_shows_tuneforge_s_message_alone_and_a_kept_one_shows_transformers_report(
+    tiny_model_dir, tmp_path
+):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    missing, extra = (shutil.copytree(tiny_model_dir, tmp_path / name) for name in ("missing", "extra"))
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    save_file({**weights, "model.extra.weight": torch.zeros(3)}, extra / "model.safetensors", metadata={"format": "pt"})
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, missing / "model.safetensors", metadata={"format": "pt"})
+    said = []
+    handler = logging.Handler()
+    handler.emit = said.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with pytest.raises(ModelSourceError, match="hold no model.layers.0.mlp.up_proj.weight"):
+            load_model(str(missing))
+        assert not said  # the refusal is the one message, not beneath transformers' report of the same weight
+        load_model(str(extra))  # kept: transformers' report of the weight it leaves out is shown
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    (report,) = [record.getMessage() for record in said]
+    assert "LOAD REPORT" in report and re.search(r"model.extra.weight +\| UNEXPECTED", report)

@@ -7,6 +7,7 @@ import copy
 import functools
 import json
 import logging
+import logging.handlers
 import re
 import threading
 import warnings
@@ -662,6 +663,7 @@ def load_model(
     # A causal LM's folder loaded as a classifier has no score head: it starts new, as a reward model's does, so
     # transformers' report of the missing `score.weight` says nothing a user should act on.
     quiet = classifier and not classifier_folder(source.path)
+    held: list[logging.LogRecord] = []
     try:
         config = base_config(source, rope_scaling)
         if classifier:
@@ -675,16 +677,19 @@ def load_model(
         auto = AutoModelForSequenceClassification if classifier else generating_class(config)
         weights = count_parameters(config)
         _refuse_past_weights(source.path, weights, f"it describes a model of {weights:,} weights")
-        with _quiet_load_report() if quiet else contextlib.nullcontext():
+        with _held_load_report() as held:
             model, report = auto.from_pretrained(
                 source.path, config=config, dtype=dtype, output_loading_info=True, **placement
             )
     except LOAD_ERRORS as err:
-        raise _load_failed(source.path, err) from err
+        raise _load_failed(source.path, err, held) from err
     # transformers starts a weight the checkpoint lacks at random and goes on; only a new score head may be.
     _refuse_missing_weights(
         source.path, [key for key in report["missing_keys"] if not (quiet and key.startswith("score."))]
     )
+    if not quiet:  # a load kept: its report (weights the checkpoint holds that the model leaves out) is shown
+        for record in held:
+            logging.getLogger(record.name).handle(record)
     if quantization and torch.device(device).type == "cpu":
         own_unquantized_weights(model)
     if source.adapter is None:
@@ -716,19 +721,19 @@ def load_model(
 
 
 @contextlib.contextmanager
-def _quiet_load_report():
-    """transformers' load report (missing and unexpected weights) held back inside the block. With its logger
-    quieted, transformers checks the model's tensor-parallel plan and names every layer it would not shard (the
-    new score head, the norms): a multi-GPU sharding fact, for a model loaded whole, so that is held back too."""
-    loggers = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+def _held_load_report():
+    """transformers' load report (missing, unexpected and mismatched weights) held back inside the block, as the
+    log records it yields: a load `load_model` refuses is told in its one message, not beneath a report of the
+    same weights, and the report of a load it keeps is shown after."""
+    handler = logging.handlers.BufferingHandler(capacity=float("inf"))
+    logger = logging.getLogger("transformers.modeling_utils")
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
     try:
-        yield
+        yield handler.buffer
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def is_sequence_classifier(source: ModelSource) -> bool:
@@ -877,14 +882,29 @@ def input_embedding_name(folder: Path) -> str:
     return _module_name(model, model.get_input_embeddings())
 
 
-def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
-    """The error for a base or adapter folder that would not load, naming that folder."""
+# A weight of another shape in transformers' load report: its name, and (in a terminal wide enough) both shapes.
+_MISMATCH = re.compile(
+    r"^(?P<key>\S+) +\| MISMATCH"
+    r"(?:.*ckpt: torch\.Size\((?P<stored>\[.*?\])\) vs model: ?torch\.Size\((?P<built>\[.*?\])\))?",
+    re.MULTILINE,
+)
+
+
+def _load_failed(folder: Path, err: Exception, report: list[logging.LogRecord] = ()) -> ModelSourceError:
+    """The error for a base or adapter folder that would not load, naming that folder; `report`: transformers' load
+    report of it, held back (`_held_load_report`), which names a weight of another shape."""
     if "ignore_mismatched_sizes" in str(err):
-        # transformers names the weight in its load report, and as the remedy an option tuneforge does not pass.
+        # transformers names as the remedy an option tuneforge does not pass; the weight is named here instead.
+        found = next(filter(None, (_MISMATCH.search(record.getMessage()) for record in report)), None)
+        if found and found["stored"]:
+            which = f"{found['key']} of shape {found['stored']}, where config.json's model has {found['built']}"
+        elif found:
+            which = f"{found['key']} of another shape than config.json gives it"
+        else:
+            which = "a weight of another shape than config.json gives it"
         return ModelSourceError(
-            f"Could not load the model in {folder}: a weight in its weights files has another shape than config.json "
-            "gives it (transformers' load report names it). The weights and config.json are of different models, or "
-            "config.json was edited: copy the model again from where it came from.",
+            f"Could not load the model in {folder}: its weights files hold {which}. The weights and config.json are "
+            "of different models, or config.json was edited: copy the model again from where it came from.",
             code="model_load_failed",
         )
     damaged = (
