@@ -1205,3 +1205,28 @@ def test_a_refused_load_shows_tuneforge_s_message_alone_and_a_kept_one_shows_tra
         logging.getLogger("transformers").removeHandler(handler)
     (report,) = [record.getMessage() for record in said]
     assert "LOAD REPORT" in report and re.search(r"model.extra.weight +\| UNEXPECTED", report)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a weight reshaped"])
+def test_an_adapter_whose_weights_are_damaged_is_refused_before_serving_or_loading_naming_the_file(
+    tiny_adapter, tmp_path, damage
+):
+    from safetensors.torch import load_file, save_file
+
+    from tuneforge.serve.adapters import load_pool
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    weights_file = adapter / "adapter_model.safetensors"
+    if damage == "cut short":
+        weights_file.write_bytes(weights_file.read_bytes()[:2000])
+        said = r"adapter_model.safetensors cannot be read \(.*\); a copy cut short looks like this"
+    else:
+        weights = load_file(weights_file)
+        name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        weights[name] = weights[name].reshape(8, 32).contiguous()
+        save_file(weights, weights_file, metadata={"format": "pt"})
+        said = rf"adapter_model.safetensors: {re.escape(name)} has shape \[8, 32\], where adapter_config.json"
+    # serve's pool is refused as it starts, not at its first request; every other loader with the same message.
+    for load in (lambda: load_pool(None, {"x": str(adapter)}), lambda: load_model(str(adapter))):
+        with pytest.raises(ModelSourceError, match=rf"adapter/{said}.*Copy the adapter again, or use another"):
+            load()

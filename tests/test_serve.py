@@ -91,7 +91,8 @@ def alone(model, tokenizer, prompt, max_tokens: int, **sampling):
 
 @pytest.fixture(scope="module")
 def adapters(base_dir, triage_data, tmp_path_factory) -> dict:
-    """A finished LoRA run folder (served by its final adapter), two random adapters and a broken one."""
+    """A finished LoRA run folder (served by its final adapter), two random adapters and a copy of one whose weights
+    a test breaks once the server has started (`broken`: a server refuses damaged weights as it starts)."""
     root = tmp_path_factory.mktemp("adapters")
     train(tiny_run_config(base_dir, triage_data, root / "run", max_steps=4, learning_rate=2e-2), progress=False)
     folders = {
@@ -99,9 +100,7 @@ def adapters(base_dir, triage_data, tmp_path_factory) -> dict:
         "alpha": random_adapter(base_dir, root / "alpha", 1),
         "beta": random_adapter(base_dir, root / "beta", 2),
     }
-    broken = shutil.copytree(folders["alpha"], root / "broken")
-    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    return {**folders, "broken": broken}
+    return {**folders, "broken": shutil.copytree(folders["alpha"], root / "broken")}
 
 
 @pytest.fixture(scope="module")
@@ -1062,7 +1061,8 @@ def test_an_adapter_whose_copy_of_the_base_differs_is_refused_when_it_loads(base
     assert pool.loaded == []
 
 
-def test_a_broken_adapter_fails_its_request_not_the_server(server, client, base, adapters):
+def test_an_adapter_broken_after_the_server_started_fails_its_request_not_the_server(server, client, base, adapters):
+    (adapters["broken"] / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model="broken", messages=QUESTION, max_tokens=4, temperature=0)
     assert "Could not load adapter 'broken'" in caught.value.body["message"]

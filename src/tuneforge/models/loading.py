@@ -714,6 +714,7 @@ def load_model(
             # classifier: PEFT's causal-LM wrapper needs generation the classifier lacks, so its generic model
             # holds the adapter, for `methods.reward` to merge.
             config.task_type = None
+        refuse_damaged_adapter(source.adapter, model.config, config, classifier=classifier)
         with gate_up_pattern_warning_unsaid():
             return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies, config=config)
     except LOAD_ERRORS as err:
@@ -791,24 +792,67 @@ def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
     """How many input-embedding rows the adapter in `adapter` saves whole (the base's embeddings,
     `embedding_name` in the model, resized to tokens added in training and saved by PEFT as
     `modules_to_save` or embedding layers), or None when it saves none."""
-    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-
-    safetensors_file = adapter / SAFETENSORS_WEIGHTS_NAME
-    if safetensors_file.is_file():
-        from safetensors import safe_open
-
-        with safe_open(safetensors_file, "pt") as weights:
-            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
-    else:
-        from peft.utils import load_peft_weights
-
-        shapes = {key: list(tensor.shape) for key, tensor in load_peft_weights(str(adapter), device="cpu").items()}
     rows = [
         shape[0]
-        for key, shape in shapes.items()
+        for key, shape in adapter_weight_shapes(adapter).items()
         if f".{embedding_name}." in f".{key}" and "lora_" not in key and "token_adapter" not in key and len(shape) == 2
     ]
     return max(rows) if rows else None
+
+
+def adapter_weight_shapes(adapter: Path) -> dict[str, list[int]]:
+    """The shape of each weight the adapter in `adapter` saves, by its saved name; its weights file refused naming
+    it where it cannot be read (cut short, its header damaged)."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+    from safetensors import safe_open
+
+    path = adapter / SAFETENSORS_WEIGHTS_NAME
+    try:
+        if path.is_file():
+            with safe_open(path, "pt") as weights:
+                return {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
+        path = adapter / WEIGHTS_NAME
+        return {key: list(tensor.shape) for key, tensor in torch.load(path, map_location="meta").items()}
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+        raise ModelSourceError(
+            f"{path} cannot be read ({' '.join(str(err).split())}); a copy cut short looks like this. {_ADAPTER_AGAIN}",
+            code="model_load_failed",
+        ) from None
+
+
+_ADAPTER_AGAIN = "Copy the adapter again, or use another checkpoint."
+
+
+def refuse_damaged_adapter(adapter: Path, config, peft_config=None, *, classifier: bool = False) -> None:
+    """Refuse, before its weights load, the adapter in `adapter` whose weights file cannot be read or holds a weight
+    of another shape than its adapter_config.json (`peft_config`, where the loader changed it) gives that weight on
+    the model `config` describes (`classifier`: as `meta_model` builds it), naming the file and the weight. PEFT
+    refuses such a file only as it loads it: serve would start and answer its first request with an error."""
+    from peft import PeftConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    from ..methods.lora import gate_up_pattern_warning_unsaid
+
+    saved = adapter_weight_shapes(adapter)
+    peft_config = copy.deepcopy(peft_config or PeftConfig.from_pretrained(adapter))
+    if hasattr(peft_config, "init_lora_weights"):
+        peft_config.init_lora_weights = False  # shapes alone: no initialisation (PiSSA's would run an SVD)
+    with MODEL_BUILDING, torch.device("meta"), gate_up_pattern_warning_unsaid():
+        made = get_peft_model_state_dict(get_peft_model(meta_model(config, classifier=classifier), peft_config))
+    for key, shape in saved.items():
+        if key in made and list(made[key].shape) != shape:
+            raise ModelSourceError(
+                f"{adapter / _adapter_weights_name(adapter)}: {key} has shape {shape}, where adapter_config.json "
+                f"makes it {list(made[key].shape)} on its base. The weights file is damaged or of another adapter, or "
+                f"adapter_config.json was edited. {_ADAPTER_AGAIN}",
+                code="model_load_failed",
+            )
+
+
+def _adapter_weights_name(adapter: Path) -> str:
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    return SAFETENSORS_WEIGHTS_NAME if (adapter / SAFETENSORS_WEIGHTS_NAME).is_file() else WEIGHTS_NAME
 
 
 def adapter_token_rows(adapter: Path) -> int | None:

@@ -2,9 +2,10 @@
 
 Adapters are PEFT adapters on the one base model in memory (`load_adapter` / `set_adapter`; the
 adapter layers disabled for the base), loaded on first use; beyond `max_loaded`, the least
-recently used one is deleted again. Every adapter is resolved (no weights read) when the pool is
-built, or when `add_adapter` adds it, so a wrong path or an adapter for another base is an error
-then, not at the first request. `retire` stops serving an adapter's name at once; `remove`, on the
+recently used one is deleted again. Every adapter is resolved and its weights file checked (its header
+read, no weights loaded) when the pool is built, or when `add_adapter` adds it, so a wrong path, an
+adapter for another base or a damaged weights file is an error then, not at the first request.
+`retire` stops serving an adapter's name at once; `remove`, on the
 thread that owns the model once no request on it is left, deletes it (`Engine.unload` does both).
 """
 
@@ -19,13 +20,14 @@ from ..errors import ConfigError, ModelSourceError
 from ..generate import load_for_inference
 from ..models import ModelSource, describe_whole_model, load_tokenizer, resolve
 from ..models.loading import (
-    LOAD_ERRORS,
     MODEL_BUILDING,
     adapter_embedding_rows,
     adapter_token_rows,
     base_weight_copies,
     input_embedding_name,
+    model_config,
     model_vocab_rows,
+    refuse_damaged_adapter,
     refuse_reward_model,
     trained_rope_scaling,
 )
@@ -64,6 +66,7 @@ class AdapterPool:
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
         self._embedding_name = input_embedding_name(self.base_path)
         self._base_rows = model_vocab_rows(self.base_path)
+        self._base_config = model_config(self.base_path)
         # The base in memory runs with the rotary scaling its adapters trained with (model.rope_scaling), each
         # adapter's read once from its run.
         trained = {name: trained_rope_scaling(source.adapter) for name, source in adapter_sources.items()}
@@ -171,10 +174,7 @@ class AdapterPool:
                 f"{source.adapter}.",
                 code="adapter_base_mismatch",
             )
-        try:
-            rows = adapter_embedding_rows(source.adapter, self._embedding_name)
-        except LOAD_ERRORS:
-            rows = None  # damaged weights fail the adapter's requests when it loads, not the server
+        rows = adapter_embedding_rows(source.adapter, self._embedding_name)  # a file that cannot be read is refused
         if rows and rows != self._base_rows:
             # The base in memory is shared: resizing its vocabulary would change what the base and
             # every other adapter answer.
@@ -195,6 +195,7 @@ class AdapterPool:
                 f"tuneforge export {source.adapter} --format merged --out DIR, then tuneforge serve --model DIR.",
                 code="adapter_vocabulary_mismatch",
             )
+        refuse_damaged_adapter(source.adapter, self._base_config)
 
     def _check_compatible(self, name: str, source: ModelSource, config, other: str) -> None:
         """PEFT holds one kind of adapter layer per module of the shared base: a layer one adapter trains whole
