@@ -282,6 +282,25 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_model_dir, triage_da
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2"]
 
 
+def test_resume_from_an_edited_run_config_yaml_names_each_setting_changed_since_the_checkpoint(
+    tiny_model_dir, triage_data, tmp_path
+):
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    train(cfg, progress=False)
+    written = tmp_path / "run" / "config.yaml"
+    edited = yaml.safe_load(written.read_text())
+    edited["train"]["learning_rate"], edited["lora"]["r"] = 5e-4, 8
+    written.write_text(yaml.safe_dump(edited))
+    # config.yaml is the edited config itself: the checkpoint's own record of its settings is what it differs from.
+    with pytest.raises(TuneforgeError) as e:
+        train(str(written), resume="latest", progress=False)
+    assert re.search(
+        r"different config \(one that changes results\): lora\.r: 4 -> 8, train\.learning_rate: \S+ -> 0\.0005 "
+        r"\(the checkpoint's value first, then this config's\)\. Resume with",
+        e.value.message,
+    )
+
+
 def test_a_runs_own_config_resumed_from_another_folder_names_its_run_folder(
     tiny_model_dir, triage_data, tmp_path, monkeypatch
 ):

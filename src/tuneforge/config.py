@@ -1258,14 +1258,13 @@ class Config(Strict):
 
     def changed_results_settings(self, other: Config) -> list[str]:
         """`key: this value -> other's`, for each setting that changes results and differs between the two."""
-        mine, theirs = dotted(self.results_settings()), dotted(other.results_settings())
         # Shown from the whole configs: a setting the hash leaves out at its default shows that default.
-        shown_mine, shown_theirs = dotted(self.model_dump()), dotted(other.model_dump())
-        return [
-            f"{key}: {shown_mine.get(key)} -> {shown_theirs.get(key)}"
-            for key in sorted(mine.keys() | theirs.keys())
-            if mine.get(key) != theirs.get(key)
-        ]
+        return changed_settings(self.recorded_results_settings(), other, self.model_dump())
+
+    def recorded_results_settings(self) -> dict:
+        """`results_settings` as a checkpoint records them (through JSON), to be compared with a config's later
+        (`changed_settings`)."""
+        return json.loads(json.dumps(self.results_settings()))
 
     def results_settings(self) -> dict:
         """The settings that change training results: all but logging, checkpoint cadence and how the
@@ -1315,6 +1314,20 @@ class Config(Strict):
         # Each path as it reads, on its own line: é or 中文 not as \xE9 or \u4E2D escapes, a long path not
         # folded over two lines.
         return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True, width=float("inf"))
+
+
+def changed_settings(then: dict, now: Config, shown: dict) -> list[str]:
+    """`key: then -> now`, for each setting that changes results and differs between `then` (a config's
+    `recorded_results_settings`, as a checkpoint records them) and the config `now`. Each is shown as `shown` (the
+    whole config `then` is of, or `then` alone where only a checkpoint's record is left) and `now` hold it: a setting
+    the hash leaves out at its default shows that default, or "unset" where `shown` leaves it out too."""
+    mine, theirs = dotted(then), dotted(now.recorded_results_settings())
+    shown_mine, shown_theirs = dotted(shown), dotted(now.model_dump())
+    return [
+        f"{key}: {shown_mine.get(key, 'unset')} -> {shown_theirs.get(key)}"
+        for key in sorted(mine.keys() | theirs.keys())
+        if mine.get(key) != theirs.get(key)
+    ]
 
 
 def dotted(d: dict, prefix: str = "") -> dict:

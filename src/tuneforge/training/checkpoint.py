@@ -7,7 +7,7 @@ any model. Beside them:
   checkpoint, as a sharded checkpoint of torch.distributed.checkpoint (DCP): each process writes
   the shards it holds, and DCP reshards them on load, so a run resumes on any number of processes;
 - `scheduler.pt`, each process's RNG states (`rng-R.pt`) and `trainer_state.json` (step, tokens,
-  config hash, the sums of the steps not yet logged).
+  config hash and the settings that change results, the sums of the steps not yet logged).
 
 Every process writes into rank 0's temporary folder. Rank 0 checks that every file the DCP metadata
 names and every process's RNG file is there (over several machines, the run folder must be one they

@@ -454,6 +454,7 @@ class Run:
             **self.state,
             "step": step,
             "config_hash": self.cfg.results_hash(),
+            "results_settings": self.cfg.recorded_results_settings(),  # to name what a resume's config changes
             "data_key": self.data_key,
             "data_format": CACHE_FORMAT,
         }

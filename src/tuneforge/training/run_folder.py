@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Config, dotted, load_config
+from ..config import Config, changed_settings, dotted, load_config
 from ..data.cache import CACHE_FORMAT
 from ..data.prepare import hash_data
 from ..errors import ConfigError, TuneforgeError
@@ -100,8 +100,8 @@ def resume_point(cfg: Config, resume: str | bool | None, force: bool) -> tuple[P
         raise TuneforgeError(f"--resume {folder} {what}; {choices}.", code="bad_option")
     saved = checkpoint.read_state(folder)
     if saved["config_hash"] != cfg.results_hash() and not force:
-        changes = changes_since(cfg, saved["config_hash"])
-        shown = f": {', '.join(changes)} (the original is {Path(cfg.output_dir) / 'config.yaml'})" if changes else ""
+        changes, compared = changes_since(cfg, saved)
+        shown = f": {', '.join(changes)} ({compared})" if changes else ""
         advice = "Resume with the original config, or pass --force to continue anyway."
         if changes and all(change.startswith(("train.max_steps:", "train.epochs:")) for change in changes):
             # The schedule spans the run's steps: another length moves the saved step within it.
@@ -132,18 +132,21 @@ def _no_checkpoint_advice(cfg: Config) -> str:
     return f"{said}; start without --resume"
 
 
-def changes_since(cfg: Config, saved_hash: str) -> list[str]:
-    """`KEY: then -> now` for each setting that changes results, from the run's config.yaml to `cfg`, where
-    config.yaml is the config that wrote the checkpoint (`saved_hash`: a forced resume rewrites config.yaml,
-    so an older checkpoint's config may be gone); else none."""
+def changes_since(cfg: Config, saved: dict) -> tuple[list[str], str]:
+    """`KEY: then -> now` for each setting that changes results, from the config that wrote the checkpoint whose
+    loop state is `saved` to `cfg`, and what the first values are from: the run's config.yaml where it is that
+    config (its whole settings shown), else the settings the checkpoint recorded (config.yaml edited since, or
+    rewritten by a forced resume); none for a checkpoint that recorded none, from an earlier version."""
     written = Path(cfg.output_dir) / "config.yaml"
     try:
         earlier = load_config(written)
     except TuneforgeError:
-        return []
-    if earlier.results_hash() != saved_hash:
-        return []
-    return earlier.changed_results_settings(cfg)
+        earlier = None
+    if earlier is not None and earlier.results_hash() == saved["config_hash"]:
+        return earlier.changed_results_settings(cfg), f"the original is {written}"
+    if isinstance(recorded := saved.get("results_settings"), dict):
+        return changed_settings(recorded, cfg, recorded), "the checkpoint's value first, then this config's"
+    return [], ""
 
 
 def check_resumable(folder: Path, saved: dict, plan: StepPlan) -> None:
