@@ -1655,3 +1655,21 @@ def test_a_store_the_disk_has_no_room_for_is_told_as_a_full_disk_naming_its_file
             store.add(StoredFile(id=f"file-{n}", owner="o", filename=name, purpose="fine-tune", bytes=1, created_at=0))
     assert (refused.value.errno, refused.value.filename) == (errno.ENOSPC, str(tmp_path / "jobs.db"))
     assert store.get_file("o", "file-0").filename == "a.jsonl"
+
+
+def test_a_crashed_training_whose_last_checkpoint_is_damaged_names_it_not_only_the_whole_one_before(tmp_path):
+    from tuneforge.jobs import runner
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import _crashed
+    from tuneforge.training.checkpoint import STATE
+
+    job = add_job(Store(f"sqlite:///{tmp_path / 'jobs.db'}"), KEY, status="running")
+    (tmp_path / runner.LOG).write_text("step 5\n")
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-2" / STATE).write_text("{}")
+    (tmp_path / "checkpoints" / "step-4").mkdir()  # written in part: a resume refuses it rather than pass it over
+    message = _crashed(job, tmp_path, -9, 5).error["message"]
+    assert (
+        f"Its last checkpoint, step 4, is damaged ({STATE} is missing), which a resume refuses; step 2 before it is "
+        f"kept: a new job can start from it (model {job.fine_tuned_model}:ckpt-step-2)." in message
+    )

@@ -245,7 +245,7 @@ class Workers:
                     JobFailure(
                         "server_stopped",
                         f"The server running this job stopped {job.recoveries + 1} times while it trained; "
-                        f"giving up.{_kept_checkpoint(self.runs / job.id)} Start a new job to try again.",
+                        f"giving up.{_kept_checkpoint(job, self.runs / job.id)} Start a new job to try again.",
                     ),
                 )
             else:
@@ -571,14 +571,29 @@ def _crashed(job: Job, run_dir: Path, exit_code: int | None, step: int) -> JobFa
     return JobFailure(
         "training_crashed",
         f"The training process stopped (exit code {exit_code}) before it "
-        f"finished, at step {step} (error id {error_id}).{_kept_checkpoint(run_dir)} Give the "
+        f"finished, at step {step} (error id {error_id}).{_kept_checkpoint(job, run_dir)} Give the "
         "server's operator the error id for the details.",
     )
 
 
-def _kept_checkpoint(run_dir: Path) -> str:
-    """The sentence (after a space) that tells a failed job's last checkpoint is kept; none when its run wrote none."""
-    last = checkpoint.latest(run_dir / "checkpoints")
+def _kept_checkpoint(job: Job, run_dir: Path) -> str:
+    """The sentence (after a space) that tells a failed job's last checkpoint is kept; none when its run wrote none.
+    A damaged one past it, which a resume refuses rather than pass over, is named, and the one kept before it as the
+    model a new job starts from."""
+    root = run_dir / "checkpoints"
+    last = checkpoint.latest(root)
+    if damaged := checkpoint.damaged_past_latest(root):
+        folder, what = damaged
+        kept = (
+            f"step {checkpoint.step_number(last)} before it is kept: a new job can start from it (model "
+            f"{job.fine_tuned_model}:ckpt-step-{checkpoint.step_number(last)})"
+            if last
+            else "no checkpoint before it is kept"
+        )
+        return (
+            f" Its last checkpoint, step {checkpoint.step_number(folder)}, is damaged ({what}), which a resume "
+            f"refuses; {kept}."
+        )
     return f" Its last checkpoint (step {checkpoint.step_number(last)}) is kept." if last else ""
 
 

@@ -88,9 +88,17 @@ def latest(root: Path) -> Path | None:
 
 
 def latest_to_resume(root: Path) -> Path | None:
-    """The latest checkpoint, once no step past it is left unreadable: a `step-N` without trainer_state.json (its
-    last file, so a copy cut short or a file deleted since), or a file of that name, is refused as damaged rather
-    than passed over for an earlier checkpoint the user did not choose."""
+    """The latest checkpoint, once no step past it is left unreadable (`damaged_past_latest`): a damaged one is
+    refused rather than passed over for an earlier checkpoint the user did not choose."""
+    if damaged := damaged_past_latest(root):
+        raise _damaged(*damaged)
+    return latest(root)
+
+
+def damaged_past_latest(root: Path) -> tuple[Path, str] | None:
+    """The newest `step-N` past the latest checkpoint that is unreadable, and what is wrong with it: one without
+    trainer_state.json (its last file, so a copy cut short or a file deleted since), or a file of that name; None
+    where there is none."""
     found = latest(root)
     after = step_number(found) if found else -1
     unreadable = [
@@ -98,10 +106,10 @@ def latest_to_resume(root: Path) -> Path | None:
         for path in Path(root).glob("step-*")
         if is_step(path) and step_number(path) > after and not (path / STATE).is_file()
     ]
-    if unreadable:
-        newest = max(unreadable, key=step_number)
-        raise _damaged(newest, "it is a file, not a checkpoint folder" if newest.is_file() else f"{STATE} is missing")
-    return found
+    if not unreadable:
+        return None
+    newest = max(unreadable, key=step_number)
+    return newest, "it is a file, not a checkpoint folder" if newest.is_file() else f"{STATE} is missing"
 
 
 # --- the model's weights ---------------------------------------------------------------------------
