@@ -541,6 +541,20 @@ def test_bad_rows_are_refused_with_file_line_and_field(tmp_path):
     assert "out of range" in message and "none of the choices" in message and "is missing" in message
 
 
+def test_a_few_shot_file_in_no_multiple_choice_layout_is_refused_naming_its_rows(tmp_path):
+    """--fewshot-file (or eval.benchmarks' fewshot_file) of chat rows: each row refused with its file and line, and
+    the layouts to give, before any model loads."""
+    data = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 2
+    fewshot = write_jsonl(tmp_path / "dev.jsonl", chat)
+    with pytest.raises(DataError) as err:
+        read_benchmark(data, num_fewshot=1, fewshot_file=fewshot)
+    expected = [(str(fewshot), line, "bad_choice_row") for line in (1, 2)]
+    assert [(p.file, p.line, p.code) for p in err.value.problems] == expected
+    assert "in no multiple-choice layout (its keys: messages)" in str(err.value)
+    assert "MMLU's CSV (question, A, B, C, D, answer letter)" in str(err.value)
+
+
 def test_an_answer_in_digits_is_the_choice_with_that_text_and_refused_where_it_is_another_choices_index(tmp_path):
     """A quiz of numbers gives its answer as the right choice's text ("4" of "3", "4", "5"), as the layout reads
     text answers; digits that are one choice's text and another's index ("2" among "1", "2", "3") are refused."""

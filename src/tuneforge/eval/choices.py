@@ -181,8 +181,9 @@ def _index(value, count: int, field: str, bad: Callable[[str, str], None]) -> in
     return value
 
 
-def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list[Problem]:
-    """One row in `layout` as a `ChoiceRow`, or its problems, each naming the file, line and field."""
+def parse_choice_row(row, layout: str | None, file: str, line: int) -> ChoiceRow | list[Problem]:
+    """One row in `layout` (None: the file's first row is in none) as a `ChoiceRow`, or its problems, each naming the
+    file, line and field."""
     problems: list[Problem] = []
 
     def bad(field: str, message: str) -> None:
@@ -194,6 +195,10 @@ def parse_choice_row(row, layout: str, file: str, line: int) -> ChoiceRow | list
             return ""
         return value
 
+    if layout is None:  # a chat file given as the few-shot file, say
+        keys = f" (its keys: {', '.join(map(str, row))})" if isinstance(row, dict) else ""
+        bad(None, f"the row is in no multiple-choice layout{keys}; give every row in one layout: {LAYOUTS}.")
+        return problems
     # MMLU's CSV rows come as the generic layout's (`_mmlu_row`).
     if not isinstance(row, dict) or choice_layout(row) != ("choices" if layout == "mmlu_csv" else layout):
         found = choice_layout(row) if isinstance(row, dict) else None
