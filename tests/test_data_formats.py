@@ -917,3 +917,16 @@ def test_a_row_s_limit_counts_bytes_however_many_characters_hold_them(tmp_path, 
     items = read(path)
     assert [r.messages[-1].content for r in records(items)] == [under]
     assert [p.code for p in errors(items)] == ["row_too_large"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_file_whose_only_row_is_too_large_is_told_that_alone(tmp_path, suffix):
+    """The oversized row is the file's one problem: the file is not also told it has no rows, only blank lines."""
+    from tuneforge.data.readers import MAX_ROW_BYTES
+
+    path = tmp_path / f"train{suffix}"
+    big = "x" * (MAX_ROW_BYTES + 1)
+    path.write_text(
+        f"prompt,completion\nSay hi,{big}\n" if suffix == ".csv" else json.dumps({"prompt": "hi", "completion": big})
+    )
+    assert [(p.line, p.code) for p in errors(read(path))] == [(2 if suffix == ".csv" else 1, "row_too_large")]

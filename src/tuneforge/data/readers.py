@@ -286,13 +286,13 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
     seen_row = False
     with _open_binary(path) as f:
         for line_no, raw in enumerate(bounded_lines(f), start=1):
+            seen_row = seen_row or raw is None or bool(raw.strip())
             if raw is None:
                 yield line_no, _too_large(path, line_no)
                 continue
             if not raw.strip():
                 yield line_no, Problem("blank_line", "blank line skipped", file=path, line=line_no, severity="warning")
                 continue
-            seen_row = True
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
