@@ -401,6 +401,21 @@ def test_folder_that_is_no_model(tmp_path):
         resolve(str(tmp_path))
 
 
+def test_a_run_with_no_model_saved_yet_says_how_to_get_one(tmp_path):
+    """A run folder (its config.yaml) with no final/ and no complete checkpoint (one cut short as it was written):
+    the message says the run has saved no model and what to do, not only that the folder is no model."""
+    run = tmp_path / "my-run"
+    (run / "checkpoints" / ".tmp-step-10-x1").mkdir(parents=True)
+    (run / "checkpoints" / "step-20").mkdir()  # no trainer_state.json: cut short
+    (run / "config.yaml").write_text("base_model: smollm2-135m-instruct\nmethod: lora\n")
+    with pytest.raises(ModelSourceError) as caught:
+        resolve(str(run))
+    message = str(caught.value)
+    assert f"{run.resolve()} is a tuneforge run that has saved no model yet" in message
+    assert "no final/" in message and "no complete checkpoint" in message
+    assert "tuneforge train CONFIG --overwrite" in message
+
+
 def test_hub_id_while_offline_lists_offline_alternatives(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))

@@ -183,6 +183,14 @@ def _model_inside(folder: Path) -> Path:
 
     # A complete checkpoint only, never one a stopped run left half-written (.tmp-step-N-...).
     newest = latest(folder / "checkpoints")
+    if newest is None and (folder / "config.yaml").is_file():  # a run's own folder, before it saved a model
+        raise ModelSourceError(
+            f"{folder} is a tuneforge run that has saved no model yet: no final/ (written when training ends) and "
+            "no complete checkpoint in checkpoints/ (a step cut short as it was written is none). If it is "
+            "training, evaluate it once it saves a checkpoint (train.save_every) or ends; if it stopped before "
+            "either, train it again (tuneforge train CONFIG --overwrite).",
+            code="model_not_found",
+        )
     hint = f" The run has no final/ yet but has checkpoints: point at one, e.g. {newest}." if newest else ""
     raise ModelSourceError(
         f"{folder} is not a model: it holds no config.json (Hugging Face model), adapter_config.json "
