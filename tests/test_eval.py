@@ -750,3 +750,25 @@ def test_a_run_reports_curves_leave_out_a_metrics_line_that_is_not_a_step_record
         metrics = read_metrics(tmp_path)  # as write_run_report and a sweep read it
     assert [m["step"] for m in metrics] == [1, 3]
     assert len(training_plots(metrics)) == 2  # the loss curve and learning rate
+
+
+def test_a_run_reports_rollouts_leave_out_a_line_that_is_not_a_step_s_answers_and_say_so(tmp_path):
+    """rollouts.jsonl (a GRPO run's sampled answers) with a line cut short, one not a record and one without its
+    answers: the report's table shows the whole records and a warning names each line left out."""
+    from tuneforge.eval.report import rollouts_table
+
+    answer = {"text": "four", "reward": 1.0, "advantage": 0.5}
+    lines = [
+        json.dumps({"step": 1, "prompt": "2+2?", "answers": [answer]}),
+        '{"step": 2, "prompt": "2+',
+        "[1, 2]",
+        json.dumps({"step": 3, "prompt": "3+3?"}),
+        json.dumps({"step": 4, "prompt": "4+4?", "answers": [answer, answer]}),
+    ]
+    (tmp_path / "rollouts.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning) as said:
+        table = rollouts_table(tmp_path, steps=5)
+    assert [row[0] for row in table.rows] == ["1", "4", "4"]
+    messages = [str(w.message) for w in said]
+    for line in (2, 3, 4):
+        assert any(f"rollouts.jsonl line {line} is not a step's sampled answers" in m for m in messages), messages

@@ -587,7 +587,21 @@ def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | N
     if not path.is_file():
         return None
     # One record a step: a resumed run cuts the file at its checkpoint before it samples the later steps again.
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][-steps:]
+    records = []
+    for i, line in enumerate(complete_lines(path)):
+        if not line.strip():
+            continue
+        record, wrong = json_value(line)
+        wrong = f"it {wrong}" if wrong else rollout_problem(record)
+        if wrong:
+            warnings.warn(
+                f"rollouts.jsonl line {i + 1} is not a step's sampled answers: {wrong}. The report's table leaves "
+                "it out.",
+                stacklevel=2,
+            )
+        else:
+            records.append(record)
+    records = records[-steps:]
     rows = [
         [
             str(record["step"]),
@@ -604,6 +618,26 @@ def rollouts_table(run_dir: Path, steps: int = ROLLOUT_STEPS_SHOWN) -> Table | N
         ["step", "prompt", "answer", "reward", "advantage"],
         rows,
     )
+
+
+def rollout_problem(record) -> str | None:
+    """Why a line of rollouts.jsonl is not a step's record as GRPO writes it (an integer `step`, the `prompt`'s
+    text, `answers` each with its text, reward and advantage), in words; None where it is one."""
+    if not isinstance(record, dict):
+        return "it is not a JSON object"
+    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        return "its `step` is not an integer"
+    if not isinstance(record.get("prompt"), str):
+        return "its `prompt` is not text"
+    answers = record.get("answers")
+    if not isinstance(answers, list) or not all(
+        isinstance(a, dict)
+        and isinstance(a.get("text"), str)
+        and all(isinstance(a.get(k), int | float) and not isinstance(a[k], bool) for k in ("reward", "advantage"))
+        for a in answers
+    ):
+        return "its `answers` are not a list of {text, reward, advantage}"
+    return None
 
 
 def scores_plot(before: dict, after: dict) -> tuple[str, str]:
