@@ -812,6 +812,27 @@ def test_a_replay_file_is_checked_only_where_general_mix_reads_it(tmp_path):
         load_config(path, ["data.general_mix=0.2"]).check_data_files()
 
 
+def test_a_benchmark_file_that_is_not_there_is_refused_by_its_key(tmp_path, monkeypatch):
+    """eval.benchmarks' files and few-shot files are looked for as data files are, and one found in neither place
+    is refused before any model loads, naming its key, its line and the folders looked in."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / "arc.jsonl").write_text("{}\n")
+    path = tmp_path.resolve() / "run.yaml"
+    path.write_text(
+        "data:\n  train: train.jsonl\neval:\n  benchmarks:\n    - mmlu.csv\n"
+        "    - {file: arc.jsonl, num_fewshot: 5, fewshot_file: arc_dev.jsonl}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path).check_data_files()
+    folders = f"is neither in {path.parent} (the config's folder) nor in the working directory {tmp_path.resolve()}"
+    assert e.value.message.splitlines() == [
+        f"eval.benchmarks.0 ({path} line 5): mmlu.csv {folders}",
+        f"eval.benchmarks.1.fewshot_file ({path} line 6): arc_dev.jsonl {folders}",
+        "Correct the path, or give it absolute.",
+    ]
+
+
 def test_a_datasets_save_to_disk_folder_is_refused_by_key_saying_how_to_write_it_out(tmp_path):
     # The files `datasets.Dataset.save_to_disk` writes: read as a folder of data files, each would be refused
     # on its own (an .arrow file of no known kind, two JSON files of no known format).

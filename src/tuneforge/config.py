@@ -1188,10 +1188,10 @@ class Config(Strict):
             )
 
     def check_data_files(self) -> None:
-        """Refuse data files that do not exist before a tokenizer, model or row is loaded: each named by its
-        key, the line that sets it, and the folders a relative path was looked for in. A folder that Hugging Face
-        datasets' `save_to_disk` wrote is refused too, saying how to write its rows out: read as a folder of data
-        files, its Arrow and JSON files would each be refused as files of no known kind."""
+        """Refuse data files (eval.benchmarks' too) that do not exist before a tokenizer, model or row is loaded:
+        each named by its key, the line that sets it, and the folders a relative path was looked for in. A folder
+        that Hugging Face datasets' `save_to_disk` wrote is refused too, saying how to write its rows out: read as a
+        folder of data files, its Arrow and JSON files would each be refused as files of no known kind."""
         d = self.data
         given = [("data.train", d.train)] if isinstance(d.train, str) else []
         for i, item in enumerate([] if isinstance(d.train, str) else d.train):
@@ -1202,6 +1202,12 @@ class Config(Strict):
             given.append(("data.validation", d.validation))
         if d.general_mix and d.general_replay != "chitchat":  # without general_mix, the replay file is not read
             given.append(("data.general_replay", d.general_replay))
+        for i, benchmark in enumerate(self.eval.benchmarks):
+            # A plain path is the entry itself (`- mmlu.csv`), placed as the entry.
+            file_key = f"eval.benchmarks.{i}.file"
+            given.append((file_key if file_key in self._places else f"eval.benchmarks.{i}", benchmark.file))
+            if benchmark.fewshot_file is not None:
+                given.append((f"eval.benchmarks.{i}.fewshot_file", benchmark.fewshot_file))
         # A YAML file's relative path left relative was not found beside the file (`load_config` makes a found
         # one absolute), and is read against the working directory, as an override's is.
         saved = [
