@@ -74,6 +74,20 @@ def test_evaluate_refuses_a_metric_or_data_that_is_no_name_or_path(tiny_model_di
         tuneforge.evaluate(tiny_model_dir, [triage_data["test"]], progress=False)
 
 
+@pytest.mark.parametrize(("option", "value"), [("out", 5), ("out", ["results"]), ("fewshot_file", 5)])
+def test_evaluate_refuses_a_folder_or_file_that_is_no_path(tiny_model_dir, tmp_path, monkeypatch, option, value):
+    """`out` and `fewshot_file` as another type than a path are refused, naming the option, and nothing is written
+    (str() would make a folder named "5" of them)."""
+    monkeypatch.chdir(tmp_path)
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", [{"question": "2+2?", "choices": ["4", "5"], "answer": 0}] * 3)
+    given = {"num_fewshot": 1} if option == "fewshot_file" else {}
+    flag = f"--{option.replace('_', '-')}"
+    with pytest.raises(ConfigError, match=rf"^{flag} is a path, as a str or Path, got {type(value).__name__} ") as e:
+        tuneforge.evaluate(tiny_model_dir, quiz, **{option: value}, **given, progress=False)
+    assert e.value.code == "bad_option"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quiz.jsonl"]
+
+
 def test_check_data_returns_the_report_data_check_json_prints(tiny_model_dir, tmp_path, monkeypatch, capsys):
     rows = [chat("What is two plus two?", "Four."), chat("Hello?", "Hi."), {"messages": [{"role": "user"}]}]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)

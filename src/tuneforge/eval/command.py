@@ -71,6 +71,14 @@ def evaluate_model(
             f"{data!r:.60}.",
             code="bad_option",
         )
+    # str() would make a folder or file named "5" of a number, written into or read from unasked.
+    for option, value in {"--out": out, "--fewshot-file": fewshot_file}.items():
+        if value is not None and not isinstance(value, str | Path):
+            raise ConfigError(
+                f"{option} is a path, as a str or Path, got {type(value).__name__} {value!r:.60}; give one, or "
+                "leave it out.",
+                code="bad_option",
+            )
     if not isinstance(metric, str):
         raise ConfigError(f"--metric takes one metric's name (auto, exact, ...), got {metric!r}.", code="bad_option")
     num_fewshot = num_fewshot or 0
