@@ -469,3 +469,23 @@ def test_eval_of_a_reward_model_refuses_pairs_with_images_by_line_and_field(tmp_
     (rm / "model.safetensors").write_bytes(b"")  # a refusal before loading never reads the weights
     with pytest.raises(TuneforgeError, match=r"pairs\.jsonl:2 prompt\[0\]\.content: \[images_not_read\] .*text only"):
         eval_command(str(rm), str(pairs), json_out=True)
+
+
+@pytest.mark.parametrize("where", ["notes.txt", "notes.txt/scores"])
+def test_eval_of_a_reward_model_refuses_an_out_that_is_a_file_before_its_weights_load(tokenizer, tmp_path, where):
+    """--out names a file (or a folder under one): refused, naming it, before the weights load, as for
+    multiple-choice questions; the file is kept."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval import eval_command
+
+    rm = tmp_path / "rm"
+    tiny_classifier(tokenizer).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    (rm / "model.safetensors").write_bytes(b"")  # a refusal before loading never reads the weights
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}) + "\n")
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    with pytest.raises(ConfigError, match=f"--out {tmp_path / where}: {taken} is a file, not a folder"):
+        eval_command(str(rm), str(pairs), out=str(tmp_path / where), json_out=True)
+    assert taken.read_text() == "mine"

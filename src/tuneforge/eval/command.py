@@ -178,8 +178,7 @@ def check_out_folder(out: str) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(
-            f"--out {out}: {existing} is a file, not a folder; give a folder to write results.jsonl into (a new "
-            "one is made)."
+            f"--out {out}: {existing} is a file, not a folder; give a folder for the results (a new one is made)."
         )
 
 
@@ -209,6 +208,8 @@ def _reward_evaluated(model, data, *, compare, metric, limit, grader, out, max_n
         given,
         " (to compare two reward models, evaluate each)",
     )
+    if out is not None:
+        check_out_folder(out)
     return evaluate_reward_model(model, data, limit=limit, progress=progress, out=out)
 
 
