@@ -772,3 +772,21 @@ def test_a_run_reports_rollouts_leave_out_a_line_that_is_not_a_step_s_answers_an
     messages = [str(w.message) for w in said]
     for line in (2, 3, 4):
         assert any(f"rollouts.jsonl line {line} is not a step's sampled answers" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("grader", [False, True])
+def test_a_reply_rated_undesirable_is_refused_as_a_reference_answer(tmp_path, grader):
+    """A KTO row rated false holds a reply not to give: read as the reference, its loss and metric would reward
+    the model for it. It is refused with its file, line and field; the rows rated true are references."""
+    rows = [
+        {"prompt": "The API is down", "completion": "Restart the gateway.", "label": True},
+        {"prompt": "The API is down", "completion": "Have a nice day!", "label": False},
+    ]
+    data = tmp_path / "rated.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError) as err:
+        read_eval_examples(data, prompts=grader)
+    assert [(p.line, p.field, p.code) for p in err.value.problems] == [(2, "label", "undesirable_reference")]
+    assert "rated undesirable (label: false)" in str(err.value)
+    data.write_text(json.dumps(rows[0]) + "\n")
+    assert [e.reference for e in read_eval_examples(data, prompts=grader)] == ["Restart the gateway."]

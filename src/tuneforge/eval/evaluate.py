@@ -128,9 +128,10 @@ def _prompt_row(row, path: str | Path, line: int, csv: bool) -> Conversation | N
 
 def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: bool = False) -> list[EvalExample]:
     """The first `limit` (all, if None) conversations of a data file, each ending in its reference answer
-    (a preference pair's is its chosen reply). `prompts` (for a grader): a row GRPO reads as a prompt without
-    a reference answer (a `prompt` and the grader's fields, or messages ending in the user's turn) is taken
-    too, its `reference` None; without it such a row is an error that points at a grader."""
+    (a preference pair's is its chosen reply; a KTO row rated false, which holds none, is an error). `prompts`
+    (for a grader): a row GRPO reads as a prompt without a reference answer (a `prompt` and the grader's
+    fields, or messages ending in the user's turn) is taken too, its `reference` None; without it such a row is
+    an error that points at a grader."""
     examples: list[EvalExample] = []
     problems: list[Problem] = []
     rows = open_rows(path)
@@ -172,6 +173,9 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
             if item.messages[-1].role != "assistant" and not prompts:
                 problems.append(_missing_reference(path, line, NO_REFERENCE_HINT))
                 continue
+        if item.label is False:
+            problems.append(_undesirable_reference(path, line))
+            continue
         messages = item.messages
         if messages[-1].role == "assistant":
             prompt, reference = messages[:-1], messages[-1].content
@@ -247,6 +251,18 @@ def _missing_reference(path: str | Path, line: int, hint: str = "") -> Problem:
         file=str(path),
         line=line,
         field="messages",
+    )
+
+
+def _undesirable_reference(path: str | Path, line: int) -> Problem:
+    return Problem(
+        "undesirable_reference",
+        "the row's reply is rated undesirable (label: false), a reply not to give: scored as the reference answer, "
+        "its loss and metric would reward the model for giving it. Evaluate on the rows rated true (or rows with "
+        "reference answers), or leave this one out.",
+        file=str(path),
+        line=line,
+        field="label",
     )
 
 
