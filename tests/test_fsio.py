@@ -33,6 +33,51 @@ def test_a_swapped_out_leftover_beside_its_folder_is_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".old-step-40-12345", "step-4"]
 
 
+def test_two_writers_replacing_one_folder_at_once_leave_the_last_ones_folder_whole(tmp_path, monkeypatch):
+    """Two runs' reports (or data caches) written to one folder at once: another writer puts the earlier folder back
+    and its own in while this one is between its two renames. This one still swaps its folder in, whole, and
+    leaves nothing beside it."""
+    final = tmp_path / "eval"
+    with atomic_dir(final) as tmp:
+        (tmp / "report.html").write_text("earlier")
+    rename = os.replace
+    interleaved = []
+
+    def replace(source, target):
+        rename(source, target)
+        if not interleaved and os.path.basename(target).startswith(".old-"):  # this writer's first rename
+            interleaved.append(target)
+            with atomic_dir(final, replace=True) as other:
+                (other / "report.html").write_text("other")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_dir(final, replace=True) as tmp:
+        (tmp / "report.html").write_text("last")
+    assert interleaved and (final / "report.html").read_text() == "last"
+    assert sorted(os.listdir(tmp_path)) == ["eval"]
+
+
+def test_a_swapped_out_folder_whose_place_another_writer_filled_first_is_removed_as_a_leftover(tmp_path, monkeypatch):
+    """A killed write's swapped-out folder is being put back just as another writer puts its own folder in: the
+    swapped-out one is a leftover beside it, removed, and this write goes on."""
+    final, swapped = tmp_path / "eval", tmp_path / ".old-eval-12345"
+    swapped.mkdir()
+    (swapped / "report.html").write_text("earlier")
+    rename = os.replace
+
+    def replace(source, target):
+        if source == swapped:  # the other writer's folder goes in first
+            final.mkdir()
+            (final / "report.html").write_text("other")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_dir(final, replace=True) as tmp:
+        (tmp / "report.html").write_text("last")
+    assert (final / "report.html").read_text() == "last"
+    assert sorted(os.listdir(tmp_path)) == ["eval"]
+
+
 def test_temporary_siblings_are_those_of_the_name_alone(tmp_path):
     for name in (".tmp-out-abcd_123", ".tmp-out-v2-abcd_123", ".tmp-output-abcd_123", ".tmp-out-abc"):
         (tmp_path / name).mkdir()

@@ -190,8 +190,38 @@ def _recover_swapped_out(final: Path) -> None:
             continue
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
-        else:
+            continue
+        try:
             os.replace(old, final)
+        except FileNotFoundError:  # another writer put it back, or removed it, first
+            pass
+        except OSError as error:  # another writer's folder went into `final` first: this one is a leftover
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+
+
+_SWAP_TRIES = 8
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """`tmp` renamed to `final`, the folder there swapped out first and then removed. Another writer of `final`
+    at the same time may swap that folder out itself, or put it back (`_recover_swapped_out`) or its own in,
+    between the two renames: the folder found in `final` then is swapped out too, so the last writer's is left,
+    whole, and no swapped-out one beside it."""
+    old = final.with_name(f"{SWAPPED_OUT_PREFIX}{final.name}-{os.getpid()}")
+    for tries_left in range(_SWAP_TRIES - 1, -1, -1):
+        shutil.rmtree(old, ignore_errors=True)  # what a try before this one swapped out
+        with contextlib.suppress(FileNotFoundError):  # another writer swapped it out first
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not tries_left:
+                raise
+            continue  # another writer's folder went in between the renames
+        shutil.rmtree(old, ignore_errors=True)
+        return
 
 
 @contextlib.contextmanager
@@ -213,13 +243,10 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     try:
         yield tmp
         _finish_tree(tmp)
-        if final.exists():
-            if not replace:
-                raise FileExistsError(errno.EEXIST, "created while this folder was being written", str(final))
-            old = final.with_name(f"{SWAPPED_OUT_PREFIX}{final.name}-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if replace:
+            _swap_in(tmp, final)
+        elif final.exists():
+            raise FileExistsError(errno.EEXIST, "created while this folder was being written", str(final))
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
