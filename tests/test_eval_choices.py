@@ -555,6 +555,24 @@ def test_a_few_shot_file_in_no_multiple_choice_layout_is_refused_naming_its_rows
     assert "MMLU's CSV (question, A, B, C, D, answer letter)" in str(err.value)
 
 
+def test_hellaswag_s_context_fields_of_another_type_are_refused_not_written_into_the_context(tmp_path):
+    """HellaSwag's ctx_b and activity_label go into the context as text: null, a number or a list is refused with
+    its file, line and field rather than written there as "None" or "['x']"; ctx_b may be empty, as HellaSwag's is."""
+    row = {"activity_label": "Baking", "ctx_a": "A woman mixes flour.", "ctx_b": "she", "endings": ["a.", "b."]}
+    rows = [
+        {**row, "label": "0", "ctx_b": None},
+        {**row, "label": "0", "activity_label": ["Baking"]},
+        {**row, "label": "0", "ctx_b": 3},
+    ]
+    with pytest.raises(DataError) as err:
+        read_choice_rows(write_jsonl(tmp_path / "hellaswag.jsonl", rows))
+    fields = [(p.line, p.field) for p in err.value.problems]
+    assert fields == [(1, "ctx_b"), (2, "activity_label"), (3, "ctx_b")], str(err.value)
+    assert "must be text (it may be empty), got None" in str(err.value)
+    (read,) = read_choice_rows(write_jsonl(tmp_path / "empty_b.jsonl", [{**row, "label": "0", "ctx_b": ""}]))
+    assert read.context == "Baking: A woman mixes flour."
+
+
 def test_an_answer_in_digits_is_the_choice_with_that_text_and_refused_where_it_is_another_choices_index(tmp_path):
     """A quiz of numbers gives its answer as the right choice's text ("4" of "3", "4", "5"), as the layout reads
     text answers; digits that are one choice's text and another's index ("2" among "1", "2", "3") are refused."""

@@ -195,6 +195,14 @@ def parse_choice_row(row, layout: str | None, file: str, line: int) -> ChoiceRow
             return ""
         return value
 
+    def may_be_empty(field: str) -> str:
+        """A field that may be empty or left out (HellaSwag's ctx_b and activity_label), else text."""
+        value = row.get(field, "")
+        if not isinstance(value, str):
+            bad(field, f"must be text (it may be empty), got {value!r}.")
+            return ""
+        return value
+
     if layout is None:  # a chat file given as the few-shot file, say
         keys = f" (its keys: {', '.join(map(str, row))})" if isinstance(row, dict) else ""
         bad(None, f"the row is in no multiple-choice layout{keys}; give every row in one layout: {LAYOUTS}.")
@@ -212,12 +220,12 @@ def parse_choice_row(row, layout: str | None, file: str, line: int) -> ChoiceRow
     subject, task = "", layout
     if layout == "hellaswag":
         if "ctx_a" in row:
-            context = f"{text('ctx_a', row['ctx_a'])} {str(row.get('ctx_b', '')).capitalize()}"
+            context = f"{text('ctx_a', row['ctx_a'])} {may_be_empty('ctx_b').capitalize()}"
         else:
             context = text("ctx", row["ctx"])
         question = context
-        if row.get("activity_label"):
-            context = f"{row['activity_label']}: {context}"
+        if activity := may_be_empty("activity_label"):
+            context = f"{activity}: {context}"
         context = _hellaswag_text(context)
         choices_field, choices = "endings", row["endings"]
         answer_field = "label"
