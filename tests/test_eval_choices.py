@@ -573,6 +573,22 @@ def test_hellaswag_s_context_fields_of_another_type_are_refused_not_written_into
     assert read.context == "Baking: A woman mixes flour."
 
 
+def test_arc_labels_given_twice_are_refused_as_an_answer_key_that_names_no_one_choice(tmp_path):
+    """ARC's answerKey names its choice by label: two choices of one label leave it naming either, refused with
+    the file, line and field rather than read as the first."""
+    rows = [
+        {"question": "2+2?", "choices": {"text": ["3", "4"], "label": ["A", "A"]}, "answerKey": "A"},
+        {
+            "question": {"stem": "2+2?", "choices": [{"text": "3", "label": "1"}, {"text": "4", "label": 1}]},
+            "answerKey": "1",
+        },
+    ]
+    with pytest.raises(DataError) as err:
+        read_choice_rows(write_jsonl(tmp_path / "arc.jsonl", rows))
+    assert [(p.line, p.field) for p in err.value.problems] == [(1, "choices.label"), (2, "question.choices.label")]
+    assert "label 'A' is given to choices 0 and 1" in str(err.value)
+
+
 def test_an_answer_in_digits_is_the_choice_with_that_text_and_refused_where_it_is_another_choices_index(tmp_path):
     """A quiz of numbers gives its answer as the right choice's text ("4" of "3", "4", "5"), as the layout reads
     text answers; digits that are one choice's text and another's index ("2" among "1", "2", "3") are refused."""

@@ -276,6 +276,14 @@ def parse_choice_row(row, layout: str | None, file: str, line: int) -> ChoiceRow
         if len(labels) != len(choices):
             bad(f"{choices_field}.label", f"has {len(labels)} labels for {len(choices)} choices; give one each.")
             return problems
+        if (twice := next((label for i, label in enumerate(labels) if label in labels[:i]), None)) is not None:
+            first, second = [i for i, label in enumerate(labels) if label == twice][:2]
+            bad(
+                f"{choices_field}.label",
+                f"label {twice!r} is given to choices {first} and {second}, so {answer_field} cannot name one of "
+                "them; give each choice its own label.",
+            )
+            return problems
         answer = _label_index(value, labels, answer_field, bad)
     elif layout == "choices" and isinstance(value, str) and value in choices:
         # The answer given as the right choice's text; digits that are one choice's text and another's index
