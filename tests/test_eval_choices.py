@@ -136,16 +136,16 @@ def test_few_shot_contexts_are_the_harness_s_and_scored_after_the_examples(tiny_
         assert sample["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
 
     rows = read_benchmark(data, num_fewshot=2)
-    assert [r.context for r in rows] == harness_contexts(questions, 2, questions)
+    assert [r.prompt for r in rows] == harness_contexts(questions, 2, questions)
     assert read_benchmark(data, num_fewshot=2) == rows  # the same seed, the same contexts
-    assert [r.context for r in read_benchmark(data, num_fewshot=2, seed=7)] != [r.context for r in rows]
+    assert [r.prompt for r in read_benchmark(data, num_fewshot=2, seed=7)] != [r.prompt for r in rows]
     from_dev = read_benchmark(data, limit=3, num_fewshot=3, fewshot_file=dev)
-    assert [r.context for r in from_dev] == harness_contexts(questions[:3], 3, questions[3:])
+    assert [r.prompt for r in from_dev] == harness_contexts(questions[:3], 3, questions[3:])
     # A question on two lines is never shown solved before itself, as the harness compares the drawn documents.
     twice = write_jsonl(tmp_path / "twice.jsonl", [questions[0], *questions])
     solved = f"Question: {questions[0]['question']}\nAnswer: {questions[0]['choices'][questions[0]['answer']]}"
     for seed in range(8):
-        contexts = [r.context for r in read_benchmark(twice, limit=2, num_fewshot=4, seed=seed)]
+        contexts = [r.prompt for r in read_benchmark(twice, limit=2, num_fewshot=4, seed=seed)]
         assert contexts == harness_contexts([questions[0], questions[0]], 4, [questions[0], *questions], seed)
         assert not any(solved in context for context in contexts)
     # The file itself under another spelling: each question still left out of its own examples.
@@ -587,6 +587,20 @@ def test_arc_labels_given_twice_are_refused_as_an_answer_key_that_names_no_one_c
         read_choice_rows(write_jsonl(tmp_path / "arc.jsonl", rows))
     assert [(p.line, p.field) for p in err.value.problems] == [(1, "choices.label"), (2, "question.choices.label")]
     assert "label 'A' is given to choices 0 and 1" in str(err.value)
+
+
+def test_a_question_too_long_only_with_its_few_shot_examples_is_told_to_take_fewer(tiny_model_dir, tmp_path):
+    """A short question that its few-shot examples push past the context: the refusal says so, and to take fewer
+    or shorter examples, not to shorten the row; a question too long on its own is told to shorten it."""
+    data = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS[:1] + [{**QUESTIONS[1], "question": "word " * 3000}])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{**QUESTIONS[0], "question": "word " * 3000}])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    with pytest.raises(DataError) as err:
+        check_scorable(read_benchmark(data, num_fewshot=1, fewshot_file=dev), tokenizer, 2048)
+    (short, long) = err.value.problems
+    assert short.line == 1 and "with its 1 few-shot example" in short.message
+    assert "lower the number of few-shot examples (--num-fewshot, num_fewshot) or give shorter ones" in short.message
+    assert long.line == 2 and "shorten the row or leave it out" in long.message
 
 
 def test_an_answer_in_digits_is_the_choice_with_that_text_and_refused_where_it_is_another_choices_index(tmp_path):

@@ -96,12 +96,13 @@ LAYOUTS = (
 class ChoiceRow:
     file: str
     line: int
-    context: str  # the question as the model reads it
+    context: str  # the question as the model reads it, after `examples`
     choices: tuple[str, ...]
     answer: int
     question: str  # the question as the row gives it, for tables
     task: str = "choices"  # whose few-shot rules the row follows: mmlu, arc, hellaswag, piqa, or choices
     subject: str = ""  # MMLU's subject, as its row or file names it
+    examples: tuple[str, ...] = ()  # the solved examples shown before the question (`with_fewshot`)
 
     @property
     def description(self) -> str:
@@ -110,8 +111,9 @@ class ChoiceRow:
 
     @property
     def prompt(self) -> str:
-        """The whole text the choices continue: the description, then the context."""
-        return self.description + self.context
+        """The whole text the choices continue: the description, then the examples and the context, each after a
+        blank line."""
+        return self.description + "\n\n".join([*self.examples, self.context])
 
     @property
     def where(self) -> str:
@@ -388,7 +390,7 @@ def with_fewshot(
         asked = (row.context, row.choices, row.answer)
         examples = [e for e in drawn if (e.context, e.choices, e.answer) != asked][:num_fewshot]
         solved = [f"{example.context} {example.choices[example.answer]}" for example in examples]
-        shown.append(replace(row, context="\n\n".join([*solved, row.context])))
+        shown.append(replace(row, examples=tuple(solved)))
     return shown
 
 
@@ -552,6 +554,11 @@ def score_rows(
     }
 
 
+def _most_tokens(requests: list[tuple[list[int], list[int]]]) -> int:
+    """The most tokens a row's request (its context and one choice) runs to."""
+    return max(len(context) + len(choice) for context, choice in requests)
+
+
 def check_scorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> list[list[tuple[list[int], list[int]]]]:
     """Before the model loads, a question with a choice longer than the model's context (past its window a
     log-likelihood means nothing), or a choice that leaves no token of its own past the question's (it would
@@ -570,13 +577,21 @@ def check_scorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> list
                     line=row.line,
                 )
             )
-        longest = max(sum(map(len, pair)) for pair in pairs)
+        longest = _most_tokens(pairs)
         if window and longest > window:
+            # A question that fits without its few-shot examples is told to take fewer or shorter ones.
+            own = row.examples and _most_tokens(choice_requests(tokenizer, replace(row, examples=())))
+            what, do = "the question with its longest choice", "shorten the row or leave it out"
+            if own and own <= window:
+                what = f"the question with its {counted(len(row.examples), 'few-shot example')} and its longest choice"
+                do = (
+                    "lower the number of few-shot examples (--num-fewshot, num_fewshot) or give shorter ones "
+                    f"(without them it is {own} tokens)"
+                )
             problems.append(
                 Problem(
                     "too_long",
-                    f"the question with its longest choice is {longest} tokens, more than the model's context of "
-                    f"{window} tokens; shorten the row or leave it out.",
+                    f"{what} is {longest} tokens, more than the model's context of {window} tokens; {do}.",
                     file=row.file,
                     line=row.line,
                 )
