@@ -3,6 +3,7 @@ each choice's summed log-probabilities computed here with transformers, as lm-ev
 
 import gc
 import json
+import os
 import random
 import warnings
 
@@ -601,6 +602,17 @@ def test_a_question_too_long_only_with_its_few_shot_examples_is_told_to_take_few
     assert short.line == 1 and "with its 1 few-shot example" in short.message
     assert "lower the number of few-shot examples (--num-fewshot, num_fewshot) or give shorter ones" in short.message
     assert long.line == 2 and "shorten the row or leave it out" in long.message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+@pytest.mark.parametrize("under", ["", "arc"])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, under):
+    """--out in a read-only folder: refused, naming it, before the model loads and every question is scored."""
+    data = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    out = tmp_path / "ro" / under
+    with pytest.raises(ConfigError, match=f"--out {out}: {tmp_path / 'ro'} cannot be written into"):
+        eval_command(str(tiny_model_dir), str(data), out=str(out))
 
 
 def test_an_answer_in_digits_is_the_choice_with_that_text_and_refused_where_it_is_another_choices_index(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -173,13 +174,21 @@ def _choices_evaluated(model, data, *, compare, limit, out, fewshot, given, prog
 
 def check_out_folder(out: str) -> None:
     """`--out`, a folder written into after scoring, checked before any model loads: it, or the nearest of its
-    parents that exists, must be a folder."""
+    parents that exists, must be a folder this process may write into (a file made there and dropped tells)."""
     path = Path(out)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(
             f"--out {out}: {existing} is a file, not a folder; give a folder for the results (a new one is made)."
         )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"--out {out}: {existing} cannot be written into ({err.strerror}); give a folder this user may write, "
+            "or change its permissions."
+        ) from None
 
 
 def reward_model(model: str) -> bool:
