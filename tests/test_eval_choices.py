@@ -94,6 +94,27 @@ def test_each_question_is_encoded_once_for_its_check_and_its_scores(tiny_model_d
     assert compared["base"]["samples"] == compared["tuned"]["samples"] == result["samples"]
 
 
+def test_a_base_whose_context_the_questions_do_not_fit_is_refused_before_the_tuned_model_is_scored(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """--compare with a base of a shorter context: its refusal comes before either model loads, not after the
+    tuned model has scored every question."""
+    import shutil
+
+    from tuneforge.eval import choices
+
+    base = tmp_path / "short"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
+    loaded = []
+    monkeypatch.setattr(choices, "load_text_model", lambda source, *a, **k: loaded.append(source.path))
+    data = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    with pytest.raises(DataError, match="more than the model's context of 8 tokens"):
+        choices.compare_choices(str(tiny_model_dir), str(base), data, progress=False)
+    assert loaded == []
+
+
 FEWSHOT_QUESTIONS = [
     *QUESTIONS,
     {"question": "Which is a colour?", "choices": ["blue", "seven"], "answer": 0},

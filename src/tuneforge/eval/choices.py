@@ -604,6 +604,13 @@ def check_scorable(rows: list[ChoiceRow], tokenizer, window: int | None) -> list
     return encoded
 
 
+def checked_for(model: str, rows: list[ChoiceRow]) -> tuple:
+    """`model`'s source, tokenizer and the rows' requests `check_scorable` gives for them, before its weights load."""
+    source = resolve(model)
+    tokenizer = load_tokenizer(source)
+    return source, tokenizer, check_scorable(rows, tokenizer, source_context_length(source))
+
+
 def evaluate_choices(
     model: str,
     data: str | Path,
@@ -614,14 +621,14 @@ def evaluate_choices(
     num_fewshot: int = 0,
     fewshot_file: str | Path | None = None,
     rows: list[ChoiceRow] | None = None,
+    checked: tuple | None = None,
 ) -> dict:
     """`acc` and `acc_norm` of `model` (registry name, model folder, adapter, run or checkpoint folder) on the
     multiple-choice rows of `data`, each after `num_fewshot` solved examples (`read_benchmark`), with their 95%
-    (Wilson) intervals and each row's log-likelihoods."""
+    (Wilson) intervals and each row's log-likelihoods. `checked`: `checked_for(model, rows)`, where it was
+    called already."""
     rows = rows or read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
-    source = resolve(model)
-    tokenizer = load_tokenizer(source)
-    encoded = check_scorable(rows, tokenizer, source_context_length(source))
+    source, tokenizer, encoded = checked or checked_for(model, rows)
     with library_bars(progress):
         loaded = load_text_model(source, "eval")
     result = score_rows(loaded, tokenizer, rows, encoded, batch_size=batch_size, progress=progress)
@@ -662,11 +669,13 @@ def compare_choices(
 ) -> dict:
     """`evaluate_choices` for `model` and `base` on the same rows (and few-shot examples), side by side, and the
     paired difference."""
-    resolve(base)  # a base that cannot be found fails now, not after the first evaluation
     rows = read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
+    # Both models are found and the rows checked against each before either loads: a base that cannot be found,
+    # or whose context the rows do not fit, fails now, not after the tuned model has scored every row.
+    checked_tuned, checked_base = checked_for(model, rows), checked_for(base, rows)
     options = {"batch_size": batch_size, "progress": progress, "num_fewshot": num_fewshot, "rows": rows}
-    tuned_result = evaluate_choices(model, data, **options)
-    return side_by_side(evaluate_choices(base, data, **options), tuned_result)
+    tuned_result = evaluate_choices(model, data, **options, checked=checked_tuned)
+    return side_by_side(evaluate_choices(base, data, **options, checked=checked_base), tuned_result)
 
 
 def side_by_side(base: dict, tuned: dict) -> dict:
