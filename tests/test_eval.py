@@ -790,3 +790,25 @@ def test_a_reply_rated_undesirable_is_refused_as_a_reference_answer(tmp_path, gr
     assert "rated undesirable (label: false)" in str(err.value)
     data.write_text(json.dumps(rows[0]) + "\n")
     assert [e.reference for e in read_eval_examples(data, prompts=grader)] == ["Restart the gateway."]
+
+
+def test_compare_refuses_rows_past_the_base_s_context_before_the_tuned_model_loads(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """--compare with a base of a shorter context: the rows it cannot take are refused before either model loads,
+    not after the tuned model has answered every row."""
+    import sys
+
+    evaluating = sys.modules["tuneforge.eval.evaluate"]  # the module, which the package's `evaluate` function hides
+    base = tmp_path / "short"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    loaded = []
+    monkeypatch.setattr(evaluating, "load_text_model", lambda source, *a, **k: loaded.append(source.path))
+    row = {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "4"}]}
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="more than the model's maximum context length of 16 tokens"):
+        compare(str(tiny_model_dir), str(base), data, progress=False)
+    assert loaded == []

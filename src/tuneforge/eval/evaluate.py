@@ -60,7 +60,15 @@ from ..generate import generate
 from ..graders import Grader, GradeResult, load_grader, rollout_samples
 from ..methods import SFTObjective, sum_over_batches
 from ..methods.grpo import grader_item, naming_rows
-from ..models import causal_lm, load_text_model, load_tokenizer, model_context_length, resolve, run_config_of
+from ..models import (
+    causal_lm,
+    load_text_model,
+    load_tokenizer,
+    model_context_length,
+    resolve,
+    run_config_of,
+    source_context_length,
+)
 from ..models.attention import per_example_attention, segments, supports_per_example_attention
 from ..models.images import VISION_MODELS
 from ..models.loading import image_inputs
@@ -766,17 +774,21 @@ def compare(
         return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
     # The data is read, and the metric and a grader loaded and checked, once for both models.
     examples, grader = _checked_inputs(data, limit, metric, grader)
-    # Image rows for a text model, and tool rows for a template without tools, fail before either model loads.
-    if any(e.images or e.conversation.tools for e in examples):
-        for spec in (model, base):
-            source = resolve(spec)
-            refuse_unread(examples, load_tokenizer(source), source.name)
+    # Both losses count the replies the tuned model's run trained on.
+    train_on = train_on or trained_replies(resolve(model))
+    # Image rows for a text model, tool rows for a template without tools, and rows past a model's context fail
+    # before either model loads, not after the tuned model has answered every row.
+    for spec in (model, base):
+        source = resolve(spec)
+        tokenizer = load_tokenizer(source)
+        refuse_unread(examples, tokenizer, source.name)
+        if not without_reference(examples):  # rows without one have no loss, and no rendered length to check
+            render_within_window(examples, tokenizer, source_context_length(source), train_on)
     options = {
         "metric": metric,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
-        # Both losses count the replies the tuned model's run trained on.
-        "train_on": train_on or trained_replies(resolve(model)),
+        "train_on": train_on,
         "progress": progress,
         "grader": grader,
     }
