@@ -1082,8 +1082,14 @@ def test_a_chat_template_that_does_not_compile_is_named_with_its_file_and_line(t
     assert load_tokenizer(str(folder), template="chatml").chat_template  # a template chosen instead stands in
 
 
-def test_a_weight_of_another_shape_than_config_json_gives_is_told_without_transformers_option(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_weight_of_another_shape_than_config_json_gives_is_told_without_transformers_option(
+    tiny_model_dir, tmp_path, monkeypatch, terminal
+):
     from safetensors.torch import load_file, save_file
+
+    if terminal:  # transformers colours its load report's statuses in a terminal
+        monkeypatch.setattr("transformers.utils.loading_report._style", lambda text, colour: f"\x1b[33m{text}\x1b[0m")
 
     folder = tmp_path / "reshaped"
     shutil.copytree(tiny_model_dir, folder)

@@ -678,11 +678,18 @@ def load_model(
         weights = count_parameters(config)
         _refuse_past_weights(source.path, weights, f"it describes a model of {weights:,} weights")
         with _held_load_report() as held:
+            # A weight of another shape is then listed in the report (mismatched_keys), refused below with both shapes.
             model, report = auto.from_pretrained(
-                source.path, config=config, dtype=dtype, output_loading_info=True, **placement
+                source.path,
+                config=config,
+                dtype=dtype,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **placement,
             )
     except LOAD_ERRORS as err:
-        raise _load_failed(source.path, err, held) from err
+        raise _load_failed(source.path, err) from err
+    _refuse_reshaped_weights(source.path, report["mismatched_keys"])
     # transformers starts a weight the checkpoint lacks at random and goes on; only a new score head may be.
     _refuse_missing_weights(
         source.path, [key for key in report["missing_keys"] if not (quiet and key.startswith("score."))]
@@ -926,37 +933,27 @@ def input_embedding_name(folder: Path) -> str:
     return _module_name(model, model.get_input_embeddings())
 
 
-# A weight of another shape in transformers' load report: its name, and (in a terminal wide enough) both shapes.
-_MISMATCH = re.compile(
-    r"^(?P<key>\S+) +\| MISMATCH"
-    r"(?:.*ckpt: torch\.Size\((?P<stored>\[.*?\])\) vs model: ?torch\.Size\((?P<built>\[.*?\])\))?",
-    re.MULTILINE,
-)
-
-
-def _load_failed(folder: Path, err: Exception, report: list[logging.LogRecord] = ()) -> ModelSourceError:
-    """The error for a base or adapter folder that would not load, naming that folder; `report`: transformers' load
-    report of it, held back (`_held_load_report`), which names a weight of another shape."""
-    if "ignore_mismatched_sizes" in str(err):
-        # transformers names as the remedy an option tuneforge does not pass; the weight is named here instead.
-        found = next(filter(None, (_MISMATCH.search(record.getMessage()) for record in report)), None)
-        if found and found["stored"]:
-            which = f"{found['key']} of shape {found['stored']}, where config.json's model has {found['built']}"
-        elif found:
-            which = f"{found['key']} of another shape than config.json gives it"
-        else:
-            which = "a weight of another shape than config.json gives it"
-        return ModelSourceError(
-            f"Could not load the model in {folder}: its weights files hold {which}. The weights and config.json are "
-            "of different models, or config.json was edited: copy the model again from where it came from.",
-            code="model_load_failed",
-        )
+def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
+    """The error for a base or adapter folder that would not load, naming that folder."""
     damaged = (
         ". A weights file there is damaged or was not written whole: copy it again, or use another checkpoint"
         if isinstance(err, SafetensorError)
         else ""
     )
     return ModelSourceError(f"Could not load the model in {folder}: {err}{damaged}", code="model_load_failed")
+
+
+def _refuse_reshaped_weights(folder: Path, mismatched) -> None:
+    """Refuse a load whose weights files hold a weight of another shape than config.json's model gives it
+    (`mismatched`: transformers' (name, stored shape, built shape) of each, which it starts at random instead)."""
+    if mismatched:
+        key, stored, built = min(mismatched)
+        raise ModelSourceError(
+            f"Could not load the model in {folder}: its weights files hold {key} of shape {list(stored)}, where "
+            f"config.json's model has {list(built)}. The weights and config.json are of different models, or "
+            "config.json was edited: copy the model again from where it came from.",
+            code="model_load_failed",
+        )
 
 
 def _refuse_missing_weights(folder: Path, missing: list[str]) -> None:
