@@ -1201,6 +1201,15 @@ def test_a_damaged_generation_config_is_refused_naming_it_not_taken_for_none(tin
         assert error.value.code == "model_load_failed"
 
 
+def test_a_generation_config_with_pad_token_id_minus_one_loads(tiny_model_dir, tmp_path):
+    """Llama folders saved by transformers 4.28 hold pad_token_id -1 (no pad token), which transformers loads."""
+    folder = tmp_path / "gen"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": -1}')
+    assert model_info(str(folder))
+    assert load_model(str(folder)).generation_config.pad_token_id == -1
+
+
 def test_a_refused_load_shows_tuneforge_s_message_alone_and_a_kept_one_shows_transformers_report(
     tiny_model_dir, tmp_path
 ):

@@ -107,7 +107,8 @@ def model_config(folder: Path):
     return config
 
 
-# The token ids of a generation config, which transformers takes unchecked (a token's text given for its id).
+# The token ids of a generation config, which transformers takes unchecked (a token's text given for its id);
+# a negative id is taken: -1 is the pad_token_id (none) of Llama folders transformers 4.28 saved.
 _GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
@@ -126,7 +127,7 @@ def _refuse_broken_generation_config(folder: Path) -> None:
     for key in _GENERATION_IDS:
         value = fields.get(key)
         ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
-        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             listed = " or a list of them" if key == "eos_token_id" else ""
             raise _generation_config_refused(path, f"{key} is {json.dumps(value)}, not a token id{listed}")
     with warnings.catch_warnings():
