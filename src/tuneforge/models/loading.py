@@ -706,6 +706,7 @@ def load_model(
 
     from ..methods.lora import gate_up_pattern_warning_unsaid
 
+    peft_config = None
     try:
         rows = adapter_embedding_rows(source.adapter, _module_name(model, model.get_input_embeddings()))
         if rows and rows != model.get_input_embeddings().num_embeddings:
@@ -716,16 +717,19 @@ def load_model(
             # Rows of added tokens saved alone (model.add_tokens): the adapter's values replace the new rows whole.
             model.resize_token_embeddings(rows, mean_resizing=False)
         copies, _ = base_weight_copies(model, source.adapter)
-        config = PeftConfig.from_pretrained(source.adapter)
+        peft_config = PeftConfig.from_pretrained(source.adapter)
         if classifier and not classifier_folder(source.adapter):
             # A language model's adapter (an SFT run that a reward model starts from) on its base loaded as a
             # classifier: PEFT's causal-LM wrapper needs generation the classifier lacks, so its generic model
             # holds the adapter, for `methods.reward` to merge.
-            config.task_type = None
-        refuse_damaged_adapter(source.adapter, model.config, config, classifier=classifier)
+            peft_config.task_type = None
         with gate_up_pattern_warning_unsaid():
-            return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies, config=config)
+            return PeftModel.from_pretrained(model, source.adapter, key_mapping=copies, config=peft_config)
     except LOAD_ERRORS as err:
+        if peft_config is not None:
+            # Checked once a load fails, not before: it builds the adapted model again on the meta device, about
+            # half a second more on every adapter's load. It names the damaged file and weight where PEFT does not.
+            refuse_damaged_adapter(source.adapter, model.config, peft_config, classifier=classifier)
         raise _load_failed(source.adapter, err) from err
 
 
