@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +56,43 @@ def test_two_writers_replacing_one_folder_at_once_leave_the_last_ones_folder_who
     with atomic_dir(final, replace=True) as tmp:
         (tmp / "report.html").write_text("last")
     assert interleaved and (final / "report.html").read_text() == "last"
+    assert sorted(os.listdir(tmp_path)) == ["eval"]
+
+
+def test_two_threads_replacing_one_folder_at_once_each_swap_out_their_own(tmp_path, monkeypatch):
+    """Two threads of one process (one pid) write one folder at once: the other thread has swapped its folder in
+    and not yet removed the earlier one it swapped out when this one swaps the other's out. Each swaps out into a
+    name of its own, so this one's folder goes in, whole, and nothing is left beside it."""
+    final = tmp_path / "eval"
+    with atomic_dir(final) as tmp:
+        (tmp / "report.html").write_text("earlier")
+    rename = os.replace
+    swapped_in, done = threading.Event(), threading.Event()
+
+    def write_other():
+        with atomic_dir(final, replace=True) as other:
+            (other / "report.html").write_text("other")
+
+    other = threading.Thread(target=write_other)
+
+    def replace(source, target):
+        main = threading.current_thread() is threading.main_thread()
+        if main and Path(source) == final and not other.is_alive() and not swapped_in.is_set():
+            other.start()
+            assert swapped_in.wait(10)
+        rename(source, target)
+        if not main and Path(target) == final:  # the other's folder is in, the earlier one swapped out beside it
+            swapped_in.set()
+            done.wait(10)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        with atomic_dir(final, replace=True) as tmp:
+            (tmp / "report.html").write_text("last")
+    finally:
+        done.set()
+        other.join()
+    assert (final / "report.html").read_text() == "last"
     assert sorted(os.listdir(tmp_path)) == ["eval"]
 
 

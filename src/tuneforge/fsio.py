@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,7 +185,9 @@ def _recover_swapped_out(final: Path) -> None:
     """A write killed between its two renames left the earlier `final` swapped out and none in its
     place: that folder is put back (a checkpoint would otherwise drop out of sight); beside a
     `final` that exists, it is a leftover, removed."""
-    pattern = re.compile(re.escape(f"{SWAPPED_OUT_PREFIX}{final.name}-") + r"\d+")
+    # `_swap_in` names it by its writer's process and thread, `PID.TID` (a lone PID: as earlier releases named it); a
+    # hyphen would make another folder's (`NAME-1`, swapped out by PID) look like this one's.
+    pattern = re.compile(re.escape(f"{SWAPPED_OUT_PREFIX}{final.name}-") + r"\d+(\.\d+)?")
     for old in final.parent.glob(f"{SWAPPED_OUT_PREFIX}*"):
         if not pattern.fullmatch(old.name):
             continue
@@ -209,7 +212,8 @@ def _swap_in(tmp: Path, final: Path) -> None:
     at the same time may swap that folder out itself, or put it back (`_recover_swapped_out`) or its own in,
     between the two renames: the folder found in `final` then is swapped out too, so the last writer's is left,
     whole, and no swapped-out one beside it."""
-    old = final.with_name(f"{SWAPPED_OUT_PREFIX}{final.name}-{os.getpid()}")
+    # Named by process and thread: two threads of one process writing `final` at once each swap out their own.
+    old = final.with_name(f"{SWAPPED_OUT_PREFIX}{final.name}-{os.getpid()}.{threading.get_native_id()}")
     for tries_left in range(_SWAP_TRIES - 1, -1, -1):
         shutil.rmtree(old, ignore_errors=True)  # what a try before this one swapped out
         with contextlib.suppress(FileNotFoundError):  # another writer swapped it out first
