@@ -319,3 +319,17 @@ def test_two_processes_estimate_the_kl_over_both_and_match_one_process_on_the_sa
         records[nproc] = [r[key] for r in metrics(run) if "train_loss" in r for key in ("train_loss", "kl")]
     assert records[1][-1] > 0  # the policy has moved from the reference, so the estimate counts
     assert records[2] == pytest.approx(records[1], rel=1e-5)
+
+
+def test_a_kto_runs_evaluation_scores_its_validation_files_rows_rated_true(tiny_model_dir, kto_data, tmp_path):
+    """eval.task on a KTO run's validation file, rated both ways as its validation loss needs: the rows rated true
+    are the reference answers and those rated false, replies not to give, are left out, as a preference pair's
+    rejected reply is; the run is not refused before training."""
+    from tuneforge.eval.after_training import check_eval_inputs, validation_examples
+
+    cfg = load_config({**kto_config(tiny_model_dir, kto_data, tmp_path / "run"), "eval": {"task": "exact"}})
+    check_eval_inputs(cfg)
+    rows = [json.loads(line) for line in kto_data["validation"].read_text().splitlines()]
+    desirable = [row["completion"][0]["content"] for row in rows if row["label"]]
+    assert len(desirable) < len(rows)
+    assert [e.reference for e in validation_examples(cfg)] == desirable

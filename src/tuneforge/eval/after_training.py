@@ -2,7 +2,8 @@
 
 - `eval.task` (a metric name: exact, contains, json_fields, support_triage, or auto): the base and
   the final model answer the prompts of the `data.validation` file, scored side by side;
-  `eval/report.html` holds the tables, the loss curves and examples.
+  `eval/report.html` holds the tables, the loss curves and examples. A KTO run's rows rated false are
+  left out (`validation_examples`).
 - `eval.grader` (with `eval.task`; a grader as `grpo.grader` takes it): the answers are scored by the
   grader too, each against its row, and the table, the report and the metrics (`grader_NAME`,
   `grader_NAME_passed`) hold its mean score for base vs tuned. A GRPO run's default is `grpo.grader`
@@ -34,6 +35,7 @@ from ..tasks.metrics import METRICS
 from .choices import benchmark_name, check_scorable, choice_requests, read_benchmark, score_rows, side_by_side
 from .evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
+    EvalExample,
     check_grader,
     choose_metric,
     evaluate_loaded,
@@ -57,7 +59,7 @@ def check_eval_inputs(cfg) -> None:
                 f"eval.task: unknown metric {cfg.eval.task!r}; choose auto or one of {', '.join(METRICS)}."
             )
         graded = eval_grader(cfg)
-        examples = read_eval_examples(cfg.data.validation, prompts=bool(graded))
+        examples = validation_examples(cfg)
         metric = choose_metric(cfg.eval.task, examples)
         if graded:
             spec, weights, key = graded
@@ -103,6 +105,13 @@ def eval_grader(cfg) -> tuple[dict | str | list, list[float] | None, str] | None
     if cfg.method == "grpo":
         return cfg.grpo.grader, cfg.grpo.grader_weights, "grpo.grader"
     return None
+
+
+def validation_examples(cfg) -> list[EvalExample]:
+    """The rows of the validation file `eval.task` scores, its prompts too with a grader (`eval_grader`). A KTO
+    run's rows rated false, the replies its validation loss needs as replies not to give, are left out, as a
+    preference pair's rejected reply is: the rows rated true are the reference answers."""
+    return read_eval_examples(cfg.data.validation, prompts=bool(eval_grader(cfg)), rated_true_only=True)
 
 
 @dataclass
@@ -155,7 +164,7 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
     results = {"base": None, "tuned": None}
     if cfg.eval.task:
         graded = eval_grader(cfg)
-        examples = read_eval_examples(cfg.data.validation, prompts=bool(graded))
+        examples = validation_examples(cfg)
         grader = load_grader(graded[0], graded[1], key=graded[2]) if graded else None
         # A GRPO run's answers are as long as it sampled and validated them: cut shorter, they would score
         # otherwise than its valid_reward.

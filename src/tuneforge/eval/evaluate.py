@@ -134,12 +134,14 @@ def _prompt_row(row, path: str | Path, line: int, csv: bool) -> Conversation | N
     return conversation if prompt and prompt[-1].role in ("user", "tool") else None
 
 
-def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: bool = False) -> list[EvalExample]:
+def read_eval_examples(
+    path: str | Path, limit: int | None = None, *, prompts: bool = False, rated_true_only: bool = False
+) -> list[EvalExample]:
     """The first `limit` (all, if None) conversations of a data file, each ending in its reference answer
-    (a preference pair's is its chosen reply; a KTO row rated false, which holds none, is an error). `prompts`
-    (for a grader): a row GRPO reads as a prompt without a reference answer (a `prompt` and the grader's
-    fields, or messages ending in the user's turn) is taken too, its `reference` None; without it such a row is
-    an error that points at a grader."""
+    (a preference pair's is its chosen reply; a KTO row rated false, which holds none, is an error, or with
+    `rated_true_only` left out, as a pair's rejected reply is). `prompts` (for a grader): a row GRPO reads as a
+    prompt without a reference answer (a `prompt` and the grader's fields, or messages ending in the user's turn)
+    is taken too, its `reference` None; without it such a row is an error that points at a grader."""
     examples: list[EvalExample] = []
     problems: list[Problem] = []
     rows = open_rows(path)
@@ -182,7 +184,8 @@ def read_eval_examples(path: str | Path, limit: int | None = None, *, prompts: b
                 problems.append(_missing_reference(path, line, NO_REFERENCE_HINT))
                 continue
         if item.label is False:
-            problems.append(_undesirable_reference(path, line))
+            if not rated_true_only:
+                problems.append(_undesirable_reference(path, line))
             continue
         messages = item.messages
         if messages[-1].role == "assistant":
