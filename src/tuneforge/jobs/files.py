@@ -3,8 +3,8 @@
 The client's filename is only a label in the database, so no upload can write outside the folder.
 The stored name keeps the kind (`.jsonl` uploads, `.csv` results) so the data readers know the
 file by its name, as they would the client's. Bytes are copied in chunks into a temporary sibling
-and renamed (`fsio.atomic_file`), with the size cap checked as they arrive; a compressed file (gzip, zip) is
-refused, since no reader of a stored file decompresses it.
+and renamed (`fsio.atomic_file`), with the size cap checked as they arrive; a compressed file or an archive (`PACKED`:
+gzip, xz, bzip2, zstd, zip, 7z) is refused, since no reader of a stored file decompresses it.
 """
 
 from __future__ import annotations
@@ -42,8 +42,18 @@ REWARD_COLUMNS = ("reward", "reward_std", "kl", "completion_length", "valid_rewa
 sampled answers' rewards, and the greedy answers' to the validation prompts."""
 
 
-PACKED = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}
-"""What a file that starts with these bytes is: no reader of a stored file decompresses one."""
+PACKED = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"PK\x05\x06": "a zip archive",  # one that holds no file: its end record alone
+    b"PK\x07\x08": "a zip archive",  # one written in several parts
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"BZh": "bzip2-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"7z\xbc\xaf\x27\x1c": "a 7z archive",
+}
+"""What a file that starts with these bytes (its format's magic number) is: no reader of a stored file
+decompresses one. JSON Lines text starts with none of them, as a JSON object starts with `{` (or white space)."""
 
 
 class FileTooLarge(Exception):
