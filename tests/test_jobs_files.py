@@ -7,6 +7,7 @@ import asyncio
 import bz2
 import gzip
 import io
+import json
 import lzma
 import zipfile
 from collections.abc import Iterator
@@ -81,13 +82,43 @@ def test_an_upload_of_more_parts_than_file_and_purpose_is_refused_naming_them(ht
 def test_an_upload_cut_into_many_parts_is_refused_before_it_is_read_whole(tmp_path):
     """Starlette keeps each part of up to 1 MiB in memory: a body of many parts would be held whole. The app is
     called as the server calls it, one chunk of the body at a time, to see how many it reads."""
-    app = create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0, dashboard=False)
     chunks = [PURPOSE] + [field("file", b"x" * (1 << 16), "train.jsonl") for _ in range(64)] + [END]
-    read, answer = [], []
+    read = []
 
     async def receive() -> dict:
         read.append(chunks[len(read)])
         return {"type": "http.request", "body": read[-1], "more_body": len(read) < len(chunks)}
+
+    answer = upload_as_served(tmp_path, receive)
+    assert answer[0]["status"] == 400 and b"holds more than 2 parts" in answer[1]["body"]
+    assert len(read) == 4
+
+
+@pytest.mark.parametrize(
+    "cut", [len(PURPOSE) // 2, len(PURPOSE) + 80, len(PURPOSE) + 5000], ids=["in purpose", "in file's head", "in file"]
+)
+def test_an_upload_the_client_stops_sending_midway_is_refused_saying_it_was_cut_short(http, tmp_path, cut):
+    """A client that disconnects mid-upload (or a proxy that passes on part of the body) is told the body was cut
+    short and to send it again, not that a part is missing or the body unparsable; nothing of it is stored."""
+    body = PURPOSE + field("file", ROW * 100, "train.jsonl") + END
+    messages = [{"type": "http.request", "body": body[:cut], "more_body": True}]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    answer = upload_as_served(tmp_path, receive, content_length=len(body))
+    error = json.loads(answer[1]["body"])["error"]
+    assert answer[0]["status"] == 400 and error["code"] == "incomplete_body", error
+    assert "cut short" in error["message"] and "Send the request again" in error["message"], error["message"]
+    assert list((tmp_path / "files").iterdir()) == []
+    assert http.get("/v1/files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
+
+
+def upload_as_served(tmp_path, receive, content_length: int | None = None) -> list[dict]:
+    """The messages the app sends for a POST /v1/files whose body `receive` gives, called as the server calls it:
+    one chunk of the body at a time."""
+    app = create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0, dashboard=False)
+    answer = []
 
     async def send(message: dict) -> None:
         answer.append(message)
@@ -96,11 +127,12 @@ def test_an_upload_cut_into_many_parts_is_refused_before_it_is_read_whole(tmp_pa
         (b"authorization", f"Bearer {KEY}".encode()),
         (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
     ]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
     scope = {"type": "http", "http_version": "1.1", "scheme": "http", "method": "POST", "root_path": ""}
     scope |= {"path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"", "headers": headers}
     asyncio.run(app(scope, receive, send))
-    assert answer[0]["status"] == 400 and b"holds more than 2 parts" in answer[1]["body"]
-    assert len(read) == 4
+    return answer
 
 
 @pytest.mark.parametrize(

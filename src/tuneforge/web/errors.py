@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.staticfiles import StaticFiles
 
@@ -137,6 +138,8 @@ def install_error_handlers(app: FastAPI, forms: dict[str, FormFields]) -> None:
             return server_error(err).response()
         if isinstance(err, BodyReadError):
             return err.error.response()
+        if isinstance(err.__cause__, ClientDisconnect):  # FastAPI's "There was an error parsing the body"
+            return cut_short(request).response()
         if (unreadable := unreadable_body(err.__cause__)) is not None:
             return unreadable.response()
         if isinstance(err.__context__, MultiPartException):  # Starlette's "Invalid multipart data." says no more
@@ -216,6 +219,19 @@ def _takes(route: BaseRoute, scope: dict) -> bool:
         return False
     # A mount matches every method and leaves the choice to its app; static files are only read.
     return not isinstance(route, Mount) or not isinstance(route.app, StaticFiles) or scope["method"] in ("GET", "HEAD")
+
+
+def cut_short(request: Request) -> APIError:
+    """The 400 for a body whose client stopped sending before its end (it disconnected, or a proxy passed on part
+    of it): what arrived is not read as a body, so a cut form does not read as one missing a part."""
+    declared = request.headers.get("content-length")
+    of = f" of the {int(declared):,} bytes its Content-Length gives" if declared and declared.isdigit() else ""
+    return APIError(
+        400,
+        f"The request body was cut short: the connection ended before all{of} arrived, and nothing of it was kept. "
+        "Send the request again.",
+        code="incomplete_body",
+    )
 
 
 def unreadable_body(cause: BaseException | None) -> APIError | None:
