@@ -730,3 +730,27 @@ def test_an_items_file_saved_with_a_byte_order_mark_is_read_as_training_files_ar
         evaluation.id, data_source=data_source(str(tiny_model_dir), {"type": "file_id", "id": uploaded.id})
     )
     assert run.status == "queued"
+
+
+def test_deleting_a_file_a_queued_run_or_job_reads_is_refused_naming_it_until_it_finishes(sdk, tiny_model_dir):
+    """OpenAI's API reference says nothing of deleting a file a run or job still reads: it is refused, a 409 naming
+    the run or job, so the run does not fail later for want of its items; once it is canceled the file goes."""
+    lines = "".join(json.dumps({"item": item}) + "\n" for item in ITEMS)
+    items = sdk.files.create(file=("items.jsonl", lines.encode()), purpose="evals")
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    run = sdk.evals.runs.create(
+        evaluation.id, data_source=data_source(str(tiny_model_dir), {"type": "file_id", "id": items.id})
+    )
+    train = upload(sdk, chat_rows(8))
+    job = create_job(sdk, tiny_model_dir, train.id, n_epochs=1)
+    for file, reader, what in ((items, run, "eval run"), (train, job, "fine-tuning job")):
+        with pytest.raises(openai.ConflictError) as caught:
+            sdk.files.delete(file.id)
+        error = caught.value.body
+        assert (error["param"], error["code"]) == ("file_id", "file_in_use"), error
+        assert f"{what} {reader.id}" in error["message"] and "cancel" in error["message"], error["message"]
+        assert sdk.files.retrieve(file.id).id == file.id
+    assert sdk.evals.runs.retrieve(run.id, eval_id=evaluation.id).status == "queued"
+    sdk.evals.runs.cancel(run.id, eval_id=evaluation.id)
+    sdk.fine_tuning.jobs.cancel(job.id)
+    assert sdk.files.delete(items.id).deleted and sdk.files.delete(train.id).deleted

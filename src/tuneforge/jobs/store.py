@@ -495,6 +495,12 @@ class Store(Tables, EvalStore, BatchStore):
                 select(Batch).where(Batch.status.in_(BATCH_ACTIVE), Batch.input_file_id == file_id).limit(1)
             )
 
+    def file_in_eval_run(self, file_id: str) -> EvalRun | None:
+        """An eval run not yet finished whose items are this file."""
+        source = EvalRun.data_source[("source", "id")].as_string()
+        with self.session() as session:
+            return session.scalar(select(EvalRun).where(EvalRun.status.in_(RUN_ACTIVE), source == file_id).limit(1))
+
     def file_in_use(self, file_id: str) -> Job | None:
         """A job not yet finished that reads this file."""
         with self.session() as session:
