@@ -754,3 +754,29 @@ def test_deleting_a_file_a_queued_run_or_job_reads_is_refused_naming_it_until_it
     sdk.evals.runs.cancel(run.id, eval_id=evaluation.id)
     sdk.fine_tuning.jobs.cancel(job.id)
     assert sdk.files.delete(items.id).deleted and sdk.files.delete(train.id).deleted
+
+
+def test_a_run_whose_file_goes_as_it_starts_fails_saying_so_not_as_a_crash(tmp_path, tiny_model_dir, monkeypatch):
+    """The file's bytes gone between the run's look-up of its file and its reading (a deletion racing the run's
+    start): the run fails saying its file was deleted, not with an error id for a traceback."""
+    from tuneforge.jobs import evals
+
+    looked_up = Store.get_file
+
+    def then_deleted(store, owner, file_id):  # the deletion's unlink lands just after the run's look-up
+        row = looked_up(store, owner, file_id)
+        (tmp_path / "home" / "files" / f"{file_id}.jsonl").unlink()
+        return row
+
+    lines = "".join(json.dumps({"item": item}) + "\n" for item in ITEMS)
+    with restarted(tmp_path / "home", workers=0, allowed_models=[str(tiny_model_dir)]) as sdk:
+        items = sdk.files.create(file=("items.jsonl", lines.encode()), purpose="evals")
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+        run = sdk.evals.runs.create(
+            evaluation.id, data_source=data_source(str(tiny_model_dir), {"type": "file_id", "id": items.id})
+        )
+    monkeypatch.setattr(evals.Store, "get_file", then_deleted)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[str(tiny_model_dir)]) as sdk:
+        run = wait_run(sdk, evaluation.id, run.id)
+    assert (run.status, run.error.code) == ("failed", "file_not_found"), run.error
+    assert run.error.message == f"The file {items.id} of this run has been deleted.", run.error

@@ -447,9 +447,12 @@ def run_items(store: Store, storage: FileStorage, run: EvalRun) -> list[dict]:
     if source["type"] == "file_content":
         return [row["item"] for row in source["content"]]
     row = store.get_file(run.owner, source["id"])
-    if row is None:
-        raise RunFailure("file_not_found", f"The file {source['id']} of this run has been deleted.")
-    return file_items(storage.path(row), row.id)
+    try:
+        if row is not None:
+            return file_items(storage.path(row), row.id)
+    except FileNotFoundError:  # deleted after its row was read
+        pass
+    raise RunFailure("file_not_found", f"The file {source['id']} of this run has been deleted.")
 
 
 # ---- bodies ----------------------------------------------------------------------------------------
