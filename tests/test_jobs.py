@@ -1190,6 +1190,49 @@ def test_a_server_and_a_worker_on_postgres_run_each_job_once(tmp_path, tiny_mode
         second.stop()
 
 
+def test_a_postgres_store_whose_disk_is_full_answers_507_as_sqlites_does(tmp_path, postgres_url, caplog):
+    """PostgreSQL's disk_full (SQLSTATE 53100, psycopg2's DiskFull) is told as SQLite's "database or disk is full"
+    is: a 507 saying the server has no room, and one log line naming the database (its URL, no password) and what
+    to do, not a 500 with a traceback. The server raises it here from a trigger on the files table, through the
+    driver as a full disk under the database's files raises it."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    database = f"full_{os.getpid()}"
+    admin = create_engine(make_url(postgres_url).set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {database}"))
+    url = make_url(postgres_url).set(database=database).render_as_string(hide_password=False)
+    store = Store(url)
+    with store.engine.begin() as connection:
+        connection.execute(
+            text(
+                "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
+                "'could not extend file \"base/1/2\": No space left on device' USING ERRCODE = 'disk_full'; END $$"
+            )
+        )
+        connection.execute(text("CREATE TRIGGER full_disk BEFORE INSERT ON files EXECUTE FUNCTION disk_full()"))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with TestClient(create_api(tmp_path, store, api_keys=[KEY], workers=0, dashboard=False)) as http:
+            form = {"file": ("train.jsonl", chat_rows(4).encode())}
+            answer = http.post("/v1/files", headers=headers, data={"purpose": "fine-tune"}, files=form)
+            assert answer.status_code == 507, answer.text
+            assert answer.json()["error"]["code"] == "insufficient_storage", answer.text
+            assert http.get("/v1/files", headers=headers).json()["data"] == []
+    finally:
+        store.engine.dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE {database}"))
+    (record,) = [r for r in caplog.records if r.name == "tuneforge.web"]
+    assert record.getMessage().startswith(f"postgresql+psycopg2://postgres@/{database}?host="), record.getMessage()
+    assert "No space left on device. The disk is full" in record.getMessage() and record.exc_info is None
+
+
 def test_the_job_store_is_a_sqlite_file_path_as_the_error_for_a_bad_one_says_or_a_url(tmp_path, monkeypatch):
     from tuneforge.jobs.command import open_store
 

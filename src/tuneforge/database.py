@@ -25,6 +25,8 @@ from .errors import ConfigError
 
 # Several servers may start on one fresh PostgreSQL database: one creates the tables, the others wait on this lock.
 _CREATE_TABLES_LOCK = 2026112808
+# PostgreSQL's SQLSTATE for a write its disk has no room for (disk_full).
+_POSTGRES_DISK_FULL = "53100"
 # A declarative base's `type_annotation_map`: dicts and lists as JSON; on PostgreSQL its `json` type, which keeps a
 # `\u0000` escape (a stored prompt may hold a NUL) where `jsonb` refuses it.
 JSON_COLUMNS = {dict: JSON, list: JSON}
@@ -55,18 +57,23 @@ def connect(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {}, pool_pre_ping=not is_sqlite)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
-        if url.database:
-            event.listen(engine, "handle_error", _full_disk_naming(Path(url.database)))
+    if url.database or not is_sqlite:  # an SQLite database in memory has no file to name
+        event.listen(engine, "handle_error", _full_disk_naming(shown_url(url)))
     return engine
 
 
-def _full_disk_naming(database: Path):
-    """SQLite's "database or disk is full" (SQLITE_FULL) as the OSError of a full disk naming `database`'s
-    file, as every other write the disk refuses is told: one line on the command line, a 507 from a server."""
+def _full_disk_naming(database: str):
+    """A full disk as the database reports it, SQLite's "database or disk is full" (SQLITE_FULL) or PostgreSQL's
+    disk_full (SQLSTATE 53100), as the OSError of a full disk naming `database` (SQLite's file, PostgreSQL's URL),
+    as every other write the disk refuses is told: one line on the command line, a 507 from a server."""
 
     def handle_error(context) -> OSError | None:
-        if getattr(context.original_exception, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(database))
+        original = context.original_exception
+        if (
+            getattr(original, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or getattr(original, "pgcode", None) == _POSTGRES_DISK_FULL
+        ):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), database)
         return None
 
     return handle_error
