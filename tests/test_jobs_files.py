@@ -248,3 +248,18 @@ def test_a_file_of_another_purpose_is_refused_by_every_route_saying_which_purpos
     assert error["message"] == (
         f"{training} was uploaded with purpose 'fine-tune'; upload a batch's requests with purpose 'batch'."
     )
+
+
+def test_an_upload_whose_row_the_store_has_no_room_for_leaves_no_file_behind(http, tmp_path, monkeypatch):
+    """The bytes are stored before the file's row: a store that refuses the row (its disk full) is a 507, and the
+    stored bytes go with it rather than stay in the folder with no row to list or delete them by."""
+    import errno
+    import os
+
+    def full(*_):  # as the store tells a full disk (`database._full_disk_naming`)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "jobs.db"))
+
+    monkeypatch.setattr(Store, "add", full)
+    answer = post(http, PURPOSE + FILE + END)
+    assert answer.status_code == 507 and answer.json()["error"]["code"] == "insufficient_storage", answer.text
+    assert list((tmp_path / "files").iterdir()) == []

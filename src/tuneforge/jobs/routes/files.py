@@ -120,7 +120,11 @@ def upload_file(
             param="file",
             code="invalid_file_format",
         )
-    service.store.add(row)
+    try:
+        service.store.add(row)
+    except BaseException:
+        service.storage.delete(row)  # no row would list these bytes, nor delete them
+        raise
     return row.to_api()
 
 
