@@ -414,6 +414,39 @@ def test_a_run_whose_results_the_store_refuses_fails_and_is_not_left_in_progress
         assert run.status == "failed" and run.error.code == "server_error" and "error id" in run.error.message
 
 
+def test_a_run_whose_results_the_disk_has_no_room_for_fails_saying_so(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """A full disk as the run's results are written fails the run as a fine-tuning job's full disk fails the job:
+    out of disk space, naming the file without the server's path (the log has the path and what to do, no
+    traceback), not as a crash to quote an error id for; the run, and its empty list of items, stay readable."""
+    import errno
+    import os
+
+    from tuneforge.fsio import REFUSED_WRITE_ADVICE
+
+    database = tmp_path / "home" / "jobs.db"
+
+    def full(*_, **__):  # as the store tells SQLite's "database or disk is full" (`database._full_disk_naming`)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(database))
+
+    monkeypatch.setattr(Store, "finish_run", full)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[str(tiny_model_dir)]) as sdk:
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+        run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))
+        run = wait_run(sdk, evaluation.id, run.id)
+        assert (run.status, run.error.code) == ("failed", "out_of_disk_space"), run.error
+        assert run.error.message == (
+            "The server has no room to write this run's jobs.db (No space left on device). Once the server's "
+            "operator frees space, start a new run to try again."
+        )
+        assert sdk.evals.runs.output_items.list(run.id, eval_id=evaluation.id).data == []
+    (record,) = [r for r in caplog.records if r.name == "tuneforge.jobs" and r.levelname == "ERROR"]
+    assert (
+        record.getMessage()
+        == f"eval run {run.id}: {database}: No space left on device. " + (REFUSED_WRITE_ADVICE[errno.ENOSPC])
+    )
+    assert record.exc_info is None
+
+
 def test_an_eval_run_whose_server_dies_once_too_often_fails_counting_every_death(tmp_path):
     """A run that takes its server down (the model answers in the server's process) is queued again after
     each death, as a job is, and fails when it is found dead once more than that."""

@@ -143,6 +143,12 @@ what the user does about it."""
 _REFUSED_WRITES = tuple(REFUSED_WRITE_ADVICE)
 
 
+def refused_write(err: BaseException) -> bool:
+    """Whether `err` is a write the machine refused (`REFUSED_WRITE_ADVICE`) naming its file: the server's state,
+    told as such, not a defect."""
+    return isinstance(err, OSError) and err.errno in REFUSED_WRITE_ADVICE and err.filename is not None
+
+
 def _naming(error: BaseException, final: Path) -> OSError | None:
     """A write into `final`'s temporary sibling that the machine refused, as an OSError naming `final`: a
     file object's write reports a full disk without the file's name, and safetensors as a SafetensorError

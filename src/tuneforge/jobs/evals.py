@@ -29,6 +29,7 @@ from pydantic import BeforeValidator, Field
 from ..data.formats import tool_definitions
 from ..data.readers import MAX_ROW_BYTES, bounded_lines
 from ..errors import ConfigError, ModelSourceError, TuneforgeError, unreadable_json
+from ..fsio import refused_write
 from ..generate import MAX_SEED
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
@@ -36,6 +37,7 @@ from ..tool_calls import ParsedReply, tool_call_parser
 from ..web import MAX_NESTING, APIError, Metadata, RequestBody, StoredText, failure_id, nesting
 from ..web.shapes import not_unicode
 from .files import FileStorage
+from .runner import no_room
 from .store import Eval, EvalOutputItem, EvalRun, Store, new_id, now
 
 if TYPE_CHECKING:
@@ -550,16 +552,18 @@ class EvalRunner:
             self.store.move_run(run.id, ["in_progress"], held_by=worker_id, status="failed", error=failure.error)
             return
         except Exception as err:  # noqa: BLE001 - one run's unforeseen failure fails that run alone
-            error_id = failure_id()
-            log.error("eval run %s failed (error id %s)", run.id, error_id, exc_info=err)
-            message = f"The server failed on this run (error id {error_id}); give the server's operator the error id."
-            self.store.move_run(
-                run.id,
-                ["in_progress"],
-                held_by=worker_id,
-                status="failed",
-                error={"code": "server_error", "message": message},
-            )
+            if refused_write(err):  # the server's full disk, as a job's is told
+                told = no_room(err, "run")
+                log.error("eval run %s: %s", run.id, told.pop("log"))
+                error = told
+            else:
+                error_id = failure_id()
+                log.error("eval run %s failed (error id %s)", run.id, error_id, exc_info=err)
+                message = (
+                    f"The server failed on this run (error id {error_id}); give the server's operator the error id."
+                )
+                error = {"code": "server_error", "message": message}
+            self.store.move_run(run.id, ["in_progress"], held_by=worker_id, status="failed", error=error)
             return
 
     def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..errors import DataError, TuneforgeError
-from ..fsio import REFUSED_WRITE_ADVICE, write_json
+from ..fsio import REFUSED_WRITE_ADVICE, refused_write, write_json
 
 CONFIG = "job.json"
 OUTCOME = "outcome.json"
@@ -68,24 +68,22 @@ def run(run_dir: Path) -> dict:
             "file": next((p.file for p in problems if p.is_error and p.file), None),
         }
     except OSError as err:
-        if err.errno not in REFUSED_WRITE_ADVICE or err.filename is None:
+        if not refused_write(err):
             raise
-        return _no_room(err, run_dir)
+        return {"status": "failed", **no_room(err, "job", run_dir), "file": None}
     return {"status": result.status, "steps": result.steps, "metrics": result.metrics}
 
 
-def _no_room(err: OSError, run_dir: Path) -> dict:
-    """The outcome of a run whose write the machine refused (a full disk, a quota, a file size limit): the
-    server's state, not the job's fault. The client's message names the file within the run, never the
-    server's path; `log`, the line for the server's log, names the path and what to do."""
+def no_room(err: OSError, what: str, within: Path | None = None) -> dict:
+    """How a job or an eval run (`what`) whose write the machine refused fails: the server's state, not its
+    fault. The client's message names the file within `within` (the job's folder), else by its name alone, never
+    the server's path; `log`, the line for the server's log, names the path and what to do."""
     where = Path(os.fsdecode(err.filename))
-    shown = where.relative_to(run_dir) if where.is_relative_to(run_dir) else where.name
+    shown = where.relative_to(within) if within and where.is_relative_to(within) else where.name
     return {
-        "status": "failed",
         "code": "out_of_disk_space",
-        "message": f"The server has no room to write this job's {shown} ({err.strerror}). Once the server's "
-        "operator frees space, start a new job to try again.",
-        "file": None,
+        "message": f"The server has no room to write this {what}'s {shown} ({err.strerror}). Once the server's "
+        f"operator frees space, start a new {what} to try again.",
         "log": f"{where}: {err.strerror}. {REFUSED_WRITE_ADVICE[err.errno]}",
     }
 

@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..database import UnknownCursor
 from ..errors import complaint, json_kind, key_path, unreadable_json
-from ..fsio import REFUSED_WRITE_ADVICE
+from ..fsio import REFUSED_WRITE_ADVICE, refused_write
 from .shapes import MAX_FILENAME_CHARS, FormFields, multipart_boundary
 
 log = logging.getLogger("tuneforge.web")
@@ -104,7 +104,7 @@ def no_room(err: OSError) -> APIError:
 def unexpected(err: Exception, what: str = "The server failed on this request") -> APIError:
     """The answer to an exception no route foresaw: `no_room` for a write the machine refused, else `server_error`
     saying `what`."""
-    if isinstance(err, OSError) and err.errno in REFUSED_WRITE_ADVICE and err.filename is not None:
+    if refused_write(err):
         return no_room(err)
     return server_error(err, what)
 
