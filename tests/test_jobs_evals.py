@@ -447,6 +447,39 @@ def test_a_run_whose_results_the_disk_has_no_room_for_fails_saying_so(tmp_path, 
     assert record.exc_info is None
 
 
+def test_a_run_whose_failure_the_full_store_cannot_write_yet_is_failed_once_it_can(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A full disk under the store refuses the run's results and, at first, its failure too: the run is not left in
+    progress with nobody to end it (its worker alive, so no other server takes it up); its failure is written once
+    the store takes writes again."""
+    import errno
+    import os
+
+    from tuneforge.jobs import evals
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "home" / "jobs.db"))
+
+    moved = Store.move_run
+    refusals = iter(range(3))  # the store refuses to write the run's end three times, then has room
+
+    def full_at_first(store, run_id, from_statuses, **values):
+        if values.get("status") == "failed" and next(refusals, None) is not None:
+            full()
+        return moved(store, run_id, from_statuses, **values)
+
+    monkeypatch.setattr(Store, "finish_run", full)
+    monkeypatch.setattr(Store, "move_run", full_at_first)
+    monkeypatch.setattr(evals, "END_RETRY_S", 0.05)
+    with restarted(tmp_path / "home", workers=1, allowed_models=[str(tiny_model_dir)]) as sdk:
+        evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+        run = sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), inline()))
+        run = wait_run(sdk, evaluation.id, run.id)
+    assert (run.status, run.error.code) == ("failed", "out_of_disk_space"), run.error
+    assert next(refusals, None) is None
+
+
 def test_an_eval_run_whose_server_dies_once_too_often_fails_counting_every_death(tmp_path):
     """A run that takes its server down (the model answers in the server's process) is queued again after
     each death, as a job is, and fails when it is found dead once more than that."""

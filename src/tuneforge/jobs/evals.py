@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ log = logging.getLogger("tuneforge.jobs")
 # OpenAI's defaults for a completions run's sampling params.
 DEFAULT_SAMPLING = {"max_completion_tokens": 128, "temperature": 1.0, "top_p": 1.0, "seed": 42}
 MAX_RUN_ITEMS = 10_000
+END_RETRY_S = 5.0  # how often a run's end that the store refused (its disk full) is written again
 PASS_SCORE = 1.0  # the score a criterion without a pass_threshold must reach for an answer to pass
 
 
@@ -546,10 +548,10 @@ class EvalRunner:
             )
         except RunStopped:
             # Canceled: it stays canceled. The server stopping: queued again for the next server.
-            self.store.move_run(run.id, ["in_progress"], held_by=worker_id, status="queued", worker_id=None)
+            self._end(run.id, worker_id, stopping, status="queued", worker_id=None)
             return
         except RunFailure as failure:
-            self.store.move_run(run.id, ["in_progress"], held_by=worker_id, status="failed", error=failure.error)
+            self._end(run.id, worker_id, stopping, status="failed", error=failure.error)
             return
         except Exception as err:  # noqa: BLE001 - one run's unforeseen failure fails that run alone
             if refused_write(err):  # the server's full disk, as a job's is told
@@ -563,8 +565,22 @@ class EvalRunner:
                     f"The server failed on this run (error id {error_id}); give the server's operator the error id."
                 )
                 error = {"code": "server_error", "message": message}
-            self.store.move_run(run.id, ["in_progress"], held_by=worker_id, status="failed", error=error)
+            self._end(run.id, worker_id, stopping, status="failed", error=error)
             return
+
+    def _end(self, run_id: str, worker_id: str, stopping: Callable[[], bool], **values) -> None:
+        """Move the run out of progress with `values`. A store that cannot write it now (its disk full) is asked
+        again every `END_RETRY_S` until it does: the run's worker, alive, holds it, so no other server would end
+        it. When the server stops first, the next server takes the run up as one whose server died."""
+        while True:
+            try:
+                self.store.move_run(run_id, ["in_progress"], held_by=worker_id, **values)
+                return
+            except Exception as err:
+                if stopping():
+                    raise
+                log.error("eval run %s: its end cannot be written yet (%s); trying again", run_id, err)
+                time.sleep(END_RETRY_S)
 
     def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
         from ..generate import encode_each, generate, load_for_inference
