@@ -460,8 +460,11 @@ def test_gguf_transformers_cannot_read_leaves_nothing(tmp_path, home):
     path = tmp_path / "odd.gguf"
     write_tiny_gguf(path, architecture="no-such-arch")
     assert scan_gguf(path).architecture == "no-such-arch"  # the file itself is sound
-    with pytest.raises(ModelSourceError, match="no-such-arch.*reads GGUF files of these architectures: .*llama"):
+    with pytest.raises(ModelSourceError, match="no-such-arch.*reads GGUF files of these architectures: .*llama") as err:
         resolve(str(path))
+    # transformers' own sentence is joined without a doubled full stop, and the refusal says what to do instead.
+    assert ".." not in err.value.message
+    assert err.value.message.endswith("or give base_model the model's Hugging Face folder or hub id instead.")
     assert cache_entries(home) == []
 
 

@@ -227,9 +227,10 @@ def convert_gguf(
         raise
     except Exception as err:
         raise ModelSourceError(
-            f"Could not convert {gguf_path} ({header.architecture}) into a trainable model: {err}. "
-            "transformers reads GGUF files of these architectures: "
-            f"{', '.join(transformers_gguf_architectures())}.",
+            f"Could not convert {gguf_path} ({header.architecture}) into a trainable model: "
+            f"{str(err).rstrip('.')}. transformers reads GGUF files of these architectures: "
+            f"{', '.join(transformers_gguf_architectures())}. Use a GGUF of one of them, or give base_model the "
+            "model's Hugging Face folder or hub id instead.",
             code="gguf_conversion_failed",
         ) from err
 
