@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -766,6 +767,52 @@ def test_smollm2_with_a_fresh_lora_exports_merged_and_q8_0_gguf_that_answer_alik
     answers = [c.text for c in generate(gguf_model, tokenizer, prompts, max_new_tokens=16)]
     # 8-bit weights may flip a near-tie late in a reply; the start of each answer must agree.
     assert [a[:20] for a in answers] == [e[:20] for e in expected]
+
+
+def test_a_converter_whose_export_is_killed_stops_with_it(tmp_path):
+    """An export killed outright (kill -9, the out-of-memory killer) takes llama.cpp's converter with it, rather
+    than leaving it to write on for minutes into a folder the next export removes."""
+    import psutil
+
+    converter = tmp_path / "converter"
+    converter.mkdir()
+    (converter / "convert_hf_to_gguf.py").write_text("import time\n\n\ndef main():\n    time.sleep(120)\n")
+    said = tmp_path / "converter.pid"
+    # The export: starts the converter as `_convert` does, says its pid, and waits on it.
+    code = (
+        "import subprocess\n"
+        "from tuneforge.exporting import llama_cpp\n"
+        f"child = subprocess.Popen(llama_cpp.converter_command({str(converter)!r}, ['', '', 'model']))\n"
+        f"open({str(said) + '.partial'!r}, 'w').write(str(child.pid))\n"
+        f"__import__('os').replace({str(said) + '.partial'!r}, {str(said)!r})\n"
+        "child.wait()\n"
+    )
+    export = subprocess.Popen([sys.executable, "-c", code], env=SUBPROCESS_ENV)
+    deadline = time.monotonic() + 60
+    while not said.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    converting = psutil.Process(int(said.read_text()))
+    time.sleep(2)  # into the converter's main
+    assert converting.is_running()
+    export.kill()
+    export.wait()
+    deadline = time.monotonic() + 15
+    while _alive(converting) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stopped = not _alive(converting)
+    if not stopped:
+        converting.kill()
+    assert stopped
+
+
+def _alive(process) -> bool:
+    """Whether `process` (a psutil.Process) still runs: one ended but not yet reaped by its new parent is not."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_the_converter_is_fetched_before_any_weights_load_and_must_match_its_pin(adapter_dir, tmp_path, monkeypatch):
