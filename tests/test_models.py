@@ -416,6 +416,25 @@ def test_a_run_with_no_model_saved_yet_says_how_to_get_one(tmp_path):
     assert "tuneforge train CONFIG --overwrite" in message
 
 
+def test_a_model_folder_still_being_written_is_none_of_the_folders_models(tmp_path):
+    """A run's final/ or a checkpoint while it is written (`atomic_dir`'s .tmp-NAME-..., the earlier one swapped out
+    as .old-NAME-...) is not taken for the model the folder holds: the run is no model yet, and its checkpoints
+    folder holds the one complete checkpoint."""
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    for folder in (
+        run / ".tmp-final-abcd1234",
+        checkpoints / "step-2",
+        checkpoints / ".tmp-step-4-abcd1234",
+        checkpoints / ".old-step-2-4321",
+    ):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    with pytest.raises(ModelSourceError, match="is not a model"):
+        resolve(str(run))
+    assert resolve(str(checkpoints)).path == checkpoints / "step-2"
+
+
 def test_hub_id_while_offline_lists_offline_alternatives(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
