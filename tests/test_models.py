@@ -365,6 +365,21 @@ def test_a_damaged_base_under_an_adapter_is_named_as_the_folder_that_failed(tiny
     assert "damaged or was not written whole" in error.value.message
 
 
+def test_a_damaged_weights_file_of_a_sharded_model_is_named(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(base, max_shard_size="100KB")
+    shards = sorted(base.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].write_bytes(shards[-1].read_bytes()[:3000])
+    with pytest.raises(ModelSourceError) as error:
+        load_model(str(base))
+    assert error.value.message.endswith(
+        f"{shards[-1].name} there is damaged or was not written whole: copy it again, or use another checkpoint."
+    )
+
+
 def test_adapter_whose_base_moved_falls_back_to_the_run_config(tiny_adapter, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_adapter, run / "final")

@@ -188,16 +188,9 @@ def _weights_bytes(folder: Path) -> int | None:
     """The bytes of the weights files transformers loads from `folder` (`loaded_weight_files`); None where a
     safetensors file among them is not whole (cut short, its header damaged), whose size says nothing of the
     model's."""
-    from safetensors import safe_open
-
     files = loaded_weight_files(folder)
-    for file in files:
-        if file.suffix == ".safetensors":
-            try:
-                with safe_open(file, framework="pt"):
-                    pass
-            except (SafetensorError, OSError):
-                return None
+    if not all(_safetensors_whole(file) for file in files if file.suffix == ".safetensors"):
+        return None
     return sum(file.stat().st_size for file in files)
 
 
@@ -940,11 +933,13 @@ def input_embedding_name(folder: Path) -> str:
 
 def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
     """The error for a base or adapter folder that would not load, naming that folder."""
-    damaged = (
-        ". A weights file there is damaged or was not written whole: copy it again, or use another checkpoint"
-        if isinstance(err, SafetensorError)
-        else ""
-    )
+    damaged = ""
+    if isinstance(err, SafetensorError):
+        which = next((path.name for path in sorted(folder.glob("*.safetensors")) if not _safetensors_whole(path)), None)
+        damaged = (
+            f". {which or 'A weights file'} there is damaged or was not written whole: copy it again, or use another "
+            "checkpoint."
+        )
     return ModelSourceError(f"Could not load the model in {folder}: {err}{damaged}", code="model_load_failed")
 
 
@@ -959,6 +954,17 @@ def _refuse_reshaped_weights(folder: Path, mismatched) -> None:
             "config.json was edited: copy the model again from where it came from.",
             code="model_load_failed",
         )
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """Whether the safetensors file `path` opens: its header reads and its tensors cover the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt"):
+            return True
+    except (SafetensorError, OSError):
+        return False
 
 
 def _refuse_missing_weights(folder: Path, missing: list[str]) -> None:
