@@ -524,6 +524,26 @@ def test_gguf_of_a_quantization_type_transformers_cannot_read_is_refused_naming_
     assert cache_entries(home) == []
 
 
+def test_gguf_of_a_tensor_type_the_gguf_library_does_not_know_is_refused_naming_it(tmp_path, home):
+    import struct
+
+    path = tmp_path / "newer.gguf"
+    write_tiny_gguf(path)
+    data = bytearray(path.read_bytes())
+    # The type id follows the tensor's name, its dimension count and its dimensions.
+    name = b"blk.0.attn_v.weight"
+    at = data.index(name) + len(name)
+    struct.pack_into("<I", data, at + 4 + 8 * struct.unpack_from("<I", data, at)[0], 200)
+    path.write_bytes(data)
+    with pytest.raises(ModelSourceError) as err:
+        resolve(str(path))
+    assert err.value.message.startswith(
+        f"{path} holds blk.0.attn_v.weight in GGML type 200, which the gguf library here does not know"
+    )
+    assert "Quantize the original model again" in err.value.message
+    assert cache_entries(home) == []
+
+
 # ---- GGUF conversion ----------------------------------------------------------------------------
 
 

@@ -402,6 +402,14 @@ def scan_gguf(path: Path) -> GgufHeader:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
             header = _parse_header(buf, size)
+        except _UnknownTensorType as unknown:
+            raise ModelSourceError(
+                f"{path} holds {unknown.tensor} in GGML type {unknown.type_id}, which the gguf library here does not "
+                "know (a type added to llama.cpp since that library's release?), so transformers cannot read the "
+                "file. Quantize the original model again to a type it reads (llama.cpp's llama-quantize, e.g. "
+                "Q8_0), or give its safetensors folder as base_model.",
+                code="gguf_conversion_failed",
+            ) from None
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as err:
             raise _bad_gguf(f"{what} has a damaged or truncated header ({err})") from err
     if header is None:
@@ -411,6 +419,14 @@ def scan_gguf(path: Path) -> GgufHeader:
             f"{what} is truncated: its header describes {header.data_end:,} bytes (an interrupted download or copy?)"
         )
     return header
+
+
+class _UnknownTensorType(Exception):
+    """A GGUF tensor's type id that the gguf library has no type for."""
+
+    def __init__(self, tensor: str, type_id: int):
+        super().__init__(tensor, type_id)
+        self.tensor, self.type_id = tensor, type_id
 
 
 def _bad_gguf(problem: str) -> ModelSourceError:
@@ -470,7 +486,11 @@ def _parse_header(buf, size: int) -> GgufHeader | None:
     for _ in range(tensor_count):
         name = take_string()
         dims = [take("<Q") for _ in range(take("<I"))]
-        tensor_type = GGMLQuantizationType(take("<I"))
+        type_id = take("<I")
+        try:
+            tensor_type = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise _UnknownTensorType(name, type_id) from None
         tensor_types[name] = tensor_type.name
         block, block_bytes = GGML_QUANT_SIZES[tensor_type]
         elements = 1
