@@ -431,6 +431,16 @@ def test_a_run_with_no_model_saved_yet_says_how_to_get_one(tmp_path):
     assert "tuneforge train CONFIG --overwrite" in message
 
 
+def test_a_folder_of_a_gguf_export_points_at_its_gguf_file(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("export.json", "run-q8_0.gguf", "mmproj-run-f16.gguf"):
+        (export / name).write_text("{}")
+    with pytest.raises(ModelSourceError, match="is not a model") as err:
+        resolve(str(export))
+    assert err.value.message.endswith(f"It holds a GGUF file: point at it, {export / 'run-q8_0.gguf'}.")
+
+
 def test_a_model_folder_still_being_written_is_none_of_the_folders_models(tmp_path):
     """A run's final/ or a checkpoint while it is written (`atomic_dir`'s .tmp-NAME-..., the earlier one swapped out
     as .old-NAME-...) is not taken for the model the folder holds: the run is no model yet, and its checkpoints

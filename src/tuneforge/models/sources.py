@@ -195,7 +195,17 @@ def _model_inside(folder: Path) -> Path:
             "either, train it again (tuneforge train CONFIG --overwrite).",
             code="model_not_found",
         )
-    hint = f" The run has no final/ yet but has checkpoints: point at one, e.g. {newest}." if newest else ""
+    if newest:
+        hint = f" The run has no final/ yet but has checkpoints: point at one, e.g. {newest}."
+    elif ggufs := sorted(path for path in folder.glob("*.gguf") if not path.name.startswith("mmproj-")):
+        # A GGUF export's folder: its text model (an mmproj file beside it holds the vision encoder alone).
+        hint = (
+            f" It holds a GGUF file: point at it, {ggufs[0]}."
+            if len(ggufs) == 1
+            else f" It holds GGUF files: point at one, e.g. {ggufs[0]}."
+        )
+    else:
+        hint = ""
     raise ModelSourceError(
         f"{folder} is not a model: it holds no config.json (Hugging Face model), adapter_config.json "
         f"(PEFT adapter) or final/ (finished tuneforge run).{hint}",
