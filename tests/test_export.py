@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -585,6 +586,23 @@ def test_the_working_folder_is_no_output_folder(adapter_dir, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path / "empty")
     assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", ".") == 2
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_mount_point_is_no_output_folder(adapter_dir, tmp_path, monkeypatch, capsys):
+    """A mounted volume (a container's /out) cannot be renamed away to swap the export in: refused before any
+    weights load, pointing at a folder inside it."""
+    import psutil
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    # Bound from elsewhere on the same file system, as a container's volume often is.
+    partitions = psutil.disk_partitions(all=True)
+    bound = SimpleNamespace(device="/srv/exports", mountpoint=str(volume), fstype="none", opts="rw,bind")
+    monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: [*partitions, bound])
+    assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", volume) == 2
+    message = capsys.readouterr().err
+    assert f"--out {volume} is a mount point" in message and f"--out {volume / 'export'}" in message
+    assert list(volume.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["volume"]
 
 
 def test_the_output_folder_may_not_hold_the_source(run_dir):

@@ -234,6 +234,18 @@ def _swap_in(tmp: Path, final: Path) -> None:
         return
 
 
+def is_mount_point(path: str | os.PathLike) -> bool:
+    """Whether the folder `path` is a mount point (a container's volume), which `atomic_dir` cannot rename away: a
+    bind mount of a folder on the file system it sits on too, which `os.path.ismount` (comparing devices) misses."""
+    import psutil
+
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    mounted = {part.mountpoint for part in psutil.disk_partitions(all=True)}
+    return os.path.ismount(path) or str(path.resolve()) in mounted
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
