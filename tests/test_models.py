@@ -353,6 +353,25 @@ def test_an_adapter_without_its_weights_is_refused_naming_them(tiny_adapter, tmp
     assert error.value.code == "adapter_incomplete" and str(checkpoint.resolve()) in error.value.message
 
 
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ("[]", "holds an array, not an object"),
+        ("{}", "names no peft_type"),
+        ('{"peft_type": "NOPE"}', "names peft_type 'NOPE', which is no PEFT adapter type"),
+        ('{"peft_type": ["LORA"]}', "names peft_type ['LORA'], which is no PEFT adapter type"),
+    ],
+)
+def test_an_adapter_config_that_is_no_peft_config_is_refused_naming_the_file(tiny_adapter, tmp_path, config, says):
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_text(config)
+    with pytest.raises(ModelSourceError) as error:
+        load_model(str(adapter))
+    message = error.value.message
+    assert message.startswith(f"{adapter / 'adapter_config.json'} {says}")
+    assert message.endswith("Copy the adapter again from where it came from.")
+
+
 def test_a_damaged_base_under_an_adapter_is_named_as_the_folder_that_failed(tiny_adapter, tiny_model_dir, tmp_path):
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     (base / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:3000])

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from ..errors import ConfigError, ModelSourceError
+from ..errors import ConfigError, ModelSourceError, json_kind
 from ..fsio import SWAPPED_OUT_PREFIX, TEMPORARY_PREFIX
 from .convert import cached_registry_folder, convert_local_gguf, pull, unknown_registry_name
 from .registry import REGISTRY
@@ -218,6 +218,7 @@ def _resolve_adapter(spec: str, adapter_dir: Path, *, pull_missing: bool, name: 
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"{adapter_dir / 'adapter_config.json'} cannot be read: {err}.") from err
+    _require_peft_config(adapter_dir / "adapter_config.json", adapter_config)
     _require_adapter_weights(adapter_dir)
     base = _adapter_base(adapter_dir, adapter_config.get("base_model_name_or_path"), pull_missing=pull_missing)
     if base.adapter is not None:
@@ -227,6 +228,26 @@ def _resolve_adapter(spec: str, adapter_dir: Path, *, pull_missing: bool, name: 
             code="stacked_adapter",
         )
     return ModelSource(spec, "adapter", base.path, adapter_dir, name)
+
+
+def _require_peft_config(path: Path, config) -> None:
+    """Refuse an adapter_config.json that PEFT cannot build an adapter from: no JSON object, or one without a
+    peft_type PEFT knows (it would fail with a bare KeyError)."""
+    from peft.utils import PeftType
+
+    if not isinstance(config, dict):
+        problem = f"holds {json_kind(config)}, not an object"
+    elif "peft_type" not in config:
+        problem = "names no peft_type"
+    elif not isinstance(config["peft_type"], str) or config["peft_type"] not in {kind.value for kind in PeftType}:
+        problem = f"names peft_type {config['peft_type']!r}, which is no PEFT adapter type (LORA, ...)"
+    else:
+        return
+    raise ModelSourceError(
+        f"{path} {problem}: it is damaged, or not the config PEFT saves with an adapter. Copy the adapter again "
+        "from where it came from.",
+        code="adapter_incomplete",
+    )
 
 
 def _require_adapter_weights(adapter_dir: Path) -> None:
