@@ -531,6 +531,17 @@ def test_gguf_transformers_cannot_read_leaves_nothing(tmp_path, home):
     assert cache_entries(home) == []
 
 
+def test_an_mmproj_gguf_is_refused_pointing_at_the_text_models_gguf_beside_it(tmp_path, home):
+    path = tmp_path / "mmproj-model-f16.gguf"
+    write_tiny_gguf(path, architecture="clip")  # a vision encoder and projector alone, as llama.cpp names it
+    (tmp_path / "model-q8_0.gguf").write_bytes(b"")
+    with pytest.raises(ModelSourceError) as err:
+        resolve(str(path))
+    assert err.value.message.startswith(f"{path} is an mmproj file (GGUF architecture clip)")
+    assert err.value.message.endswith(f"Point at the text model's GGUF instead, e.g. {tmp_path / 'model-q8_0.gguf'}.")
+    assert cache_entries(home) == []
+
+
 def test_gguf_of_a_quantization_type_transformers_cannot_read_is_refused_naming_it(tmp_path, home, monkeypatch):
     import gguf
     import numpy as np

@@ -169,6 +169,7 @@ def convert_local_gguf(gguf_path: Path, *, convert_missing: bool = True, progres
     """The converted cache folder of a user's `.gguf` file, keyed by its sha256, converting it once."""
     console = _console(progress)
     header = scan_gguf(gguf_path)
+    _require_a_language_model(gguf_path, header)
     chunks = math.ceil(gguf_path.stat().st_size / _CHUNK)
     with progress_bar(f"Hashing {gguf_path.name}, MiB", chunks, progress) as advance:
         sha256 = sha256_file(gguf_path, advance)
@@ -205,6 +206,7 @@ def convert_gguf(
     """Write the trainable fp32 folder for `gguf_path` at `dest` (plus `extra_files`), atomically;
     `chat_template` is the tokenizer's when the GGUF carries none."""
     header = scan_gguf(gguf_path)
+    _require_a_language_model(gguf_path, header)
     _require_readable_tensor_types(gguf_path, header)
     try:
         with atomic_dir(dest, replace=replace) as tmp:
@@ -233,6 +235,21 @@ def convert_gguf(
             "model's Hugging Face folder or hub id instead.",
             code="gguf_conversion_failed",
         ) from err
+
+
+def _require_a_language_model(gguf_path: Path, header: GgufHeader) -> None:
+    """Refuse an mmproj file, a vision encoder and projector alone (GGUF architecture `clip`), which llama.cpp
+    loads beside a text model's GGUF: there is no language model in it to train or serve."""
+    if header.architecture != "clip":
+        return
+    beside = sorted(p for p in gguf_path.parent.glob("*.gguf") if p != gguf_path and not p.name.startswith("mmproj-"))
+    instead = f", e.g. {beside[0]}" if beside else ""
+    raise ModelSourceError(
+        f"{gguf_path} is an mmproj file (GGUF architecture clip): the vision encoder and projector of a model that "
+        f"reads images, which llama.cpp loads beside the text model's GGUF (--mmproj). Point at the text model's "
+        f"GGUF instead{instead}.",
+        code="bad_gguf",
+    )
 
 
 def _require_readable_tensor_types(gguf_path: Path, header: GgufHeader) -> None:
