@@ -25,6 +25,17 @@ def test_a_folder_swapped_out_by_a_killed_replace_is_put_back(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step-4"]
 
 
+def test_a_folder_given_as_a_symbolic_link_is_written_where_the_link_points(tmp_path):
+    (tmp_path / "disk" / "exports").mkdir(parents=True)
+    (tmp_path / "disk" / "exports" / "old.txt").write_text("earlier")
+    (tmp_path / "exports").symlink_to(tmp_path / "disk" / "exports")
+    with atomic_dir(tmp_path / "exports", replace=True) as tmp:
+        (tmp / "new.txt").write_text("written")
+    assert (tmp_path / "exports").is_symlink()
+    assert [p.name for p in (tmp_path / "disk" / "exports").iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "exports"]  # no link left renamed away
+
+
 def test_a_swapped_out_leftover_beside_its_folder_is_removed(tmp_path):
     (tmp_path / "step-4").mkdir()
     (tmp_path / ".old-step-4-12345").mkdir()

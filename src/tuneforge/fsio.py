@@ -251,9 +251,12 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
 
     On any exception the temporary folder is removed, so an interrupted write never leaves a
-    folder that looks complete. With `replace`, an existing `final` is swapped out.
+    folder that looks complete. With `replace`, an existing `final` is swapped out. A `final` that is a
+    symbolic link is written where it points (a folder on another disk), the link left as it is.
     """
     final = Path(final)
+    if final.is_symlink():
+        final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     _recover_swapped_out(final)
     _remove_stale_siblings(final)
