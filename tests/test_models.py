@@ -358,7 +358,6 @@ def test_an_adapter_without_its_weights_is_refused_naming_them(tiny_adapter, tmp
     [
         ("[]", "holds an array, not an object"),
         ("{}", "names no peft_type"),
-        ('{"peft_type": "NOPE"}', "names peft_type 'NOPE', which is no PEFT adapter type"),
         ('{"peft_type": ["LORA"]}', "names peft_type ['LORA'], which is no PEFT adapter type"),
     ],
 )
@@ -370,6 +369,22 @@ def test_an_adapter_config_that_is_no_peft_config_is_refused_naming_the_file(tin
     message = error.value.message
     assert message.startswith(f"{adapter / 'adapter_config.json'} {says}")
     assert message.endswith("Copy the adapter again from where it came from.")
+
+
+def test_an_adapter_of_a_type_this_peft_does_not_know_is_refused_as_perhaps_newer(tiny_adapter, tmp_path):
+    """A peft_type added in a later PEFT release is no damage that copying mends: the refusal says so."""
+    import peft
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "SOMEDAY"}))
+    with pytest.raises(ModelSourceError) as error:
+        load_model(str(adapter))
+    message = error.value.message
+    assert message.startswith(
+        f"{adapter / 'adapter_config.json'} names peft_type 'SOMEDAY', which PEFT {peft.__version__} here does not know"
+    )
+    assert "a newer PEFT" in message and "merge_and_unload" in message
 
 
 def test_a_damaged_base_under_an_adapter_is_named_as_the_folder_that_failed(tiny_adapter, tiny_model_dir, tmp_path):

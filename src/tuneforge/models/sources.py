@@ -232,15 +232,24 @@ def _resolve_adapter(spec: str, adapter_dir: Path, *, pull_missing: bool, name: 
 
 def _require_peft_config(path: Path, config) -> None:
     """Refuse an adapter_config.json that PEFT cannot build an adapter from: no JSON object, or one without a
-    peft_type PEFT knows (it would fail with a bare KeyError)."""
+    peft_type PEFT knows (it would fail with a bare KeyError). A name it does not know may be a newer PEFT's type."""
+    import peft
     from peft.utils import PeftType
 
     if not isinstance(config, dict):
         problem = f"holds {json_kind(config)}, not an object"
     elif "peft_type" not in config:
         problem = "names no peft_type"
-    elif not isinstance(config["peft_type"], str) or config["peft_type"] not in {kind.value for kind in PeftType}:
+    elif not isinstance(config["peft_type"], str):
         problem = f"names peft_type {config['peft_type']!r}, which is no PEFT adapter type (LORA, ...)"
+    elif config["peft_type"] not in {kind.value for kind in PeftType}:
+        raise ModelSourceError(
+            f"{path} names peft_type {config['peft_type']!r}, which PEFT {peft.__version__} here does not know "
+            "(LORA, ...). An adapter type of a newer PEFT: merge it into its base with that PEFT (merge_and_unload) "
+            "and give the merged folder. Otherwise the file is damaged: copy the adapter again from where it came "
+            "from.",
+            code="adapter_incomplete",
+        )
     else:
         return
     raise ModelSourceError(
