@@ -242,7 +242,7 @@ def _require_a_language_model(gguf_path: Path, header: GgufHeader) -> None:
     loads beside a text model's GGUF: there is no language model in it to train or serve."""
     if header.architecture != "clip":
         return
-    beside = sorted(p for p in gguf_path.parent.glob("*.gguf") if p != gguf_path and not p.name.startswith("mmproj-"))
+    beside = [path for path in text_ggufs(gguf_path.parent) if path != gguf_path]
     instead = f", e.g. {beside[0]}" if beside else ""
     raise ModelSourceError(
         f"{gguf_path} is an mmproj file (GGUF architecture clip): the vision encoder and projector of a model that "
@@ -250,6 +250,12 @@ def _require_a_language_model(gguf_path: Path, header: GgufHeader) -> None:
         f"GGUF instead{instead}.",
         code="bad_gguf",
     )
+
+
+def text_ggufs(folder: Path) -> list[Path]:
+    """The GGUF files in `folder` that hold a text model, sorted: all but the mmproj files beside them (`mmproj-`,
+    as llama.cpp's converter and the hub's GGUF repos name them)."""
+    return sorted(path for path in folder.glob("*.gguf") if not path.name.startswith("mmproj-"))
 
 
 def _require_readable_tensor_types(gguf_path: Path, header: GgufHeader) -> None:

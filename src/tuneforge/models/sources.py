@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from ..errors import ConfigError, ModelSourceError, json_kind
 from ..fsio import SWAPPED_OUT_PREFIX, TEMPORARY_PREFIX
-from .convert import cached_registry_folder, convert_local_gguf, pull, unknown_registry_name
+from .convert import cached_registry_folder, convert_local_gguf, pull, text_ggufs, unknown_registry_name
 from .registry import REGISTRY
 
 SourceKind = Literal["registry", "hf_folder", "gguf", "adapter", "hub"]
@@ -197,8 +197,7 @@ def _model_inside(folder: Path) -> Path:
         )
     if newest:
         hint = f" The run has no final/ yet but has checkpoints: point at one, e.g. {newest}."
-    elif ggufs := sorted(path for path in folder.glob("*.gguf") if not path.name.startswith("mmproj-")):
-        # A GGUF export's folder: its text model (an mmproj file beside it holds the vision encoder alone).
+    elif ggufs := text_ggufs(folder):  # a GGUF export's folder
         hint = (
             f" It holds a GGUF file: point at it, {ggufs[0]}."
             if len(ggufs) == 1
