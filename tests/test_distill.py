@@ -374,6 +374,70 @@ def test_the_teacher_cache_key_changes_with_an_adapter_teachers_adapter(tiny_mod
     assert cache_key(str(tmp_path / "teacher"), 8, 512, "float32", ["row"]) != first
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "cut short",
+        "no safetensors",
+        "rows of other lengths",
+        "ids past the vocabulary",
+        "another k",
+        "no logits",
+        "nan",
+    ],
+)
+def test_a_damaged_teacher_cache_entry_is_computed_again_and_replaced(damage, tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods.distill import TeacherTopK, cache_dir, output_width
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path))
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    vocab = output_width(teacher)
+    input_ids = torch.randint(3, vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[0, 4:9], labels[1, 2:6] = input_ids[0, 5:10], input_ids[1, 3:7]
+    batches = [{"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(10).expand(2, 10)}]
+
+    def load(log) -> dict:
+        cpu = torch.device("cpu")
+        return TeacherTopK.load_or_compute(teacher, str(tiny_model_dir), 4, vocab, batches, cpu, False, log).by_row
+
+    first = load(print)
+    [path] = cache_dir().glob("*.safetensors")
+    whole = path.read_bytes()
+    stored = load_file(path)
+    if damage == "cut short":
+        path.write_bytes(whole[: len(whole) // 2])
+    elif damage == "no safetensors":
+        path.write_text("hello")
+    else:
+        if damage == "rows of other lengths":  # as many positions in all, split otherwise between the rows
+            stored["lengths"] += torch.tensor([1, -1])
+        elif damage == "ids past the vocabulary":
+            stored["ids"][0, 0] = vocab
+        elif damage == "another k":
+            stored = {
+                name: tensor[:, :2].contiguous() if tensor.dim() == 2 else tensor for name, tensor in stored.items()
+            }
+        elif damage == "no logits":
+            del stored["values"]
+        else:
+            stored["values"][1, 1] = math.nan
+        path.write_bytes(save(stored))
+    said = []
+    again = load(said.append)
+    assert len(said) == 1 and str(path) in said[0] and "computing them again" in said[0], said
+    assert first.keys() == again.keys()
+    for key, (ids, values) in first.items():
+        assert torch.equal(again[key][0], ids) and torch.equal(again[key][1], values)
+    assert path.read_bytes() == whole  # the entry replaced: the next run reads it
+    silent = []
+    load(silent.append)
+    assert silent == []
+
+
 def test_positions_all_compares_every_token_up_to_the_last_trained_one(pair):
     student, teacher, input_ids, labels = pair
     objective = DistillObjective(student, teacher, alpha=0.5, temperature=2.0, kind="forward_kl", positions="all")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -154,10 +155,13 @@ class DistillObjective(nn.Module):
         out["teacher_agreement"] = (student_top1 == teacher_top1).sum()
         return out
 
-    def cache_teacher(self, rows, pad_id: int, device: torch.device, *, batch_rows: int, progress: bool = True) -> None:
+    def cache_teacher(
+        self, rows, pad_id: int, device: torch.device, *, batch_rows: int, progress: bool = True, log=print
+    ) -> None:
         """With `teacher_top_k`: the teacher's top-k logits at every compared position of `rows`, read
         from the cache or computed now, in the caller's precision and attention; then the teacher is
-        freed. Without it, nothing: the teacher runs at every step."""
+        freed. Without it, nothing: the teacher runs at every step. `log` says when a cache entry is
+        damaged and computed again."""
         if self.teacher_top_k is None:
             return
         batches = []
@@ -165,7 +169,7 @@ class DistillObjective(nn.Module):
             batch = collate(rows[start : start + batch_rows], pad_id)
             batches.append({**batch, "labels": compared_labels(batch["labels"], self.positions, batch["position_ids"])})
         self.cached_teacher = TeacherTopK.load_or_compute(
-            self.teacher, self.teacher_name, self.teacher_top_k, self.vocab, batches, device, progress
+            self.teacher, self.teacher_name, self.teacher_top_k, self.vocab, batches, device, progress, log
         )
         self.frozen.clear()
 
@@ -270,21 +274,28 @@ class TeacherTopK:
         return torch.cat([ids for ids, _ in found]).long(), torch.cat([values for _, values in found])
 
     @classmethod
-    def load_or_compute(cls, teacher, teacher_name, k, vocab, batches, device, progress) -> TeacherTopK:
+    def load_or_compute(cls, teacher, teacher_name, k, vocab, batches, device, progress, log=print) -> TeacherTopK:
         """From `tuneforge_home()/teacher-cache/<key>.safetensors`, keyed by the teacher's files, k, the
         columns compared (`vocab`), the dtype it runs in and every row's key; else computed batch by
         batch and written there (atomically) for the next run on the same rows: another seed, or
-        other student settings."""
+        other student settings. An entry that cannot be used (`_read_entry`) is computed again and
+        replaced, and `log` says so."""
         keys = [key for batch in batches for key in row_keys(batch)]
+        lengths = torch.tensor([n for batch in batches for n in trained_per_row(batch)])
         dtype = str(next(teacher.parameters()).dtype)
         if torch.is_autocast_enabled(device.type):
             dtype += f" autocast {torch.get_autocast_dtype(device.type)}"
         path = cache_dir() / f"{cache_key(teacher_name, k, vocab, dtype, keys)}.safetensors"
         if path.is_file():
-            stored = load_file(path)
-            return cls(_split(stored["ids"], stored["values"], stored["lengths"], keys))
+            try:
+                return cls(_split(*_read_entry(path, lengths, min(k, vocab), vocab), lengths, keys))
+            except (OSError, SafetensorError, ValueError) as error:
+                # A cache entry cut short, damaged or edited after it was written is only lost time.
+                log(
+                    f"distill: warning: the teacher's top-{k} logits cached in {path} cannot be used ({error}); "
+                    "computing them again"
+                )
         ids, values = compute_top_k(teacher, batches, k, vocab, device, progress)
-        lengths = torch.tensor([n for batch in batches for n in trained_per_row(batch)])
         stored = {"ids": ids, "values": values, "lengths": lengths}
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, "wb") as f:
@@ -307,6 +318,26 @@ def compute_top_k(
             values.append(top.values.float().cpu())
             advance(len(batch["input_ids"]))
     return torch.cat(ids), torch.cat(values)
+
+
+def _read_entry(path: Path, lengths: torch.Tensor, k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache entry's ids and logits, where they fit the rows they are read for: `lengths` compared positions
+    a row, `k` tokens each, ids among the `vocab` compared columns, logits that are numbers (else ValueError,
+    saying what does not fit)."""
+    stored = load_file(path)
+    if set(stored) != {"ids", "values", "lengths"}:
+        raise ValueError(f"it holds the tensors {sorted(stored)}, not ids, values and lengths")
+    ids, values = stored["ids"], stored["values"]
+    if stored["lengths"].tolist() != lengths.tolist():
+        raise ValueError("its compared positions per row are not those of the rows")
+    shape = (int(lengths.sum()), k)
+    if ids.shape != shape or values.shape != shape or ids.dtype != torch.int32 or values.dtype != torch.float32:
+        raise ValueError(f"its ids and logits are not int32 and float32 of {shape[0]} positions by {k} tokens")
+    if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+        raise ValueError(f"it holds token ids outside the {vocab} compared")
+    if values.isnan().any():
+        raise ValueError("it holds logits that are no number")
+    return ids, values
 
 
 def _split(ids, values, lengths, keys) -> dict:

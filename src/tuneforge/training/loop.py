@@ -673,6 +673,7 @@ def setup(
                 world.device,
                 batch_rows=plan.micro_batch_rows,
                 progress=world.is_main,
+                log=log,
             )
         per_example = [lm for lm in per_example if any(lm is causal_lm(m) for m in (model, *objective.frozen))]
 
