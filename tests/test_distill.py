@@ -215,6 +215,34 @@ def test_a_teacher_with_another_vocabulary_fails_before_any_compute(tiny_model_d
     assert not (tmp_path / "run").exists()  # nothing prepared, loaded or written
 
 
+@pytest.mark.parametrize("teacher", ["no-such-model", "damaged.gguf", "folder"])
+def test_a_teacher_that_cannot_be_found_or_read_is_refused_naming_where_it_was_given(
+    teacher, tiny_model_dir, triage_data, tmp_path
+):
+    from tuneforge.distill import generate_teacher_data, init_student
+    from tuneforge.training import train
+
+    (tmp_path / "damaged.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    (tmp_path / "folder").mkdir()
+    named = teacher if teacher == "no-such-model" else str(tmp_path / teacher)
+    cfg = distill_config(tiny_model_dir, named, triage_data, tmp_path / "run")
+    with pytest.raises(TuneforgeError) as config:
+        train(cfg, progress=False)
+    assert config.value.message.startswith("distill.teacher"), config.value.message
+    assert not (tmp_path / "run").exists()
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts)
+    with pytest.raises(TuneforgeError) as generate:
+        generate_teacher_data(named, prompts, tmp_path / "out.jsonl", progress=False)
+    with pytest.raises(TuneforgeError) as init:
+        init_student(named, tmp_path / "student")
+    for err in (config, generate, init):
+        assert "base_model" not in err.value.message, err.value.message  # the teacher is no base model
+    for err in (generate, init):
+        assert err.value.message.startswith("--teacher"), err.value.message
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "student").exists()
+
+
 def test_a_teacher_with_a_shorter_context_than_data_max_length_fails_before_any_compute(
     tiny_model_dir, triage_data, tmp_path
 ):

@@ -454,7 +454,7 @@ class _UnknownTensorType(Exception):
 
 def _bad_gguf(problem: str) -> ModelSourceError:
     return ModelSourceError(
-        f"{problem}. Download or copy the file again, or point base_model at another model.",
+        f"{problem}. Download or copy the file again, or use another model.",
         code="bad_gguf",
     )
 
