@@ -716,6 +716,31 @@ def test_distill_generate_refuses_a_complete_file_of_another_teacher(teacher_dir
     assert generate_teacher_data(str(teacher_dir), prompts_file, out, max_new_tokens=6, **options).resumed_from == 7
 
 
+def test_distill_generate_refuses_an_output_of_answers_it_did_not_write(tiny_model_dir, tmp_path):
+    # Labelled rows answer their prompts: taken as the teacher's answers, they would be reported as written.
+    from tuneforge.distill import generate_teacher_data
+
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}]})
+            + "\n"
+            for i in range(3)
+        )
+    )
+    before = labelled.read_text()
+    with pytest.raises(TuneforgeError, match="is the --prompts file") as same:
+        generate_teacher_data(str(tiny_model_dir), labelled, labelled, max_new_tokens=4, progress=False)
+    assert same.value.code == "bad_option"
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(labelled, copy)
+    with pytest.raises(TuneforgeError, match="did not write") as foreign:
+        generate_teacher_data(str(tiny_model_dir), labelled, copy, max_new_tokens=4, progress=False)
+    assert foreign.value.code == "output_mismatch" and "Choose another --out" in foreign.value.message
+    assert labelled.read_text() == copy.read_text() == before
+    assert not copy.with_name(copy.name + ".teacher.json").exists()
+
+
 def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir, tmp_path):
     from tuneforge.distill import generate_teacher_data
 

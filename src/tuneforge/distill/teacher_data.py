@@ -236,7 +236,8 @@ def rows_already_written(
 
 def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, sampling: dict | None = None) -> None:
     """Rows added to `out` come from the teacher and answer length that wrote the rows already there, as
-    `out`'s record beside it says (written with the first row): a file continued by another teacher,
+    `out`'s record beside it says (written before the first row; rows without one are refused, as another file's):
+    a file continued by another teacher,
     or by the same one retrained in place, would mix two teachers' answers. `sampling` (best-of-N: samples,
     temperature, seed, grader, keep) must match too; greedy answers record samples as None."""
     from ..fsio import write_json
@@ -251,7 +252,16 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
         **(sampling or {"samples": None}),
     }
     record = out.with_name(out.name + ".teacher.json")
-    if done and record.is_file():
+    answers = f"the sampled answers to {counted(done, 'prompt')}" if sampling else f"{done} answers"
+    if done and not record.is_file():
+        # The record is written before the first answer: rows without one are another file's answers to the prompts.
+        raise TuneforgeError(
+            f"{out} holds {answers} that distill generate did not write (there is no {record.name} beside it, which "
+            "it writes before its first answer): they are another file's, such as labelled training rows. Choose "
+            "another --out (or remove the file).",
+            code="output_mismatch",
+        )
+    if done:
         written = json.loads(record.read_text())
         # A record without the files' hash predates it: its other keys still say which teacher wrote the rows.
         changed = [key for key in wanted if key in written and written[key] != wanted[key]]
@@ -265,7 +275,6 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
             else f"{key} {written[key]} where this call asks for {wanted[key]}"
             for key in changed
         ]
-        answers = f"the sampled answers to {counted(done, 'prompt')}" if sampling else f"{done} answers"
         if changed:
             raise TuneforgeError(
                 f"{out} holds {answers} written with {'; '.join(differences)}, and the file would mix "
@@ -273,7 +282,7 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
                 "--seed, --grader and --keep, or choose another --out.",
                 code="output_mismatch",
             )
-    if not done or not record.is_file():
+    if not done:
         write_json(record, wanted)
 
 
@@ -402,6 +411,12 @@ def generate_teacher_data(
     if out.is_dir():
         raise TuneforgeError(
             f"--out {out} is a folder; give the file to write, e.g. {out / 'teacher.jsonl'}.", code="bad_option"
+        )
+    if out.is_file() and Path(prompts_file).is_file() and out.samefile(prompts_file):
+        raise TuneforgeError(
+            f"--out {out} is the --prompts file: the teacher's answers would be written into the prompts they answer. "
+            "Choose another --out.",
+            code="bad_option",
         )
     prompts, lines, items, tools = _read_prompts(prompts_file)
     calls = None  # the parser of the teacher's tool calls, where a row gives tools
