@@ -741,6 +741,21 @@ def test_distill_generate_refuses_an_output_of_answers_it_did_not_write(tiny_mod
     assert not copy.with_name(copy.name + ".teacher.json").exists()
 
 
+@pytest.mark.parametrize("record", ["{cut", "", "[]", '{"max_new_tokens": 4}'])
+def test_distill_generate_refuses_to_continue_past_a_teacher_record_it_cannot_read(record, tiny_model_dir, tmp_path):
+    from tuneforge.distill import generate_teacher_data
+
+    prompts_file, out = tmp_path / "prompts.jsonl", tmp_path / "teacher.jsonl"
+    write_prompts(prompts_file)
+    generate_teacher_data(str(tiny_model_dir), prompts_file, out, max_new_tokens=4, limit=2, progress=False)
+    written = out.read_text()
+    (tmp_path / "teacher.jsonl.teacher.json").write_text(record)
+    with pytest.raises(TuneforgeError, match="teacher.jsonl.teacher.json") as err:
+        generate_teacher_data(str(tiny_model_dir), prompts_file, out, max_new_tokens=4, progress=False)
+    assert err.value.code == "output_mismatch" and "choose another --out" in err.value.message
+    assert out.read_text() == written
+
+
 def test_distill_generate_refuses_bad_prompts_and_foreign_output(tiny_model_dir, tmp_path):
     from tuneforge.distill import generate_teacher_data
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from ..data import Problem
 from ..data.formats import prompt_conversation
 from ..data.readers import open_rows
-from ..errors import DataError, TuneforgeError
+from ..errors import DataError, TuneforgeError, json_value
 from ..fsio import atomic_file, writing
 from ..graders.base import rollout_samples
 from ..reasoning import assistant_message
@@ -262,7 +262,15 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
             code="output_mismatch",
         )
     if done:
-        written = json.loads(record.read_text())
+        written, unreadable = json_value(record.read_bytes())
+        if unreadable is None and not (isinstance(written, dict) and isinstance(written.get("teacher"), str)):
+            unreadable = "is no object naming the teacher"
+        if unreadable is not None:
+            raise TuneforgeError(
+                f"{record} {unreadable}: it records the teacher that wrote {out}'s {answers}, and a rerun continues "
+                "only with that teacher. Restore it, or choose another --out (or remove both files).",
+                code="output_mismatch",
+            )
         # A record without the files' hash predates it: its other keys still say which teacher wrote the rows.
         changed = [key for key in wanted if key in written and written[key] != wanted[key]]
         if len(changed) > 1 and "files" in changed:
