@@ -1061,6 +1061,31 @@ def test_best_of_n_pairs_leave_ties_and_cut_answers_out_and_train_dpo(stopping_m
     assert math.isfinite(train(cfg, progress=False).metrics["train_loss"])
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda record: record.pop("samples"),
+        lambda record: record["samples"][0].pop("score"),
+        lambda record: record["samples"][1].update(score="high"),
+        lambda record: record["samples"][2].update(finish_reason=None),
+        lambda record: record.update(samples="none"),
+    ],
+)
+def test_best_of_n_refuses_to_continue_answers_edited_by_hand(edit, stopping_model_dir, tmp_path):
+    from tuneforge.distill import generate_teacher_data
+
+    prompts, grader = best_of_n_prompts(tmp_path)
+    options = dict(max_new_tokens=6, progress=False, samples=4, temperature=1.0, grader=grader)
+    out = tmp_path / "out.jsonl"
+    result = generate_teacher_data(str(stopping_model_dir), prompts, out, limit=2, **options)
+    records = [json.loads(line) for line in result.samples_file.read_text().splitlines()]
+    edit(records[1])
+    result.samples_file.write_text("".join(json.dumps(record) + "\n" for record in records))
+    with pytest.raises(TuneforgeError, match="line 2 does not answer prompt 2") as err:
+        generate_teacher_data(str(stopping_model_dir), prompts, out, **options)
+    assert err.value.code == "output_mismatch" and str(result.samples_file) in err.value.message
+
+
 def test_best_of_n_refuses_options_that_cannot_work_before_any_model_loads(tmp_path):
     from tuneforge.distill import generate_teacher_data
 

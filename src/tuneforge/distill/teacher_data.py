@@ -297,6 +297,21 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
 KEEP = ("best", "pairs")
 
 
+def _sampled_prompt(record: dict) -> list | None:
+    """A best-of-N record's prompt and tools, as `rows_already_written` checks them; None where its answers are
+    not what `kept_row` reads (a text, a numeric score and a finish reason each), as after an edit by hand."""
+    answers = record["samples"]
+    whole = isinstance(answers, list) and all(
+        isinstance(a, dict)
+        and isinstance(a.get("text"), str)
+        and isinstance(a.get("finish_reason"), str)
+        and isinstance(a.get("score"), int | float)
+        and not isinstance(a["score"], bool)
+        for a in answers
+    )
+    return [record["prompt"], record.get("tools")] if whole else None
+
+
 def sample_seed(seed: int, prompt: int, answer: int) -> int:
     """The seed of answer `answer` to prompt `prompt` (places in the prompts file): a rerun, or a resumed
     call, samples each answer as the first call did, and two seeds share no stream."""
@@ -447,9 +462,7 @@ def generate_teacher_data(
             judge.check(items[:16])
         with naming_rows(where):
             judge.check_items(items)
-        done = rows_already_written(
-            record_file, [[p, t] for p, t in zip(prompts, tools)], lambda row: [row["prompt"], row.get("tools")]
-        )
+        done = rows_already_written(record_file, [[p, t] for p, t in zip(prompts, tools)], _sampled_prompt)
         if not done and out.exists() and out.stat().st_size:
             raise TuneforgeError(
                 f"{out} holds rows that best-of-N did not write (there is no {record_file.name} beside it, whose "
