@@ -243,6 +243,18 @@ def test_a_teacher_that_cannot_be_found_or_read_is_refused_naming_where_it_was_g
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "student").exists()
 
 
+def test_a_teacher_top_k_above_the_vocabulary_fails_before_any_compute(tiny_model_dir, triage_data, tmp_path):
+    from transformers import AutoConfig
+
+    from tuneforge.training import train
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    cfg = distill_config(tiny_model_dir, tiny_model_dir, triage_data, tmp_path / "run", teacher_top_k=vocab + 1)
+    with pytest.raises(ConfigError, match=rf"distill.teacher_top_k.*{vocab + 1}.*the {vocab} tokens.*{vocab} or less"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_teacher_with_a_shorter_context_than_data_max_length_fails_before_any_compute(
     tiny_model_dir, triage_data, tmp_path
 ):

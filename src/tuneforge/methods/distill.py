@@ -443,12 +443,19 @@ def check_teacher(cfg, student_tokenizer) -> None:
             f"tokens are more than the {window} positions the teacher {teacher_source.name} was built for; set "
             f"data.max_length to {window} or less, or give a teacher with a longer context."
         )
-    if load_tokenizer(teacher_source).get_vocab() == student_tokenizer.get_vocab():
-        return
     teacher_size, student_size = (
         AutoConfig.from_pretrained(source.path).get_text_config().vocab_size
         for source in (teacher_source, resolve(cfg.base_model))
     )
+    if load_tokenizer(teacher_source).get_vocab() == student_tokenizer.get_vocab():
+        compared = min(teacher_size, student_size)  # the columns `DistillObjective` compares
+        k = cfg.distill.teacher_top_k
+        if k is not None and k > compared:
+            raise ConfigError(
+                f"{cfg.key_at('distill.teacher_top_k')}: {k} is more than the {compared} tokens the teacher and "
+                f"student compare; give {compared} or less ({compared} keeps the teacher's whole distribution)."
+            )
+        return
     if teacher_size != student_size:
         problem = f"the teacher's output layer has {teacher_size} tokens, the student's {student_size}"
     else:
