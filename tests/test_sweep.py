@@ -56,6 +56,23 @@ def test_a_sweep_trains_each_point_ranks_them_and_a_rerun_keeps_them(config, tmp
     assert "finished earlier; kept" in capsys.readouterr().out
 
 
+def test_a_rerun_keeps_and_resumes_runs_of_a_config_that_leaves_a_whole_number_setting_at_its_default(
+    config, tmp_path, one_thread, capsys
+):
+    # lora.alpha's default is the integer 32; a run's config.yaml writes it, and reads back as the number 32.0.
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["lora"]["alpha"]
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "sweep"
+    sweep(config, ["lora.r=2,4"], out=out, progress=False)
+    capsys.readouterr()
+    shutil.rmtree(out / "r-4" / "final")  # interrupted after its last checkpoint
+    again = sweep(config, ["lora.r=2,4"], out=out, progress=False)
+    assert [run.status for run in again.runs] == ["completed", "completed"]
+    said = capsys.readouterr().out
+    assert "r-2 finished earlier; kept" in said and "sweep run r-4 (resumed)" in said
+
+
 def test_a_rerun_resumes_an_interrupted_run_and_refuses_a_finished_run_of_another_config(
     config, tmp_path, one_thread, capsys, monkeypatch
 ):

@@ -66,7 +66,9 @@ class Strict(BaseModel):
 
 class LoraConfig(Strict):
     r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
+    # 32.0, not 32: a config reloaded (a run's config.yaml, the config `train` runs) holds the float, and an int
+    # default would hash otherwise (results_hash), as another config.
+    alpha: float = Field(32.0, gt=0)
     # 0 by default: dropout on the adapter input is a sizeable share of a CPU LoRA step and barely moves
     # the validation loss (docs/LOG.md, "LoRA dropout").
     dropout: float = Field(0.0, ge=0, lt=1)
