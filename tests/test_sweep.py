@@ -148,6 +148,17 @@ def test_every_point_is_checked_before_any_run(config, tmp_path, sets, overrides
     assert not out.exists()
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_an_out_that_is_a_file_or_under_one_is_refused_naming_out(config, tmp_path, under):
+    (tmp_path / "notes").write_text("kept")
+    out = tmp_path / "notes" / under if under else tmp_path / "notes"
+    with pytest.raises(ConfigError) as err:
+        sweep(config, ["lora.r=4,8"], out=out, progress=False)
+    assert err.value.message.startswith(f"--out {out}: {tmp_path / 'notes'} is a file"), err.value.message
+    assert "output_dir" not in err.value.message  # the sweep's own option, not each run's key
+    assert (tmp_path / "notes").read_text() == "kept"
+
+
 def test_grid_values_parse_as_a_yaml_list():
     grid = parse_grid(["train.learning_rate=1e-4, 2e-4", "lora.target_modules=[q_proj,v_proj],[q_proj]"])
     assert grid == {"train.learning_rate": ["1e-4", "2e-4"], "lora.target_modules": [["q_proj", "v_proj"], ["q_proj"]]}

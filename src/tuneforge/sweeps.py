@@ -246,6 +246,12 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
     from .pipeline import evaluation_missing
     from .training.loop import check_before_launch
 
+    blocking = next((folder for folder in (out, *out.parents) if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(
+            f"--out {out}: {blocking} is a file, not a folder, and the sweep writes each run's folder under {out}; "
+            "give --out a folder's path, or move the file."
+        )
     base = list(parse_overrides(overrides))
     if any(key == "output_dir" for key, _ in base):
         raise ConfigError(
