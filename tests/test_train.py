@@ -1663,3 +1663,14 @@ def test_only_step_n_folders_count_as_checkpoints_not_a_copy_the_user_keeps_besi
         (tmp_path / name / checkpoint.STATE).write_text("{}")
     assert [folder.name for folder in checkpoint.step_folders(tmp_path)] == ["step-2", "step-4"]
     assert checkpoint.latest_to_resume(tmp_path) == tmp_path / "step-4"
+
+
+@pytest.mark.parametrize("base_model", [" ", "no-such-model"])
+def test_a_base_model_that_cannot_be_found_is_refused_naming_base_model(base_model, triage_data, tmp_path):
+    from tuneforge.training import train
+
+    cfg = tiny_run_config(base_model, triage_data, tmp_path / "run")
+    with pytest.raises(TuneforgeError) as err:
+        train(cfg, progress=False)
+    assert err.value.message.startswith("base_model"), err.value.message
+    assert not (tmp_path / "run").exists()

@@ -181,8 +181,7 @@ def init_student(
     influence on the data file's first rows."""
     from transformers import AutoModelForCausalLM
 
-    from ..methods.distill import resolve_teacher
-    from ..models import load_frozen_model, load_tokenizer
+    from ..models import load_frozen_model, load_tokenizer, resolve_at
     from ..models.saving import save_model
 
     out = Path(out)
@@ -190,7 +189,7 @@ def init_student(
         raise TuneforgeError(f"{out} already exists; choose another --out or remove it.", code="output_exists")
     if most_influential_of is not None and (keep is not None or every is not None):
         raise TuneforgeError("give one of --keep-layers, --every and --most-influential.", code="bad_option")
-    source = resolve_teacher(teacher, "--teacher")
+    source = resolve_at(teacher, "--teacher")
     tokenizer = load_tokenizer(source)
     rows = influence_rows(most_influential_of[1], tokenizer) if most_influential_of is not None else None
     model = load_frozen_model(source, "distill init")

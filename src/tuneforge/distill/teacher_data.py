@@ -241,9 +241,10 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
     or by the same one retrained in place, would mix two teachers' answers. `sampling` (best-of-N: samples,
     temperature, seed, grader, keep) must match too; greedy answers record samples as None."""
     from ..fsio import write_json
-    from ..methods.distill import resolve_teacher, teacher_files
+    from ..methods.distill import teacher_files
+    from ..models import resolve_at
 
-    source = resolve_teacher(teacher, "--teacher")
+    source = resolve_at(teacher, "--teacher")
     wanted = {
         "teacher": str(source.path.resolve()),
         "adapter": str(source.adapter.resolve()) if source.adapter else None,
@@ -403,12 +404,12 @@ def generate_teacher_data(
     import torch
 
     from ..generate import generate
-    from ..methods.distill import resolve_teacher
     from ..models import (
         compute_dtype,
         load_frozen_model,
         load_tokenizer,
         model_context_length,
+        resolve_at,
         resolve_precision,
     )
     from ..progress import library_bars, progress_bar
@@ -448,7 +449,7 @@ def generate_teacher_data(
         from ..data.render import renderer_for
         from ..tool_calls import parser_for
 
-        tokenizer = load_tokenizer(resolve_teacher(teacher, "--teacher"))
+        tokenizer = load_tokenizer(resolve_at(teacher, "--teacher"))
         _check_tools_written(prompts_file, tools, lines, tokenizer)
         calls = parser_for(renderer_for(tokenizer).template)
     record_file = out.with_name(out.name + ".samples.jsonl") if sampled else out

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..data import IGNORE_INDEX, collate
-from ..errors import ConfigError, ModelSourceError, TuneforgeError
+from ..errors import ConfigError, TuneforgeError
 from ..fsio import atomic_file, tuneforge_home
 from ..models import causal_lm, load_frozen_model, resolve
 from ..models.attention import segments
@@ -417,15 +417,6 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
     )
 
 
-def resolve_teacher(teacher: str, where: str):
-    """The teacher's `ModelSource`; a teacher that cannot be found or read is refused with `where` (the config key
-    or the option that named it) first, so the message says which of the models it is about."""
-    try:
-        return resolve(teacher)
-    except ModelSourceError as error:
-        raise ModelSourceError(f"{where}: {error.message}", code=error.code) from None
-
-
 def check_teacher(cfg, student_tokenizer) -> None:
     """Token-level distillation compares distributions over the same token ids: the teacher needs the
     student's vocabulary, token for token (its output layer may be padded to another width), and runs on
@@ -433,9 +424,9 @@ def check_teacher(cfg, student_tokenizer) -> None:
     before any data is prepared or weights are loaded."""
     from transformers import AutoConfig
 
-    from ..models import load_tokenizer, source_context_length
+    from ..models import load_tokenizer, resolve_at, source_context_length
 
-    teacher_source = resolve_teacher(cfg.distill.teacher, cfg.key_at("distill.teacher"))
+    teacher_source = resolve_at(cfg.distill.teacher, cfg.key_at("distill.teacher"))
     window = source_context_length(teacher_source)
     if window and cfg.data.max_length > window:
         raise ConfigError(

@@ -26,7 +26,7 @@ from .loading import (
 )
 from .precision import bf16_supported, compute_dtype, resolve_precision
 from .registry import REGISTRY, RegistryEntry
-from .sources import ModelSource, describe_whole_model, resolve, run_config_of
+from .sources import ModelSource, describe_whole_model, resolve, resolve_at, run_config_of
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -51,6 +51,7 @@ __all__ = [
     "model_info",
     "pull",
     "resolve",
+    "resolve_at",
     "run_config_of",
     "run_tokenizer",
     "resolve_precision",

@@ -58,6 +58,15 @@ def untuned_base_note(source: ModelSource) -> str | None:
     )
 
 
+def resolve_at(spec: str | os.PathLike, where: str, *, pull_missing: bool = True) -> ModelSource:
+    """`resolve`, a model that cannot be found or read refused with `where` first (the config key or option that
+    named it: base_model, distill.teacher, --teacher), so the message says which model it is about."""
+    try:
+        return resolve(spec, pull_missing=pull_missing)
+    except ModelSourceError as error:
+        raise ModelSourceError(f"{where}: {error.message}", code=error.code) from None
+
+
 def resolve(spec: str | os.PathLike, *, pull_missing: bool = True) -> ModelSource:
     """Turn a `base_model` string into a `ModelSource`, pulling or converting it when needed.
 
@@ -73,7 +82,7 @@ def resolve(spec: str | os.PathLike, *, pull_missing: bool = True) -> ModelSourc
     text = str(spec).strip()
     if not text:
         raise ModelSourceError(
-            f"base_model is empty. Give a registry model ({', '.join(REGISTRY)}), a local folder, "
+            f"the model's name is empty. Give a registry model ({', '.join(REGISTRY)}), a local folder, "
             "a .gguf file or a hub id (org/name).",
             code="missing_model",
         )
