@@ -480,6 +480,24 @@ def test_a_run_whose_failure_the_full_store_cannot_write_yet_is_failed_once_it_c
     assert next(refusals, None) is None
 
 
+def test_a_run_whose_results_a_full_postgres_store_refuses_is_told_without_a_path():
+    """A PostgreSQL store's full disk is named by the store's URL (`database._full_disk_naming`), not a file: the
+    run's message says the job store has no room, naming no fragment of the URL (its socket folder), and the log
+    keeps the URL as it is, its `//` too."""
+    import errno
+    import os
+
+    from tuneforge.jobs.runner import no_room
+
+    url = "postgresql+psycopg2://tuneforge:***@/jobs?host=/run/postgresql"
+    told = no_room(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), url), "run")
+    assert told["message"] == (
+        "The server has no room to write this run's records in the job store (No space left on device). Once the "
+        "server's operator frees space, start a new run to try again."
+    )
+    assert told["log"].startswith(f"{url}: No space left on device. "), told["log"]
+
+
 def test_an_eval_run_whose_server_dies_once_too_often_fails_counting_every_death(tmp_path):
     """A run that takes its server down (the model answers in the server's process) is queued again after
     each death, as a job is, and fails when it is found dead once more than that."""

@@ -77,14 +77,19 @@ def run(run_dir: Path) -> dict:
 def no_room(err: OSError, what: str, within: Path | None = None) -> dict:
     """How a job or an eval run (`what`) whose write the machine refused fails: the server's state, not its
     fault. The client's message names the file within `within` (the job's folder), else by its name alone, never
-    the server's path; `log`, the line for the server's log, names the path and what to do."""
-    where = Path(os.fsdecode(err.filename))
-    shown = where.relative_to(within) if within and where.is_relative_to(within) else where.name
+    the server's path; `log`, the line for the server's log, names the path and what to do. A job store other
+    than SQLite's is named by its URL (`database._full_disk_naming`), which is no path: it is shown as the job store."""
+    named = os.fsdecode(err.filename)
+    if "://" in named:
+        shown = "records in the job store"
+    else:
+        where = Path(named)
+        shown = where.relative_to(within) if within and where.is_relative_to(within) else where.name
     return {
         "code": "out_of_disk_space",
         "message": f"The server has no room to write this {what}'s {shown} ({err.strerror}). Once the server's "
         f"operator frees space, start a new {what} to try again.",
-        "log": f"{where}: {err.strerror}. {REFUSED_WRITE_ADVICE[err.errno]}",
+        "log": f"{named}: {err.strerror}. {REFUSED_WRITE_ADVICE[err.errno]}",
     }
 
 
