@@ -816,9 +816,10 @@ def test_an_items_file_saved_with_a_byte_order_mark_is_read_as_training_files_ar
     assert run.status == "queued"
 
 
-def test_deleting_a_file_a_queued_run_or_job_reads_is_refused_naming_it_until_it_finishes(sdk, tiny_model_dir):
-    """OpenAI's API reference says nothing of deleting a file a run or job still reads: it is refused, a 409 naming
-    the run or job, so the run does not fail later for want of its items; once it is canceled the file goes."""
+def test_deleting_a_file_a_queued_run_job_or_batch_reads_is_refused_naming_it_until_it_finishes(sdk, tiny_model_dir):
+    """OpenAI's API reference says nothing of deleting a file a run, job or batch still reads: it is refused, a 409
+    naming the run, job or batch, so it does not fail later for want of its file; once the run and the job are
+    canceled their files go (a canceled batch keeps its file until a server ends its cancelling: none runs here)."""
     lines = "".join(json.dumps({"item": item}) + "\n" for item in ITEMS)
     items = sdk.files.create(file=("items.jsonl", lines.encode()), purpose="evals")
     evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
@@ -827,7 +828,11 @@ def test_deleting_a_file_a_queued_run_or_job_reads_is_refused_naming_it_until_it
     )
     train = upload(sdk, chat_rows(8))
     job = create_job(sdk, tiny_model_dir, train.id, n_epochs=1)
-    for file, reader, what in ((items, run, "eval run"), (train, job, "fine-tuning job")):
+    request = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}
+    requests = sdk.files.create(file=("requests.jsonl", (json.dumps(request) + "\n").encode()), purpose="batch")
+    batch = sdk.batches.create(input_file_id=requests.id, endpoint="/v1/chat/completions", completion_window="24h")
+    readers = ((items, run, "eval run"), (train, job, "fine-tuning job"), (requests, batch, "batch"))
+    for file, reader, what in readers:
         with pytest.raises(openai.ConflictError) as caught:
             sdk.files.delete(file.id)
         error = caught.value.body
