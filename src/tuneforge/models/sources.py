@@ -189,7 +189,7 @@ def _model_inside(folder: Path) -> Path:
         return candidates[0]
     if candidates:
         raise ModelSourceError(
-            f"{folder} holds several models ({', '.join(c.name for c in candidates)}): point base_model at one.",
+            f"{folder} holds several models ({', '.join(c.name for c in candidates)}): give the folder of one.",
             code="ambiguous_model",
         )
     from ..training.checkpoint import latest  # here: training imports models
@@ -390,7 +390,7 @@ def _resolve_hub(repo_id: str, *, pull_missing: bool) -> ModelSource:
     if folder is None or not (folder / "config.json").is_file():
         raise ModelSourceError(
             f"The hub repo {repo_id} has no config.json, so it is not a transformers model. If it holds "
-            "a .gguf file, download that file and give its path as base_model.",
+            "a .gguf file, download that file and give its path instead.",
             code="model_not_found",
         )
     _refuse_remote_code(folder)
