@@ -748,11 +748,18 @@ def test_distill_generate_refuses_an_output_of_answers_it_did_not_write(tiny_mod
     assert same.value.code == "bad_option"
     copy = tmp_path / "copy.jsonl"
     shutil.copy(labelled, copy)
-    with pytest.raises(TuneforgeError, match="did not write") as foreign:
+    with pytest.raises(TuneforgeError, match="which teacher wrote them is unknown") as foreign:
         generate_teacher_data(str(tiny_model_dir), labelled, copy, max_new_tokens=4, progress=False)
     assert foreign.value.code == "output_mismatch" and "Choose another --out" in foreign.value.message
     assert labelled.read_text() == copy.read_text() == before
     assert not copy.with_name(copy.name + ".teacher.json").exists()
+    # Answers it wrote whose record was since removed: the refusal does not call them another file's alone.
+    answers = tmp_path / "answers.jsonl"
+    generate_teacher_data(str(tiny_model_dir), labelled, answers, max_new_tokens=4, progress=False)
+    answers.with_name(answers.name + ".teacher.json").unlink()
+    with pytest.raises(TuneforgeError, match="or their record was removed") as lost:
+        generate_teacher_data(str(tiny_model_dir), labelled, answers, max_new_tokens=4, progress=False)
+    assert lost.value.code == "output_mismatch"
 
 
 @pytest.mark.parametrize("record", ["{cut", "", "[]", '{"max_new_tokens": 4}'])

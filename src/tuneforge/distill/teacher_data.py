@@ -255,11 +255,12 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
     record = out.with_name(out.name + ".teacher.json")
     answers = f"the sampled answers to {counted(done, 'prompt')}" if sampling else f"{done} answers"
     if done and not record.is_file():
-        # The record is written before the first answer: rows without one are another file's answers to the prompts.
+        # The record is written before the first answer: rows without one are another file's answers to the prompts,
+        # or answers whose record was removed since; which teacher wrote them is unknown either way.
         raise TuneforgeError(
-            f"{out} holds {answers} that distill generate did not write (there is no {record.name} beside it, which "
-            "it writes before its first answer): they are another file's, such as labelled training rows. Choose "
-            "another --out (or remove the file).",
+            f"{out} holds {answers} but no {record.name} beside it, which distill generate writes before its first "
+            "answer, so which teacher wrote them is unknown: they are another file's (labelled training rows, say), "
+            "or their record was removed. Choose another --out, or remove the file to write the answers again.",
             code="output_mismatch",
         )
     if done:
