@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -1370,6 +1371,41 @@ def test_a_job_held_while_its_files_are_validated_stays_held_when_another_host_l
         assert store.get_job(job.id).worker_id == job.worker_id
     finally:
         here.stop()
+
+
+def test_a_heartbeat_the_full_store_refuses_is_logged_once_naming_the_path(tmp_path, monkeypatch, caplog):
+    """A store whose disk is full refuses every beat: the log has one line naming the store's file and what to do
+    (no traceback), not one each beat; once the store has taken a beat, the same refusal is told again."""
+    import errno
+
+    from tuneforge.fsio import REFUSED_WRITE_ADVICE
+    from tuneforge.jobs import worker
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Store
+
+    database = tmp_path / "jobs.db"
+    beats = iter(["full"] * 5 + ["taken"] + ["full"] * 5)
+    done = threading.Event()
+
+    def beat(store, process_id):
+        outcome = next(beats, None)
+        if outcome == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(database))
+        if outcome is None:
+            done.set()
+
+    monkeypatch.setattr(worker, "HEARTBEAT_EVERY_S", 0.01)
+    monkeypatch.setattr(Store, "beat", beat)
+    here = worker.Workers(Store(f"sqlite:///{database}"), FileStorage(tmp_path), tmp_path, 0)
+    beating = threading.Thread(target=here._beat)
+    beating.start()
+    assert done.wait(10), "the heartbeat stopped beating"
+    here._stopping.set()
+    beating.join()
+    told = [r for r in caplog.records if r.name == "tuneforge.jobs"]
+    line = f"job heartbeat of {worker.process_worker_id()}: {database}: No space left on device. "
+    assert [r.getMessage() for r in told] == [line + REFUSED_WRITE_ADVICE[errno.ENOSPC]] * 2
+    assert all(r.exc_info is None for r in told)
 
 
 def test_a_job_whose_server_dies_once_too_often_fails_counting_every_death(tmp_path):

@@ -149,6 +149,11 @@ def refused_write(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in REFUSED_WRITE_ADVICE and err.filename is not None
 
 
+def refused_write_line(err: OSError) -> str:
+    """A `refused_write` as one line for an operator's log: the path, what the machine said, and what to do."""
+    return f"{os.fsdecode(err.filename)}: {err.strerror}. {REFUSED_WRITE_ADVICE[err.errno]}"
+
+
 def _naming(error: BaseException, final: Path) -> OSError | None:
     """A write into `final`'s temporary sibling that the machine refused, as an OSError naming `final`: a
     file object's write reports a full disk without the file's name, and safetensors as a SafetensorError

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..errors import DataError, TuneforgeError
-from ..fsio import REFUSED_WRITE_ADVICE, refused_write, write_json
+from ..fsio import refused_write, refused_write_line, write_json
 
 CONFIG = "job.json"
 OUTCOME = "outcome.json"
@@ -89,7 +89,7 @@ def no_room(err: OSError, what: str, within: Path | None = None) -> dict:
         "code": "out_of_disk_space",
         "message": f"The server has no room to write this {what}'s {shown} ({err.strerror}). Once the server's "
         f"operator frees space, start a new {what} to try again.",
-        "log": f"{named}: {err.strerror}. {REFUSED_WRITE_ADVICE[err.errno]}",
+        "log": refused_write_line(err),
     }
 
 

@@ -37,7 +37,7 @@ import psutil
 
 from ..data import check_data
 from ..errors import ConfigError, ModelSourceError, TuneforgeError
-from ..fsio import write_json
+from ..fsio import refused_write, refused_write_line, write_json
 from ..methods import batch_items, check_inputs, prepare_items
 from ..models import REGISTRY, ModelSource, resolve, run_tokenizer
 from ..training import checkpoint, make_plan
@@ -165,12 +165,23 @@ class Workers:
                 self._stopping.wait(self.poll_s * 4)
 
     def _beat(self) -> None:
-        """Beat the heartbeat of the jobs this process holds until the server stops."""
+        """Beat the heartbeat of the jobs this process holds until the server stops. A beat the store refuses
+        is logged once while the cause stays the same (a full disk refuses every beat until space is freed):
+        a refused write as one line naming the path, anything else with its traceback."""
+        told = None
         while not self._stopping.wait(HEARTBEAT_EVERY_S):
             try:
                 self.store.beat(self._prefix)
-            except Exception:  # noqa: BLE001 - the next beat retries after a database hiccup
-                log.exception("job heartbeat of %s", self._prefix)
+                told = None
+            except Exception as err:  # noqa: BLE001 - the next beat retries after a database hiccup
+                cause = f"{type(err).__name__}: {err}"
+                if cause == told:
+                    continue
+                told = cause
+                if refused_write(err):
+                    log.error("job heartbeat of %s: %s", self._prefix, refused_write_line(err))
+                else:
+                    log.exception("job heartbeat of %s", self._prefix)
 
     def _recover_orphans(self) -> None:
         with self._recovery_lock:

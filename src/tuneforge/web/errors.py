@@ -8,7 +8,6 @@ id, and the client gets the id.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
 from http import HTTPMethod
@@ -24,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..database import UnknownCursor
 from ..errors import complaint, json_kind, key_path, unreadable_json
-from ..fsio import REFUSED_WRITE_ADVICE, refused_write
+from ..fsio import refused_write, refused_write_line
 from .shapes import MAX_FILENAME_CHARS, FormFields, multipart_boundary
 
 log = logging.getLogger("tuneforge.web")
@@ -92,7 +91,7 @@ def no_room(err: OSError) -> APIError:
     """A 507 for a write the machine refused (a full disk, a used-up quota, a file size limit): the server's
     state, which its operator mends, not a defect. The log has one line naming the path and what to do; the
     client, without the path, is told to try again later."""
-    log.error("%s: %s. %s", os.fsdecode(err.filename), err.strerror, REFUSED_WRITE_ADVICE[err.errno])
+    log.error("%s", refused_write_line(err))
     return APIError(
         507,
         "The server has no room to store this. Try again later; the server's operator frees space.",
