@@ -869,3 +869,31 @@ def test_a_run_whose_file_goes_as_it_starts_fails_saying_so_not_as_a_crash(tmp_p
         run = wait_run(sdk, evaluation.id, run.id)
     assert (run.status, run.error.code) == ("failed", "file_not_found"), run.error
     assert run.error.message == f"The file {items.id} of this run has been deleted.", run.error
+
+
+def test_a_run_whose_file_goes_as_it_is_created_is_refused_as_a_deleted_file(
+    sdk, tmp_path, tiny_model_dir, monkeypatch
+):
+    """The file's bytes gone between the run's creation looking its file up and reading it (a deletion racing the
+    request): the request is refused as one naming a deleted file is, a 400 naming it, not a 500."""
+    looked_up = Store.get_file
+
+    def then_deleted(store, owner, file_id):  # the deletion's unlink lands just after the look-up
+        row = looked_up(store, owner, file_id)
+        (tmp_path / "home" / "files" / f"{file_id}.jsonl").unlink()
+        return row
+
+    lines = "".join(json.dumps({"item": item}) + "\n" for item in ITEMS)
+    items = sdk.files.create(file=("items.jsonl", lines.encode()), purpose="evals")
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    monkeypatch.setattr(Store, "get_file", then_deleted)
+    source = data_source(str(tiny_model_dir), {"type": "file_id", "id": items.id})
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.evals.runs.create(evaluation.id, data_source=source)
+    assert refused.value.body == {
+        "message": f"No such File object: {items.id}",
+        "type": "invalid_request_error",
+        "param": "data_source.source.id",
+        "code": "file_not_found",
+    }
+    assert sdk.evals.runs.list(evaluation.id).data == []

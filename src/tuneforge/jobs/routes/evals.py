@@ -29,7 +29,7 @@ from ..evals import (
 )
 from ..service import Service, service_of
 from ..store import RUN_ACTIVE, Eval, EvalRun, new_id, now
-from .files import own_file
+from .files import no_such_file, own_file
 
 router = APIRouter(prefix="/v1/evals", dependencies=[Depends(caller)])
 
@@ -108,7 +108,10 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
     graders = testing_criteria(evaluation.testing_criteria, allow_python=service.allow_python_graders)
     if source.source.type == "file_id":
         row = own_file(service, owner, source.source.id, "data_source.source.id", "evals")
-        items = file_items(service.storage.path(row), row.id)
+        try:
+            items = file_items(service.storage.path(row), row.id)
+        except FileNotFoundError:  # deleted after its row was read
+            raise no_such_file(row.id, "data_source.source.id") from None
     else:
         items = [row.item for row in source.source.content]
     item_param = items_param(source.source.model_dump(include={"type", "id"}))

@@ -29,9 +29,7 @@ def own_file(
     naming `param` for a file uploaded with another purpose than `purpose` (when given)."""
     row = service.store.get_file(owner, file_id)
     if row is None:
-        raise APIError(
-            404 if param == "file_id" else 400, f"No such File object: {file_id}", param=param, code="file_not_found"
-        )
+        raise no_such_file(file_id, param)
     if purpose is not None and row.purpose != purpose:
         raise APIError(
             400,
@@ -40,6 +38,14 @@ def own_file(
             code="invalid_file_purpose",
         )
     return row
+
+
+def no_such_file(file_id: str, param: str = "file_id") -> APIError:
+    """The answer for a file the caller has none of, or whose bytes were deleted after its row was read: a 404
+    (a 400 naming `param` in another request's body)."""
+    return APIError(
+        404 if param == "file_id" else 400, f"No such File object: {file_id}", param=param, code="file_not_found"
+    )
 
 
 # The Unicode categories of characters a file's name may not hold, and what each does to a listed name: a control
