@@ -812,3 +812,45 @@ def test_compare_refuses_rows_past_the_base_s_context_before_the_tuned_model_loa
     with pytest.raises(DataError, match="more than the model's maximum context length of 16 tokens"):
         compare(str(tiny_model_dir), str(base), data, progress=False)
     assert loaded == []
+
+
+@pytest.mark.parametrize(
+    ("call", "argument", "value", "least"),
+    [
+        ("evaluate", "max_new_tokens", 0, 1),
+        ("evaluate", "limit", 0, 1),
+        ("evaluate", "limit", -1, 1),
+        ("compare", "max_new_tokens", 2.5, 1),
+        ("compare", "limit", 0, 1),
+        ("evaluate_loaded", "max_new_tokens", 0, 1),
+        ("evaluate_choices", "num_fewshot", -1, 0),
+        ("evaluate_choices", "limit", 0, 1),
+        ("compare_choices", "num_fewshot", -1, 0),
+    ],
+)
+def test_the_python_evaluations_refuse_a_count_below_its_least_naming_it(
+    tiny_model_dir, triage_data, tmp_path, call, argument, value, least
+):
+    """The lower-level functions a Python caller reaches refuse a count the CLI's bounds refuse, naming the
+    argument, before any model loads: not a ValueError from generation, a file said to hold no conversations, or
+    -1 few-shot examples run as none."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval.choices import compare_choices, evaluate_choices
+    from tuneforge.eval.evaluate import evaluate_loaded
+
+    model = str(tiny_model_dir)
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text(
+        "".join(json.dumps({"question": f"{n}+2?", "choices": ["4", "5"], "answer": 0}) + "\n" for n in range(3))
+    )
+    calls = {
+        "evaluate": lambda **given: evaluate(model, triage_data["test"], progress=False, **given),
+        "compare": lambda **given: compare(model, model, triage_data["test"], progress=False, **given),
+        "evaluate_loaded": lambda **given: evaluate_loaded(
+            load_model(model), load_tokenizer(model), read_eval_examples(triage_data["test"]), progress=False, **given
+        ),
+        "evaluate_choices": lambda **given: evaluate_choices(model, quiz, progress=False, **given),
+        "compare_choices": lambda **given: compare_choices(model, model, quiz, progress=False, **given),
+    }
+    with pytest.raises(ConfigError, match=rf"^{argument} takes a whole number of at least {least}, got {value!r};"):
+        calls[call](**{argument: value})

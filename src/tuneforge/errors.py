@@ -111,6 +111,17 @@ class RunFailed(TuneforgeError):
     exit_code = EXIT_RUN_FAILED
 
 
+def check_counts(counts: dict[str, tuple[object, int]]) -> None:
+    """Refuse, naming it, each count of `counts` (its name: its value and least) given as anything but a whole
+    number of at least its least; None is a count left out. The CLI's option bounds, for a Python caller's values."""
+    for name, (value, least) in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigError(
+                f"{name} takes a whole number of at least {least}, got {value!r}; give one, or leave it out.",
+                code="bad_option",
+            )
+
+
 def refuse_options(why: str, given: dict[str, bool], aside: str = "") -> None:
     """Refuse, naming each, the options of `given` (name: whether it was set) that `why` says do not apply;
     `aside` ends the message (what to do instead)."""

@@ -44,7 +44,7 @@ import torch
 from ..data import Problem
 from ..data.readers import open_rows
 from ..data.schema import IGNORE_INDEX
-from ..errors import DataError, refuse_options
+from ..errors import DataError, check_counts, refuse_options
 from ..fsio import atomic_file
 from ..generate import per_tokenizer
 from ..methods.sft import trained_logits
@@ -627,6 +627,7 @@ def evaluate_choices(
     multiple-choice rows of `data`, each after `num_fewshot` solved examples (`read_benchmark`), with their 95%
     (Wilson) intervals and each row's log-likelihoods. `checked`: `checked_for(model, rows)`, where it was
     called already."""
+    check_counts({"limit": (limit, 1), "num_fewshot": (num_fewshot, 0)})
     rows = rows or read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
     source, tokenizer, encoded = checked or checked_for(model, rows)
     with library_bars(progress):
@@ -669,6 +670,7 @@ def compare_choices(
 ) -> dict:
     """`evaluate_choices` for `model` and `base` on the same rows (and few-shot examples), side by side, and the
     paired difference."""
+    check_counts({"limit": (limit, 1), "num_fewshot": (num_fewshot, 0)})
     rows = read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
     # Both models are found and the rows checked against each before either loads: a base that cannot be found,
     # or whose context the rows do not fit, fails now, not after the tuned model has scored every row.

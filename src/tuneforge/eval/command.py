@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..config import load_yaml
-from ..errors import ConfigError, refuse_options
+from ..errors import ConfigError, check_counts, refuse_options
 from .choices import (
     compare_choices,
     evaluate_choices,
@@ -59,13 +59,7 @@ def evaluate_model(
     each choice's log-likelihood, each after `num_fewshot` solved examples (from `fewshot_file`, else from
     DATA); `out`, a folder for each question's results. `progress=False` leaves out the progress bars."""
     # The CLI's option types and bounds, which a Python caller's values have not been through.
-    counts = {"--limit": (limit, 1), "--max-new-tokens": (max_new_tokens, 1), "--num-fewshot": (num_fewshot, 0)}
-    for option, (value, least) in counts.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise ConfigError(
-                f"{option} takes a whole number of at least {least}, got {value!r}; give one, or leave it out.",
-                code="bad_option",
-            )
+    check_counts({"--limit": (limit, 1), "--max-new-tokens": (max_new_tokens, 1), "--num-fewshot": (num_fewshot, 0)})
     if not isinstance(data, str | Path):  # str() would make a path of None or a list, reported as missing
         raise ConfigError(
             f"DATA is one data file's path, as a str or Path (evaluate one file a call), got {type(data).__name__} "
