@@ -111,6 +111,27 @@ def test_a_rerun_resumes_an_interrupted_run_and_refuses_a_finished_run_of_anothe
         sweep(config, {"train.learning_rate": [1e-3]}, ["train.max_steps=3"], out=out, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("summary", "told"),
+    [("[]", "holds an array"), ('"completed"', "holds a string"), ('{"status": "compl', "is not JSON")],
+)
+def test_a_run_whose_summary_is_no_json_object_is_refused_as_damaged_naming_it(config, tmp_path, summary, told):
+    """A finished run's summary.json that is no JSON object (edited by hand, written by another program) is
+    refused as a damaged summary naming the file and what to do, before any run trains: not an AttributeError, nor
+    the run taken for an unfinished one."""
+    out = tmp_path / "sweep"
+    run = out / "learning_rate-0.001"
+    (run / "final").mkdir(parents=True)
+    (run / "summary.json").write_text(summary)
+    with pytest.raises(ConfigError) as refused:
+        sweep(config, {"train.learning_rate": [1e-3]}, out=out, progress=False)
+    message = refused.value.message
+    point = "sweep run learning_rate-0.001 (train.learning_rate=0.001)"
+    assert message.startswith(f"{point}: {run / 'summary.json'} {told}"), message
+    assert message.endswith(f": the run's summary is damaged. Delete {run} to train the run again."), message
+    assert sorted(p.name for p in run.iterdir()) == ["final", "summary.json"]
+
+
 def test_a_rerun_refuses_a_finished_run_trained_on_data_edited_since(config, tmp_path, triage_data, one_thread):
     # The sweep's data file, edited after its run finished: the kept run would rank as one on the new rows.
     data = tmp_path / "train.jsonl"

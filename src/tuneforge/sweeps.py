@@ -28,7 +28,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from .config import Config, load_config, load_yaml, parse_overrides
-from .errors import ConfigError, TuneforgeError
+from .errors import ConfigError, TuneforgeError, json_kind, json_value
 from .fsio import atomic_file, write_json
 
 # What a sweep ranks its runs by: the validation loss of the final model (the full validation at the end), the
@@ -200,16 +200,21 @@ def _points(grid: dict[str, list]) -> list[dict]:
 
 
 def _resume_mode(out: Path) -> str | None:
-    """ "finished", "latest" (a checkpoint to continue from) or None (start afresh) for a run folder."""
+    """ "finished", "latest" (a checkpoint to continue from) or None (start afresh) for a run folder. A final
+    model's summary.json that is no JSON object is refused as damaged: a run writes it whole, as an object."""
     from .training import checkpoint
 
     summary = out / "summary.json"
     if summary.is_file() and (out / "final").is_dir():
-        try:
-            if json.loads(summary.read_text()).get("status") == "completed":
-                return "finished"
-        except (OSError, json.JSONDecodeError):
-            pass
+        value, unreadable = json_value(summary.read_bytes())
+        if unreadable is None and not isinstance(value, dict):
+            unreadable = f"holds {json_kind(value)}, not the object a run writes"
+        if unreadable is not None:
+            raise ConfigError(
+                f"{summary} {unreadable}: the run's summary is damaged. Delete {out} to train the run again."
+            )
+        if value.get("status") == "completed":
+            return "finished"
     return "latest" if checkpoint.latest(out / "checkpoints") is not None else None
 
 
