@@ -56,9 +56,10 @@ def _cut(text: str) -> str:
 
 def _failure(error: BaseException, what: str, filename: str = GRADER_FILE) -> dict:
     # Only the frames of the user's code: the others are this script's or the library's, and would show server paths.
+    # An error raised before the user's code ran (a call with arguments it does not take) has none, and no traceback.
     frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == filename]
     formatted = traceback.format_list(frames) + traceback.format_exception_only(type(error), error)
-    lines = "".join(["Traceback (most recent call last):\n", *formatted]).rstrip().splitlines()
+    lines = "".join(["Traceback (most recent call last):\n", *formatted]).rstrip().splitlines() if frames else []
     return {
         "error": f"{what} {type(error).__name__}" + (f": {_cut(str(error))}" if str(error) else ""),
         "traceback": "\n".join(_cut(line) for line in lines[-TRACEBACK_LINES:]),
