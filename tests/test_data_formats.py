@@ -214,6 +214,23 @@ def test_ultrafeedback_pairs_repeat_their_prompt_in_whole_conversations(tmp_path
     assert [(p.line, p.code, p.field) for p in errors(items)] == [(4, "invalid_preference", "prompt")]
 
 
+def test_whole_conversations_beside_a_prompt_that_differ_before_their_replies_are_named_as_such(tmp_path):
+    """A prompt beside chosen and rejected conversations that repeat it differently: the message speaks of the
+    row as it is (a prompt given), not of a row without one."""
+    hi, hey = {"role": "user", "content": "Hi"}, {"role": "user", "content": "Hey"}
+    rows = [
+        {
+            "prompt": "Hi",
+            "chosen": [hi, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [hey, {"role": "assistant", "content": "Go away."}],
+        }
+    ]
+    (problem,) = errors(read(write_jsonl(tmp_path / "uf.jsonl", rows)))
+    assert (problem.line, problem.code, problem.field) == (1, "invalid_preference", "rejected")
+    assert "without a 'prompt'" not in problem.message
+    assert "differ before their last message" in problem.message
+
+
 def test_anthropic_hh_transcripts_read_as_conversations_that_differ_in_their_last_reply(tmp_path):
     """Anthropic/hh-rlhf rows: `chosen` and `rejected` are whole transcripts in text."""
     shared = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Two plus two?"

@@ -1250,6 +1250,14 @@ def _trl_preference(row: dict, check: _RowCheck):
             )
             return None, None, None
     shared = [m.to_template() for m in chosen_turns[:-1]] == [m.to_template() for m in rejected_turns[:-1]]
+    if not shared and "prompt" in row:  # 'chosen' repeats the prompt (checked above): 'rejected' differs
+        check.error(
+            "invalid_preference",
+            "rejected",
+            "'chosen' and 'rejected' are whole conversations that differ before their last message; make 'rejected' "
+            "repeat the turns 'chosen' does, or make each one assistant message beside 'prompt'.",
+        )
+        return None, None, None
     if not shared or len(chosen_turns) < 2:
         check.error(
             "invalid_preference",
