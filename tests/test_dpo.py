@@ -263,6 +263,19 @@ def test_dpo_on_sft_data_and_sft_on_pairs_fail_before_any_work(tiny_model_dir, t
     assert not any((tmp_path / run).exists() for run in "abc")
 
 
+def test_an_empty_pairs_file_is_refused_as_empty_not_as_other_data(tiny_model_dir, tmp_path):
+    """`distill generate --keep pairs` writes an empty file where every prompt's answers scored alike: the run names
+    the file as empty rather than as data of another kind."""
+    empty = tmp_path / "pairs.jsonl"
+    empty.write_text("")
+    for loss in ("sigmoid", "kto"):
+        cfg = dpo_config(tiny_model_dir, {"train": empty, "validation": empty}, tmp_path / loss, {"loss": loss})
+        with pytest.raises(TuneforgeError, match="the file is empty") as err:
+            train(cfg, progress=False)
+        assert str(empty) in err.value.message and "not preference data" not in err.value.message
+        assert "no rated replies" not in err.value.message
+
+
 def test_config_refuses_label_smoothing_with_ipo_and_kl_to_base_or_train_on_all_with_dpo():
     with pytest.raises(ConfigError, match="label_smoothing is for loss: sigmoid"):
         load_config({"method": "dpo", "dpo": {"loss": "ipo", "label_smoothing": 0.1}, "data": {"train": "x"}})

@@ -424,6 +424,7 @@ def check_data_kind(cfg) -> None:
     methods train on one of them only. Reads the first row of each data file, so a mismatch fails before any data is
     prepared."""
     from ..data.formats import file_format
+    from ..data.readers import open_rows
 
     files = cfg.data.train_files + ([cfg.data.validation] if isinstance(cfg.data.validation, str) else [])
     kto = cfg.method == "dpo" and cfg.dpo.loss == "kto"
@@ -432,6 +433,8 @@ def check_data_kind(cfg) -> None:
         if not Path(path).is_file():
             continue  # data preparation reports a missing file with its own error
         found = file_format(path, cfg.data.format)
+        if found is None and not any(isinstance(row, dict) for _, row in open_rows(path)):
+            continue  # a file without rows (empty, or each row unreadable): data preparation names its problems
         pairs, rated = found == "preference", found == "kto"
         if kto and not rated:
             reason = (
