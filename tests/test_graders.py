@@ -446,6 +446,8 @@ def test_check_catches_a_bad_grader_before_training():
         python("def grade(sample, item):\n    return int(sample['output_text']) / 10\n").check(items)
     assert caught.value.code == "invalid_grader"
     assert "ValueError: invalid literal for int()" in caught.value.message and "an empty output" in caught.value.message
+    # eval --grader and distill generate --grader check it too, where nothing trains: the advice fits each of them.
+    assert caught.value.message.endswith("fix it (or the items) and run again.")
 
     with pytest.raises(GraderError, match="reads item.solution, which the item does not have"):
         compare("string_check", "operation", "eq", reference="{{ item.solution }}").check(items)

@@ -149,7 +149,7 @@ class Grader(ABC):
         return self._results(samples, items)
 
     def check(self, items: Sequence[dict]) -> None:
-        """Grade each item with plausible samples before training: an empty output, and the reference
+        """Grade each item with plausible samples before the grader is used: an empty output, and the reference
         itself where the grader has one. A template error, an exception, a timeout or a result that
         is not a number is a GraderError here rather than a failed run later.
         """
@@ -163,8 +163,8 @@ class Grader(ABC):
                 self._grade([sample_of(text) for text in references], items)
         except GraderError as error:
             raise GraderError(
-                f"{error.message}\nThe grader was checked on the items with {what}; fix it (or the items) before "
-                "training.",
+                f"{error.message}\nThe grader was checked on the items with {what}; fix it (or the items) and run "
+                "again.",
                 code="invalid_grader",
                 sample=error.sample,
             ) from None
