@@ -131,6 +131,18 @@ def test_a_grader_file_that_is_not_utf8_text_is_refused_by_file_and_line(tmp_pat
     assert e.value.message.startswith(f"{path} line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8")
 
 
+def test_a_grader_file_that_is_not_yaml_is_refused_by_file_line_and_column(tmp_path):
+    """As a config's syntax error is: the file's line and column, not PyYAML's "<unicode string>" and its excerpt."""
+    from tuneforge.graders import load_grader
+
+    path = tmp_path / "grader.yaml"
+    path.write_text('type: string_check\nname: ok\n  input: "{{ sample.output_text }}"\n')
+    with pytest.raises(ConfigError) as e:
+        load_grader(str(path), key="grpo.grader")
+    assert e.value.message.startswith(f"grpo.grader: {path} line 3, column 8: not valid JSON or YAML (mapping values")
+    assert "<unicode string>" not in e.value.message and "\n" not in e.value.message
+
+
 def test_a_grader_that_cannot_score_the_rows_is_refused_before_any_model_loads(triage_data, tmp_path):
     """A row without the field the grader reads is named by file and line, with the grader, before the
     model is even looked up (the model named here does not exist)."""

@@ -1609,17 +1609,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
         try:
             raw, lines = load_yaml(yaml_text(path), str(path), lines=True)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = str(getattr(e, "problem", e))
-            if "'\\t'" in problem:
-                do = "YAML indents with spaces, never tabs: replace the tab there with spaces"
-            else:
-                do = (
-                    "check the indentation there and on the line above (a section's keys line up, indented by "
-                    "spaces under it), that each key has ': ' after it, and that brackets and quotes close"
-                )
-            raise ConfigError(f"{path}{where}: not valid YAML ({problem}); {do}.") from None
+            raise ConfigError(yaml_syntax_error(path, e, "not valid YAML")) from None
         places = {key: f"line {line}" for key, line in lines.items()}
         if raw is None:
             raise ConfigError(
@@ -1667,6 +1657,22 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def yaml_syntax_error(path: Path, error: yaml.YAMLError, what: str) -> str:
+    """A YAML file's syntax error as its user reads it: the file, line and column, PyYAML's problem and what to
+    check there (PyYAML's own message names "<unicode string>" and quotes the text)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = str(getattr(error, "problem", error))
+    if "'\\t'" in problem:
+        do = "YAML indents with spaces, never tabs: replace the tab there with spaces"
+    else:
+        do = (
+            "check the indentation there and on the line above (a section's keys line up, indented by "
+            "spaces under it), that each key has ': ' after it, and that brackets and quotes close"
+        )
+    return f"{path}{where}: {what} ({problem}); {do}."
 
 
 def yaml_text(path: Path) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import load_yaml, yaml_text
+from ..config import load_yaml, yaml_syntax_error, yaml_text
 from ..errors import ConfigError
 from .base import Grader, GraderError, GradeResult, rollout_sample, rollout_samples, sample_of
 from .multi import FUNCTIONS, MultiGrader
@@ -128,7 +128,7 @@ def load_grader(spec: dict | str | list, weights: list[float] | None = None, *, 
         try:
             spec = load_yaml(yaml_text(path), str(path))
         except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: {path} is not valid JSON or YAML ({err}).") from None
+            raise ConfigError(f"{key}: {yaml_syntax_error(path, err, 'not valid JSON or YAML')}") from None
         if not isinstance(spec, dict):
             raise ConfigError(f"{key}: {path} must hold one grader object (a mapping with a type).")
     try:
