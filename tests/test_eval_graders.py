@@ -11,6 +11,7 @@ from tuneforge.config import ConfigError, load_config
 from tuneforge.errors import DataError
 from tuneforge.eval import eval_command, evaluate
 from tuneforge.eval.after_training import eval_grader
+from tuneforge.eval.command import grader_spec
 from tuneforge.eval.report import examples_table, metrics_table
 from tuneforge.graders import GraderError
 from tuneforge.pipeline import train
@@ -119,6 +120,11 @@ def test_a_grader_object_written_inline_on_the_command_line_scores_as_its_file_d
     assert figures[0]["name"] == "brace" and figures[1] == figures[0] and figures[2] == figures[0]
     with pytest.raises(ConfigError, match=r"--grader: .* is not a valid JSON or YAML object"):
         eval_command(str(tiny_model_dir), str(data), grader='{"type": "string_check",', json_out=True)
+    # A syntax error is named by its column in the option's one line, not by PyYAML's "<unicode string>" excerpt.
+    with pytest.raises(ConfigError) as e:
+        grader_spec('{"type": "string_check" "name": "x"}')
+    assert "(expected ',' or '}', but got '<scalar>' at column 25)" in e.value.message
+    assert "<unicode string>" not in e.value.message and "\n" not in e.value.message
 
 
 def test_a_grader_file_that_is_not_utf8_text_is_refused_by_file_and_line(tmp_path):

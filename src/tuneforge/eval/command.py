@@ -229,7 +229,12 @@ def grader_spec(grader: str) -> str | dict | list[str]:
         try:
             spec = load_yaml(grader, "--grader")
         except yaml.YAMLError as err:
-            raise ConfigError(f"--grader: {grader} is not a valid JSON or YAML object ({err}).") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at column {mark.column + 1}" if mark else ""
+            raise ConfigError(
+                f"--grader: {grader} is not a valid JSON or YAML object ({getattr(err, 'problem', err)}{where}); "
+                "close its brackets and quotes, and put a comma between its fields."
+            ) from None
         if not isinstance(spec, dict):
             raise ConfigError(f"--grader: {grader} must be one grader object (a mapping with a type).")
         return spec
