@@ -1674,3 +1674,18 @@ def test_a_base_model_that_cannot_be_found_is_refused_naming_base_model(base_mod
         train(cfg, progress=False)
     assert err.value.message.startswith("base_model"), err.value.message
     assert not (tmp_path / "run").exists()
+
+
+def test_a_base_model_path_that_does_not_exist_is_named_with_its_config_line(triage_data, tmp_path, monkeypatch):
+    """`base_model: runs/sft` where the run has another name: validate and train name the line that set it, as they
+    name a missing data file's."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    config = tmp_path / "dpo.yaml"
+    cfg = tiny_run_config("runs/sft", triage_data, tmp_path / "run")
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for command in (validate, lambda c: train(c, progress=False)):
+        with pytest.raises(TuneforgeError) as e:
+            command(str(config))
+        assert e.value.message.startswith(f"base_model ({config} line 1): runs/sft does not exist")
+        assert "runs/ holds quickstart" in e.value.message

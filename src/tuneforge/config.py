@@ -883,6 +883,13 @@ class Config(Strict):
     # The name a key has where it was written under another one (a fine-tuning job's field), by dotted key.
     _names: dict[str, str] = PrivateAttr(default_factory=dict)
 
+    def base_source(self, *, pull_missing: bool = True):
+        """The base model's source (`models.sources.resolve`); one that cannot be resolved is refused naming the
+        line that set base_model, as a missing data file is."""
+        from .models.sources import resolve_at
+
+        return resolve_at(self.base_model, self.key_at("base_model"), pull_missing=pull_missing)
+
     def key_at(self, key: str) -> str:
         """`key (where it was set)`, for a mistake found after loading, against the model or the data; a key
         written under another name (`_names`) is named as it was written."""

@@ -289,7 +289,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
     cfg.check_data_files()
     check_output_dir(cfg)
     trackers.check_installed(cfg)
-    source = resolve(cfg.base_model)
+    source = cfg.base_source()
     tokenizer = run_tokenizer(cfg, source)
     token_ids = added_token_ids(cfg, tokenizer)
     counts = parameter_counts(source, cfg, token_ids, new_token_ids(tokenizer))

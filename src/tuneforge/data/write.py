@@ -48,9 +48,9 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"--out {out} is a folder that is not empty; name another, or add --force to replace it.")
     from ..methods import template_where  # here: the models stage pulls in heavy imports
-    from ..models import resolve, run_tokenizer
+    from ..models import run_tokenizer
 
-    tokenizer = run_tokenizer(cfg, resolve(cfg.base_model))
+    tokenizer = run_tokenizer(cfg, cfg.base_source())
     if cfg.model.chat_template is not None:  # refused as validate and train refuse it, before any row is read
         check_template(tokenizer, template_where(cfg))
     data = cfg.data

@@ -53,7 +53,7 @@ from ..methods import (
 )
 from ..methods.dpo import kto_balance_warning
 from ..methods.lora import experts_warning
-from ..models import ModelSource, causal_lm, resolve_at, resolve_precision, run_tokenizer
+from ..models import ModelSource, causal_lm, resolve_precision, run_tokenizer
 from ..models.attention import own_attention, per_example_attention, supports_per_example_attention
 from ..models.loading import image_inputs
 from ..models.saving import save_model
@@ -558,7 +558,7 @@ def check_before_launch(
     resume_point(cfg, resume, force)
     refuse_earlier_run(Path(cfg.output_dir), resume, overwrite)
     try:
-        source = resolve_at(cfg.base_model, cfg.key_at("base_model"), pull_missing=False)
+        source = cfg.base_source(pull_missing=False)
     except ModelSourceError as error:
         if error.code not in ("model_not_pulled", "model_not_converted"):
             raise
@@ -587,7 +587,7 @@ def setup(
     resume_from, saved = resume_point(cfg, resume, force)
     out = Path(cfg.output_dir)
     replaces_earlier = refuse_earlier_run(out, resume, overwrite)
-    source = resolve_at(cfg.base_model, cfg.key_at("base_model"))
+    source = cfg.base_source()
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     check_batch_split(cfg, world.size)
     if world.is_main:
