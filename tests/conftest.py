@@ -1,3 +1,4 @@
+import contextlib
 import os
 import re
 import sys
@@ -59,13 +60,21 @@ def one_thread():
 
 @pytest.fixture
 def file_size_limit():
-    """Sets the size past which this process's writes are refused (EFBIG; Python ignores SIGXFSZ), as a
-    full disk refuses them; the limit is lifted when the test ends."""
+    """`with file_size_limit(size):` refuses this process's writes past `size` bytes (EFBIG; Python ignores
+    SIGXFSZ), as a full disk refuses them, inside the block alone: pytest writing its report into a file (its
+    output redirected) past that size would fail too."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    @contextlib.contextmanager
+    def limited(size: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    return limited
 
 
 @pytest.fixture(scope="session")

@@ -255,10 +255,9 @@ def _safetensors_write(path):
 
 @pytest.mark.parametrize("write", [_python_write, _safetensors_write])
 def test_a_write_the_disk_refuses_names_the_folder_and_keeps_the_earlier_one(tmp_path, write, file_size_limit):
-    file_size_limit(4096)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "rows").write_text("earlier")
-    with pytest.raises(OSError) as refused, atomic_dir(tmp_path / "out", replace=True) as tmp:
+    with file_size_limit(4096), pytest.raises(OSError) as refused, atomic_dir(tmp_path / "out", replace=True) as tmp:
         write(tmp / "rows")
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "out"))
     assert (tmp_path / "out" / "rows").read_text() == "earlier"
@@ -267,8 +266,7 @@ def test_a_write_the_disk_refuses_names_the_folder_and_keeps_the_earlier_one(tmp
 
 def test_a_file_the_disk_refuses_is_named_and_the_earlier_one_kept(tmp_path, file_size_limit):
     (tmp_path / "report.json").write_text("earlier")
-    file_size_limit(4096)
-    with pytest.raises(OSError) as refused, atomic_file(tmp_path / "report.json") as f:
+    with file_size_limit(4096), pytest.raises(OSError) as refused, atomic_file(tmp_path / "report.json") as f:
         f.write("x" * 65536)
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "report.json"))
     assert (tmp_path / "report.json").read_text() == "earlier"
@@ -278,8 +276,7 @@ def test_a_file_the_disk_refuses_is_named_and_the_earlier_one_kept(tmp_path, fil
 def test_an_append_the_disk_refuses_names_the_file(tmp_path, file_size_limit):
     log = tmp_path / "metrics.jsonl"
     log.write_text("x" * 4096)
-    file_size_limit(4096)
-    with pytest.raises(OSError) as refused, writing(log), log.open("a") as f:
+    with file_size_limit(4096), pytest.raises(OSError) as refused, writing(log), log.open("a") as f:
         f.write("more\n")
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(log))
 

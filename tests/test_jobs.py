@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import pwd
-import resource
 import shutil
 import signal
 import socket
@@ -1675,10 +1674,9 @@ def test_an_upload_the_servers_disk_has_no_room_for_is_a_507_saying_so(tmp_path,
     with TestClient(
         create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0)
     ) as http:
-        file_size_limit(2 * len(chat_rows(12)))  # the database's pages fit, not the upload
         form = {"file": ("train.jsonl", chat_rows(12).encode() * 4)}
-        answer = http.post("/v1/files", headers=headers, data={"purpose": "fine-tune"}, files=form)
-        file_size_limit(resource.RLIM_INFINITY)
+        with file_size_limit(2 * len(chat_rows(12))):  # the database's pages fit, not the upload
+            answer = http.post("/v1/files", headers=headers, data={"purpose": "fine-tune"}, files=form)
         assert answer.status_code == 507, answer.text
         error = answer.json()["error"]
         assert error["code"] == "insufficient_storage" and "no room" in error["message"], error

@@ -640,15 +640,14 @@ def test_a_full_disk_at_the_run_lock_or_a_metrics_line_names_the_file_and_leaves
     from tuneforge.training.run_folder import sole_run_in
 
     run = tmp_path / "run"
-    file_size_limit(8)
-    with pytest.raises(OSError) as refused, sole_run_in(run, World()):
+    with file_size_limit(8), pytest.raises(OSError) as refused, sole_run_in(run, World()):
         pass
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(run / ".train.lock"))
     assert not run.exists()  # as a run refused before it writes anything leaves it
     cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path)
     cfg["train"]["report_to"] = []
     log = MetricsLog(load_config(cfg), None, enabled=True)
-    with pytest.raises(OSError) as refused:
+    with file_size_limit(8), pytest.raises(OSError) as refused:
         log.write({"step": 1, "train_loss": 1.0})
     assert (refused.value.errno, refused.value.filename) == (errno.EFBIG, str(tmp_path / "metrics.jsonl"))
 
