@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_run_config
+from tiny import set_context
 
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
@@ -337,9 +338,7 @@ def test_the_check_of_a_file_for_a_new_job_refuses_a_model_the_job_could_not_tra
     from tuneforge.jobs.store import Store
     from tuneforge.web import owner_of
 
-    short = Path(shutil.copytree(tiny_model_dir, tmp_path / "short"))
-    config = json.loads((short / "config.json").read_text())
-    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    short = set_context(shutil.copytree(tiny_model_dir, tmp_path / "short"), 256)
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
     rows = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
     stored = FileStorage(tmp_path).save(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_run_config
 from families import CLOCK_TOOL, WEATHER_TOOL
-from tiny import save_tiny_model, tiny_llama, tiny_tokenizer
+from tiny import save_tiny_model, set_context, tiny_llama, tiny_tokenizer
 
 from tuneforge.config import load_config
 from tuneforge.data import collate, pack, render_conversation
@@ -262,9 +262,7 @@ def test_a_teacher_with_a_shorter_context_than_data_max_length_fails_before_any_
 ):
     from tuneforge.training import train
 
-    teacher = Path(shutil.copytree(tiny_model_dir, tmp_path / "teacher"))
-    config = json.loads((teacher / "config.json").read_text())
-    (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    teacher = set_context(shutil.copytree(tiny_model_dir, tmp_path / "teacher"), 256)
     cfg = distill_config(tiny_model_dir, teacher, triage_data, tmp_path / "run")  # data.max_length: 512
     with pytest.raises(
         ConfigError, match=r"distill\.teacher.*data\.max_length: rows of up to 512 tokens.*256 positions"

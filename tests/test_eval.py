@@ -5,7 +5,6 @@ import json
 import re
 import shutil
 from importlib import resources
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_run_config
 from families import CLOCK_TOOL, WEATHER_TOOL
 from matplotlib.container import BarContainer
+from tiny import set_context
 
 from tuneforge.errors import DataError
 from tuneforge.eval import compare, eval_command, evaluate, measure_forgetting, read_eval_examples, write_run_report
@@ -681,9 +681,7 @@ def test_forgetting_on_a_model_whose_context_the_general_sets_overflow_is_refuse
     from tuneforge.errors import ConfigError
     from tuneforge.eval.after_training import check_eval_inputs
 
-    short = Path(shutil.copytree(tiny_model_dir, tmp_path / "short"))
-    config = json.loads((short / "config.json").read_text())
-    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    short = set_context(shutil.copytree(tiny_model_dir, tmp_path / "short"), 128)
     run = tiny_run_config(short, triage_data, tmp_path / "run")
     run["data"]["max_length"] = 128
     run["eval"] = {"forgetting": True}
@@ -800,10 +798,7 @@ def test_compare_refuses_rows_past_the_base_s_context_before_the_tuned_model_loa
     import sys
 
     evaluating = sys.modules["tuneforge.eval.evaluate"]  # the module, which the package's `evaluate` function hides
-    base = tmp_path / "short"
-    shutil.copytree(tiny_model_dir, base)
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    base = set_context(shutil.copytree(tiny_model_dir, tmp_path / "short"), 16)
     loaded = []
     monkeypatch.setattr(evaluating, "load_text_model", lambda source, *a, **k: loaded.append(source.path))
     row = {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "4"}]}

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_run_config
 from data.rows import write_jsonl
+from tiny import set_context
 
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError, DataError
@@ -103,10 +104,7 @@ def test_a_base_whose_context_the_questions_do_not_fit_is_refused_before_the_tun
 
     from tuneforge.eval import choices
 
-    base = tmp_path / "short"
-    shutil.copytree(tiny_model_dir, base)
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
+    base = set_context(shutil.copytree(tiny_model_dir, tmp_path / "short"), 8)
     loaded = []
     monkeypatch.setattr(choices, "load_text_model", lambda source, *a, **k: loaded.append(source.path))
     data = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)

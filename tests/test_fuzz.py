@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import save_tiny_model
+from tiny import save_tiny_model, set_context
 
 from tuneforge.jobs.api import create_api
 from tuneforge.jobs.store import Store
@@ -96,9 +96,7 @@ def assert_answered(response, *server_folders: Path):
 
 @pytest.fixture(scope="module")
 def short_model(tmp_path_factory) -> Path:
-    folder = save_tiny_model(tmp_path_factory.mktemp("fuzz") / "model")
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    folder = set_context(save_tiny_model(tmp_path_factory.mktemp("fuzz") / "model"), 64)
     return folder
 
 

@@ -27,6 +27,7 @@ import httpx
 import psutil
 import pytest
 from conftest import announced_port
+from tiny import set_context
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("sqlalchemy")
@@ -1606,9 +1607,7 @@ def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_val
     # the job's data.max_length fails the job at validation, not once it is queued and starts.
     from tuneforge.jobs.mapping import CreateJobBody
 
-    short = Path(shutil.copytree(tiny_model_dir, tmp_path / "short"))
-    config = json.loads((short / "config.json").read_text())
-    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    short = set_context(shutil.copytree(tiny_model_dir, tmp_path / "short"), 256)
     store, job = validated_job(tmp_path, str(short), CreateJobBody(model=str(short), training_file="t").method_dict())
     failed = store.get_job(job.id)
     messages = [e.message for e in store.list_events(job.id, after=None, limit=100)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_run_config
 from families import FAMILIES, family_tokenizer
-from tiny import save_tiny_model
+from tiny import save_tiny_model, set_context
 
 from tuneforge.dry_run import validate
 from tuneforge.errors import ConfigError
@@ -26,9 +26,7 @@ YARN = {"rope_type": "yarn", "factor": 2.0}
 @pytest.fixture(scope="module")
 def short_base(tmp_path_factory) -> Path:
     """The tiny model, built for WINDOW positions."""
-    folder = save_tiny_model(tmp_path_factory.mktemp("short") / "model")
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": WINDOW}))
+    folder = set_context(save_tiny_model(tmp_path_factory.mktemp("short") / "model"), WINDOW)
     return folder
 
 

@@ -6,6 +6,7 @@ pipeline sees the same structure it sees on the real model, including pad == end
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -122,6 +123,14 @@ def save_tiny_model(folder: str | Path, build=tiny_llama, **kw) -> Path:
     )
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def set_context(folder: str | Path, positions: int) -> Path:
+    """The model folder `folder`, its config.json now built for `positions` positions (a shorter context)."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
     return folder
 
 
