@@ -1408,6 +1408,37 @@ def test_a_heartbeat_the_full_store_refuses_is_logged_once_naming_the_path(tmp_p
     assert all(r.exc_info is None for r in told)
 
 
+def test_a_heartbeat_the_database_refuses_is_logged_once_though_its_parameters_change(tmp_path, monkeypatch, caplog):
+    """A database error holds the beat's statement and its parameters, the beat's time among them: the same refusal
+    (a store opened read-only) is logged once with its traceback, not again at each beat."""
+    from tuneforge.jobs import worker
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Store
+
+    database = tmp_path / "jobs.db"
+    here = worker.Workers(Store(f"sqlite:///{database}"), FileStorage(tmp_path), tmp_path, 0)
+    read_only = Store(f"sqlite:///file:{database}?mode=ro&uri=true")
+    beats, refused = itertools.count(), read_only.beat
+    done = threading.Event()
+
+    def beat(process_id):
+        if next(beats) == 5:
+            done.set()
+        refused(process_id)
+
+    monkeypatch.setattr(worker, "HEARTBEAT_EVERY_S", 0.01)
+    monkeypatch.setattr(read_only, "beat", beat)
+    here.store = read_only
+    beating = threading.Thread(target=here._beat)
+    beating.start()
+    assert done.wait(10), "the heartbeat stopped beating"
+    here._stopping.set()
+    beating.join()
+    told = [r for r in caplog.records if r.name == "tuneforge.jobs"]
+    assert [r.getMessage() for r in told] == [f"job heartbeat of {worker.process_worker_id()}"]
+    assert "attempt to write a readonly database" in str(told[0].exc_info[1])
+
+
 def test_a_job_whose_server_dies_once_too_often_fails_counting_every_death(tmp_path):
     from tuneforge.jobs.files import FileStorage
     from tuneforge.jobs.store import Store

@@ -174,7 +174,8 @@ class Workers:
                 self.store.beat(self._prefix)
                 told = None
             except Exception as err:  # noqa: BLE001 - the next beat retries after a database hiccup
-                cause = f"{type(err).__name__}: {err}"
+                # The first line: a database error goes on with the statement and its parameters, the beat's time.
+                cause = (type(err), str(err).partition("\n")[0])
                 if cause == told:
                     continue
                 told = cause
