@@ -149,6 +149,18 @@ def test_a_grader_file_that_is_not_yaml_is_refused_by_file_line_and_column(tmp_p
     assert "<unicode string>" not in e.value.message and "\n" not in e.value.message
 
 
+def test_a_json_grader_file_missing_a_comma_is_told_to_add_it_not_to_check_its_indentation(tmp_path):
+    """A syntax error inside { } or [ ] (a JSON file's) is about brackets, quotes and commas: the message says so."""
+    from tuneforge.graders import load_grader
+
+    path = tmp_path / "grader.json"
+    path.write_text('{\n  "type": "string_check",\n  "name": "ok"\n  "input": "{{ sample.output_text }}"\n}\n')
+    with pytest.raises(ConfigError) as e:
+        load_grader(str(path), key="--grader")
+    assert e.value.message.startswith(f"--grader: {path} line 4, column 3: not valid JSON or YAML (expected ','")
+    assert "put a comma between" in e.value.message and "indentation" not in e.value.message
+
+
 def test_a_grader_that_cannot_score_the_rows_is_refused_before_any_model_loads(triage_data, tmp_path):
     """A row without the field the grader reads is named by file and line, with the grader, before the
     model is even looked up (the model named here does not exist)."""

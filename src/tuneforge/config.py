@@ -1674,6 +1674,8 @@ def yaml_syntax_error(path: Path, error: yaml.YAMLError, what: str) -> str:
     problem = str(getattr(error, "problem", error))
     if "'\\t'" in problem:
         do = "YAML indents with spaces, never tabs: replace the tab there with spaces"
+    elif "flow" in str(getattr(error, "context", "")):  # inside { } or [ ], as a JSON file is written
+        do = "close the brackets and quotes that open there or above, and put a comma between the items of a { } or [ ]"
     else:
         do = (
             "check the indentation there and on the line above (a section's keys line up, indented by "
