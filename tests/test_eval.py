@@ -849,3 +849,16 @@ def test_the_python_evaluations_refuse_a_count_below_its_least_naming_it(
     }
     with pytest.raises(ConfigError, match=rf"^{argument} takes a whole number of at least {least}, got {value!r};"):
         calls[call](**{argument: value})
+
+
+def test_a_numpy_count_is_taken_as_the_whole_number_it_is(tiny_model_dir, tmp_path):
+    """A count computed with NumPy (np.int64) is a whole number, as generation's Sampling takes it: not refused."""
+    import numpy as np
+
+    from tuneforge.eval.choices import evaluate_choices
+
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text(
+        "".join(json.dumps({"question": f"{n}+2?", "choices": ["4", "5"], "answer": 0}) + "\n" for n in range(3))
+    )
+    assert evaluate_choices(str(tiny_model_dir), quiz, limit=np.int64(2), progress=False)["n"] == 2

@@ -8,6 +8,7 @@ Every error a user can cause is a `TuneforgeError`: the CLI prints its message o
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import sys
 from collections.abc import Sequence
@@ -113,9 +114,10 @@ class RunFailed(TuneforgeError):
 
 def check_counts(counts: dict[str, tuple[object, int]]) -> None:
     """Refuse, naming it, each count of `counts` (its name: its value and least) given as anything but a whole
-    number of at least its least; None is a count left out. The CLI's option bounds, for a Python caller's values."""
+    number of at least its least; None is a count left out. The CLI's option bounds, for a Python caller's values
+    (a NumPy integer among them, which is a whole number)."""
     for name, (value, least) in counts.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
             raise ConfigError(
                 f"{name} takes a whole number of at least {least}, got {value!r}; give one, or leave it out.",
                 code="bad_option",
