@@ -434,6 +434,22 @@ def test_config_takes_each_loss_with_its_own_keys_only():
             dpo_section(**section)
 
 
+def test_the_readme_dpo_example_shows_only_keys_its_loss_reads():
+    """README's DPO example loads, and each dpo key it sets is one its table lists for the example's loss."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^## Preference tuning \(DPO\)\n(.*?)^### ", readme, re.S | re.M)[1]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S)[1])
+    loss = example["dpo"]["loss"]
+    row = re.search(rf"^\| `{loss}` \|.*\| (.*?) \|$", section, re.M)[1]
+    reads = set(re.findall(r"`(\w+)`", row)) | {"loss", "policy"}
+    assert set(example["dpo"]) <= reads, f"README's DPO example sets {sorted(set(example['dpo']) - reads)}"
+    assert load_config({**example, "data": {"train": "x"}}).dpo.loss == loss
+
+
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
 def test_a_tiny_reference_free_run_learns_the_preference_and_resumes_exactly(
     loss, tiny_model_dir, preference_data, tmp_path
