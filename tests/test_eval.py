@@ -821,6 +821,15 @@ def test_compare_refuses_rows_past_the_base_s_context_before_the_tuned_model_loa
         ("evaluate_choices", "num_fewshot", -1, 0),
         ("evaluate_choices", "limit", 0, 1),
         ("compare_choices", "num_fewshot", -1, 0),
+        ("evaluate", "batch_size", 0, 1),
+        ("evaluate", "batch_size", -1, 1),
+        ("compare", "batch_size", 0, 1),
+        ("evaluate_loaded", "batch_size", 0, 1),
+        ("evaluate_documents", "batch_size", -1, 1),
+        ("evaluate_choices", "batch_size", 0, 1),
+        ("compare_choices", "batch_size", -1, 1),
+        ("measure_forgetting", "batch_size", 0, 1),
+        ("evaluate_reward_model", "batch_size", 0, 1),
     ],
 )
 def test_the_python_evaluations_refuse_a_count_below_its_least_naming_it(
@@ -831,9 +840,13 @@ def test_the_python_evaluations_refuse_a_count_below_its_least_naming_it(
     -1 few-shot examples run as none."""
     from tuneforge.errors import ConfigError
     from tuneforge.eval.choices import compare_choices, evaluate_choices
-    from tuneforge.eval.evaluate import evaluate_loaded
+    from tuneforge.eval.evaluate import evaluate_documents, evaluate_loaded
+    from tuneforge.eval.forgetting import measure_forgetting
+    from tuneforge.eval.reward import evaluate_reward_model
 
     model = str(tiny_model_dir)
+    documents = tmp_path / "documents.txt"
+    documents.write_text("One document of raw text.\n")
     quiz = tmp_path / "quiz.jsonl"
     quiz.write_text(
         "".join(json.dumps({"question": f"{n}+2?", "choices": ["4", "5"], "answer": 0}) + "\n" for n in range(3))
@@ -846,6 +859,9 @@ def test_the_python_evaluations_refuse_a_count_below_its_least_naming_it(
         ),
         "evaluate_choices": lambda **given: evaluate_choices(model, quiz, progress=False, **given),
         "compare_choices": lambda **given: compare_choices(model, model, quiz, progress=False, **given),
+        "evaluate_documents": lambda **given: evaluate_documents(model, documents, progress=False, **given),
+        "measure_forgetting": lambda **given: measure_forgetting(model, model, progress=False, **given),
+        "evaluate_reward_model": lambda **given: evaluate_reward_model(model, quiz, progress=False, **given),
     }
     with pytest.raises(ConfigError, match=rf"^{argument} takes a whole number of at least {least}, got {value!r};"):
         calls[call](**{argument: value})

@@ -627,7 +627,7 @@ def evaluate_choices(
     multiple-choice rows of `data`, each after `num_fewshot` solved examples (`read_benchmark`), with their 95%
     (Wilson) intervals and each row's log-likelihoods. `checked`: `checked_for(model, rows)`, where it was
     called already."""
-    check_counts({"limit": (limit, 1), "num_fewshot": (num_fewshot, 0)})
+    check_counts({"limit": (limit, 1), "num_fewshot": (num_fewshot, 0), "batch_size": (batch_size, 1)})
     rows = rows or read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
     source, tokenizer, encoded = checked or checked_for(model, rows)
     with library_bars(progress):
@@ -670,7 +670,7 @@ def compare_choices(
 ) -> dict:
     """`evaluate_choices` for `model` and `base` on the same rows (and few-shot examples), side by side, and the
     paired difference."""
-    check_counts({"limit": (limit, 1), "num_fewshot": (num_fewshot, 0)})
+    check_counts({"limit": (limit, 1), "num_fewshot": (num_fewshot, 0), "batch_size": (batch_size, 1)})
     rows = read_benchmark(data, limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
     # Both models are found and the rows checked against each before either loads: a base that cannot be found,
     # or whose context the rows do not fit, fails now, not after the tuned model has scored every row.

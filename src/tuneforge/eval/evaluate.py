@@ -489,7 +489,7 @@ def evaluate_loaded(
     Where some rows have no reference answer (GRPO's prompt rows), the grader alone scores: the loss,
     perplexity and metric are None for the whole file (figures over some of its rows would sit beside the
     grader's over all of them), `left_out` says why, and the rows that have one give it as `item.reference`."""
-    check_counts({"max_new_tokens": (max_new_tokens, 1)})
+    check_counts({"max_new_tokens": (max_new_tokens, 1), "batch_size": (batch_size, 1)})
     metric = choose_metric(metric, examples)
     missing = without_reference(examples)
     if missing and grader is None:
@@ -604,7 +604,7 @@ def evaluate(
     grader that cannot work on this data is refused before the model loads. With a grader, rows without a
     reference answer (GRPO's prompt rows) are taken too; see `evaluate_loaded` for what is then left out.
     """
-    check_counts({"limit": (limit, 1), "max_new_tokens": (max_new_tokens, 1)})
+    check_counts({"limit": (limit, 1), "max_new_tokens": (max_new_tokens, 1), "batch_size": (batch_size, 1)})
     if choices := _choice_evaluation(data, metric=metric, grader=grader, max_new_tokens=max_new_tokens):
         return choices.evaluate_choices(model, data, limit=limit, batch_size=batch_size, progress=progress)
     if file_format(data) == "text":
@@ -689,6 +689,7 @@ def evaluate_documents(
     """The per-token loss, perplexity and next-token accuracy of `model` on the first `limit` documents of
     a file of raw text: every token a target once, in windows of `window` tokens as `data.truncation:
     split` cuts them (None: the `data.max_length` of the run the model is of, else the model's context)."""
+    check_counts({"batch_size": (batch_size, 1)})
     documents, problems = [], []
     for _, item in read_conversations(data, "text"):
         if isinstance(item, Problem):
@@ -767,7 +768,7 @@ def compare(
 ) -> dict:
     """`evaluate` for `model` and for `base` on the same data (same options), side by side; documents of raw
     text in `window`-token windows (None: those the tuned model's run trained in)."""
-    check_counts({"limit": (limit, 1), "max_new_tokens": (max_new_tokens, 1)})
+    check_counts({"limit": (limit, 1), "max_new_tokens": (max_new_tokens, 1), "batch_size": (batch_size, 1)})
     if choices := _choice_evaluation(data, metric=metric, grader=grader, max_new_tokens=max_new_tokens):
         return choices.compare_choices(model, base, data, limit=limit, batch_size=batch_size, progress=progress)
     resolve(base)  # a base that cannot be found fails now, not after the first evaluation

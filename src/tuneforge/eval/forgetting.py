@@ -29,7 +29,7 @@ import torch
 
 from ..config import DEFAULT_MODEL
 from ..data import IGNORE_INDEX, Document, Example, collate, render_conversation
-from ..errors import TuneforgeError
+from ..errors import TuneforgeError, check_counts
 from ..fsio import write_json
 from ..generate import BATCH_SIZE, encode_prompts, generate
 from ..methods.sft import trained_logits
@@ -231,6 +231,7 @@ def measure_forgetting(
     `model` is anything `resolve` takes. `base` may be left out for an adapter (its base is the
     adapter switched off); a fully fine-tuned model needs it.
     """
+    check_counts({"batch_size": (batch_size, 1)})
     source = resolve(model)
     tokenizer = load_tokenizer(source)
     with library_bars(progress):

@@ -27,7 +27,7 @@ import torch
 from ..data import Preference, Problem, collate, read_conversations
 from ..data.formats import file_format
 from ..data.render import renderer_for
-from ..errors import DataError, TuneforgeError
+from ..errors import DataError, TuneforgeError, check_counts
 from ..fsio import atomic_file
 from ..methods.reward import example_rewards, pair_losses
 from ..models import load_model, load_tokenizer, model_context_length
@@ -101,6 +101,7 @@ def evaluate_reward_model(
     checkpoint, its merged export, or any sequence classifier with one output) and measure the ranking.
     `out`: a folder that gets `scores.jsonl` (one line a pair: its line, both scores and the margin, written
     atomically) and `margins.png` (a histogram of the margins)."""
+    check_counts({"batch_size": (batch_size, 1)})
     from ..models import resolve
 
     pairs = read_pairs(data, limit, str(model))
