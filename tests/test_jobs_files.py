@@ -263,3 +263,26 @@ def test_an_upload_whose_row_the_store_has_no_room_for_leaves_no_file_behind(htt
     answer = post(http, PURPOSE + FILE + END)
     assert answer.status_code == 507 and answer.json()["error"]["code"] == "insufficient_storage", answer.text
     assert list((tmp_path / "files").iterdir()) == []
+
+
+def test_the_content_of_a_file_whose_bytes_go_after_its_row_was_read_is_a_404_naming_it(http, tmp_path, monkeypatch):
+    """The file's bytes gone between the content route's look-up of its row and its reading (a deletion racing the
+    download): the answer is the 404 for a file the caller has none of, not a 500."""
+    looked_up = Store.get_file
+
+    def then_deleted(store, owner, file_id):  # the deletion's unlink lands just after the look-up
+        row = looked_up(store, owner, file_id)
+        (tmp_path / "files" / f"{file_id}.jsonl").unlink()
+        return row
+
+    file_id = post(http, PURPOSE + FILE + END).json()["id"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert http.get(f"/v1/files/{file_id}/content", headers=headers).content == ROW
+    monkeypatch.setattr(Store, "get_file", then_deleted)
+    error = refusal(http.get(f"/v1/files/{file_id}/content", headers=headers), 404)
+    assert error == {
+        "message": f"No such File object: {file_id}",
+        "type": "invalid_request_error",
+        "param": "file_id",
+        "code": "file_not_found",
+    }

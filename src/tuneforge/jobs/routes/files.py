@@ -155,7 +155,12 @@ def get_file(file_id: str, owner: str = Depends(caller), service: Service = Depe
 @router.get("/{file_id}/content")
 def file_content(file_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     row = own_file(service, owner, file_id)
-    return FileResponse(service.storage.path(row), media_type="application/octet-stream", filename=row.filename)
+    path = service.storage.path(row)
+    try:
+        found = path.stat()
+    except FileNotFoundError:  # deleted after its row was read
+        raise no_such_file(row.id) from None
+    return FileResponse(path, media_type="application/octet-stream", filename=row.filename, stat_result=found)
 
 
 @router.delete("/{file_id}")
