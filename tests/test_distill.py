@@ -3,6 +3,7 @@
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -758,6 +759,18 @@ def test_distill_generate_refuses_an_output_of_answers_it_did_not_write(tiny_mod
     with pytest.raises(TuneforgeError, match="or their record was removed") as lost:
         generate_teacher_data(str(tiny_model_dir), labelled, answers, max_new_tokens=4, progress=False)
     assert lost.value.code == "output_mismatch"
+
+
+def test_distill_generate_counts_one_answer_of_a_foreign_output_in_the_singular(tiny_model_dir, tmp_path):
+    from tuneforge.distill import generate_teacher_data
+
+    labelled, out = tmp_path / "labelled.jsonl", tmp_path / "copy.jsonl"
+    row = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    labelled.write_text(json.dumps(row) + "\n")
+    shutil.copy(labelled, out)
+    with pytest.raises(TuneforgeError, match=f"^{re.escape(str(out))} holds 1 answer but no ") as foreign:
+        generate_teacher_data(str(tiny_model_dir), labelled, out, max_new_tokens=4, progress=False)
+    assert foreign.value.code == "output_mismatch"
 
 
 @pytest.mark.parametrize("record", ["{cut", "", "[]", '{"max_new_tokens": 4}'])

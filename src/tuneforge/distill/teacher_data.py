@@ -253,7 +253,7 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
         **(sampling or {"samples": None}),
     }
     record = out.with_name(out.name + ".teacher.json")
-    answers = f"the sampled answers to {counted(done, 'prompt')}" if sampling else f"{done} answers"
+    answers = f"the sampled answers to {counted(done, 'prompt')}" if sampling else counted(done, "answer")
     if done and not record.is_file():
         # The record is written before the first answer: rows without one are another file's answers to the prompts,
         # or answers whose record was removed since; which teacher wrote them is unknown either way.
