@@ -605,6 +605,19 @@ def test_a_mount_point_is_no_output_folder(adapter_dir, tmp_path, monkeypatch, c
     assert list(volume.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["volume"]
 
 
+@pytest.mark.parametrize("links", [["loop"], ["loop", "back"]], ids=["on itself", "through another"])
+def test_a_symbolic_link_that_loops_is_no_output_folder(adapter_dir, tmp_path, monkeypatch, capsys, links):
+    """An --out that is a symbolic link leading back to itself is refused naming it, before any weights load, not
+    with Path.resolve's traceback."""
+    for link, target in zip(links, [*links[1:], links[0]]):
+        (tmp_path / link).symlink_to(target)
+    out = tmp_path / "loop"
+    assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", out) == 2
+    message = capsys.readouterr().err
+    assert f"--out {out} is a symbolic link that leads back to itself" in message and "Traceback" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(links)
+
+
 def test_the_output_folder_may_not_hold_the_source(run_dir):
     with pytest.raises(TuneforgeError, match="holds the model being exported"):
         export(run_dir, "adapter", None, run_dir, overwrite=True, progress=False)

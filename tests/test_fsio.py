@@ -36,6 +36,14 @@ def test_a_folder_given_as_a_symbolic_link_is_written_where_the_link_points(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "exports"]  # no link left renamed away
 
 
+def test_a_folder_given_as_a_symbolic_link_that_loops_is_refused_naming_it(tmp_path):
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(OSError) as refused, atomic_dir(tmp_path / "loop"):
+        pass
+    assert (refused.value.errno, refused.value.filename) == (errno.ELOOP, str(tmp_path / "loop"))
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
 def test_a_swapped_out_leftover_beside_its_folder_is_removed(tmp_path):
     (tmp_path / "step-4").mkdir()
     (tmp_path / ".old-step-4-12345").mkdir()

@@ -251,6 +251,18 @@ def is_mount_point(path: str | os.PathLike) -> bool:
     return os.path.ismount(path) or str(path.resolve()) in mounted
 
 
+def resolved(path: Path) -> Path:
+    """`path` with its symbolic links followed (`Path.resolve`); one that leads back to itself, directly or through
+    other links, is the OSError ELOOP naming `path`, where `Path.resolve` raises a bare RuntimeError (Python 3.11
+    and 3.12) or returns the link itself (3.13 on)."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
+    return path.resolve()
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
@@ -261,7 +273,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     """
     final = Path(final)
     if final.is_symlink():
-        final = final.resolve()
+        final = resolved(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _recover_swapped_out(final)
     _remove_stale_siblings(final)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import re
 import tempfile
 from collections.abc import Iterable
@@ -40,7 +41,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..errors import TuneforgeError
-from ..fsio import atomic_dir, is_mount_point, scratch_dir, write_json
+from ..fsio import atomic_dir, is_mount_point, resolved, scratch_dir, write_json
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve, run_config_of
 from ..models.loading import is_sequence_classifier, trained_rope_scaling
 from ..models.saving import PROCESSOR_FILES
@@ -266,7 +267,17 @@ def _stored_dtype(source: ModelSource) -> str | None:
 
 def _check_out(out: Path, overwrite: bool) -> None:
     here = Path.cwd()
-    if out.resolve() in (here, *here.parents):
+    try:
+        target = resolved(out)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise TuneforgeError(
+            f"--out {out} is a symbolic link that leads back to itself (directly or through other links), so it "
+            "names no folder. Remove the link or point it at a folder, or give another --out.",
+            code="out_exists",
+        ) from None
+    if target in (here, *here.parents):
         raise TuneforgeError(
             f"--out {out} is the folder you are working in, or holds it: an export is written beside its --out "
             f"folder and renamed to it whole. Give a folder of its own, e.g. --out {out / 'export'}.",
