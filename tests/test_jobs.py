@@ -1373,6 +1373,15 @@ def test_a_job_held_while_its_files_are_validated_stays_held_when_another_host_l
         here.stop()
 
 
+def _beat_until(workers, done: threading.Event) -> None:
+    """`workers`' heartbeat, beating on its own thread until `done` is set, then stopped."""
+    beating = threading.Thread(target=workers._beat)
+    beating.start()
+    assert done.wait(10), "the heartbeat stopped beating"
+    workers._stopping.set()
+    beating.join()
+
+
 def test_a_heartbeat_the_full_store_refuses_is_logged_once_naming_the_path(tmp_path, monkeypatch, caplog):
     """A store whose disk is full refuses every beat: the log has one line naming the store's file and what to do
     (no traceback), not one each beat; once the store has taken a beat, the same refusal is told again."""
@@ -1396,12 +1405,7 @@ def test_a_heartbeat_the_full_store_refuses_is_logged_once_naming_the_path(tmp_p
 
     monkeypatch.setattr(worker, "HEARTBEAT_EVERY_S", 0.01)
     monkeypatch.setattr(Store, "beat", beat)
-    here = worker.Workers(Store(f"sqlite:///{database}"), FileStorage(tmp_path), tmp_path, 0)
-    beating = threading.Thread(target=here._beat)
-    beating.start()
-    assert done.wait(10), "the heartbeat stopped beating"
-    here._stopping.set()
-    beating.join()
+    _beat_until(worker.Workers(Store(f"sqlite:///{database}"), FileStorage(tmp_path), tmp_path, 0), done)
     told = [r for r in caplog.records if r.name == "tuneforge.jobs"]
     line = f"job heartbeat of {worker.process_worker_id()}: {database}: No space left on device. "
     assert [r.getMessage() for r in told] == [line + REFUSED_WRITE_ADVICE[errno.ENOSPC]] * 2
@@ -1429,11 +1433,7 @@ def test_a_heartbeat_the_database_refuses_is_logged_once_though_its_parameters_c
     monkeypatch.setattr(worker, "HEARTBEAT_EVERY_S", 0.01)
     monkeypatch.setattr(read_only, "beat", beat)
     here.store = read_only
-    beating = threading.Thread(target=here._beat)
-    beating.start()
-    assert done.wait(10), "the heartbeat stopped beating"
-    here._stopping.set()
-    beating.join()
+    _beat_until(here, done)
     told = [r for r in caplog.records if r.name == "tuneforge.jobs"]
     assert [r.getMessage() for r in told] == [f"job heartbeat of {worker.process_worker_id()}"]
     assert "attempt to write a readonly database" in str(told[0].exc_info[1])
