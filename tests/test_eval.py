@@ -868,7 +868,8 @@ def test_the_python_evaluations_refuse_a_count_below_its_least_naming_it(
 
 
 def test_a_numpy_count_is_taken_as_the_whole_number_it_is(tiny_model_dir, tmp_path):
-    """A count computed with NumPy (np.int64) is a whole number, as generation's Sampling takes it: not refused."""
+    """A count computed with NumPy (np.int64) is a whole number, as generation's Sampling takes it: not refused, and
+    the result holds it as the JSON number it is (`tuneforge eval --json` prints the result with json.dumps)."""
     import numpy as np
 
     from tuneforge.eval.choices import evaluate_choices
@@ -877,4 +878,11 @@ def test_a_numpy_count_is_taken_as_the_whole_number_it_is(tiny_model_dir, tmp_pa
     quiz.write_text(
         "".join(json.dumps({"question": f"{n}+2?", "choices": ["4", "5"], "answer": 0}) + "\n" for n in range(3))
     )
-    assert evaluate_choices(str(tiny_model_dir), quiz, limit=np.int64(2), progress=False)["n"] == 2
+    scored = evaluate_choices(str(tiny_model_dir), quiz, limit=np.int64(2), num_fewshot=np.int64(1), progress=False)
+    assert scored["n"] == 2 and json.loads(json.dumps(scored))["num_fewshot"] == 1
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]})
+    )
+    answered = evaluate(str(tiny_model_dir), chat, max_new_tokens=np.int64(2), progress=False)
+    assert json.loads(json.dumps(answered))["generation"]["max_new_tokens"] == 2

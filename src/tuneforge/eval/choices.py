@@ -633,7 +633,8 @@ def evaluate_choices(
     with library_bars(progress):
         loaded = load_text_model(source, "eval")
     result = score_rows(loaded, tokenizer, rows, encoded, batch_size=batch_size, progress=progress)
-    return {"model": source.name, "spec": str(model), "data": str(data), "num_fewshot": num_fewshot, **result}
+    # A NumPy count as the JSON number it is; None, left out, as none.
+    return {"model": source.name, "spec": str(model), "data": str(data), "num_fewshot": int(num_fewshot or 0), **result}
 
 
 def paired_difference(base: dict, tuned: dict) -> dict:

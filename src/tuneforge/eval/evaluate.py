@@ -551,8 +551,8 @@ def evaluate_loaded(
         "scores": scorer.score(predictions, references) if scorer else None,
         **({"left_out": left_out(len(missing), len(examples))} if missing else {}),
         **({"grader": grader_scores(grader, grades)} if grades else {}),
-        # How the scored answers were written: a score means little without it.
-        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens},
+        # How the scored answers were written: a score means little without it (a NumPy count as the JSON number).
+        "generation": {"decoding": "greedy", "max_new_tokens": int(max_new_tokens)},
         "usage": {
             "prompt_tokens": sum(a.prompt_tokens for a in answers),
             "completion_tokens": sum(a.completion_tokens for a in answers),
