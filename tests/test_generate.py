@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from tiny import train_to_say
@@ -136,10 +137,12 @@ def test_a_repeated_prompt_runs_once_and_its_rows_sample_apart(base):
 
 
 def test_sampling_is_repeatable_with_a_seed(base):
+    """The same seed samples the same completion, given as an int or as a NumPy integer (one stream for all)."""
     model, tokenizer = base
     options = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
     first = generate(model, tokenizer, [QUESTION], **options)
     assert generate(model, tokenizer, [QUESTION], **options) == first
+    assert generate(model, tokenizer, [QUESTION], **{**options, "seed": np.int64(7)}) == first
     greedy = generate(model, tokenizer, [QUESTION], max_new_tokens=16)
     samples = {generate(model, tokenizer, [QUESTION], **{**options, "seed": s})[0].text for s in range(5)}
     assert samples != {greedy[0].text}

@@ -362,7 +362,7 @@ def generate(
     """
     if max_new_tokens < 1:  # a completion of nothing: `Batch` takes 0 only to score prompts
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    seeds = None if seed is None or isinstance(seed, int) else list(seed)
+    seeds = None if seed is None or isinstance(seed, Integral) else list(seed)
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed a prompt")
     if images is not None and len(images) != len(prompts):
