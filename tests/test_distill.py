@@ -1093,6 +1093,26 @@ def test_best_of_n_pairs_leave_ties_and_cut_answers_out_and_train_dpo(stopping_m
     assert math.isfinite(train(cfg, progress=False).metrics["train_loss"])
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "best-of-N"])
+def test_distill_generate_continues_with_numpy_counts_as_with_ints(sampled, stopping_model_dir, tmp_path):
+    """Counts computed with NumPy (np.int64) are recorded as the numbers they are: the file continues with the same
+    counts, as NumPy integers or ints, not refused as written with other settings ("max_new_tokens 6 where ... 6")."""
+    import numpy as np
+
+    from tuneforge.distill import generate_teacher_data
+
+    prompts, grader = best_of_n_prompts(tmp_path)
+    given = {"samples": np.int64(2), "seed": np.int64(3), "grader": grader} if sampled else {}
+    out = tmp_path / "answers.jsonl"
+    model = str(stopping_model_dir)
+    generate_teacher_data(model, prompts, out, max_new_tokens=np.int64(6), limit=2, progress=False, **given)
+    record = json.loads(out.with_name(out.name + ".teacher.json").read_text())
+    assert record["max_new_tokens"] == 6 and record["samples"] == (2 if sampled else None)
+    as_ints = {key: int(value) if isinstance(value, np.integer) else value for key, value in given.items()}
+    continued = generate_teacher_data(model, prompts, out, max_new_tokens=6, progress=False, **as_ints)
+    assert (continued.resumed_from, continued.written) == (2, 5)
+
+
 @pytest.mark.parametrize(
     "edit",
     [

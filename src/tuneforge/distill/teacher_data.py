@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -252,6 +253,8 @@ def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, 
         "files": hashlib.sha256(json.dumps(teacher_files(teacher)).encode()).hexdigest(),
         **(sampling or {"samples": None}),
     }
+    # A NumPy count as the JSON number the record holds and is compared with.
+    wanted = {key: int(value) if isinstance(value, numbers.Integral) else value for key, value in wanted.items()}
     record = out.with_name(out.name + ".teacher.json")
     answers = f"the sampled answers to {counted(done, 'prompt')}" if sampling else counted(done, "answer")
     if done and not record.is_file():
