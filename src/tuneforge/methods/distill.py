@@ -274,7 +274,7 @@ class TeacherTopK:
         return torch.cat([ids for ids, _ in found]).long(), torch.cat([values for _, values in found])
 
     @classmethod
-    def load_or_compute(cls, teacher, teacher_name, k, vocab, batches, device, progress, log=print) -> TeacherTopK:
+    def load_or_compute(cls, teacher, teacher_name, k, vocab, batches, device, progress, log) -> TeacherTopK:
         """From `tuneforge_home()/teacher-cache/<key>.safetensors`, keyed by the teacher's files, k, the
         columns compared (`vocab`), the dtype it runs in and every row's key; else computed batch by
         batch and written there (atomically) for the next run on the same rows: another seed, or
