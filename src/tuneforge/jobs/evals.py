@@ -555,9 +555,8 @@ class EvalRunner:
             return
         except Exception as err:  # noqa: BLE001 - one run's unforeseen failure fails that run alone
             if refused_write(err):  # the server's full disk, as a job's is told
-                told = no_room(err, "run")
-                log.error("eval run %s: %s", run.id, told.pop("log"))
-                error = told
+                error = no_room(err, "run")
+                log.error("eval run %s: %s", run.id, error.pop("log"))
             else:
                 error_id = failure_id()
                 log.error("eval run %s failed (error id %s)", run.id, error_id, exc_info=err)
