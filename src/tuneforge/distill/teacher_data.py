@@ -238,9 +238,9 @@ def rows_already_written(
 def check_same_teacher(out: Path, teacher: str, max_new_tokens: int, done: int, sampling: dict | None = None) -> None:
     """Rows added to `out` come from the teacher and answer length that wrote the rows already there, as
     `out`'s record beside it says (written before the first row; rows without one are refused, as another file's):
-    a file continued by another teacher,
-    or by the same one retrained in place, would mix two teachers' answers. `sampling` (best-of-N: samples,
-    temperature, seed, grader, keep) must match too; greedy answers record samples as None."""
+    a file continued by another teacher, or by the same one retrained in place, would mix two teachers' answers.
+    `sampling` (best-of-N: samples, temperature, seed, grader, keep) must match too; greedy answers record samples
+    as None."""
     from ..fsio import write_json
     from ..methods.distill import teacher_files
     from ..models import resolve_at
