@@ -808,15 +808,13 @@ def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
 def adapter_weight_shapes(adapter: Path) -> dict[str, list[int]]:
     """The shape of each weight the adapter in `adapter` saves, by its saved name; its weights file refused naming
     it where it cannot be read (cut short, its header damaged)."""
-    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
     from safetensors import safe_open
 
-    path = adapter / SAFETENSORS_WEIGHTS_NAME
+    path = _adapter_weights_file(adapter)
     try:
-        if path.is_file():
+        if path.suffix == ".safetensors":
             with safe_open(path, "pt") as weights:
                 return {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
-        path = adapter / WEIGHTS_NAME
         return {key: list(tensor.shape) for key, tensor in torch.load(path, map_location="meta").items()}
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
         raise ModelSourceError(
@@ -847,17 +845,19 @@ def refuse_damaged_adapter(adapter: Path, config, peft_config=None, *, classifie
     for key, shape in saved.items():
         if key in made and list(made[key].shape) != shape:
             raise ModelSourceError(
-                f"{adapter / _adapter_weights_name(adapter)}: {key} has shape {shape}, where adapter_config.json "
+                f"{_adapter_weights_file(adapter)}: {key} has shape {shape}, where adapter_config.json "
                 f"makes it {list(made[key].shape)} on its base. The weights file is damaged or of another adapter, or "
                 f"adapter_config.json was edited. {_ADAPTER_AGAIN}",
                 code="model_load_failed",
             )
 
 
-def _adapter_weights_name(adapter: Path) -> str:
+def _adapter_weights_file(adapter: Path) -> Path:
+    """The file the adapter in `adapter` keeps its weights in: adapter_model.safetensors, else PyTorch's pickle."""
     from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-    return SAFETENSORS_WEIGHTS_NAME if (adapter / SAFETENSORS_WEIGHTS_NAME).is_file() else WEIGHTS_NAME
+    safetensors_file = adapter / SAFETENSORS_WEIGHTS_NAME
+    return safetensors_file if safetensors_file.is_file() else adapter / WEIGHTS_NAME
 
 
 def adapter_token_rows(adapter: Path) -> int | None:
