@@ -1349,7 +1349,7 @@ def test_a_refused_load_shows_tuneforge_s_message_alone_and_a_kept_one_shows_tra
     assert "LOAD REPORT" in report and re.search(r"model.extra.weight +\| UNEXPECTED", report)
 
 
-@pytest.mark.parametrize("damage", ["cut short", "a weight reshaped"])
+@pytest.mark.parametrize("damage", ["cut short", "a Git LFS pointer", "a weight reshaped"])
 def test_an_adapter_whose_weights_are_damaged_is_refused_before_serving_or_loading_naming_the_file(
     tiny_adapter, tmp_path, damage
 ):
@@ -1362,6 +1362,11 @@ def test_an_adapter_whose_weights_are_damaged_is_refused_before_serving_or_loadi
     if damage == "cut short":
         weights_file.write_bytes(weights_file.read_bytes()[:2000])
         said = r"adapter_model.safetensors cannot be read \(.*\); a copy cut short looks like this"
+    elif damage == "a Git LFS pointer":  # a clone without git lfs: neither a zip file nor a pickle
+        weights_file.unlink()
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\n"
+        (adapter / "adapter_model.bin").write_text(pointer)
+        said = r"adapter_model.bin cannot be read \(.*\); a copy cut short looks like this"
     else:
         weights = load_file(weights_file)
         name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

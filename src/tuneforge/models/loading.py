@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import logging.handlers
+import pickle
 import re
 import threading
 import warnings
@@ -816,7 +817,7 @@ def adapter_weight_shapes(adapter: Path) -> dict[str, list[int]]:
             with safe_open(path, "pt") as weights:
                 return {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
         return {key: list(tensor.shape) for key, tensor in torch.load(path, map_location="meta").items()}
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ModelSourceError(
             f"{path} cannot be read ({' '.join(str(err).split())}); a copy cut short looks like this. {_ADAPTER_AGAIN}",
             code="model_load_failed",
