@@ -818,8 +818,10 @@ def adapter_weight_shapes(adapter: Path) -> dict[str, list[int]]:
                 return {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
         return {key: list(tensor.shape) for key, tensor in torch.load(path, map_location="meta").items()}
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        # torch's own words for a file that is no pickle advise weights_only=False, which loads nothing here either.
+        why = "it is no PyTorch file" if isinstance(err, pickle.UnpicklingError) else " ".join(str(err).split())
         raise ModelSourceError(
-            f"{path} cannot be read ({' '.join(str(err).split())}); a copy cut short looks like this. {_ADAPTER_AGAIN}",
+            f"{path} cannot be read ({why}); a copy cut short looks like this. {_ADAPTER_AGAIN}",
             code="model_load_failed",
         ) from None
 
