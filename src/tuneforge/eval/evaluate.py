@@ -618,6 +618,7 @@ def evaluate(
     examples, grader = _checked_inputs(data, limit, metric, grader)
     return _evaluate_examples(
         model,
+        *_model_for(model, examples),
         data,
         examples,
         metric=metric,
@@ -653,14 +654,21 @@ def _checked_inputs(data, limit, metric, grader) -> tuple[list[EvalExample], Gra
     return examples, None if grader is None else check_grader(grader, examples)
 
 
-def _evaluate_examples(
-    model: str, data, examples, *, metric, max_new_tokens, batch_size, train_on, progress, grader
-) -> dict:
-    """`evaluate` on `examples` read from `data`, their metric and `grader` (a `Grader` or None) checked."""
+def _model_for(model: str, examples: Sequence[EvalExample]) -> tuple:
+    """`model`'s source and tokenizer, before its weights load: rows it cannot read (images for a text model, tools
+    for a template without them) are refused now."""
     source = resolve(model)
-    train_on = train_on or trained_replies(source)
     tokenizer = load_tokenizer(source)
     refuse_unread(examples, tokenizer, source.name)
+    return source, tokenizer
+
+
+def _evaluate_examples(
+    model: str, source, tokenizer, data, examples, *, metric, max_new_tokens, batch_size, train_on, progress, grader
+) -> dict:
+    """`evaluate` on `examples` read from `data`, their metric and `grader` (a `Grader` or None) checked, with
+    `model`'s `source` and `tokenizer` (`_model_for`)."""
+    train_on = train_on or trained_replies(source)
     with library_bars(progress):
         loaded = load_text_model(source, "eval")
     result = evaluate_loaded(
@@ -781,15 +789,13 @@ def compare(
         return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
     # The data is read, and the metric and a grader loaded and checked, once for both models.
     examples, grader = _checked_inputs(data, limit, metric, grader)
+    # Rows either model cannot read, or that pass its context, fail before either loads, not after the tuned model
+    # has answered every row.
+    tuned, untuned = _model_for(model, examples), _model_for(base, examples)
     # Both losses count the replies the tuned model's run trained on.
-    train_on = train_on or trained_replies(resolve(model))
-    # Image rows for a text model, tool rows for a template without tools, and rows past a model's context fail
-    # before either model loads, not after the tuned model has answered every row.
-    for spec in (model, base):
-        source = resolve(spec)
-        tokenizer = load_tokenizer(source)
-        refuse_unread(examples, tokenizer, source.name)
-        if not without_reference(examples):  # rows without one have no loss, and no rendered length to check
+    train_on = train_on or trained_replies(tuned[0])
+    if not without_reference(examples):  # rows without one have no loss, and no rendered length to check
+        for source, tokenizer in (tuned, untuned):
             render_within_window(examples, tokenizer, source_context_length(source), train_on)
     options = {
         "metric": metric,
@@ -799,6 +805,6 @@ def compare(
         "progress": progress,
         "grader": grader,
     }
-    tuned_result = _evaluate_examples(model, data, examples, **options)
-    base_result = _evaluate_examples(base, data, examples, **options)
+    tuned_result = _evaluate_examples(model, *tuned, data, examples, **options)
+    base_result = _evaluate_examples(base, *untuned, data, examples, **options)
     return {"base": base_result, "tuned": tuned_result, "samples": side_by_side(base_result, tuned_result)}
