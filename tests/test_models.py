@@ -1322,6 +1322,17 @@ def test_a_generation_config_with_pad_token_id_minus_one_loads(tiny_model_dir, t
     assert load_model(str(folder)).generation_config.pad_token_id == -1
 
 
+def test_a_generation_config_with_lists_of_ids_transformers_takes_loads(tiny_model_dir, tmp_path):
+    """transformers takes a list of ids for bos_token_id and decoder_start_token_id as for eos_token_id."""
+    folder = tmp_path / "gen"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text(
+        '{"bos_token_id": [1, 3], "eos_token_id": [2, 4], "decoder_start_token_id": [1]}'
+    )
+    assert model_info(str(folder))
+    assert load_model(str(folder)).generation_config.bos_token_id == [1, 3]
+
+
 def test_a_refused_load_shows_tuneforge_s_message_alone_and_a_kept_one_shows_transformers_report(
     tiny_model_dir, tmp_path
 ):

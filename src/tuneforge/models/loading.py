@@ -111,6 +111,8 @@ def model_config(folder: Path):
 # The token ids of a generation config, which transformers takes unchecked (a token's text given for its id);
 # a negative id is taken: -1 is the pad_token_id (none) of Llama folders transformers 4.28 saved.
 _GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+# Those transformers also takes as a list of ids (all but pad_token_id).
+_LISTED_GENERATION_IDS = ("bos_token_id", "eos_token_id", "decoder_start_token_id")
 
 
 def _refuse_broken_generation_config(folder: Path) -> None:
@@ -127,9 +129,10 @@ def _refuse_broken_generation_config(folder: Path) -> None:
     fields = json.loads(path.read_text(encoding="utf-8"))
     for key in _GENERATION_IDS:
         value = fields.get(key)
-        ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+        takes_list = key in _LISTED_GENERATION_IDS
+        ids = value if takes_list and isinstance(value, list) else [value]
         if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            listed = " or a list of them" if key == "eos_token_id" else ""
+            listed = " or a list of them" if takes_list else ""
             raise _generation_config_refused(path, f"{key} is {json.dumps(value)}, not a token id{listed}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers warns of odd settings again as it loads the model
