@@ -36,6 +36,17 @@ def test_a_folder_given_as_a_symbolic_link_is_written_where_the_link_points(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "exports"]  # no link left renamed away
 
 
+def test_a_file_given_as_a_symbolic_link_is_written_where_the_link_points(tmp_path):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "report.json").write_text("earlier")
+    (tmp_path / "report.json").symlink_to(tmp_path / "disk" / "report.json")
+    with atomic_file(tmp_path / "report.json") as f:
+        f.write("written")
+    assert (tmp_path / "report.json").is_symlink()
+    assert (tmp_path / "disk" / "report.json").read_text() == "written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "report.json"]
+
+
 def test_a_folder_given_as_a_symbolic_link_that_loops_is_refused_naming_it(tmp_path):
     (tmp_path / "loop").symlink_to("loop")
     with pytest.raises(OSError) as refused, atomic_dir(tmp_path / "loop"):

@@ -263,6 +263,13 @@ def resolved(path: Path) -> Path:
     return path.resolve()
 
 
+def _followed(final: str | os.PathLike) -> Path:
+    """Where a write of `final` goes: `final`, or where it points where it is a symbolic link (a rename over the
+    link would replace it rather than write where it points)."""
+    final = Path(final)
+    return resolved(final) if final.is_symlink() else final
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
@@ -271,9 +278,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     folder that looks complete. With `replace`, an existing `final` is swapped out. A `final` that is a
     symbolic link is written where it points (a folder on another disk), the link left as it is.
     """
-    final = Path(final)
-    if final.is_symlink():
-        final = resolved(final)
+    final = _followed(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _recover_swapped_out(final)
     _remove_stale_siblings(final)
@@ -306,8 +311,9 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
 def atomic_file(final: str | os.PathLike, mode: str = "w", *, durable: bool = True) -> Iterator:
     """Open a temporary file beside `final` for writing; rename it over `final` on success. `durable`: synced to
     disk before and after the rename, so it survives the machine's crash too; without, a killed process still
-    leaves the old file or the new one whole (what a file rewritten every training step needs)."""
-    final = Path(final)
+    leaves the old file or the new one whole (what a file rewritten every training step needs). A `final` that is a
+    symbolic link is written where it points, the link left as it is."""
+    final = _followed(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(final)
 
