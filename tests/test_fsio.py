@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,36 @@ def test_a_folder_swapped_out_by_a_killed_replace_is_put_back(tmp_path):
         raise RuntimeError("killed again")
     assert (tmp_path / "step-4" / "weights").read_text() == "earlier"
     assert sorted(os.listdir(tmp_path)) == ["step-4"]
+
+
+# A replace killed midway through deleting the earlier folder it swapped out: one of its files is gone, one left.
+_KILLED_DELETER = """
+import os, shutil, signal, sys
+from pathlib import Path
+from tuneforge.fsio import atomic_dir
+final = Path(sys.argv[1]) / "step-4"
+with atomic_dir(final) as tmp:
+    (tmp / "config.json").write_text("earlier")
+    (tmp / "model.safetensors").write_text("earlier")
+def killed_midway(path, *args, **kwargs):
+    if (Path(path) / "model.safetensors").exists():
+        os.unlink(Path(path) / "model.safetensors")
+        os.kill(os.getpid(), signal.SIGKILL)
+shutil.rmtree = killed_midway
+with atomic_dir(final, replace=True) as tmp:
+    (tmp / "config.json").write_text("new")
+"""
+
+
+def test_a_folder_whose_deletion_was_killed_midway_is_never_put_back(tmp_path):
+    # Killed while deleting the earlier step-4 it swapped out, then step-4 removed: the half-deleted one is not put
+    # back as if whole, and the next write of the name removes it.
+    subprocess.run([sys.executable, "-c", _KILLED_DELETER, str(tmp_path)], check=False)
+    assert len(os.listdir(tmp_path)) == 2
+    shutil.rmtree(tmp_path / "step-4")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "step-4", replace=True):
+        raise RuntimeError("stopped")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_folder_given_as_a_symbolic_link_is_written_where_the_link_points(tmp_path):

@@ -477,8 +477,8 @@ def test_a_folder_of_a_gguf_export_points_at_its_gguf_file(tmp_path):
 
 def test_a_model_folder_still_being_written_is_none_of_the_folders_models(tmp_path):
     """A run's final/ or a checkpoint while it is written (`atomic_dir`'s .tmp-NAME-..., the earlier one swapped out
-    as .old-NAME-...) is not taken for the model the folder holds: the run is no model yet, and its checkpoints
-    folder holds the one complete checkpoint."""
+    as .old-NAME-... and deleted as .del-NAME-...) is not taken for the model the folder holds: the run is no model
+    yet, and its checkpoints folder holds the one complete checkpoint."""
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
     for folder in (
@@ -486,6 +486,7 @@ def test_a_model_folder_still_being_written_is_none_of_the_folders_models(tmp_pa
         checkpoints / "step-2",
         checkpoints / ".tmp-step-4-abcd1234",
         checkpoints / ".old-step-2-4321",
+        checkpoints / ".del-step-2-4321-abcd1234",
     ):
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")

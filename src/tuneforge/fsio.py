@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -22,6 +23,9 @@ TEMPORARY_PREFIX = ".tmp-"
 """What the temporary sibling of `NAME` is called: `.tmp-NAME-<random>`."""
 SWAPPED_OUT_PREFIX = ".old-"
 """What an earlier `NAME` is called while `atomic_dir(NAME, replace=True)` swaps the new one in."""
+BEING_DELETED_PREFIX = ".del-"
+"""What a swapped-out `.old-NAME-...` is renamed to before it is deleted: `.del-NAME-...-<random>`. One that a process
+killed while deleting it left, half-deleted, is never put back as `NAME`, only removed."""
 
 
 def temporary_siblings(final: str | os.PathLike) -> list[Path]:
@@ -195,15 +199,20 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
 def _recover_swapped_out(final: Path) -> None:
     """A write killed between its two renames left the earlier `final` swapped out and none in its
     place: that folder is put back (a checkpoint would otherwise drop out of sight); beside a
-    `final` that exists, it is a leftover, removed."""
+    `final` that exists, it is a leftover, removed. What a deletion killed midway left is removed."""
     # `_swap_in` names it by its writer's process and thread, `PID.TID` (a lone PID: as earlier releases named it); a
     # hyphen would make another folder's (`NAME-1`, swapped out by PID) look like this one's.
-    pattern = re.compile(re.escape(f"{SWAPPED_OUT_PREFIX}{final.name}-") + r"\d+(\.\d+)?")
+    writer = re.escape(f"{final.name}-") + r"\d+(\.\d+)?"
+    being_deleted = re.compile(re.escape(BEING_DELETED_PREFIX) + writer + r"-[0-9a-f]{8}")
+    for left in final.parent.glob(f"{BEING_DELETED_PREFIX}*"):
+        if being_deleted.fullmatch(left.name):
+            shutil.rmtree(left, ignore_errors=True)
+    pattern = re.compile(re.escape(SWAPPED_OUT_PREFIX) + writer)
     for old in final.parent.glob(f"{SWAPPED_OUT_PREFIX}*"):
         if not pattern.fullmatch(old.name):
             continue
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            _delete_swapped_out(old)
             continue
         try:
             os.replace(old, final)
@@ -212,7 +221,19 @@ def _recover_swapped_out(final: Path) -> None:
         except OSError as error:  # another writer's folder went into `final` first: this one is a leftover
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            _delete_swapped_out(old)
+
+
+def _delete_swapped_out(old: Path) -> None:
+    """Delete the swapped-out folder `old`, renamed out of `_recover_swapped_out`'s sight first: a deletion killed
+    midway leaves a `BEING_DELETED_PREFIX` folder, which the next write of the name removes, never a swapped-out one
+    that would be put back as if whole."""
+    doomed = old.with_name(f"{BEING_DELETED_PREFIX}{old.name.removeprefix(SWAPPED_OUT_PREFIX)}-{secrets.token_hex(4)}")
+    try:
+        os.rename(old, doomed)
+    except FileNotFoundError:  # none swapped out, or another writer put it back or deletes it
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 _SWAP_TRIES = 8
@@ -226,7 +247,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
     # Named by process and thread: two threads of one process writing `final` at once each swap out their own.
     old = final.with_name(f"{SWAPPED_OUT_PREFIX}{final.name}-{os.getpid()}.{threading.get_native_id()}")
     for tries_left in range(_SWAP_TRIES - 1, -1, -1):
-        shutil.rmtree(old, ignore_errors=True)  # what a try before this one swapped out
+        _delete_swapped_out(old)  # what a try before this one swapped out
         with contextlib.suppress(FileNotFoundError):  # another writer swapped it out first
             os.replace(final, old)
         try:
@@ -235,7 +256,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not tries_left:
                 raise
             continue  # another writer's folder went in between the renames
-        shutil.rmtree(old, ignore_errors=True)
+        _delete_swapped_out(old)
         return
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from ..errors import ConfigError, ModelSourceError, json_kind
-from ..fsio import SWAPPED_OUT_PREFIX, TEMPORARY_PREFIX
+from ..fsio import BEING_DELETED_PREFIX, SWAPPED_OUT_PREFIX, TEMPORARY_PREFIX
 from .convert import cached_registry_folder, convert_local_gguf, pull, text_ggufs, unknown_registry_name
 from .registry import REGISTRY
 
@@ -175,14 +175,14 @@ def _folder_name(folder: Path) -> str:
 
 def _model_inside(folder: Path) -> Path:
     """The model or adapter a run or checkpoint folder holds: `final/`, else its only model subfolder. One still
-    being written (`atomic_dir`'s temporary folder, or the earlier one it swaps out) is none."""
+    being written (`atomic_dir`'s temporary folder, or the earlier one it swaps out and deletes) is none."""
     if (folder / "final").is_dir():
         return folder / "final"
     candidates = sorted(
         child
         for child in folder.iterdir()
         if child.is_dir()
-        and not child.name.startswith((TEMPORARY_PREFIX, SWAPPED_OUT_PREFIX))
+        and not child.name.startswith((TEMPORARY_PREFIX, SWAPPED_OUT_PREFIX, BEING_DELETED_PREFIX))
         and ((child / "config.json").is_file() or (child / "adapter_config.json").is_file())
     )
     if len(candidates) == 1:
