@@ -618,6 +618,15 @@ def test_a_symbolic_link_that_loops_is_no_output_folder(adapter_dir, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(links)
 
 
+def test_a_folder_above_the_output_folder_that_loops_is_named(adapter_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "loop").symlink_to("loop")
+    out = tmp_path / "loop" / "exports" / "adapter"
+    assert _cli(monkeypatch, adapter_dir, "--format", "adapter", "--out", out) == 2
+    message = capsys.readouterr().err
+    assert f"--out {out}: {tmp_path / 'loop'}, a folder above it, is a symbolic link that leads back" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
 def test_the_output_folder_may_not_hold_the_source(run_dir):
     with pytest.raises(TuneforgeError, match="holds the model being exported"):
         export(run_dir, "adapter", None, run_dir, overwrite=True, progress=False)

@@ -86,6 +86,15 @@ def test_a_folder_given_as_a_symbolic_link_that_loops_is_refused_naming_it(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["loop"]
 
 
+@pytest.mark.parametrize("write", [atomic_dir, atomic_file])
+def test_a_folder_above_that_loops_is_refused_naming_it(tmp_path, write):
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(OSError) as refused, write(tmp_path / "loop" / "out" / "report"):
+        pass
+    assert (refused.value.errno, refused.value.filename) == (errno.ELOOP, str(tmp_path / "loop"))
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
 def test_a_swapped_out_leftover_beside_its_folder_is_removed(tmp_path):
     (tmp_path / "step-4").mkdir()
     (tmp_path / ".old-step-4-12345").mkdir()

@@ -273,22 +273,30 @@ def is_mount_point(path: str | os.PathLike) -> bool:
 
 
 def resolved(path: Path) -> Path:
-    """`path` with its symbolic links followed (`Path.resolve`); one that leads back to itself, directly or through
-    other links, is the OSError ELOOP naming `path`, where `Path.resolve` raises a bare RuntimeError (Python 3.11
-    and 3.12) or returns the link itself (3.13 on)."""
+    """`path` with its symbolic links followed (`Path.resolve`); where it, or a folder above it, is a link that leads
+    back to itself, directly or through other links, the OSError ELOOP naming that link, where `Path.resolve` raises
+    a bare RuntimeError (Python 3.11 and 3.12) or returns the link itself (3.13 on)."""
+    if _loops(path):
+        looping = next(part for part in (*reversed(path.parents), path) if _loops(part))
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(looping))
+    return path.resolve()
+
+
+def _loops(path: Path) -> bool:
     try:
         os.stat(path)
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
-    return path.resolve()
+        return error.errno == errno.ELOOP
+    return False
 
 
 def _followed(final: str | os.PathLike) -> Path:
     """Where a write of `final` goes: `final`, or where it points where it is a symbolic link (a rename over the
-    link would replace it rather than write where it points)."""
+    link would replace it rather than write where it points). A link that loops, `final` or a folder above it, is
+    refused naming it."""
     final = Path(final)
-    return resolved(final) if final.is_symlink() else final
+    target = resolved(final)
+    return target if final.is_symlink() else final
 
 
 @contextlib.contextmanager

@@ -272,9 +272,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
     except OSError as error:
         if error.errno != errno.ELOOP:
             raise
+        looping = "" if error.filename == str(out) else f": {error.filename}, a folder above it,"
         raise TuneforgeError(
-            f"--out {out} is a symbolic link that leads back to itself (directly or through other links), so it "
-            "names no folder. Remove the link or point it at a folder, or give another --out.",
+            f"--out {out}{looping} is a symbolic link that leads back to itself (directly or through other links), "
+            "so it names no folder. Remove the link or point it at a folder, or give another --out.",
             code="out_exists",
         ) from None
     if target in (here, *here.parents):
