@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -205,6 +206,21 @@ def test_prepare_refuses_a_folder_that_is_not_empty_unless_forced(curated, tmp_p
     assert (out / "notes.txt").read_text() == "mine"
     code, _, _ = cli(["data", "prepare", str(config), "--out", str(out), "--force"], monkeypatch, capsys)
     assert code == 0 and not (out / "notes.txt").exists() and (out / "train.jsonl").is_file()
+
+
+def test_prepare_refuses_a_mount_point_naming_a_folder_inside_it(curated, tmp_path, monkeypatch, capsys):
+    """A container's volume as --out cannot be renamed away to swap the rows in: refused, nothing written."""
+    import psutil
+
+    config, _, _ = curated
+    out = tmp_path / "volume"
+    out.mkdir()
+    partitions = psutil.disk_partitions(all=True)
+    bound = SimpleNamespace(device="/srv/data", mountpoint=str(out), fstype="none", opts="rw,bind")
+    monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: [*partitions, bound])
+    code, _, err = cli(["data", "prepare", str(config), "--out", str(out), "--force"], monkeypatch, capsys)
+    assert code != 0 and f"{out}: a mount point" in " ".join(err.split()) and "Traceback" not in err
+    assert list(out.iterdir()) == [] and not list(tmp_path.glob(".tmp-volume-*"))
 
 
 def test_prepare_refuses_row_errors_under_strict_and_writes_nothing(curated, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,6 +94,22 @@ def test_a_folder_above_that_loops_is_refused_naming_it(tmp_path, write):
         pass
     assert (refused.value.errno, refused.value.filename) == (errno.ELOOP, str(tmp_path / "loop"))
     assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
+def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # `data prepare --out /out`, a container's volume bound from elsewhere on the same file system.
+    import psutil
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    partitions = psutil.disk_partitions(all=True)
+    bound = SimpleNamespace(device="/srv/data", mountpoint=str(volume), fstype="none", opts="rw,bind")
+    monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: [*partitions, bound])
+    with pytest.raises(OSError) as refused, atomic_dir(volume, replace=True) as tmp:
+        (tmp / "train.jsonl").write_text("written")
+    assert (refused.value.errno, refused.value.filename) == (errno.EBUSY, str(volume))
+    assert refused.value.strerror.startswith("a mount point") and "Give a folder inside it" in refused.value.strerror
+    assert [p.name for p in tmp_path.iterdir()] == ["volume"] and list(volume.iterdir()) == []
 
 
 def test_a_swapped_out_leftover_beside_its_folder_is_removed(tmp_path):

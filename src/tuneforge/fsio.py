@@ -305,9 +305,17 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
 
     On any exception the temporary folder is removed, so an interrupted write never leaves a
     folder that looks complete. With `replace`, an existing `final` is swapped out. A `final` that is a
-    symbolic link is written where it points (a folder on another disk), the link left as it is.
+    symbolic link is written where it points (a folder on another disk), the link left as it is. A `final` that
+    is a mount point, which no rename can replace, is refused before anything is written.
     """
     final = _followed(final)
+    if is_mount_point(final):
+        raise OSError(
+            errno.EBUSY,
+            "a mount point: a folder is written beside it and renamed to it whole, and a mounted folder cannot be "
+            "renamed. Give a folder inside it",
+            str(final),
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     _recover_swapped_out(final)
     _remove_stale_siblings(final)
