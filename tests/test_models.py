@@ -414,6 +414,19 @@ def test_a_damaged_weights_file_of_a_sharded_model_is_named(tiny_model_dir, tmp_
     )
 
 
+def test_a_damaged_weights_file_is_named_among_those_loaded_not_a_stray_one_beside_them(tiny_model_dir, tmp_path):
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    whole = (base / "model.safetensors").read_bytes()
+    (base / "backup.safetensors").write_bytes(whole[:3000])  # a copy cut short, which transformers does not load
+    (base / "model.safetensors").write_bytes(whole[:3000])
+    with pytest.raises(ModelSourceError) as error:
+        load_model(str(base))
+    assert error.value.message.endswith(
+        "model.safetensors there is damaged or was not written whole: copy it again, or use another checkpoint."
+    )
+    assert "backup.safetensors" not in error.value.message
+
+
 def test_adapter_whose_base_moved_falls_back_to_the_run_config(tiny_adapter, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_adapter, run / "final")

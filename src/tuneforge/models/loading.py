@@ -727,7 +727,7 @@ def load_model(
             # Checked once a load fails, not before: it builds the adapted model again on the meta device, about
             # half a second more on every adapter's load. It names the damaged file and weight where PEFT does not.
             refuse_damaged_adapter(source.adapter, model.config, peft_config, classifier=classifier)
-        raise _load_failed(source.adapter, err) from err
+        raise _load_failed(source.adapter, err, adapter=True) from err
 
 
 @contextlib.contextmanager
@@ -937,11 +937,16 @@ def input_embedding_name(folder: Path) -> str:
     return _module_name(model, model.get_input_embeddings())
 
 
-def _load_failed(folder: Path, err: Exception) -> ModelSourceError:
-    """The error for a base or adapter folder that would not load, naming that folder."""
+def _load_failed(folder: Path, err: Exception, *, adapter: bool = False) -> ModelSourceError:
+    """The error for a base or adapter folder that would not load, naming that folder; a damaged weights file is
+    named among those loaded (a model's: `loaded_weight_files`, not a stray copy beside them; an adapter's: every
+    safetensors file there)."""
     damaged = ""
     if isinstance(err, SafetensorError):
-        which = next((path.name for path in sorted(folder.glob("*.safetensors")) if not _safetensors_whole(path)), None)
+        loaded = sorted(folder.glob("*.safetensors")) if adapter else loaded_weight_files(folder)
+        which = next(
+            (path.name for path in loaded if path.suffix == ".safetensors" and not _safetensors_whole(path)), None
+        )
         damaged = (
             f". {which or 'A weights file'} there is damaged or was not written whole: copy it again, or use another "
             "checkpoint."
