@@ -130,6 +130,13 @@ def test_only_trained_positions_count(pair):
     assert fewer["tokens"] == base["tokens"] - 1 and fewer["loss"].item() < base["loss"].item()
 
 
+def test_a_top_k_past_the_compared_tokens_is_refused(pair):
+    student, teacher, _, _ = pair
+    vocab = student.config.vocab_size
+    with pytest.raises(ValueError, match=f"teacher_top_k {vocab + 1} is more than the {vocab} tokens"):
+        DistillObjective(student, teacher, alpha=0.5, temperature=2.0, kind="forward_kl", top_k=vocab + 1)
+
+
 def test_teacher_is_frozen_in_eval_mode_and_outside_the_module(pair):
     student, teacher, input_ids, labels = pair
     teacher.train()

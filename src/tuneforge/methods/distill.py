@@ -118,6 +118,11 @@ class DistillObjective(nn.Module):
         # Models of one tokenizer may pad their output layers to different widths (Qwen 2.5 7B has 152,064
         # columns, 0.5B 151,936); the columns both have hold every token, and the two are compared there.
         self.vocab = min(output_width(m) for m in (model, teacher))
+        if top_k is not None and top_k > self.vocab:
+            # A run's config is refused so before its models load (`check_teacher`); this tells a Python caller.
+            raise ValueError(
+                f"teacher_top_k {top_k} is more than the {self.vocab} tokens the teacher and student compare"
+            )
         # Outside the module tree: .train() never flips it, and DDP, the optimizer and state_dict never see it.
         self.frozen = [teacher.eval().requires_grad_(False)]
 
@@ -288,7 +293,7 @@ class TeacherTopK:
         path = cache_dir() / f"{cache_key(teacher_name, k, vocab, dtype, keys)}.safetensors"
         if path.is_file():
             try:
-                return cls(_split(*_read_entry(path, lengths, min(k, vocab), vocab), lengths, keys))
+                return cls(_split(*_read_entry(path, lengths, k, vocab), lengths, keys))
             except (OSError, SafetensorError, ValueError) as error:
                 # A cache entry cut short, damaged or edited after it was written is only lost time.
                 log(
@@ -313,7 +318,7 @@ def compute_top_k(
     with torch.no_grad(), progress_bar(f"teacher: top-{k} logits", rows, progress) as advance:
         for batch in batches:
             batch = {name: value.to(device) for name, value in batch.items() if name != "is_replay"}
-            top = trained_logits(lm, **batch)[:, :vocab].topk(min(k, vocab), -1)
+            top = trained_logits(lm, **batch)[:, :vocab].topk(k, -1)
             ids.append(top.indices.to(torch.int32).cpu())
             values.append(top.values.float().cpu())
             advance(len(batch["input_ids"]))
