@@ -822,7 +822,7 @@ def test_a_converter_whose_export_is_killed_stops_with_it(tmp_path):
     code = (
         "import subprocess\n"
         "from tuneforge.exporting import llama_cpp\n"
-        f"child = subprocess.Popen(llama_cpp.converter_command({str(converter)!r}, ['', '', 'model']))\n"
+        f"child = subprocess.Popen(llama_cpp._converter_command({str(converter)!r}, ['', '', 'model']))\n"
         f"open({str(said) + '.partial'!r}, 'w').write(str(child.pid))\n"
         f"__import__('os').replace({str(said) + '.partial'!r}, {str(said)!r})\n"
         "child.wait()\n"

@@ -246,7 +246,7 @@ def converter_name(name: str) -> str | None:
     )
 
 
-def converter_command(converter: Path, arguments: list[str]) -> list[str]:
+def _converter_command(converter: Path, arguments: list[str]) -> list[str]:
     """The command that runs the converter unpacked in `converter` with `arguments` (`llama_cpp_main.py`'s own,
     then the converter's) as a child of this process."""
     main = Path(__file__).with_name("llama_cpp_main.py")
@@ -255,7 +255,7 @@ def converter_command(converter: Path, arguments: list[str]) -> list[str]:
 
 def _convert(arguments: list[str], out: Path, model_dir: Path, tokenizer, console: Console) -> None:
     """Run the converter (`llama_cpp_main.py`) with `arguments` (its own and the converter's) to write `out`."""
-    command = converter_command(converter_folder(console), [*arguments, "--outfile", str(out)])
+    command = _converter_command(converter_folder(console), [*arguments, "--outfile", str(out)])
     with console.status(f"Writing {out.name} with llama.cpp's converter"):
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
