@@ -1374,6 +1374,36 @@ def test_a_refused_load_shows_tuneforge_s_message_alone_and_a_kept_one_shows_tra
     assert "LOAD REPORT" in report and re.search(r"model.extra.weight +\| UNEXPECTED", report)
 
 
+def test_adapters_of_one_config_are_checked_against_one_adapted_model_and_a_damaged_one_still_refused(
+    tiny_adapter, tmp_path, monkeypatch
+):
+    """serve checks every adapter's weight shapes as it starts against the adapted model built on the meta device
+    (half a second on SmolLM2); adapters of one config on one base share that model's shapes."""
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    from tuneforge.models import loading
+    from tuneforge.serve.adapters import load_pool
+
+    monkeypatch.setattr(loading, "_ADAPTED_SHAPES", {})
+    built = []
+    get_peft_model = peft.get_peft_model
+    monkeypatch.setattr(
+        peft, "get_peft_model", lambda *args, **kwargs: built.append(1) or get_peft_model(*args, **kwargs)
+    )
+    first, second, damaged = (shutil.copytree(tiny_adapter, tmp_path / name) for name in ("first", "second", "damaged"))
+    weights = load_file(damaged / "adapter_model.safetensors")
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    weights[name] = weights[name].reshape(8, 32).contiguous()
+    save_file(weights, damaged / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    assert load_pool(None, {"first": str(first), "second": str(second)}).names[1:] == ["first", "second"]
+    assert len(built) == 1
+    with pytest.raises(ModelSourceError, match=rf"damaged/adapter_model.safetensors: {re.escape(name)} has shape"):
+        load_pool(None, {"first": str(first), "damaged": str(damaged)})
+    assert len(built) == 1
+
+
 @pytest.mark.parametrize("damage", ["cut short", "a Git LFS pointer", "a weight reshaped"])
 def test_an_adapter_whose_weights_are_damaged_is_refused_before_serving_or_loading_naming_the_file(
     tiny_adapter, tmp_path, damage

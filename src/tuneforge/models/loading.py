@@ -837,25 +837,48 @@ def refuse_damaged_adapter(adapter: Path, config, peft_config=None, *, classifie
     of another shape than its adapter_config.json (`peft_config`, where the loader changed it) gives that weight on
     the model `config` describes (`classifier`: as `meta_model` builds it), naming the file and the weight. PEFT
     refuses such a file only as it loads it: serve would start and answer its first request with an error."""
-    from peft import PeftConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict
-
-    from ..methods.lora import gate_up_pattern_warning_unsaid
+    from peft import PeftConfig
 
     saved = adapter_weight_shapes(adapter)
     peft_config = copy.deepcopy(peft_config or PeftConfig.from_pretrained(adapter))
     if hasattr(peft_config, "init_lora_weights"):
         peft_config.init_lora_weights = False  # shapes alone: no initialisation (PiSSA's would run an SVD)
-    with MODEL_BUILDING, torch.device("meta"), gate_up_pattern_warning_unsaid():
-        made = get_peft_model_state_dict(get_peft_model(meta_model(config, classifier=classifier), peft_config))
+    made = _adapted_shapes(config, peft_config, classifier)
     for key, shape in saved.items():
-        if key in made and list(made[key].shape) != shape:
+        if key in made and made[key] != shape:
             raise ModelSourceError(
                 f"{_adapter_weights_file(adapter)}: {key} has shape {shape}, where adapter_config.json "
-                f"makes it {list(made[key].shape)} on its base. The weights file is damaged or of another adapter, or "
+                f"makes it {made[key]} on its base. The weights file is damaged or of another adapter, or "
                 f"adapter_config.json was edited. {_ADAPTER_AGAIN}",
                 code="model_load_failed",
             )
+
+
+# The shapes `_adapted_shapes` built, by base config, adapter config and classifier (the latest 8): serve checks every
+# adapter as it starts, and adapters trained with one recipe on one base share them.
+_ADAPTED_SHAPES: dict[tuple[str, str, bool], dict[str, list[int]]] = {}
+
+
+def _adapted_shapes(config, peft_config, classifier: bool) -> dict[str, list[int]]:
+    """The shape of each weight PEFT saves for the adapter `peft_config` on the model `config` describes (as
+    `meta_model` builds it), by its saved name: the adapted model built on the meta device, once per distinct pair."""
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    from ..methods.lora import gate_up_pattern_warning_unsaid
+
+    described = json.dumps(
+        peft_config.to_dict(), sort_keys=True, default=lambda v: sorted(v) if isinstance(v, set) else repr(v)
+    )
+    key = (config.to_json_string(), described, classifier)
+    with MODEL_BUILDING:
+        if key not in _ADAPTED_SHAPES:
+            with torch.device("meta"), gate_up_pattern_warning_unsaid():
+                made = get_peft_model_state_dict(get_peft_model(meta_model(config, classifier=classifier), peft_config))
+            if len(_ADAPTED_SHAPES) >= 8:
+                del _ADAPTED_SHAPES[next(iter(_ADAPTED_SHAPES))]
+            _ADAPTED_SHAPES[key] = {name: list(weight.shape) for name, weight in made.items()}
+        return _ADAPTED_SHAPES[key]
 
 
 def _adapter_weights_file(adapter: Path) -> Path:
