@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -1402,6 +1403,32 @@ def test_adapters_of_one_config_are_checked_against_one_adapted_model_and_a_dama
     with pytest.raises(ModelSourceError, match=rf"damaged/adapter_model.safetensors: {re.escape(name)} has shape"):
         load_pool(None, {"first": str(first), "damaged": str(damaged)})
     assert len(built) == 1
+
+
+def test_a_pool_reads_each_adapters_weights_header_and_its_bases_config_once_to_check_them(
+    tiny_adapter, tiny_model_dir, monkeypatch
+):
+    import safetensors
+    from transformers import AutoConfig
+
+    from tuneforge.serve.adapters import load_pool
+
+    opened, read = [], []
+    safe_open, from_pretrained = safetensors.safe_open, AutoConfig.from_pretrained
+
+    def reading(folder, *args, **kwargs):
+        if "/tuneforge/" in sys._getframe(1).f_code.co_filename:  # not transformers' own, as a tokenizer loads
+            read.append(Path(folder).resolve())
+        return from_pretrained(folder, *args, **kwargs)
+
+    monkeypatch.setattr(
+        safetensors, "safe_open", lambda path, *a, **k: opened.append(Path(path)) or safe_open(path, *a, **k)
+    )
+    monkeypatch.setattr(AutoConfig, "from_pretrained", reading)
+    load_pool(None, {"x": str(tiny_adapter)})
+    assert opened.count(tiny_adapter / "adapter_model.safetensors") == 1
+    # Once for the pool's checks of its adapters, once by the load of the base model.
+    assert read == [tiny_model_dir.resolve()] * 2
 
 
 @pytest.mark.parametrize("damage", ["cut short", "a Git LFS pointer", "a weight reshaped"])

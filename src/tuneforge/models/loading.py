@@ -505,7 +505,7 @@ def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: 
     rows = _vocab_rows(config)
     if isinstance(rows, int) and len(tokenizer) > rows and source.adapter is not None:
         # An adapter that added tokens saves its embeddings whole; `load_model` resizes the base to them.
-        rows = adapter_embedding_rows(source.adapter, input_embedding_name(source.path)) or max(
+        rows = adapter_embedding_rows(source.adapter, input_embedding_name(model_config(source.path))) or max(
             rows, adapter_token_rows(source.adapter) or 0
         )
     if isinstance(rows, int) and len(tokenizer) > rows:
@@ -797,13 +797,15 @@ def largest_shard_bytes(folder: Path) -> int:
     return max((file.stat().st_size for file in loaded_weight_files(folder)), default=0)
 
 
-def adapter_embedding_rows(adapter: Path, embedding_name: str) -> int | None:
+def adapter_embedding_rows(adapter: Path, embedding_name: str, saved: dict[str, list[int]] | None = None) -> int | None:
     """How many input-embedding rows the adapter in `adapter` saves whole (the base's embeddings,
     `embedding_name` in the model, resized to tokens added in training and saved by PEFT as
-    `modules_to_save` or embedding layers), or None when it saves none."""
+    `modules_to_save` or embedding layers), or None when it saves none. `saved`: its `adapter_weight_shapes`, where
+    the caller has read them."""
+    saved = adapter_weight_shapes(adapter) if saved is None else saved
     rows = [
         shape[0]
-        for key, shape in adapter_weight_shapes(adapter).items()
+        for key, shape in saved.items()
         if f".{embedding_name}." in f".{key}" and "lora_" not in key and "token_adapter" not in key and len(shape) == 2
     ]
     return max(rows) if rows else None
@@ -832,14 +834,17 @@ def adapter_weight_shapes(adapter: Path) -> dict[str, list[int]]:
 _ADAPTER_AGAIN = "Copy the adapter again, or use another checkpoint."
 
 
-def refuse_damaged_adapter(adapter: Path, config, peft_config=None, *, classifier: bool = False) -> None:
+def refuse_damaged_adapter(
+    adapter: Path, config, peft_config=None, *, classifier: bool = False, saved: dict[str, list[int]] | None = None
+) -> None:
     """Refuse, before its weights load, the adapter in `adapter` whose weights file cannot be read or holds a weight
     of another shape than its adapter_config.json (`peft_config`, where the loader changed it) gives that weight on
     the model `config` describes (`classifier`: as `meta_model` builds it), naming the file and the weight. PEFT
-    refuses such a file only as it loads it: serve would start and answer its first request with an error."""
+    refuses such a file only as it loads it: serve would start and answer its first request with an error. `saved`:
+    as for `adapter_embedding_rows`."""
     from peft import PeftConfig
 
-    saved = adapter_weight_shapes(adapter)
+    saved = adapter_weight_shapes(adapter) if saved is None else saved
     peft_config = copy.deepcopy(peft_config or PeftConfig.from_pretrained(adapter))
     if hasattr(peft_config, "init_lora_weights"):
         peft_config.init_lora_weights = False  # shapes alone: no initialisation (PiSSA's would run an SVD)
@@ -943,20 +948,20 @@ def _module_name(model, module) -> str:
     return next(name for name, child in model.named_modules() if child is module)
 
 
-def model_vocab_rows(folder: Path) -> int | None:
-    """The embedding rows (vocab_size) of the model in `folder`, read from its config.json."""
-    return _vocab_rows(_model_config(folder))
+def model_vocab_rows(config) -> int | None:
+    """The embedding rows (vocab_size) of the model the transformers `config` describes (its text model's, for one
+    that also reads images)."""
+    return getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
 
 
 def _vocab_rows(config: dict) -> int | None:
     return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
 
-def input_embedding_name(folder: Path) -> str:
-    """The name of the input embeddings of the model in `folder`, built on the meta device (no weights)."""
-    from transformers import AutoConfig
-
-    model = meta_model(AutoConfig.from_pretrained(folder))
+def input_embedding_name(config) -> str:
+    """The name of the input embeddings of the model the transformers `config` describes, built on the meta device
+    (no weights)."""
+    model = meta_model(config)
     return _module_name(model, model.get_input_embeddings())
 
 

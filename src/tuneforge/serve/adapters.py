@@ -23,6 +23,7 @@ from ..models.loading import (
     MODEL_BUILDING,
     adapter_embedding_rows,
     adapter_token_rows,
+    adapter_weight_shapes,
     base_weight_copies,
     input_embedding_name,
     model_config,
@@ -64,9 +65,9 @@ class AdapterPool:
             base_source = resolve(str(base_source.path))
         self.base_source = base_source
         self.base_name, self.base_path = base_source.name, base_source.path.resolve()
-        self._embedding_name = input_embedding_name(self.base_path)
-        self._base_rows = model_vocab_rows(self.base_path)
         self._base_config = model_config(self.base_path)
+        self._embedding_name = input_embedding_name(self._base_config)
+        self._base_rows = model_vocab_rows(self._base_config)
         # The base in memory runs with the rotary scaling its adapters trained with (model.rope_scaling), each
         # adapter's read once from its run.
         trained = {name: trained_rope_scaling(source.adapter) for name, source in adapter_sources.items()}
@@ -174,7 +175,8 @@ class AdapterPool:
                 f"{source.adapter}.",
                 code="adapter_base_mismatch",
             )
-        rows = adapter_embedding_rows(source.adapter, self._embedding_name)  # a file that cannot be read is refused
+        saved = adapter_weight_shapes(source.adapter)  # a file that cannot be read is refused
+        rows = adapter_embedding_rows(source.adapter, self._embedding_name, saved)
         if rows and rows != self._base_rows:
             # The base in memory is shared: resizing its vocabulary would change what the base and
             # every other adapter answer.
@@ -195,7 +197,7 @@ class AdapterPool:
                 f"tuneforge export {source.adapter} --format merged --out DIR, then tuneforge serve --model DIR.",
                 code="adapter_vocabulary_mismatch",
             )
-        refuse_damaged_adapter(source.adapter, self._base_config)
+        refuse_damaged_adapter(source.adapter, self._base_config, saved=saved)
 
     def _check_compatible(self, name: str, source: ModelSource, config, other: str) -> None:
         """PEFT holds one kind of adapter layer per module of the shared base: a layer one adapter trains whole
