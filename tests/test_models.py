@@ -34,6 +34,7 @@ from tuneforge.models import (
 )
 from tuneforge.models.commands import models_info, models_list
 from tuneforge.models.convert import MODEL_RECORD, convert_local_gguf, scan_gguf
+from tuneforge.models.loading import model_config
 
 
 @pytest.fixture
@@ -398,6 +399,20 @@ def test_a_damaged_base_under_an_adapter_is_named_as_the_folder_that_failed(tiny
         load_model(str(adapter))
     assert error.value.message.startswith(f"Could not load the model in {base.resolve()}: ")
     assert "damaged or was not written whole" in error.value.message
+
+
+def test_a_models_json_files_are_each_read_once_to_check_its_config(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    (base / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(base, max_shard_size="100KB")
+    assert (base / "model.safetensors.index.json").is_file() and (base / "generation_config.json").is_file()
+    read = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda path, *a, **k: read.append(path.name) or read_text(path, *a, **k))
+    model_config(base)
+    assert sorted(read) == ["config.json", "generation_config.json", "model.safetensors.index.json"]
 
 
 def test_a_damaged_weights_file_of_a_sharded_model_is_named(tiny_model_dir, tmp_path):

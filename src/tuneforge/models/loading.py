@@ -83,7 +83,8 @@ def model_config(folder: Path):
     from transformers import CONFIG_MAPPING, AutoConfig
 
     path = folder / "config.json"
-    _refuse_broken_json(path)
+    with contextlib.suppress(OSError):  # one that cannot be read: transformers says why
+        _json_object(path)  # transformers parses it again: AutoConfig reads a folder, not fields parsed already
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
@@ -125,8 +126,7 @@ def _refuse_broken_generation_config(folder: Path) -> None:
     path = folder / "generation_config.json"
     if not path.is_file():
         return
-    _refuse_broken_json(path)
-    fields = json.loads(path.read_text(encoding="utf-8"))
+    fields = _json_object(path)
     for key in _GENERATION_IDS:
         value = fields.get(key)
         takes_list = key in _LISTED_GENERATION_IDS
@@ -210,8 +210,7 @@ def loaded_weight_files(folder: Path) -> list[Path]:
             return [folder / single]
         index = folder / index_name
         if index.is_file():
-            _refuse_broken_json(index)
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+            shards = sorted(set(_json_object(index).get("weight_map", {}).values()))
             if missing := [name for name in shards if not (folder / name).is_file()]:
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 raise ModelSourceError(
@@ -587,7 +586,8 @@ def _raw_tokenizer(source: ModelSource):
     except (OSError, ValueError, TypeError, AttributeError, StrictDataclassError) as err:
         model_config(source.path)  # transformers reads it first, and blames the tokenizer
         for name in _TOKENIZER_JSON:
-            _refuse_broken_json(folder / name)
+            with contextlib.suppress(OSError):
+                _json_object(folder / name)
         if not any(folder.glob("tokenizer*")):
             # transformers' own message then blames sentencepiece or tiktoken, which are not the problem.
             raise ModelSourceError(
@@ -1179,13 +1179,11 @@ def chat_template(tokenizer) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _refuse_broken_json(path: Path) -> None:
-    """Raise, saying where, if the model's JSON file `path` (config.json, a tokenizer's) is there but not a JSON
-    object (a copy cut short, most often)."""
+def _json_object(path: Path) -> dict:
+    """The JSON object in the model's JSON file `path` (config.json, a tokenizer's), refused saying where if the file
+    is not a JSON object (a copy cut short, most often); OSError where it cannot be read."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except OSError:
-        return
     except json.JSONDecodeError as err:
         problem = (
             f" is not valid JSON ({err.msg}: line {err.lineno}, column {err.colno}); a copy cut short looks like this"
@@ -1194,7 +1192,7 @@ def _refuse_broken_json(path: Path) -> None:
         problem = " is not valid JSON (not UTF-8); a copy cut short looks like this"
     else:
         if isinstance(value, dict):
-            return
+            return value
         problem = f": it holds {json_kind(value)}, not an object"
     raise ModelSourceError(
         f"{path}{problem}. Copy {path.name} again from where the model came from.", code="model_load_failed"
