@@ -286,3 +286,31 @@ def test_the_content_of_a_file_whose_bytes_go_after_its_row_was_read_is_a_404_na
         "param": "file_id",
         "code": "file_not_found",
     }
+
+
+def test_the_content_of_a_file_deleted_as_it_is_sent_comes_whole_with_its_length(http, tmp_path):
+    """A deletion that lands once the answer's headers are sent (a DELETE racing the download): the bytes already
+    opened are sent whole, as many as Content-Length says, not a 200 cut off after its headers. No range of the
+    file is offered, as OpenAI's API offers none."""
+    file_id = post(http, PURPOSE + FILE + END).json()["id"]
+    answer, requests = [], [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict:  # the request, then a client that waits for the whole answer
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            (tmp_path / "files" / f"{file_id}.jsonl").unlink()
+        answer.append(message)
+
+    path = f"/v1/files/{file_id}/content"
+    scope = {"type": "http", "http_version": "1.1", "scheme": "http", "method": "GET", "root_path": ""}
+    scope |= {"path": path, "raw_path": path.encode(), "query_string": b""}
+    scope["headers"] = [(b"authorization", f"Bearer {KEY}".encode())]
+    asyncio.run(http.app(scope, receive, send))
+    headers = dict(answer[0]["headers"])
+    assert answer[0]["status"] == 200 and headers[b"content-length"] == str(len(ROW)).encode()
+    assert b"accept-ranges" not in headers
+    assert b"".join(message["body"] for message in answer[1:]) == ROW and not answer[-1]["more_body"]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from ...web import MAX_FILENAME_CHARS, APIError, caller, list_body, nul_fault
-from ..files import FilePacked, FileTooLarge
+from ..files import CHUNK_BYTES, FilePacked, FileTooLarge
 from ..service import Service, service_of
 from ..store import StoredFile
 
@@ -154,13 +157,26 @@ def get_file(file_id: str, owner: str = Depends(caller), service: Service = Depe
 
 @router.get("/{file_id}/content")
 def file_content(file_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
+    """The file's bytes, opened here: a deletion after this point leaves the open file readable to its end (POSIX
+    keeps an unlinked file's bytes while it is open), so the answer is the whole file its Content-Length promises;
+    one before it is the 404. No Range is offered, as OpenAI's API offers none."""
     row = own_file(service, owner, file_id)
-    path = service.storage.path(row)
     try:
-        found = path.stat()
+        opened = open(service.storage.path(row), "rb")
     except FileNotFoundError:  # deleted after its row was read
         raise no_such_file(row.id) from None
-    return FileResponse(path, media_type="application/octet-stream", filename=row.filename, stat_result=found)
+    headers = {
+        "Content-Length": str(os.fstat(opened.fileno()).st_size),
+        "Content-Disposition": f"attachment; filename*=utf-8''{quote(row.filename)}",
+    }
+    return StreamingResponse(_chunks(opened), media_type="application/octet-stream", headers=headers)
+
+
+def _chunks(opened: BinaryIO) -> Iterator[bytes]:
+    """`opened`'s bytes, a chunk at a time, closing it at the end (or when the answer is dropped unsent)."""
+    with opened:
+        while chunk := opened.read(CHUNK_BYTES):
+            yield chunk
 
 
 @router.delete("/{file_id}")
