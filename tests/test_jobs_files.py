@@ -265,6 +265,27 @@ def test_an_upload_whose_row_the_store_has_no_room_for_leaves_no_file_behind(htt
     assert list((tmp_path / "files").iterdir()) == []
 
 
+def test_an_upload_whose_row_was_written_before_the_store_lost_its_connection_keeps_its_bytes(
+    http, tmp_path, monkeypatch
+):
+    """The store's connection drops after the row's commit, before the store answers it: the row is there, so its
+    bytes stay with it, rather than a listed file whose content is gone."""
+    from sqlalchemy.exc import OperationalError
+
+    added = Store.add
+
+    def dropped_after_commit(store, row):
+        added(store, row)
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"), True)
+
+    monkeypatch.setattr(Store, "add", dropped_after_commit)
+    assert post(http, PURPOSE + FILE + END).status_code == 500
+    monkeypatch.undo()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    (listed,) = http.get("/v1/files", headers=headers).json()["data"]
+    assert http.get(f"/v1/files/{listed['id']}/content", headers=headers).content == ROW
+
+
 def test_the_content_of_a_file_whose_bytes_go_after_its_row_was_read_is_a_404_naming_it(http, tmp_path, monkeypatch):
     """The file's bytes gone between the content route's look-up of its row and its reading (a deletion racing the
     download): the answer is the 404 for a file the caller has none of, not a 500."""

@@ -132,9 +132,21 @@ def upload_file(
     try:
         service.store.add(row)
     except BaseException:
-        service.storage.delete(row)  # no row would list these bytes, nor delete them
+        # The commit may have gone through before the store failed to answer it (its connection lost): the bytes
+        # go only once no row is found to list or delete them by. A store that cannot say keeps them, since a
+        # listed file without its bytes is worse than bytes no row names.
+        if not _row_may_exist(service, owner, row.id):
+            service.storage.delete(row)
         raise
     return row.to_api()
+
+
+def _row_may_exist(service: Service, owner: str, file_id: str) -> bool:
+    """Whether the store holds `file_id`'s row, or cannot say so now."""
+    try:
+        return service.store.get_file(owner, file_id) is not None
+    except Exception:  # noqa: BLE001 - the upload's own failure is the one told
+        return True
 
 
 @router.get("")
