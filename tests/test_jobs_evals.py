@@ -480,6 +480,74 @@ def test_a_run_whose_failure_the_full_store_cannot_write_yet_is_failed_once_it_c
     assert next(refusals, None) is None
 
 
+def ended_against(tmp_path, monkeypatch, refusal, stopping, refusals: int = 1_000) -> list[str]:
+    """An eval runner ends a failed run against a store whose move_run raises `refusal` `refusals` times; the
+    calls it made are returned."""
+    from types import SimpleNamespace
+
+    from tuneforge.jobs import evals
+    from tuneforge.jobs.files import FileStorage
+
+    calls = []
+
+    def refused(store, run_id, from_statuses, **values):
+        calls.append(values["status"])
+        if len(calls) <= refusals:
+            raise refusal
+
+    def failing(*_):
+        raise evals.RunFailure("x", "the run fails")
+
+    monkeypatch.setattr(Store, "move_run", refused)
+    monkeypatch.setattr(evals.EvalRunner, "_answer_and_grade", failing)
+    runner = evals.EvalRunner(Store(f"sqlite:///{tmp_path / 'jobs.db'}"), FileStorage(tmp_path))
+    with contextlib.suppress(type(refusal)):
+        runner.run(SimpleNamespace(id="evalrun_x"), "host/evals", stopping)
+    return calls
+
+
+def test_a_run_end_the_store_refuses_for_good_is_not_tried_again(tmp_path, monkeypatch, caplog):
+    """A refusal that no retry clears (a constraint the row breaks) ends the retrying at once, told once."""
+    import threading
+
+    from sqlalchemy.exc import IntegrityError
+
+    refusal = IntegrityError("UPDATE eval_runs", {}, Exception("CHECK constraint failed"))
+    started = time.monotonic()
+    assert ended_against(tmp_path, monkeypatch, refusal, threading.Event()) == ["failed"]
+    assert time.monotonic() - started < 1
+    assert not [r for r in caplog.records if "trying again" in r.getMessage()]
+
+
+def test_a_run_end_a_full_store_refuses_is_told_once_and_written_when_it_can(tmp_path, monkeypatch, caplog):
+    import errno
+    import os
+    import threading
+
+    from tuneforge.jobs import evals
+
+    monkeypatch.setattr(evals, "END_RETRY_S", 0.01)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "jobs.db"))
+    assert ended_against(tmp_path, monkeypatch, full, threading.Event(), refusals=3) == ["failed"] * 4
+    (told,) = [r for r in caplog.records if "trying again" in r.getMessage()]
+    assert told.getMessage().startswith("eval run evalrun_x: its end cannot be written yet"), told.getMessage()
+
+
+def test_a_run_end_being_tried_again_stops_as_soon_as_the_server_stops(tmp_path, monkeypatch):
+    """The server stopping while a run's end waits to be written again does not wait out the pause: the next
+    server takes the run up as one whose server died."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    stopping = threading.Event()
+    threading.Timer(0.2, stopping.set).start()
+    lost = OperationalError("UPDATE eval_runs", {}, Exception("server closed the connection unexpectedly"), True)
+    started = time.monotonic()
+    assert ended_against(tmp_path, monkeypatch, lost, stopping) == ["failed"]
+    assert time.monotonic() - started < 2
+
+
 def test_a_run_whose_results_a_full_postgres_store_refuses_is_told_without_a_path():
     """A PostgreSQL store's full disk is named by the store's URL (`database._full_disk_naming`), not a file: the
     run's message says the job store has no room, naming no fragment of the URL (its socket folder), and the log

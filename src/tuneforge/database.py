@@ -18,15 +18,20 @@ from pathlib import Path
 
 from sqlalchemy import JSON, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from .errors import ConfigError
+from .fsio import refused_write
 
 # Several servers may start on one fresh PostgreSQL database: one creates the tables, the others wait on this lock.
 _CREATE_TABLES_LOCK = 2026112808
 # PostgreSQL's SQLSTATE for a write its disk has no room for (disk_full).
 _POSTGRES_DISK_FULL = "53100"
+# The classes of PostgreSQL's SQLSTATEs for a state that passes: a connection lost or refused (08), resources short
+# (53: a full disk, too many connections), the server restarting or shutting down (57), a transaction rolled back
+# for a conflict with another (40: serialization failure, deadlock).
+_POSTGRES_PASSING = ("08", "53", "57", "40")
 # A declarative base's `type_annotation_map`: dicts and lists as JSON; on PostgreSQL its `json` type, which keeps a
 # `\u0000` escape (a stored prompt may hold a NUL) where `jsonb` refuses it.
 JSON_COLUMNS = {dict: JSON, list: JSON}
@@ -77,6 +82,27 @@ def _full_disk_naming(database: str):
         return None
 
     return handle_error
+
+
+def may_clear(err: BaseException) -> bool:
+    """Whether a store's failure `err` is the database's state of the moment, which clears without anyone changing
+    the code or the rows: a write its disk has no room for (`fsio.refused_write`), a connection lost or not made,
+    a database busy with another writer, a PostgreSQL state of `_POSTGRES_PASSING`. Any other refusal (a constraint
+    the row breaks, a missing table) comes again however often the write is tried."""
+    if refused_write(err):
+        return True
+    if not isinstance(err, DBAPIError):
+        return False
+    if err.connection_invalidated:
+        return True
+    original = err.orig
+    if (code := getattr(original, "sqlite_errorcode", None)) is not None:
+        return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    if (state := getattr(original, "pgcode", None)) is not None:
+        return state.startswith(_POSTGRES_PASSING)
+    # The driver's own operational error, with no state from a server: the connection's (psycopg2's "could not
+    # connect", "server closed the connection").
+    return isinstance(err, OperationalError)
 
 
 def shown_url(url) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic import BeforeValidator, Field
 
 from ..data.formats import tool_definitions
 from ..data.readers import MAX_ROW_BYTES, bounded_lines
+from ..database import may_clear
 from ..errors import ConfigError, ModelSourceError, TuneforgeError, unreadable_json
 from ..fsio import refused_write
 from ..generate import MAX_SEED
@@ -531,7 +531,7 @@ class EvalRunner:
     def __init__(self, store: Store, storage: FileStorage):
         self.store, self.storage = store, storage
 
-    def run(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]) -> None:
+    def run(self, run: EvalRun, worker_id: str, stopping: threading.Event) -> None:
         try:
             items, graders, outcome = self._answer_and_grade(run, worker_id, stopping)
             rows, counts, per_criterion, usage = outcome
@@ -567,21 +567,32 @@ class EvalRunner:
             self._end(run.id, worker_id, stopping, status="failed", error=error)
             return
 
-    def _end(self, run_id: str, worker_id: str, stopping: Callable[[], bool], **values) -> None:
-        """Move the run out of progress with `values`. A store that cannot write it now (its disk full) is asked
-        again every `END_RETRY_S` until it does: the run's worker, alive, holds it, so no other server would end
-        it. When the server stops first, the next server takes the run up as one whose server died."""
+    def _end(self, run_id: str, worker_id: str, stopping: threading.Event, **values) -> None:
+        """Move the run out of progress with `values`. A store that cannot write it now, for a cause that clears
+        (`database.may_clear`: its disk full, its connection lost), is asked again every `END_RETRY_S` until it
+        does, told once in the log: the run's worker, alive, holds it, so no other server would end it. Any other
+        refusal is raised at once, as is the last one when the server stops meanwhile: the next server takes the
+        run up as one whose server died."""
+        told = False
         while True:
             try:
                 self.store.move_run(run_id, ["in_progress"], held_by=worker_id, **values)
                 return
             except Exception as err:
-                if stopping():
+                if stopping.is_set() or not may_clear(err):
                     raise
-                log.error("eval run %s: its end cannot be written yet (%s); trying again", run_id, err)
-                time.sleep(END_RETRY_S)
+                if not told:
+                    log.error(
+                        "eval run %s: its end cannot be written yet (%s); trying again every %g s until it can",
+                        run_id,
+                        err,
+                        END_RETRY_S,
+                    )
+                    told = True
+                if stopping.wait(END_RETRY_S):
+                    raise
 
-    def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: Callable[[], bool]):
+    def _answer_and_grade(self, run: EvalRun, worker_id: str, stopping: threading.Event):
         from ..generate import encode_each, generate, load_for_inference
         from ..models import load_tokenizer, model_context_length, resolve
         from ..reasoning import assistant_reply, reasoning_opened
@@ -616,7 +627,12 @@ class EvalRunner:
 
         def on_progress(_: int) -> None:
             current = check(run.eval_id, run.id)
-            if stopping() or current is None or current.status != "in_progress" or current.worker_id != worker_id:
+            if (
+                stopping.is_set()
+                or current is None
+                or current.status != "in_progress"
+                or current.worker_id != worker_id
+            ):
                 raise RunStopped
 
         roles = {"developer": "system"}

@@ -152,7 +152,7 @@ class Workers:
                     self._stopping.wait(self.poll_s)
                     continue
                 try:
-                    self.evals.run(run, worker_id, self._stopping.is_set)
+                    self.evals.run(run, worker_id, self._stopping)
                 finally:
                     self.store.move_run(
                         run.id,
