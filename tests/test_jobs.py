@@ -1780,3 +1780,33 @@ def test_a_crashed_training_whose_last_checkpoint_is_damaged_names_it_not_only_t
         f"Its last checkpoint, step 4, is damaged ({STATE} is missing), which a resume refuses; step 2 before it is "
         f"kept: a new job can start from it (model {job.fine_tuned_model}:ckpt-step-2)." in message
     )
+
+
+def test_a_job_whose_last_checkpoint_is_damaged_resumes_from_the_whole_one_before_saying_so(
+    tiny_model_dir, triage_data, tmp_path
+):
+    """A job's run resumes on its own (after a restart), so no one is there to choose a checkpoint: a damaged last
+    one (a save cut short) is skipped for the newest whole one, and the job's events say which and why."""
+    from conftest import tiny_run_config
+
+    from tuneforge.jobs import runner
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import _started
+    from tuneforge.training import checkpoint, train
+
+    job = add_job(Store(f"sqlite:///{tmp_path / 'jobs.db'}"), KEY, status="queued")
+    run_dir = tmp_path / "runs" / job.id
+    config = tiny_run_config(tiny_model_dir, triage_data, run_dir, max_steps=4, save_every=2)
+    train(config, progress=False)
+    (run_dir / "checkpoints" / "step-4" / checkpoint.STATE).unlink()
+    (run_dir / runner.CONFIG).write_text(json.dumps(config))
+    assert runner.run(run_dir)["status"] == "completed"
+    assert (run_dir / "checkpoints" / "step-4" / checkpoint.STATE).is_file()
+
+    (run_dir / "checkpoints" / "step-4" / checkpoint.STATE).unlink()
+    started = _started(job, run_dir, "worker-1")
+    assert (started.level, started.message) == (
+        "warn",
+        f"Checkpoint step-4 is damaged ({checkpoint.STATE} is missing), so it is skipped: fine-tuning resumes from "
+        "checkpoint step-2.",
+    )

@@ -1,6 +1,6 @@
 """One job's training, in its own process: `main(run_dir, parent, processes)`, started by a worker.
 
-Reads `RUN_DIR/job.json` (the tuneforge config), trains (resuming from the latest checkpoint when
+Reads `RUN_DIR/job.json` (the tuneforge config), trains (resuming from the newest whole checkpoint when
 there is one) and writes `RUN_DIR/outcome.json`; its output goes to `RUN_DIR/train.log`. The worker
 asks it to stop with SIGTERM (the loop checkpoints and stops). If the worker's server dies, the pipe
 `parent` closes and this process stops the same way, so a restarted server resumes from a fresh
@@ -55,7 +55,10 @@ def run(run_dir: Path) -> dict:
     from ..training import checkpoint, train
 
     config = json.loads((run_dir / CONFIG).read_text())
-    resume = "latest" if checkpoint.latest(run_dir / "checkpoints") else None
+    # The newest whole checkpoint, past a damaged one (a save cut short), which the job's events name
+    # (`worker._started`): no one is there to choose another, as a user resuming by hand would be.
+    last = checkpoint.latest(run_dir / "checkpoints")
+    resume = str(last) if last else None
     try:
         # A job's folder is its own: without a checkpoint to resume from, it starts over.
         result = train(config, resume=resume, overwrite=resume is None, progress=False)

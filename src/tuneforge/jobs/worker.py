@@ -48,7 +48,7 @@ from .access import training_spec
 from .evals import EvalRunner
 from .files import RESULT_COLUMNS, REWARD_COLUMNS, FileStorage
 from .mapping import processes, resolved_method, training_config
-from .store import STATUSES, Job, JobCheckpoint, Store, event, new_id, now
+from .store import STATUSES, Job, JobCheckpoint, JobEvent, Store, event, new_id, now
 
 log = logging.getLogger("tuneforge.jobs")
 
@@ -410,12 +410,7 @@ class Workers:
         run_dir = self.runs / job.id
         write_json(run_dir / runner.CONFIG, job.train_config)
         (run_dir / runner.OUTCOME).unlink(missing_ok=True)
-        last = checkpoint.latest(run_dir / "checkpoints")
-        self.store.add_event(
-            job.id,
-            f"Resuming fine-tuning from checkpoint {last.name}." if last else "Fine-tuning job started.",
-            data={"worker": worker_id},
-        )
+        self.store.add(_started(job, run_dir, worker_id))
         progress = RunProgress(self.store, job, run_dir)
         reader, writer = runner.PROCESSES.Pipe(duplex=False)
         child = runner.PROCESSES.Process(
@@ -607,6 +602,22 @@ def _kept_checkpoint(job: Job, run_dir: Path) -> str:
             f"refuses; {kept}."
         )
     return f" Its last checkpoint (step {checkpoint.step_number(last)}) is kept." if last else ""
+
+
+def _started(job: Job, run_dir: Path, worker_id: str) -> JobEvent:
+    """The event of a job's run starting on `worker_id`: afresh, or resuming from its newest whole checkpoint (as
+    `runner.run` does), naming a damaged one past it that is skipped and what is wrong with it."""
+    root = run_dir / "checkpoints"
+    last = checkpoint.latest(root)
+    data = {"worker": worker_id}
+    if damaged := checkpoint.damaged_past_latest(root):
+        folder, what = damaged
+        then = f"fine-tuning resumes from checkpoint {last.name}" if last else "fine-tuning starts over"
+        message = f"Checkpoint {folder.name} is damaged ({what}), so it is skipped: {then}."
+        return event(job.id, message, level="warn", data=data)
+    return event(
+        job.id, f"Resuming fine-tuning from checkpoint {last.name}." if last else "Fine-tuning job started.", data=data
+    )
 
 
 def _unforeseen(job: Job, err: Exception) -> JobFailure:
