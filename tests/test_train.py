@@ -1688,3 +1688,19 @@ def test_a_base_model_path_that_does_not_exist_is_named_with_its_config_line(tri
             command(str(config))
         assert e.value.message.startswith(f"base_model ({config} line 1): runs/sft does not exist")
         assert "runs/ holds quickstart" in e.value.message
+
+
+def test_a_base_model_gone_by_the_end_of_training_is_named_with_its_config_line(tiny_model_dir, triage_data, tmp_path):
+    """The evaluation after training loads `base_model` again beside the final model: one deleted while the run
+    trained is named by the line that set it, as before training."""
+    from tuneforge.config import load_config
+    from tuneforge.eval.after_training import evaluate_after_training
+
+    config = tmp_path / "run.yaml"
+    gone = tmp_path / "base"
+    cfg = tiny_run_config(str(gone), triage_data, tmp_path / "run")
+    cfg["eval"] = {"forgetting": True}
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with pytest.raises(TuneforgeError) as e:
+        evaluate_after_training(load_config(str(config)), tmp_path / "run", tiny_model_dir, progress=False)
+    assert e.value.message.startswith(f"base_model ({config} line 1): {gone} does not exist"), e.value.message

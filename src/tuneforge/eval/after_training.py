@@ -65,7 +65,7 @@ def check_eval_inputs(cfg) -> None:
             spec, weights, key = graded
             check_grader(spec, examples, key=key, weights=weights)
         if metric is not None:  # rows without reference answers have no loss (GRPO checks its prompts' length)
-            source = resolve(cfg.base_model)
+            source = cfg.base_source()
             # The final model's tokenizer, which the evaluation renders with: the base's, with the run's template.
             tokenizer = run_tokenizer(cfg, source)
             render_within_window(examples, tokenizer, source_context_length(source), cfg.data.train_on)
@@ -79,7 +79,7 @@ def check_eval_inputs(cfg) -> None:
             )
     if cfg.eval.benchmarks:
         # One tokenizer for every file: the final model's, which the benchmarks are scored with.
-        source = resolve(cfg.base_model)
+        source = cfg.base_source()
         tokenizer, window = run_tokenizer(cfg, source), source_context_length(source)
         for benchmark in cfg.eval.benchmarks:
             rows = read_benchmark(
@@ -87,7 +87,7 @@ def check_eval_inputs(cfg) -> None:
             )
             check_scorable(rows, tokenizer, window)
     if cfg.eval.forgetting:
-        source = resolve(cfg.base_model)
+        source = cfg.base_source()
         window, needed = source_context_length(source), positions_needed(run_tokenizer(cfg, source))
         if window and needed > window:
             raise ConfigError(
@@ -143,7 +143,7 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
     source = resolve(str(final_dir))
     tokenizer = load_tokenizer(source)
     tuned = load_model(source)
-    start = resolve(cfg.base_model)
+    start = cfg.base_source()
     adapter_on_start = hasattr(tuned, "disable_adapter") and start.adapter is None
     pair = ModelPair(tuned, None if adapter_on_start else load_model(start))
     names = {"base": cfg.base_model, "tuned": source.name}
