@@ -355,8 +355,14 @@ class Workers:
                 integrations=job.integrations,
             )
             total_steps = make_plan(config, n_items, n_items, processes(job.method)).total_steps
-        except ModelSourceError as err:
-            raise JobFailure(err.code, scrub_paths(err.message), "model") from err
+        except ModelSourceError as err:  # the model was there when the job was created, and has gone since
+            raise JobFailure(
+                err.code,
+                f"model: {scrub_paths(err.message)} Create the job again with a model this server has: a registry "
+                "model, one the server allows (GET /v1/models lists those you have used), or one of your fine-tuned "
+                "models or checkpoints.",
+                "model",
+            ) from err
         except TuneforgeError as err:
             raise self._failure(job, err.code, err.message, str(paths["training_file"])) from err
         return config, total_steps, n_items
