@@ -1786,7 +1786,8 @@ def test_a_job_whose_last_checkpoint_is_damaged_resumes_from_the_whole_one_befor
     tiny_model_dir, triage_data, tmp_path
 ):
     """A job's run resumes on its own (after a restart), so no one is there to choose a checkpoint: a damaged last
-    one (a save cut short) is skipped for the newest whole one, and the job's events say which and why."""
+    one (a save cut short, a file lost since) is skipped for the newest whole one, and the job's events say which
+    and why."""
     from conftest import tiny_run_config
 
     from tuneforge.jobs import runner
@@ -1798,18 +1799,20 @@ def test_a_job_whose_last_checkpoint_is_damaged_resumes_from_the_whole_one_befor
     run_dir = tmp_path / "runs" / job.id
     config = tiny_run_config(tiny_model_dir, triage_data, run_dir, max_steps=4, save_every=2)
     train(config, progress=False)
-    (run_dir / "checkpoints" / "step-4" / checkpoint.STATE).unlink()
     (run_dir / runner.CONFIG).write_text(json.dumps(config))
-    assert runner.run(run_dir)["status"] == "completed"
-    assert (run_dir / "checkpoints" / "step-4" / checkpoint.STATE).is_file()
-
-    (run_dir / "checkpoints" / "step-4" / checkpoint.STATE).unlink()
-    started = _started(job, run_dir, "worker-1")
-    assert (started.level, started.message) == (
-        "warn",
-        f"Checkpoint step-4 is damaged ({checkpoint.STATE} is missing), so it is skipped: fine-tuning resumes from "
-        "checkpoint step-2.",
-    )
+    last = run_dir / "checkpoints" / "step-4"
+    for lost, what in [
+        (checkpoint.STATE, f"{checkpoint.STATE} is missing"),
+        (checkpoint.SCHEDULER, f"files are missing: {checkpoint.SCHEDULER}"),
+    ]:
+        (last / lost).unlink()
+        started = _started(job, run_dir, "worker-1")
+        assert (started.level, started.message) == (
+            "warn",
+            f"Checkpoint step-4 is damaged ({what}), so it is skipped: fine-tuning resumes from checkpoint step-2.",
+        )
+        assert runner.run(run_dir)["status"] == "completed", lost
+        assert (last / lost).is_file()
 
 
 def test_a_job_whose_base_model_is_gone_when_validated_fails_naming_the_model_field_and_what_to_give(tmp_path):

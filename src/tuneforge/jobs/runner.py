@@ -57,7 +57,7 @@ def run(run_dir: Path) -> dict:
     config = json.loads((run_dir / CONFIG).read_text())
     # The newest whole checkpoint, past a damaged one (a save cut short), which the job's events name
     # (`worker._started`): no one is there to choose another, as a user resuming by hand would be.
-    last = checkpoint.latest(run_dir / "checkpoints")
+    last, _ = checkpoint.newest_whole(run_dir / "checkpoints")
     resume = str(last) if last else None
     try:
         # A job's folder is its own: without a checkpoint to resume from, it starts over.

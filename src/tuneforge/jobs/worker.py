@@ -264,7 +264,7 @@ class Workers:
                 self._requeue_orphan(job)
 
     def _requeue_orphan(self, job: Job) -> None:
-        last = checkpoint.latest(self.runs / job.id / "checkpoints")
+        last, _ = checkpoint.newest_whole(self.runs / job.id / "checkpoints")
         # The checkpoint may be newer than the last step the dead server reported.
         step = max(job.step, checkpoint.step_number(last) if last else 0)
         back_to = "paused" if job.stop_request == "pause" else "queued"
@@ -494,7 +494,7 @@ class Workers:
             self._stopped(job, worker_id, "cancel", progress)
 
     def _stopped(self, job: Job, worker_id: str, reason: str, progress: RunProgress) -> None:
-        last = checkpoint.latest(self.runs / job.id / "checkpoints")
+        last, _ = checkpoint.newest_whole(self.runs / job.id / "checkpoints")
         kept = f"checkpoint {last.name}" if last else "no checkpoint (it stopped before the first one)"
         # The steps the run took until it stopped count in the job's figures, which a resumed run's
         # `RunProgress` starts from, so it reports each step's metrics once.
@@ -612,15 +612,14 @@ def _kept_checkpoint(job: Job, run_dir: Path) -> str:
 
 def _started(job: Job, run_dir: Path, worker_id: str) -> JobEvent:
     """The event of a job's run starting on `worker_id`: afresh, or resuming from its newest whole checkpoint (as
-    `runner.run` does), naming a damaged one past it that is skipped and what is wrong with it."""
-    root = run_dir / "checkpoints"
-    last = checkpoint.latest(root)
+    `runner.run` does), naming each damaged one past it that is skipped and what is wrong with it."""
+    last, skipped = checkpoint.newest_whole(run_dir / "checkpoints")
     data = {"worker": worker_id}
-    if damaged := checkpoint.damaged_past_latest(root):
-        folder, what = damaged
+    if skipped:
+        damaged = "; ".join(f"Checkpoint {folder.name} is damaged ({what})" for folder, what in skipped)
+        them = "it is" if len(skipped) == 1 else "they are"
         then = f"fine-tuning resumes from checkpoint {last.name}" if last else "fine-tuning starts over"
-        message = f"Checkpoint {folder.name} is damaged ({what}), so it is skipped: {then}."
-        return event(job.id, message, level="warn", data=data)
+        return event(job.id, f"{damaged}, so {them} skipped: {then}.", level="warn", data=data)
     return event(
         job.id, f"Resuming fine-tuning from checkpoint {last.name}." if last else "Fine-tuning job started.", data=data
     )

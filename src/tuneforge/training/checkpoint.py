@@ -95,6 +95,23 @@ def latest_to_resume(root: Path) -> Path | None:
     return latest(root)
 
 
+def newest_whole(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint whose files a resume reads are all there and readable (`read_state`), for a resume
+    no one is there to choose (a job's, after its server restarts), and the damaged ones past it, newest first,
+    each with what is wrong with it."""
+    skipped = [damaged] if (damaged := damaged_past_latest(root)) else []
+    for folder in reversed(step_folders(root)):
+        try:
+            read_state(folder)
+        except DamagedCheckpoint as err:
+            skipped.append((folder, err.what))
+            continue
+        except RunFailed:
+            pass  # whole, but written by an earlier version of tuneforge: the resume from it says so
+        return folder, skipped
+    return None, skipped
+
+
 def damaged_past_latest(root: Path) -> tuple[Path, str] | None:
     """The newest `step-N` past the latest checkpoint that is unreadable, and what is wrong with it: one without
     trainer_state.json (its last file, so a copy cut short or a file deleted since), or a file of that name; None
@@ -331,7 +348,15 @@ def save(
     return root / f"step-{step}"
 
 
-def _damaged(folder: Path, what: str) -> TuneforgeError:
+class DamagedCheckpoint(TuneforgeError):
+    """A checkpoint that cannot be read: its `folder`, and `what` is wrong with it."""
+
+    def __init__(self, message: str, folder: Path, what: str):
+        super().__init__(message, code="checkpoint_damaged")
+        self.folder, self.what = folder, what
+
+
+def _damaged(folder: Path, what: str) -> DamagedCheckpoint:
     """A checkpoint that cannot be read, and the earlier checkpoints to resume from instead."""
     others = step_folders(folder.parent)
     names = [other.name for other in others]
@@ -341,10 +366,11 @@ def _damaged(folder: Path, what: str) -> TuneforgeError:
         if earlier
         else "no earlier checkpoint is left to resume from"
     )
-    return TuneforgeError(
+    return DamagedCheckpoint(
         f"{folder}: {what}. If the checkpoint is damaged (a copy cut short, a full disk), {instead}, "
         "or start the run over with --overwrite.",
-        code="checkpoint_damaged",
+        folder,
+        what,
     )
 
 
