@@ -380,3 +380,16 @@ def completed_runs(folder, metrics: dict[str, list[dict]]) -> list:
         runs.append(SweepRun(name, {"train.learning_rate": float(name[3:])}, folder / name, status="completed"))
         read_run(runs[-1])
     return runs
+
+
+def test_checking_the_points_shows_its_progress_and_progress_false_shows_none(config, tmp_path, monkeypatch, capsys):
+    from tuneforge import progress
+    from tuneforge.sweeps import check_points
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    grid = {"train.learning_rate": [1e-3, 2e-3], "lora.r": [2, 4]}
+    check_points(config, [], grid, tmp_path / "s", "eval_loss", progress=True)
+    lines = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [f"sweep: checking points {n}/4" for n in range(1, 5)]
+    check_points(config, [], grid, tmp_path / "s", "eval_loss", progress=False)
+    assert capsys.readouterr().err == ""

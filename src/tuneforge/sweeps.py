@@ -30,6 +30,7 @@ from rich.table import Table
 from .config import Config, load_config, load_yaml, parse_overrides
 from .errors import ConfigError, TuneforgeError, json_kind, json_value
 from .fsio import atomic_file, write_json
+from .progress import progress_bar
 
 # What a sweep ranks its runs by: the validation loss of the final model (the full validation at the end), the
 # lowest validation loss seen during the run, or the last logged training loss, lower first; for method: grpo,
@@ -241,10 +242,13 @@ def _check_earlier_run(cfg: Config, out: Path, name: str, sweep_out: Path, finis
     )
 
 
-def check_points(config, overrides, grid: dict[str, list], out: Path, metric: str) -> list[tuple[SweepRun, Config]]:
+def check_points(
+    config, overrides, grid: dict[str, list], out: Path, metric: str, *, progress: bool = False
+) -> list[tuple[SweepRun, Config]]:
     """Every point's config, checked before any run starts: each swept value alone against the config (so an
-    error names its key and value), then each combination, then what `train` checks before loading weights,
-    then each distinct data setting's rows, which must hold validation rows where the metric needs them."""
+    error names its key and value), then each combination, then what `train` checks before loading weights
+    (with `progress`, shown point by point: a grid of hundreds takes seconds), then each distinct data
+    setting's rows, which must hold validation rows where the metric needs them."""
     from .eval.after_training import check_eval_inputs
     from .methods import batch_items, prepare_items
     from .models import resolve, run_tokenizer
@@ -276,51 +280,59 @@ def check_points(config, overrides, grid: dict[str, list], out: Path, metric: st
             except ConfigError as e:
                 raise ConfigError(f"--set {key}={_shown(value)}: {e.message}") from None
     points: list[tuple[SweepRun, Config]] = []
-    for values in _points(grid):
-        # Values whose names differ only in the characters a folder name leaves out (`a b`, `a-b`) get folders
-        # of their own: in one, the second would take the first's finished run for its own.
-        name = named = run_name(values, grid)
-        taken = {run.name for run, _ in points}
-        for n in itertools.count(2):
-            if name not in taken:
-                break
-            name = f"{named}-{n}"
-        run_dir = out / name
-        point = [*base_strings, f"output_dir={json.dumps(str(run_dir))}", *(_override(k, v) for k, v in values.items())]
-        said = ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
-        try:
-            cfg = load_config(config, point)
-        except ConfigError as e:
-            if len(grid) == 1:  # the value alone, named as the checks of each value above name theirs
-                raise ConfigError(f"--set {said}: {e.message}") from None
-            raise ConfigError(f"sweep run {name} ({said}): {e.message}", code=e.code) from None
-        try:
-            _check_metric(cfg, metric)
-            if metric != "train_loss" and cfg.data.validation in (None, 0, 0.0):
-                raise ConfigError(
-                    f"--metric {metric} ranks the runs by their {_validation_figure(metric)}, and data.validation "
-                    f"is {'unset' if cfg.data.validation is None else cfg.data.validation}: no validation rows. Set "
-                    "data.validation to a share of the training rows (0.1) or a validation file"
-                    f"{_or_train_loss(metric)}."
-                )
-            mode = _resume_mode(run_dir)
-            if mode is not None:
-                _check_earlier_run(cfg, run_dir, name, out, finished=mode == "finished")
-            if mode != "finished" or evaluation_missing(cfg):
-                check_eval_inputs(cfg)
-            if mode != "finished":
-                check_before_launch(cfg, 1, resume=mode)
-        except TuneforgeError as e:
-            raise type(e)(f"sweep run {name} ({said}): {e.message}", code=e.code) from None
-        # The values as the config holds them (1e-4 written on the command line is the number 0.0001).
-        typed = {k: _setting(cfg, k) for k in values}
-        for run, _ in points:
-            if run.values == typed:
-                raise ConfigError(
-                    f"sweep runs {run.name} and {name} train the same settings ({said}): a value is given twice in "
-                    "two spellings (1e-4 and 0.0001). Give each value once."
-                )
-        points.append((SweepRun(name, typed, run_dir, found=mode), cfg))
+    combinations = _points(grid)
+    with progress_bar("sweep: checking points", len(combinations), enabled=progress) as advance:
+        for values in combinations:
+            # Values whose names differ only in the characters a folder name leaves out (`a b`, `a-b`) get folders
+            # of their own: in one, the second would take the first's finished run for its own.
+            name = named = run_name(values, grid)
+            taken = {run.name for run, _ in points}
+            for n in itertools.count(2):
+                if name not in taken:
+                    break
+                name = f"{named}-{n}"
+            run_dir = out / name
+            point = [
+                *base_strings,
+                f"output_dir={json.dumps(str(run_dir))}",
+                *(_override(k, v) for k, v in values.items()),
+            ]
+            said = ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
+            try:
+                cfg = load_config(config, point)
+            except ConfigError as e:
+                if len(grid) == 1:  # the value alone, named as the checks of each value above name theirs
+                    raise ConfigError(f"--set {said}: {e.message}") from None
+                raise ConfigError(f"sweep run {name} ({said}): {e.message}", code=e.code) from None
+            try:
+                _check_metric(cfg, metric)
+                if metric != "train_loss" and cfg.data.validation in (None, 0, 0.0):
+                    raise ConfigError(
+                        f"--metric {metric} ranks the runs by their {_validation_figure(metric)}, and "
+                        f"data.validation is {'unset' if cfg.data.validation is None else cfg.data.validation}: no "
+                        "validation rows. Set data.validation to a share of the training rows (0.1) or a validation "
+                        "file"
+                        f"{_or_train_loss(metric)}."
+                    )
+                mode = _resume_mode(run_dir)
+                if mode is not None:
+                    _check_earlier_run(cfg, run_dir, name, out, finished=mode == "finished")
+                if mode != "finished" or evaluation_missing(cfg):
+                    check_eval_inputs(cfg)
+                if mode != "finished":
+                    check_before_launch(cfg, 1, resume=mode)
+            except TuneforgeError as e:
+                raise type(e)(f"sweep run {name} ({said}): {e.message}", code=e.code) from None
+            # The values as the config holds them (1e-4 written on the command line is the number 0.0001).
+            typed = {k: _setting(cfg, k) for k in values}
+            for run, _ in points:
+                if run.values == typed:
+                    raise ConfigError(
+                        f"sweep runs {run.name} and {name} train the same settings ({said}): a value is given twice in "
+                        "two spellings (1e-4 and 0.0001). Give each value once."
+                    )
+            points.append((SweepRun(name, typed, run_dir, found=mode), cfg))
+            advance(1)
     # The data rows, once for each data setting the points train on: a bad row or no validation rows is found now,
     # and a kept or resumed run whose data files changed since it trained.
     data_keys: dict[str, str | None] = {}  # each data setting's prepared data's cache key
@@ -546,7 +558,7 @@ def sweep(
         grid = {key: list(values) for key, values in grid.items()}
     out = Path(out) if out is not None else Path(f"{base.output_dir}-sweep")
     console = Console()
-    points = check_points(config, overrides, grid, out, metric)
+    points = check_points(config, overrides, grid, out, metric, progress=progress)
     sizes = " x ".join(f"{len(v)} {k}" for k, v in grid.items())
     console.print(f"sweep: {len(points)} runs ({sizes}), each checked; into {out}")
     result = SweepResult(out, metric, [run for run, _ in points])
