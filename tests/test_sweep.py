@@ -393,3 +393,20 @@ def test_checking_the_points_shows_its_progress_and_progress_false_shows_none(co
     assert lines == [f"sweep: checking points {n}/4" for n in range(1, 5)]
     check_points(config, [], grid, tmp_path / "s", "eval_loss", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_points_that_share_the_models_structure_build_it_once(config, tmp_path, monkeypatch):
+    from tuneforge import methods
+    from tuneforge.models import meta_model
+    from tuneforge.sweeps import check_points
+
+    built = []
+    monkeypatch.setattr(methods, "meta_model", lambda *a, **k: built.append(1) or meta_model(*a, **k))
+    grid = {"train.learning_rate": [1e-3, 2e-3, 3e-3], "lora.r": [2, 4]}
+    assert len(check_points(config, [], grid, tmp_path / "s", "eval_loss")) == 6
+    # One structure for each rank, the learning rates sharing it; a later check builds it again.
+    assert len(built) == 2
+    check_points(config, [], {"lora.r": [2, 4]}, tmp_path / "s", "eval_loss")
+    assert len(built) == 4
+    with pytest.raises(ConfigError, match="lora.target_modules"):
+        check_points(config, ["lora.target_modules=[nowhere]"], {"lora.r": [2, 4]}, tmp_path / "s", "eval_loss")

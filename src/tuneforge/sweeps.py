@@ -250,7 +250,7 @@ def check_points(
     (with `progress`, shown point by point: a grid of hundreds takes seconds), then each distinct data
     setting's rows, which must hold validation rows where the metric needs them."""
     from .eval.after_training import check_eval_inputs
-    from .methods import batch_items, prepare_items
+    from .methods import batch_items, prepare_items, trainable_checked_once
     from .models import resolve, run_tokenizer
     from .pipeline import evaluation_missing
     from .training.loop import check_before_launch
@@ -281,7 +281,10 @@ def check_points(
                 raise ConfigError(f"--set {key}={_shown(value)}: {e.message}") from None
     points: list[tuple[SweepRun, Config]] = []
     combinations = _points(grid)
-    with progress_bar("sweep: checking points", len(combinations), enabled=progress) as advance:
+    with (
+        progress_bar("sweep: checking points", len(combinations), enabled=progress) as advance,
+        trainable_checked_once(),
+    ):
         for values in combinations:
             # Values whose names differ only in the characters a folder name leaves out (`a b`, `a-b`) get folders
             # of their own: in one, the second would take the first's finished run for its own.

@@ -24,6 +24,8 @@ that validation leaves out. `sum_over_batches` runs an objective over batches wi
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import json
 from pathlib import Path
 
 import torch
@@ -167,17 +169,49 @@ def template_where(cfg) -> str:
     return cfg.key_at("model.chat_template") + (f", the template {path}" if path else "")
 
 
+# The structures `check_trainable` passed while `trainable_checked_once` holds: a sweep's points that differ in
+# settings no `prepare_model` reads (a learning rate) share one check of the model's structure.
+_PASSED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("trainable_passed", default=None)
+
+
+@contextlib.contextmanager
+def trainable_checked_once():
+    """Within it, `check_trainable` builds each structure once (the model's files being as they are)."""
+    token = _PASSED.set(set())
+    try:
+        yield
+    finally:
+        _PASSED.reset(token)
+
+
 def check_trainable(cfg, source, token_ids=(), new_ids=()) -> None:
     """Mark what trains on the model's structure alone, built on the meta device (no weights, no memory): what
     `prepare_model` refuses (a lora.target_modules or modules_to_save name the model lacks) is refused before
     the data is read and the weights load."""
     from transformers import AutoConfig
 
+    passed = _PASSED.get()
+    # Everything `prepare_model` reads: the config but its training (save freeze_embeddings), eval and output_dir.
+    key = json.dumps(
+        [
+            str(source.path),
+            list(token_ids),
+            list(new_ids),
+            cfg.train.freeze_embeddings,
+            cfg.model_dump(mode="json", exclude={"train", "eval", "output_dir"}),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    if passed is not None and key in passed:
+        return
     with torch.device("meta"):  # the adapter's layers too
         classifier = cfg.method == "reward"
         prepare_model(
             meta_model(AutoConfig.from_pretrained(source.path), classifier=classifier), cfg, token_ids, new_ids
         )
+    if passed is not None:
+        passed.add(key)
 
 
 def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False, hashed=None) -> tfdata.PreparedData:
