@@ -1319,3 +1319,23 @@ def test_best_of_n_rows_give_their_tool_calls_the_same_ids_each_time_they_are_wr
     [chosen], [rejected] = first["chosen"][0]["tool_calls"], first["rejected"][0]["tool_calls"]
     assert chosen["id"].startswith("call_") and chosen["id"] != rejected["id"]
     assert kept_row(record, 4, "pairs", None, HERMES)["chosen"][0]["tool_calls"][0]["id"] != chosen["id"]
+
+
+def test_a_teacher_that_is_the_student_itself_is_warned_of_before_any_work(tiny_model_dir, triage_data, tmp_path):
+    import warnings
+
+    from tuneforge.training.loop import check_before_launch
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    for teacher, said in ((tiny_model_dir, "the same folder"), (copy, "the same weights"), (other, None)):
+        cfg = load_config(distill_config(tiny_model_dir, teacher, triage_data, tmp_path / "run"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_before_launch(cfg, 1)
+        told = [str(w.message) for w in caught if "distill.teacher" in str(w.message)]
+        if said is None:
+            assert told == []
+            continue
+        assert len(told) == 1 and said in told[0] and "knows more than the student" in told[0], told
+    assert not (tmp_path / "run").exists()

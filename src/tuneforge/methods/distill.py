@@ -34,9 +34,11 @@ logits chunk by chunk, with their gradient in closed form (`_TopKDistillation`).
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -397,6 +399,33 @@ def source_files(source) -> list[tuple[str, int, int]]:
     ]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def same_model(a, b) -> str | None:
+    """How two resolved models are one: "the same folder", "the same weights" (files of the same names and
+    bytes, a copy), or None. Files of other sizes are told apart without reading them."""
+    folders = [[Path(s.path).resolve(), Path(s.adapter).resolve() if s.adapter else None] for s in (a, b)]
+    if folders[0] == folders[1]:
+        return "the same folder"
+
+    def weights(source) -> list[tuple[Path, str, int]]:
+        roots = [Path(source.path)] + ([Path(source.adapter)] if source.adapter else [])
+        return [
+            (p, f"{i}/{p.relative_to(root)}", p.stat().st_size)
+            for i, root in enumerate(roots)
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+        ]
+
+    mine, theirs = weights(a), weights(b)
+    if not mine or [w[1:] for w in mine] != [w[1:] for w in theirs]:
+        return None
+    if all(filecmp.cmp(p, q, shallow=False) for (p, _, _), (q, _, _) in zip(mine, theirs)):
+        return "the same weights"
+    return None
+
+
 def cache_key(teacher_name: str, k: int, vocab: int, dtype: str, keys: list[str]) -> str:
     """A hash of the teacher's files (`teacher_files`), k, the columns compared, the dtypes the teacher
     is held and computes in, and the rows: a changed teacher or data set gets a new entry."""
@@ -439,9 +468,19 @@ def check_teacher(cfg, student_tokenizer) -> None:
             f"tokens are more than the {window} positions the teacher {teacher_source.name} was built for; set "
             f"data.max_length to {window} or less, or give a teacher with a longer context."
         )
+    student_source = resolve(cfg.base_model)
+    same = same_model(teacher_source, student_source)
+    if same is not None:
+        warnings.warn(
+            f"{cfg.key_at('distill.teacher')}: the teacher {teacher_source.name} is the student's own model "
+            f"(base_model {cfg.base_model!r}: {same}), whose distributions the student already has. Distillation "
+            "needs a teacher that knows more than the student (a larger model, or one trained on the task); give "
+            "one, or to keep a student near where it starts, train method: lora or full with train.kl_to_base.",
+            stacklevel=2,
+        )
     teacher_size, student_size = (
         AutoConfig.from_pretrained(source.path).get_text_config().vocab_size
-        for source in (teacher_source, resolve(cfg.base_model))
+        for source in (teacher_source, student_source)
     )
     if load_tokenizer(teacher_source).get_vocab() == student_tokenizer.get_vocab():
         compared = min(teacher_size, student_size)  # the columns `DistillObjective` compares
