@@ -493,3 +493,35 @@ def test_full_fine_tuning_of_a_mixture_of_experts_on_two_processes_gives_the_one
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5), step
     assert one[3] < one[1] - 0.1  # the experts trained: a matching loss that stood still would prove nothing
+
+
+def _train_counting_teacher_passes(folder: str) -> None:
+    """A process's work for `launch_function`: train `folder`/cfg.yaml, writing to `folder`/teacher-RANK how
+    many times it ran the teacher over the rows for its top-k logits."""
+    from tuneforge.methods import distill
+    from tuneforge.training import train
+
+    compute, passes = distill.compute_top_k, []
+
+    def counting(*args, **kwargs):
+        passes.append(1)
+        return compute(*args, **kwargs)
+
+    distill.compute_top_k = counting  # this forked process's own
+    train(str(Path(folder, "cfg.yaml")), progress=False)
+    Path(folder, f"teacher-{os.environ['RANK']}").write_text(str(len(passes)))
+
+
+def test_rank_0_computes_a_missing_or_damaged_teacher_cache_entry_once_and_the_others_read_it(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1, batch_size=2)
+    cfg["method"], cfg["distill"] = "distill", {"teacher": str(tiny_model_dir), "student": "lora", "teacher_top_k": 4}
+    for entry in ("missing", "damaged"):
+        cfg["output_dir"] = str(tmp_path / entry)
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        launch_function(_train_counting_teacher_passes, (str(tmp_path),), 2)
+        assert [(tmp_path / f"teacher-{rank}").read_text() for rank in (0, 1)] == ["1", "0"], entry
+        (written,) = (tmp_path / "home" / "teacher-cache").iterdir()
+        written.write_bytes(written.read_bytes()[:100])  # cut short: the next run computes it again

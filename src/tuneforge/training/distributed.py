@@ -19,7 +19,9 @@ import contextlib
 import datetime
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,8 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import LAUNCHER_SHOWS_ERRORS, RunFailed, TuneforgeError
 from ..models import causal_lm
+
+T = TypeVar("T")
 
 # How long torchrun lets processes it stops (SIGTERM) finish their step and checkpoint before it kills them.
 SHUTDOWN_TIMEOUT_S = 120
@@ -366,6 +370,23 @@ def barrier(world: World, phase_name: str) -> None:
     if dist.is_initialized():
         with phase(phase_name, world):
             dist.barrier()
+
+
+def cached_by_rank_0_first(world: World, doing: str, work: Callable[[bool], T]) -> T:
+    """`work(main)` for work a process writes to the cache under $TUNEFORGE_HOME and the others read from it:
+    rank 0 does it (`main` true) while the others wait, then the first process of each other machine (which
+    reads rank 0's entry where $TUNEFORGE_HOME is shared, and does the work again where it is not), then the
+    other processes, which read their machine's entry. One process writes an entry at a time, and once."""
+    if world.is_main:
+        done = work(True)
+    barrier(world, f"{doing} (rank 0 does it while the others wait)")
+    if world.machines > 1:
+        if world.local_rank == 0 and not world.is_main:
+            done = work(False)
+        barrier(world, f"{doing} (the first process of each machine does it for the machine)")
+    if world.local_rank != 0:
+        done = work(False)
+    return done
 
 
 def teardown() -> None:

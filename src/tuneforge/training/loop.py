@@ -379,16 +379,18 @@ def prepare_data(
     where it is not. The other processes then read their machine's cache. Rank 0 shows its progress.
     `hashed`: the data's cache key and file states where `refuse_other_runs_on_other_machines` hashed the
     files already, so no process hashes them again."""
-    if world.is_main:
-        prepared = prepare_items(cfg, tokenizer, report_path=report_path, log=log, progress=progress, hashed=hashed)
-    distributed.barrier(world, "preparing data (rank 0 prepares it while the others wait)")
-    if world.machines > 1:
-        if world.local_rank == 0 and not world.is_main:
-            prepared = prepare_items(cfg, tokenizer, log=log, hashed=hashed)
-        distributed.barrier(world, "preparing data (the first process of each machine prepares it for the machine)")
-    if world.local_rank != 0:
-        prepared = prepare_items(cfg, tokenizer, log=log, hashed=hashed)
-    return prepared
+    return distributed.cached_by_rank_0_first(
+        world,
+        "preparing data",
+        lambda main: prepare_items(
+            cfg,
+            tokenizer,
+            report_path=report_path if main else None,
+            log=log,
+            progress=progress and main,
+            hashed=hashed,
+        ),
+    )
 
 
 def start_run_folder(cfg: Config, world: distributed.World, report: dict, replaces_earlier: bool) -> None:
@@ -667,13 +669,17 @@ def setup(
 
     if hasattr(objective, "cache_teacher"):  # distill.teacher_top_k: the teacher runs here, once, then is freed
         with autocast(precision, world.device), attention(cfg, per_example):
-            objective.cache_teacher(
-                train_rows + valid_rows,
-                tokenizer.pad_token_id,
-                world.device,
-                batch_rows=plan.micro_batch_rows,
-                progress=world.is_main,
-                log=log,
+            distributed.cached_by_rank_0_first(
+                world,
+                "the teacher's top-k logits",
+                lambda main: objective.cache_teacher(
+                    train_rows + valid_rows,
+                    tokenizer.pad_token_id,
+                    world.device,
+                    batch_rows=plan.micro_batch_rows,
+                    progress=main,
+                    log=log,
+                ),
             )
         per_example = [lm for lm in per_example if any(lm is causal_lm(m) for m in (model, *objective.frozen))]
 
