@@ -333,3 +333,24 @@ def test_a_kto_runs_evaluation_scores_its_validation_files_rows_rated_true(tiny_
     desirable = [row["completion"][0]["content"] for row in rows if row["label"]]
     assert len(desirable) < len(rows)
     assert [e.reference for e in validation_examples(cfg)] == desirable
+
+
+def test_a_validation_split_of_one_rated_reply_is_refused_before_training_naming_it_and_the_count(
+    tiny_model_dir, kto_data, tmp_path
+):
+    """KTO's KL estimate pairs each reply's prompt with another row's reply: a split of one row has only its own,
+    and its validation loss would be 0.5 for a desirable reply whatever the model (TRL refuses a batch of one)."""
+    from tuneforge.training import train
+
+    one = tmp_path / "one.jsonl"
+    one.write_text(Path(kto_data["validation"]).read_text().splitlines(keepends=True)[0])
+    cfg = kto_config(tiny_model_dir, {"train": kto_data["train"], "validation": one}, tmp_path / "run", max_steps=1)
+    with pytest.raises(DataError, match="1 rated reply") as refused:
+        train(cfg, progress=False)
+    (problem,) = [p for p in refused.value.problems if p.code == "kto_one_valid_row"]
+    assert problem.file == str(one) and "2 or more" in problem.message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(Path(kto_data["validation"]).read_text().splitlines(keepends=True)[:2]))
+    cfg = kto_config(tiny_model_dir, {"train": kto_data["train"], "validation": two}, tmp_path / "run2", max_steps=1)
+    train(cfg, progress=False)

@@ -770,6 +770,21 @@ class _Preparation:
                     file=", ".join(self.cfg.train_files),
                 )
             )
+        if self.kind and self.kind[0] == "kto" and len(self.valid) == 1:
+            # KTO's KL estimate takes each rated reply's prompt with another row's reply (`dpo.kto_rows`); one row
+            # has only its own, so its validation loss compares the reply with itself (TRL refuses a batch of one).
+            split = "" if validation_file else f" (data.validation: {self.cfg.validation} of the training rows)"
+            self.problems.append(
+                Problem(
+                    "kto_one_valid_row",
+                    f"the validation split{split} holds 1 rated reply, and KTO's KL estimate pairs each reply's "
+                    "prompt with another row's reply: with one row it compares the reply with itself, and the "
+                    "validation loss measures nothing (0.5 for a desirable reply, whatever the model). Give 2 or "
+                    "more validation rows (replies to other prompts, for a sound estimate), a larger "
+                    "data.validation share, or data.validation: null to train without validation.",
+                    file=validation_file or ", ".join(self.cfg.train_files),
+                )
+            )
         if not any(r.trains_end for r in self.train):
             ends = self.renderer.end_ids
             names = ", ".join(repr(self.renderer.tokenizer.convert_ids_to_tokens(i)) for i in sorted(ends))
