@@ -309,7 +309,13 @@ def test_a_row_without_a_field_the_grader_reads_stops_the_run_before_training(ti
     with pytest.raises(TuneforgeError, match="reads item.answer, which the item does not have") as error:
         train(cfg, progress=False)
     assert f"The sample answers the prompt at {data}:41." in error.value.message
+    # The fields listed are those a grade reads: the row's, and the prompt TRL-style reward functions take too.
+    assert re.search(r"its fields: [^)]*\bprompt\b", error.value.message), error.value.message
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+    # A template reading the prompt is checked against every row as it is graded, with it.
+    quoted = {**BRACE, "name": "quoted", "input": "{{ item.prompt }}"}
+    cfg = load_config(grpo_config(tiny_model_dir, files, tmp_path / "run", grader=quoted))
+    assert prepare_items(cfg, load_tokenizer(str(tiny_model_dir)), log=lambda *a: None).train
 
 
 def test_grpo_options_that_cannot_work_are_refused(tiny_model_dir, triage_data, tmp_path):

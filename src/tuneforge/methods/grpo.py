@@ -296,7 +296,7 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None, log=print) -> tf
     with naming_rows(checked):
         grader.check([r.graded_item for r in checked])
     with naming_rows(rows + valid):
-        grader.check_items([r.item for r in rows + valid])
+        grader.check_items([r.graded_item for r in rows + valid])
     return tfdata.PreparedData(rows, valid, report)
 
 
