@@ -157,8 +157,21 @@ def test_a_json_grader_file_missing_a_comma_is_told_to_add_it_not_to_check_its_i
     path.write_text('{\n  "type": "string_check",\n  "name": "ok"\n  "input": "{{ sample.output_text }}"\n}\n')
     with pytest.raises(ConfigError) as e:
         load_grader(str(path), key="--grader")
-    assert e.value.message.startswith(f"--grader: {path} line 4, column 3: not valid JSON or YAML (expected ','")
+    assert e.value.message.startswith(f"--grader: {path} line 4, column 3: not valid JSON (Expecting ',' delimiter")
     assert "put a comma between" in e.value.message and "indentation" not in e.value.message
+
+
+def test_a_json_grader_file_is_read_as_json_so_tabs_indent_it(tmp_path):
+    """JSON takes tabs between its tokens, where YAML refuses a tab that indents."""
+    from tuneforge.graders import load_grader
+
+    spec = {"type": "string_check", "name": "tabbed", "input": "{{ sample.output_text }}", "reference": "x"}
+    path = tmp_path / "grader.json"
+    path.write_text(json.dumps({**spec, "operation": "eq"}, indent="\t"))
+    assert load_grader(str(path), key="--grader").name == "tabbed"
+    path.write_text('{"type": "string_check", "name": ' + "9" * 5000 + "}")
+    with pytest.raises(ConfigError, match=rf"--grader: {path}: the JSON has an integer of more than"):
+        load_grader(str(path), key="--grader")
 
 
 def test_a_grader_that_cannot_score_the_rows_is_refused_before_any_model_loads(triage_data, tmp_path):

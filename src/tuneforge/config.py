@@ -1666,15 +1666,18 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
-def yaml_syntax_error(path: Path, error: yaml.YAMLError, what: str) -> str:
-    """A YAML file's syntax error as its user reads it: the file, line and column, PyYAML's problem and what to
-    check there (PyYAML's own message names "<unicode string>" and quotes the text)."""
-    mark = getattr(error, "problem_mark", None)
-    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    problem = str(getattr(error, "problem", error))
+def yaml_syntax_error(path: Path, error: yaml.YAMLError | json.JSONDecodeError, what: str) -> str:
+    """A YAML (or JSON) file's syntax error as its user reads it: the file, line and column, the parser's problem
+    and what to check there (PyYAML's own message names "<unicode string>" and quotes the text)."""
+    if isinstance(error, json.JSONDecodeError):
+        where, problem = f" line {error.lineno}, column {error.colno}", error.msg
+    else:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = str(getattr(error, "problem", error))
     if "'\\t'" in problem:
         do = "YAML indents with spaces, never tabs: replace the tab there with spaces"
-    elif "flow" in str(getattr(error, "context", "")):  # inside { } or [ ], as a JSON file is written
+    elif isinstance(error, json.JSONDecodeError) or "flow" in str(getattr(error, "context", "")):  # in { } or [ ]
         do = "close the brackets and quotes that open there or above, and put a comma between the items of a { } or [ ]"
     else:
         do = (

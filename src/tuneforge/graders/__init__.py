@@ -25,13 +25,14 @@ multi grader that sums them, or weighs them as TRL's reward_weights do.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import yaml
 
 from ..config import load_yaml, yaml_syntax_error, yaml_text
-from ..errors import ConfigError
+from ..errors import ConfigError, unreadable_json
 from .base import Grader, GraderError, GradeResult, rollout_sample, rollout_samples, sample_of
 from .multi import FUNCTIONS, MultiGrader
 from .python import PythonGrader, PythonLimits, RewardFunctionGrader
@@ -125,10 +126,18 @@ def load_grader(spec: dict | str | list, weights: list[float] | None = None, *, 
                 f"{key}: {spec} is no file. Give a grader object, the path of a JSON/YAML file, or reward "
                 "functions as FILE.py:FUNCTION."
             )
+        text = yaml_text(path)
+        # A .json file is read as JSON: YAML refuses the tabs that indent many a JSON file.
         try:
-            spec = load_yaml(yaml_text(path), str(path))
+            spec = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text, str(path))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{key}: {yaml_syntax_error(path, err, 'not valid JSON')}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{key}: {yaml_syntax_error(path, err, 'not valid JSON or YAML')}") from None
+        except (RecursionError, ValueError) as err:  # well-formed JSON that Python's reader gives up on
+            if (what := unreadable_json(err)) is None:
+                raise
+            raise ConfigError(f"{key}: {path}: the JSON {what}; no grader needs that.") from None
         if not isinstance(spec, dict):
             raise ConfigError(f"{key}: {path} must hold one grader object (a mapping with a type).")
     try:
