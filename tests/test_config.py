@@ -246,12 +246,15 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
         load_config(write(tmp_path, {"base_model": "m", "data": {"train": "x"}}), ["base_model.x=2"])
     known = _known_keys(Config)
     assert all(target.split()[0].rstrip(":") in known for target in KNOWN_ELSEWHERE.values())
+    # A syntax error is named by its column in the value, not by PyYAML's "<unicode string>" excerpt.
     with pytest.raises(
         ConfigError,
-        match=r"override 'lora\.target_modules=\[q_proj': the value of "
-        r"lora\.target_modules is not valid YAML \(.+\); close its brackets",
+        match=r"override 'lora\.target_modules=\[q_proj': the value of lora\.target_modules is not valid YAML "
+        r"\(expected ',' or '\]', but got '<stream end>' at column 8\); close the brackets and quotes",
     ):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["lora.target_modules=[q_proj"])
+    with pytest.raises(ConfigError, match=r"\(mapping values are not allowed here at column 5\); .*quote it whole"):
+        load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.seed=a: b: c"])
     for override, key in (("=4", ""), ("train..seed=3", "train..seed")):
         with pytest.raises(ConfigError, match=f"override '{re.escape(override)}': '{re.escape(key)}' is no key"):
             load_config(write(tmp_path, {"data": {"train": "x"}}), [override])

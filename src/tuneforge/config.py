@@ -1556,8 +1556,7 @@ def parse_overrides(overrides: str | Iterable[str] | None) -> list[tuple[str, An
             value = load_yaml(raw, f"override '{o}': the value of {key.strip()}") if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(
-                f"override '{o}': the value of {key.strip()} is not valid YAML ({getattr(e, 'problem', e)}); "
-                "close its brackets and quotes, or quote it whole as a string"
+                yaml_syntax_error(f"override '{o}'", e, f"the value of {key.strip()} is not valid YAML", one_line=True)
             ) from None
         key = key.strip()
         # Applied in turn, a later override replaces an earlier one of its key, or of a key in its section,
@@ -1666,19 +1665,26 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
-def yaml_syntax_error(path: Path, error: yaml.YAMLError | json.JSONDecodeError, what: str) -> str:
+def yaml_syntax_error(
+    path: Path | str, error: yaml.YAMLError | json.JSONDecodeError, what: str, *, one_line: bool = False
+) -> str:
     """A YAML (or JSON) file's syntax error as its user reads it: the file, line and column, the parser's problem
-    and what to check there (PyYAML's own message names "<unicode string>" and quotes the text)."""
+    and what to check there (PyYAML's own message names "<unicode string>" and quotes the text). `one_line`: a
+    value given on one line (an option's, an override's; `path` names it), placed by its column alone."""
     if isinstance(error, json.JSONDecodeError):
         where, problem = f" line {error.lineno}, column {error.colno}", error.msg
     else:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = str(getattr(error, "problem", error))
+        if one_line:
+            where, problem = "", problem + (f" at column {mark.column + 1}" if mark else "")
     if "'\\t'" in problem:
         do = "YAML indents with spaces, never tabs: replace the tab there with spaces"
     elif isinstance(error, json.JSONDecodeError) or "flow" in str(getattr(error, "context", "")):  # in { } or [ ]
         do = "close the brackets and quotes that open there or above, and put a comma between the items of a { } or [ ]"
+    elif one_line:
+        do = "close its brackets and quotes, or quote it whole as a string"
     else:
         do = (
             "check the indentation there and on the line above (a section's keys line up, indented by "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import load_yaml
+from ..config import load_yaml, yaml_syntax_error
 from ..errors import ConfigError, check_counts, refuse_options
 from .choices import (
     compare_choices,
@@ -229,11 +229,8 @@ def grader_spec(grader: str) -> str | dict | list[str]:
         try:
             spec = load_yaml(grader, "--grader")
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at column {mark.column + 1}" if mark else ""
             raise ConfigError(
-                f"--grader: {grader} is not a valid JSON or YAML object ({getattr(err, 'problem', err)}{where}); "
-                "close its brackets and quotes, and put a comma between its fields."
+                yaml_syntax_error("--grader", err, f"{grader} is not a valid JSON or YAML object", one_line=True)
             ) from None
         if not isinstance(spec, dict):
             raise ConfigError(f"--grader: {grader} must be one grader object (a mapping with a type).")
