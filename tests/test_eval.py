@@ -886,3 +886,23 @@ def test_a_numpy_count_is_taken_as_the_whole_number_it_is(tiny_model_dir, tmp_pa
     )
     answered = evaluate(str(tiny_model_dir), chat, max_new_tokens=np.int64(2), progress=False)
     assert json.loads(json.dumps(answered))["generation"]["max_new_tokens"] == 2
+
+
+def test_a_damaged_bundled_base_questions_record_is_refused_as_a_damaged_install(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.eval import forgetting
+
+    monkeypatch.setattr(forgetting, "resources", SimpleNamespace(files=lambda package: tmp_path))
+    path = tmp_path / forgetting.BASE_QUESTIONS_FILE
+    for damage in (b'{"model": "m", "kept": ["What is', b"[]", b'{"model": "m", "kept": 3}', None):
+        if damage is None:
+            path.unlink()
+        else:
+            path.write_bytes(damage)
+        with pytest.raises(TuneforgeError) as refused:
+            forgetting.kept_questions()
+        assert refused.value.message.startswith(f"{path}: ") and "reinstall tuneforge" in refused.value.message
+    path.write_text(json.dumps({"model": "m", "kept": ["What is the capital of France?"]}))
+    assert [q["question"] for q in forgetting.kept_questions()] == ["What is the capital of France?"]

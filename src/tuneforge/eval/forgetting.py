@@ -21,7 +21,6 @@ rewrites `base_questions.json` (do so when the question set or the bundled model
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from importlib import resources
 
@@ -29,7 +28,7 @@ import torch
 
 from ..config import DEFAULT_MODEL
 from ..data import IGNORE_INDEX, Document, Example, collate, render_conversation
-from ..errors import TuneforgeError, check_counts
+from ..errors import TuneforgeError, check_counts, json_value
 from ..fsio import write_json
 from ..generate import BATCH_SIZE, encode_prompts, generate
 from ..methods.sft import trained_logits
@@ -81,7 +80,25 @@ class ModelPair:
 
 
 def _base_questions_record() -> dict:
-    return json.loads(resources.files(__package__).joinpath(BASE_QUESTIONS_FILE).read_text(encoding="utf-8"))
+    """`BASE_QUESTIONS_FILE`, installed with tuneforge: one that cannot be read, or holds no model and list of
+    kept questions, is refused as a damaged install."""
+    path = resources.files(__package__).joinpath(BASE_QUESTIONS_FILE)
+    try:
+        record, unreadable = json_value(path.read_bytes())
+    except OSError as error:
+        record, unreadable = None, f"cannot be read ({error.strerror or error})"
+    kept = record.get("kept") if isinstance(record, dict) else None
+    if unreadable is None and not (
+        isinstance(kept, list) and all(isinstance(q, str) for q in kept) and isinstance(record.get("model"), str)
+    ):
+        unreadable = "holds no model and list of kept questions"
+    if unreadable is not None:
+        raise TuneforgeError(
+            f"{path}: the record of the general questions the base model knows, installed with tuneforge, "
+            f"{unreadable}: the install is damaged. Reinstall tuneforge (pip install --force-reinstall tuneforge).",
+            code="damaged_install",
+        )
+    return record
 
 
 def kept_questions() -> list[dict]:
