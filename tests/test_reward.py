@@ -489,3 +489,35 @@ def test_eval_of_a_reward_model_refuses_an_out_that_is_a_file_before_its_weights
     with pytest.raises(ConfigError, match=f"--out {tmp_path / where}: {taken} is a file, not a folder"):
         eval_command(str(rm), str(pairs), out=str(tmp_path / where), json_out=True)
     assert taken.read_text() == "mine"
+
+
+def test_a_reward_report_is_written_whole_and_never_over_a_folder_of_other_files(tmp_path, monkeypatch):
+    """A write stopped between scores.jsonl and margins.png leaves the earlier report as it was, not a new
+    scores.jsonl beside an old histogram; the folder is replaced whole, so one holding other files is refused."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval import reward
+
+    def result(margin: float) -> dict:
+        sample = {"line": 1, "chosen_score": margin, "rejected_score": 0.0, "margin": margin}
+        return {"n": 1, "accuracy": float(margin > 0), "samples": [sample]}
+
+    out = tmp_path / "report"
+    files = reward.write_scores(out, result(1.0))
+    before = {name: (out / name).read_bytes() for name in ("scores.jsonl", "margins.png")}
+    assert sorted(files) == ["margins_plot", "scores"] and all(before.values())
+
+    def stopped(result):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reward, "margins_figure", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        reward.write_scores(out, result(-2.0))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    monkeypatch.undo()
+    reward.write_scores(out, result(-2.0))
+    assert json.loads((out / "scores.jsonl").read_text())["margin"] == -2.0
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=rf"--out {out} holds notes\.txt, .*a folder of its own"):
+        reward.evaluate_reward_model("no-such-model", tmp_path / "pairs.jsonl", out=out)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -27,8 +27,8 @@ import torch
 from ..data import Preference, Problem, collate, read_conversations
 from ..data.formats import file_format
 from ..data.render import renderer_for
-from ..errors import DataError, TuneforgeError, check_counts
-from ..fsio import atomic_file
+from ..errors import ConfigError, DataError, TuneforgeError, check_counts
+from ..fsio import atomic_dir
 from ..methods.reward import example_rewards, pair_losses
 from ..models import load_model, load_tokenizer, model_context_length
 from ..progress import library_bars, progress_bar
@@ -99,9 +99,11 @@ def evaluate_reward_model(
 ) -> dict:
     """Score both replies of each pair of `data` with the reward model `model` (a `method: reward` run or
     checkpoint, its merged export, or any sequence classifier with one output) and measure the ranking.
-    `out`: a folder that gets `scores.jsonl` (one line a pair: its line, both scores and the margin, written
-    atomically) and `margins.png` (a histogram of the margins)."""
+    `out`: a folder that gets `scores.jsonl` (one line a pair: its line, both scores and the margin) and
+    `margins.png` (a histogram of the margins), written whole; one holding other files is refused first."""
     check_counts({"batch_size": (batch_size, 1)})
+    if out is not None:
+        check_report_folder(Path(out))
     from ..models import resolve
 
     pairs = read_pairs(data, limit, str(model))
@@ -186,18 +188,34 @@ def evaluate_reward_model(
     return result
 
 
+SCORES_FILE, PLOT_FILE = "scores.jsonl", "margins.png"
+
+
+def check_report_folder(folder: Path) -> None:
+    """`folder` holds nothing but an earlier report, if anything: `write_scores` replaces it whole."""
+    others = (
+        sorted(p.name for p in folder.iterdir() if p.name not in (SCORES_FILE, PLOT_FILE)) if folder.is_dir() else []
+    )
+    if others:
+        raise ConfigError(
+            f"--out {folder} holds {', '.join(others[:5])}{' and more' if len(others) > 5 else ''}, which a reward "
+            f"model's report ({SCORES_FILE}, {PLOT_FILE}) would replace, as it replaces the folder whole; give it "
+            "a folder of its own (a new one is made)."
+        )
+
+
 def write_scores(folder: Path, result: dict) -> dict:
     """`scores.jsonl` (each pair's line, both scores and the margin) and `margins.png` (their histogram) in
-    `folder`, each written atomically; their paths."""
-    scores = folder / "scores.jsonl"
-    with atomic_file(scores) as f:
-        for s in result["samples"]:
-            keys = ("line", "chosen_score", "rejected_score", "margin", "row_margin")
-            f.write(json.dumps({k: s[k] for k in keys if k in s}, ensure_ascii=False) + "\n")
-    plot = folder / "margins.png"
-    with atomic_file(plot, "wb") as f:
-        margins_figure(result).savefig(f, format="png", dpi=110, bbox_inches="tight")
-    return {"scores": str(scores), "margins_plot": str(plot)}
+    `folder`, written whole (a folder renamed into place, an earlier report swapped out): a write stopped midway
+    never leaves new scores beside an old histogram. Their paths."""
+    with atomic_dir(folder, replace=True) as tmp:
+        with open(tmp / SCORES_FILE, "w", encoding="utf-8") as f:
+            for s in result["samples"]:
+                keys = ("line", "chosen_score", "rejected_score", "margin", "row_margin")
+                f.write(json.dumps({k: s[k] for k in keys if k in s}, ensure_ascii=False) + "\n")
+        with open(tmp / PLOT_FILE, "wb") as f:
+            margins_figure(result).savefig(f, format="png", dpi=110, bbox_inches="tight")
+    return {"scores": str(folder / SCORES_FILE), "margins_plot": str(folder / PLOT_FILE)}
 
 
 def margins_figure(result: dict):
