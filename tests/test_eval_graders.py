@@ -169,6 +169,10 @@ def test_a_json_grader_file_is_read_as_json_so_tabs_indent_it(tmp_path):
     path = tmp_path / "grader.json"
     path.write_text(json.dumps({**spec, "operation": "eq"}, indent="\t"))
     assert load_grader(str(path), key="--grader").name == "tabbed"
+    # As Windows editors save it: a byte-order mark before the JSON, and the suffix in capitals.
+    saved = tmp_path / "GRADER.JSON"
+    saved.write_text("\ufeff" + json.dumps({**spec, "operation": "eq"}), encoding="utf-8")
+    assert load_grader(str(saved), key="--grader").name == "tabbed"
     path.write_text('{"type": "string_check", "name": ' + "9" * 5000 + "}")
     with pytest.raises(ConfigError, match=rf"--grader: {path}: the JSON has an integer of more than"):
         load_grader(str(path), key="--grader")

@@ -127,9 +127,14 @@ def load_grader(spec: dict | str | list, weights: list[float] | None = None, *, 
                 "functions as FILE.py:FUNCTION."
             )
         text = yaml_text(path)
-        # A .json file is read as JSON: YAML refuses the tabs that indent many a JSON file.
+        # A .json file is read as JSON: YAML refuses the tabs that indent many a JSON file. A byte-order mark
+        # before it (as Windows editors save UTF-8) is no part of the JSON, and YAML skips it as well.
         try:
-            spec = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text, str(path))
+            spec = (
+                json.loads(text.removeprefix("\ufeff"))
+                if path.suffix.lower() == ".json"
+                else load_yaml(text, str(path))
+            )
         except json.JSONDecodeError as err:
             raise ConfigError(f"{key}: {yaml_syntax_error(path, err, 'not valid JSON')}") from None
         except yaml.YAMLError as err:
