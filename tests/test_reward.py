@@ -521,3 +521,23 @@ def test_a_reward_report_is_written_whole_and_never_over_a_folder_of_other_files
     with pytest.raises(ConfigError, match=rf"--out {out} holds notes\.txt, .*a folder of its own"):
         reward.evaluate_reward_model("no-such-model", tmp_path / "pairs.jsonl", out=out)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_reward_report_into_a_mount_point_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """A mounted volume (a container's /out) cannot be renamed away to swap the report in: refused before the
+    model is even looked up, pointing at a folder inside it, not after every pair is scored."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval import reward
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    partitions = psutil.disk_partitions(all=True)
+    bound = SimpleNamespace(device="/srv/reports", mountpoint=str(volume), fstype="none", opts="rw,bind")
+    monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: [*partitions, bound])
+    with pytest.raises(ConfigError, match=rf"--out {volume} is a mount point.*--out {volume / 'reward'}"):
+        reward.evaluate_reward_model("no-such-model", tmp_path / "pairs.jsonl", out=volume)
+    assert list(volume.iterdir()) == []
