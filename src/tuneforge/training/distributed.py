@@ -329,7 +329,8 @@ def phase(name: str, world: World):
             f"rank {world.rank} of {world.size}: {name}: the other processes did not take part in time. Another "
             f"process failed (its error is printed above or below this one), or it is stuck or ran ahead; a process "
             f"waits for the others for train.distributed_timeout = {world.timeout:g} s. If a phase that one process "
-            f"runs alone (preparing data, writing a checkpoint) takes longer than that, raise it. ({first_line})"
+            "runs alone (preparing data, a distillation teacher's top-k pass, writing a checkpoint) takes longer "
+            f"than that, raise it. ({first_line})"
         ) from None
 
 
