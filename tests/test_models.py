@@ -1426,13 +1426,15 @@ def test_a_pool_reads_each_adapters_weights_header_and_its_bases_config_once_to_
     import safetensors
     from transformers import AutoConfig
 
+    import tuneforge
     from tuneforge.serve.adapters import load_pool
 
+    package = Path(tuneforge.__file__).parent
     opened, read = [], []
     safe_open, from_pretrained = safetensors.safe_open, AutoConfig.from_pretrained
 
     def reading(folder, *args, **kwargs):
-        if "/tuneforge/" in sys._getframe(1).f_code.co_filename:  # not transformers' own, as a tokenizer loads
+        if Path(sys._getframe(1).f_code.co_filename).is_relative_to(package):  # not transformers' own (a tokenizer's)
             read.append(Path(folder).resolve())
         return from_pretrained(folder, *args, **kwargs)
 
