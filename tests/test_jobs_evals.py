@@ -533,6 +533,37 @@ def test_a_run_end_a_full_store_refuses_is_told_once_and_written_when_it_can(tmp
     assert told.getMessage().startswith("eval run evalrun_x: its end cannot be written yet"), told.getMessage()
 
 
+def test_a_run_end_a_busy_sqlite_store_refuses_by_an_extended_code_is_written_when_it_can(tmp_path, monkeypatch):
+    """SQLite tells a busy database by extended codes too: in WAL mode (the store's), a write after a read that
+    another connection's commit made stale is SQLITE_BUSY_SNAPSHOT, which clears once the transaction starts
+    again, as SQLITE_BUSY does."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from tuneforge.jobs import evals
+
+    path = tmp_path / "wal.db"
+    writer = sqlite3.connect(path, timeout=0)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("CREATE TABLE t (x)")
+    writer.commit()
+    reader = sqlite3.connect(path, timeout=0)
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM t").fetchall()
+    writer.execute("INSERT INTO t VALUES (1)")
+    writer.commit()
+    with pytest.raises(sqlite3.OperationalError) as stale:
+        reader.execute("INSERT INTO t VALUES (2)")
+    assert stale.value.sqlite_errorname == "SQLITE_BUSY_SNAPSHOT"
+    reader.close()
+    writer.close()
+    monkeypatch.setattr(evals, "END_RETRY_S", 0.01)
+    busy = OperationalError("UPDATE eval_runs", {}, stale.value)
+    assert ended_against(tmp_path, monkeypatch, busy, threading.Event(), refusals=2) == ["failed"] * 3
+
+
 def test_a_run_end_being_tried_again_stops_as_soon_as_the_server_stops(tmp_path, monkeypatch):
     """The server stopping while a run's end waits to be written again does not wait out the pause: the next
     server takes the run up as one whose server died."""

@@ -97,7 +97,9 @@ def may_clear(err: BaseException) -> bool:
         return True
     original = err.orig
     if (code := getattr(original, "sqlite_errorcode", None)) is not None:
-        return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        # The extended code's low byte is its primary code: SQLITE_BUSY_SNAPSHOT (a WAL read made stale by
+        # another's commit) and SQLITE_BUSY_RECOVERY are SQLITE_BUSY's, SQLITE_LOCKED_SHAREDCACHE is SQLITE_LOCKED's.
+        return (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
     if (state := getattr(original, "pgcode", None)) is not None:
         return state.startswith(_POSTGRES_PASSING)
     # The driver's own operational error, with no state from a server: the connection's (psycopg2's "could not
