@@ -335,3 +335,41 @@ def test_the_content_of_a_file_deleted_as_it_is_sent_comes_whole_with_its_length
     assert answer[0]["status"] == 200 and headers[b"content-length"] == str(len(ROW)).encode()
     assert b"accept-ranges" not in headers
     assert b"".join(message["body"] for message in answer[1:]) == ROW and not answer[-1]["more_body"]
+
+
+@pytest.mark.parametrize("drops_at", ["http.response.start", "http.response.body"])
+def test_the_content_of_a_file_a_client_drops_mid_download_has_its_handle_closed(http, monkeypatch, drops_at):
+    """A client that goes away before the first chunk or after it: the handle the route opened is closed when the
+    answer ends, not left to the garbage collector (a deleted file's disk space is held while it is open)."""
+    from tuneforge.jobs.routes import files
+
+    file_id = post(http, PURPOSE + field("file", ROW * 30_000, "train.jsonl") + END).json()["id"]
+    opened = []
+
+    def opening(*args):
+        opened.append(open(*args))
+        return opened[-1]
+
+    monkeypatch.setattr(files, "open", opening, raising=False)
+    gone, requests = asyncio.Event(), [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict:  # the request, then the client's disconnect once it has what it waits for
+        if requests:
+            return requests.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == drops_at:
+            gone.set()
+            await asyncio.sleep(0.2)
+
+    async def download() -> bool:
+        path = f"/v1/files/{file_id}/content"
+        scope = {"type": "http", "http_version": "1.1", "scheme": "http", "method": "GET", "root_path": ""}
+        scope |= {"path": path, "raw_path": path.encode(), "query_string": b""}
+        scope["headers"] = [(b"authorization", f"Bearer {KEY}".encode())]
+        await http.app(scope, receive, send)
+        return opened[0].closed
+
+    assert asyncio.run(download())

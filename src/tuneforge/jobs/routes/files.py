@@ -181,14 +181,27 @@ def file_content(file_id: str, owner: str = Depends(caller), service: Service = 
         "Content-Length": str(os.fstat(opened.fileno()).st_size),
         "Content-Disposition": f"attachment; filename*=utf-8''{quote(row.filename)}",
     }
-    return StreamingResponse(_chunks(opened), media_type="application/octet-stream", headers=headers)
+    return _OpenedFileResponse(opened, headers)
+
+
+class _OpenedFileResponse(StreamingResponse):
+    """The bytes of a file the route opened, a chunk at a time, its handle closed when the answer ends: sent
+    whole, or dropped by a client gone before the end (which leaves the chunks' iterator unfinished)."""
+
+    def __init__(self, opened: BinaryIO, headers: dict[str, str]):
+        super().__init__(_chunks(opened), media_type="application/octet-stream", headers=headers)
+        self.opened = opened
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.opened.close()
 
 
 def _chunks(opened: BinaryIO) -> Iterator[bytes]:
-    """`opened`'s bytes, a chunk at a time, closing it at the end (or when the answer is dropped unsent)."""
-    with opened:
-        while chunk := opened.read(CHUNK_BYTES):
-            yield chunk
+    while chunk := opened.read(CHUNK_BYTES):
+        yield chunk
 
 
 @router.delete("/{file_id}")
