@@ -373,3 +373,18 @@ def test_the_content_of_a_file_a_client_drops_mid_download_has_its_handle_closed
         return opened[0].closed
 
     assert asyncio.run(download())
+
+
+@pytest.mark.parametrize(
+    ("filename", "disposition"),
+    [
+        ("train.jsonl", 'attachment; filename="train.jsonl"'),
+        ("träin é.jsonl", "attachment; filename*=utf-8''tr%C3%A4in%20%C3%A9.jsonl"),
+    ],
+)
+def test_the_content_of_a_file_is_named_by_its_filename(http, filename, disposition):
+    """A name of plain characters is sent as `filename="..."`, which every client reads (`curl -OJ` reads no
+    other), and one of any other characters percent-encoded as `filename*`."""
+    file_id = post(http, PURPOSE + field("file", ROW, filename) + END).json()["id"]
+    answer = http.get(f"/v1/files/{file_id}/content", headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.headers["content-disposition"] == disposition

@@ -177,10 +177,14 @@ def file_content(file_id: str, owner: str = Depends(caller), service: Service = 
         opened = open(service.storage.path(row), "rb")
     except FileNotFoundError:  # deleted after its row was read
         raise no_such_file(row.id) from None
-    headers = {
-        "Content-Length": str(os.fstat(opened.fileno()).st_size),
-        "Content-Disposition": f"attachment; filename*=utf-8''{quote(row.filename)}",
-    }
+    # A name of plain characters as `filename="..."`, which every client reads (`curl -OJ` reads no other); one of
+    # any other characters percent-encoded as `filename*` (RFC 6266).
+    named = (
+        f'filename="{row.filename}"'
+        if quote(row.filename) == row.filename
+        else f"filename*=utf-8''{quote(row.filename)}"
+    )
+    headers = {"Content-Length": str(os.fstat(opened.fileno()).st_size), "Content-Disposition": f"attachment; {named}"}
     return _OpenedFileResponse(opened, headers)
 
 
