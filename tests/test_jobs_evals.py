@@ -512,6 +512,9 @@ def test_a_run_end_the_store_refuses_for_good_is_not_tried_again(tmp_path, monke
 
     from sqlalchemy.exc import IntegrityError
 
+    from tuneforge.jobs import evals
+
+    monkeypatch.setattr(evals, "END_RETRY_S", 0.0001)  # one retried fails the test at once, not after hours
     refusal = IntegrityError("UPDATE eval_runs", {}, Exception("CHECK constraint failed"))
     started = time.monotonic()
     assert ended_against(tmp_path, monkeypatch, refusal, threading.Event()) == ["failed"]
