@@ -1817,15 +1817,16 @@ def test_a_job_whose_last_checkpoint_is_damaged_resumes_from_the_whole_one_befor
 
 def test_a_job_whose_base_model_is_gone_when_validated_fails_naming_the_model_field_and_what_to_give(tmp_path):
     """A model the server allowed when the job was created, deleted before the job's files are validated: the
-    error names the job's `model`, and says to create the job again with a model this server has."""
+    error names the job's `model`, and says to create the job again with a model this server has, once (not the
+    command line's advice, a path to check or a hub id, beside it)."""
     from tuneforge.jobs.mapping import CreateJobBody
 
     gone = str(tmp_path / "gone-model")
     store, job = validated_job(tmp_path, gone, CreateJobBody(model=gone, training_file="t").method_dict())
     failed = store.get_job(job.id)
     assert (failed.status, failed.error["code"], failed.error["param"]) == ("failed", "model_not_found", "model")
-    assert failed.error["message"].startswith("model: <server path> does not exist"), failed.error["message"]
-    assert failed.error["message"].endswith(
-        "Create the job again with a model this server has: a registry model, one the server allows (GET /v1/models "
-        "lists those you have used), or one of your fine-tuned models or checkpoints."
+    assert failed.error["message"] == (
+        f"model: The model `{gone}` is no longer on this server. Create the job again with a model this server has: "
+        "a registry model, one the server allows (GET /v1/models lists those you have used), or one of your "
+        "fine-tuned models or checkpoints."
     ), failed.error["message"]

@@ -356,11 +356,17 @@ class Workers:
             )
             total_steps = make_plan(config, n_items, n_items, processes(job.method)).total_steps
         except ModelSourceError as err:  # the model was there when the job was created, and has gone since
+            # A model not found is told by the job's own name for it: its message advises the command line (a path
+            # to check, a hub id), which a caller of the API cannot follow.
+            what = (
+                f"The model `{job.model}` is no longer on this server."
+                if err.code == "model_not_found"
+                else scrub_paths(err.message)
+            )
             raise JobFailure(
                 err.code,
-                f"model: {scrub_paths(err.message)} Create the job again with a model this server has: a registry "
-                "model, one the server allows (GET /v1/models lists those you have used), or one of your fine-tuned "
-                "models or checkpoints.",
+                f"model: {what} Create the job again with a model this server has: a registry model, one the server "
+                "allows (GET /v1/models lists those you have used), or one of your fine-tuned models or checkpoints.",
                 "model",
             ) from err
         except TuneforgeError as err:
