@@ -1366,9 +1366,9 @@ def test_a_run_that_saved_a_full_model_given_as_an_adapter_is_refused_with_what_
     with pytest.raises(ConfigError, match="not an adapter") as refused:
         AdapterPool(str(base_dir), {"prefs": str(tmp_path / "dpo")})
     said = refused.value.message
-    assert f"--adapter prefs={tmp_path / 'dpo'} holds a full model, not an adapter: it is a dpo run whose " in said
+    assert f"Adapter 'prefs' ({tmp_path / 'dpo'}) holds a full model, not an adapter: it is a dpo run whose " in said
     assert f"(dpo.policy: lora) trained on base_model {lora_run}, a LoRA adapter it merged into its base " in said
-    assert f"Serve it as the base with --model {tmp_path / 'dpo'}; --adapter takes LoRA adapters" in said
+    assert f"Serve it as the base of a server of its own (tuneforge serve --model {tmp_path / 'dpo'})" in said
     with pytest.raises(ConfigError, match=r"it is a run that trained every weight \(method: full\)\. Serve it as"):
         AdapterPool(str(base_dir), {"whole": str(tmp_path / "full")})
 

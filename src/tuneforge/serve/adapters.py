@@ -163,7 +163,8 @@ class AdapterPool:
         if source.path.resolve() != self.base_path:
             raise ConfigError(
                 f"Adapter '{name}' ({source.adapter}) was trained on {source.path}, but the server's base "
-                f"model is {self.base_path}. Serve it on its own base: --model {source.path}",
+                f"model is {self.base_path}. Serve it from a server of its own on that base: tuneforge serve "
+                f"--model {source.path}",
                 code="adapter_base_mismatch",
             )
         if scaling != self.rope_scaling:
@@ -348,8 +349,9 @@ def _adapter_source(name: str, spec: str, *, pull_missing: bool = True) -> Model
     source = resolve(spec, pull_missing=pull_missing)
     if source.adapter is None:
         raise ConfigError(
-            f"--adapter {name}={spec} holds a full model, not an adapter: {describe_whole_model(source)}. Serve it "
-            f"as the base with --model {spec}; --adapter takes LoRA adapters or LoRA run folders.",
+            f"Adapter '{name}' ({spec}) holds a full model, not an adapter: {describe_whole_model(source)}. Serve "
+            f"it as the base of a server of its own (tuneforge serve --model {spec}); adapters are LoRA adapters or "
+            "LoRA run folders.",
             code="not_an_adapter",
         )
     return source
