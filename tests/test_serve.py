@@ -701,6 +701,21 @@ def test_a_response_format_that_cannot_be_served_is_a_400_naming_its_field(clien
     assert caught.value.body["message"].startswith(field)
 
 
+@pytest.mark.parametrize("schema", [{"enum": []}, {"anyOf": []}, {"type": []}])
+def test_a_schema_no_json_value_matches_is_a_400_not_an_empty_reply(client, schema):
+    """outlines-core compiles an empty list of choices to a grammar of the empty text alone: decoded, the reply
+    would be "" with a 200."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=BASE,
+            messages=QUESTION,
+            max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+    assert (caught.value.param, caught.value.code) == ("response_format.json_schema.schema", "invalid_value")
+    assert "matches no JSON value" in caught.value.body["message"], caught.value.body
+
+
 def test_a_schema_nested_past_the_apis_depth_is_a_400_naming_its_field_and_the_limit(client):
     """outlines-core reads a schema nested past 128 as 'Expected a valid JSON string'; the API takes free-form JSON
     nested at most MAX_NESTING deep, and says so."""

@@ -72,6 +72,13 @@ def _index(tokenizer, regex: str):
         index = outlines_core.Index(regex, _vocabulary(tokenizer))
     except ValueError as err:
         raise ConstraintError(f"the schema's grammar cannot be built: {err}", code="invalid_schema") from err
+    if index.is_final_state(index.get_initial_state()):
+        # No JSON text is empty: outlines-core compiles an empty list of choices to the empty text alone.
+        raise ConstraintError(
+            "the schema matches no JSON value (an empty enum, anyOf, oneOf, allOf or type list allows none): give "
+            "each such list at least one entry",
+            code="invalid_schema",
+        )
     if not index.get_allowed_tokens(index.get_initial_state()):
         raise ConstraintError(
             "no text in this model's vocabulary can start a reply that matches the schema", code="invalid_schema"
