@@ -716,6 +716,47 @@ def test_a_schema_no_json_value_matches_is_a_400_not_an_empty_reply(client, sche
     assert "matches no JSON value" in caught.value.body["message"], caught.value.body
 
 
+@pytest.mark.parametrize(
+    ("schema", "at"),
+    [
+        ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "required"),
+        ({"type": "object", "required": ["b"]}, "required"),
+        (
+            {"type": "array", "items": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"]}},
+            "items.required",
+        ),
+    ],
+)
+def test_a_schema_requiring_a_key_its_properties_do_not_list_is_a_400_naming_it(client, schema, at):
+    """outlines-core writes the keys `properties` lists (any keys where it lists none) and skips a required name
+    it does not list: the reply would lack the key the schema requires."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=BASE,
+            messages=QUESTION,
+            max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+    assert (caught.value.param, caught.value.code) == ("response_format.json_schema.schema", "invalid_value")
+    message = caught.value.body["message"]
+    assert f'response_format.json_schema.schema: {at} names "b", which properties does not list' in message, message
+
+
+def test_a_schema_whose_required_keys_are_listed_or_a_property_named_required_is_served(client):
+    schema = {
+        "type": "object",
+        "properties": {"required": {"type": "boolean"}, "a": {"enum": [{"required": ["z"]}]}},
+        "required": ["required", "a"],
+    }
+    reply = client.chat.completions.create(
+        model=BASE,
+        messages=QUESTION,
+        max_tokens=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    )
+    assert reply.choices[0].finish_reason == "length"
+
+
 def test_a_schema_nested_past_the_apis_depth_is_a_400_naming_its_field_and_the_limit(client):
     """outlines-core reads a schema nested past 128 as 'Expected a valid JSON string'; the API takes free-form JSON
     nested at most MAX_NESTING deep, and says so."""

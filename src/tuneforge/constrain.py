@@ -36,6 +36,15 @@ ANY_OBJECT = {
 }
 
 
+# JSON Schema's keywords whose values are schemas: one, a list of them, or a mapping of names to them.
+_SUBSCHEMA = frozenset(
+    {"items", "additionalItems", "additionalProperties", "contains", "propertyNames", "not", "if", "then", "else"}
+    | {"unevaluatedItems", "unevaluatedProperties"}
+)
+_SUBSCHEMAS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems", "items"})
+_NAMED_SUBSCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
 class ConstraintError(TuneforgeError):
     """A schema outlines-core cannot compile, or a tokenizer it cannot read; the message says which and why."""
 
@@ -43,11 +52,42 @@ class ConstraintError(TuneforgeError):
 def json_index(tokenizer, schema: dict | None):
     """The outlines-core `Index` that keeps a reply to `schema` (None: `ANY_OBJECT`) in `tokenizer`'s tokens."""
     outlines_core = _outlines_core()
+    if schema is not None and (unlisted := _unlisted_required(schema)):
+        at, name = unlisted
+        raise ConstraintError(
+            f"{at} names {json.dumps(name)}, which properties does not list: structured output requires only the "
+            f"keys properties lists, so the reply could lack {json.dumps(name)}; list it under properties with its "
+            "schema, or leave it out of required",
+            code="invalid_schema",
+        )
     try:
         regex = outlines_core.json_schema.build_regex_from_schema(json.dumps(ANY_OBJECT if schema is None else schema))
     except (ValueError, TypeError) as err:
         raise ConstraintError(f"the schema cannot be compiled to a JSON grammar: {err}", code="invalid_schema") from err
     return _index(tokenizer, regex)
+
+
+def _unlisted_required(schema, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """Where in `schema` (`items.required`) a `required` names a key its `properties` does not list, and the
+    name; None if none does. outlines-core passes over such a name, so a reply could lack the key."""
+    if not isinstance(schema, dict):
+        return None
+    required, listed = schema.get("required"), schema.get("properties")
+    for name in required if isinstance(required, list) else ():
+        if not (isinstance(listed, dict) and isinstance(name, str) and name in listed):
+            return ".".join((*path, "required")), name
+    children = []
+    for key, value in schema.items():
+        if key in _SUBSCHEMA and isinstance(value, dict):
+            children.append(((key,), value))
+        elif key in _SUBSCHEMAS and isinstance(value, list):
+            children += [((key, str(i)), item) for i, item in enumerate(value)]
+        elif key in _NAMED_SUBSCHEMAS and isinstance(value, dict):
+            children += [((key, str(name)), item) for name, item in value.items()]
+    for at, child in children:
+        if found := _unlisted_required(child, (*path, *at)):
+            return found
+    return None
 
 
 def allowed(guide, width: int, device) -> torch.Tensor:
