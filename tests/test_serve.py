@@ -1446,6 +1446,27 @@ def test_a_port_out_of_range_is_a_usage_error(command):
     assert "less than or equal to 65535" in result.output
 
 
+@pytest.mark.parametrize("command", ["serve", "api"])
+@pytest.mark.parametrize("key", ["", " sk-1"])
+def test_an_api_key_no_client_can_send_is_refused_before_the_server_starts(command, key, monkeypatch):
+    """`--api-key "$KEY"` with KEY unset gives an empty key: a server requiring it would refuse every request.
+    HTTP drops the spaces around a header's value, so a key with one at either end cannot be sent either."""
+    from typer.testing import CliRunner
+
+    import tuneforge.serve.command
+    import tuneforge.web.listen
+    from tuneforge.cli import app
+
+    def started(*_args, **_kw):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(tuneforge.serve.command, "bind", started)
+    monkeypatch.setattr(tuneforge.web.listen, "bind", started)
+    result = CliRunner().invoke(app, [command, "--api-key", key])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--api-key" in result.output and "no client can send" in result.output, result.output
+
+
 def test_serving_a_registry_base_model_says_it_has_not_learned_the_chat_format(base_dir, tmp_path, monkeypatch, capsys):
     from tuneforge.serve import command
 

@@ -448,6 +448,21 @@ def chat(
 
 
 PORT_HELP = "Port to listen on (0: a free one the OS picks; the address is printed at start)."
+
+
+def _sendable_keys(keys: list[str] | None) -> list[str] | None:
+    """The --api-key values, refused where no client can send one: empty (`--api-key "$KEY"` with KEY unset) or
+    with a space at either end (HTTP drops it from the header), so the server would refuse every request."""
+    for key in keys or []:
+        if not key or key != key.strip():
+            what = "an empty key" if not key.strip() else f"a key with a space at either end ({key!r})"
+            raise typer.BadParameter(
+                f"{what}, which no client can send, so every request would be refused. Give the key itself "
+                "(is the variable you pass, such as $KEY, set?), or leave --api-key out to serve without one."
+            )
+    return keys
+
+
 STORE_MAX_AGE_HELP = "Delete stored chat completions older than this many days (default: keep them)."
 STORE_MAX_COUNT_HELP = (
     "Keep at most this many stored chat completions, all keys together; the oldest go first (default: no bound)."
@@ -470,6 +485,7 @@ def serve(
     api_key: list[str] | None = typer.Option(
         None,
         envvar="TUNEFORGE_API_KEYS",
+        callback=_sendable_keys,
         help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated).",
     ),
     max_adapters: int = typer.Option(4, min=1, help="Adapters held in memory; the least recently used go beyond it."),
@@ -551,6 +567,7 @@ def api(
     api_key: list[str] | None = typer.Option(
         None,
         envvar="TUNEFORGE_API_KEYS",
+        callback=_sendable_keys,
         help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated); each key sees only "
         "its own files, jobs and models.",
     ),
