@@ -113,6 +113,16 @@ def test_adapters_on_different_bases_are_refused_before_any_weights_load(adapter
     assert str(other_base) in err.value.message and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("weight", ["0,3", "abc", "inf"])
+def test_a_weight_that_is_no_finite_number_after_an_adapter_is_refused_naming_the_weight(adapters, tmp_path, weight):
+    """`runs/tools:0,3` (a decimal comma) names an adapter that exists and a weight that is no number: taken whole
+    as a path, it was refused as no registry model, local path or hub id."""
+    spec = f"{adapters['tools']}:{weight}"
+    with pytest.raises(TuneforgeError, match="the weight after ':' must be a finite number") as err:
+        export(adapters["support"], "merged", None, tmp_path / "out", combine_with=[spec])
+    assert err.value.message.startswith(f"{spec}: ") and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("lora", "says"),
     [

@@ -59,15 +59,17 @@ class Plan:
 
 def weighted(text: str) -> tuple[str, float | None]:
     """`SPEC[:WEIGHT]` as (spec, weight); the weight is None where none is given (a path that exists is
-    taken whole)."""
+    taken whole, and so is a text after ':' that is no number where no path is before it: a hub id's)."""
     spec, sep, tail = text.rpartition(":")
     if not sep or not spec or Path(text).exists():
         return text, None
     try:
         weight = float(tail)
     except ValueError:
-        return text, None
-    if not math.isfinite(weight):
+        if not Path(spec).exists():
+            return text, None
+        weight = None  # a path that exists, then a weight that is no number (`runs/tools:0,3`)
+    if weight is None or not math.isfinite(weight):
         raise TuneforgeError(
             f"{text}: the weight after ':' must be a finite number, e.g. {spec}:0.5.", code="bad_export_option"
         )
