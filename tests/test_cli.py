@@ -9,6 +9,7 @@ import pytest
 
 import tuneforge.recipes
 from tuneforge.cli import main
+from tuneforge.errors import TuneforgeError
 
 
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
@@ -17,6 +18,18 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
         main()
     said = capsys.readouterr()
     return leaving.value.code, said.out, said.err
+
+
+def test_an_error_is_printed_as_written_its_emoji_codes_and_markup_left_as_text(monkeypatch, capsys):
+    """`runs/support:x:` is a path and a weight, not rich's `:x:` emoji code."""
+    message = "runs/support:x: the weight after ':' must be a finite number, e.g. runs/support:0.5 [bold]."
+
+    def refused(*_args, **_kw):
+        raise TuneforgeError(message)
+
+    monkeypatch.setattr(tuneforge.recipes, "recipes_command", refused)
+    code, out, err = run_cli(["recipes"], monkeypatch, capsys)
+    assert code == 2 and " ".join(err.split()) == f"error: {message}", err
 
 
 def test_ctrl_c_in_a_command_says_interrupted_on_stderr_and_exits_130(monkeypatch, capsys):
@@ -33,6 +46,7 @@ def test_sigterm_removes_the_half_written_folder_says_terminated_and_exits_143(t
     script = f"""
 import os, signal, tuneforge.recipes
 from tuneforge.cli import main
+from tuneforge.errors import TuneforgeError
 from tuneforge.fsio import atomic_dir
 def writing(*_args, **_kw):
     with atomic_dir({str(tmp_path / "out")!r}) as tmp:

@@ -66,7 +66,8 @@ data_app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
-err = Console(stderr=True)
+# Messages quote paths and values, where rich would read `:x:` (`runs/support:x:`) as an emoji's code.
+err = Console(stderr=True, emoji=False)
 
 
 def _print_version(asked: bool) -> None:

@@ -83,5 +83,5 @@ def models_info(spec: str, json_out: bool = False) -> int:
 def _fail(err: TuneforgeError, *, json_out: bool) -> int:
     if json_out:
         print(json.dumps({"error": {"code": err.code, "message": err.message}}))
-    Console(stderr=True).print(f"[red]error:[/] {escape(err.message)}", highlight=False, soft_wrap=True)
+    Console(stderr=True, emoji=False).print(f"[red]error:[/] {escape(err.message)}", highlight=False, soft_wrap=True)
     return err.exit_code
