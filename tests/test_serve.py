@@ -701,6 +701,28 @@ def test_a_response_format_that_cannot_be_served_is_a_400_naming_its_field(clien
     assert caught.value.body["message"].startswith(field)
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "[a-"},
+        {"type": "string", "pattern": "(?=a)b"},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 5, "maxItems": 2},
+    ],
+)
+def test_a_schema_whose_grammar_cannot_be_built_is_a_400_saying_what_to_look_at(client, schema):
+    """outlines-core says only 'Failed to build DFA error building NFA' of these."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=BASE,
+            messages=QUESTION,
+            max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+    assert (caught.value.param, caught.value.code) == ("response_format.json_schema.schema", "invalid_value")
+    message = caught.value.body["message"]
+    assert "`pattern`" in message and "lookaround" in message and "minItems over maxItems" in message, message
+
+
 @pytest.mark.parametrize("schema", [{"enum": []}, {"anyOf": []}, {"type": []}])
 def test_a_schema_no_json_value_matches_is_a_400_not_an_empty_reply(client, schema):
     """outlines-core compiles an empty list of choices to a grammar of the empty text alone: decoded, the reply

@@ -111,7 +111,13 @@ def _index(tokenizer, regex: str):
     try:
         index = outlines_core.Index(regex, _vocabulary(tokenizer))
     except ValueError as err:
-        raise ConstraintError(f"the schema's grammar cannot be built: {err}", code="invalid_schema") from err
+        # outlines-core's words ("Failed to build DFA error building NFA") name no part of the schema.
+        raise ConstraintError(
+            f"the schema's grammar cannot be built ({err}): look for a `pattern` that is no regular expression "
+            "outlines-core reads (a syntax error, lookaround such as (?=...), a backreference) and for minItems over "
+            "maxItems",
+            code="invalid_schema",
+        ) from err
     if index.is_final_state(index.get_initial_state()):
         # No JSON text is empty: outlines-core compiles an empty list of choices to the empty text alone.
         raise ConstraintError(
