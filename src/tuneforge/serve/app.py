@@ -647,10 +647,23 @@ def _image_files(server: Served, body: ChatCompletionBody | ResponsesBody) -> tu
 
 
 def _tool_parser(server: Served, body: ChatCompletionBody) -> ToolCallParser | None:
-    """What parses the reply's tool calls (None: the reply is text), once the model's chat template can take them."""
+    """What parses the reply's tool calls (None: the reply is text), once the model's chat template can take them
+    and the calls the conversation holds."""
+    name = server.known_model(body.model)
+    called = next((i for i, message in enumerate(body.messages) if message.tool_calls), None)
+    if called is not None and not renderer_for(server.tokenizer(name)).writes_tools:
+        # The template would write the message's content alone: the tool's answer would answer nothing it shows.
+        param = f"messages.{called}.tool_calls"
+        raise APIError(
+            400,
+            f"{param}: the chat template of `{name}` does not write tool calls, so the model would never see this "
+            "one. Send the conversation without tool calls, or ask a model whose chat template takes tools (Qwen "
+            "2.5 and 3, Llama 3.1, Mistral, ...).",
+            param=param,
+            code="unsupported_value",
+        )
     if not body.tools:
         return None
-    name = server.known_model(body.model)
     try:
         return tool_call_parser(
             server.tokenizer(name),
