@@ -782,12 +782,20 @@ def test_a_schema_requiring_a_key_its_properties_do_not_list_is_a_400_naming_it(
     assert f'response_format.json_schema.schema: {at} names "b", which properties does not list' in message, message
 
 
-def test_a_schema_whose_required_keys_are_listed_or_a_property_named_required_is_served(client):
-    schema = {
-        "type": "object",
-        "properties": {"required": {"type": "boolean"}, "a": {"enum": [{"required": ["z"]}]}},
-        "required": ["required", "a"],
-    }
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {
+            "type": "object",
+            "properties": {"required": {"type": "boolean"}, "a": {"enum": [{"required": ["z"]}]}},
+            "required": ["required", "a"],
+        },
+        # A `required` under `not` forbids the key and one under `if` tests for it: neither requires it.
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "not": {"required": ["b"]}},
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "if": {"required": ["b"]}},
+    ],
+)
+def test_a_schema_whose_required_keys_are_listed_or_a_property_named_required_is_served(client, schema):
     reply = client.chat.completions.create(
         model=BASE,
         messages=QUESTION,

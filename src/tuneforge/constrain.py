@@ -36,9 +36,10 @@ ANY_OBJECT = {
 }
 
 
-# JSON Schema's keywords whose values are schemas: one, a list of them, or a mapping of names to them.
+# JSON Schema's keywords whose values are schemas a reply's part matches: one, a list of them, or a mapping of names
+# to them. `not` and `if` are not among them: a `required` under `not` forbids its keys, one under `if` tests for them.
 _SUBSCHEMA = frozenset(
-    {"items", "additionalItems", "additionalProperties", "contains", "propertyNames", "not", "if", "then", "else"}
+    {"items", "additionalItems", "additionalProperties", "contains", "propertyNames", "then", "else"}
     | {"unevaluatedItems", "unevaluatedProperties"}
 )
 _SUBSCHEMAS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems", "items"})
