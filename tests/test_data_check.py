@@ -139,6 +139,14 @@ def test_each_file_of_a_mix_says_what_became_of_its_rows(good_file, tmp_path, ca
     assert "validation leak 1 row appears in more than one file" in out
 
 
+def test_a_value_the_report_quotes_is_printed_as_written_not_as_an_emoji_code(tmp_path, capsys, models):
+    """rich reads `:x:` in printed text as the emoji code of an ❌."""
+    path = write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": ":x:", "content": "hi"}]}])
+    assert check_command([str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "role ':x:' is not one of" in out and "\u274c" not in out, out
+
+
 def test_errors_as_json(tmp_path, capsys, models):
     path, code, line = write_bad_input(tmp_path, "unknown_role")
     assert check_command([str(path)], json_out=True) == 2

@@ -46,12 +46,13 @@ def check_command(
     truncation: str = "truncate",
 ) -> int:
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
-    console = Console(highlight=False, soft_wrap=True)
+    # The report quotes the rows' values and paths, where rich would read `:x:` as an emoji's code.
+    console = Console(highlight=False, soft_wrap=True, emoji=False)
     try:
         options = {"format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
         report, tokenizer = _files_report(files, model, options, progress=True)
     except TuneforgeError as e:  # a refused option: each complaint on a line of its own
-        errors_console = Console(highlight=False, soft_wrap=True, stderr=True)
+        errors_console = Console(highlight=False, soft_wrap=True, stderr=True, emoji=False)
         for line in e.message.splitlines():
             errors_console.print(f"[red]error:[/red] {escape(line)}")
         return e.exit_code
