@@ -741,10 +741,19 @@ def test_a_schema_whose_grammar_cannot_be_built_is_a_400_saying_what_to_look_at(
     assert "`pattern`" in message and "lookaround" in message and "minItems over maxItems" in message, message
 
 
-@pytest.mark.parametrize("schema", [{"enum": []}, {"anyOf": []}, {"type": []}])
-def test_a_schema_no_json_value_matches_is_a_400_not_an_empty_reply(client, schema):
-    """outlines-core compiles an empty list of choices to a grammar of the empty text alone: decoded, the reply
-    would be "" with a 200."""
+@pytest.mark.parametrize(
+    ("schema", "at"),
+    [
+        ({"enum": []}, "enum"),
+        ({"anyOf": []}, "anyOf"),
+        ({"type": []}, "type"),
+        ({"anyOf": [{"enum": []}, {"type": "integer"}]}, "anyOf.0.enum"),
+        ({"type": "object", "properties": {"a": {"enum": []}}}, "properties.a.enum"),
+    ],
+)
+def test_a_schema_with_an_empty_list_of_choices_is_a_400_naming_it_not_an_empty_reply(client, schema, at):
+    """outlines-core compiles an empty list of choices to the empty text: decoded, the reply would be "" or hold
+    `{"a":}`, with a 200."""
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
             model=BASE,
@@ -753,7 +762,8 @@ def test_a_schema_no_json_value_matches_is_a_400_not_an_empty_reply(client, sche
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
         )
     assert (caught.value.param, caught.value.code) == ("response_format.json_schema.schema", "invalid_value")
-    assert "matches no JSON value" in caught.value.body["message"], caught.value.body
+    message = caught.value.body["message"]
+    assert f"response_format.json_schema.schema: {at} is an empty list, which no JSON value matches" in message
 
 
 @pytest.mark.parametrize(

@@ -53,14 +53,8 @@ class ConstraintError(TuneforgeError):
 def json_index(tokenizer, schema: dict | None):
     """The outlines-core `Index` that keeps a reply to `schema` (None: `ANY_OBJECT`) in `tokenizer`'s tokens."""
     outlines_core = _outlines_core()
-    if schema is not None and (unlisted := _unlisted_required(schema)):
-        at, name = unlisted
-        raise ConstraintError(
-            f"{at} names {json.dumps(name)}, which properties does not list: structured output requires only the "
-            f"keys properties lists, so the reply could lack {json.dumps(name)}; list it under properties with its "
-            "schema, or leave it out of required",
-            code="invalid_schema",
-        )
+    for at, part in _subschemas(schema) if schema is not None else ():
+        _check_part(".".join(at), part)
     try:
         regex = outlines_core.json_schema.build_regex_from_schema(json.dumps(ANY_OBJECT if schema is None else schema))
     except (ValueError, TypeError) as err:
@@ -68,27 +62,42 @@ def json_index(tokenizer, schema: dict | None):
     return _index(tokenizer, regex)
 
 
-def _unlisted_required(schema, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
-    """Where in `schema` (`items.required`) a `required` names a key its `properties` does not list, and the
-    name; None if none does. outlines-core passes over such a name, so a reply could lack the key."""
+def _subschemas(schema, path: tuple[str, ...] = ()):
+    """(path, schema) for `schema` and each schema within it that a reply's part matches (`items.properties.a`)."""
     if not isinstance(schema, dict):
-        return None
-    required, listed = schema.get("required"), schema.get("properties")
-    for name in required if isinstance(required, list) else ():
-        if not (isinstance(listed, dict) and isinstance(name, str) and name in listed):
-            return ".".join((*path, "required")), name
-    children = []
+        return
+    yield path, schema
     for key, value in schema.items():
         if key in _SUBSCHEMA and isinstance(value, dict):
-            children.append(((key,), value))
+            yield from _subschemas(value, (*path, key))
         elif key in _SUBSCHEMAS and isinstance(value, list):
-            children += [((key, str(i)), item) for i, item in enumerate(value)]
+            for i, item in enumerate(value):
+                yield from _subschemas(item, (*path, key, str(i)))
         elif key in _NAMED_SUBSCHEMAS and isinstance(value, dict):
-            children += [((key, str(name)), item) for name, item in value.items()]
-    for at, child in children:
-        if found := _unlisted_required(child, (*path, *at)):
-            return found
-    return None
+            for name, item in value.items():
+                yield from _subschemas(item, (*path, key, str(name)))
+
+
+def _check_part(at: str, part: dict) -> None:
+    """Refuses what outlines-core would compile to a grammar other than the schema's: an empty list of choices (to
+    the empty text, so the reply could be "" or hold `{"a":}`) and a `required` name `properties` does not list
+    (passed over, so the reply could lack the key)."""
+    where = f"{at}." if at else ""
+    for key in ("enum", "anyOf", "oneOf", "allOf", "type"):
+        if part.get(key) == []:
+            raise ConstraintError(
+                f"{where}{key} is an empty list, which no JSON value matches: give it at least one entry",
+                code="invalid_schema",
+            )
+    required, listed = part.get("required"), part.get("properties")
+    for name in required if isinstance(required, list) else ():
+        if not (isinstance(listed, dict) and isinstance(name, str) and name in listed):
+            raise ConstraintError(
+                f"{where}required names {json.dumps(name)}, which properties does not list: structured output "
+                f"requires only the keys properties lists, so the reply could lack {json.dumps(name)}; list it "
+                "under properties with its schema, or leave it out of required",
+                code="invalid_schema",
+            )
 
 
 def allowed(guide, width: int, device) -> torch.Tensor:
@@ -119,13 +128,6 @@ def _index(tokenizer, regex: str):
             "maxItems",
             code="invalid_schema",
         ) from err
-    if index.is_final_state(index.get_initial_state()):
-        # No JSON text is empty: outlines-core compiles an empty list of choices to the empty text alone.
-        raise ConstraintError(
-            "the schema matches no JSON value (an empty enum, anyOf, oneOf, allOf or type list allows none): give "
-            "each such list at least one entry",
-            code="invalid_schema",
-        )
     if not index.get_allowed_tokens(index.get_initial_state()):
         raise ConstraintError(
             "no text in this model's vocabulary can start a reply that matches the schema", code="invalid_schema"
