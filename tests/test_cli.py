@@ -46,7 +46,6 @@ def test_sigterm_removes_the_half_written_folder_says_terminated_and_exits_143(t
     script = f"""
 import os, signal, tuneforge.recipes
 from tuneforge.cli import main
-from tuneforge.errors import TuneforgeError
 from tuneforge.fsio import atomic_dir
 def writing(*_args, **_kw):
     with atomic_dir({str(tmp_path / "out")!r}) as tmp:
