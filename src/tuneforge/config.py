@@ -1597,7 +1597,7 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             f"a config is a YAML file's path, a shipped recipe's name, a dict or a Config, not {type(source).__name__}."
         )
     else:
-        from .recipes import config_file  # imported here: the recipes module checks its configs with this one
+        from .recipes import config_file, nearest_recipe  # here: the recipes module checks its configs with this one
 
         path = config_file(source)
         if path.is_dir():
@@ -1607,9 +1607,12 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
                 + (f" (a run's folder holds its config: {inside})." if inside.is_file() else ".")
             )
         if not path.is_file():
+            # A bare name (no folder, no suffix) may be a recipe's, misspelt.
+            nearest = nearest_recipe(str(source)) if path.name == str(source) and not path.suffix else None
             raise ConfigError(
-                f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them). "
-                "Write one (see `tuneforge validate --help`) or check the path."
+                f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them)."
+                + (f" Did you mean {nearest!r}?" if nearest else "")
+                + " Write one (see `tuneforge validate --help`) or check the path."
             )
         # One parse: the node tree gives each key's line, and the document is built from it.
         try:

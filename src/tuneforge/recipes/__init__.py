@@ -10,6 +10,7 @@ measured and how to run it; the listing reads two of its lines: the first, a one
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,11 +41,19 @@ def recipe_names() -> list[str]:
     return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml"))
 
 
+def nearest_recipe(name: str) -> str | None:
+    """The shipped recipe a misspelt name most likely meant, or None when none is close."""
+    close = difflib.get_close_matches(name, recipe_names(), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def recipe_path(name: str) -> Path:
     """The file of the shipped recipe `name`; a ConfigError naming the recipes there are otherwise."""
     if name not in recipe_names():
+        nearest = nearest_recipe(name)
+        listed = f"did you mean {nearest!r}? There are: " if nearest else "there are: "
         raise ConfigError(
-            f"no shipped recipe named {name!r}; there are: {', '.join(recipe_names())} (`tuneforge recipes` lists them)"
+            f"no shipped recipe named {name!r}; {listed}{', '.join(recipe_names())} (`tuneforge recipes` lists them)"
         )
     return Path(str(resources.files(__name__).joinpath(f"{name}.yaml")))
 
