@@ -147,6 +147,26 @@ def test_an_mlflow_tracking_uri_its_client_cannot_use_is_refused_before_any_data
     assert not (tmp_path / "run" / "data_report.json").exists()
 
 
+def test_mlflow_without_a_tracking_uri_whose_default_store_needs_the_full_package_says_so(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[mlflow]'")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def skinny_client(tracking_uri=None):  # mlflow-skinny's client on its default SQLite store
+        raise ModuleNotFoundError("No module named 'alembic'", name="alembic")
+
+    monkeypatch.setattr(mlflow, "MlflowClient", skinny_client)
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2)
+    cfg["train"]["report_to"] = ["mlflow"]
+    with pytest.raises(TuneforgeError) as e:
+        train(cfg, progress=False)
+    said = e.value.message
+    assert "no tracking URI is set" in said and f"MLflow's default, {mlflow.get_tracking_uri()}," in said
+    assert "alembic" in said and "pip install mlflow" in said and "MLFLOW_TRACKING_URI" in said
+
+
 def test_tensorboard_gets_the_records_and_a_resumed_run_drops_its_events_past_the_checkpoint(
     tiny_model_dir, triage_data, tmp_path
 ):

@@ -62,6 +62,17 @@ def check_installed(cfg: Config) -> None:
     if "mlflow" in names:
         try:
             mlflow_client(cfg)
+        except ModuleNotFoundError as e:
+            if mlflow_uri(cfg) is not None:
+                raise cannot_start(cfg, "mlflow", e) from e
+            # MLflow 3's default store is a SQLite file, whose modules mlflow-skinny (tuneforge[mlflow]) leaves out.
+            from mlflow import get_tracking_uri
+
+            default = RuntimeError(
+                f"no tracking URI is set, and MLflow's default, {get_tracking_uri()}, needs {e.name or e}, which "
+                "mlflow-skinny (tuneforge[mlflow]) leaves out: `pip install mlflow` to keep runs in that file"
+            )
+            raise cannot_start(cfg, "mlflow", default) from e
         except Exception as e:
             raise cannot_start(cfg, "mlflow", e) from e
 
@@ -73,10 +84,15 @@ def cannot_start(cfg: Config, name: str, error: Exception) -> TuneforgeError:
     )
 
 
+def mlflow_uri(cfg: Config) -> str | None:
+    """The tracking URI given (train.mlflow.tracking_uri, else MLFLOW_TRACKING_URI); None: MLflow's default."""
+    return cfg.train.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def mlflow_client(cfg: Config):
     from mlflow import MlflowClient
 
-    return MlflowClient(cfg.train.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
+    return MlflowClient(mlflow_uri(cfg))
 
 
 class Trackers:
