@@ -104,3 +104,12 @@ def test_an_override_written_as_an_option_says_how_overrides_are_written(args, w
 def test_an_unknown_option_without_a_dot_keeps_clicks_message(monkeypatch, capsys):
     code, _, err = run_cli(["train", "cfg.yaml", "--max-steps=3"], monkeypatch, capsys)
     assert code == 2 and "No such option: --max-steps" in err
+
+
+def test_the_help_of_data_check_names_every_format_it_takes(monkeypatch, capsys):
+    from tuneforge.data.formats import FORMATS
+
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = run_cli(["data", "check", "--help"], monkeypatch, capsys)
+    listed = next(line for line in out.splitlines() if "--format" in line)
+    assert code == 0 and [name for name in ("auto", *FORMATS) if f" {name} " not in listed.replace("|", " ")] == []

@@ -241,7 +241,9 @@ def data_check(
     model: str | None = typer.Option(None, help="Tokenizer to render with (default: the bundled model)."),
     show: int = typer.Option(0, help="Print N rendered examples, trained tokens highlighted."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
-    format: str = typer.Option("auto", help="auto | chat | alpaca | sharegpt | prompt_completion | text | preference"),
+    format: str = typer.Option(
+        "auto", help="auto | chat | alpaca | sharegpt | prompt_completion | text | preference | kto"
+    ),
     max_length: int = typer.Option(1024, help="Token limit per example."),
     train_on: str = typer.Option("assistant", help="assistant | last_assistant | all"),
     truncation: str = typer.Option(
