@@ -892,3 +892,9 @@ def test_one_reply_given_to_many_different_prompts_is_flagged_but_labels_are_not
     labelled = [chat(f"Ticket {i}: something is wrong.", labels[i % 2]) for i in range(16)]
     prepared = run(tmp_path, tokenizer, labelled)
     assert "repeated_reply" not in {w["code"] for w in prepared.report["warnings"]}
+
+    # JSON labels from a wide label space (the quickstart's tickets): most are given once, a few repeat.
+    wide = [{"category": f"c{i}", "priority": "low"} for i in range(10)] + [{"category": "c0", "priority": "low"}] * 3
+    labelled = [chat(f"Ticket {i}: something is wrong.", json.dumps(label)) for i, label in enumerate(wide)]
+    prepared = run(tmp_path, tokenizer, labelled)
+    assert "repeated_reply" not in {w["code"] for w in prepared.report["warnings"]}

@@ -11,6 +11,7 @@ has passed.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections import Counter, deque
@@ -1080,7 +1081,8 @@ class ReplyTally:
     """Training rows counted by their last reply, to find one reply given to several different prompts
     (exact duplicate rows are removed before they are counted) in data whose replies otherwise differ.
     Labels and other classification-style replies repeat by design: data where most distinct replies
-    are given more than once, and replies under a few words, are not flagged."""
+    are given more than once, replies under a few words, and JSON replies (a label's fields, however
+    many of its values are given once) are not flagged."""
 
     MIN_ROWS = 3
     MIN_WORDS = 3
@@ -1091,7 +1093,7 @@ class ReplyTally:
 
     def add(self, messages: list, row: int) -> None:
         reply = next((m.content for m in reversed(messages) if m.role == "assistant"), None)
-        if reply is None:
+        if reply is None or _is_json(reply):
             return
         entry = self.seen.setdefault(hash(reply), [0, None, []])
         entry[0] += 1
@@ -1111,6 +1113,17 @@ class ReplyTally:
             if n >= self.MIN_ROWS and len(text.split()) >= self.MIN_WORDS
         ]
         return sorted(found, key=lambda r: -r[2])
+
+
+def _is_json(text: str) -> bool:
+    """Whether a reply is a JSON object or array (structured output, as a classifier's labels)."""
+    if not text.lstrip().startswith(("{", "[")):
+        return False
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 class SystemPromptTally:
