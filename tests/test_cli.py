@@ -32,6 +32,12 @@ def test_an_error_is_printed_as_written_its_emoji_codes_and_markup_left_as_text(
     assert code == 2 and " ".join(err.split()) == f"error: {message}", err
 
 
+def test_recipes_list_lists_the_recipes_as_plain_recipes_does(monkeypatch, capsys):
+    """`models list` lists the models; a user who learnt it tries `recipes list` too."""
+    listed = [run_cli(args, monkeypatch, capsys) for args in (["recipes"], ["recipes", "list"])]
+    assert listed[0] == listed[1] and listed[0][0] == 0 and "quickstart" in listed[0][1]
+
+
 def test_ctrl_c_in_a_command_says_interrupted_on_stderr_and_exits_130(monkeypatch, capsys):
     def ctrl_c(*_args, **_kw):
         raise KeyboardInterrupt

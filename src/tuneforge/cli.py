@@ -686,9 +686,15 @@ app.add_typer(recipes_app, name="recipes")
 def recipes(ctx: typer.Context):
     """List the shipped recipes: name, description, model, method and measured results."""
     if ctx.invoked_subcommand is None:
-        from .recipes import recipes_command
+        recipes_list()
 
-        raise typer.Exit(recipes_command())
+
+@recipes_app.command("list")
+def recipes_list():
+    """List the shipped recipes: name, description, model, method and results (as plain `tuneforge recipes`)."""
+    from .recipes import recipes_command
+
+    raise typer.Exit(recipes_command())
 
 
 @recipes_app.command("show")
