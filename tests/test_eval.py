@@ -14,7 +14,7 @@ from families import CLOCK_TOOL, WEATHER_TOOL
 from matplotlib.container import BarContainer
 from tiny import set_context
 
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, TuneforgeError
 from tuneforge.eval import compare, eval_command, evaluate, measure_forgetting, read_eval_examples, write_run_report
 from tuneforge.eval.evaluate import choose_metric
 from tuneforge.eval.forgetting import (
@@ -159,6 +159,16 @@ def test_metric_is_chosen_from_the_data(tmp_path, triage_data):
     assert choose_metric("auto", read_eval_examples(plain)) == "exact"
     assert choose_metric("auto", read_eval_examples(plain)[1:]) == "json_fields"
     assert choose_metric("contains", read_eval_examples(plain)) == "contains"
+
+
+def test_a_misspelt_metric_is_refused_with_the_nearest_one():
+    with pytest.raises(
+        TuneforgeError, match=r"unknown metric 'exactt'; did you mean 'exact'\? Use one of auto, exact,"
+    ):
+        choose_metric("exactt", [])
+    with pytest.raises(TuneforgeError, match=r"unknown metric 'bleu'; use one of auto, exact,") as far:
+        choose_metric("bleu", [])
+    assert "did you mean" not in far.value.message
 
 
 def test_a_preference_pair_is_evaluated_against_its_chosen_reply(tmp_path):

@@ -515,7 +515,8 @@ def test_a_merge_that_changes_the_logits_fails_with_exit_1(adapter_dir, tmp_path
         ("adapter", "f16", False, "takes no --dtype"),
         ("merged", "q8_0", False, "takes the dtypes f32, f16, bf16"),
         ("merged", None, True, "use it with --format gguf"),
-        ("onnx", None, False, "Unknown export format 'onnx'"),
+        ("onnx", None, False, r"unknown export format 'onnx'; use one of adapter, merged, gguf\."),
+        ("adpter", None, False, r"unknown export format 'adpter'; did you mean 'adapter'\? Use one of adapter,"),
     ],
 )
 def test_unsupported_options_are_refused(adapter_dir, tmp_path, fmt, dtype, ollama, expected):

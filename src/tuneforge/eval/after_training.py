@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..graders import load_grader
 from ..models import load_model, load_tokenizer, resolve, run_tokenizer, source_context_length
 from ..tasks.metrics import METRICS
+from ..wording import unknown_choice
 from .choices import benchmark_name, check_scorable, choice_requests, read_benchmark, score_rows, side_by_side
 from .evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -55,9 +56,7 @@ def check_eval_inputs(cfg) -> None:
     questions that fit it (else an error naming file, line and field), no two files under one metric name."""
     if cfg.eval.task:
         if cfg.eval.task != "auto" and cfg.eval.task not in METRICS:
-            raise ConfigError(
-                f"eval.task: unknown metric {cfg.eval.task!r}; choose auto or one of {', '.join(METRICS)}."
-            )
+            raise ConfigError(f"eval.task: {unknown_choice('metric', cfg.eval.task, ('auto', *METRICS))}")
         graded = eval_grader(cfg)
         examples = validation_examples(cfg)
         metric = choose_metric(cfg.eval.task, examples)

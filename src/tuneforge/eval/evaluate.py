@@ -74,7 +74,7 @@ from ..models.images import VISION_MODELS
 from ..models.loading import image_inputs
 from ..progress import library_bars, progress_bar
 from ..tasks.metrics import METRICS, parse_json_object, split_reasoning
-from ..wording import counted
+from ..wording import counted, unknown_choice
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16  # unpacked rows per forward, where the loss cannot run on packed rows
@@ -287,9 +287,7 @@ def choose_metric(metric: str, examples: Sequence[EvalExample]) -> str | None:
     is asked for by name. A metric that cannot score against some of the references (`json_fields` on plain
     text), or rows without one, is a DataError naming their lines, before any compute."""
     if metric not in METRICS and metric != "auto":
-        raise TuneforgeError(
-            f"unknown metric {metric!r}; choose auto or one of {', '.join(METRICS)}.", code="unknown_metric"
-        )
+        raise TuneforgeError(unknown_choice("metric", metric, ("auto", *METRICS)), code="unknown_metric")
     if missing := without_reference(examples):
         if metric == "auto":
             return None

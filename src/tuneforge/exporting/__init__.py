@@ -46,6 +46,7 @@ from ..models import ModelSource, describe_whole_model, load_model, load_tokeniz
 from ..models.loading import is_sequence_classifier, trained_rope_scaling
 from ..models.saving import PROCESSOR_FILES
 from ..progress import library_bars
+from ..wording import unknown_choice
 from . import adapter, combine, llama_cpp, merge
 from .ollama import modelfile as ollama_modelfile
 from .probe import (
@@ -232,9 +233,7 @@ def export_run(
 def _checked_options(fmt: str, dtype: str | None, ollama: bool) -> str | None:
     """The dtype to write (the format's default when none is given), or a clear refusal."""
     if fmt not in FORMAT_DTYPES:
-        raise TuneforgeError(
-            f"Unknown export format '{fmt}': use one of {', '.join(FORMAT_DTYPES)}.", code="bad_export_option"
-        )
+        raise TuneforgeError(unknown_choice("export format", fmt, FORMAT_DTYPES), code="bad_export_option")
     allowed = FORMAT_DTYPES[fmt]
     if dtype is not None and dtype not in allowed:
         what = (

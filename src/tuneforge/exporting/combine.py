@@ -23,6 +23,7 @@ import torch
 from ..errors import TuneforgeError
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
 from ..models.loading import base_weight_copies, chat_template
+from ..wording import unknown_choice
 
 # PEFT's combination types offered here; the first is the default. `cat` and `svd` take adapters of any
 # ranks (`cat` is exact: its delta is the weighted sum of the adapters' deltas); the others add the A and B
@@ -96,9 +97,7 @@ def plan(run: str, combine: list[str], combination: str | None, density: float |
         )
     combination = combination or (COMBINATIONS[0] if combine else "linear")
     if combination not in COMBINATIONS:
-        raise TuneforgeError(
-            f"Unknown --combination '{combination}': use one of {', '.join(COMBINATIONS)}.", code="bad_export_option"
-        )
+        raise TuneforgeError(unknown_choice("--combination", combination, COMBINATIONS), code="bad_export_option")
     if combination in WITH_DENSITY and density is None:
         raise TuneforgeError(
             f"--combination {combination} needs --density: the share of each adapter's values it keeps, above 0 "

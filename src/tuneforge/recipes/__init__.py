@@ -10,7 +10,6 @@ measured and how to run it; the listing reads two of its lines: the first, a one
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from ..config import load_config
 from ..errors import ConfigError
+from ..wording import nearest
 
 RESULTS_PREFIX = "# Results:"
 
@@ -43,8 +43,7 @@ def recipe_names() -> list[str]:
 
 def nearest_recipe(name: str) -> str | None:
     """The shipped recipe a misspelt name most likely meant, or None when none is close."""
-    close = difflib.get_close_matches(name, recipe_names(), n=1, cutoff=0.75)
-    return close[0] if close else None
+    return nearest(name, recipe_names())
 
 
 def recipe_path(name: str) -> Path:
