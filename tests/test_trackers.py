@@ -108,6 +108,23 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_data_or_model_loa
     assert not (tmp_path / "run" / "data_report.json").exists()
 
 
+def test_wandb_without_a_login_says_how_to_log_in_once(tiny_model_dir, triage_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="W&B is not installed: pip install -e '.[wandb]'")
+    from tuneforge.config import load_config
+    from tuneforge.training import trackers
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    cfg["train"]["report_to"] = ["wandb"]
+    with pytest.raises(TuneforgeError, match="wandb could not start its run: W&B has no API key") as refused:
+        trackers.Trackers(load_config(cfg), None)
+    assert refused.value.message.count("wandb login") == 1 and "WANDB_MODE=offline" in refused.value.message
+
+
 def test_a_tracker_that_fails_mid_run_warns_once_and_training_goes_on(
     tiny_model_dir, triage_data, tmp_path, monkeypatch
 ):

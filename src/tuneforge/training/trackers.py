@@ -235,17 +235,24 @@ class Wandb:
         env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
         # A W&B run that goes on from the run's checkpoint keeps its mark of what it got (`Trackers.log`).
         saved = ids.setdefault("wandb", {"id": uuid.uuid4().hex[:16]})  # a W&B run id: letters and digits
-        self.run = wandb.init(
-            project=w.project or os.environ.get("WANDB_PROJECT") or "tuneforge",
-            entity=w.entity or os.environ.get("WANDB_ENTITY") or None,
-            name=w.name or os.environ.get("WANDB_NAME") or out.resolve().name,
-            tags=w.tags if w.tags is not None else env_tags or None,
-            config=cfg.model_dump(mode="json"),
-            id=saved["id"],
-            resume="allow",
-            dir=str(out),
-            reinit="create_new",
-        )
+        try:
+            self.run = wandb.init(
+                project=w.project or os.environ.get("WANDB_PROJECT") or "tuneforge",
+                entity=w.entity or os.environ.get("WANDB_ENTITY") or None,
+                name=w.name or os.environ.get("WANDB_NAME") or out.resolve().name,
+                tags=w.tags if w.tags is not None else env_tags or None,
+                config=cfg.model_dump(mode="json"),
+                id=saved["id"],
+                resume="allow",
+                dir=str(out),
+                reinit="create_new",
+            )
+        except wandb.errors.UsageError as e:
+            # W&B's refusal of a run without a login ends in its own `wandb login` advice, which HINTS gives
+            # with the other ways out: it is said once.
+            if "wandb login" not in str(e):
+                raise
+            raise RuntimeError("W&B has no API key (not logged in)") from e
         # The run's step is metrics.jsonl's: W&B's own step only grows.
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
