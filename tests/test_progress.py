@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 from rich.console import Console
 
@@ -28,6 +29,22 @@ def test_off_a_terminal_progress_is_throttled_plain_lines_ending_with_the_last(m
         "answers 2/3",
         "answers 3/3",
     ]
+
+
+def test_off_a_terminal_pace_and_eta_wait_for_a_rate_measured_from_the_first_update(monkeypatch):
+    # As a model pull's dequantizing: the first tensor comes after 1.4 s of opening the file, the rest at
+    # 0.015 s each; the first line's ETA read 0:06:07 for work of 4 s.
+    times = iter([0.0, 1.4, 1.415, 1.43])
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: next(times)))
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    console = Console(file=io.StringIO(), width=200)
+    lines = progress.LogLines(console, "tensors", 272)
+    for done in (1, 2, 3):
+        lines.update(done)
+    first, second, third = console.file.getvalue().splitlines()
+    assert first == "tensors 1/272 (0%) · elapsed 0:00:01"
+    assert second.startswith("tensors 2/272 (1%) · 66.7/s · elapsed 0:00:01 · eta 0:00:04")
+    assert third.endswith("· eta 0:00:04")
 
 
 def test_training_progress_off_a_terminal_shows_steps_loss_and_speed():

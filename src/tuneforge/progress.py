@@ -31,30 +31,33 @@ def _clock(seconds: float) -> str:
 
 
 class LogLines:
-    """Throttled plain progress lines for a console that is not a terminal."""
+    """Throttled plain progress lines for a console that is not a terminal. The pace and ETA are measured
+    from the first update on, as rich's bars measure theirs: the time before it (opening a file, loading,
+    a first step's warm-up) is no measure of the rest, so the first line leaves them out."""
 
     def __init__(self, console: Console, description: str, total: int, done: int = 0):
         self.console, self.description, self.total = console, description, total
-        self.started, self.start_done, self.done, self.last = time.perf_counter(), done, done, float("-inf")
+        self.started, self.done, self.last = time.perf_counter(), done, float("-inf")
+        self.first: tuple[float, int] | None = None  # the time and count of the first update
 
     def advance(self, n: int) -> None:
         self.update(self.done + n)
 
     def update(self, done: int, fields: str = "") -> None:
         self.done, now = done, time.perf_counter()
+        self.first = self.first or (now, done)
         if done < self.total and now - self.last < LOG_EVERY_S:
             return
         self.last = now
-        elapsed = now - self.started
-        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
-        eta = _clock((self.total - done) / rate) if rate > 0 else "?"
-        pace = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each" if rate > 0 else "-"
-        self.console.print(
-            f"{self.description} {done}/{self.total} ({done / max(self.total, 1):.0%}){fields} · "
-            f"{pace} · elapsed {_clock(elapsed)} · eta {eta}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        since, first_done = self.first
+        rate = (done - first_done) / (now - since) if now > since and done > first_done else None
+        line = f"{self.description} {done}/{self.total} ({done / max(self.total, 1):.0%}){fields}"
+        if rate:
+            line += f" · {rate:.1f}/s" if rate >= 1 else f" · {1 / rate:.1f} s each"
+        line += f" · elapsed {_clock(now - self.started)}"
+        if done >= self.total or rate:
+            line += f" · eta {_clock(max(self.total - done, 0) / rate if rate else 0)}"
+        self.console.print(line, highlight=False, soft_wrap=True)
 
 
 def bar_columns(*fields: str) -> list:
