@@ -31,7 +31,7 @@ from tuneforge.jobs.api import create_api
 from tuneforge.jobs.store import Store
 from tuneforge.serve import AdapterPool, CompletionStore, Engine, Retention, create_app
 from tuneforge.serve.completion_store import SECONDS_A_DAY, StoredCompletion
-from tuneforge.serve.from_completions import from_completions
+from tuneforge.serve.from_completions import from_completions, from_completions_command
 from tuneforge.training import train
 from tuneforge.web import Observer, edge, owner_of
 
@@ -521,6 +521,22 @@ def test_a_stored_message_the_request_checks_refuse_leaves_its_row_out_naming_it
     [problem] = result.problems
     assert (problem.file, problem.field) == ("chatcmpl-0", "messages[0].content")
     assert "a message needs content" in problem.message
+
+
+def test_from_completions_prints_stored_text_and_paths_as_written(tmp_path, capsys):
+    # A refusal quotes the stored prompt (a content part's type) and the report names --out: rich would read
+    # `[/x]` there as a closing tag (an error) and `:x:` as an emoji's code.
+    path = tmp_path / "completions.db"
+    store = CompletionStore.open(str(path))
+    reply = {"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}
+    odd = [{"role": "user", "content": [{"type": ":x: [/x]", "text": "hi"}]}]
+    for i, messages in enumerate([odd, [{"role": "user", "content": "The capital of France?"}]]):
+        store.save("local", messages, {"id": f"chatcmpl-{i}", "model": "m", "created": i, "choices": [reply]}, None)
+    out = tmp_path / "[/x] :x:.jsonl"
+    args = {"model": None, "metadata_specs": [], "api_key": None, "keep_truncated": False}
+    assert from_completions_command(str(path), str(out), **args) == 0
+    said = capsys.readouterr().out
+    assert "part 0 is of type ':x: [/x]'" in said and f"1 chat rows in {out}" in said
 
 
 def test_from_completions_refuses_bad_input_saying_what_to_do(served, tmp_path, monkeypatch, capsys):
