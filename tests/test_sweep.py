@@ -410,3 +410,21 @@ def test_points_that_share_the_models_structure_build_it_once(config, tmp_path, 
     assert len(built) == 4
     with pytest.raises(ConfigError, match="lora.target_modules"):
         check_points(config, ["lora.target_modules=[nowhere]"], {"lora.r": [2, 4]}, tmp_path / "s", "eval_loss")
+
+
+def test_a_sweep_prints_its_folder_and_a_runs_error_as_written(config, tmp_path, monkeypatch, capsys):
+    # An error quotes the user's values, the folder is the user's: rich would read `[/x]` in them as a closing
+    # tag (an error that ends the sweep) and `:x:` as an emoji's code.
+    from tuneforge import pipeline
+    from tuneforge.errors import TuneforgeError
+
+    def refused(*args, **kwargs):
+        raise TuneforgeError("the value ':x: [/x]' is refused")
+
+    monkeypatch.setattr(pipeline, "train", refused)
+    out = tmp_path / "[/x] :x:"
+    result = sweep(config, ["lora.r=2"], out=out, progress=False)
+    assert [run.status for run in result.runs] == ["failed"]
+    said = " ".join(capsys.readouterr().out.split())  # lines wrapped at 80 columns, joined
+    assert "sweep run r-2 failed: the value ':x: [/x]' is refused" in said
+    assert f"into {out}" in said and f"sweep {out} (by" in said and f"wrote {out / 'sweep.json'}" in said
