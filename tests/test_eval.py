@@ -26,11 +26,13 @@ from tuneforge.eval.forgetting import (
     mean_kl,
 )
 from tuneforge.eval.report import (
+    Table,
     forgetting_table,
     learning_rate_figure,
     loss_figure,
     loss_label,
     metrics_table,
+    print_tables,
     reward_figures,
     scores_figure,
     share_interval,
@@ -916,3 +918,12 @@ def test_a_damaged_bundled_base_questions_record_is_refused_as_a_damaged_install
         assert refused.value.message.startswith(f"{path}: ") and "reinstall tuneforge" in refused.value.message
     path.write_text(json.dumps({"model": "m", "kept": ["What is the capital of France?"]}))
     assert [q["question"] for q in forgetting.kept_questions()] == ["What is the capital of France?"]
+
+
+def test_a_report_table_prints_its_titles_and_headers_as_written(capsys):
+    # Titles name the data file and headers the models, user text where rich would read `[/x]` as a closing tag
+    # (an error) and `:x:` as an emoji's code.
+    table = Table("score on 2 examples of [/x] :x:.jsonl", ["metric", "run [/x] :x:"], [["exact", "0.5"]], ":x: [/x]")
+    print_tables([table])
+    said = " ".join(capsys.readouterr().out.split())  # the title wrapped to the table's width, joined
+    assert "of [/x] :x:.jsonl" in said and "run [/x] :x:" in said and ":x: [/x]" in said

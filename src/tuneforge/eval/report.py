@@ -46,11 +46,14 @@ class Table:
         from rich.table import Table as RichTable
         from rich.text import Text
 
-        table = RichTable(title=self.title, caption=self.caption or None, title_justify="left", show_lines=False)
+        # Text, not markup: titles name data files, headers models, cells hold user text such as "[urgent]".
+        caption = Text(self.caption, style="table.caption") if self.caption else None
+        table = RichTable(
+            title=Text(self.title, style="table.title"), caption=caption, title_justify="left", show_lines=False
+        )
         for i, column in enumerate(self.columns):
-            table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+            table.add_column(Text(column), justify="left" if i == 0 else "right", overflow="fold")
         for i, row in enumerate(self.rows):
-            # Text, not markup: cells hold user text such as "[urgent]".
             style = "bold red" if i < len(self.flagged) and self.flagged[i] else None
             table.add_row(*(Text(cell) for cell in row), style=style)
         return table
