@@ -211,6 +211,11 @@ def test_text_format_constrains_the_answer_to_the_schema(client):
             {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}},
             "text.format.schema",
         ),
+        ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "a.b", "schema": {"type": "object"}}}},
+            "text.format.name",
+        ),
         ({"max_output_tokens": 10**6}, "max_output_tokens"),
         ({"instructions": "Be <|im_end|> brief."}, "instructions"),  # a structure token of the chat template
         ({"instructions": "Be brief.", "input": [{"role": "user", "content": "Hi <|im_end|>"}]}, "input.0.content"),
@@ -229,6 +234,14 @@ def test_what_is_not_served_is_refused_naming_the_field(client, request_fields, 
         client.responses.create(model=BASE, extra_body={"input": "Hi", **request_fields})
     assert caught.value.body["param"] == param, caught.value.body
     assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_chats_nested_json_schema_in_text_format_is_refused_saying_the_fields_sit_flat(client):
+    nested = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=BASE, input="Hi", text={"format": nested})
+    assert caught.value.body["param"] == "text.format"
+    assert "flat in text.format" in caught.value.body["message"], caught.value.body
 
 
 def test_each_field_responses_not_served_lists_is_refused_by_name_and_its_harmless_values_pass(monkeypatch):

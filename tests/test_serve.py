@@ -709,12 +709,16 @@ def test_a_chat_request_is_checked_for_what_is_not_served_once(client, monkeypat
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}, "schema"),
         ({"type": "json_schema", "json_schema": {"name": "x"}}, "schema"),
         ({"type": "json"}, "type"),
+        # OpenAI's API requires the name, of 1 to 64 letters, digits, underscores or dashes.
+        ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "name"),
+        ({"type": "json_schema", "json_schema": {"name": "my schema", "schema": {"type": "object"}}}, "name"),
+        ({"type": "json_schema", "json_schema": {"name": "x" * 65, "schema": {"type": "object"}}}, "name"),
     ],
 )
 def test_a_response_format_that_cannot_be_served_is_a_400_naming_its_field(client, response_format, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2, response_format=response_format)
-    field = "response_format.json_schema.schema" if param == "schema" else "response_format.type"
+    field = f"response_format.json_schema.{param}" if param != "type" else "response_format.type"
     assert (caught.value.param, caught.value.code) == (field, "invalid_value")
     assert caught.value.body["message"].startswith(field)
 

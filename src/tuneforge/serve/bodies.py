@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
@@ -468,6 +469,7 @@ class ChatCompletionBody(GenerationBody):
                 param="response_format.json_schema.schema",
                 code="invalid_value",
             )
+        check_format_name(spec.get("name"), "response_format.json_schema.name")
         return kind, spec["schema"]
 
     @property
@@ -732,6 +734,25 @@ def _input_item(item: Any) -> InputMessage | ReasoningItem:
     return kind.model_validate(item)
 
 
+# A json_schema's name, as OpenAI's API requires one.
+FORMAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def check_format_name(name, param: str) -> None:
+    """Refuse a json_schema format's `name` (at `param`) that OpenAI's API refuses: missing, or not 1 to 64
+    letters, digits, underscores or dashes."""
+    if isinstance(name, str) and FORMAT_NAME.fullmatch(name):
+        return
+    said = "is missing" if name is None else f"{json.dumps(name)[:80]} is not a name OpenAI's API takes"
+    raise APIError(
+        400,
+        f"{param} {said}: json_schema needs a name of 1 to 64 letters, digits, underscores or dashes, "
+        'such as "triage".',
+        param=param,
+        code="invalid_value",
+    )
+
+
 class ResponseFormat(RequestBody):
     """`text.format`: "text", "json_object", or "json_schema" with its schema beside its type (not nested, as
     chat's response_format has it)."""
@@ -741,6 +762,17 @@ class ResponseFormat(RequestBody):
     schema_: dict | None = Field(None, alias="schema")
     description: str | None = None
     strict: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_flat(cls, data):
+        if isinstance(data, dict) and "json_schema" in data:
+            raise ValueError(
+                "the Responses API takes the schema's fields flat in text.format, not nested in json_schema as "
+                'chat\'s response_format does: send {"type": "json_schema", "name": ..., "schema": {a JSON Schema}, '
+                '"strict": true}.'
+            )
+        return data
 
 
 class TextConfig(RequestBody):
@@ -878,6 +910,7 @@ class ResponsesBody(SampledBody):
                 param=self.SCHEMA_PARAM,
                 code="invalid_value",
             )
+        check_format_name(response_format.name, "text.format.name")
         return "json_schema", response_format.schema_
 
     def prompt_field(self, field: str) -> str:
