@@ -423,6 +423,23 @@ def test_tool_commands_that_cannot_answer_a_call_say_why(tool_caller):
             "- type: function\n  function: {name: a}\n- type: function\n  function: {description: b}\n",
             "tools[1].function.name",
         ),
+        # A key the server's request checks refuse, which the template would write as given: the model never
+        # sees a misspelt tool's parameters.
+        (
+            "tools.json",
+            '[{"type": "function", "function": {"name": "a", "params": {"type": "object"}}}]',
+            "tools.json tools[0].function.params: [unknown_key] unknown key (did you mean 'parameters' for 'params'?)",
+        ),
+        (
+            "tools.json",
+            '[{"type": "function", "name": "a", "strict": true, "kind": 1}]',
+            "tools[0].kind: [unknown_key] unknown key",
+        ),
+        (
+            "tools.json",
+            '[{"type": "function", "function": {"name": "a"}}, {"x": 1, "function": {"name": "b"}}]',
+            "tools[1].x: [unknown_key] unknown key",
+        ),
         ("missing.json", None, "missing.json cannot be read"),
         ("deep.json", "[" * 10_000 + "]" * 10_000, "deep.json: the JSON nests arrays or objects too deeply to be read"),
         ("digits.json", "[" + "9" * 5_000 + "]", "digits.json: the JSON has an integer of more than 4,300 digits"),

@@ -308,7 +308,7 @@ def read_tools(path: str | Path) -> list[dict] | None:
 def checked_tools(value, where: str, file: str = "") -> list[dict] | None:
     """`value`, a list of OpenAI tool definitions, checked as a data row's `tools` are; a `DataError` that begins
     with `where` and names each bad field. An empty list: None, no tools."""
-    definitions, problems = tool_definitions(value, file=file)
+    definitions, problems = tool_definitions(value, file=file, known_keys_only=True)
     if problems:
         raise DataError.listing(f"{where}: {counted(len(problems), 'tool definition')} cannot be used", problems)
     return definitions

@@ -502,12 +502,15 @@ def prompt_conversation(
     return (None if check.errors else Conversation(messages, tools=tools)), check.problems
 
 
-def tool_definitions(value: Any, *, file: str = "") -> tuple[list[dict] | None, list[Problem]]:
+def tool_definitions(
+    value: Any, *, file: str = "", known_keys_only: bool = False
+) -> tuple[list[dict] | None, list[Problem]]:
     """A list of tool definitions (a file of them, as `tuneforge chat --tools` reads it) checked as a row's
     `tools` are, in the order of keys the server gives a request's tools to the chat template; None (an empty
-    list too: no tools) and the problems, each naming its field (`tools[1].function.name`)."""
+    list too: no tools) and the problems, each naming its field (`tools[1].function.name`). `known_keys_only`
+    refuses a key OpenAI's tool definitions do not have (`params` for `parameters`), as the server does."""
     check = _RowCheck(file, None)
-    tools = check.tools({"tools": value})
+    tools = check.tools({"tools": value}, known_keys_only=known_keys_only)
     return (None if check.errors else tools), check.problems
 
 
@@ -667,7 +670,7 @@ class _RowCheck:
             return None
         return value
 
-    def tools(self, row: dict) -> list[dict] | None:
+    def tools(self, row: dict, *, known_keys_only: bool = False) -> list[dict] | None:
         if row.get("functions") is not None:
             # Left unread, the row would train without its function definitions, as if it had no tools.
             self.error(
@@ -693,8 +696,34 @@ class _RowCheck:
                 return None
         if not value:  # an empty list offers no tools: rendered as none, as the server renders a request's
             return None
+        if known_keys_only:
+            for i, tool in enumerate(value):
+                self._unknown_tool_keys(tool, f"tools[{i}]")
+            if self.errors:
+                return None
         tools = [self._tool(tool, f"tools[{i}]") for i, tool in enumerate(value)]
         return None if None in tools else tools
+
+    def _unknown_tool_keys(self, tool: dict, at: str) -> None:
+        """An error for each key of `tool` (OpenAI's {"type", "function": {...}}, or the flat form) that OpenAI's
+        tool definitions do not have, named where it is written."""
+        function = tool.get("function")
+        nested = isinstance(function, dict)
+        known = _TOOL_KEYS if "function" in tool else ("type", *_FUNCTION_KEYS)
+        keys = [(f"{at}.{key}", key, known) for key in tool if key not in known]
+        keys += [
+            (f"{at}.function.{key}", key, _FUNCTION_KEYS)
+            for key in (function if nested else ())
+            if key not in _FUNCTION_KEYS
+        ]
+        for field, key, allowed in keys:
+            self.error(
+                "unknown_key",
+                field,
+                f"unknown key{_closest_key([key], allowed)}: a tool definition is "
+                '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}, '
+                '"strict": ...}}; rename or remove it.',
+            )
 
     def _tool(self, tool: dict, at: str) -> dict | None:
         """A tool definition as OpenAI's clients send it at inference and chat templates read it:
