@@ -502,7 +502,7 @@ def test_a_metrics_line_that_is_not_a_step_record_is_noted_on_its_run_and_the_ot
     ("name", "content", "problem"),
     [
         ("config.yaml", b"base_model: \xff\n", "config.yaml is not UTF-8"),
-        ("config.yaml", b"train: [\n: b", "config.yaml line 2 is not YAML"),
+        ("config.yaml", b"train: [\n: b", "config.yaml line 2, column 1: not YAML"),
         ("config.yaml", b"- 1\n- 2\n", "config.yaml is not a mapping of settings"),
         ("summary.json", b"[1]", "summary.json is not a JSON object"),
         (

@@ -187,6 +187,11 @@ def test_grid_values_parse_as_a_yaml_list():
         parse_grid(["lora.r=8,8"])
     with pytest.raises(ConfigError, match="each run of a sweep has its own folder"):
         parse_grid(["output_dir=a,b"])
+    # A syntax error is placed by its column in the values, as an override's is.
+    with pytest.raises(ConfigError) as caught:
+        parse_grid(["lora.target_modules=[q_proj,v_proj,[q_proj]"])
+    assert caught.value.message.startswith("--set 'lora.target_modules=[q_proj,v_proj,[q_proj]': the values of ")
+    assert "at column 24)" in caught.value.message, caught.value.message
 
 
 def test_the_python_api_takes_one_key_as_a_string_and_names_a_key_given_no_list(config, tmp_path):

@@ -266,7 +266,7 @@ def read_tools(path: str | Path) -> list[dict] | None:
     does not parse) and the field, for any problem. An empty list: None, no tools."""
     import yaml
 
-    from .config import load_yaml
+    from .config import load_yaml, yaml_syntax_error
 
     path = Path(path)
     try:
@@ -290,11 +290,7 @@ def read_tools(path: str | Path) -> list[dict] | None:
             f"--tools {path}: the JSON {what}; no tool definition needs that.", code="invalid_json"
         ) from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(
-            f"--tools {path}{where}: not YAML ({getattr(err, 'problem', None) or err}).", code="invalid_yaml"
-        ) from err
+        raise ConfigError(yaml_syntax_error(f"--tools {path}", err, "not YAML"), code="invalid_yaml") from None
     if not isinstance(value, list):
         got = "nothing" if value is None else type(value).__name__
         raise ConfigError(

@@ -29,7 +29,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from .config import Config, load_config, load_yaml, parse_overrides
+from .config import Config, load_config, load_yaml, parse_overrides, yaml_syntax_error
 from .errors import ConfigError, TuneforgeError, json_kind, json_value
 from .fsio import atomic_file, write_json
 from .progress import progress_bar
@@ -132,9 +132,12 @@ def parse_grid(sets: str | Iterable[str]) -> dict[str, list]:
         try:
             values = load_yaml(f"[{raw}]", f"--set '{given}'")
         except yaml.YAMLError as e:
+            if (mark := getattr(e, "problem_mark", None)) is not None:  # its column in the values, not in "[...]"
+                mark.column = min(max(mark.column - 1, 0), len(raw))
             raise ConfigError(
-                f"--set '{given}': the values of {key} are no comma-separated YAML list "
-                f"({getattr(e, 'problem', e)}); close brackets and quotes"
+                yaml_syntax_error(
+                    f"--set '{given}'", e, f"the values of {key} are no comma-separated YAML list", one_line=True
+                )
             ) from None
         if not values or any(v is None for v in values):
             raise ConfigError(f"--set '{given}': give {key} one or more values, comma-separated, none of them empty.")

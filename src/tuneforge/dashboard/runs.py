@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import dotted, load_yaml
+from ..config import dotted, load_yaml, yaml_syntax_error
 from ..data.prepare import refuses
 from ..errors import ConfigError, json_value
 from ..eval.report import (
@@ -397,9 +397,7 @@ def _config(path: str, mtime_ns: int, size: int) -> tuple[dict, str | None]:
     except ConfigError as err:  # nested too deep, an integer too long, aliases that expand past the bound
         return {}, f"{err.message} {unused.capitalize()}."
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        return {}, f"config.yaml{where} is not YAML ({getattr(err, 'problem', None) or err}); {unused}."
+        return {}, f"{yaml_syntax_error('config.yaml', err, 'not YAML')} {unused.capitalize()}."
     if not isinstance(loaded, dict):
         return {}, f"config.yaml is not a mapping of settings; {unused}."
     return loaded, None
