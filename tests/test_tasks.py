@@ -415,3 +415,29 @@ def test_general_sources_name_their_files_and_licences():
         assert folder.joinpath(source["file"]).is_file()
         assert source["licence"] and source["description"]
     assert "MIT License" in folder.joinpath("chitchat-LICENSE.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("read", "file", "damage"),
+    [
+        (general_questions, "questions.jsonl", b'{"question": "What is'),
+        (general_questions, "questions.jsonl", b'{"question": "Hi?", "answers": "hello"}\n'),
+        (general_text, "text.jsonl", b"\xff\n"),
+        (general_prompts, "prompts.jsonl", b"[1]\n"),
+        (general_conversations, "chitchat.jsonl", b'{"messages": 3}\n'),
+        (general_questions, "questions.jsonl", None),
+    ],
+)
+def test_a_damaged_bundled_general_set_is_refused_as_a_damaged_install(tmp_path, monkeypatch, read, file, damage):
+    from types import SimpleNamespace
+
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.tasks import general
+
+    monkeypatch.setattr(general, "resources", SimpleNamespace(files=lambda package: tmp_path))
+    if damage is not None:
+        (tmp_path / file).write_bytes(damage)
+    with pytest.raises(TuneforgeError) as refused:
+        read()
+    assert refused.value.code == "damaged_install"
+    assert refused.value.message.startswith(f"{tmp_path / file}: ") and "reinstall tuneforge" in refused.value.message

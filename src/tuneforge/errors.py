@@ -81,6 +81,16 @@ class TuneforgeError(Exception):
         self.code = code
 
 
+def damaged_install(path, what: str, unreadable: str) -> TuneforgeError:
+    """The error of a file installed with tuneforge (`path`, holding `what`) that `unreadable` (the end of a
+    sentence about it): the install is damaged, and reinstalling mends it."""
+    return TuneforgeError(
+        f"{path}: {what}, installed with tuneforge, {unreadable}: the install is damaged. Reinstall tuneforge "
+        "(pip install --force-reinstall tuneforge).",
+        code="damaged_install",
+    )
+
+
 class ConfigError(TuneforgeError):
     """The YAML config or a CLI override is wrong."""
 

@@ -28,7 +28,7 @@ import torch
 
 from ..config import DEFAULT_MODEL
 from ..data import IGNORE_INDEX, Document, Example, collate, render_conversation
-from ..errors import TuneforgeError, check_counts, json_value
+from ..errors import TuneforgeError, check_counts, damaged_install, json_value
 from ..fsio import write_json
 from ..generate import BATCH_SIZE, encode_prompts, generate
 from ..methods.sft import trained_logits
@@ -93,11 +93,7 @@ def _base_questions_record() -> dict:
     ):
         unreadable = "holds no model and list of kept questions"
     if unreadable is not None:
-        raise TuneforgeError(
-            f"{path}: the record of the general questions the base model knows, installed with tuneforge, "
-            f"{unreadable}: the install is damaged. Reinstall tuneforge (pip install --force-reinstall tuneforge).",
-            code="damaged_install",
-        )
+        raise damaged_install(path, "the record of the general questions the base model knows", unreadable)
     return record
 
 

@@ -14,9 +14,10 @@ The files are package data beside this module; `SOURCES` says where each comes f
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
+
+from ...errors import damaged_install, json_value
 
 SOURCES = {
     "questions": {
@@ -62,9 +63,37 @@ def bundled_file(source: str) -> Path:
     return Path(str(resources.files(__name__).joinpath(SOURCES[source]["file"])))
 
 
+# The keys each bundled set's rows hold, and their types: a row without them is a damaged install.
+_ROW_KEYS = {
+    "questions": {"question": str, "answers": list},
+    "text": {"text": str},
+    "prompts": {"prompt": str},
+    "replay_prompts": {"prompt": str},
+    "chitchat": {"messages": list},
+}
+
+
 def _read_jsonl(source: str) -> list[dict]:
-    text = bundled_file(source).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """A bundled set's rows; a file that cannot be read, or a row not of its set's shape, is refused as a
+    damaged install."""
+    path, what = bundled_file(source), f"the general {source} set"
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise damaged_install(path, what, f"cannot be read ({error.strerror or error})") from None
+    keys, rows = _ROW_KEYS[source], []
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        row, unreadable = json_value(line)
+        if unreadable is None and not (
+            isinstance(row, dict) and all(isinstance(row.get(key), kind) for key, kind in keys.items())
+        ):
+            unreadable = f"holds no {' and '.join(keys)}"
+        if unreadable is not None:
+            raise damaged_install(path, what, f"has a line {number} that {unreadable}")
+        rows.append(row)
+    return rows
 
 
 def general_questions() -> list[dict]:
