@@ -525,3 +525,13 @@ def test_rank_0_computes_a_missing_or_damaged_teacher_cache_entry_once_and_the_o
         assert [(tmp_path / f"teacher-{rank}").read_text() for rank in (0, 1)] == ["1", "0"], entry
         (written,) = (tmp_path / "home" / "teacher-cache").iterdir()
         written.write_bytes(written.read_bytes()[:100])  # cut short: the next run computes it again
+
+
+def test_a_teacher_that_is_the_student_itself_is_warned_of_once_under_nproc(tiny_model_dir, triage_data, tmp_path):
+    # The launcher checks the config before torchrun starts: the processes it starts leave the warning (and the
+    # comparison of the weights) to it.
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1, batch_size=2)
+    cfg["method"], cfg["distill"] = "distill", {"teacher": str(tiny_model_dir), "student": "lora"}
+    res = run_cli(cfg, tmp_path, 2)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("is the student's own model") == 1, res.stderr

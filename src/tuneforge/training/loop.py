@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shlex
 import signal
@@ -33,7 +34,7 @@ import torch
 from .. import data as tfdata
 from ..config import Config, LoraConfig, TrainConfig, auto_epochs, load_config
 from ..data.cache import CACHE_FORMAT
-from ..errors import ModelSourceError, RunFailed, TuneforgeError
+from ..errors import LAUNCHER_SHOWS_ERRORS, ModelSourceError, RunFailed, TuneforgeError
 from ..fsio import atomic_file, write_json, writing
 from ..methods import (
     adapter_on_merged_base,
@@ -596,7 +597,9 @@ def setup(
         trackers.check_installed(cfg)
     tokenizer = run_tokenizer(cfg, source)
     hashed = refuse_other_runs_on_other_machines(cfg, tokenizer, world)
-    check_inputs(cfg, tokenizer, source)
+    # A warning reads once: rank 0's, or none in the processes `tuneforge train --nproc` started, whose
+    # launcher warned as it checked the config (`check_before_launch`).
+    check_inputs(cfg, tokenizer, source, warn=world.is_main and LAUNCHER_SHOWS_ERRORS not in os.environ)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
     keeps_earlier = resume or replaces_earlier
     report_path = None if keeps_earlier else out / "data_report.json"
