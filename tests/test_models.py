@@ -1487,3 +1487,15 @@ def test_an_adapter_whose_weights_are_damaged_is_refused_before_serving_or_loadi
     for load in (lambda: load_pool(None, {"x": str(adapter)}), lambda: load_model(str(adapter))):
         with pytest.raises(ModelSourceError, match=rf"adapter/{said}.*Copy the adapter again, or use another"):
             load()
+
+
+def test_models_pull_and_info_print_a_folder_and_its_name_as_written(tiny_model_dir, tmp_path, capsys):
+    # A folder's path is the user's: rich would read `[/x]` in it as a closing tag (an error) and `:x:` as an
+    # emoji's code.
+    from tuneforge.models.commands import models_pull
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "[/x] :x:")
+    assert models_pull(str(folder)) == 0
+    assert capsys.readouterr().out.strip() == str(folder)
+    assert models_info(str(folder)) == 0
+    assert ":x:" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import json
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import TuneforgeError
 from .convert import pull
@@ -48,7 +49,7 @@ def models_pull(name: str) -> int:
         folder = pull(name) if name in REGISTRY else resolve(name).path
     except TuneforgeError as err:
         return _fail(err, json_out=False)
-    Console().print(str(folder), highlight=False, soft_wrap=True)
+    Console(emoji=False).print(str(folder), markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -60,7 +61,8 @@ def models_info(spec: str, json_out: bool = False) -> int:
     if json_out:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    table = Table(show_header=False, title=f"{info['name']} ({info['kind']})")
+    # Text, not markup: the name and values hold the user's paths, where `[/x]` would be a tag, `:x:` an emoji.
+    table = Table(show_header=False, title=Text(f"{info['name']} ({info['kind']})", style="table.title"))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in info.items():
@@ -68,8 +70,8 @@ def models_info(spec: str, json_out: bool = False) -> int:
             value = f"{value:,} ({value / 1e6:.1f}M)"
         elif isinstance(value, (dict, list)):
             value = json.dumps(value)
-        table.add_row(key, "—" if value is None else str(value))
-    console = Console()
+        table.add_row(key, Text("—" if value is None else str(value)))
+    console = Console(emoji=False)
     console.print(table)
     if not info["family_tested"]:
         console.print(
