@@ -59,7 +59,8 @@ def test_eval_section_is_checked_before_training(tmp_path):
     unknown = load_config(
         write(tmp_path, {"data": {"train": "x", "validation": "v.jsonl"}, "eval": {"task": "accuracy"}})
     )
-    with pytest.raises(ConfigError, match=r"eval\.task: unknown metric 'accuracy'.*support_triage"):
+    placed = r"eval\.task \(\S*cfg\.yaml line 5\)"  # the file and line the key was set at
+    with pytest.raises(ConfigError, match=placed + r": unknown metric 'accuracy'.*support_triage"):
         check_eval_inputs(unknown)
     with pytest.raises(ConfigError, match="give data.validation as a file path"):
         load_config(write(tmp_path, {"data": {"train": "x", "validation": 0.1}, "eval": {"task": "exact"}}))

@@ -56,7 +56,8 @@ def check_eval_inputs(cfg) -> None:
     questions that fit it (else an error naming file, line and field), no two files under one metric name."""
     if cfg.eval.task:
         if cfg.eval.task != "auto" and cfg.eval.task not in METRICS:
-            raise ConfigError(f"eval.task: {unknown_choice('metric', cfg.eval.task, ('auto', *METRICS))}")
+            refused = unknown_choice("metric", cfg.eval.task, ("auto", *METRICS))
+            raise ConfigError(f"{cfg.key_at('eval.task')}: {refused}")
         graded = eval_grader(cfg)
         examples = validation_examples(cfg)
         metric = choose_metric(cfg.eval.task, examples)
