@@ -33,7 +33,7 @@ def test_off_a_terminal_progress_is_throttled_plain_lines_ending_with_the_last(m
 
 def test_off_a_terminal_pace_and_eta_wait_for_a_rate_measured_from_the_first_update(monkeypatch):
     # As a model pull's dequantizing: the first tensor comes after 1.4 s of opening the file, the rest at
-    # 0.015 s each; the first line's ETA read 0:06:07 for work of 4 s.
+    # 0.015 s each; a rate that counted those 1.4 s would give the first line an ETA of minutes for seconds of work.
     times = iter([0.0, 1.4, 1.415, 1.43])
     monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: next(times)))
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)

@@ -49,8 +49,8 @@ def nearest_recipe(name: str) -> str | None:
 def recipe_path(name: str) -> Path:
     """The file of the shipped recipe `name`; a ConfigError naming the recipes there are otherwise."""
     if name not in recipe_names():
-        nearest = nearest_recipe(name)
-        listed = f"did you mean {nearest!r}? There are: " if nearest else "there are: "
+        meant = nearest_recipe(name)
+        listed = f"did you mean {meant!r}? There are: " if meant else "there are: "
         raise ConfigError(
             f"no shipped recipe named {name!r}; {listed}{', '.join(recipe_names())} (`tuneforge recipes` lists them)"
         )
