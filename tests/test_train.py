@@ -25,6 +25,8 @@ from tuneforge.dry_run import validate
 from tuneforge.errors import RunFailed, TuneforgeError
 from tuneforge.models import load_model, load_tokenizer, resolve
 from tuneforge.training import checkpoint, train
+from tuneforge.training.distributed import World
+from tuneforge.training.loop import resume_command
 
 ENV = SUBPROCESS_ENV
 
@@ -803,6 +805,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_dat
     assert load_config(command[2]).results_hash() == started_with.results_hash()
     last_logged = metrics(run)[-1]["step"]
     assert saved[0].name == f"step-{last_logged}"
+
+
+def test_the_resume_command_a_stop_prints_starts_the_processes_and_machines_the_run_had(tmp_path):
+    """A run under `--nproc 2` (or over machines) stopped by a signal says to resume on as many; the
+    bare `--resume` would continue it on one process."""
+    run = tmp_path / "run"
+    alone = resume_command(run, World())
+    assert alone == f"`tuneforge train {run / 'config.yaml'} --resume`"
+    two = re.search(r"`([^`]+)`", resume_command(run, World(rank=0, size=2, local_size=2)))[1]
+    assert shlex.split(two)[3:] == ["--resume", "--nproc", "2"]
+    machines = resume_command(run, World(rank=0, size=4, local_size=2))
+    assert shlex.split(re.search(r"`([^`]+)`", machines)[1])[3:] == ["--resume", "--nproc", "2", "--nnodes", "2"]
+    assert "on every machine, each with its own --node-rank" in machines
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_dir, triage_data, tmp_path):

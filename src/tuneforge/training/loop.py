@@ -828,6 +828,22 @@ def new_interval() -> dict:
     return {"sums": {}, "count": 0.0, "tokens": 0, "seconds": 0.0}
 
 
+def resume_command(out: Path, world: distributed.World) -> str:
+    """The command that continues a stopped run as it was started: the run's own config.yaml (it holds the
+    command line's overrides too) with --resume, on the processes and machines it ran on."""
+    command = f"tuneforge train {shlex.quote(str(out / 'config.yaml'))} --resume"
+    if world.size > 1:
+        command += f" --nproc {world.local_size}"
+    if world.machines > 1:
+        command += f" --nnodes {world.machines}"
+    said = f"`{command}`"
+    if world.machines > 1:
+        said += " on every machine, each with its own --node-rank and the same --master as before"
+    if not out.is_absolute():  # output_dir is relative to the working directory
+        said += f" in {Path.cwd()}"
+    return said
+
+
 def fit(run: Run, *, progress: bool = True, log=print) -> str:
     """The steps, with logging, validation and checkpoints; "completed", or "interrupted" by a signal."""
     cfg, plan = run.cfg, run.plan
@@ -862,10 +878,7 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
                 return "completed"
             if stop_requested:
                 path = run.save_checkpoint(step + 1)
-                # The run's own config.yaml holds the command line's overrides too: resuming from it matches.
-                resume_with = f"tuneforge train {shlex.quote(str(run.out / 'config.yaml'))} --resume"
-                where = "" if run.out.is_absolute() else f" in {Path.cwd()}"  # output_dir is relative to it
-                log(f"\n{stop.signal or 'stop'}: saved {path}; continue with `{resume_with}`{where}.")
+                log(f"\n{stop.signal or 'stop'}: saved {path}; continue with {resume_command(run.out, run.world)}.")
                 return "interrupted"
             saves = cfg.train.save_every and (step + 1) % cfg.train.save_every == 0
             # train.keep_best: the final model may be this step's weights, so they are saved.
