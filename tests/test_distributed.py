@@ -361,6 +361,20 @@ def test_a_machine_whose_others_never_start_stops_after_the_join_timeout_saying_
     assert "each with its own --node-rank from 0 to 1" in unmet.value.message
 
 
+def test_machine_0_whose_master_port_another_program_holds_says_so_not_that_it_cannot_reach_it(tmp_path):
+    """Machine 0 hosts the rendezvous at --master: with that port taken here, torchrun reports that it
+    cannot connect to its store, which reads as a network fault; the launcher names the port in use."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        master = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(RunFailed) as refused:
+            launch(["train", str(tmp_path / "cfg.yaml")], 1, nnodes=2, node_rank=0, master=master)
+    said = refused.value.message
+    assert f"machine 0 of 2: port {master.rpartition(':')[2]} of --master {master} is in use on this machine" in said
+    assert "could not reach" not in said and "every machine" in said
+
+
 def _train_counting_data_hashes(folder: str, data_files: list[str]) -> None:
     """A process's work for `launch_function`: train `folder`/cfg.yaml, writing to `folder`/hashed-RANK the
     data files it read to hash (for the data's cache key)."""

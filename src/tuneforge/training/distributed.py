@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -446,6 +447,13 @@ def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
     except RendezvousError as unmet:
         if nnodes == 1:
             raise
+        port = int(master.rpartition(":")[2])
+        if isinstance(unmet, RendezvousConnectionError) and node_rank == 0 and port_in_use(port):
+            raise RunFailed(
+                f"machine 0 of {nnodes}: port {port} of --master {master} is in use on this machine (by another "
+                "program or run), so it cannot host the rendezvous. Give a free port in --master, the same on every "
+                "machine, or stop what holds it."
+            ) from None
         what = (
             f"could not reach --master {master}"
             if isinstance(unmet, RendezvousConnectionError)
@@ -461,6 +469,18 @@ def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
     finally:
         os.environ.pop(LAUNCHER_SHOWS_ERRORS, None)
     return 0
+
+
+def port_in_use(port: int) -> bool:
+    """Whether another socket holds `port` on this machine, as the rendezvous host binds it (every
+    address, SO_REUSEADDR)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def launch_function(fn, args: tuple, nproc: int):
