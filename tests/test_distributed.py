@@ -271,6 +271,24 @@ def test_launched_processes_hand_back_rank_0s_value_and_never_finalize(tmp_path)
     assert not list(tmp_path.glob("finalized-*"))
 
 
+def _rank_1_killed(folder: str) -> None:
+    """A process's work for `launch_function`: rank 1 is killed as the out-of-memory killer kills, rank 0
+    waits to be stopped."""
+    if int(os.environ["RANK"]) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+def test_a_process_killed_by_a_signal_is_named_by_its_signal_not_sent_to_an_error_it_never_printed(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(RunFailed) as failed:
+        launch_function(_rank_1_killed, (str(tmp_path),), 2)
+    assert time.monotonic() - started < 45
+    said = failed.value.message
+    assert "process 1 of 2 was ended by SIGKILL (exit code -9) and printed no error" in said
+    assert "out-of-memory" in said and "printed above" not in said
+
+
 def test_more_processes_than_gpus_are_refused_before_any_start(monkeypatch, tmp_path):
     """This machine has no GPU; the count a machine with two reports is put in its place."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

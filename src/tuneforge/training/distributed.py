@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import socket
 import uuid
 from collections.abc import Callable
@@ -532,11 +533,16 @@ def _failure_as_error(processes: int, shows_errors: bool = False):
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
         unshown = unshown_errors(failed.failures) if shows_errors else {}
-        said = f"Its error: {unshown.pop(rank)}" if rank in unshown else "Its error is printed above."
+        if failure.exitcode < 0:  # ended by a signal, before it could print anything
+            name = signal.Signals(-failure.exitcode).name
+            why = " (the system's out-of-memory killer ends processes so: see `dmesg`)" if name == "SIGKILL" else ""
+            said = f"process {rank} of {processes} was ended by {name} (exit code {failure.exitcode}) and printed "
+            said += f"no error{why}; torchrun stopped the others."
+        else:
+            said = f"process {rank} of {processes} stopped first (exit code {failure.exitcode}); torchrun stopped "
+            said += "the others."
+            said += f" Its error: {unshown.pop(rank)}" if rank in unshown else " Its error is printed above."
         said += "".join(f" Process {other} said: {message}" for other, message in unshown.items())
-        error = RunFailed(
-            f"process {rank} of {processes} stopped first (exit code {failure.exitcode}); torchrun "
-            f"stopped the others. {said}"
-        )
+        error = RunFailed(said)
         error.exit_code = failure.exitcode if failure.exitcode > 0 else 1  # bad input stays 2, as in one process
         raise error from None
