@@ -316,6 +316,19 @@ def test_ctrl_c_at_the_launcher_exits_as_a_signal_without_torchruns_traceback(mo
     assert launch(["train", "config.yaml"], 2) == 130
 
 
+def test_more_processes_than_cpu_cores_without_gpus_are_warned_of_before_the_start(monkeypatch, capsys):
+    import torch.distributed.run
+
+    monkeypatch.setattr(torch.distributed.run, "run", lambda _: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert launch(["train", "config.yaml"], 2) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert launch(["train", "config.yaml"], 3) == 0
+    said = capsys.readouterr().err
+    assert "warning: --nproc 3 on a machine with 2 CPU cores and no GPU" in said and "--nproc 2" in said
+
+
 def _train_own_config(folder: str) -> None:
     """A process's work for `launch_function`: train the config `folder`/cfg-RANK.yaml, as a machine
     started with its own config file does, writing the refusal it meets to `folder`/said-RANK."""

@@ -20,6 +20,7 @@ import datetime
 import os
 import signal
 import socket
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,18 @@ def refuse_more_processes_than_gpus(processes_here: int) -> None:
         raise TuneforgeError(
             f"{processes_here} processes on this machine, but it has {gpus} GPU(s) and each process trains on one "
             f"of its own. Start at most {gpus} (--nproc {gpus}); CUDA_VISIBLE_DEVICES chooses which GPUs."
+        )
+
+
+def warn_more_processes_than_cores(processes_here: int) -> None:
+    """Without GPUs the processes share this machine's CPU cores, one thread each at least: more processes
+    than cores take turns on them, which makes no step faster. The run goes on, with a warning."""
+    cores = os.cpu_count() or 1
+    if processes_here > cores and not torch.cuda.is_available():
+        print(
+            f"warning: --nproc {processes_here} on a machine with {cores} CPU cores and no GPU: the processes take "
+            f"turns on the cores, so a step is no faster than with --nproc {cores}, and often slower.",
+            file=sys.stderr,
         )
 
 
@@ -435,6 +448,7 @@ def launch(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
     from torch.distributed.run import get_args_parser, run
 
     refuse_more_processes_than_gpus(nproc)
+    warn_more_processes_than_cores(nproc)
     options = [*rendezvous(nnodes, node_rank, master), f"--nproc-per-node={nproc}"]
     launcher = get_args_parser().parse_args([*options, "-m", "tuneforge", *args])
     os.environ[LAUNCHER_SHOWS_ERRORS] = "1"  # the processes inherit it
