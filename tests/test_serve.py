@@ -723,6 +723,19 @@ def test_a_response_format_that_cannot_be_served_is_a_400_naming_its_field(clien
     assert caught.value.body["message"].startswith(field)
 
 
+def _schema_refusal(client, schema: dict) -> str:
+    """The message of the 400 a chat request with `schema` as its json_schema gets, naming the schema."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=BASE,
+            messages=QUESTION,
+            max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+    assert (caught.value.param, caught.value.code) == ("response_format.json_schema.schema", "invalid_value")
+    return caught.value.body["message"]
+
+
 @pytest.mark.parametrize(
     "schema",
     [
@@ -733,15 +746,7 @@ def test_a_response_format_that_cannot_be_served_is_a_400_naming_its_field(clien
 )
 def test_a_schema_whose_grammar_cannot_be_built_is_a_400_saying_what_to_look_at(client, schema):
     """outlines-core says only 'Failed to build DFA error building NFA' of these."""
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
-            model=BASE,
-            messages=QUESTION,
-            max_tokens=2,
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-        )
-    assert (caught.value.param, caught.value.code) == ("response_format.json_schema.schema", "invalid_value")
-    message = caught.value.body["message"]
+    message = _schema_refusal(client, schema)
     assert "`pattern`" in message and "lookaround" in message and "minItems over maxItems" in message, message
 
 
@@ -758,15 +763,7 @@ def test_a_schema_whose_grammar_cannot_be_built_is_a_400_saying_what_to_look_at(
 def test_a_schema_with_an_empty_list_of_choices_is_a_400_naming_it_not_an_empty_reply(client, schema, at):
     """outlines-core compiles an empty list of choices to the empty text: decoded, the reply would be "" or hold
     `{"a":}`, with a 200."""
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
-            model=BASE,
-            messages=QUESTION,
-            max_tokens=2,
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-        )
-    assert (caught.value.param, caught.value.code) == ("response_format.json_schema.schema", "invalid_value")
-    message = caught.value.body["message"]
+    message = _schema_refusal(client, schema)
     assert f"response_format.json_schema.schema: {at} is an empty list, which no JSON value matches" in message
 
 
@@ -784,15 +781,7 @@ def test_a_schema_with_an_empty_list_of_choices_is_a_400_naming_it_not_an_empty_
 def test_a_schema_requiring_a_key_its_properties_do_not_list_is_a_400_naming_it(client, schema, at):
     """outlines-core writes the keys `properties` lists (any keys where it lists none) and skips a required name
     it does not list: the reply would lack the key the schema requires."""
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
-            model=BASE,
-            messages=QUESTION,
-            max_tokens=2,
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-        )
-    assert (caught.value.param, caught.value.code) == ("response_format.json_schema.schema", "invalid_value")
-    message = caught.value.body["message"]
+    message = _schema_refusal(client, schema)
     assert f'response_format.json_schema.schema: {at} names "b", which properties does not list' in message, message
 
 
