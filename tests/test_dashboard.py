@@ -98,6 +98,20 @@ def test_a_grpo_run_shows_its_validation_rewards(tmp_path):
     assert "Full validation reward 0.75" in events and "Step 1: validation reward 0.25" in events
 
 
+def test_the_runs_list_shows_an_evaluated_runs_task_score_as_a_percentage_named_by_its_metric(tmp_path):
+    """A task score is a share of the examples: a percentage with the metric that scored it, as report.html shows it."""
+    for name, scores in (("exact", {"task_exact": 0.0}), ("contains", {"task_contains": 2 / 3}), ("none", {})):
+        write_run(tmp_path / name)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        summary["metrics"].update(scores)
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    rows = {row.id: row.headline()[3] for row in FolderRuns(tmp_path).list_runs("local")}
+    assert rows == {"exact": "0.0% exact", "contains": "66.7% contains", "none": "-"}
+    with TestClient(create_ui_app(tmp_path)) as client:
+        listing = client.get("/ui/").text
+    assert "<th>task score</th>" in listing and '<td class="num">66.7% contains</td>' in listing
+
+
 def test_run_folders_under_a_directory_are_listed_with_their_figures(tmp_path):
     write_run(tmp_path / "a")
     write_run(tmp_path / "group" / "b", steps=4, finished=False)

@@ -46,8 +46,10 @@ HEADLINE_METRICS = (
     ("train loss", ("train_loss",)),
     ("valid loss", ("full_valid_loss", "valid_loss")),
     ("valid reward", ("full_valid_reward", "valid_reward")),  # GRPO's greedy answers to held-out prompts
-    ("task exact", ("task_exact",)),
+    ("task score", ("task_exact", "task_contains")),  # eval.task's headline score, whichever metric scored it
 )
+# Keys whose value is a share of the examples: shown as a percentage with the metric's name, as report.html shows it.
+SHARE_PREFIX = "task_"
 # libyaml's parser where PyYAML has it: a run's whole config.yaml takes ~60 ms to parse in pure Python,
 # seconds for a list of 200 runs.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -95,8 +97,12 @@ class RunRow:
     def headline(self) -> list[str]:
         shown = []
         for _, keys in HEADLINE_METRICS:
-            value = next((self.metrics[k] for k in keys if k in self.metrics), None)
-            shown.append(number(value))
+            key = next((k for k in keys if k in self.metrics), "")
+            value = self.metrics.get(key)
+            if key.startswith(SHARE_PREFIX) and number(value) != "-":
+                shown.append(f"{value:.1%} {key.removeprefix(SHARE_PREFIX)}")
+            else:
+                shown.append(number(value))
         return shown
 
 
