@@ -299,6 +299,33 @@ def test_a_run_page_keeps_following_the_run_after_the_server_stops_answering_and
         process.wait(timeout=30)
 
 
+def test_a_run_pages_sample_answers_keep_the_latest_validation_open_as_the_run_goes_on(browser, tmp_path):
+    # The latest validation open, earlier ones a click away; a step a person opened stays open as the page redraws.
+    run = write_run(tmp_path / "runs" / "live", finished=False)
+
+    def validation(step: int) -> None:
+        sample = {"example": 0, "prompt": "hi", "answer": f"answer {step}", "reference": "ref", "stopped": True}
+        with open(run / "samples.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "samples": [{**sample, "tokens": 2}]}) + "\n")
+
+    def opened() -> list[str]:
+        return [d.get_attribute("id") for d in all_css(browser, "#samples > details") if d.get_attribute("open")]
+
+    validation(2)
+    validation(4)
+    process, base = start_ui(tmp_path / "runs", tmp_path / "ui.log")
+    try:
+        browser.get(f"{base}/ui/runs/live")
+        assert opened() == ["samples-4"]
+        by_css(browser, "#samples-2 summary").click()
+        validation(6)
+        wait_until(lambda: all_css(browser, "#samples-6"), "the new validation's answers")
+        assert opened() == ["samples-6", "samples-2"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_at_phone_width_pages_with_a_long_run_name_do_not_scroll_sideways(browser, tmp_path):
     # The runs list of a 160-character run name was 2000 px wide at 390 px: the whole page scrolled sideways.
     name = "very-long-run-name-" * 8

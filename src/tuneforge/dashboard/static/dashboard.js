@@ -64,12 +64,13 @@ function followRun(live) {
     if (!response.ok) return stalled(`The server answers ${await failure(response)}: trying again.`);
     const update = await response.json();
     note.hidden = true;
-    // The sample steps a person opened stay open as the part is drawn again.
-    const opened = [...live.querySelectorAll("details[id]")].filter((d) => d.open).map((d) => d.id);
+    // The sample steps a person opened or closed keep that as the part is drawn again; the others are drawn as
+    // the new part has them, the latest validation open.
+    const chosen = [...live.querySelectorAll("details[id]")].filter((d) => d.open !== ("defaultOpen" in d.dataset));
     live.innerHTML = update.html;
-    for (const id of opened) {
-      const shown = document.getElementById(id);
-      if (shown) shown.open = true;
+    for (const before of chosen) {
+      const shown = document.getElementById(before.id);
+      if (shown) shown.open = before.open;
     }
     showTimes(live);
     if (update.active) setTimeout(refresh, poll);
