@@ -175,6 +175,7 @@ def test_pages_of_tuneforge_ui(tmp_path):
         assert live["status"] == "completed" and not live["active"] and 'id="train-curve"' in live["html"]
         compared = client.get("/ui/compare?run=a&run=b").text
         assert 'id="train-curve-0"' in compared and 'id="train-curve-1"' in compared
+        assert "<td>6 / 6</td>" in listing.text and "<td>6 / 6</td>" in compared  # steps done, of the run's total
         missing = client.get("/ui/runs/a%2F..%2F..")
         assert missing.status_code == 404 and "There is no run" in missing.text
         assert client.get("/ui/report/a").status_code == 404  # no evaluation was run

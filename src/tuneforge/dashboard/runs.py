@@ -94,6 +94,11 @@ class RunRow:
     def active(self) -> bool:
         return self.status in ACTIVE_STATUSES
 
+    @property
+    def steps(self) -> str:
+        """The steps column: steps done, and of how many where the run says."""
+        return f"{self.step} / {self.total_steps}" if self.total_steps else str(self.step)
+
     def headline(self) -> list[str]:
         shown = []
         for _, keys in HEADLINE_METRICS:
