@@ -563,6 +563,10 @@ def test_a_run_file_of_the_wrong_shape_is_noted_on_its_run_and_the_others_still_
     [
         ({"before.json": "[1]", "after.json": "[2]"}, "eval/before.json is not a JSON object"),
         ({"before.json": '{"loss": 1}', "after.json": '{"loss": {"a": 1}}'}, "eval/before.json and eval/after.json"),
+        (
+            {"before.json": '{"loss": 1, "tokens": 5}', "after.json": '{"tokens": 5}'},
+            "eval/after.json does not hold `loss`",
+        ),
         ({"forgetting.json": '{"kl": 1}'}, "eval/forgetting.json"),
         ({"benchmark_arc.json": '{"base": 1, "tuned": [1], "difference": "x"}'}, "eval/benchmark_arc.json"),
         ({"samples.jsonl": '{"input": "q"}\n{"cut'}, "eval/samples.jsonl line 2"),

@@ -309,26 +309,33 @@ def evaluation_tables(folder: RunFolder) -> list:
     found = folder.evaluation()
     tables = []
 
-    def add(files: str, table) -> None:
+    def add(files: dict[str, object], table) -> None:
+        """The table drawn by `table` from `files` (each eval file's name and what it holds), or a note on them."""
         try:
             tables.append(table())
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration):
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration) as error:
             # A figure is missing or of another type than `tuneforge eval` writes (a file edited, or another
-            # program's): the page shows the rest.
-            folder.note(f"{files} do not hold the figures `tuneforge eval` writes; their table is left out.")
+            # program's): the page shows the rest. A missing figure is named, with the files that lack it.
+            named, what = list(files), "the figures `tuneforge eval` writes"
+            if isinstance(error, KeyError) and error.args:
+                field = error.args[0]
+                named = [name for name, held in files.items() if isinstance(held, dict) and field not in held] or named
+                what = f"`{field}`, a figure `tuneforge eval` writes"
+            verb, their = ("does", "its") if len(named) == 1 else ("do", "their")
+            folder.note(f"{' and '.join(named)} {verb} not hold {what}; {their} table is left out.")
 
     if found["before"] and found["after"]:
         add(
-            "eval/before.json and eval/after.json",
+            {"eval/before.json": found["before"], "eval/after.json": found["after"]},
             lambda: metrics_table({"base": found["before"], "tuned": found["after"]}),
         )
     if found["forgetting"]:
-        add("eval/forgetting.json", lambda: forgetting_table(found["forgetting"]))
+        add({"eval/forgetting.json": found["forgetting"]}, lambda: forgetting_table(found["forgetting"]))
     for name, b in folder.benchmarks().items():
-        add(name, lambda b=b: choices_table({"base": b["base"], "tuned": b["tuned"]}, b["difference"]))
+        add({name: b}, lambda b=b: choices_table({"base": b["base"], "tuned": b["tuned"]}, b["difference"]))
     samples = folder.samples()
     if samples:
-        add("eval/samples.jsonl", lambda: examples_table(samples, n=SAMPLES_SHOWN))
+        add({"eval/samples.jsonl": samples}, lambda: examples_table(samples, n=SAMPLES_SHOWN))
     return tables
 
 
