@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 from browser import Screenshots, chromium, console_errors, wait_until
 from conftest import SUBPROCESS_ENV, announced_port, tiny_run_config
 from test_dashboard import write_run
@@ -326,11 +327,30 @@ def test_a_run_pages_sample_answers_keep_the_latest_validation_open_as_the_run_g
         process.wait(timeout=30)
 
 
-def test_at_phone_width_pages_with_a_long_run_name_do_not_scroll_sideways(browser, tmp_path):
+# The lines a table cell's text is laid out on, as the browser wraps it: its characters grouped by their top.
+LINES_OF = """
+const text = document.querySelector(arguments[0]).firstChild, lines = [];
+let top = null;
+for (let i = 0; i < text.length; i++) {
+  const range = document.createRange();
+  range.setStart(text, i);
+  range.setEnd(text, i + 1);
+  const at = Math.round(range.getBoundingClientRect().top);
+  if (at !== top) lines.push("");
+  top = at;
+  lines[lines.length - 1] += text.data[i];
+}
+return lines;
+"""
+
+
+def test_at_phone_width_pages_do_not_scroll_sideways_and_a_model_name_wraps_at_its_hyphens(browser, tmp_path):
     # The runs list of a 160-character run name was 2000 px wide at 390 px: the whole page scrolled sideways.
+    # A model's name wraps at its hyphens, not inside a word (smollm2-135m-i / nstruct).
     name = "very-long-run-name-" * 8
     write_run(tmp_path / "runs" / name)
-    write_run(tmp_path / "runs" / "short")
+    short = write_run(tmp_path / "runs" / "short")
+    (short / "config.yaml").write_text(yaml.safe_dump({"base_model": "smollm2-135m-instruct", "method": "lora"}))
     process, base = start_ui(tmp_path / "runs", tmp_path / "ui.log")
     try:
         browser.set_window_size(390, 844)
@@ -338,6 +358,9 @@ def test_at_phone_width_pages_with_a_long_run_name_do_not_scroll_sideways(browse
             browser.get(base + page)
             widths = browser.execute_script("return [document.body.scrollWidth, window.innerWidth]")
             assert widths[0] <= widths[1], (page, widths)
+            if page in ("/ui/", f"/ui/compare?run={name}&run=short"):
+                lines = browser.execute_script(LINES_OF, 'tr:has(a[href$="/short"]) td.model')
+                assert len(lines) > 1 and all(line.endswith("-") for line in lines[:-1]), (page, lines)
     finally:
         browser.set_window_size(1280, 900)
         process.terminate()
