@@ -441,3 +441,5 @@ def test_a_damaged_bundled_general_set_is_refused_as_a_damaged_install(tmp_path,
         read()
     assert refused.value.code == "damaged_install"
     assert refused.value.message.startswith(f"{tmp_path / file}: ") and "reinstall tuneforge" in refused.value.message
+    # `pip install -e .` from a clone reads the clone's file: git restores it, a reinstall would replace the clone's.
+    assert f"from a clone: git -C {tmp_path} checkout -- {file})" in refused.value.message

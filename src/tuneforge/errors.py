@@ -12,6 +12,7 @@ import numbers
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -83,10 +84,12 @@ class TuneforgeError(Exception):
 
 def damaged_install(path, what: str, unreadable: str) -> TuneforgeError:
     """The error of a file installed with tuneforge (`path`, holding `what`) that `unreadable` (the end of a
-    sentence about it): the install is damaged, and reinstalling mends it."""
+    sentence about it): the install is damaged. Reinstalling mends it; in a clone installed with `pip install -e .`
+    git restores the file (reinstalling from the registry would replace the clone's install)."""
+    path = Path(str(path))
     return TuneforgeError(
         f"{path}: {what}, installed with tuneforge, {unreadable}: the install is damaged. Reinstall tuneforge "
-        "(pip install --force-reinstall tuneforge).",
+        f"(pip install --force-reinstall tuneforge; from a clone: git -C {path.parent} checkout -- {path.name}).",
         code="damaged_install",
     )
 
