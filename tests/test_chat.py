@@ -441,6 +441,12 @@ def test_tool_commands_that_cannot_answer_a_call_say_why(tool_caller):
             '[{"type": "function", "function": {"name": "a"}}, {"x": 1, "function": {"name": "b"}}]',
             "tools[1].x: [unknown_key] unknown key",
         ),
+        # OpenAI's custom tool: refused by its type, which chat templates do not write, not by its keys.
+        (
+            "tools.json",
+            '[{"type": "custom", "custom": {"name": "a"}}]',
+            'tools[0].type: [data_type] a tool\'s type must be "function" (the tools chat templates write)',
+        ),
         ("missing.json", None, "missing.json cannot be read"),
         ("deep.json", "[" * 10_000 + "]" * 10_000, "deep.json: the JSON nests arrays or objects too deeply to be read"),
         ("digits.json", "[" + "9" * 5_000 + "]", "digits.json: the JSON has an integer of more than 4,300 digits"),

@@ -706,7 +706,10 @@ class _RowCheck:
 
     def _unknown_tool_keys(self, tool: dict, at: str) -> None:
         """An error for each key of `tool` (OpenAI's {"type", "function": {...}}, or the flat form) that OpenAI's
-        tool definitions do not have, named where it is written."""
+        tool definitions do not have, named where it is written. Another type's tool (OpenAI's "custom") is left
+        to `_tool`, which refuses its type."""
+        if tool.get("type", "function") != "function":
+            return
         function = tool.get("function")
         nested = isinstance(function, dict)
         known = _TOOL_KEYS if "function" in tool else ("type", *_FUNCTION_KEYS)
