@@ -567,6 +567,13 @@ def test_a_run_file_of_the_wrong_shape_is_noted_on_its_run_and_the_others_still_
             {"before.json": '{"loss": 1, "tokens": 5}', "after.json": '{"tokens": 5}'},
             "eval/after.json does not hold `loss`",
         ),
+        (  # a figure inside an object (usage.stopped_by_length): the file without it is named, not both
+            {
+                "before.json": '{"tokens": 5, "loss": null, "scores": null, "usage": {"stopped_by_length": 0}}',
+                "after.json": '{"tokens": 5, "loss": null, "scores": null, "usage": {}}',
+            },
+            "eval/after.json does not hold `stopped_by_length`",
+        ),
         ({"forgetting.json": '{"kl": 1}'}, "eval/forgetting.json"),
         ({"benchmark_arc.json": '{"base": 1, "tuned": [1], "difference": "x"}'}, "eval/benchmark_arc.json"),
         ({"samples.jsonl": '{"input": "q"}\n{"cut'}, "eval/samples.jsonl line 2"),

@@ -303,6 +303,13 @@ def reward_chart(metrics: list[dict]) -> str:
     return "".join(svg(figure) for _, figure in reward_figures(metrics))
 
 
+def _holds_key(value, key) -> bool:
+    """Whether `key` names a figure of `value` (a file's JSON) or of an object anywhere inside it."""
+    if isinstance(value, dict):
+        return key in value or any(_holds_key(v, key) for v in value.values())
+    return isinstance(value, list) and any(_holds_key(v, key) for v in value)
+
+
 def evaluation_tables(folder: RunFolder) -> list:
     """The report's tables (base vs tuned, forgetting, multiple-choice benchmarks, answers side by side), as
     eval/report.py builds them."""
@@ -319,7 +326,7 @@ def evaluation_tables(folder: RunFolder) -> list:
             named, what = list(files), "the figures `tuneforge eval` writes"
             if isinstance(error, KeyError) and error.args:
                 field = error.args[0]
-                named = [name for name, held in files.items() if isinstance(held, dict) and field not in held] or named
+                named = [name for name, held in files.items() if not _holds_key(held, field)] or named
                 what = f"`{field}`, a figure `tuneforge eval` writes"
             verb, their = ("does", "its") if len(named) == 1 else ("do", "their")
             folder.note(f"{' and '.join(named)} {verb} not hold {what}; {their} table is left out.")
