@@ -898,3 +898,10 @@ def test_one_reply_given_to_many_different_prompts_is_flagged_but_labels_are_not
     labelled = [chat(f"Ticket {i}: something is wrong.", json.dumps(label)) for i, label in enumerate(wide)]
     prepared = run(tmp_path, tokenizer, labelled)
     assert "repeated_reply" not in {w["code"] for w in prepared.report["warnings"]}
+
+
+def test_a_reply_opening_with_brackets_nested_past_what_python_reads_is_tallied_as_text(tmp_path, tokenizer):
+    # Python's JSON reader gives up on such nesting with a RecursionError, not a ValueError.
+    nested = "[" * 5000 + "]" * 5000 + " is as deep as it goes."
+    prepared = run(tmp_path, tokenizer, rows(12) + [chat(f"Tell me about topic {i}.", nested) for i in range(4)])
+    assert "repeated_reply" in {w["code"] for w in prepared.report["warnings"]}

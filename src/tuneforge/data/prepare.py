@@ -1116,12 +1116,13 @@ class ReplyTally:
 
 
 def _is_json(text: str) -> bool:
-    """Whether a reply is a JSON object or array (structured output, as a classifier's labels)."""
+    """Whether a reply is a JSON object or array (structured output, as a classifier's labels) that Python's JSON
+    reader reads (nesting too deep for it is a RecursionError)."""
     if not text.lstrip().startswith(("{", "[")):
         return False
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
