@@ -20,7 +20,6 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 
 from ..data import Problem
 from ..data.formats import check_row
@@ -144,18 +143,18 @@ def from_completions_command(
         api_key=api_key,
         keep_truncated=keep_truncated,
     )
-    # The report quotes stored prompts and the --out path, where rich would read `[/x]` as a tag, `:x:` as an emoji.
-    console = Console(highlight=False, soft_wrap=True, emoji=False)
-    out_path = escape(str(result.out))
-    console.print(f"{result.written} chat rows in {out_path}")
+    # The report quotes stored prompts and the --out path, where rich would read `[/x]` as a tag, `:x:` as an emoji:
+    # it is printed as written.
+    console = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+    console.print(f"{result.written} chat rows in {result.out}")
     if result.truncated:
         console.print(f"left out {result.truncated} replies cut at their length limit (--keep-truncated keeps them)")
     if result.problems:
         console.print(f"left out {len(result.problems)} completions the data checks refuse:")
         for problem in result.problems[: DataError.SHOWN_PROBLEMS]:
-            console.print(f"  {escape(str(problem))}")
+            console.print(f"  {problem}")
     console.print(
-        f"Train on it (data.train: {out_path}), or score a model on its prompts against these replies: "
-        f"tuneforge eval MODEL {out_path}"
+        f"Train on it (data.train: {result.out}), or score a model on its prompts against these replies: "
+        f"tuneforge eval MODEL {result.out}"
     )
     return 0
