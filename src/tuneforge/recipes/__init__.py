@@ -48,11 +48,12 @@ def nearest_recipe(name: str) -> str | None:
 
 def recipe_path(name: str) -> Path:
     """The file of the shipped recipe `name`; a ConfigError naming the recipes there are otherwise."""
-    if name not in recipe_names():
-        meant = nearest_recipe(name)
+    names = recipe_names()
+    if name not in names:
+        meant = nearest(name, names)
         listed = f"did you mean {meant!r}? There are: " if meant else "there are: "
         raise ConfigError(
-            f"no shipped recipe named {name!r}; {listed}{', '.join(recipe_names())} (`tuneforge recipes` lists them)"
+            f"no shipped recipe named {name!r}; {listed}{', '.join(names)} (`tuneforge recipes` lists them)"
         )
     return Path(str(resources.files(__name__).joinpath(f"{name}.yaml")))
 
