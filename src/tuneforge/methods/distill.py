@@ -389,12 +389,18 @@ def teacher_files(teacher_name: str) -> list[tuple[str, int, int]]:
 
 def source_files(source) -> list[tuple[str, int, int]]:
     """A resolved model's files, its base's and its adapter's, as (path, size, modification time)."""
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in _model_files(source)]
+
+
+def _model_files(source) -> list[tuple[Path, str]]:
+    """A resolved model's files, its base's then its adapter's, each with its name in the model: `0/NAME` in the
+    base's folder, `1/NAME` in the adapter's."""
     # An adapter model (a LoRA run) is its base and its adapter: a retrained adapter is another model.
-    folders = [Path(source.path)] + ([Path(source.adapter)] if source.adapter else [])
+    roots = [Path(source.path)] + ([Path(source.adapter)] if source.adapter else [])
     return [
-        (str(p), p.stat().st_size, p.stat().st_mtime_ns)
-        for folder in folders
-        for p in sorted(folder.rglob("*"))
+        (p, f"{i}/{p.relative_to(root)}")
+        for i, root in enumerate(roots)
+        for p in sorted(root.rglob("*"))
         if p.is_file()
     ]
 
@@ -410,13 +416,7 @@ def same_model(a, b) -> str | None:
         return "the same folder"
 
     def weights(source) -> list[tuple[Path, str, int]]:
-        roots = [Path(source.path)] + ([Path(source.adapter)] if source.adapter else [])
-        return [
-            (p, f"{i}/{p.relative_to(root)}", p.stat().st_size)
-            for i, root in enumerate(roots)
-            for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
-        ]
+        return [(p, name, p.stat().st_size) for p, name in _model_files(source) if p.name.endswith(WEIGHT_SUFFIXES)]
 
     mine, theirs = weights(a), weights(b)
     if not mine or [w[1:] for w in mine] != [w[1:] for w in theirs]:
