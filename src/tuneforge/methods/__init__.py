@@ -158,7 +158,7 @@ def check_inputs(cfg, tokenizer, source, *, warn: bool = True) -> None:
     if cfg.method in ("dpo", "grpo", "reward"):
         dpo.check_start(cfg, source)
     if cfg.method == "distill":
-        distill.check_teacher(cfg, tokenizer, warn=warn)
+        distill.check_teacher(cfg, tokenizer, source, warn=warn)
     if cfg.method == "grpo":
         grpo.load_grader(cfg)
 
