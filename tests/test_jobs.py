@@ -1504,6 +1504,29 @@ def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_check
     assert "Job resumed: queued to continue from step 9." in messages, messages
 
 
+def test_a_paused_job_whose_last_checkpoint_is_damaged_resumes_saying_the_step_its_run_goes_on_from(tmp_path):
+    """The job's run passes over a damaged last checkpoint for the newest whole one (`checkpoint.newest_whole`):
+    the resume's event names the step the run goes on from, not the damaged one's."""
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+    from tuneforge.training.checkpoint import OPTIMIZER, STATE
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job = add_job(store, KEY, status="paused", step=4)
+    checkpoints = tmp_path / "runs" / job.id / "checkpoints"
+    for step in (2, 4):
+        (checkpoints / f"step-{step}").mkdir(parents=True)
+        (checkpoints / f"step-{step}" / STATE).write_text("{}")
+    (checkpoints / "step-4" / OPTIMIZER).mkdir()  # its optimizer state's files lost: a resume cannot read it
+    with TestClient(create_api(tmp_path, store, api_keys=[KEY], workers=0)) as client:
+        answer = client.post(f"/v1/fine_tuning/jobs/{job.id}/resume", headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200, answer.text
+    messages = [e.message for e in store.list_events(job.id, after=None, limit=100)]
+    assert "Job resumed: queued to continue from step 2." in messages, messages
+
+
 def test_text_the_store_keeps_holding_a_nul_character_is_refused_naming_its_field(tmp_path):
     """PostgreSQL keeps no NUL in a text column (psycopg2 will not send one) nor reads one out of JSON text
     (`metadata ->> 'key'` fails on `\\u0000`), where SQLite takes both: a file's name, an eval's or a run's name,

@@ -196,8 +196,9 @@ def pause_job(job_id: str, owner: str = Depends(caller), service: Service = Depe
 @router.post("/{job_id}/resume")
 def resume_job(job_id: str, owner: str = Depends(caller), service: Service = Depends(service_of)):
     job = own_job(service, owner, job_id)
-    # From its last checkpoint, which may lie before the last step it reported (its server died after it).
-    last = checkpoint.latest(service.runs / job.id / "checkpoints")
+    # From its newest whole checkpoint, as its run resumes (`runner.run`), which may lie before the last step it
+    # reported (its server died after it).
+    last, _ = checkpoint.newest_whole(service.runs / job.id / "checkpoints")
     where = f"to continue from step {checkpoint.step_number(last)}" if last else "to start from the beginning"
     resumed = event(job.id, f"Job resumed: queued {where}.")
     if not service.store.move(job.id, ["paused"], status="queued", stop_request=None, adding=[resumed]):
