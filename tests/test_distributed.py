@@ -289,6 +289,20 @@ def test_a_process_killed_by_a_signal_is_named_by_its_signal_not_sent_to_an_erro
     assert "out-of-memory" in said and "printed above" not in said
 
 
+def test_a_process_ended_by_a_signal_python_has_no_name_for_is_named_by_its_number():
+    """A real-time signal (SIGRTMIN + n) has no name in Python's `signal.Signals`."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    ended = subprocess.Popen(["sleep", "60"])
+    ended.send_signal(signal.SIGRTMIN + 6)
+    code = ended.wait(timeout=30)
+    failure = ProcessFailure(local_rank=0, pid=ended.pid, exitcode=code, error_file="")
+    with pytest.raises(RunFailed) as stopped, _failure_as_error(2):
+        raise ChildFailedError("tuneforge", {0: failure})
+    said = stopped.value.message
+    assert f"process 0 of 2 was ended by signal {-code} (exit code {code}) and printed no error" in said
+
+
 def test_more_processes_than_gpus_are_refused_before_any_start(monkeypatch, tmp_path):
     """This machine has no GPU; the count a machine with two reports is put in its place."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

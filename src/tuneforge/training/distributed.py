@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import signal
 import socket
 import sys
 import uuid
@@ -548,7 +547,8 @@ def _failure_as_error(processes: int, shows_errors: bool = False):
         rank, failure = failed.get_first_failure()
         unshown = unshown_errors(failed.failures) if shows_errors else {}
         if failure.exitcode < 0:  # ended by a signal, before it could print anything
-            name = signal.Signals(-failure.exitcode).name
+            name = failure.signal_name()  # "<N/A>" for a number Python has no name for (a real-time signal)
+            name = f"signal {-failure.exitcode}" if name == "<N/A>" else name
             why = " (the system's out-of-memory killer ends processes so: see `dmesg`)" if name == "SIGKILL" else ""
             said = f"process {rank} of {processes} was ended by {name} (exit code {failure.exitcode}) and printed "
             said += f"no error{why}; torchrun stopped the others."
