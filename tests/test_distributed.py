@@ -335,7 +335,8 @@ def test_more_processes_than_cpu_cores_without_gpus_are_warned_of_before_the_sta
 
     monkeypatch.setattr(torch.distributed.run, "run", lambda _: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's; this process may run on two of them
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
     assert launch(["train", "config.yaml"], 2) == 0
     assert "warning" not in capsys.readouterr().err
     assert launch(["train", "config.yaml"], 3) == 0

@@ -76,9 +76,17 @@ def setup(timeout: float = 1800.0) -> World:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
         if device.type == "cpu":
             # Processes on one machine share its cores; oversubscribing them is much slower.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+            torch.set_num_threads(max(1, cores_here() // local_size))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size, device=device, timeout=timeout)
+
+
+def cores_here() -> int:
+    """The CPU cores this process may run on: a job scheduler's or `taskset`'s share of the machine, which
+    `os.cpu_count()` (every core of the machine) does not see."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; elsewhere every core is this process's
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def refuse_more_processes_than_gpus(processes_here: int) -> None:
@@ -95,7 +103,7 @@ def refuse_more_processes_than_gpus(processes_here: int) -> None:
 def warn_more_processes_than_cores(processes_here: int) -> None:
     """Without GPUs the processes share this machine's CPU cores, one thread each at least: more processes
     than cores take turns on them, which makes no step faster. The run goes on, with a warning."""
-    cores = os.cpu_count() or 1
+    cores = cores_here()
     if processes_here > cores and not torch.cuda.is_available():
         print(
             f"warning: --nproc {processes_here} on a machine with {cores} CPU cores and no GPU: the processes take "
