@@ -197,3 +197,14 @@ def test_a_url_password_is_redacted_whole_with_an_empty_user_or_a_colon_in_it():
     assert redact("redis://:s3cretPassw0rd@localhost:6379") == "redis://:<PASSWORD>@localhost:6379"
     assert redact("postgres://admin:Sup3r:S3cret@db.internal/app") == "postgres://admin:<PASSWORD>@db.internal/app"
     assert [h.kind.name for h in find("redis://:s3cretPassw0rd@cache.acme.io")] == ["url_password"]
+
+
+def test_a_warning_grouping_rows_names_the_kinds_of_each_row_not_the_first_rows_alone(tmp_path, tokenizer):
+    rows = [
+        chat("Call me?", "Call me at +1 415-555-0132 today.", system="Be brief."),
+        chat("Pay how?", "Charge card 4111 1111 1111 1111 and mail jane.doe@acme.io now.", system="Be brief."),
+    ]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    data, _ = check_data(data_config(path), tokenizer, keep_examples=False)
+    said = {w["code"]: w for w in data.report["warnings"]}["personal_data_in_reply"]["message"]
+    assert all(sample in said for sample in ("phone ***32", "credit_card ***1111", "email j***@a***.io")), said

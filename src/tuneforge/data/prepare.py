@@ -976,7 +976,12 @@ def problem_warnings(problems: list[Problem]) -> list[dict]:
     warnings = []
     for code, found in by_code.items():
         places = [p.where() for p in found]
-        said = f"{found[0].message} ({counted(len(found), 'row')}: {_first(places)})"
+        message = found[0].message
+        if found[0].sample:
+            samples = dict.fromkeys(s for p in found[:3] for s in p.sample.split(", ") if s != "...")
+            more = len(found) > 3 or any(p.sample.endswith("...") for p in found[:3])
+            message = message.replace(found[0].sample, ", ".join(samples) + (", ..." if more else ""), 1)
+        said = f"{message} ({counted(len(found), 'row')}: {_first(places)})"
         warnings.append({"code": code, "count": len(found), "message": said, "where": places[:_LISTED_PLACES]})
     return warnings
 
@@ -1074,7 +1079,7 @@ class PiiScreen:
                 "data.pii: redact."
             )
         severity = "error" if self.mode == "refuse" else "warning"
-        return Problem(code, said, file=path, line=line, field=hits[0][0], severity=severity)
+        return Problem(code, said, file=path, line=line, field=hits[0][0], severity=severity, sample=found)
 
 
 class ReplyTally:

@@ -138,6 +138,9 @@ class Problem:
     """Line in a JSONL/CSV file, the line an element starts on in a JSON array, the row of a Parquet file."""
     field: str | None = None
     severity: Literal["error", "warning"] = "error"
+    sample: str = ""
+    """The part of `message` that is this row's own (a secret's masked sample); a warning that groups rows of
+    one code says each listed row's in its place."""
 
     @property
     def is_error(self) -> bool:
