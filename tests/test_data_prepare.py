@@ -122,6 +122,19 @@ def test_near_duplicates_are_removed_with_dedup_near(tmp_path, tokenizer):
     assert exact.report["counts"]["duplicates_near"] == 0 and len(exact.train) == 12
 
 
+def test_near_duplicates_differing_in_punctuation_are_removed_with_dedup_near(tmp_path, tokenizer):
+    question = "How do I reset my password for account 7919 in the eu region, from the mobile app?"
+    reply = "To reset your password for account 7919, open the mobile app, choose item 12, and follow step 3."
+    data = [chat(t, "outage") for t in TICKETS[:10]] + [
+        chat(question, reply),
+        chat(question.replace(",", "").replace("?", "!!"), reply.replace(",", "").replace(".", ";")),
+    ]
+    near = run(tmp_path, tokenizer, data, dedup="near")
+    assert near.report["counts"]["duplicates_near"] == 1 and len(near.train) == 11
+    sums = [chat(f"What is {s}? Answer with the number alone.", "4.") for s in ("2+2", "2*2", "2 + 2", "2 * 2")]
+    assert run(tmp_path, tokenizer, data[:10] + sums, dedup="near").report["counts"]["duplicates_near"] == 0
+
+
 def test_preference_pairs_that_differ_in_the_rejected_reply_are_not_near_duplicates(tmp_path, tokenizer):
     question = "Our production database stopped accepting connections after last night's maintenance window."
     chosen = "Restart the connection pooler first, then check the maintenance logs for failed migrations."

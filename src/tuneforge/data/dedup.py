@@ -3,15 +3,16 @@
 Every record gets a content key: its text normalised (Unicode NFKC, case-folded, whitespace
 collapsed) with roles, untrained replies and tool definitions marked, hashed. The key decides exact
 duplicates, which side of a train/validation split a row falls on, and validation leaks. Near duplicates are found with
-MinHash LSH (`datasketch`) over word pairs of what the conversation says (its non-system
-messages, with their reasoning and tool calls: a system prompt shared by every row would make all
-rows look alike); rows that leave different replies untrained are never near repeats.
+MinHash LSH (`datasketch`) over word pairs (punctuation at word ends left out) of what the conversation says
+(its non-system messages, with their reasoning and tool calls: a system prompt shared by every row would make
+all rows look alike); rows that leave different replies untrained are never near repeats.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from .schema import Conversation, Document, Message, Preference, Record
 
 NUM_PERM = 128
 _CANDIDATE_MARGIN = 0.15
+_EDGE_PUNCTUATION = re.compile(r"^[^\w]+|[^\w]+$")
 _SHINGLE_WORDS = 2  # word pairs: one changed word in a 25-word ticket still scores about 0.86
 
 
@@ -148,7 +150,10 @@ class DuplicateIndex:
         """The MinHash of a row, for `find` and `add`; None when only exact repeats are looked for."""
         if self.near_threshold is None:
             return None
-        words = _said_text(record).split()
+        # Words without the punctuation at their ends, so a row that differs in commas or a "?" for a "!"
+        # repeats the row; punctuation inside a word ("2+2", "a.b") and a word of punctuation alone ("+")
+        # stay, so "2+2" and "2*2" differ.
+        words = [_EDGE_PUNCTUATION.sub("", word) or word for word in _said_text(record).split()]
         shingles = {" ".join(words[i : i + _SHINGLE_WORDS]) for i in range(max(1, len(words) - _SHINGLE_WORDS + 1))}
         if untrained := _untrained_turns(record):  # rows that train other messages share no shingle
             shingles = {f"<weight=0 {untrained}>{s}" for s in shingles}
