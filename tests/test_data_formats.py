@@ -947,3 +947,17 @@ def test_a_file_whose_only_row_is_too_large_is_told_that_alone(tmp_path, suffix)
         f"prompt,completion\nSay hi,{big}\n" if suffix == ".csv" else json.dumps({"prompt": "hi", "completion": big})
     )
     assert [(p.line, p.code) for p in errors(read(path))] == [(2 if suffix == ".csv" else 1, "row_too_large")]
+
+
+def test_a_windows_1252_file_is_told_a_conversion_that_gives_its_text_back(tmp_path):
+    import codecs
+    import re
+
+    text = '{"prompt": "Quote", "completion": "He said \u201chello\u201d \u2013 caf\u00e9"}\n'
+    path = tmp_path / "export.jsonl"
+    path.write_bytes(text.encode("cp1252"))
+    (problem,) = errors(read(path))
+    assert problem.code == "invalid_utf8"
+    told = re.search(r"`iconv -f (\S+) -t utf-8 export\.jsonl > utf8-export\.jsonl`", problem.message)
+    assert told, problem.message
+    assert path.read_bytes().decode(codecs.lookup(told.group(1)).name) == text

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, complaint, key_path, unreadable_json
+from .wording import to_utf8
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # A number in exponent form without a dot (1e3): YAML 1.1, which PyYAML reads, leaves it a string.
@@ -1706,7 +1707,7 @@ def yaml_text(path: Path) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise ConfigError(
             f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8 (for example "
-            f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`)."
+            f"{to_utf8(path.name)})."
         ) from None
     if bad := yaml.reader.Reader.NON_PRINTABLE.search(text):
         raise ConfigError(

@@ -29,3 +29,10 @@ def unknown_choice(what: str, value: str, choices: Iterable[str]) -> str:
     close = nearest(value, choices)
     hint = f"did you mean {close!r}? Use" if close else "use"
     return f"unknown {what} {value!r}; {hint} one of {', '.join(choices)}."
+
+
+def to_utf8(name: str) -> str:
+    """The command that re-saves the file `name`, text a Windows program wrote, as UTF-8. Windows-1252 gives
+    Latin-1's letters the same bytes and reads 0x80-0x9f as the curly quotes, dashes and euro sign such
+    exports hold, where Latin-1 would make them invisible control characters."""
+    return f"`iconv -f windows-1252 -t utf-8 {name} > utf8-{name}`"

@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from ..errors import unreadable_json
 from ..lone_surrogates import lone_surrogate
+from ..wording import to_utf8
 from .schema import Problem
 
 MAX_ROW_BYTES = 2 * 1024 * 1024
@@ -430,7 +431,7 @@ def _not_utf8(path: str, line: int | None, byte: int, column: int | None = None)
     at = f" at byte {column} of the line" if column else ""
     return Problem(
         "invalid_utf8",
-        f"not valid UTF-8 (byte 0x{byte:02x}{at}). Re-save the file as UTF-8 (for example `iconv -f latin1 -t utf-8`).",
+        f"not valid UTF-8 (byte 0x{byte:02x}{at}). Re-save the file as UTF-8 (for example {to_utf8(Path(path).name)}).",
         file=path,
         line=line,
     )
