@@ -961,3 +961,15 @@ def test_a_windows_1252_file_is_told_a_conversion_that_gives_its_text_back(tmp_p
     told = re.search(r"`iconv -f (\S+) -t utf-8 export\.jsonl > utf8-export\.jsonl`", problem.message)
     assert told, problem.message
     assert path.read_bytes().decode(codecs.lookup(told.group(1)).name) == text
+
+
+@pytest.mark.parametrize(
+    "line", ['{"prompt": "Hi", "completion": "Hello",}', '{"prompt": "Hi", "completion": ["a", "b",]}']
+)
+def test_a_trailing_comma_is_named_as_such(tmp_path, line):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f'{{"prompt": "Hey", "completion": "Hi"}}\n{line}\n')
+    (problem,) = errors(read(path))
+    assert (problem.code, problem.line) == ("invalid_json", 2)
+    assert "a trailing comma (a ',' before a closing" in problem.message, problem.message
+    assert f"remove it) at column {line.rindex(',') + 2}." in problem.message, problem.message

@@ -327,12 +327,16 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
 
 def _json_error(e: json.JSONDecodeError) -> str:
     """What the JSON parser says went wrong; for a raw control character (json's "Invalid control character
-    at"), which character it is and what to do."""
+    at"), which character it is and what to do; for a comma before a closing bracket, which exports and
+    hand edits leave and Python's parser (before 3.13) reports as a missing key or value, that it is one."""
     if e.msg.startswith("Invalid control character"):
         return (
             f"a raw control character (0x{ord(e.doc[e.pos]):02x}), which JSON strings take only escaped (remove it, "
             "or escape it; a 0x00 is usually binary data or a UTF-16 file)"
         )
+    closing = e.doc[e.pos : e.pos + 1]
+    if e.msg.startswith("Illegal trailing comma") or (closing in ("}", "]") and e.doc[: e.pos].rstrip().endswith(",")):
+        return "a trailing comma (a ',' before a closing '}' or ']', which JSON does not allow: remove it)"
     return e.msg
 
 
