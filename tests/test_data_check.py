@@ -10,10 +10,10 @@ import pytest
 from data.rows import BAD_INPUTS, chat, write_bad_input, write_jsonl
 
 from tuneforge import progress
-from tuneforge.config import DEFAULT_MODEL
-from tuneforge.data import Document, render_conversation
+from tuneforge.config import DEFAULT_MODEL, DataConfig
+from tuneforge.data import Document, prepare, render_conversation
 from tuneforge.data.check import TRAINED_STYLE, check, check_command, highlight
-from tuneforge.errors import ConfigError, ModelSourceError
+from tuneforge.errors import ConfigError, DataError, ModelSourceError
 
 REPLIES = ["The answer is four.", '{"category": "outage", "priority": "urgent", "product": "database"}']
 
@@ -288,3 +288,16 @@ def test_a_row_that_stops_the_check_is_counted_once(tmp_path, capsys, models):
         read = len(rows) if truncation == "truncate" else 1
         assert (counts["read"], counts["valid"], counts["rejected"]) == (read, 0, read)
         assert counts["rejected_by_code"] == codes
+
+
+def test_one_blank_line_and_one_error_are_counted_in_the_singular(good_file, capsys, models, tokenizer):
+    good_file.write_text(good_file.read_text() + "\n")
+    assert check_command([str(good_file)]) == 0
+    assert "3 read, 3 valid, 0 rejected, 1 blank line skipped" in " ".join(capsys.readouterr().out.split())
+    bad = write_jsonl(good_file.parent / "bad.jsonl", [chat("Hi", "Hello there."), {"prompt": "Hi"}])
+    assert check_command([str(bad)]) == 2
+    assert "\n1 error\n" in capsys.readouterr().out
+    good_file.write_text(good_file.read_text() + "{not json\n")
+    with pytest.raises(DataError) as refused:
+        prepare(DataConfig(train=str(good_file), validation=None), tokenizer, use_cache=False, log=lambda _: None)
+    assert "the data has 1 error (invalid_json x1)" in str(refused.value)

@@ -268,7 +268,7 @@ def test_a_validation_file_with_no_good_row_stops_even_when_skipping(tmp_path, t
     with pytest.raises(DataError) as err:
         prepare(DataConfig(train=str(train), validation=str(valid), on_error="skip"), tokenizer, use_cache=False)
     [last] = [p for p in err.value.problems if p.code == "no_valid_rows"]
-    assert last.file == str(valid) and "no validation rows are left after 2 problem(s)" in last.message
+    assert last.file == str(valid) and "no validation rows are left after 2 problems" in last.message
     # Left out, data.validation would be its default fraction, still validating: null is what leaves it out.
     assert "give data.validation: null to train without validation" in last.message
 
@@ -281,7 +281,7 @@ def test_no_valid_rows_says_they_were_all_in_the_validation_file(tmp_path, token
         prepare(DataConfig(train=str(train), validation=str(valid)), tokenizer, use_cache=False)
     [problem] = err.value.problems
     assert problem.code == "no_valid_rows"
-    assert "after 4 rows removed as they are also in the validation file" in problem.message
+    assert "after 4 rows removed as also in the validation file" in problem.message
 
 
 def test_warnings_for_missing_system_prompts_and_few_examples(tmp_path, tokenizer):

@@ -201,7 +201,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         (
             "rows",
             f"{counts['read']} read, {counts['valid']} valid, {counts['rejected']} rejected"
-            + (f", {counts['blank_lines']} blank lines skipped" if counts["blank_lines"] else ""),
+            + (f", {counted(counts['blank_lines'], 'blank line')} skipped" if counts["blank_lines"] else ""),
         ),
         (
             "examples",
@@ -245,7 +245,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
     if not report["errors_total"]:
         console.print("[green]no errors[/green]: the data is ready to train on.")
         return
-    by_code = Table("code", "count", "first at", title=f"{report['errors_total']} errors", title_justify="left")
+    by_code = Table("code", "count", "first at", title=counted(report["errors_total"], "error"), title_justify="left")
     first_by_code: dict[str, dict] = {}
     for error in report["errors"]:
         first_by_code.setdefault(error["code"], error)

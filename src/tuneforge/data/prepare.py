@@ -253,7 +253,8 @@ def replay_conversations(path: Path) -> list[Conversation]:
     if problems:
         shown = "\n".join(str(p) for p in problems[:_SHOWN_IN_ERROR])
         raise DataError(
-            f"data.general_replay: {path} has {len(problems)} problem(s); fix them or choose another file:\n{shown}",
+            f"data.general_replay: {path} has {counted(len(problems), 'problem')}; fix them or choose another "
+            f"file:\n{shown}",
             code=problems[0].code,
             problems=problems,
         )
@@ -730,7 +731,7 @@ class _Preparation:
                 Problem(
                     "no_valid_rows",
                     "no validation rows are left"
-                    + (f" after {rejected} problem(s)" if rejected else "")
+                    + (f" after {counted(rejected, 'problem')}" if rejected else "")
                     # Left out, data.validation is its default fraction, not none: null is none (YAML reads
                     # `none` as a file's name).
                     + ". Fix the rows listed, or give data.validation: null to train without validation (or a "
@@ -740,14 +741,16 @@ class _Preparation:
             )
         if not self.train:
             # Rows removed as duplicates or validation leaks are warnings elsewhere; here they may be the only cause.
-            causes = {
-                "problem(s)": sum(p.is_error for p in self.problems),
-                "rows removed as they are also in the validation file (give it rows of its own)": self.counts[
-                    "validation_leak"
-                ],
-                "duplicate rows removed": self.counts["duplicates_exact"] + self.counts["duplicates_near"],
-            }
-            shown = ", ".join(f"{count} {what}" for what, count in causes.items() if count)
+            causes = [
+                (sum(p.is_error for p in self.problems), "problem", ""),
+                (
+                    self.counts["validation_leak"],
+                    "row",
+                    " removed as also in the validation file (give that file rows of its own)",
+                ),
+                (self.counts["duplicates_exact"] + self.counts["duplicates_near"], "duplicate row", " removed"),
+            ]
+            shown = ", ".join(f"{counted(count, noun)}{rest}" for count, noun, rest in causes if count)
             self.problems.append(
                 Problem(
                     "no_valid_rows",
@@ -1264,7 +1267,7 @@ def _write_report(path: Path | None, report: dict) -> None:
 
 def error_summary(errors: list[Problem], cfg: DataConfig, report_path: Path | None) -> str:
     by_code = ", ".join(f"{code} x{n}" for code, n in Counter(p.code for p in errors).most_common())
-    lines = [f"the data has {len(errors)} error(s) ({by_code}):"]
+    lines = [f"the data has {counted(len(errors), 'error')} ({by_code}):"]
     lines += [f"  {p}" for p in errors[:_SHOWN_IN_ERROR]]
     if len(errors) > _SHOWN_IN_ERROR:
         lines.append(f"  ... and {len(errors) - _SHOWN_IN_ERROR} more")
