@@ -973,3 +973,13 @@ def test_a_trailing_comma_is_named_as_such(tmp_path, line):
     assert (problem.code, problem.line) == ("invalid_json", 2)
     assert "a trailing comma (a ',' before a closing" in problem.message, problem.message
     assert f"remove it) at column {line.rindex(',') + 2}." in problem.message, problem.message
+
+
+@pytest.mark.parametrize(("role", "ours"), [("bot", "assistant"), ("model", "assistant"), ("ai", "assistant")])
+def test_a_reply_role_of_another_convention_is_told_ours(tmp_path, role, ours):
+    chat_row = {"messages": [{"role": "user", "content": "hi"}, {"role": role, "content": "hey"}]}
+    sharegpt_row = {"conversations": [{"from": "human", "value": "hi"}, {"from": role, "value": "hey"}]}
+    for row, said in ((chat_row, ours), (sharegpt_row, "gpt")):
+        (problem,) = errors(read(write_jsonl(tmp_path / "rows.jsonl", [row])))
+        assert problem.code == "unrecognized_role"
+        assert f"'{role}' is '{said}' here" in problem.message, problem.message

@@ -50,6 +50,7 @@ FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preferenc
 _MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id", "reasoning_content", "reasoning")
 _SHAREGPT_KEYS = ("from", "value", "weight")
 # Roles and keys of function calling as OpenAI's legacy `functions` and LLaMA-Factory's ShareGPT write it.
+_REPLY_ROLES = ("bot", "model", "ai")  # the replying side in other exports: chatbot logs, Gemini's 'model'
 _FUNCTION_CALLING = ("function", "function_call")
 _TOOLS_FORMAT = (
     "tool use is read in OpenAI's tools format: the call as an assistant message's 'tool_calls', "
@@ -820,6 +821,7 @@ class _RowCheck:
         mapped = _SHAREGPT_ROLES.get(role) if sharegpt else role
         if mapped not in ROLES:
             hint = f" (ShareGPT's '{role}' is '{_SHAREGPT_ROLES[role]}' here)" if role in _SHAREGPT_ROLES else ""
+            hint = f" ('{role}' is '{'gpt' if sharegpt else 'assistant'}' here)" if role in _REPLY_ROLES else hint
             hint = f" ({_TOOLS_FORMAT})" if role in _FUNCTION_CALLING else hint
             self.error(
                 "unrecognized_role",
