@@ -983,3 +983,13 @@ def test_a_reply_role_of_another_convention_is_told_ours(tmp_path, role, ours):
         (problem,) = errors(read(write_jsonl(tmp_path / "rows.jsonl", [row])))
         assert problem.code == "unrecognized_role"
         assert f"'{role}' is '{said}' here" in problem.message, problem.message
+
+
+@pytest.mark.parametrize("role", [["assistant"], {"name": "assistant"}, 1])
+def test_a_role_that_is_not_a_string_is_a_data_type_error(tmp_path, role):
+    chat_row = {"messages": [{"role": "user", "content": "hi"}, {"role": role, "content": "hey"}]}
+    sharegpt_row = {"conversations": [{"from": "human", "value": "hi"}, {"from": role, "value": "hey"}]}
+    for row, field in ((chat_row, "messages[1].role"), (sharegpt_row, "conversations[1].from")):
+        (problem,) = errors(read(write_jsonl(tmp_path / "rows.jsonl", [row])))
+        assert (problem.code, problem.field) == ("data_type", field)
+        assert "must be a string" in problem.message

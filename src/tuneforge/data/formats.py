@@ -818,6 +818,14 @@ class _RowCheck:
             )
             return None
         role = raw[role_key]
+        if not isinstance(role, str):
+            self.error(
+                "data_type",
+                f"{at}.{role_key}",
+                f"'{role_key}' must be a string, one of {', '.join(_SHAREGPT_ROLES if sharegpt else ROLES)}; got "
+                f"{_json_type(role)}.",
+            )
+            return None
         mapped = _SHAREGPT_ROLES.get(role) if sharegpt else role
         if mapped not in ROLES:
             hint = f" (ShareGPT's '{role}' is '{_SHAREGPT_ROLES[role]}' here)" if role in _SHAREGPT_ROLES else ""
