@@ -993,3 +993,17 @@ def test_a_role_that_is_not_a_string_is_a_data_type_error(tmp_path, role):
         (problem,) = errors(read(write_jsonl(tmp_path / "rows.jsonl", [row])))
         assert (problem.code, problem.field) == ("data_type", field)
         assert "must be a string" in problem.message
+
+
+def test_a_chat_rows_system_field_is_its_system_prompt_as_in_sharegpt(tmp_path):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]
+    (conv,) = records(read(write_jsonl(tmp_path / "chat.jsonl", [{"system": "Be terse.", "messages": turns}])))
+    assert [(m.role, m.content) for m in conv.messages] == [
+        ("system", "Be terse."),
+        ("user", "hi"),
+        ("assistant", "hey"),
+    ]
+    other = {"system": "Be terse.", "messages": [{"role": "system", "content": "Be kind."}, *turns]}
+    (problem,) = errors(read(write_jsonl(tmp_path / "both.jsonl", [other])))
+    assert (problem.code, problem.field) == ("conflicting_system", "system")
+    assert "messages[0] is a system turn" in problem.message

@@ -6,7 +6,7 @@ data-preparation codes where one fits), the file, the line, the field and what t
 
 Formats (the names `data.format` takes):
   chat               {"messages": [{"role", "content", "weight"?, "name"?, "tool_calls"?, "reasoning_content"?,
-                     ...}], "tools"?} ("reasoning", as some exports name it, is read as "reasoning_content")
+                     ...}], "system"?, "tools"?} ("reasoning", as some exports name it, is read as "reasoning_content")
   alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
   sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|"tool", "value"}], "system"?, "tools"?}
                      (LLaMA-Factory writes "tools" as JSON text of function definitions)
@@ -1014,7 +1014,7 @@ class _RowCheck:
 
 
 def _chat(row: dict, check: _RowCheck) -> Conversation | None:
-    messages = check.messages(row.get("messages"), "messages")
+    messages = _with_system(row, check.messages(row.get("messages"), "messages"), check, "messages")
     check.require_assistant(messages, "messages")
     tools = check.tools(row)
     return Conversation(messages, tools=tools) if messages else None
@@ -1141,7 +1141,14 @@ def _sharegpt_tools(row: dict, check: _RowCheck) -> list[dict] | None:
 
 def _sharegpt_turns(row: dict, check: _RowCheck) -> list[Message] | None:
     """A ShareGPT row's `conversations` as messages, its `system` field first; None if any is bad."""
-    messages = check.messages(row.get("conversations"), "conversations", sharegpt=True)
+    return _with_system(
+        row, check.messages(row.get("conversations"), "conversations", sharegpt=True), check, "conversations"
+    )
+
+
+def _with_system(row: dict, messages: list[Message] | None, check: _RowCheck, key: str) -> list[Message] | None:
+    """`messages` (the row's `key`) with the row's `system` field, where it has one, as their system prompt
+    first, as ShareGPT and LLaMA-Factory exports keep it beside the turns; None if any is bad."""
     system = check.text(row, "system", required=False)
     if messages and system:
         if messages[0].role != "system":
@@ -1150,7 +1157,7 @@ def _sharegpt_turns(row: dict, check: _RowCheck) -> list[Message] | None:
             check.error(
                 "conflicting_system",
                 "system",
-                f"the row has a 'system' field and conversations[0] is a system turn with other text "
+                f"the row has a 'system' field and {key}[0] is a system turn with other text "
                 f"({messages[0].content[:60]!r}); only one can be the system prompt. Keep one of them.",
             )
             return None
