@@ -398,6 +398,9 @@ def test_split_refuses_conversations_and_says_what_to_use(tmp_path, tokenizer):
         prepare(cfg, tokenizer, use_cache=False, log=lambda _: None)
     assert err.value.code == "split_not_text" and f"{path}:1" in str(err.value)
     assert "data.truncation: truncate or drop" in str(err.value)
+    with pytest.raises(DataError) as strict:  # on_error: skip stops it too, so it is not the way out
+        prepare(cfg.model_copy(update={"on_error": "strict"}), tokenizer, use_cache=False, log=lambda _: None)
+    assert strict.value.code == "split_not_text" and "data.on_error: skip" not in str(strict.value)
 
 
 def test_the_cache_is_reused_and_says_so(tmp_path, tokenizer, isolated_home):

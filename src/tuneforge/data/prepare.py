@@ -1278,6 +1278,7 @@ def error_summary(errors: list[Problem], cfg: DataConfig, report_path: Path | No
             "data.pii: refuse stops at secrets and personal data: remove them from the rows listed (revoke any "
             "key), or set data.pii: redact to train on typed placeholders (<EMAIL>, <API_KEY>) in their place."
         )
-    if cfg.on_error == "strict" and any(p.line is not None and p.code not in PII_CODES for p in errors):
+    # Only rows that on_error: skip would leave out: the data set's errors (DATA_SET_CODES) stop it under skip too.
+    if cfg.on_error == "strict" and any(p.line is not None and p.code not in DATA_SET_CODES for p in errors):
         lines.append("Fix these rows, or set data.on_error: skip to leave bad rows out.")
     return "\n".join(lines)
