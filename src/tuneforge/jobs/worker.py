@@ -342,7 +342,9 @@ class Workers:
             if errors:
                 shown = "; ".join(str(problem) for problem in errors[:3])
                 more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-                raise self._failure(job, "invalid_file", f"{len(errors)} problem(s): {shown}{more}", errors[0].file)
+                raise self._failure(
+                    job, "invalid_file", f"{counted(len(errors), 'problem')}: {shown}{more}", errors[0].file
+                )
             train_items, _ = batch_items(prepared, config)  # the examples, or for dpo one item per pair
             n_items = len(train_items)
             config = training_config(

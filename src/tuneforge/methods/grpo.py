@@ -73,6 +73,7 @@ from ..graders import GraderError, rollout_samples
 from ..graders import load_grader as load_grader_spec
 from ..models import causal_lm, frozen_base
 from ..models.loading import image_inputs
+from ..wording import counted
 from .dpo import prepare_policy
 from .sft import reference_lm, token_cross_entropy, trained_hidden
 
@@ -279,7 +280,7 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None, log=print) -> tf
     if errors and (refuses(cfg.data.on_error, {p.code for p in errors}) or not rows):
         listed = "\n".join(f"  {p}" for p in errors[:20])
         raise DataError(
-            f"the prompts have {len(errors)} error(s):\n{listed}"
+            f"the prompts have {counted(len(errors), 'error')}:\n{listed}"
             + ("\nFix these rows, or set data.on_error: skip to leave bad rows out." if rows else ""),
             code=errors[0].code,
             problems=errors,

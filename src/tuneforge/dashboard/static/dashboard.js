@@ -123,7 +123,7 @@ function showCheck(target, report) {
     target.append(element("p", "No problems: the file is ready to train on.", "ok"));
     return true;
   }
-  target.append(element("p", `${report.errors_total} problem(s): fix the file and choose it again.`, "error problems-count"));
+  target.append(element("p", `${report.errors_total} ${report.errors_total === 1 ? "problem" : "problems"}: fix the file and choose it again.`, "error problems-count"));
   const table = element("table", undefined, "problems");
   const head = table.insertRow();
   ["file", "line", "code", "field", "problem"].forEach((h) => head.append(element("th", h)));
