@@ -1007,3 +1007,16 @@ def test_a_chat_rows_system_field_is_its_system_prompt_as_in_sharegpt(tmp_path):
     (problem,) = errors(read(write_jsonl(tmp_path / "both.jsonl", [other])))
     assert (problem.code, problem.field) == ("conflicting_system", "system")
     assert "messages[0] is a system turn" in problem.message
+
+
+@pytest.mark.parametrize("system", ["", "  \n"])
+def test_a_blank_system_field_is_no_system_prompt_in_each_format(tmp_path, system):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]
+    rows = [
+        {"system": system, "messages": turns},
+        {"system": system, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hey"}]},
+        {"system": system, "instruction": "hi", "input": system, "output": "hey"},
+    ]
+    for i, row in enumerate(rows):
+        (conv,) = records(read(write_jsonl(tmp_path / f"rows{i}.jsonl", [row])))
+        assert [(m.role, m.content) for m in conv.messages] == [("user", "hi"), ("assistant", "hey")], row

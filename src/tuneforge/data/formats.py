@@ -657,9 +657,9 @@ class _RowCheck:
         return row
 
     def text(self, row: dict, key: str, *, required: bool = True) -> str | None:
-        """A string field. Optional fields may be absent, null or empty."""
+        """A string field. Optional fields may be absent, null or blank (an export's "" or " " for none)."""
         value = row.get(key)
-        if value is None or (value == "" and not required):
+        if value is None or (not required and isinstance(value, str) and not value.strip()):
             if required:
                 self.error("missing_field", key, f"'{key}' is missing: add it (a non-empty string).")
             return None
