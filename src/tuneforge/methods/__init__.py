@@ -109,9 +109,9 @@ def new_token_ids(tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(tokens_added(tokenizer))
 
 
-def check_inputs(cfg, tokenizer, source, *, warn: bool = True) -> None:
-    """Fail early, with a clear error, on inputs the method cannot use (`source`: the resolved base model).
-    `warn`: whether to warn of inputs that run but waste the run (a distill teacher that is the student)."""
+def check_inputs(cfg, tokenizer, source) -> None:
+    """Fail early, with a clear error, on inputs the method cannot use (`source`: the resolved base model); warn of
+    inputs that run but waste the run (a distill teacher that is the student)."""
     if cfg.method != "reward":  # every other method trains a language model, which a reward model's folder lacks
         refuse_reward_model(source, "train", cfg.key_at("base_model"))
     window = source_context_length(source, cfg.model.rope_parameters(), cfg.key_at("model.rope_scaling"))
@@ -158,7 +158,7 @@ def check_inputs(cfg, tokenizer, source, *, warn: bool = True) -> None:
     if cfg.method in ("dpo", "grpo", "reward"):
         dpo.check_start(cfg, source)
     if cfg.method == "distill":
-        distill.check_teacher(cfg, tokenizer, source, warn=warn)
+        distill.check_teacher(cfg, tokenizer, source)
     if cfg.method == "grpo":
         grpo.load_grader(cfg)
 

@@ -451,12 +451,12 @@ def build_objective(model, cfg, *, dtype: torch.dtype, device: torch.device) -> 
     )
 
 
-def check_teacher(cfg, student_tokenizer, student_source, *, warn: bool = True) -> None:
+def check_teacher(cfg, student_tokenizer, student_source) -> None:
     """Token-level distillation compares distributions over the same token ids: the teacher needs the
     student's vocabulary, token for token (its output layer may be padded to another width), and runs on
     the student's rows, so its window holds data.max_length. Reads configs and tokenizers only, so it fails
-    before any data is prepared or weights are loaded. `student_source`: the resolved base_model. `warn`: whether
-    to compare the teacher's weights with the student's and warn where they are one model."""
+    before any data is prepared or weights are loaded. `student_source`: the resolved base_model; a teacher that is
+    the student (its folder, or a copy of its weights) is warned of."""
     from transformers import AutoConfig
 
     from ..models import load_tokenizer, resolve_at, source_context_length
@@ -469,8 +469,7 @@ def check_teacher(cfg, student_tokenizer, student_source, *, warn: bool = True) 
             f"tokens are more than the {window} positions the teacher {teacher_source.name} was built for; set "
             f"data.max_length to {window} or less, or give a teacher with a longer context."
         )
-    same = same_model(teacher_source, student_source) if warn else None
-    if same is not None:
+    if (same := same_model(teacher_source, student_source)) is not None:
         warnings.warn(
             f"{cfg.key_at('distill.teacher')}: the teacher {teacher_source.name} is the student's own model "
             f"(base_model {cfg.base_model!r}: {same}), whose distributions the student already has. Distillation "

@@ -24,6 +24,7 @@ import shlex
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,7 +600,10 @@ def setup(
     hashed = refuse_other_runs_on_other_machines(cfg, tokenizer, world)
     # A warning reads once: rank 0's, or none in the processes `tuneforge train --nproc` started, whose
     # launcher warned as it checked the config (`check_before_launch`).
-    check_inputs(cfg, tokenizer, source, warn=world.is_main and LAUNCHER_SHOWS_ERRORS not in os.environ)
+    with warnings.catch_warnings():
+        if not world.is_main or LAUNCHER_SHOWS_ERRORS in os.environ:
+            warnings.simplefilter("ignore")
+        check_inputs(cfg, tokenizer, source)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
     keeps_earlier = resume or replaces_earlier
     report_path = None if keeps_earlier else out / "data_report.json"
