@@ -260,6 +260,13 @@ def _swap_in(tmp: Path, final: Path) -> None:
         return
 
 
+MOUNT_POINT_REFUSED = (
+    "a mount point: a folder is written beside it and renamed to it whole, and a mounted folder cannot be renamed. "
+    "Give a folder inside it"
+)
+"""Why `atomic_dir` refuses a mount point, and what to do; the commands that refuse one up front say it too."""
+
+
 def is_mount_point(path: str | os.PathLike) -> bool:
     """Whether the folder `path` is a mount point (a container's volume), which `atomic_dir` cannot rename away: a
     bind mount of a folder on the file system it sits on too, which `os.path.ismount` (comparing devices) misses."""
@@ -310,12 +317,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     """
     final = _followed(final)
     if is_mount_point(final):
-        raise OSError(
-            errno.EBUSY,
-            "a mount point: a folder is written beside it and renamed to it whole, and a mounted folder cannot be "
-            "renamed. Give a folder inside it",
-            str(final),
-        )
+        raise OSError(errno.EBUSY, MOUNT_POINT_REFUSED, str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     _recover_swapped_out(final)
     _remove_stale_siblings(final)

@@ -28,7 +28,7 @@ from ..data import Preference, Problem, collate, read_conversations
 from ..data.formats import file_format
 from ..data.render import renderer_for
 from ..errors import ConfigError, DataError, TuneforgeError, check_counts
-from ..fsio import atomic_dir, is_mount_point
+from ..fsio import MOUNT_POINT_REFUSED, atomic_dir, is_mount_point
 from ..methods.reward import example_rewards, pair_losses
 from ..models import load_model, load_tokenizer, model_context_length
 from ..progress import library_bars, progress_bar
@@ -195,11 +195,7 @@ def check_report_folder(folder: Path) -> None:
     """`folder` holds nothing but an earlier report, if anything, and is no mount point: `write_scores` replaces it
     whole, by a rename that a mounted folder refuses."""
     if is_mount_point(folder):
-        raise ConfigError(
-            f"--out {folder} is a mount point: a reward model's report is written beside its --out folder and renamed "
-            f"to it whole, and a mounted folder cannot be renamed. Give a folder inside it, e.g. --out "
-            f"{folder / 'reward'}."
-        )
+        raise ConfigError(f"--out {folder} is {MOUNT_POINT_REFUSED}, e.g. --out {folder / 'reward'}.")
     others = (
         sorted(p.name for p in folder.iterdir() if p.name not in (SCORES_FILE, PLOT_FILE)) if folder.is_dir() else []
     )

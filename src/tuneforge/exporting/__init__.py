@@ -41,7 +41,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..errors import TuneforgeError
-from ..fsio import atomic_dir, is_mount_point, resolved, scratch_dir, write_json
+from ..fsio import MOUNT_POINT_REFUSED, atomic_dir, is_mount_point, resolved, scratch_dir, write_json
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve, run_config_of
 from ..models.loading import is_sequence_classifier, trained_rope_scaling
 from ..models.saving import PROCESSOR_FILES
@@ -285,8 +285,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
     if is_mount_point(out):
         raise TuneforgeError(
-            f"--out {out} is a mount point: an export is written beside its --out folder and renamed to it whole, "
-            f"and a mounted folder cannot be renamed. Give a folder inside it, e.g. --out {out / 'export'}.",
+            f"--out {out} is {MOUNT_POINT_REFUSED}, e.g. --out {out / 'export'}.",
             code="out_exists",
         )
     if out.is_file():
