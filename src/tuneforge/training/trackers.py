@@ -62,19 +62,18 @@ def check_installed(cfg: Config) -> None:
     if "mlflow" in names:
         try:
             mlflow_client(cfg)
-        except ModuleNotFoundError as e:
-            if mlflow_uri(cfg) is not None:
-                raise cannot_start(cfg, "mlflow", e) from e
-            # MLflow 3's default store is a SQLite file, whose modules mlflow-skinny (tuneforge[mlflow]) leaves out.
-            from mlflow import get_tracking_uri
-
-            default = RuntimeError(
-                f"no tracking URI is set, and MLflow's default, {get_tracking_uri()}, needs {e.name or e}, which "
-                "mlflow-skinny (tuneforge[mlflow]) leaves out: `pip install mlflow` to keep runs in that file"
-            )
-            raise cannot_start(cfg, "mlflow", default) from e
         except Exception as e:
-            raise cannot_start(cfg, "mlflow", e) from e
+            said = e
+            if isinstance(e, ModuleNotFoundError) and mlflow_uri(cfg) is None:
+                # MLflow 3's default store is a SQLite file, whose modules mlflow-skinny (tuneforge[mlflow]) leaves
+                # out.
+                from mlflow import get_tracking_uri
+
+                said = RuntimeError(
+                    f"no tracking URI is set, and MLflow's default, {get_tracking_uri()}, needs {e.name or e}, which "
+                    "mlflow-skinny (tuneforge[mlflow]) leaves out: `pip install mlflow` to keep runs in that file"
+                )
+            raise cannot_start(cfg, "mlflow", said) from e
 
 
 def cannot_start(cfg: Config, name: str, error: Exception) -> TuneforgeError:
