@@ -1020,3 +1020,20 @@ def test_a_blank_system_field_is_no_system_prompt_in_each_format(tmp_path, syste
     for i, row in enumerate(rows):
         (conv,) = records(read(write_jsonl(tmp_path / f"rows{i}.jsonl", [row])))
         assert [(m.role, m.content) for m in conv.messages] == [("user", "hi"), ("assistant", "hey")], row
+
+
+def test_a_null_field_is_named_null_not_missing(tmp_path):
+    completions = [{"prompt": "Hi", "completion": None}, {"prompt": "Hi"}, {"prompt": "Hi", "completion": "Hello"}]
+    chats = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]},
+        chat("Hi", "Hello"),
+    ]
+    found = {}
+    for name, rows in (("pc", completions), ("chat", chats)):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        found |= {(name, p.line, p.field): p.message for p in errors(read(path))}
+    assert "'completion' is null" in found["pc", 1, "completion"] and "string" in found["pc", 1, "completion"]
+    assert "'completion' is missing" in found["pc", 2, "completion"]
+    assert "'content' is missing" in found["chat", 1, "messages[1].content"]
+    assert "'content' is null" in found["chat", 2, "messages[1].content"]

@@ -551,6 +551,11 @@ def _check_columns(path: str, columns: list[str], fmt: str | None) -> Problem | 
     )
 
 
+def _absent(row: dict, key: str) -> str:
+    """How a required field without a value is absent: written as JSON null (an export's empty cell) or not at all."""
+    return "is null" if key in row else "is missing"
+
+
 def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
     return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
@@ -661,7 +666,7 @@ class _RowCheck:
         value = row.get(key)
         if value is None or (not required and isinstance(value, str) and not value.strip()):
             if required:
-                self.error("missing_field", key, f"'{key}' is missing: add it (a non-empty string).")
+                self.error("missing_field", key, f"'{key}' {_absent(row, key)}: give it a non-empty string.")
             return None
         if not isinstance(value, str):
             self.error("data_type", key, f"'{key}' must be a string, got {_json_type(value)}.")
@@ -856,7 +861,7 @@ class _RowCheck:
         if value is None and role == "assistant" and tool_calls:
             return "", None
         if value is None:
-            self.error("missing_content", f"{at}.{key}", f"the message has no '{key}': give it text.")
+            self.error("missing_content", f"{at}.{key}", f"'{key}' {_absent(raw, key)}: give the message text.")
             return None, None
         if not isinstance(value, str):
             self.error(
