@@ -725,6 +725,15 @@ def test_sharegpt_system_field_and_another_system_turn_conflict(tmp_path):
     assert [(p.code, p.line, p.field) for p in errors(items)] == [("conflicting_system", 2, "system")]
 
 
+def test_a_system_field_that_differs_from_the_system_turn_only_in_surrounding_whitespace_agrees(tmp_path):
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    turns.append({"role": "assistant", "content": "yo"})
+    rows = [{"system": "Be brief.\n", "messages": turns}, {"system": " Be brief.  ", "messages": turns}]
+    items = read(write_jsonl(tmp_path / "s.jsonl", rows))
+    assert errors(items) == []
+    assert [[m.content for m in r.messages] for r in records(items)] == [["Be brief.", "hi", "yo"]] * 2
+
+
 CALL = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
 TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
 

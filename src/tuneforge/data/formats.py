@@ -1158,7 +1158,7 @@ def _with_system(row: dict, messages: list[Message] | None, check: _RowCheck, ke
     if messages and system:
         if messages[0].role != "system":
             messages.insert(0, Message("system", system))
-        elif messages[0].content != system:
+        elif messages[0].content.strip() != system.strip():  # the same prompt with a stray newline agrees
             check.error(
                 "conflicting_system",
                 "system",
