@@ -589,11 +589,11 @@ def test_a_data_train_item_takes_a_path_and_a_weight_read_beside_the_config(tmp_
 @pytest.mark.parametrize(
     "item, said",
     [
-        ("{path: b.jsonl, weight: 0}", "data.train.1.weight (line 4): data.train item 1 (b.jsonl): weight 0 is not"),
-        ("{path: b.jsonl, weight: -1}", "data.train.1.weight (line 4): data.train item 1 (b.jsonl): weight -1 is not"),
-        ("{path: b.jsonl, weight: two}", "data.train.1.weight (line 4): data.train item 1 (b.jsonl): weight 'two'"),
-        ("{path: b.jsonl, wieght: 2}", "data.train.1.wieght (line 4): data.train item 1 (b.jsonl): unknown key wieght"),
-        ("{weight: 2}", "data.train.1.path (line 4): data.train item 1: path is required"),
+        ("{path: b.jsonl, weight: 0}", "data.train.1.weight (line 4): data.train[1] (b.jsonl): weight 0 is not"),
+        ("{path: b.jsonl, weight: -1}", "data.train.1.weight (line 4): data.train[1] (b.jsonl): weight -1 is not"),
+        ("{path: b.jsonl, weight: two}", "data.train.1.weight (line 4): data.train[1] (b.jsonl): weight 'two'"),
+        ("{path: b.jsonl, wieght: 2}", "data.train.1.wieght (line 4): data.train[1] (b.jsonl): unknown key wieght"),
+        ("{weight: 2}", "data.train.1.path (line 4): data.train[1]: path is required"),
     ],
 )
 def test_a_bad_data_train_item_is_refused_naming_its_file_place_and_field(tmp_path, item, said):

@@ -353,7 +353,7 @@ class DataConfig(Strict):
             except ValidationError as e:
                 error = e.errors()[0]
                 field = ".".join(str(part) for part in error["loc"])
-                which = f"data.train item {i}" + (f" ({item['path']})" if isinstance(item.get("path"), str) else "")
+                which = f"data.train[{i}]" + (f" ({item['path']})" if isinstance(item.get("path"), str) else "")
                 if error["type"] == "extra_forbidden":
                     said = f"unknown key {field}; an item takes path and weight"
                 elif error["type"] == "missing":
