@@ -387,6 +387,11 @@ def test_a_folder_in_data_train_is_its_documents_and_a_binary_one_is_refused_by_
     with pytest.raises(DataError) as err:
         prepare(DataConfig(train=str(docs), validation=None), tokenizer, use_cache=False, log=lambda _: None)
     assert err.value.code == "unknown_file_type" and str(docs / "scan.pdf") in str(err.value)
+    # Under on_error: skip the file is left out, and a warning names it and why.
+    skipped = prepare(DataConfig(train=str(docs), validation=None, on_error="skip"), tokenizer, use_cache=False)
+    (warning,) = [w for w in skipped.report["warnings"] if w["code"] == "files_skipped"]
+    assert warning["count"] == 1 and warning["where"] == [str(docs / "scan.pdf")]
+    assert f"{docs / 'scan.pdf'} (unknown_file_type)" in warning["message"]
 
 
 def test_split_refuses_conversations_and_says_what_to_use(tmp_path, tokenizer):
