@@ -321,6 +321,27 @@ def document(i: int, sentences: int) -> dict:
     return {"text": " ".join(f"Document {i} says the quick brown fox number {j} jumps." for j in range(sentences))}
 
 
+def test_token_statistics_are_of_the_examples_as_cut_to_max_length(tmp_path, tokenizer):
+    """tokens per example describes what trains: a row cut to max_length counts as cut, and a row that
+    truncation left nothing to train in (too_long) or that was dropped counts not at all."""
+    data = run(tmp_path, tokenizer, [document(i, 1 + 2 * i) for i in range(6)], max_length=48)
+    lengths = sorted(len(e) for e in data.train)
+    assert data.report["counts"]["truncated"] >= 3 and lengths[-1] == 48
+    assert data.report["tokens"]["length"] == {
+        "p50": lengths[2],
+        "p90": lengths[-1],
+        "p99": lengths[-1],
+        "max": 48,
+        "mean": round(sum(lengths) / 6, 1),
+    }
+    dropped = run(tmp_path, tokenizer, [document(i, 1 + 2 * i) for i in range(6)], max_length=48, truncation="drop")
+    assert dropped.report["tokens"]["length"]["max"] == max(len(e) for e in dropped.train) < 48
+    no_reply_left = chat("Why? " + "Tell me everything. " * 40, "Because.", system=None)
+    chats = run(tmp_path, tokenizer, [chat("Hi", "Hello", system=None), no_reply_left], max_length=48, on_error="skip")
+    assert chats.report["counts"]["rejected_by_code"] == {"too_long": 1}
+    assert chats.report["tokens"]["length"]["max"] == len(chats.train[0]) < 48
+
+
 def test_split_cuts_a_long_document_into_windows_that_train_every_token_once(tmp_path, tokenizer):
     """data.truncation: split trains a document longer than max_length whole, window by window: each
     token is the target of one window, and the last window trains the EOS after the document."""

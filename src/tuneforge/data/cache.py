@@ -18,7 +18,7 @@ from ..models.loading import given_chatml, image_inputs
 from .formats import image_files
 from .schema import Example, PreparedData, token_array
 
-CACHE_FORMAT = 23
+CACHE_FORMAT = 24
 """Bump when prepared output changes for the same inputs (a fix in rendering, say)."""
 
 _SPLITS = ("train", "valid")

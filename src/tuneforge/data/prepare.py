@@ -67,12 +67,19 @@ class _Row:
     line: int
     key: int
     item: Item | None
-    examples: int
-    tokens: int
+    lengths: tuple[int, ...]  # each example's tokens, as fitted to max_length
     trained: int
     trains_end: bool  # trains an end-of-turn token
     read: int = 0  # which file read it: the index of its file in the report's `files`
     desirable: bool | None = None  # a KTO row's rating
+
+    @property
+    def examples(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
 
 
 @dataclass
@@ -383,7 +390,6 @@ class _Preparation:
         self.files: list[dict] = []
         self.duplicates: list[tuple[int, dict]] = []  # (where the row is, as a row id: the order they are listed in)
         self.leaks: list[dict] = []
-        self.lengths: list[int] = []  # tokens per example before fitting to max_length
         self.over_length: list[str] = []  # the first places of rows cut or dropped at max_length
         self.system_prompts = SystemPromptTally(tokenizer)
         self.replies = ReplyTally()
@@ -607,8 +613,7 @@ class _Preparation:
                     line,
                     key,
                     item if self.keep_examples else None,
-                    len(examples),
-                    sum(len(e) for e in examples),
+                    tuple(len(e) for e in examples),
                     sum(e.trained_tokens for e in examples),
                     any(not self.renderer.end_ids.isdisjoint(e.labels) for e in examples),
                     len(self.files) - 1,
@@ -630,7 +635,6 @@ class _Preparation:
     def _fit(self, item: Item, path: str, line: int) -> Item | None:
         """Truncate (or drop, or split into windows) examples over max_length, never silently."""
         examples = item if isinstance(item, tuple) else (item,)
-        self.lengths += [len(e) for e in examples]
         limit = self.cfg.max_length
         if all(len(e) <= limit for e in examples):
             return item
@@ -847,7 +851,7 @@ class _Preparation:
             "counts": counts,
             "tokens": {
                 "max_length": self.cfg.max_length,
-                "length": _percentiles(self.lengths),
+                "length": _percentiles([n for r in self.train + self.valid for n in r.lengths]),
                 "over_max_length": self.counts["over_max_length"],
                 "total": total,
                 "trained": trained,
