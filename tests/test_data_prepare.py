@@ -17,7 +17,7 @@ from tiny import tiny_tokenizer
 from tuneforge import progress
 from tuneforge.config import DataConfig
 from tuneforge.data import IGNORE_INDEX, collate, pack, prepare
-from tuneforge.data.prepare import hash_data
+from tuneforge.data.prepare import check_data, hash_data
 from tuneforge.errors import DataError
 
 TICKETS = [f"My database number {i} is down and production is affected, please help!" for i in range(40)]
@@ -413,6 +413,17 @@ def test_a_folder_in_data_train_is_its_documents_and_a_binary_one_is_refused_by_
     (warning,) = [w for w in skipped.report["warnings"] if w["code"] == "files_skipped"]
     assert warning["count"] == 1 and warning["where"] == [str(docs / "scan.pdf")]
     assert f"{docs / 'scan.pdf'} (unknown_file_type)" in warning["message"]
+
+
+def test_a_kto_data_set_of_one_rating_is_refused_under_skip_not_called_a_file_left_out(tmp_path, tokenizer):
+    """on_error: skip leaves bad rows out; a data set rated one way alone has no bad row to leave out."""
+    rated = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": True} for i in range(12)]
+    with pytest.raises(DataError) as err:
+        run(tmp_path, tokenizer, rated, on_error="skip")
+    assert [p.code for p in err.value.problems] == ["kto_one_label"]
+    cfg = DataConfig(train=str(tmp_path / "train.jsonl"), validation=None, on_error="skip")
+    checked, _ = check_data(cfg, tokenizer)
+    assert "files_skipped" not in {w["code"] for w in checked.report["warnings"]}
 
 
 def test_split_refuses_conversations_and_says_what_to_use(tmp_path, tokenizer):

@@ -43,7 +43,15 @@ _CHUNK_ROWS = 512
 _SHOWN_IN_ERROR = 20
 PII_CODES = ("secret_in_reply", "personal_data_in_reply", "secret_in_prompt", "personal_data_in_prompt")
 """A row's secrets and personal data, by where they are (most to be feared first); errors under data.pii: refuse."""
-DATA_SET_CODES = FATAL_CODES | {"no_valid_rows", "eos_never_trained", "file_changed", "split_not_text", *PII_CODES}
+DATA_SET_CODES = FATAL_CODES | {
+    "no_valid_rows",
+    "eos_never_trained",
+    "kto_one_label",
+    "kto_one_valid_row",
+    "file_changed",
+    "split_not_text",
+    *PII_CODES,
+}
 """Errors that stop `prepare` even under on_error: skip: those with the data set as a whole, and the
 secrets and personal data that data.pii: refuse refuses (skipping their rows would train on the rest unasked)."""
 
