@@ -978,13 +978,13 @@ class _Preparation:
                 f"{counted(counts['rejected'], 'row')} with errors {'was' if counts['rejected'] == 1 else 'were'} "
                 "left out (data.on_error: skip); see errors in the report.",
             )
-            # A file that could not be read at all (a .png in a folder of documents) has no row to count.
+            # A file refused whole (a .png in a folder of documents, an empty file) has no row to count.
             unread = [p for p in self.problems if p.is_error and p.line is None and p.code not in DATA_SET_CODES]
             warn(
                 "files_skipped",
                 len(unread),
-                f"{counted(len(unread), 'file')} could not be read and {'was' if len(unread) == 1 else 'were'} "
-                f"left out (data.on_error: skip): {_first([f'{p.where()} ({p.code})' for p in unread])}; "
+                f"{counted(len(unread), 'file')} {'was' if len(unread) == 1 else 'were'} left out whole "
+                f"(data.on_error: skip): {_first([f'{p.where()} ({p.code})' for p in unread])}; "
                 "see errors in the report.",
                 [p.where() for p in unread],
             )
