@@ -661,3 +661,13 @@ def test_the_jobs_service_is_ready_only_while_its_store_answers(tmp_path):
         answer = client.get("/health")
     assert answer.status_code == 503
     assert answer.json()["status"] == "unavailable" and "database" in answer.json()["reason"]
+
+
+def test_a_store_file_that_is_not_a_database_is_refused_naming_it(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    with pytest.raises(ConfigError) as caught:
+        CompletionStore.open(str(notes))
+    assert f"--store {notes}: cannot open the database" in str(caught.value)
+    assert "file is not a database" in str(caught.value)
+    assert notes.read_text() == "hello\n"

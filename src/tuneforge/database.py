@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import JSON, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from .errors import ConfigError
@@ -125,7 +125,7 @@ def opening(url: str, option: str) -> Iterator[None]:
     shown = shown_url(url)
     try:
         yield
-    except (ArgumentError, OperationalError) as err:
+    except (ArgumentError, DatabaseError) as err:  # DatabaseError: one refused (OperationalError) or not one at all
         raise ConfigError(
             f"{option} {shown}: cannot open the database ({str(err).splitlines()[0]}). Give a file path or a "
             "database URL such as sqlite:////path/file.db or postgresql://user@host/db."
