@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import subprocess
 import sys
 import time
@@ -671,3 +672,18 @@ def test_a_store_file_that_is_not_a_database_is_refused_naming_it(tmp_path):
     assert f"--store {notes}: cannot open the database" in str(caught.value)
     assert "file is not a database" in str(caught.value)
     assert notes.read_text() == "hello\n"
+
+
+def test_from_completions_refuses_a_store_that_holds_no_completions_and_leaves_it_as_it_was(tmp_path):
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE notes (text TEXT)")
+    with pytest.raises(ConfigError) as caught:
+        from_completions(str(other), tmp_path / "rows.jsonl")
+    assert f"--store {other}: not a completion store" in str(caught.value)
+    assert "`tuneforge serve` keeps stored completions in" in str(caught.value)
+    with sqlite3.connect(other) as connection:
+        assert connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("notes",)]
+    with pytest.raises(ConfigError, match=f"--store {tmp_path}: a folder, not a store's file"):
+        from_completions(str(tmp_path), tmp_path / "rows.jsonl")
+    assert not (tmp_path / "rows.jsonl").exists()

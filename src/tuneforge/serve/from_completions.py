@@ -20,9 +20,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
+from sqlalchemy import inspect
 
 from ..data import Problem
 from ..data.formats import check_row
+from ..database import connect, database_url, opening
 from ..errors import ConfigError, DataError, complaint, key_path
 from ..fsio import atomic_file
 from ..web import owner_of
@@ -63,16 +65,26 @@ def from_completions(
     keep_truncated: bool = False,
 ) -> TrainingRows:
     """Write the completions in `store` (a path or database URL) that match as chat JSONL at `out`."""
-    if "://" not in store and not Path(store).is_file():
-        raise ConfigError(
-            f"--store {store}: no such file. `tuneforge serve` keeps stored completions in {default_store()} "
-            "unless started with --store; `tuneforge api` in its --db (by default "
-            "$TUNEFORGE_HOME/jobs/jobs.db).",
-            code="store_not_found",
-        )
-    selected = CompletionStore.open(store).all_matching(
-        model, metadata or {}, owner_of(api_key) if api_key is not None else None
+    where = (
+        f"`tuneforge serve` keeps stored completions in {default_store()} unless started with --store; "
+        "`tuneforge api` in its --db (by default $TUNEFORGE_HOME/jobs/jobs.db)."
     )
+    if "://" not in store and not Path(store).is_file():
+        found = "a folder, not a store's file" if Path(store).is_dir() else "no such file"
+        raise ConfigError(f"--store {store}: {found}. {where}", code="store_not_found")
+    # Read only where the completions' table is: opening a store creates its tables, which another
+    # database (a typo'd path to some other SQLite file) must not get.
+    url = database_url(store)
+    with opening(url, "--store"):
+        engine = connect(url)
+        if not inspect(engine).has_table(StoredCompletion.__tablename__):
+            raise ConfigError(
+                f"--store {store}: not a completion store (it holds no {StoredCompletion.__tablename__} table). "
+                + where,
+                code="store_not_found",
+            )
+        completions = CompletionStore(engine)
+    selected = completions.all_matching(model, metadata or {}, owner_of(api_key) if api_key is not None else None)
     if not selected:
         raise DataError(
             f"No stored completions in {store} match {_describe(model, metadata, api_key)}. Check the filters "
