@@ -1,7 +1,7 @@
 """Stored chat completions: what a request with `store: true` asked and got, kept per API key.
 
-Each row holds the prompt's messages as they were sent (role, content, name, tool calls), its tools, the system
-prompt the model's chat template adds to a conversation without one (a fine-tune's recorded one), the whole
+Each row holds the prompt's messages as they were sent (role, content, name, tool calls), its tools, a
+fine-tune's recorded system prompt (its chat template adds it to a conversation without one), the whole
 `chat.completion` answer (reply, model, usage, created time) and the request's `metadata`. The
 database is `tuneforge.database`'s: SQLite by default (`tuneforge serve`: a file under
 $TUNEFORGE_HOME/serve; `tuneforge api`: its job store's database), PostgreSQL by URL. Every query
@@ -45,8 +45,9 @@ class StoredCompletion(Base):
     response: Mapped[dict]  # the `chat.completion` object as it was answered
     metadata_: Mapped[dict | None] = mapped_column("metadata", JSON)
     tools: Mapped[list | None] = mapped_column(JSON)  # the request's tools, as sent (None: it gave none)
-    # The system prompt the model's chat template adds to a conversation that brings none (a fine-tune's
-    # recorded one, `models.system_prompt`), as it answered; None: its template adds none.
+    # The system prompt a fine-tune recorded in its chat template (`models.system_prompt`), which the template adds
+    # to a conversation that brings none, as it answered; None: the model has none recorded (a base template's own
+    # default, as SmolLM2's, is not read out of its Jinja).
     system_prompt: Mapped[str | None] = mapped_column(Text)
 
     @property

@@ -43,8 +43,8 @@ class TrainingRows:
 
 def training_row(completion: StoredCompletion) -> dict:
     # The prompt trains as the chat template saw it when it was answered: a developer message as the system
-    # one, the system prompt the template added where the prompt brought none (a fine-tune's recorded one, as
-    # `models.system_prompt` adds it), and the tools it was given. The reply keeps its reasoning_content (None
+    # one, a fine-tune's recorded system prompt where the prompt brought none (as `models.system_prompt` adds it),
+    # and the tools it was given. The reply keeps its reasoning_content (None
     # where it opened none: left out) and its tool_calls with their null content, as OpenAI's chat rows hold a call.
     message = completion.reply["message"]
     reply = {key: value for key, value in message.items() if value is not None or key == "content"}
