@@ -26,7 +26,7 @@ from test_serve import PROMPTS, random_adapter, running_server
 
 from tuneforge.cli import main
 from tuneforge.data.check import check_command
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import evaluate
 from tuneforge.jobs.api import create_api
 from tuneforge.jobs.store import Store
@@ -537,7 +537,7 @@ def test_from_completions_prints_stored_text_and_paths_as_written(tmp_path, caps
     args = {"model": None, "metadata_specs": [], "api_key": None, "keep_truncated": False}
     assert from_completions_command(str(path), str(out), **args) == 0
     said = capsys.readouterr().out
-    assert "part 0 is of type ':x: [/x]'" in said and f"1 chat rows in {out}" in said
+    assert "part 0 is of type ':x: [/x]'" in said and f"1 chat row in {out}" in said
 
 
 def test_from_completions_refuses_bad_input_saying_what_to_do(served, tmp_path, monkeypatch, capsys):
@@ -550,7 +550,7 @@ def test_from_completions_refuses_bad_input_saying_what_to_do(served, tmp_path, 
     )
     assert code == 2 and "No stored completions in" in said and "--metadata set=nothing-has-this" in said
     code, said = run_cli(["data", "from-completions", *store, "--metadata", "set=cut"], monkeypatch, capsys)
-    assert code == 2 and "None of the 1 matching completions" in said and "--keep-truncated keeps them" in said
+    assert code == 2 and "None of the 1 matching completions" in said and "--keep-truncated keeps it" in said
     missing = ["--store", str(tmp_path / "nowhere.db"), "--out", str(out)]
     code, said = run_cli(["data", "from-completions", *missing], monkeypatch, capsys)
     assert code == 2 and "no such file" in said and "`tuneforge serve` keeps stored completions in" in said
@@ -687,3 +687,25 @@ def test_from_completions_refuses_a_store_that_holds_no_completions_and_leaves_i
     with pytest.raises(ConfigError, match=f"--store {tmp_path}: a folder, not a store's file"):
         from_completions(str(tmp_path), tmp_path / "rows.jsonl")
     assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_from_completions_counts_one_row_one_reply_and_one_completion_in_the_singular(tmp_path, capsys):
+    path = tmp_path / "completions.db"
+    store = CompletionStore.open(str(path))
+
+    def saved(i: int, content: str, finish_reason: str) -> None:
+        reply = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}
+        question = [{"role": "user", "content": f"Question {i}?"}]
+        store.save("local", question, {"id": f"chatcmpl-{i}", "model": "m", "created": i, "choices": [reply]}, None)
+
+    saved(0, "Cut sho", "length")
+    with pytest.raises(DataError, match=r"\n1 reply cut at its length limit \(--keep-truncated keeps it\)"):
+        from_completions(str(path), tmp_path / "none.jsonl")
+    saved(1, "", "stop")  # an empty reply: the data checks refuse it
+    saved(2, "Paris", "stop")
+    args = {"model": None, "metadata_specs": [], "api_key": None, "keep_truncated": False}
+    assert from_completions_command(str(path), str(tmp_path / "rows.jsonl"), **args) == 0
+    said = capsys.readouterr().out
+    assert "1 chat row in " in said
+    assert "left out 1 reply cut at its length limit (--keep-truncated keeps it)" in said
+    assert "left out 1 completion the data checks refuse:" in said

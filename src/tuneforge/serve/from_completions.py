@@ -28,6 +28,7 @@ from ..database import connect, database_url, opening
 from ..errors import ConfigError, DataError, complaint, key_path
 from ..fsio import atomic_file
 from ..web import owner_of
+from ..wording import counted
 from .bodies import training_messages
 from .command import parse_pairs
 from .completion_store import CompletionStore, StoredCompletion, default_store
@@ -108,7 +109,7 @@ def from_completions(
         else:
             kept.append(row)
     if not kept:
-        reasons = [f"{truncated} were cut at their length limit (--keep-truncated keeps them)"] if truncated else []
+        reasons = [_cut(truncated)] if truncated else []
         reasons += [str(problem) for problem in problems[: DataError.SHOWN_PROBLEMS]]
         raise DataError(
             f"None of the {len(selected)} matching completions makes a training row:\n" + "\n".join(reasons),
@@ -128,6 +129,12 @@ def _refused_message(completion_id: str, err: ValidationError) -> Problem:
     return Problem(
         "invalid_message", complaint(first), file=completion_id, field=".".join([f"messages[{index}]", *field])
     )
+
+
+def _cut(count: int) -> str:
+    """The replies cut at their length limit, counted, and how to keep them."""
+    its, them = ("its", "it") if count == 1 else ("their", "them")
+    return f"{counted(count, 'reply', 'replies')} cut at {its} length limit (--keep-truncated keeps {them})"
 
 
 def _describe(model: str | None, metadata: dict[str, str] | None, api_key: str | None) -> str:
@@ -158,11 +165,11 @@ def from_completions_command(
     # The report quotes stored prompts and the --out path, where rich would read `[/x]` as a tag, `:x:` as an emoji:
     # it is printed as written.
     console = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
-    console.print(f"{result.written} chat rows in {result.out}")
+    console.print(f"{counted(result.written, 'chat row')} in {result.out}")
     if result.truncated:
-        console.print(f"left out {result.truncated} replies cut at their length limit (--keep-truncated keeps them)")
+        console.print(f"left out {_cut(result.truncated)}")
     if result.problems:
-        console.print(f"left out {len(result.problems)} completions the data checks refuse:")
+        console.print(f"left out {counted(len(result.problems), 'completion')} the data checks refuse:")
         for problem in result.problems[: DataError.SHOWN_PROBLEMS]:
             console.print(f"  {problem}")
     console.print(
