@@ -709,3 +709,28 @@ def test_from_completions_counts_one_row_one_reply_and_one_completion_in_the_sin
     assert "1 chat row in " in said
     assert "left out 1 reply cut at its length limit (--keep-truncated keeps it)" in said
     assert "left out 1 completion the data checks refuse:" in said
+
+
+def test_an_empty_selection_names_the_model_or_metadata_nothing_stored_has_and_the_nearest_that_is(tmp_path):
+    path = tmp_path / "completions.db"
+    store = CompletionStore.open(str(path))
+    reply = {"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}
+    question = [{"role": "user", "content": "The capital of France?"}]
+    response = {"id": "chatcmpl-0", "model": "triage", "created": 0, "choices": [reply]}
+    store.save("local", question, response, {"team": "support"})
+
+    def refusal(**filters) -> str:
+        with pytest.raises(DataError) as caught:
+            from_completions(str(path), tmp_path / "rows.jsonl", **filters)
+        return str(caught.value)
+
+    assert "no stored completion holds the metadata key 'taem' (did you mean 'team'?)" in refusal(
+        model="triage", metadata={"taem": "support"}
+    )
+    assert "none has team=suport (did you mean team=support?)" in refusal(metadata={"team": "suport"})
+    assert "no stored completion is of the model 'traige' (did you mean 'triage'?)" in refusal(
+        model="traige", metadata={"team": "support"}
+    )
+    assert "did you mean" not in refusal(metadata={"color": "blue"})
+    assert "no completion stored with the --api-key is of the model 'triage'" in refusal(model="triage", api_key="k")
+    assert not (tmp_path / "rows.jsonl").exists()

@@ -158,6 +158,14 @@ class CompletionStore(Tables):
         with self.session() as session:
             return list(session.scalars(self._matching(model, metadata, owner).order_by(StoredCompletion.seq)))
 
+    def models_and_metadata(self, owner: str | None = None) -> list[tuple[str, dict | None]]:
+        """The model and metadata of every completion: of one owner, or of all of them."""
+        query = select(StoredCompletion.model, StoredCompletion.metadata_)
+        if owner is not None:
+            query = query.where(StoredCompletion.owner == owner)
+        with self.session() as session:
+            return [tuple(row) for row in session.execute(query)]
+
     def delete_completion(self, owner: str, completion_id: str) -> bool:
         query = delete(StoredCompletion).where(StoredCompletion.id == completion_id, StoredCompletion.owner == owner)
         with self.session() as session:

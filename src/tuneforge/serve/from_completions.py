@@ -28,7 +28,7 @@ from ..database import connect, database_url, opening
 from ..errors import ConfigError, DataError, complaint, key_path
 from ..fsio import atomic_file
 from ..web import owner_of
-from ..wording import counted
+from ..wording import counted, nearest
 from .bodies import training_messages
 from .command import parse_pairs
 from .completion_store import CompletionStore, StoredCompletion, default_store
@@ -85,12 +85,14 @@ def from_completions(
                 code="store_not_found",
             )
         completions = CompletionStore(engine)
-    selected = completions.all_matching(model, metadata or {}, owner_of(api_key) if api_key is not None else None)
+    owner = owner_of(api_key) if api_key is not None else None
+    selected = completions.all_matching(model, metadata or {}, owner)
     if not selected:
+        unmatched = _unmatched(completions.models_and_metadata(owner), model, metadata or {}, by_key=owner is not None)
         raise DataError(
-            f"No stored completions in {store} match {_describe(model, metadata, api_key)}. Check the filters "
-            "(GET /v1/chat/completions on the server lists what is stored), or store some: chat requests with "
-            '"store": true, and the "metadata" to pick them by.',
+            f"No stored completions in {store} match {_describe(model, metadata, api_key)}{unmatched}. Check the "
+            "filters (GET /v1/chat/completions on the server lists what is stored), or store some: chat requests "
+            'with "store": true, and the "metadata" to pick them by.',
             code="empty_selection",
         )
     kept, truncated, problems = [], 0, []
@@ -135,6 +137,34 @@ def _cut(count: int) -> str:
     """The replies cut at their length limit, counted, and how to keep them."""
     its, them = ("its", "it") if count == 1 else ("their", "them")
     return f"{counted(count, 'reply', 'replies')} cut at {its} length limit (--keep-truncated keeps {them})"
+
+
+def _unmatched(
+    stored: list[tuple[str, dict | None]], model: str | None, metadata: dict[str, str], *, by_key: bool
+) -> str:
+    """What of the filters no stored completion (`stored`: their models and metadata; `by_key`: the --api-key's
+    only) has, each with the nearest one that is stored (a typo'd key or value): ": ..." after the filters, or ""
+    where each matches some."""
+    none = "no completion stored with the --api-key" if by_key else "no stored completion"
+    models = {stored_model for stored_model, _ in stored}
+    if model is not None and model not in models:
+        return f": {none} is of the model {model!r}{_did_you_mean(model, models)}"
+    held = [stored_metadata or {} for stored_model, stored_metadata in stored if model in (None, stored_model)]
+    said = []
+    for key, value in metadata.items():
+        values = {pairs[key] for pairs in held if key in pairs}
+        if not values:
+            keys = {stored_key for pairs in held for stored_key in pairs}
+            said.append(f"{none} holds the metadata key {key!r}{_did_you_mean(key, keys)}")
+        elif value not in values:
+            close = nearest(value, values)
+            said.append(f"none has {key}={value}" + (f" (did you mean {key}={close}?)" if close else ""))
+    return ": " + "; ".join(said) if said else ""
+
+
+def _did_you_mean(value: str, stored: set[str]) -> str:
+    close = nearest(value, stored)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _describe(model: str | None, metadata: dict[str, str] | None, api_key: str | None) -> str:
