@@ -694,3 +694,28 @@ def test_grpo_prompt_of_a_row_with_empty_tools_is_the_prompt_without_tools(tmp_p
     [served] = _encode(tokenizer, [body.template_messages()], body.template_tools())
     assert prompts[0].input_ids == prompts[1].input_ids == served
     assert prompts[0].tools is None
+
+
+def test_a_field_named_label_is_an_item_field_the_grader_reads_not_rated_replies(tiny_model_dir, triage_data, tmp_path):
+    """OpenAI's reinforcement rows are messages and any fields: one named `label` is not KTO's rating."""
+    from tuneforge.methods import check_inputs
+    from tuneforge.models import resolve
+
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Say hi"}], "label": "hi"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Say bye"}], "label": "bye"})
+        + "\n"
+    )
+    grader = {**BRACE, "name": "label", "reference": "{{ item.label }}", "operation": "eq"}
+    cfg = grpo_config(tiny_model_dir, {**triage_data, "train": rows}, tmp_path / "r", grader=grader)
+    cfg["data"]["validation"] = 0.0
+    cfg = load_config(cfg)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    check_inputs(cfg, tokenizer, resolve(str(tiny_model_dir)))
+    prepared = prepare_items(cfg, tokenizer)
+    assert [(r.messages[-1]["content"], r.item) for r in prepared.train] == [
+        ("Say hi", {"label": "hi"}),
+        ("Say bye", {"label": "bye"}),
+    ]

@@ -478,7 +478,8 @@ def check_data_kind(cfg) -> None:
                 "reward model), or give conversations with a single reply.",
                 code="preference_data",
             )
-        if cfg.method != "dpo" and rated:
+        # grpo's rows are prompts with any fields its grader reads, so a row's 'label' is a field like another.
+        if cfg.method not in ("dpo", "grpo") and rated:
             raise TuneforgeError(
                 f"{path}: this file holds replies rated desirable or undesirable (a 'label' per row: KTO data), "
                 f"which method: {cfg.method} cannot train on. Use method: dpo with dpo.loss: kto, or give the "
