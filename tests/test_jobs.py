@@ -380,6 +380,9 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     refused("training_file", training_file="file-missing")
     refused("hyperparameters", hyperparameters={"n_epochs": 1}, method={"type": "supervised"})
     assert "Unrecognized" in refused("learning_rate", extra_body={"learning_rate": 0.1}).message
+    # A misspelt hyperparameter is told the name it most likely meant.
+    epochs = {"type": "supervised", "supervised": {"hyperparameters": {"epochs": 3}}}
+    assert "did you mean 'n_epochs'?" in refused("method.supervised.hyperparameters.epochs", method=epochs).message
     wandb = [{"type": "wandb", "wandb": {"project": "triage"}}]
     if importlib.util.find_spec("wandb") is None:  # the server runs on this interpreter
         assert "pip install 'tuneforge[wandb]'" in refused("integrations", integrations=wandb).message

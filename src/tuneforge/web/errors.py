@@ -11,10 +11,12 @@ import logging
 import re
 import secrets
 from http import HTTPMethod
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
@@ -24,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 from ..database import UnknownCursor
 from ..errors import complaint, json_kind, key_path, unreadable_json
 from ..fsio import refused_write, refused_write_line
+from ..wording import nearest
 from .shapes import MAX_FILENAME_CHARS, FormFields, multipart_boundary
 
 log = logging.getLogger("tuneforge.web")
@@ -129,7 +132,9 @@ def install_error_handlers(app: FastAPI, forms: dict[str, FormFields]) -> None:
         content_type = request.headers.get("content-type")
         if (fields := forms.get(request.scope["path"])) is not None:
             return form_error(err.errors()[0], fields, content_type).response()
-        return validation_error(err.errors()[0], content_type).response()
+        body = getattr(request.scope.get("route"), "body_field", None)
+        model = body.field_info.annotation if body is not None else None
+        return validation_error(err.errors()[0], content_type, model).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -309,9 +314,10 @@ def not_utf8(err: UnicodeDecodeError) -> APIError:
     )
 
 
-def validation_error(first: dict, content_type: str | None = None) -> APIError:
+def validation_error(first: dict, content_type: str | None = None, model: Any = None) -> APIError:
     """The 400 for pydantic's first complaint about a request, naming the parameter it is about
-    (`content_type` is the request's, said when the body was not read as JSON)."""
+    (`content_type` is the request's, said when the body was not read as JSON; `model`, the body's model, gives
+    the name a misspelt argument most likely meant)."""
     loc = list(first.get("loc", ()))
     if loc and loc[0] in ("body", "query", "path", "header"):  # where it came from, not its name
         loc = loc[1:]
@@ -329,6 +335,9 @@ def validation_error(first: dict, content_type: str | None = None) -> APIError:
         message = f"The request body is {json_kind(first.get('input'))}: send the parameters as a JSON object."
     elif kind == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
+        close = nearest(str(loc[-1]), _arguments_at(model, loc[:-1]))
+        if close:
+            message += f"; did you mean '{close}'?"
     elif kind == "missing":
         message = f"Missing required parameter: '{param}'."
     elif kind == "json_invalid":
@@ -340,3 +349,21 @@ def validation_error(first: dict, content_type: str | None = None) -> APIError:
         said = complaint(first)
         message = f"Invalid value for '{param}': {said}" if param else said or "Invalid request"
     return APIError(400, message, param=param, code="invalid_value")
+
+
+def _arguments_at(model: Any, loc: list) -> list[str]:
+    """The argument names the body model `model` takes at `loc` (its keys; a list's indexes are passed over); none
+    where `loc` leads to no model."""
+    model = _model_in(model)  # a route's body may be no model (a dict, a union)
+    for part in loc:
+        if not part.isdigit():
+            field = model.model_fields.get(part) if model is not None else None
+            model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds (`Method | None`, `list[Integration]`, `Annotated[...]`), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in get_args(annotation) if (found := _model_in(arg)) is not None), None)
