@@ -383,6 +383,9 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     # A misspelt hyperparameter is told the name it most likely meant.
     epochs = {"type": "supervised", "supervised": {"hyperparameters": {"epochs": 3}}}
     assert "did you mean 'n_epochs'?" in refused("method.supervised.hyperparameters.epochs", method=epochs).message
+    # Inside a list's item too (pydantic names the item by its index, a number).
+    typo = [{"type": "wandb", "wandb": {"project": "triage", "entitty": "me"}}]
+    assert "did you mean 'entity'?" in refused("integrations.0.wandb.entitty", integrations=typo).message
     wandb = [{"type": "wandb", "wandb": {"project": "triage"}}]
     if importlib.util.find_spec("wandb") is None:  # the server runs on this interpreter
         assert "pip install 'tuneforge[wandb]'" in refused("integrations", integrations=wandb).message
