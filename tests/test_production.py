@@ -689,6 +689,13 @@ def test_from_completions_refuses_a_store_that_holds_no_completions_and_leaves_i
     assert not (tmp_path / "rows.jsonl").exists()
 
 
+def test_from_completions_refuses_an_sqlite_url_naming_no_file_and_creates_nothing(tmp_path):
+    typo = tmp_path / "nowhere" / "completions.db"
+    with pytest.raises(ConfigError, match=f"--store sqlite:///{typo}: no such file"):
+        from_completions(f"sqlite:///{typo}", tmp_path / "rows.jsonl")
+    assert not typo.parent.exists()
+
+
 def test_from_completions_counts_one_row_one_reply_and_one_completion_in_the_singular(tmp_path, capsys):
     path = tmp_path / "completions.db"
     store = CompletionStore.open(str(path))

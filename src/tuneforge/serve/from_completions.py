@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 from sqlalchemy import inspect
+from sqlalchemy.engine import make_url
 
 from ..data import Problem
 from ..data.formats import check_row
@@ -70,12 +71,16 @@ def from_completions(
         f"`tuneforge serve` keeps stored completions in {default_store()} unless started with --store; "
         "`tuneforge api` in its --db (by default $TUNEFORGE_HOME/jobs/jobs.db)."
     )
-    if "://" not in store and not Path(store).is_file():
-        found = "a folder, not a store's file" if Path(store).is_dir() else "no such file"
+    url = database_url(store)
+    with opening(url, "--store"):
+        parsed = make_url(url)
+    # SQLite makes the file (and `connect` its folder) that a path or sqlite:/// URL names: a typo must not.
+    file = Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+    if file is not None and not file.is_file():
+        found = "a folder, not a store's file" if file.is_dir() else "no such file"
         raise ConfigError(f"--store {store}: {found}. {where}", code="store_not_found")
     # Read only where the completions' table is: opening a store creates its tables, which another
     # database (a typo'd path to some other SQLite file) must not get.
-    url = database_url(store)
     with opening(url, "--store"):
         engine = connect(url)
         if not inspect(engine).has_table(StoredCompletion.__tablename__):
