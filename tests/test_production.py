@@ -732,8 +732,13 @@ def test_an_empty_selection_names_the_model_or_metadata_nothing_stored_has_and_t
         return str(caught.value)
 
     assert "no stored completion holds the metadata key 'taem' (did you mean 'team'?)" in refusal(
-        model="triage", metadata={"taem": "support"}
+        metadata={"taem": "support"}
     )
+    store.save("local", question, {**response, "id": "chatcmpl-1", "model": "coder"}, {"repo": "tuneforge"})
+    assert "no stored completion of the model 'triage' holds the metadata key 'repo'" in refusal(
+        model="triage", metadata={"repo": "tuneforge"}
+    )
+    assert "none of the model 'triage' has team=suport" in refusal(model="triage", metadata={"team": "suport"})
     assert "none has team=suport (did you mean team=support?)" in refusal(metadata={"team": "suport"})
     assert "no stored completion is of the model 'traige' (did you mean 'triage'?)" in refusal(
         model="traige", metadata={"team": "support"}

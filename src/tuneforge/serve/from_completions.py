@@ -148,22 +148,23 @@ def _unmatched(
     stored: list[tuple[str, dict | None]], model: str | None, metadata: dict[str, str], *, by_key: bool
 ) -> str:
     """What of the filters no stored completion (`stored`: their models and metadata; `by_key`: the --api-key's
-    only) has, each with the nearest one that is stored (a typo'd key or value): ": ..." after the filters, or ""
-    where each matches some."""
+    only; with `model`, that model's) has, each with the nearest one that is stored (a typo'd key or value):
+    ": ..." after the filters, or "" where each matches some."""
     none = "no completion stored with the --api-key" if by_key else "no stored completion"
     models = {stored_model for stored_model, _ in stored}
     if model is not None and model not in models:
         return f": {none} is of the model {model!r}{_did_you_mean(model, models)}"
+    of_model = f" of the model {model!r}" if model is not None else ""
     held = [stored_metadata or {} for stored_model, stored_metadata in stored if model in (None, stored_model)]
     said = []
     for key, value in metadata.items():
         values = {pairs[key] for pairs in held if key in pairs}
         if not values:
             keys = {stored_key for pairs in held for stored_key in pairs}
-            said.append(f"{none} holds the metadata key {key!r}{_did_you_mean(key, keys)}")
+            said.append(f"{none}{of_model} holds the metadata key {key!r}{_did_you_mean(key, keys)}")
         elif value not in values:
             close = nearest(value, values)
-            said.append(f"none has {key}={value}" + (f" (did you mean {key}={close}?)" if close else ""))
+            said.append(f"none{of_model} has {key}={value}" + (f" (did you mean {key}={close}?)" if close else ""))
     return ": " + "; ".join(said) if said else ""
 
 
