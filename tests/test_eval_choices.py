@@ -515,6 +515,18 @@ def test_a_headerless_mmlu_csv_whose_first_line_repeats_a_cell_is_read_cell_by_c
     ]
 
 
+def test_a_headerless_csv_row_short_of_a_field_is_measured_against_the_first_line(tmp_path):
+    """MMLU's CSV files have no header: a row short of a field (a choice left out) is compared with the first
+    line's fields, which is how the file is read, not with a header it does not have."""
+    data = tmp_path / "anatomy_test.csv"
+    data.write_text("Which bone?,femur,skull,rib,ulna,A\nWhich organ?,heart,liver,lung,B\n")
+    with pytest.raises(DataError) as err:
+        read_choice_rows(data)
+    [problem] = err.value.problems
+    assert (problem.line, problem.code) == (2, "csv_field_count")
+    assert problem.message.startswith("this row has 5 fields but the first line has 6 (the file has no header)")
+
+
 def test_reading_a_csv_closes_its_file(tmp_path):
     """Judging a CSV by its header and reading some of its rows (MMLU's header-less files are opened twice)
     leave no file open."""

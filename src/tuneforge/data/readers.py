@@ -591,7 +591,7 @@ def _csv_rows(path: str, header_line: bool = True) -> Rows:
         columns = [str(i) for i in range(len(header))]
         f.seek(0)
         reader = csv.reader(_csv_lines(f), delimiter=reader.dialect.delimiter)
-    return Rows(path, "csv", columns, _csv_items(path, f, reader, columns), f)
+    return Rows(path, "csv", columns, _csv_items(path, f, reader, columns, header_line), f)
 
 
 class _LineTooLong(Exception):
@@ -623,9 +623,15 @@ def _delimiter(f) -> str:
         return ","
 
 
-def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, Any]]:
+def _csv_items(path: str, f, reader, columns: list[str], header_line: bool) -> Iterator[tuple[int, Any]]:
+    """The rows under `columns`; a row with another number of fields is compared with the header, or, in a file
+    without one (`header_line` false), with the first line, whose fields the columns count."""
     csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES))
     seen_row = False
+    if header_line:
+        fields = f"the header has {len(columns)} ({', '.join(columns)})"
+    else:
+        fields = f"the first line has {len(columns)} (the file has no header)"
     with f:
         next_line = reader.line_num + 1
         while True:
@@ -660,7 +666,7 @@ def _csv_items(path: str, f, reader, columns: list[str]) -> Iterator[tuple[int, 
                     line,
                     Problem(
                         "csv_field_count",
-                        f"this row has {len(cells)} fields but the header has {len(columns)} ({', '.join(columns)}). "
+                        f"this row has {len(cells)} fields but {fields}. "
                         f"Quote any field that contains a {_DELIMITER_NAMES[reader.dialect.delimiter]} or a line "
                         'break ("...").',
                         file=path,
