@@ -29,6 +29,16 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
     assert str(path) in e.value.message
 
 
+def test_a_list_item_s_unknown_key_suggests_the_item_s_nearest(tmp_path):
+    """An `eval.benchmarks` entry's misspelt key is named with the entry's own key, at the same index."""
+    benchmarks = [{"file": "quiz.jsonl"}, {"file": "mmlu.csv", "num_fewshots": 5}]
+    path = write(tmp_path, {"data": {"train": "x.jsonl"}, "eval": {"benchmarks": benchmarks}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "eval.benchmarks.1.num_fewshots (line 7): unknown key" in e.value.message
+    assert "Did you mean 'eval.benchmarks.1.num_fewshot'?" in e.value.message
+
+
 def test_top_level_typo_suggests_the_nearest(tmp_path):
     with pytest.raises(ConfigError, match="Did you mean 'base_model'"):
         load_config(write(tmp_path, {"base_modle": "x", "data": {"train": "x.jsonl"}}))

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -1365,8 +1365,11 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_known_keys(ann, prefix + name + "."))
+        # A list of sections (eval.benchmarks) holds its items' keys under its own, without their index.
+        item = get_args(ann)[0] if get_origin(ann) is list and get_args(ann) else None
+        for section in (ann, item):
+            if isinstance(section, type) and issubclass(section, BaseModel):
+                keys.extend(_known_keys(section, prefix + name + "."))
     return keys
 
 
@@ -1448,6 +1451,12 @@ def _suggest(key: str) -> str:
     leaf = key.rsplit(".", 1)[-1]
     if leaf in KNOWN_ELSEWHERE:
         return f" tuneforge calls it {KNOWN_ELSEWHERE[leaf]}."
+    # A list item's key (eval.benchmarks.1.num_fewshots) is matched as its list's keys are known, without the
+    # index, and a match in the same list is named with it.
+    if indexed := re.match(r"(.+?)\.\d+\.", key):
+        listed = indexed[1] + "."
+        close = _suggest(listed + key[len(indexed[0]) :])
+        return close.replace(f"'{listed}", f"'{indexed[0]}", 1)
     # No suggestion rather than a wrong one: the unknown key's own sections are no match for it (`train.lr` is no
     # misspelt `train`), and a shared section prefix alone must not carry a match (`train.lr` is no `train.warmup`).
     known = [k for k in _known_keys(Config) if not key.startswith(k + ".")]
