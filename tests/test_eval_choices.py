@@ -732,6 +732,27 @@ def test_benchmarks_take_a_path_or_a_file_with_its_few_shot_examples(tmp_path):
         load_config(config)
 
 
+def test_a_benchmark_file_of_chat_rows_is_refused_once_by_its_key(tiny_model_dir, triage_data, tmp_path):
+    """eval.benchmarks naming a chat file (the run's test set, say), or --fewshot-file naming one, is refused before
+    any model loads in one line that names the key (or option) and the file's first row's keys, not once for each
+    of its rows."""
+    from tuneforge.eval.after_training import check_eval_inputs
+
+    config = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run")
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 30
+    test = write_jsonl(tmp_path / "test.jsonl", chat)
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    with pytest.raises(ConfigError) as err:
+        check_eval_inputs(load_config({**config, "eval": {"benchmarks": [str(quiz), str(test)]}}))
+    message = err.value.message
+    assert message.startswith(f"eval.benchmarks.1: {test} holds no multiple-choice questions (its first row")
+    assert "keys: messages, at line 1)" in message and "MMLU's CSV" in message
+    assert len(message.splitlines()) == 1
+    # The same file as `tuneforge eval --fewshot-file`.
+    with pytest.raises(ConfigError, match=f"^--fewshot-file: {test} holds no multiple-choice questions"):
+        eval_command(str(tiny_model_dir), str(quiz), num_fewshot=1, fewshot_file=str(test))
+
+
 def test_after_training_scores_benchmarks_base_vs_tuned(tiny_model_dir, triage_data, tmp_path):
     """eval.benchmarks: a bad row is refused before training, naming file, line and field; a good file is scored
     on the base and the final model into the metrics, the report's tables and eval/benchmark_NAME.*."""

@@ -33,7 +33,15 @@ from ..graders import load_grader
 from ..models import load_model, load_tokenizer, resolve, run_tokenizer, source_context_length
 from ..tasks.metrics import METRICS
 from ..wording import unknown_choice
-from .choices import benchmark_name, check_scorable, choice_requests, read_benchmark, score_rows, side_by_side
+from .choices import (
+    benchmark_name,
+    check_scorable,
+    choice_requests,
+    layout_refusal,
+    read_benchmark,
+    score_rows,
+    side_by_side,
+)
 from .evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     EvalExample,
@@ -81,7 +89,10 @@ def check_eval_inputs(cfg) -> None:
         # One tokenizer for every file: the final model's, which the benchmarks are scored with.
         source = cfg.base_source()
         tokenizer, window = run_tokenizer(cfg, source), source_context_length(source)
-        for benchmark in cfg.eval.benchmarks:
+        for i, benchmark in enumerate(cfg.eval.benchmarks):
+            for key, path in (("", benchmark.file), (".fewshot_file", benchmark.fewshot_file)):
+                if path is not None and (refusal := layout_refusal(path)):
+                    raise ConfigError(f"{cfg.key_at(f'eval.benchmarks.{i}{key}')}: {refusal}")
             rows = read_benchmark(
                 benchmark.file, num_fewshot=benchmark.num_fewshot, fewshot_file=benchmark.fewshot_file
             )

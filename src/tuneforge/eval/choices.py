@@ -155,6 +155,21 @@ def is_choice_file(path: str | Path) -> bool:
         return next((choice_layout(row) is not None for _, row in rows if isinstance(row, dict)), False)
 
 
+def layout_refusal(path: str | Path) -> str | None:
+    """Where the first row of a JSON or Parquet file is in no multiple-choice layout (a chat file given as a
+    benchmark): the file, that row's keys and the layouts to give, said once rather than for each row; else None."""
+    with open_rows(path) as rows:
+        if rows.kind == "csv":  # a CSV's header is refused once by `read_choice_rows`
+            return None
+        line, first = next(((line, row) for line, row in rows if isinstance(row, dict)), (None, None))
+    if first is None or choice_layout(first) is not None:
+        return None
+    return (
+        f"{path} holds no multiple-choice questions (its first row's keys: {', '.join(map(str, first))}, at line "
+        f"{line}); give a file in one of: {LAYOUTS}."
+    )
+
+
 def _hellaswag_text(text: str) -> str:
     """HellaSwag's text as the harness's task cleans it: WikiHow's `[title]` marks and other brackets out."""
     text = text.strip().replace(" [title]", ". ")

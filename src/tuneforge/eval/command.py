@@ -15,6 +15,7 @@ from .choices import (
     compare_choices,
     evaluate_choices,
     is_choice_file,
+    layout_refusal,
     refuse_generation_options,
     write_choice_results,
 )
@@ -155,6 +156,8 @@ def result_tables(result: dict) -> list:
 def _choices_evaluated(model, data, *, compare, limit, out, fewshot, given, progress) -> dict:
     """Multiple-choice rows: acc and acc_norm, base vs tuned with the paired change."""
     refuse_generation_options(data, **given)
+    if fewshot["fewshot_file"] is not None and (refusal := layout_refusal(fewshot["fewshot_file"])):
+        raise ConfigError(f"--fewshot-file: {refusal}")
     if out is not None:
         check_out_folder(out)
     if compare:
