@@ -381,3 +381,17 @@ def test_the_plan_of_a_run_cut_by_max_steps_gives_the_epochs_it_trains(tiny_mode
     per_epoch = int(re.search(r"steps 3 \((\d+) per epoch", table)[1])
     # 3 steps of an epoch's 96: the run's summary gives the epochs so trained, and so does the plan.
     assert f"epochs {round(3 / per_epoch, 2):g} (from train.max_steps)" in table
+
+
+def test_a_run_folder_and_data_file_are_printed_as_named(tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    monkeypatch.setenv("COLUMNS", "1000")  # the paths whole on their lines, not folded
+    (tmp_path / "[").mkdir()
+    data = {**triage_data, "train": shutil.copy(triage_data["train"], tmp_path / "[" / "x]:x: [bold].jsonl")}
+    cfg = tiny_run_config(tiny_model_dir, data, tmp_path / "runs" / "[/x]:x:")
+    assert validate(cfg) == 0
+    said = capsys.readouterr()
+    out, err = " ".join(said.out.split()), " ".join(said.err.split())
+    assert "plan for" in out and "runs/[/x]:x:" in out and "\u274c" not in out
+    assert "x]:x: [bold].jsonl (chat, train)" in out
+    assert "data: x]:x: [bold].jsonl lines" in err and "\u274c" not in err

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import psutil
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from . import data as tfdata
 from .config import load_config
+from .console import new_console, plain
 from .data.check import describe_system_prompt, highlight, legend
 from .data.prepare import describe_files
 from .errors import TuneforgeError
@@ -283,7 +283,7 @@ def adapter_start(cfg) -> str:
 
 def validate(config, overrides: list[str] = (), processes: int = 1, machines: int = 1) -> int:
     """The dry run of a run on `processes` processes (all `machines` together)."""
-    console = Console()
+    console = new_console()
     started = time.perf_counter()
     cfg = load_config(config, overrides)
     cfg.check_data_files()
@@ -362,7 +362,7 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
             f"the memory plan ({needed / 2**30:.1f} GiB) is more than this {device.type} has free "
             f"({free / 2**30:.1f} GiB): {remedies}."
         )
-    table = Table(title=f"plan for {cfg.output_dir}", show_header=False)
+    table = Table(title=f"plan for {plain(cfg.output_dir)}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     facts = [
@@ -380,12 +380,12 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         ("checked in", f"{time.perf_counter() - started:.1f} s"),
     ]
     for key, value in facts:
-        table.add_row(key, value)
+        table.add_row(key, plain(value))
     console.print(table)
     for w in data_warnings[:10]:
-        console.print(f"[yellow]warning:[/] {w if isinstance(w, str) else w.get('message', w)}")
+        console.print(f"[yellow]warning:[/] {plain(w if isinstance(w, str) else w.get('message', w))}")
     for w in run_warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {plain(w)}")
     # What still stands between this config and a run here: the verdict names it rather than "ok" alone.
     buts = (["start it with --resume or --overwrite"] if held else []) + (
         ["run it where its memory plan fits, or lower the plan"] if needed > free else []

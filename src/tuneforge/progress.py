@@ -22,6 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .console import new_console, plain
+
 LOG_EVERY_S = 20.0
 
 
@@ -57,14 +59,14 @@ class LogLines:
         line += f" · elapsed {_clock(now - self.started)}"
         if done >= self.total or rate:
             line += f" · eta {_clock(max(self.total - done, 0) / rate if rate else 0)}"
-        self.console.print(line, highlight=False, soft_wrap=True)
+        self.console.print(plain(line), highlight=False, soft_wrap=True)
 
 
 def bar_columns(*fields: str) -> list:
-    """The columns of every tuneforge bar: what (the task's description), bar, done/total, percent,
-    fields, elapsed, ETA."""
+    """The columns of every tuneforge bar: what (the task's description, plain text: it names data files and
+    models), bar, done/total, percent, fields, elapsed, ETA."""
     return [
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
@@ -81,7 +83,7 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
     if not enabled:
         yield lambda n: None
         return
-    console = Console(stderr=True)
+    console = new_console(stderr=True)
     if not console.is_terminal:
         yield LogLines(console, description, total).advance
         return
@@ -98,12 +100,12 @@ def activity(description: str, enabled: bool = True) -> Iterator[Callable[[str],
     if not enabled:
         yield lambda news: None
         return
-    console = Console(stderr=True)
+    console = new_console(stderr=True)
     if console.is_terminal:
-        with console.status(description) as status:
-            yield lambda news: status.update(f"{description}: {news}")
+        with console.status(plain(description)) as status:
+            yield lambda news: status.update(console.render_str(plain(f"{description}: {news}")))
         return
-    console.print(description, highlight=False, soft_wrap=True)
+    console.print(plain(description), highlight=False, soft_wrap=True)
     started = last = time.perf_counter()
 
     def update(news: str) -> None:
@@ -111,7 +113,8 @@ def activity(description: str, enabled: bool = True) -> Iterator[Callable[[str],
         now = time.perf_counter()
         if now - last >= LOG_EVERY_S:
             last = now
-            console.print(f"{description}: {news} · elapsed {_clock(now - started)}", highlight=False, soft_wrap=True)
+            line = plain(f"{description}: {news} · elapsed {_clock(now - started)}")
+            console.print(line, highlight=False, soft_wrap=True)
 
     yield update
 
