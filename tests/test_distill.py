@@ -646,6 +646,18 @@ def test_most_influential_cut_refuses_bad_options_and_data(tmp_path, options, me
     assert not (tmp_path / "student").exists()
 
 
+def test_distill_init_prints_the_student_folder_as_named(tmp_path, capsys, monkeypatch):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    from tuneforge.distill.commands import distill_init
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    teacher_dir = save_tiny_model(tmp_path / "teacher", layers=2)
+    (tmp_path / "[").mkdir()
+    out = tmp_path / "[" / "x]:x: [bold]"
+    assert distill_init(str(teacher_dir), str(out), keep_layers="0") == 0
+    assert f"written to {out}\n" in capsys.readouterr().out
+
+
 def test_distill_init_refuses_models_without_llama_style_layers(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from rich.console import Console
-
+from ..console import new_console, plain
 from ..errors import TuneforgeError
 from ..wording import counted
 from .student import init_student
@@ -57,14 +56,14 @@ def distill_init(
         most_influential_of=(most_influential, data) if most_influential is not None else None,
     )
     share = result.student_parameters / result.teacher_parameters
-    console = Console()
+    console = new_console()
     if result.influence is not None:
         console.print(influence_chart(result.influence, result.kept_layers), highlight=False, soft_wrap=True)
     console.print(
         f"teacher: {result.teacher_parameters / 1e6:.1f}M parameters, {result.teacher_layers} layers\n"
         f"student: {result.student_parameters / 1e6:.1f}M parameters ({share:.0%}), {len(result.kept_layers)} layers "
         f"(teacher layers {','.join(map(str, result.kept_layers))})\n"
-        f"written to {result.out}",
+        f"written to {plain(result.out)}",
         highlight=False,
         soft_wrap=True,
     )
@@ -121,15 +120,17 @@ def distill_generate(
         )
         left_out = f"; {result.left_out} of this call's prompts left out ({why})" if result.left_out else ""
         kind = "DPO pairs" if keep == "pairs" else "best answers"
-        Console().print(
-            f"{result.written} of {counted(result.prompts, 'prompt')} sampled {samples} times into "
-            f"{result.samples_file}{resumed}; {counted(result.rows, 'row')} ({kind}) in {result.out}{left_out}{cut}",
+        new_console().print(
+            plain(
+                f"{result.written} of {counted(result.prompts, 'prompt')} sampled {samples} times into "
+                f"{result.samples_file}{resumed}; {counted(result.rows, 'row')} ({kind}) in {result.out}{left_out}{cut}"
+            ),
             highlight=False,
             soft_wrap=True,
         )
         return 0
-    Console().print(
-        f"{result.written} of {counted(result.prompts, 'row')} in {result.out}{resumed}{cut}",
+    new_console().print(
+        plain(f"{result.written} of {counted(result.prompts, 'row')} in {result.out}{resumed}{cut}"),
         highlight=False,
         soft_wrap=True,
     )
