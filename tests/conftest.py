@@ -156,3 +156,12 @@ def tiny_run_config(model_dir, data: dict, out, **train) -> dict:
         },
         "output_dir": str(out),
     }
+
+
+@pytest.fixture
+def unserved(monkeypatch) -> None:
+    """uvicorn's server, as `tuneforge.web.listen.listen` starts it, returns at once: a command prints its startup
+    line and returns without serving."""
+    from tuneforge.web import listen
+
+    monkeypatch.setattr(listen.uvicorn, "Server", lambda config: type("Stopped", (), {"run": lambda *_, **kw: None})())

@@ -691,3 +691,14 @@ def test_a_jobs_page_notes_what_its_run_folder_holds_that_training_does_not_writ
         for url in ("/ui/", f"/ui/runs/{job.id}", f"/ui/live/{job.id}"):
             page = client.get(url, headers=headers)
             assert page.status_code == 200 and "metrics.jsonl line 1 is not a step" in page.text, url
+
+
+def test_the_ui_startup_line_prints_the_runs_folder_as_named(tmp_path, capsys, unserved):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    from tuneforge.dashboard.app import ui_command
+
+    (tmp_path / "[").mkdir()
+    runs = tmp_path / "[" / "x]:x: [bold]"
+    runs.mkdir()
+    assert ui_command(runs, host="127.0.0.1", port=0, max_models=1) == 0
+    assert f"tuneforge ui: the runs under {runs.resolve()} at http://" in capsys.readouterr().err

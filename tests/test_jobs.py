@@ -1249,6 +1249,20 @@ def test_the_job_store_is_a_sqlite_file_path_as_the_error_for_a_bad_one_says_or_
     assert store.url.database == str(tmp_path / "stores" / "jobs.db") and (tmp_path / "stores" / "jobs.db").is_file()
 
 
+def test_the_api_startup_line_prints_the_folder_of_files_as_named(tmp_path, monkeypatch, capsys, unserved):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    from tuneforge.jobs import command, runner
+
+    (tmp_path / "[").mkdir()
+    home = tmp_path / "[" / "x]:x: [bold]"
+    monkeypatch.setenv("TUNEFORGE_HOME", str(home))
+    monkeypatch.setattr(runner, "start_process_server", lambda: None)
+    options = dict(host="127.0.0.1", port=0, db=None, workers=1, api_keys=[], allowed_models=[], docs=False)
+    assert command.api_command(**options, max_upload_mb=64, max_body_mb=3, max_models=2, prefix_cache_mb=0) == 0
+    said = capsys.readouterr().err
+    assert f"store {home / 'jobs' / 'jobs.db'}; files and runs under {home / 'jobs'};" in said, said
+
+
 def test_the_api_startup_line_gives_the_limits_its_inference_uses(tmp_path, monkeypatch):
     from tuneforge.jobs import command, runner
     from tuneforge.web import listen

@@ -74,6 +74,19 @@ def running_server(app):
         sock.close()
 
 
+def test_the_startup_line_prints_the_model_as_named(base_dir, tmp_path, capsys, unserved):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    from tuneforge.serve.command import serve_command
+
+    (tmp_path / "[").mkdir()
+    model = shutil.copytree(base_dir, tmp_path / "[" / "x]:x: [bold]")
+    options = dict(host="127.0.0.1", port=0, api_keys=[], max_adapters=1, max_batch=2, max_waiting=2)
+    options.update(default_max_tokens=8, max_body_mb=1, docs=False, store=str(tmp_path / "completions.db"))
+    assert serve_command(str(model), [], **options) == 0
+    said = capsys.readouterr().err
+    assert "serving x]:x: [bold] on " in said, said
+
+
 def random_adapter(base_dir, folder, seed: int, use_dora: bool = False):
     """A LoRA (or DoRA) adapter with random (not zero) weights: it answers unlike its base."""
     from peft import LoraConfig, get_peft_model

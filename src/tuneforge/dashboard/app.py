@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
+from ..console import plain
 from ..errors import ConfigError
 from ..jobs.inference import InferenceModels
 from ..jobs.routes.inference import answer
@@ -58,5 +59,7 @@ def ui_command(directory: Path, *, host: str, port: int, max_models: int) -> int
         raise ConfigError(f"{directory} is not a folder: give the folder your run folders are in (e.g. runs).")
     sock = bind(host, port)
     app = create_ui_app(directory, max_models=max_models)
-    listen(app, sock, lambda url: f"tuneforge ui: the runs under {directory.resolve()} at {url}{PREFIX}/", "warning")
+    listen(
+        app, sock, lambda url: f"tuneforge ui: the runs under {plain(directory.resolve())} at {url}{PREFIX}/", "warning"
+    )
     return 0

@@ -6,8 +6,7 @@ import signal
 import threading
 from collections.abc import Sequence
 
-from rich.console import Console
-
+from ..console import new_console, plain
 from ..database import database_url, opening, shown_url
 from ..fsio import tuneforge_home
 
@@ -81,8 +80,8 @@ def api_command(
     listen(
         app,
         sock,
-        lambda url: f"tuneforge api at {url}/v1 with {workers} job worker(s); store {shown_url(store.url)}; files and "
-        f"runs under {root}"
+        lambda url: f"tuneforge api at {url}/v1 with {workers} job worker(s); store {plain(shown_url(store.url))}; "
+        f"files and runs under {plain(root)}"
         + (" (API key required)" if api_keys else "")
         + f"; inference on up to {max_models} base model(s) at once, each with its own {limits}; {prefix_cache}; "
         f"files uploaded up to {max_upload_mb} MiB",
@@ -102,8 +101,10 @@ def worker_command(*, db: str, workers: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     job_workers.start()
-    Console(stderr=True).print(
-        f"tuneforge worker: {workers} job worker(s) on store {shown_url(store.url)}; files and runs under {root}",
+    new_console(stderr=True).print(
+        plain(
+            f"tuneforge worker: {workers} job worker(s) on store {shown_url(store.url)}; files and runs under {root}"
+        ),
         highlight=False,
     )
     stop.wait()

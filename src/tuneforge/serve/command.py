@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rich.console import Console
-from rich.markup import escape
-
+from ..console import new_console, plain
 from ..database import shown_url
 from ..errors import ConfigError
 from ..models.sources import untuned_base_note
@@ -77,7 +75,7 @@ def serve_command(
             adapter_updates=allow_adapter_updates,
         )
         if note := untuned_base_note(pool.base_source):
-            Console(stderr=True).print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+            new_console(stderr=True).print(f"[yellow]note:[/] {plain(note)}", highlight=False, soft_wrap=True)
         log_requests_to_stderr()
         dtype = str(pool.model.dtype).removeprefix("torch.")
         limits = served_limits(
@@ -86,8 +84,8 @@ def serve_command(
         listen(
             app,
             sock,
-            lambda url: f"serving [bold]{pool.base_name}[/] on {pool.model.device} in {dtype}"
-            + (f" with adapters {', '.join(pool.names[1:])}" if len(pool.names) > 1 else "")
+            lambda url: f"serving [bold]{plain(pool.base_name)}[/] on {pool.model.device} in {dtype}"
+            + (f" with adapters {plain(', '.join(pool.names[1:]))}" if len(pool.names) > 1 else "")
             + f" at {url}/v1"
             + (" (API key required)" if api_keys else "")
             + (
@@ -96,7 +94,7 @@ def serve_command(
                 else ""
             )
             + f"; {prefix_cache_note(prefix_cache_mb)}"
-            + f"; stored completions in {shown_url(completions.url)}; {limits}",
+            + f"; stored completions in {plain(shown_url(completions.url))}; {limits}",
         )
     finally:
         engine.close()

@@ -11,8 +11,8 @@ import socket
 from collections.abc import Callable
 
 import uvicorn
-from rich.console import Console
 
+from ..console import new_console
 from ..errors import ConfigError
 
 
@@ -31,10 +31,10 @@ def bind(host: str, port: int) -> socket.socket:
 def listen(app, sock: socket.socket, announce: Callable[[str], str], log_level: str = "info") -> None:
     """Run `app` under uvicorn on `sock` (from `bind`) until SIGINT or SIGTERM; `announce(url)` (the
     url without a trailing slash, with the port actually bound) is printed to stderr first, on one line
-    whatever its length, for scripts to read."""
+    whatever its length, for scripts to read; it is markup, each value of the user's in it `plain`."""
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
-    Console(stderr=True).print(announce(f"http://{shown_host}:{port}"), highlight=False, soft_wrap=True)
+    new_console(stderr=True).print(announce(f"http://{shown_host}:{port}"), highlight=False, soft_wrap=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
     try:
         server.run(sockets=[sock])
