@@ -913,3 +913,16 @@ def test_a_gguf_export_names_the_source_not_its_staging_folder_in_the_metadata(t
     general = {key: value for key, value in metadata.items() if key.startswith("general.")}
     assert not [value for value in general.values() if "gguf-source" in str(value)], general
     assert "general.finetune" not in general
+
+
+def test_the_export_line_prints_the_run_and_out_folders_as_named(run_dir, tmp_path, capsys, monkeypatch):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    import shutil
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    (tmp_path / "[").mkdir()
+    run = shutil.copytree(run_dir, tmp_path / "[" / "x]:x: [bold]")
+    out = tmp_path / "[" / "x]:x: [bold] export"
+    export(run, "adapter", None, out)
+    said = capsys.readouterr().err
+    assert f"exported {resolve(str(run)).name} as adapter to {out}\n" in said and "x]:x: [bold]" in said, said

@@ -38,8 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-
+from ..console import new_console, plain
 from ..errors import TuneforgeError
 from ..fsio import MOUNT_POINT_REFUSED, atomic_dir, is_mount_point, resolved, scratch_dir, write_json
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve, run_config_of
@@ -104,7 +103,7 @@ def export(
     output folder) is a `TuneforgeError` (exit 2) raised before any weights load; an export that
     does not match its source is `ExportFailed` (exit 1).
     """
-    console = Console(stderr=True, quiet=not progress, soft_wrap=True)
+    console = new_console(stderr=True, quiet=not progress, soft_wrap=True)
     asked_dtype = dtype
     dtype = _checked_options(fmt, dtype, ollama)
     if combine_with is None:  # no adapters combined
@@ -196,7 +195,7 @@ def export(
                 code="out_exists",
             ) from None
         what = " + ".join(f"{p.spec}:{p.weight:g}" for p in combined.parts) if combined else source.name
-        console.print(f"[green]✓[/] exported {what} as {fmt}{f' ({dtype})' if dtype else ''} to {out}")
+        console.print(f"[green]✓[/] exported {plain(what)} as {fmt}{f' ({dtype})' if dtype else ''} to {plain(out)}")
         return ExportResult(out, fmt, dtype, [out / f.name for f in files], checks, record)
 
 
@@ -341,7 +340,7 @@ def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, co
     files = adapter.save_adapter(source.adapter, tokenizer, folder, processor)
     if scaling := trained_rope_scaling(source.adapter):
         console.print(
-            f"The adapter trained with the base's rotary positions scaled (model.rope_scaling: {scaling}); "
+            f"The adapter trained with the base's rotary positions scaled (model.rope_scaling: {plain(scaling)}); "
             "PEFT's adapter files have no place for it, so load the base with it (transformers: those "
             "rope_parameters and max_position_embeddings times the factor in its config), or export --format "
             "merged, which keeps it. export.json records it."
@@ -388,15 +387,15 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
         if llama_cpp.reads_images(merged.model.config):
             mmproj = folder / llama_cpp.mmproj_filename(source.name, dtype)
             llama_cpp.write_mmproj(merged.model, model_dir, source, tokenizer, mmproj, dtype, console)
-            with console.status(f"Reading {mmproj.name} back to check it"):
+            with console.status(f"Reading {plain(mmproj.name)} back to check it"):
                 mmproj_checks = llama_cpp.check_mmproj(mmproj, merged.model, model_dir)
             types = ", ".join(f"{count} {name}" for name, count in mmproj_checks["tensor_types"].items())
             console.print(
-                f"{mmproj.name} against the merged model's vision encoder and projector: {mmproj_checks['tensors']} "
-                f"tensors ({types}), each within its type's rounding (at most "
+                f"{plain(mmproj.name)} against the merged model's vision encoder and projector: "
+                f"{mmproj_checks['tensors']} tensors ({types}), each within its type's rounding (at most "
                 f"{mmproj_checks['max_diff_of_rounding']:.2f} of it)"
             )
-    with console.status(f"Loading {path.name} back with transformers to check it"):
+    with console.status(f"Loading {plain(path.name)} back with transformers to check it"):
         loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name, merged.model.config)
     checks = _verified(
         merged.logits,
@@ -433,7 +432,7 @@ def _check_sliding_window(config, path: Path, checks: dict, console) -> None:
         console.print(
             f"[yellow]warning:[/] the model's sliding-window layers attend to the last {window} positions, and the "
             f"GGUF records {f'a window of {recorded}' if recorded else 'no sliding window'} (llama.cpp's converter "
-            f"for {config.model_type}), so llama.cpp attends differently once a context passes "
+            f"for {plain(config.model_type)}), so llama.cpp attends differently once a context passes "
             f"{min(window, recorded or window)} tokens. Up to that it answers alike; for longer contexts serve "
             "the --format merged export, which keeps the window."
         )

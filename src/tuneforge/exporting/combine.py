@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import plain
 from ..errors import TuneforgeError
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve
 from ..models.loading import base_weight_copies, chat_template
@@ -148,8 +149,9 @@ def check(plan: Plan, console) -> ModelSource:
     for part in plan.parts[1:]:
         if chat_template(load_tokenizer(part.source)) != template:
             console.print(
-                f"[yellow]warning:[/] {part.spec} was trained with another chat template than {first.spec}; the "
-                f"combined model is exported with {first.spec}'s, so what {part.spec} learned may show less."
+                f"[yellow]warning:[/] {plain(part.spec)} was trained with another chat template than "
+                f"{plain(first.spec)}; the combined model is exported with {plain(first.spec)}'s, so what "
+                f"{plain(part.spec)} learned may show less."
             )
     if plan.combination in SAME_RANK:
         ranks = {spec: _ranks(config) for spec, config in configs.items()}

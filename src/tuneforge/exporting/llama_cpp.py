@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from ..console import plain
 from ..errors import TuneforgeError
 from ..fsio import atomic_dir, scratch_dir, tuneforge_home
 from ..models import ModelSource, end_of_turn_token
@@ -256,7 +257,7 @@ def _converter_command(converter: Path, arguments: list[str]) -> list[str]:
 def _convert(arguments: list[str], out: Path, model_dir: Path, tokenizer, console: Console) -> None:
     """Run the converter (`llama_cpp_main.py`) with `arguments` (its own and the converter's) to write `out`."""
     command = _converter_command(converter_folder(console), [*arguments, "--outfile", str(out)])
-    with console.status(f"Writing {out.name} with llama.cpp's converter"):
+    with console.status(f"Writing {plain(out.name)} with llama.cpp's converter"):
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
         model_type, family = _family(model_dir, tokenizer)
