@@ -1102,6 +1102,18 @@ def test_a_missing_run_folder_is_named_as_a_path_not_only_as_a_hub_id(monkeypatc
     assert "runs/my-rnu does not exist" in caught.value.message and "my-run" in caught.value.message
 
 
+def test_pull_prints_the_cache_folder_as_named(fake_index, tmp_path, monkeypatch, capsys):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    (tmp_path / "[").mkdir()
+    home = tmp_path / "[" / "x]:x: [bold]"
+    monkeypatch.setenv("TUNEFORGE_HOME", str(home))
+    fake_index()
+    folder = pull("tiny-test")
+    assert f"tiny-test ready at {folder} (" in capsys.readouterr().err
+    pull("tiny-test")
+    assert f"tiny-test is already cached at {folder}\n" in capsys.readouterr().err
+
+
 def test_two_pulls_at_once_download_and_convert_once(fake_index, home, capsys):
     """Two terminals pulling the same model: the second waits for the first and finds its folder."""
     import threading

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
+from ..console import new_console, plain
 from ..errors import TuneforgeError
 from .convert import pull
 from .loading import list_models, model_info
@@ -30,13 +28,13 @@ def models_list(json_out: bool = False) -> int:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
-            f"[bold]{row['name']}[/]\n[dim]{row['description']}[/]",
+            f"[bold]{plain(row['name'])}[/]\n[dim]{plain(row['description'])}[/]",
             f"{row['params'] / 1e6:.1f}M",
             f"{row['size'] / 1e6:.0f} MB",
-            row["licence"],
+            plain(row["licence"]),
             "[green]yes[/]" if row["cached"] else "no",
         )
-    Console().print(table)
+    new_console().print(table)
     return 0
 
 
@@ -49,7 +47,7 @@ def models_pull(name: str) -> int:
         folder = pull(name) if name in REGISTRY else resolve(name).path
     except TuneforgeError as err:
         return _fail(err, json_out=False)
-    Console(emoji=False).print(str(folder), markup=False, highlight=False, soft_wrap=True)
+    new_console().print(plain(folder), highlight=False, soft_wrap=True)
     return 0
 
 
@@ -61,8 +59,7 @@ def models_info(spec: str, json_out: bool = False) -> int:
     if json_out:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    # Text, not markup: the name and values hold the user's paths, where `[/x]` would be a tag, `:x:` an emoji.
-    table = Table(show_header=False, title=Text(f"{info['name']} ({info['kind']})", style="table.title"))
+    table = Table(show_header=False, title=plain(f"{info['name']} ({info['kind']})"))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in info.items():
@@ -70,12 +67,12 @@ def models_info(spec: str, json_out: bool = False) -> int:
             value = f"{value:,} ({value / 1e6:.1f}M)"
         elif isinstance(value, (dict, list)):
             value = json.dumps(value)
-        table.add_row(key, Text("—" if value is None else str(value)))
-    console = Console(emoji=False)
+        table.add_row(key, plain("—" if value is None else value))
+    console = new_console()
     console.print(table)
     if not info["family_tested"]:
         console.print(
-            f"[yellow]not tested:[/] {escape(info['model_type'])} with this chat template is no family tuneforge's "
+            f"[yellow]not tested:[/] {plain(info['model_type'])} with this chat template is no family tuneforge's "
             "test matrix covers (see README, Model families); check masks with `tuneforge data check --show`.",
             highlight=False,
         )
@@ -85,5 +82,5 @@ def models_info(spec: str, json_out: bool = False) -> int:
 def _fail(err: TuneforgeError, *, json_out: bool) -> int:
     if json_out:
         print(json.dumps({"error": {"code": err.code, "message": err.message}}))
-    Console(stderr=True, emoji=False).print(f"[red]error:[/] {escape(err.message)}", highlight=False, soft_wrap=True)
+    new_console(stderr=True).print(f"[red]error:[/] {plain(err.message)}", highlight=False, soft_wrap=True)
     return err.exit_code

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..console import new_console, plain
 from ..errors import ModelSourceError
 from ..fsio import atomic_dir, scratch_dir, tuneforge_home, write_json
 from ..progress import activity, library_bars, progress_bar
@@ -109,7 +110,7 @@ def _sole_pull(name: str, console: Console) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            console.print(f"Waiting for another process pulling {name} to finish…")
+            console.print(f"Waiting for another process pulling {plain(name)} to finish…")
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -118,7 +119,7 @@ def _pull_held(entry: RegistryEntry, console: Console) -> Path:
     name = entry.name
     cached = cached_registry_folder(entry)
     if cached:
-        console.print(f"[green]✓[/] {name} is already cached at {cached}")
+        console.print(f"[green]✓[/] {plain(name)} is already cached at {plain(cached)}")
         return cached
 
     folder = models_cache() / entry.name
@@ -143,7 +144,7 @@ def _pull_held(entry: RegistryEntry, console: Console) -> Path:
             extra_files=licence_files,
             chat_template=registry_template(entry),
         )
-    console.print(f"[green]✓[/] {name} ready at {folder} ({time.monotonic() - started:.0f} s)")
+    console.print(f"[green]✓[/] {plain(name)} ready at {plain(folder)} ({time.monotonic() - started:.0f} s)")
     return folder
 
 
@@ -189,7 +190,7 @@ def convert_local_gguf(gguf_path: Path, *, convert_missing: bool = True, progres
         "licence": header.licence,
     }
     convert_gguf(gguf_path, folder, record=record, console=console)
-    console.print(f"[green]✓[/] converted {gguf_path.name} into {folder}")
+    console.print(f"[green]✓[/] converted {plain(gguf_path.name)} into {plain(folder)}")
     return folder
 
 
@@ -211,7 +212,7 @@ def convert_gguf(
     try:
         with atomic_dir(dest, replace=replace) as tmp:
             console.print(
-                f"Converting {gguf_path.name} ({header.architecture}, {header.tensor_count} tensors) "
+                f"Converting {plain(gguf_path.name)} ({plain(header.architecture)}, {header.tensor_count} tensors) "
                 "into a trainable fp32 safetensors folder"
             )
             shown = not console.quiet
@@ -536,7 +537,7 @@ def _parse_header(buf, size: int) -> GgufHeader | None:
 
 def _console(progress: bool) -> Console:
     # stderr, so `--json` output on stdout stays clean.
-    return Console(stderr=True, quiet=not progress, soft_wrap=True)
+    return new_console(stderr=True, quiet=not progress, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from rich.console import Console
-
+from ..console import new_console, plain
 from ..errors import ConfigError, ModelSourceError, json_kind
 from ..fsio import BEING_DELETED_PREFIX, SWAPPED_OUT_PREFIX, TEMPORARY_PREFIX
 from .convert import cached_registry_folder, convert_local_gguf, pull, text_ggufs, unknown_registry_name
@@ -131,9 +130,11 @@ def _registry_folder(name: str, pull_missing: bool) -> Path:
             code="model_not_pulled",
         )
     # Said before the download starts: a command that reads a model (info, train, eval) pulls it on the way.
-    Console(stderr=True, soft_wrap=True).print(
-        f"{name} is not in the model cache yet: pulling it first, as `tuneforge models pull {name}` does "
-        f"(a {REGISTRY[name].gguf_size / 1e6:.1f} MB download, converted once into a trainable folder)",
+    new_console(stderr=True, soft_wrap=True).print(
+        plain(
+            f"{name} is not in the model cache yet: pulling it first, as `tuneforge models pull {name}` does "
+            f"(a {REGISTRY[name].gguf_size / 1e6:.1f} MB download, converted once into a trainable folder)"
+        ),
         highlight=False,
     )
     return pull(name)
