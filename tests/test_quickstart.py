@@ -141,3 +141,15 @@ def test_train_runs_the_recipe_on_the_data_only_files_as_the_printed_commands_sa
     }
     expected = quickstart_config(data, Path(recipe["output_dir"]), model=str(model), max_steps=2)
     assert yaml.safe_load((run / "config.yaml").read_text()) == load_config(expected).model_dump()
+
+
+def test_quickstart_prints_the_model_and_its_folder_as_named(tmp_path, monkeypatch, capsys):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    monkeypatch.setenv("COLUMNS", "1000")
+    (tmp_path / "[").mkdir()
+    model = save_sharp_tiny_model(tmp_path / "[" / "x]:x: [bold]")
+    out = tmp_path / "[" / "x]:x: [bold] run"
+    assert quickstart(model=str(model), out=out, n_train=40, max_steps=2, data_only=True) == 0
+    said = capsys.readouterr().out
+    assert f"fine-tune {model} on support-ticket triage, on this machine's CPU, into {out}\n" in said, said
+    assert f"in {out / 'data'} (test tickets" in said

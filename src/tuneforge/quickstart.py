@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .config import dotted, load_config
+from .console import new_console, plain
 from .errors import RunFailed, TuneforgeError
 from .eval.evaluate import evaluate
 from .eval.forgetting import measure_forgetting
@@ -126,7 +127,7 @@ def quickstart(
 
     Leave the keyword arguments out to get the recipe and `Settings` as they are.
     """
-    console = console or Console()
+    console = console or new_console()
     chosen = {"n_train": n_train, "test_subset": test_subset}
     settings = replace(Settings(), **{k: v for k, v in chosen.items() if v is not None})
     recipe = load_recipe(RECIPE)
@@ -134,8 +135,8 @@ def quickstart(
     model = model or recipe["base_model"]
     phases = Phases(console, total=2 if data_only else 6)
     console.print(
-        f"[bold]tuneforge quickstart[/]: fine-tune {model} on support-ticket triage, on this machine's "
-        f"CPU, into {out}\n[dim]recipe {RECIPE}; settings: {asdict(settings)}[/]"
+        f"[bold]tuneforge quickstart[/]: fine-tune {plain(model)} on support-ticket triage, on this machine's "
+        f"CPU, into {plain(out)}\n[dim]recipe {RECIPE}; settings: {plain(asdict(settings))}[/]"
     )
     phases.begin("model")
     if model in REGISTRY:
@@ -193,7 +194,7 @@ def prepare_data(model: str, out: Path, settings: Settings, phases: Phases) -> d
     )
     phases.console.print(
         f"{settings.n_train} train, {settings.n_valid} validation, {settings.n_test} test tickets "
-        f"in {folder} (test tickets use phrasings training never sees); {settings.n_unlabelled} "
+        f"in {plain(folder)} (test tickets use phrasings training never sees); {settings.n_unlabelled} "
         "tickets without answers for distillation",
         highlight=False,
     )
@@ -209,7 +210,7 @@ def print_train_commands(config: dict, recipe: dict, console: Console) -> None:
     console.print(
         "The data is ready. Train on it with the recipe:\n"
         f"  tuneforge recipes show {RECIPE} > {RECIPE}.yaml\n"
-        f"  tuneforge train {shlex.join([f'{RECIPE}.yaml', *overrides])}",
+        f"  tuneforge train {plain(shlex.join([f'{RECIPE}.yaml', *overrides]))}",
         highlight=False,
         soft_wrap=True,
     )
@@ -263,7 +264,7 @@ def report(config: dict, settings: Settings, phases: Phases, measured: Measured)
     console.rule("[bold]results")
     print_tables(report_tables(before, after, forgetting, targets, facts), console)
     missed = [t for t in targets if not t["met"]]
-    console.print(f"wall time {wall / 60:.1f} min; report: {path}")
+    console.print(f"wall time {wall / 60:.1f} min; report: {plain(path)}")
     if missed:
         console.print(
             "[bold red]missed targets:[/] "
@@ -349,7 +350,7 @@ def write_self_replay(model: str, folder: Path, max_new_tokens: int, console: Co
         # are replaced, not refused.
         if console is not None:
             console.print(
-                f"{answers_file} does not hold {model}'s replies to the general prompts: writing them anew",
+                plain(f"{answers_file} does not hold {model}'s replies to the general prompts: writing them anew"),
                 highlight=False,
             )
         answers_file.unlink()
