@@ -1719,3 +1719,10 @@ def test_a_base_model_gone_by_the_end_of_training_is_named_with_its_config_line(
     with pytest.raises(TuneforgeError) as e:
         evaluate_after_training(load_config(str(config)), tmp_path / "run", tiny_model_dir, progress=False)
     assert e.value.message.startswith(f"base_model ({config} line 1): {gone} does not exist"), e.value.message
+
+
+def test_the_summary_prints_the_run_folder_as_named(tiny_model_dir, triage_data, tmp_path, capsys):
+    # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
+    out = tmp_path / "runs" / "[/x]:x:"
+    train(tiny_run_config(tiny_model_dir, triage_data, out, max_steps=1), progress=True)
+    assert f"run{out}" in "".join(capsys.readouterr().err.split())  # the title wraps at the table's width

@@ -6,10 +6,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ..console import new_console, plain
 from ..methods.dpo import DPOObjective
 from ..progress import LogLines, bar_columns
 
@@ -21,7 +21,7 @@ REWARDS = DPOObjective.logged_sums + DPOObjective.orpo_sums + ("logps/chosen", "
 class TrainProgress:
     def __init__(self, total_steps: int, start_step: int, *, enabled: bool):
         self.enabled = enabled
-        self.console = Console(stderr=True)
+        self.console = new_console(stderr=True)
         live = enabled and self.console.is_terminal
         self.lines = LogLines(self.console, "train step", total_steps, start_step) if enabled and not live else None
         self.progress = Progress(*bar_columns("{task.fields[shown]}"), console=self.console, disable=not live)
@@ -88,7 +88,7 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
     """The run's final metrics as a table on stderr."""
     if not metrics:
         return
-    table = Table(title=f"run {output_dir}")
+    table = Table(title=f"run {plain(output_dir)}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in (
@@ -123,5 +123,5 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
     ):
         if key in metrics:
             v = metrics[key]
-            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console(stderr=True).print(table)
+            table.add_row(plain(key), f"{v:.4f}" if isinstance(v, float) else plain(v))
+    new_console(stderr=True).print(table)
