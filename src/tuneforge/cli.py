@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperGroup
 
+from .console import new_console, plain
 from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, LAUNCHER_SHOWS_ERRORS, TuneforgeError
 from .fsio import REFUSED_WRITE_ADVICE
 from .serve_defaults import MAX_BATCH, MAX_WAITING, PREFIX_CACHE_MB
@@ -66,8 +65,7 @@ data_app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
-# Messages quote paths and values, where rich would read `:x:` (`runs/support:x:`) as an emoji's code.
-err = Console(stderr=True, emoji=False)
+err = new_console(stderr=True)
 
 
 def _print_version(asked: bool) -> None:
@@ -835,7 +833,7 @@ def _show_error(message: str) -> None:
         else:
             if os.environ.get("LOCAL_RANK", "0") != "0":
                 return
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {plain(message)}", highlight=False, soft_wrap=True)
 
 
 def _click_exceptions() -> tuple[type[Exception], ...]:

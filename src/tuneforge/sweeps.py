@@ -24,12 +24,11 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
-from rich.text import Text
 
 from .config import Config, load_config, load_yaml, parse_overrides, yaml_syntax_error
+from .console import new_console, plain
 from .errors import ConfigError, TuneforgeError, json_kind, json_value
 from .fsio import atomic_file, write_json
 from .progress import progress_bar
@@ -437,7 +436,7 @@ def _loss(value: float | None) -> str:
 
 def sweep_table(result: SweepResult, grid: dict[str, list]) -> Table:
     order = "higher" if result.metric in HIGHER_FIRST else "lower"
-    table = Table(title=f"sweep {escape(str(result.out))} (by {METRICS[result.metric]}, {order} first)")
+    table = Table(title=f"sweep {plain(result.out)} (by {METRICS[result.metric]}, {order} first)")
     figure = "reward" if result.metric in HIGHER_FIRST else "loss"
     # The folder's name whole, to copy: the other columns give way first.
     table.add_column("run (folder)", no_wrap=True, min_width=max((len(run.name) for run in result.runs), default=3))
@@ -448,8 +447,8 @@ def sweep_table(result: SweepResult, grid: dict[str, list]) -> Table:
     table.add_column("status", no_wrap=True)
     for run in _ranked(result.runs, result.metric):
         table.add_row(
-            Text(run.name, style="bold" if run is result.best else ""),
-            *(Text(_shown(run.values[key])) for key in grid),
+            f"[bold]{plain(run.name)}[/]" if run is result.best else plain(run.name),
+            *(plain(_shown(run.values[key])) for key in grid),
             _loss(getattr(run, f"eval_{figure}")),
             _loss(getattr(run, f"best_eval_{figure}")),
             _loss(run.train_loss),
@@ -469,7 +468,7 @@ def print_table(console: Console, result: SweepResult, grid: dict[str, list]) ->
         return
     # print(width=) only narrows a console: a console of the table's width writes it.
     width = Measurement.get(console, console.options.update_width(100_000), table).maximum
-    Console(file=console.file, width=max(width, console.width), emoji=False).print(table)
+    new_console(file=console.file, width=max(width, console.width)).print(table)
 
 
 def _typed_values(runs: list[SweepRun], key: str) -> list:
@@ -566,10 +565,10 @@ def sweep(
         grid = {key: list(values) for key, values in grid.items()}
     out = Path(out) if out is not None else Path(f"{base.output_dir}-sweep")
     # What it prints quotes the user's values and folders, where rich would read `[/x]` as a tag, `:x:` as an emoji.
-    console = Console(emoji=False)
+    console = new_console()
     points = check_points(config, overrides, grid, out, metric, progress=progress)
     sizes = " x ".join(f"{len(v)} {k}" for k, v in grid.items())
-    console.print(f"sweep: {len(points)} runs ({sizes}), each checked; into {escape(str(out))}")
+    console.print(f"sweep: {len(points)} runs ({sizes}), each checked; into {plain(out)}")
     result = SweepResult(out, metric, [run for run, _ in points])
     earlier = _earlier_seconds(out)
     for run in result.runs:
@@ -582,11 +581,11 @@ def sweep(
         # A run that finished training but was stopped during its `eval:` has that evaluation run now.
         unevaluated = run.status == "completed" and evaluation_missing(cfg)
         if run.status == "completed" and not unevaluated:
-            console.print(f"sweep: {escape(run.name)} finished earlier; kept")
+            console.print(f"sweep: {plain(run.name)} finished earlier; kept")
             continue
         mode = run.found
         console.rule(
-            f"sweep run {escape(run.name)}" + (" (its evaluation)" if unevaluated else " (resumed)" if mode else "")
+            f"sweep run {plain(run.name)}" + (" (its evaluation)" if unevaluated else " (resumed)" if mode else "")
         )
         started, table_shown = time.perf_counter() - (run.seconds or 0.0), True
         try:
@@ -596,7 +595,7 @@ def sweep(
                 run.status = train(cfg, resume=mode, progress=progress).status
         except TuneforgeError as e:
             run.status, run.error, result.status = "failed", e.message, "failed"
-            console.print(f"[red]sweep run {escape(run.name)} failed:[/] {escape(e.message)}", highlight=False)
+            console.print(f"[red]sweep run {plain(run.name)} failed:[/] {plain(e.message)}", highlight=False)
         except BaseException:
             # Ctrl-C or SIGTERM outside training's own handling: what is done so far is kept and shown.
             run.status, result.status = "interrupted", "interrupted"
@@ -618,10 +617,10 @@ def sweep(
         print_table(console, result, grid)
     if result.best is not None:
         console.print(
-            f"best ({METRICS[metric]} {getattr(result.best, metric):.4f}): {escape(result.best.name)}; "
-            f"its config is {escape(str(result.best.output_dir / 'config.yaml'))}"
+            f"best ({METRICS[metric]} {getattr(result.best, metric):.4f}): {plain(result.best.name)}; "
+            f"its config is {plain(result.best.output_dir / 'config.yaml')}"
         )
     console.print(
-        escape(f"wrote {out / SWEEP_FILE}" + (f" and {out / PLOT_FILE}" if (out / PLOT_FILE).is_file() else ""))
+        plain(f"wrote {out / SWEEP_FILE}" + (f" and {out / PLOT_FILE}" if (out / PLOT_FILE).is_file() else ""))
     )
     return result

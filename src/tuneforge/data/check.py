@@ -14,11 +14,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from ..config import DEFAULT_MODEL, DataConfig
+from ..console import new_console, plain
 from ..errors import EXIT_BAD_INPUT, ConfigError, DataError, TuneforgeError, complaint, key_path, refuse_options
 from ..wording import counted
 from .dedup import content_hash
@@ -46,15 +46,14 @@ def check_command(
     truncation: str = "truncate",
 ) -> int:
     """Check data files with a model's tokenizer and chat template; 2 if any row has an error, else 0."""
-    # The report quotes the rows' values and paths, where rich would read `:x:` as an emoji's code.
-    console = Console(highlight=False, soft_wrap=True, emoji=False)
+    console = new_console(highlight=False, soft_wrap=True)
     try:
         options = {"format": format, "max_length": max_length, "train_on": train_on, "truncation": truncation}
         report, tokenizer = _files_report(files, model, options, progress=True)
     except TuneforgeError as e:  # a refused option: each complaint on a line of its own
-        errors_console = Console(highlight=False, soft_wrap=True, stderr=True, emoji=False)
+        errors_console = new_console(highlight=False, soft_wrap=True, stderr=True)
         for line in e.message.splitlines():
-            errors_console.print(f"[red]error:[/red] {escape(line)}")
+            errors_console.print(f"[red]error:[/red] {plain(line)}")
         return e.exit_code
     if json_out:
         print(json.dumps(report, indent=2, default=str))
@@ -191,7 +190,7 @@ def _check_max_length(spec: str, max_length: int) -> None:
 def print_summary(console: Console, report: dict, model: str) -> None:
     counts, tokens = report["counts"], report["tokens"]
     files = ", ".join(f"{Path(f['path']).name} ({f['format'] or 'unknown format'})" for f in report["files"])
-    console.print(f"[bold]Data check[/bold]: {escape(files)}; tokenizer and template of [bold]{escape(model)}[/bold]")
+    console.print(f"[bold]Data check[/bold]: {plain(files)}; tokenizer and template of [bold]{plain(model)}[/bold]")
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -234,14 +233,14 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         ),
     ]
     for name, value in rows:
-        table.add_row(name, escape(value))
+        table.add_row(name, plain(value))
     console.print(table)
 
     for warning in report["warnings"]:
         text = f"[{warning['code']}] {warning['message']}"
         # A secret in a reply is what the model would learn to give away: said louder than the rest.
         style = "bold red" if warning["code"] == "secret_in_reply" else "yellow"
-        console.print(f"[{style}]warning[/{style}] {escape(text)}")
+        console.print(f"[{style}]warning[/{style}] {plain(text)}")
     if not report["errors_total"]:
         console.print("[green]no errors[/green]: the data is ready to train on.")
         return
@@ -251,10 +250,10 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         first_by_code.setdefault(error["code"], error)
     for code, n in counts["rejected_by_code"].items():
         first = first_by_code.get(code)
-        by_code.add_row(code, str(n), escape(Problem(**first).where()) if first else "")
+        by_code.add_row(code, str(n), plain(Problem(**first).where()) if first else "")
     console.print(by_code)
     for error in report["errors"][:_LISTED_ERRORS]:
-        console.print(f"[red]error[/red] {escape(str(Problem(**error)))}")
+        console.print(f"[red]error[/red] {plain(Problem(**error))}")
     if report["errors_total"] > _LISTED_ERRORS:
         console.print(f"... and {report['errors_total'] - _LISTED_ERRORS} more (use --json for all of them)")
 
@@ -308,7 +307,7 @@ def show_examples(
                 if len(example) > max_length and not which.startswith(" (window")
                 else ""
             )
-            console.print(Text(f"--- {path}:{line}{which}{cut}", style="bold"))
+            console.print(f"[bold]--- {plain(f'{path}:{line}{which}{cut}')}[/]")
             console.print(highlight(trained, tokenizer, console))
 
 

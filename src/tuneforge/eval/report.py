@@ -386,9 +386,9 @@ def report_tables(
 
 
 def print_tables(tables: list[Table], console=None) -> None:
-    from rich.console import Console
+    from ..console import new_console
 
-    console = console or Console()
+    console = console or new_console()
     for table in tables:
         console.print(table.to_rich())
         console.print()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import load_config
+from ..console import new_console, plain
 from ..errors import ConfigError
 from ..wording import nearest
 
@@ -120,12 +120,12 @@ def recipes_command(console: Console | None = None) -> int:
         table.add_column(column, overflow="fold")
     for recipe in (read_recipe(recipe_path(name)) for name in recipe_names()):
         table.add_row(
-            f"[bold]{escape(recipe.name)}[/]\n[dim]{escape(recipe.description)}[/]",
-            escape(recipe.model),
+            f"[bold]{plain(recipe.name)}[/]\n[dim]{plain(recipe.description)}[/]",
+            plain(recipe.model),
             recipe.method,
-            escape(recipe.results),
+            plain(recipe.results),
         )
-    (console or Console()).print(table)
+    (console or new_console()).print(table)
     return 0
 
 

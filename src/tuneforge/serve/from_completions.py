@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
-from rich.console import Console
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
+from ..console import new_console, plain
 from ..data import Problem
 from ..data.formats import check_row
 from ..database import connect, database_url, opening
@@ -198,18 +198,16 @@ def from_completions_command(
         api_key=api_key,
         keep_truncated=keep_truncated,
     )
-    # The report quotes stored prompts and the --out path, where rich would read `[/x]` as a tag, `:x:` as an emoji:
-    # it is printed as written.
-    console = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
-    console.print(f"{counted(result.written, 'chat row')} in {result.out}")
+    console = new_console(highlight=False, soft_wrap=True)
+    console.print(f"{counted(result.written, 'chat row')} in {plain(result.out)}")
     if result.truncated:
         console.print(f"left out {_cut(result.truncated)}")
     if result.problems:
         console.print(f"left out {counted(len(result.problems), 'completion')} the data checks refuse:")
         for problem in result.problems[: DataError.SHOWN_PROBLEMS]:
-            console.print(f"  {problem}")
+            console.print(f"  {plain(problem)}")
     console.print(
-        f"Train on it (data.train: {result.out}), or score a model on its prompts against these replies: "
-        f"tuneforge eval MODEL {result.out}"
+        f"Train on it (data.train: {plain(result.out)}), or score a model on its prompts against these replies: "
+        f"tuneforge eval MODEL {plain(result.out)}"
     )
     return 0
