@@ -958,3 +958,15 @@ def test_every_reader_of_a_user_s_yaml_bounds_its_aliases(tmp_path):
 def _written(path, text):
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize(
+    ("tokens", "said"),
+    [('["<tool>", "<tool>"]', "lists <tool> more than once"), ('["<tool>", "  "]', "only whitespace")],
+)
+def test_add_tokens_repeated_or_blank_is_named_once_at_its_line(tmp_path, tokens, said):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"data:\n  train: x.jsonl\nmodel:\n  add_tokens: {tokens}\n")
+    with pytest.raises(ConfigError, match=said) as e:
+        load_config(path)
+    assert "  model.add_tokens (line 4): model.add_tokens " in e.value.message

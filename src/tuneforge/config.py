@@ -245,14 +245,9 @@ class ModelConfig(Strict):
     @classmethod
     def _each_token_once(cls, tokens: list[str]) -> list[str]:
         if repeated := sorted({t for t in tokens if tokens.count(t) > 1}):
-            raise KeysError(
-                f"model.add_tokens lists {', '.join(repeated)} more than once; list each once",
-                "add_tokens",
-            )
+            raise ValueError(f"model.add_tokens lists {', '.join(repeated)} more than once; list each once")
         if blank := [t for t in tokens if not t.strip()]:
-            raise KeysError(
-                f"model.add_tokens holds {blank[0]!r}, which is only whitespace; a token needs text", "add_tokens"
-            )
+            raise ValueError(f"model.add_tokens holds {blank[0]!r}, which is only whitespace; a token needs text")
         return tokens
 
     @model_validator(mode="before")
