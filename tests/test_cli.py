@@ -119,3 +119,20 @@ def test_the_help_of_data_check_names_every_format_it_takes(monkeypatch, capsys)
     code, out, _ = run_cli(["data", "check", "--help"], monkeypatch, capsys)
     listed = next(line for line in out.splitlines() if "--format" in line)
     assert code == 0 and [name for name in ("auto", *FORMATS) if f" {name} " not in listed.replace("|", " ")] == []
+
+
+def test_a_warning_is_one_line_of_its_own_without_the_code_that_raised_it(tmp_path):
+    # model.add_tokens naming a token the vocabulary holds warns as the tokenizer loads, deep in the library.
+    script = """
+import warnings, tuneforge.recipes
+from tuneforge.cli import main
+def warning(*_args, **_kw):
+    warnings.warn("model.add_tokens: the vocabulary already holds <|im_end|> (id 2)", stacklevel=2)
+tuneforge.recipes.recipes_command = warning
+main()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, "recipes"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "warning: model.add_tokens: the vocabulary already holds <|im_end|> (id 2)\n"

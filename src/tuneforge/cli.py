@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -836,6 +837,16 @@ def _show_error(message: str) -> None:
     err.print(f"[bold red]error:[/] {plain(message)}", highlight=False, soft_wrap=True)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a UserWarning (what tuneforge warns with, such as model.add_tokens naming a token the vocabulary
+    holds) as `warning: TEXT`, as the CLI's own warnings read: Python's form would add the file, line and
+    source of the code that raised it, which say nothing to a user. Other kinds keep Python's form."""
+    if category is not UserWarning:
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
+    err.print(f"warning: {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def _click_exceptions() -> tuple[type[Exception], ...]:
     """Click's usage errors: those of the click package, and of the copy of click that recent typer
     releases carry inside them (`typer._click`), which typer raises instead and which click's
@@ -891,6 +902,7 @@ def main() -> None:
     # Python's default for SIGTERM ends the process at once: no cleanup, no word. Commands with their own
     # handling (training checkpoints and stops; the servers shut down) put theirs in place while they run.
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _show_warning
     try:
         # Without standalone mode, click returns a command's exit code instead of exiting.
         code = app(args=_normalise_argv(sys.argv[1:]), prog_name="tuneforge", standalone_mode=False) or 0
