@@ -12,7 +12,7 @@ from tuneforge.config import load_config
 from tuneforge.data.render import ChatRenderer
 from tuneforge.data.schema import Conversation, Message
 from tuneforge.dry_run import validate
-from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.errors import ConfigError
 from tuneforge.exporting import export
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.serve.adapters import AdapterPool
@@ -117,7 +117,10 @@ def test_a_lora_run_trains_and_saves_the_added_rows_alone_resumes_exactly_and_ex
         further = weights.get_tensor("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta")
     assert not torch.equal(further, saved)
     on["model"] = {"add_tokens": [*TOKENS, "<extra>"]}
-    with pytest.raises(TuneforgeError, match="adds 1 token.* the LoRA adapter of base_model has no embedding rows"):
+    refused = r"model.add_tokens: adds <extra>, which the LoRA adapter of base_model .* has no embedding rows"
+    with pytest.raises(ConfigError, match=refused):
+        validate(on)  # as train does, before the data is read and the weights load
+    with pytest.raises(ConfigError, match=refused):
         train(on, progress=False, overwrite=True)
 
 

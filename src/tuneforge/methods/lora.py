@@ -479,7 +479,7 @@ def weights_apart(model, wanted: PeftLoraConfig, layers: list[int] | None = None
     )
 
 
-def continue_adapter(model, cfg, token_ids=()):
+def continue_adapter(model, cfg):
     """A model loaded with an adapter (`base_model` is a LoRA run) trains that adapter further, so the
     final adapter still sits on the run's base. The adapter keeps its own shape: a lora key set to
     another value than its default and the adapter's is an error, not a silent change."""
@@ -513,12 +513,6 @@ def continue_adapter(model, cfg, token_ids=()):
             "keys out to continue the adapter, or merge it first (tuneforge export RUN --format merged) and train "
             "a new adapter on the merged model."
         )
-    if missing := [i for i in token_ids if i >= model.get_input_embeddings().weight.shape[0]]:
-        raise TuneforgeError(
-            f"{cfg.key_at('model.add_tokens')}: adds {len(missing)} token(s) the LoRA adapter of base_model has no "
-            "embedding rows for, and an adapter trains on with the rows it has. Merge it first (tuneforge export "
-            "RUN --format merged) and add the tokens in a new run on the merged model."
-        )
     print(
         f"lora: training the adapter of base_model further (r={loaded.r}, alpha={loaded.lora_alpha}, its own "
         "target modules)"
@@ -533,7 +527,7 @@ def prepare_model(model, cfg, token_ids=(), new_ids=()):
     """`token_ids`: the ids of `model.add_tokens`, whose embedding rows train beside the adapter; `new_ids`:
     those of them the tokenizer did not hold, whose rows start at the mean."""
     if isinstance(model, PeftModel):
-        model = continue_adapter(model, cfg, token_ids)
+        model = continue_adapter(model, cfg)
     else:
         grow_embeddings(model, new_ids)
         config = peft_config(cfg, model, token_ids)
