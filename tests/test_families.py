@@ -129,7 +129,11 @@ def runs(tmp_path_factory):
 def test_check_show_trains_each_reply_and_its_end_of_turn(name, runs, capsys):
     run = runs(name)
     family, tokenizer = run["family"], load_tokenizer(str(run["base"]))
-    assert family_of(json.loads((run["base"] / "config.json").read_text())["model_type"], tokenizer.chat_template)
+    assert family_of(
+        json.loads((run["base"] / "config.json").read_text())["model_type"],
+        tokenizer.chat_template,
+        tokenizer.get_vocab(),
+    )
     assert check_command([str(run["data"]["train"])], model=str(run["base"]), show=1) == 0
     assert "no errors" in capsys.readouterr().out
     [(_, _, examples)] = list(_rendered_rows([str(run["data"]["train"])], tokenizer, "auto", "assistant", 1024))[:1]

@@ -46,9 +46,10 @@ def test_every_tested_family_is_in_the_matrix():
 
 def test_a_template_of_another_family_is_no_tested_family():
     llama3 = (TEMPLATES / "llama3.jinja").read_text()
-    assert family_of("llama", llama3).name == "llama3"
-    assert family_of("qwen2", llama3) is None  # Qwen's architecture with Llama 3's turns
-    assert family_of("llama", None) is None
+    vocab = {"<|start_header_id|>", "<|eot_id|>"}
+    assert family_of("llama", llama3, vocab).name == "llama3"
+    assert family_of("qwen2", llama3, vocab) is None  # Qwen's architecture with Llama 3's turns
+    assert family_of("llama", None, vocab) is None
 
 
 def test_an_untested_family_warns_once_and_models_info_says_not_tested(untested_model, tmp_path, capsys):
@@ -143,3 +144,14 @@ def test_models_info_reads_the_text_settings_of_a_model_that_also_reads_images(t
         1024,
     )
     assert "<end_of_turn>" in info["stop_tokens"]
+
+
+def test_a_llama_3_without_its_template_is_no_tested_family_under_the_chatml_fallback(tmp_path):
+    # ChatML on Llama 3's vocabulary ends its turns with <|eot_id|>: the SmolLM2 family's format in name only.
+    folder = save_family_model(FAMILIES["llama3"], tmp_path / "llama3-no-template")
+    (folder / "chat_template.jinja").unlink()
+    with pytest.warns(UserWarning, match=r"llama3-no-template \(llama\) is not a model family tuneforge is tested"):
+        load_tokenizer(str(folder))
+    info = model_info(str(folder))
+    assert info["family"] is None and not info["family_tested"]
+    assert info["end_of_turn_tokens"] == ["<|eot_id|>"]

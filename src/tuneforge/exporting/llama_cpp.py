@@ -555,7 +555,7 @@ def model_name(name: str, model_dir: Path, tokenizer) -> str:
 def _family(model_dir: Path, tokenizer) -> tuple[str, Family | None]:
     """The model_type of the folder's config.json, and its family (None for one not covered)."""
     model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type", "")
-    return model_type, family_of(model_type, tokenizer.chat_template)
+    return model_type, family_of(model_type, tokenizer.chat_template, tokenizer.get_vocab())
 
 
 def _list_added_tokens(model_dir: Path, tokenizer) -> None:

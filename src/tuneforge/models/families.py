@@ -49,10 +49,20 @@ _GGUF_ARCHITECTURES = {
 _warned: set[str] = set()
 
 
-def family_of(model_type: str, chat_template: str | None) -> Family | None:
-    """The family of a model with this architecture and chat template, or None for one not covered."""
+def family_of(model_type: str, chat_template: str | None, vocab) -> Family | None:
+    """The family of a model with this architecture, chat template and vocabulary (its tokens), or None for one
+    not covered. The vocabulary holds the family's end of turn: ChatML on Llama 3's vocabulary (tuneforge's
+    fallback for a model without a template) ends its turns with <|eot_id|>, which the matrix does not test."""
     return next(
-        (f for f in FAMILIES if model_type in f.model_types and chat_template and f.marker in chat_template), None
+        (
+            f
+            for f in FAMILIES
+            if model_type in f.model_types
+            and chat_template
+            and f.marker in chat_template
+            and any(t in vocab for t in f.end_of_turn)
+        ),
+        None,
     )
 
 
@@ -66,10 +76,10 @@ def covered_titles() -> str:
     return ", ".join(f.title for f in FAMILIES)
 
 
-def warn_if_untested(name: str, folder: Path, model_type: str, chat_template: str | None) -> None:
-    """Warn, once per model (by its folder: two models of one name are two), when its architecture and chat
-    template are no family the matrix covers."""
-    if family_of(model_type, chat_template) is not None or str(folder) in _warned:
+def warn_if_untested(name: str, folder: Path, model_type: str, chat_template: str | None, vocab) -> None:
+    """Warn, once per model (by its folder: two models of one name are two), when its architecture, chat
+    template and vocabulary are no family the matrix covers."""
+    if family_of(model_type, chat_template, vocab) is not None or str(folder) in _warned:
         return
     _warned.add(str(folder))
     warnings.warn(
