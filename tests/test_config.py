@@ -962,7 +962,11 @@ def _written(path, text):
 
 @pytest.mark.parametrize(
     ("tokens", "said"),
-    [('["<tool>", "<tool>"]', "lists <tool> more than once"), ('["<tool>", "  "]', "only whitespace")],
+    [
+        ('["<tool>", "<tool>"]', "lists <tool> more than once"),
+        ('["<tool>", "  "]', "'  ', which is empty or only whitespace"),
+        ('["<tool>", ""]', "'', which is empty or only whitespace"),
+    ],
 )
 def test_add_tokens_repeated_or_blank_is_named_once_at_its_line(tmp_path, tokens, said):
     path = tmp_path / "cfg.yaml"

@@ -241,13 +241,19 @@ class ModelConfig(Strict):
         """rope_scaling as transformers' `rope_parameters` take it, or None."""
         return self.rope_scaling.parameters() if self.rope_scaling else None
 
-    @field_validator("add_tokens")
+    @field_validator("add_tokens", mode="before")
     @classmethod
-    def _each_token_once(cls, tokens: list[str]) -> list[str]:
-        if repeated := sorted({t for t in tokens if tokens.count(t) > 1}):
+    def _each_token_once(cls, tokens):
+        # Before the types are checked: an empty token would otherwise be told only as a string too short.
+        if not isinstance(tokens, list):
+            return tokens
+        written = [t for t in tokens if isinstance(t, str)]
+        if repeated := sorted({t for t in written if written.count(t) > 1}):
             raise ValueError(f"model.add_tokens lists {', '.join(repeated)} more than once; list each once")
-        if blank := [t for t in tokens if not t.strip()]:
-            raise ValueError(f"model.add_tokens holds {blank[0]!r}, which is only whitespace; a token needs text")
+        if blank := [t for t in written if not t.strip()]:
+            raise ValueError(
+                f"model.add_tokens holds {blank[0]!r}, which is empty or only whitespace; a token needs text"
+            )
         return tokens
 
     @model_validator(mode="before")
