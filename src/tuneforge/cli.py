@@ -844,7 +844,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     if category is not UserWarning:
         (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
         return
-    err.print(f"warning: {escape(str(message))}", highlight=False, soft_wrap=True)
+    err.print(f"warning: {plain(message)}", highlight=False, soft_wrap=True)
 
 
 def _click_exceptions() -> tuple[type[Exception], ...]:
