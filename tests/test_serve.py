@@ -87,6 +87,21 @@ def test_the_startup_line_prints_the_model_as_named(base_dir, tmp_path, capsys, 
     assert "serving x]:x: [bold] on " in said, said
 
 
+def test_the_startup_line_gives_an_ipv6_url_whole(capsys, unserved):
+    # rich would read the bracketed host of `http://[fd00::1]:8000` as a tag and print `http://:8000`.
+    from tuneforge.web.listen import listen
+
+    class Bound:
+        def getsockname(self):
+            return ("fd00::1", 8000, 0, 0)
+
+        def close(self):
+            pass
+
+    listen(None, Bound(), lambda url: f"serving [bold]x[/] at {url}/v1")
+    assert "serving x at http://[fd00::1]:8000/v1\n" in capsys.readouterr().err
+
+
 def random_adapter(base_dir, folder, seed: int, use_dora: bool = False):
     """A LoRA (or DoRA) adapter with random (not zero) weights: it answers unlike its base."""
     from peft import LoraConfig, get_peft_model

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from ..console import new_console
+from ..console import new_console, plain
 from ..errors import ConfigError
 
 
@@ -30,11 +30,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 def listen(app, sock: socket.socket, announce: Callable[[str], str], log_level: str = "info") -> None:
     """Run `app` under uvicorn on `sock` (from `bind`) until SIGINT or SIGTERM; `announce(url)` (the
-    url without a trailing slash, with the port actually bound) is printed to stderr first, on one line
-    whatever its length, for scripts to read; it is markup, each value of the user's in it `plain`."""
+    url without a trailing slash, with the port actually bound, already `plain`: an IPv6 host's brackets
+    are no tag) is printed to stderr first, on one line whatever its length, for scripts to read; it is
+    markup, each value of the user's in it `plain`."""
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
-    new_console(stderr=True).print(announce(f"http://{shown_host}:{port}"), highlight=False, soft_wrap=True)
+    new_console(stderr=True).print(announce(plain(f"http://{shown_host}:{port}")), highlight=False, soft_wrap=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
     try:
         server.run(sockets=[sock])
