@@ -82,3 +82,12 @@ def test_off_a_terminal_each_validation_pass_shows_its_own_lines(
 
     train(cfg, overwrite=True, progress=False)
     assert "validation" not in capsys.readouterr().err
+
+
+def test_a_spinner_shows_a_file_name_as_named():
+    # rich's own spinner reads `:x:` in its text as an emoji's code whatever the console says.
+    from tuneforge.console import new_console, plain
+
+    name = "x]:x: [bold].gguf"
+    status = new_console(file=io.StringIO()).status(f"Writing {plain(name)}")
+    assert status.renderable.text.plain == f"Writing {name}"
