@@ -564,7 +564,6 @@ def sweep(
                 )
         grid = {key: list(values) for key, values in grid.items()}
     out = Path(out) if out is not None else Path(f"{base.output_dir}-sweep")
-    # What it prints quotes the user's values and folders, where rich would read `[/x]` as a tag, `:x:` as an emoji.
     console = new_console()
     points = check_points(config, overrides, grid, out, metric, progress=progress)
     sizes = " x ".join(f"{len(v)} {k}" for k, v in grid.items())
