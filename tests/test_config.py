@@ -39,6 +39,16 @@ def test_a_list_item_s_unknown_key_suggests_the_item_s_nearest(tmp_path):
     assert "Did you mean 'eval.benchmarks.1.num_fewshot'?" in e.value.message
 
 
+def test_a_list_item_s_unknown_key_is_not_matched_by_its_section_s_name_alone(tmp_path):
+    """`eval.benchmarks.0.limt` shares its long section name with `eval.benchmarks.0.file`, but `limt` is no
+    misspelt `file`: no suggestion rather than a wrong one."""
+    path = write(tmp_path, {"data": {"train": "x.jsonl"}, "eval": {"benchmarks": [{"file": "q.jsonl", "limt": 5}]}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "eval.benchmarks.0.limt (line 6): unknown key" in e.value.message
+    assert "Did you mean 'eval.benchmarks.0.file'" not in e.value.message
+
+
 def test_top_level_typo_suggests_the_nearest(tmp_path):
     with pytest.raises(ConfigError, match="Did you mean 'base_model'"):
         load_config(write(tmp_path, {"base_modle": "x", "data": {"train": "x.jsonl"}}))

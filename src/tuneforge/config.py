@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, complaint, key_path, unreadable_json
-from .wording import to_utf8
+from .wording import nearest, to_utf8
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # A number in exponent form without a dot (1e3): YAML 1.1, which PyYAML reads, leaves it a string.
@@ -1460,7 +1460,15 @@ def _suggest(key: str) -> str:
         return close.replace(f"'{listed}", f"'{indexed[0]}", 1)
     # No suggestion rather than a wrong one: the unknown key's own sections are no match for it (`train.lr` is no
     # misspelt `train`), and a shared section prefix alone must not carry a match (`train.lr` is no `train.warmup`).
-    known = [k for k in _known_keys(Config) if not key.startswith(k + ".")]
+    # A key in the unknown key's own section is matched by its name alone, as a long section name
+    # (`eval.benchmarks.`) would carry any of its keys past the cutoff (`eval.benchmarks.limt` is no `file`).
+    section = key[: len(key) - len(leaf)]
+    known = [
+        k
+        for k in _known_keys(Config)
+        if not key.startswith(k + ".")
+        and (not k.startswith(section) or "." in k[len(section) :] or nearest(leaf, [k[len(section) :]]))
+    ]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     if not close:
         close = [k for k in known if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.75)]
