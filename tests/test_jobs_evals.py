@@ -999,3 +999,13 @@ def test_a_run_whose_file_goes_as_it_is_created_is_refused_as_a_deleted_file(
         "code": "file_not_found",
     }
     assert sdk.evals.runs.list(evaluation.id).data == []
+
+
+def test_a_misspelt_argument_in_a_run_s_source_is_told_the_name_it_meant(sdk, tiny_model_dir):
+    """A run's source is one of two shapes told apart by its `type`: a misspelt argument is matched in that one."""
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[SAME_ANSWER])
+    typo = {**inline(), "contnet": []}
+    param, message = refusal(
+        lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source(str(tiny_model_dir), typo))
+    )
+    assert "Unrecognized request argument" in message and "did you mean 'content'?" in message, (param, message)

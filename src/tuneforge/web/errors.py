@@ -352,18 +352,28 @@ def validation_error(first: dict, content_type: str | None = None, model: Any = 
 
 
 def _arguments_at(model: Any, loc: list) -> list[str]:
-    """The argument names the body model `model` takes at `loc` (its keys; a list's indexes are passed over); none
-    where `loc` leads to no model."""
-    model = _model_in(model)  # a route's body may be no model (a dict, a union)
+    """The argument names the body model `model` takes at `loc` (its keys; a list's indexes are passed over, and a
+    union's member is the one pydantic names by its tag or class); none where `loc` leads to no one model."""
+    models = _models_in(model)  # a route's body may be no model (a dict), or a union of several
     for part in loc:
-        if not part.isdigit():
-            field = model.model_fields.get(part) if model is not None else None
-            model = _model_in(field.annotation) if field is not None else None
-    return list(model.model_fields) if model is not None else []
+        if part.isdigit():
+            continue
+        if any(part in found.model_fields for found in models):
+            fields = [found.model_fields[part].annotation for found in models if part in found.model_fields]
+            models = [inner for annotation in fields for inner in _models_in(annotation)]
+        else:  # a union's member, named before its keys (`source.file_content.contnet`)
+            models = [found for found in models if part in (found.__name__, *_tags(found))]
+    return list(models[0].model_fields) if len(models) == 1 else []
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The model an annotation holds (`Method | None`, `list[Integration]`, `Annotated[...]`), or None."""
+def _tags(model: type[BaseModel]) -> tuple:
+    """The values of the model's `type` (a discriminated union's tag), if it has one."""
+    field = model.model_fields.get("type")
+    return get_args(field.annotation) if field is not None else ()
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation holds (`Method | None`, `list[Integration]`, `Annotated[A | B, ...]`)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next((found for arg in get_args(annotation) if (found := _model_in(arg)) is not None), None)
+        return [annotation]
+    return [found for arg in get_args(annotation) for found in _models_in(arg)]
