@@ -1218,10 +1218,14 @@ def _model_config(folder: Path) -> dict:
 def _family_info(model_type: str, template: str | None, tokenizer) -> dict:
     """The family (or None), whether the family matrix covers it, and the tokens that end a turn:
     the family's, or for another model the one its template writes after a reply, else EOS."""
-    family = family_of(model_type, template, tokenizer.get_vocab())
-    end_of_turn = [t for t in family.end_of_turn if t in tokenizer.get_vocab()] if family is not None else []
-    # A family's format on a vocabulary without its token (ChatML on Llama 3 ends its turns with <|eot_id|>).
-    end_of_turn = end_of_turn or [end_of_turn_token(tokenizer) or tokenizer.eos_token]
+    vocab = tokenizer.get_vocab()
+    family = family_of(model_type, template, vocab)
+    # A family's tokens its vocabulary holds (it holds one at least: Llama 3.0 has no <|eom_id|>).
+    end_of_turn = (
+        [t for t in family.end_of_turn if t in vocab]
+        if family is not None
+        else [end_of_turn_token(tokenizer) or tokenizer.eos_token]
+    )
     return {
         "family": family.title if family else None,
         "family_tested": family is not None,
