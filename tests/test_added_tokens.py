@@ -109,19 +109,22 @@ def test_a_lora_run_trains_and_saves_the_added_rows_alone_resumes_exactly_and_ex
     with pytest.raises(ConfigError, match=r"trains 2 token\(s\) added in training .* --format merged"):
         AdapterPool(str(tmp_path / "run"))  # the base it shares with other adapters has no rows for them
 
-    # A LoRA run of it as base_model trains its adapter on, the added rows included; tokens it has no rows
-    # for are refused.
+    # A LoRA run of it as base_model trains its adapter on, the added rows included; tokens whose rows it does
+    # not train are refused: one it has no row for, and one of the base's own it did not add.
     on = {**cfg, "base_model": str(tmp_path / "run"), "output_dir": str(tmp_path / "on"), "train": {**cfg["train"]}}
     on["train"].update(max_steps=1, save_every=0)
     with safe_open(str(train(on, progress=False).final_dir / "adapter_model.safetensors"), "pt") as weights:
         further = weights.get_tensor("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta")
     assert not torch.equal(further, saved)
     on["model"] = {"add_tokens": [*TOKENS, "<extra>"]}
-    refused = r"model.add_tokens: adds <extra>, which the LoRA adapter of base_model .* has no embedding rows"
+    refused = r"model.add_tokens: adds <extra>, whose embedding rows the LoRA adapter of base_model .* does not train"
     with pytest.raises(ConfigError, match=refused):
         validate(on)  # as train does, before the data is read and the weights load
     with pytest.raises(ConfigError, match=refused):
         train(on, progress=False, overwrite=True)
+    on["model"] = {"add_tokens": [*TOKENS, "<|im_start|>"]}
+    with pytest.raises(ConfigError, match=r"adds <\|im_start\|>, whose embedding rows the LoRA adapter"):
+        validate(on)
 
 
 def test_a_full_run_grows_the_model_to_its_added_tokens(tiny_model_dir, tool_data, tmp_path):

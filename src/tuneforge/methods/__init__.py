@@ -36,7 +36,7 @@ from ..data import IGNORE_INDEX, collate
 from ..data.render import check_template
 from ..errors import ConfigError
 from ..models import compute_dtype, frozen_base, load_model, meta_model, source_context_length
-from ..models.loading import adapter_base_rows, model_config, model_vocab_rows, refuse_reward_model, tokens_added
+from ..models.loading import adapter_trained_rows, refuse_reward_model, tokens_added
 from ..models.quantization import keep_trainable_layout, quantization_config
 from . import distill, dpo, full, grpo, lora, reward
 from .distill import DistillObjective
@@ -147,13 +147,14 @@ def check_inputs(cfg, tokenizer, source) -> None:
             "merged model."
         )
     if cfg.method in ("lora", "dora") and source.adapter is not None and cfg.model.add_tokens:
-        # lora and dora train base_model's adapter on, with the embedding rows its base loads with.
-        rows = adapter_base_rows(source, model_vocab_rows(model_config(source.path)))
-        if missing := [t for t, i in zip(cfg.model.add_tokens, added_token_ids(cfg, tokenizer)) if i >= rows]:
+        # lora and dora train base_model's adapter on as it is: the embedding rows it trains, and no others.
+        trained = adapter_trained_rows(source)
+        if missing := [t for t, i in zip(cfg.model.add_tokens, added_token_ids(cfg, tokenizer)) if i not in trained]:
             raise ConfigError(
-                f"{cfg.key_at('model.add_tokens')}: adds {', '.join(missing)}, which the LoRA adapter of base_model "
-                f"{source.name} has no embedding rows for, and an adapter trains on with the rows it has. Merge it "
-                "first (tuneforge export RUN --format merged) and add the tokens in a new run on the merged model."
+                f"{cfg.key_at('model.add_tokens')}: adds {', '.join(missing)}, whose embedding rows the LoRA adapter "
+                f"of base_model {source.name} does not train: it trains on as it is, with the rows of the tokens it "
+                "added. Merge it first (tuneforge export RUN --format merged) and add the tokens in a new run on the "
+                "merged model."
             )
     check_trainable(cfg, source, added_token_ids(cfg, tokenizer), new_token_ids(tokenizer))
     if cfg.method == "dora" and cfg.model.quantize == "int8" and not torch.cuda.is_available():

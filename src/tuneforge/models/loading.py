@@ -901,17 +901,29 @@ def _adapter_weights_file(adapter: Path) -> Path:
     return safetensors_file if safetensors_file.is_file() else adapter / WEIGHTS_NAME
 
 
-def adapter_token_rows(adapter: Path) -> int | None:
-    """The embedding rows the base needs under the adapter in `adapter` for the rows it trains by token id
-    (PEFT's trainable_token_indices, `model.add_tokens`), which it saves alone: up to the highest id, or
-    None when it trains none."""
+def adapter_token_ids(adapter: Path) -> list[int]:
+    """The embedding rows the adapter in `adapter` trains by token id (PEFT's trainable_token_indices,
+    `model.add_tokens`), which it saves alone."""
     try:
         config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return []
     indices = config.get("trainable_token_indices") or {}
-    ids = indices if isinstance(indices, list) else [i for listed in indices.values() for i in listed]
+    return indices if isinstance(indices, list) else [i for listed in indices.values() for i in listed]
+
+
+def adapter_token_rows(adapter: Path) -> int | None:
+    """The embedding rows the base needs under the adapter in `adapter` for the rows it trains by token id:
+    up to the highest id, or None when it trains none."""
+    ids = adapter_token_ids(adapter)
     return max(ids) + 1 if ids else None
+
+
+def adapter_trained_rows(source: ModelSource) -> range | set[int]:
+    """The embedding rows the adapter of `source` trains as it trains on: every row of the embeddings it saves
+    whole, else the rows of the tokens it added."""
+    whole = adapter_embedding_rows(source.adapter, input_embedding_name(model_config(source.path)))
+    return range(whole) if whole else set(adapter_token_ids(source.adapter))
 
 
 def base_weight_copies(model, adapter: Path) -> tuple[dict[str, str], list[str]]:
