@@ -16,6 +16,7 @@ from tuneforge.models.commands import models_info
 from tuneforge.models.convert import MODEL_RECORD, cached_registry_folder, registry_template
 from tuneforge.models.families import FAMILIES as TESTED
 from tuneforge.models.families import family_of
+from tuneforge.models.loading import HeldTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,6 +51,16 @@ def test_a_template_of_another_family_is_no_tested_family():
     assert family_of("llama", llama3, vocab).name == "llama3"
     assert family_of("qwen2", llama3, vocab) is None  # Qwen's architecture with Llama 3's turns
     assert family_of("llama", None, vocab) is None
+
+
+def test_held_tokens_are_the_vocabulary_s_own(tokenizer):
+    """Token by token as `get_vocab()` whole: a token it lacks reads back as the unknown token, not as held."""
+    vocab = tokenizer.get_vocab()
+    held = HeldTokens(tokenizer)
+    assert all(token in held for token in list(vocab)[:500])
+    assert tokenizer.unk_token is None or tokenizer.unk_token in held
+    for absent in ("<end_of_turn>", "<|eot_id|>", "no-such-token-anywhere"):
+        assert absent not in vocab and absent not in held
 
 
 def test_an_untested_family_warns_once_and_models_info_says_not_tested(untested_model, tmp_path, capsys):

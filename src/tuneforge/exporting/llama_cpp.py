@@ -52,7 +52,7 @@ from ..fsio import atomic_dir, scratch_dir, tuneforge_home
 from ..models import ModelSource, end_of_turn_token
 from ..models.convert import pip_download, sha256_file, transformers_gguf_architectures
 from ..models.families import Family, covered_titles, family_of, gguf_architecture
-from ..models.loading import LOAD_ERRORS
+from ..models.loading import LOAD_ERRORS, HeldTokens
 from ..models.saving import PROCESSOR_FILES, SENTENCEPIECE_MODEL
 from ..progress import progress_bar
 from .probe import ExportFailed
@@ -555,7 +555,7 @@ def model_name(name: str, model_dir: Path, tokenizer) -> str:
 def _family(model_dir: Path, tokenizer) -> tuple[str, Family | None]:
     """The model_type of the folder's config.json, and its family (None for one not covered)."""
     model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type", "")
-    return model_type, family_of(model_type, tokenizer.chat_template, tokenizer.get_vocab())
+    return model_type, family_of(model_type, tokenizer.chat_template, HeldTokens(tokenizer))
 
 
 def _list_added_tokens(model_dir: Path, tokenizer) -> None:

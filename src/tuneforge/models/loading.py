@@ -351,7 +351,7 @@ def load_tokenizer(
         (source.adapter or source.path).resolve(),
         config.get("model_type", "unknown"),
         chat_template(tokenizer),
-        tokenizer.get_vocab(),
+        HeldTokens(tokenizer),
     )
     images = load_image_inputs(source.path, tokenizer)
     if images is not None:
@@ -1159,10 +1159,23 @@ def count_parameters(config) -> int:
     return sum(p.numel() for p in meta_model(config).parameters())
 
 
+class HeldTokens:
+    """Whether a tokenizer's vocabulary holds a token, asked token by token: `get_vocab()` builds a dict of
+    every token (about a second for Gemma 3's 262,144), where a lookup and its way back are two dict reads."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __contains__(self, token: str) -> bool:
+        # A token the vocabulary lacks is given the unknown token's id, which reads back as another token.
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        return token_id is not None and self.tokenizer.convert_ids_to_tokens(token_id) == token
+
+
 def chatml_end_of_turn(tokenizer) -> str:
     """The token that ends a ChatML turn for this tokenizer: <|im_end|> where its vocabulary has it, else
     end-of-sequence, which generation stops at (text that only reads <|im_end|> is tokens it never stops at)."""
-    if "<|im_end|>" in tokenizer.get_vocab() or not tokenizer.eos_token:
+    if "<|im_end|>" in HeldTokens(tokenizer) or not tokenizer.eos_token:
         return "<|im_end|>"
     return tokenizer.eos_token
 
@@ -1230,7 +1243,7 @@ def _model_config(folder: Path) -> dict:
 def _family_info(model_type: str, template: str | None, tokenizer) -> dict:
     """The family (or None), whether the family matrix covers it, and the tokens that end a turn:
     the family's, or for another model the one its template writes after a reply, else EOS."""
-    vocab = tokenizer.get_vocab()
+    vocab = HeldTokens(tokenizer)
     family = family_of(model_type, template, vocab)
     # A family's tokens its vocabulary holds (it holds one at least: Llama 3.0 has no <|eom_id|>).
     end_of_turn = (
