@@ -24,7 +24,7 @@ from tuneforge.config import load_config
 from tuneforge.dry_run import validate
 from tuneforge.errors import RunFailed, TuneforgeError
 from tuneforge.models import load_model, load_tokenizer, resolve
-from tuneforge.training import checkpoint, train
+from tuneforge.training import checkpoint, run_folder, train
 from tuneforge.training.distributed import World
 from tuneforge.training.loop import resume_command
 
@@ -658,7 +658,6 @@ def test_a_run_refused_at_a_new_folder_leaves_the_lock_of_the_run_that_took_it(t
     import fcntl
     import types
 
-    from tuneforge.training import run_folder
     from tuneforge.training.distributed import World
 
     run, taken = tmp_path / "run", []
@@ -730,6 +729,22 @@ def test_a_resume_drops_a_metrics_line_cut_short_and_refuses_one_damaged_inside(
     log.write_text("".join(kept[:1]) + '{"step": 2, "epo\n' + "".join(kept[1:]))
     with pytest.raises(TuneforgeError, match=rf"{re.escape(str(log))}:2: not a JSON record"):
         train(cfg, resume="latest", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"step": 2, "epo', "Unterminated string starting at: character 13"),
+        ("7", "an object with an integer step"),
+        ('{"step": "2"}', "an object with an integer step"),
+    ],
+)
+def test_a_metrics_line_damaged_inside_is_refused_saying_what_is_wrong_with_it(line, problem, tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(f'{{"step": 1}}\n{line}\n{{"step": 3}}\n')
+    with pytest.raises(TuneforgeError, match=rf"{re.escape(str(log))}:2: not a JSON record \({re.escape(problem)}"):
+        run_folder.restart_step_log(log, 3)
+    assert log.read_text() == f'{{"step": 1}}\n{line}\n{{"step": 3}}\n'
 
 
 def test_a_run_leaves_the_callers_random_generators_as_they_were(tiny_model_dir, triage_data, tmp_path):

@@ -53,14 +53,23 @@ def restart_step_log(path: Path, resume_step: int | None) -> list[dict]:
             if not ln:
                 continue
             try:
-                lines.append((ln, json.loads(ln)))
+                record = json.loads(ln)
             except json.JSONDecodeError as error:
-                if not text.endswith(ln):  # a line the run finished writing is whole: this one was damaged since
-                    raise TuneforgeError(
-                        f"{path}:{number}: not a JSON record ({error.msg}); the run writes one a line. Restore "
-                        "the file, or delete the line and resume again.",
-                        code="metrics_damaged",
-                    ) from None
+                if text.endswith(ln):  # the last line, cut short as the run wrote it: its step runs again
+                    continue
+                problem = f"{error.msg}: character {error.pos + 1}"
+            else:
+                step = record.get("step", 0) if isinstance(record, dict) else None
+                if type(step) is int:
+                    lines.append((ln, record))
+                    continue
+                problem = "an object with an integer step, such as the run writes, was expected"
+            # A line the run finished writing is whole: this one was damaged since.
+            raise TuneforgeError(
+                f"{path}:{number}: not a JSON record ({problem}); the run writes one a line. Restore "
+                "the file, or delete the line and resume again.",
+                code="metrics_damaged",
+            )
         kept = [
             (ln, record)
             for ln, record in lines
