@@ -77,7 +77,7 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
                 left_out = {line: why for (r, line), why in selection.left_out.items() if r == read}
                 reached = 0
                 records = _RecordsByLine(path, read_conversations(path, data.format))
-                with progress_bar(f"data: writing {Path(path).name} lines", extent(path), progress) as advance:
+                with progress_bar(f"data: writing the rows of {Path(path).name}", extent(path), progress) as advance:
                     for line, row in json_rows(path, data.format):
                         if line and line > reached:
                             advance(line - reached)
