@@ -780,6 +780,16 @@ def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     assert job.error.param == "training_file" and job.error.code == "invalid_training_file"
     assert f"{bad.id}:4" in job.error.message and str(server.home) not in job.error.message
     assert any(e.level == "error" for e in all_events(client, job.id))
+    # Rows of two formats: the advice is the file's rows, not data.format, which a job cannot set.
+    mixed = upload(client, chat_rows(2) + json.dumps({"text": "Plain text."}) + "\n")
+    job = wait_for(
+        client,
+        client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=mixed.id).id,
+        {"failed", "succeeded"},
+        server=server,
+    )
+    assert f"{mixed.id}:3: [mixed_formats]" in job.error.message and "Keep one format per file." in job.error.message
+    assert "data.format" not in job.error.message
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
 
@@ -822,10 +832,15 @@ def test_a_dpo_job_trains_on_openais_preference_pairs(server, tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    ("method", "rows", "code"),
-    [("dpo", chat_rows(8), "not_preference_data"), ("supervised", PREFERENCE_PAIRS, "preference_data")],
+    ("method", "rows", "code", "advice"),
+    [
+        ("dpo", chat_rows(8), "not_preference_data", "or train these rows with method.type supervised."),
+        ("supervised", PREFERENCE_PAIRS, "preference_data", "Use method.type dpo, or give conversations"),
+    ],
 )
-def test_a_file_of_the_wrong_kind_for_the_method_fails_while_validating(server, tiny_model_dir, method, rows, code):
+def test_a_file_of_the_wrong_kind_for_the_method_fails_while_validating(
+    server, tiny_model_dir, method, rows, code, advice
+):
     """Preference pairs for dpo, and for dpo only: checked with the files, not when training starts."""
     client = server.client()
     train = upload(client, rows)
@@ -836,6 +851,8 @@ def test_a_file_of_the_wrong_kind_for_the_method_fails_while_validating(server, 
     assert job.status == "failed", job.status
     assert job.error.code == code and job.error.param == "training_file", job.error
     assert train.id in job.error.message and str(server.home) not in job.error.message
+    # The advice names the request's method.type, never a config's method or dpo.loss.
+    assert advice in job.error.message and "method: " not in job.error.message, job.error.message
     messages = [event.message for event in all_events(client, job.id)]
     assert not any(message.startswith(("Files validated", "Fine-tuning job started")) for message in messages)
     # The dashboard's check of a file for a new job says the same before any job exists.
@@ -849,6 +866,7 @@ def test_a_file_of_the_wrong_kind_for_the_method_fails_while_validating(server, 
     error = answer.json()["error"]
     assert error["code"] == code and error["param"] == "file_id"
     assert train.id in error["message"] and str(server.home) not in error["message"]
+    assert advice in error["message"] and "method: " not in error["message"]
 
 
 def test_each_key_sees_only_its_own(server, tiny_model_dir):

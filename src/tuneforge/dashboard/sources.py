@@ -16,7 +16,7 @@ from typing import Protocol
 from ..data import check_data
 from ..errors import ConfigError, ModelSourceError, TuneforgeError
 from ..jobs.access import InferenceTarget, training_spec
-from ..jobs.mapping import CreateJobBody, training_config
+from ..jobs.mapping import CreateJobBody, api_advice, training_config
 from ..jobs.service import Service
 from ..jobs.store import Job, StoredFile
 from ..methods import check_inputs
@@ -263,7 +263,7 @@ class JobRuns:
         except ConfigError as err:  # the model or the method, not the file, is at fault
             raise APIError(400, scrub_paths(err.message), param="model", code=err.code) from err
         except TuneforgeError as err:
-            message = scrub_paths(err.message.replace(str(path), shown))
+            message = scrub_paths(api_advice(err.message.replace(str(path), shown)))
             raise APIError(400, message, param="file_id", code=err.code) from err
         data, _ = check_data(config.data, tokenizer, keep_examples=False)  # the report is all it shows
         return public_report(data.report, {str(path): shown})

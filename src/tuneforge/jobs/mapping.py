@@ -358,3 +358,31 @@ def group_size(hyperparameters: dict) -> int:
     """Answers sampled per prompt: tuneforge's default scaled by `compute_multiplier` (at least 2, to compare)."""
     multiplier = hyperparameters.get("compute_multiplier", "auto")
     return GROUP_SIZE if multiplier == "auto" else max(2, min(64, round(GROUP_SIZE * multiplier)))
+
+
+API_ADVICE = (
+    # Settings a job cannot make: the clause that advises one goes, the rest of the sentence stays.
+    (re.compile(r", or set data\.format to read every row as one format"), ""),
+    (re.compile(r", or set data\.(?:on_error|truncation): \w+[^.]*"), ""),
+    # KTO (rated replies) has no method.type; preference pairs are what a dpo job trains on.
+    (re.compile(r"set dpo\.loss: kto to train on them"), "give each prompt's chosen and rejected replies as one row"),
+    (re.compile(r"Use method: dpo with dpo\.loss: kto, or give"), "Give"),
+    (re.compile(r"Use method: dpo \(with a dpo section\) or method: reward \(a reward model\)"), "Use method.type dpo"),
+    (
+        re.compile(r"Use separate runs \(method: dpo for preference data, with dpo\.loss: kto for rated replies\)"),
+        "Give one kind of row per file",
+    ),
+    (re.compile(r"method: lora, dora or full"), "method.type supervised"),
+    (re.compile(r"method: (lora|dpo|grpo)\b"), lambda m: f"method.type {_JOB_METHOD[m[1]]}"),
+)
+"""The advice of training's messages in the fields a job's client sets: a config key a job cannot set
+(data.format, dpo.loss) goes or becomes what the client can do instead (the file's rows, `method.type`)."""
+
+_JOB_METHOD = {"lora": "supervised", "dpo": "dpo", "grpo": "reinforcement"}
+
+
+def api_advice(message: str) -> str:
+    """`message` (training's or the data check's) with its advice in the job's fields (`API_ADVICE`)."""
+    for pattern, replacement in API_ADVICE:
+        message = pattern.sub(replacement, message)
+    return message

@@ -47,7 +47,7 @@ from . import runner
 from .access import training_spec
 from .evals import EvalRunner
 from .files import RESULT_COLUMNS, REWARD_COLUMNS, FileStorage
-from .mapping import processes, resolved_method, training_config
+from .mapping import api_advice, processes, resolved_method, training_config
 from .store import STATUSES, Job, JobCheckpoint, JobEvent, Store, event, new_id, now
 
 log = logging.getLogger("tuneforge.jobs")
@@ -402,8 +402,9 @@ class Workers:
         return {param: self.storage.path(row) if row else None for param, row in rows.items()}
 
     def _failure(self, job: Job, code: str, message: str, path: str | None) -> JobFailure:
-        """A failure whose message names files by id (never a server path) and whose param is the parameter
-        that names the file at fault (`training_file` or `validation_file`), as OpenAI's job error has it."""
+        """A failure whose message names files by id (never a server path) and advises the job's fields, not
+        config keys (`api_advice`), and whose param is the parameter that names the file at fault
+        (`training_file` or `validation_file`), as OpenAI's job error has it."""
         param = None
         for param_name, stored in self._paths(job).items():
             if stored is not None:
@@ -414,7 +415,7 @@ class Workers:
             code = "invalid_validation_file"
         elif code == "invalid_file":
             code = "invalid_training_file"
-        return JobFailure(code, scrub_paths(message), param)
+        return JobFailure(code, scrub_paths(api_advice(message)), param)
 
     # ---- queued -> running -> succeeded | failed | cancelled | paused ------------------------------
 
