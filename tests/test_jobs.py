@@ -439,10 +439,17 @@ def test_a_reinforcement_job_trains_with_its_grader_and_reports_rewards(server, 
     assert reinforcement.grader.name == "answer"
     assert reinforcement.hyperparameters.compute_multiplier == 0.5  # 2 answers a prompt, half the default 4
     assert (reinforcement.hyperparameters.eval_interval, reinforcement.hyperparameters.eval_samples) == (1, 1)
-    metrics = [e.data for e in all_events(client, job.id) if e.type == "metrics" and "reward" in (e.data or {})]
+    events = [e for e in all_events(client, job.id) if e.type == "metrics" and "reward" in (e.data or {})]
+    metrics = [e.data for e in events]
     assert len(metrics) == 2  # 8 prompts, 4 a step
     for data in metrics:
-        assert {"reward", "reward_std", "reward/answer", "kl", "completion_length", "train_loss"} <= set(data)
+        assert {"reward", "reward_std", "reward/answer", "reward_std/answer", "kl", "completion_length"} <= set(data)
+        assert {"clipped_share", "train_loss"} <= set(data)
+    for step_event in events:  # told by its reward, not by a loss that is near 0 whatever the answers
+        data = step_event.data
+        shown = f"reward={data['reward']:.4f} (std {data['reward_std']:.4f}), kl={data['kl']:.4f}"
+        assert step_event.message.startswith(f"Step {data['step']}/2: {shown}"), step_event.message
+        assert "training loss" not in step_event.message
     (first,) = [data for data in metrics if data["step"] == 1]  # eval_interval 1: validated before the last step
     assert "valid_reward" in first and "valid_reward/answer" in first
     # The validation prompts' greedy answers, graded at the end.
@@ -450,7 +457,7 @@ def test_a_reinforcement_job_trains_with_its_grader_and_reports_rewards(server, 
     assert full.message.startswith("Full validation reward=") and 0 <= full.data["full_valid_reward"] <= 1
     assert "full_valid_reward/answer" in full.data
     rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).text)))
-    assert [row["reward"] != "" for row in rows] == [True, True]
+    assert [row["reward"] != "" and row["clipped_share"] != "" for row in rows] == [True, True]
     reply = client.chat.completions.create(
         model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )

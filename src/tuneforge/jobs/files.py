@@ -37,9 +37,18 @@ RESULT_COLUMNS = (
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
 )
-REWARD_COLUMNS = ("reward", "reward_std", "kl", "completion_length", "valid_reward", "full_valid_reward")
-"""A reinforcement job's metrics beside the loss (and `reward/NAME` per grader, in its events): the
-sampled answers' rewards, and the greedy answers' to the validation prompts."""
+REWARD_COLUMNS = (
+    "reward",
+    "reward_std",
+    "kl",
+    "completion_length",
+    "clipped_share",
+    "valid_reward",
+    "full_valid_reward",
+)
+"""A reinforcement job's metrics beside the loss (and `reward/NAME` and `reward_std/NAME` per grader, in its
+events): the sampled answers' rewards, KL to the base, length and share cut at the token limit, and the greedy
+answers' rewards on the validation prompts."""
 
 
 PACKED = {

@@ -677,7 +677,13 @@ class RunProgress:
         total = self.job.total_steps
         for step, record in sorted(self._by_step.items()):
             if step > self.step and "train_loss" in record:
-                shown = f"training loss={record['train_loss']:.4f}"
+                # A reinforcement job's loss is near 0 by construction (advantages centre on 0): its rewards say
+                # how it learns.
+                shown = (
+                    f"reward={record['reward']:.4f} (std {record['reward_std']:.4f}), kl={record['kl']:.4f}"
+                    if "reward" in record
+                    else f"training loss={record['train_loss']:.4f}"
+                )
                 if "valid_loss" in record:
                     shown += f", validation loss={record['valid_loss']:.4f}"
                 if "valid_reward" in record:
@@ -731,7 +737,7 @@ def _is_metric(key: str) -> bool:
     return (
         key in RESULT_COLUMNS[1:]
         or key in REWARD_COLUMNS
-        or key.startswith(("reward/", "valid_reward/", "full_valid_reward/"))
+        or key.startswith(("reward/", "reward_std/", "valid_reward/", "full_valid_reward/"))
     )
 
 
