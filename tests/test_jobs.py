@@ -1549,6 +1549,40 @@ def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_check
     assert "Job resumed: queued to continue from step 9." in messages, messages
 
 
+def test_a_job_created_while_another_jobs_files_are_validated_says_it_waits_for_that_job(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def created_jobs_events(client) -> list[str]:
+        train = client.post(
+            "/v1/files", headers=headers, files={"file": ("t.jsonl", chat_rows(2))}, data={"purpose": "fine-tune"}
+        )
+        answer = client.post(
+            "/v1/fine_tuning/jobs",
+            headers=headers,
+            json={"model": "smollm2-135m-instruct", "training_file": train.json()["id"]},
+        )
+        assert answer.status_code == 200, answer.text
+        return [e.message for e in reversed(store.list_events(answer.json()["id"], after=None, limit=10))]
+
+    with TestClient(create_api(tmp_path, store, api_keys=[KEY, OTHER_KEY], workers=0)) as client:
+        alone = created_jobs_events(client)
+        assert len(alone) == 1 and alone[0].startswith("Created fine-tuning job: ")
+        mine = add_job(store, KEY, status="validating_files", worker_id="host:1:1.00/0")
+        add_job(store, OTHER_KEY, status="validating_files", worker_id="other:1:1.00/0")
+        add_job(store, KEY, status="validating_files")  # waiting too, not being validated
+        waiting = created_jobs_events(client)
+    assert waiting[1] == (
+        f"Waiting for a worker to validate this job's files: the files of job {mine.id} and another client's job "
+        "are being validated now."
+    ), waiting
+
+
 def test_a_paused_job_whose_last_checkpoint_is_damaged_resumes_saying_the_step_its_run_goes_on_from(tmp_path):
     """The job's run passes over a damaged last checkpoint for the newest whole one (`checkpoint.newest_whole`):
     the resume's event names the step the run goes on from, not the damaged one's."""

@@ -115,6 +115,15 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
     )
     service.store.add(job)
     service.store.add_event(job.id, f"Created fine-tuning job: {job.id}")
+    if busy := [held for held in service.store.held_jobs() if held.status == "validating_files"]:
+        # A worker validates one job's files at a time: the job waits in validating_files with no event of its
+        # own until one is free. Another key's job is not named.
+        named = [f"job {held.id}" if held.owner == owner else "another client's job" for held in busy]
+        service.store.add_event(
+            job.id,
+            f"Waiting for a worker to validate this job's files: the files of {' and '.join(named)} are being "
+            "validated now.",
+        )
     return job_body(job)
 
 
