@@ -931,6 +931,12 @@ def test_a_fine_tuned_model_is_deleted_by_its_owner_only(server, tiny_model_dir)
         with pytest.raises(openai.PermissionDeniedError) as caught:
             client.models.delete(other)
         assert caught.value.code == "model_not_deletable"
+    # The checkpoint is the caller's own: the answer says what it is and which model can be deleted.
+    assert caught.value.body["message"] == (
+        f"The model `{other}` is a checkpoint of your fine-tuned model `{name}`; a job's checkpoints stay as long "
+        f"as the job and are not deleted one by one. Only a fine-tuned model can be deleted: `{name}` (its "
+        "checkpoints stay)."
+    )
 
     deleted = client.models.delete(name)
     assert deleted.id == name and deleted.deleted

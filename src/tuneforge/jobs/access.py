@@ -19,7 +19,8 @@ from ..models import REGISTRY, ModelSource, resolve
 from ..web import APIError
 from .store import Store
 
-_CHECKPOINT = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,12})")
+CHECKPOINT_NAME = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,12})")
+"""A checkpoint's model name: its job's fine-tuned model and the step."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class InferenceTarget:
 
 def fine_tuned_folder(store: Store, runs: Path, owner: str, name: str) -> Path | None:
     """The folder of `owner`'s fine-tuned model or checkpoint called `name`; None for any other name."""
-    checkpoint = _CHECKPOINT.fullmatch(name)
+    checkpoint = CHECKPOINT_NAME.fullmatch(name)
     job = store.job_with_model(owner, checkpoint["model"] if checkpoint else name)
     if job is None or (checkpoint is None and job.status != "succeeded"):
         return None

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 
 from ...models import REGISTRY
 from ...web import APIError, caller
-from ..access import fine_tuned_folder, no_such_model
+from ..access import CHECKPOINT_NAME, fine_tuned_folder, no_such_model
 from ..service import ORGANIZATION, Service, service_of
 from ..store import ACTIVE
 
@@ -57,6 +57,16 @@ def delete_model(name: str, owner: str = Depends(caller), service: Service = Dep
     job = service.store.job_with_model(owner, name)
     folder = fine_tuned_folder(service.store, service.access.runs, owner, name)
     if job is None or folder is None:
+        if folder and (checkpoint := CHECKPOINT_NAME.fullmatch(name)):
+            raise APIError(
+                403,
+                f"The model `{name}` is a checkpoint of your fine-tuned model `{checkpoint['model']}`; a job's "
+                "checkpoints stay as long as the job and are not deleted one by one. Only a fine-tuned model can "
+                f"be deleted: `{checkpoint['model']}` (its checkpoints stay).",
+                param="model",
+                code="model_not_deletable",
+                type="permission_error",
+            )
         if folder or name in model_cards(service, owner) or name.lower() in REGISTRY or name in service.access.allowed:
             raise APIError(
                 403,
