@@ -35,6 +35,7 @@ from tuneforge.eval.report import (
     print_tables,
     reward_figures,
     scores_figure,
+    scores_plot,
     share_interval,
 )
 from tuneforge.models import load_model, load_tokenizer
@@ -341,14 +342,22 @@ def test_the_step_axis_of_a_short_run_has_whole_steps_only():
 
 
 def test_the_scores_plot_draws_each_share_with_its_95_percent_interval():
-    before = {"metric": "exact", "n": 100, "scores": {"n": 100, "exact": 0.72}}
-    after = {"metric": "exact", "n": 100, "scores": {"n": 100, "exact": 0.78}}
+    before = {"metric": "exact", "n": 100, "data": "test.jsonl", "scores": {"n": 100, "exact": 0.72}}
+    after = {"metric": "exact", "n": 100, "data": "test.jsonl", "scores": {"n": 100, "exact": 0.78}}
     base, tuned = [c for c in scores_figure(before, after).axes[0].containers if isinstance(c, BarContainer)]
     (segment,) = base.errorbar.lines[2][0].get_segments()
     assert segment[:, 1] == pytest.approx(share_interval(0.72, 100))  # 62.5% to 79.9%: it holds 78%
     assert tuned.errorbar is not None
-    every_right = {"metric": "exact", "n": 60, "scores": {"n": 60, "exact": 1.0}}
+    every_right = {"metric": "exact", "n": 60, "data": "test.jsonl", "scores": {"n": 60, "exact": 1.0}}
     scores_figure(before | {"n": 60, "scores": {"n": 60, "exact": 0.0}}, every_right)  # ends at 0% and 100%
+
+
+def test_the_scores_plot_names_the_file_it_scores():
+    # After training the validation file is scored, not a test file: the axis and caption name it.
+    scores = {"metric": "exact", "n": 4, "data": "data/valid.jsonl", "scores": {"n": 4, "exact": 0.5}}
+    caption, _ = scores_plot(scores, scores)
+    assert "valid.jsonl" in caption and "test" not in caption
+    assert scores_figure(scores, scores).axes[0].get_ylabel() == "share of valid.jsonl's examples (0 to 1)"
 
 
 def test_the_learning_rate_axis_starts_at_zero():
@@ -359,14 +368,18 @@ def test_the_learning_rate_axis_starts_at_zero():
 
 def test_every_figure_labels_its_axes():
     metrics = [{"step": 1, "train_loss": 0.1, "lr": 1e-3, "reward": 0.5, "reward_std": 0.2, "kl": 0.0}]
-    scores = {"metric": "exact", "scores": {"n": 4, "exact": 0.5, "fields": {"category": 0.75}}}
+    scores = {
+        "metric": "exact",
+        "data": "data/test.jsonl",
+        "scores": {"n": 4, "exact": 0.5, "fields": {"category": 0.75}},
+    }
     figures = [loss_figure({"run": metrics}), learning_rate_figure(metrics), scores_figure(scores, scores)]
     figures += [figure for _, figure in reward_figures(metrics)]
     labels = [(figure.axes[0].get_xlabel(), figure.axes[0].get_ylabel()) for figure in figures]
     assert labels == [
         ("step", "policy-gradient loss per token (GRPO)"),
         ("step", "learning rate (no unit)"),
-        ("", "share of test examples (0 to 1)"),  # the x-axis names each score at its bar
+        ("", "share of test.jsonl's examples (0 to 1)"),  # the x-axis names each score at its bar
         ("step", "grader score per answer"),
         ("step", "per token"),
     ]

@@ -647,7 +647,7 @@ def scores_plot(before: dict, after: dict) -> tuple[str, str]:
     if before["scores"] is None:  # data without reference answers: the grader alone scored
         caption = f"Grader {after['grader']['name']}, base vs tuned (mean score per answer; error bars: 95% intervals)"
         return caption, _png(grader_figure(before, after))
-    caption = "Scores, base vs tuned (share of test examples; error bars: 95% intervals)"
+    caption = f"Scores, base vs tuned (share of {_scored(after)}'s examples; error bars: 95% intervals)"
     return caption, _png(scores_figure(before, after))
 
 
@@ -682,8 +682,14 @@ def grader_figure(before: dict, after: dict):
     return figure
 
 
+def _scored(result: dict) -> str:
+    """The name of the file an evaluation scored (after training the validation file, in the quickstart the test
+    file), for the plot to say what its shares are of."""
+    return Path(result["data"]).name
+
+
 def scores_figure(before: dict, after: dict):
-    """Each score of the base and the tuned model side by side: a share of the test examples, 0 to 1,
+    """Each score of the base and the tuned model side by side: a share of the scored file's examples, 0 to 1,
     with its 95% interval as an error bar (as the table gives it), so bars a few points apart read as
     the same model's noise where their intervals overlap."""
     base, tuned = flat_scores(before["scores"]), flat_scores(after["scores"])
@@ -704,7 +710,7 @@ def scores_figure(before: dict, after: dict):
     bars(0.2, [tuned.get(k, 0) for k in keys], "tuned")
     axes.set_xticks(list(positions), keys, rotation=30, ha="right")
     axes.set_ylim(0, 1)
-    axes.set_ylabel("share of test examples (0 to 1)")
+    axes.set_ylabel(f"share of {_scored(after)}'s examples (0 to 1)")
     axes.legend()
     return figure
 
