@@ -72,6 +72,11 @@ def test_a_string_check_graders_score_is_a_hand_count_of_the_answers(base, base_
     rows = {row[0]: row[1:] for row in metrics_table({"base": both["base"], "tuned": both["tuned"]}).rows}
     assert rows["grader same: mean score"] == ["0.333 (95% interval 0.097-0.700)"] * 2 + ["+0.000"]
     assert rows["grader same: passed (score >= 1)"] == ["33.3% (95% interval 9.7%-70.0%)"] * 2 + ["+0.0 pts"]
+    # --json gives the table's intervals, as multiple choice gives its scores' (`intervals`).
+    assert both["base"]["grader"]["intervals"] == {
+        "mean": pytest.approx([0.0968, 0.7000], abs=1e-4),
+        "pass_rate": pytest.approx([0.0968, 0.7000], abs=1e-4),
+    }
 
 
 def test_reward_functions_in_a_python_file_score_with_a_mean_per_function(
@@ -99,6 +104,10 @@ def test_reward_functions_in_a_python_file_score_with_a_mean_per_function(
     assert [s["grade"] for s in result["samples"]] == [1.0, 2.0, 3.0, 4.0]
     assert figures["mean"] == 2.5 and not figures["all_0_or_1"] and "pass_rate" not in figures
     assert figures["parts"]["by_weight"]["mean"] == 1.5 and figures["parts"]["one"]["mean"] == 1.0
+    # Scores not all 0 or 1: mean ± 1.96 standard errors (std 1.118 over 4 answers), for the sum and each part.
+    assert figures["intervals"] == {"mean": pytest.approx([1.2348, 3.7652], abs=1e-4)}
+    assert figures["parts"]["by_weight"]["intervals"] == {"mean": pytest.approx([0.2348, 2.7652], abs=1e-4)}
+    assert figures["parts"]["one"]["intervals"] == {"mean": pytest.approx([0.5101, 1.0], abs=1e-4)}  # Wilson's
 
 
 def test_a_grader_object_written_inline_on_the_command_line_scores_as_its_file_does(

@@ -357,23 +357,31 @@ def check_grader(
 
 
 def score_stats(scores: Sequence[float]) -> dict:
-    """The mean and standard deviation of scores, and whether each is 0 or 1 (their mean a share)."""
+    """The mean and standard deviation of scores, whether each is 0 or 1 (their mean a share), and the mean's
+    95% interval (`intervals`, as multiple choice gives its scores')."""
+    from .report import mean_interval  # the report's tables build on this module
+
     mean = sum(scores) / len(scores)
-    return {
+    stats = {
         "mean": mean,
         "std": math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)),
         "all_0_or_1": all(s in (0, 1) for s in scores),
     }
+    return {**stats, "intervals": {"mean": list(mean_interval(stats, len(scores)))}}
 
 
 def grader_scores(grader: Grader, results: Sequence[GradeResult]) -> dict:
-    """A grader's figures over the examples: its name, `n`, the mean score (with `std` and `all_0_or_1`),
-    the pass rate where it has a pass threshold, and each part's figures where it has several."""
+    """A grader's figures over the examples: its name, `n`, the mean score (with `std`, `all_0_or_1` and its
+    interval), the pass rate and its interval where it has a pass threshold, and each part's figures where it
+    has several."""
+    from .report import share_interval  # the report's tables build on this module
+
     scores = [r.score for r in results]
     summary = {"name": grader.name, "n": len(results), **score_stats(scores)}
     if grader.pass_threshold is not None:
         summary["pass_threshold"] = grader.pass_threshold
         summary["pass_rate"] = sum(s >= grader.pass_threshold for s in scores) / len(scores)
+        summary["intervals"]["pass_rate"] = list(share_interval(summary["pass_rate"], len(scores)))
     if grader.part_names != [grader.name]:
         summary["parts"] = {part: score_stats([r.parts[part] for r in results]) for part in grader.part_names}
     return summary
