@@ -6,6 +6,7 @@ download, extraction, checksum and conversion are all exercised without a networ
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import shutil
@@ -492,6 +493,37 @@ def test_a_run_with_no_model_saved_yet_says_how_to_get_one(tmp_path):
     assert f"{run.resolve()} is a tuneforge run that has saved no model yet" in message
     assert "no final/" in message and "no complete checkpoint" in message
     assert "tuneforge train CONFIG --overwrite" in message
+
+
+def test_a_run_still_training_is_named_as_training_with_its_newest_checkpoint(tmp_path):
+    """A run whose .train.lock a training process holds has no final/ because it is training: the message says
+    so, naming the process, and what to do: wait, or give its newest complete checkpoint."""
+    run = tmp_path / "my-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("base_model: smollm2-135m-instruct\nmethod: lora\n")
+    with open(run / ".train.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the training run holds it, until it ends
+        lock.write("4242\ntoken\n")
+        lock.flush()
+        with pytest.raises(ModelSourceError) as caught:
+            resolve(str(run))
+        message = str(caught.value)
+        assert f"{run.resolve()} is a tuneforge run still training (process 4242 holds its .train.lock)" in message
+        assert "Wait for it to save a checkpoint (train.save_every) or to end" in message
+        for step in (10, 20):
+            (run / "checkpoints" / f"step-{step}").mkdir()
+            (run / "checkpoints" / f"step-{step}" / "trainer_state.json").write_text("{}")
+        with pytest.raises(ModelSourceError) as caught:
+            resolve(str(run))
+        message = str(caught.value)
+        assert "still training (process 4242 holds its .train.lock)" in message
+        assert (
+            f"Wait for it to end, or give its newest checkpoint: {run.resolve() / 'checkpoints' / 'step-20'}" in message
+        )
+    # The run ended (its lock released, the file left behind): the folder is no longer called training.
+    with pytest.raises(ModelSourceError) as caught:
+        resolve(str(run))
+    assert "still training" not in str(caught.value) and "step-20" in str(caught.value)
 
 
 def test_a_folder_of_a_gguf_export_points_at_its_gguf_file(tmp_path):

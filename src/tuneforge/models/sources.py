@@ -202,9 +202,20 @@ def _model_inside(folder: Path) -> Path:
             code="ambiguous_model",
         )
     from ..training.checkpoint import latest  # here: training imports models
+    from ..training.run_folder import RUN_LOCK, training_process
 
     # A complete checkpoint only, never one a stopped run left half-written (.tmp-step-N-...).
     newest = latest(folder / "checkpoints")
+    if (folder / "config.yaml").is_file() and (process := training_process(folder)) is not None:
+        training = f"{folder} is a tuneforge run still training (process {process} holds its {RUN_LOCK})"
+        raise ModelSourceError(
+            f"{training}: it has no final/ until training ends. Wait for it to end, or give its newest checkpoint: "
+            f"{newest}."
+            if newest
+            else f"{training} and has saved no model yet. Wait for it to save a checkpoint (train.save_every) or "
+            "to end.",
+            code="run_in_progress",
+        )
     if newest is None and (folder / "config.yaml").is_file():  # a run's own folder, before it saved a model
         raise ModelSourceError(
             f"{folder} is a tuneforge run that has saved no model yet: no final/ (written when training ends) and "

@@ -268,6 +268,22 @@ RUN_LOCK = ".train.lock"
 """Held by the training run writing its output_dir; it says which process that is."""
 
 
+def training_process(out: Path) -> str | None:
+    """The process (as RUN_LOCK names it) of the training run writing `out`, while one holds its lock; None where
+    none does (a run that ended leaves the file, its lock released with the process)."""
+    try:
+        lock = open(out / RUN_LOCK)
+    except OSError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.readline().strip() or "unknown"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def sole_run_in(out: Path, world: distributed.World):
     """Hold `out` for this run until it ends: a second run started there is refused before it reads or
