@@ -524,6 +524,27 @@ def test_a_stored_message_the_request_checks_refuse_leaves_its_row_out_naming_it
     assert "a message needs content" in problem.message
 
 
+def test_from_completions_refuses_an_out_that_is_a_folder_as_a_bad_option(tmp_path, monkeypatch, capsys):
+    # --out names the file to write: a folder there is the option's mistake (exit 2, naming --out and the folder),
+    # not a failed write naming a temporary file beside it.
+    path = tmp_path / "completions.db"
+    reply = {"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}
+    messages = [{"role": "user", "content": "The capital of France?"}]
+    CompletionStore.open(str(path)).save(
+        "local", messages, {"id": "c", "model": "m", "created": 0, "choices": [reply]}, None
+    )
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    code, said = run_cli(["data", "from-completions", "--store", str(path), "--out", str(folder)], monkeypatch, capsys)
+    assert code == 2
+    assert f"--out {folder} is a folder; give the file to write, e.g. {folder / 'completions.jsonl'}." in said
+    assert (
+        ".tmp-" not in said
+        and not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+        and not any(folder.iterdir())
+    )
+
+
 def test_from_completions_prints_stored_text_and_paths_as_written(tmp_path, capsys):
     # A refusal quotes the stored prompt (a content part's type) and the report names --out: rich would read
     # `[/x]` there as a closing tag (an error) and `:x:` as an emoji's code.

@@ -67,6 +67,11 @@ def from_completions(
     keep_truncated: bool = False,
 ) -> TrainingRows:
     """Write the completions in `store` (a path or database URL) that match as chat JSONL at `out`."""
+    if Path(out).is_dir():
+        raise ConfigError(
+            f"--out {out} is a folder; give the file to write, e.g. {Path(out) / 'completions.jsonl'}.",
+            code="bad_option",
+        )
     where = (
         f"`tuneforge serve` keeps stored completions in {default_store()} unless started with --store; "
         "`tuneforge api` in its --db (by default $TUNEFORGE_HOME/jobs/jobs.db)."
