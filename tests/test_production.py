@@ -86,6 +86,27 @@ def moved(before: dict, after: dict, name: str, **labels) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
+def test_a_refused_request_is_counted_under_the_served_model_it_names(served):
+    """A 400 for a request naming a served model counts under that model, whether its body's validation or a
+    route's check refuses it; one naming a model nobody serves stays unlabelled, so labels stay bounded."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = {"route": "/v1/chat/completions", "method": "POST", "status": "400"}
+    before, _ = scrape(served.url)
+    refused = [
+        {"model": BASE, "messages": "not a list"},  # the body's validation
+        {"model": BASE, "messages": QUESTION, "temperature": 7},  # out of range
+        {"model": BASE, "messages": QUESTION, "tool_choice": "required"},  # a route's check: no tools given
+        {"model": "no-such-model", "messages": "not a list"},
+    ]
+    for body in refused:
+        answer = httpx.post(f"{served.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert answer.status_code == 400, answer.text
+    after, text = scrape(served.url)
+    assert moved(before, after, "tuneforge_requests_total", **chat, model=BASE) == 3
+    assert moved(before, after, "tuneforge_requests_total", **chat, model="") == 1
+    assert "no-such-model" not in text
+
+
 def ask(client, model: str = BASE, **options):
     return client.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0, **options)
 

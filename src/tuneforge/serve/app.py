@@ -574,6 +574,18 @@ def served(request: Request) -> Served:
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
 
+async def named_model(request: Request, server: Served = Depends(served)) -> None:
+    """Label a generation request's count with the served model its body names, before any check refuses it, so a
+    400 counts under that model too; a name nobody serves stays unlabelled, keeping the labels bounded."""
+    try:
+        body = await request.json()  # the body FastAPI has read and parsed already
+    except ValueError:  # not JSON: its route refuses it
+        return
+    named = body.get("model") if isinstance(body, dict) else None
+    if isinstance(named, str) and server.pool.serves(named):
+        note(request, model=named)
+
+
 @v1.get("/models")
 def list_models(server: Served = Depends(served)):
     return {"object": "list", "data": [server.model_card(name) for name in server.pool.names]}
@@ -584,7 +596,7 @@ def get_model(name: str, server: Served = Depends(served)):
     return server.model_card(server.known_model(name))
 
 
-@v1.post("/chat/completions")
+@v1.post("/chat/completions", dependencies=[Depends(named_model)])
 async def chat_completions(body: ChatCompletionBody, request: Request, server: Served = Depends(served)):
     if body.store and server.completions is None:
         raise APIError(
@@ -703,7 +715,7 @@ def _constraint(server: Served, body: ChatCompletionBody | ResponsesBody):
         raise APIError(400, f"{param}: {err.message}.", param=param, code="invalid_value") from err
 
 
-@v1.post("/responses")
+@v1.post("/responses", dependencies=[Depends(named_model)])
 async def responses(body: ResponsesBody, request: Request, server: Served = Depends(served)):
     """OpenAI's Responses API, stateless: `instructions` and `input` as a chat request's messages, on the
     same checks and engine."""
@@ -725,7 +737,7 @@ async def responses(body: ResponsesBody, request: Request, server: Served = Depe
     return await answer(server, request, body, _ResponseReply.start(body, opened, tokenizer), generation)
 
 
-@v1.post("/completions")
+@v1.post("/completions", dependencies=[Depends(named_model)])
 async def completions(body: CompletionBody, request: Request, server: Served = Depends(served)):
     """One prompt or a list of them (`CompletionBody.prompt_inputs`), each queued as a request of its own, so their
     rows decode together; prompt i's choices are i * n to i * n + n - 1, as OpenAI orders them."""
