@@ -1386,6 +1386,54 @@ def test_a_request_counts_as_running_while_its_first_step_decodes(base_dir):
     assert (seen["running"], seen["waiting"]) == (1, 0)
 
 
+class WorkerKilled(BaseException):
+    """What no `except Exception` catches: the engine's worker thread ends on it."""
+
+
+def test_a_dead_engine_answers_health_503_and_its_requests_a_5xx_error(base_dir):
+    """The model raises in a decode step (its second forward) something that ends the worker thread: the running
+    request and the one waiting behind it get a 503 in OpenAI's error shape, not a hang; /health answers 503; a
+    request sent afterwards is refused at once."""
+    engine = Engine(AdapterPool(str(base_dir)), max_batch=1)
+    forwards, decoding, release = [], threading.Event(), threading.Event()
+
+    def die_in_the_first_decode_step(*_):
+        forwards.append(1)
+        if len(forwards) == 2:  # the first forward is the prefill
+            decoding.set()
+            release.wait(10)
+            raise WorkerKilled
+
+    hook = engine.pool.model.register_forward_pre_hook(die_in_the_first_decode_step)
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with running_server(create_app(engine, api_keys=[KEY])) as url, ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
+            assert decoding.wait(10)
+            waiting = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
+            deadline = time.monotonic() + 10
+            while engine.stats()["waiting"] != 1:
+                assert time.monotonic() < deadline, engine.stats()
+                time.sleep(0.01)
+            assert httpx.get(f"{url}/health").status_code == 200
+            release.set()
+            answers = [running.result(), waiting.result()]
+            checked = httpx.get(f"{url}/health")
+            later = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
+    finally:
+        release.set()
+        hook.remove()
+        engine.close()
+    for answer in [*answers, later]:
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "engine_stopped"
+        assert "restart the server" in error["message"]
+    assert checked.status_code == 503 and checked.json()["status"] == "unavailable"
+    assert len(forwards) == 2  # nothing decoded after the worker died
+
+
 def refused_before_the_body(url: str, path: str) -> bytes:
     """What the server answers, within two seconds, to a request whose 100 MiB body never comes."""
     host, port = url.removeprefix("http://").split(":")

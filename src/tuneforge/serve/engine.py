@@ -188,6 +188,15 @@ class Generations:
         return self.completions
 
 
+def _worker_stopped() -> EngineError:
+    return EngineError(
+        "The server's generation worker stopped on an unexpected error, so it answers no more requests; restart the "
+        "server (its log holds the error).",
+        status=503,
+        code="engine_stopped",
+    )
+
+
 def choice_sampling(sampling: Sampling, index: int) -> Sampling:
     """Choice `index`'s options: with a seed, its own random stream, seeded `(seed + index) mod 2**63`, so
     choice i of a request with seed s samples as a single request with seed s + i does (choice 0 as before)."""
@@ -221,6 +230,7 @@ class Engine:
         self._unloading: dict[str, Future] = {}  # adapters retired, each done once deleted
         self._running = 0
         self._largest_batch = 0
+        self._stopped = False  # whether the worker ended on an unexpected error
         self._thread = threading.Thread(target=self._work, name="tuneforge-serve-engine", daemon=True)
         self._thread.start()
 
@@ -259,6 +269,8 @@ class Engine:
         with self._wake:
             if self._closing:
                 raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
+            if self._stopped:
+                raise _worker_stopped()
             if not self.pool.serves(model):  # unloaded since the request was checked
                 raise EngineError(
                     f"The model `{model}` does not exist. Served here: {', '.join(self.pool.names)}.",
@@ -309,8 +321,26 @@ class Engine:
     # ---- the worker thread -----------------------------------------------------------------------
 
     def _work(self) -> None:
-        batch: Batch | None = None
         rows: dict[Row, tuple[Generation, int]] = {}  # the running batch's rows, whom they answer and which choice
+        joining: list[Generation] = []  # requests taken from the queue, not rows yet
+        try:
+            self._decode(rows, joining)
+        except BaseException:  # what a step's `except Exception` lets through ends the worker: no request may hang
+            log.critical("The engine's worker stopped on an unexpected error", exc_info=True)
+            stopped = _worker_stopped()
+            with self._wake:
+                self._stopped = True
+                for generation in {*self._waiting, *joining, *(generation for generation, _ in rows.values())}:
+                    generation._send(stopped)
+                self._waiting.clear()
+                for unloaded in self._unloading.values():
+                    unloaded.set_exception(stopped)
+                self._running = 0
+
+    def _decode(self, rows: dict[Row, tuple[Generation, int]], joining: list[Generation]) -> None:
+        """The worker's loop until the engine closes: take waiting requests into the batch and decode it a step
+        at a time; `rows` and `joining` are the requests it holds, for `_work` to answer should it stop."""
+        batch: Batch | None = None
         name = ""  # the model name the running batch decodes for
         while True:
             with self._wake:
@@ -330,7 +360,7 @@ class Engine:
                     return
                 if not rows:
                     name = self._waiting[0].model
-                joining = self._take_waiting(name, self.max_batch - len(rows))
+                joining[:] = self._take_waiting(name, self.max_batch - len(rows))
                 # Taken requests are running from now on, through their prefill, not only after it.
                 self._running = len(rows) + sum(generation.n for generation in joining)
             try:
@@ -342,6 +372,7 @@ class Engine:
                 for generation in {generation for generation, _ in rows.values()} | set(joining):
                     generation._send(failure)
                 rows.clear()
+                joining.clear()
             with self._wake:
                 self._running = len(rows)
 
