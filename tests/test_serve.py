@@ -1434,6 +1434,49 @@ def test_a_dead_engine_answers_health_503_and_its_requests_a_5xx_error(base_dir)
     assert len(forwards) == 2  # nothing decoded after the worker died
 
 
+def test_a_dead_engine_answers_adapter_unloads_503(base_dir, tmp_path):
+    """An unload waiting on a running request when the worker dies, and one sent afterwards, are answered with the
+    worker's 503 in OpenAI's error shape, not left waiting for a worker that never deletes the adapter."""
+    folders = {name: str(random_adapter(base_dir, tmp_path / name, seed)) for seed, name in enumerate(["a", "b"])}
+    engine = Engine(AdapterPool(str(base_dir), folders))
+    decoding, release = threading.Event(), threading.Event()
+
+    def die(*_):
+        decoding.set()
+        release.wait(10)
+        raise WorkerKilled
+
+    hook = engine.pool.model.register_forward_pre_hook(die)
+    body = {"model": "a", "messages": QUESTION, "max_tokens": 4, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def unload(url: str, name: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=headers, timeout=15)
+
+    try:
+        with (
+            running_server(create_app(engine, api_keys=[KEY], adapter_updates=True)) as url,
+            ThreadPoolExecutor(2) as pool,
+        ):
+            asked = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
+            assert decoding.wait(10)
+            waiting = pool.submit(unload, url, "a")
+            deadline = time.monotonic() + 10
+            while "a" not in engine._unloading:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            release.set()
+            answers = [asked.result(), waiting.result(), unload(url, "b")]
+    finally:
+        release.set()
+        hook.remove()
+        engine.close()
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "engine_stopped"
+    assert engine.pool.serves("b")  # refused before anything retired it
+
+
 def refused_before_the_body(url: str, path: str) -> bytes:
     """What the server answers, within two seconds, to a request whose 100 MiB body never comes."""
     host, port = url.removeprefix("http://").split(":")

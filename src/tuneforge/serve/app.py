@@ -881,8 +881,14 @@ async def unload_adapter(body: UnloadAdapterBody, request: Request, server: Serv
                 param="lora_name",
                 code="model_not_found",
             )
-        unloaded = server.engine.unload(name)
-    await asyncio.wrap_future(unloaded)  # loads and unloads of other adapters go on meanwhile
+        try:
+            unloaded = server.engine.unload(name)
+        except EngineError as err:
+            raise engine_error(err) from err
+    try:
+        await asyncio.wrap_future(unloaded)  # loads and unloads of other adapters go on meanwhile
+    except EngineError as err:  # the worker stopped before deleting it
+        raise engine_error(err) from err
     server.metrics.adapter_updated(server.pool.base_name, name, "unload")
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 

@@ -267,10 +267,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         generations = Generations([Generation(model, ids, sampling, loop, n, images) for ids, sampling in prompts])
         with self._wake:
-            if self._closing:
-                raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
-            if self._stopped:
-                raise _worker_stopped()
+            self._refuse_when_ended()
             if not self.pool.serves(model):  # unloaded since the request was checked
                 raise EngineError(
                     f"The model `{model}` does not exist. Served here: {', '.join(self.pool.names)}.",
@@ -291,13 +288,22 @@ class Engine:
 
     def unload(self, name: str) -> Future:
         """Stop serving the adapter `name` now; the future is done once its requests are answered and it is
-        deleted. Call from any thread; `AdapterPool.retire`'s error if `name` is not an adapter served."""
+        deleted. Call from any thread; `AdapterPool.retire`'s error if `name` is not an adapter served, a 503
+        `EngineError` once the worker is closing or stopped (none is left to delete it)."""
         with self._wake:
+            self._refuse_when_ended()
             if name not in self._unloading:
                 self.pool.retire(name)
                 self._unloading[name] = Future()
                 self._wake.notify()
             return self._unloading[name]
+
+    def _refuse_when_ended(self) -> None:
+        """A 503 once the worker is closing or stopped, for work it would never take up (call with the lock held)."""
+        if self._closing:
+            raise EngineError("The server is shutting down.", status=503, code="server_shutting_down")
+        if self._stopped:
+            raise _worker_stopped()
 
     def stats(self) -> dict:
         with self._wake:
