@@ -1583,10 +1583,20 @@ def test_a_job_created_while_another_jobs_files_are_validated_says_it_waits_for_
         add_job(store, OTHER_KEY, status="validating_files", worker_id="other:1:1.00/0")
         add_job(store, KEY, status="validating_files")  # waiting too, not being validated
         waiting = created_jobs_events(client)
+        held_jobs = store.held_jobs
+
+        def held_once_a_worker_took_the_new_job():  # between the job's creation and the look at the held jobs
+            while store.claim("validating_files", "host:1:1.00/1"):
+                pass
+            return held_jobs()
+
+        store.held_jobs = held_once_a_worker_took_the_new_job
+        taken = created_jobs_events(client)  # a worker has it: it waits for no other job
     assert waiting[1] == (
         f"Waiting for a worker to validate this job's files: the files of job {mine.id} and another client's job "
         "are being validated now."
     ), waiting
+    assert len(taken) == 1, taken
 
 
 def test_a_paused_job_whose_last_checkpoint_is_damaged_resumes_saying_the_step_its_run_goes_on_from(tmp_path):
