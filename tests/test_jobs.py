@@ -777,6 +777,21 @@ def test_a_tuneforge_chat_template_that_rewrites_earlier_turns_is_refused_when_t
     assert not [job for job in client.fine_tuning.jobs.list() if job.training_file == train.id]
 
 
+def test_advice_a_job_cannot_follow_goes_and_the_sentence_around_it_stays():
+    from tuneforge.jobs.mapping import api_advice
+
+    # The data check's words when no example trains the end of turn (text documents cut at max_length).
+    message = (
+        "Usually max_length cuts every reply short (raise data.max_length, or set data.truncation: split to train "
+        "each text document whole, window by window) or the chat template puts the end of turn outside the reply."
+    )
+    assert api_advice(message) == (
+        "Usually max_length cuts every reply short (raise data.max_length) or the chat template puts the end of "
+        "turn outside the reply."
+    )
+    assert api_advice("Fix these rows, or set data.on_error: skip to leave bad rows out.") == "Fix these rows."
+
+
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     client = server.client()
     bad = upload(client, chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')

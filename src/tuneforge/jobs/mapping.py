@@ -361,9 +361,10 @@ def group_size(hyperparameters: dict) -> int:
 
 
 API_ADVICE = (
-    # Settings a job cannot make: the clause that advises one goes, the rest of the sentence stays.
+    # Settings a job cannot make: the clause that advises one goes (up to its sentence's end or the bracket it
+    # is in), the rest of the sentence stays.
     (re.compile(r", or set data\.format to read every row as one format"), ""),
-    (re.compile(r", or set data\.(?:on_error|truncation): \w+[^.]*"), ""),
+    (re.compile(r", or set data\.(?:on_error|truncation): \w+[^.)]*"), ""),
     # KTO (rated replies) has no method.type; preference pairs are what a dpo job trains on.
     (re.compile(r"set dpo\.loss: kto to train on them"), "give each prompt's chosen and rejected replies as one row"),
     (re.compile(r"Use method: dpo with dpo\.loss: kto, or give"), "Give"),
