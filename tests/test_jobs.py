@@ -940,8 +940,9 @@ def test_a_fine_tuned_model_is_deleted_by_its_owner_only(server, tiny_model_dir)
     job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
     name = job.fine_tuned_model
     [checkpoint] = client.fine_tuning.jobs.checkpoints.list(job.id)
-    with pytest.raises(openai.NotFoundError):
-        server.client(OTHER_KEY).models.delete(name)
+    for not_theirs in (name, checkpoint.fine_tuned_model_checkpoint):  # another key learns nothing of them
+        with pytest.raises(openai.NotFoundError):
+            server.client(OTHER_KEY).models.delete(not_theirs)
     for other in ("SmolLM2-135M-Instruct", str(tiny_model_dir), checkpoint.fine_tuned_model_checkpoint):
         with pytest.raises(openai.PermissionDeniedError) as caught:
             client.models.delete(other)
@@ -964,6 +965,12 @@ def test_a_fine_tuned_model_is_deleted_by_its_owner_only(server, tiny_model_dir)
         client.models.delete(name)
     assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == name  # the job keeps its record
     assert client.models.retrieve(checkpoint.fine_tuned_model_checkpoint).id == checkpoint.fine_tuned_model_checkpoint
+    with pytest.raises(openai.PermissionDeniedError) as caught:  # its model gone, nothing is left to delete
+        client.models.delete(checkpoint.fine_tuned_model_checkpoint)
+    assert caught.value.body["message"].endswith(
+        f"Only a fine-tuned model can be deleted, and `{name}` has no weights to delete (its job has not succeeded, "
+        "or they were deleted)."
+    ), caught.value.body["message"]
 
 
 def test_a_model_deleted_after_it_answered_leaves_the_other_models_of_its_base_served(server, tiny_model_dir):

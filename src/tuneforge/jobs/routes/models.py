@@ -58,11 +58,16 @@ def delete_model(name: str, owner: str = Depends(caller), service: Service = Dep
     folder = fine_tuned_folder(service.store, service.access.runs, owner, name)
     if job is None or folder is None:
         if folder and (checkpoint := CHECKPOINT_NAME.fullmatch(name)):
+            model = checkpoint["model"]
+            deletable = (
+                f": `{model}` (its checkpoints stay)"
+                if fine_tuned_folder(service.store, service.access.runs, owner, model)
+                else f", and `{model}` has no weights to delete (its job has not succeeded, or they were deleted)"
+            )
             raise APIError(
                 403,
-                f"The model `{name}` is a checkpoint of your fine-tuned model `{checkpoint['model']}`; a job's "
-                "checkpoints stay as long as the job and are not deleted one by one. Only a fine-tuned model can "
-                f"be deleted: `{checkpoint['model']}` (its checkpoints stay).",
+                f"The model `{name}` is a checkpoint of your fine-tuned model `{model}`; a job's checkpoints stay as "
+                f"long as the job and are not deleted one by one. Only a fine-tuned model can be deleted{deletable}.",
                 param="model",
                 code="model_not_deletable",
                 type="permission_error",
