@@ -790,6 +790,13 @@ def test_advice_a_job_cannot_follow_goes_and_the_sentence_around_it_stays():
         "turn outside the reply."
     )
     assert api_advice("Fix these rows, or set data.on_error: skip to leave bad rows out.") == "Fix these rows."
+    # Rows of two kinds, where the validation file's rows are another kind than the training file's.
+    mixed = (
+        "this row is sft data but file-train:1 is preference data; preference pairs, rated (KTO) replies and SFT "
+        "rows cannot be trained together. Use separate runs (method: dpo for preference data, with dpo.loss: kto "
+        "for rated replies)."
+    )
+    assert api_advice(mixed).endswith("cannot be trained together. Give rows of one kind in the job's files.")
 
 
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):

@@ -371,7 +371,7 @@ API_ADVICE = (
     (re.compile(r"Use method: dpo \(with a dpo section\) or method: reward \(a reward model\)"), "Use method.type dpo"),
     (
         re.compile(r"Use separate runs \(method: dpo for preference data, with dpo\.loss: kto for rated replies\)"),
-        "Give one kind of row per file",
+        "Give rows of one kind in the job's files",
     ),
     (re.compile(r"method: lora, dora or full"), "method.type supervised"),
     (re.compile(r"method: (lora|dpo|grpo)\b"), lambda m: f"method.type {_JOB_METHOD[m[1]]}"),
