@@ -822,6 +822,37 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, triage_dat
     assert saved[0].name == f"step-{last_logged}"
 
 
+def test_a_finished_run_continued_past_its_end_and_interrupted_keeps_no_summary_of_the_earlier_end(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    """A finished run resumed with a raised train.max_steps trains past its final model: its summary.json says
+    how the earlier run ended, so it goes with the first step; stopped there, the folder reads as an interrupted
+    run, and final/ stays the earlier end's model (nothing a user may serve is deleted)."""
+    from tuneforge.training import loop
+
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, triage_data, run, max_steps=2)
+    train(cfg, progress=False)
+    assert (run / "summary.json").is_file() and (run / "final").is_dir()
+    stepped = loop.train_step
+
+    def stopped_at_step_3(run_, step, stop, lengths):
+        if step == 2:
+            stop.signal = "SIGINT"
+        return stepped(run_, step, stop, lengths)
+
+    monkeypatch.setattr(loop, "train_step", stopped_at_step_3)
+    longer = {**cfg, "train": {**cfg["train"], "max_steps": 4}}
+    result = train(longer, resume="latest", force=True, progress=False)
+    assert result.status == "interrupted" and result.steps == 3
+    assert not (run / "summary.json").exists() and (run / "final").is_dir()
+    assert [p.name for p in checkpoint.step_folders(run / "checkpoints")][-1] == "step-3"
+    # Resumed again, it trains to its new end and writes the final model and summary of step 4.
+    monkeypatch.setattr(loop, "train_step", stepped)
+    train(longer, resume="latest", force=True, progress=False)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4 and (run / "final").is_dir()
+
+
 def test_the_resume_command_a_stop_prints_starts_the_processes_and_machines_the_run_had(tmp_path):
     """A run under `--nproc 2` (or over machines) stopped by a signal says to resume on as many; the
     bare `--resume` would continue it on one process."""

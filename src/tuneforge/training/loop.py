@@ -855,6 +855,11 @@ def fit(run: Run, *, progress: bool = True, log=print) -> str:
     started = time.perf_counter() - run.state["elapsed"]
     if run.state.get("stopped_early"):  # resumed from where it stopped early: only its finish is left
         return "completed"
+    if run.world.is_main and run.state["step"] < plan.total_steps:
+        # A finished run continued past its end (a raised train.max_steps) is no longer complete: its summary
+        # goes, and this run writes its own when it completes. final/ stays the earlier end's model (served or
+        # exported, maybe) until the new end replaces it.
+        (run.out / "summary.json").unlink(missing_ok=True)
     bar = TrainProgress(plan.total_steps, run.state["step"], enabled=progress and run.world.is_main)
     with StopRequest() as stop, bar, run.attention():
         for step in range(run.state["step"], plan.total_steps):
