@@ -104,7 +104,8 @@ def test_each_error_names_the_line_or_override_that_set_its_key(tmp_path):
     assert e.value.message.splitlines() == [
         f"{path}: invalid config",
         "  method (line 7): Input should be 'full', 'lora', 'dora', 'distill', 'dpo', 'grpo' or 'reward' (got 'qlora')",
-        "  train.max_steps (override): Input should be greater than or equal to 1 (got 0)",
+        "  train.max_steps (override): must be at least 1 (got 0); give a number in range, or leave the key out "
+        "for its default.",
         "  train.batch_size (line 5): Input should be a valid integer, unable to parse string as an integer "
         "(got 'two')",
         "  train.lr (line 6): unknown key. tuneforge calls it train.learning_rate.",
@@ -520,6 +521,21 @@ def test_adam_betas_and_epsilon_reach_every_optimizer_and_a_resume_check():
     ]
     with pytest.raises(ConfigError, match=r"train\.adam_beta2.*less than 1"):
         load_config({"data": {"train": "x"}, "train": {"adam_beta2": 1}})
+
+
+def test_a_number_out_of_bounds_is_told_its_bounds_what_the_key_is_and_its_default(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  train: x\nlora:\n  r: 0\ntrain:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.learning_rate=-1"])
+    assert e.value.message.splitlines()[1:] == [
+        "  lora.r (line 4): must be at least 1 and at most 1024 (got 0); give a number in range, or leave the key "
+        "out for its default (16).",
+        "  train.batch_size (line 6): must be at least 1 (got 0): rows (sequences or packed rows) per optimizer "
+        "step, all ranks together; give a number in range, or leave the key out for its default (8).",
+        "  train.learning_rate (override): must be more than 0 (got -1); give a number in range, or leave the key "
+        "out for its default (0.0002).",
+    ]
 
 
 def test_neftune_is_refused_where_a_teacher_or_reference_reads_the_same_inputs(tmp_path):

@@ -153,7 +153,11 @@ def test_a_rerun_refuses_a_finished_run_trained_on_data_edited_since(config, tmp
             r"(?s)--set train.lr=1e-3: .*train.lr \(override\): unknown key. tuneforge calls it ",
         ),
         (["train.learning_rate=1e-3,fast"], [], r"(?s)--set train.learning_rate=fast: .*valid number.*\(got 'fast'\)"),
-        (["lora.r=4,0"], [], r"(?s)--set lora.r=0: .*lora.r \(override\): Input should be greater than or equal to 1"),
+        (
+            ["lora.r=4,0"],
+            [],
+            r"(?s)--set lora.r=0: .*lora.r \(override\): must be at least 1 and at most 1024 \(got 0\)",
+        ),
         (
             ["lora.r=4,8"],
             ["data.validation=null"],

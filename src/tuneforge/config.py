@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from .errors import ConfigError, complaint, key_path, unreadable_json
 from .wording import nearest, to_utf8
@@ -1501,6 +1502,8 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
             what = "has no value (YAML reads a key with nothing after it as null); give it one" + (
                 "." if _required(parts) else ", or leave the key out for its default."
             )
+        elif e["type"] in OUT_OF_BOUNDS and (bounded := _out_of_bounds(parts, e["input"])):
+            what = bounded
         else:
             what = complaint(e)
             if (got := e.get("input")) is not None and not isinstance(got, dict):
@@ -1518,15 +1521,49 @@ def _names_model(part: str) -> bool:
     return isinstance(named, type) and issubclass(named, BaseModel)
 
 
-def _required(parts: list[str]) -> bool:
-    """Whether the config key of these parts must be given (a key outside the config's sections is not)."""
+def _field(parts: list[str]) -> FieldInfo | None:
+    """The config key of these parts, as its model declares it; None for a key outside the config's sections
+    (a list item's, a union member's)."""
     model, field = Config, None
     for part in parts:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
-            return False
+            return None
         model = field.annotation
+    return field
+
+
+def _required(parts: list[str]) -> bool:
+    """Whether the config key of these parts must be given (a key outside the config's sections is not)."""
+    field = _field(parts)
     return field is not None and field.is_required()
+
+
+OUT_OF_BOUNDS = {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}
+"""pydantic's error types of a number out of its key's bounds."""
+
+BOUNDS = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+"""How a key's bound of each kind (annotated_types' attribute of it, as `Field(ge=1)` sets it) is said."""
+
+
+def _out_of_bounds(parts: list[str], got: Any) -> str | None:
+    """A number out of its key's bounds: all of its bounds, what the key is (its description) and what to give;
+    None where the bounds are not the key's own (a list item's)."""
+    field = _field(parts)
+    bounds = [
+        f"{words} {bound:g}"
+        for limit in (field.metadata if field else ())
+        for name, words in BOUNDS.items()
+        if (bound := getattr(limit, name, None)) is not None
+    ]
+    if not bounds:
+        return None
+    said = f"must be {' and '.join(bounds)} (got {got!r})" + (f": {field.description}" if field.description else "")
+    if field.is_required():
+        return f"{said}; give a number in range."
+    default = field.get_default(call_default_factory=True)
+    default = f" ({default!r})" if isinstance(default, (int, float)) and not isinstance(default, bool) else ""
+    return f"{said}; give a number in range, or leave the key out for its default{default}."
 
 
 def _placed(key: str, places: dict[str, str]) -> str:
