@@ -10,6 +10,7 @@ per-token activation size.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -282,7 +283,20 @@ def adapter_start(cfg) -> str:
 
 
 def validate(config, overrides: list[str] = (), processes: int = 1, machines: int = 1) -> int:
-    """The dry run of a run on `processes` processes (all `machines` together)."""
+    """The dry run of a run on `processes` processes (all `machines` together). The Python warnings its checks
+    raise (loading the model, a library's) are listed and counted with the plan's own; where a check refuses
+    the run, they are shown as Python shows them, before its error."""
+    try:
+        with warnings.catch_warnings(record=True) as raised:
+            return dry_run(config, overrides, processes, machines, raised)
+    except BaseException:
+        for w in raised:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        raise
+
+
+def dry_run(config, overrides, processes: int, machines: int, raised: list[warnings.WarningMessage]) -> int:
+    """`validate`'s checks and plan; `raised`: the Python warnings raised so far, filled as they are."""
     console = new_console()
     started = time.perf_counter()
     cfg = load_config(config, overrides)
@@ -349,6 +363,15 @@ def validate(config, overrides: list[str] = (), processes: int = 1, machines: in
         )
     run_warnings += plan_warnings(cfg, plan, len(valid_items))
     run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report), experts] if w]
+    # A Python warning the data report repeats (the ChatML fallback's) is said once, as the report's.
+    listed = {w if isinstance(w, str) else w.get("message") for w in data_warnings}
+    run_warnings += [
+        said
+        for said in dict.fromkeys(
+            str(w.message) if w.category is UserWarning else f"{w.category.__name__}: {w.message}" for w in raised
+        )
+        if said not in listed
+    ]
     if needed > free:
         loads = sum(loading.values()) > sum(memory.values())
         remedies = (
