@@ -498,22 +498,17 @@ def grow_embeddings(model, new_ids) -> None:
                     tensor[ids] = tensor[:own].float().mean(0).to(tensor.dtype)
 
 
-def adapter_base_rows(source: ModelSource, rows: int) -> int:
-    """The embedding rows `load_model` gives the base of `source`'s adapter, whose config holds `rows`: an
-    adapter that added tokens saves its embeddings whole, or the rows of the tokens it added alone (past
-    `rows`), and the base is resized to them."""
-    return adapter_embedding_rows(source.adapter, input_embedding_name(model_config(source.path))) or max(
-        rows, adapter_token_rows(source.adapter) or 0
-    )
-
-
 def _require_embeddings_for_every_token(source: ModelSource, tokenizer, config: dict) -> None:
     """Refuse a tokenizer with tokens past the model's embedding rows (tokens added without resizing
     the model; `config` is its config.json): the first example or prompt holding one would fail
     inside the embedding lookup."""
     rows = _vocab_rows(config)
     if isinstance(rows, int) and len(tokenizer) > rows and source.adapter is not None:
-        rows = adapter_base_rows(source, rows)
+        # An adapter that added tokens saves its embeddings whole, or the rows of the tokens it added alone (past
+        # `rows`); `load_model` resizes the base to them.
+        rows = adapter_embedding_rows(source.adapter, input_embedding_name(model_config(source.path))) or max(
+            rows, adapter_token_rows(source.adapter) or 0
+        )
     if isinstance(rows, int) and len(tokenizer) > rows:
         beyond = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 5))))
         raise ModelSourceError(
