@@ -452,15 +452,16 @@ def add_whole_tokens(tokenizer, tokens) -> list[str]:
     its id, with a warning naming it; returns the tokens added."""
     from tokenizers import AddedToken
 
-    vocab = tokenizer.get_vocab()
+    vocab = HeldTokens(tokenizer)
     if present := [t for t in tokens if t in vocab]:
+        held = ", ".join(f"{t} (id {i})" for t, i in zip(present, tokenizer.convert_tokens_to_ids(present)))
         warnings.warn(
             f"model.add_tokens: the vocabulary of {tokenizer.name_or_path or 'the tokenizer'} already holds "
-            f"{', '.join(f'{t} (id {vocab[t]})' for t in present)}, so {'it is' if len(present) == 1 else 'they are'} "
+            f"{held}, so {'it is' if len(present) == 1 else 'they are'} "
             f"not added again; {'its row trains' if len(present) == 1 else 'their rows train'} as the new tokens' do.",
             stacklevel=3,
         )
-    added = [t for t in tokens if t not in vocab]
+    added = [t for t in tokens if t not in present]
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     if added:
         _ADDED[tokenizer] = added
