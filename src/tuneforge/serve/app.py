@@ -872,22 +872,19 @@ async def unload_adapter(body: UnloadAdapterBody, request: Request, server: Serv
             param="lora_name",
             code="invalid_value",
         )
-    async with server.updating:
-        if not server.pool.serves(name):
-            raise APIError(
-                404,
-                f"lora_name: the adapter '{name}' cannot be found. "
-                f"Loaded: {', '.join(server.pool.names[1:]) or 'none'}.",
-                param="lora_name",
-                code="model_not_found",
-            )
-        try:
+    try:  # an EngineError: the worker closing or stopped, before or while it deletes the adapter
+        async with server.updating:
+            if not server.pool.serves(name):
+                raise APIError(
+                    404,
+                    f"lora_name: the adapter '{name}' cannot be found. "
+                    f"Loaded: {', '.join(server.pool.names[1:]) or 'none'}.",
+                    param="lora_name",
+                    code="model_not_found",
+                )
             unloaded = server.engine.unload(name)
-        except EngineError as err:
-            raise engine_error(err) from err
-    try:
         await asyncio.wrap_future(unloaded)  # loads and unloads of other adapters go on meanwhile
-    except EngineError as err:  # the worker stopped before deleting it
+    except EngineError as err:
         raise engine_error(err) from err
     server.metrics.adapter_updated(server.pool.base_name, name, "unload")
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
