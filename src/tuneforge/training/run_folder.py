@@ -268,6 +268,12 @@ RUN_LOCK = ".train.lock"
 """Held by the training run writing its output_dir; it says which process that is."""
 
 
+def _lock_holder(lock) -> str:
+    """The process an open RUN_LOCK names: its first line, as the run holding it writes it."""
+    lock.seek(0)
+    return lock.readline().strip() or "unknown"
+
+
 def training_process(out: Path) -> str | None:
     """The process (as RUN_LOCK names it) of the training run writing `out`, while one holds its lock; None where
     none does (a run that ended leaves the file, its lock released with the process)."""
@@ -279,7 +285,7 @@ def training_process(out: Path) -> str | None:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return lock.readline().strip() or "unknown"
+            return _lock_holder(lock)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return None
 
@@ -303,8 +309,7 @@ def sole_run_in(out: Path, world: distributed.World):
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                lock.seek(0)
-                holder = lock.readline().strip() or "unknown"
+                holder = _lock_holder(lock)
             else:
                 held = True
                 with writing(out / RUN_LOCK):
