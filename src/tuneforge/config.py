@@ -6,7 +6,6 @@ checked before any model or data is loaded.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -1470,10 +1469,8 @@ def _suggest(key: str) -> str:
         if not key.startswith(k + ".")
         and (not k.startswith(section) or "." in k[len(section) :] or nearest(leaf, [k[len(section) :]]))
     ]
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-    if not close:
-        close = [k for k in known if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.75)]
-    return f" Did you mean '{close[0]}'?" if close else ""
+    close = nearest(key, known) or next((k for k in known if nearest(leaf, [k.rsplit(".", 1)[-1]])), None)
+    return f" Did you mean '{close}'?" if close else ""
 
 
 def _format_validation_error(err: ValidationError, source: str, places: dict[str, str]) -> str:
