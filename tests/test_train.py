@@ -1217,6 +1217,26 @@ def test_lora_modules_the_model_lacks_are_refused_before_the_data_is_read(tiny_m
     assert not (tmp_path / "run").exists()  # no data report: the data was never read
 
 
+def test_a_run_refused_after_its_data_is_read_leaves_no_run_folder_or_only_the_data_report(
+    tiny_model_dir, triage_data, tmp_path
+):
+    from tuneforge.errors import DataError
+
+    # Refused by its plan, once the data is read: a new output_dir goes as it came.
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=2, warmup=5)
+    with pytest.raises(TuneforgeError, match=r"train\.warmup"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    # Refused by its data: the report of why stays, alone, and a run started there after it is no earlier run's.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "narrator", "content": "hi"}]}\n')
+    refused = {**cfg, "data": {**cfg["data"], "train": str(bad), "validation": None}}
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "run" / "data_report.json"))):
+        train(refused, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data_report.json"]
+    assert train({**cfg, "train": {**cfg["train"], "warmup": 0}}, progress=False).steps == 2
+
+
 @pytest.mark.parametrize(
     ("name", "said"),
     [

@@ -257,7 +257,7 @@ class RunFolder:
         return samples
 
     def changed_at(self) -> float | None:
-        # data_report.json alone: the data is checked and the model is loading.
+        # data_report.json alone: a run whose data was refused.
         files = ("metrics.jsonl", "config.yaml", "data_report.json")
         times = [p.stat().st_mtime for p in (self.path / name for name in files) if p.exists()]
         return max(times) if times else None

@@ -1,7 +1,7 @@
 """Training data: read -> validate -> render chat + loss mask -> dedup -> split -> fit -> cache; then pack.
 
     from tuneforge.data import IGNORE_INDEX, collate, pack, prepare
-    data = prepare(cfg.data, tokenizer, report_path=run_dir / "data_report.json")
+    data = prepare(cfg.data, tokenizer, report_path=run_dir / "data_report.json")  # the report written if refused
     batch = collate(pack(data.train, cfg.data.max_length)[:8], tokenizer.pad_token_id)
     labels = batch.pop("labels")  # already shifted: no shift here, and not passed to the model
     logits = model(**batch, use_cache=False).logits  # use_cache=False: see pack.py

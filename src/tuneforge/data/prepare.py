@@ -122,7 +122,8 @@ def prepare(
     """Read, check, render, dedup, split and fit the data; raise DataError if it is not fit to train on.
 
     The report (what `data_report.json` holds) is in the result, and written to `report_path`
-    (atomically) when given, also when preparation fails. With `use_cache`, the result is stored
+    (atomically) when given and the data is refused, naming what refused it; a run writes the report of data
+    it trains on as it starts. With `use_cache`, the result is stored
     under `tuneforge_home()/data-cache/` and reused by a later run with the same files, tokenizer
     and data config. With `general_mix`, conversations of the `general_replay` file are mixed into
     training (`replay_file`). With `progress`, a bar (or log lines) follows each file through the pass.
@@ -142,7 +143,6 @@ def prepare(
         cached.report["cache"] = {"key": key, "reused": True, "path": str(cache.cache_dir() / key)}
         log(f"data: reusing the tokenized data set cached in {cache.cache_dir() / key}")
         _log_report(cached.report, log)
-        _write_report(report_path, cached.report)
         return cached
     data, errors = check_data(cfg, tokenizer, progress=progress)
     if refuses(cfg.on_error, (p.code for p in errors)):
@@ -158,7 +158,6 @@ def prepare(
             log(f"data: tokenized data set cached in {cache.cache_dir() / key}")
         except OSError as e:  # a cache that cannot be written costs the next run time, not this run
             log(f"data: warning: could not cache the tokenized data set in {cache.cache_dir()}: {e}")
-    _write_report(report_path, data.report)
     return data
 
 

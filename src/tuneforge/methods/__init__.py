@@ -226,9 +226,9 @@ def check_trainable(cfg, source, token_ids=(), new_ids=()) -> None:
 
 
 def prepare_items(cfg, tokenizer, *, report_path=None, log=print, progress=False, hashed=None) -> tfdata.PreparedData:
-    """The data the method trains on, checked, its report written to `report_path`: grpo's prompts, or
-    the examples (and pairs) of the data pipeline (with `progress`, shown as it goes; `hashed`: its cache
-    key and file states where already hashed, `data.prepare.hash_data`)."""
+    """The data the method trains on, checked, its report written to `report_path` where the data is
+    refused: grpo's prompts, or the examples (and pairs) of the data pipeline (with `progress`, shown as it
+    goes; `hashed`: its cache key and file states where already hashed, `data.prepare.hash_data`)."""
     if cfg.method == "grpo":
         return grpo.prepare(cfg, tokenizer, report_path=report_path, log=log)
     return tfdata.prepare(cfg.data, tokenizer, report_path=report_path, log=log, progress=progress, hashed=hashed)

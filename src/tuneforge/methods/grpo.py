@@ -272,12 +272,12 @@ def prepare(cfg, tokenizer, *, report_path: Path | None = None, log=print) -> tf
         "errors": [p.to_dict() for p in errors[:1000]],
         "errors_total": len(errors),
     }
-    if report_path is not None:
-        write_json(report_path, report)
     for warning in report["warnings"]:
         log(f"data: warning: {warning['message']}")
     # Secrets and personal data that data.pii: refuse refuses stop the run under on_error: skip too.
     if errors and (refuses(cfg.data.on_error, {p.code for p in errors}) or not rows):
+        if report_path is not None:
+            write_json(report_path, report)
         listed = "\n".join(f"  {p}" for p in errors[:20])
         raise DataError(
             f"the prompts have {counted(len(errors), 'error')}:\n{listed}"

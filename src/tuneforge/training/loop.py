@@ -376,11 +376,11 @@ def prepare_data(
     hashed: tuple[str | None, list] | None = None,
 ) -> tfdata.PreparedData:
     """Rank 0 prepares the data (and caches it under $TUNEFORGE_HOME, and writes the report to
-    `report_path`, if any). On several machines, the first process of each other machine then prepares
-    it too: it reads rank 0's cache where $TUNEFORGE_HOME is shared, and tokenizes the data files again
-    where it is not. The other processes then read their machine's cache. Rank 0 shows its progress.
-    `hashed`: the data's cache key and file states where `refuse_other_runs_on_other_machines` hashed the
-    files already, so no process hashes them again."""
+    `report_path`, if any, where the data is refused). On several machines, the first process of each
+    other machine then prepares it too: it reads rank 0's cache where $TUNEFORGE_HOME is shared, and
+    tokenizes the data files again where it is not. The other processes then read their machine's cache.
+    Rank 0 shows its progress. `hashed`: the data's cache key and file states where
+    `refuse_other_runs_on_other_machines` hashed the files already, so no process hashes them again."""
     return distributed.cached_by_rank_0_first(
         world,
         "preparing data",
@@ -604,7 +604,8 @@ def setup(
         if not world.is_main or LAUNCHER_SHOWS_ERRORS in os.environ:
             warnings.simplefilter("ignore")
         check_inputs(cfg, tokenizer, source)
-    # Data refused gets its report in output_dir only where no earlier run's files are there to mix with.
+    # Data refused gets its report in output_dir only where no earlier run's files are there to mix with;
+    # data that passes gets it as the run starts (`start_run_folder`), so a run refused before then leaves none.
     keeps_earlier = resume or replaces_earlier
     report_path = None if keeps_earlier else out / "data_report.json"
     prepared = prepare_data(cfg, tokenizer, world, report_path, log, progress, hashed=hashed)

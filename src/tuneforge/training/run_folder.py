@@ -295,8 +295,8 @@ def sole_run_in(out: Path, world: distributed.World):
     """Hold `out` for this run until it ends: a second run started there is refused before it reads or
     deletes anything, since both would write the same checkpoints, metrics.jsonl and final model, and
     each removes the other's half-written checkpoint as a leftover. The lock goes with the process,
-    so a killed run leaves nothing to clear by hand. A run refused before it writes anything leaves no
-    output_dir behind where there was none.
+    so a killed run leaves nothing to clear by hand. A run refused before its first step leaves no
+    output_dir behind where there was none, or only the report of the data that refused it.
 
     The lock also shows that every process sees the folder rank 0 writes: each process writes its
     shards of every checkpoint there, so on machines that do not share it (no network file system, or
@@ -340,10 +340,13 @@ def sole_run_in(out: Path, world: distributed.World):
     finally:
         if lock is not None:
             # Only the run that holds the lock removes the folder it made: a run refused there may have found
-            # the folder missing just before the holder made it, and the lock file is the holder's.
-            if held and made and [p.name for p in out.iterdir()] == [RUN_LOCK]:
+            # the folder missing just before the holder made it, and the lock file is the holder's. A run refused
+            # by its data leaves the report that says why (data_report.json) alone.
+            left = {p.name for p in out.iterdir()} if held and made else set()
+            if RUN_LOCK in left and left <= {RUN_LOCK, "data_report.json"}:
                 (out / RUN_LOCK).unlink()
-                out.rmdir()
+                if left == {RUN_LOCK}:
+                    out.rmdir()
             # A write the disk refused stays in the file's buffer: close would raise it again over the error
             # that names the lock file.
             with contextlib.suppress(OSError):
