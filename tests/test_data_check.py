@@ -23,7 +23,7 @@ def models(monkeypatch, tokenizer):
     """Stands in for tuneforge.models (its own engineer's job): every model has the tiny tokenizer."""
     asked: list[str] = []
 
-    def load_tokenizer(spec: str):
+    def load_tokenizer(spec: str, warn_chatml: bool = True):
         asked.append(spec)
         if spec == "missing-model":
             raise ModelSourceError("no model called missing-model; see `tuneforge models list`")
@@ -301,3 +301,23 @@ def test_one_blank_line_and_one_error_are_counted_in_the_singular(good_file, cap
     with pytest.raises(DataError) as refused:
         prepare(DataConfig(train=str(good_file), validation=None), tokenizer, use_cache=False, log=lambda _: None)
     assert "the data has 1 error (invalid_json x1)" in str(refused.value)
+
+
+def test_a_model_without_a_chat_template_is_warned_of_once(good_file, tiny_model_dir, tmp_path, capsys):
+    import shutil
+    import warnings
+
+    from tiny import tiny_tokenizer
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, folder)
+    for stale in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
+        (folder / stale).unlink(missing_ok=True)
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    bare.save_pretrained(folder)
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        assert check_command([str(good_file)], model=str(folder)) == 0
+    said = [str(w.message) for w in heard] + [capsys.readouterr().out]
+    assert sum(text.count("has no chat template; using ChatML") for text in said) == 1

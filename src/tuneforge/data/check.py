@@ -117,7 +117,9 @@ def check(
     )
     cfg = load_config(config_or_data, overrides)
     cfg.check_data_files()
-    data, _ = check_data(cfg.data, run_tokenizer(cfg, cfg.base_model), progress=progress, keep_examples=False)
+    # The report warns of a model without a chat template (`chat_template_missing`): the load does not too.
+    tokenizer = run_tokenizer(cfg, cfg.base_model, warn_chatml=False)
+    data, _ = check_data(cfg.data, tokenizer, progress=progress, keep_examples=False)
     return data.report
 
 
@@ -171,7 +173,8 @@ def _files_report(files, model, options: dict, *, progress) -> tuple[dict, objec
 def _load_tokenizer(spec: str):
     from ..models import load_tokenizer  # here, not at the top: the models stage pulls in heavy imports
 
-    return load_tokenizer(spec)
+    # The report warns of a model without a chat template (`chat_template_missing`): the load does not too.
+    return load_tokenizer(spec, warn_chatml=False)
 
 
 def _check_max_length(spec: str, max_length: int) -> None:

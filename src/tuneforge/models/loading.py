@@ -308,12 +308,14 @@ def load_tokenizer(
     add_tokens: list[str] | tuple[str, ...] = (),
     template: str | None = None,
     key: str = "model.chat_template",
+    warn_chatml: bool = True,
 ):
     """The model's fast tokenizer, always with a chat template and a pad token, and `add_tokens`
     (`model.add_tokens`) added whole (`add_whole_tokens`).
 
     `template` (`model.chat_template`, which `key` names in errors) replaces the tokenizer's own
-    template (`chosen_template`). A tokenizer without a chat template gets ChatML, with a warning.
+    template (`chosen_template`). A tokenizer without a chat template gets ChatML, with a warning
+    unless `warn_chatml` is False (a caller whose data report warns of it, `chat_template_missing`).
     One without a pad token pads with end-of-sequence, or without that with the token that ends its
     template's turns: batching needs a pad id, and loss masks come from the chat rendering, never
     from padding, so sharing the id costs nothing.
@@ -332,7 +334,8 @@ def load_tokenizer(
     elif (own := chat_template(tokenizer)) is not None:
         _refuse_uncompilable_template(own, _tokenizer_folder(source))
     if not tokenizer.chat_template:
-        warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
+        if warn_chatml:
+            warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
         tokenizer.chat_template = fallback_template(tokenizer)
         _GIVEN_CHATML.add(tokenizer)
     if isinstance(tokenizer.chat_template, str):
@@ -409,10 +412,16 @@ def image_inputs(tokenizer) -> ImageInputs | None:
     return _IMAGES.get(tokenizer)
 
 
-def run_tokenizer(cfg, source: str | ModelSource):
+def run_tokenizer(cfg, source: str | ModelSource, warn_chatml: bool = True):
     """The tokenizer a run trains with: `load_tokenizer` with the config's model.add_tokens and
     model.chat_template, an error about the template naming where the config set it."""
-    return load_tokenizer(source, cfg.model.add_tokens, cfg.model.chat_template, key=cfg.key_at("model.chat_template"))
+    return load_tokenizer(
+        source,
+        cfg.model.add_tokens,
+        cfg.model.chat_template,
+        key=cfg.key_at("model.chat_template"),
+        warn_chatml=warn_chatml,
+    )
 
 
 def chosen_template(tokenizer, template: str, key: str = "model.chat_template") -> str:
