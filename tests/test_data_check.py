@@ -321,3 +321,16 @@ def test_a_model_without_a_chat_template_is_warned_of_once(good_file, tiny_model
         assert check_command([str(good_file)], model=str(folder)) == 0
     said = [str(w.message) for w in heard] + [capsys.readouterr().out]
     assert sum(text.count("has no chat template; using ChatML") for text in said) == 1
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_rows_all_rejected_for_their_system_message_are_not_said_to_have_none(family, tmp_path, capsys):
+    from families import FAMILIES, save_family_model
+
+    folder = save_family_model(FAMILIES[family], tmp_path / family)  # templates with no system turn
+    path = write_jsonl(
+        tmp_path / "system.jsonl", [chat("What is 2 + 2?", REPLIES[0], system="Be brief.") for _ in range(2)]
+    )
+    assert check_command([str(path)], model=str(folder)) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no row has one" not in out and "system prompt none known: no row is kept" in out

@@ -496,7 +496,7 @@ def data_rows(cfg, report: dict, train_items, valid_items, rows, plan, processes
             f"{len(rows):,} ({packing_said(cfg, train_items)}, max_length {cfg.data.max_length}{shared})",
         ),
         *describe_files(report),
-        ("system prompt", describe_system_prompt(report["system_prompt"])),
+        ("system prompt", describe_system_prompt(report)),
         ("tokens per epoch", tokens),
         # The epochs the steps train, fractional where train.max_steps ends one part-way, as the summary gives them.
         ("epochs", f"{round(plan.total_steps / plan.steps_per_epoch, 2):g}{epochs}"),

@@ -225,7 +225,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
             + (f", {counts['split']} split into windows)" if counts.get("split") else ")"),
         ),
         *describe_files(report),
-        ("system prompt", describe_system_prompt(report["system_prompt"])),
+        ("system prompt", describe_system_prompt(report)),
         ("secrets, personal data", describe_pii(report["pii"])),
         ("duplicates", f"{counts['duplicates_exact']} exact removed"),
         (
@@ -273,9 +273,13 @@ def describe_pii(pii: dict) -> str:
     return f"{kinds} in {counted(pii['rows'], 'row')}: {where}{done}"
 
 
-def describe_system_prompt(system_prompt: dict) -> str:
-    """What the report's `system_prompt` means for the model a run trains: one line."""
+def describe_system_prompt(report: dict) -> str:
+    """What the report's `system_prompt` means for the model a run trains: one line. It counts the rows kept, so
+    where none is kept it tells nothing of the rows rejected (for a system message the template refuses)."""
+    system_prompt, counts = report["system_prompt"], report["counts"]
     shared, distinct, without = system_prompt["shared"], system_prompt["distinct"], system_prompt["rows_without"]
+    if not counts["train"] + counts["validation"]:
+        return "none known: no row is kept (see the errors)"
     if shared is not None:
         shown = shared if len(shared) <= 80 else shared[:77] + "..."
         return f"every row has {shown!r}: saved with the model, for requests that bring none"
