@@ -136,3 +136,18 @@ main()
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == "warning: model.add_tokens: the vocabulary already holds <|im_end|> (id 2)\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["serve", "--bogus", "x"], "error: No such option: --bogus"),
+        (["train"], "error: Missing argument 'config'."),
+        (["data", "check"], "error: Missing argument 'files'."),
+    ],
+)
+def test_usage_errors_read_as_tuneforge_errors_with_the_usage(args, said, monkeypatch, capsys):
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and out == ""
+    assert said in err and "Error:" not in err
+    assert f"Usage: tuneforge {' '.join(a for a in args if not a.startswith('-') and a != 'x')}" in err

@@ -930,7 +930,14 @@ def main() -> None:
             if dashed := _dashed_override(e, sys.argv[1:]):
                 _show_error(dashed)
                 leave(EXIT_BAD_INPUT)
-            e.show()
+            # The command's usage and where its help is, as click gives them, then the error in tuneforge's form.
+            ctx = getattr(e, "ctx", None)
+            if ctx is not None:
+                lines = [ctx.get_usage()]
+                if ctx.command.get_help_option(ctx) is not None:
+                    lines.append(f"Try '{ctx.command_path} --help' for help.")
+                err.print(plain("\n".join(lines) + "\n"), highlight=False, soft_wrap=True)
+            _show_error(e.format_message())
             sys.exit(2)
         raise
     leave(code)
