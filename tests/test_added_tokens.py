@@ -135,6 +135,17 @@ def test_a_full_run_grows_the_model_to_its_added_tokens(tiny_model_dir, tool_dat
     assert load_model(str(final)).get_input_embeddings().num_embeddings == 444
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_model_continued_with_its_runs_added_tokens_is_warned_only_of_the_base_vocabularys(
+    method, tiny_model_dir, tool_data, tmp_path
+):
+    train(tool_run(tiny_model_dir, tool_data, tmp_path / "run", method=method, max_steps=1), progress=False)
+    with pytest.warns(UserWarning, match="already holds") as said:
+        tokenizer = load_tokenizer(str(tmp_path / "run"), TOKENS)
+    assert [str(w.message).split(" already holds ")[1].split(",")[0] for w in said] == ["<|im_end|> (id 2)"]
+    assert tokenizer.convert_tokens_to_ids(TOKENS) == [442, 443, 2]
+
+
 @pytest.mark.parametrize(
     ("keys", "said"),
     [

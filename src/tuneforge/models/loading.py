@@ -454,15 +454,21 @@ def chosen_template(tokenizer, template: str, key: str = "model.chat_template") 
     )
 
 
+ADDED_BY_RUNS = "tuneforge_added_tokens"
+"""The tokenizer_config.json key listing the tokens model.add_tokens added in the runs a model comes from."""
+
+
 def add_whole_tokens(tokenizer, tokens) -> list[str]:
     """Add `tokens` to `tokenizer` as added tokens that are not special, as Qwen's <tool_call> is: each is
     one id wherever it appears in text, never split, never normalized, and kept in decoded answers (special
     tokens are dropped from them, and refused in trained text). A token the vocabulary already holds keeps
-    its id, with a warning naming it; returns the tokens added."""
+    its id, with a warning naming it unless a run added it (`ADDED_BY_RUNS`: continuing from a run with its
+    own model.add_tokens); returns the tokens added."""
     from tokenizers import AddedToken
 
     vocab = HeldTokens(tokenizer)
-    if present := [t for t in tokens if t in vocab]:
+    by_runs = list(tokenizer.init_kwargs.get(ADDED_BY_RUNS) or [])
+    if present := [t for t in tokens if t in vocab and t not in by_runs]:
         held = ", ".join(f"{t} (id {i})" for t, i in zip(present, tokenizer.convert_tokens_to_ids(present)))
         warnings.warn(
             f"model.add_tokens: the vocabulary of {tokenizer.name_or_path or 'the tokenizer'} already holds "
@@ -470,10 +476,13 @@ def add_whole_tokens(tokenizer, tokens) -> list[str]:
             f"not added again; {'its row trains' if len(present) == 1 else 'their rows train'} as the new tokens' do.",
             stacklevel=3,
         )
-    added = [t for t in tokens if t not in present]
+    added = [t for t in tokens if t not in vocab]
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     if added:
         _ADDED[tokenizer] = added
+        # Saved in tokenizer_config.json with the tokenizer (transformers keeps a key it does not know), so a
+        # model trained from this one knows these tokens as a run's, not its original vocabulary's.
+        tokenizer.init_kwargs[ADDED_BY_RUNS] = by_runs + added
     return added
 
 
