@@ -538,6 +538,17 @@ def test_a_number_out_of_bounds_is_told_its_bounds_what_the_key_is_and_its_defau
     ]
 
 
+def test_a_number_out_of_bounds_in_an_optional_section_is_told_its_bounds_and_what_the_key_is():
+    with pytest.raises(ConfigError) as e:
+        load_config({"data": {"train": "x"}}, ["model.rope_scaling={rope_type: yarn, factor: 1, beta_fast: 0}"])
+    assert e.value.message.splitlines()[1:] == [
+        "  model.rope_scaling.factor (override): must be more than 1 (got 1): the new window is the base's times "
+        "this; give a number in range.",
+        "  model.rope_scaling.beta_fast (override): must be more than 0 (got 0): yarn: where extrapolation ends "
+        "(32); give a number in range, or leave the key out for its default.",
+    ]
+
+
 def test_neftune_is_refused_where_a_teacher_or_reference_reads_the_same_inputs(tmp_path):
     for method, extra in (("dpo", {}), ("distill", {"distill": {"teacher": "t"}})):
         with pytest.raises(ConfigError, match=f"method: {method} does not take train.neftune_alpha"):

@@ -1520,13 +1520,14 @@ def _names_model(part: str) -> bool:
 
 def _field(parts: list[str]) -> FieldInfo | None:
     """The config key of these parts, as its model declares it; None for a key outside the config's sections
-    (a list item's, a union member's)."""
+    (a list item's, a union member's). A section that may be null (model.rope_scaling) declares its keys."""
     model, field = Config, None
     for part in parts:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return None
-        model = field.annotation
+        given = [a for a in get_args(field.annotation) if a is not type(None)]
+        model = given[0] if len(given) == 1 and type(None) in get_args(field.annotation) else field.annotation
     return field
 
 
