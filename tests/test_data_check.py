@@ -193,7 +193,7 @@ def test_options_reach_the_checks(tmp_path, capsys, models):
 
 def test_an_option_refused_is_named_as_an_option(good_file, capsys, models):
     assert check_command([str(good_file)], max_length=2) == 2
-    assert capsys.readouterr().err.strip() == "error: --max-length: Input should be greater than or equal to 8"
+    assert capsys.readouterr().err.strip() == "error: --max-length: must be at least 8 (got 2)"
     assert check_command([str(good_file), str(good_file)]) == 2
     assert capsys.readouterr().err.startswith(f"error: files: data.train lists {good_file} more than once;")
 

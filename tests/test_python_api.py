@@ -117,7 +117,7 @@ def test_check_data_returns_the_report_data_check_json_prints(tiny_model_dir, tm
 
 def test_check_data_raises_what_data_check_refuses(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "rows.jsonl", [chat("What is two plus two?", "Four.")])
-    with pytest.raises(ConfigError, match="^--max-length: Input should be greater than or equal to 8$"):
+    with pytest.raises(ConfigError, match=r"^--max-length: must be at least 8 \(got 2\)$"):
         tuneforge.check_data(data, model=str(tiny_model_dir), max_length=2)
     with pytest.raises(ConfigError, match="so max_length does not apply"):
         tuneforge.check_data({"base_model": str(tiny_model_dir), "data": {"train": str(data)}}, max_length=64)

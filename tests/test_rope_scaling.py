@@ -222,5 +222,7 @@ def test_models_info_refuses_a_bad_rope_scaling_in_a_run_s_config_naming_the_fil
     random_adapter(short_base, tmp_path / "run" / "final", seed=1)
     config = tmp_path / "run" / "config.yaml"
     config.write_text(f"base_model: {short_base}\nmodel:\n  rope_scaling: {{type: yarn, factor: 0.5}}\n")
-    with pytest.raises(ModelSourceError, match=f"^{config}: model.rope_scaling.factor: Input should be greater than 1"):
+    with pytest.raises(
+        ModelSourceError, match=rf"^{config}: model.rope_scaling.factor: must be more than 1 \(got 0.5\)"
+    ):
         model_info(str(tmp_path / "run" / "final"))

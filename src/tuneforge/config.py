@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from .errors import ConfigError, complaint, key_path, unreadable_json
+from .errors import BOUNDS, OUT_OF_BOUNDS, ConfigError, complaint, key_path, out_of_bounds, unreadable_json
 from .wording import nearest, to_utf8
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -1499,8 +1499,8 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
             what = "has no value (YAML reads a key with nothing after it as null); give it one" + (
                 "." if _required(parts) else ", or leave the key out for its default."
             )
-        elif e["type"] in OUT_OF_BOUNDS and (bounded := _out_of_bounds(parts, e["input"])):
-            what = bounded
+        elif e["type"] in OUT_OF_BOUNDS:
+            what = _out_of_bounds(parts, e)
         else:
             what = complaint(e)
             if (got := e.get("input")) is not None and not isinstance(got, dict):
@@ -1537,26 +1537,19 @@ def _required(parts: list[str]) -> bool:
     return field is not None and field.is_required()
 
 
-OUT_OF_BOUNDS = {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}
-"""pydantic's error types of a number out of its key's bounds."""
-
-BOUNDS = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
-"""How a key's bound of each kind (annotated_types' attribute of it, as `Field(ge=1)` sets it) is said."""
-
-
-def _out_of_bounds(parts: list[str], got: Any) -> str | None:
+def _out_of_bounds(parts: list[str], error: dict) -> str:
     """A number out of its key's bounds: all of its bounds, what the key is (its description) and what to give;
-    None where the bounds are not the key's own (a list item's)."""
+    the bound it missed alone where the bounds are not the key's own (a list item's)."""
     field = _field(parts)
-    bounds = [
-        f"{words} {bound:g}"
+    bounds = {
+        name: bound
         for limit in (field.metadata if field else ())
-        for name, words in BOUNDS.items()
+        for name in BOUNDS
         if (bound := getattr(limit, name, None)) is not None
-    ]
+    }
     if not bounds:
-        return None
-    said = f"must be {' and '.join(bounds)} (got {got!r})" + (f": {field.description}" if field.description else "")
+        return complaint(error)
+    said = out_of_bounds(bounds, error["input"]) + (f": {field.description}" if field.description else "")
     if field.is_required():
         return f"{said}; give a number in range."
     default = field.get_default(call_default_factory=True)

@@ -64,9 +64,32 @@ def key_path(loc: Sequence) -> list[str]:
     return [str(part) for part in loc if not _TYPE_TAG.fullmatch(str(part))]
 
 
+OUT_OF_BOUNDS = {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}
+"""pydantic's error types of a number out of its bounds."""
+
+BOUNDS = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+"""How a bound of each kind (annotated_types' name for it, as `Field(ge=1)` sets it) is said."""
+
+
+def within(bounds: dict) -> str:
+    """`bounds` (a kind of BOUNDS: its bound) in words: "at least 1 and at most 1024"."""
+    return " and ".join(
+        f"{BOUNDS[kind]} {bound:g}" if isinstance(bound, float) else f"{BOUNDS[kind]} {bound}"
+        for kind, bound in bounds.items()
+    )
+
+
+def out_of_bounds(bounds: dict, got) -> str:
+    """A number out of `bounds` (a kind of BOUNDS: its bound), as every front end says it:
+    "must be at least 1 and at most 1024 (got 0)"."""
+    return f"must be {within(bounds)} (got {got!r})"
+
+
 def complaint(error: dict) -> str:
     """What a pydantic error says: our validators' own words without the "Value error, " pydantic puts
-    before them, or pydantic's message."""
+    before them, a number out of its bounds as `out_of_bounds` says it, or pydantic's message."""
+    if error.get("type") in OUT_OF_BOUNDS:
+        return out_of_bounds({kind: error["ctx"][kind] for kind in BOUNDS if kind in error["ctx"]}, error["input"])
     said = error.get("ctx", {}).get("error") if error.get("type") == "value_error" else None
     return str(said) if said is not None else error.get("msg", "")
 
