@@ -359,9 +359,13 @@ def test_bad_requests_are_400s_naming_the_parameter(server, tiny_model_dir):
     refused("training_file", training_file="")
     refused("validation_file", validation_file=train.id)
     refused("validation_file", validation_file="")
-    refused(
+    epochs = refused(
         "method.supervised.hyperparameters.n_epochs",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}},
+    )
+    assert epochs.body["message"] == (
+        "Invalid value for 'method.supervised.hyperparameters.n_epochs': must be 'auto' or an integer of at least 1 "
+        "and at most 50 (got 0)"
     )
     refused(
         "method.supervised.hyperparameters.learning_rate_multiplier",

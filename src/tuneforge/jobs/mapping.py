@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from ..config import Config, GRPOConfig, TrainConfig, auto_epochs, is_jinja, load_config
-from ..errors import ConfigError
+from ..errors import ConfigError, within
 from ..training import make_plan
 from ..web import Metadata, RequestBody, Shallow, StoredText
 
@@ -51,8 +51,8 @@ def _auto_or(kind: type, low: float, high: float, *, low_inclusive: bool = True)
         ):
             raise ValueError(f"expected 'auto' or {shown}, got {value!r}")
         if value > high or value < low or (value == low and not low_inclusive):
-            bounds = f"{'[' if low_inclusive else '('}{low}, {high}]"
-            raise ValueError(f"expected 'auto' or {shown} in {bounds}, got {value!r}")
+            bounds = within({"ge" if low_inclusive else "gt": low, "le": high})
+            raise ValueError(f"must be 'auto' or {shown} of {bounds} (got {value!r})")
         return kind(value)
 
     return Annotated[Literal["auto"] | kind, BeforeValidator(check)]
