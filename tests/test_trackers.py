@@ -109,10 +109,12 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_data_or_model_loa
 
 
 def test_wandb_without_a_login_says_how_to_log_in_once(tiny_model_dir, triage_data, tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="W&B is not installed: pip install -e '.[wandb]'")
+    wandb = pytest.importorskip("wandb", reason="W&B is not installed: pip install -e '.[wandb]'")
     from tuneforge.config import load_config
     from tuneforge.training import trackers
 
+    # An earlier test's offline run leaves wandb's process-wide settings (WANDB_MODE=offline) behind.
+    wandb.teardown()
     for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
