@@ -151,3 +151,10 @@ def test_usage_errors_read_as_tuneforge_errors_with_the_usage(args, said, monkey
     assert code == 2 and out == ""
     assert said in err and "Error:" not in err
     assert f"Usage: tuneforge {' '.join(a for a in args if not a.startswith('-') and a != 'x')}" in err
+
+
+@pytest.mark.parametrize("args", [[], ["data"], ["models"]])
+def test_a_command_group_given_no_command_shows_its_help_and_no_usage_error(args, monkeypatch, capsys):
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and "error:" not in err and "Try '" not in err
+    assert f"Usage: {' '.join(['tuneforge', *args])} [OPTIONS] COMMAND" in out + err

@@ -930,6 +930,9 @@ def main() -> None:
             if dashed := _dashed_override(e, sys.argv[1:]):
                 _show_error(dashed)
                 leave(EXIT_BAD_INPUT)
+            if type(e).__name__ == "NoArgsIsHelpError":  # a group given no command: its help is the message
+                e.show()
+                sys.exit(2)
             # The command's usage and where its help is, as click gives them, then the error in tuneforge's form.
             ctx = getattr(e, "ctx", None)
             if ctx is not None:
