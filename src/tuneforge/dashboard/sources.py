@@ -89,7 +89,7 @@ class FolderRuns:
 
     def _row(self, run_id: str, folder: RunFolder) -> RunRow:
         config = folder.config()
-        # A run starts with its data report, then config.yaml once its data and model are checked.
+        # A run writes config.yaml and its data report as it starts; one whose data was refused, the report alone.
         started = (folder.path / "config.yaml", folder.path / "data_report.json")
         return _row_from_folder(
             folder,
