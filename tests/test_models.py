@@ -492,6 +492,9 @@ def test_a_run_with_no_model_saved_yet_says_how_to_get_one(tmp_path):
     message = str(caught.value)
     assert f"{run.resolve()} is a tuneforge run that has saved no model yet" in message
     assert "no final/" in message and "no complete checkpoint" in message
+    # A run still training is refused earlier, naming its process: this one stopped, and the message says only that.
+    assert "no training process holding its .train.lock, so it stopped before saving one" in message
+    assert "If it is training" not in message
     assert "tuneforge train CONFIG --overwrite" in message
 
 

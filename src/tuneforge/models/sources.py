@@ -206,24 +206,25 @@ def _model_inside(folder: Path) -> Path:
 
     # A complete checkpoint only, never one a stopped run left half-written (.tmp-step-N-...).
     newest = latest(folder / "checkpoints")
-    if (folder / "config.yaml").is_file() and (process := training_process(folder)) is not None:
-        training = f"{folder} is a tuneforge run still training (process {process} holds its {RUN_LOCK})"
-        raise ModelSourceError(
-            f"{training}: it has no final/ until training ends. Wait for it to end, or give its newest checkpoint: "
-            f"{newest}."
-            if newest
-            else f"{training} and has saved no model yet. Wait for it to save a checkpoint (train.save_every) or "
-            "to end.",
-            code="run_in_progress",
-        )
-    if newest is None and (folder / "config.yaml").is_file():  # a run's own folder, before it saved a model
-        raise ModelSourceError(
-            f"{folder} is a tuneforge run that has saved no model yet: no final/ (written when training ends) and "
-            "no complete checkpoint in checkpoints/ (a step cut short as it was written is none). If it is "
-            "training, evaluate it once it saves a checkpoint (train.save_every) or ends; if it stopped before "
-            "either, train it again (tuneforge train CONFIG --overwrite).",
-            code="model_not_found",
-        )
+    if (folder / "config.yaml").is_file():  # a tuneforge run's own folder
+        if (process := training_process(folder)) is not None:
+            training = f"{folder} is a tuneforge run still training (process {process} holds its {RUN_LOCK})"
+            raise ModelSourceError(
+                f"{training}: it has no final/ until training ends. Wait for it to end, or give its newest "
+                f"checkpoint: {newest}."
+                if newest
+                else f"{training} and has saved no model yet. Wait for it to save a checkpoint (train.save_every) "
+                "or to end.",
+                code="run_in_progress",
+            )
+        if newest is None:
+            raise ModelSourceError(
+                f"{folder} is a tuneforge run that has saved no model yet: no final/ (written when training ends), "
+                "no complete checkpoint in checkpoints/ (a step cut short as it was written is none) and no "
+                f"training process holding its {RUN_LOCK}, so it stopped before saving one. Train it again "
+                "(tuneforge train CONFIG --overwrite).",
+                code="model_not_found",
+            )
     if newest:
         hint = f" The run has no final/ yet but has checkpoints: point at one, e.g. {newest}."
     elif ggufs := text_ggufs(folder):  # a GGUF export's folder
