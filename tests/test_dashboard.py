@@ -251,11 +251,20 @@ def test_a_data_report_shown_to_a_client_names_files_by_id_and_hides_server_path
     report = {
         "files": [{"path": "/srv/tuneforge/jobs/files/abc/file-1.jsonl", "role": "train"}],
         "errors": [{"file": "/srv/tuneforge/jobs/files/abc/file-1.jsonl", "line": 4, "message": "see /etc/x"}],
+        "warnings": [
+            {
+                "code": "truncated",
+                "message": "1 row longer than max_length 1024 was cut (its end is not trained): "
+                "/srv/tuneforge/jobs/files/abc/file-1.jsonl:7. Raise data.max_length or set data.truncation: drop.",
+            }
+        ],
         "cache": {"path": "/root/.cache/tuneforge/data-cache/k"},
     }
     shown = public_report(report, {"/srv/tuneforge/jobs/files/abc/file-1.jsonl": "file-1 (train.jsonl)"})
     assert shown["files"][0]["path"] == "file-1 (train.jsonl)" and shown["errors"][0]["file"] == "file-1 (train.jsonl)"
     assert "/etc" not in shown["errors"][0]["message"] and "cache" not in shown
+    # Its advice is what a job's client can do: no config key a job cannot set.
+    assert shown["warnings"][0]["message"].endswith("file-1 (train.jsonl):7. Shorten those rows to train them whole.")
 
 
 def supervised_job(key: str, **fields):
@@ -376,6 +385,9 @@ def test_the_check_of_a_file_for_a_new_job_refuses_a_model_the_job_could_not_tra
     assert (
         error["param"] == "model" and "data.max_length: 1024 tokens is more than the 256 positions" in error["message"]
     )
+    # Advised as the job's validation advises it: what a job's client can change, the base model.
+    assert "give the job a base model of 1024 positions or more" in error["message"]
+    assert "rope_scaling" not in error["message"]
 
 
 def test_compared_jobs_that_share_a_suffix_each_keep_their_curve(tmp_path):

@@ -790,8 +790,8 @@ def test_advice_a_job_cannot_follow_goes_and_the_sentence_around_it_stays():
         "each text document whole, window by window) or the chat template puts the end of turn outside the reply."
     )
     assert api_advice(message) == (
-        "Usually max_length cuts every reply short (raise data.max_length) or the chat template puts the end of "
-        "turn outside the reply."
+        "Usually max_length cuts every reply short (shorten the rows) or the chat template puts the end of turn "
+        "outside the reply."
     )
     assert api_advice("Fix these rows, or set data.on_error: skip to leave bad rows out.") == "Fix these rows."
     # Rows of two kinds, where the validation file's rows are another kind than the training file's.
@@ -801,6 +801,32 @@ def test_advice_a_job_cannot_follow_goes_and_the_sentence_around_it_stays():
         "for rated replies)."
     )
     assert api_advice(mixed).endswith("cannot be trained together. Give rows of one kind in the job's files.")
+
+
+def test_the_data_checks_advice_on_long_rows_and_validation_is_what_a_job_can_do(tmp_path, tokenizer):
+    """A job sets neither data.max_length (its rows fit tuneforge's default) nor data.truncation nor
+    data.validation (its validation_file, or none): the data check's own messages about rows too long and a
+    validation file with no row left advise the rows and validation_file instead."""
+    from data.rows import chat, write_jsonl
+
+    from tuneforge.config import DataConfig
+    from tuneforge.data.prepare import check_data
+    from tuneforge.jobs.mapping import api_advice
+
+    rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(11)]
+    long_reply, long_prompt = chat("Short question?", "A long answer. " * 60), chat("A long question. " * 60, "Yes.")
+    train = write_jsonl(tmp_path / "train.jsonl", [*rows, long_reply, long_prompt])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"messages": [{"role": "wizard", "content": "hi"}]}])
+    config = DataConfig(train=str(train), validation=str(valid), max_length=64)
+    data, problems = check_data(config, tokenizer, keep_examples=False)
+    said = {p.code: p.message for p in problems} | {w["code"]: w["message"] for w in data.report["warnings"]}
+    advised = {code: api_advice(message) for code, message in said.items()}
+    assert advised["too_long"].endswith("no trained token is left (the reply comes after the cut). Shorten the prompt.")
+    assert advised["truncated"].endswith("train.jsonl:12. Shorten those rows to train them whole.")
+    assert advised["no_valid_rows"].endswith(
+        "Fix the rows listed, or leave validation_file out to train without validation."
+    )
+    assert not any("data." in message for message in advised.values()), advised
 
 
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
@@ -1795,6 +1821,9 @@ def test_a_job_whose_config_the_model_cannot_train_fails_while_its_files_are_val
     messages = [e.message for e in store.list_events(job.id, after=None, limit=100)]
     assert failed.status == "failed", messages
     assert "data.max_length: 1024 tokens is more than the 256 positions" in failed.error["message"], failed.error
+    # A job sets no data.max_length and no model.rope_scaling: the base model is what its client can change.
+    assert "give the job a base model of 1024 positions or more" in failed.error["message"]
+    assert "rope_scaling" not in failed.error["message"]
     assert failed.error["param"] is None and str(tmp_path) not in failed.error["message"]
     assert not any(message.startswith("Files validated") for message in messages)
 

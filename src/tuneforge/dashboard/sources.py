@@ -261,7 +261,7 @@ class JobRuns:
             # against data.max_length, preference pairs for dpo and only for dpo, ...).
             check_inputs(config, tokenizer, source)
         except ConfigError as err:  # the model or the method, not the file, is at fault
-            raise APIError(400, scrub_paths(err.message), param="model", code=err.code) from err
+            raise APIError(400, scrub_paths(api_advice(err.message)), param="model", code=err.code) from err
         except TuneforgeError as err:
             message = scrub_paths(api_advice(err.message.replace(str(path), shown)))
             raise APIError(400, message, param="file_id", code=err.code) from err
@@ -270,8 +270,8 @@ class JobRuns:
 
 
 def public_report(report: dict, names: dict[str, str]) -> dict:
-    """A data report to show a client: stored files named as `names` says, any other server path hidden,
-    and the cache's location left out."""
+    """A data report to show a job's client: stored files named as `names` says, any other server path hidden,
+    the cache's location left out, and its advice in the job's fields (`api_advice`)."""
 
     def clean(value):
         if isinstance(value, dict):
@@ -281,7 +281,7 @@ def public_report(report: dict, names: dict[str, str]) -> dict:
         if isinstance(value, str):
             for path, name in names.items():
                 value = value.replace(path, name)
-            return scrub_paths(value)
+            return scrub_paths(api_advice(value))
         return value
 
     return clean(report)

@@ -365,6 +365,24 @@ API_ADVICE = (
     # is in), the rest of the sentence stays.
     (re.compile(r", or set data\.format to read every row as one format"), ""),
     (re.compile(r", or set data\.(?:on_error|truncation): \w+[^.)]*"), ""),
+    # A job's rows are fitted to data.max_length's default, which no job field sets: the rows are what it can
+    # shorten, or its base model what it can change.
+    (
+        re.compile(r"Raise data\.max_length or set data\.truncation: drop[^.]*\."),
+        "Shorten those rows to train them whole.",
+    ),
+    (re.compile(r"Raise data\.max_length, (\w)"), lambda m: m[1].upper()),
+    (re.compile(r"\(raise data\.max_length\)"), "(shorten the rows)"),
+    (
+        re.compile(r"(data\.max_length: (\d+) tokens is more than .*?); set data\.max_length .*?\)\."),
+        r"\1; give the job a base model of \2 positions or more (a job's rows are fitted to \2 tokens, "
+        "tuneforge's default data.max_length).",
+    ),
+    # A job validates on its validation_file or on nothing (data.validation is the file, or null without one).
+    (
+        re.compile(r"give data\.validation: null to train without validation \(or a fraction[^)]*\)"),
+        "leave validation_file out to train without validation",
+    ),
     # KTO (rated replies) has no method.type; preference pairs are what a dpo job trains on.
     (re.compile(r"set dpo\.loss: kto to train on them"), "give each prompt's chosen and rejected replies as one row"),
     (re.compile(r"Use method: dpo with dpo\.loss: kto, or give"), "Give"),
@@ -377,7 +395,8 @@ API_ADVICE = (
     (re.compile(r"method: (lora|dpo|grpo)\b"), lambda m: f"method.type {_JOB_METHOD[m[1]]}"),
 )
 """The advice of training's messages in the fields a job's client sets: a config key a job cannot set
-(data.format, dpo.loss) goes or becomes what the client can do instead (the file's rows, `method.type`)."""
+(data.format, dpo.loss, data.max_length) goes or becomes what the client can do instead (the file's rows,
+`method.type`, `validation_file`, the base model)."""
 
 _JOB_METHOD = {"lora": "supervised", "dpo": "dpo", "grpo": "reinforcement"}
 
