@@ -1644,10 +1644,10 @@ def test_a_job_created_while_another_jobs_files_are_validated_says_it_waits_for_
         waiting = created_jobs_events(client)
         held_jobs = store.held_jobs
 
-        def held_once_a_worker_took_the_new_job():  # between the job's creation and the look at the held jobs
+        def held_once_a_worker_took_the_new_job(status):  # between the job's creation and the look at them
             while store.claim("validating_files", "host:1:1.00/1"):
                 pass
-            return held_jobs()
+            return held_jobs(status)
 
         store.held_jobs = held_once_a_worker_took_the_new_job
         taken = created_jobs_events(client)  # a worker has it: it waits for no other job

@@ -571,9 +571,12 @@ class Store(Tables, EvalStore, BatchStore):
                 query = update(table).where(table.worker_id.startswith(f"{process_id}/", autoescape=True))
                 session.execute(query.values(heartbeat_at=time.time()))
 
-    def held_jobs(self) -> list[Job]:
+    def held_jobs(self, status: str | None = None) -> list[Job]:
+        """The jobs a worker holds; with `status`, those in it alone, found by the status index (worker_id has
+        none, so without it every job is read)."""
+        query = select(Job).where(Job.worker_id.is_not(None))
         with self.session() as session:
-            return list(session.scalars(select(Job).where(Job.worker_id.is_not(None))))
+            return list(session.scalars(query if status is None else query.where(Job.status == status)))
 
     def job_totals(self) -> tuple[dict[str, int], int]:
         """Every owner's jobs together: how many are in each status, and the tokens they have trained."""

@@ -115,12 +115,10 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
     )
     service.store.add(job)
     service.store.add_event(job.id, f"Created fine-tuning job: {job.id}")
-    held_jobs = service.store.held_jobs()
+    busy = service.store.held_jobs("validating_files")
     # A worker validates one job's files at a time: the job waits in validating_files with no event of its own
     # until one is free, unless one has taken it already. Another key's job is not named.
-    if job.id not in {held.id for held in held_jobs} and (
-        busy := [held for held in held_jobs if held.status == "validating_files"]
-    ):
+    if busy and job.id not in {held.id for held in busy}:
         named = [f"job {held.id}" if held.owner == owner else "another client's job" for held in busy]
         service.store.add_event(
             job.id,
