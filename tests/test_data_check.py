@@ -304,18 +304,11 @@ def test_one_blank_line_and_one_error_are_counted_in_the_singular(good_file, cap
 
 
 def test_a_model_without_a_chat_template_is_warned_of_once(good_file, tiny_model_dir, tmp_path, capsys):
-    import shutil
     import warnings
 
-    from tiny import tiny_tokenizer
+    from tiny import without_chat_template
 
-    folder = tmp_path / "no-template"
-    shutil.copytree(tiny_model_dir, folder)
-    for stale in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
-        (folder / stale).unlink(missing_ok=True)
-    bare = tiny_tokenizer()
-    bare.chat_template = None
-    bare.save_pretrained(folder)
+    folder = without_chat_template(tiny_model_dir, tmp_path / "no-template")
     with warnings.catch_warnings(record=True) as heard:
         warnings.simplefilter("always")
         assert check_command([str(good_file)], model=str(folder)) == 0

@@ -875,15 +875,9 @@ def test_pull_unknown_name():
 
 
 def test_tokenizer_without_chat_template_gets_chatml(tiny_model_dir, tmp_path):
-    from tiny import tiny_tokenizer
+    from tiny import without_chat_template
 
-    folder = tmp_path / "no-template"
-    shutil.copytree(tiny_model_dir, folder)
-    for stale in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
-        (folder / stale).unlink(missing_ok=True)
-    bare = tiny_tokenizer()
-    bare.chat_template = None
-    bare.save_pretrained(folder)
+    folder = without_chat_template(tiny_model_dir, tmp_path / "no-template")
     info = model_info(str(folder))
     assert info["chat_template_source"] == "none in the model: tuneforge's ChatML fallback"
     assert (info["family"], info["end_of_turn_tokens"]) == ("SmolLM2 (Llama, ChatML)", ["<|im_end|>"])

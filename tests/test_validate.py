@@ -13,6 +13,7 @@ import warnings
 import pytest
 import yaml
 from conftest import tiny_run_config
+from tiny import without_chat_template
 
 from tuneforge.dry_run import validate
 
@@ -179,9 +180,7 @@ def test_a_batch_size_beyond_the_datas_rows_is_a_warning_at_its_line(tiny_model_
 def test_a_model_without_a_chat_template_is_a_warning_naming_chatml_and_where_its_own_goes(
     tiny_model_dir, triage_data, tmp_path, capsys
 ):
-    model = tmp_path / "no-template"
-    shutil.copytree(tiny_model_dir, model)
-    (model / "chat_template.jinja").unlink()
+    model = without_chat_template(tiny_model_dir, tmp_path / "no-template")
     with warnings.catch_warnings(record=True) as escaped:  # the filters as they are: none shown by validate
         assert validate(tiny_run_config(model, triage_data, tmp_path / "run")) == 0
     out = capsys.readouterr().out

@@ -126,6 +126,15 @@ def save_tiny_model(folder: str | Path, build=tiny_llama, **kw) -> Path:
     return folder
 
 
+def without_chat_template(model: str | Path, folder: str | Path) -> Path:
+    """A copy of the model folder `model` at `folder` whose tokenizer has no chat template (ChatML's fallback)."""
+    import shutil
+
+    shutil.copytree(model, folder)
+    (Path(folder) / "chat_template.jinja").unlink()
+    return Path(folder)
+
+
 def set_context(folder: str | Path, positions: int) -> Path:
     """The model folder `folder`, its config.json now built for `positions` positions (a shorter context)."""
     folder = Path(folder)
