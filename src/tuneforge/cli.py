@@ -847,19 +847,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err.print(f"warning: {plain(message)}", highlight=False, soft_wrap=True)
 
 
-def _click_exceptions() -> tuple[type[Exception], ...]:
-    """Click's usage errors: those of the click package, and of the copy of click that recent typer
-    releases carry inside them (`typer._click`), which typer raises instead and which click's
-    `ClickException` does not cover."""
-    import click
+def _click_exceptions(name: str = "ClickException") -> tuple[type[Exception], ...]:
+    """Click's exception class `name` (its usage errors by default): that of the click package, and that of
+    the copy of click that recent typer releases carry inside them (`typer._click`), which typer raises
+    instead and which click's classes do not cover."""
+    import click.exceptions
 
-    types: list[type[Exception]] = [click.ClickException]
+    types: list[type[Exception]] = [getattr(click.exceptions, name)]
     try:
-        from typer._click.exceptions import ClickException as vendored
+        from typer._click import exceptions as vendored
     except ImportError:
         pass
     else:
-        types.append(vendored)
+        types.append(getattr(vendored, name))
     return tuple(types)
 
 
@@ -930,7 +930,8 @@ def main() -> None:
             if dashed := _dashed_override(e, sys.argv[1:]):
                 _show_error(dashed)
                 leave(EXIT_BAD_INPUT)
-            if type(e).__name__ == "NoArgsIsHelpError":  # a group given no command: its help is the message
+            # A group given no command: its help is the message.
+            if isinstance(e, _click_exceptions("NoArgsIsHelpError")):
                 e.show()
                 sys.exit(2)
             # The command's usage and where its help is, as click gives them, then the error in tuneforge's form.
