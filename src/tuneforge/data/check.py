@@ -171,9 +171,9 @@ def _files_report(files, model, options: dict, *, progress) -> tuple[dict, objec
 
 
 def _load_tokenizer(spec: str):
+    """`load_tokenizer` without its ChatML warning, for the reason `check` gives."""
     from ..models import load_tokenizer  # here, not at the top: the models stage pulls in heavy imports
 
-    # The report warns of a model without a chat template (`chat_template_missing`): the load does not too.
     return load_tokenizer(spec, warn_chatml=False)
 
 
