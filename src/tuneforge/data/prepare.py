@@ -146,7 +146,8 @@ def prepare(
         return cached
     data, errors = check_data(cfg, tokenizer, progress=progress)
     if refuses(cfg.on_error, (p.code for p in errors)):
-        _write_report(report_path, data.report)
+        if report_path is not None:
+            write_json(report_path, data.report)
         raise DataError(error_summary(errors, cfg, report_path), code=errors[0].code, problems=errors)
     _mix_general(data, cfg, tokenizer, replay)
     _log_report(data.report, log)
@@ -1279,11 +1280,6 @@ def _percentiles(lengths: list[int]) -> dict:
         "max": ordered[-1],
         "mean": round(sum(ordered) / len(ordered), 1),
     }
-
-
-def _write_report(path: Path | None, report: dict) -> None:
-    if path is not None:
-        write_json(path, report)
 
 
 def error_summary(errors: list[Problem], cfg: DataConfig, report_path: Path | None) -> str:
