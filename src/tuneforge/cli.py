@@ -850,17 +850,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _click_exceptions(name: str = "ClickException") -> tuple[type[Exception], ...]:
     """Click's exception class `name` (its usage errors by default): that of the click package, and that of
     the copy of click that recent typer releases carry inside them (`typer._click`), which typer raises
-    instead and which click's classes do not cover."""
+    instead and which click's classes do not cover. A release without the class (click before 8.2 has no
+    NoArgsIsHelpError) adds none."""
     import click.exceptions
 
-    types: list[type[Exception]] = [getattr(click.exceptions, name)]
+    modules = [click.exceptions]
     try:
         from typer._click import exceptions as vendored
     except ImportError:
         pass
     else:
-        types.append(getattr(vendored, name))
-    return tuple(types)
+        modules.append(vendored)
+    return tuple(found for module in modules if (found := getattr(module, name, None)) is not None)
 
 
 def _dashed_override(error: Exception, argv: list[str]) -> str | None:
