@@ -829,6 +829,21 @@ def test_the_data_checks_advice_on_long_rows_and_validation_is_what_a_job_can_do
     assert not any("data." in message for message in advised.values()), advised
 
 
+def test_a_reinforcement_jobs_prompt_too_long_is_advised_to_be_shortened(tmp_path, tokenizer):
+    """A reinforcement job's prompts must be shorter than data.max_length, which no job field sets: the prompt
+    check's advice is to shorten the prompt alone."""
+    from data.rows import write_jsonl
+
+    from tuneforge.data.prepare import SystemPromptTally
+    from tuneforge.jobs.mapping import api_advice
+    from tuneforge.methods.grpo import read_prompts
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "A long question. " * 60}])
+    _, problems = read_prompts(str(prompts), tokenizer, 64, SystemPromptTally(tokenizer))
+    assert [p.code for p in problems] == ["too_long"]
+    assert api_advice(problems[0].message).endswith("after it. Shorten the prompt.")
+
+
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     client = server.client()
     bad = upload(client, chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')

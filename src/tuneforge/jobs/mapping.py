@@ -373,6 +373,7 @@ API_ADVICE = (
     ),
     (re.compile(r"Raise data\.max_length, (\w)"), lambda m: m[1].upper()),
     (re.compile(r"\(raise data\.max_length\)"), "(shorten the rows)"),
+    (re.compile(r" or raise data\.max_length"), ""),
     (
         re.compile(r"(data\.max_length: (\d+) tokens is more than .*?); set data\.max_length .*?\)\."),
         r"\1; give the job a base model of \2 positions or more (a job's rows are fitted to \2 tokens, "
