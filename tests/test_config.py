@@ -549,6 +549,14 @@ def test_a_number_out_of_bounds_in_an_optional_section_is_told_its_bounds_and_wh
     ]
 
 
+def test_epochs_out_of_range_are_told_their_bounds_as_every_number_is():
+    with pytest.raises(ConfigError) as e:
+        load_config({"data": {"train": "x"}}, ["train.epochs=0"])
+    assert e.value.message.splitlines()[1:] == [
+        "  train.epochs (override): must be 'auto' or an integer of at least 1 and at most 100 (got 0)"
+    ]
+
+
 def test_neftune_is_refused_where_a_teacher_or_reference_reads_the_same_inputs(tmp_path):
     for method, extra in (("dpo", {}), ("distill", {"distill": {"teacher": "t"}})):
         with pytest.raises(ConfigError, match=f"method: {method} does not take train.neftune_alpha"):

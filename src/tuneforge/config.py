@@ -19,7 +19,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from .errors import BOUNDS, OUT_OF_BOUNDS, ConfigError, complaint, key_path, out_of_bounds, unreadable_json
+from .errors import (
+    BOUNDS,
+    OUT_OF_BOUNDS,
+    ConfigError,
+    complaint,
+    key_path,
+    out_of_bounds,
+    unreadable_json,
+    within,
+)
 from .wording import nearest, to_utf8
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -626,7 +635,7 @@ class TrainConfig(Strict):
     @classmethod
     def _epochs(cls, v):
         if isinstance(v, int) and not 1 <= v <= 100:
-            raise ValueError("epochs must be 'auto' or between 1 and 100")
+            raise ValueError(f"must be 'auto' or an integer of {within({'ge': 1, 'le': 100})}")
         return v
 
 
