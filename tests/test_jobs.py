@@ -844,6 +844,30 @@ def test_a_reinforcement_jobs_prompt_too_long_is_advised_to_be_shortened(tmp_pat
     assert api_advice(problems[0].message).endswith("after it. Shorten the prompt.")
 
 
+def test_a_reinforcement_job_whose_prompt_and_answer_outgrow_its_base_model_is_advised_a_longer_one(
+    tmp_path, tiny_model_dir, tokenizer
+):
+    """A reinforcement job sets neither data.max_length nor grpo.max_new_tokens: training's check of a prompt
+    and its answer against the base model's positions advises a base model of enough of them."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.jobs.mapping import CreateJobBody, api_advice, training_config
+    from tuneforge.methods import check_inputs
+    from tuneforge.models import resolve
+
+    short = set_context(shutil.copytree(tiny_model_dir, tmp_path / "short"), 1024)
+    method = CreateJobBody(
+        model=str(short),
+        training_file="t",
+        method={"type": "reinforcement", "reinforcement": {"grader": ANSWER_GRADER}},
+    ).method_dict()
+    config = training_config(str(short), method, 0, tmp_path / "t.jsonl", None, tmp_path / "run")
+    with pytest.raises(ConfigError) as caught:
+        check_inputs(config, tokenizer, resolve(config.base_model, pull_missing=False))
+    advised = api_advice(caught.value.message)
+    assert "make rows of 1151, more than the 1024 positions" in advised
+    assert advised.endswith("; give the job a base model of 1151 positions or more."), advised
+
+
 def test_bad_file_fails_the_job_naming_the_file(server, tiny_model_dir):
     client = server.client()
     bad = upload(client, chat_rows(3) + '{"messages": [{"role": "user"}]}\n' + '{"prompt_only": 1}\n')

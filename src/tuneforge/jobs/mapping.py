@@ -365,8 +365,9 @@ API_ADVICE = (
     # is in), the rest of the sentence stays.
     (re.compile(r", or set data\.format to read every row as one format"), ""),
     (re.compile(r", or set data\.(?:on_error|truncation): \w+[^.)]*"), ""),
-    # A job's rows are fitted to data.max_length's default, which no job field sets: the rows are what it can
-    # shorten, or its base model what it can change.
+    # A job's rows are fitted to data.max_length's default, and a reinforcement job's answers to
+    # grpo.max_new_tokens', which no job field sets: the rows are what it can shorten, or its base model what it
+    # can change.
     (
         re.compile(r"Raise data\.max_length or set data\.truncation: drop[^.]*\."),
         "Shorten those rows to train them whole.",
@@ -378,6 +379,10 @@ API_ADVICE = (
         re.compile(r"(data\.max_length: (\d+) tokens is more than .*?); set data\.max_length .*?\)\."),
         r"\1; give the job a base model of \2 positions or more (a job's rows are fitted to \2 tokens, "
         "tuneforge's default data.max_length).",
+    ),
+    (
+        re.compile(r"(make rows of (\d+), more than the \d+ positions [^;]*); lower them to sum to \d+ or less\."),
+        r"\1; give the job a base model of \2 positions or more.",
     ),
     # A job validates on its validation_file or on nothing (data.validation is the file, or null without one).
     (
@@ -396,8 +401,8 @@ API_ADVICE = (
     (re.compile(r"method: (lora|dpo|grpo)\b"), lambda m: f"method.type {_JOB_METHOD[m[1]]}"),
 )
 """The advice of training's messages in the fields a job's client sets: a config key a job cannot set
-(data.format, dpo.loss, data.max_length) goes or becomes what the client can do instead (the file's rows,
-`method.type`, `validation_file`, the base model)."""
+(data.format, dpo.loss, data.max_length, grpo.max_new_tokens) goes or becomes what the client can do instead
+(the file's rows, `method.type`, `validation_file`, the base model)."""
 
 _JOB_METHOD = {"lora": "supervised", "dpo": "dpo", "grpo": "reinforcement"}
 
