@@ -566,7 +566,8 @@ def test_hyperparameters_that_are_not_finite_numbers_are_refused_naming_them(nam
         CreateJobBody(model="m", training_file="file-1", method=method)
     [error] = caught.value.errors()
     assert error["loc"] == ("method", "supervised", "hyperparameters", name)
-    assert "expected 'auto' or" in error["msg"]
+    # Said as a number out of range is: "must be 'auto' or an integer ... (got 0)".
+    assert "must be 'auto' or " in error["msg"] and error["msg"].endswith(f" (got {value!r})")
 
 
 def test_a_learning_rate_multiplier_that_makes_a_learning_rate_of_0_is_refused_naming_it():

@@ -49,7 +49,7 @@ def _auto_or(kind: type, low: float, high: float, *, low_inclusive: bool = True)
             or not_finite
             or (kind is int and value != int(value))
         ):
-            raise ValueError(f"expected 'auto' or {shown}, got {value!r}")
+            raise ValueError(f"must be 'auto' or {shown} (got {value!r})")
         if value > high or value < low or (value == low and not low_inclusive):
             bounds = within({"ge" if low_inclusive else "gt": low, "le": high})
             raise ValueError(f"must be 'auto' or {shown} of {bounds} (got {value!r})")
