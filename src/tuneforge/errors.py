@@ -88,8 +88,9 @@ def out_of_bounds(bounds: dict, got) -> str:
 def complaint(error: dict) -> str:
     """What a pydantic error says: our validators' own words without the "Value error, " pydantic puts
     before them, a number out of its bounds as `out_of_bounds` says it, or pydantic's message."""
-    if error.get("type") in OUT_OF_BOUNDS:
-        return out_of_bounds({kind: error["ctx"][kind] for kind in BOUNDS if kind in error["ctx"]}, error["input"])
+    bounds = {kind: bound for kind, bound in error.get("ctx", {}).items() if kind in BOUNDS}
+    if error.get("type") in OUT_OF_BOUNDS and bounds:
+        return out_of_bounds(bounds, error.get("input"))
     said = error.get("ctx", {}).get("error") if error.get("type") == "value_error" else None
     return str(said) if said is not None else error.get("msg", "")
 
