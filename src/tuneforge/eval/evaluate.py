@@ -356,11 +356,30 @@ def check_grader(
     return grader
 
 
+def share_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% for z = 1.96) of a share measured on `n` examples.
+
+    Scores are shares of a few hundred examples at most: 72% of 100 test tickets is compatible with
+    anything from 62.5% to 79.9%, so two runs a few points apart need not be two different models.
+    Wilson's interval, unlike the normal approximation, stays inside 0..1 and is sound near 0% and 100%.
+    """
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(stats: dict, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% interval of a mean score (`evaluate.score_stats`) over `n` examples: Wilson's where every score
+    is 0 or 1 (the mean is a share), else the normal approximation, mean ± z standard errors."""
+    if stats["all_0_or_1"]:
+        return share_interval(stats["mean"], n, z)
+    half = z * stats["std"] * math.sqrt(1 / max(n - 1, 1))
+    return stats["mean"] - half, stats["mean"] + half
+
+
 def score_stats(scores: Sequence[float]) -> dict:
     """The mean and standard deviation of scores, whether each is 0 or 1 (their mean a share), and the mean's
     95% interval (`intervals`, as multiple choice gives its scores')."""
-    from .report import mean_interval  # the report's tables build on this module
-
     mean = sum(scores) / len(scores)
     stats = {
         "mean": mean,
@@ -374,8 +393,6 @@ def grader_scores(grader: Grader, results: Sequence[GradeResult]) -> dict:
     """A grader's figures over the examples: its name, `n`, the mean score (with `std`, `all_0_or_1` and its
     interval), the pass rate and its interval where it has a pass threshold, and each part's figures where it
     has several."""
-    from .report import share_interval  # the report's tables build on this module
-
     scores = [r.score for r in results]
     summary = {"name": grader.name, "n": len(results), **score_stats(scores)}
     if grader.pass_threshold is not None:

@@ -28,7 +28,7 @@ from ..errors import json_value
 from ..fsio import atomic_dir, atomic_file, complete_lines, write_json
 from ..tasks.metrics import METRICS
 from ..wording import counted
-from .evaluate import side_by_side
+from .evaluate import mean_interval, share_interval, side_by_side
 
 ROLLOUT_STEPS_SHOWN = 3
 EXAMPLES_SHOWN = 12
@@ -77,30 +77,9 @@ def _share(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
 
 
-def share_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95% for z = 1.96) of a share measured on `n` examples.
-
-    Scores are shares of a few hundred examples at most: 72% of 100 test tickets is compatible with
-    anything from 62.5% to 79.9%, so two runs a few points apart need not be two different models.
-    Wilson's interval, unlike the normal approximation, stays inside 0..1 and is sound near 0% and 100%.
-    """
-    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def share_with_interval(share: float, n: int) -> str:
     low, high = share_interval(share, n)
     return f"{share:.1%} (95% interval {low:.1%}-{high:.1%})"
-
-
-def mean_interval(stats: dict, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% interval of a mean score (`evaluate.score_stats`) over `n` examples: Wilson's where every score
-    is 0 or 1 (the mean is a share), else the normal approximation, mean ± z standard errors."""
-    if stats["all_0_or_1"]:
-        return share_interval(stats["mean"], n, z)
-    half = z * stats["std"] * math.sqrt(1 / max(n - 1, 1))
-    return stats["mean"] - half, stats["mean"] + half
 
 
 def mean_with_interval(stats: dict, n: int) -> str:
