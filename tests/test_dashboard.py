@@ -259,8 +259,10 @@ def test_a_data_report_shown_to_a_client_names_files_by_id_and_hides_server_path
             }
         ],
         "cache": {"path": "/root/.cache/tuneforge/data-cache/k"},
+        "replies": {"repeated": [{"reply": "Use method: lora for this."}]},  # a row's own text, as written
     }
     shown = public_report(report, {"/srv/tuneforge/jobs/files/abc/file-1.jsonl": "file-1 (train.jsonl)"})
+    assert shown["replies"]["repeated"][0]["reply"] == "Use method: lora for this."
     assert shown["files"][0]["path"] == "file-1 (train.jsonl)" and shown["errors"][0]["file"] == "file-1 (train.jsonl)"
     assert "/etc" not in shown["errors"][0]["message"] and "cache" not in shown
     # Its advice is what a job's client can do: no config key a job cannot set.

@@ -271,17 +271,18 @@ class JobRuns:
 
 def public_report(report: dict, names: dict[str, str]) -> dict:
     """A data report to show a job's client: stored files named as `names` says, any other server path hidden,
-    the cache's location left out, and its advice in the job's fields (`api_advice`)."""
+    the cache's location left out, and the advice of its problems' and warnings' messages in the job's fields
+    (`api_advice`; a row's own text, quoted elsewhere in the report, stays as written)."""
 
-    def clean(value):
+    def clean(value, key=None):
         if isinstance(value, dict):
-            return {key: clean(item) for key, item in value.items() if key != "cache"}
+            return {inner: clean(item, inner) for inner, item in value.items() if inner != "cache"}
         if isinstance(value, list):
-            return [clean(item) for item in value]
+            return [clean(item, key) for item in value]
         if isinstance(value, str):
             for path, name in names.items():
                 value = value.replace(path, name)
-            return scrub_paths(api_advice(value))
+            return scrub_paths(api_advice(value) if key == "message" else value)
         return value
 
     return clean(report)
