@@ -1046,3 +1046,16 @@ def test_a_null_field_is_named_null_not_missing(tmp_path):
     assert "'completion' is missing" in found["pc", 2, "completion"]
     assert "'content' is missing" in found["chat", 1, "messages[1].content"]
     assert "'content' is null" in found["chat", 2, "messages[1].content"]
+
+
+def test_a_null_list_of_messages_is_named_null_with_what_to_give(tmp_path):
+    files = {
+        "chat": [chat("Hi", "Hello"), {"messages": None}],
+        "sharegpt": [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}]
+        + [{"conversations": None}],
+    }
+    for name, rows in files.items():
+        field = "messages" if name == "chat" else "conversations"
+        (problem,) = errors(read(write_jsonl(tmp_path / f"{name}.jsonl", rows)))
+        assert (problem.line, problem.field) == (2, field)
+        assert f"'{field}' is null: give it a list of messages like [{{" in problem.message

@@ -487,9 +487,7 @@ def prompt_conversation(
         row = _place_images(row, check, Path(file).parent)
     if check.errors:
         return None, check.problems
-    messages = (
-        check.messages(row.get("messages"), "messages") if "messages" in row else _turns(check, row, "prompt", "user")
-    )
+    messages = _row_messages(check, row, "messages") if "messages" in row else _turns(check, row, "prompt", "user")
     shows = next((i for i, m in enumerate(messages or ()) if m.images), None)
     if shows is not None and not images:
         check.error(
@@ -760,14 +758,17 @@ class _RowCheck:
             return None
         return _in_openai_order(tool)
 
-    def messages(self, value: Any, field: str, *, sharegpt: bool = False) -> list[Message] | None:
-        """A list of chat messages (OpenAI keys, or ShareGPT's from/value); None if any is bad."""
+    def messages(
+        self, value: Any, field: str, *, sharegpt: bool = False, absent: str = "is missing"
+    ) -> list[Message] | None:
+        """A list of chat messages (OpenAI keys, or ShareGPT's from/value); None if any is bad. `absent`: how a
+        None `value` is absent from its row (`_absent`)."""
         role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
         allowed = _SHAREGPT_KEYS if sharegpt else _MESSAGE_KEYS
         one = '{"from": "human", "value": ...}' if sharegpt else '{"role": "user", "content": ...}'
         example = f"[{one}, ...]"
         if value is None or value == []:
-            what = "is missing" if value is None else "is empty"
+            what = absent if value is None else "is empty"
             self.error("missing_messages_list", field, f"'{field}' {what}: give it a list of messages like {example}.")
             return None
         if not isinstance(value, list):
@@ -1019,7 +1020,7 @@ class _RowCheck:
 
 
 def _chat(row: dict, check: _RowCheck) -> Conversation | None:
-    messages = _with_system(row, check.messages(row.get("messages"), "messages"), check, "messages")
+    messages = _with_system(row, _row_messages(check, row, "messages"), check, "messages")
     check.require_assistant(messages, "messages")
     tools = check.tools(row)
     return Conversation(messages, tools=tools) if messages else None
@@ -1146,9 +1147,15 @@ def _sharegpt_tools(row: dict, check: _RowCheck) -> list[dict] | None:
 
 def _sharegpt_turns(row: dict, check: _RowCheck) -> list[Message] | None:
     """A ShareGPT row's `conversations` as messages, its `system` field first; None if any is bad."""
-    return _with_system(
-        row, check.messages(row.get("conversations"), "conversations", sharegpt=True), check, "conversations"
-    )
+    return _with_system(row, _row_messages(check, row, "conversations", sharegpt=True), check, "conversations")
+
+
+def _row_messages(
+    check: _RowCheck, row: dict, key: str, field: str | None = None, *, sharegpt: bool = False
+) -> list[Message] | None:
+    """The messages of the row's `key` (named `field`, by default `key`), said to be null or missing where it has
+    none."""
+    return check.messages(row.get(key), field or key, sharegpt=sharegpt, absent=_absent(row, key))
 
 
 def _with_system(row: dict, messages: list[Message] | None, check: _RowCheck, key: str) -> list[Message] | None:
@@ -1268,9 +1275,9 @@ def _openai_preference(row: dict, check: _RowCheck):
         )
         prompt, tools = None, None
     else:
-        prompt, tools = check.messages(source.get("messages"), "input.messages"), check.tools(source)
+        prompt, tools = _row_messages(check, source, "messages", "input.messages"), check.tools(source)
     chosen, rejected = (
-        _single_reply(check, check.messages(row.get(k), k), k) for k in ("preferred_output", "non_preferred_output")
+        _single_reply(check, _row_messages(check, row, k), k) for k in ("preferred_output", "non_preferred_output")
     )
     return prompt, chosen, rejected, tools
 
@@ -1351,7 +1358,9 @@ def _sharegpt_reply(row: dict, check: _RowCheck, field: str) -> Message | None:
     """One reply of a ShareGPT pair: a turn ({"from": "gpt", "value": ...}), or a list holding it."""
     value = row.get(field)
     return _single_reply(
-        check, check.messages([value] if isinstance(value, dict) else value, field, sharegpt=True), field
+        check,
+        check.messages([value] if isinstance(value, dict) else value, field, sharegpt=True, absent=_absent(row, field)),
+        field,
     )
 
 
@@ -1389,7 +1398,7 @@ def _kto(row: dict, check: _RowCheck) -> Conversation | None:
             f"{json.dumps(label)[:40] if label is not None else 'nothing'}; give each row a JSON true or false.",
         )
     if "messages" in row:
-        messages = check.messages(row.get("messages"), "messages")
+        messages = _row_messages(check, row, "messages")
         tools = check.tools(row)
         if not messages:
             return None
