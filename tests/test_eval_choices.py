@@ -541,6 +541,20 @@ def test_reading_a_csv_closes_its_file(tmp_path):
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
+def test_blank_lines_are_skipped_as_training_data_s_are_and_said(tmp_path):
+    """A blank line between questions is skipped, as the training data's reader skips it, and a warning names it;
+    a file read for its questions and its few-shot examples says so once."""
+    data = tmp_path / "quiz.jsonl"
+    lines = [json.dumps(QUESTIONS[0]), "", json.dumps(QUESTIONS[1]), "  ", json.dumps(QUESTIONS[2]), ""]
+    data.write_text("\n".join(lines) + "\n")
+    for fewshot in (0, 1):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = read_benchmark(data, num_fewshot=fewshot)
+        assert [row.line for row in rows] == [1, 3, 5]
+        assert [str(w.message) for w in caught] == [f"{data}: 3 blank lines skipped (lines 2, 4, 6)."]
+
+
 def test_a_file_in_no_known_layout_is_told_the_multiple_choice_layouts_too(tiny_model_dir, tmp_path):
     """A CSV or JSON Lines file that is neither chat data nor multiple choice: its message names both."""
     (tmp_path / "quiz.csv").write_text("prompt_text,right\nWhich bone?,femur\n")

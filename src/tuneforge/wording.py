@@ -17,6 +17,12 @@ def counted(count: int, noun: str, plural: str | None = None, *, thousands: bool
     return f"{number} {noun if count == 1 else plural or noun + 's'}"
 
 
+def first_places(places: list[str], total: int | None = None) -> str:
+    """The first three places of a list of `total` (its length, if None), then ", ..." if there are more."""
+    more = (len(places) if total is None else total) > 3
+    return ", ".join(places[:3]) + (", ..." if more else "")
+
+
 def nearest(value: str, choices: Iterable[str]) -> str | None:
     """The choice a misspelt `value` most likely meant, or None when none is close."""
     close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.75)

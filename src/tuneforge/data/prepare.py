@@ -26,7 +26,7 @@ from ..models.loading import chatml_fallback_warning
 from ..models.system_prompt import recorded_system_prompt
 from ..progress import progress_bar
 from ..tasks.general import BUNDLED_REPLAY, bundled_file
-from ..wording import counted
+from ..wording import counted, first_places
 from . import cache, pii
 from .dedup import DuplicateIndex, content_hash, held_out_keys
 from .formats import file_format, read_conversations
@@ -938,7 +938,7 @@ class _Preparation:
             counts["truncated"],
             f"{counted(counts['truncated'], 'row')} longer than max_length {self.cfg.max_length} "
             f"{'was cut (its end is' if counts['truncated'] == 1 else 'were cut (their ends are'} not trained): "
-            f"{_first(self.over_length, counts['truncated'])}. "
+            f"{first_places(self.over_length, counts['truncated'])}. "
             "Raise data.max_length or set data.truncation: drop"
             + (", or split to train each text document whole, window by window." if self.counts["documents"] else "."),
             self.over_length,
@@ -948,7 +948,7 @@ class _Preparation:
             counts["dropped_too_long"],
             f"{counted(counts['dropped_too_long'], 'row')} longer than max_length {self.cfg.max_length} "
             f"{'was' if counts['dropped_too_long'] == 1 else 'were'} dropped (data.truncation: drop): "
-            f"{_first(self.over_length, counts['dropped_too_long'])}.",
+            f"{first_places(self.over_length, counts['dropped_too_long'])}.",
             self.over_length,
         )
         repeated = self.replies.repeated()
@@ -958,7 +958,11 @@ class _Preparation:
             sum(n for _, _, n in repeated),
             f"{counted(len(repeated), 'reply', 'replies')} {'is' if len(repeated) == 1 else 'are each'} the word "
             f"for word reply to different prompts in {sum(n for _, _, n in repeated)} rows"
-            + (f" ({repeated[0][0][:60]!r} in {repeated[0][2]}: {_first(places, repeated[0][2])})" if repeated else "")
+            + (
+                f" ({repeated[0][0][:60]!r} in {repeated[0][2]}: {first_places(places, repeated[0][2])})"
+                if repeated
+                else ""
+            )
             + ". In data whose replies otherwise differ, that is usually a template, refusal or placeholder left in "
             "by the tool that wrote it, and the model learns to give it to anything; check those rows and remove "
             "or rewrite the ones that do not answer their prompt.",
@@ -984,7 +988,7 @@ class _Preparation:
                 "files_skipped",
                 len(unread),
                 f"{counted(len(unread), 'file')} {'was' if len(unread) == 1 else 'were'} left out whole "
-                f"(data.on_error: skip): {_first([f'{p.where()} ({p.code})' for p in unread])}; "
+                f"(data.on_error: skip): {first_places([f'{p.where()} ({p.code})' for p in unread])}; "
                 "see errors in the report.",
                 [p.where() for p in unread],
             )
@@ -1006,7 +1010,7 @@ def problem_warnings(problems: list[Problem]) -> list[dict]:
             samples = dict.fromkeys(s for p in found[:3] for s in p.sample.split(", ") if s != "...")
             more = len(found) > 3 or any(p.sample.endswith("...") for p in found[:3])
             message = message.replace(found[0].sample, ", ".join(samples) + (", ..." if more else ""), 1)
-        said = f"{message} ({counted(len(found), 'row')}: {_first(places)})"
+        said = f"{message} ({counted(len(found), 'row')}: {first_places(places)})"
         warnings.append({"code": code, "count": len(found), "message": said, "where": places[:_LISTED_PLACES]})
     return warnings
 
@@ -1233,12 +1237,6 @@ def _text_field(record: Record, where: int | str, attribute: str, format: str | 
     if format == "prompt_completion" and len(messages) == 2:
         return "prompt" if where == 0 else "completion"
     return f"message {where + 1} ({messages[where].role}){'' if attribute == 'content' else ' ' + attribute}"
-
-
-def _first(places: list[str], total: int | None = None) -> str:
-    """The first three places of a list of `total` (its length, if None), then ", ..." if there are more."""
-    more = (len(places) if total is None else total) > 3
-    return ", ".join(places[:3]) + (", ..." if more else "")
 
 
 def _kind(record: Record) -> str:

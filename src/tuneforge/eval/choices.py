@@ -35,6 +35,7 @@ import math
 import random
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,7 +51,7 @@ from ..generate import per_tokenizer
 from ..methods.sft import trained_logits
 from ..models import causal_lm, load_text_model, load_tokenizer, resolve, source_context_length
 from ..progress import library_bars, progress_bar
-from ..wording import counted
+from ..wording import counted, first_places
 from .report import share_interval
 
 DEFAULT_BATCH_SIZE = 16  # (context, choice) requests per forward
@@ -326,7 +327,8 @@ def parse_choice_row(row, layout: str | None, file: str, line: int) -> ChoiceRow
 
 def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceRow]:
     """The first `limit` (all, if None) multiple-choice rows of a file; a bad row is an error that names
-    its file, line and field, all of them listed, before any model loads."""
+    its file, line and field, all of them listed, before any model loads. Blank lines are skipped, as training
+    data's are, and said in a warning that names them."""
     file = str(path)
     layout = None
     with open_rows(path) as rows:
@@ -346,10 +348,12 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
         items = ((line, _mmlu_row(row, file, line)) for line, row in items)
     parsed: list[ChoiceRow] = []
     problems: list[Problem] = []
+    blank_lines: list[int] = []
     with rows:
         for line, row in items:
             if isinstance(row, Problem):
                 problems += [row] if row.is_error else []
+                blank_lines += [line] if row.code == "blank_line" else []
                 continue
             if limit is not None and len(parsed) >= limit:
                 break
@@ -363,6 +367,12 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
         raise DataError.listing(f"{file}: {counted(len(problems), 'problem')} in the multiple-choice rows", problems)
     if not parsed:
         raise DataError(f"{file} has no multiple-choice rows. Give rows in one of: {LAYOUTS}.", code="empty_file")
+    if blank_lines:
+        where = first_places([str(line) for line in blank_lines])
+        said = (
+            f"{file}: {counted(len(blank_lines), 'blank line')} skipped (line{'s' * (len(blank_lines) > 1)} {where})."
+        )
+        warnings.warn(said, stacklevel=2)
     return parsed
 
 
@@ -420,13 +430,14 @@ def read_benchmark(
     """The first `limit` rows of a multiple-choice file (`read_choice_rows`), each after `num_fewshot` solved
     examples drawn from `fewshot_file` (the harness's dev or train split), else from the whole file without the
     row itself (`with_fewshot`). A `fewshot_file` that is `path` under another spelling (./quiz.jsonl) is the
-    file itself: its rows are the questions asked, left out of their own examples."""
-    rows = read_choice_rows(path, limit)
-    if not num_fewshot:
-        return rows
+    file itself: its rows are the questions asked, left out of their own examples, and the file is read once."""
     if fewshot_file is not None and Path(fewshot_file).resolve() == Path(path).resolve():
         fewshot_file = None
-    return with_fewshot(rows, read_choice_rows(fewshot_file or path), num_fewshot, seed=seed)
+    if not num_fewshot or fewshot_file is not None:
+        rows = read_choice_rows(path, limit)
+        return with_fewshot(rows, read_choice_rows(fewshot_file), num_fewshot, seed=seed) if num_fewshot else rows
+    pool = read_choice_rows(path)
+    return with_fewshot(pool[:limit], pool, num_fewshot, seed=seed)
 
 
 def _mmlu_row(row, file: str, line: int):
