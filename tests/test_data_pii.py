@@ -140,6 +140,13 @@ def test_fields_of_rows_in_other_formats_are_named_as_the_row_has_them(tmp_path,
     ]
 
 
+def test_a_sharegpt_turn_is_named_by_its_0_based_index_as_other_problems_name_it(tmp_path, tokenizer):
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Mail ops@acme.io."}]
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": turns}])
+    data, _ = check_data(DataConfig(train=str(sharegpt), validation=None), tokenizer, keep_examples=False)
+    assert [(f["line"], f["field"]) for f in data.report["pii"]["found"]] == [(1, "conversations[1].value")]
+
+
 def test_tool_call_arguments_given_as_an_object_are_looked_in_and_redacted(tmp_path, tokenizer):
     call = {"id": "call_1", "type": "function", "function": {"name": "send", "arguments": {"to": "ops@acme.io"}}}
     row = {

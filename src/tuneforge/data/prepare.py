@@ -1213,9 +1213,9 @@ def _same_replies(pair: Preference) -> bool:
 
 
 def _text_field(record: Record, where: int | str, attribute: str, format: str | None) -> str:
-    """The row's field that holds a text of `pii.record_texts`: exact for chat rows, OpenAI's and TRL's
-    preference rows and text rows; for rows whose fields are not one per message (alpaca, ShareGPT), the
-    message of the conversation they read as."""
+    """The row's field that holds a text of `pii.record_texts`: exact for chat and ShareGPT rows, OpenAI's and
+    TRL's preference rows and text rows, each message by its 0-based index as other problems name it; for rows
+    whose fields are not one per message (alpaca), the message of the conversation they read as."""
     if isinstance(where, str):
         return where
     if isinstance(record, Preference):
@@ -1226,6 +1226,8 @@ def _text_field(record: Record, where: int | str, attribute: str, format: str | 
         return "chosen" if where == n else "rejected" if where > n else f"prompt message {where + 1}"
     if format == "chat":
         return f"messages[{where}].{attribute}"
+    if format == "sharegpt":  # a turn's one text is its value, a function call's arguments too
+        return f"conversations[{where}].value"
     messages = record.messages
     if format == "alpaca":  # [system], history pairs, the instruction with its input, the output
         start = messages[0].role == "system"
