@@ -327,3 +327,25 @@ def test_rows_all_rejected_for_their_system_message_are_not_said_to_have_none(fa
     assert check_command([str(path)], model=str(folder)) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "no row has one" not in out and "system prompt none known: no row is kept" in out
+
+
+def test_rows_a_template_problem_stops_the_check_before_are_not_counted_valid(
+    tmp_path, capsys, models, tokenizer, monkeypatch
+):
+    """A chat template that writes the system prompt into the last user message only (Mistral's) stops the check
+    at the first row: the rows read after it are said to be unchecked, not valid, and why."""
+    template = (
+        "{% for message in messages[1:] %}{% if message['role'] == 'user' %}{{ '<|im_start|>user\n' }}"
+        "{% if loop.last %}{{ messages[0]['content'] + ' ' }}{% endif %}{{ message['content'] + '<|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>assistant\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    rows = [chat(f"Question {i}?", f"Answer {i}.", system="Be brief.") for i in range(20)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert check_command([str(path)], json_out=True) == 2
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert (counts["read"], counts["valid"], counts["rejected"], counts["unchecked"]) == (20, 0, 1, 19)
+    assert check_command([str(path)]) == 2
+    said = " ".join(capsys.readouterr().out.split())
+    assert "20 read, 0 valid, 1 rejected; 19 not checked: the check stopped at a problem of the chat template" in said

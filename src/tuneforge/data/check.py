@@ -203,7 +203,13 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         (
             "rows",
             f"{counts['read']} read, {counts['valid']} valid, {counts['rejected']} rejected"
-            + (f", {counted(counts['blank_lines'], 'blank line')} skipped" if counts["blank_lines"] else ""),
+            + (f", {counted(counts['blank_lines'], 'blank line')} skipped" if counts["blank_lines"] else "")
+            + (
+                f"; {counts['unchecked']} not checked: the check stopped at a problem of the chat template or the "
+                "setup, not of one row (the error below)"
+                if counts.get("unchecked")
+                else ""
+            ),
         ),
         (
             "examples",

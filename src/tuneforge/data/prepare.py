@@ -481,6 +481,7 @@ class _Preparation:
                     if drop_repeats and index and self._repeats_kept(path, line, key, signature, index):
                         continue
                     pending.append((line, item, key, signature))
+                    self.counts["unchecked"] += 1  # until its rendering is done (`_finish`)
                     if len(pending) >= _CHUNK_ROWS:
                         in_flight.append(self._start(path, pending))
                         pending = []
@@ -594,6 +595,7 @@ class _Preparation:
         `drop_repeats`, a row that repeats one kept before it is left out before its rendering counts."""
         kept = []
         for (line, record, key, signature), result in zip(pending, job.finish()):
+            self.counts["unchecked"] -= 1
             if drop_repeats and index and self._repeats_kept(path, line, key, signature, index):
                 continue
             if isinstance(result, list):
@@ -826,9 +828,11 @@ class _Preparation:
         total = sum(r.tokens for r in self.train + self.valid)
         trained = sum(r.trained for r in self.train + self.valid)
         records, rejected_records = self.counts["records"], self.counts["rejected_records"]
+        # Rows read but not checked: a problem of the whole data set (the chat template's) stopped the check first.
+        unchecked = self.counts["unchecked"]
         counts = {
             "read": records + len(rejected_rows) - rejected_records,
-            "valid": records - rejected_records,
+            "valid": records - rejected_records - unchecked,
             "rejected": len(rejected_rows),
             "rejected_by_code": dict(Counter(p.code for p in errors).most_common()),
             "blank_lines": sum(p.code == "blank_line" for p in self.problems),
@@ -843,6 +847,8 @@ class _Preparation:
             "train": len(self.train) if self._pairs else sum(r.examples for r in self.train),
             "validation": len(self.valid) if self._pairs else sum(r.examples for r in self.valid),
         }
+        if unchecked:
+            counts["unchecked"] = unchecked
         if self.cfg.truncation == "split":  # `train` and `validation` count windows: these, the documents they are of
             counts["train_documents"], counts["validation_documents"] = len(self.train), len(self.valid)
         if self.kept is not None:  # data.train weights: `train` counts an epoch's examples, repeats included
