@@ -146,6 +146,19 @@ def test_a_model_continued_with_its_runs_added_tokens_is_warned_only_of_the_base
     assert tokenizer.convert_tokens_to_ids(TOKENS) == [442, 443, 2]
 
 
+def test_the_plan_of_a_model_continued_names_its_runs_added_tokens_as_theirs(
+    tiny_model_dir, tool_data, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "300")  # the plan's rows on one line each
+    train(tool_run(tiny_model_dir, tool_data, tmp_path / "run", method="full", max_steps=1), progress=False)
+    assert validate(tool_run(tmp_path / "run", tool_data, tmp_path / "again", method="full")) == 0
+    shown = capsys.readouterr().out
+    assert (
+        "<tool> (id 442, added by a run this model comes from), </tool> (id 443, added by a run this model comes "
+        "from), <|im_end|> (id 2, in the vocabulary already)"
+    ) in shown
+
+
 @pytest.mark.parametrize(
     ("keys", "said"),
     [

@@ -49,7 +49,7 @@ from .models import (
     source_context_length,
 )
 from .models.attention import supports_per_example_attention
-from .models.loading import base_config, grow_embeddings, largest_shard_bytes, tokens_added
+from .models.loading import ADDED_BY_RUNS, base_config, grow_embeddings, largest_shard_bytes, tokens_added
 from .training import (
     check_output_dir,
     earlier_run,
@@ -121,14 +121,21 @@ def context_rows(cfg, source, hf_config) -> list[tuple[str, str]]:
 
 
 def added_tokens_rows(cfg, tokenizer, token_ids: list[int], hf_config) -> list[tuple[str, str]]:
-    """The plan's lines for model.add_tokens: each token and its id, new or in the vocabulary already, the
+    """The plan's lines for model.add_tokens: each token and its id, new, added by a run the model comes from
+    (`ADDED_BY_RUNS`: a model trained with these tokens, continued) or in its original vocabulary already, the
     embedding rows the model has for them (`hf_config`, grown by `parameter_counts`), and the rows that train."""
     if not token_ids:
         return []
     added = tokens_added(tokenizer)
+    by_runs = tokenizer.init_kwargs.get(ADDED_BY_RUNS) or []
+
+    def held(token: str) -> str:
+        if token in added:
+            return "new"
+        return "added by a run this model comes from" if token in by_runs else "in the vocabulary already"
+
     tokens = ", ".join(
-        f"{token} (id {id_}, {'new' if token in added else 'in the vocabulary already'})"
-        for token, id_ in zip(cfg.model.add_tokens, token_ids, strict=True)
+        f"{token} (id {id_}, {held(token)})" for token, id_ in zip(cfg.model.add_tokens, token_ids, strict=True)
     )
     how = "with every other weight" if not cfg.trains_adapters else "alone beside the adapter, saved with it"
     return [
