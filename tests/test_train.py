@@ -1234,6 +1234,10 @@ def test_a_run_refused_after_its_data_is_read_leaves_no_run_folder_or_only_the_d
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "run" / "data_report.json"))):
         train(refused, progress=False)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data_report.json"]
+    # A run refused after it there leaves no report of the earlier run's data to read as its own.
+    with pytest.raises(TuneforgeError, match=r"train\.warmup"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "data_report.json").exists()
     assert train({**cfg, "train": {**cfg["train"], "warmup": 0}}, progress=False).steps == 2
 
 

@@ -69,6 +69,7 @@ from .run_folder import (
     check_resumable,
     check_same_data,
     clear_earlier_run,
+    forget_refused_report,
     refuse_earlier_run,
     refuse_other_runs_on_other_machines,
     refuse_resume_with_overwrite,
@@ -591,6 +592,8 @@ def setup(
     resume_from, saved = resume_point(cfg, resume, force)
     out = Path(cfg.output_dir)
     replaces_earlier = refuse_earlier_run(out, resume, overwrite)
+    if world.is_main and not (resume or replaces_earlier):
+        forget_refused_report(out)
     source = cfg.base_source()
     spread = distributed.strategy(cfg, world.size, saves_merged=adapter_on_merged_base(cfg, source))
     check_batch_split(cfg, world.size)

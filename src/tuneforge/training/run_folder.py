@@ -252,6 +252,14 @@ def refuse_earlier_run(out: Path, resume: str | bool | None, overwrite: bool) ->
     return held is not None
 
 
+def forget_refused_report(out: Path) -> None:
+    """Delete the data_report.json a run refused by its data left alone in `out` (a run that starts writes
+    config.yaml beside it): it is that run's, and this run, refused before its data passes, would leave it
+    to read as its own."""
+    if not (out / "config.yaml").exists():
+        (out / "data_report.json").unlink(missing_ok=True)
+
+
 def clear_earlier_run(out: Path) -> None:
     """Delete every file of the earlier run in `out`, once the new run's data, model and plan are checked:
     a run refused before its first step leaves the earlier one whole, and one that starts leaves no file of
