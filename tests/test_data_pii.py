@@ -147,6 +147,27 @@ def test_a_sharegpt_turn_is_named_by_its_0_based_index_as_other_problems_name_it
     assert [(f["line"], f["field"]) for f in data.report["pii"]["found"]] == [(1, "conversations[1].value")]
 
 
+def test_a_message_after_a_system_field_is_named_by_its_index_in_the_row_s_list(tmp_path, tokenizer):
+    """A row's `system` field is the conversation's first message, but not one of the row's list: the list's
+    messages are named by their index in it, the system prompt as `system`."""
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Mail ops@acme.io."}]
+    rows = {
+        "chat.jsonl": [chat("Hi", "Mail ops@acme.io.") | {"system": "Sign as jane.doe@acme.io."}],
+        "sharegpt.jsonl": [{"system": "Sign as jane.doe@acme.io.", "conversations": turns}],
+    }
+    found = []
+    for name, file_rows in rows.items():
+        path = write_jsonl(tmp_path / name, file_rows)
+        data, _ = check_data(DataConfig(train=str(path), validation=None), tokenizer, keep_examples=False)
+        found += [(name, f["field"]) for f in data.report["pii"]["found"]]
+    assert found == [
+        ("chat.jsonl", "system"),
+        ("chat.jsonl", "messages[1].content"),
+        ("sharegpt.jsonl", "system"),
+        ("sharegpt.jsonl", "conversations[1].value"),
+    ]
+
+
 def test_tool_call_arguments_given_as_an_object_are_looked_in_and_redacted(tmp_path, tokenizer):
     call = {"id": "call_1", "type": "function", "function": {"name": "send", "arguments": {"to": "ops@acme.io"}}}
     row = {

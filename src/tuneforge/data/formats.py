@@ -1023,7 +1023,11 @@ def _chat(row: dict, check: _RowCheck) -> Conversation | None:
     messages = _with_system(row, _row_messages(check, row, "messages"), check, "messages")
     check.require_assistant(messages, "messages")
     tools = check.tools(row)
-    return Conversation(messages, tools=tools) if messages else None
+    return (
+        Conversation(messages, tools=tools, system_field=_put_system_first(row, "messages", messages))
+        if messages
+        else None
+    )
 
 
 def _alpaca(row: dict, check: _RowCheck) -> Conversation | None:
@@ -1106,7 +1110,8 @@ def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
     messages = _sharegpt_turns(row, check)
     check.require_assistant(messages, "conversations")
     tools = _sharegpt_tools(row, check)
-    return Conversation(messages, tools=tools) if messages else None
+    system_field = _put_system_first(row, "conversations", messages)
+    return Conversation(messages, tools=tools, system_field=system_field) if messages else None
 
 
 # The order of a tool definition's keys as the server gives a request's tools to the chat template (its
@@ -1174,6 +1179,11 @@ def _with_system(row: dict, messages: list[Message] | None, check: _RowCheck, ke
             )
             return None
     return messages
+
+
+def _put_system_first(row: dict, key: str, messages: list[Message] | None) -> bool:
+    """Whether `_with_system` put the row's `system` field before the messages of its `key`, one message each."""
+    return bool(messages) and len(messages) > len(row[key])
 
 
 def _turns(check: _RowCheck, row: dict, key: str, role: str) -> list[Message] | None:

@@ -1230,10 +1230,12 @@ def _text_field(record: Record, where: int | str, attribute: str, format: str | 
             field = record.fields[where > n][min(where, n)]
             return f"{field}.{attribute}" if field.endswith("]") else field
         return "chosen" if where == n else "rejected" if where > n else f"prompt message {where + 1}"
-    if format == "chat":
-        return f"messages[{where}].{attribute}"
-    if format == "sharegpt":  # a turn's one text is its value, a function call's arguments too
-        return f"conversations[{where}].value"
+    if format in ("chat", "sharegpt"):
+        if record.system_field and where == 0:
+            return "system"
+        at = where - record.system_field
+        # A ShareGPT turn's one text is its value, a function call's arguments too.
+        return f"messages[{at}].{attribute}" if format == "chat" else f"conversations[{at}].value"
     messages = record.messages
     if format == "alpaca":  # [system], history pairs, the instruction with its input, the output
         start = messages[0].role == "system"

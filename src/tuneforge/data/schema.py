@@ -98,6 +98,9 @@ class Conversation:
     label: bool | None = None
     """KTO rows only: whether the last message, the one reply that trains, is desirable (True) or
     undesirable (False); None for every other conversation."""
+    system_field: bool = field(default=False, compare=False)
+    """Whether the first message is the row's `system` field, put before the row's own list of messages: the
+    list's message i is then message i + 1 here."""
 
 
 @dataclass
