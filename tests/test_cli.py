@@ -158,3 +158,40 @@ def test_a_command_group_given_no_command_shows_its_help_and_no_usage_error(args
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 2 and "error:" not in err and "Try '" not in err
     assert f"Usage: {' '.join(['tuneforge', *args])} [OPTIONS] COMMAND" in out + err
+
+
+@pytest.fixture
+def run_without_chat_template(tiny_model_dir, triage_data, tmp_path):
+    """A config of a 2-step run on a tiny model without a chat template (a folder of its own: a process says the
+    warning once for each model), and that model's folder."""
+    import yaml
+    from conftest import tiny_run_config
+    from tiny import without_chat_template
+
+    model = without_chat_template(tiny_model_dir, tmp_path / "no-template")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(model, triage_data, tmp_path / "run", max_steps=2)))
+    return config, model
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "check", "{train}", "--model", "{model}"],
+        ["validate", "{config}"],
+        ["train", "{config}"],
+        ["data", "prepare", "{config}", "--out", "{config}.rows"],
+        ["eval", "{model}", "{train}", "--limit", "1", "--max-new-tokens", "1"],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_a_model_without_a_chat_template_is_warned_of_once_by_each_command(
+    command, run_without_chat_template, triage_data, monkeypatch, capsys
+):
+    config, model = run_without_chat_template
+    args = [part.format(config=config, model=model, train=triage_data["train"]) for part in command]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    said = "".join((out + err).replace("│", "").split())  # the path may be folded anywhere, in a table's cell
+    assert code == 0, out + err
+    assert said.count("hasnochattemplate;usingChatML") == 1, out + err
+    assert f"{model}hasnochattemplate;usingChatML(<|im_start|>role...<|im_end|>)" in said

@@ -2050,3 +2050,29 @@ def test_a_job_whose_base_model_is_gone_when_validated_fails_naming_the_model_fi
         "a registry model, one the server allows (GET /v1/models lists those you have used), or one of your "
         "fine-tuned models or checkpoints."
     ), failed.error["message"]
+
+
+def test_a_job_on_a_model_without_a_chat_template_warns_of_it_once_in_each_log(tiny_model_dir, tmp_path):
+    """The server's log, which checked the job's files, and the job's train.log, which trained it: each says the
+    ChatML fallback once, not again as the data report's warning."""
+    from tiny import without_chat_template
+
+    from tuneforge.jobs import runner
+
+    model = without_chat_template(tiny_model_dir, tmp_path / "no-template")
+    api = ApiServer(tmp_path / "home", allowed=[model]).start()
+    try:
+        client = api.client()
+        job = wait_for(
+            client,
+            create_job(client, model, upload(client, chat_rows(8)).id, n_epochs=1).id,
+            {"succeeded", "failed"},
+            server=api,
+        )
+        assert job.status == "succeeded", job.error
+        server_log = api.log_path.read_text(errors="replace")
+    finally:
+        api.stop()
+    (train_log,) = (tmp_path / "home").rglob(runner.LOG)
+    for log in (server_log, train_log.read_text(errors="replace")):
+        assert log.count("has no chat template; using ChatML") == 1, log[-6000:]

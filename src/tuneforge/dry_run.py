@@ -23,7 +23,7 @@ from . import data as tfdata
 from .config import load_config
 from .console import new_console, plain
 from .data.check import describe_system_prompt, highlight, legend
-from .data.prepare import describe_files
+from .data.prepare import describe_files, told_warnings
 from .errors import TuneforgeError
 from .eval.after_training import check_eval_inputs, eval_grader
 from .methods import (
@@ -359,7 +359,7 @@ def dry_run(config, overrides, processes: int, machines: int, raised: list[warni
     console.rule("one training example, as the model sees it")
     console.print(legend(console))
     console.print(highlight(train_items[0], tokenizer, console))
-    data_warnings = prepared.report.get("warnings", [])
+    data_warnings = told_warnings(prepared.report)
     held = earlier_run(Path(cfg.output_dir))
     needed, free = max(sum(memory.values()), sum(loading.values())) * sharing, available_memory(device)
     run_warnings = []  # counted in the table with the data's, printed after them
@@ -370,15 +370,11 @@ def dry_run(config, overrides, processes: int, machines: int, raised: list[warni
         )
     run_warnings += plan_warnings(cfg, plan, len(valid_items))
     run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report), experts] if w]
-    # A Python warning the data report repeats (the ChatML fallback's) is said once, as the report's.
-    listed = {w if isinstance(w, str) else w.get("message") for w in data_warnings}
-    run_warnings += [
-        said
-        for said in dict.fromkeys(
+    run_warnings += list(
+        dict.fromkeys(
             str(w.message) if w.category is UserWarning else f"{w.category.__name__}: {w.message}" for w in raised
         )
-        if said not in listed
-    ]
+    )
     if needed > free:
         loads = sum(loading.values()) > sum(memory.values())
         remedies = (

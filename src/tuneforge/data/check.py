@@ -23,7 +23,7 @@ from ..errors import EXIT_BAD_INPUT, ConfigError, DataError, TuneforgeError, com
 from ..wording import counted
 from .dedup import content_hash
 from .formats import read_conversations
-from .prepare import check_data, cut_to_length, describe_files, split_documents
+from .prepare import check_data, cut_to_length, describe_files, split_documents, told_warnings
 from .readers import not_a_file
 from .render import render_examples, render_preference
 from .schema import IGNORE_INDEX, Document, Example, Preference, Problem
@@ -117,8 +117,7 @@ def check(
     )
     cfg = load_config(config_or_data, overrides)
     cfg.check_data_files()
-    # The report warns of a model without a chat template (`chat_template_missing`): the load does not too.
-    tokenizer = run_tokenizer(cfg, cfg.base_model, warn_chatml=False)
+    tokenizer = run_tokenizer(cfg, cfg.base_model)
     data, _ = check_data(cfg.data, tokenizer, progress=progress, keep_examples=False)
     return data.report
 
@@ -164,17 +163,12 @@ def _files_report(files, model, options: dict, *, progress) -> tuple[dict, objec
         raise ConfigError("\n".join(complaints), code="bad_option") from None
     if missing := [problem for f in files if (problem := not_a_file(f)) is not None]:
         raise DataError.listing(f"{counted(len(missing), 'data file')} cannot be checked", missing)
-    tokenizer = _load_tokenizer(model or DEFAULT_MODEL)
+    from ..models import load_tokenizer  # here, not at the top: the models stage pulls in heavy imports
+
+    tokenizer = load_tokenizer(model or DEFAULT_MODEL)
     _check_max_length(model or DEFAULT_MODEL, cfg.max_length)
     data, _ = check_data(cfg, tokenizer, progress=progress, keep_examples=False)  # the report is all it shows
     return data.report, tokenizer
-
-
-def _load_tokenizer(spec: str):
-    """`load_tokenizer` without its ChatML warning, for the reason `check` gives."""
-    from ..models import load_tokenizer  # here, not at the top: the models stage pulls in heavy imports
-
-    return load_tokenizer(spec, warn_chatml=False)
 
 
 def _check_max_length(spec: str, max_length: int) -> None:
@@ -245,7 +239,7 @@ def print_summary(console: Console, report: dict, model: str) -> None:
         table.add_row(name, plain(value))
     console.print(table)
 
-    for warning in report["warnings"]:
+    for warning in told_warnings(report):
         text = f"[{warning['code']}] {warning['message']}"
         # A secret in a reply is what the model would learn to give away: said louder than the rest.
         style = "bold red" if warning["code"] == "secret_in_reply" else "yellow"

@@ -182,8 +182,18 @@ def _log_report(report: dict, log: Callable[[str], object]) -> None:
     )
     for _, line in describe_files(report):
         log(f"data: {line}")
-    for warning in report["warnings"]:
+    for warning in told_warnings(report):
         log(f"data: warning: {warning['message']}")
+
+
+# A report's warnings that a command has said already, as it loaded the model (`load_tokenizer`): the report keeps
+# them for its readers (data_report.json, --json, the dashboard), and a person is not told them twice.
+SAID_AS_THE_MODEL_LOADS = frozenset({"chat_template_missing"})
+
+
+def told_warnings(report: dict) -> list:
+    """The warnings of `report` a command prints for a person: all but those `SAID_AS_THE_MODEL_LOADS`."""
+    return [w for w in report.get("warnings", []) if isinstance(w, str) or w["code"] not in SAID_AS_THE_MODEL_LOADS]
 
 
 def split_documents(counts: dict) -> str:

@@ -28,7 +28,7 @@ from ..progress import progress_bar
 from ..wording import counted
 from . import cache, pii
 from .formats import json_rows, read_conversations, record_row
-from .prepare import error_summary, file_state, refuses, replay_file, select_rows
+from .prepare import error_summary, file_state, refuses, replay_file, select_rows, told_warnings
 from .readers import extent
 from .render import check_template
 from .schema import Problem
@@ -140,7 +140,7 @@ def prepare_command(config, overrides=(), *, out: str | Path, force: bool = Fals
             f"data: training on them mixes in general replay conversations of {data.general_replay} as "
             f"data.general_mix {data.general_mix} asks (kept in summary.json's train_with; not written)"
         )
-    for warning in report["warnings"]:
+    for warning in told_warnings(report):
         print(f"data: warning: {warning['message']}")
     return 0
 

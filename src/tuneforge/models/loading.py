@@ -37,6 +37,10 @@ CHATML_TEMPLATE = (
 )
 # The tokenizers `load_tokenizer` gave `fallback_template`, their model having no template of its own.
 _GIVEN_CHATML: weakref.WeakSet = weakref.WeakSet()
+# The ChatML fallbacks `load_tokenizer` has warned of (`chatml_fallback_warning`): each is said once in a process,
+# however many times a command loads that model's tokenizer (train checks its inputs, then sets up). Python's "once"
+# filter would not do: its memory is cleared whenever any code changes the filters (`warnings.catch_warnings`).
+_SAID_CHATML: set[str] = set()
 # The tokens `load_tokenizer` added to each tokenizer for model.add_tokens (those its vocabulary lacked).
 _ADDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # The image side (`images.ImageInputs`) of each tokenizer whose model reads images.
@@ -308,14 +312,13 @@ def load_tokenizer(
     add_tokens: list[str] | tuple[str, ...] = (),
     template: str | None = None,
     key: str = "model.chat_template",
-    warn_chatml: bool = True,
 ):
     """The model's fast tokenizer, always with a chat template and a pad token, and `add_tokens`
     (`model.add_tokens`) added whole (`add_whole_tokens`).
 
     `template` (`model.chat_template`, which `key` names in errors) replaces the tokenizer's own
-    template (`chosen_template`). A tokenizer without a chat template gets ChatML, with a warning
-    unless `warn_chatml` is False (a caller whose data report warns of it, `chat_template_missing`).
+    template (`chosen_template`). A tokenizer without a chat template gets ChatML, and this warns of it: the one
+    place a command says so (a data report records it as `chat_template_missing`, which is not said again).
     One without a pad token pads with end-of-sequence, or without that with the token that ends its
     template's turns: batching needs a pad id, and loss masks come from the chat rendering, never
     from padding, so sharing the id costs nothing.
@@ -334,8 +337,9 @@ def load_tokenizer(
     elif (own := chat_template(tokenizer)) is not None:
         _refuse_uncompilable_template(own, _tokenizer_folder(source))
     if not tokenizer.chat_template:
-        if warn_chatml:
-            warnings.warn(chatml_fallback_warning(tokenizer), stacklevel=2)
+        if (said := chatml_fallback_warning(tokenizer)) not in _SAID_CHATML:
+            _SAID_CHATML.add(said)
+            warnings.warn(said, stacklevel=2)
         tokenizer.chat_template = fallback_template(tokenizer)
         _GIVEN_CHATML.add(tokenizer)
     if isinstance(tokenizer.chat_template, str):
@@ -412,7 +416,7 @@ def image_inputs(tokenizer) -> ImageInputs | None:
     return _IMAGES.get(tokenizer)
 
 
-def run_tokenizer(cfg, source: str | ModelSource, warn_chatml: bool = True):
+def run_tokenizer(cfg, source: str | ModelSource):
     """The tokenizer a run trains with: `load_tokenizer` with the config's model.add_tokens and
     model.chat_template, an error about the template naming where the config set it."""
     return load_tokenizer(
@@ -420,7 +424,6 @@ def run_tokenizer(cfg, source: str | ModelSource, warn_chatml: bool = True):
         cfg.model.add_tokens,
         cfg.model.chat_template,
         key=cfg.key_at("model.chat_template"),
-        warn_chatml=warn_chatml,
     )
 
 
