@@ -195,3 +195,33 @@ def test_a_model_without_a_chat_template_is_warned_of_once_by_each_command(
     assert code == 0, out + err
     assert said.count("hasnochattemplate;usingChatML") == 1, out + err
     assert f"{model}hasnochattemplate;usingChatML(<|im_start|>role...<|im_end|>)" in said
+
+
+def test_a_misspelt_name_is_offered_the_nearest_in_the_same_words_everywhere(tmp_path):
+    """A config key, a recipe, a registry model, a metric and a data key: each misspelt name is followed by the
+    one question that offers the name it meant."""
+    from tuneforge.config import load_config
+    from tuneforge.data.formats import read_conversations
+    from tuneforge.eval.evaluate import choose_metric
+    from tuneforge.models import resolve
+    from tuneforge.recipes import recipe_path
+
+    (tmp_path / "d.jsonl").write_text('{"mesages": []}\n')
+    (config := tmp_path / "run.yaml").write_text("base_modle: x\ndata:\n  train: d.jsonl\n")
+    said = []
+    for refused in (
+        lambda: load_config(config),
+        lambda: recipe_path("quickstar"),
+        lambda: resolve("gemma-270m"),
+        lambda: choose_metric("exactt", []),
+    ):
+        with pytest.raises(TuneforgeError) as caught:
+            refused()
+        said.append(caught.value.message)
+    ((_, problem),) = read_conversations(tmp_path / "d.jsonl")
+    said.append(problem.message)
+    assert "base_modle (line 1): unknown key (did you mean 'base_model'?)." in said[0]
+    assert "no shipped recipe named 'quickstar' (did you mean 'quickstart'?); there are: " in said[1]
+    assert said[2].startswith("'gemma-270m' (did you mean 'gemma3-270m'?) is not a registry model")
+    assert said[3].startswith("unknown metric 'exactt' (did you mean 'exact'?); use one of auto, ")
+    assert "(did you mean 'messages' for 'mesages'?)" in said[4]

@@ -25,7 +25,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert "train.learnin_rate (line 4): unknown key" in e.value.message
-    assert "Did you mean 'train.learning_rate'" in e.value.message
+    assert "unknown key (did you mean 'train.learning_rate'?)." in e.value.message
     assert str(path) in e.value.message
 
 
@@ -36,7 +36,7 @@ def test_a_list_item_s_unknown_key_suggests_the_item_s_nearest(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert "eval.benchmarks.1.num_fewshots (line 7): unknown key" in e.value.message
-    assert "Did you mean 'eval.benchmarks.1.num_fewshot'?" in e.value.message
+    assert "(did you mean 'eval.benchmarks.1.num_fewshot'?)" in e.value.message
 
 
 def test_a_list_item_s_unknown_key_is_not_matched_by_its_section_s_name_alone(tmp_path):
@@ -46,11 +46,11 @@ def test_a_list_item_s_unknown_key_is_not_matched_by_its_section_s_name_alone(tm
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert "eval.benchmarks.0.limt (line 6): unknown key" in e.value.message
-    assert "Did you mean 'eval.benchmarks.0.file'" not in e.value.message
+    assert "did you mean 'eval.benchmarks.0.file'" not in e.value.message
 
 
 def test_top_level_typo_suggests_the_nearest(tmp_path):
-    with pytest.raises(ConfigError, match="Did you mean 'base_model'"):
+    with pytest.raises(ConfigError, match="did you mean 'base_model'"):
         load_config(write(tmp_path, {"base_modle": "x", "data": {"train": "x.jsonl"}}))
 
 
@@ -252,7 +252,7 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
     with pytest.raises(ConfigError, match="unknown key") as e:
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.lr=1"])
     # Not its own section, nor train.warmup for their prefix: the name Hugging Face gives it is known.
-    assert "Did you mean" not in e.value.message and "tuneforge calls it train.learning_rate" in e.value.message
+    assert "did you mean" not in e.value.message and "tuneforge calls it train.learning_rate" in e.value.message
     with pytest.raises(ConfigError, match="unknown key") as e:
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.gradient_accumulation_steps=2"])
     assert "gradient_checkpointing" not in e.value.message and "tuneforge calls it train.grad_accum" in e.value.message
@@ -260,7 +260,7 @@ def test_dotted_overrides_parse_as_yaml_scalars(tmp_path):
         ConfigError, match=r"train\.save_steps \(override\): unknown key\. tuneforge calls it train\.save_every\."
     ):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["train.save_steps=50"])
-    with pytest.raises(ConfigError, match=r"  trian \(override\): unknown key\. Did you mean 'train'\?"):
+    with pytest.raises(ConfigError, match=r"  trian \(override\): unknown key \(did you mean 'train'\?\)\."):
         load_config(write(tmp_path, {"data": {"train": "x"}}), ["trian.max_steps=1"])
     with pytest.raises(ConfigError, match=r"override data\.train\.1\.weight: data\.train is a list, whose items an "):
         load_config(write(tmp_path, {"data": {"train": ["x", "y"]}}), ["data.train.1.weight=2"])
@@ -389,7 +389,7 @@ def test_the_python_api_takes_one_override_as_a_string_or_none(tmp_path):
     assert load_config(path, "train.max_steps=3").train.max_steps == 3
     assert load_config(path, None).train.max_steps is None
     with pytest.raises(
-        ConfigError, match=r"train\.max_stepz \(override\): unknown key\. Did you mean 'train\.max_steps'"
+        ConfigError, match=r"train\.max_stepz \(override\): unknown key \(did you mean 'train\.max_steps'\?\)"
     ):
         tuneforge.train(path, "train.max_stepz=3")
     with pytest.raises(ConfigError, match=r"data: required"):

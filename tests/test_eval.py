@@ -166,7 +166,7 @@ def test_metric_is_chosen_from_the_data(tmp_path, triage_data):
 
 def test_a_misspelt_metric_is_refused_with_the_nearest_one():
     with pytest.raises(
-        TuneforgeError, match=r"unknown metric 'exactt'; did you mean 'exact'\? Use one of auto, exact,"
+        TuneforgeError, match=r"unknown metric 'exactt' \(did you mean 'exact'\?\); use one of auto, exact,"
     ):
         choose_metric("exactt", [])
     with pytest.raises(TuneforgeError, match=r"unknown metric 'bleu'; use one of auto, exact,") as far:

@@ -516,7 +516,7 @@ def test_a_merge_that_changes_the_logits_fails_with_exit_1(adapter_dir, tmp_path
         ("merged", "q8_0", False, "takes the dtypes f32, f16, bf16"),
         ("merged", None, True, "use it with --format gguf"),
         ("onnx", None, False, r"unknown export format 'onnx'; use one of adapter, merged, gguf\."),
-        ("adpter", None, False, r"unknown export format 'adpter'; did you mean 'adapter'\? Use one of adapter,"),
+        ("adpter", None, False, r"unknown export format 'adpter' \(did you mean 'adapter'\?\); use one of adapter,"),
     ],
 )
 def test_unsupported_options_are_refused(adapter_dir, tmp_path, fmt, dtype, ollama, expected):

@@ -781,7 +781,7 @@ def test_an_empty_selection_names_the_model_or_metadata_nothing_stored_has_and_t
         model="triage", metadata={"repo": "tuneforge"}
     )
     assert "none of the model 'triage' has team=suport" in refusal(model="triage", metadata={"team": "suport"})
-    assert "none has team=suport (did you mean team=support?)" in refusal(metadata={"team": "suport"})
+    assert "none has team=suport (did you mean 'support'?)" in refusal(metadata={"team": "suport"})
     assert "no stored completion is of the model 'traige' (did you mean 'triage'?)" in refusal(
         model="traige", metadata={"team": "support"}
     )

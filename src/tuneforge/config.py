@@ -29,7 +29,7 @@ from .errors import (
     unreadable_json,
     within,
 )
-from .wording import nearest, to_utf8
+from .wording import nearest, suggestion, to_utf8
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # A number in exponent form without a dot (1e3): YAML 1.1, which PyYAML reads, leaves it a string.
@@ -1457,16 +1457,24 @@ KNOWN_ELSEWHERE = {
 }
 
 
-def _suggest(key: str) -> str:
+def _unknown_key(key: str) -> str:
+    """What an unknown key is told: tuneforge's name for a key of another trainer's, or the known key it most
+    likely misspells."""
     leaf = key.rsplit(".", 1)[-1]
     if leaf in KNOWN_ELSEWHERE:
-        return f" tuneforge calls it {KNOWN_ELSEWHERE[leaf]}."
+        return f"unknown key. tuneforge calls it {KNOWN_ELSEWHERE[leaf]}."
+    return f"unknown key{suggestion(_nearest_key(key))}."
+
+
+def _nearest_key(key: str) -> str | None:
+    """The known key that the unknown `key` most likely misspells, or None."""
+    leaf = key.rsplit(".", 1)[-1]
     # A list item's key (eval.benchmarks.1.num_fewshots) is matched as its list's keys are known, without the
     # index, and a match in the same list is named with it.
     if indexed := re.match(r"(.+?)\.\d+\.", key):
         listed = indexed[1] + "."
-        close = _suggest(listed + key[len(indexed[0]) :])
-        return close.replace(f"'{listed}", f"'{indexed[0]}", 1)
+        close = _nearest_key(listed + key[len(indexed[0]) :])
+        return indexed[0] + close[len(listed) :] if close is not None and close.startswith(listed) else close
     # No suggestion rather than a wrong one: the unknown key's own sections are no match for it (`train.lr` is no
     # misspelt `train`), and a shared section prefix alone must not carry a match (`train.lr` is no `train.warmup`).
     # A key in the unknown key's own section is matched by its name alone, as a long section name
@@ -1478,8 +1486,7 @@ def _suggest(key: str) -> str:
         if not key.startswith(k + ".")
         and (not k.startswith(section) or "." in k[len(section) :] or nearest(leaf, [k[len(section) :]]))
     ]
-    close = nearest(key, known) or next((k for k in known if nearest(leaf, [k.rsplit(".", 1)[-1]])), None)
-    return f" Did you mean '{close}'?" if close else ""
+    return nearest(key, known) or next((k for k in known if nearest(leaf, [k.rsplit(".", 1)[-1]])), None)
 
 
 def _format_validation_error(err: ValidationError, source: str, places: dict[str, str]) -> str:
@@ -1498,7 +1505,7 @@ def _format_validation_error(err: ValidationError, source: str, places: dict[str
         named = [".".join([*parts, k]) for k in dict.fromkeys(keys)] or [loc]
         key = ", ".join(_placed(k, places) for k in named)
         if e["type"] == "extra_forbidden":
-            what = f"unknown key.{_suggest(loc)}"
+            what = _unknown_key(loc)
         elif e["type"] == "missing":
             what = "required, but not set."
         elif e.get("input", ...) is None and e["type"] != "value_error" and parts and parts[-1].isdigit():
@@ -1664,11 +1671,10 @@ def load_config(source: str | Path | dict | Config, overrides: str | Iterable[st
             )
         if not path.is_file():
             # A bare name (no folder, no suffix) may be a recipe's, misspelt.
-            nearest = nearest_recipe(str(source)) if path.name == str(source) and not path.suffix else None
+            meant = nearest_recipe(str(source)) if path.name == str(source) and not path.suffix else None
             raise ConfigError(
-                f"{path}: no such config file, nor a shipped recipe of that name (`tuneforge recipes` lists them)."
-                + (f" Did you mean {nearest!r}?" if nearest else "")
-                + " Write one (see `tuneforge validate --help`) or check the path."
+                f"{path}{suggestion(meant)}: no such config file, nor a shipped recipe of that name (`tuneforge "
+                "recipes` lists them). Write one (see `tuneforge validate --help`) or check the path."
             )
         # One parse: the node tree gives each key's line, and the document is built from it.
         try:

@@ -23,18 +23,35 @@ def first_places(places: list[str], total: int | None = None) -> str:
     return ", ".join(places[:3]) + (", ..." if more else "")
 
 
-def nearest(value: str, choices: Iterable[str]) -> str | None:
+# How alike (difflib's ratio) a misspelt name and a choice are for the choice to be offered: close enough for a
+# dropped, doubled or swapped letter in a short name, not so loose that an unrelated name is offered.
+NEAREST_CUTOFF = 0.75
+
+
+def nearest(value: str, choices: Iterable[str], cutoff: float = NEAREST_CUTOFF) -> str | None:
     """The choice a misspelt `value` most likely meant, or None when none is close."""
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=cutoff)
     return close[0] if close else None
+
+
+def suggestion(meant: str | None, instead_of: str | None = None) -> str:
+    """The offer of the name `meant`, to follow the misspelt name it corrects: " (did you mean 'train'?)"; with
+    `instead_of`, for a message that names several, which one it corrects: " (did you mean 'train' for 'trian'?)".
+    Empty where nothing is close (`meant` None)."""
+    if meant is None:
+        return ""
+    return f" (did you mean {meant!r}" + (f" for {instead_of!r}" if instead_of is not None else "") + "?)"
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """`suggestion` of the choice nearest the misspelt `value`, or empty where none is close."""
+    return suggestion(nearest(value, choices))
 
 
 def unknown_choice(what: str, value: str, choices: Iterable[str]) -> str:
     """The refusal of `value` for `what`: the nearest choice, if one is close, and the choices there are."""
     choices = list(choices)
-    close = nearest(value, choices)
-    hint = f"did you mean {close!r}? Use" if close else "use"
-    return f"unknown {what} {value!r}; {hint} one of {', '.join(choices)}."
+    return f"unknown {what} {value!r}{did_you_mean(value, choices)}; use one of {', '.join(choices)}."
 
 
 def to_utf8(name: str) -> str:

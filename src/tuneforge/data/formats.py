@@ -30,7 +30,6 @@ rows hold them, each shown where its placeholder is: they become image parts of 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import math
 import mmap
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import unreadable_json
+from ..wording import nearest, suggestion
 from .images import column_image, column_image_path, read_image
 from .readers import open_rows
 from .schema import ROLES, Conversation, Document, Image, Message, Preference, Problem, Record
@@ -576,9 +576,8 @@ def _closest_key(keys: Iterable[str], known: Iterable[str] | None = None) -> str
         )
     )
     for key in keys:
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.7)
-        if close:
-            return f" (did you mean '{close[0]}' for '{key}'?)"
+        if (close := nearest(str(key), known)) is not None:
+            return suggestion(close, instead_of=str(key))
     return ""
 
 

@@ -34,6 +34,7 @@ from ..console import new_console, plain
 from ..errors import ModelSourceError
 from ..fsio import atomic_dir, scratch_dir, tuneforge_home, write_json
 from ..progress import activity, library_bars, progress_bar
+from ..wording import suggestion
 from .architecture import chat_generation_config, context_length
 from .registry import REGISTRY, RegistryEntry, nearest_registry_name
 
@@ -75,10 +76,9 @@ def registry_template(entry: RegistryEntry) -> str | None:
 
 
 def unknown_registry_name(name: str) -> ModelSourceError:
-    nearest = nearest_registry_name(name)
-    hint = f"Did you mean '{nearest}'? " if nearest else ""
     return ModelSourceError(
-        f"'{name}' is not a registry model, a local path or a hub id (org/name). {hint}"
+        f"'{name}'{suggestion(nearest_registry_name(name))} is not a registry model, a local path or a hub id "
+        "(org/name). "
         f"Registry models: {', '.join(REGISTRY)} (see `tuneforge models list`).",
         code="unknown_model",
     )

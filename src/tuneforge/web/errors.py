@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 from ..database import UnknownCursor
 from ..errors import complaint, json_kind, key_path, unreadable_json
 from ..fsio import refused_write, refused_write_line
-from ..wording import nearest
+from ..wording import did_you_mean
 from .shapes import MAX_FILENAME_CHARS, FormFields, multipart_boundary
 
 log = logging.getLogger("tuneforge.web")
@@ -334,10 +334,8 @@ def validation_error(first: dict, content_type: str | None = None, model: Any = 
     elif param is None and not isinstance(first.get("input"), dict):
         message = f"The request body is {json_kind(first.get('input'))}: send the parameters as a JSON object."
     elif kind == "extra_forbidden":
-        message = f"Unrecognized request argument supplied: {param}"
-        close = nearest(str(loc[-1]), _arguments_at(model, loc[:-1]))
-        if close:
-            message += f"; did you mean '{close}'?"
+        meant = did_you_mean(str(loc[-1]), _arguments_at(model, loc[:-1]))
+        message = f"Unrecognized request argument supplied: {param}{meant}"
     elif kind == "missing":
         message = f"Missing required parameter: '{param}'."
     elif kind == "json_invalid":
