@@ -236,3 +236,19 @@ def test_a_warning_grouping_rows_names_the_kinds_of_each_row_not_the_first_rows_
     data, _ = check_data(data_config(path), tokenizer, keep_examples=False)
     said = {w["code"]: w for w in data.report["warnings"]}["personal_data_in_reply"]["message"]
     assert all(sample in said for sample in ("phone ***32", "credit_card ***1111", "email j***@a***.io")), said
+
+
+def test_a_rendering_problem_names_the_same_field_as_the_pii_check(tmp_path, tokenizer):
+    """A row's `system` field is not one of its list's messages: a problem found when rendering names the
+    list's message by its index in the list, as the PII check names it, and a ShareGPT turn by its value."""
+
+    def sharegpt(prompt: str, reply: str) -> dict:
+        return {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": reply}]}
+
+    reply = "Mail ops@acme.io. <|endoftext|> Split here."
+    for name, row in (("chat", chat), ("sharegpt", sharegpt)):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [row("Hi", reply) | {"system": "Be brief."}, row("a", "b")])
+        data, _ = check_data(DataConfig(train=str(path), validation=None), tokenizer, keep_examples=False)
+        (pii_field,) = {f["field"] for f in data.report["pii"]["found"]}
+        (error,) = data.report["errors"]
+        assert (error["code"], error["field"]) == ("special_token_in_content", pii_field)

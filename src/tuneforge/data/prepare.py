@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -612,7 +613,8 @@ class _Preparation:
                 # Counted before a fatal problem stops the check: the row is read, and rejected, once.
                 self.counts["rejected_records"] += any(p.is_error for p in result)
                 for problem in result:
-                    problem = replace(problem, file=str(path), line=line)
+                    field = _rendered_field(record, problem.field, self.files[-1]["format"])
+                    problem = replace(problem, file=str(path), line=line, field=field)
                     if problem.code in FATAL_CODES:
                         raise _Stop(problem)
                     self.problems.append(problem)
@@ -1245,7 +1247,7 @@ def _text_field(record: Record, where: int | str, attribute: str, format: str | 
             return "system"
         at = where - record.system_field
         # A ShareGPT turn's one text is its value, a function call's arguments too.
-        return f"messages[{at}].{attribute}" if format == "chat" else f"conversations[{at}].value"
+        return f"messages[{at}]{attribute and '.' + attribute}" if format == "chat" else f"conversations[{at}].value"
     messages = record.messages
     if format == "alpaca":  # [system], history pairs, the instruction with its input, the output
         start = messages[0].role == "system"
@@ -1257,6 +1259,15 @@ def _text_field(record: Record, where: int | str, attribute: str, format: str | 
     if format == "prompt_completion" and len(messages) == 2:
         return "prompt" if where == 0 else "completion"
     return f"message {where + 1} ({messages[where].role}){'' if attribute == 'content' else ' ' + attribute}"
+
+
+def _rendered_field(record: Record, field: str | None, format: str | None) -> str | None:
+    """A rendering problem's field as the row has it (`_text_field`): rendering names the conversation's
+    messages (`messages[i]...`), which a row's `system` field or ShareGPT's turns put elsewhere in the row."""
+    found = re.fullmatch(r"messages\[(\d+)\]\.?(.*)", field or "")
+    if not found or not isinstance(record, Conversation) or format not in ("chat", "sharegpt"):
+        return field
+    return _text_field(record, int(found[1]), found[2], format)
 
 
 def _kind(record: Record) -> str:
