@@ -1609,6 +1609,31 @@ def test_a_job_whose_server_dies_once_too_often_fails_counting_every_death(tmp_p
     assert "checkpoint" not in failed.error["message"]  # its run wrote none
 
 
+def test_recovery_asks_the_store_for_the_held_jobs_runs_and_batches_by_an_index_in_a_store_made_without_it(tmp_path):
+    # A store keeps every job it ran; a worker that looks for the orphans of a dead one every few seconds reads
+    # only the rows some worker holds.
+    from sqlalchemy import event, text
+
+    from tuneforge.jobs.files import FileStorage
+    from tuneforge.jobs.store import Store
+    from tuneforge.jobs.worker import Workers
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with Store(url).engine.begin() as made_before:  # a store of a version that had no such index
+        for table in ("fine_tuning_jobs", "eval_runs", "batches"):
+            made_before.execute(text(f"DROP INDEX IF EXISTS ix_{table}_held"))
+    store = Store(url)
+    add_job(store, KEY, status="running", worker_id="host:1:1.00/1")
+    asked = []
+    event.listen(store.engine, "before_cursor_execute", lambda *call: asked.append(call[2:4]))
+    Workers(store, FileStorage(tmp_path), tmp_path, 0)._recover_orphans()
+    held = [(sql, params) for sql, params in asked if sql.startswith("SELECT") and "worker_id IS NOT NULL" in sql]
+    assert len(held) == 3, asked
+    with store.engine.connect() as connection:
+        plans = [connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params).all() for sql, params in held]
+    assert all("_held" in plan[0][-1] for plan in plans), plans
+
+
 def test_a_crashed_training_says_its_last_checkpoint_is_kept_only_when_it_wrote_one(tmp_path):
     from tuneforge.jobs import runner
     from tuneforge.jobs.store import Store

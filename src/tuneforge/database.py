@@ -144,8 +144,8 @@ class Page(list):
 
 
 class Tables:
-    """The tables of `base` in the database behind `engine`, created if missing; every method opens and
-    commits its own short transaction. Listed tables have a `seq` column (their order) and an `id`."""
+    """The tables of `base` in the database behind `engine`, created if missing, with their indexes; every method
+    opens and commits its own short transaction. Listed tables have a `seq` column (their order) and an `id`."""
 
     def __init__(self, engine: Engine, base: type[DeclarativeBase]):
         self.engine, self.url = engine, engine.url
@@ -154,6 +154,11 @@ class Tables:
             if engine.url.get_backend_name() != "sqlite":
                 connection.execute(text(f"SELECT pg_advisory_xact_lock({_CREATE_TABLES_LOCK})"))
             base.metadata.create_all(connection)
+            # create_all makes a table's indexes with the table alone: one a later version adds to a table that
+            # exists is made here.
+            for table in base.metadata.sorted_tables:
+                for index in table.indexes:
+                    index.create(connection, checkfirst=True)
 
     def add_missing_columns(self, table: str, columns: dict[str, str]) -> None:
         """The columns (name: SQL type) a table made by an earlier version lacks, added empty for its rows."""

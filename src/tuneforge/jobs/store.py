@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, String, UniqueConstraint, delete, func, select, update
+from sqlalchemy import JSON, BigInteger, Float, Index, String, UniqueConstraint, delete, func, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..database import JSON_COLUMNS, Page, Tables, connect, where_metadata
@@ -69,6 +69,13 @@ class Base(DeclarativeBase):
     type_annotation_map = JSON_COLUMNS
 
 
+def held_rows_index(table: str) -> Index:
+    """An index of `table`'s rows a worker holds: recovery asks for them after a worker died, a handful among
+    every row the store keeps. Partial, as only those are looked up by it."""
+    held = text("worker_id IS NOT NULL")
+    return Index(f"ix_{table}_held", "worker_id", sqlite_where=held, postgresql_where=held)
+
+
 class OwnedObject:
     """The columns of every object the API shows: `seq` orders rows (and pages through them), `id`
     is the public name, `owner` the API key's hash that may see it."""
@@ -101,6 +108,7 @@ class StoredFile(OwnedObject, Base):
 
 class Job(OwnedObject, Base):
     __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (held_rows_index(__tablename__),)
     model: Mapped[str] = mapped_column(String(1024))
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40))
@@ -202,6 +210,7 @@ class Eval(OwnedObject, Base):
 
 class EvalRun(OwnedObject, Base):
     __tablename__ = "eval_runs"
+    __table_args__ = (held_rows_index(__tablename__),)
     eval_id: Mapped[str] = mapped_column(String(40), index=True)
     name: Mapped[str] = mapped_column(String(256))
     model: Mapped[str] = mapped_column(String(1300))
@@ -349,6 +358,7 @@ BATCH_FINISHED = ("completed", "failed", "cancelled", "expired")
 
 class Batch(OwnedObject, Base):
     __tablename__ = "batches"
+    __table_args__ = (held_rows_index(__tablename__),)
     endpoint: Mapped[str] = mapped_column(String(64))
     input_file_id: Mapped[str] = mapped_column(String(40))
     completion_window: Mapped[str] = mapped_column(String(8))
@@ -572,8 +582,7 @@ class Store(Tables, EvalStore, BatchStore):
                 session.execute(query.values(heartbeat_at=time.time()))
 
     def held_jobs(self, status: str | None = None) -> list[Job]:
-        """The jobs a worker holds; with `status`, those in it alone, found by the status index (worker_id has
-        none, so without it every job is read)."""
+        """The jobs a worker holds (found by the worker_id index); with `status`, those in it alone."""
         query = select(Job).where(Job.worker_id.is_not(None))
         with self.session() as session:
             return list(session.scalars(query if status is None else query.where(Job.status == status)))
