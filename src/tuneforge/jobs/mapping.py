@@ -381,8 +381,12 @@ API_ADVICE = (
         "tuneforge's default data.max_length).",
     ),
     (
-        re.compile(r"(make rows of (\d+), more than the \d+ positions [^;]*); lower them to sum to \d+ or less\."),
-        r"\1; give the job a base model of \2 positions or more.",
+        re.compile(
+            r"data\.max_length, grpo\.max_new_tokens: (a prompt of up to (\d+) tokens and an answer of up to (\d+) "
+            r"make rows of (\d+), more than the \d+ positions [^;]*); lower them to sum to \d+ or less\."
+        ),
+        r"\1; give the job a base model of \4 positions or more (a job's prompts may have up to \2 tokens and its "
+        r"answers \3, tuneforge's default data.max_length and grpo.max_new_tokens).",
     ),
     # A job validates on its validation_file or on nothing (data.validation is the file, or null without one).
     (
