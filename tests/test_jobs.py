@@ -1683,6 +1683,21 @@ def test_a_paused_job_its_server_died_under_resumes_saying_the_step_of_its_check
     assert "Job resumed: queued to continue from step 9." in messages, messages
 
 
+def created_jobs_events(client, store) -> list[str]:
+    """The events of a job `client` creates (as KEY's) on an uploaded training file, oldest first."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    train = client.post(
+        "/v1/files", headers=headers, files={"file": ("t.jsonl", chat_rows(2))}, data={"purpose": "fine-tune"}
+    )
+    answer = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=headers,
+        json={"model": "smollm2-135m-instruct", "training_file": train.json()["id"]},
+    )
+    assert answer.status_code == 200, answer.text
+    return [e.message for e in reversed(store.list_events(answer.json()["id"], after=None, limit=10))]
+
+
 def test_a_job_created_while_another_jobs_files_are_validated_says_it_waits_for_that_job(tmp_path):
     from fastapi.testclient import TestClient
 
@@ -1690,27 +1705,13 @@ def test_a_job_created_while_another_jobs_files_are_validated_says_it_waits_for_
     from tuneforge.jobs.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
-    headers = {"Authorization": f"Bearer {KEY}"}
-
-    def created_jobs_events(client) -> list[str]:
-        train = client.post(
-            "/v1/files", headers=headers, files={"file": ("t.jsonl", chat_rows(2))}, data={"purpose": "fine-tune"}
-        )
-        answer = client.post(
-            "/v1/fine_tuning/jobs",
-            headers=headers,
-            json={"model": "smollm2-135m-instruct", "training_file": train.json()["id"]},
-        )
-        assert answer.status_code == 200, answer.text
-        return [e.message for e in reversed(store.list_events(answer.json()["id"], after=None, limit=10))]
-
     with TestClient(create_api(tmp_path, store, api_keys=[KEY, OTHER_KEY], workers=0)) as client:
-        alone = created_jobs_events(client)
+        alone = created_jobs_events(client, store)
         assert len(alone) == 1 and alone[0].startswith("Created fine-tuning job: ")
         mine = add_job(store, KEY, status="validating_files", worker_id="host:1:1.00/0")
         add_job(store, OTHER_KEY, status="validating_files", worker_id="other:1:1.00/0")
         add_job(store, KEY, status="validating_files")  # waiting too, not being validated
-        waiting = created_jobs_events(client)
+        waiting = created_jobs_events(client, store)
         held_jobs = store.held_jobs
 
         def held_once_a_worker_took_the_new_job(status):  # between the job's creation and the look at them
@@ -1719,12 +1720,28 @@ def test_a_job_created_while_another_jobs_files_are_validated_says_it_waits_for_
             return held_jobs(status)
 
         store.held_jobs = held_once_a_worker_took_the_new_job
-        taken = created_jobs_events(client)  # a worker has it: it waits for no other job
+        taken = created_jobs_events(client, store)  # a worker has it: it waits for no other job
     assert waiting[1] == (
         f"Waiting for a worker to validate this job's files: the files of job {mine.id} and another client's job "
-        "are being validated now."
+        "are being validated now, and 2 jobs created before it wait to be validated first."
     ), waiting
     assert len(taken) == 1, taken
+
+
+def test_jobs_created_in_a_burst_before_a_worker_took_the_first_say_they_wait_for_those_before_them(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    with TestClient(create_api(tmp_path, store, api_keys=[KEY], workers=0)) as client:
+        burst = [created_jobs_events(client, store) for _ in range(3)]
+    assert [events[1:] for events in burst] == [
+        [],
+        ["Waiting for a worker to validate this job's files: 1 job created before it waits to be validated first."],
+        ["Waiting for a worker to validate this job's files: 2 jobs created before it wait to be validated first."],
+    ], burst
 
 
 def test_a_paused_job_whose_last_checkpoint_is_damaged_resumes_saying_the_step_its_run_goes_on_from(tmp_path):

@@ -587,6 +587,13 @@ class Store(Tables, EvalStore, BatchStore):
         with self.session() as session:
             return list(session.scalars(query if status is None else query.where(Job.status == status)))
 
+    def unheld_before(self, status: str, seq: int) -> int:
+        """How many jobs in `status` that no worker holds yet came before the job of `seq`: a worker takes them
+        first."""
+        query = select(func.count()).where(Job.status == status, Job.worker_id.is_(None), Job.seq < seq)
+        with self.session() as session:
+            return session.scalar(query)
+
     def job_totals(self) -> tuple[dict[str, int], int]:
         """Every owner's jobs together: how many are in each status, and the tokens they have trained."""
         with self.session() as session:

@@ -13,6 +13,7 @@ from ...graders import runs_python
 from ...models import resolve
 from ...training import checkpoint
 from ...web import APIError, caller, list_body, metadata_filter
+from ...wording import counted
 from ..access import training_spec
 from ..mapping import CreateJobBody, training_config
 from ..service import ORGANIZATION, Service, service_of
@@ -115,17 +116,31 @@ def create_job(body: CreateJobBody, owner: str = Depends(caller), service: Servi
     )
     service.store.add(job)
     service.store.add_event(job.id, f"Created fine-tuning job: {job.id}")
-    busy = service.store.held_jobs("validating_files")
-    # A worker validates one job's files at a time: the job waits in validating_files with no event of its own
-    # until one is free, unless one has taken it already. Another key's job is not named.
-    if busy and job.id not in {held.id for held in busy}:
-        named = [f"job {held.id}" if held.owner == owner else "another client's job" for held in busy]
-        service.store.add_event(
-            job.id,
-            f"Waiting for a worker to validate this job's files: the files of {' and '.join(named)} are being "
-            "validated now.",
-        )
+    told = waiting_for_validation(service, job)
+    if told is not None:
+        service.store.add_event(job.id, told)
     return job_body(job)
+
+
+def waiting_for_validation(service: Service, job: Job) -> str | None:
+    """What a new job waits for before a worker validates its files, or None when it waits for nothing. A worker
+    validates one job's files at a time, oldest first: the job waits in validating_files with no event of its own
+    behind the jobs being validated and those created before it that no worker has taken yet (a burst of jobs
+    created together, before a worker took the first), unless one has taken it already. Another key's job is not
+    named."""
+    busy = service.store.held_jobs("validating_files")
+    if job.id in {held.id for held in busy}:
+        return None
+    before = service.store.unheld_before("validating_files", job.seq)
+    said = []
+    if busy:
+        named = [f"job {held.id}" if held.owner == job.owner else "another client's job" for held in busy]
+        said.append(f"the files of {' and '.join(named)} are being validated now")
+    if before:
+        said.append(
+            f"{counted(before, 'job')} created before it {'waits' if before == 1 else 'wait'} to be validated first"
+        )
+    return f"Waiting for a worker to validate this job's files: {', and '.join(said)}." if said else None
 
 
 def render_first_rows_with_template(service: Service, config: Config, training_file: str, method_param: str) -> None:
