@@ -1435,6 +1435,58 @@ def test_a_dead_engine_answers_health_503_and_its_requests_a_5xx_error(base_dir)
     assert len(forwards) == 2  # nothing decoded after the worker died
 
 
+@pytest.mark.parametrize(
+    ("route", "asked", "error_of"),
+    [
+        ("chat/completions", {"messages": QUESTION, "max_tokens": 8}, lambda last: last["error"]),
+        ("responses", {"input": "What is two plus two?", "max_output_tokens": 8}, lambda last: last),
+    ],
+)
+def test_streams_the_dead_engine_was_answering_or_had_waiting_end_with_its_error_event(
+    base_dir, route, asked, error_of
+):
+    """The model raises in a decode step something that ends the worker thread: a stream it was answering (its
+    opening sent) and one waiting behind it each end with an error event naming engine_stopped, as OpenAI ends a
+    stream that fails, not a hang or a connection cut without a word."""
+    engine = Engine(AdapterPool(str(base_dir)), max_batch=1)
+    forwards, decoding, release = [], threading.Event(), threading.Event()
+
+    def die_in_the_first_decode_step(*_):
+        forwards.append(1)
+        if len(forwards) == 2:  # the first forward is the prefill
+            decoding.set()
+            release.wait(10)
+            raise WorkerKilled
+
+    def streamed(url: str) -> list[str]:
+        body = {"model": BASE, "temperature": 0, "stream": True, **asked}
+        with httpx.stream("POST", f"{url}/v1/{route}", json=body, headers=headers, timeout=15) as response:
+            assert response.status_code == 200, response.read()
+            return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+    hook = engine.pool.model.register_forward_pre_hook(die_in_the_first_decode_step)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with running_server(create_app(engine, api_keys=[KEY])) as url, ThreadPoolExecutor(2) as pool:
+            running = pool.submit(streamed, url)
+            assert decoding.wait(10)
+            waiting = pool.submit(streamed, url)
+            deadline = time.monotonic() + 10
+            while engine.stats()["waiting"] != 1:
+                assert time.monotonic() < deadline, engine.stats()
+                time.sleep(0.01)
+            release.set()
+            streams = [running.result(), waiting.result()]
+    finally:
+        release.set()
+        hook.remove()
+        engine.close()
+    for data in streams:
+        assert "[DONE]" not in data, data
+        error = error_of(json.loads(data[-1]))
+        assert error["code"] == "engine_stopped" and "restart the server" in error["message"], data
+
+
 def test_a_dead_engine_answers_adapter_unloads_503(base_dir, tmp_path):
     """An unload waiting on a running request when the worker dies, and one sent afterwards, are answered with the
     worker's 503 in OpenAI's error shape, not left waiting for a worker that never deletes the adapter."""
