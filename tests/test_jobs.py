@@ -1728,6 +1728,39 @@ def test_a_job_created_while_another_jobs_files_are_validated_says_it_waits_for_
     assert len(taken) == 1, taken
 
 
+@pytest.mark.parametrize(
+    ("where", "sent", "said"),
+    [
+        ("hyperparameters", {"n_epochs": 0}, "must be 'auto' or an integer of at least 1 and at most 50 (got 0)"),
+        ("hyperparameters", {"n_epochs": 10000}, "must be 'auto' or an integer of at least 1 and at most 50"),
+        ("hyperparameters", {"learning_rate_multiplier": -1}, "a number of more than 0 and at most 10 (got -1)"),
+        ("hyperparameters", {"tuneforge_processes": 0}, "must be at least 1 and at most 64 (got 0)"),
+        ("hyperparameters", {"tuneforge_processes": 100}, "must be at least 1 and at most 64 (got 100)"),
+        ("body", {"seed": -1}, "'seed': must be at least 0 and at most 2147483647 (got -1)"),
+        ("query", {"limit": 0}, "'limit': must be at least 1 and at most 100 (got '0')"),
+    ],
+)
+def test_a_number_out_of_its_bounds_is_refused_saying_both_of_them(tmp_path, where, sent, said):
+    # As the config and the CLI say it: pydantic's own error names the one bound the number missed.
+    from fastapi.testclient import TestClient
+
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.store import Store
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(
+        create_api(tmp_path, Store(f"sqlite:///{tmp_path / 'jobs.db'}"), api_keys=[KEY], workers=0)
+    ) as client:
+        if where == "query":
+            answer = client.get("/v1/fine_tuning/jobs", headers=headers, params=sent)
+        else:
+            hyperparameters = sent if where == "hyperparameters" else {}
+            method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+            job = {"model": "m", "training_file": "file-x", "method": method, **(sent if where == "body" else {})}
+            answer = client.post("/v1/fine_tuning/jobs", headers=headers, json=job)
+    assert answer.status_code == 400 and said in answer.json()["error"]["message"], answer.text
+
+
 def test_jobs_created_in_a_burst_before_a_worker_took_the_first_say_they_wait_for_those_before_them(tmp_path):
     from fastapi.testclient import TestClient
 

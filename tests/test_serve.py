@@ -1061,9 +1061,9 @@ def test_completions_logprobs_come_in_openais_legacy_shape_streamed_or_not(clien
     [
         ("chat", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
         ("chat", {"logprobs": False, "top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
-        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "must be at most 20 (got 21)"),
-        ("completions", {"logprobs": 6}, "logprobs", "must be at most 5 (got 6)"),
-        ("chat", {"temperature": 5}, "temperature", "'temperature': must be at most 2 (got 5)"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "must be at least 0 and at most 20 (got 21)"),
+        ("completions", {"logprobs": 6}, "logprobs", "must be at least 0 and at most 5 (got 6)"),
+        ("chat", {"temperature": 5}, "temperature", "'temperature': must be at least 0 and at most 2 (got 5)"),
         ("completions", {"logprobs": True}, "logprobs", "not true: send 0"),
     ],
 )

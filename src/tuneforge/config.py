@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic.fields import FieldInfo
 
 from .errors import (
-    BOUNDS,
     OUT_OF_BOUNDS,
     ConfigError,
     complaint,
+    declared_bounds,
     key_path,
     out_of_bounds,
     unreadable_json,
@@ -1557,12 +1557,7 @@ def _out_of_bounds(parts: list[str], error: dict) -> str:
     """A number out of its key's bounds: all of its bounds, what the key is (its description) and what to give;
     the bound it missed alone where the bounds are not the key's own (a list item's)."""
     field = _field(parts)
-    bounds = {
-        name: bound
-        for limit in (field.metadata if field else ())
-        for name in BOUNDS
-        if (bound := getattr(limit, name, None)) is not None
-    }
+    bounds = declared_bounds(field.metadata if field else ())
     if not bounds:
         return complaint(error)
     said = out_of_bounds(bounds, error["input"]) + (f": {field.description}" if field.description else "")

@@ -85,10 +85,17 @@ def out_of_bounds(bounds: dict, got) -> str:
     return f"must be {within(bounds)} (got {got!r})"
 
 
-def complaint(error: dict) -> str:
+def declared_bounds(metadata) -> dict:
+    """The bounds among a field's `metadata` (a kind of BOUNDS: its bound), as `Field(ge=1, le=64)` declares them."""
+    return {kind: bound for limit in metadata for kind in BOUNDS if (bound := getattr(limit, kind, None)) is not None}
+
+
+def complaint(error: dict, bounds: dict | None = None) -> str:
     """What a pydantic error says: our validators' own words without the "Value error, " pydantic puts
-    before them, a number out of its bounds as `out_of_bounds` says it, or pydantic's message."""
-    bounds = {kind: bound for kind, bound in error.get("ctx", {}).items() if kind in BOUNDS}
+    before them, a number out of its bounds as `out_of_bounds` says it, or pydantic's message. pydantic's error
+    names the one bound the number missed; `bounds` are all of its field's (`declared_bounds`), where the
+    caller knows the field."""
+    bounds = bounds or {kind: bound for kind, bound in error.get("ctx", {}).items() if kind in BOUNDS}
     if error.get("type") in OUT_OF_BOUNDS and bounds:
         return out_of_bounds(bounds, error.get("input"))
     said = error.get("ctx", {}).get("error") if error.get("type") == "value_error" else None

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
@@ -24,7 +25,7 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.staticfiles import StaticFiles
 
 from ..database import UnknownCursor
-from ..errors import complaint, json_kind, key_path, unreadable_json
+from ..errors import complaint, declared_bounds, json_kind, key_path, unreadable_json
 from ..fsio import refused_write, refused_write_line
 from ..wording import did_you_mean
 from .shapes import MAX_FILENAME_CHARS, FormFields, multipart_boundary
@@ -132,9 +133,13 @@ def install_error_handlers(app: FastAPI, forms: dict[str, FormFields]) -> None:
         content_type = request.headers.get("content-type")
         if (fields := forms.get(request.scope["path"])) is not None:
             return form_error(err.errors()[0], fields, content_type).response()
-        body = getattr(request.scope.get("route"), "body_field", None)
+        route = request.scope.get("route")
+        body = getattr(route, "body_field", None)
         model = body.field_info.annotation if body is not None else None
-        return validation_error(err.errors()[0], content_type, model).response()
+        dependant = getattr(route, "dependant", None)
+        params = [*dependant.query_params, *dependant.path_params] if dependant is not None else []
+        fields = {param.alias: param.field_info for param in params}
+        return validation_error(err.errors()[0], content_type, model, fields).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -314,12 +319,16 @@ def not_utf8(err: UnicodeDecodeError) -> APIError:
     )
 
 
-def validation_error(first: dict, content_type: str | None = None, model: Any = None) -> APIError:
+def validation_error(
+    first: dict, content_type: str | None = None, model: Any = None, params: dict[str, FieldInfo] | None = None
+) -> APIError:
     """The 400 for pydantic's first complaint about a request, naming the parameter it is about
     (`content_type` is the request's, said when the body was not read as JSON; `model`, the body's model, gives
-    the name a misspelt argument most likely meant)."""
+    the name a misspelt argument most likely meant; it and `params`, the route's query and path parameters by
+    name, give every bound of a number out of them)."""
     loc = list(first.get("loc", ()))
-    if loc and loc[0] in ("body", "query", "path", "header"):  # where it came from, not its name
+    source = loc[0] if loc and loc[0] in ("body", "query", "path", "header") else None
+    if source is not None:  # where it came from, not its name
         loc = loc[1:]
     loc = key_path(loc)
     param = ".".join(map(str, loc)) or None
@@ -344,14 +353,28 @@ def validation_error(first: dict, content_type: str | None = None, model: Any = 
     elif kind == "not_unicode":  # the body's check of its text (`RequestBody`) says where the text is
         message, param = complaint(first), first["ctx"]["path"]
     else:
-        said = complaint(first)
+        field = (params or {}).get(param) if source in ("query", "path") else _field_at(model, loc)
+        said = complaint(first, declared_bounds(field.metadata) if field is not None else None)
         message = f"Invalid value for '{param}': {said}" if param else said or "Invalid request"
     return APIError(400, message, param=param, code="invalid_value")
 
 
+def _field_at(model: Any, loc: list) -> FieldInfo | None:
+    """The field of the body model `model` at `loc` (its last key); None where `loc` leads to no one field."""
+    fields = [found.model_fields[loc[-1]] for found in _models_at(model, loc[:-1]) if loc[-1] in found.model_fields]
+    return fields[0] if len(fields) == 1 else None
+
+
 def _arguments_at(model: Any, loc: list) -> list[str]:
-    """The argument names the body model `model` takes at `loc` (its keys; a list's indexes are passed over, and a
-    union's member is the one pydantic names by its tag or class); none where `loc` leads to no one model."""
+    """The argument names the body model `model` takes at `loc` (its keys); none where `loc` leads to no one
+    model."""
+    models = _models_at(model, loc)
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def _models_at(model: Any, loc: list) -> list[type[BaseModel]]:
+    """The models the body model `model` holds at `loc` (a list's indexes are passed over, and a union's member is
+    the one pydantic names by its tag or class)."""
     models = _models_in(model)  # a route's body may be no model (a dict), or a union of several
     for part in loc:
         if part.isdigit():
@@ -361,7 +384,7 @@ def _arguments_at(model: Any, loc: list) -> list[str]:
             models = [inner for annotation in fields for inner in _models_in(annotation)]
         else:  # a union's member, named before its keys (`source.file_content.contnet`)
             models = [found for found in models if part in (found.__name__, *_tags(found))]
-    return list(models[0].model_fields) if len(models) == 1 else []
+    return models
 
 
 def _tags(model: type[BaseModel]) -> tuple:
