@@ -595,3 +595,14 @@ def test_a_teacher_that_is_the_student_itself_is_warned_of_once_under_nproc(tiny
     res = run_cli(cfg, tmp_path, 2)
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("is the student's own model") == 1, res.stderr
+
+
+def test_a_model_without_a_chat_template_is_warned_of_once_under_nproc(tiny_model_dir, triage_data, tmp_path):
+    # The launcher says it as it checks the config (`check_before_launch`): the processes torchrun starts, each
+    # loading the tokenizer again, leave it to the launcher.
+    from tiny import without_chat_template
+
+    model = without_chat_template(tiny_model_dir, tmp_path / "no-template")
+    res = run_cli(tiny_run_config(model, triage_data, tmp_path / "run", max_steps=1, batch_size=2), tmp_path, 2)
+    assert res.returncode == 0, res.stderr
+    assert (res.stdout + res.stderr).count("has no chat template; using ChatML") == 1, res.stdout + res.stderr

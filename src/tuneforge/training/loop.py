@@ -599,13 +599,13 @@ def setup(
     check_batch_split(cfg, world.size)
     if world.is_main:
         trackers.check_installed(cfg)
-    tokenizer = run_tokenizer(cfg, source)
-    hashed = refuse_other_runs_on_other_machines(cfg, tokenizer, world)
     # A warning reads once: rank 0's, or none in the processes `tuneforge train --nproc` started, whose
-    # launcher warned as it checked the config (`check_before_launch`).
+    # launcher warned as it loaded the tokenizer and checked the config (`check_before_launch`).
     with warnings.catch_warnings():
         if not world.is_main or LAUNCHER_SHOWS_ERRORS in os.environ:
             warnings.simplefilter("ignore")
+        tokenizer = run_tokenizer(cfg, source)
+        hashed = refuse_other_runs_on_other_machines(cfg, tokenizer, world)
         check_inputs(cfg, tokenizer, source)
     # Data refused gets its report in output_dir only where no earlier run's files are there to mix with;
     # data that passes gets it as the run starts (`start_run_folder`), so a run refused before then leaves none.
