@@ -389,6 +389,12 @@ def test_unknown_keys_suggest_the_nearest_format_key(tmp_path):
     assert problem.code == "unknown_format" and "did you mean 'messages'" in problem.message
 
 
+def test_a_short_form_of_an_openai_preference_key_is_offered_the_key(tmp_path):
+    row = {"input": chat("Hi", "Hello"), "preferred": [], "non_preferred": []}
+    (problem,) = errors(read(write_jsonl(tmp_path / "d.jsonl", [row])))
+    assert "(did you mean 'preferred_output' for 'preferred'?)" in problem.message
+
+
 def test_message_keys_of_the_other_shape_say_what_they_are_called_here(tmp_path):
     # Datasets mix the shapes: ShareGPT's "conversations" holding role/content, "messages" holding from/value.
     rows = [

@@ -575,8 +575,10 @@ def _closest_key(keys: Iterable[str], known: Iterable[str] | None = None) -> str
             "preferred_output",
         )
     )
+    # A looser cutoff than other names': a format's keys are few, and OpenAI's are long compounds that a row may
+    # shorten (`preferred` for `preferred_output`).
     for key in keys:
-        if (close := nearest(str(key), known)) is not None:
+        if (close := nearest(str(key), known, cutoff=0.7)) is not None:
             return suggestion(close, instead_of=str(key))
     return ""
 
