@@ -23,7 +23,7 @@ def models(monkeypatch, tokenizer):
     """Stands in for tuneforge.models (its own engineer's job): every model has the tiny tokenizer."""
     asked: list[str] = []
 
-    def load_tokenizer(spec: str, warn_chatml: bool = True):
+    def load_tokenizer(spec: str):
         asked.append(spec)
         if spec == "missing-model":
             raise ModelSourceError("no model called missing-model; see `tuneforge models list`")
