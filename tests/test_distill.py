@@ -1166,9 +1166,12 @@ def test_best_of_n_refuses_options_that_cannot_work_before_any_model_loads(tmp_p
     for options, message in (
         ({"samples": 4}, "--samples N and --grader SPEC go together"),
         ({"grader": grader}, "--samples N and --grader SPEC go together"),
-        ({"samples": 1, "grader": grader}, "--samples of at least 2"),
-        ({"samples": 4, "grader": grader, "temperature": 0.0}, "at 0 every answer is the same"),
-        ({"samples": 4, "grader": grader, "keep": "worst"}, "--keep best or pairs"),
+        ({"samples": 1, "grader": grader}, r"needs --samples of at least 2 \(got 1\)\.$"),
+        (
+            {"samples": 4, "grader": grader, "temperature": 0.0},
+            r"needs a --temperature above 0 \(got 0\.0; at 0 every answer is the same\)\.$",
+        ),
+        ({"samples": 4, "grader": grader, "keep": "pair"}, r"needs --keep best or pairs \(got pair\)\.$"),
         ({"samples": 4, "grader": f"{tmp_path / 'rewards.py'}:nothing"}, "nothing"),
     ):
         with pytest.raises(TuneforgeError, match=message):

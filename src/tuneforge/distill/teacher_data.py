@@ -429,12 +429,16 @@ def generate_teacher_data(
             "(without both, each prompt gets one greedy answer).",
             code="bad_option",
         )
-    if sampled and (samples < 2 or not temperature > 0 or keep not in KEEP):
-        raise TuneforgeError(
-            f"best-of-N needs --samples of at least 2 (got {samples}), a --temperature above 0 (got {temperature}; "
-            f"at 0 every answer is the same) and --keep best or pairs (got {keep}).",
-            code="bad_option",
-        )
+    if sampled:
+        # Only the options that fail are named: one that is fine, listed beside them, reads as a cause.
+        needs = [
+            (samples < 2, f"--samples of at least 2 (got {samples})"),
+            (not temperature > 0, f"a --temperature above 0 (got {temperature}; at 0 every answer is the same)"),
+            (keep not in KEEP, f"--keep best or pairs (got {keep})"),
+        ]
+        unmet = [need for failed, need in needs if failed]
+        if unmet:
+            raise TuneforgeError(f"best-of-N needs {' and '.join(unmet)}.", code="bad_option")
     out = Path(out)
     if out.is_dir():
         raise TuneforgeError(
