@@ -471,6 +471,15 @@ def test_eval_of_a_reward_model_refuses_pairs_with_images_by_line_and_field(tmp_
         eval_command(str(rm), str(pairs), json_out=True)
 
 
+def test_eval_of_a_reward_model_names_a_missing_pairs_file_as_missing(tmp_path):
+    """A mistyped path is said not to exist, not to hold rows of no known format."""
+    from tuneforge.eval.reward import read_pairs
+
+    with pytest.raises(TuneforgeError, match=r"nosuch\.jsonl does not exist\. Check the path\.") as err:
+        read_pairs(tmp_path / "nosuch.jsonl")
+    assert err.value.code == "file_not_found"
+
+
 @pytest.mark.parametrize("where", ["notes.txt", "notes.txt/scores"])
 def test_eval_of_a_reward_model_refuses_an_out_that_is_a_file_before_its_weights_load(tokenizer, tmp_path, where):
     """--out names a file (or a folder under one): refused, naming it, before the weights load, as for
