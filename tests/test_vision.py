@@ -109,6 +109,29 @@ def test_lora_trains_on_image_rows_and_final_loads_with_its_processor(vision_mod
     assert AutoProcessor.from_pretrained(merged).image_seq_length == 4  # the merged model still reads images
 
 
+def test_sample_answers_while_training_on_image_rows_are_answered_with_their_images(vision_model, tmp_path):
+    from tuneforge.training.loop import train
+
+    rows = [image_row(c, f"It is {n}.", (20 + i, 16)) for i in range(4) for c, n in ((RED, "red"), (BLUE, "blue"))]
+    held_out = [image_row(GREEN, "It is green.", (24, 16)), image_row(BLUE, "It is blue.", (30, 20))]
+    config = {
+        "base_model": str(vision_model),
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+            "validation": str(write_jsonl(tmp_path / "valid.jsonl", held_out)),
+        },
+        "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32", "eval_samples": 2, "eval_max_new_tokens": 4},
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = train(config, progress=False)
+    final = json.loads((tmp_path / "run" / "samples.jsonl").read_text().splitlines()[-1])["samples"]
+    model = load_model(str(result.final_dir), dtype=torch.float32).eval()
+    prompts = [(QUESTION, [png(GREEN, (24, 16))]), (QUESTION, [png(BLUE, (30, 20))])]
+    expected = answer(model, load_tokenizer(str(result.final_dir)), prompts, max_new_tokens=4)
+    assert [s["answer"] for s in final] == [c.text for c in expected]
+    assert all("<start_of_image>" in s["prompt"] for s in final)
+
+
 @pytest.mark.parametrize("from_layer", [0.0, 0.5])
 def test_lora_target_modules_only_the_vision_encoder_has_are_refused(vision_model, from_layer):
     """fc1 is a layer of Gemma 3's vision encoder alone; LoRA leaves that encoder out (exclude_modules), so a list

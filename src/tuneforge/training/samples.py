@@ -38,6 +38,7 @@ class SamplePrompt:
     example: int  # the validation example's index
     prompt_ids: tuple[int, ...]
     reference_ids: tuple[int, ...]
+    images: tuple[bytes, ...] = ()  # the image files its image tokens stand for: a reply holds none, so all of them
 
 
 def prompt_and_reply(example) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -61,7 +62,7 @@ def sample_prompts(examples, n: int) -> list[SamplePrompt]:
     for index, example in enumerate(examples):
         split = None if getattr(example, "is_replay", False) else prompt_and_reply(example)
         if split is not None:
-            candidates.append(SamplePrompt(index, *split))
+            candidates.append(SamplePrompt(index, *split, getattr(example, "images", ())))
     if n >= len(candidates):
         return candidates
     return [candidates[k * len(candidates) // n] for k in range(n)]
@@ -73,7 +74,12 @@ def answer(model, tokenizer, prompts: list[SamplePrompt], max_new_tokens: int) -
     modes = {module: module.training for module in model.modules()}
     try:
         completions = generate(
-            model, tokenizer, [p.prompt_ids for p in prompts], max_new_tokens=max_new_tokens, batch_size=len(prompts)
+            model,
+            tokenizer,
+            [p.prompt_ids for p in prompts],
+            max_new_tokens=max_new_tokens,
+            batch_size=len(prompts),
+            images=[p.images for p in prompts],
         )
     finally:
         for module, training in modes.items():
