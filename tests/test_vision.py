@@ -156,7 +156,11 @@ def test_lora_target_modules_only_the_vision_encoder_has_are_refused(vision_mode
     ("url", "says"),
     [
         ("data:image/png;base64,@@@not-base64", "base64 does not decode"),
-        ("data:image/png;base64,aGVsbG8gd29ybGQ=", "not an image"),
+        (
+            "data:image/png;base64,aGVsbG8gd29ybGQ=",
+            "the data URL's bytes are not an image PIL reads (no image format recognized); "
+            "give a PNG, JPEG, GIF or WEBP image.",
+        ),
         ("https://example.com/cat.png", "not downloaded"),
         # OpenAI's layout takes a data URL; a path is read from the images field, which the data cache sees
         ("cat.png", "name the file in the row's 'images' field and put {\"type\": \"image\"} in this part's place"),
@@ -493,7 +497,11 @@ def test_serve_answers_image_and_text_requests_sent_together_as_each_is_answered
     [
         ("https://example.com/cat.png", "not downloaded"),
         ("data:image/png;base64,@@@not-base64", "base64 does not decode"),
-        ("data:image/png;base64,aGVsbG8gd29ybGQ=", "not an image"),
+        (
+            "data:image/png;base64,aGVsbG8gd29ybGQ=",
+            "the data URL's bytes are not an image PIL reads (no image format recognized); "
+            "give a PNG, JPEG, GIF or WEBP image.",
+        ),
     ],
 )
 def test_serve_refuses_a_bad_image_naming_its_field(vision_server, url, says):

@@ -24,6 +24,7 @@ MAX_IMAGE_BYTES = 10 * 1024 * 1024
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
 """The image formats read (OpenAI's: PNG, JPEG, non-animated GIF, WEBP)."""
+READ_FORMATS = f"a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} image"
 
 _EMBED = "embed the image as a data URL: data:image/png;base64,<the file's bytes in base64>"
 
@@ -140,12 +141,14 @@ def _image_format(data: bytes, what: str) -> str:
             picture.verify()
     except PILImage.DecompressionBombError:
         return too_large
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"{what} are not an image PIL reads ({type(e).__name__}: {str(e)[:80]}); give a PNG or JPEG."
+    except UnidentifiedImageError:  # its message names the in-memory file object, nothing the user gave
+        return f"{what} are not an image PIL reads (no image format recognized); give {READ_FORMATS}."
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"{what} are not an image PIL reads ({type(e).__name__}: {str(e)[:80]}); give {READ_FORMATS}."
     if PILImage.MAX_IMAGE_PIXELS and pixels > PILImage.MAX_IMAGE_PIXELS:
         return too_large
     if kind not in FORMATS:
-        return f"the image is {kind}; give {', '.join(FORMATS)}."
+        return f"the image is {kind}; give {READ_FORMATS}."
     if animated:  # the model would see its first frame alone; OpenAI takes no animated GIF either
         return f"{what} are an animated {kind} (the model reads one frame); give a still image (PNG or JPEG)."
     return kind
