@@ -205,7 +205,7 @@ def test_trl_and_llama_factory_vision_pairs_train_as_their_openai_pairs(models, 
             | {"images": ["imgs/red.png"]},
             "unsupported_content",
             "messages[1].content",
-            "images are shown in user messages only",
+            "an image placeholder is in an assistant message, and images are shown in user messages only",
         ),
         (
             {"prompt": [{"role": "user", "content": [{"type": "image"}, text("Hi")]}]}

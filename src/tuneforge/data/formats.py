@@ -343,12 +343,18 @@ def _place_in(value: Any, field: str, images: list[Image], start: int, check: _R
             check.error(
                 "unsupported_content",
                 f"{at}.{content_key}",
-                f"an image placeholder is in a {role or 'roleless'} message, and images are shown in user messages "
+                f"an image placeholder is in {_a_message_of(role)}, and images are shown in user messages "
                 "only; move it to the user message that shows the image.",
             )
         placed.append({**turn, content_key: content})
         end = next_image
     return (placed if isinstance(value, list) else placed[0]), end
+
+
+def _a_message_of(role: Any) -> str:
+    """A message of `role` as a sentence names it: an assistant message, a tool message, a roleless message."""
+    named = f"{role} message" if role else "roleless message"
+    return f"{'an' if named[0] in 'aeiou' else 'a'} {named}"
 
 
 def _place_in_history(value: Any, images: list[Image], start: int, check: _RowCheck) -> tuple[Any, int]:
