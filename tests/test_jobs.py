@@ -1638,6 +1638,56 @@ def test_recovery_asks_the_store_for_the_held_jobs_runs_and_batches_by_an_index_
     assert all("_held" in plan[0][-1] for plan in plans), plans
 
 
+@pytest.mark.parametrize(
+    ("made_before", "change"),
+    [
+        ("DROP INDEX ix_fine_tuning_jobs_held", "CREATE INDEX"),
+        ("ALTER TABLE fine_tuning_jobs DROP COLUMN integrations", "ALTER TABLE"),
+    ],
+    ids=["index", "column"],
+)
+def test_processes_opening_a_store_an_earlier_version_made_at_once_each_open_it(tmp_path, made_before, change):
+    # Servers and workers restarted on a new version open the store together: one adds what the store lacks while
+    # the others wait, not each finding it missing and all but one failing on "already exists".
+    from sqlalchemy import Engine, event, inspect, text
+
+    from tuneforge.jobs.store import Store
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with Store(url).engine.begin() as connection:
+        connection.execute(text(made_before))
+    looked, second_opened, failed = threading.Event(), threading.Event(), []
+
+    def pause_the_first_before_its_change(_connection, _cursor, statement, *_rest):
+        if threading.current_thread() is first and statement.startswith(change):
+            looked.set()
+            second_opened.wait(timeout=2)  # the other opens meanwhile, or waits for this one (the fix)
+
+    def open_store(then=None):
+        try:
+            Store(url)
+        except Exception as err:
+            failed.append(err)
+        if then is not None:
+            then.set()
+
+    event.listen(Engine, "before_cursor_execute", pause_the_first_before_its_change)
+    try:
+        first = threading.Thread(target=open_store)
+        first.start()
+        assert looked.wait(timeout=30)
+        second = threading.Thread(target=open_store, args=(second_opened,))
+        second.start()
+        first.join(timeout=60)
+        second.join(timeout=60)
+    finally:
+        event.remove(Engine, "before_cursor_execute", pause_the_first_before_its_change)
+    assert not failed, failed
+    store = inspect(Store(url).engine)
+    assert "ix_fine_tuning_jobs_held" in {index["name"] for index in store.get_indexes("fine_tuning_jobs")}
+    assert "integrations" in {column["name"] for column in store.get_columns("fine_tuning_jobs")}
+
+
 def test_a_crashed_training_says_its_last_checkpoint_is_kept_only_when_it_wrote_one(tmp_path):
     from tuneforge.jobs import runner
     from tuneforge.jobs.store import Store

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import JSON, Engine, create_engine, event, inspect, text
+from sqlalchemy import JSON, Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -24,7 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from .errors import ConfigError
 from .fsio import refused_write
 
-# Several servers may start on one fresh PostgreSQL database: one creates the tables, the others wait on this lock.
+# Several servers may open one PostgreSQL database at once: one changes its tables, the others wait on this lock.
 _CREATE_TABLES_LOCK = 2026112808
 # PostgreSQL's SQLSTATE for a write its disk has no room for (disk_full).
 _POSTGRES_DISK_FULL = "53100"
@@ -150,9 +150,7 @@ class Tables:
     def __init__(self, engine: Engine, base: type[DeclarativeBase]):
         self.engine, self.url = engine, engine.url
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        with engine.begin() as connection:
-            if engine.url.get_backend_name() != "sqlite":
-                connection.execute(text(f"SELECT pg_advisory_xact_lock({_CREATE_TABLES_LOCK})"))
+        with self._changing_tables() as connection:
             base.metadata.create_all(connection)
             # create_all makes a table's indexes with the table alone: one a later version adds to a table that
             # exists is made here.
@@ -162,12 +160,23 @@ class Tables:
 
     def add_missing_columns(self, table: str, columns: dict[str, str]) -> None:
         """The columns (name: SQL type) a table made by an earlier version lacks, added empty for its rows."""
-        with self.engine.begin() as connection:
+        with self._changing_tables() as connection:
             have = {column["name"] for column in inspect(connection).get_columns(table)}
             exists = "" if self.engine.url.get_backend_name() == "sqlite" else "IF NOT EXISTS "
             for name, sql_type in columns.items():
                 if name not in have:
                     connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {exists}{name} {sql_type}"))
+
+    @contextmanager
+    def _changing_tables(self) -> Iterator[Connection]:
+        """A transaction that alone may look at and change the tables: several processes may open one store at
+        once (a fresh one, or one an earlier version made), and each makes what it finds missing."""
+        with self.engine.begin() as connection:
+            if self.url.get_backend_name() == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, taken before the look
+            else:
+                connection.execute(text(f"SELECT pg_advisory_xact_lock({_CREATE_TABLES_LOCK})"))
+            yield connection
 
     @contextmanager
     def session(self) -> Iterator[Session]:
