@@ -74,6 +74,10 @@ def test_a_mixed_batch_answers_each_request_as_the_live_route_does(tmp_path, bas
         [refused] = errors
         assert refused["custom_id"] == "too-hot" and refused["response"]["status_code"] == 400
         assert refused["response"]["body"]["error"]["param"] == "temperature"
+        with pytest.raises(openai.BadRequestError) as live_refusal:
+            client.chat.completions.create(**lines[1]["body"])
+        said = refused["response"]["body"]["error"]["message"]
+        assert said == live_refusal.value.response.json()["error"]["message"]  # both of temperature's bounds
         answered = [line["response"]["body"]["usage"] for line in output]
         assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in answered) > 0
         assert batch.usage.total_tokens == sum(u["total_tokens"] for u in answered)

@@ -397,7 +397,8 @@ class BatchRunner:
 
         while True:
             try:
-                body = BODIES[batch.endpoint].model_validate(request.body)
+                body_model = BODIES[batch.endpoint]
+                body = body_model.model_validate(request.body)
                 if getattr(body, "stream", None):
                     raise APIError(
                         400,
@@ -408,7 +409,7 @@ class BatchRunner:
                 forwarded = await forward(self.service, batch.owner, body)
                 status, answer = await _called(forwarded, batch.endpoint, batch.owner, hang_up)
             except ValidationError as err:
-                status, answer = 400, validation_error(err.errors()[0]).body()
+                status, answer = 400, validation_error(err.errors()[0], model=body_model).body()
             except APIError as err:
                 status, answer = err.status, err.body()
             except Exception as err:  # noqa: BLE001 - one request's unforeseen failure fails that line alone
