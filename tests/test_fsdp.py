@@ -21,6 +21,7 @@ import torch
 import yaml
 from conftest import SUBPROCESS_ENV, tiny_run_config
 from fsdp_run import main as run_recording
+from safetensors import safe_open
 
 from tuneforge.config import load_config
 from tuneforge.errors import RunFailed, TuneforgeError
@@ -132,6 +133,12 @@ def test_a_2_process_checkpoint_killed_with_sigkill_resumes_on_1_2_and_4_with_th
     saved = checkpoint.latest(cut / "checkpoints")
     assert saved is not None and saved.name != f"step-{STEPS}", log.read_text()[-3000:]
     assert sorted(p.name for p in (saved / checkpoint.OPTIMIZER).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # Gathered weights are copies: the output layer tied to the embeddings is written once, as one process does.
+    written = [
+        set(safe_open(folder / "model.safetensors", "pt").keys())
+        for folder in (saved, runs[1]["folder"] / "run" / "final")
+    ]
+    assert "lm_head.weight" not in written[1] and written[0] == written[1]
 
     for n in (1, 2, 4):
         resumed = tmp_path / f"resumed{n}"

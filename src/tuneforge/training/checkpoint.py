@@ -142,7 +142,7 @@ def gathered_weights(model, world: distributed.World, phase_name: str) -> dict |
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=hasattr(model, "peft_config")
     )
     with distributed.phase(phase_name, world):
-        return get_model_state_dict(model, options=options)
+        return _tied_as_in_model(model, get_model_state_dict(model, options=options))
 
 
 class GatheredModel:
@@ -158,6 +158,18 @@ class GatheredModel:
     def save_pretrained(self, folder, **kwargs):
         # The gathered weights in place of any state_dict the caller passes (`save_weights` passes None).
         return self._model.save_pretrained(folder, **{**kwargs, "state_dict": self._weights})
+
+
+def _tied_as_in_model(model, weights: dict) -> dict:
+    """The gathered weights with a weight the model ties to another (`lm_head` to the input embeddings) the very
+    tensor of the one it is tied to: gathering copies each, and `save_pretrained` drops a tied weight only where it
+    shares the other's memory, so the copy would otherwise be written twice."""
+    tied = {
+        target: weights[source]
+        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+        if target in weights and source in weights
+    }
+    return {**weights, **tied}
 
 
 def savable(model, weights: dict | None):
