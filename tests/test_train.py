@@ -431,8 +431,8 @@ def _truncate(path: Path) -> None:
         (lambda c: (c / "scheduler.pt").unlink(), "files are missing: scheduler.pt"),
         (lambda c: _truncate(c / "rng-0.pt"), "rng-0.pt cannot be read"),
         (
-            lambda c: _truncate(next((c / "optimizer").glob("*.distcp"))),
-            "the optimizer state in optimizer/ cannot be read",
+            lambda c: _truncate(c / "optimizer" / "__0_0.distcp"),
+            "files are cut short: optimizer/__0_0.distcp (40 of ",
         ),
         (lambda c: _truncate(c / "optimizer" / ".metadata"), "optimizer/.metadata cannot be read"),
         (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json cannot be read"),

@@ -272,6 +272,22 @@ def _missing_shards(folder: Path, processes: int) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in expected if not path.is_file())
 
 
+def _short_shards(folder: Path) -> list[str]:
+    """The optimizer's shard files in `folder` shorter than the bytes its DCP metadata places in them (a copy cut
+    short), each with its size and the size it needs: found before any model loads, naming the file, where DCP's
+    own read would fail later on whichever process reads it first."""
+    metadata = dcp.FileSystemReader(folder / OPTIMIZER).read_metadata()
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    short = []
+    for name, size in sorted(needed.items()):
+        path = folder / OPTIMIZER / name
+        if path.is_file() and path.stat().st_size < size:
+            short.append(f"{OPTIMIZER}/{name} ({path.stat().st_size:,} of {size:,} bytes)")
+    return short
+
+
 def _check_complete(folder: Path, processes: int) -> None:
     """Every file the processes wrote is in rank 0's folder (on several machines: a folder they share)."""
     missing = _missing_shards(folder, processes)
@@ -416,6 +432,10 @@ def read_state(folder: Path) -> dict:
         missing.append("its weights (adapter_model.safetensors or model.safetensors)")
     if missing:
         raise _damaged(folder, f"files are missing: {', '.join(missing[:3])}")
+    with _reading(folder, f"{OPTIMIZER}/.metadata"):
+        short = _short_shards(folder)
+    if short:
+        raise _damaged(folder, f"files are cut short: {', '.join(short[:3])}")
     with _reading(folder, STATE):
         state = json.loads((folder / STATE).read_text())
     _check_state(folder, state)
