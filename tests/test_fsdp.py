@@ -295,3 +295,25 @@ def test_validate_prints_what_each_process_holds(tiny_model_dir, triage_data, tm
         assert rows["processes"].startswith(f"4, {distributed_as}: each process holds")
         held[distributed_as] = float(rows["each process holds"].split()[1])  # weights, MiB
     assert held["fsdp"] == pytest.approx(held["ddp"] / 4, abs=0.05)
+
+
+def test_a_launch_into_an_output_dir_another_run_trains_in_is_refused_before_torchrun_starts(
+    tiny_model_dir, triage_data, tmp_path
+):
+    import fcntl
+    import os
+
+    from tuneforge.training.loop import check_before_launch
+    from tuneforge.training.run_folder import RUN_LOCK
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = load_config(full_config(tiny_model_dir, triage_data, out))
+    with open(out / RUN_LOCK, "w") as held:  # as a training run holds it
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(TuneforgeError) as refused:
+            check_before_launch(cfg, 2)
+    assert refused.value.code == "run_in_progress" and f"process {os.getpid()}" in refused.value.message
+    check_before_launch(cfg, 2)  # the lock released with its holder: no refusal

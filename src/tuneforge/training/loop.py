@@ -73,6 +73,7 @@ from .run_folder import (
     refuse_earlier_run,
     refuse_other_runs_on_other_machines,
     refuse_resume_with_overwrite,
+    refuse_run_in_progress,
     restart_step_log,
     resume_point,
     sole_run_in,
@@ -559,6 +560,7 @@ def check_before_launch(
     cfg.check_data_files()
     refuse_resume_with_overwrite(cfg, resume, overwrite)
     check_output_dir(cfg)
+    refuse_run_in_progress(Path(cfg.output_dir))
     resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     resume_point(cfg, resume, force)
     refuse_earlier_run(Path(cfg.output_dir), resume, overwrite)

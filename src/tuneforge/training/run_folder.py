@@ -298,6 +298,23 @@ def training_process(out: Path) -> str | None:
     return None
 
 
+def _in_use(out: Path, holder: str) -> TuneforgeError:
+    return TuneforgeError(
+        f"{out} is in use by another training run (process {holder}): two runs there would overwrite each "
+        "other's checkpoints and final model. Wait for it to end (or stop it and continue it with --resume), "
+        "or give this run another output_dir.",
+        code="run_in_progress",
+    )
+
+
+def refuse_run_in_progress(out: Path) -> None:
+    """A run whose output_dir another run is training in is refused by the launcher of several processes, once,
+    before torchrun starts them (`sole_run_in` refuses it again in the processes, should one start meanwhile)."""
+    holder = training_process(out)
+    if holder is not None:
+        raise _in_use(out, holder)
+
+
 @contextlib.contextmanager
 def sole_run_in(out: Path, world: distributed.World):
     """Hold `out` for this run until it ends: a second run started there is refused before it reads or
@@ -327,12 +344,7 @@ def sole_run_in(out: Path, world: distributed.World):
                     os.fsync(lock.fileno())  # a network file system shows it to the other machines once it has it
         holder, token = distributed.from_main((holder, token), world, "checking that no other run writes output_dir")
         if holder is not None:
-            raise TuneforgeError(
-                f"{out} is in use by another training run (process {holder}): two runs there would overwrite each "
-                "other's checkpoints and final model. Wait for it to end (or stop it and continue it with --resume), "
-                "or give this run another output_dir.",
-                code="run_in_progress",
-            )
+            raise _in_use(out, holder)
         sees = world.is_main or sees_lock(out / RUN_LOCK, token)
         every = distributed.from_every_rank(sees, world, "checking that every process shares output_dir")
         blind = [str(rank) for rank, seen in enumerate(every) if not seen]
