@@ -788,3 +788,15 @@ def test_after_training_scores_benchmarks_base_vs_tuned(tiny_model_dir, triage_d
     rows = (tmp_path / "run" / "eval" / "benchmark_house_quiz.jsonl").read_text().splitlines()
     assert [json.loads(r)["line"] for r in rows] == [1, 2, 3]
     assert "change (paired)" in (tmp_path / "run" / "eval" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("options", [{"num_fewshot": 2}, {"out": "scores"}, {}])
+def test_eval_names_a_missing_data_file_as_missing_whatever_the_options(tiny_model_dir, tmp_path, options):
+    """A mistyped DATA path is said not to exist, not to hold no multiple-choice questions (--num-fewshot) or
+    neither pairs nor questions (--out)."""
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.eval.command import evaluate_model
+
+    with pytest.raises(TuneforgeError, match=r"nosuch\.jsonl does not exist\. Check the path\.$") as err:
+        evaluate_model(str(tiny_model_dir), tmp_path / "nosuch.jsonl", **options)
+    assert err.value.code == "file_not_found"
