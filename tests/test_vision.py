@@ -129,7 +129,21 @@ def test_sample_answers_while_training_on_image_rows_are_answered_with_their_ima
     prompts = [(QUESTION, [png(GREEN, (24, 16))]), (QUESTION, [png(BLUE, (30, 20))])]
     expected = answer(model, load_tokenizer(str(result.final_dir)), prompts, max_new_tokens=4)
     assert [s["answer"] for s in final] == [c.text for c in expected]
-    assert all("<start_of_image>" in s["prompt"] for s in final)
+    assert [s["prompt"].count("[image]") for s in final] == [1, 1]  # each image shown as a person reads it
+    assert not any("<start_of_image>" in s["prompt"] or "<image_soft_token>" in s["prompt"] for s in final)
+
+
+@pytest.mark.parametrize("model", ["vision_model", "qwen_vl_model", "smolvlm_model"])
+def test_sample_prompts_show_each_image_as_one_placeholder(model, request, tmp_path):
+    """samples.jsonl and the report show the template's text with each image as `[image]`, as eval's examples do,
+    not its hundreds of image tokens."""
+    from tuneforge.training.samples import sample_prompts, shown_prompt
+
+    tokenizer, images, data = red_and_blue(request.getfixturevalue(model), tmp_path)
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]}]
+    rendered = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    for prompt in sample_prompts(data.train, 2):
+        assert shown_prompt(tokenizer, prompt) == rendered.replace(images.marker, "[image]")
 
 
 @pytest.mark.parametrize("from_layer", [0.0, 0.5])

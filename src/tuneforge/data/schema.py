@@ -67,11 +67,17 @@ class Message:
         return out
 
 
+SHOWN_IMAGE = "[image]"
+"""What a person reads in an image's place in a prompt shown as text (eval's examples, GRPO's and training's
+samples)."""
+
+
 def shown_text(content: str | list[dict]) -> str:
-    """A template message's content (`Message.to_template`) as a person reads it: its text, each image as `[image]`."""
+    """A template message's content (`Message.to_template`) as a person reads it: its text, each image as
+    `SHOWN_IMAGE`."""
     if isinstance(content, str):
         return content
-    return "".join("[image]" if part["type"] == "image" else part["text"] for part in content)
+    return "".join(SHOWN_IMAGE if part["type"] == "image" else part["text"] for part in content)
 
 
 def _call_for_template(call: dict) -> dict:

@@ -61,6 +61,19 @@ class ImageInputs:
             out += [tokens[i] if tokens else self.tokens_of(0, 0), part]
         return "".join(out)
 
+    def collapse(self, text: str, images: Sequence[bytes], shown: str) -> str:
+        """A text `expand` gave (a decoded prompt) with each image's tokens, in order, replaced by `shown`: the
+        template's text as a person reads it, not the hundreds of tokens an image becomes."""
+        out, start = [], 0
+        for data in images:
+            tokens = self._tokens_of_image(data) if self.sized else self.tokens_of(0, 0)
+            at = text.find(tokens, start)
+            if at < 0:  # a decoding that does not give back the expanded text: the rest shown as it decodes
+                break
+            out += [text[start:at], shown]
+            start = at + len(tokens)
+        return "".join(out) + text[start:]
+
     def refusal(self, data: bytes) -> str | None:
         """What the image processor says against an image it cannot take (Qwen2-VL's: a side over 200 times the
         other), None where it takes it. An image whose tokens depend on it is sized here as `expand` sizes it; the

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from ..data import IGNORE_INDEX
+from ..data.schema import SHOWN_IMAGE
 from ..errors import json_value
 from ..fsio import complete_lines, writing
 from ..generate import generate
+from ..models.loading import image_inputs
 from .run_folder import restart_step_log
 
 FILE = "samples.jsonl"
@@ -68,6 +70,14 @@ def sample_prompts(examples, n: int) -> list[SamplePrompt]:
     return [candidates[k * len(candidates) // n] for k in range(n)]
 
 
+def shown_prompt(tokenizer, prompt: SamplePrompt) -> str:
+    """The prompt as a person reads it: the template's text, its special tokens included, with each image's
+    tokens shown as `SHOWN_IMAGE`, as eval's examples show an image."""
+    text = tokenizer.decode(prompt.prompt_ids)
+    image_side = image_inputs(tokenizer)
+    return image_side.collapse(text, prompt.images, SHOWN_IMAGE) if image_side is not None else text
+
+
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[SamplePrompt], max_new_tokens: int) -> list[dict]:
     """Each prompt's greedy answer beside its reference, and whether it stopped (ended its turn)."""
@@ -87,7 +97,7 @@ def answer(model, tokenizer, prompts: list[SamplePrompt], max_new_tokens: int) -
     return [
         {
             "example": p.example,
-            "prompt": tokenizer.decode(p.prompt_ids),
+            "prompt": shown_prompt(tokenizer, p),
             "answer": c.text,
             "reference": tokenizer.decode(p.reference_ids, skip_special_tokens=True),
             "stopped": c.finish_reason == "stop",
