@@ -24,7 +24,8 @@ MAX_IMAGE_BYTES = 10 * 1024 * 1024
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
 """The image formats read (OpenAI's: PNG, JPEG, non-animated GIF, WEBP)."""
-READ_FORMATS = f"a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} image"
+FORMATS_NAMED = f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]}"
+"""`FORMATS` as the messages about an image name them: "PNG, JPEG, GIF or WEBP"."""
 
 _EMBED = "embed the image as a data URL: data:image/png;base64,<the file's bytes in base64>"
 
@@ -70,7 +71,7 @@ def read_image_file(path: str | Path) -> Image | str:
     try:
         size = path.stat().st_size
         if not path.is_file():
-            return f"{path} is not a file; give an image file (PNG, JPEG, GIF or WEBP)."
+            return f"{path} is not a file; give an image file ({FORMATS_NAMED})."
         if size > MAX_IMAGE_BYTES:
             return f"{path} is over {MAX_IMAGE_BYTES // 2**20} MB; resize or recompress it."
         data = path.read_bytes()
@@ -142,13 +143,13 @@ def _image_format(data: bytes, what: str) -> str:
     except PILImage.DecompressionBombError:
         return too_large
     except UnidentifiedImageError:  # its message names the in-memory file object, nothing the user gave
-        return f"{what} are not an image PIL reads (no image format recognized); give {READ_FORMATS}."
+        return f"{what} are not an image PIL reads (no image format recognized); give a {FORMATS_NAMED} image."
     except (OSError, SyntaxError, ValueError) as e:
-        return f"{what} are not an image PIL reads ({type(e).__name__}: {str(e)[:80]}); give {READ_FORMATS}."
+        return f"{what} are not an image PIL reads ({type(e).__name__}: {str(e)[:80]}); give a {FORMATS_NAMED} image."
     if PILImage.MAX_IMAGE_PIXELS and pixels > PILImage.MAX_IMAGE_PIXELS:
         return too_large
     if kind not in FORMATS:
-        return f"the image is {kind}; give {READ_FORMATS}."
+        return f"the image is {kind}; give a {FORMATS_NAMED} image."
     if animated:  # the model would see its first frame alone; OpenAI takes no animated GIF either
-        return f"{what} are an animated {kind} (the model reads one frame); give a still image (PNG or JPEG)."
+        return f"{what} are an animated {kind} (the model reads one frame); give a still {FORMATS_NAMED} image."
     return kind
