@@ -1258,7 +1258,7 @@ def test_gguf_export_of_a_gemma3_whose_attention_is_not_scaled_by_256_reads_back
 
 def test_a_data_check_that_stops_at_an_image_row_counts_each_row_once(tmp_path, tiny_model_dir):
     """A text-only model stops the check at the first image row: that row is read once and rejected, not counted
-    valid and again rejected."""
+    valid and again rejected, and the row after it, read but never checked, is counted as not checked."""
     from tuneforge.data.check import check
 
     text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -1266,7 +1266,7 @@ def test_a_data_check_that_stops_at_an_image_row_counts_each_row_once(tmp_path, 
     report = check(str(rows), model=str(tiny_model_dir), progress=False)
     counts = report["counts"]
     assert counts["rejected_by_code"] == {"images_not_read": 1}
-    assert (counts["read"], counts["valid"], counts["rejected"]) == (3, 2, 1)
+    assert (counts["read"], counts["valid"], counts["rejected"], counts["unchecked"]) == (3, 1, 1, 1)
 
 
 @pytest.fixture(scope="module")
