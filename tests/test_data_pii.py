@@ -252,3 +252,81 @@ def test_a_rendering_problem_names_the_same_field_as_the_pii_check(tmp_path, tok
         (pii_field,) = {f["field"] for f in data.report["pii"]["found"]}
         (error,) = data.report["errors"]
         assert (error["code"], error["field"]) == ("special_token_in_content", pii_field)
+
+
+REPLY = "Mail ops@acme.io. <|endoftext|> Split here."
+# Rows of each shape whose fields are not the conversation's messages one for one: one with REPLY in a field, the
+# row's field that holds it (0-based indices, as every other problem names them), and a clean row of its shape.
+SHAPES = {
+    "kto_messages": (chat("Hi", REPLY) | {"label": True}, "messages[1].content", chat("a", "b") | {"label": True}),
+    "kto_prompt_completion": (
+        {"prompt": "Hi", "completion": REPLY, "label": True},
+        "completion",
+        {"prompt": "a", "completion": "b", "label": True},
+    ),
+    "prompt_list_completion": (
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "completion": REPLY,
+        },
+        "completion",
+        {"prompt": "a", "completion": "b"},
+    ),
+    "completion_list": (
+        {"prompt": "Hi", "completion": [{"role": "assistant", "content": REPLY}]},
+        "completion[0].content",
+        {"prompt": "a", "completion": "b"},
+    ),
+    "alpaca_output": (
+        {"system": "Be brief.", "instruction": "Hi", "input": "Now.", "output": REPLY},
+        "output",
+        {"instruction": "a", "output": "b"},
+    ),
+    "alpaca_history": (
+        {"system": "Be brief.", "history": [["Hello", "Hi."], ["Help?", REPLY]], "instruction": "Hi", "output": "Ok."},
+        "history[1][1]",
+        {"instruction": "a", "output": "b"},
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_pii_check_and_rendering_name_the_row_s_own_field(tmp_path, tokenizer, shape):
+    row, field, clean = SHAPES[shape]
+    path = write_jsonl(tmp_path / "rows.jsonl", [row, clean])
+    data, _ = check_data(DataConfig(train=str(path), validation=None), tokenizer, keep_examples=False)
+    assert [(f["line"], f["field"]) for f in data.report["pii"]["found"]] == [(1, field)]
+    # (A KTO file whose one good row has one label is refused as a whole too, with no line.)
+    assert [(e["code"], e["field"]) for e in data.report["errors"] if e["line"] == 1] == [
+        ("special_token_in_content", field)
+    ]
+
+
+def test_alpaca_and_sharegpt_pairs_name_the_row_s_fields(tmp_path, tokenizer):
+    """A pair whose prompt is built from several fields (alpaca's and ShareGPT's) names each message's field, as
+    the other pairs do, not its place in the prompt."""
+    turns = [{"from": "human", "value": "Mail ops@acme.io."}]
+    reply, other = "Ok. <|endoftext|>", {"from": "gpt", "value": "No."}
+    shapes = {
+        "alpaca": (
+            {"system": "Be brief.", "history": [["Hi", "Mail ops@acme.io."]], "instruction": "And?"}
+            | {"chosen": reply, "rejected": "No."},
+            ("history[0][1]", "chosen"),
+        ),
+        "sharegpt": (
+            {
+                "system": "Be brief.",
+                "conversations": turns,
+                "chosen": {"from": "gpt", "value": reply},
+                "rejected": other,
+            },
+            ("conversations[0].value", "chosen.value"),
+        ),
+    }
+    for name, (row, (pii_field, error_field)) in shapes.items():
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [row])
+        data, _ = check_data(DataConfig(train=str(path), validation=None), tokenizer, keep_examples=False)
+        assert [f["field"] for f in data.report["pii"]["found"]] == [pii_field]
+        assert [(e["code"], e["field"]) for e in data.report["errors"] if e["line"] == 1] == [
+            ("special_token_in_content", error_field)
+        ]

@@ -13,12 +13,13 @@ from families import CLOCK_TOOL, WEATHER_TOOL
 
 from tuneforge.config import load_config
 from tuneforge.dashboard.runs import reward_chart
+from tuneforge.data.prepare import PiiScreen, SystemPromptTally
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.eval.report import rollouts_table
 from tuneforge.generate import Completion, generate
 from tuneforge.graders import build_grader
 from tuneforge.methods import build_objective, prepare_items, prepare_model
-from tuneforge.methods.grpo import STD_FLOOR, load_grader
+from tuneforge.methods.grpo import STD_FLOOR, load_grader, read_prompts
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.training import train
 
@@ -590,7 +591,7 @@ def test_data_pii_looks_in_prompt_rows_and_their_answers_as_in_other_formats(tin
 
     warned = prepared("warn")
     assert [w["code"] for w in warned.report["warnings"]] == ["secret_in_prompt", "personal_data_in_reply"]
-    assert f"{rows}:1 message 1 (user)" in said[0] and f"{rows}:2 answer" in said[1], said
+    assert f"{rows}:1 prompt" in said[0] and f"{rows}:2 answer" in said[1], said
     assert warned.report["pii"]["kinds"] == {"aws_access_key": 1, "email": 1}
     with pytest.raises(TuneforgeError, match="personal data in a reply"):
         prepared("refuse")
@@ -719,3 +720,23 @@ def test_a_field_named_label_is_an_item_field_the_grader_reads_not_rated_replies
         ("Say hi", {"label": "hi"}),
         ("Say bye", {"label": "bye"}),
     ]
+
+
+def test_data_problems_of_a_prompt_row_name_its_prompt_field(tiny_model_dir, tmp_path):
+    """A prompt row's prompt is its one user message: the PII check and an image the model cannot read name the
+    row's `prompt` field, as its other problems do."""
+    from PIL import Image
+
+    Image.new("RGB", (20, 16), (255, 0, 0)).save(tmp_path / "red.png")
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(
+        json.dumps({"prompt": "Write to jane.doe@acme-mail.io", "answer": "hi"})
+        + "\n"
+        + json.dumps({"prompt": "<image>What colour is it?", "images": ["red.png"], "answer": "red"})
+        + "\n"
+    )
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    screen = PiiScreen("warn", "assistant", [])
+    _, problems = read_prompts(str(rows), tokenizer, 256, SystemPromptTally(tokenizer), screen)
+    assert [(p.code, p.line, p.field) for p in screen.problems] == [("personal_data_in_prompt", 1, "prompt")]
+    assert [(p.code, p.line, p.field) for p in problems] == [("images_not_read", 2, "prompt")]

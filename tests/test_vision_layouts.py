@@ -347,7 +347,7 @@ def test_teacher_prompts_read_the_images_field_as_training_does(tmp_path, pictur
     found = [(p.line, p.code, p.field) for p in error.value.problems]
     assert found == [
         (2, "images_in_prompt", "messages[0].content"),
-        (3, "images_in_prompt", "messages[0].content"),
+        (3, "images_in_prompt", "prompt[0].content"),
         (4, "bad_image", "images[0]"),
         (5, "image_count", "images"),
     ]

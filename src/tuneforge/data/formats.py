@@ -43,7 +43,7 @@ from ..errors import unreadable_json
 from ..wording import nearest, suggestion
 from .images import column_image, column_image_path, read_image
 from .readers import open_rows
-from .schema import ROLES, Conversation, Document, Image, Message, Preference, Problem, Record
+from .schema import ROLES, Conversation, Document, Image, Message, Preference, Problem, Record, RowField
 
 FORMATS = ("chat", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "kto")
 
@@ -312,7 +312,8 @@ def _place_in(value: Any, field: str, images: list[Image], start: int, check: _R
     place of their placeholders, and where the next placeholder's image is; a field of another type comes back
     as it is, for the normaliser to refuse."""
     if isinstance(value, str) and field in ("prompt", "completion", *_REPLY_IMAGE_FIELDS):
-        # A prompt's text is one user message; a completion's or a reply's, an assistant's.
+        # A prompt's text is one user message (its parts, which `_turns` reads); a completion's or a reply's, an
+        # assistant's.
         parts, end = _place_in_content(value, images, start)
         if end > start and field != "prompt":
             check.error(
@@ -321,7 +322,7 @@ def _place_in(value: Any, field: str, images: list[Image], start: int, check: _R
                 f"'{field}' is a reply, and images are shown in user messages only; move the placeholder to the "
                 "prompt.",
             )
-        return ([{"role": "user", "content": parts}] if end > start else value), end
+        return (parts if end > start else value), end
     if isinstance(value, str) and field in ("instruction", "input"):  # alpaca's user message, in two fields
         parts, end = _place_in_content(value, images, start)
         return (parts if end > start else value), end
@@ -493,18 +494,20 @@ def prompt_conversation(
         row = _place_images(row, check, Path(file).parent)
     if check.errors:
         return None, check.problems
-    messages = _row_messages(check, row, "messages") if "messages" in row else _turns(check, row, "prompt", "user")
+    key = "messages" if "messages" in row else "prompt"
+    messages = _row_messages(check, row, key) if key == "messages" else _turns(check, row, key, "user")
+    fields = _turn_fields(row, key, len(messages or ()))
     shows = next((i for i, m in enumerate(messages or ()) if m.images), None)
     if shows is not None and not images:
         check.error(
             "images_in_prompt",
-            f"messages[{shows}].content",
+            fields[shows].of("content"),
             "the prompt holds images, and the teacher answers text prompts only (its answers would be made "
             "without the images). Train rows with images with method: lora, dora, full, dpo or grpo; remove them "
             "here.",
         )
     tools = check.tools(row)
-    return (None if check.errors else Conversation(messages, tools=tools)), check.problems
+    return (None if check.errors else Conversation(messages, tools=tools, fields=fields)), check.problems
 
 
 def tool_definitions(
@@ -1031,9 +1034,7 @@ def _chat(row: dict, check: _RowCheck) -> Conversation | None:
     check.require_assistant(messages, "messages")
     tools = check.tools(row)
     return (
-        Conversation(messages, tools=tools, system_field=_put_system_first(row, "messages", messages))
-        if messages
-        else None
+        Conversation(messages, tools=tools, fields=_turn_fields(row, "messages", len(messages))) if messages else None
     )
 
 
@@ -1042,7 +1043,8 @@ def _alpaca(row: dict, check: _RowCheck) -> Conversation | None:
     if prompt is None or output is None:
         return None
     check.reply_text(output, "output")
-    return Conversation(prompt + [Message("assistant", output)])
+    fields = [*_alpaca_fields(row), RowField("output", holds_text=True)]
+    return Conversation(prompt + [Message("assistant", output)], fields=fields)
 
 
 def _alpaca_prompt(row: dict, check: _RowCheck) -> list[Message] | None:
@@ -1058,6 +1060,20 @@ def _alpaca_prompt(row: dict, check: _RowCheck) -> list[Message] | None:
         return None
     prompt = (*instruction, "\n\n", *extra) if extra else instruction
     return ([Message("system", system)] if system else []) + history + [_user_message(prompt)]
+
+
+def _alpaca_fields(row: dict) -> list[RowField]:
+    """Where each message of a good alpaca row's prompt (`_alpaca_prompt`) sits: its system prompt, its history's
+    turns, and its instruction with its input, which make one message."""
+
+    def given(key: str) -> bool:  # as `_alpaca_prompt` reads an optional field: blank text is none
+        value = row.get(key)
+        return bool(value.strip()) if isinstance(value, str) else value is not None
+
+    turns = [f"history[{i}][{j}]" for i in range(len(row.get("history") or [])) for j in (0, 1)]
+    asked = "instruction (with its input)" if given("input") else "instruction"
+    paths = ["system"] * given("system") + turns + [asked]
+    return [RowField(path, holds_text=True) for path in paths]
 
 
 def _user_text(check: _RowCheck, row: dict, field: str, *, required: bool = True) -> tuple | None:
@@ -1117,8 +1133,9 @@ def _sharegpt(row: dict, check: _RowCheck) -> Conversation | None:
     messages = _sharegpt_turns(row, check)
     check.require_assistant(messages, "conversations")
     tools = _sharegpt_tools(row, check)
-    system_field = _put_system_first(row, "conversations", messages)
-    return Conversation(messages, tools=tools, system_field=system_field) if messages else None
+    if not messages:
+        return None
+    return Conversation(messages, tools=tools, fields=_turn_fields(row, "conversations", len(messages), ".value"))
 
 
 # The order of a tool definition's keys as the server gives a request's tools to the chat template (its
@@ -1188,14 +1205,25 @@ def _with_system(row: dict, messages: list[Message] | None, check: _RowCheck, ke
     return messages
 
 
-def _put_system_first(row: dict, key: str, messages: list[Message] | None) -> bool:
-    """Whether `_with_system` put the row's `system` field before the messages of its `key`, one message each."""
-    return bool(messages) and len(messages) > len(row[key])
+def _turn_fields(row: dict, key: str, count: int, text: str = "") -> list[RowField]:
+    """Where each of the `count` messages read from the row's `key` sits: the field itself where it is text (one
+    message, or an HH transcript's turns); else its turns (one turn, or a list's items), each by its `text` field
+    where that holds the turn's text (ShareGPT's `.value`), after the row's `system` field where `_with_system`
+    put that first."""
+    value = row.get(key)
+    if not isinstance(value, list | dict) or _placed(value):
+        return [RowField(key, holds_text=True)] * count
+    turns = [key] if isinstance(value, dict) else [f"{key}[{i}]" for i in range(len(value))]
+    fields = [RowField(turn + text, holds_text=bool(text)) for turn in turns]
+    return [RowField("system", holds_text=True)] * (count - len(fields)) + fields
 
 
 def _turns(check: _RowCheck, row: dict, key: str, role: str) -> list[Message] | None:
     """A field that is either plain text (one message of `role`) or a list of chat messages."""
     value = row.get(key)
+    if _placed(value):  # a prompt's text with its images in place (`_place_images`): one user message
+        parts = check._parts(value, key, role)
+        return None if parts is None else [_user_message(parts)]
     if isinstance(value, list):
         return check.messages(value, key)
     text = check.text(row, key)
@@ -1209,7 +1237,8 @@ def _prompt_completion(row: dict, check: _RowCheck) -> Conversation | None:
     check.require_assistant(completion, "completion")
     if not prompt or not completion or check.errors:
         return None
-    return Conversation(prompt + completion)
+    fields = _turn_fields(row, "prompt", len(prompt)) + _turn_fields(row, "completion", len(completion))
+    return Conversation(prompt + completion, fields=fields)
 
 
 def _text(row: dict, check: _RowCheck) -> Document | None:
@@ -1261,24 +1290,22 @@ def _margin(row: dict, check: _RowCheck) -> float | None:
     return float(value)
 
 
-def _preference_fields(row: dict, n_prompt: int) -> tuple[list[str], list[str]] | None:
-    """Where each message of the pair's two conversations sits in the row; None where the prompt is
-    built from several fields (alpaca's and ShareGPT's)."""
+def _preference_fields(row: dict, n_prompt: int) -> tuple[list[RowField], list[RowField]]:
+    """Where each message of the pair's two conversations (the prompt, then the reply) sits in the row."""
     if _is_openai_preference(row):
-        prompt = [f"input.messages[{i}]" for i in range(n_prompt)]
-        return prompt + ["preferred_output[0]"], prompt + ["non_preferred_output[0]"]
-    if "conversations" in row or "instruction" in row:
-        return None
-
-    def at(field: str, i: int) -> str:
-        return f"{field}[{i}]" if isinstance(row.get(field), list) else field
-
-    if "prompt" not in row or (isinstance(row["chosen"], list) and len(row["chosen"]) > 1):  # whole conversations
-        return [at("chosen", i) for i in range(n_prompt + 1)], [at("chosen", i) for i in range(n_prompt)] + [
-            at("rejected", n_prompt)
-        ]
-    prompt = [at("prompt", i) for i in range(n_prompt)]
-    return prompt + [at("chosen", 0)], prompt + [at("rejected", 0)]
+        prompt = [RowField(f"input.messages[{i}]") for i in range(n_prompt)]
+        return prompt + [RowField("preferred_output[0]")], prompt + [RowField("non_preferred_output[0]")]
+    if "conversations" in row:  # LLaMA-Factory's ShareGPT pairs
+        prompt = _turn_fields(row, "conversations", n_prompt, ".value")
+        return prompt + _turn_fields(row, "chosen", 1, ".value"), prompt + _turn_fields(row, "rejected", 1, ".value")
+    if "instruction" in row:
+        prompt = _alpaca_fields(row)
+    elif "prompt" not in row or (isinstance(row["chosen"], list) and len(row["chosen"]) > 1):  # whole conversations
+        chosen = _turn_fields(row, "chosen", n_prompt + 1)
+        return chosen, chosen[:n_prompt] + _turn_fields(row, "rejected", n_prompt + 1)[n_prompt:]
+    else:
+        prompt = _turn_fields(row, "prompt", n_prompt)
+    return prompt + _turn_fields(row, "chosen", 1), prompt + _turn_fields(row, "rejected", 1)
 
 
 def _openai_preference(row: dict, check: _RowCheck):
@@ -1444,7 +1471,11 @@ def _kto(row: dict, check: _RowCheck) -> Conversation | None:
     if not prompt or not reply or check.errors:
         return None
     prompt = [replace(m, weight=0) if m.role == "assistant" else m for m in prompt]
-    return Conversation(prompt + reply, tools=tools, label=label)
+    if "messages" in row:
+        fields = _turn_fields(row, "messages", len(prompt) + 1)
+    else:
+        fields = _turn_fields(row, "prompt", len(prompt)) + _turn_fields(row, "completion", 1)
+    return Conversation(prompt + reply, tools=tools, label=label, fields=fields)
 
 
 _NORMALISERS = {

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -477,7 +476,7 @@ class _Preparation:
                         self.counts["rejected_records"] += 1  # the row it stops at is read, and rejected
                         raise _Stop(self._not_text(path, line))
                     if self.cfg.pii != "off":
-                        item = self.pii.screen(item, str(path), line, self.files[-1]["format"])
+                        item = self.pii.screen(item, str(path), line)
                     key = content_hash(item)
                     signer = index or leaks_from
                     signature = signer.signature(item) if signer else None
@@ -613,8 +612,7 @@ class _Preparation:
                 # Counted before a fatal problem stops the check: the row is read, and rejected, once.
                 self.counts["rejected_records"] += any(p.is_error for p in result)
                 for problem in result:
-                    field = _rendered_field(record, problem.field, self.files[-1]["format"])
-                    problem = replace(problem, file=str(path), line=line, field=field)
+                    problem = replace(problem, file=str(path), line=line)
                     if problem.code in FATAL_CODES:
                         raise _Stop(problem)
                     self.problems.append(problem)
@@ -1048,7 +1046,7 @@ class PiiScreen:
         self.places: Counter = Counter()  # hits in replies (trained text) and in prompts
         self.rows = 0
 
-    def screen(self, record: Record, path: str, line: int, format: str | None, extra=()) -> Record:
+    def screen(self, record: Record, path: str, line: int, extra=()) -> Record:
         """Find the secrets and personal data in a row's texts and `extra` ((field, text, whether it is a
         reply) beside the record's, as a grader's fields): each is counted by kind and listed where it is,
         masked; the row gets a problem for each of secrets and personal data, in replies (what the model
@@ -1056,7 +1054,7 @@ class PiiScreen:
         with a typed placeholder in place of each of the record's (the caller redacts `extra`'s), so rendering,
         dedup and the cache see that."""
         texts = [
-            (_text_field(record, where, attribute, format), text, trained)
+            (_text_field(record, where, attribute), text, trained)
             for where, attribute, text, trained in pii.record_texts(record, self.trained_roles)
         ]
         by_code: dict[str, list[tuple[str, pii.Hit]]] = {}
@@ -1230,44 +1228,14 @@ def _same_replies(pair: Preference) -> bool:
     return pair.chosen.to_template() == pair.rejected.to_template()
 
 
-def _text_field(record: Record, where: int | str, attribute: str, format: str | None) -> str:
-    """The row's field that holds a text of `pii.record_texts`: exact for chat and ShareGPT rows, OpenAI's and
-    TRL's preference rows and text rows, each message by its 0-based index as other problems name it; for rows
-    whose fields are not one per message (alpaca), the message of the conversation they read as."""
+def _text_field(record: Record, where: int | str, attribute: str) -> str:
+    """The row's field that holds a text of `pii.record_texts`: a message's `attribute` where the message sits in
+    its row (`Conversation.row_field`), or the text a field of its own holds."""
     if isinstance(where, str):
         return where
-    if isinstance(record, Preference):
-        n = len(record.prompt)
-        if record.fields is not None:
-            field = record.fields[where > n][min(where, n)]
-            return f"{field}.{attribute}" if field.endswith("]") else field
-        return "chosen" if where == n else "rejected" if where > n else f"prompt message {where + 1}"
-    if format in ("chat", "sharegpt"):
-        if record.system_field and where == 0:
-            return "system"
-        at = where - record.system_field
-        # A ShareGPT turn's one text is its value, a function call's arguments too.
-        return f"messages[{at}]{attribute and '.' + attribute}" if format == "chat" else f"conversations[{at}].value"
-    messages = record.messages
-    if format == "alpaca":  # [system], history pairs, the instruction with its input, the output
-        start = messages[0].role == "system"
-        if where == len(messages) - 1:
-            return "output"
-        if where == len(messages) - 2:
-            return "instruction (with its input)"
-        return "system" if start and where == 0 else f"history[{(where - start) // 2}][{(where - start) % 2}]"
-    if format == "prompt_completion" and len(messages) == 2:
-        return "prompt" if where == 0 else "completion"
-    return f"message {where + 1} ({messages[where].role}){'' if attribute == 'content' else ' ' + attribute}"
-
-
-def _rendered_field(record: Record, field: str | None, format: str | None) -> str | None:
-    """A rendering problem's field as the row has it (`_text_field`): rendering names the conversation's
-    messages (`messages[i]...`), which a row's `system` field or ShareGPT's turns put elsewhere in the row."""
-    found = re.fullmatch(r"messages\[(\d+)\]\.?(.*)", field or "")
-    if not found or not isinstance(record, Conversation) or format not in ("chat", "sharegpt"):
-        return field
-    return _text_field(record, int(found[1]), found[2], format)
+    if isinstance(record, Preference):  # its prompt's messages, then the chosen reply, then the rejected
+        record, where = record.sides()[where > len(record.prompt)], min(where, len(record.prompt))
+    return record.row_field(f"messages[{where}].{attribute}")
 
 
 def _kind(record: Record) -> str:

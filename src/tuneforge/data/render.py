@@ -212,22 +212,17 @@ class ChatRenderer:
         return self.start_preferences(preferences).finish()
 
     def start_preferences(self, preferences: Sequence[Preference]) -> RenderJob:
-        conversations = []
-        for p in preferences:
-            conversations += [Conversation(p.prompt + [reply], p.tools) for reply in (p.chosen, p.rejected)]
-        fields = [p.fields or (None, None) for p in preferences]
-        job = self.start(conversations, train_on="last_assistant")
+        job = self.start([side for p in preferences for side in p.sides()], train_on="last_assistant")
 
         def finish() -> list[tuple[Example, Example] | list[Problem]]:
             rendered = job.finish()
             out = []
-            for chosen, rejected, (chosen_fields, rejected_fields) in zip(rendered[::2], rendered[1::2], fields):
+            for chosen, rejected, pair in zip(rendered[::2], rendered[1::2], preferences):
                 if isinstance(chosen, Example) and isinstance(rejected, Example):
                     out.append((chosen, rejected))
                 else:
-                    out.append(
-                        _on_side(chosen, "chosen", chosen_fields) + _on_side(rejected, "rejected", rejected_fields)
-                    )
+                    named = pair.fields is not None
+                    out.append(_on_side(chosen, "chosen", named) + _on_side(rejected, "rejected", named))
             return out
 
         return RenderJob(finish)
@@ -292,9 +287,8 @@ class ChatRenderer:
         for conversation in conversations:
             span_at = _span_messages(conversation.messages, train_on)
             messages, tools = [m.to_template() for m in conversation.messages], conversation.tools
-            problems = self._reply_problems(conversation, messages, span_at, train_on) or self.image_problems(
-                conversation
-            )
+            problems = _in_row(self._reply_problems(conversation, messages, span_at, train_on), conversation)
+            problems = problems or self.image_problems(conversation)
             if problems:
                 wanted.append(problems)
                 continue
@@ -310,7 +304,9 @@ class ChatRenderer:
         return [
             want
             if isinstance(want, list)
-            else self._spans(texts[want[0] : want[1]], want[2], conversation.messages, train_on == "all")
+            else _in_row(
+                self._spans(texts[want[0] : want[1]], want[2], conversation.messages, train_on == "all"), conversation
+            )
             for conversation, want in zip(conversations, wanted)
         ]
 
@@ -431,7 +427,7 @@ class ChatRenderer:
                 Problem(
                     "bad_image",
                     f"the model's image processor does not take this image ({refused}); crop or pad it.",
-                    field=part.field or f"messages[{i}].content[{j}].image_url.url",
+                    field=part.field or conversation.row_field(f"messages[{i}].content[{j}].image_url.url"),
                 )
                 for i, m in enumerate(conversation.messages)
                 for j, part in enumerate(m.parts or ())
@@ -447,7 +443,7 @@ class ChatRenderer:
                 f"the row holds images, but {name} reads text only (it has no image processor). Train image rows "
                 f"on a model that reads images ({VISION_MODELS}, with the processor settings their folders ship), "
                 "or remove the image parts.",
-                field=f"messages[{at}].content",
+                field=conversation.row_field(f"messages[{at}].content"),
             )
         ]
 
@@ -635,6 +631,7 @@ class ChatRenderer:
             None,
         )
         if beside_calls is not None and not self.writes_content_with_calls:
+            where = record.row_field(f"messages[{beside_calls}].content") if isinstance(record, Conversation) else None
             problems.append(
                 Problem(
                     "content_beside_calls_not_rendered",
@@ -642,7 +639,7 @@ class ChatRenderer:
                     f"content beside them ({messages[beside_calls].content[:60]!r}) is left out, so the model "
                     "learns to call without it. Use a model whose chat template writes both (Qwen 2.5 and 3), "
                     "or leave the content out of replies that call tools.",
-                    field=f"messages[{beside_calls}].content" if isinstance(record, Conversation) else None,
+                    field=where,
                     severity="warning",
                 )
             )
@@ -862,18 +859,19 @@ def _one_or_turns(results: list[Example | list[Problem]]) -> Rendered:
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def _on_side(result: Example | list[Problem], side: str, fields: list[str] | None) -> list[Problem]:
-    """A side's problems, each at the row's field where the rendered message it names came from."""
+def _on_side(result: Example | list[Problem], side: str, named: bool) -> list[Problem]:
+    """A side's problems: each at the row's field where rendering `named` it so (`Conversation.row_field`), by
+    its side where it names the side's messages or no field."""
     if isinstance(result, Example):
         return []
-    return [replace(p, field=_row_field(p.field, side, fields)) for p in result]
+    return [p if named and p.field else replace(p, field=f"{side} {p.field}" if p.field else side) for p in result]
 
 
-def _row_field(field: str | None, side: str, fields: list[str] | None) -> str:
-    found = re.match(r"messages\[(\d+)\]", field or "")
-    if fields and found and int(found[1]) < len(fields):
-        return fields[int(found[1])] + field[found.end() :]
-    return f"{side} {field}" if field else side
+def _in_row(found: tuple[_Plan, ...] | list[Problem], conversation: Conversation) -> tuple[_Plan, ...] | list[Problem]:
+    """Problems found in a conversation's messages, each at the row's field that holds what it names."""
+    if isinstance(found, tuple):
+        return found
+    return [replace(p, field=conversation.row_field(p.field)) for p in found]
 
 
 def _no_trained_tokens(messages: list[Message], train_on: str) -> Problem:

@@ -10,6 +10,7 @@ Rendering turns records into `Example`s: token ids plus already shifted labels.
 from __future__ import annotations
 
 import json
+import re
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -97,6 +98,21 @@ def _call_for_template(call: dict) -> dict:
     return {**call, "function": {**function, "arguments": parsed}}
 
 
+@dataclass(frozen=True)
+class RowField:
+    """Where a record's message sits in its row: `path` names it (`messages[1]`, `prompt`); `holds_text` says the
+    field is the message's text alone (a `completion` string, a ShareGPT turn's `value`, an alpaca `output`), so
+    every part of the message is named by it, where the parts of a message object are named under it
+    (`messages[1].tool_calls`)."""
+
+    path: str
+    holds_text: bool = False
+
+    def of(self, part: str) -> str:
+        """The row's field of a part of the message (`content`, `tool_calls[0].function.arguments`; "" for all)."""
+        return self.path if self.holds_text or not part else f"{self.path}.{part}"
+
+
 @dataclass
 class Conversation:
     messages: list[Message]
@@ -104,9 +120,17 @@ class Conversation:
     label: bool | None = None
     """KTO rows only: whether the last message, the one reply that trains, is desirable (True) or
     undesirable (False); None for every other conversation."""
-    system_field: bool = field(default=False, compare=False)
-    """Whether the first message is the row's `system` field, put before the row's own list of messages: the
-    list's message i is then message i + 1 here."""
+    fields: list[RowField] | None = field(default=None, compare=False)
+    """Where each message sits in its row, for the problems found in it (`row_field`); None for a conversation
+    not read from a row, whose messages are then named as its own (`messages[1]`)."""
+
+    def row_field(self, field: str | None) -> str | None:
+        """A field named by this conversation's messages (`messages[2].content`, as rendering names them) as its
+        row names it (`completion`, `history[0][1]`); any other field as it is."""
+        found = re.match(r"messages\[(\d+)\]\.?", field or "")
+        if self.fields is None or found is None or int(found[1]) >= len(self.fields):
+            return field
+        return self.fields[int(found[1])].of(field[found.end() :])
 
 
 @dataclass
@@ -124,12 +148,21 @@ class Preference:
     chosen: Message
     rejected: Message
     tools: list[dict] | None = None
-    fields: tuple[list[str], list[str]] | None = None
+    fields: tuple[list[RowField], list[RowField]] | None = None
     """Where each message of the chosen and of the rejected conversation (the prompt, then the reply)
-    sits in its row, for problems found when rendering; None: the row's fields are not one per message."""
+    sits in its row, for the problems found in it (`sides`); None for a pair not read from a row."""
     margin: float | None = None
     """The row's `margin`: how far the chosen reply's reward should exceed the rejected's (Llama 2's margin
     loss, TRL's RewardTrainer `margin` column); None where the row gives none."""
+
+    def sides(self) -> tuple[Conversation, Conversation]:
+        """The chosen and the rejected conversation (the prompt, then the reply), each message where it sits in
+        the row."""
+        chosen, rejected = self.fields or (None, None)
+        return (
+            Conversation([*self.prompt, self.chosen], self.tools, fields=chosen),
+            Conversation([*self.prompt, self.rejected], self.tools, fields=rejected),
+        )
 
 
 Record = Conversation | Document | Preference

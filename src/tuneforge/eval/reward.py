@@ -73,11 +73,9 @@ def read_pairs(path: str | Path, limit: int | None = None, model: str = "RM") ->
 def _images_in_pair(pair: Preference, file: str, line: int) -> list[Problem]:
     """The pair's first message with images, refused: a reward model's score reads the tokens alone, so an image
     would be scored as its bare image tokens."""
-    sides = (pair.prompt + [pair.chosen], pair.prompt + [pair.rejected])
-    for side, messages, fields in zip(("chosen", "rejected"), sides, pair.fields or (None, None)):
-        at = next((i for i, m in enumerate(messages) if m.images), None)
+    for conversation in pair.sides():
+        at = next((i for i, m in enumerate(conversation.messages) if m.images), None)
         if at is not None:
-            where = f"{fields[at]}.content" if fields else f"{side} messages[{at}].content"
             return [
                 Problem(
                     "images_not_read",
@@ -85,7 +83,7 @@ def _images_in_pair(pair: Preference, file: str, line: int) -> list[Problem]:
                     "with images either); remove the image parts or leave the pair out.",
                     file=file,
                     line=line,
-                    field=where,
+                    field=conversation.row_field(f"messages[{at}].content"),
                 )
             ]
     return []

@@ -177,8 +177,7 @@ def read_prompts(
         if screen is not None:
             fields = [(k, v, True) for k, v in row.items() if k not in ("messages", "prompt") and isinstance(v, str)]
             before = len(screen.problems)
-            conversation = Conversation(messages)
-            messages = screen.screen(conversation, path, line, "chat" if "messages" in row else None, fields).messages
+            messages = screen.screen(conversation, path, line, fields).messages
             if screen.mode == "redact" and len(screen.problems) > before:
                 item = pii.redact_value(item)
         key = content_hash(Conversation(messages, tools))
