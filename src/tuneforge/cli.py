@@ -149,7 +149,17 @@ def train(
         raise typer.Exit(_launch(args, nproc, nnodes=nnodes, node_rank=node_rank, master=master))
     from .pipeline import train as run_train
 
-    result = run_train(config, overrides, resume=resume, force=force, overwrite=overwrite)
+    try:
+        result = run_train(config, overrides, resume=resume, force=force, overwrite=overwrite)
+    except KeyboardInterrupt:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise
+        # A process of several stopped before it could save (loading, preparing data): the launcher passed
+        # Ctrl-C on to each, and one line says where the run can continue from.
+        from .config import load_config
+        from .training.loop import interrupted_before_saving
+
+        raise _Interrupted(interrupted_before_saving(Path(load_config(config, overrides).output_dir))) from None
     raise typer.Exit(0 if result.status == "completed" else 130)
 
 
@@ -818,6 +828,12 @@ def leave(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _launcher_speaks_for_another_process() -> bool:
+    """Whether this is a process of `tuneforge train --nproc N` other than its machine's local rank 0, which
+    says what every process would (a refusal, an interruption) once for the machine."""
+    return bool(os.environ.get(LAUNCHER_SHOWS_ERRORS)) and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 def _show_error(message: str) -> None:
     """Print `message` as this command's error. A process of a multi-process run ignores SIGTERM from
     here on: torchrun stops the other processes as soon as one exits, and the signal would cut the
@@ -832,7 +848,7 @@ def _show_error(message: str) -> None:
         except OSError:
             pass  # the launcher cannot show it: this process prints it itself
         else:
-            if os.environ.get("LOCAL_RANK", "0") != "0":
+            if _launcher_speaks_for_another_process():
                 return
     err.print(f"[bold red]error:[/] {plain(message)}", highlight=False, soft_wrap=True)
 
@@ -920,8 +936,10 @@ def main() -> None:
         leave(EXIT_RUN_FAILED)
     except typer.Exit as e:
         leave(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt, _Interrupted):
-        err.print("interrupted")
+    except (typer.Abort, KeyboardInterrupt, _Interrupted) as interrupted:
+        if not _launcher_speaks_for_another_process():
+            said = str(interrupted) if isinstance(interrupted, _Interrupted) and str(interrupted) else "interrupted"
+            err.print(said, highlight=False, soft_wrap=True)
         leave(130)
     except _Terminated:
         err.print("terminated (SIGTERM)")

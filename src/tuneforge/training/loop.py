@@ -854,6 +854,20 @@ def resume_command(out: Path, world: distributed.World) -> str:
     return said
 
 
+def interrupted_before_saving(out: Path) -> str:
+    """What a process of several that Ctrl-C stopped before it saved a checkpoint says: where the run in `out`
+    continues from, and how."""
+    world = distributed.World(
+        size=int(os.environ.get("WORLD_SIZE", "1")), local_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    )
+    saved = checkpoint.latest(out / "checkpoints")
+    if saved is None:
+        return (
+            "interrupted before the run saved a checkpoint: nothing to resume; run the same command to start it again."
+        )
+    return f"interrupted; continue from {saved} with {resume_command(out, world)}."
+
+
 def fit(run: Run, *, progress: bool = True, log=print) -> str:
     """The steps, with logging, validation and checkpoints; "completed", or "interrupted" by a signal."""
     cfg, plan = run.cfg, run.plan
