@@ -1019,3 +1019,25 @@ def test_add_tokens_repeated_or_blank_is_named_once_at_its_line(tmp_path, tokens
     with pytest.raises(ConfigError, match=said) as e:
         load_config(path)
     assert "  model.add_tokens (line 4): model.add_tokens " in e.value.message
+
+
+def test_grader_files_not_found_are_refused_as_data_files_are_naming_key_line_and_folders(tmp_path, monkeypatch):
+    """A grader's file (a reward function's FILE.py, or a JSON/YAML file holding a grader) found neither beside the
+    config nor in the working directory is refused before any model loads, naming its key, its line and the
+    folders looked in, as a data file is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / "rewards.py").write_text("def f(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    path = tmp_path.resolve() / "run.yaml"
+    folders = f"is neither in {path.parent} (the config's folder) nor in the working directory {tmp_path.resolve()}"
+    for grader, refused in (
+        ("rewrds.py:f", f"grpo.grader ({path} line 5): rewrds.py"),
+        ("[rewards.py:f, other.py:g]", f"grpo.grader.1 ({path} line 5): other.py"),
+        ("grader.yaml", f"grpo.grader ({path} line 5): grader.yaml"),
+    ):
+        path.write_text(f"method: grpo\ndata:\n  train: train.jsonl\ngrpo:\n  grader: {grader}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(path).check_data_files()
+        assert e.value.message.splitlines() == [f"{refused} {folders}", "Correct the path, or give it absolute."]
+    path.write_text("method: grpo\ndata:\n  train: train.jsonl\ngrpo:\n  grader: [rewards.py:f]\n")
+    load_config(path).check_data_files()

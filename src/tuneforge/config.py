@@ -1208,7 +1208,8 @@ class Config(Strict):
             )
 
     def check_data_files(self) -> None:
-        """Refuse data files (eval.benchmarks' too) that do not exist before a tokenizer, model or row is loaded:
+        """Refuse data files (eval.benchmarks' and the graders' files too) that do not exist before a tokenizer, model
+        or row is loaded:
         each named by its key, the line that sets it, and the folders a relative path was looked for in. A folder
         that Hugging Face datasets' `save_to_disk` wrote is refused too, saying how to write its rows out: read as a
         folder of data files, its Arrow and JSON files would each be refused as files of no known kind."""
@@ -1220,6 +1221,11 @@ class Config(Strict):
             )
         if isinstance(d.validation, str):
             given.append(("data.validation", d.validation))
+        for section in ("grpo", "eval"):
+            grader = getattr(self, section).grader
+            refs = [(f"{section}.grader", grader)] if isinstance(grader, str) else []
+            refs += [(f"{section}.grader.{i}", ref) for i, ref in enumerate(grader if isinstance(grader, list) else [])]
+            given += [(key, file) for key, ref in refs if (file := grader_file(ref)) is not None]
         if d.general_mix and d.general_replay != "chitchat":  # without general_mix, the replay file is not read
             given.append(("data.general_replay", d.general_replay))
         for i, benchmark in enumerate(self.eval.benchmarks):
@@ -1935,8 +1941,10 @@ def _resolve_relative_paths(raw: dict, base_dir: Path, source: str = "config", p
 
     def fix_grader(p, key):
         # A reward function, FILE.py:FUNCTION, has its file read against the config's folder.
-        file, colon, function = p.rpartition(":") if isinstance(p, str) else ("", "", "")
-        return f"{fix(file, key)}:{function}" if colon and file.endswith(".py") else fix(p, key)
+        file = grader_file(p)
+        if file is None or file == p:
+            return fix(p, key)
+        return f"{fix(file, key)}:{p.rpartition(':')[2]}"
 
     if isinstance(raw.get("eval"), dict) and isinstance(raw["eval"].get("benchmarks"), list):
         benchmarks = raw["eval"]["benchmarks"]
@@ -1954,6 +1962,17 @@ def _resolve_relative_paths(raw: dict, base_dir: Path, source: str = "config", p
             section["grader"] = fix_grader(section["grader"], f"{name}.grader")
         elif isinstance(section, dict) and isinstance(section.get("grader"), list):
             section["grader"] = [fix_grader(p, f"{name}.grader.{i}") for i, p in enumerate(section["grader"])]
+
+
+def grader_file(ref) -> str | None:
+    """The file a grader reference names: FILE of a reward function's FILE.py:FUNCTION, or a JSON/YAML file holding
+    a grader; None for a grader object, or a string that names neither (the grader's own checks say what it is)."""
+    if not isinstance(ref, str):
+        return None
+    file, colon, _ = ref.rpartition(":")
+    if colon and file.endswith(".py"):
+        return file
+    return ref if Path(ref).suffix.lower() in (".json", ".yaml", ".yml") else None
 
 
 def is_jinja(chat_template: str) -> bool:
