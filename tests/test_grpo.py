@@ -501,6 +501,22 @@ def test_reward_function_lists_and_weights_that_cannot_work_are_refused(tiny_mod
         load_config(cfg)
 
 
+def test_an_inline_grader_that_cannot_work_is_named_by_the_config_file_and_line_that_set_it(tmp_path):
+    """A grader object written in the config is named as a config key is, with its file and line, so that an
+    error in one of a config's graders points at the line to fix."""
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "method: grpo\ndata:\n  train: train.jsonl\ngrpo:\n  grader:\n    type: json_fields\n"
+        '    input: "{{ sample.output_text }}"\n    reference: "{{ item.reference }}"\n    fieldz: [label]\n'
+    )
+    with pytest.raises(TuneforgeError) as error:
+        load_grader(load_config(path))
+    assert error.value.message.startswith(
+        f'grpo.grader ({path} line 5): grader "json_fields" (json_fields): unknown field(s) fieldz;'
+    )
+
+
 # A constant reward (0.1: eight of them have a float std of 7e-9, not 0) beside one that varies by the answer.
 SPREAD_REWARDS = """
 def constant(completions, **kwargs):

@@ -98,11 +98,14 @@ def reward_functions(
     return MultiGrader({"calculate_output": " + ".join(terms)}, "rewards", '"rewards" (multi)', graders)
 
 
-def load_grader(spec: dict | str | list, weights: list[float] | None = None, *, key: str = "grader") -> Grader:
+def load_grader(
+    spec: dict | str | list, weights: list[float] | None = None, *, key: str = "grader", placed: str | None = None
+) -> Grader:
     """The grader a spec names, as `grpo.grader` and `tuneforge eval --grader` take it: a grader object, the path
     of a JSON/YAML file holding one, or TRL-style reward functions as FILE.py:FUNCTION, alone or in a list
-    (`weights` weighs those). Fully checked; an error names `key`, where the spec was given."""
-    where = key
+    (`weights` weighs those). Fully checked; an error names `key`, where the spec was given, and an error in a
+    grader object names it as `placed` (the key and the config line that wrote the object) where given."""
+    where = placed or key
     if isinstance(spec, list) or (isinstance(spec, str) and _function_ref(spec)):
         return _reward_functions(spec if isinstance(spec, list) else [spec], weights, key)
     if weights is not None:

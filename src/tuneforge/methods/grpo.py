@@ -132,7 +132,9 @@ def prepare_model(model, cfg):
 
 def load_grader(cfg):
     """The grader `grpo.grader` names (`graders.load_grader`), weighed by `grpo.grader_weights`, fully checked."""
-    return load_grader_spec(cfg.grpo.grader, cfg.grpo.grader_weights, key="grpo.grader")
+    return load_grader_spec(
+        cfg.grpo.grader, cfg.grpo.grader_weights, key="grpo.grader", placed=cfg.key_at("grpo.grader")
+    )
 
 
 # --- data ----------------------------------------------------------------------------------------
