@@ -1957,3 +1957,31 @@ def test_a_batch_mixing_echo_and_plain_rows_scores_only_the_echo_rows(base):
     while ending:
         ending.step()
     assert row.completion().finish_reason == "stop" and len(row.completion().logprobs) == 1
+
+
+@pytest.mark.parametrize(
+    ("body_class", "prompt", "param", "harmless"),
+    [
+        ("ChatCompletionBody", {"messages": QUESTION}, "logit_bias", {}),
+        ("ChatCompletionBody", {"messages": QUESTION}, "service_tier", "auto"),
+        ("ChatCompletionBody", {"messages": QUESTION}, "modalities", ["text"]),
+        ("ChatCompletionBody", {"messages": QUESTION}, "reasoning_effort", None),
+        ("ChatCompletionBody", {"messages": QUESTION}, "audio", None),
+        ("CompletionBody", {"prompt": "Hi"}, "logit_bias", {}),
+        ("CompletionBody", {"prompt": "Hi"}, "suffix", None),
+        ("CompletionBody", {"prompt": "Hi"}, "best_of", 1),
+    ],
+)
+def test_an_openai_argument_not_served_is_refused_as_not_supported_not_as_a_typo(body_class, prompt, param, harmless):
+    """OpenAI's own arguments that are not built here (the SDK sends them by their right names) are refused saying
+    so and why, not as unrecognized, which reads as a misspelling; their values that ask for nothing pass."""
+    from tuneforge.serve import bodies
+    from tuneforge.web import APIError
+
+    body_type = getattr(bodies, body_class)
+    body_type.model_validate({"model": "base", **prompt, param: harmless}).check_supported()
+    body = body_type.model_validate({"model": "base", **prompt, param: {"asks": "something"}})
+    with pytest.raises(APIError) as caught:
+        body.check_supported()
+    assert caught.value.param == param and caught.value.code == "unsupported_value", caught.value.message
+    assert caught.value.message.startswith(f"{param} is not supported: "), caught.value.message

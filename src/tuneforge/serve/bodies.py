@@ -264,12 +264,27 @@ class SampledBody(RequestBody):
     SCHEMA_PARAM: ClassVar[str] = "response_format.json_schema.schema"
     # The field that limits the reply's length (`length_limit`).
     LENGTH_PARAM: ClassVar[str]
+    # OpenAI's arguments of the route that this server does not build: {name: (why, the values that ask for
+    # nothing)}, refused by name with why when set otherwise (any other unknown one is refused as unrecognized).
+    NOT_SERVED: ClassVar[dict[str, tuple[str, tuple]]] = {}
 
     model: StoredText  # the jobs service looks a fine-tuned model up by it
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
+    # The values sent for NOT_SERVED's fields, which `check_supported` refuses when set.
+    _not_served: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _set_aside_not_served(cls, data, handler):
+        # They are no fields of the body, so any value passes validation and is refused by name afterwards.
+        if not isinstance(data, dict):
+            return handler(data)
+        body = handler({key: value for key, value in data.items() if key not in cls.NOT_SERVED})
+        body._not_served = {key: value for key, value in data.items() if key in cls.NOT_SERVED}
+        return body
 
     @field_validator("temperature", "top_p", "stream", mode="before")
     @classmethod
@@ -279,6 +294,10 @@ class SampledBody(RequestBody):
 
     def check_supported(self) -> None:
         """Refuses, with a 400 naming the parameter, what was sent and is not served."""
+        for param, (why, harmless) in self.NOT_SERVED.items():
+            value = self._not_served.get(param)
+            if value is not None and not any(value == same and type(value) is type(same) for same in harmless):
+                raise APIError(400, f"{param} is not supported: {why}.", param=param, code="unsupported_value")
 
     def prompt_field(self, field: str) -> str:
         """The request's name of a field of the prompt (`messages.0.content`) that the template would write."""
@@ -346,6 +365,7 @@ class GenerationBody(SampledBody):
         return stop
 
     def check_supported(self) -> None:
+        super().check_supported()
         if self.stream_options is not None and not self.stream:  # as OpenAI: it would go unused
             raise APIError(
                 400, "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
@@ -371,7 +391,36 @@ class GenerationBody(SampledBody):
         return self.presence_penalty, self.frequency_penalty
 
 
+_LOGIT_BIAS = (
+    "decoding applies no per-token bias here: constrain the reply with response_format, or end it with stop",
+    ({},),
+)
+_ONE_TIER = ("this server has one tier", ("auto", "default"))
+# OpenAI's chat arguments that this server does not build, refused by name (`SampledBody.NOT_SERVED`).
+CHAT_NOT_SERVED = {
+    "logit_bias": _LOGIT_BIAS,
+    "audio": ("this server answers in text", ()),
+    "modalities": ("this server answers in text", (["text"],)),
+    "prediction": ("a predicted output does not speed decoding here", ()),
+    "reasoning_effort": (
+        "a reasoning model reasons as its chat template makes it, with no effort set (chat_template_kwargs "
+        "takes the template's own switches, such as Qwen 3's {\"enable_thinking\": false})",
+        (),
+    ),
+    "verbosity": ("the model answers as it was tuned to", ()),
+    "web_search_options": ("this server searches nothing", ()),
+    "service_tier": _ONE_TIER,
+}
+# OpenAI's legacy completions arguments that this server does not build, refused by name.
+COMPLETIONS_NOT_SERVED = {
+    "logit_bias": _LOGIT_BIAS,
+    "suffix": ("the model completes the prompt alone, with no text inserted before a suffix", ()),
+    "best_of": ("every choice generated is returned: ask for several with n", (1,)),
+}
+
+
 class ChatCompletionBody(GenerationBody):
+    NOT_SERVED: ClassVar[dict[str, tuple[str, tuple]]] = CHAT_NOT_SERVED
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     store: bool | None = None  # OpenAI's: keep the prompt and the answer (GET /v1/chat/completions lists them)
@@ -509,6 +558,7 @@ class ChatCompletionBody(GenerationBody):
 
 
 class CompletionBody(GenerationBody):
+    NOT_SERVED: ClassVar[dict[str, tuple[str, tuple]]] = COMPLETIONS_NOT_SERVED
     # A string, token ids, or a list of prompts (`prompt_inputs`), each answered with n choices.
     prompt: str | list
     # Each generated token's log probability with this many most likely tokens' (0 to 5); false or absent: none.
@@ -598,7 +648,7 @@ RESPONSES_NOT_SERVED = {  # what it is not, and the values that ask for nothing,
     "background": ("a response is answered while the request waits, or streamed", (False,)),
     "prompt": ("this server keeps no prompt templates: send the instructions and the input themselves", ()),
     "truncation": ("the input is never truncated: a prompt past the context window is refused", ("disabled",)),
-    "service_tier": ("this server has one tier", ("auto", "default")),
+    "service_tier": _ONE_TIER,
 }
 
 
@@ -781,6 +831,7 @@ class TextConfig(RequestBody):
 
 
 class ResponsesBody(SampledBody):
+    NOT_SERVED: ClassVar[dict[str, tuple[str, tuple]]] = RESPONSES_NOT_SERVED
     FORMAT_PARAM: ClassVar[str] = "text.format"
     SCHEMA_PARAM: ClassVar[str] = "text.format.schema"
     LENGTH_PARAM: ClassVar[str] = "max_output_tokens"
@@ -803,18 +854,6 @@ class ResponsesBody(SampledBody):
     # tokens' (`generate.TokenLogprob`), as chat's logprobs and top_logprobs do.
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # The values sent for RESPONSES_NOT_SERVED's fields, which `check_supported` refuses when set.
-    _not_served: dict[str, Any] = PrivateAttr(default_factory=dict)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _set_aside_not_served(cls, data, handler):
-        # They are no fields of the body, so any value passes validation and is refused by name afterwards.
-        if not isinstance(data, dict):
-            return handler(data)
-        body = handler({key: value for key, value in data.items() if key not in RESPONSES_NOT_SERVED})
-        body._not_served = {key: value for key, value in data.items() if key in RESPONSES_NOT_SERVED}
-        return body
 
     @field_validator("input", mode="before")
     @classmethod
@@ -834,10 +873,7 @@ class ResponsesBody(SampledBody):
         return 1
 
     def check_supported(self) -> None:
-        for param, (why, harmless) in RESPONSES_NOT_SERVED.items():
-            value = self._not_served.get(param)
-            if value is not None and not any(value == same and type(value) is type(same) for same in harmless):
-                raise APIError(400, f"{param} is not supported: {why}.", param=param, code="unsupported_value")
+        super().check_supported()
         for index, item in enumerate(self.include or []):
             if item != LOGPROBS_INCLUDE:
                 raise APIError(
