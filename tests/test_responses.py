@@ -269,3 +269,15 @@ def test_a_streamed_response_whose_client_hangs_up_stops_decoding(server):
     while httpx.get(f"{server}/health").json()["running"]:
         assert time.monotonic() - gone < 3, "the abandoned generation is still decoding"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+def test_chats_length_limit_sent_to_responses_is_refused_naming_max_output_tokens(param):
+    """A client moved from the chat route sends its limit by chat's name: the refusal says the one this route reads."""
+    from tuneforge.serve.bodies import ResponsesBody
+    from tuneforge.web import APIError
+
+    body = ResponsesBody.model_validate({"model": BASE, "input": "Hi", param: 5})
+    with pytest.raises(APIError) as caught:
+        body.check_supported()
+    assert caught.value.param == param and "max_output_tokens" in caught.value.message, caught.value.message

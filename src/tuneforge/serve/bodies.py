@@ -637,6 +637,7 @@ def _one_prompt(prompt: str | list[int]) -> str | tuple[int, ...]:
 # OpenAI's Responses API (`POST /v1/responses`): the stateless core, answered as a chat request is.
 # Its fields that this server does not build, refused by name (any other unknown one is refused as unrecognized).
 _TOOLS = "tool calling is served by /v1/chat/completions (`tools`), not by /v1/responses here"
+_OUTPUT_LIMIT = "/v1/responses limits the reply's tokens with max_output_tokens: send that instead"
 RESPONSES_NOT_SERVED = {  # what it is not, and the values that ask for nothing, as OpenAI's defaults
     "previous_response_id": ("this server keeps no responses: send the whole conversation in `input`", ()),
     "conversation": ("this server keeps no conversations: send the whole conversation in `input`", ()),
@@ -649,6 +650,9 @@ RESPONSES_NOT_SERVED = {  # what it is not, and the values that ask for nothing,
     "prompt": ("this server keeps no prompt templates: send the instructions and the input themselves", ()),
     "truncation": ("the input is never truncated: a prompt past the context window is refused", ("disabled",)),
     "service_tier": _ONE_TIER,
+    # Chat's names for the reply's limit, which a client moved from /v1/chat/completions sends.
+    "max_tokens": (_OUTPUT_LIMIT, ()),
+    "max_completion_tokens": (_OUTPUT_LIMIT, ()),
 }
 
 
