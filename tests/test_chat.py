@@ -418,6 +418,7 @@ def test_tool_commands_that_cannot_answer_a_call_say_why(tool_caller):
             "tools.json:2: not JSON",
         ),
         ("tools.yaml", "type: function\n", "must hold a list of tool definitions"),
+        ("tools.json", " \n", "tools.json must hold a list of tool definitions, [{"),
         ("tools.yaml", "- type: function\n  function: {name: a\n", "tools.yaml line 3, column 1: not YAML ("),
         (
             "tools.yaml",

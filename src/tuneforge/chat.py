@@ -276,7 +276,7 @@ def read_tools(path: str | Path) -> list[dict] | None:
         raise ConfigError(f"--tools {path} cannot be read: {reason}.", code="bad_option") from err
     try:
         if path.suffix.lower() == ".json":
-            value = json.loads(text)
+            value = json.loads(text) if text.strip() else None  # an empty file holds nothing, as YAML's does
         else:
             value = load_yaml(text, f"--tools {path}")
     except json.JSONDecodeError as err:
