@@ -598,6 +598,29 @@ def test_a_reply_that_starts_with_whitespace_joining_the_prompt_is_a_row_problem
     assert data.report["errors"][0]["line"] == 13 and len(data.train) == 12
 
 
+INDENTED = "  for x in xs:\n      print(x)"
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        (chat("Show the loop", INDENTED) | {"system": "Be brief."}, "messages[1].content"),
+        (
+            {"conversations": [{"from": "human", "value": "Show the loop"}, {"from": "gpt", "value": INDENTED}]},
+            "conversations[1].value",
+        ),
+        ({"prompt": "Show the loop", "completion": INDENTED}, "completion"),
+        ({"instruction": "Show the loop", "output": INDENTED}, "output"),
+        ({"prompt": "Show the loop", "chosen": INDENTED, "rejected": "No."}, "chosen"),
+    ],
+)
+def test_a_reply_that_joins_the_prompt_is_named_by_the_row_s_field(tmp_path, row, field):
+    # Found when the rendered text is tokenized, after the other rendering problems, and named as they are.
+    path = write_jsonl(tmp_path / "train.jsonl", [row])
+    data, _ = check_data(DataConfig(train=str(path), validation=None), code_tokenizer(), keep_examples=False)
+    assert [(e["code"], e["field"]) for e in data.report["errors"] if e["line"] == 1] == [("reply_joins_prompt", field)]
+
+
 def test_general_mix_that_no_replay_conversation_fits_is_an_error_not_a_silent_zero(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", rows(40))
     replay = write_jsonl(tmp_path / "replay.jsonl", [chat("Tell me a long story", "Once upon a time " * 40)])

@@ -199,7 +199,10 @@ class ChatRenderer:
             tokens_of = iter(tokens)
             for i, plans in planned:
                 out[i] = _one_or_turns(
-                    [self._with_images(self._mask(plan, next(tokens_of)), records[i]) for plan in plans]
+                    [
+                        self._with_images(_in_row(self._mask(plan, next(tokens_of)), records[i]), records[i])
+                        for plan in plans
+                    ]
                 )
             for i, ids in zip(documents, document_ids_later()):
                 out[i] = self._document_example(ids)
@@ -867,9 +870,12 @@ def _on_side(result: Example | list[Problem], side: str, named: bool) -> list[Pr
     return [p if named and p.field else replace(p, field=f"{side} {p.field}" if p.field else side) for p in result]
 
 
-def _in_row(found: tuple[_Plan, ...] | list[Problem], conversation: Conversation) -> tuple[_Plan, ...] | list[Problem]:
-    """Problems found in a conversation's messages, each at the row's field that holds what it names."""
-    if isinstance(found, tuple):
+def _in_row(
+    found: tuple[_Plan, ...] | Example | list[Problem], conversation: Conversation
+) -> tuple[_Plan, ...] | Example | list[Problem]:
+    """Problems found in a conversation's messages, each at the row's field that holds what it names; a plan or
+    an example as it is."""
+    if not isinstance(found, list):
         return found
     return [replace(p, field=conversation.row_field(p.field)) for p in found]
 
