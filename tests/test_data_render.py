@@ -20,6 +20,7 @@ from tuneforge.data import (
     render_examples,
     render_preference,
 )
+from tuneforge.data.formats import check_row
 from tuneforge.data.render import ChatRenderer, renderer_for
 from tuneforge.errors import DataError
 
@@ -253,6 +254,23 @@ def test_template_errors_are_row_problems(refusal, said):
     results = renderer.render([good, bad, good])
     assert not isinstance(results[0], list) and not isinstance(results[2], list)
     assert [p.code for p in results[1]] == ["template_error"] and said in results[1][0].message
+
+
+def test_a_template_refusing_one_side_of_a_pair_names_that_side():
+    # A message with a name goes through the template itself, which refuses it: the chosen conversation alone.
+    refusal = "{% for m in messages if m.name %}{{ raise_exception('no names') }}{% endfor %}"
+    renderer = ChatRenderer(tokenizer_with_template(refusal + TINY_TEMPLATE))
+    rows = [
+        {"prompt": [{"role": "user", "content": "Hi"}]}
+        | {"chosen": [{"role": "assistant", "content": "Hello", "name": "bot"}]}
+        | {"rejected": [{"role": "assistant", "content": "No."}]},
+        {"input": {"messages": [{"role": "user", "content": "Hi"}]}}
+        | {"preferred_output": [{"role": "assistant", "content": "Hello", "name": "bot"}]}
+        | {"non_preferred_output": [{"role": "assistant", "content": "No."}]},
+    ]
+    pairs = [check_row(row, "preference")[0] for row in rows]
+    for problems in renderer.render_preferences(pairs):
+        assert [(p.code, p.field) for p in problems] == [("template_error", "chosen messages")]
 
 
 def test_a_tokenizer_without_chat_template_gets_chatml():

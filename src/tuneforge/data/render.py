@@ -864,10 +864,15 @@ def _one_or_turns(results: list[Example | list[Problem]]) -> Rendered:
 
 def _on_side(result: Example | list[Problem], side: str, named: bool) -> list[Problem]:
     """A side's problems: each at the row's field where rendering `named` it so (`Conversation.row_field`), by
-    its side where it names the side's messages or no field."""
+    its side where it names the side's messages (all of them, as a template's refusal does) or no field."""
     if isinstance(result, Example):
         return []
-    return [p if named and p.field else replace(p, field=f"{side} {p.field}" if p.field else side) for p in result]
+    return [
+        p
+        if named and p.field and not re.match(r"messages\b", p.field)
+        else replace(p, field=f"{side} {p.field}" if p.field else side)
+        for p in result
+    ]
 
 
 def _in_row(
