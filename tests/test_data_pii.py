@@ -330,3 +330,14 @@ def test_alpaca_and_sharegpt_pairs_name_the_row_s_fields(tmp_path, tokenizer):
         assert [(e["code"], e["field"]) for e in data.report["errors"] if e["line"] == 1] == [
             ("special_token_in_content", error_field)
         ]
+
+
+@pytest.mark.parametrize("prompt", ["Thanks", [{"role": "user", "content": "Thanks"}]], ids=["text", "list"])
+def test_a_pair_of_hh_transcripts_beside_its_prompt_names_the_transcript(tmp_path, tokenizer, prompt):
+    """The transcripts hold the turns before the prompt given beside them: a text in one is named by them."""
+    said = "\n\nHuman: Mail ops@acme.io\n\nAssistant: Done.\n\nHuman: Thanks\n\nAssistant: "
+    path = write_jsonl(
+        tmp_path / "rows.jsonl", [{"prompt": prompt, "chosen": said + "Welcome.", "rejected": said + "No."}]
+    )
+    data, _ = check_data(DataConfig(train=str(path), validation=None), tokenizer, keep_examples=False)
+    assert [f["field"] for f in data.report["pii"]["found"]] == ["chosen"]

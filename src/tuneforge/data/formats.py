@@ -1300,7 +1300,8 @@ def _preference_fields(row: dict, n_prompt: int) -> tuple[list[RowField], list[R
         return prompt + _turn_fields(row, "chosen", 1, ".value"), prompt + _turn_fields(row, "rejected", 1, ".value")
     if "instruction" in row:
         prompt = _alpaca_fields(row)
-    elif "prompt" not in row or (isinstance(row["chosen"], list) and len(row["chosen"]) > 1):  # whole conversations
+    elif "prompt" not in row or _is_hh_pair(row) or (isinstance(row["chosen"], list) and len(row["chosen"]) > 1):
+        # whole conversations, which hold the prompt given beside them
         chosen = _turn_fields(row, "chosen", n_prompt + 1)
         return chosen, chosen[:n_prompt] + _turn_fields(row, "rejected", n_prompt + 1)[n_prompt:]
     else:
@@ -1330,7 +1331,7 @@ def _trl_preference(row: dict, check: _RowCheck):
     if "conversations" in row:  # LLaMA-Factory's ShareGPT pairs: the prompt's turns, then one turn each
         return _sharegpt_turns(row, check), *(_sharegpt_reply(row, check, k) for k in ("chosen", "rejected"))
     # HH transcripts hold their prompt; one given beside them is checked against it below, as UltraFeedback's is.
-    if "instruction" not in row and all(_is_hh(row.get(k)) for k in ("chosen", "rejected")):
+    if _is_hh_pair(row):
         chosen_turns, rejected_turns = _hh_turns(check, row, "chosen"), _hh_turns(check, row, "rejected")
     else:
         chosen_turns = _turns(check, row, "chosen", "assistant")
@@ -1377,6 +1378,11 @@ def _trl_preference(row: dict, check: _RowCheck):
 
 def _is_hh(value) -> bool:
     return isinstance(value, str) and value.lstrip().startswith("Human:")
+
+
+def _is_hh_pair(row: dict) -> bool:
+    """Whether a pair's chosen and rejected are Anthropic HH transcripts, each its whole conversation."""
+    return "instruction" not in row and all(_is_hh(row.get(k)) for k in ("chosen", "rejected"))
 
 
 def _hh_turns(check: _RowCheck, row: dict, field: str) -> list[Message] | None:
