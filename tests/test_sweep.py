@@ -189,6 +189,10 @@ def test_grid_values_parse_as_a_yaml_list():
     assert grid == {"train.learning_rate": ["1e-4", "2e-4"], "lora.target_modules": [["q_proj", "v_proj"], ["q_proj"]]}
     with pytest.raises(ConfigError, match="a value of lora.r is given twice"):
         parse_grid(["lora.r=8,8"])
+    # A trailing comma leaves a value out, as a comma in the middle does: refused, not swept with one value fewer.
+    for values in ("1e-4,", "1e-4,2e-4, "):
+        with pytest.raises(ConfigError, match="give train.learning_rate one or more values, comma-separated, none"):
+            parse_grid([f"train.learning_rate={values}"])
     with pytest.raises(ConfigError, match="each run of a sweep has its own folder"):
         parse_grid(["output_dir=a,b"])
     # A syntax error is placed by its column in the values, as an override's is.

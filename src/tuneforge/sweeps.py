@@ -138,7 +138,8 @@ def parse_grid(sets: str | Iterable[str]) -> dict[str, list]:
                     f"--set '{given}'", e, f"the values of {key} are no comma-separated YAML list", one_line=True
                 )
             ) from None
-        if not values or any(v is None for v in values):
+        # YAML's flow list takes a trailing comma as no item: `1e-4,` would sweep one value, not the two meant.
+        if not values or any(v is None for v in values) or raw.endswith(","):
             raise ConfigError(f"--set '{given}': give {key} one or more values, comma-separated, none of them empty.")
         if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
             raise ConfigError(f"--set '{given}': a value of {key} is given twice; give each once.")
