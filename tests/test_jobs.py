@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import announced_port
+from conftest import announced_port, pulled_as
 from tiny import set_context
 
 openai = pytest.importorskip("openai")
@@ -144,15 +144,20 @@ def add_job(store, key: str, **values):
     return job
 
 
-def validated_job(tmp_path, model: str, method: dict, **values):
-    """A job on 4 uploaded chat rows, validated by a worker as it takes a job: (the store, the job)."""
+def validated_job(tmp_path, model: str, method: dict, rows: str | None = None, **values):
+    """A job on uploaded `rows` (4 chat rows by default), validated by a worker as it takes a job: (the store, the
+    job)."""
     from tuneforge.jobs.files import FileStorage
     from tuneforge.jobs.store import Store
     from tuneforge.jobs.worker import Workers
 
     store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), FileStorage(tmp_path)
     upload = storage.save(
-        io.BytesIO(chat_rows(4).encode()), owner="o", filename="t.jsonl", purpose="fine-tune", max_bytes=1 << 20
+        io.BytesIO((rows or chat_rows(4)).encode()),
+        owner="o",
+        filename="t.jsonl",
+        purpose="fine-tune",
+        max_bytes=1 << 20,
     )
     store.add(upload)
     job = add_job(
@@ -932,6 +937,33 @@ def test_a_dpo_job_trains_on_openais_preference_pairs(server, tiny_model_dir):
     assert job.method.dpo.hyperparameters.beta == 0.2 and job.trained_tokens > 0
     messages = [event.message for event in all_events(client, job.id)]
     assert "Files validated: 6 training examples, 1 epoch, 2 steps. Job queued." in messages
+
+
+def test_image_rows_for_a_text_only_model_are_refused_by_the_models_name_never_its_folder(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """The job's failure and the dashboard's check of the file name the model as the client gave it."""
+    from families import png_data_url
+
+    from tuneforge.dashboard.sources import JobRuns
+    from tuneforge.jobs.api import create_api
+    from tuneforge.jobs.mapping import CreateJobBody
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    pulled_as("smollm2-135m-instruct", tiny_model_dir, tmp_path / "home")
+    image = {"type": "image_url", "image_url": {"url": png_data_url((220, 20, 20))}}
+    row = {"messages": [{"role": "user", "content": [image]}, {"role": "assistant", "content": "Red."}]}
+    method = CreateJobBody(model="smollm2-135m-instruct", training_file="t").method_dict()
+    store, job = validated_job(tmp_path, "smollm2-135m-instruct", method, rows=json.dumps(row) + "\n")
+    failed = store.get_job(job.id, "o")
+    assert failed.status == "failed", failed.status
+    assert "but smollm2-135m-instruct reads text only" in failed.error["message"], failed.error
+    assert "<server path>" not in failed.error["message"] and str(tmp_path) not in failed.error["message"]
+    service = create_api(tmp_path, store, api_keys=[KEY], workers=0).state.service
+    report = JobRuns(service).check_file("o", job.training_file, "smollm2-135m-instruct", "supervised")
+    message = report["errors"][0]["message"]
+    assert "but smollm2-135m-instruct reads text only" in message, report["errors"]
+    assert "<server path>" not in message and str(tmp_path) not in json.dumps(report)
 
 
 @pytest.mark.parametrize(

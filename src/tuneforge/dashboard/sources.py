@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..data import check_data
 from ..errors import ConfigError, ModelSourceError, TuneforgeError
-from ..jobs.access import InferenceTarget, training_spec
+from ..jobs.access import InferenceTarget, client_names, training_spec
 from ..jobs.mapping import CreateJobBody, api_advice, training_config
 from ..jobs.service import Service
 from ..jobs.store import Job, StoredFile
@@ -255,18 +255,29 @@ class JobRuns:
             tokenizer = load_tokenizer(source)
         except TuneforgeError as err:
             raise APIError(400, scrub_paths(err.message), param="model", code="model_not_available") from err
-        shown = f"{row.id} ({row.filename})"
+        names = {str(path): f"{row.id} ({row.filename})", **client_names(source, model)}
         try:
             # As the job's validation does: what training checks before any compute (the model's positions
             # against data.max_length, preference pairs for dpo and only for dpo, ...).
             check_inputs(config, tokenizer, source)
         except ConfigError as err:  # the model or the method, not the file, is at fault
-            raise APIError(400, scrub_paths(api_advice(err.message)), param="model", code=err.code) from err
+            raise APIError(400, public_message(err.message, names), param="model", code=err.code) from err
         except TuneforgeError as err:
-            message = scrub_paths(api_advice(err.message.replace(str(path), shown)))
-            raise APIError(400, message, param="file_id", code=err.code) from err
+            raise APIError(400, public_message(err.message, names), param="file_id", code=err.code) from err
         data, _ = check_data(config.data, tokenizer, keep_examples=False)  # the report is all it shows
-        return public_report(data.report, {str(path): shown})
+        return public_report(data.report, names)
+
+
+def public_message(message: str, names: dict[str, str]) -> str:
+    """A problem's message to show a job's client: the server paths `names` holds named as it says, any other
+    hidden, and its advice in the job's fields (`api_advice`)."""
+    return scrub_paths(api_advice(_named(message, names)))
+
+
+def _named(text: str, names: dict[str, str]) -> str:
+    for path, name in names.items():
+        text = text.replace(path, name)
+    return text
 
 
 def public_report(report: dict, names: dict[str, str]) -> dict:
@@ -280,8 +291,7 @@ def public_report(report: dict, names: dict[str, str]) -> dict:
         if isinstance(value, list):
             return [clean(item, key) for item in value]
         if isinstance(value, str):
-            for path, name in names.items():
-                value = value.replace(path, name)
+            value = _named(value, names)
             return scrub_paths(api_advice(value) if key == "message" else value)
         return value
 

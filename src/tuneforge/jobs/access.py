@@ -57,6 +57,12 @@ def training_spec(store: Store, runs: Path, owner: str, model: str) -> str:
     return str(folder) if folder else model
 
 
+def client_names(source: ModelSource, name: str) -> dict[str, str]:
+    """The server's folders of a job's model (its adapter's, where it has one, and its base's), each as `name`, the
+    model as the client named it: what a message about the model (its tokenizer's name is its folder) shows them."""
+    return {str(folder): name for folder in (source.adapter, source.path) if folder is not None}
+
+
 class ModelAccess:
     def __init__(self, store: Store, runs: Path, allowed: Sequence[str] = ()):
         self.store, self.runs, self.allowed = store, runs, tuple(allowed)

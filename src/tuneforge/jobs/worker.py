@@ -44,7 +44,7 @@ from ..training import checkpoint, make_plan
 from ..web import failure_id, scrub_paths
 from ..wording import counted
 from . import runner
-from .access import training_spec
+from .access import client_names, training_spec
 from .evals import EvalRunner
 from .files import RESULT_COLUMNS, REWARD_COLUMNS, FileStorage
 from .mapping import api_advice, processes, resolved_method, training_config
@@ -322,18 +322,20 @@ class Workers:
     def _check_files(self, job: Job):
         paths = self._paths(job)
         spec = training_spec(self.store, self.runs, job.owner, job.model)
+        model: dict[str, str] = {}
         try:
             config = training_config(
                 spec, job.method, job.seed, *paths.values(), self.runs / job.id, integrations=job.integrations
             )
             source = self._base_model(job, config.base_model)
+            model = client_names(source, job.model)
             tokenizer = run_tokenizer(config, source)  # with the job's tuneforge_chat_template, as training's
             # What training checks before any compute (data.max_length within the model's positions, preference
             # pairs for dpo and only for dpo, ...); none of it depends on the examples counted below.
             try:
                 check_inputs(config, tokenizer, source)
             except ConfigError as err:  # the model or the job's settings are at fault, not a file
-                raise self._failure(job, err.code, err.message, None) from err
+                raise self._failure(job, err.code, err.message, None, model) from err
             if config.method == "grpo":  # prompts, and a grader that can score them; problems raise
                 prepared, problems = prepare_items(config, tokenizer), []
             else:
@@ -343,7 +345,7 @@ class Workers:
                 shown = "; ".join(str(problem) for problem in errors[:3])
                 more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
                 raise self._failure(
-                    job, "invalid_file", f"{counted(len(errors), 'problem')}: {shown}{more}", errors[0].file
+                    job, "invalid_file", f"{counted(len(errors), 'problem')}: {shown}{more}", errors[0].file, model
                 )
             train_items, _ = batch_items(prepared, config)  # the examples, or for dpo one item per pair
             n_items = len(train_items)
@@ -372,7 +374,7 @@ class Workers:
                 "model",
             ) from err
         except TuneforgeError as err:
-            raise self._failure(job, err.code, err.message, str(paths["training_file"])) from err
+            raise self._failure(job, err.code, err.message, str(paths["training_file"]), model) from err
         return config, total_steps, n_items
 
     def _base_model(self, job: Job, spec: str) -> ModelSource:
@@ -401,10 +403,15 @@ class Workers:
             )
         return {param: self.storage.path(row) if row else None for param, row in rows.items()}
 
-    def _failure(self, job: Job, code: str, message: str, path: str | None) -> JobFailure:
-        """A failure whose message names files by id (never a server path) and advises the job's fields, not
-        config keys (`api_advice`), and whose param is the parameter that names the file at fault
-        (`training_file` or `validation_file`), as OpenAI's job error has it."""
+    def _failure(
+        self, job: Job, code: str, message: str, path: str | None, model: dict[str, str] | None = None
+    ) -> JobFailure:
+        """A failure whose message names files by id and the job's model as the job names it (`model`, from
+        `client_names`), never by a server path, and advises the job's fields, not config keys (`api_advice`), and
+        whose param is the parameter that names the file at fault (`training_file` or `validation_file`), as
+        OpenAI's job error has it."""
+        for folder, name in (model or {}).items():
+            message = message.replace(folder, name)
         param = None
         for param_name, stored in self._paths(job).items():
             if stored is not None:
