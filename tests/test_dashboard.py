@@ -70,6 +70,28 @@ def test_a_run_folder_is_read_as_it_is_being_written(tmp_path):
     assert RunFolder(tmp_path / "missing").metrics() == [] and RunFolder(tmp_path / "missing").summary is None
 
 
+def test_a_runs_status_is_what_its_lock_says_and_only_where_it_cannot_tell_how_lately_its_files_changed(tmp_path):
+    from tuneforge.training.distributed import World
+    from tuneforge.training.run_folder import RUN_LOCK, sole_run_in
+
+    folder = write_run(tmp_path / "run", finished=False)
+
+    def changed(seconds_ago: float) -> None:
+        for name in ("metrics.jsonl", "config.yaml"):
+            os.utime(folder / name, (time.time() - seconds_ago,) * 2)
+
+    changed(3600)  # a step slower than RUNNING_WITHIN_S: the run holds its lock all the while
+    with sole_run_in(folder, World()):
+        assert RunFolder(folder).status() == "running"
+    changed(0)  # stopped with Ctrl-C just now: its lock went with its process
+    assert RunFolder(folder).status() == "stopped"
+    # A run folder copied from another machine: its lock is that machine's, and the files' times are all there is.
+    (folder / RUN_LOCK).write_text("4242\ntoken\nanother-machine\n")
+    assert RunFolder(folder).status() == "running"
+    changed(3600)
+    assert RunFolder(folder).status() == "stopped"
+
+
 def test_a_run_that_has_logged_only_its_first_step_shows_that_step(tmp_path):
     folder = tmp_path / "first"
     folder.mkdir()

@@ -33,11 +33,13 @@ from ..eval.report import (
     step_records,
     svg,
 )
+from ..training.run_folder import is_training
 from ..training.samples import FILE as SAMPLES_FILE
 from ..training.samples import read as read_samples
 
 ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
-# A run folder without a summary whose files changed this recently is taken to be training still.
+# A run folder without a summary whose lock cannot tell (another machine's run) and whose files changed this
+# recently is taken to be training still.
 RUNNING_WITHIN_S = 120.0
 SAMPLES_SHOWN = 50
 SAMPLE_STEPS_SHOWN = 20  # the validations whose sample answers a run's page shows, the latest open
@@ -273,12 +275,16 @@ class RunFolder:
         return refuses((report.get("config") or {}).get("on_error", "strict"), codes - {None})
 
     def status(self) -> str:
-        """completed (or what the summary says), failed (its data refused), running (changed lately), or stopped."""
+        """completed (or what the summary says), failed (its data refused), running (a process holds its lock, or
+        where the lock cannot tell, changed lately), or stopped."""
         summary = self.summary
         if summary:
             return summary.get("status", "completed")
         if self.data_refused():
             return "failed"
+        training = is_training(self.path)
+        if training is not None:
+            return "running" if training else "stopped"
         changed = self.changed_at()
         return "running" if changed and time.time() - changed < RUNNING_WITHIN_S else "stopped"
 

@@ -2,8 +2,9 @@
 
 - `check_output_dir`, `earlier_run`, `refuse_earlier_run`, `clear_earlier_run`: a new run never mixes with
   or silently replaces an earlier one (`--resume` continues it, `--overwrite` starts over);
-- `sole_run_in`: one run at a time writes a folder (a lock that goes with its process), seen by every
-  process; `refuse_other_runs_on_other_machines`: every process runs the same config on the same data;
+- `sole_run_in`: one run at a time writes a folder (a lock that goes with its process, which `training_process`
+  and `is_training` read), seen by every process; `refuse_other_runs_on_other_machines`: every process runs
+  the same config on the same data;
 - `resume_point`, `check_resumable`, `check_same_data`: the checkpoint a resumed run continues from,
   refused where the config, the plan or the data changed since it was written;
 - `restart_step_log`: the JSON-lines logs cut back to the checkpoint's step.
@@ -17,6 +18,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -273,7 +275,8 @@ def clear_earlier_run(out: Path) -> None:
 
 
 RUN_LOCK = ".train.lock"
-"""Held by the training run writing its output_dir; it says which process that is."""
+"""Held by the training run writing its output_dir; it says which process that is, and on which machine."""
+MACHINE = socket.gethostname()
 
 
 def _lock_holder(lock) -> str:
@@ -308,11 +311,25 @@ def _in_use(out: Path, holder: str) -> TuneforgeError:
 
 
 def refuse_run_in_progress(out: Path) -> None:
-    """A run whose output_dir another run is training in is refused by the launcher of several processes, once,
-    before torchrun starts them (`sole_run_in` refuses it again in the processes, should one start meanwhile)."""
+    """A run whose output_dir another run is training in is refused by `check_before_launch`, before any work: by
+    the launcher of several processes, once, before torchrun starts them, and by a sweep for each point
+    (`sole_run_in` refuses it again as the run starts, should one start meanwhile)."""
     holder = training_process(out)
     if holder is not None:
         raise _in_use(out, holder)
+
+
+def is_training(out: Path) -> bool | None:
+    """Whether a training run writes `out` now, as its RUN_LOCK tells: True while a process holds it; False where
+    none does and a run on this machine wrote it (the lock went with that run's process); None where the lock
+    cannot tell: there is none, or a run on another machine wrote it (that machine's lock may not show here)."""
+    if training_process(out) is not None:
+        return True
+    try:
+        machine = (out / RUN_LOCK).read_text(errors="replace").splitlines()[2:3]
+    except OSError:
+        return None
+    return False if machine == [MACHINE] else None
 
 
 @contextlib.contextmanager
@@ -339,7 +356,7 @@ def sole_run_in(out: Path, world: distributed.World):
                 held = True
                 with writing(out / RUN_LOCK):
                     lock.truncate(0)
-                    lock.write(f"{os.getpid()}\n{token}\n")
+                    lock.write(f"{os.getpid()}\n{token}\n{MACHINE}\n")
                     lock.flush()
                     os.fsync(lock.fileno())  # a network file system shows it to the other machines once it has it
         holder, token = distributed.from_main((holder, token), world, "checking that no other run writes output_dir")
