@@ -121,14 +121,18 @@ def test_a_grpo_run_shows_its_validation_rewards(tmp_path):
 
 
 def test_the_runs_list_shows_an_evaluated_runs_task_score_as_a_percentage_named_by_its_metric(tmp_path):
-    """A task score is a share of the examples: a percentage with the metric that scored it, as report.html shows it."""
-    for name, scores in (("exact", {"task_exact": 0.0}), ("contains", {"task_contains": 2 / 3}), ("none", {})):
-        write_run(tmp_path / name)
-        summary = json.loads((tmp_path / name / "summary.json").read_text())
-        summary["metrics"].update(scores)
-        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    """A task score is a share of the examples: a percentage with the metric that scored it, as report.html shows it.
+    The list reads it from the run's evaluation, eval/after.json, which `tuneforge train` with eval.task and the
+    quickstart both write (the quickstart's summary.json holds no task score)."""
+    for name, scores in (
+        ("exact", {"n": 50, "exact": 0.02, "fields": {"category": 0.5}}),
+        ("contains", {"n": 3, "contains": 2 / 3}),
+        ("none", None),  # data without reference answers
+    ):
+        (write_run(tmp_path / name) / "eval").mkdir()
+        (tmp_path / name / "eval" / "after.json").write_text(json.dumps({"loss": 1.2, "scores": scores}))
     rows = {row.id: row.headline()[3] for row in FolderRuns(tmp_path).list_runs("local")}
-    assert rows == {"exact": "0.0% exact", "contains": "66.7% contains", "none": "-"}
+    assert rows == {"exact": "2.0% exact", "contains": "66.7% contains", "none": "-"}
     with TestClient(create_ui_app(tmp_path)) as client:
         listing = client.get("/ui/").text
     assert "<th>task score</th>" in listing and '<td class="num">66.7% contains</td>' in listing

@@ -24,6 +24,7 @@ from ..eval.report import (
     choices_table,
     examples_table,
     figures_problem,
+    flat_scores,
     forgetting_table,
     learning_rate_figure,
     loss_figure,
@@ -232,6 +233,14 @@ class RunFolder:
         folders = (self.path / "checkpoints").glob("step-*")
         return sorted(int(f.name[5:]) for f in folders if f.name[5:].isdigit() and f.is_dir())
 
+    def task_scores(self) -> dict[str, float]:
+        """The final model's task scores as `task_NAME` (`task_exact`, `task_fields.category`), read from the
+        run's evaluation, eval/after.json, which `tuneforge train` with eval.task and the quickstart both write
+        (the quickstart's summary.json holds none); none for a run without one."""
+        after = self._object("eval/after.json", AFTER_SHAPE) or {}
+        scores = flat_scores(after.get("scores") or {})
+        return {f"{SHARE_PREFIX}{name}": v for name, v in scores.items() if isinstance(v, (int, float))}
+
     def evaluation(self) -> dict[str, dict | None]:
         return {name: self._object(f"eval/{name}.json", {}) for name in ("before", "after", "forgetting")}
 
@@ -378,6 +387,7 @@ def metric_events(metrics: list[dict], checkpoint_steps: list[int], summary: dic
 # it: a type, an object's keys with their shapes, or a list of items of one shape. A key may be missing or null.
 SUMMARY_SHAPE = {"status": str, "steps": int, "metrics": dict}
 SAMPLES_SHAPE = {"step": int, "samples": [dict]}  # a record of samples.jsonl (`training/samples.py`)
+AFTER_SHAPE = {"scores": dict}  # eval/after.json, as far as the runs list reads it
 DATA_REPORT_SHAPE = {
     "counts": {"rejected_by_code": dict},
     "tokens": dict,

@@ -22,7 +22,7 @@ from ..jobs.store import Job, StoredFile
 from ..methods import check_inputs
 from ..models import REGISTRY, load_tokenizer, resolve
 from ..web import APIError, scrub_paths
-from .runs import Checkpoint, Event, RunFolder, RunPage, RunRow, flat_config, metric_events
+from .runs import SHARE_PREFIX, Checkpoint, Event, RunFolder, RunPage, RunRow, flat_config, metric_events
 
 FOLDER_DEPTH = 2  # run folders are found this many levels under the directory `tuneforge ui` is given
 _CHECKPOINT_NAME = re.compile(r"(?P<run>.+):ckpt-step-(?P<step>[0-9]{1,12})")
@@ -42,11 +42,13 @@ class RunSource(Protocol):
 
 
 def _row_from_folder(folder: RunFolder, **fields) -> RunRow:
-    """A list row with what the folder says about progress and final figures; `fields` as the caller knows them."""
+    """A list row with what the folder says about progress and final figures; `fields` as the caller knows them.
+    Its task scores are its evaluation's (`RunFolder.task_scores`), whatever summary.json holds of them."""
     summary = folder.summary or {}
     metrics = summary.get("metrics") or folder.last_metrics()
     row = RunRow(**fields)
-    row.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(SHARE_PREFIX)}
+    row.metrics = figures | folder.task_scores()
     row.elapsed_s = metrics.get("elapsed", row.elapsed_s)
     row.step = metrics.get("step", row.step) or row.step
     row.total_steps = summary.get("steps", row.total_steps)
