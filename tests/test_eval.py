@@ -940,3 +940,24 @@ def test_a_report_table_prints_its_titles_and_headers_as_written(capsys):
     print_tables([table])
     said = " ".join(capsys.readouterr().out.split())  # the title wrapped to the table's width, joined
     assert "of [/x] :x:.jsonl" in said and "run [/x] :x:" in said and ":x: [/x]" in said
+
+
+def test_an_inline_eval_grader_that_cannot_work_is_named_by_the_config_file_and_line_that_set_it(tmp_path):
+    """eval.grader written in the config is named with its file and line, as grpo.grader is, so that the error
+    points at the line to fix."""
+    from tuneforge.config import load_config
+    from tuneforge.eval.after_training import check_eval_inputs
+
+    (tmp_path / "val.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}\n'
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data:\n  train: val.jsonl\n  validation: val.jsonl\neval:\n  task: auto\n  grader:\n    type: json_fields\n"
+        '    input: "{{ sample.output_text }}"\n    reference: "{{ item.reference }}"\n    fieldz: [label]\n'
+    )
+    with pytest.raises(TuneforgeError) as error:
+        check_eval_inputs(load_config(path))
+    assert error.value.message.startswith(
+        f'eval.grader ({path} line 6): grader "json_fields" (json_fields): unknown field(s) fieldz;'
+    ), error.value.message

@@ -71,7 +71,7 @@ def check_eval_inputs(cfg) -> None:
         metric = choose_metric(cfg.eval.task, examples)
         if graded:
             spec, weights, key = graded
-            check_grader(spec, examples, key=key, weights=weights)
+            check_grader(spec, examples, key=key, weights=weights, placed=cfg.key_at(key))
         if metric is not None:  # rows without reference answers have no loss (GRPO checks its prompts' length)
             source = cfg.base_source()
             # The final model's tokenizer, which the evaluation renders with: the base's, with the run's template.
@@ -176,7 +176,7 @@ def evaluate_after_training(cfg, run_dir: Path, final_dir: Path, *, progress: bo
     if cfg.eval.task:
         graded = eval_grader(cfg)
         examples = validation_examples(cfg)
-        grader = load_grader(graded[0], graded[1], key=graded[2]) if graded else None
+        grader = load_grader(*graded[:2], key=graded[2], placed=cfg.key_at(graded[2])) if graded else None
         # A GRPO run's answers are as long as it sampled and validated them: cut shorter, they would score
         # otherwise than its valid_reward.
         max_new_tokens = cfg.grpo.max_new_tokens if cfg.method == "grpo" else DEFAULT_MAX_NEW_TOKENS

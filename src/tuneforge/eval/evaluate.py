@@ -342,12 +342,18 @@ def grader_items(examples: Sequence[EvalExample]) -> list[dict]:
 
 
 def check_grader(
-    spec: dict | str | list | Grader, examples: Sequence[EvalExample], *, key: str = "--grader", weights=None
+    spec: dict | str | list | Grader,
+    examples: Sequence[EvalExample],
+    *,
+    key: str = "--grader",
+    weights=None,
+    placed: str | None = None,
 ) -> Grader:
     """The grader `spec` names, tried on the first examples with an empty answer and their reference
     answers, and the item fields its templates read looked up on every row, as GRPO checks its grader
-    before training: a grader that cannot score this data fails before any model loads, naming the row."""
-    grader = spec if isinstance(spec, Grader) else load_grader(spec, weights, key=key)
+    before training: a grader that cannot score this data fails before any model loads, naming the row.
+    `key` and `placed` say where the spec was given, as `graders.load_grader` takes them."""
+    grader = spec if isinstance(spec, Grader) else load_grader(spec, weights, key=key, placed=placed)
     items = grader_items(examples)
     with naming_rows(examples[:16]):
         grader.check(items[:16])
