@@ -352,3 +352,20 @@ def test_compare_checks_its_grader_once_for_both_models(tiny_model_dir, triage_d
     assert json.loads(capsys.readouterr().out)["base"]["grader"]["mean"] == 1.0
     said = calls.read_text().splitlines()
     assert said.count("checked") == 1 and said.count("graded") == 2
+
+
+def test_a_reward_file_not_found_for_grader_is_named_by_the_option_and_the_folder_looked_in(tmp_path, monkeypatch):
+    """`--grader FILE.py:FUNCTION` names the option as given (no index for a lone function) and the working
+    directory its relative path was looked for in; a list's entry is named by its index."""
+    from tuneforge.graders import load_grader
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards.py").write_text("def f(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    folder = f"in the working directory {tmp_path.resolve()}"
+    for spec, refused in (
+        ("rewrds.py:f", f"--grader: rewrds.py is no file {folder} (from rewrds.py:f)"),
+        (["rewards.py:f", "other.py:g"], f"--grader[1]: other.py is no file {folder} (from other.py:g)"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            load_grader(spec, key="--grader")
+        assert error.value.message == f"{refused}; correct the path, or give it absolute.", error.value.message

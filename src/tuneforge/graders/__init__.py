@@ -107,7 +107,7 @@ def load_grader(
     grader object names it as `placed` (the key and the config line that wrote the object) where given."""
     where = placed or key
     if isinstance(spec, list) or (isinstance(spec, str) and _function_ref(spec)):
-        return _reward_functions(spec if isinstance(spec, list) else [spec], weights, key)
+        return _reward_functions(spec, weights, key)
     if weights is not None:
         raise ConfigError(
             f"{key}_weights weighs TRL-style reward functions ({key}: [FILE.py:FUNCTION, ...]); a "
@@ -160,17 +160,21 @@ def _function_ref(text: str) -> tuple[Path, str] | None:
     return (Path(file), function) if colon and file.endswith(".py") else None
 
 
-def _reward_functions(refs: list, weights: list[float] | None, key: str) -> Grader:
+def _reward_functions(spec: str | list, weights: list[float] | None, key: str) -> Grader:
     functions = []
-    for index, ref in enumerate(refs):
+    # A list's entries are named by their index; a lone function by the key alone.
+    named = [(f"{key}[{index}]", ref) for index, ref in enumerate(spec)] if isinstance(spec, list) else [(key, spec)]
+    for where, ref in named:
         found = _function_ref(ref) if isinstance(ref, str) else None
         if found is None or not found[1].isidentifier():
             raise ConfigError(
-                f"{key}[{index}]: {ref!r:.100} is no reward function; name each as FILE.py:FUNCTION, "
-                "as rewards.py:correctness"
+                f"{where}: {ref!r:.100} is no reward function; name each as FILE.py:FUNCTION, as rewards.py:correctness"
             )
         if not found[0].is_file():
-            raise ConfigError(f"{key}[{index}]: {found[0]} is no file (from {ref}).")
+            looked = "" if found[0].is_absolute() else f" in the working directory {Path.cwd()}"
+            raise ConfigError(
+                f"{where}: {found[0]} is no file{looked} (from {ref}); correct the path, or give it absolute."
+            )
         functions.append(found)
     if weights is not None and not all(math.isfinite(w) for w in weights):
         raise ConfigError(f"{key}_weights must be finite numbers, got {weights}")
