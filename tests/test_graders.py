@@ -426,6 +426,7 @@ def test_spec_errors():
     refused({"type": "label_model"}, "judge model")
     refused({"type": "regex"}, "`type` must be one of string_check, text_similarity, python, multi, json_fields")
     refused({"type": "string_check", "input": OUTPUT, "reference": "x", "operation": "eq", "pass": 1}, "unknown field")
+    refused({"type": "string_check", "input": OUTPUT, "reference": "x", "operation": "eq", 1: "x"}, "field(s) 1;")
     refused({"type": "string_check", "input": OUTPUT, "operation": "eq"}, "`reference` must be a non-empty string")
     threshold = {"type": "text_similarity", "input": OUTPUT, "reference": "x", "evaluation_metric": "bleu"}
     refused(threshold | {"pass_threshold": "high"}, "`pass_threshold` must be a number")

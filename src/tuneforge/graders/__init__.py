@@ -225,7 +225,8 @@ def _build(spec: dict, path: tuple[str, ...], limits: PythonLimits) -> Grader:
     if not isinstance(name, str) or not name:
         raise GraderError(f"grader {label}: `name` must be a non-empty string, got {name!r:.100}")
     grader_class = GRADERS[kind]
-    unknown = sorted(set(spec) - {"type", "name", "pass_threshold", *grader_class.keys})
+    # YAML reads a key such as `1:` as a number: it is named as written.
+    unknown = sorted(map(str, set(spec) - {"type", "name", "pass_threshold", *grader_class.keys}))
     if unknown:
         raise GraderError(
             f"grader {label}: unknown field(s) {', '.join(unknown)}; a {kind} grader takes "
