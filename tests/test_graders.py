@@ -425,6 +425,12 @@ def test_spec_errors():
     refused({"type": "score_model", "name": "judge"}, '"judge" (score_model)', "judge model", "python")
     refused({"type": "label_model"}, "judge model")
     refused({"type": "regex"}, "`type` must be one of string_check, text_similarity, python, multi, json_fields")
+    refused({"type": "string_chek"}, "got 'string_chek' (did you mean 'string_check'?)")
+    refused({"type": "string_check", "input": OUTPUT, "reference": "x", "operation": "eqq"}, "(did you mean 'eq'?)")
+    refused(
+        {"type": "json_fields", "input": OUTPUT, "reference": "x", "fieldz": ["label"], "nmae": "j", "zzz": 1},
+        "unknown field(s) fieldz (did you mean 'fields'?), nmae (did you mean 'name'?), zzz; a json_fields grader",
+    )
     refused({"type": "string_check", "input": OUTPUT, "reference": "x", "operation": "eq", "pass": 1}, "unknown field")
     refused({"type": "string_check", "input": OUTPUT, "reference": "x", "operation": "eq", 1: "x"}, "field(s) 1;")
     refused({"type": "string_check", "input": OUTPUT, "operation": "eq"}, "`reference` must be a non-empty string")

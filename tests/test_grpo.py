@@ -513,7 +513,8 @@ def test_an_inline_grader_that_cannot_work_is_named_by_the_config_file_and_line_
     with pytest.raises(TuneforgeError) as error:
         load_grader(load_config(path))
     assert error.value.message.startswith(
-        f'grpo.grader ({path} line 5): grader "json_fields" (json_fields): unknown field(s) fieldz;'
+        f'grpo.grader ({path} line 5): grader "json_fields" (json_fields): unknown field(s) fieldz '
+        "(did you mean 'fields'?);"
     )
 
 

@@ -33,7 +33,8 @@ import yaml
 
 from ..config import load_yaml, yaml_syntax_error, yaml_text
 from ..errors import ConfigError, unreadable_json
-from .base import Grader, GraderError, GradeResult, rollout_sample, rollout_samples, sample_of
+from ..wording import did_you_mean
+from .base import Grader, GraderError, GradeResult, rollout_sample, rollout_samples, sample_of, spec_choice
 from .multi import FUNCTIONS, MultiGrader
 from .python import PythonGrader, PythonLimits, RewardFunctionGrader
 from .reward_model import RewardModelGrader
@@ -219,18 +220,18 @@ def _build(spec: dict, path: tuple[str, ...], limits: PythonLimits) -> Grader:
             f"grader {label}: {kind} graders need a judge model, which tuneforge does not run; score with a python "
             "grader, or combine graders with multi"
         )
-    if not named or kind not in GRADERS:
-        raise GraderError(f"grader {label}: `type` must be one of {', '.join(GRADERS)}; got {kind!r:.100}")
+    spec_choice(spec, "type", tuple(GRADERS), label)
     name = spec.get("name", kind)
     if not isinstance(name, str) or not name:
         raise GraderError(f"grader {label}: `name` must be a non-empty string, got {name!r:.100}")
     grader_class = GRADERS[kind]
+    fields = ("type", "name", "pass_threshold", *grader_class.keys)
     # YAML reads a key such as `1:` as a number: it is named as written.
-    unknown = sorted(map(str, set(spec) - {"type", "name", "pass_threshold", *grader_class.keys}))
+    unknown = sorted(map(str, set(spec) - set(fields)))
     if unknown:
+        meant = ", ".join(field + did_you_mean(field, fields) for field in unknown)
         raise GraderError(
-            f"grader {label}: unknown field(s) {', '.join(unknown)}; a {kind} grader takes "
-            f"{', '.join(grader_class.keys)}"
+            f"grader {label}: unknown field(s) {meant}; a {kind} grader takes {', '.join(grader_class.keys)}"
         )
     threshold = spec.get("pass_threshold")
     if threshold is not None and (

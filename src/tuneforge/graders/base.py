@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from ..errors import TuneforgeError
 from ..tasks.metrics import parse_json_object, split_reasoning
+from ..wording import did_you_mean
 
 SHOWN_SAMPLE_CHARS = 200
 _FENCE = re.compile(r"\A```(?:json)?\s*\n(.*?)\n?```\Z", re.DOTALL | re.IGNORECASE)
@@ -115,10 +116,11 @@ def spec_text(spec: dict, key: str, label: str) -> str:
 
 
 def spec_choice(spec: dict, key: str, choices: Sequence[str], label: str) -> str:
-    """A spec's required field that takes one of a few values."""
+    """A spec's required field that takes one of a few values; a misspelt one is offered the nearest."""
     value = spec.get(key)
     if value not in choices:
-        raise GraderError(f"grader {label}: `{key}` must be one of {', '.join(choices)}; got {value!r:.100}")
+        meant = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise GraderError(f"grader {label}: `{key}` must be one of {', '.join(choices)}; got {value!r:.100}{meant}")
     return value
 
 
