@@ -330,15 +330,8 @@ def test_ctrl_c_at_the_launcher_exits_as_a_signal_without_torchruns_traceback(mo
     assert launch(["train", "config.yaml"], 2) == 130
 
 
-def test_ctrl_c_before_the_processes_save_is_said_once_with_where_the_run_continues_from(
-    tiny_model_dir, triage_data, tmp_path
-):
-    """A Ctrl-C the launcher passes on while the processes load (before the loop can checkpoint) is said by the
-    machine's local rank 0 alone, with the checkpoint the run continues from and the command, or that there is none."""
-    out = tmp_path / "run"
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, triage_data, out)))
-    script = """
+# `tuneforge train` whose run is stopped by Ctrl-C while it loads, before the loop can checkpoint.
+STOPPED_WHILE_LOADING = """
 import os, signal, tuneforge.pipeline
 from tuneforge.cli import main
 def loading(*_args, **_kw):
@@ -348,19 +341,34 @@ tuneforge.pipeline.train = loading
 main()
 """
 
+
+def stopped_while_loading(config: Path, **env: str) -> str:
+    """What `tuneforge train CONFIG` says (its stderr, on one line) when Ctrl-C stops it while it loads, in a
+    process with `env` besides the usual; it exits 130."""
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_LOADING, "train", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**SUBPROCESS_ENV, **env},
+    )
+    assert done.returncode == 130, done.stderr
+    return " ".join(done.stderr.split())
+
+
+def test_ctrl_c_before_the_processes_save_is_said_once_with_where_the_run_continues_from(
+    tiny_model_dir, triage_data, tmp_path
+):
+    """A Ctrl-C the launcher passes on while the processes load (before the loop can checkpoint) is said by the
+    machine's local rank 0 alone, with the checkpoint the run continues from and the command, or that there is none."""
+    out = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, triage_data, out)))
+
     def stopped(local_rank: int) -> str:
-        env = {
-            **SUBPROCESS_ENV,
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "LOCAL_RANK": str(local_rank),
-            LAUNCHER_SHOWS_ERRORS: "1",
-        }
-        done = subprocess.run(
-            [sys.executable, "-c", script, "train", str(config)], capture_output=True, text=True, timeout=60, env=env
+        return stopped_while_loading(
+            config, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", LOCAL_RANK=str(local_rank), **{LAUNCHER_SHOWS_ERRORS: "1"}
         )
-        assert done.returncode == 130, done.stderr
-        return " ".join(done.stderr.split())
 
     assert stopped(1) == ""
     assert stopped(0) == (
@@ -372,6 +380,23 @@ main()
     assert (
         stopped(0)
         == f"interrupted; continue from {saved} with `tuneforge train {out / 'config.yaml'} --resume --nproc 2`."
+    )
+
+
+def test_ctrl_c_while_one_process_loads_says_where_an_earlier_run_continues_from(tiny_model_dir, triage_data, tmp_path):
+    """One process stopped by Ctrl-C while it loads (before this run's first checkpoint) says, as a process of
+    several does, the checkpoint an earlier run left to continue from and the command, or that there is none."""
+    out = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, triage_data, out)))
+    assert stopped_while_loading(config) == (
+        "interrupted before the run saved a checkpoint: nothing to resume; run the same command to start it again."
+    )
+    saved = out / "checkpoints" / "step-3"
+    saved.mkdir(parents=True)
+    (saved / "trainer_state.json").write_text("{}")
+    assert stopped_while_loading(config) == (
+        f"interrupted; continue from {saved} with `tuneforge train {out / 'config.yaml'} --resume`."
     )
 
 

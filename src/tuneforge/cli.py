@@ -152,10 +152,8 @@ def train(
     try:
         result = run_train(config, overrides, resume=resume, force=force, overwrite=overwrite)
     except KeyboardInterrupt:
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            raise
-        # A process of several stopped before it could save (loading, preparing data): the launcher passed
-        # Ctrl-C on to each, and one line says where the run can continue from.
+        # Stopped before the loop could save (loading, preparing data; under --nproc the launcher passes Ctrl-C
+        # on to each process): one line says where the run can continue from, an earlier run's checkpoint too.
         from .config import load_config
         from .training.loop import interrupted_before_saving
 

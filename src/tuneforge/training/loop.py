@@ -855,8 +855,8 @@ def resume_command(out: Path, world: distributed.World) -> str:
 
 
 def interrupted_before_saving(out: Path) -> str:
-    """What a process of several that Ctrl-C stopped before it saved a checkpoint says: where the run in `out`
-    continues from, and how."""
+    """What a process that Ctrl-C stopped before it saved a checkpoint says: where the run in `out` continues
+    from (an earlier run's latest checkpoint), and how."""
     world = distributed.World(
         size=int(os.environ.get("WORLD_SIZE", "1")), local_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     )
