@@ -4,12 +4,15 @@ KL, forgetting, the report, the command."""
 import json
 import re
 import shutil
+import subprocess
+import sys
 from importlib import resources
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_config
+import yaml
+from conftest import SUBPROCESS_ENV, tiny_run_config
 from families import CLOCK_TOOL, WEATHER_TOOL
 from matplotlib.container import BarContainer
 from tiny import set_context
@@ -524,6 +527,44 @@ def test_training_with_an_eval_section_prints_where_its_report_and_plots_are(
     train(config)
     out = capsys.readouterr().out
     assert f"report with plots: {tmp_path / 'run' / 'eval' / 'report.html'}" in out.replace("\n", "")
+
+
+# `tuneforge train` whose evaluation after training is stopped by Ctrl-C as it starts.
+STOPPED_WHILE_EVALUATING = """
+import os, signal, tuneforge.pipeline
+from tuneforge.cli import main
+def evaluating(*_args, **_kw):
+    os.kill(os.getpid(), signal.SIGINT)
+    signal.pause()
+tuneforge.pipeline.evaluate_after_training = evaluating
+main()
+"""
+
+
+def test_ctrl_c_in_the_evaluation_after_training_says_the_model_is_kept_and_how_to_evaluate_it(
+    tmp_path, tiny_model_dir, triage_data
+):
+    """Training completed: the run is not to be continued, its model is in final/, and the --resume said runs the
+    evaluation it lacks."""
+    out = tmp_path / "run"
+    config = tiny_run_config(tiny_model_dir, triage_data, out, max_steps=1)
+    config["eval"] = {"task": "exact"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    stopped = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_EVALUATING, "train", str(tmp_path / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=SUBPROCESS_ENV,
+    )
+    assert stopped.returncode == 130, stopped.stderr
+    assert " ".join(stopped.stderr.split()).endswith(
+        f" interrupted during the evaluation after training; the trained model is in {out / 'final'}. "
+        f"`tuneforge train {out / 'config.yaml'} --resume` runs the evaluation."
+    )
+    assert not (out / "eval" / "report.html").exists()
+    train(out / "config.yaml", resume=True, progress=False)
+    assert (out / "eval" / "report.html").is_file()
 
 
 def test_the_loss_after_training_counts_the_tokens_data_train_on_trains(tmp_path, tiny_model_dir, triage_data):

@@ -147,17 +147,22 @@ def train(
 
         check_launch(config, overrides, processes=nproc * nnodes, resume=resume, force=force, overwrite=overwrite)
         raise typer.Exit(_launch(args, nproc, nnodes=nnodes, node_rank=node_rank, master=master))
+    from .pipeline import EvaluationInterrupted, interrupted_evaluating
     from .pipeline import train as run_train
 
     try:
         result = run_train(config, overrides, resume=resume, force=force, overwrite=overwrite)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupted:
         # Stopped before the loop could save (loading, preparing data; under --nproc the launcher passes Ctrl-C
         # on to each process): one line says where the run can continue from, an earlier run's checkpoint too.
+        # Stopped in the evaluation after training: the model is kept, and how to get the evaluation.
         from .config import load_config
         from .training.loop import interrupted_before_saving
 
-        raise _Interrupted(interrupted_before_saving(Path(load_config(config, overrides).output_dir))) from None
+        out = Path(load_config(config, overrides).output_dir)
+        if isinstance(interrupted, EvaluationInterrupted):
+            raise _Interrupted(interrupted_evaluating(out)) from None
+        raise _Interrupted(interrupted_before_saving(out)) from None
     raise typer.Exit(0 if result.status == "completed" else 130)
 
 

@@ -16,7 +16,7 @@ from .fsio import write_json
 from .progress import library_bars
 from .training import TrainResult
 from .training import train as train_only
-from .training.loop import check_before_launch
+from .training.loop import check_before_launch, launched_world, resume_command
 
 
 def train(
@@ -47,8 +47,24 @@ def train(
         )
         if result.final_dir is None or not cfg.eval.asked:
             return result  # interrupted, or a process other than rank 0, or nothing asked
-        evaluate_run(cfg, result.metrics, progress=progress)
+        try:
+            evaluate_run(cfg, result.metrics, progress=progress)
+        except KeyboardInterrupt:
+            raise EvaluationInterrupted from None
     return result
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the evaluation `train` runs once training completed: the run's model is whole in final/."""
+
+
+def interrupted_evaluating(out: Path) -> str:
+    """What `tuneforge train` says when Ctrl-C stops the evaluation after training: the model is kept, and the
+    run's --resume, which finds training complete, runs the evaluation."""
+    return (
+        f"interrupted during the evaluation after training; the trained model is in {out / 'final'}. "
+        f"{resume_command(out, launched_world())} runs the evaluation."
+    )
 
 
 def evaluation_missing(cfg) -> bool:

@@ -854,12 +854,18 @@ def resume_command(out: Path, world: distributed.World) -> str:
     return said
 
 
+def launched_world() -> distributed.World:
+    """The processes and machines this process was launched among, as torchrun's environment says (one process
+    without it), for a message said before or after the process group."""
+    return distributed.World(
+        size=int(os.environ.get("WORLD_SIZE", "1")), local_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    )
+
+
 def interrupted_before_saving(out: Path) -> str:
     """What a process that Ctrl-C stopped before it saved a checkpoint says: where the run in `out` continues
     from (an earlier run's latest checkpoint), and how."""
-    world = distributed.World(
-        size=int(os.environ.get("WORLD_SIZE", "1")), local_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    )
+    world = launched_world()
     saved = checkpoint.latest(out / "checkpoints")
     if saved is None:
         return (
