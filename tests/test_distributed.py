@@ -342,11 +342,11 @@ main()
 """
 
 
-def stopped_while_loading(config: Path, **env: str) -> str:
-    """What `tuneforge train CONFIG` says (its stderr, on one line) when Ctrl-C stops it while it loads, in a
-    process with `env` besides the usual; it exits 130."""
+def stopped_while_loading(config: Path, overwrite: bool = False, **env: str) -> str:
+    """What `tuneforge train CONFIG` (with --overwrite where `overwrite`) says (its stderr, on one line) when
+    Ctrl-C stops it while it loads, in a process with `env` besides the usual; it exits 130."""
     done = subprocess.run(
-        [sys.executable, "-c", STOPPED_WHILE_LOADING, "train", str(config)],
+        [sys.executable, "-c", STOPPED_WHILE_LOADING, "train", str(config), *(["--overwrite"] if overwrite else [])],
         capture_output=True,
         text=True,
         timeout=60,
@@ -397,6 +397,12 @@ def test_ctrl_c_while_one_process_loads_says_where_an_earlier_run_continues_from
     (saved / "trainer_state.json").write_text("{}")
     assert stopped_while_loading(config) == (
         f"interrupted; continue from {saved} with `tuneforge train {out / 'config.yaml'} --resume`."
+    )
+    # Started over an earlier completed run: that run stays as it was until this one passes its checks.
+    (out / "summary.json").write_text("{}")
+    assert stopped_while_loading(config, overwrite=True) == (
+        f"interrupted before this run started over: the earlier run in {out} is as it was; run the same command "
+        "to start over."
     )
 
 

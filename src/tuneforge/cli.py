@@ -162,7 +162,7 @@ def train(
         out = Path(load_config(config, overrides).output_dir)
         if isinstance(interrupted, EvaluationInterrupted):
             raise _Interrupted(interrupted_evaluating(out)) from None
-        raise _Interrupted(interrupted_before_saving(out)) from None
+        raise _Interrupted(interrupted_before_saving(out, overwrite)) from None
     raise typer.Exit(0 if result.status == "completed" else 130)
 
 

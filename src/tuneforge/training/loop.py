@@ -862,9 +862,15 @@ def launched_world() -> distributed.World:
     )
 
 
-def interrupted_before_saving(out: Path) -> str:
+def interrupted_before_saving(out: Path, overwrite: bool = False) -> str:
     """What a process that Ctrl-C stopped before it saved a checkpoint says: where the run in `out` continues
-    from (an earlier run's latest checkpoint), and how."""
+    from (an earlier run's latest checkpoint), and how. A run started with `overwrite` over an earlier completed
+    run, which `clear_earlier_run` had not yet deleted (its summary.json is there), has nothing to continue."""
+    if overwrite and (out / "summary.json").is_file():
+        return (
+            f"interrupted before this run started over: the earlier run in {out} is as it was; run the same "
+            "command to start over."
+        )
     world = launched_world()
     saved = checkpoint.latest(out / "checkpoints")
     if saved is None:
