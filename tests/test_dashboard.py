@@ -23,11 +23,13 @@ pytest.importorskip("sqlalchemy")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from tuneforge.dashboard import FolderRuns  # noqa: E402
 from tuneforge.dashboard import runs as runs_module  # noqa: E402
 from tuneforge.dashboard.app import create_ui_app  # noqa: E402
 from tuneforge.dashboard.runs import RunFolder  # noqa: E402
-from tuneforge.dashboard.sources import public_report  # noqa: E402
+from tuneforge.dashboard.sources import (
+    FolderRuns,  # noqa: E402
+    public_report,  # noqa: E402
+)
 from tuneforge.errors import DataError  # noqa: E402
 from tuneforge.training import train  # noqa: E402
 
@@ -470,6 +472,39 @@ def test_tuneforge_ui_on_port_0_answers_where_it_says_and_a_port_in_use_is_refus
         ui.wait(timeout=60)
 
 
+def test_tuneforge_ui_refuses_a_bad_folder_or_a_port_in_use_before_loading_torch(tmp_path):
+    # Those imports take a minute on a loaded machine; a mistyped argument is refused without waiting for them.
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import SUBPROCESS_ENV
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    run_cli = (
+        "import sys\nfrom tuneforge.cli import main\ntry:\n    main()\nfinally:\n"
+        "    print(sorted({'torch', 'transformers', 'fastapi'} & set(sys.modules)))"
+    )
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        busy = held.getsockname()[1]
+        for arguments, loaded, said in [
+            (["missing"], "[]", "missing is not a folder"),
+            (["notes.txt"], "[]", "notes.txt is not a folder"),
+            (["runs", "--port", str(busy)], "['fastapi']", f"cannot listen on 127.0.0.1:{busy}"),
+        ]:
+            refused = subprocess.run(
+                [sys.executable, "-c", run_cli, "ui", *arguments],
+                cwd=tmp_path,
+                env=SUBPROCESS_ENV,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+            assert refused.stdout.strip() == loaded, arguments
+
+
 def test_a_runs_page_shows_the_sample_answers_of_each_validation_the_latest_open(tmp_path):
     folder = write_run(tmp_path / "a")
     sample = {"example": 0, "prompt": "<|im_start|>user\nhi<|im_end|>\n", "reference": "hello", "tokens": 9}
@@ -735,7 +770,7 @@ def test_a_jobs_page_notes_what_its_run_folder_holds_that_training_does_not_writ
 
 def test_the_ui_startup_line_prints_the_runs_folder_as_named(tmp_path, capsys, unserved):
     # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
-    from tuneforge.dashboard.app import ui_command
+    from tuneforge.dashboard.command import ui_command
 
     (tmp_path / "[").mkdir()
     runs = tmp_path / "[" / "x]:x: [bold]"

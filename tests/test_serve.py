@@ -1762,6 +1762,7 @@ def test_the_serve_command_reports_a_bad_adapter_without_a_traceback(base_dir, t
 def test_a_command_whose_serve_extra_is_not_installed_says_what_to_install(command, missing, tmp_path):
     # None in sys.modules is how Python marks a module that cannot be imported.
     run_cli = f"import sys; sys.modules[{missing!r}] = None; from tuneforge.cli import main; main()"
+    (tmp_path / "runs").mkdir()  # `tuneforge ui` checks its folder before it imports the extra's modules
     result = subprocess.run(
         [sys.executable, "-c", run_cli, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

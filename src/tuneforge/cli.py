@@ -644,7 +644,7 @@ def ui(
 ):
     """Web dashboard of the runs under DIRECTORY: live curves, reports, checkpoints, comparison, chat."""
     with serve_extra("ui"):
-        from .dashboard.app import ui_command
+        from .dashboard.command import ui_command
 
         raise typer.Exit(ui_command(directory, host=host, port=port, max_models=max_models))
 

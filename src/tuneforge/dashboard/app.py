@@ -1,4 +1,5 @@
-"""`tuneforge ui [DIR]`: the dashboard over the run folders under DIR, for people who train from the CLI.
+"""The app of `tuneforge ui [DIR]` (`command.py` starts it): the dashboard over the run folders under DIR,
+for people who train from the CLI.
 
 The same pages as under `tuneforge api`, without keys (it listens on this machine unless told
 otherwise) and without the new-job form. Its playground chats with the runs' final models,
@@ -14,13 +15,10 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
-from ..console import plain
-from ..errors import ConfigError
 from ..jobs.inference import InferenceModels
 from ..jobs.routes.inference import answer
 from ..serve import ChatCompletionBody
 from ..web import edge
-from ..web.listen import bind, listen
 from .routes import PREFIX, install_dashboard
 from .sources import FolderRuns
 
@@ -52,14 +50,3 @@ def create_ui_app(root: Path, *, max_models: int = 1) -> FastAPI:
 
     edge(app, api_keys=[], max_body_bytes=MAX_BODY_BYTES, pages=pages)
     return app
-
-
-def ui_command(directory: Path, *, host: str, port: int, max_models: int) -> int:
-    if not directory.is_dir():
-        raise ConfigError(f"{directory} is not a folder: give the folder your run folders are in (e.g. runs).")
-    sock = bind(host, port)
-    app = create_ui_app(directory, max_models=max_models)
-    listen(
-        app, sock, lambda url: f"tuneforge ui: the runs under {plain(directory.resolve())} at {url}{PREFIX}/", "warning"
-    )
-    return 0

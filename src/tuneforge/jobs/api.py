@@ -122,7 +122,8 @@ def create_api(
     app.add_api_route("/health", health, methods=["GET"])
     pages = None
     if dashboard:
-        from ..dashboard import JobRuns, install_dashboard
+        from ..dashboard.routes import install_dashboard
+        from ..dashboard.sources import JobRuns
 
         pages = install_dashboard(app, JobRuns(service), keys_required=bool(api_keys))
     edge(
