@@ -1391,41 +1391,57 @@ class WorkerKilled(BaseException):
     """What no `except Exception` catches: the engine's worker thread ends on it."""
 
 
-def test_a_dead_engine_answers_health_503_and_its_requests_a_5xx_error(base_dir):
-    """The model raises in a decode step (its second forward) something that ends the worker thread: the running
-    request and the one waiting behind it get a 503 in OpenAI's error shape, not a hang; /health answers 503; a
-    request sent afterwards is refused at once."""
+@contextmanager
+def engine_dying_in_its_first_decode_step(base_dir):
+    """An engine of one row at a time whose model raises, in its first decode step (its second forward, after
+    the prefill), what ends the worker thread: once `decoding` is set and `release` is, the worker dies. Yields
+    the engine, the forwards counted, and those two events."""
     engine = Engine(AdapterPool(str(base_dir)), max_batch=1)
     forwards, decoding, release = [], threading.Event(), threading.Event()
 
     def die_in_the_first_decode_step(*_):
         forwards.append(1)
-        if len(forwards) == 2:  # the first forward is the prefill
+        if len(forwards) == 2:
             decoding.set()
             release.wait(10)
             raise WorkerKilled
 
     hook = engine.pool.model.register_forward_pre_hook(die_in_the_first_decode_step)
-    body = {"model": BASE, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
-    headers = {"Authorization": f"Bearer {KEY}"}
     try:
-        with running_server(create_app(engine, api_keys=[KEY])) as url, ThreadPoolExecutor(2) as pool:
-            running = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
-            assert decoding.wait(10)
-            waiting = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
-            deadline = time.monotonic() + 10
-            while engine.stats()["waiting"] != 1:
-                assert time.monotonic() < deadline, engine.stats()
-                time.sleep(0.01)
-            assert httpx.get(f"{url}/health").status_code == 200
-            release.set()
-            answers = [running.result(), waiting.result()]
-            checked = httpx.get(f"{url}/health")
-            later = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
+        yield engine, forwards, decoding, release
     finally:
         release.set()
         hook.remove()
         engine.close()
+
+
+def wait_for_one_waiting(engine) -> None:
+    deadline = time.monotonic() + 10
+    while engine.stats()["waiting"] != 1:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.01)
+
+
+def test_a_dead_engine_answers_health_503_and_its_requests_a_5xx_error(base_dir):
+    """The model raises in a decode step (its second forward) something that ends the worker thread: the running
+    request and the one waiting behind it get a 503 in OpenAI's error shape, not a hang; /health answers 503; a
+    request sent afterwards is refused at once."""
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with (
+        engine_dying_in_its_first_decode_step(base_dir) as (engine, forwards, decoding, release),
+        running_server(create_app(engine, api_keys=[KEY])) as url,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        running = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
+        assert decoding.wait(10)
+        waiting = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
+        wait_for_one_waiting(engine)
+        assert httpx.get(f"{url}/health").status_code == 200
+        release.set()
+        answers = [running.result(), waiting.result()]
+        checked = httpx.get(f"{url}/health")
+        later = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=15)
     for answer in [*answers, later]:
         assert answer.status_code == 503, answer.text
         error = answer.json()["error"]
@@ -1448,15 +1464,7 @@ def test_streams_the_dead_engine_was_answering_or_had_waiting_end_with_its_error
     """The model raises in a decode step something that ends the worker thread: a stream it was answering (its
     opening sent) and one waiting behind it each end with an error event naming engine_stopped, as OpenAI ends a
     stream that fails, not a hang or a connection cut without a word."""
-    engine = Engine(AdapterPool(str(base_dir)), max_batch=1)
-    forwards, decoding, release = [], threading.Event(), threading.Event()
-
-    def die_in_the_first_decode_step(*_):
-        forwards.append(1)
-        if len(forwards) == 2:  # the first forward is the prefill
-            decoding.set()
-            release.wait(10)
-            raise WorkerKilled
+    headers = {"Authorization": f"Bearer {KEY}"}
 
     def streamed(url: str) -> list[str]:
         body = {"model": BASE, "temperature": 0, "stream": True, **asked}
@@ -1464,23 +1472,17 @@ def test_streams_the_dead_engine_was_answering_or_had_waiting_end_with_its_error
             assert response.status_code == 200, response.read()
             return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
 
-    hook = engine.pool.model.register_forward_pre_hook(die_in_the_first_decode_step)
-    headers = {"Authorization": f"Bearer {KEY}"}
-    try:
-        with running_server(create_app(engine, api_keys=[KEY])) as url, ThreadPoolExecutor(2) as pool:
-            running = pool.submit(streamed, url)
-            assert decoding.wait(10)
-            waiting = pool.submit(streamed, url)
-            deadline = time.monotonic() + 10
-            while engine.stats()["waiting"] != 1:
-                assert time.monotonic() < deadline, engine.stats()
-                time.sleep(0.01)
-            release.set()
-            streams = [running.result(), waiting.result()]
-    finally:
+    with (
+        engine_dying_in_its_first_decode_step(base_dir) as (engine, _, decoding, release),
+        running_server(create_app(engine, api_keys=[KEY])) as url,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        running = pool.submit(streamed, url)
+        assert decoding.wait(10)
+        waiting = pool.submit(streamed, url)
+        wait_for_one_waiting(engine)
         release.set()
-        hook.remove()
-        engine.close()
+        streams = [running.result(), waiting.result()]
     for data in streams:
         assert "[DONE]" not in data, data
         error = error_of(json.loads(data[-1]))
