@@ -360,7 +360,10 @@ def validation_error(
 
 
 def _field_at(model: Any, loc: list) -> FieldInfo | None:
-    """The field of the body model `model` at `loc` (its last key); None where `loc` leads to no one field."""
+    """The field of the body model `model` at `loc` (its last key); None where `loc` leads to no one field (an
+    empty `loc`: a check of the whole body)."""
+    if not loc:
+        return None
     fields = [found.model_fields[loc[-1]] for found in _models_at(model, loc[:-1]) if loc[-1] in found.model_fields]
     return fields[0] if len(fields) == 1 else None
 
