@@ -1000,5 +1000,6 @@ def test_an_inline_eval_grader_that_cannot_work_is_named_by_the_config_file_and_
     with pytest.raises(TuneforgeError) as error:
         check_eval_inputs(load_config(path))
     assert error.value.message.startswith(
-        f'eval.grader ({path} line 6): grader "json_fields" (json_fields): unknown field(s) fieldz;'
+        f'eval.grader ({path} line 6): grader "json_fields" (json_fields): unknown field(s) fieldz '
+        "(did you mean 'fields'?);"
     ), error.value.message
