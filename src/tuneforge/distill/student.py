@@ -115,7 +115,8 @@ def block_influence(model, token_ids: list[list[int]]) -> tuple[float, ...]:
         def hook(module, args, kwargs, output):
             entering = args[0] if args else kwargs["hidden_states"]
             leaving = output[0] if isinstance(output, tuple) else output
-            turned = 1 - F.cosine_similarity(entering.float(), leaving.float(), dim=-1)
+            # At least 0, as 1 minus a cosine is: rounding leaves a pass-through layer's at -1e-8, shown "-0.000".
+            turned = (1 - F.cosine_similarity(entering.float(), leaving.float(), dim=-1)).clamp(min=0)
             sums[index] += turned.sum()
 
         return hook
