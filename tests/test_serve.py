@@ -1924,13 +1924,12 @@ def test_prompts_scored_in_chunks_of_positions_score_as_in_one_forward(base, mon
     for (entries, text), (chunk_entries, chunk_text) in zip(whole, chunked):
         assert [e.token for e in entries] == [e.token for e in chunk_entries] and text == chunk_text
         assert entries[0].logprob is chunk_entries[0].logprob is None  # nothing precedes the first token
-        assert [e.logprob for e in chunk_entries[1:]] == pytest.approx(
-            [e.logprob for e in entries[1:]], rel=1e-6, abs=1e-6
-        )
+        # fp32 forwards of other shapes sum in another order: a log-probability near -2 moves by a few 1e-6.
+        assert [e.logprob for e in chunk_entries[1:]] == pytest.approx([e.logprob for e in entries[1:]], abs=1e-5)
         for entry, chunk_entry in zip(entries, chunk_entries):
             assert [top.token for top in chunk_entry.top] == [top.token for top in entry.top]
             assert [top.logprob for top in chunk_entry.top] == pytest.approx(
-                [top.logprob for top in entry.top], rel=1e-6, abs=1e-6
+                [top.logprob for top in entry.top], abs=1e-5
             )
     assert [e.logprob for e in whole[0][0]] == pytest.approx(prompt_logprobs(model, prompts[0]), abs=1e-4)
 
