@@ -263,25 +263,28 @@ def _shared_temporary(final: Path, world: distributed.World, phase_name: str):
         yield distributed.from_main(tmp, world, phase_name)
 
 
-def _missing_shards(folder: Path, processes: int) -> list[str]:
-    """The files of the optimizer's shards (those its DCP metadata names) and of the first
+def _shard_bytes(folder: Path) -> dict[str, int]:
+    """Each file of the optimizer's shards that its DCP metadata names, with the bytes the metadata places in it."""
+    needed: dict[str, int] = {}
+    for info in dcp.FileSystemReader(folder / OPTIMIZER).read_metadata().storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    return needed
+
+
+def _missing_shards(folder: Path, processes: int, shards: dict[str, int] | None = None) -> list[str]:
+    """The files of the optimizer's shards (`shards`, read from its DCP metadata where not given) and of the first
     `processes` processes' RNG states that `folder` lacks."""
-    metadata = dcp.FileSystemReader(folder / OPTIMIZER).read_metadata()
-    expected = {folder / OPTIMIZER / info.relative_path for info in metadata.storage_data.values()}
+    expected = {folder / OPTIMIZER / name for name in (_shard_bytes(folder) if shards is None else shards)}
     expected |= {folder / rng_file(rank) for rank in range(processes)}
     return sorted(str(path.relative_to(folder)) for path in expected if not path.is_file())
 
 
-def _short_shards(folder: Path) -> list[str]:
-    """The optimizer's shard files in `folder` shorter than the bytes its DCP metadata places in them (a copy cut
-    short), each with its size and the size it needs: found before any model loads, naming the file, where DCP's
-    own read would fail later on whichever process reads it first."""
-    metadata = dcp.FileSystemReader(folder / OPTIMIZER).read_metadata()
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+def _short_shards(folder: Path, shards: dict[str, int]) -> list[str]:
+    """The optimizer's shard files in `folder` shorter than the bytes its DCP metadata places in them (`shards`, a
+    copy cut short), each with its size and the size it needs: found before any model loads, naming the file,
+    where DCP's own read would fail later on whichever process reads it first."""
     short = []
-    for name, size in sorted(needed.items()):
+    for name, size in sorted(shards.items()):
         path = folder / OPTIMIZER / name
         if path.is_file() and path.stat().st_size < size:
             short.append(f"{OPTIMIZER}/{name} ({path.stat().st_size:,} of {size:,} bytes)")
@@ -426,14 +429,14 @@ def read_state(folder: Path) -> dict:
             "finish the run with that version, or start it again without --resume."
         )
     with _reading(folder, f"{OPTIMIZER}/.metadata"):
-        missing = _missing_shards(folder, processes=1)
+        shards = _shard_bytes(folder)
+    missing = _missing_shards(folder, 1, shards)
     missing += [SCHEDULER] if not (folder / SCHEDULER).is_file() else []
     if not any(folder.glob("*model*.safetensors")):
         missing.append("its weights (adapter_model.safetensors or model.safetensors)")
     if missing:
         raise _damaged(folder, f"files are missing: {', '.join(missing[:3])}")
-    with _reading(folder, f"{OPTIMIZER}/.metadata"):
-        short = _short_shards(folder)
+    short = _short_shards(folder, shards)
     if short:
         raise _damaged(folder, f"files are cut short: {', '.join(short[:3])}")
     with _reading(folder, STATE):
