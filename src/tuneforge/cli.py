@@ -913,6 +913,19 @@ _PATH_ERROR_ADVICE = {
 
 
 def main() -> None:
+    """The `tuneforge` command. Called in a process that goes on afterwards (a test, a notebook, a script
+    that runs several commands), it leaves that process's SIGTERM handler and warning display as it found
+    them: its own `_terminate` would otherwise turn a later SIGTERM into an exception in whatever that
+    process is doing then."""
+    handler, show_warning = signal.getsignal(signal.SIGTERM), warnings.showwarning
+    try:
+        _run_command()
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        warnings.showwarning = show_warning
+
+
+def _run_command() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own bar for each weight load: seconds long, and noise between our progress lines.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
