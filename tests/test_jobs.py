@@ -873,8 +873,8 @@ def test_a_reinforcement_job_whose_prompt_and_answer_outgrow_its_base_model_is_a
     # The keys a job cannot set are what its rows are fitted to, not what the message is about.
     assert advised.startswith("a prompt of up to 1023 tokens and an answer of up to 128 make rows of 1151, "), advised
     assert advised.endswith(
-        "; give the job a base model of 1151 positions or more (a job's prompts may have up to 1023 tokens and its "
-        "answers 128, tuneforge's default data.max_length and grpo.max_new_tokens)."
+        "; give the job a base model of 1151 positions or more (a job's prompts may have up to 1023 tokens, one "
+        "fewer than tuneforge's default data.max_length, and its answers 128, the default grpo.max_new_tokens)."
     ), advised
 
 

@@ -385,8 +385,8 @@ API_ADVICE = (
             r"data\.max_length, grpo\.max_new_tokens: (a prompt of up to (\d+) tokens and an answer of up to (\d+) "
             r"make rows of (\d+), more than the \d+ positions [^;]*); lower them to sum to \d+ or less\."
         ),
-        r"\1; give the job a base model of \4 positions or more (a job's prompts may have up to \2 tokens and its "
-        r"answers \3, tuneforge's default data.max_length and grpo.max_new_tokens).",
+        r"\1; give the job a base model of \4 positions or more (a job's prompts may have up to \2 tokens, one "
+        r"fewer than tuneforge's default data.max_length, and its answers \3, the default grpo.max_new_tokens).",
     ),
     # A job validates on its validation_file or on nothing (data.validation is the file, or null without one).
     (
