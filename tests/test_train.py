@@ -97,6 +97,25 @@ def test_full_run_saves_a_plain_transformers_model(tiny_model_dir, triage_data, 
     assert diff > 0
 
 
+def test_a_full_run_in_a_process_of_its_own_imports_neither_peft_nor_bitsandbytes(
+    tiny_model_dir, triage_data, tmp_path
+):
+    # Their imports take seconds of CPU in each process of a run (torch's compiler comes with bitsandbytes).
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1, save_every=1)
+    cfg["method"] = "full"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    script = f"""
+import sys
+from tuneforge.pipeline import train
+assert train({str(path)!r}, progress=False).status == "completed"
+print(sorted({{"peft", "bitsandbytes"}} & set(sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_checkpoints_carry_the_generation_config_that_stops_at_the_end_of_turn(tiny_model_dir, triage_data, tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 

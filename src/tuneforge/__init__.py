@@ -14,8 +14,8 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 # bitsandbytes tries, on import on CPUs with AVX512-BF16, to fetch a faster 4-bit kernel from the Hub at run
 # time and logs that it could not (`kernels` adds, with HF_HUB_OFFLINE set, that it skipped the publisher
 # check); on every 8-bit forward it logs that it casts inputs to float16. Facts about its internals, not
-# something a user acts on; PEFT and transformers import it for every model, quantized or not, so this is
-# set before anything else loads.
+# something a user acts on; PEFT imports it for every adapter, quantized or not, so this is set before
+# anything else loads.
 for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions", "kernels._internals.hf_hub"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 

@@ -6,17 +6,18 @@ import contextlib
 import copy
 import re
 import warnings
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
-from peft.tuners.lora import LoraLayer, ParamWrapper
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError, TuneforgeError
 from ..models.loading import grow_embeddings
+
+# PEFT is imported where an adapter is made or read: importing it imports bitsandbytes and with it torch's compiler
+# (seconds of CPU in every process), which a run of another method (full, a full-trained student) never uses.
+if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig
 
 
 def text_decoder(model):
@@ -56,6 +57,8 @@ def unadapted_experts(model, first: int) -> list[str]:
     them for the models it maps from transformers 4's layout, where they were linear layers (Mixtral, Qwen3-MoE,
     ...); elsewhere (Qwen2-MoE) it reaches the linear layers alone: attention, and a shared expert where there is
     one."""
+    from peft.tuners.lora import ParamWrapper
+
     adapted = {(id(m.get_base_layer()), m.parameter_name) for m in model.modules() if isinstance(m, ParamWrapper)}
     left = set()
     for name, module in text_decoder(model).named_modules():
@@ -154,6 +157,11 @@ def all_linear_as_peft_resolves_it(config: PeftLoraConfig, model) -> PeftLoraCon
     models it maps from transformers 4's layout (Mixtral, Qwen3-MoE), the linear layers by name, and the fused
     expert weights and routers as parameters (target_parameters), gate_up_proj with the rank and alpha of the two
     projections it fuses (rank_pattern, alpha_pattern); elsewhere all-linear as it is."""
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_config_for_transformers,
+        get_model_conversion_mapping,
+    )
+
     resolved = copy.deepcopy(config)
     resolved.target_modules = "all-linear"
     convert_peft_config_for_transformers(resolved, model, get_model_conversion_mapping(model))
@@ -253,6 +261,8 @@ def gate_up_pattern_warning_unsaid():
 
 
 def peft_config(cfg, model, token_ids=()) -> PeftLoraConfig:
+    from peft import LoraConfig as PeftLoraConfig
+
     lc = cfg.lora
     reward = cfg.method == "reward"
     config = PeftLoraConfig(
@@ -382,6 +392,8 @@ def refuse_targets_below_from_layer(model, cfg, config) -> None:
     decoder's layers (embed_tokens), which PEFT's layers_to_transform leaves out without a word, unless the name
     is the module's whole name (lm_head), or what only the layers below from_layer hold (a dense layer's gate_proj,
     `parameters_for_peft`)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     if not cfg.lora.from_layer or cfg.lora.target_modules == "all-linear":
         return
     first = config.layers_to_transform[0]
@@ -427,6 +439,8 @@ def refuse_tied_targets(model, cfg, config) -> None:
     """PiSSA and OLoRA write the residual into each target's weight; a weight another module shares (an output
     layer tied to the input embeddings) would change there too, so the run would train on other input embeddings
     than the adapter, converted to the original base, is written for."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -447,6 +461,8 @@ def refuse_tied_targets(model, cfg, config) -> None:
 def keep_start(model) -> None:
     """Keep the start of a PiSSA or OLoRA adapter (its A and B as PEFT set them, taken out of the base weights)
     beside the model, so that what the run saves is an adapter on the original base (`saving.on_original_base`)."""
+    from peft import get_peft_model_state_dict
+
     start = get_peft_model_state_dict(model)
     model.adapter_start = {k: v.detach().clone() for k, v in start.items() if ".lora_A." in k or ".lora_B." in k}
 
@@ -455,6 +471,9 @@ def weights_apart(model, wanted: PeftLoraConfig, layers: list[int] | None = None
     """What the adapter of `model` (a PeftModel) and `wanted` (a target_modules list as `peft_config` gives it, in the
     decoder `layers` alone where given) adapt apart, "" where those are the same: a weight named within a layer
     (mlp.experts.gate_up_proj) where the other side adapts it in no layer, else in full."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     has, asked = set(), set(parameters_named(model.get_base_model(), wanted.target_parameters or ()))
     for name, m in model.get_base_model().named_modules():
         name = name.replace(".base_layer", "")
@@ -526,6 +545,8 @@ def continue_adapter(model, cfg):
 def prepare_model(model, cfg, token_ids=(), new_ids=()):
     """`token_ids`: the ids of `model.add_tokens`, whose embedding rows train beside the adapter; `new_ids`:
     those of them the tokenizer did not hold, whose rows start at the mean."""
+    from peft import PeftModel, get_peft_model
+
     if isinstance(model, PeftModel):
         model = continue_adapter(model, cfg)
     else:
