@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -293,6 +294,24 @@ def test_gguf_metadata_is_what_llama_cpp_expects(adapter_dir, tokenizer, tmp_pat
 def _fields(reader) -> dict:
     """A GGUF's metadata as key -> (value types, value), without the header's counts."""
     return {k: (f.types, f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_a_gguf_export_parses_the_file_it_wrote_once_for_all_its_checks(adapter_dir, tmp_path, monkeypatch):
+    """Reading a GGUF's metadata takes seconds for a large vocabulary (Gemma 3's 262k tokens): the read-back, the
+    sliding window and the tensor types all come from one reading by tuneforge (transformers reads it on its own)."""
+    import gguf
+
+    opened, real = [], gguf.GGUFReader
+
+    def counted(path, *args, **kwargs):
+        if sys._getframe(1).f_globals["__name__"].startswith("tuneforge"):
+            opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
+    result = export(adapter_dir, "gguf", "q8_0", tmp_path / "gguf", progress=False)
+    assert [Path(path).name for path in opened] == [result.files[0].name]
+    assert sum(result.checks["tensor_types"].values()) > 0 and result.checks["tokenizer_roundtrip_identical"]
 
 
 def test_a_q4_0_gguf_reads_back_within_its_bound_with_llama_quantizes_types_and_the_f16_metadata(adapter_dir, tmp_path):

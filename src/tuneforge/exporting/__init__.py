@@ -395,8 +395,11 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
                 f"{mmproj_checks['tensors']} tensors ({types}), each within its type's rounding (at most "
                 f"{mmproj_checks['max_diff_of_rounding']:.2f} of it)"
             )
+    # The file's metadata (a vocabulary of 262k tokens for Gemma 3) takes seconds to parse: it is read once for
+    # every check below.
+    written = gguf.GGUFReader(str(path))
     with console.status(f"Loading {plain(path.name)} back with transformers to check it"):
-        loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name, merged.model.config)
+        loaded, loaded_tokenizer = llama_cpp.load_gguf(folder, path.name, merged.model.config, written)
     checks = _verified(
         merged.logits,
         loaded,
@@ -405,8 +408,8 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
         f"The GGUF ({dtype}) read by transformers, against the merged fp32 model",
         console,
     )
-    _check_sliding_window(merged.model.config, path, checks, console)
-    checks["tensor_types"] = llama_cpp.tensor_types(gguf.GGUFReader(str(path)))
+    _check_sliding_window(merged.model.config, written, checks, console)
+    checks["tensor_types"] = llama_cpp.tensor_types(written)
     # The tokens a runtime sees come from the tokenizer rebuilt from the GGUF's metadata.
     checks["tokenizer_roundtrip_identical"] = probe_ids(loaded_tokenizer) == ids
     if not checks["tokenizer_roundtrip_identical"]:
@@ -420,13 +423,13 @@ def _export_gguf(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, 
     return [path], {**_merge_figures(merged), **checks}
 
 
-def _check_sliding_window(config, path: Path, checks: dict, console) -> None:
+def _check_sliding_window(config, written, checks: dict, console) -> None:
     """Warn where llama.cpp will attend to more positions than the source: the converter records no sliding
     window for some architectures (Qwen 2, Mistral), and the probe prompts are too short to show it."""
     window = llama_cpp.sliding_window(config)
     if window is None:
         return
-    recorded = llama_cpp.gguf_sliding_window(path)
+    recorded = llama_cpp.gguf_sliding_window(written)
     checks["sliding_window"] = {"source": window, "gguf": recorded}
     if recorded != window:
         console.print(

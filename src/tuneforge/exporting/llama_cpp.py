@@ -655,14 +655,16 @@ def pre_tokenizer_name(tokenizer) -> str | None:
     return None
 
 
-def load_gguf(folder: Path, filename: str, source_config):
+def load_gguf(folder: Path, filename: str, source_config, written=None):
     """The GGUF as transformers reads it (dequantised to fp32), and the tokenizer it rebuilds. A file
     transformers cannot read is refused: unread, it is unchecked. `source_config` is the config of
-    the model the file was written from. A file of an architecture in `READ_AS` is read from a copy beside it
-    that names the architecture transformers reads, removed once read."""
+    the model the file was written from. `written`: the file as a `gguf.GGUFReader` reads it, where the caller
+    has read it already (what transformers' reader leaves out is taken from it). A file of an architecture in
+    `READ_AS` is read from a copy beside it that names the architecture transformers reads, removed once read."""
     import gguf
 
-    written = gguf.GGUFReader(str(folder / filename))  # what transformers' reader leaves out, read once
+    if written is None:
+        written = gguf.GGUFReader(str(folder / filename))
     architecture = written.fields[gguf.Keys.General.ARCHITECTURE].contents()
     if architecture not in READ_AS:
         return _read_gguf(folder, filename, source_config, written)
@@ -727,11 +729,10 @@ def sliding_window(config) -> int | None:
     return window if layer_types is None or "sliding_attention" in layer_types else None
 
 
-def gguf_sliding_window(path: Path) -> int | None:
-    """The sliding window the GGUF at `path` records for llama.cpp (`{arch}.attention.sliding_window`), if any."""
-    import gguf
-
-    fields = gguf.GGUFReader(str(path)).fields
+def gguf_sliding_window(written) -> int | None:
+    """The sliding window the GGUF that `written` (a `gguf.GGUFReader`) reads records for llama.cpp
+    (`{arch}.attention.sliding_window`), if any."""
+    fields = written.fields
     key = f"{fields['general.architecture'].contents()}.attention.sliding_window"
     return (fields[key].contents() or None) if key in fields else None
 
