@@ -517,3 +517,31 @@ def test_the_memory_plan_counts_the_checkpoint_file_a_quantized_load_reads_whole
     out = " ".join(capsys.readouterr().out.split())
     assert "ok, but: run it where its memory plan fits" in out
     assert "its peak is the load, which reads the checkpoint's largest file" in out and "max_shard_size" in out
+
+
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+def test_a_big_cpu_step_under_glibc_malloc_is_warned_of_with_jemalloc_as_the_remedy():
+    """glibc's malloc holds a long step's freed activations; the warning names the preload that returns them."""
+    import platform
+
+    from tuneforge.dry_run import FRAGMENTING_STEP_BYTES, allocator_warning
+
+    assert platform.libc_ver()[0] == "glibc"  # what the warning is about: this process runs on glibc's malloc
+    said = allocator_warning(torch.device("cpu"), 2 * FRAGMENTING_STEP_BYTES)
+    assert said is not None and "(0.50 GiB)" in said and f"LD_PRELOAD={JEMALLOC}" in said
+    assert allocator_warning(torch.device("cpu"), FRAGMENTING_STEP_BYTES / 2) is None
+    assert allocator_warning(torch.device("meta"), 2 * FRAGMENTING_STEP_BYTES) is None  # not host memory
+
+
+@pytest.mark.skipif(not JEMALLOC.is_file(), reason="no jemalloc here: apt-get install libjemalloc2 (.ci/run does)")
+def test_a_process_with_jemalloc_preloaded_is_not_warned():
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch\nfrom tuneforge import dry_run\nprint(dry_run.allocator_warning(torch.device('cpu'), 2**30))"
+    env = {**os.environ, "LD_PRELOAD": str(JEMALLOC)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr

@@ -9,6 +9,7 @@ per-token activation size.
 
 from __future__ import annotations
 
+import platform
 import time
 import warnings
 from dataclasses import replace
@@ -174,6 +175,35 @@ def training_seconds(n: int, trainable: int, plan, tokens_per_epoch: int, precis
 # imported (their code, libraries and first allocations), measured as the RSS of such a process on CPU
 # (docs/LOG.md, "The memory plan against measured memory"). On a GPU it is host memory, not the device's.
 IMPORTED_BYTES = 0.44 * 2**30
+
+# A step's activations and logits from which glibc's malloc, holding what a step frees in fragments it does not
+# give back, puts a CPU process's peak well over the memory plan (docs/LOG.md, "jemalloc against glibc's malloc").
+FRAGMENTING_STEP_BYTES = 2**28
+
+# Allocators that give freed memory back, found by name among the libraries a process has mapped.
+RETURNING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def allocator_warning(device: torch.device, step_bytes: float) -> str | None:
+    """What to do where glibc's malloc will hold a CPU process's freed activations (`step_bytes` a step): its
+    freed large blocks raise the size from which it maps a block on its own, so a step's tensors come from
+    the heap, where a small block still in use above them keeps the span resident after they are freed. None
+    on a GPU, for small steps, under another C library, or with an allocator preloaded that returns memory."""
+    if device.type != "cpu" or step_bytes < FRAGMENTING_STEP_BYTES or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mapped = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    if any(name in mapped for name in RETURNING_ALLOCATORS):
+        return None
+    return (
+        f"a step's activations and logits ({step_bytes / 2**30:.2f} GiB) on this CPU: glibc's malloc keeps what a "
+        "step frees in fragments it does not give back, so the process can peak at several times the memory "
+        "plan; preload jemalloc to avoid it (Debian/Ubuntu: apt-get install libjemalloc2, then "
+        "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 tuneforge train ...)"
+    )
+
 
 # bitsandbytes' bits a weight, the quantization constants included (double quantization stores them in 8 bits).
 QUANTIZED_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.127, ("fp4", False): 4.5}
@@ -369,7 +399,8 @@ def dry_run(config, overrides, processes: int, machines: int, raised: list[warni
             "(continue it) or --overwrite (start over)."
         )
     run_warnings += plan_warnings(cfg, plan, len(valid_items))
-    run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report), experts] if w]
+    allocator = allocator_warning(device, memory["activations"] + memory["logits"])
+    run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report), experts, allocator] if w]
     run_warnings += list(
         dict.fromkeys(
             str(w.message) if w.category is UserWarning else f"{w.category.__name__}: {w.message}" for w in raised
