@@ -535,6 +535,18 @@ def test_a_big_cpu_step_under_glibc_malloc_is_warned_of_with_jemalloc_as_the_rem
     assert allocator_warning(torch.device("meta"), 2 * FRAGMENTING_STEP_BYTES) is None  # not host memory
 
 
+def test_the_allocator_warning_names_the_jemalloc_of_this_machines_architecture(monkeypatch):
+    """On an ARM machine (Debian/Ubuntu's aarch64-linux-gnu) a preload of the x86_64 path is ignored by ld.so:
+    the run goes on under glibc's malloc as before."""
+    import platform
+
+    from tuneforge.dry_run import FRAGMENTING_STEP_BYTES, allocator_warning
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    said = allocator_warning(torch.device("cpu"), 2 * FRAGMENTING_STEP_BYTES)
+    assert "LD_PRELOAD=/usr/lib/aarch64-linux-gnu/libjemalloc.so.2 " in said, said
+
+
 @pytest.mark.skipif(not JEMALLOC.is_file(), reason="no jemalloc here: apt-get install libjemalloc2 (.ci/run does)")
 def test_a_process_with_jemalloc_preloaded_is_not_warned():
     import os
