@@ -2,6 +2,7 @@
 (bitsandbytes, on CPU), 8-bit optimizers, the loss in chunks, and the dry run's memory plan."""
 
 import json
+import platform
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -519,43 +520,45 @@ def test_the_memory_plan_counts_the_checkpoint_file_a_quantized_load_reads_whole
     assert "its peak is the load, which reads the checkpoint's largest file" in out and "max_shard_size" in out
 
 
-JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+JEMALLOC = Path(f"/usr/lib/{platform.machine()}-linux-gnu/libjemalloc.so.2")
+
+
+def allocator_warning_in_a_process(step_bytes: float, preload: str = "", first: str = "") -> str:
+    """What `allocator_warning` says on the CPU in a process of its own, with `preload` as its LD_PRELOAD (none
+    by default, whatever this process has: a developer may preload jemalloc, as the README advises), after
+    running the Python code `first`."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"import platform, torch\n{first}\nfrom tuneforge import dry_run\n"
+    code += f"print(dry_run.allocator_warning(torch.device('cpu'), {step_bytes}))"
+    env = {**os.environ, "LD_PRELOAD": preload}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 def test_a_big_cpu_step_under_glibc_malloc_is_warned_of_with_jemalloc_as_the_remedy():
     """glibc's malloc holds a long step's freed activations; the warning names the preload that returns them."""
-    import platform
-
     from tuneforge.dry_run import FRAGMENTING_STEP_BYTES, allocator_warning
 
     assert platform.libc_ver()[0] == "glibc"  # what the warning is about: this process runs on glibc's malloc
-    said = allocator_warning(torch.device("cpu"), 2 * FRAGMENTING_STEP_BYTES)
-    assert said is not None and "(0.50 GiB)" in said and f"LD_PRELOAD={JEMALLOC}" in said
+    said = allocator_warning_in_a_process(2 * FRAGMENTING_STEP_BYTES)
+    assert "(0.50 GiB)" in said and f"LD_PRELOAD={JEMALLOC}" in said, said
     # What docs/LOG.md measured: a peak of 1.9-2.3 GiB against a plan of 1.1.
-    assert "can peak at about twice the memory plan" in " ".join(said.split()), said
+    assert "can peak at about twice the memory plan" in said, said
     assert allocator_warning(torch.device("cpu"), FRAGMENTING_STEP_BYTES / 2) is None
     assert allocator_warning(torch.device("meta"), 2 * FRAGMENTING_STEP_BYTES) is None  # not host memory
 
 
-def test_the_allocator_warning_names_the_jemalloc_of_this_machines_architecture(monkeypatch):
+def test_the_allocator_warning_names_the_jemalloc_of_this_machines_architecture():
     """On an ARM machine (Debian/Ubuntu's aarch64-linux-gnu) a preload of the x86_64 path is ignored by ld.so:
     the run goes on under glibc's malloc as before."""
-    import platform
-
-    from tuneforge.dry_run import FRAGMENTING_STEP_BYTES, allocator_warning
-
-    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    said = allocator_warning(torch.device("cpu"), 2 * FRAGMENTING_STEP_BYTES)
+    said = allocator_warning_in_a_process(2**29, first="platform.machine = lambda: 'aarch64'")
     assert "LD_PRELOAD=/usr/lib/aarch64-linux-gnu/libjemalloc.so.2 " in said, said
 
 
 @pytest.mark.skipif(not JEMALLOC.is_file(), reason="no jemalloc here: apt-get install libjemalloc2 (.ci/run does)")
 def test_a_process_with_jemalloc_preloaded_is_not_warned():
-    import os
-    import subprocess
-    import sys
-
-    code = "import torch\nfrom tuneforge import dry_run\nprint(dry_run.allocator_warning(torch.device('cpu'), 2**30))"
-    env = {**os.environ, "LD_PRELOAD": str(JEMALLOC)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+    assert allocator_warning_in_a_process(2**30, preload=str(JEMALLOC)) == "None"
