@@ -546,8 +546,9 @@ def test_a_big_cpu_step_under_glibc_malloc_is_warned_of_with_jemalloc_as_the_rem
     assert platform.libc_ver()[0] == "glibc"  # what the warning is about: this process runs on glibc's malloc
     said = allocator_warning_in_a_process(2 * FRAGMENTING_STEP_BYTES)
     assert "(0.50 GiB)" in said and f"LD_PRELOAD={JEMALLOC}" in said, said
-    # What docs/LOG.md measured: a peak of 1.9-2.3 GiB against a plan of 1.1.
-    assert "can peak at about twice the memory plan" in said, said
+    # What docs/LOG.md measured: peaks of 1.9-2.3 GiB against a plan of 1.1 at 2 rows of 512 tokens, and of 5.5 GB
+    # and more against 1.3 GiB at 4 rows of 1,024.
+    assert "can peak at twice the memory plan or more" in said, said
     assert allocator_warning(torch.device("cpu"), FRAGMENTING_STEP_BYTES / 2) is None
     assert allocator_warning(torch.device("meta"), 2 * FRAGMENTING_STEP_BYTES) is None  # not host memory
 

@@ -199,8 +199,8 @@ def allocator_warning(device: torch.device, step_bytes: float) -> str | None:
         return None
     return (
         f"a step's activations and logits ({step_bytes / 2**30:.2f} GiB) on this CPU: glibc's malloc keeps what a "
-        "step frees in fragments it does not give back, so the process can peak at about twice the memory "
-        "plan; preload jemalloc to avoid it (Debian/Ubuntu: apt-get install libjemalloc2, then "
+        "step frees in fragments it does not give back, so the process can peak at twice the memory plan "
+        "or more; preload jemalloc to avoid it (Debian/Ubuntu: apt-get install libjemalloc2, then "
         f"LD_PRELOAD=/usr/lib/{platform.machine()}-linux-gnu/libjemalloc.so.2 tuneforge train ...)"
     )
 
