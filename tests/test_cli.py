@@ -47,15 +47,18 @@ def test_ctrl_c_in_a_command_says_interrupted_on_stderr_and_exits_130(monkeypatc
     assert code == 130 and out == "" and err.strip() == "interrupted"
 
 
-def test_a_command_run_in_process_leaves_the_sigterm_handler_and_warning_display_as_it_found_them(monkeypatch, capsys):
+def test_a_command_run_in_process_leaves_the_signal_handlers_and_warning_display_as_it_found_them(monkeypatch, capsys):
     """A test or a notebook goes on after `main` returns; a SIGTERM it gets later must not raise the CLI's
     own exception in whatever it does then."""
     import signal
     import warnings
 
-    before = signal.getsignal(signal.SIGTERM), warnings.showwarning
+    def handlers():
+        return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), warnings.showwarning
+
+    before = handlers()
     assert run_cli(["recipes"], monkeypatch, capsys)[0] == 0
-    assert (signal.getsignal(signal.SIGTERM), warnings.showwarning) == before
+    assert handlers() == before
 
 
 def test_sigterm_removes_the_half_written_folder_says_terminated_and_exits_143(tmp_path):

@@ -914,14 +914,16 @@ _PATH_ERROR_ADVICE = {
 
 def main() -> None:
     """The `tuneforge` command. Called in a process that goes on afterwards (a test, a notebook, a script
-    that runs several commands), it leaves that process's SIGTERM handler and warning display as it found
-    them: its own `_terminate` would otherwise turn a later SIGTERM into an exception in whatever that
-    process is doing then."""
-    handler, show_warning = signal.getsignal(signal.SIGTERM), warnings.showwarning
+    that runs several commands), it leaves that process's SIGINT and SIGTERM handlers and warning display as
+    it found them: its own (`_terminate`, a worker's stop) would otherwise act on a later signal in whatever
+    that process is doing then."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    show_warning = warnings.showwarning
     try:
         _run_command()
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         warnings.showwarning = show_warning
 
 
