@@ -531,8 +531,8 @@ def allocator_warning_in_a_process(step_bytes: float, preload: str = "", first: 
     import subprocess
     import sys
 
-    code = f"import platform, torch\n{first}\nfrom tuneforge import dry_run\n"
-    code += f"print(dry_run.allocator_warning(torch.device('cpu'), {step_bytes}))"
+    code = f"import platform, torch\n{first}\nfrom tuneforge.training import step_memory\n"
+    code += f"print(step_memory.allocator_warning(torch.device('cpu'), {step_bytes}))"
     env = {**os.environ, "LD_PRELOAD": preload}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -541,7 +541,7 @@ def allocator_warning_in_a_process(step_bytes: float, preload: str = "", first: 
 
 def test_a_big_cpu_step_under_glibc_malloc_is_warned_of_with_jemalloc_as_the_remedy():
     """glibc's malloc holds a long step's freed activations; the warning names the preload that returns them."""
-    from tuneforge.dry_run import FRAGMENTING_STEP_BYTES, allocator_warning
+    from tuneforge.training.step_memory import FRAGMENTING_STEP_BYTES, allocator_warning
 
     assert platform.libc_ver()[0] == "glibc"  # what the warning is about: this process runs on glibc's malloc
     said = allocator_warning_in_a_process(2 * FRAGMENTING_STEP_BYTES)
@@ -563,3 +563,34 @@ def test_the_allocator_warning_names_the_jemalloc_of_this_machines_architecture(
 @pytest.mark.skipif(not JEMALLOC.is_file(), reason="no jemalloc here: apt-get install libjemalloc2 (.ci/run does)")
 def test_a_process_with_jemalloc_preloaded_is_not_warned():
     assert allocator_warning_in_a_process(2**30, preload=str(JEMALLOC)) == "None"
+
+
+def test_train_warns_of_glibc_malloc_before_training_from_the_step_validate_sizes(
+    tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch
+):
+    """`tuneforge train` says what `validate` says of a step glibc's malloc will hold, before its first step, from
+    the same size of step: a user who trains without validating first is told too."""
+    from tuneforge import dry_run
+    from tuneforge.training import loop, step_memory
+
+    sized = []
+
+    def recording(device, step_bytes):
+        sized.append(step_bytes)
+        return step_memory.allocator_warning(device, step_bytes)
+
+    monkeypatch.setattr(dry_run, "allocator_warning", recording)
+    monkeypatch.setattr(loop, "allocator_warning", recording)
+    monkeypatch.setattr(step_memory, "RETURNING_ALLOCATORS", ())  # as without jemalloc, where a developer preloads it
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)))
+    assert dry_run.validate(str(path)) == 0
+    (planned,) = sized
+    assert planned > 0
+    capsys.readouterr()
+    monkeypatch.setattr(step_memory, "FRAGMENTING_STEP_BYTES", planned)  # the tiny model's step as a big one
+    train(str(path), progress=False)
+    out = capsys.readouterr().out
+    assert sized == [planned, planned]
+    (said,) = [line for line in out.splitlines() if "glibc's malloc keeps what a step frees" in line]
+    assert said.startswith("warning: a step's activations and logits") and "LD_PRELOAD=" in said

@@ -9,7 +9,6 @@ per-token activation size.
 
 from __future__ import annotations
 
-import platform
 import time
 import warnings
 from dataclasses import replace
@@ -39,7 +38,6 @@ from .methods import (
 )
 from .methods.dpo import kto_balance_warning
 from .methods.lora import experts_warning
-from .methods.sft import LOGITS_AT_ONCE
 from .models import (
     context_length,
     count_parameters,
@@ -62,6 +60,7 @@ from .training import (
     trackers,
 )
 from .training.distributed import decoder_layers, sharding_plan, strategy
+from .training.step_memory import allocator_warning, step_bytes, step_shape
 from .wording import counted
 
 # Share of the measured matmul peak that a training step reaches end to end (measured on the
@@ -176,35 +175,6 @@ def training_seconds(n: int, trainable: int, plan, tokens_per_epoch: int, precis
 # (docs/LOG.md, "The memory plan against measured memory"). On a GPU it is host memory, not the device's.
 IMPORTED_BYTES = 0.44 * 2**30
 
-# A step's activations and logits from which glibc's malloc, holding what a step frees in fragments it does not
-# give back, puts a CPU process's peak well over the memory plan (docs/LOG.md, "jemalloc against glibc's malloc").
-FRAGMENTING_STEP_BYTES = 2**28
-
-# Allocators that give freed memory back, found by name among the libraries a process has mapped.
-RETURNING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-
-
-def allocator_warning(device: torch.device, step_bytes: float) -> str | None:
-    """What to do where glibc's malloc will hold a CPU process's freed activations (`step_bytes` a step): its
-    freed large blocks raise the size from which it maps a block on its own, so a step's tensors come from
-    the heap, where a small block still in use above them keeps the span resident after they are freed. None
-    on a GPU, for small steps, under another C library, or with an allocator preloaded that returns memory."""
-    if device.type != "cpu" or step_bytes < FRAGMENTING_STEP_BYTES or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        mapped = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    if any(name in mapped for name in RETURNING_ALLOCATORS):
-        return None
-    return (
-        f"a step's activations and logits ({step_bytes / 2**30:.2f} GiB) on this CPU: glibc's malloc keeps what a "
-        "step frees in fragments it does not give back, so the process can peak at twice the memory plan "
-        "or more; preload jemalloc to avoid it (Debian/Ubuntu: apt-get install libjemalloc2, then "
-        f"LD_PRELOAD=/usr/lib/{platform.machine()}-linux-gnu/libjemalloc.so.2 tuneforge train ...)"
-    )
-
-
 # bitsandbytes' bits a weight, the quantization constants included (double quantization stores them in 8 bits).
 QUANTIZED_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.127, ("fp4", False): 4.5}
 
@@ -229,7 +199,6 @@ def memory_plan(
     to compute (`parameter_counts`), in bf16 copies where it computes in bf16. Activations and logits
     are sized by the text model's settings (a model that also reads images keeps them in `text_config`)."""
     n, trainable, linear, copy = counts
-    config = config.get_text_config()
     frozen_bytes = 2 if frozen_dtype(cfg, precision) == torch.bfloat16 else 4
     quantize = cfg.model.quantize
     if quantize == "none":
@@ -239,15 +208,8 @@ def memory_plan(
         frozen = linear * bits / 8 + (n - linear) * frozen_bytes
     trained = (trainable if cfg.trains_adapters else n) * 4 * 2  # fp32 weights and their gradients
     optimizer = (trainable if cfg.trains_adapters else n) * (8 if cfg.train.optimizer == "adamw" else 2)
-    tokens = plan.micro_batch_rows * max_row_tokens
-    per_token_layer = config.hidden_size * (2 if precision == "bf16" else 4)
-    kept = 2 if cfg.train.gradient_checkpointing else layer_activations(config, cfg)
-    activations = tokens * config.num_hidden_layers * per_token_layer * kept
-    logits = min(tokens * config.vocab_size, LOGITS_AT_ONCE) * 4 * 2  # the logits and their gradient
-    if cfg.method == "distill":
-        logits = distill_logits_bytes(cfg, tokens, tokens * trained_share, config.vocab_size)
-    if cfg.method == "reward":  # one score per reply, no vocabulary logits
-        logits = 0
+    step = step_bytes(config, cfg, plan.micro_batch_rows * max_row_tokens, precision, trained_share)
+    activations, logits = step["activations"], step["logits"]
     copy_bytes = copy * frozen_bytes
     if cfg.method == "distill" and cfg.distill.teacher_top_k is not None:
         # The teacher is freed once its top-k are cached, before the first step makes gradients, optimizer
@@ -275,29 +237,6 @@ def loading_plan(cfg, memory: dict, shard: int, shards: int, device: torch.devic
         return {}
     imported = {k: v for k, v in memory.items() if k == "torch and transformers imported"}
     return imported | {"frozen weights": memory["frozen weights"] * shards, "checkpoint file read whole": shard}
-
-
-def layer_activations(config, cfg) -> float:
-    """Hidden-sized tensors a decoder layer keeps per token for the backward, without gradient
-    checkpointing: about 10 (norm inputs and outputs, queries, keys, values, attention output) and 4
-    intermediate-sized ones of the MLP (gate, up, activation, product), so wide MLPs (Qwen, Gemma)
-    keep more. Adapter dropout keeps a dropped-out copy of each adapted linear layer's input and its
-    mask (all-linear: about 7 hidden-sized and 1 intermediate-sized). Measured with autograd's saved-tensor
-    hooks."""
-    mlp = (getattr(config, "intermediate_size", None) or 4 * config.hidden_size) / config.hidden_size
-    dropout = cfg.trains_adapters and cfg.lora.dropout > 0
-    return 10 + 4 * mlp + (7 + mlp if dropout else 0)
-
-
-def distill_logits_bytes(cfg, tokens: float, trained: float, vocab: int) -> float:
-    """Distillation compares whole distributions, unchunked: at every compared position (every token
-    before a row's last trained one with `positions: all`, else the trained ones) it holds the
-    student's logits, their log-softmax and their gradient, and online the teacher's log-softmax too;
-    at each trained position the cross-entropy and the divergence's terms hold a few more. Counts of
-    vocabulary-wide fp32 tensors, measured with autograd's saved-tensor hooks (and one for the gradient)."""
-    compared = tokens if cfg.distill.positions == "all" else trained
-    per_compared, per_trained = (2, 4) if cfg.distill.teacher_top_k is not None else (3, 6)
-    return (compared * per_compared + trained * per_trained) * vocab * 4
 
 
 def available_memory(device: torch.device) -> int:
@@ -363,19 +302,15 @@ def dry_run(config, overrides, processes: int, machines: int, raised: list[warni
     )
     plan = make_plan(cfg, len(train_items), len(rows), world_size=processes)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
-    trained_share = sum(len(r.labels) - r.labels.count(tfdata.IGNORE_INDEX) for r in rows) / tokens_per_epoch
-    longest, trained_plan = max(len(r) for r in rows), plan
+    micro_batch_rows, longest, trained_share = step_shape(cfg, rows, plan.micro_batch_rows)
     if cfg.method == "grpo":  # a prompt trains as group_size sampled answers of up to max_new_tokens each
-        g = cfg.grpo
-        tokens_per_epoch = (tokens_per_epoch + len(rows) * g.max_new_tokens) * g.group_size
-        longest += g.max_new_tokens
-        trained_plan = replace(plan, micro_batch_rows=plan.micro_batch_rows * g.group_size)
+        tokens_per_epoch = (tokens_per_epoch + len(rows) * cfg.grpo.max_new_tokens) * cfg.grpo.group_size
     shards = processes if spread == "fsdp" else 1
     memory = memory_plan(
         (n_params, n_trainable, n_linear, frozen_copy_parameters(cfg, n_params)),
         hf_config,
         cfg,
-        trained_plan,
+        replace(plan, micro_batch_rows=micro_batch_rows),
         longest,
         precision,
         shards=shards,

@@ -78,6 +78,7 @@ from .run_folder import (
     resume_point,
     sole_run_in,
 )
+from .step_memory import allocator_warning, step_bytes, step_shape
 
 
 @dataclass
@@ -665,9 +666,12 @@ def setup(
     if cfg.data.packing and images_shown:
         log(f"data: {cfg.key_at('data.packing')} is on, but rows with images are not packed: each example is a row")
     plan = make_plan(cfg, len(train_items), len(train_rows), world.size)
+    micro_batch_rows, longest, trained_share = step_shape(cfg, train_rows, plan.micro_batch_rows)
+    step = step_bytes(lms[0].config, cfg, micro_batch_rows * longest, precision, trained_share)
     for warning in plan_warnings(cfg, plan, len(valid_items)) + [
         kto_balance_warning(cfg, prepared.report),
         experts_warning(cfg, model),
+        allocator_warning(world.device, step["activations"] + step["logits"]),
     ]:
         if warning:
             log(f"warning: {warning}")
