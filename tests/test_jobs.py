@@ -1415,6 +1415,27 @@ def test_the_job_store_is_a_sqlite_file_path_as_the_error_for_a_bad_one_says_or_
     assert store.url.database == str(tmp_path / "stores" / "jobs.db") and (tmp_path / "stores" / "jobs.db").is_file()
 
 
+@pytest.mark.parametrize(
+    ("db", "refusal"),
+    [("bogus://x", "--db bogus://x: cannot open the database"), ("a-file/jobs.db", "File exists")],
+)
+def test_a_job_store_that_does_not_open_is_refused_before_the_training_processes_start(
+    db, refusal, tmp_path, monkeypatch
+):
+    from tuneforge.errors import ConfigError
+    from tuneforge.jobs import command, runner
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("in the way\n")
+    started = []
+    monkeypatch.setattr(runner, "start_process_server", lambda: started.append(True))
+    options = dict(host="127.0.0.1", port=0, workers=1, api_keys=[], allowed_models=[], docs=False)
+    with pytest.raises((ConfigError, OSError), match=refusal):
+        command.api_command(**options, db=db, max_upload_mb=64, max_body_mb=3, max_models=2, prefix_cache_mb=0)
+    assert started == []
+
+
 def test_the_api_startup_line_prints_the_folder_of_files_as_named(tmp_path, monkeypatch, capsys, unserved):
     # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
     from tuneforge.jobs import command, runner

@@ -45,8 +45,8 @@ def api_command(
     from . import runner
 
     sock = bind(host, port)
+    store, root = open_store(db)  # first: a --db that does not open is refused before the training processes start
     runner.start_process_server()  # early: it imports torch and the training code while this process does the rest
-    store, root = open_store(db)
     from ..serve import Retention
     from ..serve.command import prefix_cache_note, served_limits
     from ..web.observe import log_requests_to_stderr
