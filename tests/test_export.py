@@ -945,3 +945,32 @@ def test_the_export_line_prints_the_run_and_out_folders_as_named(run_dir, tmp_pa
     export(run, "adapter", None, out)
     said = capsys.readouterr().err
     assert f"exported {resolve(str(run)).name} as adapter to {out}\n" in said and "x]:x: [bold]" in said, said
+
+
+def test_an_adapter_whose_replies_end_at_a_token_its_base_does_not_list_says_what_to_stop_at(
+    run_dir, tiny_model_dir, tmp_path, capsys
+):
+    """A base model's generation config (what PEFT loads the adapter with) may list only its own EOS (a base
+    model tuned with a chat template): the export names the end of turn the fine-tune stops at and records it."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    tokenizer = load_tokenizer(str(run_dir))
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    other = next(i for i in (0, 1, 2, 3) if i != end_of_turn and i != tokenizer.eos_token_id)
+    GenerationConfig(eos_token_id=other).save_pretrained(base)
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    (run / "config.yaml").write_text(yaml.safe_dump({"base_model": str(base), "method": "lora"}))
+    settings = json.loads((run / "final" / "adapter_config.json").read_text())
+    (run / "final" / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": str(base)}))
+
+    result = export(str(run), "adapter", None, tmp_path / "adapter", progress=True)
+    said = " ".join(capsys.readouterr().err.split())
+    lacking = sorted({end_of_turn, tokenizer.eos_token_id})
+    assert result.record["checks"]["stop_ids_the_base_lacks"] == lacking
+    assert f"eos_token_id={[other, *lacking]}" in said and "<|im_end|>" in said
+    # A base whose generation config lists the end of turn, as the tiny model's does, gets no such note.
+    export(str(run_dir), "adapter", None, tmp_path / "plain", progress=True)
+    assert "does not list as EOS" not in capsys.readouterr().err

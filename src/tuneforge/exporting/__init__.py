@@ -41,8 +41,9 @@ from pathlib import Path
 from ..console import new_console, plain
 from ..errors import TuneforgeError
 from ..fsio import MOUNT_POINT_REFUSED, atomic_dir, is_mount_point, resolved, scratch_dir, write_json
+from ..generate import reply_end_ids
 from ..models import ModelSource, describe_whole_model, load_model, load_tokenizer, resolve, run_config_of
-from ..models.loading import is_sequence_classifier, trained_rope_scaling
+from ..models.loading import base_config, generation_eos_ids, is_sequence_classifier, trained_rope_scaling
 from ..models.saving import PROCESSOR_FILES
 from ..progress import library_bars
 from ..wording import unknown_choice
@@ -345,6 +346,16 @@ def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, co
             "rope_parameters and max_position_embeddings times the factor in its config), or export --format "
             "merged, which keeps it. export.json records it."
         )
+    lacking = _stops_the_base_lacks(source, tokenizer)
+    if lacking:
+        stops = reply_end_ids(lacking[0], tokenizer)
+        console.print(
+            f"Replies of this fine-tune end at {plain(', '.join(tokenizer.convert_ids_to_tokens(lacking[1])))} (ids "
+            f"{lacking[1]}), which the base's generation config does not list as EOS ({lacking[0] or 'none'}); "
+            "PEFT loads the adapter with the base's, so a reply would run on past its end: pass "
+            f"eos_token_id={stops} to generate() (vLLM: stop_token_ids={lacking[1]}), or export --format merged, "
+            "whose generation config lists them. export.json records them."
+        )
     checks = _verified(
         reference,
         adapter.load_saved(source.path, folder, scaling),
@@ -353,7 +364,16 @@ def _export_adapter(source: ModelSource, tokenizer, ids, folder: Path, dtype, co
         "The adapter loaded with PEFT, against the adapter model",
         console,
     )
-    return files, checks
+    return files, {**checks, **({"stop_ids_the_base_lacks": lacking[1]} if lacking else {})}
+
+
+def _stops_the_base_lacks(source: ModelSource, tokenizer) -> tuple[list[int], list[int]] | None:
+    """Where the fine-tune ends replies at ids (`generate.reply_end_ids`: its chat template's end of turn, its
+    tokenizer's EOS) that the base's generation config, which PEFT loads an adapter with, does not list: the
+    base's EOS ids and those it lacks. None where it lists them all."""
+    base_eos = generation_eos_ids(source.path, base_config(source).get_text_config())
+    lacking = [i for i in reply_end_ids(base_eos, tokenizer) if i not in base_eos]
+    return (base_eos, lacking) if lacking else None
 
 
 def _export_merged(source: ModelSource, tokenizer, ids, folder: Path, dtype: str, console) -> tuple[list[Path], dict]:

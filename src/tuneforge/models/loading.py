@@ -1095,10 +1095,20 @@ def frozen_base(cfg, *, dtype: torch.dtype, device: torch.device | str):
     )
 
 
-def model_info(spec: str | ModelSource) -> dict:
-    """What the model is, read from its config and tokenizer; weights are never loaded."""
+def generation_eos_ids(path: Path, text_config) -> list[int]:
+    """The ids `generate` ends a reply at for the model folder `path`, as transformers reads them: its generation
+    config's EOS ids, or where it has none its config's (`text_config`, the text settings)."""
     from transformers import GenerationConfig
 
+    try:
+        ids = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        ids = getattr(text_config, "eos_token_id", None)
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+def model_info(spec: str | ModelSource) -> dict:
+    """What the model is, read from its config and tokenizer; weights are never loaded."""
     from ..generate import reply_end_ids
     from .system_prompt import recorded_system_prompt  # it reads templates with this module's `chat_template`
 
@@ -1113,12 +1123,8 @@ def model_info(spec: str | ModelSource) -> dict:
     template = chat_template(tokenizer)
     # A model that also reads images (Gemma 3 4B and up) keeps its text settings under text_config.
     text = config.get_text_config()
-    try:
-        config_eos_ids = GenerationConfig.from_pretrained(source.path).eos_token_id
-    except OSError:
-        config_eos_ids = getattr(text, "eos_token_id", None)
     # What chat, eval and serve stop a reply at: the config's EOS ids and the template's end of turn.
-    stop_ids = reply_end_ids(config_eos_ids, tokenizer)
+    stop_ids = reply_end_ids(generation_eos_ids(source.path, text), tokenizer)
     record = read_record(source.path) or {}
     info = {
         "name": source.name,
