@@ -252,6 +252,22 @@ def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
         assert param == "data_source.sampling_params.seed"
 
 
+def test_sampling_params_openai_documents_and_tuneforge_does_not_build_are_refused_by_name(sdk, tiny_model_dir):
+    """OpenAI's completions sampling_params `reasoning_effort` and `response_format`: a 400 naming the parameter,
+    saying tuneforge does not support it and to remove it; response_format's plain text asks for nothing."""
+    evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER])
+    model = str(tiny_model_dir)
+    for name, value in (("reasoning_effort", "low"), ("response_format", {"type": "json_object"})):
+        run = data_source(model, inline(), **{name: value})
+        param, message = refusal(lambda run=run: sdk.evals.runs.create(evaluation.id, data_source=run))
+        assert param == f"data_source.sampling_params.{name}", message
+        assert message.startswith(f"{param} is not supported: ") and "remove it" in message, message
+    plain = sdk.evals.runs.create(
+        evaluation.id, data_source=data_source(model, inline(), response_format={"type": "text"})
+    )
+    assert plain.status == "queued"
+
+
 def test_text_that_is_not_unicode_is_a_400_naming_where_it_is(tmp_path):
     """JSON's \\u escapes can spell one half of a UTF-16 surrogate pair alone, in a value or in an object's key (an
     item's field): a 400 whose param says where, as the message does."""

@@ -34,6 +34,7 @@ from ..fsio import refused_write
 from ..generate import MAX_SEED
 from ..graders import LOCAL_MODEL_GRADER, Grader, GraderError, build_grader, grader_types, rollout_samples, runs_python
 from ..graders.templates import Template
+from ..serve.bodies import refuse_not_served
 from ..tool_calls import ParsedReply, tool_call_parser
 from ..web import MAX_NESTING, APIError, Metadata, RequestBody, StoredText, failure_id, nesting
 from ..web.shapes import not_unicode
@@ -108,12 +109,37 @@ class InputTemplate(RequestBody):
     template: list[TemplateMessage] = Field(min_length=1)
 
 
+# OpenAI's sampling params of a completions run that tuneforge does not build (`SamplingParams.check_supported`).
+SAMPLING_NOT_SERVED = {
+    "reasoning_effort": (
+        "a reasoning model reasons as its chat template makes it, with no effort set; remove it",
+        (),
+    ),
+    "response_format": (
+        "a run's answers are not constrained to JSON here (tuneforge serve's /v1/chat/completions constrains "
+        "a reply with response_format); remove it, and ask for JSON in the input template where a grader reads "
+        "sample.output_json",
+        ({"type": "text"},),
+    ),
+}
+
+
 class SamplingParams(RequestBody):
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)  # as serve's requests take it
     tools: list[dict[str, Any]] | None = None
+    # SAMPLING_NOT_SERVED's: any value passes validation, and one that asks for something is refused by name.
+    reasoning_effort: Any = None
+    response_format: Any = None
+
+    def check_supported(self) -> None:
+        refuse_not_served(
+            SAMPLING_NOT_SERVED,
+            {name: getattr(self, name) for name in SAMPLING_NOT_SERVED},
+            prefix="data_source.sampling_params.",
+        )
 
 
 class CompletionsDataSource(RequestBody):

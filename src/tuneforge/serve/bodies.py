@@ -249,6 +249,16 @@ def training_messages(messages: list[dict]) -> list[dict]:
     return [message.as_data_message() for message in SENT_MESSAGES.validate_python(messages)]
 
 
+def refuse_not_served(not_served: dict[str, tuple[str, tuple]], sent: dict[str, Any], prefix: str = "") -> None:
+    """Refuses, with a 400 naming the parameter (`prefix` before its name, where the body sits), the first of
+    `not_served`'s arguments ({name: (why, the values that ask for nothing)}) that `sent` sets otherwise."""
+    for name, (why, harmless) in not_served.items():
+        value = sent.get(name)
+        if value is not None and not any(value == same and type(value) is type(same) for same in harmless):
+            param = f"{prefix}{name}"
+            raise APIError(400, f"{param} is not supported: {why}.", param=param, code="unsupported_value")
+
+
 class StreamOptions(RequestBody):
     include_usage: bool = False
     # OpenAI pads its chunks with random `obfuscation` text unless this is false; these chunks carry none.
@@ -294,10 +304,7 @@ class SampledBody(RequestBody):
 
     def check_supported(self) -> None:
         """Refuses, with a 400 naming the parameter, what was sent and is not served."""
-        for param, (why, harmless) in self.NOT_SERVED.items():
-            value = self._not_served.get(param)
-            if value is not None and not any(value == same and type(value) is type(same) for same in harmless):
-                raise APIError(400, f"{param} is not supported: {why}.", param=param, code="unsupported_value")
+        refuse_not_served(self.NOT_SERVED, self._not_served)
 
     def prompt_field(self, field: str) -> str:
         """The request's name of a field of the prompt (`messages.0.content`) that the template would write."""

@@ -104,6 +104,8 @@ def delete_eval(eval_id: str, owner: str = Depends(caller), service: Service = D
 def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), service: Service = Depends(service_of)):
     evaluation = own_eval(service, owner, eval_id)
     source = body.data_source
+    if source.sampling_params is not None:
+        source.sampling_params.check_supported()
     templates = input_templates(source.input_messages.template)
     graders = testing_criteria(evaluation.testing_criteria, allow_python=service.allow_python_graders)
     if source.source.type == "file_id":
