@@ -716,6 +716,15 @@ def test_a_store_file_that_is_not_a_database_is_refused_naming_it(tmp_path):
     assert notes.read_text() == "hello\n"
 
 
+def test_a_store_url_of_a_database_tuneforge_does_not_store_in_is_refused_saying_which_it_does():
+    """A MySQL URL is no missing PostgreSQL driver: the error names the two databases a store may be."""
+    with pytest.raises(ConfigError) as caught:
+        CompletionStore.open("mysql://tf@db-host/tuneforge")
+    message = str(caught.value)
+    assert message.startswith("--store mysql://tf@db-host/tuneforge: cannot open the database"), message
+    assert "SQLite or PostgreSQL" in message and "psycopg2" not in message, message
+
+
 def test_from_completions_refuses_a_store_that_holds_no_completions_and_leaves_it_as_it_was(tmp_path):
     other = tmp_path / "other.db"
     with sqlite3.connect(other) as connection:

@@ -35,6 +35,8 @@ _POSTGRES_PASSING = ("08", "53", "57", "40")
 # A declarative base's `type_annotation_map`: dicts and lists as JSON; on PostgreSQL its `json` type, which keeps a
 # `\u0000` escape (a stored prompt may hold a NUL) where `jsonb` refuses it.
 JSON_COLUMNS = {dict: JSON, list: JSON}
+# The databases a store may be, as SQLAlchemy names their backends.
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 
 class UnknownCursor(LookupError):
@@ -52,6 +54,11 @@ def database_url(spec: str) -> str:
 
 def connect(url: str) -> Engine:
     url = make_url(url)
+    if url.get_backend_name() not in STORE_BACKENDS:
+        # SQLAlchemy would load that database's driver and, where it is missing, name it as the problem.
+        raise ArgumentError(
+            f"tuneforge's stores are SQLite or PostgreSQL databases, and this URL names {url.get_backend_name()!r}"
+        )
     if url.drivername == "postgresql":
         # SQLAlchemy's default PostgreSQL driver is psycopg 3; the serve extra installs psycopg2.
         url = url.set(drivername="postgresql+psycopg2")
