@@ -1363,6 +1363,15 @@ def test_a_server_and_a_worker_on_postgres_run_each_job_once(tmp_path, tiny_mode
         second.stop()
 
 
+def test_a_postgres_url_spelt_postgres_as_libpq_and_hosting_providers_write_it_opens_the_store(postgres_url):
+    """`postgres://` is libpq's other spelling of `postgresql://`, the one many hosts' DATABASE_URL has."""
+    from tuneforge.jobs.store import Store
+
+    store = Store(postgres_url.replace("postgresql://", "postgres://", 1))
+    assert store.engine.url.drivername == "postgresql+psycopg2"
+    assert list(store.list_jobs("someone", after=None, limit=10, metadata={})) == []
+
+
 def test_a_postgres_store_whose_disk_is_full_answers_507_as_sqlites_does(tmp_path, postgres_url, caplog):
     """PostgreSQL's disk_full (SQLSTATE 53100, psycopg2's DiskFull) is told as SQLite's "database or disk is full"
     is: a 507 saying the server has no room, and one log line naming the database (its URL, no password) and what

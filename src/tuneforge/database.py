@@ -54,14 +54,14 @@ def database_url(spec: str) -> str:
 
 def connect(url: str) -> Engine:
     url = make_url(url)
+    if url.drivername in ("postgresql", "postgres"):  # postgres: libpq's other spelling, which SQLAlchemy refuses
+        # SQLAlchemy's default PostgreSQL driver is psycopg 3; the serve extra installs psycopg2.
+        url = url.set(drivername="postgresql+psycopg2")
     if url.get_backend_name() not in STORE_BACKENDS:
         # SQLAlchemy would load that database's driver and, where it is missing, name it as the problem.
         raise ArgumentError(
             f"tuneforge's stores are SQLite or PostgreSQL databases, and this URL names {url.get_backend_name()!r}"
         )
-    if url.drivername == "postgresql":
-        # SQLAlchemy's default PostgreSQL driver is psycopg 3; the serve extra installs psycopg2.
-        url = url.set(drivername="postgresql+psycopg2")
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite and url.database:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
