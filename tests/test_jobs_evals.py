@@ -244,7 +244,7 @@ def test_bad_evals_and_runs_are_refused_naming_the_field(sdk, tiny_model_dir):
     )
     assert param == "data_source.input_messages.template[0].content"
     assert refusal(lambda: sdk.evals.runs.create(evaluation.id, data_source=data_source("nope", inline())))[0] == (
-        "model"
+        "data_source.model"
     )
     for seed in (2**64, -1):  # past what torch's generator takes, which the run would fail on when it starts
         seeded = data_source(model, inline(), seed=seed)

@@ -84,20 +84,22 @@ class ModelAccess:
             code="model_not_available",
         )
 
-    def for_inference(self, owner: str, name: str) -> InferenceTarget:
+    def for_inference(self, owner: str, name: str, param: str = "model") -> InferenceTarget:
+        """The model `name` that `owner` may answer with; one they may not is a 404 naming `param`, where the
+        request names the model."""
         spec = name.lower() if name.lower() in REGISTRY else name if name in self.allowed else None
         if spec is None:
             folder = fine_tuned_folder(self.store, self.runs, owner, name)
             spec = str(folder) if folder else None
         if spec is None:
-            raise no_such_model(name)
+            raise no_such_model(name, param)
         try:
             source = resolve(spec, pull_missing=False)
         except ModelSourceError as err:
             raise APIError(
                 404,
                 f"The model `{name}` is not ready here: ask the server's operator to fetch it.",
-                param="model",
+                param=param,
                 code="model_not_found",
             ) from err
         return InferenceTarget(source)
@@ -109,10 +111,10 @@ class ModelAccess:
             return spec.rstrip("/").rsplit("/", 1)[-1]
 
 
-def no_such_model(name: str) -> APIError:
+def no_such_model(name: str, param: str = "model") -> APIError:
     return APIError(
         404,
         f"The model `{name}` does not exist or you do not have access to it.",
-        param="model",
+        param=param,
         code="model_not_found",
     )

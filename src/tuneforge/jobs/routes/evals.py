@@ -122,7 +122,8 @@ def create_run(eval_id: str, body: CreateRunBody, owner: str = Depends(caller), 
     check_items_match(evaluation.data_source_config["schema"]["properties"]["item"], items, item_param)
     check_items(graders, templates, items, item_param)
     check_tools(sampling_tools, items, item_param)
-    target = service.access.for_inference(owner, source.model)  # a model the caller may not use is refused now
+    # A model the caller may not use is refused now.
+    target = service.access.for_inference(owner, source.model, param="data_source.model")
     model_source = str(target.adapter or target.base)
 
     def tokenizer():
