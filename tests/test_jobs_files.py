@@ -62,6 +62,25 @@ def refusal(response, status: int = 400) -> dict:
     return error
 
 
+def test_a_file_over_the_upload_limit_is_refused_naming_the_limit_set_and_what_to_do(tmp_path):
+    """Whether the body's Content-Length is past the limit and what multipart adds, or the file is found past it
+    while it is stored, the refusal names the file's limit as --max-upload-mb set it, not the body's."""
+    app = create_api(
+        tmp_path,
+        Store(f"sqlite:///{tmp_path / 'jobs.db'}"),
+        api_keys=[KEY],
+        workers=0,
+        dashboard=False,
+        max_upload_bytes=1 << 16,
+    )
+    with TestClient(app) as http:
+        for rows in (1 + (1 << 16) // len(ROW), 4 * (1 << 16) // len(ROW)):
+            error = refusal(post(http, PURPOSE + field("file", ROW * rows, "train.jsonl") + END), 413)
+            assert (error["param"], error["code"]) == ("file", "file_too_large"), error
+            assert "limit of 65,536 bytes (0.0625 MiB) on an uploaded file" in error["message"], error
+            assert "--max-upload-mb" in error["message"], error
+
+
 @pytest.mark.parametrize(
     "parts",
     [

@@ -34,7 +34,7 @@ from .files import FileStorage
 from .inference import InferenceModels
 from .metrics import JobMetrics
 from .routes import ROUTERS
-from .routes.files import UPLOAD_PATH
+from .routes.files import UPLOAD_PATH, upload_too_large
 from .service import Service
 from .store import Store
 from .worker import Workers, process_worker_id
@@ -130,7 +130,7 @@ def create_api(
         app,
         api_keys=api_keys,
         max_body_bytes=max_body_bytes,
-        per_path={UPLOAD_PATH: max_upload_bytes + UPLOAD_ENVELOPE_BYTES},
+        per_path={UPLOAD_PATH: (max_upload_bytes + UPLOAD_ENVELOPE_BYTES, upload_too_large(max_upload_bytes))},
         forms=form_fields(ROUTERS),
         pages=pages,
         observer=observer,

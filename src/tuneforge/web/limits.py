@@ -20,20 +20,20 @@ HEALTH_PATH = "/health"
 
 
 class BodyLimit:
-    """Refuses bodies beyond `max_bytes` (or `per_path`'s own limit): at once by Content-Length, else while
-    reading, so no more than the limit is ever read."""
+    """Refuses bodies beyond `max_bytes` (or `per_path`'s own limit, with its own refusal): at once by
+    Content-Length, else while reading, so no more than the limit is ever read."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, per_path: dict[str, int] | None = None):
+    def __init__(self, app: ASGIApp, *, max_bytes: int, per_path: dict[str, tuple[int, APIError]] | None = None):
         self.app, self.max_bytes, self.per_path = app, max_bytes, per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.per_path.get(scope["path"], self.max_bytes)
+        limit, refusal = self.per_path.get(scope["path"]) or (self.max_bytes, _too_large(self.max_bytes))
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > limit:
-            await _too_large(limit).response()(scope, receive, send)
+            await refusal.response()(scope, receive, send)
             return
         received = 0
 
@@ -42,7 +42,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise BodyReadError(_too_large(limit))
+                raise BodyReadError(refusal)
             return message
 
         await self.app(scope, counted, send)
@@ -150,7 +150,7 @@ def edge(
     *,
     api_keys: Sequence[str],
     max_body_bytes: int | None,
-    per_path: dict[str, int] | None = None,
+    per_path: dict[str, tuple[int, APIError]] | None = None,
     forms: dict[str, FormFields] | None = None,
     pages: Pages | None = None,
     observer: Observer | None = None,

@@ -21,6 +21,18 @@ UPLOAD_PATH = "/v1/files"
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(caller)])
 
 
+def upload_too_large(max_bytes: int) -> APIError:
+    """The refusal of a file past the server's upload limit (`--max-upload-mb`), saying what to do."""
+    return APIError(
+        413,
+        f"The file is larger than this server's limit of {max_bytes:,} bytes ({max_bytes / (1 << 20):g} MiB) on an "
+        "uploaded file: upload a smaller file, or ask the server's operator to raise it (tuneforge api "
+        "--max-upload-mb).",
+        param="file",
+        code="file_too_large",
+    )
+
+
 # What a client may upload, and what such a file holds (for the messages about a file that holds nothing).
 PURPOSES = {"fine-tune": "fine-tuning examples", "evals": "an eval run's items", "batch": "a batch's requests"}
 
@@ -118,7 +130,7 @@ def upload_file(
             file.file, owner=owner, filename=file.filename, purpose=purpose, max_bytes=service.max_upload_bytes
         )
     except FileTooLarge as err:
-        raise APIError(413, str(err), param="file", code="file_too_large") from err
+        raise upload_too_large(service.max_upload_bytes) from err
     except FilePacked as err:
         raise APIError(400, str(err), param="file", code="invalid_file_format") from err
     if row.bytes == 0:
