@@ -1445,6 +1445,16 @@ def test_a_job_store_that_does_not_open_is_refused_before_the_training_processes
     assert started == []
 
 
+def test_a_worker_store_that_cannot_be_opened_is_told_by_the_workers_own_option(tmp_path, monkeypatch):
+    from tuneforge.errors import ConfigError
+    from tuneforge.jobs.command import worker_command
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    with pytest.raises(ConfigError) as caught:
+        worker_command(db="mysql://tf@db-host/tuneforge", workers=1)
+    assert caught.value.message.startswith("--store mysql://tf@db-host/tuneforge: cannot open"), caught.value.message
+
+
 def test_the_api_startup_line_prints_the_folder_of_files_as_named(tmp_path, monkeypatch, capsys, unserved):
     # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
     from tuneforge.jobs import command, runner

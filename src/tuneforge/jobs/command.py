@@ -11,15 +11,15 @@ from ..database import database_url, opening, shown_url
 from ..fsio import tuneforge_home
 
 
-def open_store(db: str | None):
+def open_store(db: str | None, option: str = "--db"):
     """The job store at `db`, a file path or a database URL (default: SQLite under $TUNEFORGE_HOME/jobs), and the
-    folder of files and runs."""
+    folder of files and runs; `option` is the command's option that gave `db`, which its errors name."""
     from .store import Store
 
     root = tuneforge_home() / "jobs"
     root.mkdir(parents=True, exist_ok=True)
     url = database_url(db) if db else f"sqlite:///{root / 'jobs.db'}"
-    with opening(url, "--db"):
+    with opening(url, option):
         return Store(url), root
 
 
@@ -95,7 +95,7 @@ def worker_command(*, db: str, workers: int) -> int:
     from .files import FileStorage
     from .worker import Workers
 
-    store, root = open_store(db)
+    store, root = open_store(db, "--store")
     job_workers = Workers(store, FileStorage(root), root, workers)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
