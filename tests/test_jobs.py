@@ -1455,6 +1455,21 @@ def test_a_worker_store_that_cannot_be_opened_is_told_by_the_workers_own_option(
     assert caught.value.message.startswith("--store mysql://tf@db-host/tuneforge: cannot open"), caught.value.message
 
 
+def test_a_worker_given_a_store_file_that_is_not_there_is_refused_and_creates_nothing(tmp_path, monkeypatch):
+    """A worker joins a store an api keeps: a path that names no file is a typo, not a new store to wait on."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.jobs.command import worker_command
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    typo = tmp_path / "hmoe" / "jobs" / "jobs.db"
+    for given in (str(typo), f"sqlite:///{typo}"):
+        with pytest.raises(ConfigError) as caught:
+            worker_command(db=given, workers=1)
+        assert caught.value.message.startswith(f"--store {given}: no such file."), caught.value.message
+        assert "--db" in caught.value.message
+    assert not (tmp_path / "hmoe").exists()
+
+
 def test_the_api_startup_line_prints_the_folder_of_files_as_named(tmp_path, monkeypatch, capsys, unserved):
     # rich would read `[/x]` in a user's path as a closing tag (an error) and `:x:` as an emoji's code.
     from tuneforge.jobs import command, runner

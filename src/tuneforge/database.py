@@ -52,6 +52,17 @@ def database_url(spec: str) -> str:
     return spec if "://" in spec else f"sqlite:///{Path(spec).expanduser().resolve()}"
 
 
+def missing_sqlite_file(url: str) -> str | None:
+    """What is where an SQLite URL's file should be and is not ("no such file", "a folder, not a store's file"),
+    for a command that reads a store another made: SQLite would make the file (and `connect` its folder), so a
+    typo'd path would be a new, empty store. None where the file is there, or the URL names no SQLite file."""
+    parsed = make_url(url)
+    file = Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+    if file is None or file.is_file():
+        return None
+    return "a folder, not a store's file" if file.is_dir() else "no such file"
+
+
 def connect(url: str) -> Engine:
     url = make_url(url)
     if url.drivername in ("postgresql", "postgres"):  # postgres: libpq's other spelling, which SQLAlchemy refuses

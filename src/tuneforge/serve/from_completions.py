@@ -20,12 +20,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy import inspect
-from sqlalchemy.engine import make_url
 
 from ..console import new_console, plain
 from ..data import Problem
 from ..data.formats import check_row
-from ..database import connect, database_url, opening
+from ..database import connect, database_url, missing_sqlite_file, opening
 from ..errors import ConfigError, DataError, complaint, key_path
 from ..fsio import atomic_file
 from ..web import owner_of
@@ -78,12 +77,9 @@ def from_completions(
     )
     url = database_url(store)
     with opening(url, "--store"):
-        parsed = make_url(url)
-    # SQLite makes the file (and `connect` its folder) that a path or sqlite:/// URL names: a typo must not.
-    file = Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
-    if file is not None and not file.is_file():
-        found = "a folder, not a store's file" if file.is_dir() else "no such file"
-        raise ConfigError(f"--store {store}: {found}. {where}", code="store_not_found")
+        missing = missing_sqlite_file(url)
+    if missing is not None:
+        raise ConfigError(f"--store {store}: {missing}. {where}", code="store_not_found")
     # Read only where the completions' table is: opening a store creates its tables, which another
     # database (a typo'd path to some other SQLite file) must not get.
     with opening(url, "--store"):
