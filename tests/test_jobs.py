@@ -939,6 +939,25 @@ def test_a_dpo_job_trains_on_openais_preference_pairs(server, tiny_model_dir):
     assert "Files validated: 6 training examples, 1 epoch, 2 steps. Job queued." in messages
 
 
+def test_training_rows_left_out_as_duplicates_or_validation_leaks_are_counted_in_the_jobs_events(
+    server, tiny_model_dir
+):
+    """The data pipeline leaves out a training row repeated, or also in the validation file: the job says so, rather
+    than counting fewer examples than were uploaded with no word why."""
+    client = server.client()
+    train = upload(client, chat_rows(8) + chat_rows(1, start=5))  # row 5 twice
+    valid = upload(client, chat_rows(2), "valid.jsonl")  # rows 0 and 1 also in training
+    job = create_job(client, tiny_model_dir, train.id, n_epochs=1, validation_file=valid.id)
+    job = wait_for(client, job.id, {"succeeded", "failed"}, server=server)
+    assert job.status == "succeeded", job.error
+    messages = [event.message for event in all_events(client, job.id)]
+    told = [message for message in messages if message.startswith("Files validated")]
+    assert told == [
+        "Files validated: 6 training examples (3 rows left out: 1 repeating an earlier row, 2 training rows also "
+        "in the validation file), 1 epoch, 2 steps. Job queued."
+    ], messages
+
+
 def test_image_rows_for_a_text_only_model_are_refused_by_the_models_name_never_its_folder(
     tmp_path, tiny_model_dir, monkeypatch
 ):

@@ -85,6 +85,19 @@ class JobFailure(Exception):
         self.error = {"code": code, "message": message, "param": param}
 
 
+def _left_out(counts: dict) -> str:
+    """The rows the data pipeline left out of a job's examples and why, from its report's `counts`, as the job's
+    events tell them ("" where none were): the uploaded rows would otherwise not add up to the examples told."""
+    reasons = [
+        (counts.get("duplicates_exact", 0) + counts.get("duplicates_near", 0), "repeating an earlier row"),
+        (counts.get("validation_leak", 0), "training rows also in the validation file"),
+    ]
+    told = [f"{n} {why}" for n, why in reasons if n]
+    if not told:
+        return ""
+    return f" ({counted(sum(n for n, _ in reasons), 'row')} left out: {', '.join(told)})"
+
+
 class Workers:
     """`count` training threads of this server process, and one thread that validates files (none if `count` is 0)."""
 
@@ -297,7 +310,7 @@ class Workers:
             + (f" and validation file: {job.validation_file}" if job.validation_file else ""),
         )
         try:
-            config, total_steps, n_examples = self._check_files(job)
+            config, total_steps, n_examples, left_out = self._check_files(job)
         except JobFailure as failure:
             self._fail(job, worker_id, failure)
             return
@@ -313,7 +326,7 @@ class Workers:
             adding=[
                 event(
                     job.id,
-                    f"Files validated: {counted(n_examples, 'training example')}, "
+                    f"Files validated: {counted(n_examples, 'training example')}{left_out}, "
                     f"{counted(config.train.epochs, 'epoch')}, {counted(total_steps, 'step')}. Job queued.",
                 )
             ],
@@ -337,9 +350,10 @@ class Workers:
             except ConfigError as err:  # the model or the job's settings are at fault, not a file
                 raise self._failure(job, err.code, err.message, None, model) from err
             if config.method == "grpo":  # prompts, and a grader that can score them; problems raise
-                prepared, problems = prepare_items(config, tokenizer), []
+                prepared, problems, left_out = prepare_items(config, tokenizer), [], ""
             else:
                 prepared, problems = check_data(config.data, tokenizer)
+                left_out = _left_out(prepared.report["counts"])
             errors = [problem for problem in problems if problem.is_error]
             if errors:
                 shown = "; ".join(str(problem) for problem in errors[:3])
@@ -375,7 +389,7 @@ class Workers:
             ) from err
         except TuneforgeError as err:
             raise self._failure(job, err.code, err.message, str(paths["training_file"]), model) from err
-        return config, total_steps, n_items
+        return config, total_steps, n_items, left_out
 
     def _base_model(self, job: Job, spec: str) -> ModelSource:
         """The job's base model. A registry model not yet on this server is fetched first (minutes, once),
