@@ -1692,6 +1692,27 @@ def test_an_api_key_no_client_can_send_is_refused_before_the_server_starts(comma
     assert "--api-key" in result.output and "no client can send" in result.output, result.output
 
 
+@pytest.mark.parametrize("command", ["serve", "api"])
+@pytest.mark.parametrize("keys", ["", "  "])
+def test_tuneforge_api_keys_set_to_no_key_is_refused_before_the_server_starts(command, keys, monkeypatch):
+    """`TUNEFORGE_API_KEYS="$KEY"` with KEY unset is the environment's empty --api-key: served as no key at all, the
+    server would be open to anyone who reaches it, where the operator meant it to require one."""
+    from typer.testing import CliRunner
+
+    import tuneforge.serve.command
+    import tuneforge.web.listen
+    from tuneforge.cli import app
+
+    def started(*_args, **_kw):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(tuneforge.serve.command, "bind", started)
+    monkeypatch.setattr(tuneforge.web.listen, "bind", started)
+    result = CliRunner().invoke(app, [command], env={"TUNEFORGE_API_KEYS": keys})
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "TUNEFORGE_API_KEYS" in result.output and "holds no key" in result.output, result.output
+
+
 def test_serving_a_registry_base_model_says_it_has_not_learned_the_chat_format(base_dir, tmp_path, monkeypatch, capsys):
     from tuneforge.serve import command
 

@@ -465,9 +465,20 @@ def chat(
 PORT_HELP = "Port to listen on (0: a free one the OS picks; the address is printed at start)."
 
 
+API_KEYS_ENV = "TUNEFORGE_API_KEYS"
+
+
 def _sendable_keys(keys: list[str] | None) -> list[str] | None:
     """The --api-key values, refused where no client can send one: empty (`--api-key "$KEY"` with KEY unset) or
-    with a space at either end (HTTP drops it from the header), so the server would refuse every request."""
+    with a space at either end (HTTP drops it from the header), so the server would refuse every request. The
+    environment's keys set to none (`TUNEFORGE_API_KEYS="$KEY"` with KEY unset), which click reads as no option,
+    are refused too: the server would serve anyone, where its operator meant it to require a key."""
+    if not keys and (environment := os.environ.get(API_KEYS_ENV)) is not None and not environment.split():
+        raise typer.BadParameter(
+            f"{API_KEYS_ENV} is set but holds no key, so the server would serve anyone who reaches it without one. "
+            f"Set it to the keys, space-separated (is the variable you set it from, such as $KEY, set?), or unset "
+            f"{API_KEYS_ENV} to serve without a key."
+        )
     for key in keys or []:
         if not key or key != key.strip():
             what = "an empty key" if not key.strip() else f"a key with a space at either end ({key!r})"
@@ -499,7 +510,7 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help=PORT_HELP),
     api_key: list[str] | None = typer.Option(
         None,
-        envvar="TUNEFORGE_API_KEYS",
+        envvar=API_KEYS_ENV,
         callback=_sendable_keys,
         help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated).",
     ),
@@ -581,7 +592,7 @@ def api(
     ),
     api_key: list[str] | None = typer.Option(
         None,
-        envvar="TUNEFORGE_API_KEYS",
+        envvar=API_KEYS_ENV,
         callback=_sendable_keys,
         help="Require this Bearer key; repeatable (env: TUNEFORGE_API_KEYS, space-separated); each key sees only "
         "its own files, jobs and models.",
