@@ -257,11 +257,15 @@ def test_sampling_params_openai_documents_and_tuneforge_does_not_build_are_refus
     saying tuneforge does not support it and to remove it; response_format's plain text asks for nothing."""
     evaluation = sdk.evals.create(data_source_config=CONFIG, testing_criteria=[ANY_ANSWER])
     model = str(tiny_model_dir)
-    for name, value in (("reasoning_effort", "low"), ("response_format", {"type": "json_object"})):
+    for name, value, advice in (
+        ("reasoning_effort", "low", "remove it"),
+        ("response_format", {"type": "json_object"}, "remove it"),
+        ("max_tokens", 16, "send max_completion_tokens instead"),  # chat's name for it, which a run does not take
+    ):
         run = data_source(model, inline(), **{name: value})
         param, message = refusal(lambda run=run: sdk.evals.runs.create(evaluation.id, data_source=run))
         assert param == f"data_source.sampling_params.{name}", message
-        assert message.startswith(f"{param} is not supported: ") and "remove it" in message, message
+        assert message.startswith(f"{param} is not supported: ") and advice in message, message
     plain = sdk.evals.runs.create(
         evaluation.id, data_source=data_source(model, inline(), response_format={"type": "text"})
     )

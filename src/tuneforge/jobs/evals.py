@@ -109,7 +109,8 @@ class InputTemplate(RequestBody):
     template: list[TemplateMessage] = Field(min_length=1)
 
 
-# OpenAI's sampling params of a completions run that tuneforge does not build (`SamplingParams.check_supported`).
+# OpenAI's sampling params of a completions run that tuneforge does not build, and chat's name for the answer's
+# limit: each refused by name, saying why (`SamplingParams.check_supported`).
 SAMPLING_NOT_SERVED = {
     "reasoning_effort": (
         "a reasoning model reasons as its chat template makes it, with no effort set; remove it",
@@ -121,6 +122,8 @@ SAMPLING_NOT_SERVED = {
         "sample.output_json",
         ({"type": "text"},),
     ),
+    # Chat's name for the answer's limit, which a client moved from /v1/chat/completions sends.
+    "max_tokens": ("a run limits its answers with max_completion_tokens: send max_completion_tokens instead", ()),
 }
 
 
@@ -133,6 +136,7 @@ class SamplingParams(RequestBody):
     # SAMPLING_NOT_SERVED's: any value passes validation, and one that asks for something is refused by name.
     reasoning_effort: Any = None
     response_format: Any = None
+    max_tokens: Any = None
 
     def check_supported(self) -> None:
         refuse_not_served(
