@@ -527,6 +527,21 @@ def test_a_headerless_csv_row_short_of_a_field_is_measured_against_the_first_lin
     assert problem.message.startswith("this row has 5 fields but the first line has 6 (the file has no header)")
 
 
+def test_a_headerless_csv_s_first_line_is_read_as_a_question_whatever_its_answer_letter(tmp_path):
+    """A lower-case answer letter is read as its capital on the first line as on the others, and a letter past D
+    there is refused as that row's answer, not taken for a header of another layout."""
+    data = tmp_path / "anatomy_test.csv"
+    data.write_text("Which bone?,femur,skull,rib,ulna,a\nWhich organ?,heart,liver,lung,skin,b\n")
+    assert is_choice_file(data)
+    assert [(r.line, r.answer) for r in read_choice_rows(data)] == [(1, 0), (2, 1)]
+    data.write_text("Which bone?,femur,skull,rib,ulna,E\nWhich organ?,heart,liver,lung,skin,B\n")
+    with pytest.raises(DataError) as err:
+        read_choice_rows(data)
+    [problem] = err.value.problems
+    assert (problem.line, problem.field, problem.code) == (1, "answer", "bad_choice_row")
+    assert "A, B, C or D, got 'E'" in problem.message
+
+
 def test_reading_a_csv_closes_its_file(tmp_path):
     """Judging a CSV by its header and reading some of its rows (MMLU's header-less files are opened twice)
     leave no file open."""

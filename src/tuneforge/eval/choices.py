@@ -144,8 +144,9 @@ def _mmlu_header(columns: list[str]) -> bool:
 
 
 def _headerless_mmlu(columns: list[str]) -> bool:
-    """MMLU's own CSV files have no header: a first line of six fields whose last is a letter A-D."""
-    return len(columns) == 6 and columns[-1].strip() in tuple("ABCD")
+    """MMLU's own CSV files have no header: a first line of six fields whose last is one letter, its answer (a
+    letter past D, or in lower case, is that row's to refuse or read as `_mmlu_row` does any row's)."""
+    return len(columns) == 6 and re.fullmatch(r"[A-Za-z]", columns[-1].strip()) is not None
 
 
 def is_choice_file(path: str | Path) -> bool:
