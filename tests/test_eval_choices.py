@@ -815,3 +815,18 @@ def test_eval_names_a_missing_data_file_as_missing_whatever_the_options(tiny_mod
     with pytest.raises(TuneforgeError, match=r"nosuch\.jsonl does not exist\. Check the path\.$") as err:
         evaluate_model(str(tiny_model_dir), tmp_path / "nosuch.jsonl", **options)
     assert err.value.code == "file_not_found"
+
+
+@pytest.mark.parametrize("pattern", [False, True])
+def test_eval_given_a_folder_or_a_pattern_is_told_to_name_one_file(tiny_model_dir, tmp_path, pattern):
+    """eval reads one DATA file a call: a folder or a pattern is told so, not pointed at data.train's list."""
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.eval.command import evaluate_model
+
+    write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    data = tmp_path / "*.jsonl" if pattern else tmp_path
+    with pytest.raises(TuneforgeError) as err:
+        evaluate_model(str(tiny_model_dir), data)
+    assert err.value.code == "file_not_found"
+    assert str(err.value).endswith("Give one data file by name: eval scores one file a call.")
+    assert "data.train takes a list" not in str(err.value)

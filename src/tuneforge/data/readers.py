@@ -215,14 +215,20 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if _compressed(path) else open(path, "rb")
 
 
-def not_a_file(path: str) -> Problem | None:
-    """The problem of a data file's path that names no file (nothing, a folder, a pattern); None for a file."""
+# What to give instead of a folder or a pattern, where several data files are read (a run, `data check`).
+FILES_BY_NAME = "Give the data files by name, one by one (data.train takes a list of them)."
+# The same, where one file is read a call (`tuneforge eval`'s DATA).
+ONE_FILE_BY_NAME = "Give one data file by name: eval scores one file a call."
+
+
+def not_a_file(path: str, by_name: str = FILES_BY_NAME) -> Problem | None:
+    """The problem of a data file's path that names no file (nothing, a folder, a pattern); None for a file.
+    `by_name`: what to give instead of a folder or a pattern."""
     p = Path(path)
     if p.is_file():
         return None
     # Patterns are not read for their files: a run's data is the files it names (data.train names a
     # folder's files for it: `config.folder_files`).
-    by_name = "Give the data files by name, one by one (data.train takes a list of them)."
     if p.is_dir():
         what = (
             "is an empty folder."
