@@ -1003,3 +1003,15 @@ def test_an_inline_eval_grader_that_cannot_work_is_named_by_the_config_file_and_
         f'eval.grader ({path} line 6): grader "json_fields" (json_fields): unknown field(s) fieldz '
         "(did you mean 'fields'?);"
     ), error.value.message
+
+
+@pytest.mark.parametrize(
+    ("name", "text"), [("test.jsonl", ""), ("test.jsonl", "\n\n"), ("test.json", "[]"), ("test.csv", "")]
+)
+def test_an_empty_eval_file_is_told_to_hold_rows_not_training_rows(tiny_model_dir, tmp_path, name, text):
+    """The readers serve eval as they serve training: an empty file is told to hold rows, not training rows."""
+    data = tmp_path / name
+    data.write_text(text)
+    with pytest.raises(TuneforgeError) as err:
+        evaluate(str(tiny_model_dir), data)
+    assert "empty" in str(err.value) and "training" not in str(err.value)

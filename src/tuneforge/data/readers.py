@@ -126,7 +126,7 @@ def _open_rows(path: str, header: bool) -> Rows:
         return Rows(path, "document", None, _document_items(path))
     first = _first_byte(path)
     if first is None:
-        return _failed(path, "empty_file", "the file is empty. Put training rows in it, one JSON object per line.")
+        return _failed(path, "empty_file", "the file is empty. Put data rows in it, one JSON object per line.")
     # A .jsonl file may start with "[" as a row of its own; one whose first line is not a whole JSON
     # value is a pretty-printed JSON array under a JSON Lines name.
     if first == b"[" and (suffix not in JSON_LINES_SUFFIXES or not _first_line_is_json(path)):
@@ -328,7 +328,7 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
                 continue
             yield line_no, _without_lone_surrogates(path, line_no, text, value)
     if not seen_row:
-        yield None, Problem("empty_file", "the file has no rows, only blank lines. Put training rows in it.", file=path)
+        yield None, Problem("empty_file", "the file has no rows, only blank lines. Put data rows in it.", file=path)
 
 
 def _json_error(e: json.JSONDecodeError) -> str:
@@ -569,7 +569,7 @@ def _json_array_elements(path: str, window: _TextWindow) -> Iterator[tuple[int, 
     if window.skip_whitespace(pos + 1) is not None:
         yield broken(pos + 1, "there is text after the closing ']'.")
     if not count:
-        yield None, Problem("empty_file", "the JSON array is empty. Put training rows in it.", file=path)
+        yield None, Problem("empty_file", "the JSON array is empty. Put data rows in it.", file=path)
 
 
 # --- CSV -----------------------------------------------------------------------------------------
@@ -591,7 +591,7 @@ def _csv_rows(path: str, header_line: bool = True) -> Rows:
         return _failed(path, "invalid_csv", f"cannot read the CSV header: {e}.", line=1)
     if header is None:
         f.close()
-        return _failed(path, "empty_file", "the file is empty. Put a header line and training rows in it.")
+        return _failed(path, "empty_file", "the file is empty. Put a header line and data rows in it.")
     columns = [name.strip() for name in header]
     if not header_line:  # the first line is a row: read again from it, each cell kept under its position
         columns = [str(i) for i in range(len(header))]
