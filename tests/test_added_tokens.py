@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_run_config
 from safetensors import safe_open
 
@@ -254,3 +255,29 @@ def test_added_tokens_in_the_spare_rows_of_a_padded_vocabulary_start_at_the_mean
         mean = layer.weight[:own].mean(0)
         assert torch.allclose(layer.weight[own : own + 2], mean.expand(2, -1), atol=1e-6)
         assert torch.all(layer.weight[own + 2 :] == 5.0)  # rows no token uses are left as they are
+
+
+def test_an_added_token_no_training_example_holds_is_warned_of_by_validate_and_train(
+    tiny_model_dir, tool_data, tmp_path, capsys, monkeypatch
+):
+    """A token listed in model.add_tokens that the data never holds (misspelt, or with a space the data lacks)
+    keeps its starting row: a run that trains it silently would give a model that never writes it."""
+    from tuneforge.dry_run import validate
+
+    monkeypatch.setenv("COLUMNS", "300")
+    cfg = tool_run(tiny_model_dir, tool_data, tmp_path / "run", max_steps=1)
+    cfg["model"]["add_tokens"] = [*TOKENS, "<never>"]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert validate(str(path)) == 0
+    planned = " ".join(capsys.readouterr().out.split())
+    train(str(path), progress=False)
+    trained = capsys.readouterr().out
+    said = "'<never>' in none of the 20 training examples as tokenized, so its row never trains"
+    assert said in planned and said in trained
+    assert f"warning: model.add_tokens ({path} line" in planned + trained
+    assert "'<tool>'" not in planned + trained  # the tokens the data holds are not named
+    cfg["model"]["add_tokens"] = TOKENS
+    path.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "all-seen")}))
+    train(str(path), progress=False)
+    assert "in none of the" not in capsys.readouterr().out

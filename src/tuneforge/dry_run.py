@@ -35,6 +35,7 @@ from .methods import (
     new_token_ids,
     prepare_items,
     prepare_model,
+    unseen_added_tokens_warning,
 )
 from .methods.dpo import kto_balance_warning
 from .methods.lora import experts_warning
@@ -335,7 +336,8 @@ def dry_run(config, overrides, processes: int, machines: int, raised: list[warni
         )
     run_warnings += plan_warnings(cfg, plan, len(valid_items))
     allocator = allocator_warning(device, memory["activations"] + memory["logits"])
-    run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report), experts, allocator] if w]
+    unseen = unseen_added_tokens_warning(cfg, tokenizer, train_items)
+    run_warnings += [w for w in [kto_balance_warning(cfg, prepared.report), experts, unseen, allocator] if w]
     run_warnings += list(
         dict.fromkeys(
             str(w.message) if w.category is UserWarning else f"{w.category.__name__}: {w.message}" for w in raised

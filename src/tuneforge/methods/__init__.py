@@ -103,6 +103,30 @@ def added_token_ids(cfg, tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(list(cfg.model.add_tokens))
 
 
+def unseen_added_tokens_warning(cfg, tokenizer, items) -> str | None:
+    """The tokens of `model.add_tokens` that no training example (`batch_items`) holds once tokenized: their rows
+    never train, and the model never learns to write them. A spelling the data does not use (a space before or
+    after the token) is the usual cause. None where each is there."""
+    if not cfg.model.add_tokens:
+        return None
+    unseen = dict(zip(added_token_ids(cfg, tokenizer), cfg.model.add_tokens, strict=True))
+    for item in items:
+        for token_id in set(unseen).intersection(item.input_ids):
+            del unseen[token_id]
+        if not unseen:
+            return None
+    rows = (
+        "its row never trains and the model does not learn to write it"
+        if len(unseen) == 1
+        else "their rows never train and the model does not learn to write them"
+    )
+    return (
+        f"{cfg.key_at('model.add_tokens')}: {', '.join(map(repr, unseen.values()))} in none of the "
+        f"{len(items):,} training examples as tokenized, so {rows}; spell each as the data does (a space before or "
+        "after a token is part of it), or leave it out."
+    )
+
+
 def new_token_ids(tokenizer) -> list[int]:
     """The ids of the tokens of `model.add_tokens` that `tokenizer` did not hold (`tokens_added`): those after
     its own tokens, whose embedding rows start at the mean of its own."""

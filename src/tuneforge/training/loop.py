@@ -52,6 +52,7 @@ from ..methods import (
     reported_sums,
     sum_over_batches,
     trainable_parameters,
+    unseen_added_tokens_warning,
 )
 from ..methods.dpo import kto_balance_warning
 from ..methods.lora import experts_warning
@@ -671,6 +672,7 @@ def setup(
     for warning in plan_warnings(cfg, plan, len(valid_items)) + [
         kto_balance_warning(cfg, prepared.report),
         experts_warning(cfg, model),
+        unseen_added_tokens_warning(cfg, tokenizer, train_items),
         allocator_warning(world.device, step["activations"] + step["logits"]),
     ]:
         if warning:
