@@ -716,6 +716,16 @@ def test_a_store_file_that_is_not_a_database_is_refused_naming_it(tmp_path):
     assert notes.read_text() == "hello\n"
 
 
+@pytest.mark.parametrize("scheme", ["postgres", "postgres+psycopg2"])
+def test_a_postgres_url_with_or_without_a_driver_opens_the_postgresql_store_as_postgresql_does(scheme):
+    """`postgres` is libpq's other spelling of `postgresql`, with a driver named after it (`+psycopg2`) too: both
+    open a PostgreSQL store, not refused as a database tuneforge does not store in."""
+    from tuneforge.database import connect
+
+    engine = connect(f"{scheme}://tf@db-host/tuneforge")
+    assert engine.url.drivername == "postgresql+psycopg2" and engine.url.database == "tuneforge"
+
+
 def test_a_store_url_of_a_database_tuneforge_does_not_store_in_is_refused_saying_which_it_does():
     """A MySQL URL is no missing PostgreSQL driver: the error names the two databases a store may be."""
     with pytest.raises(ConfigError) as caught:

@@ -65,7 +65,9 @@ def missing_sqlite_file(url: str) -> str | None:
 
 def connect(url: str) -> Engine:
     url = make_url(url)
-    if url.drivername in ("postgresql", "postgres"):  # postgres: libpq's other spelling, which SQLAlchemy refuses
+    if url.get_backend_name() == "postgres":  # libpq's other spelling, which SQLAlchemy refuses, driver and all
+        url = url.set(drivername=url.drivername.replace("postgres", "postgresql", 1))
+    if url.drivername == "postgresql":
         # SQLAlchemy's default PostgreSQL driver is psycopg 3; the serve extra installs psycopg2.
         url = url.set(drivername="postgresql+psycopg2")
     if url.get_backend_name() not in STORE_BACKENDS:
