@@ -1486,6 +1486,8 @@ def test_a_worker_given_a_store_file_that_is_not_there_is_refused_and_creates_no
             worker_command(db=given, workers=1)
         assert caught.value.message.startswith(f"--store {given}: no such file."), caught.value.message
         assert "--db" in caught.value.message
+        # An api started without --db keeps its store where the worker's $TUNEFORGE_HOME says: named, to give.
+        assert f"without --db, {tmp_path / 'home' / 'jobs' / 'jobs.db'}" in caught.value.message
     assert not (tmp_path / "hmoe").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..console import new_console, plain
 from ..database import database_url, missing_sqlite_file, opening, shown_url
@@ -12,14 +13,19 @@ from ..errors import ConfigError
 from ..fsio import tuneforge_home
 
 
+def default_store_file() -> Path:
+    """The SQLite file of the job store of a `tuneforge api` given no --db."""
+    return tuneforge_home() / "jobs" / "jobs.db"
+
+
 def open_store(db: str | None, option: str = "--db"):
-    """The job store at `db`, a file path or a database URL (default: SQLite under $TUNEFORGE_HOME/jobs), and the
-    folder of files and runs; `option` is the command's option that gave `db`, which its errors name."""
+    """The job store at `db`, a file path or a database URL (default: `default_store_file`), and the folder of
+    files and runs; `option` is the command's option that gave `db`, which its errors name."""
     from .store import Store
 
     root = tuneforge_home() / "jobs"
     root.mkdir(parents=True, exist_ok=True)
-    url = database_url(db) if db else f"sqlite:///{root / 'jobs.db'}"
+    url = database_url(db) if db else f"sqlite:///{default_store_file()}"
     with opening(url, option):
         return Store(url), root
 
@@ -101,7 +107,8 @@ def worker_command(*, db: str, workers: int) -> int:
     if missing is not None:
         raise ConfigError(
             f"--store {db}: {missing}. A worker takes its jobs from the store a `tuneforge api` keeps: give that "
-            "server's --db (its database URL, or its SQLite file on storage the machines share).",
+            "server's --db (its database URL, or its SQLite file on storage the machines share; without --db, "
+            f"{default_store_file()}).",
             code="store_not_found",
         )
     store, root = open_store(db, "--store")
