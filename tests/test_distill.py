@@ -865,6 +865,21 @@ def test_distill_generate_names_the_prompt_field_of_a_bad_prompt_row(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("pattern", [False, True])
+def test_distill_generate_given_a_folder_or_a_pattern_as_prompts_is_told_to_name_one_file(tmp_path, pattern):
+    """--prompts is one file a call: a folder or a pattern is told so, not pointed at data.train's list."""
+    from tuneforge.distill import read_prompts
+
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    given = tmp_path / "*.jsonl" if pattern else tmp_path
+    with pytest.raises(DataError) as err:
+        read_prompts(given)
+    [problem] = err.value.problems
+    assert problem.code == "file_not_found"
+    assert problem.message.endswith("Give one data file by name: distill generate reads one file a call.")
+    assert "data.train takes a list" not in str(err.value)
+
+
 def test_distill_generate_reads_chat_prompts_from_a_csv_file_as_training_does(tmp_path):
     import csv
 

@@ -217,8 +217,11 @@ def _open_binary(path: str):
 
 # What to give instead of a folder or a pattern, where several data files are read (a run, `data check`).
 FILES_BY_NAME = "Give the data files by name, one by one (data.train takes a list of them)."
-# The same, where one file is read a call (`tuneforge eval`'s DATA).
-ONE_FILE_BY_NAME = "Give one data file by name: eval scores one file a call."
+
+
+def one_file_by_name(command: str) -> str:
+    """What to give instead of a folder or a pattern, where `command` ("eval scores") reads one file a call."""
+    return f"Give one data file by name: {command} one file a call."
 
 
 def not_a_file(path: str, by_name: str = FILES_BY_NAME) -> Problem | None:

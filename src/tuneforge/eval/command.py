@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..config import load_yaml, yaml_syntax_error
-from ..data.readers import ONE_FILE_BY_NAME, not_a_file
+from ..data.readers import not_a_file, one_file_by_name
 from ..errors import ConfigError, TuneforgeError, check_counts, refuse_options
 from .choices import (
     compare_choices,
@@ -83,7 +83,7 @@ def evaluate_model(
     out = None if out is None else str(out)
     fewshot_file = None if fewshot_file is None else str(fewshot_file)
     # A missing file holds no rows of any kind: said so before the refusals below read it as the wrong kind.
-    if (missing := not_a_file(data, ONE_FILE_BY_NAME)) is not None:
+    if (missing := not_a_file(data, one_file_by_name("eval scores"))) is not None:
         raise TuneforgeError(missing.message, code=missing.code)
     if fewshot_file is not None and not num_fewshot:
         raise ConfigError(

@@ -26,7 +26,7 @@ import torch
 
 from ..data import Preference, Problem, collate, read_conversations
 from ..data.formats import file_format
-from ..data.readers import ONE_FILE_BY_NAME, not_a_file
+from ..data.readers import not_a_file, one_file_by_name
 from ..data.render import renderer_for
 from ..errors import ConfigError, DataError, TuneforgeError, check_counts
 from ..fsio import MOUNT_POINT_REFUSED, atomic_dir, is_mount_point
@@ -44,7 +44,7 @@ def read_pairs(path: str | Path, limit: int | None = None, model: str = "RM") ->
     """The first `limit` (all, if None) preference pairs of a data file, with their lines; a file that holds
     no pairs, or any bad row among them (one with images too: a reward model scores text only, as `method:
     reward` trains it), is refused with its file, line and field."""
-    if (missing := not_a_file(str(path), ONE_FILE_BY_NAME)) is not None:
+    if (missing := not_a_file(str(path), one_file_by_name("eval scores"))) is not None:
         raise TuneforgeError(missing.message, code=missing.code)
     found = file_format(path)
     if found != "preference":
