@@ -830,3 +830,17 @@ def test_eval_given_a_folder_or_a_pattern_is_told_to_name_one_file(tiny_model_di
     assert err.value.code == "file_not_found"
     assert str(err.value).endswith("Give one data file by name: eval scores one file a call.")
     assert "data.train takes a list" not in str(err.value)
+
+
+@pytest.mark.parametrize("pattern", [False, True])
+def test_a_benchmark_or_fewshot_file_given_as_a_folder_or_a_pattern_is_told_to_name_one_file(tmp_path, pattern):
+    """A multiple-choice file (eval's --fewshot-file, eval.benchmarks' file and fewshot_file) is one file: a folder
+    or a pattern is told so, not pointed at data.train's list."""
+    write_jsonl(tmp_path / "quiz.jsonl", QUESTIONS)
+    given = tmp_path / "*.jsonl" if pattern else tmp_path
+    with pytest.raises(DataError) as err:
+        read_choice_rows(given)
+    [problem] = err.value.problems
+    assert problem.code == "file_not_found"
+    assert problem.message.endswith("Give one data file by name: a multiple-choice benchmark reads one file a call.")
+    assert "data.train takes a list" not in str(err.value)

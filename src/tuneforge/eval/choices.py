@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from ..data import Problem
-from ..data.readers import open_rows
+from ..data.readers import not_a_file, one_file_by_name, open_rows
 from ..data.schema import IGNORE_INDEX
 from ..errors import DataError, check_counts, refuse_options
 from ..fsio import atomic_file
@@ -331,6 +331,8 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
     its file, line and field, all of them listed, before any model loads. Blank lines are skipped, as training
     data's are, and said in a warning that names them."""
     file = str(path)
+    if (missing := not_a_file(file, one_file_by_name("a multiple-choice benchmark reads"))) is not None:
+        raise DataError.listing(f"{file} cannot be read", [missing])
     layout = None
     with open_rows(path) as rows:
         columns = rows.columns if rows.kind == "csv" else None
