@@ -565,11 +565,8 @@ def test_a_process_with_jemalloc_preloaded_is_not_warned():
     assert allocator_warning_in_a_process(2**30, preload=str(JEMALLOC)) == "None"
 
 
-def test_train_warns_of_glibc_malloc_before_training_from_the_step_validate_sizes(
-    tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch
-):
-    """`tuneforge train` says what `validate` says of a step glibc's malloc will hold, before its first step, from
-    the same size of step: a user who trains without validating first is told too."""
+def step_sizes_told(monkeypatch) -> list[float]:
+    """The step sizes validate and train give the allocator warning, in the order they give them."""
     from tuneforge import dry_run
     from tuneforge.training import loop, step_memory
 
@@ -581,6 +578,18 @@ def test_train_warns_of_glibc_malloc_before_training_from_the_step_validate_size
 
     monkeypatch.setattr(dry_run, "allocator_warning", recording)
     monkeypatch.setattr(loop, "allocator_warning", recording)
+    return sized
+
+
+def test_train_warns_of_glibc_malloc_before_training_from_the_step_validate_sizes(
+    tiny_model_dir, triage_data, tmp_path, capsys, monkeypatch
+):
+    """`tuneforge train` says what `validate` says of a step glibc's malloc will hold, before its first step, from
+    the same size of step: a user who trains without validating first is told too."""
+    from tuneforge import dry_run
+    from tuneforge.training import step_memory
+
+    sized = step_sizes_told(monkeypatch)
     monkeypatch.setattr(step_memory, "RETURNING_ALLOCATORS", ())  # as without jemalloc, where a developer preloads it
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)))
@@ -594,3 +603,28 @@ def test_train_warns_of_glibc_malloc_before_training_from_the_step_validate_size
     assert sized == [planned, planned]
     (said,) = [line for line in out.splitlines() if "glibc's malloc keeps what a step frees" in line]
     assert said.startswith("warning: a step's activations and logits") and "LD_PRELOAD=" in said
+
+
+def test_validate_plans_the_rows_train_makes_where_the_distill_teacher_cannot_attend_per_example(
+    tiny_model_dir, triage_data, tmp_path, monkeypatch
+):
+    """Packed rows share their prompts' prefix only where every model of the forward attends per example: a teacher
+    that cannot (a sliding window shorter than the rows) makes train lay rows out unshared, and validate's plan of
+    them, and so the step its memory plan and the allocator warning count, is of those rows too."""
+    from tuneforge import dry_run
+
+    teacher = shutil.copytree(tiny_model_dir, tmp_path / "teacher")
+    settings = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**settings, "sliding_window": 16}))
+    cfg = tiny_run_config(tiny_model_dir, triage_data, tmp_path / "run", max_steps=1)
+    cfg = {k: v for k, v in cfg.items() if k != "lora"} | {
+        "method": "distill",
+        "distill": {"teacher": str(teacher), "student": "full"},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    sized = step_sizes_told(monkeypatch)
+    assert dry_run.validate(str(path)) == 0
+    train(str(path), progress=False)
+    planned, trained = sized
+    assert planned == trained

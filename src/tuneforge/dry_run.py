@@ -145,15 +145,20 @@ def added_tokens_rows(cfg, tokenizer, token_ids: list[int], hf_config) -> list[t
     ]
 
 
+def teacher_config(cfg):
+    """Distill's teacher's transformers config (its base's, where the teacher is an adapter)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(cfg.distill.teacher).path)
+
+
 def frozen_copy_parameters(cfg, n: int) -> int:
     """Parameters of the model a run holds frozen beside the one it trains: distill's teacher (merged,
     where it has an adapter), or a copy of the `n`-parameter starting model where every weight trains
     and the objective compares with the start (dpo's sigmoid and ipo, grpo with a KL penalty, train.kl_to_base). An
     adapter method's reference is the trained model with its adapter disabled: no copy."""
-    from transformers import AutoConfig
-
     if cfg.method == "distill":
-        return count_parameters(AutoConfig.from_pretrained(resolve(cfg.distill.teacher).path))
+        return count_parameters(teacher_config(cfg))
     compares_with_start = {
         "full": bool(cfg.train.kl_to_base) or cfg.train.replay_loss == "kl_to_base",
         "dpo": cfg.dpo.policy == "full" and cfg.dpo.has_reference,
@@ -298,9 +303,11 @@ def dry_run(config, overrides, processes: int, machines: int, raised: list[warni
     # On GPUs each process has its own; on CPUs a machine's processes share its memory.
     sharing = 1 if device.type == "cuda" else processes // machines
     precision = resolve_precision(cfg.train.precision, device)
-    rows = to_rows(
-        train_items, cfg, shares_prefixes(cfg, supports_per_example_attention(hf_config, cfg.data.max_length))
-    )
+    # Rows share prefixes where every model of the forward attends per example, as `loop.setup` lays them out:
+    # distill's teacher runs on them too.
+    forward_configs = [hf_config, *([teacher_config(cfg)] if cfg.method == "distill" else [])]
+    every_per_example = all(supports_per_example_attention(c, cfg.data.max_length) for c in forward_configs)
+    rows = to_rows(train_items, cfg, shares_prefixes(cfg, every_per_example))
     plan = make_plan(cfg, len(train_items), len(rows), world_size=processes)
     tokens_per_epoch = sum(len(r.input_ids) for r in rows)
     micro_batch_rows, longest, trained_share = step_shape(cfg, rows, plan.micro_batch_rows)
