@@ -66,7 +66,8 @@ decompresses one. JSON Lines text starts with none of them, as a JSON object sta
 
 
 class FileTooLarge(Exception):
-    pass
+    """An upload past the server's limit; the route's refusal names the limit and what to do
+    (`routes.files.upload_too_large`)."""
 
 
 class FilePacked(Exception):
@@ -101,7 +102,7 @@ class FileStorage:
                     raise FilePacked(f"'{row.filename}' is {packed}; upload the JSON Lines text itself, decompressed.")
                 row.bytes += len(chunk)
                 if row.bytes > max_bytes:
-                    raise FileTooLarge(f"The file is larger than this server's limit of {max_bytes:,} bytes.")
+                    raise FileTooLarge
                 out.write(chunk)
         return row
 
