@@ -52,15 +52,18 @@ def database_url(spec: str) -> str:
     return spec if "://" in spec else f"sqlite:///{Path(spec).expanduser().resolve()}"
 
 
-def missing_sqlite_file(url: str) -> str | None:
-    """What is where an SQLite URL's file should be and is not ("no such file", "a folder, not a store's file"),
-    for a command that reads a store another made: SQLite would make the file (and `connect` its folder), so a
-    typo'd path would be a new, empty store. None where the file is there, or the URL names no SQLite file."""
-    parsed = make_url(url)
+def existing_store(spec: str, where: str) -> str:
+    """The URL of the store `spec` (`--store`: a path or database URL) that another command made, refused where its
+    SQLite file is not there (`where` says where that command keeps it): SQLite would make the file (and `connect`
+    its folder), so a typo'd path would be a new, empty store."""
+    url = database_url(spec)
+    with opening(url, "--store"):
+        parsed = make_url(url)
     file = Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
-    if file is None or file.is_file():
-        return None
-    return "a folder, not a store's file" if file.is_dir() else "no such file"
+    if file is not None and not file.is_file():
+        found = "a folder, not a store's file" if file.is_dir() else "no such file"
+        raise ConfigError(f"--store {spec}: {found}. {where}", code="store_not_found")
+    return url
 
 
 def connect(url: str) -> Engine:

@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..console import new_console, plain
-from ..database import database_url, missing_sqlite_file, opening, shown_url
-from ..errors import ConfigError
+from ..database import database_url, existing_store, opening, shown_url
 from ..fsio import tuneforge_home
 
 
@@ -102,15 +101,11 @@ def worker_command(*, db: str, workers: int) -> int:
     from .files import FileStorage
     from .worker import Workers
 
-    with opening(database_url(db), "--store"):
-        missing = missing_sqlite_file(database_url(db))
-    if missing is not None:
-        raise ConfigError(
-            f"--store {db}: {missing}. A worker takes its jobs from the store a `tuneforge api` keeps: give that "
-            "server's --db (its database URL, or its SQLite file on storage the machines share; without --db, "
-            f"{default_store_file()}).",
-            code="store_not_found",
-        )
+    existing_store(
+        db,
+        "A worker takes its jobs from the store a `tuneforge api` keeps: give that server's --db (its database URL, "
+        f"or its SQLite file on storage the machines share; without --db, {default_store_file()}).",
+    )
     store, root = open_store(db, "--store")
     job_workers = Workers(store, FileStorage(root), root, workers)
     stop = threading.Event()

@@ -24,7 +24,7 @@ from sqlalchemy import inspect
 from ..console import new_console, plain
 from ..data import Problem
 from ..data.formats import check_row
-from ..database import connect, database_url, missing_sqlite_file, opening
+from ..database import connect, existing_store, opening
 from ..errors import ConfigError, DataError, complaint, key_path
 from ..fsio import atomic_file
 from ..web import owner_of
@@ -75,11 +75,7 @@ def from_completions(
         f"`tuneforge serve` keeps stored completions in {default_store()} unless started with --store; "
         "`tuneforge api` in its --db (by default $TUNEFORGE_HOME/jobs/jobs.db)."
     )
-    url = database_url(store)
-    with opening(url, "--store"):
-        missing = missing_sqlite_file(url)
-    if missing is not None:
-        raise ConfigError(f"--store {store}: {missing}. {where}", code="store_not_found")
+    url = existing_store(store, where)
     # Read only where the completions' table is: opening a store creates its tables, which another
     # database (a typo'd path to some other SQLite file) must not get.
     with opening(url, "--store"):
