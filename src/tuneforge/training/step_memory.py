@@ -24,9 +24,12 @@ RETURNING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 def step_shape(cfg, rows: list, micro_batch_rows: int) -> tuple[int, int, float]:
     """The rows a micro-batch's forward runs, the longest row's tokens and the share of tokens that train, for
     `rows` made into `micro_batch_rows`-row micro-batches: grpo trains each prompt as `group_size` sampled
-    answers of up to `max_new_tokens` each."""
+    answers of up to `max_new_tokens` each. The share sizes distillation's logits alone (`step_bytes`), so it is
+    counted, a pass over every token, for distillation only."""
     longest = max(len(r) for r in rows)
-    trained_share = sum(len(r.labels) - r.labels.count(IGNORE_INDEX) for r in rows) / sum(len(r) for r in rows)
+    trained_share = 1.0
+    if cfg.method == "distill":
+        trained_share = sum(len(r.labels) - r.labels.count(IGNORE_INDEX) for r in rows) / sum(len(r) for r in rows)
     if cfg.method == "grpo":
         return micro_batch_rows * cfg.grpo.group_size, longest + cfg.grpo.max_new_tokens, trained_share
     return micro_batch_rows, longest, trained_share
