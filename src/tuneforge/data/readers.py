@@ -76,22 +76,32 @@ class Rows:
         self.close()
 
 
-def open_rows(path: str | Path, *, header: bool = True) -> Rows:
+# What to give instead of a folder or a pattern, where several data files are read (a run, `data check`).
+FILES_BY_NAME = "Give the data files by name, one by one (data.train takes a list of them)."
+
+
+def one_file_by_name(command: str) -> str:
+    """What to give instead of a folder or a pattern, where `command` ("eval scores") reads one file a call."""
+    return f"Give one data file by name: {command} one file a call."
+
+
+def open_rows(path: str | Path, *, header: bool = True, by_name: str = FILES_BY_NAME) -> Rows:
     """Open a data file of any supported kind; problems with the file come out as `Problem` rows. A CSV file
-    without a `header` line (MMLU's) has its first line read as a row, its columns named by position, 0 on."""
+    without a `header` line (MMLU's) has its first line read as a row, its columns named by position, 0 on.
+    `by_name`: what a path that names no file (a folder, a pattern) is told to give instead (`not_a_file`)."""
     path = str(path)
     if not _compressed(path):
-        return _open_rows(path, header)
+        return _open_rows(path, header, by_name)
     try:
-        rows = _open_rows(path, header)
+        rows = _open_rows(path, header, by_name)
     except _DAMAGED_GZIP as e:
         return _failed(path, "unreadable_file", _damaged_gzip(path, e, None))
     return replace(rows, items=_until_damaged(path, rows.items))
 
 
-def _open_rows(path: str, header: bool) -> Rows:
+def _open_rows(path: str, header: bool, by_name: str) -> Rows:
     p = Path(path)
-    if (missing := not_a_file(path)) is not None:
+    if (missing := not_a_file(path, by_name)) is not None:
         return _failed(path, missing.code, missing.message)
     suffix = _suffix(path)
     if suffix in PARQUET_SUFFIXES:
@@ -213,15 +223,6 @@ def _damaged_gzip(path: str, cause: Exception, line: int | None) -> str:
 def _open_binary(path: str):
     """A text data file's bytes, decompressed if it is gzip-compressed."""
     return gzip.open(path, "rb") if _compressed(path) else open(path, "rb")
-
-
-# What to give instead of a folder or a pattern, where several data files are read (a run, `data check`).
-FILES_BY_NAME = "Give the data files by name, one by one (data.train takes a list of them)."
-
-
-def one_file_by_name(command: str) -> str:
-    """What to give instead of a folder or a pattern, where `command` ("eval scores") reads one file a call."""
-    return f"Give one data file by name: {command} one file a call."
 
 
 def not_a_file(path: str, by_name: str = FILES_BY_NAME) -> Problem | None:

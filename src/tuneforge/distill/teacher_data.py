@@ -43,7 +43,7 @@ from pathlib import Path
 
 from ..data import Problem
 from ..data.formats import prompt_conversation
-from ..data.readers import not_a_file, one_file_by_name, open_rows
+from ..data.readers import one_file_by_name, open_rows
 from ..errors import DataError, TuneforgeError, json_value
 from ..fsio import atomic_file, writing
 from ..graders.base import rollout_samples
@@ -125,10 +125,8 @@ def _read_prompts(path: str | Path) -> tuple[list[list[dict]], list[int], list[d
     from ..methods.grpo import grader_item
 
     path = str(path)
-    if (missing := not_a_file(path, one_file_by_name("distill generate reads"))) is not None:
-        raise DataError.listing(f"--prompts {path} cannot be read", [missing])
     prompts, lines, items, tools, problems = [], [], [], [], []
-    rows = open_rows(path)
+    rows = open_rows(path, by_name=one_file_by_name("distill generate reads"))
     for line, row in rows:
         if isinstance(row, Problem):
             problems.append(row)

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from ..data import Problem
-from ..data.readers import not_a_file, one_file_by_name, open_rows
+from ..data.readers import one_file_by_name, open_rows
 from ..data.schema import IGNORE_INDEX
 from ..errors import DataError, check_counts, refuse_options
 from ..fsio import atomic_file
@@ -331,8 +331,6 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
     its file, line and field, all of them listed, before any model loads. Blank lines are skipped, as training
     data's are, and said in a warning that names them."""
     file = str(path)
-    if (missing := not_a_file(file, one_file_by_name("a multiple-choice benchmark reads"))) is not None:
-        raise DataError.listing(f"{file} cannot be read", [missing])
     layout = None
     with open_rows(path) as rows:
         columns = rows.columns if rows.kind == "csv" else None
@@ -345,7 +343,11 @@ def read_choice_rows(path: str | Path, limit: int | None = None) -> list[ChoiceR
                 code="bad_choice_row",
             )
     # MMLU's own files have no header: the first line is a question, its cells as given.
-    rows = open_rows(path, header=columns is None or _mmlu_header(columns))
+    rows = open_rows(
+        path,
+        header=columns is None or _mmlu_header(columns),
+        by_name=one_file_by_name("a multiple-choice benchmark reads"),
+    )
     items = iter(rows)
     if columns is not None:
         items = ((line, _mmlu_row(row, file, line)) for line, row in items)
